@@ -1,0 +1,18 @@
+"""attncc: a compiler from declarative attention-pattern specs to Triton kernels.
+
+Importing ``attncc`` (or ``attncc.runtime``, which generated kernels import) pulls in
+no sympy, networkx or jinja2; the compiler stages load when first used.
+"""
+__version__ = "0.1.0"
+
+
+def __getattr__(name):
+    if name == "reference":
+        from attncc._reference import reference
+
+        return reference
+    if name in ("load_spec", "parse_spec"):
+        from attncc import spec
+
+        return getattr(spec, name)
+    raise AttributeError(f"module 'attncc' has no attribute {name!r}")

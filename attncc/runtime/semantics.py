@@ -1,0 +1,84 @@
+"""Pure-Python definitions of the built-ins' numbers, shared by every stage.
+
+The generated modules, the analysis and the reference all take these values from
+here, so the three can never disagree on what ``bucket``, ``alibi`` or
+``random_blocks`` mean. Nothing here imports torch, sympy or Triton.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import random
+from typing import Tuple
+
+
+def alibi_slope(h: int, n_heads: int) -> float:
+    """ALiBi's slope of head ``h`` among ``n_heads`` (Press et al., including the
+    rule for head counts that are not powers of two)."""
+    cp = alibi_closest_power_of_two(n_heads)
+    if h < cp:
+        return 2.0 ** (-8.0 * (h + 1) / cp)
+    return 2.0 ** (-4.0 * (2 * (h - cp) + 1) / cp)
+
+
+def alibi_closest_power_of_two(n_heads: int) -> int:
+    return 1 << (int(n_heads).bit_length() - 1)
+
+
+@functools.lru_cache(maxsize=None)
+def bucket_thresholds(num_buckets: int, max_distance: int, bidirectional: bool) -> Tuple[int, Tuple[int, ...]]:
+    """The T5 bucket of a distance ``n >= 0`` (after the sign split) as thresholds.
+
+    Returns ``(max_exact, thresholds)``: for ``n < max_exact`` the bucket is ``n``;
+    otherwise it is ``max_exact + #{t in thresholds : n >= t}``. This is exactly the
+    T5 formula ``max_exact + floor(log(n / max_exact) / log(max_distance / max_exact)
+    * (nb - max_exact))`` capped at ``nb - 1``, evaluated once in float64 here so that
+    kernels compare integers instead of taking logarithms.
+    """
+    nb = num_buckets // 2 if bidirectional else num_buckets
+    max_exact = nb // 2
+    if max_exact < 1:
+        return max_exact, ()
+    thresholds = []
+    k = 1
+    n = max_exact
+    while k <= nb - max_exact - 1:
+        if _t5_large(n, nb, max_exact, max_distance) >= max_exact + k:
+            thresholds.append(n)
+            k += 1
+        else:
+            n += 1
+    return max_exact, tuple(thresholds)
+
+
+def _t5_large(n: int, nb: int, max_exact: int, max_distance: int) -> int:
+    if max_distance <= max_exact:
+        return nb - 1
+    return max_exact + int(math.log(n / max_exact) / math.log(max_distance / max_exact) * (nb - max_exact))
+
+
+def t5_bucket(d: int, num_buckets: int = 32, max_distance: int = 128, bidirectional: bool = True) -> int:
+    """T5's relative position bucket of ``d = j - i`` (key minus query position)."""
+    ret = 0
+    n = -d
+    nb = num_buckets
+    if bidirectional:
+        nb //= 2
+        ret += nb if n < 0 else 0
+        n = abs(n)
+    else:
+        n = max(n, 0)
+    max_exact = nb // 2
+    if n < max_exact:
+        return ret + n
+    return ret + min(_t5_large(n, nb, max_exact, max_distance), nb - 1)
+
+
+@functools.lru_cache(maxsize=4096)
+def random_block_set(query_block: int, n_key_blocks: int, r: int, seed: int) -> Tuple[int, ...]:
+    """BigBird's random key blocks of one query block: ``r`` distinct key blocks out of
+    ``n_key_blocks``, drawn from a generator seeded by (seed, query block, key blocks)."""
+    if n_key_blocks <= 0:
+        return ()
+    rng = random.Random(f"attncc.random_blocks:{seed}:{query_block}:{n_key_blocks}")
+    return tuple(sorted(rng.sample(range(n_key_blocks), min(r, n_key_blocks))))

@@ -1,0 +1,308 @@
+"""The expression language: Python's ``ast`` with a whitelist, turned into sympy.
+
+Never ``eval``: every node kind, name and function is checked here, and each
+result carries its type (bool, int or float) so that a mask that is not boolean,
+an arithmetic on booleans or a float index is refused with the column it starts at.
+"""
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass, field
+from typing import Dict, Tuple
+
+import sympy
+
+from attncc.spec import symbols as S
+from attncc.spec.builtins import AlibiSlope, Bucket, RandomBlocks, Sigmoid
+from attncc.spec.errors import SpecError
+from attncc.spec.ir import InputDecl, Param
+
+BOOL, INT, FLOAT = "bool", "int", "float"
+_FLOAT_DTYPES = {"float16", "bfloat16", "float32", "float64"}
+
+_UNARY_MATH = {
+    "log": sympy.log,
+    "sqrt": sympy.sqrt,
+    "exp": sympy.exp,
+    "exp2": lambda x: sympy.Integer(2) ** x,
+    "log2": lambda x: sympy.log(x, 2),
+    "tanh": sympy.tanh,
+    "sigmoid": Sigmoid,
+    "sin": sympy.sin,
+    "cos": sympy.cos,
+    "tan": sympy.tan,
+}
+FUNCTIONS = ("abs", "min", "max", "where", *_UNARY_MATH, "bucket", "random_blocks")
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What names an expression may use."""
+
+    params: Tuple[Param, ...] = ()
+    inputs: Tuple[InputDecl, ...] = ()
+    allow_score: bool = False  # `s`/`score` (and `inf`): [score].mod only
+
+    def known_names(self):
+        names = list(S.INDEX_VARS) + ["causal", "alibi"] + [p.name for p in self.params]
+        names += [d.name for d in self.inputs]
+        if self.allow_score:
+            names += ["s", "score", "inf"]
+        return sorted(names)
+
+
+@dataclass
+class _Parser:
+    scope: Scope
+    file: str
+    key: str
+    _params: Dict[str, Param] = field(default_factory=dict)
+    _inputs: Dict[str, InputDecl] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self._params = {p.name: p for p in self.scope.params}
+        self._inputs = {d.name: d for d in self.scope.inputs}
+
+    def fail(self, node, message):
+        col = getattr(node, "col_offset", None)
+        raise SpecError(self.file, self.key, message, None if col is None else col + 1)
+
+    # -- dispatch -----------------------------------------------------------
+    def visit(self, node) -> Tuple[sympy.Basic, str]:
+        method = getattr(self, "visit_" + type(node).__name__, None)
+        if method is None:
+            self.fail(node, f"{_describe(node)} is not part of the expression language")
+        return method(node)
+
+    def number(self, node, what) -> Tuple[sympy.Expr, str]:
+        expr, typ = self.visit(node)
+        if typ == BOOL:
+            self.fail(node, f"{what} needs a number, got a boolean expression")
+        return expr, typ
+
+    def boolean(self, node, what) -> sympy.Basic:
+        expr, typ = self.visit(node)
+        if typ != BOOL:
+            self.fail(node, f"{what} needs a boolean expression, got a number ({typ})")
+        return expr
+
+    # -- leaves -------------------------------------------------------------
+    def visit_Constant(self, node):
+        v = node.value
+        if isinstance(v, bool):
+            return (sympy.true if v else sympy.false), BOOL
+        if isinstance(v, int):
+            return sympy.Integer(v), INT
+        if isinstance(v, float):
+            return sympy.Float(v), FLOAT
+        self.fail(node, f"constant {v!r} is not allowed (numbers and True/False only)")
+
+    def visit_Name(self, node):
+        name = S.ALIASES.get(node.id, node.id)
+        if name in S.INDEX_VARS:
+            return S.INDEX_VARS[name], INT
+        if name in self._params:
+            p = self._params[name]
+            return p.symbol, (INT if p.kind == "int" else FLOAT)
+        if name in self._inputs:
+            d = self._inputs[name]
+            self.fail(node, f"input '{name}' must be indexed with {len(d.dims)} indices ({', '.join(map(str, d.dims))})")
+        if name == "causal":
+            return sympy.Le(S.j, S.i), BOOL
+        if name == "alibi":
+            return AlibiSlope(S.h, S.n_heads) * (S.j - S.i), FLOAT
+        if name == "s" and self.scope.allow_score:
+            return S.s, FLOAT
+        if name == "inf" and self.scope.allow_score:
+            return sympy.oo, FLOAT
+        if name in ("s", "score", "inf"):
+            self.fail(node, f"'{node.id}' is only allowed in [score].mod")
+        if name in FUNCTIONS:
+            self.fail(node, f"'{name}' is a function: call it, e.g. {name}(...)")
+        self.fail(node, f"unknown variable '{node.id}' (known: {', '.join(self.scope.known_names())})")
+
+    # -- operators ----------------------------------------------------------
+    def visit_UnaryOp(self, node):
+        if isinstance(node.op, (ast.Not, ast.Invert)):
+            sym = "not" if isinstance(node.op, ast.Not) else "~"
+            return sympy.Not(self.boolean(node.operand, f"'{sym}'")), BOOL
+        expr, typ = self.number(node.operand, "unary minus" if isinstance(node.op, ast.USub) else "unary plus")
+        return (-expr if isinstance(node.op, ast.USub) else expr), typ
+
+    def visit_BinOp(self, node):
+        op = type(node.op)
+        if op in (ast.BitAnd, ast.BitOr):
+            name = "&" if op is ast.BitAnd else "|"
+            a = self.boolean(node.left, f"'{name}'")
+            b = self.boolean(node.right, f"'{name}'")
+            return (sympy.And(a, b) if op is ast.BitAnd else sympy.Or(a, b)), BOOL
+        sym = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.FloorDiv: "//", ast.Mod: "%", ast.Pow: "**"}.get(op)
+        if sym is None:
+            self.fail(node, f"operator {type(node.op).__name__} is not part of the expression language")
+        a, ta = self.number(node.left, f"'{sym}'")
+        b, tb = self.number(node.right, f"'{sym}'")
+        typ = INT if (ta == INT and tb == INT) else FLOAT
+        if op is ast.Add:
+            return a + b, typ
+        if op is ast.Sub:
+            return a - b, typ
+        if op is ast.Mult:
+            return a * b, typ
+        if op is ast.Div:
+            if b == 0:
+                self.fail(node, "division by zero")
+            return a / b, FLOAT
+        if op is ast.FloorDiv:
+            if b == 0:
+                self.fail(node, "division by zero")
+            return sympy.floor(a / b), typ
+        if op is ast.Mod:
+            if b == 0:
+                self.fail(node, "modulo by zero")
+            return sympy.Mod(a, b), typ
+        if typ == INT and not (b.is_Integer and b >= 0):
+            typ = FLOAT
+        return a**b, typ
+
+    def visit_BoolOp(self, node):
+        name = "and" if isinstance(node.op, ast.And) else "or"
+        parts = [self.boolean(v, f"'{name}'") for v in node.values]
+        return (sympy.And(*parts) if name == "and" else sympy.Or(*parts)), BOOL
+
+    def visit_Compare(self, node):
+        ops = {ast.Lt: sympy.Lt, ast.LtE: sympy.Le, ast.Gt: sympy.Gt, ast.GtE: sympy.Ge, ast.Eq: sympy.Eq, ast.NotEq: sympy.Ne}
+        left, _ = self.number(node.left, "a comparison")
+        parts = []
+        for op, right_node in zip(node.ops, node.comparators):
+            rel = ops.get(type(op))
+            if rel is None:
+                self.fail(node, f"comparison {type(op).__name__} is not allowed")
+            right, _ = self.number(right_node, "a comparison")
+            parts.append(rel(left, right, evaluate=False) if rel in (sympy.Eq, sympy.Ne) else rel(left, right))
+            left = right
+        return sympy.And(*parts), BOOL
+
+    def visit_IfExp(self, node):
+        self.fail(node, "conditional expressions are written where(cond, a, b)")
+
+    # -- indexing and calls -------------------------------------------------
+    def visit_Subscript(self, node):
+        if not isinstance(node.value, ast.Name) or node.value.id not in self._inputs:
+            target = node.value.id if isinstance(node.value, ast.Name) else _describe(node.value)
+            self.fail(node, f"only inputs from [inputs] can be indexed; '{target}' is not one")
+        decl = self._inputs[node.value.id]
+        idx = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
+        if len(idx) != len(decl.dims):
+            self.fail(node, f"input '{decl.name}' has {len(decl.dims)} dims ({', '.join(map(str, decl.dims))}), indexed with {len(idx)}")
+        args = []
+        for k, sub in enumerate(idx):
+            if isinstance(sub, ast.Slice):
+                self.fail(sub, f"slices are not allowed in an index of '{decl.name}'")
+            e, t = self.visit(sub)
+            if t != INT:
+                self.fail(sub, f"index {k} of '{decl.name}' must be an integer expression, got {t}")
+            args.append(e)
+        typ = FLOAT if decl.dtype in _FLOAT_DTYPES else (BOOL if decl.dtype == "bool" else INT)
+        app = decl.symbol(*args)
+        if typ == BOOL:
+            return sympy.Ne(app, 0), BOOL
+        return app, typ
+
+    def visit_Call(self, node):
+        if not isinstance(node.func, ast.Name):
+            self.fail(node, "only the language's functions can be called")
+        name = node.func.id
+        if name not in FUNCTIONS:
+            self.fail(node, f"unknown function '{name}' (known: {', '.join(FUNCTIONS)})")
+        if name == "bucket":
+            return self._bucket(node)
+        if name == "random_blocks":
+            return self._random_blocks(node)
+        if node.keywords:
+            self.fail(node, f"{name}() takes no keyword arguments")
+        args = node.args
+        if name in _UNARY_MATH or name == "abs":
+            if len(args) != 1:
+                self.fail(node, f"{name}() takes 1 argument, got {len(args)}")
+            x, t = self.number(args[0], f"{name}()")
+            if name == "abs":
+                return sympy.Abs(x), t
+            return _UNARY_MATH[name](x), FLOAT
+        if name in ("min", "max"):
+            if len(args) < 2:
+                self.fail(node, f"{name}() takes at least 2 arguments, got {len(args)}")
+            vals = [self.number(a, f"{name}()") for a in args]
+            typ = INT if all(t == INT for _, t in vals) else FLOAT
+            f = sympy.Min if name == "min" else sympy.Max
+            return f(*[v for v, _ in vals]), typ
+        # where(cond, a, b)
+        if len(args) != 3:
+            self.fail(node, f"where() takes 3 arguments (cond, a, b), got {len(args)}")
+        cond = self.boolean(args[0], "where()'s condition")
+        (a, ta), (b, tb) = self.visit(args[1]), self.visit(args[2])
+        if (ta == BOOL) != (tb == BOOL):
+            self.fail(node, "where()'s two branches must both be booleans or both numbers")
+        if ta == BOOL:
+            return sympy.Or(sympy.And(cond, a), sympy.And(sympy.Not(cond), b)), BOOL
+        return sympy.Piecewise((a, cond), (b, True)), (INT if ta == tb == INT else FLOAT)
+
+    def _options(self, node, positional, defaults):
+        """Bind a built-in's arguments: the first ``positional`` are expressions, the rest constants."""
+        names = list(defaults)
+        bound = {}
+        if len(node.args) > positional + len(names):
+            self.fail(node, f"{node.func.id}() takes at most {positional + len(names)} arguments")
+        exprs = node.args[:positional]
+        if len(exprs) < positional:
+            self.fail(node, f"{node.func.id}() needs {positional} positional argument(s)")
+        for name, a in zip(names, node.args[positional:]):
+            bound[name] = a
+        for kw in node.keywords:
+            if kw.arg not in defaults:
+                self.fail(node, f"{node.func.id}() has no option '{kw.arg}' (options: {', '.join(names)})")
+            if kw.arg in bound:
+                self.fail(node, f"{node.func.id}() got option '{kw.arg}' twice")
+            bound[kw.arg] = kw.value
+        values = dict(defaults)
+        for name, a in bound.items():
+            if not isinstance(a, ast.Constant) or isinstance(a.value, float) or a.value is None:
+                self.fail(a, f"{node.func.id}()'s option '{name}' must be a constant integer" + (" or boolean" if isinstance(defaults[name], bool) else ""))
+            if isinstance(defaults[name], bool) != isinstance(a.value, bool):
+                kind = "a boolean" if isinstance(defaults[name], bool) else "an integer"
+                self.fail(a, f"{node.func.id}()'s option '{name}' must be {kind}, got {a.value!r}")
+            values[name] = a.value
+        return exprs, values
+
+    def _bucket(self, node):
+        (d_node,), o = self._options(node, 1, {"num_buckets": 32, "max_distance": 128, "bidirectional": True})
+        d, t = self.visit(d_node)
+        if t != INT:
+            self.fail(d_node, f"bucket()'s distance must be an integer expression, got {t}")
+        if o["num_buckets"] < 2 or o["max_distance"] < 1:
+            self.fail(node, "bucket() needs num_buckets >= 2 and max_distance >= 1")
+        return Bucket(d, o["num_buckets"], o["max_distance"], int(o["bidirectional"])), INT
+
+    def _random_blocks(self, node):
+        (r_node,), o = self._options(node, 1, {"block": 64, "seed": 0})
+        if not isinstance(r_node, ast.Constant) or type(r_node.value) is not int or r_node.value < 0:
+            self.fail(r_node, "random_blocks()'s count r must be a constant non-negative integer")
+        if o["block"] < 1:
+            self.fail(node, "random_blocks()'s block must be >= 1")
+        return RandomBlocks(S.i, S.j, S.n_k, r_node.value, o["block"], o["seed"]), BOOL
+
+
+def _describe(node) -> str:
+    return {"Lambda": "lambda", "Attribute": "attribute access", "List": "a list", "Tuple": "a tuple",
+            "Dict": "a dict", "Starred": "unpacking", "NamedExpr": "':='"}.get(type(node).__name__,
+                                                                             f"'{type(node).__name__}'")
+
+
+def parse_expression(text: str, scope: Scope, file: str = "<string>", key: str = "") -> Tuple[sympy.Basic, str]:
+    """Parse ``text`` into (sympy expression, type) where type is "bool", "int" or "float"."""
+    if not isinstance(text, str):
+        raise SpecError(file, key, f"expected an expression as a string, got {type(text).__name__} {text!r}")
+    try:
+        tree = ast.parse(text.strip(), mode="eval")
+    except SyntaxError as e:
+        raise SpecError(file, key, f"syntax error: {e.msg}", e.offset) from None
+    return _Parser(scope, file, key).visit(tree.body)

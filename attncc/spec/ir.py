@@ -1,0 +1,122 @@
+"""The Pattern IR: what a spec means, as small frozen dataclasses holding sympy trees.
+
+Every expression is a sympy tree over the symbols of :mod:`attncc.spec.symbols`.
+Inputs appear as applications of undefined sympy functions named after the input
+(``doc[b, i]`` is ``Function('doc')(b, i)``); built-ins are the classes of
+:mod:`attncc.spec.builtins`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
+
+import sympy
+
+Dim = Union[str, int]  # "b" (batch), "h" (query head), "n" (position), or a fixed size
+
+
+@dataclass(frozen=True)
+class InputDecl:
+    """A runtime tensor the expressions may index.
+
+    ``dims``: one entry per tensor dimension: ``"b"`` (size B), ``"h"`` (size Hq),
+    ``"n"`` (size >= max(n_q, n_k): indexed by global positions) or a fixed int.
+    ``dtype``: a torch dtype name (``"int32"``, ``"float32"``, ...).
+    ``grad``: gradients flow into this tensor (backward pass).
+    """
+
+    name: str
+    dims: Tuple[Dim, ...]
+    dtype: str
+    grad: bool = False
+
+    @property
+    def symbol(self) -> sympy.FunctionClass:
+        return sympy.Function(self.name)
+
+
+@dataclass(frozen=True)
+class Param:
+    """A named constant; a call may override it by keyword. ``kind`` is "int" or "float"."""
+
+    name: str
+    value: Union[int, float]
+    kind: str
+
+    @property
+    def symbol(self) -> sympy.Symbol:
+        return sympy.Symbol(self.name, integer=True) if self.kind == "int" else sympy.Symbol(self.name, real=True)
+
+
+@dataclass(frozen=True)
+class Rope:
+    """Rotary embedding of q and k inside the kernel."""
+
+    theta: float = 10000.0
+    style: str = "neox"  # "neox" (rotate halves) or "gptj" (rotate interleaved pairs)
+    rotary_dim: Optional[int] = None  # None: the head dim
+
+
+@dataclass(frozen=True)
+class FeatureMap:
+    """Linear attention's feature map and options."""
+
+    name: str = "elu+1"  # "elu+1", "relu", "identity", "performer"
+    features: Optional[int] = None  # performer: number of random features
+    seed: int = 0
+    causal: bool = True
+    normalize: bool = True
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """One attention pattern, validated.
+
+    mask: boolean sympy expression over b, h, i, j, n_q, n_k, params and inputs;
+          ``None`` means every pair is allowed. A top-level ``where(c, e, -inf)`` of
+          ``[score].mod`` has already been folded in here (and removed from ``mod``).
+    bias: additive score term (sympy), or None.
+    mod:  score transform, an expression in ``s`` and the variables, or None.
+    scale: None means 1/sqrt(head_dim) at call time.
+    """
+
+    name: str
+    kind: str = "softmax"
+    head_dims: Tuple[int, ...] = (128,)
+    value_dim: Optional[int] = None
+    dtypes: Tuple[str, ...] = ("bfloat16", "float16")
+    heads_q: Optional[int] = None
+    heads_kv: Optional[int] = None
+    params: Tuple[Param, ...] = ()
+    inputs: Tuple[InputDecl, ...] = ()
+    mask: Optional[sympy.Basic] = None
+    scale: Optional[float] = None
+    bias: Optional[sympy.Expr] = None
+    softcap: Optional[float] = None
+    mod: Optional[sympy.Expr] = None
+    dropout: float = 0.0
+    rope: Optional[Rope] = None
+    feature_map: Optional[FeatureMap] = None
+    source: str = "<string>"  # the spec file's path as given
+    source_hash: str = ""  # sha256 of the spec text, hex, first 16 digits
+
+    # -- conveniences -------------------------------------------------------
+    def param(self, name: str) -> Param:
+        for p in self.params:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    def input(self, name: str) -> InputDecl:
+        for d in self.inputs:
+            if d.name == name:
+                return d
+        raise KeyError(name)
+
+    @property
+    def param_values(self) -> dict:
+        return {p.name: p.value for p in self.params}
+
+    def replace(self, **changes) -> "Pattern":
+        return dataclasses.replace(self, **changes)

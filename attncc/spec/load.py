@@ -1,0 +1,248 @@
+"""Read a TOML spec, validate every key, and build the Pattern."""
+from __future__ import annotations
+
+import hashlib
+import keyword
+import tomllib
+from pathlib import Path
+from typing import Any, Dict
+
+import sympy
+
+from attncc.spec import symbols as S
+from attncc.spec.errors import SpecError
+from attncc.spec.expr import BOOL, FUNCTIONS, Scope, parse_expression
+from attncc.spec.ir import FeatureMap, InputDecl, Param, Pattern, Rope
+
+TOP_KEYS = ("name", "kind", "head_dim", "value_dim", "dtypes", "heads", "params", "inputs",
+            "mask", "score", "rope", "feature_map", "description")
+DTYPES = ("bfloat16", "float16", "float32")
+INPUT_DTYPES = ("int32", "int64", "int16", "int8", "uint8", "bool", "float16", "bfloat16", "float32", "float64")
+FEATURE_MAPS = ("elu+1", "relu", "identity", "performer", "cosformer", "taylor")
+RESERVED = set(S.INDEX_VARS) | set(S.ALIASES) | {"s", "inf", "causal", "alibi", "n_heads"} | set(FUNCTIONS)
+
+
+class _Checker:
+    def __init__(self, file: str):
+        self.file = file
+
+    def fail(self, key: str, message: str):
+        raise SpecError(self.file, key, message)
+
+    def table(self, data: Dict[str, Any], key: str, allowed) -> Dict[str, Any]:
+        value = data.get(key, {})
+        if not isinstance(value, dict):
+            self.fail(f"[{key}]", f"expected a table, got {_kind(value)} {value!r}")
+        for k in value:
+            if k not in allowed:
+                self.fail(f"[{key}].{k}", f"unknown key (expected one of: {', '.join(allowed)})")
+        return value
+
+    def int_(self, value, key, minimum=None):
+        if type(value) is not int:
+            self.fail(key, f"expected an integer, got {_kind(value)} {value!r}")
+        if minimum is not None and value < minimum:
+            self.fail(key, f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    def number(self, value, key, positive=False):
+        if type(value) not in (int, float):
+            self.fail(key, f"expected a number, got {_kind(value)} {value!r}")
+        if positive and not value > 0:
+            self.fail(key, f"expected a positive number, got {value}")
+        return float(value)
+
+    def bool_(self, value, key):
+        if type(value) is not bool:
+            self.fail(key, f"expected true or false, got {_kind(value)} {value!r}")
+        return value
+
+    def choice(self, value, key, options):
+        if value not in options:
+            self.fail(key, f"expected one of {', '.join(map(repr, options))}, got {value!r}")
+        return value
+
+    def identifier(self, value, key):
+        if not isinstance(value, str) or not value.isidentifier() or keyword.iskeyword(value):
+            self.fail(key, f"expected a Python identifier, got {value!r}")
+        return value
+
+
+def _kind(value) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a float", str: "a string", list: "a list",
+            dict: "a table"}.get(type(value), type(value).__name__)
+
+
+def parse_spec(text: str, path: str = "<string>") -> Pattern:
+    """Parse the text of a TOML spec into a Pattern; ``path`` names it in errors."""
+    c = _Checker(path)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise SpecError(path, "", f"not valid TOML: {e}") from None
+    for k in data:
+        if k not in TOP_KEYS:
+            c.fail(k, f"unknown key (expected one of: {', '.join(TOP_KEYS)})")
+
+    stem = Path(path).stem if path != "<string>" else "pattern"
+    name = c.identifier(data.get("name", stem), "name")
+    kind = c.choice(data.get("kind", "softmax"), "kind", ("softmax", "linear"))
+
+    hd = data.get("head_dim", 128)
+    head_dims = tuple(hd) if isinstance(hd, list) else (hd,)
+    if not head_dims:
+        c.fail("head_dim", "expected an integer or a non-empty list of integers, got an empty list")
+    for d in head_dims:
+        if type(d) is not int:
+            c.fail("head_dim", f"expected an integer or a list of integers, got {_kind(d)} {d!r}")
+        if not 1 <= d <= 512:
+            c.fail("head_dim", f"expected head dims between 1 and 512, got {d}")
+    value_dim = data.get("value_dim")
+    if value_dim is not None:
+        c.int_(value_dim, "value_dim", 1)
+
+    dts = data.get("dtypes", list(DTYPES[:2]))
+    dts = [dts] if isinstance(dts, str) else dts
+    if not isinstance(dts, list) or not dts:
+        c.fail("dtypes", f"expected a non-empty list of dtype names, got {dts!r}")
+    for d in dts:
+        c.choice(d, "dtypes", DTYPES)
+
+    heads = c.table(data, "heads", ("q", "kv"))
+    hq = c.int_(heads["q"], "[heads].q", 1) if "q" in heads else None
+    hkv = c.int_(heads["kv"], "[heads].kv", 1) if "kv" in heads else None
+    if hq is not None and hkv is not None and hq % hkv:
+        c.fail("[heads]", f"q = {hq} is not a multiple of kv = {hkv} (each kv head serves q // kv query heads)")
+
+    params = []
+    for pname, value in c.table(data, "params", list(data.get("params", {}) or [])).items():
+        c.identifier(pname, f"[params].{pname}")
+        if pname in RESERVED:
+            c.fail(f"[params].{pname}", f"'{pname}' is a built-in name and cannot be a param")
+        if type(value) is int:
+            params.append(Param(pname, value, "int"))
+        elif type(value) is float:
+            params.append(Param(pname, value, "float"))
+        else:
+            c.fail(f"[params].{pname}", f"expected an integer or a float, got {_kind(value)} {value!r}")
+
+    inputs = []
+    for iname, decl in c.table(data, "inputs", list(data.get("inputs", {}) or [])).items():
+        key = f"[inputs].{iname}"
+        c.identifier(iname, key)
+        if iname in RESERVED or any(p.name == iname for p in params):
+            c.fail(key, f"'{iname}' is already a variable, built-in or param name")
+        if not isinstance(decl, dict):
+            c.fail(key, f"expected a table like {{ dims = [\"b\", \"n\"], dtype = \"int32\" }}, got {decl!r}")
+        for k in decl:
+            if k not in ("dims", "dtype", "grad"):
+                c.fail(f"{key}.{k}", "unknown key (expected one of: dims, dtype, grad)")
+        dims = decl.get("dims")
+        if not isinstance(dims, list) or not dims:
+            c.fail(f"{key}.dims", f"expected a non-empty list of \"b\", \"h\", \"n\" or sizes, got {dims!r}")
+        for d in dims:
+            if not (d in ("b", "h", "n") or (type(d) is int and d > 0)):
+                c.fail(f"{key}.dims", f"each dim is \"b\" (batch), \"h\" (query head), \"n\" (position) or a positive size; got {d!r}")
+        dtype = c.choice(decl.get("dtype", "float32"), f"{key}.dtype", INPUT_DTYPES)
+        grad = c.bool_(decl.get("grad", False), f"{key}.grad")
+        if grad and not dtype.startswith(("float", "bfloat")):
+            c.fail(f"{key}.grad", f"only floating inputs can have gradients; dtype is {dtype}")
+        inputs.append(InputDecl(iname, tuple(dims), dtype, grad))
+
+    scope = Scope(tuple(params), tuple(inputs))
+    fields: Dict[str, Any] = {}
+    if kind == "linear":
+        for k in ("mask", "score", "rope"):
+            if k in data:
+                c.fail(f"[{k}]", "is not allowed in a kind = \"linear\" spec (use [feature_map].causal for causality)")
+        fm = c.table(data, "feature_map", ("name", "features", "causal", "normalize", "seed"))
+        fm_name = c.choice(fm.get("name", "elu+1"), "[feature_map].name", FEATURE_MAPS)
+        features = fm.get("features")
+        if features is not None:
+            c.int_(features, "[feature_map].features", 1)
+            if fm_name != "performer":
+                c.fail("[feature_map].features", f"only the performer map takes a feature count, not {fm_name!r}")
+        elif fm_name == "performer":
+            features = 256
+        fields["feature_map"] = FeatureMap(
+            name=fm_name, features=features,
+            seed=c.int_(fm.get("seed", 0), "[feature_map].seed", 0),
+            causal=c.bool_(fm.get("causal", True), "[feature_map].causal"),
+            normalize=c.bool_(fm.get("normalize", True), "[feature_map].normalize"))
+    else:
+        if "feature_map" in data:
+            c.fail("[feature_map]", "applies to kind = \"linear\" only; this spec is kind = \"softmax\"")
+        mask_t = c.table(data, "mask", ("where",))
+        mask = None
+        if "where" in mask_t:
+            mask, typ = parse_expression(mask_t["where"], scope, path, "[mask].where")
+            if typ != BOOL:
+                c.fail("[mask].where", f"the mask must be a boolean expression, got a number ({typ})")
+        score = c.table(data, "score", ("scale", "bias", "softcap", "mod", "dropout"))
+        if "scale" in score:
+            fields["scale"] = c.number(score["scale"], "[score].scale", positive=True)
+        if "softcap" in score:
+            fields["softcap"] = c.number(score["softcap"], "[score].softcap", positive=True)
+        if "dropout" in score:
+            p = c.number(score["dropout"], "[score].dropout")
+            if not 0.0 <= p < 1.0:
+                c.fail("[score].dropout", f"expected a probability in [0, 1), got {p}")
+            fields["dropout"] = p
+        if "bias" in score:
+            bias, typ = parse_expression(score["bias"], scope, path, "[score].bias")
+            if typ == BOOL:
+                c.fail("[score].bias", "the bias must be a number, got a boolean expression (masks go in [mask].where)")
+            fields["bias"] = bias
+        if "mod" in score:
+            mod, typ = parse_expression(score["mod"], Scope(scope.params, scope.inputs, allow_score=True), path, "[score].mod")
+            if typ == BOOL:
+                c.fail("[score].mod", "the score transform must be a number, got a boolean expression")
+            mod, extra_mask = split_mod_mask(mod)
+            if extra_mask is not None:
+                mask = extra_mask if mask is None else sympy.And(mask, extra_mask)
+            if mod is not None and mod != S.s:
+                fields["mod"] = mod
+        if mask is not None:
+            if mask is sympy.true:
+                mask = None
+            elif mask is sympy.false:
+                c.fail("[mask].where", "the mask allows no pair at all")
+        fields["mask"] = mask
+        if "rope" in data:
+            rope = c.table(data, "rope", ("theta", "style", "rotary_dim"))
+            rd = rope.get("rotary_dim")
+            if rd is not None:
+                c.int_(rd, "[rope].rotary_dim", 2)
+                if rd % 2 or rd > min(head_dims):
+                    c.fail("[rope].rotary_dim", f"expected an even number <= head_dim ({min(head_dims)}), got {rd}")
+            elif any(d % 2 for d in head_dims):
+                c.fail("[rope]", f"rotary embedding needs an even head_dim, got {head_dims}")
+            fields["rope"] = Rope(theta=c.number(rope.get("theta", 10000.0), "[rope].theta", positive=True),
+                                  style=c.choice(rope.get("style", "neox"), "[rope].style", ("neox", "gptj")),
+                                  rotary_dim=rd)
+
+    return Pattern(name=name, kind=kind, head_dims=head_dims, value_dim=value_dim, dtypes=tuple(dts),
+                   heads_q=hq, heads_kv=hkv, params=tuple(params), inputs=tuple(inputs), source=path,
+                   source_hash=hashlib.sha256(text.encode()).hexdigest()[:16], **fields)
+
+
+def split_mod_mask(mod):
+    """``where(c, e, -inf)`` at the top of a score transform is a mask: return (e, c).
+    Returns (mod, None) when the transform has no such form."""
+    if isinstance(mod, sympy.Piecewise) and len(mod.args) == 2 and mod.args[1].cond is sympy.true:
+        (e1, c1), (e2, _) = mod.args
+        if e2 == -sympy.oo:
+            return e1, c1
+        if e1 == -sympy.oo:
+            return e2, sympy.Not(c1)
+    return mod, None
+
+
+def load_spec(path) -> Pattern:
+    """Read and parse the spec file at ``path``."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise SpecError(str(path), "", f"cannot read the spec: {e.strerror}") from None
+    return parse_spec(text, str(path))
