@@ -1,0 +1,58 @@
+"""The `attncc` command: build, explain."""
+from __future__ import annotations
+
+import argparse
+import glob
+import sys
+from pathlib import Path
+
+
+def _default_specs():
+    return sorted(glob.glob("specs/*.toml"))
+
+
+def cmd_build(args) -> int:
+    from attncc.codegen import build, stale
+    from attncc.spec import SpecError
+
+    specs = args.specs or _default_specs()
+    if not specs:
+        print("attncc build: no spec given and no specs/*.toml here", file=sys.stderr)
+        return 2
+    try:
+        if args.check:
+            old = stale(specs, args.out)
+            for path in old:
+                print(f"stale: {path} (run `attncc build {' '.join(args.specs) if args.specs else ''}`)".rstrip(), file=sys.stderr)
+            if not old:
+                print(f"attncc build --check: {len(specs)} generated file(s) up to date in {args.out}/")
+            return 1 if old else 0
+        for path in build(specs, args.out):
+            print(f"wrote {path}")
+    except SpecError as e:
+        print(f"attncc build: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "explain":
+        from attncc.explain import main_explain
+
+        return main_explain(argv[1:])
+    parser = argparse.ArgumentParser(prog="attncc", description="Compile attention-pattern specs to Triton kernels.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="generate DIR/<name>.py for each spec")
+    b.add_argument("specs", nargs="*", help="spec files (default: specs/*.toml)")
+    b.add_argument("--out", default="generated", help="output folder (default: generated)")
+    b.add_argument("--check", action="store_true", help="fail when the generated files are stale")
+    sub.add_parser("explain", help="what the analysis found for a spec (attncc explain SPEC --n N ...)")
+    args = parser.parse_args(argv)
+    if args.command == "build":
+        return cmd_build(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Triton helper functions a kernel may call; each is rendered only when used."""
+from __future__ import annotations
+
+from attncc.runtime import semantics
+
+FLOORDIV = '''@triton.jit
+def _floordiv(a, b):
+    """Python's a // b (Triton's // truncates toward zero)."""
+    q = a // b
+    return tl.where((a % b != 0) & ((a < 0) != (b < 0)), q - 1, q)'''
+
+FLOORMOD = '''@triton.jit
+def _floormod(a, b):
+    """Python's a % b: the sign follows the divisor."""
+    r = a % b
+    return tl.where((r != 0) & ((r < 0) != (b < 0)), r + b, r)'''
+
+TANH = '''@triton.jit
+def _tanh(x):
+    # tanh(x) = 1 - 2 / (exp(2x) + 1): saturates to +-1 without overflow.
+    return 1.0 - 2.0 / (tl.exp2(x * (2.0 * LOG2E)) + 1.0)'''
+
+ALIBI_SLOPE = '''@triton.jit
+def _alibi_slope(h, n_heads):
+    """ALiBi's slope of head h: 2^(-8(h+1)/P) for the first P (the largest power of two
+    <= n_heads) heads, then the odd steps of the 2P-head sequence."""
+    p = tl.exp2(tl.floor(tl.log2(n_heads.to(tl.float32))))
+    hf = h.to(tl.float32)
+    return tl.where(hf < p, tl.exp2(-8.0 * (hf + 1.0) / p), tl.exp2(-4.0 * (2.0 * (hf - p) + 1.0) / p))'''
+
+
+def bucket_helper(num_buckets: int, max_distance: int, bidirectional: bool) -> str:
+    """T5's bucket as integer comparisons against thresholds precomputed in float64."""
+    max_exact, thresholds = semantics.bucket_thresholds(num_buckets, max_distance, bidirectional)
+    name = f"_bucket_{num_buckets}_{max_distance}_{int(bidirectional)}"
+    lines = ["@triton.jit", f"def {name}(d):",
+             f'    """T5 bucket of d = j - i ({num_buckets} buckets, max distance {max_distance},'
+             f' {"bidirectional" if bidirectional else "causal"})."""',
+             "    n = -d"]
+    if bidirectional:
+        lines += [f"    offset = tl.where(n < 0, {num_buckets // 2}, 0)", "    n = tl.abs(n)"]
+    else:
+        lines += ["    offset = 0", "    n = tl.maximum(n, 0)"]
+    steps = "".join(f" + (n >= {t}).to(tl.int32)" for t in thresholds)
+    lines += [f"    # log-spaced buckets past {max_exact}: thresholds from attncc.runtime.semantics",
+              f"    large = {max_exact}{steps}",
+              f"    return offset + tl.where(n < {max_exact}, n, large)"]
+    return "\n".join(lines)
+
+
+def rope_helpers(style: str, theta: float) -> str:
+    import math
+
+    log2_theta = math.log2(theta)
+    if style == "neox":
+        partner = "tl.where(cols < ROTARY_DIM, tl.where(cols < ROTARY_DIM // 2, cols + ROTARY_DIM // 2, cols - ROTARY_DIM // 2), cols)"
+        freq = "cols % (ROTARY_DIM // 2)"
+        sign = "tl.where(cols < ROTARY_DIM // 2, -1.0, 1.0)"
+        doc = "neox: column d pairs with d +- ROTARY_DIM/2"
+    else:
+        partner = "tl.where(cols < ROTARY_DIM, cols ^ 1, cols)"
+        freq = "cols // 2"
+        sign = "tl.where(cols % 2 == 0, -1.0, 1.0)"
+        doc = "gptj: column d pairs with d ^ 1"
+    return f'''ROPE_LOG2_THETA: tl.constexpr = {log2_theta!r}
+
+
+@triton.jit
+def _rope_partner(cols, ROTARY_DIM: tl.constexpr):
+    """The column each column rotates with ({doc})."""
+    return {partner}
+
+
+@triton.jit
+def _rope(x, x_partner, pos, cols, ROTARY_DIM: tl.constexpr):
+    """Rotate rows of x at positions pos by theta^(-2m/ROTARY_DIM) per column pair m."""
+    inv_freq = tl.exp2(-(2.0 * ({freq}).to(tl.float32) / ROTARY_DIM) * ROPE_LOG2_THETA)
+    angle = pos[:, None].to(tl.float32) * inv_freq[None, :]
+    sign = {sign}
+    xf = x.to(tl.float32)
+    rotated = xf * tl.cos(angle) + sign[None, :] * x_partner.to(tl.float32) * tl.sin(angle)
+    return tl.where(cols[None, :] < ROTARY_DIM, rotated, xf).to(x.dtype)'''
+
+
+FIXED = {"_floordiv": FLOORDIV, "_floormod": FLOORMOD, "_tanh": TANH, "_alibi_slope": ALIBI_SLOPE}
+
+
+def render_helper(name: str) -> str:
+    if name in FIXED:
+        return FIXED[name]
+    if name.startswith("_bucket_"):
+        nb, md, bd = name[len("_bucket_"):].split("_")
+        return bucket_helper(int(nb), int(md), bool(int(bd)))
+    raise KeyError(name)

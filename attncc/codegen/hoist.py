@@ -1,0 +1,76 @@
+"""Move work out of the key loop.
+
+A sub-expression that does not depend on the key position ``j`` is the same for
+every key tile: if it also ignores ``i`` it is computed once per program (a scalar),
+otherwise once per query row (a vector of BLOCK_M) before the loop. The key loop
+then only reads the results.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Tuple
+
+import sympy
+from sympy.core.function import AppliedUndef
+
+from attncc.spec import symbols as S
+from attncc.spec.builtins import RandomBlocks
+
+
+def depends_on(e: sympy.Basic, sym: sympy.Symbol) -> bool:
+    return sym in e.free_symbols
+
+
+@dataclass
+class Hoister:
+    """Collects hoisted sub-expressions across several expressions (shared names)."""
+
+    scalars: Dict[sympy.Basic, sympy.Symbol] = field(default_factory=dict)
+    rows: Dict[sympy.Basic, sympy.Symbol] = field(default_factory=dict)
+
+    def __call__(self, e: sympy.Basic) -> sympy.Basic:
+        return self._walk(e)
+
+    def _walk(self, e):
+        if e.is_Atom or isinstance(e, RandomBlocks):
+            return e
+        if not depends_on(e, S.j):
+            if isinstance(e, sympy.Symbol) or (e.is_number):
+                return e
+            if depends_on(e, S.i):
+                if not _worth_a_row(e):
+                    return e.func(*[self._walk(a) for a in e.args])
+                return self._name(self.rows, e, "row")
+            return self._name(self.scalars, e, "c")
+        return e.func(*[self._walk(a) for a in e.args]) if e.args else e
+
+    @staticmethod
+    def _name(table, e, prefix):
+        if e not in table:
+            kw = {"integer": True} if e.is_integer else ({} if e.is_Boolean or isinstance(e, sympy.Rel) else {"real": True})
+            table[e] = sympy.Symbol(f"{prefix}{len(table)}", **kw)
+        return table[e]
+
+    def definitions(self, table) -> List[Tuple[sympy.Symbol, sympy.Basic]]:
+        return [(sym, e) for e, sym in table.items()]
+
+
+def _worth_a_row(e) -> bool:
+    """A row vector costs registers: hoist only what is dearer than an add per pair."""
+    return bool(e.atoms(AppliedUndef) or e.atoms(sympy.Function)) or sympy.count_ops(e) > 2
+
+
+def inputs_in(e: sympy.Basic) -> List[AppliedUndef]:
+    return sorted(e.atoms(AppliedUndef), key=sympy.default_sort_key)
+
+
+def split_along_j(bias: sympy.Expr) -> Tuple[sympy.Expr, sympy.Expr]:
+    """Split ``bias`` into (terms that vary with j, terms that do not).
+
+    Terms constant along j shift every score of a row equally: the softmax cancels them,
+    and only the log-sum-exp needs them back.
+    """
+    terms = sympy.Add.make_args(sympy.expand(bias))
+    along = sympy.Add(*[t for t in terms if depends_on(t, S.j)])
+    const = sympy.Add(*[t for t in terms if not depends_on(t, S.j)])
+    return along, const

@@ -1,0 +1,182 @@
+"""Plan -> the template variables of a softmax forward kernel (templates/softmax.py.j2)."""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import sympy
+from sympy.core.function import AppliedUndef
+
+from attncc.codegen.helpers import render_helper, rope_helpers
+from attncc.codegen.hoist import Hoister, split_along_j
+from attncc.codegen.printer import TritonPrinter
+from attncc.spec import symbols as S
+from attncc.spec.builtins import RandomBlocks
+from attncc.spec.ir import Pattern
+
+# Kernel variable for each symbol the analysis' bounds may mention (by symbol name).
+BOUND_NAMES = {"q_lo": "q_lo", "q_hi": "q_hi", "BLOCK_N": "BLOCK_N", "BLOCK_M": "BLOCK_M",
+               "k_offset": "k_offset", "q_offset": "q_offset", "N_K": "Nk", "N_Q": "Nq"}
+INDEX_NAMES = {S.b: "b", S.h: "h", S.n_q: "n_q", S.n_k: "n_k", S.n_heads: "H", S.s: "s"}
+
+
+class _Inputs:
+    """Renders input accesses (``doc[b, i]``) as masked gathers."""
+
+    def __init__(self, pattern: Pattern):
+        self.pattern = pattern
+
+    def args(self, name: str) -> List[str]:
+        nd = len(self.pattern.input(name).dims)
+        return [f"{name}_ptr"] + [f"{name}_stride{d}" for d in range(nd)] + [f"{name}_size{d}" for d in range(nd)]
+
+    def gather(self, printer: TritonPrinter, e: AppliedUndef) -> str:
+        name = type(e).__name__
+        decl = self.pattern.input(name)
+        idx = [printer.p(a) for a in e.args]
+        offset = " + ".join(f"{x} * {name}_stride{d}" for d, x in enumerate(idx))
+        guards = [f"({x} >= 0) & ({x} < {name}_size{d})" for d, x in enumerate(idx)
+                  if decl.dims[d] not in ("b", "h")]
+        if not guards:
+            return f"tl.load({name}_ptr + {offset})"
+        return f"tl.load({name}_ptr + {offset}, mask={' & '.join(guards)}, other=0)"
+
+
+def _names(pattern: Pattern, i_text: str, j_text: str, extra: Dict[sympy.Symbol, str]):
+    names = dict(INDEX_NAMES)
+    names[S.i] = i_text
+    names[S.j] = j_text
+    for p in pattern.params:
+        names[p.symbol] = p.name
+    names.update(extra)
+    return names
+
+
+def softmax_context(pattern: Pattern, plan) -> dict:
+    inputs = _Inputs(pattern)
+    hoist = Hoister()
+    helpers = set()
+
+    # -- what enters the score ----------------------------------------------
+    bias_j, lse_row = pattern.bias, None
+    simple_bias = pattern.mod is None and pattern.softcap is None
+    if pattern.bias is not None and simple_bias:
+        bias_j, lse_row = split_along_j(pattern.bias)
+        bias_j = None if bias_j == 0 else bias_j
+        lse_row = None if lse_row == 0 else lse_row
+    mask = hoist(pattern.mask) if pattern.mask is not None else None
+    bias_j = hoist(bias_j) if bias_j is not None else None
+    mod = hoist(pattern.mod) if pattern.mod is not None else None
+
+    random_blocks = sorted((mask.atoms(RandomBlocks) if mask is not None else set()), key=sympy.default_sort_key)
+    rb_names = {rb: f"rb{n}" for n, rb in enumerate(random_blocks)}
+
+    def render_rb(e: RandomBlocks) -> str:
+        r, block, _ = e.options
+        name = rb_names[e]
+        if r == 0:
+            return "False"
+        hits = [f"(offs_j[None, :] // {block} == {name}_{t}[:, None])" for t in range(r)]
+        return "(" + " | ".join(hits) + ")"
+
+    scalar_names = {sym: sym.name for sym in hoist.scalars.values()}
+    tile_names = _names(pattern, "offs_i[:, None]", "offs_j[None, :]",
+                        {**scalar_names, **{sym: f"{sym.name}[:, None]" for sym in hoist.rows.values()}})
+    tile = TritonPrinter(tile_names, random_blocks=render_rb)
+    tile.gather = lambda e: inputs.gather(tile, e)
+    row = TritonPrinter(_names(pattern, "offs_i", "offs_j", scalar_names))
+    row.gather = lambda e: inputs.gather(row, e)
+
+    score_lines: List[str] = []
+    if pattern.bias is not None or pattern.mod is not None or pattern.softcap is not None:
+        if simple_bias:
+            if bias_j is not None:
+                score_lines.append(f"s = qk * qk_scale + {tile(bias_j)} * LOG2E")
+            else:
+                score_lines.append("s = qk * qk_scale")
+        else:
+            score_lines.append("s = qk * sm_scale" + (f" + {tile(bias_j)}" if bias_j is not None else ""))
+            if mod is not None:
+                score_lines.append(f"s = {tile(mod)}")
+            if pattern.softcap is not None:
+                tile.helpers.add("_tanh")
+                score_lines.append(f"s = {pattern.softcap!r} * _tanh(s * {1.0 / pattern.softcap!r})")
+            score_lines.append("s = s * LOG2E")
+    mask_code = tile(mask) if mask is not None else None
+
+    scalar_defs = [(sym.name, row(e)) for e, sym in hoist.scalars.items()]
+    row_defs = [(sym.name, row(e)) for e, sym in hoist.rows.items()]
+    for rb, name in rb_names.items():
+        r, block, _ = rb.options
+        for t in range(r):
+            row_defs.append((f"{name}_{t}", f"tl.load({name}_table + tl.minimum(offs_i // {block}, {name}_rows - 1) * {r} + {t})"))
+    lse_row_bias = row(lse_row) if lse_row is not None else None
+
+    used_inputs = sorted({type(a).__name__ for e in (pattern.mask, pattern.bias, pattern.mod) if e is not None
+                          for a in e.atoms(AppliedUndef)})
+    input_args = [a for name in used_inputs for a in inputs.args(name)]
+    rb_args = [a for name in rb_names.values() for a in (f"{name}_table", f"{name}_rows")]
+    ctx_args = ["b", "h", "H", "n_q", "n_k"] + [p.name for p in pattern.params] + input_args + rb_args
+    ctx_args += [sym.name for sym in hoist.scalars.values()] + [sym.name for sym in hoist.rows.values()]
+    ctx_args += [f"{name}_{t}" for rb, name in rb_names.items() for t in range(rb.options[0])]
+    if pattern.rope is not None:
+        ctx_args += ["K_rope", "stride_kn"]
+
+    # -- iteration ------------------------------------------------------------
+    iteration = plan.iteration.value
+    ranges, hull_lo, hull_hi, full_test, visit_test = [], None, None, None, None
+    if iteration == "affine":
+        bound_names = {}
+        for kr in plan.key_ranges:
+            for e in (kr.lo, kr.hi, kr.full_lo, kr.full_hi):
+                for sym in e.free_symbols:
+                    bound_names[sym] = BOUND_NAMES.get(sym.name) or _names(pattern, "?", "?", {}).get(sym) or sym.name
+        scalar = TritonPrinter(bound_names)
+        ranges = [dict(lo=scalar(kr.lo), hi=scalar(kr.hi), full_lo=scalar(kr.full_lo), full_hi=scalar(kr.full_hi))
+                  for kr in plan.key_ranges]
+        tile.helpers |= scalar.helpers
+        n = len(ranges)
+        hull_lo = _fold("tl.minimum", [f"lo{c}" for c in range(n)])
+        hull_hi = _fold("tl.maximum", [f"hi{c}" for c in range(n)])
+        full_test = " | ".join(f"((kb >= flo{c}) & (kb < fhi{c}))" for c in range(n))
+        visit_test = " | ".join(f"((kb >= lo{c}) & (kb < hi{c}))" for c in range(n))
+
+    if iteration == "dense":
+        note = ["Iteration: dense (every key block; only a ragged last block is masked)."]
+    elif iteration == "affine":
+        note = ["Iteration: closed-form key-block ranges per query block (rows q_lo..q_hi), from the mask:"]
+        for c, kr in enumerate(plan.key_ranges):
+            note += [f"  band {c}: blocks [{kr.lo}, {kr.hi}), full [{kr.full_lo}, {kr.full_hi})"]
+    else:
+        note = ["Iteration: per-call block lists of full and partial key blocks, "
+                + ("classified from the inputs on every call." if plan.dynamic else "cached per shape and params.")]
+
+    helper_names = sorted(tile.helpers | row.helpers)
+    helper_src = [render_helper(h) for h in helper_names]
+    if pattern.rope is not None:
+        helper_src.append(rope_helpers(pattern.rope.style, pattern.rope.theta))
+
+    param_doc = ", ".join(f"{p.name}={p.value!r}" for p in pattern.params)
+    input_doc = ", ".join(f"{d.name} ({', '.join(map(str, d.dims))}; {d.dtype})" for d in pattern.inputs)
+    call_example = ", ".join([f"{d.name}=..." for d in pattern.inputs] + [f"{p.name}={p.value!r}" for p in pattern.params])
+    return dict(
+        iteration=iteration, iteration_note=note, block_list_code="",
+        list_args=(["full_count", "full_index", "partial_count", "partial_index", "list_sb", "list_sh", "list_sq",
+                     "list_width"] if iteration == "block_list" else []),
+        ranges=ranges, hull_lo=hull_lo, hull_hi=hull_hi, full_test=full_test,
+        visit_test=visit_test, score_lines=score_lines, mask_code=mask_code, scalar_defs=scalar_defs,
+        row_defs=row_defs, lse_row_bias=lse_row_bias, ctx_args=ctx_args,
+        param_args=[p.name for p in pattern.params], input_args=input_args + rb_args,
+        param_values=[f"call.params[{p.name!r}]" for p in pattern.params],
+        input_values=[f"call.inputs[{n!r}], *call.inputs[{n!r}].stride(), *call.inputs[{n!r}].shape" for n in used_inputs]
+        + [f"*_random_table(call, {rb.options[0]}, {rb.options[1]}, {rb.options[2]})" for rb in rb_names],
+        helpers=helper_src, rope=pattern.rope,
+        rotary_dim_arg=("0" if pattern.rope is None else
+                        str(pattern.rope.rotary_dim) if pattern.rope.rotary_dim else "call.D"), param_doc=param_doc, input_doc=input_doc, call_example=call_example,
+    )
+
+
+def _fold(fn: str, items: List[str]) -> str:
+    out = items[0]
+    for x in items[1:]:
+        out = f"{fn}({out}, {x})"
+    return out

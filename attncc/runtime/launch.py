@@ -1,0 +1,119 @@
+"""Tile configs, tensor preparation for TMA descriptors, and the autograd wrapper."""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional, Tuple
+
+import torch
+
+from attncc.runtime.call import Call, _interpreting
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    BLOCK_M: int
+    BLOCK_N: int
+    num_warps: int = 4
+    num_stages: int = 2
+    warp_specialize: bool = False
+
+
+def _env_config() -> Optional[KernelConfig]:
+    """``ATTNCC_CONFIG="BLOCK_M=64,BLOCK_N=32,num_warps=4,num_stages=2"`` forces a config
+    (tests and benchmarks use it)."""
+    text = os.environ.get("ATTNCC_CONFIG")
+    if not text:
+        return None
+    fields = {}
+    for part in text.split(","):
+        key, _, value = part.partition("=")
+        fields[key.strip()] = value.strip() in ("1", "true", "True") if key.strip() == "warp_specialize" else int(value)
+    return KernelConfig(**fields)
+
+
+def pick_config(call: Call) -> KernelConfig:
+    """The tile config for a call: forced by ATTNCC_CONFIG, small under the interpreter,
+    else by head dim (measured on an H100; see docs/performance.md)."""
+    forced = _env_config()
+    if forced is not None:
+        return forced
+    if _interpreting():
+        return KernelConfig(32, 32, 4, 1)
+    d = max(call.D, call.Dv)
+    if d <= 64:
+        return KernelConfig(128, 128, 8, 3)
+    if d <= 128:
+        return KernelConfig(128, 128, 8, 2)
+    return KernelConfig(128, 64, 8, 2)
+
+
+def padded_dim(d: int) -> int:
+    """Head dims are padded to a power of two (>= 16) inside the kernel."""
+    return max(16, 1 << (d - 1).bit_length())
+
+
+def tma_ready(t: torch.Tensor) -> torch.Tensor:
+    """A view the kernel's tensor descriptors can read: last stride 1, other strides and
+    the base 16-byte aligned. Tensors that are not are copied (contiguously, with the head
+    dim zero-padded when its row is not a multiple of 16 bytes); the result is the same."""
+    es = t.element_size()
+    ok = t.stride(-1) == 1 and all((s * es) % 16 == 0 for s in t.stride()[:-1]) and t.data_ptr() % 16 == 0
+    if ok:
+        return t
+    d = t.shape[-1]
+    unit = 16 // es
+    d_round = -(-d // unit) * unit
+    if d_round == d:
+        out = t.contiguous()
+        if out.data_ptr() % 16 == 0:
+            return out
+    out = torch.zeros(*t.shape[:-1], d_round, dtype=t.dtype, device=t.device)
+    out[..., :d] = t
+    return out
+
+
+_ALLOCATOR_SET = False
+
+
+def ensure_allocator():
+    """On-device tensor descriptors need scratch memory from a Triton allocator."""
+    global _ALLOCATOR_SET
+    if _ALLOCATOR_SET or _interpreting():
+        return
+    import triton
+
+    def alloc(size: int, alignment: int, stream):
+        return torch.empty(size, device="cuda", dtype=torch.int8)
+
+    triton.set_allocator(alloc)
+    _ALLOCATOR_SET = True
+
+
+class _Forward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, run, call, q, k, v):
+        o, lse = run(call)
+        ctx.mark_non_differentiable(lse)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        raise NotImplementedError("attncc: the backward pass of generated kernels is not implemented yet "
+                                  "(it lands with the backward issue); call under torch.no_grad() or detach q, k, v")
+
+
+def run_attention(call: Call, forward: Callable[[Call], Tuple[torch.Tensor, torch.Tensor]]):
+    """Run the forward, attached to autograd when a gradient is wanted; returns (o, lse)."""
+    if call.Nq == 0 or call.Nk == 0:
+        o = torch.zeros(call.B, call.Hq, call.Nq, call.Dv, dtype=call.q.dtype, device=call.q.device)
+        lse = torch.full((call.B, call.Hq, call.Nq), -math.inf, dtype=torch.float32, device=call.q.device)
+        return o, lse
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (call.q, call.k, call.v))
+    if needs_grad:
+        return _Forward.apply(forward, call, call.q, call.k, call.v)
+    return forward(call)

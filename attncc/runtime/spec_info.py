@@ -1,0 +1,40 @@
+"""What a generated module tells the runtime about its pattern (plain data, no sympy)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    name: str
+    default: Union[int, float]
+    kind: str  # "int" or "float"
+
+
+@dataclass(frozen=True)
+class InputInfo:
+    """``dims``: "b" (batch), "h" (query head), "n" (position, size >= the last position read) or a size."""
+
+    name: str
+    dims: Tuple[Union[str, int], ...]
+    dtype: str
+    grad: bool = False
+
+
+@dataclass(frozen=True)
+class SpecInfo:
+    name: str
+    source: str
+    spec_hash: str
+    kind: str = "softmax"
+    head_dims: Tuple[int, ...] = (128,)
+    value_dim: Optional[int] = None
+    dtypes: Tuple[str, ...] = ("bfloat16", "float16")
+    heads_q: Optional[int] = None
+    heads_kv: Optional[int] = None
+    params: Tuple[ParamInfo, ...] = ()
+    inputs: Tuple[InputInfo, ...] = ()
+    scale: Optional[float] = None
+    dropout: float = 0.0
+    rope: bool = False
