@@ -280,6 +280,8 @@ class _Parser:
             self.fail(d_node, f"bucket()'s distance must be an integer expression, got {t}")
         if o["num_buckets"] < 2 or o["max_distance"] < 1:
             self.fail(node, "bucket() needs num_buckets >= 2 and max_distance >= 1")
+        if o["bidirectional"] and o["num_buckets"] < 4:  # T5 splits the buckets by sign, then halves them
+            self.fail(node, f"bucket() needs num_buckets >= 4 when bidirectional, got {o['num_buckets']}")
         return Bucket(d, o["num_buckets"], o["max_distance"], int(o["bidirectional"])), INT
 
     def _random_blocks(self, node):
@@ -304,5 +306,5 @@ def parse_expression(text: str, scope: Scope, file: str = "<string>", key: str =
     try:
         tree = ast.parse(text.strip(), mode="eval")
     except SyntaxError as e:
-        raise SpecError(file, key, f"syntax error: {e.msg}", e.offset) from None
+        raise SpecError(file, key, f"syntax error: {e.msg}", e.offset or None) from None  # 0: no position
     return _Parser(scope, file, key).visit(tree.body)

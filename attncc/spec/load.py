@@ -33,7 +33,7 @@ class _Checker:
         value = data.get(key, {})
         if not isinstance(value, dict):
             self.fail(f"[{key}]", f"expected a table, got {_kind(value)} {value!r}")
-        for k in value:
+        for k in value if allowed is not None else ():  # None: any key (params, inputs)
             if k not in allowed:
                 self.fail(f"[{key}].{k}", f"unknown key (expected one of: {', '.join(allowed)})")
         return value
@@ -115,7 +115,7 @@ def parse_spec(text: str, path: str = "<string>") -> Pattern:
         c.fail("[heads]", f"q = {hq} is not a multiple of kv = {hkv} (each kv head serves q // kv query heads)")
 
     params = []
-    for pname, value in c.table(data, "params", list(data.get("params", {}) or [])).items():
+    for pname, value in c.table(data, "params", None).items():
         c.identifier(pname, f"[params].{pname}")
         if pname in RESERVED:
             c.fail(f"[params].{pname}", f"'{pname}' is a built-in name and cannot be a param")
@@ -127,7 +127,7 @@ def parse_spec(text: str, path: str = "<string>") -> Pattern:
             c.fail(f"[params].{pname}", f"expected an integer or a float, got {_kind(value)} {value!r}")
 
     inputs = []
-    for iname, decl in c.table(data, "inputs", list(data.get("inputs", {}) or [])).items():
+    for iname, decl in c.table(data, "inputs", None).items():
         key = f"[inputs].{iname}"
         c.identifier(iname, key)
         if iname in RESERVED or any(p.name == iname for p in params):

@@ -1,0 +1,509 @@
+"""The naive, dense, float64 truth of the spec semantics (``attncc.reference``).
+
+Nothing clever: every (b, h, i, j) is evaluated, the scores are a dense
+``[B, Hq, Nq, Nk]`` tensor and the softmax is ``torch``'s. The sympy trees of a
+Pattern are walked node by node (:func:`evaluate`), never printed to source and
+``eval``-ed, so the reference shares no code with the analysis or the templates it
+checks. Built-ins take their numbers from :mod:`attncc.runtime.semantics`, the one
+place that defines them.
+
+Public: :func:`reference`, :func:`pair_mask`, :func:`evaluate`, :func:`index_env`,
+:func:`rotary`, :func:`feature_map`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Mapping, Optional
+
+import sympy
+import torch
+import torch.nn.functional as F
+from sympy.core.function import AppliedUndef
+
+from attncc.runtime import semantics
+from attncc.runtime.feature_maps import LINEAR_DENOMINATOR_EPS, performer_projection
+from attncc.spec.builtins import AlibiSlope, Bucket, RandomBlocks, Sigmoid
+from attncc.spec.ir import Pattern
+
+_INT, _FLOAT, _BOOL = torch.int64, torch.float64, torch.bool
+_EXTRA_KEYWORDS = ("scale", "dropout_p")
+
+# --------------------------------------------------------------------------------------
+# sympy -> torch
+# --------------------------------------------------------------------------------------
+
+
+def evaluate(expr, env: Mapping[str, Any]) -> torch.Tensor:
+    """Evaluate a Pattern expression on broadcastable tensors.
+
+    ``env`` maps names to values: symbol names (``"b"``, ``"h"``, ``"i"``, ``"j"``,
+    ``"n_q"``, ``"n_k"``, ``"n_heads"``, ``"s"``, params) to tensors or Python numbers,
+    and input names to the input tensors. Integer results are int64, real results
+    float64, conditions bool; the result broadcasts over the shapes in ``env``.
+    Integer ``//`` and ``%`` follow Python (floor) semantics exactly.
+    """
+    return _Evaluator(env)(expr)
+
+
+def _common(*xs):
+    """Bring tensors to one dtype: float64 if any is floating, else int64 if any is not bool."""
+    if any(x.is_floating_point() for x in xs):
+        return [x.to(_FLOAT) for x in xs]
+    if any(x.dtype != _BOOL for x in xs):
+        return [x.to(_INT) for x in xs]
+    return list(xs)
+
+
+def _is_int(x: torch.Tensor) -> bool:
+    return not x.is_floating_point() and x.dtype != _BOOL
+
+
+def _scalar_int(x: torch.Tensor, what: str) -> int:
+    if x.numel() != 1 or not _is_int(x):
+        raise ValueError(f"{what} must be a single integer, got a tensor of shape {tuple(x.shape)} and dtype {x.dtype}")
+    return int(x.reshape(()))
+
+
+def _lookup(x: torch.Tensor, fn, dtype) -> torch.Tensor:
+    """``fn`` applied elementwise to an integer tensor, through a table over its distinct values."""
+    values, inverse = torch.unique(x, return_inverse=True)
+    table = torch.tensor([fn(int(v)) for v in values.tolist()], dtype=dtype, device=x.device)
+    return table[inverse]
+
+
+class _Evaluator:
+    def __init__(self, env: Mapping[str, Any]):
+        self.env = env
+        self.device = next((v.device for v in env.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
+
+    def const(self, value, dtype):
+        return torch.tensor(value, dtype=dtype, device=self.device)
+
+    def value(self, name):
+        if name not in self.env:
+            raise ValueError(f"no value for '{name}' (known: {', '.join(sorted(self.env))})")
+        v = self.env[name]
+        if isinstance(v, torch.Tensor):
+            return v.to(self.device)
+        if isinstance(v, bool):
+            return self.const(v, _BOOL)
+        if isinstance(v, int):
+            return self.const(v, _INT)
+        return self.const(float(v), _FLOAT)
+
+    def float_(self, e):
+        return self(e).to(_FLOAT)
+
+    def bool_(self, e):
+        x = self(e)
+        if x.dtype != _BOOL:
+            raise ValueError(f"expected a condition, got a number: {e}")
+        return x
+
+    def __call__(self, e) -> torch.Tensor:  # noqa: C901 - one flat dispatch reads best here
+        if e is sympy.true or e is sympy.false:
+            return self.const(bool(e), _BOOL)
+        if e.is_Integer:
+            return self.const(int(e), _INT)
+        if e.is_Rational:
+            return self.const(int(e.p) / int(e.q), _FLOAT)  # Python's int / int is correctly rounded
+        if e.is_Float:
+            return self.const(float(e), _FLOAT)
+        if e in (sympy.oo, -sympy.oo, sympy.zoo, sympy.nan):
+            return self.const(float(e) if e is not sympy.zoo else math.inf, _FLOAT)
+        if e.is_Symbol:
+            return self.value(e.name)
+        if isinstance(e, AppliedUndef):
+            return self.input(e)
+        if isinstance(e, Bucket):
+            d = self(e.args[0])
+            if not _is_int(d):
+                raise ValueError(f"bucket() needs an integer distance, got {d.dtype}")
+            nb, md, bidir = e.options
+            return _lookup(d, lambda v: semantics.t5_bucket(v, nb, md, bidir), _INT)
+        if isinstance(e, AlibiSlope):
+            hh, nh = self(e.args[0]), _scalar_int(self(e.args[1]), "n_heads")
+            return _lookup(hh, lambda v: semantics.alibi_slope(v, nh), _FLOAT)
+        if isinstance(e, RandomBlocks):
+            return self.random_blocks(e)
+        if isinstance(e, Sigmoid):
+            return torch.sigmoid(self.float_(e.args[0]))
+        if e.is_Add:
+            terms = _common(*[self(a) for a in e.args])
+            out = terms[0]
+            for t in terms[1:]:
+                out = out + t
+            return out
+        if e.is_Mul:
+            num, den = sympy.fraction(e)
+            if den != 1:
+                # a/c as one division, not a * (1/c): 49 * (1/49) is not 1.0 in float64.
+                return self.float_(num) / self.float_(den)
+            factors = _common(*[self(a) for a in e.args])
+            out = factors[0]
+            for f in factors[1:]:
+                out = out * f
+            return out
+        if e.is_Pow:
+            base, ex = e.args
+            if ex.is_Integer and ex < 0:
+                return 1.0 / self.float_(base**-ex)
+            x, y = self(base), self(ex)
+            if _is_int(x) and ex.is_Integer:
+                return torch.pow(x, int(ex))
+            return torch.pow(x.to(_FLOAT), y.to(_FLOAT))
+        if isinstance(e, (sympy.floor, sympy.ceiling)):
+            num, den = sympy.fraction(sympy.together(e.args[0]))
+            n, d = self(num), self(den)
+            up = isinstance(e, sympy.ceiling)
+            if _is_int(n) and _is_int(d):
+                if bool((d == 0).any()):
+                    raise ZeroDivisionError(f"integer division by zero in {e}")
+                return -torch.div(-n, d, rounding_mode="floor") if up else torch.div(n, d, rounding_mode="floor")
+            q = n.to(_FLOAT) / d.to(_FLOAT)
+            return torch.ceil(q) if up else torch.floor(q)
+        if isinstance(e, sympy.Mod):
+            a, m = _common(self(e.args[0]), self(e.args[1]))
+            if _is_int(m) and bool((m == 0).any()):
+                raise ZeroDivisionError(f"modulo by zero in {e}")
+            return torch.remainder(a, m)
+        if isinstance(e, sympy.Abs):
+            return torch.abs(self(e.args[0]))
+        if isinstance(e, (sympy.Min, sympy.Max)):
+            args = _common(*[self(a) for a in e.args])
+            pick = torch.minimum if isinstance(e, sympy.Min) else torch.maximum
+            out = args[0]
+            for a in args[1:]:
+                out = pick(out, a)
+            return out
+        if isinstance(e, sympy.Piecewise):
+            out = None
+            for value, cond in reversed(e.args):
+                v = self(value)
+                if out is None:
+                    out = v if cond is sympy.true else torch.where(self.bool_(cond), *_common(v, self.const(math.nan, _FLOAT)))
+                else:
+                    out = torch.where(self.bool_(cond), *_common(v, out))
+            return out
+        if isinstance(e, sympy.core.relational.Relational):
+            a, c = _common(self(e.lhs), self(e.rhs))
+            op = {"<": torch.lt, "<=": torch.le, ">": torch.gt, ">=": torch.ge, "==": torch.eq, "!=": torch.ne}[e.rel_op]
+            return op(a, c)
+        if isinstance(e, sympy.And):
+            return self._fold(torch.logical_and, e.args)
+        if isinstance(e, sympy.Or):
+            return self._fold(torch.logical_or, e.args)
+        if isinstance(e, sympy.Xor):
+            return self._fold(torch.logical_xor, e.args)
+        if isinstance(e, sympy.Not):
+            return torch.logical_not(self.bool_(e.args[0]))
+        if isinstance(e, sympy.ITE):
+            c, a, d = e.args
+            return torch.where(self.bool_(c), self.bool_(a), self.bool_(d))
+        unary = {sympy.exp: torch.exp, sympy.log: torch.log, sympy.sin: torch.sin, sympy.cos: torch.cos,
+                 sympy.tan: torch.tan, sympy.tanh: torch.tanh}
+        if type(e) in unary and len(e.args) == 1:
+            return unary[type(e)](self.float_(e.args[0]))
+        if e.is_number:  # pi, E, and other constants sympy keeps symbolic
+            return self.const(float(e), _FLOAT)
+        raise NotImplementedError(f"the reference cannot evaluate {type(e).__name__}: {e}")
+
+    def _fold(self, op, args):
+        out = self.bool_(args[0])
+        for a in args[1:]:
+            out = op(out, self.bool_(a))
+        return out
+
+    def input(self, e):
+        name = e.func.__name__
+        if name not in self.env or not isinstance(self.env[name], torch.Tensor):
+            raise ValueError(f"input '{name}' was not given (a tensor is needed)")
+        t = self.env[name].to(self.device)
+        if t.dim() != len(e.args):
+            raise ValueError(f"input '{name}' is indexed with {len(e.args)} indices but has {t.dim()} dims (shape {tuple(t.shape)})")
+        idx = [self(a) for a in e.args]
+        for k, x in enumerate(idx):
+            if not _is_int(x):
+                raise ValueError(f"index {k} of input '{name}' is not an integer ({x.dtype}): {e.args[k]}")
+        idx = torch.broadcast_tensors(*idx)
+        for k, x in enumerate(idx):
+            if x.numel() and (int(x.min()) < 0 or int(x.max()) >= t.shape[k]):
+                raise ValueError(f"input '{name}' is indexed out of range in dim {k} by {e.args[k]}: indices span "
+                                 f"[{int(x.min())}, {int(x.max())}] but the tensor has shape {tuple(t.shape)}")
+        t = t.to(_FLOAT) if t.is_floating_point() else t.to(_INT)  # bool inputs are compared with != 0
+        return t[tuple(idx)]
+
+    def random_blocks(self, e):
+        ii, jj, nk = self(e.args[0]), self(e.args[1]), _scalar_int(self(e.args[2]), "n_k")
+        r, block, seed = e.options
+        qb = torch.div(ii, block, rounding_mode="floor")
+        kb = torch.div(jj, block, rounding_mode="floor")
+        n_kb = -(-nk // block)
+        rows = int(qb.max()) + 1 if qb.numel() else 0
+        cols = max(n_kb, int(kb.max()) + 1 if kb.numel() else 0)
+        table = torch.zeros(max(rows, 1), max(cols, 1), dtype=_BOOL, device=self.device)
+        for q in range(rows):
+            chosen = semantics.random_block_set(q, n_kb, r, seed)
+            if chosen:
+                table[q, list(chosen)] = True
+        qb, kb = torch.broadcast_tensors(qb, kb)
+        return table[qb, kb]
+
+
+# --------------------------------------------------------------------------------------
+# the index grids and the mask
+# --------------------------------------------------------------------------------------
+
+
+def _param_values(pattern: Pattern, overrides: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    values = dict(pattern.param_values)
+    for name, v in (overrides or {}).items():
+        if name not in values:
+            raise TypeError(f"pattern '{pattern.name}' has no param '{name}' (params: {', '.join(values) or 'none'})")
+        kind = pattern.param(name).kind
+        if isinstance(v, torch.Tensor):
+            v = v.item()
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind == "int" and not isinstance(v, int)):
+            raise TypeError(f"param '{name}' of pattern '{pattern.name}' expects {'an integer' if kind == 'int' else 'a number'}, "
+                            f"got {type(v).__name__} {v!r}")
+        values[name] = v if kind == "int" else float(v)
+    return values
+
+
+def _check_inputs(pattern: Pattern, inputs: Mapping[str, Any], batch: int, heads: int) -> None:
+    for decl in pattern.inputs:
+        if decl.name not in inputs or inputs[decl.name] is None:
+            raise ValueError(f"pattern '{pattern.name}' needs input '{decl.name}' "
+                             f"(dims {list(decl.dims)}, dtype {decl.dtype}); it was not given")
+        t = inputs[decl.name]
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"input '{decl.name}' must be a torch.Tensor, got {type(t).__name__}")
+        expected = {"b": batch, "h": heads}
+        ok = t.dim() == len(decl.dims) and all(
+            (d == "n") or t.shape[k] == expected.get(d, d) for k, d in enumerate(decl.dims))
+        if not ok:
+            want = ", ".join("n>=positions" if d == "n" else str(expected.get(d, d)) for d in decl.dims)
+            raise ValueError(f"input '{decl.name}' has dims {list(decl.dims)}: expected shape [{want}], got {tuple(t.shape)}")
+    unknown = set(inputs) - {d.name for d in pattern.inputs}
+    if unknown:
+        raise TypeError(f"pattern '{pattern.name}' has no input(s) {sorted(unknown)} "
+                        f"(inputs: {', '.join(d.name for d in pattern.inputs) or 'none'})")
+
+
+def index_env(pattern: Pattern, *, batch: int, heads: int, q_rows: int, k_rows: int, q_offset: int = 0,
+              k_offset: int = 0, n_q: Optional[int] = None, n_k: Optional[int] = None,
+              inputs: Optional[Mapping[str, torch.Tensor]] = None, params: Optional[Mapping[str, Any]] = None,
+              device=None) -> Dict[str, Any]:
+    """The environment :func:`evaluate` needs for ``pattern``: broadcast int64 grids
+    ``b [B,1,1,1]``, ``h [1,H,1,1]``, ``i [1,1,Nq,1]`` (= q_offset + row), ``j [1,1,1,Nk]``
+    (= k_offset + row), the scalars ``n_q``, ``n_k``, ``n_heads`` (= heads), the params
+    (defaults overridden by ``params``) and the input tensors."""
+    inputs = dict(inputs or {})
+    _check_inputs(pattern, inputs, batch, heads)
+    if device is None:
+        device = next((t.device for t in inputs.values()), torch.device("cpu"))
+    ar = lambda n, start=0: torch.arange(start, start + n, dtype=_INT, device=device)  # noqa: E731
+    env: Dict[str, Any] = {
+        "b": ar(batch).view(-1, 1, 1, 1),
+        "h": ar(heads).view(1, -1, 1, 1),
+        "i": ar(q_rows, q_offset).view(1, 1, -1, 1),
+        "j": ar(k_rows, k_offset).view(1, 1, 1, -1),
+        "n_q": q_offset + q_rows if n_q is None else int(n_q),
+        "n_k": k_offset + k_rows if n_k is None else int(n_k),
+        "n_heads": heads,
+    }
+    env.update(_param_values(pattern, params))
+    env.update(inputs)
+    return env
+
+
+def pair_mask(pattern: Pattern, *, q_rows: int, k_rows: int, q_offset: int = 0, k_offset: int = 0,
+              n_q: Optional[int] = None, n_k: Optional[int] = None, batch: int = 1, heads: int = 1,
+              inputs: Optional[Mapping[str, torch.Tensor]] = None, params: Optional[Mapping[str, Any]] = None,
+              device=None) -> torch.Tensor:
+    """``pattern.mask`` on every pair: a bool tensor ``[batch, heads, q_rows, k_rows]``.
+
+    Entry ``[b, h, r, c]`` tells whether query position ``i = q_offset + r`` may attend to
+    key position ``j = k_offset + c``. ``n_q``/``n_k`` default to ``q_offset + q_rows`` and
+    ``k_offset + k_rows``; ``params`` overrides param defaults by name; ``inputs`` maps
+    input names to tensors. A pattern without a mask (``None``) allows every pair; a linear
+    pattern's causality lives in its feature map, not here. ``device`` defaults to the
+    inputs' device, else the CPU.
+    """
+    env = index_env(pattern, batch=batch, heads=heads, q_rows=q_rows, k_rows=k_rows, q_offset=q_offset,
+                    k_offset=k_offset, n_q=n_q, n_k=n_k, inputs=inputs, params=params, device=device)
+    return _mask_from_env(pattern, env, (batch, heads, q_rows, k_rows))
+
+
+def _mask_from_env(pattern: Pattern, env, shape) -> torch.Tensor:
+    device = env["i"].device
+    if pattern.mask is None:
+        return torch.ones(shape, dtype=_BOOL, device=device)
+    return evaluate(pattern.mask, env).to(_BOOL).expand(shape).clone()
+
+
+# --------------------------------------------------------------------------------------
+# attention
+# --------------------------------------------------------------------------------------
+
+
+def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float, style: str, rotary_dim: int) -> torch.Tensor:
+    """Rotary embedding of ``x [..., N, D]`` at ``positions [N]`` (float64 math).
+
+    Frequencies ``theta ** (-2m / rotary_dim)``, ``m = 0 .. rotary_dim/2 - 1``; only the first
+    ``rotary_dim`` dims rotate. ``"neox"`` pairs dim ``m`` with ``m + rotary_dim/2`` (GPT-NeoX,
+    LLaMA); ``"gptj"`` pairs ``2m`` with ``2m + 1`` (GPT-J).
+    """
+    half = rotary_dim // 2
+    inv_freq = theta ** (-2.0 * torch.arange(half, dtype=_FLOAT, device=x.device) / rotary_dim)
+    angle = positions.to(_FLOAT)[:, None] * inv_freq[None, :]  # [N, half]
+    cos, sin = angle.cos(), angle.sin()
+    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
+    if style == "neox":
+        x1, x2 = rot[..., :half], rot[..., half:]
+        out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    elif style == "gptj":
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        out = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
+    else:
+        raise ValueError(f"unknown rope style {style!r} (expected 'neox' or 'gptj')")
+    return torch.cat([out, rest], dim=-1)
+
+
+def feature_map(x: torch.Tensor, fmap) -> torch.Tensor:
+    """Linear attention's ``phi`` on the last dim of ``x`` (float64)."""
+    name = fmap.name
+    if name == "elu+1":
+        return F.elu(x) + 1.0
+    if name == "relu":
+        return F.relu(x)
+    if name == "identity":
+        return x
+    if name == "performer":
+        d = x.shape[-1]
+        w = performer_projection(fmap.features, d, fmap.seed, dtype=x.dtype, device=x.device)
+        xs = x * d**-0.25
+        return torch.exp(xs @ w.T - 0.5 * (xs * xs).sum(-1, keepdim=True)) / math.sqrt(fmap.features)
+    raise NotImplementedError(f"the reference does not implement the {name!r} feature map yet")
+
+
+def _check_qkv(pattern: Pattern, q, k, v):
+    for n, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            got = f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{n} must be a 4-D tensor [B, H, N, D], got {got}")
+    (bq, hq, _, d), (bk, hk, nk, dk), (bv, hv, nv, _) = q.shape, k.shape, v.shape
+    if not (bq == bk == bv):
+        raise ValueError(f"q, k, v batch sizes differ: {bq}, {bk}, {bv}")
+    if dk != d:
+        raise ValueError(f"q and k head dims differ: {d} and {dk}")
+    if hk != hv or nk != nv:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must agree on heads and length")
+    if hk == 0 or hq % hk:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hk})")
+    if pattern.heads_q is not None and hq != pattern.heads_q:
+        raise ValueError(f"pattern '{pattern.name}' fixes {pattern.heads_q} query heads, q has {hq}")
+    if pattern.heads_kv is not None and hk != pattern.heads_kv:
+        raise ValueError(f"pattern '{pattern.name}' fixes {pattern.heads_kv} key/value heads, k has {hk}")
+
+
+def reference(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, return_lse: bool = False,
+              q_offset: int = 0, k_offset: int = 0, n_q: Optional[int] = None, n_k: Optional[int] = None,
+              keep_mask: Optional[torch.Tensor] = None, **inputs_and_params):
+    """The semantics of ``pattern`` on ``q [B,Hq,Nq,D]``, ``k [B,Hkv,Nk,D]``, ``v [B,Hkv,Nk,Dv]``.
+
+    Computes densely in float64 on q's device and returns ``o [B,Hq,Nq,Dv]`` (float64), or
+    ``(o, lse)`` with ``lse [B,Hq,Nq]`` (float64, natural log) when ``return_lse``. Query
+    head ``h`` reads kv head ``h // (Hq // Hkv)``; positions are ``i = q_offset + row``,
+    ``j = k_offset + row``. Inputs and param overrides come by keyword; two more keywords
+    are accepted unless a param or input has that name: ``scale`` (overrides the
+    pattern's scale) and ``dropout_p`` (default ``pattern.dropout``).
+
+    Softmax: rows with no allowed key give ``o = 0`` and ``lse = -inf``. Dropout applies
+    only when ``keep_mask`` (bool, broadcastable to ``[B,Hq,Nq,Nk]``) is given: ``p`` is
+    multiplied by ``keep_mask / (1 - dropout_p)`` after the softmax (lse is unaffected).
+
+    Linear: ``o_i = phi(q_i).S_i / (phi(q_i).z_i + 1e-6)`` (the ``1e-6``,
+    ``attncc.runtime.feature_maps.LINEAR_DENOMINATOR_EPS``, keeps an all-zero denominator
+    from giving NaN), causal over global positions ``j <= i`` when the feature map is.
+    """
+    _check_qkv(pattern, q, k, v)
+    known_inputs = [d.name for d in pattern.inputs]
+    known_params = [p.name for p in pattern.params]
+    extras = [x for x in _EXTRA_KEYWORDS if x not in known_inputs and x not in known_params]
+    inputs, params, opts = {}, {}, {}
+    for name, value in inputs_and_params.items():
+        if name in known_inputs:
+            inputs[name] = value
+        elif name in known_params:
+            params[name] = value
+        elif name in extras:
+            opts[name] = value
+        else:
+            known = known_inputs + known_params + extras
+            raise TypeError(f"reference() got an unexpected keyword '{name}' for pattern '{pattern.name}' "
+                            f"(inputs: {', '.join(known_inputs) or 'none'}; params: {', '.join(known_params) or 'none'}; "
+                            f"also: {', '.join(extras)}; known: {', '.join(known)})")
+
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    device = q.device
+    qf, kf, vf = q.to(device=device, dtype=_FLOAT), k.to(device=device, dtype=_FLOAT), v.to(device=device, dtype=_FLOAT)
+    group = Hq // Hkv
+    kf, vf = kf.repeat_interleave(group, dim=1), vf.repeat_interleave(group, dim=1)
+    q_pos = torch.arange(q_offset, q_offset + Nq, dtype=_INT, device=device)
+    k_pos = torch.arange(k_offset, k_offset + Nk, dtype=_INT, device=device)
+
+    if pattern.kind == "linear":
+        if return_lse:
+            raise ValueError(f"return_lse applies to softmax patterns; '{pattern.name}' is kind = 'linear'")
+        _check_inputs(pattern, inputs, B, Hq)
+        _param_values(pattern, params)
+        return _linear(pattern, qf, kf, vf, q_pos, k_pos)
+
+    env = index_env(pattern, batch=B, heads=Hq, q_rows=Nq, k_rows=Nk, q_offset=q_offset, k_offset=k_offset,
+                    n_q=n_q, n_k=n_k, inputs=inputs, params=params, device=device)
+    if pattern.rope is not None:
+        rd = pattern.rope.rotary_dim or D
+        if rd % 2 or rd > D:
+            raise ValueError(f"rotary_dim {rd} must be even and <= the head dim {D}")
+        qf = rotary(qf, q_pos, pattern.rope.theta, pattern.rope.style, rd)
+        kf = rotary(kf, k_pos, pattern.rope.theta, pattern.rope.style, rd)
+    scale = opts.get("scale", pattern.scale)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+
+    s = scale * (qf @ kf.transpose(-1, -2))  # [B, Hq, Nq, Nk]
+    if pattern.bias is not None:
+        s = s + evaluate(pattern.bias, env).to(_FLOAT)
+    if pattern.mod is not None:
+        s = evaluate(pattern.mod, {**env, "s": s}).to(_FLOAT).expand(B, Hq, Nq, Nk)
+    if pattern.softcap is not None:
+        s = pattern.softcap * torch.tanh(s / pattern.softcap)
+    allowed = _mask_from_env(pattern, env, (B, Hq, Nq, Nk))
+
+    s = torch.where(allowed, s, torch.full_like(s, -math.inf))
+    lse = torch.logsumexp(s, dim=-1)  # -inf exactly where no key is allowed
+    finite = torch.isfinite(lse)
+    p = torch.exp(s - torch.where(finite, lse, torch.zeros_like(lse))[..., None])
+    p = torch.where(finite[..., None] & allowed, p, torch.zeros_like(p))
+    if keep_mask is not None:
+        dropout_p = float(opts.get("dropout_p", pattern.dropout))
+        if not 0.0 <= dropout_p < 1.0:
+            raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+        p = p * keep_mask.to(device=device, dtype=_FLOAT) / (1.0 - dropout_p)
+    o = p @ vf
+    return (o, lse) if return_lse else o
+
+
+def _linear(pattern: Pattern, q, k, v, q_pos, k_pos):
+    fmap = pattern.feature_map
+    phi_q, phi_k = feature_map(q, fmap), feature_map(k, fmap)
+    # phi(q_i).S_i = sum_j (phi(q_i).phi(k_j)) v_j and phi(q_i).z_i = sum_j phi(q_i).phi(k_j):
+    # the quadratic form of the same sums, masked to j <= i when causal.
+    a = phi_q @ phi_k.transpose(-1, -2)  # [B, H, Nq, Nk]
+    if fmap.causal:
+        a = a * (k_pos[None, :] <= q_pos[:, None]).to(a.dtype)
+    o = a @ v
+    if fmap.normalize:
+        o = o / (a.sum(-1, keepdim=True) + LINEAR_DENOMINATOR_EPS)
+    return o
