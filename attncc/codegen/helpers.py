@@ -17,8 +17,8 @@ def _floormod(a, b):
 
 TANH = '''@triton.jit
 def _tanh(x):
-    # tanh(x) = 1 - 2 / (exp(2x) + 1): saturates to +-1 without overflow.
-    return 1.0 - 2.0 / (tl.exp2(x * (2.0 * LOG2E)) + 1.0)'''
+    # tanh(x) = 1 - 2 / (exp(2x) + 1) = 1 - 2 / (2^(2x log2 e) + 1): saturates to +-1 without overflow.
+    return 1.0 - 2.0 / (tl.exp2(x * 2.8853900817779268) + 1.0)'''
 
 ALIBI_SLOPE = '''@triton.jit
 def _alibi_slope(h, n_heads):

@@ -139,7 +139,7 @@ class TritonPrinter:
         arg = e.args[0]
         num, den = sympy.fraction(sympy.together(arg))
         if den != 1 and num.is_integer and den.is_integer:
-            if num.is_nonnegative and den.is_positive:
+            if _nonnegative(num) and den.is_positive:
                 return f"({self._atom(num)} // {self._atom(den)})"
             self.helpers.add("_floordiv")
             return f"_floordiv({self.p(num)}, {self.p(den)})"
@@ -153,7 +153,7 @@ class TritonPrinter:
     def _Mod(self, e):
         a, m = e.args
         if a.is_integer and m.is_integer:
-            if a.is_nonnegative and m.is_positive:
+            if _nonnegative(a) and m.is_positive:
                 return f"({self._atom(a)} % {self._atom(m)})"
             self.helpers.add("_floormod")
             return f"_floormod({self.p(a)}, {self.p(m)})"
@@ -213,6 +213,14 @@ class TritonPrinter:
         if self.random_blocks is None:
             raise ValueError("random_blocks() cannot appear here")
         return self.random_blocks(e)
+
+
+def _nonnegative(e) -> bool:
+    """sympy's assumptions, helped by the fact that a positive integer is at least 1."""
+    if e.is_nonnegative:
+        return True
+    shift = {s: sympy.Dummy(integer=True, nonnegative=True) + 1 for s in e.free_symbols if s.is_integer and s.is_positive}
+    return bool(shift) and e.xreplace(shift).is_nonnegative is True
 
 
 def _ordered(args):

@@ -90,7 +90,7 @@ def softmax_context(pattern: Pattern, plan) -> dict:
     if pattern.bias is not None or pattern.mod is not None or pattern.softcap is not None:
         if simple_bias:
             if bias_j is not None:
-                score_lines.append(f"s = qk * qk_scale + {tile(bias_j)} * LOG2E")
+                score_lines.append(f"s = qk * qk_scale + {tile(bias_j)} * 1.4426950408889634  # bias * log2(e)")
             else:
                 score_lines.append("s = qk * qk_scale")
         else:
@@ -100,7 +100,7 @@ def softmax_context(pattern: Pattern, plan) -> dict:
             if pattern.softcap is not None:
                 tile.helpers.add("_tanh")
                 score_lines.append(f"s = {pattern.softcap!r} * _tanh(s * {1.0 / pattern.softcap!r})")
-            score_lines.append("s = s * LOG2E")
+            score_lines.append("s = s * 1.4426950408889634  # to log2 units")
     mask_code = tile(mask) if mask is not None else None
 
     scalar_defs = [(sym.name, row(e)) for e, sym in hoist.scalars.items()]
@@ -125,19 +125,20 @@ def softmax_context(pattern: Pattern, plan) -> dict:
     iteration = plan.iteration.value
     ranges, hull_lo, hull_hi, full_test, visit_test = [], None, None, None, None
     if iteration == "affine":
-        bound_names = {}
-        for kr in plan.key_ranges:
-            for e in (kr.lo, kr.hi, kr.full_lo, kr.full_hi):
+        n = len(plan.key_ranges)
+        for c, kr in enumerate(plan.key_ranges):
+            step_names = {name: (f"kv_{name}" if n == 1 else f"{name}{c}") for name, _ in kr.steps}
+            bound_names = {}
+            for _, e in kr.steps:
                 for sym in e.free_symbols:
-                    bound_names[sym] = BOUND_NAMES.get(sym.name) or _names(pattern, "?", "?", {}).get(sym) or sym.name
-        scalar = TritonPrinter(bound_names)
-        ranges = [dict(lo=scalar(kr.lo), hi=scalar(kr.hi), full_lo=scalar(kr.full_lo), full_hi=scalar(kr.full_hi))
-                  for kr in plan.key_ranges]
-        tile.helpers |= scalar.helpers
-        n = len(ranges)
+                    bound_names[sym] = (step_names.get(sym.name) or BOUND_NAMES.get(sym.name)
+                                        or _names(pattern, "?", "?", {}).get(sym) or sym.name)
+            scalar = TritonPrinter(bound_names)
+            ranges.append([(step_names[name], scalar(e)) for name, e in kr.steps])
+            tile.helpers |= scalar.helpers
         hull_lo = _fold("tl.minimum", [f"lo{c}" for c in range(n)])
         hull_hi = _fold("tl.maximum", [f"hi{c}" for c in range(n)])
-        full_test = " | ".join(f"((kb >= flo{c}) & (kb < fhi{c}))" for c in range(n))
+        full_test = " | ".join(f"((kb >= full_lo{c}) & (kb < full_hi{c}))" for c in range(n))
         visit_test = " | ".join(f"((kb >= lo{c}) & (kb < hi{c}))" for c in range(n))
 
     if iteration == "dense":
@@ -145,7 +146,7 @@ def softmax_context(pattern: Pattern, plan) -> dict:
     elif iteration == "affine":
         note = ["Iteration: closed-form key-block ranges per query block (rows q_lo..q_hi), from the mask:"]
         for c, kr in enumerate(plan.key_ranges):
-            note += [f"  band {c}: blocks [{kr.lo}, {kr.hi}), full [{kr.full_lo}, {kr.full_hi})"]
+            note += [f"  clause {c}: {' & '.join(plan.clauses[c])}"] if len(plan.key_ranges) > 1 else []
     else:
         note = ["Iteration: per-call block lists of full and partial key blocks, "
                 + ("classified from the inputs on every call." if plan.dynamic else "cached per shape and params.")]
@@ -159,7 +160,8 @@ def softmax_context(pattern: Pattern, plan) -> dict:
     input_doc = ", ".join(f"{d.name} ({', '.join(map(str, d.dims))}; {d.dtype})" for d in pattern.inputs)
     call_example = ", ".join([f"{d.name}=..." for d in pattern.inputs] + [f"{p.name}={p.value!r}" for p in pattern.params])
     return dict(
-        iteration=iteration, iteration_note=note, block_list_code="",
+        iteration=iteration, iteration_note=note, random_blocks=bool(rb_names),
+        dynamic=bool(getattr(plan, "dynamic", False)), **_program_context(plan),
         list_args=(["full_count", "full_index", "partial_count", "partial_index", "list_sb", "list_sh", "list_sq",
                      "list_width"] if iteration == "block_list" else []),
         ranges=ranges, hull_lo=hull_lo, hull_hi=hull_hi, full_test=full_test,
@@ -173,6 +175,14 @@ def softmax_context(pattern: Pattern, plan) -> dict:
         rotary_dim_arg=("0" if pattern.rope is None else
                         str(pattern.rope.rotary_dim) if pattern.rope.rotary_dim else "call.D"), param_doc=param_doc, input_doc=input_doc, call_example=call_example,
     )
+
+
+def _program_context(plan) -> dict:
+    program = getattr(plan, "classifier", None)
+    if plan.iteration.value != "block_list" or program is None:
+        return dict(program_leaves=[], program_steps=[], program_result="")
+    return dict(program_leaves=[repr(leaf) for leaf in program.leaves],
+                program_steps=[repr(step) for step in program.steps], program_result=program.result)
 
 
 def _fold(fn: str, items: List[str]) -> str:

@@ -77,6 +77,15 @@ def tma_ready(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def kernel_operands(call: Call):
+    """q, k, v as the kernel reads them (see tma_ready). Triton 3.6's CPU interpreter computes
+    bfloat16 dot products wrongly, so there (tests only) bfloat16 operands go in as float32."""
+    q, k, v = (tma_ready(t) for t in (call.q, call.k, call.v))
+    if _interpreting() and q.dtype == torch.bfloat16:
+        q, k, v = q.float(), k.float(), v.float()
+    return q, k, v
+
+
 _ALLOCATOR_SET = False
 
 

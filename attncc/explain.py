@@ -1,0 +1,180 @@
+"""``attncc explain SPEC --n N``: what the analysis found for one problem size.
+
+    attncc explain SPEC --n N [--nk NK] [--block 128x64] [--head-dim D] [--batch B] [--heads H]
+                   [--param NAME=VALUE ...] [--json] [--png FILE]
+
+Prints the iteration, the tile counts, the exact density, FLOPs and bytes, and the
+closed-form key-block bounds (affine patterns) or the tile classifier (block lists).
+``--json`` prints the same as one JSON object; ``--png`` draws the map of tiles (and the
+pair-level mask when both lengths are at most 512; needs matplotlib).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import List, Optional
+
+PAIR_PLOT_LIMIT = 512
+
+
+def _block(text: str):
+    try:
+        m, n = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected BLOCK_MxBLOCK_N such as 128x64, got {text!r}") from None
+    if m < 1 or n < 1:
+        raise argparse.ArgumentTypeError(f"block sizes must be positive, got {text!r}")
+    return m, n
+
+
+def _param(text: str):
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    try:
+        return name, int(value)
+    except ValueError:
+        try:
+            return name, float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"param {name}: expected a number, got {value!r}") from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="attncc explain", description="What the analysis found for a spec.")
+    p.add_argument("spec", help="the spec file (TOML)")
+    p.add_argument("--n", type=int, default=8192, help="query rows (default 8192)")
+    p.add_argument("--nk", type=int, default=None, help="key rows (default: --n)")
+    p.add_argument("--block", type=_block, default=(128, 64), help="tile BLOCK_MxBLOCK_N (default 128x64)")
+    p.add_argument("--head-dim", type=int, default=None, help="head dim (default: the spec's first)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=None, help="query heads (default: the spec's, else 1)")
+    p.add_argument("--param", type=_param, action="append", default=[], metavar="NAME=VALUE",
+                   help="override a [params] value (repeatable)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--png", metavar="FILE", help="draw the tile map (and the pair mask when N <= 512)")
+    return p
+
+
+def _si(x: float, unit: str) -> str:
+    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g} {prefix}{unit}"
+    return f"{x:.3g} {unit}"
+
+
+def format_text(d: dict) -> str:
+    t = d["tiles"]
+    total = sum(t.values())
+    lines = [
+        f"{d['pattern']}  ({d['source']})",
+        f"  size        n_q={d['n_q']} n_k={d['n_k']}  batch={d['batch']} heads={d['heads']} head_dim={d['head_dim']}"
+        f"  tile {d['block_m']}x{d['block_n']}  ({d['query_blocks']} x {d['key_blocks']} blocks)",
+        f"  iteration   {d['iteration']}" + ("  (classified per call from the inputs)" if d["dynamic"] else ""),
+        f"  tiles       {total}: {t['empty']} empty, {t['full']} full, {t['partial']} partial",
+        f"  density     {d['density']:.6f}  ({d['allowed_pairs']} of {d['pairs']} pairs)",
+        f"  FLOPs       {_si(d['flops'], 'FLOP')} useful, {_si(d['visited_flops'], 'FLOP')} visited, "
+        f"{_si(d['dense_flops'], 'FLOP')} dense",
+        f"  bytes       {_si(d['bytes'], 'B')} (q, k, v, o in bf16 + {_si(d['block_list_bytes'], 'B')} block lists)",
+        f"  scores      {_si(d['score_memory_bytes'], 'B')} in visited tiles vs {_si(d['naive_score_memory_bytes'], 'B')} "
+        f"for a dense fp32 score matrix",
+    ]
+    if d["params"]:
+        lines.append("  params      " + ", ".join(f"{k}={v}" for k, v in d["params"].items()))
+    if d["synthesized_inputs"]:
+        lines.append(f"  inputs      synthesized: {', '.join(d['synthesized_inputs'])} (pass real ones for real numbers)")
+    if d["block_stats"]:
+        lines.append("  reads       " + "; ".join(d["block_stats"]))
+    if d["bounds"]:
+        lines.append("  key-block bounds of the query block holding positions [q_lo, q_hi] (union over clauses):")
+        for k, b in enumerate(d["bounds"]):
+            lines.append(f"    clause {k}: " + " and ".join(b["clause"]))
+            lines += [f"      {s}" for s in b["steps"]]
+    elif d["classifier"]:
+        lines.append("  tile classifier (interval program):")
+        lines += [f"    {s}" for s in d["classifier"]]
+    return "\n".join(lines)
+
+
+def draw(d: dict, grid, path: str, pair_mask=None) -> None:
+    """The tile map of batch row 0, head 0 (and the pair mask) to a PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.colors import ListedColormap
+    except ImportError:
+        raise SystemExit("attncc explain --png needs matplotlib: pip install 'attncc[viz]' (or pip install matplotlib)")
+    panels = 2 if pair_mask is not None else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 5.5), squeeze=False)
+    ax = axes[0][0]
+    cmap = ListedColormap(["#f2f2f2", "#f4a259", "#2a6f97"])
+    ax.imshow(grid.numpy(), cmap=cmap, vmin=0, vmax=2, interpolation="nearest", aspect="auto")
+    ax.set_title(f"{d['pattern']}: tiles {d['block_m']}x{d['block_n']} (empty / partial / full)")
+    ax.set_xlabel("key block")
+    ax.set_ylabel("query block")
+    if pair_mask is not None:
+        ax2 = axes[0][1]
+        ax2.imshow(pair_mask.numpy(), cmap="Greys", interpolation="nearest", aspect="auto")
+        ax2.set_title(f"allowed pairs (density {d['density']:.3f})")
+        ax2.set_xlabel("key position")
+        ax2.set_ylabel("query position")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main_explain(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    from attncc.analysis import analyze, explain_data
+    from attncc.analysis.graph import plan_grid
+    from attncc.analysis.report import synthesize_inputs
+    from attncc.spec import SpecError, load_spec
+
+    try:
+        pattern = load_spec(args.spec)
+    except SpecError as e:
+        print(f"attncc explain: {e}", file=sys.stderr)
+        return 1
+    n_q = args.n
+    n_k = args.nk if args.nk is not None else args.n
+    if n_q < 1 or n_k < 1:
+        print(f"attncc explain: lengths must be positive, got --n {n_q} --nk {n_k}", file=sys.stderr)
+        return 2
+    params = dict(args.param)
+    unknown = set(params) - {p.name for p in pattern.params}
+    if unknown:
+        print(f"attncc explain: {pattern.source} has no param(s) {', '.join(sorted(unknown))} "
+              f"(params: {', '.join(p.name for p in pattern.params) or 'none'})", file=sys.stderr)
+        return 2
+    block_m, block_n = args.block
+    head_dim = args.head_dim or pattern.head_dims[0]
+    heads = args.heads or pattern.heads_q or 1
+    plan = analyze(pattern)
+    inputs = synthesize_inputs(plan, batch=args.batch, heads=heads, positions=max(n_q, n_k)) if pattern.mask is not None else {}
+    d = explain_data(plan, n_q=n_q, n_k=n_k, block_m=block_m, block_n=block_n, head_dim=head_dim,
+                     batch=args.batch, heads=heads, params=params, inputs=inputs)
+    d["synthesized_inputs"] = sorted(inputs)
+    if args.json:
+        print(json.dumps(d, indent=None, default=str))
+    else:
+        print(format_text(d))
+    if args.png:
+        grid = plan_grid(plan, q_rows=n_q, k_rows=n_k, block_m=block_m, block_n=block_n,
+                         params={**pattern.param_values, **params}, inputs=inputs, batch=args.batch, heads=heads)
+        pairs = None
+        if max(n_q, n_k) <= PAIR_PLOT_LIMIT:
+            from attncc._reference import pair_mask
+
+            pairs = pair_mask(pattern, q_rows=n_q, k_rows=n_k, inputs=inputs, params=params,
+                              batch=args.batch, heads=heads)[0, 0]
+        draw(d, grid[0, 0], args.png, pairs)
+        if not args.json:
+            print(f"  wrote {args.png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_explain())

@@ -1,0 +1,245 @@
+"""One-call GPU check: correctness of every spec in bf16 at real sizes, then forward timing of
+attncc against FlexAttention (compiled) and SDPA (flash, cuDNN) on the DEVELOPERS.md cases.
+
+    PYTHONPATH=. python bench/gpu_check.py [--quick] [--out DIR]
+
+Prints a short table last; writes the full numbers as JSON to DIR (default: $OUT or .).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import attncc  # noqa: E402
+from attncc.spec import load_spec  # noqa: E402
+
+DEV = "cuda"
+BF16 = torch.bfloat16
+
+
+def bench(fn, reps=None):
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=100, rep=400, return_mode="median")  # ms
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def documents(B, N, seed=0, mean=1024):
+    """Packed documents with random lengths (exponential, mean `mean`), as int32 ids [B, N]."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(B):
+        ids, pos, d = [], 0, 0
+        while pos < N:
+            n = max(1, int(-mean * math.log(1 - float(torch.rand(1, generator=g)))))
+            ids += [d] * n
+            pos += n
+            d += 1
+        rows.append(ids[:N])
+    return torch.tensor(rows, dtype=torch.int32, device=DEV)
+
+
+SMALL = {"sliding_window": {"window": 1024}, "local_bidirectional": {"w": 256}, "dilated": {},
+         "longformer": {}, "strided": {}, "prefix_lm": {"prefix": 1024}}
+
+
+def inputs_for(p, B, Hq, N):
+    out = {}
+    for d in p.inputs:
+        if d.name == "doc":
+            out["doc"] = documents(B, N)
+        elif d.name == "kv_len":
+            out["kv_len"] = torch.randint(N // 2, N + 1, (B,), dtype=torch.int32, device=DEV)
+        else:
+            shape = [{"b": B, "h": Hq, "n": N}.get(x, x) for x in d.dims]
+            out[d.name] = torch.randn(*shape, device=DEV)
+    return out
+
+
+def check_specs(N, quick):
+    rows = []
+    for f in sorted(glob.glob(str(ROOT / "specs" / "*.toml"))):
+        p = load_spec(f)
+        if p.kind != "softmax":
+            continue
+        mod = importlib.import_module(f"generated.{p.name}")
+        Hq = p.heads_q or 8
+        Hkv = p.heads_kv or (Hq // 2 if Hq % 2 == 0 else Hq)
+        B, D = 1, 128
+        Nq, Nk = (N // 2, N) if p.name == "cross_causal" else (N, N)
+        torch.manual_seed(0)
+        q = torch.randn(B, Hq, Nq, D, device=DEV, dtype=BF16)
+        k = torch.randn(B, Hkv, Nk, D, device=DEV, dtype=BF16)
+        v = torch.randn(B, Hkv, Nk, D, device=DEV, dtype=BF16)
+        kw = dict(SMALL.get(p.name, {}), **inputs_for(p, B, Hq, max(Nq, Nk)))
+        o, lse = mod.attention(q, k, v, return_lse=True, **kw)
+        torch.cuda.synchronize()
+        ref, ref_lse = attncc.reference(p, q.double(), k.double(), v.double(), return_lse=True, **kw)
+        fin = torch.isfinite(ref_lse)
+        err = rel(o, ref)
+        lse_err = float((lse.double()[fin] - ref_lse[fin]).abs().max()) if fin.any() else 0.0
+        ok = err < 2e-2 and lse_err < 5e-2 and not torch.isnan(o).any() and torch.equal(torch.isfinite(lse), fin)
+        rows.append(dict(spec=p.name, Nq=Nq, Nk=Nk, Hq=Hq, Hkv=Hkv, rel_err=err, lse_err=lse_err, ok=bool(ok)))
+        print(f"check {p.name:20s} Nq={Nq} Nk={Nk} H={Hq}/{Hkv} rel_err={err:.2e} lse_err={lse_err:.2e} "
+              f"{'ok' if ok else 'FAIL'}", flush=True)
+        del ref, ref_lse
+        torch.cuda.empty_cache()
+    return rows
+
+
+def flex_setup():
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    return torch.compile(flex_attention, dynamic=False), create_block_mask
+
+
+CASES = [  # name, spec, N, B, params, flex score_mod/mask_mod kind
+    ("dense 4K", "dense", 4096, 8, {}),
+    ("causal 8K", "causal", 8192, 4, {}),
+    ("sliding window 1024, 16K", "sliding_window", 16384, 2, {"window": 1024}),
+    ("document mask, 16K", "document", 16384, 2, {}),
+    ("ALiBi causal, 4K", "alibi", 4096, 8, {}),
+    ("softcap 30 causal, 8K", "softcap", 8192, 4, {}),
+]
+
+
+def density_of(spec, N, kw):
+    p = load_spec(ROOT / "specs" / f"{spec}.toml")
+    if p.mask is None:
+        return 1.0
+    if spec in ("causal", "alibi", "softcap"):
+        return (N + 1) / (2 * N)
+    if spec == "sliding_window":
+        w = kw["window"]
+        return sum(min(i + 1, w) for i in range(N)) / N / N
+    if spec == "document":
+        doc = kw["doc"]
+        tot = 0
+        for row in doc.cpu():
+            _, counts = torch.unique_consecutive(row, return_counts=True)
+            tot += int((counts * (counts + 1) // 2).sum())
+        return tot / doc.shape[0] / N / N
+    raise KeyError(spec)
+
+
+def time_cases(H=16, D=128, quick=False):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    flex, create_block_mask = flex_setup()
+    results = []
+    for label, spec, N, B, params in CASES:
+        mod = importlib.import_module(f"generated.{spec}")
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(B, H, N, D, device=DEV, dtype=BF16) for _ in range(3))
+        kw = dict(params)
+        if spec == "document":
+            kw["doc"] = documents(B, N)
+        dens = density_of(spec, N, kw)
+        flops = 4 * B * H * N * N * D * dens
+        row = dict(case=label, B=B, H=H, N=N, D=D, density=dens)
+        row["attncc_ms"] = bench(lambda: mod.attention(q, k, v, **kw))
+        o = mod.attention(q, k, v, **kw)
+
+        # FlexAttention
+        doc = kw.get("doc")
+        win = kw.get("window")
+
+        def causal_mm(b, h, qi, ki):
+            return qi >= ki
+
+        score_mod = None
+        mask_mod = None
+        if spec in ("causal", "alibi", "softcap"):
+            mask_mod = causal_mm
+        elif spec == "sliding_window":
+            def mask_mod(b, h, qi, ki):
+                return (qi >= ki) & (qi - ki < win)
+        elif spec == "document":
+            def mask_mod(b, h, qi, ki):
+                return (doc[b, qi] == doc[b, ki]) & (qi >= ki)
+        if spec == "alibi":
+            slopes = torch.tensor([attncc.runtime.semantics.alibi_slope(h, H) for h in range(H)], device=DEV)
+
+            def score_mod(s, b, h, qi, ki):
+                return s + slopes[h] * (ki - qi)
+        elif spec == "softcap":
+            def score_mod(s, b, h, qi, ki):
+                return 30.0 * torch.tanh(s / 30.0)
+        bm = None
+        if mask_mod is not None:
+            bm = create_block_mask(mask_mod, B if spec == "document" else None, None, N, N, device=DEV)
+            row["flex_mask_ms"] = bench(lambda: create_block_mask(mask_mod, B if spec == "document" else None,
+                                                                   None, N, N, device=DEV))
+        try:
+            of = flex(q, k, v, score_mod=score_mod, block_mask=bm)
+            row["flex_ms"] = bench(lambda: flex(q, k, v, score_mod=score_mod, block_mask=bm))
+            row["err_vs_flex"] = rel(o, of)
+        except Exception as e:  # keep going: report
+            row["flex_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        # SDPA where it applies
+        if spec in ("dense", "causal"):
+            for name, backend in (("sdpa_flash_ms", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn_ms", SDPBackend.CUDNN_ATTENTION)):
+                try:
+                    with sdpa_kernel(backend):
+                        os_ = F.scaled_dot_product_attention(q, k, v, is_causal=spec == "causal")
+                        row[name] = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=spec == "causal"))
+                    row["err_vs_" + name[:-3]] = rel(o, os_)
+                except Exception as e:
+                    row[name.replace("_ms", "_error")] = f"{type(e).__name__}: {str(e)[:200]}"
+        if spec == "document":
+            from attncc.runtime.blocks import block_lists
+            from attncc.runtime import bind, pick_config
+            call = bind(mod.SPEC, q, k, v, kwargs=dict(kw))
+            cfg = pick_config(call)
+            row["attncc_lists_ms"] = bench(lambda: block_lists(mod.MASK_TILES, call, cfg.BLOCK_M, cfg.BLOCK_N, dynamic=True))
+        for key in list(row):
+            if key.endswith("_ms") and key not in ("flex_mask_ms", "attncc_lists_ms"):
+                row[key.replace("_ms", "_tflops")] = flops / row[key] / 1e9
+        results.append(row)
+        print(json.dumps(row), flush=True)
+    return results
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="correctness at N=4096 only for the checks")
+    ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    print(f"torch {torch.__version__}, triton {__import__('triton').__version__}, {torch.cuda.get_device_name()}, "
+          f"{time.strftime('%Y-%m-%d')}", flush=True)
+    checks = [] if args.skip_check else check_specs(4096, args.quick)
+    timing = time_cases()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "gpu_check.json").write_text(json.dumps(dict(checks=checks, timing=timing), indent=1))
+    print()
+    if checks:
+        bad = [c["spec"] for c in checks if not c["ok"]]
+        print(f"correctness (bf16, N=4096, vs float64 reference): {len(checks) - len(bad)}/{len(checks)} ok"
+              + (f"; FAILED: {', '.join(bad)}" if bad else ""))
+    print(f"{'case (fwd TFLOP/s)':28s} {'attncc':>8s} {'flex':>8s} {'sdpa-fa':>8s} {'cudnn':>8s} {'flex mask ms':>12s}")
+    for r in timing:
+        f = lambda k: f"{r[k]:8.1f}" if k in r else f"{'-':>8s}"
+        mask = f"{r['flex_mask_ms']:12.3f}" if "flex_mask_ms" in r else f"{'-':>12s}"
+        print(f"{r['case']:28s} {f('attncc_tflops')} {f('flex_tflops')} {f('sdpa_flash_tflops')} {f('sdpa_cudnn_tflops')} {mask}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""Shared test data: small params that make each spec's mask interesting at small lengths,
+inputs for data-dependent specs, and the tolerance per dtype (written once)."""
+from __future__ import annotations
+
+import glob
+import importlib
+from pathlib import Path
+
+import torch
+
+from attncc.spec import load_spec
+
+ROOT = Path(__file__).resolve().parent.parent
+SPEC_FILES = sorted(glob.glob(str(ROOT / "specs" / "*.toml")))
+SPEC_NAMES = [Path(f).stem for f in SPEC_FILES]
+SOFTMAX = [n for n in SPEC_NAMES if load_spec(ROOT / "specs" / f"{n}.toml").kind == "softmax"]
+
+SMALL_PARAMS = {
+    "sliding_window": {"window": 13},
+    "local_bidirectional": {"w": 9},
+    "dilated": {"window": 30, "dilation": 3},
+    "longformer": {"g": 5, "w": 7},
+    "strided": {"stride": 6},
+    "prefix_lm": {"prefix": 11},
+}
+
+# ||o - ref|| / ||ref|| bounds by input dtype
+REL_TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+def pattern(name):
+    return load_spec(ROOT / "specs" / f"{name}.toml")
+
+
+def module(name):
+    return importlib.import_module(f"generated.{name}")
+
+
+def heads_for(p, default_q=4, default_kv=2):
+    hq = p.heads_q or (default_q if p.heads_kv is None else max(default_q, p.heads_kv * 2))
+    hkv = p.heads_kv or (default_kv if hq % default_kv == 0 else 1)
+    return hq, hkv
+
+
+def inputs_for(p, B, Hq, n, gen):
+    """Random inputs for a spec's [inputs]: documents (some of length 1), padding lengths, tables."""
+    out = {}
+    for d in p.inputs:
+        if d.name == "doc" or d.dims == ("b", "n"):
+            lengths = []
+            rows = []
+            for _ in range(B):
+                ids, doc, pos = [], 0, 0
+                while pos < n:
+                    size = int(torch.randint(1, 12, (1,), generator=gen)) if torch.rand(1, generator=gen) < 0.8 else 1
+                    ids += [doc] * size
+                    pos += size
+                    doc += 1
+                rows.append(ids[:n])
+            out[d.name] = torch.tensor(rows, dtype=torch.int32)
+        elif d.dims == ("b",):
+            out[d.name] = torch.randint(0, n + 1, (B,), generator=gen, dtype=torch.int32)
+        else:
+            shape = [{"b": B, "h": Hq, "n": n}.get(x, x) for x in d.dims]
+            out[d.name] = torch.randn(*shape, generator=gen)
+    return out
+
+
+def rel_err(o, ref):
+    o, ref = o.double(), ref.double()
+    return float((o - ref).norm() / ref.norm().clamp_min(1e-30))

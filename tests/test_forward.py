@@ -1,0 +1,121 @@
+"""Generated forward kernels (under the Triton interpreter) against attncc.reference."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import attncc
+from cases import REL_TOL, SMALL_PARAMS, SOFTMAX, heads_for, inputs_for, module, pattern, rel_err
+
+
+def run_case(name, *, B=2, Nq=45, Nk=None, D=32, dtype=torch.float32, q_offset=0, k_offset=0, seed=0,
+             n_q=None, n_k=None, heads=None):
+    p = pattern(name)
+    Nk = Nq if Nk is None else Nk
+    Hq, Hkv = heads or heads_for(p)
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, Nq, D, generator=gen).to(dtype)
+    k = torch.randn(B, Hkv, Nk, D, generator=gen).to(dtype)
+    v = torch.randn(B, Hkv, Nk, D, generator=gen).to(dtype)
+    n = max(q_offset + Nq, k_offset + Nk, n_q or 0, n_k or 0)
+    kw = dict(SMALL_PARAMS.get(name, {}), **inputs_for(p, B, Hq, n, gen))
+    pos = dict(q_offset=q_offset, k_offset=k_offset, n_q=n_q, n_k=n_k)
+    o, lse = module(name).attention(q, k, v, return_lse=True, **pos, **kw)
+    ref, ref_lse = attncc.reference(p, q.double(), k.double(), v.double(), return_lse=True, **pos, **kw)
+    assert o.shape == ref.shape and o.dtype == dtype and lse.dtype == torch.float32
+    assert not torch.isnan(o).any() and not torch.isnan(lse).any()
+    assert rel_err(o, ref) < REL_TOL[dtype], rel_err(o, ref)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    assert torch.allclose(lse[finite].double(), ref_lse[finite], atol=1e-3 if dtype == torch.float32 else 5e-2)
+    assert (o[~finite] == 0).all()  # rows with no allowed key
+    return o, lse
+
+
+@pytest.mark.parametrize("name", SOFTMAX)
+def test_spec_fp32_odd_length(name):
+    run_case(name, Nq=45 if name != "bigbird" else 150)
+
+
+@pytest.mark.parametrize("name", SOFTMAX)
+def test_spec_cross_attention(name):
+    run_case(name, Nq=37, Nk=70, seed=1)
+
+
+@pytest.mark.parametrize("name", ["causal", "sliding_window", "document", "prefix_lm", "alibi", "rope_causal"])
+def test_chunk_of_a_sequence_equals_rows_of_the_whole(name):
+    """q_offset: a chunk of queries gets exactly the rows of the full computation."""
+    p = pattern(name)
+    B, Hq, Hkv, N, D = 1, 2, 2, 61, 32
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(B, h, N, D, generator=gen) for h in (Hq, Hkv, Hkv))
+    kw = dict(SMALL_PARAMS.get(name, {}), **inputs_for(p, B, Hq, N, gen))
+    full = module(name).attention(q, k, v, **kw)
+    chunk = module(name).attention(q[:, :, 40:], k, v, q_offset=40, **kw)
+    assert rel_err(chunk, full[:, :, 40:]) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["causal", "cross_causal", "sliding_window"])
+def test_rows_without_keys_are_zero_with_lse_minus_inf(name):
+    # keys placed after every query: a causal mask leaves every row empty
+    # (cross_causal: j - n_k <= i - n_q with n_q = 200 leaves the first rows without keys)
+    o, lse = run_case(name, Nq=20, Nk=33, k_offset=50 if name != "cross_causal" else 0,
+                      n_q=None if name != "cross_causal" else 200)
+    assert (lse == -math.inf).any() and (o[lse == -math.inf] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", ["causal", "alibi", "softcap", "t5_bias", "document"])
+def test_half_precision(name, dtype):
+    run_case(name, Nq=40, dtype=dtype)
+
+
+@pytest.mark.parametrize("D", [16, 64, 80, 24])
+def test_head_dims_including_padded(D):
+    run_case("causal", Nq=33, D=D)
+
+
+@pytest.mark.parametrize("heads", [(4, 1), (6, 3), (3, 3)])
+def test_gqa_mqa_mha(heads):
+    run_case("sliding_window", Nq=40, heads=heads)
+
+
+def test_value_dim_differs_from_head_dim():
+    p = pattern("causal")
+    gen = torch.Generator().manual_seed(5)
+    q, k = torch.randn(1, 2, 30, 32, generator=gen), torch.randn(1, 2, 30, 32, generator=gen)
+    v = torch.randn(1, 2, 30, 16, generator=gen)
+    o = module("causal").attention(q, k, v)
+    assert rel_err(o, attncc.reference(p, q.double(), k.double(), v.double())) < 1e-4
+
+
+def test_params_override_per_call():
+    a = run_case("sliding_window", Nq=40)[0]
+    p = pattern("sliding_window")
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 40, 32, generator=gen)
+    k, v = torch.randn(2, 2, 40, 32, generator=gen), torch.randn(2, 2, 40, 32, generator=gen)
+    wide = module("sliding_window").attention(q, k, v, window=3)
+    ref = attncc.reference(p, q.double(), k.double(), v.double(), window=3)
+    assert rel_err(wide, ref) < 1e-4 and rel_err(wide, a) > 1e-2
+
+
+def test_non_contiguous_inputs():
+    p = pattern("causal")
+    gen = torch.Generator().manual_seed(7)
+    qkv = torch.randn(2, 40, 3, 4, 32, generator=gen)  # [B, N, 3, H, D] as a fused projection gives
+    q, k, v = (qkv[:, :, t].transpose(1, 2) for t in range(3))
+    o = module("causal").attention(q, k, v)
+    ref = attncc.reference(p, q.double(), k.double(), v.double())
+    assert rel_err(o, ref) < 1e-4
+
+
+def test_gradient_is_not_silently_wrong():
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, 20, 16, generator=gen, requires_grad=True)
+    k, v = torch.randn(1, 2, 20, 16, generator=gen), torch.randn(1, 2, 20, 16, generator=gen)
+    o = module("causal").attention(q, k, v)
+    with pytest.raises(NotImplementedError, match="backward"):
+        o.sum().backward()
