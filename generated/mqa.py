@@ -35,6 +35,7 @@ SPEC = _rt.SpecInfo(
     scale=None,
     dropout=0.0,
     rope=False,
+    tile_hint="default",
 )
 
 
@@ -43,7 +44,8 @@ def _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
               b, h, H, n_q, n_k,
               qk_scale, sm_scale,
               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-              ROTARY_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr):
+              ROTARY_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
+              MASKED: tl.constexpr):
     """One key tile of the online softmax; MASKED tiles evaluate the mask, full ones do not."""
     start_n = kb * BLOCK_N
     k = k_desc.load([start_n, 0])
@@ -72,7 +74,8 @@ def _fwd_kernel(Q, K, V, O, LSE,
                 Nq, Nk, H, GROUP, q_offset, k_offset, n_q, n_k, qk_scale, sm_scale,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                 VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                DOT_PRECISION: tl.constexpr, RETURN_LSE: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+                DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr, RETURN_LSE: tl.constexpr,
+                WARP_SPECIALIZE: tl.constexpr):
     # Heaviest query blocks first: with causal-like patterns the last rows see the most keys.
     qb = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
@@ -105,17 +108,17 @@ def _fwd_kernel(Q, K, V, O, LSE,
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
                                   b, h, H, n_q, n_k,
                                   qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
-                                  MASKED=True)
+                                  FAST_MATH, MASKED=True)
     for kb in tl.range(kv_full_lo, kv_full_hi, warp_specialize=WARP_SPECIALIZE):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
                                   b, h, H, n_q, n_k,
                                   qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
-                                  MASKED=False)
+                                  FAST_MATH, MASKED=False)
     for kb in tl.range(kv_full_hi, kv_hi):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
                                   b, h, H, n_q, n_k,
                                   qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
-                                  MASKED=True)
+                                  FAST_MATH, MASKED=True)
     # Rows that saw no allowed key: o = 0 and lse = -inf, never NaN.
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_desc.store([qb * BLOCK_M, 0], o.to(O.dtype.element_ty))
@@ -130,8 +133,7 @@ def _forward(call):
     _rt.ensure_allocator()
     o = torch.empty(call.B, call.Hq, call.Nq, v.shape[-1], dtype=call.q.dtype, device=q.device)
     lse = torch.empty(call.B, call.Hq, call.Nq, dtype=torch.float32, device=q.device)
-    grid = (triton.cdiv(call.Nq, cfg.BLOCK_M), call.B * call.Hq)
-    _fwd_kernel[grid](
+    _rt.launch(call, cfg, lambda cfg: _fwd_kernel[(triton.cdiv(call.Nq, cfg.BLOCK_M), call.B * call.Hq)](
         q, k, v, o, lse,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -144,9 +146,10 @@ def _forward(call):
         ROTARY_DIM=0,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        FAST_MATH=_rt.fast_math(call),
         RETURN_LSE=call.return_lse, WARP_SPECIALIZE=cfg.warp_specialize,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    ))
     if v.shape[-1] != call.Dv:
         o = o[..., :call.Dv]
     return o, lse

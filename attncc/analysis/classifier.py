@@ -62,6 +62,12 @@ class _Compiler:
 
     # -- numbers ------------------------------------------------------------
     def number(self, e) -> Value:
+        try:
+            return self._number(e)
+        except (TypeError, ValueError, ZeroDivisionError, sympy.PolynomialError):
+            return self.unknown_number()  # sympy could not take this node apart: sound, not precise
+
+    def _number(self, e) -> Value:
         if e.is_Integer:
             return int(e)
         if e.is_Rational or e.is_Float:
@@ -184,12 +190,18 @@ class _Compiler:
         pos = [v for v in named if v in ("i", "j")]
         axis = "".join(pos) or None
         block = "".join("m" if v == "i" else "n" for v in pos) or None
-        stat = BlockStat(decl.name, tuple(index), axis, block)
+        stat = BlockStat(decl.name, axis, block, tuple(index))
         name = "in_" + decl.name + "_" + "_".join(str(v) for v in index)
         return self.leaf(name, "input", (stat,))
 
     # -- booleans -----------------------------------------------------------
     def boolean(self, e) -> str:
+        try:
+            return self._boolean(e)
+        except (TypeError, ValueError, ZeroDivisionError, sympy.PolynomialError):
+            return self.unknown_bool()
+
+    def _boolean(self, e) -> str:
         if isinstance(e, BooleanTrue):
             return self.emit("tri", True, False)
         if isinstance(e, BooleanFalse):

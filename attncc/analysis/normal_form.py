@@ -177,7 +177,11 @@ class _Converter:
         return self.atom(e, kind)
 
     def atom(self, e, kind: str) -> List[Clause]:
-        rel = sympy.Le(e, 0) if kind == "le" else sympy.Lt(e, 0)
+        relation = sympy.Le if kind == "le" else sympy.Lt
+        try:
+            rel = relation(e, 0)
+        except TypeError:  # not comparable as real numbers: keep it, unevaluated
+            return [frozenset([OtherAtom(relation(e, 0, evaluate=False))])]
         if isinstance(rel, BooleanTrue):
             return TRUE
         if isinstance(rel, BooleanFalse):

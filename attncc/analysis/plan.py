@@ -12,7 +12,7 @@ import torch
 from attncc.analysis import symbols as A
 from attncc.analysis.classifier import compile_mask
 from attncc.analysis.normal_form import LinearAtom, TooComplex, to_dnf
-from attncc.analysis.ranges import KeyRange, clause_key_range, everything, key_range_grid
+from attncc.analysis.ranges import KeyRange, clause_key_range, everything, key_range_grid, never
 from attncc.runtime.tiles import BlockStat, IntervalProgram
 from attncc.spec.builtins import RandomBlocks
 from attncc.spec.ir import Pattern
@@ -33,7 +33,7 @@ class Plan:
     ``pattern``: the Pattern analyzed.
     ``iteration``: see :class:`Iteration`.
     ``key_ranges``: AFFINE only (empty otherwise): one :class:`KeyRange` per clause of the
-        mask's DNF (``clauses``); a tile is visited when some clause's ``[lo, hi)`` holds
+        mask's DNF (``clauses``; a mask that is never true has one empty range); a tile is visited when some clause's ``[lo, hi)`` holds
         its key block and needs no mask when some clause's ``[full_lo, full_hi)`` does.
     ``clauses``: AFFINE only: per clause, its atoms as text (``key_ranges[k]`` belongs to
         ``clauses[k]``); atoms marked ``[other]`` are ones the bounds cannot use.
@@ -80,9 +80,9 @@ def analyze(pattern: Pattern) -> Plan:
     int_params = frozenset(p.symbol for p in pattern.params if p.kind == "int")
     try:
         clauses = to_dnf(mask, int_params)
-        ranges = tuple(clause_key_range(c) for c in clauses)
+        ranges = tuple(clause_key_range(c) for c in clauses) or (never(),)
         text = tuple(tuple(sorted(str(a) if isinstance(a, LinearAtom) else f"{a} [other]" for a in c))
-                     for c in clauses)
+                     for c in clauses) or (("(never true)",),)
     except TooComplex:
         ranges, text = (everything(),), (("(mask too complex for closed-form bounds) [other]",),)
     return Plan(pattern, Iteration.AFFINE, ranges, text, program, False, stats)

@@ -98,6 +98,11 @@ def everything() -> KeyRange:
     return KeyRange.from_steps(ZERO, N_KEY_BLOCKS, ZERO, ZERO)
 
 
+def never() -> KeyRange:
+    """No key block: the bound of a mask that is never true."""
+    return KeyRange.from_steps(ZERO, ZERO, ZERO, ZERO)
+
+
 def clause_key_range(clause: Clause) -> KeyRange:
     """The key-block ranges of one clause (see the module docstring)."""
     linear = [a for a in clause if isinstance(a, LinearAtom)]

@@ -47,26 +47,35 @@ def synthesize_inputs(plan: Plan, *, batch: int, heads: int, positions: int) -> 
     return out
 
 
+def _runs(cols):
+    """Consecutive runs ``(first, last + 1)`` of a sorted list of ints."""
+    runs = []
+    for c in cols:
+        if runs and runs[-1][1] == c:
+            runs[-1][1] = c + 1
+        else:
+            runs.append([c, c + 1])
+    return runs
+
+
 def _allowed_in_partial_tiles(plan: Plan, grid: torch.Tensor, *, q_rows, k_rows, block_m, block_n, n_q, n_k,
                               batch, heads, params, inputs) -> int:
-    """Allowed pairs inside PARTIAL tiles, evaluating the mask on the key span of each
-    query block's partial tiles only."""
+    """Allowed pairs inside PARTIAL tiles, evaluating the mask on each run of consecutive
+    partial tiles of a query block only (the work is the partial area, not Nq x Nk)."""
     from attncc._reference import pair_mask
 
     grid = grid.expand(batch, heads, *grid.shape[2:]).cpu()
     partial = grid == tiles.PARTIAL
     total = 0
     for qb in range(grid.shape[2]):
-        cols = torch.nonzero(partial[:, :, qb].any(0).any(0)).flatten()
-        if cols.numel() == 0:
-            continue
-        k0, k1 = int(cols[0]), int(cols[-1]) + 1
+        cols = torch.nonzero(partial[:, :, qb].any(0).any(0)).flatten().tolist()
         r0, r1 = qb * block_m, min((qb + 1) * block_m, q_rows)
-        c0, c1 = k0 * block_n, min(k1 * block_n, k_rows)
-        m = pair_mask(plan.pattern, q_rows=r1 - r0, k_rows=c1 - c0, q_offset=r0, k_offset=c0, n_q=n_q, n_k=n_k,
-                      batch=batch, heads=heads, inputs=inputs, params=params, device="cpu")
-        keep = partial[:, :, qb, k0:k1].repeat_interleave(block_n, dim=-1)[..., : c1 - c0]
-        total += int((m & keep.unsqueeze(2)).sum())
+        for k0, k1 in _runs(cols):
+            c0, c1 = k0 * block_n, min(k1 * block_n, k_rows)
+            m = pair_mask(plan.pattern, q_rows=r1 - r0, k_rows=c1 - c0, q_offset=r0, k_offset=c0, n_q=n_q, n_k=n_k,
+                          batch=batch, heads=heads, inputs=inputs, params=params, device="cpu")
+            keep = partial[:, :, qb, k0:k1].repeat_interleave(block_n, dim=-1)[..., : c1 - c0]
+            total += int((m & keep.unsqueeze(2)).sum())
     return total
 
 

@@ -115,7 +115,7 @@ class TritonPrinter:
 
     def _tanh(self, e):
         self.helpers.add("_tanh")
-        return f"_tanh({self.p(e.args[0])})"
+        return f"_tanh({self.p(e.args[0])}, FAST_MATH)"
 
     def _Sigmoid(self, e):
         return f"tl.sigmoid({self.p(e.args[0])})"

@@ -99,7 +99,7 @@ def softmax_context(pattern: Pattern, plan) -> dict:
                 score_lines.append(f"s = {tile(mod)}")
             if pattern.softcap is not None:
                 tile.helpers.add("_tanh")
-                score_lines.append(f"s = {pattern.softcap!r} * _tanh(s * {1.0 / pattern.softcap!r})")
+                score_lines.append(f"s = {pattern.softcap!r} * _tanh(s * {1.0 / pattern.softcap!r}, FAST_MATH)")
             score_lines.append("s = s * 1.4426950408889634  # to log2 units")
     mask_code = tile(mask) if mask is not None else None
 
@@ -171,10 +171,19 @@ def softmax_context(pattern: Pattern, plan) -> dict:
         param_values=[f"call.params[{p.name!r}]" for p in pattern.params],
         input_values=[f"call.inputs[{n!r}], *call.inputs[{n!r}].stride(), *call.inputs[{n!r}].shape" for n in used_inputs]
         + [f"*_random_table(call, {rb.options[0]}, {rb.options[1]}, {rb.options[2]})" for rb in rb_names],
-        helpers=helper_src, rope=pattern.rope,
+        helpers=helper_src, rope=pattern.rope, tile_hint=_tile_hint(plan),
         rotary_dim_arg=("0" if pattern.rope is None else
                         str(pattern.rope.rotary_dim) if pattern.rope.rotary_dim else "call.D"), param_doc=param_doc, input_doc=input_doc, call_example=call_example,
     )
+
+
+def _tile_hint(plan) -> str:
+    """"band" when every clause's key range starts at a bound that moves with the query block
+    (a window): then the band's width, not the sequence, sets the work per row."""
+    if plan.iteration.value != "affine":
+        return "default"
+    return "band" if all(kr.lo.free_symbols & {sym for sym in kr.lo.free_symbols if sym.name == "q_lo"}
+                         for kr in plan.key_ranges) else "default"
 
 
 def _program_context(plan) -> dict:

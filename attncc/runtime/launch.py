@@ -45,11 +45,41 @@ def pick_config(call: Call) -> KernelConfig:
     if _interpreting():
         return KernelConfig(32, 32, 4, 1)
     d = max(call.D, call.Dv)
-    if d <= 64:
-        return KernelConfig(128, 128, 8, 3)
-    if d <= 128:
-        return KernelConfig(128, 128, 8, 2)
-    return KernelConfig(128, 64, 8, 2)
+    if d > 128:
+        return KernelConfig(128, 64, 8, 2)
+    if call.spec.tile_hint == "band":
+        # Narrow bands waste less of a small tile on their ragged edges (bench/sweep.py, H100).
+        return KernelConfig(64, 64, 4, 3)
+    return KernelConfig(128, 128, 8, 3)
+
+
+_TOO_BIG = set()
+
+
+def launch(call: Call, cfg: KernelConfig, run_kernel: Callable[[KernelConfig], None]):
+    """Launch with ``cfg``; when the kernel needs more shared memory than the GPU has (a
+    pattern that gathers from memory in the loop, say), retry with shallower pipelining.
+    What failed is remembered per (spec, head dim, dtype, config)."""
+    import dataclasses
+
+    from triton.runtime.errors import OutOfResources
+
+    key = (call.spec.name, call.D, call.Dv, call.q.dtype)
+    while True:
+        if (key, cfg) not in _TOO_BIG:
+            try:
+                return run_kernel(cfg)
+            except OutOfResources:
+                if cfg.num_stages <= 1:
+                    raise
+                _TOO_BIG.add((key, cfg))
+        cfg = dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
+
+
+def fast_math(call: Call) -> bool:
+    """Approximate special functions (tanh.approx) where their error is below the inputs':
+    16-bit inputs on a GPU; never under the interpreter, which cannot run inline PTX."""
+    return call.q.dtype != torch.float32 and not _interpreting()
 
 
 def padded_dim(d: int) -> int:

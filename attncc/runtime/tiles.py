@@ -57,19 +57,20 @@ _F64 = torch.float64
 class BlockStat:
     """One read of an ``[inputs]`` tensor by the classifier, reduced per tile.
 
-    ``input``: the input's name. ``index``: one entry per tensor dimension, the index
-    used in the mask: ``"b"``, ``"h"``, ``"i"``, ``"j"`` (the bare variable) or an int.
-    ``axis_var``: ``"i"`` or ``"j"`` when the read goes along positions (then the
-    classifier uses the min and max of the input over each query block (``block="m"``,
-    ``BLOCK_M`` rows) or key block (``block="n"``, ``BLOCK_N`` rows)); ``None`` for a
-    read indexed by ``b``, ``h`` and constants only (a point gathered per grid cell).
-    When both ``i`` and ``j`` index the input, ``axis_var`` is ``"ij"`` and ``block`` ``"mn"``.
+    ``input``: the input's name.
+    ``axis_var``: ``"i"`` or ``"j"`` when the read goes along positions: the classifier
+    then uses the min and max of the input over each query block (``block="m"``,
+    ``BLOCK_M`` rows) or key block (``block="n"``, ``BLOCK_N`` rows); ``"ij"`` / ``"mn"``
+    when both index it (min and max over the tile). ``None`` / ``None`` for a read
+    indexed by ``b``, ``h`` and constants only: a point gathered per grid cell.
+    ``index``: one entry per tensor dimension, the index used in the mask: ``"b"``,
+    ``"h"``, ``"i"``, ``"j"`` (the bare variable) or an int.
     """
 
     input: str
-    index: Tuple[object, ...]
     axis_var: Optional[str] = None
     block: Optional[str] = None
+    index: Tuple[object, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -312,20 +313,21 @@ def abs_(x):
     return (_where(a >= 0, a, _where(b <= 0, -b, 0)), _maximum(-a, b))
 
 
-def min_(*xs):
-    ivs = [_iv(x) for x in xs]
-    lo, hi = ivs[0]
-    for a, b in ivs[1:]:
-        lo, hi = _minimum(lo, a), _minimum(hi, b)
+def _endwise(pick, xs):
+    """min or max of intervals: the pick of the lower ends and of the upper ends."""
+    lo, hi = _iv(xs[0])
+    for x in xs[1:]:
+        a, b = _iv(x)
+        lo, hi = pick(lo, a), pick(hi, b)
     return (lo, hi)
+
+
+def min_(*xs):
+    return _endwise(_minimum, xs)
 
 
 def max_(*xs):
-    ivs = [_iv(x) for x in xs]
-    lo, hi = ivs[0]
-    for a, b in ivs[1:]:
-        lo, hi = _maximum(lo, a), _maximum(hi, b)
-    return (lo, hi)
+    return _endwise(_maximum, xs)
 
 
 def pow_int(x, n):
