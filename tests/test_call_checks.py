@@ -1,0 +1,92 @@
+"""Bad calls get a clear error before any launch: what was expected and what came."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cases import module
+
+
+def qkv(B=1, Hq=4, Hkv=2, Nq=16, Nk=16, D=16, dtype=torch.float32):
+    return (torch.randn(B, Hq, Nq, D, dtype=dtype), torch.randn(B, Hkv, Nk, D, dtype=dtype),
+            torch.randn(B, Hkv, Nk, D, dtype=dtype))
+
+
+@pytest.mark.parametrize("mutate, error, message", [
+    (lambda q, k, v: (q[0], k, v), ValueError, "must have 4 dims"),
+    (lambda q, k, v: (q, k[:, :, :, :8], v), ValueError, "head dims differ"),
+    (lambda q, k, v: (q[:, :3], k, v), ValueError, "must be a multiple of the key/value head count"),
+    (lambda q, k, v: (q, k, v[:, :1]), ValueError, "k has 2 heads but v has 1"),
+    (lambda q, k, v: (q, k, v[:, :, :5]), ValueError, "k has 16 positions but v has 5"),
+    (lambda q, k, v: (q, k.double(), v), TypeError, "one dtype"),
+    (lambda q, k, v: (q.double(), k.double(), v.double()), TypeError, "bfloat16, float16 or float32"),
+    (lambda q, k, v: (q, torch.cat([k, k]), torch.cat([v, v])), ValueError, "batch sizes differ"),
+    (lambda q, k, v: (q.tolist(), k, v), TypeError, "q must be a torch.Tensor"),
+])
+def test_bad_tensors(mutate, error, message):
+    q, k, v = mutate(*qkv())
+    with pytest.raises(error, match=message):
+        module("causal").attention(q, k, v)
+
+
+def test_fixed_head_counts_are_checked():
+    q, k, v = qkv(Hq=4, Hkv=2)
+    with pytest.raises(ValueError, match=r"fixes \[heads\].q = 32"):
+        module("gqa").attention(q, k, v)
+    with pytest.raises(ValueError, match=r"fixes \[heads\].kv = 1"):
+        module("mqa").attention(q, k, v)
+
+
+def test_unknown_keyword_names_the_known_ones():
+    with pytest.raises(TypeError, match="unexpected keyword.*windw.*known inputs and params: window"):
+        module("sliding_window").attention(*qkv(), windw=3)
+
+
+def test_param_type():
+    with pytest.raises(TypeError, match="window must be an int"):
+        module("sliding_window").attention(*qkv(), window=2.5)
+
+
+def test_missing_input():
+    with pytest.raises(ValueError, match="missing input 'doc'.*b, n.*int32"):
+        module("document").attention(*qkv())
+
+
+@pytest.mark.parametrize("doc, error, message", [
+    (torch.zeros(1, 10, dtype=torch.int32), ValueError, r"must cover positions 0\.\.15"),
+    (torch.zeros(2, 16, dtype=torch.int32), ValueError, r"dim 0 \('b'\) must be 1, got 2"),
+    (torch.zeros(16, dtype=torch.int32), ValueError, "must have 2 dims"),
+    (torch.zeros(1, 16), TypeError, "must be int32, got float32"),
+    ([0] * 16, TypeError, "must be a torch.Tensor"),
+])
+def test_bad_input_tensor(doc, error, message):
+    with pytest.raises(error, match=message):
+        module("document").attention(*qkv(), doc=doc)
+
+
+def test_int64_document_ids_are_accepted():
+    q, k, v = qkv()
+    doc = torch.zeros(1, 16, dtype=torch.int64)
+    a = module("document").attention(q, k, v, doc=doc)
+    b = module("document").attention(q, k, v, doc=doc.int())
+    assert torch.equal(a, b)
+
+
+def test_offsets_must_be_non_negative_ints():
+    with pytest.raises(ValueError, match="q_offset must be >= 0"):
+        module("causal").attention(*qkv(), q_offset=-1)
+    with pytest.raises(TypeError, match="k_offset must be an int"):
+        module("causal").attention(*qkv(), k_offset=1.5)
+
+
+def test_empty_sequences():
+    q, k, v = qkv(Nq=0)
+    assert module("causal").attention(q, k, v).shape == (1, 4, 0, 16)
+    q, k, v = qkv(Nk=0)
+    o, lse = module("causal").attention(q, k, v, return_lse=True)
+    assert (o == 0).all() and (lse == float("-inf")).all()
+
+
+def test_return_lse_must_be_bool():
+    with pytest.raises(TypeError, match="return_lse must be a bool"):
+        module("causal").attention(*qkv(), return_lse="yes")
