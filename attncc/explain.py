@@ -105,6 +105,7 @@ def draw(d: dict, grid, path: str, pair_mask=None) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         from matplotlib.colors import ListedColormap
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         raise SystemExit("attncc explain --png needs matplotlib: pip install 'attncc[viz]' (or pip install matplotlib)")
     panels = 2 if pair_mask is not None else 1
@@ -115,6 +116,8 @@ def draw(d: dict, grid, path: str, pair_mask=None) -> None:
     ax.set_title(f"{d['pattern']}: tiles {d['block_m']}x{d['block_n']} (empty / partial / full)")
     ax.set_xlabel("key block")
     ax.set_ylabel("query block")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     if pair_mask is not None:
         ax2 = axes[0][1]
         ax2.imshow(pair_mask.numpy(), cmap="Greys", interpolation="nearest", aspect="auto")

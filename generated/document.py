@@ -134,18 +134,15 @@ MASK_TILES = _tiles.IntervalProgram(
     leaves=(
         ('in_doc_b_i', 'input', (BlockStat(input='doc', axis_var='i', block='m', index=('b', 'i')),)),
         ('in_doc_b_j', 'input', (BlockStat(input='doc', axis_var='j', block='n', index=('b', 'j')),)),
-        ('i', 'i', ()),
         ('j', 'j', ()),
+        ('i', 'i', ()),
     ),
     steps=(
-        ('v0', 'sub', ('in_doc_b_i', 'in_doc_b_j')),
-        ('v1', 'eq', ('v0', 0)),
-        ('v2', 'neg', ('i',)),
-        ('v3', 'add', ('v2', 'j')),
-        ('v4', 'le', ('v3', 0)),
-        ('v5', 'and_', ('v1', 'v4')),
+        ('v0', 'eq', ('in_doc_b_i', 'in_doc_b_j')),
+        ('v1', 'le', ('j', 'i')),
+        ('v2', 'and_', ('v0', 'v1')),
     ),
-    result="v5",
+    result="v2",
 )
 
 

@@ -136,10 +136,9 @@ MASK_TILES = _tiles.IntervalProgram(
         ('in_kv_len_b', 'input', (BlockStat(input='kv_len', axis_var=None, block=None, index=('b',)),)),
     ),
     steps=(
-        ('v0', 'sub', ('j', 'in_kv_len_b')),
-        ('v1', 'lt', ('v0', 0)),
+        ('v0', 'lt', ('j', 'in_kv_len_b')),
     ),
-    result="v1",
+    result="v0",
 )
 
 

@@ -32,6 +32,17 @@ def compile_mask(pattern: Pattern) -> IntervalProgram:
     return IntervalProgram(leaves=tuple(c.leaves.values()), steps=tuple(c.steps), result=result)
 
 
+def _signed_terms(e):
+    """The additive terms of ``e`` with a positive coefficient, and the negated others."""
+    pos, neg = [], []
+    for term in sorted(sympy.Add.make_args(e), key=sympy.default_sort_key):
+        if term.could_extract_minus_sign():
+            neg.append(-term)
+        else:
+            pos.append(term)
+    return pos, neg
+
+
 class _Compiler:
     def __init__(self, pattern: Pattern):
         self.pattern = pattern
@@ -127,15 +138,15 @@ class _Compiler:
         return self.unknown_number()
 
     def add(self, e) -> Value:
+        # positive terms first, then subtract the others: j - i is one sub, not neg + add
+        pos, neg = _signed_terms(e)
         value = None
-        for term in sorted(e.args, key=sympy.default_sort_key):
-            coeff, rest = term.as_coeff_Mul()
-            negative = coeff.is_negative and rest != 1
-            part = self.number(-term if negative else term)
-            if value is None:
-                value = self.emit("neg", part) if negative else part
-            else:
-                value = self.emit("sub" if negative else "add", value, part)
+        for term in pos:
+            part = self.number(term)
+            value = part if value is None else self.emit("add", value, part)
+        for term in neg:
+            part = self.number(term)
+            value = self.emit("neg", part) if value is None else self.emit("sub", value, part)
         return value
 
     def mul(self, e) -> Value:
@@ -187,7 +198,7 @@ class _Compiler:
         named = [v for v in index if isinstance(v, str)]
         if len(set(named)) != len(named) or len(index) != len(decl.dims):
             return self.unknown_number()
-        pos = [v for v in named if v in ("i", "j")]
+        pos = sorted(v for v in named if v in ("i", "j"))
         axis = "".join(pos) or None
         block = "".join("m" if v == "i" else "n" for v in pos) or None
         stat = BlockStat(decl.name, axis, block, tuple(index))
@@ -216,9 +227,11 @@ class _Compiler:
             op = _RELATIONS.get(type(e))
             if op is None:  # Ge / Gt
                 op, lhs, rhs = {sympy.Ge: "le", sympy.Gt: "lt"}[type(e)], rhs, lhs
-            # compare the difference with 0: cancels what both sides share (i - n_q vs j - n_k)
-            diff = lhs - rhs
-            return self.emit(op, self.number(diff), 0)
+            # the difference cancels what both sides share (i - n_q vs j - n_k); its terms
+            # of either sign go to the side where they are positive: j - i <= 0 is j <= i
+            pos, neg = _signed_terms(lhs - rhs)
+            side = lambda terms: self.number(sympy.Add(*terms)) if terms else 0  # noqa: E731
+            return self.emit(op, side(pos), side(neg))
         if isinstance(e, RandomBlocks):
             i_, j_, n_k = e.args[:3]
             if (i_, j_, n_k) != (S.i, S.j, S.n_k):

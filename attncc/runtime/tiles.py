@@ -122,17 +122,21 @@ def _tensor(x, ref):
 
 
 def _minimum(a, b):
-    r = _ref(a, b)
-    if r is None:
-        return min(a, b)
-    return torch.minimum(_tensor(a, r), _tensor(b, r))
+    if _is_t(a) and _is_t(b):
+        return torch.minimum(a, b)
+    if _is_t(a) or _is_t(b):  # a clamp takes the number as it is: no tensor to make
+        t, v = (a, b) if _is_t(a) else (b, a)
+        return t if math.isinf(v) and v > 0 else torch.clamp(t, max=v)
+    return min(a, b)
 
 
 def _maximum(a, b):
-    r = _ref(a, b)
-    if r is None:
-        return max(a, b)
-    return torch.maximum(_tensor(a, r), _tensor(b, r))
+    if _is_t(a) and _is_t(b):
+        return torch.maximum(a, b)
+    if _is_t(a) or _is_t(b):
+        t, v = (a, b) if _is_t(a) else (b, a)
+        return t if math.isinf(v) and v < 0 else torch.clamp(t, min=v)
+    return max(a, b)
 
 
 def _where(c, a, b):
@@ -547,34 +551,32 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+@functools.lru_cache(maxsize=128)
 def _row_intervals(offset: int, rows: int, block: int, device):
     """Exact position intervals of the blocks of ``rows`` rows starting at ``offset``
-    (the last block may be short)."""
-    start = torch.arange(_cdiv(rows, block), dtype=_F64, device=device) * block
-    return offset + start, offset + torch.clamp(start + block, max=rows) - 1
+    (the last block may be short). Cached: calls of one shape reuse them."""
+    start = torch.arange(_cdiv(rows, block), dtype=_F64) * block
+    lo, hi = offset + start, offset + torch.clamp(start + block, max=rows) - 1
+    return lo.to(device), hi.to(device)
 
 
 _GRID_AXIS = {"b": 0, "h": 1, "i": 2, "j": 3}
 
 
-def _block_reduce(lo, hi, dim, offset, rows, block):
-    """Min of ``lo`` and max of ``hi`` along ``dim`` over blocks of ``block`` rows of the
-    positions ``[offset, offset + rows)``."""
-    if lo.shape[dim] < offset + rows:
-        raise ValueError(f"an input indexed by positions has {lo.shape[dim]} entries along them; "
+def _block_reduce(x, dim, offset, rows, block):
+    """Min and max of ``x`` along ``dim`` over blocks of ``block`` rows of the positions
+    ``[offset, offset + rows)``."""
+    if x.shape[dim] < offset + rows:
+        raise ValueError(f"an input indexed by positions has {x.shape[dim]} entries along them; "
                          f"positions up to {offset + rows - 1} are needed")
     nb = _cdiv(rows, block)
-    out = []
-    for t, red in ((lo, torch.amin), (hi, torch.amax)):
-        t = t.narrow(dim, offset, rows)
-        pad = nb * block - rows
-        if pad:  # repeat the last row: leaves the min and max unchanged
-            last = t.narrow(dim, rows - 1, 1)
-            t = torch.cat([t, last.expand(*[pad if d == dim else -1 for d in range(t.dim())])], dim)
-        shape = list(t.shape)
-        t = t.reshape(shape[:dim] + [nb, block] + shape[dim + 1:])
-        out.append(red(t, dim=dim + 1))
-    return tuple(out)
+    t = x.narrow(dim, offset, rows)
+    pad = nb * block - rows
+    if pad:  # repeat the last row: leaves the min and max unchanged
+        last = t.narrow(dim, rows - 1, 1)
+        t = torch.cat([t, last.expand(*[pad if d == dim else -1 for d in range(t.dim())])], dim)
+    shape = list(t.shape)
+    return torch.aminmax(t.reshape(shape[:dim] + [nb, block] + shape[dim + 1:]), dim=dim + 1)
 
 
 def input_interval(stat: BlockStat, tensor: torch.Tensor, *, q_offset: int, k_offset: int, q_rows: int,
@@ -596,19 +598,26 @@ def input_interval(stat: BlockStat, tensor: torch.Tensor, *, q_offset: int, k_of
     present = [named[k] for k in order]
     sizes = iter(x.shape)
     shape = [next(sizes) if ax in present else 1 for ax in "bhij"]
-    x = x.reshape(shape).to(_F64)
+    x = x.reshape(shape)
     for ax, count in (("b", batch), ("h", heads)):
         d = _GRID_AXIS[ax]
         if ax in present and x.shape[d] != 1:
             if x.shape[d] < count:
                 raise ValueError(f"input '{stat.input}': {x.shape[d]} entries along the {ax} index, need {count}")
             x = x.narrow(d, 0, count)
-    lo = hi = x
-    if "i" in present:
-        lo, hi = _block_reduce(lo, hi, 2, q_offset, q_rows, block_m)
-    if "j" in present:
-        lo, hi = _block_reduce(lo, hi, 3, k_offset, k_rows, block_n)
-    return (lo, hi)
+    if x.dtype == torch.bool:
+        x = x.to(torch.uint8)
+    if "i" in present and "j" in present:  # min and max over the whole tile
+        lo, hi = _block_reduce(x, 2, q_offset, q_rows, block_m)
+        lo, hi = _block_reduce(lo, 3, k_offset, k_rows, block_n)[0], _block_reduce(hi, 3, k_offset, k_rows, block_n)[1]
+    elif "i" in present:
+        lo, hi = _block_reduce(x, 2, q_offset, q_rows, block_m)
+    elif "j" in present:
+        lo, hi = _block_reduce(x, 3, k_offset, k_rows, block_n)
+    else:  # a point per grid cell
+        x = x.to(_F64)
+        return (x, x)
+    return (lo.to(_F64), hi.to(_F64))
 
 
 def classify_grid(program: Optional[IntervalProgram], *, q_offset: int, k_offset: int, q_rows: int, k_rows: int,
@@ -658,12 +667,24 @@ def classify_grid(program: Optional[IntervalProgram], *, q_offset: int, k_offset
         may_true, may_false = run_interval_program(program, env)
     mt = torch.as_tensor(may_true, device=device)
     mf = torch.as_tensor(may_false, device=device)
+    if k_rows % block_n and nkb:  # the key tail is masked in the kernel: never FULL
+        mf = mf | _tail_column(nkb, str(device))
     shape = torch.broadcast_shapes(mt.shape, mf.shape, (1, 1, nqb, nkb))
-    grid = torch.where(mt, torch.where(mf, PARTIAL, FULL), EMPTY).to(torch.int8).expand(shape).clone()
-    if k_rows % block_n and nkb:
-        tail = grid[..., nkb - 1]
-        tail[tail == FULL] = PARTIAL
-    return grid
+    # EMPTY = 0 where surely false; else FULL = 2 where surely true, PARTIAL = 1 otherwise
+    grid = torch.where(mt, torch.where(mf, PARTIAL, FULL), EMPTY).to(torch.int8)
+    return grid.expand(shape).contiguous()
+
+
+@functools.lru_cache(maxsize=64)
+def _tail_column(n_key_blocks: int, device: str) -> torch.Tensor:
+    tail = torch.zeros(n_key_blocks, dtype=torch.bool)
+    tail[-1] = True
+    return tail.to(device)
+
+
+@functools.lru_cache(maxsize=16)
+def _classes(device: str) -> torch.Tensor:
+    return torch.tensor([FULL, PARTIAL], dtype=torch.int8).view(2, 1).to(device)
 
 
 def to_block_lists(grid: torch.Tensor):
@@ -673,16 +694,20 @@ def to_block_lists(grid: torch.Tensor):
     ``grid.transpose(-1, -2)`` for the backward pass: per key block, its query blocks).
     Returns ``(full_count, full_idx, partial_count, partial_idx)``, int32:
     counts ``[..., n_rows]``; indices ``[..., n_rows, n_cols]``, per row the columns in
-    increasing order, entries past the count set to 0. Vectorized: no host sync.
+    increasing order, entries past the count set to 0; all contiguous. Vectorized: no
+    host sync.
     """
     n_cols = grid.shape[-1]
-    cols = torch.arange(n_cols, device=grid.device, dtype=torch.int64)
-    out = []
-    for cls in (FULL, PARTIAL):
-        hit = grid == cls
-        count = hit.sum(-1)
-        # columns of this class first, each group in increasing order (keys are unique)
-        order = torch.argsort(torch.where(hit, cols, cols + n_cols), dim=-1)
-        idx = torch.where(cols < count.unsqueeze(-1), order, torch.zeros((), dtype=order.dtype, device=grid.device))
-        out += [count.to(torch.int32), idx.to(torch.int32)]
-    return tuple(out)
+    # both classes at once: hit[0] marks the FULL tiles, hit[1] the PARTIAL ones
+    classes = _classes(str(grid.device)).view(2, *([1] * grid.dim()))
+    hit = grid.unsqueeze(0) == classes
+    rank = torch.cumsum(hit, dim=-1, dtype=torch.int32)  # 1-based slot of each hit in its row
+    # every miss goes to an extra last slot, dropped below: no sort, no host sync
+    slot = torch.where(hit, rank - 1, n_cols).to(torch.int64)
+    idx = torch.zeros(*hit.shape[:-1], n_cols + 1, dtype=torch.int32, device=grid.device)
+    cols = torch.arange(n_cols, dtype=torch.int32, device=grid.device).expand(hit.shape)
+    idx.scatter_(-1, slot, cols)
+    count = rank[..., -1] if n_cols else rank.sum(-1)
+    # contiguous: kernels index them as [..., row] and [..., row * n_cols + k]
+    return (count[0].contiguous(), idx[0, ..., :n_cols].contiguous(), count[1].contiguous(),
+            idx[1, ..., :n_cols].contiguous())
