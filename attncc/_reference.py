@@ -370,8 +370,9 @@ def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float, style: str, r
     return torch.cat([out, rest], dim=-1)
 
 
-def feature_map(x: torch.Tensor, fmap) -> torch.Tensor:
-    """Linear attention's ``phi`` on the last dim of ``x`` (float64)."""
+def feature_map(x: torch.Tensor, fmap, positions: Optional[torch.Tensor] = None, period: Optional[int] = None) -> torch.Tensor:
+    """Linear attention's ``phi`` on the last dim of ``x`` (float64). cosFormer also needs the
+    rows' ``positions`` (``[N]``, along dim -2) and ``period`` M (the sequence length)."""
     name = fmap.name
     if name == "elu+1":
         return F.elu(x) + 1.0
@@ -384,6 +385,12 @@ def feature_map(x: torch.Tensor, fmap) -> torch.Tensor:
         w = performer_projection(fmap.features, d, fmap.seed, dtype=x.dtype, device=x.device)
         xs = x * d**-0.25
         return torch.exp(xs @ w.T - 0.5 * (xs * xs).sum(-1, keepdim=True)) / math.sqrt(fmap.features)
+    if name == "cosformer":
+        # relu(x_i) [cos, sin](pi i / 2M): phi(q_i).phi(k_j) = relu(q_i).relu(k_j) cos(pi (i - j) / 2M)
+        if positions is None or period is None:
+            raise ValueError("the cosformer feature map needs the rows' positions and the period M")
+        angle = (math.pi / (2 * period)) * positions.to(x.dtype)[:, None]
+        return torch.cat([F.relu(x) * torch.cos(angle), F.relu(x) * torch.sin(angle)], dim=-1)
     raise NotImplementedError(f"the reference does not implement the {name!r} feature map yet")
 
 
@@ -426,6 +433,7 @@ def reference(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     Linear: ``o_i = phi(q_i).S_i / (phi(q_i).z_i + 1e-6)`` (the ``1e-6``,
     ``attncc.runtime.feature_maps.LINEAR_DENOMINATOR_EPS``, keeps an all-zero denominator
     from giving NaN), causal over global positions ``j <= i`` when the feature map is.
+    cosFormer's M is ``max(n_q, n_k)``.
     """
     _check_qkv(pattern, q, k, v)
     known_inputs = [d.name for d in pattern.inputs]
@@ -459,7 +467,8 @@ def reference(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
             raise ValueError(f"return_lse applies to softmax patterns; '{pattern.name}' is kind = 'linear'")
         _check_inputs(pattern, inputs, B, Hq)
         _param_values(pattern, params)
-        return _linear(pattern, qf, kf, vf, q_pos, k_pos)
+        period = max(q_offset + Nq if n_q is None else n_q, k_offset + Nk if n_k is None else n_k, 1)
+        return _linear(pattern, qf, kf, vf, q_pos, k_pos, period)
 
     env = index_env(pattern, batch=B, heads=Hq, q_rows=Nq, k_rows=Nk, q_offset=q_offset, k_offset=k_offset,
                     n_q=n_q, n_k=n_k, inputs=inputs, params=params, device=device)
@@ -495,9 +504,9 @@ def reference(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     return (o, lse) if return_lse else o
 
 
-def _linear(pattern: Pattern, q, k, v, q_pos, k_pos):
+def _linear(pattern: Pattern, q, k, v, q_pos, k_pos, period):
     fmap = pattern.feature_map
-    phi_q, phi_k = feature_map(q, fmap), feature_map(k, fmap)
+    phi_q, phi_k = feature_map(q, fmap, q_pos, period), feature_map(k, fmap, k_pos, period)
     # phi(q_i).S_i = sum_j (phi(q_i).phi(k_j)) v_j and phi(q_i).z_i = sum_j phi(q_i).phi(k_j):
     # the quadratic form of the same sums, masked to j <= i when causal.
     a = phi_q @ phi_k.transpose(-1, -2)  # [B, H, Nq, Nk]

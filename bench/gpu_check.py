@@ -159,7 +159,15 @@ def density_of(spec, N, kw):
     raise KeyError(spec)
 
 
-def time_cases(H=16, D=128, quick=False):
+def bench_grad(fn, tensors):
+    """Median ms of a forward+backward, gradients reset between runs."""
+    from triton.testing import do_bench
+
+    fn()
+    return do_bench(fn, warmup=50, rep=300, grad_to_none=tensors, return_mode="median")
+
+
+def time_cases(H=16, D=128, quick=False, with_backward=True):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     flex, create_block_mask = flex_setup()
@@ -223,6 +231,23 @@ def time_cases(H=16, D=128, quick=False):
                     row["err_vs_" + name[:-3]] = rel(o, os_)
                 except Exception as e:
                     row[name.replace("_ms", "_error")] = f"{type(e).__name__}: {str(e)[:200]}"
+        if with_backward:
+            qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+            do = torch.randn_like(q)
+            def fwd_bwd_attncc():
+                mod.attention(qg, kg, vg, **kw).backward(do)
+            try:
+                row["attncc_fb_ms"] = bench_grad(fwd_bwd_attncc, [qg, kg, vg])
+                grads = [t.grad.clone() for t in (qg, kg, vg)]
+                if "flex_ms" in row:
+                    for t in (qg, kg, vg):
+                        t.grad = None
+                    def fwd_bwd_flex():
+                        flex(qg, kg, vg, score_mod=score_mod, block_mask=bm).backward(do)
+                    row["flex_fb_ms"] = bench_grad(fwd_bwd_flex, [qg, kg, vg])
+                    row["grad_err_vs_flex"] = max(rel(a, t.grad) for a, t in zip(grads, (qg, kg, vg)))
+            except Exception as e:
+                row["backward_error"] = f"{type(e).__name__}: {str(e)[-200:]}"
         if spec == "document":
             from attncc.runtime.blocks import block_lists
             from attncc.runtime import bind, pick_config
@@ -230,7 +255,9 @@ def time_cases(H=16, D=128, quick=False):
             cfg = pick_config(call)
             row["attncc_lists_ms"] = bench(lambda: block_lists(mod.MASK_TILES, call, cfg.BLOCK_M, cfg.BLOCK_N, dynamic=True))
         for key in list(row):
-            if key.endswith("_ms") and key not in ("flex_mask_ms", "attncc_lists_ms"):
+            if key.endswith("_fb_ms"):
+                row[key.replace("_ms", "_tflops")] = 3.5 * flops / row[key] / 1e9
+            elif key.endswith("_ms") and key not in ("flex_mask_ms", "attncc_lists_ms"):
                 row[key.replace("_ms", "_tflops")] = flops / row[key] / 1e9
         results.append(row)
         print(json.dumps(row), flush=True)
@@ -241,12 +268,13 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="correctness at N=4096 only for the checks")
     ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--no-backward", action="store_true", help="forward timing only")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     print(f"torch {torch.__version__}, triton {__import__('triton').__version__}, {torch.cuda.get_device_name()}, "
           f"{time.strftime('%Y-%m-%d')}", flush=True)
     checks = [] if args.skip_check else check_specs(4096, args.quick)
-    timing = time_cases()
+    timing = time_cases(with_backward=not args.no_backward)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "gpu_check.json").write_text(json.dumps(dict(checks=checks, timing=timing), indent=1))
     print()
@@ -259,6 +287,13 @@ def main():
         f = lambda k: f"{r[k]:8.1f}" if k in r else f"{'-':>8s}"
         mask = f"{r['flex_mask_ms']:12.3f}" if "flex_mask_ms" in r else f"{'-':>12s}"
         print(f"{r['case']:28s} {f('attncc_tflops')} {f('flex_tflops')} {f('sdpa_flash_tflops')} {f('sdpa_cudnn_tflops')} {mask}")
+    if not args.no_backward:
+        print(f"\n{'case (fwd+bwd TFLOP/s, x3.5)':28s} {'attncc':>8s} {'flex':>8s} {'ratio':>6s} {'grad err vs flex':>17s}")
+        for r in timing:
+            f = lambda k: f"{r[k]:8.1f}" if k in r else f"{'-':>8s}"
+            ratio = f"{r['attncc_fb_tflops'] / r['flex_fb_tflops']:6.2f}" if "flex_fb_tflops" in r and "attncc_fb_tflops" in r else f"{'-':>6s}"
+            err = f"{r['grad_err_vs_flex']:17.2e}" if "grad_err_vs_flex" in r else r.get("backward_error", "-")[:60]
+            print(f"{r['case']:28s} {f('attncc_fb_tflops')} {f('flex_fb_tflops')} {ratio} {err}")
 
 
 if __name__ == "__main__":

@@ -191,6 +191,289 @@ def _forward(call):
     return o, lse
 
 
+@triton.jit
+def _random_hit(offs_i, offs_j, table, rows, R: tl.constexpr, BLOCK: tl.constexpr):
+    """BigBird: is key position j in one of the R random key blocks of query position i's block?"""
+    row = tl.minimum(offs_i // BLOCK, rows - 1) * R
+    hit = offs_j[None, :] < 0
+    for t in tl.static_range(R):
+        hit = hit | (offs_j[None, :] // BLOCK == tl.load(table + row + t)[:, None])
+    return hit
+
+
+# ---------------------------------------------------------------------------------------
+# Backward: delta = rowsum(dO * O), then dK/dV over the query blocks that see each key
+# block, and dQ over the key blocks of each query block. P is recomputed from the LSE.
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bwd_preprocess(O, DO, LSE, DELTA, LSE2,
+                    stride_ob, stride_oh, stride_om, stride_od,
+                    stride_dob, stride_doh, stride_dom, stride_dod,
+                    Nq, H, q_offset, n_q, n_k,
+                    VALUE_DIM: tl.constexpr, VALUE_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta = rowsum(dO * O) (fp32) and lse2, the forward's LSE in log2 units (+inf on rows
+    without an allowed key)."""
+    qb = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_i = q_offset + offs_m
+    cols = tl.arange(0, VALUE_DIM_PAD)
+    inside = (offs_m[:, None] < Nq) & (cols[None, :] < VALUE_DIM)
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + cols[None, :] * stride_od,
+                mask=inside, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + cols[None, :] * stride_dod,
+                 mask=inside, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    lse = tl.load(LSE + bh * Nq + offs_m, mask=offs_m < Nq, other=float("-inf"))
+    lse2 = lse * 1.4426950408889634
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse2)
+    tl.store(DELTA + bh * Nq + offs_m, delta, mask=offs_m < Nq)
+    tl.store(LSE2 + bh * Nq + offs_m, lse2, mask=offs_m < Nq)
+
+
+@triton.jit
+def _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, bh, qb, offs_j, Nq, q_offset,
+               b, h, H, n_q, n_k, rb0_table, rb0_rows, col0,
+               qk_scale, sm_scale,
+               BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+               ROTARY_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
+               MASKED: tl.constexpr):
+    """One query tile of a key block: dV += P^T dO, dK += dS^T Q (dS not yet scaled)."""
+    start_m = qb * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_i = q_offset + offs_m
+    q = q_desc.load([start_m, 0])
+    do = do_desc.load([start_m, 0])
+    # rows past Nq: lse2 = +inf and dO = 0, so they add nothing
+    lse2 = tl.load(LSE2 + bh * Nq + offs_m, mask=offs_m < Nq, other=float("inf"))
+    delta = tl.load(DELTA + bh * Nq + offs_m, mask=offs_m < Nq, other=0.0)
+    qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
+    s = qk * qk_scale
+    if MASKED:
+        keep = (offs_i[:, None] < q_offset + Nq) & ((tl.abs((col0[None, :] + (offs_i[:, None] // 64))) <= 1) | _random_hit(offs_i, offs_j, rb0_table, rb0_rows, 3, 64) | (offs_i[:, None] < 64) | (offs_j[None, :] < 64))
+        s = tl.where(keep, s, float("-inf"))
+    p = tl.exp2(s - lse2[:, None])
+    dv = dv + tl.dot(p.to(do.dtype).T, do, input_precision=DOT_PRECISION)
+    dp = tl.dot(do, v.T, input_precision=DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    dk = dk + tl.dot(ds.to(q.dtype).T, q, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
+                     stride_qb, stride_qh, stride_qm,
+                     stride_kb, stride_kh, stride_kn,
+                     stride_vb, stride_vh, stride_vn,
+                     stride_dob, stride_doh, stride_dom,
+                     stride_dkb, stride_dkh, stride_dkn,
+                     stride_dvb, stride_dvh, stride_dvn,
+                     Nq, Nk, H, GROUP, q_offset, k_offset, n_q, n_k, qk_scale, sm_scale,
+                     rb0_table, rb0_rows,
+                     full_count, full_index, partial_count, partial_index, list_sb, list_sh, list_sq, list_width,
+                     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
+                     VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr):
+    # One key block of one kv head: its GROUP query heads add into the same dK, dV registers.
+    kb = tl.program_id(0)
+    bhk = tl.program_id(1)
+    H_KV = H // GROUP
+    b = bhk // H_KV
+    hk = bhk % H_KV
+    k_desc = tl.make_tensor_descriptor(K + b * stride_kb + hk * stride_kh, shape=[Nk, HEAD_DIM],
+                                       strides=[stride_kn, 1], block_shape=[BLOCK_N, HEAD_DIM_PAD])
+    v_desc = tl.make_tensor_descriptor(V + b * stride_vb + hk * stride_vh, shape=[Nk, VALUE_DIM],
+                                       strides=[stride_vn, 1], block_shape=[BLOCK_N, VALUE_DIM_PAD])
+    dk_desc = tl.make_tensor_descriptor(DK + b * stride_dkb + hk * stride_dkh, shape=[Nk, HEAD_DIM],
+                                        strides=[stride_dkn, 1], block_shape=[BLOCK_N, HEAD_DIM_PAD])
+    dv_desc = tl.make_tensor_descriptor(DV + b * stride_dvb + hk * stride_dvh, shape=[Nk, VALUE_DIM],
+                                        strides=[stride_dvn, 1], block_shape=[BLOCK_N, VALUE_DIM_PAD])
+    offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_j = k_offset + offs_n
+    k_lo = k_offset + kb * BLOCK_N
+    k_hi = k_lo + BLOCK_N - 1
+    k = k_desc.load([kb * BLOCK_N, 0])
+    v = v_desc.load([kb * BLOCK_N, 0])
+    col0 = (-(offs_j // 64))
+    dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, VALUE_DIM_PAD], dtype=tl.float32)
+    for h_in_group in tl.range(0, GROUP):
+        h = hk * GROUP + h_in_group
+        bh = b * H + h
+        q_desc = tl.make_tensor_descriptor(Q + b * stride_qb + h * stride_qh, shape=[Nq, HEAD_DIM],
+                                           strides=[stride_qm, 1], block_shape=[BLOCK_M, HEAD_DIM_PAD])
+        do_desc = tl.make_tensor_descriptor(DO + b * stride_dob + h * stride_doh, shape=[Nq, VALUE_DIM],
+                                            strides=[stride_dom, 1], block_shape=[BLOCK_M, VALUE_DIM_PAD])
+        # Query blocks from the transposed block lists (per key block).
+        row = b * list_sb + h * list_sh + kb * list_sq
+        n_partial = tl.load(partial_count + row)
+        for idx in tl.range(0, n_partial):
+            qb = tl.load(partial_index + row * list_width + idx)
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, bh, qb, offs_j, Nq, q_offset,
+                                b, h, H, n_q, n_k, rb0_table, rb0_rows, col0,
+                                qk_scale, sm_scale, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
+                                FAST_MATH, MASKED=True)
+        n_full = tl.load(full_count + row)
+        for idx in tl.range(0, n_full):
+            qb = tl.load(full_index + row * list_width + idx)
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, bh, qb, offs_j, Nq, q_offset,
+                                b, h, H, n_q, n_k, rb0_table, rb0_rows, col0,
+                                qk_scale, sm_scale, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
+                                FAST_MATH, MASKED=False)
+    dk = dk * sm_scale
+    dk_desc.store([kb * BLOCK_N, 0], dk.to(DK.dtype.element_ty))
+    dv_desc.store([kb * BLOCK_N, 0], dv.to(DV.dtype.element_ty))
+
+
+@triton.jit
+def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
+             b, h, H, n_q, n_k, rb0_table, rb0_rows, row0, rb0_0, rb0_1, rb0_2,
+             qk_scale, sm_scale,
+             BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+             ROTARY_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
+             MASKED: tl.constexpr):
+    """One key tile of a query block: dQ += dS K (dS not yet scaled)."""
+    start_n = kb * BLOCK_N
+    k = k_desc.load([start_n, 0])
+    v = v_desc.load([start_n, 0])
+    offs_j = k_offset + start_n + tl.arange(0, BLOCK_N)
+    qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
+    s = qk * qk_scale
+    if MASKED:
+        keep = (offs_j[None, :] < k_offset + Nk) & ((tl.abs((row0[:, None] - (offs_j[None, :] // 64))) <= 1) | ((offs_j[None, :] // 64 == rb0_0[:, None]) | (offs_j[None, :] // 64 == rb0_1[:, None]) | (offs_j[None, :] // 64 == rb0_2[:, None])) | (offs_i[:, None] < 64) | (offs_j[None, :] < 64))
+        s = tl.where(keep, s, float("-inf"))
+    p = tl.exp2(s - lse2[:, None])
+    dp = tl.dot(do, v.T, input_precision=DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    dq = dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
+                   stride_qb, stride_qh, stride_qm,
+                   stride_kb, stride_kh, stride_kn,
+                   stride_vb, stride_vh, stride_vn,
+                   stride_dob, stride_doh, stride_dom,
+                   stride_dqb, stride_dqh, stride_dqm,
+                   Nq, Nk, H, GROUP, q_offset, k_offset, n_q, n_k, qk_scale, sm_scale,
+                   rb0_table, rb0_rows,
+                   full_count, full_index, partial_count, partial_index, list_sb, list_sh, list_sq, list_width,
+                   HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
+                   VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr):
+    qb = tl.num_programs(0) - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    q_desc = tl.make_tensor_descriptor(Q + b * stride_qb + h * stride_qh, shape=[Nq, HEAD_DIM],
+                                       strides=[stride_qm, 1], block_shape=[BLOCK_M, HEAD_DIM_PAD])
+    k_desc = tl.make_tensor_descriptor(K + b * stride_kb + hk * stride_kh, shape=[Nk, HEAD_DIM],
+                                       strides=[stride_kn, 1], block_shape=[BLOCK_N, HEAD_DIM_PAD])
+    v_desc = tl.make_tensor_descriptor(V + b * stride_vb + hk * stride_vh, shape=[Nk, VALUE_DIM],
+                                       strides=[stride_vn, 1], block_shape=[BLOCK_N, VALUE_DIM_PAD])
+    do_desc = tl.make_tensor_descriptor(DO + b * stride_dob + h * stride_doh, shape=[Nq, VALUE_DIM],
+                                        strides=[stride_dom, 1], block_shape=[BLOCK_M, VALUE_DIM_PAD])
+    dq_desc = tl.make_tensor_descriptor(DQ + b * stride_dqb + h * stride_dqh, shape=[Nq, HEAD_DIM],
+                                        strides=[stride_dqm, 1], block_shape=[BLOCK_M, HEAD_DIM_PAD])
+    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_i = q_offset + offs_m
+    q_lo = q_offset + qb * BLOCK_M
+    q_hi = q_lo + BLOCK_M - 1
+    q = q_desc.load([qb * BLOCK_M, 0])
+    do = do_desc.load([qb * BLOCK_M, 0])
+    lse2 = tl.load(LSE2 + bh * Nq + offs_m, mask=offs_m < Nq, other=float("inf"))
+    delta = tl.load(DELTA + bh * Nq + offs_m, mask=offs_m < Nq, other=0.0)
+    row0 = (offs_i // 64)
+    rb0_0 = tl.load(rb0_table + tl.minimum(offs_i // 64, rb0_rows - 1) * 3 + 0)
+    rb0_1 = tl.load(rb0_table + tl.minimum(offs_i // 64, rb0_rows - 1) * 3 + 1)
+    rb0_2 = tl.load(rb0_table + tl.minimum(offs_i // 64, rb0_rows - 1) * 3 + 2)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    # Key blocks from the forward's block lists.
+    row = b * list_sb + h * list_sh + qb * list_sq
+    n_partial = tl.load(partial_count + row)
+    for idx in tl.range(0, n_partial):
+        kb = tl.load(partial_index + row * list_width + idx)
+        dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
+                      b, h, H, n_q, n_k, rb0_table, rb0_rows, row0, rb0_0, rb0_1, rb0_2,
+                      qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
+                      FAST_MATH, MASKED=True)
+    n_full = tl.load(full_count + row)
+    for idx in tl.range(0, n_full):
+        kb = tl.load(full_index + row * list_width + idx)
+        dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
+                      b, h, H, n_q, n_k, rb0_table, rb0_rows, row0, rb0_0, rb0_1, rb0_2,
+                      qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
+                      FAST_MATH, MASKED=False)
+    dq = dq * sm_scale
+    dq_desc.store([qb * BLOCK_M, 0], dq.to(DQ.dtype.element_ty))
+
+
+def _backward_block_lists(call, block_m, block_n):
+    """(forward lists, transposed lists) of this call's tiles: the ones its forward kept, or classified now."""
+    return _rt.blocks.backward_block_lists(MASK_TILES, call, block_m, block_n, dynamic=False)
+
+
+def _backward(call, o, lse, do):
+    """dq, dk, dv of one call (``o``, ``lse`` from its forward; ``do`` = dLoss/do)."""
+    q, k, v = _rt.kernel_operands(call)
+    cfg = _rt.pick_config(call)
+    _rt.ensure_allocator()
+    B, Hq, Hkv, Nq, Nk = call.B, call.Hq, call.Hkv, call.Nq, call.Nk
+    delta = torch.empty(B, Hq, Nq, dtype=torch.float32, device=q.device)
+    lse2 = torch.empty_like(delta)
+    _bwd_preprocess[(triton.cdiv(Nq, cfg.BLOCK_M), B * Hq)](
+        o, do, lse, delta, lse2, *o.stride(), *do.stride(), Nq, Hq, call.q_offset, call.n_q, call.n_k,
+        VALUE_DIM=call.Dv, VALUE_DIM_PAD=_rt.padded_dim(call.Dv), BLOCK_M=cfg.BLOCK_M)
+    do = _rt.grad_operand(do, v)
+    dq = torch.empty(B, Hq, Nq, q.shape[-1], dtype=q.dtype, device=q.device)
+    dk = torch.empty(B, Hkv, Nk, k.shape[-1], dtype=k.dtype, device=q.device)
+    dv = torch.empty(B, Hkv, Nk, v.shape[-1], dtype=v.dtype, device=q.device)
+    lists, lists_t = _backward_block_lists(call, cfg.BLOCK_M, cfg.BLOCK_N)
+    common = dict(
+        HEAD_DIM=q.shape[-1], HEAD_DIM_PAD=_rt.padded_dim(q.shape[-1]),
+        VALUE_DIM=v.shape[-1], VALUE_DIM_PAD=_rt.padded_dim(v.shape[-1]),
+        ROTARY_DIM=0,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        FAST_MATH=_rt.fast_math(call),
+    )
+    _rt.launch(call, cfg, lambda cfg: _bwd_dkdv_kernel[(triton.cdiv(Nk, cfg.BLOCK_N), B * Hkv)](
+        q, k, v, do, dk, dv, lse2, delta,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2),
+        dv.stride(0), dv.stride(1), dv.stride(2),
+        Nq, Nk, Hq, call.group, call.q_offset, call.k_offset, call.n_q, call.n_k,
+        call.scale * _rt.LOG2E, call.scale,
+        *_random_table(call, 3, 64, 0),
+        *lists_t,
+        **common, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    ), kernel="dkdv")
+    _rt.launch(call, cfg, lambda cfg: _bwd_dq_kernel[(triton.cdiv(Nq, cfg.BLOCK_M), B * Hq)](
+        q, k, v, do, dq, lse2, delta,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        Nq, Nk, Hq, call.group, call.q_offset, call.k_offset, call.n_q, call.n_k,
+        call.scale * _rt.LOG2E, call.scale,
+        *_random_table(call, 3, 64, 0),
+        *lists,
+        **common, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    ), kernel="dq")
+    return _rt.grads_as_inputs(call, dq, dk, dv)
+
+
 def attention(q, k, v, *, return_lse=False, q_offset=0, k_offset=0, n_q=None, n_k=None, scale=None,
               **inputs_and_params):
     """bigbird attention: ``o = softmax(scores) @ v`` over the allowed pairs.
@@ -200,5 +483,39 @@ def attention(q, k, v, *, return_lse=False, q_offset=0, k_offset=0, n_q=None, n_
     """
     call = _rt.bind(SPEC, q, k, v, return_lse=return_lse, q_offset=q_offset, k_offset=k_offset,
                     n_q=n_q, n_k=n_k, scale=scale, kwargs=inputs_and_params)
-    o, lse = _rt.run_attention(call, _forward)
+    o, lse = _rt.run_attention(call, _forward, _backward)
     return (o, lse) if return_lse else o
+
+
+# ---------------------------------------------------------------------------------------
+# Decoding: Nq (1 to 16) new query rows per batch row against a KV cache, contiguous
+# [B, Hkv, Nmax, D] or paged [num_pages, page_size, Hkv, D]. One program takes the query
+# rows of the heads of one GQA group (heads x Nq rows are the M dimension of its tiles, so
+# the group reads its K/V once) over one split of the key blocks; a second kernel merges
+# the splits by their LSE.
+# No decode for bigbird: random_blocks() depend on the sequence length, which differs per row.
+# ---------------------------------------------------------------------------------------
+
+
+def decode(q, k_cache, v_cache, *, kv_len, block_table=None, return_lse=False, scale=None, **inputs_and_params):
+    """bigbird decoding: a few new query rows per batch row against a KV cache (no gradient).
+
+    q [B, Hq, Nq, D] with Nq = 1 to 16 (the next token, or speculative tokens). The cache is
+    contiguous, k_cache [B, Hkv, Nmax, D] and v_cache [B, Hkv, Nmax, Dv], or paged,
+    k_cache [num_pages, page_size, Hkv, D] and v_cache [num_pages, page_size, Hkv, Dv]
+    (page_size >= 16) with block_table [B, pages] (int32): cache position j of row b is
+    slot j % page_size of page block_table[b, j // page_size].
+    kv_len [B] (int32): the valid cache entries of each row, the new tokens' keys included.
+    Returns o [B, Hq, Nq, Dv] (and the natural-log LSE [B, Hq, Nq] in float32 with
+    ``return_lse=True``, to merge with other chunks).
+
+    Positions: cache row j is position j; query row t of batch row b is position
+    i = kv_len[b] - Nq + t, and n_q = n_k = kv_len[b], so masks, biases, softcap and RoPE mean
+    what they mean in ``attention`` on the whole sequence: with n = kv_len[b], row b equals
+    ``attention(q[b:b+1], k[b:b+1, :, :n], v[b:b+1, :, :n], q_offset=n - Nq)``.
+    A row with kv_len[b] = 0, and a query row at a negative position (kv_len[b] < Nq), sees
+    no key: o = 0 and lse = -inf.
+    kv_len and block_table values are checked when they are CPU tensors (or with
+    ATTNCC_CHECK_DECODE=1); on the GPU the kernel clamps them to the cache instead of syncing.
+    """
+    raise NotImplementedError("bigbird.decode is not available: random_blocks() depend on the sequence length, which differs per row")

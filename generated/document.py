@@ -146,8 +146,161 @@ MASK_TILES = _tiles.IntervalProgram(
 )
 
 
+# Block lists from one Triton kernel (attncc.codegen.tile_kernel) for pattern document: the same lists as
+# _rt.blocks.block_lists(_TK_PROGRAM, call, block_m, block_n, dynamic=True), in one launch.
+_TK_PROGRAM = _rt.tiles.IntervalProgram(
+    leaves=(
+        ('in_doc_b_i', 'input', (_rt.tiles.BlockStat(input='doc', axis_var='i', block='m', index=('b', 'i')),)),
+        ('in_doc_b_j', 'input', (_rt.tiles.BlockStat(input='doc', axis_var='j', block='n', index=('b', 'j')),)),
+        ('j', 'j', ()),
+        ('i', 'i', ()),
+    ),
+    steps=(
+        ('v0', 'eq', ('in_doc_b_i', 'in_doc_b_j')),
+        ('v1', 'le', ('j', 'i')),
+        ('v2', 'and_', ('v0', 'v1')),
+    ),
+    result='v2',
+)
+_TK_INPUT_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool))
+
+
+@triton.jit
+def _tk_and(x, y):
+    return tl.where(x, y, False)
+
+
+@triton.jit
+def _tk_or(x, y):
+    return tl.where(x, True, y)
+
+
+@triton.jit
+def _tk_not(x):
+    return tl.where(x, False, True)
+
+
+@triton.jit
+def _tk_bmin(x, AXIS: tl.constexpr):
+    # torch.amin along AXIS, as float64 (NaN-propagating for float inputs)
+    m = tl.min(x, AXIS).to(tl.float64)
+    if x.dtype.is_floating():
+        m = tl.where(tl.max((x != x).to(tl.int32), AXIS) > 0, float("nan"), m)
+    return m
+
+
+@triton.jit
+def _tk_bmax(x, AXIS: tl.constexpr):
+    # torch.amax along AXIS, as float64 (NaN-propagating for float inputs)
+    m = tl.max(x, AXIS).to(tl.float64)
+    if x.dtype.is_floating():
+        m = tl.where(tl.max((x != x).to(tl.int32), AXIS) > 0, float("nan"), m)
+    return m
+
+
+@triton.jit
+def _tk_eq(a, b, c, d):
+    disjoint = _tk_or(a > d, c > b)
+    same_point = _tk_and(_tk_and(a == b, c == d), a == c)
+    return _tk_not(disjoint), _tk_not(same_point)
+
+
+@triton.jit
+def _tk_kernel(out_ptr, nkb, Nq, Nk, q_offset, k_offset, Hl, in_doc, in_doc_s0, in_doc_s1,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BM_P: tl.constexpr, BN_P: tl.constexpr,
+               KB_CHUNK: tl.constexpr):
+    # one program per (query block, b or 0, h or 0): classify every key block, compact the lists
+    qb = tl.program_id(0)
+    bh = tl.program_id(1)
+    nqb = tl.num_programs(0)
+    b = bh // Hl
+    h = bh % Hl
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    b_f = b.to(tl.float64)
+    h_f = h.to(tl.float64)
+    row = bh * nqb + qb  # row of the [Bl, Hl, nqb] lists
+    R = tl.num_programs(1) * nqb  # rows per list
+    # out_ptr: [full counts | partial counts | full index | partial index], each 16-byte aligned
+    R_pad = (R + 3) // 4 * 4
+    full_row = out_ptr + 2 * R_pad + row.to(tl.int64) * nkb
+    part_row = full_row + (R.to(tl.int64) * nkb + 3) // 4 * 4
+    q_start = qb * BLOCK_M
+    i_lo = (q_offset + q_start).to(tl.float64)
+    i_hi = (q_offset + tl.minimum(q_start + BLOCK_M, Nq) - 1).to(tl.float64)
+    pos_q = (q_offset + tl.minimum(q_start + tl.minimum(tl.arange(0, BM_P), BLOCK_M - 1), Nq - 1)).to(tl.int64)  # the query block's rows, the last one repeated
+    x1 = tl.load(in_doc + b64 * in_doc_s0 + pos_q * in_doc_s1)
+    x1_lo, x1_hi = _tk_bmin(x1, 0), _tk_bmax(x1, 0)
+    n_full = tl.full([], 0, tl.int32)
+    n_part = tl.full([], 0, tl.int32)
+    lanes = tl.arange(0, KB_CHUNK)
+    for c0 in range(0, nkb, KB_CHUNK):
+        kb = c0 + lanes
+        valid = kb < nkb
+        k_start = kb * BLOCK_N
+        j_lo = (k_offset + k_start).to(tl.float64)
+        j_hi = (k_offset + tl.minimum(k_start + BLOCK_N, Nk) - 1).to(tl.float64)
+        pos_k = (k_offset + tl.minimum(k_start[:, None] + tl.minimum(tl.arange(0, BN_P), BLOCK_N - 1)[None, :], Nk - 1)).to(tl.int64)  # [KB_CHUNK, BN_P] key rows, clamped
+        x2 = tl.load(in_doc + b64 * in_doc_s0 + pos_k * in_doc_s1)
+        x2_lo, x2_hi = _tk_bmin(x2, 1), _tk_bmax(x2, 1)
+        v3_t, v3_f = _tk_eq(x1_lo, x1_hi, x2_lo, x2_hi)
+        v4_t, v4_f = _tk_not(j_lo > i_hi), _tk_not(j_hi <= i_lo)
+        v5_t, v5_f = _tk_and(v3_t, v4_t), _tk_or(v3_f, v4_f)
+        cls = tl.where(v5_t, tl.where(v5_f, 1, 2), 0) + tl.zeros([KB_CHUNK], tl.int32)
+        # a short last key block is never FULL (the attention kernel masks its tail)
+        cls = tl.where((cls == 2) & (kb == nkb - 1), tl.where(Nk % BLOCK_N != 0, 1, 2), cls)
+        # compaction: this class's blocks from the front of the row in kb order, the others from the back
+        hit = ((cls == 2) & valid).to(tl.int32)
+        before = n_full + tl.cumsum(hit, 0) - hit
+        tl.store(full_row + tl.where(hit != 0, before, nkb - 1 - (kb - before)), kb, mask=valid)
+        n_full += tl.sum(hit, 0)
+        hit = ((cls == 1) & valid).to(tl.int32)
+        before = n_part + tl.cumsum(hit, 0) - hit
+        tl.store(part_row + tl.where(hit != 0, before, nkb - 1 - (kb - before)), kb, mask=valid)
+        n_part += tl.sum(hit, 0)
+    tl.store(out_ptr + row, n_full)
+    tl.store(out_ptr + R_pad + row, n_part)
+
+
+def _block_lists_fast(call, block_m, block_n):
+    """(full_count, full_index, partial_count, partial_index, stride_b, stride_h, stride_q, width):
+    the tile lists of this call, computed by one kernel launch (no host synchronization)."""
+    B, H, Nq, Nk = call.B, call.Hq, call.Nq, call.Nk
+    nqb, nkb = -(-Nq // block_m), -(-Nk // block_n)
+    Bl, Hl = B, 1
+    t_doc = call.inputs.get('doc')
+    if (getattr(call, "for_backward", None) is not None
+        or nqb == 0 or nkb == 0 or B == 0 or H == 0 or Bl * Hl > 65535
+        or t_doc is None
+        or t_doc.dim() != 2
+        or t_doc.dtype not in _TK_INPUT_DTYPES
+        or (t_doc.shape[0] != 1 and t_doc.shape[0] < B)
+        or t_doc.shape[1] < call.q_offset + Nq
+        or t_doc.shape[1] < call.k_offset + Nk):
+        return _rt.blocks.block_lists(_TK_PROGRAM, call, block_m, block_n, dynamic=True)  # backward lists wanted, missing / malformed inputs, empty shapes
+    if t_doc.dtype == torch.bool:
+        t_doc = t_doc.view(torch.uint8)
+    BN_P = triton.next_power_of_2(block_n)
+    # one allocation, four views: [full counts | partial counts | full index | partial index],
+    # each starting 16-byte aligned (as the kernel computes them)
+    R = Bl * Hl * nqb
+    R_pad, RK_pad = (R + 3) // 4 * 4, (R * nkb + 3) // 4 * 4
+    out = torch.empty(2 * (R_pad + RK_pad), dtype=torch.int32, device=call.q.device)
+    _tk_kernel[(nqb, Bl * Hl)](
+        out, nkb, Nq, Nk, call.q_offset, call.k_offset, Hl,
+        t_doc, (t_doc.stride(0) if t_doc.shape[0] != 1 else 0), (t_doc.stride(1) if t_doc.shape[1] != 1 else 0),
+        BLOCK_M=block_m, BLOCK_N=block_n, BM_P=triton.next_power_of_2(block_m), BN_P=BN_P, KB_CHUNK=min(64, max(1, 4096 // BN_P)),
+        num_warps=4, enable_fp_fusion=False,
+    )
+    cs, ks = (Hl * nqb, nqb, 1), (Hl * nqb * nkb, nqb * nkb, nkb, 1)
+    return (out.as_strided((Bl, Hl, nqb), cs, 0), out.as_strided((Bl, Hl, nqb, nkb), ks, 2 * R_pad),
+            out.as_strided((Bl, Hl, nqb), cs, R_pad), out.as_strided((Bl, Hl, nqb, nkb), ks, 2 * R_pad + RK_pad),
+            Hl * nqb if Bl > 1 else 0, nqb if Hl > 1 else 0, 1, nkb)
+
+
+
 def _block_lists(call, block_m, block_n):
-    return _rt.blocks.block_lists(MASK_TILES, call, block_m, block_n, dynamic=True)
+    return _block_lists_fast(call, block_m, block_n)
 
 
 def _forward(call):
@@ -181,6 +334,276 @@ def _forward(call):
     return o, lse
 
 
+# ---------------------------------------------------------------------------------------
+# Backward: delta = rowsum(dO * O), then dK/dV over the query blocks that see each key
+# block, and dQ over the key blocks of each query block. P is recomputed from the LSE.
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bwd_preprocess(O, DO, LSE, DELTA, LSE2,
+                    stride_ob, stride_oh, stride_om, stride_od,
+                    stride_dob, stride_doh, stride_dom, stride_dod,
+                    Nq, H, q_offset, n_q, n_k,
+                    VALUE_DIM: tl.constexpr, VALUE_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta = rowsum(dO * O) (fp32) and lse2, the forward's LSE in log2 units (+inf on rows
+    without an allowed key)."""
+    qb = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_i = q_offset + offs_m
+    cols = tl.arange(0, VALUE_DIM_PAD)
+    inside = (offs_m[:, None] < Nq) & (cols[None, :] < VALUE_DIM)
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + cols[None, :] * stride_od,
+                mask=inside, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + cols[None, :] * stride_dod,
+                 mask=inside, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    lse = tl.load(LSE + bh * Nq + offs_m, mask=offs_m < Nq, other=float("-inf"))
+    lse2 = lse * 1.4426950408889634
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse2)
+    tl.store(DELTA + bh * Nq + offs_m, delta, mask=offs_m < Nq)
+    tl.store(LSE2 + bh * Nq + offs_m, lse2, mask=offs_m < Nq)
+
+
+@triton.jit
+def _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, bh, qb, offs_j, Nq, q_offset,
+               b, h, H, n_q, n_k, doc_ptr, doc_stride0, doc_stride1, doc_size0, doc_size1, col0,
+               qk_scale, sm_scale,
+               BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+               ROTARY_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
+               MASKED: tl.constexpr):
+    """One query tile of a key block: dV += P^T dO, dK += dS^T Q (dS not yet scaled)."""
+    start_m = qb * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_i = q_offset + offs_m
+    q = q_desc.load([start_m, 0])
+    do = do_desc.load([start_m, 0])
+    # rows past Nq: lse2 = +inf and dO = 0, so they add nothing
+    lse2 = tl.load(LSE2 + bh * Nq + offs_m, mask=offs_m < Nq, other=float("inf"))
+    delta = tl.load(DELTA + bh * Nq + offs_m, mask=offs_m < Nq, other=0.0)
+    qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
+    s = qk * qk_scale
+    if MASKED:
+        keep = (offs_i[:, None] < q_offset + Nq) & ((tl.load(doc_ptr + b * doc_stride0 + offs_i[:, None] * doc_stride1, mask=(offs_i[:, None] >= 0) & (offs_i[:, None] < doc_size1), other=0) == col0[None, :]) & (offs_j[None, :] <= offs_i[:, None]))
+        s = tl.where(keep, s, float("-inf"))
+    p = tl.exp2(s - lse2[:, None])
+    dv = dv + tl.dot(p.to(do.dtype).T, do, input_precision=DOT_PRECISION)
+    dp = tl.dot(do, v.T, input_precision=DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    dk = dk + tl.dot(ds.to(q.dtype).T, q, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
+                     stride_qb, stride_qh, stride_qm,
+                     stride_kb, stride_kh, stride_kn,
+                     stride_vb, stride_vh, stride_vn,
+                     stride_dob, stride_doh, stride_dom,
+                     stride_dkb, stride_dkh, stride_dkn,
+                     stride_dvb, stride_dvh, stride_dvn,
+                     Nq, Nk, H, GROUP, q_offset, k_offset, n_q, n_k, qk_scale, sm_scale,
+                     doc_ptr, doc_stride0, doc_stride1, doc_size0, doc_size1,
+                     full_count, full_index, partial_count, partial_index, list_sb, list_sh, list_sq, list_width,
+                     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
+                     VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr):
+    # One key block of one kv head: its GROUP query heads add into the same dK, dV registers.
+    kb = tl.program_id(0)
+    bhk = tl.program_id(1)
+    H_KV = H // GROUP
+    b = bhk // H_KV
+    hk = bhk % H_KV
+    k_desc = tl.make_tensor_descriptor(K + b * stride_kb + hk * stride_kh, shape=[Nk, HEAD_DIM],
+                                       strides=[stride_kn, 1], block_shape=[BLOCK_N, HEAD_DIM_PAD])
+    v_desc = tl.make_tensor_descriptor(V + b * stride_vb + hk * stride_vh, shape=[Nk, VALUE_DIM],
+                                       strides=[stride_vn, 1], block_shape=[BLOCK_N, VALUE_DIM_PAD])
+    dk_desc = tl.make_tensor_descriptor(DK + b * stride_dkb + hk * stride_dkh, shape=[Nk, HEAD_DIM],
+                                        strides=[stride_dkn, 1], block_shape=[BLOCK_N, HEAD_DIM_PAD])
+    dv_desc = tl.make_tensor_descriptor(DV + b * stride_dvb + hk * stride_dvh, shape=[Nk, VALUE_DIM],
+                                        strides=[stride_dvn, 1], block_shape=[BLOCK_N, VALUE_DIM_PAD])
+    offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_j = k_offset + offs_n
+    k_lo = k_offset + kb * BLOCK_N
+    k_hi = k_lo + BLOCK_N - 1
+    k = k_desc.load([kb * BLOCK_N, 0])
+    v = v_desc.load([kb * BLOCK_N, 0])
+    col0 = tl.load(doc_ptr + b * doc_stride0 + offs_j * doc_stride1, mask=(offs_j >= 0) & (offs_j < doc_size1), other=0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, VALUE_DIM_PAD], dtype=tl.float32)
+    for h_in_group in tl.range(0, GROUP):
+        h = hk * GROUP + h_in_group
+        bh = b * H + h
+        q_desc = tl.make_tensor_descriptor(Q + b * stride_qb + h * stride_qh, shape=[Nq, HEAD_DIM],
+                                           strides=[stride_qm, 1], block_shape=[BLOCK_M, HEAD_DIM_PAD])
+        do_desc = tl.make_tensor_descriptor(DO + b * stride_dob + h * stride_doh, shape=[Nq, VALUE_DIM],
+                                            strides=[stride_dom, 1], block_shape=[BLOCK_M, VALUE_DIM_PAD])
+        # Query blocks from the transposed block lists (per key block).
+        row = b * list_sb + h * list_sh + kb * list_sq
+        n_partial = tl.load(partial_count + row)
+        for idx in tl.range(0, n_partial):
+            qb = tl.load(partial_index + row * list_width + idx)
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, bh, qb, offs_j, Nq, q_offset,
+                                b, h, H, n_q, n_k, doc_ptr, doc_stride0, doc_stride1, doc_size0, doc_size1, col0,
+                                qk_scale, sm_scale, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
+                                FAST_MATH, MASKED=True)
+        n_full = tl.load(full_count + row)
+        for idx in tl.range(0, n_full):
+            qb = tl.load(full_index + row * list_width + idx)
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, bh, qb, offs_j, Nq, q_offset,
+                                b, h, H, n_q, n_k, doc_ptr, doc_stride0, doc_stride1, doc_size0, doc_size1, col0,
+                                qk_scale, sm_scale, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
+                                FAST_MATH, MASKED=False)
+    dk = dk * sm_scale
+    dk_desc.store([kb * BLOCK_N, 0], dk.to(DK.dtype.element_ty))
+    dv_desc.store([kb * BLOCK_N, 0], dv.to(DV.dtype.element_ty))
+
+
+@triton.jit
+def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
+             b, h, H, n_q, n_k, doc_ptr, doc_stride0, doc_stride1, doc_size0, doc_size1, row0,
+             qk_scale, sm_scale,
+             BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+             ROTARY_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
+             MASKED: tl.constexpr):
+    """One key tile of a query block: dQ += dS K (dS not yet scaled)."""
+    start_n = kb * BLOCK_N
+    k = k_desc.load([start_n, 0])
+    v = v_desc.load([start_n, 0])
+    offs_j = k_offset + start_n + tl.arange(0, BLOCK_N)
+    qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
+    s = qk * qk_scale
+    if MASKED:
+        keep = (offs_j[None, :] < k_offset + Nk) & ((row0[:, None] == tl.load(doc_ptr + b * doc_stride0 + offs_j[None, :] * doc_stride1, mask=(offs_j[None, :] >= 0) & (offs_j[None, :] < doc_size1), other=0)) & (offs_j[None, :] <= offs_i[:, None]))
+        s = tl.where(keep, s, float("-inf"))
+    p = tl.exp2(s - lse2[:, None])
+    dp = tl.dot(do, v.T, input_precision=DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    dq = dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
+                   stride_qb, stride_qh, stride_qm,
+                   stride_kb, stride_kh, stride_kn,
+                   stride_vb, stride_vh, stride_vn,
+                   stride_dob, stride_doh, stride_dom,
+                   stride_dqb, stride_dqh, stride_dqm,
+                   Nq, Nk, H, GROUP, q_offset, k_offset, n_q, n_k, qk_scale, sm_scale,
+                   doc_ptr, doc_stride0, doc_stride1, doc_size0, doc_size1,
+                   full_count, full_index, partial_count, partial_index, list_sb, list_sh, list_sq, list_width,
+                   HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
+                   VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr):
+    qb = tl.num_programs(0) - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    q_desc = tl.make_tensor_descriptor(Q + b * stride_qb + h * stride_qh, shape=[Nq, HEAD_DIM],
+                                       strides=[stride_qm, 1], block_shape=[BLOCK_M, HEAD_DIM_PAD])
+    k_desc = tl.make_tensor_descriptor(K + b * stride_kb + hk * stride_kh, shape=[Nk, HEAD_DIM],
+                                       strides=[stride_kn, 1], block_shape=[BLOCK_N, HEAD_DIM_PAD])
+    v_desc = tl.make_tensor_descriptor(V + b * stride_vb + hk * stride_vh, shape=[Nk, VALUE_DIM],
+                                       strides=[stride_vn, 1], block_shape=[BLOCK_N, VALUE_DIM_PAD])
+    do_desc = tl.make_tensor_descriptor(DO + b * stride_dob + h * stride_doh, shape=[Nq, VALUE_DIM],
+                                        strides=[stride_dom, 1], block_shape=[BLOCK_M, VALUE_DIM_PAD])
+    dq_desc = tl.make_tensor_descriptor(DQ + b * stride_dqb + h * stride_dqh, shape=[Nq, HEAD_DIM],
+                                        strides=[stride_dqm, 1], block_shape=[BLOCK_M, HEAD_DIM_PAD])
+    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_i = q_offset + offs_m
+    q_lo = q_offset + qb * BLOCK_M
+    q_hi = q_lo + BLOCK_M - 1
+    q = q_desc.load([qb * BLOCK_M, 0])
+    do = do_desc.load([qb * BLOCK_M, 0])
+    lse2 = tl.load(LSE2 + bh * Nq + offs_m, mask=offs_m < Nq, other=float("inf"))
+    delta = tl.load(DELTA + bh * Nq + offs_m, mask=offs_m < Nq, other=0.0)
+    row0 = tl.load(doc_ptr + b * doc_stride0 + offs_i * doc_stride1, mask=(offs_i >= 0) & (offs_i < doc_size1), other=0)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    # Key blocks from the forward's block lists.
+    row = b * list_sb + h * list_sh + qb * list_sq
+    n_partial = tl.load(partial_count + row)
+    for idx in tl.range(0, n_partial):
+        kb = tl.load(partial_index + row * list_width + idx)
+        dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
+                      b, h, H, n_q, n_k, doc_ptr, doc_stride0, doc_stride1, doc_size0, doc_size1, row0,
+                      qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
+                      FAST_MATH, MASKED=True)
+    n_full = tl.load(full_count + row)
+    for idx in tl.range(0, n_full):
+        kb = tl.load(full_index + row * list_width + idx)
+        dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
+                      b, h, H, n_q, n_k, doc_ptr, doc_stride0, doc_stride1, doc_size0, doc_size1, row0,
+                      qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
+                      FAST_MATH, MASKED=False)
+    dq = dq * sm_scale
+    dq_desc.store([qb * BLOCK_M, 0], dq.to(DQ.dtype.element_ty))
+
+
+def _backward_block_lists(call, block_m, block_n):
+    """(forward lists, transposed lists) of this call's tiles: the ones its forward kept, or classified now."""
+    return _rt.blocks.backward_block_lists(MASK_TILES, call, block_m, block_n, dynamic=True)
+
+
+def _backward(call, o, lse, do):
+    """dq, dk, dv of one call (``o``, ``lse`` from its forward; ``do`` = dLoss/do)."""
+    q, k, v = _rt.kernel_operands(call)
+    cfg = _rt.pick_config(call)
+    _rt.ensure_allocator()
+    B, Hq, Hkv, Nq, Nk = call.B, call.Hq, call.Hkv, call.Nq, call.Nk
+    delta = torch.empty(B, Hq, Nq, dtype=torch.float32, device=q.device)
+    lse2 = torch.empty_like(delta)
+    _bwd_preprocess[(triton.cdiv(Nq, cfg.BLOCK_M), B * Hq)](
+        o, do, lse, delta, lse2, *o.stride(), *do.stride(), Nq, Hq, call.q_offset, call.n_q, call.n_k,
+        VALUE_DIM=call.Dv, VALUE_DIM_PAD=_rt.padded_dim(call.Dv), BLOCK_M=cfg.BLOCK_M)
+    do = _rt.grad_operand(do, v)
+    dq = torch.empty(B, Hq, Nq, q.shape[-1], dtype=q.dtype, device=q.device)
+    dk = torch.empty(B, Hkv, Nk, k.shape[-1], dtype=k.dtype, device=q.device)
+    dv = torch.empty(B, Hkv, Nk, v.shape[-1], dtype=v.dtype, device=q.device)
+    lists, lists_t = _backward_block_lists(call, cfg.BLOCK_M, cfg.BLOCK_N)
+    common = dict(
+        HEAD_DIM=q.shape[-1], HEAD_DIM_PAD=_rt.padded_dim(q.shape[-1]),
+        VALUE_DIM=v.shape[-1], VALUE_DIM_PAD=_rt.padded_dim(v.shape[-1]),
+        ROTARY_DIM=0,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        FAST_MATH=_rt.fast_math(call),
+    )
+    _rt.launch(call, cfg, lambda cfg: _bwd_dkdv_kernel[(triton.cdiv(Nk, cfg.BLOCK_N), B * Hkv)](
+        q, k, v, do, dk, dv, lse2, delta,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2),
+        dv.stride(0), dv.stride(1), dv.stride(2),
+        Nq, Nk, Hq, call.group, call.q_offset, call.k_offset, call.n_q, call.n_k,
+        call.scale * _rt.LOG2E, call.scale,
+        call.inputs['doc'], *call.inputs['doc'].stride(), *call.inputs['doc'].shape,
+        *lists_t,
+        **common, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    ), kernel="dkdv")
+    _rt.launch(call, cfg, lambda cfg: _bwd_dq_kernel[(triton.cdiv(Nq, cfg.BLOCK_M), B * Hq)](
+        q, k, v, do, dq, lse2, delta,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        Nq, Nk, Hq, call.group, call.q_offset, call.k_offset, call.n_q, call.n_k,
+        call.scale * _rt.LOG2E, call.scale,
+        call.inputs['doc'], *call.inputs['doc'].stride(), *call.inputs['doc'].shape,
+        *lists,
+        **common, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    ), kernel="dq")
+    return _rt.grads_as_inputs(call, dq, dk, dv)
+
+
 def attention(q, k, v, *, return_lse=False, q_offset=0, k_offset=0, n_q=None, n_k=None, scale=None,
               **inputs_and_params):
     """document attention: ``o = softmax(scores) @ v`` over the allowed pairs.
@@ -191,5 +614,233 @@ def attention(q, k, v, *, return_lse=False, q_offset=0, k_offset=0, n_q=None, n_
     """
     call = _rt.bind(SPEC, q, k, v, return_lse=return_lse, q_offset=q_offset, k_offset=k_offset,
                     n_q=n_q, n_k=n_k, scale=scale, kwargs=inputs_and_params)
-    o, lse = _rt.run_attention(call, _forward)
+    o, lse = _rt.run_attention(call, _forward, _backward)
+    return (o, lse) if return_lse else o
+
+
+# ---------------------------------------------------------------------------------------
+# Decoding: Nq (1 to 16) new query rows per batch row against a KV cache, contiguous
+# [B, Hkv, Nmax, D] or paged [num_pages, page_size, Hkv, D]. One program takes the query
+# rows of the heads of one GQA group (heads x Nq rows are the M dimension of its tiles, so
+# the group reads its K/V once) over one split of the key blocks; a second kernel merges
+# the splits by their LSE.
+# Key blocks: all below kv_len, the mask evaluated on each (it depends on the inputs).
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dec_load(rows, cols, row_ok, DIM: tl.constexpr, DIM_PAD: tl.constexpr, MASKED: tl.constexpr):
+    """A [rows, DIM_PAD] tile at row pointers ``rows``; masked rows and padded columns read 0."""
+    ptrs = rows[:, None] + cols[None, :]
+    if MASKED:
+        return tl.load(ptrs, mask=row_ok[:, None] & (cols[None, :] < DIM), other=0.0)
+    elif DIM == DIM_PAD:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=cols[None, :] < DIM, other=0.0)
+
+
+@triton.jit
+def _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
+              stride_kp, stride_kn, stride_vp, stride_vn,
+              b, h_row, H, n_q, n_k, doc_ptr, doc_stride0, doc_stride1, doc_size0, doc_size1, row0,
+              qk_scale, sm_scale,
+              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+              VALUE_DIM: tl.constexpr, VALUE_DIM_PAD: tl.constexpr, PAGE_SIZE: tl.constexpr,
+              DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr, MASKED: tl.constexpr):
+    """One key tile of the online softmax for every row of the group; MASKED tiles evaluate
+    the mask (and the end of the cache), full ones do not."""
+    offs_j = kb * BLOCK_N + tl.arange(0, BLOCK_N)  # key positions are cache rows
+    in_cache = offs_j < Nk
+    if PAGE_SIZE > 0:
+        # page of each key row from the row's block table (clamped: a bad entry never reads outside)
+        k_page = tl.load(BT_row + offs_j // PAGE_SIZE, mask=in_cache, other=0)
+        k_page = tl.minimum(tl.maximum(k_page, 0), NUM_PAGES - 1).to(tl.int64)
+        k_slot = offs_j % PAGE_SIZE
+        k_rows = K_head + k_page * stride_kp + k_slot * stride_kn
+        v_rows = V_head + k_page * stride_vp + k_slot * stride_vn
+    else:
+        k_rows = K_head + offs_j.to(tl.int64) * stride_kn
+        v_rows = V_head + offs_j.to(tl.int64) * stride_vn
+    k = _dec_load(k_rows, tl.arange(0, HEAD_DIM_PAD), in_cache, HEAD_DIM, HEAD_DIM_PAD, MASKED)
+    v = _dec_load(v_rows, tl.arange(0, VALUE_DIM_PAD), in_cache, VALUE_DIM, VALUE_DIM_PAD, MASKED)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    if MASKED:
+        keep = in_cache[None, :] & live[:, None] & ((row0[:, None] == tl.load(doc_ptr + b * doc_stride0 + offs_j[None, :] * doc_stride1, mask=(offs_j[None, :] >= 0) & (offs_j[None, :] < doc_size1), other=0)) & (offs_j[None, :] <= offs_i[:, None]))
+        qk = tl.where(keep, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(qk * qk_scale - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
+                stride_qb, stride_qh, stride_qm,
+                stride_kb, stride_kh, stride_kn,
+                stride_vb, stride_vh, stride_vn,
+                stride_btb, stride_ob, stride_oh, stride_om,
+                Nq, H, GROUP, HEADS_PER_PROGRAM, CAPACITY, NUM_PAGES, NUM_SPLITS, qk_scale, sm_scale,
+                doc_ptr, doc_stride0, doc_stride1, doc_size0, doc_size1,
+                HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
+                VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, SPLIT: tl.constexpr,
+                RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr):
+    # program (split, (b, kv head, chunk of its query heads)); the cache of a paged call is
+    # [num_pages, page_size, Hkv, D] and then stride_kb / stride_vb are the page strides
+    split_id = tl.program_id(0)
+    pid = tl.program_id(1)
+    CHUNKS = tl.cdiv(GROUP, HEADS_PER_PROGRAM)
+    H_KV = H // GROUP
+    head_chunk = pid % CHUNKS
+    hk = (pid // CHUNKS) % H_KV
+    b = pid // (CHUNKS * H_KV)
+    Nk = tl.minimum(tl.maximum(tl.load(KV_LEN + b), 0), CAPACITY)
+    n_q = Nk
+    n_k = Nk
+    # row r: query head hk * GROUP + head_chunk * HEADS_PER_PROGRAM + r // Nq, query row r % Nq
+    m_rows = tl.arange(0, BLOCK_M)
+    q_row = m_rows % Nq
+    head_in_group = head_chunk * HEADS_PER_PROGRAM + m_rows // Nq
+    row_ok = (m_rows < HEADS_PER_PROGRAM * Nq) & (head_in_group < GROUP)
+    h_row = hk * GROUP + tl.minimum(head_in_group, GROUP - 1)
+    q_pos = Nk - Nq + q_row
+    live = q_pos >= 0  # rows before the sequence start (kv_len < Nq) see no key
+    offs_i = tl.maximum(q_pos, 0)
+    q_lo = tl.maximum(Nk - Nq, 0)
+    q_hi = tl.maximum(Nk - 1, 0)
+    cols = tl.arange(0, HEAD_DIM_PAD)
+    q_rows = Q + b.to(tl.int64) * stride_qb + h_row * stride_qh + q_row * stride_qm
+    q = tl.load(q_rows[:, None] + cols[None, :], mask=row_ok[:, None] & (cols[None, :] < HEAD_DIM), other=0.0)
+    if PAGE_SIZE > 0:
+        K_head = K + hk * stride_kh
+        V_head = V + hk * stride_vh
+    else:
+        K_head = K + b.to(tl.int64) * stride_kb + hk * stride_kh
+        V_head = V + b.to(tl.int64) * stride_vb + hk * stride_vh
+    BT_row = BT + b * stride_btb
+    row0 = tl.load(doc_ptr + b * doc_stride0 + offs_i * doc_stride1, mask=(offs_i >= 0) & (offs_i < doc_size1), other=0)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, VALUE_DIM_PAD], dtype=tl.float32)
+    kv_lo = 0
+    kv_hi = tl.cdiv(Nk, BLOCK_N)
+    kv_full_lo = 0
+    kv_full_hi = 0
+    # This split's share of the key blocks.
+    per_split = tl.cdiv(tl.maximum(kv_hi - kv_lo, 0), NUM_SPLITS)
+    s_lo = kv_lo + split_id * per_split
+    s_hi = tl.minimum(s_lo + per_split, kv_hi)
+    # Full tiles need every row live: none when kv_len < Nq.
+    f_lo = tl.minimum(tl.maximum(kv_full_lo, s_lo), s_hi)
+    f_hi = tl.where(Nk >= Nq, tl.minimum(tl.maximum(kv_full_hi, f_lo), s_hi), f_lo)
+    for kb in tl.range(s_lo, f_lo):
+        acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
+                                  stride_kb, stride_kn, stride_vb, stride_vn,
+                                  b, h_row, H, n_q, n_k, doc_ptr, doc_stride0, doc_stride1, doc_size0, doc_size1, row0,
+                                  qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD,
+                                  PAGE_SIZE, DOT_PRECISION, FAST_MATH, MASKED=True)
+    for kb in tl.range(f_lo, f_hi):
+        acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
+                                  stride_kb, stride_kn, stride_vb, stride_vn,
+                                  b, h_row, H, n_q, n_k, doc_ptr, doc_stride0, doc_stride1, doc_size0, doc_size1, row0,
+                                  qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD,
+                                  PAGE_SIZE, DOT_PRECISION, FAST_MATH, MASKED=False)
+    for kb in tl.range(f_hi, s_hi):
+        acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
+                                  stride_kb, stride_kn, stride_vb, stride_vn,
+                                  b, h_row, H, n_q, n_k, doc_ptr, doc_stride0, doc_stride1, doc_size0, doc_size1, row0,
+                                  qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD,
+                                  PAGE_SIZE, DOT_PRECISION, FAST_MATH, MASKED=True)
+    o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    # natural-log LSE; -inf on rows without an allowed key
+    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i))) * 0.6931471805599453)
+    vcols = tl.arange(0, VALUE_DIM_PAD)
+    out_rows = (b * H + h_row) * Nq + q_row
+    if SPLIT:
+        # fp32 partials [B, Hq, Nq, NUM_SPLITS, VALUE_DIM_PAD] and their LSE, merged afterwards
+        part_rows = out_rows.to(tl.int64) * NUM_SPLITS + split_id
+        tl.store(O + part_rows[:, None] * VALUE_DIM_PAD + vcols[None, :], o, mask=row_ok[:, None])
+        tl.store(LSE + part_rows, lse, mask=row_ok)
+    else:
+        o_ptrs = O + b.to(tl.int64) * stride_ob + h_row * stride_oh + q_row * stride_om
+        tl.store(o_ptrs[:, None] + vcols[None, :], o.to(O.dtype.element_ty),
+                 mask=row_ok[:, None] & (vcols[None, :] < VALUE_DIM))
+        if RETURN_LSE:
+            tl.store(LSE + out_rows, lse, mask=row_ok)
+
+
+def _decode(call):
+    q, k, v = _rt.decode.kernel_operands(call)
+    cfg = _rt.decode.decode_config(call)
+    heads = _rt.decode.heads_per_program(call, cfg)
+    programs = call.B * call.Hkv * triton.cdiv(call.group, heads)
+    splits = _rt.decode.num_splits(call, cfg, programs)
+    if programs == 0:
+        return _rt.decode.empty_result(call)
+    o = torch.empty(call.B, call.Hq, call.Nq, call.Dv, dtype=call.q.dtype, device=q.device)
+    lse = torch.empty(call.B, call.Hq, call.Nq, dtype=torch.float32, device=q.device)
+    dv_pad = _rt.padded_dim(call.Dv)
+    if splits > 1:
+        out = torch.empty(call.B, call.Hq, call.Nq, splits, dv_pad, dtype=torch.float32, device=q.device)
+        out_lse = torch.empty(call.B, call.Hq, call.Nq, splits, dtype=torch.float32, device=q.device)
+    else:
+        out, out_lse = o, lse
+    if call.paged:
+        table = call.block_table
+        k_strides, v_strides = (k.stride(0), k.stride(2), k.stride(1)), (v.stride(0), v.stride(2), v.stride(1))
+    else:
+        table = call.kv_len  # unused
+        k_strides, v_strides = (k.stride(0), k.stride(1), k.stride(2)), (v.stride(0), v.stride(1), v.stride(2))
+    _rt.launch(call, cfg, lambda cfg: _dec_kernel[(splits, programs)](
+        q, k, v, out, out_lse, call.kv_len, table,
+        q.stride(0), q.stride(1), q.stride(2),
+        *k_strides, *v_strides,
+        table.stride(0), o.stride(0), o.stride(1), o.stride(2),
+        call.Nq, call.Hq, call.group, heads, call.capacity, max(call.num_pages, 1), splits,
+        call.scale * _rt.LOG2E, call.scale,
+        call.inputs['doc'], *call.inputs['doc'].stride(), *call.inputs['doc'].shape,
+        HEAD_DIM=q.shape[-1], HEAD_DIM_PAD=_rt.padded_dim(q.shape[-1]),
+        VALUE_DIM=call.Dv, VALUE_DIM_PAD=dv_pad,
+        ROTARY_DIM=0,
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, PAGE_SIZE=call.page_size, SPLIT=splits > 1,
+        RETURN_LSE=call.return_lse,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        FAST_MATH=_rt.fast_math(call),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    ), kernel="decode")
+    if splits > 1:
+        _rt.decode.merge(call, out, out_lse, o, lse)
+    return o, lse
+
+
+def decode(q, k_cache, v_cache, *, kv_len, block_table=None, return_lse=False, scale=None, **inputs_and_params):
+    """document decoding: a few new query rows per batch row against a KV cache (no gradient).
+
+    q [B, Hq, Nq, D] with Nq = 1 to 16 (the next token, or speculative tokens). The cache is
+    contiguous, k_cache [B, Hkv, Nmax, D] and v_cache [B, Hkv, Nmax, Dv], or paged,
+    k_cache [num_pages, page_size, Hkv, D] and v_cache [num_pages, page_size, Hkv, Dv]
+    (page_size >= 16) with block_table [B, pages] (int32): cache position j of row b is
+    slot j % page_size of page block_table[b, j // page_size].
+    kv_len [B] (int32): the valid cache entries of each row, the new tokens' keys included.
+    Returns o [B, Hq, Nq, Dv] (and the natural-log LSE [B, Hq, Nq] in float32 with
+    ``return_lse=True``, to merge with other chunks).
+
+    Positions: cache row j is position j; query row t of batch row b is position
+    i = kv_len[b] - Nq + t, and n_q = n_k = kv_len[b], so masks, biases, softcap and RoPE mean
+    what they mean in ``attention`` on the whole sequence: with n = kv_len[b], row b equals
+    ``attention(q[b:b+1], k[b:b+1, :, :n], v[b:b+1, :, :n], q_offset=n - Nq)``.
+    A row with kv_len[b] = 0, and a query row at a negative position (kv_len[b] < Nq), sees
+    no key: o = 0 and lse = -inf.
+    Inputs (keyword, required): doc (b, n; int32); inputs indexed by position must cover the
+    cache's capacity (Nmax, or pages * page_size).
+    kv_len and block_table values are checked when they are CPU tensors (or with
+    ATTNCC_CHECK_DECODE=1); on the GPU the kernel clamps them to the cache instead of syncing.
+    """
+    call = _rt.decode.bind_decode(SPEC, q, k_cache, v_cache, kv_len=kv_len, block_table=block_table,
+                                  return_lse=return_lse, scale=scale, kwargs=inputs_and_params)
+    o, lse = _decode(call)
     return (o, lse) if return_lse else o

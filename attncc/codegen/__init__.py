@@ -49,11 +49,14 @@ def render(pattern: Pattern) -> str:
 
         return env.get_template("linear.py.j2").render(**common, **linear_context(pattern))
     from attncc.analysis import analyze
+    from attncc.codegen.backward import backward_context
+    from attncc.codegen.decode import decode_context
     from attncc.codegen.softmax import softmax_context
 
     plan = analyze(pattern)
     ctx = softmax_context(pattern, plan)
-    return env.get_template("softmax.py.j2").render(**common, **ctx)
+    return env.get_template("softmax.py.j2").render(**common, **ctx, backward=backward_context(pattern, plan, ctx),
+                                                    decode=decode_context(pattern, plan, ctx))
 
 
 def _targets(specs: Iterable, out_dir) -> List[tuple]:

@@ -12,6 +12,7 @@ from typing import Dict, List, Tuple
 
 import sympy
 from sympy.core.function import AppliedUndef
+from sympy.functions.elementary.piecewise import ExprCondPair
 
 from attncc.spec import symbols as S
 from attncc.spec.builtins import RandomBlocks
@@ -23,10 +24,19 @@ def depends_on(e: sympy.Basic, sym: sympy.Symbol) -> bool:
 
 @dataclass
 class Hoister:
-    """Collects hoisted sub-expressions across several expressions (shared names)."""
+    """Collects hoisted sub-expressions across several expressions (shared names).
+
+    ``inner`` is the position the loop walks (``j`` in the forward and dQ kernels; ``i`` in
+    the dK/dV kernel, which walks query blocks), ``outer`` the one fixed per program; the
+    score ``s`` varies per pair and is never hoisted. ``rows`` hold the sub-expressions of
+    ``outer`` (vectors named ``row_prefix<n>``), ``scalars`` those of neither.
+    """
 
     scalars: Dict[sympy.Basic, sympy.Symbol] = field(default_factory=dict)
     rows: Dict[sympy.Basic, sympy.Symbol] = field(default_factory=dict)
+    inner: sympy.Symbol = S.j
+    outer: sympy.Symbol = S.i
+    row_prefix: str = "row"
 
     def __call__(self, e: sympy.Basic) -> sympy.Basic:
         return self._walk(e)
@@ -34,13 +44,15 @@ class Hoister:
     def _walk(self, e):
         if e.is_Atom or isinstance(e, RandomBlocks):
             return e
-        if not depends_on(e, S.j):
+        if isinstance(e, ExprCondPair):  # a (value, condition) of a Piecewise is no value of its own
+            return e.func(*[self._walk(a) for a in e.args])
+        if not (depends_on(e, self.inner) or depends_on(e, S.s)):
             if isinstance(e, sympy.Symbol) or (e.is_number):
                 return e
-            if depends_on(e, S.i):
+            if depends_on(e, self.outer):
                 if not _worth_a_row(e):
                     return e.func(*[self._walk(a) for a in e.args])
-                return self._name(self.rows, e, "row")
+                return self._name(self.rows, e, self.row_prefix)
             return self._name(self.scalars, e, "c")
         return e.func(*[self._walk(a) for a in e.args]) if e.args else e
 

@@ -1,9 +1,22 @@
 """Pattern -> the template variables of a linear-attention kernel (templates/linear.py.j2)."""
 from attncc.spec.ir import Pattern
 
+# phi of each feature map, for the generated module's docstring
+FEATURE_DOCS = {
+    "elu+1": "phi(x) = elu(x) + 1 (x + 1 where x > 0, exp(x) elsewhere), F = D features",
+    "relu": "phi(x) = max(x, 0), F = D features",
+    "identity": "phi(x) = x, F = D features",
+    "performer": "FAVOR+, phi(x) = exp(W x' - |x'|^2 / 2) / sqrt(F), x' = x / D^(1/4), W = "
+                 "performer_projection(F, D, seed) (orthogonal random rows)",
+    "cosformer": "cosFormer, phi(x_i) = [relu(x_i) cos(pi i / 2M), relu(x_i) sin(pi i / 2M)], M = max(n_q, n_k), "
+                 "F = 2 D features",
+}
+
 
 def linear_context(pattern: Pattern) -> dict:
     fm = pattern.feature_map
-    if fm.name not in ("elu+1", "relu", "identity", "performer"):
-        raise NotImplementedError(f"{pattern.source}: the {fm.name!r} feature map has no kernel yet")
-    return dict(feature_map=fm.name, features=fm.features, seed=fm.seed, causal=fm.causal, normalize=fm.normalize)
+    if fm.name not in FEATURE_DOCS:
+        raise NotImplementedError(f"{pattern.source}: the {fm.name!r} feature map has no kernel yet "
+                                  f"(kernels exist for {', '.join(FEATURE_DOCS)})")
+    return dict(feature_map=fm.name, feature_doc=FEATURE_DOCS[fm.name], features=fm.features, seed=fm.seed,
+                causal=fm.causal, normalize=fm.normalize)

@@ -9,6 +9,7 @@ from sympy.core.function import AppliedUndef
 from attncc.codegen.helpers import render_helper, rope_helpers
 from attncc.codegen.hoist import Hoister, split_along_j
 from attncc.codegen.printer import TritonPrinter
+from attncc.codegen.tile_kernel import render_tile_kernel
 from attncc.spec import symbols as S
 from attncc.spec.builtins import RandomBlocks
 from attncc.spec.ir import Pattern
@@ -182,16 +183,17 @@ def _tile_hint(plan) -> str:
     (a window): then the band's width, not the sequence, sets the work per row."""
     if plan.iteration.value != "affine":
         return "default"
-    return "band" if all(kr.lo.free_symbols & {sym for sym in kr.lo.free_symbols if sym.name == "q_lo"}
-                         for kr in plan.key_ranges) else "default"
+    moves = [any(sym.name == "q_lo" for sym in kr.lo.free_symbols) for kr in plan.key_ranges]
+    return "band" if all(moves) else "default"
 
 
 def _program_context(plan) -> dict:
     program = getattr(plan, "classifier", None)
     if plan.iteration.value != "block_list" or program is None:
-        return dict(program_leaves=[], program_steps=[], program_result="")
+        return dict(program_leaves=[], program_steps=[], program_result="", tile_kernel=None)
     return dict(program_leaves=[repr(leaf) for leaf in program.leaves],
-                program_steps=[repr(step) for step in program.steps], program_result=program.result)
+                program_steps=[repr(step) for step in program.steps], program_result=program.result,
+                tile_kernel=render_tile_kernel(program, plan.pattern) if plan.dynamic else None)
 
 
 def _fold(fn: str, items: List[str]) -> str:

@@ -17,13 +17,47 @@ from attncc.runtime.call import Call
 
 def block_lists(program, call: Call, block_m: int, block_n: int, *, dynamic: bool) -> Tuple:
     """The kernel's list arguments: (full_count, full_index, partial_count, partial_index,
-    stride_b, stride_h, stride_q, width) for a grid of this call's tiles."""
+    stride_b, stride_h, stride_q, width) for a grid of this call's tiles.
+
+    When a backward will follow (``call.for_backward`` is a dict), the transposed lists are
+    made from the same grid and kept there for :func:`backward_block_lists`."""
+    if call.for_backward is not None:
+        lists, lists_t = block_lists_both(program, call, block_m, block_n, dynamic=dynamic)
+        call.for_backward[("block_lists", block_m, block_n)] = (lists, lists_t)
+        return lists
     if dynamic:
         grid = _classify(program, call, block_m, block_n, call.inputs)
         return _lists(grid, call)
     key = (program, str(call.q.device), call.Nq, call.Nk, call.q_offset, call.k_offset, call.n_q, call.n_k,
            block_m, block_n, tuple(sorted(call.params.items())))
     return _lists(_static_grid(key, call.B, call.Hq), call)
+
+
+def block_lists_both(program, call: Call, block_m: int, block_n: int, *, dynamic: bool) -> Tuple:
+    """(forward lists, transposed lists) of one grid of this call's tiles, in the format of
+    :func:`block_lists`. The transposed lists have one row per key block, listing the query
+    blocks that see it (the dK/dV kernel's iteration). Static patterns: cached per shape."""
+    if dynamic:
+        grid = _classify(program, call, block_m, block_n, call.inputs)
+        return _lists(grid, call), _lists(grid.transpose(-1, -2).contiguous(), call)
+    key = (program, str(call.q.device), call.Nq, call.Nk, call.q_offset, call.k_offset, call.n_q, call.n_k,
+           block_m, block_n, tuple(sorted(call.params.items())))
+    return _static_lists_both(key, call.B, call.Hq)
+
+
+def backward_block_lists(program, call: Call, block_m: int, block_n: int, *, dynamic: bool) -> Tuple:
+    """The (forward, transposed) lists for the backward of ``call``: those its forward kept
+    (:func:`block_lists` with ``call.for_backward`` set), else classified now."""
+    kept = (call.for_backward or {}).get(("block_lists", block_m, block_n))
+    if kept is not None:
+        return kept
+    return block_lists_both(program, call, block_m, block_n, dynamic=dynamic)
+
+
+@functools.lru_cache(maxsize=64)
+def _static_lists_both(key, batch: int, heads: int):
+    grid = _static_grid(key, batch, heads)
+    return _lists(grid, None), _lists(grid.transpose(-1, -2).contiguous(), None)
 
 
 @functools.lru_cache(maxsize=256)

@@ -42,6 +42,9 @@ class Call:
     return_lse: bool
     params: Dict[str, object] = field(default_factory=dict)
     inputs: Dict[str, torch.Tensor] = field(default_factory=dict)
+    # A dict when a backward pass will follow (the autograd path sets it): the forward keeps
+    # there what the backward of the same call reuses (the transposed block lists). None otherwise.
+    for_backward: Optional[dict] = field(default=None, repr=False, compare=False)
 
     @property
     def group(self) -> int:

@@ -1,13 +1,16 @@
-"""Tile configs, tensor preparation for TMA descriptors, and the autograd wrapper."""
+"""Tile configs, tensor preparation for TMA descriptors, and the entry to autograd (runtime/autograd.py)."""
 from __future__ import annotations
 
+import functools
 import math
 import os
+import threading
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
 import torch
 
+from attncc.runtime.autograd import AttentionFunction, check_grad_inputs
 from attncc.runtime.call import Call, _interpreting
 
 LOG2E = 1.4426950408889634
@@ -56,15 +59,16 @@ def pick_config(call: Call) -> KernelConfig:
 _TOO_BIG = set()
 
 
-def launch(call: Call, cfg: KernelConfig, run_kernel: Callable[[KernelConfig], None]):
+def launch(call: Call, cfg: KernelConfig, run_kernel: Callable[[KernelConfig], None], kernel: str = ""):
     """Launch with ``cfg``; when the kernel needs more shared memory than the GPU has (a
     pattern that gathers from memory in the loop, say), retry with shallower pipelining.
-    What failed is remembered per (spec, head dim, dtype, config)."""
+    What failed is remembered per (spec, kernel, head dim, dtype, config); ``kernel`` names
+    the backward kernels ("dkdv", "dq"), "" is the forward."""
     import dataclasses
 
     from triton.runtime.errors import OutOfResources
 
-    key = (call.spec.name, call.D, call.Dv, call.q.dtype)
+    key = (call.spec.name, call.D, call.Dv, call.q.dtype) + ((kernel,) if kernel else ())
     while True:
         if (key, cfg) not in _TOO_BIG:
             try:
@@ -116,43 +120,79 @@ def kernel_operands(call: Call):
     return q, k, v
 
 
-_ALLOCATOR_SET = False
+_ALLOCATOR_SET = threading.local()
+
+
+def _alloc(size: int, alignment: int, stream):
+    return torch.empty(size, device="cuda", dtype=torch.int8)
 
 
 def ensure_allocator():
-    """On-device tensor descriptors need scratch memory from a Triton allocator."""
-    global _ALLOCATOR_SET
-    if _ALLOCATOR_SET or _interpreting():
+    """On-device tensor descriptors need scratch memory from a Triton allocator. Triton keeps it
+    in a context variable, so each thread sets it (autograd runs backward passes of CUDA
+    tensors on a thread of its own)."""
+    if getattr(_ALLOCATOR_SET, "done", False) or _interpreting():
         return
     import triton
 
-    def alloc(size: int, alignment: int, stream):
-        return torch.empty(size, device="cuda", dtype=torch.int8)
-
-    triton.set_allocator(alloc)
-    _ALLOCATOR_SET = True
+    triton.set_allocator(_alloc)
+    _ALLOCATOR_SET.done = True
 
 
-class _Forward(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, run, call, q, k, v):
-        o, lse = run(call)
-        ctx.mark_non_differentiable(lse)
-        return o, lse
-
-    @staticmethod
-    def backward(ctx, do, dlse):
-        raise NotImplementedError("attncc: the backward pass of generated kernels is not implemented yet "
-                                  "(it lands with the backward issue); call under torch.no_grad() or detach q, k, v")
+def grad_operand(do: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """dL/do as the backward kernels read it: v's dtype (the kernels' operand dtype) and
+    padded head dim, TMA-ready (see tma_ready)."""
+    do = do.to(v.dtype)
+    if do.shape[-1] != v.shape[-1]:
+        padded = torch.zeros(*do.shape[:-1], v.shape[-1], dtype=v.dtype, device=do.device)
+        padded[..., :do.shape[-1]] = do
+        do = padded
+    return tma_ready(do)
 
 
-def run_attention(call: Call, forward: Callable[[Call], Tuple[torch.Tensor, torch.Tensor]]):
-    """Run the forward, attached to autograd when a gradient is wanted; returns (o, lse)."""
-    if call.Nq == 0 or call.Nk == 0:
-        o = torch.zeros(call.B, call.Hq, call.Nq, call.Dv, dtype=call.q.dtype, device=call.q.device)
-        lse = torch.full((call.B, call.Hq, call.Nq), -math.inf, dtype=torch.float32, device=call.q.device)
-        return o, lse
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (call.q, call.k, call.v))
-    if needs_grad:
-        return _Forward.apply(forward, call, call.q, call.k, call.v)
-    return forward(call)
+def grads_as_inputs(call: Call, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor):
+    """The kernels' gradients (padded head dims, operand dtype) with q, k, v's shapes and dtypes."""
+    return (dq[..., :call.D].to(call.q.dtype), dk[..., :call.D].to(call.k.dtype),
+            dv[..., :call.Dv].to(call.v.dtype))
+
+
+def run_attention(call: Call, forward: Callable[[Call], Tuple[torch.Tensor, torch.Tensor]],
+                  backward: Optional[Callable] = None):
+    """Run the forward, attached to autograd when a gradient is wanted; returns (o, lse).
+
+    ``backward(call, o, lse, do) -> (dq, dk, dv)``: the generated module's backward launcher
+    (None: the kind has no backward yet; asking for a gradient then raises).
+    Under ``torch.compile`` the call runs eagerly (a graph break), gradients included."""
+    if torch.compiler.is_compiling():
+        return _run_eagerly()(call, forward, backward)
+    return _run(call, forward, backward)
+
+
+def _run(call: Call, forward, backward):
+    if call.Nq == 0 or call.Nk == 0:  # no pair at all: o = 0, lse = -inf, zero gradients
+        forward, backward = _no_pairs, _no_pairs_backward
+    if not torch.is_grad_enabled():
+        return forward(call)
+    check_grad_inputs(call)
+    if not any(t.requires_grad for t in (call.q, call.k, call.v)):
+        return forward(call)
+    if backward is None:
+        raise NotImplementedError(f"attncc: {call.spec.name} ({call.spec.kind}) has no backward pass yet; "
+                                  f"call it under torch.no_grad() or detach q, k, v")
+    return AttentionFunction.apply(forward, backward, call, call.q, call.k, call.v)
+
+
+@functools.lru_cache(maxsize=None)
+def _run_eagerly():
+    """_run hidden from torch.compile (made on first use: torch._dynamo imports sympy)."""
+    return torch.compiler.disable(_run, recursive=True)
+
+
+def _no_pairs(call: Call):
+    o = torch.zeros(call.B, call.Hq, call.Nq, call.Dv, dtype=call.q.dtype, device=call.q.device)
+    lse = torch.full((call.B, call.Hq, call.Nq), -math.inf, dtype=torch.float32, device=call.q.device)
+    return o, lse
+
+
+def _no_pairs_backward(call: Call, o, lse, do):
+    return torch.zeros_like(call.q), torch.zeros_like(call.k), torch.zeros_like(call.v)

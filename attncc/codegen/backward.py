@@ -1,0 +1,318 @@
+"""Plan -> the template variables of the backward kernels (templates/softmax_backward.py.j2).
+
+Three kernels per softmax pattern, all rendered from the forward's Plan and expressions:
+
+- ``_bwd_preprocess``: ``delta = rowsum(dO * O)`` and the forward's LSE turned into the
+  ``lse2`` the other two subtract: log2 units, less the row-constant bias terms the
+  forward leaves out of its scores, ``+inf`` on rows without an allowed key (so that
+  ``p = exp2(s - lse2)`` is 0 there, never NaN).
+- ``_bwd_dkdv_kernel``: one program per (key block, b, kv head); it walks the query heads
+  of its GQA group and, per head, the query blocks that see its key block, accumulating
+  dK and dV in registers. Which query blocks: the plan's transpose
+  (:func:`transposed_plan` for affine masks, the transposed block lists for the others,
+  all of them for dense patterns).
+- ``_bwd_dq_kernel``: one program per (query block, b, h) walking the forward's key blocks.
+
+P is recomputed from ``lse2``, never stored. The score chain rule: with
+``s = scale * qk + bias``, ``s2 = mod(s)``, ``s3 = softcap * tanh(s2 / softcap)``,
+``dS3 = P * (dP - delta)``, ``dS = dS3 * (1 - tanh^2) * dmod/ds`` (``sympy.diff``), then
+``dQ = scale * dS @ K``, ``dK = scale * dS^T @ Q``, ``dV = P^T @ dO``; with RoPE the
+kernels work on rotated q and k and rotate dQ and dK back before storing.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import sympy
+from sympy.core.function import AppliedUndef
+
+from attncc.analysis import Iteration, Plan, analyze
+from attncc.codegen.helpers import render_helper
+from attncc.codegen.hoist import Hoister, split_along_j
+from attncc.codegen.printer import TritonPrinter
+from attncc.codegen.softmax import _Inputs  # input accesses as masked gathers, as the forward renders them
+from attncc.spec import symbols as S
+from attncc.spec.builtins import RandomBlocks
+from attncc.spec.ir import Pattern
+
+LOG2E = "1.4426950408889634"
+
+# The transposed plan's bound symbols, by name, as dK/dV kernel variables: its "query block"
+# is the key block [k_lo, k_hi], its "key blocks" are query blocks of BLOCK_M rows from
+# q_offset, and its n_q / n_k are ours swapped.
+TRANSPOSED_BOUND_NAMES = {"q_lo": "k_lo", "q_hi": "k_hi", "BLOCK_N": "BLOCK_M", "BLOCK_M": "BLOCK_N",
+                          "k_offset": "q_offset", "N_K": "Nq", "N_Q": "Nk"}
+TRANSPOSED_INDEX_NAMES = {S.b: "b", S.h: "h", S.n_q: "n_k", S.n_k: "n_q", S.n_heads: "H"}
+_SWAP = {S.i: S.j, S.j: S.i, S.n_q: S.n_k, S.n_k: S.n_q}
+
+
+def transposed_mask(pattern: Pattern):
+    """The mask with the roles of queries and keys swapped (``i <-> j``, ``n_q <-> n_k``)."""
+    return None if pattern.mask is None else pattern.mask.xreplace(_SWAP)
+
+
+def transposed_plan(pattern: Pattern) -> Plan:
+    """The Plan of the transposed mask: its key-block ranges, for the "query block" holding
+    positions ``[q_lo, q_hi]``, are the query-block ranges of the key block holding those key
+    positions (read its symbols through :data:`TRANSPOSED_BOUND_NAMES`: ``BLOCK_N`` is our
+    ``BLOCK_M``, ``k_offset`` our ``q_offset``, ``N_K`` our ``Nq``, ``n_q``/``n_k`` swapped).
+    Full ranges hold only query blocks whose rows all exist (``< Nq``)."""
+    t = pattern.replace(mask=transposed_mask(pattern), bias=None, mod=None, softcap=None, rope=None)
+    return analyze(t)
+
+
+def eval_query_ranges(pattern: Pattern, *, q_offset: int, k_offset: int, q_rows: int, k_rows: int,
+                      block_m: int, block_n: int, n_q: Optional[int] = None, n_k: Optional[int] = None,
+                      params=None, b: int = 0, h: int = 0):
+    """Tile classes ``[n_key_blocks, n_query_blocks]`` (int8) the dK/dV kernel of an affine
+    pattern uses (for checks: every tile holding an allowed pair visited, FULL ones all allowed)."""
+    from attncc.analysis import eval_key_ranges
+
+    n_q = q_offset + q_rows if n_q is None else n_q
+    n_k = k_offset + k_rows if n_k is None else n_k
+    return eval_key_ranges(transposed_plan(pattern), q_offset=k_offset, k_offset=q_offset, q_rows=k_rows,
+                           k_rows=q_rows, block_m=block_n, block_n=block_m, n_q=n_k, n_k=n_q, params=params,
+                           b=b, h=h, clip_rows=False)
+
+
+# ---------------------------------------------------------------------------
+# Expressions
+# ---------------------------------------------------------------------------
+
+class BackwardUnsupported(Exception):
+    """A pattern whose backward cannot be generated (the module then raises on backward)."""
+
+
+def _step_derivative(d: sympy.Derivative):
+    """What sympy leaves unevaluated: floor / ceiling are steps (derivative 0 almost everywhere,
+    as torch takes it), ``Mod(a, m)`` with ``m`` free of s has a's derivative."""
+    e, x = d.expr, d.variables[0]
+    if isinstance(e, (sympy.floor, sympy.ceiling)):
+        return sympy.Integer(0)
+    if isinstance(e, sympy.Mod) and x not in e.args[1].free_symbols:
+        return sympy.diff(e.args[0], x)
+    return d
+
+
+def score_derivative(mod) -> sympy.Expr:
+    """d mod / d s, in nodes the printer renders (Heaviside and sign as Piecewise)."""
+    d = sympy.diff(mod, S.s)  # Sigmoid knows its derivative (builtins.Sigmoid.fdiff)
+    d = d.replace(lambda e: isinstance(e, sympy.Derivative) and len(e.variables) == 1, _step_derivative)
+    d = d.replace(lambda e: isinstance(e, sympy.Subs) and not e.expr.has(sympy.Derivative), lambda e: e.doit())
+    # kinks (Max, Min, Abs) get a one-sided derivative
+    d = d.replace(sympy.Heaviside, lambda x, *rest: sympy.Piecewise((1, x > 0), (0, True)))
+    d = d.replace(sympy.sign, lambda x: sympy.Piecewise((1, x > 0), (-1, x < 0), (0, True)))
+    if d.has(sympy.Derivative) or d.has(sympy.Subs):
+        raise BackwardUnsupported(f"cannot differentiate [score].mod = {mod} with respect to s: {d}")
+    return d
+
+
+def _index_names(pattern: Pattern, i_text: str, j_text: str, extra: Dict[sympy.Symbol, str]):
+    names = {S.b: "b", S.h: "h", S.n_q: "n_q", S.n_k: "n_k", S.n_heads: "H", S.s: "s", S.i: i_text, S.j: j_text}
+    for p in pattern.params:
+        names[p.symbol] = p.name
+    names.update(extra)
+    return names
+
+
+class _Kernel:
+    """The score code of one backward tile function: its hoisting and printers.
+
+    ``inner``: the position the kernel's loop walks; sub-expressions of the other one
+    (``outer``) are hoisted into vectors ``<vec_prefix>N`` indexed ``vec_suffix`` in a tile.
+    """
+
+    def __init__(self, pattern: Pattern, *, inner, outer, vec_prefix: str, vec_suffix: str, rb_render):
+        self.pattern = pattern
+        self.hoist = Hoister(inner=inner, outer=outer, row_prefix=vec_prefix)
+        self.vec_suffix = vec_suffix
+        self.rb_render = rb_render
+        self.helpers = set()
+
+    def tile_printer(self, s_name: str = "s") -> TritonPrinter:
+        names = _index_names(self.pattern, "offs_i[:, None]", "offs_j[None, :]",
+                             {**{sym: sym.name for sym in self.hoist.scalars.values()},
+                              **{sym: f"{sym.name}{self.vec_suffix}" for sym in self.hoist.rows.values()},
+                              S.s: s_name})
+        pr = TritonPrinter(names, random_blocks=self.rb_render)
+        inputs = _Inputs(self.pattern)
+        pr.gather = lambda e: inputs.gather(pr, e)
+        return pr
+
+    def defs(self, pattern: Pattern):
+        scalars = {sym: sym.name for sym in self.hoist.scalars.values()}
+        if self.outer is S.i:
+            names = _index_names(pattern, "offs_i", "?", scalars)
+        else:
+            names = _index_names(pattern, "?", "offs_j", scalars)
+        pr = TritonPrinter(names)
+        inputs = _Inputs(pattern)
+        pr.gather = lambda e: inputs.gather(pr, e)
+        out = [(sym.name, pr(e), S.h in e.free_symbols) for e, sym in self.hoist.scalars.items()]
+        out += [(sym.name, pr(e), S.h in e.free_symbols) for e, sym in self.hoist.rows.items()]
+        self.helpers |= pr.helpers
+        return out
+
+    @property
+    def outer(self):
+        return self.hoist.outer
+
+
+def _score(pattern: Pattern, k: _Kernel, *, bias_j, simple_bias: bool, dmod):
+    """(score lines, mask code, chain lines, ctx names) of one kernel."""
+    mask = k.hoist(pattern.mask) if pattern.mask is not None else None
+    bias = k.hoist(bias_j) if bias_j is not None else None
+    mod = k.hoist(pattern.mod) if pattern.mod is not None else None
+    dm = k.hoist(dmod) if dmod is not None else None
+    tile = k.tile_printer()
+    lines: List[str] = []
+    chain: List[str] = ["ds = p * (dp - delta[:, None])"]
+    if simple_bias:
+        lines.append(f"s = qk * qk_scale + {tile(bias)} * {LOG2E}  # bias * log2(e)" if bias is not None
+                     else "s = qk * qk_scale")
+    else:
+        lines.append("s = qk * sm_scale" + (f" + {tile(bias)}" if bias is not None else ""))
+        if mod is not None:
+            lines.append("s_in = s")
+            lines.append(f"s = {tile(mod)}")
+        if pattern.softcap is not None:
+            tile.helpers.add("_tanh")
+            lines.append(f"tanh_s = _tanh(s * {1.0 / pattern.softcap!r}, FAST_MATH)")
+            lines.append(f"s = {pattern.softcap!r} * tanh_s")
+            chain.append("ds = ds * (1.0 - tanh_s * tanh_s)  # d softcap*tanh(x/softcap) / dx")
+        if dm is not None:
+            dtile = k.tile_printer("s_in")
+            text = dtile(dm)
+            tile.helpers |= dtile.helpers
+            chain.append(f"ds = ds * {text}  # d mod / d s")
+        lines.append(f"s = s * {LOG2E}  # to log2 units")
+    mask_code = tile(mask) if mask is not None else None
+    k.helpers |= tile.helpers
+    return lines, mask_code, chain
+
+
+def backward_context(pattern: Pattern, plan: Plan, fwd: dict) -> dict:
+    """The ``backward`` variable of the template: ``supported`` (False with ``reason`` when
+    this pattern's backward cannot be generated) and what each kernel needs."""
+    try:
+        return dict(supported=True, reason="", **_context(pattern, plan, fwd))
+    except (BackwardUnsupported, NotImplementedError) as e:  # the forward still builds
+        return dict(supported=False, reason=str(e))
+
+
+def _context(pattern: Pattern, plan: Plan, fwd: dict) -> dict:
+    simple_bias = pattern.mod is None and pattern.softcap is None
+    bias_j, lse_row = pattern.bias, None
+    if pattern.bias is not None and simple_bias:
+        bias_j, lse_row = split_along_j(pattern.bias)
+        bias_j = None if bias_j == 0 else bias_j
+        lse_row = None if lse_row == 0 else lse_row
+    dmod = score_derivative(pattern.mod) if pattern.mod is not None else None
+
+    random_blocks = sorted((pattern.mask.atoms(RandomBlocks) if pattern.mask is not None else set()),
+                           key=sympy.default_sort_key)
+    rb_names = {rb: f"rb{n}" for n, rb in enumerate(random_blocks)}
+
+    def rb_rows(e: RandomBlocks) -> str:  # dQ: per-row table entries hoisted like the forward's
+        r, block, _ = e.options
+        if r == 0:
+            return "False"
+        name = rb_names[e]
+        return "(" + " | ".join(f"(offs_j[None, :] // {block} == {name}_{t}[:, None])" for t in range(r)) + ")"
+
+    def rb_tile(e: RandomBlocks) -> str:  # dK/dV: gathered per tile
+        r, block, _ = e.options
+        if r == 0:
+            return "False"
+        name = rb_names[e]
+        return f"_random_hit(offs_i, offs_j, {name}_table, {name}_rows, {r}, {block})"
+
+    dq = _Kernel(pattern, inner=S.j, outer=S.i, vec_prefix="row", vec_suffix="[:, None]", rb_render=rb_rows)
+    dkdv = _Kernel(pattern, inner=S.i, outer=S.j, vec_prefix="col", vec_suffix="[None, :]", rb_render=rb_tile)
+    kernels = {}
+    for name, k in (("dq", dq), ("dkdv", dkdv)):
+        lines, mask_code, chain = _score(pattern, k, bias_j=bias_j, simple_bias=simple_bias, dmod=dmod)
+        defs = k.defs(pattern)
+        ctx_args = ["b", "h", "H", "n_q", "n_k"] + [p.name for p in pattern.params] + fwd["input_args"]
+        ctx_args += [n for n, _, _ in defs]
+        if name == "dq":
+            for rb, rbn in rb_names.items():
+                r, block, _ = rb.options
+                for t in range(r):
+                    defs.append((f"{rbn}_{t}", f"tl.load({rbn}_table + tl.minimum(offs_i // {block}, {rbn}_rows - 1) * {r} + {t})", False))
+                    ctx_args.append(f"{rbn}_{t}")
+            if pattern.rope is not None:
+                ctx_args += ["K_rope", "stride_kn"]
+        elif pattern.rope is not None:
+            ctx_args += ["Q_rope", "stride_qm"]
+        # dK/dV: values of the key block are defined once, those that depend on the query head
+        # in the loop over the heads of the group; dQ: all once.
+        kernels[name] = dict(score_lines=lines, mask_code=mask_code, chain_lines=chain, ctx_args=ctx_args,
+                             defs=[(n, c) for n, c, per_head in defs if name == "dq" or not per_head],
+                             head_defs=[(n, c) for n, c, per_head in defs if name == "dkdv" and per_head])
+
+    # -- the row-constant bias the forward leaves out of the scores (preprocessing) -------
+    pre_args, pre_values, pre_bias = [p.name for p in pattern.params], [f"call.params[{p.name!r}]" for p in pattern.params], None
+    helpers = dq.helpers | dkdv.helpers
+    if lse_row is not None:
+        pr = TritonPrinter(_index_names(pattern, "offs_i", "?", {}))
+        inputs = _Inputs(pattern)
+        pr.gather = lambda e: inputs.gather(pr, e)
+        pre_bias = pr(lse_row)
+        helpers |= pr.helpers
+        used = sorted({type(a).__name__ for a in lse_row.atoms(AppliedUndef)})
+        pre_args += [a for n in used for a in inputs.args(n)]
+        pre_values += [f"call.inputs[{n!r}], *call.inputs[{n!r}].stride(), *call.inputs[{n!r}].shape" for n in used]
+
+    # -- which query blocks see a key block (dK/dV) ------------------------------------
+    q_iteration = plan.iteration.value
+    q_ranges, q_hull_lo, q_hull_hi, q_full_test, q_visit_test, ranges_per_head = [], None, None, None, None, False
+    if plan.iteration is Iteration.AFFINE:
+        tplan = transposed_plan(pattern)
+        if tplan.iteration is not Iteration.AFFINE:  # cannot happen: the transposed mask has the same atoms
+            raise BackwardUnsupported(f"the transposed mask of {pattern.name} is not affine")
+        n = len(tplan.key_ranges)
+        names = dict(TRANSPOSED_INDEX_NAMES)
+        for p in pattern.params:
+            names[p.symbol] = p.name
+        for c, kr in enumerate(tplan.key_ranges):
+            step_names = {nm: (f"qb_{nm}" if n == 1 else f"q{nm}{c}") for nm, _ in kr.steps}
+            bound_names = {}
+            for _, e in kr.steps:
+                for sym in e.free_symbols:
+                    bound_names[sym] = (step_names.get(sym.name) or TRANSPOSED_BOUND_NAMES.get(sym.name)
+                                        or names.get(sym) or sym.name)
+                    ranges_per_head |= sym in (S.h,)
+            pr = TritonPrinter(bound_names)
+            q_ranges.append([(step_names[nm], pr(e)) for nm, e in kr.steps])
+            helpers |= pr.helpers
+        q_hull_lo = _fold("tl.minimum", [f"qlo{c}" for c in range(n)])
+        q_hull_hi = _fold("tl.maximum", [f"qhi{c}" for c in range(n)])
+        q_full_test = " | ".join(f"((qb >= qfull_lo{c}) & (qb < qfull_hi{c}))" for c in range(n))
+        q_visit_test = " | ".join(f"((qb >= qlo{c}) & (qb < qhi{c}))" for c in range(n))
+
+    extra_helpers = [render_helper(h) for h in sorted(helpers)]
+    extra_helpers = [h for h in extra_helpers if h not in fwd["helpers"]]
+    if rb_names:
+        extra_helpers.append(RANDOM_HIT)
+    return dict(dq=kernels["dq"], dkdv=kernels["dkdv"], pre_args=pre_args, pre_values=pre_values, pre_bias=pre_bias,
+                q_iteration=q_iteration, q_ranges=q_ranges, q_hull_lo=q_hull_lo, q_hull_hi=q_hull_hi,
+                q_full_test=q_full_test, q_visit_test=q_visit_test, ranges_per_head=ranges_per_head,
+                helpers=extra_helpers)
+
+
+RANDOM_HIT = '''@triton.jit
+def _random_hit(offs_i, offs_j, table, rows, R: tl.constexpr, BLOCK: tl.constexpr):
+    """BigBird: is key position j in one of the R random key blocks of query position i's block?"""
+    row = tl.minimum(offs_i // BLOCK, rows - 1) * R
+    hit = offs_j[None, :] < 0
+    for t in tl.static_range(R):
+        hit = hit | (offs_j[None, :] // BLOCK == tl.load(table + row + t)[:, None])
+    return hit'''
+
+
+def _fold(fn: str, items: List[str]) -> str:
+    out = items[0]
+    for x in items[1:]:
+        out = f"{fn}({out}, {x})"
+    return out

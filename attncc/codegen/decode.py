@@ -1,0 +1,170 @@
+"""Plan -> the template variables of the decode kernels (templates/decode.py.j2).
+
+Decoding runs a few query rows (``Nq`` <= 16) of every head of a GQA group in one program, so
+the query head varies along the rows of a tile: ``h`` is the row vector ``h_row`` here, and
+whatever the forward kernel hoists as a per-program scalar of ``(b, h)`` becomes a per-row
+vector when it depends on ``h``. Positions are per batch row: key ``j`` is cache row ``j``,
+query row ``t`` is ``i = kv_len[b] - Nq + t``, and ``n_q = n_k = kv_len[b]``.
+
+Key-block bounds come from the analysis' closed-form key ranges (a window reads only its
+own blocks, so only its pages) when they do not depend on the query head; otherwise (and
+for data-dependent masks) every key block below ``kv_len`` is visited with the mask
+evaluated. ``random_blocks`` patterns get no decode: their random key blocks depend on
+the sequence length, which differs per batch row.
+"""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import sympy
+from sympy.core.function import AppliedUndef
+
+from attncc.analysis import symbols as A
+from attncc.codegen.helpers import render_helper, rope_helpers
+from attncc.codegen.hoist import Hoister, split_along_j
+from attncc.codegen.printer import TritonPrinter
+from attncc.spec import symbols as S
+from attncc.spec.builtins import RandomBlocks
+from attncc.spec.ir import Pattern
+
+# Kernel names of the bound symbols (k_offset is 0: the cache starts at position 0).
+BOUND_NAMES = {"q_lo": "q_lo", "q_hi": "q_hi", "BLOCK_N": "BLOCK_N", "BLOCK_M": "BLOCK_M", "N_K": "Nk"}
+
+
+def _gather_args(pattern: Pattern, name: str) -> List[str]:
+    nd = len(pattern.input(name).dims)
+    return [f"{name}_ptr"] + [f"{name}_stride{d}" for d in range(nd)] + [f"{name}_size{d}" for d in range(nd)]
+
+
+def _gather(pattern: Pattern, printer: TritonPrinter, e: AppliedUndef) -> str:
+    """``doc[b, i]`` as a load, guarded (0 outside) along the dims that are not b or h."""
+    name = type(e).__name__
+    decl = pattern.input(name)
+    idx = [printer.p(a) for a in e.args]
+    offset = " + ".join(f"{x} * {name}_stride{d}" for d, x in enumerate(idx))
+    guards = [f"({x} >= 0) & ({x} < {name}_size{d})" for d, x in enumerate(idx) if decl.dims[d] not in ("b", "h")]
+    if not guards:
+        return f"tl.load({name}_ptr + {offset})"
+    return f"tl.load({name}_ptr + {offset}, mask={' & '.join(guards)}, other=0)"
+
+
+def decode_context(pattern: Pattern, plan, ctx: dict) -> dict:
+    """The ``decode`` variable of the templates (``ctx``: softmax_context's result, for the
+    helpers the module already defines)."""
+    if pattern.mask is not None and pattern.mask.atoms(RandomBlocks):
+        return dict(supported=False, reason="random_blocks() depend on the sequence length, which differs per row")
+    hoist = Hoister()
+    bias_j, lse_row = pattern.bias, None
+    simple_bias = pattern.mod is None and pattern.softcap is None
+    if pattern.bias is not None and simple_bias:
+        bias_j, lse_row = split_along_j(pattern.bias)
+        bias_j = None if bias_j == 0 else bias_j
+        lse_row = None if lse_row == 0 else lse_row
+    mask = hoist(pattern.mask) if pattern.mask is not None else None
+    bias_j = hoist(bias_j) if bias_j is not None else None
+    mod = hoist(pattern.mod) if pattern.mod is not None else None
+
+    # Hoisted values: per program when they involve neither i nor h, else per row.
+    scalars = [(sym, e) for e, sym in hoist.scalars.items() if not e.has(S.h)]
+    rows = [(sym, e) for e, sym in hoist.scalars.items() if e.has(S.h)] + [(sym, e) for e, sym in hoist.rows.items()]
+
+    def names(i_text, h_text, row_suffix):
+        out = {S.b: "b", S.h: h_text, S.i: i_text, S.j: "offs_j[None, :]", S.n_q: "n_q", S.n_k: "n_k",
+               S.n_heads: "H", S.s: "s"}
+        out.update({p.symbol: p.name for p in pattern.params})
+        out.update({sym: sym.name for sym, _ in scalars})
+        out.update({sym: sym.name + row_suffix for sym, _ in rows})
+        return out
+
+    tile = TritonPrinter(names("offs_i[:, None]", "h_row[:, None]", "[:, None]"))
+    tile.gather = lambda e: _gather(pattern, tile, e)
+    row = TritonPrinter(names("offs_i", "h_row", ""))
+    row.gather = lambda e: _gather(pattern, row, e)
+
+    score_lines: List[str] = []
+    if pattern.bias is not None or pattern.mod is not None or pattern.softcap is not None:
+        if simple_bias:
+            if bias_j is not None:
+                score_lines.append(f"s = qk * qk_scale + {tile(bias_j)} * 1.4426950408889634  # bias * log2(e)")
+            else:
+                score_lines.append("s = qk * qk_scale")
+        else:
+            score_lines.append("s = qk * sm_scale" + (f" + {tile(bias_j)}" if bias_j is not None else ""))
+            if mod is not None:
+                score_lines.append(f"s = {tile(mod)}")
+            if pattern.softcap is not None:
+                tile.helpers.add("_tanh")
+                score_lines.append(f"s = {pattern.softcap!r} * _tanh(s * {1.0 / pattern.softcap!r}, FAST_MATH)")
+            score_lines.append("s = s * 1.4426950408889634  # to log2 units")
+    mask_code = tile(mask) if mask is not None else None
+    scalar_defs = [(sym.name, row(e)) for sym, e in scalars]
+    row_defs = [(sym.name, row(e)) for sym, e in rows]
+    lse_row_bias = row(lse_row) if lse_row is not None else None
+
+    used_inputs = sorted({type(a).__name__ for e in (pattern.mask, pattern.bias, pattern.mod) if e is not None
+                          for a in e.atoms(AppliedUndef)})
+    input_args = [a for name in used_inputs for a in _gather_args(pattern, name)]
+    ctx_args = ["b", "h_row", "H", "n_q", "n_k"] + [p.name for p in pattern.params] + input_args
+    ctx_args += [sym.name for sym, _ in scalars] + [sym.name for sym, _ in rows]
+
+    iteration, ranges, note = _iteration(pattern, plan, tile)
+
+    helper_names = sorted(tile.helpers | row.helpers)
+    helpers = [render_helper(h) for h in helper_names]
+    if pattern.rope is not None:
+        helpers.append(rope_helpers(pattern.rope.style, pattern.rope.theta))
+    have = set(ctx.get("helpers", ()))
+    return dict(
+        supported=True, reason="", helpers=[h for h in helpers if h not in have],
+        ctx_args=ctx_args, score_lines=score_lines, mask_code=mask_code, scalar_defs=scalar_defs,
+        row_defs=row_defs, lse_row_bias=lse_row_bias, iteration=iteration, ranges=ranges, note=note,
+        hull_lo=_fold("tl.minimum", [f"lo{c}" for c in range(len(ranges))]) if len(ranges) > 1 else None,
+        hull_hi=_fold("tl.maximum", [f"hi{c}" for c in range(len(ranges))]) if len(ranges) > 1 else None,
+        full_test=" | ".join(f"((kb >= full_lo{c}) & (kb < full_hi{c}))" for c in range(len(ranges))),
+        visit_test=" | ".join(f"((kb >= lo{c}) & (kb < hi{c}))" for c in range(len(ranges))),
+        param_args=[p.name for p in pattern.params], input_args=input_args,
+        param_values=[f"call.params[{p.name!r}]" for p in pattern.params],
+        input_values=[f"call.inputs[{n!r}], *call.inputs[{n!r}].stride(), *call.inputs[{n!r}].shape"
+                      for n in used_inputs],
+        kv_len_input=any(d.name == "kv_len" for d in pattern.inputs),
+    )
+
+
+def _iteration(pattern: Pattern, plan, tile: TritonPrinter):
+    """("ranges", [steps per clause], note) from the closed-form key ranges, or ("dense" |
+    "all", [], note) when every key block below kv_len is visited (full / masked)."""
+    it = plan.iteration.value
+    if it == "dense":
+        return "dense", [], "all below kv_len; only the ragged last one is masked"
+    if it != "affine":
+        return "all", [], "all below kv_len, the mask evaluated on each (it depends on the inputs)"
+    exprs = [e for kr in plan.key_ranges for _, e in kr.steps]
+    if any(e.has(S.h) for e in exprs):
+        return "all", [], "all below kv_len, the mask evaluated on each (its key ranges depend on h)"
+    n = len(plan.key_ranges)
+    params = {p.symbol: p.name for p in pattern.params}
+    ranges = []
+    for c, kr in enumerate(plan.key_ranges):
+        step_names = {name: (f"kv_{name}" if n == 1 else f"{name}{c}") for name, _ in kr.steps}
+        steps = []
+        for name, e in kr.steps:
+            e = e.subs(A.k_offset, 0)
+            bound_names: Dict[sympy.Symbol, str] = {}
+            for sym in e.free_symbols:
+                text = (step_names.get(sym.name) or BOUND_NAMES.get(sym.name) or params.get(sym)
+                        or {S.n_q: "n_q", S.n_k: "n_k", S.b: "b"}.get(sym))
+                if text is None:
+                    return "all", [], f"all below kv_len, the mask evaluated on each (a bound uses {sym})"
+                bound_names[sym] = text
+            printer = TritonPrinter(bound_names)
+            steps.append((step_names[name], printer(e)))
+            tile.helpers |= printer.helpers
+        ranges.append(steps)
+    return "ranges", ranges, "the forward's closed-form ranges, for the rows kv_len - Nq .. kv_len - 1"
+
+
+def _fold(fn: str, items: List[str]) -> str:
+    out = items[0]
+    for x in items[1:]:
+        out = f"{fn}({out}, {x})"
+    return out

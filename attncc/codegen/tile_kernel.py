@@ -1,0 +1,847 @@
+"""IntervalProgram -> one Triton kernel that builds the per-call block lists.
+
+``tiles.classify_grid`` + ``tiles.to_block_lists`` run a mask's interval program as ~50
+small torch ops per call. :func:`render_tile_kernel` compiles the same program into one
+``@triton.jit`` kernel plus a host function ``_block_lists_fast(call, block_m, block_n)``
+that returns exactly what ``_rt.blocks.block_lists(program, call, block_m, block_n,
+dynamic=True)`` returns: the same counts and the same indices (in increasing kb order)
+for every (b, h, qb). Entries of an index row past its count differ (the torch path
+writes 0; the kernel fills them with the other key blocks, all in ``[0, width)``).
+
+How the kernel mirrors ``attncc.runtime.tiles``:
+
+- One program per (query block, b or 0, h or 0); only the grid dims the mask depends on
+  are walked (the lists have the same shapes as the torch path's). Key blocks go in chunks
+  of ``KB_CHUNK`` lanes; per-block min / max of inputs along positions are computed in the
+  kernel (clamped loads, like the torch path's "repeat the last row").
+- Values are classified at generation time as *literal* (known now: folded by calling the
+  ``tiles`` function itself), *host* (Python numbers at run time: params, ``n_q``, ``n_k``
+  and steps over them; the host function computes them by calling the ``tiles`` functions,
+  so their Python semantics are the torch path's by construction) and *grid* (tensors:
+  computed in the kernel in float64, one IEEE operation per torch operation, NaN-propagating
+  min / max like ``torch.minimum``; launched with FMA contraction off).
+- Where ``tiles`` picks a code path from a Python number (``_scalar`` in mul / div /
+  floordiv / mod), literals pick it here and host values pick it per call (both paths are
+  computed, a uniform ``tl.where`` chooses).
+
+Ops on grid values: const, span, unbounded, add, sub, neg, mul, reciprocal, div, floordiv,
+mod, floor_, abs_, min_, max_, select, tri, le, lt, eq, ne, and_, or_, not_. Steps on
+literals / host values only may use any op of ``tiles.OPS`` except bucket and
+random_blocks. Leaves: i, j, b, h, n_q, n_k, param, input (BlockStat along i or j, or a
+point read by b / h / constants). Anything else: :func:`render_tile_kernel` returns None.
+
+At run time ``_block_lists_fast`` falls back to the torch path when ``call.for_backward``
+is set (the torch path then also keeps the transposed lists for the backward), when an
+input is missing or has an unexpected rank, size or dtype (the torch path raises its
+error), or when a size is 0.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+from attncc.runtime import tiles
+from attncc.runtime.tiles import BlockStat, IntervalProgram
+
+GRID_OPS = frozenset({"const", "span", "unbounded", "add", "sub", "neg", "mul", "reciprocal", "div", "floordiv",
+                      "mod", "floor_", "abs_", "min_", "max_", "select", "tri", "le", "lt", "eq", "ne", "and_",
+                      "or_", "not_"})
+HOST_OPS = frozenset(tiles.OPS) - {"bucket", "random_blocks"}
+_TRI_OPS = frozenset({"tri", "le", "lt", "eq", "ne", "and_", "or_", "not_"})
+_INPUT_DTYPES = ("float16", "bfloat16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool")
+
+
+class Unsupported(Exception):
+    """The program uses something the kernel does not implement."""
+
+
+# ---------------------------------------------------------------------------
+# Kernel helpers (pasted once; only the ones used)
+# ---------------------------------------------------------------------------
+
+# Logic goes through tl.where, never & | ~ on comparison results: the Triton interpreter
+# gives a scalar comparison result float data when it is broadcast against a vector.
+_HELPERS: Dict[str, str] = {
+    "_tk_and": """
+@triton.jit
+def _tk_and(x, y):
+    return tl.where(x, y, False)""",
+    "_tk_or": """
+@triton.jit
+def _tk_or(x, y):
+    return tl.where(x, True, y)""",
+    "_tk_not": """
+@triton.jit
+def _tk_not(x):
+    return tl.where(x, False, True)""",
+    "_tk_min": """
+@triton.jit
+def _tk_min(x, y):
+    # torch.minimum: NaN if either is NaN
+    return tl.where(x < y, x, tl.where(x != x, x, y))""",
+    "_tk_max": """
+@triton.jit
+def _tk_max(x, y):
+    # torch.maximum: NaN if either is NaN
+    return tl.where(x > y, x, tl.where(x != x, x, y))""",
+    "_tk_pymin": """
+@triton.jit
+def _tk_pymin(x, y):
+    # Python's min(x, y) of two numbers
+    return tl.where(y < x, y, x)""",
+    "_tk_pymax": """
+@triton.jit
+def _tk_pymax(x, y):
+    # Python's max(x, y) of two numbers
+    return tl.where(y > x, y, x)""",
+    "_tk_nan_to": """
+@triton.jit
+def _tk_nan_to(x, value):
+    return tl.where(x != x, value, x)""",
+    "_tk_bmin": """
+@triton.jit
+def _tk_bmin(x, AXIS: tl.constexpr):
+    # torch.amin along AXIS, as float64 (NaN-propagating for float inputs)
+    m = tl.min(x, AXIS).to(tl.float64)
+    if x.dtype.is_floating():
+        m = tl.where(tl.max((x != x).to(tl.int32), AXIS) > 0, float("nan"), m)
+    return m""",
+    "_tk_bmax": """
+@triton.jit
+def _tk_bmax(x, AXIS: tl.constexpr):
+    # torch.amax along AXIS, as float64 (NaN-propagating for float inputs)
+    m = tl.max(x, AXIS).to(tl.float64)
+    if x.dtype.is_floating():
+        m = tl.where(tl.max((x != x).to(tl.int32), AXIS) > 0, float("nan"), m)
+    return m""",
+    "_tk_mul_c": """
+@triton.jit
+def _tk_mul_c(a, b, c):
+    # tiles.mul scaling [a, b] by the number c
+    lo = tl.where(c > 0, a * c, b * c)
+    hi = tl.where(c > 0, b * c, a * c)
+    return tl.where(c == 0, 0.0, lo), tl.where(c == 0, 0.0, hi)""",
+    "_tk_mul_iv": """
+@triton.jit
+def _tk_mul_iv(a, b, c, d):
+    # tiles.mul of two intervals: hull of the corner products, 0 * inf counted as 0
+    p0 = _tk_nan_to(a * c, 0.0)
+    p1 = _tk_nan_to(a * d, 0.0)
+    p2 = _tk_nan_to(b * c, 0.0)
+    p3 = _tk_nan_to(b * d, 0.0)
+    lo = _tk_min(_tk_min(_tk_min(p0, p1), p2), p3)
+    hi = _tk_max(_tk_max(_tk_max(p0, p1), p2), p3)
+    return lo, hi""",
+    "_tk_recip": """
+@triton.jit
+def _tk_recip(a, b):
+    ok = _tk_or(a > 0, b < 0)
+    return tl.where(ok, 1.0 / b, float("-inf")), tl.where(ok, 1.0 / a, float("inf"))""",
+    "_tk_div_c": """
+@triton.jit
+def _tk_div_c(a, b, c):
+    # tiles.div by the number c (c == 0: unbounded)
+    lo = tl.where(c > 0, a / c, b / c)
+    hi = tl.where(c > 0, b / c, a / c)
+    return tl.where(c == 0, float("-inf"), lo), tl.where(c == 0, float("inf"), hi)""",
+    "_tk_floordiv_c": """
+@triton.jit
+def _tk_floordiv_c(a, b, c):
+    # tiles.floordiv by the number c (c == 0: unbounded)
+    lo = tl.floor(a / c)
+    hi = tl.floor(b / c)
+    rlo = tl.where(c > 0, lo, hi)
+    rhi = tl.where(c > 0, hi, lo)
+    return tl.where(c == 0, float("-inf"), rlo), tl.where(c == 0, float("inf"), rhi)""",
+    "_tk_floordiv_iv": """
+@triton.jit
+def _tk_floordiv_iv(a, b, c, d):
+    # tiles.floordiv by an interval: the corners bound it; unbounded where y may be 0
+    p0 = tl.floor(a / c)
+    p1 = tl.floor(a / d)
+    p2 = tl.floor(b / c)
+    p3 = tl.floor(b / d)
+    lo = _tk_min(_tk_min(_tk_min(_tk_nan_to(p0, float("-inf")), _tk_nan_to(p1, float("-inf"))),
+                         _tk_nan_to(p2, float("-inf"))), _tk_nan_to(p3, float("-inf")))
+    hi = _tk_max(_tk_max(_tk_max(_tk_nan_to(p0, float("inf")), _tk_nan_to(p1, float("inf"))),
+                         _tk_nan_to(p2, float("inf"))), _tk_nan_to(p3, float("inf")))
+    no_zero = _tk_or(c > 0, d < 0)
+    return tl.where(no_zero, lo, float("-inf")), tl.where(no_zero, hi, float("inf"))""",
+    "_tk_mod_c": """
+@triton.jit
+def _tk_mod_c(a, b, c, ONE: tl.constexpr):
+    # tiles.mod by the number c (c == 0: unbounded)
+    qa = tl.floor(a / c)
+    qb = tl.floor(b / c)
+    same = _tk_and(qa == qb, tl.abs(qa) < float("inf"))
+    r_lo = _tk_nan_to(a - c * qa, 0.0)
+    r_hi = _tk_nan_to(b - c * qb, 0.0)
+    w_lo = tl.where(c > 0, 0.0, c + ONE)
+    w_hi = tl.where(c > 0, c - ONE, 0.0)
+    lo = tl.where(same, r_lo, w_lo)
+    hi = tl.where(same, r_hi, w_hi)
+    return tl.where(c == 0, float("-inf"), lo), tl.where(c == 0, float("inf"), hi)""",
+    "_tk_mod_iv": """
+@triton.jit
+def _tk_mod_iv(a, b, c, d, ONE: tl.constexpr):
+    # tiles.mod by an interval
+    inside = _tk_and(a >= 0, b < c)
+    pos = c > 0
+    negm = d < 0
+    lo = tl.where(pos, tl.where(inside, a, 0.0), tl.where(negm, c + ONE, float("-inf")))
+    hi = tl.where(pos, tl.where(inside, b, d - ONE), tl.where(negm, 0.0, float("inf")))
+    return lo, hi""",
+    "_tk_abs": """
+@triton.jit
+def _tk_abs(a, b):
+    return tl.where(a >= 0, a, tl.where(b <= 0, -b, 0.0)), _tk_max(-a, b)""",
+    "_tk_eq": """
+@triton.jit
+def _tk_eq(a, b, c, d):
+    disjoint = _tk_or(a > d, c > b)
+    same_point = _tk_and(_tk_and(a == b, c == d), a == c)
+    return _tk_not(disjoint), _tk_not(same_point)""",
+    "_tk_select": """
+@triton.jit
+def _tk_select(mt, mf, a, b, c, d, PY: tl.constexpr):
+    # tiles.select; PY: both branches are Python numbers there (Python's min / max)
+    both = _tk_and(mt, mf)
+    if PY:
+        lo = tl.where(both, _tk_pymin(a, c), tl.where(mt, a, c))
+        hi = tl.where(both, _tk_pymax(b, d), tl.where(mt, b, d))
+    else:
+        lo = tl.where(both, _tk_min(a, c), tl.where(mt, a, c))
+        hi = tl.where(both, _tk_max(b, d), tl.where(mt, b, d))
+    return lo, hi""",
+}
+
+
+def _helpers_for(code: str) -> List[str]:
+    """The helper sources ``code`` needs (transitively), in a stable order."""
+    needed, todo = set(), [code]
+    while todo:
+        text = todo.pop()
+        for name in re.findall(r"\b(_tk_[a-z_]+)\(", text):
+            if name in _HELPERS and name not in needed:
+                needed.add(name)
+                todo.append(_HELPERS[name])
+    return [_HELPERS[n].strip("\n") for n in _HELPERS if n in needed]
+
+
+# ---------------------------------------------------------------------------
+# Values during generation
+# ---------------------------------------------------------------------------
+
+@dataclass
+class _Val:
+    """A program value. ``kind``: "num" (interval) or "tri" (tri-state).
+    ``cat``: "lit" (``py`` holds the Python value), "host" (``py`` is the host variable's
+    name) or "grid" (``a``, ``b``: kernel expressions of lo / hi or may_true / may_false).
+    ``jdep``: varies along key blocks (computed in the chunk loop). ``deps``: "b" / "h"."""
+
+    kind: str
+    cat: str
+    py: object = None
+    a: str = ""
+    b: str = ""
+    jdep: bool = False
+    deps: frozenset = frozenset()
+
+
+def _num_src(v) -> str:
+    """Python source of a number, exact (repr round-trips floats)."""
+    if isinstance(v, bool):
+        return repr(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return 'float("nan")'
+        if math.isinf(v):
+            return 'float("inf")' if v > 0 else 'float("-inf")'
+    if isinstance(v, (int, float)):
+        return repr(v)
+    raise Unsupported(f"not a number: {v!r}")
+
+
+def _py_src(obj) -> str:
+    if isinstance(obj, tuple):
+        if len(obj) == 1:
+            return f"({_py_src(obj[0])},)"
+        return "(" + ", ".join(_py_src(x) for x in obj) + ")"
+    if isinstance(obj, str):
+        return repr(obj)
+    if obj is None:
+        return "None"
+    if isinstance(obj, BlockStat):
+        return (f"_rt.tiles.BlockStat(input={obj.input!r}, axis_var={obj.axis_var!r}, block={obj.block!r}, "
+                f"index={_py_src(obj.index)})")
+    return _num_src(obj)
+
+
+def _program_src(program: IntervalProgram) -> str:
+    leaves = "".join(f"        {_py_src(leaf)},\n" for leaf in program.leaves)
+    steps = "".join(f"        {_py_src(step)},\n" for step in program.steps)
+    return (f"_rt.tiles.IntervalProgram(\n    leaves=(\n{leaves}    ),\n    steps=(\n{steps}    ),\n"
+            f"    result={program.result!r},\n)")
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+class _Gen:
+    def __init__(self, program: IntervalProgram):
+        self.program = program
+        self.pre: List[str] = []  # kernel lines before the key-block loop
+        self.loop: List[str] = []  # kernel lines inside it
+        self.consts: List[str] = []  # kernel lines: literals and host values as float64 / int1
+        self.host_lines: List[str] = []  # host function lines computing host values
+        self.host_args: List[Tuple[str, str]] = []  # (kernel param, host expression)
+        self.materialized: Dict[tuple, Tuple[str, str]] = {}
+        self.flags: Dict[str, str] = {}
+        self.inputs: Dict[str, int] = {}  # input name -> rank (kernel params in_<name>, in_<name>_s<d>)
+        self.stats: List[Tuple[str, BlockStat]] = []  # input leaves (checked on the host)
+        self.needs_pos_q = False
+        self.needs_pos_k = False
+        self.n = 0
+
+    def fresh(self, base: str) -> str:
+        self.n += 1
+        return f"{base}{self.n}"
+
+    # -- making non-grid values available in the kernel ----------------------
+    def kv(self, v: _Val) -> Tuple[str, str]:
+        """Kernel expressions of a value's two parts."""
+        if v.cat == "grid":
+            return v.a, v.b
+        key = (v.cat, v.kind, v.py if v.cat == "host" else _py_src(v.py))
+        if key in self.materialized:
+            return self.materialized[key]
+        name = self.fresh("k")
+        if v.cat == "lit":
+            if v.kind == "tri":
+                mt, mf = v.py
+                self.consts.append(f"{name}_t = tl.full([], {int(bool(mt))}, tl.int1)")
+                self.consts.append(f"{name}_f = tl.full([], {int(bool(mf))}, tl.int1)")
+                out = (f"{name}_t", f"{name}_f")
+            else:
+                lo, hi = tiles._iv(v.py)
+                self.consts.append(f"{name}_lo = tl.full([], {_num_src(lo)}, tl.float64)")
+                self.consts.append(f"{name}_hi = tl.full([], {_num_src(hi)}, tl.float64)")
+                out = (f"{name}_lo", f"{name}_hi")
+        else:  # host: float64 kernel params, exact in compiled mode and in the interpreter
+            if v.kind == "tri":
+                parts = (("t", f"float({v.py}[0])"), ("f", f"float({v.py}[1])"))
+            else:
+                parts = (("lo", f"float(_rt.tiles._iv({v.py})[0])"), ("hi", f"float(_rt.tiles._iv({v.py})[1])"))
+            names = []
+            for suffix, expr in parts:
+                param = f"a_{name}_{suffix}"
+                self.host_args.append((param, expr))
+                if v.kind == "tri":
+                    self.consts.append(f"{name}_{suffix} = tl.full([], {param}, tl.float64) != 0.0")
+                else:
+                    self.consts.append(f"{name}_{suffix} = tl.full([], {param}, tl.float64)")
+                names.append(f"{name}_{suffix}")
+            out = tuple(names)
+        self.materialized[key] = out
+        return out
+
+    def scalar_flag(self, v: _Val) -> str:
+        """Kernel bool: ``tiles._scalar(v) is not None`` for a host value (decided per call)."""
+        key = v.py  # the host variable
+        if key not in self.flags:
+            name = self.fresh("s")
+            param = f"a_{name}"
+            self.host_args.append((param, f"float(_rt.tiles._scalar({v.py}) is not None)"))
+            self.consts.append(f"{name} = tl.full([], {param}, tl.float64) != 0.0")
+            self.flags[key] = name
+        return self.flags[key]
+
+    def grid_call(self, fn: str, args: List[_Val], extra: Tuple[str, ...] = (),
+                  sources: Optional[List[_Val]] = None) -> _Val:
+        """A grid interval ``fn(parts of args..., extra...)`` (a helper returning (lo, hi))."""
+        parts = [p for x in args for p in self.kv(x)] + list(extra)
+        return self.grid_expr(f"{fn}({', '.join(parts)})", sources or args)
+
+    def grid_expr(self, expr: str, sources: List[_Val], kind: str = "num") -> _Val:
+        jdep = any(x.jdep for x in sources)
+        deps = frozenset().union(*[x.deps for x in sources if x.cat == "grid"])
+        name = self.fresh("v")
+        sa, sb = (f"{name}_t", f"{name}_f") if kind == "tri" else (f"{name}_lo", f"{name}_hi")
+        (self.loop if jdep else self.pre).append(f"{sa}, {sb} = {expr}")
+        return _Val(kind, "grid", a=sa, b=sb, jdep=jdep, deps=deps)
+
+    def choose(self, flag: str, yes: _Val, no: _Val) -> _Val:
+        """Per call (uniform) choice between two grid values."""
+        (ya, yb), (na, nb) = self.kv(yes), self.kv(no)
+        return self.grid_expr(f"tl.where({flag}, {ya}, {na}), tl.where({flag}, {yb}, {nb})", [yes, no])
+
+    # -- non-grid steps: evaluated now (literals) or per call on the host ------
+    def fold(self, op: str, args: List[_Val], raw: tuple) -> _Val:
+        if op not in HOST_OPS:
+            raise Unsupported(f"op {op!r} on host values")
+        kind = "tri" if op in _TRI_OPS else "num"
+        if all(x.cat == "lit" for x in args):
+            try:
+                value = getattr(tiles, op)(*[x.py for x in args])
+            except Exception as e:  # the torch path would raise too: let it
+                raise Unsupported(f"{op} of literals raises {e!r}")
+            if any(_is_tensor_like(p) for p in (value if isinstance(value, tuple) else (value,))):
+                raise Unsupported(f"{op} of literals gives a tensor")
+            return _Val(kind, "lit", py=value)
+        name = self.fresh("h")
+        srcs = [x.py if x.cat == "host" else _py_src(x.py) for x in args]
+        self.host_lines.append(f"{name} = _rt.tiles.{op}({', '.join(srcs)})")
+        return _Val(kind, "host", py=name)
+
+
+def _is_tensor_like(x) -> bool:
+    return not isinstance(x, (int, float, bool))
+
+
+# ---------------------------------------------------------------------------
+# Grid ops
+# ---------------------------------------------------------------------------
+
+def _lit_scalar(v: _Val):
+    """For a literal: ``tiles._scalar`` of it (None: not a point)."""
+    return tiles._scalar(v.py)
+
+
+def _emit_mul(g: _Gen, x: _Val, y: _Val) -> _Val:
+    if x.cat != "grid" and y.cat != "grid":
+        return g.fold("mul", [x, y], ())
+    # tiles.mul: c = _scalar(y); if c is None and _scalar(x) is not None: swap. Grid values are never scalars.
+    if y.cat == "grid":
+        x, y = y, x  # the non-grid one (if any) is now y; products commute, so the general path is the same
+    if y.cat == "grid":
+        return g.grid_call("_tk_mul_iv", [x, y])
+    if y.cat == "lit":
+        c = _lit_scalar(y)
+        if c is None:
+            return g.grid_call("_tk_mul_iv", [x, y])
+        if c == 0:
+            return _Val("num", "lit", py=(0, 0))
+        return g.grid_call("_tk_mul_c", [x], (g.kv(y)[0],), sources=[x, y])
+    flag = g.scalar_flag(y)
+    scale = g.grid_call("_tk_mul_c", [x], (g.kv(y)[0],), sources=[x, y])
+    general = g.grid_call("_tk_mul_iv", [x, y])
+    return g.choose(flag, scale, general)
+
+
+def _emit_reciprocal(g: _Gen, x: _Val) -> _Val:
+    if x.cat != "grid":
+        return g.fold("reciprocal", [x], ())
+    return g.grid_call("_tk_recip", [x])
+
+
+def _emit_div(g: _Gen, x: _Val, y: _Val) -> _Val:
+    if x.cat != "grid" and y.cat != "grid":
+        return g.fold("div", [x, y], ())
+    if y.cat == "grid":
+        return _emit_mul(g, x, _emit_reciprocal(g, y))
+    if y.cat == "lit":
+        c = _lit_scalar(y)
+        if c is None:
+            return _emit_mul(g, x, _emit_reciprocal(g, y))
+        if c == 0:
+            return _Val("num", "lit", py=tiles.unbounded())
+        return g.grid_call("_tk_div_c", [x], (g.kv(y)[0],), sources=[x, y])
+    flag = g.scalar_flag(y)
+    scale = g.grid_call("_tk_div_c", [x], (g.kv(y)[0],), sources=[x, y])
+    general = _emit_mul(g, x, _emit_reciprocal(g, y))
+    return g.choose(flag, scale, general)
+
+
+def _emit_by_constant(g: _Gen, op: str, x: _Val, y: _Val, const_fn: str, iv_fn: str, extra=()) -> _Val:
+    """floordiv / mod: the constant-divisor path when ``_scalar(y)``, else the interval path."""
+    if y.cat == "grid":
+        return g.grid_call(iv_fn, [x, y], extra)
+    if y.cat == "lit":
+        c = _lit_scalar(y)
+        if c is None:
+            return g.grid_call(iv_fn, [x, y], extra)
+        if c == 0:
+            return _Val("num", "lit", py=tiles.unbounded())
+        return g.grid_call(const_fn, [x], (g.kv(y)[0],) + tuple(extra), sources=[x, y])
+    flag = g.scalar_flag(y)
+    scale = g.grid_call(const_fn, [x], (g.kv(y)[0],) + tuple(extra), sources=[x, y])
+    general = g.grid_call(iv_fn, [x, y], extra)
+    return g.choose(flag, scale, general)
+
+
+def _emit_select(g: _Gen, cond: _Val, x: _Val, y: _Val) -> _Val:
+    # tiles._minimum of two Python numbers is Python's min; with a tensor, torch.minimum
+    py = "True" if x.cat != "grid" and y.cat != "grid" else "False"
+    return g.grid_call("_tk_select", [cond, x, y], (py,))
+
+
+def _emit(g: _Gen, op: str, args: List[_Val], raw: tuple) -> _Val:
+    if op not in GRID_OPS and op not in HOST_OPS:
+        raise Unsupported(f"op {op!r}")
+    # variadic ops are left folds of the binary op (tiles' _endwise / and_ / or_ loops)
+    if op in ("min_", "max_", "and_", "or_") and len(args) > 2:
+        acc = _emit(g, op, args[:2], raw[:2])
+        for x in args[2:]:
+            acc = _emit(g, op, [acc, x], ())
+        return acc
+    if op in ("min_", "max_", "and_", "or_") and len(args) == 1:
+        return args[0]
+    if op == "mod":
+        if len(args) != 3 or args[2].cat != "lit":
+            raise Unsupported("mod needs a literal 'integer' flag")
+        x, y, integer = args
+        if x.cat != "grid" and y.cat != "grid":
+            return g.fold("mod", args, raw)
+        one = "1" if integer.py else "0"
+        return _emit_by_constant(g, "mod", x, y, "_tk_mod_c", "_tk_mod_iv", (one,))
+    if all(x.cat != "grid" for x in args):
+        return g.fold(op, args, raw)
+    if op not in GRID_OPS:
+        raise Unsupported(f"op {op!r} on grid values")
+    for k, x in enumerate(args):
+        expect = "tri" if (op in ("and_", "or_", "not_") or (op == "select" and k == 0)) else "num"
+        if x.kind != expect:
+            raise Unsupported(f"{op}: argument {k} is a {x.kind}")
+    kv = g.kv
+    if op == "add":
+        (a, b), (c, d) = kv(args[0]), kv(args[1])
+        return g.grid_expr(f"{a} + {c}, {b} + {d}", args)
+    if op == "sub":
+        (a, b), (c, d) = kv(args[0]), kv(args[1])
+        return g.grid_expr(f"{a} - {d}, {b} - {c}", args)
+    if op == "neg":
+        a, b = kv(args[0])
+        return g.grid_expr(f"-{b}, -{a}", args)
+    if op == "mul":
+        return _emit_mul(g, *args)
+    if op == "reciprocal":
+        return _emit_reciprocal(g, *args)
+    if op == "div":
+        return _emit_div(g, *args)
+    if op == "floordiv":
+        return _emit_by_constant(g, "floordiv", args[0], args[1], "_tk_floordiv_c", "_tk_floordiv_iv")
+    if op == "floor_":
+        a, b = kv(args[0])
+        return g.grid_expr(f"tl.floor({a}), tl.floor({b})", args)
+    if op == "abs_":
+        return g.grid_call("_tk_abs", args)
+    if op in ("min_", "max_"):
+        (a, b), (c, d) = kv(args[0]), kv(args[1])
+        fn = "_tk_min" if op == "min_" else "_tk_max"
+        return g.grid_expr(f"{fn}({a}, {c}), {fn}({b}, {d})", args)
+    if op == "select":
+        return _emit_select(g, *args)
+    if op == "le":
+        (a, b), (c, d) = kv(args[0]), kv(args[1])
+        return g.grid_expr(f"_tk_not({a} > {d}), _tk_not({b} <= {c})", args, "tri")
+    if op == "lt":
+        (a, b), (c, d) = kv(args[0]), kv(args[1])
+        return g.grid_expr(f"_tk_not({a} >= {d}), _tk_not({b} < {c})", args, "tri")
+    if op in ("eq", "ne"):
+        (a, b), (c, d) = kv(args[0]), kv(args[1])
+        v = g.grid_expr(f"_tk_eq({a}, {b}, {c}, {d})", args, "tri")
+        return v if op == "eq" else _Val("tri", "grid", a=v.b, b=v.a, jdep=v.jdep, deps=v.deps)
+    if op == "and_":
+        (a, b), (c, d) = kv(args[0]), kv(args[1])
+        return g.grid_expr(f"_tk_and({a}, {c}), _tk_or({b}, {d})", args, "tri")
+    if op == "or_":
+        (a, b), (c, d) = kv(args[0]), kv(args[1])
+        return g.grid_expr(f"_tk_or({a}, {c}), _tk_and({b}, {d})", args, "tri")
+    if op == "not_":
+        x = args[0]
+        return _Val("tri", "grid", a=x.b, b=x.a, jdep=x.jdep, deps=x.deps)
+    raise Unsupported(f"op {op!r}")  # const / span / unbounded / tri take literals only
+
+
+# ---------------------------------------------------------------------------
+# Leaves
+# ---------------------------------------------------------------------------
+
+def _leaf(g: _Gen, name: str, kind: str, detail: tuple) -> _Val:
+    if kind == "i":
+        return _Val("num", "grid", a="i_lo", b="i_hi")
+    if kind == "j":
+        return _Val("num", "grid", a="j_lo", b="j_hi", jdep=True)
+    if kind == "b":
+        return _Val("num", "grid", a="b_f", b="b_f", deps=frozenset("b"))
+    if kind == "h":
+        return _Val("num", "grid", a="h_f", b="h_f", deps=frozenset("h"))
+    if kind in ("n_q", "n_k"):
+        var = g.fresh("h")
+        g.host_lines.append(f"{var} = call.{kind}")
+        return _Val("num", "host", py=var)
+    if kind == "param":
+        pname, default = detail
+        var = g.fresh("h")
+        g.host_lines.append(f"{var} = call.params.get({pname!r}, {_py_src(default)})")
+        return _Val("num", "host", py=var)
+    if kind == "input":
+        (stat,) = detail
+        if not isinstance(stat, BlockStat):
+            raise Unsupported("input leaf without a BlockStat")
+        g.stats.append((name, stat))
+        return _input_leaf(g, stat)
+    raise Unsupported(f"leaf kind {kind!r}")
+
+
+def _input_leaf(g: _Gen, stat: BlockStat) -> _Val:
+    if not stat.input.isidentifier():
+        raise Unsupported(f"input name {stat.input!r}")
+    named = [v for v in stat.index if not isinstance(v, int)]
+    for v in stat.index:
+        if isinstance(v, bool) or not (isinstance(v, int) and v >= 0 or v in ("b", "h", "i", "j")):
+            raise Unsupported(f"index {v!r}")
+    if len(set(named)) != len(named):
+        raise Unsupported("repeated index variable")
+    pos = [v for v in named if v in ("i", "j")]
+    if len(pos) > 1:
+        raise Unsupported("an input indexed by both i and j")
+    rank = len(stat.index)
+    if g.inputs.setdefault(stat.input, rank) != rank:
+        raise Unsupported(f"input {stat.input!r} read with different ranks")
+    terms = []
+    for d, v in enumerate(stat.index):
+        s = f"in_{stat.input}_s{d}"
+        if isinstance(v, int):
+            if v:
+                terms.append(f"{v} * {s}")
+        else:
+            terms.append(f"{ {'b': 'b64', 'h': 'h64', 'i': 'pos_q', 'j': 'pos_k'}[v]} * {s}")
+    addr = " + ".join([f"in_{stat.input}"] + terms)
+    deps = frozenset(v for v in named if v in ("b", "h"))
+    name = g.fresh("x")
+    if not pos:
+        g.pre.append(f"{name} = tl.load({addr}).to(tl.float64)")
+        return _Val("num", "grid", a=name, b=name, deps=deps)
+    if pos == ["i"]:
+        g.needs_pos_q = True
+        g.pre.append(f"{name} = tl.load({addr})")
+        g.pre.append(f"{name}_lo, {name}_hi = _tk_bmin({name}, 0), _tk_bmax({name}, 0)")
+        return _Val("num", "grid", a=f"{name}_lo", b=f"{name}_hi", deps=deps)
+    g.needs_pos_k = True
+    g.loop.append(f"{name} = tl.load({addr})")
+    g.loop.append(f"{name}_lo, {name}_hi = _tk_bmin({name}, 1), _tk_bmax({name}, 1)")
+    return _Val("num", "grid", a=f"{name}_lo", b=f"{name}_hi", jdep=True, deps=deps)
+
+
+# ---------------------------------------------------------------------------
+# The program
+# ---------------------------------------------------------------------------
+
+def _live(program: IntervalProgram):
+    """Names the result depends on."""
+    defs = {d: args for d, _, args in program.steps}
+    live, todo = set(), [program.result]
+    while todo:
+        n = todo.pop()
+        if n in live:
+            continue
+        live.add(n)
+        for a in defs.get(n, ()):
+            if isinstance(a, str):
+                todo.append(a)
+    return live
+
+
+def _literal(a) -> _Val:
+    if isinstance(a, bool):
+        return _Val("tri", "lit", py=a)  # a flag (mod's 'integer', tri's parts)
+    if _is_number(a):
+        return _Val("num", "lit", py=a)
+    raise Unsupported(f"literal {a!r}")
+
+
+def _generate(program: IntervalProgram) -> _Gen:
+    g = _Gen(program)
+    live = _live(program)
+    values: Dict[str, _Val] = {}
+    for name, kind, detail in program.leaves:
+        if name in live:
+            values[name] = _leaf(g, name, kind, detail)
+        elif kind == "input":  # unused, but the torch path still checks it
+            g.stats.append((name, detail[0]))
+    for dest, op, args in program.steps:
+        if dest not in live:
+            continue
+        if op == "tri":
+            if len(args) != 2 or not all(isinstance(a, bool) for a in args):
+                raise Unsupported("tri of non-literals")
+            values[dest] = _Val("tri", "lit", py=(args[0], args[1]))
+            continue
+        vals = []
+        for a in args:
+            if isinstance(a, str):
+                if a not in values:
+                    raise Unsupported(f"step {dest}: unknown name {a!r}")
+                vals.append(values[a])
+            else:
+                vals.append(_literal(a))
+        if op != "mod" and op != "tri" and any(v.cat == "lit" and v.kind == "tri" and not isinstance(v.py, tuple)
+                                                for v in vals):
+            raise Unsupported(f"step {dest}: a bare bool argument")
+        values[dest] = _emit(g, op, vals, tuple(args))
+    if program.result not in values:
+        raise Unsupported("no result")
+    g.result = values[program.result]
+    if g.result.kind != "tri":
+        raise Unsupported("the result is not a tri-state")
+    return g
+
+
+def _indent(lines: List[str], n: int) -> str:
+    return "".join(" " * n + line + "\n" for line in lines)
+
+
+def render_tile_kernel(program: IntervalProgram, pattern=None) -> Optional[str]:
+    """Python + Triton source defining ``_block_lists_fast(call, block_m, block_n)`` for
+    ``program`` (see the module docstring), or None when the program uses something the
+    kernel does not implement. The source expects ``torch``, ``triton``, ``tl`` (=
+    ``triton.language``) and ``_rt`` (= ``attncc.runtime``) in its module's globals.
+    ``pattern`` is only used for a comment."""
+    if program is None:
+        return None
+    try:
+        g = _generate(program)
+    except Unsupported:
+        return None
+    res = g.result
+    mt, mf = g.kv(res)
+    by_b, by_h = "b" in res.deps, "h" in res.deps
+
+    # -- kernel ---------------------------------------------------------------
+    in_params = [p for name, rank in g.inputs.items() for p in [f"in_{name}"] + [f"in_{name}_s{d}" for d in range(rank)]]
+    host_params = [f"{p}: tl.float64" for p, _ in g.host_args]
+    params = ["out_ptr", "nkb", "Nq", "Nk", "q_offset", "k_offset", "Hl"] + in_params + host_params
+    if len({x.split(":")[0] for x in params}) != len(params):
+        return None  # input names that collide with the kernel's own parameter names
+    head = ["qb = tl.program_id(0)", "bh = tl.program_id(1)", "nqb = tl.num_programs(0)",
+            "b = bh // Hl", "h = bh % Hl", "b64 = b.to(tl.int64)", "h64 = h.to(tl.int64)",
+            "b_f = b.to(tl.float64)", "h_f = h.to(tl.float64)",
+            "row = bh * nqb + qb  # row of the [Bl, Hl, nqb] lists",
+            "R = tl.num_programs(1) * nqb  # rows per list",
+            "# out_ptr: [full counts | partial counts | full index | partial index], each 16-byte aligned",
+            "R_pad = (R + 3) // 4 * 4",
+            "full_row = out_ptr + 2 * R_pad + row.to(tl.int64) * nkb",
+            "part_row = full_row + (R.to(tl.int64) * nkb + 3) // 4 * 4",
+            "q_start = qb * BLOCK_M",
+            "i_lo = (q_offset + q_start).to(tl.float64)",
+            "i_hi = (q_offset + tl.minimum(q_start + BLOCK_M, Nq) - 1).to(tl.float64)"]
+    if g.needs_pos_q:
+        head.append("pos_q = (q_offset + tl.minimum(q_start + tl.minimum(tl.arange(0, BM_P), BLOCK_M - 1), Nq - 1)"
+                    ").to(tl.int64)  # the query block's rows, the last one repeated")
+    loop_head = ["kb = c0 + lanes", "valid = kb < nkb", "k_start = kb * BLOCK_N",
+                 "j_lo = (k_offset + k_start).to(tl.float64)",
+                 "j_hi = (k_offset + tl.minimum(k_start + BLOCK_N, Nk) - 1).to(tl.float64)"]
+    if g.needs_pos_k:
+        loop_head.append("pos_k = (k_offset + tl.minimum(k_start[:, None] + tl.minimum(tl.arange(0, BN_P), "
+                         "BLOCK_N - 1)[None, :], Nk - 1)).to(tl.int64)  # [KB_CHUNK, BN_P] key rows, clamped")
+    tail = [f"cls = tl.where({mt}, tl.where({mf}, 1, 2), 0) + tl.zeros([KB_CHUNK], tl.int32)",
+            "# a short last key block is never FULL (the attention kernel masks its tail)",
+            "cls = tl.where((cls == 2) & (kb == nkb - 1), tl.where(Nk % BLOCK_N != 0, 1, 2), cls)",
+            "# compaction: this class's blocks from the front of the row in kb order, the others from the back",
+            "hit = ((cls == 2) & valid).to(tl.int32)",
+            "before = n_full + tl.cumsum(hit, 0) - hit",
+            "tl.store(full_row + tl.where(hit != 0, before, nkb - 1 - (kb - before)), kb, mask=valid)",
+            "n_full += tl.sum(hit, 0)",
+            "hit = ((cls == 1) & valid).to(tl.int32)",
+            "before = n_part + tl.cumsum(hit, 0) - hit",
+            "tl.store(part_row + tl.where(hit != 0, before, nkb - 1 - (kb - before)), kb, mask=valid)",
+            "n_part += tl.sum(hit, 0)"]
+    kernel = (
+        "@triton.jit\n"
+        f"def _tk_kernel({', '.join(params)},\n"
+        "               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BM_P: tl.constexpr, BN_P: tl.constexpr,\n"
+        "               KB_CHUNK: tl.constexpr):\n"
+        "    # one program per (query block, b or 0, h or 0): classify every key block, compact the lists\n"
+        + _indent(head, 4)
+        + _indent(g.consts, 4)
+        + _indent(g.pre, 4)
+        + "    n_full = tl.full([], 0, tl.int32)\n"
+        "    n_part = tl.full([], 0, tl.int32)\n"
+        "    lanes = tl.arange(0, KB_CHUNK)\n"
+        "    for c0 in range(0, nkb, KB_CHUNK):\n"
+        + _indent(loop_head + g.loop + tail, 8)
+        + "    tl.store(out_ptr + row, n_full)\n"
+        "    tl.store(out_ptr + R_pad + row, n_part)\n"
+    )
+    helpers = _helpers_for(kernel)
+
+    # -- host function ------------------------------------------------------------
+    checks, prep, launch_in = [], [], []
+    for name, rank in g.inputs.items():
+        prep.append(f"t_{name} = call.inputs.get({name!r})")
+    seen_inputs = set()
+    for _, stat in g.stats:
+        t = f"t_{stat.input}"
+        if stat.input not in g.inputs and stat.input not in seen_inputs:
+            prep.append(f"{t} = call.inputs.get({stat.input!r})")
+        seen_inputs.add(stat.input)
+        conds = [f"{t} is None", f"{t}.dim() != {len(stat.index)}", f"{t}.dtype not in _TK_INPUT_DTYPES"]
+        for d, v in enumerate(stat.index):
+            size = f"{t}.shape[{d}]"
+            if isinstance(v, int):
+                conds.append(f"{size} <= {v}")
+            elif v in ("b", "h"):
+                conds.append(f"({size} != 1 and {size} < {'B' if v == 'b' else 'H'})")
+            else:
+                conds.append(f"{size} < {'call.q_offset + Nq' if v == 'i' else 'call.k_offset + Nk'}")
+        checks += [c for c in conds if c not in checks]
+    for name, rank in g.inputs.items():
+        t = f"t_{name}"
+        prep.append(f"if {t}.dtype == torch.bool:")
+        prep.append(f"    {t} = {t}.view(torch.uint8)")
+        launch_in.append(t)
+        launch_in += [f"({t}.stride({d}) if {t}.shape[{d}] != 1 else 0)" for d in range(rank)]
+    fallback = "return _rt.blocks.block_lists(_TK_PROGRAM, call, block_m, block_n, dynamic=True)"
+    host = ["B, H, Nq, Nk = call.B, call.Hq, call.Nq, call.Nk",
+            "nqb, nkb = -(-Nq // block_m), -(-Nk // block_n)",
+            f"Bl, Hl = {'B' if by_b else '1'}, {'H' if by_h else '1'}"]
+    host += [line for line in prep if line.startswith("t_") and " = call.inputs.get(" in line]
+    # a backward will follow (call.for_backward): the torch path also keeps the transposed lists
+    conds = ['getattr(call, "for_backward", None) is not None',
+             "nqb == 0 or nkb == 0 or B == 0 or H == 0 or Bl * Hl > 65535"]
+    for c in checks:  # " or " chains short-circuit: the None test guards the others
+        conds.append(c)
+    host.append("if (" + "\n        or ".join(conds) + "):")
+    host.append(f"    {fallback}  # backward lists wanted, missing / malformed inputs, empty shapes")
+    host += [line for line in prep if not (line.startswith("t_") and " = call.inputs.get(" in line)]
+    host += g.host_lines
+    bm_p = "triton.next_power_of_2(block_m)"
+    bn_p = "triton.next_power_of_2(block_n)"
+    chunk = "min(64, max(1, 4096 // BN_P))" if g.needs_pos_k else "64"
+    host += [f"BN_P = {bn_p}",
+             "# one allocation, four views: [full counts | partial counts | full index | partial index],",
+             "# each starting 16-byte aligned (as the kernel computes them)",
+             "R = Bl * Hl * nqb",
+             "R_pad, RK_pad = (R + 3) // 4 * 4, (R * nkb + 3) // 4 * 4",
+             "out = torch.empty(2 * (R_pad + RK_pad), dtype=torch.int32, device=call.q.device)",
+             "_tk_kernel[(nqb, Bl * Hl)](",
+             "    out, nkb, Nq, Nk, call.q_offset, call.k_offset, Hl,"]
+    if launch_in:
+        host.append("    " + ", ".join(launch_in) + ",")
+    for _, expr in g.host_args:
+        host.append(f"    {expr},")
+    host += [f"    BLOCK_M=block_m, BLOCK_N=block_n, BM_P={bm_p}, BN_P=BN_P, KB_CHUNK={chunk},",
+             "    num_warps=4, enable_fp_fusion=False,",
+             ")",
+             "cs, ks = (Hl * nqb, nqb, 1), (Hl * nqb * nkb, nqb * nkb, nkb, 1)",
+             "return (out.as_strided((Bl, Hl, nqb), cs, 0), out.as_strided((Bl, Hl, nqb, nkb), ks, 2 * R_pad),",
+             "        out.as_strided((Bl, Hl, nqb), cs, R_pad), out.as_strided((Bl, Hl, nqb, nkb), ks, 2 * R_pad + RK_pad),",
+             "        Hl * nqb if Bl > 1 else 0, nqb if Hl > 1 else 0, 1, nkb)"]
+    title = getattr(pattern, "name", None)
+    out = [
+        "# Block lists from one Triton kernel (attncc.codegen.tile_kernel)"
+        + (f" for pattern {title}" if title else "") + ": the same lists as",
+        "# _rt.blocks.block_lists(_TK_PROGRAM, call, block_m, block_n, dynamic=True), in one launch.",
+        f"_TK_PROGRAM = {_program_src(program)}",
+        "_TK_INPUT_DTYPES = frozenset((" + ", ".join(f"torch.{d}" for d in _INPUT_DTYPES) + "))",
+    ]
+    src = "\n".join(out) + "\n\n\n" + "\n\n\n".join(helpers + [kernel.rstrip("\n")]) + "\n\n\n"
+    src += ("def _block_lists_fast(call, block_m, block_n):\n"
+            '    """(full_count, full_index, partial_count, partial_index, stride_b, stride_h, stride_q, width):\n'
+            "    the tile lists of this call, computed by one kernel launch (no host synchronization).\"\"\"\n"
+            + _indent(host, 4))
+    return src

@@ -1,0 +1,370 @@
+"""Host side of a generated ``decode``: argument checks, tile config, split count, LSE merge.
+
+A generated module's ``decode(q, k_cache, v_cache, kv_len=..., block_table=...)`` binds its
+arguments here (:func:`bind_decode`, every error names what was expected and what came),
+launches its own split-KV kernel (rendered from templates/decode.py.j2: one program per
+batch row, kv head and split of the key blocks) and, when there is more than one split,
+merges the partial outputs by their log-sum-exp with :func:`merge` (one small kernel).
+
+Nothing here reads the cache lengths or the page table on the host when they live on the
+GPU (that would cost a device synchronization per decoding step): their values are checked
+when they are CPU tensors (always so under the interpreter), or on the GPU when the
+environment sets ``ATTNCC_CHECK_DECODE=1``. The kernel clamps ``kv_len`` to the cache's
+capacity and page numbers to the pages that exist, so a bad value never reads outside the
+cache.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from attncc.runtime.call import _DTYPES, _dtype_name, _int_arg, _interpreting
+from attncc.runtime.launch import KernelConfig, padded_dim
+from attncc.runtime.spec_info import SpecInfo
+
+MAX_QUERIES = 16  # decode serves 1 (next token) to 16 (speculative) query rows per batch row
+MIN_PAGE_SIZE = 16
+
+
+@dataclass
+class DecodeCall:
+    """A validated ``decode`` call. ``k``/``v`` are the caches as given: contiguous
+    ``[B, Hkv, Nmax, D]`` (``page_size == 0``) or paged ``[num_pages, page_size, Hkv, D]``."""
+
+    spec: SpecInfo
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    kv_len: torch.Tensor  # int32 [B] on q's device
+    block_table: Optional[torch.Tensor]  # int32 [B, pages] on q's device, or None
+    B: int
+    Hq: int
+    Hkv: int
+    Nq: int
+    D: int
+    Dv: int
+    capacity: int  # cache positions a row can hold: Nmax, or pages * page_size
+    page_size: int  # 0: contiguous cache
+    num_pages: int
+    scale: float
+    return_lse: bool
+    params: Dict[str, object] = field(default_factory=dict)
+    inputs: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def group(self) -> int:
+        return self.Hq // self.Hkv
+
+    @property
+    def paged(self) -> bool:
+        return self.page_size > 0
+
+
+def _check_values(t: torch.Tensor) -> bool:
+    """Read a tensor's values on the host? Free for CPU tensors; a sync on the GPU (opt-in)."""
+    return t.device.type == "cpu" or os.environ.get("ATTNCC_CHECK_DECODE", "0") not in ("", "0")
+
+
+def bind_decode(spec: SpecInfo, q, k_cache, v_cache, *, kv_len, block_table=None, return_lse=False,
+                scale=None, kwargs: Optional[dict] = None) -> DecodeCall:
+    """Check the arguments of ``decode(q, k_cache, v_cache, ...)`` against the spec."""
+    name = f"{spec.name}.decode"
+    for arg, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: {arg} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            layout = ("[B, Hq, Nq, D]" if arg == "q" else
+                      "[B, Hkv, Nmax, D] (contiguous) or [num_pages, page_size, Hkv, D] (paged)")
+            raise ValueError(f"{name}: {arg} must have 4 dims {layout}, got shape {tuple(t.shape)}")
+    if not (q.device == k_cache.device == v_cache.device):
+        raise ValueError(f"{name}: q, k_cache, v_cache must be on one device, got {q.device}, "
+                         f"{k_cache.device}, {v_cache.device}")
+    if not (q.dtype == k_cache.dtype == v_cache.dtype):
+        raise TypeError(f"{name}: q, k_cache, v_cache must have one dtype, got {_dtype_name(q.dtype)}, "
+                        f"{_dtype_name(k_cache.dtype)}, {_dtype_name(v_cache.dtype)}")
+    if q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"{name}: q and the caches must be bfloat16, float16 or float32, got {_dtype_name(q.dtype)}")
+    if q.device.type != "cuda" and not _interpreting():
+        raise ValueError(f"{name}: tensors are on {q.device}; the kernels run on a CUDA GPU, or on the CPU "
+                         f"under TRITON_INTERPRET=1")
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"{name}: return_lse must be a bool, got {return_lse!r}")
+    B, Hq, Nq, D = q.shape
+    if not 1 <= Nq <= MAX_QUERIES:
+        raise ValueError(f"{name}: q must hold 1 to {MAX_QUERIES} query rows per batch row (dim 2), got {Nq}; "
+                         f"use attention() with q_offset for longer chunks")
+
+    if block_table is None:  # contiguous [B, Hkv, Nmax, D]
+        Bk, Hkv, Nmax, Dk = k_cache.shape
+        Bv, Hv, Nv, Dv = v_cache.shape
+        if not (B == Bk == Bv):
+            raise ValueError(f"{name}: batch sizes differ: q {B}, k_cache {Bk}, v_cache {Bv} "
+                             f"(a paged cache needs block_table=)")
+        if Hkv != Hv or Nmax != Nv:
+            raise ValueError(f"{name}: k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must agree "
+                             f"on heads and length")
+        capacity, page_size, num_pages = Nmax, 0, 0
+    else:
+        if not isinstance(block_table, torch.Tensor):
+            raise TypeError(f"{name}: block_table must be a torch.Tensor, got {type(block_table).__name__}")
+        if block_table.dim() != 2 or block_table.shape[0] != B:
+            raise ValueError(f"{name}: block_table must have shape [B, pages] = [{B}, pages], got "
+                             f"{tuple(block_table.shape)}")
+        if block_table.dtype != torch.int32:
+            raise TypeError(f"{name}: block_table must be int32, got {_dtype_name(block_table.dtype)}")
+        if block_table.device != q.device:
+            raise ValueError(f"{name}: block_table is on {block_table.device}, q is on {q.device}")
+        num_pages, page_size, Hkv, Dk = k_cache.shape
+        Pv, Sv, Hv, Dv = v_cache.shape
+        if (num_pages, page_size, Hkv) != (Pv, Sv, Hv):
+            raise ValueError(f"{name}: paged k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must "
+                             f"agree on [num_pages, page_size, Hkv]")
+        if page_size < MIN_PAGE_SIZE:
+            raise ValueError(f"{name}: page size (k_cache dim 1) must be >= {MIN_PAGE_SIZE}, got {page_size}")
+        if num_pages == 0:
+            raise ValueError(f"{name}: the paged cache has no pages")
+        capacity = block_table.shape[1] * page_size
+    if Dk != D:
+        raise ValueError(f"{name}: q and k_cache head dims differ: {D} vs {Dk}")
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"{name}: q has {Hq} heads, the cache has {Hkv}: the query head count must be a multiple "
+                         f"of the key/value head count")
+    if spec.heads_q is not None and Hq != spec.heads_q:
+        raise ValueError(f"{name}: the spec fixes [heads].q = {spec.heads_q}, q has {Hq} heads")
+    if spec.heads_kv is not None and Hkv != spec.heads_kv:
+        raise ValueError(f"{name}: the spec fixes [heads].kv = {spec.heads_kv}, the cache has {Hkv} heads")
+    if not 1 <= D <= 256 or not 1 <= Dv <= 256:
+        raise ValueError(f"{name}: head dims up to 256 are supported, got D = {D}, Dv = {Dv}")
+    if spec.value_dim is not None and Dv != spec.value_dim:
+        raise ValueError(f"{name}: the spec fixes value_dim = {spec.value_dim}, v_cache has {Dv}")
+
+    kv_len = _bind_kv_len(name, kv_len, B, capacity, q.device)
+    if block_table is not None and _check_values(block_table) and _check_values(kv_len):
+        lengths = kv_len.cpu().tolist()
+        table = block_table.cpu()
+        for b, n in enumerate(lengths):
+            used = table[b, :-(-n // page_size)]
+            if used.numel() and (int(used.min()) < 0 or int(used.max()) >= num_pages):
+                raise ValueError(f"{name}: block_table[{b}] holds page numbers outside 0..{num_pages - 1} among the "
+                                 f"{used.numel()} pages that kv_len[{b}] = {n} uses: {used.tolist()}")
+
+    if scale is None:
+        scale = spec.scale if spec.scale is not None else 1.0 / math.sqrt(D)
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        raise TypeError(f"{name}: scale must be a positive number, got {scale!r}")
+
+    kwargs = dict(kwargs or {})
+    params = {}
+    for p in spec.params:
+        value = kwargs.pop(p.name, p.default)
+        if p.kind == "int":
+            value = _int_arg(p.name, value, minimum=-(2**31))
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name}: param {p.name} must be a number, got {value!r}")
+        params[p.name] = value if p.kind == "int" else float(value)
+    inputs = {}
+    for d in spec.inputs:
+        if d.name == "kv_len" and d.name not in kwargs and tuple(d.dims) == ("b",):
+            # the pattern's own kv_len input (key padding) is the cache length here
+            kwargs[d.name] = kv_len
+        if d.name not in kwargs:
+            raise ValueError(f"{name}: missing input {d.name!r}: a tensor with dims ({', '.join(map(str, d.dims))}) "
+                             f"of {d.dtype}")
+        t = kwargs.pop(d.name)
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: input {d.name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.device != q.device:
+            raise ValueError(f"{name}: input {d.name} is on {t.device}, q is on {q.device}")
+        if t.dim() != len(d.dims):
+            raise ValueError(f"{name}: input {d.name} must have {len(d.dims)} dims ({', '.join(map(str, d.dims))}), "
+                             f"got shape {tuple(t.shape)}")
+        for axis, (dim, size) in enumerate(zip(d.dims, t.shape)):
+            if dim == "n":
+                if size < capacity:
+                    raise ValueError(f"{name}: input {d.name} dim {axis} ('n') must cover the cache's positions "
+                                     f"0..{capacity - 1}, got size {size}")
+            elif size != {"b": B, "h": Hq}.get(dim, dim):
+                raise ValueError(f"{name}: input {d.name} dim {axis} ({dim!r}) must be "
+                                 f"{ {'b': B, 'h': Hq}.get(dim, dim)}, got {size}")
+        want_dtype = _DTYPES[d.dtype]
+        if t.dtype != want_dtype:
+            if t.dtype.is_floating_point != want_dtype.is_floating_point or t.dtype == torch.bool:
+                raise TypeError(f"{name}: input {d.name} must be {d.dtype}, got {_dtype_name(t.dtype)}")
+            t = t.to(want_dtype)
+        inputs[d.name] = t
+    if kwargs:
+        known = [p.name for p in spec.params] + [d.name for d in spec.inputs]
+        raise TypeError(f"{name}: unexpected keyword(s) {', '.join(sorted(kwargs))}; "
+                        f"known inputs and params: {', '.join(known) or 'none'}")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
+        raise NotImplementedError(f"{name} is for inference and has no backward pass; call it under "
+                                  f"torch.no_grad() or detach q and the caches (attention() has one)")
+    return DecodeCall(spec, q, k_cache, v_cache, kv_len, block_table, B, Hq, Hkv, Nq, D, Dv, capacity, page_size,
+                      num_pages, float(scale), return_lse, params, inputs)
+
+
+def _bind_kv_len(name: str, kv_len, B: int, capacity: int, device) -> torch.Tensor:
+    if isinstance(kv_len, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool) for x in kv_len):
+        kv_len = torch.tensor(kv_len, dtype=torch.int32)
+    if not isinstance(kv_len, torch.Tensor):
+        raise TypeError(f"{name}: kv_len must be a tensor [B] of int32 (valid cache length per row), got "
+                        f"{type(kv_len).__name__}")
+    if kv_len.dim() != 1 or kv_len.shape[0] != B:
+        raise ValueError(f"{name}: kv_len must have shape [B] = [{B}], got {tuple(kv_len.shape)}")
+    if kv_len.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name}: kv_len must be int32 or int64, got {_dtype_name(kv_len.dtype)}")
+    if kv_len.device.type != "cpu" and kv_len.device != device:
+        raise ValueError(f"{name}: kv_len is on {kv_len.device}, q is on {device}")
+    if _check_values(kv_len) and B:
+        lo, hi = (int(x) for x in torch.stack([kv_len.min(), kv_len.max()]).tolist())
+        if lo < 0 or hi > capacity:
+            raise ValueError(f"{name}: kv_len must be in 0..{capacity} (the cache's capacity), got values "
+                             f"{lo}..{hi}")
+    return kv_len.to(device=device, dtype=torch.int32)
+
+
+# --------------------------------------------------------------------------------------
+# Tile config and split count
+# --------------------------------------------------------------------------------------
+
+MAX_BLOCK_M = 64  # query rows (heads of a group x Nq) per program; more heads take more programs
+MAX_SPLITS = 128
+
+
+def decode_config(call: DecodeCall) -> KernelConfig:
+    """BLOCK_M: the rows of one program, GROUP x Nq padded to a power of two >= 16 (capped at
+    MAX_BLOCK_M: bigger groups are cut into several programs); BLOCK_N: keys per tile.
+
+    Memory-bound, so the K/V tiles are pipelined deep: 3 tiles in flight (2 x 16 KB each in
+    bf16 at D = 128). Triton's pipeliner gives a load that depends on another load of the
+    same iteration (the paged cache's page number) half the stages, so paged calls ask for
+    2 x 3 + 1. ``ATTNCC_DECODE_CONFIG="BLOCK_N=64,num_warps=4,num_stages=4"`` forces them."""
+    rows = min(call.group, max(1, MAX_BLOCK_M // call.Nq)) * call.Nq
+    block_m = max(16, triton.next_power_of_2(rows))
+    if _interpreting():
+        cfg = KernelConfig(block_m, 16, 4, 1)
+    else:
+        in_flight = 3 if max(call.D, call.Dv) <= 128 else 2
+        stages = 2 * in_flight + 1 if call.paged else in_flight + 1
+        cfg = KernelConfig(block_m, 64 if max(call.D, call.Dv) <= 128 else 32, 4, stages)
+    text = os.environ.get("ATTNCC_DECODE_CONFIG")
+    if text:
+        fields = {k.strip(): int(v) for k, v in (part.split("=") for part in text.split(","))}
+        cfg = KernelConfig(block_m, fields.get("BLOCK_N", cfg.BLOCK_N), fields.get("num_warps", cfg.num_warps),
+                           fields.get("num_stages", cfg.num_stages))
+    return cfg
+
+
+def shared_memory(call: DecodeCall, cfg: KernelConfig) -> int:
+    """About what one program takes: the K/V tiles in flight (see decode_config), plus the
+    query tile and scratch."""
+    in_flight = max(1, (cfg.num_stages - 1) // (2 if call.paged else 1))
+    tile = cfg.BLOCK_N * (padded_dim(call.D) + padded_dim(call.Dv)) * call.q.element_size()
+    return in_flight * tile + cfg.BLOCK_M * padded_dim(call.D) * call.q.element_size() + 4096
+
+
+def heads_per_program(call: DecodeCall, cfg: KernelConfig) -> int:
+    return min(call.group, max(1, cfg.BLOCK_M // call.Nq))
+
+
+@functools.lru_cache(maxsize=None)
+def _device_slots(device: str, smem_per_program: int) -> int:
+    """Programs the device runs at once: SMs x the programs one SM holds (by shared memory,
+    at most 4). The interpreter pretends to have 4 slots, so that tests exercise the merge."""
+    if not device.startswith("cuda"):
+        return 4
+    props = torch.cuda.get_device_properties(torch.device(device))
+    smem = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
+    return props.multi_processor_count * max(1, min(4, smem // (smem_per_program + 1024)))
+
+
+def num_splits(call: DecodeCall, cfg: KernelConfig, programs: int) -> int:
+    """Splits of each row's key blocks: the fewest that fill the device's program slots to
+    >= 95% in whole waves (a partial last wave idles SMs: 64 programs x 5 splits on 132 SMs
+    run in 3 waves at 81%, x 2 splits in one at 97%), with at least 4 key blocks per split
+    (1 under the interpreter). ``ATTNCC_DECODE_SPLITS=n`` forces n."""
+    forced = os.environ.get("ATTNCC_DECODE_SPLITS")
+    if forced:
+        return max(1, min(MAX_SPLITS, int(forced)))
+    blocks = triton.cdiv(max(call.capacity, 1), cfg.BLOCK_N)
+    most = max(1, min(MAX_SPLITS, blocks // (1 if _interpreting() else 4)))
+    return _fill(max(programs, 1), most, _device_slots(str(call.q.device), shared_memory(call, cfg)))
+
+
+@functools.lru_cache(maxsize=1024)
+def _fill(programs: int, most: int, slots: int) -> int:
+    best, best_fill = 1, 0.0
+    for s in range(1, most + 1):
+        n = programs * s
+        fill = n / (-(-n // slots) * slots)
+        if fill >= 0.95:
+            return s
+        if fill > best_fill + 1e-9:
+            best, best_fill = s, fill
+    return best
+
+
+def kernel_operands(call: DecodeCall):
+    """q and the caches as the kernel reads them: unit stride along the head dim (copied
+    otherwise). Triton 3.6's CPU interpreter computes bfloat16 dot products wrongly, so there
+    (tests only) bfloat16 operands go in as float32."""
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (call.q, call.k, call.v))
+    if _interpreting() and q.dtype == torch.bfloat16:
+        q, k, v = q.float(), k.float(), v.float()
+    return q, k, v
+
+
+# --------------------------------------------------------------------------------------
+# Merge of the splits
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _merge_kernel(O_PART, LSE_PART, O, LSE, S,
+                  stride_ob, stride_oh, stride_om, H, Nq,
+                  VALUE_DIM: tl.constexpr, VALUE_DIM_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
+                  RETURN_LSE: tl.constexpr):
+    """One query row: o = sum_s w_s o_s / sum_s w_s with w_s = exp(lse_s - max lse); a row
+    whose splits all saw no key gets o = 0 and lse = -inf."""
+    row = tl.program_id(0).to(tl.int64)  # (b * H + h) * Nq + t
+    t = row % Nq
+    bh = row // Nq
+    b = bh // H
+    h = bh % H
+    offs_s = tl.arange(0, BLOCK_S)
+    cols = tl.arange(0, VALUE_DIM_PAD)
+    lse = tl.load(LSE_PART + row * S + offs_s, mask=offs_s < S, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(lse - m_use)
+    total = tl.sum(w, 0)
+    parts = tl.load(O_PART + (row * S + offs_s[:, None]) * VALUE_DIM_PAD + cols[None, :],
+                    mask=offs_s[:, None] < S, other=0.0)
+    o = tl.sum(parts * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(O + b * stride_ob + h * stride_oh + t * stride_om + cols, o.to(O.dtype.element_ty),
+             mask=cols < VALUE_DIM)
+    if RETURN_LSE:
+        tl.store(LSE + row, tl.where(total == 0.0, float("-inf"), m_use + tl.log(tl.where(total == 0.0, 1.0, total))))
+
+
+def merge(call: DecodeCall, o_part: torch.Tensor, lse_part: torch.Tensor, o: torch.Tensor, lse: torch.Tensor):
+    """Combine ``o_part [B, Hq, Nq, S, Dv_pad]`` (fp32, each split normalized on its own) and
+    ``lse_part [B, Hq, Nq, S]`` into ``o`` and ``lse``."""
+    S = o_part.shape[3]
+    _merge_kernel[(call.B * call.Hq * call.Nq,)](
+        o_part, lse_part, o, lse, S, o.stride(0), o.stride(1), o.stride(2), call.Hq, call.Nq,
+        VALUE_DIM=call.Dv, VALUE_DIM_PAD=o_part.shape[-1], BLOCK_S=max(2, triton.next_power_of_2(S)),
+        RETURN_LSE=call.return_lse, num_warps=4)
+
+
+def empty_result(call: DecodeCall):
+    o = torch.zeros(call.B, call.Hq, call.Nq, call.Dv, dtype=call.q.dtype, device=call.q.device)
+    lse = torch.full((call.B, call.Hq, call.Nq), -math.inf, dtype=torch.float32, device=call.q.device)
+    return o, lse

@@ -1,0 +1,193 @@
+"""The runtime side of generated linear attention: state checks, tile configs, the
+projection cache and the autograd wiring.
+
+A generated linear module (templates/linear.py.j2) defines the kernels and two launchers,
+``_forward(lc, q, k, v, s0, z0, save_den)`` and ``_backward(lc, saved, do, ds, dz)``;
+:func:`run_linear` calls them, through :class:`LinearAttentionFunction` when a gradient
+is wanted.
+
+The state of linear attention after keys ``k_0 .. k_{n-1}`` is the pair
+``S = sum_j phi(k_j) v_j^T`` (``[B, Hkv, F, Dv]``) and ``z = sum_j phi(k_j)``
+(``[B, Hkv, F]``), both float32. It depends on the keys and values only, so there is one
+per key/value head (GQA and MQA share it among the query heads of a group).
+
+Torch only: no sympy, no Triton at import.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional, Tuple
+
+import torch
+
+from attncc.runtime.call import Call, _interpreting
+from attncc.runtime.feature_maps import performer_projection
+
+State = Tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LinearConfig:
+    """Tiles of the linear kernels. ``chunk``: rows per chunk (the quadratic block), forward;
+    ``scan_dv``: value columns per program of the sequential state scan (fewer columns, more
+    programs: the scan is parallel over (b, kv head, feature block, value block) only);
+    ``bwd_chunk``: rows per chunk in the backward (it recomputes the states itself; at 64 rows
+    its dq and dk/dv kernels spill registers on sm_90 at D = 128, per offline ptxas, at 32 not)."""
+
+    chunk: int = 64
+    scan_dv: int = 64
+    out_dv: int = 128
+    bwd_chunk: int = 32
+    num_warps: int = 8
+    scan_warps: int = 8
+    num_stages: int = 2
+
+
+def _env_config() -> dict:
+    """``ATTNCC_LINEAR_CONFIG="chunk=32,scan_dv=32,num_warps=4"`` forces fields (benchmarks)."""
+    text = os.environ.get("ATTNCC_LINEAR_CONFIG", "")
+    fields = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, _, value = part.partition("=")
+        fields[key.strip()] = int(value)
+    return fields
+
+
+def _sm_count(device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def linear_config(call: Call, block_f: int, num_fb: int) -> LinearConfig:
+    """Tiles for a call: 16-row chunks under the interpreter (the tests), else 64-row forward chunks
+    while the [chunk, feature block] and [chunk, Dv] tiles stay within 128 columns, 32 above, and
+    32-row backward chunks. Not measured yet: bench/linear_bench.py sweeps alternatives."""
+    from attncc.runtime.launch import padded_dim
+
+    dv_pad = padded_dim(call.Dv)
+    if _interpreting():
+        cfg = LinearConfig(chunk=16, scan_dv=min(dv_pad, 32), out_dv=min(dv_pad, 32), bwd_chunk=16, num_warps=4,
+                           scan_warps=4, num_stages=1)
+    else:
+        wide = max(padded_dim(call.D), dv_pad, block_f) > 128
+        chunk = 32 if wide else 64
+        # The scan is sequential over chunks: split Dv until the programs fill the GPU.
+        scan_dv = min(dv_pad, 64)
+        while scan_dv > 32 and call.B * call.Hkv * num_fb * (-(-call.Dv // scan_dv)) < _sm_count(call.q.device):
+            scan_dv //= 2
+        cfg = LinearConfig(chunk=chunk, scan_dv=scan_dv, out_dv=min(dv_pad, 128), bwd_chunk=32)
+    forced = _env_config()
+    return dataclasses.replace(cfg, **forced) if forced else cfg
+
+
+_PROJECTIONS = {}
+
+
+def projection(features: int, dim: int, seed: int, device) -> torch.Tensor:
+    """performer_projection as float32 on ``device``, cached (every layer asks again)."""
+    key = (features, dim, seed, str(device))
+    w = _PROJECTIONS.get(key)
+    if w is None:
+        if len(_PROJECTIONS) > 64:
+            _PROJECTIONS.clear()
+        w = _PROJECTIONS[key] = performer_projection(features, dim, seed, dtype=torch.float32, device=device)
+    return w
+
+
+@dataclass
+class LinearCall:
+    """A validated linear-attention call with what its kernels need.
+
+    ``features`` F, the feature dimension; features come in ``num_fb`` blocks of
+    ``fb_width`` (padded to ``block_f``) columns. ``proj``: the performer's ``W [F, D]``
+    (float32) or None. ``angle``: cosFormer's ``pi / (2 M)``, else 0. ``s0``/``z0``: the
+    initial state (float32, contiguous) or None; ``return_state``: the final one is wanted."""
+
+    call: Call
+    features: int
+    fb_width: int
+    block_f: int
+    proj: Optional[torch.Tensor] = None
+    angle: float = 0.0
+    s0: Optional[torch.Tensor] = None
+    z0: Optional[torch.Tensor] = None
+    return_state: bool = False
+    cfg: LinearConfig = LinearConfig()
+
+    @property
+    def num_fb(self) -> int:
+        return -(-self.features // self.fb_width)
+
+
+def check_state(name: str, state, B: int, Hkv: int, F: int, Dv: int, device, what: str = "initial_state"):
+    """``state = (S, z)`` with ``S [B, Hkv, F, Dv]`` and ``z [B, Hkv, F]``, floating, on
+    ``device``; returns them as contiguous float32 (the same tensors when they already are,
+    so that gradients flow to them)."""
+    if not (isinstance(state, (tuple, list)) and len(state) == 2 and all(isinstance(t, torch.Tensor) for t in state)):
+        raise TypeError(f"{name}: {what} must be a pair (S, z) of tensors, S [B, Hkv, F, Dv] = [{B}, {Hkv}, {F}, {Dv}] "
+                        f"and z [B, Hkv, F] = [{B}, {Hkv}, {F}] (as returned with return_state=True), got {type(state).__name__}")
+    s, z = state
+    for label, t, shape in (("S", s, (B, Hkv, F, Dv)), ("z", z, (B, Hkv, F))):
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name}: {what} {label} must have shape {list(shape)} ([B, Hkv, F{', Dv' if label == 'S' else ''}] "
+                             f"with F = {F} features), got {list(t.shape)}")
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"{name}: {what} {label} must be floating (it is kept in float32), got {t.dtype}")
+        if t.device != device:
+            raise ValueError(f"{name}: {what} {label} is on {t.device}, q is on {device}")
+    return s.float().contiguous(), z.float().contiguous()
+
+
+def operand(t: torch.Tensor) -> torch.Tensor:
+    """A tensor as the kernels read it: last stride 1; and as float32 under the interpreter
+    when it is bfloat16 (Triton 3.6's CPU interpreter computes bfloat16 dots wrongly)."""
+    if _interpreting() and t.dtype == torch.bfloat16:
+        t = t.float()
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class LinearAttentionFunction(torch.autograd.Function):
+    """``o, S, z = f(q, k, v, s0, z0)`` with gradients for all five inputs.
+
+    The forward keeps q, k, v, o, the denominators (float32 ``[B, Hq, Nq]``) and the
+    initial state; the backward recomputes the per-chunk states (they would be twice the
+    size of q, k, v to keep) and runs the generated backward launcher."""
+
+    @staticmethod
+    def forward(ctx, forward, backward, lc: LinearCall, q, k, v, s0, z0):
+        lc = dataclasses.replace(lc, s0=s0, z0=z0)
+        o, den, s, z = forward(lc, save_den=True)
+        ctx.lc, ctx.backward_fn = lc, backward
+        ctx.has_init = s0 is not None
+        ctx.save_for_backward(q, k, v, o, den, *((s0, z0) if s0 is not None else ()))
+        if s is None:
+            return o
+        return o, s, z
+
+    @staticmethod
+    def backward(ctx, do, ds=None, dz=None):
+        q, k, v, o, den, *init = ctx.saved_tensors
+        call = dataclasses.replace(ctx.lc.call, q=q, k=k, v=v)
+        lc = dataclasses.replace(ctx.lc, call=call, s0=init[0] if init else None, z0=init[1] if init else None)
+        if do is None:
+            do = torch.zeros_like(o)
+        with torch.no_grad():
+            dq, dk, dv, ds0, dz0 = ctx.backward_fn(lc, o, den, do, ds, dz)
+        need = ctx.needs_input_grad
+        return (None, None, None, dq if need[3] else None, dk if need[4] else None, dv if need[5] else None,
+                ds0 if ctx.has_init and need[6] else None, dz0 if ctx.has_init and need[7] else None)
+
+
+def run_linear(lc: LinearCall, forward: Callable, backward: Callable):
+    """``o`` or ``(o, (S, z))`` (``lc.return_state``), attached to autograd when q, k, v or
+    the initial state want a gradient."""
+    tensors = [lc.call.q, lc.call.k, lc.call.v] + ([lc.s0, lc.z0] if lc.s0 is not None else [])
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        out = LinearAttentionFunction.apply(forward, backward, lc, lc.call.q, lc.call.k, lc.call.v, lc.s0, lc.z0)
+        return (out[0], (out[1], out[2])) if lc.return_state else out
+    with torch.no_grad():
+        o, _, s, z = forward(lc, save_den=False)
+    return (o, (s, z)) if lc.return_state else o

@@ -1,0 +1,332 @@
+"""Generated backward kernels (under the Triton interpreter) against autograd of attncc.reference."""
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import pytest
+import torch
+
+import attncc
+from attncc.analysis import Iteration, analyze
+from attncc.codegen import build
+from attncc.codegen.backward import eval_query_ranges
+from attncc._reference import pair_mask
+from attncc.runtime import bind, blocks, tiles
+from attncc.spec import load_spec
+from cases import SMALL_PARAMS, SOFTMAX, heads_for, inputs_for, module, pattern, rel_err
+
+GRAD_TOL = {torch.float32: 1e-3, torch.float16: 2e-2}
+
+
+def grad_case(name, *, B=2, Nq=45, Nk=None, D=32, Dv=None, dtype=torch.float32, heads=None, q_offset=0, k_offset=0,
+              n_q=None, n_k=None, seed=0, mod=None, p=None, kw=None, tol=None):
+    """Gradients of (o * g).sum() w.r.t. q, k, v against float64 autograd of the reference."""
+    p = p or pattern(name)
+    mod = mod or module(name)
+    Nk = Nq if Nk is None else Nk
+    Hq, Hkv = heads or heads_for(p)
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, Nq, D, generator=gen).to(dtype).requires_grad_()
+    k = torch.randn(B, Hkv, Nk, D, generator=gen).to(dtype).requires_grad_()
+    v = torch.randn(B, Hkv, Nk, Dv or D, generator=gen).to(dtype).requires_grad_()
+    g = torch.randn(B, Hq, Nq, Dv or D, generator=gen)
+    n = max(q_offset + Nq, k_offset + Nk, n_q or 0, n_k or 0)
+    if kw is None:
+        kw = dict(SMALL_PARAMS.get(name, {}), **inputs_for(p, B, Hq, n, gen))
+    pos = dict(q_offset=q_offset, k_offset=k_offset, n_q=n_q, n_k=n_k)
+    o = mod.attention(q, k, v, **pos, **kw)
+    grads = torch.autograd.grad((o * g.to(dtype)).sum(), (q, k, v))
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = attncc.reference(p, *ref_in, **pos, **kw)
+    ref_grads = torch.autograd.grad((ref * g.double()).sum(), ref_in)
+    tol = tol or GRAD_TOL[dtype]
+    assert rel_err(o.detach(), ref.detach()) < tol
+    for label, x, r, t in zip("qkv", grads, ref_grads, (q, k, v)):
+        assert x.shape == t.shape and x.dtype == t.dtype, label
+        assert torch.isfinite(x).all(), f"d{label} has NaN/inf"
+        assert rel_err(x, r) < tol, (label, rel_err(x, r))
+    return o.detach(), grads, ref_grads
+
+
+# ---------------------------------------------------------------------------
+# every spec
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", SOFTMAX)
+def test_spec_gradients_odd_length(name):
+    grad_case(name, Nq=45 if name != "bigbird" else 150, B=1 if name in ("bigbird", "gqa") else 2)  # gqa: 32 heads
+
+
+@pytest.mark.parametrize("name", SOFTMAX)
+def test_spec_gradients_cross_attention(name):
+    grad_case(name, B=1, Nq=37, Nk=70, D=16, seed=1)
+
+
+@pytest.mark.parametrize("heads", [(4, 2), (4, 1)])
+@pytest.mark.parametrize("name", ["sliding_window", "document", "rope_causal", "longformer", "t5_bias"])
+def test_gqa_mqa_gradients(name, heads):
+    grad_case(name, B=1, Nq=40, D=16, heads=heads, seed=2)
+
+
+@pytest.mark.parametrize("name", ["causal", "sliding_window", "document", "prefix_lm", "alibi", "rope_causal",
+                                  "local_bidirectional"])
+def test_chunk_of_a_sequence(name):
+    """q_offset / k_offset: a chunk of queries (or keys) at its global positions."""
+    grad_case(name, B=1, Nq=21, Nk=61, D=16, q_offset=40, seed=3)
+    grad_case(name, B=1, Nq=50, Nk=33, D=16, k_offset=9, seed=4)
+
+
+# ---------------------------------------------------------------------------
+# empty rows, degenerate calls
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["causal", "cross_causal", "sliding_window"])
+def test_rows_without_keys_get_zero_gradient(name):
+    # keys after every query: causal rows are empty; cross_causal with n_q = 40 empties the first 7 rows
+    pos = dict(k_offset=50) if name != "cross_causal" else dict(n_q=40)
+    o, (dq, dk, dv), _ = grad_case(name, B=1, Nq=20, Nk=33, D=16, seed=5, kw=SMALL_PARAMS.get(name, {}), **pos)
+    empty = (o == 0).all(-1)
+    assert empty.any()
+    assert (dq[empty] == 0).all()
+    if name != "cross_causal":  # every row empty: no key gets a gradient
+        assert (dk == 0).all() and (dv == 0).all()
+
+
+def test_padding_rows_of_length_zero():
+    kw = {"kv_len": torch.tensor([0, 17], dtype=torch.int32)}
+    o, (dq, dk, dv), _ = grad_case("padding", B=2, Nq=30, D=16, kw=kw)
+    assert (dq[0] == 0).all() and (dk[0] == 0).all() and (dv[0] == 0).all()
+    assert (dk[1, :, 17:] == 0).all() and (dv[1, :, 17:] == 0).all()
+
+
+def test_no_keys_at_all():
+    q = torch.randn(1, 2, 5, 16, requires_grad=True)
+    k = torch.randn(1, 2, 0, 16, requires_grad=True)
+    v = torch.randn(1, 2, 0, 16, requires_grad=True)
+    o = module("causal").attention(q, k, v)
+    dq, dk, dv = torch.autograd.grad(o.sum(), (q, k, v))
+    assert (dq == 0).all() and dk.shape == k.shape and dv.shape == v.shape
+
+
+# ---------------------------------------------------------------------------
+# shapes, dtypes, layouts
+# ---------------------------------------------------------------------------
+
+def test_half_precision_gradients():
+    grad_case("causal", B=1, Nq=40, D=16, dtype=torch.float16, tol=2e-2)
+
+
+def test_value_dim_and_padded_head_dim():
+    grad_case("causal", B=1, Nq=33, D=24, Dv=16)
+    grad_case("sliding_window", B=1, Nq=33, D=20, Dv=20, dtype=torch.float16, tol=2e-2)  # rows padded for TMA
+
+
+def test_non_contiguous_inputs_and_grad_layouts():
+    p = pattern("causal")
+    gen = torch.Generator().manual_seed(7)
+    qkv = torch.randn(2, 40, 3, 4, 16, generator=gen, requires_grad=True)
+    q, k, v = (qkv[:, :, t].transpose(1, 2) for t in range(3))
+    g = torch.randn(2, 4, 40, 16, generator=gen)
+    o = module("causal").attention(q, k, v)
+    (d,) = torch.autograd.grad((o * g).sum(), qkv)
+    x = qkv.detach().double().requires_grad_()
+    ref = attncc.reference(p, *(x[:, :, t].transpose(1, 2) for t in range(3)))
+    (r,) = torch.autograd.grad((ref * g.double()).sum(), x)
+    assert rel_err(d, r) < 1e-3
+
+
+def test_return_lse_with_gradients():
+    gen = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(1, 2, 30, 16, generator=gen, requires_grad=True) for _ in range(3))
+    o, lse = module("sliding_window").attention(q, k, v, return_lse=True, window=5)
+    assert o.requires_grad and not lse.requires_grad
+    o.sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
+    with torch.no_grad():
+        o2, lse2 = module("sliding_window").attention(q, k, v, return_lse=True, window=5)
+    assert torch.equal(o.detach(), o2) and torch.equal(lse, lse2)
+
+
+def test_only_some_inputs_require_grad():
+    gen = torch.Generator().manual_seed(9)
+    q = torch.randn(1, 2, 30, 16, generator=gen)
+    k = torch.randn(1, 2, 30, 16, generator=gen, requires_grad=True)
+    v = torch.randn(1, 2, 30, 16, generator=gen)
+    module("causal").attention(q, k, v).sum().backward()
+    assert k.grad is not None and q.grad is None and v.grad is None
+
+
+# ---------------------------------------------------------------------------
+# what is refused
+# ---------------------------------------------------------------------------
+
+def test_learned_input_with_grad_is_refused():
+    p = pattern("t5_bias")
+    gen = torch.Generator().manual_seed(10)
+    q, k, v = (torch.randn(1, 4, 20, 16, generator=gen, requires_grad=True) for _ in range(3))
+    table = torch.randn(4, 32, generator=gen, requires_grad=True)
+    with pytest.raises(NotImplementedError, match="rel_bias"):
+        module("t5_bias").attention(q, k, v, rel_bias=table)
+    with torch.no_grad():
+        module("t5_bias").attention(q, k, v, rel_bias=table)  # no gradient wanted: fine
+    module("t5_bias").attention(q, k, v, rel_bias=table.detach()).sum().backward()
+
+
+def test_double_backward_raises():
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, 2, 20, 16, generator=gen, requires_grad=True) for _ in range(3))
+    o = module("causal").attention(q, k, v)
+    (dq,) = torch.autograd.grad(o.pow(2).sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        dq.sum().backward()
+
+
+# ---------------------------------------------------------------------------
+# score transforms, rope variants: specs built here
+# ---------------------------------------------------------------------------
+
+EXTRA_SPECS = {
+    "bwd_mod": """
+[inputs]
+head_scale = { dims = ["h"], dtype = "float32" }
+[mask]
+where = "causal"
+[score]
+bias = "alibi"
+mod = "s * head_scale[h] + 0.1 * tanh(s) + where(i - j > 3, -0.05 * abs(s), 0.0)"
+softcap = 20.0
+""",
+    "bwd_mod_rows": """
+[params]
+w = 9
+[inputs]
+row_bias = { dims = ["b", "n"], dtype = "float32" }
+[mask]
+where = "abs(i - j) <= w"
+[score]
+bias = "row_bias[b, i] + 0.5 * row_bias[b, j]"
+mod = "max(s, -1.0) + sigmoid(s)"
+""",
+    "bwd_rope_gptj": """
+head_dim = [16]
+[mask]
+where = "j - n_k <= i - n_q"
+[rope]
+theta = 500.0
+style = "gptj"
+rotary_dim = 8
+""",
+    "bwd_row_bias": """
+[inputs]
+row_bias = { dims = ["b", "n"], dtype = "float32" }
+[mask]
+where = "causal"
+[score]
+bias = "row_bias[b, i] * 3.0 + 0.5 * row_bias[b, j] - 0.01 * (i - j)"
+""",
+}
+
+
+@pytest.fixture(scope="module")
+def extra_modules(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bwd_specs")
+    mods = {}
+    for name, text in EXTRA_SPECS.items():
+        path = out / f"{name}.toml"
+        path.write_text(text)
+        (written,) = build([path], out / "gen")
+        spec = importlib.util.spec_from_file_location(f"_attncc_test_{name}", written)
+        mods[name] = (load_spec(path), importlib.util.module_from_spec(spec))
+        spec.loader.exec_module(mods[name][1])
+    return mods
+
+
+@pytest.mark.parametrize("name", sorted(EXTRA_SPECS))
+def test_score_transforms_and_rope_variants(extra_modules, name):
+    p, mod = extra_modules[name]
+    gen = torch.Generator().manual_seed(12)
+    kw = {d.name: torch.rand(*[{"b": 2, "h": 4, "n": 80}.get(x, x) for x in d.dims], generator=gen) + 0.5
+          for d in p.inputs}
+    grad_case(name, p=p, mod=mod, B=2, Nq=45, Nk=45 if name != "bwd_rope_gptj" else 70, D=16, kw=kw)
+
+
+# ---------------------------------------------------------------------------
+# the iteration of the dK/dV kernel
+# ---------------------------------------------------------------------------
+
+AFFINE = [n for n in SOFTMAX if analyze(pattern(n)).iteration is Iteration.AFFINE]
+
+
+@pytest.mark.parametrize("name", AFFINE)
+def test_query_ranges_of_key_blocks_are_sound(name):
+    """Every tile holding an allowed pair is visited; a FULL tile allows all its pairs."""
+    p = pattern(name)
+    params = {**p.param_values, **SMALL_PARAMS.get(name, {})}
+    for q_rows, k_rows, q_offset, k_offset, bm, bn, n_q in [(45, 45, 0, 0, 16, 16, None), (37, 70, 0, 0, 16, 32, None),
+                                                             (21, 61, 40, 0, 32, 16, None), (50, 33, 0, 9, 16, 16, 200),
+                                                             (64, 64, 5, 3, 32, 32, None)]:
+        grid = eval_query_ranges(p, q_offset=q_offset, k_offset=k_offset, q_rows=q_rows, k_rows=k_rows,
+                                 block_m=bm, block_n=bn, n_q=n_q, params=params)
+        allowed = pair_mask(p, q_rows=q_rows, k_rows=k_rows, q_offset=q_offset, k_offset=k_offset,
+                                              n_q=n_q, params=params)[0, 0]
+        for kb in range(grid.shape[0]):
+            for qb in range(grid.shape[1]):
+                tile = allowed[qb * bm:(qb + 1) * bm, kb * bn:(kb + 1) * bn]
+                if tile.any():
+                    assert grid[kb, qb] != tiles.EMPTY, (kb, qb)
+                if grid[kb, qb] == tiles.FULL:
+                    assert tile.all() and tile.shape[0] == bm, (kb, qb)
+
+
+def test_forward_and_backward_share_one_classification(monkeypatch):
+    """Data-dependent block lists: the backward reuses the forward's grid (no second classification)."""
+    calls = []
+    for fn in ("_classify", "block_lists_both"):
+        real = getattr(blocks, fn)
+        monkeypatch.setattr(blocks, fn, lambda *a, _real=real, _fn=fn, **k: calls.append(_fn) or _real(*a, **k))
+    gen = torch.Generator().manual_seed(14)
+    q, k, v = (torch.randn(1, h, 40, 16, generator=gen, requires_grad=True) for h in (4, 2, 2))
+    doc = inputs_for(pattern("document"), 1, 4, 40, gen)["doc"]
+    o = module("document").attention(q, k, v, doc=doc)
+    after_forward = list(calls)
+    assert "_classify" in after_forward
+    o.sum().backward()
+    assert calls == after_forward and torch.isfinite(q.grad).all()
+
+
+def test_transposed_lists_are_the_transpose():
+    p = pattern("bigbird")
+    call = bind(module("bigbird").SPEC, *(torch.zeros(1, 2, 150, 16) for _ in range(3)))
+    fwd, bwd = blocks.block_lists_both(analyze(p).classifier, call, 32, 16, dynamic=False)
+    nqb, nkb = math.ceil(150 / 32), math.ceil(150 / 16)
+    for kb in range(nkb):
+        for cls, (count, index) in ((tiles.FULL, (0, 1)), (tiles.PARTIAL, (2, 3))):
+            seen = sorted(bwd[index][0, 0, kb, :bwd[count][0, 0, kb]].tolist())
+            want = [qb for qb in range(nqb) if kb in fwd[index][0, 0, qb, :fwd[count][0, 0, qb]].tolist()]
+            assert seen == want
+
+
+def test_torch_compile_calls_the_generated_function():
+    """Under torch.compile the attention runs eagerly (a graph break) with its autograd."""
+    gen = torch.Generator().manual_seed(13)
+    q, k, v = (torch.randn(1, 2, 40, 16, generator=gen, requires_grad=True) for _ in range(3))
+    fn = lambda q, k, v: (module("causal").attention(q, k, v) * 2.0).sum()  # noqa: E731
+    eager = torch.autograd.grad(fn(q, k, v), (q, k, v))
+    torch._dynamo.reset()
+    compiled = torch.autograd.grad(torch.compile(fn)(q, k, v), (q, k, v))
+    for a, b in zip(eager, compiled):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_a_score_transform_without_derivative_builds_and_refuses_backward(tmp_path):
+    path = tmp_path / "nondiff.toml"
+    path.write_text('[mask]\nwhere = "causal"\n[score]\nmod = "s % (s + 4.0)"\n')
+    (written,) = build([path], tmp_path / "gen")
+    spec = importlib.util.spec_from_file_location("_attncc_test_nondiff", written)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    q, k, v = (torch.randn(1, 2, 20, 16, requires_grad=True) for _ in range(3))
+    o = mod.attention(q, k, v)
+    with pytest.raises(NotImplementedError, match="cannot differentiate"):
+        o.sum().backward()
