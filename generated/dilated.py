@@ -50,7 +50,7 @@ def _floormod(a, b):
 
 @triton.jit
 def _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-              b, h, H, n_q, n_k, window, dilation,
+              b, h, H, n_q, n_k, prm_window, prm_dilation,
               qk_scale, sm_scale,
               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
               ROTARY_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
@@ -62,7 +62,7 @@ def _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
     offs_j = k_offset + start_n + tl.arange(0, BLOCK_N)
     qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
     if MASKED:
-        keep = (offs_j[None, :] < k_offset + Nk) & ((_floormod((offs_i[:, None] - offs_j[None, :]), dilation) == 0) & (offs_j[None, :] <= offs_i[:, None]) & ((offs_i[:, None] - offs_j[None, :]) < window))
+        keep = (offs_j[None, :] < k_offset + Nk) & ((_floormod((offs_i[:, None] - offs_j[None, :]), prm_dilation) == 0) & (offs_j[None, :] <= offs_i[:, None]) & ((offs_i[:, None] - offs_j[None, :]) < prm_window))
         qk = tl.where(keep, qk, float("-inf"))
     # qk_scale = scale * log2(e) > 0, so the row max of the scaled scores is the scaled max.
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
@@ -81,7 +81,7 @@ def _fwd_kernel(Q, K, V, O, LSE,
                 stride_vb, stride_vh, stride_vn,
                 stride_ob, stride_oh, stride_om,
                 Nq, Nk, H, GROUP, q_offset, k_offset, n_q, n_k, qk_scale, sm_scale,
-                window, dilation,
+                prm_window, prm_dilation,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                 VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr, RETURN_LSE: tl.constexpr,
@@ -110,23 +110,23 @@ def _fwd_kernel(Q, K, V, O, LSE,
     acc = tl.zeros([BLOCK_M, VALUE_DIM_PAD], dtype=tl.float32)
     # Key blocks [kv_lo, kv_hi) may hold allowed pairs; [kv_full_lo, kv_full_hi) are full
     # (closed form from the mask, see the header).
-    kv_lo = tl.minimum(((Nk + BLOCK_N - 1) // BLOCK_N), (tl.maximum(0, (1 + q_lo - window - k_offset)) // BLOCK_N))
+    kv_lo = tl.minimum(((Nk + BLOCK_N - 1) // BLOCK_N), (tl.maximum(0, (1 + q_lo - prm_window - k_offset)) // BLOCK_N))
     kv_hi = tl.maximum(kv_lo, tl.minimum(((Nk + BLOCK_N - 1) // BLOCK_N), (tl.maximum(0, (q_hi + BLOCK_N - k_offset)) // BLOCK_N)))
     kv_full_lo = kv_lo
     kv_full_hi = kv_full_lo
     for kb in tl.range(kv_lo, kv_full_lo):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                                  b, h, H, n_q, n_k, window, dilation,
+                                  b, h, H, n_q, n_k, prm_window, prm_dilation,
                                   qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                                   FAST_MATH, MASKED=True)
     for kb in tl.range(kv_full_lo, kv_full_hi, warp_specialize=WARP_SPECIALIZE):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                                  b, h, H, n_q, n_k, window, dilation,
+                                  b, h, H, n_q, n_k, prm_window, prm_dilation,
                                   qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                                   FAST_MATH, MASKED=False)
     for kb in tl.range(kv_full_hi, kv_hi):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                                  b, h, H, n_q, n_k, window, dilation,
+                                  b, h, H, n_q, n_k, prm_window, prm_dilation,
                                   qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                                   FAST_MATH, MASKED=True)
     # Rows that saw no allowed key: o = 0 and lse = -inf, never NaN.
@@ -178,7 +178,7 @@ def _bwd_preprocess(O, DO, LSE, DELTA, LSE2,
                     stride_ob, stride_oh, stride_om, stride_od,
                     stride_dob, stride_doh, stride_dom, stride_dod,
                     Nq, H, q_offset, n_q, n_k,
-                    window, dilation,
+                    prm_window, prm_dilation,
                     VALUE_DIM: tl.constexpr, VALUE_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
     """delta = rowsum(dO * O) (fp32) and lse2, the forward's LSE in log2 units (+inf on rows
     without an allowed key)."""
@@ -204,7 +204,7 @@ def _bwd_preprocess(O, DO, LSE, DELTA, LSE2,
 
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, bh, qb, offs_j, Nq, q_offset,
-               b, h, H, n_q, n_k, window, dilation,
+               b, h, H, n_q, n_k, prm_window, prm_dilation,
                qk_scale, sm_scale,
                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                ROTARY_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
@@ -221,7 +221,7 @@ def _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, bh, qb, offs_j, Nq, q
     qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
     s = qk * qk_scale
     if MASKED:
-        keep = (offs_i[:, None] < q_offset + Nq) & ((_floormod((offs_i[:, None] - offs_j[None, :]), dilation) == 0) & (offs_j[None, :] <= offs_i[:, None]) & ((offs_i[:, None] - offs_j[None, :]) < window))
+        keep = (offs_i[:, None] < q_offset + Nq) & ((_floormod((offs_i[:, None] - offs_j[None, :]), prm_dilation) == 0) & (offs_j[None, :] <= offs_i[:, None]) & ((offs_i[:, None] - offs_j[None, :]) < prm_window))
         s = tl.where(keep, s, float("-inf"))
     p = tl.exp2(s - lse2[:, None])
     dv = dv + tl.dot(p.to(do.dtype).T, do, input_precision=DOT_PRECISION)
@@ -240,7 +240,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
                      stride_dkb, stride_dkh, stride_dkn,
                      stride_dvb, stride_dvh, stride_dvn,
                      Nq, Nk, H, GROUP, q_offset, k_offset, n_q, n_k, qk_scale, sm_scale,
-                     window, dilation,
+                     prm_window, prm_dilation,
                      HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                      VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr):
@@ -268,7 +268,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
     dv = tl.zeros([BLOCK_N, VALUE_DIM_PAD], dtype=tl.float32)
     # Query blocks that may see this key block: closed form from the transposed mask.
     qb_lo = tl.minimum(((Nq + BLOCK_M - 1) // BLOCK_M), (tl.maximum(0, (k_lo - q_offset)) // BLOCK_M))
-    qb_hi = tl.maximum(qb_lo, tl.minimum(((Nq + BLOCK_M - 1) // BLOCK_M), (tl.maximum(0, (window + k_hi + BLOCK_M - 1 - q_offset)) // BLOCK_M)))
+    qb_hi = tl.maximum(qb_lo, tl.minimum(((Nq + BLOCK_M - 1) // BLOCK_M), (tl.maximum(0, (prm_window + k_hi + BLOCK_M - 1 - q_offset)) // BLOCK_M)))
     qb_full_lo = qb_lo
     qb_full_hi = qb_full_lo
     for h_in_group in tl.range(0, GROUP):
@@ -280,17 +280,17 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
                                             strides=[stride_dom, 1], block_shape=[BLOCK_M, VALUE_DIM_PAD])
         for qb in tl.range(qb_lo, qb_full_lo):
             dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, bh, qb, offs_j, Nq, q_offset,
-                                b, h, H, n_q, n_k, window, dilation,
+                                b, h, H, n_q, n_k, prm_window, prm_dilation,
                                 qk_scale, sm_scale, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                                 FAST_MATH, MASKED=True)
         for qb in tl.range(qb_full_lo, qb_full_hi):
             dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, bh, qb, offs_j, Nq, q_offset,
-                                b, h, H, n_q, n_k, window, dilation,
+                                b, h, H, n_q, n_k, prm_window, prm_dilation,
                                 qk_scale, sm_scale, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                                 FAST_MATH, MASKED=False)
         for qb in tl.range(qb_full_hi, qb_hi):
             dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, bh, qb, offs_j, Nq, q_offset,
-                                b, h, H, n_q, n_k, window, dilation,
+                                b, h, H, n_q, n_k, prm_window, prm_dilation,
                                 qk_scale, sm_scale, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                                 FAST_MATH, MASKED=True)
     dk = dk * sm_scale
@@ -300,7 +300,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
 
 @triton.jit
 def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-             b, h, H, n_q, n_k, window, dilation,
+             b, h, H, n_q, n_k, prm_window, prm_dilation,
              qk_scale, sm_scale,
              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
              ROTARY_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
@@ -313,7 +313,7 @@ def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
     qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
     s = qk * qk_scale
     if MASKED:
-        keep = (offs_j[None, :] < k_offset + Nk) & ((_floormod((offs_i[:, None] - offs_j[None, :]), dilation) == 0) & (offs_j[None, :] <= offs_i[:, None]) & ((offs_i[:, None] - offs_j[None, :]) < window))
+        keep = (offs_j[None, :] < k_offset + Nk) & ((_floormod((offs_i[:, None] - offs_j[None, :]), prm_dilation) == 0) & (offs_j[None, :] <= offs_i[:, None]) & ((offs_i[:, None] - offs_j[None, :]) < prm_window))
         s = tl.where(keep, s, float("-inf"))
     p = tl.exp2(s - lse2[:, None])
     dp = tl.dot(do, v.T, input_precision=DOT_PRECISION)
@@ -330,7 +330,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
                    stride_dob, stride_doh, stride_dom,
                    stride_dqb, stride_dqh, stride_dqm,
                    Nq, Nk, H, GROUP, q_offset, k_offset, n_q, n_k, qk_scale, sm_scale,
-                   window, dilation,
+                   prm_window, prm_dilation,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                    VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr):
@@ -359,23 +359,23 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
     delta = tl.load(DELTA + bh * Nq + offs_m, mask=offs_m < Nq, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     # The forward's key-block ranges.
-    kv_lo = tl.minimum(((Nk + BLOCK_N - 1) // BLOCK_N), (tl.maximum(0, (1 + q_lo - window - k_offset)) // BLOCK_N))
+    kv_lo = tl.minimum(((Nk + BLOCK_N - 1) // BLOCK_N), (tl.maximum(0, (1 + q_lo - prm_window - k_offset)) // BLOCK_N))
     kv_hi = tl.maximum(kv_lo, tl.minimum(((Nk + BLOCK_N - 1) // BLOCK_N), (tl.maximum(0, (q_hi + BLOCK_N - k_offset)) // BLOCK_N)))
     kv_full_lo = kv_lo
     kv_full_hi = kv_full_lo
     for kb in tl.range(kv_lo, kv_full_lo):
         dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                      b, h, H, n_q, n_k, window, dilation,
+                      b, h, H, n_q, n_k, prm_window, prm_dilation,
                       qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                       FAST_MATH, MASKED=True)
     for kb in tl.range(kv_full_lo, kv_full_hi):
         dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                      b, h, H, n_q, n_k, window, dilation,
+                      b, h, H, n_q, n_k, prm_window, prm_dilation,
                       qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                       FAST_MATH, MASKED=False)
     for kb in tl.range(kv_full_hi, kv_hi):
         dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                      b, h, H, n_q, n_k, window, dilation,
+                      b, h, H, n_q, n_k, prm_window, prm_dilation,
                       qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                       FAST_MATH, MASKED=True)
     dq = dq * sm_scale
@@ -477,7 +477,7 @@ def _dec_load(rows, cols, row_ok, DIM: tl.constexpr, DIM_PAD: tl.constexpr, MASK
 @triton.jit
 def _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
               stride_kp, stride_kn, stride_vp, stride_vn,
-              b, h_row, H, n_q, n_k, window, dilation,
+              b, h_row, H, n_q, n_k, prm_window, prm_dilation,
               qk_scale, sm_scale,
               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
               VALUE_DIM: tl.constexpr, VALUE_DIM_PAD: tl.constexpr, PAGE_SIZE: tl.constexpr,
@@ -500,7 +500,7 @@ def _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NU
     v = _dec_load(v_rows, tl.arange(0, VALUE_DIM_PAD), in_cache, VALUE_DIM, VALUE_DIM_PAD, MASKED)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if MASKED:
-        keep = in_cache[None, :] & live[:, None] & ((_floormod((offs_i[:, None] - offs_j[None, :]), dilation) == 0) & (offs_j[None, :] <= offs_i[:, None]) & ((offs_i[:, None] - offs_j[None, :]) < window))
+        keep = in_cache[None, :] & live[:, None] & ((_floormod((offs_i[:, None] - offs_j[None, :]), prm_dilation) == 0) & (offs_j[None, :] <= offs_i[:, None]) & ((offs_i[:, None] - offs_j[None, :]) < prm_window))
         qk = tl.where(keep, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -518,7 +518,7 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
                 stride_vb, stride_vh, stride_vn,
                 stride_btb, stride_ob, stride_oh, stride_om,
                 Nq, H, GROUP, HEADS_PER_PROGRAM, CAPACITY, NUM_PAGES, NUM_SPLITS, qk_scale, sm_scale,
-                window, dilation,
+                prm_window, prm_dilation,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                 VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, SPLIT: tl.constexpr,
@@ -561,7 +561,7 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
     acc = tl.zeros([BLOCK_M, VALUE_DIM_PAD], dtype=tl.float32)
     # Key blocks [kv_lo, kv_hi) may hold allowed pairs, [kv_full_lo, kv_full_hi) are full
     # (the forward's closed form, at k_offset = 0 and N_K = kv_len).
-    kv_lo = tl.minimum(((Nk + BLOCK_N - 1) // BLOCK_N), (tl.maximum(0, (1 + q_lo - window)) // BLOCK_N))
+    kv_lo = tl.minimum(((Nk + BLOCK_N - 1) // BLOCK_N), (tl.maximum(0, (1 + q_lo - prm_window)) // BLOCK_N))
     kv_hi = tl.maximum(kv_lo, tl.minimum(((q_hi + BLOCK_N) // BLOCK_N), ((Nk + BLOCK_N - 1) // BLOCK_N)))
     kv_full_lo = kv_lo
     kv_full_hi = kv_full_lo
@@ -575,19 +575,19 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
     for kb in tl.range(s_lo, f_lo):
         acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
                                   stride_kb, stride_kn, stride_vb, stride_vn,
-                                  b, h_row, H, n_q, n_k, window, dilation,
+                                  b, h_row, H, n_q, n_k, prm_window, prm_dilation,
                                   qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD,
                                   PAGE_SIZE, DOT_PRECISION, FAST_MATH, MASKED=True)
     for kb in tl.range(f_lo, f_hi):
         acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
                                   stride_kb, stride_kn, stride_vb, stride_vn,
-                                  b, h_row, H, n_q, n_k, window, dilation,
+                                  b, h_row, H, n_q, n_k, prm_window, prm_dilation,
                                   qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD,
                                   PAGE_SIZE, DOT_PRECISION, FAST_MATH, MASKED=False)
     for kb in tl.range(f_hi, s_hi):
         acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
                                   stride_kb, stride_kn, stride_vb, stride_vn,
-                                  b, h_row, H, n_q, n_k, window, dilation,
+                                  b, h_row, H, n_q, n_k, prm_window, prm_dilation,
                                   qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD,
                                   PAGE_SIZE, DOT_PRECISION, FAST_MATH, MASKED=True)
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]

@@ -46,7 +46,7 @@ SPEC = _rt.SpecInfo(
 
 @triton.jit
 def _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-              b, h, H, n_q, n_k, g, w,
+              b, h, H, n_q, n_k, prm_g, prm_w,
               qk_scale, sm_scale,
               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
               ROTARY_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
@@ -58,7 +58,7 @@ def _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
     offs_j = k_offset + start_n + tl.arange(0, BLOCK_N)
     qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
     if MASKED:
-        keep = (offs_j[None, :] < k_offset + Nk) & ((tl.abs((offs_i[:, None] - offs_j[None, :])) <= w) | (offs_i[:, None] < g) | (offs_j[None, :] < g))
+        keep = (offs_j[None, :] < k_offset + Nk) & ((tl.abs((offs_i[:, None] - offs_j[None, :])) <= prm_w) | (offs_i[:, None] < prm_g) | (offs_j[None, :] < prm_g))
         qk = tl.where(keep, qk, float("-inf"))
     # qk_scale = scale * log2(e) > 0, so the row max of the scaled scores is the scaled max.
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
@@ -77,7 +77,7 @@ def _fwd_kernel(Q, K, V, O, LSE,
                 stride_vb, stride_vh, stride_vn,
                 stride_ob, stride_oh, stride_om,
                 Nq, Nk, H, GROUP, q_offset, k_offset, n_q, n_k, qk_scale, sm_scale,
-                g, w,
+                prm_g, prm_w,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                 VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr, RETURN_LSE: tl.constexpr,
@@ -107,17 +107,17 @@ def _fwd_kernel(Q, K, V, O, LSE,
     # The mask is a union of 3 bands; each gives a closed-form key-block range
     # and a full sub-range. Walk their hull and classify each block by the ranges.
     lo0 = 0
-    hi0 = tl.minimum(((Nk + BLOCK_N - 1) // BLOCK_N), (Nk * tl.maximum(0, (1 + tl.minimum(q_hi, (g - 1)) - q_lo))))
+    hi0 = tl.minimum(((Nk + BLOCK_N - 1) // BLOCK_N), (Nk * tl.maximum(0, (1 + tl.minimum(q_hi, (prm_g - 1)) - q_lo))))
     full_lo0 = lo0
-    full_hi0 = tl.minimum((Nk // BLOCK_N), (Nk * tl.maximum(0, (g - q_hi))))
+    full_hi0 = tl.minimum((Nk // BLOCK_N), (Nk * tl.maximum(0, (prm_g - q_hi))))
     lo1 = 0
-    hi1 = tl.minimum(((Nk + BLOCK_N - 1) // BLOCK_N), (tl.maximum(0, (g + BLOCK_N - 1 - k_offset)) // BLOCK_N))
+    hi1 = tl.minimum(((Nk + BLOCK_N - 1) // BLOCK_N), (tl.maximum(0, (prm_g + BLOCK_N - 1 - k_offset)) // BLOCK_N))
     full_lo1 = lo1
-    full_hi1 = tl.minimum((Nk // BLOCK_N), (tl.maximum(0, (g - k_offset)) // BLOCK_N))
-    lo2 = tl.minimum(((Nk + BLOCK_N - 1) // BLOCK_N), (tl.maximum(0, (q_lo - w - k_offset)) // BLOCK_N))
-    hi2 = tl.maximum(lo2, tl.minimum(((Nk + BLOCK_N - 1) // BLOCK_N), (tl.maximum(0, (w + q_hi + BLOCK_N - k_offset)) // BLOCK_N)))
-    full_lo2 = tl.minimum(hi2, ((BLOCK_N + tl.maximum(0, (q_hi - w - k_offset)) - 1) // BLOCK_N))
-    full_hi2 = tl.maximum(full_lo2, tl.minimum((Nk // BLOCK_N), (tl.maximum(0, (1 + w + q_lo - k_offset)) // BLOCK_N)))
+    full_hi1 = tl.minimum((Nk // BLOCK_N), (tl.maximum(0, (prm_g - k_offset)) // BLOCK_N))
+    lo2 = tl.minimum(((Nk + BLOCK_N - 1) // BLOCK_N), (tl.maximum(0, (q_lo - prm_w - k_offset)) // BLOCK_N))
+    hi2 = tl.maximum(lo2, tl.minimum(((Nk + BLOCK_N - 1) // BLOCK_N), (tl.maximum(0, (prm_w + q_hi + BLOCK_N - k_offset)) // BLOCK_N)))
+    full_lo2 = tl.minimum(hi2, ((BLOCK_N + tl.maximum(0, (q_hi - prm_w - k_offset)) - 1) // BLOCK_N))
+    full_hi2 = tl.maximum(full_lo2, tl.minimum((Nk // BLOCK_N), (tl.maximum(0, (1 + prm_w + q_lo - k_offset)) // BLOCK_N)))
     kv_lo = tl.minimum(tl.minimum(lo0, lo1), lo2)
     kv_hi = tl.maximum(tl.maximum(hi0, hi1), hi2)
     for kb in tl.range(kv_lo, kv_hi):
@@ -125,12 +125,12 @@ def _fwd_kernel(Q, K, V, O, LSE,
         visit = ((kb >= lo0) & (kb < hi0)) | ((kb >= lo1) & (kb < hi1)) | ((kb >= lo2) & (kb < hi2))
         if full:
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                                      b, h, H, n_q, n_k, g, w,
+                                      b, h, H, n_q, n_k, prm_g, prm_w,
                                       qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                                       FAST_MATH, MASKED=False)
         elif visit:
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                                      b, h, H, n_q, n_k, g, w,
+                                      b, h, H, n_q, n_k, prm_g, prm_w,
                                       qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                                       FAST_MATH, MASKED=True)
     # Rows that saw no allowed key: o = 0 and lse = -inf, never NaN.
@@ -182,7 +182,7 @@ def _bwd_preprocess(O, DO, LSE, DELTA, LSE2,
                     stride_ob, stride_oh, stride_om, stride_od,
                     stride_dob, stride_doh, stride_dom, stride_dod,
                     Nq, H, q_offset, n_q, n_k,
-                    g, w,
+                    prm_g, prm_w,
                     VALUE_DIM: tl.constexpr, VALUE_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
     """delta = rowsum(dO * O) (fp32) and lse2, the forward's LSE in log2 units (+inf on rows
     without an allowed key)."""
@@ -208,7 +208,7 @@ def _bwd_preprocess(O, DO, LSE, DELTA, LSE2,
 
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, bh, qb, offs_j, Nq, q_offset,
-               b, h, H, n_q, n_k, g, w,
+               b, h, H, n_q, n_k, prm_g, prm_w,
                qk_scale, sm_scale,
                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                ROTARY_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
@@ -225,7 +225,7 @@ def _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, bh, qb, offs_j, Nq, q
     qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
     s = qk * qk_scale
     if MASKED:
-        keep = (offs_i[:, None] < q_offset + Nq) & ((tl.abs((offs_i[:, None] - offs_j[None, :])) <= w) | (offs_i[:, None] < g) | (offs_j[None, :] < g))
+        keep = (offs_i[:, None] < q_offset + Nq) & ((tl.abs((offs_i[:, None] - offs_j[None, :])) <= prm_w) | (offs_i[:, None] < prm_g) | (offs_j[None, :] < prm_g))
         s = tl.where(keep, s, float("-inf"))
     p = tl.exp2(s - lse2[:, None])
     dv = dv + tl.dot(p.to(do.dtype).T, do, input_precision=DOT_PRECISION)
@@ -244,7 +244,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
                      stride_dkb, stride_dkh, stride_dkn,
                      stride_dvb, stride_dvh, stride_dvn,
                      Nq, Nk, H, GROUP, q_offset, k_offset, n_q, n_k, qk_scale, sm_scale,
-                     g, w,
+                     prm_g, prm_w,
                      HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                      VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr):
@@ -272,17 +272,17 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
     dv = tl.zeros([BLOCK_N, VALUE_DIM_PAD], dtype=tl.float32)
     # Query blocks that may see this key block: closed form from the transposed mask.
     qlo0 = 0
-    qhi0 = tl.minimum(((Nq + BLOCK_M - 1) // BLOCK_M), (Nq * tl.maximum(0, (1 + tl.minimum(k_hi, (g - 1)) - k_lo))))
+    qhi0 = tl.minimum(((Nq + BLOCK_M - 1) // BLOCK_M), (Nq * tl.maximum(0, (1 + tl.minimum(k_hi, (prm_g - 1)) - k_lo))))
     qfull_lo0 = qlo0
-    qfull_hi0 = tl.minimum((Nq // BLOCK_M), (Nq * tl.maximum(0, (g - k_hi))))
+    qfull_hi0 = tl.minimum((Nq // BLOCK_M), (Nq * tl.maximum(0, (prm_g - k_hi))))
     qlo1 = 0
-    qhi1 = tl.minimum(((Nq + BLOCK_M - 1) // BLOCK_M), (tl.maximum(0, (g + BLOCK_M - 1 - q_offset)) // BLOCK_M))
+    qhi1 = tl.minimum(((Nq + BLOCK_M - 1) // BLOCK_M), (tl.maximum(0, (prm_g + BLOCK_M - 1 - q_offset)) // BLOCK_M))
     qfull_lo1 = qlo1
-    qfull_hi1 = tl.minimum((Nq // BLOCK_M), (tl.maximum(0, (g - q_offset)) // BLOCK_M))
-    qlo2 = tl.minimum(((Nq + BLOCK_M - 1) // BLOCK_M), (tl.maximum(0, (k_lo - w - q_offset)) // BLOCK_M))
-    qhi2 = tl.maximum(qlo2, tl.minimum(((Nq + BLOCK_M - 1) // BLOCK_M), (tl.maximum(0, (w + k_hi + BLOCK_M - q_offset)) // BLOCK_M)))
-    qfull_lo2 = tl.minimum(qhi2, ((BLOCK_M + tl.maximum(0, (k_hi - w - q_offset)) - 1) // BLOCK_M))
-    qfull_hi2 = tl.maximum(qfull_lo2, tl.minimum((Nq // BLOCK_M), (tl.maximum(0, (1 + w + k_lo - q_offset)) // BLOCK_M)))
+    qfull_hi1 = tl.minimum((Nq // BLOCK_M), (tl.maximum(0, (prm_g - q_offset)) // BLOCK_M))
+    qlo2 = tl.minimum(((Nq + BLOCK_M - 1) // BLOCK_M), (tl.maximum(0, (k_lo - prm_w - q_offset)) // BLOCK_M))
+    qhi2 = tl.maximum(qlo2, tl.minimum(((Nq + BLOCK_M - 1) // BLOCK_M), (tl.maximum(0, (prm_w + k_hi + BLOCK_M - q_offset)) // BLOCK_M)))
+    qfull_lo2 = tl.minimum(qhi2, ((BLOCK_M + tl.maximum(0, (k_hi - prm_w - q_offset)) - 1) // BLOCK_M))
+    qfull_hi2 = tl.maximum(qfull_lo2, tl.minimum((Nq // BLOCK_M), (tl.maximum(0, (1 + prm_w + k_lo - q_offset)) // BLOCK_M)))
     for h_in_group in tl.range(0, GROUP):
         h = hk * GROUP + h_in_group
         bh = b * H + h
@@ -296,12 +296,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
             visit = ((qb >= qlo0) & (qb < qhi0)) | ((qb >= qlo1) & (qb < qhi1)) | ((qb >= qlo2) & (qb < qhi2))
             if full:
                 dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, bh, qb, offs_j, Nq, q_offset,
-                                    b, h, H, n_q, n_k, g, w,
+                                    b, h, H, n_q, n_k, prm_g, prm_w,
                                     qk_scale, sm_scale, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                                     FAST_MATH, MASKED=False)
             elif visit:
                 dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, bh, qb, offs_j, Nq, q_offset,
-                                    b, h, H, n_q, n_k, g, w,
+                                    b, h, H, n_q, n_k, prm_g, prm_w,
                                     qk_scale, sm_scale, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                                     FAST_MATH, MASKED=True)
     dk = dk * sm_scale
@@ -311,7 +311,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
 
 @triton.jit
 def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-             b, h, H, n_q, n_k, g, w,
+             b, h, H, n_q, n_k, prm_g, prm_w,
              qk_scale, sm_scale,
              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
              ROTARY_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
@@ -324,7 +324,7 @@ def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
     qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
     s = qk * qk_scale
     if MASKED:
-        keep = (offs_j[None, :] < k_offset + Nk) & ((tl.abs((offs_i[:, None] - offs_j[None, :])) <= w) | (offs_i[:, None] < g) | (offs_j[None, :] < g))
+        keep = (offs_j[None, :] < k_offset + Nk) & ((tl.abs((offs_i[:, None] - offs_j[None, :])) <= prm_w) | (offs_i[:, None] < prm_g) | (offs_j[None, :] < prm_g))
         s = tl.where(keep, s, float("-inf"))
     p = tl.exp2(s - lse2[:, None])
     dp = tl.dot(do, v.T, input_precision=DOT_PRECISION)
@@ -341,7 +341,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
                    stride_dob, stride_doh, stride_dom,
                    stride_dqb, stride_dqh, stride_dqm,
                    Nq, Nk, H, GROUP, q_offset, k_offset, n_q, n_k, qk_scale, sm_scale,
-                   g, w,
+                   prm_g, prm_w,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                    VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr):
@@ -371,28 +371,28 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     # The forward's 3 bands: walk their hull, classify each key block.
     lo0 = 0
-    hi0 = tl.minimum(((Nk + BLOCK_N - 1) // BLOCK_N), (Nk * tl.maximum(0, (1 + tl.minimum(q_hi, (g - 1)) - q_lo))))
+    hi0 = tl.minimum(((Nk + BLOCK_N - 1) // BLOCK_N), (Nk * tl.maximum(0, (1 + tl.minimum(q_hi, (prm_g - 1)) - q_lo))))
     full_lo0 = lo0
-    full_hi0 = tl.minimum((Nk // BLOCK_N), (Nk * tl.maximum(0, (g - q_hi))))
+    full_hi0 = tl.minimum((Nk // BLOCK_N), (Nk * tl.maximum(0, (prm_g - q_hi))))
     lo1 = 0
-    hi1 = tl.minimum(((Nk + BLOCK_N - 1) // BLOCK_N), (tl.maximum(0, (g + BLOCK_N - 1 - k_offset)) // BLOCK_N))
+    hi1 = tl.minimum(((Nk + BLOCK_N - 1) // BLOCK_N), (tl.maximum(0, (prm_g + BLOCK_N - 1 - k_offset)) // BLOCK_N))
     full_lo1 = lo1
-    full_hi1 = tl.minimum((Nk // BLOCK_N), (tl.maximum(0, (g - k_offset)) // BLOCK_N))
-    lo2 = tl.minimum(((Nk + BLOCK_N - 1) // BLOCK_N), (tl.maximum(0, (q_lo - w - k_offset)) // BLOCK_N))
-    hi2 = tl.maximum(lo2, tl.minimum(((Nk + BLOCK_N - 1) // BLOCK_N), (tl.maximum(0, (w + q_hi + BLOCK_N - k_offset)) // BLOCK_N)))
-    full_lo2 = tl.minimum(hi2, ((BLOCK_N + tl.maximum(0, (q_hi - w - k_offset)) - 1) // BLOCK_N))
-    full_hi2 = tl.maximum(full_lo2, tl.minimum((Nk // BLOCK_N), (tl.maximum(0, (1 + w + q_lo - k_offset)) // BLOCK_N)))
+    full_hi1 = tl.minimum((Nk // BLOCK_N), (tl.maximum(0, (prm_g - k_offset)) // BLOCK_N))
+    lo2 = tl.minimum(((Nk + BLOCK_N - 1) // BLOCK_N), (tl.maximum(0, (q_lo - prm_w - k_offset)) // BLOCK_N))
+    hi2 = tl.maximum(lo2, tl.minimum(((Nk + BLOCK_N - 1) // BLOCK_N), (tl.maximum(0, (prm_w + q_hi + BLOCK_N - k_offset)) // BLOCK_N)))
+    full_lo2 = tl.minimum(hi2, ((BLOCK_N + tl.maximum(0, (q_hi - prm_w - k_offset)) - 1) // BLOCK_N))
+    full_hi2 = tl.maximum(full_lo2, tl.minimum((Nk // BLOCK_N), (tl.maximum(0, (1 + prm_w + q_lo - k_offset)) // BLOCK_N)))
     for kb in tl.range(tl.minimum(tl.minimum(lo0, lo1), lo2), tl.maximum(tl.maximum(hi0, hi1), hi2)):
         full = ((kb >= full_lo0) & (kb < full_hi0)) | ((kb >= full_lo1) & (kb < full_hi1)) | ((kb >= full_lo2) & (kb < full_hi2))
         visit = ((kb >= lo0) & (kb < hi0)) | ((kb >= lo1) & (kb < hi1)) | ((kb >= lo2) & (kb < hi2))
         if full:
             dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                          b, h, H, n_q, n_k, g, w,
+                          b, h, H, n_q, n_k, prm_g, prm_w,
                           qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                           FAST_MATH, MASKED=False)
         elif visit:
             dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                          b, h, H, n_q, n_k, g, w,
+                          b, h, H, n_q, n_k, prm_g, prm_w,
                           qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                           FAST_MATH, MASKED=True)
     dq = dq * sm_scale
@@ -494,7 +494,7 @@ def _dec_load(rows, cols, row_ok, DIM: tl.constexpr, DIM_PAD: tl.constexpr, MASK
 @triton.jit
 def _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
               stride_kp, stride_kn, stride_vp, stride_vn,
-              b, h_row, H, n_q, n_k, g, w,
+              b, h_row, H, n_q, n_k, prm_g, prm_w,
               qk_scale, sm_scale,
               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
               VALUE_DIM: tl.constexpr, VALUE_DIM_PAD: tl.constexpr, PAGE_SIZE: tl.constexpr,
@@ -517,7 +517,7 @@ def _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NU
     v = _dec_load(v_rows, tl.arange(0, VALUE_DIM_PAD), in_cache, VALUE_DIM, VALUE_DIM_PAD, MASKED)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if MASKED:
-        keep = in_cache[None, :] & live[:, None] & ((tl.abs((offs_i[:, None] - offs_j[None, :])) <= w) | (offs_i[:, None] < g) | (offs_j[None, :] < g))
+        keep = in_cache[None, :] & live[:, None] & ((tl.abs((offs_i[:, None] - offs_j[None, :])) <= prm_w) | (offs_i[:, None] < prm_g) | (offs_j[None, :] < prm_g))
         qk = tl.where(keep, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -535,7 +535,7 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
                 stride_vb, stride_vh, stride_vn,
                 stride_btb, stride_ob, stride_oh, stride_om,
                 Nq, H, GROUP, HEADS_PER_PROGRAM, CAPACITY, NUM_PAGES, NUM_SPLITS, qk_scale, sm_scale,
-                g, w,
+                prm_g, prm_w,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                 VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, SPLIT: tl.constexpr,
@@ -579,17 +579,17 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
     # The mask is a union of 3 bands, each with a closed-form key-block
     # range and full sub-range; the splits cut their hull.
     lo0 = 0
-    hi0 = tl.minimum(((Nk + BLOCK_N - 1) // BLOCK_N), (Nk * tl.maximum(0, (1 + tl.minimum(q_hi, (g - 1)) - q_lo))))
+    hi0 = tl.minimum(((Nk + BLOCK_N - 1) // BLOCK_N), (Nk * tl.maximum(0, (1 + tl.minimum(q_hi, (prm_g - 1)) - q_lo))))
     full_lo0 = lo0
-    full_hi0 = tl.minimum((Nk // BLOCK_N), (Nk * tl.maximum(0, (g - q_hi))))
+    full_hi0 = tl.minimum((Nk // BLOCK_N), (Nk * tl.maximum(0, (prm_g - q_hi))))
     lo1 = 0
-    hi1 = tl.minimum(((Nk + BLOCK_N - 1) // BLOCK_N), (tl.maximum(0, (g + BLOCK_N - 1)) // BLOCK_N))
+    hi1 = tl.minimum(((Nk + BLOCK_N - 1) // BLOCK_N), (tl.maximum(0, (prm_g + BLOCK_N - 1)) // BLOCK_N))
     full_lo1 = lo1
-    full_hi1 = tl.minimum((Nk // BLOCK_N), (tl.maximum(0, g) // BLOCK_N))
-    lo2 = tl.minimum(((Nk + BLOCK_N - 1) // BLOCK_N), (tl.maximum(0, (q_lo - w)) // BLOCK_N))
-    hi2 = tl.maximum(lo2, tl.minimum(((Nk + BLOCK_N - 1) // BLOCK_N), (tl.maximum(0, (w + q_hi + BLOCK_N)) // BLOCK_N)))
-    full_lo2 = tl.minimum(hi2, ((BLOCK_N + tl.maximum(0, (q_hi - w)) - 1) // BLOCK_N))
-    full_hi2 = tl.maximum(full_lo2, tl.minimum((Nk // BLOCK_N), (tl.maximum(0, (1 + w + q_lo)) // BLOCK_N)))
+    full_hi1 = tl.minimum((Nk // BLOCK_N), (tl.maximum(0, prm_g) // BLOCK_N))
+    lo2 = tl.minimum(((Nk + BLOCK_N - 1) // BLOCK_N), (tl.maximum(0, (q_lo - prm_w)) // BLOCK_N))
+    hi2 = tl.maximum(lo2, tl.minimum(((Nk + BLOCK_N - 1) // BLOCK_N), (tl.maximum(0, (prm_w + q_hi + BLOCK_N)) // BLOCK_N)))
+    full_lo2 = tl.minimum(hi2, ((BLOCK_N + tl.maximum(0, (q_hi - prm_w)) - 1) // BLOCK_N))
+    full_hi2 = tl.maximum(full_lo2, tl.minimum((Nk // BLOCK_N), (tl.maximum(0, (1 + prm_w + q_lo)) // BLOCK_N)))
     kv_lo = tl.minimum(tl.minimum(lo0, lo1), lo2)
     kv_hi = tl.maximum(tl.maximum(hi0, hi1), hi2)
     # This split's share of the key blocks.
@@ -602,13 +602,13 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
         if full:
             acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
                                       stride_kb, stride_kn, stride_vb, stride_vn,
-                                      b, h_row, H, n_q, n_k, g, w,
+                                      b, h_row, H, n_q, n_k, prm_g, prm_w,
                                       qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD,
                                       PAGE_SIZE, DOT_PRECISION, FAST_MATH, MASKED=False)
         elif visit:
             acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
                                       stride_kb, stride_kn, stride_vb, stride_vn,
-                                      b, h_row, H, n_q, n_k, g, w,
+                                      b, h_row, H, n_q, n_k, prm_g, prm_w,
                                       qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD,
                                       PAGE_SIZE, DOT_PRECISION, FAST_MATH, MASKED=True)
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]

@@ -44,7 +44,7 @@ SPEC = _rt.SpecInfo(
 
 @triton.jit
 def _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-              b, h, H, n_q, n_k, prefix,
+              b, h, H, n_q, n_k, prm_prefix,
               qk_scale, sm_scale,
               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
               ROTARY_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
@@ -56,7 +56,7 @@ def _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
     offs_j = k_offset + start_n + tl.arange(0, BLOCK_N)
     qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
     if MASKED:
-        keep = (offs_j[None, :] < k_offset + Nk) & ((offs_j[None, :] <= offs_i[:, None]) | (offs_j[None, :] < prefix))
+        keep = (offs_j[None, :] < k_offset + Nk) & ((offs_j[None, :] <= offs_i[:, None]) | (offs_j[None, :] < prm_prefix))
         qk = tl.where(keep, qk, float("-inf"))
     # qk_scale = scale * log2(e) > 0, so the row max of the scaled scores is the scaled max.
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
@@ -75,7 +75,7 @@ def _fwd_kernel(Q, K, V, O, LSE,
                 stride_vb, stride_vh, stride_vn,
                 stride_ob, stride_oh, stride_om,
                 Nq, Nk, H, GROUP, q_offset, k_offset, n_q, n_k, qk_scale, sm_scale,
-                prefix,
+                prm_prefix,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                 VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr, RETURN_LSE: tl.constexpr,
@@ -109,9 +109,9 @@ def _fwd_kernel(Q, K, V, O, LSE,
     full_lo0 = lo0
     full_hi0 = tl.minimum((Nk // BLOCK_N), (tl.maximum(0, (1 + q_lo - k_offset)) // BLOCK_N))
     lo1 = 0
-    hi1 = tl.minimum(((Nk + BLOCK_N - 1) // BLOCK_N), (tl.maximum(0, (prefix + BLOCK_N - 1 - k_offset)) // BLOCK_N))
+    hi1 = tl.minimum(((Nk + BLOCK_N - 1) // BLOCK_N), (tl.maximum(0, (prm_prefix + BLOCK_N - 1 - k_offset)) // BLOCK_N))
     full_lo1 = lo1
-    full_hi1 = tl.minimum((Nk // BLOCK_N), (tl.maximum(0, (prefix - k_offset)) // BLOCK_N))
+    full_hi1 = tl.minimum((Nk // BLOCK_N), (tl.maximum(0, (prm_prefix - k_offset)) // BLOCK_N))
     kv_lo = tl.minimum(lo0, lo1)
     kv_hi = tl.maximum(hi0, hi1)
     for kb in tl.range(kv_lo, kv_hi):
@@ -119,12 +119,12 @@ def _fwd_kernel(Q, K, V, O, LSE,
         visit = ((kb >= lo0) & (kb < hi0)) | ((kb >= lo1) & (kb < hi1))
         if full:
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                                      b, h, H, n_q, n_k, prefix,
+                                      b, h, H, n_q, n_k, prm_prefix,
                                       qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                                       FAST_MATH, MASKED=False)
         elif visit:
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                                      b, h, H, n_q, n_k, prefix,
+                                      b, h, H, n_q, n_k, prm_prefix,
                                       qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                                       FAST_MATH, MASKED=True)
     # Rows that saw no allowed key: o = 0 and lse = -inf, never NaN.
@@ -175,7 +175,7 @@ def _bwd_preprocess(O, DO, LSE, DELTA, LSE2,
                     stride_ob, stride_oh, stride_om, stride_od,
                     stride_dob, stride_doh, stride_dom, stride_dod,
                     Nq, H, q_offset, n_q, n_k,
-                    prefix,
+                    prm_prefix,
                     VALUE_DIM: tl.constexpr, VALUE_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
     """delta = rowsum(dO * O) (fp32) and lse2, the forward's LSE in log2 units (+inf on rows
     without an allowed key)."""
@@ -201,7 +201,7 @@ def _bwd_preprocess(O, DO, LSE, DELTA, LSE2,
 
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, bh, qb, offs_j, Nq, q_offset,
-               b, h, H, n_q, n_k, prefix,
+               b, h, H, n_q, n_k, prm_prefix,
                qk_scale, sm_scale,
                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                ROTARY_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
@@ -218,7 +218,7 @@ def _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, bh, qb, offs_j, Nq, q
     qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
     s = qk * qk_scale
     if MASKED:
-        keep = (offs_i[:, None] < q_offset + Nq) & ((offs_j[None, :] <= offs_i[:, None]) | (offs_j[None, :] < prefix))
+        keep = (offs_i[:, None] < q_offset + Nq) & ((offs_j[None, :] <= offs_i[:, None]) | (offs_j[None, :] < prm_prefix))
         s = tl.where(keep, s, float("-inf"))
     p = tl.exp2(s - lse2[:, None])
     dv = dv + tl.dot(p.to(do.dtype).T, do, input_precision=DOT_PRECISION)
@@ -237,7 +237,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
                      stride_dkb, stride_dkh, stride_dkn,
                      stride_dvb, stride_dvh, stride_dvn,
                      Nq, Nk, H, GROUP, q_offset, k_offset, n_q, n_k, qk_scale, sm_scale,
-                     prefix,
+                     prm_prefix,
                      HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                      VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr):
@@ -265,9 +265,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
     dv = tl.zeros([BLOCK_N, VALUE_DIM_PAD], dtype=tl.float32)
     # Query blocks that may see this key block: closed form from the transposed mask.
     qlo0 = 0
-    qhi0 = tl.minimum(((Nq + BLOCK_M - 1) // BLOCK_M), (Nq * tl.maximum(0, (1 + tl.minimum(k_hi, (prefix - 1)) - k_lo))))
+    qhi0 = tl.minimum(((Nq + BLOCK_M - 1) // BLOCK_M), (Nq * tl.maximum(0, (1 + tl.minimum(k_hi, (prm_prefix - 1)) - k_lo))))
     qfull_lo0 = qlo0
-    qfull_hi0 = tl.minimum((Nq // BLOCK_M), (Nq * tl.maximum(0, (prefix - k_hi))))
+    qfull_hi0 = tl.minimum((Nq // BLOCK_M), (Nq * tl.maximum(0, (prm_prefix - k_hi))))
     qlo1 = tl.minimum(((Nq + BLOCK_M - 1) // BLOCK_M), (tl.maximum(0, (k_lo - q_offset)) // BLOCK_M))
     qhi1 = tl.maximum(qlo1, ((Nq + BLOCK_M - 1) // BLOCK_M))
     qfull_lo1 = tl.minimum(qhi1, ((BLOCK_M + tl.maximum(0, (k_hi - q_offset)) - 1) // BLOCK_M))
@@ -285,12 +285,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
             visit = ((qb >= qlo0) & (qb < qhi0)) | ((qb >= qlo1) & (qb < qhi1))
             if full:
                 dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, bh, qb, offs_j, Nq, q_offset,
-                                    b, h, H, n_q, n_k, prefix,
+                                    b, h, H, n_q, n_k, prm_prefix,
                                     qk_scale, sm_scale, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                                     FAST_MATH, MASKED=False)
             elif visit:
                 dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, bh, qb, offs_j, Nq, q_offset,
-                                    b, h, H, n_q, n_k, prefix,
+                                    b, h, H, n_q, n_k, prm_prefix,
                                     qk_scale, sm_scale, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                                     FAST_MATH, MASKED=True)
     dk = dk * sm_scale
@@ -300,7 +300,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
 
 @triton.jit
 def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-             b, h, H, n_q, n_k, prefix,
+             b, h, H, n_q, n_k, prm_prefix,
              qk_scale, sm_scale,
              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
              ROTARY_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
@@ -313,7 +313,7 @@ def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
     qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
     s = qk * qk_scale
     if MASKED:
-        keep = (offs_j[None, :] < k_offset + Nk) & ((offs_j[None, :] <= offs_i[:, None]) | (offs_j[None, :] < prefix))
+        keep = (offs_j[None, :] < k_offset + Nk) & ((offs_j[None, :] <= offs_i[:, None]) | (offs_j[None, :] < prm_prefix))
         s = tl.where(keep, s, float("-inf"))
     p = tl.exp2(s - lse2[:, None])
     dp = tl.dot(do, v.T, input_precision=DOT_PRECISION)
@@ -330,7 +330,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
                    stride_dob, stride_doh, stride_dom,
                    stride_dqb, stride_dqh, stride_dqm,
                    Nq, Nk, H, GROUP, q_offset, k_offset, n_q, n_k, qk_scale, sm_scale,
-                   prefix,
+                   prm_prefix,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                    VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr):
@@ -364,20 +364,20 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
     full_lo0 = lo0
     full_hi0 = tl.minimum((Nk // BLOCK_N), (tl.maximum(0, (1 + q_lo - k_offset)) // BLOCK_N))
     lo1 = 0
-    hi1 = tl.minimum(((Nk + BLOCK_N - 1) // BLOCK_N), (tl.maximum(0, (prefix + BLOCK_N - 1 - k_offset)) // BLOCK_N))
+    hi1 = tl.minimum(((Nk + BLOCK_N - 1) // BLOCK_N), (tl.maximum(0, (prm_prefix + BLOCK_N - 1 - k_offset)) // BLOCK_N))
     full_lo1 = lo1
-    full_hi1 = tl.minimum((Nk // BLOCK_N), (tl.maximum(0, (prefix - k_offset)) // BLOCK_N))
+    full_hi1 = tl.minimum((Nk // BLOCK_N), (tl.maximum(0, (prm_prefix - k_offset)) // BLOCK_N))
     for kb in tl.range(tl.minimum(lo0, lo1), tl.maximum(hi0, hi1)):
         full = ((kb >= full_lo0) & (kb < full_hi0)) | ((kb >= full_lo1) & (kb < full_hi1))
         visit = ((kb >= lo0) & (kb < hi0)) | ((kb >= lo1) & (kb < hi1))
         if full:
             dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                          b, h, H, n_q, n_k, prefix,
+                          b, h, H, n_q, n_k, prm_prefix,
                           qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                           FAST_MATH, MASKED=False)
         elif visit:
             dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                          b, h, H, n_q, n_k, prefix,
+                          b, h, H, n_q, n_k, prm_prefix,
                           qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                           FAST_MATH, MASKED=True)
     dq = dq * sm_scale
@@ -476,7 +476,7 @@ def _dec_load(rows, cols, row_ok, DIM: tl.constexpr, DIM_PAD: tl.constexpr, MASK
 @triton.jit
 def _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
               stride_kp, stride_kn, stride_vp, stride_vn,
-              b, h_row, H, n_q, n_k, prefix,
+              b, h_row, H, n_q, n_k, prm_prefix,
               qk_scale, sm_scale,
               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
               VALUE_DIM: tl.constexpr, VALUE_DIM_PAD: tl.constexpr, PAGE_SIZE: tl.constexpr,
@@ -499,7 +499,7 @@ def _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NU
     v = _dec_load(v_rows, tl.arange(0, VALUE_DIM_PAD), in_cache, VALUE_DIM, VALUE_DIM_PAD, MASKED)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if MASKED:
-        keep = in_cache[None, :] & live[:, None] & ((offs_j[None, :] <= offs_i[:, None]) | (offs_j[None, :] < prefix))
+        keep = in_cache[None, :] & live[:, None] & ((offs_j[None, :] <= offs_i[:, None]) | (offs_j[None, :] < prm_prefix))
         qk = tl.where(keep, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -517,7 +517,7 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
                 stride_vb, stride_vh, stride_vn,
                 stride_btb, stride_ob, stride_oh, stride_om,
                 Nq, H, GROUP, HEADS_PER_PROGRAM, CAPACITY, NUM_PAGES, NUM_SPLITS, qk_scale, sm_scale,
-                prefix,
+                prm_prefix,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                 VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, SPLIT: tl.constexpr,
@@ -565,9 +565,9 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
     full_lo0 = lo0
     full_hi0 = tl.minimum((Nk // BLOCK_N), ((1 + q_lo) // BLOCK_N))
     lo1 = 0
-    hi1 = tl.minimum(((Nk + BLOCK_N - 1) // BLOCK_N), (tl.maximum(0, (prefix + BLOCK_N - 1)) // BLOCK_N))
+    hi1 = tl.minimum(((Nk + BLOCK_N - 1) // BLOCK_N), (tl.maximum(0, (prm_prefix + BLOCK_N - 1)) // BLOCK_N))
     full_lo1 = lo1
-    full_hi1 = tl.minimum((Nk // BLOCK_N), (tl.maximum(0, prefix) // BLOCK_N))
+    full_hi1 = tl.minimum((Nk // BLOCK_N), (tl.maximum(0, prm_prefix) // BLOCK_N))
     kv_lo = tl.minimum(lo0, lo1)
     kv_hi = tl.maximum(hi0, hi1)
     # This split's share of the key blocks.
@@ -580,13 +580,13 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
         if full:
             acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
                                       stride_kb, stride_kn, stride_vb, stride_vn,
-                                      b, h_row, H, n_q, n_k, prefix,
+                                      b, h_row, H, n_q, n_k, prm_prefix,
                                       qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD,
                                       PAGE_SIZE, DOT_PRECISION, FAST_MATH, MASKED=False)
         elif visit:
             acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
                                       stride_kb, stride_kn, stride_vb, stride_vn,
-                                      b, h_row, H, n_q, n_k, prefix,
+                                      b, h_row, H, n_q, n_k, prm_prefix,
                                       qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD,
                                       PAGE_SIZE, DOT_PRECISION, FAST_MATH, MASKED=True)
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]

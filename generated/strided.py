@@ -51,7 +51,7 @@ def _floormod(a, b):
 
 @triton.jit
 def _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-              b, h, H, n_q, n_k, stride, c0,
+              b, h, H, n_q, n_k, prm_stride, c0,
               qk_scale, sm_scale,
               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
               ROTARY_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
@@ -63,7 +63,7 @@ def _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
     offs_j = k_offset + start_n + tl.arange(0, BLOCK_N)
     qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
     if MASKED:
-        keep = (offs_j[None, :] < k_offset + Nk) & ((offs_j[None, :] <= offs_i[:, None]) & ((_floormod(offs_j[None, :], stride) == c0) | ((offs_i[:, None] - offs_j[None, :]) < stride)))
+        keep = (offs_j[None, :] < k_offset + Nk) & ((offs_j[None, :] <= offs_i[:, None]) & ((_floormod(offs_j[None, :], prm_stride) == c0) | ((offs_i[:, None] - offs_j[None, :]) < prm_stride)))
         qk = tl.where(keep, qk, float("-inf"))
     # qk_scale = scale * log2(e) > 0, so the row max of the scaled scores is the scaled max.
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
@@ -82,7 +82,7 @@ def _fwd_kernel(Q, K, V, O, LSE,
                 stride_vb, stride_vh, stride_vn,
                 stride_ob, stride_oh, stride_om,
                 Nq, Nk, H, GROUP, q_offset, k_offset, n_q, n_k, qk_scale, sm_scale,
-                stride,
+                prm_stride,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                 VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr, RETURN_LSE: tl.constexpr,
@@ -106,7 +106,7 @@ def _fwd_kernel(Q, K, V, O, LSE,
     q_lo = q_offset + qb * BLOCK_M
     q_hi = q_lo + BLOCK_M - 1
     q = q_desc.load([qb * BLOCK_M, 0])
-    c0 = (stride - 1)
+    c0 = (prm_stride - 1)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, VALUE_DIM_PAD], dtype=tl.float32)
@@ -116,9 +116,9 @@ def _fwd_kernel(Q, K, V, O, LSE,
     hi0 = tl.minimum(((Nk + BLOCK_N - 1) // BLOCK_N), (tl.maximum(0, (q_hi + BLOCK_N - k_offset)) // BLOCK_N))
     full_lo0 = lo0
     full_hi0 = full_lo0
-    lo1 = tl.minimum(((Nk + BLOCK_N - 1) // BLOCK_N), (tl.maximum(0, (1 + q_lo - stride - k_offset)) // BLOCK_N))
+    lo1 = tl.minimum(((Nk + BLOCK_N - 1) // BLOCK_N), (tl.maximum(0, (1 + q_lo - prm_stride - k_offset)) // BLOCK_N))
     hi1 = tl.maximum(lo1, tl.minimum(((Nk + BLOCK_N - 1) // BLOCK_N), (tl.maximum(0, (q_hi + BLOCK_N - k_offset)) // BLOCK_N)))
-    full_lo1 = tl.minimum(hi1, ((BLOCK_N + tl.maximum(0, (1 + q_hi - stride - k_offset)) - 1) // BLOCK_N))
+    full_lo1 = tl.minimum(hi1, ((BLOCK_N + tl.maximum(0, (1 + q_hi - prm_stride - k_offset)) - 1) // BLOCK_N))
     full_hi1 = tl.maximum(full_lo1, tl.minimum((Nk // BLOCK_N), (tl.maximum(0, (1 + q_lo - k_offset)) // BLOCK_N)))
     kv_lo = tl.minimum(lo0, lo1)
     kv_hi = tl.maximum(hi0, hi1)
@@ -127,12 +127,12 @@ def _fwd_kernel(Q, K, V, O, LSE,
         visit = ((kb >= lo0) & (kb < hi0)) | ((kb >= lo1) & (kb < hi1))
         if full:
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                                      b, h, H, n_q, n_k, stride, c0,
+                                      b, h, H, n_q, n_k, prm_stride, c0,
                                       qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                                       FAST_MATH, MASKED=False)
         elif visit:
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                                      b, h, H, n_q, n_k, stride, c0,
+                                      b, h, H, n_q, n_k, prm_stride, c0,
                                       qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                                       FAST_MATH, MASKED=True)
     # Rows that saw no allowed key: o = 0 and lse = -inf, never NaN.
@@ -183,7 +183,7 @@ def _bwd_preprocess(O, DO, LSE, DELTA, LSE2,
                     stride_ob, stride_oh, stride_om, stride_od,
                     stride_dob, stride_doh, stride_dom, stride_dod,
                     Nq, H, q_offset, n_q, n_k,
-                    stride,
+                    prm_stride,
                     VALUE_DIM: tl.constexpr, VALUE_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
     """delta = rowsum(dO * O) (fp32) and lse2, the forward's LSE in log2 units (+inf on rows
     without an allowed key)."""
@@ -209,7 +209,7 @@ def _bwd_preprocess(O, DO, LSE, DELTA, LSE2,
 
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, bh, qb, offs_j, Nq, q_offset,
-               b, h, H, n_q, n_k, stride, col0,
+               b, h, H, n_q, n_k, prm_stride, col0,
                qk_scale, sm_scale,
                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                ROTARY_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
@@ -226,7 +226,7 @@ def _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, bh, qb, offs_j, Nq, q
     qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
     s = qk * qk_scale
     if MASKED:
-        keep = (offs_i[:, None] < q_offset + Nq) & ((offs_j[None, :] <= offs_i[:, None]) & (col0[None, :] | ((offs_i[:, None] - offs_j[None, :]) < stride)))
+        keep = (offs_i[:, None] < q_offset + Nq) & ((offs_j[None, :] <= offs_i[:, None]) & (col0[None, :] | ((offs_i[:, None] - offs_j[None, :]) < prm_stride)))
         s = tl.where(keep, s, float("-inf"))
     p = tl.exp2(s - lse2[:, None])
     dv = dv + tl.dot(p.to(do.dtype).T, do, input_precision=DOT_PRECISION)
@@ -245,7 +245,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
                      stride_dkb, stride_dkh, stride_dkn,
                      stride_dvb, stride_dvh, stride_dvn,
                      Nq, Nk, H, GROUP, q_offset, k_offset, n_q, n_k, qk_scale, sm_scale,
-                     stride,
+                     prm_stride,
                      HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                      VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr):
@@ -269,7 +269,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
     k_hi = k_lo + BLOCK_N - 1
     k = k_desc.load([kb * BLOCK_N, 0])
     v = v_desc.load([kb * BLOCK_N, 0])
-    col0 = (_floormod(offs_j, stride) == (stride - 1))
+    col0 = (_floormod(offs_j, prm_stride) == (prm_stride - 1))
     dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, VALUE_DIM_PAD], dtype=tl.float32)
     # Query blocks that may see this key block: closed form from the transposed mask.
@@ -278,9 +278,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
     qfull_lo0 = qlo0
     qfull_hi0 = qfull_lo0
     qlo1 = tl.minimum(((Nq + BLOCK_M - 1) // BLOCK_M), (tl.maximum(0, (k_lo - q_offset)) // BLOCK_M))
-    qhi1 = tl.maximum(qlo1, tl.minimum(((Nq + BLOCK_M - 1) // BLOCK_M), (tl.maximum(0, (stride + k_hi + BLOCK_M - 1 - q_offset)) // BLOCK_M)))
+    qhi1 = tl.maximum(qlo1, tl.minimum(((Nq + BLOCK_M - 1) // BLOCK_M), (tl.maximum(0, (prm_stride + k_hi + BLOCK_M - 1 - q_offset)) // BLOCK_M)))
     qfull_lo1 = tl.minimum(qhi1, ((BLOCK_M + tl.maximum(0, (k_hi - q_offset)) - 1) // BLOCK_M))
-    qfull_hi1 = tl.maximum(qfull_lo1, tl.minimum((Nq // BLOCK_M), (tl.maximum(0, (stride + k_lo - q_offset)) // BLOCK_M)))
+    qfull_hi1 = tl.maximum(qfull_lo1, tl.minimum((Nq // BLOCK_M), (tl.maximum(0, (prm_stride + k_lo - q_offset)) // BLOCK_M)))
     for h_in_group in tl.range(0, GROUP):
         h = hk * GROUP + h_in_group
         bh = b * H + h
@@ -294,12 +294,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
             visit = ((qb >= qlo0) & (qb < qhi0)) | ((qb >= qlo1) & (qb < qhi1))
             if full:
                 dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, bh, qb, offs_j, Nq, q_offset,
-                                    b, h, H, n_q, n_k, stride, col0,
+                                    b, h, H, n_q, n_k, prm_stride, col0,
                                     qk_scale, sm_scale, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                                     FAST_MATH, MASKED=False)
             elif visit:
                 dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, bh, qb, offs_j, Nq, q_offset,
-                                    b, h, H, n_q, n_k, stride, col0,
+                                    b, h, H, n_q, n_k, prm_stride, col0,
                                     qk_scale, sm_scale, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                                     FAST_MATH, MASKED=True)
     dk = dk * sm_scale
@@ -309,7 +309,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
 
 @triton.jit
 def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-             b, h, H, n_q, n_k, stride, c0,
+             b, h, H, n_q, n_k, prm_stride, c0,
              qk_scale, sm_scale,
              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
              ROTARY_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
@@ -322,7 +322,7 @@ def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
     qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
     s = qk * qk_scale
     if MASKED:
-        keep = (offs_j[None, :] < k_offset + Nk) & ((offs_j[None, :] <= offs_i[:, None]) & ((_floormod(offs_j[None, :], stride) == c0) | ((offs_i[:, None] - offs_j[None, :]) < stride)))
+        keep = (offs_j[None, :] < k_offset + Nk) & ((offs_j[None, :] <= offs_i[:, None]) & ((_floormod(offs_j[None, :], prm_stride) == c0) | ((offs_i[:, None] - offs_j[None, :]) < prm_stride)))
         s = tl.where(keep, s, float("-inf"))
     p = tl.exp2(s - lse2[:, None])
     dp = tl.dot(do, v.T, input_precision=DOT_PRECISION)
@@ -339,7 +339,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
                    stride_dob, stride_doh, stride_dom,
                    stride_dqb, stride_dqh, stride_dqm,
                    Nq, Nk, H, GROUP, q_offset, k_offset, n_q, n_k, qk_scale, sm_scale,
-                   stride,
+                   prm_stride,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                    VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr):
@@ -366,28 +366,28 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
     do = do_desc.load([qb * BLOCK_M, 0])
     lse2 = tl.load(LSE2 + bh * Nq + offs_m, mask=offs_m < Nq, other=float("inf"))
     delta = tl.load(DELTA + bh * Nq + offs_m, mask=offs_m < Nq, other=0.0)
-    c0 = (stride - 1)
+    c0 = (prm_stride - 1)
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     # The forward's 2 bands: walk their hull, classify each key block.
     lo0 = 0
     hi0 = tl.minimum(((Nk + BLOCK_N - 1) // BLOCK_N), (tl.maximum(0, (q_hi + BLOCK_N - k_offset)) // BLOCK_N))
     full_lo0 = lo0
     full_hi0 = full_lo0
-    lo1 = tl.minimum(((Nk + BLOCK_N - 1) // BLOCK_N), (tl.maximum(0, (1 + q_lo - stride - k_offset)) // BLOCK_N))
+    lo1 = tl.minimum(((Nk + BLOCK_N - 1) // BLOCK_N), (tl.maximum(0, (1 + q_lo - prm_stride - k_offset)) // BLOCK_N))
     hi1 = tl.maximum(lo1, tl.minimum(((Nk + BLOCK_N - 1) // BLOCK_N), (tl.maximum(0, (q_hi + BLOCK_N - k_offset)) // BLOCK_N)))
-    full_lo1 = tl.minimum(hi1, ((BLOCK_N + tl.maximum(0, (1 + q_hi - stride - k_offset)) - 1) // BLOCK_N))
+    full_lo1 = tl.minimum(hi1, ((BLOCK_N + tl.maximum(0, (1 + q_hi - prm_stride - k_offset)) - 1) // BLOCK_N))
     full_hi1 = tl.maximum(full_lo1, tl.minimum((Nk // BLOCK_N), (tl.maximum(0, (1 + q_lo - k_offset)) // BLOCK_N)))
     for kb in tl.range(tl.minimum(lo0, lo1), tl.maximum(hi0, hi1)):
         full = ((kb >= full_lo0) & (kb < full_hi0)) | ((kb >= full_lo1) & (kb < full_hi1))
         visit = ((kb >= lo0) & (kb < hi0)) | ((kb >= lo1) & (kb < hi1))
         if full:
             dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                          b, h, H, n_q, n_k, stride, c0,
+                          b, h, H, n_q, n_k, prm_stride, c0,
                           qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                           FAST_MATH, MASKED=False)
         elif visit:
             dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                          b, h, H, n_q, n_k, stride, c0,
+                          b, h, H, n_q, n_k, prm_stride, c0,
                           qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                           FAST_MATH, MASKED=True)
     dq = dq * sm_scale
@@ -486,7 +486,7 @@ def _dec_load(rows, cols, row_ok, DIM: tl.constexpr, DIM_PAD: tl.constexpr, MASK
 @triton.jit
 def _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
               stride_kp, stride_kn, stride_vp, stride_vn,
-              b, h_row, H, n_q, n_k, stride, c0,
+              b, h_row, H, n_q, n_k, prm_stride, c0,
               qk_scale, sm_scale,
               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
               VALUE_DIM: tl.constexpr, VALUE_DIM_PAD: tl.constexpr, PAGE_SIZE: tl.constexpr,
@@ -509,7 +509,7 @@ def _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NU
     v = _dec_load(v_rows, tl.arange(0, VALUE_DIM_PAD), in_cache, VALUE_DIM, VALUE_DIM_PAD, MASKED)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if MASKED:
-        keep = in_cache[None, :] & live[:, None] & ((offs_j[None, :] <= offs_i[:, None]) & ((_floormod(offs_j[None, :], stride) == c0) | ((offs_i[:, None] - offs_j[None, :]) < stride)))
+        keep = in_cache[None, :] & live[:, None] & ((offs_j[None, :] <= offs_i[:, None]) & ((_floormod(offs_j[None, :], prm_stride) == c0) | ((offs_i[:, None] - offs_j[None, :]) < prm_stride)))
         qk = tl.where(keep, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -527,7 +527,7 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
                 stride_vb, stride_vh, stride_vn,
                 stride_btb, stride_ob, stride_oh, stride_om,
                 Nq, H, GROUP, HEADS_PER_PROGRAM, CAPACITY, NUM_PAGES, NUM_SPLITS, qk_scale, sm_scale,
-                stride,
+                prm_stride,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                 VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, SPLIT: tl.constexpr,
@@ -565,7 +565,7 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
         K_head = K + b.to(tl.int64) * stride_kb + hk * stride_kh
         V_head = V + b.to(tl.int64) * stride_vb + hk * stride_vh
     BT_row = BT + b * stride_btb
-    c0 = (stride - 1)
+    c0 = (prm_stride - 1)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, VALUE_DIM_PAD], dtype=tl.float32)
@@ -575,9 +575,9 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
     hi0 = tl.minimum(((q_hi + BLOCK_N) // BLOCK_N), ((Nk + BLOCK_N - 1) // BLOCK_N))
     full_lo0 = lo0
     full_hi0 = full_lo0
-    lo1 = tl.minimum(((Nk + BLOCK_N - 1) // BLOCK_N), (tl.maximum(0, (1 + q_lo - stride)) // BLOCK_N))
+    lo1 = tl.minimum(((Nk + BLOCK_N - 1) // BLOCK_N), (tl.maximum(0, (1 + q_lo - prm_stride)) // BLOCK_N))
     hi1 = tl.maximum(lo1, tl.minimum(((q_hi + BLOCK_N) // BLOCK_N), ((Nk + BLOCK_N - 1) // BLOCK_N)))
-    full_lo1 = tl.minimum(hi1, ((BLOCK_N + tl.maximum(0, (1 + q_hi - stride)) - 1) // BLOCK_N))
+    full_lo1 = tl.minimum(hi1, ((BLOCK_N + tl.maximum(0, (1 + q_hi - prm_stride)) - 1) // BLOCK_N))
     full_hi1 = tl.maximum(full_lo1, tl.minimum((Nk // BLOCK_N), ((1 + q_lo) // BLOCK_N)))
     kv_lo = tl.minimum(lo0, lo1)
     kv_hi = tl.maximum(hi0, hi1)
@@ -591,13 +591,13 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
         if full:
             acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
                                       stride_kb, stride_kn, stride_vb, stride_vn,
-                                      b, h_row, H, n_q, n_k, stride, c0,
+                                      b, h_row, H, n_q, n_k, prm_stride, c0,
                                       qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD,
                                       PAGE_SIZE, DOT_PRECISION, FAST_MATH, MASKED=False)
         elif visit:
             acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
                                       stride_kb, stride_kn, stride_vb, stride_vn,
-                                      b, h_row, H, n_q, n_k, stride, c0,
+                                      b, h_row, H, n_q, n_k, prm_stride, c0,
                                       qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD,
                                       PAGE_SIZE, DOT_PRECISION, FAST_MATH, MASKED=True)
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]

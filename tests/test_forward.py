@@ -121,3 +121,27 @@ def test_gradient_is_not_silently_wrong():
     qd = q.detach().double().requires_grad_()
     attncc.reference(pattern("causal"), qd, k.double(), v.double()).sum().backward()
     assert rel_err(q.grad, qd.grad) < 1e-3
+
+
+def test_params_named_like_kernel_locals(tmp_path):
+    """A param called k or p must not shadow the kernel's own k and p."""
+    import importlib.util
+
+    from attncc.codegen import build
+    from attncc.spec import load_spec
+
+    spec = tmp_path / "clash.toml"
+    spec.write_text('[params]\nk = 5\np = 3\nq = 1\n[mask]\nwhere = "abs(i - j) <= k + p and j <= i + q"\n')
+    (path,) = build([spec], tmp_path)
+    mod_spec = importlib.util.spec_from_file_location("clash", path)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, 2, 40, 16, generator=gen) for _ in range(3))
+    q.requires_grad_(True)
+    o = mod.attention(q, k, v, p=4)
+    ref = attncc.reference(load_spec(spec), q.double(), k.double(), v.double(), p=4)
+    assert rel_err(o, ref) < 1e-4
+    o.sum().backward()
+    (gq,) = torch.autograd.grad(attncc.reference(load_spec(spec), q.double(), k.double(), v.double(), p=4).sum(), q)
+    assert rel_err(q.grad, gq) < 1e-3

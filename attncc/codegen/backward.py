@@ -29,7 +29,7 @@ from sympy.core.function import AppliedUndef
 from attncc.analysis import Iteration, Plan, analyze
 from attncc.codegen.helpers import render_helper
 from attncc.codegen.hoist import Hoister, split_along_j
-from attncc.codegen.printer import TritonPrinter
+from attncc.codegen.printer import TritonPrinter, param_var
 from attncc.codegen.softmax import _Inputs  # input accesses as masked gathers, as the forward renders them
 from attncc.spec import symbols as S
 from attncc.spec.builtins import RandomBlocks
@@ -110,7 +110,7 @@ def score_derivative(mod) -> sympy.Expr:
 def _index_names(pattern: Pattern, i_text: str, j_text: str, extra: Dict[sympy.Symbol, str]):
     names = {S.b: "b", S.h: "h", S.n_q: "n_q", S.n_k: "n_k", S.n_heads: "H", S.s: "s", S.i: i_text, S.j: j_text}
     for p in pattern.params:
-        names[p.symbol] = p.name
+        names[p.symbol] = param_var(p.name)
     names.update(extra)
     return names
 
@@ -233,7 +233,7 @@ def _context(pattern: Pattern, plan: Plan, fwd: dict) -> dict:
     for name, k in (("dq", dq), ("dkdv", dkdv)):
         lines, mask_code, chain = _score(pattern, k, bias_j=bias_j, simple_bias=simple_bias, dmod=dmod)
         defs = k.defs(pattern)
-        ctx_args = ["b", "h", "H", "n_q", "n_k"] + [p.name for p in pattern.params] + fwd["input_args"]
+        ctx_args = ["b", "h", "H", "n_q", "n_k"] + [param_var(p.name) for p in pattern.params] + fwd["input_args"]
         ctx_args += [n for n, _, _ in defs]
         if name == "dq":
             for rb, rbn in rb_names.items():
@@ -252,7 +252,7 @@ def _context(pattern: Pattern, plan: Plan, fwd: dict) -> dict:
                              head_defs=[(n, c) for n, c, per_head in defs if name == "dkdv" and per_head])
 
     # -- the row-constant bias the forward leaves out of the scores (preprocessing) -------
-    pre_args, pre_values, pre_bias = [p.name for p in pattern.params], [f"call.params[{p.name!r}]" for p in pattern.params], None
+    pre_args, pre_values, pre_bias = [param_var(p.name) for p in pattern.params], [f"call.params[{p.name!r}]" for p in pattern.params], None
     helpers = dq.helpers | dkdv.helpers
     if lse_row is not None:
         pr = TritonPrinter(_index_names(pattern, "offs_i", "?", {}))
@@ -274,7 +274,7 @@ def _context(pattern: Pattern, plan: Plan, fwd: dict) -> dict:
         n = len(tplan.key_ranges)
         names = dict(TRANSPOSED_INDEX_NAMES)
         for p in pattern.params:
-            names[p.symbol] = p.name
+            names[p.symbol] = param_var(p.name)
         for c, kr in enumerate(tplan.key_ranges):
             step_names = {nm: (f"qb_{nm}" if n == 1 else f"q{nm}{c}") for nm, _ in kr.steps}
             bound_names = {}

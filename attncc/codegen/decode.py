@@ -22,7 +22,7 @@ from sympy.core.function import AppliedUndef
 from attncc.analysis import symbols as A
 from attncc.codegen.helpers import render_helper, rope_helpers
 from attncc.codegen.hoist import Hoister, split_along_j
-from attncc.codegen.printer import TritonPrinter
+from attncc.codegen.printer import TritonPrinter, param_var
 from attncc.spec import symbols as S
 from attncc.spec.builtins import RandomBlocks
 from attncc.spec.ir import Pattern
@@ -71,7 +71,7 @@ def decode_context(pattern: Pattern, plan, ctx: dict) -> dict:
     def names(i_text, h_text, row_suffix):
         out = {S.b: "b", S.h: h_text, S.i: i_text, S.j: "offs_j[None, :]", S.n_q: "n_q", S.n_k: "n_k",
                S.n_heads: "H", S.s: "s"}
-        out.update({p.symbol: p.name for p in pattern.params})
+        out.update({p.symbol: param_var(p.name) for p in pattern.params})
         out.update({sym: sym.name for sym, _ in scalars})
         out.update({sym: sym.name + row_suffix for sym, _ in rows})
         return out
@@ -104,7 +104,7 @@ def decode_context(pattern: Pattern, plan, ctx: dict) -> dict:
     used_inputs = sorted({type(a).__name__ for e in (pattern.mask, pattern.bias, pattern.mod) if e is not None
                           for a in e.atoms(AppliedUndef)})
     input_args = [a for name in used_inputs for a in _gather_args(pattern, name)]
-    ctx_args = ["b", "h_row", "H", "n_q", "n_k"] + [p.name for p in pattern.params] + input_args
+    ctx_args = ["b", "h_row", "H", "n_q", "n_k"] + [param_var(p.name) for p in pattern.params] + input_args
     ctx_args += [sym.name for sym, _ in scalars] + [sym.name for sym, _ in rows]
 
     iteration, ranges, note = _iteration(pattern, plan, tile)
@@ -122,7 +122,7 @@ def decode_context(pattern: Pattern, plan, ctx: dict) -> dict:
         hull_hi=_fold("tl.maximum", [f"hi{c}" for c in range(len(ranges))]) if len(ranges) > 1 else None,
         full_test=" | ".join(f"((kb >= full_lo{c}) & (kb < full_hi{c}))" for c in range(len(ranges))),
         visit_test=" | ".join(f"((kb >= lo{c}) & (kb < hi{c}))" for c in range(len(ranges))),
-        param_args=[p.name for p in pattern.params], input_args=input_args,
+        param_args=[param_var(p.name) for p in pattern.params], input_args=input_args,
         param_values=[f"call.params[{p.name!r}]" for p in pattern.params],
         input_values=[f"call.inputs[{n!r}], *call.inputs[{n!r}].stride(), *call.inputs[{n!r}].shape"
                       for n in used_inputs],
@@ -142,7 +142,7 @@ def _iteration(pattern: Pattern, plan, tile: TritonPrinter):
     if any(e.has(S.h) for e in exprs):
         return "all", [], "all below kv_len, the mask evaluated on each (its key ranges depend on h)"
     n = len(plan.key_ranges)
-    params = {p.symbol: p.name for p in pattern.params}
+    params = {p.symbol: param_var(p.name) for p in pattern.params}
     ranges = []
     for c, kr in enumerate(plan.key_ranges):
         step_names = {name: (f"kv_{name}" if n == 1 else f"{name}{c}") for name, _ in kr.steps}

@@ -215,6 +215,12 @@ class TritonPrinter:
         return self.random_blocks(e)
 
 
+def param_var(name: str) -> str:
+    """The kernel variable of a spec param: prefixed, so that a param named like a kernel
+    local (q, k, p, s, ...) cannot shadow it."""
+    return f"prm_{name}"
+
+
 def _nonnegative(e) -> bool:
     """sympy's assumptions, helped by the fact that a positive integer is at least 1."""
     if e.is_nonnegative:

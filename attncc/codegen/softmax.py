@@ -8,7 +8,7 @@ from sympy.core.function import AppliedUndef
 
 from attncc.codegen.helpers import render_helper, rope_helpers
 from attncc.codegen.hoist import Hoister, split_along_j
-from attncc.codegen.printer import TritonPrinter
+from attncc.codegen.printer import TritonPrinter, param_var
 from attncc.codegen.tile_kernel import render_tile_kernel
 from attncc.spec import symbols as S
 from attncc.spec.builtins import RandomBlocks
@@ -47,7 +47,7 @@ def _names(pattern: Pattern, i_text: str, j_text: str, extra: Dict[sympy.Symbol,
     names[S.i] = i_text
     names[S.j] = j_text
     for p in pattern.params:
-        names[p.symbol] = p.name
+        names[p.symbol] = param_var(p.name)
     names.update(extra)
     return names
 
@@ -116,7 +116,7 @@ def softmax_context(pattern: Pattern, plan) -> dict:
                           for a in e.atoms(AppliedUndef)})
     input_args = [a for name in used_inputs for a in inputs.args(name)]
     rb_args = [a for name in rb_names.values() for a in (f"{name}_table", f"{name}_rows")]
-    ctx_args = ["b", "h", "H", "n_q", "n_k"] + [p.name for p in pattern.params] + input_args + rb_args
+    ctx_args = ["b", "h", "H", "n_q", "n_k"] + [param_var(p.name) for p in pattern.params] + input_args + rb_args
     ctx_args += [sym.name for sym in hoist.scalars.values()] + [sym.name for sym in hoist.rows.values()]
     ctx_args += [f"{name}_{t}" for rb, name in rb_names.items() for t in range(rb.options[0])]
     if pattern.rope is not None:
@@ -168,7 +168,7 @@ def softmax_context(pattern: Pattern, plan) -> dict:
         ranges=ranges, hull_lo=hull_lo, hull_hi=hull_hi, full_test=full_test,
         visit_test=visit_test, score_lines=score_lines, mask_code=mask_code, scalar_defs=scalar_defs,
         row_defs=row_defs, lse_row_bias=lse_row_bias, ctx_args=ctx_args,
-        param_args=[p.name for p in pattern.params], input_args=input_args + rb_args,
+        param_args=[param_var(p.name) for p in pattern.params], input_args=input_args + rb_args,
         param_values=[f"call.params[{p.name!r}]" for p in pattern.params],
         input_values=[f"call.inputs[{n!r}], *call.inputs[{n!r}].stride(), *call.inputs[{n!r}].shape" for n in used_inputs]
         + [f"*_random_table(call, {rb.options[0]}, {rb.options[1]}, {rb.options[2]})" for rb in rb_names],
