@@ -170,9 +170,12 @@ def bench_grad(fn, tensors):
 def time_cases(H=16, D=128, quick=False, with_backward=True):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    flex, create_block_mask = flex_setup()
     results = []
     for label, spec, N, B, params in CASES:
+        # A fresh compile per case: otherwise FlexAttention hits dynamo's recompile limit after a
+        # few shapes (and requires_grad variants) and silently falls back to its slow eager path.
+        torch._dynamo.reset()
+        flex, create_block_mask = flex_setup()
         mod = importlib.import_module(f"generated.{spec}")
         torch.manual_seed(0)
         q, k, v = (torch.randn(B, H, N, D, device=DEV, dtype=BF16) for _ in range(3))
@@ -249,11 +252,10 @@ def time_cases(H=16, D=128, quick=False, with_backward=True):
             except Exception as e:
                 row["backward_error"] = f"{type(e).__name__}: {str(e)[-200:]}"
         if spec == "document":
-            from attncc.runtime.blocks import block_lists
             from attncc.runtime import bind, pick_config
             call = bind(mod.SPEC, q, k, v, kwargs=dict(kw))
             cfg = pick_config(call)
-            row["attncc_lists_ms"] = bench(lambda: block_lists(mod.MASK_TILES, call, cfg.BLOCK_M, cfg.BLOCK_N, dynamic=True))
+            row["attncc_lists_ms"] = bench(lambda: mod._block_lists(call, cfg.BLOCK_M, cfg.BLOCK_N))
         for key in list(row):
             if key.endswith("_fb_ms"):
                 row[key.replace("_ms", "_tflops")] = 3.5 * flops / row[key] / 1e9

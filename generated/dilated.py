@@ -37,7 +37,7 @@ SPEC = _rt.SpecInfo(
     scale=None,
     dropout=0.0,
     rope=False,
-    tile_hint="band",
+    tile_hint="narrow",
 )
 
 

@@ -38,7 +38,7 @@ SPEC = _rt.SpecInfo(
     scale=None,
     dropout=0.0,
     rope=False,
-    tile_hint="default",
+    tile_hint="narrow",
 )
 
 

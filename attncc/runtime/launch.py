@@ -50,8 +50,8 @@ def pick_config(call: Call) -> KernelConfig:
     d = max(call.D, call.Dv)
     if d > 128:
         return KernelConfig(128, 64, 8, 2)
-    if call.spec.tile_hint == "band":
-        # Narrow bands waste less of a small tile on their ragged edges (bench/sweep.py, H100).
+    if call.spec.tile_hint == "narrow":
+        # Windows and documents waste less of a small tile on their ragged edges (bench/sweep.py, H100).
         return KernelConfig(64, 64, 4, 3)
     return KernelConfig(128, 128, 8, 3)
 

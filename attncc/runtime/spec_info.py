@@ -38,4 +38,4 @@ class SpecInfo:
     scale: Optional[float] = None
     dropout: float = 0.0
     rope: bool = False
-    tile_hint: str = "default"  # "band": the mask keeps a band of bounded width (smaller tiles pay)
+    tile_hint: str = "default"  # "narrow": windows, documents: smaller tiles pay
