@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import glob
 import sys
-from pathlib import Path
 
 
 def _default_specs():

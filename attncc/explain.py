@@ -94,6 +94,10 @@ def format_text(d: dict) -> str:
     elif d["classifier"]:
         lines.append("  tile classifier (interval program):")
         lines += [f"    {s}" for s in d["classifier"]]
+    if d.get("score"):
+        from attncc.analysis.score import report_lines
+
+        lines += report_lines(d["score"])
     return "\n".join(lines)
 
 

@@ -73,24 +73,47 @@ def _fwd_kernel(Q, K, V, O, LSE,
                 stride_vb, stride_vh, stride_vn,
                 stride_ob, stride_oh, stride_om,
                 Nq, Nk, H, GROUP, q_offset, k_offset, n_q, n_k, qk_scale, sm_scale,
+                CU_Q, CU_K, TOTAL_Q,
                 prm_w,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                 VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr, RETURN_LSE: tl.constexpr,
-                WARP_SPECIALIZE: tl.constexpr):
+                WARP_SPECIALIZE: tl.constexpr, VARLEN: tl.constexpr):
     # Heaviest query blocks first: with causal-like patterns the last rows see the most keys.
     qb = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     hk = h // GROUP
-    q_desc = tl.make_tensor_descriptor(Q + b * stride_qb + h * stride_qh, shape=[Nq, HEAD_DIM],
+    if VARLEN:
+        # Packed sequences ([1, H, total, D]): b is the sequence, its rows start at CU_Q[b] / CU_K[b];
+        # positions restart at 0 (q_offset = k_offset = 0) and n_q, n_k are its own lengths.
+        q_start = tl.load(CU_Q + b)
+        k_start = tl.load(CU_K + b)
+        Nq = tl.load(CU_Q + b + 1) - q_start
+        Nk = tl.load(CU_K + b + 1) - k_start
+        n_q = Nq
+        n_k = Nk
+        if qb * BLOCK_M >= Nq:  # the grid covers the longest sequence
+            return
+        Q_base = Q + h * stride_qh + q_start * stride_qm
+        K_base = K + hk * stride_kh + k_start * stride_kn
+        V_base = V + hk * stride_vh + k_start * stride_vn
+        O_base = O + h * stride_oh + q_start * stride_om
+        lse_row = h * TOTAL_Q + q_start
+    else:
+        Q_base = Q + b * stride_qb + h * stride_qh
+        K_base = K + b * stride_kb + hk * stride_kh
+        V_base = V + b * stride_vb + hk * stride_vh
+        O_base = O + b * stride_ob + h * stride_oh
+        lse_row = bh * Nq
+    q_desc = tl.make_tensor_descriptor(Q_base, shape=[Nq, HEAD_DIM],
                                        strides=[stride_qm, 1], block_shape=[BLOCK_M, HEAD_DIM_PAD])
-    k_desc = tl.make_tensor_descriptor(K + b * stride_kb + hk * stride_kh, shape=[Nk, HEAD_DIM],
+    k_desc = tl.make_tensor_descriptor(K_base, shape=[Nk, HEAD_DIM],
                                        strides=[stride_kn, 1], block_shape=[BLOCK_N, HEAD_DIM_PAD])
-    v_desc = tl.make_tensor_descriptor(V + b * stride_vb + hk * stride_vh, shape=[Nk, VALUE_DIM],
+    v_desc = tl.make_tensor_descriptor(V_base, shape=[Nk, VALUE_DIM],
                                        strides=[stride_vn, 1], block_shape=[BLOCK_N, VALUE_DIM_PAD])
-    o_desc = tl.make_tensor_descriptor(O + b * stride_ob + h * stride_oh, shape=[Nq, VALUE_DIM],
+    o_desc = tl.make_tensor_descriptor(O_base, shape=[Nq, VALUE_DIM],
                                        strides=[stride_om, 1], block_shape=[BLOCK_M, VALUE_DIM_PAD])
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_i = q_offset + offs_m
@@ -126,15 +149,19 @@ def _fwd_kernel(Q, K, V, O, LSE,
     o_desc.store([qb * BLOCK_M, 0], o.to(O.dtype.element_ty))
     if RETURN_LSE:
         lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # log2 -> natural log
-        tl.store(LSE + bh * Nq + offs_m, lse, mask=offs_m < Nq)
+        tl.store(LSE + lse_row + offs_m, lse, mask=offs_m < Nq)
 
 
 def _forward(call):
     q, k, v = _rt.kernel_operands(call)
     cfg = _rt.pick_config(call)
     _rt.ensure_allocator()
-    o = torch.empty(call.B, call.Hq, call.Nq, v.shape[-1], dtype=call.q.dtype, device=q.device)
-    lse = torch.empty(call.B, call.Hq, call.Nq, dtype=torch.float32, device=q.device)
+    if call.varlen:  # packed: rows outside every sequence (past cu_seqlens_q[-1]) stay o = 0, lse = -inf
+        o = torch.zeros(1, call.Hq, call.total_q, v.shape[-1], dtype=call.q.dtype, device=q.device)
+        lse = torch.full((1, call.Hq, call.total_q), -math.inf, dtype=torch.float32, device=q.device)
+    else:
+        o = torch.empty(call.B, call.Hq, call.Nq, v.shape[-1], dtype=call.q.dtype, device=q.device)
+        lse = torch.empty(call.B, call.Hq, call.Nq, dtype=torch.float32, device=q.device)
     _rt.launch(call, cfg, lambda cfg: _fwd_kernel[(triton.cdiv(call.Nq, cfg.BLOCK_M), call.B * call.Hq)](
         q, k, v, o, lse,
         q.stride(0), q.stride(1), q.stride(2),
@@ -143,6 +170,7 @@ def _forward(call):
         o.stride(0), o.stride(1), o.stride(2),
         call.Nq, call.Nk, call.Hq, call.group, call.q_offset, call.k_offset, call.n_q, call.n_k,
         call.scale * _rt.LOG2E, call.scale,
+        call.cu_seqlens_q, call.cu_seqlens_k, lse.shape[-1],
         call.params['w'],
         HEAD_DIM=q.shape[-1], HEAD_DIM_PAD=_rt.padded_dim(q.shape[-1]),
         VALUE_DIM=v.shape[-1], VALUE_DIM_PAD=_rt.padded_dim(v.shape[-1]),
@@ -150,7 +178,7 @@ def _forward(call):
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         FAST_MATH=_rt.fast_math(call),
-        RETURN_LSE=call.return_lse, WARP_SPECIALIZE=cfg.warp_specialize,
+        RETURN_LSE=call.return_lse, WARP_SPECIALIZE=cfg.warp_specialize, VARLEN=call.varlen,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     ))
     if v.shape[-1] != call.Dv:
@@ -168,33 +196,46 @@ def _forward(call):
 def _bwd_preprocess(O, DO, LSE, DELTA, LSE2,
                     stride_ob, stride_oh, stride_om, stride_od,
                     stride_dob, stride_doh, stride_dom, stride_dod,
-                    Nq, H, q_offset, n_q, n_k,
+                    Nq, H, q_offset, n_q, n_k, CU_Q, CU_K, TOTAL_Q,
                     prm_w,
-                    VALUE_DIM: tl.constexpr, VALUE_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+                    VALUE_DIM: tl.constexpr, VALUE_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+                    VARLEN: tl.constexpr):
     """delta = rowsum(dO * O) (fp32) and lse2, the forward's LSE in log2 units (+inf on rows
     without an allowed key)."""
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
+    if VARLEN:  # b is the sequence of a packed batch (see _fwd_kernel)
+        q_start = tl.load(CU_Q + b)
+        Nq = tl.load(CU_Q + b + 1) - q_start
+        n_q = Nq
+        n_k = tl.load(CU_K + b + 1) - tl.load(CU_K + b)
+        if qb * BLOCK_M >= Nq:
+            return
+        O_base = O + h * stride_oh + q_start * stride_om
+        DO_base = DO + h * stride_doh + q_start * stride_dom
+        lse_row = h * TOTAL_Q + q_start
+    else:
+        O_base = O + b * stride_ob + h * stride_oh
+        DO_base = DO + b * stride_dob + h * stride_doh
+        lse_row = bh * Nq
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_i = q_offset + offs_m
     cols = tl.arange(0, VALUE_DIM_PAD)
     inside = (offs_m[:, None] < Nq) & (cols[None, :] < VALUE_DIM)
-    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + cols[None, :] * stride_od,
-                mask=inside, other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + cols[None, :] * stride_dod,
-                 mask=inside, other=0.0)
+    o = tl.load(O_base + offs_m[:, None] * stride_om + cols[None, :] * stride_od, mask=inside, other=0.0)
+    do = tl.load(DO_base + offs_m[:, None] * stride_dom + cols[None, :] * stride_dod, mask=inside, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    lse = tl.load(LSE + bh * Nq + offs_m, mask=offs_m < Nq, other=float("-inf"))
+    lse = tl.load(LSE + lse_row + offs_m, mask=offs_m < Nq, other=float("-inf"))
     lse2 = lse * 1.4426950408889634
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse2)
-    tl.store(DELTA + bh * Nq + offs_m, delta, mask=offs_m < Nq)
-    tl.store(LSE2 + bh * Nq + offs_m, lse2, mask=offs_m < Nq)
+    tl.store(DELTA + lse_row + offs_m, delta, mask=offs_m < Nq)
+    tl.store(LSE2 + lse_row + offs_m, lse2, mask=offs_m < Nq)
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, bh, qb, offs_j, Nq, q_offset,
+def _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, qb, offs_j, Nq, q_offset,
                b, h, H, n_q, n_k, prm_w,
                qk_scale, sm_scale,
                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
@@ -207,8 +248,8 @@ def _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, bh, qb, offs_j, Nq, q
     q = q_desc.load([start_m, 0])
     do = do_desc.load([start_m, 0])
     # rows past Nq: lse2 = +inf and dO = 0, so they add nothing
-    lse2 = tl.load(LSE2 + bh * Nq + offs_m, mask=offs_m < Nq, other=float("inf"))
-    delta = tl.load(DELTA + bh * Nq + offs_m, mask=offs_m < Nq, other=0.0)
+    lse2 = tl.load(LSE2 + offs_m, mask=offs_m < Nq, other=float("inf"))
+    delta = tl.load(DELTA + offs_m, mask=offs_m < Nq, other=0.0)
     qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
     s = qk * qk_scale
     if MASKED:
@@ -231,23 +272,44 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
                      stride_dkb, stride_dkh, stride_dkn,
                      stride_dvb, stride_dvh, stride_dvn,
                      Nq, Nk, H, GROUP, q_offset, k_offset, n_q, n_k, qk_scale, sm_scale,
+                     CU_Q, CU_K, TOTAL_Q,
                      prm_w,
                      HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                      VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr):
+                     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
+                     VARLEN: tl.constexpr):
     # One key block of one kv head: its GROUP query heads add into the same dK, dV registers.
     kb = tl.program_id(0)
     bhk = tl.program_id(1)
     H_KV = H // GROUP
     b = bhk // H_KV
     hk = bhk % H_KV
-    k_desc = tl.make_tensor_descriptor(K + b * stride_kb + hk * stride_kh, shape=[Nk, HEAD_DIM],
+    if VARLEN:  # b is the sequence of a packed batch (see _fwd_kernel)
+        q_start = tl.load(CU_Q + b)
+        k_start = tl.load(CU_K + b)
+        Nq = tl.load(CU_Q + b + 1) - q_start
+        Nk = tl.load(CU_K + b + 1) - k_start
+        n_q = Nq
+        n_k = Nk
+        if kb * BLOCK_N >= Nk:
+            return
+        K_base = K + hk * stride_kh + k_start * stride_kn
+        V_base = V + hk * stride_vh + k_start * stride_vn
+        DK_base = DK + hk * stride_dkh + k_start * stride_dkn
+        DV_base = DV + hk * stride_dvh + k_start * stride_dvn
+    else:
+        q_start = 0
+        K_base = K + b * stride_kb + hk * stride_kh
+        V_base = V + b * stride_vb + hk * stride_vh
+        DK_base = DK + b * stride_dkb + hk * stride_dkh
+        DV_base = DV + b * stride_dvb + hk * stride_dvh
+    k_desc = tl.make_tensor_descriptor(K_base, shape=[Nk, HEAD_DIM],
                                        strides=[stride_kn, 1], block_shape=[BLOCK_N, HEAD_DIM_PAD])
-    v_desc = tl.make_tensor_descriptor(V + b * stride_vb + hk * stride_vh, shape=[Nk, VALUE_DIM],
+    v_desc = tl.make_tensor_descriptor(V_base, shape=[Nk, VALUE_DIM],
                                        strides=[stride_vn, 1], block_shape=[BLOCK_N, VALUE_DIM_PAD])
-    dk_desc = tl.make_tensor_descriptor(DK + b * stride_dkb + hk * stride_dkh, shape=[Nk, HEAD_DIM],
+    dk_desc = tl.make_tensor_descriptor(DK_base, shape=[Nk, HEAD_DIM],
                                         strides=[stride_dkn, 1], block_shape=[BLOCK_N, HEAD_DIM_PAD])
-    dv_desc = tl.make_tensor_descriptor(DV + b * stride_dvb + hk * stride_dvh, shape=[Nk, VALUE_DIM],
+    dv_desc = tl.make_tensor_descriptor(DV_base, shape=[Nk, VALUE_DIM],
                                         strides=[stride_dvn, 1], block_shape=[BLOCK_N, VALUE_DIM_PAD])
     offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_j = k_offset + offs_n
@@ -265,22 +327,30 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
     for h_in_group in tl.range(0, GROUP):
         h = hk * GROUP + h_in_group
         bh = b * H + h
-        q_desc = tl.make_tensor_descriptor(Q + b * stride_qb + h * stride_qh, shape=[Nq, HEAD_DIM],
+        if VARLEN:
+            Q_base = Q + h * stride_qh + q_start * stride_qm
+            DO_base = DO + h * stride_doh + q_start * stride_dom
+            lse_row = h * TOTAL_Q + q_start
+        else:
+            Q_base = Q + b * stride_qb + h * stride_qh
+            DO_base = DO + b * stride_dob + h * stride_doh
+            lse_row = bh * Nq
+        q_desc = tl.make_tensor_descriptor(Q_base, shape=[Nq, HEAD_DIM],
                                            strides=[stride_qm, 1], block_shape=[BLOCK_M, HEAD_DIM_PAD])
-        do_desc = tl.make_tensor_descriptor(DO + b * stride_dob + h * stride_doh, shape=[Nq, VALUE_DIM],
+        do_desc = tl.make_tensor_descriptor(DO_base, shape=[Nq, VALUE_DIM],
                                             strides=[stride_dom, 1], block_shape=[BLOCK_M, VALUE_DIM_PAD])
         for qb in tl.range(qb_lo, qb_full_lo):
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, bh, qb, offs_j, Nq, q_offset,
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2 + lse_row, DELTA + lse_row, qb, offs_j, Nq, q_offset,
                                 b, h, H, n_q, n_k, prm_w,
                                 qk_scale, sm_scale, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                                 FAST_MATH, MASKED=True)
         for qb in tl.range(qb_full_lo, qb_full_hi):
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, bh, qb, offs_j, Nq, q_offset,
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2 + lse_row, DELTA + lse_row, qb, offs_j, Nq, q_offset,
                                 b, h, H, n_q, n_k, prm_w,
                                 qk_scale, sm_scale, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                                 FAST_MATH, MASKED=False)
         for qb in tl.range(qb_full_hi, qb_hi):
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, bh, qb, offs_j, Nq, q_offset,
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2 + lse_row, DELTA + lse_row, qb, offs_j, Nq, q_offset,
                                 b, h, H, n_q, n_k, prm_w,
                                 qk_scale, sm_scale, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                                 FAST_MATH, MASKED=True)
@@ -321,24 +391,48 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
                    stride_dob, stride_doh, stride_dom,
                    stride_dqb, stride_dqh, stride_dqm,
                    Nq, Nk, H, GROUP, q_offset, k_offset, n_q, n_k, qk_scale, sm_scale,
+                   CU_Q, CU_K, TOTAL_Q,
                    prm_w,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                    VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr):
+                   BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
+                   VARLEN: tl.constexpr):
     qb = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     hk = h // GROUP
-    q_desc = tl.make_tensor_descriptor(Q + b * stride_qb + h * stride_qh, shape=[Nq, HEAD_DIM],
+    if VARLEN:  # b is the sequence of a packed batch (see _fwd_kernel)
+        q_start = tl.load(CU_Q + b)
+        k_start = tl.load(CU_K + b)
+        Nq = tl.load(CU_Q + b + 1) - q_start
+        Nk = tl.load(CU_K + b + 1) - k_start
+        n_q = Nq
+        n_k = Nk
+        if qb * BLOCK_M >= Nq:
+            return
+        Q_base = Q + h * stride_qh + q_start * stride_qm
+        K_base = K + hk * stride_kh + k_start * stride_kn
+        V_base = V + hk * stride_vh + k_start * stride_vn
+        DO_base = DO + h * stride_doh + q_start * stride_dom
+        DQ_base = DQ + h * stride_dqh + q_start * stride_dqm
+        lse_row = h * TOTAL_Q + q_start
+    else:
+        Q_base = Q + b * stride_qb + h * stride_qh
+        K_base = K + b * stride_kb + hk * stride_kh
+        V_base = V + b * stride_vb + hk * stride_vh
+        DO_base = DO + b * stride_dob + h * stride_doh
+        DQ_base = DQ + b * stride_dqb + h * stride_dqh
+        lse_row = bh * Nq
+    q_desc = tl.make_tensor_descriptor(Q_base, shape=[Nq, HEAD_DIM],
                                        strides=[stride_qm, 1], block_shape=[BLOCK_M, HEAD_DIM_PAD])
-    k_desc = tl.make_tensor_descriptor(K + b * stride_kb + hk * stride_kh, shape=[Nk, HEAD_DIM],
+    k_desc = tl.make_tensor_descriptor(K_base, shape=[Nk, HEAD_DIM],
                                        strides=[stride_kn, 1], block_shape=[BLOCK_N, HEAD_DIM_PAD])
-    v_desc = tl.make_tensor_descriptor(V + b * stride_vb + hk * stride_vh, shape=[Nk, VALUE_DIM],
+    v_desc = tl.make_tensor_descriptor(V_base, shape=[Nk, VALUE_DIM],
                                        strides=[stride_vn, 1], block_shape=[BLOCK_N, VALUE_DIM_PAD])
-    do_desc = tl.make_tensor_descriptor(DO + b * stride_dob + h * stride_doh, shape=[Nq, VALUE_DIM],
+    do_desc = tl.make_tensor_descriptor(DO_base, shape=[Nq, VALUE_DIM],
                                         strides=[stride_dom, 1], block_shape=[BLOCK_M, VALUE_DIM_PAD])
-    dq_desc = tl.make_tensor_descriptor(DQ + b * stride_dqb + h * stride_dqh, shape=[Nq, HEAD_DIM],
+    dq_desc = tl.make_tensor_descriptor(DQ_base, shape=[Nq, HEAD_DIM],
                                         strides=[stride_dqm, 1], block_shape=[BLOCK_M, HEAD_DIM_PAD])
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_i = q_offset + offs_m
@@ -346,8 +440,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
     q_hi = q_lo + BLOCK_M - 1
     q = q_desc.load([qb * BLOCK_M, 0])
     do = do_desc.load([qb * BLOCK_M, 0])
-    lse2 = tl.load(LSE2 + bh * Nq + offs_m, mask=offs_m < Nq, other=float("inf"))
-    delta = tl.load(DELTA + bh * Nq + offs_m, mask=offs_m < Nq, other=0.0)
+    lse2 = tl.load(LSE2 + lse_row + offs_m, mask=offs_m < Nq, other=float("inf"))
+    delta = tl.load(DELTA + lse_row + offs_m, mask=offs_m < Nq, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     # The forward's key-block ranges.
     kv_lo = tl.minimum(((Nk + BLOCK_N - 1) // BLOCK_N), (tl.maximum(0, (q_lo - prm_w - k_offset)) // BLOCK_N))
@@ -379,22 +473,25 @@ def _backward(call, o, lse, do):
     cfg = _rt.pick_config(call)
     _rt.ensure_allocator()
     B, Hq, Hkv, Nq, Nk = call.B, call.Hq, call.Hkv, call.Nq, call.Nk
-    delta = torch.empty(B, Hq, Nq, dtype=torch.float32, device=q.device)
+    # Packed (varlen): rows [1, H, total] (and rows outside every sequence keep zero gradients).
+    alloc = torch.zeros if call.varlen else torch.empty
+    delta = alloc(*lse.shape, dtype=torch.float32, device=q.device)
     lse2 = torch.empty_like(delta)
+    cu = (call.cu_seqlens_q, call.cu_seqlens_k, lse.shape[-1])
     _bwd_preprocess[(triton.cdiv(Nq, cfg.BLOCK_M), B * Hq)](
-        o, do, lse, delta, lse2, *o.stride(), *do.stride(), Nq, Hq, call.q_offset, call.n_q, call.n_k,
+        o, do, lse, delta, lse2, *o.stride(), *do.stride(), Nq, Hq, call.q_offset, call.n_q, call.n_k, *cu,
         call.params['w'],
-        VALUE_DIM=call.Dv, VALUE_DIM_PAD=_rt.padded_dim(call.Dv), BLOCK_M=cfg.BLOCK_M)
+        VALUE_DIM=call.Dv, VALUE_DIM_PAD=_rt.padded_dim(call.Dv), BLOCK_M=cfg.BLOCK_M, VARLEN=call.varlen)
     do = _rt.grad_operand(do, v)
-    dq = torch.empty(B, Hq, Nq, q.shape[-1], dtype=q.dtype, device=q.device)
-    dk = torch.empty(B, Hkv, Nk, k.shape[-1], dtype=k.dtype, device=q.device)
-    dv = torch.empty(B, Hkv, Nk, v.shape[-1], dtype=v.dtype, device=q.device)
+    dq = alloc(*q.shape, dtype=q.dtype, device=q.device)
+    dk = alloc(*k.shape, dtype=k.dtype, device=q.device)
+    dv = alloc(*v.shape, dtype=v.dtype, device=q.device)
     common = dict(
         HEAD_DIM=q.shape[-1], HEAD_DIM_PAD=_rt.padded_dim(q.shape[-1]),
         VALUE_DIM=v.shape[-1], VALUE_DIM_PAD=_rt.padded_dim(v.shape[-1]),
         ROTARY_DIM=0,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        FAST_MATH=_rt.fast_math(call),
+        FAST_MATH=_rt.fast_math(call), VARLEN=call.varlen,
     )
     _rt.launch(call, cfg, lambda cfg: _bwd_dkdv_kernel[(triton.cdiv(Nk, cfg.BLOCK_N), B * Hkv)](
         q, k, v, do, dk, dv, lse2, delta,
@@ -405,7 +502,7 @@ def _backward(call, o, lse, do):
         dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2),
         Nq, Nk, Hq, call.group, call.q_offset, call.k_offset, call.n_q, call.n_k,
-        call.scale * _rt.LOG2E, call.scale,
+        call.scale * _rt.LOG2E, call.scale, *cu,
         call.params['w'],
         **common, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -418,7 +515,7 @@ def _backward(call, o, lse, do):
         do.stride(0), do.stride(1), do.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
         Nq, Nk, Hq, call.group, call.q_offset, call.k_offset, call.n_q, call.n_k,
-        call.scale * _rt.LOG2E, call.scale,
+        call.scale * _rt.LOG2E, call.scale, *cu,
         call.params['w'],
         **common, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -427,15 +524,29 @@ def _backward(call, o, lse, do):
 
 
 def attention(q, k, v, *, return_lse=False, q_offset=0, k_offset=0, n_q=None, n_k=None, scale=None,
+              cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
               **inputs_and_params):
     """local_bidirectional attention: ``o = softmax(scores) @ v`` over the allowed pairs.
 
     q [B, Hq, Nq, D], k [B, Hkv, Nk, D], v [B, Hkv, Nk, Dv]; returns o [B, Hq, Nq, Dv]
     (and the natural-log LSE [B, Hq, Nq] in float32 with ``return_lse=True``).
+
+    Packed variable-length batches (FlashAttention's varlen layout):
+    q [1, Hq, total_q, D], k [1, Hkv, total_k, D], v [1, Hkv, total_k, Dv] hold S sequences
+    back to back; ``cu_seqlens_q`` / ``cu_seqlens_k`` (int32 [S + 1] on q's device, cumulative from 0)
+    give where each starts, ``max_seqlen_q`` / ``max_seqlen_k`` (ints, optional: computed from the
+    cu_seqlens with one host sync when omitted) their longest lengths. The result equals S separate
+    calls, sequence s on rows cu_seqlens_q[s]:cu_seqlens_q[s + 1] (and likewise for k, v) at positions
+    from 0 (q_offset = k_offset = 0, n_q / n_k the sequence's own lengths); ``b`` in the spec's
+    expressions is the sequence index s, so inputs indexed by "b" have S rows. Returns
+    o [1, Hq, total_q, Dv] (lse [1, Hq, total_q]); rows outside every sequence get o = 0, lse = -inf.
+    q_offset, k_offset, n_q, n_k cannot be combined with cu_seqlens.
     Params (keyword, optional): w=256.
     """
     call = _rt.bind(SPEC, q, k, v, return_lse=return_lse, q_offset=q_offset, k_offset=k_offset,
-                    n_q=n_q, n_k=n_k, scale=scale, kwargs=inputs_and_params)
+                    n_q=n_q, n_k=n_k, scale=scale, kwargs=inputs_and_params,
+                    cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                    max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
     o, lse = _rt.run_attention(call, _forward, _backward)
     return (o, lse) if return_lse else o
 

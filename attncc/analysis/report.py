@@ -13,6 +13,7 @@ import torch
 from attncc.analysis.graph import plan_grid
 from attncc.analysis.plan import Iteration, Plan
 from attncc.analysis.ranges import describe
+from attncc.analysis.score import score_report
 from attncc.runtime import tiles
 
 BF16_BYTES = 2
@@ -90,7 +91,8 @@ def explain_data(plan: Plan, *, n_q: int, n_k: int, block_m: int = 128, block_n:
     in bf16 plus the block lists), block_list_bytes, naive_score_memory_bytes (a dense fp32
     score matrix) and score_memory_bytes (this pattern's visited tiles, were they stored),
     bounds (the key-range steps per clause, as text), classifier (the interval program as
-    lines), synthesized_inputs (names of the inputs made up because none were given).
+    lines), synthesized_inputs (names of the inputs made up because none were given), score
+    (what the kernels make of ``[score].mod``: :func:`attncc.analysis.score.score_report`).
     """
     pattern = plan.pattern
     params = {**pattern.param_values, **(params or {})}
@@ -155,5 +157,6 @@ def explain_data(plan: Plan, *, n_q: int, n_k: int, block_m: int = 128, block_n:
         "bounds": [{"clause": list(text), "steps": list(describe(kr))}
                    for text, kr in zip(plan.clauses, plan.key_ranges)],
         "classifier": list(plan.classifier.lines()) + [f"result: {plan.classifier.result}"] if plan.classifier else [],
+        "score": score_report(pattern),
     }
     return out

@@ -53,6 +53,9 @@ def render(pattern: Pattern) -> str:
     from attncc.codegen.decode import decode_context
     from attncc.codegen.softmax import softmax_context
 
+    from attncc.analysis.score import canonical_score
+
+    pattern = canonical_score(pattern)  # mod = "c * tanh(s / c)" renders as the built-in softcap
     plan = analyze(pattern)
     ctx = softmax_context(pattern, plan)
     return env.get_template("softmax.py.j2").render(**common, **ctx, backward=backward_context(pattern, plan, ctx),

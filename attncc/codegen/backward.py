@@ -27,6 +27,7 @@ import sympy
 from sympy.core.function import AppliedUndef
 
 from attncc.analysis import Iteration, Plan, analyze
+from attncc.analysis.score import split_mod_along_j
 from attncc.codegen.helpers import render_helper
 from attncc.codegen.hoist import Hoister, split_along_j
 from attncc.codegen.printer import TritonPrinter, param_var
@@ -207,6 +208,9 @@ def _context(pattern: Pattern, plan: Plan, fwd: dict) -> dict:
         bias_j, lse_row = split_along_j(pattern.bias)
         bias_j = None if bias_j == 0 else bias_j
         lse_row = None if lse_row == 0 else lse_row
+    if pattern.mod is not None and pattern.softcap is None:  # terms constant along j: the forward's LSE holds them
+        mod_j, lse_row = split_mod_along_j(pattern.mod)
+        pattern = pattern.replace(mod=None if mod_j == S.s else mod_j)
     dmod = score_derivative(pattern.mod) if pattern.mod is not None else None
 
     random_blocks = sorted((pattern.mask.atoms(RandomBlocks) if pattern.mask is not None else set()),

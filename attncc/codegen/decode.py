@@ -20,6 +20,7 @@ import sympy
 from sympy.core.function import AppliedUndef
 
 from attncc.analysis import symbols as A
+from attncc.analysis.score import split_mod_along_j
 from attncc.codegen.helpers import render_helper, rope_helpers
 from attncc.codegen.hoist import Hoister, split_along_j
 from attncc.codegen.printer import TritonPrinter, param_var
@@ -62,7 +63,10 @@ def decode_context(pattern: Pattern, plan, ctx: dict) -> dict:
         lse_row = None if lse_row == 0 else lse_row
     mask = hoist(pattern.mask) if pattern.mask is not None else None
     bias_j = hoist(bias_j) if bias_j is not None else None
-    mod = hoist(pattern.mod) if pattern.mod is not None else None
+    mod_j = pattern.mod
+    if pattern.mod is not None and pattern.softcap is None:  # terms constant along j: in the LSE only
+        mod_j, lse_row = split_mod_along_j(pattern.mod)
+    mod = hoist(mod_j) if mod_j is not None and mod_j != S.s else None
 
     # Hoisted values: per program when they involve neither i nor h, else per row.
     scalars = [(sym, e) for e, sym in hoist.scalars.items() if not e.has(S.h)]

@@ -15,7 +15,7 @@ from typing import Callable, Dict, Optional, Set
 import sympy
 from sympy.core.function import AppliedUndef
 
-from attncc.spec.builtins import AlibiSlope, Bucket, RandomBlocks, Sigmoid
+from attncc.spec.builtins import RandomBlocks
 
 
 @dataclass
@@ -85,40 +85,46 @@ class TritonPrinter:
         e = base
         base, exp = e.args
         if base == 2:
-            return f"tl.exp2({self.p(exp)})"
+            return f"tl.exp2({self._float(exp)})"
         if base == sympy.E:
-            return f"tl.exp({self.p(exp)})"
+            return f"tl.exp({self._float(exp)})"
         if exp == sympy.Rational(1, 2):
-            return f"tl.sqrt({self.p(base)})"
+            return f"tl.sqrt({self._float(base)})"
         if exp == -sympy.Rational(1, 2):
-            return f"tl.rsqrt({self.p(base)})"
+            return f"tl.rsqrt({self._float(base)})"
         if exp.is_Integer and 1 <= abs(int(exp)) <= 4:
             prod = " * ".join([self._atom(base)] * abs(int(exp)))
             return f"({prod})" if exp > 0 else f"(1.0 / ({prod}))"
-        return f"tl.exp2({self.p(exp)} * tl.log2({self.p(base)}))"
+        return f"tl.exp2({self.p(exp)} * tl.log2({self._float(base)}))"
+
+    def _float(self, e) -> str:
+        """An argument of a transcendental function: Triton's math functions take floats only,
+        so an integer expression (``tan(b)``, ``exp(h)``) is converted first."""
+        x = self.p(e)
+        return f"({x} * 1.0)" if e.is_integer else x
 
     def _exp(self, e):
-        return f"tl.exp({self.p(e.args[0])})"
+        return f"tl.exp({self._float(e.args[0])})"
 
     def _log(self, e):
-        return f"tl.log({self.p(e.args[0])})"
+        return f"tl.log({self._float(e.args[0])})"
 
     def _sin(self, e):
-        return f"tl.sin({self.p(e.args[0])})"
+        return f"tl.sin({self._float(e.args[0])})"
 
     def _cos(self, e):
-        return f"tl.cos({self.p(e.args[0])})"
+        return f"tl.cos({self._float(e.args[0])})"
 
     def _tan(self, e):
-        x = self.p(e.args[0])
+        x = self._float(e.args[0])
         return f"(tl.sin({x}) / tl.cos({x}))"
 
     def _tanh(self, e):
         self.helpers.add("_tanh")
-        return f"_tanh({self.p(e.args[0])}, FAST_MATH)"
+        return f"_tanh({self._float(e.args[0])}, FAST_MATH)"
 
     def _Sigmoid(self, e):
-        return f"tl.sigmoid({self.p(e.args[0])})"
+        return f"tl.sigmoid({self._float(e.args[0])})"
 
     def _Abs(self, e):
         return f"tl.abs({self.p(e.args[0])})"

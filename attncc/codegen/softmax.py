@@ -6,6 +6,7 @@ from typing import Dict, List
 import sympy
 from sympy.core.function import AppliedUndef
 
+from attncc.analysis.score import split_mod_along_j
 from attncc.codegen.helpers import render_helper, rope_helpers
 from attncc.codegen.hoist import Hoister, split_along_j
 from attncc.codegen.printer import TritonPrinter, param_var
@@ -55,7 +56,6 @@ def _names(pattern: Pattern, i_text: str, j_text: str, extra: Dict[sympy.Symbol,
 def softmax_context(pattern: Pattern, plan) -> dict:
     inputs = _Inputs(pattern)
     hoist = Hoister()
-    helpers = set()
 
     # -- what enters the score ----------------------------------------------
     bias_j, lse_row = pattern.bias, None
@@ -66,7 +66,10 @@ def softmax_context(pattern: Pattern, plan) -> dict:
         lse_row = None if lse_row == 0 else lse_row
     mask = hoist(pattern.mask) if pattern.mask is not None else None
     bias_j = hoist(bias_j) if bias_j is not None else None
-    mod = hoist(pattern.mod) if pattern.mod is not None else None
+    mod_j = pattern.mod
+    if pattern.mod is not None and pattern.softcap is None:  # terms constant along j: in the LSE only
+        mod_j, lse_row = split_mod_along_j(pattern.mod)
+    mod = hoist(mod_j) if mod_j is not None and mod_j != S.s else None
 
     random_blocks = sorted((mask.atoms(RandomBlocks) if mask is not None else set()), key=sympy.default_sort_key)
     rb_names = {rb: f"rb{n}" for n, rb in enumerate(random_blocks)}

@@ -45,10 +45,28 @@ class Call:
     # A dict when a backward pass will follow (the autograd path sets it): the forward keeps
     # there what the backward of the same call reuses (the transposed block lists). None otherwise.
     for_backward: Optional[dict] = field(default=None, repr=False, compare=False)
+    # Packed variable-length batches (FlashAttention's varlen layout): q [1, Hq, total_q, D], k/v
+    # [1, Hkv, total_k, D]; then B is the number of sequences S, Nq / Nk the longest lengths
+    # (max_seqlen_q / max_seqlen_k), q_offset = k_offset = 0 and n_q / n_k placeholders (the kernels
+    # read every sequence's own lengths from the int32 cu_seqlens [S + 1]).
+    cu_seqlens_q: Optional[torch.Tensor] = None
+    cu_seqlens_k: Optional[torch.Tensor] = None
 
     @property
     def group(self) -> int:
         return self.Hq // self.Hkv
+
+    @property
+    def varlen(self) -> bool:
+        return self.cu_seqlens_q is not None
+
+    @property
+    def total_q(self) -> int:
+        return self.q.shape[2]
+
+    @property
+    def total_k(self) -> int:
+        return self.k.shape[2]
 
 
 def _dtype_name(t: torch.dtype) -> str:
@@ -66,8 +84,11 @@ def _int_arg(name: str, value, minimum: int = 0) -> int:
 
 
 def bind(spec: SpecInfo, q, k, v, *, return_lse=False, q_offset=0, k_offset=0, n_q=None, n_k=None,
-         scale=None, kwargs: Optional[dict] = None) -> Call:
-    """Check the arguments of ``attention(q, k, v, ...)`` against the spec; return the Call."""
+         scale=None, kwargs: Optional[dict] = None, cu_seqlens_q=None, cu_seqlens_k=None,
+         max_seqlen_q=None, max_seqlen_k=None) -> Call:
+    """Check the arguments of ``attention(q, k, v, ...)`` against the spec; return the Call.
+
+    With ``cu_seqlens_q`` / ``cu_seqlens_k`` q, k, v are packed sequences (see :class:`Call`)."""
     name = spec.name
     for arg, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -109,6 +130,12 @@ def bind(spec: SpecInfo, q, k, v, *, return_lse=False, q_offset=0, k_offset=0, n
 
     q_offset = _int_arg("q_offset", q_offset)
     k_offset = _int_arg("k_offset", k_offset)
+    cu_q = cu_k = None
+    if cu_seqlens_q is not None or cu_seqlens_k is not None or max_seqlen_q is not None or max_seqlen_k is not None:
+        if q_offset or k_offset or n_q is not None or n_k is not None:
+            raise ValueError(f"{name}.attention: q_offset, k_offset, n_q, n_k cannot be combined with cu_seqlens: "
+                             f"every packed sequence starts at position 0 and has its own n_q, n_k")
+        cu_q, cu_k, B, Nq, Nk = _varlen(name, q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     n_q = q_offset + Nq if n_q is None else _int_arg("n_q", n_q)
     n_k = k_offset + Nk if n_k is None else _int_arg("n_k", n_k)
     if scale is None:
@@ -116,46 +143,103 @@ def bind(spec: SpecInfo, q, k, v, *, return_lse=False, q_offset=0, k_offset=0, n
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
         raise TypeError(f"{name}.attention: scale must be a positive number, got {scale!r}")
 
-    kwargs = dict(kwargs or {})
+    n_max = max(q_offset + Nq, k_offset + Nk)
+    params, inputs = bind_params_and_inputs(spec, f"{name}.attention", dict(kwargs or {}), B=B, Hq=Hq,
+                                            positions=n_max, device=q.device)
+    return Call(spec, q, k, v, B, Hq, Hkv, Nq, Nk, D, Dv, q_offset, k_offset, n_q, n_k, float(scale),
+                return_lse, params, inputs, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+
+
+def bind_params_and_inputs(spec: SpecInfo, who: str, kwargs: dict, *, B: int, Hq: int, positions: int,
+                           device, what_positions: str = "positions"):
+    """Resolve the spec's [params] (defaults, per-call overrides, types) and check its [inputs]
+    (tensor, device, dims: "b" = B, "h" = Hq, "n" covering ``positions``, dtype: other integer or
+    float widths are converted). Consumes ``kwargs``; anything left over is an error."""
     params = {}
     for p in spec.params:
         value = kwargs.pop(p.name, p.default)
         if p.kind == "int":
             value = _int_arg(p.name, value, minimum=-(2**31))
         elif isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{name}.attention: param {p.name} must be a number, got {value!r}")
+            raise TypeError(f"{who}: param {p.name} must be a number, got {value!r}")
         params[p.name] = value if p.kind == "int" else float(value)
     inputs = {}
-    n_max = max(q_offset + Nq, k_offset + Nk)
     for d in spec.inputs:
         if d.name not in kwargs:
-            raise ValueError(f"{name}.attention: missing input {d.name!r}: a tensor with dims ({', '.join(map(str, d.dims))}) of {d.dtype}")
+            raise ValueError(f"{who}: missing input {d.name!r}: a tensor with dims ({', '.join(map(str, d.dims))}) of {d.dtype}")
         t = kwargs.pop(d.name)
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}.attention: input {d.name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.device != q.device:
-            raise ValueError(f"{name}.attention: input {d.name} is on {t.device}, q is on {q.device}")
+            raise TypeError(f"{who}: input {d.name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.device != device:
+            raise ValueError(f"{who}: input {d.name} is on {t.device}, q is on {device}")
         if t.dim() != len(d.dims):
-            raise ValueError(f"{name}.attention: input {d.name} must have {len(d.dims)} dims ({', '.join(map(str, d.dims))}), got shape {tuple(t.shape)}")
+            raise ValueError(f"{who}: input {d.name} must have {len(d.dims)} dims ({', '.join(map(str, d.dims))}), got shape {tuple(t.shape)}")
         for axis, (dim, size) in enumerate(zip(d.dims, t.shape)):
             want = {"b": B, "h": Hq}.get(dim, dim)
             if dim == "n":
-                if size < n_max:
-                    raise ValueError(f"{name}.attention: input {d.name} dim {axis} ('n') must cover positions 0..{n_max - 1}, got size {size}")
+                if size < positions:
+                    raise ValueError(f"{who}: input {d.name} dim {axis} ('n') must cover {what_positions} 0..{positions - 1}, got size {size}")
             elif size != want:
-                raise ValueError(f"{name}.attention: input {d.name} dim {axis} ({dim!r}) must be {want}, got {size}")
+                raise ValueError(f"{who}: input {d.name} dim {axis} ({dim!r}) must be {want}, got {size}")
         want_dtype = _DTYPES[d.dtype]
         if t.dtype != want_dtype:
             if t.dtype.is_floating_point != want_dtype.is_floating_point or t.dtype == torch.bool:
-                raise TypeError(f"{name}.attention: input {d.name} must be {d.dtype}, got {_dtype_name(t.dtype)}")
+                raise TypeError(f"{who}: input {d.name} must be {d.dtype}, got {_dtype_name(t.dtype)}")
             t = t.to(want_dtype)
         inputs[d.name] = t
     if kwargs:
         known = [p.name for p in spec.params] + [d.name for d in spec.inputs]
-        raise TypeError(f"{name}.attention: unexpected keyword(s) {', '.join(sorted(kwargs))}; "
+        raise TypeError(f"{who}: unexpected keyword(s) {', '.join(sorted(kwargs))}; "
                         f"known inputs and params: {', '.join(known) or 'none'}")
-    return Call(spec, q, k, v, B, Hq, Hkv, Nq, Nk, D, Dv, q_offset, k_offset, n_q, n_k, float(scale),
-                return_lse, params, inputs)
+    return params, inputs
+
+
+def _varlen(name, q, k, cu_q, cu_k, max_q, max_k):
+    """Check packed-sequence arguments; return (cu_q, cu_k, S, max_seqlen_q, max_seqlen_k).
+
+    The contents of the cu_seqlens (from 0, non-decreasing, within the packed length, lengths at
+    most max_seqlen) are checked when they are on the CPU, or when max_seqlen_* is omitted
+    (that costs one host sync, which computes the max lengths as well)."""
+    if cu_q is None or cu_k is None:
+        given = "cu_seqlens_q" if cu_q is not None else "cu_seqlens_k" if cu_k is not None else "max_seqlen only"
+        raise ValueError(f"{name}.attention: packed sequences need both cu_seqlens_q and cu_seqlens_k, got {given}")
+    for arg, t in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}.attention: {arg} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != torch.int32:
+            raise TypeError(f"{name}.attention: {arg} must be int32, got {_dtype_name(t.dtype)}")
+        if t.device != q.device:
+            raise ValueError(f"{name}.attention: {arg} is on {t.device}, q is on {q.device}")
+        if t.dim() != 1 or t.numel() < 2:
+            raise ValueError(f"{name}.attention: {arg} must have shape [S + 1] with S >= 1 sequences, got shape {tuple(t.shape)}")
+    if cu_q.numel() != cu_k.numel():
+        raise ValueError(f"{name}.attention: cu_seqlens_q has {cu_q.numel() - 1} sequences, cu_seqlens_k {cu_k.numel() - 1}")
+    if q.shape[0] != 1 or k.shape[0] != 1:
+        raise ValueError(f"{name}.attention: with cu_seqlens q, k, v are packed as [1, H, total, D]; got batch "
+                         f"{q.shape[0]} (q) and {k.shape[0]} (k)")
+    S = cu_q.numel() - 1
+    max_q = None if max_q is None else _int_arg("max_seqlen_q", max_q)
+    max_k = None if max_k is None else _int_arg("max_seqlen_k", max_k)
+    if max_q is None or max_k is None or q.device.type == "cpu":
+        cu = torch.stack([cu_q, cu_k])
+        lens = cu[:, 1:] - cu[:, :-1]
+        # one host sync: [first, last, shortest, longest] of q and of k
+        (q0, q_end, q_min, q_max), (k0, k_end, k_min, k_max) = torch.stack(
+            [cu[:, 0], cu[:, -1], lens.min(1).values, lens.max(1).values], 1).tolist()
+        for arg, first, end, shortest, total in (("cu_seqlens_q", q0, q_end, q_min, q.shape[2]),
+                                                 ("cu_seqlens_k", k0, k_end, k_min, k.shape[2])):
+            if first != 0:
+                raise ValueError(f"{name}.attention: {arg} must start at 0, got {first}")
+            if shortest < 0:
+                raise ValueError(f"{name}.attention: {arg} must be non-decreasing (cumulative lengths)")
+            if end > total:
+                raise ValueError(f"{name}.attention: {arg} ends at {end}, past the {total} packed rows")
+        for arg, given, longest in (("max_seqlen_q", max_q, q_max), ("max_seqlen_k", max_k, k_max)):
+            if given is not None and given < longest:
+                raise ValueError(f"{name}.attention: {arg} = {given} is less than the longest sequence ({longest})")
+        max_q = q_max if max_q is None else max_q
+        max_k = k_max if max_k is None else max_k
+    return cu_q, cu_k, S, max_q, max_k
 
 
 def _interpreting() -> bool:

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from attncc.runtime.call import _DTYPES, _dtype_name, _int_arg, _interpreting
+from attncc.runtime.call import _dtype_name, _interpreting, bind_params_and_inputs
 from attncc.runtime.launch import KernelConfig, padded_dim
 from attncc.runtime.spec_info import SpecInfo
 
@@ -161,48 +161,12 @@ def bind_decode(spec: SpecInfo, q, k_cache, v_cache, *, kv_len, block_table=None
         raise TypeError(f"{name}: scale must be a positive number, got {scale!r}")
 
     kwargs = dict(kwargs or {})
-    params = {}
-    for p in spec.params:
-        value = kwargs.pop(p.name, p.default)
-        if p.kind == "int":
-            value = _int_arg(p.name, value, minimum=-(2**31))
-        elif isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{name}: param {p.name} must be a number, got {value!r}")
-        params[p.name] = value if p.kind == "int" else float(value)
-    inputs = {}
     for d in spec.inputs:
         if d.name == "kv_len" and d.name not in kwargs and tuple(d.dims) == ("b",):
             # the pattern's own kv_len input (key padding) is the cache length here
             kwargs[d.name] = kv_len
-        if d.name not in kwargs:
-            raise ValueError(f"{name}: missing input {d.name!r}: a tensor with dims ({', '.join(map(str, d.dims))}) "
-                             f"of {d.dtype}")
-        t = kwargs.pop(d.name)
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: input {d.name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.device != q.device:
-            raise ValueError(f"{name}: input {d.name} is on {t.device}, q is on {q.device}")
-        if t.dim() != len(d.dims):
-            raise ValueError(f"{name}: input {d.name} must have {len(d.dims)} dims ({', '.join(map(str, d.dims))}), "
-                             f"got shape {tuple(t.shape)}")
-        for axis, (dim, size) in enumerate(zip(d.dims, t.shape)):
-            if dim == "n":
-                if size < capacity:
-                    raise ValueError(f"{name}: input {d.name} dim {axis} ('n') must cover the cache's positions "
-                                     f"0..{capacity - 1}, got size {size}")
-            elif size != {"b": B, "h": Hq}.get(dim, dim):
-                raise ValueError(f"{name}: input {d.name} dim {axis} ({dim!r}) must be "
-                                 f"{ {'b': B, 'h': Hq}.get(dim, dim)}, got {size}")
-        want_dtype = _DTYPES[d.dtype]
-        if t.dtype != want_dtype:
-            if t.dtype.is_floating_point != want_dtype.is_floating_point or t.dtype == torch.bool:
-                raise TypeError(f"{name}: input {d.name} must be {d.dtype}, got {_dtype_name(t.dtype)}")
-            t = t.to(want_dtype)
-        inputs[d.name] = t
-    if kwargs:
-        known = [p.name for p in spec.params] + [d.name for d in spec.inputs]
-        raise TypeError(f"{name}: unexpected keyword(s) {', '.join(sorted(kwargs))}; "
-                        f"known inputs and params: {', '.join(known) or 'none'}")
+    params, inputs = bind_params_and_inputs(spec, name, kwargs, B=B, Hq=Hq, positions=capacity, device=q.device,
+                                            what_positions="the cache's positions")
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
         raise NotImplementedError(f"{name} is for inference and has no backward pass; call it under "
                                   f"torch.no_grad() or detach q and the caches (attention() has one)")

@@ -189,8 +189,9 @@ def _run_eagerly():
 
 
 def _no_pairs(call: Call):
-    o = torch.zeros(call.B, call.Hq, call.Nq, call.Dv, dtype=call.q.dtype, device=call.q.device)
-    lse = torch.full((call.B, call.Hq, call.Nq), -math.inf, dtype=torch.float32, device=call.q.device)
+    rows = tuple(call.q.shape[:-1])  # [B, Hq, Nq], or [1, Hq, total_q] for a packed (varlen) call
+    o = torch.zeros(*rows, call.Dv, dtype=call.q.dtype, device=call.q.device)
+    lse = torch.full(rows, -math.inf, dtype=torch.float32, device=call.q.device)
     return o, lse
 
 

@@ -95,6 +95,7 @@ class Pattern:
     bias: Optional[sympy.Expr] = None
     softcap: Optional[float] = None
     mod: Optional[sympy.Expr] = None
+    mod_mask: Optional[sympy.Basic] = None  # the c of a top-level where(c, e, -inf) in mod (already in mask)
     dropout: float = 0.0
     rope: Optional[Rope] = None
     feature_map: Optional[FeatureMap] = None

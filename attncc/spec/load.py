@@ -200,6 +200,7 @@ def parse_spec(text: str, path: str = "<string>") -> Pattern:
             mod, extra_mask = split_mod_mask(mod)
             if extra_mask is not None:
                 mask = extra_mask if mask is None else sympy.And(mask, extra_mask)
+                fields["mod_mask"] = extra_mask
             if mod is not None and mod != S.s:
                 fields["mod"] = mod
         if mask is not None:
