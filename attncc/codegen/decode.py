@@ -24,6 +24,7 @@ from attncc.analysis.score import split_mod_along_j
 from attncc.codegen.helpers import render_helper, rope_helpers
 from attncc.codegen.hoist import Hoister, split_along_j
 from attncc.codegen.printer import TritonPrinter, param_var
+from attncc.codegen.softmax import render_score
 from attncc.spec import symbols as S
 from attncc.spec.builtins import RandomBlocks
 from attncc.spec.ir import Pattern
@@ -85,21 +86,7 @@ def decode_context(pattern: Pattern, plan, ctx: dict) -> dict:
     row = TritonPrinter(names("offs_i", "h_row", ""))
     row.gather = lambda e: _gather(pattern, row, e)
 
-    score_lines: List[str] = []
-    if pattern.bias is not None or pattern.mod is not None or pattern.softcap is not None:
-        if simple_bias:
-            if bias_j is not None:
-                score_lines.append(f"s = qk * qk_scale + {tile(bias_j)} * 1.4426950408889634  # bias * log2(e)")
-            else:
-                score_lines.append("s = qk * qk_scale")
-        else:
-            score_lines.append("s = qk * sm_scale" + (f" + {tile(bias_j)}" if bias_j is not None else ""))
-            if mod is not None:
-                score_lines.append(f"s = {tile(mod)}")
-            if pattern.softcap is not None:
-                tile.helpers.add("_tanh")
-                score_lines.append(f"s = {pattern.softcap!r} * _tanh(s * {1.0 / pattern.softcap!r}, FAST_MATH)")
-            score_lines.append("s = s * 1.4426950408889634  # to log2 units")
+    score_lines = render_score(pattern, tile, bias_j, mod, simple_bias)
     mask_code = tile(mask) if mask is not None else None
     scalar_defs = [(sym.name, row(e)) for sym, e in scalars]
     row_defs = [(sym.name, row(e)) for sym, e in rows]

@@ -90,21 +90,7 @@ def softmax_context(pattern: Pattern, plan) -> dict:
     row = TritonPrinter(_names(pattern, "offs_i", "offs_j", scalar_names))
     row.gather = lambda e: inputs.gather(row, e)
 
-    score_lines: List[str] = []
-    if pattern.bias is not None or pattern.mod is not None or pattern.softcap is not None:
-        if simple_bias:
-            if bias_j is not None:
-                score_lines.append(f"s = qk * qk_scale + {tile(bias_j)} * 1.4426950408889634  # bias * log2(e)")
-            else:
-                score_lines.append("s = qk * qk_scale")
-        else:
-            score_lines.append("s = qk * sm_scale" + (f" + {tile(bias_j)}" if bias_j is not None else ""))
-            if mod is not None:
-                score_lines.append(f"s = {tile(mod)}")
-            if pattern.softcap is not None:
-                tile.helpers.add("_tanh")
-                score_lines.append(f"s = {pattern.softcap!r} * _tanh(s * {1.0 / pattern.softcap!r}, FAST_MATH)")
-            score_lines.append("s = s * 1.4426950408889634  # to log2 units")
+    score_lines = render_score(pattern, tile, bias_j, mod, simple_bias)
     mask_code = tile(mask) if mask is not None else None
 
     scalar_defs = [(sym.name, row(e)) for e, sym in hoist.scalars.items()]
@@ -179,6 +165,25 @@ def softmax_context(pattern: Pattern, plan) -> dict:
         rotary_dim_arg=("0" if pattern.rope is None else
                         str(pattern.rope.rotary_dim) if pattern.rope.rotary_dim else "call.D"), param_doc=param_doc, input_doc=input_doc, call_example=call_example,
     )
+
+
+def render_score(pattern: Pattern, tile: TritonPrinter, bias_j, mod, simple_bias: bool) -> List[str]:
+    """The lines that turn a tile's ``qk`` into its scores ``s`` in log2 units; none when the
+    score is the scaled dot product alone (the tile then folds the scale into the exponent)."""
+    if pattern.bias is None and pattern.mod is None and pattern.softcap is None:
+        return []
+    if simple_bias:
+        if bias_j is None:
+            return ["s = qk * qk_scale"]
+        return [f"s = qk * qk_scale + {tile(bias_j)} * 1.4426950408889634  # bias * log2(e)"]
+    lines = ["s = qk * sm_scale" + (f" + {tile(bias_j)}" if bias_j is not None else "")]
+    if mod is not None:
+        lines.append(f"s = {tile(mod)}")
+    if pattern.softcap is not None:
+        tile.helpers.add("_tanh")
+        lines.append(f"s = {pattern.softcap!r} * _tanh(s * {1.0 / pattern.softcap!r}, FAST_MATH)")
+    lines.append("s = s * 1.4426950408889634  # to log2 units")
+    return lines
 
 
 def _tile_hint(plan) -> str:
