@@ -20,11 +20,10 @@ import sympy
 from sympy.core.function import AppliedUndef
 
 from attncc.analysis import symbols as A
-from attncc.analysis.score import split_mod_along_j
 from attncc.codegen.helpers import render_helper, rope_helpers
-from attncc.codegen.hoist import Hoister, split_along_j
+from attncc.codegen.hoist import Hoister
 from attncc.codegen.printer import TritonPrinter, param_var
-from attncc.codegen.softmax import render_score
+from attncc.codegen.softmax import render_score, score_terms
 from attncc.spec import symbols as S
 from attncc.spec.builtins import RandomBlocks
 from attncc.spec.ir import Pattern
@@ -56,18 +55,7 @@ def decode_context(pattern: Pattern, plan, ctx: dict) -> dict:
     if pattern.mask is not None and pattern.mask.atoms(RandomBlocks):
         return dict(supported=False, reason="random_blocks() depend on the sequence length, which differs per row")
     hoist = Hoister()
-    bias_j, lse_row = pattern.bias, None
-    simple_bias = pattern.mod is None and pattern.softcap is None
-    if pattern.bias is not None and simple_bias:
-        bias_j, lse_row = split_along_j(pattern.bias)
-        bias_j = None if bias_j == 0 else bias_j
-        lse_row = None if lse_row == 0 else lse_row
-    mask = hoist(pattern.mask) if pattern.mask is not None else None
-    bias_j = hoist(bias_j) if bias_j is not None else None
-    mod_j = pattern.mod
-    if pattern.mod is not None and pattern.softcap is None:  # terms constant along j: in the LSE only
-        mod_j, lse_row = split_mod_along_j(pattern.mod)
-    mod = hoist(mod_j) if mod_j is not None and mod_j != S.s else None
+    mask, bias_j, mod, lse_row, simple_bias = score_terms(pattern, hoist)
 
     # Hoisted values: per program when they involve neither i nor h, else per row.
     scalars = [(sym, e) for e, sym in hoist.scalars.items() if not e.has(S.h)]

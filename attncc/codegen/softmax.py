@@ -58,18 +58,7 @@ def softmax_context(pattern: Pattern, plan) -> dict:
     hoist = Hoister()
 
     # -- what enters the score ----------------------------------------------
-    bias_j, lse_row = pattern.bias, None
-    simple_bias = pattern.mod is None and pattern.softcap is None
-    if pattern.bias is not None and simple_bias:
-        bias_j, lse_row = split_along_j(pattern.bias)
-        bias_j = None if bias_j == 0 else bias_j
-        lse_row = None if lse_row == 0 else lse_row
-    mask = hoist(pattern.mask) if pattern.mask is not None else None
-    bias_j = hoist(bias_j) if bias_j is not None else None
-    mod_j = pattern.mod
-    if pattern.mod is not None and pattern.softcap is None:  # terms constant along j: in the LSE only
-        mod_j, lse_row = split_mod_along_j(pattern.mod)
-    mod = hoist(mod_j) if mod_j is not None and mod_j != S.s else None
+    mask, bias_j, mod, lse_row, simple_bias = score_terms(pattern, hoist)
 
     random_blocks = sorted((mask.atoms(RandomBlocks) if mask is not None else set()), key=sympy.default_sort_key)
     rb_names = {rb: f"rb{n}" for n, rb in enumerate(random_blocks)}
@@ -165,6 +154,26 @@ def softmax_context(pattern: Pattern, plan) -> dict:
         rotary_dim_arg=("0" if pattern.rope is None else
                         str(pattern.rope.rotary_dim) if pattern.rope.rotary_dim else "call.D"), param_doc=param_doc, input_doc=input_doc, call_example=call_example,
     )
+
+
+def score_terms(pattern: Pattern, hoist: Hoister):
+    """(mask, bias along j, mod, row-constant terms, simple_bias) with loop-invariant parts hoisted.
+
+    Terms of the bias (or of the mod, without a softcap) that do not vary with j shift a whole row
+    of scores: the softmax cancels them, so they leave the key loop and go to the LSE only."""
+    bias_j, lse_row = pattern.bias, None
+    simple_bias = pattern.mod is None and pattern.softcap is None
+    if pattern.bias is not None and simple_bias:
+        bias_j, lse_row = split_along_j(pattern.bias)
+        bias_j = None if bias_j == 0 else bias_j
+        lse_row = None if lse_row == 0 else lse_row
+    mask = hoist(pattern.mask) if pattern.mask is not None else None
+    bias_j = hoist(bias_j) if bias_j is not None else None
+    mod_j = pattern.mod
+    if pattern.mod is not None and pattern.softcap is None:
+        mod_j, lse_row = split_mod_along_j(pattern.mod)
+    mod = hoist(mod_j) if mod_j is not None and mod_j != S.s else None
+    return mask, bias_j, mod, lse_row, simple_bias
 
 
 def render_score(pattern: Pattern, tile: TritonPrinter, bias_j, mod, simple_bias: bool) -> List[str]:
