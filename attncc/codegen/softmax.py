@@ -123,9 +123,11 @@ def softmax_context(pattern: Pattern, plan) -> dict:
     if iteration == "dense":
         note = ["Iteration: dense (every key block; only a ragged last block is masked)."]
     elif iteration == "affine":
-        note = ["Iteration: closed-form key-block ranges per query block (rows q_lo..q_hi), from the mask:"]
+        note = ["Iteration: closed-form key-block ranges per query block (rows q_lo..q_hi), derived by sympy",
+                "from each clause of the mask; key block kb holds keys k_offset + kb*BLOCK_N + [0, BLOCK_N):"]
         for c, kr in enumerate(plan.key_ranges):
-            note += [f"  clause {c}: {' & '.join(plan.clauses[c])}"] if len(plan.key_ranges) > 1 else []
+            note += [f"  clause {c}: {' & '.join(plan.clauses[c])}"]
+            note += [f"    {name:7s} = {e}" for name, e in kr.steps]
     else:
         note = ["Iteration: per-call block lists of full and partial key blocks, "
                 + ("classified from the inputs on every call." if plan.dynamic else "cached per shape and params.")]
