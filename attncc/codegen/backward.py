@@ -31,7 +31,7 @@ from attncc.analysis.score import split_mod_along_j
 from attncc.codegen.helpers import render_helper
 from attncc.codegen.hoist import Hoister, split_along_j
 from attncc.codegen.printer import TritonPrinter, param_var
-from attncc.codegen.softmax import _Inputs  # input accesses as masked gathers, as the forward renders them
+from attncc.codegen.softmax import _Inputs, render_bound_steps  # gathers and bounds rendered as the forward does
 from attncc.spec import symbols as S
 from attncc.spec.builtins import RandomBlocks
 from attncc.spec.ir import Pattern
@@ -280,16 +280,12 @@ def _context(pattern: Pattern, plan: Plan, fwd: dict) -> dict:
         for p in pattern.params:
             names[p.symbol] = param_var(p.name)
         for c, kr in enumerate(tplan.key_ranges):
-            step_names = {nm: (f"qb_{nm}" if n == 1 else f"q{nm}{c}") for nm, _ in kr.steps}
-            bound_names = {}
-            for _, e in kr.steps:
-                for sym in e.free_symbols:
-                    bound_names[sym] = (step_names.get(sym.name) or TRANSPOSED_BOUND_NAMES.get(sym.name)
-                                        or names.get(sym) or sym.name)
-                    ranges_per_head |= sym in (S.h,)
-            pr = TritonPrinter(bound_names)
-            q_ranges.append([(step_names[nm], pr(e)) for nm, e in kr.steps])
-            helpers |= pr.helpers
+            ranges_per_head |= any(S.h in e.free_symbols for _, e in kr.steps)
+            lines, used = render_bound_steps(kr, lambda nm: f"qb_{nm}" if n == 1 else f"q{nm}{c}",
+                                             lambda sym: TRANSPOSED_BOUND_NAMES.get(sym.name) or names.get(sym)
+                                             or sym.name)
+            q_ranges.append(lines)
+            helpers |= used
         q_hull_lo = _fold("tl.minimum", [f"qlo{c}" for c in range(n)])
         q_hull_hi = _fold("tl.maximum", [f"qhi{c}" for c in range(n)])
         q_full_test = " | ".join(f"((qb >= qfull_lo{c}) & (qb < qfull_hi{c}))" for c in range(n))

@@ -105,16 +105,12 @@ def softmax_context(pattern: Pattern, plan) -> dict:
     ranges, hull_lo, hull_hi, full_test, visit_test = [], None, None, None, None
     if iteration == "affine":
         n = len(plan.key_ranges)
+        known = _names(pattern, "?", "?", {})
         for c, kr in enumerate(plan.key_ranges):
-            step_names = {name: (f"kv_{name}" if n == 1 else f"{name}{c}") for name, _ in kr.steps}
-            bound_names = {}
-            for _, e in kr.steps:
-                for sym in e.free_symbols:
-                    bound_names[sym] = (step_names.get(sym.name) or BOUND_NAMES.get(sym.name)
-                                        or _names(pattern, "?", "?", {}).get(sym) or sym.name)
-            scalar = TritonPrinter(bound_names)
-            ranges.append([(step_names[name], scalar(e)) for name, e in kr.steps])
-            tile.helpers |= scalar.helpers
+            lines, helpers = render_bound_steps(kr, lambda name: f"kv_{name}" if n == 1 else f"{name}{c}",
+                                                lambda sym: BOUND_NAMES.get(sym.name) or known.get(sym) or sym.name)
+            ranges.append(lines)
+            tile.helpers |= helpers
         hull_lo = _fold("tl.minimum", [f"lo{c}" for c in range(n)])
         hull_hi = _fold("tl.maximum", [f"hi{c}" for c in range(n)])
         full_test = " | ".join(f"((kb >= full_lo{c}) & (kb < full_hi{c}))" for c in range(n))
@@ -156,6 +152,17 @@ def softmax_context(pattern: Pattern, plan) -> dict:
         rotary_dim_arg=("0" if pattern.rope is None else
                         str(pattern.rope.rotary_dim) if pattern.rope.rotary_dim else "call.D"), param_doc=param_doc, input_doc=input_doc, call_example=call_example,
     )
+
+
+def render_bound_steps(key_range, step_name, symbol_name):
+    """A KeyRange's steps as ``(variable, Triton expression)`` lines and the helpers they call.
+    ``step_name(step)`` names each step's variable (later steps refer to earlier ones);
+    ``symbol_name(sym)`` gives the kernel variable of every other symbol."""
+    step_vars = {name: step_name(name) for name, _ in key_range.steps}
+    names = {sym: step_vars.get(sym.name) or symbol_name(sym)
+             for _, e in key_range.steps for sym in e.free_symbols}
+    printer = TritonPrinter(names)
+    return [(step_vars[name], printer(e)) for name, e in key_range.steps], printer.helpers
 
 
 def score_terms(pattern: Pattern, hoist: Hoister):

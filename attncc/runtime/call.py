@@ -113,18 +113,7 @@ def bind(spec: SpecInfo, q, k, v, *, return_lse=False, q_offset=0, k_offset=0, n
         raise ValueError(f"{name}.attention: k has {Hkv} heads but v has {Hv}")
     if Nk != Nv:
         raise ValueError(f"{name}.attention: k has {Nk} positions but v has {Nv}")
-    if Dk != D:
-        raise ValueError(f"{name}.attention: q and k head dims differ: {D} vs {Dk}")
-    if Hkv == 0 or Hq % Hkv:
-        raise ValueError(f"{name}.attention: q has {Hq} heads, k/v have {Hkv}: the query head count must be a multiple of the key/value head count")
-    if spec.heads_q is not None and Hq != spec.heads_q:
-        raise ValueError(f"{name}.attention: the spec fixes [heads].q = {spec.heads_q}, q has {Hq} heads")
-    if spec.heads_kv is not None and Hkv != spec.heads_kv:
-        raise ValueError(f"{name}.attention: the spec fixes [heads].kv = {spec.heads_kv}, k/v have {Hkv} heads")
-    if not 1 <= D <= 256 or not 1 <= Dv <= 256:
-        raise ValueError(f"{name}.attention: head dims up to 256 are supported, got D = {D}, Dv = {Dv}")
-    if spec.value_dim is not None and Dv != spec.value_dim:
-        raise ValueError(f"{name}.attention: the spec fixes value_dim = {spec.value_dim}, v has {Dv}")
+    check_heads_and_dims(spec, f"{name}.attention", Hq=Hq, Hkv=Hkv, D=D, Dk=Dk, Dv=Dv)
     if not isinstance(return_lse, bool):
         raise TypeError(f"{name}.attention: return_lse must be a bool, got {return_lse!r}")
 
@@ -148,6 +137,23 @@ def bind(spec: SpecInfo, q, k, v, *, return_lse=False, q_offset=0, k_offset=0, n
                                             positions=n_max, device=q.device)
     return Call(spec, q, k, v, B, Hq, Hkv, Nq, Nk, D, Dv, q_offset, k_offset, n_q, n_k, float(scale),
                 return_lse, params, inputs, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+
+
+def check_heads_and_dims(spec: SpecInfo, who: str, *, Hq: int, Hkv: int, D: int, Dk: int, Dv: int,
+                         k: str = "k", v: str = "v", kv: str = "k/v have"):
+    """Head counts (GQA divisibility, the spec's fixed counts) and head dims of a call."""
+    if Dk != D:
+        raise ValueError(f"{who}: q and {k} head dims differ: {D} vs {Dk}")
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"{who}: q has {Hq} heads, {kv} {Hkv}: the query head count must be a multiple of the key/value head count")
+    if spec.heads_q is not None and Hq != spec.heads_q:
+        raise ValueError(f"{who}: the spec fixes [heads].q = {spec.heads_q}, q has {Hq} heads")
+    if spec.heads_kv is not None and Hkv != spec.heads_kv:
+        raise ValueError(f"{who}: the spec fixes [heads].kv = {spec.heads_kv}, {kv} {Hkv} heads")
+    if not 1 <= D <= 256 or not 1 <= Dv <= 256:
+        raise ValueError(f"{who}: head dims up to 256 are supported, got D = {D}, Dv = {Dv}")
+    if spec.value_dim is not None and Dv != spec.value_dim:
+        raise ValueError(f"{who}: the spec fixes value_dim = {spec.value_dim}, {v} has {Dv}")
 
 
 def bind_params_and_inputs(spec: SpecInfo, who: str, kwargs: dict, *, B: int, Hq: int, positions: int,

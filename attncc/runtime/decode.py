@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from attncc.runtime.call import _dtype_name, _interpreting, bind_params_and_inputs
+from attncc.runtime.call import _dtype_name, _interpreting, bind_params_and_inputs, check_heads_and_dims
 from attncc.runtime.launch import KernelConfig, padded_dim
 from attncc.runtime.spec_info import SpecInfo
 
@@ -131,19 +131,8 @@ def bind_decode(spec: SpecInfo, q, k_cache, v_cache, *, kv_len, block_table=None
         if num_pages == 0:
             raise ValueError(f"{name}: the paged cache has no pages")
         capacity = block_table.shape[1] * page_size
-    if Dk != D:
-        raise ValueError(f"{name}: q and k_cache head dims differ: {D} vs {Dk}")
-    if Hkv == 0 or Hq % Hkv:
-        raise ValueError(f"{name}: q has {Hq} heads, the cache has {Hkv}: the query head count must be a multiple "
-                         f"of the key/value head count")
-    if spec.heads_q is not None and Hq != spec.heads_q:
-        raise ValueError(f"{name}: the spec fixes [heads].q = {spec.heads_q}, q has {Hq} heads")
-    if spec.heads_kv is not None and Hkv != spec.heads_kv:
-        raise ValueError(f"{name}: the spec fixes [heads].kv = {spec.heads_kv}, the cache has {Hkv} heads")
-    if not 1 <= D <= 256 or not 1 <= Dv <= 256:
-        raise ValueError(f"{name}: head dims up to 256 are supported, got D = {D}, Dv = {Dv}")
-    if spec.value_dim is not None and Dv != spec.value_dim:
-        raise ValueError(f"{name}: the spec fixes value_dim = {spec.value_dim}, v_cache has {Dv}")
+    check_heads_and_dims(spec, name, Hq=Hq, Hkv=Hkv, D=D, Dk=Dk, Dv=Dv, k="k_cache", v="v_cache",
+                         kv="the cache has")
 
     kv_len = _bind_kv_len(name, kv_len, B, capacity, q.device)
     if block_table is not None and _check_values(block_table) and _check_values(kv_len):
