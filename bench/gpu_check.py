@@ -124,6 +124,42 @@ def check_specs(N, quick):
     return rows
 
 
+def check_grads(N=1024, specs=None):
+    """bf16 gradients of every softmax spec (or those named) against autograd of the float64
+    reference, at B=1, N (1024: the reference is dense)."""
+    rows = []
+    for f in sorted(glob.glob(str(ROOT / "specs" / "*.toml"))):
+        p = load_spec(f)
+        if p.kind != "softmax" or (specs and p.name not in specs):
+            continue
+        mod = importlib.import_module(f"generated.{p.name}")
+        Hq = p.heads_q or 4
+        Hkv = p.heads_kv or (Hq // 2 if Hq % 2 == 0 else Hq)
+        Nq, Nk, D = (N // 2 if p.name == "cross_causal" else N), N, 128
+        torch.manual_seed(0)
+        q = torch.randn(1, Hq, Nq, D, device=DEV, dtype=BF16, requires_grad=True)
+        k = torch.randn(1, Hkv, Nk, D, device=DEV, dtype=BF16, requires_grad=True)
+        v = torch.randn(1, Hkv, Nk, D, device=DEV, dtype=BF16, requires_grad=True)
+        do = torch.randn(1, Hq, Nq, D, device=DEV, dtype=BF16)
+        kw = dict(SMALL.get(p.name, {}), **inputs_for(p, 1, Hq, N))
+        kw = {n: (t.detach() if isinstance(t, torch.Tensor) else t) for n, t in kw.items()}
+        try:
+            grads = torch.autograd.grad(mod.attention(q, k, v, **kw), (q, k, v), do)
+            qd, kd, vd = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+            ref = torch.autograd.grad(attncc.reference(p, qd, kd, vd, **kw), (qd, kd, vd), do.double())
+            errs = [rel(a, r) for a, r in zip(grads, ref)]
+            ok = max(errs) < 3e-2 and not any(torch.isnan(g).any() for g in grads)
+            rows.append(dict(spec=p.name, dq=errs[0], dk=errs[1], dv=errs[2], ok=bool(ok)))
+        except NotImplementedError as e:
+            rows.append(dict(spec=p.name, ok=True, skipped=str(e)[:120]))
+        except Exception as e:
+            rows.append(dict(spec=p.name, ok=False, error=f"{type(e).__name__}: {str(e)[-300:]}"))
+        print(f"grad check {p.name:20s} " + " ".join(f"{k}={v:.2e}" if isinstance(v, float) else f"{k}={v}"
+                                                     for k, v in rows[-1].items() if k != "spec"), flush=True)
+        torch.cuda.empty_cache()
+    return rows
+
+
 def flex_setup():
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -275,7 +311,7 @@ def main():
     args = ap.parse_args()
     print(f"torch {torch.__version__}, triton {__import__('triton').__version__}, {torch.cuda.get_device_name()}, "
           f"{time.strftime('%Y-%m-%d')}", flush=True)
-    checks = [] if args.skip_check else check_specs(4096, args.quick)
+    checks = [] if args.skip_check else check_specs(4096, args.quick) + check_grads(1024)
     timing = time_cases(with_backward=not args.no_backward)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "gpu_check.json").write_text(json.dumps(dict(checks=checks, timing=timing), indent=1))

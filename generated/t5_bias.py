@@ -243,7 +243,8 @@ def _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, qb, offs_j, Nq, q_off
                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                ROTARY_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
                MASKED: tl.constexpr):
-    """One query tile of a key block: dV += P^T dO, dK += dS^T Q (dS not yet scaled)."""
+    """One query tile of a key block: dV += P^T dO, dK += dS^T Q (dS not yet scaled), with the
+    tile held transposed: p and ds here are P^T and dS^T, [BLOCK_N, BLOCK_M]."""
     start_m = qb * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_i = q_offset + offs_m
@@ -252,16 +253,16 @@ def _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, qb, offs_j, Nq, q_off
     # rows past Nq: lse2 = +inf and dO = 0, so they add nothing
     lse2 = tl.load(LSE2 + offs_m, mask=offs_m < Nq, other=float("inf"))
     delta = tl.load(DELTA + offs_m, mask=offs_m < Nq, other=0.0)
-    qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
-    s = qk * qk_scale + tl.load(rel_bias_ptr + h * rel_bias_stride0 + _bucket_32_128_1((offs_j[None, :] - offs_i[:, None])) * rel_bias_stride1, mask=(_bucket_32_128_1((offs_j[None, :] - offs_i[:, None])) >= 0) & (_bucket_32_128_1((offs_j[None, :] - offs_i[:, None])) < rel_bias_size1), other=0) * 1.4426950408889634  # bias * log2(e)
+    qk = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]: S^T
+    s = qk * qk_scale + tl.load(rel_bias_ptr + h * rel_bias_stride0 + _bucket_32_128_1((offs_j[:, None] - offs_i[None, :])) * rel_bias_stride1, mask=(_bucket_32_128_1((offs_j[:, None] - offs_i[None, :])) >= 0) & (_bucket_32_128_1((offs_j[:, None] - offs_i[None, :])) < rel_bias_size1), other=0) * 1.4426950408889634  # bias * log2(e)
     if MASKED:
-        keep = (offs_i[:, None] < q_offset + Nq)
+        keep = (offs_i[None, :] < q_offset + Nq)
         s = tl.where(keep, s, float("-inf"))
-    p = tl.exp2(s - lse2[:, None])
-    dv = dv + tl.dot(p.to(do.dtype).T, do, input_precision=DOT_PRECISION)
-    dp = tl.dot(do, v.T, input_precision=DOT_PRECISION)
-    ds = p * (dp - delta[:, None])
-    dk = dk + tl.dot(ds.to(q.dtype).T, q, input_precision=DOT_PRECISION)
+    p = tl.exp2(s - lse2[None, :])
+    dv = dv + tl.dot(p.to(do.dtype), do, input_precision=DOT_PRECISION)
+    dp = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    ds = p * (dp - delta[None, :])
+    dk = dk + tl.dot(ds.to(q.dtype), q, input_precision=DOT_PRECISION)
     return dk, dv
 
 
@@ -456,6 +457,7 @@ def _backward(call, o, lse, do):
     """dq, dk, dv of one call (``o``, ``lse`` from its forward; ``do`` = dLoss/do)."""
     q, k, v = _rt.kernel_operands(call)
     cfg = _rt.pick_config(call)
+    cfg_kv, cfg_q = _rt.pick_config(call, "dkdv"), _rt.pick_config(call, "dq")
     _rt.ensure_allocator()
     B, Hq, Hkv, Nq, Nk = call.B, call.Hq, call.Hkv, call.Nq, call.Nk
     # Packed (varlen): rows [1, H, total] (and rows outside every sequence keep zero gradients).
@@ -477,7 +479,7 @@ def _backward(call, o, lse, do):
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         FAST_MATH=_rt.fast_math(call), VARLEN=call.varlen,
     )
-    _rt.launch(call, cfg, lambda cfg: _bwd_dkdv_kernel[(triton.cdiv(Nk, cfg.BLOCK_N), B * Hkv)](
+    _rt.launch(call, cfg_kv, lambda cfg: _bwd_dkdv_kernel[(triton.cdiv(Nk, cfg.BLOCK_N), B * Hkv)](
         q, k, v, do, dk, dv, lse2, delta,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -491,7 +493,7 @@ def _backward(call, o, lse, do):
         **common, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     ), kernel="dkdv")
-    _rt.launch(call, cfg, lambda cfg: _bwd_dq_kernel[(triton.cdiv(Nq, cfg.BLOCK_M), B * Hq)](
+    _rt.launch(call, cfg_q, lambda cfg: _bwd_dq_kernel[(triton.cdiv(Nq, cfg.BLOCK_M), B * Hq)](
         q, k, v, do, dq, lse2, delta,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),

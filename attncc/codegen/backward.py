@@ -123,15 +123,18 @@ class _Kernel:
     (``outer``) are hoisted into vectors ``<vec_prefix>N`` indexed ``vec_suffix`` in a tile.
     """
 
-    def __init__(self, pattern: Pattern, *, inner, outer, vec_prefix: str, vec_suffix: str, rb_render):
+    def __init__(self, pattern: Pattern, *, inner, outer, vec_prefix: str, vec_suffix: str, rb_render,
+                 transposed: bool = False):
         self.pattern = pattern
+        self.transposed = transposed  # tiles are [keys, queries] (dK/dV) instead of [queries, keys]
         self.hoist = Hoister(inner=inner, outer=outer, row_prefix=vec_prefix)
         self.vec_suffix = vec_suffix
         self.rb_render = rb_render
         self.helpers = set()
 
     def tile_printer(self, s_name: str = "s") -> TritonPrinter:
-        names = _index_names(self.pattern, "offs_i[:, None]", "offs_j[None, :]",
+        i_text, j_text = ("offs_i[None, :]", "offs_j[:, None]") if self.transposed else ("offs_i[:, None]", "offs_j[None, :]")
+        names = _index_names(self.pattern, i_text, j_text,
                              {**{sym: sym.name for sym in self.hoist.scalars.values()},
                               **{sym: f"{sym.name}{self.vec_suffix}" for sym in self.hoist.rows.values()},
                               S.s: s_name})
@@ -167,7 +170,7 @@ def _score(pattern: Pattern, k: _Kernel, *, bias_j, simple_bias: bool, dmod):
     dm = k.hoist(dmod) if dmod is not None else None
     tile = k.tile_printer()
     lines: List[str] = []
-    chain: List[str] = ["ds = p * (dp - delta[:, None])"]
+    chain: List[str] = [f"ds = p * (dp - delta{'[None, :]' if k.transposed else '[:, None]'})"]
     if simple_bias:
         lines.append(f"s = qk * qk_scale + {tile(bias)} * {LOG2E}  # bias * log2(e)" if bias is not None
                      else "s = qk * qk_scale")
@@ -229,10 +232,13 @@ def _context(pattern: Pattern, plan: Plan, fwd: dict) -> dict:
         if r == 0:
             return "False"
         name = rb_names[e]
-        return f"_random_hit(offs_i, offs_j, {name}_table, {name}_rows, {r}, {block})"
+        return f"tl.trans(_random_hit(offs_i, offs_j, {name}_table, {name}_rows, {r}, {block}))"
 
     dq = _Kernel(pattern, inner=S.j, outer=S.i, vec_prefix="row", vec_suffix="[:, None]", rb_render=rb_rows)
-    dkdv = _Kernel(pattern, inner=S.i, outer=S.j, vec_prefix="col", vec_suffix="[None, :]", rb_render=rb_tile)
+    # dK/dV tiles are transposed, [BLOCK_N keys, BLOCK_M queries]: P^T and dS^T come out of the
+    # score dot directly and feed dV and dK's dots without a register transpose.
+    dkdv = _Kernel(pattern, inner=S.i, outer=S.j, vec_prefix="col", vec_suffix="[:, None]", rb_render=rb_tile,
+                   transposed=True)
     kernels = {}
     for name, k in (("dq", dq), ("dkdv", dkdv)):
         lines, mask_code, chain = _score(pattern, k, bias_j=bias_j, simple_bias=simple_bias, dmod=dmod)

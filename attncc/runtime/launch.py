@@ -26,10 +26,11 @@ class KernelConfig:
     warp_specialize: bool = False
 
 
-def _env_config() -> Optional[KernelConfig]:
-    """``ATTNCC_CONFIG="BLOCK_M=64,BLOCK_N=32,num_warps=4,num_stages=2"`` forces a config
-    (tests and benchmarks use it)."""
-    text = os.environ.get("ATTNCC_CONFIG")
+def _env_config(kernel: str = "") -> Optional[KernelConfig]:
+    """``ATTNCC_CONFIG="BLOCK_M=64,BLOCK_N=32,num_warps=4,num_stages=2"`` forces the forward's
+    config, ``ATTNCC_CONFIG_DKDV`` / ``ATTNCC_CONFIG_DQ`` the backward kernels' (tests and
+    benchmarks use them)."""
+    text = os.environ.get("ATTNCC_CONFIG" + (f"_{kernel.upper()}" if kernel else ""))
     if not text:
         return None
     fields = {}
@@ -39,15 +40,28 @@ def _env_config() -> Optional[KernelConfig]:
     return KernelConfig(**fields)
 
 
-def pick_config(call: Call) -> KernelConfig:
-    """The tile config for a call: forced by ATTNCC_CONFIG, small under the interpreter,
-    else by head dim (measured on an H100; see docs/performance.md)."""
-    forced = _env_config()
+KERNELS = ("", "dkdv", "dq")  # the forward, and the two backward kernels
+
+
+def pick_config(call: Call, kernel: str = "") -> KernelConfig:
+    """The tile config of one kernel of a call (``kernel``: "" the forward, "dkdv" or "dq"):
+    forced by the environment (see _env_config), small under the interpreter, else by head dim
+    and direction (measured on an H100; see docs/performance.md).
+
+    The backward kernels keep their accumulators (dK and dV, or dQ) for a block of BLOCK_N keys
+    (dK/dV) or BLOCK_M queries (dQ) and stream the other side in narrow tiles."""
+    if kernel not in KERNELS:
+        raise ValueError(f"attncc: kernel must be one of {KERNELS}, got {kernel!r}")
+    forced = _env_config(kernel)
     if forced is not None:
         return forced
     if _interpreting():
         return KernelConfig(32, 32, 4, 1)
     d = max(call.D, call.Dv)
+    if kernel == "dkdv":
+        return KernelConfig(64, 64, 4, 2) if d <= 128 else KernelConfig(32, 64, 4, 2)
+    if kernel == "dq":
+        return KernelConfig(128, 64, 8, 3) if d <= 128 else KernelConfig(64, 32, 4, 2)
     if d > 128:
         return KernelConfig(128, 64, 8, 2)
     if call.spec.tile_hint == "narrow":
