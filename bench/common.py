@@ -95,12 +95,12 @@ def doc_causal_density(doc: torch.Tensor) -> float:
 
 def rel(a, b) -> float:
     """Relative Frobenius error of ``a`` against ``b``."""
-    a, b = a.double(), b.double()
+    a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def max_abs(a, b) -> float:
-    return float((a.double() - b.double()).abs().max())
+    return float((a.detach().double() - b.detach().double()).abs().max())
 
 
 # ---------------------------------------------------------------------------------------------
