@@ -78,6 +78,23 @@ def causal_density(N: int) -> float:
     return (N + 1) / (2 * N)
 
 
+CAUSAL_SPECS = ("causal", "alibi", "softcap", "gqa", "rope_causal")
+
+
+def density(spec: str, N: int, kw: dict) -> float:
+    """Allowed fraction of the N x N pairs of a shipped self-attention spec (``kw``: its params and inputs)."""
+    if spec == "dense":
+        return 1.0
+    if spec in CAUSAL_SPECS:
+        return causal_density(N)
+    if spec == "sliding_window":
+        w = kw["window"]
+        return sum(min(i + 1, w) for i in range(N)) / N / N
+    if spec == "document":
+        return doc_causal_density(kw["doc"])
+    raise KeyError(f"no density for spec {spec!r}")
+
+
 def doc_causal_density(doc: torch.Tensor) -> float:
     """Allowed fraction of a causal-within-documents mask for document ids ``doc [B, N]``."""
     B, N = doc.shape
@@ -162,6 +179,38 @@ def flex_setup():
     if SMOKE:
         return flex_attention, create_block_mask
     return torch.compile(flex_attention, dynamic=False), create_block_mask
+
+
+def flex_pattern(spec: str, H: int, kw: dict):
+    """(score_mod, mask_mod, mask_per_batch) of FlexAttention for a shipped spec: the same
+    pattern written as Flex's callables (None where the spec has no such part)."""
+    doc, win = kw.get("doc"), kw.get("window")
+
+    def causal(b, h, qi, ki):
+        return qi >= ki
+
+    def sliding_window(b, h, qi, ki):
+        return (qi >= ki) & (qi - ki < win)
+
+    def document(b, h, qi, ki):
+        return (doc[b, qi] == doc[b, ki]) & (qi >= ki)
+
+    def softcap(s, b, h, qi, ki):
+        return 30.0 * torch.tanh(s / 30.0)
+
+    def alibi(s, b, h, qi, ki):
+        return s + slopes[h] * (ki - qi)
+
+    masks = {"dense": None, "sliding_window": sliding_window, "document": document,
+             **{name: causal for name in CAUSAL_SPECS}}
+    if spec not in masks:
+        raise KeyError(f"no FlexAttention form of spec {spec!r}")
+    if spec == "alibi":
+        from attncc.runtime.semantics import alibi_slope
+
+        slopes = torch.tensor([alibi_slope(h, H) for h in range(H)], device=DEV)
+    score_mod = {"alibi": alibi, "softcap": softcap}.get(spec)
+    return score_mod, masks[spec], spec == "document"
 
 
 def sdpa_backends():

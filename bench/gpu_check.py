@@ -26,7 +26,7 @@ import attncc  # noqa: E402
 from attncc.spec import load_spec  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
-from common import bench, bench_grad, doc_causal_density, documents, flex_setup, rel  # noqa: E402,F401
+from common import bench, bench_grad, density, documents, flex_pattern, flex_setup, rel  # noqa: E402,F401
 
 DEV = "cuda"
 BF16 = torch.bfloat16
@@ -110,18 +110,7 @@ CASES = [  # name, spec, N, B, params, flex score_mod/mask_mod kind
 ]
 
 
-def density_of(spec, N, kw):
-    p = load_spec(ROOT / "specs" / f"{spec}.toml")
-    if p.mask is None:
-        return 1.0
-    if spec in ("causal", "alibi", "softcap"):
-        return (N + 1) / (2 * N)
-    if spec == "sliding_window":
-        w = kw["window"]
-        return sum(min(i + 1, w) for i in range(N)) / N / N
-    if spec == "document":
-        return doc_causal_density(kw["doc"])
-    raise KeyError(spec)
+density_of = density
 
 
 def time_cases(H=16, D=128, quick=False, with_backward=True):
@@ -146,34 +135,11 @@ def time_cases(H=16, D=128, quick=False, with_backward=True):
         o = mod.attention(q, k, v, **kw)
 
         # FlexAttention
-        doc = kw.get("doc")
-        win = kw.get("window")
-
-        def causal_mm(b, h, qi, ki):
-            return qi >= ki
-
-        score_mod = None
-        mask_mod = None
-        if spec in ("causal", "alibi", "softcap"):
-            mask_mod = causal_mm
-        elif spec == "sliding_window":
-            def mask_mod(b, h, qi, ki):
-                return (qi >= ki) & (qi - ki < win)
-        elif spec == "document":
-            def mask_mod(b, h, qi, ki):
-                return (doc[b, qi] == doc[b, ki]) & (qi >= ki)
-        if spec == "alibi":
-            slopes = torch.tensor([attncc.runtime.semantics.alibi_slope(h, H) for h in range(H)], device=DEV)
-
-            def score_mod(s, b, h, qi, ki):
-                return s + slopes[h] * (ki - qi)
-        elif spec == "softcap":
-            def score_mod(s, b, h, qi, ki):
-                return 30.0 * torch.tanh(s / 30.0)
+        score_mod, mask_mod, per_batch = flex_pattern(spec, H, kw)
         bm = None
         if mask_mod is not None:
-            bm = create_block_mask(mask_mod, B if spec == "document" else None, None, N, N, device=DEV)
-            row["flex_mask_ms"] = bench(lambda: create_block_mask(mask_mod, B if spec == "document" else None,
+            bm = create_block_mask(mask_mod, B if per_batch else None, None, N, N, device=DEV)
+            row["flex_mask_ms"] = bench(lambda: create_block_mask(mask_mod, B if per_batch else None,
                                                                    None, N, N, device=DEV))
         try:
             of = flex(q, k, v, score_mod=score_mod, block_mask=bm)
