@@ -213,6 +213,15 @@ def flex_pattern(spec: str, H: int, kw: dict):
     return score_mod, masks[spec], spec == "document"
 
 
+def flex_grad_output(row: dict, do):
+    """The output gradient to time FlexAttention's forward + backward with: none on the CPU, which
+    has no Flex backward (noted in ``row``)."""
+    if SMOKE and do is not None:
+        note(row, "flex f+b: no Flex backward on CPU")
+        return None
+    return do
+
+
 def sdpa_backends():
     """[(label, SDPBackend)] of the fused SDPA kernels to compare with; none on the CPU."""
     if SMOKE:

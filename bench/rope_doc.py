@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (DEV, DTYPE, SMOKE, add_tflops, apply_rotary, attention_flops, attempt, banner, bench,  # noqa: E402
-                    causal_density, compare, doc_causal_density, documents, flex_setup, generated, markdown,
+                    causal_density, compare, doc_causal_density, documents, flex_grad_output, flex_setup, generated, markdown,
                     measure, qkv, rel, release, rotary_tables, sdpa_backends, sdpa_call, short_error,
                     write_out)
 
@@ -50,6 +50,8 @@ def impl_row(impl, fn, q, k, v, do, flops, base=None):
     """One implementation's timing row (ms and TFLOP/s under plain names), compared with ``base``:
     (row, o, grads) of attncc."""
     row = dict(impl=impl)
+    if impl.startswith("flex"):
+        do = flex_grad_output(row, do)
     o, grads = measure(row, "x", fn, q, k, v, do)
     add_tflops(row, flops)
     out = {key[2:]: val for key, val in row.items() if key.startswith("x_")}

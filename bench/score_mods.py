@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (DEV, DTYPE, SMOKE, add_tflops, attention_flops, banner, build_inline, causal_density,  # noqa: E402
-                    compare, flex_setup, markdown, measure, note, qkv, ratio, release, short_error,
+                    compare, flex_grad_output, flex_setup, markdown, measure, note, qkv, ratio, release, short_error,
                     write_out)
 
 import torch  # noqa: E402
@@ -92,7 +92,7 @@ def run_case(name, built, B, H, N, D, fwd_only):
     if name in CAUSAL:
         block_mask = create_block_mask(lambda b, h, i, j: i >= j, None, None, N, N, device=DEV)
     of, grads_f = measure(row, "flex", lambda q, k, v: flex(q, k, v, score_mod=score_mod, block_mask=block_mask),
-                          q, k, v, do)
+                          q, k, v, flex_grad_output(row, do))
     compare(row, "diff_o", o, of)
     compare(row, "diff_grad", grads, grads_f)
     add_tflops(row, flops)
