@@ -11,7 +11,6 @@ import argparse
 import glob
 import importlib
 import json
-import math
 import os
 import sys
 import time
@@ -26,34 +25,11 @@ sys.path.insert(0, str(ROOT))
 import attncc  # noqa: E402
 from attncc.spec import load_spec  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+from common import bench, bench_grad, density, documents, flex_pattern, flex_setup, rel  # noqa: E402,F401
+
 DEV = "cuda"
 BF16 = torch.bfloat16
-
-
-def bench(fn, reps=None):
-    from triton.testing import do_bench
-
-    return do_bench(fn, warmup=100, rep=400, return_mode="median")  # ms
-
-
-def rel(a, b):
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
-def documents(B, N, seed=0, mean=1024):
-    """Packed documents with random lengths (exponential, mean `mean`), as int32 ids [B, N]."""
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(B):
-        ids, pos, d = [], 0, 0
-        while pos < N:
-            n = max(1, int(-mean * math.log(1 - float(torch.rand(1, generator=g)))))
-            ids += [d] * n
-            pos += n
-            d += 1
-        rows.append(ids[:N])
-    return torch.tensor(rows, dtype=torch.int32, device=DEV)
 
 
 SMALL = {"sliding_window": {"window": 1024}, "local_bidirectional": {"w": 256}, "dilated": {},
@@ -160,12 +136,6 @@ def check_grads(N=1024, specs=None):
     return rows
 
 
-def flex_setup():
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-    return torch.compile(flex_attention, dynamic=False), create_block_mask
-
-
 CASES = [  # name, spec, N, B, params, flex score_mod/mask_mod kind
     ("dense 4K", "dense", 4096, 8, {}),
     ("causal 8K", "causal", 8192, 4, {}),
@@ -176,31 +146,7 @@ CASES = [  # name, spec, N, B, params, flex score_mod/mask_mod kind
 ]
 
 
-def density_of(spec, N, kw):
-    p = load_spec(ROOT / "specs" / f"{spec}.toml")
-    if p.mask is None:
-        return 1.0
-    if spec in ("causal", "alibi", "softcap"):
-        return (N + 1) / (2 * N)
-    if spec == "sliding_window":
-        w = kw["window"]
-        return sum(min(i + 1, w) for i in range(N)) / N / N
-    if spec == "document":
-        doc = kw["doc"]
-        tot = 0
-        for row in doc.cpu():
-            _, counts = torch.unique_consecutive(row, return_counts=True)
-            tot += int((counts * (counts + 1) // 2).sum())
-        return tot / doc.shape[0] / N / N
-    raise KeyError(spec)
-
-
-def bench_grad(fn, tensors):
-    """Median ms of a forward+backward, gradients reset between runs."""
-    from triton.testing import do_bench
-
-    fn()
-    return do_bench(fn, warmup=50, rep=300, grad_to_none=tensors, return_mode="median")
+density_of = density
 
 
 def time_cases(H=16, D=128, quick=False, with_backward=True):
@@ -225,34 +171,11 @@ def time_cases(H=16, D=128, quick=False, with_backward=True):
         o = mod.attention(q, k, v, **kw)
 
         # FlexAttention
-        doc = kw.get("doc")
-        win = kw.get("window")
-
-        def causal_mm(b, h, qi, ki):
-            return qi >= ki
-
-        score_mod = None
-        mask_mod = None
-        if spec in ("causal", "alibi", "softcap"):
-            mask_mod = causal_mm
-        elif spec == "sliding_window":
-            def mask_mod(b, h, qi, ki):
-                return (qi >= ki) & (qi - ki < win)
-        elif spec == "document":
-            def mask_mod(b, h, qi, ki):
-                return (doc[b, qi] == doc[b, ki]) & (qi >= ki)
-        if spec == "alibi":
-            slopes = torch.tensor([attncc.runtime.semantics.alibi_slope(h, H) for h in range(H)], device=DEV)
-
-            def score_mod(s, b, h, qi, ki):
-                return s + slopes[h] * (ki - qi)
-        elif spec == "softcap":
-            def score_mod(s, b, h, qi, ki):
-                return 30.0 * torch.tanh(s / 30.0)
+        score_mod, mask_mod, per_batch = flex_pattern(spec, H, kw)
         bm = None
         if mask_mod is not None:
-            bm = create_block_mask(mask_mod, B if spec == "document" else None, None, N, N, device=DEV)
-            row["flex_mask_ms"] = bench(lambda: create_block_mask(mask_mod, B if spec == "document" else None,
+            bm = create_block_mask(mask_mod, B if per_batch else None, None, N, N, device=DEV)
+            row["flex_mask_ms"] = bench(lambda: create_block_mask(mask_mod, B if per_batch else None,
                                                                    None, N, N, device=DEV))
         try:
             of = flex(q, k, v, score_mod=score_mod, block_mask=bm)
