@@ -40,6 +40,7 @@ def main():
     want = sys.argv[1:]
     H, D = 16, 128
     check_grads(1024, {spec for label, spec, *_ in CASES if not want or any(w in label for w in want)})
+    print("fused dQ:", os.environ.get("ATTNCC_FUSED_DQ", "default"), flush=True)
     for label, spec, N, B, params in CASES:
         if want and not any(w in label for w in want):
             continue
@@ -54,8 +55,22 @@ def main():
         fwd_ms = quick_bench(lambda: mod.attention(q, k, v, **kw))
         o, lse = mod.attention(q, k, v, return_lse=True, **kw)
         call = bind(mod.SPEC, q, k, v, kwargs=dict(kw))
+        split = {}
+        real_launch = mod._rt.launch
+        for only in ("dkdv", "dq", "none"):  # the backward with one kernel (or neither) launched
+            mod._rt.launch = lambda call_, cfg, run, kernel="", only=only: run(cfg) if kernel == only else None
+            try:
+                split[only] = quick_bench(lambda: mod._backward(call, o, lse, do))
+            finally:
+                mod._rt.launch = real_launch
+        print(f"SPLIT {label:28s} fwd {fwd_ms:.3f} ms; backward at defaults: dkdv {split['dkdv'] - split['none']:.3f} ms, "
+              f"dq {split['dq'] - split['none']:.3f} ms, rest (delta, lists, allocs) {split['none']:.3f} ms", flush=True)
+        if os.environ.get("SPLIT_ONLY"):
+            continue
         best = {}
         for which, configs in (("DKDV", DKDV), ("DQ", DQ)):
+            if os.environ.get("SWEEP", which).upper() != which:
+                continue
             for c in configs:
                 os.environ["ATTNCC_CONFIG_" + which] = cfg_text(c)
                 try:
