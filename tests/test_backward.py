@@ -330,3 +330,14 @@ def test_a_score_transform_without_derivative_builds_and_refuses_backward(tmp_pa
     o = mod.attention(q, k, v)
     with pytest.raises(NotImplementedError, match="cannot differentiate"):
         o.sum().backward()
+
+
+@pytest.mark.parametrize("name", ["causal", "sliding_window", "document", "bigbird", "longformer"])
+def test_backward_kernels_with_their_own_tile_shapes(monkeypatch, name):
+    """The dK/dV and dQ kernels each take their own tile config (on a GPU: narrow query tiles for
+    dK/dV, narrow key tiles for dQ), different from the forward's: iteration bounds and block lists
+    must follow each kernel's shape."""
+    monkeypatch.setenv("ATTNCC_CONFIG", "BLOCK_M=32,BLOCK_N=32,num_warps=4,num_stages=1")
+    monkeypatch.setenv("ATTNCC_CONFIG_DKDV", "BLOCK_M=16,BLOCK_N=32,num_warps=4,num_stages=1")
+    monkeypatch.setenv("ATTNCC_CONFIG_DQ", "BLOCK_M=32,BLOCK_N=16,num_warps=4,num_stages=1")
+    grad_case(name, Nq=150 if name == "bigbird" else 53, B=1)
