@@ -1,4 +1,4 @@
-"""The `attncc` command: build, explain."""
+"""The `attncc` command: build, explain, tune."""
 from __future__ import annotations
 
 import argparse
@@ -40,6 +40,10 @@ def main(argv=None) -> int:
         from attncc.explain import main_explain
 
         return main_explain(argv[1:])
+    if argv and argv[0] == "tune":
+        from attncc.tune import main_tune
+
+        return main_tune(argv[1:])
     parser = argparse.ArgumentParser(prog="attncc", description="Compile attention-pattern specs to Triton kernels.")
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="generate DIR/<name>.py for each spec")
@@ -47,6 +51,7 @@ def main(argv=None) -> int:
     b.add_argument("--out", default="generated", help="output folder (default: generated)")
     b.add_argument("--check", action="store_true", help="fail when the generated files are stale")
     sub.add_parser("explain", help="what the analysis found for a spec (attncc explain SPEC --n N ...)")
+    sub.add_parser("tune", help="tune tile configs for this GPU (attncc tune SPEC... --n N,... | --show | --clear)")
     args = parser.parse_args(argv)
     if args.command == "build":
         return cmd_build(args)

@@ -10,6 +10,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
+from attncc.runtime import tuning
 from attncc.runtime.autograd import AttentionFunction, check_grad_inputs
 from attncc.runtime.call import Call, _interpreting
 
@@ -45,18 +46,23 @@ KERNELS = ("", "dkdv", "dq")  # the forward, and the two backward kernels
 
 def pick_config(call: Call, kernel: str = "") -> KernelConfig:
     """The tile config of one kernel of a call (``kernel``: "" the forward, "dkdv" or "dq"):
-    forced by the environment (see _env_config), small under the interpreter, else by head dim
-    and direction (measured on an H100; see docs/performance.md).
-
-    The backward kernels keep their accumulators (dK and dV, or dQ) for a block of BLOCK_N keys
-    (dK/dV) or BLOCK_M queries (dQ) and stream the other side in narrow tiles."""
+    forced by the environment (see _env_config), small under the interpreter, else the one
+    tuned for this GPU (runtime/tuning.py), else :func:`default_config`."""
     if kernel not in KERNELS:
         raise ValueError(f"attncc: kernel must be one of {KERNELS}, got {kernel!r}")
-    forced = _env_config(kernel)
+    forced = tuning.trial_config(kernel) or _env_config(kernel)
     if forced is not None:
         return forced
     if _interpreting():
         return KernelConfig(32, 32, 4, 1)
+    return tuning.cached_config(call, kernel) or default_config(call, kernel)
+
+
+def default_config(call: Call, kernel: str = "") -> KernelConfig:
+    """The built-in config: by head dim and direction (measured on an H100; see docs/performance.md).
+
+    The backward kernels keep their accumulators (dK and dV, or dQ) for a block of BLOCK_N keys
+    (dK/dV) or BLOCK_M queries (dQ) and stream the other side in narrow tiles."""
     d = max(call.D, call.Dv)
     if kernel == "dkdv":
         return KernelConfig(64, 64, 4, 2) if d <= 128 else KernelConfig(32, 64, 4, 2)
@@ -82,7 +88,7 @@ def launch(call: Call, cfg: KernelConfig, run_kernel: Callable[[KernelConfig], N
 
     from triton.runtime.errors import OutOfResources
 
-    key = (call.spec.name, call.D, call.Dv, call.q.dtype) + ((kernel,) if kernel else ())
+    key = _fit_key(call, kernel)
     while True:
         if (key, cfg) not in _TOO_BIG:
             try:
@@ -92,6 +98,15 @@ def launch(call: Call, cfg: KernelConfig, run_kernel: Callable[[KernelConfig], N
                     raise
                 _TOO_BIG.add((key, cfg))
         cfg = dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
+
+
+def _fit_key(call: Call, kernel: str):
+    return (call.spec.name, call.D, call.Dv, call.q.dtype) + ((kernel,) if kernel else ())
+
+
+def did_not_fit(call: Call, cfg: KernelConfig, kernel: str = "") -> bool:
+    """Whether :func:`launch` found ``cfg`` too big for the GPU (and ran a shallower one)."""
+    return (_fit_key(call, kernel), cfg) in _TOO_BIG
 
 
 def fast_math(call: Call) -> bool:
@@ -177,6 +192,7 @@ def run_attention(call: Call, forward: Callable[[Call], Tuple[torch.Tensor, torc
     ``backward(call, o, lse, do) -> (dq, dk, dv)``: the generated module's backward launcher
     (None: the kind has no backward yet; asking for a gradient then raises).
     Under ``torch.compile`` the call runs eagerly (a graph break), gradients included."""
+    forward, backward = tuning.on_the_fly(forward, backward)  # ATTNCC_TUNE=1: tune what the cache lacks
     if torch.compiler.is_compiling():
         return _run_eagerly()(call, forward, backward)
     return _run(call, forward, backward)

@@ -1,0 +1,393 @@
+"""Per-device tile autotuning with a persistent cache.
+
+A config is tuned per :class:`TuneKey`: GPU name, Triton version, spec hash, head dims, dtype,
+length bucket (the next power of two of Nq and of Nk) and kernel ("" the forward, "dkdv",
+"dq"). Results live in one JSON file per (GPU, Triton version) under :func:`cache_dir`
+(``ATTNCC_CACHE_DIR``, default ``~/.cache/attncc/tune``), read once per process and written
+under a file lock, merged with what another process wrote meanwhile, then swapped in with
+``os.replace``.
+
+``pick_config`` asks :func:`cached_config` (a dict lookup: no sympy, no file access after the
+first read). Tuning itself happens ahead of time (``attncc tune``) or, with ``ATTNCC_TUNE=1``,
+on the first call of each key (:func:`on_the_fly`); the default is off, because timing dozens
+of configs in the middle of a training step stalls it for a minute. Under the interpreter
+nothing is tuned or read.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import functools
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
+
+from attncc.runtime.call import Call, _interpreting
+
+log = logging.getLogger("attncc")
+
+KERNEL_NAMES = {"": "forward", "dkdv": "dK/dV", "dq": "dQ"}
+CACHE_VERSION = 1
+
+# The search space. The forward and dQ keep BLOCK_M query rows resident and stream BLOCK_N keys;
+# dK/dV keeps BLOCK_N keys resident and streams BLOCK_M queries (narrow query tiles pay there).
+RESIDENT_BLOCKS = (64, 128)
+STREAMED_BLOCKS = (32, 64, 128)
+NUM_WARPS = (4, 8)
+NUM_STAGES = (2, 3, 4)
+# Accumulators alone may take at most half of a thread's 255 registers (fp32 elements per thread).
+MAX_ACC_PER_THREAD = 128
+
+
+@dataclass(frozen=True)
+class TuneKey:
+    """What a tuned config is valid for. ``gpu`` and ``triton`` name the cache file, the rest
+    the entry in it (:attr:`entry`); lengths are bucketed to the next power of two."""
+
+    gpu: str
+    triton: str
+    spec: str
+    spec_hash: str
+    kernel: str
+    dtype: str
+    head_dim: int
+    value_dim: int
+    n_q: int
+    n_k: int
+
+    @property
+    def entry(self) -> str:
+        return (f"{self.spec}:{self.spec_hash}|{self.kernel or 'fwd'}|{self.dtype}|"
+                f"d{self.head_dim}x{self.value_dim}|n{self.n_q}x{self.n_k}")
+
+    @property
+    def file_name(self) -> str:
+        return cache_file_name(self.gpu, self.triton)
+
+
+def length_bucket(n: int) -> int:
+    """The next power of two >= n (1 for n <= 1)."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def cache_file_name(gpu: str, triton_version: str) -> str:
+    safe = "".join(c if c.isalnum() or c in "-._" else "-" for c in gpu).strip("-") or "gpu"
+    return f"{safe}__triton-{triton_version}.json"
+
+
+def cache_dir() -> Path:
+    """Where tuned configs live: ``ATTNCC_CACHE_DIR``, else ``~/.cache/attncc/tune``."""
+    env = os.environ.get("ATTNCC_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "attncc" / "tune"
+
+
+def tuning_enabled() -> bool:
+    """``ATTNCC_TUNE=1`` tunes on the first call of each key (off by default; never under the interpreter)."""
+    return os.environ.get("ATTNCC_TUNE", "0") not in ("", "0") and not _interpreting()
+
+
+@functools.lru_cache(maxsize=None)
+def device_name(device: str) -> str:
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return dev.type
+    return torch.cuda.get_device_name(dev)
+
+
+@functools.lru_cache(maxsize=1)
+def triton_version() -> str:
+    import triton
+
+    return triton.__version__
+
+
+def key_for(call: Call, kernel: str = "") -> TuneKey:
+    """The cache key of one kernel of ``call`` (cheap: no sympy, no file access)."""
+    spec = call.spec
+    return TuneKey(device_name(str(call.q.device)), triton_version(), spec.name, spec.spec_hash, kernel,
+                   str(call.q.dtype).replace("torch.", ""), call.D, call.Dv,
+                   length_bucket(call.Nq), length_bucket(call.Nk))
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache: {file name: {entry: record}} in memory, one JSON file per (GPU, Triton) on disk.
+# A record: {"config": {BLOCK_M, BLOCK_N, num_warps, num_stages}, "ms": float, "default_ms": float,
+# "spec": name, "tuned_at": unix time}.
+# ---------------------------------------------------------------------------------------------
+
+_LOADED: Dict[Tuple[str, str], Dict[str, dict]] = {}
+_LOCK = threading.Lock()
+
+
+def _read(path: Path) -> Dict[str, dict]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        log.warning("attncc: ignoring unreadable tune cache %s (%s)", path, e)
+        return {}
+    if not isinstance(data, dict) or data.get("version") != CACHE_VERSION or not isinstance(data.get("entries"), dict):
+        log.warning("attncc: ignoring tune cache %s (not a version %d attncc cache)", path, CACHE_VERSION)
+        return {}
+    return data["entries"]
+
+
+def _entries(file_name: str) -> Dict[str, dict]:
+    """The entries of one cache file, read once per process (per cache directory)."""
+    slot = (str(cache_dir()), file_name)
+    entries = _LOADED.get(slot)
+    if entries is None:
+        with _LOCK:
+            entries = _LOADED.get(slot)
+            if entries is None:
+                entries = _LOADED[slot] = _read(Path(slot[0]) / file_name)
+    return entries
+
+
+def cached_config(call: Call, kernel: str = ""):
+    """The tuned KernelConfig of this kernel of ``call``, or None when the cache has none."""
+    record = lookup(key_for(call, kernel))
+    return None if record is None else _config(record["config"])
+
+
+def lookup(key: TuneKey) -> Optional[dict]:
+    """The cache record of ``key`` (see above), or None."""
+    return _entries(key.file_name).get(key.entry)
+
+
+def store(key: TuneKey, record: dict) -> Path:
+    """Add one record to the cache: merged with the file as it is now, under an exclusive lock,
+    written to a temporary file and moved over the old one (readers never see half a file)."""
+    directory = cache_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / key.file_name
+    with open(path.with_suffix(".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            entries = _read(path)
+            fields = {f: getattr(key, f) for f in ("spec", "spec_hash", "kernel", "dtype", "head_dim", "value_dim",
+                                                   "n_q", "n_k")}
+            entries[key.entry] = {**record, "key": fields}
+            data = {"version": CACHE_VERSION, "gpu": key.gpu, "triton": key.triton, "entries": entries}
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=path.name, suffix=".tmp")
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(data, f, indent=1, sort_keys=True)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    with _LOCK:
+        _LOADED[(str(directory), key.file_name)] = entries
+    return path
+
+
+def cache_files() -> List[Path]:
+    directory = cache_dir()
+    return sorted(directory.glob("*.json")) if directory.is_dir() else []
+
+
+def read_file(path: Path) -> dict:
+    """One cache file as stored: {"gpu", "triton", "entries"} (empty entries when unreadable)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {"gpu": "?", "triton": "?", "entries": {}}
+    return data if isinstance(data, dict) and isinstance(data.get("entries"), dict) else {"gpu": "?", "triton": "?", "entries": {}}
+
+
+def clear() -> int:
+    """Delete every cache file (and its lock); returns how many files held entries."""
+    removed = 0
+    for path in cache_files():
+        path.unlink(missing_ok=True)
+        path.with_suffix(".lock").unlink(missing_ok=True)
+        removed += 1
+    with _LOCK:
+        _LOADED.clear()
+    return removed
+
+
+def _config(fields: dict):
+    from attncc.runtime.launch import KernelConfig
+
+    return KernelConfig(**fields)
+
+
+def config_fields(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# The tuner
+# ---------------------------------------------------------------------------------------------
+
+_TRIAL = threading.local()
+
+
+def trial_config(kernel: str):
+    """The config the tuner is timing for ``kernel`` on this thread, else None."""
+    trial = getattr(_TRIAL, "configs", None)
+    return None if trial is None else trial.get(kernel)
+
+
+@contextlib.contextmanager
+def trying(kernel: str, cfg) -> Iterator[None]:
+    """Within the block, ``pick_config(call, kernel)`` returns ``cfg`` on this thread."""
+    old = getattr(_TRIAL, "configs", None)
+    _TRIAL.configs = {**(old or {}), kernel: cfg}
+    try:
+        yield
+    finally:
+        _TRIAL.configs = old
+
+
+def candidates(call: Call, kernel: str = "", max_shared_mem: Optional[int] = None) -> list:
+    """The configs worth timing for this kernel of ``call``: the search space above, less the
+    ones whose tiles cannot fit shared memory (``max_shared_mem`` bytes; None: no limit) or whose
+    accumulators would spill registers, plus the built-in default (so tuning never loses to it)."""
+    from attncc.runtime.launch import KernelConfig, default_config, padded_dim
+
+    d = padded_dim(max(call.D, call.Dv))
+    size = 2 if call.q.dtype in (torch.bfloat16, torch.float16) else 4
+    found = []
+    for resident in RESIDENT_BLOCKS:
+        for streamed in STREAMED_BLOCKS:
+            block_m, block_n = (streamed, resident) if kernel == "dkdv" else (resident, streamed)
+            for warps in NUM_WARPS:
+                # dK/dV accumulate two [BLOCK_N, D] tiles, dQ and the forward one [BLOCK_M, D].
+                acc = 2 * resident * d if kernel == "dkdv" else resident * d
+                if acc // (32 * warps) > MAX_ACC_PER_THREAD:
+                    continue
+                for stages in NUM_STAGES:
+                    # Resident tiles (two operands in the backward) plus `stages` buffers of the two streamed ones.
+                    smem = size * d * ((1 if kernel == "" else 2) * resident + 2 * stages * streamed)
+                    if max_shared_mem is not None and smem > max_shared_mem:
+                        continue
+                    found.append(KernelConfig(block_m, block_n, warps, stages))
+    default = default_config(call, kernel)
+    if default not in found:
+        found.append(default)
+    return found
+
+
+def max_shared_memory(device) -> Optional[int]:
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(dev)
+    return getattr(props, "shared_memory_per_block_optin", None)
+
+
+def do_bench_ms(fn: Callable[[], object]) -> float:
+    """Median milliseconds of ``fn()`` on the GPU (short: a tuning run times dozens of configs)."""
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=10, rep=40, return_mode="median")
+
+
+# The timing function; tests replace it (see tune's ``timer``).
+TIMER: Callable[[Callable[[], object]], float] = do_bench_ms
+
+
+def tune(call: Call, kernel: str, run: Callable[[Call], object], *, timer=None,
+         progress: Optional[Callable[[int, int], None]] = None, force: bool = False):
+    """Time every candidate config of one kernel of ``call`` and cache the fastest; returns it.
+
+    ``run(call)`` runs the call's forward (``kernel`` ""), or its backward, whose dK/dV or dQ
+    kernel then uses the config being timed. Runs allocate their own outputs, so the caller's
+    tensors are read only. Candidates that fail to compile or do not fit the GPU are skipped.
+    ``timer(fn) -> ms`` defaults to :data:`TIMER`; ``progress(done, total)`` is called after each
+    candidate. A cached key is returned as it is unless ``force``. Under the interpreter nothing
+    is timed and the interpreter's small config comes back."""
+    from attncc.runtime.launch import default_config, did_not_fit, pick_config
+
+    if _interpreting():
+        return pick_config(call, kernel)
+    key = key_for(call, kernel)
+    if not force:
+        record = lookup(key)
+        if record is not None:
+            return _config(record["config"])
+    timer = timer or TIMER
+    call = dataclasses.replace(call, for_backward=None)  # keep no block lists of the trial tiles
+    configs = candidates(call, kernel, max_shared_memory(call.q.device))
+    default = default_config(call, kernel)
+    log.warning("attncc: tuning %s %s (%s, d%d, N %dx%d) on %s: %d configs ...", call.spec.name,
+                KERNEL_NAMES[kernel], key.dtype, key.head_dim, call.Nq, call.Nk, key.gpu, len(configs))
+    start = time.perf_counter()
+    timings = {}
+    last_error = None
+    for i, cfg in enumerate(configs):
+        with trying(kernel, cfg):
+            try:
+                run(call)  # compiles; a config that does not fit fails here or is cut down by launch
+                if did_not_fit(call, cfg, kernel):
+                    continue
+                timings[cfg] = timer(lambda: run(call))
+            except Exception as e:  # noqa: BLE001 - a config that fails is not a candidate
+                last_error = e
+                log.debug("attncc: tuning %s: %s failed: %s", call.spec.name, cfg, e)
+            finally:
+                if progress is not None:
+                    progress(i + 1, len(configs))
+    if not timings:
+        raise RuntimeError(f"attncc: tuning {call.spec.name} {KERNEL_NAMES[kernel]}: no config ran "
+                           f"(last error: {last_error})") from last_error
+    best = min(timings, key=timings.get)
+    record = {"config": config_fields(best), "ms": timings[best], "default_ms": timings.get(default),
+              "spec": call.spec.name, "candidates": len(configs), "tuned_at": round(time.time())}
+    path = store(key, record)
+    log.warning("attncc: tuning %s %s (%s, d%d, N %dx%d) took %.1f s: %s, %.3f ms (default %s); cached in %s",
+                call.spec.name, KERNEL_NAMES[kernel], key.dtype, key.head_dim, call.Nq, call.Nk,
+                time.perf_counter() - start, describe(best), timings[best],
+                "failed" if timings.get(default) is None else f"{timings[default]:.3f} ms", path)
+    return best
+
+
+def describe(cfg) -> str:
+    text = f"BLOCK_M={cfg.BLOCK_M} BLOCK_N={cfg.BLOCK_N} warps={cfg.num_warps} stages={cfg.num_stages}"
+    return text + (" warp_specialize" if cfg.warp_specialize else "")
+
+
+def on_the_fly(forward, backward):
+    """With ``ATTNCC_TUNE=1``: the forward and backward launchers of a generated module, tuning
+    each kernel on its first call of a key that the cache lacks. Otherwise them unchanged."""
+    if not tuning_enabled():
+        return forward, backward
+
+    def tuned_forward(call: Call):
+        _tune_missing(call, ("",), forward)
+        return forward(call)
+
+    def tuned_backward(call: Call, o, lse, do):
+        _tune_missing(call, ("dkdv", "dq"), lambda c: backward(c, o, lse, do))
+        return backward(call, o, lse, do)
+
+    return tuned_forward, (None if backward is None else tuned_backward)
+
+
+def _tune_missing(call: Call, kernels, run):
+    from attncc.runtime.launch import _env_config
+
+    if call.q.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return
+    for kernel in kernels:
+        if _env_config(kernel) is None and lookup(key_for(call, kernel)) is None:
+            tune(call, kernel, run)

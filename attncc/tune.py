@@ -1,0 +1,226 @@
+"""``attncc tune``: fill the tile-config cache of this GPU ahead of time, list it, clear it.
+
+    attncc tune SPEC... --n 4096,16384 [--nk N,...] [--dtype bf16] [--head-dim 128] [--batch 2]
+                [--heads 16] [--forward-only] [--force]
+    attncc tune --show
+    attncc tune --clear
+
+For each spec, dtype (default: the spec's ``dtypes``), head dim (default: the spec's
+``head_dims``) and length, times every candidate config of the forward, dK/dV and dQ kernels on
+random q, k, v (and representative [inputs]: see attncc.analysis.report.synthesize_inputs) and
+stores the fastest in the cache (runtime/tuning.py; ``ATTNCC_CACHE_DIR``). Generated modules
+of the same spec (same spec hash) then use them on this GPU and Triton version.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import logging
+import sys
+import tempfile
+from pathlib import Path
+from typing import List, Optional
+
+DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16", "half": "float16",
+          "fp32": "float32", "float32": "float32"}
+
+
+def _ints(text: str) -> List[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 4096,16384, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _dtypes(text: str) -> List[str]:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in names if v not in DTYPES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"expected dtypes among {', '.join(DTYPES)}, got {text!r}")
+    return [DTYPES[v] for v in names]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="attncc tune", description="Tune tile configs for this GPU and cache them.")
+    p.add_argument("specs", nargs="*", help="spec files (TOML), or names of specs/<name>.toml")
+    p.add_argument("--n", type=_ints, default=[4096], help="query lengths, comma-separated (default 4096)")
+    p.add_argument("--nk", type=_ints, default=None, help="key lengths, one per --n (default: --n)")
+    p.add_argument("--dtype", type=_dtypes, default=None, help="bf16, fp16, fp32, comma-separated (default: the spec's dtypes)")
+    p.add_argument("--head-dim", type=_ints, default=None, help="head dims, comma-separated (default: the spec's head_dims)")
+    p.add_argument("--batch", type=int, default=2, help="batch size (default 2)")
+    p.add_argument("--heads", type=int, default=16, help="query heads where the spec fixes none (default 16)")
+    p.add_argument("--forward-only", action="store_true", help="tune the forward kernel only")
+    p.add_argument("--force", action="store_true", help="tune again what the cache already holds")
+    p.add_argument("--show", action="store_true", help="list the cache and exit")
+    p.add_argument("--clear", action="store_true", help="delete the cache and exit")
+    p.add_argument("--verbose", action="store_true", help="log each tuning run and failed config")
+    return p
+
+
+def show() -> str:
+    """The cache as text: one block per (GPU, Triton version), one line per tuned kernel."""
+    from attncc.runtime import tuning
+
+    files = tuning.cache_files()
+    lines = []
+    count = 0
+    for path in files:
+        data = tuning.read_file(path)
+        lines.append(f"{data.get('gpu', '?')}, Triton {data.get('triton', '?')} ({path.name}):")
+        for entry, record in sorted(data["entries"].items(), key=_order):
+            key = record.get("key", {})
+            cfg = record.get("config", {})
+            default = record.get("default_ms")
+            lines.append(
+                f"  {key.get('spec', entry):<20} {tuning.KERNEL_NAMES.get(key.get('kernel'), '?'):<8} "
+                f"{key.get('dtype', '?'):<9} d{key.get('head_dim', '?')}x{key.get('value_dim', '?'):<4} "
+                f"N {key.get('n_q', '?')}x{key.get('n_k', '?'):<7} "
+                f"BLOCK_M={cfg.get('BLOCK_M')} BLOCK_N={cfg.get('BLOCK_N')} warps={cfg.get('num_warps')} "
+                f"stages={cfg.get('num_stages')}  {record.get('ms', float('nan')):.3f} ms"
+                + ("" if default is None else f" (default {default:.3f} ms)"))
+            count += 1
+    head = f"attncc tune cache: {tuning.cache_dir()} ({count} entr{'y' if count == 1 else 'ies'} in {len(files)} file(s))"
+    return "\n".join([head] + lines)
+
+
+def _order(item):
+    """Cache entries by spec, dtype, dims, lengths, then forward, dK/dV, dQ."""
+    entry, record = item
+    key = record.get("key", {})
+    from attncc.runtime.tuning import KERNEL_NAMES
+
+    kernels = list(KERNEL_NAMES)
+    return (str(key.get("spec", entry)), str(key.get("dtype")), key.get("head_dim", 0), key.get("value_dim", 0),
+            key.get("n_q", 0), key.get("n_k", 0), kernels.index(key["kernel"]) if key.get("kernel") in kernels else 9)
+
+
+class Progress:
+    """A one-line progress bar on stderr."""
+
+    WIDTH = 24
+
+    def __init__(self, label: str, stream=None):
+        self.label = label
+        self.stream = stream or sys.stderr
+
+    def __call__(self, done: int, total: int) -> None:
+        filled = self.WIDTH * done // max(total, 1)
+        self.stream.write(f"\r  {self.label} [{'#' * filled}{'.' * (self.WIDTH - filled)}] {done}/{total}")
+        if done == total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def _spec_path(text: str) -> Path:
+    path = Path(text)
+    if not path.exists() and path.suffix != ".toml" and Path("specs", f"{text}.toml").exists():
+        path = Path("specs", f"{text}.toml")
+    return path
+
+
+def _module(pattern, folder: Path):
+    """The generated module of ``pattern``, rendered into ``folder`` and imported from there."""
+    from attncc.codegen import render
+
+    path = folder / f"{pattern.name}.py"
+    path.write_text(render(pattern))
+    spec = importlib.util.spec_from_file_location(f"_attncc_tune_{pattern.name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tune_spec(module, pattern, *, n_q: int, n_k: int, dtype: str, head_dim: int, batch: int, heads: int,
+              forward_only: bool = False, force: bool = False, out=None) -> List[str]:
+    """Tune the kernels of one generated module for one shape on the current GPU; returns result lines."""
+    import torch
+
+    from attncc.analysis import analyze
+    from attncc.analysis.report import synthesize_inputs
+    from attncc.runtime import bind, tuning
+
+    spec = module.SPEC
+    hq = spec.heads_q or heads
+    hkv = spec.heads_kv or hq
+    dv = spec.value_dim or head_dim
+    kw = dict(device="cuda", dtype=getattr(torch, dtype))
+    q = torch.randn(batch, hq, n_q, head_dim, **kw)
+    k = torch.randn(batch, hkv, n_k, head_dim, **kw)
+    v = torch.randn(batch, hkv, n_k, dv, **kw)
+    inputs = {}
+    if spec.inputs:
+        inputs = {name: t.to("cuda") for name, t in
+                  synthesize_inputs(analyze(pattern), batch=batch, heads=hq, positions=max(n_q, n_k)).items()}
+    call = bind(spec, q, k, v, kwargs=inputs)
+    runs = [("", module._forward)]
+    if not forward_only:
+        o, lse = module._forward(dataclasses.replace(call, return_lse=True))
+        do = torch.randn_like(o)
+        backward = lambda c: module._backward(c, o, lse, do)  # noqa: E731
+        runs += [("dkdv", backward), ("dq", backward)]
+    lines = []
+    for kernel, run in runs:
+        label = f"{spec.name} {tuning.KERNEL_NAMES[kernel]} {dtype} d{head_dim} N {n_q}x{n_k}"
+        cfg = tuning.tune(call, kernel, run, progress=Progress(label, out), force=force)
+        record = tuning.lookup(tuning.key_for(call, kernel)) or {}
+        ms = record.get("ms")
+        lines.append(f"{label}: {tuning.describe(cfg)}" + ("" if ms is None else f"  {ms:.3f} ms")
+                     + ("" if record.get("default_ms") is None else f" (default {record['default_ms']:.3f} ms)"))
+    return lines
+
+
+def main_tune(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    from attncc.runtime import tuning
+
+    if args.clear:
+        removed = tuning.clear()
+        print(f"attncc tune --clear: removed {removed} cache file(s) from {tuning.cache_dir()}")
+        return 0
+    if args.show:
+        print(show())
+        return 0
+    if not args.specs:
+        print("attncc tune: give spec files to tune (or --show, --clear)", file=sys.stderr)
+        return 2
+    if args.nk is not None and len(args.nk) != len(args.n):
+        print(f"attncc tune: --nk needs one length per --n ({len(args.n)}), got {len(args.nk)}", file=sys.stderr)
+        return 2
+    if tuning._interpreting():
+        print("attncc tune: TRITON_INTERPRET is set; the interpreter always uses its small config, "
+              "there is nothing to tune (unset TRITON_INTERPRET on a machine with a CUDA GPU)", file=sys.stderr)
+        return 2
+    import torch
+
+    if not torch.cuda.is_available():
+        print("attncc tune: no CUDA GPU here (torch.cuda.is_available() is False); configs are timed on the GPU "
+              "they are for. `attncc tune --show` and `--clear` work without one.", file=sys.stderr)
+        return 2
+    from attncc.spec import SpecError, load_spec
+
+    if not args.verbose:
+        logging.getLogger("attncc").setLevel(logging.ERROR)  # the progress bar says what tune() would log
+    with tempfile.TemporaryDirectory(prefix="attncc-tune-") as folder:
+        for text in args.specs:
+            try:
+                pattern = load_spec(_spec_path(text))
+            except (SpecError, OSError) as e:
+                print(f"attncc tune: {e}", file=sys.stderr)
+                return 2
+            if pattern.kind != "softmax":
+                print(f"attncc tune: {pattern.name}: kind {pattern.kind!r} has no tile configs to tune; skipped")
+                continue
+            module = _module(pattern, Path(folder))
+            for dtype in args.dtype or list(module.SPEC.dtypes):
+                for head_dim in args.head_dim or list(module.SPEC.head_dims):
+                    for n_q, n_k in zip(args.n, args.nk or args.n):
+                        for line in tune_spec(module, pattern, n_q=n_q, n_k=n_k, dtype=dtype, head_dim=head_dim,
+                                              batch=args.batch, heads=args.heads, forward_only=args.forward_only,
+                                              force=args.force):
+                            print(line, flush=True)
+    print(f"cache: {tuning.cache_dir()}")
+    return 0
