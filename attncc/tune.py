@@ -135,7 +135,7 @@ def _module(pattern, folder: Path):
 
 
 def tune_spec(module, pattern, *, n_q: int, n_k: int, dtype: str, head_dim: int, batch: int, heads: int,
-              forward_only: bool = False, force: bool = False, out=None) -> List[str]:
+              forward_only: bool = False, force: bool = False, out=None, device: str = "cuda") -> List[str]:
     """Tune the kernels of one generated module for one shape on the current GPU; returns result lines."""
     import torch
 
@@ -147,13 +147,13 @@ def tune_spec(module, pattern, *, n_q: int, n_k: int, dtype: str, head_dim: int,
     hq = spec.heads_q or heads
     hkv = spec.heads_kv or hq
     dv = spec.value_dim or head_dim
-    kw = dict(device="cuda", dtype=getattr(torch, dtype))
+    kw = dict(device=device, dtype=getattr(torch, dtype))
     q = torch.randn(batch, hq, n_q, head_dim, **kw)
     k = torch.randn(batch, hkv, n_k, head_dim, **kw)
     v = torch.randn(batch, hkv, n_k, dv, **kw)
     inputs = {}
     if spec.inputs:
-        inputs = {name: t.to("cuda") for name, t in
+        inputs = {name: t.to(device) for name, t in
                   synthesize_inputs(analyze(pattern), batch=batch, heads=hq, positions=max(n_q, n_k)).items()}
     call = bind(spec, q, k, v, kwargs=inputs)
     runs = [("", module._forward)]
@@ -176,6 +176,7 @@ def tune_spec(module, pattern, *, n_q: int, n_k: int, dtype: str, head_dim: int,
 def main_tune(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     from attncc.runtime import tuning
+    from attncc.runtime.call import _interpreting
 
     if args.clear:
         removed = tuning.clear()
@@ -190,7 +191,7 @@ def main_tune(argv: Optional[List[str]] = None) -> int:
     if args.nk is not None and len(args.nk) != len(args.n):
         print(f"attncc tune: --nk needs one length per --n ({len(args.n)}), got {len(args.nk)}", file=sys.stderr)
         return 2
-    if tuning._interpreting():
+    if _interpreting():
         print("attncc tune: TRITON_INTERPRET is set; the interpreter always uses its small config, "
               "there is nothing to tune (unset TRITON_INTERPRET on a machine with a CUDA GPU)", file=sys.stderr)
         return 2

@@ -221,3 +221,64 @@ def test_cli_tune_without_cuda_says_so(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         main(["tune", "specs/causal.toml", "--n", "4k"])
     assert "expected comma-separated integers" in capsys.readouterr().err
+
+
+WARM_CACHE_PROBE = """
+import os, sys, time, torch
+import generated.causal as m
+from attncc.runtime import bind, pick_config, tuning
+call = bind(m.SPEC, *(torch.randn(1, 2, 50, 32) for _ in range(3)))
+tuning.store(tuning.key_for(call), {"config": {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}, "ms": 1.0})
+tuning._LOADED.clear()
+os.environ["TRITON_INTERPRET"] = "0"
+start = time.perf_counter()
+cfg = pick_config(call)
+print(cfg.BLOCK_N, time.perf_counter() - start, "sympy" in sys.modules)
+"""
+
+
+def test_warm_cache_lookup_is_cheap_and_imports_no_sympy(cache):
+    import os
+    import subprocess
+    import sys
+
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, TRITON_INTERPRET="1", ATTNCC_CACHE_DIR=str(cache), PYTHONPATH=str(root))
+    out = subprocess.run([sys.executable, "-c", WARM_CACHE_PROBE], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    block_n, seconds, sympy_loaded = out.stdout.split()
+    assert block_n == "32" and float(seconds) < 0.2 and sympy_loaded == "False"
+
+
+def test_tune_command_runs_the_generated_launchers(monkeypatch, tmp_path):
+    """`attncc tune`'s per-shape step on the CPU: renders the module, synthesizes [inputs], and hands
+    tune() launchers whose forward and backward run (here once, with the config under trial)."""
+    from attncc.tune import _module, tune_spec
+
+    ran = []
+
+    def fake_tune(call, kernel, run, progress=None, force=False):
+        cfg = KernelConfig(32, 16, 4, 1)
+        with tuning.trying(kernel, cfg):
+            out = run(call)
+        ran.append((kernel, [tuple(t.shape) for t in out]))
+        progress(1, 1)
+        tuning.store(tuning.key_for(call, kernel), {"config": {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4,
+                                                               "num_stages": 1}, "ms": 0.5})
+        return cfg
+
+    monkeypatch.setattr(tuning, "tune", fake_tune)
+    p = pattern("document")
+    mod = _module(p, tmp_path)
+    assert mod.SPEC.spec_hash == module("document").SPEC.spec_hash  # the cache key of the shipped module
+    import io
+
+    bar = io.StringIO()
+    lines = tune_spec(mod, p, n_q=40, n_k=40, dtype="float32", head_dim=16, batch=1, heads=2, device="cpu", out=bar)
+    assert ran == [("", [(1, 2, 40, 16), (1, 2, 40)]), ("dkdv", [(1, 2, 40, 16)] * 3), ("dq", [(1, 2, 40, 16)] * 3)]
+    assert lines[0] == "document forward float32 d16 N 40x40: BLOCK_M=32 BLOCK_N=16 warps=4 stages=1  0.500 ms"
+    assert [line.split(":")[0] for line in lines[1:]] == ["document dK/dV float32 d16 N 40x40", "document dQ float32 d16 N 40x40"]
+    assert bar.getvalue().count("] 1/1\n") == 3

@@ -230,10 +230,6 @@ def _config(fields: dict):
     return KernelConfig(**fields)
 
 
-def config_fields(cfg) -> dict:
-    return dataclasses.asdict(cfg)
-
-
 # ---------------------------------------------------------------------------------------------
 # The tuner
 # ---------------------------------------------------------------------------------------------
@@ -351,7 +347,7 @@ def tune(call: Call, kernel: str, run: Callable[[Call], object], *, timer=None,
         raise RuntimeError(f"attncc: tuning {call.spec.name} {KERNEL_NAMES[kernel]}: no config ran "
                            f"(last error: {last_error})") from last_error
     best = min(timings, key=timings.get)
-    record = {"config": config_fields(best), "ms": timings[best], "default_ms": timings.get(default),
+    record = {"config": dataclasses.asdict(best), "ms": timings[best], "default_ms": timings.get(default),
               "spec": call.spec.name, "candidates": len(configs), "tuned_at": round(time.time())}
     path = store(key, record)
     log.warning("attncc: tuning %s %s (%s, d%d, N %dx%d) took %.1f s: %s, %.3f ms (default %s); cached in %s",
