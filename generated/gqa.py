@@ -201,7 +201,7 @@ def _bwd_preprocess(O, DO, LSE, DELTA, LSE2,
                     stride_dob, stride_doh, stride_dom, stride_dod,
                     Nq, H, q_offset, n_q, n_k, CU_Q, CU_K, TOTAL_Q,
                     VALUE_DIM: tl.constexpr, VALUE_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-                    VARLEN: tl.constexpr):
+                    VARLEN: tl.constexpr, FAST_MATH: tl.constexpr):
     """delta = rowsum(dO * O) (fp32) and lse2, the forward's LSE in log2 units (+inf on rows
     without an allowed key)."""
     qb = tl.program_id(0)
@@ -482,7 +482,8 @@ def _backward(call, o, lse, do):
     cu = (call.cu_seqlens_q, call.cu_seqlens_k, lse.shape[-1])
     _bwd_preprocess[(triton.cdiv(Nq, cfg.BLOCK_M), B * Hq)](
         o, do, lse, delta, lse2, *o.stride(), *do.stride(), Nq, Hq, call.q_offset, call.n_q, call.n_k, *cu,
-        VALUE_DIM=call.Dv, VALUE_DIM_PAD=_rt.padded_dim(call.Dv), BLOCK_M=cfg.BLOCK_M, VARLEN=call.varlen)
+        VALUE_DIM=call.Dv, VALUE_DIM_PAD=_rt.padded_dim(call.Dv), BLOCK_M=cfg.BLOCK_M, VARLEN=call.varlen,
+        FAST_MATH=_rt.fast_math(call))
     do = _rt.grad_operand(do, v)
     dq = alloc(*q.shape, dtype=q.dtype, device=q.device)
     dk = alloc(*k.shape, dtype=k.dtype, device=q.device)

@@ -25,6 +25,18 @@ def _tanh(x, FAST_MATH: tl.constexpr):
         # tanh(x) = 1 - 2 / (2^(2x log2 e) + 1): saturates to +-1 without overflow
         return 1.0 - 2.0 / (tl.exp2(x * 2.8853900817779268) + 1.0)'''
 
+def _sincos(fn: str) -> str:
+    return f'''@triton.jit
+def _{fn}(x, FAST_MATH: tl.constexpr):
+    if FAST_MATH:
+        # one MUFU instruction after reducing x to [-pi, pi] (max absolute error about 2^-20; 16-bit inputs only)
+        x = x - 6.283185307179586 * tl.floor(x * 0.15915494309189535 + 0.5)
+        return tl.inline_asm_elementwise("{fn}.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.{fn}(x)'''
+
+
 ALIBI_SLOPE = '''@triton.jit
 def _alibi_slope(h, n_heads):
     """ALiBi's slope of head h: 2^(-8(h+1)/P) for the first P (the largest power of two
@@ -87,7 +99,8 @@ def _rope(x, x_partner, pos, cols, ROTARY_DIM: tl.constexpr):
     return tl.where(cols[None, :] < ROTARY_DIM, rotated, xf).to(x.dtype)'''
 
 
-FIXED = {"_floordiv": FLOORDIV, "_floormod": FLOORMOD, "_tanh": TANH, "_alibi_slope": ALIBI_SLOPE}
+FIXED = {"_floordiv": FLOORDIV, "_floormod": FLOORMOD, "_tanh": TANH, "_alibi_slope": ALIBI_SLOPE,
+         "_sin": _sincos("sin"), "_cos": _sincos("cos")}
 
 
 def render_helper(name: str) -> str:

@@ -110,14 +110,17 @@ class TritonPrinter:
         return f"tl.log({self._float(e.args[0])})"
 
     def _sin(self, e):
-        return f"tl.sin({self._float(e.args[0])})"
+        self.helpers.add("_sin")
+        return f"_sin({self._float(e.args[0])}, FAST_MATH)"
 
     def _cos(self, e):
-        return f"tl.cos({self._float(e.args[0])})"
+        self.helpers.add("_cos")
+        return f"_cos({self._float(e.args[0])}, FAST_MATH)"
 
     def _tan(self, e):
+        self.helpers |= {"_sin", "_cos"}
         x = self._float(e.args[0])
-        return f"(tl.sin({x}) / tl.cos({x}))"
+        return f"(_sin({x}, FAST_MATH) / _cos({x}, FAST_MATH))"
 
     def _tanh(self, e):
         self.helpers.add("_tanh")
