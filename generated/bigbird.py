@@ -183,6 +183,7 @@ def _random_table(call, r, block, seed):
     return _rt.blocks.random_table(call.n_q, call.n_k, r, block, seed, str(call.q.device))
 
 
+
 def _forward(call):
     q, k, v = _rt.kernel_operands(call)
     cfg = _rt.pick_config(call)

@@ -139,6 +139,7 @@ def _fwd_kernel(Q, K, V, O, LSE,
         tl.store(LSE + lse_row + offs_m, lse, mask=offs_m < Nq)
 
 
+
 def _forward(call):
     q, k, v = _rt.kernel_operands(call)
     cfg = _rt.pick_config(call)

@@ -326,6 +326,7 @@ def _block_lists(call, block_m, block_n):
     return _block_lists_fast(call, block_m, block_n)
 
 
+
 def _forward(call):
     q, k, v = _rt.kernel_operands(call)
     cfg = _rt.pick_config(call)

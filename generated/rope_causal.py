@@ -67,7 +67,7 @@ def _rope(x, x_partner, pos, cols, ROTARY_DIM: tl.constexpr):
 
 @triton.jit
 def _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-              b, h, H, n_q, n_k, K_rope, stride_kn,
+              b, h, H, n_q, n_k,
               qk_scale, sm_scale,
               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
               ROTARY_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
@@ -77,13 +77,6 @@ def _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
     k = k_desc.load([start_n, 0])
     v = v_desc.load([start_n, 0])
     offs_j = k_offset + start_n + tl.arange(0, BLOCK_N)
-    # Rotary embedding of the key tile at its positions (the partner columns come from memory).
-    rows = start_n + tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, HEAD_DIM_PAD)
-    partner = _rope_partner(cols, ROTARY_DIM)
-    k_partner = tl.load(K_rope + rows[:, None] * stride_kn + partner[None, :],
-                        mask=(rows[:, None] < Nk) & (partner[None, :] < HEAD_DIM), other=0.0)
-    k = _rope(k, k_partner, offs_j, cols, ROTARY_DIM)
     qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
     if MASKED:
         keep = (offs_j[None, :] < k_offset + Nk) & (offs_j[None, :] <= offs_i[:, None])
@@ -151,13 +144,6 @@ def _fwd_kernel(Q, K, V, O, LSE,
     q_lo = q_offset + qb * BLOCK_M
     q_hi = q_lo + BLOCK_M - 1
     q = q_desc.load([qb * BLOCK_M, 0])
-    # Rotary embedding of the query tile at its positions.
-    cols = tl.arange(0, HEAD_DIM_PAD)
-    partner = _rope_partner(cols, ROTARY_DIM)
-    q_partner = tl.load(Q_base + offs_m[:, None] * stride_qm + partner[None, :],
-                        mask=(offs_m[:, None] < Nq) & (partner[None, :] < HEAD_DIM), other=0.0)
-    q = _rope(q, q_partner, offs_i, cols, ROTARY_DIM)
-    K_rope = K_base
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, VALUE_DIM_PAD], dtype=tl.float32)
@@ -169,17 +155,17 @@ def _fwd_kernel(Q, K, V, O, LSE,
     kv_full_hi = tl.minimum((Nk // BLOCK_N), (tl.maximum(0, (1 + q_lo - k_offset)) // BLOCK_N))
     for kb in tl.range(kv_lo, kv_full_lo):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                                  b, h, H, n_q, n_k, K_rope, stride_kn,
+                                  b, h, H, n_q, n_k,
                                   qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                                   FAST_MATH, MASKED=True)
     for kb in tl.range(kv_full_lo, kv_full_hi, warp_specialize=WARP_SPECIALIZE):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                                  b, h, H, n_q, n_k, K_rope, stride_kn,
+                                  b, h, H, n_q, n_k,
                                   qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                                   FAST_MATH, MASKED=False)
     for kb in tl.range(kv_full_hi, kv_hi):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                                  b, h, H, n_q, n_k, K_rope, stride_kn,
+                                  b, h, H, n_q, n_k,
                                   qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                                   FAST_MATH, MASKED=True)
     # Rows that saw no allowed key: o = 0 and lse = -inf, never NaN.
@@ -190,8 +176,54 @@ def _fwd_kernel(Q, K, V, O, LSE,
         tl.store(LSE + lse_row + offs_m, lse, mask=offs_m < Nq)
 
 
+
+@triton.jit
+def _rope_rows_kernel(X, OUT, stride_xb, stride_xh, stride_xn, stride_ob, stride_oh, stride_on, N, H, offset, CU,
+                      DIM: tl.constexpr, DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK: tl.constexpr,
+                      VARLEN: tl.constexpr):
+    """OUT = X rotated at its rows' positions (offset + row; per sequence from 0 when packed)."""
+    rb = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    if VARLEN:
+        start = tl.load(CU + b)
+        N = tl.load(CU + b + 1) - start
+        X_base = X + h * stride_xh + start * stride_xn
+        O_base = OUT + h * stride_oh + start * stride_on
+    else:
+        X_base = X + b * stride_xb + h * stride_xh
+        O_base = OUT + b * stride_ob + h * stride_oh
+    rows = rb * BLOCK + tl.arange(0, BLOCK)
+    cols = tl.arange(0, DIM_PAD)
+    partner = _rope_partner(cols, ROTARY_DIM)
+    inside = (rows[:, None] < N) & (cols[None, :] < DIM)
+    x = tl.load(X_base + rows[:, None] * stride_xn + cols[None, :], mask=inside, other=0.0)
+    x_partner = tl.load(X_base + rows[:, None] * stride_xn + partner[None, :],
+                        mask=(rows[:, None] < N) & (partner[None, :] < DIM), other=0.0)
+    tl.store(O_base + rows[:, None] * stride_on + cols[None, :], _rope(x, x_partner, offset + rows, cols, ROTARY_DIM),
+             mask=inside)
+
+
+def _rotated(call, q, k):
+    """q and k rotated at their positions, each once, before the attention kernels read them:
+    rotating tiles as they are loaded repeats the rotation of every key tile for every query
+    block (measured 20x slower on an H100; docs/performance.md)."""
+    out = []
+    for x, rows, offset, cu in ((q, call.Nq, call.q_offset, call.cu_seqlens_q), (k, call.Nk, call.k_offset, call.cu_seqlens_k)):
+        y = torch.empty_like(x)
+        block = 32 if _rt.interpreting() else 64
+        _rope_rows_kernel[(triton.cdiv(rows, block), call.B * x.shape[1])](
+            x, y, *x.stride()[:3], *y.stride()[:3], rows, x.shape[1], offset, cu,
+            DIM=x.shape[-1], DIM_PAD=_rt.padded_dim(x.shape[-1]), ROTARY_DIM=call.D, BLOCK=block,
+            VARLEN=call.varlen)
+        out.append(y)
+    return out
+
+
 def _forward(call):
     q, k, v = _rt.kernel_operands(call)
+    q, k = _rotated(call, q, k)
     cfg = _rt.pick_config(call)
     _rt.ensure_allocator()
     if call.varlen:  # packed: rows outside every sequence (past cu_seqlens_q[-1]) stay o = 0, lse = -inf
@@ -280,7 +312,7 @@ def _bwd_preprocess(O, DO, LSE, DELTA, LSE2,
 
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, qb, offs_j, Nq, q_offset,
-               b, h, H, n_q, n_k, Q_rope, stride_qm,
+               b, h, H, n_q, n_k,
                qk_scale, sm_scale,
                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                ROTARY_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
@@ -295,11 +327,6 @@ def _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, qb, offs_j, Nq, q_off
     # rows past Nq: lse2 = +inf and dO = 0, so they add nothing
     lse2 = tl.load(LSE2 + offs_m, mask=offs_m < Nq, other=float("inf"))
     delta = tl.load(DELTA + offs_m, mask=offs_m < Nq, other=0.0)
-    cols = tl.arange(0, HEAD_DIM_PAD)
-    partner = _rope_partner(cols, ROTARY_DIM)
-    q_partner = tl.load(Q_rope + offs_m[:, None] * stride_qm + partner[None, :],
-                        mask=(offs_m[:, None] < Nq) & (partner[None, :] < HEAD_DIM), other=0.0)
-    q = _rope(q, q_partner, offs_i, cols, ROTARY_DIM)
     qk = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]: S^T
     s = qk * qk_scale
     if MASKED:
@@ -366,11 +393,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
     k_hi = k_lo + BLOCK_N - 1
     k = k_desc.load([kb * BLOCK_N, 0])
     v = v_desc.load([kb * BLOCK_N, 0])
-    cols = tl.arange(0, HEAD_DIM_PAD)
-    partner = _rope_partner(cols, ROTARY_DIM)
-    k_partner = tl.load(K_base + offs_n[:, None] * stride_kn + partner[None, :],
-                        mask=(offs_n[:, None] < Nk) & (partner[None, :] < HEAD_DIM), other=0.0)
-    k = _rope(k, k_partner, offs_j, cols, ROTARY_DIM)
+    cols = tl.arange(0, HEAD_DIM_PAD)  # k is rotated already; dK is rotated back at the end
     dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, VALUE_DIM_PAD], dtype=tl.float32)
     # Query blocks that may see this key block: closed form from the transposed mask.
@@ -393,20 +416,19 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
                                            strides=[stride_qm, 1], block_shape=[BLOCK_M, HEAD_DIM_PAD])
         do_desc = tl.make_tensor_descriptor(DO_base, shape=[Nq, VALUE_DIM],
                                             strides=[stride_dom, 1], block_shape=[BLOCK_M, VALUE_DIM_PAD])
-        Q_rope = Q_base
         for qb in tl.range(qb_lo, qb_full_lo):
             dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2 + lse_row, DELTA + lse_row, qb, offs_j, Nq, q_offset,
-                                b, h, H, n_q, n_k, Q_rope, stride_qm,
+                                b, h, H, n_q, n_k,
                                 qk_scale, sm_scale, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                                 FAST_MATH, MASKED=True)
         for qb in tl.range(qb_full_lo, qb_full_hi):
             dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2 + lse_row, DELTA + lse_row, qb, offs_j, Nq, q_offset,
-                                b, h, H, n_q, n_k, Q_rope, stride_qm,
+                                b, h, H, n_q, n_k,
                                 qk_scale, sm_scale, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                                 FAST_MATH, MASKED=False)
         for qb in tl.range(qb_full_hi, qb_hi):
             dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2 + lse_row, DELTA + lse_row, qb, offs_j, Nq, q_offset,
-                                b, h, H, n_q, n_k, Q_rope, stride_qm,
+                                b, h, H, n_q, n_k,
                                 qk_scale, sm_scale, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                                 FAST_MATH, MASKED=True)
     dk = dk * sm_scale
@@ -417,7 +439,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
 
 @triton.jit
 def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-             b, h, H, n_q, n_k, K_rope, stride_kn,
+             b, h, H, n_q, n_k,
              qk_scale, sm_scale,
              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
              ROTARY_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
@@ -427,12 +449,6 @@ def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
     k = k_desc.load([start_n, 0])
     v = v_desc.load([start_n, 0])
     offs_j = k_offset + start_n + tl.arange(0, BLOCK_N)
-    rows = start_n + tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, HEAD_DIM_PAD)
-    partner = _rope_partner(cols, ROTARY_DIM)
-    k_partner = tl.load(K_rope + rows[:, None] * stride_kn + partner[None, :],
-                        mask=(rows[:, None] < Nk) & (partner[None, :] < HEAD_DIM), other=0.0)
-    k = _rope(k, k_partner, offs_j, cols, ROTARY_DIM)
     qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
     s = qk * qk_scale
     if MASKED:
@@ -503,12 +519,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
     do = do_desc.load([qb * BLOCK_M, 0])
     lse2 = tl.load(LSE2 + lse_row + offs_m, mask=offs_m < Nq, other=float("inf"))
     delta = tl.load(DELTA + lse_row + offs_m, mask=offs_m < Nq, other=0.0)
-    cols = tl.arange(0, HEAD_DIM_PAD)
-    partner = _rope_partner(cols, ROTARY_DIM)
-    q_partner = tl.load(Q_base + offs_m[:, None] * stride_qm + partner[None, :],
-                        mask=(offs_m[:, None] < Nq) & (partner[None, :] < HEAD_DIM), other=0.0)
-    q = _rope(q, q_partner, offs_i, cols, ROTARY_DIM)
-    K_rope = K_base
+    cols = tl.arange(0, HEAD_DIM_PAD)  # q is rotated already; dQ is rotated back at the end
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     # The forward's key-block ranges.
     kv_lo = 0
@@ -517,17 +528,17 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
     kv_full_hi = tl.minimum((Nk // BLOCK_N), (tl.maximum(0, (1 + q_lo - k_offset)) // BLOCK_N))
     for kb in tl.range(kv_lo, kv_full_lo):
         dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                      b, h, H, n_q, n_k, K_rope, stride_kn,
+                      b, h, H, n_q, n_k,
                       qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                       FAST_MATH, MASKED=True)
     for kb in tl.range(kv_full_lo, kv_full_hi):
         dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                      b, h, H, n_q, n_k, K_rope, stride_kn,
+                      b, h, H, n_q, n_k,
                       qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                       FAST_MATH, MASKED=False)
     for kb in tl.range(kv_full_hi, kv_hi):
         dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                      b, h, H, n_q, n_k, K_rope, stride_kn,
+                      b, h, H, n_q, n_k,
                       qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                       FAST_MATH, MASKED=True)
     dq = dq * sm_scale
@@ -538,6 +549,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
 def _backward(call, o, lse, do):
     """dq, dk, dv of one call (``o``, ``lse`` from its forward; ``do`` = dLoss/do)."""
     q, k, v = _rt.kernel_operands(call)
+    q, k = _rotated(call, q, k)
     cfg = _rt.pick_config(call)
     cfg_kv, cfg_q = _rt.pick_config(call, "dkdv"), _rt.pick_config(call, "dq")
     _rt.ensure_allocator()

@@ -251,10 +251,6 @@ def _context(pattern: Pattern, plan: Plan, fwd: dict) -> dict:
                 for t in range(r):
                     defs.append((f"{rbn}_{t}", f"tl.load({rbn}_table + tl.minimum(offs_i // {block}, {rbn}_rows - 1) * {r} + {t})", False))
                     ctx_args.append(f"{rbn}_{t}")
-            if pattern.rope is not None:
-                ctx_args += ["K_rope", "stride_kn"]
-        elif pattern.rope is not None:
-            ctx_args += ["Q_rope", "stride_qm"]
         # dK/dV: values of the key block are defined once, those that depend on the query head
         # in the loop over the heads of the group; dQ: all once.
         kernels[name] = dict(score_lines=lines, mask_code=mask_code, chain_lines=chain, ctx_args=ctx_args,

@@ -97,8 +97,6 @@ def softmax_context(pattern: Pattern, plan) -> dict:
     ctx_args = ["b", "h", "H", "n_q", "n_k"] + [param_var(p.name) for p in pattern.params] + input_args + rb_args
     ctx_args += [sym.name for sym in hoist.scalars.values()] + [sym.name for sym in hoist.rows.values()]
     ctx_args += [f"{name}_{t}" for rb, name in rb_names.items() for t in range(rb.options[0])]
-    if pattern.rope is not None:
-        ctx_args += ["K_rope", "stride_kn"]
 
     # -- iteration ------------------------------------------------------------
     iteration = plan.iteration.value
