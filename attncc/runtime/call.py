@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -51,10 +51,17 @@ class Call:
     # read every sequence's own lengths from the int32 cu_seqlens [S + 1]).
     cu_seqlens_q: Optional[torch.Tensor] = None
     cu_seqlens_k: Optional[torch.Tensor] = None
+    # The backward computes the gradients of the inputs declared grad = true (autograd sets it).
+    input_grads: bool = False
 
     @property
     def group(self) -> int:
         return self.Hq // self.Hkv
+
+    @property
+    def grad_input_names(self) -> Tuple[str, ...]:
+        """The [inputs] declared ``grad = true``, in spec order."""
+        return tuple(d.name for d in self.spec.inputs if d.grad)
 
     @property
     def varlen(self) -> bool:
