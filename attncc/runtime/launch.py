@@ -166,8 +166,13 @@ def run_attention(call: Call, forward: Callable[[Call], Tuple[torch.Tensor, torc
 
     ``backward(call, o, lse, do) -> (dq, dk, dv)``: the generated module's backward launcher
     (None: the kind has no backward yet; asking for a gradient then raises).
-    Under ``torch.compile`` the call runs eagerly (a graph break), gradients included."""
+    Under ``torch.compile`` the call is a custom op (attncc/runtime/compiled.py) the compiler
+    traces, or, when its scalars are symbolic, runs eagerly (a graph break), gradients included."""
     if torch.compiler.is_compiling():
+        from attncc.runtime import compiled
+
+        if compiled.compilable(call):
+            return compiled.attention(call)
         return _run_eagerly()(call, forward, backward)
     return _run(call, forward, backward)
 
