@@ -490,6 +490,9 @@ def _backward(call, o, lse, do):
     return _rt.grads_as_inputs(call, dq, dk, dv)
 
 
+_rt.register_kernels(SPEC, _forward, _backward)  # the custom ops torch.compile traces call these
+
+
 def attention(q, k, v, *, return_lse=False, q_offset=0, k_offset=0, n_q=None, n_k=None, scale=None,
               cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
               **inputs_and_params):

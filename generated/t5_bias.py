@@ -357,12 +357,13 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
 
 @triton.jit
 def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-             b, h, H, n_q, n_k, rel_bias_ptr, rel_bias_stride0, rel_bias_stride1, rel_bias_size0, rel_bias_size1,
+             b, h, H, n_q, n_k, rel_bias_ptr, rel_bias_stride0, rel_bias_stride1, rel_bias_size0, rel_bias_size1, rel_bias_grad, rel_bias_grad_stride0, rel_bias_grad_stride1,
              qk_scale, sm_scale,
              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
              ROTARY_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
-             MASKED: tl.constexpr):
-    """One key tile of a query block: dQ += dS K (dS not yet scaled)."""
+             MASKED: tl.constexpr, INPUT_GRADS: tl.constexpr):
+    """One key tile of a query block: dQ += dS K (dS not yet scaled); with INPUT_GRADS,
+    dS into the gradients of rel_bias."""
     start_n = kb * BLOCK_N
     k = k_desc.load([start_n, 0])
     v = v_desc.load([start_n, 0])
@@ -375,6 +376,14 @@ def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
     p = tl.exp2(s - lse2[:, None])
     dp = tl.dot(do, v.T, input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
+    if INPUT_GRADS:
+        dg0 = ds  # dLoss / drel_bias(h, Bucket(-i + j, 32, 128, 1)), per pair
+        entry0 = _bucket_32_128_1((offs_j[None, :] - offs_i[:, None]))
+        slots0 = tl.arange(0, 32)
+        total0 = tl.zeros([32], dtype=tl.float32)
+        for e in tl.static_range(32):  # dS summed per table entry
+            total0 += tl.where(slots0 == e, tl.sum(tl.sum(tl.where(entry0 == e, dg0, 0.0), 1), 0), 0.0)
+        tl.atomic_add(rel_bias_grad + h * rel_bias_grad_stride0 + slots0 * rel_bias_grad_stride1, total0, mask=slots0 < 32)
     dq = dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
     return dq
 
@@ -389,10 +398,11 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
                    Nq, Nk, H, GROUP, q_offset, k_offset, n_q, n_k, qk_scale, sm_scale,
                    CU_Q, CU_K, TOTAL_Q,
                    rel_bias_ptr, rel_bias_stride0, rel_bias_stride1, rel_bias_size0, rel_bias_size1,
+                   rel_bias_grad, rel_bias_grad_stride0, rel_bias_grad_stride1,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                    VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
-                   VARLEN: tl.constexpr):
+                   VARLEN: tl.constexpr, INPUT_GRADS: tl.constexpr):
     qb = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -442,14 +452,14 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
     n_full = Nk // BLOCK_N
     for kb in tl.range(0, n_full):
         dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                      b, h, H, n_q, n_k, rel_bias_ptr, rel_bias_stride0, rel_bias_stride1, rel_bias_size0, rel_bias_size1,
+                      b, h, H, n_q, n_k, rel_bias_ptr, rel_bias_stride0, rel_bias_stride1, rel_bias_size0, rel_bias_size1, rel_bias_grad, rel_bias_grad_stride0, rel_bias_grad_stride1,
                       qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
-                      FAST_MATH, MASKED=False)
+                      FAST_MATH, MASKED=False, INPUT_GRADS=INPUT_GRADS)
     for kb in tl.range(n_full, tl.cdiv(Nk, BLOCK_N)):
         dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                      b, h, H, n_q, n_k, rel_bias_ptr, rel_bias_stride0, rel_bias_stride1, rel_bias_size0, rel_bias_size1,
+                      b, h, H, n_q, n_k, rel_bias_ptr, rel_bias_stride0, rel_bias_stride1, rel_bias_size0, rel_bias_size1, rel_bias_grad, rel_bias_grad_stride0, rel_bias_grad_stride1,
                       qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
-                      FAST_MATH, MASKED=True)
+                      FAST_MATH, MASKED=True, INPUT_GRADS=INPUT_GRADS)
     dq = dq * sm_scale
     dq_desc.store([qb * BLOCK_M, 0], dq.to(DQ.dtype.element_ty))
 
@@ -474,6 +484,9 @@ def _backward(call, o, lse, do):
     dq = alloc(*q.shape, dtype=q.dtype, device=q.device)
     dk = alloc(*k.shape, dtype=k.dtype, device=q.device)
     dv = alloc(*v.shape, dtype=v.dtype, device=q.device)
+    # Gradients of the learned inputs: fp32 buffers the dQ kernel adds into (call.input_grads: wanted).
+    input_grads = {name: torch.zeros(call.inputs[name].shape, dtype=torch.float32, device=q.device)
+                   for name in ['rel_bias']}
     common = dict(
         HEAD_DIM=q.shape[-1], HEAD_DIM_PAD=_rt.padded_dim(q.shape[-1]),
         VALUE_DIM=v.shape[-1], VALUE_DIM_PAD=_rt.padded_dim(v.shape[-1]),
@@ -505,10 +518,14 @@ def _backward(call, o, lse, do):
         Nq, Nk, Hq, call.group, call.q_offset, call.k_offset, call.n_q, call.n_k,
         call.scale * _rt.LOG2E, call.scale, *cu,
         call.inputs['rel_bias'], *call.inputs['rel_bias'].stride(), *call.inputs['rel_bias'].shape,
-        **common, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+        input_grads['rel_bias'], *input_grads['rel_bias'].stride(),
+        **common, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, INPUT_GRADS=call.input_grads,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     ), kernel="dq")
-    return _rt.grads_as_inputs(call, dq, dk, dv)
+    return _rt.grads_as_inputs(call, dq, dk, dv, input_grads)
+
+
+_rt.register_kernels(SPEC, _forward, _backward)  # the custom ops torch.compile traces call these
 
 
 def attention(q, k, v, *, return_lse=False, q_offset=0, k_offset=0, n_q=None, n_k=None, scale=None,

@@ -354,7 +354,8 @@ def test_pair_mask_agrees_with_sympy(name):
     n_q, n_k = q_off + rows, k_off + cols + 10
     g = torch.Generator().manual_seed(1)
     inputs = {"document": {"doc": torch.sort(torch.randint(0, 5, (B, 400), generator=g), dim=1).values.int()},
-              "padding": {"kv_len": torch.tensor([230, 290], dtype=torch.int32)}}.get(name, {})
+              "padding": {"kv_len": torch.tensor([230, 290], dtype=torch.int32)},
+              "alibi_learned": {"slopes": torch.rand(H, generator=g)}}.get(name, {})
     params = {"window": 40} if "window" in p.param_values else {}
     m = pair_mask(p, q_rows=rows, k_rows=cols, q_offset=q_off, k_offset=k_off, n_q=n_q, n_k=n_k, batch=B, heads=H,
                   inputs=inputs, params=params)

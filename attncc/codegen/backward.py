@@ -21,6 +21,7 @@ kernels work on rotated q and k and rotate dQ and dK back before storing.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import sympy
@@ -97,14 +98,23 @@ def _step_derivative(d: sympy.Derivative):
 
 def score_derivative(mod) -> sympy.Expr:
     """d mod / d s, in nodes the printer renders (Heaviside and sign as Piecewise)."""
-    d = sympy.diff(mod, S.s)  # Sigmoid knows its derivative (builtins.Sigmoid.fdiff)
+    return derivative(mod, S.s, what="[score].mod", wrt="s")
+
+
+def derivative(e, x, *, what: str, wrt: str) -> sympy.Expr:
+    """d e / d x (``x`` a symbol, or an input access such as ``rel_bias(h, ...)`` standing for
+    the gathered element), in nodes the printer renders (Heaviside and sign as Piecewise)."""
+    if not isinstance(x, sympy.Symbol):  # an input access: differentiate by a stand-in symbol
+        stand_in = sympy.Dummy("x", real=True)
+        return derivative(e.xreplace({x: stand_in}), stand_in, what=what, wrt=wrt).xreplace({stand_in: x})
+    d = sympy.diff(e, x)  # Sigmoid knows its derivative (builtins.Sigmoid.fdiff)
     d = d.replace(lambda e: isinstance(e, sympy.Derivative) and len(e.variables) == 1, _step_derivative)
     d = d.replace(lambda e: isinstance(e, sympy.Subs) and not e.expr.has(sympy.Derivative), lambda e: e.doit())
     # kinks (Max, Min, Abs) get a one-sided derivative
     d = d.replace(sympy.Heaviside, lambda x, *rest: sympy.Piecewise((1, x > 0), (0, True)))
     d = d.replace(sympy.sign, lambda x: sympy.Piecewise((1, x > 0), (-1, x < 0), (0, True)))
     if d.has(sympy.Derivative) or d.has(sympy.Subs):
-        raise BackwardUnsupported(f"cannot differentiate [score].mod = {mod} with respect to s: {d}")
+        raise BackwardUnsupported(f"cannot differentiate {what} = {e} with respect to {wrt}: {d}")
     return d
 
 
@@ -162,8 +172,9 @@ class _Kernel:
         return self.hoist.outer
 
 
-def _score(pattern: Pattern, k: _Kernel, *, bias_j, simple_bias: bool, dmod):
-    """(score lines, mask code, chain lines, ctx names) of one kernel."""
+def _score(pattern: Pattern, k: _Kernel, *, bias_j, simple_bias: bool, dmod, keep_ds_t: bool = False):
+    """(score lines, mask code, chain lines) of one kernel. ``keep_ds_t``: name the gradient with
+    respect to the transform's output ``ds_t`` before the chain rule through the transform."""
     mask = k.hoist(pattern.mask) if pattern.mask is not None else None
     bias = k.hoist(bias_j) if bias_j is not None else None
     mod = k.hoist(pattern.mod) if pattern.mod is not None else None
@@ -188,6 +199,8 @@ def _score(pattern: Pattern, k: _Kernel, *, bias_j, simple_bias: bool, dmod):
             dtile = k.tile_printer("s_in")
             text = dtile(dm)
             tile.helpers |= dtile.helpers
+            if keep_ds_t:
+                chain.append("ds_t = ds  # dLoss / d mod(s)")
             chain.append(f"ds = ds * {text}  # d mod / d s")
         lines.append(f"s = s * {LOG2E}  # to log2 units")
     mask_code = tile(mask) if mask is not None else None
@@ -204,7 +217,98 @@ def backward_context(pattern: Pattern, plan: Plan, fwd: dict) -> dict:
         return dict(supported=False, reason=str(e))
 
 
+@dataclass(frozen=True)
+class InputGradTerm:
+    """One access ``X[idx...]`` of an input declared ``grad = true`` in the bias or the mod:
+    ``dLoss/dX[idx] += dS * d_bias + dS_t * d_mod`` over every pair, where ``dS`` is the
+    gradient w.r.t. the score after scale and bias and ``dS_t`` w.r.t. the transform's output
+    (``d_bias`` / ``d_mod``: sympy derivatives by the gathered element, None when zero)."""
+
+    access: AppliedUndef
+    d_bias: Optional[sympy.Expr]
+    d_mod: Optional[sympy.Expr]
+
+    @property
+    def name(self) -> str:
+        return type(self.access).__name__
+
+
+def input_grad_terms(pattern: Pattern) -> List[InputGradTerm]:
+    """The accesses of grad inputs in the bias and mod, each with its derivatives. The mask's
+    accesses get none (a boolean has no gradient); terms constant along j get theirs (their
+    gradient sums to zero over a row, which the kernels compute rather than assume)."""
+    names = {d.name for d in pattern.inputs if d.grad}
+    accesses = sorted({a for e in (pattern.bias, pattern.mod) if e is not None for a in e.atoms(AppliedUndef)
+                       if type(a).__name__ in names}, key=sympy.default_sort_key)
+    out = []
+    for a in accesses:
+        d_bias = d_mod = None
+        if pattern.bias is not None and pattern.bias.has(a):
+            d_bias = derivative(pattern.bias, a, what="[score].bias", wrt=str(a))
+        if pattern.mod is not None and pattern.mod.has(a):
+            d_mod = derivative(pattern.mod, a, what="[score].mod", wrt=str(a))
+        d_bias, d_mod = (None if d is None or d == 0 else d for d in (d_bias, d_mod))
+        if d_bias is not None or d_mod is not None:
+            out.append(InputGradTerm(a, d_bias, d_mod))
+    return out
+
+
+# A gathered axis of at most this many entries, indexed by both i and j (a T5 bucket): the
+# dQ tile sums its dS per entry before one vector of atomics, instead of one atomic per pair.
+ONE_HOT_MAX = 64
+
+
+def _input_grad_lines(pattern: Pattern, k: _Kernel, terms: List[InputGradTerm], ds_t: str) -> List[str]:
+    """The dQ tile's lines that add each term's dS into the fp32 gradient buffer ``<X>_grad``
+    (strides ``<X>_grad_stride<d>``) with atomics, reduced first over what the index ignores:
+    the whole tile (``slopes[h]``), its keys (``X[b, i]``), its queries (``X[b, j]``), or per entry
+    of a small axis (``rel_bias[h, bucket(j - i)]``); any other access adds pair by pair."""
+    hoisted = [(t, k.hoist(t.d_bias) if t.d_bias is not None else None,
+                k.hoist(t.d_mod) if t.d_mod is not None else None, [k.hoist(a) for a in t.access.args]) for t in terms]
+    tile, tile_s = k.tile_printer(), k.tile_printer("s_in")
+    lines = ["if INPUT_GRADS:"]
+    for n, (t, d_bias, d_mod, args) in enumerate(hoisted):
+        decl = pattern.input(t.name)
+        parts = [(f"ds * {tile(d_bias)}" if d_bias != 1 else "ds") if d_bias is not None else None,
+                 (f"{ds_t} * {tile_s(d_mod)}" if d_mod != 1 else ds_t) if d_mod is not None else None]
+        g = f"dg{n}"
+        lines.append(f"    {g} = {' + '.join(x for x in parts if x)}  # dLoss / d{t.access}, per pair")
+        idx = [tile(a) for a in args]
+        deps = [{S.i, S.j} & a.free_symbols for a in t.access.args]
+        ptr = f"{t.name}_grad"
+        guards = [f"({x} >= 0) & ({x} < {t.name}_size{d})" for d, x in enumerate(idx) if decl.dims[d] not in ("b", "h")]
+        varying = [d for d, dep in enumerate(deps) if dep]
+        both = set().union(*deps) == {S.i, S.j}
+        if both and len(varying) == 1 and isinstance(decl.dims[varying[0]], int) and decl.dims[varying[0]] <= ONE_HOT_MAX:
+            (d,) = varying
+            size = decl.dims[d]
+            width = 1 << (size - 1).bit_length()
+            offset = " + ".join([f"{x} * {ptr}_stride{e}" for e, x in enumerate(idx) if e != d]
+                                + [f"slots{n} * {ptr}_stride{d}"])
+            lines += [f"    entry{n} = {idx[d]}",
+                      f"    slots{n} = tl.arange(0, {width})",
+                      f"    total{n} = tl.zeros([{width}], dtype=tl.float32)",
+                      f"    for e in tl.static_range({size}):  # dS summed per table entry",
+                      f"        total{n} += tl.where(slots{n} == e, tl.sum(tl.sum(tl.where(entry{n} == e, {g}, 0.0), 1), 0), 0.0)",
+                      f"    tl.atomic_add({ptr} + {offset}, total{n}, mask=slots{n} < {size})"]
+            continue
+        offset = " + ".join(f"{x} * {ptr}_stride{d}" for d, x in enumerate(idx))
+        if both:
+            value, guards = g, [f"({g} != 0.0)"] + guards
+        elif any(S.i in dep for dep in deps):
+            value = f"tl.sum({g}, 1, keep_dims=True)"
+        elif any(S.j in dep for dep in deps):
+            value = f"tl.sum({g}, 0, keep_dims=True)"
+        else:
+            value = f"tl.sum(tl.sum({g}, 1), 0)"
+        mask = f", mask={' & '.join(guards)}" if guards else ""
+        lines.append(f"    tl.atomic_add({ptr} + {offset}, {value}{mask})")
+    k.helpers |= tile.helpers | tile_s.helpers
+    return lines
+
+
 def _context(pattern: Pattern, plan: Plan, fwd: dict) -> dict:
+    grad_terms = input_grad_terms(pattern)
     simple_bias = pattern.mod is None and pattern.softcap is None
     bias_j, lse_row = pattern.bias, None
     if pattern.bias is not None and simple_bias:
@@ -240,11 +344,18 @@ def _context(pattern: Pattern, plan: Plan, fwd: dict) -> dict:
     dkdv = _Kernel(pattern, inner=S.i, outer=S.j, vec_prefix="col", vec_suffix="[:, None]", rb_render=rb_tile,
                    transposed=True)
     kernels = {}
+    grad_names = sorted({t.name for t in grad_terms})
     for name, k in (("dq", dq), ("dkdv", dkdv)):
-        lines, mask_code, chain = _score(pattern, k, bias_j=bias_j, simple_bias=simple_bias, dmod=dmod)
+        grads_here = name == "dq" and bool(grad_terms)  # the dQ kernel adds the inputs' gradients
+        lines, mask_code, chain = _score(pattern, k, bias_j=bias_j, simple_bias=simple_bias, dmod=dmod,
+                                         keep_ds_t=grads_here)
+        if grads_here:
+            chain += _input_grad_lines(pattern, k, grad_terms, "ds_t" if dmod is not None else "ds")
         defs = k.defs(pattern)
         ctx_args = ["b", "h", "H", "n_q", "n_k"] + [param_var(p.name) for p in pattern.params] + fwd["input_args"]
         ctx_args += [n for n, _, _ in defs]
+        if grads_here:
+            ctx_args += [a for n in grad_names for a in _grad_args(pattern, n)]
         if name == "dq":
             for rb, rbn in rb_names.items():
                 r, block, _ = rb.options
@@ -297,10 +408,16 @@ def _context(pattern: Pattern, plan: Plan, fwd: dict) -> dict:
     extra_helpers = [h for h in extra_helpers if h not in fwd["helpers"]]
     if rb_names:
         extra_helpers.append(RANDOM_HIT)
-    return dict(dq=kernels["dq"], dkdv=kernels["dkdv"], pre_args=pre_args, pre_values=pre_values, pre_bias=pre_bias,
+    return dict(dq=kernels["dq"], dkdv=kernels["dkdv"], pre_args=pre_args,
+                input_grads=grad_names, grad_args=[a for n in grad_names for a in _grad_args(pattern, n)],
+                grad_values=[f"input_grads[{n!r}], *input_grads[{n!r}].stride()" for n in grad_names], pre_values=pre_values, pre_bias=pre_bias,
                 q_iteration=q_iteration, q_ranges=q_ranges, q_hull_lo=q_hull_lo, q_hull_hi=q_hull_hi,
                 q_full_test=q_full_test, q_visit_test=q_visit_test, ranges_per_head=ranges_per_head,
                 helpers=extra_helpers)
+
+
+def _grad_args(pattern: Pattern, name: str) -> List[str]:
+    return [f"{name}_grad"] + [f"{name}_grad_stride{d}" for d in range(len(pattern.input(name).dims))]
 
 
 RANDOM_HIT = '''@triton.jit

@@ -2,8 +2,9 @@
 
 :class:`AttentionFunction` runs a generated module's forward with the LSE written (a
 backward follows) and keeps q, k, v, o and the LSE; its backward calls the module's
-backward launcher, which recomputes P from the LSE. Gradients of gradients are not
-implemented: asking for them raises (see :class:`_NoDoubleBackward`).
+backward launcher, which recomputes P from the LSE. The ``[inputs]`` declared
+``grad = true`` are extra autograd inputs and get their gradients from the same backward.
+Gradients of gradients are not implemented: asking for them raises (see :class:`_NoDoubleBackward`).
 """
 from __future__ import annotations
 
@@ -14,29 +15,21 @@ import torch
 from attncc.runtime.call import Call
 
 
-def check_grad_inputs(call: Call) -> None:
-    """``[inputs]`` declared ``grad = true`` get no gradient yet: refuse a tensor that wants one
-    rather than silently leaving its ``.grad`` empty."""
-    for d in call.spec.inputs:
-        t = call.inputs.get(d.name)
-        if d.grad and isinstance(t, torch.Tensor) and t.requires_grad:
-            raise NotImplementedError(
-                f"attncc: {call.spec.name}: the gradient of input {d.name!r} (declared grad = true) is not "
-                f"implemented yet; pass {d.name} without requires_grad (e.g. {d.name}.detach()) to train q, k, v only")
-
-
 class AttentionFunction(torch.autograd.Function):
-    """o, lse = attention(q, k, v) with dq, dk, dv from the generated backward kernels.
+    """o, lse = attention(q, k, v, **inputs) with dq, dk, dv (and the grad inputs' gradients)
+    from the generated backward kernels.
 
-    ``forward(call) -> (o, lse)`` and ``backward(call, o, lse, do) -> (dq, dk, dv)`` are the
-    generated module's launchers; ``call`` the validated call (its q, k, v are the inputs).
+    ``forward(call) -> (o, lse)`` and ``backward(call, o, lse, do) -> (dq, dk, dv, {name: grad})``
+    are the generated module's launchers; ``call`` the validated call (its q, k, v are the inputs,
+    ``grad_inputs`` its inputs declared ``grad = true``, in spec order).
     The LSE is an output without gradient (``mark_non_differentiable``).
     """
 
     @staticmethod
-    def forward(ctx, forward, backward, call: Call, q, k, v):
+    def forward(ctx, forward, backward, call: Call, q, k, v, *grad_inputs):
         # The forward writes the LSE and keeps for the backward what both can share.
-        call = dataclasses.replace(call, return_lse=True, for_backward={})
+        call = dataclasses.replace(call, return_lse=True, for_backward={},
+                                   input_grads=any(ctx.needs_input_grad[6:]))
         o, lse = forward(call)
         ctx.call = call
         ctx.backward_fn = backward
@@ -47,24 +40,33 @@ class AttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v, o, lse = ctx.saved_tensors
+        names = ctx.call.grad_input_names
         if do is None:
-            return None, None, None, None, None, None
+            return (None,) * (6 + len(names))
         call = dataclasses.replace(ctx.call, q=q, k=k, v=v)
         with torch.no_grad():
-            dq, dk, dv = ctx.backward_fn(call, o, lse, do)
+            dq, dk, dv, input_grads = ctx.backward_fn(call, o, lse, do)
+        grads = [dq, dk, dv] + [input_grads.get(name) for name in names]
         if torch.is_grad_enabled():  # create_graph=True: the gradients must not be differentiated
-            dq, dk, dv = _NoDoubleBackward.apply(call.spec.name, dq, dk, dv, q, k, v, do)
+            grads = no_double_backward(call.spec.name, grads, (q, k, v, do))
         need = ctx.needs_input_grad
-        return (None, None, None, dq if need[3] else None, dk if need[4] else None, dv if need[5] else None)
+        return (None, None, None) + tuple(g if want else None for g, want in zip(grads, need[3:]))
+
+
+def no_double_backward(name: str, grads, anchors):
+    """``grads`` (None entries kept) passed through :class:`_NoDoubleBackward`."""
+    present = [g for g in grads if g is not None]
+    out = iter(_NoDoubleBackward.apply(name, len(present), *present, *anchors))
+    return [None if g is None else next(out) for g in grads]
 
 
 class _NoDoubleBackward(torch.autograd.Function):
-    """Passes dq, dk, dv through; differentiating them raises a clear error."""
+    """Passes the gradients through; differentiating them raises a clear error."""
 
     @staticmethod
-    def forward(ctx, name, dq, dk, dv, *anchors):
+    def forward(ctx, name, count, *grads_and_anchors):
         ctx.name = name
-        return dq.view_as(dq), dk.view_as(dk), dv.view_as(dv)
+        return tuple(g.view_as(g) for g in grads_and_anchors[:count])
 
     @staticmethod
     def backward(ctx, *grads):

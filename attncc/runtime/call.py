@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -51,10 +51,21 @@ class Call:
     # read every sequence's own lengths from the int32 cu_seqlens [S + 1]).
     cu_seqlens_q: Optional[torch.Tensor] = None
     cu_seqlens_k: Optional[torch.Tensor] = None
+    # The backward computes the gradients of the inputs declared grad = true (autograd sets it).
+    input_grads: bool = False
+    # Attention dropout (specs with [score].dropout; see with_dropout): the probability (0: off)
+    # and the seed of the counter-based RNG that the forward and backward kernels share.
+    dropout_p: float = 0.0
+    seed: int = 0
 
     @property
     def group(self) -> int:
         return self.Hq // self.Hkv
+
+    @property
+    def grad_input_names(self) -> Tuple[str, ...]:
+        """The [inputs] declared ``grad = true``, in spec order."""
+        return tuple(d.name for d in self.spec.inputs if d.grad)
 
     @property
     def varlen(self) -> bool:
@@ -137,6 +148,43 @@ def bind(spec: SpecInfo, q, k, v, *, return_lse=False, q_offset=0, k_offset=0, n
                                             positions=n_max, device=q.device)
     return Call(spec, q, k, v, B, Hq, Hkv, Nq, Nk, D, Dv, q_offset, k_offset, n_q, n_k, float(scale),
                 return_lse, params, inputs, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+
+
+SEED_LIMIT = 2**63
+
+
+def dropout_settings(spec: SpecInfo, who: str, *, dropout_p=None, seed=None, training=True):
+    """(dropout probability, seed) of a call of a spec with dropout: ``dropout_p`` overrides the
+    spec's ``[score].dropout``, ``training=False`` turns it off (as ``F.dropout``), and a missing
+    seed is drawn from torch's default CPU generator (so ``torch.manual_seed`` fixes it)."""
+    if not isinstance(training, bool):
+        raise TypeError(f"{who}: training must be a bool, got {training!r}")
+    if dropout_p is None:
+        dropout_p = spec.dropout
+    elif isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{who}: dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    dropout_p = float(dropout_p) if training else 0.0
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0 else 0
+    else:
+        seed = _int_arg("seed", seed)
+        if seed >= SEED_LIMIT:
+            raise ValueError(f"{who}: seed must be below 2**63, got {seed}")
+    return dropout_p, seed
+
+
+def dropout_mask_shape(spec: SpecInfo, q, k, v, *, q_offset, k_offset, seed):
+    """(B, Hq, Nq, Nk) of ``dropout_keep_mask(q, k, v, ...)``, after the checks ``attention`` makes."""
+    who = f"{spec.name}.dropout_keep_mask"
+    if seed is None:
+        raise ValueError(f"{who}: pass the seed that the attention call used")
+    for arg, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise TypeError(f"{who}: {arg} must be a 4-D torch.Tensor [B, H, N, D]")
+    _int_arg("q_offset", q_offset)
+    _int_arg("k_offset", k_offset)
+    check_heads_and_dims(spec, who, Hq=q.shape[1], Hkv=k.shape[1], D=q.shape[3], Dk=k.shape[3], Dv=v.shape[3])
+    return q.shape[0], q.shape[1], q.shape[2], k.shape[2]
 
 
 def check_heads_and_dims(spec: SpecInfo, who: str, *, Hq: int, Hkv: int, D: int, Dk: int, Dv: int,

@@ -11,7 +11,7 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from attncc.runtime import tuning
-from attncc.runtime.autograd import AttentionFunction, check_grad_inputs
+from attncc.runtime.autograd import AttentionFunction
 from attncc.runtime.call import Call, _interpreting
 
 LOG2E = 1.4426950408889634
@@ -179,10 +179,14 @@ def grad_operand(do: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return tma_ready(do)
 
 
-def grads_as_inputs(call: Call, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor):
-    """The kernels' gradients (padded head dims, operand dtype) with q, k, v's shapes and dtypes."""
+def grads_as_inputs(call: Call, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
+                    input_grads: Optional[dict] = None):
+    """(dq, dk, dv, {input name: gradient}): the kernels' gradients (padded head dims, operand
+    dtype, fp32 buffers of the inputs) with the shapes and dtypes of q, k, v and the inputs.
+    Inputs without a gradient (not wanted, or not differentiable) are left out."""
+    grads = {name: g.to(call.inputs[name].dtype) for name, g in (input_grads or {}).items()} if call.input_grads else {}
     return (dq[..., :call.D].to(call.q.dtype), dk[..., :call.D].to(call.k.dtype),
-            dv[..., :call.Dv].to(call.v.dtype))
+            dv[..., :call.Dv].to(call.v.dtype), grads)
 
 
 def run_attention(call: Call, forward: Callable[[Call], Tuple[torch.Tensor, torch.Tensor]],
@@ -191,9 +195,14 @@ def run_attention(call: Call, forward: Callable[[Call], Tuple[torch.Tensor, torc
 
     ``backward(call, o, lse, do) -> (dq, dk, dv)``: the generated module's backward launcher
     (None: the kind has no backward yet; asking for a gradient then raises).
-    Under ``torch.compile`` the call runs eagerly (a graph break), gradients included."""
+    Under ``torch.compile`` the call is a custom op (attncc/runtime/compiled.py) the compiler
+    traces, or, when its scalars are symbolic, runs eagerly (a graph break), gradients included."""
     forward, backward = tuning.on_the_fly(forward, backward)  # ATTNCC_TUNE=1: tune what the cache lacks
     if torch.compiler.is_compiling():
+        from attncc.runtime import compiled
+
+        if compiled.compilable(call):
+            return compiled.attention(call)
         return _run_eagerly()(call, forward, backward)
     return _run(call, forward, backward)
 
@@ -203,13 +212,13 @@ def _run(call: Call, forward, backward):
         forward, backward = _no_pairs, _no_pairs_backward
     if not torch.is_grad_enabled():
         return forward(call)
-    check_grad_inputs(call)
-    if not any(t.requires_grad for t in (call.q, call.k, call.v)):
+    grad_inputs = [call.inputs[name] for name in call.grad_input_names]
+    if not any(t.requires_grad for t in (call.q, call.k, call.v, *grad_inputs)):
         return forward(call)
     if backward is None:
         raise NotImplementedError(f"attncc: {call.spec.name} ({call.spec.kind}) has no backward pass yet; "
                                   f"call it under torch.no_grad() or detach q, k, v")
-    return AttentionFunction.apply(forward, backward, call, call.q, call.k, call.v)
+    return AttentionFunction.apply(forward, backward, call, call.q, call.k, call.v, *grad_inputs)
 
 
 @functools.lru_cache(maxsize=None)
@@ -226,4 +235,4 @@ def _no_pairs(call: Call):
 
 
 def _no_pairs_backward(call: Call, o, lse, do):
-    return torch.zeros_like(call.q), torch.zeros_like(call.k), torch.zeros_like(call.v)
+    return torch.zeros_like(call.q), torch.zeros_like(call.k), torch.zeros_like(call.v), {}

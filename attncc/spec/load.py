@@ -19,6 +19,7 @@ TOP_KEYS = ("name", "kind", "head_dim", "value_dim", "dtypes", "heads", "params"
 DTYPES = ("bfloat16", "float16", "float32")
 INPUT_DTYPES = ("int32", "int64", "int16", "int8", "uint8", "bool", "float16", "bfloat16", "float32", "float64")
 FEATURE_MAPS = ("elu+1", "relu", "identity", "performer", "cosformer", "taylor")
+DROPOUT_KEYWORDS = {"dropout_p", "seed", "training"}  # what attention() of a spec with dropout takes
 RESERVED = set(S.INDEX_VARS) | set(S.ALIASES) | {"s", "inf", "causal", "alibi", "n_heads"} | set(FUNCTIONS)
 
 
@@ -188,6 +189,10 @@ def parse_spec(text: str, path: str = "<string>") -> Pattern:
             if not 0.0 <= p < 1.0:
                 c.fail("[score].dropout", f"expected a probability in [0, 1), got {p}")
             fields["dropout"] = p
+            clash = sorted(({x.name for x in params} | {d.name for d in inputs}) & DROPOUT_KEYWORDS)
+            if p > 0 and clash:
+                c.fail("[score].dropout", f"{', '.join(clash)} would shadow the keyword(s) of the same name that a "
+                                          f"module with dropout takes ({', '.join(sorted(DROPOUT_KEYWORDS))}); rename")
         if "bias" in score:
             bias, typ = parse_expression(score["bias"], scope, path, "[score].bias")
             if typ == BOOL:

@@ -1,0 +1,130 @@
+"""Generated softmax attention as torch custom ops, so that ``torch.compile`` traces through it.
+
+``attncc::attention_forward`` and ``attncc::attention_backward`` (``torch.library.custom_op``,
+torch >= 2.4) take the tensors of a call and its scalars; the generated module's launchers run
+inside them, looked up by the spec's name and hash (:func:`register_kernels`, called when a
+generated module is imported). ``register_fake`` gives the shapes to the compiler and
+``register_autograd`` connects the two ops. What the ops' signature cannot carry (a param that
+the compiler made symbolic, a module that registered nothing) goes the eager way instead: a graph
+break (see :func:`attncc.runtime.launch.run_attention`).
+"""
+from __future__ import annotations
+
+import ast
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from attncc.runtime.autograd import no_double_backward
+from attncc.runtime.call import Call
+from attncc.runtime.spec_info import SpecInfo
+
+# spec key -> (SpecInfo, forward launcher, backward launcher)
+_KERNELS: Dict[str, Tuple[SpecInfo, Callable, Optional[Callable]]] = {}
+
+
+def _key(spec: SpecInfo) -> str:
+    return f"{spec.name}:{spec.spec_hash}"
+
+
+def register_kernels(spec: SpecInfo, forward: Callable, backward: Optional[Callable]) -> None:
+    """Make a generated module's launchers reachable from the custom ops."""
+    _KERNELS[_key(spec)] = (spec, forward, backward)
+
+
+def _plain(x) -> bool:
+    return type(x) in (int, float)
+
+
+def compilable(call: Call) -> bool:
+    """Whether the custom ops can carry this call: its spec registered, params and scalars plain numbers."""
+    return (_key(call.spec) in _KERNELS and _KERNELS[_key(call.spec)][2] is not None
+            and all(_plain(x) for x in (call.scale, call.dropout_p, *call.params.values())))
+
+
+def attention(call: Call):
+    """(o, lse) of ``call`` through the custom op (autograd included)."""
+    # the scalars that are the same for every call of a compiled graph, as one string the op's schema takes
+    options = repr((call.scale, call.dropout_p, tuple(call.params.items())))
+    inputs = [call.inputs[d.name] for d in call.spec.inputs]
+    return attention_forward(call.q, call.k, call.v, inputs, call.cu_seqlens_q, call.cu_seqlens_k, _key(call.spec),
+                             options, call.B, call.Nq, call.Nk, call.q_offset, call.k_offset, call.n_q, call.n_k,
+                             call.seed)
+
+
+def _call(q, k, v, inputs, cu_q, cu_k, key, options, B, Nq, Nk, q_offset, k_offset, n_q, n_k, seed,
+          input_grads=False) -> Tuple[Call, Callable, Callable]:
+    spec, forward, backward = _KERNELS[key]
+    scale, dropout_p, params = ast.literal_eval(options)
+    call = Call(spec, q, k, v, B, q.shape[1], k.shape[1], Nq, Nk, q.shape[3], v.shape[3], q_offset, k_offset, n_q,
+                n_k, scale, True, dict(params), {d.name: t for d, t in zip(spec.inputs, inputs)},
+                cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, input_grads=input_grads, dropout_p=dropout_p, seed=seed)
+    if Nq == 0 or Nk == 0:
+        from attncc.runtime.launch import _no_pairs, _no_pairs_backward
+
+        forward, backward = _no_pairs, _no_pairs_backward
+    return call, forward, backward
+
+
+@torch.library.custom_op("attncc::attention_forward", mutates_args=())
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: List[torch.Tensor],
+                      cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor], key: str,
+                      options: str, B: int, Nq: int, Nk: int, q_offset: int, k_offset: int, n_q: int, n_k: int,
+                      seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    call, forward, _ = _call(q, k, v, inputs, cu_seqlens_q, cu_seqlens_k, key, options, B, Nq, Nk, q_offset,
+                             k_offset, n_q, n_k, seed)
+    o, lse = forward(call)
+    return o.contiguous(), lse
+
+
+@attention_forward.register_fake
+def _(q, k, v, inputs, cu_seqlens_q, cu_seqlens_k, key, options, B, Nq, Nk, q_offset, k_offset, n_q, n_k, seed):
+    rows = q.shape[:-1]
+    return q.new_empty(*rows, v.shape[-1]), q.new_empty(rows, dtype=torch.float32)
+
+
+@torch.library.custom_op("attncc::attention_backward", mutates_args=())
+def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: List[torch.Tensor],
+                       cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor], o: torch.Tensor,
+                       lse: torch.Tensor, do: torch.Tensor, key: str, options: str, B: int, Nq: int, Nk: int,
+                       q_offset: int, k_offset: int, n_q: int, n_k: int, seed: int,
+                       input_grads: bool) -> List[torch.Tensor]:
+    """[dq, dk, dv, then the gradient of each input declared grad = true (zeros unless input_grads)]."""
+    call, _, backward = _call(q, k, v, inputs, cu_seqlens_q, cu_seqlens_k, key, options, B, Nq, Nk, q_offset,
+                              k_offset, n_q, n_k, seed, input_grads)
+    dq, dk, dv, grads = backward(call, o, lse, do)
+    return [dq.contiguous(), dk.contiguous(), dv.contiguous()] + [
+        grads[name] if name in grads else torch.zeros_like(call.inputs[name]) for name in call.grad_input_names]
+
+
+@attention_backward.register_fake
+def _(q, k, v, inputs, cu_seqlens_q, cu_seqlens_k, o, lse, do, key, options, B, Nq, Nk, q_offset, k_offset, n_q, n_k,
+      seed, input_grads):
+    spec = _KERNELS[key][0]
+    return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)] + [
+        torch.empty_like(t) for d, t in zip(spec.inputs, inputs) if d.grad]
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, ins, cu_q, cu_k, key, options, *scalars = inputs
+    ctx.save_for_backward(q, k, v, cu_q, cu_k, *output, *ins)
+    ctx.meta = (key, options, len(ins), scalars)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, do, dlse):
+    key, options, n_inputs, scalars = ctx.meta
+    q, k, v, cu_q, cu_k, o, lse, *ins = ctx.saved_tensors
+    spec = _KERNELS[key][0]
+    need = ctx.needs_input_grad
+    grads = attention_backward(q, k, v, ins, cu_q, cu_k, o, lse, do, key, options, *scalars, bool(need[3]))
+    if torch.is_grad_enabled():  # create_graph=True: the gradients must not be differentiated
+        grads = no_double_backward(spec.name, grads, (q, k, v, do))
+    dq, dk, dv, *learned = grads
+    learned = iter(learned)
+    d_inputs = [next(learned) if d.grad else None for d in spec.inputs]
+    return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None,
+            d_inputs if need[3] else [None] * n_inputs) + (None,) * 12
+
+
+attention_forward.register_autograd(_backward, setup_context=_setup_context)
