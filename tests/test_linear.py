@@ -126,11 +126,21 @@ def test_chunk_boundaries(N):
     check_against_reference(pattern("linear_elu"), module("linear_elu"), q, k, v, REL_TOL[torch.float32])
 
 
-def test_backward_chunk_other_than_forward_chunk(monkeypatch):
-    """The backward recomputes the states at its own chunk size (LinearConfig.bwd_chunk)."""
-    monkeypatch.setenv("ATTNCC_LINEAR_CONFIG", "bwd_chunk=32,scan_dv=16")
-    q, k, v = qkv(Hq=2, Hkv=1, Nq=37)
+@pytest.mark.parametrize("bwd_chunk", [32, 64])
+def test_backward_chunk_other_than_forward_chunk(monkeypatch, bwd_chunk):
+    """The backward recomputes the states at its own chunk size (LinearConfig.bwd_chunk, which
+    bench/linear_bench.py --bwd-chunks sweeps through ATTNCC_LINEAR_CONFIG)."""
+    monkeypatch.setenv("ATTNCC_LINEAR_CONFIG", f"bwd_chunk={bwd_chunk},scan_dv=16")
+    q, k, v = qkv(Hq=2, Hkv=1, Nq=37 if bwd_chunk == 32 else 70)
     check_against_reference(pattern("linear_elu"), module("linear_elu"), q, k, v, REL_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("value,message", [("bwd_chunk=48", "power of two >= 16"), ("bwd_chunk=8", "power of two >= 16"),
+                                           ("bwd_chunks=64", "unknown field 'bwd_chunks'"), ("num_warps=x", "integer")])
+def test_config_env_errors(monkeypatch, value, message):
+    monkeypatch.setenv("ATTNCC_LINEAR_CONFIG", value)
+    with pytest.raises(ValueError, match=message):
+        module("linear_elu").attention(*qkv(Nq=4, grad=False))
 
 
 @pytest.mark.parametrize("heads", [(3, 1), (4, 2), (2, 2)])
