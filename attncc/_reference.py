@@ -391,6 +391,11 @@ def feature_map(x: torch.Tensor, fmap, positions: Optional[torch.Tensor] = None,
             raise ValueError("the cosformer feature map needs the rows' positions and the period M")
         angle = (math.pi / (2 * period)) * positions.to(x.dtype)[:, None]
         return torch.cat([F.relu(x) * torch.cos(angle), F.relu(x) * torch.sin(angle)], dim=-1)
+    if name == "taylor":
+        # [x / d^(1/4), vec(x x^T) / sqrt(2 d), 1]: phi(q).phi(k) = 1 + q.k / sqrt(d) + (q.k)^2 / (2 d)
+        d = x.shape[-1]
+        quadratic = (x[..., :, None] * x[..., None, :]).flatten(-2) / math.sqrt(2 * d)
+        return torch.cat([x * d**-0.25, quadratic, torch.ones_like(x[..., :1])], dim=-1)
     raise NotImplementedError(f"the reference does not implement the {name!r} feature map yet")
 
 

@@ -1,12 +1,16 @@
 """GPU timing of generated linear attention (specs/linear_elu.toml: elu+1, causal, normalized).
 
-    PYTHONPATH=. python bench/linear_bench.py [--quick] [--no-sweep] [--out DIR]
+    PYTHONPATH=. python bench/linear_bench.py [--quick] [--no-sweep] [--bwd-chunks 32,64] [--no-crossover] [--out DIR]
+    PYTHONPATH=. python bench/linear_bench.py --bwd-chunks 32,64 --only-bwd-chunks   # that sweep alone, ~1 min
 
 1. correctness at a moderate size (forward and gradients against attncc.reference in float64);
 2. the main case, B=2, T=16384, H=16, D=128, bfloat16: forward and forward+backward, median ms
    (triton.testing.do_bench), against flash-linear-attention's chunk_linear_attn when `fla`
    imports (its kernel on inputs already mapped by elu+1, and with the map in PyTorch);
 3. a short sweep of tile configs (ATTNCC_LINEAR_CONFIG) on the main case, to pick the defaults;
+3b. the backward chunk sweep (--bwd-chunks, default 32,64): for each backward chunk and 4 or 8 warps,
+   forward+backward ms on the main case and the gradients' relative difference from the default
+   config's (bwd_chunk changes the backward kernels only; num_warps applies to the forward's too);
 4. the crossover against softmax causal attention (generated/causal.py and SDPA on cuDNN) for
    T = 1K .. 64K at B=2, H=16, D=128: forward and forward+backward.
 
@@ -185,6 +189,33 @@ def sweep(mod, quick):
     return rows
 
 
+def bwd_chunk_sweep(mod, chunks):
+    """fwd+bwd ms per (bwd_chunk, num_warps) on the main case, and the gradients against the default's."""
+    rows = []
+    q, k, v = inputs(T_MAIN, grad=True)
+    do = torch.randn_like(q)
+    os.environ.pop("ATTNCC_LINEAR_CONFIG", None)
+    mod.attention(q, k, v).backward(do)
+    want = [t.grad.clone() for t in (q, k, v)]
+    for chunk in chunks:
+        for warps in (8, 4):
+            cfg = f"bwd_chunk={chunk},num_warps={warps}"
+            os.environ["ATTNCC_LINEAR_CONFIG"] = cfg
+            row = {"bwd_chunk": chunk, "num_warps": warps}
+            try:
+                for t in (q, k, v):
+                    t.grad = None
+                mod.attention(q, k, v).backward(do)
+                row["grad_rel_diff"] = max(rel(t.grad, w) for t, w in zip((q, k, v), want))
+                row["fwd_bwd_ms"] = bench(fwd_bwd(mod.attention, q, k, v, do), grad_to=[q, k, v], quick=True)
+            except Exception as e:  # noqa: BLE001 - report and go on
+                row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
+            rows.append(row)
+            print(f"  bwd chunk {row}", flush=True)
+    os.environ.pop("ATTNCC_LINEAR_CONFIG", None)
+    return rows
+
+
 def crossover(mod, quick):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -233,8 +264,18 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--bwd-chunks", default="32,64",
+                    help="backward chunk sizes to time (comma-separated powers of two >= 16; '' skips)")
+    ap.add_argument("--only-bwd-chunks", action="store_true", help="run the backward chunk sweep alone")
+    ap.add_argument("--no-crossover", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
+    try:
+        chunks = [int(c) for c in args.bwd_chunks.split(",") if c.strip()]
+    except ValueError:
+        ap.error(f"--bwd-chunks: comma-separated integers, got {args.bwd_chunks!r}")
+    if any(c < 16 or c & (c - 1) for c in chunks):
+        ap.error(f"--bwd-chunks: powers of two >= 16, got {chunks}")
     t0 = time.time()
     mod = importlib.import_module("generated.linear_elu")
     pattern = load_spec(ROOT / "specs" / "linear_elu.toml")
@@ -242,6 +283,13 @@ def main():
     import triton
     result["triton"] = triton.__version__
 
+    if chunks:
+        print(f"== backward chunk sweep {chunks} (main case)", flush=True)
+        result["bwd_chunks"] = bwd_chunk_sweep(mod, chunks)
+        print_bwd_chunks(result["bwd_chunks"], result["device"])
+    if args.only_bwd_chunks:
+        write(result, args.out, t0)
+        return
     print("== correctness (bf16 vs float64 reference)", flush=True)
     result["correctness"] = correctness(mod, pattern)
     print(result["correctness"], flush=True)
@@ -251,9 +299,10 @@ def main():
     if not args.no_sweep:
         print("== config sweep (main case)", flush=True)
         result["sweep"] = sweep(mod, args.quick)
-    print("== crossover against softmax causal attention", flush=True)
-    result["crossover"] = crossover(mod, args.quick)
-    result["seconds"] = time.time() - t0
+    result["crossover"] = []
+    if not args.no_crossover:
+        print("== crossover against softmax causal attention", flush=True)
+        result["crossover"] = crossover(mod, args.quick)
 
     m = result["main"]
     print("\n## Linear attention (elu+1, causal, normalized), B=2 T=16384 H=16 D=128 bf16,", result["device"])
@@ -269,6 +318,11 @@ def main():
         print("\n| ATTNCC_LINEAR_CONFIG | forward ms | forward+backward ms |\n|---|---|---|")
         for r in result["sweep"]:
             print(f"| {r['config']} | {fmt(r.get('fwd_ms'))} | {fmt(r.get('fwd_bwd_ms', r.get('error')))} |")
+    if result.get("bwd_chunks"):
+        print_bwd_chunks(result["bwd_chunks"], result["device"])
+    if not result["crossover"]:
+        write(result, args.out, t0)
+        return
     print("\n## Crossover against softmax causal attention, B=2 H=16 D=128 bf16 (ms)")
     print("| T | linear fwd | attncc softmax fwd | cuDNN fwd | linear fwd+bwd | attncc softmax fwd+bwd | cuDNN fwd+bwd |")
     print("|---|---|---|---|---|---|---|")
@@ -279,8 +333,21 @@ def main():
         for other in ("softmax_attncc", "sdpa_cudnn"):
             result[f"crossover_{lab}_vs_{other}"] = crossover_point(result["crossover"], lab, other)
             print(f"linear faster than {other} ({lab}) from T = {fmt(result[f'crossover_{lab}_vs_{other}'])}")
+    write(result, args.out, t0)
+
+
+def print_bwd_chunks(rows, device):
+    print(f"\n## Backward chunk (LinearConfig.bwd_chunk), main case, {device}")
+    print("| bwd_chunk | num_warps | forward+backward ms | grad rel diff vs default |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['bwd_chunk']} | {r['num_warps']} | {fmt(r.get('fwd_bwd_ms', r.get('error')))} | "
+              f"{'—' if r.get('grad_rel_diff') is None else format(r['grad_rel_diff'], '.1e')} |")
+
+
+def write(result, out_dir, t0):
+    result["seconds"] = time.time() - t0
     print(f"\n{result['seconds']:.0f} s")
-    out = Path(args.out)
+    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "linear_bench.json").write_text(json.dumps(result, indent=1))
 

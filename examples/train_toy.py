@@ -4,26 +4,35 @@ the same model on the float64 reference (or FlexAttention on a GPU).
     python examples/train_toy.py --attention sliding_window --compare
     python examples/train_toy.py --attention document --backend flex          # GPU only
     python examples/train_toy.py --tiny --steps 50 --compare                 # CPU, Triton interpreter
+    python examples/train_toy.py --attention performer --compare              # linear attention (also --spec)
 
 The task: packed documents, each a pattern of ``period`` tokens (2 <= period <= ``max_period`` <
 window) walked on a fixed sparse Markov chain (two successors per token) and repeated to the end
 of the document. A bigram model brings the loss from ln(vocab) to about ln 2; after the first
 period every token is predictable exactly by looking ``period`` positions back inside the same
 document, which only attention can learn. A document mask (``--attention document``) hides the
-previous documents, a sliding window keeps the copy source in view.
+previous documents, a sliding window keeps the copy source in view. The linear-attention specs
+(``--attention linear_elu``, ``performer``, ``linear_taylor``; ``--spec`` is the same flag) attend
+causally over the whole packed sequence: a feature map only approximates softmax's sharp lookup, so
+they learn the bigram part surely and the copy part partly.
 
 Backends (same seed, same initial weights, same batches for each):
   attncc     generated/<attention>.py, the kernel under test (forward and backward in Triton);
   reference  ``attncc.reference`` on the same pattern: q, k, v upcast to float64, the dense
-             float64 softmax, the output cast back to the model's dtype (autograd through torch);
-  flex       ``torch.nn.attention.flex_attention`` with the equivalent ``mask_mod`` (CUDA only).
+             float64 softmax (linear specs: the dense float64 quadratic form of the feature map),
+             the output cast back to the model's dtype (autograd through torch);
+  flex       ``torch.nn.attention.flex_attention`` with the equivalent ``mask_mod`` (CUDA only;
+             softmax specs only: with --compare, linear specs compare against the reference).
 
 Without CUDA (or with ``--tiny``) the model is tiny and float32, and the kernels run under Triton's
 CPU interpreter (TRITON_INTERPRET=1, set before Triton is imported). There the attncc backend
 costs ~0.6 s per step at the tiny size (two layers, forward and backward interpreted), the
 reference ~0.01 s: `python examples/train_toy.py --compare` (sliding_window, 200 steps, seq 32)
 measured 2 min 01 s wall, 131 s CPU on a two-core machine, final loss 1.459355 for both backends,
-max |loss difference| 4.8e-7; shorten with --steps.
+max |loss difference| 4.8e-7; shorten with --steps. The linear kernels are slower under the
+interpreter (each feature block is a loop): `--attention linear_elu --compare --steps 10` measured
+44 s, `--attention performer --compare --steps 10` 153 s (final loss 2.6045 for both backends,
+max |loss difference| 2.4e-7 each); linear_taylor (18 feature blocks at D = 16) takes ~65 s a step.
 """
 from __future__ import annotations
 
@@ -50,12 +59,15 @@ import importlib  # noqa: E402
 
 import attncc  # noqa: E402
 from attncc.spec import load_spec  # noqa: E402
+from attncc.spec.ir import TAYLOR_MAX_HEAD_DIM  # noqa: E402
 
 # The interpreter evaluates exp2/log2 of fully masked lanes in numpy, which warns; the results are
 # discarded by the kernel (the outputs are checked against the reference).
 warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"triton\.runtime\.interpreter")
 
-ATTENTIONS = ("sliding_window", "document")
+SOFTMAX_ATTENTIONS = ("sliding_window", "document")
+LINEAR_ATTENTIONS = ("linear_elu", "performer", "linear_taylor")  # kind = "linear" specs
+ATTENTIONS = SOFTMAX_ATTENTIONS + LINEAR_ATTENTIONS
 BACKENDS = ("attncc", "reference", "flex")
 
 # Max |loss_a - loss_b| over the whole curve, by the model's dtype (see TOLERANCE_NOTES).
@@ -66,6 +78,10 @@ float32 (CPU, tiny): the kernel and the reference differ by ~1e-7 relative in th
   to agree to 3.6e-7 (sliding_window) and 4.8e-7 (document), so 1e-4 leaves room while still
   catching a wrong mask or gradient: training the reference with window 7 instead of 8 moves
   the curve by 4e-3 within 10 steps and by 0.2 over 200 (measured).
+  Linear specs (float32, tiny): 2.4e-7 over 10 steps (linear_elu, performer). A curve comparison
+  over a few steps catches a wrong forward or dv (dv scaled by 0.9: 1.1e-3 within 4 steps) but
+  not a wrong dq/dk: at initialization phi(q).phi(k) is nearly constant and AdamW's first steps
+  follow the gradients' signs. tests/test_linear.py checks those gradients against the reference.
 bfloat16 (GPU): each attention output is rounded to bf16 (8-bit mantissa, relative step
   2^-8 = 3.9e-3), and the two backends round at different points (the kernel rounds P to bf16
   before P@V and accumulates in float32; the reference is exact and rounds once, FlexAttention
@@ -168,6 +184,8 @@ class Attention:
         if backend == "attncc":
             self.kernel = importlib.import_module(f"generated.{cfg.attention}").attention
         elif backend == "flex":
+            if self.pattern.kind == "linear":
+                raise SystemExit(f"--backend flex has no linear attention ({cfg.attention}); use --backend reference")
             if cfg.device != "cuda":
                 raise SystemExit("--backend flex needs a GPU (FlexAttention has no CPU kernel here)")
             from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -178,6 +196,8 @@ class Attention:
             raise ValueError(f"unknown backend {backend!r}")
 
     def kwargs(self, doc):
+        if self.pattern.kind == "linear":
+            return {}  # causal over the packed sequence: the spec has no params or inputs
         return {"window": self.cfg.window} if self.cfg.attention == "sliding_window" else {"doc": doc}
 
     def block_mask(self, doc):
@@ -314,10 +334,11 @@ def loss_decreased(losses, margin=0.05):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--attention", choices=ATTENTIONS, default="sliding_window")
+    ap.add_argument("--attention", "--spec", choices=ATTENTIONS, default="sliding_window",
+                    help="the spec to train with: softmax (sliding_window, document) or linear attention")
     ap.add_argument("--backend", choices=BACKENDS, default="attncc",
                     help="backend to train with; with --compare, the one attncc is compared against "
-                         "(default: flex on a GPU, reference on CPU)")
+                         "(default: flex on a GPU for softmax specs, else reference)")
     ap.add_argument("--compare", action="store_true", help="train with attncc and another backend, compare the curves")
     ap.add_argument("--tiny", action="store_true", help="the CPU configuration (automatic without CUDA)")
     ap.add_argument("--steps", type=int)
@@ -337,10 +358,15 @@ def main(argv=None):
     if args.dtype:
         over["dtype"] = getattr(torch, args.dtype)
     cfg = replace(cfg, **over)
+    if cfg.attention == "linear_taylor" and cfg.d_model // cfg.heads > TAYLOR_MAX_HEAD_DIM:
+        # 1 + D + D^2 features: heads of 16 dims, as Based uses (GPU size: 16 heads of 16)
+        heads = cfg.d_model // 16
+        cfg = replace(cfg, heads=heads, kv_heads=heads if args.kv_heads is None else cfg.kv_heads)
     if cfg.dtype != torch.float32 and cfg.device == "cpu":
         raise SystemExit("reduced precision runs need a GPU (autocast + interpreter on CPU is not supported here)")
+    shape = f"window {cfg.window}" if cfg.attention in SOFTMAX_ATTENTIONS else "linear attention"
     print(f"{cfg.attention}: {cfg.steps} steps, batch {cfg.batch}, seq {cfg.seq}, d_model {cfg.d_model}, "
-          f"heads {cfg.heads}/{cfg.kv_heads}, window {cfg.window}, {str(cfg.dtype).replace('torch.', '')} on {cfg.device}"
+          f"heads {cfg.heads}/{cfg.kv_heads}, {shape}, {str(cfg.dtype).replace('torch.', '')} on {cfg.device}"
           + (" (Triton interpreter)" if os.environ.get("TRITON_INTERPRET") == "1" else ""))
 
     t0 = time.perf_counter()
@@ -348,10 +374,13 @@ def main(argv=None):
         losses = train(cfg, args.backend)
         print(f"final loss {losses[-1]:.6f} (ln vocab = {math.log(cfg.vocab):.3f}); {time.perf_counter() - t0:.1f} s")
         return 0
-    other = args.backend if args.backend != "attncc" else ("flex" if cfg.device == "cuda" else "reference")
-    # In reduced precision, also train the third backend: the distance between the two that are not
-    # attncc (FlexAttention and the exact reference) is the noise floor of this run's precision.
-    third = [x for x in ("flex", "reference") if x != other][:1] if cfg.dtype != torch.float32 else []
+    flex_ok = cfg.device == "cuda" and cfg.attention in SOFTMAX_ATTENTIONS
+    other = args.backend if args.backend != "attncc" else ("flex" if flex_ok else "reference")
+    # In reduced precision with FlexAttention available, also train the third backend: the distance
+    # between the two that are not attncc (FlexAttention and the exact reference) is the noise floor
+    # of this run's precision.
+    third = ([x for x in ("flex", "reference") if x != other][:1]
+             if cfg.dtype != torch.float32 and flex_ok else [])
     curves, diff = compare(cfg, ("attncc", other, *third))
     tol = TOLERANCE[cfg.dtype]
     print("final loss: " + ", ".join(f"{b} {c[-1]:.6f}" for b, c in curves.items())

@@ -15,10 +15,10 @@ import attncc
 from attncc._reference import feature_map
 from attncc.codegen import render
 from attncc.runtime.feature_maps import LINEAR_DENOMINATOR_EPS
-from attncc.spec import parse_spec
+from attncc.spec import SpecError, parse_spec
 from cases import REL_TOL, module, pattern, rel_err
 
-MAPS = ["elu+1", "relu", "identity", "cosformer", "performer"]
+MAPS = ["elu+1", "relu", "identity", "cosformer", "performer", "taylor"]
 F64 = torch.float64
 CHUNK = 16  # the interpreter's chunk (attncc.runtime.linear.linear_config)
 
@@ -32,6 +32,8 @@ def linear_module(tmp_path_factory, fmap="elu+1", causal=True, normalize=True, f
         name = f"lin_{fmap.replace('+', '')}_{int(causal)}{int(normalize)}"
         text = (f"name = '{name}'\nkind = 'linear'\n[feature_map]\nname = '{fmap}'\ncausal = {str(causal).lower()}\n"
                 f"normalize = {str(normalize).lower()}\n" + (f"features = {features}\n" if fmap == "performer" else ""))
+        if fmap == "taylor":
+            text = "head_dim = 16\n" + text
         p = parse_spec(text)
         path = tmp_path_factory.mktemp("linear") / f"{name}.py"
         path.write_text(render(p))
@@ -101,12 +103,14 @@ def naive(p, q, k, v, s0=None, z0=None, offset=0, period=None):
 # --- every feature map against the reference --------------------------------------------
 
 
-@pytest.mark.parametrize("causal,normalize", [(True, True), (False, True), (True, False)])
-@pytest.mark.parametrize("fmap", MAPS)
+# normalize = false is the same template code for every map: taylor (slow in the interpreter) skips it
+@pytest.mark.parametrize("fmap,causal,normalize", [(m, c, n) for m in MAPS for c, n in ((True, True), (False, True), (True, False))
+                                                   if not (m == "taylor" and not n)])
 def test_feature_maps_forward_and_gradients(tmp_path_factory, fmap, causal, normalize):
     p, mod = linear_module(tmp_path_factory, fmap, causal, normalize)
-    # GQA, an odd length over two chunks, Dv != D; non-causal: more keys than queries
-    q, k, v = qkv(Hq=2, Hkv=1, Nq=19, Nk=19 if causal else 23)
+    # GQA, an odd length over two chunks, Dv != D; non-causal: more keys than queries. Taylor has
+    # D + 2 feature blocks: D = 6 (padded to 16) keeps it fast under the interpreter.
+    q, k, v = qkv(Hq=2, Hkv=1, Nq=19, Nk=19 if causal else 23, D=6 if fmap == "taylor" else 16)
     check_against_reference(p, mod, q, k, v, tolerance(p))
 
 
@@ -122,11 +126,21 @@ def test_chunk_boundaries(N):
     check_against_reference(pattern("linear_elu"), module("linear_elu"), q, k, v, REL_TOL[torch.float32])
 
 
-def test_backward_chunk_other_than_forward_chunk(monkeypatch):
-    """The backward recomputes the states at its own chunk size (LinearConfig.bwd_chunk)."""
-    monkeypatch.setenv("ATTNCC_LINEAR_CONFIG", "bwd_chunk=32,scan_dv=16")
-    q, k, v = qkv(Hq=2, Hkv=1, Nq=37)
+@pytest.mark.parametrize("bwd_chunk", [32, 64])
+def test_backward_chunk_other_than_forward_chunk(monkeypatch, bwd_chunk):
+    """The backward recomputes the states at its own chunk size (LinearConfig.bwd_chunk, which
+    bench/linear_bench.py --bwd-chunks sweeps through ATTNCC_LINEAR_CONFIG)."""
+    monkeypatch.setenv("ATTNCC_LINEAR_CONFIG", f"bwd_chunk={bwd_chunk},scan_dv=16")
+    q, k, v = qkv(Hq=2, Hkv=1, Nq=37 if bwd_chunk == 32 else 70)
     check_against_reference(pattern("linear_elu"), module("linear_elu"), q, k, v, REL_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("value,message", [("bwd_chunk=48", "power of two >= 16"), ("bwd_chunk=8", "power of two >= 16"),
+                                           ("bwd_chunks=64", "unknown field 'bwd_chunks'"), ("num_warps=x", "integer")])
+def test_config_env_errors(monkeypatch, value, message):
+    monkeypatch.setenv("ATTNCC_LINEAR_CONFIG", value)
+    with pytest.raises(ValueError, match=message):
+        module("linear_elu").attention(*qkv(Nq=4, grad=False))
 
 
 @pytest.mark.parametrize("heads", [(3, 1), (4, 2), (2, 2)])
@@ -251,6 +265,44 @@ def test_all_zero_features_give_zero_not_nan(tmp_path_factory):
         assert torch.isfinite(t.grad).all()
     o_t, _ = mod.step(q[:, :, 0].detach(), k[:, :, 0].detach(), v[:, :, 0].detach())
     assert (o_t == 0).all()
+
+
+def test_taylor_features_are_the_second_order_expansion_of_exp():
+    """phi(q).phi(k) = 1 + q.k / sqrt(D) + (q.k)^2 / (2 D) exactly, with 1 + D + D^2 features."""
+    fm = pattern("linear_taylor").feature_map
+    g = torch.Generator().manual_seed(5)
+    for d in (1, 5, 16):
+        q, k = torch.randn(7, d, generator=g, dtype=F64), torch.randn(9, d, generator=g, dtype=F64)
+        fq, fk = feature_map(q, fm), feature_map(k, fm)
+        assert fq.shape == (7, 1 + d + d * d)
+        s = q @ k.T
+        torch.testing.assert_close(fq @ fk.T, 1 + s / math.sqrt(d) + s * s / (2 * d), rtol=1e-12, atol=1e-12)
+
+
+def test_taylor_spec_module_state_and_decoding():
+    """generated/linear_taylor: forward, the returned state (its feature order is the reference's)
+    and step decoding; D = 4 (F = 21) keeps the interpreter fast."""
+    p, mod = pattern("linear_taylor"), module("linear_taylor")
+    q, k, v = qkv(B=1, Hq=2, Hkv=1, Nq=18, D=4, Dv=8, grad=False)
+    o, (S, z) = mod.attention(q, k, v, return_state=True)
+    ref, (Sr, zr) = naive(p, *doubles(q, k, v))
+    assert S.shape == (1, 1, 21, 8)
+    assert rel_err(o, attncc.reference(p, *doubles(q, k, v))) < 1e-5 and rel_err(o, ref) < 1e-5
+    assert rel_err(S, Sr) < 1e-5 and rel_err(z, zr) < 1e-5
+    state = None
+    for t in range(3):
+        o_t, state = mod.step(q[:, :, t], k[:, :, t], v[:, :, t], state, position=t)
+        assert rel_err(o_t, o[:, :, t].double()) < 1e-5
+
+
+def test_taylor_head_dim_limit():
+    from attncc.spec.ir import TAYLOR_MAX_HEAD_DIM
+
+    with pytest.raises(SpecError, match=r"taylor.*head dims up to 32.*\[128\]"):
+        parse_spec("kind = 'linear'\n[feature_map]\nname = 'taylor'\n")
+    q = torch.zeros(1, 1, 4, TAYLOR_MAX_HEAD_DIM + 1)
+    with pytest.raises(ValueError, match=r"taylor.*up to 32, got D = 33"):
+        module("linear_taylor").attention(q, q, q)
 
 
 def test_performer_seed_redraws_the_projection():

@@ -487,10 +487,14 @@ def test_performer_approximates_the_softmax_kernel():
     assert ((approx - exact).abs() / exact).mean() < 0.05
 
 
-def test_linear_unimplemented_maps_raise():
-    p = parse_spec("kind = 'linear'\n[feature_map]\nname = 'taylor'\n")
-    with pytest.raises(NotImplementedError, match="taylor"):
-        reference(p, *qkv(Nq=3))
+def test_taylor_reference_is_the_quadratic_kernel():
+    """taylor: the linear form of a = 1 + s + s^2 / 2, s = q.k / sqrt(D), causal, normalized."""
+    p = parse_spec("kind = 'linear'\nhead_dim = 16\n[feature_map]\nname = 'taylor'\n")
+    q, k, v = qkv(Nq=5)
+    s = (q @ k.transpose(-1, -2)).double() / math.sqrt(q.shape[-1])
+    a = (1 + s + s * s / 2) * torch.ones(5, 5, dtype=F64).tril()
+    want = (a @ v.double()) / (a.sum(-1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(reference(p, q, k, v), want, rtol=1e-10, atol=1e-10)
 
 
 # --- errors -----------------------------------------------------------------------------

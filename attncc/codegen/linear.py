@@ -1,5 +1,5 @@
 """Pattern -> the template variables of a linear-attention kernel (templates/linear.py.j2)."""
-from attncc.spec.ir import Pattern
+from attncc.spec.ir import TAYLOR_MAX_HEAD_DIM, Pattern
 
 # phi of each feature map, for the generated module's docstring
 FEATURE_DOCS = {
@@ -10,6 +10,8 @@ FEATURE_DOCS = {
                  "performer_projection(F, D, seed) (orthogonal random rows)",
     "cosformer": "cosFormer, phi(x_i) = [relu(x_i) cos(pi i / 2M), relu(x_i) sin(pi i / 2M)], M = max(n_q, n_k), "
                  "F = 2 D features",
+    "taylor": "2nd-order Taylor (Based), phi(x) = [x / D^(1/4), vec(x x^T) / sqrt(2 D), 1], F = 1 + D + D^2 "
+              "features: phi(q).phi(k) = 1 + q.k / sqrt(D) + (q.k)^2 / (2 D)",
 }
 
 
@@ -19,4 +21,4 @@ def linear_context(pattern: Pattern) -> dict:
         raise NotImplementedError(f"{pattern.source}: the {fm.name!r} feature map has no kernel yet "
                                   f"(kernels exist for {', '.join(FEATURE_DOCS)})")
     return dict(feature_map=fm.name, feature_doc=FEATURE_DOCS[fm.name], features=fm.features, seed=fm.seed,
-                causal=fm.causal, normalize=fm.normalize)
+                causal=fm.causal, normalize=fm.normalize, max_head_dim=TAYLOR_MAX_HEAD_DIM)

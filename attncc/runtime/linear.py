@@ -34,7 +34,8 @@ class LinearConfig:
     ``scan_dv``: value columns per program of the sequential state scan (fewer columns, more
     programs: the scan is parallel over (b, kv head, feature block, value block) only);
     ``bwd_chunk``: rows per chunk in the backward (it recomputes the states itself; at 64 rows
-    its dq and dk/dv kernels spill registers on sm_90 at D = 128, per offline ptxas, at 32 not)."""
+    its dq and dk/dv kernels spill registers on sm_90 at D = 128, per offline ptxas, at 32 not;
+    not timed yet: ``ATTNCC_LINEAR_CONFIG=bwd_chunk=64`` or ``bench/linear_bench.py --bwd-chunks``)."""
 
     chunk: int = 64
     scan_dv: int = 64
@@ -45,13 +46,29 @@ class LinearConfig:
     num_stages: int = 2
 
 
+CONFIG_ENV = "ATTNCC_LINEAR_CONFIG"
+_TILE_FIELDS = ("chunk", "scan_dv", "out_dv", "bwd_chunk")  # dot dims: powers of two >= 16
+
+
 def _env_config() -> dict:
-    """``ATTNCC_LINEAR_CONFIG="chunk=32,scan_dv=32,num_warps=4"`` forces fields (benchmarks)."""
-    text = os.environ.get("ATTNCC_LINEAR_CONFIG", "")
+    """``ATTNCC_LINEAR_CONFIG="chunk=32,bwd_chunk=64,num_warps=4"`` forces fields of LinearConfig
+    (benchmarks, e.g. the backward chunk sweep of bench/linear_bench.py). Read at every call."""
+    text = os.environ.get(CONFIG_ENV, "")
+    names = [f.name for f in dataclasses.fields(LinearConfig)]
     fields = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
-        key, _, value = part.partition("=")
-        fields[key.strip()] = int(value)
+        key, _, value = (x.strip() for x in part.partition("="))
+        if key not in names:
+            raise ValueError(f"{CONFIG_ENV}: unknown field {key!r} in {text!r} (fields: {', '.join(names)})")
+        try:
+            n = int(value)
+        except ValueError:
+            raise ValueError(f"{CONFIG_ENV}: {key} must be an integer, got {value!r}") from None
+        power_of_two = key != "num_stages"  # tiles and warp counts
+        if n < 1 or (power_of_two and n & (n - 1)) or (key in _TILE_FIELDS and n < 16):
+            need = "a power of two >= 16" if key in _TILE_FIELDS else "a power of two" if power_of_two else ">= 1"
+            raise ValueError(f"{CONFIG_ENV}: {key} must be {need}, got {n}")
+        fields[key] = n
     return fields
 
 

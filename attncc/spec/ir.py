@@ -58,11 +58,15 @@ class Rope:
     rotary_dim: Optional[int] = None  # None: the head dim
 
 
+# The taylor feature map has 1 + D + D^2 features; its kernels (and specs) take head dims up to this.
+TAYLOR_MAX_HEAD_DIM = 32
+
+
 @dataclass(frozen=True)
 class FeatureMap:
     """Linear attention's feature map and options."""
 
-    name: str = "elu+1"  # "elu+1", "relu", "identity", "performer"
+    name: str = "elu+1"  # "elu+1", "relu", "identity", "performer", "cosformer", "taylor"
     features: Optional[int] = None  # performer: number of random features
     seed: int = 0
     causal: bool = True

@@ -12,7 +12,7 @@ import sympy
 from attncc.spec import symbols as S
 from attncc.spec.errors import SpecError
 from attncc.spec.expr import BOOL, FUNCTIONS, Scope, parse_expression
-from attncc.spec.ir import FeatureMap, InputDecl, Param, Pattern, Rope
+from attncc.spec.ir import TAYLOR_MAX_HEAD_DIM, FeatureMap, InputDecl, Param, Pattern, Rope
 
 TOP_KEYS = ("name", "kind", "head_dim", "value_dim", "dtypes", "heads", "params", "inputs",
             "mask", "score", "rope", "feature_map", "description")
@@ -165,6 +165,9 @@ def parse_spec(text: str, path: str = "<string>") -> Pattern:
                 c.fail("[feature_map].features", f"only the performer map takes a feature count, not {fm_name!r}")
         elif fm_name == "performer":
             features = 256
+        if fm_name == "taylor" and max(head_dims) > TAYLOR_MAX_HEAD_DIM:
+            c.fail("head_dim", f"the taylor feature map has 1 + D + D^2 features and takes head dims up to "
+                               f"{TAYLOR_MAX_HEAD_DIM}, got {list(head_dims)} (set head_dim, e.g. head_dim = 16)")
         fields["feature_map"] = FeatureMap(
             name=fm_name, features=features,
             seed=c.int_(fm.get("seed", 0), "[feature_map].seed", 0),
