@@ -65,6 +65,10 @@ def check_specs(N, quick):
         k = torch.randn(B, Hkv, Nk, D, device=DEV, dtype=BF16)
         v = torch.randn(B, Hkv, Nk, D, device=DEV, dtype=BF16)
         kw = dict(SMALL.get(p.name, {}), **inputs_for(p, B, Hq, max(Nq, Nk)))
+        ref_kw = dict(kw)
+        if p.dropout:  # the same keep mask for the kernel and the reference
+            kw["seed"] = 1234
+            ref_kw["keep_mask"] = mod.dropout_keep_mask(q, k, v, seed=1234)
         try:
             o, lse = mod.attention(q, k, v, return_lse=True, **kw)
             torch.cuda.synchronize()
@@ -72,7 +76,7 @@ def check_specs(N, quick):
             rows.append(dict(spec=p.name, ok=False, error=f"{type(e).__name__}: {str(e)[-300:]}"))
             print(f"check {p.name:20s} FAIL {rows[-1]['error']}", flush=True)
             continue
-        ref, ref_lse = attncc.reference(p, q.double(), k.double(), v.double(), return_lse=True, **kw)
+        ref, ref_lse = attncc.reference(p, q.double(), k.double(), v.double(), return_lse=True, **ref_kw)
         fin = torch.isfinite(ref_lse)
         err = rel(o, ref)
         lse_err = float((lse.double()[fin] - ref_lse[fin]).abs().max()) if fin.any() else 0.0
@@ -119,10 +123,14 @@ def check_grads(N=1024, specs=None):
         do = torch.randn(1, Hq, Nq, D, device=DEV, dtype=BF16)
         kw = dict(SMALL.get(p.name, {}), **inputs_for(p, 1, Hq, N))
         kw = {n: (t.detach() if isinstance(t, torch.Tensor) else t) for n, t in kw.items()}
+        ref_kw = dict(kw)
+        if p.dropout:  # the same keep mask for the kernel and the reference
+            kw["seed"] = 1234
+            ref_kw["keep_mask"] = mod.dropout_keep_mask(q, k, v, seed=1234)
         try:
             grads = torch.autograd.grad(mod.attention(q, k, v, **kw), (q, k, v), do)
             qd, kd, vd = (t.detach().double().requires_grad_(True) for t in (q, k, v))
-            ref = torch.autograd.grad(attncc.reference(p, qd, kd, vd, **kw), (qd, kd, vd), do.double())
+            ref = torch.autograd.grad(attncc.reference(p, qd, kd, vd, **ref_kw), (qd, kd, vd), do.double())
             errs = [rel(a, r) for a, r in zip(grads, ref)]
             ok = max(errs) < 3e-2 and not any(torch.isnan(g).any() for g in grads)
             rows.append(dict(spec=p.name, dq=errs[0], dk=errs[1], dv=errs[2], ok=bool(ok)))

@@ -597,7 +597,8 @@ def _backward(call, o, lse, do):
     """dq, dk, dv of one call (``o``, ``lse`` from its forward; ``do`` = dLoss/do)."""
     q, k, v = _rt.kernel_operands(call)
     cfg = _rt.pick_config(call)
-    cfg_kv, cfg_q = _rt.pick_config(call, "dkdv"), _rt.pick_config(call, "dq")
+    # The lists the forward classified for this call serve both kernels: the forward's tile shape.
+    cfg_kv, cfg_q = (_rt.shared_tile_config(call, kernel, cfg) for kernel in ("dkdv", "dq"))
     _rt.ensure_allocator()
     B, Hq, Hkv, Nq, Nk = call.B, call.Hq, call.Hkv, call.Nq, call.Nk
     # Packed (varlen): rows [1, H, total] (and rows outside every sequence keep zero gradients).

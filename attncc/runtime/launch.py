@@ -1,6 +1,7 @@
 """Tile configs, tensor preparation for TMA descriptors, and the entry to autograd (runtime/autograd.py)."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -56,6 +57,16 @@ def pick_config(call: Call, kernel: str = "") -> KernelConfig:
     if _interpreting():
         return KernelConfig(32, 32, 4, 1)
     return tuning.cached_config(call, kernel) or default_config(call, kernel)
+
+
+def shared_tile_config(call: Call, kernel: str, forward: KernelConfig) -> KernelConfig:
+    """A backward kernel's config with the forward's tile shape (and warps), so that the block
+    lists the forward classified per call (data-dependent masks) serve the backward too; a
+    config forced by the environment or a tuning trial is kept as it is."""
+    if tuning.trial_config(kernel) or _env_config(kernel):
+        return pick_config(call, kernel)
+    return dataclasses.replace(pick_config(call, kernel), BLOCK_M=forward.BLOCK_M, BLOCK_N=forward.BLOCK_N,
+                               num_warps=forward.num_warps)
 
 
 def default_config(call: Call, kernel: str = "") -> KernelConfig:
