@@ -99,16 +99,19 @@ def assert_same(fast, ref, B, H, shapes=True, dtypes=True):
 
 
 def check(build, program, call, blocks, pattern=None, shapes=True, transposed=True):
-    """The kernel's forward (and transposed) lists equal the torch path's, tile shape by tile shape."""
+    """The kernel's forward (and, ``transposed``: for the first tile shape, transposed) lists equal
+    the torch path's, tile shape by tile shape. Returns the kernel's lists of the last shape."""
     fast_fn = build(program, pattern)
-    for bm, bn in blocks:
-        ref, ref_t = _rt.blocks.classified_lists(program, call, bm, bn, dynamic=True, transposed=transposed)
-        fast, fast_t = fast_fn(call, bm, bn, transposed)
+    for k, (bm, bn) in enumerate(blocks):
+        both = transposed and k == 0
+        ref, ref_t = _rt.blocks.classified_lists(program, call, bm, bn, dynamic=True, transposed=both)
+        fast, fast_t = fast_fn(call, bm, bn, both)
         assert_same(fast, ref, call.B, call.Hq, shapes)
-        if transposed:
+        if both:
             assert_same(fast_t, ref_t, call.B, call.Hq, shapes)
         else:
             assert fast_t is None
+    return fast, fast_t
 
 
 BLOCKS = [(16, 16), (32, 16), (16, 64)]
@@ -309,8 +312,7 @@ def _documents_case(kind, B, n, gen):
     return documents(B, n, gen)
 
 
-@pytest.mark.parametrize("kind, shape", [("random", 0), ("singletons", 1), ("one", 2), ("random", 3),
-                                         ("random", 1)])
+@pytest.mark.parametrize("kind, shape", [("random", 0), ("singletons", 1), ("one", 2), ("random", 3)])
 def test_document_lists_brute_force(build, kind, shape):
     p = spec_pattern("document")
     program = analyze(p).classifier
@@ -320,9 +322,8 @@ def test_document_lists_brute_force(build, kind, shape):
     call = make_call(spec_info(p), Nq=Nq, Nk=Nk, q_offset=qo, k_offset=ko, doc=doc)
     allowed = pair_mask(p, q_rows=Nq, k_rows=Nk, q_offset=qo, k_offset=ko, batch=2, heads=2, inputs={"doc": doc})
     for bm, bn in blocks:
-        lists, lists_t = build(program, p)(call, bm, bn, True)
+        lists, lists_t = check(build, program, call, [(bm, bn)], p)
         assert_sound_and_transposed(lists, lists_t, allowed, bm, bn)
-    check(build, program, call, blocks[:1], p)
 
 
 @pytest.mark.parametrize("shape", [1, 2])
@@ -336,10 +337,9 @@ def test_padding_lists_brute_force(build, shape):
     allowed = pair_mask(p, q_rows=Nq, k_rows=Nk, q_offset=qo, k_offset=ko, batch=4, heads=2,
                         inputs={"kv_len": kv_len})
     for bm, bn in blocks:
-        lists, lists_t = build(program, p)(call, bm, bn, True)
+        lists, lists_t = check(build, program, call, [(bm, bn)], p)
         assert_sound_and_transposed(lists, lists_t, allowed, bm, bn)
         assert int(lists_t[0][0].sum()) == int(lists_t[2][0].sum()) == 0  # kv_len 0: no tile listed
-    check(build, program, call, blocks[:1], p)
 
 
 def test_forward_lists_alone(build):
@@ -476,9 +476,10 @@ def test_random_programs(build, seed):
             ref, ref_t = _rt.blocks.classified_lists(program, call, bm, bn, dynamic=True, transposed=True)
         except (ValueError, OverflowError, ZeroDivisionError):
             continue
-        fast, fast_t = build(program)(call, bm, bn, True)
+        fast, fast_t = build(program)(call, bm, bn, k % 2 == 1)
         # shapes may differ where tiles drops a broadcast dim at run time (mul by a host 0): compare rows
         assert_same(fast, ref, B, H, shapes=False)
-        assert_same(fast_t, ref_t, B, H, shapes=False)
+        if k % 2 == 1:
+            assert_same(fast_t, ref_t, B, H, shapes=False)
         tested += 1
     assert tested == 5
