@@ -187,6 +187,16 @@ def _tk_not(x):
 
 
 @triton.jit
+def _tk_append(row_ptr, hit, blocks, valid, count, width):
+    # compaction of one chunk into a list row: the hit blocks from the front in block order, the
+    # others from the back (so every entry of the row is some block index); returns the new count
+    hit = tl.where(valid, hit, False).to(tl.int32)
+    before = count + tl.cumsum(hit, 0) - hit
+    tl.store(row_ptr + tl.where(hit != 0, before, width - 1 - (blocks - before)), blocks, mask=valid)
+    return count + tl.sum(hit, 0)
+
+
+@triton.jit
 def _tk_rows(out_ptr, pid, bh, n_bh, nqb, nkb, Nq, Nk, q_offset, k_offset, Hl, in_kv_len, in_kv_len_s0,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BM_P: tl.constexpr, BN_P: tl.constexpr,
              CHUNK: tl.constexpr):
@@ -200,9 +210,6 @@ def _tk_rows(out_ptr, pid, bh, n_bh, nqb, nkb, Nq, Nk, q_offset, k_offset, Hl, i
     R_pad = (R + 3) // 4 * 4
     full_row = out_ptr + 2 * R_pad + row.to(tl.int64) * nkb
     part_row = full_row + (R.to(tl.int64) * nkb + 3) // 4 * 4
-    q_start = qb * BLOCK_M
-    i_lo = (q_offset + q_start).to(tl.float64)
-    i_hi = (q_offset + tl.minimum(q_start + BLOCK_M, Nq) - 1).to(tl.float64)
     x1 = tl.load(in_kv_len + b64 * in_kv_len_s0).to(tl.float64)
     n_full = tl.full([], 0, tl.int32)
     n_part = tl.full([], 0, tl.int32)
@@ -217,15 +224,8 @@ def _tk_rows(out_ptr, pid, bh, n_bh, nqb, nkb, Nq, Nk, q_offset, k_offset, Hl, i
         cls = tl.where(v2_t, tl.where(v2_f, 1, 2), 0) + tl.zeros([CHUNK], tl.int32)
         # a short last key block is never FULL (the attention kernels mask its tail)
         cls = tl.where(cls == 2, tl.where(kb == nkb - 1, tl.where(Nk % BLOCK_N != 0, 1, 2), 2), cls)
-        # compaction: this class's blocks from the front of the row in kb order, the others from the back
-        hit = ((cls == 2) & valid).to(tl.int32)
-        before = n_full + tl.cumsum(hit, 0) - hit
-        tl.store(full_row + tl.where(hit != 0, before, nkb - 1 - (kb - before)), kb, mask=valid)
-        n_full += tl.sum(hit, 0)
-        hit = ((cls == 1) & valid).to(tl.int32)
-        before = n_part + tl.cumsum(hit, 0) - hit
-        tl.store(part_row + tl.where(hit != 0, before, nkb - 1 - (kb - before)), kb, mask=valid)
-        n_part += tl.sum(hit, 0)
+        n_full = _tk_append(full_row, cls == 2, kb, valid, n_full, nkb)
+        n_part = _tk_append(part_row, cls == 1, kb, valid, n_part, nkb)
     tl.store(out_ptr + row, n_full)
     tl.store(out_ptr + R_pad + row, n_part)
 
@@ -255,21 +255,11 @@ def _tk_cols(out_ptr, pid, bh, n_bh, nqb, nkb, Nq, Nk, q_offset, k_offset, Hl, i
     for c0 in range(0, nqb, CHUNK):
         qb = c0 + lanes
         valid = qb < nqb
-        q_start = qb * BLOCK_M
-        i_lo = (q_offset + q_start).to(tl.float64)
-        i_hi = (q_offset + tl.minimum(q_start + BLOCK_M, Nq) - 1).to(tl.float64)
         cls = tl.where(v2_t, tl.where(v2_f, 1, 2), 0) + tl.zeros([CHUNK], tl.int32)
         # a short last key block is never FULL (the attention kernels mask its tail)
         cls = tl.where(cls == 2, tl.where(kb == nkb - 1, tl.where(Nk % BLOCK_N != 0, 1, 2), 2), cls)
-        # compaction: this class's blocks from the front of the row in qb order, the others from the back
-        hit = ((cls == 2) & valid).to(tl.int32)
-        before = n_full + tl.cumsum(hit, 0) - hit
-        tl.store(full_row + tl.where(hit != 0, before, nqb - 1 - (qb - before)), qb, mask=valid)
-        n_full += tl.sum(hit, 0)
-        hit = ((cls == 1) & valid).to(tl.int32)
-        before = n_part + tl.cumsum(hit, 0) - hit
-        tl.store(part_row + tl.where(hit != 0, before, nqb - 1 - (qb - before)), qb, mask=valid)
-        n_part += tl.sum(hit, 0)
+        n_full = _tk_append(full_row, cls == 2, qb, valid, n_full, nqb)
+        n_part = _tk_append(part_row, cls == 1, qb, valid, n_part, nqb)
     tl.store(out_ptr + row, n_full)
     tl.store(out_ptr + R_pad + row, n_part)
 

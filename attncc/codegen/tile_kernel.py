@@ -1,19 +1,26 @@
-"""IntervalProgram -> one Triton kernel that builds the per-call block lists.
+"""IntervalProgram -> one Triton kernel that builds the per-call block lists, forward and transposed.
 
 ``tiles.classify_grid`` + ``tiles.to_block_lists`` run a mask's interval program as ~50
 small torch ops per call. :func:`render_tile_kernel` compiles the same program into one
-``@triton.jit`` kernel plus a host function ``_block_lists_fast(call, block_m, block_n)``
-that returns exactly what ``_rt.blocks.block_lists(program, call, block_m, block_n,
-dynamic=True)`` returns: the same counts and the same indices (in increasing kb order)
-for every (b, h, qb). Entries of an index row past its count differ (the torch path
-writes 0; the kernel fills them with the other key blocks, all in ``[0, width)``).
+``@triton.jit`` kernel plus a host function ``_tile_lists(call, block_m, block_n, transposed)``
+that returns exactly what ``_rt.blocks.classified_lists(program, call, block_m, block_n,
+dynamic=True, transposed=transposed)`` returns: ``(lists, lists_t)``, the forward lists (per
+(b, h, qb): its FULL and PARTIAL key blocks) and, when ``transposed``, the lists the dK/dV
+kernel walks (per (b, h, kb): the query blocks that see it), else None; one launch either
+way. Same counts and same indices (in increasing block order) in every row; entries of an
+index row past its count differ (the torch path writes 0; the kernel fills them with the
+other blocks, all in ``[0, width)``). ``_rt.blocks`` takes it as ``kernel=`` and keeps the
+lists of a call that a backward follows, per tile shape, in ``call.for_backward``.
 
 How the kernel mirrors ``attncc.runtime.tiles``:
 
-- One program per (query block, b or 0, h or 0); only the grid dims the mask depends on
-  are walked (the lists have the same shapes as the torch path's). Key blocks go in chunks
-  of ``KB_CHUNK`` lanes; per-block min / max of inputs along positions are computed in the
-  kernel (clamped loads, like the torch path's "repeat the last row").
+- Axis 0 of the grid: one program per query block (``_tk_rows``, the forward lists), then,
+  when launched with them, one per key block (``_tk_cols``, the transposed lists); axis 1:
+  b or 0, h or 0, only the grid dims the mask depends on (the lists have the same shapes as
+  the torch path's). A program walks the other axis's blocks in chunks of ``CHUNK`` lanes;
+  per-block min / max of inputs along positions are computed in the kernel (clamped loads,
+  like the torch path's "repeat the last row"). Both bodies render the same grid lines;
+  only where they sit (before or inside the chunk loop) and the axis of the reductions differ.
 - Values are classified at generation time as *literal* (known now: folded by calling the
   ``tiles`` function itself), *host* (Python numbers at run time: params, ``n_q``, ``n_k``
   and steps over them; the host function computes them by calling the ``tiles`` functions,
@@ -30,10 +37,8 @@ literals / host values only may use any op of ``tiles.OPS`` except bucket and
 random_blocks. Leaves: i, j, b, h, n_q, n_k, param, input (BlockStat along i or j, or a
 point read by b / h / constants). Anything else: :func:`render_tile_kernel` returns None.
 
-At run time ``_block_lists_fast`` falls back to the torch path when ``call.for_backward``
-is set (the torch path then also keeps the transposed lists for the backward), when an
-input is missing or has an unexpected rank, size or dtype (the torch path raises its
-error), or when a size is 0.
+At run time ``_tile_lists`` falls back to the torch path when an input is missing or has
+an unexpected rank, size or dtype (the torch path raises its error), or when a size is 0.
 """
 from __future__ import annotations
 
@@ -215,6 +220,15 @@ def _tk_select(mt, mf, a, b, c, d, PY: tl.constexpr):
         lo = tl.where(both, _tk_min(a, c), tl.where(mt, a, c))
         hi = tl.where(both, _tk_max(b, d), tl.where(mt, b, d))
     return lo, hi""",
+    "_tk_append": """
+@triton.jit
+def _tk_append(row_ptr, hit, blocks, valid, count, width):
+    # compaction of one chunk into a list row: the hit blocks from the front in block order, the
+    # others from the back (so every entry of the row is some block index); returns the new count
+    hit = tl.where(valid, hit, False).to(tl.int32)
+    before = count + tl.cumsum(hit, 0) - hit
+    tl.store(row_ptr + tl.where(hit != 0, before, width - 1 - (blocks - before)), blocks, mask=valid)
+    return count + tl.sum(hit, 0)""",
 }
 
 
@@ -748,6 +762,11 @@ _CHUNK_ROWS = {
 }
 
 
+# Coordinates a body may define, each after those it uses (dropped in this order when unused).
+_COORDINATES = ("pos_q", "pos_k", "i_lo", "i_hi", "j_lo", "j_hi", "q_start", "k_start", "h_f", "b_f", "h64", "b64",
+                "h", "b")
+
+
 def _render_body(g: _Gen, body: _Body, params: List[str]) -> str:
     mt, mf = g.kv(g.result)
     cols = body is _COLS
@@ -766,21 +785,19 @@ def _render_body(g: _Gen, body: _Body, params: List[str]) -> str:
     inner, n_inner = body.inner, body.n_inner
     loop_head = [f"{inner} = c0 + lanes", f"valid = {inner} < {n_inner}"] + _OWN[inner]
     loop_head += [_CHUNK_ROWS[inner]] if needs_rows[inner] else []
-    # the batch / head coordinates the grid lines use
-    for name in ("h_f", "b_f", "h64", "b64", "h", "b"):
-        own = next(line for line in head if line.startswith(f"{name} = "))
-        if not re.search(rf"\b{name}\b", "\n".join([x for x in head if x is not own] + g.consts + pre + loop)):
-            head.remove(own)
     tail = [f"cls = tl.where({mt}, tl.where({mf}, 1, 2), 0) + tl.zeros([CHUNK], tl.int32)",
             "# a short last key block is never FULL (the attention kernels mask its tail)",
             "cls = tl.where(cls == 2, tl.where(kb == nkb - 1, tl.where(Nk % BLOCK_N != 0, 1, 2), 2), cls)",
-            f"# compaction: this class's blocks from the front of the row in {inner} order, the others from the back"]
-    for cls, count, row_ptr in ((2, "n_full", "full_row"), (1, "n_part", "part_row")):
-        tail += [f"hit = ((cls == {cls}) & valid).to(tl.int32)",
-                 f"before = {count} + tl.cumsum(hit, 0) - hit",
-                 f"tl.store({row_ptr} + tl.where(hit != 0, before, {n_inner} - 1 - ({inner} - before)), {inner}, "
-                 "mask=valid)",
-                 f"{count} += tl.sum(hit, 0)"]
+            f"n_full = _tk_append(full_row, cls == 2, {inner}, valid, n_full, {n_inner})",
+            f"n_part = _tk_append(part_row, cls == 1, {inner}, valid, n_part, {n_inner})"]
+    # only the coordinates the mask uses (b, h, positions)
+    parts = [head, g.consts, pre, loop_head, loop, tail]
+    for name in _COORDINATES:
+        for part in (head, loop_head):
+            own = next((line for line in part if line.startswith(f"{name} = ")), None)
+            if own is not None and not re.search(rf"\b{name}\b",
+                                                 "\n".join(x for p in parts for x in p if x is not own)):
+                part.remove(own)
     return (
         "@triton.jit\n"
         f"def {body.name}(out_ptr, pid, bh, n_bh, {', '.join(params)},\n"
