@@ -166,7 +166,8 @@ MASK_TILES = _tiles.IntervalProgram(
 
 
 # Block lists from one Triton kernel (attncc.codegen.tile_kernel) for pattern padding: the same lists as
-# _rt.blocks.block_lists(_TK_PROGRAM, call, block_m, block_n, dynamic=True), in one launch.
+# _rt.blocks.classified_lists(_TK_PROGRAM, call, block_m, block_n, dynamic=True, transposed=...),
+# forward and transposed, in one launch.
 _TK_PROGRAM = _rt.tiles.IntervalProgram(
     leaves=(
         ('j', 'j', ()),
@@ -186,92 +187,138 @@ def _tk_not(x):
 
 
 @triton.jit
-def _tk_kernel(out_ptr, nkb, Nq, Nk, q_offset, k_offset, Hl, in_kv_len, in_kv_len_s0,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BM_P: tl.constexpr, BN_P: tl.constexpr,
-               KB_CHUNK: tl.constexpr):
-    # one program per (query block, b or 0, h or 0): classify every key block, compact the lists
-    qb = tl.program_id(0)
-    bh = tl.program_id(1)
-    nqb = tl.num_programs(0)
+def _tk_append(row_ptr, hit, blocks, valid, count, width):
+    # compaction of one chunk into a list row: the hit blocks from the front in block order, the
+    # others from the back (so every entry of the row is some block index); returns the new count
+    hit = tl.where(valid, hit, False).to(tl.int32)
+    before = count + tl.cumsum(hit, 0) - hit
+    tl.store(row_ptr + tl.where(hit != 0, before, width - 1 - (blocks - before)), blocks, mask=valid)
+    return count + tl.sum(hit, 0)
+
+
+@triton.jit
+def _tk_rows(out_ptr, pid, bh, n_bh, nqb, nkb, Nq, Nk, q_offset, k_offset, Hl, in_kv_len, in_kv_len_s0,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BM_P: tl.constexpr, BN_P: tl.constexpr,
+             CHUNK: tl.constexpr):
+    """The forward lists: per query block, its key blocks."""
+    qb = pid
     b = bh // Hl
-    h = bh % Hl
     b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
-    b_f = b.to(tl.float64)
-    h_f = h.to(tl.float64)
     row = bh * nqb + qb  # row of the [Bl, Hl, nqb] lists
-    R = tl.num_programs(1) * nqb  # rows per list
+    R = n_bh * nqb  # rows per list
     # out_ptr: [full counts | partial counts | full index | partial index], each 16-byte aligned
     R_pad = (R + 3) // 4 * 4
     full_row = out_ptr + 2 * R_pad + row.to(tl.int64) * nkb
     part_row = full_row + (R.to(tl.int64) * nkb + 3) // 4 * 4
-    q_start = qb * BLOCK_M
-    i_lo = (q_offset + q_start).to(tl.float64)
-    i_hi = (q_offset + tl.minimum(q_start + BLOCK_M, Nq) - 1).to(tl.float64)
     x1 = tl.load(in_kv_len + b64 * in_kv_len_s0).to(tl.float64)
     n_full = tl.full([], 0, tl.int32)
     n_part = tl.full([], 0, tl.int32)
-    lanes = tl.arange(0, KB_CHUNK)
-    for c0 in range(0, nkb, KB_CHUNK):
+    lanes = tl.arange(0, CHUNK)
+    for c0 in range(0, nkb, CHUNK):
         kb = c0 + lanes
         valid = kb < nkb
         k_start = kb * BLOCK_N
         j_lo = (k_offset + k_start).to(tl.float64)
         j_hi = (k_offset + tl.minimum(k_start + BLOCK_N, Nk) - 1).to(tl.float64)
         v2_t, v2_f = _tk_not(j_lo >= x1), _tk_not(j_hi < x1)
-        cls = tl.where(v2_t, tl.where(v2_f, 1, 2), 0) + tl.zeros([KB_CHUNK], tl.int32)
-        # a short last key block is never FULL (the attention kernel masks its tail)
-        cls = tl.where((cls == 2) & (kb == nkb - 1), tl.where(Nk % BLOCK_N != 0, 1, 2), cls)
-        # compaction: this class's blocks from the front of the row in kb order, the others from the back
-        hit = ((cls == 2) & valid).to(tl.int32)
-        before = n_full + tl.cumsum(hit, 0) - hit
-        tl.store(full_row + tl.where(hit != 0, before, nkb - 1 - (kb - before)), kb, mask=valid)
-        n_full += tl.sum(hit, 0)
-        hit = ((cls == 1) & valid).to(tl.int32)
-        before = n_part + tl.cumsum(hit, 0) - hit
-        tl.store(part_row + tl.where(hit != 0, before, nkb - 1 - (kb - before)), kb, mask=valid)
-        n_part += tl.sum(hit, 0)
+        cls = tl.where(v2_t, tl.where(v2_f, 1, 2), 0) + tl.zeros([CHUNK], tl.int32)
+        # a short last key block is never FULL (the attention kernels mask its tail)
+        cls = tl.where(cls == 2, tl.where(kb == nkb - 1, tl.where(Nk % BLOCK_N != 0, 1, 2), 2), cls)
+        n_full = _tk_append(full_row, cls == 2, kb, valid, n_full, nkb)
+        n_part = _tk_append(part_row, cls == 1, kb, valid, n_part, nkb)
     tl.store(out_ptr + row, n_full)
     tl.store(out_ptr + R_pad + row, n_part)
 
 
-def _block_lists_fast(call, block_m, block_n):
-    """(full_count, full_index, partial_count, partial_index, stride_b, stride_h, stride_q, width):
-    the tile lists of this call, computed by one kernel launch (no host synchronization)."""
+@triton.jit
+def _tk_cols(out_ptr, pid, bh, n_bh, nqb, nkb, Nq, Nk, q_offset, k_offset, Hl, in_kv_len, in_kv_len_s0,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BM_P: tl.constexpr, BN_P: tl.constexpr,
+             CHUNK: tl.constexpr):
+    """The transposed lists (the dK/dV kernel's): per key block, the query blocks that see it."""
+    kb = pid
+    b = bh // Hl
+    b64 = b.to(tl.int64)
+    row = bh * nkb + kb  # row of the [Bl, Hl, nkb] lists
+    R = n_bh * nkb  # rows per list
+    # out_ptr: [full counts | partial counts | full index | partial index], each 16-byte aligned
+    R_pad = (R + 3) // 4 * 4
+    full_row = out_ptr + 2 * R_pad + row.to(tl.int64) * nqb
+    part_row = full_row + (R.to(tl.int64) * nqb + 3) // 4 * 4
+    k_start = kb * BLOCK_N
+    j_lo = (k_offset + k_start).to(tl.float64)
+    j_hi = (k_offset + tl.minimum(k_start + BLOCK_N, Nk) - 1).to(tl.float64)
+    x1 = tl.load(in_kv_len + b64 * in_kv_len_s0).to(tl.float64)
+    v2_t, v2_f = _tk_not(j_lo >= x1), _tk_not(j_hi < x1)
+    n_full = tl.full([], 0, tl.int32)
+    n_part = tl.full([], 0, tl.int32)
+    lanes = tl.arange(0, CHUNK)
+    for c0 in range(0, nqb, CHUNK):
+        qb = c0 + lanes
+        valid = qb < nqb
+        cls = tl.where(v2_t, tl.where(v2_f, 1, 2), 0) + tl.zeros([CHUNK], tl.int32)
+        # a short last key block is never FULL (the attention kernels mask its tail)
+        cls = tl.where(cls == 2, tl.where(kb == nkb - 1, tl.where(Nk % BLOCK_N != 0, 1, 2), 2), cls)
+        n_full = _tk_append(full_row, cls == 2, qb, valid, n_full, nqb)
+        n_part = _tk_append(part_row, cls == 1, qb, valid, n_part, nqb)
+    tl.store(out_ptr + row, n_full)
+    tl.store(out_ptr + R_pad + row, n_part)
+
+
+@triton.jit
+def _tk_kernel(out_ptr, nqb, nkb, Nq, Nk, q_offset, k_offset, Hl, in_kv_len, in_kv_len_s0,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BM_P: tl.constexpr, BN_P: tl.constexpr,
+               ROW_CHUNK: tl.constexpr, COL_CHUNK: tl.constexpr):
+    # programs [0, nqb) of axis 0: one query block each, the forward lists; [nqb, nqb + nkb) (launched
+    # when a backward follows): one key block each, the transposed lists, stored after the forward's.
+    # Axis 1: b or 0, h or 0.
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    n_bh = tl.num_programs(1)
+    if pid < nqb:
+        _tk_rows(out_ptr, pid, bh, n_bh, nqb, nkb, Nq, Nk, q_offset, k_offset, Hl, in_kv_len, in_kv_len_s0,
+                 BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BM_P=BM_P, BN_P=BN_P, CHUNK=ROW_CHUNK)
+    else:
+        R = n_bh * nqb
+        cols_ptr = out_ptr + 2 * ((R + 3) // 4 * 4) + 2 * ((R.to(tl.int64) * nkb + 3) // 4 * 4)
+        _tk_cols(cols_ptr, pid - nqb, bh, n_bh, nqb, nkb, Nq, Nk, q_offset, k_offset, Hl, in_kv_len, in_kv_len_s0,
+                 BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BM_P=BM_P, BN_P=BN_P, CHUNK=COL_CHUNK)
+
+
+def _tile_lists(call, block_m, block_n, transposed):
+    """(forward lists, transposed lists or None) of this call's tiles, each a tuple
+    (full_count, full_index, partial_count, partial_index, stride_b, stride_h, stride_row, width),
+    from one kernel launch (no host synchronization)."""
     B, H, Nq, Nk = call.B, call.Hq, call.Nq, call.Nk
     nqb, nkb = -(-Nq // block_m), -(-Nk // block_n)
     Bl, Hl = B, 1
     t_kv_len = call.inputs.get('kv_len')
-    if (getattr(call, "for_backward", None) is not None
-        or nqb == 0 or nkb == 0 or B == 0 or H == 0 or Bl * Hl > 65535
+    if (nqb == 0 or nkb == 0 or B == 0 or H == 0 or Bl * Hl > 65535
         or t_kv_len is None
         or t_kv_len.dim() != 1
         or t_kv_len.dtype not in _TK_INPUT_DTYPES
         or (t_kv_len.shape[0] != 1 and t_kv_len.shape[0] < B)):
-        return _rt.blocks.block_lists(_TK_PROGRAM, call, block_m, block_n, dynamic=True)  # backward lists wanted, missing / malformed inputs, empty shapes
+        return _rt.blocks.classified_lists(_TK_PROGRAM, call, block_m, block_n, dynamic=True, transposed=transposed)  # missing / malformed inputs, empty shapes
     if t_kv_len.dtype == torch.bool:
         t_kv_len = t_kv_len.view(torch.uint8)
-    BN_P = triton.next_power_of_2(block_n)
-    # one allocation, four views: [full counts | partial counts | full index | partial index],
-    # each starting 16-byte aligned (as the kernel computes them)
-    R = Bl * Hl * nqb
-    R_pad, RK_pad = (R + 3) // 4 * 4, (R * nkb + 3) // 4 * 4
-    out = torch.empty(2 * (R_pad + RK_pad), dtype=torch.int32, device=call.q.device)
-    _tk_kernel[(nqb, Bl * Hl)](
-        out, nkb, Nq, Nk, call.q_offset, call.k_offset, Hl,
+    BM_P, BN_P = triton.next_power_of_2(block_m), triton.next_power_of_2(block_n)
+    # one allocation: the forward lists, then (transposed) the transposed lists, each in the
+    # layout of _rt.blocks.packed_lists
+    rows_size = _rt.blocks.packed_size(Bl * Hl * nqb, nkb)
+    size = rows_size + (_rt.blocks.packed_size(Bl * Hl * nkb, nqb) if transposed else 0)
+    out = torch.empty(size, dtype=torch.int32, device=call.q.device)
+    _tk_kernel[(nqb + (nkb if transposed else 0), Bl * Hl)](
+        out, nqb, nkb, Nq, Nk, call.q_offset, call.k_offset, Hl,
         t_kv_len, (t_kv_len.stride(0) if t_kv_len.shape[0] != 1 else 0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BM_P=triton.next_power_of_2(block_m), BN_P=BN_P, KB_CHUNK=64,
+        BLOCK_M=block_m, BLOCK_N=block_n, BM_P=BM_P, BN_P=BN_P,
+        ROW_CHUNK=64, COL_CHUNK=64,
         num_warps=4, enable_fp_fusion=False,
     )
-    cs, ks = (Hl * nqb, nqb, 1), (Hl * nqb * nkb, nqb * nkb, nkb, 1)
-    return (out.as_strided((Bl, Hl, nqb), cs, 0), out.as_strided((Bl, Hl, nqb, nkb), ks, 2 * R_pad),
-            out.as_strided((Bl, Hl, nqb), cs, R_pad), out.as_strided((Bl, Hl, nqb, nkb), ks, 2 * R_pad + RK_pad),
-            Hl * nqb if Bl > 1 else 0, nqb if Hl > 1 else 0, 1, nkb)
-
+    lists = _rt.blocks.packed_lists(out, 0, Bl, Hl, nqb, nkb)
+    return lists, (_rt.blocks.packed_lists(out, rows_size, Bl, Hl, nkb, nqb) if transposed else None)
 
 
 def _block_lists(call, block_m, block_n):
-    return _block_lists_fast(call, block_m, block_n)
+    return _rt.blocks.block_lists(MASK_TILES, call, block_m, block_n, dynamic=True, kernel=_tile_lists)
 
 
 
@@ -590,7 +637,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
 
 def _backward_block_lists(call, block_m, block_n):
     """(forward lists, transposed lists) of this call's tiles: the ones its forward kept, or classified now."""
-    return _rt.blocks.backward_block_lists(MASK_TILES, call, block_m, block_n, dynamic=True)
+    return _rt.blocks.backward_block_lists(MASK_TILES, call, block_m, block_n, dynamic=True, kernel=_tile_lists)
 
 
 def _backward(call, o, lse, do):

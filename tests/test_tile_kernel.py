@@ -1,5 +1,6 @@
-"""attncc.codegen.tile_kernel: the one-kernel block lists equal the torch path's
-(tiles.classify_grid + tiles.to_block_lists), under the Triton interpreter."""
+"""attncc.codegen.tile_kernel: the one-kernel block lists (forward and transposed) equal the
+torch path's (tiles.classify_grid + tiles.to_block_lists) and brute force, under the Triton
+interpreter."""
 from __future__ import annotations
 
 import importlib.util
@@ -11,6 +12,7 @@ import torch
 
 import attncc.runtime as _rt
 from attncc.analysis import analyze
+from attncc._reference import pair_mask
 from attncc.codegen.tile_kernel import render_tile_kernel
 from attncc.runtime.tiles import BlockStat, IntervalProgram
 from attncc.spec import parse_spec
@@ -22,7 +24,7 @@ _MODULES = {}
 
 @pytest.fixture(scope="module")
 def build(tmp_path_factory):
-    """program -> the generated module's _block_lists_fast (a real file: @triton.jit reads its source)."""
+    """program -> the generated module's _tile_lists (a real file: @triton.jit reads its source)."""
     root = tmp_path_factory.mktemp("tile_kernels")
 
     def _build(program, pattern=None):
@@ -35,7 +37,7 @@ def build(tmp_path_factory):
             spec = importlib.util.spec_from_file_location(name, path)
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
-            _MODULES[program] = module._block_lists_fast
+            _MODULES[program] = module._tile_lists
         return _MODULES[program]
 
     return _build
@@ -96,12 +98,20 @@ def assert_same(fast, ref, B, H, shapes=True, dtypes=True):
         assert ((x >= 0) & (x < width)).all()
 
 
-def check(build, program, call, blocks, pattern=None, shapes=True):
+def check(build, program, call, blocks, pattern=None, shapes=True, transposed=True):
+    """The kernel's forward (and, ``transposed``: for the first tile shape, transposed) lists equal
+    the torch path's, tile shape by tile shape. Returns the kernel's lists of the last shape."""
     fast_fn = build(program, pattern)
-    for bm, bn in blocks:
-        ref = _rt.blocks.block_lists(program, call, bm, bn, dynamic=True)
-        fast = fast_fn(call, bm, bn)
+    for k, (bm, bn) in enumerate(blocks):
+        both = transposed and k == 0
+        ref, ref_t = _rt.blocks.classified_lists(program, call, bm, bn, dynamic=True, transposed=both)
+        fast, fast_t = fast_fn(call, bm, bn, both)
         assert_same(fast, ref, call.B, call.Hq, shapes)
+        if both:
+            assert_same(fast_t, ref_t, call.B, call.Hq, shapes)
+        else:
+            assert fast_t is None
+    return fast, fast_t
 
 
 BLOCKS = [(16, 16), (32, 16), (16, 64)]
@@ -173,7 +183,7 @@ def test_inline_masks(build, name):
         if name == "doc_window" and k:
             kw["w"] = 3
         call = make_call(spec_info(p), **shape, **kw)
-        check(build, plan.classifier, call, BLOCKS[k:k + 2], p)
+        check(build, plan.classifier, call, BLOCKS[k:k + 2], p, transposed=k == 0)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "int64", "bool"])
@@ -184,7 +194,7 @@ def test_input_dtypes(build, dtype):
     x = torch.randn(2, 100, generator=torch.Generator().manual_seed(0)) * 3
     x = x > 0.8 if dtype == "bool" else x.round().to(torch.int64) if dtype == "int64" else x.to(getattr(torch, dtype))
     call = make_call(spec_info(p), Nq=70, Nk=90, q_offset=5, sc=x)
-    check(build, program, call, [(16, 16), (32, 16)], p)
+    check(build, program, call, [(16, 16), (32, 16)], p, transposed=dtype == "bool")
 
 
 @pytest.mark.parametrize("name", SOFTMAX)
@@ -225,14 +235,147 @@ def test_falls_back_to_the_torch_path(build):
     with pytest.raises(ValueError):
         _rt.blocks.block_lists(program, call, 16, 16, dynamic=True)
     with pytest.raises(ValueError):
-        fast(call, 16, 16)
+        fast(call, 16, 16, True)
     call = make_call(spec_info(p), Nq=20, Nk=0, doc=torch.zeros(2, 20, dtype=torch.int32))
-    assert_same(fast(call, 16, 16), _rt.blocks.block_lists(program, call, 16, 16, dynamic=True), 2, 2, dtypes=False)
-    # a backward will follow: the torch path runs (and keeps the transposed lists)
-    call = make_call(spec_info(p), Nq=20, Nk=20, doc=torch.zeros(2, 20, dtype=torch.int32))
+    ref, ref_t = _rt.blocks.classified_lists(program, call, 16, 16, dynamic=True, transposed=True)
+    got, got_t = fast(call, 16, 16, True)
+    assert_same(got, ref, 2, 2, dtypes=False)
+    assert_same(got_t, ref_t, 2, 2, dtypes=False)
+
+
+# ---------------------------------------------------------------------------
+# The transposed lists (the dK/dV kernel's) against brute force, and the
+# forward -> backward hand-over of runtime.blocks
+# ---------------------------------------------------------------------------
+
+def tile_truth(allowed, bm, bn):
+    """From a pair mask [B, H, Nq, Nk]: per tile, whether some pair is allowed and whether all are
+    (the last key block, when short, counted as not all)."""
+    B, H, Nq, Nk = allowed.shape
+    nqb, nkb = -(-Nq // bm), -(-Nk // bn)
+    padded = torch.zeros(B, H, nqb * bm, nkb * bn, dtype=torch.bool)
+    padded[..., :Nq, :Nk] = allowed
+    tiles_ = padded.view(B, H, nqb, bm, nkb, bn)
+    some = tiles_.any(5).any(3)
+    inside = torch.zeros(nqb * bm, nkb * bn, dtype=torch.bool)
+    inside[:Nq, :] = True
+    inside[:, Nk:] = False
+    all_ = (tiles_ | ~inside.view(1, 1, nqb, bm, nkb, bn)).all(5).all(3)
+    if Nk % bn:
+        all_[..., -1] = False
+    return some, all_
+
+
+def listed(lists, b, h, r):
+    """(FULL set, PARTIAL set) of row r of (b, h), as the kernels read them (sorted, no repeats)."""
+    fc, fi, pc, pi, sb, sh, sq, width = lists
+    row = b * sb + h * sh + r * sq
+    out = []
+    for c, i in ((fc, fi), (pc, pi)):
+        n = int(c.reshape(-1)[row])
+        got = i.reshape(-1, width)[row, :n].tolist()
+        assert got == sorted(set(got)) and all(0 <= x < width for x in got)
+        out.append(set(got))
+    assert not out[0] & out[1]
+    return out
+
+
+def assert_sound_and_transposed(lists, lists_t, allowed, bm, bn):
+    """Every tile with an allowed pair is listed, FULL only where every pair is allowed, and the
+    transposed lists hold exactly the forward lists' tiles, per class."""
+    some, all_ = tile_truth(allowed, bm, bn)
+    B, H, nqb, nkb = some.shape
+    for b in range(B):
+        for h in range(H):
+            rows = [listed(lists, b, h, qb) for qb in range(nqb)]
+            for kb in range(nkb):
+                full_t, part_t = listed(lists_t, b, h, kb)
+                assert full_t == {qb for qb in range(nqb) if kb in rows[qb][0]}, (b, h, kb)
+                assert part_t == {qb for qb in range(nqb) if kb in rows[qb][1]}, (b, h, kb)
+                for qb in range(nqb):
+                    if some[b, h, qb, kb]:
+                        assert qb in full_t | part_t, (b, h, qb, kb)
+                    if qb in full_t:
+                        assert all_[b, h, qb, kb], (b, h, qb, kb)
+
+
+# (Nq, Nk, q_offset, k_offset, tile shapes): ragged last blocks, Nq != Nk, offsets
+BRUTE_SHAPES = [(45, 45, 0, 0, [(16, 16), (32, 16)]), (37, 70, 9, 0, [(16, 32), (64, 16)]),
+                (50, 33, 0, 17, [(16, 16)]), (64, 64, 0, 0, [(16, 16), (32, 64)])]
+
+
+def _documents_case(kind, B, n, gen):
+    if kind == "singletons":  # every document of length 1
+        return torch.arange(n, dtype=torch.int32).repeat(B, 1)
+    if kind == "one":
+        return torch.zeros(B, n, dtype=torch.int32)
+    return documents(B, n, gen)
+
+
+@pytest.mark.parametrize("kind, shape", [("random", 0), ("singletons", 1), ("one", 2), ("random", 3)])
+def test_document_lists_brute_force(build, kind, shape):
+    p = spec_pattern("document")
+    program = analyze(p).classifier
+    Nq, Nk, qo, ko, blocks = BRUTE_SHAPES[shape]
+    n = max(qo + Nq, ko + Nk)
+    doc = _documents_case(kind, 2, n, torch.Generator().manual_seed(shape))
+    call = make_call(spec_info(p), Nq=Nq, Nk=Nk, q_offset=qo, k_offset=ko, doc=doc)
+    allowed = pair_mask(p, q_rows=Nq, k_rows=Nk, q_offset=qo, k_offset=ko, batch=2, heads=2, inputs={"doc": doc})
+    for bm, bn in blocks:
+        lists, lists_t = check(build, program, call, [(bm, bn)], p)
+        assert_sound_and_transposed(lists, lists_t, allowed, bm, bn)
+
+
+@pytest.mark.parametrize("shape", [1, 2])
+def test_padding_lists_brute_force(build, shape):
+    """kv_len 0 (rows of padding only), inside a block, on a block edge, past the keys."""
+    p = spec_pattern("padding")
+    program = analyze(p).classifier
+    Nq, Nk, qo, ko, blocks = BRUTE_SHAPES[shape]
+    kv_len = torch.tensor([0, 16, ko + Nk // 2 + 1, ko + Nk + 5], dtype=torch.int32)
+    call = make_call(spec_info(p), B=4, Nq=Nq, Nk=Nk, q_offset=qo, k_offset=ko, kv_len=kv_len)
+    allowed = pair_mask(p, q_rows=Nq, k_rows=Nk, q_offset=qo, k_offset=ko, batch=4, heads=2,
+                        inputs={"kv_len": kv_len})
+    for bm, bn in blocks:
+        lists, lists_t = check(build, program, call, [(bm, bn)], p)
+        assert_sound_and_transposed(lists, lists_t, allowed, bm, bn)
+        assert int(lists_t[0][0].sum()) == int(lists_t[2][0].sum()) == 0  # kv_len 0: no tile listed
+
+
+def test_forward_lists_alone(build):
+    """transposed=False: one orientation, the same forward lists."""
+    p = spec_pattern("document")
+    doc = documents(2, 70, torch.Generator().manual_seed(3))
+    call = make_call(spec_info(p), Nq=45, Nk=70, q_offset=25, doc=doc)
+    check(build, analyze(p).classifier, call, [(16, 32)], p, transposed=False)
+
+
+def test_backward_lists_per_tile_shape(build, monkeypatch):
+    """Forward and backward share the forward's launch; another tile shape (dK/dV's or dQ's own)
+    costs one launch, once per call; the torch path never runs."""
+    p = spec_pattern("document")
+    program = analyze(p).classifier
+    fast = build(program, p)
+    launches = []
+    kernel = lambda *a: launches.append(a[1:]) or fast(*a)  # noqa: E731
+    monkeypatch.setattr(_rt.blocks, "_classify", lambda *a, **k: pytest.fail("torch path"))
+    doc = documents(2, 50, torch.Generator().manual_seed(4))
+    call = make_call(spec_info(p), Nq=50, Nk=50, doc=doc)
     call.for_backward = {}
-    fast(call, 16, 16)
-    assert ("block_lists", 16, 16) in call.for_backward
+    fwd = _rt.blocks.block_lists(program, call, 32, 16, dynamic=True, kernel=kernel)
+    assert launches == [(32, 16, True)]
+    lists, lists_t = _rt.blocks.backward_block_lists(program, call, 32, 16, dynamic=True, kernel=kernel)
+    assert lists is fwd and launches == [(32, 16, True)]
+    for _ in range(2):
+        other, other_t = _rt.blocks.backward_block_lists(program, call, 16, 32, dynamic=True, kernel=kernel)
+    assert launches == [(32, 16, True), (16, 32, True)]
+    allowed = pair_mask(p, q_rows=50, k_rows=50, batch=2, heads=2, inputs={"doc": doc})
+    assert_sound_and_transposed(lists, lists_t, allowed, 32, 16)
+    assert_sound_and_transposed(other, other_t, allowed, 16, 32)
+    # no backward follows: forward lists only
+    call.for_backward = None
+    _rt.blocks.block_lists(program, call, 32, 16, dynamic=True, kernel=kernel)
+    assert launches[-1] == (32, 16, False)
 
 
 # ---------------------------------------------------------------------------
@@ -330,11 +473,13 @@ def test_random_programs(build, seed):
         call = make_call(_FUZZ_INFO, B=B, Hq=H, **shape, **kw)
         bm, bn = [(16, 16), (16, 32), (32, 16)][k % 3]
         try:
-            ref = _rt.blocks.block_lists(program, call, bm, bn, dynamic=True)
+            ref, ref_t = _rt.blocks.classified_lists(program, call, bm, bn, dynamic=True, transposed=True)
         except (ValueError, OverflowError, ZeroDivisionError):
             continue
-        fast = build(program)(call, bm, bn)
+        fast, fast_t = build(program)(call, bm, bn, k % 2 == 1)
         # shapes may differ where tiles drops a broadcast dim at run time (mul by a host 0): compare rows
         assert_same(fast, ref, B, H, shapes=False)
+        if k % 2 == 1:
+            assert_same(fast_t, ref_t, B, H, shapes=False)
         tested += 1
     assert tested == 5

@@ -218,10 +218,11 @@ def _tile_hint(plan) -> str:
 def _program_context(plan) -> dict:
     program = getattr(plan, "classifier", None)
     if plan.iteration.value != "block_list" or program is None:
-        return dict(program_leaves=[], program_steps=[], program_result="", tile_kernel=None)
+        return dict(program_leaves=[], program_steps=[], program_result="", tile_kernel=None, list_kernel_arg="")
+    tile_kernel = render_tile_kernel(program, plan.pattern) if plan.dynamic else None
     return dict(program_leaves=[repr(leaf) for leaf in program.leaves],
                 program_steps=[repr(step) for step in program.steps], program_result=program.result,
-                tile_kernel=render_tile_kernel(program, plan.pattern) if plan.dynamic else None)
+                tile_kernel=tile_kernel, list_kernel_arg=", kernel=_tile_lists" if tile_kernel else "")
 
 
 def _fold(fn: str, items: List[str]) -> str:

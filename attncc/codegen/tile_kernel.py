@@ -1,19 +1,26 @@
-"""IntervalProgram -> one Triton kernel that builds the per-call block lists.
+"""IntervalProgram -> one Triton kernel that builds the per-call block lists, forward and transposed.
 
 ``tiles.classify_grid`` + ``tiles.to_block_lists`` run a mask's interval program as ~50
 small torch ops per call. :func:`render_tile_kernel` compiles the same program into one
-``@triton.jit`` kernel plus a host function ``_block_lists_fast(call, block_m, block_n)``
-that returns exactly what ``_rt.blocks.block_lists(program, call, block_m, block_n,
-dynamic=True)`` returns: the same counts and the same indices (in increasing kb order)
-for every (b, h, qb). Entries of an index row past its count differ (the torch path
-writes 0; the kernel fills them with the other key blocks, all in ``[0, width)``).
+``@triton.jit`` kernel plus a host function ``_tile_lists(call, block_m, block_n, transposed)``
+that returns exactly what ``_rt.blocks.classified_lists(program, call, block_m, block_n,
+dynamic=True, transposed=transposed)`` returns: ``(lists, lists_t)``, the forward lists (per
+(b, h, qb): its FULL and PARTIAL key blocks) and, when ``transposed``, the lists the dK/dV
+kernel walks (per (b, h, kb): the query blocks that see it), else None; one launch either
+way. Same counts and same indices (in increasing block order) in every row; entries of an
+index row past its count differ (the torch path writes 0; the kernel fills them with the
+other blocks, all in ``[0, width)``). ``_rt.blocks`` takes it as ``kernel=`` and keeps the
+lists of a call that a backward follows, per tile shape, in ``call.for_backward``.
 
 How the kernel mirrors ``attncc.runtime.tiles``:
 
-- One program per (query block, b or 0, h or 0); only the grid dims the mask depends on
-  are walked (the lists have the same shapes as the torch path's). Key blocks go in chunks
-  of ``KB_CHUNK`` lanes; per-block min / max of inputs along positions are computed in the
-  kernel (clamped loads, like the torch path's "repeat the last row").
+- Axis 0 of the grid: one program per query block (``_tk_rows``, the forward lists), then,
+  when launched with them, one per key block (``_tk_cols``, the transposed lists); axis 1:
+  b or 0, h or 0, only the grid dims the mask depends on (the lists have the same shapes as
+  the torch path's). A program walks the other axis's blocks in chunks of ``CHUNK`` lanes;
+  per-block min / max of inputs along positions are computed in the kernel (clamped loads,
+  like the torch path's "repeat the last row"). Both bodies render the same grid lines;
+  only where they sit (before or inside the chunk loop) and the axis of the reductions differ.
 - Values are classified at generation time as *literal* (known now: folded by calling the
   ``tiles`` function itself), *host* (Python numbers at run time: params, ``n_q``, ``n_k``
   and steps over them; the host function computes them by calling the ``tiles`` functions,
@@ -30,10 +37,8 @@ literals / host values only may use any op of ``tiles.OPS`` except bucket and
 random_blocks. Leaves: i, j, b, h, n_q, n_k, param, input (BlockStat along i or j, or a
 point read by b / h / constants). Anything else: :func:`render_tile_kernel` returns None.
 
-At run time ``_block_lists_fast`` falls back to the torch path when ``call.for_backward``
-is set (the torch path then also keeps the transposed lists for the backward), when an
-input is missing or has an unexpected rank, size or dtype (the torch path raises its
-error), or when a size is 0.
+At run time ``_tile_lists`` falls back to the torch path when an input is missing or has
+an unexpected rank, size or dtype (the torch path raises its error), or when a size is 0.
 """
 from __future__ import annotations
 
@@ -215,6 +220,15 @@ def _tk_select(mt, mf, a, b, c, d, PY: tl.constexpr):
         lo = tl.where(both, _tk_min(a, c), tl.where(mt, a, c))
         hi = tl.where(both, _tk_max(b, d), tl.where(mt, b, d))
     return lo, hi""",
+    "_tk_append": """
+@triton.jit
+def _tk_append(row_ptr, hit, blocks, valid, count, width):
+    # compaction of one chunk into a list row: the hit blocks from the front in block order, the
+    # others from the back (so every entry of the row is some block index); returns the new count
+    hit = tl.where(valid, hit, False).to(tl.int32)
+    before = count + tl.cumsum(hit, 0) - hit
+    tl.store(row_ptr + tl.where(hit != 0, before, width - 1 - (blocks - before)), blocks, mask=valid)
+    return count + tl.sum(hit, 0)""",
 }
 
 
@@ -239,14 +253,16 @@ class _Val:
     """A program value. ``kind``: "num" (interval) or "tri" (tri-state).
     ``cat``: "lit" (``py`` holds the Python value), "host" (``py`` is the host variable's
     name) or "grid" (``a``, ``b``: kernel expressions of lo / hi or may_true / may_false).
-    ``jdep``: varies along key blocks (computed in the chunk loop). ``deps``: "b" / "h"."""
+    ``axes``: the tile axes it varies along, ``"i"`` (query blocks) and / or ``"j"`` (key
+    blocks): a value varying along the inner loop's axis is computed inside the chunk loop.
+    ``deps``: "b" / "h"."""
 
     kind: str
     cat: str
     py: object = None
     a: str = ""
     b: str = ""
-    jdep: bool = False
+    axes: frozenset = frozenset()
     deps: frozenset = frozenset()
 
 
@@ -293,8 +309,8 @@ def _is_number(x) -> bool:
 class _Gen:
     def __init__(self, program: IntervalProgram):
         self.program = program
-        self.pre: List[str] = []  # kernel lines before the key-block loop
-        self.loop: List[str] = []  # kernel lines inside it
+        # grid lines: (axes the line varies along, text in the rows body, text in the columns body)
+        self.lines: List[Tuple[frozenset, str, str]] = []
         self.consts: List[str] = []  # kernel lines: literals and host values as float64 / int1
         self.host_lines: List[str] = []  # host function lines computing host values
         self.host_args: List[Tuple[str, str]] = []  # (kernel param, host expression)
@@ -309,6 +325,10 @@ class _Gen:
     def fresh(self, base: str) -> str:
         self.n += 1
         return f"{base}{self.n}"
+
+    def line(self, axes: frozenset, text: str, cols_text: Optional[str] = None) -> None:
+        """A kernel line of a grid value (``cols_text``: where the columns body differs)."""
+        self.lines.append((axes, text, text if cols_text is None else cols_text))
 
     # -- making non-grid values available in the kernel ----------------------
     def kv(self, v: _Val) -> Tuple[str, str]:
@@ -366,12 +386,12 @@ class _Gen:
         return self.grid_expr(f"{fn}({', '.join(parts)})", sources or args)
 
     def grid_expr(self, expr: str, sources: List[_Val], kind: str = "num") -> _Val:
-        jdep = any(x.jdep for x in sources)
+        axes = frozenset().union(*[x.axes for x in sources])
         deps = frozenset().union(*[x.deps for x in sources if x.cat == "grid"])
         name = self.fresh("v")
         sa, sb = (f"{name}_t", f"{name}_f") if kind == "tri" else (f"{name}_lo", f"{name}_hi")
-        (self.loop if jdep else self.pre).append(f"{sa}, {sb} = {expr}")
-        return _Val(kind, "grid", a=sa, b=sb, jdep=jdep, deps=deps)
+        self.line(axes, f"{sa}, {sb} = {expr}")
+        return _Val(kind, "grid", a=sa, b=sb, axes=axes, deps=deps)
 
     def choose(self, flag: str, yes: _Val, no: _Val) -> _Val:
         """Per call (uniform) choice between two grid values."""
@@ -543,7 +563,7 @@ def _emit(g: _Gen, op: str, args: List[_Val], raw: tuple) -> _Val:
     if op in ("eq", "ne"):
         (a, b), (c, d) = kv(args[0]), kv(args[1])
         v = g.grid_expr(f"_tk_eq({a}, {b}, {c}, {d})", args, "tri")
-        return v if op == "eq" else _Val("tri", "grid", a=v.b, b=v.a, jdep=v.jdep, deps=v.deps)
+        return v if op == "eq" else _Val("tri", "grid", a=v.b, b=v.a, axes=v.axes, deps=v.deps)
     if op == "and_":
         (a, b), (c, d) = kv(args[0]), kv(args[1])
         return g.grid_expr(f"_tk_and({a}, {c}), _tk_or({b}, {d})", args, "tri")
@@ -552,7 +572,7 @@ def _emit(g: _Gen, op: str, args: List[_Val], raw: tuple) -> _Val:
         return g.grid_expr(f"_tk_or({a}, {c}), _tk_and({b}, {d})", args, "tri")
     if op == "not_":
         x = args[0]
-        return _Val("tri", "grid", a=x.b, b=x.a, jdep=x.jdep, deps=x.deps)
+        return _Val("tri", "grid", a=x.b, b=x.a, axes=x.axes, deps=x.deps)
     raise Unsupported(f"op {op!r}")  # const / span / unbounded / tri take literals only
 
 
@@ -562,9 +582,9 @@ def _emit(g: _Gen, op: str, args: List[_Val], raw: tuple) -> _Val:
 
 def _leaf(g: _Gen, name: str, kind: str, detail: tuple) -> _Val:
     if kind == "i":
-        return _Val("num", "grid", a="i_lo", b="i_hi")
+        return _Val("num", "grid", a="i_lo", b="i_hi", axes=frozenset("i"))
     if kind == "j":
-        return _Val("num", "grid", a="j_lo", b="j_hi", jdep=True)
+        return _Val("num", "grid", a="j_lo", b="j_hi", axes=frozenset("j"))
     if kind == "b":
         return _Val("num", "grid", a="b_f", b="b_f", deps=frozenset("b"))
     if kind == "h":
@@ -614,17 +634,21 @@ def _input_leaf(g: _Gen, stat: BlockStat) -> _Val:
     deps = frozenset(v for v in named if v in ("b", "h"))
     name = g.fresh("x")
     if not pos:
-        g.pre.append(f"{name} = tl.load({addr}).to(tl.float64)")
+        g.line(frozenset(), f"{name} = tl.load({addr}).to(tl.float64)")
         return _Val("num", "grid", a=name, b=name, deps=deps)
+    # pos_q / pos_k: the block's rows ([BM_P] / [BN_P]) in the body whose program owns the
+    # block, [CHUNK, BM_P] / [CHUNK, BN_P] where the block is one lane of the inner loop
     if pos == ["i"]:
         g.needs_pos_q = True
-        g.pre.append(f"{name} = tl.load({addr})")
-        g.pre.append(f"{name}_lo, {name}_hi = _tk_bmin({name}, 0), _tk_bmax({name}, 0)")
-        return _Val("num", "grid", a=f"{name}_lo", b=f"{name}_hi", deps=deps)
-    g.needs_pos_k = True
-    g.loop.append(f"{name} = tl.load({addr})")
-    g.loop.append(f"{name}_lo, {name}_hi = _tk_bmin({name}, 1), _tk_bmax({name}, 1)")
-    return _Val("num", "grid", a=f"{name}_lo", b=f"{name}_hi", jdep=True, deps=deps)
+        rows_axis, cols_axis = 0, 1
+    else:
+        g.needs_pos_k = True
+        rows_axis, cols_axis = 1, 0
+    axes = frozenset(pos)
+    reduce = "{name}_lo, {name}_hi = _tk_bmin({name}, {ax}), _tk_bmax({name}, {ax})"
+    g.line(axes, f"{name} = tl.load({addr})")
+    g.line(axes, reduce.format(name=name, ax=rows_axis), reduce.format(name=name, ax=cols_axis))
+    return _Val("num", "grid", a=f"{name}_lo", b=f"{name}_hi", axes=axes, deps=deps)
 
 
 # ---------------------------------------------------------------------------
@@ -695,8 +719,106 @@ def _indent(lines: List[str], n: int) -> str:
     return "".join(" " * n + line + "\n" for line in lines)
 
 
+@dataclass(frozen=True)
+class _Body:
+    """One orientation of the lists: each program owns one ``outer`` block and walks the
+    ``inner`` blocks in chunks of ``CHUNK`` lanes, compacting the FULL and PARTIAL ones."""
+
+    name: str  # the @triton.jit function
+    what: str  # its docstring
+    outer: str  # "qb" / "kb": the program's block
+    inner: str  # "kb" / "qb": the blocks listed per row
+    inner_axis: str  # "j" / "i": grid lines varying along it go inside the chunk loop
+    n_outer: str
+    n_inner: str
+
+
+_ROWS = _Body("_tk_rows", "The forward lists: per query block, its key blocks.", "qb", "kb", "j", "nqb", "nkb")
+_COLS = _Body("_tk_cols", "The transposed lists (the dK/dV kernel's): per key block, the query blocks that see it.",
+              "kb", "qb", "i", "nkb", "nqb")
+
+# Position intervals and clamped rows ("repeat the last row", as tiles._block_reduce) of a
+# block: for the program's own block (scalars, [BM_P] / [BN_P] rows) and for the chunk's
+# blocks (vectors, [CHUNK, BM_P] / [CHUNK, BN_P] rows).
+_OWN = {
+    "qb": ["q_start = qb * BLOCK_M",
+           "i_lo = (q_offset + q_start).to(tl.float64)",
+           "i_hi = (q_offset + tl.minimum(q_start + BLOCK_M, Nq) - 1).to(tl.float64)"],
+    "kb": ["k_start = kb * BLOCK_N",
+           "j_lo = (k_offset + k_start).to(tl.float64)",
+           "j_hi = (k_offset + tl.minimum(k_start + BLOCK_N, Nk) - 1).to(tl.float64)"],
+}
+_OWN_ROWS = {
+    "qb": "pos_q = (q_offset + tl.minimum(q_start + tl.minimum(tl.arange(0, BM_P), BLOCK_M - 1), Nq - 1)"
+          ").to(tl.int64)  # the query block's rows, the last one repeated",
+    "kb": "pos_k = (k_offset + tl.minimum(k_start + tl.minimum(tl.arange(0, BN_P), BLOCK_N - 1), Nk - 1)"
+          ").to(tl.int64)  # the key block's rows, the last one repeated",
+}
+_CHUNK_ROWS = {
+    "qb": "pos_q = (q_offset + tl.minimum(q_start[:, None] + tl.minimum(tl.arange(0, BM_P), BLOCK_M - 1)[None, :], "
+          "Nq - 1)).to(tl.int64)  # [CHUNK, BM_P] query rows, clamped",
+    "kb": "pos_k = (k_offset + tl.minimum(k_start[:, None] + tl.minimum(tl.arange(0, BN_P), BLOCK_N - 1)[None, :], "
+          "Nk - 1)).to(tl.int64)  # [CHUNK, BN_P] key rows, clamped",
+}
+
+
+# Coordinates a body may define, each after those it uses (dropped in this order when unused).
+_COORDINATES = ("pos_q", "pos_k", "i_lo", "i_hi", "j_lo", "j_hi", "q_start", "k_start", "h_f", "b_f", "h64", "b64",
+                "h", "b")
+
+
+def _render_body(g: _Gen, body: _Body, params: List[str]) -> str:
+    mt, mf = g.kv(g.result)
+    cols = body is _COLS
+    needs_rows = {"qb": g.needs_pos_q, "kb": g.needs_pos_k}
+    head = [f"{body.outer} = pid", "b = bh // Hl", "h = bh % Hl", "b64 = b.to(tl.int64)", "h64 = h.to(tl.int64)",
+            "b_f = b.to(tl.float64)", "h_f = h.to(tl.float64)",
+            f"row = bh * {body.n_outer} + {body.outer}  # row of the [Bl, Hl, {body.n_outer}] lists",
+            f"R = n_bh * {body.n_outer}  # rows per list",
+            "# out_ptr: [full counts | partial counts | full index | partial index], each 16-byte aligned",
+            "R_pad = (R + 3) // 4 * 4",
+            f"full_row = out_ptr + 2 * R_pad + row.to(tl.int64) * {body.n_inner}",
+            f"part_row = full_row + (R.to(tl.int64) * {body.n_inner} + 3) // 4 * 4"]
+    head += _OWN[body.outer] + ([_OWN_ROWS[body.outer]] if needs_rows[body.outer] else [])
+    pre = [(c if cols else r) for axes, r, c in g.lines if body.inner_axis not in axes]
+    loop = [(c if cols else r) for axes, r, c in g.lines if body.inner_axis in axes]
+    inner, n_inner = body.inner, body.n_inner
+    loop_head = [f"{inner} = c0 + lanes", f"valid = {inner} < {n_inner}"] + _OWN[inner]
+    loop_head += [_CHUNK_ROWS[inner]] if needs_rows[inner] else []
+    tail = [f"cls = tl.where({mt}, tl.where({mf}, 1, 2), 0) + tl.zeros([CHUNK], tl.int32)",
+            "# a short last key block is never FULL (the attention kernels mask its tail)",
+            "cls = tl.where(cls == 2, tl.where(kb == nkb - 1, tl.where(Nk % BLOCK_N != 0, 1, 2), 2), cls)",
+            f"n_full = _tk_append(full_row, cls == 2, {inner}, valid, n_full, {n_inner})",
+            f"n_part = _tk_append(part_row, cls == 1, {inner}, valid, n_part, {n_inner})"]
+    # only the coordinates the mask uses (b, h, positions)
+    parts = [head, g.consts, pre, loop_head, loop, tail]
+    for name in _COORDINATES:
+        for part in (head, loop_head):
+            own = next((line for line in part if line.startswith(f"{name} = ")), None)
+            if own is not None and not re.search(rf"\b{name}\b",
+                                                 "\n".join(x for p in parts for x in p if x is not own)):
+                part.remove(own)
+    return (
+        "@triton.jit\n"
+        f"def {body.name}(out_ptr, pid, bh, n_bh, {', '.join(params)},\n"
+        "             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BM_P: tl.constexpr, BN_P: tl.constexpr,\n"
+        "             CHUNK: tl.constexpr):\n"
+        f'    """{body.what}"""\n'
+        + _indent(head, 4)
+        + _indent(g.consts, 4)
+        + _indent(pre, 4)
+        + "    n_full = tl.full([], 0, tl.int32)\n"
+        "    n_part = tl.full([], 0, tl.int32)\n"
+        "    lanes = tl.arange(0, CHUNK)\n"
+        f"    for c0 in range(0, {n_inner}, CHUNK):\n"
+        + _indent(loop_head + loop + tail, 8)
+        + "    tl.store(out_ptr + row, n_full)\n"
+        "    tl.store(out_ptr + R_pad + row, n_part)\n"
+    )
+
+
 def render_tile_kernel(program: IntervalProgram, pattern=None) -> Optional[str]:
-    """Python + Triton source defining ``_block_lists_fast(call, block_m, block_n)`` for
+    """Python + Triton source defining ``_tile_lists(call, block_m, block_n, transposed)`` for
     ``program`` (see the module docstring), or None when the program uses something the
     kernel does not implement. The source expects ``torch``, ``triton``, ``tl`` (=
     ``triton.language``) and ``_rt`` (= ``attncc.runtime``) in its module's globals.
@@ -708,66 +830,39 @@ def render_tile_kernel(program: IntervalProgram, pattern=None) -> Optional[str]:
     except Unsupported:
         return None
     res = g.result
-    mt, mf = g.kv(res)
+    g.kv(res)  # literal results become constants before the bodies are rendered
     by_b, by_h = "b" in res.deps, "h" in res.deps
 
     # -- kernel ---------------------------------------------------------------
     in_params = [p for name, rank in g.inputs.items() for p in [f"in_{name}"] + [f"in_{name}_s{d}" for d in range(rank)]]
-    host_params = [f"{p}: tl.float64" for p, _ in g.host_args]
-    params = ["out_ptr", "nkb", "Nq", "Nk", "q_offset", "k_offset", "Hl"] + in_params + host_params
-    if len({x.split(":")[0] for x in params}) != len(params):
+    host_params = [p for p, _ in g.host_args]
+    shared = ["nqb", "nkb", "Nq", "Nk", "q_offset", "k_offset", "Hl"] + in_params + host_params
+    reserved = {"out_ptr", "pid", "bh", "n_bh", "cols_ptr"}
+    if len(set(shared)) != len(shared) or reserved & set(shared):
         return None  # input names that collide with the kernel's own parameter names
-    head = ["qb = tl.program_id(0)", "bh = tl.program_id(1)", "nqb = tl.num_programs(0)",
-            "b = bh // Hl", "h = bh % Hl", "b64 = b.to(tl.int64)", "h64 = h.to(tl.int64)",
-            "b_f = b.to(tl.float64)", "h_f = h.to(tl.float64)",
-            "row = bh * nqb + qb  # row of the [Bl, Hl, nqb] lists",
-            "R = tl.num_programs(1) * nqb  # rows per list",
-            "# out_ptr: [full counts | partial counts | full index | partial index], each 16-byte aligned",
-            "R_pad = (R + 3) // 4 * 4",
-            "full_row = out_ptr + 2 * R_pad + row.to(tl.int64) * nkb",
-            "part_row = full_row + (R.to(tl.int64) * nkb + 3) // 4 * 4",
-            "q_start = qb * BLOCK_M",
-            "i_lo = (q_offset + q_start).to(tl.float64)",
-            "i_hi = (q_offset + tl.minimum(q_start + BLOCK_M, Nq) - 1).to(tl.float64)"]
-    if g.needs_pos_q:
-        head.append("pos_q = (q_offset + tl.minimum(q_start + tl.minimum(tl.arange(0, BM_P), BLOCK_M - 1), Nq - 1)"
-                    ").to(tl.int64)  # the query block's rows, the last one repeated")
-    loop_head = ["kb = c0 + lanes", "valid = kb < nkb", "k_start = kb * BLOCK_N",
-                 "j_lo = (k_offset + k_start).to(tl.float64)",
-                 "j_hi = (k_offset + tl.minimum(k_start + BLOCK_N, Nk) - 1).to(tl.float64)"]
-    if g.needs_pos_k:
-        loop_head.append("pos_k = (k_offset + tl.minimum(k_start[:, None] + tl.minimum(tl.arange(0, BN_P), "
-                         "BLOCK_N - 1)[None, :], Nk - 1)).to(tl.int64)  # [KB_CHUNK, BN_P] key rows, clamped")
-    tail = [f"cls = tl.where({mt}, tl.where({mf}, 1, 2), 0) + tl.zeros([KB_CHUNK], tl.int32)",
-            "# a short last key block is never FULL (the attention kernel masks its tail)",
-            "cls = tl.where((cls == 2) & (kb == nkb - 1), tl.where(Nk % BLOCK_N != 0, 1, 2), cls)",
-            "# compaction: this class's blocks from the front of the row in kb order, the others from the back",
-            "hit = ((cls == 2) & valid).to(tl.int32)",
-            "before = n_full + tl.cumsum(hit, 0) - hit",
-            "tl.store(full_row + tl.where(hit != 0, before, nkb - 1 - (kb - before)), kb, mask=valid)",
-            "n_full += tl.sum(hit, 0)",
-            "hit = ((cls == 1) & valid).to(tl.int32)",
-            "before = n_part + tl.cumsum(hit, 0) - hit",
-            "tl.store(part_row + tl.where(hit != 0, before, nkb - 1 - (kb - before)), kb, mask=valid)",
-            "n_part += tl.sum(hit, 0)"]
+    constexprs = "BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BM_P=BM_P, BN_P=BN_P"
     kernel = (
         "@triton.jit\n"
-        f"def _tk_kernel({', '.join(params)},\n"
+        f"def _tk_kernel(out_ptr, {', '.join(shared[:7] + in_params + [f'{p}: tl.float64' for p in host_params])},\n"
         "               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BM_P: tl.constexpr, BN_P: tl.constexpr,\n"
-        "               KB_CHUNK: tl.constexpr):\n"
-        "    # one program per (query block, b or 0, h or 0): classify every key block, compact the lists\n"
-        + _indent(head, 4)
-        + _indent(g.consts, 4)
-        + _indent(g.pre, 4)
-        + "    n_full = tl.full([], 0, tl.int32)\n"
-        "    n_part = tl.full([], 0, tl.int32)\n"
-        "    lanes = tl.arange(0, KB_CHUNK)\n"
-        "    for c0 in range(0, nkb, KB_CHUNK):\n"
-        + _indent(loop_head + g.loop + tail, 8)
-        + "    tl.store(out_ptr + row, n_full)\n"
-        "    tl.store(out_ptr + R_pad + row, n_part)\n"
+        "               ROW_CHUNK: tl.constexpr, COL_CHUNK: tl.constexpr):\n"
+        "    # programs [0, nqb) of axis 0: one query block each, the forward lists; [nqb, nqb + nkb) (launched\n"
+        "    # when a backward follows): one key block each, the transposed lists, stored after the forward's.\n"
+        "    # Axis 1: b or 0, h or 0.\n"
+        "    pid = tl.program_id(0)\n"
+        "    bh = tl.program_id(1)\n"
+        "    n_bh = tl.num_programs(1)\n"
+        "    if pid < nqb:\n"
+        f"        _tk_rows(out_ptr, pid, bh, n_bh, {', '.join(shared)},\n"
+        f"                 {constexprs}, CHUNK=ROW_CHUNK)\n"
+        "    else:\n"
+        "        R = n_bh * nqb\n"
+        "        cols_ptr = out_ptr + 2 * ((R + 3) // 4 * 4) + 2 * ((R.to(tl.int64) * nkb + 3) // 4 * 4)\n"
+        f"        _tk_cols(cols_ptr, pid - nqb, bh, n_bh, {', '.join(shared)},\n"
+        f"                 {constexprs}, CHUNK=COL_CHUNK)\n"
     )
-    helpers = _helpers_for(kernel)
+    bodies = [_render_body(g, _ROWS, shared), _render_body(g, _COLS, shared)]
+    helpers = _helpers_for("\n".join(bodies))
 
     # -- host function ------------------------------------------------------------
     checks, prep, launch_in = [], [], []
@@ -795,53 +890,53 @@ def render_tile_kernel(program: IntervalProgram, pattern=None) -> Optional[str]:
         prep.append(f"    {t} = {t}.view(torch.uint8)")
         launch_in.append(t)
         launch_in += [f"({t}.stride({d}) if {t}.shape[{d}] != 1 else 0)" for d in range(rank)]
-    fallback = "return _rt.blocks.block_lists(_TK_PROGRAM, call, block_m, block_n, dynamic=True)"
+    fallback = ("return _rt.blocks.classified_lists(_TK_PROGRAM, call, block_m, block_n, dynamic=True, "
+                "transposed=transposed)")
     host = ["B, H, Nq, Nk = call.B, call.Hq, call.Nq, call.Nk",
             "nqb, nkb = -(-Nq // block_m), -(-Nk // block_n)",
             f"Bl, Hl = {'B' if by_b else '1'}, {'H' if by_h else '1'}"]
     host += [line for line in prep if line.startswith("t_") and " = call.inputs.get(" in line]
-    # a backward will follow (call.for_backward): the torch path also keeps the transposed lists
-    conds = ['getattr(call, "for_backward", None) is not None',
-             "nqb == 0 or nkb == 0 or B == 0 or H == 0 or Bl * Hl > 65535"]
+    conds = ["nqb == 0 or nkb == 0 or B == 0 or H == 0 or Bl * Hl > 65535"]
     for c in checks:  # " or " chains short-circuit: the None test guards the others
         conds.append(c)
     host.append("if (" + "\n        or ".join(conds) + "):")
-    host.append(f"    {fallback}  # backward lists wanted, missing / malformed inputs, empty shapes")
+    host.append(f"    {fallback}  # missing / malformed inputs, empty shapes")
     host += [line for line in prep if not (line.startswith("t_") and " = call.inputs.get(" in line)]
     host += g.host_lines
-    bm_p = "triton.next_power_of_2(block_m)"
-    bn_p = "triton.next_power_of_2(block_n)"
-    chunk = "min(64, max(1, 4096 // BN_P))" if g.needs_pos_k else "64"
-    host += [f"BN_P = {bn_p}",
-             "# one allocation, four views: [full counts | partial counts | full index | partial index],",
-             "# each starting 16-byte aligned (as the kernel computes them)",
-             "R = Bl * Hl * nqb",
-             "R_pad, RK_pad = (R + 3) // 4 * 4, (R * nkb + 3) // 4 * 4",
-             "out = torch.empty(2 * (R_pad + RK_pad), dtype=torch.int32, device=call.q.device)",
-             "_tk_kernel[(nqb, Bl * Hl)](",
-             "    out, nkb, Nq, Nk, call.q_offset, call.k_offset, Hl,"]
+    row_chunk = "min(64, max(1, 4096 // BN_P))" if g.needs_pos_k else "64"
+    col_chunk = "min(64, max(1, 4096 // BM_P))" if g.needs_pos_q else "64"
+    host += ["BM_P, BN_P = triton.next_power_of_2(block_m), triton.next_power_of_2(block_n)",
+             "# one allocation: the forward lists, then (transposed) the transposed lists, each in the",
+             "# layout of _rt.blocks.packed_lists",
+             "rows_size = _rt.blocks.packed_size(Bl * Hl * nqb, nkb)",
+             "size = rows_size + (_rt.blocks.packed_size(Bl * Hl * nkb, nqb) if transposed else 0)",
+             "out = torch.empty(size, dtype=torch.int32, device=call.q.device)",
+             "_tk_kernel[(nqb + (nkb if transposed else 0), Bl * Hl)](",
+             "    out, nqb, nkb, Nq, Nk, call.q_offset, call.k_offset, Hl,"]
     if launch_in:
         host.append("    " + ", ".join(launch_in) + ",")
     for _, expr in g.host_args:
         host.append(f"    {expr},")
-    host += [f"    BLOCK_M=block_m, BLOCK_N=block_n, BM_P={bm_p}, BN_P=BN_P, KB_CHUNK={chunk},",
+    host += ["    BLOCK_M=block_m, BLOCK_N=block_n, BM_P=BM_P, BN_P=BN_P,",
+             f"    ROW_CHUNK={row_chunk}, COL_CHUNK={col_chunk},",
              "    num_warps=4, enable_fp_fusion=False,",
              ")",
-             "cs, ks = (Hl * nqb, nqb, 1), (Hl * nqb * nkb, nqb * nkb, nkb, 1)",
-             "return (out.as_strided((Bl, Hl, nqb), cs, 0), out.as_strided((Bl, Hl, nqb, nkb), ks, 2 * R_pad),",
-             "        out.as_strided((Bl, Hl, nqb), cs, R_pad), out.as_strided((Bl, Hl, nqb, nkb), ks, 2 * R_pad + RK_pad),",
-             "        Hl * nqb if Bl > 1 else 0, nqb if Hl > 1 else 0, 1, nkb)"]
+             "lists = _rt.blocks.packed_lists(out, 0, Bl, Hl, nqb, nkb)",
+             "return lists, (_rt.blocks.packed_lists(out, rows_size, Bl, Hl, nkb, nqb) if transposed else None)"]
     title = getattr(pattern, "name", None)
     out = [
         "# Block lists from one Triton kernel (attncc.codegen.tile_kernel)"
         + (f" for pattern {title}" if title else "") + ": the same lists as",
-        "# _rt.blocks.block_lists(_TK_PROGRAM, call, block_m, block_n, dynamic=True), in one launch.",
+        "# _rt.blocks.classified_lists(_TK_PROGRAM, call, block_m, block_n, dynamic=True, transposed=...),",
+        "# forward and transposed, in one launch.",
         f"_TK_PROGRAM = {_program_src(program)}",
         "_TK_INPUT_DTYPES = frozenset((" + ", ".join(f"torch.{d}" for d in _INPUT_DTYPES) + "))",
     ]
-    src = "\n".join(out) + "\n\n\n" + "\n\n\n".join(helpers + [kernel.rstrip("\n")]) + "\n\n\n"
-    src += ("def _block_lists_fast(call, block_m, block_n):\n"
-            '    """(full_count, full_index, partial_count, partial_index, stride_b, stride_h, stride_q, width):\n'
-            "    the tile lists of this call, computed by one kernel launch (no host synchronization).\"\"\"\n"
+    src = "\n".join(out) + "\n\n\n" + "\n\n\n".join(helpers + [b.rstrip("\n") for b in bodies]
+                                                    + [kernel.rstrip("\n")]) + "\n\n\n"
+    src += ("def _tile_lists(call, block_m, block_n, transposed):\n"
+            '    """(forward lists, transposed lists or None) of this call\'s tiles, each a tuple\n'
+            "    (full_count, full_index, partial_count, partial_index, stride_b, stride_h, stride_row, width),\n"
+            "    from one kernel launch (no host synchronization).\"\"\"\n"
             + _indent(host, 4))
     return src

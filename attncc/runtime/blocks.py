@@ -15,43 +15,82 @@ from attncc.runtime import semantics, tiles
 from attncc.runtime.call import Call
 
 
-def block_lists(program, call: Call, block_m: int, block_n: int, *, dynamic: bool) -> Tuple:
+# A tile-list kernel (the generated ``_tile_lists`` of a data-dependent pattern, see
+# attncc.codegen.tile_kernel): ``kernel(call, block_m, block_n, transposed)`` returns
+# ``(lists, lists_t)``, ``lists_t`` None unless ``transposed``; the same lists as
+# :func:`classified_lists` (dynamic), in one launch.
+
+
+def block_lists(program, call: Call, block_m: int, block_n: int, *, dynamic: bool, kernel=None) -> Tuple:
     """The kernel's list arguments: (full_count, full_index, partial_count, partial_index,
     stride_b, stride_h, stride_q, width) for a grid of this call's tiles.
 
     When a backward will follow (``call.for_backward`` is a dict), the transposed lists are
-    made from the same grid and kept there for :func:`backward_block_lists`."""
+    made from the same classification and kept there for :func:`backward_block_lists`.
+    ``kernel``: the pattern's tile-list kernel (data-dependent patterns), else the torch path."""
     if call.for_backward is not None:
-        lists, lists_t = block_lists_both(program, call, block_m, block_n, dynamic=dynamic)
-        call.for_backward[("block_lists", block_m, block_n)] = (lists, lists_t)
-        return lists
-    if dynamic:
-        grid = _classify(program, call, block_m, block_n, call.inputs)
-        return _lists(grid, call)
-    key = (program, str(call.q.device), call.Nq, call.Nk, call.q_offset, call.k_offset, call.n_q, call.n_k,
-           block_m, block_n, tuple(sorted(call.params.items())))
-    return _lists(_static_grid(key, call.B, call.Hq), call)
+        return backward_block_lists(program, call, block_m, block_n, dynamic=dynamic, kernel=kernel)[0]
+    if kernel is not None:
+        return kernel(call, block_m, block_n, False)[0]
+    return classified_lists(program, call, block_m, block_n, dynamic=dynamic, transposed=False)[0]
 
 
-def block_lists_both(program, call: Call, block_m: int, block_n: int, *, dynamic: bool) -> Tuple:
-    """(forward lists, transposed lists) of one grid of this call's tiles, in the format of
-    :func:`block_lists`. The transposed lists have one row per key block, listing the query
-    blocks that see it (the dK/dV kernel's iteration). Static patterns: cached per shape."""
-    if dynamic:
-        grid = _classify(program, call, block_m, block_n, call.inputs)
-        return _lists(grid, call), _lists(grid.transpose(-1, -2).contiguous(), call)
-    key = (program, str(call.q.device), call.Nq, call.Nk, call.q_offset, call.k_offset, call.n_q, call.n_k,
-           block_m, block_n, tuple(sorted(call.params.items())))
-    return _static_lists_both(key, call.B, call.Hq)
+def block_lists_both(program, call: Call, block_m: int, block_n: int, *, dynamic: bool, kernel=None) -> Tuple:
+    """(forward lists, transposed lists) of one classification of this call's tiles, in the
+    format of :func:`block_lists`. The transposed lists have one row per key block, listing
+    the query blocks that see it (the dK/dV kernel's iteration); their ``stride_q`` steps over
+    key blocks and their width is the number of query blocks. Static patterns: cached per shape."""
+    if kernel is not None:
+        return kernel(call, block_m, block_n, True)
+    return classified_lists(program, call, block_m, block_n, dynamic=dynamic, transposed=True)
 
 
-def backward_block_lists(program, call: Call, block_m: int, block_n: int, *, dynamic: bool) -> Tuple:
-    """The (forward, transposed) lists for the backward of ``call``: those its forward kept
-    (:func:`block_lists` with ``call.for_backward`` set), else classified now."""
-    kept = (call.for_backward or {}).get(("block_lists", block_m, block_n))
+def backward_block_lists(program, call: Call, block_m: int, block_n: int, *, dynamic: bool, kernel=None) -> Tuple:
+    """The (forward, transposed) lists for the backward of ``call`` with tiles of
+    ``block_m`` x ``block_n``: those kept in ``call.for_backward`` (by its forward, or by an
+    earlier request of this shape), else made now (and kept there). The dK/dV and dQ kernels
+    may ask for different tile shapes: each shape is classified once per call."""
+    key = ("block_lists", block_m, block_n)
+    kept = (call.for_backward or {}).get(key)
     if kept is not None:
         return kept
-    return block_lists_both(program, call, block_m, block_n, dynamic=dynamic)
+    both = block_lists_both(program, call, block_m, block_n, dynamic=dynamic, kernel=kernel)
+    if call.for_backward is not None:
+        call.for_backward[key] = both
+    return both
+
+
+def classified_lists(program, call: Call, block_m: int, block_n: int, *, dynamic: bool, transposed: bool) -> Tuple:
+    """The torch path: (forward lists, transposed lists or None) from ``tiles.classify_grid``
+    and ``tiles.to_block_lists`` (about 50 small torch ops per dynamic call)."""
+    if dynamic:
+        grid = _classify(program, call, block_m, block_n, call.inputs)
+        return _lists(grid, call), (_lists(grid.transpose(-1, -2).contiguous(), call) if transposed else None)
+    key = (program, str(call.q.device), call.Nq, call.Nk, call.q_offset, call.k_offset, call.n_q, call.n_k,
+           block_m, block_n, tuple(sorted(call.params.items())))
+    if transposed:
+        return _static_lists_both(key, call.B, call.Hq)
+    return _lists(_static_grid(key, call.B, call.Hq), call), None
+
+
+def packed_size(rows: int, width: int) -> int:
+    """int32 entries of :func:`packed_lists` for ``rows`` list rows of ``width`` entries."""
+    return 2 * ((rows + 3) // 4 * 4) + 2 * ((rows * width + 3) // 4 * 4)
+
+
+def packed_lists(buffer: torch.Tensor, offset: int, nb: int, nh: int, n_rows: int, width: int) -> Tuple:
+    """The lists of one tile-list kernel orientation stored in the int32 ``buffer`` from
+    ``offset``: ``[full counts | partial counts | full index | partial index]``, counts
+    ``[nb, nh, n_rows]``, indices ``[nb, nh, n_rows, width]``, each part starting 16-byte
+    aligned (the kernel computes the same offsets). Returned in the format of :func:`block_lists`."""
+    R = nb * nh * n_rows
+    R_pad, RK_pad = (R + 3) // 4 * 4, (R * width + 3) // 4 * 4
+    cs, ks = (nh * n_rows, n_rows, 1), (nh * n_rows * width, n_rows * width, width, 1)
+    return (buffer.as_strided((nb, nh, n_rows), cs, offset),
+            buffer.as_strided((nb, nh, n_rows, width), ks, offset + 2 * R_pad),
+            buffer.as_strided((nb, nh, n_rows), cs, offset + R_pad),
+            buffer.as_strided((nb, nh, n_rows, width), ks, offset + 2 * R_pad + RK_pad),
+            nh * n_rows if nb > 1 else 0, n_rows if nh > 1 else 0, 1, width)
 
 
 @functools.lru_cache(maxsize=64)
