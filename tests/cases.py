@@ -71,3 +71,20 @@ def inputs_for(p, B, Hq, n, gen):
 def rel_err(o, ref):
     o, ref = o.double(), ref.double()
     return float((o - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def build_inline(texts, out: Path, prefix: str = "_attncc_test"):
+    """Build spec texts ``{name: toml}`` into ``out`` and import them: ``{name: (pattern, module)}``."""
+    import importlib.util
+
+    from attncc.codegen import build
+
+    mods = {}
+    for name, text in texts.items():
+        path = out / f"{name}.toml"
+        path.write_text(text)
+        (written,) = build([path], out / "gen")
+        spec = importlib.util.spec_from_file_location(f"{prefix}_{name}", written)
+        mods[name] = (load_spec(path), importlib.util.module_from_spec(spec))
+        spec.loader.exec_module(mods[name][1])
+    return mods

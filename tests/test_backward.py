@@ -13,8 +13,7 @@ from attncc.codegen import build
 from attncc.codegen.backward import eval_query_ranges
 from attncc._reference import pair_mask
 from attncc.runtime import bind, blocks, tiles
-from attncc.spec import load_spec
-from cases import SMALL_PARAMS, SOFTMAX, heads_for, inputs_for, module, pattern, rel_err
+from cases import SMALL_PARAMS, SOFTMAX, heads_for, inputs_for, module, pattern, rel_err, build_inline
 
 GRAD_TOL = {torch.float32: 1e-3, torch.float16: 2e-2}
 
@@ -218,16 +217,7 @@ bias = "row_bias[b, i] * 3.0 + 0.5 * row_bias[b, j] - 0.01 * (i - j)"
 
 @pytest.fixture(scope="module")
 def extra_modules(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bwd_specs")
-    mods = {}
-    for name, text in EXTRA_SPECS.items():
-        path = out / f"{name}.toml"
-        path.write_text(text)
-        (written,) = build([path], out / "gen")
-        spec = importlib.util.spec_from_file_location(f"_attncc_test_{name}", written)
-        mods[name] = (load_spec(path), importlib.util.module_from_spec(spec))
-        spec.loader.exec_module(mods[name][1])
-    return mods
+    return build_inline(EXTRA_SPECS, tmp_path_factory.mktemp("bwd_specs"))
 
 
 @pytest.mark.parametrize("name", sorted(EXTRA_SPECS))

@@ -2,15 +2,12 @@
 autograd of attncc.reference, under the Triton interpreter."""
 from __future__ import annotations
 
-import importlib.util
 
 import pytest
 import torch
 
 import attncc
-from attncc.codegen import build
-from attncc.spec import load_spec
-from cases import module, pattern, rel_err
+from cases import module, pattern, rel_err, build_inline
 
 EXTRA_SPECS = {
     # a learned temperature inside the transform, a capped score, a masked-out band
@@ -40,16 +37,7 @@ mod = "s + gate[h] * sigmoid(s)"
 
 @pytest.fixture(scope="module")
 def extra(tmp_path_factory):
-    out = tmp_path_factory.mktemp("grad_specs")
-    mods = {}
-    for name, text in EXTRA_SPECS.items():
-        path = out / f"{name}.toml"
-        path.write_text(text)
-        (written,) = build([path], out / "gen")
-        spec = importlib.util.spec_from_file_location(f"_attncc_test_{name}", written)
-        mods[name] = (load_spec(path), importlib.util.module_from_spec(spec))
-        spec.loader.exec_module(mods[name][1])
-    return mods
+    return build_inline(EXTRA_SPECS, tmp_path_factory.mktemp("grad_specs"))
 
 
 def input_grad_case(p, mod, *, B=1, Nq=45, Nk=None, D=16, heads=(4, 2), q_offset=0, seed=0, qkv_grad=True):
