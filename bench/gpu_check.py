@@ -49,6 +49,14 @@ def inputs_for(p, B, Hq, N):
     return out
 
 
+def same_dropout(p, mod, q, k, v, kw):
+    """(kernel kwargs, reference kwargs): for a dropout spec, one seed and its keep mask, so both
+    drop the same pairs."""
+    if not p.dropout:
+        return kw, dict(kw)
+    return dict(kw, seed=1234), dict(kw, keep_mask=mod.dropout_keep_mask(q, k, v, seed=1234))
+
+
 def check_specs(N, quick):
     rows = []
     for f in sorted(glob.glob(str(ROOT / "specs" / "*.toml"))):
@@ -65,10 +73,7 @@ def check_specs(N, quick):
         k = torch.randn(B, Hkv, Nk, D, device=DEV, dtype=BF16)
         v = torch.randn(B, Hkv, Nk, D, device=DEV, dtype=BF16)
         kw = dict(SMALL.get(p.name, {}), **inputs_for(p, B, Hq, max(Nq, Nk)))
-        ref_kw = dict(kw)
-        if p.dropout:  # the same keep mask for the kernel and the reference
-            kw["seed"] = 1234
-            ref_kw["keep_mask"] = mod.dropout_keep_mask(q, k, v, seed=1234)
+        kw, ref_kw = same_dropout(p, mod, q, k, v, kw)
         try:
             o, lse = mod.attention(q, k, v, return_lse=True, **kw)
             torch.cuda.synchronize()
@@ -123,10 +128,7 @@ def check_grads(N=1024, specs=None):
         do = torch.randn(1, Hq, Nq, D, device=DEV, dtype=BF16)
         kw = dict(SMALL.get(p.name, {}), **inputs_for(p, 1, Hq, N))
         kw = {n: (t.detach() if isinstance(t, torch.Tensor) else t) for n, t in kw.items()}
-        ref_kw = dict(kw)
-        if p.dropout:  # the same keep mask for the kernel and the reference
-            kw["seed"] = 1234
-            ref_kw["keep_mask"] = mod.dropout_keep_mask(q, k, v, seed=1234)
+        kw, ref_kw = same_dropout(p, mod, q, k, v, kw)
         try:
             grads = torch.autograd.grad(mod.attention(q, k, v, **kw), (q, k, v), do)
             qd, kd, vd = (t.detach().double().requires_grad_(True) for t in (q, k, v))

@@ -51,7 +51,7 @@ def pick_config(call: Call, kernel: str = "") -> KernelConfig:
     tuned for this GPU (runtime/tuning.py), else :func:`default_config`."""
     if kernel not in KERNELS:
         raise ValueError(f"attncc: kernel must be one of {KERNELS}, got {kernel!r}")
-    forced = tuning.trial_config(kernel) or _env_config(kernel)
+    forced = _forced_config(kernel)
     if forced is not None:
         return forced
     if _interpreting():
@@ -59,11 +59,16 @@ def pick_config(call: Call, kernel: str = "") -> KernelConfig:
     return tuning.cached_config(call, kernel) or default_config(call, kernel)
 
 
+def _forced_config(kernel: str) -> Optional[KernelConfig]:
+    """The config a tuning trial (this thread) or the environment forces on ``kernel``, if any."""
+    return tuning.trial_config(kernel) or _env_config(kernel)
+
+
 def shared_tile_config(call: Call, kernel: str, forward: KernelConfig) -> KernelConfig:
     """A backward kernel's config with the forward's tile shape (and warps), so that the block
     lists the forward classified per call (data-dependent masks) serve the backward too; a
     config forced by the environment or a tuning trial is kept as it is."""
-    if tuning.trial_config(kernel) or _env_config(kernel):
+    if _forced_config(kernel) is not None:
         return pick_config(call, kernel)
     return dataclasses.replace(pick_config(call, kernel), BLOCK_M=forward.BLOCK_M, BLOCK_N=forward.BLOCK_N,
                                num_warps=forward.num_warps)
@@ -95,8 +100,6 @@ def launch(call: Call, cfg: KernelConfig, run_kernel: Callable[[KernelConfig], N
     pattern that gathers from memory in the loop, say), retry with shallower pipelining.
     What failed is remembered per (spec, kernel, head dim, dtype, config); ``kernel`` names
     the backward kernels ("dkdv", "dq"), "" is the forward."""
-    import dataclasses
-
     from triton.runtime.errors import OutOfResources
 
     key = _fit_key(call, kernel)
