@@ -81,67 +81,10 @@ def _fwd_kernel(Q, K, V, O, LSE,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                 VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr, RETURN_LSE: tl.constexpr,
-                VARLEN: tl.constexpr,
-                N_QB, BH, HEAD_GROUP, WARP_SPECIALIZE: tl.constexpr, PERSISTENT: tl.constexpr):
-    if PERSISTENT:
-        # One program per SM walks tiles t = pid, pid + grid, ...: groups of HEAD_GROUP heads
-        # (whose K and V fit in L2 together), in each the heaviest query blocks first (with
-        # causal-like patterns the last rows see the most keys).
-        for t in tl.range(tl.program_id(0), N_QB * BH, tl.num_programs(0), warp_specialize=WARP_SPECIALIZE):
-            first = t // (HEAD_GROUP * N_QB) * HEAD_GROUP
-            in_group = tl.minimum(HEAD_GROUP, BH - first)
-            r = t - first * N_QB
-            _fwd_block(N_QB - 1 - r // in_group, first + r % in_group,
-                       Q, K, V, O, LSE,
-                       stride_qb, stride_qh, stride_qm,
-                       stride_kb, stride_kh, stride_kn,
-                       stride_vb, stride_vh, stride_vn,
-                       stride_ob, stride_oh, stride_om,
-                       Nq, Nk, H, GROUP, q_offset, k_offset, n_q, n_k, qk_scale, sm_scale,
-                       CU_Q, CU_K, TOTAL_Q,
-                       kv_len_ptr, kv_len_stride0, kv_len_size0,
-                       full_count, full_index, partial_count, partial_index, list_sb, list_sh, list_sq, list_width,
-                       HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM,
-                       VALUE_DIM_PAD, ROTARY_DIM, BLOCK_M, BLOCK_N,
-                       DOT_PRECISION, FAST_MATH, RETURN_LSE,
-                       VARLEN, False)
-    else:
-        qb = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest query blocks first, as above
-        bh = tl.program_id(1)
-        if VARLEN:  # the grid covers the longest sequence
-            if qb * BLOCK_M >= tl.load(CU_Q + bh // H + 1) - tl.load(CU_Q + bh // H):
-                return
-        _fwd_block(qb, bh, Q, K, V, O, LSE,
-                   stride_qb, stride_qh, stride_qm,
-                   stride_kb, stride_kh, stride_kn,
-                   stride_vb, stride_vh, stride_vn,
-                   stride_ob, stride_oh, stride_om,
-                   Nq, Nk, H, GROUP, q_offset, k_offset, n_q, n_k, qk_scale, sm_scale,
-                   CU_Q, CU_K, TOTAL_Q,
-                   kv_len_ptr, kv_len_stride0, kv_len_size0,
-                   full_count, full_index, partial_count, partial_index, list_sb, list_sh, list_sq, list_width,
-                   HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM,
-                   VALUE_DIM_PAD, ROTARY_DIM, BLOCK_M, BLOCK_N,
-                   DOT_PRECISION, FAST_MATH, RETURN_LSE,
-                   VARLEN, WARP_SPECIALIZE)
-
-
-@triton.jit
-def _fwd_block(qb, bh, Q, K, V, O, LSE,
-               stride_qb, stride_qh, stride_qm,
-               stride_kb, stride_kh, stride_kn,
-               stride_vb, stride_vh, stride_vn,
-               stride_ob, stride_oh, stride_om,
-               Nq, Nk, H, GROUP, q_offset, k_offset, n_q, n_k, qk_scale, sm_scale,
-               CU_Q, CU_K, TOTAL_Q,
-               kv_len_ptr, kv_len_stride0, kv_len_size0,
-               full_count, full_index, partial_count, partial_index, list_sb, list_sh, list_sq, list_width,
-               HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
-               VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr, RETURN_LSE: tl.constexpr,
-               VARLEN: tl.constexpr,
-               WARP_SPECIALIZE: tl.constexpr):
-    """Query block qb of head bh (b * H + h)."""
+                WARP_SPECIALIZE: tl.constexpr, VARLEN: tl.constexpr):
+    # Heaviest query blocks first: with causal-like patterns the last rows see the most keys.
+    qb = tl.num_programs(0) - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     hk = h // GROUP
@@ -154,6 +97,8 @@ def _fwd_block(qb, bh, Q, K, V, O, LSE,
         Nk = tl.load(CU_K + b + 1) - k_start
         n_q = Nq
         n_k = Nk
+        if qb * BLOCK_M >= Nq:  # the grid covers the longest sequence
+            return
         Q_base = Q + h * stride_qh + q_start * stride_qm
         K_base = K + hk * stride_kh + k_start * stride_kn
         V_base = V + hk * stride_vh + k_start * stride_vn
@@ -388,7 +333,7 @@ def _forward(call):
         o = torch.empty(call.B, call.Hq, call.Nq, v.shape[-1], dtype=call.q.dtype, device=q.device)
         lse = torch.empty(call.B, call.Hq, call.Nq, dtype=torch.float32, device=q.device)
     lists = _block_lists(call, cfg.BLOCK_M, cfg.BLOCK_N)
-    _rt.launch(call, cfg, lambda cfg: _fwd_kernel[_rt.forward_grid(call, cfg)](
+    _rt.launch(call, cfg, lambda cfg: _fwd_kernel[(triton.cdiv(call.Nq, cfg.BLOCK_M), call.B * call.Hq)](
         q, k, v, o, lse,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -405,8 +350,7 @@ def _forward(call):
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         FAST_MATH=_rt.fast_math(call),
-        RETURN_LSE=call.return_lse, VARLEN=call.varlen,
-        **_rt.persistent_args(call, cfg, k), WARP_SPECIALIZE=cfg.warp_specialize,
+        RETURN_LSE=call.return_lse, WARP_SPECIALIZE=cfg.warp_specialize, VARLEN=call.varlen,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     ))
     if v.shape[-1] != call.Dv:

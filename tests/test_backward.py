@@ -309,16 +309,3 @@ def test_backward_kernels_with_their_own_tile_shapes(monkeypatch, name):
     monkeypatch.setenv("ATTNCC_CONFIG_DKDV", "BLOCK_M=16,BLOCK_N=32,num_warps=4,num_stages=1")
     monkeypatch.setenv("ATTNCC_CONFIG_DQ", "BLOCK_M=32,BLOCK_N=16,num_warps=4,num_stages=1")
     grad_case(name, Nq=150 if name == "bigbird" else 53, B=1)
-
-
-@pytest.mark.parametrize("name", ["dense", "causal", "sliding_window", "document", "softcap", "gqa"])
-def test_persistent_forward(monkeypatch, name):
-    """A persistent forward (few programs, each walking tiles in groups of heads, heaviest query
-    blocks first) computes the same o and lse, hence the same gradients, as one program per tile.
-    The interpreter runs 3 programs, so each walks several tiles of several heads."""
-    monkeypatch.setenv("ATTNCC_CONFIG", "BLOCK_M=16,BLOCK_N=16,num_warps=4,num_stages=1,persistent=1")
-    grad_case(name, Nq=21, Nk=70, B=1, k_offset=3)
-    # K and V of 3 heads (fp32, 53 keys, head dim 32) fill the L2 budget: groups of 3 heads
-    # (x the query heads per kv head), the last one short
-    monkeypatch.setattr(importlib.import_module("attncc.runtime.launch"), "_L2_BUDGET", 3 * 2 * 53 * 32 * 4)
-    grad_case(name, Nq=53, B=2 if name != "gqa" else 1)

@@ -26,7 +26,6 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 2
     warp_specialize: bool = False
-    persistent: bool = False  # forward: one program per SM walking the tiles (not for packed batches)
 
 
 def _env_config(kernel: str = "") -> Optional[KernelConfig]:
@@ -39,12 +38,10 @@ def _env_config(kernel: str = "") -> Optional[KernelConfig]:
     fields = {}
     for part in text.split(","):
         key, _, value = part.partition("=")
-        key = key.strip()
-        fields[key] = value.strip() in ("1", "true", "True") if key in _FLAGS else int(value)
+        fields[key.strip()] = value.strip() in ("1", "true", "True") if key.strip() == "warp_specialize" else int(value)
     return KernelConfig(**fields)
 
 
-_FLAGS = ("warp_specialize", "persistent")  # boolean fields
 KERNELS = ("", "dkdv", "dq")  # the forward, and the two backward kernels
 
 
@@ -93,41 +90,6 @@ def default_config(call: Call, kernel: str = "") -> KernelConfig:
         # Windows and documents waste less of a small tile on their ragged edges (bench/sweep.py, H100).
         return KernelConfig(64, 64, 4, 3)
     return KernelConfig(128, 128, 8, 3)
-
-
-def forward_grid(call: Call, cfg: KernelConfig) -> tuple:
-    """The forward's grid: a program per (query block, head), or with ``cfg.persistent`` one per
-    SM (at most one per tile), each walking tiles (see persistent_args)."""
-    tiles = math.ceil(call.Nq / cfg.BLOCK_M) * call.B * call.Hq
-    if _persistent(call, cfg):
-        return (min(tiles, _processors(call.q.device)),)
-    return (math.ceil(call.Nq / cfg.BLOCK_M), call.B * call.Hq)
-
-
-def persistent_args(call: Call, cfg: KernelConfig, k: torch.Tensor) -> dict:
-    """Keyword arguments of the forward kernel's tile walk: query blocks per head, heads, and how
-    many heads a persistent program group walks together: as many as keep their K and V (``k``'s
-    bytes, twice) within about half the L2 cache, so that they are read from memory once."""
-    kv_bytes = 2 * k[0, 0].numel() * k.element_size()
-    group = max(1, min(call.B * call.Hq, _L2_BUDGET // max(kv_bytes, 1) * call.group))
-    return dict(N_QB=math.ceil(call.Nq / cfg.BLOCK_M), BH=call.B * call.Hq, HEAD_GROUP=group,
-                PERSISTENT=_persistent(call, cfg))
-
-
-_L2_BUDGET = 24 << 20  # bytes of K and V a persistent tile group shares (H100: 50 MB of L2)
-
-
-def _persistent(call: Call, cfg: KernelConfig) -> bool:
-    return cfg.persistent and not call.varlen
-
-
-@functools.lru_cache(maxsize=None)
-def _processors(device) -> int:
-    """Programs a persistent kernel runs at once: the SM count (3 under the interpreter, so that
-    each program walks several tiles in tests)."""
-    if _interpreting():
-        return 3
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 _TOO_BIG = set()
