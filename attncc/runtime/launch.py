@@ -38,10 +38,12 @@ def _env_config(kernel: str = "") -> Optional[KernelConfig]:
     fields = {}
     for part in text.split(","):
         key, _, value = part.partition("=")
-        fields[key.strip()] = value.strip() in ("1", "true", "True") if key.strip() == "warp_specialize" else int(value)
+        key = key.strip()
+        fields[key] = value.strip() in ("1", "true", "True") if key in _FLAGS else int(value)
     return KernelConfig(**fields)
 
 
+_FLAGS = ("warp_specialize",)  # boolean fields
 KERNELS = ("", "dkdv", "dq")  # the forward, and the two backward kernels
 
 
@@ -75,21 +77,32 @@ def shared_tile_config(call: Call, kernel: str, forward: KernelConfig) -> Kernel
 
 
 def default_config(call: Call, kernel: str = "") -> KernelConfig:
-    """The built-in config: by head dim and direction (measured on an H100; see docs/performance.md).
+    """The built-in config: by head dim, key length and direction (measured on an H100; see
+    docs/performance.md, "Tile configs by head dim and length").
 
     The backward kernels keep their accumulators (dK and dV, or dQ) for a block of BLOCK_N keys
-    (dK/dV) or BLOCK_M queries (dQ) and stream the other side in narrow tiles."""
-    d = max(call.D, call.Dv)
+    (dK/dV) or BLOCK_M queries (dQ) and stream the other side in narrow tiles; above head dim
+    128 they take 8 warps, so that those accumulators fit in registers."""
+    d = padded_dim(max(call.D, call.Dv))
+    short = call.Nk <= SHORT_KEYS
     if kernel == "dkdv":
-        return KernelConfig(64, 64, 4, 2) if d <= 128 else KernelConfig(32, 64, 4, 2)
+        return KernelConfig(64, 64, 8, 2) if d > 128 else KernelConfig(64, 64, 4, 2)
     if kernel == "dq":
-        return KernelConfig(128, 64, 8, 3) if d <= 128 else KernelConfig(64, 32, 4, 2)
+        if d > 128:
+            return KernelConfig(128, 32, 8, 2)
+        return KernelConfig(128, 32, 4, 3) if short else KernelConfig(128, 64, 8, 3)
     if d > 128:
         return KernelConfig(128, 64, 8, 2)
-    if call.spec.tile_hint == "narrow":
-        # Windows and documents waste less of a small tile on their ragged edges (bench/sweep.py, H100).
+    if short or call.spec.tile_hint == "narrow":
+        # Few key tiles per row (short keys), or windows and documents, which waste less of a
+        # small tile on their ragged edges: small tiles, several programs per SM.
         return KernelConfig(64, 64, 4, 3)
+    if d <= 64:
+        return KernelConfig(128, 128, 4, 3)
     return KernelConfig(128, 128, 8, 3)
+
+
+SHORT_KEYS = 2048  # at most this many keys: the small-tile configs above
 
 
 _TOO_BIG = set()
