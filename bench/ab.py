@@ -2,12 +2,14 @@
 their built-in config and with variants of it, on the DEVELOPERS.md cases.
 
     PYTHONPATH=. python bench/ab.py [--fwd V ...] [--dkdv V ...] [--dq V ...] [-- case label ...]
+    PYTHONPATH=. python bench/ab.py --env NAME=A,B [-- case label ...]
 
 A variant is a comma-separated override of the built-in config's fields, e.g. ``pipeline=1`` or
 ``BLOCK_M=128,BLOCK_N=64,num_warps=8,pipeline=1``; the built-in config itself is always timed
 first. Each line prints milliseconds, the change against the built-in config and the largest
 difference of the kernel's output from the built-in config's (a variant must not change results
-beyond rounding).
+beyond rounding). ``--env NAME=A,B`` instead times the whole backward (both kernels and what
+runs around them) with the environment variable NAME set to each value in turn.
 """
 import argparse
 import dataclasses
@@ -53,6 +55,7 @@ def main():
     ap.add_argument("--fwd", nargs="*", default=[])
     ap.add_argument("--dkdv", nargs="*", default=[])
     ap.add_argument("--dq", nargs="*", default=[])
+    ap.add_argument("--env", default="")
     ap.add_argument("cases", nargs="*")
     args = ap.parse_args()
     H = 16
@@ -85,6 +88,16 @@ def main():
                     mod._rt.launch = real_launch
             return run
 
+        if args.env:
+            name, _, values = args.env.partition("=")
+            base_ms = None
+            for value in values.split(","):
+                os.environ[name] = value
+                ms = quick_bench(lambda: mod._backward(call, o, lse, do))
+                base_ms = base_ms or ms
+                print(f"{label:26s} backward {name}={value:10s} {ms:7.3f} ms ({ms / base_ms - 1:+6.1%})", flush=True)
+            os.environ.pop(name)
+            continue
         for kernel, variants, fn, pick in (("", args.fwd, forward, lambda r: r),
                                            ("dkdv", args.dkdv, backward_only("dkdv"), lambda r: r[1:3]),
                                            ("dq", args.dq, backward_only("dq"), lambda r: r[0])):
