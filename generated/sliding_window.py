@@ -503,23 +503,20 @@ def _backward(call, o, lse, do):
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         FAST_MATH=_rt.fast_math(call), VARLEN=call.varlen,
     )
-    # dK/dV on a side stream, dQ on this one: each kernel's last wave overlaps the other's work.
-    side = _rt.fork_stream(q.device)
-    with torch.cuda.stream(side):
-        _rt.launch(call, cfg_kv, lambda cfg: _bwd_dkdv_kernel[(triton.cdiv(Nk, cfg.BLOCK_N), B * Hkv)](
-            q, k, v, do, dk, dv, lse2, delta,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            do.stride(0), do.stride(1), do.stride(2),
-            dk.stride(0), dk.stride(1), dk.stride(2),
-            dv.stride(0), dv.stride(1), dv.stride(2),
-            Nq, Nk, Hq, call.group, call.q_offset, call.k_offset, call.n_q, call.n_k,
-            call.scale * _rt.LOG2E, call.scale, *cu,
-            call.params['window'],
-            **common, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        ), kernel="dkdv")
+    _rt.launch(call, cfg_kv, lambda cfg: _bwd_dkdv_kernel[(triton.cdiv(Nk, cfg.BLOCK_N), B * Hkv)](
+        q, k, v, do, dk, dv, lse2, delta,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2),
+        dv.stride(0), dv.stride(1), dv.stride(2),
+        Nq, Nk, Hq, call.group, call.q_offset, call.k_offset, call.n_q, call.n_k,
+        call.scale * _rt.LOG2E, call.scale, *cu,
+        call.params['window'],
+        **common, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    ), kernel="dkdv")
     _rt.launch(call, cfg_q, lambda cfg: _bwd_dq_kernel[(triton.cdiv(Nq, cfg.BLOCK_M), B * Hq)](
         q, k, v, do, dq, lse2, delta,
         q.stride(0), q.stride(1), q.stride(2),
@@ -533,7 +530,6 @@ def _backward(call, o, lse, do):
         **common, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     ), kernel="dq")
-    _rt.join_stream(side)
     return _rt.grads_as_inputs(call, dq, dk, dv)
 
 

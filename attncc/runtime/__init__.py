@@ -6,8 +6,7 @@ from attncc.runtime import blocks, decode, semantics, tiles
 from attncc.runtime.call import Call, bind, dropout_mask_shape, dropout_settings
 from attncc.runtime.call import _interpreting as interpreting
 from attncc.runtime.compiled import register_kernels
-from attncc.runtime.launch import (LN2, LOG2E, KernelConfig, ensure_allocator, fast_math, fork_stream, grad_operand,
-                                   join_stream,
+from attncc.runtime.launch import (LN2, LOG2E, KernelConfig, ensure_allocator, fast_math, grad_operand,
                                    grads_as_inputs, kernel_operands, launch, padded_dim, pick_config, run_attention,
                                    shared_tile_config,
                                    tma_ready)

@@ -195,27 +195,6 @@ def ensure_allocator():
     _ALLOCATOR_SET.done = True
 
 
-_SIDE_STREAMS = {}
-
-
-def fork_stream(device: torch.device) -> Optional[torch.cuda.Stream]:
-    """A side stream of ``device`` that waits for the work queued so far on the current one, or
-    None (CPU, or ``ATTNCC_STREAMS=0``): ``torch.cuda.stream(None)`` is then a no-op."""
-    if device.type != "cuda" or os.environ.get("ATTNCC_STREAMS", "1") == "0":
-        return None
-    side = _SIDE_STREAMS.get(device)
-    if side is None:
-        side = _SIDE_STREAMS[device] = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    return side
-
-
-def join_stream(side: Optional[torch.cuda.Stream]):
-    """The current stream waits for what was queued on ``side`` (from fork_stream)."""
-    if side is not None:
-        torch.cuda.current_stream(side.device).wait_stream(side)
-
-
 def grad_operand(do: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """dL/do as the backward kernels read it: v's dtype (the kernels' operand dtype) and
     padded head dim, TMA-ready (see tma_ready)."""
