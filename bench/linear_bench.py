@@ -8,9 +8,9 @@
    (triton.testing.do_bench), against flash-linear-attention's chunk_linear_attn when `fla`
    imports (its kernel on inputs already mapped by elu+1, and with the map in PyTorch);
 3. a short sweep of tile configs (ATTNCC_LINEAR_CONFIG) on the main case, to pick the defaults;
-3b. the backward chunk sweep (--bwd-chunks, default 32,64): for each backward chunk and 4 or 8 warps,
-   forward+backward ms on the main case and the gradients' relative difference from the default
-   config's (bwd_chunk changes the backward kernels only; num_warps applies to the forward's too);
+3b. the backward chunk sweep (--bwd-chunks, default 32,64): for each backward chunk and 4 or 8 warps
+   of the backward kernels (bwd_chunk, bwd_warps), forward+backward ms on the main case and the
+   gradients' relative difference from the default config's;
 4. the crossover against softmax causal attention (generated/causal.py and SDPA on cuDNN) for
    T = 1K .. 64K at B=2, H=16, D=128: forward and forward+backward.
 
@@ -162,8 +162,8 @@ SWEEP = [  # ATTNCC_LINEAR_CONFIG values (fields of attncc.runtime.linear.Linear
     "chunk=128,out_dv=64",
     "out_dv=64",
     "num_warps=4",
-    "bwd_chunk=64",
-    "bwd_chunk=64,num_warps=4",
+    "bwd_chunk=32,bwd_warps=8",
+    "bwd_chunk=64,bwd_warps=8",
 ]
 
 
@@ -190,7 +190,7 @@ def sweep(mod, quick):
 
 
 def bwd_chunk_sweep(mod, chunks):
-    """fwd+bwd ms per (bwd_chunk, num_warps) on the main case, and the gradients against the default's."""
+    """fwd+bwd ms per (bwd_chunk, bwd_warps) on the main case, and the gradients against the default's."""
     rows = []
     q, k, v = inputs(T_MAIN, grad=True)
     do = torch.randn_like(q)
@@ -199,9 +199,9 @@ def bwd_chunk_sweep(mod, chunks):
     want = [t.grad.clone() for t in (q, k, v)]
     for chunk in chunks:
         for warps in (8, 4):
-            cfg = f"bwd_chunk={chunk},num_warps={warps}"
+            cfg = f"bwd_chunk={chunk},bwd_warps={warps}"
             os.environ["ATTNCC_LINEAR_CONFIG"] = cfg
-            row = {"bwd_chunk": chunk, "num_warps": warps}
+            row = {"bwd_chunk": chunk, "bwd_warps": warps}
             try:
                 for t in (q, k, v):
                     t.grad = None
@@ -338,9 +338,9 @@ def main():
 
 def print_bwd_chunks(rows, device):
     print(f"\n## Backward chunk (LinearConfig.bwd_chunk), main case, {device}")
-    print("| bwd_chunk | num_warps | forward+backward ms | grad rel diff vs default |\n|---|---|---|---|")
+    print("| bwd_chunk | bwd_warps | forward+backward ms | grad rel diff vs default |\n|---|---|---|---|")
     for r in rows:
-        print(f"| {r['bwd_chunk']} | {r['num_warps']} | {fmt(r.get('fwd_bwd_ms', r.get('error')))} | "
+        print(f"| {r['bwd_chunk']} | {r['bwd_warps']} | {fmt(r.get('fwd_bwd_ms', r.get('error')))} | "
               f"{'—' if r.get('grad_rel_diff') is None else format(r['grad_rel_diff'], '.1e')} |")
 
 

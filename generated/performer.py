@@ -524,12 +524,12 @@ def _backward(lc, o, den, do, ds_final, dz_final):
         _dq[(triton.cdiv(c.Nq, chunk), c.B * c.Hq)](
             q, k, v, do, dq, *den_c, lc.proj, states, zs, *strides,
             c.Nq, c.Hq, c.group, n_fwd, c.q_offset, c.k_offset, lc.angle, PRECISION=_precision(q),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts)
+            num_warps=cfg.bwd_warps, num_stages=cfg.num_stages, **consts)
     if c.Nk > 0:
         _dkdv[(triton.cdiv(c.Nk, chunk), c.B * c.Hkv)](
             q, k, v, do, dk, dv, *den_c, lc.proj, dstates, dzs, *strides,
             c.Nk, c.Hkv, c.group, n_stored, c.q_offset, c.k_offset, lc.angle, PRECISION=_precision(q),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts)
+            num_warps=cfg.bwd_warps, num_stages=cfg.num_stages, **consts)
     return dq.to(c.q.dtype), dk.to(c.k.dtype), dv.to(c.v.dtype), ds0, dz0
 
 

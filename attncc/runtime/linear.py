@@ -33,15 +33,16 @@ class LinearConfig:
     """Tiles of the linear kernels. ``chunk``: rows per chunk (the quadratic block), forward;
     ``scan_dv``: value columns per program of the sequential state scan (fewer columns, more
     programs: the scan is parallel over (b, kv head, feature block, value block) only);
-    ``bwd_chunk``: rows per chunk in the backward (it recomputes the states itself; at 64 rows
-    its dq and dk/dv kernels spill registers on sm_90 at D = 128, per offline ptxas, at 32 not;
-    not timed yet: ``ATTNCC_LINEAR_CONFIG=bwd_chunk=64`` or ``bench/linear_bench.py --bwd-chunks``)."""
+    ``bwd_chunk`` and ``bwd_warps``: rows per chunk and warps of the backward's dq and dk/dv kernels
+    (they recompute the states themselves); 64 rows with 4 warps measured fastest on an H100 at
+    D = 128 (``bench/linear_bench.py --bwd-chunks``, docs/performance.md)."""
 
     chunk: int = 64
     scan_dv: int = 64
     out_dv: int = 128
-    bwd_chunk: int = 32
+    bwd_chunk: int = 64
     num_warps: int = 8
+    bwd_warps: int = 4
     scan_warps: int = 8
     num_stages: int = 2
 
@@ -81,13 +82,14 @@ def _sm_count(device) -> int:
 def linear_config(call: Call, block_f: int, num_fb: int) -> LinearConfig:
     """Tiles for a call: 16-row chunks under the interpreter (the tests), else 64-row forward chunks
     while the [chunk, feature block] and [chunk, Dv] tiles stay within 128 columns, 32 above, and
-    32-row backward chunks. Not measured yet: bench/linear_bench.py sweeps alternatives."""
+    64-row backward chunks with 4 warps (32 rows, 8 warps above 128 columns: not measured there).
+    bench/linear_bench.py sweeps alternatives."""
     from attncc.runtime.launch import padded_dim
 
     dv_pad = padded_dim(call.Dv)
     if _interpreting():
         cfg = LinearConfig(chunk=16, scan_dv=min(dv_pad, 32), out_dv=min(dv_pad, 32), bwd_chunk=16, num_warps=4,
-                           scan_warps=4, num_stages=1)
+                           bwd_warps=4, scan_warps=4, num_stages=1)
     else:
         wide = max(padded_dim(call.D), dv_pad, block_f) > 128
         chunk = 32 if wide else 64
@@ -95,7 +97,8 @@ def linear_config(call: Call, block_f: int, num_fb: int) -> LinearConfig:
         scan_dv = min(dv_pad, 64)
         while scan_dv > 32 and call.B * call.Hkv * num_fb * (-(-call.Dv // scan_dv)) < _sm_count(call.q.device):
             scan_dv //= 2
-        cfg = LinearConfig(chunk=chunk, scan_dv=scan_dv, out_dv=min(dv_pad, 128), bwd_chunk=32)
+        cfg = LinearConfig(chunk=chunk, scan_dv=scan_dv, out_dv=min(dv_pad, 128), bwd_chunk=chunk,
+                           bwd_warps=8 if wide else 4)
     forced = _env_config()
     return dataclasses.replace(cfg, **forced) if forced else cfg
 
