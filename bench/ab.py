@@ -13,7 +13,6 @@ runs around them) with the environment variable NAME set to each value in turn.
 """
 import argparse
 import dataclasses
-import importlib
 import os
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_check import CASES, DEV, BF16, density_of, documents  # noqa: E402
+from gpu_check import CASES, case_tensors  # noqa: E402
 from bwd_sweep import quick_bench  # noqa: E402
 
 from attncc.runtime import bind  # noqa: E402
@@ -64,14 +63,8 @@ def main():
         D = case[5] if len(case) > 5 else 128
         if (args.cases or case in EXTRA) and not any(w == label for w in args.cases):
             continue
-        mod = importlib.import_module(f"generated.{spec}")
-        torch.manual_seed(0)
-        q, k, v = (torch.randn(B, H, N, D, device=DEV, dtype=BF16) for _ in range(3))
+        mod, q, k, v, kw, flops = case_tensors(spec, N, B, params, H, D)
         do = torch.randn_like(q)
-        kw = dict(params)
-        if spec == "document":
-            kw["doc"] = documents(B, N)
-        flops = 4 * B * H * N * N * D * density_of(spec, N, kw)
         call = bind(mod.SPEC, q, k, v, kwargs=dict(kw))
         o, lse = mod.attention(q, k, v, return_lse=True, **kw)
         real_launch = mod._rt.launch

@@ -7,7 +7,6 @@ module) is timed with one kernel's config swept and the other's at its default, 
 forward+backward TFLOP/s (x3.5) of the best pair is printed with FlexAttention's from
 docs/performance.md for reference.
 """
-import importlib
 import os
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_check import CASES, DEV, BF16, check_grads, density_of, documents  # noqa: E402
+from gpu_check import CASES, case_tensors, check_grads  # noqa: E402
 
 from attncc.runtime import bind  # noqa: E402
 
@@ -44,14 +43,8 @@ def main():
     for label, spec, N, B, params in CASES:
         if want and not any(w in label for w in want):
             continue
-        mod = importlib.import_module(f"generated.{spec}")
-        torch.manual_seed(0)
-        q, k, v = (torch.randn(B, H, N, D, device=DEV, dtype=BF16) for _ in range(3))
+        mod, q, k, v, kw, flops = case_tensors(spec, N, B, params, H, D)
         do = torch.randn_like(q)
-        kw = dict(params)
-        if spec == "document":
-            kw["doc"] = documents(B, N)
-        flops = 4 * B * H * N * N * D * density_of(spec, N, kw)
         fwd_ms = quick_bench(lambda: mod.attention(q, k, v, **kw))
         o, lse = mod.attention(q, k, v, return_lse=True, **kw)
         call = bind(mod.SPEC, q, k, v, kwargs=dict(kw))

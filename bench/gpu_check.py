@@ -159,6 +159,18 @@ CASES = [  # name, spec, N, B, params, flex score_mod/mask_mod kind
 density_of = density
 
 
+def case_tensors(spec, N, B, params, H=16, D=128):
+    """(generated module, q, k, v, keyword arguments, forward FLOPs) of one timed case: bf16 inputs
+    from seed 0, packed documents for the document mask."""
+    mod = importlib.import_module(f"generated.{spec}")
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(B, H, N, D, device=DEV, dtype=BF16) for _ in range(3))
+    kw = dict(params)
+    if spec == "document":
+        kw["doc"] = documents(B, N)
+    return mod, q, k, v, kw, 4 * B * H * N * N * D * density_of(spec, N, kw)
+
+
 def time_cases(H=16, D=128, quick=False, with_backward=True):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -168,14 +180,8 @@ def time_cases(H=16, D=128, quick=False, with_backward=True):
         # few shapes (and requires_grad variants) and silently falls back to its slow eager path.
         torch._dynamo.reset()
         flex, create_block_mask = flex_setup()
-        mod = importlib.import_module(f"generated.{spec}")
-        torch.manual_seed(0)
-        q, k, v = (torch.randn(B, H, N, D, device=DEV, dtype=BF16) for _ in range(3))
-        kw = dict(params)
-        if spec == "document":
-            kw["doc"] = documents(B, N)
+        mod, q, k, v, kw, flops = case_tensors(spec, N, B, params, H, D)
         dens = density_of(spec, N, kw)
-        flops = 4 * B * H * N * N * D * dens
         row = dict(case=label, B=B, H=H, N=N, D=D, density=dens)
         row["attncc_ms"] = bench(lambda: mod.attention(q, k, v, **kw))
         o = mod.attention(q, k, v, **kw)

@@ -3,15 +3,12 @@ stages and warp specialization are fastest per case.
 
     PYTHONPATH=. python bench/sweep.py [case-substring ...]
 """
-import importlib
 import os
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_check import CASES, DEV, BF16, bench, density_of, documents  # noqa: E402
+from gpu_check import CASES, bench, case_tensors  # noqa: E402
 
 CONFIGS = [(128, 128, 8, 2, 0), (128, 128, 8, 3, 0), (128, 128, 8, 4, 0), (128, 64, 4, 3, 0), (128, 64, 8, 3, 0),
            (128, 64, 4, 4, 0), (64, 128, 4, 3, 0), (64, 64, 4, 3, 0), (128, 128, 8, 3, 1), (128, 64, 4, 3, 1)]
@@ -23,13 +20,7 @@ def main():
     for label, spec, N, B, params in CASES:
         if want and not any(w in label for w in want):
             continue
-        mod = importlib.import_module(f"generated.{spec}")
-        torch.manual_seed(0)
-        q, k, v = (torch.randn(B, H, N, D, device=DEV, dtype=BF16) for _ in range(3))
-        kw = dict(params)
-        if spec == "document":
-            kw["doc"] = documents(B, N)
-        flops = 4 * B * H * N * N * D * density_of(spec, N, kw)
+        mod, q, k, v, kw, flops = case_tensors(spec, N, B, params, H, D)
         best = None
         for bm, bn, w, s, ws in CONFIGS:
             os.environ["ATTNCC_CONFIG"] = f"BLOCK_M={bm},BLOCK_N={bn},num_warps={w},num_stages={s},warp_specialize={ws}"
