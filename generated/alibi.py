@@ -55,12 +55,28 @@ def _alibi_slope(h, n_heads):
 
 
 @triton.jit
+def _exp2_as(x, dtype: tl.constexpr, PACKED: tl.constexpr):
+    """exp2(x) in ``dtype``, the P operand of the P·V dot. PACKED (16-bit operands on a GPU): two
+    at a time by one MUFU instruction in the 16-bit format, x rounded to it first (an error like
+    rounding P to that format, which the dot needs anyway)."""
+    if PACKED and dtype == tl.bfloat16:
+        p = tl.inline_asm_elementwise("{ .reg .b32 t; cvt.rn.bf16x2.f32 t, $2, $1; ex2.approx.ftz.bf16x2 $0, t; }",
+                                      "=r,f,f", [x], dtype=tl.bfloat16, is_pure=True, pack=2)
+    elif PACKED:
+        p = tl.inline_asm_elementwise("{ .reg .b32 t; cvt.rn.f16x2.f32 t, $2, $1; ex2.approx.f16x2 $0, t; }",
+                                      "=r,f,f", [x], dtype=tl.float16, is_pure=True, pack=2)
+    else:
+        p = tl.exp2(x).to(dtype)
+    return p
+
+
+@triton.jit
 def _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
               b, h, H, n_q, n_k, c0,
               qk_scale, sm_scale,
               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
               ROTARY_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
-              MASKED: tl.constexpr):
+              MASKED: tl.constexpr, PACKED_EXP: tl.constexpr):
     """One key tile of the online softmax; MASKED tiles evaluate the mask, full ones do not."""
     start_n = kb * BLOCK_N
     k = k_desc.load([start_n, 0])
@@ -74,9 +90,9 @@ def _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row that has seen no allowed key keeps m = -inf; exponentiate against 0 then.
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp2(s - m_use[:, None])
+    p = _exp2_as(s - m_use[:, None], v.dtype, PACKED_EXP)
     alpha = tl.exp2(m_i - m_use)
-    l_i = l_i * alpha + tl.sum(p, 1)
+    l_i = l_i * alpha + tl.sum(p.to(tl.float32), 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, l_i, m_new
 
@@ -92,7 +108,7 @@ def _fwd_kernel(Q, K, V, O, LSE,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                 VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr, RETURN_LSE: tl.constexpr,
-                WARP_SPECIALIZE: tl.constexpr, VARLEN: tl.constexpr):
+                WARP_SPECIALIZE: tl.constexpr, PACKED_EXP: tl.constexpr, VARLEN: tl.constexpr):
     # Heaviest query blocks first: with causal-like patterns the last rows see the most keys.
     qb = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
@@ -148,17 +164,17 @@ def _fwd_kernel(Q, K, V, O, LSE,
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
                                   b, h, H, n_q, n_k, c0,
                                   qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
-                                  FAST_MATH, MASKED=True)
+                                  FAST_MATH, MASKED=True, PACKED_EXP=PACKED_EXP)
     for kb in tl.range(kv_full_lo, kv_full_hi, warp_specialize=WARP_SPECIALIZE):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
                                   b, h, H, n_q, n_k, c0,
                                   qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
-                                  FAST_MATH, MASKED=False)
+                                  FAST_MATH, MASKED=False, PACKED_EXP=PACKED_EXP)
     for kb in tl.range(kv_full_hi, kv_hi):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
                                   b, h, H, n_q, n_k, c0,
                                   qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
-                                  FAST_MATH, MASKED=True)
+                                  FAST_MATH, MASKED=True, PACKED_EXP=PACKED_EXP)
     # Rows that saw no allowed key: o = 0 and lse = -inf, never NaN.
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_desc.store([qb * BLOCK_M, 0], o.to(O.dtype.element_ty))
@@ -195,6 +211,7 @@ def _forward(call):
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         FAST_MATH=_rt.fast_math(call),
         RETURN_LSE=call.return_lse, WARP_SPECIALIZE=cfg.warp_specialize, VARLEN=call.varlen,
+        PACKED_EXP=cfg.packed_exp and _rt.fast_math(call),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     ))
     if v.shape[-1] != call.Dv:
