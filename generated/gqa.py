@@ -47,15 +47,15 @@ SPEC = _rt.SpecInfo(
 
 @triton.jit
 def _exp2_as(x, dtype: tl.constexpr, PACKED: tl.constexpr):
-    """exp2(x) in ``dtype``, the P operand of the P·V dot. PACKED (16-bit operands on a GPU): two
-    at a time by one MUFU instruction in the 16-bit format, x rounded to it first (an error like
-    rounding P to that format, which the dot needs anyway)."""
-    if PACKED and dtype == tl.bfloat16:
+    """exp2(x) in ``dtype``. PACKED (16-bit operands on a GPU): two at a time by one MUFU
+    instruction, x rounded to 16 bits first: 1 in bfloat16 when dtype is (the P operand of a
+    bfloat16 dot: no conversion left), 2 in float16 (3 more bits of x, then converted)."""
+    if PACKED == 1 and dtype == tl.bfloat16:
         p = tl.inline_asm_elementwise("{ .reg .b32 t; cvt.rn.bf16x2.f32 t, $2, $1; ex2.approx.ftz.bf16x2 $0, t; }",
                                       "=r,f,f", [x], dtype=tl.bfloat16, is_pure=True, pack=2)
     elif PACKED:
         p = tl.inline_asm_elementwise("{ .reg .b32 t; cvt.rn.f16x2.f32 t, $2, $1; ex2.approx.f16x2 $0, t; }",
-                                      "=r,f,f", [x], dtype=tl.float16, is_pure=True, pack=2)
+                                      "=r,f,f", [x], dtype=tl.float16, is_pure=True, pack=2).to(dtype)
     else:
         p = tl.exp2(x).to(dtype)
     return p
@@ -199,7 +199,7 @@ def _forward(call):
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         FAST_MATH=_rt.fast_math(call),
         RETURN_LSE=call.return_lse, WARP_SPECIALIZE=cfg.warp_specialize, VARLEN=call.varlen,
-        PACKED_EXP=cfg.packed_exp and _rt.fast_math(call),
+        PACKED_EXP=cfg.packed_exp if _rt.fast_math(call) else 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     ))
     if v.shape[-1] != call.Dv:
@@ -276,8 +276,8 @@ def _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, qb, offs_j, Nq, q_off
     if MASKED:
         keep = (offs_i[None, :] < q_offset + Nq) & (offs_j[:, None] <= offs_i[None, :])
         s = tl.where(keep, s, float("-inf"))
-    p_op = _exp2_as(s - lse2[None, :], q.dtype, PACKED_EXP)  # P in the dots' operand dtype
-    p = p_op.to(tl.float32)
+    p = _exp2_as(s - lse2[None, :], tl.float32, PACKED_EXP)
+    p_op = p.to(q.dtype)  # the dots' operand
     dv = dv + tl.dot(p_op, do, input_precision=DOT_PRECISION)
     dp = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     ds = p * (dp - delta[None, :])
@@ -397,8 +397,8 @@ def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
     if MASKED:
         keep = (offs_j[None, :] < k_offset + Nk) & (offs_j[None, :] <= offs_i[:, None])
         s = tl.where(keep, s, float("-inf"))
-    p_op = _exp2_as(s - lse2[:, None], q.dtype, PACKED_EXP)  # P in the dots' operand dtype
-    p = p_op.to(tl.float32)
+    p = _exp2_as(s - lse2[:, None], tl.float32, PACKED_EXP)
+    p_op = p.to(q.dtype)  # the dots' operand
     dp = tl.dot(do, v.T, input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
     dq = dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
@@ -525,7 +525,7 @@ def _backward(call, o, lse, do):
         dv.stride(0), dv.stride(1), dv.stride(2),
         Nq, Nk, Hq, call.group, call.q_offset, call.k_offset, call.n_q, call.n_k,
         call.scale * _rt.LOG2E, call.scale, *cu,
-        **common, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, PACKED_EXP=cfg.packed_exp and _rt.fast_math(call),
+        **common, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, PACKED_EXP=cfg.packed_exp if _rt.fast_math(call) else 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     ), kernel="dkdv")
     _rt.launch(call, cfg_q, lambda cfg: _bwd_dq_kernel[(triton.cdiv(Nq, cfg.BLOCK_M), B * Hq)](
@@ -537,7 +537,7 @@ def _backward(call, o, lse, do):
         dq.stride(0), dq.stride(1), dq.stride(2),
         Nq, Nk, Hq, call.group, call.q_offset, call.k_offset, call.n_q, call.n_k,
         call.scale * _rt.LOG2E, call.scale, *cu,
-        **common, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, PACKED_EXP=cfg.packed_exp and _rt.fast_math(call),
+        **common, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, PACKED_EXP=cfg.packed_exp if _rt.fast_math(call) else 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     ), kernel="dq")
     return _rt.grads_as_inputs(call, dq, dk, dv)

@@ -26,7 +26,7 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 2
     warp_specialize: bool = False
-    packed_exp: bool = False  # forward: P = exp2(...) two at a time in 16 bits (see _exp2_as)
+    packed_exp: int = 0  # P = exp2(...) two at a time in 16 bits: 1 bfloat16 / 2 float16 (see _exp2_as)
 
 
 def _env_config(kernel: str = "") -> Optional[KernelConfig]:
@@ -44,7 +44,7 @@ def _env_config(kernel: str = "") -> Optional[KernelConfig]:
     return KernelConfig(**fields)
 
 
-_FLAGS = ("warp_specialize", "packed_exp")  # boolean fields
+_FLAGS = ("warp_specialize",)  # boolean fields
 KERNELS = ("", "dkdv", "dq")  # the forward, and the two backward kernels
 
 
