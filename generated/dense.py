@@ -39,15 +39,16 @@ SPEC = _rt.SpecInfo(
 
 @triton.jit
 def _exp2_as(x, dtype: tl.constexpr, PACKED: tl.constexpr):
-    """exp2(x) in ``dtype``. PACKED (16-bit operands on a GPU): two at a time by one MUFU
-    instruction, x rounded to 16 bits first: 1 in bfloat16 when dtype is (the P operand of a
-    bfloat16 dot: no conversion left), 2 in float16 (3 more bits of x, then converted)."""
-    if PACKED == 1 and dtype == tl.bfloat16:
+    """exp2(x) in ``dtype``, the P operand of the P·V dot. PACKED (16-bit operands on a GPU): two
+    at a time by one MUFU instruction in that 16-bit format, x rounded to it first; half the
+    special-function work of the online softmax (docs/performance.md: 17-21% faster, relative
+    error of o 2.0e-3 -> 2.9e-3 in bfloat16)."""
+    if PACKED and dtype == tl.bfloat16:
         p = tl.inline_asm_elementwise("{ .reg .b32 t; cvt.rn.bf16x2.f32 t, $2, $1; ex2.approx.ftz.bf16x2 $0, t; }",
                                       "=r,f,f", [x], dtype=tl.bfloat16, is_pure=True, pack=2)
-    elif PACKED:
+    elif PACKED and dtype == tl.float16:
         p = tl.inline_asm_elementwise("{ .reg .b32 t; cvt.rn.f16x2.f32 t, $2, $1; ex2.approx.f16x2 $0, t; }",
-                                      "=r,f,f", [x], dtype=tl.float16, is_pure=True, pack=2).to(dtype)
+                                      "=r,f,f", [x], dtype=tl.float16, is_pure=True, pack=2)
     else:
         p = tl.exp2(x).to(dtype)
     return p
@@ -182,7 +183,7 @@ def _forward(call):
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         FAST_MATH=_rt.fast_math(call),
         RETURN_LSE=call.return_lse, WARP_SPECIALIZE=cfg.warp_specialize, VARLEN=call.varlen,
-        PACKED_EXP=cfg.packed_exp if _rt.fast_math(call) else 0,
+        PACKED_EXP=_rt.packed_exp(call),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     ))
     if v.shape[-1] != call.Dv:
@@ -243,7 +244,7 @@ def _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, qb, offs_j, Nq, q_off
                qk_scale, sm_scale,
                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                ROTARY_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
-               MASKED: tl.constexpr, PACKED_EXP: tl.constexpr):
+               MASKED: tl.constexpr):
     """One query tile of a key block: dV += P^T dO, dK += dS^T Q (dS not yet scaled), with the
     tile held transposed: p and ds here are P^T and dS^T, [BLOCK_N, BLOCK_M]."""
     start_m = qb * BLOCK_M
@@ -259,9 +260,8 @@ def _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, qb, offs_j, Nq, q_off
     if MASKED:
         keep = (offs_i[None, :] < q_offset + Nq)
         s = tl.where(keep, s, float("-inf"))
-    p = _exp2_as(s - lse2[None, :], tl.float32, PACKED_EXP)
-    p_op = p.to(q.dtype)  # the dots' operand
-    dv = dv + tl.dot(p_op, do, input_precision=DOT_PRECISION)
+    p = tl.exp2(s - lse2[None, :])
+    dv = dv + tl.dot(p.to(do.dtype), do, input_precision=DOT_PRECISION)
     dp = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     ds = p * (dp - delta[None, :])
     dk = dk + tl.dot(ds.to(q.dtype), q, input_precision=DOT_PRECISION)
@@ -281,7 +281,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
                      HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                      VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
-                     PACKED_EXP: tl.constexpr, VARLEN: tl.constexpr):
+                     VARLEN: tl.constexpr):
     # One key block of one kv head: its GROUP query heads add into the same dK, dV registers.
     kb = tl.program_id(0)
     bhk = tl.program_id(1)
@@ -344,12 +344,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
             dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2 + lse_row, DELTA + lse_row, qb, offs_j, Nq, q_offset,
                                 b, h, H, n_q, n_k,
                                 qk_scale, sm_scale, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
-                                FAST_MATH, MASKED=False, PACKED_EXP=PACKED_EXP)
+                                FAST_MATH, MASKED=False)
         for qb in tl.range(n_full, tl.cdiv(Nq, BLOCK_M)):
             dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2 + lse_row, DELTA + lse_row, qb, offs_j, Nq, q_offset,
                                 b, h, H, n_q, n_k,
                                 qk_scale, sm_scale, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
-                                FAST_MATH, MASKED=True, PACKED_EXP=PACKED_EXP)
+                                FAST_MATH, MASKED=True)
     dk = dk * sm_scale
     dk_desc.store([kb * BLOCK_N, 0], dk.to(DK.dtype.element_ty))
     dv_desc.store([kb * BLOCK_N, 0], dv.to(DV.dtype.element_ty))
@@ -361,7 +361,7 @@ def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
              qk_scale, sm_scale,
              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
              ROTARY_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
-             MASKED: tl.constexpr, PACKED_EXP: tl.constexpr):
+             MASKED: tl.constexpr):
     """One key tile of a query block: dQ += dS K (dS not yet scaled)."""
     start_n = kb * BLOCK_N
     k = k_desc.load([start_n, 0])
@@ -372,8 +372,7 @@ def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
     if MASKED:
         keep = (offs_j[None, :] < k_offset + Nk)
         s = tl.where(keep, s, float("-inf"))
-    p = _exp2_as(s - lse2[:, None], tl.float32, PACKED_EXP)
-    p_op = p.to(q.dtype)  # the dots' operand
+    p = tl.exp2(s - lse2[:, None])
     dp = tl.dot(do, v.T, input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
     dq = dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
@@ -392,7 +391,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                    VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
-                   PACKED_EXP: tl.constexpr, VARLEN: tl.constexpr):
+                   VARLEN: tl.constexpr):
     qb = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -444,12 +443,12 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
         dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
                       b, h, H, n_q, n_k,
                       qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
-                      FAST_MATH, MASKED=False, PACKED_EXP=PACKED_EXP)
+                      FAST_MATH, MASKED=False)
     for kb in tl.range(n_full, tl.cdiv(Nk, BLOCK_N)):
         dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
                       b, h, H, n_q, n_k,
                       qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
-                      FAST_MATH, MASKED=True, PACKED_EXP=PACKED_EXP)
+                      FAST_MATH, MASKED=True)
     dq = dq * sm_scale
     dq_desc.store([qb * BLOCK_M, 0], dq.to(DQ.dtype.element_ty))
 
@@ -491,7 +490,7 @@ def _backward(call, o, lse, do):
         dv.stride(0), dv.stride(1), dv.stride(2),
         Nq, Nk, Hq, call.group, call.q_offset, call.k_offset, call.n_q, call.n_k,
         call.scale * _rt.LOG2E, call.scale, *cu,
-        **common, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, PACKED_EXP=cfg.packed_exp if _rt.fast_math(call) else 0,
+        **common, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     ), kernel="dkdv")
     _rt.launch(call, cfg_q, lambda cfg: _bwd_dq_kernel[(triton.cdiv(Nq, cfg.BLOCK_M), B * Hq)](
@@ -503,7 +502,7 @@ def _backward(call, o, lse, do):
         dq.stride(0), dq.stride(1), dq.stride(2),
         Nq, Nk, Hq, call.group, call.q_offset, call.k_offset, call.n_q, call.n_k,
         call.scale * _rt.LOG2E, call.scale, *cu,
-        **common, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, PACKED_EXP=cfg.packed_exp if _rt.fast_math(call) else 0,
+        **common, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     ), kernel="dq")
     return _rt.grads_as_inputs(call, dq, dk, dv)

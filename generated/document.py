@@ -44,15 +44,16 @@ SPEC = _rt.SpecInfo(
 
 @triton.jit
 def _exp2_as(x, dtype: tl.constexpr, PACKED: tl.constexpr):
-    """exp2(x) in ``dtype``. PACKED (16-bit operands on a GPU): two at a time by one MUFU
-    instruction, x rounded to 16 bits first: 1 in bfloat16 when dtype is (the P operand of a
-    bfloat16 dot: no conversion left), 2 in float16 (3 more bits of x, then converted)."""
-    if PACKED == 1 and dtype == tl.bfloat16:
+    """exp2(x) in ``dtype``, the P operand of the P·V dot. PACKED (16-bit operands on a GPU): two
+    at a time by one MUFU instruction in that 16-bit format, x rounded to it first; half the
+    special-function work of the online softmax (docs/performance.md: 17-21% faster, relative
+    error of o 2.0e-3 -> 2.9e-3 in bfloat16)."""
+    if PACKED and dtype == tl.bfloat16:
         p = tl.inline_asm_elementwise("{ .reg .b32 t; cvt.rn.bf16x2.f32 t, $2, $1; ex2.approx.ftz.bf16x2 $0, t; }",
                                       "=r,f,f", [x], dtype=tl.bfloat16, is_pure=True, pack=2)
-    elif PACKED:
+    elif PACKED and dtype == tl.float16:
         p = tl.inline_asm_elementwise("{ .reg .b32 t; cvt.rn.f16x2.f32 t, $2, $1; ex2.approx.f16x2 $0, t; }",
-                                      "=r,f,f", [x], dtype=tl.float16, is_pure=True, pack=2).to(dtype)
+                                      "=r,f,f", [x], dtype=tl.float16, is_pure=True, pack=2)
     else:
         p = tl.exp2(x).to(dtype)
     return p
@@ -432,7 +433,7 @@ def _forward(call):
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         FAST_MATH=_rt.fast_math(call),
         RETURN_LSE=call.return_lse, WARP_SPECIALIZE=cfg.warp_specialize, VARLEN=call.varlen,
-        PACKED_EXP=cfg.packed_exp if _rt.fast_math(call) else 0,
+        PACKED_EXP=_rt.packed_exp(call),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     ))
     if v.shape[-1] != call.Dv:
@@ -493,7 +494,7 @@ def _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, qb, offs_j, Nq, q_off
                qk_scale, sm_scale,
                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                ROTARY_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
-               MASKED: tl.constexpr, PACKED_EXP: tl.constexpr):
+               MASKED: tl.constexpr):
     """One query tile of a key block: dV += P^T dO, dK += dS^T Q (dS not yet scaled), with the
     tile held transposed: p and ds here are P^T and dS^T, [BLOCK_N, BLOCK_M]."""
     start_m = qb * BLOCK_M
@@ -509,9 +510,8 @@ def _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, qb, offs_j, Nq, q_off
     if MASKED:
         keep = (offs_i[None, :] < q_offset + Nq) & ((tl.load(doc_ptr + b * doc_stride0 + offs_i[None, :] * doc_stride1, mask=(offs_i[None, :] >= 0) & (offs_i[None, :] < doc_size1), other=0) == col0[:, None]) & (offs_j[:, None] <= offs_i[None, :]))
         s = tl.where(keep, s, float("-inf"))
-    p = _exp2_as(s - lse2[None, :], tl.float32, PACKED_EXP)
-    p_op = p.to(q.dtype)  # the dots' operand
-    dv = dv + tl.dot(p_op, do, input_precision=DOT_PRECISION)
+    p = tl.exp2(s - lse2[None, :])
+    dv = dv + tl.dot(p.to(do.dtype), do, input_precision=DOT_PRECISION)
     dp = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     ds = p * (dp - delta[None, :])
     dk = dk + tl.dot(ds.to(q.dtype), q, input_precision=DOT_PRECISION)
@@ -533,7 +533,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
                      HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                      VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
-                     PACKED_EXP: tl.constexpr, VARLEN: tl.constexpr):
+                     VARLEN: tl.constexpr):
     # One key block of one kv head: its GROUP query heads add into the same dK, dV registers.
     kb = tl.program_id(0)
     bhk = tl.program_id(1)
@@ -599,14 +599,14 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
             dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2 + lse_row, DELTA + lse_row, qb, offs_j, Nq, q_offset,
                                 b, h, H, n_q, n_k, doc_ptr, doc_stride0, doc_stride1, doc_size0, doc_size1, col0,
                                 qk_scale, sm_scale, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
-                                FAST_MATH, MASKED=True, PACKED_EXP=PACKED_EXP)
+                                FAST_MATH, MASKED=True)
         n_full = tl.load(full_count + row)
         for idx in tl.range(0, n_full):
             qb = tl.load(full_index + row * list_width + idx)
             dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2 + lse_row, DELTA + lse_row, qb, offs_j, Nq, q_offset,
                                 b, h, H, n_q, n_k, doc_ptr, doc_stride0, doc_stride1, doc_size0, doc_size1, col0,
                                 qk_scale, sm_scale, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
-                                FAST_MATH, MASKED=False, PACKED_EXP=PACKED_EXP)
+                                FAST_MATH, MASKED=False)
     dk = dk * sm_scale
     dk_desc.store([kb * BLOCK_N, 0], dk.to(DK.dtype.element_ty))
     dv_desc.store([kb * BLOCK_N, 0], dv.to(DV.dtype.element_ty))
@@ -618,7 +618,7 @@ def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
              qk_scale, sm_scale,
              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
              ROTARY_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
-             MASKED: tl.constexpr, PACKED_EXP: tl.constexpr):
+             MASKED: tl.constexpr):
     """One key tile of a query block: dQ += dS K (dS not yet scaled)."""
     start_n = kb * BLOCK_N
     k = k_desc.load([start_n, 0])
@@ -629,8 +629,7 @@ def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
     if MASKED:
         keep = (offs_j[None, :] < k_offset + Nk) & ((row0[:, None] == tl.load(doc_ptr + b * doc_stride0 + offs_j[None, :] * doc_stride1, mask=(offs_j[None, :] >= 0) & (offs_j[None, :] < doc_size1), other=0)) & (offs_j[None, :] <= offs_i[:, None]))
         s = tl.where(keep, s, float("-inf"))
-    p = _exp2_as(s - lse2[:, None], tl.float32, PACKED_EXP)
-    p_op = p.to(q.dtype)  # the dots' operand
+    p = tl.exp2(s - lse2[:, None])
     dp = tl.dot(do, v.T, input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
     dq = dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
@@ -651,7 +650,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                    VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
-                   PACKED_EXP: tl.constexpr, VARLEN: tl.constexpr):
+                   VARLEN: tl.constexpr):
     qb = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -707,14 +706,14 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
         dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
                       b, h, H, n_q, n_k, doc_ptr, doc_stride0, doc_stride1, doc_size0, doc_size1, row0,
                       qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
-                      FAST_MATH, MASKED=True, PACKED_EXP=PACKED_EXP)
+                      FAST_MATH, MASKED=True)
     n_full = tl.load(full_count + row)
     for idx in tl.range(0, n_full):
         kb = tl.load(full_index + row * list_width + idx)
         dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
                       b, h, H, n_q, n_k, doc_ptr, doc_stride0, doc_stride1, doc_size0, doc_size1, row0,
                       qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
-                      FAST_MATH, MASKED=False, PACKED_EXP=PACKED_EXP)
+                      FAST_MATH, MASKED=False)
     dq = dq * sm_scale
     dq_desc.store([qb * BLOCK_M, 0], dq.to(DQ.dtype.element_ty))
 
@@ -766,7 +765,7 @@ def _backward(call, o, lse, do):
         call.scale * _rt.LOG2E, call.scale, *cu,
         call.inputs['doc'], *call.inputs['doc'].stride(), *call.inputs['doc'].shape,
         *lists_t,
-        **common, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, PACKED_EXP=cfg.packed_exp if _rt.fast_math(call) else 0,
+        **common, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     ), kernel="dkdv")
     _rt.launch(call, cfg_q, lambda cfg: _bwd_dq_kernel[(triton.cdiv(Nq, cfg.BLOCK_M), B * Hq)](
@@ -780,7 +779,7 @@ def _backward(call, o, lse, do):
         call.scale * _rt.LOG2E, call.scale, *cu,
         call.inputs['doc'], *call.inputs['doc'].stride(), *call.inputs['doc'].shape,
         *lists,
-        **common, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, PACKED_EXP=cfg.packed_exp if _rt.fast_math(call) else 0,
+        **common, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     ), kernel="dq")
     return _rt.grads_as_inputs(call, dq, dk, dv)
