@@ -9,7 +9,7 @@ A variant is a comma-separated override of the built-in config's fields, e.g. ``
 first. Each line prints milliseconds, the change against the built-in config and the largest
 difference of the kernel's output from the built-in config's (a variant must not change results
 beyond rounding). ``--env NAME=A,B`` instead times the whole backward (both kernels and what
-runs around them) with the environment variable NAME set to each value in turn.
+runs around them) and the forward with the environment variable NAME set to each value in turn.
 """
 import argparse
 import dataclasses
@@ -83,12 +83,13 @@ def main():
 
         if args.env:
             name, _, values = args.env.partition("=")
-            base_ms = None
+            base = {}
             for value in values.split(","):
                 os.environ[name] = value
-                ms = quick_bench(lambda: mod._backward(call, o, lse, do))
-                base_ms = base_ms or ms
-                print(f"{label:26s} backward {name}={value:10s} {ms:7.3f} ms ({ms / base_ms - 1:+6.1%})", flush=True)
+                for part, fn in (("forward", forward), ("backward", lambda: mod._backward(call, o, lse, do))):
+                    ms = quick_bench(fn)
+                    base.setdefault(part, ms)
+                    print(f"{label:26s} {part:8s} {name}={value:10s} {ms:7.3f} ms ({ms / base[part] - 1:+6.1%})", flush=True)
             os.environ.pop(name)
             continue
         for kernel, variants, fn, pick in (("", args.fwd, forward, lambda r: r),

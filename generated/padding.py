@@ -43,20 +43,21 @@ SPEC = _rt.SpecInfo(
 
 
 @triton.jit
-def _exp2_as(x, dtype: tl.constexpr, PACKED: tl.constexpr):
-    """exp2(x) in ``dtype``, the P operand of the P·V dot. PACKED (16-bit operands on a GPU): two
-    at a time by one MUFU instruction in that 16-bit format, x rounded to it first; half the
-    special-function work of the online softmax (docs/performance.md: 17-21% faster, relative
-    error of o 2.0e-3 -> 2.9e-3 in bfloat16)."""
+def _softmax_weights(x, dtype: tl.constexpr, PACKED: tl.constexpr):
+    """(exp2(x) in float32, the same in ``dtype`` for the P·V dot). PACKED (16-bit operands on a
+    GPU): two at a time by one MUFU instruction in that 16-bit format, x rounded to it first."""
     if PACKED and dtype == tl.bfloat16:
-        p = tl.inline_asm_elementwise("{ .reg .b32 t; cvt.rn.bf16x2.f32 t, $2, $1; ex2.approx.ftz.bf16x2 $0, t; }",
-                                      "=r,f,f", [x], dtype=tl.bfloat16, is_pure=True, pack=2)
+        p_op = tl.inline_asm_elementwise("{ .reg .b32 t; cvt.rn.bf16x2.f32 t, $2, $1; ex2.approx.ftz.bf16x2 $0, t; }",
+                                         "=r,f,f", [x], dtype=tl.bfloat16, is_pure=True, pack=2)
+        p = p_op.to(tl.float32)
     elif PACKED and dtype == tl.float16:
-        p = tl.inline_asm_elementwise("{ .reg .b32 t; cvt.rn.f16x2.f32 t, $2, $1; ex2.approx.f16x2 $0, t; }",
-                                      "=r,f,f", [x], dtype=tl.float16, is_pure=True, pack=2)
+        p_op = tl.inline_asm_elementwise("{ .reg .b32 t; cvt.rn.f16x2.f32 t, $2, $1; ex2.approx.f16x2 $0, t; }",
+                                         "=r,f,f", [x], dtype=tl.float16, is_pure=True, pack=2)
+        p = p_op.to(tl.float32)
     else:
-        p = tl.exp2(x).to(dtype)
-    return p
+        p = tl.exp2(x)
+        p_op = p.to(dtype)
+    return p, p_op
 
 
 @triton.jit
@@ -78,10 +79,10 @@ def _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
     # qk_scale = scale * log2(e) > 0, so the row max of the scaled scores is the scaled max.
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = _exp2_as(qk * qk_scale - m_use[:, None], v.dtype, PACKED_EXP)
+    p, p_op = _softmax_weights(qk * qk_scale - m_use[:, None], v.dtype, PACKED_EXP)
     alpha = tl.exp2(m_i - m_use)
-    l_i = l_i * alpha + tl.sum(p.to(tl.float32), 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p_op, v, input_precision=DOT_PRECISION)
     return acc, l_i, m_new
 
 
