@@ -143,10 +143,14 @@ def fast_math(call: Call) -> bool:
 
 
 def packed_exp(call: Call) -> bool:
-    """The forward's softmax weights two at a time in the 16-bit operand format (``_exp2_as`` of
-    a generated module): on a GPU with 16-bit inputs, unless ``ATTNCC_PACKED_EXP=0`` asks for
-    float32 exponentials (a little more accuracy, about a fifth more forward time)."""
-    return fast_math(call) and os.environ.get("ATTNCC_PACKED_EXP", "1") != "0"
+    """Experiment (``ATTNCC_PACKED_EXP=1``): the forward's softmax weights two at a time in the
+    16-bit operand format (``_softmax_weights`` of a generated module), on a GPU with 16-bit inputs."""
+    return fast_math(call) and os.environ.get("ATTNCC_PACKED_EXP", "0") == "1"
+
+
+def rowsum_dot(call: Call) -> bool:
+    """Experiment (``ATTNCC_ROWSUM_DOT=1``): the softmax denominators summed by the tensor cores."""
+    return os.environ.get("ATTNCC_ROWSUM_DOT", "0") == "1"
 
 
 def padded_dim(d: int) -> int:
