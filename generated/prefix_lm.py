@@ -52,30 +52,12 @@ SPEC = _rt.SpecInfo(
 
 
 @triton.jit
-def _softmax_weights(x, dtype: tl.constexpr, PACKED: tl.constexpr):
-    """(exp2(x) in float32, the same in ``dtype`` for the P·V dot). PACKED (16-bit operands on a
-    GPU): two at a time by one MUFU instruction in that 16-bit format, x rounded to it first."""
-    if PACKED and dtype == tl.bfloat16:
-        p_op = tl.inline_asm_elementwise("{ .reg .b32 t; cvt.rn.bf16x2.f32 t, $2, $1; ex2.approx.ftz.bf16x2 $0, t; }",
-                                         "=r,f,f", [x], dtype=tl.bfloat16, is_pure=True, pack=2)
-        p = p_op.to(tl.float32)
-    elif PACKED and dtype == tl.float16:
-        p_op = tl.inline_asm_elementwise("{ .reg .b32 t; cvt.rn.f16x2.f32 t, $2, $1; ex2.approx.f16x2 $0, t; }",
-                                         "=r,f,f", [x], dtype=tl.float16, is_pure=True, pack=2)
-        p = p_op.to(tl.float32)
-    else:
-        p = tl.exp2(x)
-        p_op = p.to(dtype)
-    return p, p_op
-
-
-@triton.jit
 def _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
               b, h, H, n_q, n_k, prm_prefix,
               qk_scale, sm_scale,
               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
               ROTARY_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
-              MASKED: tl.constexpr, PACKED_EXP: tl.constexpr, ROWSUM_DOT: tl.constexpr):
+              MASKED: tl.constexpr):
     """One key tile of the online softmax; MASKED tiles evaluate the mask, full ones do not."""
     start_n = kb * BLOCK_N
     k = k_desc.load([start_n, 0])
@@ -88,13 +70,10 @@ def _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
     # qk_scale = scale * log2(e) > 0, so the row max of the scaled scores is the scaled max.
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p, p_op = _softmax_weights(qk * qk_scale - m_use[:, None], v.dtype, PACKED_EXP)
+    p = tl.exp2(qk * qk_scale - m_use[:, None])
     alpha = tl.exp2(m_i - m_use)
-    if ROWSUM_DOT:  # l as P times ones on the tensor cores (each of its 16 columns holds the row sum)
-        l_i = l_i * alpha[:, None] + tl.dot(p_op, tl.full([BLOCK_N, 16], 1.0, p_op.dtype), input_precision=DOT_PRECISION)
-    else:
-        l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p_op, v, input_precision=DOT_PRECISION)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, l_i, m_new
 
 
@@ -110,7 +89,7 @@ def _fwd_kernel(Q, K, V, O, LSE,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                 VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr, RETURN_LSE: tl.constexpr,
-                WARP_SPECIALIZE: tl.constexpr, PACKED_EXP: tl.constexpr, ROWSUM_DOT: tl.constexpr, VARLEN: tl.constexpr):
+                WARP_SPECIALIZE: tl.constexpr, VARLEN: tl.constexpr):
     # Heaviest query blocks first: with causal-like patterns the last rows see the most keys.
     qb = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
@@ -153,10 +132,7 @@ def _fwd_kernel(Q, K, V, O, LSE,
     q_hi = q_lo + BLOCK_M - 1
     q = q_desc.load([qb * BLOCK_M, 0])
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    if ROWSUM_DOT:
-        l_i = tl.zeros([BLOCK_M, 16], dtype=tl.float32)
-    else:
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, VALUE_DIM_PAD], dtype=tl.float32)
     # The mask is a union of 2 bands; each gives a closed-form key-block range
     # and a full sub-range. Walk their hull and classify each block by the ranges.
@@ -177,15 +153,13 @@ def _fwd_kernel(Q, K, V, O, LSE,
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
                                       b, h, H, n_q, n_k, prm_prefix,
                                       qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
-                                      FAST_MATH, MASKED=False, PACKED_EXP=PACKED_EXP, ROWSUM_DOT=ROWSUM_DOT)
+                                      FAST_MATH, MASKED=False)
         elif visit:
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
                                       b, h, H, n_q, n_k, prm_prefix,
                                       qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
-                                      FAST_MATH, MASKED=True, PACKED_EXP=PACKED_EXP, ROWSUM_DOT=ROWSUM_DOT)
+                                      FAST_MATH, MASKED=True)
     # Rows that saw no allowed key: o = 0 and lse = -inf, never NaN.
-    if ROWSUM_DOT:
-        l_i = tl.max(l_i, 1)
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_desc.store([qb * BLOCK_M, 0], o.to(O.dtype.element_ty))
     if RETURN_LSE:
@@ -221,7 +195,6 @@ def _forward(call):
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         FAST_MATH=_rt.fast_math(call),
         RETURN_LSE=call.return_lse, WARP_SPECIALIZE=cfg.warp_specialize, VARLEN=call.varlen,
-        PACKED_EXP=_rt.packed_exp(call), ROWSUM_DOT=_rt.rowsum_dot(call),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     ))
     if v.shape[-1] != call.Dv:

@@ -7,7 +7,7 @@ from attncc.runtime.call import Call, bind, dropout_mask_shape, dropout_settings
 from attncc.runtime.call import _interpreting as interpreting
 from attncc.runtime.compiled import register_kernels
 from attncc.runtime.launch import (LN2, LOG2E, KernelConfig, ensure_allocator, fast_math, grad_operand,
-                                   grads_as_inputs, kernel_operands, launch, packed_exp, padded_dim, rowsum_dot, pick_config, run_attention,
+                                   grads_as_inputs, kernel_operands, launch, padded_dim, pick_config, run_attention,
                                    shared_tile_config,
                                    tma_ready)
 from attncc.runtime.spec_info import InputInfo, ParamInfo, SpecInfo

@@ -142,17 +142,6 @@ def fast_math(call: Call) -> bool:
     return call.q.dtype != torch.float32 and not _interpreting()
 
 
-def packed_exp(call: Call) -> bool:
-    """Experiment (``ATTNCC_PACKED_EXP=1``): the forward's softmax weights two at a time in the
-    16-bit operand format (``_softmax_weights`` of a generated module), on a GPU with 16-bit inputs."""
-    return fast_math(call) and os.environ.get("ATTNCC_PACKED_EXP", "0") == "1"
-
-
-def rowsum_dot(call: Call) -> bool:
-    """Experiment (``ATTNCC_ROWSUM_DOT=1``): the softmax denominators summed by the tensor cores."""
-    return os.environ.get("ATTNCC_ROWSUM_DOT", "0") == "1"
-
-
 def padded_dim(d: int) -> int:
     """Head dims are padded to a power of two (>= 16) inside the kernel."""
     return max(16, 1 << (d - 1).bit_length())
