@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_check import CASES, case_tensors  # noqa: E402
 from bwd_sweep import quick_bench  # noqa: E402
+from common import heat_up  # noqa: E402
 
 from attncc.runtime import bind  # noqa: E402
 from attncc.runtime.launch import _FLAGS, default_config  # noqa: E402
@@ -58,6 +59,7 @@ def main():
     ap.add_argument("cases", nargs="*")
     args = ap.parse_args()
     H = 16
+    heat_up()
     for case in CASES + EXTRA:
         label, spec, N, B, params = case[:5]
         D = case[5] if len(case) > 5 else 128

@@ -26,7 +26,7 @@ import attncc  # noqa: E402
 from attncc.spec import load_spec  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
-from common import bench, bench_grad, density, documents, flex_pattern, flex_setup, rel  # noqa: E402,F401
+from common import bench, bench_grad, density, documents, flex_pattern, flex_setup, heat_up, rel  # noqa: E402,F401
 
 DEV = "cuda"
 BF16 = torch.bfloat16
@@ -175,6 +175,7 @@ def time_cases(H=16, D=128, quick=False, with_backward=True):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     results = []
+    heat_up()
     for label, spec, N, B, params in CASES:
         # A fresh compile per case: otherwise FlexAttention hits dynamo's recompile limit after a
         # few shapes (and requires_grad variants) and silently falls back to its slow eager path.
