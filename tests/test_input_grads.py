@@ -104,3 +104,15 @@ def test_double_backward_through_a_learned_table_raises():
     (d,) = torch.autograd.grad(o.pow(2).sum(), slopes, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward"):
         d.sum().backward()
+
+
+@pytest.mark.parametrize("Nq, Nk", [(5, 0), (0, 7)])
+def test_a_call_without_pairs_gives_learned_tables_a_zero_gradient(Nq, Nk):
+    """No query or no key at all: the table's gradient is zero (as the reference's), not missing."""
+    gen = torch.Generator().manual_seed(6)
+    q = torch.randn(1, 2, Nq, 16, generator=gen, requires_grad=True)
+    k, v = (torch.randn(1, 2, Nk, 16, generator=gen, requires_grad=True) for _ in range(2))
+    table = torch.randn(2, 32, generator=gen, requires_grad=True)
+    module("t5_bias").attention(q, k, v, rel_bias=table).sum().backward()
+    assert table.grad is not None and table.grad.shape == table.shape and (table.grad == 0).all()
+    assert (q.grad == 0).all() and (k.grad == 0).all() and (v.grad == 0).all()

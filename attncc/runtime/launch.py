@@ -262,4 +262,5 @@ def _no_pairs(call: Call):
 
 
 def _no_pairs_backward(call: Call, o, lse, do):
-    return torch.zeros_like(call.q), torch.zeros_like(call.k), torch.zeros_like(call.v), {}
+    input_grads = {name: torch.zeros_like(call.inputs[name]) for name in call.grad_input_names}
+    return torch.zeros_like(call.q), torch.zeros_like(call.k), torch.zeros_like(call.v), input_grads
