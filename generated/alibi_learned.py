@@ -60,7 +60,7 @@ def _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
     v = v_desc.load([start_n, 0])
     offs_j = k_offset + start_n + tl.arange(0, BLOCK_N)
     qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
-    s = qk * qk_scale + (c0 * offs_j[None, :]) * 1.4426950408889634  # bias * log2(e)
+    s = qk * qk_scale + (offs_j[None, :] * c0) * 1.4426950408889634  # bias * log2(e)
     if MASKED:
         keep = (offs_j[None, :] < k_offset + Nk) & (offs_j[None, :] <= offs_i[:, None])
         s = tl.where(keep, s, float("-inf"))
@@ -387,7 +387,7 @@ def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
     v = v_desc.load([start_n, 0])
     offs_j = k_offset + start_n + tl.arange(0, BLOCK_N)
     qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
-    s = qk * qk_scale + (c0 * offs_j[None, :]) * 1.4426950408889634  # bias * log2(e)
+    s = qk * qk_scale + (offs_j[None, :] * c0) * 1.4426950408889634  # bias * log2(e)
     if MASKED:
         keep = (offs_j[None, :] < k_offset + Nk) & (offs_j[None, :] <= offs_i[:, None])
         s = tl.where(keep, s, float("-inf"))
@@ -627,7 +627,7 @@ def _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NU
     k = _dec_load(k_rows, tl.arange(0, HEAD_DIM_PAD), in_cache, HEAD_DIM, HEAD_DIM_PAD, MASKED)
     v = _dec_load(v_rows, tl.arange(0, VALUE_DIM_PAD), in_cache, VALUE_DIM, VALUE_DIM_PAD, MASKED)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    s = qk * qk_scale + (c0[:, None] * offs_j[None, :]) * 1.4426950408889634  # bias * log2(e)
+    s = qk * qk_scale + (offs_j[None, :] * c0[:, None]) * 1.4426950408889634  # bias * log2(e)
     if MASKED:
         keep = in_cache[None, :] & live[:, None] & (offs_j[None, :] <= offs_i[:, None])
         s = tl.where(keep, s, float("-inf"))

@@ -244,3 +244,37 @@ def test_explain_cli_subprocess(tmp_path):
                          capture_output=True, text=True, cwd=ROOT, check=True).stdout
     score = json.loads(out)["score"]
     assert any("exp2" in e or "2**" in e for e in score["hoisted_per_program"]), score
+
+
+# Params named like the values the code generator hoists out of the key loop (scalars c<n>,
+# query-row vectors row<n>, key-column vectors col<n>): each name keeps meaning the param.
+HOIST_NAMES = '''name = "{name}"
+head_dim = 16
+[params]
+c0 = 0.13
+c1 = 2
+row0 = 0.25
+col0 = 0.5
+[mask]
+where = "j <= i + c1"
+[score]
+bias = "c0 * i + row0 * sin(0.1 * i) + col0 * cos(0.1 * j) + 0.01 * (row0 + col0) * j + (b + 2) * (i - j) * 0.01"
+mod = "score * (1 + 0.1 * b)"
+'''
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_params_named_like_hoisted_values(tmp_path, shape):
+    path = tmp_path / "hoist_names.toml"
+    path.write_text(HOIST_NAMES.format(name="hoist_names"))
+    (written,) = build([path], tmp_path / "gen")
+    spec = importlib.util.spec_from_file_location(f"_attncc_score_mod_hoist_{shape}", written)
+    m = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(m)
+    check(load_spec(path), m, B=2, **SHAPES[shape])
+    # the decode kernel hoists the same way: its last rows against the reference
+    gen = torch.Generator().manual_seed(1)
+    Hq, Hkv, N = SHAPES[shape]["Hq"], SHAPES[shape]["Hkv"], 40
+    q, k, v = (torch.randn(2, h, N, 16, generator=gen) for h in (Hq, Hkv, Hkv))
+    last = m.decode(q[:, :, -3:], k, v, kv_len=torch.tensor([N, N], dtype=torch.int32))
+    assert rel_err(last, attncc.reference(load_spec(path), q, k, v)[:, :, -3:]) < FWD_TOL

@@ -60,7 +60,8 @@ class Hoister:
     def _name(table, e, prefix):
         if e not in table:
             kw = {"integer": True} if e.is_integer else ({} if e.is_Boolean or isinstance(e, sympy.Rel) else {"real": True})
-            table[e] = sympy.Symbol(f"{prefix}{len(table)}", **kw)
+            # a Dummy: never equal to a spec's own symbol of the same name (a param ``c0``)
+            table[e] = sympy.Dummy(f"{prefix}{len(table)}", **kw)
         return table[e]
 
     def definitions(self, table) -> List[Tuple[sympy.Symbol, sympy.Basic]]:
