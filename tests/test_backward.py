@@ -309,3 +309,17 @@ def test_backward_kernels_with_their_own_tile_shapes(monkeypatch, name):
     monkeypatch.setenv("ATTNCC_CONFIG_DKDV", "BLOCK_M=16,BLOCK_N=32,num_warps=4,num_stages=1")
     monkeypatch.setenv("ATTNCC_CONFIG_DQ", "BLOCK_M=32,BLOCK_N=16,num_warps=4,num_stages=1")
     grad_case(name, Nq=150 if name == "bigbird" else 53, B=1)
+
+
+@pytest.mark.parametrize("param", ["lo", "hi", "full_lo", "full_hi"])
+def test_params_named_like_bound_variables(tmp_path, param):
+    """A param named like a step of the key-range bounds keeps meaning the param in the forward,
+    both backward kernels and decode."""
+    text = f'[params]\n{param} = 5\n[mask]\nwhere = "j <= i and i - j < {param} and j - i > -{param} - 2"\n'
+    p, mod = build_inline({f"bound_{param}": text}, tmp_path)[f"bound_{param}"]
+    kw = {param: 9}
+    grad_case(param, p=p, mod=mod, B=1, Nq=41, Nk=37, D=16, k_offset=3, kw=kw)
+    gen = torch.Generator().manual_seed(15)
+    q, k, v = (torch.randn(1, h, 40, 16, generator=gen) for h in (4, 2, 2))
+    last = mod.decode(q[:, :, -2:], k, v, kv_len=torch.tensor([40], dtype=torch.int32), **kw)
+    assert rel_err(last, attncc.reference(p, q, k, v, **kw)[:, :, -2:]) < 1e-4

@@ -38,6 +38,7 @@ ZERO = sympy.Integer(0)
 
 # Names of the bounds inside KeyRange.steps (each may use the ones before it).
 LO, HI, FULL_LO = (sympy.Symbol(n, integer=True, nonnegative=True) for n in ("lo", "hi", "full_lo"))
+STEP_NAMES = {LO: "lo", HI: "hi", FULL_LO: "full_lo"}  # by symbol: a param may be named "lo" too
 
 
 @dataclass(frozen=True)

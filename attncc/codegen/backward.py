@@ -395,7 +395,7 @@ def _context(pattern: Pattern, plan: Plan, fwd: dict) -> dict:
         for c, kr in enumerate(tplan.key_ranges):
             ranges_per_head |= any(S.h in e.free_symbols for _, e in kr.steps)
             lines, used = render_bound_steps(kr, lambda nm: f"qb_{nm}" if n == 1 else f"q{nm}{c}",
-                                             lambda sym: TRANSPOSED_BOUND_NAMES.get(sym.name) or names.get(sym)
+                                             lambda sym: names.get(sym) or TRANSPOSED_BOUND_NAMES.get(sym.name)
                                              or sym.name)
             q_ranges.append(lines)
             helpers |= used

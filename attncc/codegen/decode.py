@@ -20,6 +20,7 @@ import sympy
 from sympy.core.function import AppliedUndef
 
 from attncc.analysis import symbols as A
+from attncc.analysis.ranges import STEP_NAMES
 from attncc.codegen.helpers import render_helper, rope_helpers
 from attncc.codegen.hoist import Hoister
 from attncc.codegen.printer import TritonPrinter, param_var
@@ -130,7 +131,7 @@ def _iteration(pattern: Pattern, plan, tile: TritonPrinter):
             e = e.subs(A.k_offset, 0)
             bound_names: Dict[sympy.Symbol, str] = {}
             for sym in e.free_symbols:
-                text = (step_names.get(sym.name) or BOUND_NAMES.get(sym.name) or params.get(sym)
+                text = (params.get(sym) or step_names.get(STEP_NAMES.get(sym)) or BOUND_NAMES.get(sym.name)
                         or {S.n_q: "n_q", S.n_k: "n_k", S.b: "b"}.get(sym))
                 if text is None:
                     return "all", [], f"all below kv_len, the mask evaluated on each (a bound uses {sym})"

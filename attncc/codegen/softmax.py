@@ -6,6 +6,7 @@ from typing import Dict, List
 import sympy
 from sympy.core.function import AppliedUndef
 
+from attncc.analysis.ranges import STEP_NAMES
 from attncc.analysis.score import split_mod_along_j
 from attncc.codegen.helpers import render_helper, rope_helpers
 from attncc.codegen.hoist import Hoister, split_along_j
@@ -106,7 +107,7 @@ def softmax_context(pattern: Pattern, plan) -> dict:
         known = _names(pattern, "?", "?", {})
         for c, kr in enumerate(plan.key_ranges):
             lines, helpers = render_bound_steps(kr, lambda name: f"kv_{name}" if n == 1 else f"{name}{c}",
-                                                lambda sym: BOUND_NAMES.get(sym.name) or known.get(sym) or sym.name)
+                                                lambda sym: known.get(sym) or BOUND_NAMES.get(sym.name) or sym.name)
             ranges.append(lines)
             tile.helpers |= helpers
         hull_lo = _fold("tl.minimum", [f"lo{c}" for c in range(n)])
@@ -157,7 +158,7 @@ def render_bound_steps(key_range, step_name, symbol_name):
     ``step_name(step)`` names each step's variable (later steps refer to earlier ones);
     ``symbol_name(sym)`` gives the kernel variable of every other symbol."""
     step_vars = {name: step_name(name) for name, _ in key_range.steps}
-    names = {sym: step_vars.get(sym.name) or symbol_name(sym)
+    names = {sym: step_vars[STEP_NAMES[sym]] if sym in STEP_NAMES else symbol_name(sym)
              for _, e in key_range.steps for sym in e.free_symbols}
     printer = TritonPrinter(names)
     return [(step_vars[name], printer(e)) for name, e in key_range.steps], printer.helpers
