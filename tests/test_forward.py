@@ -145,3 +145,20 @@ def test_params_named_like_kernel_locals(tmp_path):
     o.sum().backward()
     (gq,) = torch.autograd.grad(attncc.reference(load_spec(spec), q.double(), k.double(), v.double(), p=4).sum(), q)
     assert rel_err(q.grad, gq) < 1e-3
+
+
+@pytest.mark.parametrize("decl", ["[params]\nscale = 0.5", '[inputs]\nscale = { dims = ["h"], dtype = "float32" }'])
+def test_a_param_or_input_named_scale_takes_the_scale_keyword(tmp_path, decl):
+    """As in attncc.reference: ``scale=`` goes to the spec's own ``scale``; the softmax scale stays the spec's."""
+    from cases import build_inline
+
+    use = "scale" if "params" in decl else "scale[h]"
+    text = f'{decl}\n[mask]\nwhere = "causal"\n[score]\nbias = "{use} * (j - i)"\n'
+    p, mod = build_inline({"named_scale": text}, tmp_path)["named_scale"]
+    gen = torch.Generator().manual_seed(21)
+    q, k, v = (torch.randn(1, h, 30, 16, generator=gen) for h in (2, 1, 1))
+    value = 0.25 if "params" in decl else torch.rand(2, generator=gen)
+    ref = attncc.reference(p, q.double(), k.double(), v.double(), scale=value)
+    assert rel_err(mod.attention(q, k, v, scale=value), ref) < 1e-4
+    last = mod.decode(q[:, :, -2:], k, v, kv_len=torch.tensor([30], dtype=torch.int32), scale=value)
+    assert rel_err(last, ref[:, :, -2:]) < 1e-4

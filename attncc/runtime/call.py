@@ -138,16 +138,26 @@ def bind(spec: SpecInfo, q, k, v, *, return_lse=False, q_offset=0, k_offset=0, n
         cu_q, cu_k, B, Nq, Nk = _varlen(name, q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     n_q = q_offset + Nq if n_q is None else _int_arg("n_q", n_q)
     n_k = k_offset + Nk if n_k is None else _int_arg("n_k", n_k)
+    scale, kwargs = scale_keyword(spec, scale, kwargs)
     if scale is None:
         scale = spec.scale if spec.scale is not None else 1.0 / math.sqrt(D)
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
         raise TypeError(f"{name}.attention: scale must be a positive number, got {scale!r}")
 
     n_max = max(q_offset + Nq, k_offset + Nk)
-    params, inputs = bind_params_and_inputs(spec, f"{name}.attention", dict(kwargs or {}), B=B, Hq=Hq,
+    params, inputs = bind_params_and_inputs(spec, f"{name}.attention", kwargs, B=B, Hq=Hq,
                                             positions=n_max, device=q.device)
     return Call(spec, q, k, v, B, Hq, Hkv, Nq, Nk, D, Dv, q_offset, k_offset, n_q, n_k, float(scale),
                 return_lse, params, inputs, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+
+
+def scale_keyword(spec: SpecInfo, scale, kwargs: Optional[dict]):
+    """``(scale, kwargs)`` with ``kwargs`` copied: a param or input named ``scale`` takes the
+    ``scale=`` keyword (as in ``attncc.reference``), and the softmax scale stays the spec's."""
+    kwargs = dict(kwargs or {})
+    if scale is not None and any(x.name == "scale" for x in (*spec.params, *spec.inputs)):
+        kwargs["scale"], scale = scale, None
+    return scale, kwargs
 
 
 SEED_LIMIT = 2**63

@@ -25,7 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from attncc.runtime.call import _dtype_name, _interpreting, bind_params_and_inputs, check_heads_and_dims
+from attncc.runtime.call import (_dtype_name, _interpreting, bind_params_and_inputs, check_heads_and_dims,
+                                 scale_keyword)
 from attncc.runtime.launch import KernelConfig, padded_dim
 from attncc.runtime.spec_info import SpecInfo
 
@@ -144,12 +145,12 @@ def bind_decode(spec: SpecInfo, q, k_cache, v_cache, *, kv_len, block_table=None
                 raise ValueError(f"{name}: block_table[{b}] holds page numbers outside 0..{num_pages - 1} among the "
                                  f"{used.numel()} pages that kv_len[{b}] = {n} uses: {used.tolist()}")
 
+    scale, kwargs = scale_keyword(spec, scale, kwargs)
     if scale is None:
         scale = spec.scale if spec.scale is not None else 1.0 / math.sqrt(D)
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
         raise TypeError(f"{name}: scale must be a positive number, got {scale!r}")
 
-    kwargs = dict(kwargs or {})
     for d in spec.inputs:
         if d.name == "kv_len" and d.name not in kwargs and tuple(d.dims) == ("b",):
             # the pattern's own kv_len input (key padding) is the cache length here
