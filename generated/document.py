@@ -147,7 +147,8 @@ def _fwd_kernel(Q, K, V, O, LSE,
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_desc.store([qb * BLOCK_M, 0], o.to(O.dtype.element_ty))
     if RETURN_LSE:
-        lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # log2 -> natural log
+        # log2 -> natural log; -inf where l_i = 0 (no log2(0) evaluated: the CPU interpreter warns on it)
+        lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i))) * 0.6931471805599453)
         tl.store(LSE + lse_row + offs_m, lse, mask=offs_m < Nq)
 
 
