@@ -17,7 +17,8 @@ from attncc.integrations import transformers as attncc_hf  # noqa: E402
 SEQ = 24
 COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, head_dim=16, vocab_size=100, max_position_embeddings=64,
-              pad_token_id=0, bos_token_id=1, eos_token_id=99)
+              pad_token_id=0, bos_token_id=1, eos_token_id=99,
+              initializer_range=0.2)  # scores of a few units: softcap, windows and padding all show
 WINDOW = 8  # < SEQ, and < the prompts of the generation tests: the sliding cache drops keys
 
 
@@ -27,7 +28,7 @@ def configs():
         "mistral": (MistralConfig(**COMMON, sliding_window=WINDOW), "sdpa"),
         # layer 0 sliding, layer 1 global; softcap on the scores; scaling 24**-0.5, not 16**-0.5;
         # eager: sdpa refuses softcap
-        "gemma2": (Gemma2Config(**COMMON, sliding_window=WINDOW, query_pre_attn_scalar=24, attn_logit_softcapping=20.0,
+        "gemma2": (Gemma2Config(**COMMON, sliding_window=WINDOW, query_pre_attn_scalar=24, attn_logit_softcapping=5.0,
                                 final_logit_softcapping=None, layer_types=["sliding_attention", "full_attention"]),
                    "eager"),
     }
@@ -190,7 +191,7 @@ def test_what_cannot_be_mapped_is_an_error():
     with pytest.raises(ValueError, match="has no input key_ok"):
         custom(*batch("left", seq=8))
     _, gemma = models("gemma2", impl="attncc_causal_only")
-    with pytest.raises(ValueError, match="softcap = 20.0, the spec has none"):
+    with pytest.raises(ValueError, match="softcap = 5.0, the spec has none"):
         gemma(ids)
 
 
