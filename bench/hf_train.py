@@ -114,7 +114,8 @@ def main():
                 rows.append((kind, impl, dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:100]}")))
             print(f"  {kind} {impl}: {rows[-1][2]}", file=sys.stderr, flush=True)
     c = config
-    print(f"\nmodel: {'Llama' if args.scenarios == 'causal' else 'Llama / Mistral'}-style, {c.num_hidden_layers} layers, "
+    family = "Llama" if args.scenarios == "causal" else "Llama / Mistral"
+    print(f"\nmodel: {family}-style, {c.num_hidden_layers} layers, "
           f"hidden {c.hidden_size}, {c.num_attention_heads} heads ({c.num_key_value_heads} kv), head dim "
           f"{c.head_dim}, {str(DTYPE).removeprefix('torch.')}; batch {args.batch} x {args.seq} tokens; AdamW; "
           f"median of {args.steps - 1} steps after the first\n")

@@ -122,7 +122,8 @@ def test_invalid_toml_text_is_the_commands_error(tmp_path, capsys):
     assert "not valid TOML" in command and str(e.value) == command.replace(str(spec_file), "<string>")
 
 
-@pytest.mark.parametrize("data, key", [({"head_dim": None}, "head_dim"), ({"mask": {"where": object()}}, "[mask].where"),
+@pytest.mark.parametrize("data, key", [({"head_dim": None}, "head_dim"),
+                                       ({"mask": {"where": object()}}, "[mask].where"),
                                        ({"inputs": {"t": {"dims": [1.0j]}}}, "[inputs].t.dims"), ({3: 1}, "3")])
 def test_dict_values_without_a_toml_form_name_their_key(data, key):
     with pytest.raises(SpecError) as e:

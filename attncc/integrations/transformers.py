@@ -220,8 +220,8 @@ class _Implementation:
                             f"{type(mask).__name__}{tuple(mask.shape) if hasattr(mask, 'shape') else ''}; pass the "
                             f"2D padding mask to the model and let it build the mask")
         if (mask.q_length, mask.kv_length) != (Nq, Nk):
-            raise ValueError(f"{who}: the mask was made for {mask.q_length} queries and {mask.kv_length} keys, the call "
-                             f"has {Nq} and {Nk}")
+            raise ValueError(f"{who}: the mask was made for {mask.q_length} queries and {mask.kv_length} keys, "
+                             f"the call has {Nq} and {Nk}")
         dropout = float(dropout or 0.0)
         if self.module is not None:
             run, kw, translation_invariant = self._user_call(who, mask, B, Nk, dropout, softcap, kwargs, query.device)
@@ -280,7 +280,8 @@ class _Implementation:
                              f"(dims = [\"b\", \"n\"], dtype = \"bool\") to receive it; add one and use it in the mask")
         if dropout:
             if not spec.dropout:
-                raise ValueError(f"{who}: the model asks for dropout {dropout}; the spec {spec.name} has no [score].dropout")
+                raise ValueError(f"{who}: the model asks for dropout {dropout}; the spec {spec.name} has no "
+                                 f"[score].dropout")
             kw["dropout_p"] = dropout
         elif spec.dropout:
             kw["dropout_p"] = 0.0
@@ -322,7 +323,8 @@ def _user_module(spec) -> Tuple[ModuleType, Optional[float], bool]:
 
     module = attncc.compile(spec)
     if module.SPEC.kind != "softmax":
-        raise ValueError(f"attncc: {module.SPEC.name} is a {module.SPEC.kind} attention spec; models call softmax attention")
+        raise ValueError(f"attncc: {module.SPEC.name} is a {module.SPEC.kind} attention spec; models call softmax "
+                         f"attention")
     pattern = parse_spec(*_spec_source(spec))
     return module, pattern.softcap, True
 
