@@ -7,14 +7,20 @@ from typing import Iterable, List
 import jinja2
 
 import attncc
+from attncc.codegen.text import escaped, py_str
 from attncc.spec import Pattern, load_spec
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
 
 
 def _environment() -> jinja2.Environment:
-    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), trim_blocks=True,
-                              lstrip_blocks=True, keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), trim_blocks=True,
+                             lstrip_blocks=True, keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
+    # Text the compiler did not write (paths, printed expressions, notes) goes through these two
+    # (attncc.codegen.text); jinja's tojson is not a Python literal (astral characters, escapes).
+    env.filters["escaped"] = escaped
+    env.filters["py_str"] = py_str
+    return env
 
 
 def pattern_lines(pattern: Pattern) -> List[str]:

@@ -1,0 +1,118 @@
+"""attncc build with hostile inputs: file names never become code, builds are atomic, the
+generated files are replaced (never written through), and `python -m attncc` is the CLI."""
+from __future__ import annotations
+
+import ast
+import builtins
+import importlib.util
+import io
+import os
+import random
+import re
+import subprocess
+import sys
+import tokenize
+
+import pytest
+
+import attncc
+from attncc.codegen import TEMPLATES, build, render, stale
+from attncc.codegen.text import escaped, py_str
+from attncc.spec import SpecError, load_spec, parse_spec
+
+CODING = re.compile(r"^[ \t\f]*#.*?coding[:=]")  # PEP 263, as the tokenizer reads lines 1 and 2
+PAYLOAD = '__import__("builtins").ATTNCC_PWNED = 1'
+HOSTILE_STEMS = [
+    f'x""";{PAYLOAD};"""',
+    f'x";{PAYLOAD};"',
+    f"x''';{PAYLOAD};'''",
+    f"a\n{PAYLOAD}\n#",
+    f"a\r{PAYLOAD}\r#",
+    f"a\r\n{PAYLOAD} #",
+    f"a\u2028{PAYLOAD}\u2029b\x85c",
+    "form\x0cfeed\x0bvtab\x1b[31mescape\x7f",
+    "back\\slash\\N\\u0041\\",
+    'x\\";' + PAYLOAD + ';"',
+    "#!binsh # comment",
+    # Python takes `coding=<name>` in a comment on line 1 or 2 as the file's encoding; UTF-7 then
+    # decodes +AAo- to a newline and +ACI- to a double quote.
+    f"coding=utf-7 +AAo-{PAYLOAD.replace(chr(34), '+ACI-')} x",
+    "# -*- coding: latin-1 -*-",
+    "{{ 7 * 7 }}{% raw %}{#",
+    "\u202eevil\u202c\U0001f600\u00e9",
+    "\udcff\udc80 undecodable bytes",
+    "n" * 200,
+]
+
+
+@pytest.fixture
+def no_payload():
+    yield
+    assert builtins.__dict__.pop("ATTNCC_PWNED", None) is None, "a file name ran as code"
+
+
+def _import_file(path, module_name):
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("k, stem", list(enumerate(HOSTILE_STEMS)), ids=[f"stem{k}" for k in range(len(HOSTILE_STEMS))])
+def test_hostile_file_names_stay_text(tmp_path, monkeypatch, no_payload, k, stem):
+    monkeypatch.chdir(tmp_path)  # a payload writing a relative path would write here
+    spec_dir = tmp_path / "specs"
+    spec_dir.mkdir()
+    path = spec_dir / f"{stem}.toml"
+    kind = 'kind = "linear"\nhead_dim = 16\n' if k % 3 == 2 else 'head_dim = 16\n[mask]\nwhere = "causal"\n'
+    path.write_text(f'name = "hostile{k}"\n' + kind)
+    before = set(os.listdir(tmp_path))
+    (out,) = build([str(path)], tmp_path / "out")
+    text = out.read_text(encoding="utf-8")
+    assert not any(CODING.match(line) for line in text.splitlines()[:2])  # no encoding declaration
+    ast.parse(text)  # it is Python, with the header still comments
+    module = _import_file(out, f"_attncc_hostile_{k}")
+    assert not hasattr(builtins, "ATTNCC_PWNED")
+    assert set(os.listdir(tmp_path)) == before | {"out"}
+    assert module.SPEC.source == str(path)
+    assert module.SPEC.name == f"hostile{k}"
+    assert str(path) in module.__doc__
+
+
+def _one_comment(line: str) -> bool:
+    """``line`` is code ``x = 1`` followed by exactly one comment, and nothing after it."""
+    toks = [t for t in tokenize.generate_tokens(io.StringIO(line).readline)
+            if t.type not in (tokenize.NEWLINE, tokenize.NL, tokenize.ENDMARKER)]
+    return [t.type for t in toks] == [tokenize.NAME, tokenize.OP, tokenize.NUMBER, tokenize.COMMENT]
+
+
+def test_escaped_text_is_one_comment_and_a_faithful_literal():
+    rng = random.Random(15)
+    alphabet = ('abc"\'\\#{}%\n\r\t\x00\x0b\x0c\x1b\x7f\x85\xa0\u2028\u2029\u202e\ufeff\udcff\U0001f600 '
+                "\u00e9N{}x0u")
+    samples = ["", "specs/causal.toml", '"""', "'''", "\\", "\\N{LATIN SMALL LETTER A}"] + [
+        "".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 24))) for _ in range(400)]
+    for s in samples:
+        assert ast.literal_eval(py_str(s)) == s
+        assert ast.literal_eval('"""' + escaped(s) + '"""') == s  # inside a docstring
+        assert _one_comment(f"x = 1  # {escaped(s)}\n"), repr(s)
+    assert escaped("specs/causal.toml") == "specs/causal.toml"  # ordinary paths read as they are
+
+
+def test_templates_use_only_the_escaping_filters():
+    """jinja's tojson is JSON, not Python (astral characters become surrogate pairs); raw
+    `{{ source }}` is code. Every template goes through escaped / py_str instead."""
+    for path in TEMPLATES.glob("*.j2"):
+        text = path.read_text()
+        assert "tojson" not in text, path.name
+        for raw in ("{{ source }}", "{{ line }}\n#", "# {{ line }}", "{{ decode.reason }}", "{{ decode.note }}"):
+            assert raw not in text, (path.name, raw)
+
+
+def test_render_escapes_expressions_in_header_comments():
+    # sympy prints expressions with identifiers and numbers only; still, every header line is one comment
+    p = parse_spec('name = "hdr"\nhead_dim = 16\n[params]\nw = 3\n[mask]\nwhere = "abs(i - j) <= w"\n', "a\nb.toml")
+    text = render(p)
+    header = text.split('"""')[0].splitlines()
+    assert all(line.startswith("#") or not line for line in header)
+    assert "# Spec: a\\nb.toml" in header
