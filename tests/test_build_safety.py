@@ -116,3 +116,136 @@ def test_render_escapes_expressions_in_header_comments():
     header = text.split('"""')[0].splitlines()
     assert all(line.startswith("#") or not line for line in header)
     assert "# Spec: a\\nb.toml" in header
+
+
+# --- atomic builds ------------------------------------------------------------------------
+
+CAUSAL = 'head_dim = 16\n[mask]\nwhere = "causal"\n'
+
+
+def _specs(folder, texts):
+    folder.mkdir(exist_ok=True)
+    paths = []
+    for name, text in texts.items():
+        (folder / f"{name}.toml").write_text(text)
+        paths.append(str(folder / f"{name}.toml"))
+    return paths
+
+
+def _snapshot(folder):
+    return {p.name: (p.is_symlink(), p.read_bytes() if p.is_file() else None) for p in sorted(folder.iterdir())}
+
+
+def test_symlinks_in_the_output_are_replaced_not_followed(tmp_path):
+    (a,) = _specs(tmp_path / "specs", {"a": CAUSAL})
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    victim = elsewhere / "victim.py"
+    victim.write_text("precious\n")
+    (out / "a.py").symlink_to(victim)
+    (out / "__init__.py").symlink_to(elsewhere / "new_init.py")  # dangling: writing through it would create it
+    build([a], out)
+    assert victim.read_text() == "precious\n"
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["victim.py"]
+    for name in ("a.py", "__init__.py"):
+        assert not (out / name).is_symlink() and (out / name).is_file()
+    assert (out / "a.py").read_text(encoding="utf-8") == render(load_spec(a))
+    assert sorted(p.name for p in out.iterdir()) == ["__init__.py", "a.py"]  # no temporary files left
+
+
+def test_symlink_target_is_stale(tmp_path):
+    (a,) = _specs(tmp_path / "specs", {"a": CAUSAL})
+    out = tmp_path / "out"
+    build([a], out)
+    (tmp_path / "copy.py").write_text((out / "a.py").read_text())
+    (out / "a.py").unlink()
+    (out / "a.py").symlink_to(tmp_path / "copy.py")  # same text, but build would replace the link
+    assert stale([a], out) == [out / "a.py"]
+
+
+def test_a_spec_failing_to_render_writes_nothing(tmp_path, monkeypatch):
+    import attncc.codegen as codegen
+
+    paths = _specs(tmp_path / "specs", {"a": CAUSAL, "b": CAUSAL, "c": CAUSAL, "d": CAUSAL})
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.py").write_text("old a\n")
+    before = _snapshot(out)
+    real = codegen.render
+
+    def render_or_fail(pattern):
+        if pattern.name == "c":
+            raise RuntimeError("the third spec fails")
+        return real(pattern)
+
+    monkeypatch.setattr(codegen, "render", render_or_fail)
+    with pytest.raises(RuntimeError, match="third spec"):
+        build(paths, out)
+    assert _snapshot(out) == before
+
+
+def test_a_spec_failing_to_parse_writes_nothing(tmp_path):
+    paths = _specs(tmp_path / "specs", {"a": CAUSAL, "b": '[mask]\nwhere = "k < i"\n', "c": CAUSAL})
+    with pytest.raises(SpecError, match="unknown variable 'k'"):
+        build(paths, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_two_specs_with_one_name_are_refused(tmp_path):
+    paths = _specs(tmp_path / "specs", {"first": 'name = "same"\n' + CAUSAL, "second": 'name = "same"\n' + CAUSAL})
+    for call in (build, stale):
+        with pytest.raises(SpecError) as e:
+            call(paths, tmp_path / "out")
+        assert e.value.key == "name" and "first.toml" in str(e.value) and "second.toml" in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_readers_never_see_a_partial_file(tmp_path):
+    """A file open before the build still reads its old text in full: build replaces the
+    directory entry (rename) instead of truncating and rewriting the file in place."""
+    (a,) = _specs(tmp_path / "specs", {"a": CAUSAL})
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.py").write_text("old text\n" * 1000)
+    with open(out / "a.py") as reader:
+        build([a], out)
+        assert reader.read() == "old text\n" * 1000
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert (out / "a.py").stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
+
+
+def test_a_failed_write_leaves_the_old_file_whole(tmp_path, monkeypatch):
+    paths = _specs(tmp_path / "specs", {"a": CAUSAL, "b": CAUSAL})
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "b.py").write_text("old b\n")
+    real, calls = os.replace, []
+
+    def replace_then_fail(src, dst):
+        calls.append(dst)
+        if str(dst).endswith("b.py"):
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_then_fail)
+    with pytest.raises(OSError):
+        build(paths, out)
+    assert (out / "b.py").read_text() == "old b\n"
+    assert sorted(p.name for p in out.iterdir()) == ["__init__.py", "a.py", "b.py"]  # the temporary file is gone
+
+
+def test_cli_reports_an_unwritable_output(tmp_path):
+    (a,) = _specs(tmp_path / "specs", {"a": CAUSAL})
+    (tmp_path / "out").write_text("a file, not a folder\n")
+    r = subprocess.run([sys.executable, "-m", "attncc", "build", a, "--out", str(tmp_path / "out")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("attncc build: cannot write") and "Traceback" not in r.stderr
+
+
+def test_python_dash_m_attncc_is_the_cli():
+    r = subprocess.run([sys.executable, "-m", "attncc", "--version"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == f"attncc {attncc.__version__}"
+    r = subprocess.run([sys.executable, "-m", "attncc", "build", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "--check" in r.stdout
