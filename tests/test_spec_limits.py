@@ -134,6 +134,7 @@ ACCEPTED = [
     '[params]\nlo = 1\nhi = 2\n[mask]\nwhere = "j <= i + hi - lo"',
     "name = \"" + "a" * 64 + "\"",
     "[score]\nscale = 1e-30\nsoftcap = 3e38",
+    '[score]\nbias = "max(-sigmoid(0.663), j - i) + min(sigmoid(1), 0.2)"',  # sympy's Max raised ValueError
 ]
 
 

@@ -99,7 +99,12 @@ class _Parser:
         method = getattr(self, "visit_" + type(node).__name__, None)
         if method is None:
             self.fail(node, f"{_describe(node)} is not part of the expression language")
-        expr, typ = method(node)
+        try:
+            expr, typ = method(node)
+        except SpecError:
+            raise
+        except (TypeError, ValueError, ArithmeticError) as e:  # sympy refusing to build a node
+            self.fail(node, f"{self.source(node)} cannot be built: {_text(e, 120)}")
         if typ != BOOL:
             self.check_number(node, expr, typ)
         return expr, typ
