@@ -26,6 +26,11 @@ REFUSED = [
     ("huge-power", '[score]\nbias = "10**100000"', "[score].bias", "too large to compute exactly"),
     ("huge-fraction-power", '[score]\nbias = "(1/3) ** 100000000"', "[score].bias", "too large to compute exactly"),
     ("exp2-huge", '[score]\nbias = "exp2(2**62)"', "[score].bias", "too large to compute exactly"),
+    ("exp2-huge-plus-input", T + '[score]\nbias = "exp2(2**62 + t[j])"', "[score].bias", "too large to compute exactly"),
+    ("power-plus-variable", '[score]\nbias = "(i + 1) ** (100000 + j)"', "[score].bias", "exponents up to 64"),
+    ("expansion-plus-variable", '[score]\nbias = "(i + j + b + h + n_q + n_k + 1) ** (8 + j)"', "[score].bias", "expands to about"),
+    ("random-blocks-in-bias", '[score]\nbias = "where(random_blocks(2), 1.0, 0.0)"', "[score].bias", "belongs in the mask"),
+    ("random-blocks-in-mod", '[score]\nmod = "s + where(random_blocks(2), 1.0, 0.0)"', "[score].mod", "belongs in the mask"),
     ("sqrt2-power", '[score]\nbias = "sqrt(2) ** 100000"', "[score].bias", "exponents up to 64"),
     ("expansion", '[score]\nbias = "(i + j + b + h + n_q + n_k + 1) ** 8"', "[score].bias", "expands to about"),
     ("product-expansion", '[score]\nbias = "(i+j+1)*(i+j+2)*(i+j+3)*(i+j+4)*(i+j+5)*(i+j+6)"', "[score].bias", "expands to about"),
@@ -55,6 +60,8 @@ REFUSED = [
     ("bucket-count", T + '[score]\nbias = "t[bucket(j - i, num_buckets=1000000000)]"', "[score].bias", "num_buckets <= 1024"),
     ("bucket-distance-literal", T + '[score]\nbias = "t[bucket(j - i, max_distance=1099511627776)]"', "[score].bias",
      "max_distance <= 1048576"),
+    ("toml-huge-int", "[params]\nw = 1" + "0" * 5000, "", "not valid TOML here"),
+    ("toml-deep-tables", "description = " + "{a = " * 3000 + "1" + "}" * 3000, "", "nested too deeply"),
     # names
     ("name-length", 'name = "' + "a" * 300 + '"', "name", "at most 64 characters"),
     ("param-name-length", "[params]\n" + "w" * 65 + " = 1", "[params]." + "w" * 65, "at most 64 characters"),
@@ -135,6 +142,8 @@ ACCEPTED = [
     "name = \"" + "a" * 64 + "\"",
     "[score]\nscale = 1e-30\nsoftcap = 3e38",
     '[score]\nbias = "max(-sigmoid(0.663), j - i) + min(sigmoid(1), 0.2)"',  # sympy's Max raised ValueError
+    '[score]\nmod = "where(random_blocks(2), s, -inf)"',  # a mask written in mod
+    '[mask]\nwhere = "where(i < 5, random_blocks(2), causal)"',
 ]
 
 
@@ -263,7 +272,8 @@ def _mutate(rng, text):
         elif r < 0.5:
             text = text[:pos] + text[pos + rng.randrange(1, 6):]
         elif r < 0.8:
-            text = text + rng.choice(["\n[params]\nw = 1e999", "\n[params]\nq = 1", '\nname = "torch"', "\n[score]\nscale = nan",
+            text = text + rng.choice(["\n[params]\nw = 1" + "0" * 4400, "\nx = " + "[" * 2000 + "]" * 2000,
+                                      "\nx = " + "{a = " * 2000 + "1" + "}" * 2000, "\n[params]\nw = 1e999", "\n[params]\nq = 1", '\nname = "torch"', "\n[score]\nscale = nan",
                                       '\n[score]\nbias = "' + _expr(rng) + '"', "\nhead_dim = 100000000000000000000"])
         else:
             text = text.replace(rng.choice(["i", "j", "=", "1", "causal", "dims", "n"]), rng.choice(["9**9**9", "", "k_offset", "-"]), 1)

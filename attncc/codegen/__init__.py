@@ -122,6 +122,10 @@ def _replace(path: Path, text: str) -> None:
 
 
 def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask sets it)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        status = Path("/proc/self/status").read_text()
+        return int(next(line for line in status.splitlines() if line.startswith("Umask:")).split()[1], 8)
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
@@ -129,9 +130,11 @@ class _Parser:
             self.fail(node, f"{self.source(node)} expands to about {terms if terms < 10**12 else 'more than 10**12'} "
                             f"terms (at most {MAX_EXPANDED_TERMS}); write the power or product of sums differently")
 
-    def power(self, node, a, b):
-        """``a ** b``, refused before sympy computes a huge exact constant or the analysis expands
-        a huge power of a sum."""
+    def power(self, node, a, exponent):
+        """``a ** exponent``, refused before sympy computes a huge exact constant or the analysis expands
+        a huge power of a sum. An exponent ``c + x`` counts as ``c``: sympy turns ``2 ** (c + x)``
+        into ``2**c * 2**x`` at once, and expand splits ``y ** (c + x)`` into ``y**c * y**x``."""
+        b = exponent.as_coeff_Add()[0] if exponent.is_Add else exponent
         if b.is_Number:
             if not b.is_finite:
                 self.fail(node, "the exponent must be finite")
@@ -145,7 +148,7 @@ class _Parser:
             elif not a.is_Number and abs(b) > MAX_EXPONENT:
                 self.fail(node, f"{self.source(node)}: a power of anything but a plain number takes exponents up to "
                                 f"{MAX_EXPONENT} in magnitude, got {_text(b)}")
-        return a**b
+        return a**exponent
 
     def number(self, node, what) -> Tuple[sympy.Expr, str]:
         expr, typ = self.visit(node)
@@ -497,9 +500,12 @@ def _expanded_terms(e, memo: dict) -> int:
         n = sum(_expanded_terms(a, memo) for a in e.args)
     elif e.is_Mul:
         n = math.prod(_expanded_terms(a, memo) for a in e.args)
-    elif e.is_Pow and e.exp.is_Rational and abs(e.exp) >= 1:
-        base, k = _expanded_terms(e.base, memo), int(abs(e.exp))
-        n = math.comb(k + base - 1, base - 1) if base > 1 else 1
+    elif e.is_Pow and (e.exp.as_coeff_Add()[0] if e.exp.is_Add else e.exp).is_Rational:
+        c = e.exp.as_coeff_Add()[0] if e.exp.is_Add else e.exp  # y ** (c + x) expands to y**c * y**x
+        base, k = _expanded_terms(e.base, memo), int(abs(c))
+        n = math.comb(k + base - 1, base - 1) if base > 1 and k >= 1 else 1
+        if e.exp.is_Add:
+            n = max(n, _expanded_terms(e.exp, memo))
     else:
         n = 1
         for a in e.args:  # a function's argument is expanded inside it
@@ -518,7 +524,9 @@ def parse_expression(text: str, scope: Scope, file: str = "<string>", key: str =
     if len(text) > MAX_EXPRESSION_LENGTH:
         raise SpecError(file, key, f"expressions are at most {MAX_EXPRESSION_LENGTH} characters, got {len(text)}")
     try:
-        tree = ast.parse(text, mode="eval")
+        with warnings.catch_warnings():  # "1and j": Python warns; the language refuses
+            warnings.simplefilter("error", SyntaxWarning)
+            tree = ast.parse(text, mode="eval")
     except SyntaxError as e:
         raise SpecError(file, key, f"syntax error: {e.msg}", e.offset or None) from None  # 0: no position
     except (RecursionError, MemoryError):

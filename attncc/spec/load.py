@@ -12,6 +12,7 @@ import sympy
 
 from attncc.spec import names as N
 from attncc.spec import symbols as S
+from attncc.spec.builtins import RandomBlocks
 from attncc.spec.errors import SpecError
 from attncc.spec.expr import BOOL, FUNCTIONS, Scope, parse_expression
 from attncc.spec.ir import TAYLOR_MAX_HEAD_DIM, FeatureMap, InputDecl, Param, Pattern, Rope
@@ -127,6 +128,10 @@ def parse_spec(text: str, path: str = "<string>") -> Pattern:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise SpecError(path, "", f"not valid TOML: {e}") from None
+    except ValueError as e:  # an integer of more than 4300 digits (Python's int() limit)
+        raise SpecError(path, "", f"not valid TOML here: {e}") from None
+    except RecursionError:
+        raise SpecError(path, "", "not valid TOML here: arrays or tables nested too deeply") from None
     for k in data:
         if k not in TOP_KEYS:
             c.fail(k, f"unknown key (expected one of: {', '.join(TOP_KEYS)})")
@@ -273,6 +278,10 @@ def parse_spec(text: str, path: str = "<string>") -> Pattern:
                 fields["mod_mask"] = extra_mask
             if mod is not None and mod != S.s:
                 fields["mod"] = mod
+        for key, value in (("[score].bias", fields.get("bias")), ("[score].mod", fields.get("mod"))):
+            if value is not None and value.has(RandomBlocks):
+                c.fail(key, "random_blocks() selects pairs: it belongs in the mask ([mask].where, or the condition c "
+                            "of a top-level where(c, s, -inf) in [score].mod), not in a score")
         if mask is not None:
             if mask is sympy.true:
                 mask = None
