@@ -249,3 +249,18 @@ def test_python_dash_m_attncc_is_the_cli():
     assert r.returncode == 0 and r.stdout.strip() == f"attncc {attncc.__version__}"
     r = subprocess.run([sys.executable, "-m", "attncc", "build", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--check" in r.stdout
+
+
+def test_cli_reports_what_the_code_generator_lacks(tmp_path, monkeypatch, capsys):
+    import attncc.codegen as codegen
+    from attncc.cli import main
+
+    (a,) = _specs(tmp_path / "specs", {"a": CAUSAL})
+
+    def lacking(pattern):
+        raise NotImplementedError("attncc cannot render Foo: foo(i)")
+
+    monkeypatch.setattr(codegen, "render", lacking)
+    assert main(["build", a, "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == "attncc build: attncc cannot render Foo: foo(i)\n"
+    assert not (tmp_path / "out").exists()
