@@ -391,9 +391,12 @@ def _describe(node) -> str:
 
 def _text(value, limit: int = 60) -> str:
     """A number or expression for a message, shortened (10 ** 5000 has 5001 digits)."""
-    if isinstance(value, int) and value.bit_length() > 4 * limit:
-        return f"an integer of {value.bit_length()} bits"
-    text = str(value)
+    if isinstance(value, (int, sympy.Integer)) and int(value).bit_length() > 4 * limit:
+        return f"an integer of {int(value).bit_length()} bits"
+    try:
+        text = str(value)
+    except ValueError:  # Python's int-to-text limit (4300 digits), inside a rational
+        return "a number too long to print"
     return text if len(text) <= limit else text[:limit] + "..."
 
 
