@@ -177,7 +177,7 @@ def test_key_independent_subexpressions_are_hoisted():
     ctx = softmax_context(p, analyze(p))
     scalars = dict(ctx["scalar_defs"])
     rows = dict(ctx["row_defs"])
-    assert any("hs_ptr" in c for c in scalars.values())  # the gather, once per program
+    assert any("ptr_hs" in c for c in scalars.values())  # the gather, once per program
     assert any("tl.exp2(" in c for c in scalars.values())  # the slope, once per program
     assert any("tl.sqrt(" in c for c in scalars.values())  # of b only
     assert any("tl.log(" in c for c in rows.values())  # of i: once per query row

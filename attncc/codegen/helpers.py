@@ -15,6 +15,34 @@ def _floormod(a, b):
     r = a % b
     return tl.where((r != 0) & ((r < 0) != (b < 0)), r + b, r)'''
 
+# float64 versions for mask code (attncc.codegen.printer, float64 mode)
+SQRT64 = '''@triton.jit
+def _sqrt64(x):
+    """sqrt of a float64, correctly rounded as the reference's: tl.sqrt is not on every GPU,
+    so one Newton step on the exact residual fma(-y, y, x) rounds it."""
+    y = tl.sqrt(x)
+    z = tl.fma(tl.fma(-y, y, x), 0.5 / y, y)
+    return tl.where((y > 0.0) & (y < float("inf")), z, y)'''
+
+FLOORMOD64 = '''@triton.jit
+def _floormod64(a, m):
+    """Python's a % m of float64s (torch.remainder): the sign follows the divisor."""
+    r = tl.fma(-tl.floor(a / m), m, a)
+    r = tl.where((r != 0.0) & ((r < 0.0) != (m < 0.0)), r + m, r)
+    return tl.where((m > 0.0) & (r >= m) | (m < 0.0) & (r <= m), r - m, r)'''
+
+TANH64 = '''@triton.jit
+def _tanh64(x):
+    """tanh of a float64: 1 - 2 / (e^(2x) + 1) saturates to +-1 without overflow."""
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)'''
+
+ALIBI_SLOPE64 = '''@triton.jit
+def _alibi_slope64(h, n_heads):
+    """_alibi_slope in float64 (mask code)."""
+    p = tl.exp2(tl.floor(tl.log2(n_heads.to(tl.float64))))
+    hf = h.to(tl.float64)
+    return tl.where(hf < p, tl.exp2(-8.0 * (hf + 1.0) / p), tl.exp2(-4.0 * (2.0 * (hf - p) + 1.0) / p))'''
+
 TANH = '''@triton.jit
 def _tanh(x, FAST_MATH: tl.constexpr):
     if FAST_MATH:
@@ -100,7 +128,8 @@ def _rope(x, x_partner, pos, cols, ROTARY_DIM: tl.constexpr):
 
 
 FIXED = {"_floordiv": FLOORDIV, "_floormod": FLOORMOD, "_tanh": TANH, "_alibi_slope": ALIBI_SLOPE,
-         "_sin": _sincos("sin"), "_cos": _sincos("cos")}
+         "_sin": _sincos("sin"), "_cos": _sincos("cos"), "_sqrt64": SQRT64, "_floormod64": FLOORMOD64,
+         "_tanh64": TANH64, "_alibi_slope64": ALIBI_SLOPE64}
 
 
 def render_helper(name: str) -> str:

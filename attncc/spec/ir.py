@@ -14,6 +14,7 @@ from typing import Optional, Tuple, Union
 import sympy
 
 Dim = Union[str, int]  # "b" (batch), "h" (query head), "n" (position), or a fixed size
+INTEGER_DTYPES = ("int8", "int16", "int32", "int64", "uint8")
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,10 @@ class InputDecl:
 
     @property
     def symbol(self) -> sympy.FunctionClass:
+        # integer dtypes make integer accesses: sympy then knows doc[b, i] // 4 is a floor
+        # division of integers (exact in the kernels, attncc.codegen.integer)
+        if self.dtype in INTEGER_DTYPES:
+            return sympy.Function(self.name, integer=True)
         return sympy.Function(self.name)
 
 
