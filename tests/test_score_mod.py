@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import sympy
 import torch
 
 import attncc
@@ -17,6 +18,7 @@ from attncc.analysis.score import canonical_score, softcap_of_mod
 from attncc.codegen import build
 from attncc.codegen.softmax import softmax_context
 from attncc.spec import load_spec, parse_spec
+from attncc.spec import symbols as S
 from cases import ROOT, rel_err
 
 FWD_TOL, GRAD_TOL = 1e-4, 1e-3
@@ -38,6 +40,14 @@ TRANSFORMS = {
     # all of it at once: a mask, hoisted (b, h) values, dropped (b, h, i) terms with an input
     "combined": ('mod = "where(i >= j, sin(cos(s)) * hs[h] + (i - j) * exp2(-h) + tan(b) + log(i + 1) * hs[h], -inf)"',
                  True),
+    # score conditions: decided per pair on the score in its own units (contract v1); only the
+    # part free of s is a mask. Rows where every score becomes -inf: o = 0, lse = -inf, zero grads.
+    "score_cond": ('mod = "where(s <= 0.5, s, -inf)"', False),
+    "score_cond_nested": ('mod = "where(s <= 0.5, where(j <= i, 2 * s, -inf), -inf)"', False),
+    "score_cond_mixed": ('mod = "where(j <= i and s > -0.3, s + 0.1 * (i - j), -inf)"', False),
+    "score_cond_inner": ('mod = "where(i >= j, where(s > 0.25, s, -inf) + 0.5, -inf)"', False),
+    "score_cond_softcap": ('softcap = 2.0\nmod = "where(s > -0.5, s * 1.5, -inf)"', False),
+    "score_cond_empty": ('mod = "where(s > 1000, s, -inf)"', False),
 }
 HEADER = {
     "head_scale": '[inputs]\nhead_scale = { dims = ["h"], dtype = "float32" }\n',
@@ -139,6 +149,27 @@ def test_relative_causal_mod_is_a_mask():
     assert [describe(kr) for kr in plan.key_ranges] == [describe(kr) for kr in ref.key_ranges]
     # the causal key ranges: the last key block a query block visits is the one holding q_hi
     assert any("q_hi" in str(kr.hi) for kr in plan.key_ranges)
+
+
+def test_score_conditions_stay_in_the_mod():
+    """Only the conjuncts of where(c, e, -inf) free of s become the mask; the rest is decided per
+    pair on the score (was: folded into the mask, where kernels saw s in log2 units or no s)."""
+    cases = {
+        "where(s <= 0.5, s, -inf)": (None, "Piecewise((s, s <= 0.5), (-oo, True))"),
+        "where(j <= i and s > 0, s, -inf)": ("i >= j", "Piecewise((s, s > 0), (-oo, True))"),
+        "where(s <= 0.5, where(j <= i, s, -inf), -inf)": ("i >= j", "Piecewise((s, s <= 0.5), (-oo, True))"),
+        "where(not (j > i or s > 1), s, -inf)": ("i >= j", "Piecewise((s, s <= 1), (-oo, True))"),
+        "where(i >= j, s + (i - j), -inf)": ("i >= j", "i - j + s"),
+        "where(s > 0, -inf, s * 2)": (None, "Piecewise((-oo, s > 0), (2*s, True))"),
+    }
+    for mod, (mask, rest) in cases.items():
+        p = parse_spec(f'[score]\nmod = "{mod}"')
+        assert (None if p.mask is None else str(p.mask)) == mask and str(p.mod) == rest, (mod, p.mask, p.mod)
+        assert p.mask is None or not p.mask.has(S.s)
+    # a Pattern built with the score in its mask is refused at generation, not printed in log2 units
+    bad = parse_spec('head_dim = 16\n[mask]\nwhere = "j <= i"').replace(mask=sympy.Le(S.s, 0))
+    with pytest.raises(ValueError, match="depends on the score"):
+        softmax_context(bad, analyze(bad.replace(mask=None)))
 
 
 def _tile_functions(src):

@@ -16,20 +16,24 @@ def _floormod(a, b):
     return tl.where((r != 0) & ((r < 0) != (b < 0)), r + b, r)'''
 
 # float64 versions for mask code (attncc.codegen.printer, float64 mode)
-SQRT64 = '''@triton.jit
+SQRT64 = '''# tl.sqrt of a float64 is not correctly rounded on NVIDIA GPUs; PTX's sqrt.rn.f64 is (the
+# interpreter's numpy sqrt is too)
+_SQRT64_PTX = tl.constexpr(not _rt.interpreting() and torch.version.hip is None)
+
+
+@triton.jit
 def _sqrt64(x):
-    """sqrt of a float64, correctly rounded as the reference's: tl.sqrt is not on every GPU,
-    so one Newton step on the exact residual fma(-y, y, x) rounds it."""
-    y = tl.sqrt(x)
-    z = tl.fma(tl.fma(-y, y, x), 0.5 / y, y)
-    return tl.where((y > 0.0) & (y < float("inf")), z, y)'''
+    """sqrt of a float64, correctly rounded (as the reference's torch.sqrt)."""
+    if _SQRT64_PTX:
+        return tl.inline_asm_elementwise("sqrt.rn.f64 $0, $1;", "=d,d", [x], dtype=tl.float64, is_pure=True, pack=1)
+    else:
+        return tl.sqrt(x)'''
 
 FLOORMOD64 = '''@triton.jit
 def _floormod64(a, m):
-    """Python's a % m of float64s (torch.remainder): the sign follows the divisor."""
-    r = tl.fma(-tl.floor(a / m), m, a)
-    r = tl.where((r != 0.0) & ((r < 0.0) != (m < 0.0)), r + m, r)
-    return tl.where((m > 0.0) & (r >= m) | (m < 0.0) & (r <= m), r - m, r)'''
+    """Python's a % m of float64s (torch.remainder): fmod (Triton's %), then the sign of the divisor."""
+    r = a % m
+    return tl.where((r != 0.0) & ((r < 0.0) != (m < 0.0)), r + m, r)'''
 
 TANH64 = '''@triton.jit
 def _tanh64(x):
