@@ -137,6 +137,36 @@ def test_float_param_override_is_exact_in_masks():
     assert torch.equal(got.bool(), want) and want.any() and not want.all()
 
 
+def test_classifier_is_sound_near_float_boundaries():
+    """The block classifier never calls a tile EMPTY or FULL that a pair on a float boundary
+    contradicts: its float64 intervals are rounded in another order than the reference's, so it
+    widens them (tiles.widen). Without that, ``i * 0.3 - j * 0.3 < 0.3`` had EMPTY tiles with
+    allowed pairs even with 16 x 16 tiles."""
+    from attncc.analysis import analyze
+    from attncc.runtime import tiles
+
+    masks = ["i * 0.1 + 0.2 < j * 0.1 + 0.3", "i * 0.3 - j * 0.3 < 0.3", "(i + 0.1) * 3 < (j + 0.2) * 3 - 0.3",
+             "abs(i * 0.7 - j * 0.7) <= 1.4", "(i + 1) / (j + 1) <= 1 or i * 0.37 // 1 == j * 0.37 // 1"]
+    for text in masks:
+        p = parse_spec(f'[mask]\nwhere = "{text}"\n')
+        program = analyze(p).classifier
+        for off in (0, 123457, 2**30 + 17):
+            allowed = pair_mask(p, q_rows=40, k_rows=40, q_offset=off, k_offset=off)[0, 0]
+            for bm, bn in ((1, 1), (2, 3), (16, 16)):
+                grid = tiles.classify_grid(program, q_offset=off, k_offset=off, q_rows=40, k_rows=40, block_m=bm,
+                                           block_n=bn, n_q=off + 40, n_k=off + 40, params={}, inputs={}, batch=1,
+                                           heads=1, device="cpu")[0, 0]
+                for qb in range(grid.shape[0]):
+                    for kb in range(grid.shape[1]):
+                        tile = allowed[qb * bm:(qb + 1) * bm, kb * bn:(kb + 1) * bn]
+                        cls = int(grid[qb, kb])
+                        assert not (cls == tiles.EMPTY and tile.any()), (text, off, bm, bn, qb, kb)
+                        assert not (cls == tiles.FULL and not tile.all()), (text, off, bm, bn, qb, kb)
+    # integer masks are not widened: still exact
+    p = parse_spec('[mask]\nwhere = "i // 7 == j // 7"\n')
+    assert not any(op == "widen" for _, op, _ in analyze(p).classifier.steps)
+
+
 # -- whole kernels ----------------------------------------------------------------------
 
 def _qkv(B, Hq, Hkv, Nq, Nk, D, seed, Dv=None):

@@ -1,7 +1,8 @@
 """Compile a mask's sympy tree into an :class:`~attncc.runtime.tiles.IntervalProgram`.
 
 Each numeric sub-expression becomes an interval over a tile and each boolean one a
-tri-state (see :mod:`attncc.runtime.tiles`). The translation is sound node by node:
+tri-state (see :mod:`attncc.runtime.tiles`); a float-valued (non-integer) one is widened
+(``tiles.widen``) to hold its float64 rounding in any order of operations. The translation is sound node by node:
 whatever the analysis cannot bound (``sin``, an input indexed by anything but bare
 variables, ...) becomes ``unbounded()`` / "don't know", which only costs precision.
 Repeated sub-expressions are computed once.
@@ -82,9 +83,13 @@ class _Compiler:
     # -- numbers ------------------------------------------------------------
     def number(self, e) -> Value:
         try:
-            return self._number(e)
+            value = self._number(e)
         except (TypeError, ValueError, ZeroDivisionError, sympy.PolynomialError):
             return self.unknown_number()  # sympy could not take this node apart: sound, not precise
+        if e.is_integer or e.is_Atom or isinstance(e, sympy.core.function.AppliedUndef) or isinstance(value, (int, float)):
+            return value  # exact: integer arithmetic, leaves and literals
+        # float arithmetic: the kernels and the reference round it in their own order (tiles.widen)
+        return self.emit("widen", value)
 
     def _number(self, e) -> Value:
         if e.is_Integer:

@@ -32,7 +32,7 @@ How the kernel mirrors ``attncc.runtime.tiles``:
   computed, a uniform ``tl.where`` chooses).
 
 Ops on grid values: const, span, unbounded, add, sub, neg, mul, reciprocal, div, floordiv,
-mod, floor_, abs_, min_, max_, select, tri, le, lt, eq, ne, and_, or_, not_. Steps on
+mod, widen, floor_, abs_, min_, max_, select, tri, le, lt, eq, ne, and_, or_, not_. Steps on
 literals / host values only may use any op of ``tiles.OPS`` except bucket and
 random_blocks. Leaves: i, j, b, h, n_q, n_k, param, input (BlockStat along i or j, or a
 point read by b / h / constants). Anything else: :func:`render_tile_kernel` returns None.
@@ -52,8 +52,8 @@ from attncc.runtime import tiles
 from attncc.runtime.tiles import BlockStat, IntervalProgram
 
 GRID_OPS = frozenset({"const", "span", "unbounded", "add", "sub", "neg", "mul", "reciprocal", "div", "floordiv",
-                      "mod", "floor_", "abs_", "min_", "max_", "select", "tri", "le", "lt", "eq", "ne", "and_",
-                      "or_", "not_"})
+                      "mod", "widen", "floor_", "abs_", "min_", "max_", "select", "tri", "le", "lt", "eq", "ne",
+                      "and_", "or_", "not_"})
 HOST_OPS = frozenset(tiles.OPS) - {"bucket", "random_blocks"}
 _TRI_OPS = frozenset({"tri", "le", "lt", "eq", "ne", "and_", "or_", "not_"})
 _INPUT_DTYPES = ("float16", "bfloat16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool")
@@ -198,6 +198,13 @@ def _tk_mod_iv(a, b, c, d, ONE: tl.constexpr):
     negm = d < 0
     lo = tl.where(pos, tl.where(inside, a, 0.0), tl.where(negm, c + ONE, float("-inf")))
     hi = tl.where(pos, tl.where(inside, b, d - ONE), tl.where(negm, 0.0, float("inf")))
+    return lo, hi""",
+    "_tk_widen": f"""
+@triton.jit
+def _tk_widen(a, b):
+    # tiles.widen: each finite end out by (|end| + 1) * 2^-40
+    lo = tl.where(tl.abs(a) < float("inf"), a - (tl.abs(a) + 1.0) * {tiles.WIDEN!r}, a)
+    hi = tl.where(tl.abs(b) < float("inf"), b + (tl.abs(b) + 1.0) * {tiles.WIDEN!r}, b)
     return lo, hi""",
     "_tk_abs": """
 @triton.jit
@@ -536,6 +543,8 @@ def _emit(g: _Gen, op: str, args: List[_Val], raw: tuple) -> _Val:
     if op == "neg":
         a, b = kv(args[0])
         return g.grid_expr(f"-{b}, -{a}", args)
+    if op == "widen":
+        return g.grid_call("_tk_widen", args)
     if op == "mul":
         return _emit_mul(g, *args)
     if op == "reciprocal":
