@@ -82,6 +82,25 @@ def test_floor_division_and_modulo_by_literals_and_negative_params():
         assert torch.equal(got[1], torch.remainder(i64, value)) and torch.equal(got[3], torch.remainder(j64 - i64, value))
 
 
+def test_host_printing_and_explain_keep_integer_division_whole():
+    """Host-side Python printing is Python's // and %; explain's report shows the key loop's
+    ``j // w`` whole (was ``floor(j*c0)`` with ``c0 = 1/w`` hoisted)."""
+    from attncc.analysis.score import score_report
+    from attncc.codegen.printer import PythonPrinter
+
+    w = sympy.Symbol("w", integer=True)
+    exprs = [sympy.floor((S.i - S.j) / w), sympy.Mod(S.i - S.j, w), -sympy.floor(-S.i / w), sympy.floor(S.i / 7)]
+    pr = PythonPrinter({S.i: "i", S.j: "j", w: "w"})
+    texts = [pr(e) for e in exprs]
+    for i, j, d in [(5, 90, 41), (0, 1, 3), (100, 7, -9), (2**40 + 3, 5, 65537)]:
+        got = [eval(t, {}, {"i": i, "j": j, "w": d}) for t in texts]  # noqa: S307 - our own printed text
+        assert got == [(i - j) // d, (i - j) % d, -(-i // d), i // 7]
+    p = parse_spec('head_dim = 16\n[params]\nw = 41\n[score]\nmod = "s + (j // w) * 0.1 + (i - j) % w"\n')
+    report = score_report(p)
+    assert "j // w" in report["loop_mod"] and "(i - j) % w" in report["loop_mod"], report
+    assert not any("1/w" in h or "w**(-1)" in h for h in report["hoisted_per_program"]), report
+
+
 # -- float arithmetic in masks ---------------------------------------------------------
 
 def _float_masks(rng):

@@ -229,6 +229,21 @@ def test_decode_drops_row_terms_too(built):
     assert rel_err(o, ref) < FWD_TOL and rel_err(lse, ref_lse) < FWD_TOL
 
 
+@pytest.mark.parametrize("name", ["score_cond_nested", "score_cond_softcap"])
+def test_decode_with_score_conditions(built, name):
+    """decode() decides score conditions per pair as attention() does."""
+    p, m, _ = built[name]
+    gen = torch.Generator().manual_seed(4)
+    N, Nq = 37, 3
+    q = torch.randn(1, 4, Nq, 16, generator=gen)
+    k, v = (torch.randn(1, 2, N, 16, generator=gen) for _ in range(2))
+    o, lse = m.decode(q, k, v, kv_len=torch.tensor([N], dtype=torch.int32), return_lse=True)
+    ref, ref_lse = attncc.reference(p, q.double(), k.double(), v.double(), return_lse=True, q_offset=N - Nq)
+    assert rel_err(o, ref) < FWD_TOL
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite) and rel_err(lse[finite], ref_lse[finite]) < FWD_TOL
+
+
 @pytest.mark.parametrize("name", ["squared", "sin_cos_tan_b", "piecewise"])
 def test_reference_derivative_gradcheck(name):
     """The reference's own derivative of the transform, against finite differences (float64)."""

@@ -34,7 +34,9 @@ class Hoister:
     ``inner`` is the position the loop walks (``j`` in the forward and dQ kernels; ``i`` in
     the dK/dV kernel, which walks query blocks), ``outer`` the one fixed per program; the
     score ``s`` varies per pair and is never hoisted. ``rows`` hold the sub-expressions of
-    ``outer`` (vectors named ``row_prefix<n>``), ``scalars`` those of neither.
+    ``outer`` (vectors named ``row_prefix<n>``), ``scalars`` those of neither (named
+    ``scalar_prefix<n>``; mask code has a hoister of its own, ``mc`` / ``mrow``, because it is
+    printed in float64).
     """
 
     scalars: Dict[sympy.Basic, sympy.Symbol] = field(default_factory=dict)

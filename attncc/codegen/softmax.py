@@ -224,8 +224,8 @@ def render_score(pattern: Pattern, tile: TritonPrinter, bias_j, mod, simple_bias
         lines.append(f"s = {tile(mod)}")
     if pattern.softcap is not None:
         tile.helpers.add("_tanh")
-        lines.append(f"s = tl.where(s == float(\"-inf\"), s, {pattern.softcap!r} * _tanh(s * {1.0 / pattern.softcap!r}, FAST_MATH))"
-                     "  # -inf (a removed pair) stays -inf")
+        cap = f"{pattern.softcap!r} * _tanh(s * {1.0 / pattern.softcap!r}, FAST_MATH)"
+        lines.append(f"s = tl.where(s == float(\"-inf\"), s, {cap})  # -inf (a removed pair) stays -inf")
     lines.append("s = s * 1.4426950408889634  # to log2 units")
     return lines
 
