@@ -151,6 +151,17 @@ class _Evaluator:
             x, y = self(base), self(ex)
             if _is_int(x) and ex.is_Integer:
                 return torch.pow(x, int(ex))
+            # x ** 2 is x * x and x ** 0.5 is sqrt(x), correctly rounded (torch.pow is not
+            # always): a mask comparing them decides exactly (docs/spec-language.md)
+            k = float(ex) if ex.is_number and ex.is_real else None
+            if k in (1.0, 2.0, 3.0, 4.0):
+                x, out = x.to(_FLOAT), x.to(_FLOAT)
+                for _ in range(int(k) - 1):
+                    out = out * x
+                return out
+            if k in (0.5, -0.5):
+                root = torch.sqrt(x.to(_FLOAT))
+                return root if k > 0 else 1.0 / root
             return torch.pow(x.to(_FLOAT), y.to(_FLOAT))
         if isinstance(e, (sympy.floor, sympy.ceiling)):
             num, den = sympy.fraction(sympy.together(e.args[0]))
@@ -491,8 +502,8 @@ def reference(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         s = s + evaluate(pattern.bias, env).to(_FLOAT)
     if pattern.mod is not None:
         s = evaluate(pattern.mod, {**env, "s": s}).to(_FLOAT).expand(B, Hq, Nq, Nk)
-    if pattern.softcap is not None:
-        s = pattern.softcap * torch.tanh(s / pattern.softcap)
+    if pattern.softcap is not None:  # -inf (a pair the mod removes) stays -inf
+        s = torch.where(s == -math.inf, s, pattern.softcap * torch.tanh(s / pattern.softcap))
     allowed = _mask_from_env(pattern, env, (B, Hq, Nq, Nk))
 
     s = torch.where(allowed, s, torch.full_like(s, -math.inf))

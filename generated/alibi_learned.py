@@ -50,7 +50,7 @@ SPEC = _rt.SpecInfo(
 
 @triton.jit
 def _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-              b, h, H, n_q, n_k, slopes_ptr, slopes_stride0, slopes_size0, c0,
+              b, h, H, n_q, n_k, ptr_slopes, stride0_slopes, size0_slopes, c0,
               qk_scale, sm_scale,
               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
               ROTARY_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
@@ -83,7 +83,7 @@ def _fwd_kernel(Q, K, V, O, LSE,
                 stride_ob, stride_oh, stride_om,
                 Nq, Nk, H, GROUP, q_offset, k_offset, n_q, n_k, qk_scale, sm_scale,
                 CU_Q, CU_K, TOTAL_Q,
-                slopes_ptr, slopes_stride0, slopes_size0,
+                ptr_slopes, stride0_slopes, size0_slopes,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                 VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr, RETURN_LSE: tl.constexpr,
@@ -129,7 +129,7 @@ def _fwd_kernel(Q, K, V, O, LSE,
     q_lo = q_offset + qb * BLOCK_M
     q_hi = q_lo + BLOCK_M - 1
     q = q_desc.load([qb * BLOCK_M, 0])
-    c0 = tl.load(slopes_ptr + h * slopes_stride0)
+    c0 = tl.load(ptr_slopes + h * stride0_slopes)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, VALUE_DIM_PAD], dtype=tl.float32)
@@ -141,17 +141,17 @@ def _fwd_kernel(Q, K, V, O, LSE,
     kv_full_hi = tl.minimum((Nk // BLOCK_N), (tl.maximum(0, (1 + q_lo - k_offset)) // BLOCK_N))
     for kb in tl.range(kv_lo, kv_full_lo):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                                  b, h, H, n_q, n_k, slopes_ptr, slopes_stride0, slopes_size0, c0,
+                                  b, h, H, n_q, n_k, ptr_slopes, stride0_slopes, size0_slopes, c0,
                                   qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                                   FAST_MATH, MASKED=True)
     for kb in tl.range(kv_full_lo, kv_full_hi, warp_specialize=WARP_SPECIALIZE):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                                  b, h, H, n_q, n_k, slopes_ptr, slopes_stride0, slopes_size0, c0,
+                                  b, h, H, n_q, n_k, ptr_slopes, stride0_slopes, size0_slopes, c0,
                                   qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                                   FAST_MATH, MASKED=False)
     for kb in tl.range(kv_full_hi, kv_hi):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                                  b, h, H, n_q, n_k, slopes_ptr, slopes_stride0, slopes_size0, c0,
+                                  b, h, H, n_q, n_k, ptr_slopes, stride0_slopes, size0_slopes, c0,
                                   qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                                   FAST_MATH, MASKED=True)
     # Rows that saw no allowed key: o = 0 and lse = -inf, never NaN.
@@ -160,7 +160,7 @@ def _fwd_kernel(Q, K, V, O, LSE,
     if RETURN_LSE:
         # log2 -> natural log; -inf where l_i = 0 (no log2(0) evaluated: the CPU interpreter warns on it)
         lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i))) * 0.6931471805599453)
-        lse = lse + (-(offs_i * tl.load(slopes_ptr + h * slopes_stride0)))
+        lse = lse + (-(offs_i * tl.load(ptr_slopes + h * stride0_slopes)))
         tl.store(LSE + lse_row + offs_m, lse, mask=offs_m < Nq)
 
 
@@ -210,7 +210,7 @@ def _bwd_preprocess(O, DO, LSE, DELTA, LSE2,
                     stride_ob, stride_oh, stride_om, stride_od,
                     stride_dob, stride_doh, stride_dom, stride_dod,
                     Nq, H, q_offset, n_q, n_k, CU_Q, CU_K, TOTAL_Q,
-                    slopes_ptr, slopes_stride0, slopes_size0,
+                    ptr_slopes, stride0_slopes, size0_slopes,
                     VALUE_DIM: tl.constexpr, VALUE_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
                     VARLEN: tl.constexpr, FAST_MATH: tl.constexpr):
     """delta = rowsum(dO * O) (fp32) and lse2, the forward's LSE in log2 units (+inf on rows
@@ -242,7 +242,7 @@ def _bwd_preprocess(O, DO, LSE, DELTA, LSE2,
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     lse = tl.load(LSE + lse_row + offs_m, mask=offs_m < Nq, other=float("-inf"))
     lse2 = lse * 1.4426950408889634
-    lse2 = lse2 - (-(offs_i * tl.load(slopes_ptr + h * slopes_stride0))) * 1.4426950408889634
+    lse2 = lse2 - (-(offs_i * tl.load(ptr_slopes + h * stride0_slopes))) * 1.4426950408889634
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse2)
     tl.store(DELTA + lse_row + offs_m, delta, mask=offs_m < Nq)
     tl.store(LSE2 + lse_row + offs_m, lse2, mask=offs_m < Nq)
@@ -250,7 +250,7 @@ def _bwd_preprocess(O, DO, LSE, DELTA, LSE2,
 
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, qb, offs_j, Nq, q_offset,
-               b, h, H, n_q, n_k, slopes_ptr, slopes_stride0, slopes_size0, col0,
+               b, h, H, n_q, n_k, ptr_slopes, stride0_slopes, size0_slopes, col0,
                qk_scale, sm_scale,
                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                ROTARY_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
@@ -288,7 +288,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
                      stride_dvb, stride_dvh, stride_dvn,
                      Nq, Nk, H, GROUP, q_offset, k_offset, n_q, n_k, qk_scale, sm_scale,
                      CU_Q, CU_K, TOTAL_Q,
-                     slopes_ptr, slopes_stride0, slopes_size0,
+                     ptr_slopes, stride0_slopes, size0_slopes,
                      HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                      VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
@@ -354,20 +354,20 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
                                            strides=[stride_qm, 1], block_shape=[BLOCK_M, HEAD_DIM_PAD])
         do_desc = tl.make_tensor_descriptor(DO_base, shape=[Nq, VALUE_DIM],
                                             strides=[stride_dom, 1], block_shape=[BLOCK_M, VALUE_DIM_PAD])
-        col0 = (offs_j * tl.load(slopes_ptr + h * slopes_stride0))
+        col0 = (offs_j * tl.load(ptr_slopes + h * stride0_slopes))
         for qb in tl.range(qb_lo, qb_full_lo):
             dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2 + lse_row, DELTA + lse_row, qb, offs_j, Nq, q_offset,
-                                b, h, H, n_q, n_k, slopes_ptr, slopes_stride0, slopes_size0, col0,
+                                b, h, H, n_q, n_k, ptr_slopes, stride0_slopes, size0_slopes, col0,
                                 qk_scale, sm_scale, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                                 FAST_MATH, MASKED=True)
         for qb in tl.range(qb_full_lo, qb_full_hi):
             dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2 + lse_row, DELTA + lse_row, qb, offs_j, Nq, q_offset,
-                                b, h, H, n_q, n_k, slopes_ptr, slopes_stride0, slopes_size0, col0,
+                                b, h, H, n_q, n_k, ptr_slopes, stride0_slopes, size0_slopes, col0,
                                 qk_scale, sm_scale, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                                 FAST_MATH, MASKED=False)
         for qb in tl.range(qb_full_hi, qb_hi):
             dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2 + lse_row, DELTA + lse_row, qb, offs_j, Nq, q_offset,
-                                b, h, H, n_q, n_k, slopes_ptr, slopes_stride0, slopes_size0, col0,
+                                b, h, H, n_q, n_k, ptr_slopes, stride0_slopes, size0_slopes, col0,
                                 qk_scale, sm_scale, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                                 FAST_MATH, MASKED=True)
     dk = dk * sm_scale
@@ -377,7 +377,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
 
 @triton.jit
 def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-             b, h, H, n_q, n_k, slopes_ptr, slopes_stride0, slopes_size0, c0, slopes_grad, slopes_grad_stride0,
+             b, h, H, n_q, n_k, ptr_slopes, stride0_slopes, size0_slopes, c0, gptr_slopes, gstride0_slopes,
              qk_scale, sm_scale,
              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
              ROTARY_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
@@ -398,7 +398,7 @@ def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
     ds = p * (dp - delta[:, None])
     if INPUT_GRADS:
         dg0 = ds * (offs_j[None, :] - offs_i[:, None])  # dLoss / dslopes(h), per pair
-        tl.atomic_add(slopes_grad + h * slopes_grad_stride0, tl.sum(tl.sum(dg0, 1), 0))
+        tl.atomic_add(gptr_slopes + h * gstride0_slopes, tl.sum(tl.sum(dg0, 1), 0))
     dq = dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
     return dq
 
@@ -412,8 +412,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
                    stride_dqb, stride_dqh, stride_dqm,
                    Nq, Nk, H, GROUP, q_offset, k_offset, n_q, n_k, qk_scale, sm_scale,
                    CU_Q, CU_K, TOTAL_Q,
-                   slopes_ptr, slopes_stride0, slopes_size0,
-                   slopes_grad, slopes_grad_stride0,
+                   ptr_slopes, stride0_slopes, size0_slopes,
+                   gptr_slopes, gstride0_slopes,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                    VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
@@ -463,7 +463,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
     do = do_desc.load([qb * BLOCK_M, 0])
     lse2 = tl.load(LSE2 + lse_row + offs_m, mask=offs_m < Nq, other=float("inf"))
     delta = tl.load(DELTA + lse_row + offs_m, mask=offs_m < Nq, other=0.0)
-    c0 = tl.load(slopes_ptr + h * slopes_stride0)
+    c0 = tl.load(ptr_slopes + h * stride0_slopes)
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     # The forward's key-block ranges.
     kv_lo = 0
@@ -472,17 +472,17 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
     kv_full_hi = tl.minimum((Nk // BLOCK_N), (tl.maximum(0, (1 + q_lo - k_offset)) // BLOCK_N))
     for kb in tl.range(kv_lo, kv_full_lo):
         dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                      b, h, H, n_q, n_k, slopes_ptr, slopes_stride0, slopes_size0, c0, slopes_grad, slopes_grad_stride0,
+                      b, h, H, n_q, n_k, ptr_slopes, stride0_slopes, size0_slopes, c0, gptr_slopes, gstride0_slopes,
                       qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                       FAST_MATH, MASKED=True, INPUT_GRADS=INPUT_GRADS)
     for kb in tl.range(kv_full_lo, kv_full_hi):
         dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                      b, h, H, n_q, n_k, slopes_ptr, slopes_stride0, slopes_size0, c0, slopes_grad, slopes_grad_stride0,
+                      b, h, H, n_q, n_k, ptr_slopes, stride0_slopes, size0_slopes, c0, gptr_slopes, gstride0_slopes,
                       qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                       FAST_MATH, MASKED=False, INPUT_GRADS=INPUT_GRADS)
     for kb in tl.range(kv_full_hi, kv_hi):
         dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                      b, h, H, n_q, n_k, slopes_ptr, slopes_stride0, slopes_size0, c0, slopes_grad, slopes_grad_stride0,
+                      b, h, H, n_q, n_k, ptr_slopes, stride0_slopes, size0_slopes, c0, gptr_slopes, gstride0_slopes,
                       qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                       FAST_MATH, MASKED=True, INPUT_GRADS=INPUT_GRADS)
     dq = dq * sm_scale
@@ -607,7 +607,7 @@ def _dec_load(rows, cols, row_ok, DIM: tl.constexpr, DIM_PAD: tl.constexpr, MASK
 @triton.jit
 def _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
               stride_kp, stride_kn, stride_vp, stride_vn,
-              b, h_row, H, n_q, n_k, slopes_ptr, slopes_stride0, slopes_size0, c0,
+              b, h_row, H, n_q, n_k, ptr_slopes, stride0_slopes, size0_slopes, c0,
               qk_scale, sm_scale,
               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
               VALUE_DIM: tl.constexpr, VALUE_DIM_PAD: tl.constexpr, PAGE_SIZE: tl.constexpr,
@@ -649,7 +649,7 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
                 stride_vb, stride_vh, stride_vn,
                 stride_btb, stride_ob, stride_oh, stride_om,
                 Nq, H, GROUP, HEADS_PER_PROGRAM, CAPACITY, NUM_PAGES, NUM_SPLITS, qk_scale, sm_scale,
-                slopes_ptr, slopes_stride0, slopes_size0,
+                ptr_slopes, stride0_slopes, size0_slopes,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                 VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, SPLIT: tl.constexpr,
@@ -687,7 +687,7 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
         K_head = K + b.to(tl.int64) * stride_kb + hk * stride_kh
         V_head = V + b.to(tl.int64) * stride_vb + hk * stride_vh
     BT_row = BT + b * stride_btb
-    c0 = tl.load(slopes_ptr + h_row * slopes_stride0)
+    c0 = tl.load(ptr_slopes + h_row * stride0_slopes)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, VALUE_DIM_PAD], dtype=tl.float32)
@@ -707,25 +707,25 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
     for kb in tl.range(s_lo, f_lo):
         acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
                                   stride_kb, stride_kn, stride_vb, stride_vn,
-                                  b, h_row, H, n_q, n_k, slopes_ptr, slopes_stride0, slopes_size0, c0,
+                                  b, h_row, H, n_q, n_k, ptr_slopes, stride0_slopes, size0_slopes, c0,
                                   qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD,
                                   PAGE_SIZE, DOT_PRECISION, FAST_MATH, MASKED=True)
     for kb in tl.range(f_lo, f_hi):
         acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
                                   stride_kb, stride_kn, stride_vb, stride_vn,
-                                  b, h_row, H, n_q, n_k, slopes_ptr, slopes_stride0, slopes_size0, c0,
+                                  b, h_row, H, n_q, n_k, ptr_slopes, stride0_slopes, size0_slopes, c0,
                                   qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD,
                                   PAGE_SIZE, DOT_PRECISION, FAST_MATH, MASKED=False)
     for kb in tl.range(f_hi, s_hi):
         acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
                                   stride_kb, stride_kn, stride_vb, stride_vn,
-                                  b, h_row, H, n_q, n_k, slopes_ptr, slopes_stride0, slopes_size0, c0,
+                                  b, h_row, H, n_q, n_k, ptr_slopes, stride0_slopes, size0_slopes, c0,
                                   qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD,
                                   PAGE_SIZE, DOT_PRECISION, FAST_MATH, MASKED=True)
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     # natural-log LSE; -inf on rows without an allowed key
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i))) * 0.6931471805599453)
-    lse = lse + (-(offs_i * tl.load(slopes_ptr + h_row * slopes_stride0)))
+    lse = lse + (-(offs_i * tl.load(ptr_slopes + h_row * stride0_slopes)))
     vcols = tl.arange(0, VALUE_DIM_PAD)
     out_rows = (b * H + h_row) * Nq + q_row
     if SPLIT:

@@ -43,7 +43,7 @@ SPEC = _rt.SpecInfo(
 
 @triton.jit
 def _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-              b, h, H, n_q, n_k, rb0_table, rb0_rows, row0, rb0_0, rb0_1, rb0_2,
+              b, h, H, n_q, n_k, rb0_table, rb0_rows, mrow0, rb0_0, rb0_1, rb0_2,
               qk_scale, sm_scale,
               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
               ROTARY_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
@@ -55,7 +55,7 @@ def _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
     offs_j = k_offset + start_n + tl.arange(0, BLOCK_N)
     qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
     if MASKED:
-        keep = (offs_j[None, :] < k_offset + Nk) & ((tl.abs((row0[:, None] - (offs_j[None, :] // 64))) <= 1) | ((offs_j[None, :] // 64 == rb0_0[:, None]) | (offs_j[None, :] // 64 == rb0_1[:, None]) | (offs_j[None, :] // 64 == rb0_2[:, None])) | (offs_i[:, None] < 64) | (offs_j[None, :] < 64))
+        keep = (offs_j[None, :] < k_offset + Nk) & ((tl.abs((mrow0[:, None] - (offs_j[None, :] // 64))) <= 1) | ((offs_j[None, :] // 64 == rb0_0[:, None]) | (offs_j[None, :] // 64 == rb0_1[:, None]) | (offs_j[None, :] // 64 == rb0_2[:, None])) | (offs_i[:, None] < 64) | (offs_j[None, :] < 64))
         qk = tl.where(keep, qk, float("-inf"))
     # qk_scale = scale * log2(e) > 0, so the row max of the scaled scores is the scaled max.
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
@@ -122,7 +122,7 @@ def _fwd_kernel(Q, K, V, O, LSE,
     q_lo = q_offset + qb * BLOCK_M
     q_hi = q_lo + BLOCK_M - 1
     q = q_desc.load([qb * BLOCK_M, 0])
-    row0 = (offs_i // 64)
+    mrow0 = (offs_i // 64)
     rb0_0 = tl.load(rb0_table + tl.minimum(offs_i // 64, rb0_rows - 1) * 3 + 0)
     rb0_1 = tl.load(rb0_table + tl.minimum(offs_i // 64, rb0_rows - 1) * 3 + 1)
     rb0_2 = tl.load(rb0_table + tl.minimum(offs_i // 64, rb0_rows - 1) * 3 + 2)
@@ -135,14 +135,14 @@ def _fwd_kernel(Q, K, V, O, LSE,
     for t in tl.range(0, n_partial):
         kb = tl.load(partial_index + row * list_width + t)
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                                  b, h, H, n_q, n_k, rb0_table, rb0_rows, row0, rb0_0, rb0_1, rb0_2,
+                                  b, h, H, n_q, n_k, rb0_table, rb0_rows, mrow0, rb0_0, rb0_1, rb0_2,
                                   qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                                   FAST_MATH, MASKED=True)
     n_full = tl.load(full_count + row)
     for t in tl.range(0, n_full):
         kb = tl.load(full_index + row * list_width + t)
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                                  b, h, H, n_q, n_k, rb0_table, rb0_rows, row0, rb0_0, rb0_1, rb0_2,
+                                  b, h, H, n_q, n_k, rb0_table, rb0_rows, mrow0, rb0_0, rb0_1, rb0_2,
                                   qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                                   FAST_MATH, MASKED=False)
     # Rows that saw no allowed key: o = 0 and lse = -inf, never NaN.
@@ -281,7 +281,7 @@ def _bwd_preprocess(O, DO, LSE, DELTA, LSE2,
 
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, qb, offs_j, Nq, q_offset,
-               b, h, H, n_q, n_k, rb0_table, rb0_rows, col0,
+               b, h, H, n_q, n_k, rb0_table, rb0_rows, mcol0,
                qk_scale, sm_scale,
                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                ROTARY_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
@@ -299,7 +299,7 @@ def _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, qb, offs_j, Nq, q_off
     qk = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]: S^T
     s = qk * qk_scale
     if MASKED:
-        keep = (offs_i[None, :] < q_offset + Nq) & ((tl.abs((col0[:, None] + (offs_i[None, :] // 64))) <= 1) | tl.trans(_random_hit(offs_i, offs_j, rb0_table, rb0_rows, 3, 64)) | (offs_i[None, :] < 64) | (offs_j[:, None] < 64))
+        keep = (offs_i[None, :] < q_offset + Nq) & ((tl.abs((mcol0[:, None] + (offs_i[None, :] // 64))) <= 1) | tl.trans(_random_hit(offs_i, offs_j, rb0_table, rb0_rows, 3, 64)) | (offs_i[None, :] < 64) | (offs_j[:, None] < 64))
         s = tl.where(keep, s, float("-inf"))
     p = tl.exp2(s - lse2[None, :])
     dv = dv + tl.dot(p.to(do.dtype), do, input_precision=DOT_PRECISION)
@@ -364,7 +364,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
     k_hi = k_lo + BLOCK_N - 1
     k = k_desc.load([kb * BLOCK_N, 0])
     v = v_desc.load([kb * BLOCK_N, 0])
-    col0 = (-(offs_j // 64))
+    mcol0 = (-(offs_j // 64))
     dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, VALUE_DIM_PAD], dtype=tl.float32)
     for h_in_group in tl.range(0, GROUP):
@@ -388,14 +388,14 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
         for idx in tl.range(0, n_partial):
             qb = tl.load(partial_index + row * list_width + idx)
             dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2 + lse_row, DELTA + lse_row, qb, offs_j, Nq, q_offset,
-                                b, h, H, n_q, n_k, rb0_table, rb0_rows, col0,
+                                b, h, H, n_q, n_k, rb0_table, rb0_rows, mcol0,
                                 qk_scale, sm_scale, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                                 FAST_MATH, MASKED=True)
         n_full = tl.load(full_count + row)
         for idx in tl.range(0, n_full):
             qb = tl.load(full_index + row * list_width + idx)
             dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2 + lse_row, DELTA + lse_row, qb, offs_j, Nq, q_offset,
-                                b, h, H, n_q, n_k, rb0_table, rb0_rows, col0,
+                                b, h, H, n_q, n_k, rb0_table, rb0_rows, mcol0,
                                 qk_scale, sm_scale, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                                 FAST_MATH, MASKED=False)
     dk = dk * sm_scale
@@ -405,7 +405,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
 
 @triton.jit
 def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-             b, h, H, n_q, n_k, rb0_table, rb0_rows, row0, rb0_0, rb0_1, rb0_2,
+             b, h, H, n_q, n_k, rb0_table, rb0_rows, mrow0, rb0_0, rb0_1, rb0_2,
              qk_scale, sm_scale,
              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
              ROTARY_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
@@ -418,7 +418,7 @@ def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
     qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
     s = qk * qk_scale
     if MASKED:
-        keep = (offs_j[None, :] < k_offset + Nk) & ((tl.abs((row0[:, None] - (offs_j[None, :] // 64))) <= 1) | ((offs_j[None, :] // 64 == rb0_0[:, None]) | (offs_j[None, :] // 64 == rb0_1[:, None]) | (offs_j[None, :] // 64 == rb0_2[:, None])) | (offs_i[:, None] < 64) | (offs_j[None, :] < 64))
+        keep = (offs_j[None, :] < k_offset + Nk) & ((tl.abs((mrow0[:, None] - (offs_j[None, :] // 64))) <= 1) | ((offs_j[None, :] // 64 == rb0_0[:, None]) | (offs_j[None, :] // 64 == rb0_1[:, None]) | (offs_j[None, :] // 64 == rb0_2[:, None])) | (offs_i[:, None] < 64) | (offs_j[None, :] < 64))
         s = tl.where(keep, s, float("-inf"))
     p = tl.exp2(s - lse2[:, None])
     dp = tl.dot(do, v.T, input_precision=DOT_PRECISION)
@@ -487,7 +487,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
     do = do_desc.load([qb * BLOCK_M, 0])
     lse2 = tl.load(LSE2 + lse_row + offs_m, mask=offs_m < Nq, other=float("inf"))
     delta = tl.load(DELTA + lse_row + offs_m, mask=offs_m < Nq, other=0.0)
-    row0 = (offs_i // 64)
+    mrow0 = (offs_i // 64)
     rb0_0 = tl.load(rb0_table + tl.minimum(offs_i // 64, rb0_rows - 1) * 3 + 0)
     rb0_1 = tl.load(rb0_table + tl.minimum(offs_i // 64, rb0_rows - 1) * 3 + 1)
     rb0_2 = tl.load(rb0_table + tl.minimum(offs_i // 64, rb0_rows - 1) * 3 + 2)
@@ -498,14 +498,14 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
     for idx in tl.range(0, n_partial):
         kb = tl.load(partial_index + row * list_width + idx)
         dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                      b, h, H, n_q, n_k, rb0_table, rb0_rows, row0, rb0_0, rb0_1, rb0_2,
+                      b, h, H, n_q, n_k, rb0_table, rb0_rows, mrow0, rb0_0, rb0_1, rb0_2,
                       qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                       FAST_MATH, MASKED=True)
     n_full = tl.load(full_count + row)
     for idx in tl.range(0, n_full):
         kb = tl.load(full_index + row * list_width + idx)
         dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                      b, h, H, n_q, n_k, rb0_table, rb0_rows, row0, rb0_0, rb0_1, rb0_2,
+                      b, h, H, n_q, n_k, rb0_table, rb0_rows, mrow0, rb0_0, rb0_1, rb0_2,
                       qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                       FAST_MATH, MASKED=False)
     dq = dq * sm_scale

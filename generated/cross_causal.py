@@ -47,7 +47,7 @@ SPEC = _rt.SpecInfo(
 
 @triton.jit
 def _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-              b, h, H, n_q, n_k, c0, c1,
+              b, h, H, n_q, n_k, mc0, mc1,
               qk_scale, sm_scale,
               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
               ROTARY_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
@@ -59,7 +59,7 @@ def _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
     offs_j = k_offset + start_n + tl.arange(0, BLOCK_N)
     qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
     if MASKED:
-        keep = (offs_j[None, :] < k_offset + Nk) & ((offs_j[None, :] + c0) <= (offs_i[:, None] + c1))
+        keep = (offs_j[None, :] < k_offset + Nk) & ((offs_j[None, :] + mc0) <= (offs_i[:, None] + mc1))
         qk = tl.where(keep, qk, float("-inf"))
     # qk_scale = scale * log2(e) > 0, so the row max of the scaled scores is the scaled max.
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
@@ -124,8 +124,8 @@ def _fwd_kernel(Q, K, V, O, LSE,
     q_lo = q_offset + qb * BLOCK_M
     q_hi = q_lo + BLOCK_M - 1
     q = q_desc.load([qb * BLOCK_M, 0])
-    c0 = (-n_k)
-    c1 = (-n_q)
+    mc0 = (-n_k)
+    mc1 = (-n_q)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, VALUE_DIM_PAD], dtype=tl.float32)
@@ -137,17 +137,17 @@ def _fwd_kernel(Q, K, V, O, LSE,
     kv_full_hi = tl.minimum((Nk // BLOCK_N), (tl.maximum(0, (1 + q_lo + n_k - k_offset - n_q)) // BLOCK_N))
     for kb in tl.range(kv_lo, kv_full_lo):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                                  b, h, H, n_q, n_k, c0, c1,
+                                  b, h, H, n_q, n_k, mc0, mc1,
                                   qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                                   FAST_MATH, MASKED=True)
     for kb in tl.range(kv_full_lo, kv_full_hi, warp_specialize=WARP_SPECIALIZE):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                                  b, h, H, n_q, n_k, c0, c1,
+                                  b, h, H, n_q, n_k, mc0, mc1,
                                   qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                                   FAST_MATH, MASKED=False)
     for kb in tl.range(kv_full_hi, kv_hi):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                                  b, h, H, n_q, n_k, c0, c1,
+                                  b, h, H, n_q, n_k, mc0, mc1,
                                   qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                                   FAST_MATH, MASKED=True)
     # Rows that saw no allowed key: o = 0 and lse = -inf, never NaN.
@@ -242,7 +242,7 @@ def _bwd_preprocess(O, DO, LSE, DELTA, LSE2,
 
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, qb, offs_j, Nq, q_offset,
-               b, h, H, n_q, n_k, c0, c1,
+               b, h, H, n_q, n_k, mc0, mc1,
                qk_scale, sm_scale,
                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                ROTARY_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
@@ -260,7 +260,7 @@ def _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, qb, offs_j, Nq, q_off
     qk = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]: S^T
     s = qk * qk_scale
     if MASKED:
-        keep = (offs_i[None, :] < q_offset + Nq) & ((offs_j[:, None] + c0) <= (offs_i[None, :] + c1))
+        keep = (offs_i[None, :] < q_offset + Nq) & ((offs_j[:, None] + mc0) <= (offs_i[None, :] + mc1))
         s = tl.where(keep, s, float("-inf"))
     p = tl.exp2(s - lse2[None, :])
     dv = dv + tl.dot(p.to(do.dtype), do, input_precision=DOT_PRECISION)
@@ -323,8 +323,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
     k_hi = k_lo + BLOCK_N - 1
     k = k_desc.load([kb * BLOCK_N, 0])
     v = v_desc.load([kb * BLOCK_N, 0])
-    c0 = (-n_k)
-    c1 = (-n_q)
+    mc0 = (-n_k)
+    mc1 = (-n_q)
     dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, VALUE_DIM_PAD], dtype=tl.float32)
     # Query blocks that may see this key block: closed form from the transposed mask.
@@ -349,17 +349,17 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
                                             strides=[stride_dom, 1], block_shape=[BLOCK_M, VALUE_DIM_PAD])
         for qb in tl.range(qb_lo, qb_full_lo):
             dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2 + lse_row, DELTA + lse_row, qb, offs_j, Nq, q_offset,
-                                b, h, H, n_q, n_k, c0, c1,
+                                b, h, H, n_q, n_k, mc0, mc1,
                                 qk_scale, sm_scale, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                                 FAST_MATH, MASKED=True)
         for qb in tl.range(qb_full_lo, qb_full_hi):
             dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2 + lse_row, DELTA + lse_row, qb, offs_j, Nq, q_offset,
-                                b, h, H, n_q, n_k, c0, c1,
+                                b, h, H, n_q, n_k, mc0, mc1,
                                 qk_scale, sm_scale, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                                 FAST_MATH, MASKED=False)
         for qb in tl.range(qb_full_hi, qb_hi):
             dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2 + lse_row, DELTA + lse_row, qb, offs_j, Nq, q_offset,
-                                b, h, H, n_q, n_k, c0, c1,
+                                b, h, H, n_q, n_k, mc0, mc1,
                                 qk_scale, sm_scale, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                                 FAST_MATH, MASKED=True)
     dk = dk * sm_scale
@@ -369,7 +369,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
 
 @triton.jit
 def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-             b, h, H, n_q, n_k, c0, c1,
+             b, h, H, n_q, n_k, mc0, mc1,
              qk_scale, sm_scale,
              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
              ROTARY_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
@@ -382,7 +382,7 @@ def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
     qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
     s = qk * qk_scale
     if MASKED:
-        keep = (offs_j[None, :] < k_offset + Nk) & ((offs_j[None, :] + c0) <= (offs_i[:, None] + c1))
+        keep = (offs_j[None, :] < k_offset + Nk) & ((offs_j[None, :] + mc0) <= (offs_i[:, None] + mc1))
         s = tl.where(keep, s, float("-inf"))
     p = tl.exp2(s - lse2[:, None])
     dp = tl.dot(do, v.T, input_precision=DOT_PRECISION)
@@ -449,8 +449,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
     do = do_desc.load([qb * BLOCK_M, 0])
     lse2 = tl.load(LSE2 + lse_row + offs_m, mask=offs_m < Nq, other=float("inf"))
     delta = tl.load(DELTA + lse_row + offs_m, mask=offs_m < Nq, other=0.0)
-    c0 = (-n_k)
-    c1 = (-n_q)
+    mc0 = (-n_k)
+    mc1 = (-n_q)
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     # The forward's key-block ranges.
     kv_lo = 0
@@ -459,17 +459,17 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
     kv_full_hi = tl.minimum((Nk // BLOCK_N), (tl.maximum(0, (1 + q_lo + n_k - k_offset - n_q)) // BLOCK_N))
     for kb in tl.range(kv_lo, kv_full_lo):
         dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                      b, h, H, n_q, n_k, c0, c1,
+                      b, h, H, n_q, n_k, mc0, mc1,
                       qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                       FAST_MATH, MASKED=True)
     for kb in tl.range(kv_full_lo, kv_full_hi):
         dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                      b, h, H, n_q, n_k, c0, c1,
+                      b, h, H, n_q, n_k, mc0, mc1,
                       qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                       FAST_MATH, MASKED=False)
     for kb in tl.range(kv_full_hi, kv_hi):
         dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                      b, h, H, n_q, n_k, c0, c1,
+                      b, h, H, n_q, n_k, mc0, mc1,
                       qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                       FAST_MATH, MASKED=True)
     dq = dq * sm_scale
@@ -586,7 +586,7 @@ def _dec_load(rows, cols, row_ok, DIM: tl.constexpr, DIM_PAD: tl.constexpr, MASK
 @triton.jit
 def _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
               stride_kp, stride_kn, stride_vp, stride_vn,
-              b, h_row, H, n_q, n_k, c0, c1,
+              b, h_row, H, n_q, n_k, mc0, mc1,
               qk_scale, sm_scale,
               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
               VALUE_DIM: tl.constexpr, VALUE_DIM_PAD: tl.constexpr, PAGE_SIZE: tl.constexpr,
@@ -609,7 +609,7 @@ def _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NU
     v = _dec_load(v_rows, tl.arange(0, VALUE_DIM_PAD), in_cache, VALUE_DIM, VALUE_DIM_PAD, MASKED)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if MASKED:
-        keep = in_cache[None, :] & live[:, None] & ((offs_j[None, :] + c0) <= (offs_i[:, None] + c1))
+        keep = in_cache[None, :] & live[:, None] & ((offs_j[None, :] + mc0) <= (offs_i[:, None] + mc1))
         qk = tl.where(keep, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -664,8 +664,8 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
         K_head = K + b.to(tl.int64) * stride_kb + hk * stride_kh
         V_head = V + b.to(tl.int64) * stride_vb + hk * stride_vh
     BT_row = BT + b * stride_btb
-    c0 = (-n_k)
-    c1 = (-n_q)
+    mc0 = (-n_k)
+    mc1 = (-n_q)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, VALUE_DIM_PAD], dtype=tl.float32)
@@ -685,19 +685,19 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
     for kb in tl.range(s_lo, f_lo):
         acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
                                   stride_kb, stride_kn, stride_vb, stride_vn,
-                                  b, h_row, H, n_q, n_k, c0, c1,
+                                  b, h_row, H, n_q, n_k, mc0, mc1,
                                   qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD,
                                   PAGE_SIZE, DOT_PRECISION, FAST_MATH, MASKED=True)
     for kb in tl.range(f_lo, f_hi):
         acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
                                   stride_kb, stride_kn, stride_vb, stride_vn,
-                                  b, h_row, H, n_q, n_k, c0, c1,
+                                  b, h_row, H, n_q, n_k, mc0, mc1,
                                   qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD,
                                   PAGE_SIZE, DOT_PRECISION, FAST_MATH, MASKED=False)
     for kb in tl.range(f_hi, s_hi):
         acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
                                   stride_kb, stride_kn, stride_vb, stride_vn,
-                                  b, h_row, H, n_q, n_k, c0, c1,
+                                  b, h_row, H, n_q, n_k, mc0, mc1,
                                   qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD,
                                   PAGE_SIZE, DOT_PRECISION, FAST_MATH, MASKED=True)
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]

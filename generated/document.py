@@ -45,7 +45,7 @@ SPEC = _rt.SpecInfo(
 
 @triton.jit
 def _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-              b, h, H, n_q, n_k, doc_ptr, doc_stride0, doc_stride1, doc_size0, doc_size1, row0,
+              b, h, H, n_q, n_k, ptr_doc, stride0_doc, stride1_doc, size0_doc, size1_doc, mrow0,
               qk_scale, sm_scale,
               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
               ROTARY_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
@@ -57,7 +57,7 @@ def _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
     offs_j = k_offset + start_n + tl.arange(0, BLOCK_N)
     qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
     if MASKED:
-        keep = (offs_j[None, :] < k_offset + Nk) & ((row0[:, None] == tl.load(doc_ptr + b * doc_stride0 + offs_j[None, :] * doc_stride1, mask=(offs_j[None, :] >= 0) & (offs_j[None, :] < doc_size1), other=0)) & (offs_j[None, :] <= offs_i[:, None]))
+        keep = (offs_j[None, :] < k_offset + Nk) & ((mrow0[:, None] == tl.load(ptr_doc + b * stride0_doc + offs_j[None, :] * stride1_doc, mask=(offs_j[None, :] >= 0) & (offs_j[None, :] < size1_doc), other=0)) & (offs_j[None, :] <= offs_i[:, None]))
         qk = tl.where(keep, qk, float("-inf"))
     # qk_scale = scale * log2(e) > 0, so the row max of the scaled scores is the scaled max.
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
@@ -77,7 +77,7 @@ def _fwd_kernel(Q, K, V, O, LSE,
                 stride_ob, stride_oh, stride_om,
                 Nq, Nk, H, GROUP, q_offset, k_offset, n_q, n_k, qk_scale, sm_scale,
                 CU_Q, CU_K, TOTAL_Q,
-                doc_ptr, doc_stride0, doc_stride1, doc_size0, doc_size1,
+                ptr_doc, stride0_doc, stride1_doc, size0_doc, size1_doc,
                 full_count, full_index, partial_count, partial_index, list_sb, list_sh, list_sq, list_width,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                 VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -124,7 +124,7 @@ def _fwd_kernel(Q, K, V, O, LSE,
     q_lo = q_offset + qb * BLOCK_M
     q_hi = q_lo + BLOCK_M - 1
     q = q_desc.load([qb * BLOCK_M, 0])
-    row0 = tl.load(doc_ptr + b * doc_stride0 + offs_i * doc_stride1, mask=(offs_i >= 0) & (offs_i < doc_size1), other=0)
+    mrow0 = tl.load(ptr_doc + b * stride0_doc + offs_i * stride1_doc, mask=(offs_i >= 0) & (offs_i < size1_doc), other=0)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, VALUE_DIM_PAD], dtype=tl.float32)
@@ -134,14 +134,14 @@ def _fwd_kernel(Q, K, V, O, LSE,
     for t in tl.range(0, n_partial):
         kb = tl.load(partial_index + row * list_width + t)
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                                  b, h, H, n_q, n_k, doc_ptr, doc_stride0, doc_stride1, doc_size0, doc_size1, row0,
+                                  b, h, H, n_q, n_k, ptr_doc, stride0_doc, stride1_doc, size0_doc, size1_doc, mrow0,
                                   qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                                   FAST_MATH, MASKED=True)
     n_full = tl.load(full_count + row)
     for t in tl.range(0, n_full):
         kb = tl.load(full_index + row * list_width + t)
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                                  b, h, H, n_q, n_k, doc_ptr, doc_stride0, doc_stride1, doc_size0, doc_size1, row0,
+                                  b, h, H, n_q, n_k, ptr_doc, stride0_doc, stride1_doc, size0_doc, size1_doc, mrow0,
                                   qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                                   FAST_MATH, MASKED=False)
     # Rows that saw no allowed key: o = 0 and lse = -inf, never NaN.
@@ -157,13 +157,13 @@ def _fwd_kernel(Q, K, V, O, LSE,
 # tile as empty, partial or full (from the inputs, on every call).
 MASK_TILES = _tiles.IntervalProgram(
     leaves=(
-        ('in_doc_b_i', 'input', (BlockStat(input='doc', axis_var='i', block='m', index=('b', 'i')),)),
-        ('in_doc_b_j', 'input', (BlockStat(input='doc', axis_var='j', block='n', index=('b', 'j')),)),
+        ('in_doc_at_b_i', 'input', (BlockStat(input='doc', axis_var='i', block='m', index=('b', 'i')),)),
+        ('in_doc_at_b_j', 'input', (BlockStat(input='doc', axis_var='j', block='n', index=('b', 'j')),)),
         ('j', 'j', ()),
         ('i', 'i', ()),
     ),
     steps=(
-        ('v0', 'eq', ('in_doc_b_i', 'in_doc_b_j')),
+        ('v0', 'eq', ('in_doc_at_b_i', 'in_doc_at_b_j')),
         ('v1', 'le', ('j', 'i')),
         ('v2', 'and_', ('v0', 'v1')),
     ),
@@ -176,13 +176,13 @@ MASK_TILES = _tiles.IntervalProgram(
 # forward and transposed, in one launch.
 _TK_PROGRAM = _rt.tiles.IntervalProgram(
     leaves=(
-        ('in_doc_b_i', 'input', (_rt.tiles.BlockStat(input='doc', axis_var='i', block='m', index=('b', 'i')),)),
-        ('in_doc_b_j', 'input', (_rt.tiles.BlockStat(input='doc', axis_var='j', block='n', index=('b', 'j')),)),
+        ('in_doc_at_b_i', 'input', (_rt.tiles.BlockStat(input='doc', axis_var='i', block='m', index=('b', 'i')),)),
+        ('in_doc_at_b_j', 'input', (_rt.tiles.BlockStat(input='doc', axis_var='j', block='n', index=('b', 'j')),)),
         ('j', 'j', ()),
         ('i', 'i', ()),
     ),
     steps=(
-        ('v0', 'eq', ('in_doc_b_i', 'in_doc_b_j')),
+        ('v0', 'eq', ('in_doc_at_b_i', 'in_doc_at_b_j')),
         ('v1', 'le', ('j', 'i')),
         ('v2', 'and_', ('v0', 'v1')),
     ),
@@ -242,7 +242,7 @@ def _tk_append(row_ptr, hit, blocks, valid, count, width):
 
 
 @triton.jit
-def _tk_rows(out_ptr, pid, bh, n_bh, nqb, nkb, Nq, Nk, q_offset, k_offset, Hl, in_doc, in_doc_s0, in_doc_s1,
+def _tk_rows(out_ptr, pid, bh, n_bh, nqb, nkb, Nq, Nk, q_offset, k_offset, Hl, ptr_doc, stride0_doc, stride1_doc,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BM_P: tl.constexpr, BN_P: tl.constexpr,
              CHUNK: tl.constexpr):
     """The forward lists: per query block, its key blocks."""
@@ -259,7 +259,7 @@ def _tk_rows(out_ptr, pid, bh, n_bh, nqb, nkb, Nq, Nk, q_offset, k_offset, Hl, i
     i_lo = (q_offset + q_start).to(tl.float64)
     i_hi = (q_offset + tl.minimum(q_start + BLOCK_M, Nq) - 1).to(tl.float64)
     pos_q = (q_offset + tl.minimum(q_start + tl.minimum(tl.arange(0, BM_P), BLOCK_M - 1), Nq - 1)).to(tl.int64)  # the query block's rows, the last one repeated
-    x1 = tl.load(in_doc + b64 * in_doc_s0 + pos_q * in_doc_s1)
+    x1 = tl.load(ptr_doc + b64 * stride0_doc + pos_q * stride1_doc)
     x1_lo, x1_hi = _tk_bmin(x1, 0), _tk_bmax(x1, 0)
     n_full = tl.full([], 0, tl.int32)
     n_part = tl.full([], 0, tl.int32)
@@ -271,7 +271,7 @@ def _tk_rows(out_ptr, pid, bh, n_bh, nqb, nkb, Nq, Nk, q_offset, k_offset, Hl, i
         j_lo = (k_offset + k_start).to(tl.float64)
         j_hi = (k_offset + tl.minimum(k_start + BLOCK_N, Nk) - 1).to(tl.float64)
         pos_k = (k_offset + tl.minimum(k_start[:, None] + tl.minimum(tl.arange(0, BN_P), BLOCK_N - 1)[None, :], Nk - 1)).to(tl.int64)  # [CHUNK, BN_P] key rows, clamped
-        x2 = tl.load(in_doc + b64 * in_doc_s0 + pos_k * in_doc_s1)
+        x2 = tl.load(ptr_doc + b64 * stride0_doc + pos_k * stride1_doc)
         x2_lo, x2_hi = _tk_bmin(x2, 1), _tk_bmax(x2, 1)
         v3_t, v3_f = _tk_eq(x1_lo, x1_hi, x2_lo, x2_hi)
         v4_t, v4_f = _tk_not(j_lo > i_hi), _tk_not(j_hi <= i_lo)
@@ -286,7 +286,7 @@ def _tk_rows(out_ptr, pid, bh, n_bh, nqb, nkb, Nq, Nk, q_offset, k_offset, Hl, i
 
 
 @triton.jit
-def _tk_cols(out_ptr, pid, bh, n_bh, nqb, nkb, Nq, Nk, q_offset, k_offset, Hl, in_doc, in_doc_s0, in_doc_s1,
+def _tk_cols(out_ptr, pid, bh, n_bh, nqb, nkb, Nq, Nk, q_offset, k_offset, Hl, ptr_doc, stride0_doc, stride1_doc,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BM_P: tl.constexpr, BN_P: tl.constexpr,
              CHUNK: tl.constexpr):
     """The transposed lists (the dK/dV kernel's): per key block, the query blocks that see it."""
@@ -303,7 +303,7 @@ def _tk_cols(out_ptr, pid, bh, n_bh, nqb, nkb, Nq, Nk, q_offset, k_offset, Hl, i
     j_lo = (k_offset + k_start).to(tl.float64)
     j_hi = (k_offset + tl.minimum(k_start + BLOCK_N, Nk) - 1).to(tl.float64)
     pos_k = (k_offset + tl.minimum(k_start + tl.minimum(tl.arange(0, BN_P), BLOCK_N - 1), Nk - 1)).to(tl.int64)  # the key block's rows, the last one repeated
-    x2 = tl.load(in_doc + b64 * in_doc_s0 + pos_k * in_doc_s1)
+    x2 = tl.load(ptr_doc + b64 * stride0_doc + pos_k * stride1_doc)
     x2_lo, x2_hi = _tk_bmin(x2, 0), _tk_bmax(x2, 0)
     n_full = tl.full([], 0, tl.int32)
     n_part = tl.full([], 0, tl.int32)
@@ -315,7 +315,7 @@ def _tk_cols(out_ptr, pid, bh, n_bh, nqb, nkb, Nq, Nk, q_offset, k_offset, Hl, i
         i_lo = (q_offset + q_start).to(tl.float64)
         i_hi = (q_offset + tl.minimum(q_start + BLOCK_M, Nq) - 1).to(tl.float64)
         pos_q = (q_offset + tl.minimum(q_start[:, None] + tl.minimum(tl.arange(0, BM_P), BLOCK_M - 1)[None, :], Nq - 1)).to(tl.int64)  # [CHUNK, BM_P] query rows, clamped
-        x1 = tl.load(in_doc + b64 * in_doc_s0 + pos_q * in_doc_s1)
+        x1 = tl.load(ptr_doc + b64 * stride0_doc + pos_q * stride1_doc)
         x1_lo, x1_hi = _tk_bmin(x1, 1), _tk_bmax(x1, 1)
         v3_t, v3_f = _tk_eq(x1_lo, x1_hi, x2_lo, x2_hi)
         v4_t, v4_f = _tk_not(j_lo > i_hi), _tk_not(j_hi <= i_lo)
@@ -330,7 +330,7 @@ def _tk_cols(out_ptr, pid, bh, n_bh, nqb, nkb, Nq, Nk, q_offset, k_offset, Hl, i
 
 
 @triton.jit
-def _tk_kernel(out_ptr, nqb, nkb, Nq, Nk, q_offset, k_offset, Hl, in_doc, in_doc_s0, in_doc_s1,
+def _tk_kernel(out_ptr, nqb, nkb, Nq, Nk, q_offset, k_offset, Hl, ptr_doc, stride0_doc, stride1_doc,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BM_P: tl.constexpr, BN_P: tl.constexpr,
                ROW_CHUNK: tl.constexpr, COL_CHUNK: tl.constexpr):
     # programs [0, nqb) of axis 0: one query block each, the forward lists; [nqb, nqb + nkb) (launched
@@ -340,12 +340,12 @@ def _tk_kernel(out_ptr, nqb, nkb, Nq, Nk, q_offset, k_offset, Hl, in_doc, in_doc
     bh = tl.program_id(1)
     n_bh = tl.num_programs(1)
     if pid < nqb:
-        _tk_rows(out_ptr, pid, bh, n_bh, nqb, nkb, Nq, Nk, q_offset, k_offset, Hl, in_doc, in_doc_s0, in_doc_s1,
+        _tk_rows(out_ptr, pid, bh, n_bh, nqb, nkb, Nq, Nk, q_offset, k_offset, Hl, ptr_doc, stride0_doc, stride1_doc,
                  BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BM_P=BM_P, BN_P=BN_P, CHUNK=ROW_CHUNK)
     else:
         R = n_bh * nqb
         cols_ptr = out_ptr + 2 * ((R + 3) // 4 * 4) + 2 * ((R.to(tl.int64) * nkb + 3) // 4 * 4)
-        _tk_cols(cols_ptr, pid - nqb, bh, n_bh, nqb, nkb, Nq, Nk, q_offset, k_offset, Hl, in_doc, in_doc_s0, in_doc_s1,
+        _tk_cols(cols_ptr, pid - nqb, bh, n_bh, nqb, nkb, Nq, Nk, q_offset, k_offset, Hl, ptr_doc, stride0_doc, stride1_doc,
                  BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BM_P=BM_P, BN_P=BN_P, CHUNK=COL_CHUNK)
 
 
@@ -474,7 +474,7 @@ def _bwd_preprocess(O, DO, LSE, DELTA, LSE2,
 
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, qb, offs_j, Nq, q_offset,
-               b, h, H, n_q, n_k, doc_ptr, doc_stride0, doc_stride1, doc_size0, doc_size1, col0,
+               b, h, H, n_q, n_k, ptr_doc, stride0_doc, stride1_doc, size0_doc, size1_doc, mcol0,
                qk_scale, sm_scale,
                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                ROTARY_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
@@ -492,7 +492,7 @@ def _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, qb, offs_j, Nq, q_off
     qk = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]: S^T
     s = qk * qk_scale
     if MASKED:
-        keep = (offs_i[None, :] < q_offset + Nq) & ((tl.load(doc_ptr + b * doc_stride0 + offs_i[None, :] * doc_stride1, mask=(offs_i[None, :] >= 0) & (offs_i[None, :] < doc_size1), other=0) == col0[:, None]) & (offs_j[:, None] <= offs_i[None, :]))
+        keep = (offs_i[None, :] < q_offset + Nq) & ((tl.load(ptr_doc + b * stride0_doc + offs_i[None, :] * stride1_doc, mask=(offs_i[None, :] >= 0) & (offs_i[None, :] < size1_doc), other=0) == mcol0[:, None]) & (offs_j[:, None] <= offs_i[None, :]))
         s = tl.where(keep, s, float("-inf"))
     p = tl.exp2(s - lse2[None, :])
     dv = dv + tl.dot(p.to(do.dtype), do, input_precision=DOT_PRECISION)
@@ -512,7 +512,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
                      stride_dvb, stride_dvh, stride_dvn,
                      Nq, Nk, H, GROUP, q_offset, k_offset, n_q, n_k, qk_scale, sm_scale,
                      CU_Q, CU_K, TOTAL_Q,
-                     doc_ptr, doc_stride0, doc_stride1, doc_size0, doc_size1,
+                     ptr_doc, stride0_doc, stride1_doc, size0_doc, size1_doc,
                      full_count, full_index, partial_count, partial_index, list_sb, list_sh, list_sq, list_width,
                      HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                      VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -557,7 +557,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
     k_hi = k_lo + BLOCK_N - 1
     k = k_desc.load([kb * BLOCK_N, 0])
     v = v_desc.load([kb * BLOCK_N, 0])
-    col0 = tl.load(doc_ptr + b * doc_stride0 + offs_j * doc_stride1, mask=(offs_j >= 0) & (offs_j < doc_size1), other=0)
+    mcol0 = tl.load(ptr_doc + b * stride0_doc + offs_j * stride1_doc, mask=(offs_j >= 0) & (offs_j < size1_doc), other=0)
     dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, VALUE_DIM_PAD], dtype=tl.float32)
     for h_in_group in tl.range(0, GROUP):
@@ -581,14 +581,14 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
         for idx in tl.range(0, n_partial):
             qb = tl.load(partial_index + row * list_width + idx)
             dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2 + lse_row, DELTA + lse_row, qb, offs_j, Nq, q_offset,
-                                b, h, H, n_q, n_k, doc_ptr, doc_stride0, doc_stride1, doc_size0, doc_size1, col0,
+                                b, h, H, n_q, n_k, ptr_doc, stride0_doc, stride1_doc, size0_doc, size1_doc, mcol0,
                                 qk_scale, sm_scale, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                                 FAST_MATH, MASKED=True)
         n_full = tl.load(full_count + row)
         for idx in tl.range(0, n_full):
             qb = tl.load(full_index + row * list_width + idx)
             dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2 + lse_row, DELTA + lse_row, qb, offs_j, Nq, q_offset,
-                                b, h, H, n_q, n_k, doc_ptr, doc_stride0, doc_stride1, doc_size0, doc_size1, col0,
+                                b, h, H, n_q, n_k, ptr_doc, stride0_doc, stride1_doc, size0_doc, size1_doc, mcol0,
                                 qk_scale, sm_scale, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                                 FAST_MATH, MASKED=False)
     dk = dk * sm_scale
@@ -598,7 +598,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
 
 @triton.jit
 def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-             b, h, H, n_q, n_k, doc_ptr, doc_stride0, doc_stride1, doc_size0, doc_size1, row0,
+             b, h, H, n_q, n_k, ptr_doc, stride0_doc, stride1_doc, size0_doc, size1_doc, mrow0,
              qk_scale, sm_scale,
              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
              ROTARY_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
@@ -611,7 +611,7 @@ def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
     qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
     s = qk * qk_scale
     if MASKED:
-        keep = (offs_j[None, :] < k_offset + Nk) & ((row0[:, None] == tl.load(doc_ptr + b * doc_stride0 + offs_j[None, :] * doc_stride1, mask=(offs_j[None, :] >= 0) & (offs_j[None, :] < doc_size1), other=0)) & (offs_j[None, :] <= offs_i[:, None]))
+        keep = (offs_j[None, :] < k_offset + Nk) & ((mrow0[:, None] == tl.load(ptr_doc + b * stride0_doc + offs_j[None, :] * stride1_doc, mask=(offs_j[None, :] >= 0) & (offs_j[None, :] < size1_doc), other=0)) & (offs_j[None, :] <= offs_i[:, None]))
         s = tl.where(keep, s, float("-inf"))
     p = tl.exp2(s - lse2[:, None])
     dp = tl.dot(do, v.T, input_precision=DOT_PRECISION)
@@ -629,7 +629,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
                    stride_dqb, stride_dqh, stride_dqm,
                    Nq, Nk, H, GROUP, q_offset, k_offset, n_q, n_k, qk_scale, sm_scale,
                    CU_Q, CU_K, TOTAL_Q,
-                   doc_ptr, doc_stride0, doc_stride1, doc_size0, doc_size1,
+                   ptr_doc, stride0_doc, stride1_doc, size0_doc, size1_doc,
                    full_count, full_index, partial_count, partial_index, list_sb, list_sh, list_sq, list_width,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                    VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -680,7 +680,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
     do = do_desc.load([qb * BLOCK_M, 0])
     lse2 = tl.load(LSE2 + lse_row + offs_m, mask=offs_m < Nq, other=float("inf"))
     delta = tl.load(DELTA + lse_row + offs_m, mask=offs_m < Nq, other=0.0)
-    row0 = tl.load(doc_ptr + b * doc_stride0 + offs_i * doc_stride1, mask=(offs_i >= 0) & (offs_i < doc_size1), other=0)
+    mrow0 = tl.load(ptr_doc + b * stride0_doc + offs_i * stride1_doc, mask=(offs_i >= 0) & (offs_i < size1_doc), other=0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     # Key blocks from the forward's block lists.
     row = b * list_sb + h * list_sh + qb * list_sq
@@ -688,14 +688,14 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
     for idx in tl.range(0, n_partial):
         kb = tl.load(partial_index + row * list_width + idx)
         dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                      b, h, H, n_q, n_k, doc_ptr, doc_stride0, doc_stride1, doc_size0, doc_size1, row0,
+                      b, h, H, n_q, n_k, ptr_doc, stride0_doc, stride1_doc, size0_doc, size1_doc, mrow0,
                       qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                       FAST_MATH, MASKED=True)
     n_full = tl.load(full_count + row)
     for idx in tl.range(0, n_full):
         kb = tl.load(full_index + row * list_width + idx)
         dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                      b, h, H, n_q, n_k, doc_ptr, doc_stride0, doc_stride1, doc_size0, doc_size1, row0,
+                      b, h, H, n_q, n_k, ptr_doc, stride0_doc, stride1_doc, size0_doc, size1_doc, mrow0,
                       qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                       FAST_MATH, MASKED=False)
     dq = dq * sm_scale
@@ -831,7 +831,7 @@ def _dec_load(rows, cols, row_ok, DIM: tl.constexpr, DIM_PAD: tl.constexpr, MASK
 @triton.jit
 def _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
               stride_kp, stride_kn, stride_vp, stride_vn,
-              b, h_row, H, n_q, n_k, doc_ptr, doc_stride0, doc_stride1, doc_size0, doc_size1, row0,
+              b, h_row, H, n_q, n_k, ptr_doc, stride0_doc, stride1_doc, size0_doc, size1_doc, mrow0,
               qk_scale, sm_scale,
               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
               VALUE_DIM: tl.constexpr, VALUE_DIM_PAD: tl.constexpr, PAGE_SIZE: tl.constexpr,
@@ -854,7 +854,7 @@ def _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NU
     v = _dec_load(v_rows, tl.arange(0, VALUE_DIM_PAD), in_cache, VALUE_DIM, VALUE_DIM_PAD, MASKED)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if MASKED:
-        keep = in_cache[None, :] & live[:, None] & ((row0[:, None] == tl.load(doc_ptr + b * doc_stride0 + offs_j[None, :] * doc_stride1, mask=(offs_j[None, :] >= 0) & (offs_j[None, :] < doc_size1), other=0)) & (offs_j[None, :] <= offs_i[:, None]))
+        keep = in_cache[None, :] & live[:, None] & ((mrow0[:, None] == tl.load(ptr_doc + b * stride0_doc + offs_j[None, :] * stride1_doc, mask=(offs_j[None, :] >= 0) & (offs_j[None, :] < size1_doc), other=0)) & (offs_j[None, :] <= offs_i[:, None]))
         qk = tl.where(keep, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -872,7 +872,7 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
                 stride_vb, stride_vh, stride_vn,
                 stride_btb, stride_ob, stride_oh, stride_om,
                 Nq, H, GROUP, HEADS_PER_PROGRAM, CAPACITY, NUM_PAGES, NUM_SPLITS, qk_scale, sm_scale,
-                doc_ptr, doc_stride0, doc_stride1, doc_size0, doc_size1,
+                ptr_doc, stride0_doc, stride1_doc, size0_doc, size1_doc,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                 VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, SPLIT: tl.constexpr,
@@ -910,7 +910,7 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
         K_head = K + b.to(tl.int64) * stride_kb + hk * stride_kh
         V_head = V + b.to(tl.int64) * stride_vb + hk * stride_vh
     BT_row = BT + b * stride_btb
-    row0 = tl.load(doc_ptr + b * doc_stride0 + offs_i * doc_stride1, mask=(offs_i >= 0) & (offs_i < doc_size1), other=0)
+    mrow0 = tl.load(ptr_doc + b * stride0_doc + offs_i * stride1_doc, mask=(offs_i >= 0) & (offs_i < size1_doc), other=0)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, VALUE_DIM_PAD], dtype=tl.float32)
@@ -928,19 +928,19 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
     for kb in tl.range(s_lo, f_lo):
         acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
                                   stride_kb, stride_kn, stride_vb, stride_vn,
-                                  b, h_row, H, n_q, n_k, doc_ptr, doc_stride0, doc_stride1, doc_size0, doc_size1, row0,
+                                  b, h_row, H, n_q, n_k, ptr_doc, stride0_doc, stride1_doc, size0_doc, size1_doc, mrow0,
                                   qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD,
                                   PAGE_SIZE, DOT_PRECISION, FAST_MATH, MASKED=True)
     for kb in tl.range(f_lo, f_hi):
         acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
                                   stride_kb, stride_kn, stride_vb, stride_vn,
-                                  b, h_row, H, n_q, n_k, doc_ptr, doc_stride0, doc_stride1, doc_size0, doc_size1, row0,
+                                  b, h_row, H, n_q, n_k, ptr_doc, stride0_doc, stride1_doc, size0_doc, size1_doc, mrow0,
                                   qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD,
                                   PAGE_SIZE, DOT_PRECISION, FAST_MATH, MASKED=False)
     for kb in tl.range(f_hi, s_hi):
         acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
                                   stride_kb, stride_kn, stride_vb, stride_vn,
-                                  b, h_row, H, n_q, n_k, doc_ptr, doc_stride0, doc_stride1, doc_size0, doc_size1, row0,
+                                  b, h_row, H, n_q, n_k, ptr_doc, stride0_doc, stride1_doc, size0_doc, size1_doc, mrow0,
                                   qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD,
                                   PAGE_SIZE, DOT_PRECISION, FAST_MATH, MASKED=True)
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]

@@ -45,7 +45,7 @@ SPEC = _rt.SpecInfo(
 
 @triton.jit
 def _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-              b, h, H, n_q, n_k, kv_len_ptr, kv_len_stride0, kv_len_size0, c0,
+              b, h, H, n_q, n_k, ptr_kv_len, stride0_kv_len, size0_kv_len, mc0,
               qk_scale, sm_scale,
               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
               ROTARY_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
@@ -57,7 +57,7 @@ def _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
     offs_j = k_offset + start_n + tl.arange(0, BLOCK_N)
     qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
     if MASKED:
-        keep = (offs_j[None, :] < k_offset + Nk) & (offs_j[None, :] < c0)
+        keep = (offs_j[None, :] < k_offset + Nk) & (offs_j[None, :] < mc0)
         qk = tl.where(keep, qk, float("-inf"))
     # qk_scale = scale * log2(e) > 0, so the row max of the scaled scores is the scaled max.
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
@@ -77,7 +77,7 @@ def _fwd_kernel(Q, K, V, O, LSE,
                 stride_ob, stride_oh, stride_om,
                 Nq, Nk, H, GROUP, q_offset, k_offset, n_q, n_k, qk_scale, sm_scale,
                 CU_Q, CU_K, TOTAL_Q,
-                kv_len_ptr, kv_len_stride0, kv_len_size0,
+                ptr_kv_len, stride0_kv_len, size0_kv_len,
                 full_count, full_index, partial_count, partial_index, list_sb, list_sh, list_sq, list_width,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                 VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -124,7 +124,7 @@ def _fwd_kernel(Q, K, V, O, LSE,
     q_lo = q_offset + qb * BLOCK_M
     q_hi = q_lo + BLOCK_M - 1
     q = q_desc.load([qb * BLOCK_M, 0])
-    c0 = tl.load(kv_len_ptr + b * kv_len_stride0)
+    mc0 = tl.load(ptr_kv_len + b * stride0_kv_len)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, VALUE_DIM_PAD], dtype=tl.float32)
@@ -134,14 +134,14 @@ def _fwd_kernel(Q, K, V, O, LSE,
     for t in tl.range(0, n_partial):
         kb = tl.load(partial_index + row * list_width + t)
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                                  b, h, H, n_q, n_k, kv_len_ptr, kv_len_stride0, kv_len_size0, c0,
+                                  b, h, H, n_q, n_k, ptr_kv_len, stride0_kv_len, size0_kv_len, mc0,
                                   qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                                   FAST_MATH, MASKED=True)
     n_full = tl.load(full_count + row)
     for t in tl.range(0, n_full):
         kb = tl.load(full_index + row * list_width + t)
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                                  b, h, H, n_q, n_k, kv_len_ptr, kv_len_stride0, kv_len_size0, c0,
+                                  b, h, H, n_q, n_k, ptr_kv_len, stride0_kv_len, size0_kv_len, mc0,
                                   qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                                   FAST_MATH, MASKED=False)
     # Rows that saw no allowed key: o = 0 and lse = -inf, never NaN.
@@ -158,10 +158,10 @@ def _fwd_kernel(Q, K, V, O, LSE,
 MASK_TILES = _tiles.IntervalProgram(
     leaves=(
         ('j', 'j', ()),
-        ('in_kv_len_b', 'input', (BlockStat(input='kv_len', axis_var=None, block=None, index=('b',)),)),
+        ('in_kv_len_at_b', 'input', (BlockStat(input='kv_len', axis_var=None, block=None, index=('b',)),)),
     ),
     steps=(
-        ('v0', 'lt', ('j', 'in_kv_len_b')),
+        ('v0', 'lt', ('j', 'in_kv_len_at_b')),
     ),
     result="v0",
 )
@@ -173,10 +173,10 @@ MASK_TILES = _tiles.IntervalProgram(
 _TK_PROGRAM = _rt.tiles.IntervalProgram(
     leaves=(
         ('j', 'j', ()),
-        ('in_kv_len_b', 'input', (_rt.tiles.BlockStat(input='kv_len', axis_var=None, block=None, index=('b',)),)),
+        ('in_kv_len_at_b', 'input', (_rt.tiles.BlockStat(input='kv_len', axis_var=None, block=None, index=('b',)),)),
     ),
     steps=(
-        ('v0', 'lt', ('j', 'in_kv_len_b')),
+        ('v0', 'lt', ('j', 'in_kv_len_at_b')),
     ),
     result='v0',
 )
@@ -199,7 +199,7 @@ def _tk_append(row_ptr, hit, blocks, valid, count, width):
 
 
 @triton.jit
-def _tk_rows(out_ptr, pid, bh, n_bh, nqb, nkb, Nq, Nk, q_offset, k_offset, Hl, in_kv_len, in_kv_len_s0,
+def _tk_rows(out_ptr, pid, bh, n_bh, nqb, nkb, Nq, Nk, q_offset, k_offset, Hl, ptr_kv_len, stride0_kv_len,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BM_P: tl.constexpr, BN_P: tl.constexpr,
              CHUNK: tl.constexpr):
     """The forward lists: per query block, its key blocks."""
@@ -212,7 +212,7 @@ def _tk_rows(out_ptr, pid, bh, n_bh, nqb, nkb, Nq, Nk, q_offset, k_offset, Hl, i
     R_pad = (R + 3) // 4 * 4
     full_row = out_ptr + 2 * R_pad + row.to(tl.int64) * nkb
     part_row = full_row + (R.to(tl.int64) * nkb + 3) // 4 * 4
-    x1 = tl.load(in_kv_len + b64 * in_kv_len_s0).to(tl.float64)
+    x1 = tl.load(ptr_kv_len + b64 * stride0_kv_len).to(tl.float64)
     n_full = tl.full([], 0, tl.int32)
     n_part = tl.full([], 0, tl.int32)
     lanes = tl.arange(0, CHUNK)
@@ -233,7 +233,7 @@ def _tk_rows(out_ptr, pid, bh, n_bh, nqb, nkb, Nq, Nk, q_offset, k_offset, Hl, i
 
 
 @triton.jit
-def _tk_cols(out_ptr, pid, bh, n_bh, nqb, nkb, Nq, Nk, q_offset, k_offset, Hl, in_kv_len, in_kv_len_s0,
+def _tk_cols(out_ptr, pid, bh, n_bh, nqb, nkb, Nq, Nk, q_offset, k_offset, Hl, ptr_kv_len, stride0_kv_len,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BM_P: tl.constexpr, BN_P: tl.constexpr,
              CHUNK: tl.constexpr):
     """The transposed lists (the dK/dV kernel's): per key block, the query blocks that see it."""
@@ -249,7 +249,7 @@ def _tk_cols(out_ptr, pid, bh, n_bh, nqb, nkb, Nq, Nk, q_offset, k_offset, Hl, i
     k_start = kb * BLOCK_N
     j_lo = (k_offset + k_start).to(tl.float64)
     j_hi = (k_offset + tl.minimum(k_start + BLOCK_N, Nk) - 1).to(tl.float64)
-    x1 = tl.load(in_kv_len + b64 * in_kv_len_s0).to(tl.float64)
+    x1 = tl.load(ptr_kv_len + b64 * stride0_kv_len).to(tl.float64)
     v2_t, v2_f = _tk_not(j_lo >= x1), _tk_not(j_hi < x1)
     n_full = tl.full([], 0, tl.int32)
     n_part = tl.full([], 0, tl.int32)
@@ -267,7 +267,7 @@ def _tk_cols(out_ptr, pid, bh, n_bh, nqb, nkb, Nq, Nk, q_offset, k_offset, Hl, i
 
 
 @triton.jit
-def _tk_kernel(out_ptr, nqb, nkb, Nq, Nk, q_offset, k_offset, Hl, in_kv_len, in_kv_len_s0,
+def _tk_kernel(out_ptr, nqb, nkb, Nq, Nk, q_offset, k_offset, Hl, ptr_kv_len, stride0_kv_len,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BM_P: tl.constexpr, BN_P: tl.constexpr,
                ROW_CHUNK: tl.constexpr, COL_CHUNK: tl.constexpr):
     # programs [0, nqb) of axis 0: one query block each, the forward lists; [nqb, nqb + nkb) (launched
@@ -277,12 +277,12 @@ def _tk_kernel(out_ptr, nqb, nkb, Nq, Nk, q_offset, k_offset, Hl, in_kv_len, in_
     bh = tl.program_id(1)
     n_bh = tl.num_programs(1)
     if pid < nqb:
-        _tk_rows(out_ptr, pid, bh, n_bh, nqb, nkb, Nq, Nk, q_offset, k_offset, Hl, in_kv_len, in_kv_len_s0,
+        _tk_rows(out_ptr, pid, bh, n_bh, nqb, nkb, Nq, Nk, q_offset, k_offset, Hl, ptr_kv_len, stride0_kv_len,
                  BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BM_P=BM_P, BN_P=BN_P, CHUNK=ROW_CHUNK)
     else:
         R = n_bh * nqb
         cols_ptr = out_ptr + 2 * ((R + 3) // 4 * 4) + 2 * ((R.to(tl.int64) * nkb + 3) // 4 * 4)
-        _tk_cols(cols_ptr, pid - nqb, bh, n_bh, nqb, nkb, Nq, Nk, q_offset, k_offset, Hl, in_kv_len, in_kv_len_s0,
+        _tk_cols(cols_ptr, pid - nqb, bh, n_bh, nqb, nkb, Nq, Nk, q_offset, k_offset, Hl, ptr_kv_len, stride0_kv_len,
                  BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BM_P=BM_P, BN_P=BN_P, CHUNK=COL_CHUNK)
 
 
@@ -409,7 +409,7 @@ def _bwd_preprocess(O, DO, LSE, DELTA, LSE2,
 
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, qb, offs_j, Nq, q_offset,
-               b, h, H, n_q, n_k, kv_len_ptr, kv_len_stride0, kv_len_size0, col0,
+               b, h, H, n_q, n_k, ptr_kv_len, stride0_kv_len, size0_kv_len, mcol0,
                qk_scale, sm_scale,
                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                ROTARY_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
@@ -427,7 +427,7 @@ def _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, qb, offs_j, Nq, q_off
     qk = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]: S^T
     s = qk * qk_scale
     if MASKED:
-        keep = (offs_i[None, :] < q_offset + Nq) & col0[:, None]
+        keep = (offs_i[None, :] < q_offset + Nq) & mcol0[:, None]
         s = tl.where(keep, s, float("-inf"))
     p = tl.exp2(s - lse2[None, :])
     dv = dv + tl.dot(p.to(do.dtype), do, input_precision=DOT_PRECISION)
@@ -447,7 +447,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
                      stride_dvb, stride_dvh, stride_dvn,
                      Nq, Nk, H, GROUP, q_offset, k_offset, n_q, n_k, qk_scale, sm_scale,
                      CU_Q, CU_K, TOTAL_Q,
-                     kv_len_ptr, kv_len_stride0, kv_len_size0,
+                     ptr_kv_len, stride0_kv_len, size0_kv_len,
                      full_count, full_index, partial_count, partial_index, list_sb, list_sh, list_sq, list_width,
                      HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                      VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -492,7 +492,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
     k_hi = k_lo + BLOCK_N - 1
     k = k_desc.load([kb * BLOCK_N, 0])
     v = v_desc.load([kb * BLOCK_N, 0])
-    col0 = (offs_j < tl.load(kv_len_ptr + b * kv_len_stride0))
+    mcol0 = (offs_j < tl.load(ptr_kv_len + b * stride0_kv_len))
     dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, VALUE_DIM_PAD], dtype=tl.float32)
     for h_in_group in tl.range(0, GROUP):
@@ -516,14 +516,14 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
         for idx in tl.range(0, n_partial):
             qb = tl.load(partial_index + row * list_width + idx)
             dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2 + lse_row, DELTA + lse_row, qb, offs_j, Nq, q_offset,
-                                b, h, H, n_q, n_k, kv_len_ptr, kv_len_stride0, kv_len_size0, col0,
+                                b, h, H, n_q, n_k, ptr_kv_len, stride0_kv_len, size0_kv_len, mcol0,
                                 qk_scale, sm_scale, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                                 FAST_MATH, MASKED=True)
         n_full = tl.load(full_count + row)
         for idx in tl.range(0, n_full):
             qb = tl.load(full_index + row * list_width + idx)
             dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2 + lse_row, DELTA + lse_row, qb, offs_j, Nq, q_offset,
-                                b, h, H, n_q, n_k, kv_len_ptr, kv_len_stride0, kv_len_size0, col0,
+                                b, h, H, n_q, n_k, ptr_kv_len, stride0_kv_len, size0_kv_len, mcol0,
                                 qk_scale, sm_scale, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                                 FAST_MATH, MASKED=False)
     dk = dk * sm_scale
@@ -533,7 +533,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
 
 @triton.jit
 def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-             b, h, H, n_q, n_k, kv_len_ptr, kv_len_stride0, kv_len_size0, c0,
+             b, h, H, n_q, n_k, ptr_kv_len, stride0_kv_len, size0_kv_len, mc0,
              qk_scale, sm_scale,
              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
              ROTARY_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
@@ -546,7 +546,7 @@ def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
     qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
     s = qk * qk_scale
     if MASKED:
-        keep = (offs_j[None, :] < k_offset + Nk) & (offs_j[None, :] < c0)
+        keep = (offs_j[None, :] < k_offset + Nk) & (offs_j[None, :] < mc0)
         s = tl.where(keep, s, float("-inf"))
     p = tl.exp2(s - lse2[:, None])
     dp = tl.dot(do, v.T, input_precision=DOT_PRECISION)
@@ -564,7 +564,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
                    stride_dqb, stride_dqh, stride_dqm,
                    Nq, Nk, H, GROUP, q_offset, k_offset, n_q, n_k, qk_scale, sm_scale,
                    CU_Q, CU_K, TOTAL_Q,
-                   kv_len_ptr, kv_len_stride0, kv_len_size0,
+                   ptr_kv_len, stride0_kv_len, size0_kv_len,
                    full_count, full_index, partial_count, partial_index, list_sb, list_sh, list_sq, list_width,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                    VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -615,7 +615,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
     do = do_desc.load([qb * BLOCK_M, 0])
     lse2 = tl.load(LSE2 + lse_row + offs_m, mask=offs_m < Nq, other=float("inf"))
     delta = tl.load(DELTA + lse_row + offs_m, mask=offs_m < Nq, other=0.0)
-    c0 = tl.load(kv_len_ptr + b * kv_len_stride0)
+    mc0 = tl.load(ptr_kv_len + b * stride0_kv_len)
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     # Key blocks from the forward's block lists.
     row = b * list_sb + h * list_sh + qb * list_sq
@@ -623,14 +623,14 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
     for idx in tl.range(0, n_partial):
         kb = tl.load(partial_index + row * list_width + idx)
         dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                      b, h, H, n_q, n_k, kv_len_ptr, kv_len_stride0, kv_len_size0, c0,
+                      b, h, H, n_q, n_k, ptr_kv_len, stride0_kv_len, size0_kv_len, mc0,
                       qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                       FAST_MATH, MASKED=True)
     n_full = tl.load(full_count + row)
     for idx in tl.range(0, n_full):
         kb = tl.load(full_index + row * list_width + idx)
         dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                      b, h, H, n_q, n_k, kv_len_ptr, kv_len_stride0, kv_len_size0, c0,
+                      b, h, H, n_q, n_k, ptr_kv_len, stride0_kv_len, size0_kv_len, mc0,
                       qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                       FAST_MATH, MASKED=False)
     dq = dq * sm_scale
@@ -766,7 +766,7 @@ def _dec_load(rows, cols, row_ok, DIM: tl.constexpr, DIM_PAD: tl.constexpr, MASK
 @triton.jit
 def _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
               stride_kp, stride_kn, stride_vp, stride_vn,
-              b, h_row, H, n_q, n_k, kv_len_ptr, kv_len_stride0, kv_len_size0, c0,
+              b, h_row, H, n_q, n_k, ptr_kv_len, stride0_kv_len, size0_kv_len, mc0,
               qk_scale, sm_scale,
               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
               VALUE_DIM: tl.constexpr, VALUE_DIM_PAD: tl.constexpr, PAGE_SIZE: tl.constexpr,
@@ -789,7 +789,7 @@ def _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NU
     v = _dec_load(v_rows, tl.arange(0, VALUE_DIM_PAD), in_cache, VALUE_DIM, VALUE_DIM_PAD, MASKED)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if MASKED:
-        keep = in_cache[None, :] & live[:, None] & (offs_j[None, :] < c0)
+        keep = in_cache[None, :] & live[:, None] & (offs_j[None, :] < mc0)
         qk = tl.where(keep, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -807,7 +807,7 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
                 stride_vb, stride_vh, stride_vn,
                 stride_btb, stride_ob, stride_oh, stride_om,
                 Nq, H, GROUP, HEADS_PER_PROGRAM, CAPACITY, NUM_PAGES, NUM_SPLITS, qk_scale, sm_scale,
-                kv_len_ptr, kv_len_stride0, kv_len_size0,
+                ptr_kv_len, stride0_kv_len, size0_kv_len,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                 VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, SPLIT: tl.constexpr,
@@ -845,7 +845,7 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
         K_head = K + b.to(tl.int64) * stride_kb + hk * stride_kh
         V_head = V + b.to(tl.int64) * stride_vb + hk * stride_vh
     BT_row = BT + b * stride_btb
-    c0 = tl.load(kv_len_ptr + b * kv_len_stride0)
+    mc0 = tl.load(ptr_kv_len + b * stride0_kv_len)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, VALUE_DIM_PAD], dtype=tl.float32)
@@ -863,19 +863,19 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
     for kb in tl.range(s_lo, f_lo):
         acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
                                   stride_kb, stride_kn, stride_vb, stride_vn,
-                                  b, h_row, H, n_q, n_k, kv_len_ptr, kv_len_stride0, kv_len_size0, c0,
+                                  b, h_row, H, n_q, n_k, ptr_kv_len, stride0_kv_len, size0_kv_len, mc0,
                                   qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD,
                                   PAGE_SIZE, DOT_PRECISION, FAST_MATH, MASKED=True)
     for kb in tl.range(f_lo, f_hi):
         acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
                                   stride_kb, stride_kn, stride_vb, stride_vn,
-                                  b, h_row, H, n_q, n_k, kv_len_ptr, kv_len_stride0, kv_len_size0, c0,
+                                  b, h_row, H, n_q, n_k, ptr_kv_len, stride0_kv_len, size0_kv_len, mc0,
                                   qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD,
                                   PAGE_SIZE, DOT_PRECISION, FAST_MATH, MASKED=False)
     for kb in tl.range(f_hi, s_hi):
         acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
                                   stride_kb, stride_kn, stride_vb, stride_vn,
-                                  b, h_row, H, n_q, n_k, kv_len_ptr, kv_len_stride0, kv_len_size0, c0,
+                                  b, h_row, H, n_q, n_k, ptr_kv_len, stride0_kv_len, size0_kv_len, mc0,
                                   qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD,
                                   PAGE_SIZE, DOT_PRECISION, FAST_MATH, MASKED=True)
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]

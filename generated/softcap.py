@@ -71,7 +71,7 @@ def _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
     offs_j = k_offset + start_n + tl.arange(0, BLOCK_N)
     qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
     s = qk * sm_scale
-    s = 30.0 * _tanh(s * 0.03333333333333333, FAST_MATH)
+    s = tl.where(s == float("-inf"), s, 30.0 * _tanh(s * 0.03333333333333333, FAST_MATH))  # -inf (a removed pair) stays -inf
     s = s * 1.4426950408889634  # to log2 units
     if MASKED:
         keep = (offs_j[None, :] < k_offset + Nk) & (offs_j[None, :] <= offs_i[:, None])
@@ -273,7 +273,7 @@ def _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, qb, offs_j, Nq, q_off
     qk = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]: S^T
     s = qk * sm_scale
     tanh_s = _tanh(s * 0.03333333333333333, FAST_MATH)
-    s = 30.0 * tanh_s
+    s = tl.where(s == float("-inf"), s, 30.0 * tanh_s)  # -inf stays -inf
     s = s * 1.4426950408889634  # to log2 units
     if MASKED:
         keep = (offs_i[None, :] < q_offset + Nq) & (offs_j[:, None] <= offs_i[None, :])
@@ -397,7 +397,7 @@ def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
     qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
     s = qk * sm_scale
     tanh_s = _tanh(s * 0.03333333333333333, FAST_MATH)
-    s = 30.0 * tanh_s
+    s = tl.where(s == float("-inf"), s, 30.0 * tanh_s)  # -inf stays -inf
     s = s * 1.4426950408889634  # to log2 units
     if MASKED:
         keep = (offs_j[None, :] < k_offset + Nk) & (offs_j[None, :] <= offs_i[:, None])
@@ -626,7 +626,7 @@ def _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NU
     v = _dec_load(v_rows, tl.arange(0, VALUE_DIM_PAD), in_cache, VALUE_DIM, VALUE_DIM_PAD, MASKED)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     s = qk * sm_scale
-    s = 30.0 * _tanh(s * 0.03333333333333333, FAST_MATH)
+    s = tl.where(s == float("-inf"), s, 30.0 * _tanh(s * 0.03333333333333333, FAST_MATH))  # -inf (a removed pair) stays -inf
     s = s * 1.4426950408889634  # to log2 units
     if MASKED:
         keep = in_cache[None, :] & live[:, None] & (offs_j[None, :] <= offs_i[:, None])

@@ -54,7 +54,7 @@ def _bucket_32_128_1(d):
 
 @triton.jit
 def _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-              b, h, H, n_q, n_k, rel_bias_ptr, rel_bias_stride0, rel_bias_stride1, rel_bias_size0, rel_bias_size1,
+              b, h, H, n_q, n_k, ptr_rel_bias, stride0_rel_bias, stride1_rel_bias, size0_rel_bias, size1_rel_bias,
               qk_scale, sm_scale,
               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
               ROTARY_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
@@ -65,7 +65,7 @@ def _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
     v = v_desc.load([start_n, 0])
     offs_j = k_offset + start_n + tl.arange(0, BLOCK_N)
     qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
-    s = qk * qk_scale + tl.load(rel_bias_ptr + h * rel_bias_stride0 + _bucket_32_128_1((offs_j[None, :] - offs_i[:, None])) * rel_bias_stride1, mask=(_bucket_32_128_1((offs_j[None, :] - offs_i[:, None])) >= 0) & (_bucket_32_128_1((offs_j[None, :] - offs_i[:, None])) < rel_bias_size1), other=0) * 1.4426950408889634  # bias * log2(e)
+    s = qk * qk_scale + tl.load(ptr_rel_bias + h * stride0_rel_bias + _bucket_32_128_1((offs_j[None, :] - offs_i[:, None])) * stride1_rel_bias, mask=(_bucket_32_128_1((offs_j[None, :] - offs_i[:, None])) >= 0) & (_bucket_32_128_1((offs_j[None, :] - offs_i[:, None])) < size1_rel_bias), other=0) * 1.4426950408889634  # bias * log2(e)
     if MASKED:
         keep = (offs_j[None, :] < k_offset + Nk)
         s = tl.where(keep, s, float("-inf"))
@@ -87,7 +87,7 @@ def _fwd_kernel(Q, K, V, O, LSE,
                 stride_ob, stride_oh, stride_om,
                 Nq, Nk, H, GROUP, q_offset, k_offset, n_q, n_k, qk_scale, sm_scale,
                 CU_Q, CU_K, TOTAL_Q,
-                rel_bias_ptr, rel_bias_stride0, rel_bias_stride1, rel_bias_size0, rel_bias_size1,
+                ptr_rel_bias, stride0_rel_bias, stride1_rel_bias, size0_rel_bias, size1_rel_bias,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                 VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr, RETURN_LSE: tl.constexpr,
@@ -140,12 +140,12 @@ def _fwd_kernel(Q, K, V, O, LSE,
     n_full = Nk // BLOCK_N
     for kb in tl.range(0, n_full, warp_specialize=WARP_SPECIALIZE):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                                  b, h, H, n_q, n_k, rel_bias_ptr, rel_bias_stride0, rel_bias_stride1, rel_bias_size0, rel_bias_size1,
+                                  b, h, H, n_q, n_k, ptr_rel_bias, stride0_rel_bias, stride1_rel_bias, size0_rel_bias, size1_rel_bias,
                                   qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                                   FAST_MATH, MASKED=False)
     for kb in tl.range(n_full, tl.cdiv(Nk, BLOCK_N)):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                                  b, h, H, n_q, n_k, rel_bias_ptr, rel_bias_stride0, rel_bias_stride1, rel_bias_size0, rel_bias_size1,
+                                  b, h, H, n_q, n_k, ptr_rel_bias, stride0_rel_bias, stride1_rel_bias, size0_rel_bias, size1_rel_bias,
                                   qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                                   FAST_MATH, MASKED=True)
     # Rows that saw no allowed key: o = 0 and lse = -inf, never NaN.
@@ -241,7 +241,7 @@ def _bwd_preprocess(O, DO, LSE, DELTA, LSE2,
 
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, qb, offs_j, Nq, q_offset,
-               b, h, H, n_q, n_k, rel_bias_ptr, rel_bias_stride0, rel_bias_stride1, rel_bias_size0, rel_bias_size1,
+               b, h, H, n_q, n_k, ptr_rel_bias, stride0_rel_bias, stride1_rel_bias, size0_rel_bias, size1_rel_bias,
                qk_scale, sm_scale,
                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                ROTARY_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
@@ -257,7 +257,7 @@ def _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, qb, offs_j, Nq, q_off
     lse2 = tl.load(LSE2 + offs_m, mask=offs_m < Nq, other=float("inf"))
     delta = tl.load(DELTA + offs_m, mask=offs_m < Nq, other=0.0)
     qk = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]: S^T
-    s = qk * qk_scale + tl.load(rel_bias_ptr + h * rel_bias_stride0 + _bucket_32_128_1((offs_j[:, None] - offs_i[None, :])) * rel_bias_stride1, mask=(_bucket_32_128_1((offs_j[:, None] - offs_i[None, :])) >= 0) & (_bucket_32_128_1((offs_j[:, None] - offs_i[None, :])) < rel_bias_size1), other=0) * 1.4426950408889634  # bias * log2(e)
+    s = qk * qk_scale + tl.load(ptr_rel_bias + h * stride0_rel_bias + _bucket_32_128_1((offs_j[:, None] - offs_i[None, :])) * stride1_rel_bias, mask=(_bucket_32_128_1((offs_j[:, None] - offs_i[None, :])) >= 0) & (_bucket_32_128_1((offs_j[:, None] - offs_i[None, :])) < size1_rel_bias), other=0) * 1.4426950408889634  # bias * log2(e)
     if MASKED:
         keep = (offs_i[None, :] < q_offset + Nq)
         s = tl.where(keep, s, float("-inf"))
@@ -279,7 +279,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
                      stride_dvb, stride_dvh, stride_dvn,
                      Nq, Nk, H, GROUP, q_offset, k_offset, n_q, n_k, qk_scale, sm_scale,
                      CU_Q, CU_K, TOTAL_Q,
-                     rel_bias_ptr, rel_bias_stride0, rel_bias_stride1, rel_bias_size0, rel_bias_size1,
+                     ptr_rel_bias, stride0_rel_bias, stride1_rel_bias, size0_rel_bias, size1_rel_bias,
                      HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                      VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
@@ -344,12 +344,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
         n_full = Nq // BLOCK_M
         for qb in tl.range(0, n_full):
             dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2 + lse_row, DELTA + lse_row, qb, offs_j, Nq, q_offset,
-                                b, h, H, n_q, n_k, rel_bias_ptr, rel_bias_stride0, rel_bias_stride1, rel_bias_size0, rel_bias_size1,
+                                b, h, H, n_q, n_k, ptr_rel_bias, stride0_rel_bias, stride1_rel_bias, size0_rel_bias, size1_rel_bias,
                                 qk_scale, sm_scale, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                                 FAST_MATH, MASKED=False)
         for qb in tl.range(n_full, tl.cdiv(Nq, BLOCK_M)):
             dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2 + lse_row, DELTA + lse_row, qb, offs_j, Nq, q_offset,
-                                b, h, H, n_q, n_k, rel_bias_ptr, rel_bias_stride0, rel_bias_stride1, rel_bias_size0, rel_bias_size1,
+                                b, h, H, n_q, n_k, ptr_rel_bias, stride0_rel_bias, stride1_rel_bias, size0_rel_bias, size1_rel_bias,
                                 qk_scale, sm_scale, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                                 FAST_MATH, MASKED=True)
     dk = dk * sm_scale
@@ -359,7 +359,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
 
 @triton.jit
 def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-             b, h, H, n_q, n_k, rel_bias_ptr, rel_bias_stride0, rel_bias_stride1, rel_bias_size0, rel_bias_size1, rel_bias_grad, rel_bias_grad_stride0, rel_bias_grad_stride1,
+             b, h, H, n_q, n_k, ptr_rel_bias, stride0_rel_bias, stride1_rel_bias, size0_rel_bias, size1_rel_bias, gptr_rel_bias, gstride0_rel_bias, gstride1_rel_bias,
              qk_scale, sm_scale,
              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
              ROTARY_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
@@ -371,7 +371,7 @@ def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
     v = v_desc.load([start_n, 0])
     offs_j = k_offset + start_n + tl.arange(0, BLOCK_N)
     qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
-    s = qk * qk_scale + tl.load(rel_bias_ptr + h * rel_bias_stride0 + _bucket_32_128_1((offs_j[None, :] - offs_i[:, None])) * rel_bias_stride1, mask=(_bucket_32_128_1((offs_j[None, :] - offs_i[:, None])) >= 0) & (_bucket_32_128_1((offs_j[None, :] - offs_i[:, None])) < rel_bias_size1), other=0) * 1.4426950408889634  # bias * log2(e)
+    s = qk * qk_scale + tl.load(ptr_rel_bias + h * stride0_rel_bias + _bucket_32_128_1((offs_j[None, :] - offs_i[:, None])) * stride1_rel_bias, mask=(_bucket_32_128_1((offs_j[None, :] - offs_i[:, None])) >= 0) & (_bucket_32_128_1((offs_j[None, :] - offs_i[:, None])) < size1_rel_bias), other=0) * 1.4426950408889634  # bias * log2(e)
     if MASKED:
         keep = (offs_j[None, :] < k_offset + Nk)
         s = tl.where(keep, s, float("-inf"))
@@ -385,7 +385,7 @@ def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
         total0 = tl.zeros([32], dtype=tl.float32)
         for e in tl.static_range(32):  # dS summed per table entry
             total0 += tl.where(slots0 == e, tl.sum(tl.sum(tl.where(entry0 == e, dg0, 0.0), 1), 0), 0.0)
-        tl.atomic_add(rel_bias_grad + h * rel_bias_grad_stride0 + slots0 * rel_bias_grad_stride1, total0, mask=slots0 < 32)
+        tl.atomic_add(gptr_rel_bias + h * gstride0_rel_bias + slots0 * gstride1_rel_bias, total0, mask=slots0 < 32)
     dq = dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
     return dq
 
@@ -399,8 +399,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
                    stride_dqb, stride_dqh, stride_dqm,
                    Nq, Nk, H, GROUP, q_offset, k_offset, n_q, n_k, qk_scale, sm_scale,
                    CU_Q, CU_K, TOTAL_Q,
-                   rel_bias_ptr, rel_bias_stride0, rel_bias_stride1, rel_bias_size0, rel_bias_size1,
-                   rel_bias_grad, rel_bias_grad_stride0, rel_bias_grad_stride1,
+                   ptr_rel_bias, stride0_rel_bias, stride1_rel_bias, size0_rel_bias, size1_rel_bias,
+                   gptr_rel_bias, gstride0_rel_bias, gstride1_rel_bias,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                    VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
@@ -454,12 +454,12 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
     n_full = Nk // BLOCK_N
     for kb in tl.range(0, n_full):
         dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                      b, h, H, n_q, n_k, rel_bias_ptr, rel_bias_stride0, rel_bias_stride1, rel_bias_size0, rel_bias_size1, rel_bias_grad, rel_bias_grad_stride0, rel_bias_grad_stride1,
+                      b, h, H, n_q, n_k, ptr_rel_bias, stride0_rel_bias, stride1_rel_bias, size0_rel_bias, size1_rel_bias, gptr_rel_bias, gstride0_rel_bias, gstride1_rel_bias,
                       qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                       FAST_MATH, MASKED=False, INPUT_GRADS=INPUT_GRADS)
     for kb in tl.range(n_full, tl.cdiv(Nk, BLOCK_N)):
         dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                      b, h, H, n_q, n_k, rel_bias_ptr, rel_bias_stride0, rel_bias_stride1, rel_bias_size0, rel_bias_size1, rel_bias_grad, rel_bias_grad_stride0, rel_bias_grad_stride1,
+                      b, h, H, n_q, n_k, ptr_rel_bias, stride0_rel_bias, stride1_rel_bias, size0_rel_bias, size1_rel_bias, gptr_rel_bias, gstride0_rel_bias, gstride1_rel_bias,
                       qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                       FAST_MATH, MASKED=True, INPUT_GRADS=INPUT_GRADS)
     dq = dq * sm_scale
@@ -583,7 +583,7 @@ def _dec_load(rows, cols, row_ok, DIM: tl.constexpr, DIM_PAD: tl.constexpr, MASK
 @triton.jit
 def _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
               stride_kp, stride_kn, stride_vp, stride_vn,
-              b, h_row, H, n_q, n_k, rel_bias_ptr, rel_bias_stride0, rel_bias_stride1, rel_bias_size0, rel_bias_size1,
+              b, h_row, H, n_q, n_k, ptr_rel_bias, stride0_rel_bias, stride1_rel_bias, size0_rel_bias, size1_rel_bias,
               qk_scale, sm_scale,
               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
               VALUE_DIM: tl.constexpr, VALUE_DIM_PAD: tl.constexpr, PAGE_SIZE: tl.constexpr,
@@ -605,7 +605,7 @@ def _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NU
     k = _dec_load(k_rows, tl.arange(0, HEAD_DIM_PAD), in_cache, HEAD_DIM, HEAD_DIM_PAD, MASKED)
     v = _dec_load(v_rows, tl.arange(0, VALUE_DIM_PAD), in_cache, VALUE_DIM, VALUE_DIM_PAD, MASKED)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    s = qk * qk_scale + tl.load(rel_bias_ptr + h_row[:, None] * rel_bias_stride0 + _bucket_32_128_1((offs_j[None, :] - offs_i[:, None])) * rel_bias_stride1, mask=(_bucket_32_128_1((offs_j[None, :] - offs_i[:, None])) >= 0) & (_bucket_32_128_1((offs_j[None, :] - offs_i[:, None])) < rel_bias_size1), other=0) * 1.4426950408889634  # bias * log2(e)
+    s = qk * qk_scale + tl.load(ptr_rel_bias + h_row[:, None] * stride0_rel_bias + _bucket_32_128_1((offs_j[None, :] - offs_i[:, None])) * stride1_rel_bias, mask=(_bucket_32_128_1((offs_j[None, :] - offs_i[:, None])) >= 0) & (_bucket_32_128_1((offs_j[None, :] - offs_i[:, None])) < size1_rel_bias), other=0) * 1.4426950408889634  # bias * log2(e)
     if MASKED:
         keep = in_cache[None, :] & live[:, None]
         s = tl.where(keep, s, float("-inf"))
@@ -625,7 +625,7 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
                 stride_vb, stride_vh, stride_vn,
                 stride_btb, stride_ob, stride_oh, stride_om,
                 Nq, H, GROUP, HEADS_PER_PROGRAM, CAPACITY, NUM_PAGES, NUM_SPLITS, qk_scale, sm_scale,
-                rel_bias_ptr, rel_bias_stride0, rel_bias_stride1, rel_bias_size0, rel_bias_size1,
+                ptr_rel_bias, stride0_rel_bias, stride1_rel_bias, size0_rel_bias, size1_rel_bias,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                 VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, SPLIT: tl.constexpr,
@@ -680,19 +680,19 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
     for kb in tl.range(s_lo, f_lo):
         acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
                                   stride_kb, stride_kn, stride_vb, stride_vn,
-                                  b, h_row, H, n_q, n_k, rel_bias_ptr, rel_bias_stride0, rel_bias_stride1, rel_bias_size0, rel_bias_size1,
+                                  b, h_row, H, n_q, n_k, ptr_rel_bias, stride0_rel_bias, stride1_rel_bias, size0_rel_bias, size1_rel_bias,
                                   qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD,
                                   PAGE_SIZE, DOT_PRECISION, FAST_MATH, MASKED=True)
     for kb in tl.range(f_lo, f_hi):
         acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
                                   stride_kb, stride_kn, stride_vb, stride_vn,
-                                  b, h_row, H, n_q, n_k, rel_bias_ptr, rel_bias_stride0, rel_bias_stride1, rel_bias_size0, rel_bias_size1,
+                                  b, h_row, H, n_q, n_k, ptr_rel_bias, stride0_rel_bias, stride1_rel_bias, size0_rel_bias, size1_rel_bias,
                                   qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD,
                                   PAGE_SIZE, DOT_PRECISION, FAST_MATH, MASKED=False)
     for kb in tl.range(f_hi, s_hi):
         acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
                                   stride_kb, stride_kn, stride_vb, stride_vn,
-                                  b, h_row, H, n_q, n_k, rel_bias_ptr, rel_bias_stride0, rel_bias_stride1, rel_bias_size0, rel_bias_size1,
+                                  b, h_row, H, n_q, n_k, ptr_rel_bias, stride0_rel_bias, stride1_rel_bias, size0_rel_bias, size1_rel_bias,
                                   qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD,
                                   PAGE_SIZE, DOT_PRECISION, FAST_MATH, MASKED=True)
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]

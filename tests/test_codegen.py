@@ -78,4 +78,4 @@ def test_kernels_contain_only_needed_code():
     document = (ROOT / "generated" / "document.py").read_text()
     assert "_tanh" not in causal and "_rope" not in causal and "tl.load(doc" not in causal
     assert "keep = (offs_j[None, :] < k_offset + Nk)\n" in dense  # dense: only the key tail is masked
-    assert "tl.load(doc_ptr" in document and "MASK_TILES" in document
+    assert "tl.load(ptr_doc" in document and "MASK_TILES" in document

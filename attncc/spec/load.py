@@ -314,15 +314,52 @@ def _seed(c: _Checker, value, key) -> int:
 
 
 def split_mod_mask(mod):
-    """``where(c, e, -inf)`` at the top of a score transform is a mask: return (e, c).
-    Returns (mod, None) when the transform has no such form."""
-    if isinstance(mod, sympy.Piecewise) and len(mod.args) == 2 and mod.args[1].cond is sympy.true:
-        (e1, c1), (e2, _) = mod.args
-        if e2 == -sympy.oo:
-            return e1, c1
-        if e1 == -sympy.oo:
-            return e2, sympy.Not(c1)
-    return mod, None
+    """Take the mask out of a score transform ``where(c, e, -inf)``: returns ``(mod', mask)``.
+
+    Only the conjuncts of ``c`` that are free of the score ``s`` go to the mask (block
+    sparsity applies to them); a condition on ``s`` stays in the transform, evaluated per
+    pair on the score in its own units (after scale and bias, as written): ``where(j <= i and
+    s > 0, s, -inf)`` gives the mask ``j <= i`` and ``mod' = where(s > 0, s, -inf)``. Nested
+    ``where(c1, where(c2, e, -inf), -inf)`` is ``where(c1 and c2, e, -inf)``, and
+    ``where(c1, e1, where(c2, e2, -inf))`` keeps a pair where ``c1 or c2``.
+    Returns ``(mod, None)`` when no part of a condition is free of ``s``."""
+    conds, e = [], mod
+    while True:
+        kept = _kept_where(e)
+        if kept is None:
+            break
+        c, e = kept
+        conds += _conjuncts(c)
+    free = [c for c in conds if not c.has(S.s)]
+    if not free:
+        return mod, None
+    on_s = [c for c in conds if c.has(S.s)]
+    if on_s:
+        e = sympy.Piecewise((e, sympy.And(*on_s)), (-sympy.oo, True))
+    return e, sympy.And(*free)
+
+
+def _kept_where(e):
+    """``(c, v)`` when ``e`` is ``v`` where ``c`` holds and ``-inf`` elsewhere, else None."""
+    if not isinstance(e, sympy.Piecewise) or len(e.args) < 2 or e.args[-1].cond is not sympy.true:
+        return None
+    pieces, last = e.args[:-1], e.args[-1].expr
+    if len(pieces) == 1 and pieces[0].expr == -sympy.oo:  # where(c, -inf, v)
+        return sympy.Not(pieces[0].cond), last
+    if last != -sympy.oo or any(p.expr == -sympy.oo for p in pieces):
+        return None
+    keep = sympy.Or(*[p.cond for p in pieces])
+    value = sympy.Piecewise(*[(p.expr, p.cond) for p in pieces[:-1]], (pieces[-1].expr, True))
+    return keep, value
+
+
+def _conjuncts(c):
+    """The conjuncts of a condition (``And`` flattened, ``not (a or b)`` as ``not a``, ``not b``)."""
+    if isinstance(c, sympy.And):
+        return [x for a in c.args for x in _conjuncts(a)]
+    if isinstance(c, sympy.Not) and isinstance(c.args[0], sympy.Or):
+        return [x for a in c.args[0].args for x in _conjuncts(sympy.Not(a))]
+    return [c]
 
 
 def load_spec(path) -> Pattern:
