@@ -118,7 +118,7 @@ def _float_masks(rng):
         (f"(i + 1) / (j + 1) < {round(rng.uniform(0.5, 1.5), 3)}", "", range(1, 49), range(1, 49)),
         ("i / 49 >= j / 49", "", range(0, 120, 3), range(0, 120, 5)),
         ("i ** 0.5 > j", "", range(root * root - 24, root * root + 24), range(root - 3, root + 3)),
-        ("sqrt(i) >= j - k", "k = 1\n", range(root * root - 24, root * root + 24), range(root - 2, root + 4)),
+        ("sqrt(i) >= j - kk", "kk = 1\n", range(root * root - 24, root * root + 24), range(root - 2, root + 4)),
         (f"abs(i * {c} - j * {d}) < {round(rng.uniform(0.5, 3), 4)}", "", range(big, big + 48),
          range(big - 8, big + 40)),
         (f"i % {c * 7} < j % {c * 3} + 0.25", "", range(big, big + 48), range(big, big + 48)),
