@@ -90,7 +90,7 @@ def _scan(X, Y, DEN, CHAT, W, S_INIT, Z_INIT, STATES, ZS, S_FINAL, Z_FINAL,
     STORE_CHUNKS: STATES[c] (and ZS[c]) get the sum over the chunks before c in that order."""
     fb = tl.program_id(0) // NUM_DVB
     dvb = tl.program_id(0) % NUM_DVB
-    bhk = tl.program_id(1)
+    bhk = tl.program_id(1).to(tl.int64)  # int64: (b, h) times a stride passes 2**31 in big tensors
     b = bhk // H_STATE
     hk = bhk % H_STATE
     rows = tl.arange(0, CHUNK)
@@ -154,7 +154,7 @@ def _output(Q, K, V, O, DEN, W, STATES, ZS,
     before the chunk, plus the quadratic form inside the chunk."""
     c = tl.program_id(0)
     dvb = tl.program_id(1)
-    bh = tl.program_id(2)
+    bh = tl.program_id(2).to(tl.int64)  # int64: (b, h) times a stride passes 2**31 in big tensors
     b = bh // H
     h = bh % H
     hk = h // GROUP
@@ -200,7 +200,7 @@ def _output(Q, K, V, O, DEN, W, STATES, ZS,
 def _output_dot_grad(O, DO, CHAT, N, VALUE_DIM: tl.constexpr, VALUE_DIM_PAD: tl.constexpr, CHUNK: tl.constexpr):
     """c_i = -dO_i . o_i (float32): the denominator's share of the gradient, times den_i."""
     c = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # int64: (b, h) times a stride passes 2**31 in big tensors
     r = c * CHUNK + tl.arange(0, CHUNK)
     e = tl.arange(0, VALUE_DIM_PAD)
     ok = (r[:, None] < N) & (e[None, :] < VALUE_DIM)
@@ -220,7 +220,7 @@ def _dq(Q, K, V, DO, DQ, DEN, CHAT, W, STATES, ZS,
         CHUNK: tl.constexpr, PRECISION: tl.constexpr):
     """dq for one chunk of query rows of one (b, h): dphi(q_i) = (S_i dO_i + c_i z_i) / den_i."""
     c = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # int64: (b, h) times a stride passes 2**31 in big tensors
     b = bh // H
     h = bh % H
     hk = h // GROUP
@@ -289,7 +289,7 @@ def _dkdv(Q, K, V, DO, DK, DV, DEN, CHAT, W, DSTATES, DZS,
     dphi(k_j) = dS v_j + dz + sum_{i >= j in the chunk} phi(q_i) / den_i (v_j . dO_i + c_i).
     dv first, then dk: fewer tiles alive at once; the second pass reads q, dO, dS again from L2."""
     c = tl.program_id(0)
-    bhk = tl.program_id(1)
+    bhk = tl.program_id(1).to(tl.int64)  # int64: (b, h) times a stride passes 2**31 in big tensors
     b = bhk // H_KV
     hk = bhk % H_KV
     rows = tl.arange(0, CHUNK)
@@ -359,7 +359,7 @@ def _step(Q, K, V, O, W, S_IN, Z_IN, S_OUT, Z_OUT,
     """One token: S += phi(k) v^T, z += phi(k), o = phi(q) S / (phi(q) z + eps), per (Dv block, b, h).
     The query heads of a group each update their kv head's state; the first one stores it."""
     dvb = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # int64: (b, h) times a stride passes 2**31 in big tensors
     b = bh // H
     h = bh % H
     hk = h // GROUP

@@ -24,30 +24,13 @@ from attncc.analysis.ranges import STEP_NAMES
 from attncc.codegen.helpers import render_helper, rope_helpers
 from attncc.codegen.hoist import Hoister
 from attncc.codegen.printer import TritonPrinter, param_var
-from attncc.codegen.softmax import render_score, score_terms
+from attncc.codegen.softmax import _Inputs, render_score, score_terms
 from attncc.spec import symbols as S
 from attncc.spec.builtins import RandomBlocks
 from attncc.spec.ir import Pattern
 
 # Kernel names of the bound symbols (k_offset is 0: the cache starts at position 0).
 BOUND_NAMES = {"q_lo": "q_lo", "q_hi": "q_hi", "BLOCK_N": "BLOCK_N", "BLOCK_M": "BLOCK_M", "N_K": "Nk"}
-
-
-def _gather_args(pattern: Pattern, name: str) -> List[str]:
-    nd = len(pattern.input(name).dims)
-    return [f"{name}_ptr"] + [f"{name}_stride{d}" for d in range(nd)] + [f"{name}_size{d}" for d in range(nd)]
-
-
-def _gather(pattern: Pattern, printer: TritonPrinter, e: AppliedUndef) -> str:
-    """``doc[b, i]`` as a load, guarded (0 outside) along the dims that are not b or h."""
-    name = type(e).__name__
-    decl = pattern.input(name)
-    idx = [printer.p(a) for a in e.args]
-    offset = " + ".join(f"{x} * {name}_stride{d}" for d, x in enumerate(idx))
-    guards = [f"({x} >= 0) & ({x} < {name}_size{d})" for d, x in enumerate(idx) if decl.dims[d] not in ("b", "h")]
-    if not guards:
-        return f"tl.load({name}_ptr + {offset})"
-    return f"tl.load({name}_ptr + {offset}, mask={' & '.join(guards)}, other=0)"
 
 
 def decode_context(pattern: Pattern, plan, ctx: dict) -> dict:
@@ -70,10 +53,11 @@ def decode_context(pattern: Pattern, plan, ctx: dict) -> dict:
         out.update({sym: sym.name + row_suffix for sym, _ in rows})
         return out
 
+    inputs = _Inputs(pattern)  # gathers as the forward renders them
     tile = TritonPrinter(names("offs_i[:, None]", "h_row[:, None]", "[:, None]"))
-    tile.gather = lambda e: _gather(pattern, tile, e)
+    tile.gather = lambda e: inputs.gather(tile, e)
     row = TritonPrinter(names("offs_i", "h_row", ""))
-    row.gather = lambda e: _gather(pattern, row, e)
+    row.gather = lambda e: inputs.gather(row, e)
 
     score_lines = render_score(pattern, tile, bias_j, mod, simple_bias)
     mask_code = tile(mask) if mask is not None else None
@@ -83,7 +67,7 @@ def decode_context(pattern: Pattern, plan, ctx: dict) -> dict:
 
     used_inputs = sorted({type(a).__name__ for e in (pattern.mask, pattern.bias, pattern.mod) if e is not None
                           for a in e.atoms(AppliedUndef)})
-    input_args = [a for name in used_inputs for a in _gather_args(pattern, name)]
+    input_args = [a for name in used_inputs for a in inputs.args(name)]
     ctx_args = ["b", "h_row", "H", "n_q", "n_k"] + [param_var(p.name) for p in pattern.params] + input_args
     ctx_args += [sym.name for sym, _ in scalars] + [sym.name for sym, _ in rows]
 
