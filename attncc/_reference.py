@@ -490,12 +490,13 @@ def reference(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
 
     allowed = _mask_from_env(pattern, env, (B, Hq, Nq, Nk))
     # Non-finite values in q, k, v (contract v1, "Non-finite values") reach exactly the rows that
-    # attend to them: products with a disallowed pair's row are left out, not multiplied by 0
-    # (0 * NaN is NaN). Finite inputs take the plain matrix products.
+    # attend to them, in the forward and in autograd's backward: each pair's factors are masked
+    # before they meet (a disallowed pair multiplies zeros, never 0 * NaN). Finite inputs take the
+    # plain matrix products.
     exact = not all(bool(torch.isfinite(t).all()) for t in (qf, kf, vf))
     if exact:
         pair = allowed[..., None]
-        s = scale * torch.where(pair, qf[:, :, :, None, :] * kf[:, :, None, :, :], 0.0).sum(-1)
+        s = scale * (torch.where(pair, qf[:, :, :, None, :], 0.0) * torch.where(pair, kf[:, :, None, :, :], 0.0)).sum(-1)
     else:
         s = scale * (qf @ kf.transpose(-1, -2))  # [B, Hq, Nq, Nk]
     if pattern.bias is not None:
@@ -518,7 +519,8 @@ def reference(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
             raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
         p = p * keep_mask.to(device=device, dtype=_FLOAT) / (1.0 - dropout_p)
     if exact:
-        o = torch.where(allowed[..., None], p[..., None] * vf[:, :, None, :, :], 0.0).sum(-2)
+        pair = allowed[..., None]
+        o = (torch.where(pair, p[..., None], 0.0) * torch.where(pair, vf[:, :, None, :, :], 0.0)).sum(-2)
     else:
         o = p @ vf
     return (o, lse) if return_lse else o
