@@ -135,7 +135,7 @@ def _fwd_kernel(Q, K, V, O, LSE,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, VALUE_DIM_PAD], dtype=tl.float32)
     # Key blocks come from per-call block lists (see _block_lists below).
-    row = b * list_sb + h * list_sh + qb * list_sq  # int64 (b is): row * list_width may pass 2**31
+    row = b * list_sb + h * list_sh + qb.to(tl.int64) * list_sq  # int64: row * list_width may pass 2**31
     n_partial = tl.load(partial_count + row)
     for t in tl.range(0, n_partial):
         kb = tl.load(partial_index + row * list_width + t)
@@ -397,7 +397,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
         do_desc = tl.make_tensor_descriptor(DO_base, shape=[Nq, VALUE_DIM],
                                             strides=[stride_dom, 1], block_shape=[BLOCK_M, VALUE_DIM_PAD])
         # Query blocks from the transposed block lists (per key block).
-        row = b * list_sb + h * list_sh + kb * list_sq  # int64 (b is): row * list_width may pass 2**31
+        row = b * list_sb + h * list_sh + kb.to(tl.int64) * list_sq  # int64: row * list_width may pass 2**31
         n_partial = tl.load(partial_count + row)
         for idx in tl.range(0, n_partial):
             qb = tl.load(partial_index + row * list_width + idx)
@@ -512,7 +512,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
     rb0_2 = tl.load(rb0_table + tl.minimum(offs_i // 64, rb0_rows - 1) * 3 + 2)
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     # Key blocks from the forward's block lists.
-    row = b * list_sb + h * list_sh + qb * list_sq  # int64 (b is)
+    row = b * list_sb + h * list_sh + qb.to(tl.int64) * list_sq  # int64: row * list_width may pass 2**31
     n_partial = tl.load(partial_count + row)
     for idx in tl.range(0, n_partial):
         kb = tl.load(partial_index + row * list_width + idx)

@@ -163,7 +163,7 @@ def _output(Q, K, V, O, DEN, W, STATES, ZS,
     lf = tl.arange(0, BLOCK_F)
     e = dvb * BLOCK_DV + tl.arange(0, BLOCK_DV)
     e_ok = e < VALUE_DIM
-    r = c * CHUNK + rows
+    r = c.to(tl.int64) * CHUNK + rows  # int64: r * stride passes 2**31 in long sequences
     r_ok = r < N
     d_ok = d[None, :] < HEAD_DIM
     q = tl.load(Q + b * stride_qb + h * stride_qh + r[:, None] * stride_qn + d[None, :], mask=r_ok[:, None] & d_ok, other=0.0)
@@ -230,7 +230,7 @@ def _dq(Q, K, V, DO, DQ, DEN, CHAT, W, STATES, ZS,
     e = tl.arange(0, VALUE_DIM_PAD)
     e_ok = e[None, :] < VALUE_DIM
     d_ok = d[None, :] < HEAD_DIM
-    r = c * CHUNK + rows
+    r = c.to(tl.int64) * CHUNK + rows  # int64: r * stride passes 2**31 in long sequences
     r_ok = r < N
     q = tl.load(Q + b * stride_qb + h * stride_qh + r[:, None] * stride_qn + d[None, :], mask=r_ok[:, None] & d_ok, other=0.0)
     do = tl.load(DO + b * stride_dob + h * stride_doh + r[:, None] * stride_don + e[None, :], mask=r_ok[:, None] & e_ok, other=0.0)
@@ -298,7 +298,7 @@ def _dkdv(Q, K, V, DO, DK, DV, DEN, CHAT, W, DSTATES, DZS,
     e = tl.arange(0, VALUE_DIM_PAD)
     e_ok = e[None, :] < VALUE_DIM
     d_ok = d[None, :] < HEAD_DIM
-    r = c * CHUNK + rows
+    r = c.to(tl.int64) * CHUNK + rows  # int64: r * stride passes 2**31 in long sequences
     r_ok = r < N
     k_ptrs = K + b * stride_kb + hk * stride_kh + r[:, None] * stride_kn + d[None, :]
     at = (bhk * n_stored + c).to(tl.int64)
