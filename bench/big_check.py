@@ -70,6 +70,48 @@ def decode_reference(q, k, v):
     return torch.cat(out)
 
 
+def case_small_wide():
+    """Small calls through the paths issue 15 added, compiled for this GPU: positions past 2**31 (WIDE:
+    int64 positions, RoPE angles in float64, dropout counters), int64 and strided kv_len / block
+    tables, against attncc.reference (float64) on the whole call."""
+    import importlib
+
+    import attncc
+    from attncc.spec import load_spec
+
+    print("[0/3] small calls at positions past 2**31, int64 and strided index tensors", flush=True)
+    torch.manual_seed(3)
+    for name, kw in (("causal", {}), ("rope_causal", {}), ("sliding_window", {"window": 100}), ("padding", None),
+                     ("causal_dropout", {"seed": 5, "dropout_p": 0.2})):
+        p, mod = load_spec(ROOT / "specs" / f"{name}.toml"), importlib.import_module(f"generated.{name}")
+        for offset in (2**31 - 100, 2**32 - 50):
+            q, k, v = (torch.randn(2, 4, 300, 64, device=DEV, dtype=BF16).requires_grad_() for _ in range(3))
+            args = dict(kw) if kw is not None else {"kv_len": torch.tensor([offset + 250, offset + 40], device=DEV)}
+            ref_args = {n: x for n, x in args.items() if n not in ("seed", "dropout_p")}
+            if "seed" in args:
+                ref_args.update(keep_mask=mod.dropout_keep_mask(q, k, v, q_offset=offset, k_offset=offset, **args),
+                                dropout_p=args["dropout_p"])
+            o = mod.attention(q, k, v, q_offset=offset, k_offset=offset, **args)
+            do = torch.randn_like(o)
+            grads = torch.autograd.grad(o, (q, k, v), do)
+            ref_in = [x.detach().double().requires_grad_() for x in (q, k, v)]
+            ref = attncc.reference(p, *ref_in, q_offset=offset, k_offset=offset, **ref_args)
+            ref_grads = torch.autograd.grad(ref, ref_in, do.double())
+            errs = [rel(o, ref)] + [rel(a, b) for a, b in zip(grads, ref_grads)]
+            report(f"{name} at offset {offset} (o, dq, dk, dv: max)", max(errs), TOL)
+    q = torch.randn(3, 8, 2, 64, device=DEV, dtype=BF16)
+    kp, vp = (torch.randn(40, 16, 2, 64, device=DEV, dtype=BF16) for _ in range(2))
+    table = torch.randperm(40, device=DEV)[:36].view(3, 12)
+    kv_len = torch.tensor([[190, 0], [77, 0], [5, 0]], device=DEV)[:, 0]  # int64, stride 2
+    table_t = table.t().contiguous().t()  # int64, column-major
+    o = causal.decode(q, kp, vp, kv_len=kv_len, block_table=table_t)
+    for b in range(3):
+        L = int(kv_len[b])
+        k = kp[table[b]].reshape(-1, 2, 64)[:L].transpose(0, 1)
+        v = vp[table[b]].reshape(-1, 2, 64)[:L].transpose(0, 1)
+        report(f"decode, int64 strided kv_len and block table (b={b})", rel(o[b], decode_reference(q[b], k, v)), TOL)
+
+
 def case_forward_backward(B=9, H=32, N=65536, D=128):
     """The issue's case: causal, bf16, B = 9, 32 heads, N = 65536, D = 128."""
     n = elements(B, H, N, D)
@@ -186,7 +228,7 @@ def main():
         return 2
     print(f"attncc big check on {torch.cuda.get_device_name()}: tensors past 2**31 elements", flush=True)
     start = time.time()
-    for case in (case_forward_backward, case_decode, case_varlen):
+    for case in (case_small_wide, case_forward_backward, case_decode, case_varlen):
         before = len(FAILURES)
         try:
             case()
