@@ -127,7 +127,7 @@ def _scan(X, Y, DEN, CHAT, W, S_INIT, Z_INIT, STATES, ZS, S_FINAL, Z_FINAL,
                     mask=r_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
         y = tl.load(Y + b * stride_yb + h * stride_yh + r[:, None] * stride_yn + e[None, :],
                     mask=r_ok[:, None] & e_ok[None, :], other=0.0)
-        phi = _phi(x, fb, pos0 + r, W, angle, HEAD_DIM, HEAD_DIM_PAD, FEATURES, FB_WIDTH, BLOCK_F, PRECISION)
+        phi = _phi(x, fb, pos0 + r.to(tl.int64), W, angle, HEAD_DIM, HEAD_DIM_PAD, FEATURES, FB_WIDTH, BLOCK_F, PRECISION)
         phi = tl.where(r_ok[:, None], phi, 0.0)
         if BACKWARD:
             den = tl.load(DEN + (b * H_STATE * GROUP + h) * N + r, mask=r_ok, other=1.0)

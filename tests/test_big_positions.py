@@ -136,3 +136,22 @@ def test_wide_is_chosen_by_the_call():
 
     assert rt_call.wide_positions(100, {}, [Big()])
     assert not rt_call.wide_positions(100, {}, [torch.zeros(1).expand(2**31 + 5)])  # stride 0
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_linear_cosformer_positions_past_int32(tmp_path_factory, causal):
+    """cosFormer's features depend on positions: chunks at 2**31 - 20 (forward and backward)."""
+    from test_linear import linear_module
+
+    p, mod = linear_module(tmp_path_factory, "cosformer", causal, True)
+    offset = 2**31 - 20
+    gen = torch.Generator().manual_seed(13)
+    q, k, v = (torch.randn(1, 2, 45, 16, generator=gen).requires_grad_() for _ in range(3))
+    kw = dict(q_offset=offset, k_offset=offset, n_q=offset + 45, n_k=offset + 45)
+    o = mod.attention(q, k, v, **kw)
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = attncc.reference(p, *ref_in, **kw)
+    assert rel_err(o.detach(), ref.detach()) < 1e-4
+    g = torch.randn_like(o)
+    for a, b in zip(torch.autograd.grad((o * g).sum(), (q, k, v)), torch.autograd.grad((ref * g.double()).sum(), ref_in)):
+        assert rel_err(a, b) < 1e-3
