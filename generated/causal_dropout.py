@@ -681,9 +681,9 @@ def _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NU
     in_cache = offs_j < Nk
     if PAGE_SIZE > 0:
         # page of each key row from the row's block table (clamped: a bad entry never reads outside)
-        k_page = tl.load(BT_row + (offs_j // PAGE_SIZE) * stride_btp, mask=in_cache, other=0)
+        k_page = tl.load(BT_row + (offs_j // PAGE_SIZE).to(tl.int64) * stride_btp, mask=in_cache, other=0)
         k_page = tl.minimum(tl.maximum(k_page, 0), NUM_PAGES - 1).to(tl.int64)
-        k_slot = offs_j % PAGE_SIZE
+        k_slot = (offs_j % PAGE_SIZE).to(tl.int64)
         k_rows = K_head + k_page * stride_kp + k_slot * stride_kn
         v_rows = V_head + k_page * stride_vp + k_slot * stride_vn
     else:

@@ -8,8 +8,8 @@ backward, decode, varlen, RoPE, dropout, block lists, linear attention) with eve
 replaced by a compilation to TTIR, and every ``arith.muli`` on i32 is checked. One is an error
 when one operand comes from ``tt.get_program_id`` and the other from a stride-like argument (a
 stride, a row width, a length the rows are multiplied by), unless the program-id operand is a
-position (it goes through q_offset / k_offset / n_q / n_k: those calls switch to int64 with the
-WIDE constexpr, see attncc.runtime.call.wide_positions).
+position (it goes through q_offset / k_offset / n_q / n_k, or decode's CAPACITY: those calls switch
+to int64 with the WIDE constexpr, see attncc.runtime.call.wide_positions).
 
 ``bench/big_check.py`` runs the real thing on a GPU.
 """
@@ -27,8 +27,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Arguments a program-id-derived index must not multiply in int32.
 STRIDE_LIKE = re.compile(r"stride|_s\d+$|^list_|^(Nq|Nk|N|TOTAL_Q)$")
-# Positions: their arithmetic is int32 only when the host found it fits (WIDE otherwise).
-POSITIONS = {"q_offset", "k_offset", "n_q", "n_k", "offset", "pos0", "position"}
+# Positions: their arithmetic is int32 only when the host found it fits (WIDE otherwise; decode's
+# positions run up to CAPACITY, and its WIDE covers the capacity and the inputs' extents).
+POSITIONS = {"q_offset", "k_offset", "n_q", "n_k", "offset", "pos0", "position", "CAPACITY"}
 
 
 def test_no_int32_products_of_program_ids_and_strides():
@@ -59,9 +60,12 @@ def test_the_ir_check_finds_an_int32_product():
     %off64 = arith.muli %b64, %s64 : i64 loc(#loc5)
     %x = tt.load %ptr : !tt.ptr<f32> loc(#loc6)
     %xs = arith.muli %x, %stride_qb : i32 loc(#loc3)
+    %r:2 = scf.for %kb = %b to %c9 step %c1 iter_args(%a = %c0, %z = %x) -> (i32, i32)  : i32 {
+      %kb_off = arith.muli %kb, %stride_qb : i32 loc(#loc7)
 """
     flagged = int32_products(text)
-    assert len(flagged) == 1 and "%off = arith.muli %b, %stride_qb" in flagged[0]
+    assert len(flagged) == 2, flagged
+    assert "%off = arith.muli %b, %stride_qb" in flagged[0] and "%kb_off = arith.muli %kb" in flagged[1]
 
 
 # ---------------------------------------------------------------------------------------
@@ -70,7 +74,7 @@ def test_the_ir_check_finds_an_int32_product():
 
 _DEF = re.compile(r"^\s*(%[\w.$-]+(?::\d+)?)\s*=\s*([\w.]+)\b(.*)$")
 _VALUE = re.compile(r"%[\w.$-]+")
-_FOR = re.compile(r"scf\.for\s+(%[\w.$-]+)\s*=\s*(%[\w.$-]+)\s+to\s+(%[\w.$-]+)\s+step\s+(%[\w.$-]+)")
+_FOR = re.compile(r"^\s*(%[\w.$-]+)\s*=\s*(%[\w.$-]+)\s+to\s+(%[\w.$-]+)\s+step\s+(%[\w.$-]+)")  # after "scf.for"
 _ITER = re.compile(r"(%[\w.$-]+)\s*=\s*(%[\w.$-]+)")
 
 
