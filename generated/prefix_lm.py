@@ -581,7 +581,7 @@ def attention(q, k, v, *, return_lse=False, q_offset=0, k_offset=0, n_q=None, n_
 
     Packed variable-length batches (FlashAttention's varlen layout):
     q [1, Hq, total_q, D], k [1, Hkv, total_k, D], v [1, Hkv, total_k, Dv] hold S sequences
-    back to back; ``cu_seqlens_q`` / ``cu_seqlens_k`` (int32 [S + 1] on q's device, cumulative from 0)
+    back to back; ``cu_seqlens_q`` / ``cu_seqlens_k`` (int32 or int64 [S + 1] on q's device, cumulative from 0)
     give where each starts, ``max_seqlen_q`` / ``max_seqlen_k`` (ints, optional: computed from the
     cu_seqlens with one host sync when omitted) their longest lengths. The result equals S separate
     calls, sequence s on rows cu_seqlens_q[s]:cu_seqlens_q[s + 1] (and likewise for k, v) at positions

@@ -301,8 +301,8 @@ def bind_params_and_inputs(spec: SpecInfo, who: str, kwargs: dict, *, B: int, Hq
         if t.dtype != want_dtype:
             if t.dtype.is_floating_point != want_dtype.is_floating_point or t.dtype == torch.bool:
                 raise TypeError(f"{who}: input {d.name} must be {d.dtype}, got {_dtype_name(t.dtype)}")
-            if t.dtype.is_floating_point or not _holds(t.dtype, want_dtype):
-                t = t.to(want_dtype)
+            if t.dtype.is_floating_point or want_dtype == torch.bool or not _holds(t.dtype, want_dtype):
+                t = t.to(want_dtype)  # floats to the declared type; ints widened (or to bool: != 0)
         inputs[d.name] = t
     if kwargs:
         known = [p.name for p in spec.params] + [d.name for d in spec.inputs]
