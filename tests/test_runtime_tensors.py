@@ -81,7 +81,7 @@ def _decode_reference(q, k, v, kv_len):
 
 @pytest.mark.parametrize("how", ["step", "expanded", "int64-step"])
 def test_decode_kv_len_views(how):
-    q, k, v, kv_len, kc, vc, table = _decode_case()
+    q, k, v, kv_len, *_ = _decode_case()
     if how == "expanded":  # one length for every row, stride 0
         kv_len = torch.tensor(41, dtype=torch.int32).expand(q.shape[0])
     else:
@@ -89,7 +89,6 @@ def test_decode_kv_len_views(how):
     mod = decode_module("causal")
     ref = _decode_reference(q, k, v, kv_len)
     assert rel_err(mod.decode(q, k, v, kv_len=kv_len), ref) < 1e-5
-    _, _, _, _, kc, vc, table = _decode_case()
     kc, vc, table = make_cache(k, v, kv_len.contiguous(), 16, torch.Generator().manual_seed(3))
     assert rel_err(mod.decode(q, kc, vc, kv_len=kv_len, block_table=table), ref) < 1e-5
 
@@ -113,7 +112,7 @@ def test_decode_block_table_views(how):
 def test_decode_int64_kv_len_is_clamped_not_wrapped(monkeypatch):
     """kv_len = 2**32 + 5 past the capacity: on the GPU (no host check) the kernel clamps it to the
     capacity; narrowed to int32 it read 5."""
-    q, k, v, kv_len, kc, vc, table = _decode_case(seed=2)
+    q, k, v, *_ = _decode_case(seed=2)
     mod = decode_module("causal")
     big = torch.tensor([2**32 + 5, 17, 2**33 + 33], dtype=torch.int64)
     with pytest.raises(ValueError, match=r"kv_len must be in 0\.\.60"):  # CPU lengths are checked
