@@ -155,3 +155,13 @@ def test_linear_cosformer_positions_past_int32(tmp_path_factory, causal):
     g = torch.randn_like(o)
     for a, b in zip(torch.autograd.grad((o * g).sum(), (q, k, v)), torch.autograd.grad((ref * g.double()).sum(), ref_in)):
         assert rel_err(a, b) < 1e-3
+
+
+def test_positions_and_params_past_2_62_are_refused():
+    q = torch.randn(1, 2, 8, 16)
+    with pytest.raises(ValueError, match="q_offset must be <= "):
+        module("causal").attention(q, q, q, q_offset=2**62)
+    with pytest.raises(ValueError, match="positions must stay below 2\\*\\*62"):
+        module("causal").attention(q, q, q, k_offset=2**62 - 4)
+    with pytest.raises(ValueError, match="window must be <= "):
+        module("sliding_window").attention(q, q, q, window=2**63)

@@ -212,15 +212,17 @@ def test_int64_doc_ids_stay_apart(lists, monkeypatch):
     check_attention("document", q, k, v, kw={"doc": strided(doc, "transposed")}, grad=False)
 
 
-def test_int64_doc_ids_in_decode():
+@pytest.mark.parametrize("how", ["contiguous", "transposed", "step"])
+def test_int64_doc_ids_in_decode(how):
     B, Nq, Nmax = 2, 3, 48
     gen = torch.Generator().manual_seed(8)
     q = torch.randn(B, 2, Nq, 16, generator=gen)
     k, v = (torch.randn(B, 2, Nmax, 16, generator=gen) for _ in range(2))
     doc = torch.zeros(B, Nmax, dtype=torch.int64)
     doc[:, 30:] = 2**32  # narrowed: 0, one document with the first 30 keys
+    doc[1, 44:] = 2**32 + 1
     kv_len = torch.tensor([48, 40], dtype=torch.int32)
-    o = decode_module("document").decode(q, k, v, kv_len=kv_len, doc=doc)
+    o = decode_module("document").decode(q, k, v, kv_len=kv_len, doc=doc if how == "contiguous" else strided(doc, how))
     for b in range(B):
         L = int(kv_len[b])
         ref = attncc.reference(pattern("document"), q[b:b + 1].double(), k[b:b + 1, :, :L].double(),

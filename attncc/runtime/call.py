@@ -108,13 +108,20 @@ def _dtype_name(t: torch.dtype) -> str:
     return _NAMES.get(t, str(t).replace("torch.", ""))
 
 
-def _int_arg(name: str, value, minimum: int = 0) -> int:
+# Positions and int params stay below this, so that the kernels' int64 arithmetic on them (sums,
+# small multiples) is exact.
+INT_LIMIT = 2**62
+
+
+def _int_arg(name: str, value, minimum: int = 0, maximum: int = INT_LIMIT - 1) -> int:
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_floating_point:
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
     return value
 
 
@@ -162,6 +169,9 @@ def bind(spec: SpecInfo, q, k, v, *, return_lse=False, q_offset=0, k_offset=0, n
         cu_q, cu_k, B, Nq, Nk = _varlen(name, q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     n_q = q_offset + Nq if n_q is None else _int_arg("n_q", n_q)
     n_k = k_offset + Nk if n_k is None else _int_arg("n_k", n_k)
+    if max(q_offset + Nq, k_offset + Nk) >= INT_LIMIT:
+        raise ValueError(f"{name}.attention: positions must stay below 2**62, got q_offset + Nq = {q_offset + Nq}, "
+                         f"k_offset + Nk = {k_offset + Nk}")
     scale, kwargs = scale_keyword(spec, scale, kwargs)
     scale = softmax_scale(f"{name}.attention", spec, scale, D)
 
@@ -224,7 +234,7 @@ def dropout_settings(spec: SpecInfo, who: str, *, dropout_p=None, seed=None, tra
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0 else 0
     else:
-        seed = _int_arg("seed", seed)
+        seed = _int_arg("seed", seed, maximum=2**64)  # the limit below says why
         if seed >= SEED_LIMIT:
             raise ValueError(f"{who}: seed must be below 2**63, got {seed}")
     return dropout_p, seed
