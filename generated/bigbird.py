@@ -49,7 +49,7 @@ def _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
               ROTARY_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
               MASKED: tl.constexpr):
     """One key tile of the online softmax; MASKED tiles evaluate the mask, full ones do not."""
-    start_n = kb * BLOCK_N
+    start_n = tl.cast(kb, tl.int32) * BLOCK_N  # a tensor descriptor's offsets are int32 (kb is int64 in WIDE calls)
     k = k_desc.load([start_n, 0])
     v = v_desc.load([start_n, 0])
     offs_j = k_offset + start_n + tl.arange(0, BLOCK_N)
@@ -80,20 +80,26 @@ def _fwd_kernel(Q, K, V, O, LSE,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                 VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr, RETURN_LSE: tl.constexpr,
-                WARP_SPECIALIZE: tl.constexpr, VARLEN: tl.constexpr):
+                WARP_SPECIALIZE: tl.constexpr, VARLEN: tl.constexpr, WIDE: tl.constexpr):
     # Heaviest query blocks first: with causal-like patterns the last rows see the most keys.
     qb = tl.num_programs(0) - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
+    # b, h in int64: their products with strides pass 2**31 in big tensors
+    bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
     hk = h // GROUP
+    if WIDE:  # positions may pass 2**31 - 1 (the host decides from the call's numbers): int64 from here
+        q_offset = q_offset.to(tl.int64)
+        k_offset = k_offset.to(tl.int64)
+        n_q = n_q.to(tl.int64)
+        n_k = n_k.to(tl.int64)
     if VARLEN:
         # Packed sequences ([1, H, total, D]): b is the sequence, its rows start at CU_Q[b] / CU_K[b];
         # positions restart at 0 (q_offset = k_offset = 0) and n_q, n_k are its own lengths.
-        q_start = tl.load(CU_Q + b)
-        k_start = tl.load(CU_K + b)
-        Nq = tl.load(CU_Q + b + 1) - q_start
-        Nk = tl.load(CU_K + b + 1) - k_start
+        q_start = tl.load(CU_Q + b).to(tl.int64)
+        k_start = tl.load(CU_K + b).to(tl.int64)
+        Nq = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
+        Nk = (tl.load(CU_K + b + 1) - k_start).to(tl.int32)
         n_q = Nq
         n_k = Nk
         if qb * BLOCK_M >= Nq:  # the grid covers the longest sequence
@@ -130,7 +136,7 @@ def _fwd_kernel(Q, K, V, O, LSE,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, VALUE_DIM_PAD], dtype=tl.float32)
     # Key blocks come from per-call block lists (see _block_lists below).
-    row = b * list_sb + h * list_sh + qb * list_sq
+    row = b * list_sb + h * list_sh + qb.to(tl.int64) * list_sq  # int64: row * list_width may pass 2**31
     n_partial = tl.load(partial_count + row)
     for t in tl.range(0, n_partial):
         kb = tl.load(partial_index + row * list_width + t)
@@ -214,7 +220,7 @@ def _forward(call):
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         FAST_MATH=_rt.fast_math(call),
-        RETURN_LSE=call.return_lse, WARP_SPECIALIZE=cfg.warp_specialize, VARLEN=call.varlen,
+        RETURN_LSE=call.return_lse, WARP_SPECIALIZE=cfg.warp_specialize, VARLEN=call.varlen, WIDE=call.wide,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     ))
     if v.shape[-1] != call.Dv:
@@ -244,18 +250,22 @@ def _bwd_preprocess(O, DO, LSE, DELTA, LSE2,
                     stride_dob, stride_doh, stride_dom, stride_dod,
                     Nq, H, q_offset, n_q, n_k, CU_Q, CU_K, TOTAL_Q,
                     VALUE_DIM: tl.constexpr, VALUE_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-                    VARLEN: tl.constexpr, FAST_MATH: tl.constexpr):
+                    VARLEN: tl.constexpr, FAST_MATH: tl.constexpr, WIDE: tl.constexpr):
     """delta = rowsum(dO * O) (fp32) and lse2, the forward's LSE in log2 units (+inf on rows
     without an allowed key)."""
     qb = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # int64 b, h: see _fwd_kernel
     b = bh // H
     h = bh % H
+    if WIDE:
+        q_offset = q_offset.to(tl.int64)
+        n_q = n_q.to(tl.int64)
+        n_k = n_k.to(tl.int64)
     if VARLEN:  # b is the sequence of a packed batch (see _fwd_kernel)
-        q_start = tl.load(CU_Q + b)
-        Nq = tl.load(CU_Q + b + 1) - q_start
+        q_start = tl.load(CU_Q + b).to(tl.int64)
+        Nq = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
         n_q = Nq
-        n_k = tl.load(CU_K + b + 1) - tl.load(CU_K + b)
+        n_k = (tl.load(CU_K + b + 1) - tl.load(CU_K + b)).to(tl.int32)
         if qb * BLOCK_M >= Nq:
             return
         O_base = O + h * stride_oh + q_start * stride_om
@@ -267,10 +277,11 @@ def _bwd_preprocess(O, DO, LSE, DELTA, LSE2,
         lse_row = bh * Nq
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_i = q_offset + offs_m
+    rows64 = offs_m.to(tl.int64)  # row offsets: Nq * stride may pass 2**31 in a [B, N, H, D] view
     cols = tl.arange(0, VALUE_DIM_PAD)
     inside = (offs_m[:, None] < Nq) & (cols[None, :] < VALUE_DIM)
-    o = tl.load(O_base + offs_m[:, None] * stride_om + cols[None, :] * stride_od, mask=inside, other=0.0)
-    do = tl.load(DO_base + offs_m[:, None] * stride_dom + cols[None, :] * stride_dod, mask=inside, other=0.0)
+    o = tl.load(O_base + rows64[:, None] * stride_om + cols[None, :] * stride_od, mask=inside, other=0.0)
+    do = tl.load(DO_base + rows64[:, None] * stride_dom + cols[None, :] * stride_dod, mask=inside, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     lse = tl.load(LSE + lse_row + offs_m, mask=offs_m < Nq, other=float("-inf"))
     lse2 = lse * 1.4426950408889634
@@ -288,7 +299,7 @@ def _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, qb, offs_j, Nq, q_off
                MASKED: tl.constexpr):
     """One query tile of a key block: dV += P^T dO, dK += dS^T Q (dS not yet scaled), with the
     tile held transposed: p and ds here are P^T and dS^T, [BLOCK_N, BLOCK_M]."""
-    start_m = qb * BLOCK_M
+    start_m = tl.cast(qb, tl.int32) * BLOCK_M  # a tensor descriptor's offsets are int32 (qb is int64 in WIDE calls)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_i = q_offset + offs_m
     q = q_desc.load([start_m, 0])
@@ -324,18 +335,23 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
                      HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                      VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
-                     VARLEN: tl.constexpr):
+                     VARLEN: tl.constexpr, WIDE: tl.constexpr):
     # One key block of one kv head: its GROUP query heads add into the same dK, dV registers.
     kb = tl.program_id(0)
-    bhk = tl.program_id(1)
+    bhk = tl.program_id(1).to(tl.int64)  # int64 b, h: see _fwd_kernel
     H_KV = H // GROUP
     b = bhk // H_KV
     hk = bhk % H_KV
+    if WIDE:  # positions past 2**31 - 1: see _fwd_kernel
+        q_offset = q_offset.to(tl.int64)
+        k_offset = k_offset.to(tl.int64)
+        n_q = n_q.to(tl.int64)
+        n_k = n_k.to(tl.int64)
     if VARLEN:  # b is the sequence of a packed batch (see _fwd_kernel)
-        q_start = tl.load(CU_Q + b)
-        k_start = tl.load(CU_K + b)
-        Nq = tl.load(CU_Q + b + 1) - q_start
-        Nk = tl.load(CU_K + b + 1) - k_start
+        q_start = tl.load(CU_Q + b).to(tl.int64)
+        k_start = tl.load(CU_K + b).to(tl.int64)
+        Nq = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
+        Nk = (tl.load(CU_K + b + 1) - k_start).to(tl.int32)
         n_q = Nq
         n_k = Nk
         if kb * BLOCK_N >= Nk:
@@ -383,7 +399,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
         do_desc = tl.make_tensor_descriptor(DO_base, shape=[Nq, VALUE_DIM],
                                             strides=[stride_dom, 1], block_shape=[BLOCK_M, VALUE_DIM_PAD])
         # Query blocks from the transposed block lists (per key block).
-        row = b * list_sb + h * list_sh + kb * list_sq
+        row = b * list_sb + h * list_sh + kb.to(tl.int64) * list_sq  # int64: row * list_width may pass 2**31
         n_partial = tl.load(partial_count + row)
         for idx in tl.range(0, n_partial):
             qb = tl.load(partial_index + row * list_width + idx)
@@ -411,7 +427,7 @@ def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
              ROTARY_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
              MASKED: tl.constexpr):
     """One key tile of a query block: dQ += dS K (dS not yet scaled)."""
-    start_n = kb * BLOCK_N
+    start_n = tl.cast(kb, tl.int32) * BLOCK_N  # a tensor descriptor's offsets are int32 (kb is int64 in WIDE calls)
     k = k_desc.load([start_n, 0])
     v = v_desc.load([start_n, 0])
     offs_j = k_offset + start_n + tl.arange(0, BLOCK_N)
@@ -441,17 +457,22 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                    VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
-                   VARLEN: tl.constexpr):
+                   VARLEN: tl.constexpr, WIDE: tl.constexpr):
     qb = tl.num_programs(0) - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # int64 b, h: see _fwd_kernel
     b = bh // H
     h = bh % H
     hk = h // GROUP
+    if WIDE:  # positions past 2**31 - 1: see _fwd_kernel
+        q_offset = q_offset.to(tl.int64)
+        k_offset = k_offset.to(tl.int64)
+        n_q = n_q.to(tl.int64)
+        n_k = n_k.to(tl.int64)
     if VARLEN:  # b is the sequence of a packed batch (see _fwd_kernel)
-        q_start = tl.load(CU_Q + b)
-        k_start = tl.load(CU_K + b)
-        Nq = tl.load(CU_Q + b + 1) - q_start
-        Nk = tl.load(CU_K + b + 1) - k_start
+        q_start = tl.load(CU_Q + b).to(tl.int64)
+        k_start = tl.load(CU_K + b).to(tl.int64)
+        Nq = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
+        Nk = (tl.load(CU_K + b + 1) - k_start).to(tl.int32)
         n_q = Nq
         n_k = Nk
         if qb * BLOCK_M >= Nq:
@@ -493,7 +514,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
     rb0_2 = tl.load(rb0_table + tl.minimum(offs_i // 64, rb0_rows - 1) * 3 + 2)
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     # Key blocks from the forward's block lists.
-    row = b * list_sb + h * list_sh + qb * list_sq
+    row = b * list_sb + h * list_sh + qb.to(tl.int64) * list_sq  # int64: row * list_width may pass 2**31
     n_partial = tl.load(partial_count + row)
     for idx in tl.range(0, n_partial):
         kb = tl.load(partial_index + row * list_width + idx)
@@ -532,7 +553,7 @@ def _backward(call, o, lse, do):
     _bwd_preprocess[(triton.cdiv(Nq, cfg.BLOCK_M), B * Hq)](
         o, do, lse, delta, lse2, *o.stride(), *do.stride(), Nq, Hq, call.q_offset, call.n_q, call.n_k, *cu,
         VALUE_DIM=call.Dv, VALUE_DIM_PAD=_rt.padded_dim(call.Dv), BLOCK_M=cfg.BLOCK_M, VARLEN=call.varlen,
-        FAST_MATH=_rt.fast_math(call))
+        FAST_MATH=_rt.fast_math(call), WIDE=call.wide)
     do = _rt.grad_operand(do, v)
     dq = alloc(*q.shape, dtype=q.dtype, device=q.device)
     dk = alloc(*k.shape, dtype=k.dtype, device=q.device)
@@ -544,7 +565,7 @@ def _backward(call, o, lse, do):
         VALUE_DIM=v.shape[-1], VALUE_DIM_PAD=_rt.padded_dim(v.shape[-1]),
         ROTARY_DIM=0,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        FAST_MATH=_rt.fast_math(call), VARLEN=call.varlen,
+        FAST_MATH=_rt.fast_math(call), VARLEN=call.varlen, WIDE=call.wide,
     )
     _rt.launch(call, cfg_kv, lambda cfg: _bwd_dkdv_kernel[(triton.cdiv(Nk, cfg.BLOCK_N), B * Hkv)](
         q, k, v, do, dk, dv, lse2, delta,
@@ -592,7 +613,7 @@ def attention(q, k, v, *, return_lse=False, q_offset=0, k_offset=0, n_q=None, n_
     Packed variable-length batches (FlashAttention's varlen layout; not
     supported by this pattern, which raises NotImplementedError: use a document mask instead):
     q [1, Hq, total_q, D], k [1, Hkv, total_k, D], v [1, Hkv, total_k, Dv] hold S sequences
-    back to back; ``cu_seqlens_q`` / ``cu_seqlens_k`` (int32 [S + 1] on q's device, cumulative from 0)
+    back to back; ``cu_seqlens_q`` / ``cu_seqlens_k`` (int32 or int64 [S + 1] on q's device, cumulative from 0)
     give where each starts, ``max_seqlen_q`` / ``max_seqlen_k`` (ints, optional: computed from the
     cu_seqlens with one host sync when omitted) their longest lengths. The result equals S separate
     calls, sequence s on rows cu_seqlens_q[s]:cu_seqlens_q[s + 1] (and likewise for k, v) at positions
@@ -630,9 +651,10 @@ def decode(q, k_cache, v_cache, *, kv_len, block_table=None, return_lse=False, s
     q [B, Hq, Nq, D] with Nq = 1 to 16 (the next token, or speculative tokens). The cache is
     contiguous, k_cache [B, Hkv, Nmax, D] and v_cache [B, Hkv, Nmax, Dv], or paged,
     k_cache [num_pages, page_size, Hkv, D] and v_cache [num_pages, page_size, Hkv, Dv]
-    (page_size >= 16) with block_table [B, pages] (int32): cache position j of row b is
-    slot j % page_size of page block_table[b, j // page_size].
-    kv_len [B] (int32): the valid cache entries of each row, the new tokens' keys included.
+    (page_size >= 16) with block_table [B, pages] (int32 or int64, any strides): cache position j of
+    row b is slot j % page_size of page block_table[b, j // page_size].
+    kv_len [B] (int32 or int64, any stride): the valid cache entries of each row, the new tokens'
+    keys included.
     Returns o [B, Hq, Nq, Dv] (and the natural-log LSE [B, Hq, Nq] in float32 with
     ``return_lse=True``, to merge with other chunks).
 

@@ -106,7 +106,7 @@ def _scan(X, Y, DEN, CHAT, W, S_INIT, Z_INIT, STATES, ZS, S_FINAL, Z_FINAL,
     STORE_CHUNKS: STATES[c] (and ZS[c]) get the sum over the chunks before c in that order."""
     fb = tl.program_id(0) // NUM_DVB
     dvb = tl.program_id(0) % NUM_DVB
-    bhk = tl.program_id(1)
+    bhk = tl.program_id(1).to(tl.int64)  # int64: (b, h) times a stride passes 2**31 in big tensors
     b = bhk // H_STATE
     hk = bhk % H_STATE
     rows = tl.arange(0, CHUNK)
@@ -143,7 +143,7 @@ def _scan(X, Y, DEN, CHAT, W, S_INIT, Z_INIT, STATES, ZS, S_FINAL, Z_FINAL,
                     mask=r_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
         y = tl.load(Y + b * stride_yb + h * stride_yh + r[:, None] * stride_yn + e[None, :],
                     mask=r_ok[:, None] & e_ok[None, :], other=0.0)
-        phi = _phi(x, fb, pos0 + r, W, angle, HEAD_DIM, HEAD_DIM_PAD, FEATURES, FB_WIDTH, BLOCK_F, PRECISION)
+        phi = _phi(x, fb, pos0 + r.to(tl.int64), W, angle, HEAD_DIM, HEAD_DIM_PAD, FEATURES, FB_WIDTH, BLOCK_F, PRECISION)
         phi = tl.where(r_ok[:, None], phi, 0.0)
         if BACKWARD:
             den = tl.load(DEN + (b * H_STATE * GROUP + h) * N + r, mask=r_ok, other=1.0)
@@ -170,7 +170,7 @@ def _output(Q, K, V, O, DEN, W, STATES, ZS,
     before the chunk, plus the quadratic form inside the chunk."""
     c = tl.program_id(0)
     dvb = tl.program_id(1)
-    bh = tl.program_id(2)
+    bh = tl.program_id(2).to(tl.int64)  # int64: (b, h) times a stride passes 2**31 in big tensors
     b = bh // H
     h = bh % H
     hk = h // GROUP
@@ -179,7 +179,7 @@ def _output(Q, K, V, O, DEN, W, STATES, ZS,
     lf = tl.arange(0, BLOCK_F)
     e = dvb * BLOCK_DV + tl.arange(0, BLOCK_DV)
     e_ok = e < VALUE_DIM
-    r = c * CHUNK + rows
+    r = c.to(tl.int64) * CHUNK + rows  # int64: r * stride passes 2**31 in long sequences
     r_ok = r < N
     d_ok = d[None, :] < HEAD_DIM
     q = tl.load(Q + b * stride_qb + h * stride_qh + r[:, None] * stride_qn + d[None, :], mask=r_ok[:, None] & d_ok, other=0.0)
@@ -216,7 +216,7 @@ def _output(Q, K, V, O, DEN, W, STATES, ZS,
 def _output_dot_grad(O, DO, CHAT, N, VALUE_DIM: tl.constexpr, VALUE_DIM_PAD: tl.constexpr, CHUNK: tl.constexpr):
     """c_i = -dO_i . o_i (float32): the denominator's share of the gradient, times den_i."""
     c = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # int64: (b, h) times a stride passes 2**31 in big tensors
     r = c * CHUNK + tl.arange(0, CHUNK)
     e = tl.arange(0, VALUE_DIM_PAD)
     ok = (r[:, None] < N) & (e[None, :] < VALUE_DIM)
@@ -236,7 +236,7 @@ def _dq(Q, K, V, DO, DQ, DEN, CHAT, W, STATES, ZS,
         CHUNK: tl.constexpr, PRECISION: tl.constexpr):
     """dq for one chunk of query rows of one (b, h): dphi(q_i) = (S_i dO_i + c_i z_i) / den_i."""
     c = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # int64: (b, h) times a stride passes 2**31 in big tensors
     b = bh // H
     h = bh % H
     hk = h // GROUP
@@ -246,7 +246,7 @@ def _dq(Q, K, V, DO, DQ, DEN, CHAT, W, STATES, ZS,
     e = tl.arange(0, VALUE_DIM_PAD)
     e_ok = e[None, :] < VALUE_DIM
     d_ok = d[None, :] < HEAD_DIM
-    r = c * CHUNK + rows
+    r = c.to(tl.int64) * CHUNK + rows  # int64: r * stride passes 2**31 in long sequences
     r_ok = r < N
     q = tl.load(Q + b * stride_qb + h * stride_qh + r[:, None] * stride_qn + d[None, :], mask=r_ok[:, None] & d_ok, other=0.0)
     do = tl.load(DO + b * stride_dob + h * stride_doh + r[:, None] * stride_don + e[None, :], mask=r_ok[:, None] & e_ok, other=0.0)
@@ -305,7 +305,7 @@ def _dkdv(Q, K, V, DO, DK, DV, DEN, CHAT, W, DSTATES, DZS,
     dphi(k_j) = dS v_j + dz + sum_{i >= j in the chunk} phi(q_i) / den_i (v_j . dO_i + c_i).
     dv first, then dk: fewer tiles alive at once; the second pass reads q, dO, dS again from L2."""
     c = tl.program_id(0)
-    bhk = tl.program_id(1)
+    bhk = tl.program_id(1).to(tl.int64)  # int64: (b, h) times a stride passes 2**31 in big tensors
     b = bhk // H_KV
     hk = bhk % H_KV
     rows = tl.arange(0, CHUNK)
@@ -314,7 +314,7 @@ def _dkdv(Q, K, V, DO, DK, DV, DEN, CHAT, W, DSTATES, DZS,
     e = tl.arange(0, VALUE_DIM_PAD)
     e_ok = e[None, :] < VALUE_DIM
     d_ok = d[None, :] < HEAD_DIM
-    r = c * CHUNK + rows
+    r = c.to(tl.int64) * CHUNK + rows  # int64: r * stride passes 2**31 in long sequences
     r_ok = r < N
     k_ptrs = K + b * stride_kb + hk * stride_kh + r[:, None] * stride_kn + d[None, :]
     at = (bhk * n_stored + c).to(tl.int64)
@@ -375,7 +375,7 @@ def _step(Q, K, V, O, W, S_IN, Z_IN, S_OUT, Z_OUT,
     """One token: S += phi(k) v^T, z += phi(k), o = phi(q) S / (phi(q) z + eps), per (Dv block, b, h).
     The query heads of a group each update their kv head's state; the first one stores it."""
     dvb = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # int64: (b, h) times a stride passes 2**31 in big tensors
     b = bh // H
     h = bh % H
     hk = h // GROUP

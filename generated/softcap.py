@@ -65,7 +65,7 @@ def _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
               ROTARY_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
               MASKED: tl.constexpr):
     """One key tile of the online softmax; MASKED tiles evaluate the mask, full ones do not."""
-    start_n = kb * BLOCK_N
+    start_n = tl.cast(kb, tl.int32) * BLOCK_N  # a tensor descriptor's offsets are int32 (kb is int64 in WIDE calls)
     k = k_desc.load([start_n, 0])
     v = v_desc.load([start_n, 0])
     offs_j = k_offset + start_n + tl.arange(0, BLOCK_N)
@@ -97,20 +97,26 @@ def _fwd_kernel(Q, K, V, O, LSE,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                 VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr, RETURN_LSE: tl.constexpr,
-                WARP_SPECIALIZE: tl.constexpr, VARLEN: tl.constexpr):
+                WARP_SPECIALIZE: tl.constexpr, VARLEN: tl.constexpr, WIDE: tl.constexpr):
     # Heaviest query blocks first: with causal-like patterns the last rows see the most keys.
     qb = tl.num_programs(0) - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
+    # b, h in int64: their products with strides pass 2**31 in big tensors
+    bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
     hk = h // GROUP
+    if WIDE:  # positions may pass 2**31 - 1 (the host decides from the call's numbers): int64 from here
+        q_offset = q_offset.to(tl.int64)
+        k_offset = k_offset.to(tl.int64)
+        n_q = n_q.to(tl.int64)
+        n_k = n_k.to(tl.int64)
     if VARLEN:
         # Packed sequences ([1, H, total, D]): b is the sequence, its rows start at CU_Q[b] / CU_K[b];
         # positions restart at 0 (q_offset = k_offset = 0) and n_q, n_k are its own lengths.
-        q_start = tl.load(CU_Q + b)
-        k_start = tl.load(CU_K + b)
-        Nq = tl.load(CU_Q + b + 1) - q_start
-        Nk = tl.load(CU_K + b + 1) - k_start
+        q_start = tl.load(CU_Q + b).to(tl.int64)
+        k_start = tl.load(CU_K + b).to(tl.int64)
+        Nq = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
+        Nk = (tl.load(CU_K + b + 1) - k_start).to(tl.int32)
         n_q = Nq
         n_k = Nk
         if qb * BLOCK_M >= Nq:  # the grid covers the longest sequence
@@ -198,7 +204,7 @@ def _forward(call):
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         FAST_MATH=_rt.fast_math(call),
-        RETURN_LSE=call.return_lse, WARP_SPECIALIZE=cfg.warp_specialize, VARLEN=call.varlen,
+        RETURN_LSE=call.return_lse, WARP_SPECIALIZE=cfg.warp_specialize, VARLEN=call.varlen, WIDE=call.wide,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     ))
     if v.shape[-1] != call.Dv:
@@ -218,18 +224,22 @@ def _bwd_preprocess(O, DO, LSE, DELTA, LSE2,
                     stride_dob, stride_doh, stride_dom, stride_dod,
                     Nq, H, q_offset, n_q, n_k, CU_Q, CU_K, TOTAL_Q,
                     VALUE_DIM: tl.constexpr, VALUE_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-                    VARLEN: tl.constexpr, FAST_MATH: tl.constexpr):
+                    VARLEN: tl.constexpr, FAST_MATH: tl.constexpr, WIDE: tl.constexpr):
     """delta = rowsum(dO * O) (fp32) and lse2, the forward's LSE in log2 units (+inf on rows
     without an allowed key)."""
     qb = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # int64 b, h: see _fwd_kernel
     b = bh // H
     h = bh % H
+    if WIDE:
+        q_offset = q_offset.to(tl.int64)
+        n_q = n_q.to(tl.int64)
+        n_k = n_k.to(tl.int64)
     if VARLEN:  # b is the sequence of a packed batch (see _fwd_kernel)
-        q_start = tl.load(CU_Q + b)
-        Nq = tl.load(CU_Q + b + 1) - q_start
+        q_start = tl.load(CU_Q + b).to(tl.int64)
+        Nq = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
         n_q = Nq
-        n_k = tl.load(CU_K + b + 1) - tl.load(CU_K + b)
+        n_k = (tl.load(CU_K + b + 1) - tl.load(CU_K + b)).to(tl.int32)
         if qb * BLOCK_M >= Nq:
             return
         O_base = O + h * stride_oh + q_start * stride_om
@@ -241,10 +251,11 @@ def _bwd_preprocess(O, DO, LSE, DELTA, LSE2,
         lse_row = bh * Nq
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_i = q_offset + offs_m
+    rows64 = offs_m.to(tl.int64)  # row offsets: Nq * stride may pass 2**31 in a [B, N, H, D] view
     cols = tl.arange(0, VALUE_DIM_PAD)
     inside = (offs_m[:, None] < Nq) & (cols[None, :] < VALUE_DIM)
-    o = tl.load(O_base + offs_m[:, None] * stride_om + cols[None, :] * stride_od, mask=inside, other=0.0)
-    do = tl.load(DO_base + offs_m[:, None] * stride_dom + cols[None, :] * stride_dod, mask=inside, other=0.0)
+    o = tl.load(O_base + rows64[:, None] * stride_om + cols[None, :] * stride_od, mask=inside, other=0.0)
+    do = tl.load(DO_base + rows64[:, None] * stride_dom + cols[None, :] * stride_dod, mask=inside, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     lse = tl.load(LSE + lse_row + offs_m, mask=offs_m < Nq, other=float("-inf"))
     lse2 = lse * 1.4426950408889634
@@ -262,7 +273,7 @@ def _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, qb, offs_j, Nq, q_off
                MASKED: tl.constexpr):
     """One query tile of a key block: dV += P^T dO, dK += dS^T Q (dS not yet scaled), with the
     tile held transposed: p and ds here are P^T and dS^T, [BLOCK_N, BLOCK_M]."""
-    start_m = qb * BLOCK_M
+    start_m = tl.cast(qb, tl.int32) * BLOCK_M  # a tensor descriptor's offsets are int32 (qb is int64 in WIDE calls)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_i = q_offset + offs_m
     q = q_desc.load([start_m, 0])
@@ -300,18 +311,23 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
                      HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                      VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
-                     VARLEN: tl.constexpr):
+                     VARLEN: tl.constexpr, WIDE: tl.constexpr):
     # One key block of one kv head: its GROUP query heads add into the same dK, dV registers.
     kb = tl.program_id(0)
-    bhk = tl.program_id(1)
+    bhk = tl.program_id(1).to(tl.int64)  # int64 b, h: see _fwd_kernel
     H_KV = H // GROUP
     b = bhk // H_KV
     hk = bhk % H_KV
+    if WIDE:  # positions past 2**31 - 1: see _fwd_kernel
+        q_offset = q_offset.to(tl.int64)
+        k_offset = k_offset.to(tl.int64)
+        n_q = n_q.to(tl.int64)
+        n_k = n_k.to(tl.int64)
     if VARLEN:  # b is the sequence of a packed batch (see _fwd_kernel)
-        q_start = tl.load(CU_Q + b)
-        k_start = tl.load(CU_K + b)
-        Nq = tl.load(CU_Q + b + 1) - q_start
-        Nk = tl.load(CU_K + b + 1) - k_start
+        q_start = tl.load(CU_Q + b).to(tl.int64)
+        k_start = tl.load(CU_K + b).to(tl.int64)
+        Nq = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
+        Nk = (tl.load(CU_K + b + 1) - k_start).to(tl.int32)
         n_q = Nq
         n_k = Nk
         if kb * BLOCK_N >= Nk:
@@ -390,7 +406,7 @@ def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
              ROTARY_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
              MASKED: tl.constexpr):
     """One key tile of a query block: dQ += dS K (dS not yet scaled)."""
-    start_n = kb * BLOCK_N
+    start_n = tl.cast(kb, tl.int32) * BLOCK_N  # a tensor descriptor's offsets are int32 (kb is int64 in WIDE calls)
     k = k_desc.load([start_n, 0])
     v = v_desc.load([start_n, 0])
     offs_j = k_offset + start_n + tl.arange(0, BLOCK_N)
@@ -422,17 +438,22 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                    VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
-                   VARLEN: tl.constexpr):
+                   VARLEN: tl.constexpr, WIDE: tl.constexpr):
     qb = tl.num_programs(0) - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # int64 b, h: see _fwd_kernel
     b = bh // H
     h = bh % H
     hk = h // GROUP
+    if WIDE:  # positions past 2**31 - 1: see _fwd_kernel
+        q_offset = q_offset.to(tl.int64)
+        k_offset = k_offset.to(tl.int64)
+        n_q = n_q.to(tl.int64)
+        n_k = n_k.to(tl.int64)
     if VARLEN:  # b is the sequence of a packed batch (see _fwd_kernel)
-        q_start = tl.load(CU_Q + b)
-        k_start = tl.load(CU_K + b)
-        Nq = tl.load(CU_Q + b + 1) - q_start
-        Nk = tl.load(CU_K + b + 1) - k_start
+        q_start = tl.load(CU_Q + b).to(tl.int64)
+        k_start = tl.load(CU_K + b).to(tl.int64)
+        Nq = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
+        Nk = (tl.load(CU_K + b + 1) - k_start).to(tl.int32)
         n_q = Nq
         n_k = Nk
         if qb * BLOCK_M >= Nq:
@@ -508,7 +529,7 @@ def _backward(call, o, lse, do):
     _bwd_preprocess[(triton.cdiv(Nq, cfg.BLOCK_M), B * Hq)](
         o, do, lse, delta, lse2, *o.stride(), *do.stride(), Nq, Hq, call.q_offset, call.n_q, call.n_k, *cu,
         VALUE_DIM=call.Dv, VALUE_DIM_PAD=_rt.padded_dim(call.Dv), BLOCK_M=cfg.BLOCK_M, VARLEN=call.varlen,
-        FAST_MATH=_rt.fast_math(call))
+        FAST_MATH=_rt.fast_math(call), WIDE=call.wide)
     do = _rt.grad_operand(do, v)
     dq = alloc(*q.shape, dtype=q.dtype, device=q.device)
     dk = alloc(*k.shape, dtype=k.dtype, device=q.device)
@@ -518,7 +539,7 @@ def _backward(call, o, lse, do):
         VALUE_DIM=v.shape[-1], VALUE_DIM_PAD=_rt.padded_dim(v.shape[-1]),
         ROTARY_DIM=0,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        FAST_MATH=_rt.fast_math(call), VARLEN=call.varlen,
+        FAST_MATH=_rt.fast_math(call), VARLEN=call.varlen, WIDE=call.wide,
     )
     _rt.launch(call, cfg_kv, lambda cfg: _bwd_dkdv_kernel[(triton.cdiv(Nk, cfg.BLOCK_N), B * Hkv)](
         q, k, v, do, dk, dv, lse2, delta,
@@ -561,7 +582,7 @@ def attention(q, k, v, *, return_lse=False, q_offset=0, k_offset=0, n_q=None, n_
 
     Packed variable-length batches (FlashAttention's varlen layout):
     q [1, Hq, total_q, D], k [1, Hkv, total_k, D], v [1, Hkv, total_k, Dv] hold S sequences
-    back to back; ``cu_seqlens_q`` / ``cu_seqlens_k`` (int32 [S + 1] on q's device, cumulative from 0)
+    back to back; ``cu_seqlens_q`` / ``cu_seqlens_k`` (int32 or int64 [S + 1] on q's device, cumulative from 0)
     give where each starts, ``max_seqlen_q`` / ``max_seqlen_k`` (ints, optional: computed from the
     cu_seqlens with one host sync when omitted) their longest lengths. The result equals S separate
     calls, sequence s on rows cu_seqlens_q[s]:cu_seqlens_q[s + 1] (and likewise for k, v) at positions
@@ -602,7 +623,7 @@ def _dec_load(rows, cols, row_ok, DIM: tl.constexpr, DIM_PAD: tl.constexpr, MASK
 
 @triton.jit
 def _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
-              stride_kp, stride_kn, stride_vp, stride_vn,
+              stride_kp, stride_kn, stride_vp, stride_vn, stride_btp,
               b, h_row, H, n_q, n_k,
               qk_scale, sm_scale,
               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
@@ -614,9 +635,9 @@ def _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NU
     in_cache = offs_j < Nk
     if PAGE_SIZE > 0:
         # page of each key row from the row's block table (clamped: a bad entry never reads outside)
-        k_page = tl.load(BT_row + offs_j // PAGE_SIZE, mask=in_cache, other=0)
+        k_page = tl.load(BT_row + (offs_j // PAGE_SIZE).to(tl.int64) * stride_btp, mask=in_cache, other=0)
         k_page = tl.minimum(tl.maximum(k_page, 0), NUM_PAGES - 1).to(tl.int64)
-        k_slot = offs_j % PAGE_SIZE
+        k_slot = (offs_j % PAGE_SIZE).to(tl.int64)
         k_rows = K_head + k_page * stride_kp + k_slot * stride_kn
         v_rows = V_head + k_page * stride_vp + k_slot * stride_vn
     else:
@@ -645,22 +666,29 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
                 stride_qb, stride_qh, stride_qm,
                 stride_kb, stride_kh, stride_kn,
                 stride_vb, stride_vh, stride_vn,
-                stride_btb, stride_ob, stride_oh, stride_om,
+                stride_btb, stride_btp, stride_kvl, stride_ob, stride_oh, stride_om,
                 Nq, H, GROUP, HEADS_PER_PROGRAM, CAPACITY, NUM_PAGES, NUM_SPLITS, qk_scale, sm_scale,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                 VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, SPLIT: tl.constexpr,
-                RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr):
+                RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
+                WIDE: tl.constexpr):
     # program (split, (b, kv head, chunk of its query heads)); the cache of a paged call is
     # [num_pages, page_size, Hkv, D] and then stride_kb / stride_vb are the page strides
     split_id = tl.program_id(0)
-    pid = tl.program_id(1)
+    pid = tl.program_id(1).to(tl.int64)  # b, hk in int64: their products with strides pass 2**31 in big caches
     CHUNKS = tl.cdiv(GROUP, HEADS_PER_PROGRAM)
     H_KV = H // GROUP
     head_chunk = pid % CHUNKS
     hk = (pid // CHUNKS) % H_KV
     b = pid // (CHUNKS * H_KV)
-    Nk = tl.minimum(tl.maximum(tl.load(KV_LEN + b), 0), CAPACITY)
+    # kv_len at its own width (int32 or int64), clamped to the cache: positions then fit int32
+    # unless the capacity passes 2**31 - 1 (WIDE)
+    Nk = tl.minimum(tl.maximum(tl.load(KV_LEN + b * stride_kvl), 0), CAPACITY)
+    if WIDE:
+        Nk = Nk.to(tl.int64)
+    else:
+        Nk = Nk.to(tl.int32)
     n_q = Nk
     n_k = Nk
     # row r: query head hk * GROUP + head_chunk * HEADS_PER_PROGRAM + r // Nq, query row r % Nq
@@ -675,14 +703,14 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
     q_lo = tl.maximum(Nk - Nq, 0)
     q_hi = tl.maximum(Nk - 1, 0)
     cols = tl.arange(0, HEAD_DIM_PAD)
-    q_rows = Q + b.to(tl.int64) * stride_qb + h_row * stride_qh + q_row * stride_qm
+    q_rows = Q + b * stride_qb + h_row * stride_qh + q_row * stride_qm
     q = tl.load(q_rows[:, None] + cols[None, :], mask=row_ok[:, None] & (cols[None, :] < HEAD_DIM), other=0.0)
     if PAGE_SIZE > 0:
         K_head = K + hk * stride_kh
         V_head = V + hk * stride_vh
     else:
-        K_head = K + b.to(tl.int64) * stride_kb + hk * stride_kh
-        V_head = V + b.to(tl.int64) * stride_vb + hk * stride_vh
+        K_head = K + b * stride_kb + hk * stride_kh
+        V_head = V + b * stride_vb + hk * stride_vh
     BT_row = BT + b * stride_btb
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -702,19 +730,19 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
     f_hi = tl.where(Nk >= Nq, tl.minimum(tl.maximum(kv_full_hi, f_lo), s_hi), f_lo)
     for kb in tl.range(s_lo, f_lo):
         acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
-                                  stride_kb, stride_kn, stride_vb, stride_vn,
+                                  stride_kb, stride_kn, stride_vb, stride_vn, stride_btp,
                                   b, h_row, H, n_q, n_k,
                                   qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD,
                                   PAGE_SIZE, DOT_PRECISION, FAST_MATH, MASKED=True)
     for kb in tl.range(f_lo, f_hi):
         acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
-                                  stride_kb, stride_kn, stride_vb, stride_vn,
+                                  stride_kb, stride_kn, stride_vb, stride_vn, stride_btp,
                                   b, h_row, H, n_q, n_k,
                                   qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD,
                                   PAGE_SIZE, DOT_PRECISION, FAST_MATH, MASKED=False)
     for kb in tl.range(f_hi, s_hi):
         acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
-                                  stride_kb, stride_kn, stride_vb, stride_vn,
+                                  stride_kb, stride_kn, stride_vb, stride_vn, stride_btp,
                                   b, h_row, H, n_q, n_k,
                                   qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD,
                                   PAGE_SIZE, DOT_PRECISION, FAST_MATH, MASKED=True)
@@ -729,7 +757,7 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
         tl.store(O + part_rows[:, None] * VALUE_DIM_PAD + vcols[None, :], o, mask=row_ok[:, None])
         tl.store(LSE + part_rows, lse, mask=row_ok)
     else:
-        o_ptrs = O + b.to(tl.int64) * stride_ob + h_row * stride_oh + q_row * stride_om
+        o_ptrs = O + b * stride_ob + h_row * stride_oh + q_row * stride_om
         tl.store(o_ptrs[:, None] + vcols[None, :], o.to(O.dtype.element_ty),
                  mask=row_ok[:, None] & (vcols[None, :] < VALUE_DIM))
         if RETURN_LSE:
@@ -756,13 +784,13 @@ def _decode(call):
         table = call.block_table
         k_strides, v_strides = (k.stride(0), k.stride(2), k.stride(1)), (v.stride(0), v.stride(2), v.stride(1))
     else:
-        table = call.kv_len  # unused
+        table = call.kv_len[:, None]  # unused
         k_strides, v_strides = (k.stride(0), k.stride(1), k.stride(2)), (v.stride(0), v.stride(1), v.stride(2))
     _rt.launch(call, cfg, lambda cfg: _dec_kernel[(splits, programs)](
         q, k, v, out, out_lse, call.kv_len, table,
         q.stride(0), q.stride(1), q.stride(2),
         *k_strides, *v_strides,
-        table.stride(0), o.stride(0), o.stride(1), o.stride(2),
+        table.stride(0), table.stride(1), call.kv_len.stride(0), o.stride(0), o.stride(1), o.stride(2),
         call.Nq, call.Hq, call.group, heads, call.capacity, max(call.num_pages, 1), splits,
         call.scale * _rt.LOG2E, call.scale,
         HEAD_DIM=q.shape[-1], HEAD_DIM_PAD=_rt.padded_dim(q.shape[-1]),
@@ -771,7 +799,7 @@ def _decode(call):
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, PAGE_SIZE=call.page_size, SPLIT=splits > 1,
         RETURN_LSE=call.return_lse,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        FAST_MATH=_rt.fast_math(call),
+        FAST_MATH=_rt.fast_math(call), WIDE=_rt.decode.wide(call),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     ), kernel="decode")
     if splits > 1:
@@ -785,9 +813,10 @@ def decode(q, k_cache, v_cache, *, kv_len, block_table=None, return_lse=False, s
     q [B, Hq, Nq, D] with Nq = 1 to 16 (the next token, or speculative tokens). The cache is
     contiguous, k_cache [B, Hkv, Nmax, D] and v_cache [B, Hkv, Nmax, Dv], or paged,
     k_cache [num_pages, page_size, Hkv, D] and v_cache [num_pages, page_size, Hkv, Dv]
-    (page_size >= 16) with block_table [B, pages] (int32): cache position j of row b is
-    slot j % page_size of page block_table[b, j // page_size].
-    kv_len [B] (int32): the valid cache entries of each row, the new tokens' keys included.
+    (page_size >= 16) with block_table [B, pages] (int32 or int64, any strides): cache position j of
+    row b is slot j % page_size of page block_table[b, j // page_size].
+    kv_len [B] (int32 or int64, any stride): the valid cache entries of each row, the new tokens'
+    keys included.
     Returns o [B, Hq, Nq, Dv] (and the natural-log LSE [B, Hq, Nq] in float32 with
     ``return_lse=True``, to merge with other chunks).
 

@@ -34,20 +34,12 @@ from attncc.spec.ir import Pattern
 BOUND_NAMES = {"q_lo": "q_lo", "q_hi": "q_hi", "BLOCK_N": "BLOCK_N", "BLOCK_M": "BLOCK_M", "N_K": "Nk"}
 
 
-def _gather_args(pattern: Pattern, name: str) -> List[str]:
-    return _Inputs(pattern).args(name)
-
-
-def _gather(pattern: Pattern, printer: TritonPrinter, e: AppliedUndef) -> str:
-    """``doc[b, i]`` as a load, guarded (0 outside) along the dims that are not b or h (as the forward's)."""
-    return _Inputs(pattern).gather(printer, e)
-
-
 def decode_context(pattern: Pattern, plan, ctx: dict) -> dict:
     """The ``decode`` variable of the templates (``ctx``: softmax_context's result, for the
     helpers the module already defines)."""
     if pattern.mask is not None and pattern.mask.atoms(RandomBlocks):
         return dict(supported=False, reason="random_blocks() depend on the sequence length, which differs per row")
+    inputs = _Inputs(pattern)  # gathers as the forward renders them
     hoist, mhoist = Hoister(), mask_hoister()
     mask, bias_j, mod, lse_row, simple_bias = score_terms(pattern, hoist, mhoist)
 
@@ -69,7 +61,7 @@ def decode_context(pattern: Pattern, plan, ctx: dict) -> dict:
         out.update({sym: sym.name for sym, _ in (mscalars if float64 else scalars)})
         out.update({sym: sym.name + row_suffix for sym, _ in (mrows if float64 else rows)})
         pr = TritonPrinter(out, float64=float64)
-        pr.gather = lambda e: _gather(pattern, pr, e)
+        pr.gather = lambda e: inputs.gather(pr, e)
         return pr
 
     tile, row = printer("offs_i[:, None]", "h_row[:, None]", "[:, None]"), printer("offs_i", "h_row", "")
@@ -85,7 +77,7 @@ def decode_context(pattern: Pattern, plan, ctx: dict) -> dict:
 
     used_inputs = sorted({type(a).__name__ for e in (pattern.mask, pattern.bias, pattern.mod) if e is not None
                           for a in e.atoms(AppliedUndef)})
-    input_args = [a for name in used_inputs for a in _gather_args(pattern, name)]
+    input_args = [a for name in used_inputs for a in inputs.args(name)]
     ctx_args = ["b", "h_row", "H", "n_q", "n_k"] + [param_var(p.name) for p in pattern.params] + input_args
     ctx_args += [sym.name for sym, _ in scalars] + [sym.name for sym, _ in rows]
 

@@ -123,11 +123,20 @@ def _rope_partner(cols, ROTARY_DIM: tl.constexpr):
 @triton.jit
 def _rope(x, x_partner, pos, cols, ROTARY_DIM: tl.constexpr):
     """Rotate rows of x at positions pos by theta^(-2m/ROTARY_DIM) per column pair m."""
-    inv_freq = tl.exp2(-(2.0 * ({freq}).to(tl.float32) / ROTARY_DIM) * ROPE_LOG2_THETA)
-    angle = pos[:, None].to(tl.float32) * inv_freq[None, :]
+    if pos.dtype == tl.int64:
+        # positions past 2**31 (WIDE calls): a float32 angle would be off by radians there
+        inv_freq = tl.exp2(-(2.0 * ({freq}).to(tl.float64) / ROTARY_DIM) * ROPE_LOG2_THETA)
+        angle = pos[:, None].to(tl.float64) * inv_freq[None, :]
+        cos = tl.cos(angle).to(tl.float32)
+        sin = tl.sin(angle).to(tl.float32)
+    else:
+        inv_freq = tl.exp2(-(2.0 * ({freq}).to(tl.float32) / ROTARY_DIM) * ROPE_LOG2_THETA)
+        angle = pos[:, None].to(tl.float32) * inv_freq[None, :]
+        cos = tl.cos(angle)
+        sin = tl.sin(angle)
     sign = {sign}
     xf = x.to(tl.float32)
-    rotated = xf * tl.cos(angle) + sign[None, :] * x_partner.to(tl.float32) * tl.sin(angle)
+    rotated = xf * cos + sign[None, :] * x_partner.to(tl.float32) * sin
     return tl.where(cols[None, :] < ROTARY_DIM, rotated, xf).to(x.dtype)'''
 
 

@@ -33,15 +33,19 @@ class _Inputs:
         return input_args(name, len(self.pattern.input(name).dims))
 
     def gather(self, printer: TritonPrinter, e: AppliedUndef) -> str:
+        """The load of one element per pair (or row); 16-bit floats come out as float32, so that
+        no arithmetic on them runs in bfloat16 / float16 (Triton keeps a tensor's dtype in
+        ``x * 1.44`` and ``x - y``). Integers keep their width (an int64 input stays exact)."""
         name = type(e).__name__
         decl = self.pattern.input(name)
         idx = [printer.p(a) for a in e.args]
         offset = " + ".join(f"{x} * {input_stride(name, d)}" for d, x in enumerate(idx))
         guards = [f"({x} >= 0) & ({x} < {input_size(name, d)})" for d, x in enumerate(idx)
                   if decl.dims[d] not in ("b", "h")]
+        widen = ".to(tl.float32)" if decl.dtype in ("bfloat16", "float16") else ""
         if not guards:
-            return f"tl.load({input_ptr(name)} + {offset})"
-        return f"tl.load({input_ptr(name)} + {offset}, mask={' & '.join(guards)}, other=0)"
+            return f"tl.load({input_ptr(name)} + {offset}){widen}"
+        return f"tl.load({input_ptr(name)} + {offset}, mask={' & '.join(guards)}, other=0){widen}"
 
 
 def _names(pattern: Pattern, i_text: str, j_text: str, extra: Dict[sympy.Symbol, str], float64: bool = False):

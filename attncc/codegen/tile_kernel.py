@@ -113,6 +113,8 @@ def _tk_bmin(x, AXIS: tl.constexpr):
     m = tl.min(x, AXIS).to(tl.float64)
     if x.dtype.is_floating():
         m = tl.where(tl.max((x != x).to(tl.int32), AXIS) > 0, float("nan"), m)
+    if x.dtype == tl.int64:  # past 2**53 float64 rounds: move outward (as tiles.input_interval)
+        m = tl.where(tl.abs(m) >= 9007199254740992.0, m - tl.abs(m) * 2.220446049250313e-16, m)
     return m""",
     "_tk_bmax": """
 @triton.jit
@@ -121,7 +123,18 @@ def _tk_bmax(x, AXIS: tl.constexpr):
     m = tl.max(x, AXIS).to(tl.float64)
     if x.dtype.is_floating():
         m = tl.where(tl.max((x != x).to(tl.int32), AXIS) > 0, float("nan"), m)
+    if x.dtype == tl.int64:  # past 2**53 float64 rounds: move outward (as tiles.input_interval)
+        m = tl.where(tl.abs(m) >= 9007199254740992.0, m + tl.abs(m) * 2.220446049250313e-16, m)
     return m""",
+    "_tk_point": """
+@triton.jit
+def _tk_point(x):
+    # a point read as float64 bounds; past 2**53 an int64 rounds: move outward (as tiles.input_interval)
+    m = x.to(tl.float64)
+    if x.dtype == tl.int64:
+        step = tl.where(tl.abs(m) >= 9007199254740992.0, tl.abs(m) * 2.220446049250313e-16, 0.0)
+        return m - step, m + step
+    return m, m""",
     "_tk_mul_c": """
 @triton.jit
 def _tk_mul_c(a, b, c):
@@ -644,8 +657,8 @@ def _input_leaf(g: _Gen, stat: BlockStat) -> _Val:
     deps = frozenset(v for v in named if v in ("b", "h"))
     name = g.fresh("x")
     if not pos:
-        g.line(frozenset(), f"{name} = tl.load({addr}).to(tl.float64)")
-        return _Val("num", "grid", a=name, b=name, deps=deps)
+        g.line(frozenset(), f"{name}_lo, {name}_hi = _tk_point(tl.load({addr}))")
+        return _Val("num", "grid", a=f"{name}_lo", b=f"{name}_hi", deps=deps)
     # pos_q / pos_k: the block's rows ([BM_P] / [BN_P]) in the body whose program owns the
     # block, [CHUNK, BM_P] / [CHUNK, BN_P] where the block is one lane of the inner loop
     if pos == ["i"]:
@@ -749,26 +762,27 @@ _COLS = _Body("_tk_cols", "The transposed lists (the dK/dV kernel's): per key bl
 
 # Position intervals and clamped rows ("repeat the last row", as tiles._block_reduce) of a
 # block: for the program's own block (scalars, [BM_P] / [BN_P] rows) and for the chunk's
-# blocks (vectors, [CHUNK, BM_P] / [CHUNK, BN_P] rows).
+# blocks (vectors, [CHUNK, BM_P] / [CHUNK, BN_P] rows). Positions are summed in int64: an
+# offset below 2**31 plus the rows of a call may pass it.
 _OWN = {
     "qb": ["q_start = qb * BLOCK_M",
-           "i_lo = (q_offset + q_start).to(tl.float64)",
-           "i_hi = (q_offset + tl.minimum(q_start + BLOCK_M, Nq) - 1).to(tl.float64)"],
+           "i_lo = (q_offset + q_start.to(tl.int64)).to(tl.float64)",
+           "i_hi = (q_offset + tl.minimum(q_start + BLOCK_M, Nq).to(tl.int64) - 1).to(tl.float64)"],
     "kb": ["k_start = kb * BLOCK_N",
-           "j_lo = (k_offset + k_start).to(tl.float64)",
-           "j_hi = (k_offset + tl.minimum(k_start + BLOCK_N, Nk) - 1).to(tl.float64)"],
+           "j_lo = (k_offset + k_start.to(tl.int64)).to(tl.float64)",
+           "j_hi = (k_offset + tl.minimum(k_start + BLOCK_N, Nk).to(tl.int64) - 1).to(tl.float64)"],
 }
 _OWN_ROWS = {
-    "qb": "pos_q = (q_offset + tl.minimum(q_start + tl.minimum(tl.arange(0, BM_P), BLOCK_M - 1), Nq - 1)"
+    "qb": "pos_q = q_offset + tl.minimum(q_start + tl.minimum(tl.arange(0, BM_P), BLOCK_M - 1), Nq - 1"
           ").to(tl.int64)  # the query block's rows, the last one repeated",
-    "kb": "pos_k = (k_offset + tl.minimum(k_start + tl.minimum(tl.arange(0, BN_P), BLOCK_N - 1), Nk - 1)"
+    "kb": "pos_k = k_offset + tl.minimum(k_start + tl.minimum(tl.arange(0, BN_P), BLOCK_N - 1), Nk - 1"
           ").to(tl.int64)  # the key block's rows, the last one repeated",
 }
 _CHUNK_ROWS = {
-    "qb": "pos_q = (q_offset + tl.minimum(q_start[:, None] + tl.minimum(tl.arange(0, BM_P), BLOCK_M - 1)[None, :], "
-          "Nq - 1)).to(tl.int64)  # [CHUNK, BM_P] query rows, clamped",
-    "kb": "pos_k = (k_offset + tl.minimum(k_start[:, None] + tl.minimum(tl.arange(0, BN_P), BLOCK_N - 1)[None, :], "
-          "Nk - 1)).to(tl.int64)  # [CHUNK, BN_P] key rows, clamped",
+    "qb": "pos_q = q_offset + tl.minimum(q_start[:, None] + tl.minimum(tl.arange(0, BM_P), BLOCK_M - 1)[None, :], "
+          "Nq - 1).to(tl.int64)  # [CHUNK, BM_P] query rows, clamped",
+    "kb": "pos_k = k_offset + tl.minimum(k_start[:, None] + tl.minimum(tl.arange(0, BN_P), BLOCK_N - 1)[None, :], "
+          "Nk - 1).to(tl.int64)  # [CHUNK, BN_P] key rows, clamped",
 }
 
 

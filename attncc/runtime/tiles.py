@@ -640,9 +640,22 @@ def input_interval(stat: BlockStat, tensor: torch.Tensor, *, q_offset: int, k_of
     elif "j" in present:
         lo, hi = _block_reduce(x, 3, k_offset, k_rows, block_n)
     else:  # a point per grid cell
-        x = x.to(_F64)
-        return (x, x)
-    return (lo.to(_F64), hi.to(_F64))
+        lo = hi = x
+    return _as_f64(lo, -1.0), _as_f64(hi, 1.0)
+
+
+_EXACT = 2.0**53  # integers up to here are exact in float64
+
+
+def _as_f64(x: torch.Tensor, direction: float) -> torch.Tensor:
+    """``x`` as float64 bounds. An int64 value past 2**53 rounds to a neighbour, possibly on the
+    wrong side: it is moved outward by at least one float64 step (``direction`` -1 for a lower
+    bound, +1 for an upper one), so that the interval still holds it (doc ids 2**60 and
+    2**60 + 1 stay different documents, their tiles PARTIAL)."""
+    y = x.to(_F64)
+    if x.dtype == torch.int64:
+        y = torch.where(y.abs() >= _EXACT, y + direction * y.abs() * 2.0**-52, y)
+    return y
 
 
 def classify_grid(program: Optional[IntervalProgram], *, q_offset: int, k_offset: int, q_rows: int, k_rows: int,
