@@ -124,7 +124,16 @@ def int32_products(ttir: str):
         memo[v] = out
         return out
 
-    sys.setrecursionlimit(max(sys.getrecursionlimit(), 100000))
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, 100000))
+    try:
+        flagged = _flagged(muls, origins)
+    finally:
+        sys.setrecursionlimit(limit)
+    return flagged
+
+
+def _flagged(muls, origins):
     flagged = []
     for line, ops in muls:
         if len(ops) != 2:

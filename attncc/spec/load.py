@@ -121,6 +121,22 @@ def _kind(value) -> str:
             dict: "a table"}.get(type(value), type(value).__name__)
 
 
+MAX_TOML_NESTING = 16  # a spec needs 3 (a table of inline tables of lists)
+
+
+def _nesting(value) -> int:
+    """How deeply tables and arrays nest in parsed TOML (iterative: any depth is safe)."""
+    deepest, todo = 0, [(value, 0)]
+    while todo:
+        v, depth = todo.pop()
+        deepest = max(deepest, depth)
+        if isinstance(v, dict):
+            todo.extend((x, depth + 1) for x in v.values())
+        elif isinstance(v, list):
+            todo.extend((x, depth + 1) for x in v)
+    return deepest
+
+
 def parse_spec(text: str, path: str = "<string>") -> Pattern:
     """Parse the text of a TOML spec into a Pattern; ``path`` names it in errors."""
     c = _Checker(path)
@@ -132,6 +148,9 @@ def parse_spec(text: str, path: str = "<string>") -> Pattern:
         raise SpecError(path, "", f"not valid TOML here: {e}") from None
     except RecursionError:
         raise SpecError(path, "", "not valid TOML here: arrays or tables nested too deeply") from None
+    if _nesting(data) > MAX_TOML_NESTING:  # not left to the recursion limit, which a host program may raise
+        raise SpecError(path, "", f"not valid TOML here: arrays or tables nested too deeply "
+                                  f"(more than {MAX_TOML_NESTING} levels)")
     for k in data:
         if k not in TOP_KEYS:
             c.fail(k, f"unknown key (expected one of: {', '.join(TOP_KEYS)})")
