@@ -86,10 +86,11 @@ KNOWN_BUG_TAGS = {
 }
 # Bugs this fuzzer found beyond issue 15 (each has an xfail test in tests/test_fuzz_regressions.py).
 FOUND_BUG_TAGS = {
-    "half_table": "bf16/fp16 input values are computed with in their own precision "
-                  "(fp16 products lose digits; bf16 constants crash the interpreter: get_bf16)",
-    "big_linear_pos": "float terms linear in the positions (alibi, c * (i - j)) are evaluated from absolute "
-                      "positions in float32: wrong past ~2**16",
+    "table_dtype": "float input values enter the score arithmetic in their own dtype: fp16 products lose "
+                   "digits and overflow past 65504 (NaN), bf16 ones crash the interpreter (get_bf16), float64 "
+                   "scores reach p.to(bfloat16), which the interpreter converts wrongly",
+    "big_linear_pos": "float terms linear in the positions (alibi, c * (i - j): sympy expands it to c*i - c*j) "
+                      "are evaluated from absolute positions in float32: imprecise past ~2**16",
 }
 BUG_TAGS = {**KNOWN_BUG_TAGS, **FOUND_BUG_TAGS}
 
@@ -186,14 +187,16 @@ class Draft:
             tags.add("leaf_collision")
         if any("n" in d.dims for d in self.used_inputs):
             tags.add("n_input")
-        # half-precision tables in the score (bias, mod); query-only ones (no j in the index) too
-        halves = {d.name for d in self.used_inputs if d.dtype in ("bfloat16", "float16")}
+        # tables of other float dtypes in the score (bias, mod); query-only ones (no j in the index)
+        dtypes = {d.name: d.dtype for d in self.used_inputs}
         ex = self.expressions()
         for name, index in _ACCESS.findall(ex.get("bias", "") + " " + ex.get("mod", "")):
-            if name in halves:
+            if dtypes.get(name) in ("bfloat16", "float16"):
                 tags.add("half_table")
                 if "j" not in re.findall(r"[A-Za-z_]\w*", index):
                     tags.add("half_query_table")
+            elif dtypes.get(name) == "float64":
+                tags.add("f64_table")
         return frozenset(tags)
 
     @property
@@ -493,7 +496,8 @@ def _bias_term(pool: _Pool) -> Atom:
         text = rng.choice((f"{c} * (i - j)", f"{c} * (n_k - j)", f"{c} * abs(i - j)"))
         return Atom(text, LINEAR_POS if "abs" not in text else frozenset())
     if kind == "log":
-        return Atom(rng.choice(("log(1 + abs(i - j))", "0.1 * sqrt(abs(i - j) + 1)", "tanh(0.1 * (i - j))")))
+        text = rng.choice(("log(1 + abs(i - j))", "0.1 * sqrt(abs(i - j) + 1)", "tanh(0.1 * (i - j))"))
+        return Atom(text, LINEAR_POS if "tanh" in text else frozenset())
     if kind == "abspos":  # float functions of absolute positions: exact only at small positions
         return Atom(rng.choice(("0.3 * sin(0.2 * j)", "0.2 * cos(0.5 * i)", "0.001 * i * j")), frozenset({"abspos"}))
     if kind == "int_ops":
@@ -506,8 +510,8 @@ def _bias_term(pool: _Pool) -> Atom:
     return Atom(f"{t}[h, {ix}]" if len(pool.inputs[t].dims) == 2 else f"{t}[{ix}]")
 
 
-# A float term linear in the positions (alibi, c * (i - j)): small where i - j is small, as long as
-# the kernel does not evaluate it from the absolute positions.
+# A float term linear in the positions (alibi, c * (i - j), which sympy expands to c*i - c*j): small
+# where i - j is small, as long as the kernel does not evaluate it from the absolute positions.
 LINEAR_POS = frozenset({"linear_pos"})
 
 
@@ -580,6 +584,8 @@ def _draw(pool: _Pool, fn, tries: int = 50):
 def random_spec(rng: random.Random, avoid=frozenset()) -> Tuple[str, Draft]:
     """A random well-typed softmax spec: ``(toml_text, draft)``; ``avoid``: tags not to produce."""
     avoid = frozenset(avoid)
+    if "table_dtype" in avoid:  # a call-level tag: keep its spec-level causes out
+        avoid |= {"half_table", "f64_table"}
     for _ in range(100):
         try:
             draft = _random_draft(rng, avoid)
@@ -766,6 +772,8 @@ def call_tags(draft: Draft, plan: CallPlan) -> FrozenSet[str]:
         tags.add("noncontig_int")
     if not plan.backward:
         tags.discard("half_query_table")
+    if "half_table" in tags or ("f64_table" in tags and plan.dtype == "bfloat16"):
+        tags.add("table_dtype")
     if "linear_pos" in tags and min(plan.q_offset, plan.k_offset) >= 2**16:
         tags.add("big_linear_pos")
     return frozenset(tags)
