@@ -22,7 +22,7 @@ from tagged features, which is how one hunts for new bugs while known ones are s
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import contextlib
 import hashlib
 import math
 import os
@@ -89,6 +89,8 @@ FOUND_BUG_TAGS = {
     "table_dtype": "float input values enter the score arithmetic in their own dtype: fp16 products lose "
                    "digits and overflow past 65504 (NaN), bf16 ones crash the interpreter (get_bf16), float64 "
                    "scores reach p.to(bfloat16), which the interpreter converts wrongly",
+    "input_divmod": "`//` and `%` of an int input's value are printed as float floor arithmetic (sympy cannot "
+                    "tell the input is an integer): wrong past 2**24, a crash inside an input index",
     "big_linear_pos": "float terms linear in the positions (alibi, c * (i - j): sympy expands it to c*i - c*j) "
                       "are evaluated from absolute positions in float32: imprecise past ~2**16",
 }
@@ -353,7 +355,7 @@ class _Pool:
     def int_input(self, dims, role: str) -> str:
         r = self.rng.random()
         dtype = "int32" if r < 0.6 else "int64" if r < 0.8 else self.rng.choice(("int16", "int8", "uint8"))
-        if role == "len" and dtype not in ("int32", "int64"):
+        if role in ("len", "big") and dtype not in ("int32", "int64"):
             dtype = "int32"  # lengths near positions of 2**20 need 32 bits
         return self.input(dims, role, dtype)
 
@@ -368,7 +370,7 @@ def _mask_leaf(pool: _Pool) -> Atom:
     rng = pool.rng
     kind = rng.choice(("causal", "causal", "window", "window", "chunk", "modulo", "global", "prefix",
                        "bottom_right", "head", "batch", "doc", "len", "flag", "float_table", "random_blocks",
-                       "float_bound", "power", "lookalike", "minmax"))
+                       "float_bound", "power", "lookalike", "minmax", "input_divmod"))
     if kind == "causal":
         return Atom(rng.choice(("j <= i", "causal", "j < i + 1", "i >= j", "kv_idx <= q_idx", "j >= i")))
     if kind == "window":
@@ -431,6 +433,11 @@ def _mask_leaf(pool: _Pool) -> Atom:
     if kind == "float_bound":
         c = pool.float_param("thresh")
         return Atom(rng.choice((f"i - j < {c}", f"abs(i - j) * 0.5 <= {c}")), frozenset({"float_mask"}))
+    if kind == "input_divmod":  # hashes, ids: int32 values of any size
+        d = pool.int_input(("b", "n"), "big")
+        c = rng.choice(DIVISORS)
+        return Atom(rng.choice((f"{d}[b, j] % {c} == 0", f"{d}[b, i] % {c} == {d}[b, j] % {c}",
+                                f"{d}[b, i] // {c} == {d}[b, j] // {c}")), INPUT_DIVMOD)
     if kind == "lookalike":  # x[b, i] and x_b[i]: one classifier leaf name for two accesses
         pair = pool.lookalike_pair("doc", rng.choice(("int32", "int64")))
         if pair is not None:
@@ -469,7 +476,7 @@ def _random_mask(pool: _Pool) -> Mask:
 def _bias_term(pool: _Pool) -> Atom:
     rng = pool.rng
     kind = rng.choice(("alibi", "bucket", "bucket", "row", "row", "head", "batch", "slope", "linear", "log",
-                       "abspos", "int_ops", "mod_table"))
+                       "abspos", "int_ops", "mod_table", "gather", "flag_where"))
     if kind == "alibi":
         return Atom("alibi", LINEAR_POS)
     if kind == "bucket":
@@ -504,12 +511,21 @@ def _bias_term(pool: _Pool) -> Atom:
         c, tags = _divisor(pool)
         text = rng.choice((f"where(j % {c} == 0, 0.5, -0.5)", f"0.1 * (i % {c})", f"0.2 * (i // {c} - j // {c})"))
         return Atom(text, tags | (LINEAR_POS if "-" in text else frozenset()))
-    k = rng.choice((5, 7, 3))
+    if kind == "gather":  # a table indexed by another input's value
+        d = pool.int_input(("b", "n"), "doc")
+        t = pool.float_table(("h", 5))
+        return Atom(f"{t}[h, {d}[b, {rng.choice('ij')}] % 5]", INPUT_DIVMOD)
+    if kind == "flag_where":
+        f = pool.input(("b", "n"), "flag", "bool")
+        x = pool.float_table(("b", "h", "n"))
+        return Atom(rng.choice((f"where({f}[b, j], 0.5, -0.5)", f"where({f}[b, j], {x}[b, h, j], 0.0)")))
+    k = rng.choice((5, 7, 3))  # mod_table
     t = pool.float_table(("h", k) if rng.random() < 0.6 else (k,))
     ix = rng.choice((f"(i - j) % {k}", f"j % {k}", f"(j // 2) % {k}"))
     return Atom(f"{t}[h, {ix}]" if len(pool.inputs[t].dims) == 2 else f"{t}[{ix}]")
 
 
+INPUT_DIVMOD = frozenset({"input_divmod"})
 # A float term linear in the positions (alibi, c * (i - j), which sympy expands to c*i - c*j): small
 # where i - j is small, as long as the kernel does not evaluate it from the absolute positions.
 LINEAR_POS = frozenset({"linear_pos"})
@@ -657,6 +673,9 @@ class CallPlan:
     int64_values: bool = False  # int inputs passed as int64 holding values past 2**31
     nan: Optional[str] = None  # "q" or "k": one NaN planted there
     backward: bool = False
+    scale: Optional[float] = None  # attention(..., scale=)
+    # forced tile shapes (BLOCK_M, BLOCK_N) of the forward, dK/dV and dQ kernels; None: the default
+    tiles: Optional[Tuple[Tuple[int, int], Tuple[int, int], Tuple[int, int]]] = None
 
     @property
     def tags(self) -> FrozenSet[str]:
@@ -687,6 +706,10 @@ class CallPlan:
             parts.append("int inputs as int64 past 2**31")
         if self.nan:
             parts.append(f"NaN in {self.nan}")
+        if self.scale is not None:
+            parts.append(f"scale={self.scale}")
+        if self.tiles is not None:
+            parts.append("tiles fwd/dkdv/dq " + " ".join(f"{m}x{n}" for m, n in self.tiles))
         parts.append(f"tensor seed {self.seed}" + (", backward" if self.backward else ""))
         return "; ".join(parts)
 
@@ -746,10 +769,15 @@ def random_call(rng: random.Random, draft: Draft, backward: Optional[bool] = Non
     if (not backward and "nan" not in avoid and rng.random() < 0.05
             and draft.mod is None):  # the contract's NaN rows come from the mask, not from scores
         nan = rng.choice(("q", "k"))
+    named_scale = any(x.name == "scale" for x in (*draft.used_params, *draft.used_inputs))
+    scale = rng.choice((0.1, 0.25, 0.7)) if rng.random() < 0.15 and not named_scale else None
+    tiles = None
+    if rng.random() < 0.3:
+        tiles = tuple((rng.choice((16, 32, 64)), rng.choice((16, 32, 64))) for _ in range(3))
     return CallPlan(seed=rng.randrange(2**31), B=rng.choice((1, 2)), Hq=hq, Hkv=hkv, Nq=Nq, Nk=Nk, D=D, Dv=Dv,
                     dtype=dtype, q_offset=q_offset, k_offset=k_offset, n_q_extra=n_q_extra, n_k_extra=n_k_extra,
                     overrides=tuple(overrides), layouts=layouts, input_layouts=tuple(input_layouts),
-                    int64_values=int64_values, nan=nan, backward=backward)
+                    int64_values=int64_values, nan=nan, backward=backward, scale=scale, tiles=tiles)
 
 
 def _is_int(d: InputPlan) -> bool:
@@ -826,6 +854,8 @@ def _input_values(d: InputPlan, shape, gen, plan: CallPlan) -> torch.Tensor:
         else:
             ids = torch.randint(0, 4, shape, generator=gen)
         return ids % 100  # fits every int dtype
+    if d.role == "big":
+        return torch.randint(0, 2**31 - 1, shape, generator=gen)
     if d.role == "len":
         lo, hi = max(0, plan.k_offset - 3), plan.k_offset + plan.Nk + 3
         return torch.randint(lo, hi + 1, shape, generator=gen)
@@ -904,7 +934,7 @@ def call_arguments(draft: Draft, plan: CallPlan) -> Arguments:
 # building and comparing
 # ---------------------------------------------------------------------------------------------
 
-_BUILT: Dict[str, object] = {}  # spec text -> (pattern, module) or the SpecError it raised
+_BUILT: Dict[str, object] = {}  # spec text -> (pattern, module), or the exception its build raised
 _BUILD_DIR: Optional[tempfile.TemporaryDirectory] = None
 
 
@@ -988,8 +1018,33 @@ def run_case(draft: Draft, plan: CallPlan, reference: Optional[Reference] = None
             return None  # contract v0 refuses a mask that is never true; nothing to compare
         return fail("build", "spec", math.inf, f"{type(built).__name__}: {str(built)[:300]}")
     pattern, mod = built
+    with _tile_config(plan.tiles):
+        return _run_built(pattern, mod, draft, plan, reference, fail)
+
+
+@contextlib.contextmanager
+def _tile_config(tiles):
+    """Force the kernels' tile shapes through ATTNCC_CONFIG* (attncc.runtime.launch) for one case."""
+    names = ("ATTNCC_CONFIG", "ATTNCC_CONFIG_DKDV", "ATTNCC_CONFIG_DQ")
+    saved = {n: os.environ.get(n) for n in names}
+    try:
+        if tiles is not None:
+            for n, (bm, bn) in zip(names, tiles):
+                os.environ[n] = f"BLOCK_M={bm},BLOCK_N={bn},num_warps=4,num_stages=1"
+        yield
+    finally:
+        for n, value in saved.items():
+            if value is None:
+                os.environ.pop(n, None)
+            else:
+                os.environ[n] = value
+
+
+def _run_built(pattern, mod, draft: Draft, plan: CallPlan, reference: Reference, fail) -> Optional[Failure]:
     a = call_arguments(draft, plan)
     kw = dict(**a.positions, **a.params, **a.inputs)
+    if plan.scale is not None:
+        kw["scale"] = plan.scale
     try:
         if plan.backward:
             o, lse = mod.attention(a.q, a.k, a.v, **kw), None
@@ -1005,7 +1060,8 @@ def run_case(draft: Draft, plan: CallPlan, reference: Optional[Reference] = None
     ref_in = [t.detach().to(torch.float64).requires_grad_(plan.backward) for t in (a.q, a.k, a.v)]
     ref_inputs = {n: (t.detach().double().requires_grad_() if n in a.grad_tables else t) for n, t in a.inputs.items()}
     try:
-        ref, ref_lse = reference(pattern, *ref_in, return_lse=True, **a.positions, **a.params, **ref_inputs)
+        extra = {} if plan.scale is None else {"scale": plan.scale}
+        ref, ref_lse = reference(pattern, *ref_in, return_lse=True, **a.positions, **a.params, **ref_inputs, **extra)
     except Exception as e:  # noqa: BLE001 - the generator only draws what the contract allows
         return fail("reference", "reference()", math.inf, f"{type(e).__name__}: {str(e)[:300]}")
     dt = _DT[plan.dtype]
@@ -1183,6 +1239,10 @@ def _plan_reductions(p: CallPlan):
         yield replace(p, input_layouts=p.input_layouts[:n] + p.input_layouts[n + 1:])
     for n in range(len(p.overrides)):
         yield replace(p, overrides=p.overrides[:n] + p.overrides[n + 1:])
+    if p.tiles is not None:
+        yield replace(p, tiles=None)
+    if p.scale is not None:
+        yield replace(p, scale=None)
     if p.n_q_extra is not None:
         yield replace(p, n_q_extra=None)
     if p.n_k_extra is not None:
