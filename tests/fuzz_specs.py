@@ -429,7 +429,7 @@ def _mask_leaf(pool: _Pool) -> Atom:
         return Atom(f"{x}[{ix}] > 0.0")
     if kind == "random_blocks":
         r, block, seed = rng.randint(0, 3), rng.choice((8, 16, 32)), rng.randint(0, 5)
-        return Atom(f"random_blocks({r}, block={block}, seed={seed})", frozenset({"abspos"}))
+        return Atom(f"random_blocks({r}, block={block}, seed={seed})", frozenset({"abspos", "random_blocks"}))
     if kind == "float_bound":
         c = pool.float_param("thresh")
         return Atom(rng.choice((f"i - j < {c}", f"abs(i - j) * 0.5 <= {c}")), frozenset({"float_mask"}))
@@ -651,6 +651,19 @@ INPUT_LAYOUTS = ("contiguous", "transposed", "step", "broadcast")
 
 
 @dataclass(frozen=True)
+class DecodePlan:
+    """``decode(q, k_cache, v_cache, kv_len=..., block_table=...)``: Nq new rows per batch row at
+    the end of ``kv_lens[b]`` cached positions, in a contiguous cache of ``capacity`` rows or in
+    pages of ``page_size`` rows; kv_len and block_table contiguous or strided views."""
+
+    kv_lens: Tuple[int, ...]
+    capacity: int
+    page_size: int = 0  # 0: contiguous cache
+    kv_len_layout: str = "contiguous"  # or "strided"
+    table_layout: str = "contiguous"  # or "strided"
+
+
+@dataclass(frozen=True)
 class CallPlan:
     """A call of a drafted spec as data; :func:`call_arguments` makes the tensors (from ``seed``)."""
 
@@ -676,6 +689,7 @@ class CallPlan:
     scale: Optional[float] = None  # attention(..., scale=)
     # forced tile shapes (BLOCK_M, BLOCK_N) of the forward, dK/dV and dQ kernels; None: the default
     tiles: Optional[Tuple[Tuple[int, int], Tuple[int, int], Tuple[int, int]]] = None
+    decode: Optional[DecodePlan] = None  # a call of decode() (Nq rows; Nk: the cache's capacity)
 
     @property
     def tags(self) -> FrozenSet[str]:
@@ -710,6 +724,12 @@ class CallPlan:
             parts.append(f"scale={self.scale}")
         if self.tiles is not None:
             parts.append("tiles fwd/dkdv/dq " + " ".join(f"{m}x{n}" for m, n in self.tiles))
+        if self.decode is not None:
+            dp = self.decode
+            parts[0] = (f"decode B={self.B} Hq={self.Hq} Hkv={self.Hkv} Nq={self.Nq} kv_len={list(dp.kv_lens)} "
+                        f"capacity={dp.capacity} D={self.D} Dv={self.Dv}")
+            parts[2] = (f"paged, page_size={dp.page_size}" if dp.page_size else "contiguous cache") + \
+                f", kv_len {dp.kv_len_layout}, block_table {dp.table_layout}"
         parts.append(f"tensor seed {self.seed}" + (", backward" if self.backward else ""))
         return "; ".join(parts)
 
@@ -769,15 +789,32 @@ def random_call(rng: random.Random, draft: Draft, backward: Optional[bool] = Non
     if (not backward and "nan" not in avoid and rng.random() < 0.05
             and draft.mod is None):  # the contract's NaN rows come from the mask, not from scores
         nan = rng.choice(("q", "k"))
+    decode = None
+    # decode() refuses random_blocks (their blocks depend on n_k, which differs per row)
+    if not backward and nan is None and "random_blocks" not in tags and rng.random() < 0.15:
+        Nq = rng.choice((1, 1, 2, 3, 5, 16))
+        capacity = rng.randint(Nq, 70)
+        strided = lambda: "strided" if rng.random() < 0.3 and "noncontig_int" not in avoid else "contiguous"  # noqa: E731
+        page_size = rng.choice((0, 16, 32))
+        if page_size:  # whole pages: the cache's positions (and "n" inputs) reach the last page's end
+            capacity = -(-capacity // page_size) * page_size
+        decode = DecodePlan(kv_lens=(), capacity=capacity, page_size=page_size, kv_len_layout=strided(),
+                            table_layout=strided() if page_size else "contiguous")
+        q_offset = k_offset = 0
+        n_q_extra = n_k_extra = None
+        Nk = capacity
     named_scale = any(x.name == "scale" for x in (*draft.used_params, *draft.used_inputs))
     scale = rng.choice((0.1, 0.25, 0.7)) if rng.random() < 0.15 and not named_scale else None
     tiles = None
     if rng.random() < 0.3:
         tiles = tuple((rng.choice((16, 32, 64)), rng.choice((16, 32, 64))) for _ in range(3))
-    return CallPlan(seed=rng.randrange(2**31), B=rng.choice((1, 2)), Hq=hq, Hkv=hkv, Nq=Nq, Nk=Nk, D=D, Dv=Dv,
+    B = rng.choice((1, 2))
+    if decode is not None:
+        decode = replace(decode, kv_lens=tuple(rng.randint(Nq, decode.capacity) for _ in range(B)))
+    return CallPlan(seed=rng.randrange(2**31), B=B, Hq=hq, Hkv=hkv, Nq=Nq, Nk=Nk, D=D, Dv=Dv,
                     dtype=dtype, q_offset=q_offset, k_offset=k_offset, n_q_extra=n_q_extra, n_k_extra=n_k_extra,
                     overrides=tuple(overrides), layouts=layouts, input_layouts=tuple(input_layouts),
-                    int64_values=int64_values, nan=nan, backward=backward, scale=scale, tiles=tiles)
+                    int64_values=int64_values, nan=nan, backward=backward, scale=scale, tiles=tiles, decode=decode)
 
 
 def _is_int(d: InputPlan) -> bool:
@@ -800,6 +837,8 @@ def call_tags(draft: Draft, plan: CallPlan) -> FrozenSet[str]:
         tags.add("noncontig_int")
     if not plan.backward:
         tags.discard("half_query_table")
+    if plan.decode is not None and "strided" in (plan.decode.kv_len_layout, plan.decode.table_layout):
+        tags.add("noncontig_int")
     if "half_table" in tags or ("f64_table" in tags and plan.dtype == "bfloat16"):
         tags.add("table_dtype")
     if "linear_pos" in tags and min(plan.q_offset, plan.k_offset) >= 2**16:
@@ -1041,6 +1080,8 @@ def _tile_config(tiles):
 
 
 def _run_built(pattern, mod, draft: Draft, plan: CallPlan, reference: Reference, fail) -> Optional[Failure]:
+    if plan.decode is not None:
+        return _run_decode(pattern, mod, draft, plan, reference, fail)
     a = call_arguments(draft, plan)
     kw = dict(**a.positions, **a.params, **a.inputs)
     if plan.scale is not None:
@@ -1069,6 +1110,14 @@ def _run_built(pattern, mod, draft: Draft, plan: CallPlan, reference: Reference,
         return fail("mismatch", "o", math.inf, f"shape/dtype {tuple(o.shape)} {o.dtype}, expected {tuple(ref.shape)} {dt}")
     if plan.nan:
         return _check_nan(pattern, plan, a, o, ref, ref_lse, fail)
+    failure = _compare_forward(o, lse, ref, ref_lse, dt, fail)
+    if failure is None and plan.backward:
+        return _check_backward(plan, a, o, ref, ref_in, ref_inputs, fail)
+    return failure
+
+
+def _compare_forward(o, lse, ref, ref_lse, dt, fail) -> Optional[Failure]:
+    """o against the reference (rows without keys exactly 0), and lse when there is one."""
     if not torch.isfinite(o).all():
         return fail("nan", "o", math.inf, f"{int((~torch.isfinite(o)).sum())} non-finite values")
     empty = ~torch.isfinite(ref_lse)
@@ -1090,8 +1139,6 @@ def _run_built(pattern, mod, draft: Draft, plan: CallPlan, reference: Reference,
         bound = LSE_TOL[dt] + 1e-5 * ref_lse[~empty].abs()
         if diff.numel() and (diff > bound).any():
             return fail("mismatch", "lse", float(diff.max()), "lse differs")
-    if plan.backward:
-        return _check_backward(plan, a, o, ref, ref_in, ref_inputs, fail)
     return None
 
 
@@ -1100,6 +1147,74 @@ def _where_worst(o, ref) -> str:
         return ""
     idx = torch.nonzero((o.detach().double() - ref.detach()).abs() == (o.detach().double() - ref.detach()).abs().max())[0]
     return f"worst at [b, h, row] = {idx[:3].tolist()}"
+
+
+def _decode_cache(plan: CallPlan, k: torch.Tensor, v: torch.Tensor):
+    """(k_cache, v_cache, kv_len, block_table) holding the logical k, v [B, Hkv, capacity, D] of a
+    decode plan: as they are, or scattered over shuffled pages; kv_len and block_table as views
+    (strided: every other element of a wider tensor whose other elements are wrong values)."""
+    dp = plan.decode
+    gen = torch.Generator().manual_seed(plan.seed + 1)
+    lens = torch.tensor(dp.kv_lens, dtype=torch.int32)
+    if dp.kv_len_layout == "strided":
+        wide = torch.stack([lens, torch.randint(0, dp.capacity + 1, (plan.B,), generator=gen, dtype=torch.int32)], 1)
+        lens = wide[:, 0]
+    if not dp.page_size:
+        return k, v, lens, None
+    pages = -(-dp.capacity // dp.page_size)
+    num_pages = plan.B * pages + 1  # one page no row uses
+    table = torch.randperm(num_pages, generator=gen)[:plan.B * pages].view(plan.B, pages).to(torch.int32)
+    caches = []
+    for x in (k, v):
+        cache = torch.randn(num_pages, dp.page_size, plan.Hkv, x.shape[-1], generator=gen).to(x.dtype)
+        padded = torch.zeros(plan.B, plan.Hkv, pages * dp.page_size, x.shape[-1], dtype=x.dtype)
+        padded[:, :, :dp.capacity] = x
+        for b in range(plan.B):
+            for p in range(pages):
+                cache[int(table[b, p])] = padded[b, :, p * dp.page_size:(p + 1) * dp.page_size].transpose(0, 1)
+        caches.append(cache)
+    if dp.table_layout == "strided":
+        wide = torch.stack([table, torch.randint(0, num_pages, table.shape, generator=gen, dtype=torch.int32)], 2)
+        table = wide.view(plan.B, 2 * pages)[:, ::2]
+    return caches[0], caches[1], lens, table
+
+
+def _run_decode(pattern, mod, draft: Draft, plan: CallPlan, reference: Reference, fail) -> Optional[Failure]:
+    """decode() against the reference row by row: batch row b is attention() on its first
+    kv_lens[b] cached positions with the queries at the end (q_offset = kv_lens[b] - Nq)."""
+    a = call_arguments(draft, plan)
+    k = a.k
+    if pattern.rope is not None:  # decode() reads keys rotated at their positions, as attention() makes them
+        from attncc._reference import rotary
+
+        rope = pattern.rope
+        k = rotary(k.double(), torch.arange(plan.Nk), rope.theta, rope.style, rope.rotary_dim or plan.D).to(k.dtype)
+    kc, vc, kv_len, table = _decode_cache(plan, k, a.v)
+    extra = {} if plan.scale is None else {"scale": plan.scale}
+    try:
+        with torch.no_grad():
+            o, lse = mod.decode(a.q, kc, vc, kv_len=kv_len, block_table=table, return_lse=True,
+                                **a.params, **a.inputs, **extra)
+    except (ValueError, TypeError) as e:
+        if plan.int64_values and any(name in str(e) for name in a.inputs):
+            return None
+        return fail("raise", "decode()", math.inf, f"{type(e).__name__}: {e}")
+    except Exception as e:  # noqa: BLE001
+        return fail("raise", "decode()", math.inf, f"{type(e).__name__}: {str(e)[:300]}")
+    refs, ref_lses = [], []
+    try:
+        for b, n in enumerate(plan.decode.kv_lens):
+            r, r_lse = reference(pattern, a.q.double(), a.k[:, :, :n].double(), a.v[:, :, :n].double(),
+                                 return_lse=True, q_offset=n - plan.Nq, **a.params, **a.inputs, **extra)
+            refs.append(r[b])
+            ref_lses.append(r_lse[b])
+    except Exception as e:  # noqa: BLE001
+        return fail("reference", "reference()", math.inf, f"{type(e).__name__}: {str(e)[:300]}")
+    ref, ref_lse = torch.stack(refs), torch.stack(ref_lses)
+    dt = _DT[plan.dtype]
+    if tuple(o.shape) != tuple(ref.shape) or o.dtype != dt:
+        return fail("mismatch", "o", math.inf, f"shape/dtype {tuple(o.shape)} {o.dtype}, expected {tuple(ref.shape)} {dt}")
+    return _compare_forward(o, lse, ref, ref_lse, dt, fail)
 
 
 def _check_backward(plan, a: Arguments, o, ref, ref_in, ref_inputs, fail) -> Optional[Failure]:
@@ -1221,7 +1336,7 @@ def _draft_reductions(d: Draft):
 def _plan_reductions(p: CallPlan):
     if p.backward:
         yield replace(p, backward=False)
-    if p.B > 1:
+    if p.B > 1 and p.decode is None:
         yield replace(p, B=1)
     if p.Hq > 1:
         yield replace(p, Hq=1, Hkv=1)
@@ -1241,6 +1356,14 @@ def _plan_reductions(p: CallPlan):
         yield replace(p, overrides=p.overrides[:n] + p.overrides[n + 1:])
     if p.tiles is not None:
         yield replace(p, tiles=None)
+    if p.decode is not None:
+        dp = p.decode
+        if dp.kv_len_layout != "contiguous" or dp.table_layout != "contiguous":
+            yield replace(p, decode=replace(dp, kv_len_layout="contiguous", table_layout="contiguous"))
+        if dp.page_size:
+            yield replace(p, decode=replace(dp, page_size=0, table_layout="contiguous"))
+        if p.B > 1:
+            yield replace(p, B=1, decode=replace(dp, kv_lens=dp.kv_lens[:1]))
     if p.scale is not None:
         yield replace(p, scale=None)
     if p.n_q_extra is not None:
@@ -1249,8 +1372,8 @@ def _plan_reductions(p: CallPlan):
         yield replace(p, n_k_extra=None)
     if p.dtype != "float32":
         yield replace(p, dtype="float32")
-    if p.D != 16 and p.Dv == p.D:
-        yield replace(p, D=16, Dv=16)
+    if p.D != 16:
+        yield replace(p, D=16, Dv=16 if p.Dv == p.D else p.Dv)
     if p.Dv != p.D:
         yield replace(p, Dv=p.D)
     # Offsets shrink together: a query far from its keys makes a relative bias large, and float32
@@ -1263,11 +1386,18 @@ def _plan_reductions(p: CallPlan):
     for fld in ("q_offset", "k_offset"):
         if 0 < getattr(p, fld) < 2**10:
             yield replace(p, **{fld: 0})
-    for fld in ("Nq", "Nk"):
+    for fld in ("Nq", "Nk") if p.decode is None else ("Nq",):  # Nk is a decode cache's capacity
         x = getattr(p, fld)
         if x > 1:
             yield replace(p, **{fld: max(1, x // 2)})
             yield replace(p, **{fld: x - 1})
+
+
+def _consistent(d: Draft, p: CallPlan) -> bool:
+    """What the generator guarantees of a case: a call the spec accepts (a smaller case that is
+    refused shows nothing about the failure being shrunk)."""
+    return (p.D in d.head_dims and p.Hq % p.Hkv == 0 and d.heads_q in (None, p.Hq) and d.heads_kv in (None, p.Hkv)
+            and d.value_dim in (None, p.Dv) and (d.rope is None or (d.rope[2] or p.D) <= p.D))
 
 
 def _drop_unused(d: Draft) -> Draft:
@@ -1289,6 +1419,8 @@ def minimize(failure: Failure, reference: Optional[Reference] = None, budget_s: 
             if time.monotonic() > deadline:
                 break
             d = _drop_unused(d)
+            if not _consistent(d, p):
+                continue
             try:
                 f = run_case(d, p, reference)
             except Exception:  # noqa: BLE001 - a reduction the reference refuses: not smaller
