@@ -371,6 +371,8 @@ def _mask_leaf(pool: _Pool) -> Atom:
     kind = rng.choice(("causal", "causal", "window", "window", "chunk", "modulo", "global", "prefix",
                        "bottom_right", "head", "batch", "doc", "len", "flag", "float_table", "random_blocks",
                        "float_bound", "power", "lookalike", "minmax", "input_divmod"))
+    if kind in ("input_divmod", "random_blocks", "float_bound") and rng.random() < 0.5:
+        kind = "causal"  # rarer clauses
     if kind == "causal":
         return Atom(rng.choice(("j <= i", "causal", "j < i + 1", "i >= j", "kv_idx <= q_idx", "j >= i")))
     if kind == "window":
@@ -477,6 +479,8 @@ def _bias_term(pool: _Pool) -> Atom:
     rng = pool.rng
     kind = rng.choice(("alibi", "bucket", "bucket", "row", "row", "head", "batch", "slope", "linear", "log",
                        "abspos", "int_ops", "mod_table", "gather", "flag_where"))
+    if kind == "gather" and rng.random() < 0.5:
+        kind = "bucket"  # rarer terms
     if kind == "alibi":
         return Atom("alibi", LINEAR_POS)
     if kind == "bucket":

@@ -27,7 +27,21 @@ BACKWARD_SEEDS = range(5000, 5025)
 # (fuzz_specs.BUG_TAGS). Such a seed must still fail, and carry that tag; once the bug is
 # fixed it passes and its test fails ("passes now"): delete the entry.
 KNOWN_FAILING = {
-    ("forward", 0): "placeholder",
+    ("forward", 3): "input_divmod",
+    ("forward", 11): "input_divmod",
+    ("forward", 12): "score_cond_inf",  # the reference raises NameError-like "no value for 's'"
+    ("forward", 13): "noncontig_int",  # decode() with kv_len a strided view
+    ("forward", 30): "input_divmod",
+    ("forward", 41): "input_divmod",
+    ("forward", 45): "input_divmod",
+    ("forward", 54): "nan",
+    ("forward", 58): "input_divmod",
+    ("forward", 60): "noncontig_int",  # decode() with kv_len a strided view
+    ("forward", 62): "score_cond_inf",
+    ("forward", 63): "input_divmod",
+    ("forward", 64): "input_divmod",
+    ("forward", 68): "pos_2_31",
+    ("backward", 5023): "score_cond_inf",
 }
 
 
@@ -84,7 +98,8 @@ def _passing_float32_seeds(count: int, backward: bool):
         if (("backward" if backward else "forward"), seed) in KNOWN_FAILING:
             continue
         draft, plan = F.draw_case(seed, backward)
-        if plan.dtype == "float32" and not plan.nan and not F.call_tags(draft, plan) & set(F.BUG_TAGS):
+        if (plan.dtype == "float32" and not plan.nan and plan.decode is None
+                and not F.call_tags(draft, plan) & set(F.BUG_TAGS) and not _all_rows_empty(seed, backward)):
             seeds.append(seed)
         if len(seeds) == count:
             break
@@ -95,7 +110,7 @@ def _without_heaviest_pair(pattern, q, k, v, **kw):
     """The reference of ``pattern`` with one pair taken out of the mask: in the first query row
     that has keys, the key of the largest weight. A kernel that kept that pair (a tile
     misclassified, a bound off by one) differs from this by at least that weight."""
-    positions = {x: kw[x] for x in ("q_offset", "k_offset", "n_q", "n_k")}
+    positions = {x: kw.get(x) for x in ("q_offset", "k_offset", "n_q", "n_k")}
     rest = {x: y for x, y in kw.items() if x not in positions and x != "return_lse"}
     nk = k.shape[2]
     eye = torch.eye(nk, dtype=torch.float64).expand(k.shape[0], k.shape[1], nk, nk)
@@ -113,19 +128,19 @@ def _without_heaviest_pair(pattern, q, k, v, **kw):
 
 def test_a_pair_missing_from_the_mask_is_reported():
     """Against a reference whose mask lacks one pair, every case with an allowed pair fails."""
-    tested = 0
-    for seed in _passing_float32_seeds(10, backward=False):
-        if _all_rows_empty(seed):
-            continue
-        tested += 1
+    seeds = _passing_float32_seeds(10, backward=False)
+    assert len(seeds) == 10
+    for seed in seeds:
         failure = F.check_case(seed, backward=False, reference=_without_heaviest_pair)
         assert failure is not None and failure.kind == "mismatch", f"seed {seed}: a missing pair went unnoticed"
-    assert tested >= 7
 
 
-def _all_rows_empty(seed) -> bool:
-    draft, plan = F.draw_case(seed, False)
-    pattern, _ = F.build_spec(draft.text)
+def _all_rows_empty(seed, backward) -> bool:
+    draft, plan = F.draw_case(seed, backward)
+    built = F.build_spec(draft.text)
+    if isinstance(built, Exception):
+        return True  # nothing to compare
+    pattern, _ = built
     a = F.call_arguments(draft, plan)
     _, lse = attncc.reference(pattern, a.q.double(), a.k.double(), a.v.double(), return_lse=True,
                               **a.positions, **a.params, **a.inputs)
