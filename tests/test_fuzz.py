@@ -23,13 +23,14 @@ from attncc.spec import symbols as S
 FORWARD_SEEDS = range(0, 80)
 BACKWARD_SEEDS = range(5000, 5025)
 
-# Seeds that fail on today's code because of a known bug (issue 15), with the tag of that bug
-# (fuzz_specs.BUG_TAGS). Such a seed must still fail, and carry that tag; once the bug is
-# fixed it passes and its test fails ("passes now"): delete the entry.
+# Seeds that fail on today's code because of a known bug, with the tag of that bug
+# (fuzz_specs.BUG_TAGS: issue 15's, and those this fuzzer found, tests/test_fuzz_regressions.py).
+# Such a seed must still fail, and carry that tag (an xfail); once the bug is fixed it passes and
+# its test fails ("passes now"): delete the entry.
 KNOWN_FAILING = {
     ("forward", 3): "input_divmod",
     ("forward", 11): "input_divmod",
-    ("forward", 12): "score_cond_inf",  # the reference raises NameError-like "no value for 's'"
+    ("forward", 12): "score_cond_inf",  # the reference raises "no value for 's'"
     ("forward", 13): "noncontig_int",  # decode() with kv_len a strided view
     ("forward", 30): "input_divmod",
     ("forward", 41): "input_divmod",
