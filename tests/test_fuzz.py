@@ -27,23 +27,7 @@ BACKWARD_SEEDS = range(5000, 5025)
 # (fuzz_specs.BUG_TAGS: issue 15's, and those this fuzzer found, tests/test_fuzz_regressions.py).
 # Such a seed must still fail, and carry that tag (an xfail); once the bug is fixed it passes and
 # its test fails ("passes now"): delete the entry.
-KNOWN_FAILING = {
-    ("forward", 3): "input_divmod",
-    ("forward", 11): "input_divmod",
-    ("forward", 12): "score_cond_inf",  # the reference raises "no value for 's'"
-    ("forward", 13): "noncontig_int",  # decode() with kv_len a strided view
-    ("forward", 30): "input_divmod",
-    ("forward", 41): "input_divmod",
-    ("forward", 45): "input_divmod",
-    ("forward", 54): "nan",
-    ("forward", 58): "input_divmod",
-    ("forward", 60): "noncontig_int",  # decode() with kv_len a strided view
-    ("forward", 62): "score_cond_inf",
-    ("forward", 63): "input_divmod",
-    ("forward", 64): "input_divmod",
-    ("forward", 68): "pos_2_31",
-    ("backward", 5023): "score_cond_inf",
-}
+KNOWN_FAILING: dict = {}  # (label, seed) -> bug tag, while a bug found by a CI seed is open
 
 
 def _check(label: str, seed: int, backward: bool) -> None:
