@@ -102,20 +102,24 @@ def _run_case(case: Case, rank: int, world: int) -> dict:
     params = SMALL_PARAMS.get(case.spec, {})
     p, m = pattern(case.spec), module(case.spec)
     qr, kr, vr = (t.to(dtype).double().requires_grad_() for t in (q, k, v))
-    ref = attncc.reference(p, qr, kr, vr, **params, **inputs)
+    ref, ref_lse = attncc.reference(p, qr, kr, vr, return_lse=True, **params, **inputs)
     (ref * do.double()).sum().backward()
 
     kind, extra = (case.layout, {}) if case.layout != "balanced1" else ("balanced", {"chunks_per_rank": 1})
     lay = cp.make_layout(kind, n, world, module=m, tile=4, **extra, **params, **inputs)
     ql, kl, vl = (cp.shard(t, lay, rank).to(dtype).requires_grad_() for t in (q, k, v))
     cp.reset_stats()
-    o = cp.attention(ql, kl, vl, module=m, layout=lay, comm=case.comm, **params, **inputs)
+    o, lse = cp.attention(ql, kl, vl, module=m, layout=lay, comm=case.comm, return_lse=True, **params, **inputs)
     after_forward = asdict(cp.reset_stats())
     (o.float() * cp.shard(do, lay, rank)).sum().backward()
     after_backward = asdict(cp.reset_stats())
     errors = [float((a.detach().double() - cp.shard(b.detach(), lay, rank)).norm()
                     / cp.shard(b.detach(), lay, rank).norm().clamp_min(1e-30))
               for a, b in ((o, ref), (ql.grad, qr.grad), (kl.grad, kr.grad), (vl.grad, vr.grad))]
+    want_lse = cp.shard(ref_lse.detach().unsqueeze(-1), lay, rank).squeeze(-1)
+    assert torch.equal(torch.isfinite(lse), torch.isfinite(want_lse)), "rows without keys differ"
+    finite = torch.isfinite(want_lse)
+    errors.append(float((lse[finite].double() - want_lse[finite]).abs().max()) if finite.any() else 0.0)
     return {"errors": errors, "forward": after_forward, "backward": after_backward,
             "rows": [lay.local_len(r) for r in range(world)]}
 
@@ -170,7 +174,7 @@ def test_matches_single_device_reference(world, case, tmp_path_factory):
     for rank, results in enumerate(per_rank):
         got = results[case.id]
         assert "failure" not in got, f"rank {rank}:\n{got.get('failure')}"
-        for what, err in zip(("o", "dq", "dk", "dv"), got["errors"]):
+        for what, err in zip(("o", "dq", "dk", "dv", "lse (max abs)"), got["errors"]):
             assert err < tol, (rank, what, err, got["errors"])
 
 

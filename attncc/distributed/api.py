@@ -60,9 +60,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, module, grou
             raise NotImplementedError(f"attncc.distributed: input {d.name} wants a gradient; gradients of "
                                       f"learned inputs are not implemented under context parallelism")
     B, Hq, n_local = q.shape[:3]
+    _check_position_inputs(spec, inputs, layout.n if isinstance(layout, Layout) else n_local * world)
     lay = resolve_layout(layout, n_local=n_local, world=world, rank=rank, target=target, params=params,
                          inputs=inputs, batch=B)
-    _check_position_inputs(spec, inputs, lay.n)
     if world == 1:
         return target.module.attention(q, k, v, return_lse=return_lse, scale=scale, **inputs_and_params)
     mode = resolve_comm(comm, target=target, heads_q=Hq, heads_kv=k.shape[1], world=world)

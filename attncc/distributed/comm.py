@@ -171,6 +171,20 @@ def _split_grads(s: Schedule, q, k, dq_acc, dkv):
 # Ring (rotation) schedule
 # ---------------------------------------------------------------------------
 
+_P2P_READY = set()
+
+
+def _p2p_ready(s: Schedule) -> None:
+    """NCCL: the first call of ``batch_isend_irecv`` in a group must involve every rank of it,
+    and the ring's first steps may skip some; one barrier per group before the first ring step
+    makes a collective the group's first call instead (every rank reaches this line first)."""
+    key = id(s.group)
+    if key not in _P2P_READY:
+        if dist.get_backend(s.group) == "nccl":
+            dist.barrier(group=s.group)
+        _P2P_READY.add(key)
+
+
 def _p2p(s: Schedule, sends, recvs) -> List:
     """Post point-to-point ops (``[(tensor, group rank)]`` each); returns their requests."""
     ops = [dist.P2POp(dist.isend, t, s.peer(p), s.group) for t, p in sends]
@@ -215,6 +229,7 @@ def ring_forward(s: Schedule, q, k, v):
     kv = torch.cat([k, v], -1)
     o_acc, lse_acc = _accumulators(q, v)
     s.count_skipped_pairs()
+    _p2p_ready(s)
     pending = _kv_exchange(s, kv, 1) if s.world > 1 else None
     s.forward_pairs(q, o_acc, lse_acc, kv, s.local_rows)
     for step in range(1, s.world):
@@ -231,6 +246,7 @@ def ring_backward(s: Schedule, q, k, v, o, lse, do):
     kv = torch.cat([k, v], -1)
     dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     dkv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)
+    _p2p_ready(s)
     pending = _kv_exchange(s, kv, 1) if W > 1 else None
     s.backward_pairs(q, o, lse, do, dq_acc, kv, s.local_rows, dkv)
     returning = None  # the previous step's dK/dV transfer: (requests, buffer, chunks, sent)
