@@ -138,6 +138,7 @@ def _worker(rank: int, world: int, store: str, out_dir: str, cases) -> None:
                 results[case.id] = {"failure": traceback.format_exc()}
     finally:
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+        dist.barrier()  # nobody tears the group down while a peer still talks to it
         dist.destroy_process_group()
 
 
