@@ -42,7 +42,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, module, grou
     "allgather", "ring", "ulysses", or "auto" (Ulysses where the heads divide by W and the pattern
     does not read the head index, else ring). Params by keyword as in the module's ``attention``;
     inputs indexed by positions (``doc[b, n]``) are passed whole, the same on every rank.
-    A process group of one rank (or no process group) calls the module directly.
+    One rank (or no process group) with a one-chunk layout calls the module directly.
     """
     target = resolve(module, pattern)
     spec = target.spec
@@ -63,9 +63,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, module, grou
     _check_position_inputs(spec, inputs, layout.n if isinstance(layout, Layout) else n_local * world)
     lay = resolve_layout(layout, n_local=n_local, world=world, rank=rank, target=target, params=params,
                          inputs=inputs, batch=B)
-    if world == 1:
+    if lay.num_chunks == 1:  # one rank, one chunk: the plain kernel
         return target.module.attention(q, k, v, return_lse=return_lse, scale=scale, **inputs_and_params)
-    mode = resolve_comm(comm, target=target, heads_q=Hq, heads_kv=k.shape[1], world=world)
+    # one rank with several chunks: the chunk pairs and their merge without communication (what
+    # bench/cp_bench.py times against the plain kernel)
+    mode = "ring" if world == 1 else resolve_comm(comm, target=target, heads_q=Hq, heads_kv=k.shape[1], world=world)
     if mode == "ulysses":
         hs = _comm.HeadShards(lay, group, rank, world)
         qh, kh, vh = (_comm.SeqToHeads.apply(t, hs) for t in (q, k, v))

@@ -179,7 +179,7 @@ def _p2p_ready(s: Schedule) -> None:
     and the ring's first steps may skip some; one barrier per group before the first ring step
     makes a collective the group's first call instead (every rank reaches this line first)."""
     key = id(s.group)
-    if key not in _P2P_READY:
+    if key not in _P2P_READY and s.world > 1:
         if dist.get_backend(s.group) == "nccl":
             dist.barrier(group=s.group)
         _P2P_READY.add(key)
