@@ -194,6 +194,7 @@ def test_argument_errors():
         resolve_comm("ulysses", target=target, heads_q=2, heads_kv=2, world=4)
     assert resolve_comm("auto", target=target, heads_q=2, heads_kv=2, world=4) == "ring"
     assert resolve_comm("auto", target=target, heads_q=4, heads_kv=4, world=4) == "ulysses"
+    assert resolve_comm("auto", target=target, heads_q=8, heads_kv=2, world=2) == "ring"  # GQA: fewer bytes
     with pytest.raises(ValueError, match="fixes its head counts"):
         resolve_comm("ulysses", target=resolve(module("gqa")), heads_q=32, heads_kv=8, world=2)
     alibi = resolve(module("alibi"))

@@ -39,8 +39,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, module, grou
 
     ``module``: a generated softmax module (or a spec, compiled with ``attncc.compile``);
     ``pattern``: its spec, where the module's ``SPEC.source`` cannot be found. ``comm``:
-    "allgather", "ring", "ulysses", or "auto" (Ulysses where the heads divide by W and the pattern
-    does not read the head index, else ring). Params by keyword as in the module's ``attention``;
+    "allgather", "ring", "ulysses", or "auto" (Ulysses where the heads divide by W, the pattern
+    does not read the head index and Hq / Hkv + 1 <= W, else ring). Params by keyword as in the module's ``attention``;
     inputs indexed by positions (``doc[b, n]``) are passed whole, the same on every rank.
     One rank (or no process group) with a one-chunk layout calls the module directly.
     """
@@ -149,7 +149,11 @@ def resolve_comm(comm_mode: str, *, target, heads_q: int, heads_kv: int, world: 
         raise ValueError(f"attncc.distributed: comm must be one of {', '.join(COMMS)}, auto; got {comm_mode!r}")
     why_not = ulysses_problem(target, heads_q, heads_kv, world)
     if comm_mode == "auto":
-        return "ring" if why_not else "ulysses"
+        # Ulysses moves q, k, v and o ((W - 1) / W of each rank's rows), the all-gather K and V
+        # (all of them, W - 1 times): Ulysses sends fewer bytes when group + 1 <= W (group = Hq / Hkv)
+        # and balances any mask exactly; the ring can send less where the mask skips blocks.
+        # Not measured yet (docs/context-parallel.md).
+        return "ulysses" if why_not is None and heads_q // heads_kv + 1 <= world else "ring"
     if comm_mode == "ulysses" and why_not:
         raise ValueError(f"attncc.distributed: comm='ulysses' cannot shard {target.spec.name} by heads: {why_not}")
     return comm_mode
