@@ -3,6 +3,7 @@
     python bench/cp_bench.py                                   # one GPU: world = 1
     torchrun --standalone --nproc_per_node 8 bench/cp_bench.py --multi
     torchrun --standalone --nproc_per_node 8 bench/cp_bench.py --multi --lengths 131072 --check
+    python bench/cp_bench.py --plan 8                          # no GPU: the schedules' traffic and balance
     python bench/cp_bench.py --smoke                           # CPU, interpreter, tiny: does the script run
     torchrun --standalone --nproc_per_node 2 bench/cp_bench.py --multi --smoke
 
@@ -52,13 +53,13 @@ B, H, D = 1, 16, 128
 FWD_BWD = common.FWD_BWD_FLOPS
 
 
-def spec_kwargs(spec: str, N: int, smoke: bool) -> dict:
+def spec_kwargs(spec: str, N: int, smoke: bool, device=None) -> dict:
     params, inputs = SPECS[spec]
     kw = dict(params)
     if smoke and "window" in kw:
         kw["window"] = 7
     if inputs == "doc":
-        kw["doc"] = documents(B, N, seed=1, mean=9 if smoke else 16384)
+        kw["doc"] = documents(B, N, seed=1, mean=9 if smoke else 16384, device=device)
     return kw
 
 
@@ -185,6 +186,57 @@ def multi(lengths, reps, check):
     return markdown(rows, cols)
 
 
+# ---------------------------------------------------------------------------------------------
+# the schedules alone (host only: no kernels, no GPU)
+# ---------------------------------------------------------------------------------------------
+
+
+def plan(lengths, world, tile=None):
+    """What each layout's schedule moves and computes, from the chunk classes alone: the ring's
+    K/V rows sent in a forward over the rows a plain ring sends (every rank's rows to every
+    other), the EMPTY chunk pairs skipped, and the balance: the largest rank's visited tiles
+    (classes.row_work at ``tile``) and rows over the mean."""
+    from attncc.distributed.classes import chunk_classes, row_work
+    from attncc.distributed.comm import Schedule
+
+    rows = []
+    for spec in SPECS:
+        m = common.generated(spec)
+        for N in lengths:
+            kw = spec_kwargs(spec, N, False, device="cpu")
+            params = {k: v for k, v in kw.items() if k != "doc"}
+            inputs = {k: v for k, v in kw.items() if k == "doc"}
+            work = row_work(m, N, tile=128, params=params, inputs=inputs)
+            for layout in ("contiguous", "headtail", "balanced"):
+                t = time.perf_counter()
+                lay = cp.make_layout(layout, N, world, module=m, tile=tile, **kw)
+                classes = chunk_classes(m, lay.bounds, params=params, inputs=inputs)
+                ms = (time.perf_counter() - t) * 1e3
+                sent = full = 0
+                for r in range(world):
+                    s = Schedule(None, lay, classes, None, r, world)
+                    for dst in range(world):
+                        if dst != r:
+                            sent += sum(lay.size(c) for c in s.need(dst, r))
+                            full += lay.local_len(r)
+                C = lay.num_chunks
+                sizes = torch.tensor([lay.size(c) for c in range(C)])
+                nonempty = (sizes[:, None] > 0) & (sizes[None, :] > 0)
+                skipped = int(((classes == cp.EMPTY) & nonempty).sum())
+                loads = torch.tensor([float(work[lay.positions(r)].sum()) for r in range(world)])
+                counts = torch.tensor([float(lay.local_len(r)) for r in range(world)])
+                rows.append({"spec": spec, "N": N, "W": world, "layout": layout, "chunks": C,
+                             "ring K/V sent": sent / full, "pairs skipped": skipped / int(nonempty.sum()),
+                             "work max/mean": float(loads.max() / loads.mean()),
+                             "rows max/mean": float(counts.max() / counts.mean()), "host ms": ms})
+                print(rows[-1], flush=True)
+    cols = [("spec", "spec", "s"), ("N", "N", "d"), ("W", "W", "d"), ("layout", "layout", "s"), ("chunks", "chunks", "d"),
+            ("ring K/V sent (of a plain ring)", "ring K/V sent", ".0%"), ("EMPTY pairs", "pairs skipped", ".0%"),
+            ("work max/mean", "work max/mean", ".2f"), ("rows max/mean", "rows max/mean", ".2f"),
+            ("layout + classes ms (host)", "host ms", ".0f")]
+    return markdown(rows, cols)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--multi", action="store_true", help="under torchrun: several GPUs (NCCL), gloo with --smoke")
@@ -192,12 +244,17 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, tiny sizes")
+    ap.add_argument("--plan", type=int, default=None, metavar="W",
+                    help="no kernels: the schedules' traffic and balance for W ranks (host only)")
     ap.add_argument("--out", default=None, help="write the markdown table into this folder")
     args = ap.parse_args()
     global B, H, D
     if SMOKE:
         B, H, D = 1, 2, 16
-    if args.multi:
+    if args.plan:
+        table = plan(args.lengths or [131072, 524288], args.plan)
+        title, done = f"attncc.distributed schedules for {args.plan} ranks (host only)", True
+    elif args.multi:
         if DEV == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group("nccl" if DEV == "cuda" else "gloo")
@@ -212,7 +269,7 @@ def main():
         table = single(lengths, args.reps)
         title, done = "attncc.distributed, world = 1", True
     if done:
-        text = f"{banner(title)}\n\n{table}\n"
+        text = f"{title if args.plan else banner(title)}\n\n{table}\n"
         print(text)
         if args.out:
             common.write_out(args.out, "cp_bench.md", text)

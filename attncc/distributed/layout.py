@@ -16,7 +16,8 @@ Layouts (``make_layout``):
   contiguous chunks whose boundaries move until every rank has the same work (so their sizes
   differ); with ``chunks_per_rank = c >= 2``, ``c * world`` chunks of equal size dealt to ranks,
   heaviest first, each to the rank with the least work so far that has fewer than ``c`` chunks
-  (every rank holds the same number of rows, and the work is even up to one chunk's).
+  (every rank holds the same number of rows, and the work is even up to one chunk's); by
+  default c is the fewest of 2, 4, 8 that evens the work out to 5%.
 """
 from __future__ import annotations
 
@@ -133,13 +134,23 @@ def headtail(n: int, world: int) -> Layout:
     return Layout(even_bounds(n, 2 * world), owner, world, "headtail")
 
 
-def balanced(n: int, world: int, row_work: torch.Tensor, *, chunks_per_rank: int = 2, align: int = 1) -> Layout:
+# chunks_per_rank=None tries these in turn and keeps the first within BALANCE_TOLERANCE
+AUTO_CHUNKS_PER_RANK = (2, 4, 8)
+BALANCE_TOLERANCE = 1.05  # the busiest rank's work over the mean
+
+
+def balanced(n: int, world: int, row_work: torch.Tensor, *, chunks_per_rank: Optional[int] = None,
+             align: int = 1, min_rows: int = 1) -> Layout:
     """The ``balanced`` layout for the work profile ``row_work`` (float ``[n]``: the work of
-    each query row; see the module docstring). ``align``: chunk boundaries at multiples of it
-    (the kernels' tile rows; the last boundary is ``n``) when that leaves every chunk non-empty."""
+    each query row; see the module docstring). ``chunks_per_rank=None``: 2, 4 or 8, the fewest
+    whose busiest rank has at most 5% more work than the mean (else the most even of them):
+    causal masks need 2, packed documents longer than a chunk more; never chunks shorter than
+    ``min_rows`` (the resolution of ``row_work``: finer chunks cannot be balanced by it) beyond 2
+    per rank. ``align``: chunk boundaries at multiples of it (the last boundary is ``n``) when
+    that leaves every chunk non-empty."""
     _check_n(n, world)
-    if not isinstance(chunks_per_rank, int) or chunks_per_rank < 1:
-        raise ValueError(f"balanced layout: chunks_per_rank must be an int >= 1, got {chunks_per_rank!r}")
+    if chunks_per_rank is not None and (not isinstance(chunks_per_rank, int) or chunks_per_rank < 1):
+        raise ValueError(f"balanced layout: chunks_per_rank must be an int >= 1 or None, got {chunks_per_rank!r}")
     work = torch.as_tensor(row_work, dtype=torch.float64).flatten()
     if work.numel() != n:
         raise ValueError(f"balanced layout: row_work has {work.numel()} entries, the sequence {n}")
@@ -147,6 +158,30 @@ def balanced(n: int, world: int, row_work: torch.Tensor, *, chunks_per_rank: int
     if chunks_per_rank == 1:
         bounds = _equal_work_bounds(prefix, world, align)
         return Layout(bounds, tuple(range(world)), world, "balanced")
+    if chunks_per_rank is not None:
+        return _dealt(n, world, prefix, chunks_per_rank, align)
+    best = None
+    for c in AUTO_CHUNKS_PER_RANK:
+        if c * world > n or (best is not None and c * world * min_rows > n):
+            break
+        lay = _dealt(n, world, prefix, c, align)
+        spread = _imbalance(lay, prefix)
+        if best is None or spread < best[0]:
+            best = (spread, lay)
+        if spread <= BALANCE_TOLERANCE:
+            break
+    return best[1] if best is not None else _dealt(n, world, prefix, 1, align)
+
+
+def _imbalance(lay: Layout, prefix: torch.Tensor) -> float:
+    loads = [sum(float(prefix[lay.bounds[c + 1]] - prefix[lay.bounds[c]]) for c in lay.chunks_of(r))
+             for r in range(lay.world)]
+    mean = sum(loads) / len(loads)
+    return max(loads) / mean if mean > 0 else 1.0
+
+
+def _dealt(n: int, world: int, prefix: torch.Tensor, chunks_per_rank: int, align: int) -> Layout:
+    """``chunks_per_rank * world`` chunks of equal size dealt heaviest first."""
     pieces = chunks_per_rank * world
     bounds = _aligned(even_bounds(n, pieces), align) if n >= pieces * align else even_bounds(n, pieces)
     chunk_work = [float(prefix[bounds[c + 1]] - prefix[bounds[c]]) for c in range(pieces)]
