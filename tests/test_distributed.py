@@ -1,7 +1,8 @@
 """Context parallelism (attncc.distributed) on several CPU processes over gloo, kernels under the
 Triton interpreter: every layout x causal, GQA, sliding window, document mask and prefix-LM,
 forward and backward, against the single-process float64 ``attncc.reference`` of the unsharded
-tensors; the comm modes spread over the two world sizes. One process group per world size
+tensors; the comm modes spread over the two world sizes (world 4: ring for every layout and
+pattern, GQA with head-tail only). One process group per world size
 serves every case (process start-up dominates otherwise); the counters of the causal ring
 cases check that the sends of empty pairs are skipped.
 
@@ -36,10 +37,11 @@ class Case:
     comm: str
     heads: tuple
     dtype: str = "float32"
+    batch: int = 1
 
     @property
     def id(self) -> str:
-        extra = "" if self.dtype == "float32" else f"-{self.dtype}"
+        extra = ("" if self.dtype == "float32" else f"-{self.dtype}") + ("" if self.batch == 1 else f"-b{self.batch}")
         return f"{self.label}-{self.layout}-{self.comm}{extra}"
 
 
@@ -53,20 +55,29 @@ PATTERNS = {  # label: (spec, (Hq, Hkv))
 LAYOUTS = ("contiguous", "headtail", "balanced")
 
 
+UNEQUAL = Case("causal", "causal", "unequal by name", "ring", (2, 2))
+
+
 def _cases():
     out = {2: [], 4: []}
     for label, (spec, heads) in PATTERNS.items():
         for lay in LAYOUTS:
-            out[2].append(Case(label, spec, lay, "allgather", heads))
-            out[2].append(Case(label, spec, lay, "ring", heads))
-            out[4].append(Case(label, spec, lay, "ring", heads))
+            # two batch rows with different documents: the chunk classes hold for both
+            batch = 2 if label == "document" and lay != "headtail" else 1
+            out[2].append(Case(label, spec, lay, "allgather", heads, batch=batch if lay == "contiguous" else 1))
+            out[2].append(Case(label, spec, lay, "ring", heads, batch=batch if lay == "balanced" else 1))
+            if label != "gqa" or lay == "headtail":  # GQA: every layout at world 2
+                out[4].append(Case(label, spec, lay, "ring", heads))
     out[2] += [Case("causal", "causal", "contiguous", "ulysses", (2, 2)),
                Case("document", "document", "balanced", "ulysses", (2, 2)),
                Case("prefix_lm", "prefix_lm", "headtail", "ulysses", (2, 2)),
                Case("document", "document", "balanced1", "ring", (2, 2)),
                Case("causal", "causal", "balanced1", "allgather", (2, 2)),
                Case("causal", "causal", "headtail", "ring", (2, 2), "bfloat16"),
-               Case("sliding_window", "sliding_window", "contiguous", "auto", (2, 1))]
+               Case("document", "document", "balanced1", "ulysses", (2, 2)),
+               Case("sliding_window", "sliding_window", "contiguous", "auto", (2, 1)),
+               Case("causal", "causal", "by name", "ring", (2, 2))]
+    out[2].append(UNEQUAL)
     out[4] += [Case("causal", "causal", "headtail", "allgather", (2, 2)),
                Case("document", "document", "balanced1", "allgather", (2, 2)),
                Case("causal", "causal", "contiguous", "ulysses", (4, 4))]
@@ -84,17 +95,27 @@ def _tensors(case: Case, n: int):
     """The full-sequence q, k, v, dL/do and inputs of a case, the same on every rank."""
     gen = torch.Generator().manual_seed(sum(map(ord, case.id)))
     Hq, Hkv = case.heads
-    q = torch.randn(1, Hq, n, D, generator=gen)
-    k = torch.randn(1, Hkv, n, D, generator=gen)
-    v = torch.randn(1, Hkv, n, D, generator=gen)
-    do = torch.randn(1, Hq, n, D, generator=gen)
-    inputs = inputs_for(pattern(case.spec), 1, Hq, n, gen)
+    B = case.batch
+    q = torch.randn(B, Hq, n, D, generator=gen)
+    k = torch.randn(B, Hkv, n, D, generator=gen)
+    v = torch.randn(B, Hkv, n, D, generator=gen)
+    do = torch.randn(B, Hq, n, D, generator=gen)
+    inputs = inputs_for(pattern(case.spec), B, Hq, n, gen)
     return q, k, v, do, inputs
 
 
 def _run_case(case: Case, rank: int, world: int) -> dict:
     import attncc
     import attncc.distributed as cp
+
+    if case.layout == "unequal by name":  # 22 rows and 21: every rank must refuse, none may hang
+        lay = cp.make_layout("contiguous", LENGTH[world] + 1, world)
+        q = cp.shard(torch.randn(1, 2, lay.n, D), lay, rank)
+        try:
+            cp.attention(q, q, q, module=module(case.spec), layout="contiguous", comm=case.comm)
+        except ValueError as e:
+            return {"raised": str(e)}
+        return {"raised": None}
 
     n = LENGTH[world]
     dtype = getattr(torch, case.dtype)
@@ -106,10 +127,13 @@ def _run_case(case: Case, rank: int, world: int) -> dict:
     (ref * do.double()).sum().backward()
 
     kind, extra = (case.layout, {}) if case.layout != "balanced1" else ("balanced", {"chunks_per_rank": 1})
+    if case.layout == "by name":  # the name and the row counts say the layout: N = W * local rows
+        kind, extra = "headtail", {}
     lay = cp.make_layout(kind, n, world, module=m, tile=4, **extra, **params, **inputs)
     ql, kl, vl = (cp.shard(t, lay, rank).to(dtype).requires_grad_() for t in (q, k, v))
     cp.reset_stats()
-    o, lse = cp.attention(ql, kl, vl, module=m, layout=lay, comm=case.comm, return_lse=True, **params, **inputs)
+    o, lse = cp.attention(ql, kl, vl, module=m, layout="headtail" if case.layout == "by name" else lay, comm=case.comm,
+                          return_lse=True, **params, **inputs)
     after_forward = asdict(cp.reset_stats())
     (o.float() * cp.shard(do, lay, rank)).sum().backward()
     after_backward = asdict(cp.reset_stats())
@@ -132,8 +156,10 @@ def _worker(rank: int, world: int, store: str, out_dir: str, cases) -> None:
     results = {}
     try:
         for case in cases:
+            start = time.perf_counter()
             try:
                 results[case.id] = _run_case(case, rank, world)
+                results[case.id]["seconds"] = time.perf_counter() - start
             except Exception:
                 results[case.id] = {"failure": traceback.format_exc()}
     finally:
@@ -167,8 +193,10 @@ def _results(world: int, tmp_path_factory) -> list:
 # The checks
 # ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("world,case", [(w, c) for w in (2, 4) for c in CASES[w]],
-                         ids=[f"w{w}-{c.id}" for w in (2, 4) for c in CASES[w]])
+CHECKED = [(w, c) for w in (2, 4) for c in CASES[w] if c != UNEQUAL]
+
+
+@pytest.mark.parametrize("world,case", CHECKED, ids=[f"w{w}-{c.id}" for w, c in CHECKED])
 def test_matches_single_device_reference(world, case, tmp_path_factory):
     per_rank = _results(world, tmp_path_factory)
     tol = REL_TOL[getattr(torch, case.dtype)]
@@ -208,3 +236,10 @@ def test_headtail_ring_sends_only_needed_chunks(tmp_path_factory):
         # rank r's tail chunk 7 - r serves only the ranks p < r (their tail 7 - p comes later)
         assert fwd["chunks_sent"] + fwd["chunks_skipped"] == 6
         assert fwd["chunks_skipped"] == 3 - rank
+
+
+def test_a_layout_name_with_unequal_rows_is_refused_on_every_rank(tmp_path_factory):
+    for rank, results in enumerate(_results(2, tmp_path_factory)):
+        got = results[UNEQUAL.id]
+        assert "failure" not in got, got.get("failure")
+        assert got["raised"] and "same rows on every rank, got [22, 21]" in got["raised"], (rank, got)

@@ -31,7 +31,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, module, grou
     ``q [B, Hq, local rows, D]``, ``k``, ``v [B, Hkv, local rows, D / Dv]``: this rank's rows of
     the sequence in ``layout`` (a :class:`Layout`, or a layout name: "contiguous", "headtail",
     "balanced", or "auto" = "balanced" for masked patterns and "contiguous" for unmasked ones;
-    a name assumes every rank holds N / W rows, so N = W * local rows: for other lengths pass
+    a name assumes every rank holds N / W rows, so N = W * local rows, and costs one all-gather of
+    the row counts per call to check it: for other lengths, and to skip the check, pass
     ``make_layout(name, N, W, ...)``). Returns this rank's rows of ``o [B, Hq, local rows, Dv]``
     (and the natural-log LSE ``[B, Hq, local rows]``, float32, with ``return_lse=True``), equal to
     the module's single-device ``attention`` of the unsharded tensors. Differentiable in q, k, v:
@@ -60,6 +61,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, module, grou
             raise NotImplementedError(f"attncc.distributed: input {d.name} wants a gradient; gradients of "
                                       f"learned inputs are not implemented under context parallelism")
     B, Hq, n_local = q.shape[:3]
+    if isinstance(layout, str) and world > 1:
+        _check_equal_rows(n_local, group, q.device)
     _check_position_inputs(spec, inputs, layout.n if isinstance(layout, Layout) else n_local * world)
     lay = resolve_layout(layout, n_local=n_local, world=world, rank=rank, target=target, params=params,
                          inputs=inputs, batch=B)
@@ -193,6 +196,19 @@ def gather(x: torch.Tensor, layout: Layout, group=None, dim: int = 2) -> torch.T
     parts = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(parts, mine, group=group)
     return unshard([p.narrow(dim, 0, layout.local_len(r)) for r, p in enumerate(parts)], layout, dim)
+
+
+def _check_equal_rows(n_local: int, group, device) -> None:
+    """A layout name means N / W rows on every rank; a rank cannot see that alone (22 rows on one
+    rank and 21 on the other would each look like a valid split), so the ranks compare their row
+    counts: one all-gather of an int per call (a Layout object skips it)."""
+    mine = torch.tensor([n_local], dtype=torch.int64, device=device)
+    rows = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(rows, mine, group=group)
+    rows = [int(r) for r in rows]
+    if len(set(rows)) > 1:
+        raise ValueError(f"attncc.distributed: a layout name needs the same rows on every rank, got {rows}; pass the "
+                         f"Layout the tensors were sharded with (make_layout(name, n, world, ...))")
 
 
 def _rank_world(group):
