@@ -204,6 +204,20 @@ def test_argument_errors():
         resolve_layout(lay, n_local=5, world=2, rank=1, target=target, params={}, inputs={}, batch=1)
 
 
+def test_a_spec_as_the_module(tmp_path, monkeypatch):
+    """A spec (TOML text, a dict) is compiled; its Pattern comes with it (no source file to find)."""
+    monkeypatch.setenv("ATTNCC_CACHE_DIR", str(tmp_path))
+    text = '[params]\nwindow = 5\n[mask]\nwhere = "j <= i and i - j < window"\n'
+    target = resolve(text)
+    assert target is resolve(text)  # cached
+    assert target.pattern.source_hash == target.spec.spec_hash
+    assert resolve({"params": {"window": 5}, "mask": {"where": "j <= i and i - j < window"}}).spec.name
+    lay = cp.Layout((0, 7, 13), (0, 0), 1)
+    q = torch.randn(1, 2, 13, 16)
+    o = cp.attention(q, q, q, module=text, layout=lay)
+    assert rel_err(o, attncc.reference(target.pattern, q, q, q)) < 1e-4
+
+
 def test_pattern_must_match_the_module():
     with pytest.raises(ValueError, match="is not the one module causal was generated from"):
         resolve(module("causal"), pattern("sliding_window"))

@@ -54,7 +54,17 @@ def resolve(module, pattern=None) -> Target:
     """The :class:`Target` of ``module``: a generated module (``generated.causal``, or one from
     ``attncc.compile``), or a spec (anything ``attncc.compile`` takes: a path, TOML text, a dict),
     compiled here. ``pattern``: the module's Pattern or spec when it cannot be found from the
-    module's ``SPEC.source`` (modules compiled from text); it must be the module's spec (same hash)."""
+    module's ``SPEC.source`` (modules compiled from text); it must be the module's spec (same hash).
+    Cached for hashable arguments (modules, paths, text, Patterns): every call of
+    ``attncc.distributed.attention`` resolves its module."""
+    try:
+        hash((module, pattern))
+    except TypeError:  # a dict spec
+        return _resolve(module, pattern)
+    return _resolve_cached(module, pattern)
+
+
+def _resolve(module, pattern) -> Target:
     from attncc.runtime.compiled import launchers
 
     if not hasattr(module, "SPEC"):
@@ -72,6 +82,9 @@ def resolve(module, pattern=None) -> Target:
                          f"is not the one module {spec.name} was generated from (spec hash {spec.spec_hash})")
     forward, backward = launchers(spec)
     return Target(module, pattern, forward, backward)
+
+
+_resolve_cached = functools.lru_cache(maxsize=64)(_resolve)
 
 
 def _as_pattern(spec):
