@@ -179,7 +179,8 @@ def multi(lengths, reps, check):
                 del q, k, v
             del full, do_full
             common.release()
-    cols = [(c, c, "s") for c in ("spec",)] + [(c, c, "d") for c in ("N", "W")] + [(c, c, "s") for c in ("layout", "comm")]
+    cols = [("spec", "spec", "s"), ("N", "N", "d"), ("W", "W", "d"), ("layout", "layout", "s"),
+            ("comm", "comm", "s")]
     cols += [("rel err", "rel err", ".1e"), ("fwd ms", "fwd ms", ".2f"), ("fwd+bwd ms", "fwd+bwd ms", ".2f"),
              ("fwd TFLOP/s/GPU", "fwd TFLOP/s/GPU", ".1f"), ("fwd+bwd TFLOP/s/GPU", "fwd+bwd TFLOP/s/GPU", ".1f"),
              ("MB sent / step (max rank)", "MB sent / step (max rank)", ".1f"), ("note", "note", "s")]
@@ -230,7 +231,8 @@ def plan(lengths, world, tile=None):
                              "work max/mean": float(loads.max() / loads.mean()),
                              "rows max/mean": float(counts.max() / counts.mean()), "host ms": ms})
                 print(rows[-1], flush=True)
-    cols = [("spec", "spec", "s"), ("N", "N", "d"), ("W", "W", "d"), ("layout", "layout", "s"), ("chunks", "chunks", "d"),
+    cols = [("spec", "spec", "s"), ("N", "N", "d"), ("W", "W", "d"), ("layout", "layout", "s"),
+            ("chunks", "chunks", "d"),
             ("ring K/V sent (of a plain ring)", "ring K/V sent", ".0%"), ("EMPTY pairs", "pairs skipped", ".0%"),
             ("work max/mean", "work max/mean", ".2f"), ("rows max/mean", "rows max/mean", ".2f"),
             ("layout + classes ms (host)", "host ms", ".0f")]

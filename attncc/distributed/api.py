@@ -107,7 +107,8 @@ def make_layout(kind: str, n: int, world: int, *, module=None, pattern=None, til
     if kind == "headtail":
         return headtail(n, world)
     if kind not in ("balanced", "auto"):
-        raise ValueError(f"attncc.distributed: layout must be a Layout or one of {', '.join(KINDS)}, auto; got {kind!r}")
+        raise ValueError(f"attncc.distributed: layout must be a Layout or one of {', '.join(KINDS)}, auto; "
+                         f"got {kind!r}")
     if module is None and pattern is None:
         raise ValueError(f"attncc.distributed: the {kind} layout needs module= (or pattern=): it balances the "
                          f"pattern's work")
@@ -140,7 +141,8 @@ def resolve_layout(layout, *, n_local: int, world: int, rank: int, target, param
         if any(lay.local_len(r) != n_local for r in range(world)):
             raise ValueError(f"attncc.distributed: the {layout!r} layout of {n_local * world} positions over {world} "
                              f"ranks gives them {[lay.local_len(r) for r in range(world)]} rows, not {n_local} each; "
-                             f"pass the Layout (make_layout({layout!r}, n, world, ...)) that the tensors were sharded with")
+                             f"pass the Layout (make_layout({layout!r}, n, world, ...)) that the tensors were "
+                             f"sharded with")
     else:
         raise TypeError(f"attncc.distributed: layout must be a Layout or a name, got {type(layout).__name__}")
     if lay.world != world:
@@ -224,7 +226,8 @@ def _check_qkv(name: str, q, k, v) -> None:
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"attncc.distributed: {arg} must be a 4-D tensor [B, H, local rows, D]")
     if not q.shape[2] == k.shape[2] == v.shape[2]:
-        raise ValueError(f"attncc.distributed ({name}): q, k, v must hold the same rows of one sequence (self-attention); "
+        raise ValueError(f"attncc.distributed ({name}): q, k, v must hold the same rows of one sequence "
+                         f"(self-attention); "
                          f"got {q.shape[2]}, {k.shape[2]}, {v.shape[2]} rows")
 
 
