@@ -172,9 +172,10 @@ def test_one_rank_is_the_module():
     m = module("sliding_window")
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 21, 16, generator=gen).requires_grad_() for _ in range(3))
-    o, lse = cp.attention(q, k, v, module=m, return_lse=True, window=5)
-    o2, lse2 = m.attention(q, k, v, return_lse=True, window=5)
-    assert torch.equal(o, o2) and torch.equal(lse, lse2)
+    for layout in ("auto", "headtail", "balanced"):  # one rank: one chunk whatever the name
+        o, lse = cp.attention(q, k, v, module=m, layout=layout, return_lse=True, window=5)
+        o2, lse2 = m.attention(q, k, v, return_lse=True, window=5)
+        assert torch.equal(o, o2) and torch.equal(lse, lse2)
     o.sum().backward()
     assert q.grad is not None and k.grad is not None
 

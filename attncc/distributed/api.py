@@ -102,8 +102,8 @@ def make_layout(kind: str, n: int, world: int, *, module=None, pattern=None, til
     sequences, so that the host classifies at most 1024 x 1024 tiles: ~6 ms at n = 512K for a
     document mask, 0.2 s with tile 128); ``chunks_per_rank`` as in
     :func:`attncc.distributed.layout.balanced`."""
-    if kind == "contiguous":
-        return contiguous(n, world)
+    if kind == "contiguous" or (world == 1 and kind in KINDS + ("auto",)):
+        return contiguous(n, world)  # one rank: one chunk, the plain kernel
     if kind == "headtail":
         return headtail(n, world)
     if kind not in ("balanced", "auto"):
