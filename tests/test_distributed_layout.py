@@ -269,3 +269,35 @@ def test_the_gqa_spec_in_chunk_pairs():
     assert rel_err(o.detach(), ref.detach()) < 1e-4
     for a, b in zip(grads, ref_grads):
         assert rel_err(a, b) < 1e-4
+
+
+# what the multi-process tests do not cover (causal, window, prefix-LM, documents, GQA run there)
+OTHER_SPECS = [n for n in SOFTMAX if n not in ("gqa", "document", "causal", "sliding_window", "prefix_lm", "dense",
+                                               "mqa", "local_bidirectional")]
+
+
+@pytest.mark.parametrize("name", OTHER_SPECS)
+def test_other_specs_in_chunk_pairs(name):
+    """The other softmax specs (biases with a row term in the LSE, RoPE, softcap, bucketed and
+    learned tables, padding lengths, random blocks, global tokens, strides) through the chunk
+    pairs of one rank, three chunks of unequal size, forward, LSE and backward, against the reference."""
+    m, p = module(name), pattern(name)
+    gen = torch.Generator().manual_seed(5)
+    n = 26
+    Hq, Hkv = heads_for(p)
+    q = torch.randn(1, Hq, n, 16, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(1, Hkv, n, 16, generator=gen, dtype=torch.float64) for _ in range(2))
+    do = torch.randn(1, Hq, n, 16, generator=gen, dtype=torch.float64)
+    kw = {**SMALL_PARAMS.get(name, {}), **inputs_for(p, 1, Hq, n, gen)}
+    lay = cp.Layout((0, 5, 17, 26), (0, 0, 0), 1)
+    leaves = [t.float().requires_grad_() for t in (q, k, v)]
+    o, lse = cp.attention(*leaves, module=m, layout=lay, return_lse=True, **kw)
+    grads = torch.autograd.grad(o, leaves, do.float())
+    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref, ref_lse = attncc.reference(p, *ref_leaves, return_lse=True, **kw)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, do)
+    assert rel_err(o.detach(), ref.detach()) < 1e-4
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite) and (lse[finite] - ref_lse[finite]).abs().max() < 1e-4
+    for a, b in zip(grads, ref_grads):
+        assert rel_err(a, b) < 1e-4
