@@ -32,6 +32,17 @@ def register_kernels(spec: SpecInfo, forward: Callable, backward: Optional[Calla
     _KERNELS[_key(spec)] = (spec, forward, backward)
 
 
+def launchers(spec: SpecInfo) -> Tuple[Callable, Optional[Callable]]:
+    """``(forward, backward)`` that the generated module of ``spec`` registered (see the module's
+    ``_forward`` / ``_backward``): ``forward(call) -> (o, lse)``, ``backward(call, o, lse, do) ->
+    (dq, dk, dv, input_grads)``, ``call`` from ``attncc.runtime.bind``. attncc.distributed runs
+    them per (query chunk, key chunk) with the global LSE and output of the chunk's rows."""
+    if _key(spec) not in _KERNELS:
+        raise ValueError(f"attncc: no kernels registered for {spec.name} (spec hash {spec.spec_hash}); "
+                         f"import its generated module first")
+    return _KERNELS[_key(spec)][1:]
+
+
 def _plain(x) -> bool:
     return type(x) in (int, float)
 
