@@ -2,7 +2,8 @@
 
 Three kernels per softmax pattern, all rendered from the forward's Plan and expressions:
 
-- ``_bwd_preprocess``: ``delta = rowsum(dO * O)`` and the forward's LSE turned into the
+- ``_bwd_preprocess``: ``delta = rowsum(dO * O) - dLSE`` (the LSE's gradient, when the loss uses
+  it: ``dLSE_i / ds_ij = p_ij`` adds ``dLSE_i * p_ij`` to ``dS_ij``) and the forward's LSE turned into the
   ``lse2`` the other two subtract: log2 units, less the row-constant bias terms the
   forward leaves out of its scores, ``+inf`` on rows without an allowed key (so that
   ``p = exp2(s - lse2)`` is 0 there, never NaN).
