@@ -55,7 +55,6 @@ MALFORMED = [
     ("float-head-count", "[heads]\nq = 2.5", "[heads].q", "expected an integer, got a float 2.5"),
     ("value-dim-zero", "value_dim = 0", "value_dim", "expected an integer >= 1"),
     ("mask-not-boolean", '[mask]\nwhere = "i + j"', "[mask].where", "must be a boolean expression"),
-    ("mask-never-true", '[mask]\nwhere = "False"', "[mask].where", "allows no pair"),
     ("mask-not-string", "[mask]\nwhere = 5", "[mask].where", "expected an expression as a string"),
     ("bias-boolean", '[score]\nbias = "i < j"', "[score].bias", "must be a number, got a boolean"),
     ("mod-boolean", '[score]\nmod = "s > 0"', "[score].mod", "must be a number, got a boolean"),

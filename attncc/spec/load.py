@@ -282,11 +282,9 @@ def parse_spec(text: str, path: str = "<string>") -> Pattern:
             if value is not None and value.has(RandomBlocks):
                 c.fail(key, "random_blocks() selects pairs: it belongs in the mask ([mask].where, or the condition c "
                             "of a top-level where(c, s, -inf) in [score].mod), not in a score")
-        if mask is not None:
-            if mask is sympy.true:
-                mask = None
-            elif mask is sympy.false:
-                c.fail("[mask].where", "the mask allows no pair at all")
+        if mask is sympy.true:
+            mask = None
+        # a mask that is never true (sympy.false) builds: every row is o = 0, lse = -inf (contract v1)
         fields["mask"] = mask
         if "rope" in data:
             rope = c.table(data, "rope", ("theta", "style", "rotary_dim"))
@@ -322,7 +320,10 @@ def split_mod_mask(mod):
     s > 0, s, -inf)`` gives the mask ``j <= i`` and ``mod' = where(s > 0, s, -inf)``. Nested
     ``where(c1, where(c2, e, -inf), -inf)`` is ``where(c1 and c2, e, -inf)``, and
     ``where(c1, e1, where(c2, e2, -inf))`` keeps a pair where ``c1 or c2``.
-    Returns ``(mod, None)`` when no part of a condition is free of ``s``."""
+    Returns ``(mod, None)`` when no part of a condition is free of ``s``. A transform that is
+    ``-inf`` everywhere (sympy folds ``where(False, e, -inf)`` to ``-inf``) is the mask ``False``."""
+    if mod == -sympy.oo:
+        return S.s, sympy.false
     conds, e = [], mod
     while True:
         kept = _kept_where(e)
