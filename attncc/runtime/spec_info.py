@@ -38,4 +38,5 @@ class SpecInfo:
     scale: Optional[float] = None
     dropout: float = 0.0
     rope: bool = False
+    rotary_dim: Optional[int] = None  # [rope].rotary_dim when the spec fixes it (None: the call's head dim)
     tile_hint: str = "default"  # "narrow": windows, documents: smaller tiles pay

@@ -12,6 +12,7 @@ import sympy
 
 from attncc.spec import names as N
 from attncc.spec import symbols as S
+from attncc.runtime.semantics import MAX_HEAD_DIM
 from attncc.spec.builtins import RandomBlocks
 from attncc.spec.errors import SpecError
 from attncc.spec.expr import BOOL, FUNCTIONS, Scope, parse_expression
@@ -147,13 +148,15 @@ def parse_spec(text: str, path: str = "<string>") -> Pattern:
     for d in head_dims:
         if type(d) is not int:
             c.fail("head_dim", f"expected an integer or a list of integers, got {_kind(d)} {d!r}")
-        if not 1 <= d <= 512:
-            c.fail("head_dim", f"expected head dims between 1 and 512, got {d}")
+        if not 1 <= d <= MAX_HEAD_DIM:
+            c.fail("head_dim", f"expected head dims between 1 and {MAX_HEAD_DIM} (the kernels' limit, which calls "
+                               f"share: D and Dv up to {MAX_HEAD_DIM}), got {d}")
     value_dim = data.get("value_dim")
     if value_dim is not None:
         c.int_(value_dim, "value_dim", 1)
-        if value_dim > 512:
-            c.fail("value_dim", f"expected a value dim between 1 and 512, got {value_dim}")
+        if value_dim > MAX_HEAD_DIM:
+            c.fail("value_dim", f"expected a value dim between 1 and {MAX_HEAD_DIM} (the kernels' limit, which calls "
+                                f"share: D and Dv up to {MAX_HEAD_DIM}), got {value_dim}")
 
     dts = data.get("dtypes", list(DTYPES[:2]))
     dts = [dts] if isinstance(dts, str) else dts
