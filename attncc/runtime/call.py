@@ -292,6 +292,10 @@ def bind_params_and_inputs(spec: SpecInfo, who: str, kwargs: dict, *, B: int, Hq
         value = kwargs.pop(p.name, p.default)
         if p.kind == "int":
             value = _int_arg(p.name, value, minimum=-(2**31))
+            if p.maximum is not None and value > p.maximum:
+                raise ValueError(f"{who}: param {p.name} counts the terms of a reduction (range({p.name})), which the "
+                                 f"kernels unroll to its value in the spec, {p.maximum}: a call may pass at most "
+                                 f"{p.maximum}, got {value}")
         elif isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"{who}: param {p.name} must be a number, got {value!r}")
         params[p.name] = value if p.kind == "int" else float(value)

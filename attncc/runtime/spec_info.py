@@ -10,6 +10,7 @@ class ParamInfo:
     name: str
     default: Union[int, float]
     kind: str  # "int" or "float"
+    maximum: Optional[int] = None  # a reduction's count (range(K)): the kernels unroll to it
 
 
 @dataclass(frozen=True)

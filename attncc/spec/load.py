@@ -204,8 +204,8 @@ def parse_spec(text: str, path: str = "<string>") -> Pattern:
             if k not in ("dims", "dtype", "grad"):
                 c.fail(f"{key}.{k}", "unknown key (expected one of: dims, dtype, grad)")
         dims = decl.get("dims")
-        if not isinstance(dims, list) or not dims:
-            c.fail(f"{key}.dims", f"expected a non-empty list of \"b\", \"h\", \"n\" or sizes, got {dims!r}")
+        if not isinstance(dims, list):  # [] is a 0-d input: a scalar, used by name
+            c.fail(f"{key}.dims", f"expected a list of \"b\", \"h\", \"n\" or sizes (or [] for a scalar), got {dims!r}")
         for d in dims:
             if not (d in ("b", "h", "n") or (type(d) is int and d > 0)):
                 c.fail(f"{key}.dims", f"each dim is \"b\" (batch), \"h\" (query head), \"n\" (position) or a positive size; got {d!r}")
@@ -220,6 +220,7 @@ def parse_spec(text: str, path: str = "<string>") -> Pattern:
 
     scope = Scope(tuple(params), tuple(inputs))
     fields: Dict[str, Any] = {}
+    counts: set = set()  # int params used as reductions' counts (expr.py: range(K))
     if kind == "linear":
         for k in ("mask", "score", "rope"):
             if k in data:
@@ -249,7 +250,7 @@ def parse_spec(text: str, path: str = "<string>") -> Pattern:
         mask_t = c.table(data, "mask", ("where",))
         mask = None
         if "where" in mask_t:
-            mask, typ = parse_expression(mask_t["where"], scope, path, "[mask].where")
+            mask, typ = parse_expression(mask_t["where"], scope, path, "[mask].where", counts)
             if typ != BOOL:
                 c.fail("[mask].where", f"the mask must be a boolean expression, got a number ({typ})")
         score = c.table(data, "score", ("scale", "bias", "softcap", "mod", "dropout"))
@@ -267,12 +268,13 @@ def parse_spec(text: str, path: str = "<string>") -> Pattern:
                 c.fail("[score].dropout", f"{', '.join(clash)} would shadow the keyword(s) of the same name that a "
                                           f"module with dropout takes ({', '.join(sorted(DROPOUT_KEYWORDS))}); rename")
         if "bias" in score:
-            bias, typ = parse_expression(score["bias"], scope, path, "[score].bias")
+            bias, typ = parse_expression(score["bias"], scope, path, "[score].bias", counts)
             if typ == BOOL:
                 c.fail("[score].bias", "the bias must be a number, got a boolean expression (masks go in [mask].where)")
             fields["bias"] = bias
         if "mod" in score:
-            mod, typ = parse_expression(score["mod"], Scope(scope.params, scope.inputs, allow_score=True), path, "[score].mod")
+            mod, typ = parse_expression(score["mod"], Scope(scope.params, scope.inputs, allow_score=True), path,
+                                        "[score].mod", counts)
             if typ == BOOL:
                 c.fail("[score].mod", "the score transform must be a number, got a boolean expression")
             mod, extra_mask = split_mod_mask(mod)
@@ -302,6 +304,7 @@ def parse_spec(text: str, path: str = "<string>") -> Pattern:
                                   style=c.choice(rope.get("style", "neox"), "[rope].style", ("neox", "gptj")),
                                   rotary_dim=rd)
 
+    params = [Param(p.name, p.value, p.kind, count=True) if p.name in counts else p for p in params]
     return Pattern(name=name, kind=kind, head_dims=head_dims, value_dim=value_dim, dtypes=tuple(dts),
                    heads_q=hq, heads_kv=hkv, params=tuple(params), inputs=tuple(inputs), source=path,
                    source_hash=hashlib.sha256(text.encode()).hexdigest()[:16], **fields)
