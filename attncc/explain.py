@@ -134,7 +134,7 @@ def draw(d: dict, grid, path: str, pair_mask=None) -> None:
     plt.close(fig)
 
 
-def warnings(pattern) -> List[str]:
+def spec_warnings(pattern) -> List[str]:
     """What a spec's author most likely did not mean: a mask that is never true (it builds, and
     every row gives o = 0, lse = -inf and zero gradients)."""
     import sympy
@@ -185,7 +185,7 @@ def main_explain(argv: Optional[List[str]] = None) -> int:
     d = explain_data(plan, n_q=n_q, n_k=n_k, block_m=block_m, block_n=block_n, head_dim=head_dim,
                      batch=args.batch, heads=heads, params=params, inputs=inputs)
     d["synthesized_inputs"] = sorted(inputs)
-    d["warnings"] = warnings(pattern)
+    d["warnings"] = spec_warnings(pattern)
     if args.json:
         print(json.dumps(d, indent=None, default=str))
     else:
