@@ -249,9 +249,10 @@ KERNEL_SPECS = {
 [inputs]
 is_image = { dims = ["b", "n"], dtype = "bool" }
 [mask]
-where = "(i < 20) == (j < 20) or j <= i"
+where = "(i < 20) == (j < 20) or j <= i or ((j - i) >> 3) == -1"
 [score]
-bias = "is_image[b, j] * 0.5 + (i < j) * 0.25 - ((i ^ j) & 3) * 0.1"
+bias = "is_image[b, j] * 0.5 + (i < j) * 0.25 - ((i ^ j) & 3) * 0.1 + ((i - j) >> 2) * 0.01"
+mod = "(s > 0) * s + (s <= 0) * 0.1 * s"
 """,
     # exact GELU as the score transform (attention-gym's activation score mod)
     "v1_gelu": """head_dim = [16]
