@@ -2,7 +2,8 @@
 
 Never ``eval``: every node kind, name and function is checked here, and each
 result carries its type (bool, int or float) so that a mask that is not boolean,
-an arithmetic on booleans or a float index is refused with the column it starts at.
+a bitwise operator on floats or a float index is refused with the column it starts at
+(a boolean in arithmetic counts as 0 or 1, contract v1). Reductions are unrolled here.
 """
 from __future__ import annotations
 
@@ -162,13 +163,6 @@ class _Parser:
         """A number; a boolean counts as 0 or 1 (contract v1: ``s + is_image[b, j]``, ``(i < j) * 2``)."""
         return as_number(*self.visit(node))
 
-    def integer(self, node, what) -> sympy.Expr:
-        """An integer (a boolean counts as 0 or 1): the operands of bitwise operators and shifts."""
-        expr, typ = self.number(node, what)
-        if typ != INT:
-            self.fail(node, f"{what} needs integers (or booleans), got a float: {self.source(node)}")
-        return expr
-
     def boolean(self, node, what) -> sympy.Basic:
         expr, typ = self.visit(node)
         if typ != BOOL:
@@ -240,7 +234,7 @@ class _Parser:
         (a, ta), (b, tb) = self.visit(node.left), self.visit(node.right)
         if ta == tb == BOOL and op not in (ast.LShift, ast.RShift):
             return {ast.BitAnd: sympy.And, ast.BitOr: sympy.Or, ast.BitXor: sympy.Xor}[op](a, b), BOOL
-        for side, (e, t) in ((node.left, (a, ta)), (node.right, (b, tb))):
+        for side, t in ((node.left, ta), (node.right, tb)):
             if t == FLOAT:
                 self.fail(side, f"'{name}' needs integers (or booleans), got a float: {self.source(side)}")
         (a, _), (b, _) = as_number(a, ta), as_number(b, tb)
