@@ -80,6 +80,7 @@ def format_text(d: dict) -> str:
         f"  scores      {_si(d['score_memory_bytes'], 'B')} in visited tiles vs {_si(d['naive_score_memory_bytes'], 'B')} "
         f"for a dense fp32 score matrix",
     ]
+    lines[1:1] = [f"  warning     {w}" for w in d.get("warnings", ())]
     if d["params"]:
         lines.append("  params      " + ", ".join(f"{k}={v}" for k, v in d["params"].items()))
     if d["synthesized_inputs"]:
@@ -133,6 +134,26 @@ def draw(d: dict, grid, path: str, pair_mask=None) -> None:
     plt.close(fig)
 
 
+def spec_warnings(pattern) -> List[str]:
+    """What a spec's author most likely did not mean: a mask that is never true (it builds, and
+    every row gives o = 0, lse = -inf and zero gradients)."""
+    import sympy
+
+    from attncc.analysis.normal_form import TooComplex, to_dnf
+
+    if pattern.mask is None:
+        return []
+    never = pattern.mask is sympy.false
+    if not never:
+        try:
+            never = to_dnf(pattern.mask, frozenset(p.symbol for p in pattern.params if p.kind == "int")) == ()
+        except TooComplex:
+            pass
+    if never:
+        return ["the mask is never true: every row gives o = 0, lse = -inf and zero gradients"]
+    return []
+
+
 def main_explain(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     from attncc.analysis import analyze, explain_data
@@ -164,6 +185,7 @@ def main_explain(argv: Optional[List[str]] = None) -> int:
     d = explain_data(plan, n_q=n_q, n_k=n_k, block_m=block_m, block_n=block_n, head_dim=head_dim,
                      batch=args.batch, heads=heads, params=params, inputs=inputs)
     d["synthesized_inputs"] = sorted(inputs)
+    d["warnings"] = spec_warnings(pattern)
     if args.json:
         print(json.dumps(d, indent=None, default=str))
     else:

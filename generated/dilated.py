@@ -211,21 +211,21 @@ def _forward(call):
 
 
 # ---------------------------------------------------------------------------------------
-# Backward: delta = rowsum(dO * O), then dK/dV over the query blocks that see each key
-# block, and dQ over the key blocks of each query block. P is recomputed from the LSE.
+# Backward: delta = rowsum(dO * O) - dLSE, then dK/dV over the query blocks that see each
+# key block, and dQ over the key blocks of each query block. P is recomputed from the LSE.
 # ---------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _bwd_preprocess(O, DO, LSE, DELTA, LSE2,
+def _bwd_preprocess(O, DO, LSE, DLSE, DELTA, LSE2,
                     stride_ob, stride_oh, stride_om, stride_od,
                     stride_dob, stride_doh, stride_dom, stride_dod,
                     Nq, H, q_offset, n_q, n_k, CU_Q, CU_K, TOTAL_Q,
                     prm_window, prm_dilation,
                     VALUE_DIM: tl.constexpr, VALUE_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-                    VARLEN: tl.constexpr, FAST_MATH: tl.constexpr, WIDE: tl.constexpr):
-    """delta = rowsum(dO * O) (fp32) and lse2, the forward's LSE in log2 units (+inf on rows
-    without an allowed key)."""
+                    VARLEN: tl.constexpr, FAST_MATH: tl.constexpr, WIDE: tl.constexpr, HAS_DLSE: tl.constexpr):
+    """delta = rowsum(dO * O) - dLSE (fp32; HAS_DLSE: the LSE has a gradient) and lse2, the forward's
+    LSE in log2 units (+inf on rows without an allowed key)."""
     qb = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)  # int64 b, h: see _fwd_kernel
     b = bh // H
@@ -257,6 +257,11 @@ def _bwd_preprocess(O, DO, LSE, DELTA, LSE2,
     do = tl.load(DO_base + rows64[:, None] * stride_dom + cols[None, :] * stride_dod, mask=inside, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     lse = tl.load(LSE + lse_row + offs_m, mask=offs_m < Nq, other=float("-inf"))
+    if HAS_DLSE:
+        # dLSE_i / ds_ij = p_ij adds dLSE_i * p_ij to dS_ij = p_ij * (dP_ij - delta_i): one term of delta.
+        # A row without an allowed key has no score to pass it to (its gradients stay 0).
+        dlse = tl.load(DLSE + lse_row + offs_m, mask=offs_m < Nq, other=0.0)
+        delta = delta - tl.where(lse == float("-inf"), 0.0, dlse)
     lse2 = lse * 1.4426950408889634
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse2)
     tl.store(DELTA + lse_row + offs_m, delta, mask=offs_m < Nq)
@@ -507,8 +512,9 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
     dq_desc.store([qb * BLOCK_M, 0], dq.to(DQ.dtype.element_ty))
 
 
-def _backward(call, o, lse, do):
-    """dq, dk, dv of one call (``o``, ``lse`` from its forward; ``do`` = dLoss/do)."""
+def _backward(call, o, lse, do, dlse=None):
+    """dq, dk, dv of one call (``o``, ``lse`` from its forward; ``do`` = dLoss/do, ``dlse`` = dLoss/dlse
+    or None when the loss does not use the LSE)."""
     q, k, v = _rt.kernel_operands(call)
     cfg = _rt.pick_config(call)
     cfg_kv, cfg_q = _rt.pick_config(call, "dkdv"), _rt.pick_config(call, "dq")
@@ -519,12 +525,15 @@ def _backward(call, o, lse, do):
     delta = alloc(*lse.shape, dtype=torch.float32, device=q.device)
     lse2 = torch.empty_like(delta)
     cu = (call.cu_seqlens_q, call.cu_seqlens_k, lse.shape[-1])
+    if dlse is not None:  # read at the LSE's offsets
+        dlse = dlse.to(torch.float32).contiguous()
     _bwd_preprocess[(triton.cdiv(Nq, cfg.BLOCK_M), B * Hq)](
-        o, do, lse, delta, lse2, *o.stride(), *do.stride(), Nq, Hq, call.q_offset, call.n_q, call.n_k, *cu,
+        o, do, lse, lse if dlse is None else dlse, delta, lse2, *o.stride(), *do.stride(), Nq, Hq, call.q_offset,
+        call.n_q, call.n_k, *cu,
         call.params['window'],
         call.params['dilation'],
         VALUE_DIM=call.Dv, VALUE_DIM_PAD=_rt.padded_dim(call.Dv), BLOCK_M=cfg.BLOCK_M, VARLEN=call.varlen,
-        FAST_MATH=_rt.fast_math(call), WIDE=call.wide)
+        FAST_MATH=_rt.fast_math(call), WIDE=call.wide, HAS_DLSE=dlse is not None)
     do = _rt.grad_operand(do, v)
     dq = alloc(*q.shape, dtype=q.dtype, device=q.device)
     dk = alloc(*k.shape, dtype=k.dtype, device=q.device)

@@ -22,13 +22,14 @@ from sympy.logic.boolalg import BooleanFalse, BooleanTrue
 
 from attncc.runtime.tiles import BlockStat, IntervalProgram
 from attncc.spec import symbols as S
-from attncc.spec.builtins import AlibiSlope, Bucket, RandomBlocks, Sigmoid
+from attncc.spec.builtins import AlibiSlope, BitAnd, BitOr, BitXor, Bucket, RandomBlocks, Shift, Sigmoid
 from attncc.spec.ir import Pattern
 
 Value = Union[str, int, float]  # a step's result name, or a literal number (a point interval)
 
 _POSITION_VARS = {S.b: "b", S.h: "h", S.i: "i", S.j: "j"}
-_MONOTONE = {sympy.exp: "exp_", sympy.log: "log_", sympy.tanh: "tanh_", Sigmoid: "sigmoid_"}
+_MONOTONE = {sympy.exp: "exp_", sympy.log: "log_", sympy.tanh: "tanh_", Sigmoid: "sigmoid_", sympy.erf: "erf_"}
+_BITWISE = {BitAnd: "bitand", BitOr: "bitor", BitXor: "bitxor", Shift: "shift_"}
 _RELATIONS = {sympy.Le: "le", sympy.Lt: "lt", sympy.Eq: "eq", sympy.Ne: "ne"}
 
 
@@ -132,6 +133,8 @@ class _Compiler:
             return self.emit("bucket", self.number(e.args[0]), nb, md, int(bd))
         if isinstance(e, AlibiSlope):
             return self.emit("span", 0.0, 1.0)  # every ALiBi slope is in (0, 1]
+        if type(e) in _BITWISE:
+            return self.emit(_BITWISE[type(e)], *[self.number(a) for a in e.args])
         for fn, op in _MONOTONE.items():
             if isinstance(e, fn):
                 return self.emit(op, self.number(e.args[0]))
@@ -232,9 +235,9 @@ class _Compiler:
             return self.emit("tri", False, True)
         if isinstance(e, sympy.Not):
             return self.emit("not_", self.boolean(e.args[0]))
-        if isinstance(e, (sympy.And, sympy.Or)):
+        if isinstance(e, (sympy.And, sympy.Or, sympy.Xor)):
             parts = [self.boolean(a) for a in sorted(e.args, key=sympy.default_sort_key)]
-            return self.emit("and_" if isinstance(e, sympy.And) else "or_", *parts)
+            return self.emit({sympy.And: "and_", sympy.Or: "or_", sympy.Xor: "xor_"}[type(e)], *parts)
         if isinstance(e, sympy.core.relational.Relational):
             lhs, rhs = e.lhs, e.rhs
             op = _RELATIONS.get(type(e))

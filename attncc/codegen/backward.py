@@ -2,7 +2,8 @@
 
 Three kernels per softmax pattern, all rendered from the forward's Plan and expressions:
 
-- ``_bwd_preprocess``: ``delta = rowsum(dO * O)`` and the forward's LSE turned into the
+- ``_bwd_preprocess``: ``delta = rowsum(dO * O) - dLSE`` (the LSE's gradient, when the loss uses
+  it: ``dLSE_i / ds_ij = p_ij`` adds ``dLSE_i * p_ij`` to ``dS_ij``) and the forward's LSE turned into the
   ``lse2`` the other two subtract: log2 units, less the row-constant bias terms the
   forward leaves out of its scores, ``+inf`` on rows without an allowed key (so that
   ``p = exp2(s - lse2)`` is 0 there, never NaN).
@@ -309,7 +310,7 @@ def _input_grad_lines(pattern: Pattern, k: _Kernel, terms: List[InputGradTerm], 
                       f"        total{n} += tl.where(slots{n} == e, tl.sum(tl.sum(tl.where(entry{n} == e, {g}, 0.0), 1), 0), 0.0)",
                       f"    tl.atomic_add({ptr} + {offset}, total{n}, mask=slots{n} < {size})"]
             continue
-        offset = " + ".join(f"{x} * {grad_stride(t.name, d)}" for d, x in enumerate(idx))
+        offset = "".join(f" + {x} * {grad_stride(t.name, d)}" for d, x in enumerate(idx))  # none: a 0-d input
         if both:
             value, guards = g, [f"({g} != 0.0)"] + guards
         elif any(S.i in dep for dep in deps):
@@ -319,7 +320,7 @@ def _input_grad_lines(pattern: Pattern, k: _Kernel, terms: List[InputGradTerm], 
         else:
             value = f"tl.sum(tl.sum({g}, 1), 0)"
         mask = f", mask={' & '.join(guards)}" if guards else ""
-        lines.append(f"    tl.atomic_add({ptr} + {offset}, {value}{mask})")
+        lines.append(f"    tl.atomic_add({ptr}{offset}, {value}{mask})")
     k.helpers |= tile.helpers | tile_s.helpers
     return lines
 

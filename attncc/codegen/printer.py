@@ -214,6 +214,24 @@ class TritonPrinter:
     def _Sigmoid(self, e):
         return f"tl.sigmoid({self._float(e.args[0])})"
 
+    def _erf(self, e):
+        return f"tl.erf({self._float(e.args[0])})"
+
+    # integer bitwise operators (attncc.spec.builtins): two's complement in the kernels' int32 /
+    # int64 is Python's on every value they hold
+    def _BitAnd(self, e):
+        return "(" + " & ".join(self.p(a) for a in e.args) + ")"
+
+    def _BitOr(self, e):
+        return "(" + " | ".join(self.p(a) for a in e.args) + ")"
+
+    def _BitXor(self, e):
+        return "(" + " ^ ".join(self.p(a) for a in e.args) + ")"
+
+    def _Shift(self, e):
+        self.helpers.add("_shift")
+        return f"_shift({self.p(e.args[0])}, {self.p(e.args[1])})"
+
     def _operand(self, e, whole) -> str:
         """An operand of ``whole``: float64 where ``whole`` is float arithmetic of mask code."""
         return self._f64(e) if self._float_mode(whole) else self.p(e)
@@ -239,6 +257,9 @@ class TritonPrinter:
         num, den = e.args
         if _nonnegative(num) and den.is_positive:
             return f"({self._atom(num)} // {self._atom(den)})"
+        if den.is_Integer and den > 1 and int(den) & (int(den) - 1) == 0:
+            # by 2**k: an arithmetic shift right floors for either sign (x >> k, as Python's)
+            return f"({self._atom(num)} >> {int(den).bit_length() - 1})"
         self.helpers.add("_floordiv")
         return f"_floordiv({self.p(num)}, {self.p(den)})"
 
@@ -319,6 +340,9 @@ class TritonPrinter:
     def _Not(self, e):
         return f"(~{self.p(e.args[0])})"
 
+    def _Xor(self, e):
+        return "(" + " ^ ".join(self.p(a) for a in _ordered(e.args)) + ")"
+
     # -- built-ins ----------------------------------------------------------
     def _Bucket(self, e):
         nb, md, bd = e.options
@@ -398,6 +422,7 @@ class PythonPrinter(TritonPrinter):
 
     def _Not(self, e):
         return f"(not {self.p(e.args[0])})"
+
 
     def _AlibiSlope(self, e):
         h, n_heads = e.args

@@ -39,13 +39,13 @@ class _Inputs:
         name = type(e).__name__
         decl = self.pattern.input(name)
         idx = [printer.p(a) for a in e.args]
-        offset = " + ".join(f"{x} * {input_stride(name, d)}" for d, x in enumerate(idx))
+        offset = "".join(f" + {x} * {input_stride(name, d)}" for d, x in enumerate(idx))  # none: a 0-d input
         guards = [f"({x} >= 0) & ({x} < {input_size(name, d)})" for d, x in enumerate(idx)
                   if decl.dims[d] not in ("b", "h")]
         widen = ".to(tl.float32)" if decl.dtype in ("bfloat16", "float16") else ""
         if not guards:
-            return f"tl.load({input_ptr(name)} + {offset}){widen}"
-        return f"tl.load({input_ptr(name)} + {offset}, mask={' & '.join(guards)}, other=0){widen}"
+            return f"tl.load({input_ptr(name)}{offset}){widen}"
+        return f"tl.load({input_ptr(name)}{offset}, mask={' & '.join(guards)}, other=0){widen}"
 
 
 def _names(pattern: Pattern, i_text: str, j_text: str, extra: Dict[sympy.Symbol, str], float64: bool = False):

@@ -4,7 +4,10 @@
 backward follows) and keeps q, k, v, o and the LSE; its backward calls the module's
 backward launcher, which recomputes P from the LSE. The ``[inputs]`` declared
 ``grad = true`` are extra autograd inputs and get their gradients from the same backward.
-Gradients of gradients are not implemented: asking for them raises (see :class:`_NoDoubleBackward`).
+Both outputs are differentiable (contract v1): the LSE's gradient ``dlse`` enters the backward as
+``dLoss/ds_ij += dlse_i * p_ij`` (``dlse/ds = p``), so partial attentions merged through their LSEs
+train correctly. Gradients of gradients are not implemented: asking for them raises (see
+:class:`_NoDoubleBackward`).
 """
 from __future__ import annotations
 
@@ -19,10 +22,11 @@ class AttentionFunction(torch.autograd.Function):
     """o, lse = attention(q, k, v, **inputs) with dq, dk, dv (and the grad inputs' gradients)
     from the generated backward kernels.
 
-    ``forward(call) -> (o, lse)`` and ``backward(call, o, lse, do) -> (dq, dk, dv, {name: grad})``
+    ``forward(call) -> (o, lse)`` and ``backward(call, o, lse, do, dlse) -> (dq, dk, dv, {name: grad})``
     are the generated module's launchers; ``call`` the validated call (its q, k, v are the inputs,
     ``grad_inputs`` its inputs declared ``grad = true``, in spec order).
-    The LSE is an output without gradient (``mark_non_differentiable``).
+    Gradients are not materialized: an output the loss does not use passes None (``dlse=None``
+    costs the backward nothing; ``do=None`` becomes zeros).
     """
 
     @staticmethod
@@ -34,18 +38,20 @@ class AttentionFunction(torch.autograd.Function):
         ctx.call = call
         ctx.backward_fn = backward
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v, o, lse = ctx.saved_tensors
         names = ctx.call.grad_input_names
-        if do is None:
+        if do is None and dlse is None:
             return (None,) * (6 + len(names))
+        if do is None:  # only the LSE reaches the loss
+            do = torch.zeros_like(o)
         call = dataclasses.replace(ctx.call, q=q, k=k, v=v)
         with torch.no_grad():
-            dq, dk, dv, input_grads = ctx.backward_fn(call, o, lse, do)
+            dq, dk, dv, input_grads = ctx.backward_fn(call, o, lse, do, dlse)
         grads = [dq, dk, dv] + [input_grads.get(name) for name in names]
         if torch.is_grad_enabled():  # create_graph=True: the gradients must not be differentiated
             grads = no_double_backward(call.spec.name, grads, (q, k, v, do))

@@ -11,6 +11,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from attncc.runtime.semantics import MAX_HEAD_DIM
 from attncc.runtime.spec_info import SpecInfo
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
@@ -265,8 +266,13 @@ def check_heads_and_dims(spec: SpecInfo, who: str, *, Hq: int, Hkv: int, D: int,
         raise ValueError(f"{who}: the spec fixes [heads].q = {spec.heads_q}, q has {Hq} heads")
     if spec.heads_kv is not None and Hkv != spec.heads_kv:
         raise ValueError(f"{who}: the spec fixes [heads].kv = {spec.heads_kv}, {kv} {Hkv} heads")
-    if not 1 <= D <= 256 or not 1 <= Dv <= 256:
-        raise ValueError(f"{who}: head dims up to 256 are supported, got D = {D}, Dv = {Dv}")
+    if not 1 <= D <= MAX_HEAD_DIM or not 1 <= Dv <= MAX_HEAD_DIM:
+        raise ValueError(f"{who}: head dims D and Dv from 1 to {MAX_HEAD_DIM} are supported (as in a spec's head_dim "
+                         f"and value_dim), got D = {D}, Dv = {Dv}")
+    if spec.rope and ((spec.rotary_dim or D) > D or (spec.rotary_dim or D) % 2):
+        # as attncc.reference: the rotated dims come in pairs, within the head
+        what = f"the spec's [rope].rotary_dim = {spec.rotary_dim}" if spec.rotary_dim else "[rope] (rotating the whole head)"
+        raise ValueError(f"{who}: {what} needs an even rotary dim of at most the head dim, got head dim D = {D}")
     if spec.value_dim is not None and Dv != spec.value_dim:
         raise ValueError(f"{who}: the spec fixes value_dim = {spec.value_dim}, {v} has {Dv}")
 
@@ -286,6 +292,10 @@ def bind_params_and_inputs(spec: SpecInfo, who: str, kwargs: dict, *, B: int, Hq
         value = kwargs.pop(p.name, p.default)
         if p.kind == "int":
             value = _int_arg(p.name, value, minimum=-(2**31))
+            if p.maximum is not None and value > p.maximum:
+                raise ValueError(f"{who}: param {p.name} counts the terms of a reduction (range({p.name})), which the "
+                                 f"kernels unroll to its value in the spec, {p.maximum}: a call may pass at most "
+                                 f"{p.maximum}, got {value}")
         elif isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"{who}: param {p.name} must be a number, got {value!r}")
         params[p.name] = value if p.kind == "int" else float(value)

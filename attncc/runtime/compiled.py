@@ -97,20 +97,21 @@ def _(q, k, v, inputs, cu_seqlens_q, cu_seqlens_k, key, options, B, Nq, Nk, q_of
 @torch.library.custom_op("attncc::attention_backward", mutates_args=())
 def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: List[torch.Tensor],
                        cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor], o: torch.Tensor,
-                       lse: torch.Tensor, do: torch.Tensor, key: str, options: str, B: int, Nq: int, Nk: int,
-                       q_offset: int, k_offset: int, n_q: int, n_k: int, seed: int,
+                       lse: torch.Tensor, do: torch.Tensor, dlse: Optional[torch.Tensor], key: str, options: str,
+                       B: int, Nq: int, Nk: int, q_offset: int, k_offset: int, n_q: int, n_k: int, seed: int,
                        input_grads: bool) -> List[torch.Tensor]:
-    """[dq, dk, dv, then the gradient of each input declared grad = true (zeros unless input_grads)]."""
+    """[dq, dk, dv, then the gradient of each input declared grad = true (zeros unless input_grads)];
+    ``dlse``: the LSE's gradient, None when the loss does not use the LSE."""
     call, _, backward = _call(q, k, v, inputs, cu_seqlens_q, cu_seqlens_k, key, options, B, Nq, Nk, q_offset,
                               k_offset, n_q, n_k, seed, input_grads)
-    dq, dk, dv, grads = backward(call, o, lse, do)
+    dq, dk, dv, grads = backward(call, o, lse, do, dlse)
     return [dq.contiguous(), dk.contiguous(), dv.contiguous()] + [
         grads[name] if name in grads else torch.zeros_like(call.inputs[name]) for name in call.grad_input_names]
 
 
 @attention_backward.register_fake
-def _(q, k, v, inputs, cu_seqlens_q, cu_seqlens_k, o, lse, do, key, options, B, Nq, Nk, q_offset, k_offset, n_q, n_k,
-      seed, input_grads):
+def _(q, k, v, inputs, cu_seqlens_q, cu_seqlens_k, o, lse, do, dlse, key, options, B, Nq, Nk, q_offset, k_offset, n_q,
+      n_k, seed, input_grads):
     spec = _KERNELS[key][0]
     return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)] + [
         torch.empty_like(t) for d, t in zip(spec.inputs, inputs) if d.grad]
@@ -120,7 +121,7 @@ def _setup_context(ctx, inputs, output):
     q, k, v, ins, cu_q, cu_k, key, options, *scalars = inputs
     ctx.save_for_backward(q, k, v, cu_q, cu_k, *output, *ins)
     ctx.meta = (key, options, len(ins), scalars)
-    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # dlse=None when the loss does not use the LSE: no cost
 
 
 def _backward(ctx, do, dlse):
@@ -128,7 +129,11 @@ def _backward(ctx, do, dlse):
     q, k, v, cu_q, cu_k, o, lse, *ins = ctx.saved_tensors
     spec = _KERNELS[key][0]
     need = ctx.needs_input_grad
-    grads = attention_backward(q, k, v, ins, cu_q, cu_k, o, lse, do, key, options, *scalars, bool(need[3]))
+    if do is None and dlse is None:
+        return (None, None, None, [None] * n_inputs) + (None,) * 12
+    if do is None:
+        do = torch.zeros_like(o)
+    grads = attention_backward(q, k, v, ins, cu_q, cu_k, o, lse, do, dlse, key, options, *scalars, bool(need[3]))
     if torch.is_grad_enabled():  # create_graph=True: the gradients must not be differentiated
         grads = no_double_backward(spec.name, grads, (q, k, v, do))
     dq, dk, dv, *learned = grads

@@ -220,7 +220,7 @@ def run_attention(call: Call, forward: Callable[[Call], Tuple[torch.Tensor, torc
                   backward: Optional[Callable] = None):
     """Run the forward, attached to autograd when a gradient is wanted; returns (o, lse).
 
-    ``backward(call, o, lse, do) -> (dq, dk, dv)``: the generated module's backward launcher
+    ``backward(call, o, lse, do, dlse=None) -> (dq, dk, dv, {name: grad})``: the generated module's backward launcher
     (None: the kind has no backward yet; asking for a gradient then raises).
     Under ``torch.compile`` the call is a custom op (attncc/runtime/compiled.py) the compiler
     traces, or, when its scalars are symbolic, runs eagerly (a graph break), gradients included."""
@@ -261,6 +261,6 @@ def _no_pairs(call: Call):
     return o, lse
 
 
-def _no_pairs_backward(call: Call, o, lse, do):
+def _no_pairs_backward(call: Call, o, lse, do, dlse=None):
     input_grads = {name: torch.zeros_like(call.inputs[name]) for name in call.grad_input_names}
     return torch.zeros_like(call.q), torch.zeros_like(call.k), torch.zeros_like(call.v), input_grads

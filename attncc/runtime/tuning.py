@@ -466,9 +466,9 @@ def on_the_fly(forward, backward):
         _tune_missing(call, ("",), forward)
         return forward(call)
 
-    def tuned_backward(call: Call, o, lse, do):
-        _tune_missing(call, ("dkdv", "dq"), lambda c: backward(c, o, lse, do))
-        return backward(call, o, lse, do)
+    def tuned_backward(call: Call, o, lse, do, dlse=None):
+        _tune_missing(call, ("dkdv", "dq"), lambda c: backward(c, o, lse, do, dlse))
+        return backward(call, o, lse, do, dlse)
 
     return tuned_forward, (None if backward is None else tuned_backward)
 
