@@ -8,8 +8,6 @@ Gradients of gradients are not implemented: asking for them raises (see :class:`
 """
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from attncc.runtime.call import Call
@@ -28,13 +26,16 @@ class AttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, forward, backward, call: Call, q, k, v, *grad_inputs):
         # The forward writes the LSE and keeps for the backward what both can share.
-        call = dataclasses.replace(call, return_lse=True, for_backward={},
-                                   input_grads=any(ctx.needs_input_grad[6:]))
+        call = call.replace(return_lse=True, for_backward={},
+                            input_grads=bool(grad_inputs) and any(ctx.needs_input_grad[6:]))
         o, lse = forward(call)
         ctx.call = call
         ctx.backward_fn = backward
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.mark_non_differentiable(lse)
+        # The gradient of the unused LSE stays None: materialized, autograd would fill a zero
+        # tensor of its shape per backward (an allocation and a memset kernel for nothing).
+        ctx.set_materialize_grads(False)
         return o, lse
 
     @staticmethod
@@ -43,7 +44,7 @@ class AttentionFunction(torch.autograd.Function):
         names = ctx.call.grad_input_names
         if do is None:
             return (None,) * (6 + len(names))
-        call = dataclasses.replace(ctx.call, q=q, k=k, v=v)
+        call = ctx.call.replace(q=q, k=k, v=v)
         with torch.no_grad():
             dq, dk, dv, input_grads = ctx.backward_fn(call, o, lse, do)
         grads = [dq, dk, dv] + [input_grads.get(name) for name in names]

@@ -32,7 +32,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from attncc.runtime.call import Call, _interpreting
+from attncc.runtime.call import Call, _interpreting, env
 
 log = logging.getLogger("attncc")
 
@@ -94,7 +94,7 @@ def cache_dir() -> Path:
 
 def tuning_enabled() -> bool:
     """``ATTNCC_TUNE=1`` tunes on the first call of each key (off by default; never under the interpreter)."""
-    return os.environ.get("ATTNCC_TUNE", "0") not in ("", "0") and not _interpreting()
+    return env("ATTNCC_TUNE", "0") not in ("", "0") and not _interpreting()
 
 
 @functools.lru_cache(maxsize=None)
@@ -128,6 +128,14 @@ def key_for(call: Call, kernel: str = "") -> TuneKey:
 
 _LOADED: Dict[Tuple[str, str], Dict[str, dict]] = {}
 _LOCK = threading.Lock()
+_STORES = [0]  # how many times this process changed the cache (store, clear)
+
+
+def generation():
+    """Changes whenever what :func:`cached_config` returns may have: after a ``store`` or ``clear``
+    in this process, or with another ``ATTNCC_CACHE_DIR``. The runtime keeps each signature's
+    config with it (see ``launch.pick_config``)."""
+    return _STORES[0], env("ATTNCC_CACHE_DIR")
 
 # What a record must hold to be used; anything else in a cache file (a hand edit, another tool, a
 # truncated or hostile file) is ignored with a warning rather than raised from every call.
@@ -281,6 +289,7 @@ def store(key: TuneKey, record: dict) -> Path:
             raise
     with _LOCK:
         _LOADED[(str(directory), key.file_name)] = entries
+        _STORES[0] += 1
     return path
 
 
@@ -315,6 +324,7 @@ def clear() -> Tuple[int, List[str]]:
             failed.append(f"{path.name}: {e.strerror or e}")
     with _LOCK:
         _LOADED.clear()
+        _STORES[0] += 1
     return removed, failed
 
 

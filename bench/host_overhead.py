@@ -1,0 +1,213 @@
+"""Host overhead per call of attncc's generated attention, against SDPA (cuDNN) and FlexAttention.
+
+    PYTHONPATH=. python bench/host_overhead.py --stub            # CPU: launches stubbed (no GPU needed)
+    PYTHONPATH=. python bench/host_overhead.py --out $OUT        # GPU: host and GPU us/call, plot in $OUT
+
+What is timed, per case (spec) and length N (B = 2, 16 query heads, head dim 128):
+
+- ``host fwd`` / ``host f+b``: wall microseconds per call of ``attention(q, k, v)`` (and of
+  ``attention(...).backward(g)``), many calls back to back without synchronizing. On the GPU a
+  short burst (so that the launch queue never fills); with ``--stub`` every Triton kernel of the
+  generated module is replaced by a no-op recorder (:func:`stub_launches`), so what remains is
+  attncc's own host work plus torch's (allocations, autograd), and none of Triton's launch cost.
+- ``launches``: Triton launches per call (recorded by the stub); on the GPU ``triton launch`` is
+  the measured host cost of exactly those launches (replayed), so ``host - triton launch`` is
+  attncc's own overhead.
+- ``floor``: the same calls through a do-nothing ``torch.autograd.Function`` that only allocates
+  the outputs (torch's own share of a forward / forward+backward call).
+- On the GPU also ``gpu fwd`` / ``gpu f+b``: device microseconds per call (``do_bench``), and the
+  same for SDPA (cuDNN backend) and FlexAttention (compiled, block mask built outside the timing).
+
+Under ``--stub`` the CPU tensors run through ``TRITON_INTERPRET=1``'s code paths (the interpreter's
+small tile config; float16 so that no operand is converted): the numbers are host time on this
+CPU, not GPU numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+STUB = "--stub" in sys.argv
+if STUB:
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: CPU tensors pass the device check
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+CASES = ("causal", "document", "padding", "softcap", "gqa")
+LENGTHS = (256, 1024, 4096, 16384)
+
+
+class StubKernel:
+    """Stands for a ``@triton.jit`` kernel: ``kernel[grid](*args, **kwargs)`` records the launch
+    and does nothing else: (kernel, grid) in the log, and the arguments too while ``log.keep_args``
+    is set (kept arguments hold tensors alive, which would change what torch does: autograd
+    copies a gradient that something else still references instead of taking it)."""
+
+    def __init__(self, name: str, real, log: "LaunchLog"):
+        self.name, self.real, self.log = name, real, log
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.log.append((self, grid, args, kwargs) if self.log.keep_args else (self, grid))
+        return launch
+
+
+class LaunchLog(list):
+    keep_args = False
+
+
+def stub_launches(module) -> list:
+    """Replace every Triton kernel of a generated ``module`` by a :class:`StubKernel`; returns the
+    list the launches are recorded in. :func:`unstub` puts the kernels back."""
+    from triton.runtime.jit import JITFunction
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # pragma: no cover
+        InterpretedFunction = JITFunction
+    log = getattr(module, "_STUB_LOG", None)
+    if log is not None:
+        return log
+    log = LaunchLog()
+    for name, obj in list(vars(module).items()):
+        if isinstance(obj, (JITFunction, InterpretedFunction)):
+            setattr(module, name, StubKernel(name, obj, log))
+    module._STUB_LOG = log
+    return log
+
+
+def unstub(module) -> None:
+    for name, obj in list(vars(module).items()):
+        if isinstance(obj, StubKernel):
+            setattr(module, name, obj.real)
+    module.__dict__.pop("_STUB_LOG", None)
+
+
+def make_case(name: str, n: int, device: str, dtype, batch: int = 2, heads: int = 16, head_dim: int = 128,
+              grad: bool = False):
+    """(module, q, k, v, keyword inputs) of one case at length ``n``."""
+    module = importlib.import_module(f"generated.{name}")
+    spec = module.SPEC
+    hq = spec.heads_q or heads
+    hkv = spec.heads_kv or hq
+    q = torch.randn(batch, hq, n, head_dim, device=device, dtype=dtype, requires_grad=grad)
+    k = torch.randn(batch, hkv, n, head_dim, device=device, dtype=dtype, requires_grad=grad)
+    v = torch.randn(batch, hkv, n, head_dim, device=device, dtype=dtype, requires_grad=grad)
+    kwargs = {}
+    if name == "document":  # documents of about n / 4 tokens
+        kwargs["doc"] = (torch.arange(n, device=device, dtype=torch.int32) // max(1, n // 4)).expand(batch, n).contiguous()
+    if name == "padding":
+        kwargs["kv_len"] = torch.tensor([n, n * 3 // 4][:batch] + [n] * max(0, batch - 2), device=device, dtype=torch.int32)
+    return module, q, k, v, kwargs
+
+
+def per_call_us(fn, calls: int, repeats: int = 7, sync=None, clock=time.perf_counter) -> float:
+    """The fastest over ``repeats`` bursts of the microseconds per call of ``calls`` calls of
+    ``fn`` (the minimum: other processes on the machine only ever add time). ``clock``: wall
+    time on the GPU; the thread's CPU time with --stub, which a busy shared CPU distorts less."""
+    fn()  # warm: binds, compiles, caches
+    if sync:
+        sync()
+    times = []
+    for _ in range(repeats):
+        t = clock()
+        for _ in range(calls):
+            fn()
+        times.append((clock() - t) / calls * 1e6)
+        if sync:
+            sync()
+    return min(times)
+
+
+class _Floor(torch.autograd.Function):
+    """Allocates what an attention call returns and its backward the gradients; nothing else."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        ctx.save_for_backward(q, k, v)
+        return torch.empty_like(q), torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v = ctx.saved_tensors
+        rows = q.shape[:-1]  # what attncc's backward allocates besides the gradients: delta, lse2
+        torch.empty(rows, dtype=torch.float32, device=q.device), torch.empty(rows, dtype=torch.float32, device=q.device)
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def host_times(name: str, n: int, device: str, dtype, calls: int, sync=None, clock=time.perf_counter):
+    """{'fwd', 'f+b', 'launches fwd', 'launches f+b', 'floor fwd', 'floor f+b'} of one case."""
+    module, q, k, v, kw = make_case(name, n, device, dtype, grad=True)
+    g = torch.randn(q.shape[:-1] + (v.shape[-1],), device=device, dtype=dtype)
+    log = getattr(module, "_STUB_LOG", None)
+    out = {}
+
+    def fwd():
+        with torch.no_grad():
+            module.attention(q, k, v, **kw)
+
+    def fwd_bwd():
+        module.attention(q, k, v, **kw).backward(g)
+        q.grad = k.grad = v.grad = None
+
+    for label, fn in (("fwd", fwd), ("f+b", fwd_bwd)):
+        out[label] = per_call_us(fn, calls, sync=sync, clock=clock)
+        if log is not None:
+            log.clear()
+            fn()
+            out[f"launches {label}"] = len(log)
+    out["floor fwd"] = per_call_us(lambda: _Floor.apply(q.detach(), k.detach(), v.detach()), calls, sync=sync, clock=clock)
+
+    def floor_fb():
+        o, _ = _Floor.apply(q, k, v)
+        o.backward(g)
+        q.grad = k.grad = v.grad = None
+    out["floor f+b"] = per_call_us(floor_fb, calls, sync=sync, clock=clock)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--stub", action="store_true", help="CPU: stub the Triton launches (see the module doc)")
+    p.add_argument("--cases", default=",".join(CASES))
+    p.add_argument("--n", default=",".join(map(str, LENGTHS)))
+    p.add_argument("--calls", type=int, default=200, help="calls per timed burst (CPU); the GPU uses 20")
+    p.add_argument("--out", default=None, help="folder for the CSV and the plot (GPU)")
+    args = p.parse_args(argv)
+    cases = [c for c in args.cases.split(",") if c]
+    lengths = [int(x) for x in args.n.split(",") if x]
+    if args.stub:
+        return run_stub(cases, lengths, args.calls)
+    return run_gpu(cases, lengths, args.out)
+
+
+def run_stub(cases, lengths, calls) -> int:
+    torch.set_num_threads(1)
+    print(f"host overhead, launches stubbed, CPU: torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}, "
+          f"B=2 H=16 D=128 float16, thread CPU time, fastest of 7 bursts of {calls} calls")
+    print("| case | N | fwd us | f+b us | launches fwd / f+b | floor fwd us | floor f+b us |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name in cases:
+        module = importlib.import_module(f"generated.{name}")
+        stub_launches(module)
+        for n in lengths:
+            r = host_times(name, n, "cpu", torch.float16, calls, clock=time.thread_time)
+            print(f"| {name} | {n} | {r['fwd']:.1f} | {r['f+b']:.1f} | {r['launches fwd']} / {r['launches f+b']} | "
+                  f"{r['floor fwd']:.1f} | {r['floor f+b']:.1f} |", flush=True)
+    return 0
+
+
+def run_gpu(cases, lengths, out) -> int:  # pragma: no cover - needs a GPU
+    raise SystemExit("GPU mode: see below")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
