@@ -11,12 +11,13 @@ break (see :func:`attncc.runtime.launch.run_attention`).
 from __future__ import annotations
 
 import ast
+import functools
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from attncc.runtime.autograd import no_double_backward
-from attncc.runtime.call import Call
+from attncc.runtime.call import MAX_SIGNATURES, Call, _tensor_key
 from attncc.runtime.spec_info import SpecInfo
 
 # spec key -> (SpecInfo, forward launcher, backward launcher)
@@ -30,6 +31,15 @@ def _key(spec: SpecInfo) -> str:
 def register_kernels(spec: SpecInfo, forward: Callable, backward: Optional[Callable]) -> None:
     """Make a generated module's launchers reachable from the custom ops."""
     _KERNELS[_key(spec)] = (spec, forward, backward)
+
+
+_MEMOS: Dict[tuple, dict] = {}
+
+
+@functools.lru_cache(maxsize=256)
+def _options(options: str):
+    """(scale, dropout_p, params) of an op's ``options`` string (parsed once per string)."""
+    return ast.literal_eval(options)
 
 
 def _plain(x) -> bool:
@@ -55,10 +65,20 @@ def attention(call: Call):
 def _call(q, k, v, inputs, cu_q, cu_k, key, options, B, Nq, Nk, q_offset, k_offset, n_q, n_k, seed,
           input_grads=False) -> Tuple[Call, Callable, Callable]:
     spec, forward, backward = _KERNELS[key]
-    scale, dropout_p, params = ast.literal_eval(options)
+    scale, dropout_p, params = _options(options)
+    # what the runtime derives per signature (configs, WIDE, operand layouts) is kept across the
+    # op's calls as bind() keeps it for eager calls (Call.memo)
+    signature = (key, options, B, Nq, Nk, q_offset, k_offset, n_q, n_k, cu_q is not None,
+                 *(_tensor_key(t) for t in (q, k, v, *inputs)))
+    memo = _MEMOS.get(signature)
+    if memo is None:
+        if len(_MEMOS) >= MAX_SIGNATURES:
+            _MEMOS.clear()
+        memo = _MEMOS[signature] = {}
     call = Call(spec, q, k, v, B, q.shape[1], k.shape[1], Nq, Nk, q.shape[3], v.shape[3], q_offset, k_offset, n_q,
                 n_k, scale, True, dict(params), {d.name: t for d, t in zip(spec.inputs, inputs)},
-                cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, input_grads=input_grads, dropout_p=dropout_p, seed=seed)
+                cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, input_grads=input_grads, dropout_p=dropout_p, seed=seed,
+                memo=memo)
     if Nq == 0 or Nk == 0:
         from attncc.runtime.launch import _no_pairs, _no_pairs_backward
 
