@@ -1,7 +1,7 @@
 """Host overhead per call of attncc's generated attention, against SDPA (cuDNN) and FlexAttention.
 
     PYTHONPATH=. python bench/host_overhead.py --stub            # CPU: launches stubbed (no GPU needed)
-    PYTHONPATH=. python bench/host_overhead.py --out $OUT        # GPU: host and GPU us/call, plot in $OUT
+    PYTHONPATH=. python bench/host_overhead.py --out $OUT        # GPU: host and GPU us/call, CSV and plot in $OUT
 
 What is timed, per case (spec) and length N (B = 2, 16 query heads, head dim 128):
 
@@ -14,7 +14,10 @@ What is timed, per case (spec) and length N (B = 2, 16 query heads, head dim 128
   the measured host cost of exactly those launches (replayed), so ``host - triton launch`` is
   attncc's own overhead.
 - ``floor``: the same calls through a do-nothing ``torch.autograd.Function`` that only allocates
-  the outputs (torch's own share of a forward / forward+backward call).
+  what attncc's calls allocate (o and the LSE; delta, lse2 and the three gradients): torch's own
+  share of a forward / forward+backward call. ``own`` = attncc's time less the floor (--stub), or
+  less Triton's launches (GPU).
+- On the GPU also attncc through ``torch.compile(fullgraph=True)`` (host us/call).
 - On the GPU also ``gpu fwd`` / ``gpu f+b``: device microseconds per call (``do_bench``), and the
   same for SDPA (cuDNN backend) and FlexAttention (compiled, block mask built outside the timing).
 
@@ -185,28 +188,226 @@ def main(argv=None) -> int:
     cases = [c for c in args.cases.split(",") if c]
     lengths = [int(x) for x in args.n.split(",") if x]
     if args.stub:
-        return run_stub(cases, lengths, args.calls)
+        return run_stub(cases, lengths, args.calls, args.out)
     return run_gpu(cases, lengths, args.out)
 
 
-def run_stub(cases, lengths, calls) -> int:
+def run_stub(cases, lengths, calls, out=None) -> int:
     torch.set_num_threads(1)
     print(f"host overhead, launches stubbed, CPU: torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}, "
           f"B=2 H=16 D=128 float16, thread CPU time, fastest of 7 bursts of {calls} calls")
-    print("| case | N | fwd us | f+b us | launches fwd / f+b | floor fwd us | floor f+b us |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| case | N | fwd us | f+b us | launches fwd / f+b | floor fwd us | floor f+b us | own fwd | own f+b |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    rows = []
     for name in cases:
         module = importlib.import_module(f"generated.{name}")
         stub_launches(module)
         for n in lengths:
             r = host_times(name, n, "cpu", torch.float16, calls, clock=time.thread_time)
+            own = {label: r[label] - r[f"floor {label}"] for label in ("fwd", "f+b")}
             print(f"| {name} | {n} | {r['fwd']:.1f} | {r['f+b']:.1f} | {r['launches fwd']} / {r['launches f+b']} | "
-                  f"{r['floor fwd']:.1f} | {r['floor f+b']:.1f} |", flush=True)
+                  f"{r['floor fwd']:.1f} | {r['floor f+b']:.1f} | {own['fwd']:.1f} | {own['f+b']:.1f} |", flush=True)
+            rows.append({"case": name, "N": n, "impl": "attncc (stubbed)", "host fwd": r["fwd"], "host f+b": r["f+b"]})
+    if out:
+        write_csv_and_plot(rows, ["case", "N", "impl", "host fwd", "host f+b"], Path(out))
     return 0
 
 
+def triton_launch_us(name: str, n: int, calls: int = 20) -> dict:
+    """Host microseconds of exactly the Triton launches of one forward and one forward+backward
+    call (recorded by the stub, then replayed through the real kernels), per call."""
+    module, q, k, v, kw = make_case(name, n, "cuda", torch.bfloat16, grad=True)
+    g = torch.randn(q.shape[:-1] + (v.shape[-1],), device="cuda", dtype=torch.bfloat16)
+    log = stub_launches(module)
+    log.keep_args = True
+    out = {}
+    try:
+        for label, fn in (("fwd", lambda: module.attention(q.detach(), k.detach(), v.detach(), **kw)),
+                          ("f+b", lambda: module.attention(q, k, v, **kw).backward(g))):
+            log.clear()
+            fn()
+            launches = list(log)
+            log.clear()
+
+            def replay():
+                for stub, grid, args, kwargs in launches:
+                    stub.real[grid](*args, **kwargs)
+            out[label] = per_call_us(replay, calls, sync=torch.cuda.synchronize)
+    finally:
+        log.keep_args = False
+        unstub(module)
+    return out
+
+
+def flex_and_sdpa(name: str, n: int, calls: int):
+    """{(impl, 'host fwd' | 'host f+b' | 'gpu fwd' | 'gpu f+b'): us} of SDPA (cuDNN, where the
+    pattern is one SDPA has: causal, GQA) and FlexAttention (block mask made outside the timing)."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from triton.testing import do_bench
+
+    module, q, k, v, kw = make_case(name, n, "cuda", torch.bfloat16, grad=True)
+    g = torch.randn(q.shape[:-1] + (v.shape[-1],), device="cuda", dtype=torch.bfloat16)
+    gqa = q.shape[1] != k.shape[1]
+    impls = {}
+    if name in ("causal", "gqa"):
+        def sdpa(q, k, v):
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        impls["sdpa cudnn"] = sdpa
+    doc, kv_len = kw.get("doc"), kw.get("kv_len")
+    masks = {"causal": lambda b, h, i, j: i >= j, "gqa": lambda b, h, i, j: i >= j,
+             "softcap": lambda b, h, i, j: i >= j,
+             "document": lambda b, h, i, j: (doc[b, i] == doc[b, j]) & (i >= j),
+             "padding": lambda b, h, i, j: j < kv_len[b]}
+    score = (lambda s, b, h, i, j: 30.0 * torch.tanh(s / 30.0)) if name == "softcap" else None
+    torch._dynamo.reset()
+    flex = torch.compile(flex_attention, dynamic=False)
+    block_mask = create_block_mask(masks[name], q.shape[0], None, n, n, device="cuda")
+    impls["flex"] = lambda q, k, v: flex(q, k, v, score_mod=score, block_mask=block_mask, enable_gqa=gqa)
+    out = {}
+    for impl, fn in impls.items():
+        try:
+            def fwd():
+                with torch.no_grad():
+                    fn(q, k, v)
+
+            def fwd_bwd():
+                fn(q, k, v).backward(g)
+                q.grad = k.grad = v.grad = None
+            for label, step in (("fwd", fwd), ("f+b", fwd_bwd)):
+                out[(impl, f"host {label}")] = per_call_us(step, calls, sync=torch.cuda.synchronize)
+                out[(impl, f"gpu {label}")] = do_bench(step, warmup=20, rep=100, return_mode="median") * 1e3
+        except Exception as e:  # noqa: BLE001 - one comparison failing must not end the run
+            print(f"  {impl} {name} N={n}: failed: {type(e).__name__}: {e}", flush=True)
+    return out
+
+
+def compiled_host_us(name: str, n: int, calls: int) -> dict:
+    """Host us/call of attncc through ``torch.compile(fullgraph=True)`` (the custom ops)."""
+    module, q, k, v, kw = make_case(name, n, "cuda", torch.bfloat16, grad=True)
+    g = torch.randn(q.shape[:-1] + (v.shape[-1],), device="cuda", dtype=torch.bfloat16)
+    torch._dynamo.reset()
+    fn = torch.compile(lambda q, k, v: module.attention(q, k, v, **kw), fullgraph=True)
+
+    def fwd():
+        with torch.no_grad():
+            fn(q, k, v)
+
+    def fwd_bwd():
+        fn(q, k, v).backward(g)
+        q.grad = k.grad = v.grad = None
+    return {label: per_call_us(step, calls, sync=torch.cuda.synchronize) for label, step in (("fwd", fwd), ("f+b", fwd_bwd))}
+
+
 def run_gpu(cases, lengths, out) -> int:  # pragma: no cover - needs a GPU
-    raise SystemExit("GPU mode: see below")
+    """Every number of the module doc on the GPU: a markdown table on stdout, the rows as CSV and
+    a plot (host and GPU us/call against N) in ``out``."""
+    from triton.testing import do_bench
+
+    calls = 20  # a burst short enough that the launch queue never fills: the time is the host's
+    sync = torch.cuda.synchronize
+    print(f"host overhead, GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+          f"triton {__import__('triton').__version__}, {time.strftime('%Y-%m-%d %H:%M')}, B=2 H=16 D=128 bf16, "
+          f"wall us/call: fastest of 7 bursts of {calls} calls without a sync; gpu: do_bench median")
+    head = ["case", "N", "impl", "host fwd", "host f+b", "gpu fwd", "gpu f+b", "stub fwd", "stub f+b",
+            "triton launch fwd", "triton launch f+b", "own fwd", "own f+b", "floor fwd", "floor f+b",
+            "compiled host fwd", "compiled host f+b"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    rows = []
+    for name in cases:
+        for n in lengths:
+            module, q, k, v, kw = make_case(name, n, "cuda", torch.bfloat16, grad=True)
+            g = torch.randn(q.shape[:-1] + (v.shape[-1],), device="cuda", dtype=torch.bfloat16)
+
+            def fwd():
+                with torch.no_grad():
+                    module.attention(q, k, v, **kw)
+
+            def fwd_bwd():
+                module.attention(q, k, v, **kw).backward(g)
+                q.grad = k.grad = v.grad = None
+            r = {"case": name, "N": n, "impl": "attncc"}
+            for label, fn in (("fwd", fwd), ("f+b", fwd_bwd)):
+                r[f"host {label}"] = per_call_us(fn, calls, sync=sync)
+                r[f"gpu {label}"] = do_bench(fn, warmup=20, rep=100, return_mode="median") * 1e3
+            stubbed = host_times_stubbed(name, n, calls)
+            launches = triton_launch_us(name, n)
+            for label in ("fwd", "f+b"):
+                r[f"stub {label}"] = stubbed[label]
+                r[f"floor {label}"] = stubbed[f"floor {label}"]
+                r[f"triton launch {label}"] = launches[label]
+                r[f"own {label}"] = r[f"host {label}"] - launches[label]
+            try:
+                compiled = compiled_host_us(name, n, calls)
+                r["compiled host fwd"], r["compiled host f+b"] = compiled["fwd"], compiled["f+b"]
+            except Exception as e:  # noqa: BLE001
+                print(f"  torch.compile {name} N={n}: failed: {type(e).__name__}: {e}", flush=True)
+            rows.append(r)
+            others = flex_and_sdpa(name, n, calls)
+            for impl in sorted({i for i, _ in others}):
+                rows.append({"case": name, "N": n, "impl": impl, **{m: t for (i, m), t in others.items() if i == impl}})
+            for row in rows[-1 - len({i for i, _ in others}):]:
+                print("| " + " | ".join(_cell(row.get(h)) for h in head) + " |", flush=True)
+    if out:
+        write_csv_and_plot(rows, head, Path(out))
+    return 0
+
+
+def host_times_stubbed(name: str, n: int, calls: int) -> dict:
+    """Host us/call on the GPU with the Triton launches stubbed (CUDA tensors, no kernel)."""
+    module = importlib.import_module(f"generated.{name}")
+    stub_launches(module)
+    try:
+        return host_times(name, n, "cuda", torch.bfloat16, calls, sync=torch.cuda.synchronize)
+    finally:
+        unstub(module)
+
+
+def _cell(x) -> str:
+    return "" if x is None else f"{x:.1f}" if isinstance(x, float) else str(x)
+
+
+def write_csv_and_plot(rows, head, out: Path) -> None:
+    import csv
+
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "host_overhead.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=head, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"(no matplotlib: wrote {out / 'host_overhead.csv'} only)")
+        return
+    cases = sorted({r["case"] for r in rows})
+    fig, axes = plt.subplots(2, len(cases), figsize=(4 * len(cases), 7), squeeze=False)
+    for col, case in enumerate(cases):
+        for row_i, label in enumerate(("fwd", "f+b")):
+            ax = axes[row_i][col]
+            for impl in sorted({r["impl"] for r in rows if r["case"] == case}):
+                pts = sorted((r["N"], r.get(f"host {label}"), r.get(f"gpu {label}")) for r in rows
+                             if r["case"] == case and r["impl"] == impl)
+                ns = [p[0] for p in pts]
+                if all(p[1] is not None for p in pts):
+                    ax.plot(ns, [p[1] for p in pts], "--", marker="o", label=f"{impl} host")
+                if all(p[2] is not None for p in pts):
+                    ax.plot(ns, [p[2] for p in pts], "-", marker="s", label=f"{impl} gpu")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_title(f"{case} {label}")
+            ax.set_xlabel("N")
+            ax.set_ylabel("us / call")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "host_overhead.png", dpi=120)
+    print(f"wrote {out / 'host_overhead.csv'} and {out / 'host_overhead.png'}")
 
 
 if __name__ == "__main__":

@@ -217,3 +217,28 @@ def test_build_imports_no_torch(tmp_path):
                   f"rc = main(['build', {specs.replace(' ', ', ')}, '--out', {str(tmp_path)!r}]); "
                   f"print(json.dumps([rc, sorted(m for m in ('torch', 'networkx', 'triton') if m in sys.modules)]))")
     assert json.loads(out.splitlines()[-1]) == [0, []]
+
+
+@pytest.fixture
+def capturing(monkeypatch):
+    """As if a CUDA graph were being captured on the current stream (no GPU needed)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+
+
+def test_capture_refuses_a_drawn_dropout_seed(capturing):
+    spec = module("causal_dropout").SPEC
+    with pytest.raises(ValueError, match="pass seed= under CUDA graph capture"):
+        call_mod.dropout_settings(spec, "causal_dropout.attention", dropout_p=0.1)
+    assert call_mod.dropout_settings(spec, "causal_dropout.attention", dropout_p=0.1, seed=5) == (0.1, 5)
+
+
+def test_capture_refuses_to_make_static_lists(capturing):
+    """Lists made inside a capture would be cached unfilled (captured kernels run at replay)."""
+    from attncc.runtime import blocks
+
+    key = (module("bigbird").MASK_TILES, "cuda:0", 300, 300, 0, 0, 300, 300, 64, 64, ())
+    with pytest.raises(RuntimeError, match="before capturing"):
+        blocks._static_lists(key, 1, 2, False)
+    with pytest.raises(RuntimeError, match="before capturing"):
+        blocks.random_table(300, 300, 3, 64, 0, "cuda:0")

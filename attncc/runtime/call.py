@@ -358,6 +358,9 @@ def dropout_settings(spec: SpecInfo, who: str, *, dropout_p=None, seed=None, tra
     elif isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"{who}: dropout_p must be a number in [0, 1), got {dropout_p!r}")
     dropout_p = float(dropout_p) if training else 0.0
+    if seed is None and dropout_p > 0 and _capturing():
+        raise ValueError(f"{who}: pass seed= under CUDA graph capture: a seed drawn now would be frozen into the "
+                         f"graph, and every replay would drop the same pairs")
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0 else 0
     else:
@@ -482,6 +485,9 @@ def _varlen(name, q, k, cu_q, cu_k, max_q, max_k):
     cu_q, cu_k = cu_q.contiguous(), cu_k.contiguous()
     max_q = None if max_q is None else _int_arg("max_seqlen_q", max_q)
     max_k = None if max_k is None else _int_arg("max_seqlen_k", max_k)
+    if (max_q is None or max_k is None) and _capturing(q.device):
+        raise ValueError(f"{name}.attention: pass max_seqlen_q and max_seqlen_k under CUDA graph capture: reading "
+                         f"them from cu_seqlens takes a host sync, which a capture cannot hold")
     if max_q is None or max_k is None or q.device.type == "cpu":
         cu = torch.stack([cu_q, cu_k])
         lens = cu[:, 1:] - cu[:, :-1]
@@ -502,6 +508,13 @@ def _varlen(name, q, k, cu_q, cu_k, max_q, max_k):
         max_q = q_max if max_q is None else max_q
         max_k = k_max if max_k is None else max_k
     return cu_q, cu_k, S, max_q, max_k
+
+
+def _capturing(device=None) -> bool:
+    """Whether the current CUDA stream is capturing a graph (False off CUDA)."""
+    if device is not None and device.type != "cuda":
+        return False
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _interpreting() -> bool:
