@@ -76,12 +76,13 @@ def stub_launches(module) -> list:
         from triton.runtime.interpreter import InterpretedFunction
     except ImportError:  # pragma: no cover
         InterpretedFunction = JITFunction
+    from attncc.runtime.launch import FastKernel
     log = getattr(module, "_STUB_LOG", None)
     if log is not None:
         return log
     log = LaunchLog()
     for name, obj in list(vars(module).items()):
-        if isinstance(obj, (JITFunction, InterpretedFunction)):
+        if isinstance(obj, (JITFunction, InterpretedFunction, FastKernel)):
             setattr(module, name, StubKernel(name, obj, log))
     module._STUB_LOG = log
     return log

@@ -1,7 +1,10 @@
-"""CUDA graphs (issue 18): the forward and forward+backward of static and data-dependent specs are
-captured in a ``torch.cuda.CUDAGraph`` and replayed with the same results as eager calls, with new
-values in the captured input tensors before each replay (data-dependent block lists are made on
-the device inside the graph). Needs a CUDA GPU; run it with the interpreter off:
+"""The GPU side of the host path (issue 18), on a CUDA GPU only.
+
+CUDA graphs: the forward and forward+backward of static and data-dependent specs are captured in
+a ``torch.cuda.CUDAGraph`` and replayed with the same results as eager calls, with new values in
+the captured input tensors before each replay (data-dependent block lists are made on the device
+inside the graph). The fast launch path (``ATTNCC_FAST_LAUNCH=1``) gives the plain launch's
+results. Run it with the interpreter off:
 
     TRITON_INTERPRET=0 PYTHONPATH=. python -m pytest -q -m gpu tests/test_cuda_graphs.py
 """
@@ -126,3 +129,53 @@ def test_varlen_with_max_seqlen_replays():
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(o, mod.attention(q, q, q, **kw), rtol=0, atol=0)
+
+
+# --- ATTNCC_FAST_LAUNCH=1: Triton's compiled kernels called directly (attncc.runtime.launch.FastKernel)
+
+
+def _misaligned(t):
+    """A copy of ``t`` whose data starts 2 elements past a 16-byte boundary (the strides unchanged)."""
+    base = torch.empty(t.numel() + 8, dtype=t.dtype, device=t.device)
+    view = base[2:2 + t.numel()].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+@pytest.mark.parametrize("name", ["causal", "document", "padding", "causal_dropout", "bigbird"])
+def test_fast_launch_matches_the_plain_launch(name, monkeypatch):
+    """Same results with and without the fast path, forward and backward, across calls whose
+    tensors differ in alignment (Triton specializes on it: part of the fast path's key), and the
+    fast path really skips JITFunction.run after the first launch of a key."""
+    from attncc.runtime.launch import FastKernel
+
+    mod = module(name)
+    q, k, v, g, kw = _tensors(name if name in CASES else "causal", 0)
+    kw = dict(kw, **({"seed": 7} if name == "causal_dropout" else {}))
+
+    def run(q, k, v):
+        return _step(mod, q.detach().clone(), k.detach().clone(), v.detach().clone(), g, kw, True)
+
+    monkeypatch.setenv("ATTNCC_FAST_LAUNCH", "0")
+    plain = run(q, k, v)
+    monkeypatch.setenv("ATTNCC_FAST_LAUNCH", "1")
+    kernels = [obj for obj in vars(mod).values() if isinstance(obj, FastKernel)]
+    assert len(kernels) == 3
+    runs = []
+    for kernel in kernels:
+        real = kernel.fn.run
+        monkeypatch.setattr(kernel.fn, "run", lambda *a, _real=real, **kw_: runs.append(1) or _real(*a, **kw_))
+    for attempt in range(3):
+        runs.clear()
+        fast = run(q, k, v)
+        for got, want in zip(fast, plain):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        if attempt:
+            assert not runs, "the fast path went through JITFunction.run"
+    for args in ((_misaligned(q), k, v), (q, _misaligned(k), _misaligned(v))):
+        monkeypatch.setenv("ATTNCC_FAST_LAUNCH", "0")
+        want = _step(mod, *args, g, kw, True)
+        monkeypatch.setenv("ATTNCC_FAST_LAUNCH", "1")
+        got = _step(mod, *args, g, kw, True)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -242,3 +242,63 @@ def test_capture_refuses_to_make_static_lists(capturing):
         blocks._static_lists(key, 1, 2, False)
     with pytest.raises(RuntimeError, match="before capturing"):
         blocks.random_table(300, 300, 3, 64, 0, "cuda:0")
+
+
+class _Param:
+    def __init__(self, name, constexpr=False, default=None):
+        self.name, self.is_constexpr, self.default = name, constexpr, default
+
+
+class _FakeJit:
+    """What FastKernel uses of a JITFunction: ``params`` and ``fn[grid](...)`` returning the
+    compiled kernel, which ``compiled[grid](*all_params)`` launches."""
+
+    def __init__(self):
+        self.params = [_Param("X"), _Param("n"), _Param("seed"), _Param("BLOCK", True), _Param("FLAG", True, False)]
+        self.compiles, self.launches = [], []
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.compiles.append((grid, args, kwargs))
+            jit = self
+
+            class Compiled:
+                def __getitem__(self, grid3):
+                    return lambda *full: jit.launches.append((grid3, full))
+            return Compiled()
+        return run
+
+
+def test_fast_kernel_keys_what_triton_specializes_on(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setenv("ATTNCC_FAST_LAUNCH", "1")
+    fake = _FakeJit()
+    kernel = launch.FastKernel(fake)
+    memo, other = {}, {}
+    base = torch.zeros(64)
+    aligned, misaligned = base[:16], base[1:17]
+
+    def go(memo, x, seed=3, block=32):
+        launch._LAUNCHING.memo = memo
+        try:
+            kernel[(4, 2)](x, 10, seed=seed, BLOCK=block)
+        finally:
+            launch._LAUNCHING.memo = None
+
+    go(memo, aligned)
+    go(memo, aligned)  # the compiled kernel, all parameters in order, a 3-d grid
+    assert len(fake.compiles) == 1 and fake.launches == [((4, 2, 1), (aligned, 10, 3, 32, False))]
+    go(memo, aligned, seed=35)  # same specialization of the seed (not 1, not a multiple of 16)
+    assert len(fake.compiles) == 1
+    for changed in (dict(x=misaligned), dict(seed=1), dict(seed=32), dict(block=64)):
+        before = len(fake.compiles)
+        go(memo, **{"x": aligned, **changed})
+        assert len(fake.compiles) == before + 1, changed
+    go(other, aligned)  # another call signature
+    assert len(fake.compiles) == 6
+    monkeypatch.setenv("ATTNCC_FAST_LAUNCH", "0")
+    go(memo, aligned)  # off: the plain launch
+    assert len(fake.compiles) == 7
+    launch._LAUNCHING.memo = None
+    kernel[(1,)](aligned, 10, seed=3, BLOCK=32)  # outside launch(): the plain launch
+    assert len(fake.compiles) == 8

@@ -25,7 +25,7 @@ _EXPORTS = {
     "ParamInfo": ("attncc.runtime.spec_info", "ParamInfo"),
     "InputInfo": ("attncc.runtime.spec_info", "InputInfo"),
     **{name: ("attncc.runtime.launch", name) for name in (
-        "LN2", "LOG2E", "KernelConfig", "cdiv", "ensure_allocator", "fast_math", "grad_operand", "grads_as_inputs",
+        "LN2", "LOG2E", "KernelConfig", "cdiv", "ensure_allocator", "fast_kernel", "fast_math", "grad_operand", "grads_as_inputs",
         "kernel_operands", "launch", "next_power_of_2", "padded_dim", "pick_config", "run_attention",
         "shared_tile_config", "tma_ready")},
 }

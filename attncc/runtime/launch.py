@@ -127,7 +127,19 @@ def launch(call: Call, cfg: KernelConfig, run_kernel: Callable[[KernelConfig], N
     """Launch with ``cfg``; when the kernel needs more shared memory than the GPU has (a
     pattern that gathers from memory in the loop, say), retry with shallower pipelining.
     What failed is remembered per (spec, kernel, head dim, dtype, config); ``kernel`` names
-    the backward kernels ("dkdv", "dq"), "" is the forward."""
+    the backward kernels ("dkdv", "dq"), "" is the forward. The call's signature memo is what
+    :class:`FastKernel` keys its compiled kernels by (ATTNCC_FAST_LAUNCH=1)."""
+    _LAUNCHING.memo = getattr(call, "memo", None)  # decoding's calls have none
+    try:
+        return _launch(call, cfg, run_kernel, kernel)
+    finally:
+        _LAUNCHING.memo = None
+
+
+_LAUNCHING = threading.local()  # the memo of the call whose kernel launch() runs on this thread
+
+
+def _launch(call: Call, cfg: KernelConfig, run_kernel: Callable[[KernelConfig], None], kernel: str):
     if not _TOO_BIG:  # the common case: nothing ever failed to fit
         try:
             return run_kernel(cfg)
@@ -321,3 +333,71 @@ def _no_pairs(call: Call):
 def _no_pairs_backward(call: Call, o, lse, do):
     input_grads = {name: torch.zeros_like(call.inputs[name]) for name in call.grad_input_names}
     return torch.zeros_like(call.q), torch.zeros_like(call.k), torch.zeros_like(call.v), input_grads
+
+
+class FastKernel:
+    """A ``@triton.jit`` kernel launched through Triton's compiled kernel directly, skipping the
+    per-launch argument specialization of ``JITFunction.run`` (about 10 us of Python per launch
+    of these 40-argument kernels, measured on the CPU: bench/host_overhead.py, docs/performance.md).
+
+    On with ``ATTNCC_FAST_LAUNCH=1`` (off by default until measured and checked on a GPU), for
+    launches made through :func:`launch`. The first launch of each key goes through
+    ``kernel[grid](...)`` as always (compiling, specializing) and keeps the compiled kernel that
+    ``JITFunction.run`` returns; later launches with the same key call it. The key holds what
+    Triton specializes on that a call's signature does not fix: the call's signature memo (shapes,
+    strides, dtypes, device, offsets and params fix every integer argument), the 16-byte alignment
+    of each tensor argument's address, the keyword arguments (constexprs, options, the dropout
+    seed) and the current device. Elsewhere (the interpreter, no call signature) the plain launch.
+    """
+
+    def __init__(self, fn):
+        self.fn = fn
+        self._compiled = {}  # key -> (memo, compiled kernel, the parameters after the positional ones)
+        self._layout = {}  # id(memo) -> (memo, positions of the tensor arguments)
+        # parameters that are not constexprs: Triton specializes an int passed for one by keyword
+        # (the dropout seed) on its value (== 1, divisible by 16)
+        self._runtime_keywords = frozenset(p.name for p in fn.params if not p.is_constexpr)
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self._launch(grid, args, kwargs)
+
+    def _launch(self, grid, args, kwargs):
+        memo = getattr(_LAUNCHING, "memo", None)
+        if memo is None or env("ATTNCC_FAST_LAUNCH", "0") != "1":
+            return self.fn[grid](*args, **kwargs)
+        layout = self._layout.get(id(memo))
+        if layout is None or layout[0] is not memo:
+            if len(self._layout) >= 4096:
+                self._layout.clear()
+            layout = self._layout[id(memo)] = (memo, tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor)))
+        keywords = tuple(kwargs.items())
+        if self._runtime_keywords.intersection(kwargs):
+            keywords = tuple((k, _specialization(v)) if k in self._runtime_keywords else (k, v) for k, v in keywords)
+        key = (id(memo), len(args), torch.cuda.current_device(), keywords,
+               tuple(args[i].data_ptr() % 16 == 0 for i in layout[1]))
+        entry = self._compiled.get(key)
+        if entry is None or entry[0] is not memo:
+            compiled = self.fn[grid](*args, **kwargs)
+            tail = tuple((p.name, p.default) for p in self.fn.params[len(args):])
+            if len(self._compiled) >= 4096:
+                self._compiled.clear()
+            self._compiled[key] = (memo, compiled, tail)  # the memo kept: its id stays its own
+            return compiled
+        _, compiled, tail = entry
+        full = args + tuple(kwargs.get(name, default) for name, default in tail)
+        compiled[(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)](*full)
+        return compiled
+
+
+def _specialization(value):
+    """What Triton specializes a non-constexpr scalar on: an int's == 1 and divisibility by 16."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return int, value == 1, value % 16 == 0
+    return type(value)
+
+
+def fast_kernel(fn):
+    """``fn`` as a :class:`FastKernel`; ``fn`` itself under the interpreter (nothing to skip)."""
+    from triton.runtime.jit import JITFunction
+
+    return FastKernel(fn) if isinstance(fn, JITFunction) else fn
