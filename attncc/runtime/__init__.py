@@ -34,15 +34,18 @@ __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name):
-    try:
-        module, attribute = _EXPORTS[name]
-    except KeyError:
-        raise AttributeError(f"module 'attncc.runtime' has no attribute {name!r}") from None
-    value = importlib.import_module(module)
-    if attribute is not None:
-        value = getattr(value, attribute)
-    globals()[name] = value  # later lookups are plain attribute reads
-    return value
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'attncc.runtime' has no attribute {name!r}")
+    module, attribute = _EXPORTS[name]
+    if attribute is None:  # a submodule (``from attncc.runtime import semantics``: the compiler's)
+        return importlib.import_module(module)
+    # The first use of a function or class loads the whole runtime, as an eager import did: its
+    # Triton kernels (decoding's merge kernel, say) are then made under the TRITON_INTERPRET
+    # setting of that moment, the one the generated module's own kernels get.
+    for export, (module, attribute) in _EXPORTS.items():
+        value = importlib.import_module(module)
+        globals()[export] = value if attribute is None else getattr(value, attribute)  # later lookups: plain reads
+    return globals()[name]
 
 
 def __dir__():

@@ -45,10 +45,14 @@ class AttentionFunction(torch.autograd.Function):
         if do is None:
             return (None,) * (6 + len(names))
         call = ctx.call.replace(q=q, k=k, v=v)
-        with torch.no_grad():
+        differentiable = torch.is_grad_enabled()  # create_graph=True
+        if differentiable:
+            with torch.no_grad():
+                dq, dk, dv, input_grads = ctx.backward_fn(call, o, lse, do)
+        else:  # the usual backward: autograd runs it with gradients off already
             dq, dk, dv, input_grads = ctx.backward_fn(call, o, lse, do)
-        grads = [dq, dk, dv] + [input_grads.get(name) for name in names]
-        if torch.is_grad_enabled():  # create_graph=True: the gradients must not be differentiated
+        grads = [dq, dk, dv] + [input_grads.get(name) for name in names] if names else [dq, dk, dv]
+        if differentiable:  # the gradients must not be differentiated
             grads = no_double_backward(call.spec.name, grads, (q, k, v, do))
         need = ctx.needs_input_grad
         return (None, None, None) + tuple(g if want else None for g, want in zip(grads, need[3:]))

@@ -90,7 +90,7 @@ class Call:
     @property
     def grad_input_names(self) -> Tuple[str, ...]:
         """The [inputs] declared ``grad = true``, in spec order."""
-        return tuple(d.name for d in self.spec.inputs if d.grad)
+        return self.cached("grad_input_names", lambda: tuple(d.name for d in self.spec.inputs if d.grad))
 
     @property
     def varlen(self) -> bool:
