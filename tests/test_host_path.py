@@ -302,3 +302,12 @@ def test_fast_kernel_keys_what_triton_specializes_on(monkeypatch):
     launch._LAUNCHING.memo = None
     kernel[(1,)](aligned, 10, seed=3, BLOCK=32)  # outside launch(): the plain launch
     assert len(fake.compiles) == 8
+
+
+def test_params_passed_as_tensors_are_read_every_call():
+    """A param's value counts, not its layout: two 0-d tensors of one layout are two windows."""
+    mod = module("sliding_window")
+    q, k, v = qkv(N=24)
+    for window in (2, 5, 2, 9):
+        got = mod.attention(q, k, v, window=torch.tensor(window))
+        assert torch.equal(got, mod.attention(q, k, v, window=window)), window

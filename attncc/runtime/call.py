@@ -156,9 +156,9 @@ def _int_arg(name: str, value, minimum: int = 0, maximum: int = INT_LIMIT - 1) -
     return value
 
 
-# bind()'s signature cache: per spec (by identity), signature -> the Call it bound (tensors
-# included, which the cache hit replaces). BIND_STATS counts hits and misses (tests read it).
-_BOUND: Dict[int, Tuple[SpecInfo, dict]] = {}
+# bind()'s signature cache: per spec (by identity), (spec, {signature: the Call it bound, without
+# its tensors}, the names of its [inputs]). BIND_STATS counts hits and misses (tests read it).
+_BOUND: Dict[int, Tuple[SpecInfo, dict, frozenset]] = {}
 BIND_STATS: Counter = Counter()
 MAX_SIGNATURES = 1024  # per spec; past it the cache starts over (shapes that never repeat)
 
@@ -175,24 +175,26 @@ def bind(spec: SpecInfo, q, k, v, *, return_lse=False, q_offset=0, k_offset=0, n
     (:func:`_signature` says what a signature holds; calls it cannot key, such as a tensor
     passed as ``q_offset``, are checked every time). Nothing here reads a tensor's values,
     except the cu_seqlens of a packed batch on the CPU or without ``max_seqlen_*`` (one host sync)."""
-    key = _signature(q, k, v, return_lse, q_offset, k_offset, n_q, n_k, scale, kwargs, cu_seqlens_q, cu_seqlens_k,
-                     max_seqlen_q, max_seqlen_k)
+    slot = _BOUND.get(id(spec))
+    if slot is None or slot[0] is not spec:
+        slot = _BOUND[id(spec)] = (spec, {}, frozenset(d.name for d in spec.inputs))
+    # under torch.compile bind runs while tracing (symbolic shapes): checked, never cached
+    key = None if torch.compiler.is_compiling() else _signature(
+        q, k, v, return_lse, q_offset, k_offset, n_q, n_k, scale, kwargs, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+        max_seqlen_k, slot[2])
     if key is not None:
-        slot = _BOUND.get(id(spec))
-        if slot is not None and slot[0] is spec:
-            bound = slot[1].get(key)
-            if bound is not None:
-                BIND_STATS["hit"] += 1
-                return _rebind(bound, q, k, v, kwargs, cu_seqlens_q, cu_seqlens_k)
+        bound = slot[1].get(key)
+        if bound is not None:
+            BIND_STATS["hit"] += 1
+            return _rebind(bound, q, k, v, kwargs, cu_seqlens_q, cu_seqlens_k)
     BIND_STATS["miss"] += 1
     call = _bind_checked(spec, q, k, v, return_lse=return_lse, q_offset=q_offset, k_offset=k_offset, n_q=n_q,
                          n_k=n_k, scale=scale, kwargs=kwargs, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                          max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
     # (an input named "scale" that came as scale= is not in kwargs: such calls stay uncached)
     if key is not None and all(d.name in (kwargs or ()) for d in spec.inputs):
-        slot = _BOUND.get(id(spec))
-        if slot is None or slot[0] is not spec or len(slot[1]) >= MAX_SIGNATURES:
-            slot = _BOUND[id(spec)] = (spec, {})
+        if len(slot[1]) >= MAX_SIGNATURES:
+            slot[1].clear()
         # the input conversions bind made (an int input widened, a float one to its declared type)
         converts = tuple((d.name, call.inputs[d.name].dtype if call.inputs[d.name] is not kwargs[d.name] else None)
                          for d in spec.inputs)
@@ -223,11 +225,14 @@ def _tensor_key(t):
     return t.shape, t.stride(), t.dtype, t.device
 
 
-def _signature(q, k, v, return_lse, q_offset, k_offset, n_q, n_k, scale, kwargs, cu_q, cu_k, max_q, max_k):
+def _signature(q, k, v, return_lse, q_offset, k_offset, n_q, n_k, scale, kwargs, cu_q, cu_k, max_q, max_k,
+               input_names=frozenset()):
     """What the checks of a call depend on, as a hashable key; None when a call must be checked
-    every time: anything but tensors and plain numbers, tensors as scalars (their values
-    would need a host sync), and packed batches whose cu_seqlens bind reads (on the CPU, or
-    without max_seqlen). Scalars are keyed with their type: 1, 1.0 and True are equal keys."""
+    every time: anything but tensors and plain numbers, tensors as scalars or params (their
+    values count, and reading them would need a host sync), and packed batches whose cu_seqlens
+    bind reads (on the CPU, or without max_seqlen). Scalars are keyed with their type: 1, 1.0
+    and True are equal keys. Tensors are keyed by layout only for ``input_names``, the spec's
+    [inputs], which the kernels read on the device."""
     if type(q) is not torch.Tensor and not isinstance(q, torch.Tensor):
         return None
     if not (isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)):
@@ -246,6 +251,8 @@ def _signature(q, k, v, return_lse, q_offset, k_offset, n_q, n_k, scale, kwargs,
     if kwargs:
         for name, value in kwargs.items():
             if isinstance(value, torch.Tensor):
+                if name not in input_names:
+                    return None
                 key.append((name, _tensor_key(value)))
             elif type(value) in _SCALARS:
                 key.append((name, type(value), value))
