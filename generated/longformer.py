@@ -196,12 +196,12 @@ def _forward(call):
     else:
         o = torch.empty(call.B, call.Hq, call.Nq, v.shape[-1], dtype=call.q.dtype, device=q.device)
         lse = torch.empty(call.B, call.Hq, call.Nq, dtype=torch.float32, device=q.device)
-    _rt.launch(call, cfg, lambda cfg: _fwd_kernel[(triton.cdiv(call.Nq, cfg.BLOCK_M), call.B * call.Hq)](
+    _rt.launch(call, cfg, lambda cfg: _fwd_kernel[(_rt.cdiv(call.Nq, cfg.BLOCK_M), call.B * call.Hq)](
         q, k, v, o, lse,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        o.stride(0), o.stride(1), o.stride(2),
+        *q.stride()[:3],
+        *k.stride()[:3],
+        *v.stride()[:3],
+        *o.stride()[:3],
         call.Nq, call.Nk, call.Hq, call.group, call.q_offset, call.k_offset, call.n_q, call.n_k,
         call.scale * _rt.LOG2E, call.scale,
         call.cu_seqlens_q, call.cu_seqlens_k, lse.shape[-1],
@@ -551,7 +551,7 @@ def _backward(call, o, lse, do, dlse=None):
     cu = (call.cu_seqlens_q, call.cu_seqlens_k, lse.shape[-1])
     if dlse is not None:  # read at the LSE's offsets
         dlse = dlse.to(torch.float32).contiguous()
-    _bwd_preprocess[(triton.cdiv(Nq, cfg.BLOCK_M), B * Hq)](
+    _bwd_preprocess[(_rt.cdiv(Nq, cfg.BLOCK_M), B * Hq)](
         o, do, lse, lse if dlse is None else dlse, delta, lse2, *o.stride(), *do.stride(), Nq, Hq, call.q_offset,
         call.n_q, call.n_k, *cu,
         call.params['g'],
@@ -569,14 +569,14 @@ def _backward(call, o, lse, do, dlse=None):
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         FAST_MATH=_rt.fast_math(call), VARLEN=call.varlen, WIDE=call.wide,
     )
-    _rt.launch(call, cfg_kv, lambda cfg: _bwd_dkdv_kernel[(triton.cdiv(Nk, cfg.BLOCK_N), B * Hkv)](
+    _rt.launch(call, cfg_kv, lambda cfg: _bwd_dkdv_kernel[(_rt.cdiv(Nk, cfg.BLOCK_N), B * Hkv)](
         q, k, v, do, dk, dv, lse2, delta,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2),
-        dv.stride(0), dv.stride(1), dv.stride(2),
+        *q.stride()[:3],
+        *k.stride()[:3],
+        *v.stride()[:3],
+        *do.stride()[:3],
+        *dk.stride()[:3],
+        *dv.stride()[:3],
         Nq, Nk, Hq, call.group, call.q_offset, call.k_offset, call.n_q, call.n_k,
         call.scale * _rt.LOG2E, call.scale, *cu,
         call.params['g'],
@@ -584,13 +584,13 @@ def _backward(call, o, lse, do, dlse=None):
         **common, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     ), kernel="dkdv")
-    _rt.launch(call, cfg_q, lambda cfg: _bwd_dq_kernel[(triton.cdiv(Nq, cfg.BLOCK_M), B * Hq)](
+    _rt.launch(call, cfg_q, lambda cfg: _bwd_dq_kernel[(_rt.cdiv(Nq, cfg.BLOCK_M), B * Hq)](
         q, k, v, do, dq, lse2, delta,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2),
+        *q.stride()[:3],
+        *k.stride()[:3],
+        *v.stride()[:3],
+        *do.stride()[:3],
+        *dq.stride()[:3],
         Nq, Nk, Hq, call.group, call.q_offset, call.k_offset, call.n_q, call.n_k,
         call.scale * _rt.LOG2E, call.scale, *cu,
         call.params['g'],
@@ -601,6 +601,11 @@ def _backward(call, o, lse, do, dlse=None):
     return _rt.grads_as_inputs(call, dq, dk, dv)
 
 
+# The attention kernels launch through attncc's per-signature cache of Triton's compiled kernels
+# when ATTNCC_FAST_LAUNCH=1 (attncc.runtime.launch.FastKernel).
+_fwd_kernel = _rt.fast_kernel(_fwd_kernel)
+_bwd_dkdv_kernel = _rt.fast_kernel(_bwd_dkdv_kernel)
+_bwd_dq_kernel = _rt.fast_kernel(_bwd_dq_kernel)
 _rt.register_kernels(SPEC, _forward, _backward)  # the custom ops torch.compile traces call these
 
 
@@ -803,7 +808,7 @@ def _decode(call):
     q, k, v = _rt.decode.kernel_operands(call)
     cfg = _rt.decode.decode_config(call)
     heads = _rt.decode.heads_per_program(call, cfg)
-    programs = call.B * call.Hkv * triton.cdiv(call.group, heads)
+    programs = call.B * call.Hkv * _rt.cdiv(call.group, heads)
     splits = _rt.decode.num_splits(call, cfg, programs)
     if programs == 0:
         return _rt.decode.empty_result(call)
@@ -820,12 +825,12 @@ def _decode(call):
         k_strides, v_strides = (k.stride(0), k.stride(2), k.stride(1)), (v.stride(0), v.stride(2), v.stride(1))
     else:
         table = call.kv_len[:, None]  # unused
-        k_strides, v_strides = (k.stride(0), k.stride(1), k.stride(2)), (v.stride(0), v.stride(1), v.stride(2))
+        k_strides, v_strides = k.stride()[:3], v.stride()[:3]
     _rt.launch(call, cfg, lambda cfg: _dec_kernel[(splits, programs)](
         q, k, v, out, out_lse, call.kv_len, table,
-        q.stride(0), q.stride(1), q.stride(2),
+        *q.stride()[:3],
         *k_strides, *v_strides,
-        table.stride(0), table.stride(1), call.kv_len.stride(0), o.stride(0), o.stride(1), o.stride(2),
+        table.stride(0), table.stride(1), call.kv_len.stride(0), *o.stride()[:3],
         call.Nq, call.Hq, call.group, heads, call.capacity, max(call.num_pages, 1), splits,
         call.scale * _rt.LOG2E, call.scale,
         call.params['g'],

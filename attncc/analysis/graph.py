@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from typing import Mapping, Optional
 
-import networkx as nx
-import torch
-
 from attncc.analysis.plan import Iteration, Plan, eval_key_ranges
 from attncc.runtime import tiles
 from attncc.spec import symbols as S
+from attncc._lazy import lazy_module
+
+# imported on first use: `attncc build` never imports them
+nx = lazy_module("networkx")
+torch = lazy_module("torch")
 
 _CLASS_NAME = {tiles.FULL: "full", tiles.PARTIAL: "partial"}
 

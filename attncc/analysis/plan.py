@@ -7,7 +7,6 @@ from enum import Enum
 from typing import Mapping, Optional, Tuple
 
 import sympy
-import torch
 
 from attncc.analysis import symbols as A
 from attncc.analysis.classifier import compile_mask
@@ -16,6 +15,9 @@ from attncc.analysis.ranges import KeyRange, clause_key_range, everything, key_r
 from attncc.runtime.tiles import BlockStat, IntervalProgram
 from attncc.spec.builtins import RandomBlocks
 from attncc.spec.ir import Pattern
+from attncc._lazy import lazy_module
+
+torch = lazy_module("torch")  # on first use: `attncc build` never imports it
 
 
 class Iteration(str, Enum):

@@ -28,10 +28,12 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping, Tuple
 
 import sympy
-import torch
 
 from attncc.analysis.normal_form import Clause, LinearAtom, OtherAtom
 from attncc.analysis.symbols import BLOCK_N, N_K, k_offset, q_hi, q_lo
+from attncc._lazy import lazy_module
+
+torch = lazy_module("torch")  # on first use: `attncc build` never imports it
 
 ZERO = sympy.Integer(0)
 

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from typing import Dict, Mapping, Optional
 
-import torch
-
 from attncc.analysis.graph import plan_grid
 from attncc.analysis.plan import Iteration, Plan
 from attncc.analysis.ranges import describe
 from attncc.analysis.score import score_report
 from attncc.runtime import tiles
+from attncc._lazy import lazy_module
+
+torch = lazy_module("torch")  # on first use: `attncc build` never imports it
 
 BF16_BYTES = 2
 INDEX_BYTES = 4  # int32 block lists

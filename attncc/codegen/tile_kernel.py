@@ -933,7 +933,7 @@ def render_tile_kernel(program: IntervalProgram, pattern=None) -> Optional[str]:
     host += g.host_lines
     row_chunk = "min(64, max(1, 4096 // BN_P))" if g.needs_pos_k else "64"
     col_chunk = "min(64, max(1, 4096 // BM_P))" if g.needs_pos_q else "64"
-    host += ["BM_P, BN_P = triton.next_power_of_2(block_m), triton.next_power_of_2(block_n)",
+    host += ["BM_P, BN_P = _rt.next_power_of_2(block_m), _rt.next_power_of_2(block_n)",
              "# one allocation: the forward lists, then (transposed) the transposed lists, each in the",
              "# layout of _rt.blocks.packed_lists",
              "rows_size = _rt.blocks.packed_size(Bl * Hl * nqb, nkb)",

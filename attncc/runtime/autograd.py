@@ -11,8 +11,6 @@ train correctly. Gradients of gradients are not implemented: asking for them rai
 """
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from attncc.runtime.call import Call
@@ -32,12 +30,14 @@ class AttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, forward, backward, call: Call, q, k, v, *grad_inputs):
         # The forward writes the LSE and keeps for the backward what both can share.
-        call = dataclasses.replace(call, return_lse=True, for_backward={},
-                                   input_grads=any(ctx.needs_input_grad[6:]))
+        call = call.replace(return_lse=True, for_backward={},
+                            input_grads=bool(grad_inputs) and any(ctx.needs_input_grad[6:]))
         o, lse = forward(call)
         ctx.call = call
         ctx.backward_fn = backward
         ctx.save_for_backward(q, k, v, o, lse)
+        # The gradient of an unused LSE stays None: materialized, autograd would fill a zero
+        # tensor of its shape per backward (an allocation and a memset kernel for nothing).
         ctx.set_materialize_grads(False)
         return o, lse
 
@@ -49,11 +49,15 @@ class AttentionFunction(torch.autograd.Function):
             return (None,) * (6 + len(names))
         if do is None:  # only the LSE reaches the loss
             do = torch.zeros_like(o)
-        call = dataclasses.replace(ctx.call, q=q, k=k, v=v)
-        with torch.no_grad():
+        call = ctx.call.replace(q=q, k=k, v=v)
+        differentiable = torch.is_grad_enabled()  # create_graph=True
+        if differentiable:
+            with torch.no_grad():
+                dq, dk, dv, input_grads = ctx.backward_fn(call, o, lse, do, dlse)
+        else:  # the usual backward: autograd runs it with gradients off already
             dq, dk, dv, input_grads = ctx.backward_fn(call, o, lse, do, dlse)
-        grads = [dq, dk, dv] + [input_grads.get(name) for name in names]
-        if torch.is_grad_enabled():  # create_graph=True: the gradients must not be differentiated
+        grads = [dq, dk, dv] + [input_grads.get(name) for name in names] if names else [dq, dk, dv]
+        if differentiable:  # the gradients must not be differentiated
             grads = no_double_backward(call.spec.name, grads, (q, k, v, do))
         need = ctx.needs_input_grad
         return (None, None, None) + tuple(g if want else None for g, want in zip(grads, need[3:]))

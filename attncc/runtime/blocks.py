@@ -6,7 +6,6 @@ call, on the device, with no host synchronization.
 """
 from __future__ import annotations
 
-import functools
 from typing import Tuple
 
 import torch
@@ -66,11 +65,36 @@ def classified_lists(program, call: Call, block_m: int, block_n: int, *, dynamic
     if dynamic:
         grid = _classify(program, call, block_m, block_n, call.inputs)
         return _lists(grid, call), (_lists(grid.transpose(-1, -2).contiguous(), call) if transposed else None)
-    key = (program, str(call.q.device), call.Nq, call.Nk, call.q_offset, call.k_offset, call.n_q, call.n_k,
-           block_m, block_n, tuple(sorted(call.params.items())))
-    if transposed:
-        return _static_lists_both(key, call.B, call.Hq)
-    return _lists(_static_grid(key, call.B, call.Hq), call), None
+    key = call.cached(("static_lists", program, block_m, block_n), lambda: (
+        program, str(call.q.device), call.Nq, call.Nk, call.q_offset, call.k_offset, call.n_q, call.n_k,
+        block_m, block_n, tuple(sorted(call.params.items()))))
+    return _static_lists(key, call.B, call.Hq, transposed)
+
+
+# Static patterns' lists per (shape key, batch, heads, transposed): made once (with host reads:
+# BigBird's random-block tables are built on the CPU), then only read. Never made during CUDA
+# graph capture: the kernels of a capture do not run until the graph is replayed, so lists cached
+# then would hold garbage for every eager call (and the CPU table cannot be copied in).
+_STATIC: dict = {}
+MAX_STATIC = 256
+
+
+def _static_lists(key, batch: int, heads: int, transposed: bool):
+    slot = (key, batch, heads, transposed)
+    found = _STATIC.get(slot)
+    if found is None:
+        device = key[1]
+        if device.startswith("cuda") and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"attncc: the block lists of this static pattern at this shape (Nq = {key[2]}, Nk = {key[3]}, "
+                f"tiles {key[8]}x{key[9]}) are made on the first call, which cannot be inside a CUDA graph "
+                f"capture: call the attention once before capturing (a warm-up run, as torch.cuda.graphs asks)")
+        grid = _static_grid(key, batch, heads)
+        found = (_lists(grid, None), _lists(grid.transpose(-1, -2).contiguous(), None) if transposed else None)
+        if len(_STATIC) >= MAX_STATIC:
+            _STATIC.clear()
+        _STATIC[slot] = found
+    return found
 
 
 def packed_size(rows: int, width: int) -> int:
@@ -93,13 +117,6 @@ def packed_lists(buffer: torch.Tensor, offset: int, nb: int, nh: int, n_rows: in
             nh * n_rows if nb > 1 else 0, n_rows if nh > 1 else 0, 1, width)
 
 
-@functools.lru_cache(maxsize=64)
-def _static_lists_both(key, batch: int, heads: int):
-    grid = _static_grid(key, batch, heads)
-    return _lists(grid, None), _lists(grid.transpose(-1, -2).contiguous(), None)
-
-
-@functools.lru_cache(maxsize=256)
 def _static_grid(key, batch: int, heads: int):
     program, device, Nq, Nk, q_offset, k_offset, n_q, n_k, block_m, block_n, params = key
     return tiles.classify_grid(program, q_offset=q_offset, k_offset=k_offset, q_rows=Nq, k_rows=Nk,
@@ -122,14 +139,27 @@ def _lists(grid: torch.Tensor, call: Call):
     return full_count, full_index, partial_count, partial_index, stride_b, stride_h, 1, nkb
 
 
-@functools.lru_cache(maxsize=64)
+_TABLES: dict = {}
+
+
 def random_table(n_q: int, n_k: int, r: int, block: int, seed: int, device: str):
     """BigBird's chosen key random-blocks per query random-block: int32 [rows, r] (rows =
-    ceil(n_q / block)), padded with -1 where fewer than r key blocks exist."""
+    ceil(n_q / block)), padded with -1 where fewer than r key blocks exist. Made on the CPU once
+    per shape and copied to ``device``; not inside a CUDA graph capture (see :func:`_static_lists`)."""
+    key = (n_q, n_k, r, block, seed, device)
+    found = _TABLES.get(key)
+    if found is not None:
+        return found
+    if device.startswith("cuda") and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"attncc: BigBird's random-block table for n_q = {n_q}, n_k = {n_k} is made on the first "
+                           f"call, which cannot be inside a CUDA graph capture: call the attention once before capturing")
     rows = max(1, -(-n_q // block))
     n_key_blocks = -(-n_k // block)
     table = torch.full((rows, max(r, 1)), -1, dtype=torch.int32)
     for qr in range(rows):
         chosen = semantics.random_block_set(qr, n_key_blocks, r, seed)
         table[qr, :len(chosen)] = torch.tensor(chosen, dtype=torch.int32)
-    return table.to(device), rows
+    if len(_TABLES) >= 64:
+        _TABLES.clear()
+    found = _TABLES[key] = (table.to(device), rows)
+    return found

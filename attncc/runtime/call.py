@@ -6,6 +6,8 @@ device, head count or keyword never turns into a wrong answer or a launch error.
 from __future__ import annotations
 
 import math
+import os
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
@@ -58,6 +60,29 @@ class Call:
     # and the seed of the counter-based RNG that the forward and backward kernels share.
     dropout_p: float = 0.0
     seed: int = 0
+    # What the runtime derived from this call's signature (configs, the WIDE switch, operand
+    # layouts): one dict shared by every call that bind() found in its signature cache, so that
+    # it is computed once per signature (see :meth:`cached`). None: nothing shared (computed anew).
+    memo: Optional[dict] = field(default=None, repr=False, compare=False)
+
+    def cached(self, key, make):
+        """``make()``, computed once per call signature (shapes, strides, dtypes, device, offsets,
+        params, scale): everything in ``memo`` must depend on nothing else (not on tensor values,
+        return_lse, dropout or the backward's bookkeeping, which calls of one signature may differ in)."""
+        memo = self.memo
+        if memo is None:
+            return make()
+        value = memo.get(key, _MISSING)
+        if value is _MISSING:
+            value = memo[key] = make()
+        return value
+
+    def replace(self, **changes) -> "Call":
+        """A copy with ``changes`` (as ``dataclasses.replace``, without re-running ``__init__``:
+        the hot path makes a few of these per call)."""
+        new = object.__new__(Call)
+        new.__dict__ = {**self.__dict__, **changes}
+        return new
 
     @property
     def group(self) -> int:
@@ -66,7 +91,7 @@ class Call:
     @property
     def grad_input_names(self) -> Tuple[str, ...]:
         """The [inputs] declared ``grad = true``, in spec order."""
-        return tuple(d.name for d in self.spec.inputs if d.grad)
+        return self.cached("grad_input_names", lambda: tuple(d.name for d in self.spec.inputs if d.grad))
 
     @property
     def varlen(self) -> bool:
@@ -83,8 +108,14 @@ class Call:
     @property
     def wide(self) -> bool:
         """The kernels' WIDE switch: int64 position arithmetic (see :func:`wide_positions`)."""
+        return self.cached("wide", self._wide)
+
+    def _wide(self) -> bool:
         reach = max(self.q_offset + self.Nq, self.k_offset + self.Nk, self.n_q, self.n_k)
         return wide_positions(reach, self.params, self.inputs.values())
+
+
+_MISSING = object()
 
 
 # Index arithmetic of a kernel stays int32 up to this value: positions and tile bounds run up to
@@ -126,12 +157,115 @@ def _int_arg(name: str, value, minimum: int = 0, maximum: int = INT_LIMIT - 1) -
     return value
 
 
+# bind()'s signature cache: per spec (by identity), (spec, {signature: the Call it bound, without
+# its tensors}, the names of its [inputs]). BIND_STATS counts hits and misses (tests read it).
+_BOUND: Dict[int, Tuple[SpecInfo, dict, frozenset]] = {}
+BIND_STATS: Counter = Counter()
+MAX_SIGNATURES = 1024  # per spec; past it the cache starts over (shapes that never repeat)
+
+
 def bind(spec: SpecInfo, q, k, v, *, return_lse=False, q_offset=0, k_offset=0, n_q=None, n_k=None,
          scale=None, kwargs: Optional[dict] = None, cu_seqlens_q=None, cu_seqlens_k=None,
          max_seqlen_q=None, max_seqlen_k=None) -> Call:
     """Check the arguments of ``attention(q, k, v, ...)`` against the spec; return the Call.
 
-    With ``cu_seqlens_q`` / ``cu_seqlens_k`` q, k, v are packed sequences (see :class:`Call`)."""
+    With ``cu_seqlens_q`` / ``cu_seqlens_k`` q, k, v are packed sequences (see :class:`Call`).
+
+    The checks depend on the call's signature only (types, shapes, dtypes, devices and the
+    scalars), so a signature seen before skips them: the cached Call gets this call's tensors
+    (:func:`_signature` says what a signature holds; calls it cannot key, such as a tensor
+    passed as ``q_offset``, are checked every time). Nothing here reads a tensor's values,
+    except the cu_seqlens of a packed batch on the CPU or without ``max_seqlen_*`` (one host sync)."""
+    slot = _BOUND.get(id(spec))
+    if slot is None or slot[0] is not spec:
+        slot = _BOUND[id(spec)] = (spec, {}, frozenset(d.name for d in spec.inputs))
+    # under torch.compile bind runs while tracing (symbolic shapes): checked, never cached
+    key = None if torch.compiler.is_compiling() else _signature(
+        q, k, v, return_lse, q_offset, k_offset, n_q, n_k, scale, kwargs, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+        max_seqlen_k, slot[2])
+    if key is not None:
+        bound = slot[1].get(key)
+        if bound is not None:
+            BIND_STATS["hit"] += 1
+            return _rebind(bound, q, k, v, kwargs, cu_seqlens_q, cu_seqlens_k)
+    BIND_STATS["miss"] += 1
+    call = _bind_checked(spec, q, k, v, return_lse=return_lse, q_offset=q_offset, k_offset=k_offset, n_q=n_q,
+                         n_k=n_k, scale=scale, kwargs=kwargs, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+    # (an input named "scale" that came as scale= is not in kwargs: such calls stay uncached)
+    if key is not None and all(d.name in (kwargs or ()) for d in spec.inputs):
+        if len(slot[1]) >= MAX_SIGNATURES:
+            slot[1].clear()
+        # the input conversions bind made (an int input widened, a float one to its declared type)
+        converts = tuple((d.name, call.inputs[d.name].dtype if call.inputs[d.name] is not kwargs[d.name] else None)
+                         for d in spec.inputs)
+        call.memo = {"converts": converts}
+        # kept without tensors: the cache must not hold a call's memory
+        slot[1][key] = call.replace(q=None, k=None, v=None, inputs={}, cu_seqlens_q=None, cu_seqlens_k=None)
+    return call
+
+
+def _rebind(bound: Call, q, k, v, kwargs, cu_q, cu_k) -> Call:
+    """``bound`` (a Call of this signature) with this call's tensors."""
+    call = object.__new__(Call)
+    fields = dict(bound.__dict__)
+    fields["q"], fields["k"], fields["v"] = q, k, v
+    converts = bound.memo["converts"]
+    fields["inputs"] = {name: (kwargs[name] if dtype is None else kwargs[name].to(dtype))
+                        for name, dtype in converts} if converts else {}
+    if cu_q is not None:  # the kernels read cu_seqlens at unit stride (see _varlen)
+        fields["cu_seqlens_q"], fields["cu_seqlens_k"] = cu_q.contiguous(), cu_k.contiguous()
+    call.__dict__ = fields
+    return call
+
+
+_SCALARS = (int, float, bool, type(None))
+
+
+def _tensor_key(t):
+    return t.shape, t.stride(), t.dtype, t.device
+
+
+def _signature(q, k, v, return_lse, q_offset, k_offset, n_q, n_k, scale, kwargs, cu_q, cu_k, max_q, max_k,
+               input_names=frozenset()):
+    """What the checks of a call depend on, as a hashable key; None when a call must be checked
+    every time: anything but tensors and plain numbers, tensors as scalars or params (their
+    values count, and reading them would need a host sync), and packed batches whose cu_seqlens
+    bind reads (on the CPU, or without max_seqlen). Scalars are keyed with their type: 1, 1.0
+    and True are equal keys. Tensors are keyed by layout only for ``input_names``, the spec's
+    [inputs], which the kernels read on the device."""
+    if type(q) is not torch.Tensor and not isinstance(q, torch.Tensor):
+        return None
+    if not (isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)):
+        return None
+    scalars = (return_lse, q_offset, k_offset, n_q, n_k, scale, max_q, max_k)
+    if not all(type(x) in _SCALARS for x in scalars):
+        return None
+    key = [_tensor_key(q), _tensor_key(k), _tensor_key(v), tuple((type(x), x) for x in scalars)]
+    if q.device.type != "cuda":
+        key.append(_interpreting())  # bind refuses other devices unless interpreting
+    if cu_q is not None or cu_k is not None:
+        if not (isinstance(cu_q, torch.Tensor) and isinstance(cu_k, torch.Tensor)) or max_q is None or max_k is None \
+                or cu_q.device.type == "cpu":
+            return None
+        key += [_tensor_key(cu_q), _tensor_key(cu_k)]
+    if kwargs:
+        for name, value in kwargs.items():
+            if isinstance(value, torch.Tensor):
+                if name not in input_names:
+                    return None
+                key.append((name, _tensor_key(value)))
+            elif type(value) in _SCALARS:
+                key.append((name, type(value), value))
+            else:
+                return None
+    return tuple(key)
+
+
+def _bind_checked(spec: SpecInfo, q, k, v, *, return_lse=False, q_offset=0, k_offset=0, n_q=None, n_k=None,
+                  scale=None, kwargs: Optional[dict] = None, cu_seqlens_q=None, cu_seqlens_k=None,
+                  max_seqlen_q=None, max_seqlen_k=None) -> Call:
+    """:func:`bind` without its signature cache: every check, every time."""
     name = spec.name
     for arg, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -232,6 +366,9 @@ def dropout_settings(spec: SpecInfo, who: str, *, dropout_p=None, seed=None, tra
     elif isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"{who}: dropout_p must be a number in [0, 1), got {dropout_p!r}")
     dropout_p = float(dropout_p) if training else 0.0
+    if seed is None and dropout_p > 0 and _capturing():
+        raise ValueError(f"{who}: pass seed= under CUDA graph capture: a seed drawn now would be frozen into the "
+                         f"graph, and every replay would drop the same pairs")
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0 else 0
     else:
@@ -365,6 +502,9 @@ def _varlen(name, q, k, cu_q, cu_k, max_q, max_k):
     cu_q, cu_k = cu_q.contiguous(), cu_k.contiguous()
     max_q = None if max_q is None else _int_arg("max_seqlen_q", max_q)
     max_k = None if max_k is None else _int_arg("max_seqlen_k", max_k)
+    if (max_q is None or max_k is None) and _capturing(q.device):
+        raise ValueError(f"{name}.attention: pass max_seqlen_q and max_seqlen_k under CUDA graph capture: reading "
+                         f"them from cu_seqlens takes a host sync, which a capture cannot hold")
     if max_q is None or max_k is None or q.device.type == "cpu":
         cu = torch.stack([cu_q, cu_k])
         lens = cu[:, 1:] - cu[:, :-1]
@@ -387,7 +527,31 @@ def _varlen(name, q, k, cu_q, cu_k, max_q, max_k):
     return cu_q, cu_k, S, max_q, max_k
 
 
-def _interpreting() -> bool:
-    import os
+def _capturing(device=None) -> bool:
+    """Whether the current CUDA stream is capturing a graph (False off CUDA)."""
+    if device is not None and device.type != "cuda":
+        return False
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+def _interpreting() -> bool:
+    return env("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# os.environ.get costs about 1.4 us (it encodes the key and decodes the value); the runtime reads
+# a few variables per call (TRITON_INTERPRET, ATTNCC_CONFIG*, ATTNCC_TUNE), so it looks them up in
+# os.environ's own mapping, which os.environ[...] = ..., putenv through os.environ and
+# monkeypatch.setenv all keep current.
+_ENV_DATA = getattr(os.environ, "_data", None)
+_ENV_KEYS: Dict[str, object] = {}
+
+
+def env(name: str, default: Optional[str] = None) -> Optional[str]:
+    """``os.environ.get(name, default)``, faster."""
+    if _ENV_DATA is None:  # pragma: no cover - not CPython's os.environ
+        return os.environ.get(name, default)
+    key = _ENV_KEYS.get(name)
+    if key is None:
+        key = _ENV_KEYS[name] = os.environ.encodekey(name)
+    value = _ENV_DATA.get(key)
+    return default if value is None else os.environ.decodevalue(value)

@@ -11,12 +11,13 @@ break (see :func:`attncc.runtime.launch.run_attention`).
 from __future__ import annotations
 
 import ast
+import functools
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from attncc.runtime.autograd import no_double_backward
-from attncc.runtime.call import Call
+from attncc.runtime.call import MAX_SIGNATURES, Call, _tensor_key
 from attncc.runtime.spec_info import SpecInfo
 
 # spec key -> (SpecInfo, forward launcher, backward launcher)
@@ -43,6 +44,15 @@ def launchers(spec: SpecInfo) -> Tuple[Callable, Optional[Callable]]:
     return _KERNELS[_key(spec)][1:]
 
 
+_MEMOS: Dict[tuple, dict] = {}
+
+
+@functools.lru_cache(maxsize=256)
+def _options(options: str):
+    """(scale, dropout_p, params) of an op's ``options`` string (parsed once per string)."""
+    return ast.literal_eval(options)
+
+
 def _plain(x) -> bool:
     return type(x) in (int, float)
 
@@ -66,10 +76,20 @@ def attention(call: Call):
 def _call(q, k, v, inputs, cu_q, cu_k, key, options, B, Nq, Nk, q_offset, k_offset, n_q, n_k, seed,
           input_grads=False) -> Tuple[Call, Callable, Callable]:
     spec, forward, backward = _KERNELS[key]
-    scale, dropout_p, params = ast.literal_eval(options)
+    scale, dropout_p, params = _options(options)
+    # what the runtime derives per signature (configs, WIDE, operand layouts) is kept across the
+    # op's calls as bind() keeps it for eager calls (Call.memo)
+    signature = (key, options, B, Nq, Nk, q_offset, k_offset, n_q, n_k, cu_q is not None,
+                 *(_tensor_key(t) for t in (q, k, v, *inputs)))
+    memo = _MEMOS.get(signature)
+    if memo is None:
+        if len(_MEMOS) >= MAX_SIGNATURES:
+            _MEMOS.clear()
+        memo = _MEMOS[signature] = {}
     call = Call(spec, q, k, v, B, q.shape[1], k.shape[1], Nq, Nk, q.shape[3], v.shape[3], q_offset, k_offset, n_q,
                 n_k, scale, True, dict(params), {d.name: t for d, t in zip(spec.inputs, inputs)},
-                cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, input_grads=input_grads, dropout_p=dropout_p, seed=seed)
+                cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, input_grads=input_grads, dropout_p=dropout_p, seed=seed,
+                memo=memo)
     if Nq == 0 or Nk == 0:
         from attncc.runtime.launch import _no_pairs, _no_pairs_backward
 

@@ -34,9 +34,11 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Dict, Mapping, Optional, Tuple
 
-import torch
-
+from attncc._lazy import is_tensor, lazy_module
 from attncc.runtime import semantics
+
+# torch on first use: the compiler (attncc build) evaluates programs on Python numbers only
+torch = lazy_module("torch")
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
@@ -50,7 +52,6 @@ class TileClass(IntEnum):
 
 
 INF = float("inf")
-_F64 = torch.float64
 
 
 # ---------------------------------------------------------------------------
@@ -111,7 +112,7 @@ class IntervalProgram:
 # ---------------------------------------------------------------------------
 
 def _is_t(x) -> bool:
-    return isinstance(x, torch.Tensor)
+    return is_tensor(x)
 
 
 def _ref(*xs):
@@ -122,7 +123,7 @@ def _ref(*xs):
 
 
 def _tensor(x, ref):
-    return x if _is_t(x) else torch.full((), x, dtype=_F64 if not isinstance(x, bool) else torch.bool, device=ref.device)
+    return x if _is_t(x) else torch.full((), x, dtype=torch.float64 if not isinstance(x, bool) else torch.bool, device=ref.device)
 
 
 def _minimum(a, b):
@@ -147,7 +148,7 @@ def _where(c, a, b):
     if isinstance(c, bool):
         return a if c else b
     if not _is_t(a) and not _is_t(b):
-        a = torch.full((), a, dtype=_F64, device=c.device)
+        a = torch.full((), a, dtype=torch.float64, device=c.device)
     return torch.where(c, a, b)
 
 
@@ -532,14 +533,14 @@ def bucket(x, num_buckets, max_distance, bidirectional):
     d_lo, d_hi = _iv(x)
     r = _ref(d_lo, d_hi)
     if r is None:
-        r = torch.zeros((), dtype=_F64)
+        r = torch.zeros((), dtype=torch.float64)
     d_lo, d_hi = _tensor(d_lo, r), _tensor(d_hi, r)
-    table = torch.tensor(thresholds, dtype=_F64, device=r.device)
+    table = torch.tensor(thresholds, dtype=torch.float64, device=r.device)
 
     def f(n):  # bucket of a distance n >= 0 (nondecreasing in n)
         if max_exact < 1:
             return torch.zeros_like(n)
-        big = max_exact + torch.searchsorted(table, n.contiguous(), right=True).to(_F64)
+        big = max_exact + torch.searchsorted(table, n.contiguous(), right=True).to(torch.float64)
         return torch.where(n < max_exact, n, big)
 
     # d <= 0 (key at or before the query): distance n = -d, values f(n)
@@ -684,7 +685,7 @@ def _cdiv(a: int, b: int) -> int:
 def _row_intervals(offset: int, rows: int, block: int, device):
     """Exact position intervals of the blocks of ``rows`` rows starting at ``offset``
     (the last block may be short). Cached: calls of one shape reuse them."""
-    start = torch.arange(_cdiv(rows, block), dtype=_F64) * block
+    start = torch.arange(_cdiv(rows, block), dtype=torch.float64) * block
     lo, hi = offset + start, offset + torch.clamp(start + block, max=rows) - 1
     return lo.to(device), hi.to(device)
 
@@ -756,7 +757,7 @@ def _as_f64(x: torch.Tensor, direction: float) -> torch.Tensor:
     wrong side: it is moved outward by at least one float64 step (``direction`` -1 for a lower
     bound, +1 for an upper one), so that the interval still holds it (doc ids 2**60 and
     2**60 + 1 stay different documents, their tiles PARTIAL)."""
-    y = x.to(_F64)
+    y = x.to(torch.float64)
     if x.dtype == torch.int64:
         y = torch.where(y.abs() >= _EXACT, y + direction * y.abs() * 2.0**-52, y)
     return y
@@ -787,7 +788,7 @@ def classify_grid(program: Optional[IntervalProgram], *, q_offset: int, k_offset
                 shape = (1, 1, -1, 1) if kind == "i" else (1, 1, 1, -1)
                 env[name] = (lo.view(shape), hi.view(shape))
             elif kind in ("b", "h"):
-                v = torch.arange(batch if kind == "b" else heads, dtype=_F64, device=device)
+                v = torch.arange(batch if kind == "b" else heads, dtype=torch.float64, device=device)
                 v = v.view(-1, 1, 1, 1) if kind == "b" else v.view(1, -1, 1, 1)
                 env[name] = (v, v)
             elif kind == "n_q":
