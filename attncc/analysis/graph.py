@@ -80,3 +80,44 @@ def graph_to_csr(graph: nx.DiGraph, n_query_blocks: int, n_key_blocks: int, tran
             idx[r, :len(cols)] = torch.tensor(cols, dtype=torch.int32)
         out += [count, idx]
     return tuple(out)
+
+
+# The three walks of a softmax pattern's kernels: the forward and the dQ kernel give each query
+# block its key blocks, the dK/dV kernel gives each key block its query blocks.
+WALKS = ("forward", "dq", "dkdv")
+
+
+def walk_grid(plan: Plan, walk: str, *, q_rows: int, k_rows: int, block_m: int, block_n: int, q_offset: int = 0,
+              k_offset: int = 0, n_q: Optional[int] = None, n_k: Optional[int] = None,
+              params: Optional[Mapping[str, object]] = None, b: int = 0, h: int = 0) -> torch.Tensor:
+    """What the kernel of ``walk`` (one of :data:`WALKS`) does with each tile of a static pattern
+    (no ``[inputs]``) for batch row ``b``, head ``h``: int8 EMPTY (not visited), PARTIAL (visited,
+    mask evaluated) or FULL (visited, no mask code). ``[n_query_blocks, n_key_blocks]`` for the
+    forward and dQ walks, ``[n_key_blocks, n_query_blocks]`` for the dK/dV walk."""
+    if walk not in WALKS:
+        raise ValueError(f"walk must be one of {WALKS}, got {walk!r}")
+    if plan.dynamic:
+        raise ValueError(f"{plan.pattern.name}: the tiles of a pattern with [inputs] depend on them")
+    n_q = q_offset + q_rows if n_q is None else n_q
+    n_k = k_offset + k_rows if n_k is None else n_k
+    params = {**plan.pattern.param_values, **(params or {})}
+    common = dict(q_offset=q_offset, k_offset=k_offset, q_rows=q_rows, k_rows=k_rows, block_m=block_m,
+                  block_n=block_n, n_q=n_q, n_k=n_k)
+    if plan.iteration is Iteration.AFFINE:
+        if walk == "dkdv":
+            from attncc.codegen.backward import transposed_plan  # (moves into the analysis)
+
+            return eval_key_ranges(transposed_plan(plan.pattern), q_offset=k_offset, k_offset=q_offset,
+                                   q_rows=k_rows, k_rows=q_rows, block_m=block_n, block_n=block_m, n_q=n_k, n_k=n_q,
+                                   params=params, b=b, h=h, clip_rows=False)
+        return eval_key_ranges(plan, **common, params=params, b=b, h=h, clip_rows=False)
+    if plan.iteration is Iteration.DENSE:  # every tile full but the walked axis's ragged tail
+        if walk == "dkdv":
+            return tiles.classify_grid(None, **dict(common, q_offset=k_offset, k_offset=q_offset, q_rows=k_rows,
+                                                    k_rows=q_rows, block_m=block_n, block_n=block_m),
+                                       params={}, inputs={}, batch=1, heads=1, device="cpu")[0, 0]
+        return tiles.classify_grid(None, **common, params={}, inputs={}, batch=1, heads=1, device="cpu")[0, 0]
+    grid = tiles.classify_grid(plan.classifier, **common, params=params, inputs={}, batch=b + 1, heads=h + 1,
+                               device="cpu")
+    grid = grid[min(b, grid.shape[0] - 1), min(h, grid.shape[1] - 1)]
+    return grid.transpose(0, 1).contiguous() if walk == "dkdv" else grid
