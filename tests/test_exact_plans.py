@@ -17,9 +17,10 @@ from attncc.analysis.graph import walk_grid
 from attncc.runtime import tiles
 from attncc.spec import load_spec, parse_spec
 from cases import SMALL_PARAMS, SPEC_FILES
-from tile_oracle import Problem, mask_spec, random_mask, random_problem, truth_classes
+from tile_oracle import Problem, mask_spec, random_cover_mask, random_mask, random_overrides, random_problem, truth_classes
 
-N_RANDOM_MASKS = 500
+N_RANDOM_MASKS = 500  # any mix of the families (most have no closed form: exact block lists)
+N_COVER_MASKS = 250  # shapes with closed forms: a band with columns and global rows around it
 PROBLEMS_PER_MASK = 2
 STATIC_SPECS = [Path(f).stem for f in SPEC_FILES
                 if load_spec(f).kind == "softmax" and not load_spec(f).inputs]
@@ -71,23 +72,29 @@ def test_static_specs_are_exact(name):
     assert not failures, _report(failures, total)
 
 
-def test_random_static_masks_are_exact():
-    """N_RANDOM_MASKS seeded masks (unions of bands, chunks, strides, dilations, 2D
-    neighborhoods, global rows / columns, sinks; constants and int params) on random lengths,
-    offsets and tile shapes."""
-    rng = random.Random(16)
-    failures, total = [], 0
-    for n in range(N_RANDOM_MASKS):
-        mask, params = random_mask(rng)
+@pytest.mark.parametrize("generator, count, seed", [(random_mask, N_RANDOM_MASKS, 16),
+                                                   (random_cover_mask, N_COVER_MASKS, 17)],
+                         ids=["any", "covers"])
+def test_random_static_masks_are_exact(generator, count, seed):
+    """Seeded masks (unions of bands, chunks, strides, dilations, 2D neighborhoods, global rows /
+    columns, sinks; constants and int params) on random lengths, offsets, tile shapes and
+    call-time params."""
+    rng = random.Random(seed)
+    failures, total, closed = [], 0, 0
+    for n in range(count):
+        mask, params = generator(rng)
         pattern = parse_spec(mask_spec(f"random{n}", mask, params))
         plan = analyze(pattern)
+        closed += plan.forward.kind.value == "bands"
         for _ in range(PROBLEMS_PER_MASK):
             problem = random_problem(rng)
-            bad = _mismatches(pattern, plan, problem)
+            over = random_overrides(rng, params)
+            bad = _mismatches(pattern, plan, problem, over)
             total += 1
             if bad:
-                failures.append((f"{mask!r} params={params} {problem}", bad))
+                failures.append((f"{mask!r} params={params} call params={over} {problem}", bad))
     assert not failures, _report(failures, total)
+    assert closed >= count // (5 if generator is random_mask else 2), f"only {closed} of {count} masks have closed forms"
 
 
 def test_oracle_classes_by_hand():

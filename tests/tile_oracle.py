@@ -96,6 +96,9 @@ ATOMS = {
     "grid2d": ["abs(i // {W} - j // {W}) <= {r} and abs(i % {W} - j % {W}) <= {r}"],
     "global": ["i < {g}", "j < {g}", "j < {s}", "i >= {g}"],
 }
+# param name prefix per value kind (call-time overrides change windows, sinks, rows and radii only)
+PREFIX = {"w": "w", "C": "c", "S": "st", "d": "d", "W": "ww", "r": "r", "g": "g", "s": "s"}
+OVERRIDABLE = ("w", "g", "s", "r")
 FAMILY_WEIGHTS = {"band": 6, "chunk": 3, "stride": 1, "dilation": 1, "grid2d": 1, "global": 3}
 VALUES = {
     "w": lambda r: r.randint(1, 40),
@@ -122,7 +125,7 @@ def random_mask(rng: random.Random) -> Tuple[str, Dict[str, int]]:
             if key in out:
                 value = VALUES[kind](rng)
                 if rng.random() < 0.3:
-                    name = f"{kind.lower()}{len(params)}"
+                    name = f"{PREFIX[kind]}{len(params)}"
                     params[name] = value
                     out = out.replace(key, name)
                 else:
@@ -134,6 +137,44 @@ def random_mask(rng: random.Random) -> Tuple[str, Dict[str, int]]:
         atoms = [fill(rng.choice(ATOMS[rng.choices(families, weights)[0]])) for _ in range(rng.choice([1, 2, 2, 3]))]
         clauses.append(" and ".join(f"({a})" for a in atoms))
     return " or ".join(f"({c})" for c in clauses), params
+
+
+def random_cover_mask(rng: random.Random) -> Tuple[str, Dict[str, int]]:
+    """A mask of the shapes closed forms cover: one clause of 1-3 band / chunk / row atoms, with
+    (sometimes) sinks or global columns, a column range, and global rows around it."""
+    params: Dict[str, int] = {}
+
+    def fill(template: str) -> str:
+        out = template
+        for kind in VALUES:
+            key = "{" + kind + "}"
+            if key in out:
+                value = VALUES[kind](rng)
+                if rng.random() < 0.4:
+                    name = f"{PREFIX[kind]}{len(params)}"
+                    params[name] = value
+                    out = out.replace(key, name)
+                else:
+                    out = out.replace(key, str(value))
+        return out
+
+    atoms = ATOMS["band"] + ATOMS["chunk"] + ["i >= {g}", "i < {g}", "j >= {s}"]
+    band = " and ".join(f"({fill(rng.choice(atoms))})" for _ in range(rng.choice([1, 2, 2, 3])))
+    clauses = [band]
+    if rng.random() < 0.5:
+        clauses.append(fill(rng.choice(["j < {s}", "j < {g}", "j >= {g} and j < {g} + {w}"])))
+        if rng.random() < 0.2:
+            clauses.append(fill("j < {s}"))
+    if rng.random() < 0.4:
+        clauses.append(fill(rng.choice(["i < {g}", "i >= {g}", "i >= n_q - {s}"])))
+    rng.shuffle(clauses)
+    return " or ".join(f"({c})" for c in clauses), params
+
+
+def random_overrides(rng: random.Random, params: Dict[str, int]) -> Dict[str, int]:
+    """Call-time values for some params: windows, sinks and rows (not divisors), 0 included, so
+    that closed forms meet their preconditions' edges."""
+    return {k: rng.randint(0, 45) for k in params if k.rstrip("0123456789") in OVERRIDABLE and rng.random() < 0.5}
 
 
 def mask_spec(name: str, mask: str, params: Dict[str, int]) -> str:

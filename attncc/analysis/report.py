@@ -11,8 +11,8 @@ from typing import Dict, Mapping, Optional
 import torch
 
 from attncc.analysis.graph import plan_grid
-from attncc.analysis.plan import Iteration, Plan
-from attncc.analysis.ranges import describe
+from attncc.analysis.plan import Plan
+from attncc.analysis.walks import Iteration
 from attncc.analysis.score import score_report
 from attncc.runtime import tiles
 
@@ -154,8 +154,7 @@ def explain_data(plan: Plan, *, n_q: int, n_k: int, block_m: int = 128, block_n:
         "block_stats": [f"{s.input}[{', '.join(map(str, s.index))}]" + (f" per block along {s.axis_var}" if s.axis_var else "")
                         for s in plan.block_stats],
         "synthesized_inputs": synthesized,
-        "bounds": [{"clause": list(text), "steps": list(describe(kr))}
-                   for text, kr in zip(plan.clauses, plan.key_ranges)],
+        "bounds": [],
         "classifier": list(plan.classifier.lines()) + [f"result: {plan.classifier.result}"] if plan.classifier else [],
         "score": score_report(pattern),
     }

@@ -68,11 +68,11 @@ def eval_query_ranges(pattern: Pattern, *, q_offset: int, k_offset: int, q_rows:
                       params=None, b: int = 0, h: int = 0):
     """Tile classes ``[n_key_blocks, n_query_blocks]`` (int8) the dK/dV kernel of an affine
     pattern uses (for checks: every tile holding an allowed pair visited, FULL ones all allowed)."""
-    from attncc.analysis import eval_key_ranges
+    from attncc.analysis.legacy import eval_key_ranges
 
     n_q = q_offset + q_rows if n_q is None else n_q
     n_k = k_offset + k_rows if n_k is None else n_k
-    return eval_key_ranges(transposed_plan(pattern), q_offset=k_offset, k_offset=q_offset, q_rows=k_rows,
+    return eval_key_ranges(transposed_plan(pattern).pattern, q_offset=k_offset, k_offset=q_offset, q_rows=k_rows,
                            k_rows=q_rows, block_m=block_n, block_n=block_m, n_q=n_k, n_k=n_q, params=params,
                            b=b, h=h, clip_rows=False)
 
@@ -382,11 +382,11 @@ def _context(pattern: Pattern, plan: Plan, fwd: dict) -> dict:
         pre_values += [f"call.inputs[{n!r}], *call.inputs[{n!r}].stride(), *call.inputs[{n!r}].shape" for n in used]
 
     # -- which query blocks see a key block (dK/dV) ------------------------------------
-    q_iteration = plan.iteration.value
+    q_iteration = plan.legacy_iteration
     q_ranges, q_hull_lo, q_hull_hi, q_full_test, q_visit_test, ranges_per_head = [], None, None, None, None, False
-    if plan.iteration is Iteration.AFFINE:
+    if plan.legacy_iteration == "affine":
         tplan = transposed_plan(pattern)
-        if tplan.iteration is not Iteration.AFFINE:  # cannot happen: the transposed mask has the same atoms
+        if tplan.legacy_iteration != "affine":  # cannot happen: the transposed mask has the same atoms
             raise BackwardUnsupported(f"the transposed mask of {pattern.name} is not affine")
         n = len(tplan.key_ranges)
         names = dict(TRANSPOSED_INDEX_NAMES)

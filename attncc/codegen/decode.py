@@ -113,7 +113,7 @@ def decode_context(pattern: Pattern, plan, ctx: dict) -> dict:
 def _iteration(pattern: Pattern, plan, tile: TritonPrinter):
     """("ranges", [steps per clause], note) from the closed-form key ranges, or ("dense" |
     "all", [], note) when every key block below kv_len is visited (full / masked)."""
-    it = plan.iteration.value
+    it = plan.legacy_iteration
     if it == "dense":
         return "dense", [], "all below kv_len; only the ragged last one is masked"
     if it != "affine":

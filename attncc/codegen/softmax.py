@@ -100,7 +100,7 @@ def softmax_context(pattern: Pattern, plan) -> dict:
     ctx_args += [f"{name}_{t}" for rb, name in rb_names.items() for t in range(rb.options[0])]
 
     # -- iteration ------------------------------------------------------------
-    iteration = plan.iteration.value
+    iteration = plan.legacy_iteration
     ranges, hull_lo, hull_hi, full_test, visit_test = [], None, None, None, None
     if iteration == "affine":
         n = len(plan.key_ranges)
@@ -208,9 +208,9 @@ def _tile_hint(plan) -> str:
     it: a window (every clause's key range starts at a bound that moves with the query block)
     or data-dependent regions such as documents. Smaller tiles waste less on ragged edges there
     (bench/sweep.py on the H100: 64x64 tiles won for sliding window and document masks)."""
-    if plan.iteration.value == "block_list":
+    if plan.legacy_iteration == "block_list":
         return "narrow" if plan.dynamic else "default"
-    if plan.iteration.value != "affine":
+    if plan.legacy_iteration != "affine":
         return "default"
     moves = [any(sym.name == "q_lo" for sym in kr.lo.free_symbols) for kr in plan.key_ranges]
     return "narrow" if all(moves) else "default"
@@ -218,7 +218,7 @@ def _tile_hint(plan) -> str:
 
 def _program_context(plan) -> dict:
     program = getattr(plan, "classifier", None)
-    if plan.iteration.value != "block_list" or program is None:
+    if plan.legacy_iteration != "block_list" or program is None:
         return dict(program_leaves=[], program_steps=[], program_result="", tile_kernel=None, list_kernel_arg="")
     tile_kernel = render_tile_kernel(program, plan.pattern) if plan.dynamic else None
     return dict(program_leaves=[repr(leaf) for leaf in program.leaves],
