@@ -5,7 +5,9 @@ for every static spec and for seeded random masks, forward, dQ and dK/dV, analys
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import random
 from pathlib import Path
 
@@ -114,3 +116,49 @@ def test_oracle_classes_by_hand():
     assert dkdv.tolist() == [[F, P], [P, P]]  # query block 1 short: never FULL in the dK/dV walk
     fwd, _ = tile_classes(torch.zeros(3, 3, dtype=torch.bool), 2, 2)
     assert (fwd == E).all()
+
+
+@pytest.mark.parametrize("name", STATIC_SPECS)
+def test_explain_counts_equal_brute_force(name):
+    """``attncc explain --json``: visited and unmasked tiles of both walks, at several tile shapes."""
+    import json
+
+    from attncc.explain import main_explain
+
+    path = Path(SPEC_FILES[0]).parent / f"{name}.toml"
+    pattern = load_spec(path)
+    params = SMALL_PARAMS.get(name, {})
+    for (block_m, block_n), (n, nk) in zip(SPEC_TILES, [(200, 150), (77, 140), (129, 129), (150, 64)] * 2):
+        argv = [str(path), "--n", str(n), "--nk", str(nk), "--block", f"{block_m}x{block_n}", "--json"]
+        argv += [a for k, v in params.items() for a in ("--param", f"{k}={v}")]
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert main_explain(argv) == 0
+        d = json.loads(out.getvalue())
+        fwd, dkdv = truth_classes(pattern, Problem(n, nk, block_m=block_m, block_n=block_n), params)
+        for walk, want in (("forward", fwd), ("dkdv", dkdv)):
+            w = d["walks"][walk]
+            got = (w["visited"], w["unmasked"])
+            rows = d["batch"] * d["heads"]  # (no static spec's mask reads b or h)
+            assert got == (rows * int((want != tiles.EMPTY).sum()), rows * int((want == tiles.FULL).sum())), \
+                (walk, block_m, block_n, w["path"])
+
+
+def test_walk_steps_print_as_integer_code():
+    """Every walk's steps print as integer kernel code: no float rounding (tl.floor) of an
+    integer, floor division as // of a non-negative numerator except by an int param (_floordiv
+    then, Python's floor semantics)."""
+    from attncc.codegen.walks import render_walk
+
+    rng = random.Random(21)
+    patterns = [load_spec(f) for f in SPEC_FILES]
+    patterns += [parse_spec(mask_spec(f"p{n}", *random_cover_mask(rng))) for n in range(60)]
+    for pattern in patterns:
+        if pattern.kind != "softmax":
+            continue
+        plan = analyze(pattern)
+        for transposed in (False, True):
+            w = render_walk(plan, transposed)
+            for name, code in w["steps"]:
+                assert "tl.floor" not in code, (pattern.mask, name, code)
+                assert "_floordiv" not in code or "prm_" in code, (pattern.mask, name, code)

@@ -199,7 +199,7 @@ class _Solver:
 
     def clause(self, clause: Clause) -> Band:
         parts = _Parts()
-        for atom in clause:
+        for atom in sorted(clause, key=str):  # a clause is a frozenset: a fixed order, the same code every build
             self.atom(atom, parts)
         return Band(guard=sympy.And(*parts.guard), row_lo=_fold(sympy.Max, parts.row_lo),
                     row_hi=_fold(sympy.Min, parts.row_hi), lower=(tuple(_unique(parts.lower)),) if parts.lower else (),
@@ -221,6 +221,7 @@ class _Solver:
                 raise NoBand(f"{atom}: the term {term} mixes i and j")
             (var_part if term.has(var) else rest).append(term)
         side, bound = self.solve(sympy.Add(*var_part), var, sympy.Add(*rest), parts, atom)
+        bound = _no_integer_rounding(bound)
         parts.positive.update(_signed_params(bound, self.int_params))
         if var is S.j:
             bound = bound.subs(S.i, X)
@@ -259,7 +260,8 @@ class _Solver:
         floors = [f for f in factors if isinstance(f, sympy.floor) and f.has(var)]
         others = [f for f in factors if not (isinstance(f, sympy.floor) and f.has(var))]
         if len(floors) != 1 or not all(self._positive(f, parts) for f in others):
-            raise NoBand(f"{atom}: {g} is not a multiple of one floor of {var}")
+            raise NoBand(f"{atom}: {var} enters as {g}, which does not grow with {var} (a stride, a dilation or a "
+                         f"2D neighborhood)")
         return coeff * sympy.Mul(*others), floors[0]
 
     def _positive(self, e, parts: _Parts) -> bool:
@@ -279,6 +281,24 @@ def _unique(items):
         if x not in out:
             out.append(x)
     return out
+
+
+def _integer_valued(e) -> bool:
+    """``e`` is an integer for every value of its (integer) symbols. Unlike sympy's ``is_integer``,
+    a floor counts as one whatever its argument (``floor(x/C)`` with C a symbol: sympy cannot
+    rule out C = 0)."""
+    if e.is_Integer or (e.is_Symbol and e.is_integer) or isinstance(e, (sympy.floor, sympy.ceiling)):
+        return True
+    if isinstance(e, (sympy.Add, sympy.Mul, sympy.Max, sympy.Min)):
+        return all(_integer_valued(a) for a in e.args)
+    return False
+
+
+def _no_integer_rounding(e):
+    """floor / ceiling of an integer-valued argument replaced by the argument (printed kernels
+    would otherwise round an integer as a float)."""
+    return e.replace(lambda n: isinstance(n, (sympy.floor, sympy.ceiling)) and _integer_valued(n.args[0]),
+                     lambda n: n.args[0])
 
 
 def _signed_params(e, int_params) -> set:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Mapping, Optional
 
 import networkx as nx
+import sympy
 import torch
 
 from attncc.analysis.bands import FIRST, LAST
@@ -24,25 +25,50 @@ _CLASS_NAME = {tiles.FULL: "full", tiles.PARTIAL: "partial"}
 def plan_grid(plan: Plan, *, q_rows: int, k_rows: int, block_m: int, block_n: int, q_offset: int = 0,
               k_offset: int = 0, n_q: Optional[int] = None, n_k: Optional[int] = None,
               params: Optional[Mapping[str, object]] = None, inputs: Optional[Mapping[str, torch.Tensor]] = None,
-              batch: int = 1, heads: int = 1, device="cpu") -> torch.Tensor:
-    """The tile classes the forward kernel of ``plan`` uses: int8 ``[B|1, H|1, nqb, nkb]``.
+              batch: int = 1, heads: int = 1, device="cpu", walk: str = "forward") -> torch.Tensor:
+    """The tile classes the kernel of ``walk`` (:data:`WALKS`) uses: int8 ``[B|1, H|1, nqb, nkb]``
+    (``[B|1, H|1, nkb, nqb]`` for the dK/dV walk).
 
     Static patterns: :func:`walk_grid` (per b / h when the mask depends on them); patterns with
-    ``[inputs]``: the interval classifier on ``inputs``."""
+    ``[inputs]``: the interval classifier on ``inputs`` (the dK/dV walk: its transpose)."""
     if plan.dynamic:
         n_q = q_offset + q_rows if n_q is None else n_q
         n_k = k_offset + k_rows if n_k is None else n_k
-        return tiles.classify_grid(plan.classifier, q_offset=q_offset, k_offset=k_offset, q_rows=q_rows,
+        grid = tiles.classify_grid(plan.classifier, q_offset=q_offset, k_offset=k_offset, q_rows=q_rows,
                                    k_rows=k_rows, block_m=block_m, block_n=block_n, n_q=n_q, n_k=n_k,
                                    params={**plan.pattern.param_values, **(params or {})},
                                    inputs=dict(inputs or {}), batch=batch, heads=heads, device=device)
+        return grid.transpose(-1, -2).contiguous() if walk == "dkdv" else grid
     free = plan.pattern.mask.free_symbols if plan.pattern.mask is not None else set()
     nb = batch if S.b in free else 1
     nh = heads if S.h in free else 1
     common = dict(q_offset=q_offset, k_offset=k_offset, q_rows=q_rows, k_rows=k_rows, block_m=block_m,
                   block_n=block_n, n_q=n_q, n_k=n_k, params=params)
-    rows = [torch.stack([walk_grid(plan, "forward", **common, b=b, h=h) for h in range(nh)]) for b in range(nb)]
+    rows = [torch.stack([walk_grid(plan, walk, **common, b=b, h=h) for h in range(nh)]) for b in range(nb)]
     return torch.stack(rows).to(device)
+
+
+def walk_path(plan: Plan, walk: str, *, q_rows: int, k_rows: int, q_offset: int = 0, k_offset: int = 0,
+              n_q: Optional[int] = None, n_k: Optional[int] = None,
+              params: Optional[Mapping[str, object]] = None) -> str:
+    """Which code path of ``walk`` a call of these sizes takes, as words for ``attncc explain``."""
+    w = plan.transposed if walk == "dkdv" else plan.forward
+    if w.kind is Iteration.DENSE:
+        return "dense"
+    if plan.dynamic:
+        return "block lists classified per call from the inputs (interval classifier)"
+    if w.kind is Iteration.BLOCK_LIST:
+        return f"exact block lists, built once per shape (no closed form: {w.reason})"
+    if w.precondition is not sympy.true:
+        n_q = q_offset + q_rows if n_q is None else n_q
+        n_k = k_offset + k_rows if n_k is None else n_k
+        first, rows = (k_offset, k_rows) if walk == "dkdv" else (q_offset, q_rows)
+        env = dict({**plan.pattern.param_values, **(params or {})}, n_q=n_k if walk == "dkdv" else n_q,
+                   n_k=n_q if walk == "dkdv" else n_k)
+        env.update({FIRST: first, LAST: first + rows - 1})
+        if not precondition_holds(w, env):
+            return f"exact block lists, built once per shape (this call breaks the closed form's {w.precondition})"
+    return f"closed form, {'one segment' if w.segments == 1 else 'two segments'} per block"
 
 
 def grid_to_graph(grid2d: torch.Tensor) -> nx.DiGraph:

@@ -91,9 +91,13 @@ class _Builder:
     def __init__(self):
         self.steps: List[Tuple[str, sympy.Expr]] = []
 
-    def let(self, name: str, expr, boolean: bool = False):
-        # a Dummy: never equal to a param of the same name
-        sym = sympy.Dummy(name) if boolean else sympy.Dummy(name, integer=True)
+    def let(self, name: str, expr, boolean: bool = False, position: bool = False):
+        # a Dummy: never equal to a param of the same name. position: a row position (>= 0, so
+        # that a kernel divides it with //)
+        if boolean:
+            sym = sympy.Dummy(name)
+        else:
+            sym = sympy.Dummy(name, integer=True, nonnegative=True) if position else sympy.Dummy(name, integer=True)
         self.steps.append((sym, expr))
         return sym
 
@@ -136,7 +140,7 @@ def _intervals(b: _Builder, cover: Cover):
         conds = []
         if prefix:
             p = b.let("rows_hi", _max(*prefix) if len(prefix) > 1 else prefix[0])
-            ua = b.let("free_lo", _max(a, p + 1))
+            ua = b.let("free_lo", _max(a, p + 1), position=True)
             conds.append(_rel(sympy.Ge, p, a))
         if suffix:
             s = b.let("rows_lo", _min(*suffix) if len(suffix) > 1 else suffix[0])
@@ -150,11 +154,11 @@ def _intervals(b: _Builder, cover: Cover):
         full.append((c.lower_at(0), c.upper_at(0), c.guard))
     band = cover.band
     if band is not None:
-        ra = a if band.row_lo is None else b.let("band_lo", _max(a, band.row_lo))
+        ra = a if band.row_lo is None else b.let("band_lo", _max(a, band.row_lo), position=True)
         rb = z if band.row_hi is None else _min(z, band.row_hi)
         on = sympy.And(band.guard, _rel(sympy.Le, ra, rb)) if band.row_lo is not None or band.row_hi is not None else band.guard
         if band.row_lo is not None or band.row_hi is not None:
-            rb = b.let("band_hi", _max(ra, rb))  # >= ra: its bounds are evaluated (and unused) when empty
+            rb = b.let("band_hi", _max(ra, rb), position=True)  # >= ra: evaluated (and unused) when empty
         visited.append((band.lower_at(ra), band.upper_at(rb), on))
         inside = [band.guard]
         if band.row_lo is not None:

@@ -1,13 +1,17 @@
-"""Per-call iteration lists for patterns whose tiles are not closed-form.
+"""Block lists for the walks that are not closed-form.
 
-Static patterns (BigBird's random blocks) are classified once per shape and cached;
-data-dependent ones (document ids, lengths) are classified from their inputs on every
-call, on the device, with no host synchronization.
+Static patterns (strides, dilations, 2D neighborhoods, random blocks, calls that break a closed
+form's precondition) take *exact* lists: every pair of every tile evaluated once by the
+module's generated kernel, then cached per (kernel, device, sizes, positions, params, tile
+shape): a static pattern pays nothing after its first call (:func:`exact_block_lists`).
+Data-dependent ones (document ids, lengths) are classified from their inputs on every call by
+the interval classifier, on the device, with no host synchronization.
 """
 from __future__ import annotations
 
+import collections
 import functools
-from typing import Tuple
+from typing import Callable, Tuple
 
 import torch
 
@@ -71,6 +75,53 @@ def classified_lists(program, call: Call, block_m: int, block_n: int, *, dynamic
     if transposed:
         return _static_lists_both(key, call.B, call.Hq)
     return _lists(_static_grid(key, call.B, call.Hq), call), None
+
+
+EXACT_CACHE_SIZE = 64
+_exact_cache: "collections.OrderedDict[tuple, Tuple]" = collections.OrderedDict()
+
+
+def exact_block_lists(tile_codes: Callable, call: Call, block_m: int, block_n: int, *, per_head: bool) -> Tuple:
+    """(forward lists, transposed lists), in the format of :func:`block_lists`, from an exact
+    classification of every tile: ``tile_codes(call, block_m, block_n)`` gives int8 codes
+    ``[B|1, H|1, nqb, nkb]``, bit 0 set when the tile holds an allowed pair, bit 1 when all its
+    pairs (existing rows and keys) are allowed. A tile is FULL in the forward lists when all are
+    and its key block is whole, in the transposed lists (per key block, its query blocks) when
+    all are and its query block is whole: each walk runs unmasked only what it may.
+    ``per_head``: the mask reads b or h (one grid per batch row and head). Cached (LRU)."""
+    if call.varlen:
+        raise NotImplementedError(
+            f"attncc: {call.spec.name}: cu_seqlens (packed variable-length batches) with these params need "
+            "the exact block lists, which are made per call shape; pass the sequences as documents of one "
+            "row instead (a document mask, e.g. specs/document.toml)")
+    key = (tile_codes, str(call.q.device), call.Nq, call.Nk, call.q_offset, call.k_offset, call.n_q, call.n_k,
+           block_m, block_n, tuple(sorted(call.params.items())), (call.B, call.Hq) if per_head else None)
+    hit = _exact_cache.get(key)
+    if hit is not None:
+        _exact_cache.move_to_end(key)
+        return hit
+    codes = tile_codes(call, block_m, block_n)
+    some, every = (codes & 1) != 0, (codes & 2) != 0
+    nqb, nkb = codes.shape[-2:]
+    key_whole = ((torch.arange(nkb, device=codes.device) + 1) * block_n <= call.Nk).view(1, nkb)
+    query_whole = ((torch.arange(nqb, device=codes.device) + 1) * block_m <= call.Nq).view(nqb, 1)
+
+    def classes(full):
+        return torch.where(some, torch.where(full, tiles.FULL, tiles.PARTIAL), tiles.EMPTY).to(torch.int8)
+
+    both = (_lists(classes(every & key_whole), None),
+            _lists(classes(every & query_whole).transpose(-1, -2).contiguous(), None))
+    _exact_cache[key] = both
+    if len(_exact_cache) > EXACT_CACHE_SIZE:
+        _exact_cache.popitem(last=False)
+    return both
+
+
+@functools.lru_cache(maxsize=16)
+def no_lists(device) -> Tuple:
+    """List arguments for a kernel launched on its closed-form walk (LISTS=False): never read."""
+    empty = torch.zeros(1, dtype=torch.int32, device=device)
+    return empty, empty, empty, empty, 0, 0, 0, 1
 
 
 def packed_size(rows: int, width: int) -> int:
