@@ -712,7 +712,7 @@ def attention(q, k, v, *, return_lse=False, q_offset=0, k_offset=0, n_q=None, n_
 # rows of the heads of one GQA group (heads x Nq rows are the M dimension of its tiles, so
 # the group reads its K/V once) over one split of the key blocks; a second kernel merges
 # the splits by their LSE.
-# Key blocks: the forward's closed-form ranges, for the rows kv_len - Nq .. kv_len - 1.
+# Key blocks: the forward's closed-form walk, for the rows kv_len - Nq .. kv_len - 1.
 # ---------------------------------------------------------------------------------------
 
 
@@ -815,12 +815,17 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, VALUE_DIM_PAD], dtype=tl.float32)
-    # Key blocks [kv_lo, kv_hi) may hold allowed pairs, [kv_full_lo, kv_full_hi) are full
-    # (the forward's closed form, at k_offset = 0 and N_K = kv_len).
-    kv_lo = 0
-    kv_hi = tl.minimum(((q_hi + BLOCK_N) // BLOCK_N), ((Nk + BLOCK_N - 1) // BLOCK_N))
-    kv_full_lo = kv_lo
-    kv_full_hi = kv_full_lo
+    # Key blocks: the forward's walk at k_offset = 0, N_K = kv_len (rows kv_len - Nq .. kv_len - 1).
+    kv_v_x = tl.maximum(0, (prm_chunk * _floordiv(q_lo, prm_chunk)))
+    kv_v_y = tl.minimum((Nk + 0 - 1), tl.minimum(q_hi, (prm_chunk + (prm_chunk * _floordiv(q_hi, prm_chunk)) - 1)))
+    kv_v_on = (kv_v_x <= kv_v_y)
+    kv_lo = tl.where(kv_v_on, (tl.maximum(0, (kv_v_x - 0)) // BLOCK_N), 0)
+    kv_hi = tl.where(kv_v_on, (1 + (tl.maximum(0, (kv_v_y - 0)) // BLOCK_N)), 0)
+    kv_f_x = tl.maximum(0, (prm_chunk * _floordiv(q_hi, prm_chunk)))
+    kv_f_y = tl.minimum((Nk + 0 - 1), tl.minimum(q_lo, (prm_chunk + (prm_chunk * _floordiv(q_lo, prm_chunk)) - 1)))
+    kv_f_on = (kv_f_x <= kv_f_y)
+    kv_full_lo = tl.where(kv_f_on, tl.minimum(kv_hi, tl.maximum(kv_lo, ((BLOCK_N + tl.maximum(0, (kv_f_x - 0)) - 1) // BLOCK_N))), kv_lo)
+    kv_full_hi = tl.maximum(kv_full_lo, tl.where(kv_f_on, tl.minimum(kv_hi, (tl.maximum(0, (1 + kv_f_y - 0)) // BLOCK_N)), kv_full_lo))
     # This split's share of the key blocks.
     per_split = tl.cdiv(tl.maximum(kv_hi - kv_lo, 0), NUM_SPLITS)
     s_lo = kv_lo + split_id * per_split

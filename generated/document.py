@@ -808,7 +808,7 @@ def attention(q, k, v, *, return_lse=False, q_offset=0, k_offset=0, n_q=None, n_
 # rows of the heads of one GQA group (heads x Nq rows are the M dimension of its tiles, so
 # the group reads its K/V once) over one split of the key blocks; a second kernel merges
 # the splits by their LSE.
-# Key blocks: all below kv_len, the mask evaluated on each (it depends on the inputs).
+# Key blocks: all below kv_len, the mask evaluated on each (no closed form).
 # ---------------------------------------------------------------------------------------
 
 

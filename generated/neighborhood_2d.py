@@ -638,7 +638,7 @@ def attention(q, k, v, *, return_lse=False, q_offset=0, k_offset=0, n_q=None, n_
 # rows of the heads of one GQA group (heads x Nq rows are the M dimension of its tiles, so
 # the group reads its K/V once) over one split of the key blocks; a second kernel merges
 # the splits by their LSE.
-# Key blocks: the forward's closed-form ranges, for the rows kv_len - Nq .. kv_len - 1.
+# Key blocks: all below kv_len, the mask evaluated on each (no closed form).
 # ---------------------------------------------------------------------------------------
 
 
@@ -742,12 +742,10 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, VALUE_DIM_PAD], dtype=tl.float32)
-    # Key blocks [kv_lo, kv_hi) may hold allowed pairs, [kv_full_lo, kv_full_hi) are full
-    # (the forward's closed form, at k_offset = 0 and N_K = kv_len).
     kv_lo = 0
-    kv_hi = ((Nk + BLOCK_N - 1) // BLOCK_N)
-    kv_full_lo = kv_lo
-    kv_full_hi = kv_full_lo
+    kv_hi = tl.cdiv(Nk, BLOCK_N)
+    kv_full_lo = 0
+    kv_full_hi = 0
     # This split's share of the key blocks.
     per_split = tl.cdiv(tl.maximum(kv_hi - kv_lo, 0), NUM_SPLITS)
     s_lo = kv_lo + split_id * per_split

@@ -586,7 +586,7 @@ def attention(q, k, v, *, return_lse=False, q_offset=0, k_offset=0, n_q=None, n_
 # rows of the heads of one GQA group (heads x Nq rows are the M dimension of its tiles, so
 # the group reads its K/V once) over one split of the key blocks; a second kernel merges
 # the splits by their LSE.
-# Key blocks: the forward's closed-form ranges, for the rows kv_len - Nq .. kv_len - 1.
+# Key blocks: the forward's closed-form walk, for the rows kv_len - Nq .. kv_len - 1.
 # ---------------------------------------------------------------------------------------
 
 
@@ -687,37 +687,42 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, VALUE_DIM_PAD], dtype=tl.float32)
-    # The mask is a union of 2 bands, each with a closed-form key-block
-    # range and full sub-range; the splits cut their hull.
-    lo0 = 0
-    hi0 = tl.minimum(((q_hi + BLOCK_N) // BLOCK_N), ((Nk + BLOCK_N - 1) // BLOCK_N))
-    full_lo0 = lo0
-    full_hi0 = tl.minimum((Nk // BLOCK_N), ((1 + q_lo) // BLOCK_N))
-    lo1 = 0
-    hi1 = tl.minimum(((Nk + BLOCK_N - 1) // BLOCK_N), (tl.maximum(0, (prm_prefix + BLOCK_N - 1)) // BLOCK_N))
-    full_lo1 = lo1
-    full_hi1 = tl.minimum((Nk // BLOCK_N), (tl.maximum(0, prm_prefix) // BLOCK_N))
-    kv_lo = tl.minimum(lo0, lo1)
-    kv_hi = tl.maximum(hi0, hi1)
+    # Key blocks: the forward's walk at k_offset = 0, N_K = kv_len (rows kv_len - Nq .. kv_len - 1).
+    kv_v_x = 0
+    kv_v_y = tl.minimum((Nk + 0 - 1), tl.maximum(q_hi, (prm_prefix - 1)))
+    kv_v_on = (kv_v_x <= kv_v_y)
+    kv_lo = tl.where(kv_v_on, (tl.maximum(0, (kv_v_x - 0)) // BLOCK_N), 0)
+    kv_hi = tl.where(kv_v_on, (1 + (tl.maximum(0, (kv_v_y - 0)) // BLOCK_N)), 0)
+    kv_f_x = 0
+    kv_f_y = tl.minimum((Nk + 0 - 1), tl.maximum(q_lo, (prm_prefix - 1)))
+    kv_f_on = (kv_f_x <= kv_f_y)
+    kv_full_lo = tl.where(kv_f_on, tl.minimum(kv_hi, tl.maximum(kv_lo, ((BLOCK_N + tl.maximum(0, (kv_f_x - 0)) - 1) // BLOCK_N))), kv_lo)
+    kv_full_hi = tl.maximum(kv_full_lo, tl.where(kv_f_on, tl.minimum(kv_hi, (tl.maximum(0, (1 + kv_f_y - 0)) // BLOCK_N)), kv_full_lo))
     # This split's share of the key blocks.
     per_split = tl.cdiv(tl.maximum(kv_hi - kv_lo, 0), NUM_SPLITS)
     s_lo = kv_lo + split_id * per_split
     s_hi = tl.minimum(s_lo + per_split, kv_hi)
-    for kb in tl.range(s_lo, s_hi):
-        full = (((kb >= full_lo0) & (kb < full_hi0)) | ((kb >= full_lo1) & (kb < full_hi1))) & (Nk >= Nq)
-        visit = ((kb >= lo0) & (kb < hi0)) | ((kb >= lo1) & (kb < hi1))
-        if full:
-            acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
-                                      stride_kb, stride_kn, stride_vb, stride_vn,
-                                      b, h_row, H, n_q, n_k, prm_prefix,
-                                      qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD,
-                                      PAGE_SIZE, DOT_PRECISION, FAST_MATH, MASKED=False)
-        elif visit:
-            acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
-                                      stride_kb, stride_kn, stride_vb, stride_vn,
-                                      b, h_row, H, n_q, n_k, prm_prefix,
-                                      qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD,
-                                      PAGE_SIZE, DOT_PRECISION, FAST_MATH, MASKED=True)
+    # Full tiles need every row live: none when kv_len < Nq.
+    f_lo = tl.minimum(tl.maximum(kv_full_lo, s_lo), s_hi)
+    f_hi = tl.where(Nk >= Nq, tl.minimum(tl.maximum(kv_full_hi, f_lo), s_hi), f_lo)
+    for kb in tl.range(s_lo, f_lo):
+        acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
+                                  stride_kb, stride_kn, stride_vb, stride_vn,
+                                  b, h_row, H, n_q, n_k, prm_prefix,
+                                  qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD,
+                                  PAGE_SIZE, DOT_PRECISION, FAST_MATH, MASKED=True)
+    for kb in tl.range(f_lo, f_hi):
+        acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
+                                  stride_kb, stride_kn, stride_vb, stride_vn,
+                                  b, h_row, H, n_q, n_k, prm_prefix,
+                                  qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD,
+                                  PAGE_SIZE, DOT_PRECISION, FAST_MATH, MASKED=False)
+    for kb in tl.range(f_hi, s_hi):
+        acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
+                                  stride_kb, stride_kn, stride_vb, stride_vn,
+                                  b, h_row, H, n_q, n_k, prm_prefix,
+                                  qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD,
+                                  PAGE_SIZE, DOT_PRECISION, FAST_MATH, MASKED=True)
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     # natural-log LSE; -inf on rows without an allowed key
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i))) * 0.6931471805599453)

@@ -846,7 +846,7 @@ def attention(q, k, v, *, return_lse=False, q_offset=0, k_offset=0, n_q=None, n_
 # rows of the heads of one GQA group (heads x Nq rows are the M dimension of its tiles, so
 # the group reads its K/V once) over one split of the key blocks; a second kernel merges
 # the splits by their LSE.
-# Key blocks: the forward's closed-form ranges, for the rows kv_len - Nq .. kv_len - 1.
+# Key blocks: the forward's closed-form walk, for the rows kv_len - Nq .. kv_len - 1.
 # ---------------------------------------------------------------------------------------
 
 
@@ -947,37 +947,117 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, VALUE_DIM_PAD], dtype=tl.float32)
-    # The mask is a union of 2 bands, each with a closed-form key-block
-    # range and full sub-range; the splits cut their hull.
-    lo0 = tl.minimum(((Nk + BLOCK_N - 1) // BLOCK_N), (tl.maximum(0, (1 + q_lo - prm_window)) // BLOCK_N))
-    hi0 = tl.maximum(lo0, tl.minimum(((q_hi + BLOCK_N) // BLOCK_N), ((Nk + BLOCK_N - 1) // BLOCK_N)))
-    full_lo0 = tl.minimum(hi0, ((BLOCK_N + tl.maximum(0, (1 + q_hi - prm_window)) - 1) // BLOCK_N))
-    full_hi0 = tl.maximum(full_lo0, tl.minimum((Nk // BLOCK_N), ((1 + q_lo) // BLOCK_N)))
-    lo1 = 0
-    hi1 = tl.minimum(((Nk + BLOCK_N - 1) // BLOCK_N), (tl.maximum(0, (prm_sinks + BLOCK_N - 1)) // BLOCK_N))
-    full_lo1 = lo1
-    full_hi1 = tl.minimum((Nk // BLOCK_N), (tl.maximum(0, prm_sinks) // BLOCK_N))
-    kv_lo = tl.minimum(lo0, lo1)
-    kv_hi = tl.maximum(hi0, hi1)
-    # This split's share of the key blocks.
-    per_split = tl.cdiv(tl.maximum(kv_hi - kv_lo, 0), NUM_SPLITS)
-    s_lo = kv_lo + split_id * per_split
-    s_hi = tl.minimum(s_lo + per_split, kv_hi)
-    for kb in tl.range(s_lo, s_hi):
-        full = (((kb >= full_lo0) & (kb < full_hi0)) | ((kb >= full_lo1) & (kb < full_hi1))) & (Nk >= Nq)
-        visit = ((kb >= lo0) & (kb < hi0)) | ((kb >= lo1) & (kb < hi1))
-        if full:
-            acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
-                                      stride_kb, stride_kn, stride_vb, stride_vn,
-                                      b, h_row, H, n_q, n_k, prm_sinks, prm_window,
-                                      qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD,
-                                      PAGE_SIZE, DOT_PRECISION, FAST_MATH, MASKED=False)
-        elif visit:
-            acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
-                                      stride_kb, stride_kn, stride_vb, stride_vn,
-                                      b, h_row, H, n_q, n_k, prm_sinks, prm_window,
-                                      qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD,
-                                      PAGE_SIZE, DOT_PRECISION, FAST_MATH, MASKED=True)
+    # Key blocks: the forward's walk at k_offset = 0, N_K = kv_len (rows kv_len - Nq .. kv_len - 1).
+    kv_n_blocks = ((Nk + BLOCK_N - 1) // BLOCK_N)
+    kv_v1_x = 0
+    kv_v1_y = tl.minimum((prm_sinks - 1), (Nk + 0 - 1))
+    kv_v1_on = (kv_v1_x <= kv_v1_y)
+    kv_v1_lo = tl.where(kv_v1_on, (tl.maximum(0, (kv_v1_x - 0)) // BLOCK_N), kv_n_blocks)
+    kv_v1_hi = tl.where(kv_v1_on, (1 + (tl.maximum(0, (kv_v1_y - 0)) // BLOCK_N)), kv_n_blocks)
+    kv_v2_x = tl.maximum(0, (1 + q_lo - prm_window))
+    kv_v2_y = tl.minimum(q_hi, (Nk + 0 - 1))
+    kv_v2_on = (kv_v2_x <= kv_v2_y)
+    kv_v2_lo = tl.where(kv_v2_on, (tl.maximum(0, (kv_v2_x - 0)) // BLOCK_N), kv_n_blocks)
+    kv_v2_hi = tl.where(kv_v2_on, (1 + (tl.maximum(0, (kv_v2_y - 0)) // BLOCK_N)), kv_n_blocks)
+    kv_v_swap = (kv_v2_lo < kv_v1_lo)
+    kv_s1_lo = tl.where(kv_v_swap, kv_v2_lo, kv_v1_lo)
+    kv_s1_hi = tl.where(kv_v_swap, kv_v2_hi, kv_v1_hi)
+    kv_s2_lo = tl.where(kv_v_swap, kv_v1_lo, kv_v2_lo)
+    kv_s2_hi = tl.where(kv_v_swap, kv_v1_hi, kv_v2_hi)
+    kv_v_join = (kv_s2_lo <= kv_s1_hi)
+    kv_s1_end = tl.where(kv_v_join, tl.maximum(kv_s1_hi, kv_s2_hi), kv_s1_hi)
+    kv_s2_start = tl.where(kv_v_join, kv_n_blocks, kv_s2_lo)
+    kv_s2_end = tl.where(kv_v_join, kv_n_blocks, kv_s2_hi)
+    kv_f1_x = 0
+    kv_f1_y = tl.minimum((prm_sinks - 1), (Nk + 0 - 1))
+    kv_f1_on = (kv_f1_x <= kv_f1_y)
+    kv_f1_a = tl.where(kv_f1_on, kv_f1_x, (Nk + 0))
+    kv_f1_b = tl.where(kv_f1_on, kv_f1_y, (Nk + 0 - 1))
+    kv_f2_x = tl.maximum(0, (1 + q_hi - prm_window))
+    kv_f2_y = tl.minimum(q_lo, (Nk + 0 - 1))
+    kv_f2_on = (kv_f2_x <= kv_f2_y)
+    kv_f2_a = tl.where(kv_f2_on, kv_f2_x, (Nk + 0))
+    kv_f2_b = tl.where(kv_f2_on, kv_f2_y, (Nk + 0 - 1))
+    kv_f_swap = (kv_f2_a < kv_f1_a)
+    kv_g1_a = tl.where(kv_f_swap, kv_f2_a, kv_f1_a)
+    kv_g1_b = tl.where(kv_f_swap, kv_f2_b, kv_f1_b)
+    kv_g2_a = tl.where(kv_f_swap, kv_f1_a, kv_f2_a)
+    kv_g2_b = tl.where(kv_f_swap, kv_f1_b, kv_f2_b)
+    kv_f_join = (kv_g2_a <= (1 + kv_g1_b))
+    kv_g1_end = tl.where(kv_f_join, tl.maximum(kv_g1_b, kv_g2_b), kv_g1_b)
+    kv_g2_start = tl.where(kv_f_join, (Nk + 0), kv_g2_a)
+    kv_g2_end = tl.where(kv_f_join, (Nk + 0 - 1), kv_g2_b)
+    kv_h1_lo = ((BLOCK_N + tl.maximum(0, (kv_g1_a - 0)) - 1) // BLOCK_N)
+    kv_h1_hi = (tl.maximum(0, (1 + kv_g1_end - 0)) // BLOCK_N)
+    kv_h1_start = tl.where((kv_h1_hi > kv_h1_lo), kv_h1_lo, kv_n_blocks)
+    kv_h1_stop = tl.where((kv_h1_hi > kv_h1_lo), kv_h1_hi, kv_n_blocks)
+    kv_h2_lo = ((BLOCK_N + tl.maximum(0, (kv_g2_start - 0)) - 1) // BLOCK_N)
+    kv_h2_hi = (tl.maximum(0, (1 + kv_g2_end - 0)) // BLOCK_N)
+    kv_h2_start = tl.where((kv_h2_hi > kv_h2_lo), kv_h2_lo, kv_n_blocks)
+    kv_h2_stop = tl.where((kv_h2_hi > kv_h2_lo), kv_h2_hi, kv_n_blocks)
+    kv_h_swap = (kv_h2_start < kv_h1_start)
+    kv_full1_lo = tl.where(kv_h_swap, kv_h2_start, kv_h1_start)
+    kv_full1_hi = tl.where(kv_h_swap, kv_h2_stop, kv_h1_stop)
+    kv_full2_lo = tl.where(kv_h_swap, kv_h1_start, kv_h2_start)
+    kv_full2_hi = tl.where(kv_h_swap, kv_h1_stop, kv_h2_stop)
+    kv_n_full1 = (kv_full1_hi - kv_full1_lo)
+    kv_n_full = (kv_full2_hi + kv_n_full1 - kv_full2_lo)
+    kv_f_base = kv_full1_lo
+    kv_f_at2 = kv_n_full1
+    kv_f_jump2 = (kv_full2_lo - kv_full1_hi)
+    kv_m1_start = tl.maximum(0, kv_s1_lo)
+    kv_m1_count = tl.maximum(0, (tl.minimum(kv_full1_lo, kv_s1_end) - kv_m1_start))
+    kv_m2_start = tl.maximum(kv_full1_hi, kv_s1_lo)
+    kv_m2_count = tl.maximum(0, (tl.minimum(kv_full2_lo, kv_s1_end) - kv_m2_start))
+    kv_m3_start = tl.maximum(kv_full2_hi, kv_s1_lo)
+    kv_m3_count = tl.maximum(0, (tl.minimum(kv_n_blocks, kv_s1_end) - kv_m3_start))
+    kv_m4_start = tl.maximum(0, kv_s2_start)
+    kv_m4_count = tl.maximum(0, (tl.minimum(kv_full1_lo, kv_s2_end) - kv_m4_start))
+    kv_m5_start = tl.maximum(kv_full1_hi, kv_s2_start)
+    kv_m5_count = tl.maximum(0, (tl.minimum(kv_full2_lo, kv_s2_end) - kv_m5_start))
+    kv_m6_start = tl.maximum(kv_full2_hi, kv_s2_start)
+    kv_m6_count = tl.maximum(0, (tl.minimum(kv_n_blocks, kv_s2_end) - kv_m6_start))
+    kv_n_masked = (kv_m1_count + kv_m2_count + kv_m3_count + kv_m4_count + kv_m5_count + kv_m6_count)
+    kv_m_base = kv_m1_start
+    kv_m_at2 = kv_m1_count
+    kv_m_jump2 = (kv_m2_start - kv_m1_count - kv_m1_start)
+    kv_m_at3 = (kv_m1_count + kv_m2_count)
+    kv_m_jump3 = (kv_m3_start - kv_m2_count - kv_m2_start)
+    kv_m_at4 = (kv_m1_count + kv_m2_count + kv_m3_count)
+    kv_m_jump4 = (kv_m4_start - kv_m3_count - kv_m3_start)
+    kv_m_at5 = (kv_m1_count + kv_m2_count + kv_m3_count + kv_m4_count)
+    kv_m_jump5 = (kv_m5_start - kv_m4_count - kv_m4_start)
+    kv_m_at6 = (kv_m1_count + kv_m2_count + kv_m3_count + kv_m4_count + kv_m5_count)
+    kv_m_jump6 = (kv_m6_start - kv_m5_count - kv_m5_start)
+    # This split's share of the FULL and of the masked pieces (virtual indices t). Full tiles need
+    # every row live: when kv_len < Nq they are masked too.
+    full_per_split = tl.cdiv(kv_n_full, NUM_SPLITS)
+    f_lo = split_id * full_per_split
+    f_hi = tl.minimum(f_lo + full_per_split, kv_n_full)
+    f_live = tl.where(Nk >= Nq, f_hi, f_lo)
+    for t in tl.range(f_lo, f_live):
+        kb = t + kv_f_base + tl.where(t >= kv_f_at2, kv_f_jump2, 0)
+        acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
+                                  stride_kb, stride_kn, stride_vb, stride_vn,
+                                  b, h_row, H, n_q, n_k, prm_sinks, prm_window,
+                                  qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD,
+                                  PAGE_SIZE, DOT_PRECISION, FAST_MATH, MASKED=False)
+    for t in tl.range(f_live, f_hi):
+        kb = t + kv_f_base + tl.where(t >= kv_f_at2, kv_f_jump2, 0)
+        acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
+                                  stride_kb, stride_kn, stride_vb, stride_vn,
+                                  b, h_row, H, n_q, n_k, prm_sinks, prm_window,
+                                  qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD,
+                                  PAGE_SIZE, DOT_PRECISION, FAST_MATH, MASKED=True)
+    masked_per_split = tl.cdiv(kv_n_masked, NUM_SPLITS)
+    m_lo = split_id * masked_per_split
+    for t in tl.range(m_lo, tl.minimum(m_lo + masked_per_split, kv_n_masked)):
+        kb = t + kv_m_base + tl.where(t >= kv_m_at2, kv_m_jump2, 0) + tl.where(t >= kv_m_at3, kv_m_jump3, 0) + tl.where(t >= kv_m_at4, kv_m_jump4, 0) + tl.where(t >= kv_m_at5, kv_m_jump5, 0) + tl.where(t >= kv_m_at6, kv_m_jump6, 0)
+        acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
+                                  stride_kb, stride_kn, stride_vb, stride_vn,
+                                  b, h_row, H, n_q, n_k, prm_sinks, prm_window,
+                                  qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD,
+                                  PAGE_SIZE, DOT_PRECISION, FAST_MATH, MASKED=True)
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     # natural-log LSE; -inf on rows without an allowed key
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i))) * 0.6931471805599453)

@@ -617,7 +617,7 @@ def attention(q, k, v, *, return_lse=False, q_offset=0, k_offset=0, n_q=None, n_
 # rows of the heads of one GQA group (heads x Nq rows are the M dimension of its tiles, so
 # the group reads its K/V once) over one split of the key blocks; a second kernel merges
 # the splits by their LSE.
-# Key blocks: the forward's closed-form ranges, for the rows kv_len - Nq .. kv_len - 1.
+# Key blocks: all below kv_len, the mask evaluated on each (no closed form).
 # ---------------------------------------------------------------------------------------
 
 
@@ -719,37 +719,35 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, VALUE_DIM_PAD], dtype=tl.float32)
-    # The mask is a union of 2 bands, each with a closed-form key-block
-    # range and full sub-range; the splits cut their hull.
-    lo0 = 0
-    hi0 = tl.minimum(((q_hi + BLOCK_N) // BLOCK_N), ((Nk + BLOCK_N - 1) // BLOCK_N))
-    full_lo0 = lo0
-    full_hi0 = full_lo0
-    lo1 = tl.minimum(((Nk + BLOCK_N - 1) // BLOCK_N), (tl.maximum(0, (1 + q_lo - prm_stride)) // BLOCK_N))
-    hi1 = tl.maximum(lo1, tl.minimum(((q_hi + BLOCK_N) // BLOCK_N), ((Nk + BLOCK_N - 1) // BLOCK_N)))
-    full_lo1 = tl.minimum(hi1, ((BLOCK_N + tl.maximum(0, (1 + q_hi - prm_stride)) - 1) // BLOCK_N))
-    full_hi1 = tl.maximum(full_lo1, tl.minimum((Nk // BLOCK_N), ((1 + q_lo) // BLOCK_N)))
-    kv_lo = tl.minimum(lo0, lo1)
-    kv_hi = tl.maximum(hi0, hi1)
+    kv_lo = 0
+    kv_hi = tl.cdiv(Nk, BLOCK_N)
+    kv_full_lo = 0
+    kv_full_hi = 0
     # This split's share of the key blocks.
     per_split = tl.cdiv(tl.maximum(kv_hi - kv_lo, 0), NUM_SPLITS)
     s_lo = kv_lo + split_id * per_split
     s_hi = tl.minimum(s_lo + per_split, kv_hi)
-    for kb in tl.range(s_lo, s_hi):
-        full = (((kb >= full_lo0) & (kb < full_hi0)) | ((kb >= full_lo1) & (kb < full_hi1))) & (Nk >= Nq)
-        visit = ((kb >= lo0) & (kb < hi0)) | ((kb >= lo1) & (kb < hi1))
-        if full:
-            acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
-                                      stride_kb, stride_kn, stride_vb, stride_vn,
-                                      b, h_row, H, n_q, n_k, prm_stride, c0,
-                                      qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD,
-                                      PAGE_SIZE, DOT_PRECISION, FAST_MATH, MASKED=False)
-        elif visit:
-            acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
-                                      stride_kb, stride_kn, stride_vb, stride_vn,
-                                      b, h_row, H, n_q, n_k, prm_stride, c0,
-                                      qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD,
-                                      PAGE_SIZE, DOT_PRECISION, FAST_MATH, MASKED=True)
+    # Full tiles need every row live: none when kv_len < Nq.
+    f_lo = tl.minimum(tl.maximum(kv_full_lo, s_lo), s_hi)
+    f_hi = tl.where(Nk >= Nq, tl.minimum(tl.maximum(kv_full_hi, f_lo), s_hi), f_lo)
+    for kb in tl.range(s_lo, f_lo):
+        acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
+                                  stride_kb, stride_kn, stride_vb, stride_vn,
+                                  b, h_row, H, n_q, n_k, prm_stride, c0,
+                                  qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD,
+                                  PAGE_SIZE, DOT_PRECISION, FAST_MATH, MASKED=True)
+    for kb in tl.range(f_lo, f_hi):
+        acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
+                                  stride_kb, stride_kn, stride_vb, stride_vn,
+                                  b, h_row, H, n_q, n_k, prm_stride, c0,
+                                  qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD,
+                                  PAGE_SIZE, DOT_PRECISION, FAST_MATH, MASKED=False)
+    for kb in tl.range(f_hi, s_hi):
+        acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
+                                  stride_kb, stride_kn, stride_vb, stride_vn,
+                                  b, h_row, H, n_q, n_k, prm_stride, c0,
+                                  qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD,
+                                  PAGE_SIZE, DOT_PRECISION, FAST_MATH, MASKED=True)
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     # natural-log LSE; -inf on rows without an allowed key
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i))) * 0.6931471805599453)

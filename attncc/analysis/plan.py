@@ -49,25 +49,6 @@ class Plan:
     def walks(self) -> Tuple[Walk, Walk]:
         return self.forward, self.transposed
 
-    # -- what codegen rendered before the walks (attncc.analysis.legacy; goes with it) --------
-    @property
-    def legacy_iteration(self) -> str:
-        from attncc.analysis.legacy import legacy
-
-        return legacy(self.pattern)[0]
-
-    @property
-    def key_ranges(self):
-        from attncc.analysis.legacy import legacy
-
-        return legacy(self.pattern)[1]
-
-    @property
-    def clauses(self):
-        from attncc.analysis.legacy import legacy
-
-        return legacy(self.pattern)[2]
-
     @property
     def needs_exact_lists(self) -> bool:
         """A static walk may take the exact block lists: it has no closed form, or one with a

@@ -16,7 +16,7 @@ the analysis' steps, printed.
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import sympy
 
@@ -33,8 +33,9 @@ FORWARD_NAMES = {"q_lo": "q_lo", "q_hi": "q_hi", "k_offset": "k_offset", "N_K": 
 TRANSPOSED_NAMES = {"q_lo": "k_lo", "q_hi": "k_hi", "k_offset": "q_offset", "N_K": "Nq", "BLOCK_N": "BLOCK_M"}
 
 
-def _symbol_names(plan: Plan, walk: Walk, transposed: bool, prefix: str) -> Dict[sympy.Symbol, str]:
-    bound = TRANSPOSED_NAMES if transposed else FORWARD_NAMES
+def _symbol_names(plan: Plan, walk: Walk, transposed: bool, prefix: str,
+                  override: Optional[Dict[str, str]] = None) -> Dict[sympy.Symbol, str]:
+    bound = dict(TRANSPOSED_NAMES if transposed else FORWARD_NAMES, **(override or {}))
     index = {S.b: "b", S.h: "h", S.n_q: "n_k" if transposed else "n_q", S.n_k: "n_q" if transposed else "n_k"}
     params = {p.symbol: param_var(p.name) for p in plan.pattern.params}
     names = {}
@@ -52,12 +53,13 @@ def _symbol_names(plan: Plan, walk: Walk, transposed: bool, prefix: str) -> Dict
     return names
 
 
-def render_walk(plan: Plan, transposed: bool) -> dict:
+def render_walk(plan: Plan, transposed: bool, names: Optional[Dict[str, str]] = None) -> dict:
     """The template's view of the forward (``transposed=False``) or the dK/dV walk: ``kind``,
     ``lists`` (the list loops are compiled in), ``closed`` (the closed-form loops are),
     ``switch`` (both: ``LISTS`` picks), ``steps`` [(variable, code)], ``segments``, ``out``
     (the outputs' variables), ``full_kb`` / ``masked_kb`` (two segments: a block from ``t``),
-    ``per_head`` (the steps read ``h``), ``helpers`` and ``note`` (comment lines)."""
+    ``per_head`` (the steps read ``h``), ``helpers`` and ``note`` (comment lines). ``names``:
+    kernel text for bound symbols other than :data:`FORWARD_NAMES` / :data:`TRANSPOSED_NAMES`."""
     walk = plan.transposed if transposed else plan.forward
     prefix = "qb_" if transposed else "kv_"
     out = dict(kind=walk.kind.value, lists=walk.kind is Iteration.BLOCK_LIST, closed=walk.kind is Iteration.BANDS,
@@ -65,7 +67,7 @@ def render_walk(plan: Plan, transposed: bool) -> dict:
                helpers=set(), note=_note(walk, transposed))
     if walk.kind is not Iteration.BANDS:
         return out
-    names = _symbol_names(plan, walk, transposed, prefix)
+    names = _symbol_names(plan, walk, transposed, prefix, names)
     printer = TritonPrinter(names)
     out["steps"] = [(names[sym], printer(e)) for sym, e in walk.steps]
     out["helpers"] = printer.helpers
