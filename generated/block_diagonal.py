@@ -192,41 +192,48 @@ def _fwd_kernel(Q, K, V, O, LSE,
 
 
 @triton.jit
-def _exact_tiles_kernel(CODES, Nq, Nk, H, q_offset, k_offset, n_q, n_k,
+def _exact_tiles_kernel(CODES, N_KB, Nq, Nk, H, q_offset, k_offset, n_q, n_k, CU_Q, CU_K,
                         prm_chunk,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KEY_BLOCKS: tl.constexpr):
-    """The mask on every pair of KEY_BLOCKS tiles of one query block: per tile, bit 0 is set when
-    some pair is allowed, bit 1 when every pair (existing rows and keys) is."""
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KEY_BLOCKS: tl.constexpr,
+                        VARLEN: tl.constexpr):
+    """The mask on every pair of KEY_BLOCKS tiles of one query block (of N_KB in a row of CODES):
+    per tile, bit 0 is set when some pair is allowed, bit 1 when every pair (existing rows and
+    keys) is."""
     qb = tl.program_id(0)
     kb0 = tl.program_id(1) * KEY_BLOCKS
     bh = tl.program_id(2)
     b = bh // H
     h = bh % H
+    if VARLEN:  # b is the sequence of a packed batch: its own lengths, positions from 0
+        Nq = tl.load(CU_Q + b + 1) - tl.load(CU_Q + b)
+        Nk = tl.load(CU_K + b + 1) - tl.load(CU_K + b)
+        n_q = Nq
+        n_k = Nk
     offs_i = q_offset + qb * BLOCK_M + tl.arange(0, BLOCK_M)
     c0 = (1.0 / (prm_chunk))
     row0 = _floordiv(offs_i, prm_chunk)
-    n_kb = tl.cdiv(Nk, BLOCK_N)
     rows = offs_i < q_offset + Nq
-    for kb in tl.range(kb0, tl.minimum(kb0 + KEY_BLOCKS, n_kb)):
+    for kb in tl.range(kb0, tl.minimum(kb0 + KEY_BLOCKS, N_KB)):
         offs_j = k_offset + kb * BLOCK_N + tl.arange(0, BLOCK_N)
         inside = rows[:, None] & (offs_j[None, :] < k_offset + Nk)
         allowed = inside & (row0[:, None] == tl.floor((offs_j[None, :] * c0)))
         some = tl.max(tl.max(allowed.to(tl.int32), 1), 0)
         missing = tl.max(tl.max((inside & ~allowed).to(tl.int32), 1), 0)
-        tl.store(CODES + (bh * tl.num_programs(0) + qb) * n_kb + kb, (some + 2 - 2 * missing).to(tl.int8))
+        tl.store(CODES + (bh * tl.num_programs(0) + qb) * N_KB + kb, (some + 2 - 2 * missing).to(tl.int8))
 
 
 def _exact_tile_codes(call, block_m, block_n):
-    """int8 [B|1, H|1, query blocks, key blocks]: the codes of _exact_tiles_kernel (the mask
-    reads neither b nor h: one grid for all)."""
-    nb, nh = (1, 1)
+    """int8 [B|1, H|1, query blocks, key blocks]: the codes of _exact_tiles_kernel (one grid per
+    sequence of a packed batch; one for all otherwise: the mask reads neither b nor h)."""
+    nb, nh = (call.B if call.varlen else 1, 1)
     nqb, nkb = triton.cdiv(call.Nq, block_m), triton.cdiv(call.Nk, block_n)
     codes = torch.empty(nb, nh, nqb, nkb, dtype=torch.int8, device=call.q.device)
     key_blocks = 16
     _exact_tiles_kernel[(nqb, triton.cdiv(nkb, key_blocks), nb * nh)](
-        codes, call.Nq, call.Nk, nh, call.q_offset, call.k_offset, call.n_q, call.n_k,
+        codes, nkb, call.Nq, call.Nk, nh, call.q_offset, call.k_offset, call.n_q, call.n_k,
+        call.cu_seqlens_q, call.cu_seqlens_k,
         call.params['chunk'],
-        BLOCK_M=block_m, BLOCK_N=block_n, KEY_BLOCKS=key_blocks)
+        BLOCK_M=block_m, BLOCK_N=block_n, KEY_BLOCKS=key_blocks, VARLEN=call.varlen)
     return codes
 
 

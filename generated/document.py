@@ -795,8 +795,8 @@ def attention(q, k, v, *, return_lse=False, q_offset=0, k_offset=0, n_q=None, n_
                     max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
     if call.varlen:
         raise NotImplementedError(
-            "attncc: document: cu_seqlens (packed variable-length batches) are supported for masks with "
-            "dense or closed-form iteration only; this mask needs block lists. Pass "
+            "attncc: document: cu_seqlens (packed variable-length batches) are not supported for masks that "
+            "read [inputs] or draw random_blocks(). Pass "
             "the sequences as documents of one row instead (a document mask, e.g. specs/document.toml)")
     o, lse = _rt.run_attention(call, _forward, _backward)
     return (o, lse) if return_lse else o

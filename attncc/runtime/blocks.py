@@ -88,33 +88,38 @@ def exact_block_lists(tile_codes: Callable, call: Call, block_m: int, block_n: i
     pairs (existing rows and keys) are allowed. A tile is FULL in the forward lists when all are
     and its key block is whole, in the transposed lists (per key block, its query blocks) when
     all are and its query block is whole: each walk runs unmasked only what it may.
-    ``per_head``: the mask reads b or h (one grid per batch row and head). Cached (LRU)."""
+    ``per_head``: the mask reads b or h (one grid per batch row and head). Cached (LRU), except
+    for packed variable-length batches: one grid per sequence, its own lengths (from
+    ``cu_seqlens``, on the device), classified on every call."""
     if call.varlen:
-        raise NotImplementedError(
-            f"attncc: {call.spec.name}: cu_seqlens (packed variable-length batches) with these params need "
-            "the exact block lists, which are made per call shape; pass the sequences as documents of one "
-            "row instead (a document mask, e.g. specs/document.toml)")
+        return _exact_lists_of(tile_codes(call, block_m, block_n), block_m, block_n,
+                               call.cu_seqlens_q.diff().view(-1, 1, 1, 1), call.cu_seqlens_k.diff().view(-1, 1, 1, 1))
     key = (tile_codes, str(call.q.device), call.Nq, call.Nk, call.q_offset, call.k_offset, call.n_q, call.n_k,
            block_m, block_n, tuple(sorted(call.params.items())), (call.B, call.Hq) if per_head else None)
     hit = _exact_cache.get(key)
     if hit is not None:
         _exact_cache.move_to_end(key)
         return hit
-    codes = tile_codes(call, block_m, block_n)
-    some, every = (codes & 1) != 0, (codes & 2) != 0
-    nqb, nkb = codes.shape[-2:]
-    key_whole = ((torch.arange(nkb, device=codes.device) + 1) * block_n <= call.Nk).view(1, nkb)
-    query_whole = ((torch.arange(nqb, device=codes.device) + 1) * block_m <= call.Nq).view(nqb, 1)
-
-    def classes(full):
-        return torch.where(some, torch.where(full, tiles.FULL, tiles.PARTIAL), tiles.EMPTY).to(torch.int8)
-
-    both = (_lists(classes(every & key_whole), None),
-            _lists(classes(every & query_whole).transpose(-1, -2).contiguous(), None))
+    both = _exact_lists_of(tile_codes(call, block_m, block_n), block_m, block_n, call.Nq, call.Nk)
     _exact_cache[key] = both
     if len(_exact_cache) > EXACT_CACHE_SIZE:
         _exact_cache.popitem(last=False)
     return both
+
+
+def _exact_lists_of(codes: torch.Tensor, block_m: int, block_n: int, n_rows, n_keys) -> Tuple:
+    """(forward lists, transposed lists) of exact tile codes; ``n_rows`` / ``n_keys``: the query
+    rows and keys (ints, or tensors broadcasting over the codes' batch dim: per sequence)."""
+    some, every = (codes & 1) != 0, (codes & 2) != 0
+    nqb, nkb = codes.shape[-2:]
+    key_whole = (torch.arange(nkb, device=codes.device) + 1).view(1, nkb) * block_n <= n_keys
+    query_whole = (torch.arange(nqb, device=codes.device) + 1).view(nqb, 1) * block_m <= n_rows
+
+    def classes(full):
+        return torch.where(some, torch.where(full, tiles.FULL, tiles.PARTIAL), tiles.EMPTY).to(torch.int8)
+
+    return (_lists(classes(every & key_whole), None),
+            _lists(classes(every & query_whole).transpose(-1, -2).contiguous(), None))
 
 
 @functools.lru_cache(maxsize=16)
