@@ -33,7 +33,9 @@ BF16 = torch.bfloat16
 
 
 SMALL = {"sliding_window": {"window": 1024}, "local_bidirectional": {"w": 256}, "dilated": {},
-         "longformer": {}, "strided": {}, "prefix_lm": {"prefix": 1024}}
+         "longformer": {}, "strided": {}, "prefix_lm": {"prefix": 1024}, "chunked_local": {"chunk": 1000},
+         "sink_window": {"sinks": 4, "window": 500}, "neighborhood_2d": {"width": 64, "radius": 2},
+         "block_diagonal": {"chunk": 700}}
 
 
 def inputs_for(p, B, Hq, N):

@@ -374,7 +374,8 @@ def bands_grid(walk: Walk, env: Mapping[str, object], n_outer: int, n_inner: int
         return torch.where(full, 2, torch.where(visited, 1, 0)).to(torch.int8)
     grid = torch.zeros(n_outer, n_inner, dtype=torch.int8)
     seen = torch.zeros(n_outer, n_inner, dtype=torch.int32)
-    for kind, count, base, pieces, cls in (("full", "n_full", "f_base", 2, 2), ("masked", "n_masked", "m_base", MASKED_PIECES, 1)):
+    for kind, count, base, pieces, cls in (("full", "n_full", "f_base", FULL_PIECES, 2),
+                                           ("masked", "n_masked", "m_base", MASKED_PIECES, 1)):
         n = col(count)
         t = torch.arange(max(int(n.max()), 0) if n.numel() else 0, dtype=torch.int64).view(1, -1)
         k = t + col(base)
