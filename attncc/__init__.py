@@ -1,5 +1,8 @@
 """attncc: a compiler from declarative attention-pattern specs to Triton kernels.
 
+    module = attncc.compile(spec)      # TOML text, a dict of spec keys or a path -> generated module
+    o = module.attention(q, k, v)
+
 Importing ``attncc`` (or ``attncc.runtime``, which generated kernels import) pulls in
 no sympy, networkx or jinja2; the compiler stages load when first used.
 """
@@ -7,6 +10,10 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):
+    if name == "compile":
+        from attncc.module_cache import compile
+
+        return compile
     if name == "reference":
         from attncc._reference import reference
 

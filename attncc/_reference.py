@@ -151,6 +151,17 @@ class _Evaluator:
             x, y = self(base), self(ex)
             if _is_int(x) and ex.is_Integer:
                 return torch.pow(x, int(ex))
+            # x ** 2 is x * x and x ** 0.5 is sqrt(x), correctly rounded (torch.pow is not
+            # always): a mask comparing them decides exactly (docs/spec-language.md)
+            k = float(ex) if ex.is_number and ex.is_real else None
+            if k in (1.0, 2.0, 3.0, 4.0):
+                x, out = x.to(_FLOAT), x.to(_FLOAT)
+                for _ in range(int(k) - 1):
+                    out = out * x
+                return out
+            if k in (0.5, -0.5):
+                root = torch.sqrt(x.to(_FLOAT))
+                return root if k > 0 else 1.0 / root
             return torch.pow(x.to(_FLOAT), y.to(_FLOAT))
         if isinstance(e, (sympy.floor, sympy.ceiling)):
             num, den = sympy.fraction(sympy.together(e.args[0]))
@@ -485,27 +496,44 @@ def reference(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         kf = rotary(kf, k_pos, pattern.rope.theta, pattern.rope.style, rd)
     scale = opts.get("scale", pattern.scale)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a finite positive number, got {scale!r}")
 
-    s = scale * (qf @ kf.transpose(-1, -2))  # [B, Hq, Nq, Nk]
+    allowed = _mask_from_env(pattern, env, (B, Hq, Nq, Nk))
+    # Non-finite values in q, k, v (contract v1, "Non-finite values") reach exactly the rows that
+    # attend to them, in the forward and in autograd's backward: each pair's factors are masked
+    # before they meet (a disallowed pair multiplies zeros, never 0 * NaN). Finite inputs take the
+    # plain matrix products.
+    exact = not all(bool(torch.isfinite(t).all()) for t in (qf, kf, vf))
+    if exact:
+        pair = allowed[..., None]
+        s = scale * (torch.where(pair, qf[:, :, :, None, :], 0.0) * torch.where(pair, kf[:, :, None, :, :], 0.0)).sum(-1)
+    else:
+        s = scale * (qf @ kf.transpose(-1, -2))  # [B, Hq, Nq, Nk]
     if pattern.bias is not None:
         s = s + evaluate(pattern.bias, env).to(_FLOAT)
     if pattern.mod is not None:
         s = evaluate(pattern.mod, {**env, "s": s}).to(_FLOAT).expand(B, Hq, Nq, Nk)
-    if pattern.softcap is not None:
-        s = pattern.softcap * torch.tanh(s / pattern.softcap)
-    allowed = _mask_from_env(pattern, env, (B, Hq, Nq, Nk))
+    if pattern.softcap is not None:  # -inf (a pair the mod removes) stays -inf
+        s = torch.where(s == -math.inf, s, pattern.softcap * torch.tanh(s / pattern.softcap))
 
     s = torch.where(allowed, s, torch.full_like(s, -math.inf))
-    lse = torch.logsumexp(s, dim=-1)  # -inf exactly where no key is allowed
-    finite = torch.isfinite(lse)
-    p = torch.exp(s - torch.where(finite, lse, torch.zeros_like(lse))[..., None])
-    p = torch.where(finite[..., None] & allowed, p, torch.zeros_like(p))
+    lse = torch.logsumexp(s, dim=-1)  # -inf exactly where no key is allowed (or every score is -inf)
+    # Rows without a key (lse = -inf) give o = 0; a NaN or +inf LSE (a NaN or +inf score) stays,
+    # and makes its row NaN: a non-finite value is never turned into zeros.
+    empty = lse == -math.inf
+    p = torch.exp(s - torch.where(empty, torch.zeros_like(lse), lse)[..., None])
+    p = torch.where(allowed, p, torch.zeros_like(p))
     if keep_mask is not None:
         dropout_p = float(opts.get("dropout_p", pattern.dropout))
         if not 0.0 <= dropout_p < 1.0:
             raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
         p = p * keep_mask.to(device=device, dtype=_FLOAT) / (1.0 - dropout_p)
-    o = p @ vf
+    if exact:
+        pair = allowed[..., None]
+        o = (torch.where(pair, p[..., None], 0.0) * torch.where(pair, vf[:, :, None, :, :], 0.0)).sum(-2)
+    else:
+        o = p @ vf
     return (o, lse) if return_lse else o
 
 

@@ -5,6 +5,8 @@ import argparse
 import glob
 import sys
 
+import attncc
+
 
 def _default_specs():
     return sorted(glob.glob("specs/*.toml"))
@@ -28,8 +30,11 @@ def cmd_build(args) -> int:
             return 1 if old else 0
         for path in build(specs, args.out):
             print(f"wrote {path}")
-    except SpecError as e:
+    except (SpecError, NotImplementedError) as e:  # NotImplementedError: a form the code generator lacks
         print(f"attncc build: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # an output folder that cannot be written
+        print(f"attncc build: cannot write {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
         return 2
     return 0
 
@@ -45,6 +50,7 @@ def main(argv=None) -> int:
 
         return main_tune(argv[1:])
     parser = argparse.ArgumentParser(prog="attncc", description="Compile attention-pattern specs to Triton kernels.")
+    parser.add_argument("--version", action="version", version=f"attncc {attncc.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="generate DIR/<name>.py for each spec")
     b.add_argument("specs", nargs="*", help="spec files (default: specs/*.toml)")

@@ -62,7 +62,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def show() -> str:
-    """The cache as text: one block per (GPU, Triton version), one line per tuned kernel."""
+    """The cache as text: one block per (GPU, Triton version), one line per tuned kernel, and
+    what was ignored (unreadable files, malformed entries)."""
     from attncc.runtime import tuning
 
     files = tuning.cache_files()
@@ -70,32 +71,34 @@ def show() -> str:
     count = 0
     for path in files:
         data = tuning.read_file(path)
-        lines.append(f"{data.get('gpu', '?')}, Triton {data.get('triton', '?')} ({path.name}):")
-        for entry, record in sorted(data["entries"].items(), key=_order):
-            key = record.get("key", {})
-            cfg = record.get("config", {})
-            default = record.get("default_ms")
+        if data.error is not None:
+            lines.append(f"{path.name}: ignored, {data.error}")
+            continue
+        lines.append(f"{data.gpu}, Triton {data.triton} ({path.name}):")
+        for entry, record in sorted(data.entries.items(), key=_order):
+            key, cfg, default = record["key"], record["config"], record.get("default_ms")
             lines.append(
-                f"  {key.get('spec', entry):<20} {tuning.KERNEL_NAMES.get(key.get('kernel'), '?'):<8} "
-                f"{key.get('dtype', '?'):<9} d{key.get('head_dim', '?')}x{key.get('value_dim', '?'):<4} "
-                f"N {key.get('n_q', '?')}x{key.get('n_k', '?'):<7} "
-                f"BLOCK_M={cfg.get('BLOCK_M')} BLOCK_N={cfg.get('BLOCK_N')} warps={cfg.get('num_warps')} "
-                f"stages={cfg.get('num_stages')}  {record.get('ms', float('nan')):.3f} ms"
+                f"  {key['spec']:<20} {tuning.KERNEL_NAMES[key['kernel']]:<8} "
+                f"{key['dtype']:<9} d{key['head_dim']}x{key['value_dim']:<4} "
+                f"N {key['n_q']}x{key['n_k']:<7} "
+                f"BLOCK_M={cfg['BLOCK_M']} BLOCK_N={cfg['BLOCK_N']} warps={cfg['num_warps']} "
+                f"stages={cfg['num_stages']}  {record['ms']:.3f} ms"
                 + ("" if default is None else f" (default {default:.3f} ms)"))
             count += 1
+        for entry, problem in sorted(data.ignored.items()):
+            lines.append(f"  ignored malformed entry {tuning._short(entry, 60)}: {problem}")
     head = f"attncc tune cache: {tuning.cache_dir()} ({count} entr{'y' if count == 1 else 'ies'} in {len(files)} file(s))"
     return "\n".join([head] + lines)
 
 
 def _order(item):
-    """Cache entries by spec, dtype, dims, lengths, then forward, dK/dV, dQ."""
-    entry, record = item
-    key = record.get("key", {})
+    """Cache entries (checked: tuning.record_problem) by spec, dtype, dims, lengths, then forward, dK/dV, dQ."""
     from attncc.runtime.tuning import KERNEL_NAMES
 
-    kernels = list(KERNEL_NAMES)
-    return (str(key.get("spec", entry)), str(key.get("dtype")), key.get("head_dim", 0), key.get("value_dim", 0),
-            key.get("n_q", 0), key.get("n_k", 0), kernels.index(key["kernel"]) if key.get("kernel") in kernels else 9)
+    entry, record = item
+    key = record["key"]
+    return (key["spec"], key["dtype"], key["head_dim"], key["value_dim"], key["n_q"], key["n_k"],
+            list(KERNEL_NAMES).index(key["kernel"]), entry)
 
 
 class Progress:
@@ -179,9 +182,11 @@ def main_tune(argv: Optional[List[str]] = None) -> int:
     from attncc.runtime.call import _interpreting
 
     if args.clear:
-        removed = tuning.clear()
+        removed, failed = tuning.clear()
         print(f"attncc tune --clear: removed {removed} cache file(s) from {tuning.cache_dir()}")
-        return 0
+        for problem in failed:
+            print(f"attncc tune --clear: could not remove {problem}", file=sys.stderr)
+        return 1 if failed else 0
     if args.show:
         print(show())
         return 0

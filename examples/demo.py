@@ -8,7 +8,8 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent  # the repository: specs/ and generated/, from any directory
+sys.path.insert(0, str(ROOT))
 
 import attncc  # noqa: E402
 from attncc.spec import load_spec  # noqa: E402
@@ -24,7 +25,7 @@ v = torch.randn(B, Hkv, N, D, device=device, dtype=dtype)
 window = 1024 if device == "cuda" else 24
 
 o, lse = attention(q, k, v, window=window, return_lse=True)
-ref = attncc.reference(load_spec("specs/sliding_window.toml"), q.double(), k.double(), v.double(), window=window)
+ref = attncc.reference(load_spec(ROOT / "specs" / "sliding_window.toml"), q.double(), k.double(), v.double(), window=window)
 err = ((o.double() - ref).norm() / ref.norm()).item()
 print(f"sliding_window (window={window}) on {device}, q {tuple(q.shape)} {dtype}, GQA {Hq}/{Hkv}: "
       f"||o - ref|| / ||ref|| = {err:.2e}")

@@ -243,7 +243,7 @@ def test_bad_calls(call, error, message):
 
 
 @pytest.mark.parametrize("mutate, error, message", [
-    (lambda kc, vc, t: (kc, vc, t.long()), TypeError, "block_table must be int32"),
+    (lambda kc, vc, t: (kc, vc, t.float()), TypeError, "block_table must be int32 or int64, got float32"),
     (lambda kc, vc, t: (kc, vc, t[:1]), ValueError, r"block_table must have shape \[B, pages\]"),
     (lambda kc, vc, t: (kc, vc, t.tolist()), TypeError, "block_table must be a torch.Tensor"),
     (lambda kc, vc, t: (kc[:, :8], vc[:, :8], t), ValueError, "page size .* must be >= 16"),

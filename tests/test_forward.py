@@ -124,14 +124,15 @@ def test_gradient_is_not_silently_wrong():
 
 
 def test_params_named_like_kernel_locals(tmp_path):
-    """A param called k or p must not shadow the kernel's own k and p."""
+    """A param called like a kernel local (p, acc, l_i) must not shadow it. (q, k, v are keywords of
+    attention() and refused as param names: tests/test_spec_limits.py.)"""
     import importlib.util
 
     from attncc.codegen import build
     from attncc.spec import load_spec
 
     spec = tmp_path / "clash.toml"
-    spec.write_text('[params]\nk = 5\np = 3\nq = 1\n[mask]\nwhere = "abs(i - j) <= k + p and j <= i + q"\n')
+    spec.write_text('[params]\nacc = 5\np = 3\nl_i = 1\n[mask]\nwhere = "abs(i - j) <= acc + p and j <= i + l_i"\n')
     (path,) = build([spec], tmp_path)
     mod_spec = importlib.util.spec_from_file_location("clash", path)
     mod = importlib.util.module_from_spec(mod_spec)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import sympy
 import torch
 
 import attncc
@@ -16,6 +17,7 @@ from attncc.analysis.score import canonical_score, softcap_of_mod
 from attncc.codegen import build
 from attncc.codegen.softmax import softmax_context
 from attncc.spec import load_spec, parse_spec
+from attncc.spec import symbols as S
 from cases import ROOT, rel_err
 
 FWD_TOL, GRAD_TOL = 1e-4, 1e-3
@@ -37,6 +39,14 @@ TRANSFORMS = {
     # all of it at once: a mask, hoisted (b, h) values, dropped (b, h, i) terms with an input
     "combined": ('mod = "where(i >= j, sin(cos(s)) * hs[h] + (i - j) * exp2(-h) + tan(b) + log(i + 1) * hs[h], -inf)"',
                  True),
+    # score conditions: decided per pair on the score in its own units (contract v1); only the
+    # part free of s is a mask. Rows where every score becomes -inf: o = 0, lse = -inf, zero grads.
+    "score_cond": ('mod = "where(s <= 0.5, s, -inf)"', False),
+    "score_cond_nested": ('mod = "where(s <= 0.5, where(j <= i, 2 * s, -inf), -inf)"', False),
+    "score_cond_mixed": ('mod = "where(j <= i and s > -0.3, s + 0.1 * (i - j), -inf)"', False),
+    "score_cond_inner": ('mod = "where(i >= j, where(s > 0.25, s, -inf) + 0.5, -inf)"', False),
+    "score_cond_softcap": ('softcap = 2.0\nmod = "where(s > -0.5, s * 1.5, -inf)"', False),
+    "score_cond_empty": ('mod = "where(s > 1000, s, -inf)"', False),
 }
 HEADER = {
     "head_scale": '[inputs]\nhead_scale = { dims = ["h"], dtype = "float32" }\n',
@@ -140,6 +150,27 @@ def test_relative_causal_mod_is_a_mask():
     assert plan.forward.cover.lines() == ("band: -inf <= j <= x",)
 
 
+def test_score_conditions_stay_in_the_mod():
+    """Only the conjuncts of where(c, e, -inf) free of s become the mask; the rest is decided per
+    pair on the score (was: folded into the mask, where kernels saw s in log2 units or no s)."""
+    cases = {
+        "where(s <= 0.5, s, -inf)": (None, "Piecewise((s, s <= 0.5), (-oo, True))"),
+        "where(j <= i and s > 0, s, -inf)": ("i >= j", "Piecewise((s, s > 0), (-oo, True))"),
+        "where(s <= 0.5, where(j <= i, s, -inf), -inf)": ("i >= j", "Piecewise((s, s <= 0.5), (-oo, True))"),
+        "where(not (j > i or s > 1), s, -inf)": ("i >= j", "Piecewise((s, s <= 1), (-oo, True))"),
+        "where(i >= j, s + (i - j), -inf)": ("i >= j", "i - j + s"),
+        "where(s > 0, -inf, s * 2)": (None, "Piecewise((-oo, s > 0), (2*s, True))"),
+    }
+    for mod, (mask, rest) in cases.items():
+        p = parse_spec(f'[score]\nmod = "{mod}"')
+        assert (None if p.mask is None else str(p.mask)) == mask and str(p.mod) == rest, (mod, p.mask, p.mod)
+        assert p.mask is None or not p.mask.has(S.s)
+    # a Pattern built with the score in its mask is refused at generation, not printed in log2 units
+    bad = parse_spec('head_dim = 16\n[mask]\nwhere = "j <= i"').replace(mask=sympy.Le(S.s, 0))
+    with pytest.raises(ValueError, match="depends on the score"):
+        softmax_context(bad, analyze(bad.replace(mask=None)))
+
+
 def _tile_functions(src):
     """The text of the per-tile functions the key (or query) loops call."""
     out = []
@@ -176,7 +207,7 @@ def test_key_independent_subexpressions_are_hoisted():
     ctx = softmax_context(p, analyze(p))
     scalars = dict(ctx["scalar_defs"])
     rows = dict(ctx["row_defs"])
-    assert any("hs_ptr" in c for c in scalars.values())  # the gather, once per program
+    assert any("ptr_hs" in c for c in scalars.values())  # the gather, once per program
     assert any("tl.exp2(" in c for c in scalars.values())  # the slope, once per program
     assert any("tl.sqrt(" in c for c in scalars.values())  # of b only
     assert any("tl.log(" in c for c in rows.values())  # of i: once per query row
@@ -195,6 +226,21 @@ def test_decode_drops_row_terms_too(built):
     o, lse = m.decode(q, k, v, kv_len=torch.full((B,), N, dtype=torch.int32), return_lse=True)
     ref, ref_lse = attncc.reference(p, q.double(), k.double(), v.double(), return_lse=True, q_offset=N - Nq)
     assert rel_err(o, ref) < FWD_TOL and rel_err(lse, ref_lse) < FWD_TOL
+
+
+@pytest.mark.parametrize("name", ["score_cond_nested", "score_cond_softcap"])
+def test_decode_with_score_conditions(built, name):
+    """decode() decides score conditions per pair as attention() does."""
+    p, m, _ = built[name]
+    gen = torch.Generator().manual_seed(4)
+    N, Nq = 37, 3
+    q = torch.randn(1, 4, Nq, 16, generator=gen)
+    k, v = (torch.randn(1, 2, N, 16, generator=gen) for _ in range(2))
+    o, lse = m.decode(q, k, v, kv_len=torch.tensor([N], dtype=torch.int32), return_lse=True)
+    ref, ref_lse = attncc.reference(p, q.double(), k.double(), v.double(), return_lse=True, q_offset=N - Nq)
+    assert rel_err(o, ref) < FWD_TOL
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite) and rel_err(lse[finite], ref_lse[finite]) < FWD_TOL
 
 
 @pytest.mark.parametrize("name", ["squared", "sin_cos_tan_b", "piecewise"])

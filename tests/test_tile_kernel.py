@@ -166,6 +166,9 @@ INLINE = {
                        "sc[b, h, i] * sc[b, h, j] > t and j <= i + n_k - n_q"),
     "table": ('tab = { dims = ["h", 4], dtype = "int32" }\ndoc = { dims = ["b", "n"], dtype = "int32" }', "",
               "j <= i + tab[h, 2] and doc[b, j] >= doc[b, i] - 2"),
+    # float arithmetic: widened intervals (tiles.widen), the same in the kernel
+    "float_ties": ('doc = { dims = ["b", "n"], dtype = "int32" }', "c = 0.3",
+                   "i * c - j * 0.3 < 0.3 and doc[b, i] >= doc[b, j] and (i + 1) / (j + 1) < 1.5"),
 }
 
 
@@ -412,10 +415,10 @@ def random_program(rng: random.Random) -> IntervalProgram:
         return dest
 
     for _ in range(rng.randint(6, 14)):
-        op = rng.choice(["add", "sub", "neg", "mul", "mul", "div", "floordiv", "mod", "floor_", "abs_", "min_",
+        op = rng.choice(["add", "sub", "neg", "mul", "mul", "div", "floordiv", "mod", "widen", "floor_", "abs_", "min_",
                          "max_", "reciprocal", "select", "const", "span", "le", "lt", "eq", "ne", "le", "and_",
                          "or_", "not_", "tri"])
-        if op in ("neg", "floor_", "abs_", "reciprocal"):
+        if op in ("neg", "floor_", "abs_", "reciprocal", "widen"):
             nums.append(emit(op, rng.choice(nums)))
         elif op in ("add", "sub", "mul", "div", "floordiv"):
             nums.append(emit(op, num(), num()))

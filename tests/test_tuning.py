@@ -282,3 +282,131 @@ def test_tune_command_runs_the_generated_launchers(monkeypatch, tmp_path):
     assert lines[0] == "document forward float32 d16 N 40x40: BLOCK_M=32 BLOCK_N=16 warps=4 stages=1  0.500 ms"
     assert [line.split(":")[0] for line in lines[1:]] == ["document dK/dV float32 d16 N 40x40", "document dQ float32 d16 N 40x40"]
     assert bar.getvalue().count("] 1/1\n") == 3
+
+
+# --- malformed cache files ----------------------------------------------------------------
+
+KEY_FIELDS = ("spec", "spec_hash", "kernel", "dtype", "head_dim", "value_dim", "n_q", "n_k")  # as store() writes them
+GOOD_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3}
+MALFORMED_RECORDS = [
+    5, "config", None, [], {},
+    {"config": None, "ms": 1.0},
+    {"config": [64, 32, 8, 3], "ms": 1.0},
+    {"config": {**GOOD_CONFIG, "BLOCK_M": "64"}, "ms": 1.0},
+    {"config": {**GOOD_CONFIG, "BLOCK_N": 32.0}, "ms": 1.0},
+    {"config": {**GOOD_CONFIG, "num_warps": True}, "ms": 1.0},
+    {"config": {**GOOD_CONFIG, "num_stages": None}, "ms": 1.0},
+    {"config": {k: v for k, v in GOOD_CONFIG.items() if k != "num_stages"}, "ms": 1.0},
+    {"config": {**GOOD_CONFIG, "BLOCK_M": 3}, "ms": 1.0},
+    {"config": {**GOOD_CONFIG, "BLOCK_N": 1 << 40}, "ms": 1.0},
+    {"config": {**GOOD_CONFIG, "num_warps": 0}, "ms": 1.0},
+    {"config": {**GOOD_CONFIG, "num_stages": -1}, "ms": 1.0},
+    {"config": {**GOOD_CONFIG, "tile": 5}, "ms": 1.0},
+    {"config": {**GOOD_CONFIG, "warp_specialize": "yes"}, "ms": 1.0},
+    {"config": GOOD_CONFIG, "ms": "fast"},
+    {"config": GOOD_CONFIG, "ms": float("nan")},
+    {"config": GOOD_CONFIG},
+    {"config": GOOD_CONFIG, "ms": 1.0, "default_ms": [1]},
+]
+
+
+def _write_cache(call, records, kernel="", **top):
+    """A cache file holding ``records`` (entry -> record as stored, key fields added to dicts)."""
+    key = tuning.key_for(call, kernel)
+    fields = {f: getattr(key, f) for f in KEY_FIELDS}
+    entries = {entry: ({**r, "key": fields} if isinstance(r, dict) and r and "key" not in r else r)
+               for entry, r in records.items()}
+    path = tuning.cache_dir() / key.file_name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"version": 1, "gpu": key.gpu, "triton": key.triton, "entries": entries, **top}))
+    return key, path
+
+
+@pytest.mark.parametrize("record", MALFORMED_RECORDS, ids=[f"record{k}" for k in range(len(MALFORMED_RECORDS))])
+def test_malformed_records_are_ignored_by_pick_config(record, monkeypatch, caplog):
+    call, other = make_call(N=50), make_call(N=200)
+    good_key = tuning.key_for(other, "")
+    _write_cache(call, {tuning.key_for(call).entry: record, good_key.entry: {"config": GOOD_CONFIG, "ms": 1.0}})
+    on_gpu_path(monkeypatch)
+    assert pick_config(call) == default_config(call)  # never a TypeError on every call
+    assert pick_config(other) == KernelConfig(64, 32, 8, 3)  # the good entry of the file still counts
+    assert "ignoring tune cache entry" in caplog.text
+    assert "ignored malformed entry" in __import__("attncc.tune").tune.show()
+
+
+def test_record_keys_with_wrong_types_are_ignored(monkeypatch):
+    call = make_call(N=50)
+    key = tuning.key_for(call)
+    fields = {f: getattr(key, f) for f in KEY_FIELDS}
+    bad = {"config": GOOD_CONFIG, "ms": 1.0, "key": {**fields, "head_dim": "32", "spec": ["causal"]}}
+    _write_cache(call, {key.entry: bad, "x": {"config": GOOD_CONFIG, "ms": 1.0, "key": {**fields, "kernel": "bwd"}},
+                        "y": {"config": GOOD_CONFIG, "ms": 1.0, "key": None}})
+    on_gpu_path(monkeypatch)
+    assert pick_config(call) == default_config(call)
+    from attncc.tune import show
+
+    text = show()  # sorting and formatting malformed keys used to raise
+    assert text.count("ignored malformed entry") == 3
+
+
+@pytest.mark.parametrize("content", ["[" * 100_000 + "]" * 100_000, '{"version": 1, "entries": ' + "{\"a\": " * 50_000 + "1" + "}" * 50_001,
+                                     "not json", '{"version": 1, "entries": []}', "[]", '{"version": 1, "gpu": 5, "entries": {}}'],
+                         ids=["deep-list", "deep-entries", "not-json", "entries-list", "list", "gpu-number"])
+def test_unreadable_cache_files_are_ignored(content, monkeypatch, caplog):
+    call = make_call(N=50)
+    key = tuning.key_for(call)
+    path = tuning.cache_dir() / key.file_name
+    path.parent.mkdir(parents=True)
+    path.write_text(content)
+    on_gpu_path(monkeypatch)
+    assert pick_config(call) == default_config(call)
+    assert main(["tune", "--show"]) == 0
+    tuning.store(key, {"config": GOOD_CONFIG, "ms": 1.0})  # a store replaces what it cannot read
+    tuning._LOADED.clear()
+    assert pick_config(call) == KernelConfig(64, 32, 8, 3)
+
+
+def test_show_and_clear_report_what_they_cannot_use(cache, capsys):
+    call = make_call(N=50)
+    _write_cache(call, {"bad": {"config": {"BLOCK_M": "x"}}, tuning.key_for(call).entry: {"config": GOOD_CONFIG, "ms": 1.0}})
+    (cache / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    (cache / "folder.json").mkdir()
+    assert main(["tune", "--show"]) == 0
+    out = capsys.readouterr().out
+    assert "(1 entry in 3 file(s))" in out
+    assert "ignored malformed entry 'bad': config.BLOCK_M is not an integer" in out
+    assert "deep.json: ignored, unreadable (RecursionError)" in out and "folder.json: ignored" in out
+    assert main(["tune", "--clear"]) == 1  # the folder stays, and says so
+    captured = capsys.readouterr()
+    assert "removed 2 cache file(s)" in captured.out
+    assert "could not remove folder.json" in captured.err and "Traceback" not in captured.err
+    assert [p.name for p in tuning.cache_files()] == ["folder.json"]
+
+
+def test_store_refuses_a_malformed_record():
+    call = make_call(N=50)
+    with pytest.raises(ValueError, match="config.BLOCK_M is not an integer"):
+        tuning.store(tuning.key_for(call), {"config": {**GOOD_CONFIG, "BLOCK_M": "64"}, "ms": 1.0})
+
+
+def test_clear_keeps_the_lock_and_waits_for_a_writer(cache):
+    """store() holds an flock on <file>.lock while it merges; clear() used to delete that file,
+    after which a second writer locks a new file and two merges run at once (one is lost)."""
+    import fcntl
+    import threading
+
+    call = make_call(N=50)
+    key = tuning.key_for(call)
+    path = tuning.store(key, {"config": GOOD_CONFIG, "ms": 1.0})
+    lock_path = path.with_suffix(".lock")
+    inode = lock_path.stat().st_ino
+    with open(lock_path, "a") as held:  # a writer in the middle of its merge
+        fcntl.flock(held, fcntl.LOCK_EX)
+        done = threading.Event()
+        worker = threading.Thread(target=lambda: (tuning.clear(), done.set()))
+        worker.start()
+        assert not done.wait(0.5)  # clear waits for the writer
+        fcntl.flock(held, fcntl.LOCK_UN)
+    worker.join(10)
+    assert done.is_set() and not path.exists()
+    assert lock_path.exists() and lock_path.stat().st_ino == inode

@@ -119,8 +119,8 @@ def test_argument_checks():
         mod.attention(q, k, v, cu_seqlens_q=cu)
     with pytest.raises(ValueError, match="both"):
         mod.attention(q, k, v, cu_seqlens_k=cu)
-    with pytest.raises(TypeError, match="int32"):
-        mod.attention(q, k, v, cu_seqlens_q=cu.long(), cu_seqlens_k=cu)
+    with pytest.raises(TypeError, match="int32 or int64, got float32"):
+        mod.attention(q, k, v, cu_seqlens_q=cu.float(), cu_seqlens_k=cu)
     with pytest.raises(ValueError, match="shape"):
         mod.attention(q, k, v, cu_seqlens_q=cu[None], cu_seqlens_k=cu)
     with pytest.raises(ValueError, match="sequences"):

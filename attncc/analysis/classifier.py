@@ -1,10 +1,17 @@
 """Compile a mask's sympy tree into an :class:`~attncc.runtime.tiles.IntervalProgram`.
 
 Each numeric sub-expression becomes an interval over a tile and each boolean one a
-tri-state (see :mod:`attncc.runtime.tiles`). The translation is sound node by node:
+tri-state (see :mod:`attncc.runtime.tiles`); a float-valued (non-integer) one is widened
+(``tiles.widen``) to hold its float64 rounding in any order of operations. The translation is sound node by node:
 whatever the analysis cannot bound (``sin``, an input indexed by anything but bare
 variables, ...) becomes ``unbounded()`` / "don't know", which only costs precision.
 Repeated sub-expressions are computed once.
+
+Leaf names are injective in what they stand for (two inputs ``x`` read at ``[b, i]`` and
+``x_b`` read at ``[i]`` are two leaves): positions ``b h i j n_q n_k``, params ``p_<name>``,
+input reads ``in_<name>_at_<index>`` (the index entries are ``b h i j`` or integers, never
+``at``, so the last ``_at_`` separates name and index); steps are ``v<n>``. A leaf name
+that would stand for two different things is an error, never a silent merge.
 """
 from __future__ import annotations
 
@@ -43,6 +50,21 @@ def _signed_terms(e):
     return pos, neg
 
 
+def _integer_valued(e) -> bool:
+    """``e`` is an integer at every pair, computed exactly by the kernels (integer ``//`` and ``%``,
+    :mod:`attncc.codegen.integer`) and the reference: its interval is never widened. Unlike
+    sympy's ``is_integer``, ``floor(i / w)`` and ``i % w`` with ``w`` an int param count (sympy
+    cannot rule out ``w = 0``, where the mask is undefined anyway), and a floor or ceiling of
+    float arithmetic counts too (its argument is widened, the rounding to an integer is exact)."""
+    if e.is_integer or isinstance(e, (sympy.floor, sympy.ceiling)):
+        return True
+    if isinstance(e, (sympy.Mod, sympy.Add, sympy.Mul, sympy.Min, sympy.Max, sympy.Abs)):
+        return all(_integer_valued(a) for a in e.args)
+    if isinstance(e, sympy.Pow):
+        return bool(_integer_valued(e.base) and e.exp.is_Integer and e.exp >= 0)
+    return False
+
+
 class _Compiler:
     def __init__(self, pattern: Pattern):
         self.pattern = pattern
@@ -62,7 +84,9 @@ class _Compiler:
         return self.memo[key]
 
     def leaf(self, name: str, kind: str, detail: tuple = ()) -> str:
-        self.leaves.setdefault(name, (name, kind, detail))
+        entry = self.leaves.setdefault(name, (name, kind, detail))
+        if entry != (name, kind, detail):  # the naming scheme (module docstring) makes this impossible
+            raise AssertionError(f"interval program leaf {name!r} would stand for {entry} and {(name, kind, detail)}")
         return name
 
     def unknown_number(self) -> str:
@@ -74,9 +98,14 @@ class _Compiler:
     # -- numbers ------------------------------------------------------------
     def number(self, e) -> Value:
         try:
-            return self._number(e)
+            value = self._number(e)
         except (TypeError, ValueError, ZeroDivisionError, sympy.PolynomialError):
             return self.unknown_number()  # sympy could not take this node apart: sound, not precise
+        if (_integer_valued(e) or e.is_Atom or isinstance(e, sympy.core.function.AppliedUndef)
+                or isinstance(value, (int, float))):
+            return value  # exact: integer arithmetic, leaves and literals
+        # float arithmetic: the kernels and the reference round it in their own order (tiles.widen)
+        return self.emit("widen", value)
 
     def _number(self, e) -> Value:
         if e.is_Integer:
@@ -103,7 +132,7 @@ class _Compiler:
                 return self.emit("floor_", self.number(num))
             return self.emit("floordiv", self.number(num), self.number(den))
         if isinstance(e, sympy.Mod):
-            return self.emit("mod", self.number(e.args[0]), self.number(e.args[1]), bool(e.is_integer))
+            return self.emit("mod", self.number(e.args[0]), self.number(e.args[1]), _integer_valued(e))
         if isinstance(e, sympy.Abs):
             return self.emit("abs_", self.number(e.args[0]))
         if isinstance(e, (sympy.Min, sympy.Max)):
@@ -134,7 +163,7 @@ class _Compiler:
             return self.leaf(e.name, e.name)
         if e in self.params:
             p = self.params[e]
-            return self.leaf(f"p_{p.name}", "param", (p.name, p.value))
+            return self.leaf(f"p_{p.name}", "param", (p.name, p.value))  # prefix-free against in_, v<n>
         return self.unknown_number()
 
     def add(self, e) -> Value:
@@ -202,7 +231,7 @@ class _Compiler:
         axis = "".join(pos) or None
         block = "".join("m" if v == "i" else "n" for v in pos) or None
         stat = BlockStat(decl.name, axis, block, tuple(index))
-        name = "in_" + decl.name + "_" + "_".join(str(v) for v in index)
+        name = f"in_{decl.name}_at_" + "_".join(str(v) for v in index)  # injective: module docstring
         return self.leaf(name, "input", (stat,))
 
     # -- booleans -----------------------------------------------------------

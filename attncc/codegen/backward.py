@@ -30,8 +30,9 @@ from attncc.analysis import Plan
 from attncc.analysis.score import split_mod_along_j
 from attncc.codegen.helpers import render_helper
 from attncc.codegen.hoist import Hoister, split_along_j
-from attncc.codegen.printer import TritonPrinter, param_var
-from attncc.codegen.softmax import _Inputs  # gathers rendered as the forward does
+from attncc.codegen.names import grad_args, grad_ptr, grad_stride, input_size, param_arg, param_value, param_var
+from attncc.codegen.printer import TritonPrinter
+from attncc.codegen.softmax import _Inputs, mask_hoister  # gathers and mask code as the forward's
 from attncc.codegen.walks import render_walk
 from attncc.spec import symbols as S
 from attncc.spec.builtins import RandomBlocks
@@ -80,10 +81,13 @@ def derivative(e, x, *, what: str, wrt: str) -> sympy.Expr:
     return d
 
 
-def _index_names(pattern: Pattern, i_text: str, j_text: str, extra: Dict[sympy.Symbol, str]):
-    names = {S.b: "b", S.h: "h", S.n_q: "n_q", S.n_k: "n_k", S.n_heads: "H", S.s: "s", S.i: i_text, S.j: j_text}
+def _index_names(pattern: Pattern, i_text: str, j_text: str, extra: Dict[sympy.Symbol, str], float64: bool = False):
+    """Kernel text of each symbol; ``float64``: for mask code (see softmax._names)."""
+    names = {S.b: "b", S.h: "h", S.n_q: "n_q", S.n_k: "n_k", S.n_heads: "H", S.i: i_text, S.j: j_text}
+    if not float64:
+        names[S.s] = "s"
     for p in pattern.params:
-        names[p.symbol] = param_var(p.name)
+        names[p.symbol] = param_value(p, float64)
     names.update(extra)
     return names
 
@@ -100,33 +104,44 @@ class _Kernel:
         self.pattern = pattern
         self.transposed = transposed  # tiles are [keys, queries] (dK/dV) instead of [queries, keys]
         self.hoist = Hoister(inner=inner, outer=outer, row_prefix=vec_prefix)
+        self.mask_hoist = mask_hoister(inner=inner, outer=outer, row_prefix="m" + vec_prefix)
         self.vec_suffix = vec_suffix
         self.rb_render = rb_render
         self.helpers = set()
 
-    def tile_printer(self, s_name: str = "s") -> TritonPrinter:
+    def _tile_names(self, hoist: Hoister, float64: bool):
         i_text, j_text = ("offs_i[None, :]", "offs_j[:, None]") if self.transposed else ("offs_i[:, None]", "offs_j[None, :]")
-        names = _index_names(self.pattern, i_text, j_text,
-                             {**{sym: sym.name for sym in self.hoist.scalars.values()},
-                              **{sym: f"{sym.name}{self.vec_suffix}" for sym in self.hoist.rows.values()},
-                              S.s: s_name})
-        pr = TritonPrinter(names, random_blocks=self.rb_render)
+        return _index_names(self.pattern, i_text, j_text,
+                            {**{sym: sym.name for sym in hoist.scalars.values()},
+                             **{sym: f"{sym.name}{self.vec_suffix}" for sym in hoist.rows.values()}}, float64)
+
+    def tile_printer(self, s_name: str = "s") -> TritonPrinter:
+        pr = TritonPrinter({**self._tile_names(self.hoist, False), S.s: s_name}, random_blocks=self.rb_render)
+        inputs = _Inputs(self.pattern)
+        pr.gather = lambda e: inputs.gather(pr, e)
+        return pr
+
+    def mask_printer(self) -> TritonPrinter:
+        """Mask code: float64, values from the mask's own hoister (as the forward's)."""
+        pr = TritonPrinter(self._tile_names(self.mask_hoist, True), random_blocks=self.rb_render, float64=True)
         inputs = _Inputs(self.pattern)
         pr.gather = lambda e: inputs.gather(pr, e)
         return pr
 
     def defs(self, pattern: Pattern):
-        scalars = {sym: sym.name for sym in self.hoist.scalars.values()}
-        if self.outer is S.i:
-            names = _index_names(pattern, "offs_i", "?", scalars)
-        else:
-            names = _index_names(pattern, "?", "offs_j", scalars)
-        pr = TritonPrinter(names)
-        inputs = _Inputs(pattern)
-        pr.gather = lambda e: inputs.gather(pr, e)
-        out = [(sym.name, pr(e), S.h in e.free_symbols) for e, sym in self.hoist.scalars.items()]
-        out += [(sym.name, pr(e), S.h in e.free_symbols) for e, sym in self.hoist.rows.items()]
-        self.helpers |= pr.helpers
+        out = []
+        for hoist, float64 in ((self.hoist, False), (self.mask_hoist, True)):
+            scalars = {sym: sym.name for sym in hoist.scalars.values()}
+            if self.outer is S.i:
+                names = _index_names(pattern, "offs_i", "?", scalars, float64)
+            else:
+                names = _index_names(pattern, "?", "offs_j", scalars, float64)
+            pr = TritonPrinter(names, float64=float64)
+            inputs = _Inputs(pattern)
+            pr.gather = lambda e, pr=pr: inputs.gather(pr, e)
+            out += [(sym.name, pr(e), S.h in e.free_symbols) for e, sym in hoist.scalars.items()]
+            out += [(sym.name, pr(e), S.h in e.free_symbols) for e, sym in hoist.rows.items()]
+            self.helpers |= pr.helpers
         return out
 
     @property
@@ -137,7 +152,7 @@ class _Kernel:
 def _score(pattern: Pattern, k: _Kernel, *, bias_j, simple_bias: bool, dmod, keep_ds_t: bool = False):
     """(score lines, mask code, chain lines) of one kernel. ``keep_ds_t``: name the gradient with
     respect to the transform's output ``ds_t`` before the chain rule through the transform."""
-    mask = k.hoist(pattern.mask) if pattern.mask is not None else None
+    mask = k.mask_hoist(pattern.mask) if pattern.mask is not None else None
     bias = k.hoist(bias_j) if bias_j is not None else None
     mod = k.hoist(pattern.mod) if pattern.mod is not None else None
     dm = k.hoist(dmod) if dmod is not None else None
@@ -155,7 +170,7 @@ def _score(pattern: Pattern, k: _Kernel, *, bias_j, simple_bias: bool, dmod, kee
         if pattern.softcap is not None:
             tile.helpers.add("_tanh")
             lines.append(f"tanh_s = _tanh(s * {1.0 / pattern.softcap!r}, FAST_MATH)")
-            lines.append(f"s = {pattern.softcap!r} * tanh_s")
+            lines.append(f"s = tl.where(s == float(\"-inf\"), s, {pattern.softcap!r} * tanh_s)  # -inf stays -inf")
             chain.append("ds = ds * (1.0 - tanh_s * tanh_s)  # d softcap*tanh(x/softcap) / dx")
         if dm is not None:
             dtile = k.tile_printer("s_in")
@@ -165,8 +180,9 @@ def _score(pattern: Pattern, k: _Kernel, *, bias_j, simple_bias: bool, dmod, kee
                 chain.append("ds_t = ds  # dLoss / d mod(s)")
             chain.append(f"ds = ds * {text}  # d mod / d s")
         lines.append(f"s = s * {LOG2E}  # to log2 units")
-    mask_code = tile(mask) if mask is not None else None
-    k.helpers |= tile.helpers
+    mask_tile = k.mask_printer()
+    mask_code = mask_tile(mask) if mask is not None else None
+    k.helpers |= tile.helpers | mask_tile.helpers
     return lines, mask_code, chain
 
 
@@ -237,16 +253,17 @@ def _input_grad_lines(pattern: Pattern, k: _Kernel, terms: List[InputGradTerm], 
         lines.append(f"    {g} = {' + '.join(x for x in parts if x)}  # dLoss / d{t.access}, per pair")
         idx = [tile(a) for a in args]
         deps = [{S.i, S.j} & a.free_symbols for a in t.access.args]
-        ptr = f"{t.name}_grad"
-        guards = [f"({x} >= 0) & ({x} < {t.name}_size{d})" for d, x in enumerate(idx) if decl.dims[d] not in ("b", "h")]
+        ptr = grad_ptr(t.name)
+        guards = [f"({x} >= 0) & ({x} < {input_size(t.name, d)})" for d, x in enumerate(idx)
+                  if decl.dims[d] not in ("b", "h")]
         varying = [d for d, dep in enumerate(deps) if dep]
         both = set().union(*deps) == {S.i, S.j}
         if both and len(varying) == 1 and isinstance(decl.dims[varying[0]], int) and decl.dims[varying[0]] <= ONE_HOT_MAX:
             (d,) = varying
             size = decl.dims[d]
             width = 1 << (size - 1).bit_length()
-            offset = " + ".join([f"{x} * {ptr}_stride{e}" for e, x in enumerate(idx) if e != d]
-                                + [f"slots{n} * {ptr}_stride{d}"])
+            offset = " + ".join([f"{x} * {grad_stride(t.name, e)}" for e, x in enumerate(idx) if e != d]
+                                + [f"slots{n} * {grad_stride(t.name, d)}"])
             lines += [f"    entry{n} = {idx[d]}",
                       f"    slots{n} = tl.arange(0, {width})",
                       f"    total{n} = tl.zeros([{width}], dtype=tl.float32)",
@@ -254,7 +271,7 @@ def _input_grad_lines(pattern: Pattern, k: _Kernel, terms: List[InputGradTerm], 
                       f"        total{n} += tl.where(slots{n} == e, tl.sum(tl.sum(tl.where(entry{n} == e, {g}, 0.0), 1), 0), 0.0)",
                       f"    tl.atomic_add({ptr} + {offset}, total{n}, mask=slots{n} < {size})"]
             continue
-        offset = " + ".join(f"{x} * {ptr}_stride{d}" for d, x in enumerate(idx))
+        offset = " + ".join(f"{x} * {grad_stride(t.name, d)}" for d, x in enumerate(idx))
         if both:
             value, guards = g, [f"({g} != 0.0)"] + guards
         elif any(S.i in dep for dep in deps):
@@ -331,7 +348,7 @@ def _context(pattern: Pattern, plan: Plan, fwd: dict) -> dict:
                              head_defs=[(n, c) for n, c, per_head in defs if name == "dkdv" and per_head])
 
     # -- the row-constant bias the forward leaves out of the scores (preprocessing) -------
-    pre_args, pre_values, pre_bias = [param_var(p.name) for p in pattern.params], [f"call.params[{p.name!r}]" for p in pattern.params], None
+    pre_args, pre_values, pre_bias = [param_arg(p) for p in pattern.params], [f"call.params[{p.name!r}]" for p in pattern.params], None
     helpers = dq.helpers | dkdv.helpers
     if lse_row is not None:
         pr = TritonPrinter(_index_names(pattern, "offs_i", "?", {}))
@@ -360,7 +377,7 @@ def _context(pattern: Pattern, plan: Plan, fwd: dict) -> dict:
 
 
 def _grad_args(pattern: Pattern, name: str) -> List[str]:
-    return [f"{name}_grad"] + [f"{name}_grad_stride{d}" for d in range(len(pattern.input(name).dims))]
+    return grad_args(name, len(pattern.input(name).dims))
 
 
 RANDOM_HIT = '''@triton.jit

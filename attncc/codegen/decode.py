@@ -21,30 +21,13 @@ from sympy.core.function import AppliedUndef
 
 from attncc.codegen.helpers import render_helper, rope_helpers
 from attncc.codegen.hoist import Hoister
-from attncc.codegen.printer import TritonPrinter, param_var
-from attncc.codegen.softmax import render_score, score_terms
+from attncc.codegen.names import param_arg, param_value, param_var
+from attncc.codegen.printer import TritonPrinter
+from attncc.codegen.softmax import _Inputs, mask_hoister, render_score, score_terms
 from attncc.codegen.walks import render_walk
 from attncc.spec import symbols as S
 from attncc.spec.builtins import RandomBlocks
 from attncc.spec.ir import Pattern
-
-
-
-def _gather_args(pattern: Pattern, name: str) -> List[str]:
-    nd = len(pattern.input(name).dims)
-    return [f"{name}_ptr"] + [f"{name}_stride{d}" for d in range(nd)] + [f"{name}_size{d}" for d in range(nd)]
-
-
-def _gather(pattern: Pattern, printer: TritonPrinter, e: AppliedUndef) -> str:
-    """``doc[b, i]`` as a load, guarded (0 outside) along the dims that are not b or h."""
-    name = type(e).__name__
-    decl = pattern.input(name)
-    idx = [printer.p(a) for a in e.args]
-    offset = " + ".join(f"{x} * {name}_stride{d}" for d, x in enumerate(idx))
-    guards = [f"({x} >= 0) & ({x} < {name}_size{d})" for d, x in enumerate(idx) if decl.dims[d] not in ("b", "h")]
-    if not guards:
-        return f"tl.load({name}_ptr + {offset})"
-    return f"tl.load({name}_ptr + {offset}, mask={' & '.join(guards)}, other=0)"
 
 
 def decode_context(pattern: Pattern, plan, ctx: dict) -> dict:
@@ -52,42 +35,52 @@ def decode_context(pattern: Pattern, plan, ctx: dict) -> dict:
     helpers the module already defines)."""
     if pattern.mask is not None and pattern.mask.atoms(RandomBlocks):
         return dict(supported=False, reason="random_blocks() depend on the sequence length, which differs per row")
-    hoist = Hoister()
-    mask, bias_j, mod, lse_row, simple_bias = score_terms(pattern, hoist)
+    inputs = _Inputs(pattern)  # gathers as the forward renders them
+    hoist, mhoist = Hoister(), mask_hoister()
+    mask, bias_j, mod, lse_row, simple_bias = score_terms(pattern, hoist, mhoist)
 
-    # Hoisted values: per program when they involve neither i nor h, else per row.
-    scalars = [(sym, e) for e, sym in hoist.scalars.items() if not e.has(S.h)]
-    rows = [(sym, e) for e, sym in hoist.scalars.items() if e.has(S.h)] + [(sym, e) for e, sym in hoist.rows.items()]
+    # Hoisted values: per program when they involve neither i nor h, else per row (the mask's
+    # printed in float64, as the mask).
+    def split(h: Hoister):
+        scalars = [(sym, e) for e, sym in h.scalars.items() if not e.has(S.h)]
+        rows = [(sym, e) for e, sym in h.scalars.items() if e.has(S.h)] + [(sym, e) for e, sym in h.rows.items()]
+        return scalars, rows
 
-    def names(i_text, h_text, row_suffix):
+    (scalars, rows), (mscalars, mrows) = split(hoist), split(mhoist)
+
+    def printer(i_text, h_text, row_suffix, float64=False):
         out = {S.b: "b", S.h: h_text, S.i: i_text, S.j: "offs_j[None, :]", S.n_q: "n_q", S.n_k: "n_k",
-               S.n_heads: "H", S.s: "s"}
-        out.update({p.symbol: param_var(p.name) for p in pattern.params})
-        out.update({sym: sym.name for sym, _ in scalars})
-        out.update({sym: sym.name + row_suffix for sym, _ in rows})
-        return out
+               S.n_heads: "H"}
+        if not float64:
+            out[S.s] = "s"
+        out.update({p.symbol: param_value(p, float64) for p in pattern.params})
+        out.update({sym: sym.name for sym, _ in (mscalars if float64 else scalars)})
+        out.update({sym: sym.name + row_suffix for sym, _ in (mrows if float64 else rows)})
+        pr = TritonPrinter(out, float64=float64)
+        pr.gather = lambda e: inputs.gather(pr, e)
+        return pr
 
-    tile = TritonPrinter(names("offs_i[:, None]", "h_row[:, None]", "[:, None]"))
-    tile.gather = lambda e: _gather(pattern, tile, e)
-    row = TritonPrinter(names("offs_i", "h_row", ""))
-    row.gather = lambda e: _gather(pattern, row, e)
+    tile, row = printer("offs_i[:, None]", "h_row[:, None]", "[:, None]"), printer("offs_i", "h_row", "")
+    mask_tile, mask_row = (printer("offs_i[:, None]", "h_row[:, None]", "[:, None]", True),
+                           printer("offs_i", "h_row", "", True))
 
     score_lines = render_score(pattern, tile, bias_j, mod, simple_bias)
-    mask_code = tile(mask) if mask is not None else None
-    scalar_defs = [(sym.name, row(e)) for sym, e in scalars]
-    row_defs = [(sym.name, row(e)) for sym, e in rows]
+    mask_code = mask_tile(mask) if mask is not None else None
+    scalar_defs = [(sym.name, row(e)) for sym, e in scalars] + [(sym.name, mask_row(e)) for sym, e in mscalars]
+    row_defs = [(sym.name, row(e)) for sym, e in rows] + [(sym.name, mask_row(e)) for sym, e in mrows]
+    scalars, rows = scalars + mscalars, rows + mrows
     lse_row_bias = row(lse_row) if lse_row is not None else None
 
     used_inputs = sorted({type(a).__name__ for e in (pattern.mask, pattern.bias, pattern.mod) if e is not None
                           for a in e.atoms(AppliedUndef)})
-    input_args = [a for name in used_inputs for a in _gather_args(pattern, name)]
+    input_args = [a for name in used_inputs for a in inputs.args(name)]
     ctx_args = ["b", "h_row", "H", "n_q", "n_k"] + [param_var(p.name) for p in pattern.params] + input_args
     ctx_args += [sym.name for sym, _ in scalars] + [sym.name for sym, _ in rows]
 
     iteration, walk, note = _iteration(plan)
     tile.helpers |= walk.get("helpers", set())
 
-    helper_names = sorted(tile.helpers | row.helpers)
+    helper_names = sorted(tile.helpers | row.helpers | mask_tile.helpers | mask_row.helpers)
     helpers = [render_helper(h) for h in helper_names]
     if pattern.rope is not None:
         helpers.append(rope_helpers(pattern.rope.style, pattern.rope.theta))
@@ -98,7 +91,7 @@ def decode_context(pattern: Pattern, plan, ctx: dict) -> dict:
         row_defs=row_defs, lse_row_bias=lse_row_bias, iteration=iteration, note=note,
         steps=walk.get("steps", []), segments=walk.get("segments", 0), full_kb=walk.get("full_kb", ""),
         masked_kb=walk.get("masked_kb", ""),
-        param_args=[param_var(p.name) for p in pattern.params], input_args=input_args,
+        param_args=[param_arg(p) for p in pattern.params], input_args=input_args,
         param_values=[f"call.params[{p.name!r}]" for p in pattern.params],
         input_values=[f"call.inputs[{n!r}], *call.inputs[{n!r}].stride(), *call.inputs[{n!r}].shape"
                       for n in used_inputs],

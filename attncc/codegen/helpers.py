@@ -15,6 +15,38 @@ def _floormod(a, b):
     r = a % b
     return tl.where((r != 0) & ((r < 0) != (b < 0)), r + b, r)'''
 
+# float64 versions for mask code (attncc.codegen.printer, float64 mode)
+SQRT64 = '''# tl.sqrt of a float64 is not correctly rounded on NVIDIA GPUs; PTX's sqrt.rn.f64 is (the
+# interpreter's numpy sqrt is too)
+_SQRT64_PTX = tl.constexpr(not _rt.interpreting() and torch.version.hip is None)
+
+
+@triton.jit
+def _sqrt64(x):
+    """sqrt of a float64, correctly rounded (as the reference's torch.sqrt)."""
+    if _SQRT64_PTX:
+        return tl.inline_asm_elementwise("sqrt.rn.f64 $0, $1;", "=d,d", [x], dtype=tl.float64, is_pure=True, pack=1)
+    else:
+        return tl.sqrt(x)'''
+
+FLOORMOD64 = '''@triton.jit
+def _floormod64(a, m):
+    """Python's a % m of float64s (torch.remainder): fmod (Triton's %), then the sign of the divisor."""
+    r = a % m
+    return tl.where((r != 0.0) & ((r < 0.0) != (m < 0.0)), r + m, r)'''
+
+TANH64 = '''@triton.jit
+def _tanh64(x):
+    """tanh of a float64: 1 - 2 / (e^(2x) + 1) saturates to +-1 without overflow."""
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)'''
+
+ALIBI_SLOPE64 = '''@triton.jit
+def _alibi_slope64(h, n_heads):
+    """_alibi_slope in float64 (mask code)."""
+    p = tl.exp2(tl.floor(tl.log2(n_heads.to(tl.float64))))
+    hf = h.to(tl.float64)
+    return tl.where(hf < p, tl.exp2(-8.0 * (hf + 1.0) / p), tl.exp2(-4.0 * (2.0 * (hf - p) + 1.0) / p))'''
+
 TANH = '''@triton.jit
 def _tanh(x, FAST_MATH: tl.constexpr):
     if FAST_MATH:
@@ -91,16 +123,26 @@ def _rope_partner(cols, ROTARY_DIM: tl.constexpr):
 @triton.jit
 def _rope(x, x_partner, pos, cols, ROTARY_DIM: tl.constexpr):
     """Rotate rows of x at positions pos by theta^(-2m/ROTARY_DIM) per column pair m."""
-    inv_freq = tl.exp2(-(2.0 * ({freq}).to(tl.float32) / ROTARY_DIM) * ROPE_LOG2_THETA)
-    angle = pos[:, None].to(tl.float32) * inv_freq[None, :]
+    if pos.dtype == tl.int64:
+        # positions past 2**31 (WIDE calls): a float32 angle would be off by radians there
+        inv_freq = tl.exp2(-(2.0 * ({freq}).to(tl.float64) / ROTARY_DIM) * ROPE_LOG2_THETA)
+        angle = pos[:, None].to(tl.float64) * inv_freq[None, :]
+        cos = tl.cos(angle).to(tl.float32)
+        sin = tl.sin(angle).to(tl.float32)
+    else:
+        inv_freq = tl.exp2(-(2.0 * ({freq}).to(tl.float32) / ROTARY_DIM) * ROPE_LOG2_THETA)
+        angle = pos[:, None].to(tl.float32) * inv_freq[None, :]
+        cos = tl.cos(angle)
+        sin = tl.sin(angle)
     sign = {sign}
     xf = x.to(tl.float32)
-    rotated = xf * tl.cos(angle) + sign[None, :] * x_partner.to(tl.float32) * tl.sin(angle)
+    rotated = xf * cos + sign[None, :] * x_partner.to(tl.float32) * sin
     return tl.where(cols[None, :] < ROTARY_DIM, rotated, xf).to(x.dtype)'''
 
 
 FIXED = {"_floordiv": FLOORDIV, "_floormod": FLOORMOD, "_tanh": TANH, "_alibi_slope": ALIBI_SLOPE,
-         "_sin": _sincos("sin"), "_cos": _sincos("cos")}
+         "_sin": _sincos("sin"), "_cos": _sincos("cos"), "_sqrt64": SQRT64, "_floormod64": FLOORMOD64,
+         "_tanh64": TANH64, "_alibi_slope64": ALIBI_SLOPE64}
 
 
 def render_helper(name: str) -> str:

@@ -4,6 +4,10 @@ A sub-expression that does not depend on the key position ``j`` is the same for
 every key tile: if it also ignores ``i`` it is computed once per program (a scalar),
 otherwise once per query row (a vector of BLOCK_M) before the loop. The key loop
 then only reads the results.
+
+Integer ``//`` and ``%`` are whole nodes here (:mod:`attncc.codegen.integer`): the hoister
+may move out either operand, never a part of the division (``1 / w`` of ``floor(j / w)``
+hoisted as a float is what made ``//`` by a param inexact).
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import sympy
 from sympy.core.function import AppliedUndef
 from sympy.functions.elementary.piecewise import ExprCondPair
 
+from attncc.codegen.integer import integer_ops
 from attncc.spec import symbols as S
 from attncc.spec.builtins import RandomBlocks
 
@@ -29,7 +34,9 @@ class Hoister:
     ``inner`` is the position the loop walks (``j`` in the forward and dQ kernels; ``i`` in
     the dK/dV kernel, which walks query blocks), ``outer`` the one fixed per program; the
     score ``s`` varies per pair and is never hoisted. ``rows`` hold the sub-expressions of
-    ``outer`` (vectors named ``row_prefix<n>``), ``scalars`` those of neither.
+    ``outer`` (vectors named ``row_prefix<n>``), ``scalars`` those of neither (named
+    ``scalar_prefix<n>``; mask code has a hoister of its own, ``mc`` / ``mrow``, because it is
+    printed in float64).
     """
 
     scalars: Dict[sympy.Basic, sympy.Symbol] = field(default_factory=dict)
@@ -37,9 +44,10 @@ class Hoister:
     inner: sympy.Symbol = S.j
     outer: sympy.Symbol = S.i
     row_prefix: str = "row"
+    scalar_prefix: str = "c"
 
     def __call__(self, e: sympy.Basic) -> sympy.Basic:
-        return self._walk(e)
+        return self._walk(integer_ops(e))
 
     def _walk(self, e):
         if e.is_Atom or isinstance(e, RandomBlocks):
@@ -53,7 +61,7 @@ class Hoister:
                 if not _worth_a_row(e):
                     return e.func(*[self._walk(a) for a in e.args])
                 return self._name(self.rows, e, self.row_prefix)
-            return self._name(self.scalars, e, "c")
+            return self._name(self.scalars, e, self.scalar_prefix)
         return e.func(*[self._walk(a) for a in e.args]) if e.args else e
 
     @staticmethod

@@ -3,9 +3,24 @@
 The printer knows the language's semantics, not the kernel's layout: callers give
 it a ``names`` map from each free symbol to the text it should become, and a
 ``gather`` callback that renders an input access such as ``doc[b, i]``.
-Integer ``//`` and ``%`` follow Python (floor) semantics as the language says;
-Triton's own operators truncate toward zero, so the printer emits ``_floordiv`` /
-``_floormod`` helpers unless sympy proves both operands have the safe signs.
+
+Integer ``//`` and ``%`` are integer operations with Python's (floor) semantics, exact at
+every position: every expression is first put through
+:func:`attncc.codegen.integer.integer_ops`, which turns them into ``FloorDiv`` / ``FloorMod``
+nodes (so no pass can have split them), printed as Triton's ``//`` / ``%`` when sympy proves
+the operands have the safe signs (Triton's operators truncate toward zero) and as the
+``_floordiv`` / ``_floormod`` helpers otherwise. Integer code is printed without casts, in
+whatever integer type the positions and params have.
+
+Two modes for the floats:
+
+- score code (``float64=False``, the default): float32, as the kernels compute scores;
+- mask code (``float64=True``): a boolean predicate's float arithmetic is computed in float64
+  the way :mod:`attncc._reference` computes it (the same operations in the same order:
+  sums left to right over sympy's terms, a quotient as one division, every integer operand
+  converted to float64 first), so that ``+ - * /``, ``floor``, comparisons, ``x ** 2`` and
+  ``sqrt`` decide each pair exactly as the reference does. Transcendental functions and other
+  powers are float64 too, and may differ from the reference in the last bit.
 """
 from __future__ import annotations
 
@@ -15,6 +30,7 @@ from typing import Callable, Dict, Optional, Set
 import sympy
 from sympy.core.function import AppliedUndef
 
+from attncc.codegen.integer import integer_fraction, integer_ops
 from attncc.spec.builtins import RandomBlocks
 
 
@@ -24,9 +40,10 @@ class TritonPrinter:
     gather: Optional[Callable[[AppliedUndef], str]] = None
     random_blocks: Optional[Callable[[RandomBlocks], str]] = None
     helpers: Set[str] = field(default_factory=set)  # helper functions the printed code calls
+    float64: bool = False  # mask code: float arithmetic in float64, as the reference (module docstring)
 
     def __call__(self, e) -> str:
-        return self.p(sympy.sympify(e))
+        return self.p(integer_ops(sympy.sympify(e)))
 
     # ------------------------------------------------------------------
     def p(self, e) -> str:
@@ -43,7 +60,7 @@ class TritonPrinter:
         if e is -sympy.oo:
             return '(-float("inf"))'
         if e.is_Rational:
-            return repr(float(e))
+            return repr(int(e.p) / int(e.q))  # Python's int / int: correctly rounded, as the reference
         if e.is_Float or e.is_NumberSymbol or (e.is_number and e.is_real):
             return repr(float(e))
         if isinstance(e, sympy.Symbol):
@@ -51,14 +68,68 @@ class TritonPrinter:
         if isinstance(e, AppliedUndef):
             if self.gather is None:
                 raise ValueError(f"input access {e} cannot appear here")
+            if self.float64 and not e.is_integer:  # a float input, as the reference reads it
+                return f"{self.gather(e)}.to(tl.float64)"
             return self.gather(e)
         method = getattr(self, "_" + type(e).__name__, None)
         if method is None:
             raise NotImplementedError(f"attncc cannot render {type(e).__name__}: {e}")
         return method(e)
 
+    # -- float64 (mask) mode ------------------------------------------------
+    def _f64(self, e) -> str:
+        """``e`` as a float64 value: integers are converted (after their integer arithmetic,
+        as the reference's ``_common`` does), literals adapt to the float64 operand."""
+        if e.is_Integer:
+            return repr(float(int(e)))
+        if e.is_integer or e.is_Boolean or isinstance(e, sympy.Rel):
+            return f"tl.cast({self.p(e)}, tl.float64)"  # tl.cast: kernel scalars are Python numbers in the interpreter
+        return self.p(e)
+
+    def _float_mode(self, e) -> bool:
+        """Whether ``e`` is float arithmetic to print the reference's way."""
+        return self.float64 and not e.is_integer
+
+    def _Add64(self, e):
+        out = self._f64(e.args[0])
+        for t in e.args[1:]:  # left to right over sympy's terms, as the reference sums them
+            if t.could_extract_minus_sign():
+                out += " - " + self._f64(-t)  # x + (-y) is x - y exactly
+            else:
+                out += " + " + self._f64(t)
+        return f"({out})"
+
+    def _Mul64(self, e):
+        num, den = sympy.fraction(e)
+        if den != 1:  # one division, as the reference: 49 * (1 / 49) is not 1.0
+            return f"({self._f64(num)} / {self._f64(den)})"
+        if e.args[0] == -1:
+            return f"(-{self._f64(sympy.Mul(*e.args[1:]))})"
+        return "(" + " * ".join(self._f64(a) for a in e.args) + ")"
+
+    def _Pow64(self, e):
+        base, exp = e.args
+        if exp.is_Integer and exp < 0:
+            return f"(1.0 / {self._f64(base ** -exp)})"
+        x, k = self._f64(base), _number(exp)
+        if k in (1.0, 2.0, 3.0, 4.0):  # repeated products, as the reference
+            return "(" + " * ".join([x] * int(k)) + ")"
+        if k == 0.5:
+            self.helpers.add("_sqrt64")
+            return f"_sqrt64({x})"
+        if k == -0.5:
+            self.helpers.add("_sqrt64")
+            return f"(1.0 / _sqrt64({x}))"
+        if base == sympy.E:
+            return f"tl.exp({self._f64(exp)})"
+        if base == 2:
+            return f"tl.exp2({self._f64(exp)})"
+        return f"tl.exp2({self._f64(exp)} * tl.log2({x}))"
+
     # -- arithmetic ---------------------------------------------------------
     def _Add(self, e):
+        if self._float_mode(e):
+            return self._Add64(e)
         terms = sorted(e.args, key=lambda t: t.could_extract_minus_sign())
         out = self.p(terms[0])
         for t in terms[1:]:
@@ -69,6 +140,8 @@ class TritonPrinter:
         return f"({out})"
 
     def _Mul(self, e):
+        if self._float_mode(e):
+            return self._Mul64(e)
         coeff, rest = e.as_coeff_Mul()
         if coeff == -1:
             return f"(-{self._atom(rest)})"
@@ -81,16 +154,17 @@ class TritonPrinter:
     def _atom(self, e) -> str:
         return self.p(e)
 
-    def _Pow(self, base, exp=None):
-        e = base
+    def _Pow(self, e):
         base, exp = e.args
+        if self.float64 and not (base.is_integer and exp.is_Integer and exp >= 0):  # 2 ** h: a float, as the reference
+            return self._Pow64(e)
         if base == 2:
             return f"tl.exp2({self._float(exp)})"
         if base == sympy.E:
             return f"tl.exp({self._float(exp)})"
-        if exp == sympy.Rational(1, 2):
+        if _number(exp) == 0.5:  # Rational(1, 2) from sqrt(), Float(0.5) from x ** 0.5
             return f"tl.sqrt({self._float(base)})"
-        if exp == -sympy.Rational(1, 2):
+        if _number(exp) == -0.5:
             return f"tl.rsqrt({self._float(base)})"
         if exp.is_Integer and 1 <= abs(int(exp)) <= 4:
             prod = " * ".join([self._atom(base)] * abs(int(exp)))
@@ -100,6 +174,8 @@ class TritonPrinter:
     def _float(self, e) -> str:
         """An argument of a transcendental function: Triton's math functions take floats only,
         so an integer expression (``tan(b)``, ``exp(h)``) is converted first."""
+        if self.float64:
+            return self._f64(e)
         x = self.p(e)
         return f"({x} * 1.0)" if e.is_integer else x
 
@@ -110,73 +186,110 @@ class TritonPrinter:
         return f"tl.log({self._float(e.args[0])})"
 
     def _sin(self, e):
+        if self.float64:
+            return f"tl.sin({self._float(e.args[0])})"
         self.helpers.add("_sin")
         return f"_sin({self._float(e.args[0])}, FAST_MATH)"
 
     def _cos(self, e):
+        if self.float64:
+            return f"tl.cos({self._float(e.args[0])})"
         self.helpers.add("_cos")
         return f"_cos({self._float(e.args[0])}, FAST_MATH)"
 
     def _tan(self, e):
-        self.helpers |= {"_sin", "_cos"}
         x = self._float(e.args[0])
+        if self.float64:
+            return f"(tl.sin({x}) / tl.cos({x}))"
+        self.helpers |= {"_sin", "_cos"}
         return f"(_sin({x}, FAST_MATH) / _cos({x}, FAST_MATH))"
 
     def _tanh(self, e):
+        if self.float64:
+            self.helpers.add("_tanh64")
+            return f"_tanh64({self._float(e.args[0])})"
         self.helpers.add("_tanh")
         return f"_tanh({self._float(e.args[0])}, FAST_MATH)"
 
     def _Sigmoid(self, e):
         return f"tl.sigmoid({self._float(e.args[0])})"
 
+    def _operand(self, e, whole) -> str:
+        """An operand of ``whole``: float64 where ``whole`` is float arithmetic of mask code."""
+        return self._f64(e) if self._float_mode(whole) else self.p(e)
+
     def _Abs(self, e):
-        return f"tl.abs({self.p(e.args[0])})"
+        return f"tl.abs({self._operand(e.args[0], e)})"
 
     def _Min(self, e):
-        return self._fold("tl.minimum", e.args)
+        return self._fold("tl.minimum", e)
 
     def _Max(self, e):
-        return self._fold("tl.maximum", e.args)
+        return self._fold("tl.maximum", e)
 
-    def _fold(self, fn, args):
-        out = self.p(args[0])
+    def _fold(self, fn, e):
+        args = e.args
+        out = self._operand(args[0], e)
         for a in args[1:]:
-            out = f"{fn}({out}, {self.p(a)})"
+            out = f"{fn}({out}, {self._operand(a, e)})"
         return out
+
+    # integer // and % (see integer.py): exact integer operations with Python's signs
+    def _FloorDiv(self, e):
+        num, den = e.args
+        if _nonnegative(num) and den.is_positive:
+            return f"({self._atom(num)} // {self._atom(den)})"
+        self.helpers.add("_floordiv")
+        return f"_floordiv({self.p(num)}, {self.p(den)})"
+
+    def _FloorMod(self, e):
+        a, m = e.args
+        if _nonnegative(a) and m.is_positive:
+            return f"({self._atom(a)} % {self._atom(m)})"
+        self.helpers.add("_floormod")
+        return f"_floormod({self.p(a)}, {self.p(m)})"
 
     def _floor(self, e):
         arg = e.args[0]
-        num, den = sympy.fraction(sympy.together(arg))
-        if den != 1 and num.is_integer and den.is_integer:
-            if _nonnegative(num) and den.is_positive:
-                return f"({self._atom(num)} // {self._atom(den)})"
-            self.helpers.add("_floordiv")
-            return f"_floordiv({self.p(num)}, {self.p(den)})"
-        if arg.is_integer:
-            return self.p(arg)
+        if integer_fraction(arg) is not None or arg.is_integer:  # not rewritten yet
+            return self.p(integer_ops(e))
+        if self.float64:  # floor(n / d) as the reference: one division after together()
+            num, den = sympy.fraction(sympy.together(arg))
+            x = self._f64(arg) if den == 1 else f"({self._f64(num)} / {self._f64(den)})"
+            return f"tl.floor({x})"
         return f"tl.floor({self.p(arg)})"
 
     def _ceiling(self, e):
-        return self.p(-sympy.floor(-e.args[0]))
+        arg = e.args[0]
+        if integer_fraction(arg) is not None or arg.is_integer:
+            return self.p(integer_ops(e))
+        if self.float64:
+            num, den = sympy.fraction(sympy.together(arg))
+            x = self._f64(arg) if den == 1 else f"({self._f64(num)} / {self._f64(den)})"
+            return f"tl.ceil({x})"
+        return self.p(-sympy.floor(-arg))
 
     def _Mod(self, e):
         a, m = e.args
-        if a.is_integer and m.is_integer:
-            if _nonnegative(a) and m.is_positive:
-                return f"({self._atom(a)} % {self._atom(m)})"
-            self.helpers.add("_floormod")
-            return f"_floormod({self.p(a)}, {self.p(m)})"
+        if a.is_integer and m.is_integer:  # not rewritten yet
+            return self.p(integer_ops(e))
+        if self.float64:  # the reference's torch.remainder: fmod, then the sign of the divisor
+            self.helpers.add("_floormod64")
+            return f"_floormod64({self._f64(a)}, {self._f64(m)})"
         return f"({self.p(a)} - tl.floor({self.p(a)} / {self.p(m)}) * {self.p(m)})"
 
     def _Piecewise(self, e):
         (val, cond), rest = e.args[0], e.args[1:]
         if cond is sympy.true:
-            return self.p(val)
-        other = self.p(sympy.Piecewise(*rest)) if rest else 'float("nan")'
-        return f"tl.where({self.p(cond)}, {self.p(val)}, {other})"
+            return self._operand(val, e)
+        other = self._operand(sympy.Piecewise(*rest), e) if rest else 'float("nan")'
+        return f"tl.where({self.p(cond)}, {self._operand(val, e)}, {other})"
 
     # -- logic --------------------------------------------------------------
     def _rel(self, e, op):
+        numbers = not (e.lhs.is_Boolean or isinstance(e.lhs, sympy.Rel))  # == of two booleans: as they are
+        if self.float64 and numbers and not (e.lhs.is_integer and e.rhs.is_integer):  # compared in float64
+            return f"({self._f64(e.lhs)} {op} {self._f64(e.rhs)})"
         return f"({self.p(e.lhs)} {op} {self.p(e.rhs)})"
 
     def _LessThan(self, e):
@@ -214,8 +327,11 @@ class TritonPrinter:
         return f"{name}({self.p(e.args[0])})"
 
     def _AlibiSlope(self, e):
-        self.helpers.add("_alibi_slope")
         h, n_heads = e.args
+        if self.float64:
+            self.helpers.add("_alibi_slope64")
+            return f"_alibi_slope64({self.p(h)}, {self.p(n_heads)})"
+        self.helpers.add("_alibi_slope")
         return f"_alibi_slope({self.p(h)}, {self.p(n_heads)})"
 
     def _RandomBlocks(self, e):
@@ -224,10 +340,10 @@ class TritonPrinter:
         return self.random_blocks(e)
 
 
-def param_var(name: str) -> str:
-    """The kernel variable of a spec param: prefixed, so that a param named like a kernel
-    local (q, k, p, s, ...) cannot shadow it."""
-    return f"prm_{name}"
+def _number(e) -> Optional[float]:
+    """The value of a real number node (``Integer(2)``, ``Float(0.5)``, ``Rational(1, 2)``), else None:
+    sympy's ``==`` tells ``Float(0.5)`` from ``Rational(1, 2)``."""
+    return float(e) if e.is_number and e.is_real else None
 
 
 def _nonnegative(e) -> bool:
@@ -252,12 +368,21 @@ class PythonPrinter(TritonPrinter):
     def _Min(self, e):
         return self._fold("min", e.args)
 
+    def _FloorDiv(self, e):
+        return f"({self.p(e.args[0])} // {self.p(e.args[1])})"
+
+    def _FloorMod(self, e):
+        return f"({self.p(e.args[0])} % {self.p(e.args[1])})"
+
     def _floor(self, e):
-        arg = e.args[0]
-        num, den = sympy.fraction(sympy.together(arg))
-        if den != 1 and num.is_integer and den.is_integer:
-            return f"({self.p(num)} // {self.p(den)})"
-        return f"math.floor({self.p(arg)})"
+        if integer_fraction(e.args[0]) is not None or e.args[0].is_integer:
+            return self.p(integer_ops(e))
+        return f"math.floor({self.p(e.args[0])})"
+
+    def _ceiling(self, e):
+        if integer_fraction(e.args[0]) is not None or e.args[0].is_integer:
+            return self.p(integer_ops(e))
+        return f"math.ceil({self.p(e.args[0])})"
 
     def _Mod(self, e):
         return f"({self.p(e.args[0])} % {self.p(e.args[1])})"

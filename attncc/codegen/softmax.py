@@ -11,7 +11,8 @@ from attncc.analysis.bands import X
 from attncc.analysis.walks import Iteration
 from attncc.codegen.helpers import render_helper, rope_helpers
 from attncc.codegen.hoist import Hoister, split_along_j
-from attncc.codegen.printer import TritonPrinter, param_var
+from attncc.codegen.names import input_args, input_ptr, input_size, input_stride, param_arg, param_value, param_var
+from attncc.codegen.printer import TritonPrinter
 from attncc.codegen.tile_kernel import render_tile_kernel
 from attncc.codegen.walks import _note as _note_of
 from attncc.codegen.walks import precondition_code, render_walk
@@ -19,9 +20,6 @@ from attncc.spec import symbols as S
 from attncc.spec.builtins import RandomBlocks
 from attncc.spec.ir import Pattern
 
-# Kernel variable for each symbol the analysis' bounds may mention (by symbol name).
-BOUND_NAMES = {"q_lo": "q_lo", "q_hi": "q_hi", "BLOCK_N": "BLOCK_N", "BLOCK_M": "BLOCK_M",
-               "k_offset": "k_offset", "q_offset": "q_offset", "N_K": "Nk", "N_Q": "Nq"}
 INDEX_NAMES = {S.b: "b", S.h: "h", S.n_q: "n_q", S.n_k: "n_k", S.n_heads: "H", S.s: "s"}
 # the block-list arguments of a kernel that walks lists: per outer block its FULL and PARTIAL
 # blocks (counts and padded index rows) and the strides of the list tensors
@@ -29,43 +27,57 @@ LIST_ARGS = ["full_count", "full_index", "partial_count", "partial_index", "list
 
 
 class _Inputs:
-    """Renders input accesses (``doc[b, i]``) as masked gathers."""
+    """Renders input accesses (``doc[b, i]``) as masked gathers (kernel names: :mod:`attncc.codegen.names`)."""
 
     def __init__(self, pattern: Pattern):
         self.pattern = pattern
 
     def args(self, name: str) -> List[str]:
-        nd = len(self.pattern.input(name).dims)
-        return [f"{name}_ptr"] + [f"{name}_stride{d}" for d in range(nd)] + [f"{name}_size{d}" for d in range(nd)]
+        return input_args(name, len(self.pattern.input(name).dims))
 
     def gather(self, printer: TritonPrinter, e: AppliedUndef) -> str:
+        """The load of one element per pair (or row); 16-bit floats come out as float32, so that
+        no arithmetic on them runs in bfloat16 / float16 (Triton keeps a tensor's dtype in
+        ``x * 1.44`` and ``x - y``). Integers keep their width (an int64 input stays exact)."""
         name = type(e).__name__
         decl = self.pattern.input(name)
         idx = [printer.p(a) for a in e.args]
-        offset = " + ".join(f"{x} * {name}_stride{d}" for d, x in enumerate(idx))
-        guards = [f"({x} >= 0) & ({x} < {name}_size{d})" for d, x in enumerate(idx)
+        offset = " + ".join(f"{x} * {input_stride(name, d)}" for d, x in enumerate(idx))
+        guards = [f"({x} >= 0) & ({x} < {input_size(name, d)})" for d, x in enumerate(idx)
                   if decl.dims[d] not in ("b", "h")]
+        widen = ".to(tl.float32)" if decl.dtype in ("bfloat16", "float16") else ""
         if not guards:
-            return f"tl.load({name}_ptr + {offset})"
-        return f"tl.load({name}_ptr + {offset}, mask={' & '.join(guards)}, other=0)"
+            return f"tl.load({input_ptr(name)} + {offset}){widen}"
+        return f"tl.load({input_ptr(name)} + {offset}, mask={' & '.join(guards)}, other=0){widen}"
 
 
-def _names(pattern: Pattern, i_text: str, j_text: str, extra: Dict[sympy.Symbol, str]):
+def _names(pattern: Pattern, i_text: str, j_text: str, extra: Dict[sympy.Symbol, str], float64: bool = False):
+    """Kernel text of each symbol; ``float64``: for mask code (float params as they are, and no
+    score: a mask never sees it)."""
     names = dict(INDEX_NAMES)
+    if float64:
+        del names[S.s]
     names[S.i] = i_text
     names[S.j] = j_text
     for p in pattern.params:
-        names[p.symbol] = param_var(p.name)
+        names[p.symbol] = param_value(p, float64)
     names.update(extra)
     return names
 
 
+def mask_hoister(**kw) -> Hoister:
+    """The hoister of mask code: its values are printed in float64 (as the mask is), so they
+    get names of their own (``mc<n>``, ``mrow<n>``), apart from the score's."""
+    kw.setdefault("row_prefix", "mrow")
+    return Hoister(scalar_prefix="mc", **kw)
+
+
 def softmax_context(pattern: Pattern, plan) -> dict:
     inputs = _Inputs(pattern)
-    hoist = Hoister()
+    hoist, mhoist = Hoister(), mask_hoister()
 
     # -- what enters the score ----------------------------------------------
-    mask, bias_j, mod, lse_row, simple_bias = score_terms(pattern, hoist)
+    mask, bias_j, mod, lse_row, simple_bias = score_terms(pattern, hoist, mhoist)
 
     random_blocks = sorted((mask.atoms(RandomBlocks) if mask is not None else set()), key=sympy.default_sort_key)
     rb_names = {rb: f"rb{n}" for n, rb in enumerate(random_blocks)}
@@ -78,19 +90,29 @@ def softmax_context(pattern: Pattern, plan) -> dict:
         hits = [f"(offs_j[None, :] // {block} == {name}_{t}[:, None])" for t in range(r)]
         return "(" + " | ".join(hits) + ")"
 
-    scalar_names = {sym: sym.name for sym in hoist.scalars.values()}
-    tile_names = _names(pattern, "offs_i[:, None]", "offs_j[None, :]",
-                        {**scalar_names, **{sym: f"{sym.name}[:, None]" for sym in hoist.rows.values()}})
-    tile = TritonPrinter(tile_names, random_blocks=render_rb)
-    tile.gather = lambda e: inputs.gather(tile, e)
-    row = TritonPrinter(_names(pattern, "offs_i", "offs_j", scalar_names))
-    row.gather = lambda e: inputs.gather(row, e)
+    printers = []
+
+    def printer(i_text, j_text, hoisted: Hoister, row_suffix, float64=False, **kw):
+        names = {**{sym: sym.name for sym in hoisted.scalars.values()},
+                 **{sym: sym.name + row_suffix for sym in hoisted.rows.values()}}
+        pr = TritonPrinter(_names(pattern, i_text, j_text, names, float64), float64=float64, **kw)
+        pr.gather = lambda e: inputs.gather(pr, e)
+        printers.append(pr)
+        return pr
+
+    tile = printer("offs_i[:, None]", "offs_j[None, :]", hoist, "[:, None]")
+    row = printer("offs_i", "offs_j", hoist, "")
+    mask_tile = printer("offs_i[:, None]", "offs_j[None, :]", mhoist, "[:, None]", float64=True,
+                        random_blocks=render_rb)
+    mask_row = printer("offs_i", "offs_j", mhoist, "", float64=True)
 
     score_lines = render_score(pattern, tile, bias_j, mod, simple_bias)
-    mask_code = tile(mask) if mask is not None else None
+    mask_code = mask_tile(mask) if mask is not None else None
 
     scalar_defs = [(sym.name, row(e)) for e, sym in hoist.scalars.items()]
+    scalar_defs += [(sym.name, mask_row(e)) for e, sym in mhoist.scalars.items()]
     row_defs = [(sym.name, row(e)) for e, sym in hoist.rows.items()]
+    row_defs += [(sym.name, mask_row(e)) for e, sym in mhoist.rows.items()]
     for rb, name in rb_names.items():
         r, block, _ = rb.options
         for t in range(r):
@@ -102,19 +124,20 @@ def softmax_context(pattern: Pattern, plan) -> dict:
     input_args = [a for name in used_inputs for a in inputs.args(name)]
     rb_args = [a for name in rb_names.values() for a in (f"{name}_table", f"{name}_rows")]
     ctx_args = ["b", "h", "H", "n_q", "n_k"] + [param_var(p.name) for p in pattern.params] + input_args + rb_args
-    ctx_args += [sym.name for sym in hoist.scalars.values()] + [sym.name for sym in hoist.rows.values()]
+    ctx_args += [sym.name for h in (hoist, mhoist) for sym in h.scalars.values()]
+    ctx_args += [sym.name for h in (hoist, mhoist) for sym in h.rows.values()]
     ctx_args += [f"{name}_{t}" for rb, name in rb_names.items() for t in range(rb.options[0])]
 
     # -- the walks (the Plan's, rendered) ------------------------------------------
     walk = render_walk(plan, transposed=False)
-    tile.helpers |= walk["helpers"]
+    printers[0].helpers |= walk["helpers"]
     note = [f"Key blocks per query block (forward, dQ): {walk['note'][0]}"] + walk["note"][1:]
-    t_note = _note_of(plan.transposed, transposed=True)
-    note += [f"Query blocks per key block (dK/dV): {t_note[0]}"] + t_note[1:]
+    dkdv_note = _note_of(plan.transposed, transposed=True)
+    note += [f"Query blocks per key block (dK/dV): {dkdv_note[0]}"] + dkdv_note[1:]
     checks = (precondition_code(plan, transposed=False), precondition_code(plan, transposed=True))
     mask_free = pattern.mask.free_symbols if pattern.mask is not None else set()
 
-    helper_names = sorted(tile.helpers | row.helpers)
+    helper_names = sorted(set().union(*[pr.helpers for pr in printers]))
     helper_src = [render_helper(h) for h in helper_names]
     if pattern.rope is not None:
         helper_src.append(rope_helpers(pattern.rope.style, pattern.rope.theta))
@@ -128,7 +151,7 @@ def softmax_context(pattern: Pattern, plan) -> dict:
         mask_bh=bool({S.b, S.h} & mask_free), closed_form_check=checks if checks != ("True", "True") else None,
         list_args=LIST_ARGS, score_lines=score_lines, mask_code=mask_code, scalar_defs=scalar_defs,
         row_defs=row_defs, lse_row_bias=lse_row_bias, ctx_args=ctx_args,
-        param_args=[param_var(p.name) for p in pattern.params], input_args=input_args + rb_args,
+        param_args=[param_arg(p) for p in pattern.params], input_args=input_args + rb_args,
         param_values=[f"call.params[{p.name!r}]" for p in pattern.params],
         input_values=[f"call.inputs[{n!r}], *call.inputs[{n!r}].stride(), *call.inputs[{n!r}].shape" for n in used_inputs]
         + [f"*_random_table(call, {rb.options[0]}, {rb.options[1]}, {rb.options[2]})" for rb in rb_names],
@@ -138,8 +161,9 @@ def softmax_context(pattern: Pattern, plan) -> dict:
     )
 
 
-def score_terms(pattern: Pattern, hoist: Hoister):
-    """(mask, bias along j, mod, row-constant terms, simple_bias) with loop-invariant parts hoisted.
+def score_terms(pattern: Pattern, hoist: Hoister, mask_hoist: Hoister):
+    """(mask, bias along j, mod, row-constant terms, simple_bias) with loop-invariant parts hoisted
+    (the mask's by ``mask_hoist``: mask code is printed in float64).
 
     Terms of the bias (or of the mod, without a softcap) that do not vary with j shift a whole row
     of scores: the softmax cancels them, so they leave the key loop and go to the LSE only."""
@@ -149,7 +173,10 @@ def score_terms(pattern: Pattern, hoist: Hoister):
         bias_j, lse_row = split_along_j(pattern.bias)
         bias_j = None if bias_j == 0 else bias_j
         lse_row = None if lse_row == 0 else lse_row
-    mask = hoist(pattern.mask) if pattern.mask is not None else None
+    if pattern.mask is not None and pattern.mask.has(S.s):
+        raise ValueError(f"{pattern.source}: the mask depends on the score s; score conditions stay in "
+                         f"[score].mod (attncc.spec.load.split_mod_mask)")
+    mask = mask_hoist(pattern.mask) if pattern.mask is not None else None
     bias_j = hoist(bias_j) if bias_j is not None else None
     mod_j = pattern.mod
     if pattern.mod is not None and pattern.softcap is None:
@@ -172,7 +199,8 @@ def render_score(pattern: Pattern, tile: TritonPrinter, bias_j, mod, simple_bias
         lines.append(f"s = {tile(mod)}")
     if pattern.softcap is not None:
         tile.helpers.add("_tanh")
-        lines.append(f"s = {pattern.softcap!r} * _tanh(s * {1.0 / pattern.softcap!r}, FAST_MATH)")
+        cap = f"{pattern.softcap!r} * _tanh(s * {1.0 / pattern.softcap!r}, FAST_MATH)"
+        lines.append(f"s = tl.where(s == float(\"-inf\"), s, {cap})  # -inf (a removed pair) stays -inf")
     lines.append("s = s * 1.4426950408889634  # to log2 units")
     return lines
 

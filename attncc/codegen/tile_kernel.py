@@ -32,7 +32,7 @@ How the kernel mirrors ``attncc.runtime.tiles``:
   computed, a uniform ``tl.where`` chooses).
 
 Ops on grid values: const, span, unbounded, add, sub, neg, mul, reciprocal, div, floordiv,
-mod, floor_, abs_, min_, max_, select, tri, le, lt, eq, ne, and_, or_, not_. Steps on
+mod, widen, floor_, abs_, min_, max_, select, tri, le, lt, eq, ne, and_, or_, not_. Steps on
 literals / host values only may use any op of ``tiles.OPS`` except bucket and
 random_blocks. Leaves: i, j, b, h, n_q, n_k, param, input (BlockStat along i or j, or a
 point read by b / h / constants). Anything else: :func:`render_tile_kernel` returns None.
@@ -47,12 +47,13 @@ import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
+from attncc.codegen.names import host_tensor, input_ptr, input_stride
 from attncc.runtime import tiles
 from attncc.runtime.tiles import BlockStat, IntervalProgram
 
 GRID_OPS = frozenset({"const", "span", "unbounded", "add", "sub", "neg", "mul", "reciprocal", "div", "floordiv",
-                      "mod", "floor_", "abs_", "min_", "max_", "select", "tri", "le", "lt", "eq", "ne", "and_",
-                      "or_", "not_"})
+                      "mod", "widen", "floor_", "abs_", "min_", "max_", "select", "tri", "le", "lt", "eq", "ne",
+                      "and_", "or_", "not_"})
 HOST_OPS = frozenset(tiles.OPS) - {"bucket", "random_blocks"}
 _TRI_OPS = frozenset({"tri", "le", "lt", "eq", "ne", "and_", "or_", "not_"})
 _INPUT_DTYPES = ("float16", "bfloat16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool")
@@ -112,6 +113,8 @@ def _tk_bmin(x, AXIS: tl.constexpr):
     m = tl.min(x, AXIS).to(tl.float64)
     if x.dtype.is_floating():
         m = tl.where(tl.max((x != x).to(tl.int32), AXIS) > 0, float("nan"), m)
+    if x.dtype == tl.int64:  # past 2**53 float64 rounds: move outward (as tiles.input_interval)
+        m = tl.where(tl.abs(m) >= 9007199254740992.0, m - tl.abs(m) * 2.220446049250313e-16, m)
     return m""",
     "_tk_bmax": """
 @triton.jit
@@ -120,7 +123,18 @@ def _tk_bmax(x, AXIS: tl.constexpr):
     m = tl.max(x, AXIS).to(tl.float64)
     if x.dtype.is_floating():
         m = tl.where(tl.max((x != x).to(tl.int32), AXIS) > 0, float("nan"), m)
+    if x.dtype == tl.int64:  # past 2**53 float64 rounds: move outward (as tiles.input_interval)
+        m = tl.where(tl.abs(m) >= 9007199254740992.0, m + tl.abs(m) * 2.220446049250313e-16, m)
     return m""",
+    "_tk_point": """
+@triton.jit
+def _tk_point(x):
+    # a point read as float64 bounds; past 2**53 an int64 rounds: move outward (as tiles.input_interval)
+    m = x.to(tl.float64)
+    if x.dtype == tl.int64:
+        step = tl.where(tl.abs(m) >= 9007199254740992.0, tl.abs(m) * 2.220446049250313e-16, 0.0)
+        return m - step, m + step
+    return m, m""",
     "_tk_mul_c": """
 @triton.jit
 def _tk_mul_c(a, b, c):
@@ -197,6 +211,13 @@ def _tk_mod_iv(a, b, c, d, ONE: tl.constexpr):
     negm = d < 0
     lo = tl.where(pos, tl.where(inside, a, 0.0), tl.where(negm, c + ONE, float("-inf")))
     hi = tl.where(pos, tl.where(inside, b, d - ONE), tl.where(negm, 0.0, float("inf")))
+    return lo, hi""",
+    "_tk_widen": f"""
+@triton.jit
+def _tk_widen(a, b):
+    # tiles.widen: each finite end out by (|end| + 1) * 2^-40
+    lo = tl.where(tl.abs(a) < float("inf"), a - (tl.abs(a) + 1.0) * {tiles.WIDEN!r}, a)
+    hi = tl.where(tl.abs(b) < float("inf"), b + (tl.abs(b) + 1.0) * {tiles.WIDEN!r}, b)
     return lo, hi""",
     "_tk_abs": """
 @triton.jit
@@ -316,7 +337,7 @@ class _Gen:
         self.host_args: List[Tuple[str, str]] = []  # (kernel param, host expression)
         self.materialized: Dict[tuple, Tuple[str, str]] = {}
         self.flags: Dict[str, str] = {}
-        self.inputs: Dict[str, int] = {}  # input name -> rank (kernel params in_<name>, in_<name>_s<d>)
+        self.inputs: Dict[str, int] = {}  # input name -> rank (kernel params ptr_<name>, stride<d>_<name>)
         self.stats: List[Tuple[str, BlockStat]] = []  # input leaves (checked on the host)
         self.needs_pos_q = False
         self.needs_pos_k = False
@@ -535,6 +556,8 @@ def _emit(g: _Gen, op: str, args: List[_Val], raw: tuple) -> _Val:
     if op == "neg":
         a, b = kv(args[0])
         return g.grid_expr(f"-{b}, -{a}", args)
+    if op == "widen":
+        return g.grid_call("_tk_widen", args)
     if op == "mul":
         return _emit_mul(g, *args)
     if op == "reciprocal":
@@ -624,18 +647,18 @@ def _input_leaf(g: _Gen, stat: BlockStat) -> _Val:
         raise Unsupported(f"input {stat.input!r} read with different ranks")
     terms = []
     for d, v in enumerate(stat.index):
-        s = f"in_{stat.input}_s{d}"
+        s = input_stride(stat.input, d)
         if isinstance(v, int):
             if v:
                 terms.append(f"{v} * {s}")
         else:
             terms.append(f"{ {'b': 'b64', 'h': 'h64', 'i': 'pos_q', 'j': 'pos_k'}[v]} * {s}")
-    addr = " + ".join([f"in_{stat.input}"] + terms)
+    addr = " + ".join([input_ptr(stat.input)] + terms)
     deps = frozenset(v for v in named if v in ("b", "h"))
     name = g.fresh("x")
     if not pos:
-        g.line(frozenset(), f"{name} = tl.load({addr}).to(tl.float64)")
-        return _Val("num", "grid", a=name, b=name, deps=deps)
+        g.line(frozenset(), f"{name}_lo, {name}_hi = _tk_point(tl.load({addr}))")
+        return _Val("num", "grid", a=f"{name}_lo", b=f"{name}_hi", deps=deps)
     # pos_q / pos_k: the block's rows ([BM_P] / [BN_P]) in the body whose program owns the
     # block, [CHUNK, BM_P] / [CHUNK, BN_P] where the block is one lane of the inner loop
     if pos == ["i"]:
@@ -739,26 +762,27 @@ _COLS = _Body("_tk_cols", "The transposed lists (the dK/dV kernel's): per key bl
 
 # Position intervals and clamped rows ("repeat the last row", as tiles._block_reduce) of a
 # block: for the program's own block (scalars, [BM_P] / [BN_P] rows) and for the chunk's
-# blocks (vectors, [CHUNK, BM_P] / [CHUNK, BN_P] rows).
+# blocks (vectors, [CHUNK, BM_P] / [CHUNK, BN_P] rows). Positions are summed in int64: an
+# offset below 2**31 plus the rows of a call may pass it.
 _OWN = {
     "qb": ["q_start = qb * BLOCK_M",
-           "i_lo = (q_offset + q_start).to(tl.float64)",
-           "i_hi = (q_offset + tl.minimum(q_start + BLOCK_M, Nq) - 1).to(tl.float64)"],
+           "i_lo = (q_offset + q_start.to(tl.int64)).to(tl.float64)",
+           "i_hi = (q_offset + tl.minimum(q_start + BLOCK_M, Nq).to(tl.int64) - 1).to(tl.float64)"],
     "kb": ["k_start = kb * BLOCK_N",
-           "j_lo = (k_offset + k_start).to(tl.float64)",
-           "j_hi = (k_offset + tl.minimum(k_start + BLOCK_N, Nk) - 1).to(tl.float64)"],
+           "j_lo = (k_offset + k_start.to(tl.int64)).to(tl.float64)",
+           "j_hi = (k_offset + tl.minimum(k_start + BLOCK_N, Nk).to(tl.int64) - 1).to(tl.float64)"],
 }
 _OWN_ROWS = {
-    "qb": "pos_q = (q_offset + tl.minimum(q_start + tl.minimum(tl.arange(0, BM_P), BLOCK_M - 1), Nq - 1)"
+    "qb": "pos_q = q_offset + tl.minimum(q_start + tl.minimum(tl.arange(0, BM_P), BLOCK_M - 1), Nq - 1"
           ").to(tl.int64)  # the query block's rows, the last one repeated",
-    "kb": "pos_k = (k_offset + tl.minimum(k_start + tl.minimum(tl.arange(0, BN_P), BLOCK_N - 1), Nk - 1)"
+    "kb": "pos_k = k_offset + tl.minimum(k_start + tl.minimum(tl.arange(0, BN_P), BLOCK_N - 1), Nk - 1"
           ").to(tl.int64)  # the key block's rows, the last one repeated",
 }
 _CHUNK_ROWS = {
-    "qb": "pos_q = (q_offset + tl.minimum(q_start[:, None] + tl.minimum(tl.arange(0, BM_P), BLOCK_M - 1)[None, :], "
-          "Nq - 1)).to(tl.int64)  # [CHUNK, BM_P] query rows, clamped",
-    "kb": "pos_k = (k_offset + tl.minimum(k_start[:, None] + tl.minimum(tl.arange(0, BN_P), BLOCK_N - 1)[None, :], "
-          "Nk - 1)).to(tl.int64)  # [CHUNK, BN_P] key rows, clamped",
+    "qb": "pos_q = q_offset + tl.minimum(q_start[:, None] + tl.minimum(tl.arange(0, BM_P), BLOCK_M - 1)[None, :], "
+          "Nq - 1).to(tl.int64)  # [CHUNK, BM_P] query rows, clamped",
+    "kb": "pos_k = k_offset + tl.minimum(k_start[:, None] + tl.minimum(tl.arange(0, BN_P), BLOCK_N - 1)[None, :], "
+          "Nk - 1).to(tl.int64)  # [CHUNK, BN_P] key rows, clamped",
 }
 
 
@@ -834,12 +858,12 @@ def render_tile_kernel(program: IntervalProgram, pattern=None) -> Optional[str]:
     by_b, by_h = "b" in res.deps, "h" in res.deps
 
     # -- kernel ---------------------------------------------------------------
-    in_params = [p for name, rank in g.inputs.items() for p in [f"in_{name}"] + [f"in_{name}_s{d}" for d in range(rank)]]
+    in_params = [p for name, rank in g.inputs.items() for p in [input_ptr(name)] + [input_stride(name, d) for d in range(rank)]]
     host_params = [p for p, _ in g.host_args]
     shared = ["nqb", "nkb", "Nq", "Nk", "q_offset", "k_offset", "Hl"] + in_params + host_params
     reserved = {"out_ptr", "pid", "bh", "n_bh", "cols_ptr"}
     if len(set(shared)) != len(shared) or reserved & set(shared):
-        return None  # input names that collide with the kernel's own parameter names
+        return None  # cannot happen (attncc.codegen.names): kept as a guard, the torch path is always right
     constexprs = "BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BM_P=BM_P, BN_P=BN_P"
     kernel = (
         "@triton.jit\n"
@@ -867,10 +891,10 @@ def render_tile_kernel(program: IntervalProgram, pattern=None) -> Optional[str]:
     # -- host function ------------------------------------------------------------
     checks, prep, launch_in = [], [], []
     for name, rank in g.inputs.items():
-        prep.append(f"t_{name} = call.inputs.get({name!r})")
+        prep.append(f"{host_tensor(name)} = call.inputs.get({name!r})")
     seen_inputs = set()
     for _, stat in g.stats:
-        t = f"t_{stat.input}"
+        t = host_tensor(stat.input)
         if stat.input not in g.inputs and stat.input not in seen_inputs:
             prep.append(f"{t} = call.inputs.get({stat.input!r})")
         seen_inputs.add(stat.input)
@@ -885,7 +909,7 @@ def render_tile_kernel(program: IntervalProgram, pattern=None) -> Optional[str]:
                 conds.append(f"{size} < {'call.q_offset + Nq' if v == 'i' else 'call.k_offset + Nk'}")
         checks += [c for c in conds if c not in checks]
     for name, rank in g.inputs.items():
-        t = f"t_{name}"
+        t = host_tensor(name)
         prep.append(f"if {t}.dtype == torch.bool:")
         prep.append(f"    {t} = {t}.view(torch.uint8)")
         launch_in.append(t)
@@ -895,13 +919,13 @@ def render_tile_kernel(program: IntervalProgram, pattern=None) -> Optional[str]:
     host = ["B, H, Nq, Nk = call.B, call.Hq, call.Nq, call.Nk",
             "nqb, nkb = -(-Nq // block_m), -(-Nk // block_n)",
             f"Bl, Hl = {'B' if by_b else '1'}, {'H' if by_h else '1'}"]
-    host += [line for line in prep if line.startswith("t_") and " = call.inputs.get(" in line]
+    host += [line for line in prep if " = call.inputs.get(" in line]
     conds = ["nqb == 0 or nkb == 0 or B == 0 or H == 0 or Bl * Hl > 65535"]
     for c in checks:  # " or " chains short-circuit: the None test guards the others
         conds.append(c)
     host.append("if (" + "\n        or ".join(conds) + "):")
     host.append(f"    {fallback}  # missing / malformed inputs, empty shapes")
-    host += [line for line in prep if not (line.startswith("t_") and " = call.inputs.get(" in line)]
+    host += [line for line in prep if not (" = call.inputs.get(" in line)]
     host += g.host_lines
     row_chunk = "min(64, max(1, 4096 // BN_P))" if g.needs_pos_k else "64"
     col_chunk = "min(64, max(1, 4096 // BM_P))" if g.needs_pos_q else "64"

@@ -23,7 +23,8 @@ import sympy
 from attncc.analysis import Iteration, Plan, Walk
 from attncc.analysis.bands import FIRST, LAST
 from attncc.analysis.walks import MASKED_PIECES
-from attncc.codegen.printer import PythonPrinter, TritonPrinter, param_var
+from attncc.codegen.names import param_var
+from attncc.codegen.printer import PythonPrinter, TritonPrinter
 from attncc.spec import symbols as S
 
 # kernel variables of the walks' bound symbols (by name): the forward and dQ kernels walk key

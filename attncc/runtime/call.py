@@ -48,7 +48,7 @@ class Call:
     # Packed variable-length batches (FlashAttention's varlen layout): q [1, Hq, total_q, D], k/v
     # [1, Hkv, total_k, D]; then B is the number of sequences S, Nq / Nk the longest lengths
     # (max_seqlen_q / max_seqlen_k), q_offset = k_offset = 0 and n_q / n_k placeholders (the kernels
-    # read every sequence's own lengths from the int32 cu_seqlens [S + 1]).
+    # read every sequence's own lengths from the cu_seqlens [S + 1], int32 or int64, contiguous).
     cu_seqlens_q: Optional[torch.Tensor] = None
     cu_seqlens_k: Optional[torch.Tensor] = None
     # The backward computes the gradients of the inputs declared grad = true (autograd sets it).
@@ -79,18 +79,49 @@ class Call:
     def total_k(self) -> int:
         return self.k.shape[2]
 
+    @property
+    def wide(self) -> bool:
+        """The kernels' WIDE switch: int64 position arithmetic (see :func:`wide_positions`)."""
+        reach = max(self.q_offset + self.Nq, self.k_offset + self.Nk, self.n_q, self.n_k)
+        return wide_positions(reach, self.params, self.inputs.values())
+
+
+# Index arithmetic of a kernel stays int32 up to this value: positions and tile bounds run up to
+# a few blocks (<= 256 rows each) past the last position.
+INT32_REACH = 2**31 - 1 - 4096
+
+
+def wide_positions(reach: int, params: Optional[dict] = None, inputs=()) -> bool:
+    """Whether a call needs the kernels' WIDE switch: positions (and the expressions of them)
+    computed in int64. True when positions up to ``reach``, plus the largest int param (which
+    expressions add to them), can pass int32, or when an input holds more than 2**31 elements
+    along its strides (its gathers then multiply positions by strides past 2**31). Ordinary
+    calls keep int32 arithmetic, the faster one."""
+    largest = max((abs(v) for v in (params or {}).values() if isinstance(v, int) and not isinstance(v, bool)),
+                  default=0)
+    if reach + largest > INT32_REACH:
+        return True
+    return any(sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) >= 2**31 for t in inputs if t.numel())
+
 
 def _dtype_name(t: torch.dtype) -> str:
     return _NAMES.get(t, str(t).replace("torch.", ""))
 
 
-def _int_arg(name: str, value, minimum: int = 0) -> int:
+# Positions and int params stay below this, so that the kernels' int64 arithmetic on them (sums,
+# small multiples) is exact.
+INT_LIMIT = 2**62
+
+
+def _int_arg(name: str, value, minimum: int = 0, maximum: int = INT_LIMIT - 1) -> int:
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_floating_point:
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
     return value
 
 
@@ -138,17 +169,43 @@ def bind(spec: SpecInfo, q, k, v, *, return_lse=False, q_offset=0, k_offset=0, n
         cu_q, cu_k, B, Nq, Nk = _varlen(name, q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     n_q = q_offset + Nq if n_q is None else _int_arg("n_q", n_q)
     n_k = k_offset + Nk if n_k is None else _int_arg("n_k", n_k)
+    if max(q_offset + Nq, k_offset + Nk) >= INT_LIMIT:
+        raise ValueError(f"{name}.attention: positions must stay below 2**62, got q_offset + Nq = {q_offset + Nq}, "
+                         f"k_offset + Nk = {k_offset + Nk}")
     scale, kwargs = scale_keyword(spec, scale, kwargs)
-    if scale is None:
-        scale = spec.scale if spec.scale is not None else 1.0 / math.sqrt(D)
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
-        raise TypeError(f"{name}.attention: scale must be a positive number, got {scale!r}")
+    scale = softmax_scale(f"{name}.attention", spec, scale, D)
 
     n_max = max(q_offset + Nq, k_offset + Nk)
     params, inputs = bind_params_and_inputs(spec, f"{name}.attention", kwargs, B=B, Hq=Hq,
                                             positions=n_max, device=q.device)
     return Call(spec, q, k, v, B, Hq, Hkv, Nq, Nk, D, Dv, q_offset, k_offset, n_q, n_k, float(scale),
                 return_lse, params, inputs, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+
+
+# The kernels take the scale, and the scale times log2(e), as float32 numbers.
+FLOAT32_TINY = 1.1754943508222875e-38  # the smallest normal float32
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def softmax_scale(who: str, spec: SpecInfo, scale, D: int) -> float:
+    """The softmax scale of a call: ``scale=`` when given, else the spec's, else 1/sqrt(D).
+    A scale the kernels cannot use is refused (contract v1, "Non-finite values"): not a real
+    number, NaN, infinite, zero or negative, or outside float32's normal range (it would become
+    0 or inf in the kernels, and every output NaN)."""
+    if scale is None:
+        scale = spec.scale if spec.scale is not None else 1.0 / math.sqrt(D)
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"{who}: scale must be a positive number, got {type(scale).__name__} {scale!r}")
+    try:
+        value = float(scale)
+    except OverflowError:  # an int past float64's range
+        value = math.inf
+    if not math.isfinite(value) or not value > 0:
+        raise ValueError(f"{who}: scale must be a finite positive number, got {scale!r}")
+    if not (FLOAT32_TINY <= value and value * 1.4426950408889634 <= FLOAT32_MAX):
+        raise ValueError(f"{who}: scale = {scale!r} is outside the float32 range the kernels compute in "
+                         f"({FLOAT32_TINY:.4g} to {FLOAT32_MAX / 1.4426950408889634:.4g})")
+    return value
 
 
 def scale_keyword(spec: SpecInfo, scale, kwargs: Optional[dict]):
@@ -177,7 +234,7 @@ def dropout_settings(spec: SpecInfo, who: str, *, dropout_p=None, seed=None, tra
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0 else 0
     else:
-        seed = _int_arg("seed", seed)
+        seed = _int_arg("seed", seed, maximum=2**64)  # the limit below says why
         if seed >= SEED_LIMIT:
             raise ValueError(f"{who}: seed must be below 2**63, got {seed}")
     return dropout_p, seed
@@ -217,8 +274,13 @@ def check_heads_and_dims(spec: SpecInfo, who: str, *, Hq: int, Hkv: int, D: int,
 def bind_params_and_inputs(spec: SpecInfo, who: str, kwargs: dict, *, B: int, Hq: int, positions: int,
                            device, what_positions: str = "positions"):
     """Resolve the spec's [params] (defaults, per-call overrides, types) and check its [inputs]
-    (tensor, device, dims: "b" = B, "h" = Hq, "n" covering ``positions``, dtype: other integer or
-    float widths are converted). Consumes ``kwargs``; anything left over is an error."""
+    (tensor, device, dims: "b" = B, "h" = Hq, "n" covering ``positions``, dtype). Consumes
+    ``kwargs``; anything left over is an error.
+
+    Dtypes: an integer input narrower than declared is widened to the declared type; a wider
+    one is kept as it is (the kernels read it at its own width, so no value is ever narrowed:
+    doc ids 0 and 2**32 stay two documents). A float input is converted to the declared type
+    (the kernels compute in float32 whatever it is). Strides are kept: the kernels take them."""
     params = {}
     for p in spec.params:
         value = kwargs.pop(p.name, p.default)
@@ -249,13 +311,20 @@ def bind_params_and_inputs(spec: SpecInfo, who: str, kwargs: dict, *, B: int, Hq
         if t.dtype != want_dtype:
             if t.dtype.is_floating_point != want_dtype.is_floating_point or t.dtype == torch.bool:
                 raise TypeError(f"{who}: input {d.name} must be {d.dtype}, got {_dtype_name(t.dtype)}")
-            t = t.to(want_dtype)
+            if t.dtype.is_floating_point or want_dtype == torch.bool or not _holds(t.dtype, want_dtype):
+                t = t.to(want_dtype)  # floats to the declared type; ints widened (or to bool: != 0)
         inputs[d.name] = t
     if kwargs:
         known = [p.name for p in spec.params] + [d.name for d in spec.inputs]
         raise TypeError(f"{who}: unexpected keyword(s) {', '.join(sorted(kwargs))}; "
                         f"known inputs and params: {', '.join(known) or 'none'}")
     return params, inputs
+
+
+def _holds(have: torch.dtype, want: torch.dtype) -> bool:
+    """Does the integer type ``have`` hold every value of the integer type ``want``?"""
+    a, b = torch.iinfo(have), torch.iinfo(want)
+    return a.min <= b.min and a.max >= b.max
 
 
 def _varlen(name, q, k, cu_q, cu_k, max_q, max_k):
@@ -270,8 +339,8 @@ def _varlen(name, q, k, cu_q, cu_k, max_q, max_k):
     for arg, t in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}.attention: {arg} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype != torch.int32:
-            raise TypeError(f"{name}.attention: {arg} must be int32, got {_dtype_name(t.dtype)}")
+        if t.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{name}.attention: {arg} must be int32 or int64, got {_dtype_name(t.dtype)}")
         if t.device != q.device:
             raise ValueError(f"{name}.attention: {arg} is on {t.device}, q is on {q.device}")
         if t.dim() != 1 or t.numel() < 2:
@@ -282,6 +351,8 @@ def _varlen(name, q, k, cu_q, cu_k, max_q, max_k):
         raise ValueError(f"{name}.attention: with cu_seqlens q, k, v are packed as [1, H, total, D]; got batch "
                          f"{q.shape[0]} (q) and {k.shape[0]} (k)")
     S = cu_q.numel() - 1
+    # the kernels read cu_seqlens[b] at unit stride: a strided view is copied (S + 1 numbers, no sync)
+    cu_q, cu_k = cu_q.contiguous(), cu_k.contiguous()
     max_q = None if max_q is None else _int_arg("max_seqlen_q", max_q)
     max_k = None if max_k is None else _int_arg("max_seqlen_k", max_k)
     if max_q is None or max_k is None or q.device.type == "cpu":

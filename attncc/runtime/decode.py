@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from attncc.runtime.call import (_dtype_name, _interpreting, bind_params_and_inputs, check_heads_and_dims,
-                                 scale_keyword)
+                                 scale_keyword, softmax_scale, wide_positions)
 from attncc.runtime.launch import KernelConfig, padded_dim
 from attncc.runtime.spec_info import SpecInfo
 
@@ -43,8 +43,8 @@ class DecodeCall:
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
-    kv_len: torch.Tensor  # int32 [B] on q's device
-    block_table: Optional[torch.Tensor]  # int32 [B, pages] on q's device, or None
+    kv_len: torch.Tensor  # int32 or int64 [B] on q's device (read at its stride)
+    block_table: Optional[torch.Tensor]  # int32 or int64 [B, pages] on q's device (read at its strides), or None
     B: int
     Hq: int
     Hkv: int
@@ -118,8 +118,8 @@ def bind_decode(spec: SpecInfo, q, k_cache, v_cache, *, kv_len, block_table=None
         if block_table.dim() != 2 or block_table.shape[0] != B:
             raise ValueError(f"{name}: block_table must have shape [B, pages] = [{B}, pages], got "
                              f"{tuple(block_table.shape)}")
-        if block_table.dtype != torch.int32:
-            raise TypeError(f"{name}: block_table must be int32, got {_dtype_name(block_table.dtype)}")
+        if block_table.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{name}: block_table must be int32 or int64, got {_dtype_name(block_table.dtype)}")
         if block_table.device != q.device:
             raise ValueError(f"{name}: block_table is on {block_table.device}, q is on {q.device}")
         num_pages, page_size, Hkv, Dk = k_cache.shape
@@ -146,10 +146,7 @@ def bind_decode(spec: SpecInfo, q, k_cache, v_cache, *, kv_len, block_table=None
                                  f"{used.numel()} pages that kv_len[{b}] = {n} uses: {used.tolist()}")
 
     scale, kwargs = scale_keyword(spec, scale, kwargs)
-    if scale is None:
-        scale = spec.scale if spec.scale is not None else 1.0 / math.sqrt(D)
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
-        raise TypeError(f"{name}: scale must be a positive number, got {scale!r}")
+    scale = softmax_scale(name, spec, scale, D)
 
     for d in spec.inputs:
         if d.name == "kv_len" and d.name not in kwargs and tuple(d.dims) == ("b",):
@@ -166,7 +163,7 @@ def bind_decode(spec: SpecInfo, q, k_cache, v_cache, *, kv_len, block_table=None
 
 def _bind_kv_len(name: str, kv_len, B: int, capacity: int, device) -> torch.Tensor:
     if isinstance(kv_len, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool) for x in kv_len):
-        kv_len = torch.tensor(kv_len, dtype=torch.int32)
+        kv_len = torch.tensor(kv_len, dtype=torch.int32 if all(abs(x) < 2**31 for x in kv_len) else torch.int64)
     if not isinstance(kv_len, torch.Tensor):
         raise TypeError(f"{name}: kv_len must be a tensor [B] of int32 (valid cache length per row), got "
                         f"{type(kv_len).__name__}")
@@ -181,7 +178,15 @@ def _bind_kv_len(name: str, kv_len, B: int, capacity: int, device) -> torch.Tens
         if lo < 0 or hi > capacity:
             raise ValueError(f"{name}: kv_len must be in 0..{capacity} (the cache's capacity), got values "
                              f"{lo}..{hi}")
-    return kv_len.to(device=device, dtype=torch.int32)
+    # its own width (an int64 length past 2**31 is clamped to the capacity, never wrapped); CPU
+    # lengths of a GPU call are copied over
+    return kv_len.to(device=device)
+
+
+def wide(call: DecodeCall) -> bool:
+    """The decode kernel's WIDE switch (see attncc.runtime.call.wide_positions): positions run
+    up to the cache's capacity."""
+    return wide_positions(call.capacity, call.params, call.inputs.values())
 
 
 # --------------------------------------------------------------------------------------

@@ -17,7 +17,11 @@ Values the program handles:
 
 Every function is sound: the true set of values over a tile lies inside the interval it
 returns. float64 holds positions exactly (up to 2**53), so the comparisons that decide
-EMPTY and FULL are exact for the index arithmetic of masks.
+EMPTY and FULL are exact for the index arithmetic of masks (integer ``//`` and ``%`` of
+integers below 2**53 included: the floor of a correctly rounded quotient of two such
+integers is their exact floor quotient). Float arithmetic is rounded differently here than
+in the kernels and the reference: the analysis passes every float-valued sub-expression
+through :func:`widen`, so a tile is only EMPTY or FULL when no rounding can change it.
 
 This module imports only torch and the standard library (and the pure-Python numbers of
 :mod:`attncc.runtime.semantics`): generated kernels import it.
@@ -307,6 +311,27 @@ def mod(x, y, integer):
     return (lo, hi)
 
 
+# Relative (and absolute, near 0) half-width widen() adds: far more than the float64 rounding
+# of the few operations of a mask expression (2^-53 each), far less than any integer step below 2^40.
+WIDEN = 2.0 ** -40
+
+
+def _widen_end(v, sign):
+    if _is_t(v):
+        return torch.where(torch.isfinite(v), v + sign * ((torch.abs(v) + 1.0) * WIDEN), v)
+    return v if math.isinf(v) or math.isnan(v) else v + sign * ((abs(v) + 1.0) * WIDEN)
+
+
+def widen(x):
+    """``x`` with each end moved out by ``(|end| + 1) * 2^-40``. The analysis widens every
+    float-valued (non-integer) sub-expression: the kernels and the reference compute it in
+    float64 in their own order of operations, and the interval must hold their rounded values,
+    not only the exact one, so that a pair on a float boundary is never in an EMPTY or FULL
+    tile it does not belong to. Integer arithmetic is exact and never widened."""
+    a, b = _iv(x)
+    return (_widen_end(a, -1.0), _widen_end(b, 1.0))
+
+
 def floor_(x):
     a, b = _iv(x)
     return (_floor(a), _floor(b))
@@ -526,7 +551,7 @@ def random_blocks(i, j, n_k, r, block, seed):
 
 
 OPS = frozenset({
-    "const", "span", "unbounded", "add", "sub", "neg", "mul", "reciprocal", "div", "floordiv", "mod",
+    "const", "span", "unbounded", "add", "sub", "neg", "mul", "reciprocal", "div", "floordiv", "mod", "widen",
     "floor_", "abs_", "min_", "max_", "pow_int", "pow_frac", "pow_base", "exp_", "log_", "tanh_", "sigmoid_",
     "select", "bucket", "tri", "le", "lt", "eq", "ne", "and_", "or_", "not_", "random_blocks",
 })
@@ -615,9 +640,22 @@ def input_interval(stat: BlockStat, tensor: torch.Tensor, *, q_offset: int, k_of
     elif "j" in present:
         lo, hi = _block_reduce(x, 3, k_offset, k_rows, block_n)
     else:  # a point per grid cell
-        x = x.to(_F64)
-        return (x, x)
-    return (lo.to(_F64), hi.to(_F64))
+        lo = hi = x
+    return _as_f64(lo, -1.0), _as_f64(hi, 1.0)
+
+
+_EXACT = 2.0**53  # integers up to here are exact in float64
+
+
+def _as_f64(x: torch.Tensor, direction: float) -> torch.Tensor:
+    """``x`` as float64 bounds. An int64 value past 2**53 rounds to a neighbour, possibly on the
+    wrong side: it is moved outward by at least one float64 step (``direction`` -1 for a lower
+    bound, +1 for an upper one), so that the interval still holds it (doc ids 2**60 and
+    2**60 + 1 stay different documents, their tiles PARTIAL)."""
+    y = x.to(_F64)
+    if x.dtype == torch.int64:
+        y = torch.where(y.abs() >= _EXACT, y + direction * y.abs() * 2.0**-52, y)
+    return y
 
 
 def classify_grid(program: Optional[IntervalProgram], *, q_offset: int, k_offset: int, q_rows: int, k_rows: int,

@@ -21,6 +21,7 @@ import fcntl
 import functools
 import json
 import logging
+import math
 import os
 import tempfile
 import threading
@@ -128,19 +129,106 @@ def key_for(call: Call, kernel: str = "") -> TuneKey:
 _LOADED: Dict[Tuple[str, str], Dict[str, dict]] = {}
 _LOCK = threading.Lock()
 
+# What a record must hold to be used; anything else in a cache file (a hand edit, another tool, a
+# truncated or hostile file) is ignored with a warning rather than raised from every call.
+CONFIG_FIELDS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+WARP_COUNTS = (1, 2, 4, 8, 16, 32)
+MAX_STAGES = 8
+KEY_FIELDS = {"spec": str, "spec_hash": str, "kernel": str, "dtype": str, "head_dim": int, "value_dim": int,
+              "n_q": int, "n_k": int}
+
+
+def record_problem(record) -> Optional[str]:
+    """Why a cache record cannot be used (its schema: see above), or None when it can."""
+    if not isinstance(record, dict):
+        return f"a record is an object, got {type(record).__name__}"
+    cfg = record.get("config")
+    if not isinstance(cfg, dict):
+        return "no config object"
+    for name in CONFIG_FIELDS:
+        if type(cfg.get(name)) is not int:
+            return f"config.{name} is not an integer: {_short(cfg.get(name))}"
+    extra = set(cfg) - set(CONFIG_FIELDS) - {"warp_specialize"}
+    if extra:
+        return f"unknown config field(s) {', '.join(sorted(map(_short, extra)))}"
+    if type(cfg.get("warp_specialize", False)) is not bool:
+        return "config.warp_specialize is not a boolean"
+    if cfg["BLOCK_M"] not in BLOCK_SIZES or cfg["BLOCK_N"] not in BLOCK_SIZES:
+        return f"block sizes must be among {BLOCK_SIZES}, got {cfg['BLOCK_M']} x {cfg['BLOCK_N']}"
+    if cfg["num_warps"] not in WARP_COUNTS or not 1 <= cfg["num_stages"] <= MAX_STAGES:
+        return f"num_warps among {WARP_COUNTS} and num_stages 1 to {MAX_STAGES}, got {cfg['num_warps']}, {cfg['num_stages']}"
+    for name in ("ms", "default_ms"):
+        value = record.get(name)
+        if not (value is None and name == "default_ms") and not _time(value):
+            return f"{name} is not a time in ms: {_short(value)}"
+    key = record.get("key")
+    if not isinstance(key, dict):
+        return "no key object"
+    for name, typ in KEY_FIELDS.items():
+        if type(key.get(name)) is not typ:
+            return f"key.{name} is not a{'n integer' if typ is int else ' string'}: {_short(key.get(name))}"
+    if key["kernel"] not in KERNEL_NAMES:
+        return f"key.kernel is not one of {sorted(KERNEL_NAMES)}: {_short(key['kernel'])}"
+    return None
+
+
+def _time(value) -> bool:
+    return type(value) in (int, float) and math.isfinite(value) and value >= 0
+
+
+def _short(value, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+@dataclass(frozen=True)
+class CacheFile:
+    """One cache file as read: its usable ``entries``, the ``ignored`` ones (entry: why) and,
+    when the file as a whole is unusable, ``error``."""
+
+    path: Path
+    gpu: str = "?"
+    triton: str = "?"
+    entries: Dict[str, dict] = dataclasses.field(default_factory=dict)
+    ignored: Dict[str, str] = dataclasses.field(default_factory=dict)
+    error: Optional[str] = None
+
+
+def read_file(path: Path) -> CacheFile:
+    """Read and check one cache file; never raises for what the file holds."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return CacheFile(path)
+    except (OSError, ValueError, RecursionError, MemoryError) as e:  # RecursionError: deeply nested JSON
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
+        return CacheFile(path, error=f"unreadable ({reason})")
+    if not isinstance(data, dict) or data.get("version") != CACHE_VERSION or not isinstance(data.get("entries"), dict):
+        return CacheFile(path, error=f"not a version {CACHE_VERSION} attncc tune cache")
+    entries, ignored = {}, {}
+    for entry, record in data["entries"].items():
+        problem = record_problem(record)
+        if problem is None:
+            entries[entry] = record
+        else:
+            ignored[entry] = problem
+    gpu, triton = data.get("gpu"), data.get("triton")
+    return CacheFile(path, gpu if isinstance(gpu, str) else "?", triton if isinstance(triton, str) else "?",
+                     entries, ignored)
+
 
 def _read(path: Path) -> Dict[str, dict]:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as e:
-        log.warning("attncc: ignoring unreadable tune cache %s (%s)", path, e)
-        return {}
-    if not isinstance(data, dict) or data.get("version") != CACHE_VERSION or not isinstance(data.get("entries"), dict):
-        log.warning("attncc: ignoring tune cache %s (not a version %d attncc cache)", path, CACHE_VERSION)
-        return {}
-    return data["entries"]
+    """The usable entries of a cache file, with a warning for what is not."""
+    found = read_file(path)
+    if found.error is not None:
+        log.warning("attncc: ignoring tune cache %s: %s", path, found.error)
+    for entry, problem in list(found.ignored.items())[:3]:
+        log.warning("attncc: ignoring tune cache entry %s in %s: %s", _short(entry, 80), path, problem)
+    if len(found.ignored) > 3:
+        log.warning("attncc: ... and %d more malformed entries in %s", len(found.ignored) - 3, path)
+    return found.entries
 
 
 def _entries(file_name: str) -> Dict[str, dict]:
@@ -172,30 +260,40 @@ def store(key: TuneKey, record: dict) -> Path:
     directory = cache_dir()
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / key.file_name
-    with open(path.with_suffix(".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with _file_lock(path):
+        entries = _read(path)  # what another process stored meanwhile; malformed entries are dropped
+        new = {**record, "key": {f: getattr(key, f) for f in KEY_FIELDS}}
+        problem = record_problem(new)
+        if problem is not None:
+            raise ValueError(f"attncc: not a tune cache record ({problem}): {_short(record, 200)}")
+        entries[key.entry] = new
+        data = {"version": CACHE_VERSION, "gpu": key.gpu, "triton": key.triton, "entries": entries}
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=path.name, suffix=".tmp")
         try:
-            entries = _read(path)
-            fields = {f: getattr(key, f) for f in ("spec", "spec_hash", "kernel", "dtype", "head_dim", "value_dim",
-                                                   "n_q", "n_k")}
-            entries[key.entry] = {**record, "key": fields}
-            data = {"version": CACHE_VERSION, "gpu": key.gpu, "triton": key.triton, "entries": entries}
-            fd, tmp = tempfile.mkstemp(dir=directory, prefix=path.name, suffix=".tmp")
-            try:
-                with os.fdopen(fd, "w") as f:
-                    json.dump(data, f, indent=1, sort_keys=True)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f, indent=1, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
     with _LOCK:
         _LOADED[(str(directory), key.file_name)] = entries
     return path
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on the cache file ``path`` (on its ``.lock`` file, which stays: a
+    writer holding the lock on a deleted lock file would exclude no one who opens a new one)."""
+    with open(path.with_suffix(".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def cache_files() -> List[Path]:
@@ -203,25 +301,21 @@ def cache_files() -> List[Path]:
     return sorted(directory.glob("*.json")) if directory.is_dir() else []
 
 
-def read_file(path: Path) -> dict:
-    """One cache file as stored: {"gpu", "triton", "entries"} (empty entries when unreadable)."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return {"gpu": "?", "triton": "?", "entries": {}}
-    return data if isinstance(data, dict) and isinstance(data.get("entries"), dict) else {"gpu": "?", "triton": "?", "entries": {}}
-
-
-def clear() -> int:
-    """Delete every cache file (and its lock); returns how many files held entries."""
-    removed = 0
+def clear() -> Tuple[int, List[str]]:
+    """Delete every cache file, each under its lock (a concurrent ``store`` either lands before
+    and is deleted, or after, on an empty file); the lock files stay. Returns (how many files
+    were removed, the ones that could not be, with why)."""
+    removed, failed = 0, []
     for path in cache_files():
-        path.unlink(missing_ok=True)
-        path.with_suffix(".lock").unlink(missing_ok=True)
-        removed += 1
+        try:
+            with _file_lock(path):
+                path.unlink(missing_ok=True)
+            removed += 1
+        except OSError as e:
+            failed.append(f"{path.name}: {e.strerror or e}")
     with _LOCK:
         _LOADED.clear()
-    return removed
+    return removed, failed
 
 
 def _config(fields: dict):

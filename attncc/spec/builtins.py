@@ -57,6 +57,12 @@ class Sigmoid(sympy.Function):
     def _eval_rewrite_as_exp(self, x, **kwargs):
         return 1 / (1 + sympy.exp(-x))
 
+    def _eval_evalf(self, prec):
+        # numeric when its argument is: makes sigmoid(0.5) comparable (min, max, where)
+        if self.args[0].is_number:
+            return self._eval_rewrite_as_exp(self.args[0])._eval_evalf(prec)
+        return None
+
 
 class RandomBlocks(BooleanFunction):
     """BigBird random blocks: true when key block ``j // block`` is one of the ``r``

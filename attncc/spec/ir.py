@@ -14,6 +14,7 @@ from typing import Optional, Tuple, Union
 import sympy
 
 Dim = Union[str, int]  # "b" (batch), "h" (query head), "n" (position), or a fixed size
+INTEGER_DTYPES = ("int8", "int16", "int32", "int64", "uint8")
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,10 @@ class InputDecl:
 
     @property
     def symbol(self) -> sympy.FunctionClass:
+        # integer dtypes make integer accesses: sympy then knows doc[b, i] // 4 is a floor
+        # division of integers (exact in the kernels, attncc.codegen.integer)
+        if self.dtype in INTEGER_DTYPES:
+            return sympy.Function(self.name, integer=True)
         return sympy.Function(self.name)
 
 
@@ -77,9 +82,10 @@ class FeatureMap:
 class Pattern:
     """One attention pattern, validated.
 
-    mask: boolean sympy expression over b, h, i, j, n_q, n_k, params and inputs;
-          ``None`` means every pair is allowed. A top-level ``where(c, e, -inf)`` of
-          ``[score].mod`` has already been folded in here (and removed from ``mod``).
+    mask: boolean sympy expression over b, h, i, j, n_q, n_k, params and inputs (never the
+          score ``s``); ``None`` means every pair is allowed. The conjuncts free of ``s`` of a
+          top-level ``where(c, e, -inf)`` of ``[score].mod`` have already been folded in here
+          (and removed from ``mod``; a condition on ``s`` stays in ``mod``).
     bias: additive score term (sympy), or None.
     mod:  score transform, an expression in ``s`` and the variables, or None.
     scale: None means 1/sqrt(head_dim) at call time.
@@ -99,7 +105,7 @@ class Pattern:
     bias: Optional[sympy.Expr] = None
     softcap: Optional[float] = None
     mod: Optional[sympy.Expr] = None
-    mod_mask: Optional[sympy.Basic] = None  # the c of a top-level where(c, e, -inf) in mod (already in mask)
+    mod_mask: Optional[sympy.Basic] = None  # the s-free part of c of a top-level where(c, e, -inf) in mod (in mask)
     dropout: float = 0.0
     rope: Optional[Rope] = None
     feature_map: Optional[FeatureMap] = None

@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import hashlib
 import keyword
+import math
 import tomllib
 from pathlib import Path
 from typing import Any, Dict
 
 import sympy
 
+from attncc.spec import names as N
 from attncc.spec import symbols as S
+from attncc.spec.builtins import RandomBlocks
 from attncc.spec.errors import SpecError
 from attncc.spec.expr import BOOL, FUNCTIONS, Scope, parse_expression
 from attncc.spec.ir import TAYLOR_MAX_HEAD_DIM, FeatureMap, InputDecl, Param, Pattern, Rope
@@ -19,8 +22,13 @@ TOP_KEYS = ("name", "kind", "head_dim", "value_dim", "dtypes", "heads", "params"
 DTYPES = ("bfloat16", "float16", "float32")
 INPUT_DTYPES = ("int32", "int64", "int16", "int8", "uint8", "bool", "float16", "bfloat16", "float32", "float64")
 FEATURE_MAPS = ("elu+1", "relu", "identity", "performer", "cosformer", "taylor")
-DROPOUT_KEYWORDS = {"dropout_p", "seed", "training"}  # what attention() of a spec with dropout takes
+DROPOUT_KEYWORDS = set(N.DROPOUT_KEYWORDS)
 RESERVED = set(S.INDEX_VARS) | set(S.ALIASES) | {"s", "inf", "causal", "alibi", "n_heads"} | set(FUNCTIONS)
+# Integer params reach the kernels as int32 or int64 (a call may pass any int down to -2**31).
+INT_PARAM_MIN, INT_PARAM_MAX = -(2**31), 2**63 - 1
+FLOAT32_MAX, FLOAT32_TINY = 3.4028234663852886e38, 1.1754943508222875e-38  # float32's largest and smallest normal
+MAX_HEADS = 2**16
+MAX_FEATURES = 2**16  # performer's random features
 
 
 class _Checker:
@@ -46,11 +54,18 @@ class _Checker:
             self.fail(key, f"expected an integer >= {minimum}, got {value}")
         return value
 
-    def number(self, value, key, positive=False):
+    def number(self, value, key, positive=False, float32=False):
+        """A finite number; ``float32``: one the kernels can hold in float32 (positive ones as a
+        normal number: a scale of 1e-40 would be 0 there)."""
         if type(value) not in (int, float):
             self.fail(key, f"expected a number, got {_kind(value)} {value!r}")
+        if not math.isfinite(value):
+            self.fail(key, f"expected a finite number, got {value}")
         if positive and not value > 0:
             self.fail(key, f"expected a positive number, got {value}")
+        if float32 and not (abs(value) <= FLOAT32_MAX and (value == 0 or abs(value) >= FLOAT32_TINY)):
+            self.fail(key, f"expected a number in float32's range ({FLOAT32_TINY:.6g} to {FLOAT32_MAX:.6g} in "
+                           f"magnitude), got {value}")
         return float(value)
 
     def bool_(self, value, key):
@@ -64,14 +79,62 @@ class _Checker:
         return value
 
     def identifier(self, value, key):
-        if not isinstance(value, str) or not value.isidentifier() or keyword.iskeyword(value):
-            self.fail(key, f"expected a Python identifier, got {value!r}")
+        """An ASCII Python identifier (Python reads others after NFKC normalization: two names
+        could become one) of at most N.MAX_NAME_LENGTH characters."""
+        if not isinstance(value, str) or not (value.isascii() and value.isidentifier()) or keyword.iskeyword(value):
+            self.fail(key, f"expected a Python identifier (ASCII letters, digits, _), got {_short(value)}")
+        if len(value) > N.MAX_NAME_LENGTH:
+            self.fail(key, f"names are at most {N.MAX_NAME_LENGTH} characters, got {len(value)}: {_short(value)}")
         return value
+
+    def module_name(self, value, key):
+        """The generated module's name: an identifier that shadows no module and is not private."""
+        self.identifier(value, key)
+        if value.startswith("_"):
+            self.fail(key, f"the module name may not start with '_', got {value!r}")
+        if value in N.SHADOWED_MODULES:
+            self.fail(key, f"{value!r} is the name of a Python or attncc module; generated/{value}.py would shadow "
+                           f"it (choose another name)")
+        return value
+
+    def variable(self, value, key, what):
+        """A param or input name: an identifier that is no built-in, loop bound or call keyword."""
+        self.identifier(value, key)
+        if value in RESERVED:
+            self.fail(key, f"'{value}' is a built-in name and cannot be {what}")
+        if value in N.LOOP_BOUND_NAMES:
+            self.fail(key, f"'{value}' is the name of a loop-bound symbol of the kernels and cannot be {what}")
+        fn = N.call_keyword(value)
+        if fn is not None:
+            self.fail(key, f"'{value}' is a keyword argument of the generated {fn}: {what} of that name "
+                           f"could not be passed (rename it)")
+        return value
+
+
+def _short(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _kind(value) -> str:
     return {bool: "a boolean", int: "an integer", float: "a float", str: "a string", list: "a list",
             dict: "a table"}.get(type(value), type(value).__name__)
+
+
+MAX_TOML_NESTING = 16  # a spec needs 3 (a table of inline tables of lists)
+
+
+def _nesting(value) -> int:
+    """How deeply tables and arrays nest in parsed TOML (iterative: any depth is safe)."""
+    deepest, todo = 0, [(value, 0)]
+    while todo:
+        v, depth = todo.pop()
+        deepest = max(deepest, depth)
+        if isinstance(v, dict):
+            todo.extend((x, depth + 1) for x in v.values())
+        elif isinstance(v, list):
+            todo.extend((x, depth + 1) for x in v)
+    return deepest
 
 
 def parse_spec(text: str, path: str = "<string>") -> Pattern:
@@ -81,12 +144,19 @@ def parse_spec(text: str, path: str = "<string>") -> Pattern:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise SpecError(path, "", f"not valid TOML: {e}") from None
+    except ValueError as e:  # an integer of more than 4300 digits (Python's int() limit)
+        raise SpecError(path, "", f"not valid TOML here: {e}") from None
+    except RecursionError:
+        raise SpecError(path, "", "not valid TOML here: arrays or tables nested too deeply") from None
+    if _nesting(data) > MAX_TOML_NESTING:  # not left to the recursion limit, which a host program may raise
+        raise SpecError(path, "", f"not valid TOML here: arrays or tables nested too deeply "
+                                  f"(more than {MAX_TOML_NESTING} levels)")
     for k in data:
         if k not in TOP_KEYS:
             c.fail(k, f"unknown key (expected one of: {', '.join(TOP_KEYS)})")
 
     stem = Path(path).stem if path != "<string>" else "pattern"
-    name = c.identifier(data.get("name", stem), "name")
+    name = c.module_name(data.get("name", stem), "name")
     kind = c.choice(data.get("kind", "softmax"), "kind", ("softmax", "linear"))
 
     hd = data.get("head_dim", 128)
@@ -101,6 +171,8 @@ def parse_spec(text: str, path: str = "<string>") -> Pattern:
     value_dim = data.get("value_dim")
     if value_dim is not None:
         c.int_(value_dim, "value_dim", 1)
+        if value_dim > 512:
+            c.fail("value_dim", f"expected a value dim between 1 and 512, got {value_dim}")
 
     dts = data.get("dtypes", list(DTYPES[:2]))
     dts = [dts] if isinstance(dts, str) else dts
@@ -112,26 +184,35 @@ def parse_spec(text: str, path: str = "<string>") -> Pattern:
     heads = c.table(data, "heads", ("q", "kv"))
     hq = c.int_(heads["q"], "[heads].q", 1) if "q" in heads else None
     hkv = c.int_(heads["kv"], "[heads].kv", 1) if "kv" in heads else None
+    for key, count in (("[heads].q", hq), ("[heads].kv", hkv)):
+        if count is not None and count > MAX_HEADS:
+            c.fail(key, f"expected at most {MAX_HEADS} heads, got {count}")
     if hq is not None and hkv is not None and hq % hkv:
         c.fail("[heads]", f"q = {hq} is not a multiple of kv = {hkv} (each kv head serves q // kv query heads)")
 
+    if kind == "linear":
+        for k in ("params", "inputs"):
+            if k in data:
+                c.fail(f"[{k}]", "is not allowed in a kind = \"linear\" spec (nothing in it reads params or inputs)")
     params = []
     for pname, value in c.table(data, "params", None).items():
-        c.identifier(pname, f"[params].{pname}")
-        if pname in RESERVED:
-            c.fail(f"[params].{pname}", f"'{pname}' is a built-in name and cannot be a param")
+        key = f"[params].{pname}"
+        c.variable(pname, key, "a param")
         if type(value) is int:
+            if not INT_PARAM_MIN <= value <= INT_PARAM_MAX:
+                c.fail(key, f"expected an integer from -2**31 to 2**63 - 1 (the kernels take int32 or int64), got {value}")
             params.append(Param(pname, value, "int"))
         elif type(value) is float:
-            params.append(Param(pname, value, "float"))
+            params.append(Param(pname, c.number(value, key, float32=True), "float"))
         else:
-            c.fail(f"[params].{pname}", f"expected an integer or a float, got {_kind(value)} {value!r}")
+            c.fail(key, f"expected an integer or a float, got {_kind(value)} {_short(value)}")
 
     inputs = []
     for iname, decl in c.table(data, "inputs", None).items():
         key = f"[inputs].{iname}"
-        c.identifier(iname, key)
-        if iname in RESERVED or any(p.name == iname for p in params):
+        if iname != N.DECODE_KV_LEN:  # checked below, with its dims
+            c.variable(iname, key, "an input")
+        if any(p.name == iname for p in params):
             c.fail(key, f"'{iname}' is already a variable, built-in or param name")
         if not isinstance(decl, dict):
             c.fail(key, f"expected a table like {{ dims = [\"b\", \"n\"], dtype = \"int32\" }}, got {decl!r}")
@@ -148,6 +229,9 @@ def parse_spec(text: str, path: str = "<string>") -> Pattern:
         grad = c.bool_(decl.get("grad", False), f"{key}.grad")
         if grad and not dtype.startswith(("float", "bfloat")):
             c.fail(f"{key}.grad", f"only floating inputs can have gradients; dtype is {dtype}")
+        if iname == N.DECODE_KV_LEN and not (dims == ["b"] and dtype.startswith(("int", "uint"))):
+            c.fail(key, f"an input named {iname} is decode()'s kv_len (the valid cache entries of each row): "
+                        f"it needs dims = [\"b\"] and an integer dtype, got dims = {dims}, dtype = {dtype!r}")
         inputs.append(InputDecl(iname, tuple(dims), dtype, grad))
 
     scope = Scope(tuple(params), tuple(inputs))
@@ -161,6 +245,8 @@ def parse_spec(text: str, path: str = "<string>") -> Pattern:
         features = fm.get("features")
         if features is not None:
             c.int_(features, "[feature_map].features", 1)
+            if features > MAX_FEATURES:
+                c.fail("[feature_map].features", f"expected at most {MAX_FEATURES} features, got {features}")
             if fm_name != "performer":
                 c.fail("[feature_map].features", f"only the performer map takes a feature count, not {fm_name!r}")
         elif fm_name == "performer":
@@ -170,7 +256,7 @@ def parse_spec(text: str, path: str = "<string>") -> Pattern:
                                f"{TAYLOR_MAX_HEAD_DIM}, got {list(head_dims)} (set head_dim, e.g. head_dim = 16)")
         fields["feature_map"] = FeatureMap(
             name=fm_name, features=features,
-            seed=c.int_(fm.get("seed", 0), "[feature_map].seed", 0),
+            seed=_seed(c, fm.get("seed", 0), "[feature_map].seed"),
             causal=c.bool_(fm.get("causal", True), "[feature_map].causal"),
             normalize=c.bool_(fm.get("normalize", True), "[feature_map].normalize"))
     else:
@@ -184,9 +270,9 @@ def parse_spec(text: str, path: str = "<string>") -> Pattern:
                 c.fail("[mask].where", f"the mask must be a boolean expression, got a number ({typ})")
         score = c.table(data, "score", ("scale", "bias", "softcap", "mod", "dropout"))
         if "scale" in score:
-            fields["scale"] = c.number(score["scale"], "[score].scale", positive=True)
+            fields["scale"] = c.number(score["scale"], "[score].scale", positive=True, float32=True)
         if "softcap" in score:
-            fields["softcap"] = c.number(score["softcap"], "[score].softcap", positive=True)
+            fields["softcap"] = c.number(score["softcap"], "[score].softcap", positive=True, float32=True)
         if "dropout" in score:
             p = c.number(score["dropout"], "[score].dropout")
             if not 0.0 <= p < 1.0:
@@ -211,6 +297,10 @@ def parse_spec(text: str, path: str = "<string>") -> Pattern:
                 fields["mod_mask"] = extra_mask
             if mod is not None and mod != S.s:
                 fields["mod"] = mod
+        for key, value in (("[score].bias", fields.get("bias")), ("[score].mod", fields.get("mod"))):
+            if value is not None and value.has(RandomBlocks):
+                c.fail(key, "random_blocks() selects pairs: it belongs in the mask ([mask].where, or the condition c "
+                            "of a top-level where(c, s, -inf) in [score].mod), not in a score")
         if mask is not None:
             if mask is sympy.true:
                 mask = None
@@ -226,7 +316,7 @@ def parse_spec(text: str, path: str = "<string>") -> Pattern:
                     c.fail("[rope].rotary_dim", f"expected an even number <= head_dim ({min(head_dims)}), got {rd}")
             elif any(d % 2 for d in head_dims):
                 c.fail("[rope]", f"rotary embedding needs an even head_dim, got {head_dims}")
-            fields["rope"] = Rope(theta=c.number(rope.get("theta", 10000.0), "[rope].theta", positive=True),
+            fields["rope"] = Rope(theta=c.number(rope.get("theta", 10000.0), "[rope].theta", positive=True, float32=True),
                                   style=c.choice(rope.get("style", "neox"), "[rope].style", ("neox", "gptj")),
                                   rotary_dim=rd)
 
@@ -235,16 +325,60 @@ def parse_spec(text: str, path: str = "<string>") -> Pattern:
                    source_hash=hashlib.sha256(text.encode()).hexdigest()[:16], **fields)
 
 
+def _seed(c: _Checker, value, key) -> int:
+    c.int_(value, key, 0)
+    if value > INT_PARAM_MAX:
+        c.fail(key, f"expected a seed below 2**63, got {value}")
+    return value
+
+
 def split_mod_mask(mod):
-    """``where(c, e, -inf)`` at the top of a score transform is a mask: return (e, c).
-    Returns (mod, None) when the transform has no such form."""
-    if isinstance(mod, sympy.Piecewise) and len(mod.args) == 2 and mod.args[1].cond is sympy.true:
-        (e1, c1), (e2, _) = mod.args
-        if e2 == -sympy.oo:
-            return e1, c1
-        if e1 == -sympy.oo:
-            return e2, sympy.Not(c1)
-    return mod, None
+    """Take the mask out of a score transform ``where(c, e, -inf)``: returns ``(mod', mask)``.
+
+    Only the conjuncts of ``c`` that are free of the score ``s`` go to the mask (block
+    sparsity applies to them); a condition on ``s`` stays in the transform, evaluated per
+    pair on the score in its own units (after scale and bias, as written): ``where(j <= i and
+    s > 0, s, -inf)`` gives the mask ``j <= i`` and ``mod' = where(s > 0, s, -inf)``. Nested
+    ``where(c1, where(c2, e, -inf), -inf)`` is ``where(c1 and c2, e, -inf)``, and
+    ``where(c1, e1, where(c2, e2, -inf))`` keeps a pair where ``c1 or c2``.
+    Returns ``(mod, None)`` when no part of a condition is free of ``s``."""
+    conds, e = [], mod
+    while True:
+        kept = _kept_where(e)
+        if kept is None:
+            break
+        c, e = kept
+        conds += _conjuncts(c)
+    free = [c for c in conds if not c.has(S.s)]
+    if not free:
+        return mod, None
+    on_s = [c for c in conds if c.has(S.s)]
+    if on_s:
+        e = sympy.Piecewise((e, sympy.And(*on_s)), (-sympy.oo, True))
+    return e, sympy.And(*free)
+
+
+def _kept_where(e):
+    """``(c, v)`` when ``e`` is ``v`` where ``c`` holds and ``-inf`` elsewhere, else None."""
+    if not isinstance(e, sympy.Piecewise) or len(e.args) < 2 or e.args[-1].cond is not sympy.true:
+        return None
+    pieces, last = e.args[:-1], e.args[-1].expr
+    if len(pieces) == 1 and pieces[0].expr == -sympy.oo:  # where(c, -inf, v)
+        return sympy.Not(pieces[0].cond), last
+    if last != -sympy.oo or any(p.expr == -sympy.oo for p in pieces):
+        return None
+    keep = sympy.Or(*[p.cond for p in pieces])
+    value = sympy.Piecewise(*[(p.expr, p.cond) for p in pieces[:-1]], (pieces[-1].expr, True))
+    return keep, value
+
+
+def _conjuncts(c):
+    """The conjuncts of a condition (``And`` flattened, ``not (a or b)`` as ``not a``, ``not b``)."""
+    if isinstance(c, sympy.And):
+        return [x for a in c.args for x in _conjuncts(a)]
+    if isinstance(c, sympy.Not) and isinstance(c.args[0], sympy.Or):
+        return [x for a in c.args[0].args for x in _conjuncts(sympy.Not(a))]
+    return [c]
 
 
 def load_spec(path) -> Pattern:

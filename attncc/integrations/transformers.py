@@ -1,0 +1,358 @@
+"""Hugging Face ``transformers``: attncc's generated kernels as an attention implementation.
+
+    from attncc.integrations import transformers as attncc_hf
+
+    attncc_hf.register()                                        # the implementation "attncc"
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="attncc")
+
+    attncc_hf.register("prefix_lm", spec="specs/prefix_lm.toml")  # your own pattern (see below)
+
+``register`` adds a function to transformers' ``AttentionInterface`` and one to its
+``AttentionMaskInterface`` under the same name. Where transformers builds a dense
+[B, 1, Nq, Nk] mask for sdpa or eager, the mask function returns a small :class:`KeyMask`
+instead: which mask the model asked for (recognized from transformers' own mask functions:
+causal, bidirectional, sliding windows), the positions of the call in the sequence (the KV
+cache's offsets) and, only when some key is padding, the 2D padding mask [B, positions]. No
+dense mask is ever made; the padding reaches the kernels as an input ``key_ok[b, j]`` of the
+spec, so they skip padded key blocks from block statistics like any data-dependent mask.
+
+The attention function then picks the generated module per call, from what the model passes,
+and compiles each one once (``attncc.compile``; cached on disk):
+
+* the mask: causal or bidirectional, Mistral-style sliding windows (``i - j < window``),
+  left or right padding (any 2D ``attention_mask``);
+* the score: ``scaling`` (e.g. Gemma 2's ``query_pre_attn_scalar``), Gemma-2-style logit
+  ``softcap``, and ``dropout`` while training;
+* GQA: k/v with fewer heads than q run as they are (nothing is repeated per query head);
+* the head dim and dtype of the call (the spec's ``head_dim`` and ``dtypes``).
+
+A call without gradients whose queries (at most 16) are the last positions held by the KV cache
+runs the module's ``decode`` (generation's steps, and short prompts); it sees the cache with
+positions counted from its first entry, which the built-in patterns (all translation-invariant)
+allow even for a sliding-window cache that has dropped old keys. Every other call (training,
+long prompts) runs ``attention`` with ``q_offset``/``k_offset`` at the cache's positions.
+``register(..., decode=False)`` always uses ``attention``.
+
+Your own pattern: ``register(name, spec=...)`` with TOML text, a dict, a path or a compiled
+module. The spec replaces the model's mask (write causality into it); a model that passes
+``softcap`` or ``dropout`` needs the spec's ``[score]`` to say the same. The spec's params and
+inputs are taken from the keyword arguments the model forwards to attention (``model(ids,
+doc=doc_ids)`` reaches an input ``doc``) or from their defaults; an input named ``key_ok``
+(dims ``["b", "n"]``, dtype ``"bool"``) receives the padding mask (all true without padding), and
+without one a padded batch is an error. Decoding uses ``decode`` only when the cache holds
+every position from 0.
+
+Not supported (errors, never a silent difference): dense masks passed by the caller (4-D
+``attention_mask``), masks transformers builds from other functions (packed sequences found
+from ``position_ids``, chunked or block-wise overlays, ``or_mask_function``/
+``and_mask_function``) with the built-in implementation, ``position_bias``, attention sinks
+(``s_aux``); ``output_attentions`` returns no weights (as sdpa). The mask function reads the
+padding mask once per forward (one host synchronization), so a model under ``torch.compile``
+breaks its graph there.
+"""
+from __future__ import annotations
+
+import threading
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+try:
+    from transformers import AttentionInterface
+    from transformers import masking_utils as _mu
+    from transformers.masking_utils import AttentionMaskInterface
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError("attncc.integrations.transformers needs transformers with masking_utils.AttentionMaskInterface "
+                      "(pip install 'attncc[hf]')") from e
+
+import attncc
+
+_REGISTERED: Dict[str, "_Implementation"] = {}  # name -> what register() made of it
+MAX_DECODE_QUERIES = 16  # attncc.runtime.decode.MAX_QUERIES, without importing Triton here
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+@dataclass(frozen=True)
+class MaskKind:
+    """A mask of transformers' mask functions, over query positions ``i`` and key positions ``j``.
+
+    causal: ``j <= i``. window: with causal, ``i - j < window`` (``sliding_window_overlay``);
+    without, ``|i - j| <= window`` (``sliding_window_bidirectional_overlay``)."""
+
+    causal: bool
+    window: Optional[int] = None
+
+    def clauses(self) -> Tuple[str, ...]:
+        out = ("j <= i",) if self.causal else ()
+        if self.window is not None:
+            out += ("i - j < window",) if self.causal else ("abs(i - j) <= window",)
+        return out
+
+
+@dataclass(frozen=True, eq=False)
+class KeyMask:
+    """What the mask function hands to the attention function in place of a dense mask.
+
+    kind: None when the mask function was not recognized (allowed with a user spec only).
+    q_offset / kv_offset: the positions of the first query and the first key (cache) row.
+    key_ok: bool [B, >= kv_offset + kv_length], True where the key at that position is a real
+    token; None when none is padding."""
+
+    kind: Optional[MaskKind]
+    q_offset: int
+    kv_offset: int
+    q_length: int
+    kv_length: int
+    key_ok: Optional[torch.Tensor]
+    mask_function: str = ""  # its name, for messages
+
+
+# -- recognizing transformers' mask functions ---------------------------------------------------
+
+def _code(factory: Optional[Callable], *args):
+    return factory(*args).__code__ if factory is not None else None
+
+
+_AND_CODE = _code(_mu.and_masks, _mu.causal_mask_function)
+_SLIDING_CODE = _code(getattr(_mu, "sliding_window_overlay", None), 1)
+_SLIDING_BIDIRECTIONAL_CODE = _code(getattr(_mu, "sliding_window_bidirectional_overlay", None), 1)
+_BIDIRECTIONAL = getattr(_mu, "bidirectional_mask_function", None)
+
+
+def _closure(fn) -> dict:
+    cells = fn.__closure__ or ()
+    return dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in cells)))
+
+
+def recognize(mask_function) -> Optional[MaskKind]:
+    """The MaskKind of one of transformers' mask functions, or None for any other function."""
+    if mask_function is _mu.causal_mask_function:
+        return MaskKind(causal=True)
+    if _BIDIRECTIONAL is not None and mask_function is _BIDIRECTIONAL:
+        return MaskKind(causal=False)
+    if getattr(mask_function, "__code__", None) is not _AND_CODE:
+        return None
+    parts = list(_closure(mask_function).get("mask_functions", ()))
+    bases = [recognize(p) for p in parts if p is _mu.causal_mask_function or p is _BIDIRECTIONAL]
+    overlays = [p for p in parts if p is not _mu.causal_mask_function and p is not _BIDIRECTIONAL]
+    if len(bases) != 1 or len(overlays) != 1 or not hasattr(overlays[0], "__code__"):
+        return None
+    base, overlay = bases[0], overlays[0]
+    window = _closure(overlay).get("sliding_window")
+    if type(window) is not int or window < 1:
+        return None
+    if base.causal and overlay.__code__ is _SLIDING_CODE:
+        return MaskKind(causal=True, window=window)
+    if not base.causal and overlay.__code__ is _SLIDING_BIDIRECTIONAL_CODE:
+        return MaskKind(causal=False, window=window)
+    return None
+
+
+def _name(fn) -> str:
+    return getattr(fn, "__qualname__", None) or type(fn).__name__
+
+
+# -- the implementation --------------------------------------------------------------------------
+
+class _Implementation:
+    """One registered name: the built-in patterns (``spec`` None) or the user's module."""
+
+    def __init__(self, name: str, spec, decode: bool):
+        self.name, self.use_decode = name, decode
+        self.module: Optional[ModuleType] = None
+        self.softcap: Optional[float] = None  # the user spec's, when known
+        self.softcap_known = False
+        if spec is not None:
+            self.module, self.softcap, self.softcap_known = _user_module(spec)
+        self._modules: Dict[tuple, ModuleType] = {}
+        self._lock = threading.Lock()
+        self.calls: Counter = Counter()  # "attention" / "decode": which entry point ran (tests, curiosity)
+
+    # The mask function (AttentionMaskInterface): transformers calls it where it would build a mask.
+    def mask(self, batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
+             mask_function: Callable = _mu.causal_mask_function, attention_mask: Optional[torch.Tensor] = None,
+             **kwargs) -> KeyMask:
+        kind = recognize(mask_function)
+        if kind is None and self.module is None:
+            raise NotImplementedError(
+                f"attncc ({self.name}): the model asks for a mask transformers builds from {_name(mask_function)}, "
+                f"which is not one of the masks this integration maps to generated kernels (causal, bidirectional, "
+                f"sliding windows, with padding); packed sequences found from position_ids and custom mask overlays "
+                f"are among them. Write the pattern as a spec and register it: register(name, spec=...)")
+        q_offset, kv_offset = int(q_offset), int(kv_offset)
+        key_ok = None
+        if attention_mask is not None:
+            if attention_mask.dim() != 2:
+                raise ValueError(f"attncc ({self.name}): expected a 2D padding mask [B, positions], got shape "
+                                 f"{tuple(attention_mask.shape)}")
+            positions = kv_offset + kv_length
+            ok = attention_mask.to(torch.bool)
+            if ok.shape[1] < positions:  # a static cache: its slots past the mask hold no token
+                ok = torch.nn.functional.pad(ok, (0, positions - ok.shape[1]), value=False)
+            ok = ok[:, :positions].contiguous()
+            if not bool(ok.all()):  # one host sync per forward; none of the kernels needs one
+                key_ok = ok
+        return KeyMask(kind, q_offset, kv_offset, q_length, kv_length, key_ok, _name(mask_function))
+
+    # The attention function (AttentionInterface).
+    def forward(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
+                softcap=None, **kwargs):
+        who = f"attncc ({self.name})"
+        for unsupported in ("position_bias", "s_aux"):
+            if kwargs.get(unsupported) is not None:
+                raise NotImplementedError(f"{who}: {unsupported} is not supported")
+        if kwargs.get("output_attentions"):
+            warnings.warn(f"{who}: output_attentions=True returns no attention weights (as sdpa)", stacklevel=2)
+        B, _, Nq, _ = query.shape
+        Nk = key.shape[2]
+        mask = attention_mask
+        if mask is None:  # a model that builds no mask through transformers' masking utilities
+            causal = kwargs.get("is_causal")
+            causal = getattr(module, "is_causal", True) if causal is None else bool(causal)
+            window = int(sliding_window) if causal and sliding_window else None
+            mask = KeyMask(MaskKind(causal, window), Nk - Nq if causal else 0, 0, Nq, Nk, None)
+        elif not isinstance(mask, KeyMask):
+            raise TypeError(f"{who}: attention_mask must come from attncc's mask function (no dense masks), got "
+                            f"{type(mask).__name__}{tuple(mask.shape) if hasattr(mask, 'shape') else ''}; pass the "
+                            f"2D padding mask to the model and let it build the mask")
+        if (mask.q_length, mask.kv_length) != (Nq, Nk):
+            raise ValueError(f"{who}: the mask was made for {mask.q_length} queries and {mask.kv_length} keys, "
+                             f"the call has {Nq} and {Nk}")
+        dropout = float(dropout or 0.0)
+        if self.module is not None:
+            run, kw, translation_invariant = self._user_call(who, mask, B, Nk, dropout, softcap, kwargs, query.device)
+        else:
+            run = self._builtin_module(mask.kind, mask.key_ok is not None, softcap, dropout, query, value)
+            kw, translation_invariant = {}, True
+            if mask.kind.window is not None:
+                kw["window"] = mask.kind.window
+            if dropout:
+                kw["dropout_p"] = dropout
+        if scaling is not None:
+            kw["scale"] = float(scaling)
+        o = self._run(run, mask, query, key, value, kw, dropout, translation_invariant)
+        return o.transpose(1, 2).contiguous(), None
+
+    def _run(self, run: ModuleType, mask: KeyMask, q, k, v, kw: dict, dropout: float, translation_invariant: bool):
+        Nq, Nk = q.shape[2], k.shape[2]
+        queries_end = mask.q_offset - mask.kv_offset + Nq  # the rows of the cache that the queries fill
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        if (self.use_decode and not needs_grad and not dropout and Nq <= MAX_DECODE_QUERIES
+                and Nq <= queries_end <= Nk and (translation_invariant or mask.kv_offset == 0)):
+            # positions from the cache's first row: i - j and the padding are what they are globally
+            if mask.key_ok is not None and "key_ok" not in kw:
+                kw["key_ok"] = mask.key_ok[:, mask.kv_offset:mask.kv_offset + Nk]
+            kv_len = torch.full((q.shape[0],), queries_end, dtype=torch.int32, device=q.device)
+            self.calls["decode"] += 1
+            return run.decode(q, k, v, kv_len=kv_len, **kw)
+        if mask.key_ok is not None and "key_ok" not in kw:
+            kw["key_ok"] = mask.key_ok
+        self.calls["attention"] += 1
+        return run.attention(q, k, v, q_offset=mask.q_offset, k_offset=mask.kv_offset, **kw)
+
+    def _builtin_module(self, kind: MaskKind, padded: bool, softcap, dropout: float, query, value) -> ModuleType:
+        key = (kind, padded, softcap, dropout, query.shape[-1], value.shape[-1], query.dtype)
+        module = self._modules.get(key)
+        if module is None:
+            text = builtin_spec(kind, padded=padded, softcap=softcap, dropout=dropout, head_dim=query.shape[-1],
+                                value_dim=value.shape[-1], dtype=query.dtype)
+            with self._lock:
+                module = self._modules[key] = attncc.compile(text)
+        return module
+
+    def _user_call(self, who, mask: KeyMask, B: int, Nk: int, dropout: float, softcap, kwargs: dict, device):
+        spec = self.module.SPEC
+        if self.softcap_known and (softcap or None) != self.softcap:
+            raise ValueError(f"{who}: the model asks for softcap = {softcap}, the spec has "
+                             f"{self.softcap if self.softcap is not None else 'none'} ([score].softcap)")
+        names = {p.name for p in spec.params} | {d.name for d in spec.inputs}
+        kw = {n: kwargs[n] for n in names if n in kwargs}
+        if "key_ok" in {d.name for d in spec.inputs}:
+            if "key_ok" not in kw:
+                kw["key_ok"] = (mask.key_ok if mask.key_ok is not None
+                                else torch.ones(B, mask.kv_offset + Nk, dtype=torch.bool, device=device))
+        elif mask.key_ok is not None:
+            raise ValueError(f"{who}: the batch has padding, and the spec {spec.name} has no input key_ok "
+                             f"(dims = [\"b\", \"n\"], dtype = \"bool\") to receive it; add one and use it in the mask")
+        if dropout:
+            if not spec.dropout:
+                raise ValueError(f"{who}: the model asks for dropout {dropout}; the spec {spec.name} has no "
+                                 f"[score].dropout")
+            kw["dropout_p"] = dropout
+        elif spec.dropout:
+            kw["dropout_p"] = 0.0
+        return self.module, kw, False
+
+
+def builtin_spec(kind: MaskKind, *, padded: bool, softcap: Optional[float], dropout: float, head_dim: int,
+                 value_dim: int, dtype: torch.dtype) -> str:
+    """The spec text of one built-in pattern (what ``register()`` compiles per kind of call)."""
+    if dtype not in _DTYPE_NAMES:
+        raise TypeError(f"attncc: attention runs in float32, float16 or bfloat16, got {dtype}")
+    parts = ["causal" if kind.causal else "bidirectional"] + ["window"] * (kind.window is not None)
+    parts += ["padded"] * padded + ["softcap"] * bool(softcap) + ["dropout"] * bool(dropout)
+    lines = [f'name = "hf_{"_".join(parts)}"', f"head_dim = {head_dim}", f'dtypes = ["{_DTYPE_NAMES[dtype]}"]']
+    if value_dim != head_dim:
+        lines.append(f"value_dim = {value_dim}")
+    if kind.window is not None:
+        lines += ["[params]", f"window = {kind.window}"]
+    clauses = kind.clauses()
+    if padded:
+        lines += ["[inputs]", 'key_ok = { dims = ["b", "n"], dtype = "bool" }']
+        clauses += ("key_ok[b, j]",)
+    if clauses:
+        lines += ["[mask]", f'where = "{" and ".join(clauses)}"']
+    score = ([f"softcap = {float(softcap)!r}"] if softcap else []) + ([f"dropout = {dropout!r}"] if dropout else [])
+    if score:
+        lines += ["[score]"] + score
+    return "\n".join(lines) + "\n"
+
+
+def _user_module(spec) -> Tuple[ModuleType, Optional[float], bool]:
+    """(module, its softcap, whether the softcap is known): a module is taken as is."""
+    if isinstance(spec, ModuleType):
+        if not hasattr(spec, "attention") or not hasattr(spec, "SPEC"):
+            raise TypeError(f"attncc: spec must be a generated module (with attention and SPEC), got {spec.__name__}")
+        return spec, None, False
+    from attncc.module_cache import _spec_source
+    from attncc.spec import parse_spec
+
+    module = attncc.compile(spec)
+    if module.SPEC.kind != "softmax":
+        raise ValueError(f"attncc: {module.SPEC.name} is a {module.SPEC.kind} attention spec; models call softmax "
+                         f"attention")
+    pattern = parse_spec(*_spec_source(spec))
+    return module, pattern.softcap, True
+
+
+def register(name: str = "attncc", spec=None, *, decode: bool = True) -> str:
+    """Register attncc as transformers attention implementation ``name``; returns ``name``.
+
+    ``spec``: None for the built-in patterns (what the model asks for), else the pattern to run
+    for every call: TOML text, a dict, a path (``attncc.compile``) or a generated module.
+    ``decode``: run decoding steps through the module's ``decode`` (else ``attention``)."""
+    if not isinstance(name, str) or not name or name in ("eager", "sdpa", "flex_attention") or name.startswith(
+            ("flash_attention", "paged")):
+        raise ValueError(f"attncc: name must be a new attention implementation name, got {name!r}")
+    impl = _REGISTERED[name] = _Implementation(name, spec, decode)
+
+    def attncc_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
+                         softcap=None, **kwargs):
+        return impl.forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                            sliding_window=sliding_window, softcap=softcap, **kwargs)
+
+    def attncc_mask(*args, **kwargs):
+        return impl.mask(*args, **kwargs)
+
+    AttentionInterface.register(name, attncc_attention)
+    AttentionMaskInterface.register(name, attncc_mask)
+    return name
+
+
+def registered(name: str = "attncc") -> "_Implementation":
+    """What ``register(name, ...)`` registered (its ``calls`` count the decode and attention calls)."""
+    return _REGISTERED[name]

@@ -1,0 +1,243 @@
+"""``attncc.compile(spec)``: a spec (TOML text, a dict of its keys, or a path) -> its generated
+module, imported, without the command line.
+
+The generated source is cached on disk, one file per spec: ``<name>_<key>.py`` in
+:func:`modules_dir` (``$ATTNCC_CACHE_DIR/modules``, default ``~/.cache/attncc/modules``), where
+``key`` hashes the spec text, the label it is known by (its path: it names the module's default
+``name`` and shows in the header) and the compiler (:func:`compiler_fingerprint`: the attncc
+version and the sources of the spec, analysis and codegen stages and the templates, so that a
+changed compiler never serves an old file). A process that finds the file only imports it: no
+sympy, jinja2 or networkx. Files are written whole (:func:`write_atomic`), so processes that
+compile the same spec at once each see either no file or a complete one.
+
+A module is imported under the name ``attncc_generated_<name>_<key>`` and registered in
+``sys.modules`` (``importlib.import_module`` finds it again; pickle and ``torch.compile`` resolve
+its functions), without putting the cache folder on ``sys.path``. File names come from the
+validated identifier ``name`` and the hex key only, never from the spec text.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import math
+import os
+import secrets
+import sys
+import threading
+from pathlib import Path
+from types import ModuleType
+from typing import Dict, Optional, Tuple, Union
+
+import attncc
+
+SpecLike = Union[str, "os.PathLike[str]", dict]
+
+MODULE_PREFIX = "attncc_generated_"
+TEXT_LABEL = "<string>"  # what a spec given as text or as a dict is called in errors (as parse_spec does)
+
+_LOCK = threading.RLock()
+_LOADED: Dict[str, ModuleType] = {}  # cache key -> module, for this process
+_FINGERPRINT: Optional[str] = None
+renders = 0  # sources rendered by this process (a cache hit renders none)
+
+
+def cache_root() -> Path:
+    """``$ATTNCC_CACHE_DIR``, else ``~/.cache/attncc`` (the tuning cache uses the same root:
+    attncc.runtime.tuning.cache_dir)."""
+    env = os.environ.get("ATTNCC_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "attncc"
+
+
+def modules_dir() -> Path:
+    """Where compiled modules are cached."""
+    return cache_root() / "modules"
+
+
+def compile(spec: SpecLike) -> ModuleType:
+    """The generated module of ``spec``, imported (the same object on every call in a process).
+
+    ``spec`` is one of
+      * a ``dict`` with the keys of a spec file (``{"mask": {"where": "causal"}}``);
+      * a ``pathlib.Path`` (any ``os.PathLike``): the spec file;
+      * a ``str``: TOML text if it contains a newline or ``=``, or is blank (every spec with a key
+        has an ``=``), else the path of a spec file. Pass a ``Path`` for a file whose name has ``=``.
+
+    Raises the same :class:`attncc.spec.SpecError` as ``attncc build`` for a bad spec (named by
+    its path, or ``<string>`` for text and dicts).
+    """
+    text, label = _spec_source(spec)
+    key = cache_key(text, label)
+    with _LOCK:
+        module = _LOADED.get(key)
+        if module is None:
+            path = _cached_file(key) or _render_to_cache(text, label, key)
+            module = _import(path, MODULE_PREFIX + path.stem)
+            _LOADED[key] = module
+        return module
+
+
+def _spec_source(spec) -> Tuple[str, str]:
+    """(TOML text, label) of what compile() was given."""
+    if isinstance(spec, dict):
+        return toml_text(spec), TEXT_LABEL
+    if isinstance(spec, str) and ("\n" in spec or "=" in spec or not spec.strip()):
+        return spec, TEXT_LABEL
+    if isinstance(spec, (str, os.PathLike)):
+        path = os.fspath(spec)
+        if not isinstance(path, str):
+            raise TypeError(f"attncc.compile: a spec path must be text, got {type(path).__name__} {path!r}")
+        try:
+            return Path(path).read_text(), path
+        except OSError:
+            from attncc.spec import load_spec
+
+            load_spec(path)  # raises the SpecError the command raises for an unreadable file
+            raise
+    raise TypeError(f"attncc.compile: spec must be TOML text (str), a dict of spec keys or a path, "
+                    f"got {type(spec).__name__}")
+
+
+def cache_key(text: str, label: str) -> str:
+    """20 hex digits naming the generated source of ``text`` (known as ``label``) by this compiler."""
+    h = hashlib.sha256()
+    for part in (compiler_fingerprint(), label, text):
+        h.update(part.encode("utf-8", "surrogatepass"))
+        h.update(b"\0")
+    return h.hexdigest()[:20]
+
+
+def compiler_fingerprint() -> str:
+    """The attncc version and a hash of every source that shapes generated code."""
+    global _FINGERPRINT
+    if _FINGERPRINT is None:
+        package = Path(attncc.__file__).resolve().parent
+        templates = package.parent / "templates"  # attncc.codegen.TEMPLATES, without importing jinja2
+        files = sorted([*package.glob("spec/*.py"), *package.glob("analysis/*.py"), *package.glob("codegen/*.py"),
+                        *templates.glob("*.j2")])
+        h = hashlib.sha256(attncc.__version__.encode())
+        for f in files:
+            h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+        _FINGERPRINT = f"{attncc.__version__}:{h.hexdigest()[:16]}"
+    return _FINGERPRINT
+
+
+def _cached_file(key: str) -> Optional[Path]:
+    for path in sorted(modules_dir().glob(f"*_{key}.py")):
+        if path.stem[: -len(key) - 1].isidentifier():
+            return path
+    return None
+
+
+def _render_to_cache(text: str, label: str, key: str) -> Path:
+    global renders
+    from attncc.codegen import render
+    from attncc.spec import parse_spec
+
+    pattern = parse_spec(text, label)  # the command's validation and errors
+    source = render(pattern.replace(source=_printable(label)))
+    renders += 1
+    path = modules_dir() / f"{pattern.name}_{key}.py"
+    write_atomic(path, source)
+    return path
+
+
+def _printable(label: str) -> str:
+    """The label as the generated header and docstring show it: characters that could end a
+    comment or a docstring (newlines, quotes, backslashes) become '?'."""
+    return "".join(c if c.isprintable() and c not in "\"'\\" else "?" for c in label)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that a reader sees the old file or the whole new one, never
+    a part of it (a unique temporary file in the same folder, then ``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _import(path: Path, module_name: str) -> ModuleType:
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # before running it: its kernels are looked up by module name
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[module_name]
+        raise
+    return module
+
+
+# -- dict -> TOML ---------------------------------------------------------------------------
+
+def toml_text(data: dict) -> str:
+    """A dict of spec keys as TOML text that parses back to the same dict: tables become inline
+    tables, so the parser sees exactly the keys and values given (and reports the same errors
+    as for a file). Values must be str, int, float, bool, list/tuple or dict."""
+    if not isinstance(data, dict):
+        raise TypeError(f"attncc.compile: expected a dict, got {type(data).__name__}")
+    return "".join(f"{_toml_key(k, '')} = {_toml_value(v, _key_path('', k))}\n" for k, v in data.items())
+
+
+def _key_path(parent: str, key) -> str:
+    """The key as the spec checker names it: ``name``, ``[mask].where``, ``[inputs].doc.dims``."""
+    if not parent:
+        return str(key)
+    return f"[{parent}].{key}" if not parent.startswith("[") else f"{parent}.{key}"
+
+
+def _toml_key(key, where: str) -> str:
+    if not isinstance(key, str):
+        _fail(where or str(key), f"keys must be strings, got {type(key).__name__} {key!r}")
+    return _toml_string(key)
+
+
+def _toml_value(value, where: str) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if type(value) is int:
+        return str(value)
+    if type(value) is float:
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        return _toml_string(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v, where) for v in value) + "]"
+    if isinstance(value, dict):
+        items = (f"{_toml_key(k, where)} = {_toml_value(v, _key_path(where, k))}" for k, v in value.items())
+        return "{ " + ", ".join(items) + " }" if value else "{}"
+    _fail(where, f"expected a string, integer, float, boolean, list or table, got {type(value).__name__} {value!r}")
+
+
+def _toml_string(s: str) -> str:
+    """A TOML basic string: quotes, backslashes and control characters escaped."""
+    out = []
+    for c in s:
+        if c in '"\\':
+            out.append("\\" + c)
+        elif c < " " or c == "\x7f":
+            out.append(f"\\u{ord(c):04x}")
+        else:
+            out.append(c)
+    return '"' + "".join(out) + '"'
+
+
+def _fail(key: str, message: str):
+    from attncc.spec.errors import SpecError
+
+    raise SpecError(TEXT_LABEL, key, message)

@@ -1,0 +1,1471 @@
+"""Randomized differential testing: seeded random specs and calls, generated kernels against
+``attncc.reference`` (float64), forward and backward.
+
+A seed fixes everything: :func:`random_spec` draws a well-typed spec (masks mixing bands, ``//``
+and ``%`` by literals and by int params with odd divisors, unions and intersections, global rows
+and columns, ``n_q``/``n_k``, inputs with look-alike names, biases, softcap, score transforms, rope,
+fixed head counts), :func:`random_call` draws a call of it (odd lengths, Nq != Nk, offsets, GQA/MQA,
+non-contiguous q/k/v and inputs, param overrides, half precision now and then), and
+:func:`check_case` builds the spec (cached per text), runs it under the Triton interpreter and
+compares o and lse (and dq, dk, dv and the gradients of ``grad = true`` tables for backward cases)
+with the reference. A failing case shrinks (:func:`minimize`) to a small spec and call.
+
+Both halves are plain data (:class:`Draft`, :class:`CallPlan`, frozen), so a failure can be
+shrunk by replacing fields and re-run. Every case carries *tags*: the features it exercises that
+are tied to a known bug of attncc (:data:`KNOWN_BUG_TAGS`); ``avoid=`` keeps the generator away
+from tagged features, which is how one hunts for new bugs while known ones are still open.
+
+    python tests/fuzz_specs.py --cases 200 --start 0          # print failures, shrunk
+    python tests/fuzz_specs.py --seed 17 --verbose            # one case: spec, call, result
+    python tests/fuzz_specs.py --cases 500 --avoid div_param,score_cond_inf
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import math
+import os
+import random
+import re
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Dict, FrozenSet, Optional, Tuple, Union
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (CPU tensors)
+_HERE = Path(__file__).resolve().parent
+for _p in (str(_HERE), str(_HERE.parent)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import torch  # noqa: E402
+
+import attncc  # noqa: E402
+from attncc.spec import SpecError  # noqa: E402
+from cases import REL_TOL, build_inline  # noqa: E402
+
+# ---------------------------------------------------------------------------------------------
+# vocabulary
+# ---------------------------------------------------------------------------------------------
+
+# Divisors for // and %: small ones, and odd ones whose float32 reciprocal is inexact enough that
+# floor(x * (1 / d)) misses exact multiples of d below 110 (41, 47, 55, 61, 82, ...).
+DIVISORS = (2, 3, 4, 5, 7, 8, 13, 16, 41, 47, 55, 61, 82)
+# Look-alike names: classifier leaves (in_<name>_<index vars>), kernel arguments (<name>_ptr,
+# <name>_stride0, <name>_size0) and hoisted values (row0, col0) of one input can spell another's.
+INPUT_FAMILIES = (("x", "x_b", "xb", "x_ptr", "x_i", "x_b_i", "x_stride0", "x_size0"),
+                  ("doc", "doc_b", "docb", "doc_ptr", "doc_i"),
+                  ("t", "t_h", "tab", "t_ptr", "row0"))
+# Param names: plain ones, look-alikes, and names of the generated kernels' own locals and arguments.
+PARAM_NAMES = ("w", "w_b", "wb", "g", "c", "dd", "stride", "blk", "width", "w_ptr",
+               "acc", "qk", "m_i", "l_i", "offs_n", "offs_m", "pid", "lse", "start_n", "row", "H", "Nk",
+               "GROUP", "keep", "col0", "hk")
+INT_ROLES = {  # int param role -> the values a default or a per-call override is drawn from
+    "div": DIVISORS,
+    "win": tuple(range(0, 25)),
+    "glob": tuple(range(0, 13)),
+    "prefix": tuple(range(0, 41)),
+}
+BIG_BASES = (2**20, 2**31 - 37, 2**32 + 3)  # positions of a far-away chunk (the last two cross 2**31)
+
+# Features tied to known bugs of attncc (issue 15). A failing case that carries one of these tags
+# is probably that bug; a failing case without any is new.
+KNOWN_BUG_TAGS = {
+    "div_param": "`//` by a runtime int param computed in float32 (wrong quotients for 41, 47, 55, ...)",
+    "score_cond_inf": "where(c(s), e, -inf) in [score].mod with a condition on s",
+    "leaf_collision": "classifier leaf names collide (x[b, i] and x_b[i] are both in_x_b_i)",
+    "noncontig_int": "strides of small int tensors ignored (decode's kv_len and block_table)",
+    "int64": "int64 values narrowed to int32 without a word",
+    "pos_2_31": "positions past 2**31 wrap",
+    "nan": "NaN in q/k: the reference zeros rows the contract says are NaN",
+    "half_query_table": "a bf16/fp16 table in a query-only score term breaks the backward",
+    "float_mask": "float arithmetic in masks disagrees with the reference",
+}
+# Bugs this fuzzer found beyond issue 15 (each has an xfail test in tests/test_fuzz_regressions.py).
+FOUND_BUG_TAGS = {
+    "table_dtype": "float input values enter the score arithmetic in their own dtype: fp16 products lose "
+                   "digits and overflow past 65504 (NaN), bf16 ones crash the interpreter (get_bf16), float64 "
+                   "scores reach p.to(bfloat16), which the interpreter converts wrongly",
+    "input_divmod": "`//` and `%` of an int input's value are printed as float floor arithmetic (sympy cannot "
+                    "tell the input is an integer): wrong past 2**24, a crash inside an input index",
+    "mod_never": "a score transform that is -inf everywhere (where(c, e, -inf) with a c sympy proves false, "
+                 "such as i < 0) is dropped as a term constant along j: plain attention instead of o = 0",
+    "big_linear_pos": "float terms linear in the positions (alibi, c * (i - j): sympy expands it to c*i - c*j) "
+                      "are evaluated from absolute positions in float32: imprecise past ~2**16",
+}
+BUG_TAGS = {**KNOWN_BUG_TAGS, **FOUND_BUG_TAGS}
+
+
+# ---------------------------------------------------------------------------------------------
+# the spec draft
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Atom:
+    """One expression fragment (a mask clause, a bias term, a score transform) and its tags."""
+
+    text: str
+    tags: FrozenSet[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Node:
+    """``and``/``or`` of 2-3 children, or ``not`` of one; ``symbol`` is how it is written."""
+
+    op: str  # "and", "or", "not"
+    kids: Tuple["Mask", ...]
+    symbol: str = ""  # "and"/"&" or "or"/"|"; "" for not
+
+
+Mask = Union[Atom, Node]
+
+
+@dataclass(frozen=True)
+class ParamPlan:
+    name: str
+    default: Union[int, float]
+    role: str  # an INT_ROLES key, or "coef" / "thresh" for floats
+
+
+@dataclass(frozen=True)
+class InputPlan:
+    """A declared input and how its values are drawn (``role``: float, slope, doc, len, small, flag)."""
+
+    name: str
+    dims: Tuple[Union[str, int], ...]
+    dtype: str
+    role: str
+    grad: bool = False
+
+
+@dataclass(frozen=True)
+class Draft:
+    """A random spec as data: rendered by :attr:`text`, shrunk by :func:`dataclasses.replace`."""
+
+    head_dims: Tuple[int, ...] = (16,)
+    dtypes: Tuple[str, ...] = ("float32",)
+    heads_q: Optional[int] = None
+    heads_kv: Optional[int] = None
+    value_dim: Optional[int] = None
+    params: Tuple[ParamPlan, ...] = ()
+    inputs: Tuple[InputPlan, ...] = ()
+    mask: Optional[Mask] = None
+    bias: Tuple[Atom, ...] = ()
+    mod: Optional[Atom] = None
+    softcap: Optional[float] = None
+    scale: Optional[float] = None
+    rope: Optional[Tuple[float, str, Optional[int]]] = None  # theta, style, rotary_dim
+
+    # -- what the text uses ---------------------------------------------------------------
+    def expressions(self) -> Dict[str, str]:
+        out = {}
+        if self.mask is not None:
+            out["mask"] = render_mask(self.mask)
+        if self.bias:
+            out["bias"] = " + ".join(a.text for a in self.bias)
+        if self.mod is not None:
+            out["mod"] = self.mod.text
+        return out
+
+    def _uses(self, name: str) -> bool:
+        return any(re.search(rf"\b{re.escape(name)}\b", e) for e in self.expressions().values())
+
+    @property
+    def used_params(self) -> Tuple[ParamPlan, ...]:
+        return tuple(p for p in self.params if self._uses(p.name))
+
+    @property
+    def used_inputs(self) -> Tuple[InputPlan, ...]:
+        return tuple(d for d in self.inputs if self._uses(d.name))
+
+    @property
+    def tags(self) -> FrozenSet[str]:
+        atoms = list(self.bias) + ([self.mod] if self.mod else []) + list(_mask_atoms(self.mask))
+        tags = set().union(*(a.tags for a in atoms)) if atoms else set()
+        if self.rope is not None:
+            tags.add("abspos")
+        if leaf_collisions(self):
+            tags.add("leaf_collision")
+        if any("n" in d.dims for d in self.used_inputs):
+            tags.add("n_input")
+        # tables of other float dtypes in the score (bias, mod); query-only ones (no j in the index)
+        dtypes = {d.name: d.dtype for d in self.used_inputs}
+        ex = self.expressions()
+        for name, index in _ACCESS.findall(ex.get("bias", "") + " " + ex.get("mod", "")):
+            if dtypes.get(name) in ("bfloat16", "float16"):
+                tags.add("half_table")
+                if "j" not in re.findall(r"[A-Za-z_]\w*", index):
+                    tags.add("half_query_table")
+            elif dtypes.get(name) == "float64":
+                tags.add("f64_table")
+        return frozenset(tags)
+
+    @property
+    def text(self) -> str:
+        """The TOML spec (no ``name``: the module is named after the file)."""
+        lines = [f"head_dim = {_toml_list(self.head_dims)}", f"dtypes = {_toml_list(self.dtypes)}"]
+        if self.value_dim is not None:
+            lines.append(f"value_dim = {self.value_dim}")
+        if self.heads_q is not None or self.heads_kv is not None:
+            lines.append("[heads]")
+            lines += [f"{k} = {v}" for k, v in (("q", self.heads_q), ("kv", self.heads_kv)) if v is not None]
+        if self.used_params:
+            lines.append("[params]")
+            lines += [f"{p.name} = {p.default!r}" for p in self.used_params]
+        if self.used_inputs:
+            lines.append("[inputs]")
+            for d in self.used_inputs:
+                dims = ", ".join(f'"{x}"' if isinstance(x, str) else str(x) for x in d.dims)
+                grad = ", grad = true" if d.grad else ""
+                lines.append(f'{d.name} = {{ dims = [{dims}], dtype = "{d.dtype}"{grad} }}')
+        ex = self.expressions()
+        if "mask" in ex:
+            lines += ["[mask]", f"where = {_toml_str(ex['mask'])}"]
+        score = []
+        if self.scale is not None:
+            score.append(f"scale = {self.scale!r}")
+        if "bias" in ex:
+            score.append(f"bias = {_toml_str(ex['bias'])}")
+        if "mod" in ex:
+            score.append(f"mod = {_toml_str(ex['mod'])}")
+        if self.softcap is not None:
+            score.append(f"softcap = {self.softcap!r}")
+        if score:
+            lines += ["[score]"] + score
+        if self.rope is not None:
+            theta, style, rd = self.rope
+            lines += ["[rope]", f"theta = {theta!r}", f'style = "{style}"']
+            if rd is not None:
+                lines.append(f"rotary_dim = {rd}")
+        return "\n".join(lines) + "\n"
+
+
+def _toml_list(xs) -> str:
+    return "[" + ", ".join(f'"{x}"' if isinstance(x, str) else str(x) for x in xs) + "]"
+
+
+def _toml_str(s: str) -> str:
+    return f"'{s}'" if "'" not in s else '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def render_mask(m: Mask) -> str:
+    if isinstance(m, Atom):
+        return m.text
+    if m.op == "not":
+        return f"not ({render_mask(m.kids[0])})"
+    # every child in parentheses: & and | bind tighter than comparisons
+    return f" {m.symbol} ".join(f"({render_mask(k)})" for k in m.kids)
+
+
+def _mask_atoms(m: Optional[Mask]):
+    if m is None:
+        return
+    if isinstance(m, Atom):
+        yield m
+    else:
+        for k in m.kids:
+            yield from _mask_atoms(k)
+
+
+_ACCESS = re.compile(r"\b([A-Za-z_]\w*)\[([^\[\]]*)\]")
+
+
+def leaf_collisions(d: Draft) -> bool:
+    """Whether two different input accesses of the mask would get one classifier leaf name
+    (``in_<input>_<index variables>``: ``x[b, i]`` and ``x_b[i]`` are both ``in_x_b_i``)."""
+    text = (render_mask(d.mask) if d.mask is not None else "") + " " + (d.mod.text if d.mod is not None else "")
+    leaves = {}
+    for name, index in _ACCESS.findall(text):  # the mod's where(c, e, -inf) is a mask too
+        leaf = "in_" + "_".join([name] + re.findall(r"[A-Za-z_]\w*", index))
+        leaves.setdefault(leaf, set()).add((name, index.replace(" ", "")))
+    return any(len(v) > 1 for v in leaves.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# drawing a spec
+# ---------------------------------------------------------------------------------------------
+
+class _Avoided(Exception):
+    """The drawn fragment has a tag the caller asked to avoid: draw another."""
+
+
+@dataclass
+class _Pool:
+    """Params and inputs declared while a spec is drawn (names shared by params and inputs)."""
+
+    rng: random.Random
+    avoid: FrozenSet[str]
+    params: Dict[str, ParamPlan] = field(default_factory=dict)
+    inputs: Dict[str, InputPlan] = field(default_factory=dict)
+
+    def _fresh(self, names) -> Optional[str]:
+        free = [n for n in names if n not in self.params and n not in self.inputs]
+        return self.rng.choice(free) if free else None
+
+    def int_operand(self, role: str) -> Tuple[str, bool]:
+        """A literal or an int param of ``role``: (text, is_param)."""
+        rng = self.rng
+        if rng.random() < 0.5:
+            return str(rng.choice(INT_ROLES[role])), False
+        same = [p for p in self.params.values() if p.role == role]
+        if same and rng.random() < 0.5:
+            return rng.choice(same).name, True
+        name = self._fresh(PARAM_NAMES)
+        if name is None:
+            return str(rng.choice(INT_ROLES[role])), False
+        self.params[name] = ParamPlan(name, rng.choice(INT_ROLES[role]), role)
+        return name, True
+
+    def float_param(self, role: str) -> str:
+        name = self._fresh(PARAM_NAMES)
+        value = round(self.rng.uniform(-0.3, 0.3), 3) if role == "coef" else self.rng.choice((0.5, 2.5, 7.5, 15.5))
+        if name is None:
+            return repr(value)
+        self.params[name] = ParamPlan(name, value, role)
+        return name
+
+    def input(self, dims, role: str, dtype: str, grad: bool = False) -> str:
+        dims = tuple(dims)
+        same = [d for d in self.inputs.values() if d.dims == dims and d.role == role]
+        if same and self.rng.random() < 0.5:
+            return self.rng.choice(same).name
+        name = self._fresh(self.rng.choice(INPUT_FAMILIES))
+        if name is None:
+            name = self._fresh([f"in{k}" for k in range(64)])
+        self.inputs[name] = InputPlan(name, dims, dtype, role, grad)
+        return name
+
+    def lookalike_pair(self, role: str, dtype: str) -> Optional[Tuple[str, str]]:
+        """Two fresh inputs named ``x`` ([b, n]) and ``x_b`` ([n]) of one family, or None."""
+        for family in self.rng.sample(INPUT_FAMILIES, len(INPUT_FAMILIES)):
+            a, b = family[0], family[0] + "_b"
+            if all(n not in self.params and n not in self.inputs for n in (a, b)):
+                self.inputs[a] = InputPlan(a, ("b", "n"), dtype, role)
+                self.inputs[b] = InputPlan(b, ("n",), dtype, role)
+                return a, b
+        return None
+
+    def float_table(self, dims, role="float") -> str:
+        r = self.rng.random()
+        dtype = "float32" if r < 0.75 else "float64" if r < 0.85 else self.rng.choice(("bfloat16", "float16"))
+        return self.input(dims, role, dtype, grad=self.rng.random() < 0.5)
+
+    def int_input(self, dims, role: str) -> str:
+        r = self.rng.random()
+        dtype = "int32" if r < 0.6 else "int64" if r < 0.8 else self.rng.choice(("int16", "int8", "uint8"))
+        if role in ("len", "big") and dtype not in ("int32", "int64"):
+            dtype = "int32"  # lengths near positions of 2**20 need 32 bits
+        return self.input(dims, role, dtype)
+
+
+def _divisor(pool: _Pool) -> Tuple[str, FrozenSet[str]]:
+    d, is_param = pool.int_operand("div")
+    return d, frozenset({"div_param"}) if is_param else frozenset()
+
+
+def _mask_leaf(pool: _Pool) -> Atom:
+    """One clause of a mask."""
+    rng = pool.rng
+    kind = rng.choice(("causal", "causal", "window", "window", "chunk", "modulo", "global", "prefix",
+                       "bottom_right", "head", "batch", "doc", "len", "flag", "float_table", "random_blocks",
+                       "float_bound", "power", "lookalike", "minmax", "input_divmod"))
+    if kind in ("input_divmod", "random_blocks", "float_bound") and rng.random() < 0.5:
+        kind = "causal"  # rarer clauses
+    if kind == "causal":
+        return Atom(rng.choice(("j <= i", "causal", "j < i + 1", "i >= j", "kv_idx <= q_idx", "j >= i")))
+    if kind == "window":
+        w, _ = pool.int_operand("win")
+        return Atom(rng.choice((f"abs(i - j) <= {w}", f"i - j < {w}", f"0 <= i - j < {w}", f"j - i <= {w}",
+                                f"-{w} < j - i <= {w}")))
+    if kind == "chunk":
+        c, tags = _divisor(pool)
+        text = rng.choice((f"i // {c} == j // {c}", f"abs(i // {c} - j // {c}) <= 1", f"(j - i) // {c} <= 0",
+                           f"(i - j) // {c} == 0", f"j // {c} <= i // {c}"))
+        return Atom(text, tags)
+    if kind == "modulo":
+        c, is_param = pool.int_operand("div")
+        last = f"{c} - 1" if is_param else str(int(c) - 1)
+        text = rng.choice((f"(i - j) % {c} == 0", f"j % {c} == {last}", f"(i + j) % {c} != 1", f"j % {c} < 2",
+                           f"(j - i) % {c} == 0"))
+        return Atom(text, frozenset({"mod_param"}) if is_param else frozenset())
+    if kind == "global":
+        g, _ = pool.int_operand("glob")
+        return Atom(rng.choice((f"i < {g}", f"j < {g}", f"i < {g} or j < {g}", f"(i < {g}) | (j < {g})")))
+    if kind == "prefix":
+        p, _ = pool.int_operand("prefix")
+        return Atom(rng.choice((f"j < {p}", f"j <= {p}")))
+    if kind == "bottom_right":
+        w, _ = pool.int_operand("win")
+        return Atom(rng.choice(("j - n_k <= i - n_q", f"j - n_k <= i - n_q - {w}", f"n_k - j <= {w}",
+                                f"i - n_q >= -{w}")))
+    if kind == "head":
+        w, _ = pool.int_operand("win")
+        return Atom(rng.choice((f"i - j < {w} + h", f"(j + h) % 3 == 0", f"h % 2 == 0", f"abs(i - j) <= 2 * h + 1")))
+    if kind == "batch":
+        return Atom(rng.choice(("b == 0", "j < n_k - 3 * b", "(i + b) % 2 == 0")))
+    if kind == "doc":
+        if rng.random() < 0.7:
+            d = pool.int_input(("b", "n"), "doc")
+            ix = rng.choice((("b, i", "b, j"), ("b, i // 2", "b, j // 2")))
+        else:
+            d = pool.int_input(("n",), "doc")
+            ix = ("i", "j")
+        return Atom(f"{d}[{ix[0]}] == {d}[{ix[1]}]")
+    if kind == "len":
+        if rng.random() < 0.7:
+            n = pool.int_input(("b",), "len")
+            return Atom(rng.choice((f"j < {n}[b]", f"i < {n}[b] + 5", f"j <= {n}[b]")))
+        n = pool.int_input(("h",), "small")
+        return Atom(rng.choice((f"i - j < {n}[h]", f"abs(i - j) <= {n}[h]")))
+    if kind == "flag":
+        if rng.random() < 0.6:
+            f = pool.input(("b", "n"), "flag", "bool")
+            return Atom(rng.choice((f"{f}[b, j]", f"{f}[b, i]", f"not {f}[b, j]")))
+        f = pool.input(("n",), "flag", "bool")
+        return Atom(rng.choice((f"{f}[j]", f"{f}[i]")))
+    if kind == "float_table":  # a comparison of one loaded float: exact in both
+        x = pool.float_table(rng.choice((("b", "n"), ("n",))))
+        ix = "b, j" if len(pool.inputs[x].dims) == 2 else "j"
+        return Atom(f"{x}[{ix}] > 0.0")
+    if kind == "random_blocks":
+        r, block, seed = rng.randint(0, 3), rng.choice((8, 16, 32)), rng.randint(0, 5)
+        return Atom(f"random_blocks({r}, block={block}, seed={seed})", frozenset({"abspos", "random_blocks"}))
+    if kind == "float_bound":
+        c = pool.float_param("thresh")
+        return Atom(rng.choice((f"i - j < {c}", f"abs(i - j) * 0.5 <= {c}")), frozenset({"float_mask"}))
+    if kind == "input_divmod":  # hashes, ids: int32 values of any size
+        d = pool.int_input(("b", "n"), "big")
+        c = rng.choice(DIVISORS)
+        return Atom(rng.choice((f"{d}[b, j] % {c} == 0", f"{d}[b, i] % {c} == {d}[b, j] % {c}",
+                                f"{d}[b, i] // {c} == {d}[b, j] // {c}")), INPUT_DIVMOD)
+    if kind == "lookalike":  # x[b, i] and x_b[i]: one classifier leaf name for two accesses
+        pair = pool.lookalike_pair("doc", rng.choice(("int32", "int64")))
+        if pair is not None:
+            a, b = pair
+            v = rng.choice("ij")
+            return Atom(rng.choice((f"{a}[b, i] == {a}[b, j] or {b}[{v}] == 0",
+                                    f"{a}[b, {v}] == {b}[{v}]", f"{a}[b, i] == {a}[b, j] and {b}[i] == {b}[j]")))
+        kind = "minmax"
+    w, _ = pool.int_operand("win")
+    if kind == "minmax":
+        return Atom(rng.choice((f"j >= max(i - {w}, 0)", f"j <= min(i + {w}, n_k - 1)", f"min(i, j) + {w} >= max(i, j)")))
+    return Atom(f"(i - j) ** 2 <= {w} ** 2")  # power
+
+
+def _random_mask(pool: _Pool) -> Mask:
+    rng = pool.rng
+    leaves = [_draw(pool, _mask_leaf) for _ in range(rng.choice((1, 1, 2, 2, 3)))]
+    if len(leaves) == 1:
+        return Node("not", (leaves[0],)) if rng.random() < 0.08 else leaves[0]
+
+    def join(op, kids):
+        sym = ("&" if op == "and" else "|") if rng.random() < 0.25 else op
+        return Node(op, tuple(kids), sym)
+
+    if len(leaves) == 2:
+        return join(rng.choice(("and", "or")), leaves)
+    shape = rng.randrange(4)
+    if shape == 0:
+        return join("and", leaves)
+    if shape == 1:
+        return join("or", leaves)
+    inner = join("or" if shape == 2 else "and", leaves[1:])
+    return join("and" if shape == 2 else "or", [leaves[0], inner])
+
+
+def _bias_term(pool: _Pool) -> Atom:
+    rng = pool.rng
+    kind = rng.choice(("alibi", "bucket", "bucket", "row", "row", "head", "batch", "slope", "linear", "log",
+                       "abspos", "int_ops", "mod_table", "gather", "flag_where"))
+    if kind == "gather" and rng.random() < 0.5:
+        kind = "bucket"  # rarer terms
+    if kind == "alibi":
+        return Atom("alibi", LINEAR_POS)
+    if kind == "bucket":
+        if rng.random() < 0.6:
+            t = pool.float_table(("h", 32))
+            return Atom(f"{t}[h, bucket(j - i)]")
+        nb, md, bidir = rng.choice(((16, 40, False), (8, 20, True), (12, 33, False)))
+        t = pool.float_table(("h", nb))
+        d = rng.choice(("i - j", "j - i"))
+        return Atom(f"{t}[h, bucket({d}, num_buckets={nb}, max_distance={md}, bidirectional={bidir})]")
+    if kind == "row":
+        dims, index = rng.choice(((("b", "n"), "b, i"), (("b", "n"), "b, j"), (("n",), "i"), (("n",), "j"),
+                                  (("b", "n"), "b, i // 3")))
+        x = pool.float_table(dims)
+        return Atom(rng.choice((f"{x}[{index}]", f"0.5 * {x}[{index}]")))
+    if kind in ("head", "batch"):
+        x = pool.float_table(("h",) if kind == "head" else ("b",))
+        return Atom(f"{x}[{kind[0]}]")
+    if kind == "slope":
+        x = pool.float_table(("h",), role="slope")
+        return Atom(f"{x}[h] * (j - i)", LINEAR_POS)
+    if kind == "linear":
+        c = pool.float_param("coef") if rng.random() < 0.5 else "0.05"
+        text = rng.choice((f"{c} * (i - j)", f"{c} * (n_k - j)", f"{c} * abs(i - j)"))
+        return Atom(text, LINEAR_POS if "abs" not in text else frozenset())
+    if kind == "log":
+        text = rng.choice(("log(1 + abs(i - j))", "0.1 * sqrt(abs(i - j) + 1)", "tanh(0.1 * (i - j))"))
+        return Atom(text, LINEAR_POS if "tanh" in text else frozenset())
+    if kind == "abspos":  # float functions of absolute positions: exact only at small positions
+        return Atom(rng.choice(("0.3 * sin(0.2 * j)", "0.2 * cos(0.5 * i)", "0.001 * i * j")), frozenset({"abspos"}))
+    if kind == "int_ops":
+        c, tags = _divisor(pool)
+        text = rng.choice((f"where(j % {c} == 0, 0.5, -0.5)", f"0.1 * (i % {c})", f"0.2 * (i // {c} - j // {c})"))
+        return Atom(text, tags | (LINEAR_POS if "-" in text else frozenset()))
+    if kind == "gather":  # a table indexed by another input's value
+        d = pool.int_input(("b", "n"), "doc")
+        t = pool.float_table(("h", 5))
+        return Atom(f"{t}[h, {d}[b, {rng.choice('ij')}] % 5]", INPUT_DIVMOD)
+    if kind == "flag_where":
+        f = pool.input(("b", "n"), "flag", "bool")
+        x = pool.float_table(("b", "h", "n"))
+        return Atom(rng.choice((f"where({f}[b, j], 0.5, -0.5)", f"where({f}[b, j], {x}[b, h, j], 0.0)")))
+    k = rng.choice((5, 7, 3))  # mod_table
+    t = pool.float_table(("h", k) if rng.random() < 0.6 else (k,))
+    ix = rng.choice((f"(i - j) % {k}", f"j % {k}", f"(j // 2) % {k}"))
+    return Atom(f"{t}[h, {ix}]" if len(pool.inputs[t].dims) == 2 else f"{t}[{ix}]")
+
+
+INPUT_DIVMOD = frozenset({"input_divmod"})
+# A float term linear in the positions (alibi, c * (i - j), which sympy expands to c*i - c*j): small
+# where i - j is small, as long as the kernel does not evaluate it from the absolute positions.
+LINEAR_POS = frozenset({"linear_pos"})
+
+
+def _transform(pool: _Pool) -> Atom:
+    """A score transform without -inf."""
+    rng = pool.rng
+    kind = rng.randrange(14)
+    if kind == 0:
+        return Atom("s * 0.5 + h")
+    if kind == 1:
+        return Atom("3.0 * tanh(s / 3.0)")
+    if kind == 2:
+        return Atom("tanh(s) * 2.0")
+    if kind == 3:
+        return Atom("sigmoid(s) * 4.0 - 2.0")
+    if kind == 4:
+        x = pool.float_table(("h",))
+        return Atom(f"s * {x}[h]")
+    if kind == 5:
+        return Atom("s + 0.1 * (i - j)", LINEAR_POS)
+    if kind == 6:
+        return Atom("max(s, -1.0)")
+    if kind == 7:
+        return Atom("where(s > 0.5, 2 * s - 0.5, 0.5 * s)", frozenset({"score_cond"}))
+    if kind == 8:
+        x = pool.float_table(("b", "n"))
+        return Atom(f"s + {x}[b, j]")
+    if kind == 9:
+        c = pool.float_param("coef")
+        return Atom(f"s * (1.0 + {c})")
+    if kind == 10:
+        return Atom("cos(s) + s")
+    if kind == 11:
+        return Atom("s * (1.0 + 0.1 * b)")
+    if kind == 12:
+        return Atom("min(s, 2.0) - 0.05 * abs(i - j)")
+    return Atom("s")
+
+
+def _score_mod(pool: _Pool) -> Atom:
+    rng = pool.rng
+    r = rng.random()
+    t = _draw(pool, _transform)
+    if r < 0.45:
+        return t
+    if r < 0.7:  # a mask written in the transform
+        m = _draw(pool, _mask_leaf)
+        never = re.fullmatch(r"[\s()ijor|<]*< 0[\s()ijor|<0]*", m.text)  # i < 0, i < 0 or j < 0: never true
+        return Atom(f"where({m.text}, {t.text}, -inf)", m.tags | t.tags | ({"mod_never"} if never else set()))
+    if r < 0.78:
+        m = _draw(pool, _mask_leaf)
+        return Atom(f"where({m.text}, -inf, {t.text})", m.tags | t.tags)
+    cond = rng.choice(("s > 0", "s <= 0.5", "s > -1.0", "abs(s) < 2.0"))
+    if r < 0.9:
+        return Atom(f"where({cond}, {t.text}, -inf)", t.tags | {"score_cond", "score_cond_inf"})
+    m = _draw(pool, _mask_leaf)  # nested: a score condition under a position mask
+    return Atom(f"where({m.text}, where({cond}, {t.text}, -inf), -inf)", m.tags | t.tags | {"score_cond", "score_cond_inf"})
+
+
+def _draw(pool: _Pool, fn, tries: int = 50):
+    """``fn(pool)`` redrawn until it has no avoided tag (declarations of a rejected draw are undone)."""
+    for _ in range(tries):
+        saved = dict(pool.params), dict(pool.inputs)
+        atom = fn(pool)
+        if not (atom.tags if isinstance(atom, Atom) else frozenset()) & pool.avoid:
+            return atom
+        pool.params, pool.inputs = saved
+    raise _Avoided(fn.__name__)
+
+
+def random_spec(rng: random.Random, avoid=frozenset()) -> Tuple[str, Draft]:
+    """A random well-typed softmax spec: ``(toml_text, draft)``; ``avoid``: tags not to produce."""
+    avoid = frozenset(avoid)
+    if "table_dtype" in avoid:  # a call-level tag: keep its spec-level causes out
+        avoid |= {"half_table", "f64_table"}
+    for _ in range(100):
+        try:
+            draft = _random_draft(rng, avoid)
+        except _Avoided:
+            continue
+        if not draft.tags & avoid:
+            return draft.text, draft
+    raise RuntimeError(f"could not draw a spec avoiding {sorted(avoid)}")
+
+
+def _random_draft(rng: random.Random, avoid: FrozenSet[str]) -> Draft:
+    pool = _Pool(rng, avoid)
+    mask = _random_mask(pool) if rng.random() < 0.85 else None
+    bias = tuple(_draw(pool, _bias_term) for _ in range(rng.choice((0, 0, 1, 1, 2, 3))))
+    mod = _score_mod(pool) if rng.random() < 0.4 else None
+    if mod is not None and mod.tags & avoid:
+        raise _Avoided("mod")
+    head_dims = rng.choice(((16,), (32,), (16, 32)))
+    rope = None
+    if rng.random() < 0.15:
+        rd = rng.choice((None, None, 8))
+        rope = (rng.choice((10000.0, 500.0)), rng.choice(("neox", "gptj")), rd)
+    heads_q = heads_kv = None
+    if rng.random() < 0.3:
+        hq = rng.choice((1, 2, 3, 4))
+        hkv = rng.choice([d for d in (1, 2, 3, 4) if hq % d == 0])
+        heads_q, heads_kv = rng.choice(((hq, hkv), (hq, None), (None, hkv)))
+    return Draft(
+        head_dims=head_dims,
+        dtypes=rng.choice((("float32",), ("float32", "bfloat16"), ("float16", "float32", "bfloat16"))),
+        heads_q=heads_q, heads_kv=heads_kv,
+        value_dim=16 if rng.random() < 0.08 else None,
+        params=tuple(pool.params.values()), inputs=tuple(pool.inputs.values()),
+        mask=mask, bias=bias, mod=mod,
+        softcap=rng.choice((2.0, 5.0, 20.0, 50.0)) if rng.random() < 0.25 else None,
+        scale=rng.choice((0.05, 0.125, 0.3, 0.5)) if rng.random() < 0.3 else None,
+        rope=rope,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# drawing a call
+# ---------------------------------------------------------------------------------------------
+
+QKV_LAYOUTS = ("contiguous", "bnhd", "rows_step", "padded_d", "heads_step", "batch_broadcast")
+INPUT_LAYOUTS = ("contiguous", "transposed", "step", "broadcast")
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """``decode(q, k_cache, v_cache, kv_len=..., block_table=...)``: Nq new rows per batch row at
+    the end of ``kv_lens[b]`` cached positions, in a contiguous cache of ``capacity`` rows or in
+    pages of ``page_size`` rows; kv_len and block_table contiguous or strided views."""
+
+    kv_lens: Tuple[int, ...]
+    capacity: int
+    page_size: int = 0  # 0: contiguous cache
+    kv_len_layout: str = "contiguous"  # or "strided"
+    table_layout: str = "contiguous"  # or "strided"
+
+
+@dataclass(frozen=True)
+class CallPlan:
+    """A call of a drafted spec as data; :func:`call_arguments` makes the tensors (from ``seed``)."""
+
+    seed: int
+    B: int = 1
+    Hq: int = 1
+    Hkv: int = 1
+    Nq: int = 16
+    Nk: int = 16
+    D: int = 16
+    Dv: int = 16
+    dtype: str = "float32"
+    q_offset: int = 0
+    k_offset: int = 0
+    n_q_extra: Optional[int] = None  # n_q = q_offset + Nq + extra when passed
+    n_k_extra: Optional[int] = None
+    overrides: Tuple[Tuple[str, Union[int, float]], ...] = ()
+    layouts: Tuple[str, str, str] = ("contiguous",) * 3
+    input_layouts: Tuple[Tuple[str, str], ...] = ()  # (input, layout); contiguous when absent
+    int64_values: bool = False  # int inputs passed as int64 holding values past 2**31
+    nan: Optional[str] = None  # "q" or "k": one NaN planted there
+    backward: bool = False
+    scale: Optional[float] = None  # attention(..., scale=)
+    # forced tile shapes (BLOCK_M, BLOCK_N) of the forward, dK/dV and dQ kernels; None: the default
+    tiles: Optional[Tuple[Tuple[int, int], Tuple[int, int], Tuple[int, int]]] = None
+    decode: Optional[DecodePlan] = None  # a call of decode() (Nq rows; Nk: the cache's capacity)
+
+    @property
+    def tags(self) -> FrozenSet[str]:
+        tags = set()
+        last = max(self.q_offset + self.Nq + (self.n_q_extra or 0), self.k_offset + self.Nk + (self.n_k_extra or 0))
+        if last + 256 >= 2**31:  # a tile's positions (offset + block start + arange) reach 2**31
+            tags.add("pos_2_31")
+        if self.int64_values:
+            tags.add("int64")
+        if self.nan:
+            tags.add("nan")
+        return frozenset(tags)
+
+    def describe(self) -> str:
+        parts = [f"B={self.B} Hq={self.Hq} Hkv={self.Hkv} Nq={self.Nq} Nk={self.Nk} D={self.D} Dv={self.Dv}",
+                 self.dtype, f"q_offset={self.q_offset} k_offset={self.k_offset}"]
+        if self.n_q_extra is not None:
+            parts.append(f"n_q={self.q_offset + self.Nq + self.n_q_extra}")
+        if self.n_k_extra is not None:
+            parts.append(f"n_k={self.k_offset + self.Nk + self.n_k_extra}")
+        if self.overrides:
+            parts.append("overrides " + ", ".join(f"{k}={v!r}" for k, v in self.overrides))
+        if self.layouts != ("contiguous",) * 3:
+            parts.append("q/k/v layouts " + "/".join(self.layouts))
+        if self.input_layouts:
+            parts.append("input layouts " + ", ".join(f"{k}:{v}" for k, v in self.input_layouts))
+        if self.int64_values:
+            parts.append("int inputs as int64 past 2**31")
+        if self.nan:
+            parts.append(f"NaN in {self.nan}")
+        if self.scale is not None:
+            parts.append(f"scale={self.scale}")
+        if self.tiles is not None:
+            parts.append("tiles fwd/dkdv/dq " + " ".join(f"{m}x{n}" for m, n in self.tiles))
+        if self.decode is not None:
+            dp = self.decode
+            parts[0] = (f"decode B={self.B} Hq={self.Hq} Hkv={self.Hkv} Nq={self.Nq} kv_len={list(dp.kv_lens)} "
+                        f"capacity={dp.capacity} D={self.D} Dv={self.Dv}")
+            parts[2] = (f"paged, page_size={dp.page_size}" if dp.page_size else "contiguous cache") + \
+                f", kv_len {dp.kv_len_layout}, block_table {dp.table_layout}"
+        parts.append(f"tensor seed {self.seed}" + (", backward" if self.backward else ""))
+        return "; ".join(parts)
+
+
+def random_call(rng: random.Random, draft: Draft, backward: Optional[bool] = None, avoid=frozenset()) -> CallPlan:
+    """A random call of ``draft`` (``backward``: None lets ``rng`` decide)."""
+    avoid = frozenset(avoid)
+    backward = rng.random() < 0.3 if backward is None else backward
+    hq = draft.heads_q or rng.choice((1, 2, 3, 4))
+    if draft.heads_kv is not None:
+        hkv = draft.heads_kv
+        if draft.heads_q is None:
+            hq = hkv * rng.choice((1, 2))
+    else:
+        hkv = rng.choice([d for d in (1, 2, 3, 4) if hq % d == 0])
+    D = rng.choice(draft.head_dims)
+    Dv = draft.value_dim or (16 if rng.random() < 0.08 else D)
+    if backward:
+        dtype = "float32" if rng.random() < 0.9 else "float16"
+    else:
+        dtype = "float32" if rng.random() < 0.85 else rng.choice(("bfloat16", "float16"))
+
+    def length():
+        return rng.choice((1, 2, 3, 7)) if rng.random() < 0.12 else rng.randint(1, 70)
+
+    Nq = length()
+    Nk = Nq if rng.random() < 0.3 else length()
+    tags = draft.tags
+    base = 0
+    if rng.random() < 0.15 and "abspos" not in tags and not ("linear_pos" in tags and "big_linear_pos" in avoid):
+        bases = [b for b in BIG_BASES if b < 2**21 or ("n_input" not in tags and "pos_2_31" not in avoid)]
+        base = rng.choice(bases)
+    small = lambda: 0 if rng.random() < 0.4 else rng.randint(0, 40)  # noqa: E731
+    q_offset, k_offset = base + small(), base + small()
+    n_q_extra = rng.randint(0, 30) if rng.random() < 0.25 else None
+    n_k_extra = rng.randint(0, 30) if rng.random() < 0.25 else None
+
+    overrides = []
+    for p in draft.used_params:
+        if rng.random() < 0.4:
+            if p.role in INT_ROLES:
+                overrides.append((p.name, rng.choice(INT_ROLES[p.role])))
+            else:
+                overrides.append((p.name, round(p.default * rng.uniform(0.5, 2.0) + rng.uniform(-0.1, 0.1), 3)))
+    layouts = tuple(rng.choice(QKV_LAYOUTS) if rng.random() < 0.35 else "contiguous" for _ in range(3))
+    input_layouts = []
+    for d in draft.used_inputs:
+        if rng.random() < 0.3:
+            choices = [lay for lay in INPUT_LAYOUTS if _input_layout_fits(d, lay)]
+            input_layouts.append((d.name, rng.choice(choices)))
+    has_ints = any(_is_int(d) and d.role != "flag" for d in draft.used_inputs)
+    int64_values = has_ints and rng.random() < 0.2 and "int64" not in avoid
+    nan = None
+    if (not backward and "nan" not in avoid and rng.random() < 0.05
+            and draft.mod is None):  # the contract's NaN rows come from the mask, not from scores
+        nan = rng.choice(("q", "k"))
+    decode = None
+    # decode() refuses random_blocks (their blocks depend on n_k, which differs per row)
+    if not backward and nan is None and "random_blocks" not in tags and rng.random() < 0.15:
+        Nq = rng.choice((1, 1, 2, 3, 5, 16))
+        capacity = rng.randint(Nq, 70)
+        strided = lambda: "strided" if rng.random() < 0.3 and "noncontig_int" not in avoid else "contiguous"  # noqa: E731
+        page_size = rng.choice((0, 16, 32))
+        if page_size:  # whole pages: the cache's positions (and "n" inputs) reach the last page's end
+            capacity = -(-capacity // page_size) * page_size
+        decode = DecodePlan(kv_lens=(), capacity=capacity, page_size=page_size, kv_len_layout=strided(),
+                            table_layout=strided() if page_size else "contiguous")
+        q_offset = k_offset = 0
+        n_q_extra = n_k_extra = None
+        Nk = capacity
+    named_scale = any(x.name == "scale" for x in (*draft.used_params, *draft.used_inputs))
+    scale = rng.choice((0.1, 0.25, 0.7)) if rng.random() < 0.15 and not named_scale else None
+    tiles = None
+    if rng.random() < 0.3:
+        tiles = tuple((rng.choice((16, 32, 64)), rng.choice((16, 32, 64))) for _ in range(3))
+    B = rng.choice((1, 2))
+    if decode is not None:
+        decode = replace(decode, kv_lens=tuple(rng.randint(Nq, decode.capacity) for _ in range(B)))
+    return CallPlan(seed=rng.randrange(2**31), B=B, Hq=hq, Hkv=hkv, Nq=Nq, Nk=Nk, D=D, Dv=Dv,
+                    dtype=dtype, q_offset=q_offset, k_offset=k_offset, n_q_extra=n_q_extra, n_k_extra=n_k_extra,
+                    overrides=tuple(overrides), layouts=layouts, input_layouts=tuple(input_layouts),
+                    int64_values=int64_values, nan=nan, backward=backward, scale=scale, tiles=tiles, decode=decode)
+
+
+def _is_int(d: InputPlan) -> bool:
+    return not d.dtype.startswith(("float", "bfloat"))
+
+
+def _input_layout_fits(d: InputPlan, layout: str) -> bool:
+    if layout == "transposed":
+        return len(d.dims) == 2
+    if layout == "broadcast":  # stride 0 along the first dim: one value per batch row / head
+        return d.dims[0] in ("b", "h") and not d.grad
+    return True
+
+
+def call_tags(draft: Draft, plan: CallPlan) -> FrozenSet[str]:
+    """The known-bug tags of a case: the spec's, the call's, and those of the pair."""
+    tags = set(draft.tags | plan.tags)
+    if not plan.backward:
+        tags.discard("half_query_table")
+    # (strided int inputs of attention() are fine: their strides reach the kernels)
+    if plan.decode is not None and "strided" in (plan.decode.kv_len_layout, plan.decode.table_layout):
+        tags.add("noncontig_int")
+    if "half_table" in tags or ("f64_table" in tags and plan.dtype == "bfloat16"):
+        tags.add("table_dtype")
+    if "linear_pos" in tags and min(plan.q_offset, plan.k_offset) >= 2**16:
+        tags.add("big_linear_pos")
+    return frozenset(tags)
+
+
+# ---------------------------------------------------------------------------------------------
+# tensors of a call
+# ---------------------------------------------------------------------------------------------
+
+_DT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
+       "int32": torch.int32, "int64": torch.int64, "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8,
+       "bool": torch.bool}
+
+
+def _qkv(gen, shape, dtype, layout, grad):
+    """A [B, H, N, D] tensor in ``layout`` (a view of a leaf that may require grad): (view, leaf)."""
+    B, H, N, D = shape
+    if layout == "bnhd":  # as a fused projection lays it out
+        leaf = torch.randn(B, N, H, D, generator=gen).to(dtype).requires_grad_(grad)
+        return leaf.transpose(1, 2), leaf
+    if layout == "rows_step":
+        leaf = torch.randn(B, H, 2 * N + 1, D, generator=gen).to(dtype).requires_grad_(grad)
+        return leaf[:, :, 1::2], leaf
+    if layout == "padded_d":
+        leaf = torch.randn(B, H, N, D + 8, generator=gen).to(dtype).requires_grad_(grad)
+        return leaf[..., :D], leaf
+    if layout == "heads_step":
+        leaf = torch.randn(B, 2 * H, N, D, generator=gen).to(dtype).requires_grad_(grad)
+        return leaf[:, ::2], leaf
+    if layout == "batch_broadcast":
+        leaf = torch.randn(1, H, N, D, generator=gen).to(dtype).requires_grad_(grad)
+        return leaf.expand(B, H, N, D), leaf
+    leaf = torch.randn(B, H, N, D, generator=gen).to(dtype).requires_grad_(grad)
+    return leaf, leaf
+
+
+def _input_values(d: InputPlan, shape, gen, plan: CallPlan) -> torch.Tensor:
+    """Values of an input by its role (int roles as int64; the caller casts)."""
+    if d.role == "float":
+        return torch.randn(*shape, generator=gen, dtype=torch.float64) * 0.5
+    if d.role == "slope":
+        return torch.rand(*shape, generator=gen, dtype=torch.float64) * 0.3
+    if d.role == "flag":
+        return torch.rand(*shape, generator=gen) < 0.7
+    if d.role == "doc":
+        if shape and d.dims[-1] == "n" and torch.rand(1, generator=gen).item() < 0.7:
+            # packed documents: segments of random lengths (some of length 1)
+            starts = torch.rand(*shape, generator=gen) < 0.15
+            ids = starts.to(torch.int64).cumsum(-1)
+        else:
+            ids = torch.randint(0, 4, shape, generator=gen)
+        return ids % 100  # fits every int dtype
+    if d.role == "big":
+        return torch.randint(0, 2**31 - 1, shape, generator=gen)
+    if d.role == "len":
+        lo, hi = max(0, plan.k_offset - 3), plan.k_offset + plan.Nk + 3
+        return torch.randint(lo, hi + 1, shape, generator=gen)
+    return torch.randint(0, 21, shape, generator=gen)  # small: per-head windows
+
+
+def _input_tensor(d: InputPlan, shape, gen, plan: CallPlan, layout: str, grad: bool) -> torch.Tensor:
+    """The tensor a call passes for ``d``: in ``layout``, a view of a leaf that may require grad."""
+    values = _input_values(d, shape, gen, plan)
+    dtype = _DT[d.dtype]
+    if _is_int(d) and d.role != "flag" and plan.int64_values:
+        # values past int32: ids that agree modulo 2**32 are different documents, lengths are large
+        values = values + (values % 2) * 2**32 if d.role == "doc" else values + 2**32
+        dtype = torch.int64
+    if layout == "transposed":
+        return values.t().contiguous().to(dtype).requires_grad_(grad).t()
+    if layout == "step":
+        return torch.repeat_interleave(values, 2, dim=-1).to(dtype).requires_grad_(grad)[..., ::2]
+    if layout == "broadcast":
+        return values[:1].contiguous().to(dtype).requires_grad_(grad).expand(*shape)
+    return values.to(dtype).requires_grad_(grad)
+
+
+@dataclass
+class Arguments:
+    """The tensors and keywords of one call (q, k, v may be views of leaves that require grad)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    positions: Dict[str, Optional[int]]
+    params: Dict[str, Union[int, float]]
+    inputs: Dict[str, torch.Tensor]
+    grad_tables: Tuple[str, ...]  # inputs whose gradients are compared
+    g: torch.Tensor  # the output gradient (backward)
+
+
+def call_arguments(draft: Draft, plan: CallPlan) -> Arguments:
+    """The tensors and keywords of ``plan``: deterministic in ``plan.seed``."""
+    gen = torch.Generator().manual_seed(plan.seed)
+    dt = _DT[plan.dtype]
+    shapes = ((plan.B, plan.Hq, plan.Nq, plan.D), (plan.B, plan.Hkv, plan.Nk, plan.D), (plan.B, plan.Hkv, plan.Nk, plan.Dv))
+    (q, ql), (k, kl), (v, _) = (_qkv(gen, s, dt, lay, plan.backward) for s, lay in zip(shapes, plan.layouts))
+    if plan.nan:
+        with torch.no_grad():
+            target = ql if plan.nan == "q" else kl
+            flat = target.view(-1)
+            flat[int(torch.randint(0, flat.numel(), (1,), generator=gen))] = math.nan
+    n_max = max(plan.q_offset + plan.Nq, plan.k_offset + plan.Nk)
+    n_size = n_max + int(torch.randint(0, 4, (1,), generator=gen))
+    sizes = {"b": plan.B, "h": plan.Hq, "n": n_size}
+    layouts = dict(plan.input_layouts)
+    inputs, grad_tables = {}, []
+    for d in draft.used_inputs:
+        shape = tuple(sizes.get(x, x) for x in d.dims)
+        grad = plan.backward and d.grad
+        inputs[d.name] = _input_tensor(d, shape, gen, plan, layouts.get(d.name, "contiguous"), grad)
+        if grad:
+            grad_tables.append(d.name)
+    used = {p.name for p in draft.used_params}
+    params = {k: v for k, v in plan.overrides if k in used}
+    positions = dict(q_offset=plan.q_offset, k_offset=plan.k_offset,
+                     n_q=None if plan.n_q_extra is None else plan.q_offset + plan.Nq + plan.n_q_extra,
+                     n_k=None if plan.n_k_extra is None else plan.k_offset + plan.Nk + plan.n_k_extra)
+    g = torch.randn(plan.B, plan.Hq, plan.Nq, plan.Dv, generator=gen, dtype=torch.float64)
+    return Arguments(q, k, v, positions, params, inputs, tuple(grad_tables), g)
+
+
+# ---------------------------------------------------------------------------------------------
+# building and comparing
+# ---------------------------------------------------------------------------------------------
+
+_BUILT: Dict[str, object] = {}  # spec text -> (pattern, module), or the exception its build raised
+_BUILD_DIR: Optional[tempfile.TemporaryDirectory] = None
+
+
+def build_spec(text: str):
+    """(pattern, module) of a spec text, built once per text in this process."""
+    global _BUILD_DIR
+    if text not in _BUILT:
+        if _BUILD_DIR is None:
+            _BUILD_DIR = tempfile.TemporaryDirectory(prefix="attncc_fuzz_")
+        name = "fz_" + hashlib.sha256(text.encode()).hexdigest()[:12]
+        try:
+            _BUILT[text] = build_inline({name: text}, Path(_BUILD_DIR.name), prefix="_attncc_fuzz")[name]
+        except Exception as e:  # noqa: BLE001 - a spec the generator drew that does not build is a finding
+            _BUILT[text] = e
+    return _BUILT[text]
+
+
+@dataclass(frozen=True)
+class Failure:
+    """What went wrong in one case, with everything needed to run it again."""
+
+    kind: str  # "build", "raise" (the kernel's call), "reference" (it raised), "mismatch", "nan"
+    what: str  # "o", "lse", "dq", "grad x", ...
+    error: float
+    detail: str
+    draft: Draft
+    plan: CallPlan
+    seed: Optional[int] = None
+
+    @property
+    def tags(self) -> FrozenSet[str]:
+        return call_tags(self.draft, self.plan)
+
+    @property
+    def signature(self) -> Tuple[str, str, str]:
+        """What a smaller case must still show to count as the same failure."""
+        what = self.what if self.what in ("o", "lse", "reference", "spec") else self.what.split(" ")[0]
+        message = ""
+        if self.kind in ("raise", "reference", "build"):  # the exception and its words, not its numbers
+            message = re.sub(r"fz_[0-9a-f]+|\d+", "", self.detail)[:50]
+        return self.kind, what, message
+
+    @property
+    def suspects(self) -> Tuple[str, ...]:
+        return tuple(sorted(self.tags & set(BUG_TAGS)))
+
+    def __str__(self) -> str:
+        head = f"seed {self.seed}: " if self.seed is not None else ""
+        known = ", ".join(f"{t} ({'issue 15' if t in KNOWN_BUG_TAGS else 'found here'})" for t in self.suspects)
+        known = known or "NEW (no known-bug feature)"
+        return (f"{head}{self.kind} in {self.what}: error {self.error:.3g} ({self.detail})\n"
+                f"  suspects: {known}\n  call: {self.plan.describe()}\n"
+                + "".join(f"  | {line}\n" for line in self.draft.text.splitlines()))
+
+
+# tolerances: ||x - ref|| / ||ref|| for o (REL_TOL of the dtype), gradients, and lse's absolute error
+GRAD_TOL = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+TABLE_GRAD_TOL = {torch.float32: 1e-3, torch.float64: 1e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+LSE_TOL = {torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 5e-2}
+
+
+def _rel(x: torch.Tensor, ref: torch.Tensor, terms: Optional[int] = None, floor: float = 1e-3) -> float:
+    """||x - ref|| / ||ref||, the norm of ref floored at ``floor * sqrt(terms)`` (default: its size):
+    a gradient that is zero in exact arithmetic (one key per row, a bias constant along the row) is
+    rounding noise in a kernel, a sum of ``terms`` roundings, and must not count as a 100% error."""
+    x, ref = x.detach().double(), ref.detach().double()
+    terms = ref.numel() if terms is None else terms
+    return float((x - ref).norm() / max(float(ref.norm()), floor * math.sqrt(max(terms, 1))))
+
+
+Reference = Callable[..., object]
+
+
+def run_case(draft: Draft, plan: CallPlan, reference: Optional[Reference] = None) -> Optional[Failure]:
+    """Build, call and compare one case; None when the kernel agrees with the reference."""
+    reference = reference or attncc.reference
+    fail = lambda kind, what, err, detail: Failure(kind, what, err, detail, draft, plan)  # noqa: E731
+    built = build_spec(draft.text)
+    if isinstance(built, Exception):
+        if isinstance(built, SpecError) and "allows no pair" in str(built):
+            return None  # contract v0 refuses a mask that is never true; nothing to compare
+        return fail("build", "spec", math.inf, f"{type(built).__name__}: {str(built)[:300]}")
+    pattern, mod = built
+    with _tile_config(plan.tiles):
+        return _run_built(pattern, mod, draft, plan, reference, fail)
+
+
+@contextlib.contextmanager
+def _tile_config(tiles):
+    """Force the kernels' tile shapes through ATTNCC_CONFIG* (attncc.runtime.launch) for one case."""
+    names = ("ATTNCC_CONFIG", "ATTNCC_CONFIG_DKDV", "ATTNCC_CONFIG_DQ")
+    saved = {n: os.environ.get(n) for n in names}
+    try:
+        if tiles is not None:
+            for n, (bm, bn) in zip(names, tiles):
+                os.environ[n] = f"BLOCK_M={bm},BLOCK_N={bn},num_warps=4,num_stages=1"
+        yield
+    finally:
+        for n, value in saved.items():
+            if value is None:
+                os.environ.pop(n, None)
+            else:
+                os.environ[n] = value
+
+
+def _run_built(pattern, mod, draft: Draft, plan: CallPlan, reference: Reference, fail) -> Optional[Failure]:
+    if plan.decode is not None:
+        return _run_decode(pattern, mod, draft, plan, reference, fail)
+    a = call_arguments(draft, plan)
+    kw = dict(**a.positions, **a.params, **a.inputs)
+    if plan.scale is not None:
+        kw["scale"] = plan.scale
+    try:
+        if plan.backward:
+            o, lse = mod.attention(a.q, a.k, a.v, **kw), None
+        else:
+            o, lse = mod.attention(a.q, a.k, a.v, return_lse=True, **kw)
+    except (ValueError, TypeError) as e:
+        if _refuses_wide_ints(draft, plan, e):
+            return None
+        return fail("raise", "attention()", math.inf, f"{type(e).__name__}: {e}")
+    except Exception as e:  # noqa: BLE001 - every crash is a finding
+        return fail("raise", "attention()", math.inf, f"{type(e).__name__}: {str(e)[:300]}")
+
+    ref_in = [t.detach().to(torch.float64).requires_grad_(plan.backward) for t in (a.q, a.k, a.v)]
+    ref_inputs = {n: (t.detach().double().requires_grad_() if n in a.grad_tables else t) for n, t in a.inputs.items()}
+    try:
+        extra = {} if plan.scale is None else {"scale": plan.scale}
+        ref, ref_lse = reference(pattern, *ref_in, return_lse=True, **a.positions, **a.params, **ref_inputs, **extra)
+    except Exception as e:  # noqa: BLE001 - the generator only draws what the contract allows
+        return fail("reference", "reference()", math.inf, f"{type(e).__name__}: {str(e)[:300]}")
+    dt = _DT[plan.dtype]
+    if tuple(o.shape) != tuple(ref.shape) or o.dtype != dt:
+        return fail("mismatch", "o", math.inf, f"shape/dtype {tuple(o.shape)} {o.dtype}, expected {tuple(ref.shape)} {dt}")
+    if plan.nan:
+        return _check_nan(pattern, plan, a, o, ref, ref_lse, fail)
+    failure = _compare_forward(o, lse, ref, ref_lse, dt, fail)
+    if failure is None and plan.backward:
+        return _check_backward(plan, a, o, ref, ref_in, ref_inputs, fail)
+    return failure
+
+
+def _refuses_wide_ints(draft: Draft, plan: CallPlan, error: Exception) -> bool:
+    """An error naming an input declared narrower than int64 that got int64 values past 2**31:
+    refusing them is as good as computing with them (narrowing them silently is the bug)."""
+    narrow = [d.name for d in draft.used_inputs if _is_int(d) and d.dtype not in ("int64", "bool")]
+    return plan.int64_values and any(re.search(rf"\b{n}\b", str(error)) for n in narrow)
+
+
+def _compare_forward(o, lse, ref, ref_lse, dt, fail) -> Optional[Failure]:
+    """o against the reference (rows without keys exactly 0), and lse when there is one."""
+    if not torch.isfinite(o).all():
+        return fail("nan", "o", math.inf, f"{int((~torch.isfinite(o)).sum())} non-finite values")
+    empty = ~torch.isfinite(ref_lse)
+    if (o.detach()[empty] != 0).any():
+        return fail("mismatch", "o", float(o.detach()[empty].abs().max()), "rows without keys are not 0")
+    err = _rel(o, ref)
+    worst = float((o.detach().double() - ref.detach()).abs().max()) if o.numel() else 0.0
+    if err > REL_TOL[dt] or worst > 50 * REL_TOL[dt]:
+        return fail("mismatch", "o", err, f"rel {err:.3g}, max abs {worst:.3g}, {_where_worst(o, ref)}")
+    if lse is not None:
+        if lse.dtype != torch.float32 or tuple(lse.shape) != tuple(ref_lse.shape):
+            return fail("mismatch", "lse", math.inf, f"lse shape/dtype {tuple(lse.shape)} {lse.dtype}")
+        if not torch.equal(torch.isfinite(lse), ~empty):
+            return fail("mismatch", "lse", math.inf, f"rows without keys: kernel {int((~torch.isfinite(lse)).sum())}, "
+                                                      f"reference {int(empty.sum())}")
+        if (lse[empty] != -math.inf).any():
+            return fail("mismatch", "lse", math.inf, "lse of rows without keys is not -inf")
+        diff = (lse[~empty].double() - ref_lse[~empty]).abs()
+        bound = LSE_TOL[dt] + 1e-5 * ref_lse[~empty].abs()
+        if diff.numel() and (diff > bound).any():
+            return fail("mismatch", "lse", float(diff.max()), "lse differs")
+    return None
+
+
+def _where_worst(o, ref) -> str:
+    if not o.numel():
+        return ""
+    idx = torch.nonzero((o.detach().double() - ref.detach()).abs() == (o.detach().double() - ref.detach()).abs().max())[0]
+    return f"worst at [b, h, row] = {idx[:3].tolist()}"
+
+
+def _decode_cache(plan: CallPlan, k: torch.Tensor, v: torch.Tensor):
+    """(k_cache, v_cache, kv_len, block_table) holding the logical k, v [B, Hkv, capacity, D] of a
+    decode plan: as they are, or scattered over shuffled pages; kv_len and block_table as views
+    (strided: every other element of a wider tensor whose other elements are wrong values)."""
+    dp = plan.decode
+    gen = torch.Generator().manual_seed(plan.seed + 1)
+    lens = torch.tensor(dp.kv_lens, dtype=torch.int32)
+    if dp.kv_len_layout == "strided":
+        wide = torch.stack([lens, torch.randint(0, dp.capacity + 1, (plan.B,), generator=gen, dtype=torch.int32)], 1)
+        lens = wide[:, 0]
+    if not dp.page_size:
+        return k, v, lens, None
+    pages = -(-dp.capacity // dp.page_size)
+    num_pages = plan.B * pages + 1  # one page no row uses
+    table = torch.randperm(num_pages, generator=gen)[:plan.B * pages].view(plan.B, pages).to(torch.int32)
+    caches = []
+    for x in (k, v):
+        cache = torch.randn(num_pages, dp.page_size, plan.Hkv, x.shape[-1], generator=gen).to(x.dtype)
+        padded = torch.zeros(plan.B, plan.Hkv, pages * dp.page_size, x.shape[-1], dtype=x.dtype)
+        padded[:, :, :dp.capacity] = x
+        for b in range(plan.B):
+            for p in range(pages):
+                cache[int(table[b, p])] = padded[b, :, p * dp.page_size:(p + 1) * dp.page_size].transpose(0, 1)
+        caches.append(cache)
+    if dp.table_layout == "strided":
+        wide = torch.stack([table, torch.randint(0, num_pages, table.shape, generator=gen, dtype=torch.int32)], 2)
+        table = wide.view(plan.B, 2 * pages)[:, ::2]
+    return caches[0], caches[1], lens, table
+
+
+def _run_decode(pattern, mod, draft: Draft, plan: CallPlan, reference: Reference, fail) -> Optional[Failure]:
+    """decode() against the reference row by row: batch row b is attention() on its first
+    kv_lens[b] cached positions with the queries at the end (q_offset = kv_lens[b] - Nq)."""
+    a = call_arguments(draft, plan)
+    k = a.k
+    if pattern.rope is not None:  # decode() reads keys rotated at their positions, as attention() makes them
+        from attncc._reference import rotary
+
+        rope = pattern.rope
+        k = rotary(k.double(), torch.arange(plan.Nk), rope.theta, rope.style, rope.rotary_dim or plan.D).to(k.dtype)
+    kc, vc, kv_len, table = _decode_cache(plan, k, a.v)
+    extra = {} if plan.scale is None else {"scale": plan.scale}
+    try:
+        with torch.no_grad():
+            o, lse = mod.decode(a.q, kc, vc, kv_len=kv_len, block_table=table, return_lse=True,
+                                **a.params, **a.inputs, **extra)
+    except (ValueError, TypeError) as e:
+        if _refuses_wide_ints(draft, plan, e):
+            return None
+        return fail("raise", "decode()", math.inf, f"{type(e).__name__}: {e}")
+    except Exception as e:  # noqa: BLE001
+        return fail("raise", "decode()", math.inf, f"{type(e).__name__}: {str(e)[:300]}")
+    refs, ref_lses = [], []
+    try:
+        for b, n in enumerate(plan.decode.kv_lens):
+            r, r_lse = reference(pattern, a.q.double(), a.k[:, :, :n].double(), a.v[:, :, :n].double(),
+                                 return_lse=True, q_offset=n - plan.Nq, **a.params, **a.inputs, **extra)
+            refs.append(r[b])
+            ref_lses.append(r_lse[b])
+    except Exception as e:  # noqa: BLE001
+        return fail("reference", "reference()", math.inf, f"{type(e).__name__}: {str(e)[:300]}")
+    ref, ref_lse = torch.stack(refs), torch.stack(ref_lses)
+    dt = _DT[plan.dtype]
+    if tuple(o.shape) != tuple(ref.shape) or o.dtype != dt:
+        return fail("mismatch", "o", math.inf, f"shape/dtype {tuple(o.shape)} {o.dtype}, expected {tuple(ref.shape)} {dt}")
+    return _compare_forward(o, lse, ref, ref_lse, dt, fail)
+
+
+def _check_backward(plan, a: Arguments, o, ref, ref_in, ref_inputs, fail) -> Optional[Failure]:
+    tables = [a.inputs[n] for n in a.grad_tables]
+    g = a.g.to(o.dtype)
+    try:
+        grads = torch.autograd.grad((o * g).sum(), [a.q, a.k, a.v, *tables], allow_unused=True)
+    except Exception as e:  # noqa: BLE001
+        return fail("raise", "backward", math.inf, f"{type(e).__name__}: {str(e)[:300]}")
+    ref_tables = [ref_inputs[n] for n in a.grad_tables]
+    ref_grads = torch.autograd.grad((ref * a.g).sum(), [*ref_in, *ref_tables], allow_unused=True)
+    labels = ["dq", "dk", "dv"] + [f"grad {n}" for n in a.grad_tables]
+    targets = [a.q, a.k, a.v, *tables]
+    for label, x, r, t in zip(labels, grads, ref_grads, targets):
+        r = torch.zeros_like(t, dtype=torch.float64) if r is None else r
+        x = torch.zeros_like(t) if x is None else x
+        if x.shape != t.shape or x.dtype != t.dtype:
+            return fail("mismatch", label, math.inf, f"shape/dtype {tuple(x.shape)} {x.dtype}, expected {tuple(t.shape)} {t.dtype}")
+        if not torch.isfinite(x).all():
+            return fail("nan", label, math.inf, f"{int((~torch.isfinite(x)).sum())} non-finite values")
+        tol = GRAD_TOL[_DT[plan.dtype]]  # a table's gradient is no more precise than the scores
+        if label not in ("dq", "dk", "dv"):
+            tol = max(tol, TABLE_GRAD_TOL[t.dtype])
+        # a table entry sums dS over up to every (b, h, i, j) pair; half-precision scores are noisier
+        terms = None if label in ("dq", "dk", "dv") else plan.B * plan.Hq * plan.Nq * plan.Nk
+        err = _rel(x, r, terms, floor=1e-3 if plan.dtype == "float32" else 1e-2)
+        if err > tol:
+            return fail("mismatch", label, err, f"rel {err:.3g} (tol {tol})")
+    return None
+
+
+def _check_nan(pattern, plan, a: Arguments, o, ref, ref_lse, fail) -> Optional[Failure]:
+    """Contract v1: output rows that attend to a NaN are NaN, in the kernel and in the reference;
+    rows that only share a tile with it may be NaN in the kernel; every other row is exact."""
+    from attncc._reference import pair_mask
+
+    allowed = pair_mask(pattern, q_rows=plan.Nq, k_rows=plan.Nk, q_offset=plan.q_offset, k_offset=plan.k_offset,
+                        n_q=a.positions["n_q"], n_k=a.positions["n_k"], batch=plan.B, heads=plan.Hq,
+                        inputs=a.inputs, params=a.params)
+    group = plan.Hq // plan.Hkv
+    if plan.nan == "q":
+        bad_q = torch.isnan(a.q).any(-1)  # [B, Hq, Nq]
+        must = bad_q & allowed.any(-1)
+    else:
+        bad_k = torch.isnan(a.k).any(-1).repeat_interleave(group, dim=1)  # [B, Hq, Nk]
+        must = (allowed & bad_k[:, :, None, :]).any(-1)
+    o_nan = torch.isnan(o.detach()).any(-1)
+    ref_nan = torch.isnan(ref.detach()).any(-1)
+    if (must & ~ref_nan).any():
+        return fail("nan", "reference", math.inf, f"{int((must & ~ref_nan).sum())} rows attend to a NaN but the "
+                                                  "reference is not NaN there (it must not hide a NaN)")
+    if (must & ~o_nan).any():
+        return fail("nan", "o", math.inf, f"{int((must & ~o_nan).sum())} rows attend to a NaN but are not NaN")
+    # rows of a (batch row, kv head) that holds the NaN may be NaN too (they share tiles with it)
+    src = torch.isnan(a.q).any(-1).any(-1) if plan.nan == "q" else \
+        torch.isnan(a.k).any(-1).any(-1).repeat_interleave(group, dim=1)  # [B, Hq]
+    exact = ~o_nan & ~ref_nan
+    stray = o_nan & ~must & ~src[:, :, None]
+    if stray.any():
+        return fail("nan", "o", math.inf, f"{int(stray.sum())} NaN rows far from the NaN input")
+    if exact.any():
+        err = _rel(o.detach()[exact], ref.detach()[exact])
+        if err > REL_TOL[_DT[plan.dtype]]:
+            return fail("mismatch", "o", err, "rows without NaN differ")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# one seed, shrinking, the command line
+# ---------------------------------------------------------------------------------------------
+
+def draw_case(seed: int, backward: Optional[bool] = None, avoid=frozenset()) -> Tuple[Draft, CallPlan]:
+    rng = random.Random(seed)
+    _, draft = random_spec(rng, avoid)
+    return draft, random_call(rng, draft, backward=backward, avoid=avoid)
+
+
+def check_case(seed: int, backward: Optional[bool] = None, *, avoid=frozenset(),
+               reference: Optional[Reference] = None) -> Optional[Failure]:
+    """Draw the case of ``seed`` and run it: None, or the :class:`Failure` (``str()`` describes it)."""
+    draft, plan = draw_case(seed, backward, avoid)
+    failure = run_case(draft, plan, reference)
+    return None if failure is None else replace(failure, seed=seed)
+
+
+def _draft_reductions(d: Draft):
+    """Smaller drafts, most promising first."""
+    if d.mask is not None:
+        yield replace(d, mask=None)
+        if isinstance(d.mask, Node):
+            for k in d.mask.kids:
+                yield replace(d, mask=k)
+            if len(d.mask.kids) > 2:
+                for n in range(len(d.mask.kids)):
+                    yield replace(d, mask=replace(d.mask, kids=d.mask.kids[:n] + d.mask.kids[n + 1:]))
+            for n, k in enumerate(d.mask.kids):
+                if isinstance(k, Node):
+                    for kk in k.kids:
+                        yield replace(d, mask=replace(d.mask, kids=d.mask.kids[:n] + (kk,) + d.mask.kids[n + 1:]))
+    for n in range(len(d.bias)):
+        yield replace(d, bias=d.bias[:n] + d.bias[n + 1:])
+    if d.mod is not None:
+        yield replace(d, mod=None)
+    for fld in ("softcap", "scale", "rope", "heads_q", "heads_kv", "value_dim"):
+        if getattr(d, fld) is not None:
+            yield replace(d, **{fld: None})
+    if len(d.head_dims) > 1:
+        yield replace(d, head_dims=d.head_dims[:1])
+    if len(d.dtypes) > 1:
+        yield replace(d, dtypes=("float32",))
+    for n, x in enumerate(d.inputs):
+        simpler = x.dtype not in ("float32", "int32", "bool") or x.grad
+        if simpler:
+            plain = replace(x, dtype="int32" if _is_int(x) and x.dtype != "bool" else
+                            ("bool" if x.dtype == "bool" else "float32"), grad=False)
+            yield replace(d, inputs=d.inputs[:n] + (plain,) + d.inputs[n + 1:])
+
+
+def _plan_reductions(p: CallPlan):
+    if p.backward:
+        yield replace(p, backward=False)
+    if p.B > 1 and p.decode is None:
+        yield replace(p, B=1)
+    if p.Hq > 1:
+        yield replace(p, Hq=1, Hkv=1)
+        if p.Hkv < p.Hq:
+            yield replace(p, Hq=p.Hkv)
+    if p.Hkv > 1:
+        yield replace(p, Hkv=1)
+    if p.nan:
+        yield replace(p, nan=None)
+    if p.int64_values:
+        yield replace(p, int64_values=False)
+    if p.layouts != ("contiguous",) * 3:
+        yield replace(p, layouts=("contiguous",) * 3)
+    for n in range(len(p.input_layouts)):
+        yield replace(p, input_layouts=p.input_layouts[:n] + p.input_layouts[n + 1:])
+    for n in range(len(p.overrides)):
+        yield replace(p, overrides=p.overrides[:n] + p.overrides[n + 1:])
+    if p.tiles is not None:
+        yield replace(p, tiles=None)
+    if p.decode is not None:
+        dp = p.decode
+        if dp.kv_len_layout != "contiguous" or dp.table_layout != "contiguous":
+            yield replace(p, decode=replace(dp, kv_len_layout="contiguous", table_layout="contiguous"))
+        if dp.page_size:
+            yield replace(p, decode=replace(dp, page_size=0, table_layout="contiguous"))
+        if p.B > 1:
+            yield replace(p, B=1, decode=replace(dp, kv_lens=dp.kv_lens[:1]))
+    if p.scale is not None:
+        yield replace(p, scale=None)
+    if p.n_q_extra is not None:
+        yield replace(p, n_q_extra=None)
+    if p.n_k_extra is not None:
+        yield replace(p, n_k_extra=None)
+    if p.dtype != "float32":
+        yield replace(p, dtype="float32")
+    if p.D != 16:
+        yield replace(p, D=16, Dv=16 if p.Dv == p.D else p.Dv)
+    if p.Dv != p.D:
+        yield replace(p, Dv=p.D)
+    # Offsets shrink together: a query far from its keys makes a relative bias large, and float32
+    # scores of magnitude 1e5 are imprecise in any kernel (not the bug being shrunk).
+    common = min(p.q_offset, p.k_offset)
+    if common:
+        yield replace(p, q_offset=p.q_offset - common, k_offset=p.k_offset - common)
+        if common >= 2**20:
+            yield replace(p, q_offset=p.q_offset - 2**20 * (common // 2**20), k_offset=p.k_offset - 2**20 * (common // 2**20))
+    for fld in ("q_offset", "k_offset"):
+        if 0 < getattr(p, fld) < 2**10:
+            yield replace(p, **{fld: 0})
+    for fld in ("Nq", "Nk") if p.decode is None else ("Nq",):  # Nk is a decode cache's capacity
+        x = getattr(p, fld)
+        if x > 1:
+            yield replace(p, **{fld: max(1, x // 2)})
+            yield replace(p, **{fld: x - 1})
+
+
+def _consistent(d: Draft, p: CallPlan) -> bool:
+    """What the generator guarantees of a case: a call the spec accepts (a smaller case that is
+    refused shows nothing about the failure being shrunk)."""
+    return (p.D in d.head_dims and p.Hq % p.Hkv == 0 and d.heads_q in (None, p.Hq) and d.heads_kv in (None, p.Hkv)
+            and d.value_dim in (None, p.Dv) and (d.rope is None or (d.rope[2] or p.D) <= p.D))
+
+
+def _drop_unused(d: Draft) -> Draft:
+    used = {x.name for x in d.used_params}, {x.name for x in d.used_inputs}
+    return replace(d, params=tuple(x for x in d.params if x.name in used[0]),
+                   inputs=tuple(x for x in d.inputs if x.name in used[1]))
+
+
+def minimize(failure: Failure, reference: Optional[Reference] = None, budget_s: float = 120.0) -> Failure:
+    """Shrink a failing case greedily while it keeps failing the same way (:attr:`Failure.signature`)."""
+    best = failure
+    deadline = time.monotonic() + budget_s
+    progress = True
+    while progress and time.monotonic() < deadline:
+        progress = False
+        candidates = [(d, best.plan) for d in _draft_reductions(best.draft)]
+        candidates += [(best.draft, p) for p in _plan_reductions(best.plan)]
+        for d, p in candidates:
+            if time.monotonic() > deadline:
+                break
+            d = _drop_unused(d)
+            if not _consistent(d, p):
+                continue
+            try:
+                f = run_case(d, p, reference)
+            except Exception:  # noqa: BLE001 - a reduction the reference refuses: not smaller
+                continue
+            if f is not None and f.signature == best.signature:
+                best = replace(f, seed=failure.seed)
+                progress = True
+                break
+    return best
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cases", type=int, default=100)
+    ap.add_argument("--start", type=int, default=0)
+    ap.add_argument("--seed", type=int, help="run one seed (verbose)")
+    ap.add_argument("--backward", choices=("auto", "yes", "no"), default="auto")
+    ap.add_argument("--avoid", default="", help="comma-separated tags the generator must not produce")
+    ap.add_argument("--no-minimize", action="store_true")
+    ap.add_argument("--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    avoid = frozenset(t for t in args.avoid.split(",") if t)
+    backward = {"auto": None, "yes": True, "no": False}[args.backward]
+    seeds = [args.seed] if args.seed is not None else range(args.start, args.start + args.cases)
+    failures = 0
+    t0 = time.monotonic()
+    for seed in seeds:
+        if args.verbose or args.seed is not None:
+            draft, plan = draw_case(seed, backward, avoid)
+            print(f"seed {seed}: {plan.describe()}\n{draft.text}")
+        f = check_case(seed, backward, avoid=avoid)
+        if f is None:
+            if args.verbose or args.seed is not None:
+                print(f"seed {seed}: ok")
+            continue
+        failures += 1
+        if not args.no_minimize:
+            f = minimize(f)
+        print(f"FAIL {f}", flush=True)
+    n = len(seeds)
+    print(f"{failures} of {n} cases failed ({time.monotonic() - t0:.0f} s)")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
