@@ -814,7 +814,7 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
                 WIDE: tl.constexpr):
     # program (split, (b, kv head, chunk of its query heads)); the cache of a paged call is
     # [num_pages, page_size, Hkv, D] and then stride_kb / stride_vb are the page strides
-    split_id = tl.program_id(0)
+    split_id = tl.program_id(0).to(tl.int64)  # its key blocks (split_id * per_split) come from positions: int64 too
     pid = tl.program_id(1).to(tl.int64)  # b, hk in int64: their products with strides pass 2**31 in big caches
     CHUNKS = tl.cdiv(GROUP, HEADS_PER_PROGRAM)
     H_KV = H // GROUP
