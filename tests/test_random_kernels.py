@@ -121,3 +121,18 @@ def test_calls_that_break_a_precondition_take_the_exact_lists(tmp_path, monkeypa
         assert bool(built) == lists
     # one classification per tile shape (forward, dK/dV, dQ configs), reused by the repeated call
     assert sorted(set(built)) == sorted(built) and len(built) == 3
+
+
+def test_exact_tile_kernel_computes_the_mask_values_only(tmp_path):
+    """The exact tile kernel evaluates the mask alone: the score's hoisted values (here a row term
+    of the transform, printed with FAST_MATH, which that kernel does not have) stay in the attention
+    kernels. They were copied into it: NameError for FAST_MATH (fuzz seed 36)."""
+    text = ('name = "lists_and_score"\n[mask]\nwhere = "(j + h) % 3 == 0 or j % 5 == 4"\n'
+            '[score]\nmod = "s * (1.0 + 0.1 * cos(0.5 * i))"\n')
+    p, mod = build_inline({"lists_and_score": text}, tmp_path)["lists_and_score"]
+    assert analyze(p).needs_exact_lists
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, n, 16, generator=gen) for n in (37, 41, 41))
+    o = mod.attention(q, k, v, q_offset=2)
+    ref = attncc.reference(p, q.double(), k.double(), v.double(), q_offset=2)
+    assert rel_err(o, ref) < TOL

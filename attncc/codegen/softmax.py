@@ -109,14 +109,16 @@ def softmax_context(pattern: Pattern, plan) -> dict:
     score_lines = render_score(pattern, tile, bias_j, mod, simple_bias)
     mask_code = mask_tile(mask) if mask is not None else None
 
-    scalar_defs = [(sym.name, row(e)) for e, sym in hoist.scalars.items()]
-    scalar_defs += [(sym.name, mask_row(e)) for e, sym in mhoist.scalars.items()]
-    row_defs = [(sym.name, row(e)) for e, sym in hoist.rows.items()]
-    row_defs += [(sym.name, mask_row(e)) for e, sym in mhoist.rows.items()]
+    # the values the mask code reads (its hoister's and the random blocks' rows): all that the
+    # exact tile kernel computes besides the mask; the score's are for the attention kernels only
+    mask_defs = [(sym.name, mask_row(e)) for e, sym in mhoist.scalars.items()]
+    mask_defs += [(sym.name, mask_row(e)) for e, sym in mhoist.rows.items()]
     for rb, name in rb_names.items():
         r, block, _ = rb.options
         for t in range(r):
-            row_defs.append((f"{name}_{t}", f"tl.load({name}_table + tl.minimum(offs_i // {block}, {name}_rows - 1) * {r} + {t})"))
+            mask_defs.append((f"{name}_{t}", f"tl.load({name}_table + tl.minimum(offs_i // {block}, {name}_rows - 1) * {r} + {t})"))
+    scalar_defs = [(sym.name, row(e)) for e, sym in hoist.scalars.items()]
+    row_defs = [(sym.name, row(e)) for e, sym in hoist.rows.items()] + mask_defs
     lse_row_bias = row(lse_row) if lse_row is not None else None
 
     used_inputs = sorted({type(a).__name__ for e in (pattern.mask, pattern.bias, pattern.mod) if e is not None
@@ -150,7 +152,7 @@ def softmax_context(pattern: Pattern, plan) -> dict:
         dynamic=plan.dynamic, **_program_context(plan), exact_lists=plan.needs_exact_lists,
         mask_bh=bool({S.b, S.h} & mask_free), closed_form_check=checks if checks != ("True", "True") else None,
         list_args=LIST_ARGS, score_lines=score_lines, mask_code=mask_code, scalar_defs=scalar_defs,
-        row_defs=row_defs, lse_row_bias=lse_row_bias, ctx_args=ctx_args,
+        row_defs=row_defs, mask_defs=mask_defs, lse_row_bias=lse_row_bias, ctx_args=ctx_args,
         param_args=[param_arg(p) for p in pattern.params], input_args=input_args + rb_args,
         param_values=[f"call.params[{p.name!r}]" for p in pattern.params],
         input_values=[f"call.inputs[{n!r}], *call.inputs[{n!r}].stride(), *call.inputs[{n!r}].shape" for n in used_inputs]
