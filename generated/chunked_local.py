@@ -811,7 +811,7 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
                 VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, SPLIT: tl.constexpr,
                 RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
-                WIDE: tl.constexpr):
+                WIDE: tl.constexpr, CLOSED: tl.constexpr):
     # program (split, (b, kv head, chunk of its query heads)); the cache of a paged call is
     # [num_pages, page_size, Hkv, D] and then stride_kb / stride_vb are the page strides
     split_id = tl.program_id(0).to(tl.int64)  # its key blocks (split_id * per_split) come from positions: int64 too
@@ -856,16 +856,22 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, VALUE_DIM_PAD], dtype=tl.float32)
     # Key blocks: the forward's walk at k_offset = 0, N_K = kv_len (rows kv_len - Nq .. kv_len - 1).
-    kv_v_x = tl.maximum(0, (prm_chunk * _floordiv(q_lo, prm_chunk)))
-    kv_v_y = tl.minimum(tl.minimum(q_hi, (Nk + 0 - 1)), (prm_chunk + (prm_chunk * _floordiv(q_hi, prm_chunk)) - 1))
-    kv_v_on = (kv_v_x <= kv_v_y)
-    kv_lo = tl.where(kv_v_on, (tl.maximum(0, (kv_v_x - 0)) // BLOCK_N), 0)
-    kv_hi = tl.where(kv_v_on, (1 + (tl.maximum(0, (kv_v_y - 0)) // BLOCK_N)), 0)
-    kv_f_x = tl.maximum(0, (prm_chunk * _floordiv(q_hi, prm_chunk)))
-    kv_f_y = tl.minimum(tl.minimum(q_lo, (Nk + 0 - 1)), (prm_chunk + (prm_chunk * _floordiv(q_lo, prm_chunk)) - 1))
-    kv_f_on = (kv_f_x <= kv_f_y)
-    kv_full_lo = tl.where(kv_f_on, tl.minimum(kv_hi, tl.maximum(kv_lo, ((BLOCK_N + tl.maximum(0, (kv_f_x - 0)) - 1) // BLOCK_N))), kv_lo)
-    kv_full_hi = tl.maximum(kv_full_lo, tl.where(kv_f_on, tl.minimum(kv_hi, (tl.maximum(0, (1 + kv_f_y - 0)) // BLOCK_N)), kv_full_lo))
+    if CLOSED:
+        kv_v_x = tl.maximum(0, (prm_chunk * _floordiv(q_lo, prm_chunk)))
+        kv_v_y = tl.minimum(tl.minimum(q_hi, (Nk + 0 - 1)), (prm_chunk + (prm_chunk * _floordiv(q_hi, prm_chunk)) - 1))
+        kv_v_on = (kv_v_x <= kv_v_y)
+        kv_lo = tl.where(kv_v_on, (tl.maximum(0, (kv_v_x - 0)) // BLOCK_N), 0)
+        kv_hi = tl.where(kv_v_on, (1 + (tl.maximum(0, (kv_v_y - 0)) // BLOCK_N)), 0)
+        kv_f_x = tl.maximum(0, (prm_chunk * _floordiv(q_hi, prm_chunk)))
+        kv_f_y = tl.minimum(tl.minimum(q_lo, (Nk + 0 - 1)), (prm_chunk + (prm_chunk * _floordiv(q_lo, prm_chunk)) - 1))
+        kv_f_on = (kv_f_x <= kv_f_y)
+        kv_full_lo = tl.where(kv_f_on, tl.minimum(kv_hi, tl.maximum(kv_lo, ((BLOCK_N + tl.maximum(0, (kv_f_x - 0)) - 1) // BLOCK_N))), kv_lo)
+        kv_full_hi = tl.maximum(kv_full_lo, tl.where(kv_f_on, tl.minimum(kv_hi, (tl.maximum(0, (1 + kv_f_y - 0)) // BLOCK_N)), kv_full_lo))
+    else:  # the call's params break the monotonicity the closed form needs: every block below kv_len, masked
+        kv_lo = 0
+        kv_hi = tl.cdiv(Nk, BLOCK_N)
+        kv_full_lo = 0
+        kv_full_hi = 0
     # This split's share of the key blocks.
     per_split = tl.cdiv(tl.maximum(kv_hi - kv_lo, 0), NUM_SPLITS)
     s_lo = kv_lo + split_id * per_split
@@ -946,6 +952,7 @@ def _decode(call):
         RETURN_LSE=call.return_lse,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         FAST_MATH=_rt.fast_math(call), WIDE=_rt.decode.wide(call),
+        CLOSED=bool((call.params['chunk'] >= 1)),  # the closed form is sound for these params
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     ), kernel="decode")
     if splits > 1:

@@ -140,12 +140,16 @@ class Cover:
     """A union of bands with an exact closed form: ``rows`` (all keys on one-sided row ranges:
     ``row_hi`` only, ``row_lo`` only, or neither), ``columns`` (:attr:`Band.constant`) and at
     most one ``band`` varying with the row. ``precondition``: host-side condition (params,
-    lengths, ``FIRST`` / ``LAST``) under which the closed form is exact."""
+    lengths, ``FIRST`` / ``LAST``) under which the closed form is exact. ``monotone``: its part
+    that the pieces' monotonicity needs (int params >= 1, params only): where it holds, the
+    closed form is sound even when the rest fails (it may visit blocks without an allowed pair,
+    never skip one, and its FULL blocks stay FULL); where it fails, it may skip allowed pairs."""
 
     rows: Tuple[Band, ...] = ()
     columns: Tuple[Band, ...] = ()
     band: Optional[Band] = None
     precondition: sympy.Basic = sympy.true
+    monotone: sympy.Basic = sympy.true
 
     @property
     def intervals(self) -> int:
@@ -415,7 +419,8 @@ def cover(clauses: Sequence[Clause], int_params: FrozenSet[sympy.Symbol]) -> Cov
     if len(columns) + len(varying) > 2:
         raise NoBand(f"{len(columns)} columns and {len(varying)} band: more than two key intervals per row")
     positive = set().union(*[b.positive for b in bands]) if bands else set()
-    pre = [sympy.Ge(p, 1) for p in sorted(positive, key=str)]
+    monotone = sympy.And(*[sympy.Ge(p, 1) for p in sorted(positive, key=str)])
+    pre = [monotone]
     if band is not None:
         pre.append(band.chain())
     precondition = sympy.And(*pre)
@@ -423,7 +428,7 @@ def cover(clauses: Sequence[Clause], int_params: FrozenSet[sympy.Symbol]) -> Cov
         raise NoBand("consecutive rows of the band leave holes between them")
     if precondition.free_symbols & {S.b, S.h}:
         raise NoBand("its precondition depends on b or h")
-    return Cover(rows=tuple(rows), columns=tuple(columns), band=band, precondition=precondition)
+    return Cover(rows=tuple(rows), columns=tuple(columns), band=band, precondition=precondition, monotone=monotone)
 
 
 def _merge_all(bands: List[Band]) -> List[Band]:

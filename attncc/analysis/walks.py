@@ -63,6 +63,11 @@ class Walk:
     reason: str = ""
 
     @property
+    def monotone(self) -> sympy.Basic:
+        """The part of the precondition a BANDS walk needs to be sound (:attr:`Cover.monotone`)."""
+        return self.cover.monotone if self.cover is not None else sympy.true
+
+    @property
     def outputs(self) -> Tuple[str, ...]:
         if self.segments == 1:
             return ("lo", "hi", "full_lo", "full_hi")

@@ -8,7 +8,10 @@ query row ``t`` is ``i = kv_len[b] - Nq + t``, and ``n_q = n_k = kv_len[b]``.
 
 Key blocks come from the forward's closed-form walk (a window reads only its own blocks, so
 only its pages) at ``k_offset = 0``, ``N_K = kv_len``, when it does not depend on the query
-head; it stays sound (if not always exact) when the call breaks its precondition. Otherwise
+head; it stays sound (if not always exact) when the call breaks its precondition, except for
+params that break the bounds' monotonicity (a divisor or multiplier below 1, ``Walk.monotone``,
+checked on the host: the ``CLOSED`` constexpr), where every key block below kv_len is visited,
+masked. Otherwise
 (block lists, data-dependent masks) every key block below ``kv_len`` is visited with the mask
 evaluated. ``random_blocks`` patterns get no decode: their random key blocks depend on
 the sequence length, which differs per batch row.
@@ -24,7 +27,7 @@ from attncc.codegen.hoist import Hoister
 from attncc.codegen.names import param_arg, param_value, param_var
 from attncc.codegen.printer import TritonPrinter
 from attncc.codegen.softmax import _Inputs, mask_hoister, render_score, score_terms
-from attncc.codegen.walks import render_walk
+from attncc.codegen.walks import monotone_code, render_walk
 from attncc.spec import symbols as S
 from attncc.spec.builtins import RandomBlocks
 from attncc.spec.ir import Pattern
@@ -78,6 +81,8 @@ def decode_context(pattern: Pattern, plan, ctx: dict) -> dict:
     ctx_args += [sym.name for sym, _ in scalars] + [sym.name for sym, _ in rows]
 
     iteration, walk, note = _iteration(plan)
+    closed_check = monotone_code(plan) if iteration == "segments" else "True"
+    closed_check = None if closed_check == "True" else closed_check
     tile.helpers |= walk.get("helpers", set())
 
     helper_names = sorted(tile.helpers | row.helpers | mask_tile.helpers | mask_row.helpers)
@@ -90,7 +95,7 @@ def decode_context(pattern: Pattern, plan, ctx: dict) -> dict:
         ctx_args=ctx_args, score_lines=score_lines, mask_code=mask_code, scalar_defs=scalar_defs,
         row_defs=row_defs, lse_row_bias=lse_row_bias, iteration=iteration, note=note,
         steps=walk.get("steps", []), segments=walk.get("segments", 0), full_kb=walk.get("full_kb", ""),
-        masked_kb=walk.get("masked_kb", ""),
+        masked_kb=walk.get("masked_kb", ""), closed_check=closed_check, fallback=_fallback(walk),
         param_args=[param_arg(p) for p in pattern.params], input_args=input_args,
         param_values=[f"call.params[{p.name!r}]" for p in pattern.params],
         input_values=[f"call.inputs[{n!r}], *call.inputs[{n!r}].stride(), *call.inputs[{n!r}].shape"
@@ -111,3 +116,14 @@ def _iteration(plan):
     if walk["per_head"]:
         return "all", {}, "all below kv_len, the mask evaluated on each (its walk depends on h)"
     return "segments", walk, "the forward's closed-form walk, for the rows kv_len - Nq .. kv_len - 1"
+
+
+def _fallback(walk: dict):
+    """The walk's outputs for a call whose params break the closed form's monotonicity (``CLOSED``
+    false): every key block below kv_len, masked (one segment: ``[kv_lo, kv_hi)`` with no FULL
+    range; two: no FULL piece and one masked piece from block 0)."""
+    if not walk:
+        return []
+    every = "tl.cdiv(Nk, BLOCK_N)"
+    out = walk["out"]
+    return [(var, every if name in ("hi", "n_masked") else "0") for name, var in out.items()]

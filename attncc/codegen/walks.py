@@ -106,3 +106,13 @@ def precondition_code(plan: Plan, transposed: bool) -> str:
     names = {FIRST: first, LAST: f"({first} + {rows} - 1)", S.n_q: n_q, S.n_k: n_k}
     names.update({p.symbol: f"call.params[{p.name!r}]" for p in plan.pattern.params})
     return PythonPrinter(names)(walk.precondition)
+
+
+def monotone_code(plan: Plan) -> str:
+    """The forward walk's :attr:`~attncc.analysis.walks.Walk.monotone` as a Python expression of
+    ``call.params`` (``True`` when it has none): decode, which has no block lists, walks the
+    closed form only where it is sound."""
+    walk = plan.forward
+    if walk.kind is not Iteration.BANDS or walk.monotone is sympy.true:
+        return "True"
+    return PythonPrinter({p.symbol: f"call.params[{p.name!r}]" for p in plan.pattern.params})(walk.monotone)
