@@ -162,3 +162,40 @@ def test_walk_steps_print_as_integer_code():
             for name, code in w["steps"]:
                 assert "tl.floor" not in code, (pattern.mask, name, code)
                 assert "_floordiv" not in code or "prm_" in code, (pattern.mask, name, code)
+
+
+def _explain_path(pattern, walk="forward"):
+    from attncc.analysis import explain_data
+
+    return explain_data(analyze(pattern), n_q=64, n_k=64, block_m=16, block_n=16)["walks"][walk]["path"]
+
+
+def test_a_mask_that_hung_the_former_analysis_is_analyzed_at_once():
+    """``abs(min(n_q - b, w + i)) == max(max(j, n_q, 1), b ** 3, 1)`` took over 60 s in the former
+    key-range analysis (analysis/ranges.py). Now: a second or two (the limit leaves room for a busy
+    CI machine), exact block lists, and explain says why."""
+    import time
+
+    analyze.cache_clear()
+    start = time.perf_counter()
+    pattern = parse_spec('[params]\nw = 3\n[mask]\nwhere = "abs(min(n_q - b, w + i)) == max(max(j, n_q, 1), b ** 3, 1)"\n')
+    plan = analyze(pattern)
+    assert time.perf_counter() - start < 15
+    assert plan.forward.kind.value == plan.transposed.kind.value == "block_list"
+    assert "depends on b or h" in plan.forward.reason
+    assert "exact block lists" in _explain_path(pattern) and plan.forward.reason in _explain_path(pattern)
+
+
+def test_atoms_past_the_budget_take_the_exact_lists():
+    """An atom of more operations than the closed forms' budget (bands.MAX_ATOM_OPS) is left to the
+    exact block lists, deterministically, and explain says so; the tiles stay exact."""
+    from attncc.analysis.bands import MAX_ATOM_OPS
+
+    small = parse_spec('[mask]\nwhere = "j >= ' + " + ".join(f"i // {k}" for k in range(2, 6)) + '"\n')
+    big = parse_spec('[mask]\nwhere = "j >= ' + " + ".join(f"i // {k}" for k in range(2, 50)) + '"\n')
+    assert analyze(small).forward.kind.value == "bands"  # the same family within the budget
+    plan = analyze(big)
+    assert plan.forward.kind.value == "block_list" and f"more than {MAX_ATOM_OPS} operations" in plan.forward.reason
+    assert "budget" in _explain_path(big)
+    problem = Problem(70, 130, 3, 0, block_m=16, block_n=32)
+    assert not _mismatches(big, plan, problem)

@@ -56,6 +56,10 @@ FIRST = sympy.Symbol("first_row", integer=True, nonnegative=True)  # first row p
 LAST = sympy.Symbol("last_row", integer=True)  # last row position of the call
 
 Pieces = Tuple[sympy.Expr, ...]
+# The closed forms solve atoms of a few operations (a band, a chunk: under 20); a larger one is
+# left to the exact block lists rather than to sympy (a budget in size, not in time, so that a
+# build writes the same code on every machine).
+MAX_ATOM_OPS = 120
 
 
 class NoBand(Exception):
@@ -210,7 +214,10 @@ class _Solver:
                     upper=(tuple(_unique(parts.upper)),) if parts.upper else (), positive=frozenset(parts.positive))
 
     def atom(self, atom, parts: _Parts) -> None:
-        e = sympy.expand(_no_mod(_atom_expr(atom)))
+        e = _no_mod(_atom_expr(atom))
+        if sympy.count_ops(e) > MAX_ATOM_OPS:  # a budget on the sympy reasoning below (deterministic)
+            raise NoBand(f"an atom of more than {MAX_ATOM_OPS} operations is beyond the closed forms' budget")
+        e = sympy.expand(e)
         if not (e.has(S.i) or e.has(S.j)):  # a guard on the call (b, h allowed: the kernel knows them)
             if e.free_symbols - self.constants - {S.b, S.h}:
                 raise NoBand(f"{atom}: a condition on {e.free_symbols - self.constants - {S.b, S.h}}")
