@@ -3,8 +3,11 @@
     attncc explain SPEC --n N [--nk NK] [--block 128x64] [--head-dim D] [--batch B] [--heads H]
                    [--param NAME=VALUE ...] [--json] [--png FILE]
 
-Prints the iteration, the tile counts, the exact density, FLOPs and bytes, and the
-closed-form key-block bounds (affine patterns) or the tile classifier (block lists).
+Prints the walks (how the forward / dQ kernels find the key blocks of a query block and the
+dK/dV kernel the query blocks of a key block: closed forms, or exact block lists and why), the
+tiles each visits and runs unmasked, the exact density, FLOPs and bytes, and the classifier of
+patterns with ``[inputs]``. For a static pattern the counts are exact: the visited tiles are the
+ones with an allowed pair, the unmasked ones those whose pairs are all allowed.
 ``--json`` prints the same as one JSON object; ``--png`` draws the map of tiles (and the
 pair-level mask when both lengths are at most 512; needs matplotlib).
 """
@@ -87,12 +90,15 @@ def format_text(d: dict) -> str:
         lines.append(f"  inputs      synthesized: {', '.join(d['synthesized_inputs'])} (pass real ones for real numbers)")
     if d["block_stats"]:
         lines.append("  reads       " + "; ".join(d["block_stats"]))
-    if d["bounds"]:
-        lines.append("  key-block bounds of the query block holding positions [q_lo, q_hi] (union over clauses):")
-        for k, b in enumerate(d["bounds"]):
-            lines.append(f"    clause {k}: " + " and ".join(b["clause"]))
-            lines += [f"      {s}" for s in b["steps"]]
-    elif d["classifier"]:
+    for walk, title in (("forward", "forward, dQ (key blocks per query block)"),
+                        ("dkdv", "dK/dV (query blocks per key block)")):
+        w = d["walks"][walk]
+        t = w["tiles"]
+        lines.append(f"  {title}: {w['path']}")
+        lines.append(f"    tiles     {w['visited']} visited ({w['unmasked']} unmasked), {t['empty']} empty, "
+                     f"{t['full']} full, {t['partial']} partial")
+        lines += [f"    {b}" for b in w["bands"]]
+    if d["classifier"] and d["dynamic"]:
         lines.append("  tile classifier (interval program):")
         lines += [f"    {s}" for s in d["classifier"]]
     if d.get("score"):

@@ -25,6 +25,10 @@ SMALL_PARAMS = {
     "longformer": {"g": 5, "w": 7},
     "strided": {"stride": 6},
     "prefix_lm": {"prefix": 11},
+    "chunked_local": {"chunk": 13},
+    "sink_window": {"sinks": 3, "window": 9},
+    "neighborhood_2d": {"width": 7, "radius": 1},
+    "block_diagonal": {"chunk": 11},
 }
 
 # ||o - ref|| / ||ref|| bounds by input dtype

@@ -51,6 +51,21 @@ def _signed_terms(e):
     return pos, neg
 
 
+def _integer_valued(e) -> bool:
+    """``e`` is an integer at every pair, computed exactly by the kernels (integer ``//`` and ``%``,
+    :mod:`attncc.codegen.integer`) and the reference: its interval is never widened. Unlike
+    sympy's ``is_integer``, ``floor(i / w)`` and ``i % w`` with ``w`` an int param count (sympy
+    cannot rule out ``w = 0``, where the mask is undefined anyway), and a floor or ceiling of
+    float arithmetic counts too (its argument is widened, the rounding to an integer is exact)."""
+    if e.is_integer or isinstance(e, (sympy.floor, sympy.ceiling)):
+        return True
+    if isinstance(e, (sympy.Mod, sympy.Add, sympy.Mul, sympy.Min, sympy.Max, sympy.Abs)):
+        return all(_integer_valued(a) for a in e.args)
+    if isinstance(e, sympy.Pow):
+        return bool(_integer_valued(e.base) and e.exp.is_Integer and e.exp >= 0)
+    return False
+
+
 class _Compiler:
     def __init__(self, pattern: Pattern):
         self.pattern = pattern
@@ -87,7 +102,8 @@ class _Compiler:
             value = self._number(e)
         except (TypeError, ValueError, ZeroDivisionError, sympy.PolynomialError):
             return self.unknown_number()  # sympy could not take this node apart: sound, not precise
-        if e.is_integer or e.is_Atom or isinstance(e, sympy.core.function.AppliedUndef) or isinstance(value, (int, float)):
+        if (_integer_valued(e) or e.is_Atom or isinstance(e, sympy.core.function.AppliedUndef)
+                or isinstance(value, (int, float))):
             return value  # exact: integer arithmetic, leaves and literals
         # float arithmetic: the kernels and the reference round it in their own order (tiles.widen)
         return self.emit("widen", value)
@@ -117,7 +133,7 @@ class _Compiler:
                 return self.emit("floor_", self.number(num))
             return self.emit("floordiv", self.number(num), self.number(den))
         if isinstance(e, sympy.Mod):
-            return self.emit("mod", self.number(e.args[0]), self.number(e.args[1]), bool(e.is_integer))
+            return self.emit("mod", self.number(e.args[0]), self.number(e.args[1]), _integer_valued(e))
         if isinstance(e, sympy.Abs):
             return self.emit("abs_", self.number(e.args[0]))
         if isinstance(e, (sympy.Min, sympy.Max)):

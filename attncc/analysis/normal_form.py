@@ -10,7 +10,8 @@ branches; ``==`` into two inequalities; ``!=`` into an Or of two strict ones; a 
   polynomial of int params, ``n_q``, ``n_k``, ``h`` and ``b``: ``b != 0`` bounds the keys
   of a row, ``b == 0, a != 0`` bounds the rows, ``a == b == 0`` is a guard on the call;
 - or an :class:`OtherAtom` (modular arithmetic, floor, products, inputs, random blocks...):
-  the bounds ignore it for the key range and it keeps its clause from being FULL.
+  :mod:`attncc.analysis.bands` solves the ones with ``//`` and ``%`` it can make monotone
+  bounds of; the others leave the mask to the exact block lists.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ class LinearAtom:
 
 @dataclass(frozen=True)
 class OtherAtom:
-    """A boolean the affine bounds cannot use (kept as a sympy expression)."""
+    """A boolean that is not linear in i and j (kept as a sympy expression)."""
 
     expr_: sympy.Basic
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Dict, Mapping, Optional
 
-from attncc.analysis.graph import plan_grid
-from attncc.analysis.plan import Iteration, Plan
-from attncc.analysis.ranges import describe
+from attncc.analysis.graph import plan_grid, walk_path
+from attncc.analysis.plan import Plan
+from attncc.analysis.walks import Iteration
 from attncc.analysis.score import score_report
 from attncc.runtime import tiles
 from attncc._lazy import lazy_module
@@ -125,6 +125,22 @@ def explain_data(plan: Plan, *, n_q: int, n_k: int, block_m: int = 128, block_n:
     density = allowed / pairs if pairs else 0.0
     visited = counts["full"] + counts["partial"]
 
+    walks = {}
+    for walk, w in (("forward", plan.forward), ("dkdv", plan.transposed)):
+        g = full_grid if walk == "forward" else plan_grid(
+            plan, q_rows=n_q, k_rows=n_k, block_m=block_m, block_n=block_n, params=params, inputs=inputs,
+            batch=batch, heads=heads, walk="dkdv").expand(batch, heads, nkb, nqb)
+        walks[walk] = {
+            "kind": w.kind.value,
+            "path": walk_path(plan, walk, q_rows=n_q, k_rows=n_k, params=params),
+            "reason": w.reason,
+            "bands": list(w.cover.lines()) if w.cover is not None else [],
+            "tiles": {name: int((g == cls).sum()) for name, cls in
+                      (("empty", tiles.EMPTY), ("full", tiles.FULL), ("partial", tiles.PARTIAL))},
+            "visited": int((g != tiles.EMPTY).sum()),
+            "unmasked": int((g == tiles.FULL).sum()),
+        }
+
     heads_kv = pattern.heads_kv or heads
     value_dim = pattern.value_dim or head_dim
     qkvo = BF16_BYTES * batch * (heads * n_q * head_dim + heads_kv * n_k * (head_dim + value_dim)
@@ -155,8 +171,7 @@ def explain_data(plan: Plan, *, n_q: int, n_k: int, block_m: int = 128, block_n:
         "block_stats": [f"{s.input}[{', '.join(map(str, s.index))}]" + (f" per block along {s.axis_var}" if s.axis_var else "")
                         for s in plan.block_stats],
         "synthesized_inputs": synthesized,
-        "bounds": [{"clause": list(text), "steps": list(describe(kr))}
-                   for text, kr in zip(plan.clauses, plan.key_ranges)],
+        "walks": walks,
         "classifier": list(plan.classifier.lines()) + [f"result: {plan.classifier.result}"] if plan.classifier else [],
         "score": score_report(pattern),
     }
