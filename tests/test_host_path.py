@@ -237,9 +237,18 @@ def test_capture_refuses_to_make_static_lists(capturing):
     """Lists made inside a capture would be cached unfilled (captured kernels run at replay)."""
     from attncc.runtime import blocks
 
-    key = (module("bigbird").MASK_TILES, "cuda:0", 300, 300, 0, 0, 300, 300, 64, 64, ())
+    from types import SimpleNamespace
+
+    key = (module("document").MASK_TILES, "cuda:0", 300, 300, 0, 0, 300, 300, 64, 64, ())
     with pytest.raises(RuntimeError, match="before capturing"):
         blocks._static_lists(key, 1, 2, False)
+    # static masks without a closed form (BigBird, strides, 2D neighbourhoods): exact lists, cached
+    call = SimpleNamespace(varlen=False, q=SimpleNamespace(device="cuda:0"), Nq=300, Nk=300, q_offset=0, k_offset=0,
+                           n_q=300, n_k=300, params={}, B=1, Hq=2)
+    made = []
+    with pytest.raises(RuntimeError, match="before capturing"):
+        blocks.exact_block_lists(lambda *a: made.append(a), call, 64, 64, per_head=False)
+    assert not made  # refused before any classification
     with pytest.raises(RuntimeError, match="before capturing"):
         blocks.random_table(300, 300, 3, 64, 0, "cuda:0")
 

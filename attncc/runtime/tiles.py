@@ -430,7 +430,7 @@ def _pow2_above(v):
     """A power of two ``>= v`` (``v >= 0``; inf stays inf): frexp's exponent, exact at any size."""
     if _is_t(v):
         e = torch.frexp(torch.where(torch.isfinite(v), v, torch.zeros_like(v))).exponent
-        return torch.where(torch.isfinite(v), torch.exp2(e.to(_F64)), v)
+        return torch.where(torch.isfinite(v), torch.exp2(e.to(torch.float64)), v)
     return v if math.isinf(v) else 2.0 ** math.frexp(v)[1]
 
 
@@ -462,11 +462,11 @@ def _high_bits(op, x, y, bounds):
     a, b, c, d = (_tensor(v, r) for v in (a, b, c, d))
     ok = (a >= 0) & (c >= 0) & (b < _EXACT_INT) & (d < _EXACT_INT)  # also false for NaN and inf
     a, b, c, d = (torch.where(ok, v, torch.zeros_like(v)).to(torch.int64) for v in (a, b, c, d))
-    diff = ((a ^ b) | (c ^ d)).to(_F64)
-    low = (torch.exp2(torch.frexp(diff).exponent.to(_F64)) - 1).to(torch.int64)  # 2**bit_length(diff) - 1
+    diff = ((a ^ b) | (c ^ d)).to(torch.float64)
+    low = (torch.exp2(torch.frexp(diff).exponent.to(torch.float64)) - 1).to(torch.int64)  # 2**bit_length(diff) - 1
     base = op(a & ~low, c & ~low)
-    lo = _where(ok, _maximum(_tensor(lo, r), base.to(_F64)), lo)
-    hi = _where(ok, _minimum(_tensor(hi, r), (base + low).to(_F64)), hi)
+    lo = _where(ok, _maximum(_tensor(lo, r), base.to(torch.float64)), lo)
+    hi = _where(ok, _minimum(_tensor(hi, r), (base + low).to(torch.float64)), hi)
     return (lo, hi)
 
 
