@@ -26,13 +26,14 @@ def _issue_kv(k_desc, v_desc, k_smem, v_smem, bars, b, hk, kb, slot, pred):
 
 
 @gluon.jit
-def attn_fwd_pipelined(q_desc, k_desc, v_desc, o_desc, lse_ptr,
+def attn_fwd_pipelined(q_desc, k_desc, v_desc, o_desc, lse_ptr, lse_stride: gl.int64,
                        H, GROUP, Nq, Nk, q_offset, k_offset, n_q, n_k, qk_scale,
                        WALK: gl.constexpr, MASK: gl.constexpr, RETURN_LSE: gl.constexpr,
                        STAGES: gl.constexpr, num_warps: gl.constexpr):
     """One program per (query block, batch x head); descriptors are 4-d over [B, H, N, D] tensors, so
     batch and head offsets are TMA coordinates (no int32 address arithmetic) and rows past N read as
-    zeros and are never written."""
+    zeros and are never written. LSE row (b, h) starts at lse_ptr + (b * H + h) * lse_stride (an
+    int64: B * H * Nq may pass 2**31)."""
     dtype: gl.constexpr = q_desc.dtype
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[2]
     HEAD_DIM: gl.constexpr = q_desc.block_type.shape[3]
@@ -94,7 +95,7 @@ def attn_fwd_pipelined(q_desc, k_desc, v_desc, o_desc, lse_ptr,
     o, lse = finish_rows(acc, m_i, l_i, o_layout)
     if RETURN_LSE:
         rows = qb * BLOCK_M + gl.arange(0, BLOCK_M, gl.SliceLayout(1, s_layout))
-        gl.store(lse_ptr + bh.to(gl.int64) * Nq + rows, lse, mask=rows < Nq)
+        gl.store(lse_ptr + bh * lse_stride + rows, lse, mask=rows < Nq)
     # Q's buffer is free (every wgmma on it has completed): stage O there for the TMA store.
     gl.thread_barrier()
     q.store(o.to(dtype))
