@@ -135,6 +135,9 @@ def attention(q, k, v, *, pattern: str = "dense", scale: Optional[float] = None,
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     B, Hq, Nq, D, Hkv, Nk = _check_operands(q, k, v)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not t.is_cuda or t.device != q.device:
+            raise ValueError(f"attncc.gluon: {name} must be on q's CUDA device (sm90), got {t.device}")
     if config is None:
         config = default_config(D)
     check_config(config, D)
@@ -214,8 +217,6 @@ def _check_operands(q, k, v):
             raise TypeError(f"attncc.gluon: {name} must be bfloat16 or float16, got {t.dtype}")
         if t.dtype != q.dtype:
             raise TypeError(f"attncc.gluon: {name} has dtype {t.dtype}, q has {q.dtype}")
-        if not t.is_cuda:
-            raise ValueError(f"attncc.gluon: {name} must be on a CUDA device (sm90), got {t.device}")
     B, Hq, Nq, D = q.shape
     Bk, Hkv, Nk, Dk = k.shape
     if tuple(v.shape) != tuple(k.shape):
@@ -359,6 +360,17 @@ def _count_sass(cubin: bytes, opcode: str) -> int:
     return len(re.findall(rf"\b{opcode}\.", _cuobjdump(cubin, "-sass")))
 
 
+def ci_variants():
+    """The variants CI compiles: each kernel at each head dim once, patterns and dtypes alternating,
+    and the ws kernel without ping-pong, so every constexpr branch of both kernels is compiled."""
+    picks = [("ws", 64, "dense", "bfloat16"), ("ws", 128, "causal", "bfloat16"), ("ws", 256, "causal", "float16"),
+             ("pipelined", 64, "causal", "float16"), ("pipelined", 128, "dense", "float16"),
+             ("pipelined", 256, "dense", "bfloat16")]
+    out = [Variant(pattern, dtype, d, default_config(d, kernel)) for kernel, d, pattern, dtype in picks]
+    out.append(Variant("dense", "float16", 128, dataclasses.replace(default_config(128, "ws"), pingpong=False)))
+    return out
+
+
 def variants(kernels=KERNELS, patterns=tuple(walks.PATTERNS), dtypes=DTYPES, head_dims=HEAD_DIMS, stages=None):
     """Every variant CI compiles: kernels x patterns x dtypes x head dims at the default config,
     plus the other ring depths that fit (`stages`, when given, restricts them) and the ws kernel
@@ -381,3 +393,36 @@ def variants(kernels=KERNELS, patterns=tuple(walks.PATTERNS), dtypes=DTYPES, hea
                     for dtype in dtypes:
                         out.append(Variant(pattern, dtype, head_dim, cfg))
     return out
+
+
+def main(argv=None) -> int:
+    """python -m attncc.gluon.launch [--all] [--pickle PATH]: compile the CI variants (or all of
+    them) for sm90 and print what each produced; --pickle saves the CompiledVariants (the tests run
+    this in a process without TRITON_INTERPRET, which would turn Triton's own jit helpers that
+    Gluon calls into interpreter objects)."""
+    import argparse
+    import pickle
+    import time
+
+    parser = argparse.ArgumentParser(prog="python -m attncc.gluon.launch")
+    parser.add_argument("--all", action="store_true", help="every variant of variants(), not only the CI set")
+    parser.add_argument("--pickle", help="write the list of CompiledVariant here")
+    args = parser.parse_args(argv)
+    results = []
+    for variant in (variants() if args.all else ci_variants()):
+        start = time.perf_counter()
+        c = compile_for_sm90(variant)
+        results.append(c)
+        print(f"{variant.name:48s} {time.perf_counter() - start:5.1f}s shared {c.shared:6d}  registers {c.registers:3d}"
+              f"  stack {c.stack:2d}  wgmma {c.wgmma:3d}  HGMMA {c.hgmma:3d}  TMA {c.tma:2d}"
+              f"  setmaxnreg {sorted(set(c.setmaxnreg))}", flush=True)
+    if args.pickle:
+        with open(args.pickle, "wb") as f:
+            pickle.dump(results, f)
+    return 0
+
+
+if __name__ == "__main__":
+    # Through the imported module, so that pickled results name attncc.gluon.launch, not __main__.
+    from attncc.gluon.launch import main as _main
+    raise SystemExit(_main())
