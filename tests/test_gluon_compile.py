@@ -57,9 +57,8 @@ def test_compiles_to_wgmma_and_tma(variant, compiled):
     assert re.search(r"cp\.async\.bulk\.tensor\.4d\.shared::cluster\.global", c.ptx), "no TMA load"
     assert re.search(r"cp\.async\.bulk\.tensor\.4d\.global\.shared::cta", c.ptx), "no TMA store of O"
     # P V reads P from registers: an HGMMA whose A operand is a register, not a shared-memory descriptor.
-    sass = launch._cuobjdump(c.cubin, "-sass")
-    assert re.search(r"HGMMA\.\S+ R\d+, R\d+, gdesc", sass), "P is not fed to wgmma from registers"
-    assert re.search(r"HGMMA\.\S+ R\d+, gdesc", sass), "S = Q K^T does not read Q from shared memory"
+    assert re.search(r"HGMMA\.\S+ R\d+, R\d+, gdesc", c.sass), "P is not fed to wgmma from registers"
+    assert re.search(r"HGMMA\.\S+ R\d+, gdesc", c.sass), "S = Q K^T does not read Q from shared memory"
 
 
 @pytest.mark.parametrize("variant", CASES, ids=lambda v: v.name)
@@ -119,12 +118,12 @@ def test_variant_list_covers_the_matrix():
 
 def test_head_group_keeps_kv_in_half_the_l2_and_feeds_every_sm():
     # dense 4K, D 128, bf16: 2 MB of K and V per head, 25 MB budget -> 12 heads (32 tiles each)
-    assert launch._head_group(64, 32, 4096, 128, 2, 1, 132) == 12
+    assert launch.head_group(64, 32, 4096, 128, 2, 1, 132) == 12
     # few query blocks per head: more heads per group so that 132 SMs all get a tile
-    assert launch._head_group(64, 4, 65536, 128, 2, 1, 132) == 33
+    assert launch.head_group(64, 4, 65536, 128, 2, 1, 132) == 33
     # GQA: 4 q heads share one K/V, 4x as many q heads fit
-    assert launch._head_group(256, 64, 8192, 128, 2, 4, 132) == 25
-    assert launch._head_group(3, 1, 10**7, 256, 2, 1, 132) == 3
+    assert launch.head_group(256, 64, 8192, 128, 2, 4, 132) == 25
+    assert launch.head_group(3, 1, 10**7, 256, 2, 1, 132) == 3
 
 
 def test_attention_refuses_bad_operands_before_launching():
@@ -135,10 +134,10 @@ def test_attention_refuses_bad_operands_before_launching():
     with pytest.raises(TypeError, match="bfloat16 or float16"):
         launch.attention(q.float(), q, q)
     with pytest.raises(ValueError, match="multiple of k/v heads"):
-        launch._check_operands(*(torch.randn(1, h, 64, 64, dtype=torch.bfloat16) for h in (3, 2, 2)))
+        launch.check_operands(*(torch.randn(1, h, 64, 64, dtype=torch.bfloat16) for h in (3, 2, 2)))
     with pytest.raises(ValueError, match="head dim"):
-        launch._check_operands(*(torch.randn(1, 2, 64, 96, dtype=torch.bfloat16),) * 3)
+        launch.check_operands(*(torch.randn(1, 2, 64, 96, dtype=torch.bfloat16),) * 3)
     with pytest.raises(ValueError, match="k's shape"):
-        launch._check_operands(q, q, q[:, :, :32])
+        launch.check_operands(q, q, q[:, :, :32])
     with pytest.raises(ValueError, match="pattern"):
         launch.pattern_fragments("sliding")

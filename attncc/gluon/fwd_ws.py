@@ -139,7 +139,8 @@ def consumer_step(kb, q, acc, m_i, l_i, p, alpha, it, prev_slot, prev_phase, tur
 
 
 @gluon.jit
-def consumer_partition(descs, smem, bars, lse_ptr, lse_stride, B, H, Nq, Nk, q_offset, k_offset, n_q, n_k, qk_scale, HEAD_GROUP,
+def consumer_partition(descs, smem, bars, lse_ptr, lse_stride, B, H, Nq, Nk, q_offset, k_offset, n_q, n_k, qk_scale,
+                       HEAD_GROUP,
                        WALK: gl.constexpr, MASK: gl.constexpr, RETURN_LSE: gl.constexpr, STAGES: gl.constexpr,
                        PINGPONG: gl.constexpr, O_IN_Q: gl.constexpr, WG: gl.constexpr):
     q_desc, k_desc, v_desc, o_desc = descs
@@ -277,10 +278,10 @@ def attn_fwd_ws(q_desc, k_desc, v_desc, o_desc, lse_ptr, lse_stride: gl.int64,
     bars = (q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn_bars)
     # The tuples stay literals: an assignment would try to turn the rendered functions into tensors.
     gl.warp_specialize([
-        (consumer_partition, (descs, smem, bars, lse_ptr, lse_stride, B, H, Nq, Nk, q_offset, k_offset, n_q, n_k, qk_scale,
-                              HEAD_GROUP, WALK, MASK, RETURN_LSE, STAGES, PINGPONG, O_IN_Q, 0)),
-        (consumer_partition, (descs, smem, bars, lse_ptr, lse_stride, B, H, Nq, Nk, q_offset, k_offset, n_q, n_k, qk_scale,
-                              HEAD_GROUP, WALK, MASK, RETURN_LSE, STAGES, PINGPONG, O_IN_Q, 1)),
+        (consumer_partition, (descs, smem, bars, lse_ptr, lse_stride, B, H, Nq, Nk, q_offset, k_offset, n_q, n_k,
+                              qk_scale, HEAD_GROUP, WALK, MASK, RETURN_LSE, STAGES, PINGPONG, O_IN_Q, 0)),
+        (consumer_partition, (descs, smem, bars, lse_ptr, lse_stride, B, H, Nq, Nk, q_offset, k_offset, n_q, n_k,
+                              qk_scale, HEAD_GROUP, WALK, MASK, RETURN_LSE, STAGES, PINGPONG, O_IN_Q, 1)),
         (load_partition, (descs, smem, bars, B, H, GROUP, Nq, Nk, q_offset, k_offset, n_q, n_k, HEAD_GROUP, WALK,
                           STAGES)),
     ], [CONSUMER_WARPS, 1], [CONSUMER_REGS, LOADER_REGS])

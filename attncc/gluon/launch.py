@@ -134,7 +134,7 @@ def attention(q, k, v, *, pattern: str = "dense", scale: Optional[float] = None,
     import triton
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    B, Hq, Nq, D, Hkv, Nk = _check_operands(q, k, v)
+    B, Hq, Nq, D, Hkv, Nk = check_operands(q, k, v)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not t.is_cuda or t.device != q.device:
             raise ValueError(f"attncc.gluon: {name} must be on q's CUDA device (sm90), got {t.device}")
@@ -175,7 +175,7 @@ def attention(q, k, v, *, pattern: str = "dense", scale: Optional[float] = None,
         from attncc.gluon.fwd_ws import attn_fwd_ws
         n_tiles = triton.cdiv(Nq, config.block_m) * B * Hq
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-        head_group = _head_group(B * Hq, triton.cdiv(Nq, config.block_m), Nk, D, q.element_size(), group, sms)
+        head_group = head_group(B * Hq, triton.cdiv(Nq, config.block_m), Nk, D, q.element_size(), group, sms)
         attn_fwd_ws[(min(sms, n_tiles), )](q_desc, k_desc, v_desc, o_desc, lse, Nq, B, Hq, group, Nq, Nk, q_offset,
                                             k_offset, n_q, n_k, qk_scale, head_group, WALK=walk, MASK=mask,
                                             RETURN_LSE=return_lse, STAGES=config.stages, PINGPONG=config.pingpong,
@@ -197,7 +197,7 @@ def _output(given, name, shape, dtype, device):
     return given
 
 
-def _head_group(bh: int, n_qb: int, Nk: int, D: int, elem_bytes: int, group: int, sms: int) -> int:
+def head_group(bh: int, n_qb: int, Nk: int, D: int, elem_bytes: int, group: int, sms: int) -> int:
     """Heads per group of the persistent schedule: as many as keep their K and V within half the
     L2 (a GQA group of q heads shares one K/V), but enough tiles to give every SM one."""
     kv_per_q_head = 2 * Nk * D * elem_bytes / group
@@ -206,7 +206,7 @@ def _head_group(bh: int, n_qb: int, Nk: int, D: int, elem_bytes: int, group: int
     return max(1, min(bh, max(by_l2, by_sms)))
 
 
-def _check_operands(q, k, v):
+def check_operands(q, k, v):
     import torch
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -279,7 +279,8 @@ class CompiledVariant:
     ptxas reports for the launch (for "ws" the cap before setmaxnreg moves registers between the
     partitions); stack: bytes of local stack per thread (spills, when there is no call);
     setmaxnreg: the register counts the partitions move to; wgmma / tma: counts of
-    `wgmma.mma_async` and `cp.async.bulk.tensor` in the PTX; hgmma: HGMMA instructions in the SASS.
+    `wgmma.mma_async` and `cp.async.bulk.tensor` in the PTX; hgmma: HGMMA instructions in the SASS
+    (`sass`, cuobjdump's disassembly; empty when not asked for).
     """
     variant: Variant
     shared: int
@@ -290,6 +291,7 @@ class CompiledVariant:
     tma: int
     hgmma: int
     ptx: str = dataclasses.field(repr=False)
+    sass: str = dataclasses.field(repr=False)
     cubin: bytes = dataclasses.field(repr=False)
 
 
@@ -332,11 +334,12 @@ def compile_for_sm90(variant: Variant, disassemble: bool = True) -> CompiledVari
                               options=options)
     ptx, cubin = compiled.asm["ptx"], compiled.asm["cubin"]
     registers, stack = _resource_usage(cubin)
+    sass = _cuobjdump(cubin, "-sass") if disassemble else ""
     return CompiledVariant(
         variant=variant, shared=compiled.metadata.shared, registers=registers, stack=stack,
         setmaxnreg=tuple(int(n) for n in re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", ptx)),
         wgmma=len(re.findall(r"wgmma\.mma_async", ptx)), tma=len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
-        hgmma=_count_sass(cubin, "HGMMA") if disassemble else -1, ptx=ptx, cubin=cubin)
+        hgmma=len(re.findall(r"\bHGMMA\.", sass)) if disassemble else -1, ptx=ptx, sass=sass, cubin=cubin)
 
 
 def _cuobjdump(cubin: bytes, flag: str) -> str:
@@ -354,10 +357,6 @@ def _resource_usage(cubin: bytes) -> Tuple[int, int]:
     if not match:
         raise RuntimeError(f"attncc.gluon: no resource usage in cuobjdump's output:\n{text}")
     return int(match.group(1)), int(match.group(2))
-
-
-def _count_sass(cubin: bytes, opcode: str) -> int:
-    return len(re.findall(rf"\b{opcode}\.", _cuobjdump(cubin, "-sass")))
 
 
 def ci_variants():
