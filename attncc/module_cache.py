@@ -29,6 +29,7 @@ from types import ModuleType
 from typing import Dict, Optional, Tuple, Union
 
 import attncc
+from attncc._resources import templates_dir
 
 SpecLike = Union[str, "os.PathLike[str]", dict]
 
@@ -111,7 +112,7 @@ def compiler_fingerprint() -> str:
     global _FINGERPRINT
     if _FINGERPRINT is None:
         package = Path(attncc.__file__).resolve().parent
-        templates = package.parent / "templates"  # attncc.codegen.TEMPLATES, without importing jinja2
+        templates = templates_dir()  # attncc.codegen.TEMPLATES, without importing jinja2
         files = sorted([*package.glob("spec/*.py"), *package.glob("analysis/*.py"), *package.glob("codegen/*.py"),
                         *templates.glob("*.j2")])
         h = hashlib.sha256(attncc.__version__.encode())

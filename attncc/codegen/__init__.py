@@ -10,10 +10,11 @@ from typing import Iterable, List
 import jinja2
 
 import attncc
+from attncc._resources import templates_dir
 from attncc.codegen.text import escaped, py_str
 from attncc.spec import Pattern, SpecError, load_spec
 
-TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
+TEMPLATES = templates_dir()  # installed package data, or templates/ of a source checkout
 
 
 def _environment() -> jinja2.Environment:
