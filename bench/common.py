@@ -1,32 +1,35 @@
-"""Shared pieces of the benchmark scripts: device and dtype, timing, FlexAttention, building specs
-written inline, document ids, error-tolerant cases and markdown tables.
+"""What every benchmark shares: the device and dtype (or the CPU smoke mode), inputs, mask densities
+and FLOPs, FlexAttention and SDPA forms of the shipped specs, inline spec builds, error-tolerant
+rows and markdown tables.
 
-Import this module before torch or triton: with ``--smoke`` on the command line it turns on Triton's
-interpreter, and every script then runs on the CPU at tiny sizes (a check that the script works,
-not a measurement).
+Import this module (or anything of bench/) before triton: with ``--smoke`` on the command line
+(or ``BENCH_SMOKE=1``) it turns on Triton's interpreter, and every benchmark then runs on the CPU at
+tiny sizes: a check that the code runs, not a measurement. Timing is bench/timer.py's.
 """
 from __future__ import annotations
 
 import os
 import sys
 
-SMOKE = "--smoke" in sys.argv
+SMOKE = "--smoke" in sys.argv[1:] or os.environ.get("BENCH_SMOKE") == "1"
 if SMOKE:
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
 
 import importlib  # noqa: E402
 import importlib.util  # noqa: E402
+import json  # noqa: E402
 import math  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
+import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT))  # `generated.<name>` and attncc from the checkout
 
 DEV = "cpu" if SMOKE else "cuda"
 # bfloat16 on the GPU; float32 under the interpreter, which computes in numpy
@@ -35,48 +38,27 @@ DTYPE = torch.float32 if SMOKE else torch.bfloat16
 FWD_BWD_FLOPS = 3.5
 
 
+def require_device(what: str) -> None:
+    """Exit with a clear message when there is no GPU and no --smoke (instead of failing later)."""
+    if not SMOKE and not torch.cuda.is_available():
+        raise SystemExit(f"{what}: needs a CUDA GPU; --smoke runs it on the CPU under the Triton interpreter "
+                         f"(tiny sizes: a check that it runs, not a measurement)")
+
+
 def banner(title: str) -> str:
     dev = "CPU (TRITON_INTERPRET=1, smoke sizes)" if SMOKE else torch.cuda.get_device_name()
     return (f"{title}: torch {torch.__version__}, triton {__import__('triton').__version__}, {dev}, "
             f"{time.strftime('%Y-%m-%d %H:%M')}")
 
 
-# ---------------------------------------------------------------------------------------------
-# timing
-# ---------------------------------------------------------------------------------------------
-
-
-def bench(fn, grad_to_none=None, warmup=100, rep=400):
-    """Median milliseconds of ``fn()``: triton's do_bench on the GPU; one timed call in smoke mode."""
-    if SMOKE:
-        for x in grad_to_none or ():
-            x.grad = None
-        t = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t) * 1e3
-    from triton.testing import do_bench
-
-    return do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, return_mode="median")
-
-
-def heat_up(seconds: float = 30.0):
-    """Keep the GPU busy with bf16 matmuls for ``seconds`` before timing: under sustained load the
-    H100's clock settles 7-18% below its cool boost (measured: the same kernel timed first and a
-    minute later), and without this the first implementation timed gets the cool clock."""
-    if SMOKE:
-        return
-    a = torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16)
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        for _ in range(20):
-            a @ a
+def sync() -> None:
+    if DEV == "cuda":
         torch.cuda.synchronize()
 
 
-def bench_grad(fn, tensors, warmup=50, rep=300):
-    """Median milliseconds of a forward + backward ``fn()``, the gradients of ``tensors`` reset between runs."""
-    fn()
-    return bench(fn, grad_to_none=tensors, warmup=warmup, rep=rep)
+# ---------------------------------------------------------------------------------------------
+# FLOPs and densities
+# ---------------------------------------------------------------------------------------------
 
 
 def tflops(flops: float, ms: float) -> float:
@@ -93,6 +75,10 @@ def causal_density(N: int) -> float:
 
 
 CAUSAL_SPECS = ("causal", "alibi", "softcap", "gqa", "rope_causal")
+# the shipped specs whose mask flex_pattern writes as a Flex mask_mod, and whose score it writes
+FLEX_MASKS = ("dense", "sliding_window", "document", *CAUSAL_SPECS, "sink_window", "chunked_local", "block_diagonal",
+              "neighborhood_2d", "prefix_lm", "longformer", "strided", "dilated", "bigbird")
+FLEX_SCORES = ("alibi", "softcap")
 
 
 def density(spec: str, N: int, kw: dict) -> float:
@@ -113,9 +99,8 @@ def pair_density(spec: str, N: int, kw: dict, rows: int = 1024) -> float:
     """Allowed fraction of the N x N pairs of a static shipped spec, counted pair by pair with the
     reference's mask (``kw``: its params), ``rows`` query rows at a time on DEV."""
     from attncc import _reference
-    from attncc.spec import load_spec
 
-    p = load_spec(ROOT / "specs" / f"{spec}.toml")
+    p = spec_pattern(spec)
     params = {k: v for k, v in kw.items() if k in p.param_values}
     allowed = 0
     for r0 in range(0, N, rows):
@@ -170,10 +155,31 @@ def documents(B, N, seed=0, mean=1024, device=None):
     return torch.tensor(rows, dtype=torch.int32, device=device or DEV)
 
 
-def qkv(B, Hq, N, D, Hkv=None, seed=0, dtype=None):
+def qkv(B, Hq, N, D, Hkv=None, seed=0, dtype=None, device=None, Nk=None, grad=False):
+    """q [B, Hq, N, D], k and v [B, Hkv, Nk, D], standard normal from ``seed``."""
     torch.manual_seed(seed)
-    shapes = [(B, Hq, N, D), (B, Hkv or Hq, N, D), (B, Hkv or Hq, N, D)]
-    return tuple(torch.randn(*s, device=DEV, dtype=dtype or DTYPE) for s in shapes)
+    Nk = N if Nk is None else Nk
+    shapes = [(B, Hq, N, D), (B, Hkv or Hq, Nk, D), (B, Hkv or Hq, Nk, D)]
+    return tuple(torch.randn(*s, device=device or DEV, dtype=dtype or DTYPE).requires_grad_(grad) for s in shapes)
+
+
+def spec_inputs(pattern, B, H, N, seed=0, doc_mean=1024, device=None) -> dict:
+    """Tensors for a spec's ``[inputs]``: packed documents for [b, n] ids, key lengths in [N/2, N]
+    for a [b] length, standard normal tables of the declared float dtype."""
+    device = device or DEV
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for d in pattern.inputs:
+        shape = [{"b": B, "h": H, "n": N}.get(x, x) for x in d.dims]
+        if d.dims == ("b", "n") and "int" in d.dtype:
+            out[d.name] = documents(B, N, seed=seed, mean=doc_mean, device=device)
+        elif d.dims == ("b",) and "int" in d.dtype:
+            out[d.name] = torch.randint(N // 2, N + 1, (B,), generator=g, dtype=torch.int32).to(device)
+        elif d.dtype.startswith(("float", "bfloat")):
+            out[d.name] = torch.randn(*shape, generator=g).to(device=device, dtype=getattr(torch, d.dtype))
+        else:
+            raise ValueError(f"spec {pattern.name}: no benchmark input for {d.name}{list(d.dims)} of {d.dtype}")
+    return out
 
 
 def rotary_tables(N, D, theta=10000.0, device=None):
@@ -206,7 +212,8 @@ def flex_setup():
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     torch._dynamo.reset()
-    if SMOKE:
+    if SMOKE:  # eager on the CPU (a smoke run checks the code path, not Flex's speed)
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
         return flex_attention, create_block_mask
     return torch.compile(flex_attention, dynamic=False), create_block_mask
 
@@ -269,6 +276,9 @@ def flex_pattern(spec: str, H: int, kw: dict, n: int = 0):
     for fn in (sink_window, chunked_local, block_diagonal, neighborhood_2d, prefix_lm, longformer, strided, dilated,
                bigbird):
         masks[fn.__name__] = fn
+    assert set(masks) == set(FLEX_MASKS)
+    if spec not in masks:
+        raise KeyError(f"no FlexAttention form of spec {spec!r}")
     if spec == "bigbird":
         from attncc.runtime.semantics import random_block_set
 
@@ -281,32 +291,22 @@ def flex_pattern(spec: str, H: int, kw: dict, n: int = 0):
             if picked:
                 chosen[qr, picked] = True
         chosen = chosen.to(DEV)
-    if spec not in masks:
-        raise KeyError(f"no FlexAttention form of spec {spec!r}")
     if spec == "alibi":
         from attncc.runtime.semantics import alibi_slope
 
         slopes = torch.tensor([alibi_slope(h, H) for h in range(H)], device=DEV)
-    score_mod = {"alibi": alibi, "softcap": softcap}.get(spec)
+    score_mod = dict(zip(FLEX_SCORES, (alibi, softcap))).get(spec)
     return score_mod, masks[spec], spec == "document"
 
 
-def flex_grad_output(row: dict, do):
-    """The output gradient to time FlexAttention's forward + backward with: none on the CPU, which
-    has no Flex backward (noted in ``row``)."""
-    if SMOKE and do is not None:
-        note(row, "flex f+b: no Flex backward on CPU")
-        return None
-    return do
-
-
-def sdpa_backends():
-    """[(label, SDPBackend)] of the fused SDPA kernels to compare with; none on the CPU."""
-    if SMOKE:
-        return []
+def sdpa_backend(name: str):
+    """The SDPBackend of ``sdpa_flash`` / ``sdpa_cudnn``; the math backend in smoke mode (the CPU has
+    neither fused kernel: the code path runs, the numbers mean nothing)."""
     from torch.nn.attention import SDPBackend
 
-    return [("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)]
+    if SMOKE:
+        return SDPBackend.MATH
+    return {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION}[name]
 
 
 def sdpa_call(backend, fn):
@@ -329,31 +329,36 @@ def generated(name: str):
     return importlib.import_module(f"generated.{name}")
 
 
-def build_inline(specs: dict, out_dir=None) -> dict:
-    """Build spec texts ``{name: toml}`` with attncc's build API into ``out_dir`` (a fresh temporary
-    directory by default) and import them: ``{name: (pattern, module)}``. A spec that fails to build
-    maps to its exception instead."""
-    from attncc.codegen import build
+def spec_pattern(name: str):
+    """The Pattern of ``specs/<name>.toml``."""
     from attncc.spec import load_spec
 
-    out = Path(out_dir or tempfile.mkdtemp(prefix="attncc_bench_"))
-    result = {}
-    for name, text in specs.items():
-        try:
-            path = out / f"{name}.toml"
-            path.write_text(text)
-            (written,) = build([path], out / "gen")
-            spec = importlib.util.spec_from_file_location(f"_attncc_bench_{name}", written)
-            mod = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(mod)
-            result[name] = (load_spec(path), mod)
-        except Exception as e:  # reported in the table, the other specs still run
-            result[name] = e
-    return result
+    return load_spec(ROOT / "specs" / f"{name}.toml")
+
+
+_INLINE: dict = {}
+
+
+def build_inline(name: str, text: str):
+    """(pattern, module) of spec text ``text`` built with attncc's build API into a temporary
+    folder and imported; built once per process."""
+    if (name, text) not in _INLINE:
+        from attncc.codegen import build
+        from attncc.spec import load_spec
+
+        out = Path(tempfile.mkdtemp(prefix="attncc_bench_"))
+        path = out / f"{name}.toml"
+        path.write_text(text)
+        (written,) = build([path], out / "gen")
+        spec = importlib.util.spec_from_file_location(f"_attncc_bench_{name}", written)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        _INLINE[(name, text)] = (load_spec(path), mod)
+    return _INLINE[(name, text)]
 
 
 # ---------------------------------------------------------------------------------------------
-# error-tolerant cases and tables
+# error-tolerant rows and tables
 # ---------------------------------------------------------------------------------------------
 
 
@@ -370,8 +375,7 @@ def attempt(row: dict, key: str, fn):
         note(row, f"{key}: {short_error(e)}")
         if os.environ.get("BENCH_TRACEBACK"):
             traceback.print_exc()
-        if not SMOKE and torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        release()
         return None
 
 
@@ -381,7 +385,7 @@ def note(row: dict, text: str):
 
 def release():
     """Free cached GPU memory between cases."""
-    if not SMOKE and torch.cuda.is_available():
+    if DEV == "cuda" and torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
 
@@ -409,51 +413,11 @@ def markdown(rows, columns) -> str:
     return "\n".join(lines)
 
 
-def ratio(a: str, b: str):
-    """A column function: row[a] / row[b] when both are there."""
-    return lambda r: r[a] / r[b] if r.get(a) and r.get(b) else None
-
-
-def add_tflops(row: dict, flops: float, skip=()):
-    """For every ``<x>_ms`` (forward) and ``<x>_fb_ms`` (forward + backward) timing in ``row`` but
-    those in ``skip``, add ``<x>_tflops`` / ``<x>_fb_tflops``."""
-    for key in list(row):
-        if key in skip or not key.endswith("_ms"):
-            continue
-        scale = FWD_BWD_FLOPS if key.endswith("_fb_ms") else 1.0
-        row[key[:-3] + "_tflops"] = tflops(scale * flops, row[key])
-
-
-def measure(row: dict, label: str, fn, q, k, v, do=None):
-    """Time ``fn(q, k, v) -> o`` into ``row[label + '_ms']`` and, with ``do`` (the output gradient),
-    its forward + backward into ``row[label + '_fb_ms']``. Returns (o, (dq, dk, dv)) from one
-    untimed call for comparisons; None for what failed (the error goes to the row's note)."""
-    o = None
-    with torch.no_grad():
-        if attempt(row, label + "_ms", lambda: bench(lambda: fn(q, k, v))) is not None:
-            o = fn(q, k, v)
-    grads = None
-    if do is not None:
-        qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
-
-        def fwd_bwd():
-            fn(qg, kg, vg).backward(do)
-
-        if attempt(row, label + "_fb_ms", lambda: bench_grad(fwd_bwd, [qg, kg, vg], rep=300)) is not None:
-            grads = torch.autograd.grad(fn(qg, kg, vg), (qg, kg, vg), do)
-        del qg, kg, vg
-    return o, grads
-
-
-def compare(row: dict, key: str, a, b):
-    """``row[key]``: the largest absolute difference of ``a`` and ``b`` (tensors or tuples of them)."""
-    if a is None or b is None:
-        return
-    pairs = list(zip(a, b)) if isinstance(a, (tuple, list)) else [(a, b)]
-    attempt(row, key, lambda: max(max_abs(x, y) for x, y in pairs))
-
-
 def write_out(out_dir, filename: str, text: str):
     if out_dir:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         (Path(out_dir) / filename).write_text(text)
+
+
+def write_json(out_dir, filename: str, data) -> None:
+    write_out(out_dir, filename, json.dumps(data, indent=1, default=str))

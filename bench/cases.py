@@ -1,0 +1,209 @@
+"""The benchmark cases, declared once: ``python -m bench CASE...`` runs them, the specialised
+scripts (bench/configs.py, bench/linear_bench.py, ...) take their cases from here too.
+
+A case is a spec (a shipped ``specs/<spec>.toml``, or a score transform of :data:`TRANSFORMS`
+written inline), its shapes and params, the baselines that compute the same thing (bench/impls.py),
+the groups it belongs to, and what changes under ``--smoke`` (CPU, interpreter, tiny sizes).
+Its inputs ([inputs] of the spec), FLOPs (the exact density of the mask) and baselines' forms of
+the pattern are derived from the spec, not written here.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Tuple
+
+import torch
+
+
+def P(**kw) -> Tuple[Tuple[str, object], ...]:
+    """Params (or smoke overrides) as a hashable tuple of pairs."""
+    return tuple(sorted(kw.items()))
+
+
+# ---------------------------------------------------------------------------------------------
+# score transforms written inline ([score] mod), with the same transform as a Flex score_mod
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Transform:
+    label: str
+    score: str  # the [score] table's lines
+    flex: Callable  # (heads, inputs) -> FlexAttention score_mod
+    tables: str = ""  # other tables of the spec; {H}: the number of heads
+    causal: bool = False  # the transform masks causally (-inf): Flex gets a causal block mask
+
+    def spec_text(self, name: str, H: int, D: int) -> str:
+        return f'name = "{name}"\nhead_dim = {D}\n' + self.tables.replace("{H}", str(H)) + f"[score]\n{self.score}\n"
+
+
+TRANSFORMS: Dict[str, Transform] = {
+    "identity": Transform("identity", 'mod = "s"', lambda H, kw: lambda s, b, h, i, j: s),
+    "times_two": Transform("s * 2", 'mod = "s * 2"', lambda H, kw: lambda s, b, h, i, j: s * 2),
+    "squared": Transform("s * s", 'mod = "s * s"', lambda H, kw: lambda s, b, h, i, j: s * s),
+    "head_scale": Transform("s * head_scale[h]", 'mod = "s * head_scale[h]"',
+                            lambda H, kw: lambda s, b, h, i, j: s * kw["head_scale"][h],
+                            '[inputs]\nhead_scale = { dims = ["h"], dtype = "float32" }\n'),
+    "sin_cos_tan_b": Transform("sin(cos(s)) + tan(b)", 'mod = "sin(cos(s)) + tan(b)"',
+                               lambda H, kw: lambda s, b, h, i, j: torch.sin(torch.cos(s)) + torch.tan(
+                                   b.to(torch.float32))),
+    "relative": Transform("s + (i - j)", 'mod = "s + (i - j)"', lambda H, kw: lambda s, b, h, i, j: s + (i - j)),
+    "relative_causal": Transform("where(i >= j, s + (i - j), -inf)", 'mod = "where(i >= j, s + (i - j), -inf)"',
+                                 lambda H, kw: lambda s, b, h, i, j: s + (i - j), causal=True),
+    "alibi_mod": Transform("ALiBi as mod", 'mod = "s + (j - i) * exp2(-(h + 1) * 8 / heads)"',
+                           lambda H, kw: lambda s, b, h, i, j: s + (j - i) * torch.exp2(-(h + 1) * 8.0 / H),
+                           "[params]\nheads = {H}\n"),
+    "softcap_mod": Transform("softcap 30 (mod)", 'mod = "30 * tanh(s / 30)"',
+                             lambda H, kw: lambda s, b, h, i, j: 30.0 * torch.tanh(s / 30.0)),
+    "softcap_builtin": Transform("softcap 30 (built-in)", "softcap = 30.0",
+                                 lambda H, kw: lambda s, b, h, i, j: 30.0 * torch.tanh(s / 30.0)),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# cases
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str  # what the command line calls it
+    label: str  # what the tables call it
+    spec: str  # specs/<spec>.toml (generated/<spec>.py), or a key of TRANSFORMS when transform is set
+    B: int
+    N: int
+    Hq: int = 16
+    Hkv: int = 0  # 0: Hq
+    D: int = 128
+    params: Tuple[Tuple[str, object], ...] = ()
+    baselines: Tuple[str, ...] = ("flex",)  # names of bench/impls.py BASELINES
+    groups: Tuple[str, ...] = ()
+    transform: bool = False
+    doc_mean: int = 1024  # mean document length of a [b, n] document-id input
+    smoke: Tuple[Tuple[str, object], ...] = ()  # fields replaced under --smoke, after the default shrink
+
+    @property
+    def kv_heads(self) -> int:
+        return self.Hkv or self.Hq
+
+    @property
+    def param_dict(self) -> dict:
+        return dict(self.params)
+
+    @property
+    def mask(self) -> str:
+        """The shipped spec whose mask (density, Flex mask_mod, SDPA form) this case has."""
+        if self.transform:
+            return "causal" if TRANSFORMS[self.spec].causal else "dense"
+        return self.spec
+
+    def spec_text(self) -> str:
+        """The inline spec of a transform case."""
+        return TRANSFORMS[self.spec].spec_text(self.spec, self.Hq, self.D)
+
+    def at_smoke(self) -> "Case":
+        """This case at interpreter sizes: B = 1, 2 heads, N <= 128, D = 32 (or a quarter of an
+        unusual head dim), documents of mean length 32; then the case's own ``smoke`` overrides."""
+        small = dict(B=1, Hq=2, Hkv=0, N=min(128, max(32, self.N // 32)), D=32 if self.D == 128 else self.D // 4,
+                     doc_mean=32)
+        small.update(self.smoke)
+        return dataclasses.replace(self, **small)
+
+
+def _dev_and_families() -> List[Case]:
+    plain = ("flex", "sdpa_flash", "sdpa_cudnn")
+    dev = [
+        Case("dense-4k", "dense 4K", "dense", 8, 4096, baselines=plain),
+        Case("causal-8k", "causal 8K", "causal", 4, 8192, baselines=plain),
+        Case("sliding-window-16k", "sliding window 1024, 16K", "sliding_window", 2, 16384, params=P(window=1024),
+             smoke=P(params=P(window=32))),
+        # the Flex block mask of a data-dependent mask is built per call by its users: timed both ways
+        Case("document-16k", "document mask, 16K", "document", 2, 16384, baselines=("flex", "flex_mask_per_call")),
+        Case("alibi-4k", "ALiBi causal, 4K", "alibi", 8, 4096),
+        Case("softcap-8k", "softcap 30 causal, 8K", "softcap", 4, 8192),
+    ]
+    dev = [dataclasses.replace(c, groups=("dev",)) for c in dev]
+    # the families of issue 16 at N = 16K (static masks: closed forms or exact block lists)
+    families = [
+        Case("sink-window-16k", "sink 4 + window 1024, 16K", "sink_window", 2, 16384, params=P(sinks=4, window=1024),
+             smoke=P(params=P(sinks=4, window=24))),
+        Case("chunked-local-16k", "chunked local 2048, 16K", "chunked_local", 2, 16384, params=P(chunk=2048),
+             smoke=P(params=P(chunk=40))),
+        Case("block-diagonal-16k", "block diagonal 1024, 16K", "block_diagonal", 2, 16384, params=P(chunk=1024),
+             smoke=P(params=P(chunk=40))),
+        Case("neighborhood-2d-16k", "2D neighborhood 128x128 r3", "neighborhood_2d", 2, 16384,
+             params=P(width=128, radius=3), smoke=P(params=P(width=16, radius=2))),
+        Case("prefix-lm-16k", "prefix-LM 2048, 16K", "prefix_lm", 2, 16384, params=P(prefix=2048),
+             smoke=P(params=P(prefix=40))),
+        Case("prefix-lm-8k", "prefix-LM 2048, 8K", "prefix_lm", 4, 8192, params=P(prefix=2048),
+             smoke=P(params=P(prefix=40))),
+        Case("longformer-16k", "Longformer w256 g64, 16K", "longformer", 2, 16384, params=P(w=256, g=64),
+             smoke=P(params=P(w=16, g=8))),
+        Case("bigbird-16k", "BigBird 64-blocks, 16K", "bigbird", 2, 16384),
+        Case("strided-16k", "strided 128, 16K", "strided", 2, 16384, params=P(stride=128), smoke=P(params=P(stride=16))),
+        Case("dilated-16k", "dilated 2048/4, 16K", "dilated", 2, 16384, params=P(window=2048, dilation=4),
+             smoke=P(params=P(window=64, dilation=4))),
+        Case("causal-16k", "causal 16K (reference)", "causal", 2, 16384),
+    ]
+    families = [dataclasses.replace(c, groups=("families",)) for c in families]
+    return dev + families
+
+
+def _shapes() -> List[Case]:
+    plain = ("flex", "sdpa_flash", "sdpa_cudnn")
+    out = [
+        Case("causal-8k-d64", "causal 8K, D=64", "causal", 4, 8192, D=64, baselines=plain, groups=("hd",)),
+        Case("causal-8k-d256", "causal 8K, D=256", "causal", 4, 8192, D=256, baselines=plain, groups=("hd",)),
+        # specs/gqa.toml declares its heads: they stay at smoke sizes
+        Case("gqa-8k", "GQA 32/8 causal, 8K", "gqa", 2, 8192, Hq=32, Hkv=8, baselines=plain, groups=("gqa",),
+             smoke=P(Hq=32, Hkv=8, N=64)),
+    ]
+    # causal at B * N = 64K tokens
+    for n in (1024, 2048, 4096, 8192, 16384, 32768):
+        out.append(Case(f"sweep-{n // 1024}k", f"causal B={65536 // n} N={n // 1024}K", "causal", 65536 // n, n,
+                        baselines=plain, groups=("sweep",)))
+    # timed by bench/configs.py when named
+    out += [Case("dense-16k", "dense 16K", "dense", 2, 16384, baselines=plain, groups=("extra",)),
+            Case("dense-1k", "dense 1K", "dense", 64, 1024, baselines=plain, groups=("extra",))]
+    return out
+
+
+def _comparisons() -> List[Case]:
+    out = [Case(f"mod-{key.removesuffix('_mod').replace('_', '-')}", t.label, key, 4, 4096, transform=True, groups=("score-mods",))
+           for key, t in TRANSFORMS.items()]
+    out += [
+        # the baselines apply the rotary embedding in plain torch inside the timed call
+        Case("rope-causal-8k", "RoPE causal (neox), 8K", "rope_causal", 4, 8192,
+             baselines=("sdpa_flash", "sdpa_cudnn", "flex"), groups=("rope",)),
+        # the documents of document-16k packed into one row of sequences (cu_seqlens); B = 2: rows are packed too
+        Case("varlen-16k", "document mask vs packed varlen, 16K", "document", 2, 16384,
+             baselines=("attncc_varlen", "torch_varlen"), groups=("varlen",), smoke=P(B=2)),
+        Case("linear-elu-16k", "linear attention elu+1 causal, 16K", "linear_elu", 2, 16384,
+             baselines=("fla", "fla_mapped"), groups=("linear",)),
+    ]
+    return out
+
+
+CASES: Dict[str, Case] = {c.name: c for c in _dev_and_families() + _shapes() + _comparisons()}
+GROUPS: Dict[str, Tuple[str, ...]] = {}
+for _c in CASES.values():
+    for _g in _c.groups:
+        GROUPS.setdefault(_g, ())
+        GROUPS[_g] += (_c.name,)
+GROUPS["quick"] = ("dense-4k", "causal-8k", "document-16k", "gqa-8k", "sweep-2k", "sweep-8k", "sweep-32k")
+GROUPS["all"] = tuple(CASES)
+
+
+def select(names) -> List[Case]:
+    """The cases named (case or group names, in order, each case once); ValueError naming the
+    unknown ones and what there is."""
+    unknown = [n for n in names if n not in CASES and n not in GROUPS]
+    if unknown:
+        raise ValueError(f"unknown case or group {', '.join(map(repr, unknown))}; groups: {', '.join(GROUPS)}; "
+                         f"cases: {', '.join(CASES)}")
+    out: Dict[str, Case] = {}
+    for n in names:
+        for name in GROUPS.get(n, (n,)):
+            out.setdefault(name, CASES[name])
+    return list(out.values())

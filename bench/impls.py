@@ -1,0 +1,295 @@
+"""A case's tensors and the implementations that compute it: attncc's generated module first, then
+the baselines the case names (:data:`BASELINES`).
+
+- ``flex``: ``torch.compile(flex_attention)`` with its block mask built once, outside the timed
+  region (its cost is the extra ``flex create_block_mask``); ``flex_mask_per_call``: the block mask
+  built inside every call, as a data-dependent mask needs;
+- ``sdpa_flash`` / ``sdpa_cudnn``: SDPA restricted to one fused kernel, for the specs SDPA has
+  (dense, causal, GQA/MQA; RoPE through a torch rotary pass inside the timed call, as for Flex);
+- ``fla`` / ``fla_mapped``: flash-linear-attention's ``chunk_linear_attn`` on inputs already
+  mapped by elu+1, or with the map in PyTorch inside the call;
+- ``attncc_varlen``: a document case's documents packed as cu_seqlens sequences through
+  generated/causal.py; ``torch_varlen``: torch's ``varlen_attn`` on the same packing.
+
+A baseline that cannot run here (a package or a kernel missing) raises :class:`Unavailable`: a
+missing column with its reason, not a failure. A baseline named for a case it has no form of is a
+registry error (``applies`` says why; tests/test_bench.py checks every case).
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from bench import timer
+from bench.cases import TRANSFORMS, Case
+from bench.common import (DEV, FLEX_MASKS, FLEX_SCORES, SMOKE, apply_rotary, attention_flops, build_inline, density,
+                          flex_pattern, flex_setup, generated, qkv, rotary_tables, sdpa_backend, sdpa_call, short_error,
+                          spec_inputs, spec_pattern)
+
+
+class Unavailable(Exception):
+    """A baseline that cannot run on this machine (missing package or kernel)."""
+
+
+@dataclass
+class Prepared:
+    """A case's tensors at the sizes in use (``case`` is already shrunk under --smoke)."""
+    case: Case
+    pattern: object
+    module: object
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    do: torch.Tensor
+    kw: dict  # params and inputs of attncc's call
+    flops: Optional[float]  # forward FLOPs; None where not counted (linear attention)
+    _flex: Optional[tuple] = None
+
+    def flex(self):
+        """(flex_attention, create_block_mask), compiled once per case."""
+        if self._flex is None:
+            self._flex = flex_setup()
+        return self._flex
+
+
+def prepare(case: Case) -> Prepared:
+    c = case.at_smoke() if SMOKE else case
+    if c.transform:
+        pattern, module = build_inline(c.spec, c.spec_text())
+    else:
+        pattern, module = spec_pattern(c.spec), generated(c.spec)
+    q, k, v = qkv(c.B, c.Hq, c.N, c.D, Hkv=c.kv_heads)
+    do = torch.randn_like(q)
+    kw = dict(c.param_dict, **spec_inputs(pattern, c.B, c.Hq, c.N, doc_mean=c.doc_mean))
+    flops = None
+    if pattern.kind == "softmax":
+        flops = attention_flops(c.B, c.Hq, c.N, c.N, c.D, density(c.mask, c.N, kw))
+    return Prepared(c, pattern, module, q, k, v, do, kw, flops)
+
+
+@dataclass
+class Impl:
+    """One implementation of a case: ``fn(*args) -> o``, in its own layout."""
+    name: str
+    fn: Callable
+    args: Tuple[torch.Tensor, ...]
+    grad_out: Optional[torch.Tensor]  # dO in this layout; None: no forward + backward here (see note)
+    to_case: Callable = field(default=lambda t: t)  # an output or gradient in the case's [B, H, N, D]
+    same_grads: bool = True  # its gradients are d/d(q, k, v) of the case (compared with attncc's)
+    note: str = ""
+
+
+def attncc_impl(p: Prepared) -> Impl:
+    return Impl("attncc", lambda q, k, v: p.module.attention(q, k, v, **p.kw), (p.q, p.k, p.v), p.do)
+
+
+# ---------------------------------------------------------------------------------------------
+# which baselines a case can have
+# ---------------------------------------------------------------------------------------------
+
+SDPA_CAUSAL = {"dense": False, "causal": True, "gqa": True, "mqa": True, "rope_causal": True}
+
+
+def applies(baseline: str, case: Case) -> Optional[str]:
+    """Why ``baseline`` has no form of ``case`` (None: it has one)."""
+    if baseline not in BASELINES:
+        return f"no baseline {baseline!r} (there are {', '.join(BASELINES)})"
+    if baseline in ("flex", "flex_mask_per_call"):
+        if case.mask not in FLEX_MASKS:
+            return f"no FlexAttention mask_mod of spec {case.mask!r} (bench/common.py flex_pattern)"
+        if not case.transform:
+            p = spec_pattern(case.spec)
+            plain = p.bias is None and p.mod is None and p.softcap is None and p.scale is None and not p.dropout
+            if p.kind != "softmax" or not (plain or case.spec in FLEX_SCORES):
+                return f"no FlexAttention score_mod of spec {case.spec!r} (bench/common.py flex_pattern)"
+    if baseline in ("sdpa_flash", "sdpa_cudnn") and (case.transform or case.spec not in SDPA_CAUSAL):
+        return f"SDPA has no form of spec {case.spec!r} (it has {', '.join(SDPA_CAUSAL)})"
+    if baseline in ("fla", "fla_mapped") and case.spec != "linear_elu":
+        return "fla's chunk_linear_attn is compared on elu+1 linear attention (linear_elu) only"
+    if baseline in ("attncc_varlen", "torch_varlen") and case.spec != "document":
+        return "varlen packs the documents of a document-mask case"
+    return None
+
+
+def _rotate(p: Prepared):
+    """(q, k) -> (q, k) rotated in plain torch where the spec has RoPE (what a model does before
+    SDPA or Flex), else unchanged; the rotary pass alone is timed as an extra."""
+    rope = p.pattern.rope
+    if rope is None:
+        return lambda q, k: (q, k)
+    if rope.style != "neox" or (rope.rotary_dim or p.case.D) != p.case.D:
+        raise ValueError(f"spec {p.pattern.name}: the torch rotary of bench/common.py is neox over the whole head")
+    cos, sin = rotary_tables(p.case.N, p.case.D, theta=rope.theta)
+    return lambda q, k: (apply_rotary(q, cos, sin), apply_rotary(k, cos, sin))
+
+
+# ---------------------------------------------------------------------------------------------
+# baselines: (prepared case, extras to fill) -> Impl
+# ---------------------------------------------------------------------------------------------
+
+
+def _flex(per_call: bool):
+    def build(p: Prepared, extras: Dict[str, Callable[[], float]]) -> Impl:
+        c = p.case
+        flex_attention, create_block_mask = p.flex()
+        if c.transform:
+            score_mod = TRANSFORMS[c.spec].flex(c.Hq, p.kw)
+            _, mask_mod, per_batch = flex_pattern(c.mask, c.Hq, p.kw, n=c.N)
+        else:
+            score_mod, mask_mod, per_batch = flex_pattern(c.spec, c.Hq, p.kw, n=c.N)
+        rotate = _rotate(p)
+        gqa = {"enable_gqa": True} if c.kv_heads != c.Hq else {}
+
+        def make_mask():
+            if mask_mod is None:
+                return None
+            return create_block_mask(mask_mod, c.B if per_batch else None, None, c.N, c.N, device=DEV)
+
+        if per_call:
+            def fn(q, k, v):
+                return flex_attention(*rotate(q, k), v, score_mod=score_mod, block_mask=make_mask(), **gqa)
+        else:
+            block_mask = make_mask()
+            if mask_mod is not None:
+                extras["flex create_block_mask"] = lambda: timer.time_ms(make_mask)
+
+            def fn(q, k, v):
+                return flex_attention(*rotate(q, k), v, score_mod=score_mod, block_mask=block_mask, **gqa)
+        name = "flex_mask_per_call" if per_call else "flex"
+        if SMOKE:  # eager Flex on the CPU has no backward
+            return Impl(name, fn, (p.q, p.k, p.v), None, note="no Flex backward on the CPU")
+        return Impl(name, fn, (p.q, p.k, p.v), p.do)
+    return build
+
+
+def _sdpa(name: str):
+    def build(p: Prepared, extras) -> Impl:
+        c = p.case
+        backend, is_causal, rotate = sdpa_backend(name), SDPA_CAUSAL[c.spec], _rotate(p)
+        gqa = {"enable_gqa": True} if c.kv_heads != c.Hq else {}
+        if p.pattern.rope is not None:
+            extras["torch rotary of q and k"] = lambda: timer.time_ms(lambda: rotate(p.q, p.k))
+
+        def fn(q, k, v):
+            return sdpa_call(backend, lambda: F.scaled_dot_product_attention(*rotate(q, k), v, is_causal=is_causal,
+                                                                              **gqa))
+        return Impl(name, fn, (p.q, p.k, p.v), p.do, note="smoke: the math backend" if SMOKE else "")
+    return build
+
+
+def _fla(mapped: bool):
+    def build(p: Prepared, extras) -> Impl:
+        try:
+            from fla.ops.linear_attn import chunk_linear_attn
+        except Exception as e:  # noqa: BLE001 - any import failure: the column is missing
+            raise Unavailable(f"flash-linear-attention not importable ({short_error(e, 80)})")
+        kw = dict(scale=1.0, normalize=True)
+        if "head_first" in inspect.signature(chunk_linear_attn).parameters:
+            kw["head_first"] = False
+
+        def run(q, k, v):  # [B, T, H, D]
+            o = chunk_linear_attn(q, k, v, **kw)
+            return o[0] if isinstance(o, tuple) else o
+
+        bthd = [t.transpose(1, 2).contiguous() for t in (p.q, p.k, p.v, p.do)]
+        back = lambda t: t.transpose(1, 2)  # noqa: E731
+        if mapped:
+            return Impl("fla_mapped", lambda q, k, v: run(F.elu(q) + 1, F.elu(k) + 1, v), tuple(bthd[:3]), bthd[3],
+                        to_case=back, note="elu+1 in PyTorch; fla normalizes with its own eps")
+        args = (F.elu(bthd[0]) + 1, F.elu(bthd[1]) + 1, bthd[2])
+        return Impl("fla", run, args, bthd[3], to_case=back, same_grads=False,
+                    note="inputs mapped by elu+1 before the call; fla normalizes with its own eps")
+    return build
+
+
+def _packing(p: Prepared):
+    """(cu_seqlens, max length, [B, H, N, D] -> [1, H, B*N, D], its inverse) of a document case."""
+    lens = []
+    for row in p.kw["doc"].cpu():
+        lens += torch.unique_consecutive(row, return_counts=True)[1].tolist()
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
+    B, N = p.case.B, p.case.N
+
+    def flat(t):
+        return t.transpose(0, 1).reshape(1, t.shape[1], B * N, t.shape[-1]).contiguous()
+
+    def unflat(t):
+        return t.reshape(t.shape[1], B, N, t.shape[-1]).transpose(0, 1)
+    return cu, max(lens), flat, unflat
+
+
+def _attncc_varlen(p: Prepared, extras) -> Impl:
+    cu, longest, flat, unflat = _packing(p)
+    causal = generated("causal")
+
+    def fn(q, k, v):
+        return causal.attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=longest, max_seqlen_k=longest)
+    return Impl("attncc_varlen", fn, tuple(flat(t) for t in (p.q, p.k, p.v)), flat(p.do), to_case=unflat,
+                note="generated/causal.py on the documents packed as cu_seqlens sequences [1, H, B*N, D]")
+
+
+def _torch_varlen(p: Prepared, extras) -> Impl:
+    if SMOKE:
+        raise Unavailable("torch's varlen_attn runs FlashAttention kernels only (no CPU)")
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError as e:
+        raise Unavailable(f"this torch has no torch.nn.attention.varlen ({e})")
+    cu, longest, flat, unflat = _packing(p)
+    causal = {"window_size": (-1, 0)} if "window_size" in inspect.signature(varlen_attn).parameters else {
+        "is_causal": True}
+    thd = lambda t: flat(t)[0].transpose(0, 1).contiguous()  # noqa: E731  [B, H, N, D] -> [T, H, D]
+    back = lambda t: unflat(t.transpose(0, 1)[None])  # noqa: E731
+    return Impl("torch_varlen", lambda q, k, v: varlen_attn(q, k, v, cu, cu, longest, longest, **causal),
+                tuple(thd(t) for t in (p.q, p.k, p.v)), thd(p.do), to_case=back, note="[T, H, D] layout")
+
+
+BASELINES: Dict[str, Callable[[Prepared, dict], Impl]] = {
+    "flex": _flex(per_call=False),
+    "flex_mask_per_call": _flex(per_call=True),
+    "sdpa_flash": _sdpa("sdpa_flash"),
+    "sdpa_cudnn": _sdpa("sdpa_cudnn"),
+    "fla": _fla(mapped=False),
+    "fla_mapped": _fla(mapped=True),
+    "attncc_varlen": _attncc_varlen,
+    "torch_varlen": _torch_varlen,
+}
+
+
+def attncc_extras(p: Prepared, extras: Dict[str, Callable[[], float]]) -> None:
+    """attncc's own per-call and one-time costs besides the kernels: the block lists of a
+    data-dependent mask (per call) and the exact block lists of a static one (once per shape)."""
+    mod = p.module
+    if not (hasattr(mod, "_block_lists") or hasattr(mod, "_exact_lists")):
+        return
+    from attncc.runtime import bind, blocks, pick_config
+
+    call = bind(mod.SPEC, p.q, p.k, p.v, kwargs=dict(p.kw))
+    cfg = pick_config(call)
+    if hasattr(mod, "_block_lists"):
+        extras["attncc block lists (per call)"] = lambda: timer.time_ms(
+            lambda: mod._block_lists(call, cfg.BLOCK_M, cfg.BLOCK_N))
+    if hasattr(mod, "_exact_lists"):
+        def once():
+            blocks._exact_cache.clear()
+            return timer.steps_ms([lambda: mod._exact_lists(call, cfg.BLOCK_M, cfg.BLOCK_N)])[0]
+        extras["attncc exact block lists (once per shape)"] = once
+
+
+def implementations(p: Prepared) -> Tuple[List[Impl], Dict[str, Callable[[], float]], Dict[str, str]]:
+    """(implementations, attncc first; extra timings {label: () -> ms}; {baseline: why unavailable})."""
+    impls, extras, unavailable = [attncc_impl(p)], {}, {}
+    attncc_extras(p, extras)
+    for name in p.case.baselines:
+        why = applies(name, p.case)
+        if why:
+            raise ValueError(f"case {p.case.name}: baseline {name}: {why}")
+        try:
+            impls.append(BASELINES[name](p, extras))
+        except Unavailable as e:
+            unavailable[name] = str(e)
+    return impls, extras, unavailable

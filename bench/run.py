@@ -1,0 +1,230 @@
+"""The benchmark runner: ``python -m bench CASE... [--fwd | --bwd] [--out DIR]``.
+
+For each case (bench/cases.py) it builds attncc's implementation and the case's baselines
+(bench/impls.py), calls each once (compiles, outputs and gradients for the difference columns), then
+times them with bench/timer.py: forward and forward + backward, every implementation in turn within
+each of ``--rounds`` rounds, the median of the rounds (each a ``do_bench`` median), after one heat-up
+of the GPU. One row per implementation, plus rows for extra costs (Flex's block mask, attncc's
+block lists, a torch rotary pass). Progress is one JSON line per row; ``--out DIR`` (default
+``$OUT``) gets bench.md and bench.json after every case, so a run cut short keeps what it measured.
+A failure is a row's note, and the run goes on; the exit status is 1 when attncc failed somewhere.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+from bench import common  # noqa: F401  (first: --smoke turns the interpreter on before triton loads)
+from bench import timer
+from bench.cases import CASES, GROUPS, Case, select
+from bench.common import (DTYPE, FWD_BWD_FLOPS, SMOKE, banner, markdown, max_abs, note, release, require_device,
+                          short_error, tflops, write_json, write_out)
+from bench.impls import Impl, implementations, prepare
+
+import torch  # noqa: E402
+
+
+def _forward(impl: Impl):
+    def run():
+        with torch.no_grad():
+            return impl.fn(*impl.args)
+    return run
+
+
+def run_case(case: Case, *, fwd: bool = True, bwd: bool = True, rounds: int = timer.ROUNDS) -> List[dict]:
+    """The rows of one case: one per implementation, then its extras and missing baselines."""
+    p = prepare(case)
+    c = p.case
+    base = dict(case=c.name, label=c.label, B=c.B, N=c.N, H=c.Hq if c.kv_heads == c.Hq else f"{c.Hq}/{c.kv_heads}",
+                D=c.D)
+    impls, extras, unavailable = implementations(p)
+    rows: Dict[str, dict] = {i.name: dict(base, impl=i.name, **({"note": i.note} if i.note else {})) for i in impls}
+    outs, grads = {}, {}
+    if fwd:
+        fns = {}
+        for impl in impls:
+            try:
+                outs[impl.name] = impl.to_case(_forward(impl)())
+                fns[impl.name] = _forward(impl)
+            except Exception as e:  # noqa: BLE001 - the row says why; the others still run
+                note(rows[impl.name], f"forward: {short_error(e)}")
+                release()
+        for name, ms in timer.interleaved(fns, rounds=rounds).items():
+            _store(rows[name], "fwd_ms", ms)
+    if bwd:
+        fns, leaves_of = {}, {}
+        for impl in impls:
+            if impl.grad_out is None:
+                continue
+            leaves = [t.detach().clone().requires_grad_() for t in impl.args]
+            try:
+                out = impl.fn(*leaves)
+                got = torch.autograd.grad(out, leaves, impl.grad_out)
+                outs.setdefault(impl.name, impl.to_case(out.detach()))
+                if impl.same_grads:
+                    grads[impl.name] = tuple(impl.to_case(g) for g in got)
+            except Exception as e:  # noqa: BLE001
+                note(rows[impl.name], f"forward + backward: {short_error(e)}")
+                release()
+                continue
+            fns[impl.name] = (lambda impl=impl, leaves=leaves: impl.fn(*leaves).backward(impl.grad_out))
+            leaves_of[impl.name] = leaves
+        for name, ms in timer.interleaved(fns, rounds=rounds, grad_to_none=leaves_of).items():
+            _store(rows[name], "fb_ms", ms)
+    mine = rows["attncc"]
+    for name, row in rows.items():
+        if p.flops is not None:
+            for key, scale in (("fwd", 1.0), ("fb", FWD_BWD_FLOPS)):
+                if f"{key}_ms" in row:
+                    row[f"{key}_tflops"] = tflops(scale * p.flops, row[f"{key}_ms"])
+        if name == "attncc":
+            continue
+        for key in ("fwd", "fb"):
+            if row.get(f"{key}_ms") and mine.get(f"{key}_ms"):
+                row[f"{key}_vs_attncc"] = row[f"{key}_ms"] / mine[f"{key}_ms"]
+        _diff(row, "diff_o", outs.get(name), outs.get("attncc"))
+        _diff(row, "diff_grad", grads.get(name), grads.get("attncc"))
+    out = list(rows.values())
+    for label, fn in extras.items():
+        row = dict(base, impl=label)
+        common.attempt(row, "fwd_ms", fn)
+        out.append(row)
+    for name, why in unavailable.items():
+        out.append(dict(base, impl=name, note=f"unavailable here: {why}"))
+    release()
+    return out
+
+
+def _store(row: dict, key: str, ms) -> None:
+    if isinstance(ms, BaseException):
+        note(row, f"{key}: {short_error(ms)}")
+    else:
+        row[key] = ms
+
+
+def _diff(row: dict, key: str, a, b) -> None:
+    """``row[key]``: the largest absolute difference of ``a`` and ``b`` (tensors or tuples of them)."""
+    if a is None or b is None:
+        return
+    pairs = list(zip(a, b)) if isinstance(a, (tuple, list)) else [(a, b)]
+    common.attempt(row, key, lambda: max(max_abs(x, y) for x, y in pairs))
+
+
+COLUMNS = [
+    ("case", "label", "s"), ("implementation", "impl", "s"), ("B", "B", "d"), ("N", "N", "d"),
+    ("H", lambda r: str(r["H"]), "s"), ("D", "D", "d"),
+    ("fwd ms", "fwd_ms", ".3f"), ("fwd TFLOP/s", "fwd_tflops", ".1f"), ("fwd time / attncc's", "fwd_vs_attncc", ".2f"),
+    ("f+b ms", "fb_ms", ".3f"), ("f+b TFLOP/s", "fb_tflops", ".1f"), ("f+b time / attncc's", "fb_vs_attncc", ".2f"),
+    ("max abs diff o", "diff_o", ".1e"), ("max abs diff grads", "diff_grad", ".1e"), ("note", "note", "s"),
+]
+
+
+def table(rows: List[dict], title: str) -> str:
+    return f"{title}\n\n{markdown(rows, COLUMNS)}\n"
+
+
+def plot(rows: List[dict], path) -> None:
+    """TFLOP/s against sequence length of the ``sweep`` group's cases (B * N fixed); skipped without
+    matplotlib or without such rows."""
+    sweep = [r for r in rows if r["case"] in GROUPS["sweep"] and r["impl"] in ("attncc", "flex", "sdpa_flash",
+                                                                              "sdpa_cudnn")]
+    if not sweep:
+        return
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed: no plot at {path}", flush=True)
+        return
+    kinds = [("fwd_tflops", "forward"), ("fb_tflops", "forward + backward (3.5x fwd FLOPs)")]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), squeeze=False)
+    for ax, (key, title) in zip(axes[0], kinds):
+        for impl in sorted({r["impl"] for r in sweep}):
+            pts = sorted((r["N"], r[key]) for r in sweep if r["impl"] == impl and r.get(key))
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=impl)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(f"sequence length N (B * N = {sweep[0]['B'] * sweep[0]['N']})")
+        ax.set_ylabel("TFLOP/s")
+        ax.set_title(f"causal, H={sweep[0]['H']} D={sweep[0]['D']}: {title}")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}", flush=True)
+
+
+def listing() -> str:
+    lines = ["groups: " + "; ".join(f"{g} ({len(names)})" for g, names in GROUPS.items()), ""]
+    for c in CASES.values():
+        heads = c.Hq if c.kv_heads == c.Hq else f"{c.Hq}/{c.kv_heads}"
+        params = " ".join(f"{k}={v}" for k, v in c.params)
+        lines.append(f"{c.name:22s} {c.label:38s} B={c.B} N={c.N} H={heads} D={c.D} {params:24s} "
+                     f"[{', '.join(c.baselines)}] ({', '.join(c.groups)})")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("cases", nargs="*", metavar="CASE", help="case or group names (--list shows them)")
+    which = ap.add_mutually_exclusive_group()
+    which.add_argument("--fwd", action="store_true", help="forward only")
+    which.add_argument("--bwd", action="store_true", help="forward + backward only")
+    ap.add_argument("--out", default=os.environ.get("OUT"), help="write bench.md and bench.json here (default $OUT)")
+    ap.add_argument("--rounds", type=int, default=timer.ROUNDS, help="interleaved rounds per timing (median)")
+    ap.add_argument("--heat", type=float, default=timer.HEAT_SECONDS, help="seconds of GPU heat-up before timing")
+    ap.add_argument("--png", help="plot TFLOP/s against N of the sweep group to this file")
+    ap.add_argument("--list", action="store_true", help="list the cases and groups")
+    ap.add_argument("--smoke", action="store_true", help="CPU under TRITON_INTERPRET=1, tiny sizes: does it run")
+    args = ap.parse_args(argv)
+    if args.list:
+        print(listing())
+        return 0
+    if not args.cases:
+        ap.error(f"name at least one case or group ({', '.join(GROUPS)}; --list shows the cases)")
+    try:
+        todo = select(args.cases)
+    except ValueError as e:
+        ap.error(str(e))
+    if args.rounds < 1:
+        ap.error("--rounds: at least 1")
+    require_device("python -m bench")
+    head = banner("python -m bench " + " ".join(args.cases))
+    title = (f"{head}\n\n{str(DTYPE)[6:]}; TFLOP/s: forward 4·B·H·N²·D·density (masked pairs not counted), "
+             f"forward + backward {FWD_BWD_FLOPS}x that; median of {1 if SMOKE else args.rounds} interleaved rounds")
+    print(head, flush=True)
+    timer.heat_up(args.heat)
+    rows: List[dict] = []
+    failed = False
+    for case in todo:
+        try:
+            new = run_case(case, fwd=not args.bwd, bwd=not args.fwd, rounds=args.rounds)
+        except Exception as e:  # noqa: BLE001 - one error row, then the next case
+            new = [dict(case=case.name, label=case.label, impl="attncc", note=short_error(e, 300))]
+            if os.environ.get("BENCH_TRACEBACK"):
+                import traceback
+
+                traceback.print_exc()
+            release()
+        failed |= any(r["impl"] == "attncc" and not (r.get("fwd_ms") or r.get("fb_ms")) for r in new)
+        for row in new:
+            print(json.dumps(row, default=str), flush=True)
+        rows += new
+        write_out(args.out, "bench.md", table(rows, title))
+        write_json(args.out, "bench.json", dict(title=title, rows=rows))
+    print("\n" + table(rows, title))
+    png = args.png or (args.out and str(Path(args.out) / "bench_sweep.png"))
+    if png:
+        plot(rows, png)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
