@@ -1,15 +1,20 @@
 """``attncc explain SPEC --n N``: what the analysis found for one problem size.
 
-    attncc explain SPEC --n N [--nk NK] [--block 128x64] [--head-dim D] [--batch B] [--heads H]
-                   [--param NAME=VALUE ...] [--json] [--png FILE]
+    attncc explain SPEC [--n N] [--nk NK] [--block 128x64] [--head-dim D] [--value-dim DV]
+                   [--dtype bf16|fp16|fp32] [--batch B] [--heads H] [--param NAME=VALUE ...]
+                   [--json] [--png FILE]
 
 Prints the walks (how the forward / dQ kernels find the key blocks of a query block and the
 dK/dV kernel the query blocks of a key block: closed forms, or exact block lists and why), the
-tiles each visits and runs unmasked, the exact density, FLOPs and bytes, and the classifier of
-patterns with ``[inputs]``. For a static pattern the counts are exact: the visited tiles are the
-ones with an allowed pair, the unmasked ones those whose pairs are all allowed.
-``--json`` prints the same as one JSON object; ``--png`` draws the map of tiles (and the
-pair-level mask when both lengths are at most 512; needs matplotlib).
+tiles each visits and runs unmasked, the exact density, FLOPs and bytes (q, k, v, o in
+``--dtype``), the classifier of patterns with ``[inputs]`` (drawn for synthetic inputs, which
+it names) and the score section: scale, bias, mod, softcap, the conditions evaluated per pair,
+what the key loop hoists and what it leaves to the LSE. For a static pattern the counts are
+exact: the visited tiles are the ones with an allowed pair, the unmasked ones those whose pairs
+are all allowed; with closed forms they take plain integer arithmetic (no torch: well under a
+second). A mask that is never true gets a warning.
+``--json`` prints the same as one JSON object; ``--png`` draws the map of tiles with a legend
+(and the pair-level mask when both lengths are at most 512; needs matplotlib).
 """
 from __future__ import annotations
 
@@ -66,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", type=_dtype, default=None, metavar="{bf16,fp16,fp32}",
                    help="element type of q, k, v, o for the bytes (default: the spec's first dtype, bf16 unless "
                         "it says otherwise)")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", type=int, default=1, help="batch rows (default 1)")
     p.add_argument("--heads", type=int, default=None, help="query heads (default: the spec's, else 1)")
     p.add_argument("--param", type=_param, action="append", default=[], metavar="NAME=VALUE",
                    help="override a [params] value (repeatable)")
