@@ -94,7 +94,9 @@ def format_text(d: dict) -> str:
         f"{d['pattern']}  ({d['source']})",
         f"  size        n_q={d['n_q']} n_k={d['n_k']}  batch={d['batch']} heads={d['heads']}"
         + (f" heads_kv={d['heads_kv']}" if d["heads_kv"] != d["heads"] else "")
-        + f" head_dim={d['head_dim']}" + (f" value_dim={d['value_dim']}" if d["value_dim"] != d["head_dim"] else "")
+        + f" head_dim={d['head_dim']}"
+        + (f" (spec: {', '.join(map(str, d['spec_head_dims']))})" if len(d["spec_head_dims"]) > 1 else "")
+        + (f" value_dim={d['value_dim']}" if d["value_dim"] != d["head_dim"] else "")
         + f"  tile {d['block_m']}x{d['block_n']}  ({d['query_blocks']} x {d['key_blocks']} blocks)",
         f"  iteration   {d['iteration']}" + ("  (classified per call from the inputs)" if d["dynamic"] else ""),
         f"  tiles       {total}: {t['empty']} empty, {t['full']} full, {t['partial']} partial",

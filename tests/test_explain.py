@@ -192,7 +192,9 @@ def test_bytes_follow_dtype_and_head_dims(tmp_path):
     d = _json([spec, "--n", "100"])
     assert (d["dtype"], d["head_dim"], d["value_dim"], d["heads"], d["heads_kv"]) == ("fp32", 48, 80, 4, 2)
     assert d["bytes"] == 4 * (4 * 100 * 48 + 2 * 100 * (48 + 80) + 4 * 100 * 80)
-    assert "heads_kv=2 head_dim=48 value_dim=80" in _explain([spec, "--n", "100"])
+    assert "heads_kv=2 head_dim=48 (spec: 48, 96) value_dim=80" in _explain([spec, "--n", "100"])
+    assert _json([spec, "--n", "100", "--head-dim", "96"])["bytes"] == 4 * (4 * 100 * 96 + 2 * 100 * (96 + 80)
+                                                                             + 4 * 100 * 80)
 
 
 def test_bad_dtype_and_sizes_are_refused(capsys):
