@@ -19,7 +19,7 @@ from attncc.analysis import report
 from attncc.explain import main_explain
 from attncc.runtime import tiles
 from attncc.spec import load_spec, parse_spec
-from tile_oracle import Problem, mask_spec, random_cover_mask, random_overrides, tile_classes, truth_classes
+from tile_oracle import mask_spec, random_cover_mask, random_overrides, tile_classes
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = ROOT / "specs"

@@ -15,7 +15,7 @@ The numbers ``attncc explain`` prints and draws, all exact:
 """
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 
 from attncc.analysis.bands import FIRST, LAST, X, Cover
 from attncc.analysis.graph import plan_grid, walk_path
