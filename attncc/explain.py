@@ -139,19 +139,26 @@ TILE_LEGEND = (("#f2f2f2", "empty: not visited"), ("#f4a259", "partial: visited,
 PAIR_LEGEND = (("black", "allowed"), ("white", "masked out"))
 
 
-def figure(d: dict, grid, pair_mask=None):
-    """The tile map of batch row 0, head 0 (and the pair mask), with legends and, for a pattern
-    with ``[inputs]``, the synthetic inputs it was drawn for: a matplotlib Figure."""
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend, or a SystemExit that says how to install it."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib.colors import ListedColormap
-        from matplotlib.patches import Patch
-        from matplotlib.ticker import MaxNLocator
     except ImportError:
         raise SystemExit("attncc explain --png needs matplotlib: pip install 'attncc[viz]' (or pip install matplotlib)")
+    return plt
+
+
+def figure(d: dict, grid, pair_mask=None):
+    """The tile map of batch row 0, head 0 (and the pair mask), with legends and, for a pattern
+    with ``[inputs]``, the synthetic inputs it was drawn for: a matplotlib Figure."""
+    plt = _pyplot()
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import MaxNLocator
+
     panels = 2 if pair_mask is not None else 1
     synthetic = [f"{name}: {d['synthetic_inputs'][name]}" for name in d.get("synthesized_inputs", ())]
     fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 6.5 + 0.25 * len(synthetic)), squeeze=False)
@@ -182,11 +189,9 @@ def figure(d: dict, grid, pair_mask=None):
 
 def draw(d: dict, grid, path: str, pair_mask=None) -> None:
     """:func:`figure` to a PNG file."""
-    import matplotlib.pyplot as plt
-
     fig = figure(d, grid, pair_mask)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _pyplot().close(fig)
 
 
 def spec_warnings(pattern) -> List[str]:
@@ -236,6 +241,8 @@ def main_explain(argv: Optional[List[str]] = None) -> int:
         print(f"attncc explain: {pattern.source} has no param(s) {', '.join(sorted(unknown))} "
               f"(params: {', '.join(p.name for p in pattern.params) or 'none'})", file=sys.stderr)
         return 2
+    if args.png:
+        _pyplot()  # before any work: without matplotlib, say so at once
     block_m, block_n = args.block
     head_dim = args.head_dim or pattern.head_dims[0]
     heads = args.heads or pattern.heads_q or 1

@@ -254,3 +254,10 @@ def test_png_has_legends_and_names_the_synthetic_inputs(tmp_path):
                     plan_grid(analyze(load_spec(SPECS / "causal.toml")), q_rows=300, k_rows=300, block_m=128,
                               block_n=64)[0, 0])
     assert len(static.axes) == 1 and not static.texts and static.axes[0].get_legend() is not None
+
+
+def test_png_without_matplotlib_says_how_to_install_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    with pytest.raises(SystemExit, match=r"needs matplotlib: pip install 'attncc\[viz\]'"):
+        main_explain([str(SPECS / "causal.toml"), "--n", "300", "--png", str(tmp_path / "x.png")])
+    assert capsys.readouterr().out == "" and not (tmp_path / "x.png").exists()
