@@ -270,7 +270,8 @@ def test_explain_lists_mask_dropped_and_hoisted(built, tmp_path, capsys):
     assert score["derivative"] and "cos(cos(s))" in score["derivative"]
     assert main_explain([str(path), "--n", "64"]) == 0
     text = capsys.readouterr().out
-    for want in ("score mod", "became the mask", "dropped   tan(b)", "once per program", "d/ds"):
+    for want in ("  score       scale = 0.5", "    mod       ", "became the mask", "dropped   tan(b)", "once per program",
+                 "d/ds"):
         assert want in text, text
     cap = tmp_path / "cap.toml"
     cap.write_text(spec_text("softcap_mod"))

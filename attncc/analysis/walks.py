@@ -35,6 +35,7 @@ import sympy
 
 from attncc._lazy import lazy_module
 from attncc.analysis.bands import FIRST, LAST, Band, Cover
+from attncc.analysis.intexpr import int_value
 from attncc.analysis.symbols import BLOCK_N, N_K, k_offset, q_hi, q_lo
 
 torch = lazy_module("torch")  # on first use: `attncc build` never imports it
@@ -362,7 +363,7 @@ def precondition_holds(walk: Walk, env: Mapping[str, object]) -> bool:
     """The walk's precondition for one call (``env``: params, n_q, n_k, ``first_row``, ``last_row``)."""
     if walk.precondition is sympy.true:
         return True
-    return bool(torch.as_tensor(_value(walk.precondition, env)).all())
+    return bool(int_value(walk.precondition, env))  # scalars: no tensors (explain imports no torch)
 
 
 def bands_grid(walk: Walk, env: Mapping[str, object], n_outer: int, n_inner: int) -> torch.Tensor:
