@@ -1,11 +1,14 @@
-"""The benchmark cases, declared once: ``python -m bench CASE...`` runs them, the specialised
-scripts (bench/configs.py, bench/linear_bench.py, ...) take their cases from here too.
+"""The benchmark cases, declared once: ``python -m bench CASE...`` runs them, the tools
+(``python -m bench configs ...``) take their cases from here too.
 
 A case is a spec (a shipped ``specs/<spec>.toml``, or a score transform of :data:`TRANSFORMS`
-written inline), its shapes and params, the baselines that compute the same thing (bench/impls.py),
-the groups it belongs to, and what changes under ``--smoke`` (CPU, interpreter, tiny sizes).
-Its inputs ([inputs] of the spec), FLOPs (the exact density of the mask) and baselines' forms of
-the pattern are derived from the spec, not written here.
+written inline), its shapes and params, what is called (``attention``, or ``decode`` of one new
+token over a contiguous or paged cache), the baselines that compute the same thing or serve as a
+reference point (bench/impls.py), the groups it belongs to, and what changes under ``--smoke``
+(CPU, interpreter, tiny sizes). Its inputs ([inputs] of the spec), FLOPs (the exact density of the
+mask), bytes (decode) and the baselines' forms of the pattern are derived from the spec, not
+written here. :data:`SWEEPS` are named lists of environment settings under which attncc is timed
+side by side (``--sweep NAME``: tile configs, split counts).
 """
 from __future__ import annotations
 
@@ -81,6 +84,8 @@ class Case:
     groups: Tuple[str, ...] = ()
     transform: bool = False
     doc_mean: int = 1024  # mean document length of a [b, n] document-id input
+    decode: str = ""  # "": attention over N tokens; "contiguous" / "paged": decode of 1 token over an N-token cache
+    page: int = 64  # tokens per page of a paged cache
     smoke: Tuple[Tuple[str, object], ...] = ()  # fields replaced under --smoke, after the default shrink
 
     @property
@@ -106,7 +111,7 @@ class Case:
         """This case at interpreter sizes: B = 1, 2 heads, N <= 128, D = 32 (or a quarter of an
         unusual head dim), documents of mean length 32; then the case's own ``smoke`` overrides."""
         small = dict(B=1, Hq=2, Hkv=0, N=min(128, max(32, self.N // 32)), D=32 if self.D == 128 else self.D // 4,
-                     doc_mean=32)
+                     doc_mean=32, page=16)
         small.update(self.smoke)
         return dataclasses.replace(self, **small)
 
@@ -182,6 +187,24 @@ def _comparisons() -> List[Case]:
         Case("linear-elu-16k", "linear attention elu+1 causal, 16K", "linear_elu", 2, 16384,
              baselines=("fla", "fla_mapped"), groups=("linear",)),
     ]
+    # where linear attention overtakes softmax causal attention (a reference point, not the same function)
+    out += [Case(f"linear-crossover-{n // 1024}k", f"linear elu+1 vs softmax causal, {n // 1024}K", "linear_elu", 2,
+                 n, baselines=("softmax_causal", "softmax_causal_cudnn"), groups=("crossover",))
+            for n in (1024, 2048, 4096, 8192, 16384, 32768, 65536)]
+    # decode: one new token per row over a cache of N tokens, bandwidth-bound (issue 8); SDPA and Flex
+    # read the contiguous cache (neither takes a page table)
+    for B, n in ((8, 32768), (1, 131072)):
+        for layout in ("contiguous", "paged"):
+            out.append(Case(f"decode-{B}x{n // 1024}k" + ("-paged" if layout == "paged" else ""),
+                            f"decode B={B} L={n // 1024}K, {layout} cache", "causal", B, n, Hq=32, Hkv=8,
+                            decode=layout, baselines=("sdpa_flash", "flex"), groups=("decode",),
+                            smoke=P(Hq=8, Hkv=2)))
+    # the Gluon sm90 kernels (attncc/gluon, docs/gluon.md): forward only, D = 128
+    gluon = ("gluon_ws", "gluon_ws_nopp", "gluon_pipelined", "sdpa_cudnn", "flex")
+    out += [Case("gluon-dense-4k", "Gluon: dense 4K", "dense", 4, 4096, baselines=gluon, groups=("gluon",)),
+            Case("gluon-causal-8k", "Gluon: causal 8K", "causal", 2, 8192, baselines=gluon, groups=("gluon",)),
+            Case("gluon-gqa-8k", "Gluon: GQA 32/8 causal 8K", "gqa", 2, 8192, Hq=32, Hkv=8, baselines=gluon,
+                 groups=("gluon",), smoke=P(Hq=32, Hkv=8, N=64))]
     return out
 
 
@@ -193,6 +216,57 @@ for _c in CASES.values():
         GROUPS[_g] += (_c.name,)
 GROUPS["quick"] = ("dense-4k", "causal-8k", "document-16k", "gqa-8k", "sweep-2k", "sweep-8k", "sweep-32k")
 GROUPS["all"] = tuple(CASES)
+
+
+# ---------------------------------------------------------------------------------------------
+# sweeps: attncc timed under each setting in turn (``--sweep NAME``; ``--env`` for one of your own)
+# ---------------------------------------------------------------------------------------------
+
+# the forward's tile configs: BLOCK_M, BLOCK_N, num_warps, num_stages, warp_specialize
+_TILES = [(128, 128, 8, 2, 0), (128, 128, 8, 3, 0), (128, 128, 8, 4, 0), (128, 64, 4, 3, 0), (128, 64, 8, 3, 0),
+          (128, 64, 4, 4, 0), (64, 128, 4, 3, 0), (64, 64, 4, 3, 0), (128, 128, 8, 3, 1), (128, 64, 4, 3, 1)]
+
+
+def _tile(fields) -> str:
+    return ",".join(f"{n}={v}" for n, v in zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "warp_specialize"),
+                                               fields))
+
+
+Setting = Tuple[Tuple[str, str], ...]  # (variable, value) pairs set together
+
+SWEEPS: Dict[str, Tuple[Setting, ...]] = {
+    "tile-configs": tuple((("ATTNCC_CONFIG", _tile(t)),) for t in _TILES),
+    # attncc.runtime.linear.LinearConfig fields
+    "linear-configs": tuple((("ATTNCC_LINEAR_CONFIG", v),) for v in (
+        "scan_dv=64", "scan_dv=16,scan_warps=4", "chunk=128,out_dv=64", "out_dv=64", "num_warps=4",
+        "bwd_chunk=32,bwd_warps=8", "bwd_chunk=64,bwd_warps=8")),
+    "linear-bwd-chunks": tuple((("ATTNCC_LINEAR_CONFIG", f"bwd_chunk={c},bwd_warps={w}"),)
+                               for c in (32, 64) for w in (8, 4)),
+    # attncc.runtime.decode: a paged cache's loads need 2 x in-flight + 1 stages
+    "decode-configs": tuple((("ATTNCC_DECODE_CONFIG", f"BLOCK_N={n},num_warps={w},num_stages={s}"),) for n, w, s in (
+        (64, 4, 4), (64, 4, 3), (64, 4, 5), (32, 4, 4), (32, 4, 7), (128, 4, 3), (128, 8, 3), (64, 8, 4))),
+    "decode-paged-configs": tuple((("ATTNCC_DECODE_CONFIG", f"BLOCK_N={n},num_warps={w},num_stages={s}"),)
+                                  for n, w, s in ((64, 4, 7), (64, 4, 5), (64, 4, 9), (32, 4, 7), (32, 4, 13),
+                                                  (128, 4, 5), (128, 8, 5), (64, 8, 7))),
+    "decode-splits": tuple((("ATTNCC_DECODE_SPLITS", str(n)),) for n in (2, 4, 8, 16, 32, 64)),
+}
+
+
+def parse_setting(text: str) -> Setting:
+    """``NAME=VALUE[;NAME=VALUE...]`` (a value may contain ``=`` and ``,``); ValueError naming the text."""
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        name, eq, value = part.partition("=")
+        if not eq or not name.strip().isidentifier():
+            raise ValueError(f"--env {text!r}: expected NAME=VALUE[;NAME=VALUE...], e.g. ATTNCC_FUSED_DQ=0")
+        out.append((name.strip(), value.strip()))
+    if not out:
+        raise ValueError(f"--env {text!r}: expected NAME=VALUE[;NAME=VALUE...]")
+    return tuple(out)
+
+
+def setting_label(setting: Setting) -> str:
+    return ";".join(f"{k}={v}" for k, v in setting)
 
 
 def select(names) -> List[Case]:

@@ -15,6 +15,7 @@ SMOKE = "--smoke" in sys.argv[1:] or os.environ.get("BENCH_SMOKE") == "1"
 if SMOKE:
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
 
+import contextlib  # noqa: E402
 import importlib  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
@@ -56,6 +57,34 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+@contextlib.contextmanager
+def environment(values: dict):
+    """``os.environ`` with ``values`` set (None: unset) inside the block, restored afterwards
+    (attncc reads its config variables at every call)."""
+    saved = {k: os.environ.get(k) for k in values}
+    try:
+        for k, v in values.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def with_environment(values: dict, fn):
+    """``fn`` that runs with ``values`` in the environment."""
+    def run():
+        with environment(values):
+            return fn()
+    return run
+
+
 # ---------------------------------------------------------------------------------------------
 # FLOPs and densities
 # ---------------------------------------------------------------------------------------------
@@ -76,8 +105,8 @@ def causal_density(N: int) -> float:
 
 CAUSAL_SPECS = ("causal", "alibi", "softcap", "gqa", "rope_causal")
 # the shipped specs whose mask flex_pattern writes as a Flex mask_mod, and whose score it writes
-FLEX_MASKS = ("dense", "sliding_window", "document", *CAUSAL_SPECS, "sink_window", "chunked_local", "block_diagonal",
-              "neighborhood_2d", "prefix_lm", "longformer", "strided", "dilated", "bigbird")
+FLEX_MASKS = ("dense", "sliding_window", "document", "padding", *CAUSAL_SPECS, "sink_window", "chunked_local",
+              "block_diagonal", "neighborhood_2d", "prefix_lm", "longformer", "strided", "dilated", "bigbird")
 FLEX_SCORES = ("alibi", "softcap")
 
 
@@ -92,6 +121,8 @@ def density(spec: str, N: int, kw: dict) -> float:
         return sum(min(i + 1, w) for i in range(N)) / N / N
     if spec == "document":
         return doc_causal_density(kw["doc"])
+    if spec == "padding":  # row b sees kv_len[b] keys
+        return float(kw["kv_len"].clamp(max=N).sum()) / kw["kv_len"].numel() / N
     return pair_density(spec, N, kw)
 
 
@@ -222,7 +253,7 @@ def flex_pattern(spec: str, H: int, kw: dict, n: int = 0):
     """(score_mod, mask_mod, mask_per_batch) of FlexAttention for a shipped spec: the same
     pattern written as Flex's callables (None where the spec has no such part); ``n``: the
     sequence length (BigBird's random blocks depend on it)."""
-    doc, win = kw.get("doc"), kw.get("window")
+    doc, win, kv_len = kw.get("doc"), kw.get("window"), kw.get("kv_len")
 
     def causal(b, h, qi, ki):
         return qi >= ki
@@ -232,6 +263,9 @@ def flex_pattern(spec: str, H: int, kw: dict, n: int = 0):
 
     def document(b, h, qi, ki):
         return (doc[b, qi] == doc[b, ki]) & (qi >= ki)
+
+    def padding(b, h, qi, ki):
+        return ki < kv_len[b]
 
     def softcap(s, b, h, qi, ki):
         return 30.0 * torch.tanh(s / 30.0)
@@ -271,7 +305,7 @@ def flex_pattern(spec: str, H: int, kw: dict, n: int = 0):
     def bigbird(b, h, qi, ki):  # specs/bigbird.toml: 64-blocks, window 1, global 64, 3 random blocks, seed 0
         return ((qi // 64 - ki // 64).abs() <= 1) | (qi < 64) | (ki < 64) | chosen[qi // 64, ki // 64]
 
-    masks = {"dense": None, "sliding_window": sliding_window, "document": document,
+    masks = {"dense": None, "sliding_window": sliding_window, "document": document, "padding": padding,
              **{name: causal for name in CAUSAL_SPECS}}
     for fn in (sink_window, chunked_local, block_diagonal, neighborhood_2d, prefix_lm, longformer, strided, dilated,
                bigbird):
@@ -296,7 +330,7 @@ def flex_pattern(spec: str, H: int, kw: dict, n: int = 0):
 
         slopes = torch.tensor([alibi_slope(h, H) for h in range(H)], device=DEV)
     score_mod = dict(zip(FLEX_SCORES, (alibi, softcap))).get(spec)
-    return score_mod, masks[spec], spec == "document"
+    return score_mod, masks[spec], spec in ("document", "padding")
 
 
 def sdpa_backend(name: str):

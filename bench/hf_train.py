@@ -2,14 +2,14 @@
 flex_attention: milliseconds per step (forward, backward, AdamW), peak memory, and the loss of each
 (the same weights and batches, so the losses must agree).
 
-    PYTHONPATH=. python bench/hf_train.py             # H100/H200: two scenarios, < 2 minutes
-    PYTHONPATH=. python bench/hf_train.py --smoke     # CPU, Triton interpreter, tiny: does it run
+    python -m bench train             # H100/H200: two scenarios, < 2 minutes
+    python -m bench train --smoke     # CPU, Triton interpreter, tiny: does it run
 
 Scenarios: ``causal`` (Llama, no padding: sdpa runs its flash kernel with is_causal), and
 ``window+pad`` (Mistral, sliding window 1024, a quarter of each sequence left padding: sdpa then
 gets a dense [B, 1, N, N] mask, flex_attention a block mask, attncc its key_ok input). Each
 implementation's first step (kernel compilation, block masks) is reported apart; the table's
-time is the median of the timed steps after it.
+time is the median of the timed steps after it (bench/timer.py ``steps_ms``).
 """
 from __future__ import annotations
 
@@ -17,11 +17,9 @@ import argparse
 import copy
 import statistics
 import sys
-import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DEV, DTYPE, SMOKE, banner, heat_up  # noqa: E402  (before torch: --smoke)
+from bench import timer  # (first: --smoke turns the interpreter on before triton loads)
+from bench.common import DEV, DTYPE, SMOKE, banner
 
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig  # noqa: E402
@@ -66,41 +64,38 @@ def run(kind: str, impl: str, state: dict, data, config) -> dict:
     model.load_state_dict(state)
     model.to(DEV).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
-    times, losses = [], []
+    losses = []
     if not SMOKE:
         torch.cuda.reset_peak_memory_stats()
-    for ids, mask, labels in data:
-        sync()
-        t = time.perf_counter()
+
+    def step(ids, mask, labels):
         loss = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        sync()
-        times.append(time.perf_counter() - t)
-        losses.append(loss.detach().item())
+        losses.append(loss.detach())
+
+    times = timer.steps_ms([lambda batch=batch: step(*batch) for batch in data])
+    losses = [float(x) for x in losses]
     peak = 0.0 if SMOKE else torch.cuda.max_memory_allocated() / 2**30
     del model, opt
-    return dict(first_s=times[0], ms=statistics.median(times[1:]) * 1e3, peak=peak, loss0=losses[0],
+    return dict(first_s=times[0] / 1e3, ms=statistics.median(times[1:]), peak=peak, loss0=losses[0],
                 loss_last=losses[-1])
 
 
-def sync():
-    if not SMOKE:
-        torch.cuda.synchronize()
-
-
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, tiny sizes")
     parser.add_argument("--steps", type=int, default=3 if SMOKE else 8, help="steps per run, the first untimed")
     parser.add_argument("--batch", type=int, default=2 if SMOKE else 4)
     parser.add_argument("--seq", type=int, default=24 if SMOKE else 4096)
     parser.add_argument("--scenarios", default="causal,window+pad")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.steps < 2:
+        parser.error("--steps: at least 2 (the first is not timed)")
     attncc_hf.register()
-    print(banner("hf_train"))
-    heat_up(5.0)  # the first implementation timed gets the steady clock too (bench/common.py)
+    print(banner("python -m bench train"))
+    timer.heat_up(5.0)  # the first implementation timed gets the steady clock too
     rows = []
     for kind in args.scenarios.split(","):
         config = model_config(kind)
@@ -128,7 +123,4 @@ def main():
         tokens = args.batch * args.seq / (r["ms"] / 1e3)
         print(f"| {kind} | {impl} | {r['ms']:.1f} | {tokens:,.0f} | {r['peak']:.1f} | {r['first_s']:.1f} | "
               f"{r['loss0']:.4f} | {r['loss_last']:.4f} |")
-
-
-if __name__ == "__main__":
-    main()
+    return 1 if any("error" in r for _, impl, r in rows if impl == "attncc") else 0

@@ -1,7 +1,7 @@
 """Host overhead per call of attncc's generated attention, against SDPA (cuDNN) and FlexAttention.
 
-    PYTHONPATH=. python bench/host_overhead.py --stub            # CPU: launches stubbed (no GPU needed)
-    PYTHONPATH=. python bench/host_overhead.py --out $OUT        # GPU: host and GPU us/call, CSV and plot in $OUT
+    python -m bench host --stub            # CPU: launches stubbed (no GPU needed)
+    python -m bench host --out $OUT        # GPU: host and GPU us/call, CSV and plot in $OUT
 
 What is timed, per case (spec) and length N (B = 2, 16 query heads, head dim 128):
 
@@ -18,8 +18,9 @@ What is timed, per case (spec) and length N (B = 2, 16 query heads, head dim 128
   share of a forward / forward+backward call. ``own`` = attncc's time less the floor (--stub), or
   less Triton's launches (GPU).
 - On the GPU also attncc through ``torch.compile(fullgraph=True)`` (host us/call).
-- On the GPU also ``gpu fwd`` / ``gpu f+b``: device microseconds per call (``do_bench``), and the
-  same for SDPA (cuDNN backend) and FlexAttention (compiled, block mask built outside the timing).
+- On the GPU also ``gpu fwd`` / ``gpu f+b``: device microseconds per call (bench/timer.py), and the
+  same for the baselines of bench/impls.py that have the spec: SDPA (cuDNN backend) and FlexAttention
+  (compiled, block mask built outside the timing).
 
 Under ``--stub`` the CPU tensors run through ``TRITON_INTERPRET=1``'s code paths (the interpreter's
 small tile config; float16 so that no operand is converted): the numbers are host time on this
@@ -28,9 +29,8 @@ CPU, not GPU numbers.
 from __future__ import annotations
 
 import argparse
-import importlib
+import dataclasses
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -41,9 +41,10 @@ if STUB:
 
 import torch  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from bench import timer  # noqa: E402
+from bench.cases import Case  # noqa: E402
+from bench.common import generated, qkv, spec_inputs, spec_pattern  # noqa: E402
+from bench.impls import applies, implementations, prepare  # noqa: E402
 
 CASES = ("causal", "document", "padding", "softcap", "gqa")
 LENGTHS = (256, 1024, 4096, 16384)
@@ -97,38 +98,19 @@ def unstub(module) -> None:
 
 def make_case(name: str, n: int, device: str, dtype, batch: int = 2, heads: int = 16, head_dim: int = 128,
               grad: bool = False):
-    """(module, q, k, v, keyword inputs) of one case at length ``n``."""
-    module = importlib.import_module(f"generated.{name}")
-    spec = module.SPEC
-    hq = spec.heads_q or heads
-    hkv = spec.heads_kv or hq
-    q = torch.randn(batch, hq, n, head_dim, device=device, dtype=dtype, requires_grad=grad)
-    k = torch.randn(batch, hkv, n, head_dim, device=device, dtype=dtype, requires_grad=grad)
-    v = torch.randn(batch, hkv, n, head_dim, device=device, dtype=dtype, requires_grad=grad)
-    kwargs = {}
-    if name == "document":  # documents of about n / 4 tokens
-        kwargs["doc"] = (torch.arange(n, device=device, dtype=torch.int32) // max(1, n // 4)).expand(batch, n).contiguous()
-    if name == "padding":
-        kwargs["kv_len"] = torch.tensor([n, n * 3 // 4][:batch] + [n] * max(0, batch - 2), device=device, dtype=torch.int32)
-    return module, q, k, v, kwargs
+    """(module, q, k, v, keyword inputs) of one case at length ``n``: the heads the spec declares
+    (else ``heads``), documents of mean length n / 4 (bench/common.py spec_inputs)."""
+    module, pattern = generated(name), spec_pattern(name)
+    hq = pattern.heads_q or heads
+    q, k, v = qkv(batch, hq, n, head_dim, Hkv=pattern.heads_kv or hq, dtype=dtype, device=device, grad=grad)
+    return module, q, k, v, spec_inputs(pattern, batch, hq, n, doc_mean=max(1, n // 4), device=device)
 
 
-def per_call_us(fn, calls: int, repeats: int = 7, sync=None, clock=time.perf_counter) -> float:
-    """The fastest over ``repeats`` bursts of the microseconds per call of ``calls`` calls of
-    ``fn`` (the minimum: other processes on the machine only ever add time). ``clock``: wall
-    time on the GPU; the thread's CPU time with --stub, which a busy shared CPU distorts less."""
-    fn()  # warm: binds, compiles, caches
-    if sync:
-        sync()
-    times = []
-    for _ in range(repeats):
-        t = clock()
-        for _ in range(calls):
-            fn()
-        times.append((clock() - t) / calls * 1e6)
-        if sync:
-            sync()
-    return min(times)
+def per_call_us(fn, calls: int, sync=None, clock=time.perf_counter) -> float:
+    """Host microseconds per call: the fastest of 7 bursts of ``calls`` back-to-back calls
+    (bench/timer.py bursts). ``clock``: wall time on the GPU; the thread's CPU time with --stub,
+    which a busy shared CPU distorts less."""
+    return timer.bursts(fn, calls, repeats=7, sync_fn=sync, clock=clock)[0] * 1e3
 
 
 class _Floor(torch.autograd.Function):
@@ -179,7 +161,7 @@ def host_times(name: str, n: int, device: str, dtype, calls: int, sync=None, clo
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench host", description=__doc__.split("\n\n")[0])
     p.add_argument("--stub", action="store_true", help="CPU: stub the Triton launches (see the module doc)")
     p.add_argument("--cases", default=",".join(CASES))
     p.add_argument("--n", default=",".join(map(str, LENGTHS)))
@@ -201,7 +183,7 @@ def run_stub(cases, lengths, calls, out=None) -> int:
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
     for name in cases:
-        module = importlib.import_module(f"generated.{name}")
+        module = generated(name)
         stub_launches(module)
         for n in lengths:
             r = host_times(name, n, "cpu", torch.float16, calls, clock=time.thread_time)
@@ -241,47 +223,33 @@ def triton_launch_us(name: str, n: int, calls: int = 20) -> dict:
 
 
 def flex_and_sdpa(name: str, n: int, calls: int):
-    """{(impl, 'host fwd' | 'host f+b' | 'gpu fwd' | 'gpu f+b'): us} of SDPA (cuDNN, where the
-    pattern is one SDPA has: causal, GQA) and FlexAttention (block mask made outside the timing)."""
-    import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    from triton.testing import do_bench
-
-    module, q, k, v, kw = make_case(name, n, "cuda", torch.bfloat16, grad=True)
-    g = torch.randn(q.shape[:-1] + (v.shape[-1],), device="cuda", dtype=torch.bfloat16)
-    gqa = q.shape[1] != k.shape[1]
-    impls = {}
-    if name in ("causal", "gqa"):
-        def sdpa(q, k, v):
-            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        impls["sdpa cudnn"] = sdpa
-    doc, kv_len = kw.get("doc"), kw.get("kv_len")
-    masks = {"causal": lambda b, h, i, j: i >= j, "gqa": lambda b, h, i, j: i >= j,
-             "softcap": lambda b, h, i, j: i >= j,
-             "document": lambda b, h, i, j: (doc[b, i] == doc[b, j]) & (i >= j),
-             "padding": lambda b, h, i, j: j < kv_len[b]}
-    score = (lambda s, b, h, i, j: 30.0 * torch.tanh(s / 30.0)) if name == "softcap" else None
-    torch._dynamo.reset()
-    flex = torch.compile(flex_attention, dynamic=False)
-    block_mask = create_block_mask(masks[name], q.shape[0], None, n, n, device="cuda")
-    impls["flex"] = lambda q, k, v: flex(q, k, v, score_mod=score, block_mask=block_mask, enable_gqa=gqa)
+    """{(impl, 'host fwd' | 'host f+b' | 'gpu fwd' | 'gpu f+b'): us} of the baselines of
+    bench/impls.py that have this spec (SDPA on cuDNN: causal, GQA; FlexAttention, its block mask
+    made outside the timing) on the case of :func:`make_case`."""
+    pattern = spec_pattern(name)
+    hq = pattern.heads_q or 16
+    case = Case(f"host-{name}-{n}", name, name, 2, n, Hq=hq, Hkv=pattern.heads_kv or hq, doc_mean=max(1, n // 4))
+    case = dataclasses.replace(case, baselines=tuple(b for b in ("sdpa_cudnn", "flex") if applies(b, case) is None))
+    impls, _, unavailable = implementations(prepare(case))
+    for impl, why in unavailable.items():
+        print(f"  {impl} {name} N={n}: unavailable: {why}", flush=True)
     out = {}
-    for impl, fn in impls.items():
+    for impl in impls[1:]:  # the baselines (attncc is timed by run_gpu)
+        leaves = [t.detach().clone().requires_grad_() for t in impl.args]
         try:
-            def fwd():
+            def fwd(impl=impl):
                 with torch.no_grad():
-                    fn(q, k, v)
+                    impl.fn(*impl.args)
 
-            def fwd_bwd():
-                fn(q, k, v).backward(g)
-                q.grad = k.grad = v.grad = None
+            def fwd_bwd(impl=impl, leaves=leaves):
+                impl.fn(*leaves).backward(impl.grad_out)
+                for t in leaves:
+                    t.grad = None
             for label, step in (("fwd", fwd), ("f+b", fwd_bwd)):
-                out[(impl, f"host {label}")] = per_call_us(step, calls, sync=torch.cuda.synchronize)
-                out[(impl, f"gpu {label}")] = do_bench(step, warmup=20, rep=100, return_mode="median") * 1e3
+                out[(impl.name, f"host {label}")] = per_call_us(step, calls, sync=torch.cuda.synchronize)
+                out[(impl.name, f"gpu {label}")] = timer.time_ms(step, warmup=20, rep=100) * 1e3
         except Exception as e:  # noqa: BLE001 - one comparison failing must not end the run
-            print(f"  {impl} {name} N={n}: failed: {type(e).__name__}: {e}", flush=True)
+            print(f"  {impl.name} {name} N={n}: failed: {type(e).__name__}: {e}", flush=True)
     return out
 
 
@@ -305,8 +273,6 @@ def compiled_host_us(name: str, n: int, calls: int) -> dict:
 def run_gpu(cases, lengths, out) -> int:  # pragma: no cover - needs a GPU
     """Every number of the module doc on the GPU: a markdown table on stdout, the rows as CSV and
     a plot (host and GPU us/call against N) in ``out``."""
-    from triton.testing import do_bench
-
     calls = 20  # a burst short enough that the launch queue never fills: the time is the host's
     sync = torch.cuda.synchronize
     print(f"host overhead, GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
@@ -333,7 +299,7 @@ def run_gpu(cases, lengths, out) -> int:  # pragma: no cover - needs a GPU
             r = {"case": name, "N": n, "impl": "attncc"}
             for label, fn in (("fwd", fwd), ("f+b", fwd_bwd)):
                 r[f"host {label}"] = per_call_us(fn, calls, sync=sync)
-                r[f"gpu {label}"] = do_bench(fn, warmup=20, rep=100, return_mode="median") * 1e3
+                r[f"gpu {label}"] = timer.time_ms(fn, warmup=20, rep=100) * 1e3
             stubbed = host_times_stubbed(name, n, calls)
             launches = triton_launch_us(name, n)
             for label in ("fwd", "f+b"):
@@ -359,7 +325,7 @@ def run_gpu(cases, lengths, out) -> int:  # pragma: no cover - needs a GPU
 
 def host_times_stubbed(name: str, n: int, calls: int) -> dict:
     """Host us/call on the GPU with the Triton launches stubbed (CUDA tensors, no kernel)."""
-    module = importlib.import_module(f"generated.{name}")
+    module = generated(name)
     stub_launches(module)
     try:
         return host_times(name, n, "cuda", torch.bfloat16, calls, sync=torch.cuda.synchronize)
@@ -410,6 +376,3 @@ def write_csv_and_plot(rows, head, out: Path) -> None:
     fig.savefig(out / "host_overhead.png", dpi=120)
     print(f"wrote {out / 'host_overhead.csv'} and {out / 'host_overhead.png'}")
 
-
-if __name__ == "__main__":
-    sys.exit(main())

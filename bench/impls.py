@@ -1,5 +1,5 @@
-"""A case's tensors and the implementations that compute it: attncc's generated module first, then
-the baselines the case names (:data:`BASELINES`).
+"""A case's tensors and the implementations that compute it: attncc's generated module first (once
+per setting of a sweep), then the baselines the case names (:data:`BASELINES`).
 
 - ``flex``: ``torch.compile(flex_attention)`` with its block mask built once, outside the timed
   region (its cost is the extra ``flex create_block_mask``); ``flex_mask_per_call``: the block mask
@@ -9,7 +9,15 @@ the baselines the case names (:data:`BASELINES`).
 - ``fla`` / ``fla_mapped``: flash-linear-attention's ``chunk_linear_attn`` on inputs already
   mapped by elu+1, or with the map in PyTorch inside the call;
 - ``attncc_varlen``: a document case's documents packed as cu_seqlens sequences through
-  generated/causal.py; ``torch_varlen``: torch's ``varlen_attn`` on the same packing.
+  generated/causal.py; ``torch_varlen``: torch's ``varlen_attn`` on the same packing;
+- ``gluon_ws`` / ``gluon_ws_nopp`` / ``gluon_pipelined``: the Gluon sm90 kernels (attncc/gluon,
+  forward only) with ping-pong, without, and the single-stream pipelined kernel;
+- ``softmax_causal`` / ``softmax_causal_cudnn``: softmax causal attention (generated/causal.py,
+  SDPA on cuDNN) on a linear-attention case's tensors: a reference point, not the same function
+  (no difference columns).
+
+Decode cases (``Case.decode``) call the module's ``decode`` with one query token per row over the
+cache (contiguous, or paged in a random page order); SDPA and Flex read the contiguous cache.
 
 A baseline that cannot run here (a package or a kernel missing) raises :class:`Unavailable`: a
 missing column with its reason, not a failure. A baseline named for a case it has no form of is a
@@ -19,16 +27,16 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from bench import timer
-from bench.cases import TRANSFORMS, Case
-from bench.common import (DEV, FLEX_MASKS, FLEX_SCORES, SMOKE, apply_rotary, attention_flops, build_inline, density,
-                          flex_pattern, flex_setup, generated, qkv, rotary_tables, sdpa_backend, sdpa_call, short_error,
-                          spec_inputs, spec_pattern)
+from bench.cases import TRANSFORMS, Case, Setting, setting_label
+from bench.common import (DEV, FLEX_MASKS, FLEX_SCORES, SMOKE, apply_rotary, attention_flops, build_inline,
+                          density, flex_pattern, flex_setup, generated, qkv, rotary_tables, sdpa_backend, sdpa_call,
+                          short_error, spec_inputs, spec_pattern)
 
 
 class Unavailable(Exception):
@@ -44,9 +52,11 @@ class Prepared:
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
-    do: torch.Tensor
+    do: Optional[torch.Tensor]  # dO; None for decode (no backward)
     kw: dict  # params and inputs of attncc's call
-    flops: Optional[float]  # forward FLOPs; None where not counted (linear attention)
+    flops: Optional[float]  # forward FLOPs; None where not counted (linear attention, decode)
+    bytes: Optional[float] = None  # decode: bytes of the valid K and V, read once per call
+    pages: Optional[tuple] = None  # a paged decode case: (k pages, v pages, block table)
     _flex: Optional[tuple] = None
 
     def flex(self):
@@ -62,6 +72,8 @@ def prepare(case: Case) -> Prepared:
         pattern, module = build_inline(c.spec, c.spec_text())
     else:
         pattern, module = spec_pattern(c.spec), generated(c.spec)
+    if c.decode:
+        return _prepare_decode(c, pattern, module)
     q, k, v = qkv(c.B, c.Hq, c.N, c.D, Hkv=c.kv_heads)
     do = torch.randn_like(q)
     kw = dict(c.param_dict, **spec_inputs(pattern, c.B, c.Hq, c.N, doc_mean=c.doc_mean))
@@ -69,6 +81,31 @@ def prepare(case: Case) -> Prepared:
     if pattern.kind == "softmax":
         flops = attention_flops(c.B, c.Hq, c.N, c.N, c.D, density(c.mask, c.N, kw))
     return Prepared(c, pattern, module, q, k, v, do, kw, flops)
+
+
+def _prepare_decode(c: Case, pattern, module) -> Prepared:
+    """One query token per row at the end of an N-token cache, every row full (kv_len = N)."""
+    q, k, v = qkv(c.B, c.Hq, c.N, c.D, Hkv=c.kv_heads)
+    q = q[:, :, -1:].contiguous()
+    kw = {"kv_len": torch.full((c.B,), c.N, dtype=torch.int32, device=DEV)}
+    pages = _paged(k, v, c.page) if c.decode == "paged" else None
+    nbytes = 2 * c.B * c.kv_heads * c.N * c.D * k.element_size()
+    return Prepared(c, pattern, module, q, k, v, None, kw, None, bytes=nbytes, pages=pages)
+
+
+def _paged(k, v, page: int):
+    """[B, Hkv, L, D] -> pages [B * L / page, page, Hkv, D] in a random order, block table [B, L / page]."""
+    B, H, L, D = k.shape
+    if L % page:
+        raise ValueError(f"a paged decode case needs N ({L}) a multiple of the page ({page})")
+    n = L // page
+    table = torch.randperm(B * n, generator=torch.Generator().manual_seed(0)).to(torch.int32).view(B, n).to(DEV)
+    out = []
+    for t in (k, v):
+        pages = torch.empty(B * n, page, H, D, dtype=t.dtype, device=DEV)
+        pages[table.flatten().long()] = t.view(B, H, n, page, D).permute(0, 2, 3, 1, 4).reshape(B * n, page, H, D)
+        out.append(pages)
+    return out[0], out[1], table
 
 
 @dataclass
@@ -80,11 +117,35 @@ class Impl:
     grad_out: Optional[torch.Tensor]  # dO in this layout; None: no forward + backward here (see note)
     to_case: Callable = field(default=lambda t: t)  # an output or gradient in the case's [B, H, N, D]
     same_grads: bool = True  # its gradients are d/d(q, k, v) of the case (compared with attncc's)
+    same_output: bool = True  # it computes the case's function (False: a reference point, not compared)
     note: str = ""
+    env: Setting = ()  # environment variables set around every call (forward and backward)
 
 
-def attncc_impl(p: Prepared) -> Impl:
-    return Impl("attncc", lambda q, k, v: p.module.attention(q, k, v, **p.kw), (p.q, p.k, p.v), p.do)
+def attncc_impl(p: Prepared, setting: Setting = ()) -> Impl:
+    name = f"attncc {setting_label(setting)}" if setting else "attncc"
+    if p.case.decode == "paged":
+        kp, vp, table = p.pages
+        return Impl(name, lambda q, k, v: p.module.decode(q, k, v, block_table=table, **p.kw), (p.q, kp, vp), None,
+                    note=_decode_choice(p, kp, vp, table), env=setting)
+    if p.case.decode:
+        return Impl(name, lambda q, k, v: p.module.decode(q, k, v, **p.kw), (p.q, p.k, p.v), None,
+                    note=_decode_choice(p, p.k, p.v, None), env=setting)
+    return Impl(name, lambda q, k, v: p.module.attention(q, k, v, **p.kw), (p.q, p.k, p.v), p.do, env=setting)
+
+
+def _decode_choice(p: Prepared, k, v, table) -> str:
+    """The tile config and split count ``decode`` picks on its own here (attncc.runtime.decode)."""
+    try:
+        from attncc.runtime import decode as rd
+
+        call = rd.bind_decode(p.module.SPEC, p.q, k, v, kv_len=p.kw["kv_len"], block_table=table)
+        cfg = rd.decode_config(call)
+        programs = call.B * call.Hkv * -(-call.group // rd.heads_per_program(call, cfg))
+        return (f"default: BLOCK_N={cfg.BLOCK_N},num_warps={cfg.num_warps},num_stages={cfg.num_stages}, "
+                f"{rd.num_splits(call, cfg, programs)} splits")
+    except Exception as e:  # noqa: BLE001 - the note says it could not tell; the timing stands
+        return f"default config unknown ({short_error(e, 60)})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,6 +159,10 @@ def applies(baseline: str, case: Case) -> Optional[str]:
     """Why ``baseline`` has no form of ``case`` (None: it has one)."""
     if baseline not in BASELINES:
         return f"no baseline {baseline!r} (there are {', '.join(BASELINES)})"
+    if case.decode and baseline not in ("sdpa_flash", "flex"):
+        return "decode is compared with SDPA flash and FlexAttention on the contiguous cache"
+    if case.decode and case.mask != "causal":
+        return "decode cases are causal (one token at the end of the cache sees all of it)"
     if baseline in ("flex", "flex_mask_per_call"):
         if case.mask not in FLEX_MASKS:
             return f"no FlexAttention mask_mod of spec {case.mask!r} (bench/common.py flex_pattern)"
@@ -112,6 +177,11 @@ def applies(baseline: str, case: Case) -> Optional[str]:
         return "fla's chunk_linear_attn is compared on elu+1 linear attention (linear_elu) only"
     if baseline in ("attncc_varlen", "torch_varlen") and case.spec != "document":
         return "varlen packs the documents of a document-mask case"
+    if baseline in GLUON and (case.transform or case.spec not in ("dense", "causal", "gqa")):
+        return "the Gluon kernels have the dense and causal patterns (attncc/gluon/walks.py)"
+    if baseline in ("softmax_causal", "softmax_causal_cudnn") and (
+            case.transform or spec_pattern(case.spec).kind != "linear"):
+        return "softmax causal attention is the reference point of a linear-attention case"
     return None
 
 
@@ -136,6 +206,9 @@ def _flex(per_call: bool):
     def build(p: Prepared, extras: Dict[str, Callable[[], float]]) -> Impl:
         c = p.case
         flex_attention, create_block_mask = p.flex()
+        if c.decode:  # the last token sees the whole cache: no mask
+            return Impl("flex", lambda q, k, v: flex_attention(q, k, v, enable_gqa=c.kv_heads != c.Hq),
+                        (p.q, p.k, p.v), None, note="contiguous cache" if c.decode == "paged" else "")
         if c.transform:
             score_mod = TRANSFORMS[c.spec].flex(c.Hq, p.kw)
             _, mask_mod, per_batch = flex_pattern(c.mask, c.Hq, p.kw, n=c.N)
@@ -171,6 +244,9 @@ def _sdpa(name: str):
         c = p.case
         backend, is_causal, rotate = sdpa_backend(name), SDPA_CAUSAL[c.spec], _rotate(p)
         gqa = {"enable_gqa": True} if c.kv_heads != c.Hq else {}
+        if c.decode:  # the last token sees the whole cache: not is_causal (which aligns to the top left)
+            return Impl(name, lambda q, k, v: sdpa_call(backend, lambda: F.scaled_dot_product_attention(q, k, v, **gqa)),
+                        (p.q, p.k, p.v), None, note="contiguous cache" if c.decode == "paged" else "")
         if p.pattern.rope is not None:
             extras["torch rotary of q and k"] = lambda: timer.time_ms(lambda: rotate(p.q, p.k))
 
@@ -248,6 +324,42 @@ def _torch_varlen(p: Prepared, extras) -> Impl:
                 tuple(thd(t) for t in (p.q, p.k, p.v)), thd(p.do), to_case=back, note="[T, H, D] layout")
 
 
+def _gluon(kernel: str, pingpong: bool):
+    name = {"pipelined": "gluon_pipelined"}.get(kernel, "gluon_ws" if pingpong else "gluon_ws_nopp")
+
+    def build(p: Prepared, extras) -> Impl:
+        if SMOKE or not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+            raise Unavailable("the Gluon kernels need an sm90 GPU (wgmma, TMA)")
+        import dataclasses
+
+        from attncc.gluon import launch as gluon
+
+        cfg = gluon.default_config(p.case.D, kernel)
+        if kernel == "ws":
+            cfg = dataclasses.replace(cfg, pingpong=pingpong)
+        pattern = "dense" if p.case.mask == "dense" else "causal"
+        return Impl(name, lambda q, k, v: gluon.attention(q, k, v, pattern=pattern, config=cfg), (p.q, p.k, p.v),
+                    None, note="forward only")
+    return build
+
+
+def _softmax_causal(p: Prepared, extras) -> Impl:
+    causal = generated("causal")
+    return Impl("softmax_causal", lambda q, k, v: causal.attention(q, k, v), (p.q, p.k, p.v), p.do,
+                same_output=False, note="generated/causal.py on the same tensors: a reference point")
+
+
+def _softmax_causal_cudnn(p: Prepared, extras) -> Impl:
+    backend = sdpa_backend("sdpa_cudnn")
+
+    def fn(q, k, v):
+        return sdpa_call(backend, lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    return Impl("softmax_causal_cudnn", fn, (p.q, p.k, p.v), p.do, same_output=False,
+                note="SDPA causal" + (" (smoke: the math backend)" if SMOKE else " on cuDNN") + ": a reference point")
+
+
+GLUON = ("gluon_ws", "gluon_ws_nopp", "gluon_pipelined")
+
 BASELINES: Dict[str, Callable[[Prepared, dict], Impl]] = {
     "flex": _flex(per_call=False),
     "flex_mask_per_call": _flex(per_call=True),
@@ -257,6 +369,11 @@ BASELINES: Dict[str, Callable[[Prepared, dict], Impl]] = {
     "fla_mapped": _fla(mapped=True),
     "attncc_varlen": _attncc_varlen,
     "torch_varlen": _torch_varlen,
+    "gluon_ws": _gluon("ws", pingpong=True),
+    "gluon_ws_nopp": _gluon("ws", pingpong=False),
+    "gluon_pipelined": _gluon("pipelined", pingpong=False),
+    "softmax_causal": _softmax_causal,
+    "softmax_causal_cudnn": _softmax_causal_cudnn,
 }
 
 
@@ -264,7 +381,7 @@ def attncc_extras(p: Prepared, extras: Dict[str, Callable[[], float]]) -> None:
     """attncc's own per-call and one-time costs besides the kernels: the block lists of a
     data-dependent mask (per call) and the exact block lists of a static one (once per shape)."""
     mod = p.module
-    if not (hasattr(mod, "_block_lists") or hasattr(mod, "_exact_lists")):
+    if p.case.decode or not (hasattr(mod, "_block_lists") or hasattr(mod, "_exact_lists")):
         return
     from attncc.runtime import bind, blocks, pick_config
 
@@ -280,11 +397,14 @@ def attncc_extras(p: Prepared, extras: Dict[str, Callable[[], float]]) -> None:
         extras["attncc exact block lists (once per shape)"] = once
 
 
-def implementations(p: Prepared) -> Tuple[List[Impl], Dict[str, Callable[[], float]], Dict[str, str]]:
-    """(implementations, attncc first; extra timings {label: () -> ms}; {baseline: why unavailable})."""
-    impls, extras, unavailable = [attncc_impl(p)], {}, {}
+def implementations(p: Prepared, settings: Sequence[Setting] = (), baselines: bool = True
+                    ) -> Tuple[List[Impl], Dict[str, Callable[[], float]], Dict[str, str]]:
+    """(implementations: attncc at its defaults first, then under each of ``settings``, then the
+    baselines (none when ``baselines`` is false); extra timings {label: () -> ms}; {baseline: why
+    unavailable})."""
+    impls, extras, unavailable = [attncc_impl(p)] + [attncc_impl(p, s) for s in settings], {}, {}
     attncc_extras(p, extras)
-    for name in p.case.baselines:
+    for name in p.case.baselines if baselines else ():
         why = applies(name, p.case)
         if why:
             raise ValueError(f"case {p.case.name}: baseline {name}: {why}")

@@ -29,9 +29,9 @@ import attncc
 from attncc.runtime import autograd, call as call_mod, tuning
 from cases import module
 
+from bench.host_overhead import stub_launches, unstub
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench"))
-from host_overhead import stub_launches, unstub  # noqa: E402
 
 launch = importlib.import_module("attncc.runtime.launch")  # the module (attncc.runtime.launch is its function)
 

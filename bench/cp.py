@@ -1,11 +1,11 @@
 """Context-parallel attention (attncc.distributed): timing on GPUs. NOT RUN YET (written without a GPU).
 
-    python bench/cp_bench.py                                   # one GPU: world = 1
-    torchrun --standalone --nproc_per_node 8 bench/cp_bench.py --multi
-    torchrun --standalone --nproc_per_node 8 bench/cp_bench.py --multi --lengths 131072 --check
-    python bench/cp_bench.py --plan 8                          # no GPU: the schedules' traffic and balance
-    python bench/cp_bench.py --smoke                           # CPU, interpreter, tiny: does the script run
-    torchrun --standalone --nproc_per_node 2 bench/cp_bench.py --multi --smoke
+    python -m bench cp                                   # one GPU: world = 1
+    torchrun --standalone --nproc_per_node 8 -m bench cp --multi
+    torchrun --standalone --nproc_per_node 8 -m bench cp --multi --lengths 131072 --check
+    python -m bench cp --plan 8                          # no GPU: the schedules' traffic and balance
+    python -m bench cp --smoke                           # CPU, interpreter, tiny: does the tool run
+    torchrun --standalone --nproc_per_node 2 -m bench cp --multi --smoke
 
 World = 1 (one GPU, no torchrun): for causal, sliding window and document masks,
   * ``plain``: the generated module's ``attention``;
@@ -24,20 +24,20 @@ and forward + backward milliseconds (the slowest rank), TFLOP/s per GPU (the mas
 pairs, 4 B H N^2 D density FLOPs forward, 3.5x that forward + backward, divided by the ranks),
 and the MB this rank sent in one forward + backward (the max over ranks; ``attncc.distributed.stats``).
 ``--check`` compares each rank's output with the single-GPU kernel on the whole sequence (at the
-first length only; needs the whole q, k, v on every GPU).
+first length only; needs the whole q, k, v on every GPU) and exits 1 when a relative error passes
+:data:`CHECK_TOL` (tests/gpu/test_gpu_cp.py runs it on two GPUs).
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402  (before torch: --smoke turns the interpreter on)
-from common import DEV, DTYPE, SMOKE, attention_flops, banner, density, documents, markdown, rel  # noqa: E402
+from bench import common  # (before torch: --smoke turns the interpreter on)
+from bench import timer
+from bench.common import DEV, DTYPE, SMOKE, attention_flops, banner, density, documents, markdown, rel
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -51,6 +51,8 @@ SPECS = {  # name: (params, inputs maker)
 }
 B, H, D = 1, 16, 128
 FWD_BWD = common.FWD_BWD_FLOPS
+CHECK_TOL = 2e-2  # ||o - plain|| / ||plain||, bfloat16 (tests/cases.py REL_TOL)
+FAILED = []  # what --check found wrong
 
 
 def spec_kwargs(spec: str, N: int, smoke: bool, device=None) -> dict:
@@ -64,23 +66,18 @@ def spec_kwargs(spec: str, N: int, smoke: bool, device=None) -> dict:
 
 
 def timed(fn, reps: int, group=None) -> float:
-    """Median milliseconds of ``fn()`` over ``reps`` runs, each the slowest rank's (barrier-bracketed)."""
+    """Median milliseconds of ``fn()`` over ``reps`` runs, each the slowest rank's (barrier-bracketed:
+    bench/timer.py steps_ms)."""
     fn()  # warm-up: compiles, tunes, allocates
-    times = []
-    for _ in range(1 if SMOKE else reps):
-        if dist.is_initialized():
-            dist.barrier(group=group)
-        if DEV == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if DEV == "cuda":
-            torch.cuda.synchronize()
-        ms = torch.tensor([(time.perf_counter() - t) * 1e3])
-        if dist.is_initialized():
-            dist.all_reduce(ms, op=dist.ReduceOp.MAX, group=group)
-        times.append(float(ms))
-    return statistics.median(times)
+    if not dist.is_initialized():
+        return statistics.median(timer.steps_ms([fn] * (1 if SMOKE else reps)))
+
+    def slowest(ms: float) -> float:
+        t = torch.tensor([ms], device=DEV)  # NCCL reduces device tensors only
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+        return float(t)
+    return statistics.median(timer.steps_ms([fn] * (1 if SMOKE else reps), barrier=lambda: dist.barrier(group=group),
+                                            reduce=slowest))
 
 
 def fwd_bwd(attend, q, k, v, do):
@@ -161,6 +158,8 @@ def multi(lengths, reps, check):
                                 err = torch.tensor([rel(attend(q, k, v), want)], device=DEV)
                             dist.all_reduce(err, op=dist.ReduceOp.MAX)
                             row["rel err"] = float(err)
+                            if not (math.isfinite(row["rel err"]) and row["rel err"] < CHECK_TOL):
+                                FAILED.append(f"{spec} N={N} {layout} {mode}: rel err {row['rel err']:.2e}")
                         with torch.no_grad():
                             row["fwd ms"] = timed(lambda: attend(q, k, v), reps)
                         row["fwd+bwd ms"] = timed(fwd_bwd(attend, q, k, v, do), reps)
@@ -239,8 +238,8 @@ def plan(lengths, world, tile=None):
     return markdown(rows, cols)
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench cp", description=__doc__.split("\n\n")[0])
     ap.add_argument("--multi", action="store_true", help="under torchrun: several GPUs (NCCL), gloo with --smoke")
     ap.add_argument("--lengths", type=int, nargs="*", default=None)
     ap.add_argument("--reps", type=int, default=5)
@@ -249,7 +248,7 @@ def main():
     ap.add_argument("--plan", type=int, default=None, metavar="W",
                     help="no kernels: the schedules' traffic and balance for W ranks (host only)")
     ap.add_argument("--out", default=None, help="write the markdown table into this folder")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     global B, H, D
     if SMOKE:
         B, H, D = 1, 2, 16
@@ -275,7 +274,4 @@ def main():
         print(text)
         if args.out:
             common.write_out(args.out, "cp_bench.md", text)
-
-
-if __name__ == "__main__":
-    main()
+    return 1 if FAILED else 0

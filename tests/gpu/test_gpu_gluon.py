@@ -1,0 +1,186 @@
+"""The Gluon sm90 kernels (attncc/gluon, issue 20) on an H100/H200 (formerly the checks of
+bench/gluon_check.py); ``python -m bench gluon`` times them.
+
+Kernels: "pipelined" (one instruction stream), "ws-nopp" (producer warp, two consumer warpgroups,
+no ping-pong) and "ws" (with ping-pong). First one tiny launch of each kernel per pattern under a
+watchdog (a deadlocked persistent kernel spins forever: the watchdog prints which launch and exits
+the process, which frees the GPU); then every case against attention in float32 torch (TF32 off,
+one batch row at a time; O and the natural-log LSE): outputs poisoned with NaN first; O passes when
+its max error is within 3x that of torch's own SDPA in the same dtype (plus a small floor), the LSE
+within 2e-3; rows with no allowed key must give O = 0 and LSE = -inf. Every case runs "ws"; the
+bf16 D = 128 dense and causal cases run all three. Gluon has no interpreter: skipped elsewhere
+(tests/test_gluon_compile.py compiles the kernels without a GPU).
+
+    TRITON_INTERPRET=0 PYTHONPATH=. python -m pytest -q -m gpu tests/gpu/test_gpu_gluon.py
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import threading
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpu_env import MARKS, ON_GPU, skip_unless_enabled
+
+skip_unless_enabled()  # before anything is built or loaded
+if not (ON_GPU and torch.cuda.get_device_capability() == (9, 0)):
+    pytest.skip("the Gluon kernels need an sm90 GPU (wgmma, TMA); Gluon has no interpreter",
+                allow_module_level=True)
+
+from attncc.gluon import launch as gluon  # noqa: E402
+
+pytestmark = MARKS
+DEV = "cuda"
+KERNELS = ("pipelined", "ws-nopp", "ws")
+
+
+def kernel_config(name: str, head_dim: int):
+    if name == "pipelined":
+        return gluon.default_config(head_dim, "pipelined")
+    return dataclasses.replace(gluon.default_config(head_dim, "ws"), pingpong=(name == "ws"))
+
+
+class Watchdog:
+    """Exits the process when a launch does not finish within its deadline (a deadlock in a
+    warp-specialized kernel spins forever; exiting tears the CUDA context down)."""
+
+    def __init__(self):
+        self.what, self.deadline = None, None
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def _watch(self):
+        while True:
+            time.sleep(0.5)
+            if self.deadline is not None and time.monotonic() > self.deadline:
+                print(f"\nHANG: {self.what} did not finish in time; exiting", flush=True)
+                os._exit(3)
+
+    def run(self, what, fn, seconds):
+        self.what, self.deadline = what, time.monotonic() + seconds
+        try:
+            out = fn()
+            torch.cuda.synchronize()
+            return out
+        finally:
+            self.deadline = None
+
+
+@pytest.fixture(scope="module")
+def dog():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    return Watchdog()
+
+
+def reference(q, k, v, causal, scale, q_offset=0, k_offset=0):
+    """float32 attention: O and the natural-log LSE; rows with no allowed key give O = 0 and
+    LSE = -inf. One batch row and a few heads at a time (the scores are materialized)."""
+    B, Hq, Nq, D = q.shape
+    Nk, group = k.shape[2], Hq // k.shape[1]
+    o = torch.empty(B, Hq, Nq, D, device=DEV, dtype=torch.float32)
+    lse = torch.empty(B, Hq, Nq, device=DEV, dtype=torch.float32)
+    i = q_offset + torch.arange(Nq, device=DEV)
+    j = k_offset + torch.arange(Nk, device=DEV)
+    allowed = (j[None, :] <= i[:, None]) if causal else None
+    heads = max(1, min(Hq, (1 << 30) // (Nq * Nk * 4)))
+    for b in range(B):
+        for h0 in range(0, Hq, heads):
+            hs = torch.arange(h0, min(Hq, h0 + heads), device=DEV)
+            s = q[b, hs].float() @ k[b, hs // group].float().transpose(-1, -2) * scale
+            if allowed is not None:
+                s.masked_fill_(~allowed, -math.inf)
+            m = torch.logsumexp(s, dim=-1)
+            p = torch.exp(s - torch.where(torch.isinf(m), 0.0, m)[..., None])
+            o[b, hs] = p @ v[b, hs // group].float()
+            lse[b, hs] = m
+    return o, lse
+
+
+def peer(q, k, v, causal, scale, q_offset, k_offset):
+    """torch's own SDPA in the inputs' dtype, for the error to compare with."""
+    Nq, Nk = q.shape[2], k.shape[2]
+    mask = None
+    if causal and (q_offset, k_offset, Nq) != (0, 0, Nk):
+        mask = (k_offset + torch.arange(Nk, device=DEV))[None, :] <= (q_offset + torch.arange(Nq, device=DEV))[:, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale,
+                                          enable_gqa=q.shape[1] != k.shape[1])
+
+
+def qkv(B, Hq, Hkv, Nq, Nk, D, dtype=torch.bfloat16, seed=0):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    return [torch.randn(*s, device=DEV, dtype=dtype, generator=g)
+            for s in ((B, Hq, Nq, D), (B, Hkv, Nk, D), (B, Hkv, Nk, D))]
+
+
+@pytest.mark.parametrize("pattern", ["dense", "causal"])
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_smoke(dog, kernel, pattern):
+    """One tiny launch first: a hang or a launch error shows here, not in a big case."""
+    q, k, v = qkv(1, 2, 1, 300, 300, 128)
+    o = dog.run(f"{kernel} smoke {pattern}", lambda: gluon.attention(q, k, v, pattern=pattern,
+                                                                      config=kernel_config(kernel, 128)), 240)
+    ref, _ = reference(q, k, v, pattern == "causal", 128 ** -0.5)
+    assert float((o.float() - ref).abs().max()) < 2e-2
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    pattern: str
+    B: int
+    Hq: int
+    Hkv: int
+    Nq: int
+    Nk: int
+    D: int
+    dtype: torch.dtype = torch.bfloat16
+    q_offset: int = 0
+    k_offset: int = 0
+    all_kernels: bool = False
+
+
+CASES = (
+    Case("dense 4K B4 H16 D128 bf16", "dense", 4, 16, 16, 4096, 4096, 128, all_kernels=True),
+    Case("causal 8K B2 H16 D128 bf16", "causal", 2, 16, 16, 8192, 8192, 128, all_kernels=True),
+    Case("GQA 32/8 causal 8K B1 D128 bf16", "causal", 1, 32, 8, 8192, 8192, 128),
+    Case("dense 4K B4 H16 D64 bf16", "dense", 4, 16, 16, 4096, 4096, 64),
+    Case("causal 8K B2 H16 D64 bf16", "causal", 2, 16, 16, 8192, 8192, 64),
+    Case("causal 4K B2 H16 D128 fp16", "causal", 2, 16, 16, 4096, 4096, 128, torch.float16),
+    Case("dense 4K B2 H16 D64 fp16", "dense", 2, 16, 16, 4096, 4096, 64, torch.float16),
+    Case("causal 4K B2 H8 D256 bf16", "causal", 2, 8, 8, 4096, 4096, 256),
+    # a chunk of a longer sequence: queries 3000..3999 against keys 0..3999, GQA 16/4, ragged ends
+    Case("causal chunk q@3000 1000x4000 GQA", "causal", 2, 16, 4, 1000, 4000, 128, q_offset=3000),
+    # keys all after the queries: every row sees no key (O = 0, LSE = -inf)
+    Case("causal chunk k@1000 (all masked)", "causal", 1, 4, 4, 300, 512, 128, k_offset=1000),
+    Case("dense ragged 777x1333", "dense", 2, 8, 8, 777, 1333, 128),
+)
+RUNS = [(case, kernel) for case in CASES for kernel in KERNELS if case.all_kernels or kernel == "ws"]
+
+
+@pytest.mark.parametrize("case, kernel", RUNS, ids=[f"{kernel}-{case.name}" for case, kernel in RUNS])
+def test_against_float32(dog, case, kernel):
+    q, k, v = qkv(case.B, case.Hq, case.Hkv, case.Nq, case.Nk, case.D, case.dtype)
+    scale, causal = case.D ** -0.5, case.pattern == "causal"
+    ref_o, ref_lse = reference(q, k, v, causal, scale, case.q_offset, case.k_offset)
+    seen = torch.isfinite(ref_lse)  # rows with at least one allowed key
+    peer_o = peer(q, k, v, causal, scale, case.q_offset, case.k_offset).float()
+    peer_err = float((peer_o - ref_o).abs()[seen].max()) if seen.any() else 0.0
+    floor = 1e-3 if case.dtype == torch.bfloat16 else 2.5e-4
+    out = torch.full((case.B, case.Hq, case.Nq, case.D), math.nan, device=DEV, dtype=case.dtype)
+    lse = torch.full((case.B, case.Hq, case.Nq), math.nan, device=DEV, dtype=torch.float32)
+    dog.run(f"{kernel} {case.name}", lambda: gluon.attention(
+        q, k, v, pattern=case.pattern, scale=scale, q_offset=case.q_offset, k_offset=case.k_offset, return_lse=True,
+        config=kernel_config(kernel, case.D), out=out, lse_out=lse), 300)
+    o = out.float()
+    assert not (torch.isnan(o).any() or torch.isnan(lse).any()), "NaN left (unwritten or computed)"
+    if seen.any():
+        o_err = float((o - ref_o).abs()[seen].max())
+        assert o_err <= 3 * peer_err + floor, f"O error {o_err:.2e} > 3 x SDPA's {peer_err:.2e} + {floor:.0e}"
+        assert float((lse - ref_lse).abs()[seen].max()) <= 2e-3
+    if (~seen).any():
+        assert torch.all(o[~seen] == 0) and torch.all(lse[~seen] == -math.inf), "rows without keys"
