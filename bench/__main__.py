@@ -1,4 +1,4 @@
-"""``python -m bench CASE... [--fwd | --bwd] [--out DIR] [--smoke]``: bench/run.py."""
+"""``python -m bench CASE... [options]`` or ``python -m bench TOOL ...``: bench/run.py."""
 import sys
 
 from bench.run import main

@@ -80,7 +80,7 @@ def run_case(case: Case, *, fwd: bool = True, bwd: bool = True, rounds: int = ti
                 outs[impl.name] = impl.to_case(_forward(impl)())
                 fns[impl.name] = _forward(impl)
             except Exception as e:  # noqa: BLE001 - the row says why; the others still run
-                note(rows[impl.name], f"forward: {short_error(e)}")
+                _failed(rows[impl.name], f"forward: {short_error(e)}")
                 release()
         for name, ms in timer.interleaved(fns, rounds=rounds).items():
             _store(rows[name], "fwd_ms", ms)
@@ -96,7 +96,7 @@ def run_case(case: Case, *, fwd: bool = True, bwd: bool = True, rounds: int = ti
                 if impl.same_grads:
                     grads[impl.name] = tuple(impl.to_case(g) for g in out[1])
             except Exception as e:  # noqa: BLE001
-                note(rows[impl.name], f"forward + backward: {short_error(e)}")
+                _failed(rows[impl.name], f"forward + backward: {short_error(e)}")
                 release()
                 continue
             fns[impl.name] = _in_env(impl, lambda impl=impl, leaves=leaves: impl.fn(*leaves).backward(impl.grad_out))
@@ -139,9 +139,15 @@ def _forward_backward(impl: Impl, leaves):
 
 def _store(row: dict, key: str, ms) -> None:
     if isinstance(ms, BaseException):
-        note(row, f"{key}: {short_error(ms)}")
+        _failed(row, f"{key}: {short_error(ms)}")
     else:
         row[key] = ms
+
+
+def _failed(row: dict, text: str) -> None:
+    """``text`` in the row's note, and the row marked failed (the exit status counts attncc's)."""
+    note(row, text)
+    row["failed"] = True
 
 
 def _diff(row: dict, key: str, a, b) -> None:
@@ -264,13 +270,13 @@ def main(argv=None) -> int:
             new = run_case(case, fwd=not args.bwd, bwd=not args.fwd, rounds=args.rounds, settings=settings,
                            baselines=not args.no_baselines)
         except Exception as e:  # noqa: BLE001 - one error row, then the next case
-            new = [dict(case=case.name, label=case.label, impl="attncc", note=short_error(e, 300))]
+            new = [dict(case=case.name, label=case.label, impl="attncc", note=short_error(e, 300), failed=True)]
             if os.environ.get("BENCH_TRACEBACK"):
                 import traceback
 
                 traceback.print_exc()
             release()
-        failed |= any(r["impl"] == "attncc" and not (r.get("fwd_ms") or r.get("fb_ms")) for r in new)
+        failed |= any(r["impl"] == "attncc" and r.get("failed") for r in new)  # at its defaults
         for row in new:
             print(json.dumps(row, default=str), flush=True)
         rows += new

@@ -3,7 +3,7 @@ has the structure they were written for: wgmma and TMA in the PTX, HGMMA in the 
 from registers, the warp-specialized kernel's register reallocation and asynchronous wgmma waits,
 shared memory within an sm90 CTA's 227 KB, no spills.
 
-Gluon has no interpreter mode: nothing here runs a kernel (bench/gluon_check.py does, on a GPU).
+Gluon has no interpreter mode: nothing here runs a kernel (tests/gpu/test_gpu_gluon.py does, on a GPU).
 CI compiles `launch.ci_variants()` (one per kernel and head dim, both patterns and dtypes, 7 in
 all, ~30 s on 2 cores); ATTNCC_GLUON_ALL=1 compiles all of `launch.variants()` (60, ~4 minutes).
 """

@@ -9,7 +9,7 @@
 - the backward gets no materialized zero dLSE;
 - importing the runtime pulls in no compiler dependency, and ``attncc build`` no torch.
 
-Timings live in bench/host_overhead.py and docs/performance.md ("Host overhead").
+Timings live in bench/host_overhead.py (``python -m bench host``) and docs/performance.md ("Host overhead").
 """
 from __future__ import annotations
 

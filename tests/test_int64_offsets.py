@@ -13,7 +13,7 @@ stride, a row width, a length the rows are multiplied by), unless the program-id
 position (it goes through q_offset / k_offset / n_q / n_k, or decode's CAPACITY: those calls switch
 to int64 with the WIDE constexpr, see attncc.runtime.call.wide_positions).
 
-``bench/big_check.py`` runs the real thing on a GPU.
+tests/gpu/test_gpu_big.py runs the real thing on a GPU.
 """
 from __future__ import annotations
 

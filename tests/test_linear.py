@@ -129,7 +129,7 @@ def test_chunk_boundaries(N):
 @pytest.mark.parametrize("bwd_chunk", [32, 64])
 def test_backward_chunk_other_than_forward_chunk(monkeypatch, bwd_chunk):
     """The backward recomputes the states at its own chunk size (LinearConfig.bwd_chunk, which
-    bench/linear_bench.py --bwd-chunks sweeps through ATTNCC_LINEAR_CONFIG)."""
+    python -m bench --sweep linear-bwd-chunks sets ATTNCC_LINEAR_CONFIG)."""
     monkeypatch.setenv("ATTNCC_LINEAR_CONFIG", f"bwd_chunk={bwd_chunk},scan_dv=16")
     q, k, v = qkv(Hq=2, Hkv=1, Nq=37 if bwd_chunk == 32 else 70)
     check_against_reference(pattern("linear_elu"), module("linear_elu"), q, k, v, REL_TOL[torch.float32])

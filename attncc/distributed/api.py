@@ -69,7 +69,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, module, grou
     if lay.num_chunks == 1:  # one rank, one chunk: the plain kernel
         return target.module.attention(q, k, v, return_lse=return_lse, scale=scale, **inputs_and_params)
     # one rank with several chunks: the chunk pairs and their merge without communication (what
-    # bench/cp_bench.py times against the plain kernel)
+    # ``python -m bench cp`` times against the plain kernel)
     mode = "ring" if world == 1 else resolve_comm(comm, target=target, heads_q=Hq, heads_kv=k.shape[1], world=world)
     if mode == "ulysses":
         hs = _comm.HeadShards(lay, group, rank, world)

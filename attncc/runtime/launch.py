@@ -338,7 +338,7 @@ def _no_pairs_backward(call: Call, o, lse, do, dlse=None):
 class FastKernel:
     """A ``@triton.jit`` kernel launched through Triton's compiled kernel directly, skipping the
     per-launch argument specialization of ``JITFunction.run`` (about 10 us of Python per launch
-    of these 40-argument kernels, measured on the CPU: bench/host_overhead.py, docs/performance.md).
+    of these 40-argument kernels, measured on the CPU: ``python -m bench host --stub``, docs/performance.md).
 
     On with ``ATTNCC_FAST_LAUNCH=1`` (off by default until measured and checked on a GPU), for
     launches made through :func:`launch`. The first launch of each key goes through

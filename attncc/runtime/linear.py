@@ -35,7 +35,7 @@ class LinearConfig:
     programs: the scan is parallel over (b, kv head, feature block, value block) only);
     ``bwd_chunk`` and ``bwd_warps``: rows per chunk and warps of the backward's dq and dk/dv kernels
     (they recompute the states themselves); 64 rows with 4 warps measured fastest on an H100 at
-    D = 128 (``bench/linear_bench.py --bwd-chunks``, docs/performance.md)."""
+    D = 128 (``python -m bench linear-elu-16k --sweep linear-bwd-chunks``, docs/performance.md)."""
 
     chunk: int = 64
     scan_dv: int = 64
@@ -53,7 +53,7 @@ _TILE_FIELDS = ("chunk", "scan_dv", "out_dv", "bwd_chunk")  # dot dims: powers o
 
 def _env_config() -> dict:
     """``ATTNCC_LINEAR_CONFIG="chunk=32,bwd_chunk=64,num_warps=4"`` forces fields of LinearConfig
-    (benchmarks, e.g. the backward chunk sweep of bench/linear_bench.py). Read at every call."""
+    (benchmarks, e.g. ``python -m bench linear-elu-16k --sweep linear-bwd-chunks``). Read at every call."""
     text = os.environ.get(CONFIG_ENV, "")
     names = [f.name for f in dataclasses.fields(LinearConfig)]
     fields = {}
@@ -83,7 +83,7 @@ def linear_config(call: Call, block_f: int, num_fb: int) -> LinearConfig:
     """Tiles for a call: 16-row chunks under the interpreter (the tests), else 64-row forward chunks
     while the [chunk, feature block] and [chunk, Dv] tiles stay within 128 columns, 32 above, and
     64-row backward chunks with 4 warps (32 rows, 8 warps above 128 columns: not measured there).
-    bench/linear_bench.py sweeps alternatives."""
+    ``python -m bench linear-elu-16k --sweep linear-configs`` times alternatives."""
     from attncc.runtime.launch import padded_dim
 
     dv_pad = padded_dim(call.Dv)
