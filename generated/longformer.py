@@ -39,6 +39,32 @@ import triton.language as tl
 
 import attncc.runtime as _rt
 
+
+# Integer arithmetic of the kernels below: the host checks its divisors and switches WIDE on
+# (int64) when a value could pass int32 (attncc.runtime.intervals).
+def _int_arithmetic(x):
+    """The kernels' integer arithmetic at one call's numbers (x: attncc.runtime.intervals.CallNumbers):
+    a divisor of 0 raises ValueError; returns the largest magnitude a value can reach (past
+    2**31 - 1 the call runs WIDE, in int64)."""
+    return x.reach(
+        x.abs(x.add(x.i, x.neg(x.j))),  # Abs(i - j)
+        x.max(x.min(x.floordiv(x.position, x.block), x.floordiv(x.max(0, x.add(1, x.param("w"), x.position)), x.block)), x.min(x.floordiv(x.add(-1, x.position, x.block), x.block), x.floordiv(x.add(-1, x.block, x.max(0, x.add(x.position, x.neg(x.param("w"))))), x.block), x.max(x.floordiv(x.max(0, x.add(x.param("w"), x.position, x.block)), x.block), x.floordiv(x.max(0, x.add(x.position, x.neg(x.param("w")))), x.block)))),  # Max(Min(N_K // BLOCK_N, Max(0, q_lo + w + 1) // BLOCK_N), Min((BLOCK_N + N_K - 1) // BLOCK_N, (BLOCK_N + Max(0, q_hi - w) - 1) // BLOCK_N, Max(Max(0, q_lo - w) // BLOCK_N, Max(0, BLOCK_N + q_hi + w) // BLOCK_N)))
+        x.max(x.min(x.floordiv(x.position, x.block), x.floordiv(x.max(0, x.add(1, x.param("w"), x.position, x.neg(x.position))), x.block)), x.min(x.floordiv(x.add(-1, x.position, x.block), x.block), x.floordiv(x.add(-1, x.block, x.max(0, x.add(x.position, x.neg(x.param("w")), x.neg(x.position)))), x.block), x.max(x.floordiv(x.max(0, x.add(x.param("w"), x.position, x.block, x.neg(x.position))), x.block), x.floordiv(x.max(0, x.add(x.position, x.neg(x.param("w")), x.neg(x.position))), x.block)))),  # Max(Min(N_K // BLOCK_N, Max(0, -k_offset + q_lo + w + 1) // BLOCK_N), Min((BLOCK_N + N_K - 1) // BLOCK_N, (BLOCK_N + Max(0, -k_offset + q_hi - w) - 1) // BLOCK_N, Max(Max(0, -k_offset + q_lo - w) // BLOCK_N, Max(0, BLOCK_N - k_offset + q_hi + w) // BLOCK_N)))
+        x.min(x.floordiv(x.add(-1, x.position, x.block), x.block), x.floordiv(x.max(0, x.add(-1, x.param("g"), x.block)), x.block)),  # Min((BLOCK_N + N_K - 1) // BLOCK_N, Max(0, BLOCK_N + g - 1) // BLOCK_N)
+        x.min(x.floordiv(x.add(-1, x.position, x.block), x.block), x.floordiv(x.max(0, x.add(-1, x.param("g"), x.block, x.neg(x.position))), x.block)),  # Min((BLOCK_N + N_K - 1) // BLOCK_N, Max(0, BLOCK_N + g - k_offset - 1) // BLOCK_N)
+        x.min(x.floordiv(x.add(-1, x.position, x.block), x.block), x.floordiv(x.max(0, x.add(x.param("w"), x.position, x.block)), x.block)),  # Min((BLOCK_N + N_K - 1) // BLOCK_N, Max(0, BLOCK_N + q_hi + w) // BLOCK_N)
+        x.min(x.floordiv(x.add(-1, x.position, x.block), x.block), x.floordiv(x.max(0, x.add(x.param("w"), x.position, x.block, x.neg(x.position))), x.block)),  # Min((BLOCK_N + N_K - 1) // BLOCK_N, Max(0, BLOCK_N - k_offset + q_hi + w) // BLOCK_N)
+        x.min(x.floordiv(x.add(-1, x.position, x.block), x.block), x.floordiv(x.max(0, x.add(x.position, x.neg(x.param("w")))), x.block)),  # Min((BLOCK_N + N_K - 1) // BLOCK_N, Max(0, q_lo - w) // BLOCK_N)
+        x.min(x.floordiv(x.add(-1, x.position, x.block), x.block), x.floordiv(x.max(0, x.add(x.position, x.neg(x.param("w")), x.neg(x.position))), x.block)),  # Min((BLOCK_N + N_K - 1) // BLOCK_N, Max(0, -k_offset + q_lo - w) // BLOCK_N)
+        x.min(x.floordiv(x.add(-1, x.position, x.block), x.block), x.max(x.floordiv(x.max(0, x.add(x.param("w"), x.position, x.block)), x.block), x.floordiv(x.max(0, x.add(x.position, x.neg(x.param("w")))), x.block))),  # Min((BLOCK_N + N_K - 1) // BLOCK_N, Max(Max(0, q_lo - w) // BLOCK_N, Max(0, BLOCK_N + q_hi + w) // BLOCK_N))
+        x.min(x.floordiv(x.add(-1, x.position, x.block), x.block), x.max(x.floordiv(x.max(0, x.add(x.param("w"), x.position, x.block, x.neg(x.position))), x.block), x.floordiv(x.max(0, x.add(x.position, x.neg(x.param("w")), x.neg(x.position))), x.block))),  # Min((BLOCK_N + N_K - 1) // BLOCK_N, Max(Max(0, -k_offset + q_lo - w) // BLOCK_N, Max(0, BLOCK_N - k_offset + q_hi + w) // BLOCK_N))
+        x.min(x.floordiv(x.add(-1, x.position, x.block), x.block), x.mul(x.position, x.max(0, x.add(1, x.neg(x.position), x.min(x.position, x.add(-1, x.param("g"))))))),  # Min(N_K*Max(0, -q_lo + Min(q_hi, g - 1) + 1), (BLOCK_N + N_K - 1) // BLOCK_N)
+        x.min(x.floordiv(x.position, x.block), x.floordiv(x.max(0, x.add(x.param("g"), x.neg(x.position))), x.block)),  # Min(N_K // BLOCK_N, Max(0, g - k_offset) // BLOCK_N)
+        x.min(x.floordiv(x.position, x.block), x.floordiv(x.max(0, x.param("g")), x.block)),  # Min(N_K // BLOCK_N, Max(0, g) // BLOCK_N)
+        x.min(x.floordiv(x.position, x.block), x.mul(x.position, x.max(0, x.add(x.param("g"), x.neg(x.position))))),  # Min(N_K*Max(0, g - q_hi), N_K // BLOCK_N)
+    )
+
+
 SPEC = _rt.SpecInfo(
     name="longformer",
     source="specs/longformer.toml",
@@ -55,6 +81,7 @@ SPEC = _rt.SpecInfo(
     dropout=0.0,
     rope=False,
     tile_hint="default",
+    int_arithmetic=_int_arithmetic,
 )
 
 
@@ -105,10 +132,13 @@ def _fwd_kernel(Q, K, V, O, LSE,
     h = bh % H
     hk = h // GROUP
     if WIDE:  # positions may pass 2**31 - 1 (the host decides from the call's numbers): int64 from here
-        q_offset = q_offset.to(tl.int64)
-        k_offset = k_offset.to(tl.int64)
-        n_q = n_q.to(tl.int64)
-        n_k = n_k.to(tl.int64)
+        q_offset = tl.cast(q_offset, tl.int64)
+        k_offset = tl.cast(k_offset, tl.int64)
+        n_q = tl.cast(n_q, tl.int64)
+        n_k = tl.cast(n_k, tl.int64)
+        prm_g = tl.cast(prm_g, tl.int64)  # an int param, as the positions
+        prm_w = tl.cast(prm_w, tl.int64)  # an int param, as the positions
+        H = tl.cast(H, tl.int64)
     if VARLEN:
         # Packed sequences ([1, H, total, D]): b is the sequence, its rows start at CU_Q[b] / CU_K[b];
         # positions restart at 0 (q_offset = k_offset = 0) and n_q, n_k are its own lengths.
@@ -242,9 +272,12 @@ def _bwd_preprocess(O, DO, LSE, DELTA, LSE2,
     b = bh // H
     h = bh % H
     if WIDE:
-        q_offset = q_offset.to(tl.int64)
-        n_q = n_q.to(tl.int64)
-        n_k = n_k.to(tl.int64)
+        q_offset = tl.cast(q_offset, tl.int64)
+        n_q = tl.cast(n_q, tl.int64)
+        n_k = tl.cast(n_k, tl.int64)
+        prm_g = tl.cast(prm_g, tl.int64)  # an int param, as the positions
+        prm_w = tl.cast(prm_w, tl.int64)  # an int param, as the positions
+        H = tl.cast(H, tl.int64)
     if VARLEN:  # b is the sequence of a packed batch (see _fwd_kernel)
         q_start = tl.load(CU_Q + b).to(tl.int64)
         Nq = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
@@ -326,10 +359,13 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
     b = bhk // H_KV
     hk = bhk % H_KV
     if WIDE:  # positions past 2**31 - 1: see _fwd_kernel
-        q_offset = q_offset.to(tl.int64)
-        k_offset = k_offset.to(tl.int64)
-        n_q = n_q.to(tl.int64)
-        n_k = n_k.to(tl.int64)
+        q_offset = tl.cast(q_offset, tl.int64)
+        k_offset = tl.cast(k_offset, tl.int64)
+        n_q = tl.cast(n_q, tl.int64)
+        n_k = tl.cast(n_k, tl.int64)
+        prm_g = tl.cast(prm_g, tl.int64)  # an int param, as the positions
+        prm_w = tl.cast(prm_w, tl.int64)  # an int param, as the positions
+        H = tl.cast(H, tl.int64)
     if VARLEN:  # b is the sequence of a packed batch (see _fwd_kernel)
         q_start = tl.load(CU_Q + b).to(tl.int64)
         k_start = tl.load(CU_K + b).to(tl.int64)
@@ -456,10 +492,13 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
     h = bh % H
     hk = h // GROUP
     if WIDE:  # positions past 2**31 - 1: see _fwd_kernel
-        q_offset = q_offset.to(tl.int64)
-        k_offset = k_offset.to(tl.int64)
-        n_q = n_q.to(tl.int64)
-        n_k = n_k.to(tl.int64)
+        q_offset = tl.cast(q_offset, tl.int64)
+        k_offset = tl.cast(k_offset, tl.int64)
+        n_q = tl.cast(n_q, tl.int64)
+        n_k = tl.cast(n_k, tl.int64)
+        prm_g = tl.cast(prm_g, tl.int64)  # an int param, as the positions
+        prm_w = tl.cast(prm_w, tl.int64)  # an int param, as the positions
+        H = tl.cast(H, tl.int64)
     if VARLEN:  # b is the sequence of a packed batch (see _fwd_kernel)
         q_start = tl.load(CU_Q + b).to(tl.int64)
         k_start = tl.load(CU_K + b).to(tl.int64)
@@ -709,6 +748,9 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
     Nk = tl.minimum(tl.maximum(tl.load(KV_LEN + b * stride_kvl), 0), CAPACITY)
     if WIDE:
         Nk = Nk.to(tl.int64)
+        prm_g = tl.cast(prm_g, tl.int64)  # an int param, as the positions
+        prm_w = tl.cast(prm_w, tl.int64)  # an int param, as the positions
+        H = tl.cast(H, tl.int64)
     else:
         Nk = Nk.to(tl.int32)
     n_q = Nk

@@ -27,6 +27,23 @@ import triton.language as tl
 
 import attncc.runtime as _rt
 
+
+# Integer arithmetic of the kernels below: the host checks its divisors and switches WIDE on
+# (int64) when a value could pass int32 (attncc.runtime.intervals).
+def _int_arithmetic(x):
+    """The kernels' integer arithmetic at one call's numbers (x: attncc.runtime.intervals.CallNumbers):
+    a divisor of 0 raises ValueError; returns the largest magnitude a value can reach (past
+    2**31 - 1 the call runs WIDE, in int64)."""
+    return x.reach(
+        x.max(x.floordiv(x.position, x.block), x.min(x.floordiv(x.add(-1, x.position, x.block), x.block), x.floordiv(x.add(-1, x.block, x.max(0, x.add(x.position, x.neg(x.position)))), x.block))),  # Max(N_K // BLOCK_N, Min((BLOCK_N + N_K - 1) // BLOCK_N, (BLOCK_N + Max(0, -k_offset + q_hi) - 1) // BLOCK_N))
+        x.min(x.floordiv(x.add(-1, x.position, x.block), x.block), x.floordiv(x.max(0, x.add(x.position, x.block, x.neg(x.position))), x.block)),  # Min((BLOCK_N + N_K - 1) // BLOCK_N, Max(0, BLOCK_N - k_offset + q_hi) // BLOCK_N)
+        x.min(x.floordiv(x.add(-1, x.position, x.block), x.block), x.floordiv(x.max(0, x.add(x.position, x.neg(x.position))), x.block)),  # Min((BLOCK_N + N_K - 1) // BLOCK_N, Max(0, -k_offset + q_lo) // BLOCK_N)
+        x.min(x.floordiv(x.add(x.position, x.block), x.block), x.floordiv(x.add(-1, x.position, x.block), x.block)),  # Min((BLOCK_N + q_hi) // BLOCK_N, (BLOCK_N + N_K - 1) // BLOCK_N)
+        x.min(x.floordiv(x.position, x.block), x.floordiv(x.add(1, x.position), x.block)),  # Min(N_K // BLOCK_N, (q_lo + 1) // BLOCK_N)
+        x.min(x.floordiv(x.position, x.block), x.floordiv(x.max(0, x.add(1, x.position, x.neg(x.position))), x.block)),  # Min(N_K // BLOCK_N, Max(0, -k_offset + q_lo + 1) // BLOCK_N)
+    )
+
+
 SPEC = _rt.SpecInfo(
     name="rope_causal",
     source="specs/rope_causal.toml",
@@ -43,6 +60,7 @@ SPEC = _rt.SpecInfo(
     dropout=0.0,
     rope=True,
     tile_hint="default",
+    int_arithmetic=_int_arithmetic,
 )
 
 
@@ -121,10 +139,11 @@ def _fwd_kernel(Q, K, V, O, LSE,
     h = bh % H
     hk = h // GROUP
     if WIDE:  # positions may pass 2**31 - 1 (the host decides from the call's numbers): int64 from here
-        q_offset = q_offset.to(tl.int64)
-        k_offset = k_offset.to(tl.int64)
-        n_q = n_q.to(tl.int64)
-        n_k = n_k.to(tl.int64)
+        q_offset = tl.cast(q_offset, tl.int64)
+        k_offset = tl.cast(k_offset, tl.int64)
+        n_q = tl.cast(n_q, tl.int64)
+        n_k = tl.cast(n_k, tl.int64)
+        H = tl.cast(H, tl.int64)
     if VARLEN:
         # Packed sequences ([1, H, total, D]): b is the sequence, its rows start at CU_Q[b] / CU_K[b];
         # positions restart at 0 (q_offset = k_offset = 0) and n_q, n_k are its own lengths.
@@ -204,7 +223,7 @@ def _rope_rows_kernel(X, OUT, stride_xb, stride_xh, stride_xn, stride_ob, stride
     b = bh // H
     h = bh % H
     if WIDE:
-        offset = offset.to(tl.int64)
+        offset = tl.cast(offset, tl.int64)
     if VARLEN:
         start = tl.load(CU + b).to(tl.int64)
         N = (tl.load(CU + b + 1) - start).to(tl.int32)
@@ -303,9 +322,10 @@ def _bwd_preprocess(O, DO, LSE, DELTA, LSE2,
     b = bh // H
     h = bh % H
     if WIDE:
-        q_offset = q_offset.to(tl.int64)
-        n_q = n_q.to(tl.int64)
-        n_k = n_k.to(tl.int64)
+        q_offset = tl.cast(q_offset, tl.int64)
+        n_q = tl.cast(n_q, tl.int64)
+        n_k = tl.cast(n_k, tl.int64)
+        H = tl.cast(H, tl.int64)
     if VARLEN:  # b is the sequence of a packed batch (see _fwd_kernel)
         q_start = tl.load(CU_Q + b).to(tl.int64)
         Nq = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
@@ -386,10 +406,11 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
     b = bhk // H_KV
     hk = bhk % H_KV
     if WIDE:  # positions past 2**31 - 1: see _fwd_kernel
-        q_offset = q_offset.to(tl.int64)
-        k_offset = k_offset.to(tl.int64)
-        n_q = n_q.to(tl.int64)
-        n_k = n_k.to(tl.int64)
+        q_offset = tl.cast(q_offset, tl.int64)
+        k_offset = tl.cast(k_offset, tl.int64)
+        n_q = tl.cast(n_q, tl.int64)
+        n_k = tl.cast(n_k, tl.int64)
+        H = tl.cast(H, tl.int64)
     if VARLEN:  # b is the sequence of a packed batch (see _fwd_kernel)
         q_start = tl.load(CU_Q + b).to(tl.int64)
         k_start = tl.load(CU_K + b).to(tl.int64)
@@ -510,10 +531,11 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
     h = bh % H
     hk = h // GROUP
     if WIDE:  # positions past 2**31 - 1: see _fwd_kernel
-        q_offset = q_offset.to(tl.int64)
-        k_offset = k_offset.to(tl.int64)
-        n_q = n_q.to(tl.int64)
-        n_k = n_k.to(tl.int64)
+        q_offset = tl.cast(q_offset, tl.int64)
+        k_offset = tl.cast(k_offset, tl.int64)
+        n_q = tl.cast(n_q, tl.int64)
+        n_k = tl.cast(n_k, tl.int64)
+        H = tl.cast(H, tl.int64)
     if VARLEN:  # b is the sequence of a packed batch (see _fwd_kernel)
         q_start = tl.load(CU_Q + b).to(tl.int64)
         k_start = tl.load(CU_K + b).to(tl.int64)
@@ -752,6 +774,7 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
     Nk = tl.minimum(tl.maximum(tl.load(KV_LEN + b * stride_kvl), 0), CAPACITY)
     if WIDE:
         Nk = Nk.to(tl.int64)
+        H = tl.cast(H, tl.int64)
     else:
         Nk = Nk.to(tl.int32)
     n_q = Nk

@@ -33,6 +33,33 @@ import triton.language as tl
 
 import attncc.runtime as _rt
 
+
+# Integer arithmetic of the kernels below: the host checks its divisors and switches WIDE on
+# (int64) when a value could pass int32 (attncc.runtime.intervals).
+def _int_arithmetic(x):
+    """The kernels' integer arithmetic at one call's numbers (x: attncc.runtime.intervals.CallNumbers):
+    a divisor of 0 raises ValueError; returns the largest magnitude a value can reach (past
+    2**31 - 1 the call runs WIDE, in int64)."""
+    x.nonzero(x.param("stride"), "stride", "j % stride")
+    return x.reach(
+        x.add(-1, x.param("stride")),  # stride - 1
+        x.add(x.i, x.neg(x.j)),  # i - j
+        x.floormod(x.j, x.param("stride")),  # j % stride
+        x.max(x.min(x.floordiv(x.position, x.block), x.floordiv(x.add(1, x.position), x.block)), x.min(x.floordiv(x.add(-1, x.position, x.block), x.block), x.floordiv(x.add(-1, x.block, x.max(0, x.add(1, x.position, x.neg(x.param("stride"))))), x.block), x.max(x.floordiv(x.add(x.position, x.block), x.block), x.floordiv(x.max(0, x.add(1, x.position, x.neg(x.param("stride")))), x.block)))),  # Max(Min(N_K // BLOCK_N, (q_lo + 1) // BLOCK_N), Min((BLOCK_N + N_K - 1) // BLOCK_N, (BLOCK_N + Max(0, q_hi - stride + 1) - 1) // BLOCK_N, Max((BLOCK_N + q_hi) // BLOCK_N, Max(0, q_lo - stride + 1) // BLOCK_N)))
+        x.max(x.min(x.floordiv(x.position, x.block), x.floordiv(x.max(0, x.add(1, x.position, x.neg(x.position))), x.block)), x.min(x.floordiv(x.add(-1, x.position, x.block), x.block), x.floordiv(x.add(-1, x.block, x.max(0, x.add(1, x.position, x.neg(x.param("stride")), x.neg(x.position)))), x.block), x.max(x.floordiv(x.max(0, x.add(x.position, x.block, x.neg(x.position))), x.block), x.floordiv(x.max(0, x.add(1, x.position, x.neg(x.param("stride")), x.neg(x.position))), x.block)))),  # Max(Min(N_K // BLOCK_N, Max(0, -k_offset + q_lo + 1) // BLOCK_N), Min((BLOCK_N + N_K - 1) // BLOCK_N, (BLOCK_N + Max(0, -k_offset + q_hi - stride + 1) - 1) // BLOCK_N, Max(Max(0, BLOCK_N - k_offset + q_hi) // BLOCK_N, Max(0, -k_offset + q_lo - stride + 1) // BLOCK_N)))
+        x.max(x.min(x.floordiv(x.position, x.block), x.floordiv(x.max(0, x.add(x.param("stride"), x.position, x.neg(x.position))), x.block)), x.min(x.floordiv(x.add(-1, x.position, x.block), x.block), x.floordiv(x.add(-1, x.block, x.max(0, x.add(x.position, x.neg(x.position)))), x.block), x.max(x.floordiv(x.max(0, x.add(x.position, x.neg(x.position))), x.block), x.floordiv(x.max(0, x.add(-1, x.param("stride"), x.position, x.block, x.neg(x.position))), x.block)))),  # Max(Min(N_K // BLOCK_N, Max(0, -k_offset + q_lo + stride) // BLOCK_N), Min((BLOCK_N + N_K - 1) // BLOCK_N, (BLOCK_N + Max(0, -k_offset + q_hi) - 1) // BLOCK_N, Max(Max(0, -k_offset + q_lo) // BLOCK_N, Max(0, BLOCK_N - k_offset + q_hi + stride - 1) // BLOCK_N)))
+        x.min(x.floordiv(x.add(-1, x.position, x.block), x.block), x.floordiv(x.max(0, x.add(-1, x.param("stride"), x.position, x.block, x.neg(x.position))), x.block)),  # Min((BLOCK_N + N_K - 1) // BLOCK_N, Max(0, BLOCK_N - k_offset + q_hi + stride - 1) // BLOCK_N)
+        x.min(x.floordiv(x.add(-1, x.position, x.block), x.block), x.floordiv(x.max(0, x.add(1, x.position, x.neg(x.param("stride")))), x.block)),  # Min((BLOCK_N + N_K - 1) // BLOCK_N, Max(0, q_lo - stride + 1) // BLOCK_N)
+        x.min(x.floordiv(x.add(-1, x.position, x.block), x.block), x.floordiv(x.max(0, x.add(1, x.position, x.neg(x.param("stride")), x.neg(x.position))), x.block)),  # Min((BLOCK_N + N_K - 1) // BLOCK_N, Max(0, -k_offset + q_lo - stride + 1) // BLOCK_N)
+        x.min(x.floordiv(x.add(-1, x.position, x.block), x.block), x.floordiv(x.max(0, x.add(x.position, x.block, x.neg(x.position))), x.block)),  # Min((BLOCK_N + N_K - 1) // BLOCK_N, Max(0, BLOCK_N - k_offset + q_hi) // BLOCK_N)
+        x.min(x.floordiv(x.add(-1, x.position, x.block), x.block), x.floordiv(x.max(0, x.add(x.position, x.neg(x.position))), x.block)),  # Min((BLOCK_N + N_K - 1) // BLOCK_N, Max(0, -k_offset + q_lo) // BLOCK_N)
+        x.min(x.floordiv(x.add(-1, x.position, x.block), x.block), x.max(x.floordiv(x.add(x.position, x.block), x.block), x.floordiv(x.max(0, x.add(1, x.position, x.neg(x.param("stride")))), x.block))),  # Min((BLOCK_N + N_K - 1) // BLOCK_N, Max((BLOCK_N + q_hi) // BLOCK_N, Max(0, q_lo - stride + 1) // BLOCK_N))
+        x.min(x.floordiv(x.add(-1, x.position, x.block), x.block), x.max(x.floordiv(x.max(0, x.add(x.position, x.block, x.neg(x.position))), x.block), x.floordiv(x.max(0, x.add(1, x.position, x.neg(x.param("stride")), x.neg(x.position))), x.block))),  # Min((BLOCK_N + N_K - 1) // BLOCK_N, Max(Max(0, BLOCK_N - k_offset + q_hi) // BLOCK_N, Max(0, -k_offset + q_lo - stride + 1) // BLOCK_N))
+        x.min(x.floordiv(x.add(-1, x.position, x.block), x.block), x.max(x.floordiv(x.max(0, x.add(x.position, x.neg(x.position))), x.block), x.floordiv(x.max(0, x.add(-1, x.param("stride"), x.position, x.block, x.neg(x.position))), x.block))),  # Min((BLOCK_N + N_K - 1) // BLOCK_N, Max(Max(0, -k_offset + q_lo) // BLOCK_N, Max(0, BLOCK_N - k_offset + q_hi + stride - 1) // BLOCK_N))
+        x.min(x.floordiv(x.add(x.position, x.block), x.block), x.floordiv(x.add(-1, x.position, x.block), x.block)),  # Min((BLOCK_N + q_hi) // BLOCK_N, (BLOCK_N + N_K - 1) // BLOCK_N)
+    )
+
+
 SPEC = _rt.SpecInfo(
     name="strided",
     source="specs/strided.toml",
@@ -49,6 +76,7 @@ SPEC = _rt.SpecInfo(
     dropout=0.0,
     rope=False,
     tile_hint="default",
+    int_arithmetic=_int_arithmetic,
 )
 
 
@@ -106,10 +134,12 @@ def _fwd_kernel(Q, K, V, O, LSE,
     h = bh % H
     hk = h // GROUP
     if WIDE:  # positions may pass 2**31 - 1 (the host decides from the call's numbers): int64 from here
-        q_offset = q_offset.to(tl.int64)
-        k_offset = k_offset.to(tl.int64)
-        n_q = n_q.to(tl.int64)
-        n_k = n_k.to(tl.int64)
+        q_offset = tl.cast(q_offset, tl.int64)
+        k_offset = tl.cast(k_offset, tl.int64)
+        n_q = tl.cast(n_q, tl.int64)
+        n_k = tl.cast(n_k, tl.int64)
+        prm_stride = tl.cast(prm_stride, tl.int64)  # an int param, as the positions
+        H = tl.cast(H, tl.int64)
     if VARLEN:
         # Packed sequences ([1, H, total, D]): b is the sequence, its rows start at CU_Q[b] / CU_K[b];
         # positions restart at 0 (q_offset = k_offset = 0) and n_q, n_k are its own lengths.
@@ -239,9 +269,11 @@ def _bwd_preprocess(O, DO, LSE, DELTA, LSE2,
     b = bh // H
     h = bh % H
     if WIDE:
-        q_offset = q_offset.to(tl.int64)
-        n_q = n_q.to(tl.int64)
-        n_k = n_k.to(tl.int64)
+        q_offset = tl.cast(q_offset, tl.int64)
+        n_q = tl.cast(n_q, tl.int64)
+        n_k = tl.cast(n_k, tl.int64)
+        prm_stride = tl.cast(prm_stride, tl.int64)  # an int param, as the positions
+        H = tl.cast(H, tl.int64)
     if VARLEN:  # b is the sequence of a packed batch (see _fwd_kernel)
         q_start = tl.load(CU_Q + b).to(tl.int64)
         Nq = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
@@ -323,10 +355,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
     b = bhk // H_KV
     hk = bhk % H_KV
     if WIDE:  # positions past 2**31 - 1: see _fwd_kernel
-        q_offset = q_offset.to(tl.int64)
-        k_offset = k_offset.to(tl.int64)
-        n_q = n_q.to(tl.int64)
-        n_k = n_k.to(tl.int64)
+        q_offset = tl.cast(q_offset, tl.int64)
+        k_offset = tl.cast(k_offset, tl.int64)
+        n_q = tl.cast(n_q, tl.int64)
+        n_k = tl.cast(n_k, tl.int64)
+        prm_stride = tl.cast(prm_stride, tl.int64)  # an int param, as the positions
+        H = tl.cast(H, tl.int64)
     if VARLEN:  # b is the sequence of a packed batch (see _fwd_kernel)
         q_start = tl.load(CU_Q + b).to(tl.int64)
         k_start = tl.load(CU_K + b).to(tl.int64)
@@ -450,10 +484,12 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
     h = bh % H
     hk = h // GROUP
     if WIDE:  # positions past 2**31 - 1: see _fwd_kernel
-        q_offset = q_offset.to(tl.int64)
-        k_offset = k_offset.to(tl.int64)
-        n_q = n_q.to(tl.int64)
-        n_k = n_k.to(tl.int64)
+        q_offset = tl.cast(q_offset, tl.int64)
+        k_offset = tl.cast(k_offset, tl.int64)
+        n_q = tl.cast(n_q, tl.int64)
+        n_k = tl.cast(n_k, tl.int64)
+        prm_stride = tl.cast(prm_stride, tl.int64)  # an int param, as the positions
+        H = tl.cast(H, tl.int64)
     if VARLEN:  # b is the sequence of a packed batch (see _fwd_kernel)
         q_start = tl.load(CU_Q + b).to(tl.int64)
         k_start = tl.load(CU_K + b).to(tl.int64)
@@ -697,6 +733,8 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
     Nk = tl.minimum(tl.maximum(tl.load(KV_LEN + b * stride_kvl), 0), CAPACITY)
     if WIDE:
         Nk = Nk.to(tl.int64)
+        prm_stride = tl.cast(prm_stride, tl.int64)  # an int param, as the positions
+        H = tl.cast(H, tl.int64)
     else:
         Nk = Nk.to(tl.int32)
     n_q = Nk

@@ -25,7 +25,7 @@ from attncc.codegen.helpers import render_helper, rope_helpers
 from attncc.codegen.hoist import Hoister
 from attncc.codegen.names import param_arg, param_value, param_var
 from attncc.codegen.printer import TritonPrinter
-from attncc.codegen.softmax import _Inputs, mask_hoister, render_score, score_terms
+from attncc.codegen.softmax import _Inputs, mask_hoister, render_score, score_terms, step_definitions
 from attncc.spec import symbols as S
 from attncc.spec.builtins import RandomBlocks
 from attncc.spec.ir import Pattern
@@ -130,7 +130,8 @@ def _iteration(pattern: Pattern, plan, tile: TritonPrinter):
                 if text is None:
                     return "all", [], f"all below kv_len, the mask evaluated on each (a bound uses {sym})"
                 bound_names[sym] = text
-            printer = TritonPrinter(bound_names)
+            defs = {sym: d.subs(A.k_offset, 0) for sym, d in step_definitions(kr).items()}
+            printer = TritonPrinter(bound_names, definitions=defs)
             steps.append((step_names[name], printer(e)))
             tile.helpers |= printer.helpers
         ranges.append(steps)

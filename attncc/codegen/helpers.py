@@ -15,6 +15,14 @@ def _floormod(a, b):
     r = a % b
     return tl.where((r != 0) & ((r < 0) != (b < 0)), r + b, r)'''
 
+IPOW = '''@triton.jit
+def _ipow(x, K: tl.constexpr):
+    """x ** K of an integer x (K > 0 a constant): K exact products, as the reference's integer power."""
+    out = x
+    for _ in tl.static_range(K - 1):
+        out = out * x
+    return out'''
+
 # float64 versions for mask code (attncc.codegen.printer, float64 mode)
 SQRT64 = '''# tl.sqrt of a float64 is not correctly rounded on NVIDIA GPUs; PTX's sqrt.rn.f64 is (the
 # interpreter's numpy sqrt is too)
@@ -140,7 +148,7 @@ def _rope(x, x_partner, pos, cols, ROTARY_DIM: tl.constexpr):
     return tl.where(cols[None, :] < ROTARY_DIM, rotated, xf).to(x.dtype)'''
 
 
-FIXED = {"_floordiv": FLOORDIV, "_floormod": FLOORMOD, "_tanh": TANH, "_alibi_slope": ALIBI_SLOPE,
+FIXED = {"_floordiv": FLOORDIV, "_floormod": FLOORMOD, "_ipow": IPOW, "_tanh": TANH, "_alibi_slope": ALIBI_SLOPE,
          "_sin": _sincos("sin"), "_cos": _sincos("cos"), "_sqrt64": SQRT64, "_floormod64": FLOORMOD64,
          "_tanh64": TANH64, "_alibi_slope64": ALIBI_SLOPE64}
 

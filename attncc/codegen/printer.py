@@ -24,14 +24,34 @@ Two modes for the floats:
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Set
+from typing import Callable, Dict, List, Optional, Set
 
 import sympy
 from sympy.core.function import AppliedUndef
 
-from attncc.codegen.integer import integer_fraction, integer_ops
+from attncc.codegen.hoist import resolve
+from attncc.codegen.integer import integer_fraction, integer_ops, integer_sums
 from attncc.spec.builtins import RandomBlocks
+
+# The integer expressions the printers write while :func:`printed_integers` is active.
+_PRINTED: contextvars.ContextVar[Optional[List[sympy.Basic]]] = contextvars.ContextVar("attncc_printed_integers",
+                                                                                        default=None)
+
+
+@contextlib.contextmanager
+def printed_integers():
+    """Collect every integer expression any printer writes while the block runs, each with its
+    hoisted names replaced by what they stand for: the integer arithmetic of a module's kernels,
+    which the host keeps within int32 or switches to int64 (:mod:`attncc.codegen.bounds`)."""
+    log: List[sympy.Basic] = []
+    token = _PRINTED.set(log)
+    try:
+        yield log
+    finally:
+        _PRINTED.reset(token)
 
 
 @dataclass
@@ -41,9 +61,13 @@ class TritonPrinter:
     random_blocks: Optional[Callable[[RandomBlocks], str]] = None
     helpers: Set[str] = field(default_factory=set)  # helper functions the printed code calls
     float64: bool = False  # mask code: float arithmetic in float64, as the reference (module docstring)
+    # what symbols of ``names`` stand for (bound steps), for the record of printed integer arithmetic
+    definitions: Dict[sympy.Symbol, sympy.Basic] = field(default_factory=dict)
+    records = True  # integer arithmetic of kernels (the host printer's Python ints never overflow)
 
     def __call__(self, e) -> str:
-        return self.p(integer_ops(sympy.sympify(e)))
+        e = integer_ops(sympy.sympify(e))
+        return self.p(e if self.float64 else integer_sums(e))
 
     # ------------------------------------------------------------------
     def p(self, e) -> str:
@@ -74,6 +98,9 @@ class TritonPrinter:
         method = getattr(self, "_" + type(e).__name__, None)
         if method is None:
             raise NotImplementedError(f"attncc cannot render {type(e).__name__}: {e}")
+        log = _PRINTED.get()
+        if log is not None and self.records and e.is_integer:
+            log.append(resolve(e, self.definitions))
         return method(e)
 
     # -- float64 (mask) mode ------------------------------------------------
@@ -148,7 +175,10 @@ class TritonPrinter:
         num, den = sympy.fraction(e)
         if den != 1 and not den.is_number:
             return f"({self._atom(num)} / {self._atom(den)})"
-        factors = [self._atom(a) for a in e.args]
+        args = e.args
+        if not e.is_integer:  # a float first: each integer factor then multiplies a float (no int product to overflow)
+            args = sorted(args, key=lambda a: a.is_integer is True)
+        factors = [self._atom(a) for a in args]
         return "(" + " * ".join(factors) + ")"
 
     def _atom(self, e) -> str:
@@ -169,6 +199,9 @@ class TritonPrinter:
         if exp.is_Integer and 1 <= abs(int(exp)) <= 4:
             prod = " * ".join([self._atom(base)] * abs(int(exp)))
             return f"({prod})" if exp > 0 else f"(1.0 / ({prod}))"
+        if exp.is_Integer and exp > 0 and base.is_integer:  # exact, as the reference's integer power
+            self.helpers.add("_ipow")
+            return f"_ipow({self.p(base)}, {int(exp)})"
         return f"tl.exp2({self.p(exp)} * tl.log2({self._float(base)}))"
 
     def _float(self, e) -> str:
@@ -210,6 +243,10 @@ class TritonPrinter:
             return f"_tanh64({self._float(e.args[0])})"
         self.helpers.add("_tanh")
         return f"_tanh({self._float(e.args[0])}, FAST_MATH)"
+
+    def _ToFloat(self, e):
+        """An integer sum converted once (integer.integer_sums); tl.cast: a kernel scalar may be a Python int."""
+        return f"tl.cast({self.p(e.args[0])}, {'tl.float64' if self.float64 else 'tl.float32'})"
 
     def _Sigmoid(self, e):
         return f"tl.sigmoid({self._float(e.args[0])})"
@@ -361,6 +398,11 @@ def _ordered(args):
 
 class PythonPrinter(TritonPrinter):
     """Host-side (plain Python ints/floats) printing: for values computed at launch."""
+
+    records = False
+
+    def _ToFloat(self, e):
+        return f"float({self.p(e.args[0])})"
 
     def _Max(self, e):
         return self._fold("max", e.args)

@@ -11,6 +11,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from attncc.runtime.intervals import INT32_MAX, POSITION_PAD, CallNumbers
 from attncc.runtime.spec_info import SpecInfo
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
@@ -79,29 +80,52 @@ class Call:
     def total_k(self) -> int:
         return self.k.shape[2]
 
+    # The largest magnitude the kernels' integer arithmetic reaches in this call (spec.int_arithmetic;
+    # None for a module without it): WIDE past int32.
+    int_reach: Optional[int] = None
+
+    @property
+    def positions(self) -> int:
+        """The largest position of the call (and n_q, n_k): what its positions' arithmetic reaches."""
+        return max(self.q_offset + self.Nq, self.k_offset + self.Nk, self.n_q, self.n_k)
+
     @property
     def wide(self) -> bool:
         """The kernels' WIDE switch: int64 position arithmetic (see :func:`wide_positions`)."""
-        reach = max(self.q_offset + self.Nq, self.k_offset + self.Nk, self.n_q, self.n_k)
-        return wide_positions(reach, self.params, self.inputs.values())
+        if self.int_reach is None:  # a Call made elsewhere than bind() (the custom ops)
+            self.int_reach = int_arithmetic(self.spec, f"{self.spec.name}.attention", positions=self.positions,
+                                            batch=self.B, heads=self.Hq, n_q=self.n_q, n_k=self.n_k,
+                                            params=self.params)
+        return wide_positions(self.positions, self.params, self.inputs.values(), arithmetic=self.int_reach)
 
 
 # Index arithmetic of a kernel stays int32 up to this value: positions and tile bounds run up to
 # a few blocks (<= 256 rows each) past the last position.
-INT32_REACH = 2**31 - 1 - 4096
+INT32_REACH = 2**31 - 1 - POSITION_PAD
 
 
-def wide_positions(reach: int, params: Optional[dict] = None, inputs=()) -> bool:
-    """Whether a call needs the kernels' WIDE switch: positions (and the expressions of them)
-    computed in int64. True when positions up to ``reach``, plus the largest int param (which
-    expressions add to them), can pass int32, or when an input holds more than 2**31 elements
-    along its strides (its gathers then multiply positions by strides past 2**31). Ordinary
-    calls keep int32 arithmetic, the faster one."""
-    largest = max((abs(v) for v in (params or {}).values() if isinstance(v, int) and not isinstance(v, bool)),
-                  default=0)
-    if reach + largest > INT32_REACH:
+def wide_positions(reach: int, params: Optional[dict] = None, inputs=(), arithmetic: Optional[int] = None) -> bool:
+    """Whether a call needs the kernels' WIDE switch: positions, int params, the head count and
+    the expressions of them computed in int64. True when positions up to ``reach`` can pass
+    int32, when the kernels' integer arithmetic can (``arithmetic``: its largest magnitude, from
+    the module's ``_int_arithmetic``; without it, positions plus the largest int param stand in),
+    or when an input holds more than 2**31 elements along its strides (its gathers then multiply
+    positions by strides past 2**31). Ordinary calls keep int32 arithmetic, the faster one."""
+    if arithmetic is None:
+        arithmetic = reach + max((abs(v) for v in (params or {}).values()
+                                  if isinstance(v, int) and not isinstance(v, bool)), default=0)
+    if reach > INT32_REACH or arithmetic > INT32_MAX:
         return True
     return any(sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) >= 2**31 for t in inputs if t.numel())
+
+
+def int_arithmetic(spec: SpecInfo, who: str, **numbers) -> Optional[int]:
+    """The largest magnitude of the spec's integer arithmetic at a call's ``numbers`` (see
+    :class:`attncc.runtime.intervals.CallNumbers`), after its divisors are checked (ValueError
+    for 0); None for a module that does not describe its arithmetic."""
+    if spec.int_arithmetic is None:
+        return None
+    return spec.int_arithmetic(CallNumbers(who, **numbers))
 
 
 def _dtype_name(t: torch.dtype) -> str:
@@ -178,8 +202,10 @@ def bind(spec: SpecInfo, q, k, v, *, return_lse=False, q_offset=0, k_offset=0, n
     n_max = max(q_offset + Nq, k_offset + Nk)
     params, inputs = bind_params_and_inputs(spec, f"{name}.attention", kwargs, B=B, Hq=Hq,
                                             positions=n_max, device=q.device)
+    reach = int_arithmetic(spec, f"{name}.attention", positions=max(n_max, n_q, n_k), batch=B, heads=Hq,
+                           n_q=n_q, n_k=n_k, params=params)
     return Call(spec, q, k, v, B, Hq, Hkv, Nq, Nk, D, Dv, q_offset, k_offset, n_q, n_k, float(scale),
-                return_lse, params, inputs, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+                return_lse, params, inputs, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, int_reach=reach)
 
 
 # The kernels take the scale, and the scale times log2(e), as float32 numbers.

@@ -1,8 +1,8 @@
 """What a generated module tells the runtime about its pattern (plain data, no sympy)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Tuple, Union
 
 
 @dataclass(frozen=True)
@@ -39,3 +39,6 @@ class SpecInfo:
     dropout: float = 0.0
     rope: bool = False
     tile_hint: str = "default"  # "narrow": windows, documents: smaller tiles pay
+    # The module's _int_arithmetic(x): bounds of its kernels' integer arithmetic at a call's numbers,
+    # and its checks of divisors (attncc.runtime.intervals); None: positions and params only.
+    int_arithmetic: Optional[Callable] = field(default=None, compare=False, repr=False)
