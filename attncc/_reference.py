@@ -22,6 +22,7 @@ from sympy.core.function import AppliedUndef
 
 from attncc.runtime import semantics
 from attncc.runtime.feature_maps import LINEAR_DENOMINATOR_EPS, performer_projection
+from attncc.spec import symbols as S
 from attncc.spec.builtins import AlibiSlope, Bucket, RandomBlocks, Sigmoid
 from attncc.spec.ir import Pattern
 
@@ -52,6 +53,16 @@ def _common(*xs):
     if any(x.dtype != _BOOL for x in xs):
         return [x.to(_INT) for x in xs]
     return list(xs)
+
+
+def _zero_divisor(divisor, e) -> None:
+    """An integer ``//`` or ``%`` by 0 (docs/spec-language.md, "Division"): a divisor of params and
+    sizes only is a ValueError, as the generated modules raise before a launch; one that varies per
+    pair (which ``attncc build`` refuses unless it cannot be 0) raises ZeroDivisionError, as Python."""
+    per_pair = divisor.free_symbols & {S.b, S.h, S.i, S.j}
+    if per_pair or divisor.atoms(AppliedUndef):
+        raise ZeroDivisionError(f"integer division by zero in {e}")
+    raise ValueError(f"division by zero: the divisor of {e} is 0 with these params and sizes")
 
 
 def _is_int(x: torch.Tensor) -> bool:
@@ -169,14 +180,14 @@ class _Evaluator:
             up = isinstance(e, sympy.ceiling)
             if _is_int(n) and _is_int(d):
                 if bool((d == 0).any()):
-                    raise ZeroDivisionError(f"integer division by zero in {e}")
+                    _zero_divisor(den, e)
                 return -torch.div(-n, d, rounding_mode="floor") if up else torch.div(n, d, rounding_mode="floor")
             q = n.to(_FLOAT) / d.to(_FLOAT)
             return torch.ceil(q) if up else torch.floor(q)
         if isinstance(e, sympy.Mod):
             a, m = _common(self(e.args[0]), self(e.args[1]))
             if _is_int(m) and bool((m == 0).any()):
-                raise ZeroDivisionError(f"modulo by zero in {e}")
+                _zero_divisor(e.args[1], e)
             return torch.remainder(a, m)
         if isinstance(e, sympy.Abs):
             return torch.abs(self(e.args[0]))
