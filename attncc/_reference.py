@@ -529,10 +529,13 @@ def reference(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         s = torch.where(s == -math.inf, s, pattern.softcap * torch.tanh(s / pattern.softcap))
 
     s = torch.where(allowed, s, torch.full_like(s, -math.inf))
-    lse = torch.logsumexp(s, dim=-1)  # -inf exactly where no key is allowed (or every score is -inf)
-    # Rows without a key (lse = -inf) give o = 0; a NaN or +inf LSE (a NaN or +inf score) stays,
-    # and makes its row NaN: a non-finite value is never turned into zeros.
-    empty = lse == -math.inf
+    # Rows without a key (every score -inf: masked, or removed by the transform) give o = 0 and
+    # lse = -inf, and zero gradients: their logsumexp is taken of zeros (its backward at all -inf
+    # would be 0 * NaN). A NaN or +inf LSE (a NaN or +inf score) stays, and makes its row NaN: a
+    # non-finite value is never turned into zeros.
+    empty = (s == -math.inf).all(-1)
+    lse = torch.logsumexp(torch.where(empty[..., None], torch.zeros_like(s), s), dim=-1)
+    lse = torch.where(empty, torch.full_like(lse, -math.inf), lse)
     p = torch.exp(s - torch.where(empty, torch.zeros_like(lse), lse)[..., None])
     p = torch.where(allowed, p, torch.zeros_like(p))
     if keep_mask is not None:
