@@ -84,7 +84,7 @@ KNOWN_BUG_TAGS = {
     "half_query_table": "a bf16/fp16 table in a query-only score term breaks the backward",
     "float_mask": "float arithmetic in masks disagrees with the reference",
 }
-# Bugs this fuzzer found beyond issue 15 (each has an xfail test in tests/test_fuzz_regressions.py).
+# Bugs this fuzzer found beyond issue 15 (each has a test in tests/test_fuzz_regressions.py; all fixed).
 FOUND_BUG_TAGS = {
     "table_dtype": "float input values enter the score arithmetic in their own dtype: fp16 products lose "
                    "digits and overflow past 65504 (NaN), bf16 ones crash the interpreter (get_bf16), float64 "

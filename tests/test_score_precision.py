@@ -3,7 +3,9 @@ leftovers). Forward and backward (and decode) against attncc.reference:
 
 - integer sums before float arithmetic (codegen.integer.integer_sums): ALiBi's ``slope * (j - i)``
   and ``0.1 * (i - j)`` in a transform are computed from the distance, not from two rounded
-  products of absolute positions, and are no longer split into a key term and a row term;
+  products of absolute positions, and are no longer split into a key term and a row term; a
+  term linear in j (``0.1 * j``) is computed from the distance as well, ``0.1 * i`` going to
+  the LSE (codegen.integer.recentered);
 - a float64 table is float32 in score code (float64 scores reached ``p.to(bfloat16)``);
 - a transform that is ``-inf`` everywhere, or on whole rows, removes their pairs (it used to be
   split off as a row constant and dropped from the key loop).
@@ -20,6 +22,8 @@ from test_big_positions import _check, _qkv
 SPECS = {
     "alibi_far": '[mask]\nwhere = "causal"\n[score]\nbias = "alibi"\n',
     "mod_linear": '[score]\nmod = "s + 0.1 * (i - j)"\n',
+    "bias_j": '[mask]\nwhere = "j <= i"\n[score]\nbias = "0.1 * j + 0.02 * h * j"\n',
+    "mod_j": '[score]\nmod = "s + 0.37 * j"\n',
     "mod_tanh": '[mask]\nwhere = "j <= i"\n[score]\nmod = "s * 0.5 + tanh(0.01 * (i - j)) + 0.3 * (i - j) / (h + 1)"\n',
     "table_distance": '[inputs]\nx = { dims = ["h"], dtype = "float16" }\n[score]\nbias = "x[h] * (j - i)"\n',
     "f64_table": '[inputs]\nx = { dims = ["h"], dtype = "float64" }\n[score]\nmod = "s * x[h]"\n',
@@ -39,6 +43,20 @@ def test_position_terms_far_into_a_sequence(built, name):
     q, k, v = _qkv(40, 40, seed=len(name), Hq=4, Hkv=4)
     _check(p, mod, q, k, v, q_offset=2**20 + 8, k_offset=2**20)
     _check(p, mod, q, k, v, q_offset=2**30 + 8, k_offset=2**30)
+
+
+@pytest.mark.parametrize("name", ["bias_j", "mod_j"])
+def test_terms_linear_in_the_key_position_far_into_a_sequence(built, name):
+    """o is exact far away; the LSE (float32) holds the row term 0.1 * i, ~1e5 there. The backward
+    recovers P from that LSE less the row term, which costs ~1e5 * 2**-24 in P: checked nearer."""
+    p, mod = built[name]
+    q, k, v = _qkv(40, 40, seed=len(name), Hq=4, Hkv=4)
+    kw = dict(q_offset=2**20 + 8, k_offset=2**20)
+    o, lse = mod.attention(q, k, v, return_lse=True, **kw)
+    ref, ref_lse = attncc.reference(p, q.double(), k.double(), v.double(), return_lse=True, **kw)
+    assert rel_err(o, ref) < 1e-4, rel_err(o, ref)
+    assert torch.allclose(lse.double(), ref_lse, rtol=1e-6, atol=1e-4)
+    _check(p, mod, q, k, v, q_offset=1000, k_offset=1000)
 
 
 def test_a_float16_table_times_a_distance_far_into_a_sequence(built):

@@ -18,7 +18,7 @@ import sympy
 from sympy.core.function import AppliedUndef
 from sympy.functions.elementary.piecewise import ExprCondPair
 
-from attncc.codegen.integer import integer_ops, integer_sums
+from attncc.codegen.integer import integer_ops, integer_sums, recentered
 from attncc.spec import symbols as S
 from attncc.spec.builtins import RandomBlocks
 
@@ -113,9 +113,16 @@ def split_along_j(bias: sympy.Expr) -> Tuple[sympy.Expr, sympy.Expr]:
     Terms constant along j shift every score of a row equally: the softmax cancels them,
     and only the log-sum-exp needs them back. Integer sums are added up first
     (:func:`integer_sums`): ``slope * (j - i)`` stays one term of the key loop, computed from
-    the distance rather than from two products of absolute positions.
+    the distance rather than from two products of absolute positions; a term linear in ``j``
+    is computed from the distance too (:func:`recentered`: ``0.1 * j`` is ``0.1 * (j - i)`` in
+    the loop and ``0.1 * i`` in the row terms).
     """
-    terms = sympy.Add.make_args(integer_sums(sympy.expand(integer_ops(bias))))
-    along = sympy.Add(*[t for t in terms if depends_on(t, S.j)])
-    const = sympy.Add(*[t for t in terms if not depends_on(t, S.j)])
-    return along, const
+    along, const = [], []
+    for t in sympy.Add.make_args(integer_sums(sympy.expand(integer_ops(bias)))):
+        if not depends_on(t, S.j):
+            const.append(t)
+            continue
+        moved = recentered(t)  # c * j: c * (j - i) here, c * i to the row terms
+        along.append(t if moved is None else moved[0])
+        const += [] if moved is None else [moved[1]]
+    return sympy.Add(*along), sympy.Add(*const)

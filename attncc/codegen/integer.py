@@ -20,6 +20,8 @@ from __future__ import annotations
 import sympy
 from sympy.printing.precedence import PRECEDENCE
 
+from attncc.spec import symbols as S
+
 
 class FloorDiv(sympy.Function):
     """``a // b`` of two integer expressions (Python's floor division, any signs)."""
@@ -200,3 +202,31 @@ def integer_sums(e):
     if isinstance(e, sympy.Add) and not e.is_integer:
         return _group_sum(e)
     return e
+
+
+def recentered(term):
+    """``(loop term, row term)`` when ``term``, a term of a score's sum that the key loop computes,
+    is linear in the key position: ``c * (a*j + r)`` (``a``, ``c`` free of ``i`` and ``j``, ``r`` free
+    of ``j``) is ``c * a*(j - i)`` in the loop plus ``c * (a*i + r)``, a constant along the row
+    that the softmax cancels (the LSE gets it back). ``0.1 * j`` at position 2**20 is 1e5 in
+    float32, a rounding of ~4e-3 that differs per key; ``0.1 * (j - i)`` is exact to float32's
+    relative precision. None when there is nothing to gain (``c * (j - i)`` already, or not linear)."""
+    coeff, rest = term.as_coeff_Mul()
+    factors = sympy.Mul.make_args(rest)
+    casts = [f for f in factors if isinstance(f, ToFloat)]
+    ints = [f for f in factors if f.is_integer]
+    if len(casts) > 1 or not (casts or ints):
+        return None
+    n = sympy.Mul(*ints, *[f.args[0] for f in casts])  # the integer part
+    c = coeff * sympy.Mul(*[f for f in factors if f not in casts and f not in ints])
+    if S.j in c.free_symbols:
+        return None
+    n = sympy.expand(n)
+    a = n.coeff(S.j)
+    r = sympy.expand(n - a * S.j)
+    if a == 0 or ({S.i, S.j} & a.free_symbols) or S.j in r.free_symbols or not a.is_integer:
+        return None
+    row = sympy.expand(r + a * S.i)
+    if row == 0:
+        return None  # a * (j - i) already
+    return c * a * ToFloat(S.j - S.i), c * (ToFloat(row) if not row.is_Atom else row)

@@ -166,7 +166,8 @@ class CallNumbers:
         d = _as_interval(divisor)
         if d.lo <= 0 <= d.hi:
             values = ", ".join(f"{n} = {self._value(n)}" for n in names.split(", ") if n)
-            raise ValueError(f"{self.who}: division by zero: the divisor of {expr} is 0"
+            raise ValueError(f"{self.who}: division by zero: the divisor of {expr} "
+                             + ("is 0" if d.lo == d.hi else "may be 0")
                              + (f" with {values}" if values else "") + " (a kernel cannot raise; pass a non-zero value)")
 
     def _value(self, name: str):
