@@ -33,6 +33,8 @@ SPECS = {
     # an int32 input's values near 2**31: d + 1000 passes int32 (the reference adds in int64)
     "input_values": ('[inputs]\nd = { dims = ["b", "n"], dtype = "int32" }\n'
                      '[mask]\nwhere = "d[b, j] + 1000 > d[b, i] or j == 0"\n'),
+    # an integer power: repeated integer products (as the reference), int64 past 74 ** 5
+    "power": '[mask]\nwhere = "(j - i) ** 5 > -100000 and j <= i"\n',
     # a divisor of params only, and one of positions that cannot be 0
     "param_divisor": '[params]\nw = 5\n[mask]\nwhere = "i // w == j // w or j % (abs(i - j) + 1) == 0"\n',
     # an input divisor guarded by max(., 1): d may hold 0 and negative values
@@ -87,6 +89,12 @@ def test_int32_input_values_near_their_limit(built):
     q, k, v = _qkv(30, 30, seed=5)
     d = (2**31 - 1 - torch.randint(0, 1500, (1, 30), generator=torch.Generator().manual_seed(5))).to(torch.int32)
     _check(p, mod, q, k, v, d=d)
+
+
+def test_integer_power(built):
+    p, mod = built["power"]
+    q, k, v = _qkv(100, 100, seed=11)
+    _check(p, mod, q, k, v, q_offset=7, k_offset=7)
 
 
 def test_decode_with_a_square_param_past_int32(built):
