@@ -25,10 +25,12 @@ from attncc.runtime.tiles import BlockStat
 
 # Integer arithmetic of the kernels below: the host checks its divisors and switches WIDE on
 # (int64) when a value could pass int32 (attncc.runtime.intervals).
-def _int_arithmetic(x):
-    """The kernels' integer arithmetic at one call's numbers (x: attncc.runtime.intervals.CallNumbers):
-    a divisor of 0 raises ValueError; returns the largest magnitude a value can reach (past
-    2**31 - 1 the call runs WIDE, in int64)."""
+_int_divisors = None  # no // or % by params or sizes
+
+
+def _int_reach(x):
+    """The largest magnitude a value of the kernels' integer arithmetic can reach at a call's numbers
+    (x: attncc.runtime.intervals.CallNumbers); past 2**31 - 1 the call runs WIDE, in int64."""
     return x.reach(
         x.abs(x.add(x.neg(x.floordiv(x.j, 64)), x.floordiv(x.i, 64))),  # Abs(i // 64 - (j // 64))
     )
@@ -50,7 +52,8 @@ SPEC = _rt.SpecInfo(
     dropout=0.0,
     rope=False,
     tile_hint="default",
-    int_arithmetic=_int_arithmetic,
+    int_reach=_int_reach,
+    int_divisors=_int_divisors,
 )
 
 

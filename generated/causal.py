@@ -29,10 +29,12 @@ import attncc.runtime as _rt
 
 # Integer arithmetic of the kernels below: the host checks its divisors and switches WIDE on
 # (int64) when a value could pass int32 (attncc.runtime.intervals).
-def _int_arithmetic(x):
-    """The kernels' integer arithmetic at one call's numbers (x: attncc.runtime.intervals.CallNumbers):
-    a divisor of 0 raises ValueError; returns the largest magnitude a value can reach (past
-    2**31 - 1 the call runs WIDE, in int64)."""
+_int_divisors = None  # no // or % by params or sizes
+
+
+def _int_reach(x):
+    """The largest magnitude a value of the kernels' integer arithmetic can reach at a call's numbers
+    (x: attncc.runtime.intervals.CallNumbers); past 2**31 - 1 the call runs WIDE, in int64."""
     return x.reach(
         x.max(x.floordiv(x.position, x.block), x.min(x.floordiv(x.add(-1, x.position, x.block), x.block), x.floordiv(x.add(-1, x.block, x.max(0, x.add(x.position, x.neg(x.position)))), x.block))),  # Max(N_K // BLOCK_N, Min((BLOCK_N + N_K - 1) // BLOCK_N, (BLOCK_N + Max(0, -k_offset + q_hi) - 1) // BLOCK_N))
         x.min(x.floordiv(x.add(-1, x.position, x.block), x.block), x.floordiv(x.max(0, x.add(x.position, x.block, x.neg(x.position))), x.block)),  # Min((BLOCK_N + N_K - 1) // BLOCK_N, Max(0, BLOCK_N - k_offset + q_hi) // BLOCK_N)
@@ -59,7 +61,8 @@ SPEC = _rt.SpecInfo(
     dropout=0.0,
     rope=False,
     tile_hint="default",
-    int_arithmetic=_int_arithmetic,
+    int_reach=_int_reach,
+    int_divisors=_int_divisors,
 )
 
 

@@ -32,11 +32,14 @@ import attncc.runtime as _rt
 
 # Integer arithmetic of the kernels below: the host checks its divisors and switches WIDE on
 # (int64) when a value could pass int32 (attncc.runtime.intervals).
-def _int_arithmetic(x):
-    """The kernels' integer arithmetic at one call's numbers (x: attncc.runtime.intervals.CallNumbers):
-    a divisor of 0 raises ValueError; returns the largest magnitude a value can reach (past
-    2**31 - 1 the call runs WIDE, in int64)."""
+def _int_divisors(x):
+    """Divisors of // and % made of params and sizes only: 0 raises ValueError (a kernel cannot)."""
     x.nonzero(x.param("dilation"), "dilation", "(i - j) % dilation")
+
+
+def _int_reach(x):
+    """The largest magnitude a value of the kernels' integer arithmetic can reach at a call's numbers
+    (x: attncc.runtime.intervals.CallNumbers); past 2**31 - 1 the call runs WIDE, in int64."""
     return x.reach(
         x.floormod(x.add(x.i, x.neg(x.j)), x.param("dilation")),  # (i - j) % dilation
         x.min(x.floordiv(x.add(-1, x.position, x.block), x.block), x.floordiv(x.max(0, x.add(-1, x.param("window"), x.position, x.block, x.neg(x.position))), x.block)),  # Min((BLOCK_N + N_K - 1) // BLOCK_N, Max(0, BLOCK_N - k_offset + q_hi + window - 1) // BLOCK_N)
@@ -67,7 +70,8 @@ SPEC = _rt.SpecInfo(
     dropout=0.0,
     rope=False,
     tile_hint="narrow",
-    int_arithmetic=_int_arithmetic,
+    int_reach=_int_reach,
+    int_divisors=_int_divisors,
 )
 
 

@@ -31,10 +31,12 @@ import attncc.runtime as _rt
 
 # Integer arithmetic of the kernels below: the host checks its divisors and switches WIDE on
 # (int64) when a value could pass int32 (attncc.runtime.intervals).
-def _int_arithmetic(x):
-    """The kernels' integer arithmetic at one call's numbers (x: attncc.runtime.intervals.CallNumbers):
-    a divisor of 0 raises ValueError; returns the largest magnitude a value can reach (past
-    2**31 - 1 the call runs WIDE, in int64)."""
+_int_divisors = None  # no // or % by params or sizes
+
+
+def _int_reach(x):
+    """The largest magnitude a value of the kernels' integer arithmetic can reach at a call's numbers
+    (x: attncc.runtime.intervals.CallNumbers); past 2**31 - 1 the call runs WIDE, in int64."""
     return x.reach(
         x.add(x.i, x.neg(x.j)),  # i - j
         x.max(x.min(x.floordiv(x.position, x.block), x.floordiv(x.add(1, x.position), x.block)), x.min(x.floordiv(x.add(-1, x.position, x.block), x.block), x.floordiv(x.add(-1, x.block, x.max(0, x.add(1, x.position, x.neg(x.param("window"))))), x.block), x.max(x.floordiv(x.add(x.position, x.block), x.block), x.floordiv(x.max(0, x.add(1, x.position, x.neg(x.param("window")))), x.block)))),  # Max(Min(N_K // BLOCK_N, (q_lo + 1) // BLOCK_N), Min((BLOCK_N + N_K - 1) // BLOCK_N, (BLOCK_N + Max(0, q_hi - window + 1) - 1) // BLOCK_N, Max((BLOCK_N + q_hi) // BLOCK_N, Max(0, q_lo - window + 1) // BLOCK_N)))
@@ -68,7 +70,8 @@ SPEC = _rt.SpecInfo(
     dropout=0.0,
     rope=False,
     tile_hint="narrow",
-    int_arithmetic=_int_arithmetic,
+    int_reach=_int_reach,
+    int_divisors=_int_divisors,
 )
 
 

@@ -1,4 +1,4 @@
-"""The overflow guard's bounds are sound: random integer expressions, their ``_int_arithmetic``
+"""The overflow guard's bounds are sound: random integer expressions, their ``_int_reach``
 source (attncc.codegen.bounds) evaluated at random call numbers, against the exact value of
 every sub-expression at random pairs of that call. And the float sums of score code
 (attncc.codegen.integer.integer_sums) keep their value."""

@@ -2,7 +2,7 @@
 
 Kernels compute the integer expressions of a spec in int32 unless a call is WIDE; the host
 decides per call from exact interval bounds of every printed integer expression
-(``_int_arithmetic`` in each generated module, attncc.runtime.intervals). Each spec here
+(``_int_reach`` in each generated module, attncc.runtime.intervals). Each spec here
 overflows int32 at small lengths (large offsets or params), where positions alone would not
 switch WIDE on: forward and backward against attncc.reference, and decode.
 
@@ -53,7 +53,7 @@ def _reach(mod, **numbers):
 
     base = dict(positions=100, batch=1, heads=2, n_q=100, n_k=100, params={})
     base.update(numbers)
-    return mod._int_arithmetic(CallNumbers("t", **base))
+    return mod._int_reach(CallNumbers("t", **base))
 
 
 def test_int_product_past_int32(built):

@@ -60,7 +60,7 @@ def render(pattern: Pattern) -> str:
         return env.get_template("linear.py.j2").render(**common, **linear_context(pattern))
     from attncc.analysis import analyze
     from attncc.codegen.backward import backward_context
-    from attncc.codegen.bounds import arithmetic_function, check_divisors
+    from attncc.codegen.bounds import arithmetic_functions, check_divisors
     from attncc.codegen.decode import decode_context
     from attncc.codegen.printer import printed_integers
     from attncc.codegen.softmax import softmax_context
@@ -75,7 +75,7 @@ def render(pattern: Pattern) -> str:
         backward = backward_context(pattern, plan, ctx)
         decode = decode_context(pattern, plan, ctx)
     return env.get_template("softmax.py.j2").render(**common, **ctx, backward=backward, decode=decode,
-                                                    int_arithmetic=arithmetic_function(pattern, printed),
+                                                    int_arithmetic=arithmetic_functions(pattern, printed),
                                                     wide_params=[param_var(p.name) for p in pattern.params
                                                                  if p.kind == "int"])
 

@@ -1,10 +1,12 @@
-"""The host function that keeps a module's integer arithmetic exact: ``_int_arithmetic(x)``.
+"""The host functions that keep a module's integer arithmetic exact: ``_int_reach(x)`` and
+``_int_divisors(x)``.
 
 While a module is rendered, every integer expression a printer writes into a kernel is
-recorded (:func:`attncc.codegen.printer.printed_integers`). Here they become one host function
-of the call's numbers (:class:`attncc.runtime.intervals.CallNumbers`), which ``attncc.runtime``
-calls once per call: it raises for a divisor of params and sizes that is 0 and returns the
-largest magnitude the arithmetic can reach, and the call runs WIDE (int64) past int32.
+recorded (:func:`attncc.codegen.printer.printed_integers`). Here they become a host function
+of the call's numbers (:class:`attncc.runtime.intervals.CallNumbers`): ``_int_reach`` returns
+the largest magnitude the arithmetic can reach, and a call runs WIDE (int64) past int32
+(``attncc.runtime`` caches it per call signature); ``_int_divisors`` raises for a divisor of
+params and sizes that is 0 (every call).
 
 Left out: expressions holding an input's values (the gathers make them int64 in every call,
 the reference's type) and those a kernel computes in float (``floor(0.5 * i) + j``).
@@ -162,20 +164,26 @@ def _host_checks(pattern: Pattern, printer: _BoundPrinter) -> List[str]:
     return lines
 
 
-def arithmetic_function(pattern: Pattern, printed: Iterable[sympy.Basic]) -> List[str]:
-    """The source lines of ``_int_arithmetic(x)`` for the expressions ``printed`` into the kernels."""
+def arithmetic_functions(pattern: Pattern, printed: Iterable[sympy.Basic]) -> List[str]:
+    """The source lines of ``_int_divisors(x)`` (None when no divisor needs a check) and
+    ``_int_reach(x)`` for the expressions ``printed`` into the kernels."""
     printer = _BoundPrinter(pattern)
     terms = sorted((code, str(e)) for e, code in _kept(printed, printer))
     checks = _host_checks(pattern, printer)
-    lines = ["def _int_arithmetic(x):",
-             '    """The kernels\' integer arithmetic at one call\'s numbers (x: attncc.runtime.intervals.CallNumbers):',
-             "    a divisor of 0 raises ValueError; returns the largest magnitude a value can reach (past",
-             '    2**31 - 1 the call runs WIDE, in int64)."""']
-    lines += [f"    {c}" for c in checks]
+    lines = []
+    if checks:
+        lines += ["def _int_divisors(x):",
+                  '    """Divisors of // and % made of params and sizes only: 0 raises ValueError (a kernel cannot)."""']
+        lines += [f"    {c}" for c in checks]
+    else:
+        lines += ["_int_divisors = None  # no // or % by params or sizes"]
+    lines += ["", "",
+              "def _int_reach(x):",
+              '    """The largest magnitude a value of the kernels\' integer arithmetic can reach at a call\'s numbers',
+              '    (x: attncc.runtime.intervals.CallNumbers); past 2**31 - 1 the call runs WIDE, in int64."""']
     if not terms:
         return lines + ["    return 0"]
     lines.append("    return x.reach(")
     lines += [f"        {code},  # {escaped(text)}" for code, text in terms]
     lines.append("    )")
     return lines
-

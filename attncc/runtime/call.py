@@ -11,7 +11,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from attncc.runtime.intervals import INT32_MAX, POSITION_PAD, CallNumbers
+from attncc.runtime.intervals import INT32_MAX, POSITION_PAD, CallNumbers, cached_reach
 from attncc.runtime.spec_info import SpecInfo
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
@@ -80,8 +80,8 @@ class Call:
     def total_k(self) -> int:
         return self.k.shape[2]
 
-    # The largest magnitude the kernels' integer arithmetic reaches in this call (spec.int_arithmetic;
-    # None for a module without it): WIDE past int32.
+    # The largest magnitude the kernels' integer arithmetic reaches in this call (int_arithmetic; None
+    # for a module that does not describe it): WIDE past int32.
     int_reach: Optional[int] = None
 
     @property
@@ -108,7 +108,7 @@ def wide_positions(reach: int, params: Optional[dict] = None, inputs=(), arithme
     """Whether a call needs the kernels' WIDE switch: positions, int params, the head count and
     the expressions of them computed in int64. True when positions up to ``reach`` can pass
     int32, when the kernels' integer arithmetic can (``arithmetic``: its largest magnitude, from
-    the module's ``_int_arithmetic``; without it, positions plus the largest int param stand in),
+    the module's ``_int_reach``; without it, positions plus the largest int param stand in),
     or when an input holds more than 2**31 elements along its strides (its gathers then multiply
     positions by strides past 2**31). Ordinary calls keep int32 arithmetic, the faster one."""
     if arithmetic is None:
@@ -119,13 +119,17 @@ def wide_positions(reach: int, params: Optional[dict] = None, inputs=(), arithme
     return any(sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) >= 2**31 for t in inputs if t.numel())
 
 
-def int_arithmetic(spec: SpecInfo, who: str, **numbers) -> Optional[int]:
-    """The largest magnitude of the spec's integer arithmetic at a call's ``numbers`` (see
-    :class:`attncc.runtime.intervals.CallNumbers`), after its divisors are checked (ValueError
-    for 0); None for a module that does not describe its arithmetic."""
-    if spec.int_arithmetic is None:
+def int_arithmetic(spec: SpecInfo, who: str, *, positions: int, batch: int, heads: int, n_q, n_k,
+                   params: dict) -> Optional[int]:
+    """Check the spec's divisors of params and sizes at a call's numbers (ValueError for 0), and
+    return the largest magnitude of its integer arithmetic there (see
+    :mod:`attncc.runtime.intervals`); None for a module that does not describe it."""
+    if spec.int_divisors is not None:
+        spec.int_divisors(CallNumbers(who, positions=positions, batch=batch, heads=heads, n_q=n_q, n_k=n_k,
+                                      params=params))
+    if spec.int_reach is None:
         return None
-    return spec.int_arithmetic(CallNumbers(who, **numbers))
+    return cached_reach(spec.int_reach, positions=positions, batch=batch, heads=heads, params=params)
 
 
 def _dtype_name(t: torch.dtype) -> str:

@@ -6,21 +6,21 @@ width, unless the host turns their WIDE switch on: then positions, int params an
 count are int64 from the start of the kernel, and so is everything computed from them. The
 reference computes in int64; positions and int params stay below 2**62.
 
-Every generated module renders ``_int_arithmetic(x)``: each integer expression its printers
-wrote into a kernel, as interval arithmetic over ``x``, a :class:`CallNumbers` (the call's
-largest position, batch and head counts, ``n_q``, ``n_k`` and int params). It returns the
-largest magnitude that any value or intermediate value can take in the call; past int32 the
-call runs WIDE. It first checks the divisors that depend on params and sizes only: a kernel
-cannot raise, so a divisor of 0 is a ``ValueError`` before any launch. (Integer arithmetic on
-an input's values needs no bound: kernels compute it in int64 in every call.)
+Every generated module renders ``_int_reach(x)``: each integer expression its printers wrote
+into a kernel, as interval arithmetic over ``x``, a :class:`CallNumbers` (the call's largest
+position, batch and head counts, ``n_q``, ``n_k`` and int params). It returns the largest
+magnitude that any value or intermediate value can take in the call; past int32 the call runs
+WIDE (:func:`cached_reach` keeps it per call signature). ``_int_divisors(x)`` checks, on every
+call, the divisors that depend on params and sizes only: a kernel cannot raise, so a divisor of
+0 is a ``ValueError`` before any launch. (Integer arithmetic on an input's values needs no
+bound: kernels compute it in int64 in every call.)
 
 The bounds are exact integer interval arithmetic, safe for any order of evaluation: the bound
 of a sum covers every partial sum, that of a product every partial product.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 INT32_MAX = 2**31 - 1
 # Rows a kernel computes past the last position (ragged last tiles: a few blocks of <= 256 rows)
@@ -29,14 +29,18 @@ MAX_BLOCK = 1024  # the largest tile side a kernel's bound steps may multiply (B
 UNBOUNDED = 2**64  # the reach of a value no rule bounds (WIDE, to be safe)
 
 
-@dataclass(frozen=True)
 class Interval:
     """Every value of an integer expression lies in ``[lo, hi]``; ``reach``: the largest magnitude
-    of the value and of every intermediate value that computes it."""
+    of the value and of every intermediate value that computes it. (A plain class: thousands are
+    made per evaluation.)"""
 
-    lo: int
-    hi: int
-    reach: int
+    __slots__ = ("lo", "hi", "reach")
+
+    def __init__(self, lo: int, hi: int, reach: int):
+        self.lo, self.hi, self.reach = lo, hi, reach
+
+    def __repr__(self) -> str:
+        return f"Interval(lo={self.lo}, hi={self.hi}, reach={self.reach})"
 
 
 def point(v: int) -> Interval:
@@ -44,7 +48,11 @@ def point(v: int) -> Interval:
 
 
 def _iv(lo: int, hi: int, *parts: Interval) -> Interval:
-    return Interval(lo, hi, max([abs(lo), abs(hi)] + [p.reach for p in parts]))
+    reach = max(abs(lo), abs(hi))
+    for p in parts:
+        if p.reach > reach:
+            reach = p.reach
+    return Interval(lo, hi, reach)
 
 
 def _as_interval(x) -> Interval:
@@ -183,3 +191,32 @@ class CallNumbers:
     def reach(*xs) -> int:
         """The largest magnitude among the values and intermediate values of ``xs``."""
         return max((_as_interval(x).reach for x in xs), default=0)
+
+
+# Per call signature: the reach of a module's arithmetic (see cached_reach).
+_REACH: Dict[tuple, int] = {}
+_REACH_ENTRIES = 4096
+
+
+def _up(n: int) -> int:
+    """The power of two at or above ``n`` (0 for 0)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+def cached_reach(reach: Callable[[CallNumbers], int], *, positions: int, batch: int, heads: int,
+                 params: Dict[str, object]) -> int:
+    """``reach`` (a module's ``_int_reach``) at a call's numbers, cached per call signature.
+
+    A bound only grows with the positions and the batch, so they are rounded up to powers of two
+    (a call is WIDE at most one power of two before it must be, and a run of chunks at advancing
+    offsets reuses a few entries); ``n_q`` and ``n_k``, at most the largest position, range over
+    ``[0, positions]``. An evaluation takes about a millisecond, a cache hit a dictionary lookup."""
+    positions, batch = _up(positions), _up(batch)
+    key = (reach, positions, batch, heads, tuple(sorted(params.items())))
+    out = _REACH.get(key)
+    if out is None:
+        if len(_REACH) >= _REACH_ENTRIES:
+            _REACH.clear()
+        out = _REACH[key] = reach(CallNumbers("", positions=positions, batch=batch, heads=heads, n_q=(0, positions),
+                                              n_k=(0, positions), params=params))
+    return out

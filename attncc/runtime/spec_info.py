@@ -39,6 +39,8 @@ class SpecInfo:
     dropout: float = 0.0
     rope: bool = False
     tile_hint: str = "default"  # "narrow": windows, documents: smaller tiles pay
-    # The module's _int_arithmetic(x): bounds of its kernels' integer arithmetic at a call's numbers,
-    # and its checks of divisors (attncc.runtime.intervals); None: positions and params only.
-    int_arithmetic: Optional[Callable] = field(default=None, compare=False, repr=False)
+    # The module's _int_reach(x) and _int_divisors(x) (attncc.runtime.intervals): the largest magnitude
+    # of its kernels' integer arithmetic at a call's numbers (None: positions and params stand in), and
+    # the checks of its divisors of params and sizes (None: none).
+    int_reach: Optional[Callable] = field(default=None, compare=False, repr=False)
+    int_divisors: Optional[Callable] = field(default=None, compare=False, repr=False)
