@@ -12,6 +12,8 @@ leftovers). Forward and backward (and decode) against attncc.reference:
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -27,6 +29,7 @@ SPECS = {
     "mod_tanh": '[mask]\nwhere = "j <= i"\n[score]\nmod = "s * 0.5 + tanh(0.01 * (i - j)) + 0.3 * (i - j) / (h + 1)"\n',
     "table_distance": '[inputs]\nx = { dims = ["h"], dtype = "float16" }\n[score]\nbias = "x[h] * (j - i)"\n',
     "f64_table": '[inputs]\nx = { dims = ["h"], dtype = "float64" }\n[score]\nmod = "s * x[h]"\n',
+    "row_table": '[inputs]\nx = { dims = ["b", "n"], dtype = "float32" }\n[mask]\nwhere = "j <= i + 4"\n[score]\nbias = "x[b, i] + 0.5 * j"\n',
     "never": '[score]\nmod = "where(i < 0, s, -inf)"\n',
     "some_rows": '[score]\nmod = "s + where(i % 3 == 0, 0, -inf)"\n',
 }
@@ -96,3 +99,34 @@ def test_transforms_that_remove_whole_rows(built, name):
     ref, ref_lse = attncc.reference(p, qd.double(), k.double(), v.double(), q_offset=21, return_lse=True)
     assert rel_err(o, ref) < 1e-4 if ref.abs().max() > 0 else (o == 0).all()
     assert torch.equal(torch.isfinite(lse), torch.isfinite(ref_lse))
+
+
+def test_non_finite_row_terms(built):
+    """A row term (constant along j: the key loop leaves it to the LSE) that is -inf removes its row's
+    pairs (o = 0, lse = -inf), +inf or NaN makes the row NaN, as the scores holding it would."""
+    p, mod = built["row_table"]
+    q, k, v = _qkv(24, 24, seed=9)
+    x = torch.randn(1, 24, generator=torch.Generator().manual_seed(9))
+    x[0, 3], x[0, 10], x[0, 17] = -math.inf, math.inf, math.nan
+    o, lse = mod.attention(q, k, v, x=x, return_lse=True)
+    ref, ref_lse = attncc.reference(p, q.double(), k.double(), v.double(), x=x, return_lse=True)
+    assert (o[:, :, 3] == 0).all() and (lse[:, :, 3] == -math.inf).all() and (ref[:, :, 3] == 0).all()
+    for row in (10, 17):
+        assert o[:, :, row].isnan().all() and ref[:, :, row].isnan().all()
+    ok = torch.isfinite(ref_lse)[0, 0]
+    assert rel_err(o[:, :, ok], ref[:, :, ok]) < 1e-4
+    assert torch.equal(lse.isnan(), ref_lse.isnan()) and torch.equal(lse.isinf(), ref_lse.isinf())
+    x_neg = x.clone()
+    x_neg[0, 10] = x_neg[0, 17] = 0.5
+    _check(p, mod, q, k, v, x=x_neg)  # with the backward: zero gradients from the removed row
+    gen = torch.Generator().manual_seed(10)
+    qd = torch.randn(1, 2, 4, 16, generator=gen)
+    for kv_len in (4, 11, 18, 24):  # the last query rows: 3 / 10 / 17 among them
+        o, lse = mod.decode(qd, k, v, kv_len=torch.tensor([kv_len], dtype=torch.int32), x=x, return_lse=True)
+        ref, ref_lse = attncc.reference(p, qd.double(), k[:, :, :kv_len].double(), v[:, :, :kv_len].double(),
+                                        q_offset=kv_len - 4, x=x, return_lse=True)
+        # (a +inf row's LSE: inf in the reference, NaN after decode's merge of splits; non-finite either way)
+        assert torch.equal(o.isnan(), ref.isnan()) and torch.equal(lse.isfinite(), ref_lse.isfinite()), kv_len
+        assert torch.equal(lse == -math.inf, ref_lse == -math.inf), kv_len
+        fin = ~ref.isnan()
+        assert torch.allclose(o[fin].double(), ref[fin], atol=1e-5), kv_len

@@ -23,6 +23,15 @@ def _ipow(x, K: tl.constexpr):
         out = out * x
     return out'''
 
+ROW_TERM_O = '''@triton.jit
+def _row_term_o(o, l_i, row_bias):
+    """o of rows whose every score also holds row_bias, the terms the key loop leaves to the LSE (a
+    finite one cancels in the softmax): -inf removes every pair of its row (o = 0), +inf or NaN makes
+    the row NaN, as the scores holding it would; a row without an allowed key stays o = 0."""
+    finite = tl.abs(row_bias) < float("inf")  # False for NaN
+    removed = tl.where(row_bias == float("-inf"), 0.0, float("nan"))
+    return tl.where((finite | (l_i == 0.0))[:, None], o, removed[:, None])'''
+
 # float64 versions for mask code (attncc.codegen.printer, float64 mode)
 SQRT64 = '''# tl.sqrt of a float64 is not correctly rounded on NVIDIA GPUs; PTX's sqrt.rn.f64 is (the
 # interpreter's numpy sqrt is too)
@@ -147,7 +156,7 @@ def _rope(x, x_partner, pos, cols, ROTARY_DIM: tl.constexpr):
     return tl.where(cols[None, :] < ROTARY_DIM, rotated, xf).to(x.dtype)'''
 
 
-FIXED = {"_floordiv": FLOORDIV, "_floormod": FLOORMOD, "_ipow": IPOW, "_tanh": TANH, "_alibi_slope": ALIBI_SLOPE,
+FIXED = {"_floordiv": FLOORDIV, "_floormod": FLOORMOD, "_ipow": IPOW, "_row_term_o": ROW_TERM_O, "_tanh": TANH, "_alibi_slope": ALIBI_SLOPE,
          "_sin": _sincos("sin"), "_cos": _sincos("cos"), "_sqrt64": SQRT64, "_floormod64": FLOORMOD64,
          "_tanh64": TANH64, "_alibi_slope64": ALIBI_SLOPE64}
 

@@ -127,6 +127,8 @@ def softmax_context(pattern: Pattern, plan) -> dict:
         for t in range(r):
             row_defs.append((f"{name}_{t}", f"tl.load({name}_table + tl.minimum(offs_i // {block}, {name}_rows - 1) * {r} + {t})"))
     lse_row_bias = row(lse_row) if lse_row is not None else None
+    if lse_row_bias is not None:
+        row.helpers.add("_row_term_o")
 
     used_inputs = sorted({type(a).__name__ for e in (pattern.mask, pattern.bias, pattern.mod) if e is not None
                           for a in e.atoms(AppliedUndef)})
