@@ -96,3 +96,15 @@ def test_table_indexed_by_an_int_input_modulo(tmp_path):
     t = torch.randn(1, 5, generator=gen)
     err, _ = _forward(tmp_path, "gather_mod", text, Nq=10, Nk=10, d=d, t=t)
     assert err < 1e-4, err
+
+
+def test_negated_constant_condition_stays_boolean(tmp_path):
+    """fuzz seed 20270: random_blocks(0) prints False, and ~False is the int -1: a condition of int
+    dtype (Triton warns that this will be an error)."""
+    import warnings
+
+    text = '[mask]\nwhere = "not (random_blocks(0, block=16, seed=2)) and j <= i"\n'
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="tl.where with a non-boolean condition")
+        err, _ = _forward(tmp_path, "not_rb0", text, Nq=20, Nk=20)
+    assert err < 1e-4, err

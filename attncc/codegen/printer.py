@@ -354,7 +354,10 @@ class TritonPrinter:
         return "(" + " | ".join(self.p(a) for a in _ordered(e.args)) + ")"
 
     def _Not(self, e):
-        return f"(~{self.p(e.args[0])})"
+        inner = self.p(e.args[0])
+        if inner in ("True", "False"):  # random_blocks(0): ~False is the int -1, not a condition
+            return "False" if inner == "True" else "True"
+        return f"(~{inner})"
 
     # -- built-ins ----------------------------------------------------------
     def _Bucket(self, e):
