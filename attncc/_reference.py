@@ -23,7 +23,7 @@ from sympy.core.function import AppliedUndef
 from attncc.runtime import semantics
 from attncc.runtime.feature_maps import LINEAR_DENOMINATOR_EPS, performer_projection
 from attncc.spec import symbols as S
-from attncc.spec.builtins import AlibiSlope, Bucket, RandomBlocks, Sigmoid
+from attncc.spec.builtins import SHIFT_LIMIT, AlibiSlope, BitAnd, BitOr, BitXor, Bucket, RandomBlocks, Shift, Sigmoid
 from attncc.spec.ir import Pattern
 
 _INT, _FLOAT, _BOOL = torch.int64, torch.float64, torch.bool
@@ -139,6 +139,14 @@ class _Evaluator:
             return self.random_blocks(e)
         if isinstance(e, Sigmoid):
             return torch.sigmoid(self.float_(e.args[0]))
+        if isinstance(e, (BitAnd, BitOr, BitXor)):  # int64 two's complement: Python's for every int64
+            op = {BitAnd: torch.bitwise_and, BitOr: torch.bitwise_or, BitXor: torch.bitwise_xor}[type(e)]
+            return op(*self.integers(e))
+        if isinstance(e, Shift):  # floor(x * 2**n), n clamped to [-SHIFT_LIMIT, SHIFT_LIMIT]
+            x, n = self.integers(e)
+            n = n.clamp(-SHIFT_LIMIT, SHIFT_LIMIT)
+            return torch.where(n >= 0, torch.bitwise_left_shift(x, n.clamp(min=0)),
+                               torch.bitwise_right_shift(x, (-n).clamp(min=0)))
         if e.is_Add:
             terms = _common(*[self(a) for a in e.args])
             out = terms[0]
@@ -223,12 +231,20 @@ class _Evaluator:
             c, a, d = e.args
             return torch.where(self.bool_(c), self.bool_(a), self.bool_(d))
         unary = {sympy.exp: torch.exp, sympy.log: torch.log, sympy.sin: torch.sin, sympy.cos: torch.cos,
-                 sympy.tan: torch.tan, sympy.tanh: torch.tanh}
+                 sympy.tan: torch.tan, sympy.tanh: torch.tanh, sympy.erf: torch.erf}
         if type(e) in unary and len(e.args) == 1:
             return unary[type(e)](self.float_(e.args[0]))
         if e.is_number:  # pi, E, and other constants sympy keeps symbolic
             return self.const(float(e), _FLOAT)
         raise NotImplementedError(f"the reference cannot evaluate {type(e).__name__}: {e}")
+
+    def integers(self, e):
+        """The operands of an integer operator, as int64 tensors (broadcast)."""
+        args = [self(a) for a in e.args]
+        for a, x in zip(e.args, args):
+            if not _is_int(x):
+                raise ValueError(f"{type(e).__name__} takes integers, got {x.dtype}: {a}")
+        return torch.broadcast_tensors(*[x.to(_INT) for x in args])
 
     def _fold(self, op, args):
         out = self.bool_(args[0])
@@ -288,6 +304,10 @@ def _param_values(pattern: Pattern, overrides: Optional[Mapping[str, Any]]) -> D
         if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind == "int" and not isinstance(v, int)):
             raise TypeError(f"param '{name}' of pattern '{pattern.name}' expects {'an integer' if kind == 'int' else 'a number'}, "
                             f"got {type(v).__name__} {v!r}")
+        p = pattern.param(name)
+        if p.count and v > p.value:  # as the kernels: a reduction's count up to its spec value
+            raise ValueError(f"param '{name}' of pattern '{pattern.name}' counts the terms of a reduction "
+                             f"(range({name})): at most its value in the spec, {p.value}, got {v}")
         values[name] = v if kind == "int" else float(v)
     return values
 

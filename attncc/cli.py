@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import os
 import sys
 
 import attncc
@@ -33,13 +34,36 @@ def cmd_build(args) -> int:
     except (SpecError, NotImplementedError) as e:  # NotImplementedError: a form the code generator lacks
         print(f"attncc build: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # stdout's reader went away (`attncc build | head`): not the output folder
+        raise
     except OSError as e:  # an output folder that cannot be written
         print(f"attncc build: cannot write {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
         return 2
     return 0
 
 
+SIGPIPE_STATUS = 128 + 13  # what a shell reports for a command that a closed pipe stopped
+
+
+def exit_quietly_on_broken_pipe(command, *args) -> int:
+    """``command(*args)``, stopping quietly when the reader of stdout has gone away
+    (``attncc explain ... | head``), as Unix tools do: no traceback, exit status 141."""
+    try:
+        status = command(*args)
+        sys.stdout.flush()  # output still buffered meets the closed pipe here, inside the try
+        return status
+    except BrokenPipeError:
+        # Python flushes stdout once more at exit: let that write go to /dev/null, not fail again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return SIGPIPE_STATUS
+
+
 def main(argv=None) -> int:
+    return exit_quietly_on_broken_pipe(_main, argv)
+
+
+def _main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "explain":
         from attncc.explain import main_explain

@@ -1,12 +1,20 @@
 """``attncc explain SPEC --n N``: what the analysis found for one problem size.
 
-    attncc explain SPEC --n N [--nk NK] [--block 128x64] [--head-dim D] [--batch B] [--heads H]
-                   [--param NAME=VALUE ...] [--json] [--png FILE]
+    attncc explain SPEC [--n N] [--nk NK] [--block 128x64] [--head-dim D] [--value-dim DV]
+                   [--dtype bf16|fp16|fp32] [--batch B] [--heads H] [--param NAME=VALUE ...]
+                   [--json] [--png FILE]
 
-Prints the iteration, the tile counts, the exact density, FLOPs and bytes, and the
-closed-form key-block bounds (affine patterns) or the tile classifier (block lists).
-``--json`` prints the same as one JSON object; ``--png`` draws the map of tiles (and the
-pair-level mask when both lengths are at most 512; needs matplotlib).
+Prints the walks (how the forward / dQ kernels find the key blocks of a query block and the
+dK/dV kernel the query blocks of a key block: closed forms, or exact block lists and why), the
+tiles each visits and runs unmasked, the exact density, FLOPs and bytes (q, k, v, o in
+``--dtype``), the classifier of patterns with ``[inputs]`` (drawn for synthetic inputs, which
+it names) and the score section: scale, bias, mod, softcap, the conditions evaluated per pair,
+what the key loop hoists and what it leaves to the LSE. For a static pattern the counts are
+exact: the visited tiles are the ones with an allowed pair, the unmasked ones those whose pairs
+are all allowed; with closed forms they take plain integer arithmetic (no torch: well under a
+second). A mask that is never true gets a warning.
+``--json`` prints the same as one JSON object; ``--png`` draws the map of tiles with a legend
+(and the pair-level mask when both lengths are at most 512; needs matplotlib).
 """
 from __future__ import annotations
 
@@ -28,6 +36,16 @@ def _block(text: str):
     return m, n
 
 
+def _dtype(text: str) -> str:
+    from attncc.analysis.report import DTYPE_SHORT, ELEMENT_BYTES
+
+    name = DTYPE_SHORT.get(text.lower(), text.lower())
+    if name not in ELEMENT_BYTES:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(ELEMENT_BYTES)} (or bfloat16, float16, "
+                                         f"float32), got {text!r}")
+    return name
+
+
 def _param(text: str):
     name, sep, value = text.partition("=")
     if not sep or not name:
@@ -47,8 +65,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=8192, help="query rows (default 8192)")
     p.add_argument("--nk", type=int, default=None, help="key rows (default: --n)")
     p.add_argument("--block", type=_block, default=(128, 64), help="tile BLOCK_MxBLOCK_N (default 128x64)")
-    p.add_argument("--head-dim", type=int, default=None, help="head dim (default: the spec's first)")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--head-dim", type=int, default=None, help="head dim D of q and k (default: the spec's first)")
+    p.add_argument("--value-dim", type=int, default=None, help="head dim of v and o (default: the spec's value_dim, "
+                                                               "else --head-dim)")
+    p.add_argument("--dtype", type=_dtype, default=None, metavar="{bf16,fp16,fp32}",
+                   help="element type of q, k, v, o for the bytes (default: the spec's first dtype, bf16 unless "
+                        "it says otherwise)")
+    p.add_argument("--batch", type=int, default=1, help="batch rows (default 1)")
     p.add_argument("--heads", type=int, default=None, help="query heads (default: the spec's, else 1)")
     p.add_argument("--param", type=_param, action="append", default=[], metavar="NAME=VALUE",
                    help="override a [params] value (repeatable)")
@@ -69,29 +92,38 @@ def format_text(d: dict) -> str:
     total = sum(t.values())
     lines = [
         f"{d['pattern']}  ({d['source']})",
-        f"  size        n_q={d['n_q']} n_k={d['n_k']}  batch={d['batch']} heads={d['heads']} head_dim={d['head_dim']}"
-        f"  tile {d['block_m']}x{d['block_n']}  ({d['query_blocks']} x {d['key_blocks']} blocks)",
+        f"  size        n_q={d['n_q']} n_k={d['n_k']}  batch={d['batch']} heads={d['heads']}"
+        + (f" heads_kv={d['heads_kv']}" if d["heads_kv"] != d["heads"] else "")
+        + f" head_dim={d['head_dim']}"
+        + (f" (spec: {', '.join(map(str, d['spec_head_dims']))})" if len(d["spec_head_dims"]) > 1 else "")
+        + (f" value_dim={d['value_dim']}" if d["value_dim"] != d["head_dim"] else "")
+        + f"  tile {d['block_m']}x{d['block_n']}  ({d['query_blocks']} x {d['key_blocks']} blocks)",
         f"  iteration   {d['iteration']}" + ("  (classified per call from the inputs)" if d["dynamic"] else ""),
         f"  tiles       {total}: {t['empty']} empty, {t['full']} full, {t['partial']} partial",
         f"  density     {d['density']:.6f}  ({d['allowed_pairs']} of {d['pairs']} pairs)",
         f"  FLOPs       {_si(d['flops'], 'FLOP')} useful, {_si(d['visited_flops'], 'FLOP')} visited, "
         f"{_si(d['dense_flops'], 'FLOP')} dense",
-        f"  bytes       {_si(d['bytes'], 'B')} (q, k, v, o in bf16 + {_si(d['block_list_bytes'], 'B')} block lists)",
+        f"  bytes       {_si(d['bytes'], 'B')} (q, k, v, o in {d['dtype']} + {_si(d['block_list_bytes'], 'B')} block lists)",
         f"  scores      {_si(d['score_memory_bytes'], 'B')} in visited tiles vs {_si(d['naive_score_memory_bytes'], 'B')} "
         f"for a dense fp32 score matrix",
     ]
+    lines[1:1] = [f"  warning     {w}" for w in d.get("warnings", ())]
     if d["params"]:
         lines.append("  params      " + ", ".join(f"{k}={v}" for k, v in d["params"].items()))
     if d["synthesized_inputs"]:
-        lines.append(f"  inputs      synthesized: {', '.join(d['synthesized_inputs'])} (pass real ones for real numbers)")
+        lines.append("  inputs      synthesized (the tiles depend on them; pass real ones for real numbers):")
+        lines += [f"    {name:<9} {d['synthetic_inputs'][name]}" for name in d["synthesized_inputs"]]
     if d["block_stats"]:
         lines.append("  reads       " + "; ".join(d["block_stats"]))
-    if d["bounds"]:
-        lines.append("  key-block bounds of the query block holding positions [q_lo, q_hi] (union over clauses):")
-        for k, b in enumerate(d["bounds"]):
-            lines.append(f"    clause {k}: " + " and ".join(b["clause"]))
-            lines += [f"      {s}" for s in b["steps"]]
-    elif d["classifier"]:
+    for walk, title in (("forward", "forward, dQ (key blocks per query block)"),
+                        ("dkdv", "dK/dV (query blocks per key block)")):
+        w = d["walks"][walk]
+        t = w["tiles"]
+        lines.append(f"  {title}: {w['path']}")
+        lines.append(f"    tiles     {w['visited']} visited ({w['unmasked']} unmasked), {t['empty']} empty, "
+                     f"{t['full']} full, {t['partial']} partial")
+        lines += [f"    {b}" for b in w["bands"]]
+    if d["classifier"] and d["dynamic"]:
         lines.append("  tile classifier (interval program):")
         lines += [f"    {s}" for s in d["classifier"]]
     if d.get("score"):
@@ -101,43 +133,91 @@ def format_text(d: dict) -> str:
     return "\n".join(lines)
 
 
-def draw(d: dict, grid, path: str, pair_mask=None) -> None:
-    """The tile map of batch row 0, head 0 (and the pair mask) to a PNG."""
+# the tile map's colours, by class value (tiles.EMPTY, PARTIAL, FULL = 0, 1, 2), and what each means
+TILE_LEGEND = (("#f2f2f2", "empty: not visited"), ("#f4a259", "partial: visited, mask evaluated per pair"),
+               ("#2a6f97", "full: visited, no mask code"))
+PAIR_LEGEND = (("black", "allowed"), ("white", "masked out"))
+
+
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend, or a SystemExit that says how to install it."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib.colors import ListedColormap
-        from matplotlib.ticker import MaxNLocator
     except ImportError:
         raise SystemExit("attncc explain --png needs matplotlib: pip install 'attncc[viz]' (or pip install matplotlib)")
+    return plt
+
+
+def figure(d: dict, grid, pair_mask=None):
+    """The tile map of batch row 0, head 0 (and the pair mask), with legends and, for a pattern
+    with ``[inputs]``, the synthetic inputs it was drawn for: a matplotlib Figure."""
+    plt = _pyplot()
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import MaxNLocator
+
     panels = 2 if pair_mask is not None else 1
-    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 5.5), squeeze=False)
+    synthetic = [f"{name}: {d['synthetic_inputs'][name]}" for name in d.get("synthesized_inputs", ())]
+    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 6.5 + 0.25 * len(synthetic)), squeeze=False)
     ax = axes[0][0]
-    cmap = ListedColormap(["#f2f2f2", "#f4a259", "#2a6f97"])
-    ax.imshow(grid.numpy(), cmap=cmap, vmin=0, vmax=2, interpolation="nearest", aspect="auto")
-    ax.set_title(f"{d['pattern']}: tiles {d['block_m']}x{d['block_n']} (empty / partial / full)")
+    ax.imshow(grid.numpy(), cmap=ListedColormap([c for c, _ in TILE_LEGEND]), vmin=0, vmax=2,
+              interpolation="nearest", aspect="auto")
+    ax.set_title(f"{d['pattern']}: tiles {d['block_m']}x{d['block_n']} (batch row 0, head 0)")
     ax.set_xlabel("key block")
     ax.set_ylabel("query block")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(handles=[Patch(facecolor=c, edgecolor="grey", label=label) for c, label in TILE_LEGEND],
+              loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=1, fontsize="small", frameon=False)
     if pair_mask is not None:
         ax2 = axes[0][1]
-        ax2.imshow(pair_mask.numpy(), cmap="Greys", interpolation="nearest", aspect="auto")
+        ax2.imshow(pair_mask.numpy(), cmap="Greys", vmin=0, vmax=1, interpolation="nearest", aspect="auto")
         ax2.set_title(f"allowed pairs (density {d['density']:.3f})")
         ax2.set_xlabel("key position")
         ax2.set_ylabel("query position")
-    fig.tight_layout()
+        ax2.legend(handles=[Patch(facecolor=c, edgecolor="grey", label=label) for c, label in PAIR_LEGEND],
+                   loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, fontsize="small", frameon=False)
+    if synthetic:
+        fig.text(0.01, 0.01, "drawn for synthetic inputs (pass real ones for real numbers):\n  " + "\n  ".join(synthetic),
+                 fontsize="small", va="bottom")
+    fig.tight_layout(rect=(0, 0.04 + 0.03 * len(synthetic) if synthetic else 0, 1, 1))
+    return fig
+
+
+def draw(d: dict, grid, path: str, pair_mask=None) -> None:
+    """:func:`figure` to a PNG file."""
+    fig = figure(d, grid, pair_mask)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _pyplot().close(fig)
+
+
+def spec_warnings(pattern) -> List[str]:
+    """What a spec's author most likely did not mean: a mask that is never true (it builds, and
+    every row gives o = 0, lse = -inf and zero gradients)."""
+    import sympy
+
+    from attncc.analysis.normal_form import TooComplex, to_dnf
+
+    if pattern.mask is None:
+        return []
+    never = pattern.mask is sympy.false
+    if not never:
+        try:
+            never = to_dnf(pattern.mask, frozenset(p.symbol for p in pattern.params if p.kind == "int")) == ()
+        except TooComplex:
+            pass
+    if never:
+        return ["the mask is never true: every row gives o = 0, lse = -inf and zero gradients"]
+    return []
 
 
 def main_explain(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     from attncc.analysis import analyze, explain_data
-    from attncc.analysis.graph import plan_grid
-    from attncc.analysis.report import synthesize_inputs
+    from attncc.analysis.report import DTYPE_SHORT, describe_synthetic, synthesize_inputs
     from attncc.spec import SpecError, load_spec
 
     try:
@@ -150,25 +230,39 @@ def main_explain(argv: Optional[List[str]] = None) -> int:
     if n_q < 1 or n_k < 1:
         print(f"attncc explain: lengths must be positive, got --n {n_q} --nk {n_k}", file=sys.stderr)
         return 2
+    for flag, value in (("--head-dim", args.head_dim), ("--value-dim", args.value_dim), ("--batch", args.batch),
+                        ("--heads", args.heads)):
+        if value is not None and value < 1:
+            print(f"attncc explain: {flag} must be positive, got {value}", file=sys.stderr)
+            return 2
     params = dict(args.param)
     unknown = set(params) - {p.name for p in pattern.params}
     if unknown:
         print(f"attncc explain: {pattern.source} has no param(s) {', '.join(sorted(unknown))} "
               f"(params: {', '.join(p.name for p in pattern.params) or 'none'})", file=sys.stderr)
         return 2
+    if args.png:
+        _pyplot()  # before any work: without matplotlib, say so at once
     block_m, block_n = args.block
     head_dim = args.head_dim or pattern.head_dims[0]
     heads = args.heads or pattern.heads_q or 1
+    dtype = args.dtype or DTYPE_SHORT[pattern.dtypes[0]]
     plan = analyze(pattern)
-    inputs = synthesize_inputs(plan, batch=args.batch, heads=heads, positions=max(n_q, n_k)) if pattern.mask is not None else {}
+    # the tiles of a pattern with [inputs] depend on them: made up (torch), and said so
+    positions = max(n_q, n_k)
+    inputs = synthesize_inputs(plan, batch=args.batch, heads=heads, positions=positions) if plan.dynamic else {}
     d = explain_data(plan, n_q=n_q, n_k=n_k, block_m=block_m, block_n=block_n, head_dim=head_dim,
-                     batch=args.batch, heads=heads, params=params, inputs=inputs)
+                     value_dim=args.value_dim, dtype=dtype, batch=args.batch, heads=heads, params=params, inputs=inputs)
     d["synthesized_inputs"] = sorted(inputs)
+    d["synthetic_inputs"] = describe_synthetic(plan, inputs, positions=positions)
+    d["warnings"] = spec_warnings(pattern)
     if args.json:
         print(json.dumps(d, indent=None, default=str))
     else:
         print(format_text(d))
     if args.png:
+        from attncc.analysis.graph import plan_grid
+
         grid = plan_grid(plan, q_rows=n_q, k_rows=n_k, block_m=block_m, block_n=block_n,
                          params={**pattern.param_values, **params}, inputs=inputs, batch=args.batch, heads=heads)
         pairs = None
@@ -184,4 +278,6 @@ def main_explain(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main_explain())
+    from attncc.cli import exit_quietly_on_broken_pipe
+
+    sys.exit(exit_quietly_on_broken_pipe(main_explain))

@@ -85,7 +85,10 @@ def case_small_wide():
     # kernels) and past 2**32 (int64 arguments); each compiles its own kernels, so a few cases only
     cases = [("causal", 2**31 - 100, {}, True), ("rope_causal", 2**32 - 50, {}, True),
              ("causal_dropout", 2**31 - 100, {"seed": 5, "dropout_p": 0.2}, True),
-             ("sliding_window", 2**32 - 50, {"window": 100}, False), ("padding", 2**31 - 100, None, False)]
+             ("sliding_window", 2**32 - 50, {"window": 100}, False), ("padding", 2**31 - 100, None, False),
+             # the walks of issue 16: chunks, two closed-form segments, exact block lists (their tile kernel)
+             ("chunked_local", 2**31 - 100, {"chunk": 64}, True), ("sink_window", 2**32 - 50, {"sinks": 4, "window": 100}, True),
+             ("neighborhood_2d", 2**31 - 100, {"width": 24, "radius": 2}, True)]
     for name, offset, kw, backward in cases:
         p, mod = load_spec(ROOT / "specs" / f"{name}.toml"), importlib.import_module(f"generated.{name}")
         q, k, v = (torch.randn(2, 4, 300, 64, device=DEV, dtype=BF16).requires_grad_(backward) for _ in range(3))

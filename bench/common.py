@@ -106,7 +106,23 @@ def density(spec: str, N: int, kw: dict) -> float:
         return sum(min(i + 1, w) for i in range(N)) / N / N
     if spec == "document":
         return doc_causal_density(kw["doc"])
-    raise KeyError(f"no density for spec {spec!r}")
+    return pair_density(spec, N, kw)
+
+
+def pair_density(spec: str, N: int, kw: dict, rows: int = 1024) -> float:
+    """Allowed fraction of the N x N pairs of a static shipped spec, counted pair by pair with the
+    reference's mask (``kw``: its params), ``rows`` query rows at a time on DEV."""
+    from attncc import _reference
+    from attncc.spec import load_spec
+
+    p = load_spec(ROOT / "specs" / f"{spec}.toml")
+    params = {k: v for k, v in kw.items() if k in p.param_values}
+    allowed = 0
+    for r0 in range(0, N, rows):
+        m = _reference.pair_mask(p, q_rows=min(rows, N - r0), k_rows=N, q_offset=r0, n_q=N, n_k=N, params=params,
+                                 device=DEV)
+        allowed += int(m.sum())
+    return allowed / N / N
 
 
 def doc_causal_density(doc: torch.Tensor) -> float:
@@ -195,9 +211,10 @@ def flex_setup():
     return torch.compile(flex_attention, dynamic=False), create_block_mask
 
 
-def flex_pattern(spec: str, H: int, kw: dict):
+def flex_pattern(spec: str, H: int, kw: dict, n: int = 0):
     """(score_mod, mask_mod, mask_per_batch) of FlexAttention for a shipped spec: the same
-    pattern written as Flex's callables (None where the spec has no such part)."""
+    pattern written as Flex's callables (None where the spec has no such part); ``n``: the
+    sequence length (BigBird's random blocks depend on it)."""
     doc, win = kw.get("doc"), kw.get("window")
 
     def causal(b, h, qi, ki):
@@ -215,8 +232,55 @@ def flex_pattern(spec: str, H: int, kw: dict):
     def alibi(s, b, h, qi, ki):
         return s + slopes[h] * (ki - qi)
 
+    # the families of issue 16 (static masks: closed forms or exact block lists in attncc)
+    p_ = {k: v for k, v in kw.items() if not isinstance(v, torch.Tensor)}
+
+    def sink_window(b, h, qi, ki):
+        return (ki < p_["sinks"]) | ((qi >= ki) & (qi - ki < p_["window"]))
+
+    def chunked_local(b, h, qi, ki):
+        return (qi >= ki) & (qi // p_["chunk"] == ki // p_["chunk"])
+
+    def block_diagonal(b, h, qi, ki):
+        return qi // p_["chunk"] == ki // p_["chunk"]
+
+    def neighborhood_2d(b, h, qi, ki):
+        w, r = p_["width"], p_["radius"]
+        return ((qi // w - ki // w).abs() <= r) & ((qi % w - ki % w).abs() <= r)
+
+    def prefix_lm(b, h, qi, ki):
+        return (ki < p_["prefix"]) | (qi >= ki)
+
+    def longformer(b, h, qi, ki):
+        return (qi < p_["g"]) | (ki < p_["g"]) | ((qi - ki).abs() <= p_["w"])
+
+    def strided(b, h, qi, ki):
+        s = p_["stride"]
+        return (qi >= ki) & (((qi - ki) < s) | (ki % s == s - 1))
+
+    def dilated(b, h, qi, ki):
+        return (qi >= ki) & (qi - ki < p_["window"]) & ((qi - ki) % p_["dilation"] == 0)
+
+    def bigbird(b, h, qi, ki):  # specs/bigbird.toml: 64-blocks, window 1, global 64, 3 random blocks, seed 0
+        return ((qi // 64 - ki // 64).abs() <= 1) | (qi < 64) | (ki < 64) | chosen[qi // 64, ki // 64]
+
     masks = {"dense": None, "sliding_window": sliding_window, "document": document,
              **{name: causal for name in CAUSAL_SPECS}}
+    for fn in (sink_window, chunked_local, block_diagonal, neighborhood_2d, prefix_lm, longformer, strided, dilated,
+               bigbird):
+        masks[fn.__name__] = fn
+    if spec == "bigbird":
+        from attncc.runtime.semantics import random_block_set
+
+        if n <= 0:
+            raise ValueError("flex_pattern('bigbird', ...) needs the sequence length n")
+        rows = -(-n // 64)
+        chosen = torch.zeros(rows, rows, dtype=torch.bool)
+        for qr in range(rows):
+            picked = list(random_block_set(qr, rows, 3, 0))
+            if picked:
+                chosen[qr, picked] = True
+        chosen = chosen.to(DEV)
     if spec not in masks:
         raise KeyError(f"no FlexAttention form of spec {spec!r}")
     if spec == "alibi":

@@ -33,7 +33,9 @@ BF16 = torch.bfloat16
 
 
 SMALL = {"sliding_window": {"window": 1024}, "local_bidirectional": {"w": 256}, "dilated": {},
-         "longformer": {}, "strided": {}, "prefix_lm": {"prefix": 1024}}
+         "longformer": {}, "strided": {}, "prefix_lm": {"prefix": 1024}, "chunked_local": {"chunk": 1000},
+         "sink_window": {"sinks": 4, "window": 500}, "neighborhood_2d": {"width": 64, "radius": 2},
+         "block_diagonal": {"chunk": 700}}
 
 
 def inputs_for(p, B, Hq, N):
@@ -154,6 +156,21 @@ CASES = [  # name, spec, N, B, params, flex score_mod/mask_mod kind
     ("ALiBi causal, 4K", "alibi", 4096, 8, {}),
     ("softcap 30 causal, 8K", "softcap", 8192, 4, {}),
 ]
+# The families of issue 16 at N = 16K (static masks: attncc's closed forms or exact block lists;
+# Flex's block mask is built outside the timed region). `gpu_check.py --families` times these.
+FAMILY_CASES = [
+    ("sink 4 + window 1024, 16K", "sink_window", 16384, 2, {"sinks": 4, "window": 1024}),
+    ("chunked local 2048, 16K", "chunked_local", 16384, 2, {"chunk": 2048}),
+    ("block diagonal 1024, 16K", "block_diagonal", 16384, 2, {"chunk": 1024}),
+    ("2D neighborhood 128x128 r3", "neighborhood_2d", 16384, 2, {"width": 128, "radius": 3}),
+    ("prefix-LM 2048, 16K", "prefix_lm", 16384, 2, {"prefix": 2048}),
+    ("prefix-LM 2048, 8K", "prefix_lm", 8192, 4, {"prefix": 2048}),
+    ("Longformer w256 g64, 16K", "longformer", 16384, 2, {"w": 256, "g": 64}),
+    ("BigBird 64-blocks, 16K", "bigbird", 16384, 2, {}),
+    ("strided 128, 16K", "strided", 16384, 2, {"stride": 128}),
+    ("dilated 2048/4, 16K", "dilated", 16384, 2, {"window": 2048, "dilation": 4}),
+    ("causal 16K (reference)", "causal", 16384, 2, {}),
+]
 
 
 density_of = density
@@ -171,12 +188,12 @@ def case_tensors(spec, N, B, params, H=16, D=128):
     return mod, q, k, v, kw, 4 * B * H * N * N * D * density_of(spec, N, kw)
 
 
-def time_cases(H=16, D=128, quick=False, with_backward=True):
+def time_cases(H=16, D=128, quick=False, with_backward=True, cases=None):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     results = []
     heat_up()
-    for label, spec, N, B, params in CASES:
+    for label, spec, N, B, params in cases or CASES:
         # A fresh compile per case: otherwise FlexAttention hits dynamo's recompile limit after a
         # few shapes (and requires_grad variants) and silently falls back to its slow eager path.
         torch._dynamo.reset()
@@ -188,7 +205,7 @@ def time_cases(H=16, D=128, quick=False, with_backward=True):
         o = mod.attention(q, k, v, **kw)
 
         # FlexAttention
-        score_mod, mask_mod, per_batch = flex_pattern(spec, H, kw)
+        score_mod, mask_mod, per_batch = flex_pattern(spec, H, kw, n=N)
         bm = None
         if mask_mod is not None:
             bm = create_block_mask(mask_mod, B if per_batch else None, None, N, N, device=DEV)
@@ -227,6 +244,16 @@ def time_cases(H=16, D=128, quick=False, with_backward=True):
                     row["grad_err_vs_flex"] = max(rel(a, t.grad) for a, t in zip(grads, (qg, kg, vg)))
             except Exception as e:
                 row["backward_error"] = f"{type(e).__name__}: {str(e)[-200:]}"
+        if hasattr(mod, "_exact_lists"):  # the exact block lists' one-time build (then cached)
+            from attncc.runtime import bind, blocks, pick_config
+            call = bind(mod.SPEC, q, k, v, kwargs=dict(kw))
+            cfg = pick_config(call)
+            blocks._exact_cache.clear()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            mod._exact_lists(call, cfg.BLOCK_M, cfg.BLOCK_N)
+            torch.cuda.synchronize()
+            row["attncc_exact_lists_once_ms"] = (time.perf_counter() - t0) * 1e3
         if spec == "document":
             from attncc.runtime import bind, pick_config
             call = bind(mod.SPEC, q, k, v, kwargs=dict(kw))
@@ -235,7 +262,7 @@ def time_cases(H=16, D=128, quick=False, with_backward=True):
         for key in list(row):
             if key.endswith("_fb_ms"):
                 row[key.replace("_ms", "_tflops")] = 3.5 * flops / row[key] / 1e9
-            elif key.endswith("_ms") and key not in ("flex_mask_ms", "attncc_lists_ms"):
+            elif key.endswith("_ms") and key not in ("flex_mask_ms", "attncc_lists_ms", "attncc_exact_lists_once_ms"):
                 row[key.replace("_ms", "_tflops")] = flops / row[key] / 1e9
         results.append(row)
         print(json.dumps(row), flush=True)
@@ -247,24 +274,28 @@ def main():
     ap.add_argument("--quick", action="store_true", help="correctness at N=4096 only for the checks")
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--no-backward", action="store_true", help="forward timing only")
+    ap.add_argument("--families", action="store_true",
+                    help="time the mask families of issue 16 (FAMILY_CASES) instead of CASES, no checks")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     print(f"torch {torch.__version__}, triton {__import__('triton').__version__}, {torch.cuda.get_device_name()}, "
           f"{time.strftime('%Y-%m-%d')}", flush=True)
-    checks = [] if args.skip_check else check_specs(4096, args.quick) + check_grads(1024)
-    timing = time_cases(with_backward=not args.no_backward)
+    checks = [] if args.skip_check or args.families else check_specs(4096, args.quick) + check_grads(1024)
+    timing = time_cases(with_backward=not args.no_backward, cases=FAMILY_CASES if args.families else None)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "gpu_check.json").write_text(json.dumps(dict(checks=checks, timing=timing), indent=1))
+    name = "gpu_families.json" if args.families else "gpu_check.json"
+    (Path(args.out) / name).write_text(json.dumps(dict(checks=checks, timing=timing), indent=1))
     print()
     if checks:
         bad = [c["spec"] for c in checks if not c["ok"]]
         print(f"correctness (bf16, N=4096, vs float64 reference): {len(checks) - len(bad)}/{len(checks)} ok"
               + (f"; FAILED: {', '.join(bad)}" if bad else ""))
-    print(f"{'case (fwd TFLOP/s)':28s} {'attncc':>8s} {'flex':>8s} {'sdpa-fa':>8s} {'cudnn':>8s} {'flex mask ms':>12s}")
+    print(f"{'case (fwd TFLOP/s)':28s} {'attncc':>8s} {'flex':>8s} {'sdpa-fa':>8s} {'cudnn':>8s} {'flex mask ms':>12s} {'ratio':>6s}")
     for r in timing:
         f = lambda k: f"{r[k]:8.1f}" if k in r else f"{'-':>8s}"
         mask = f"{r['flex_mask_ms']:12.3f}" if "flex_mask_ms" in r else f"{'-':>12s}"
-        print(f"{r['case']:28s} {f('attncc_tflops')} {f('flex_tflops')} {f('sdpa_flash_tflops')} {f('sdpa_cudnn_tflops')} {mask}")
+        ratio = f"{r['attncc_tflops'] / r['flex_tflops']:6.2f}" if "flex_tflops" in r and "attncc_tflops" in r else f"{'-':>6s}"
+        print(f"{r['case']:28s} {f('attncc_tflops')} {f('flex_tflops')} {f('sdpa_flash_tflops')} {f('sdpa_cudnn_tflops')} {mask} {ratio}")
     if not args.no_backward:
         print(f"\n{'case (fwd+bwd TFLOP/s, x3.5)':28s} {'attncc':>8s} {'flex':>8s} {'ratio':>6s} {'grad err vs flex':>17s}")
         for r in timing:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+import attncc
 from attncc.spec import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,6 +25,10 @@ SMALL_PARAMS = {
     "longformer": {"g": 5, "w": 7},
     "strided": {"stride": 6},
     "prefix_lm": {"prefix": 11},
+    "chunked_local": {"chunk": 13},
+    "sink_window": {"sinks": 3, "window": 9},
+    "neighborhood_2d": {"width": 7, "radius": 1},
+    "block_diagonal": {"chunk": 11},
 }
 
 # ||o - ref|| / ||ref|| bounds by input dtype
@@ -88,3 +93,48 @@ def build_inline(texts, out: Path, prefix: str = "_attncc_test"):
         mods[name] = (load_spec(path), importlib.util.module_from_spec(spec))
         spec.loader.exec_module(mods[name][1])
     return mods
+
+
+VJP_TOL = {torch.float32: 1e-3, torch.float16: 2e-2}
+
+
+def vjp_case(name, *, B=1, Nq=37, Nk=None, D=16, dtype=torch.float32, q_offset=0, k_offset=0, n_q=None, n_k=None,
+             seed=0, p=None, mod=None, kw=None, use_o=True, tol=None, lse_cotangent=None):
+    """dq, dk, dv (and the grad inputs' gradients) of ``(o, lse)`` with random cotangents ``(g, gl)``:
+    the kernels against autograd of the float64 reference. Every row's LSE gets a cotangent, rows
+    without an allowed key (lse = -inf) included: their gradients must be 0, never NaN."""
+    p = p or pattern(name)
+    mod = mod or module(name)
+    Nk = Nq if Nk is None else Nk
+    Hq, Hkv = heads_for(p)
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, Nq, D, generator=gen).to(dtype)
+    k = torch.randn(B, Hkv, Nk, D, generator=gen).to(dtype)
+    v = torch.randn(B, Hkv, Nk, D, generator=gen).to(dtype)
+    g = torch.randn(B, Hq, Nq, D, generator=gen)
+    gl = torch.randn(B, Hq, Nq, generator=gen) if lse_cotangent is None else lse_cotangent
+    n = max(q_offset + Nq, k_offset + Nk, n_q or 0, n_k or 0)
+    if kw is None:
+        kw = dict(SMALL_PARAMS.get(name, {}), **inputs_for(p, B, Hq, n, gen))
+    learned = [d.name for d in p.inputs if d.grad]
+    pos = dict(q_offset=q_offset, k_offset=k_offset, n_q=n_q, n_k=n_k)
+
+    def grads(fn, cast):
+        leaves = [cast(t).detach().clone().requires_grad_() for t in (q, k, v)]
+        inputs = {name: cast(t).detach().clone().requires_grad_() if name in learned else t for name, t in kw.items()}
+        o, lse = fn(*leaves, return_lse=True, **pos, **inputs)
+        outs, cots = ([o, lse], [cast(g), cast(gl)]) if use_o else ([lse], [cast(gl)])
+        wrt = leaves + [inputs[name] for name in learned]
+        return o.detach(), lse.detach(), torch.autograd.grad(outs, wrt, cots, allow_unused=True, materialize_grads=True)
+
+    o, lse, got = grads(mod.attention, lambda t: t.to(dtype) if t.is_floating_point() else t)
+    o_ref, lse_ref, want = grads(lambda *a, **k: attncc.reference(p, *a, **k), lambda t: t.double())
+    tol = tol or VJP_TOL[dtype]
+    assert rel_err(o, o_ref) < tol
+    finite = torch.isfinite(lse_ref)
+    assert torch.equal(torch.isfinite(lse), finite)
+    assert rel_err(lse[finite], lse_ref[finite]) < tol
+    for label, x, r in zip(["q", "k", "v"] + learned, got, want):
+        assert torch.isfinite(x).all(), f"d{label} has NaN/inf"
+        assert rel_err(x, r) < tol, (label, rel_err(x, r))
+    return lse, got

@@ -2,8 +2,8 @@
 ``attncc.reference`` (float64), forward and backward.
 
 A seed fixes everything: :func:`random_spec` draws a well-typed spec (masks mixing bands, ``//``
-and ``%`` by literals and by int params with odd divisors, unions and intersections, global rows
-and columns, ``n_q``/``n_k``, inputs with look-alike names, biases, softcap, score transforms, rope,
+and ``%`` by literals and by int params with odd divisors, chunks, sinks beside a window, 2D
+neighborhoods, unions and intersections, global rows and columns, ``n_q``/``n_k``, inputs with look-alike names, biases, softcap, score transforms, rope,
 fixed head counts), :func:`random_call` draws a call of it (odd lengths, Nq != Nk, offsets, GQA/MQA,
 non-contiguous q/k/v and inputs, param overrides, half precision now and then), and
 :func:`check_case` builds the spec (cached per text), runs it under the Triton interpreter and
@@ -371,7 +371,8 @@ def _mask_leaf(pool: _Pool) -> Atom:
     rng = pool.rng
     kind = rng.choice(("causal", "causal", "window", "window", "chunk", "modulo", "global", "prefix",
                        "bottom_right", "head", "batch", "doc", "len", "flag", "float_table", "random_blocks",
-                       "float_bound", "power", "lookalike", "minmax", "input_divmod", "int_product"))
+                       "float_bound", "power", "lookalike", "minmax", "input_divmod", "int_product", "sinks",
+                       "grid2d"))
     if kind in ("input_divmod", "random_blocks", "float_bound") and rng.random() < 0.5:
         kind = "causal"  # rarer clauses
     if kind == "causal":
@@ -383,8 +384,20 @@ def _mask_leaf(pool: _Pool) -> Atom:
     if kind == "chunk":
         c, tags = _divisor(pool)
         text = rng.choice((f"i // {c} == j // {c}", f"abs(i // {c} - j // {c}) <= 1", f"(j - i) // {c} <= 0",
-                           f"(i - j) // {c} == 0", f"j // {c} <= i // {c}"))
+                           f"(i - j) // {c} == 0", f"j // {c} <= i // {c}", f"j >= i - i % {c}",
+                           f"j <= i and i // {c} == j // {c}"))
         return Atom(text, tags)
+    if kind == "sinks":  # StreamingLLM: a causal window plus the first tokens (two key intervals per row)
+        s, _ = pool.int_operand("glob")
+        w, _ = pool.int_operand("win")
+        return Atom(rng.choice((f"j < {s} or (j <= i and i - j < {w})", f"j < {s} or abs(i - j) <= {w}",
+                                f"j < {s} or i < {s} or (j <= i and i - j < {w})")))
+    if kind == "grid2d":  # 2D neighborhood on a flattened image of rows of c pixels (exact block lists)
+        c, is_param = pool.int_operand("div")
+        r, _ = pool.int_operand("win")
+        text = rng.choice((f"abs(i // {c} - j // {c}) <= {r} and abs(i % {c} - j % {c}) <= {r}",
+                           f"abs(i // {c} - j // {c}) <= 1 and abs(i % {c} - j % {c}) <= {r} and j <= i"))
+        return Atom(text, frozenset({"mod_param"}) if is_param else frozenset())
     if kind == "modulo":
         c, is_param = pool.int_operand("div")
         last = f"{c} - 1" if is_param else str(int(c) - 1)

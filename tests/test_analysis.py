@@ -2,8 +2,9 @@
 the mask on every pair (``attncc._reference.pair_mask``, independent of the analysis).
 
 For each tile: FULL => every pair allowed and every key row exists; EMPTY => no pair
-allowed. Checked for the closed-form key ranges (AFFINE) and for the interval classifier
-(every pattern), over tile shapes, ragged lengths, Nq != Nk, offsets and explicit n_q/n_k.
+allowed. Checked for the interval classifier (every pattern: sound) and for the walks of static
+patterns (exact), over tile shapes, ragged lengths, Nq != Nk, offsets and explicit n_q/n_k.
+tests/test_exact_plans.py checks the walks' exactness on random masks.
 """
 from __future__ import annotations
 
@@ -18,8 +19,7 @@ import pytest
 import torch
 
 from attncc._reference import pair_mask
-from attncc.analysis import Iteration, analyze, block_graph, eval_key_ranges, explain_data, graph_to_csr, plan_grid
-from attncc.analysis.ranges import check_bound
+from attncc.analysis import Iteration, analyze, block_graph, explain_data, graph_to_csr, plan_grid, walk_grid
 from attncc.runtime import tiles
 from attncc.spec import load_spec, parse_spec
 
@@ -32,7 +32,9 @@ TILES = [(16, 16), (32, 16), (16, 64), (24, 40)]
 # first key and a key block's last key on a query block's first row: the boundary cases.
 LENGTHS = [(77, 77, 0, 0, None, None), (45, 100, 1, 0, None, None), (37, 53, 29, 14, None, None),
            (50, 70, 30, 13, 120, 90)]
-EXACT = {"causal", "sliding_window", "cross_causal"}
+# the analysis evaluates these masks only approximately on single pairs (sin: an interval of
+# [-1, 1]); the kernels' exact block lists evaluate them in Triton (tests/test_exact_plans.py)
+NOT_EXACT = {"sin"}
 BATCH, HEADS = 2, 3
 
 # Masks beyond specs/, for the corners of the normal form, the bounds and the intervals.
@@ -157,7 +159,7 @@ def test_tiles_against_brute_force(pattern, lengths):
                       batch=BATCH, heads=HEADS, inputs=inputs, params=params)
     n_q_ = q_offset + q_rows if n_q is None else n_q
     n_k_ = k_offset + k_rows if n_k is None else n_k
-    exact = pattern.name in EXACT
+    exact = not pattern.inputs and pattern.name not in NOT_EXACT
     for block_m, block_n in TILES:
         anyp, allp, whole = _tile_truth(truth, block_m, block_n)
         where = f"{pattern.name} {lengths} tile {block_m}x{block_n}"
@@ -166,14 +168,13 @@ def test_tiles_against_brute_force(pattern, lengths):
         grid = tiles.classify_grid(plan.classifier, **common, n_q=n_q_, n_k=n_k_, params=params, inputs=inputs,
                                    batch=BATCH, heads=HEADS, device="cpu")
         assert grid.dtype == torch.int8 and grid.shape[-2:] == anyp.shape[-2:]
-        _check_grid(grid, anyp, allp, whole, exact, where + " (classifier)")
+        _check_grid(grid, anyp, allp, whole, False, where + " (classifier)")
 
-        if plan.iteration is Iteration.AFFINE:
-            for clip in (True, False):
-                kr = torch.stack([torch.stack([eval_key_ranges(plan, **common, n_q=n_q, n_k=n_k, params=params, b=b,
-                                                               h=h, clip_rows=clip) for h in range(HEADS)])
-                                  for b in range(BATCH)])
-                _check_grid(kr, anyp, allp, whole, exact and clip, where + f" (key ranges, clip_rows={clip})")
+        if not pattern.inputs:  # the dK/dV walk: per key block its query blocks, FULL ones whole
+            t = torch.stack([torch.stack([walk_grid(plan, "dkdv", **common, n_q=n_q, n_k=n_k, params=params, b=b, h=h)
+                                          for h in range(HEADS)]) for b in range(BATCH)]).transpose(-1, -2)
+            q_whole = ((torch.arange(anyp.shape[-2]) + 1) * block_m <= q_rows).view(1, 1, -1, 1)
+            _check_grid(t, anyp, allp, q_whole, exact, where + " (dK/dV walk)")
 
         # the kernel's grid as a networkx block graph and its CSR lists, both directions
         kgrid = plan_grid(plan, **common, n_q=n_q, n_k=n_k, params=params, inputs=inputs, batch=BATCH, heads=HEADS)
@@ -191,11 +192,12 @@ def test_tiles_against_brute_force(pattern, lengths):
 
 
 SWEEP = ["causal", "sliding_window", "cross_causal", "local_bidirectional", "longformer", "prefix_lm", "gap",
-         "max_lower", "coef2", "coef3", "row_window", "row_coef", "where_num", "cross_chunk", "guard_param"]
+         "max_lower", "coef2", "coef3", "row_window", "row_coef", "where_num", "cross_chunk", "guard_param",
+         "floor_blocks", "ceil", "min_upper"]
 
 
 @pytest.mark.parametrize("pattern", [p for p in PATTERNS if p.id in SWEEP])
-def test_key_ranges_over_every_block_alignment(pattern):
+def test_walks_over_every_block_alignment(pattern):
     """Every residue of q_offset modulo BLOCK_M and of q_offset - k_offset modulo BLOCK_N:
     each off-by-one of a bound shows up at one of them."""
     plan = analyze(pattern)
@@ -210,46 +212,39 @@ def test_key_ranges_over_every_block_alignment(pattern):
             common = dict(q_offset=q_offset, k_offset=k_offset, q_rows=q_rows, k_rows=k_rows, block_m=block_m,
                           block_n=block_n)
             where = f"{pattern.name} k_offset={k_offset} tile {block_m}x{block_n}"
-            exact = pattern.name in EXACT
-            grid = eval_key_ranges(plan, **common, params=params)
-            _check_grid(grid, anyp, allp, whole, exact, where + " (key ranges)")
+            grid = walk_grid(plan, "forward", **common, params=params)
+            _check_grid(grid, anyp, allp, whole, True, where + " (forward walk)")
             grid = tiles.classify_grid(plan.classifier, **common, n_q=q_offset + q_rows, n_k=k_offset + k_rows,
                                        params=params, inputs={}, batch=1, heads=1, device="cpu")
-            _check_grid(grid, anyp, allp, whole, exact, where + " (classifier)")
+            _check_grid(grid, anyp, allp, whole, False, where + " (classifier)")
 
 
 def test_iteration_per_spec():
-    got = {Path(f).stem: (analyze(load_spec(f)).iteration.value, analyze(load_spec(f)).dynamic) for f in SPECS}
-    assert got["dense"] == ("dense", False) and got["t5_bias"] == ("dense", False)
+    plans = {Path(f).stem: analyze(load_spec(f)) for f in SPECS}
+    got = {name: (p.forward.kind.value, p.transposed.kind.value, p.dynamic) for name, p in plans.items()}
+    assert got["dense"] == ("dense", "dense", False) and got["t5_bias"] == ("dense", "dense", False)
     assert got["linear_elu"][0] == "dense"
-    for name in ("causal", "sliding_window", "cross_causal", "prefix_lm", "longformer", "strided", "dilated",
-                 "local_bidirectional", "alibi", "gqa", "mqa", "softcap", "rope_causal"):
-        assert got[name] == ("affine", False), name
-    assert got["bigbird"] == ("block_list", False)
-    assert got["document"] == ("block_list", True) and got["padding"] == ("block_list", True)
+    for name in ("causal", "sliding_window", "cross_causal", "prefix_lm", "longformer", "local_bidirectional",
+                 "alibi", "gqa", "mqa", "softcap", "rope_causal"):
+        assert got[name] == ("bands", "bands", False), name
+    for name in ("bigbird", "strided", "dilated"):  # no closed form: exact block lists
+        assert got[name] == ("block_list", "block_list", False), name
+        assert plans[name].forward.reason and plans[name].needs_exact_lists
+    assert got["document"] == ("block_list", "block_list", True) and got["padding"] == ("block_list", "block_list", True)
+    assert plans["prefix_lm"].forward.segments == 1, "j < prefix or j <= i merges into one band"
+    assert plans["longformer"].forward.segments == 2, "a column and a band"
+    assert not plans["causal"].needs_exact_lists and plans["sliding_window"].needs_exact_lists
 
 
-@pytest.mark.parametrize("pattern", PATTERNS)
-def test_bounds_print_as_triton_integer_code(pattern):
-    """Only Add, Mul, Max, Min, floor, integers and symbols; every floor of a value >= 0."""
-    plan = analyze(pattern)
-    for kr in plan.key_ranges:
-        for _, e in kr.items():
-            check_bound(e)
-        for _, e in kr.steps:
-            check_bound(e)
-
-
-def test_too_complex_masks_fall_back_to_every_block():
+def test_too_complex_masks_take_exact_block_lists():
     plan = analyze(next(p.values[0] for p in PATTERNS if p.id == "too_complex"))
-    assert plan.iteration is Iteration.AFFINE and len(plan.key_ranges) == 1
-    assert "too complex" in plan.clauses[0][0]
+    assert plan.iteration is Iteration.BLOCK_LIST and "too many clauses" in plan.forward.reason
 
 
 def test_block_stats_of_document():
     plan = analyze(load_spec(ROOT / "specs" / "document.toml"))
     assert {(s.input, s.axis_var, s.block) for s in plan.block_stats} == {("doc", "i", "m"), ("doc", "j", "n")}
-    assert plan.classifier is not None and plan.key_ranges == ()
+    assert plan.classifier is not None and plan.forward.kind is Iteration.BLOCK_LIST and plan.forward.cover is None
 
 
 def test_document_tiles_are_exact_for_aligned_documents():
@@ -265,11 +260,14 @@ def test_document_tiles_are_exact_for_aligned_documents():
     assert torch.equal(grid == tiles.EMPTY, ~same_doc | (kb > qb))
 
 
-def test_causal_key_ranges_text():
-    plan = analyze(load_spec(ROOT / "specs" / "causal.toml"))
-    (kr,) = plan.key_ranges
-    assert str(kr.lo) == "0"
-    assert str(kr.full_hi) == "Min(floor(N_K/BLOCK_N), floor(Max(0, -k_offset + q_lo + 1)/BLOCK_N))"
+def test_band_texts():
+    def lines(name, **over):
+        return analyze(load_spec(ROOT / "specs" / f"{name}.toml")).forward.cover.lines()
+
+    assert lines("causal") == ("band: -inf <= j <= x",)
+    assert lines("prefix_lm") == ("band: -inf <= j <= max(x, prefix - 1)",)
+    assert lines("longformer") == ("rows: rows -inf <= x <= g - 1: -inf <= j <= inf", "column: -inf <= j <= g - 1",
+                                   "band: -w + x <= j <= w + x", "exact when: -2*w <= 0")
 
 
 # ---------------------------------------------------------------------------
@@ -412,6 +410,6 @@ def test_explain_cli_json(capsys):
                          "64x32", "--param", "window=100", "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert {"density", "tiles", "flops", "dense_flops", "iteration"} <= set(d)
-    assert d["iteration"] == "affine" and set(d["tiles"]) == {"empty", "full", "partial"}
+    assert d["iteration"] == "bands" and set(d["tiles"]) == {"empty", "full", "partial"}
     assert main_explain([str(ROOT / "specs" / "document.toml"), "--n", "300"]) == 0
     assert "block_list" in capsys.readouterr().out

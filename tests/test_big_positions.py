@@ -60,10 +60,13 @@ def test_position_masks_past_int32(extra, name, offset):
 
 
 @pytest.mark.parametrize("offset", OFFSETS)
-@pytest.mark.parametrize("name", ["causal", "sliding_window", "rope_causal", "cross_causal"])
+@pytest.mark.parametrize("name", ["causal", "sliding_window", "rope_causal", "cross_causal", "chunked_local",
+                                  "sink_window", "neighborhood_2d"])
 def test_specs_past_int32(name, offset):
+    """Closed-form walks (one and two segments, chunks) and exact block lists (the tile kernel) too."""
     q, k, v = _qkv(45, 60, seed=offset % 89)
-    kw = {"window": 13} if name == "sliding_window" else {}
+    kw = {"sliding_window": {"window": 13}, "chunked_local": {"chunk": 24}, "sink_window": {"window": 13},
+          "neighborhood_2d": {"width": 10, "radius": 1}}.get(name, {})
     # queries at the end of the keys: every query block sees some keys
     _check(pattern(name), module(name), q, k, v, q_offset=offset + 15, k_offset=offset, **kw)
 

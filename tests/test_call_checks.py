@@ -90,3 +90,39 @@ def test_empty_sequences():
 def test_return_lse_must_be_bool():
     with pytest.raises(TypeError, match="return_lse must be a bool"):
         module("causal").attention(*qkv(), return_lse="yes")
+
+
+def test_head_dims_past_the_kernels_limit_are_refused_by_spec_and_call():
+    """Specs and calls share one limit (256): a spec may not promise head dims no call can take."""
+    from attncc.spec import SpecError, parse_spec
+
+    with pytest.raises(SpecError, match=r"between 1 and 256 .*calls share"):
+        parse_spec("head_dim = 512")
+    with pytest.raises(SpecError, match=r"value_dim.*between 1 and 256"):
+        parse_spec("value_dim = 384")
+    q, k, v = qkv(D=16)
+    v = torch.randn(1, 2, 16, 288)
+    with pytest.raises(ValueError, match=r"D and Dv from 1 to 256 .*head_dim.*got D = 16, Dv = 288"):
+        module("causal").attention(q, k, v)
+
+
+def test_rotary_dim_larger_than_the_call_head_dim_is_refused(tmp_path):
+    """A fixed [rope].rotary_dim past the call's head dim used to run (rotating garbage) while
+    attncc.reference refused it; so did an odd head dim rotated whole."""
+    import attncc
+    from cases import build_inline
+
+    p, mod = build_inline({"rope16": 'head_dim = [16, 32]\n[rope]\nrotary_dim = 16\n[mask]\nwhere = "causal"\n'},
+                          tmp_path)["rope16"]
+    q, k, v = qkv(D=8)
+    with pytest.raises(ValueError, match=r"rotary_dim = 16 needs an even rotary dim of at most the head dim, got head dim D = 8"):
+        mod.attention(q, k, v)
+    with pytest.raises(ValueError, match="rotary_dim 16"):
+        attncc.reference(p, q, k, v)
+    with pytest.raises(ValueError, match="rotary_dim = 16"):
+        mod.decode(q[:, :, -1:], k, v, kv_len=torch.tensor([16]))
+    q, k, v = qkv(D=15)
+    with pytest.raises(ValueError, match=r"\[rope\] \(rotating the whole head\) needs an even rotary dim"):
+        module("rope_causal").attention(q, k, v)
+    q, k, v = qkv(D=16)
+    assert mod.attention(q, k, v).shape == (1, 4, 16, 16)

@@ -45,6 +45,25 @@ def test_fullgraph_with_params_lse_and_dropout():
     compare(fn, [q, k, v])
 
 
+def test_fullgraph_gradients_through_the_lse():
+    """The custom ops carry the LSE's gradient (contract v1); a loss of the LSE alone too."""
+    q, k, v = leaves((1, 2, 33, 16), (1, 2, 33, 16), (1, 2, 33, 16), seed=4)
+    window = module("sliding_window")
+
+    def fn(q, k, v):
+        o, lse = window.attention(q, k, v, window=7, return_lse=True)
+        return (o * o).sum() + (lse * torch.linspace(-1, 1, 33)).sum()
+
+    compare(fn, [q, k, v])
+    q, k, v = leaves((1, 2, 33, 16), (1, 2, 33, 16), (1, 2, 33, 16), seed=5)
+    only_lse = lambda q, k, v: window.attention(q, k, v, window=7, return_lse=True)[1].sum()  # noqa: E731
+    eager = torch.autograd.grad(only_lse(q, k, v), (q, k), allow_unused=True)
+    torch._dynamo.reset()
+    grads = torch.autograd.grad(torch.compile(only_lse, fullgraph=True, backend="aot_eager")(q, k, v), (q, k))
+    for a, b in zip(grads, eager):
+        assert b.abs().max() > 0 and torch.allclose(a, b, atol=1e-6)
+
+
 def test_double_backward_still_raises():
     q, k, v = leaves(*[(1, 2, 20, 16)] * 3, seed=3)
     causal = module("causal")

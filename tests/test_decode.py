@@ -82,7 +82,7 @@ def make_cache(k, v, kv_len, page_size, gen, *, spare=3):
 
 
 def run_decode(name, *, Nq=1, paged=False, heads=None, B=3, Nmax=70, D=32, dtype=torch.float32, kv_len=None,
-               page_size=16, seed=0, nan_before=None):
+               page_size=16, seed=0, nan_before=None, params=None):
     p = pattern(name)
     Hq, Hkv = heads or heads_for(p)
     gen = torch.Generator().manual_seed(seed)
@@ -94,8 +94,8 @@ def run_decode(name, *, Nq=1, paged=False, heads=None, B=3, Nmax=70, D=32, dtype
         kv_len = kv_len[:B]
     kv_len = torch.tensor(kv_len, dtype=torch.int32)
     capacity = -(-Nmax // page_size) * page_size if paged else Nmax  # inputs along positions cover it
-    kw = dict(SMALL_PARAMS.get(name, {}), **{n: t for n, t in inputs_for(p, B, Hq, capacity, gen).items()
-                                           if n != "kv_len"})
+    kw = dict(SMALL_PARAMS.get(name, {}), **(params or {}),
+              **{n: t for n, t in inputs_for(p, B, Hq, capacity, gen).items() if n != "kv_len"})
     k = k_raw
     if p.rope is not None:  # the cache holds keys rotated at their positions
         rd = p.rope.rotary_dim or D
@@ -155,9 +155,20 @@ def test_decode_head_groups(heads):
 
 
 @pytest.mark.parametrize("name", ["longformer", "prefix_lm", "document", "padding", "t5_bias", "cross_causal",
-                                  "dilated", "strided", "local_bidirectional"])
+                                  "dilated", "strided", "local_bidirectional", "chunked_local", "sink_window",
+                                  "neighborhood_2d", "block_diagonal"])
 def test_decode_other_specs(name):
-    run_decode(name, Nq=4, paged=name in ("document", "longformer"), seed=11)
+    run_decode(name, Nq=4, paged=name in ("document", "longformer", "sink_window"), seed=11)
+
+
+@pytest.mark.parametrize("name, params", [("chunked_local", {"chunk": -8}), ("block_diagonal", {"chunk": -5}),
+                                          ("chunked_local", {"chunk": 1})])
+def test_params_that_break_the_closed_forms_monotonicity(name, params):
+    """Chunks of a negative size (``i // -8 == j // -8``) make the closed form's bounds decrease with
+    the row: decode then visits every block below kv_len, masked (``CLOSED`` false), as the forward
+    takes its exact lists. It walked the closed form regardless and skipped allowed pairs (error 1.3)."""
+    run_decode(name, Nq=4, paged=True, seed=12, params=params)
+    run_decode(name, Nq=1, seed=13, params=params)
 
 
 @pytest.mark.parametrize("splits", ["1", "3", "9"])

@@ -186,6 +186,29 @@ def test_classifier_is_sound_near_float_boundaries():
     assert not any(op == "widen" for _, op, _ in analyze(p).classifier.steps)
 
 
+def test_classifier_is_exact_on_integer_division_by_params():
+    """``//`` and ``%`` by an int param are integer arithmetic, as by a literal: never widened, so
+    the classifier is exact on one-pair tiles (the exact tile lists and ``explain`` of static masks
+    rely on it). sympy's ``is_integer`` of ``floor(i / w)`` is None (w could be 0): they were
+    widened as float arithmetic, and tiles with every pair allowed came out PARTIAL."""
+    from attncc.analysis import analyze
+    from attncc.runtime import tiles
+
+    masks = ["i // w == j // w", "i % w < 3", "(i - j) % w == 0", "w * (i // w) <= j", "j >= i - i % w",
+             "abs(i // w - j // w) <= 1 and abs(i % w - j % w) <= 1", "(i + 1) // w * w <= j + w % 3"]
+    for text in masks:
+        p = parse_spec(f'[params]\nw = 5\n[mask]\nwhere = "{text}"\n')
+        program = analyze(p).classifier
+        assert not any(op == "widen" for _, op, _ in program.steps), text
+        for off in (0, 2**30 + 17):
+            allowed = pair_mask(p, q_rows=24, k_rows=24, q_offset=off, k_offset=off)[0, 0]
+            grid = tiles.classify_grid(program, q_offset=off, k_offset=off, q_rows=24, k_rows=24, block_m=1,
+                                       block_n=1, n_q=off + 24, n_k=off + 24, params={"w": 5}, inputs={}, batch=1,
+                                       heads=1, device="cpu")[0, 0]
+            want = torch.where(allowed, tiles.FULL, tiles.EMPTY).to(grid.dtype)
+            assert torch.equal(grid, want), (text, off)
+
+
 # -- whole kernels ----------------------------------------------------------------------
 
 def _qkv(B, Hq, Hkv, Nq, Nk, D, seed, Dv=None):

@@ -4,7 +4,9 @@ A CUDA run at B = 9, H = 32, N = 65536, D = 128 (2.4e9 elements per tensor) read
 ``b * stride_qb`` and friends were int32 products. Such sizes do not fit a CPU test, so this test
 compiles the kernels themselves for sm90 (Triton's front end and TTIR passes need no GPU) and
 inspects their IR: in a child process the generated modules run a set of calls (forward,
-backward, decode, varlen, RoPE, dropout, block lists, linear attention) with every kernel launch
+backward, decode, varlen, RoPE, dropout, block lists, the walks of issue 16: one and two closed-form
+segments, calls that break a closed form's precondition (the LISTS loops), exact block lists and
+their tile kernel, per sequence for varlen; linear attention) with every kernel launch
 replaced by a compilation to TTIR, and every ``arith.muli`` on i32 is checked. One is an error
 when one operand comes from ``tt.get_program_id`` and the other from a stride-like argument (a
 stride, a row width, a length the rows are multiplied by), unless the program-id operand is a
@@ -26,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 # Arguments a program-id-derived index must not multiply in int32.
-STRIDE_LIKE = re.compile(r"stride|_s\d+$|^list_|^(Nq|Nk|N|TOTAL_Q)$")
+STRIDE_LIKE = re.compile(r"stride|_s\d+$|^list_|^(Nq|Nk|N|TOTAL_Q|N_KB)$")
 # Positions: their arithmetic is int32 only when the host found it fits (WIDE otherwise; decode's
 # positions run up to CAPACITY, and its WIDE covers the capacity and the inputs' extents).
 POSITIONS = {"q_offset", "k_offset", "n_q", "n_k", "offset", "pos0", "position", "CAPACITY"}
@@ -41,7 +43,8 @@ def test_no_int32_products_of_program_ids_and_strides():
     kernels = report["kernels"]
     # every kind of kernel was compiled and looked at
     for name in ("_fwd_kernel", "_bwd_preprocess", "_bwd_dkdv_kernel", "_bwd_dq_kernel", "_dec_kernel", "_merge_kernel",
-                 "_tk_kernel", "_rope_rows_kernel", "_dropout_mask_kernel", "_scan", "_output", "_dq", "_dkdv"):
+                 "_tk_kernel", "_exact_tiles_kernel", "_rope_rows_kernel", "_dropout_mask_kernel", "_scan", "_output",
+                 "_dq", "_dkdv"):
         assert any(k.startswith(name + " ") for k in kernels), (name, sorted(kernels))
     assert not report["flagged"], "int32 products of program ids and strides:\n" + "\n".join(report["flagged"])
 
@@ -215,7 +218,7 @@ def _child():
 
     mods = {n: importlib.import_module(f"generated.{n}") for n in
             ("causal", "document", "alibi_learned", "rope_causal", "causal_dropout", "bigbird", "t5_bias",
-             "linear_elu", "sliding_window", "padding")}
+             "linear_elu", "sliding_window", "padding", "sink_window", "chunked_local", "neighborhood_2d")}
     os.environ["TRITON_INTERPRET"] = "1"  # attncc's host code takes CPU tensors (the launches are compiled only)
     os.environ["ATTNCC_DECODE_SPLITS"] = "3"  # decode merges splits: its merge kernel too
 
@@ -235,6 +238,12 @@ def _child():
         mods["causal_dropout"].dropout_keep_mask(*qkv(grad=False), seed=1, **kw)
         fwd_bwd(mods["sliding_window"], *qkv(), window=40, **kw)
         fwd_bwd(mods["padding"], *qkv(), kv_len=torch.tensor([wide + 50, wide + 90]), **kw)
+        # the walks: two closed-form segments; a call breaking the precondition (window >= 1: the
+        # LISTS loops and the exact lists); chunks; exact block lists (their tile kernel)
+        fwd_bwd(mods["sink_window"], *qkv(), sinks=4, window=40, **kw)
+        fwd_bwd(mods["sliding_window"], *qkv(), window=0, **kw)
+        fwd_bwd(mods["chunked_local"], *qkv(), chunk=32, **kw)
+        fwd_bwd(mods["neighborhood_2d"], *qkv(), width=12, radius=2, **kw)
     fwd_bwd(mods["document"], *qkv(), doc=torch.zeros(2, 96, dtype=torch.int64))
     fwd_bwd(mods["alibi_learned"], *qkv(), **{d.name: torch.rand(4, requires_grad=True)
                                               for d in mods["alibi_learned"].SPEC.inputs})
@@ -243,9 +252,12 @@ def _child():
     cu = torch.tensor([0, 40, 96], dtype=torch.int32)
     fwd_bwd(mods["causal"], *qkv(B=1), cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=56, max_seqlen_k=56)
     fwd_bwd(mods["rope_causal"], *qkv(B=1), cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=56, max_seqlen_k=56)
+    for name, params in (("neighborhood_2d", dict(width=12, radius=2)), ("chunked_local", dict(chunk=-8))):
+        # per-sequence exact lists (chunk = -8 breaks chunked_local's precondition chunk >= 1)
+        fwd_bwd(mods[name], *qkv(B=1), cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=56, max_seqlen_k=56, **params)
     with torch.no_grad():
         q, k, v = qkv(grad=False)
-        for name in ("causal", "document", "rope_causal"):
+        for name in ("causal", "document", "rope_causal", "sink_window", "chunked_local"):
             extra = {"doc": torch.zeros(2, 96, dtype=torch.int32)} if name == "document" else {}
             mods[name].decode(q[:, :, :2], k, v, kv_len=[96, 50], **extra)
             pages = torch.randn(12, 16, 2, 64, dtype=torch.bfloat16)

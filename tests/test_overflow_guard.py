@@ -17,7 +17,7 @@ import torch
 import attncc
 from attncc.runtime.intervals import INT32_MAX
 from attncc.spec import SpecError
-from cases import build_inline, rel_err
+from cases import SOFTMAX, build_inline, module, pattern, rel_err
 from test_big_positions import _check, _qkv
 
 SPECS = {
@@ -148,3 +148,17 @@ def test_a_divisor_that_varies_per_pair_and_may_be_zero_is_refused_at_build(tmp_
     with pytest.raises(SpecError, match=r"may be 0 .*max\(") as err:
         build_inline({"per_pair_divisor": text}, tmp_path)
     assert err.value.key == key
+
+
+@pytest.mark.parametrize("name", SOFTMAX)
+def test_shipped_specs_run_narrow_at_long_contexts(name):
+    """Every shipped softmax spec's arithmetic stays in int32 at a million positions with its
+    default params: the guard bounds each kernel variable (the walks' steps name earlier steps),
+    and none is taken as unbounded (that would make every call WIDE, int64, slower)."""
+    from attncc.runtime.intervals import CallNumbers
+
+    p, mod = pattern(name), module(name)
+    params = {q.name: q.value for q in p.params if q.kind == "int"}
+    n = 2**20
+    reach = mod._int_reach(CallNumbers(name, positions=n, batch=4, heads=32, n_q=n, n_k=n, params=params))
+    assert reach <= INT32_MAX, (name, reach)

@@ -13,7 +13,6 @@ import torch
 
 import attncc
 from attncc.analysis import Iteration, analyze
-from attncc.analysis.ranges import describe
 from attncc.analysis.score import canonical_score, softcap_of_mod
 from attncc.codegen import build
 from attncc.codegen.softmax import softmax_context
@@ -145,10 +144,10 @@ def test_relative_causal_mod_is_a_mask():
     causal = parse_spec('[mask]\nwhere = "i >= j"\n[score]\nmod = "s + (i - j)"')
     assert p.mask == causal.mask and p.mod == causal.mod and p.mod_mask == p.mask
     plan, ref = analyze(p), analyze(causal)
-    assert plan.iteration is Iteration.AFFINE
-    assert [describe(kr) for kr in plan.key_ranges] == [describe(kr) for kr in ref.key_ranges]
-    # the causal key ranges: the last key block a query block visits is the one holding q_hi
-    assert any("q_hi" in str(kr.hi) for kr in plan.key_ranges)
+    assert plan.iteration is Iteration.BANDS
+    assert plan.forward.cover == ref.forward.cover and plan.transposed.cover == ref.transposed.cover
+    # the causal band: a query block's keys end at its last row
+    assert plan.forward.cover.lines() == ("band: -inf <= j <= x",)
 
 
 def test_score_conditions_stay_in_the_mod():
@@ -271,7 +270,8 @@ def test_explain_lists_mask_dropped_and_hoisted(built, tmp_path, capsys):
     assert score["derivative"] and "cos(cos(s))" in score["derivative"]
     assert main_explain([str(path), "--n", "64"]) == 0
     text = capsys.readouterr().out
-    for want in ("score mod", "became the mask", "dropped   tan(b)", "once per program", "d/ds"):
+    for want in ("  score       scale = 0.5", "    mod       ", "became the mask", "dropped   tan(b)", "once per program",
+                 "d/ds"):
         assert want in text, text
     cap = tmp_path / "cap.toml"
     cap.write_text(spec_text("softcap_mod"))

@@ -92,7 +92,7 @@ REFUSED = [
     ("softcap-inf", "[score]\nsoftcap = inf", "[score].softcap", "finite"),
     ("theta-inf", "[rope]\ntheta = inf", "[rope].theta", "finite"),
     ("dropout-nan", "[score]\ndropout = nan", "[score].dropout", "finite"),
-    ("value-dim-huge", "value_dim = 1000000", "value_dim", "between 1 and 512"),
+    ("value-dim-huge", "value_dim = 1000000", "value_dim", "between 1 and 256"),
     ("heads-huge", "[heads]\nq = 100000000000", "[heads].q", "at most 65536"),
     ("features-huge", 'kind = "linear"\n[feature_map]\nname = "performer"\nfeatures = 1000000000', "[feature_map].features",
      "at most 65536"),

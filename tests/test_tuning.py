@@ -118,9 +118,10 @@ def test_tuner_times_each_candidate_through_pick_config_and_caches_the_fastest(m
         return abs(cfg.BLOCK_N - 128) + abs(cfg.BLOCK_M - 32) + 10 * abs(cfg.num_warps - 8) + abs(cfg.num_stages - 3) + 1.0
 
     steps = []
-    best = tuning.tune(call, "dkdv", run, timer=timer, progress=lambda done, total: steps.append((done, total)))
+    best = tuning.tune(call, "dkdv", run, timer=timer, quick_timer=timer, exhaustive=True,
+                       progress=lambda done, total: steps.append((done, total)))
     assert best == KernelConfig(32, 128, 8, 3)
-    configs = tuning.candidates(call, "dkdv")
+    configs = tuning.candidates(call, "dkdv", exhaustive=True)
     assert steps[-1] == (len(configs), len(configs)) and len(steps) == len(configs)
     assert {c for c in seen} == {c for c in configs if c.num_stages != 4}
     record = tuning.lookup(tuning.key_for(call, "dkdv"))
@@ -146,11 +147,11 @@ def test_tuner_raises_when_no_candidate_runs(monkeypatch):
 def test_candidates_fit_shared_memory_and_registers(kernel):
     h100 = 232448
     call = make_call(D=128, dtype=torch.bfloat16)
-    configs = tuning.candidates(call, kernel, h100)
+    configs = tuning.candidates(call, kernel, h100, exhaustive=True)
     assert default_config(call, kernel) in configs and len(set(configs)) == len(configs)
     assert 12 <= len(configs) <= 36
     wide_call = make_call(D=256, dtype=torch.bfloat16)
-    wide = tuning.candidates(wide_call, kernel, h100)
+    wide = tuning.candidates(wide_call, kernel, h100, exhaustive=True)
     assert len(wide) < len(configs)
     for cfg in wide:
         resident = cfg.BLOCK_N if kernel == "dkdv" else cfg.BLOCK_M
@@ -159,6 +160,70 @@ def test_candidates_fit_shared_memory_and_registers(kernel):
         smem = 2 * 256 * ((1 if kernel == "" else 2) * resident + 2 * cfg.num_stages * streamed)
         assert cfg == default_config(wide_call, kernel) or (
             acc // (32 * cfg.num_warps) <= tuning.MAX_ACC_PER_THREAD and smem <= h100)
+
+
+@pytest.mark.parametrize("kernel", ["", "dkdv", "dq"])
+@pytest.mark.parametrize("D, N", [(64, 4096), (128, 1024), (128, 16384), (256, 4096)])
+def test_pruned_candidates_are_few_fit_and_keep_the_default(kernel, D, N):
+    """Issue 18: a handful of configs per kernel (compiling 85 took three minutes), each within
+    shared memory and the register model, one pipeline depth per tile shape, the default kept."""
+    h100 = 232448
+    q = torch.empty(2, 16, N, D, dtype=torch.bfloat16)
+    call = bind(module("causal").SPEC, q, q, q)
+    pruned = tuning.candidates(call, kernel, h100, sm_count=132)
+    full = tuning.candidates(call, kernel, h100, exhaustive=True)
+    default = default_config(call, kernel)
+    assert default in pruned and len(set(pruned)) == len(pruned) and set(pruned) <= set(full)
+    assert 2 <= len(pruned) <= min(tuning.MAX_CANDIDATES, len(full))
+    shapes = [(c.BLOCK_M, c.BLOCK_N, c.num_warps) for c in pruned if c != default]
+    assert len(shapes) == len(set(shapes))
+    for cfg in pruned:
+        resident, streamed = (cfg.BLOCK_N, cfg.BLOCK_M) if kernel == "dkdv" else (cfg.BLOCK_M, cfg.BLOCK_N)
+        assert cfg == default or (
+            tuning.live_per_thread(kernel, resident, streamed, D, cfg.num_warps) <= tuning.MAX_LIVE_PER_THREAD
+            and tuning.shared_bytes(kernel, resident, streamed, D, 2, cfg.num_stages) <= h100)
+
+
+def test_cost_model_prefers_small_tiles_on_short_grids():
+    """Few programs for many SMs: a 128-row tile leaves more of them idle than a 64-row one."""
+    q = torch.empty(1, 1, 512, 64, dtype=torch.bfloat16)
+    call = bind(module("causal").SPEC, q, q, q)
+    big, small = KernelConfig(128, 64, 4, 3), KernelConfig(64, 64, 4, 3)
+    cost = lambda cfg: tuning.estimated_cost(call, "", cfg, 64, 2, 232448, 132)  # noqa: E731
+    assert cost(small) < cost(big)
+    q = torch.empty(8, 32, 8192, 64, dtype=torch.bfloat16)  # many programs: fewer loads per FLOP win
+    call = bind(module("causal").SPEC, q, q, q)
+    assert cost(big) < cost(small)
+
+
+def test_two_rounds_time_the_fastest_third_and_the_default_again(monkeypatch):
+    call = make_call(N=64, D=64, dtype=torch.bfloat16)
+    on_gpu_path(monkeypatch)
+    configs = tuning.candidates(call, "", exhaustive=True)
+    default = default_config(call, "")
+    quick = {cfg: 10.0 + i for i, cfg in enumerate(c for c in configs if c != default)}
+    quick[default] = 100.0  # slow in the short round: still timed again (the gain's baseline)
+    runs, full = [], []
+
+    def run(c):
+        runs.append(pick_config(c))
+
+    def quick_timer(fn):
+        fn()
+        return quick[runs[-1]]
+
+    def timer(fn):
+        fn()
+        full.append(runs[-1])
+        return 1.0 if runs[-1] == default else 0.8
+
+    best = tuning.tune(call, "", run, timer=timer, quick_timer=quick_timer, exhaustive=True)
+    kept = max(2, -(-len(configs) // 3))
+    assert full == sorted(quick, key=quick.get)[:kept] + [default]
+    assert best == full[0]
+    record = tuning.lookup(tuning.key_for(call, ""))
+    assert (record["ms"], record["default_ms"]) == (0.8, 1.0)
+    assert tuning.gain(record) == pytest.approx(0.25)
 
 
 def test_interpreter_bypasses_cache_and_tuner(monkeypatch):
@@ -200,9 +265,9 @@ def test_cli_show_lists_entries_and_clear_removes_them(cache, capsys):
     lines = [line.split() for line in out.splitlines() if line.startswith("  causal")]
     assert lines == [
         ["causal", "forward", "bfloat16", "d32x32", "N", "64x64", "BLOCK_M=128", "BLOCK_N=64", "warps=8",
-         "stages=3", "0.250", "ms", "(default", "0.500", "ms)"],
+         "stages=3", "0.250", "ms", "(default", "0.500", "ms,", "+100.0%", "over", "the", "built-in", "config)"],
         ["causal", "dQ", "bfloat16", "d32x32", "N", "64x64", "BLOCK_M=64", "BLOCK_N=32", "warps=4",
-         "stages=2", "0.250", "ms", "(default", "0.500", "ms)"]]
+         "stages=2", "0.250", "ms", "(default", "0.500", "ms,", "+100.0%", "over", "the", "built-in", "config)"]]
     assert main(["tune", "--clear"]) == 0
     assert "removed 1 cache file(s)" in capsys.readouterr().out
     assert tuning.cache_files() == [] and tuning.cached_config(call) is None
@@ -260,7 +325,7 @@ def test_tune_command_runs_the_generated_launchers(monkeypatch, tmp_path):
 
     ran = []
 
-    def fake_tune(call, kernel, run, progress=None, force=False):
+    def fake_tune(call, kernel, run, progress=None, force=False, **kw):
         cfg = KernelConfig(32, 16, 4, 1)
         with tuning.trying(kernel, cfg):
             out = run(call)

@@ -107,6 +107,8 @@ def test_block_list_patterns_refuse_varlen():
     doc = torch.zeros(2, 8, dtype=torch.int32)
     with pytest.raises(NotImplementedError, match="document mask"):
         module("document").attention(q, k, v, cu_seqlens_q=_cu([4, 4]), cu_seqlens_k=_cu([4, 4]), doc=doc)
+    with pytest.raises(NotImplementedError, match="random_blocks"):  # its blocks depend on each n_k
+        module("bigbird").attention(q, k, v, cu_seqlens_q=_cu([4, 4]), cu_seqlens_k=_cu([4, 4]))
 
 
 def test_argument_checks():
@@ -180,3 +182,24 @@ def test_inputs_indexed_by_b_are_per_sequence(tmp_path):
             for label, x, r in zip("qkv", grads, gs):
                 part = x[:, :, sq] if label == "q" else x[:, :, sk]
                 assert torch.allclose(part, r, atol=1e-5, rtol=1e-4), label
+
+
+@pytest.mark.parametrize("name, kw", [("strided", {"stride": 4}), ("neighborhood_2d", {"width": 5, "radius": 1}),
+                                      ("sliding_window", {"window": 0})])
+def test_exact_block_lists_per_sequence(name, kw):
+    """Static patterns without a closed form (and calls breaking one's precondition: a window of 0)
+    classify every sequence of a packed batch on its own, from position 0."""
+    lens = [5, 1, 0, 40, 17]
+    mod, p = module(name), pattern(name)
+    q, k, v, g = _packed(lens, lens, (2, 1), grad=True)
+    o = mod.attention(q, k, v, cu_seqlens_q=_cu(lens), cu_seqlens_k=_cu(lens), **kw)
+    grads = torch.autograd.grad((o * g).sum(), (q, k, v))
+    for sq, sk in _seqs(lens, lens):
+        if sq.stop == sq.start:
+            continue
+        qs, ks, vs = (t.detach()[:, :, s].double().requires_grad_() for t, s in ((q, sq), (k, sk), (v, sk)))
+        ref = attncc.reference(p, qs, ks, vs, **kw)
+        assert rel_err(o[:, :, sq].detach(), ref.detach()) < 1e-5
+        ref_grads = torch.autograd.grad((ref * g[:, :, sq].double()).sum(), (qs, ks, vs))
+        for x, r, s in zip(grads, ref_grads, (sq, sk, sk)):
+            assert float((x[:, :, s].double() - r).abs().max()) < 1e-4

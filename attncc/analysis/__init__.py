@@ -1,15 +1,19 @@
 """Stage 2: Pattern -> Plan. Public entry point: ``analyze(pattern)``.
 
-Decides per tile of ``BLOCK_M x BLOCK_N`` whether it is EMPTY, FULL or PARTIAL and how
-a query block finds its key blocks (:class:`Iteration`): closed-form bounds for affine
-masks (:mod:`attncc.analysis.ranges`), block lists for the others, classified by an
-interval program (:mod:`attncc.analysis.classifier`, run by :mod:`attncc.runtime.tiles`).
+Decides how each kernel loop finds its blocks (a :class:`Walk` per loop: the forward and dQ
+kernels' key blocks per query block, the dK/dV kernel's query blocks per key block) and, per
+tile of ``BLOCK_M x BLOCK_N``, whether it is EMPTY, FULL or PARTIAL. For static masks this is
+exact: closed forms where the mask is a union of monotone bands (:mod:`attncc.analysis.bands`,
+:mod:`attncc.analysis.walks`), exact block lists otherwise; masks over ``[inputs]`` are
+classified per call by an interval program (:mod:`attncc.analysis.classifier`, run by
+:mod:`attncc.runtime.tiles`).
 """
-from attncc.analysis.graph import block_graph, graph_to_csr, plan_grid
-from attncc.analysis.plan import Iteration, Plan, analyze, eval_key_ranges
-from attncc.analysis.ranges import KeyRange
+from attncc.analysis.graph import WALKS, block_graph, exact_tiles, graph_to_csr, plan_grid, walk_grid
+from attncc.analysis.plan import Plan, analyze, transposed_mask, transposed_pattern
 from attncc.analysis.report import explain_data
+from attncc.analysis.walks import Iteration, Walk
 from attncc.runtime.tiles import BlockStat, IntervalProgram, TileClass
 
-__all__ = ["analyze", "Plan", "Iteration", "KeyRange", "IntervalProgram", "BlockStat", "TileClass",
-           "eval_key_ranges", "plan_grid", "block_graph", "graph_to_csr", "explain_data"]
+__all__ = ["analyze", "Plan", "Iteration", "Walk", "IntervalProgram", "BlockStat", "TileClass", "WALKS", "walk_grid",
+           "exact_tiles", "plan_grid", "block_graph", "graph_to_csr", "explain_data", "transposed_mask",
+           "transposed_pattern"]

@@ -22,13 +22,14 @@ from sympy.logic.boolalg import BooleanFalse, BooleanTrue
 
 from attncc.runtime.tiles import BlockStat, IntervalProgram
 from attncc.spec import symbols as S
-from attncc.spec.builtins import AlibiSlope, Bucket, RandomBlocks, Sigmoid
+from attncc.spec.builtins import AlibiSlope, BitAnd, BitOr, BitXor, Bucket, RandomBlocks, Shift, Sigmoid
 from attncc.spec.ir import Pattern
 
 Value = Union[str, int, float]  # a step's result name, or a literal number (a point interval)
 
 _POSITION_VARS = {S.b: "b", S.h: "h", S.i: "i", S.j: "j"}
-_MONOTONE = {sympy.exp: "exp_", sympy.log: "log_", sympy.tanh: "tanh_", Sigmoid: "sigmoid_"}
+_MONOTONE = {sympy.exp: "exp_", sympy.log: "log_", sympy.tanh: "tanh_", Sigmoid: "sigmoid_", sympy.erf: "erf_"}
+_BITWISE = {BitAnd: "bitand", BitOr: "bitor", BitXor: "bitxor", Shift: "shift_"}
 _RELATIONS = {sympy.Le: "le", sympy.Lt: "lt", sympy.Eq: "eq", sympy.Ne: "ne"}
 
 
@@ -48,6 +49,21 @@ def _signed_terms(e):
         else:
             pos.append(term)
     return pos, neg
+
+
+def _integer_valued(e) -> bool:
+    """``e`` is an integer at every pair, computed exactly by the kernels (integer ``//`` and ``%``,
+    :mod:`attncc.codegen.integer`) and the reference: its interval is never widened. Unlike
+    sympy's ``is_integer``, ``floor(i / w)`` and ``i % w`` with ``w`` an int param count (sympy
+    cannot rule out ``w = 0``, where the mask is undefined anyway), and a floor or ceiling of
+    float arithmetic counts too (its argument is widened, the rounding to an integer is exact)."""
+    if e.is_integer or isinstance(e, (sympy.floor, sympy.ceiling)):
+        return True
+    if isinstance(e, (sympy.Mod, sympy.Add, sympy.Mul, sympy.Min, sympy.Max, sympy.Abs)):
+        return all(_integer_valued(a) for a in e.args)
+    if isinstance(e, sympy.Pow):
+        return bool(_integer_valued(e.base) and e.exp.is_Integer and e.exp >= 0)
+    return False
 
 
 class _Compiler:
@@ -86,7 +102,8 @@ class _Compiler:
             value = self._number(e)
         except (TypeError, ValueError, ZeroDivisionError, sympy.PolynomialError):
             return self.unknown_number()  # sympy could not take this node apart: sound, not precise
-        if e.is_integer or e.is_Atom or isinstance(e, sympy.core.function.AppliedUndef) or isinstance(value, (int, float)):
+        if (_integer_valued(e) or e.is_Atom or isinstance(e, sympy.core.function.AppliedUndef)
+                or isinstance(value, (int, float))):
             return value  # exact: integer arithmetic, leaves and literals
         # float arithmetic: the kernels and the reference round it in their own order (tiles.widen)
         return self.emit("widen", value)
@@ -116,7 +133,7 @@ class _Compiler:
                 return self.emit("floor_", self.number(num))
             return self.emit("floordiv", self.number(num), self.number(den))
         if isinstance(e, sympy.Mod):
-            return self.emit("mod", self.number(e.args[0]), self.number(e.args[1]), bool(e.is_integer))
+            return self.emit("mod", self.number(e.args[0]), self.number(e.args[1]), _integer_valued(e))
         if isinstance(e, sympy.Abs):
             return self.emit("abs_", self.number(e.args[0]))
         if isinstance(e, (sympy.Min, sympy.Max)):
@@ -132,6 +149,8 @@ class _Compiler:
             return self.emit("bucket", self.number(e.args[0]), nb, md, int(bd))
         if isinstance(e, AlibiSlope):
             return self.emit("span", 0.0, 1.0)  # every ALiBi slope is in (0, 1]
+        if type(e) in _BITWISE:
+            return self.emit(_BITWISE[type(e)], *[self.number(a) for a in e.args])
         for fn, op in _MONOTONE.items():
             if isinstance(e, fn):
                 return self.emit(op, self.number(e.args[0]))
@@ -232,9 +251,9 @@ class _Compiler:
             return self.emit("tri", False, True)
         if isinstance(e, sympy.Not):
             return self.emit("not_", self.boolean(e.args[0]))
-        if isinstance(e, (sympy.And, sympy.Or)):
+        if isinstance(e, (sympy.And, sympy.Or, sympy.Xor)):
             parts = [self.boolean(a) for a in sorted(e.args, key=sympy.default_sort_key)]
-            return self.emit("and_" if isinstance(e, sympy.And) else "or_", *parts)
+            return self.emit({sympy.And: "and_", sympy.Or: "or_", sympy.Xor: "xor_"}[type(e)], *parts)
         if isinstance(e, sympy.core.relational.Relational):
             lhs, rhs = e.lhs, e.rhs
             op = _RELATIONS.get(type(e))

@@ -10,7 +10,8 @@ branches; ``==`` into two inequalities; ``!=`` into an Or of two strict ones; a 
   polynomial of int params, ``n_q``, ``n_k``, ``h`` and ``b``: ``b != 0`` bounds the keys
   of a row, ``b == 0, a != 0`` bounds the rows, ``a == b == 0`` is a guard on the call;
 - or an :class:`OtherAtom` (modular arithmetic, floor, products, inputs, random blocks...):
-  the bounds ignore it for the key range and it keeps its clause from being FULL.
+  :mod:`attncc.analysis.bands` solves the ones with ``//`` and ``%`` it can make monotone
+  bounds of; the others leave the mask to the exact block lists.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ class LinearAtom:
 
 @dataclass(frozen=True)
 class OtherAtom:
-    """A boolean the affine bounds cannot use (kept as a sympy expression)."""
+    """A boolean that is not linear in i and j (kept as a sympy expression)."""
 
     expr_: sympy.Basic
 
@@ -116,8 +117,15 @@ FALSE: List[Clause] = []
 class _Converter:
     def __init__(self, allowed):
         self.allowed = allowed
+        self.memo = {}  # (e, neg) -> clauses: xor asks for both polarities of its operands
 
     def dnf(self, e, neg: bool) -> List[Clause]:
+        key = (e, neg)
+        if key not in self.memo:
+            self.memo[key] = self._dnf(e, neg)
+        return self.memo[key]
+
+    def _dnf(self, e, neg: bool) -> List[Clause]:
         if isinstance(e, BooleanTrue):
             return FALSE if neg else TRUE
         if isinstance(e, BooleanFalse):
@@ -128,6 +136,13 @@ class _Converter:
             parts = [self.dnf(a, neg) for a in e.args]
             conj = isinstance(e, sympy.And) != neg
             return reduce(_product if conj else _union, parts, TRUE if conj else FALSE)
+        if isinstance(e, sympy.Xor):  # an odd number of operands true: (x and not y) or (not x and y), folded
+            odd, even = self.dnf(e.args[0], False), self.dnf(e.args[0], True)
+            for a in e.args[1:]:
+                yes, no = self.dnf(a, False), self.dnf(a, True)
+                odd, even = (_union(_product(odd, no), _product(even, yes)),
+                             _union(_product(odd, yes), _product(even, no)))
+            return even if neg else odd
         if isinstance(e, sympy.core.relational.Relational):
             return self.relation(e, neg)
         return [frozenset([OtherAtom(sympy.Not(e) if neg else e)])]

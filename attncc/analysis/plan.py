@@ -1,29 +1,24 @@
-"""Pattern -> Plan: how a kernel finds the key blocks of a query block."""
+"""Pattern -> Plan: how each kernel loop finds its blocks (its :class:`Walk`)."""
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from enum import Enum
-from typing import Mapping, Optional, Tuple
+from typing import Optional, Tuple
 
 import sympy
-import torch
 
 from attncc.analysis import symbols as A
+from attncc.analysis.bands import NoBand, cover
 from attncc.analysis.classifier import compile_mask
-from attncc.analysis.normal_form import LinearAtom, TooComplex, to_dnf
-from attncc.analysis.ranges import KeyRange, clause_key_range, everything, key_range_grid, never
+from attncc.analysis.normal_form import TooComplex, to_dnf
+from attncc.analysis.walks import Iteration, Walk, bands_walk
 from attncc.runtime.tiles import BlockStat, IntervalProgram
+from attncc.spec import symbols as S
 from attncc.spec.builtins import RandomBlocks
 from attncc.spec.ir import Pattern
+from attncc._lazy import lazy_module
 
-
-class Iteration(str, Enum):
-    """How the kernel walks the key blocks of a query block."""
-
-    DENSE = "dense"  # no mask: every key block, all FULL but the key tail
-    AFFINE = "affine"  # closed-form bounds: for kb in range(lo(qb), hi(qb)), per KeyRange
-    BLOCK_LIST = "block_list"  # per-query-block lists of FULL and PARTIAL key blocks
+torch = lazy_module("torch")  # on first use: `attncc build` never imports it
 
 
 @dataclass(frozen=True)
@@ -31,34 +26,70 @@ class Plan:
     """What the analysis found about a Pattern; the input of code generation.
 
     ``pattern``: the Pattern analyzed.
-    ``iteration``: see :class:`Iteration`.
-    ``key_ranges``: AFFINE only (empty otherwise): one :class:`KeyRange` per clause of the
-        mask's DNF (``clauses``; a mask that is never true has one empty range); a tile is visited when some clause's ``[lo, hi)`` holds
-        its key block and needs no mask when some clause's ``[full_lo, full_hi)`` does.
-    ``clauses``: AFFINE only: per clause, its atoms as text (``key_ranges[k]`` belongs to
-        ``clauses[k]``); atoms marked ``[other]`` are ones the bounds cannot use.
-    ``classifier``: the mask as an interval program over tiles (None when there is no
-        mask): BLOCK_LIST kernels run it (through ``tiles.classify_grid``) to build their
-        block lists; explain and the tests run it for every iteration.
-    ``dynamic``: BLOCK_LIST whose tiles depend on ``[inputs]``: classify per call.
-        A static BLOCK_LIST (random blocks) depends only on the lengths and tile sizes
-        and can be classified once and cached.
+    ``forward``: the walk of the forward and dQ kernels (per query block, its key blocks).
+    ``transposed``: the walk of the dK/dV kernel (per key block, its query blocks): the walk of
+        the transposed mask (:func:`transposed_pattern`), in which "rows" are key positions.
+    ``iteration``: ``forward.kind``.
+    ``classifier``: the mask as an interval program over tiles (None when there is no mask):
+        patterns with ``[inputs]`` classify their tiles with it on every call.
+    ``dynamic``: the tiles depend on ``[inputs]`` (both walks are block lists made per call).
     ``block_stats``: the input reads the classifier makes (per-block min/max of an input
         along positions, or a point gathered by b / h).
+
+    For a static pattern both walks are exact (``attncc.analysis.walks``): the blocks they visit
+    are exactly those with an allowed pair, the ones they run unmasked exactly the FULL ones.
     """
 
     pattern: Pattern
     iteration: Iteration
-    key_ranges: Tuple[KeyRange, ...]
-    clauses: Tuple[Tuple[str, ...], ...]
+    forward: Walk
+    transposed: Walk
     classifier: Optional[IntervalProgram]
     dynamic: bool
     block_stats: Tuple[BlockStat, ...]
+
+    @property
+    def walks(self) -> Tuple[Walk, Walk]:
+        return self.forward, self.transposed
+
+    @property
+    def needs_exact_lists(self) -> bool:
+        """A static walk may take the exact block lists: it has no closed form, or one with a
+        precondition that a call can break."""
+        return not self.dynamic and any(w.kind is Iteration.BLOCK_LIST or w.precondition is not sympy.true
+                                        for w in self.walks)
+
+
+_SWAP = {S.i: S.j, S.j: S.i, S.n_q: S.n_k, S.n_k: S.n_q}
+
+
+def transposed_mask(pattern: Pattern):
+    """The mask with the roles of queries and keys swapped (``i <-> j``, ``n_q <-> n_k``)."""
+    return None if pattern.mask is None else pattern.mask.xreplace(_SWAP)
+
+
+def transposed_pattern(pattern: Pattern) -> Pattern:
+    """The pattern of the dK/dV walk: its "queries" are our keys (score terms dropped)."""
+    return pattern.replace(mask=transposed_mask(pattern), bias=None, mod=None, softcap=None, rope=None)
 
 
 def _mentions_input(mask, pattern: Pattern) -> bool:
     names = {d.name for d in pattern.inputs}
     return any(f.func.__name__ in names for f in mask.atoms(sympy.core.function.AppliedUndef))
+
+
+def static_walk(mask, int_params) -> Walk:
+    """The walk of a static mask: BANDS when it has an exact closed form, else the exact block
+    lists (with the reason)."""
+    if mask.atoms(RandomBlocks) or mask.has(RandomBlocks):
+        return Walk(Iteration.BLOCK_LIST, reason="random_blocks() has no closed form")
+    try:
+        clauses = to_dnf(mask, int_params)
+        return bands_walk(cover(clauses, int_params))
+    except TooComplex:
+        return Walk(Iteration.BLOCK_LIST, reason="the mask has too many clauses for closed forms")
+    except NoBand as e:
+        return Walk(Iteration.BLOCK_LIST, reason=str(e))
 
 
 @functools.lru_cache(maxsize=256)
@@ -70,54 +101,14 @@ def analyze(pattern: Pattern) -> Plan:
                          f"(the names of the loop-bound symbols)")
     mask = pattern.mask
     if mask is None:
-        return Plan(pattern, Iteration.DENSE, (), (), None, False, ())
+        dense = Walk(Iteration.DENSE)
+        return Plan(pattern, Iteration.DENSE, dense, dense, None, False, ())
     program = compile_mask(pattern)
     stats = program.block_stats
     if _mentions_input(mask, pattern):
-        return Plan(pattern, Iteration.BLOCK_LIST, (), (), program, True, stats)
-    if mask.atoms(RandomBlocks) or mask.has(RandomBlocks):
-        return Plan(pattern, Iteration.BLOCK_LIST, (), (), program, False, stats)
+        lists = Walk(Iteration.BLOCK_LIST, reason="the mask reads [inputs]: tiles classified on every call")
+        return Plan(pattern, Iteration.BLOCK_LIST, lists, lists, program, True, stats)
     int_params = frozenset(p.symbol for p in pattern.params if p.kind == "int")
-    try:
-        clauses = to_dnf(mask, int_params)
-        ranges = tuple(clause_key_range(c) for c in clauses) or (never(),)
-        text = tuple(tuple(sorted(str(a) if isinstance(a, LinearAtom) else f"{a} [other]" for a in c))
-                     for c in clauses) or (("(never true)",),)
-    except TooComplex:
-        ranges, text = (everything(),), (("(mask too complex for closed-form bounds) [other]",),)
-    return Plan(pattern, Iteration.AFFINE, ranges, text, program, False, stats)
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def bound_env(plan: Plan, *, k_offset: int, k_rows: int, block_n: int, n_q: int, n_k: int,
-              params: Optional[Mapping[str, object]] = None, b: int = 0, h: int = 0) -> dict:
-    """Values of every symbol a key-range bound may use, except ``q_lo`` / ``q_hi``."""
-    env = {p.name: p.value for p in plan.pattern.params}
-    env.update(params or {})
-    env.update(BLOCK_N=block_n, k_offset=k_offset, N_K=k_rows, n_q=n_q, n_k=n_k, b=b, h=h)
-    return env
-
-
-def eval_key_ranges(plan: Plan, *, q_offset: int, k_offset: int, q_rows: int, k_rows: int, block_m: int,
-                    block_n: int, n_q: Optional[int] = None, n_k: Optional[int] = None,
-                    params: Optional[Mapping[str, object]] = None, b: int = 0, h: int = 0,
-                    clip_rows: bool = True) -> torch.Tensor:
-    """Tile classes from an AFFINE plan's key ranges: int8 ``[n_query_blocks, n_key_blocks]``.
-
-    A tile is FULL inside some clause's full range, else PARTIAL inside some clause's
-    ``[lo, hi)``, else EMPTY. ``clip_rows``: give the last query block its last existing
-    row as ``q_hi`` (else ``q_lo + block_m - 1``; both are sound)."""
-    if plan.iteration is not Iteration.AFFINE:
-        raise ValueError(f"eval_key_ranges needs an affine plan; this one is {plan.iteration.value}")
-    n_q = q_offset + q_rows if n_q is None else n_q
-    n_k = k_offset + k_rows if n_k is None else n_k
-    nqb, nkb = _cdiv(q_rows, block_m), _cdiv(k_rows, block_n)
-    q_lo = q_offset + torch.arange(nqb, dtype=torch.int64) * block_m
-    q_hi = q_lo + block_m - 1
-    if clip_rows:
-        q_hi = torch.clamp(q_hi, max=q_offset + q_rows - 1)
-    env = bound_env(plan, k_offset=k_offset, k_rows=k_rows, block_n=block_n, n_q=n_q, n_k=n_k, params=params, b=b, h=h)
-    return key_range_grid(plan.key_ranges, env, q_lo, q_hi, nkb)
+    forward = static_walk(mask, int_params)
+    transposed = static_walk(transposed_mask(pattern), int_params)
+    return Plan(pattern, forward.kind, forward, transposed, program, False, stats)

@@ -1,24 +1,41 @@
 """What the analysis found for one problem size: density, tiles, FLOPs, bytes, bounds.
 
-The numbers ``attncc explain`` prints and draws. The density is exact: FULL tiles count
-all their pairs, PARTIAL tiles are counted by evaluating the mask on their pairs only
-(with the float64 reference's :func:`attncc._reference.pair_mask`).
+The numbers ``attncc explain`` prints and draws, all exact:
+
+- a static pattern whose walks have closed forms at these sizes (no ``[inputs]``; each walk
+  DENSE, or BANDS with its precondition holding): plain Python ints, no torch. The tiles are
+  the walks' steps run once per outer block (:mod:`attncc.analysis.intexpr`), so the counts are
+  those of :func:`attncc.analysis.graph.walk_grid`; the allowed pairs are counted row by row
+  from the forward walk's cover, whose bands are the mask's clauses solved exactly for the key
+  (a row's allowed keys: every key on a full row, else the union of the columns' intervals and
+  the band's);
+- otherwise (exact block lists, ``[inputs]``): the tile grids as tensors, FULL tiles counting
+  all their pairs and PARTIAL tiles counted by evaluating the mask on their pairs only (with
+  the float64 reference's :func:`attncc._reference.pair_mask`).
 """
 from __future__ import annotations
 
-from typing import Dict, Mapping, Optional
+from typing import Dict, Mapping, Optional, Tuple
 
-import torch
-
-from attncc.analysis.graph import plan_grid
-from attncc.analysis.plan import Iteration, Plan
-from attncc.analysis.ranges import describe
+from attncc.analysis.bands import FIRST, LAST, X, Cover
+from attncc.analysis.graph import plan_grid, walk_path
+from attncc.analysis.intexpr import Unsupported, compile_int
+from attncc.analysis.plan import Plan
+from attncc.analysis.walks import Iteration, precondition_holds
 from attncc.analysis.score import score_report
 from attncc.runtime import tiles
+from attncc.spec import symbols as S
+from attncc._lazy import lazy_module
 
-BF16_BYTES = 2
+torch = lazy_module("torch")  # on first use: `attncc build` and explain of a closed form never import it
+
+# bytes per element of q, k, v and o: explain's --dtype (short names; a spec's names map to them)
+ELEMENT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+DTYPE_SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 INDEX_BYTES = 4  # int32 block lists
 SYNTHETIC_DOCUMENTS = 4
+CLASSES = (("empty", tiles.EMPTY), ("full", tiles.FULL), ("partial", tiles.PARTIAL))
+WALK_NAMES = ("forward", "dkdv")  # the dQ kernel walks as the forward one
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -26,10 +43,10 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def synthesize_inputs(plan: Plan, *, batch: int, heads: int, positions: int) -> Dict[str, torch.Tensor]:
-    """Representative inputs for a data-dependent pattern, by declared dims and dtype:
-    an integer input along positions splits them into SYNTHETIC_DOCUMENTS equal segments
-    (document ids), one without positions holds 3/4 of the positions (a length), bool
-    inputs are all true, floating ones zero."""
+    """Representative inputs for a data-dependent pattern, by declared dims and dtype
+    (:func:`describe_synthetic` says it in words): an integer input along positions splits them
+    into SYNTHETIC_DOCUMENTS equal segments (document ids), one without positions holds 3/4 of
+    the positions (a length), bool inputs are all true, floating ones zero."""
     out = {}
     for decl in plan.pattern.inputs:
         shape = [batch if d == "b" else heads if d == "h" else positions if d == "n" else d for d in decl.dims]
@@ -46,6 +63,180 @@ def synthesize_inputs(plan: Plan, *, batch: int, heads: int, positions: int) -> 
             t = torch.full(shape, (3 * positions) // 4, dtype=dtype)
         out[decl.name] = t
     return out
+
+
+def describe_synthetic(plan: Plan, names, *, positions: int) -> Dict[str, str]:
+    """What :func:`synthesize_inputs` made for each of ``names``, in words."""
+    out = {}
+    for decl in plan.pattern.inputs:
+        if decl.name not in names:
+            continue
+        if decl.dtype == "bool":
+            out[decl.name] = "all true"
+        elif decl.dtype.startswith(("float", "bfloat")):
+            out[decl.name] = "zeros"
+        elif "n" in decl.dims:
+            out[decl.name] = f"ids of {SYNTHETIC_DOCUMENTS} equal segments of the positions (documents)"
+        else:
+            out[decl.name] = f"{(3 * positions) // 4} everywhere (3/4 of the {positions} positions)"
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# static closed forms: plain Python ints
+# ---------------------------------------------------------------------------------------------
+
+def _walk_counts(plan: Plan, walk: str, *, n_q, n_k, block_m, block_n, params, b, h,
+                 heads) -> Optional[Tuple[int, int, int]]:
+    """(visited, FULL, FULL pairs) of one walk at batch row ``b``, head ``h`` (FULL pairs: the
+    forward walk's, rows times keys of its FULL tiles), as :func:`~attncc.analysis.graph.walk_grid`
+    gives them; None when the walk takes the exact block lists here."""
+    transposed = walk == "dkdv"
+    w = plan.transposed if transposed else plan.forward
+    (o_rows, o_block), (i_rows, i_block) = ((n_k, block_n), (n_q, block_m)) if transposed else \
+        ((n_q, block_m), (n_k, block_n))
+    n_outer, n_inner = _cdiv(o_rows, o_block), _cdiv(i_rows, i_block)
+    if w.kind is Iteration.DENSE:  # every tile; FULL but a ragged last inner block
+        whole = i_rows // i_block
+        return n_outer * n_inner, n_outer * whole, o_rows * whole * i_block
+    if w.kind is not Iteration.BANDS:
+        return None
+    env = dict(params, n_q=n_k if transposed else n_q, n_k=n_q if transposed else n_k, b=b, h=h, n_heads=heads)
+    last = o_rows - 1
+    if not precondition_holds(w, {**env, FIRST: 0, LAST: last}):
+        return None
+    steps = [(sym, compile_int(e)) for sym, e in w.steps]
+    out = {sym.name: sym for sym, _ in w.steps}
+    env.update(k_offset=0, N_K=i_rows, BLOCK_N=i_block)
+    visited = full = full_pairs = 0
+    for start in range(0, o_rows, o_block):
+        env["q_lo"], env["q_hi"] = start, min(start + o_block - 1, last)
+        for sym, fn in steps:
+            env[sym] = fn(env)
+        if w.segments == 1:
+            lo, hi, flo, fhi = (env[out[n]] for n in ("lo", "hi", "full_lo", "full_hi"))
+            if not 0 <= lo <= flo <= fhi <= hi <= n_inner:
+                raise AssertionError(f"walk out of order: lo={lo} full_lo={flo} full_hi={fhi} hi={hi}")
+            n_full, n_visited = fhi - flo, hi - lo
+        else:
+            n_full = max(env[out["n_full"]], 0)
+            n_visited = n_full + max(env[out["n_masked"]], 0)
+        visited += n_visited
+        full += n_full
+        full_pairs += n_full * (env["q_hi"] - start + 1) * i_block  # FULL key blocks are whole
+    return visited, full, full_pairs
+
+
+def _allowed_by_rows(cover: Cover, *, n_rows: int, n_keys: int, env: Mapping) -> int:
+    """Allowed pairs of rows ``[0, n_rows)`` and keys ``[0, n_keys)``, row by row from a cover
+    (its guards and row ranges evaluated once, the band's bounds per row)."""
+    def value(e, default=None):
+        return default if e is None else compile_int(e)(env)
+
+    full_rows = []  # (first, last) ranges of rows that allow every key
+    for band in cover.rows:
+        if value(band.guard):
+            full_rows.append((value(band.row_lo, 0), value(band.row_hi, n_rows - 1)))
+    columns = [(value(c.lower_at(0), 0), value(c.upper_at(0), n_keys - 1)) for c in cover.columns if value(c.guard)]
+    band = cover.band if cover.band is not None and value(cover.band.guard) else None
+    if band is not None:
+        rows = (value(band.row_lo, 0), value(band.row_hi, n_rows - 1))
+        lower = compile_int(band.lower_at(X)) if band.lower else None
+        upper = compile_int(band.upper_at(X)) if band.upper else None
+    row_env = dict(env)
+    total = 0
+    for x in range(n_rows):
+        if any(a <= x <= z for a, z in full_rows):
+            total += n_keys
+            continue
+        intervals = list(columns)
+        if band is not None and rows[0] <= x <= rows[1]:
+            row_env[X] = x
+            intervals.append((0 if lower is None else lower(row_env), n_keys - 1 if upper is None else upper(row_env)))
+        end = -1  # the union's last key so far
+        for a, z in sorted(intervals):
+            a, z = max(a, end + 1, 0), min(z, n_keys - 1)
+            if a <= z:
+                total += z - a + 1
+                end = z
+    return total
+
+
+def _static_numbers(plan: Plan, *, n_q, n_k, block_m, block_n, params, nb, nh, batch, heads) -> Optional[dict]:
+    """Tile counts per walk and allowed pairs over all batch rows and heads, and the number of
+    grids (``nb * nh``: batch rows / heads with tiles of their own), or None when a walk takes
+    the exact block lists at these sizes (or a bound is not integer arithmetic)."""
+    weight = (batch if nb == 1 else 1) * (heads if nh == 1 else 1)
+    counts = {walk: [0, 0] for walk in WALK_NAMES}  # visited, FULL
+    allowed = full_pairs = 0
+    try:
+        for b in range(nb):
+            for h in range(nh):
+                for walk in WALK_NAMES:
+                    c = _walk_counts(plan, walk, n_q=n_q, n_k=n_k, block_m=block_m, block_n=block_n, params=params,
+                                     b=b, h=h, heads=heads)
+                    if c is None:
+                        return None
+                    counts[walk][0] += weight * c[0]
+                    counts[walk][1] += weight * c[1]
+                    if walk == "forward":
+                        full_pairs += weight * c[2]
+                if plan.forward.kind is Iteration.DENSE:
+                    allowed += weight * n_q * n_k
+                else:
+                    env = dict(params, n_q=n_q, n_k=n_k, b=b, h=h, n_heads=heads)
+                    allowed += weight * _allowed_by_rows(plan.forward.cover, n_rows=n_q, n_keys=n_k, env=env)
+    except Unsupported:
+        return None
+    tiles_per_walk = batch * heads * _cdiv(n_q, block_m) * _cdiv(n_k, block_n)
+    visited = counts["forward"][0]
+    if not full_pairs <= allowed <= visited * block_m * block_n:
+        raise AssertionError(f"{plan.pattern.name}: {allowed} allowed pairs, but {full_pairs} in FULL tiles and "
+                             f"{visited} tiles visited")
+    return {"walks": {walk: {"empty": tiles_per_walk - v, "full": f, "partial": v - f}
+                      for walk, (v, f) in counts.items()},
+            "allowed": allowed, "grids": nb * nh}
+
+
+# ---------------------------------------------------------------------------------------------
+# tensors: exact block lists, [inputs]
+# ---------------------------------------------------------------------------------------------
+
+def _every_pair_numbers(plan: Plan, *, n_q, n_k, block_m, block_n, params, nb, nh, batch, heads) -> dict:
+    """:func:`_static_numbers`' result from every pair, evaluated once (the float64 reference's
+    :func:`~attncc._reference.pair_mask`, query rows in chunks): a static pattern's tiles are
+    exact (the Plan's contract, tests/test_exact_plans.py), so each walk's visited tiles are
+    those with an allowed pair and its FULL ones those whose pairs are all allowed, the walk's
+    inner block whole (the forward walk's key block, the dK/dV walk's query block). For the
+    walks that take the exact block lists here, which classify every pair anyway."""
+    from attncc._reference import pair_mask
+    from attncc.analysis.graph import EXACT_CHUNK_PAIRS
+
+    pattern = plan.pattern.replace(inputs=())  # a static mask reads none (those of the bias need none here)
+    nqb, nkb = _cdiv(n_q, block_m), _cdiv(n_k, block_n)
+    some = torch.zeros(nb, nh, nqb, nkb, dtype=torch.bool)
+    every = torch.ones(nb, nh, nqb, nkb, dtype=torch.bool)
+    allowed = 0
+    rows_per_chunk = max(block_m, EXACT_CHUNK_PAIRS // n_k // block_m * block_m)
+    for r0 in range(0, n_q, rows_per_chunk):
+        rows = min(rows_per_chunk, n_q - r0)
+        m = pair_mask(pattern, q_rows=rows, k_rows=n_k, q_offset=r0, n_q=n_q, n_k=n_k, batch=nb, heads=nh,
+                      params=params, device="cpu")
+        allowed += int(m.sum())
+        pad = (0, nkb * block_n - n_k, 0, _cdiv(rows, block_m) * block_m - rows)
+        shape = (nb, nh, _cdiv(rows, block_m), block_m, nkb, block_n)
+        blocks = slice(r0 // block_m, r0 // block_m + _cdiv(rows, block_m))
+        some[:, :, blocks] = torch.nn.functional.pad(m, pad, value=False).view(shape).any(5).any(3)
+        every[:, :, blocks] = torch.nn.functional.pad(m, pad, value=True).view(shape).all(5).all(3)
+    weight = (batch // nb) * (heads // nh)
+    whole = {"forward": ((torch.arange(nkb) + 1) * block_n <= n_k).view(1, -1),
+             "dkdv": ((torch.arange(nqb) + 1) * block_m <= n_q).view(-1, 1)}
+    visited = weight * int(some.sum())
+    walks = {}
+    for walk in WALK_NAMES:
+        full = weight * int((some & every & whole[walk]).sum())
+        walks[walk] = {"empty": batch * heads * nqb * nkb - visited, "full": full, "partial": visited - full}
+    return {"walks": walks, "allowed": weight * allowed, "grids": nb * nh}
 
 
 def _runs(cols):
@@ -80,73 +271,112 @@ def _allowed_in_partial_tiles(plan: Plan, grid: torch.Tensor, *, q_rows, k_rows,
     return total
 
 
-def explain_data(plan: Plan, *, n_q: int, n_k: int, block_m: int = 128, block_n: int = 64, head_dim: int = 128,
-                 batch: int = 1, heads: int = 1, params: Optional[Mapping[str, object]] = None,
-                 inputs: Optional[Mapping[str, torch.Tensor]] = None) -> dict:
-    """The numbers of one problem: ``n_q`` query rows and ``n_k`` key rows (positions from 0).
-
-    Keys: iteration, dynamic, sizes, tiles {empty, full, partial} (over all batch rows and
-    heads), allowed_pairs, pairs, density, flops (4·B·H·Nq·Nk·D·density), dense_flops,
-    visited_flops (what the kernel computes: whole tiles it visits), bytes (q, k, v, o once
-    in bf16 plus the block lists), block_list_bytes, naive_score_memory_bytes (a dense fp32
-    score matrix) and score_memory_bytes (this pattern's visited tiles, were they stored),
-    bounds (the key-range steps per clause, as text), classifier (the interval program as
-    lines), synthesized_inputs (names of the inputs made up because none were given), score
-    (what the kernels make of ``[score].mod``: :func:`attncc.analysis.score.score_report`).
-    """
-    pattern = plan.pattern
-    params = {**pattern.param_values, **(params or {})}
-    synthesized = []
-    inputs = dict(inputs or {})
-    if pattern.mask is not None and not all(d.name in inputs for d in pattern.inputs):
-        made = synthesize_inputs(plan, batch=batch, heads=heads, positions=max(n_q, n_k))
-        synthesized = sorted(set(made) - set(inputs))
-        inputs = {**made, **inputs}
-    grid = plan_grid(plan, q_rows=n_q, k_rows=n_k, block_m=block_m, block_n=block_n, params=params,
-                     inputs=inputs, batch=batch, heads=heads)
+def _tensor_numbers(plan: Plan, *, n_q, n_k, block_m, block_n, params, inputs, batch, heads) -> dict:
+    """:func:`_static_numbers`' result from the tile grids of a pattern with ``[inputs]`` (the
+    interval classifier on them), PARTIAL tiles' pairs evaluated."""
+    grids = {walk: plan_grid(plan, q_rows=n_q, k_rows=n_k, block_m=block_m, block_n=block_n, params=params,
+                             inputs=inputs, batch=batch, heads=heads, walk=walk) for walk in WALK_NAMES}
+    grid = grids["forward"]
     nqb, nkb = grid.shape[-2:]
     full_grid = grid.expand(batch, heads, nqb, nkb)
-    counts = {name: int((full_grid == cls).sum()) for name, cls in
-              (("empty", tiles.EMPTY), ("full", tiles.FULL), ("partial", tiles.PARTIAL))}
-
+    walks = {walk: {name: int((g.expand(batch, heads, *g.shape[2:]) == cls).sum()) for name, cls in CLASSES}
+             for walk, g in grids.items()}
     rows = torch.clamp(n_q - torch.arange(nqb) * block_m, max=block_m).view(nqb, 1)
     cols = torch.clamp(n_k - torch.arange(nkb) * block_n, max=block_n).view(1, nkb)
     area = rows * cols
     full_pairs = int(((full_grid == tiles.FULL) * area).sum())
-    if pattern.mask is None:  # partial only for a ragged key tail: every existing pair counts
-        partial_pairs = int(((full_grid == tiles.PARTIAL) * area).sum())
+    partial_pairs = _allowed_in_partial_tiles(plan, grid, q_rows=n_q, k_rows=n_k, block_m=block_m, block_n=block_n,
+                                              n_q=n_q, n_k=n_k, batch=batch, heads=heads, params=params,
+                                              inputs=inputs) if walks["forward"]["partial"] else 0
+    return {"walks": walks, "allowed": full_pairs + partial_pairs, "grids": grid.shape[0] * grid.shape[1]}
+
+
+# ---------------------------------------------------------------------------------------------
+# the report
+# ---------------------------------------------------------------------------------------------
+
+def explain_data(plan: Plan, *, n_q: int, n_k: int, block_m: int = 128, block_n: int = 64, head_dim: int = 128,
+                 value_dim: Optional[int] = None, dtype: str = "bf16", batch: int = 1, heads: int = 1,
+                 params: Optional[Mapping[str, object]] = None,
+                 inputs: Optional[Mapping[str, torch.Tensor]] = None) -> dict:
+    """The numbers of one problem: ``n_q`` query rows and ``n_k`` key rows (positions from 0).
+
+    Keys: iteration, dynamic, sizes, dtype and element_bytes (of q, k, v, o), tiles {empty,
+    full, partial} (of the forward walk, over all batch rows and heads), allowed_pairs, pairs,
+    density, flops (2·B·H·Nq·Nk·(D + Dv)·density: QKᵀ and PV), dense_flops, visited_flops (what
+    the kernel computes: whole tiles it visits), bytes (q, k, v, o once in ``dtype`` plus the
+    block lists), block_list_bytes, naive_score_memory_bytes (a dense fp32 score matrix) and
+    score_memory_bytes (this pattern's visited tiles, were they stored), walks (per walk: kind,
+    path, reason, bands, tiles, visited, unmasked), block_stats, classifier (the interval
+    program as lines), synthesized_inputs (names of the inputs made up because none were given)
+    and synthetic_inputs (what they hold, in words), score (what the kernels do to a score:
+    :func:`attncc.analysis.score.score_report`).
+    """
+    if dtype not in ELEMENT_BYTES:
+        raise ValueError(f"dtype: expected one of {', '.join(ELEMENT_BYTES)}, got {dtype!r}")
+    pattern = plan.pattern
+    params = {**pattern.param_values, **(params or {})}
+    value_dim = value_dim or pattern.value_dim or head_dim
+    synthesized = []
+    inputs = dict(inputs or {})
+    if plan.dynamic and not all(d.name in inputs for d in pattern.inputs):
+        made = synthesize_inputs(plan, batch=batch, heads=heads, positions=max(n_q, n_k))
+        synthesized = sorted(set(made) - set(inputs))
+        inputs = {**made, **inputs}
+    nqb, nkb = _cdiv(n_q, block_m), _cdiv(n_k, block_n)
+    if plan.dynamic:
+        numbers = _tensor_numbers(plan, n_q=n_q, n_k=n_k, block_m=block_m, block_n=block_n, params=params,
+                                  inputs=inputs, batch=batch, heads=heads)
     else:
-        partial_pairs = _allowed_in_partial_tiles(plan, grid, q_rows=n_q, k_rows=n_k, block_m=block_m, block_n=block_n,
-                                                  n_q=n_q, n_k=n_k, batch=batch, heads=heads, params=params,
-                                                  inputs=inputs) if counts["partial"] else 0
-    allowed = full_pairs + partial_pairs
+        free = pattern.mask.free_symbols if pattern.mask is not None else set()
+        # as plan_grid: tiles of their own per batch row / head only where the mask reads b / h
+        sizes = dict(n_q=n_q, n_k=n_k, block_m=block_m, block_n=block_n, params=params, batch=batch, heads=heads,
+                     nb=batch if S.b in free else 1, nh=heads if S.h in free else 1)
+        numbers = _static_numbers(plan, **sizes) or _every_pair_numbers(plan, **sizes)
+    counts = numbers["walks"]["forward"]
+    allowed = numbers["allowed"]
     pairs = batch * heads * n_q * n_k
     density = allowed / pairs if pairs else 0.0
     visited = counts["full"] + counts["partial"]
 
+    walks = {}
+    for walk, w in (("forward", plan.forward), ("dkdv", plan.transposed)):
+        t = numbers["walks"][walk]
+        walks[walk] = {
+            "kind": w.kind.value,
+            "path": walk_path(plan, walk, q_rows=n_q, k_rows=n_k, params=params),
+            "reason": w.reason,
+            "bands": list(w.cover.lines()) if w.cover is not None else [],
+            "tiles": t,
+            "visited": t["full"] + t["partial"],
+            "unmasked": t["full"],
+        }
+
     heads_kv = pattern.heads_kv or heads
-    value_dim = pattern.value_dim or head_dim
-    qkvo = BF16_BYTES * batch * (heads * n_q * head_dim + heads_kv * n_k * (head_dim + value_dim)
-                                 + heads * n_q * value_dim)
+    element = ELEMENT_BYTES[dtype]
+    qkvo = element * batch * (heads * n_q * head_dim + heads_kv * n_k * (head_dim + value_dim)
+                              + heads * n_q * value_dim)
     list_bytes = 0
     if plan.iteration is Iteration.BLOCK_LIST:  # two counts and two padded index rows per query block
-        list_bytes = INDEX_BYTES * grid.shape[0] * grid.shape[1] * nqb * (2 + 2 * nkb)
+        list_bytes = INDEX_BYTES * numbers["grids"] * nqb * (2 + 2 * nkb)
+    flops_per_pair = 2.0 * (head_dim + value_dim)  # q·k and p·v
 
-    out = {
+    return {
         "pattern": pattern.name,
         "source": pattern.source,
         "iteration": plan.iteration.value,
         "dynamic": plan.dynamic,
         "n_q": n_q, "n_k": n_k, "block_m": block_m, "block_n": block_n, "head_dim": head_dim,
-        "batch": batch, "heads": heads, "params": params,
+        "value_dim": value_dim, "spec_head_dims": list(pattern.head_dims), "dtype": dtype, "element_bytes": element,
+        "batch": batch, "heads": heads, "heads_kv": heads_kv, "params": params,
         "query_blocks": nqb, "key_blocks": nkb,
         "tiles": counts,
         "allowed_pairs": allowed,
         "pairs": pairs,
         "density": density,
-        "flops": 4.0 * pairs * head_dim * density,
-        "dense_flops": 4.0 * pairs * head_dim,
-        "visited_flops": 4.0 * visited * block_m * block_n * head_dim,
+        "flops": flops_per_pair * allowed,
+        "dense_flops": flops_per_pair * pairs,
+        "visited_flops": flops_per_pair * visited * block_m * block_n,
         "bytes": qkvo + list_bytes,
         "block_list_bytes": list_bytes,
         "naive_score_memory_bytes": 4 * pairs,
@@ -154,9 +384,8 @@ def explain_data(plan: Plan, *, n_q: int, n_k: int, block_m: int = 128, block_n:
         "block_stats": [f"{s.input}[{', '.join(map(str, s.index))}]" + (f" per block along {s.axis_var}" if s.axis_var else "")
                         for s in plan.block_stats],
         "synthesized_inputs": synthesized,
-        "bounds": [{"clause": list(text), "steps": list(describe(kr))}
-                   for text, kr in zip(plan.clauses, plan.key_ranges)],
+        "synthetic_inputs": describe_synthetic(plan, synthesized, positions=max(n_q, n_k)),
+        "walks": walks,
         "classifier": list(plan.classifier.lines()) + [f"result: {plan.classifier.result}"] if plan.classifier else [],
-        "score": score_report(pattern),
+        "score": score_report(pattern, head_dim=head_dim),
     }
-    return out

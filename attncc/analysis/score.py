@@ -6,13 +6,15 @@
   nor the key position (``tan(b)``, ``f(h, i)``) shift every score of a row equally: the
   softmax cancels them, so the kernels leave them out of the key loop and add them to the
   LSE only. Not with a softcap (the tanh after the transform does not commute with a shift).
-- :func:`score_report`: the above plus what the key loop hoists, for ``attncc explain``.
+- :func:`score_report`: what the kernels do to a score (scale, bias, mod, softcap, what the
+  key loop hoists and drops), for ``attncc explain``.
 """
 from __future__ import annotations
 
 from typing import List, Optional, Tuple
 
 import sympy
+from sympy.printing.str import StrPrinter
 
 from attncc.spec import symbols as S
 
@@ -70,60 +72,124 @@ def _non_finite(e) -> bool:
     return e.has(sympy.oo, -sympy.oo, sympy.zoo, sympy.nan)
 
 
-def score_report(pattern) -> dict:
-    """The ``score`` section of ``attncc explain``: the transform, the mask taken out of it,
-    a softcap recognized in it, the terms dropped from the key loop (kept in the LSE only),
-    the sub-expressions computed once per program (of b, h) or per row (of b, h, i), and the
-    derivative the backward uses."""
-    from attncc.codegen.hoist import Hoister  # sympy only
+class _SpecPrinter(StrPrinter):
+    """Expressions as the spec language writes them: ``where(c, a, b)``, ``-inf``."""
 
-    out = {"mod": None, "mask_from_mod": None, "softcap_from_mod": None, "dropped": [], "hoisted_per_program": [],
-           "hoisted_per_row": [], "loop_mod": None, "derivative": None}
+    def _print_Piecewise(self, e):
+        out = self._print(e.args[-1].expr)
+        for value, cond in reversed(e.args[:-1]):
+            out = f"where({self._print(cond)}, {self._print(value)}, {out})"
+        return out
+
+    def _print_NegativeInfinity(self, e):
+        return "-inf"
+
+    def _print_Infinity(self, e):
+        return "inf"
+
+
+def _text(e) -> str:
+    return _SpecPrinter().doprint(e)
+
+
+def score_report(pattern, head_dim: Optional[int] = None) -> dict:
+    """The ``score`` section of ``attncc explain``: what the kernels do to a score, from the
+    code generator's own split (:func:`attncc.codegen.softmax.score_terms`, on the pattern it
+    renders: :func:`canonical_score`).
+
+    Keys: ``scale`` (the number; ``scale_default``: it is 1/sqrt(head_dim), None without a head
+    dim), ``bias``, ``mod`` (as written; the mask taken out of it in ``mask_from_mod``),
+    ``softcap`` (the spec's or the one recognized in the mod: ``softcap_from_mod``),
+    ``conditions`` (``{where, on_score}``: the conditions of the mod's ``where`` that the key
+    loop evaluates per pair, on the score or not), ``dropped`` (terms constant along j: kept out of the key loop, added to the LSE only),
+    ``hoisted_per_program`` / ``hoisted_per_row`` (sub-expressions computed once per program, of
+    b and h, or once per query row, of b, h and i), ``loop_bias`` / ``loop_mod`` (what the key
+    loop computes per pair, with the hoisted names), ``key_loop`` (its lines, in order),
+    ``derivative`` (d mod / d s, which the backward uses) and ``dropout``."""
+    out = {"scale": None, "scale_default": pattern.scale is None, "bias": None, "mod": None, "mask_from_mod": None,
+           "softcap": None, "softcap_from_mod": None, "conditions": [], "dropped": [], "hoisted_per_program": [],
+           "hoisted_per_row": [], "loop_bias": None, "loop_mod": None, "key_loop": [], "derivative": None,
+           "dropout": getattr(pattern, "dropout", 0.0) or None}
+    if pattern.kind != "softmax":
+        return out
+    if pattern.scale is not None:
+        out["scale"] = float(pattern.scale)
+    elif head_dim:
+        out["scale"] = 1.0 / float(head_dim) ** 0.5
     mod_mask = getattr(pattern, "mod_mask", None)
     if mod_mask is not None:
-        out["mask_from_mod"] = str(mod_mask)
-    if pattern.mod is None:
-        return out
-    out["mod"] = str(pattern.mod)
+        out["mask_from_mod"] = _text(mod_mask)
+    out["bias"] = None if pattern.bias is None else _text(pattern.bias)
+    out["mod"] = None if pattern.mod is None else _text(pattern.mod)
     canon = canonical_score(pattern)
-    if canon.mod is None:
+    out["softcap"] = canon.softcap
+    if pattern.softcap is None and canon.softcap is not None:
         out["softcap_from_mod"] = canon.softcap
+    qk = "scale*qk"
+    if canon.bias is None and canon.mod is None and canon.softcap is None:
+        out["key_loop"] = [f"s = {qk}"]
         return out
-    mod, dropped = canon.mod, None
-    if canon.softcap is None:
-        mod, dropped = split_mod_along_j(canon.mod)
-    out["dropped"] = [str(t) for t in sympy.Add.make_args(dropped)] if dropped is not None else []
-    hoist = Hoister()
-    loop = hoist(mod)
-    out["loop_mod"] = str(loop)
-    out["hoisted_per_program"] = [f"{sym} = {e}" for e, sym in hoist.scalars.items()]
-    out["hoisted_per_row"] = [f"{sym} = {e}" for e, sym in hoist.rows.items()]
-    try:
-        from attncc.codegen.backward import score_derivative
+    from attncc.codegen.hoist import Hoister
+    from attncc.codegen.softmax import mask_hoister, score_terms  # the kernels' split (sympy, jinja2: no torch)
 
-        out["derivative"] = str(sympy.simplify(score_derivative(canon.mod)))
-    except Exception as e:  # noqa: BLE001 - the report says why there is none
-        out["derivative"] = f"none: {e}"
+    hoist = Hoister()
+    _, bias_j, mod, lse_row, _ = score_terms(canon, hoist, mask_hoister())
+    # the hoisted values by their kernel names (Dummies print as _c0)
+    named = {sym: sympy.Symbol(sym.name) for table in (hoist.scalars, hoist.rows) for sym in table.values()}
+    bias_j, mod = (None if e is None else e.xreplace(named) for e in (bias_j, mod))
+    out["dropped"] = [_text(t) for t in sympy.Add.make_args(lse_row)] if lse_row is not None else []
+    out["hoisted_per_program"] = [f"{sym.name} = {_text(e)}" for e, sym in hoist.scalars.items()]
+    out["hoisted_per_row"] = [f"{sym.name} = {_text(e)}" for e, sym in hoist.rows.items()]
+    out["loop_bias"] = None if bias_j is None else _text(bias_j)
+    out["loop_mod"] = None if mod is None else _text(mod)
+    out["key_loop"] = [f"s = {qk}" + ("" if bias_j is None else f" + {_text(bias_j)}")]
+    if mod is not None:
+        out["key_loop"].append(f"s = {_text(mod)}")
+        out["conditions"] = [{"where": _text(c), "on_score": c.has(S.s)}
+                             for pw in sorted(mod.atoms(sympy.Piecewise), key=sympy.default_sort_key)
+                             for _, c in pw.args if c is not sympy.true]
+    if canon.softcap is not None:
+        out["key_loop"].append(f"s = {canon.softcap!r}*tanh(s/{canon.softcap!r})  (a removed pair stays -inf)")
+    if canon.mod is not None:
+        try:
+            from attncc.codegen.backward import score_derivative
+
+            out["derivative"] = _text(sympy.simplify(score_derivative(canon.mod)))
+        except Exception as e:  # noqa: BLE001 - the report says why there is none
+            out["derivative"] = f"none: {e}"
     return out
 
 
 def report_lines(score: dict) -> List[str]:
     """``score_report``'s result as the text lines of ``attncc explain``."""
-    lines = []
+    if score["scale"] is None and not score["key_loop"]:
+        return []  # linear attention: no scores
+    scale = "?" if score["scale"] is None else f"{score['scale']:.6g}"
+    how = " = 1/sqrt(head_dim)" if score["scale_default"] else " (the spec's)"
+    lines = [f"  score       scale = {scale}{how}"]
+    if score["bias"] is not None:
+        lines.append(f"    bias      {score['bias']}")
     if score["mod"] is not None:
-        lines.append(f"  score mod   {score['mod']}")
+        lines.append(f"    mod       {score['mod']}")
     if score["mask_from_mod"] is not None:
         lines.append(f"    mask      where({score['mask_from_mod']}, ..., -inf) became the mask (block sparsity applies)")
-    if score["softcap_from_mod"] is not None:
-        lines.append(f"    softcap   recognized: the built-in softcap = {score['softcap_from_mod']!r}")
+    if score["softcap"] is not None:
+        note = "  (recognized in the mod: the built-in softcap)" if score["softcap_from_mod"] is not None else ""
+        lines.append(f"    softcap   {score['softcap']!r}{note}")
+    for c in score["conditions"]:
+        on = ", on the score after scale and bias" if c["on_score"] else ""
+        lines.append(f"    per pair  {c['where']}  (a condition the key loop evaluates per pair{on})")
     for t in score["dropped"]:
         lines.append(f"    dropped   {t}  (constant along j: cancels in the softmax, added to the LSE only)")
     for t in score["hoisted_per_program"]:
         lines.append(f"    hoisted   {t}  (once per program)")
     for t in score["hoisted_per_row"]:
         lines.append(f"    hoisted   {t}  (once per query row)")
-    if score["loop_mod"] is not None:
-        lines.append(f"    key loop  s = {score['loop_mod']}")
+    for n, line in enumerate(score["key_loop"]):
+        lines.append(f"    {'key loop' if n == 0 else '':<10}{line}")
     if score["derivative"] is not None:
         lines.append(f"    d/ds      {score['derivative']}")
+    if score["dropout"]:
+        lines.append(f"    dropout   p = {score['dropout']!r} (of the probabilities, after the softmax)")
     return lines
+

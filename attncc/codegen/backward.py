@@ -2,15 +2,15 @@
 
 Three kernels per softmax pattern, all rendered from the forward's Plan and expressions:
 
-- ``_bwd_preprocess``: ``delta = rowsum(dO * O)`` and the forward's LSE turned into the
+- ``_bwd_preprocess``: ``delta = rowsum(dO * O) - dLSE`` (the LSE's gradient, when the loss uses
+  it: ``dLSE_i / ds_ij = p_ij`` adds ``dLSE_i * p_ij`` to ``dS_ij``) and the forward's LSE turned into the
   ``lse2`` the other two subtract: log2 units, less the row-constant bias terms the
   forward leaves out of its scores, ``+inf`` on rows without an allowed key (so that
   ``p = exp2(s - lse2)`` is 0 there, never NaN).
 - ``_bwd_dkdv_kernel``: one program per (key block, b, kv head); it walks the query heads
   of its GQA group and, per head, the query blocks that see its key block, accumulating
-  dK and dV in registers. Which query blocks: the plan's transpose
-  (:func:`transposed_plan` for affine masks, the transposed block lists for the others,
-  all of them for dense patterns).
+  dK and dV in registers. Which query blocks: the plan's transposed walk
+  (:attr:`attncc.analysis.Plan.transposed`, rendered by :mod:`attncc.codegen.walks`).
 - ``_bwd_dq_kernel``: one program per (query block, b, h) walking the forward's key blocks.
 
 P is recomputed from ``lse2``, never stored. The score chain rule: with
@@ -27,56 +27,19 @@ from typing import Dict, List, Optional
 import sympy
 from sympy.core.function import AppliedUndef
 
-from attncc.analysis import Iteration, Plan, analyze
+from attncc.analysis import Plan
 from attncc.analysis.score import split_mod_along_j
 from attncc.codegen.helpers import render_helper
 from attncc.codegen.hoist import Hoister, split_along_j
 from attncc.codegen.names import grad_args, grad_ptr, grad_stride, input_size, param_arg, param_value, param_var
 from attncc.codegen.printer import TritonPrinter
-from attncc.codegen.softmax import _Inputs, mask_hoister, mod_text, render_bound_steps  # gathers and bounds as the forward's
+from attncc.codegen.softmax import _Inputs, mask_hoister, mod_text  # gathers and mask code as the forward's
+from attncc.codegen.walks import render_walk
 from attncc.spec import symbols as S
 from attncc.spec.builtins import RandomBlocks
 from attncc.spec.ir import Pattern
 
 LOG2E = "1.4426950408889634"
-
-# The transposed plan's bound symbols, by name, as dK/dV kernel variables: its "query block"
-# is the key block [k_lo, k_hi], its "key blocks" are query blocks of BLOCK_M rows from
-# q_offset, and its n_q / n_k are ours swapped.
-TRANSPOSED_BOUND_NAMES = {"q_lo": "k_lo", "q_hi": "k_hi", "BLOCK_N": "BLOCK_M", "BLOCK_M": "BLOCK_N",
-                          "k_offset": "q_offset", "N_K": "Nq", "N_Q": "Nk"}
-TRANSPOSED_INDEX_NAMES = {S.b: "b", S.h: "h", S.n_q: "n_k", S.n_k: "n_q", S.n_heads: "H"}
-_SWAP = {S.i: S.j, S.j: S.i, S.n_q: S.n_k, S.n_k: S.n_q}
-
-
-def transposed_mask(pattern: Pattern):
-    """The mask with the roles of queries and keys swapped (``i <-> j``, ``n_q <-> n_k``)."""
-    return None if pattern.mask is None else pattern.mask.xreplace(_SWAP)
-
-
-def transposed_plan(pattern: Pattern) -> Plan:
-    """The Plan of the transposed mask: its key-block ranges, for the "query block" holding
-    positions ``[q_lo, q_hi]``, are the query-block ranges of the key block holding those key
-    positions (read its symbols through :data:`TRANSPOSED_BOUND_NAMES`: ``BLOCK_N`` is our
-    ``BLOCK_M``, ``k_offset`` our ``q_offset``, ``N_K`` our ``Nq``, ``n_q``/``n_k`` swapped).
-    Full ranges hold only query blocks whose rows all exist (``< Nq``)."""
-    t = pattern.replace(mask=transposed_mask(pattern), bias=None, mod=None, softcap=None, rope=None)
-    return analyze(t)
-
-
-def eval_query_ranges(pattern: Pattern, *, q_offset: int, k_offset: int, q_rows: int, k_rows: int,
-                      block_m: int, block_n: int, n_q: Optional[int] = None, n_k: Optional[int] = None,
-                      params=None, b: int = 0, h: int = 0):
-    """Tile classes ``[n_key_blocks, n_query_blocks]`` (int8) the dK/dV kernel of an affine
-    pattern uses (for checks: every tile holding an allowed pair visited, FULL ones all allowed)."""
-    from attncc.analysis import eval_key_ranges
-
-    n_q = q_offset + q_rows if n_q is None else n_q
-    n_k = k_offset + k_rows if n_k is None else n_k
-    return eval_key_ranges(transposed_plan(pattern), q_offset=k_offset, k_offset=q_offset, q_rows=k_rows,
-                           k_rows=q_rows, block_m=block_n, block_n=block_m, n_q=n_k, n_k=n_q, params=params,
-                           b=b, h=h, clip_rows=False)
-
 
 # ---------------------------------------------------------------------------
 # Expressions
@@ -309,7 +272,7 @@ def _input_grad_lines(pattern: Pattern, k: _Kernel, terms: List[InputGradTerm], 
                       f"        total{n} += tl.where(slots{n} == e, tl.sum(tl.sum(tl.where(entry{n} == e, {g}, 0.0), 1), 0), 0.0)",
                       f"    tl.atomic_add({ptr} + {offset}, total{n}, mask=slots{n} < {size})"]
             continue
-        offset = " + ".join(f"{x} * {grad_stride(t.name, d)}" for d, x in enumerate(idx))
+        offset = "".join(f" + {x} * {grad_stride(t.name, d)}" for d, x in enumerate(idx))  # none: a 0-d input
         if both:
             value, guards = g, [f"({g} != 0.0)"] + guards
         elif any(S.i in dep for dep in deps):
@@ -319,7 +282,7 @@ def _input_grad_lines(pattern: Pattern, k: _Kernel, terms: List[InputGradTerm], 
         else:
             value = f"tl.sum(tl.sum({g}, 1), 0)"
         mask = f", mask={' & '.join(guards)}" if guards else ""
-        lines.append(f"    tl.atomic_add({ptr} + {offset}, {value}{mask})")
+        lines.append(f"    tl.atomic_add({ptr}{offset}, {value}{mask})")
     k.helpers |= tile.helpers | tile_s.helpers
     return lines
 
@@ -398,28 +361,11 @@ def _context(pattern: Pattern, plan: Plan, fwd: dict) -> dict:
         pre_args += [a for n in used for a in inputs.args(n)]
         pre_values += [f"call.inputs[{n!r}], *call.inputs[{n!r}].stride(), *call.inputs[{n!r}].shape" for n in used]
 
-    # -- which query blocks see a key block (dK/dV) ------------------------------------
-    q_iteration = plan.iteration.value
-    q_ranges, q_hull_lo, q_hull_hi, q_full_test, q_visit_test, ranges_per_head = [], None, None, None, None, False
-    if plan.iteration is Iteration.AFFINE:
-        tplan = transposed_plan(pattern)
-        if tplan.iteration is not Iteration.AFFINE:  # cannot happen: the transposed mask has the same atoms
-            raise BackwardUnsupported(f"the transposed mask of {pattern.name} is not affine")
-        n = len(tplan.key_ranges)
-        names = dict(TRANSPOSED_INDEX_NAMES)
-        for p in pattern.params:
-            names[p.symbol] = param_var(p.name)
-        for c, kr in enumerate(tplan.key_ranges):
-            ranges_per_head |= any(S.h in e.free_symbols for _, e in kr.steps)
-            lines, used = render_bound_steps(kr, lambda nm: f"qb_{nm}" if n == 1 else f"q{nm}{c}",
-                                             lambda sym: names.get(sym) or TRANSPOSED_BOUND_NAMES.get(sym.name)
-                                             or sym.name)
-            q_ranges.append(lines)
-            helpers |= used
-        q_hull_lo = _fold("tl.minimum", [f"qlo{c}" for c in range(n)])
-        q_hull_hi = _fold("tl.maximum", [f"qhi{c}" for c in range(n)])
-        q_full_test = " | ".join(f"((qb >= qfull_lo{c}) & (qb < qfull_hi{c}))" for c in range(n))
-        q_visit_test = " | ".join(f"((qb >= qlo{c}) & (qb < qhi{c}))" for c in range(n))
+    # -- which query blocks see a key block (dK/dV): the transposed walk --------------------
+    dkdv_walk = render_walk(plan, transposed=True)
+    helpers |= dkdv_walk["helpers"]
+    # the loops reprint the steps only where they depend on the query head (inside its loop)
+    dkdv_loop = dkdv_walk if dkdv_walk["per_head"] else dict(dkdv_walk, steps=[])
 
     extra_helpers = [render_helper(h) for h in sorted(helpers)]
     extra_helpers = [h for h in extra_helpers if h not in fwd["helpers"]]
@@ -428,9 +374,7 @@ def _context(pattern: Pattern, plan: Plan, fwd: dict) -> dict:
     return dict(dq=kernels["dq"], dkdv=kernels["dkdv"], pre_args=pre_args,
                 input_grads=grad_names, grad_args=[a for n in grad_names for a in _grad_args(pattern, n)],
                 grad_values=[f"input_grads[{n!r}], *input_grads[{n!r}].stride()" for n in grad_names], pre_values=pre_values, pre_bias=pre_bias,
-                q_iteration=q_iteration, q_ranges=q_ranges, q_hull_lo=q_hull_lo, q_hull_hi=q_hull_hi,
-                q_full_test=q_full_test, q_visit_test=q_visit_test, ranges_per_head=ranges_per_head,
-                helpers=extra_helpers)
+                dkdv_walk=dkdv_walk, dkdv_loop=dkdv_loop, helpers=extra_helpers)
 
 
 def _grad_args(pattern: Pattern, name: str) -> List[str]:
@@ -445,10 +389,3 @@ def _random_hit(offs_i, offs_j, table, rows, R: tl.constexpr, BLOCK: tl.constexp
     for t in tl.static_range(R):
         hit = hit | (offs_j[None, :] // BLOCK == tl.load(table + row + t)[:, None])
     return hit'''
-
-
-def _fold(fn: str, items: List[str]) -> str:
-    out = items[0]
-    for x in items[1:]:
-        out = f"{fn}({out}, {x})"
-    return out

@@ -23,6 +23,7 @@ import sympy
 from sympy.core.function import AppliedUndef
 
 from attncc.codegen.integer import FloorDiv, FloorMod, integer_ops
+from attncc.codegen.printer import Defined
 from attncc.codegen.text import escaped, py_str
 from attncc.spec import symbols as S
 from attncc.spec.builtins import Bucket
@@ -45,6 +46,7 @@ class _BoundPrinter:
 
     def __init__(self, pattern: Pattern):
         self.params = {p.symbol: p.name for p in pattern.params if p.kind == "int"}
+        self.defined = {}  # kernel variables (walk steps) -> the local holding their bound
 
     def __call__(self, e) -> str:
         if e.is_Integer:
@@ -86,6 +88,8 @@ class _BoundPrinter:
         return f"x.{op}({', '.join(self(a) for a in args)})"
 
     def _symbol(self, sym) -> str:
+        if sym in self.defined:
+            return self.defined[sym]
         if sym in self.params:
             return f"x.param({py_str(self.params[sym])})"
         if sym in (S.i, S.j, S.b, S.h, S.n_q, S.n_k, S.n_heads):
@@ -99,12 +103,35 @@ class _BoundPrinter:
         return "x.unbounded()"
 
 
+def _definitions(printed: Iterable, printer: "_BoundPrinter") -> List[str]:
+    """``local = bound`` lines of the kernel variables the record defines (walk steps), in the
+    order the kernels compute them; later lines (and the terms) name earlier locals. A step in
+    float (none today) or boolean (a condition) is no integer arithmetic: left out."""
+    lines = []
+    for d in printed:
+        if not isinstance(d, Defined) or d.symbol in printer.defined:
+            continue
+        value = integer_ops(d.value)  # Max(k, c * floor(q / c)) is integer only once written with //
+        if not value.is_integer:
+            continue
+        try:
+            code = printer(value)
+        except _Float:
+            continue
+        local = f"step{len(printer.defined)}"
+        printer.defined[d.symbol] = local
+        lines.append(f"{local} = {code}  # {escaped(d.symbol.name)} = {escaped(value)}")
+    return lines
+
+
 def _kept(printed: Iterable[sympy.Basic], printer: "_BoundPrinter") -> List[Tuple[sympy.Basic, str]]:
     """``(expression, its bound's source)`` of the recorded expressions whose arithmetic is int32
     below WIDE: no input values inside (int64), not float arithmetic; each once, and none inside
     another one kept (whose bound covers it)."""
     seen, out = set(), []
     for e in printed:
+        if isinstance(e, Defined):
+            continue
         e = integer_ops(e)
         if e.is_Atom or e.atoms(AppliedUndef) or e in seen:
             continue
@@ -116,6 +143,9 @@ def _kept(printed: Iterable[sympy.Basic], printer: "_BoundPrinter") -> List[Tupl
     inner = set()
     for e, _ in out:
         inner |= {a for a in sympy.preorder_traversal(e) if a is not e}
+    for d in printed:  # a step's bound covers its value's arithmetic
+        if isinstance(d, Defined) and d.symbol in printer.defined:
+            inner |= set(sympy.preorder_traversal(integer_ops(d.value)))
     return [(e, code) for e, code in out if e not in inner]
 
 
@@ -168,7 +198,10 @@ def arithmetic_functions(pattern: Pattern, printed: Iterable[sympy.Basic]) -> Li
     """The source lines of ``_int_divisors(x)`` (None when no divisor needs a check) and
     ``_int_reach(x)`` for the expressions ``printed`` into the kernels."""
     printer = _BoundPrinter(pattern)
+    printed = list(printed)
+    steps = _definitions(printed, printer)
     terms = sorted((code, str(e)) for e, code in _kept(printed, printer))
+    terms += [(local, f"{sym.name}, a step") for sym, local in printer.defined.items()]
     checks = _host_checks(pattern, printer)
     lines = []
     if checks:
@@ -183,6 +216,7 @@ def arithmetic_functions(pattern: Pattern, printed: Iterable[sympy.Basic]) -> Li
               '    (x: attncc.runtime.intervals.CallNumbers); past 2**31 - 1 the call runs WIDE, in int64."""']
     if not terms:
         return lines + ["    return 0"]
+    lines += [f"    {line}" for line in steps]
     lines.append("    return x.reach(")
     lines += [f"        {code},  # {escaped(text)}" for code, text in terms]
     lines.append("    )")

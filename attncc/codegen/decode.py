@@ -6,32 +6,31 @@ whatever the forward kernel hoists as a per-program scalar of ``(b, h)`` becomes
 vector when it depends on ``h``. Positions are per batch row: key ``j`` is cache row ``j``,
 query row ``t`` is ``i = kv_len[b] - Nq + t``, and ``n_q = n_k = kv_len[b]``.
 
-Key-block bounds come from the analysis' closed-form key ranges (a window reads only its
-own blocks, so only its pages) when they do not depend on the query head; otherwise (and
-for data-dependent masks) every key block below ``kv_len`` is visited with the mask
+Key blocks come from the forward's closed-form walk (a window reads only its own blocks, so
+only its pages) at ``k_offset = 0``, ``N_K = kv_len``, when it does not depend on the query
+head; it stays sound (if not always exact) when the call breaks its precondition, except for
+params that break the bounds' monotonicity (a divisor or multiplier below 1, ``Walk.monotone``,
+checked on the host: the ``CLOSED`` constexpr), where every key block below kv_len is visited,
+masked. Otherwise
+(block lists, data-dependent masks) every key block below ``kv_len`` is visited with the mask
 evaluated. ``random_blocks`` patterns get no decode: their random key blocks depend on
 the sequence length, which differs per batch row.
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import List
 
-import sympy
 from sympy.core.function import AppliedUndef
 
-from attncc.analysis import symbols as A
-from attncc.analysis.ranges import STEP_NAMES
 from attncc.codegen.helpers import render_helper, rope_helpers
 from attncc.codegen.hoist import Hoister
 from attncc.codegen.names import param_arg, param_value, param_var
 from attncc.codegen.printer import TritonPrinter
-from attncc.codegen.softmax import _Inputs, mask_hoister, render_score, score_terms, step_definitions
+from attncc.codegen.softmax import _Inputs, mask_hoister, render_score, score_terms
+from attncc.codegen.walks import monotone_code, render_walk
 from attncc.spec import symbols as S
 from attncc.spec.builtins import RandomBlocks
 from attncc.spec.ir import Pattern
-
-# Kernel names of the bound symbols (k_offset is 0: the cache starts at position 0).
-BOUND_NAMES = {"q_lo": "q_lo", "q_hi": "q_hi", "BLOCK_N": "BLOCK_N", "BLOCK_M": "BLOCK_M", "N_K": "Nk"}
 
 
 def decode_context(pattern: Pattern, plan, ctx: dict) -> dict:
@@ -83,7 +82,10 @@ def decode_context(pattern: Pattern, plan, ctx: dict) -> dict:
     ctx_args = ["b", "h_row", "H", "n_q", "n_k"] + [param_var(p.name) for p in pattern.params] + input_args
     ctx_args += [sym.name for sym, _ in scalars] + [sym.name for sym, _ in rows]
 
-    iteration, ranges, note = _iteration(pattern, plan, tile)
+    iteration, walk, note = _iteration(plan)
+    closed_check = monotone_code(plan) if iteration == "segments" else "True"
+    closed_check = None if closed_check == "True" else closed_check
+    tile.helpers |= walk.get("helpers", set())
 
     helper_names = sorted(tile.helpers | row.helpers | mask_tile.helpers | mask_row.helpers)
     helpers = [render_helper(h) for h in helper_names]
@@ -93,11 +95,9 @@ def decode_context(pattern: Pattern, plan, ctx: dict) -> dict:
     return dict(
         supported=True, reason="", helpers=[h for h in helpers if h not in have],
         ctx_args=ctx_args, score_lines=score_lines, mask_code=mask_code, scalar_defs=scalar_defs,
-        row_defs=row_defs, lse_row_bias=lse_row_bias, iteration=iteration, ranges=ranges, note=note,
-        hull_lo=_fold("tl.minimum", [f"lo{c}" for c in range(len(ranges))]) if len(ranges) > 1 else None,
-        hull_hi=_fold("tl.maximum", [f"hi{c}" for c in range(len(ranges))]) if len(ranges) > 1 else None,
-        full_test=" | ".join(f"((kb >= full_lo{c}) & (kb < full_hi{c}))" for c in range(len(ranges))),
-        visit_test=" | ".join(f"((kb >= lo{c}) & (kb < hi{c}))" for c in range(len(ranges))),
+        row_defs=row_defs, lse_row_bias=lse_row_bias, iteration=iteration, note=note,
+        steps=walk.get("steps", []), segments=walk.get("segments", 0), full_kb=walk.get("full_kb", ""),
+        masked_kb=walk.get("masked_kb", ""), closed_check=closed_check, fallback=_fallback(walk),
         param_args=[param_arg(p) for p in pattern.params], input_args=input_args,
         param_values=[f"call.params[{p.name!r}]" for p in pattern.params],
         input_values=[f"call.inputs[{n!r}], *call.inputs[{n!r}].stride(), *call.inputs[{n!r}].shape"
@@ -106,42 +106,26 @@ def decode_context(pattern: Pattern, plan, ctx: dict) -> dict:
     )
 
 
-def _iteration(pattern: Pattern, plan, tile: TritonPrinter):
-    """("ranges", [steps per clause], note) from the closed-form key ranges, or ("dense" |
-    "all", [], note) when every key block below kv_len is visited (full / masked)."""
-    it = plan.iteration.value
+def _iteration(plan):
+    """("segments", the rendered forward walk, note) from the closed form, or ("dense" | "all",
+    {}, note) when every key block below kv_len is visited (full / masked)."""
+    it = plan.forward.kind.value
     if it == "dense":
-        return "dense", [], "all below kv_len; only the ragged last one is masked"
-    if it != "affine":
-        return "all", [], "all below kv_len, the mask evaluated on each (it depends on the inputs)"
-    exprs = [e for kr in plan.key_ranges for _, e in kr.steps]
-    if any(e.has(S.h) for e in exprs):
-        return "all", [], "all below kv_len, the mask evaluated on each (its key ranges depend on h)"
-    n = len(plan.key_ranges)
-    params = {p.symbol: param_var(p.name) for p in pattern.params}
-    ranges = []
-    for c, kr in enumerate(plan.key_ranges):
-        step_names = {name: (f"kv_{name}" if n == 1 else f"{name}{c}") for name, _ in kr.steps}
-        steps = []
-        for name, e in kr.steps:
-            e = e.subs(A.k_offset, 0)
-            bound_names: Dict[sympy.Symbol, str] = {}
-            for sym in e.free_symbols:
-                text = (params.get(sym) or step_names.get(STEP_NAMES.get(sym)) or BOUND_NAMES.get(sym.name)
-                        or {S.n_q: "n_q", S.n_k: "n_k", S.b: "b"}.get(sym))
-                if text is None:
-                    return "all", [], f"all below kv_len, the mask evaluated on each (a bound uses {sym})"
-                bound_names[sym] = text
-            defs = {sym: d.subs(A.k_offset, 0) for sym, d in step_definitions(kr).items()}
-            printer = TritonPrinter(bound_names, definitions=defs)
-            steps.append((step_names[name], printer(e)))
-            tile.helpers |= printer.helpers
-        ranges.append(steps)
-    return "ranges", ranges, "the forward's closed-form ranges, for the rows kv_len - Nq .. kv_len - 1"
+        return "dense", {}, "all below kv_len; only the ragged last one is masked"
+    if it != "bands":
+        return "all", {}, "all below kv_len, the mask evaluated on each (no closed form)"
+    walk = render_walk(plan, transposed=False, names={"k_offset": "0"})
+    if walk["per_head"]:
+        return "all", {}, "all below kv_len, the mask evaluated on each (its walk depends on h)"
+    return "segments", walk, "the forward's closed-form walk, for the rows kv_len - Nq .. kv_len - 1"
 
 
-def _fold(fn: str, items: List[str]) -> str:
-    out = items[0]
-    for x in items[1:]:
-        out = f"{fn}({out}, {x})"
-    return out
+def _fallback(walk: dict):
+    """The walk's outputs for a call whose params break the closed form's monotonicity (``CLOSED``
+    false): every key block below kv_len, masked (one segment: ``[kv_lo, kv_hi)`` with no FULL
+    range; two: no FULL piece and one masked piece from block 0)."""
+    if not walk:
+        return []
+    every = "tl.cdiv(Nk, BLOCK_N)"
+    out = walk["out"]
+    return [(var, every if name in ("hi", "n_masked") else "0") for name, var in out.items()]

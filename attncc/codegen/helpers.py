@@ -32,6 +32,14 @@ def _row_term_o(o, l_i, row_bias):
     removed = tl.where(row_bias == float("-inf"), 0.0, float("nan"))
     return tl.where((finite | (l_i == 0.0))[:, None], o, removed[:, None])'''
 
+SHIFT = '''@triton.jit
+def _shift(x, n):
+    """floor(x * 2**n): x << n, and x >> -n for a negative n (flooring, as Python's), in int64;
+    the amount is clamped to [-63, 63] (attncc.spec.builtins.Shift)."""
+    x = x.to(tl.int64)
+    n = tl.minimum(tl.maximum(n, -63), 63).to(tl.int64)
+    return tl.where(n >= 0, x << tl.maximum(n, 0), x >> tl.maximum(-n, 0))'''
+
 # float64 versions for mask code (attncc.codegen.printer, float64 mode)
 SQRT64 = '''# tl.sqrt of a float64 is not correctly rounded on NVIDIA GPUs; PTX's sqrt.rn.f64 is (the
 # interpreter's numpy sqrt is too)
@@ -156,7 +164,8 @@ def _rope(x, x_partner, pos, cols, ROTARY_DIM: tl.constexpr):
     return tl.where(cols[None, :] < ROTARY_DIM, rotated, xf).to(x.dtype)'''
 
 
-FIXED = {"_floordiv": FLOORDIV, "_floormod": FLOORMOD, "_ipow": IPOW, "_row_term_o": ROW_TERM_O, "_tanh": TANH, "_alibi_slope": ALIBI_SLOPE,
+FIXED = {"_floordiv": FLOORDIV, "_floormod": FLOORMOD, "_ipow": IPOW, "_shift": SHIFT, "_row_term_o": ROW_TERM_O,
+         "_tanh": TANH, "_alibi_slope": ALIBI_SLOPE,
          "_sin": _sincos("sin"), "_cos": _sincos("cos"), "_sqrt64": SQRT64, "_floormod64": FLOORMOD64,
          "_tanh64": TANH64, "_alibi_slope64": ALIBI_SLOPE64}
 

@@ -36,9 +36,27 @@ from attncc.codegen.hoist import resolve
 from attncc.codegen.integer import integer_fraction, integer_ops, integer_sums
 from attncc.spec.builtins import RandomBlocks
 
-# The integer expressions the printers write while :func:`printed_integers` is active.
+# The integer expressions the printers write while :func:`printed_integers` is active, and the
+# kernel variables defined on the way (:class:`Defined`).
 _PRINTED: contextvars.ContextVar[Optional[List[sympy.Basic]]] = contextvars.ContextVar("attncc_printed_integers",
                                                                                         default=None)
+
+
+@dataclass(frozen=True)
+class Defined:
+    """A kernel variable ``symbol = value`` (a walk's step): the record's expressions may name it."""
+
+    symbol: sympy.Symbol
+    value: sympy.Basic
+
+
+def record_definitions(steps) -> None:
+    """Record the kernel variables ``steps`` [(symbol, value)], in the order a kernel computes them,
+    for :func:`printed_integers` (their bounds are computed once, in that order, not substituted:
+    the steps of a walk name earlier steps, and substituting them grows without limit)."""
+    log = _PRINTED.get()
+    if log is not None:
+        log.extend(Defined(sym, value) for sym, value in steps)
 
 
 @contextlib.contextmanager
@@ -251,6 +269,24 @@ class TritonPrinter:
     def _Sigmoid(self, e):
         return f"tl.sigmoid({self._float(e.args[0])})"
 
+    def _erf(self, e):
+        return f"tl.erf({self._float(e.args[0])})"
+
+    # integer bitwise operators (attncc.spec.builtins): two's complement in the kernels' int32 /
+    # int64 is Python's on every value they hold
+    def _BitAnd(self, e):
+        return "(" + " & ".join(self.p(a) for a in e.args) + ")"
+
+    def _BitOr(self, e):
+        return "(" + " | ".join(self.p(a) for a in e.args) + ")"
+
+    def _BitXor(self, e):
+        return "(" + " ^ ".join(self.p(a) for a in e.args) + ")"
+
+    def _Shift(self, e):
+        self.helpers.add("_shift")
+        return f"_shift({self.p(e.args[0])}, {self.p(e.args[1])})"
+
     def _operand(self, e, whole) -> str:
         """An operand of ``whole``: float64 where ``whole`` is float arithmetic of mask code."""
         return self._f64(e) if self._float_mode(whole) else self.p(e)
@@ -276,6 +312,9 @@ class TritonPrinter:
         num, den = e.args
         if _nonnegative(num) and den.is_positive:
             return f"({self._atom(num)} // {self._atom(den)})"
+        if den.is_Integer and den > 1 and int(den) & (int(den) - 1) == 0:
+            # by 2**k: an arithmetic shift right floors for either sign (x >> k, as Python's)
+            return f"({self._atom(num)} >> {int(den).bit_length() - 1})"
         self.helpers.add("_floordiv")
         return f"_floordiv({self.p(num)}, {self.p(den)})"
 
@@ -358,6 +397,9 @@ class TritonPrinter:
         if inner in ("True", "False"):  # random_blocks(0): ~False is the int -1, not a condition
             return "False" if inner == "True" else "True"
         return f"(~{inner})"
+
+    def _Xor(self, e):
+        return "(" + " ^ ".join(self.p(a) for a in _ordered(e.args)) + ")"
 
     # -- built-ins ----------------------------------------------------------
     def _Bucket(self, e):
@@ -443,6 +485,7 @@ class PythonPrinter(TritonPrinter):
 
     def _Not(self, e):
         return f"(not {self.p(e.args[0])})"
+
 
     def _AlibiSlope(self, e):
         h, n_heads = e.args

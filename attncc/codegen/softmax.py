@@ -6,21 +6,24 @@ from typing import Dict, List
 import sympy
 from sympy.core.function import AppliedUndef
 
-from attncc.analysis.ranges import STEP_NAMES
 from attncc.analysis.score import split_mod_along_j
+from attncc.analysis.bands import X
+from attncc.analysis.walks import Iteration
 from attncc.codegen.helpers import render_helper, rope_helpers
 from attncc.codegen.hoist import Hoister, split_along_j
 from attncc.codegen.names import input_args, input_ptr, input_size, input_stride, param_arg, param_value, param_var
 from attncc.codegen.printer import TritonPrinter
 from attncc.codegen.tile_kernel import render_tile_kernel
+from attncc.codegen.walks import _note as _note_of
+from attncc.codegen.walks import precondition_code, render_walk
 from attncc.spec import symbols as S
 from attncc.spec.builtins import RandomBlocks
 from attncc.spec.ir import INTEGER_DTYPES, Pattern
 
-# Kernel variable for each symbol the analysis' bounds may mention (by symbol name).
-BOUND_NAMES = {"q_lo": "q_lo", "q_hi": "q_hi", "BLOCK_N": "BLOCK_N", "BLOCK_M": "BLOCK_M",
-               "k_offset": "k_offset", "q_offset": "q_offset", "N_K": "Nk", "N_Q": "Nq"}
 INDEX_NAMES = {S.b: "b", S.h: "h", S.n_q: "n_q", S.n_k: "n_k", S.n_heads: "H", S.s: "s"}
+# the block-list arguments of a kernel that walks lists: per outer block its FULL and PARTIAL
+# blocks (counts and padded index rows) and the strides of the list tensors
+LIST_ARGS = ["full_count", "full_index", "partial_count", "partial_index", "list_sb", "list_sh", "list_sq", "list_width"]
 
 
 class _Inputs:
@@ -45,7 +48,7 @@ class _Inputs:
         name = type(e).__name__
         decl = self.pattern.input(name)
         idx = [printer.p(a) for a in e.args]
-        offset = " + ".join(f"{x} * {input_stride(name, d)}" for d, x in enumerate(idx))
+        offset = "".join(f" + {x} * {input_stride(name, d)}" for d, x in enumerate(idx))  # none: a 0-d input
         guards = [f"({x} >= 0) & ({x} < {input_size(name, d)})" for d, x in enumerate(idx)
                   if decl.dims[d] not in ("b", "h")]
         if decl.dtype in ("bfloat16", "float16") or (decl.dtype == "float64" and not printer.float64):
@@ -55,8 +58,8 @@ class _Inputs:
         else:
             widen = ""
         if not guards:
-            return f"tl.load({input_ptr(name)} + {offset}){widen}"
-        return f"tl.load({input_ptr(name)} + {offset}, mask={' & '.join(guards)}, other=0){widen}"
+            return f"tl.load({input_ptr(name)}{offset}){widen}"
+        return f"tl.load({input_ptr(name)}{offset}, mask={' & '.join(guards)}, other=0){widen}"
 
 
 def _names(pattern: Pattern, i_text: str, j_text: str, extra: Dict[sympy.Symbol, str], float64: bool = False):
@@ -118,14 +121,16 @@ def softmax_context(pattern: Pattern, plan) -> dict:
     score_lines = render_score(pattern, tile, bias_j, mod, simple_bias)
     mask_code = mask_tile(mask) if mask is not None else None
 
-    scalar_defs = [(sym.name, row(e)) for e, sym in hoist.scalars.items()]
-    scalar_defs += [(sym.name, mask_row(e)) for e, sym in mhoist.scalars.items()]
-    row_defs = [(sym.name, row(e)) for e, sym in hoist.rows.items()]
-    row_defs += [(sym.name, mask_row(e)) for e, sym in mhoist.rows.items()]
+    # the values the mask code reads (its hoister's and the random blocks' rows): all that the
+    # exact tile kernel computes besides the mask; the score's are for the attention kernels only
+    mask_defs = [(sym.name, mask_row(e)) for e, sym in mhoist.scalars.items()]
+    mask_defs += [(sym.name, mask_row(e)) for e, sym in mhoist.rows.items()]
     for rb, name in rb_names.items():
         r, block, _ = rb.options
         for t in range(r):
-            row_defs.append((f"{name}_{t}", f"tl.load({name}_table + tl.minimum(offs_i // {block}, {name}_rows - 1) * {r} + {t})"))
+            mask_defs.append((f"{name}_{t}", f"tl.load({name}_table + tl.minimum(offs_i // {block}, {name}_rows - 1) * {r} + {t})"))
+    scalar_defs = [(sym.name, row(e)) for e, sym in hoist.scalars.items()]
+    row_defs = [(sym.name, row(e)) for e, sym in hoist.rows.items()] + mask_defs
     lse_row_bias = row(lse_row) if lse_row is not None else None
     if lse_row_bias is not None:
         row.helpers.add("_row_term_o")
@@ -139,33 +144,14 @@ def softmax_context(pattern: Pattern, plan) -> dict:
     ctx_args += [sym.name for h in (hoist, mhoist) for sym in h.rows.values()]
     ctx_args += [f"{name}_{t}" for rb, name in rb_names.items() for t in range(rb.options[0])]
 
-    # -- iteration ------------------------------------------------------------
-    iteration = plan.iteration.value
-    ranges, hull_lo, hull_hi, full_test, visit_test = [], None, None, None, None
-    if iteration == "affine":
-        n = len(plan.key_ranges)
-        known = _names(pattern, "?", "?", {})
-        for c, kr in enumerate(plan.key_ranges):
-            lines, helpers = render_bound_steps(kr, lambda name: f"kv_{name}" if n == 1 else f"{name}{c}",
-                                                lambda sym: known.get(sym) or BOUND_NAMES.get(sym.name) or sym.name)
-            ranges.append(lines)
-            printers[0].helpers |= helpers
-        hull_lo = _fold("tl.minimum", [f"lo{c}" for c in range(n)])
-        hull_hi = _fold("tl.maximum", [f"hi{c}" for c in range(n)])
-        full_test = " | ".join(f"((kb >= full_lo{c}) & (kb < full_hi{c}))" for c in range(n))
-        visit_test = " | ".join(f"((kb >= lo{c}) & (kb < hi{c}))" for c in range(n))
-
-    if iteration == "dense":
-        note = ["Iteration: dense (every key block; only a ragged last block is masked)."]
-    elif iteration == "affine":
-        note = ["Iteration: closed-form key-block ranges per query block (rows q_lo..q_hi), derived by sympy",
-                "from each clause of the mask; key block kb holds keys k_offset + kb*BLOCK_N + [0, BLOCK_N):"]
-        for c, kr in enumerate(plan.key_ranges):
-            note += [f"  clause {c}: {' & '.join(plan.clauses[c])}"]
-            note += [f"    {name:7s} = {e}" for name, e in kr.steps]
-    else:
-        note = ["Iteration: per-call block lists of full and partial key blocks, "
-                + ("classified from the inputs on every call." if plan.dynamic else "cached per shape and params.")]
+    # -- the walks (the Plan's, rendered) ------------------------------------------
+    walk = render_walk(plan, transposed=False)
+    printers[0].helpers |= walk["helpers"]
+    note = [f"Key blocks per query block (forward, dQ): {walk['note'][0]}"] + walk["note"][1:]
+    dkdv_note = _note_of(plan.transposed, transposed=True)
+    note += [f"Query blocks per key block (dK/dV): {dkdv_note[0]}"] + dkdv_note[1:]
+    checks = (precondition_code(plan, transposed=False), precondition_code(plan, transposed=True))
+    mask_free = pattern.mask.free_symbols if pattern.mask is not None else set()
 
     helper_names = sorted(set().union(*[pr.helpers for pr in printers]))
     helper_src = [render_helper(h) for h in helper_names]
@@ -176,13 +162,11 @@ def softmax_context(pattern: Pattern, plan) -> dict:
     input_doc = ", ".join(f"{d.name} ({', '.join(map(str, d.dims))}; {d.dtype})" for d in pattern.inputs)
     call_example = ", ".join([f"{d.name}=..." for d in pattern.inputs] + [f"{p.name}={p.value!r}" for p in pattern.params])
     return dict(
-        iteration=iteration, iteration_note=note, random_blocks=bool(rb_names),
-        dynamic=bool(getattr(plan, "dynamic", False)), **_program_context(plan),
-        list_args=(["full_count", "full_index", "partial_count", "partial_index", "list_sb", "list_sh", "list_sq",
-                     "list_width"] if iteration == "block_list" else []),
-        ranges=ranges, hull_lo=hull_lo, hull_hi=hull_hi, full_test=full_test,
-        visit_test=visit_test, score_lines=score_lines, mask_code=mask_code, scalar_defs=scalar_defs,
-        row_defs=row_defs, lse_row_bias=lse_row_bias, ctx_args=ctx_args,
+        walk=walk, iteration_note=note, random_blocks=bool(rb_names),
+        dynamic=plan.dynamic, **_program_context(plan), exact_lists=plan.needs_exact_lists,
+        mask_bh=bool({S.b, S.h} & mask_free), closed_form_check=checks if checks != ("True", "True") else None,
+        list_args=LIST_ARGS, score_lines=score_lines, mask_code=mask_code, scalar_defs=scalar_defs,
+        row_defs=row_defs, mask_defs=mask_defs, lse_row_bias=lse_row_bias, ctx_args=ctx_args,
         param_args=[param_arg(p) for p in pattern.params], input_args=input_args + rb_args,
         param_values=[f"call.params[{p.name!r}]" for p in pattern.params],
         input_values=[f"call.inputs[{n!r}], *call.inputs[{n!r}].stride(), *call.inputs[{n!r}].shape" for n in used_inputs]
@@ -191,23 +175,6 @@ def softmax_context(pattern: Pattern, plan) -> dict:
         rotary_dim_arg=("0" if pattern.rope is None else
                         str(pattern.rope.rotary_dim) if pattern.rope.rotary_dim else "call.D"), param_doc=param_doc, input_doc=input_doc, call_example=call_example,
     )
-
-
-def render_bound_steps(key_range, step_name, symbol_name):
-    """A KeyRange's steps as ``(variable, Triton expression)`` lines and the helpers they call.
-    ``step_name(step)`` names each step's variable (later steps refer to earlier ones);
-    ``symbol_name(sym)`` gives the kernel variable of every other symbol."""
-    step_vars = {name: step_name(name) for name, _ in key_range.steps}
-    names = {sym: step_vars[STEP_NAMES[sym]] if sym in STEP_NAMES else symbol_name(sym)
-             for _, e in key_range.steps for sym in e.free_symbols}
-    printer = TritonPrinter(names, definitions=step_definitions(key_range))
-    return [(step_vars[name], printer(e)) for name, e in key_range.steps], printer.helpers
-
-
-def step_definitions(key_range) -> Dict[sympy.Symbol, sympy.Basic]:
-    """The expression each step symbol of a KeyRange stands for (later steps use earlier ones)."""
-    steps = dict(key_range.steps)
-    return {sym: steps[name] for sym, name in STEP_NAMES.items() if name in steps}
 
 
 def score_terms(pattern: Pattern, hoist: Hoister, mask_hoist: Hoister):
@@ -263,29 +230,24 @@ def mod_text(tile: TritonPrinter, mod) -> str:
 
 def _tile_hint(plan) -> str:
     """"narrow" when each query block meets only a narrow region of keys whose edges move with
-    it: a window (every clause's key range starts at a bound that moves with the query block)
-    or data-dependent regions such as documents. Smaller tiles waste less on ragged edges there
+    it: a window (the one band's lower bound moves with the rows, no columns or global rows) or
+    data-dependent regions such as documents. Smaller tiles waste less on ragged edges there
     (bench/sweep.py on the H100: 64x64 tiles won for sliding window and document masks)."""
-    if plan.iteration.value == "block_list":
-        return "narrow" if plan.dynamic else "default"
-    if plan.iteration.value != "affine":
+    if plan.dynamic:
+        return "narrow"
+    walk = plan.forward
+    if walk.kind is not Iteration.BANDS:
         return "default"
-    moves = [any(sym.name == "q_lo" for sym in kr.lo.free_symbols) for kr in plan.key_ranges]
-    return "narrow" if all(moves) else "default"
+    c = walk.cover
+    moves = c.band is not None and any(p.has(X) for g in c.band.lower for p in g)
+    return "narrow" if moves and not c.rows and not c.columns else "default"
 
 
 def _program_context(plan) -> dict:
     program = getattr(plan, "classifier", None)
-    if plan.iteration.value != "block_list" or program is None:
+    if not plan.dynamic or program is None:
         return dict(program_leaves=[], program_steps=[], program_result="", tile_kernel=None, list_kernel_arg="")
     tile_kernel = render_tile_kernel(program, plan.pattern) if plan.dynamic else None
     return dict(program_leaves=[repr(leaf) for leaf in program.leaves],
                 program_steps=[repr(step) for step in program.steps], program_result=program.result,
                 tile_kernel=tile_kernel, list_kernel_arg=", kernel=_tile_lists" if tile_kernel else "")
-
-
-def _fold(fn: str, items: List[str]) -> str:
-    out = items[0]
-    for x in items[1:]:
-        out = f"{fn}({out}, {x})"
-    return out

@@ -32,7 +32,7 @@ How the kernel mirrors ``attncc.runtime.tiles``:
   computed, a uniform ``tl.where`` chooses).
 
 Ops on grid values: const, span, unbounded, add, sub, neg, mul, reciprocal, div, floordiv,
-mod, widen, floor_, abs_, min_, max_, select, tri, le, lt, eq, ne, and_, or_, not_. Steps on
+mod, widen, floor_, abs_, min_, max_, select, tri, le, lt, eq, ne, and_, or_, not_, xor_. Steps on
 literals / host values only may use any op of ``tiles.OPS`` except bucket and
 random_blocks. Leaves: i, j, b, h, n_q, n_k, param, input (BlockStat along i or j, or a
 point read by b / h / constants). Anything else: :func:`render_tile_kernel` returns None.
@@ -53,9 +53,9 @@ from attncc.runtime.tiles import BlockStat, IntervalProgram
 
 GRID_OPS = frozenset({"const", "span", "unbounded", "add", "sub", "neg", "mul", "reciprocal", "div", "floordiv",
                       "mod", "widen", "floor_", "abs_", "min_", "max_", "select", "tri", "le", "lt", "eq", "ne",
-                      "and_", "or_", "not_"})
+                      "and_", "or_", "not_", "xor_"})
 HOST_OPS = frozenset(tiles.OPS) - {"bucket", "random_blocks"}
-_TRI_OPS = frozenset({"tri", "le", "lt", "eq", "ne", "and_", "or_", "not_"})
+_TRI_OPS = frozenset({"tri", "le", "lt", "eq", "ne", "and_", "or_", "not_", "xor_"})
 _INPUT_DTYPES = ("float16", "bfloat16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool")
 
 
@@ -523,12 +523,12 @@ def _emit(g: _Gen, op: str, args: List[_Val], raw: tuple) -> _Val:
     if op not in GRID_OPS and op not in HOST_OPS:
         raise Unsupported(f"op {op!r}")
     # variadic ops are left folds of the binary op (tiles' _endwise / and_ / or_ loops)
-    if op in ("min_", "max_", "and_", "or_") and len(args) > 2:
+    if op in ("min_", "max_", "and_", "or_", "xor_") and len(args) > 2:
         acc = _emit(g, op, args[:2], raw[:2])
         for x in args[2:]:
             acc = _emit(g, op, [acc, x], ())
         return acc
-    if op in ("min_", "max_", "and_", "or_") and len(args) == 1:
+    if op in ("min_", "max_", "and_", "or_", "xor_") and len(args) == 1:
         return args[0]
     if op == "mod":
         if len(args) != 3 or args[2].cat != "lit":
@@ -543,7 +543,7 @@ def _emit(g: _Gen, op: str, args: List[_Val], raw: tuple) -> _Val:
     if op not in GRID_OPS:
         raise Unsupported(f"op {op!r} on grid values")
     for k, x in enumerate(args):
-        expect = "tri" if (op in ("and_", "or_", "not_") or (op == "select" and k == 0)) else "num"
+        expect = "tri" if (op in ("and_", "or_", "not_", "xor_") or (op == "select" and k == 0)) else "num"
         if x.kind != expect:
             raise Unsupported(f"{op}: argument {k} is a {x.kind}")
     kv = g.kv
@@ -596,6 +596,10 @@ def _emit(g: _Gen, op: str, args: List[_Val], raw: tuple) -> _Val:
     if op == "not_":
         x = args[0]
         return _Val("tri", "grid", a=x.b, b=x.a, axes=x.axes, deps=x.deps)
+    if op == "xor_":  # tiles.xor_: true may come from (true, false) or (false, true)
+        (a, b), (c, d) = kv(args[0]), kv(args[1])
+        return g.grid_expr(f"_tk_or(_tk_and({a}, {d}), _tk_and({b}, {c})), _tk_or(_tk_and({a}, {c}), _tk_and({b}, {d}))",
+                           args, "tri")
     raise Unsupported(f"op {op!r}")  # const / span / unbounded / tri take literals only
 
 
@@ -929,7 +933,7 @@ def render_tile_kernel(program: IntervalProgram, pattern=None) -> Optional[str]:
     host += g.host_lines
     row_chunk = "min(64, max(1, 4096 // BN_P))" if g.needs_pos_k else "64"
     col_chunk = "min(64, max(1, 4096 // BM_P))" if g.needs_pos_q else "64"
-    host += ["BM_P, BN_P = triton.next_power_of_2(block_m), triton.next_power_of_2(block_n)",
+    host += ["BM_P, BN_P = _rt.next_power_of_2(block_m), _rt.next_power_of_2(block_n)",
              "# one allocation: the forward lists, then (transposed) the transposed lists, each in the",
              "# layout of _rt.blocks.packed_lists",
              "rows_size = _rt.blocks.packed_size(Bl * Hl * nqb, nkb)",

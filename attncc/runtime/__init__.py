@@ -1,18 +1,64 @@
 """What generated kernels import at run time: argument checks, configs, launch helpers.
 
-Imports torch (and Triton when launching) only: never sympy, networkx or jinja2.
+Imports torch (and Triton when launching) only: never sympy, networkx or jinja2. The names below
+load on first use (PEP 562), so that the compiler, which needs only the torch-free
+``attncc.runtime.semantics``, does not import torch (about 3 s of every ``attncc build``).
 """
-from attncc.runtime import blocks, decode, semantics, tiles
-from attncc.runtime.call import Call, bind, dropout_mask_shape, dropout_settings, wide_positions
-from attncc.runtime.call import _interpreting as interpreting
-from attncc.runtime.compiled import register_kernels
-from attncc.runtime.launch import (LN2, LOG2E, KernelConfig, ensure_allocator, fast_math, grad_operand,
-                                   grads_as_inputs, kernel_operands, launch, padded_dim, pick_config, run_attention,
-                                   shared_tile_config,
-                                   tma_ready)
-from attncc.runtime.spec_info import InputInfo, ParamInfo, SpecInfo
+import importlib
+import sys
+import types
 
-__all__ = ["blocks", "decode", "semantics", "tiles", "Call", "bind", "register_kernels", "dropout_mask_shape",
-           "dropout_settings", "wide_positions", "KernelConfig", "pick_config", "shared_tile_config", "padded_dim", "tma_ready",
-           "ensure_allocator", "fast_math", "interpreting", "kernel_operands", "launch", "run_attention",
-           "grad_operand", "grads_as_inputs", "SpecInfo", "ParamInfo", "InputInfo", "LOG2E", "LN2"]
+# name -> (module, attribute in it); a module's name alone for the submodules
+_EXPORTS = {
+    "blocks": ("attncc.runtime.blocks", None),
+    "decode": ("attncc.runtime.decode", None),
+    "semantics": ("attncc.runtime.semantics", None),
+    "tiles": ("attncc.runtime.tiles", None),
+    "Call": ("attncc.runtime.call", "Call"),
+    "bind": ("attncc.runtime.call", "bind"),
+    "dropout_mask_shape": ("attncc.runtime.call", "dropout_mask_shape"),
+    "dropout_settings": ("attncc.runtime.call", "dropout_settings"),
+    "wide_positions": ("attncc.runtime.call", "wide_positions"),
+    "interpreting": ("attncc.runtime.call", "_interpreting"),
+    "register_kernels": ("attncc.runtime.compiled", "register_kernels"),
+    "SpecInfo": ("attncc.runtime.spec_info", "SpecInfo"),
+    "ParamInfo": ("attncc.runtime.spec_info", "ParamInfo"),
+    "InputInfo": ("attncc.runtime.spec_info", "InputInfo"),
+    **{name: ("attncc.runtime.launch", name) for name in (
+        "LN2", "LOG2E", "KernelConfig", "cdiv", "ensure_allocator", "fast_kernel", "fast_math", "grad_operand", "grads_as_inputs",
+        "kernel_operands", "launch", "next_power_of_2", "padded_dim", "pick_config", "run_attention",
+        "shared_tile_config", "tma_ready")},
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'attncc.runtime' has no attribute {name!r}")
+    module, attribute = _EXPORTS[name]
+    if attribute is None:  # a submodule (``from attncc.runtime import semantics``: the compiler's)
+        return importlib.import_module(module)
+    # The first use of a function or class loads the whole runtime, as an eager import did: its
+    # Triton kernels (decoding's merge kernel, say) are then made under the TRITON_INTERPRET
+    # setting of that moment, the one the generated module's own kernels get.
+    for export, (module, attribute) in _EXPORTS.items():
+        value = importlib.import_module(module)
+        globals()[export] = value if attribute is None else getattr(value, attribute)  # later lookups: plain reads
+    return globals()[name]
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name, value):
+        # Importing a submodule sets it as an attribute of this package; ``launch`` must stay the
+        # function of that name (generated modules call ``_rt.launch``), not its module.
+        if name == "launch" and isinstance(value, types.ModuleType):
+            value = value.launch
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -4,11 +4,12 @@
 backward follows) and keeps q, k, v, o and the LSE; its backward calls the module's
 backward launcher, which recomputes P from the LSE. The ``[inputs]`` declared
 ``grad = true`` are extra autograd inputs and get their gradients from the same backward.
-Gradients of gradients are not implemented: asking for them raises (see :class:`_NoDoubleBackward`).
+Both outputs are differentiable (contract v1): the LSE's gradient ``dlse`` enters the backward as
+``dLoss/ds_ij += dlse_i * p_ij`` (``dlse/ds = p``), so partial attentions merged through their LSEs
+train correctly. Gradients of gradients are not implemented: asking for them raises (see
+:class:`_NoDoubleBackward`).
 """
 from __future__ import annotations
-
-import dataclasses
 
 import torch
 
@@ -19,35 +20,44 @@ class AttentionFunction(torch.autograd.Function):
     """o, lse = attention(q, k, v, **inputs) with dq, dk, dv (and the grad inputs' gradients)
     from the generated backward kernels.
 
-    ``forward(call) -> (o, lse)`` and ``backward(call, o, lse, do) -> (dq, dk, dv, {name: grad})``
+    ``forward(call) -> (o, lse)`` and ``backward(call, o, lse, do, dlse) -> (dq, dk, dv, {name: grad})``
     are the generated module's launchers; ``call`` the validated call (its q, k, v are the inputs,
     ``grad_inputs`` its inputs declared ``grad = true``, in spec order).
-    The LSE is an output without gradient (``mark_non_differentiable``).
+    Gradients are not materialized: an output the loss does not use passes None (``dlse=None``
+    costs the backward nothing; ``do=None`` becomes zeros).
     """
 
     @staticmethod
     def forward(ctx, forward, backward, call: Call, q, k, v, *grad_inputs):
         # The forward writes the LSE and keeps for the backward what both can share.
-        call = dataclasses.replace(call, return_lse=True, for_backward={},
-                                   input_grads=any(ctx.needs_input_grad[6:]))
+        call = call.replace(return_lse=True, for_backward={},
+                            input_grads=bool(grad_inputs) and any(ctx.needs_input_grad[6:]))
         o, lse = forward(call)
         ctx.call = call
         ctx.backward_fn = backward
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.mark_non_differentiable(lse)
+        # The gradient of an unused LSE stays None: materialized, autograd would fill a zero
+        # tensor of its shape per backward (an allocation and a memset kernel for nothing).
+        ctx.set_materialize_grads(False)
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v, o, lse = ctx.saved_tensors
         names = ctx.call.grad_input_names
-        if do is None:
+        if do is None and dlse is None:
             return (None,) * (6 + len(names))
-        call = dataclasses.replace(ctx.call, q=q, k=k, v=v)
-        with torch.no_grad():
-            dq, dk, dv, input_grads = ctx.backward_fn(call, o, lse, do)
-        grads = [dq, dk, dv] + [input_grads.get(name) for name in names]
-        if torch.is_grad_enabled():  # create_graph=True: the gradients must not be differentiated
+        if do is None:  # only the LSE reaches the loss
+            do = torch.zeros_like(o)
+        call = ctx.call.replace(q=q, k=k, v=v)
+        differentiable = torch.is_grad_enabled()  # create_graph=True
+        if differentiable:
+            with torch.no_grad():
+                dq, dk, dv, input_grads = ctx.backward_fn(call, o, lse, do, dlse)
+        else:  # the usual backward: autograd runs it with gradients off already
+            dq, dk, dv, input_grads = ctx.backward_fn(call, o, lse, do, dlse)
+        grads = [dq, dk, dv] + [input_grads.get(name) for name in names] if names else [dq, dk, dv]
+        if differentiable:  # the gradients must not be differentiated
             grads = no_double_backward(call.spec.name, grads, (q, k, v, do))
         need = ctx.needs_input_grad
         return (None, None, None) + tuple(g if want else None for g, want in zip(grads, need[3:]))

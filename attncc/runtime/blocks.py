@@ -1,13 +1,17 @@
-"""Per-call iteration lists for patterns whose tiles are not closed-form.
+"""Block lists for the walks that are not closed-form.
 
-Static patterns (BigBird's random blocks) are classified once per shape and cached;
-data-dependent ones (document ids, lengths) are classified from their inputs on every
-call, on the device, with no host synchronization.
+Static patterns (strides, dilations, 2D neighborhoods, random blocks, calls that break a closed
+form's precondition) take *exact* lists: every pair of every tile evaluated once by the
+module's generated kernel, then cached per (kernel, device, sizes, positions, params, tile
+shape): a static pattern pays nothing after its first call (:func:`exact_block_lists`).
+Data-dependent ones (document ids, lengths) are classified from their inputs on every call by
+the interval classifier, on the device, with no host synchronization.
 """
 from __future__ import annotations
 
+import collections
 import functools
-from typing import Tuple
+from typing import Callable, Tuple
 
 import torch
 
@@ -66,11 +70,94 @@ def classified_lists(program, call: Call, block_m: int, block_n: int, *, dynamic
     if dynamic:
         grid = _classify(program, call, block_m, block_n, call.inputs)
         return _lists(grid, call), (_lists(grid.transpose(-1, -2).contiguous(), call) if transposed else None)
-    key = (program, str(call.q.device), call.Nq, call.Nk, call.q_offset, call.k_offset, call.n_q, call.n_k,
-           block_m, block_n, tuple(sorted(call.params.items())))
-    if transposed:
-        return _static_lists_both(key, call.B, call.Hq)
-    return _lists(_static_grid(key, call.B, call.Hq), call), None
+    key = call.cached(("static_lists", program, block_m, block_n), lambda: (
+        program, str(call.q.device), call.Nq, call.Nk, call.q_offset, call.k_offset, call.n_q, call.n_k,
+        block_m, block_n, tuple(sorted(call.params.items()))))
+    return _static_lists(key, call.B, call.Hq, transposed)
+
+
+# Static patterns' lists per (shape key, batch, heads, transposed): made once (with host reads:
+# BigBird's random-block tables are built on the CPU), then only read. Never made during CUDA
+# graph capture: the kernels of a capture do not run until the graph is replayed, so lists cached
+# then would hold garbage for every eager call (and the CPU table cannot be copied in).
+_STATIC: dict = {}
+MAX_STATIC = 256
+
+
+def _static_lists(key, batch: int, heads: int, transposed: bool):
+    slot = (key, batch, heads, transposed)
+    found = _STATIC.get(slot)
+    if found is None:
+        device = key[1]
+        if device.startswith("cuda") and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"attncc: the block lists of this static pattern at this shape (Nq = {key[2]}, Nk = {key[3]}, "
+                f"tiles {key[8]}x{key[9]}) are made on the first call, which cannot be inside a CUDA graph "
+                f"capture: call the attention once before capturing (a warm-up run, as torch.cuda.graphs asks)")
+        grid = _static_grid(key, batch, heads)
+        found = (_lists(grid, None), _lists(grid.transpose(-1, -2).contiguous(), None) if transposed else None)
+        if len(_STATIC) >= MAX_STATIC:
+            _STATIC.clear()
+        _STATIC[slot] = found
+    return found
+
+
+EXACT_CACHE_SIZE = 64
+_exact_cache: "collections.OrderedDict[tuple, Tuple]" = collections.OrderedDict()
+
+
+def exact_block_lists(tile_codes: Callable, call: Call, block_m: int, block_n: int, *, per_head: bool) -> Tuple:
+    """(forward lists, transposed lists), in the format of :func:`block_lists`, from an exact
+    classification of every tile: ``tile_codes(call, block_m, block_n)`` gives int8 codes
+    ``[B|1, H|1, nqb, nkb]``, bit 0 set when the tile holds an allowed pair, bit 1 when all its
+    pairs (existing rows and keys) are allowed. A tile is FULL in the forward lists when all are
+    and its key block is whole, in the transposed lists (per key block, its query blocks) when
+    all are and its query block is whole: each walk runs unmasked only what it may.
+    ``per_head``: the mask reads b or h (one grid per batch row and head). Cached (LRU), except
+    for packed variable-length batches: one grid per sequence, its own lengths (from
+    ``cu_seqlens``, on the device), classified on every call."""
+    if call.varlen:
+        return _exact_lists_of(tile_codes(call, block_m, block_n), block_m, block_n,
+                               call.cu_seqlens_q.diff().view(-1, 1, 1, 1), call.cu_seqlens_k.diff().view(-1, 1, 1, 1))
+    key = (tile_codes, str(call.q.device), call.Nq, call.Nk, call.q_offset, call.k_offset, call.n_q, call.n_k,
+           block_m, block_n, tuple(sorted(call.params.items())), (call.B, call.Hq) if per_head else None)
+    hit = _exact_cache.get(key)
+    if hit is not None:
+        _exact_cache.move_to_end(key)
+        return hit
+    if key[1].startswith("cuda") and torch.cuda.is_current_stream_capturing():
+        # a capture does not run its kernels until replay: lists cached now would hold garbage
+        raise RuntimeError(
+            f"attncc: the exact block lists of this pattern at this shape (Nq = {call.Nq}, Nk = {call.Nk}, "
+            f"tiles {block_m}x{block_n}) are made on the first call, which cannot be inside a CUDA graph "
+            f"capture: call the attention once before capturing (a warm-up run, as torch.cuda.graphs asks)")
+    both = _exact_lists_of(tile_codes(call, block_m, block_n), block_m, block_n, call.Nq, call.Nk)
+    _exact_cache[key] = both
+    if len(_exact_cache) > EXACT_CACHE_SIZE:
+        _exact_cache.popitem(last=False)
+    return both
+
+
+def _exact_lists_of(codes: torch.Tensor, block_m: int, block_n: int, n_rows, n_keys) -> Tuple:
+    """(forward lists, transposed lists) of exact tile codes; ``n_rows`` / ``n_keys``: the query
+    rows and keys (ints, or tensors broadcasting over the codes' batch dim: per sequence)."""
+    some, every = (codes & 1) != 0, (codes & 2) != 0
+    nqb, nkb = codes.shape[-2:]
+    key_whole = (torch.arange(nkb, device=codes.device) + 1).view(1, nkb) * block_n <= n_keys
+    query_whole = (torch.arange(nqb, device=codes.device) + 1).view(nqb, 1) * block_m <= n_rows
+
+    def classes(full):
+        return torch.where(some, torch.where(full, tiles.FULL, tiles.PARTIAL), tiles.EMPTY).to(torch.int8)
+
+    return (_lists(classes(every & key_whole), None),
+            _lists(classes(every & query_whole).transpose(-1, -2).contiguous(), None))
+
+
+@functools.lru_cache(maxsize=16)
+def no_lists(device) -> Tuple:
+    """List arguments for a kernel launched on its closed-form walk (LISTS=False): never read."""
+    empty = torch.zeros(1, dtype=torch.int32, device=device)
+    return empty, empty, empty, empty, 0, 0, 0, 1
 
 
 def packed_size(rows: int, width: int) -> int:
@@ -93,13 +180,6 @@ def packed_lists(buffer: torch.Tensor, offset: int, nb: int, nh: int, n_rows: in
             nh * n_rows if nb > 1 else 0, n_rows if nh > 1 else 0, 1, width)
 
 
-@functools.lru_cache(maxsize=64)
-def _static_lists_both(key, batch: int, heads: int):
-    grid = _static_grid(key, batch, heads)
-    return _lists(grid, None), _lists(grid.transpose(-1, -2).contiguous(), None)
-
-
-@functools.lru_cache(maxsize=256)
 def _static_grid(key, batch: int, heads: int):
     program, device, Nq, Nk, q_offset, k_offset, n_q, n_k, block_m, block_n, params = key
     return tiles.classify_grid(program, q_offset=q_offset, k_offset=k_offset, q_rows=Nq, k_rows=Nk,
@@ -122,14 +202,27 @@ def _lists(grid: torch.Tensor, call: Call):
     return full_count, full_index, partial_count, partial_index, stride_b, stride_h, 1, nkb
 
 
-@functools.lru_cache(maxsize=64)
+_TABLES: dict = {}
+
+
 def random_table(n_q: int, n_k: int, r: int, block: int, seed: int, device: str):
     """BigBird's chosen key random-blocks per query random-block: int32 [rows, r] (rows =
-    ceil(n_q / block)), padded with -1 where fewer than r key blocks exist."""
+    ceil(n_q / block)), padded with -1 where fewer than r key blocks exist. Made on the CPU once
+    per shape and copied to ``device``; not inside a CUDA graph capture (see :func:`_static_lists`)."""
+    key = (n_q, n_k, r, block, seed, device)
+    found = _TABLES.get(key)
+    if found is not None:
+        return found
+    if device.startswith("cuda") and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"attncc: BigBird's random-block table for n_q = {n_q}, n_k = {n_k} is made on the first "
+                           f"call, which cannot be inside a CUDA graph capture: call the attention once before capturing")
     rows = max(1, -(-n_q // block))
     n_key_blocks = -(-n_k // block)
     table = torch.full((rows, max(r, 1)), -1, dtype=torch.int32)
     for qr in range(rows):
         chosen = semantics.random_block_set(qr, n_key_blocks, r, seed)
         table[qr, :len(chosen)] = torch.tensor(chosen, dtype=torch.int32)
-    return table.to(device), rows
+    if len(_TABLES) >= 64:
+        _TABLES.clear()
+    found = _TABLES[key] = (table.to(device), rows)
+    return found

@@ -6,12 +6,15 @@ device, head count or keyword never turns into a wrong answer or a launch error.
 from __future__ import annotations
 
 import math
+import os
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
 import torch
 
 from attncc.runtime.intervals import INT32_MAX, POSITION_PAD, CallNumbers, cached_reach
+from attncc.runtime.semantics import MAX_HEAD_DIM
 from attncc.runtime.spec_info import SpecInfo
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
@@ -58,6 +61,29 @@ class Call:
     # and the seed of the counter-based RNG that the forward and backward kernels share.
     dropout_p: float = 0.0
     seed: int = 0
+    # What the runtime derived from this call's signature (configs, the WIDE switch, operand
+    # layouts): one dict shared by every call that bind() found in its signature cache, so that
+    # it is computed once per signature (see :meth:`cached`). None: nothing shared (computed anew).
+    memo: Optional[dict] = field(default=None, repr=False, compare=False)
+
+    def cached(self, key, make):
+        """``make()``, computed once per call signature (shapes, strides, dtypes, device, offsets,
+        params, scale): everything in ``memo`` must depend on nothing else (not on tensor values,
+        return_lse, dropout or the backward's bookkeeping, which calls of one signature may differ in)."""
+        memo = self.memo
+        if memo is None:
+            return make()
+        value = memo.get(key, _MISSING)
+        if value is _MISSING:
+            value = memo[key] = make()
+        return value
+
+    def replace(self, **changes) -> "Call":
+        """A copy with ``changes`` (as ``dataclasses.replace``, without re-running ``__init__``:
+        the hot path makes a few of these per call)."""
+        new = object.__new__(Call)
+        new.__dict__ = {**self.__dict__, **changes}
+        return new
 
     @property
     def group(self) -> int:
@@ -66,7 +92,7 @@ class Call:
     @property
     def grad_input_names(self) -> Tuple[str, ...]:
         """The [inputs] declared ``grad = true``, in spec order."""
-        return tuple(d.name for d in self.spec.inputs if d.grad)
+        return self.cached("grad_input_names", lambda: tuple(d.name for d in self.spec.inputs if d.grad))
 
     @property
     def varlen(self) -> bool:
@@ -80,10 +106,6 @@ class Call:
     def total_k(self) -> int:
         return self.k.shape[2]
 
-    # The largest magnitude the kernels' integer arithmetic reaches in this call (int_arithmetic; None
-    # for a module that does not describe it): WIDE past int32.
-    int_reach: Optional[int] = None
-
     @property
     def positions(self) -> int:
         """The largest position of the call (and n_q, n_k): what its positions' arithmetic reaches."""
@@ -91,12 +113,17 @@ class Call:
 
     @property
     def wide(self) -> bool:
-        """The kernels' WIDE switch: int64 position arithmetic (see :func:`wide_positions`)."""
-        if self.int_reach is None:  # a Call made elsewhere than bind() (the custom ops)
-            self.int_reach = int_arithmetic(self.spec, f"{self.spec.name}.attention", positions=self.positions,
-                                            batch=self.B, heads=self.Hq, n_q=self.n_q, n_k=self.n_k,
-                                            params=self.params)
-        return wide_positions(self.positions, self.params, self.inputs.values(), arithmetic=self.int_reach)
+        """The kernels' WIDE switch: int64 position arithmetic (see :func:`wide_positions`), once
+        per call signature."""
+        return self.cached("wide", self._wide)
+
+    def _wide(self) -> bool:
+        # the module's _int_reach at this call's numbers (its divisors were checked by bind)
+        reach = int_reach(self.spec, positions=self.positions, batch=self.B, heads=self.Hq, params=self.params)
+        return wide_positions(self.positions, self.params, self.inputs.values(), arithmetic=reach)
+
+
+_MISSING = object()
 
 
 # Index arithmetic of a kernel stays int32 up to this value: positions and tile bounds run up to
@@ -119,14 +146,19 @@ def wide_positions(reach: int, params: Optional[dict] = None, inputs=(), arithme
     return any(sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) >= 2**31 for t in inputs if t.numel())
 
 
-def int_arithmetic(spec: SpecInfo, who: str, *, positions: int, batch: int, heads: int, n_q, n_k,
-                   params: dict) -> Optional[int]:
-    """Check the spec's divisors of params and sizes at a call's numbers (ValueError for 0), and
-    return the largest magnitude of its integer arithmetic there (see
-    :mod:`attncc.runtime.intervals`); None for a module that does not describe it."""
+def check_divisors(spec: SpecInfo, who: str, *, positions: int, batch: int, heads: int, n_q, n_k,
+                   params: dict) -> None:
+    """Check the spec's divisors of params and sizes at a call's numbers: a ValueError for one
+    that is 0 (a kernel cannot raise). bind() does it once per call signature (params are keyed
+    by value), before any launch."""
     if spec.int_divisors is not None:
         spec.int_divisors(CallNumbers(who, positions=positions, batch=batch, heads=heads, n_q=n_q, n_k=n_k,
                                       params=params))
+
+
+def int_reach(spec: SpecInfo, *, positions: int, batch: int, heads: int, params: dict) -> Optional[int]:
+    """The largest magnitude of the spec's integer arithmetic at a call's numbers (see
+    :mod:`attncc.runtime.intervals`); None for a module that does not describe it."""
     if spec.int_reach is None:
         return None
     return cached_reach(spec.int_reach, positions=positions, batch=batch, heads=heads, params=params)
@@ -153,12 +185,115 @@ def _int_arg(name: str, value, minimum: int = 0, maximum: int = INT_LIMIT - 1) -
     return value
 
 
+# bind()'s signature cache: per spec (by identity), (spec, {signature: the Call it bound, without
+# its tensors}, the names of its [inputs]). BIND_STATS counts hits and misses (tests read it).
+_BOUND: Dict[int, Tuple[SpecInfo, dict, frozenset]] = {}
+BIND_STATS: Counter = Counter()
+MAX_SIGNATURES = 1024  # per spec; past it the cache starts over (shapes that never repeat)
+
+
 def bind(spec: SpecInfo, q, k, v, *, return_lse=False, q_offset=0, k_offset=0, n_q=None, n_k=None,
          scale=None, kwargs: Optional[dict] = None, cu_seqlens_q=None, cu_seqlens_k=None,
          max_seqlen_q=None, max_seqlen_k=None) -> Call:
     """Check the arguments of ``attention(q, k, v, ...)`` against the spec; return the Call.
 
-    With ``cu_seqlens_q`` / ``cu_seqlens_k`` q, k, v are packed sequences (see :class:`Call`)."""
+    With ``cu_seqlens_q`` / ``cu_seqlens_k`` q, k, v are packed sequences (see :class:`Call`).
+
+    The checks depend on the call's signature only (types, shapes, dtypes, devices and the
+    scalars), so a signature seen before skips them: the cached Call gets this call's tensors
+    (:func:`_signature` says what a signature holds; calls it cannot key, such as a tensor
+    passed as ``q_offset``, are checked every time). Nothing here reads a tensor's values,
+    except the cu_seqlens of a packed batch on the CPU or without ``max_seqlen_*`` (one host sync)."""
+    slot = _BOUND.get(id(spec))
+    if slot is None or slot[0] is not spec:
+        slot = _BOUND[id(spec)] = (spec, {}, frozenset(d.name for d in spec.inputs))
+    # under torch.compile bind runs while tracing (symbolic shapes): checked, never cached
+    key = None if torch.compiler.is_compiling() else _signature(
+        q, k, v, return_lse, q_offset, k_offset, n_q, n_k, scale, kwargs, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+        max_seqlen_k, slot[2])
+    if key is not None:
+        bound = slot[1].get(key)
+        if bound is not None:
+            BIND_STATS["hit"] += 1
+            return _rebind(bound, q, k, v, kwargs, cu_seqlens_q, cu_seqlens_k)
+    BIND_STATS["miss"] += 1
+    call = _bind_checked(spec, q, k, v, return_lse=return_lse, q_offset=q_offset, k_offset=k_offset, n_q=n_q,
+                         n_k=n_k, scale=scale, kwargs=kwargs, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+    # (an input named "scale" that came as scale= is not in kwargs: such calls stay uncached)
+    if key is not None and all(d.name in (kwargs or ()) for d in spec.inputs):
+        if len(slot[1]) >= MAX_SIGNATURES:
+            slot[1].clear()
+        # the input conversions bind made (an int input widened, a float one to its declared type)
+        converts = tuple((d.name, call.inputs[d.name].dtype if call.inputs[d.name] is not kwargs[d.name] else None)
+                         for d in spec.inputs)
+        call.memo = {"converts": converts}
+        # kept without tensors: the cache must not hold a call's memory
+        slot[1][key] = call.replace(q=None, k=None, v=None, inputs={}, cu_seqlens_q=None, cu_seqlens_k=None)
+    return call
+
+
+def _rebind(bound: Call, q, k, v, kwargs, cu_q, cu_k) -> Call:
+    """``bound`` (a Call of this signature) with this call's tensors."""
+    call = object.__new__(Call)
+    fields = dict(bound.__dict__)
+    fields["q"], fields["k"], fields["v"] = q, k, v
+    converts = bound.memo["converts"]
+    fields["inputs"] = {name: (kwargs[name] if dtype is None else kwargs[name].to(dtype))
+                        for name, dtype in converts} if converts else {}
+    if cu_q is not None:  # the kernels read cu_seqlens at unit stride (see _varlen)
+        fields["cu_seqlens_q"], fields["cu_seqlens_k"] = cu_q.contiguous(), cu_k.contiguous()
+    call.__dict__ = fields
+    return call
+
+
+_SCALARS = (int, float, bool, type(None))
+
+
+def _tensor_key(t):
+    return t.shape, t.stride(), t.dtype, t.device
+
+
+def _signature(q, k, v, return_lse, q_offset, k_offset, n_q, n_k, scale, kwargs, cu_q, cu_k, max_q, max_k,
+               input_names=frozenset()):
+    """What the checks of a call depend on, as a hashable key; None when a call must be checked
+    every time: anything but tensors and plain numbers, tensors as scalars or params (their
+    values count, and reading them would need a host sync), and packed batches whose cu_seqlens
+    bind reads (on the CPU, or without max_seqlen). Scalars are keyed with their type: 1, 1.0
+    and True are equal keys. Tensors are keyed by layout only for ``input_names``, the spec's
+    [inputs], which the kernels read on the device."""
+    if type(q) is not torch.Tensor and not isinstance(q, torch.Tensor):
+        return None
+    if not (isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)):
+        return None
+    scalars = (return_lse, q_offset, k_offset, n_q, n_k, scale, max_q, max_k)
+    if not all(type(x) in _SCALARS for x in scalars):
+        return None
+    key = [_tensor_key(q), _tensor_key(k), _tensor_key(v), tuple((type(x), x) for x in scalars)]
+    if q.device.type != "cuda":
+        key.append(_interpreting())  # bind refuses other devices unless interpreting
+    if cu_q is not None or cu_k is not None:
+        if not (isinstance(cu_q, torch.Tensor) and isinstance(cu_k, torch.Tensor)) or max_q is None or max_k is None \
+                or cu_q.device.type == "cpu":
+            return None
+        key += [_tensor_key(cu_q), _tensor_key(cu_k)]
+    if kwargs:
+        for name, value in kwargs.items():
+            if isinstance(value, torch.Tensor):
+                if name not in input_names:
+                    return None
+                key.append((name, _tensor_key(value)))
+            elif type(value) in _SCALARS:
+                key.append((name, type(value), value))
+            else:
+                return None
+    return tuple(key)
+
+
+def _bind_checked(spec: SpecInfo, q, k, v, *, return_lse=False, q_offset=0, k_offset=0, n_q=None, n_k=None,
+                  scale=None, kwargs: Optional[dict] = None, cu_seqlens_q=None, cu_seqlens_k=None,
+                  max_seqlen_q=None, max_seqlen_k=None) -> Call:
+    """:func:`bind` without its signature cache: every check, every time."""
     name = spec.name
     for arg, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -206,10 +341,10 @@ def bind(spec: SpecInfo, q, k, v, *, return_lse=False, q_offset=0, k_offset=0, n
     n_max = max(q_offset + Nq, k_offset + Nk)
     params, inputs = bind_params_and_inputs(spec, f"{name}.attention", kwargs, B=B, Hq=Hq,
                                             positions=n_max, device=q.device)
-    reach = int_arithmetic(spec, f"{name}.attention", positions=max(n_max, n_q, n_k), batch=B, heads=Hq,
-                           n_q=n_q, n_k=n_k, params=params)
+    check_divisors(spec, f"{name}.attention", positions=max(n_max, n_q, n_k), batch=B, heads=Hq, n_q=n_q, n_k=n_k,
+                   params=params)
     return Call(spec, q, k, v, B, Hq, Hkv, Nq, Nk, D, Dv, q_offset, k_offset, n_q, n_k, float(scale),
-                return_lse, params, inputs, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, int_reach=reach)
+                return_lse, params, inputs, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
 
 
 # The kernels take the scale, and the scale times log2(e), as float32 numbers.
@@ -261,6 +396,9 @@ def dropout_settings(spec: SpecInfo, who: str, *, dropout_p=None, seed=None, tra
     elif isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"{who}: dropout_p must be a number in [0, 1), got {dropout_p!r}")
     dropout_p = float(dropout_p) if training else 0.0
+    if seed is None and dropout_p > 0 and _capturing():
+        raise ValueError(f"{who}: pass seed= under CUDA graph capture: a seed drawn now would be frozen into the "
+                         f"graph, and every replay would drop the same pairs")
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0 else 0
     else:
@@ -295,8 +433,13 @@ def check_heads_and_dims(spec: SpecInfo, who: str, *, Hq: int, Hkv: int, D: int,
         raise ValueError(f"{who}: the spec fixes [heads].q = {spec.heads_q}, q has {Hq} heads")
     if spec.heads_kv is not None and Hkv != spec.heads_kv:
         raise ValueError(f"{who}: the spec fixes [heads].kv = {spec.heads_kv}, {kv} {Hkv} heads")
-    if not 1 <= D <= 256 or not 1 <= Dv <= 256:
-        raise ValueError(f"{who}: head dims up to 256 are supported, got D = {D}, Dv = {Dv}")
+    if not 1 <= D <= MAX_HEAD_DIM or not 1 <= Dv <= MAX_HEAD_DIM:
+        raise ValueError(f"{who}: head dims D and Dv from 1 to {MAX_HEAD_DIM} are supported (as in a spec's head_dim "
+                         f"and value_dim), got D = {D}, Dv = {Dv}")
+    if spec.rope and ((spec.rotary_dim or D) > D or (spec.rotary_dim or D) % 2):
+        # as attncc.reference: the rotated dims come in pairs, within the head
+        what = f"the spec's [rope].rotary_dim = {spec.rotary_dim}" if spec.rotary_dim else "[rope] (rotating the whole head)"
+        raise ValueError(f"{who}: {what} needs an even rotary dim of at most the head dim, got head dim D = {D}")
     if spec.value_dim is not None and Dv != spec.value_dim:
         raise ValueError(f"{who}: the spec fixes value_dim = {spec.value_dim}, {v} has {Dv}")
 
@@ -316,6 +459,10 @@ def bind_params_and_inputs(spec: SpecInfo, who: str, kwargs: dict, *, B: int, Hq
         value = kwargs.pop(p.name, p.default)
         if p.kind == "int":
             value = _int_arg(p.name, value, minimum=-(2**31))
+            if p.maximum is not None and value > p.maximum:
+                raise ValueError(f"{who}: param {p.name} counts the terms of a reduction (range({p.name})), which the "
+                                 f"kernels unroll to its value in the spec, {p.maximum}: a call may pass at most "
+                                 f"{p.maximum}, got {value}")
         elif isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"{who}: param {p.name} must be a number, got {value!r}")
         params[p.name] = value if p.kind == "int" else float(value)
@@ -385,6 +532,9 @@ def _varlen(name, q, k, cu_q, cu_k, max_q, max_k):
     cu_q, cu_k = cu_q.contiguous(), cu_k.contiguous()
     max_q = None if max_q is None else _int_arg("max_seqlen_q", max_q)
     max_k = None if max_k is None else _int_arg("max_seqlen_k", max_k)
+    if (max_q is None or max_k is None) and _capturing(q.device):
+        raise ValueError(f"{name}.attention: pass max_seqlen_q and max_seqlen_k under CUDA graph capture: reading "
+                         f"them from cu_seqlens takes a host sync, which a capture cannot hold")
     if max_q is None or max_k is None or q.device.type == "cpu":
         cu = torch.stack([cu_q, cu_k])
         lens = cu[:, 1:] - cu[:, :-1]
@@ -407,7 +557,31 @@ def _varlen(name, q, k, cu_q, cu_k, max_q, max_k):
     return cu_q, cu_k, S, max_q, max_k
 
 
-def _interpreting() -> bool:
-    import os
+def _capturing(device=None) -> bool:
+    """Whether the current CUDA stream is capturing a graph (False off CUDA)."""
+    if device is not None and device.type != "cuda":
+        return False
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+def _interpreting() -> bool:
+    return env("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# os.environ.get costs about 1.4 us (it encodes the key and decodes the value); the runtime reads
+# a few variables per call (TRITON_INTERPRET, ATTNCC_CONFIG*, ATTNCC_TUNE), so it looks them up in
+# os.environ's own mapping, which os.environ[...] = ..., putenv through os.environ and
+# monkeypatch.setenv all keep current.
+_ENV_DATA = getattr(os.environ, "_data", None)
+_ENV_KEYS: Dict[str, object] = {}
+
+
+def env(name: str, default: Optional[str] = None) -> Optional[str]:
+    """``os.environ.get(name, default)``, faster."""
+    if _ENV_DATA is None:  # pragma: no cover - not CPython's os.environ
+        return os.environ.get(name, default)
+    key = _ENV_KEYS.get(name)
+    if key is None:
+        key = _ENV_KEYS[name] = os.environ.encodekey(name)
+    value = _ENV_DATA.get(key)
+    return default if value is None else os.environ.decodevalue(value)

@@ -11,12 +11,13 @@ break (see :func:`attncc.runtime.launch.run_attention`).
 from __future__ import annotations
 
 import ast
+import functools
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from attncc.runtime.autograd import no_double_backward
-from attncc.runtime.call import Call
+from attncc.runtime.call import MAX_SIGNATURES, Call, _tensor_key
 from attncc.runtime.spec_info import SpecInfo
 
 # spec key -> (SpecInfo, forward launcher, backward launcher)
@@ -30,6 +31,26 @@ def _key(spec: SpecInfo) -> str:
 def register_kernels(spec: SpecInfo, forward: Callable, backward: Optional[Callable]) -> None:
     """Make a generated module's launchers reachable from the custom ops."""
     _KERNELS[_key(spec)] = (spec, forward, backward)
+
+
+def launchers(spec: SpecInfo) -> Tuple[Callable, Optional[Callable]]:
+    """``(forward, backward)`` that the generated module of ``spec`` registered (see the module's
+    ``_forward`` / ``_backward``): ``forward(call) -> (o, lse)``, ``backward(call, o, lse, do) ->
+    (dq, dk, dv, input_grads)``, ``call`` from ``attncc.runtime.bind``. attncc.distributed runs
+    them per (query chunk, key chunk) with the global LSE and output of the chunk's rows."""
+    if _key(spec) not in _KERNELS:
+        raise ValueError(f"attncc: no kernels registered for {spec.name} (spec hash {spec.spec_hash}); "
+                         f"import its generated module first")
+    return _KERNELS[_key(spec)][1:]
+
+
+_MEMOS: Dict[tuple, dict] = {}
+
+
+@functools.lru_cache(maxsize=256)
+def _options(options: str):
+    """(scale, dropout_p, params) of an op's ``options`` string (parsed once per string)."""
+    return ast.literal_eval(options)
 
 
 def _plain(x) -> bool:
@@ -55,10 +76,20 @@ def attention(call: Call):
 def _call(q, k, v, inputs, cu_q, cu_k, key, options, B, Nq, Nk, q_offset, k_offset, n_q, n_k, seed,
           input_grads=False) -> Tuple[Call, Callable, Callable]:
     spec, forward, backward = _KERNELS[key]
-    scale, dropout_p, params = ast.literal_eval(options)
+    scale, dropout_p, params = _options(options)
+    # what the runtime derives per signature (configs, WIDE, operand layouts) is kept across the
+    # op's calls as bind() keeps it for eager calls (Call.memo)
+    signature = (key, options, B, Nq, Nk, q_offset, k_offset, n_q, n_k, cu_q is not None,
+                 *(_tensor_key(t) for t in (q, k, v, *inputs)))
+    memo = _MEMOS.get(signature)
+    if memo is None:
+        if len(_MEMOS) >= MAX_SIGNATURES:
+            _MEMOS.clear()
+        memo = _MEMOS[signature] = {}
     call = Call(spec, q, k, v, B, q.shape[1], k.shape[1], Nq, Nk, q.shape[3], v.shape[3], q_offset, k_offset, n_q,
                 n_k, scale, True, dict(params), {d.name: t for d, t in zip(spec.inputs, inputs)},
-                cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, input_grads=input_grads, dropout_p=dropout_p, seed=seed)
+                cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, input_grads=input_grads, dropout_p=dropout_p, seed=seed,
+                memo=memo)
     if Nq == 0 or Nk == 0:
         from attncc.runtime.launch import _no_pairs, _no_pairs_backward
 
@@ -86,20 +117,21 @@ def _(q, k, v, inputs, cu_seqlens_q, cu_seqlens_k, key, options, B, Nq, Nk, q_of
 @torch.library.custom_op("attncc::attention_backward", mutates_args=())
 def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: List[torch.Tensor],
                        cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor], o: torch.Tensor,
-                       lse: torch.Tensor, do: torch.Tensor, key: str, options: str, B: int, Nq: int, Nk: int,
-                       q_offset: int, k_offset: int, n_q: int, n_k: int, seed: int,
+                       lse: torch.Tensor, do: torch.Tensor, dlse: Optional[torch.Tensor], key: str, options: str,
+                       B: int, Nq: int, Nk: int, q_offset: int, k_offset: int, n_q: int, n_k: int, seed: int,
                        input_grads: bool) -> List[torch.Tensor]:
-    """[dq, dk, dv, then the gradient of each input declared grad = true (zeros unless input_grads)]."""
+    """[dq, dk, dv, then the gradient of each input declared grad = true (zeros unless input_grads)];
+    ``dlse``: the LSE's gradient, None when the loss does not use the LSE."""
     call, _, backward = _call(q, k, v, inputs, cu_seqlens_q, cu_seqlens_k, key, options, B, Nq, Nk, q_offset,
                               k_offset, n_q, n_k, seed, input_grads)
-    dq, dk, dv, grads = backward(call, o, lse, do)
+    dq, dk, dv, grads = backward(call, o, lse, do, dlse)
     return [dq.contiguous(), dk.contiguous(), dv.contiguous()] + [
         grads[name] if name in grads else torch.zeros_like(call.inputs[name]) for name in call.grad_input_names]
 
 
 @attention_backward.register_fake
-def _(q, k, v, inputs, cu_seqlens_q, cu_seqlens_k, o, lse, do, key, options, B, Nq, Nk, q_offset, k_offset, n_q, n_k,
-      seed, input_grads):
+def _(q, k, v, inputs, cu_seqlens_q, cu_seqlens_k, o, lse, do, dlse, key, options, B, Nq, Nk, q_offset, k_offset, n_q,
+      n_k, seed, input_grads):
     spec = _KERNELS[key][0]
     return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)] + [
         torch.empty_like(t) for d, t in zip(spec.inputs, inputs) if d.grad]
@@ -109,7 +141,7 @@ def _setup_context(ctx, inputs, output):
     q, k, v, ins, cu_q, cu_k, key, options, *scalars = inputs
     ctx.save_for_backward(q, k, v, cu_q, cu_k, *output, *ins)
     ctx.meta = (key, options, len(ins), scalars)
-    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # dlse=None when the loss does not use the LSE: no cost
 
 
 def _backward(ctx, do, dlse):
@@ -117,7 +149,11 @@ def _backward(ctx, do, dlse):
     q, k, v, cu_q, cu_k, o, lse, *ins = ctx.saved_tensors
     spec = _KERNELS[key][0]
     need = ctx.needs_input_grad
-    grads = attention_backward(q, k, v, ins, cu_q, cu_k, o, lse, do, key, options, *scalars, bool(need[3]))
+    if do is None and dlse is None:
+        return (None, None, None, [None] * n_inputs) + (None,) * 12
+    if do is None:
+        do = torch.zeros_like(o)
+    grads = attention_backward(q, k, v, ins, cu_q, cu_k, o, lse, do, dlse, key, options, *scalars, bool(need[3]))
     if torch.is_grad_enabled():  # create_graph=True: the gradients must not be differentiated
         grads = no_double_backward(spec.name, grads, (q, k, v, do))
     dq, dk, dv, *learned = grads

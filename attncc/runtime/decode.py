@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from attncc.runtime.call import (_dtype_name, _interpreting, bind_params_and_inputs, check_heads_and_dims,
-                                 int_arithmetic, scale_keyword, softmax_scale, wide_positions)
+                                 check_divisors, int_reach, scale_keyword, softmax_scale, wide_positions)
 from attncc.runtime.launch import KernelConfig, padded_dim
 from attncc.runtime.spec_info import SpecInfo
 
@@ -159,8 +159,9 @@ def bind_decode(spec: SpecInfo, q, k_cache, v_cache, *, kv_len, block_table=None
         raise NotImplementedError(f"{name} is for inference and has no backward pass; call it under "
                                   f"torch.no_grad() or detach q and the caches (attention() has one)")
     # positions are cache rows, n_q = n_k = kv_len[b] (from 1 on every row that computes a pair)
-    reach = int_arithmetic(spec, name, positions=capacity, batch=B, heads=Hq, n_q=(1, max(capacity, 1)),
-                           n_k=(1, max(capacity, 1)), params=params)
+    check_divisors(spec, name, positions=capacity, batch=B, heads=Hq, n_q=(1, max(capacity, 1)),
+                   n_k=(1, max(capacity, 1)), params=params)
+    reach = int_reach(spec, positions=capacity, batch=B, heads=Hq, params=params)
     return DecodeCall(spec, q, k_cache, v_cache, kv_len, block_table, B, Hq, Hkv, Nq, D, Dv, capacity, page_size,
                       num_pages, float(scale), return_lse, params, inputs, int_reach=reach)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 import threading
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
@@ -13,7 +12,7 @@ import torch
 
 from attncc.runtime import tuning
 from attncc.runtime.autograd import AttentionFunction
-from attncc.runtime.call import Call, _interpreting
+from attncc.runtime.call import Call, _interpreting, env
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -32,9 +31,15 @@ def _env_config(kernel: str = "") -> Optional[KernelConfig]:
     """``ATTNCC_CONFIG="BLOCK_M=64,BLOCK_N=32,num_warps=4,num_stages=2"`` forces the forward's
     config, ``ATTNCC_CONFIG_DKDV`` / ``ATTNCC_CONFIG_DQ`` the backward kernels' (tests and
     benchmarks use them)."""
-    text = os.environ.get("ATTNCC_CONFIG" + (f"_{kernel.upper()}" if kernel else ""))
-    if not text:
-        return None
+    text = env(_ENV_NAMES[kernel])
+    return _parse_config(text) if text else None
+
+
+_ENV_NAMES = {"": "ATTNCC_CONFIG", "dkdv": "ATTNCC_CONFIG_DKDV", "dq": "ATTNCC_CONFIG_DQ"}
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_config(text: str) -> KernelConfig:
     fields = {}
     for part in text.split(","):
         key, _, value = part.partition("=")
@@ -57,8 +62,13 @@ def pick_config(call: Call, kernel: str = "") -> KernelConfig:
     if forced is not None:
         return forced
     if _interpreting():
-        return KernelConfig(32, 32, 4, 1)
-    return tuning.cached_config(call, kernel) or default_config(call, kernel)
+        return INTERPRETER_CONFIG
+    # once per call signature and state of the tune cache (a config stored since is picked up)
+    return call.cached(("config", kernel, tuning.generation()),
+                       lambda: tuning.cached_config(call, kernel) or default_config(call, kernel))
+
+
+INTERPRETER_CONFIG = KernelConfig(32, 32, 4, 1)
 
 
 def _forced_config(kernel: str) -> Optional[KernelConfig]:
@@ -72,8 +82,13 @@ def shared_tile_config(call: Call, kernel: str, forward: KernelConfig) -> Kernel
     config forced by the environment or a tuning trial is kept as it is."""
     if _forced_config(kernel) is not None:
         return pick_config(call, kernel)
-    return dataclasses.replace(pick_config(call, kernel), BLOCK_M=forward.BLOCK_M, BLOCK_N=forward.BLOCK_N,
-                               num_warps=forward.num_warps)
+    own = pick_config(call, kernel)
+    return _with_tiles(own, forward.BLOCK_M, forward.BLOCK_N, forward.num_warps)
+
+
+@functools.lru_cache(maxsize=1024)
+def _with_tiles(cfg: KernelConfig, block_m: int, block_n: int, num_warps: int) -> KernelConfig:
+    return dataclasses.replace(cfg, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
 
 
 def default_config(call: Call, kernel: str = "") -> KernelConfig:
@@ -112,19 +127,43 @@ def launch(call: Call, cfg: KernelConfig, run_kernel: Callable[[KernelConfig], N
     """Launch with ``cfg``; when the kernel needs more shared memory than the GPU has (a
     pattern that gathers from memory in the loop, say), retry with shallower pipelining.
     What failed is remembered per (spec, kernel, head dim, dtype, config); ``kernel`` names
-    the backward kernels ("dkdv", "dq"), "" is the forward."""
-    from triton.runtime.errors import OutOfResources
+    the backward kernels ("dkdv", "dq"), "" is the forward. The call's signature memo is what
+    :class:`FastKernel` keys its compiled kernels by (ATTNCC_FAST_LAUNCH=1)."""
+    _LAUNCHING.memo = getattr(call, "memo", None)  # decoding's calls have none
+    try:
+        return _launch(call, cfg, run_kernel, kernel)
+    finally:
+        _LAUNCHING.memo = None
 
+
+_LAUNCHING = threading.local()  # the memo of the call whose kernel launch() runs on this thread
+
+
+def _launch(call: Call, cfg: KernelConfig, run_kernel: Callable[[KernelConfig], None], kernel: str):
+    if not _TOO_BIG:  # the common case: nothing ever failed to fit
+        try:
+            return run_kernel(cfg)
+        except _out_of_resources():
+            if cfg.num_stages <= 1:
+                raise
+            _TOO_BIG.add((_fit_key(call, kernel), cfg))
     key = _fit_key(call, kernel)
     while True:
         if (key, cfg) not in _TOO_BIG:
             try:
                 return run_kernel(cfg)
-            except OutOfResources:
+            except _out_of_resources():
                 if cfg.num_stages <= 1:
                     raise
                 _TOO_BIG.add((key, cfg))
         cfg = dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
+
+
+@functools.lru_cache(maxsize=1)
+def _out_of_resources():
+    from triton.runtime.errors import OutOfResources
+
+    return OutOfResources
 
 
 def _fit_key(call: Call, kernel: str):
@@ -142,19 +181,34 @@ def fast_math(call: Call) -> bool:
     return call.q.dtype != torch.float32 and not _interpreting()
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) of ints (``triton.cdiv`` is a constexpr function: about 6 us per host call)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (``triton.next_power_of_2`` without its per-call cost)."""
+    return 1 << max(0, n - 1).bit_length()
+
+
 def padded_dim(d: int) -> int:
     """Head dims are padded to a power of two (>= 16) inside the kernel."""
     return max(16, 1 << (d - 1).bit_length())
+
+
+def _tma_strides(t: torch.Tensor) -> bool:
+    """Last stride 1, the others multiples of 16 bytes (the strides' part of :func:`tma_ready`)."""
+    es = t.element_size()
+    return t.stride(-1) == 1 and all((s * es) % 16 == 0 for s in t.stride()[:-1])
 
 
 def tma_ready(t: torch.Tensor) -> torch.Tensor:
     """A view the kernel's tensor descriptors can read: last stride 1, other strides and
     the base 16-byte aligned. Tensors that are not are copied (contiguously, with the head
     dim zero-padded when its row is not a multiple of 16 bytes); the result is the same."""
-    es = t.element_size()
-    ok = t.stride(-1) == 1 and all((s * es) % 16 == 0 for s in t.stride()[:-1]) and t.data_ptr() % 16 == 0
-    if ok:
+    if _tma_strides(t) and t.data_ptr() % 16 == 0:
         return t
+    es = t.element_size()
     d = t.shape[-1]
     unit = 16 // es
     d_round = -(-d // unit) * unit
@@ -169,8 +223,17 @@ def tma_ready(t: torch.Tensor) -> torch.Tensor:
 
 def kernel_operands(call: Call):
     """q, k, v as the kernel reads them (see tma_ready). Triton 3.6's CPU interpreter computes
-    bfloat16 dot products wrongly, so there (tests only) bfloat16 operands go in as float32."""
-    q, k, v = (tma_ready(t) for t in (call.q, call.k, call.v))
+    bfloat16 dot products wrongly, so there (tests only) bfloat16 operands go in as float32.
+    Whether the strides suit is decided once per call signature; the base's alignment, a value
+    of this call's tensors, is checked every time."""
+    q, k, v = call.q, call.k, call.v
+    suits = call.cached("tma_strides", lambda: tuple(_tma_strides(t) for t in (q, k, v)))
+    if not (suits[0] and q.data_ptr() % 16 == 0):
+        q = tma_ready(q)
+    if not (suits[1] and k.data_ptr() % 16 == 0):
+        k = tma_ready(k)
+    if not (suits[2] and v.data_ptr() % 16 == 0):
+        v = tma_ready(v)
     if _interpreting() and q.dtype == torch.bfloat16:
         q, k, v = q.float(), k.float(), v.float()
     return q, k, v
@@ -212,15 +275,21 @@ def grads_as_inputs(call: Call, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Te
     dtype, fp32 buffers of the inputs) with the shapes and dtypes of q, k, v and the inputs.
     Inputs without a gradient (not wanted, or not differentiable) are left out."""
     grads = {name: g.to(call.inputs[name].dtype) for name, g in (input_grads or {}).items()} if call.input_grads else {}
-    return (dq[..., :call.D].to(call.q.dtype), dk[..., :call.D].to(call.k.dtype),
-            dv[..., :call.Dv].to(call.v.dtype), grads)
+    return _as(dq, call.D, call.q.dtype), _as(dk, call.D, call.k.dtype), _as(dv, call.Dv, call.v.dtype), grads
+
+
+def _as(g: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """``g[..., :dim]`` in ``dtype``: ``g`` itself when it is that already (no view made per call)."""
+    if g.shape[-1] != dim:
+        g = g[..., :dim]
+    return g if g.dtype == dtype else g.to(dtype)
 
 
 def run_attention(call: Call, forward: Callable[[Call], Tuple[torch.Tensor, torch.Tensor]],
                   backward: Optional[Callable] = None):
     """Run the forward, attached to autograd when a gradient is wanted; returns (o, lse).
 
-    ``backward(call, o, lse, do) -> (dq, dk, dv)``: the generated module's backward launcher
+    ``backward(call, o, lse, do, dlse=None) -> (dq, dk, dv, {name: grad})``: the generated module's backward launcher
     (None: the kind has no backward yet; asking for a gradient then raises).
     Under ``torch.compile`` the call is a custom op (attncc/runtime/compiled.py) the compiler
     traces, or, when its scalars are symbolic, runs eagerly (a graph break), gradients included."""
@@ -261,6 +330,74 @@ def _no_pairs(call: Call):
     return o, lse
 
 
-def _no_pairs_backward(call: Call, o, lse, do):
+def _no_pairs_backward(call: Call, o, lse, do, dlse=None):
     input_grads = {name: torch.zeros_like(call.inputs[name]) for name in call.grad_input_names}
     return torch.zeros_like(call.q), torch.zeros_like(call.k), torch.zeros_like(call.v), input_grads
+
+
+class FastKernel:
+    """A ``@triton.jit`` kernel launched through Triton's compiled kernel directly, skipping the
+    per-launch argument specialization of ``JITFunction.run`` (about 10 us of Python per launch
+    of these 40-argument kernels, measured on the CPU: bench/host_overhead.py, docs/performance.md).
+
+    On with ``ATTNCC_FAST_LAUNCH=1`` (off by default until measured and checked on a GPU), for
+    launches made through :func:`launch`. The first launch of each key goes through
+    ``kernel[grid](...)`` as always (compiling, specializing) and keeps the compiled kernel that
+    ``JITFunction.run`` returns; later launches with the same key call it. The key holds what
+    Triton specializes on that a call's signature does not fix: the call's signature memo (shapes,
+    strides, dtypes, device, offsets and params fix every integer argument), the 16-byte alignment
+    of each tensor argument's address, the keyword arguments (constexprs, options, the dropout
+    seed) and the current device. Elsewhere (the interpreter, no call signature) the plain launch.
+    """
+
+    def __init__(self, fn):
+        self.fn = fn
+        self._compiled = {}  # key -> (memo, compiled kernel, the parameters after the positional ones)
+        self._layout = {}  # id(memo) -> (memo, positions of the tensor arguments)
+        # parameters that are not constexprs: Triton specializes an int passed for one by keyword
+        # (the dropout seed) on its value (== 1, divisible by 16)
+        self._runtime_keywords = frozenset(p.name for p in fn.params if not p.is_constexpr)
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self._launch(grid, args, kwargs)
+
+    def _launch(self, grid, args, kwargs):
+        memo = getattr(_LAUNCHING, "memo", None)
+        if memo is None or env("ATTNCC_FAST_LAUNCH", "0") != "1":
+            return self.fn[grid](*args, **kwargs)
+        layout = self._layout.get(id(memo))
+        if layout is None or layout[0] is not memo:
+            if len(self._layout) >= 4096:
+                self._layout.clear()
+            layout = self._layout[id(memo)] = (memo, tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor)))
+        keywords = tuple(kwargs.items())
+        if self._runtime_keywords.intersection(kwargs):
+            keywords = tuple((k, _specialization(v)) if k in self._runtime_keywords else (k, v) for k, v in keywords)
+        key = (id(memo), len(args), torch.cuda.current_device(), keywords,
+               tuple(args[i].data_ptr() % 16 == 0 for i in layout[1]))
+        entry = self._compiled.get(key)
+        if entry is None or entry[0] is not memo:
+            compiled = self.fn[grid](*args, **kwargs)
+            tail = tuple((p.name, p.default) for p in self.fn.params[len(args):])
+            if len(self._compiled) >= 4096:
+                self._compiled.clear()
+            self._compiled[key] = (memo, compiled, tail)  # the memo kept: its id stays its own
+            return compiled
+        _, compiled, tail = entry
+        full = args + tuple(kwargs.get(name, default) for name, default in tail)
+        compiled[(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)](*full)
+        return compiled
+
+
+def _specialization(value):
+    """What Triton specializes a non-constexpr scalar on: an int's == 1 and divisibility by 16."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return int, value == 1, value % 16 == 0
+    return type(value)
+
+
+def fast_kernel(fn):
+    """``fn`` as a :class:`FastKernel`; ``fn`` itself under the interpreter (nothing to skip)."""
+    from triton.runtime.jit import JITFunction
+
+    return FastKernel(fn) if isinstance(fn, JITFunction) else fn

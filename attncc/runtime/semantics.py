@@ -12,6 +12,10 @@ import random
 from typing import Tuple
 
 
+# The largest head dim (D, and Dv) the kernels take: specs' head_dim / value_dim and calls share it.
+MAX_HEAD_DIM = 256
+
+
 def alibi_slope(h: int, n_heads: int) -> float:
     """ALiBi's slope of head ``h`` among ``n_heads`` (Press et al., including the
     rule for head counts that are not powers of two)."""

@@ -10,6 +10,7 @@ class ParamInfo:
     name: str
     default: Union[int, float]
     kind: str  # "int" or "float"
+    maximum: Optional[int] = None  # a reduction's count (range(K)): the kernels unroll to it
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class SpecInfo:
     scale: Optional[float] = None
     dropout: float = 0.0
     rope: bool = False
+    rotary_dim: Optional[int] = None  # [rope].rotary_dim when the spec fixes it (None: the call's head dim)
     tile_hint: str = "default"  # "narrow": windows, documents: smaller tiles pay
     # The module's _int_reach(x) and _int_divisors(x) (attncc.runtime.intervals): the largest magnitude
     # of its kernels' integer arithmetic at a call's numbers (None: positions and params stand in), and

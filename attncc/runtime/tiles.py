@@ -34,9 +34,11 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Dict, Mapping, Optional, Tuple
 
-import torch
-
+from attncc._lazy import is_tensor, lazy_module
 from attncc.runtime import semantics
+
+# torch on first use: the compiler (attncc build) evaluates programs on Python numbers only
+torch = lazy_module("torch")
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
@@ -50,7 +52,6 @@ class TileClass(IntEnum):
 
 
 INF = float("inf")
-_F64 = torch.float64
 
 
 # ---------------------------------------------------------------------------
@@ -111,7 +112,7 @@ class IntervalProgram:
 # ---------------------------------------------------------------------------
 
 def _is_t(x) -> bool:
-    return isinstance(x, torch.Tensor)
+    return is_tensor(x)
 
 
 def _ref(*xs):
@@ -122,7 +123,7 @@ def _ref(*xs):
 
 
 def _tensor(x, ref):
-    return x if _is_t(x) else torch.full((), x, dtype=_F64 if not isinstance(x, bool) else torch.bool, device=ref.device)
+    return x if _is_t(x) else torch.full((), x, dtype=torch.float64 if not isinstance(x, bool) else torch.bool, device=ref.device)
 
 
 def _minimum(a, b):
@@ -147,7 +148,7 @@ def _where(c, a, b):
     if isinstance(c, bool):
         return a if c else b
     if not _is_t(a) and not _is_t(b):
-        a = torch.full((), a, dtype=_F64, device=c.device)
+        a = torch.full((), a, dtype=torch.float64, device=c.device)
     return torch.where(c, a, b)
 
 
@@ -419,6 +420,101 @@ def sigmoid_(x):
     return _monotone(x, torch.sigmoid, lambda v: 0.5 * (1.0 + math.tanh(0.5 * v)))
 
 
+def erf_(x):
+    return _monotone(x, torch.erf, math.erf)
+
+
+# -- integer bitwise operators (Python's semantics: two's complement of infinite precision) --
+
+def _pow2_above(v):
+    """A power of two ``>= v`` (``v >= 0``; inf stays inf): frexp's exponent, exact at any size."""
+    if _is_t(v):
+        e = torch.frexp(torch.where(torch.isfinite(v), v, torch.zeros_like(v))).exponent
+        return torch.where(torch.isfinite(v), torch.exp2(e.to(torch.float64)), v)
+    return v if math.isinf(v) else 2.0 ** math.frexp(v)[1]
+
+
+def _magnitude(x, y):
+    """``B``, a power of two with every value of the intervals x and y in ``[-B, B - 1]``."""
+    (a, b), (c, d) = _iv(x), _iv(y)
+    v = _maximum(_maximum(_maximum(-a, b + 1), -c), d + 1)
+    return _pow2_above(_maximum(v, 1))
+
+
+_EXACT_INT = 2.0**53  # integers below are exact in float64
+
+
+def _high_bits(op, x, y, bounds):
+    """``bounds`` of ``x op y`` narrowed by the bits the intervals fix: for non-negative integers,
+    every x of ``[a, b]`` is ``hx + (x & low)`` where ``low = 2**e - 1`` covers the highest bit in
+    which a and b (or c and d) differ, so ``x op y = (hx op hy) + (lx op ly)`` lies in
+    ``[hx op hy, (hx op hy) + low]`` (a Morton code's high bits over an aligned tile)."""
+    (a, b), (c, d) = _iv(x), _iv(y)
+    lo, hi = bounds
+    if _ref(a, b, c, d) is None:
+        if not all(0 <= v < _EXACT_INT for v in (a, b, c, d)):
+            return bounds
+        a, b, c, d = (int(v) for v in (a, b, c, d))
+        low = (1 << ((a ^ b) | (c ^ d)).bit_length()) - 1
+        base = op(a & ~low, c & ~low)
+        return (max(lo, base), min(hi, base + low))
+    r = _ref(a, b, c, d)
+    a, b, c, d = (_tensor(v, r) for v in (a, b, c, d))
+    ok = (a >= 0) & (c >= 0) & (b < _EXACT_INT) & (d < _EXACT_INT)  # also false for NaN and inf
+    a, b, c, d = (torch.where(ok, v, torch.zeros_like(v)).to(torch.int64) for v in (a, b, c, d))
+    diff = ((a ^ b) | (c ^ d)).to(torch.float64)
+    low = (torch.exp2(torch.frexp(diff).exponent.to(torch.float64)) - 1).to(torch.int64)  # 2**bit_length(diff) - 1
+    base = op(a & ~low, c & ~low)
+    lo = _where(ok, _maximum(_tensor(lo, r), base.to(torch.float64)), lo)
+    hi = _where(ok, _minimum(_tensor(hi, r), (base + low).to(torch.float64)), hi)
+    return (lo, hi)
+
+
+def bitand(x, y):
+    """``x & y``: within ``[0, min(hi)]`` when both are non-negative; at most the non-negative one's
+    upper end (its bits are a subset), at most ``max(x, y)`` in general, ``min(x, y)`` for two negatives;
+    narrowed by the bits the intervals fix (:func:`_high_bits`)."""
+    (a, b), (c, d) = _iv(x), _iv(y)
+    big = _magnitude(x, y)
+    px, py, nx, ny = a >= 0, c >= 0, b < 0, d < 0
+    lo = _where(px | py, 0, -big)
+    hi = _where(px & py, _minimum(b, d), _where(px, b, _where(py, d, _where(nx & ny, _minimum(b, d), _maximum(b, d)))))
+    return _high_bits(lambda u, v: u & v, x, y, (lo, hi))
+
+
+def bitor(x, y):
+    """``x | y``: at least each operand unless a non-negative one meets a negative one; negative
+    (at most -1) when one operand is; within ``[-B, B - 1]`` of the operands' magnitude."""
+    (a, b), (c, d) = _iv(x), _iv(y)
+    big = _magnitude(x, y)
+    px, py, nx, ny = a >= 0, c >= 0, b < 0, d < 0
+    lo = _where((px & py) | (nx & ny), _maximum(a, c), _where(nx & py, a, _where(ny & px, c, -big)))
+    hi = _where(nx | ny, -1, big - 1)
+    return _high_bits(lambda u, v: u | v, x, y, (lo, hi))
+
+
+def bitxor(x, y):
+    """``x ^ y``: non-negative when the operands have one sign, negative when they surely differ."""
+    (a, b), (c, d) = _iv(x), _iv(y)
+    big = _magnitude(x, y)
+    px, py, nx, ny = a >= 0, c >= 0, b < 0, d < 0
+    same, differ = (px & py) | (nx & ny), (px & ny) | (nx & py)
+    return _high_bits(lambda u, v: u ^ v, x, y, (_where(same, 0, -big), _where(differ, -1, big - 1)))
+
+
+def shift_(x, n):
+    """``Shift(x, n) = floor(x * 2**n)`` with n clamped to [-63, 63] (attncc.spec.builtins):
+    monotone in x, and in n for either sign of x, so the corners bound it."""
+    (a, b), (c, d) = _iv(x), _iv(n)
+    c, d = _minimum(_maximum(c, -63), 63), _minimum(_maximum(d, -63), 63)
+    corners = []
+    for v in (a, b):
+        for m in (c, d):
+            scale = torch.exp2(m) if _is_t(m) else 2.0 ** m
+            corners.append(_floor(_nan_to(v * scale, 0.0)))
+    return _hull(corners)
+
+
 def select(cond, x, y):
     """``where(cond, x, y)``: x's interval where cond is surely true, y's where surely
     false, their hull where it is unknown."""
@@ -437,14 +533,14 @@ def bucket(x, num_buckets, max_distance, bidirectional):
     d_lo, d_hi = _iv(x)
     r = _ref(d_lo, d_hi)
     if r is None:
-        r = torch.zeros((), dtype=_F64)
+        r = torch.zeros((), dtype=torch.float64)
     d_lo, d_hi = _tensor(d_lo, r), _tensor(d_hi, r)
-    table = torch.tensor(thresholds, dtype=_F64, device=r.device)
+    table = torch.tensor(thresholds, dtype=torch.float64, device=r.device)
 
     def f(n):  # bucket of a distance n >= 0 (nondecreasing in n)
         if max_exact < 1:
             return torch.zeros_like(n)
-        big = max_exact + torch.searchsorted(table, n.contiguous(), right=True).to(_F64)
+        big = max_exact + torch.searchsorted(table, n.contiguous(), right=True).to(torch.float64)
         return torch.where(n < max_exact, n, big)
 
     # d <= 0 (key at or before the query): distance n = -d, values f(n)
@@ -512,6 +608,14 @@ def not_(x):
     return (x[1], x[0])
 
 
+def xor_(*xs):
+    """Exclusive or: true where an odd number of the operands are."""
+    mt, mf = xs[0]
+    for t, f in xs[1:]:
+        mt, mf = (mt & f) | (mf & t), (mt & t) | (mf & f)
+    return (mt, mf)
+
+
 # ---------------------------------------------------------------------------
 # BigBird random blocks
 # ---------------------------------------------------------------------------
@@ -553,7 +657,8 @@ def random_blocks(i, j, n_k, r, block, seed):
 OPS = frozenset({
     "const", "span", "unbounded", "add", "sub", "neg", "mul", "reciprocal", "div", "floordiv", "mod", "widen",
     "floor_", "abs_", "min_", "max_", "pow_int", "pow_frac", "pow_base", "exp_", "log_", "tanh_", "sigmoid_",
-    "select", "bucket", "tri", "le", "lt", "eq", "ne", "and_", "or_", "not_", "random_blocks",
+    "erf_", "bitand", "bitor", "bitxor", "shift_",
+    "select", "bucket", "tri", "le", "lt", "eq", "ne", "and_", "or_", "not_", "xor_", "random_blocks",
 })
 
 
@@ -580,7 +685,7 @@ def _cdiv(a: int, b: int) -> int:
 def _row_intervals(offset: int, rows: int, block: int, device):
     """Exact position intervals of the blocks of ``rows`` rows starting at ``offset``
     (the last block may be short). Cached: calls of one shape reuse them."""
-    start = torch.arange(_cdiv(rows, block), dtype=_F64) * block
+    start = torch.arange(_cdiv(rows, block), dtype=torch.float64) * block
     lo, hi = offset + start, offset + torch.clamp(start + block, max=rows) - 1
     return lo.to(device), hi.to(device)
 
@@ -652,7 +757,7 @@ def _as_f64(x: torch.Tensor, direction: float) -> torch.Tensor:
     wrong side: it is moved outward by at least one float64 step (``direction`` -1 for a lower
     bound, +1 for an upper one), so that the interval still holds it (doc ids 2**60 and
     2**60 + 1 stay different documents, their tiles PARTIAL)."""
-    y = x.to(_F64)
+    y = x.to(torch.float64)
     if x.dtype == torch.int64:
         y = torch.where(y.abs() >= _EXACT, y + direction * y.abs() * 2.0**-52, y)
     return y
@@ -683,7 +788,7 @@ def classify_grid(program: Optional[IntervalProgram], *, q_offset: int, k_offset
                 shape = (1, 1, -1, 1) if kind == "i" else (1, 1, 1, -1)
                 env[name] = (lo.view(shape), hi.view(shape))
             elif kind in ("b", "h"):
-                v = torch.arange(batch if kind == "b" else heads, dtype=_F64, device=device)
+                v = torch.arange(batch if kind == "b" else heads, dtype=torch.float64, device=device)
                 v = v.view(-1, 1, 1, 1) if kind == "b" else v.view(1, -1, 1, 1)
                 env[name] = (v, v)
             elif kind == "n_q":

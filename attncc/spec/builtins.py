@@ -64,6 +64,90 @@ class Sigmoid(sympy.Function):
         return None
 
 
+class _Bitwise(sympy.Function):
+    """An integer bitwise operator of two integers, with Python's semantics (two's complement of
+    infinite precision: ``-1 & x == x``; in the kernels' int32 / int64 arithmetic the same for
+    every value they hold). A step function of its operands: derivative 0."""
+
+    nargs = 2
+    is_integer = True
+    symbol = ""
+    python = None
+
+    @classmethod
+    def eval(cls, a, b):
+        if a.is_Integer and b.is_Integer:
+            return sympy.Integer(cls.python(int(a), int(b)))
+        return None
+
+    def fdiff(self, argindex=1):
+        return sympy.Integer(0)
+
+    def _sympystr(self, printer):
+        return "(" + f" {self.symbol} ".join(printer._print(a) for a in self.args) + ")"
+
+
+class BitAnd(_Bitwise):
+    """``a & b`` of integers."""
+
+    symbol = "&"
+    python = staticmethod(lambda a, b: a & b)
+
+    def _eval_is_nonnegative(self):
+        return True if any(a.is_nonnegative for a in self.args) else None
+
+
+class BitOr(_Bitwise):
+    """``a | b`` of integers."""
+
+    symbol = "|"
+    python = staticmethod(lambda a, b: a | b)
+
+    def _eval_is_nonnegative(self):
+        return True if all(a.is_nonnegative for a in self.args) else None
+
+
+class BitXor(_Bitwise):
+    """``a ^ b`` of integers."""
+
+    symbol = "^"
+    python = staticmethod(lambda a, b: a ^ b)
+
+    def _eval_is_nonnegative(self):
+        return True if all(a.is_nonnegative for a in self.args) else None
+
+
+SHIFT_LIMIT = 63  # |n| of a shift by an amount that is not a constant is taken up to this
+
+
+def shift(x: int, n: int) -> int:
+    """``floor(x * 2**n)``: Python's ``x << n`` for n >= 0 and ``x >> -n`` for n < 0, with ``n``
+    clamped to [-SHIFT_LIMIT, SHIFT_LIMIT] (past it an int64 is 0, -1, or overflows anyway)."""
+    n = max(-SHIFT_LIMIT, min(SHIFT_LIMIT, n))
+    return x << n if n >= 0 else x >> -n
+
+
+class Shift(sympy.Function):
+    """``x << n`` (and ``x >> n`` as ``Shift(x, -n)``) for a shift amount ``n`` that is not a
+    constant: ``floor(x * 2**n)`` for every integer ``n`` (a negative amount shifts the other way;
+    see :func:`shift` for the clamp). Shifts by constants are ``x * 2**k`` and ``x // 2**k``."""
+
+    nargs = 2
+    is_integer = True
+
+    @classmethod
+    def eval(cls, x, n):
+        if x.is_Integer and n.is_Integer:
+            return sympy.Integer(shift(int(x), int(n)))
+        return None
+
+    def _eval_is_nonnegative(self):
+        return True if self.args[0].is_nonnegative else None
+
+    def fdiff(self, argindex=1):
+        return sympy.Integer(0)
+
+
 class RandomBlocks(BooleanFunction):
     """BigBird random blocks: true when key block ``j // block`` is one of the ``r``
     seeded random key blocks of query block ``i // block`` (out of ``ceil(n_k / block)``).

@@ -2,7 +2,8 @@
 
 Never ``eval``: every node kind, name and function is checked here, and each
 result carries its type (bool, int or float) so that a mask that is not boolean,
-an arithmetic on booleans or a float index is refused with the column it starts at.
+a bitwise operator on floats or a float index is refused with the column it starts at
+(a boolean in arithmetic counts as 0 or 1, contract v1). Reductions are unrolled here.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import sympy
 from sympy.core.function import AppliedUndef
 
 from attncc.spec import symbols as S
-from attncc.spec.builtins import AlibiSlope, Bucket, RandomBlocks, Sigmoid
+from attncc.spec.builtins import AlibiSlope, BitAnd, BitOr, BitXor, Bucket, RandomBlocks, Shift, Sigmoid
 from attncc.spec.errors import SpecError
 from attncc.spec.ir import InputDecl, Param
 
@@ -35,6 +36,9 @@ BUCKET_MAX_DISTANCE = 2**20  # the bucket thresholds are found by a walk up to m
 RANDOM_BLOCKS_MAX_R = 1024  # a per-call table holds r key blocks per query block
 RANDOM_BLOCKS_MAX_BLOCK = 2**16
 SEED_LIMIT = 2**63
+MAX_SHIFT = 62  # a constant shift amount: 0 .. 62 (x << 63 is past int64 for every x but 0)
+MAX_REDUCTION = 256  # terms of one sum / any / all / dot (the kernels unroll them)
+MAX_UNROLLED = 1024  # terms of all the reductions of one expression, nested ones multiplied
 
 _UNARY_MATH = {
     "log": sympy.log,
@@ -47,8 +51,10 @@ _UNARY_MATH = {
     "sin": sympy.sin,
     "cos": sympy.cos,
     "tan": sympy.tan,
+    "erf": sympy.erf,
 }
-FUNCTIONS = ("abs", "min", "max", "where", *_UNARY_MATH, "bucket", "random_blocks")
+REDUCTIONS = ("sum", "any", "all")
+FUNCTIONS = ("abs", "min", "max", "where", *_UNARY_MATH, "bucket", "random_blocks", *REDUCTIONS, "dot", "range")
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,9 @@ class _Parser:
     text: str = ""  # the expression, for quoting parts of it in messages
     _checked: set = field(default_factory=set)  # sub-expressions check_number has seen
     _terms: dict = field(default_factory=dict)  # memo of _expanded_terms
+    _locals: Dict[str, sympy.Symbol] = field(default_factory=dict)  # loop variables of enclosing reductions
+    _unrolled: int = 0  # terms of the reductions parsed so far (nested ones multiplied)
+    counts: set = field(default_factory=set)  # int params used as a reduction's count (range(K))
 
     def __post_init__(self):
         self._params = {p.name: p for p in self.scope.params}
@@ -151,10 +160,8 @@ class _Parser:
         return a**exponent
 
     def number(self, node, what) -> Tuple[sympy.Expr, str]:
-        expr, typ = self.visit(node)
-        if typ == BOOL:
-            self.fail(node, f"{what} needs a number, got a boolean expression")
-        return expr, typ
+        """A number; a boolean counts as 0 or 1 (contract v1: ``s + is_image[b, j]``, ``(i < j) * 2``)."""
+        return as_number(*self.visit(node))
 
     def boolean(self, node, what) -> sympy.Basic:
         expr, typ = self.visit(node)
@@ -178,6 +185,8 @@ class _Parser:
         self.fail(node, f"constant {v!r} is not allowed (numbers and True/False only)")
 
     def visit_Name(self, node):
+        if node.id in self._locals:  # the variable of an enclosing sum / any / all
+            return self._locals[node.id], INT
         name = S.ALIASES.get(node.id, node.id)
         if name in S.INDEX_VARS:
             return S.INDEX_VARS[name], INT
@@ -186,6 +195,8 @@ class _Parser:
             return p.symbol, (INT if p.kind == "int" else FLOAT)
         if name in self._inputs:
             d = self._inputs[name]
+            if not d.dims:  # a 0-d input (dims = []): a scalar, used by name
+                return self.access(d, [])
             self.fail(node, f"input '{name}' must be indexed with {len(d.dims)} indices ({', '.join(map(str, d.dims))})")
         if name == "causal":
             return sympy.Le(S.j, S.i), BOOL
@@ -203,19 +214,44 @@ class _Parser:
 
     # -- operators ----------------------------------------------------------
     def visit_UnaryOp(self, node):
-        if isinstance(node.op, (ast.Not, ast.Invert)):
-            sym = "not" if isinstance(node.op, ast.Not) else "~"
-            return sympy.Not(self.boolean(node.operand, f"'{sym}'")), BOOL
+        if isinstance(node.op, ast.Not):
+            return sympy.Not(self.boolean(node.operand, "'not'")), BOOL
+        if isinstance(node.op, ast.Invert):  # logical on a boolean; on an integer ~x = -x - 1 (Python's)
+            expr, typ = self.visit(node.operand)
+            if typ == BOOL:
+                return sympy.Not(expr), BOOL
+            if typ != INT:
+                self.fail(node, f"'~' needs an integer or a boolean, got a float: {self.source(node.operand)}")
+            return -expr - 1, INT
         expr, typ = self.number(node.operand, "unary minus" if isinstance(node.op, ast.USub) else "unary plus")
         return (-expr if isinstance(node.op, ast.USub) else expr), typ
 
+    def bitwise(self, node):
+        """``& | ^``: logical on two booleans (``^`` is xor), bitwise on integers (a boolean with an
+        integer counts as 0 or 1); ``<< >>``: shifts of integers."""
+        op = type(node.op)
+        name = {ast.BitAnd: "&", ast.BitOr: "|", ast.BitXor: "^", ast.LShift: "<<", ast.RShift: ">>"}[op]
+        (a, ta), (b, tb) = self.visit(node.left), self.visit(node.right)
+        if ta == tb == BOOL and op not in (ast.LShift, ast.RShift):
+            return {ast.BitAnd: sympy.And, ast.BitOr: sympy.Or, ast.BitXor: sympy.Xor}[op](a, b), BOOL
+        for side, t in ((node.left, ta), (node.right, tb)):
+            if t == FLOAT:
+                self.fail(side, f"'{name}' needs integers (or booleans), got a float: {self.source(side)}")
+        (a, _), (b, _) = as_number(a, ta), as_number(b, tb)
+        if op in (ast.BitAnd, ast.BitOr, ast.BitXor):
+            fn = {ast.BitAnd: BitAnd, ast.BitOr: BitOr, ast.BitXor: BitXor}[op]
+            return fn(*sorted((a, b), key=sympy.default_sort_key)), INT
+        if b.is_Integer:  # by a constant: exact arithmetic the analysis understands
+            if not 0 <= int(b) <= MAX_SHIFT:
+                what = "a negative shift count" if b < 0 else "a shift count past int64"
+                self.fail(node.right, f"{what}: constant shift amounts are 0 to {MAX_SHIFT}, got {_text(b)}")
+            return (a * 2 ** int(b) if op is ast.LShift else sympy.floor(a / 2 ** int(b))), INT
+        return Shift(a, b if op is ast.LShift else -b), INT
+
     def visit_BinOp(self, node):
         op = type(node.op)
-        if op in (ast.BitAnd, ast.BitOr):
-            name = "&" if op is ast.BitAnd else "|"
-            a = self.boolean(node.left, f"'{name}'")
-            b = self.boolean(node.right, f"'{name}'")
-            return (sympy.And(a, b) if op is ast.BitAnd else sympy.Or(a, b)), BOOL
+        if op in (ast.BitAnd, ast.BitOr, ast.BitXor, ast.LShift, ast.RShift):
+            return self.bitwise(node)
         sym = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.FloorDiv: "//", ast.Mod: "%", ast.Pow: "**"}.get(op)
         if sym is None:
             self.fail(node, f"operator {type(node.op).__name__} is not part of the expression language")
@@ -250,15 +286,22 @@ class _Parser:
         return (sympy.And(*parts) if name == "and" else sympy.Or(*parts)), BOOL
 
     def visit_Compare(self, node):
+        """Comparisons (chained: ``a < b < c`` is ``a < b and b < c``). ``==`` and ``!=`` of two
+        booleans compare them as booleans; any other comparison takes a boolean as 0 or 1."""
         ops = {ast.Lt: sympy.Lt, ast.LtE: sympy.Le, ast.Gt: sympy.Gt, ast.GtE: sympy.Ge, ast.Eq: sympy.Eq, ast.NotEq: sympy.Ne}
-        left, _ = self.number(node.left, "a comparison")
+        left = self.visit(node.left)
         parts = []
         for op, right_node in zip(node.ops, node.comparators):
             rel = ops.get(type(op))
             if rel is None:
                 self.fail(node, f"comparison {type(op).__name__} is not allowed")
-            right, _ = self.number(right_node, "a comparison")
-            parts.append(rel(left, right, evaluate=False) if rel in (sympy.Eq, sympy.Ne) else rel(left, right))
+            right = self.visit(right_node)
+            if left[1] == right[1] == BOOL and rel in (sympy.Eq, sympy.Ne):
+                differ = sympy.Xor(left[0], right[0])
+                parts.append(differ if rel is sympy.Ne else sympy.Not(differ))
+            else:
+                a, b = as_number(*left)[0], as_number(*right)[0]
+                parts.append(rel(a, b, evaluate=False) if rel in (sympy.Eq, sympy.Ne) else rel(a, b))
             left = right
         return sympy.And(*parts), BOOL
 
@@ -267,26 +310,150 @@ class _Parser:
 
     # -- indexing and calls -------------------------------------------------
     def visit_Subscript(self, node):
+        return self.subscript(node)
+
+    def subscript(self, node, axis_var=None):
+        """An input access ``x[...]``. ``axis_var``: the loop variable of ``dot()``, which takes the
+        place of the one ``:`` the access must have (over a dim declared with a number); then
+        returns ``(expr, type, extent)``."""
         if not isinstance(node.value, ast.Name) or node.value.id not in self._inputs:
             target = node.value.id if isinstance(node.value, ast.Name) else _describe(node.value)
             self.fail(node, f"only inputs from [inputs] can be indexed; '{target}' is not one")
         decl = self._inputs[node.value.id]
+        if not decl.dims:
+            self.fail(node, f"input '{decl.name}' has no dims (dims = []): use it by name, without []")
         idx = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
         if len(idx) != len(decl.dims):
             self.fail(node, f"input '{decl.name}' has {len(decl.dims)} dims ({', '.join(map(str, decl.dims))}), indexed with {len(idx)}")
-        args = []
+        args, extent = [], None
         for k, sub in enumerate(idx):
             if isinstance(sub, ast.Slice):
-                self.fail(sub, f"slices are not allowed in an index of '{decl.name}'")
+                if axis_var is None:
+                    self.fail(sub, f"a slice ':' in an index of '{decl.name}' is only allowed in dot(...)")
+                if sub.lower is not None or sub.upper is not None or sub.step is not None:
+                    self.fail(sub, f"dot() takes a whole axis ':' of '{decl.name}', not a part of it")
+                if extent is not None:
+                    self.fail(sub, f"dot() takes one ':' per input, '{decl.name}' has more")
+                if type(decl.dims[k]) is not int:
+                    self.fail(sub, f"dot() reduces over a dim declared with a number (such as 64), but dim {k} of "
+                                   f"'{decl.name}' is {decl.dims[k]!r}")
+                extent = decl.dims[k]
+                args.append(axis_var)
+                continue
             e, t = self.visit(sub)
             if t != INT:
                 self.fail(sub, f"index {k} of '{decl.name}' must be an integer expression, got {t}")
             args.append(e)
+        if axis_var is not None:
+            if extent is None:
+                self.fail(node, f"dot() needs one ':' in the index of '{decl.name}' (the axis it reduces)")
+            return (*self.access(decl, args), extent)
+        return self.access(decl, args)
+
+    def access(self, decl, args):
         typ = FLOAT if decl.dtype in _FLOAT_DTYPES else (BOOL if decl.dtype == "bool" else INT)
         app = decl.symbol(*args)
         if typ == BOOL:
             return sympy.Ne(app, 0), BOOL
         return app, typ
+
+    # -- reductions -------------------------------------------------------
+    def reduce(self, node, name):
+        """``sum(e for t in range(K))``, ``any(...)``, ``all(...)``: unrolled into K terms (the kernels
+        unroll them). ``K`` is a literal or an int param; for a param the terms go up to its value in
+        the spec, each kept only where ``t < K``, and a call may pass any K up to that value (the
+        runtime refuses more)."""
+        usage = f"{name}() takes one generator: {name}(e for t in range(K))"
+        if node.keywords or len(node.args) != 1 or not isinstance(node.args[0], ast.GeneratorExp):
+            self.fail(node, usage)
+        gen = node.args[0]
+        if len(gen.generators) != 1:
+            self.fail(gen, f"{name}() takes one 'for' clause, got {len(gen.generators)}")
+        comp = gen.generators[0]
+        if comp.ifs:
+            self.fail(comp.ifs[0], f"'if' in the generator is not part of the language: write the condition into "
+                                   f"the term ({'where(c, e, 0)' if name == 'sum' else 'c and e' if name == 'any' else '(not c) or e'})")
+        if comp.is_async:
+            self.fail(gen, usage)
+        var = self.loop_variable(comp.target)
+        count, param = self.count(comp.iter, usage)
+        t = sympy.Dummy(var, integer=True, nonnegative=True)
+        mark = self._unrolled
+        self._locals[var] = t
+        try:
+            body, typ = self.visit(gen.elt)
+        finally:
+            del self._locals[var]
+        self.budget(node, mark, count)
+        if name == "sum":
+            body, typ = as_number(body, typ)
+        elif typ != BOOL:
+            self.fail(gen.elt, f"{name}() needs a boolean expression, got a number ({typ})")
+        terms = [body.xreplace({t: sympy.Integer(k)}) for k in range(count)]
+        if param is not None:  # the terms past the call's K are left out
+            keep = [sympy.Lt(k, param.symbol) for k in range(count)]
+            if name == "sum":
+                terms = [sympy.Piecewise((e, c), (0, True)) for e, c in zip(terms, keep)]
+            elif name == "any":
+                terms = [sympy.And(c, e) for e, c in zip(terms, keep)]
+            else:
+                terms = [sympy.Or(sympy.Not(c), e) for e, c in zip(terms, keep)]
+        if name == "sum":
+            return sympy.Add(*terms), typ
+        return (sympy.Or(*terms) if name == "any" else sympy.And(*terms)), BOOL
+
+    def dot(self, node):
+        """``dot(x[..., :, ...], y[..., :, ...])``: the sum over one axis of the product of two inputs,
+        each with one ``:`` over a dim declared with a number, of one extent."""
+        if node.keywords or len(node.args) != 2 or not all(isinstance(a, ast.Subscript) for a in node.args):
+            self.fail(node, "dot() takes two inputs indexed with one ':' each, e.g. dot(x[b, h, i, :], y[b, 0, j, :])")
+        t = sympy.Dummy("axis", integer=True, nonnegative=True)
+        mark = self._unrolled
+        (a, ta, na), (b, tb, nb) = (self.subscript(arg, axis_var=t) for arg in node.args)
+        if na != nb:
+            self.fail(node, f"dot() of two axes of different extents: {na} and {nb}")
+        self.budget(node, mark, na)
+        (a, ta), (b, tb) = as_number(a, ta), as_number(b, tb)
+        typ = INT if ta == tb == INT else FLOAT
+        return sympy.Add(*[(a * b).xreplace({t: sympy.Integer(k)}) for k in range(na)]), typ
+
+    def budget(self, node, mark: int, count: int):
+        """``count`` copies of what was parsed since ``mark`` (nested reductions multiply)."""
+        if count > MAX_REDUCTION:
+            self.fail(node, f"a reduction takes at most {MAX_REDUCTION} terms (the kernels unroll it), got {_text(count)}")
+        self._unrolled = mark + count * (1 + self._unrolled - mark)
+        if self._unrolled > MAX_UNROLLED:
+            self.fail(node, f"the reductions of this expression unroll to more than {MAX_UNROLLED} terms in all "
+                            f"(nested ones multiply)")
+
+    def loop_variable(self, target) -> str:
+        if not isinstance(target, ast.Name):
+            self.fail(target, "the loop variable of a reduction is one name (for t in range(K))")
+        name = target.id
+        taken = (set(S.INDEX_VARS) | set(S.ALIASES) | set(self._params) | set(self._inputs) | set(self._locals)
+                 | set(FUNCTIONS) | {"s", "inf", "causal", "alibi", "n_heads"})
+        if name in taken:
+            self.fail(target, f"the loop variable '{name}' is already a name of the expression; choose another")
+        return name
+
+    def count(self, node, usage):
+        """``(K, param)`` of ``range(K)``: a literal (param None) or an int param (K its spec value)."""
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "range"
+                and len(node.args) == 1 and not node.keywords):
+            self.fail(node, usage)
+        arg = node.args[0]
+        if isinstance(arg, ast.Constant) and type(arg.value) is int and arg.value >= 0:
+            if arg.value > MAX_REDUCTION:
+                self.fail(arg, f"a reduction takes at most {MAX_REDUCTION} terms (the kernels unroll it), got {_text(arg.value)}")
+            return arg.value, None
+        if isinstance(arg, ast.Name) and arg.id in self._params and self._params[arg.id].kind == "int":
+            p = self._params[arg.id]
+            if not 0 <= p.value <= MAX_REDUCTION:
+                self.fail(arg, f"param '{p.name}' counts a reduction's terms: its value in the spec is the most a "
+                               f"call may pass (the kernels unroll to it), from 0 to {MAX_REDUCTION}; got {_text(p.value)}")
+            self.counts.add(p.name)
+            return p.value, p
+        self.fail(arg, f"range() takes a non-negative integer literal or an int param, got {self.source(arg)}")
 
     def visit_Call(self, node):
         if not isinstance(node.func, ast.Name):
@@ -294,6 +461,12 @@ class _Parser:
         name = node.func.id
         if name not in FUNCTIONS:
             self.fail(node, f"unknown function '{name}' (known: {', '.join(FUNCTIONS)})")
+        if name in REDUCTIONS:
+            return self.reduce(node, name)
+        if name == "dot":
+            return self.dot(node)
+        if name == "range":
+            self.fail(node, "range() is only the iterable of a reduction: sum(e for t in range(K))")
         if name == "bucket":
             return self._bucket(node)
         if name == "random_blocks":
@@ -322,8 +495,8 @@ class _Parser:
             self.fail(node, f"where() takes 3 arguments (cond, a, b), got {len(args)}")
         cond = self.boolean(args[0], "where()'s condition")
         (a, ta), (b, tb) = self.visit(args[1]), self.visit(args[2])
-        if (ta == BOOL) != (tb == BOOL):
-            self.fail(node, "where()'s two branches must both be booleans or both numbers")
+        if (ta == BOOL) != (tb == BOOL):  # a boolean with a number counts as 0 or 1
+            (a, ta), (b, tb) = as_number(a, ta), as_number(b, tb)
         if ta == BOOL:
             return sympy.Or(sympy.And(cond, a), sympy.And(sympy.Not(cond), b)), BOOL
         return sympy.Piecewise((a, cond), (b, True)), (INT if ta == tb == INT else FLOAT)
@@ -383,9 +556,18 @@ class _Parser:
         return RandomBlocks(S.i, S.j, S.n_k, r_node.value, o["block"], o["seed"]), BOOL
 
 
+def as_number(expr, typ) -> Tuple[sympy.Basic, str]:
+    """``(expr, typ)`` with a boolean as the integer 0 or 1 (contract v1)."""
+    if typ == BOOL:
+        return sympy.Piecewise((sympy.Integer(1), expr), (sympy.Integer(0), True)), INT
+    return expr, typ
+
+
 def _describe(node) -> str:
     return {"Lambda": "lambda", "Attribute": "attribute access", "List": "a list", "Tuple": "a tuple",
-            "Dict": "a dict", "Starred": "unpacking", "NamedExpr": "':='"}.get(type(node).__name__,
+            "Dict": "a dict", "Starred": "unpacking", "NamedExpr": "':='",
+            "GeneratorExp": "a generator expression outside sum(), any() or all()",
+            "ListComp": "a list comprehension"}.get(type(node).__name__,
                                                                              f"'{type(node).__name__}'")
 
 
@@ -416,7 +598,7 @@ class _NotReal(Exception):
 
 _REAL_FUNCTIONS = {
     sympy.exp: math.exp, sympy.sin: math.sin, sympy.cos: math.cos, sympy.tan: math.tan,
-    sympy.tanh: math.tanh, sympy.Abs: abs, sympy.floor: math.floor, sympy.ceiling: math.ceil,
+    sympy.tanh: math.tanh, sympy.Abs: abs, sympy.floor: math.floor, sympy.ceiling: math.ceil, sympy.erf: math.erf,
     Sigmoid: lambda x: 0.5 * (1.0 + math.tanh(0.5 * x)),
 }
 
@@ -519,8 +701,10 @@ def _expanded_terms(e, memo: dict) -> int:
     return n
 
 
-def parse_expression(text: str, scope: Scope, file: str = "<string>", key: str = "") -> Tuple[sympy.Basic, str]:
-    """Parse ``text`` into (sympy expression, type) where type is "bool", "int" or "float"."""
+def parse_expression(text: str, scope: Scope, file: str = "<string>", key: str = "",
+                     counts: Optional[set] = None) -> Tuple[sympy.Basic, str]:
+    """Parse ``text`` into (sympy expression, type) where type is "bool", "int" or "float".
+    ``counts``: a set that receives the names of the int params used as a reduction's count."""
     if not isinstance(text, str):
         raise SpecError(file, key, f"expected an expression as a string, got {type(text).__name__} {_text(repr(text))}")
     text = text.strip()
@@ -537,6 +721,10 @@ def parse_expression(text: str, scope: Scope, file: str = "<string>", key: str =
     if _depth(tree.body) > MAX_DEPTH:
         raise SpecError(file, key, f"the expression is nested too deeply (at most {MAX_DEPTH} levels)")
     try:
-        return _Parser(scope, file, key, text=text).visit(tree.body)
+        parser = _Parser(scope, file, key, text=text)
+        result = parser.visit(tree.body)
+        if counts is not None:
+            counts |= parser.counts
+        return result
     except RecursionError:
         raise SpecError(file, key, f"the expression is nested too deeply (at most {MAX_DEPTH} levels)") from None

@@ -43,11 +43,14 @@ class InputDecl:
 
 @dataclass(frozen=True)
 class Param:
-    """A named constant; a call may override it by keyword. ``kind`` is "int" or "float"."""
+    """A named constant; a call may override it by keyword. ``kind`` is "int" or "float".
+    ``count``: an int param used as a reduction's count (``range(K)``): the kernels unroll to
+    its value here, and a call may pass at most that."""
 
     name: str
     value: Union[int, float]
     kind: str
+    count: bool = False
 
     @property
     def symbol(self) -> sympy.Symbol:

@@ -12,6 +12,7 @@ import sympy
 
 from attncc.spec import names as N
 from attncc.spec import symbols as S
+from attncc.runtime.semantics import MAX_HEAD_DIM
 from attncc.spec.builtins import RandomBlocks
 from attncc.spec.errors import SpecError
 from attncc.spec.expr import BOOL, FUNCTIONS, Scope, parse_expression
@@ -166,13 +167,15 @@ def parse_spec(text: str, path: str = "<string>") -> Pattern:
     for d in head_dims:
         if type(d) is not int:
             c.fail("head_dim", f"expected an integer or a list of integers, got {_kind(d)} {d!r}")
-        if not 1 <= d <= 512:
-            c.fail("head_dim", f"expected head dims between 1 and 512, got {d}")
+        if not 1 <= d <= MAX_HEAD_DIM:
+            c.fail("head_dim", f"expected head dims between 1 and {MAX_HEAD_DIM} (the kernels' limit, which calls "
+                               f"share: D and Dv up to {MAX_HEAD_DIM}), got {d}")
     value_dim = data.get("value_dim")
     if value_dim is not None:
         c.int_(value_dim, "value_dim", 1)
-        if value_dim > 512:
-            c.fail("value_dim", f"expected a value dim between 1 and 512, got {value_dim}")
+        if value_dim > MAX_HEAD_DIM:
+            c.fail("value_dim", f"expected a value dim between 1 and {MAX_HEAD_DIM} (the kernels' limit, which calls "
+                                f"share: D and Dv up to {MAX_HEAD_DIM}), got {value_dim}")
 
     dts = data.get("dtypes", list(DTYPES[:2]))
     dts = [dts] if isinstance(dts, str) else dts
@@ -220,8 +223,8 @@ def parse_spec(text: str, path: str = "<string>") -> Pattern:
             if k not in ("dims", "dtype", "grad"):
                 c.fail(f"{key}.{k}", "unknown key (expected one of: dims, dtype, grad)")
         dims = decl.get("dims")
-        if not isinstance(dims, list) or not dims:
-            c.fail(f"{key}.dims", f"expected a non-empty list of \"b\", \"h\", \"n\" or sizes, got {dims!r}")
+        if not isinstance(dims, list):  # [] is a 0-d input: a scalar, used by name
+            c.fail(f"{key}.dims", f"expected a list of \"b\", \"h\", \"n\" or sizes (or [] for a scalar), got {dims!r}")
         for d in dims:
             if not (d in ("b", "h", "n") or (type(d) is int and d > 0)):
                 c.fail(f"{key}.dims", f"each dim is \"b\" (batch), \"h\" (query head), \"n\" (position) or a positive size; got {d!r}")
@@ -236,6 +239,7 @@ def parse_spec(text: str, path: str = "<string>") -> Pattern:
 
     scope = Scope(tuple(params), tuple(inputs))
     fields: Dict[str, Any] = {}
+    counts: set = set()  # int params used as reductions' counts (expr.py: range(K))
     if kind == "linear":
         for k in ("mask", "score", "rope"):
             if k in data:
@@ -265,7 +269,7 @@ def parse_spec(text: str, path: str = "<string>") -> Pattern:
         mask_t = c.table(data, "mask", ("where",))
         mask = None
         if "where" in mask_t:
-            mask, typ = parse_expression(mask_t["where"], scope, path, "[mask].where")
+            mask, typ = parse_expression(mask_t["where"], scope, path, "[mask].where", counts)
             if typ != BOOL:
                 c.fail("[mask].where", f"the mask must be a boolean expression, got a number ({typ})")
         score = c.table(data, "score", ("scale", "bias", "softcap", "mod", "dropout"))
@@ -283,12 +287,13 @@ def parse_spec(text: str, path: str = "<string>") -> Pattern:
                 c.fail("[score].dropout", f"{', '.join(clash)} would shadow the keyword(s) of the same name that a "
                                           f"module with dropout takes ({', '.join(sorted(DROPOUT_KEYWORDS))}); rename")
         if "bias" in score:
-            bias, typ = parse_expression(score["bias"], scope, path, "[score].bias")
+            bias, typ = parse_expression(score["bias"], scope, path, "[score].bias", counts)
             if typ == BOOL:
                 c.fail("[score].bias", "the bias must be a number, got a boolean expression (masks go in [mask].where)")
             fields["bias"] = bias
         if "mod" in score:
-            mod, typ = parse_expression(score["mod"], Scope(scope.params, scope.inputs, allow_score=True), path, "[score].mod")
+            mod, typ = parse_expression(score["mod"], Scope(scope.params, scope.inputs, allow_score=True), path,
+                                        "[score].mod", counts)
             if typ == BOOL:
                 c.fail("[score].mod", "the score transform must be a number, got a boolean expression")
             mod, extra_mask = split_mod_mask(mod)
@@ -301,11 +306,9 @@ def parse_spec(text: str, path: str = "<string>") -> Pattern:
             if value is not None and value.has(RandomBlocks):
                 c.fail(key, "random_blocks() selects pairs: it belongs in the mask ([mask].where, or the condition c "
                             "of a top-level where(c, s, -inf) in [score].mod), not in a score")
-        if mask is not None:
-            if mask is sympy.true:
-                mask = None
-            elif mask is sympy.false:
-                c.fail("[mask].where", "the mask allows no pair at all")
+        if mask is sympy.true:
+            mask = None
+        # a mask that is never true (sympy.false) builds: every row is o = 0, lse = -inf (contract v1)
         fields["mask"] = mask
         if "rope" in data:
             rope = c.table(data, "rope", ("theta", "style", "rotary_dim"))
@@ -320,6 +323,7 @@ def parse_spec(text: str, path: str = "<string>") -> Pattern:
                                   style=c.choice(rope.get("style", "neox"), "[rope].style", ("neox", "gptj")),
                                   rotary_dim=rd)
 
+    params = [Param(p.name, p.value, p.kind, count=True) if p.name in counts else p for p in params]
     return Pattern(name=name, kind=kind, head_dims=head_dims, value_dim=value_dim, dtypes=tuple(dts),
                    heads_q=hq, heads_kv=hkv, params=tuple(params), inputs=tuple(inputs), source=path,
                    source_hash=hashlib.sha256(text.encode()).hexdigest()[:16], **fields)
@@ -341,7 +345,10 @@ def split_mod_mask(mod):
     s > 0, s, -inf)`` gives the mask ``j <= i`` and ``mod' = where(s > 0, s, -inf)``. Nested
     ``where(c1, where(c2, e, -inf), -inf)`` is ``where(c1 and c2, e, -inf)``, and
     ``where(c1, e1, where(c2, e2, -inf))`` keeps a pair where ``c1 or c2``.
-    Returns ``(mod, None)`` when no part of a condition is free of ``s``."""
+    Returns ``(mod, None)`` when no part of a condition is free of ``s``. A transform that is
+    ``-inf`` everywhere (sympy folds ``where(False, e, -inf)`` to ``-inf``) is the mask ``False``."""
+    if mod == -sympy.oo:
+        return S.s, sympy.false
     conds, e = [], mod
     while True:
         kept = _kept_where(e)

@@ -1,0 +1,79 @@
+"""Layouts and the per-tile math shared by the Gluon attention kernels (sm90, wgmma)."""
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+
+LN2 = gl.constexpr(0.6931471805599453)
+
+
+@gluon.constexpr_function
+def mma_layout(num_warps, n):
+    """wgmma accumulator layout of a [rows, n] fp32 tile: warps stacked along the rows (16 each), one
+    instruction spanning all n columns (n <= 256), so one wgmma per 64 rows and k-step."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, n, 16])
+
+
+@gluon.constexpr_function
+def lhs_layout(acc_layout):
+    """Register layout of a 16-bit A operand feeding a wgmma whose accumulator is `acc_layout`.
+
+    A [rows, BLOCK_N] accumulator of S = Q K^T holds, per thread, the same (row, column) pairs as this
+    layout of P with P V's accumulator as parent: converting P is a register-only repack (FA3's
+    "P from registers"), no shared-memory round trip."""
+    return gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+
+
+@gluon.jit
+def mask_scores(s, kb, rows_i, Nk, k_offset, n_q, n_k,
+                MASK: gl.constexpr, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
+    """Scores of a partial key block: -inf outside the Nk keys and where the pattern's mask is false."""
+    j = gl.expand_dims(k_offset + kb * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout)), 0)
+    keep = j < k_offset + Nk
+    if MASK is not None:
+        keep = keep & MASK(gl.expand_dims(rows_i, 1), j, n_q, n_k)
+    return gl.where(keep, s, float("-inf"))
+
+
+@gluon.jit
+def softmax_update(s, m_i, l_i, qk_scale, p_layout: gl.constexpr, dtype: gl.constexpr):
+    """One online-softmax step in the log2 domain (qk_scale = scale * log2(e) > 0 is folded into exp2).
+
+    Returns the new running max and sum, P (in `p_layout`, ready to feed P V from registers) and the
+    factor alpha that rescales what was accumulated under the old max. A row whose scores are all
+    -inf so far keeps m = -inf; it uses 0 as its reference so no inf - inf appears (p = alpha = 0).
+    """
+    m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+    m_ref = gl.where(m_new == float("-inf"), 0.0, m_new)
+    p = gl.exp2(s * qk_scale - gl.expand_dims(m_ref, 1))
+    alpha = gl.exp2(m_i - m_ref)
+    l_i = l_i * alpha + gl.sum(p, 1)
+    return m_new, l_i, gl.convert_layout(p.to(dtype), p_layout), alpha
+
+
+@gluon.jit
+def rescale(acc, alpha, o_layout: gl.constexpr):
+    """acc * alpha per row; alpha comes in the row layout of S's accumulator (same rows per thread)."""
+    return acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+
+
+@gluon.jit
+def finish_rows(acc, m_i, l_i, o_layout: gl.constexpr):
+    """O = acc / l and the natural-log LSE; rows that saw no allowed key give O = 0, LSE = -inf."""
+    l_safe = gl.where(l_i == 0.0, 1.0, l_i)
+    o = acc / gl.expand_dims(gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout)), 1)
+    lse = gl.where(l_i == 0.0, float("-inf"), (m_i + gl.log2(l_safe)) * LN2)
+    return o, lse
+
+
+@gluon.jit
+def clamp_walk(lo, full_lo, full_hi, hi):
+    """Enforce lo <= full_lo <= full_hi <= hi whatever the rendered walk returned at the edges.
+
+    Walks may return Python constants (a dense walk starts at 0): they become int32 scalars here."""
+    lo = gl.to_tensor(lo)
+    full_lo = gl.to_tensor(full_lo)
+    full_hi = gl.to_tensor(full_hi)
+    hi = gl.to_tensor(hi)
+    hi = gl.maximum(hi, lo)
+    full_lo = gl.minimum(gl.maximum(full_lo, lo), hi)
+    full_hi = gl.minimum(gl.maximum(full_hi, full_lo), hi)
+    return lo, full_lo, full_hi, hi

@@ -1,0 +1,107 @@
+"""Forward attention for sm90 in Gluon, the plain version: one instruction stream, no warp specialization.
+
+Every warp runs the same program (FlashAttention-2's structure on Hopper instructions): Q is loaded
+once by TMA; K and V blocks stream through a STAGES-deep shared-memory ring filled by TMA
+(`STAGES - 1` blocks ahead, completion on one mbarrier per slot); S = Q K^T and O += P V are wgmma
+with register accumulators, P fed from registers. BLOCK_M = 16 * num_warps rows (64 per
+warpgroup). It is the A side of the A/B against `fwd_ws.py` and the fallback if warp
+specialization misbehaves; it is not expected to beat the `tl` kernels by much (docs/gluon.md).
+"""
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma
+
+from attncc.gluon.common import (clamp_walk, finish_rows, lhs_layout, mask_scores, mma_layout, rescale,
+                                 softmax_update)
+
+
+@gluon.jit
+def _issue_kv(k_desc, v_desc, k_smem, v_smem, bars, b, hk, kb, slot, pred):
+    bar = bars.index(slot)
+    mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes, pred=pred)
+    tma.async_copy_global_to_shared(k_desc, [b, hk, kb * k_desc.block_type.shape[2], 0], bar, k_smem.index(slot),
+                                    pred=pred)
+    tma.async_copy_global_to_shared(v_desc, [b, hk, kb * v_desc.block_type.shape[2], 0], bar, v_smem.index(slot),
+                                    pred=pred)
+
+
+@gluon.jit
+def attn_fwd_pipelined(q_desc, k_desc, v_desc, o_desc, lse_ptr, lse_stride: gl.int64,
+                       H, GROUP, Nq, Nk, q_offset, k_offset, n_q, n_k, qk_scale,
+                       WALK: gl.constexpr, MASK: gl.constexpr, RETURN_LSE: gl.constexpr,
+                       STAGES: gl.constexpr, num_warps: gl.constexpr):
+    """One program per (query block, batch x head); descriptors are 4-d over [B, H, N, D] tensors, so
+    batch and head offsets are TMA coordinates (no int32 address arithmetic) and rows past N read as
+    zeros and are never written. LSE row (b, h) starts at lse_ptr + (b * H + h) * lse_stride (an
+    int64: B * H * Nq may pass 2**31)."""
+    dtype: gl.constexpr = q_desc.dtype
+    BLOCK_M: gl.constexpr = q_desc.block_type.shape[2]
+    HEAD_DIM: gl.constexpr = q_desc.block_type.shape[3]
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[2]
+    s_layout: gl.constexpr = mma_layout(num_warps, BLOCK_N)
+    o_layout: gl.constexpr = mma_layout(num_warps, HEAD_DIM)
+    p_layout: gl.constexpr = lhs_layout(o_layout)
+    gl.static_assert(BLOCK_M == 16 * num_warps, "BLOCK_M is 16 rows per warp")
+
+    # Heaviest query blocks first: with causal-like walks the last rows see the most keys.
+    qb = gl.num_programs(0) - 1 - gl.program_id(0)
+    bh = gl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+
+    q_smem = gl.allocate_shared_memory(dtype, q_desc.block_type.shape, q_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    kv_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(kv_bars.index(i), count=1)
+
+    q_lo = q_offset + qb * BLOCK_M
+    lo, full_lo, full_hi, hi = WALK(q_lo, q_lo + BLOCK_M - 1, Nk, k_offset, n_q, n_k, BLOCK_N)
+    lo, full_lo, full_hi, hi = clamp_walk(lo, full_lo, full_hi, hi)
+
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [b, h, qb * BLOCK_M, 0], q_bar, q_smem)
+    for i in gl.static_range(STAGES - 1):
+        _issue_kv(k_desc, v_desc, k_smem, v_smem, kv_bars, b, hk, lo + i, i, lo + i < hi)
+
+    rows_i = q_lo + gl.arange(0, BLOCK_M, gl.SliceLayout(1, s_layout))
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+    l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
+    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    q = q_smem.reshape([BLOCK_M, HEAD_DIM])
+    mbarrier.wait(q_bar, 0)
+
+    for kb in range(lo, hi):
+        it = kb - lo
+        # Refill the slot that held block kb - 1: every warp has finished its wgmmas on it.
+        gl.thread_barrier()
+        ahead = kb + STAGES - 1
+        _issue_kv(k_desc, v_desc, k_smem, v_smem, kv_bars, b, hk, ahead, (it + STAGES - 1) % STAGES, ahead < hi)
+        slot = it % STAGES
+        mbarrier.wait(kv_bars.index(slot), (it // STAGES) & 1)
+        k = k_smem.index(slot).reshape([BLOCK_N, HEAD_DIM])
+        v = v_smem.index(slot).reshape([BLOCK_N, HEAD_DIM])
+        s = warpgroup_mma(q, k.permute((1, 0)), s_zero, use_acc=False)
+        if (kb < full_lo) | (kb >= full_hi):
+            s = mask_scores(s, kb, rows_i, Nk, k_offset, n_q, n_k, MASK, BLOCK_N, s_layout)
+        m_i, l_i, p, alpha = softmax_update(s, m_i, l_i, qk_scale, p_layout, dtype)
+        acc = warpgroup_mma(p, v, rescale(acc, alpha, o_layout))
+
+    o, lse = finish_rows(acc, m_i, l_i, o_layout)
+    if RETURN_LSE:
+        rows = qb * BLOCK_M + gl.arange(0, BLOCK_M, gl.SliceLayout(1, s_layout))
+        gl.store(lse_ptr + bh * lse_stride + rows, lse, mask=rows < Nq)
+    # Q's buffer is free (every wgmma on it has completed): stage O there for the TMA store.
+    gl.thread_barrier()
+    q.store(o.to(dtype))
+    fence_async_shared()
+    tma.async_copy_shared_to_global(o_desc, [b, h, qb * BLOCK_M, 0], q_smem)
+    tma.store_wait(0)
+    mbarrier.invalidate(q_bar)
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(kv_bars.index(i))

@@ -1,0 +1,427 @@
+"""Host side of the Gluon sm90 kernels: configs, TMA descriptors, grids, launches, and compilation
+of every variant to a cubin without a GPU (for CI and for reading the PTX/SASS).
+
+Not wired into the generated modules yet (docs/gluon.md, "Wiring after issue 17"): `attention`
+is the entry a generated module will call with its rendered walk and mask.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+from attncc.gluon import walks
+
+LOG2E = 1.4426950408889634
+KERNELS = ("ws", "pipelined")
+HEAD_DIMS = (64, 128, 256)
+DTYPES = ("bfloat16", "float16")
+SM90_SHARED_BYTES = 232448  # 227 KB: the most one CTA may allocate on an H100/H200
+L2_BYTES = 50 * 2**20       # H100/H200 L2; the head-group size aims at half of it
+
+
+@dataclass(frozen=True)
+class GluonConfig:
+    """One compiled variant's tile and pipeline choices.
+
+    kernel: "ws" (FlashAttention-3 structure, fwd_ws.py) or "pipelined" (one instruction stream,
+        fwd_pipelined.py).
+    block_m: query rows per CTA tile. "ws": always 128 (two consumer warpgroups x 64 rows);
+        "pipelined": 16 per warp (num_warps = block_m // 16).
+    block_n: keys per K/V block (one wgmma N for S = Q K^T; a power of two <= 256).
+    stages: depth of the K/V shared-memory ring.
+    pingpong: "ws" only: the two consumer warpgroups alternate issuing their wgmmas.
+    o_in_q: "ws" only: stage O in the warpgroup's Q buffer (needed where a separate buffer does
+        not fit, D = 256); the next Q load then waits for the O store.
+    consumer_regs / loader_regs / maxnreg: "ws" only: setmaxnreg budgets per thread of the
+        consumer warpgroups and the load warp, and the launch cap that fits 3 warpgroups
+        (3 * 128 * 168 <= 65536 registers) before the reallocation.
+    """
+    kernel: str = "ws"
+    block_m: int = 128
+    block_n: int = 128
+    stages: int = 2
+    pingpong: bool = True
+    o_in_q: bool = False
+    consumer_regs: int = 240
+    loader_regs: int = 24
+    maxnreg: int = 168
+
+    @property
+    def num_warps(self) -> int:
+        return 4 if self.kernel == "ws" else self.block_m // 16
+
+    @property
+    def rows_per_q_block(self) -> int:
+        """Rows of one Q/O TMA box: a consumer warpgroup's 64 ("ws") or the whole tile."""
+        return 64 if self.kernel == "ws" else self.block_m
+
+
+def default_config(head_dim: int, kernel: str = "ws") -> GluonConfig:
+    """The built-in tiles by head dim (the deepest K/V ring that fits next to Q and O staging).
+
+    ws, D = 64: 16 KB per K or V block, 4 stages fit (Q 16 KB + O 16 KB + 128 KB ring);
+    D = 128: 32 KB per block, 2 stages (192 KB in all; 3 would need 256 KB);
+    D = 256: 64-key blocks (32 KB), 2 stages, O staged in Q's buffer (Q alone is 64 KB)."""
+    _check_choice("kernel", kernel, KERNELS)
+    _check_choice("head_dim", head_dim, HEAD_DIMS)
+    if kernel == "ws":
+        if head_dim == 64:
+            return GluonConfig(kernel, block_n=128, stages=4)
+        if head_dim == 128:
+            return GluonConfig(kernel, block_n=128, stages=2)
+        return GluonConfig(kernel, block_n=64, stages=2, o_in_q=True)
+    if head_dim == 256:
+        return GluonConfig(kernel, block_m=64, block_n=64, stages=2)
+    return GluonConfig(kernel, block_m=128, block_n=128, stages=3 if head_dim == 64 else 2)
+
+
+def shared_bytes(config: GluonConfig, head_dim: int, elem_bytes: int = 2) -> int:
+    """The kernel's shared-memory tiles (barriers aside), to reject configs that cannot launch."""
+    q_tile = config.block_m * head_dim * elem_bytes
+    ring = 2 * config.stages * config.block_n * head_dim * elem_bytes
+    if config.kernel == "ws":
+        return q_tile + ring + (0 if config.o_in_q else q_tile)
+    return q_tile + ring  # O is staged in Q's buffer
+
+
+def check_config(config: GluonConfig, head_dim: int) -> None:
+    if config.kernel == "ws" and config.block_m != 128:
+        raise ValueError(f"attncc.gluon: the ws kernel has block_m = 128 (2 x 64 rows), got {config.block_m}")
+    if config.block_m % 64 or not 64 <= config.block_m <= 128:
+        raise ValueError(f"attncc.gluon: block_m must be 64 or 128, got {config.block_m}")
+    if config.block_n not in (16, 32, 64, 128, 256):
+        raise ValueError(f"attncc.gluon: block_n must be a power of two in [16, 256], got {config.block_n}")
+    if config.stages < 1 or (config.kernel == "pipelined" and config.stages < 2):
+        raise ValueError(f"attncc.gluon: stages must be >= 2 (pipelined) or >= 1 (ws), got {config.stages}")
+    need = shared_bytes(config, head_dim)
+    if need > SM90_SHARED_BYTES - 1024:
+        raise ValueError(f"attncc.gluon: {config} at head dim {head_dim} needs {need} bytes of shared memory, "
+                         f"more than the {SM90_SHARED_BYTES} an sm90 CTA may use")
+
+
+def _check_choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"attncc.gluon: {name} must be one of {allowed}, got {value!r}")
+
+
+def pattern_fragments(pattern: str):
+    """(walk, mask) of a shipped pattern; codegen will pass rendered ones instead."""
+    _check_choice("pattern", pattern, tuple(walks.PATTERNS))
+    return walks.PATTERNS[pattern]
+
+
+# --------------------------------------------------------------------------------------------
+# Launch on a GPU
+
+
+def attention(q, k, v, *, pattern: str = "dense", scale: Optional[float] = None, q_offset: int = 0,
+              k_offset: int = 0, n_q: Optional[int] = None, n_k: Optional[int] = None, return_lse: bool = False,
+              config: Optional[GluonConfig] = None, walk=None, mask=None, out=None, lse_out=None):
+    """Softmax attention through the Gluon sm90 kernels (forward only).
+
+    q [B, Hq, Nq, D], k / v [B, Hkv, Nk, D] (Hq a multiple of Hkv: GQA), bf16 or fp16 on an sm90
+    GPU. Query row r sits at position q_offset + r, key c at k_offset + c (chunks of a longer
+    sequence); n_q / n_k are the full lengths a mask may refer to (default Nq / Nk). `walk` and
+    `mask` override the pattern's fragments (walks.py gives their contract). Returns o
+    [B, Hq, Nq, D] (and the natural-log LSE [B, Hq, Nq] in float32 with return_lse), written into
+    `out` / `lse_out` when given (contiguous, of those shapes and dtypes: checks poison them)."""
+    import torch
+    import triton
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    B, Hq, Nq, D, Hkv, Nk = check_operands(q, k, v)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not t.is_cuda or t.device != q.device:
+            raise ValueError(f"attncc.gluon: {name} must be on q's CUDA device (sm90), got {t.device}")
+    if config is None:
+        config = default_config(D)
+    check_config(config, D)
+    if walk is None or mask is None:
+        default_walk, default_mask = pattern_fragments(pattern)
+        walk = default_walk if walk is None else walk
+        mask = default_mask if mask is None else mask
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if not scale > 0:  # the kernels take the scaled max as the max of the scaled scores
+        raise ValueError(f"attncc.gluon: scale must be > 0, got {scale}")
+    n_q = Nq if n_q is None else n_q
+    n_k = Nk if n_k is None else n_k
+
+    q, k, v = (_tma_ready(t) for t in (q, k, v))
+    o = _output(out, "out", (B, Hq, Nq, D), q.dtype, q.device)
+    lse = _output(lse_out, "lse_out", (B, Hq, Nq) if return_lse else (1, ), torch.float32, q.device)
+    gl_dtype = _gl_dtype(q.dtype)
+    rows = config.rows_per_q_block
+
+    def desc(t, block_rows):
+        block = [1, 1, block_rows, D]
+        return TensorDescriptor(t, list(t.shape), list(t.stride()), block, _smem_layout(block, gl_dtype))
+
+    q_desc, o_desc = desc(q, rows), desc(o, rows)
+    k_desc, v_desc = desc(k, config.block_n), desc(v, config.block_n)
+    qk_scale = scale * LOG2E
+    group = Hq // Hkv
+    if config.kernel == "pipelined":
+        from attncc.gluon.fwd_pipelined import attn_fwd_pipelined
+        grid = (triton.cdiv(Nq, config.block_m), B * Hq)
+        attn_fwd_pipelined[grid](q_desc, k_desc, v_desc, o_desc, lse, Nq, Hq, group, Nq, Nk, q_offset, k_offset, n_q,
+                                 n_k, qk_scale, WALK=walk, MASK=mask, RETURN_LSE=return_lse, STAGES=config.stages,
+                                 num_warps=config.num_warps)
+    else:
+        from attncc.gluon.fwd_ws import attn_fwd_ws
+        n_tiles = triton.cdiv(Nq, config.block_m) * B * Hq
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+        head_group = head_group(B * Hq, triton.cdiv(Nq, config.block_m), Nk, D, q.element_size(), group, sms)
+        attn_fwd_ws[(min(sms, n_tiles), )](q_desc, k_desc, v_desc, o_desc, lse, Nq, B, Hq, group, Nq, Nk, q_offset,
+                                            k_offset, n_q, n_k, qk_scale, head_group, WALK=walk, MASK=mask,
+                                            RETURN_LSE=return_lse, STAGES=config.stages, PINGPONG=config.pingpong,
+                                            O_IN_Q=config.o_in_q, CONSUMER_REGS=config.consumer_regs,
+                                            LOADER_REGS=config.loader_regs, num_warps=config.num_warps,
+                                            maxnreg=config.maxnreg)
+    return (o, lse) if return_lse else o
+
+
+def _output(given, name, shape, dtype, device):
+    import torch
+    if given is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if tuple(given.shape) != tuple(shape) or given.dtype != dtype or given.device != device:
+        raise ValueError(f"attncc.gluon: {name} must be {dtype} of shape {tuple(shape)} on {device}, got "
+                         f"{given.dtype} {tuple(given.shape)} on {given.device}")
+    if not given.is_contiguous() or given.data_ptr() % 16:
+        raise ValueError(f"attncc.gluon: {name} must be contiguous and 16-byte aligned")
+    return given
+
+
+def head_group(bh: int, n_qb: int, Nk: int, D: int, elem_bytes: int, group: int, sms: int) -> int:
+    """Heads per group of the persistent schedule: as many as keep their K and V within half the
+    L2 (a GQA group of q heads shares one K/V), but enough tiles to give every SM one."""
+    kv_per_q_head = 2 * Nk * D * elem_bytes / group
+    by_l2 = int((L2_BYTES // 2) // max(kv_per_q_head, 1))
+    by_sms = -(-sms // max(n_qb, 1))
+    return max(1, min(bh, max(by_l2, by_sms)))
+
+
+def check_operands(q, k, v):
+    import torch
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"attncc.gluon: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"attncc.gluon: {name} must be 4-d [B, H, N, D], got shape {tuple(t.shape)}")
+        if t.dtype not in (torch.bfloat16, torch.float16):
+            raise TypeError(f"attncc.gluon: {name} must be bfloat16 or float16, got {t.dtype}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"attncc.gluon: {name} has dtype {t.dtype}, q has {q.dtype}")
+    B, Hq, Nq, D = q.shape
+    Bk, Hkv, Nk, Dk = k.shape
+    if tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"attncc.gluon: v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    if Bk != B or Dk != D:
+        raise ValueError(f"attncc.gluon: k must be [B={B}, Hkv, Nk, D={D}], got {tuple(k.shape)}")
+    if Hq % Hkv:
+        raise ValueError(f"attncc.gluon: q heads ({Hq}) must be a multiple of k/v heads ({Hkv})")
+    _check_choice("head dim", D, HEAD_DIMS)
+    if min(Nq, Nk) < 1:
+        raise ValueError(f"attncc.gluon: Nq and Nk must be >= 1, got {Nq}, {Nk}")
+    return B, Hq, Nq, D, Hkv, Nk
+
+
+def _tma_ready(t):
+    """TMA wants a 16-byte aligned base, 16-byte multiples as strides and a unit last stride."""
+    size = t.element_size()
+    ok = t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in t.stride()[:-1])
+    return t if ok else t.contiguous()
+
+
+def _gl_dtype(dtype):
+    import torch
+    from triton.experimental.gluon import language as gl
+    return {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, "bfloat16": gl.bfloat16,
+            "float16": gl.float16}[dtype]
+
+
+def _smem_layout(block, gl_dtype):
+    from triton.experimental.gluon import language as gl
+    return gl.NVMMASharedLayout.get_default_for(block, gl_dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Compilation for sm90 without a GPU
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One kernel specialization: what CI compiles and the GPU check runs."""
+    pattern: str
+    dtype: str
+    head_dim: int
+    config: GluonConfig
+    return_lse: bool = True
+
+    @property
+    def name(self) -> str:
+        c = self.config
+        extra = ("-pingpong" if c.pingpong else "-nopingpong") if c.kernel == "ws" else ""
+        return (f"{c.kernel}{extra}-{self.pattern}-{self.dtype}-d{self.head_dim}-m{c.block_m}n{c.block_n}"
+                f"s{c.stages}")
+
+
+@dataclass(frozen=True)
+class CompiledVariant:
+    """What compiling one variant for sm90 produced (no GPU involved).
+
+    shared: dynamic shared memory the launch asks for (bytes); registers: the per-thread count
+    ptxas reports for the launch (for "ws" the cap before setmaxnreg moves registers between the
+    partitions); stack: bytes of local stack per thread (spills, when there is no call);
+    setmaxnreg: the register counts the partitions move to; wgmma / tma: counts of
+    `wgmma.mma_async` and `cp.async.bulk.tensor` in the PTX; hgmma: HGMMA instructions in the SASS
+    (`sass`, cuobjdump's disassembly; empty when not asked for).
+    """
+    variant: Variant
+    shared: int
+    registers: int
+    stack: int
+    setmaxnreg: Tuple[int, ...]
+    wgmma: int
+    tma: int
+    hgmma: int
+    ptx: str = dataclasses.field(repr=False)
+    sass: str = dataclasses.field(repr=False)
+    cubin: bytes = dataclasses.field(repr=False)
+
+
+def compile_for_sm90(variant: Variant, disassemble: bool = True) -> CompiledVariant:
+    """Compile one variant to a cubin for sm90a with Triton's own toolchain; no GPU is needed."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    c = variant.config
+    check_config(c, variant.head_dim)
+    walk, mask = pattern_fragments(variant.pattern)
+    gl_dtype = _gl_dtype(variant.dtype)
+    short = {"bfloat16": "bf16", "float16": "fp16"}[variant.dtype]
+
+    def desc(rows):
+        block = [1, 1, rows, variant.head_dim]
+        return f"tensordesc<{short}{block},{_smem_layout(block, gl_dtype)!r}>"
+
+    signature = {"q_desc": desc(c.rows_per_q_block), "k_desc": desc(c.block_n), "v_desc": desc(c.block_n),
+                 "o_desc": desc(c.rows_per_q_block), "lse_ptr": "*fp32", "lse_stride": "i64"}
+    constexprs = {"WALK": walk, "MASK": mask, "RETURN_LSE": variant.return_lse, "STAGES": c.stages}
+    options = {"num_warps": c.num_warps}
+    if c.kernel == "pipelined":
+        from attncc.gluon.fwd_pipelined import attn_fwd_pipelined as kernel
+        ints = "H GROUP Nq Nk q_offset k_offset n_q n_k"
+        constexprs["num_warps"] = c.num_warps
+    else:
+        from attncc.gluon.fwd_ws import attn_fwd_ws as kernel
+        ints = "B H GROUP Nq Nk q_offset k_offset n_q n_k"
+        constexprs.update(PINGPONG=c.pingpong, O_IN_Q=c.o_in_q, CONSUMER_REGS=c.consumer_regs,
+                          LOADER_REGS=c.loader_regs)
+        options["maxnreg"] = c.maxnreg
+    signature.update({name: "i32" for name in ints.split()})
+    signature["qk_scale"] = "fp32"
+    if c.kernel == "ws":
+        signature["HEAD_GROUP"] = "i32"
+    signature.update({name: "constexpr" for name in constexprs})
+    compiled = triton.compile(GluonASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
+                              options=options)
+    ptx, cubin = compiled.asm["ptx"], compiled.asm["cubin"]
+    registers, stack = _resource_usage(cubin)
+    sass = _cuobjdump(cubin, "-sass") if disassemble else ""
+    return CompiledVariant(
+        variant=variant, shared=compiled.metadata.shared, registers=registers, stack=stack,
+        setmaxnreg=tuple(int(n) for n in re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", ptx)),
+        wgmma=len(re.findall(r"wgmma\.mma_async", ptx)), tma=len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
+        hgmma=len(re.findall(r"\bHGMMA\.", sass)) if disassemble else -1, ptx=ptx, sass=sass, cubin=cubin)
+
+
+def _cuobjdump(cubin: bytes, flag: str) -> str:
+    from triton import knobs
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([knobs.nvidia.cuobjdump.path, flag, f.name], check=True, capture_output=True,
+                              text=True).stdout
+
+
+def _resource_usage(cubin: bytes) -> Tuple[int, int]:
+    text = _cuobjdump(cubin, "-res-usage")
+    match = re.search(r"REG:(\d+) STACK:(\d+)", text)
+    if not match:
+        raise RuntimeError(f"attncc.gluon: no resource usage in cuobjdump's output:\n{text}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def ci_variants():
+    """The variants CI compiles: each kernel at each head dim once, patterns and dtypes alternating,
+    and the ws kernel without ping-pong, so every constexpr branch of both kernels is compiled."""
+    picks = [("ws", 64, "dense", "bfloat16"), ("ws", 128, "causal", "bfloat16"), ("ws", 256, "causal", "float16"),
+             ("pipelined", 64, "causal", "float16"), ("pipelined", 128, "dense", "float16"),
+             ("pipelined", 256, "dense", "bfloat16")]
+    out = [Variant(pattern, dtype, d, default_config(d, kernel)) for kernel, d, pattern, dtype in picks]
+    out.append(Variant("dense", "float16", 128, dataclasses.replace(default_config(128, "ws"), pingpong=False)))
+    return out
+
+
+def variants(kernels=KERNELS, patterns=tuple(walks.PATTERNS), dtypes=DTYPES, head_dims=HEAD_DIMS, stages=None):
+    """Every variant CI compiles: kernels x patterns x dtypes x head dims at the default config,
+    plus the other ring depths that fit (`stages`, when given, restricts them) and the ws kernel
+    without ping-pong (the A/B of that step)."""
+    out = []
+    for kernel in kernels:
+        for head_dim in head_dims:
+            base = default_config(head_dim, kernel)
+            configs = [base]
+            for depth in (2, 3, 4):
+                cfg = dataclasses.replace(base, stages=depth)
+                if depth != base.stages and shared_bytes(cfg, head_dim) <= SM90_SHARED_BYTES - 1024:
+                    configs.append(cfg)
+            if kernel == "ws":
+                configs.append(dataclasses.replace(base, pingpong=False))
+            if stages is not None:
+                configs = [cfg for cfg in configs if cfg.stages in stages]
+            for cfg in configs:
+                for pattern in patterns:
+                    for dtype in dtypes:
+                        out.append(Variant(pattern, dtype, head_dim, cfg))
+    return out
+
+
+def main(argv=None) -> int:
+    """python -m attncc.gluon.launch [--all] [--pickle PATH]: compile the CI variants (or all of
+    them) for sm90 and print what each produced; --pickle saves the CompiledVariants (the tests run
+    this in a process without TRITON_INTERPRET, which would turn Triton's own jit helpers that
+    Gluon calls into interpreter objects)."""
+    import argparse
+    import pickle
+    import time
+
+    parser = argparse.ArgumentParser(prog="python -m attncc.gluon.launch")
+    parser.add_argument("--all", action="store_true", help="every variant of variants(), not only the CI set")
+    parser.add_argument("--pickle", help="write the list of CompiledVariant here")
+    args = parser.parse_args(argv)
+    results = []
+    for variant in (variants() if args.all else ci_variants()):
+        start = time.perf_counter()
+        c = compile_for_sm90(variant)
+        results.append(c)
+        print(f"{variant.name:48s} {time.perf_counter() - start:5.1f}s shared {c.shared:6d}  registers {c.registers:3d}"
+              f"  stack {c.stack:2d}  wgmma {c.wgmma:3d}  HGMMA {c.hgmma:3d}  TMA {c.tma:2d}"
+              f"  setmaxnreg {sorted(set(c.setmaxnreg))}", flush=True)
+    if args.pickle:
+        with open(args.pickle, "wb") as f:
+            pickle.dump(results, f)
+    return 0
+
+
+if __name__ == "__main__":
+    # Through the imported module, so that pickled results name attncc.gluon.launch, not __main__.
+    from attncc.gluon.launch import main as _main
+    raise SystemExit(_main())

@@ -1,0 +1,245 @@
+"""Context parallelism (attncc.distributed) on several CPU processes over gloo, kernels under the
+Triton interpreter: every layout x causal, GQA, sliding window, document mask and prefix-LM,
+forward and backward, against the single-process float64 ``attncc.reference`` of the unsharded
+tensors; the comm modes spread over the two world sizes (world 4: ring for every layout and
+pattern, GQA with head-tail only). One process group per world size
+serves every case (process start-up dominates otherwise); the counters of the causal ring
+cases check that the sends of empty pairs are skipped.
+
+World 2 runs N = 42 and world 4 N = 54 positions, so that the chunks of some layouts differ in size.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from cases import REL_TOL, SMALL_PARAMS, inputs_for, module, pattern
+
+LENGTH = {2: 42, 4: 54}
+D = 16
+
+
+@dataclass(frozen=True)
+class Case:
+    """One distributed call checked against the reference. ``spec``: the generated module;
+    ``layout``: a make_layout kind ("balanced1": balanced with one chunk per rank, unequal sizes)."""
+
+    label: str  # what the issue calls the pattern
+    spec: str
+    layout: str
+    comm: str
+    heads: tuple
+    dtype: str = "float32"
+    batch: int = 1
+
+    @property
+    def id(self) -> str:
+        extra = ("" if self.dtype == "float32" else f"-{self.dtype}") + ("" if self.batch == 1 else f"-b{self.batch}")
+        return f"{self.label}-{self.layout}-{self.comm}{extra}"
+
+
+PATTERNS = {  # label: (spec, (Hq, Hkv))
+    "causal": ("causal", (2, 2)),
+    "gqa": ("causal", (2, 1)),  # specs/gqa.toml fixes 32/8 heads: too slow for the interpreter
+    "sliding_window": ("sliding_window", (2, 1)),
+    "document": ("document", (2, 2)),
+    "prefix_lm": ("prefix_lm", (2, 2)),
+}
+LAYOUTS = ("contiguous", "headtail", "balanced")
+
+
+UNEQUAL = Case("causal", "causal", "unequal by name", "ring", (2, 2))
+
+
+def _cases():
+    out = {2: [], 4: []}
+    for label, (spec, heads) in PATTERNS.items():
+        for lay in LAYOUTS:
+            # two batch rows with different documents: the chunk classes hold for both
+            batch = 2 if label == "document" and lay != "headtail" else 1
+            out[2].append(Case(label, spec, lay, "allgather", heads, batch=batch if lay == "contiguous" else 1))
+            out[2].append(Case(label, spec, lay, "ring", heads, batch=batch if lay == "balanced" else 1))
+            if label != "gqa" or lay == "headtail":  # GQA: every layout at world 2
+                out[4].append(Case(label, spec, lay, "ring", heads))
+    out[2] += [Case("causal", "causal", "contiguous", "ulysses", (2, 2)),
+               Case("document", "document", "balanced", "ulysses", (2, 2)),
+               Case("prefix_lm", "prefix_lm", "headtail", "ulysses", (2, 2)),
+               Case("document", "document", "balanced1", "ring", (2, 2)),
+               Case("causal", "causal", "balanced1", "allgather", (2, 2)),
+               Case("causal", "causal", "headtail", "ring", (2, 2), "bfloat16"),
+               Case("document", "document", "balanced1", "ulysses", (2, 2)),
+               Case("sliding_window", "sliding_window", "contiguous", "auto", (2, 1)),
+               Case("causal", "causal", "by name", "ring", (2, 2))]
+    out[2].append(UNEQUAL)
+    out[4] += [Case("causal", "causal", "headtail", "allgather", (2, 2)),
+               Case("document", "document", "balanced1", "allgather", (2, 2)),
+               Case("causal", "causal", "contiguous", "ulysses", (4, 4))]
+    return out
+
+
+CASES = _cases()
+
+
+# ---------------------------------------------------------------------------
+# The worker: one process per rank, every case of the world size
+# ---------------------------------------------------------------------------
+
+def _tensors(case: Case, n: int):
+    """The full-sequence q, k, v, dL/do and inputs of a case, the same on every rank."""
+    gen = torch.Generator().manual_seed(sum(map(ord, case.id)))
+    Hq, Hkv = case.heads
+    B = case.batch
+    q = torch.randn(B, Hq, n, D, generator=gen)
+    k = torch.randn(B, Hkv, n, D, generator=gen)
+    v = torch.randn(B, Hkv, n, D, generator=gen)
+    do = torch.randn(B, Hq, n, D, generator=gen)
+    inputs = inputs_for(pattern(case.spec), B, Hq, n, gen)
+    return q, k, v, do, inputs
+
+
+def _run_case(case: Case, rank: int, world: int) -> dict:
+    import attncc
+    import attncc.distributed as cp
+
+    if case.layout == "unequal by name":  # 22 rows and 21: every rank must refuse, none may hang
+        lay = cp.make_layout("contiguous", LENGTH[world] + 1, world)
+        q = cp.shard(torch.randn(1, 2, lay.n, D), lay, rank)
+        try:
+            cp.attention(q, q, q, module=module(case.spec), layout="contiguous", comm=case.comm)
+        except ValueError as e:
+            return {"raised": str(e)}
+        return {"raised": None}
+
+    n = LENGTH[world]
+    dtype = getattr(torch, case.dtype)
+    q, k, v, do, inputs = _tensors(case, n)
+    params = SMALL_PARAMS.get(case.spec, {})
+    p, m = pattern(case.spec), module(case.spec)
+    qr, kr, vr = (t.to(dtype).double().requires_grad_() for t in (q, k, v))
+    ref, ref_lse = attncc.reference(p, qr, kr, vr, return_lse=True, **params, **inputs)
+    (ref * do.double()).sum().backward()
+
+    kind, extra = (case.layout, {}) if case.layout != "balanced1" else ("balanced", {"chunks_per_rank": 1})
+    if case.layout == "by name":  # the name and the row counts say the layout: N = W * local rows
+        kind, extra = "headtail", {}
+    lay = cp.make_layout(kind, n, world, module=m, tile=4, **extra, **params, **inputs)
+    ql, kl, vl = (cp.shard(t, lay, rank).to(dtype).requires_grad_() for t in (q, k, v))
+    cp.reset_stats()
+    o, lse = cp.attention(ql, kl, vl, module=m, layout="headtail" if case.layout == "by name" else lay, comm=case.comm,
+                          return_lse=True, **params, **inputs)
+    after_forward = asdict(cp.reset_stats())
+    (o.float() * cp.shard(do, lay, rank)).sum().backward()
+    after_backward = asdict(cp.reset_stats())
+    errors = [float((a.detach().double() - cp.shard(b.detach(), lay, rank)).norm()
+                    / cp.shard(b.detach(), lay, rank).norm().clamp_min(1e-30))
+              for a, b in ((o, ref), (ql.grad, qr.grad), (kl.grad, kr.grad), (vl.grad, vr.grad))]
+    want_lse = cp.shard(ref_lse.detach().unsqueeze(-1), lay, rank).squeeze(-1)
+    assert torch.equal(torch.isfinite(lse), torch.isfinite(want_lse)), "rows without keys differ"
+    finite = torch.isfinite(want_lse)
+    errors.append(float((lse[finite].double() - want_lse[finite]).abs().max()) if finite.any() else 0.0)
+    return {"errors": errors, "forward": after_forward, "backward": after_backward,
+            "rows": [lay.local_len(r) for r in range(world)]}
+
+
+def _worker(rank: int, world: int, store: str, out_dir: str, cases) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)  # the ranks share the machine's cores
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    results = {}
+    try:
+        for case in cases:
+            start = time.perf_counter()
+            try:
+                results[case.id] = _run_case(case, rank, world)
+                results[case.id]["seconds"] = time.perf_counter() - start
+            except Exception:
+                results[case.id] = {"failure": traceback.format_exc()}
+    finally:
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+        dist.barrier()  # nobody tears the group down while a peer still talks to it
+        dist.destroy_process_group()
+
+
+_RESULTS = {}
+
+
+def _results(world: int, tmp_path_factory) -> list:
+    """Every case of ``world``, run once in one process group: per rank, {case id: result}."""
+    if world not in _RESULTS:
+        import torch.multiprocessing as mp
+
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # inherited by the workers
+        tmp = tmp_path_factory.mktemp(f"cp{world}")
+        ctx = mp.spawn(_worker, args=(world, str(tmp / "store"), str(tmp), CASES[world]), nprocs=world, join=False)
+        deadline = time.monotonic() + 900
+        while not ctx.join(timeout=5):
+            if time.monotonic() > deadline:
+                for proc in ctx.processes:
+                    proc.kill()
+                raise TimeoutError(f"the world-{world} workers did not finish in 900 s")
+        _RESULTS[world] = [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(world)]
+    return _RESULTS[world]
+
+
+# ---------------------------------------------------------------------------
+# The checks
+# ---------------------------------------------------------------------------
+
+CHECKED = [(w, c) for w in (2, 4) for c in CASES[w] if c != UNEQUAL]
+
+
+@pytest.mark.parametrize("world,case", CHECKED, ids=[f"w{w}-{c.id}" for w, c in CHECKED])
+def test_matches_single_device_reference(world, case, tmp_path_factory):
+    per_rank = _results(world, tmp_path_factory)
+    tol = REL_TOL[getattr(torch, case.dtype)]
+    for rank, results in enumerate(per_rank):
+        got = results[case.id]
+        assert "failure" not in got, f"rank {rank}:\n{got.get('failure')}"
+        for what, err in zip(("o", "dq", "dk", "dv", "lse (max abs)"), got["errors"]):
+            assert err < tol, (rank, what, err, got["errors"])
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ring_skips_the_sends_of_empty_pairs_causal(world, tmp_path_factory):
+    """Contiguous causal: rank r's keys serve only the ranks after it, so of its W - 1 forward
+    sends the r that would wrap around to earlier ranks are skipped (W (W - 1) / 2 of W (W - 1)
+    in all); in the backward, K/V go out as in the forward and the dK/dV of a block return only
+    from ranks that used it (rank r returns to its r predecessors)."""
+    per_rank = _results(world, tmp_path_factory)
+    case = Case("causal", "causal", "contiguous", "ring", PATTERNS["causal"][1]).id
+    skipped = 0
+    for rank, results in enumerate(per_rank):
+        fwd, bwd = results[case]["forward"], results[case]["backward"]
+        assert (fwd["messages"], fwd["messages_skipped"]) == (world - 1 - rank, rank)
+        assert fwd["pairs_skipped"] == world - 1 - rank and fwd["pairs_computed"] == rank + 1
+        assert (bwd["messages"], bwd["messages_skipped"]) == ((world - 1 - rank) + rank, rank + (world - 1 - rank))
+        skipped += fwd["messages_skipped"]
+    assert skipped == world * (world - 1) // 2
+
+
+def test_headtail_ring_sends_only_needed_chunks(tmp_path_factory):
+    """Head-tail causal at W = 4: every rank needs some chunk of every other rank, but a rank's
+    tail chunk only serves ranks with a later head: chunk-level skipping still drops sends."""
+    per_rank = _results(4, tmp_path_factory)
+    case = Case("causal", "causal", "headtail", "ring", PATTERNS["causal"][1]).id
+    for rank, results in enumerate(per_rank):
+        fwd = results[case]["forward"]
+        assert fwd["messages"] == 3 and fwd["messages_skipped"] == 0
+        # rank r's tail chunk 7 - r serves only the ranks p < r (their tail 7 - p comes later)
+        assert fwd["chunks_sent"] + fwd["chunks_skipped"] == 6
+        assert fwd["chunks_skipped"] == 3 - rank
+
+
+def test_a_layout_name_with_unequal_rows_is_refused_on_every_rank(tmp_path_factory):
+    for rank, results in enumerate(_results(2, tmp_path_factory)):
+        got = results[UNEQUAL.id]
+        assert "failure" not in got, got.get("failure")
+        assert got["raised"] and "same rows on every rank, got [22, 21]" in got["raised"], (rank, got)

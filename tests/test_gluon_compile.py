@@ -1,0 +1,143 @@
+"""The Gluon sm90 kernels (attncc/gluon) compile for Hopper without a GPU, and what they compile to
+has the structure they were written for: wgmma and TMA in the PTX, HGMMA in the SASS with P fed
+from registers, the warp-specialized kernel's register reallocation and asynchronous wgmma waits,
+shared memory within an sm90 CTA's 227 KB, no spills.
+
+Gluon has no interpreter mode: nothing here runs a kernel (bench/gluon_check.py does, on a GPU).
+CI compiles `launch.ci_variants()` (one per kernel and head dim, both patterns and dtypes, 7 in
+all, ~30 s on 2 cores); ATTNCC_GLUON_ALL=1 compiles all of `launch.variants()` (60, ~4 minutes).
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+gluon = pytest.importorskip("triton.experimental.gluon")
+
+from attncc.gluon import launch  # noqa: E402
+from attncc.gluon.launch import (SM90_SHARED_BYTES, GluonConfig, check_config, ci_variants,  # noqa: E402
+                                 default_config, shared_bytes, variants)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+ALL = os.environ.get("ATTNCC_GLUON_ALL") == "1"
+CASES = variants() if ALL else ci_variants()
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """Compile CASES in a child process: conftest turned on TRITON_INTERPRET, under which Triton's
+    own jit helpers (gl.max, gl.sum, ...) become interpreter objects Gluon cannot compile."""
+    out = tmp_path_factory.mktemp("gluon") / "compiled.pickle"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    cmd = [sys.executable, "-m", "attncc.gluon.launch", "--pickle", str(out)] + (["--all"] if ALL else [])
+    run = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    with open(out, "rb") as f:
+        by_variant = {c.variant: c for c in pickle.load(f)}
+    return by_variant.__getitem__
+
+
+@pytest.mark.parametrize("variant", CASES, ids=lambda v: v.name)
+def test_compiles_to_wgmma_and_tma(variant, compiled):
+    c = compiled(variant)
+    cfg, d = variant.config, variant.head_dim
+    assert c.cubin[:4] == b"\x7fELF"
+    # S = Q K^T takes D/16 wgmma k-steps, P V takes BLOCK_N/16; each must appear at least once.
+    assert c.wgmma >= d // 16 + cfg.block_n // 16
+    assert c.hgmma == c.wgmma, "ptxas dropped or split wgmma instructions"
+    assert c.tma >= 4  # Q, K and V loads and the O store are TMA bulk tensor copies
+    assert re.search(r"cp\.async\.bulk\.tensor\.4d\.shared::cluster\.global", c.ptx), "no TMA load"
+    assert re.search(r"cp\.async\.bulk\.tensor\.4d\.global\.shared::cta", c.ptx), "no TMA store of O"
+    # P V reads P from registers: an HGMMA whose A operand is a register, not a shared-memory descriptor.
+    assert re.search(r"HGMMA\.\S+ R\d+, R\d+, gdesc", c.sass), "P is not fed to wgmma from registers"
+    assert re.search(r"HGMMA\.\S+ R\d+, gdesc", c.sass), "S = Q K^T does not read Q from shared memory"
+
+
+@pytest.mark.parametrize("variant", CASES, ids=lambda v: v.name)
+def test_resources_fit_sm90(variant, compiled):
+    c = compiled(variant)
+    cfg = variant.config
+    assert shared_bytes(cfg, variant.head_dim) <= c.shared <= SM90_SHARED_BYTES
+    if cfg.kernel == "ws":
+        # The consumers run at the 240-register budget (S, O and P of 64 rows plus the mask's
+        # positions); in some variants ptxas parks one 4-byte word per tile on the stack (measured:
+        # a predicate word at D = 256, a scalar without ping-pong at D = 128), outside the key loop.
+        # Anything more is a regression.
+        assert c.stack <= 8, f"{c.stack} bytes of local stack: spills"
+    else:
+        assert c.stack == 0, f"{c.stack} bytes of local stack: spills"
+    if cfg.kernel == "pipelined":
+        assert c.registers <= 255 and not c.setmaxnreg
+    else:
+        # 3 warpgroups under the launch cap, then consumers up to their budget, the load warp down.
+        assert c.registers <= cfg.maxnreg and 3 * 128 * cfg.maxnreg <= 65536
+        assert cfg.consumer_regs in c.setmaxnreg and cfg.loader_regs in c.setmaxnreg
+
+
+@pytest.mark.parametrize("variant", [v for v in CASES if v.config.kernel == "ws"], ids=lambda v: v.name)
+def test_ws_overlaps_s_with_pv(variant, compiled):
+    """The consumer waits for S with one wgmma group (P V) still in flight: the intra-warpgroup overlap."""
+    ptx = compiled(variant).ptx
+    assert re.search(r"wgmma\.wait_group\.sync\.aligned\s+1;", ptx)
+    assert "mbarrier.try_wait" in ptx and "mbarrier.arrive" in ptx
+
+
+def test_default_configs_fit_and_oversized_ones_are_refused():
+    for kernel in launch.KERNELS:
+        for d in launch.HEAD_DIMS:
+            cfg = default_config(d, kernel)
+            check_config(cfg, d)
+            assert shared_bytes(cfg, d) <= SM90_SHARED_BYTES - 1024
+    with pytest.raises(ValueError, match="shared memory"):
+        check_config(GluonConfig("ws", stages=3), 128)  # 32 + 32 + 2 * 3 * 32 KB = 256 KB
+    with pytest.raises(ValueError, match="block_m = 128"):
+        check_config(GluonConfig("ws", block_m=64), 128)
+    with pytest.raises(ValueError, match="block_n"):
+        check_config(GluonConfig("ws", block_n=96), 64)
+    with pytest.raises(ValueError, match="head_dim"):
+        default_config(96)
+
+
+def test_variant_list_covers_the_matrix():
+    vs = variants()
+    assert {(v.config.kernel, v.pattern, v.dtype, v.head_dim) for v in vs} == {
+        (k, p, dt, d) for k in launch.KERNELS for p in ("dense", "causal") for dt in launch.DTYPES
+        for d in launch.HEAD_DIMS}
+    assert len({v.name for v in vs}) == len(vs)
+    assert all(shared_bytes(v.config, v.head_dim) <= SM90_SHARED_BYTES - 1024 for v in vs)
+    assert any(v.config.kernel == "ws" and not v.config.pingpong for v in vs)
+
+
+def test_head_group_keeps_kv_in_half_the_l2_and_feeds_every_sm():
+    # dense 4K, D 128, bf16: 2 MB of K and V per head, 25 MB budget -> 12 heads (32 tiles each)
+    assert launch.head_group(64, 32, 4096, 128, 2, 1, 132) == 12
+    # few query blocks per head: more heads per group so that 132 SMs all get a tile
+    assert launch.head_group(64, 4, 65536, 128, 2, 1, 132) == 33
+    # GQA: 4 q heads share one K/V, 4x as many q heads fit
+    assert launch.head_group(256, 64, 8192, 128, 2, 4, 132) == 25
+    assert launch.head_group(3, 1, 10**7, 256, 2, 1, 132) == 3
+
+
+def test_attention_refuses_bad_operands_before_launching():
+    torch = pytest.importorskip("torch")
+    q = torch.randn(1, 2, 64, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="CUDA"):
+        launch.attention(q, q, q)
+    with pytest.raises(TypeError, match="bfloat16 or float16"):
+        launch.attention(q.float(), q, q)
+    with pytest.raises(ValueError, match="multiple of k/v heads"):
+        launch.check_operands(*(torch.randn(1, h, 64, 64, dtype=torch.bfloat16) for h in (3, 2, 2)))
+    with pytest.raises(ValueError, match="head dim"):
+        launch.check_operands(*(torch.randn(1, 2, 64, 96, dtype=torch.bfloat16),) * 3)
+    with pytest.raises(ValueError, match="k's shape"):
+        launch.check_operands(q, q, q[:, :, :32])
+    with pytest.raises(ValueError, match="pattern"):
+        launch.pattern_fragments("sliding")

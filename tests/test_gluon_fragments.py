@@ -1,0 +1,69 @@
+"""The integer fragments of the Gluon kernels, checked on the CPU by brute force: the key-block
+walks with their mask (every allowed pair lies in a walked block, every block called full is full)
+and the persistent schedule's tile order (every tile once, heaviest query blocks first in a group).
+
+Gluon functions do not run on the CPU; these fragments only do scalar integer arithmetic on
+non-negative operands (where Triton's truncating `//` equals Python's), so their bodies run here
+as Python functions with `gl`'s scalar helpers mapped to Python's. Rendered walks (codegen, after
+issue 17) get the same check.
+"""
+from __future__ import annotations
+
+import random
+import types
+
+import pytest
+
+pytest.importorskip("triton.experimental.gluon")
+
+from attncc.gluon import common, fwd_ws, walks  # noqa: E402
+
+_GL = types.SimpleNamespace(minimum=min, maximum=max, cdiv=lambda a, b: -(-a // b), to_tensor=lambda x: x)
+
+
+def as_python(jit_fn):
+    fn = jit_fn.fn
+    return types.FunctionType(fn.__code__, {**fn.__globals__, "gl": _GL}, fn.__name__, fn.__defaults__,
+                              fn.__closure__)
+
+
+@pytest.mark.parametrize("pattern", sorted(walks.PATTERNS))
+def test_walk_covers_every_allowed_pair_and_full_blocks_are_full(pattern):
+    walk, mask = (None if f is None else as_python(f) for f in walks.PATTERNS[pattern])
+    clamp = as_python(common.clamp_walk)
+    rng = random.Random(0)
+
+    def near_block_edge():  # off-by-ones live at multiples of the block sizes
+        return max(0, 16 * rng.randrange(0, 40) + rng.choice([0, 0, 1, 2, -1, -2]))
+
+    for _ in range(150):
+        block_m, block_n = rng.choice([64, 128]), rng.choice([16, 64, 128])
+        q_offset, k_offset = rng.choice([0, near_block_edge()]), rng.choice([0, near_block_edge()])
+        Nq, Nk = max(1, near_block_edge()), max(1, near_block_edge())
+        for qb in range(-(-Nq // block_m)):
+            q_lo = q_offset + qb * block_m
+            q_hi = q_lo + block_m - 1
+            lo, full_lo, full_hi, hi = clamp(*walk(q_lo, q_hi, Nk, k_offset, Nq, Nk, block_n))
+            assert lo <= full_lo <= full_hi <= hi
+            for kb in range(-(-Nk // block_n) + 2):
+                keys = range(k_offset + kb * block_n, k_offset + min(Nk, (kb + 1) * block_n))
+                pairs = [(i, j) for i in range(q_lo, q_hi + 1) for j in keys]
+                allowed = [mask is None or mask(i, j, Nq, Nk) for i, j in pairs]
+                if any(allowed):
+                    assert lo <= kb < hi, (pattern, q_lo, kb, lo, hi)
+                if full_lo <= kb < full_hi:
+                    assert len(keys) == block_n and all(allowed), (pattern, q_lo, kb, full_lo, full_hi)
+
+
+def test_tile_order_covers_every_tile_once_heaviest_first_in_each_head_group():
+    tile_coords = as_python(fwd_ws.tile_coords)
+    rng = random.Random(1)
+    for _ in range(200):
+        n_qb, bh, head_group = rng.randrange(1, 40), rng.randrange(1, 70), rng.randrange(1, 20)
+        order = [tile_coords(t, n_qb, bh, head_group) for t in range(n_qb * bh)]
+        assert sorted(order) == [(qb, h) for qb in range(n_qb) for h in range(bh)]
+        for t in range(1, len(order)):
+            same_group = t // (head_group * n_qb) == (t - 1) // (head_group * n_qb)
+            if same_group:
+                assert order[t][0] <= order[t - 1][0]
+            assert order[t][1] // head_group >= order[t - 1][1] // head_group  # groups in order

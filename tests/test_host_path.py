@@ -1,0 +1,322 @@
+"""The per-call host path (issue 18): what a call does is counted here, not timed.
+
+- bind() checks a call signature once: a second call of the same signature is a cache hit,
+  and the hit still sees this call's tensors (values, conversions) and never keeps them alive;
+- nothing on the path of a repeated call reads a tensor's value on the host (``.item()``,
+  ``.tolist()``, ``bool()``/``int()``/``float()`` of a tensor), forward and backward, for
+  static, data-dependent and padded masks (launches stubbed: the interpreter itself reads values);
+- configs are picked once per signature (and again after the tune cache changed);
+- the backward gets no materialized zero dLSE;
+- importing the runtime pulls in no compiler dependency, and ``attncc build`` no torch.
+
+Timings live in bench/host_overhead.py and docs/performance.md ("Host overhead").
+"""
+from __future__ import annotations
+
+import gc
+import importlib
+import json
+import os
+import subprocess
+import sys
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+
+import attncc
+from attncc.runtime import autograd, call as call_mod, tuning
+from cases import module
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+from host_overhead import stub_launches, unstub  # noqa: E402
+
+launch = importlib.import_module("attncc.runtime.launch")  # the module (attncc.runtime.launch is its function)
+
+
+def qkv(B=2, Hq=4, Hkv=2, N=40, D=16, grad=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, h, N, D, generator=gen).requires_grad_(grad) for h in (Hq, Hkv, Hkv)]
+
+
+def doc_ids(B, N, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.cumsum(torch.rand(B, N, generator=gen) < 0.2, 1).to(torch.int32)
+
+
+def _stats():
+    return dict(call_mod.BIND_STATS)
+
+
+def test_same_signature_binds_once():
+    mod = module("causal")
+    q, k, v = qkv(N=23)  # a length no other test here uses: the first call is a miss
+    before = _stats()
+    mod.attention(q, k, v)
+    mod.attention(*qkv(N=23, seed=1))
+    after = _stats()
+    assert after.get("miss", 0) - before.get("miss", 0) == 1
+    assert after.get("hit", 0) - before.get("hit", 0) == 1
+
+
+@pytest.mark.parametrize("change", [
+    dict(q_offset=1), dict(return_lse=True), dict(scale=0.5), dict(n_k=40),
+])
+def test_other_scalars_are_other_signatures(change):
+    mod = module("causal")
+    q, k, v = qkv(N=29)
+    mod.attention(q, k, v)
+    before = _stats().get("miss", 0)
+    mod.attention(q, k, v, **change)
+    assert _stats().get("miss", 0) == before + 1
+
+
+def test_equal_but_differently_typed_scalars_are_checked_again():
+    """1 == True == 1.0 as dict keys: the signature keys the type too, so a cached call never
+    lets a wrongly typed one through."""
+    mod = module("sliding_window")
+    q, k, v = qkv(N=20)
+    mod.attention(q, k, v, window=2, return_lse=True)
+    with pytest.raises(TypeError, match="window must be an int"):
+        mod.attention(q, k, v, window=2.0, return_lse=True)
+    with pytest.raises(TypeError, match="return_lse must be a bool"):
+        mod.attention(q, k, v, window=2, return_lse=1)
+
+
+def test_cache_hit_uses_this_calls_inputs_and_conversions():
+    """A hit binds this call's tensors: new document ids (as int16, widened to int32 per call)
+    change the result exactly as the reference says."""
+    mod = module("document")
+    pattern = attncc.load_spec(ROOT / "specs" / "document.toml")
+    q, k, v = qkv(N=37)
+    for seed in (1, 2, 3):
+        doc = doc_ids(2, 37, seed).to(torch.int16)
+        o = mod.attention(q, k, v, doc=doc)
+        ref = attncc.reference(pattern, q.double(), k.double(), v.double(), doc=doc)
+        assert (o.double() - ref).abs().max() < 1e-4, seed
+
+
+def test_cache_keeps_no_tensor_alive():
+    mod = module("document")
+    q, k, v = qkv(N=31)
+    doc = doc_ids(2, 31, 0)
+    mod.attention(q, k, v, doc=doc)
+    mod.attention(q, k, v, doc=doc)  # a hit
+    refs = [weakref.ref(t) for t in (q, k, v, doc)]
+    del q, k, v, doc
+    gc.collect()
+    assert all(r() is None for r in refs)
+
+
+class _HostRead(AssertionError):
+    pass
+
+
+@pytest.fixture
+def no_host_reads(monkeypatch):
+    """Make every Python-level read of a tensor value raise (a host sync on a GPU)."""
+    def arm():
+        def refuse(name):
+            def read(self, *args, **kwargs):
+                raise _HostRead(f"tensor.{name} on the hot path")
+            return read
+        for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy"):
+            monkeypatch.setattr(torch.Tensor, name, refuse(name))
+    return arm
+
+
+CASES = {
+    "causal": lambda B, N: {},
+    "document": lambda B, N: {"doc": doc_ids(B, N, 0)},
+    "padding": lambda B, N: {"kv_len": torch.tensor([N, N // 2], dtype=torch.int32)},
+    "softcap": lambda B, N: {},
+    "bigbird": lambda B, N: {},  # static block lists, cached per shape
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_repeated_call_reads_no_tensor_value(name, no_host_reads):
+    mod = module(name)
+    log = stub_launches(mod)
+    try:
+        q, k, v = qkv(N=48, grad=True)
+        kw = CASES[name](2, 48)
+        g = torch.randn(2, 4, 48, 16)
+
+        def step():
+            o = mod.attention(q, k, v, **kw)
+            o.backward(g)
+            with torch.no_grad():
+                mod.attention(q, k, v, **kw)
+        step()  # the first call of a signature may read what it likes (static lists are made here)
+        log.clear()
+        hits = _stats().get("hit", 0)
+        no_host_reads()
+        step()
+        assert _stats().get("hit", 0) == hits + 2
+        assert log, "the stub saw no launch"
+    finally:
+        unstub(mod)
+
+
+def test_config_is_picked_once_per_signature(monkeypatch, tmp_path):
+    """Off the interpreter, the tuned-or-default config of a signature is looked up once, and
+    again after the tune cache changed (a tuning run in this process)."""
+    monkeypatch.setenv("ATTNCC_CACHE_DIR", str(tmp_path))
+    for name in ("ATTNCC_CONFIG", "ATTNCC_CONFIG_DKDV", "ATTNCC_CONFIG_DQ"):
+        monkeypatch.delenv(name, raising=False)
+    mod = module("causal")
+    calls = []
+    real = launch.default_config
+    monkeypatch.setattr(launch, "default_config", lambda c, kernel="": calls.append(kernel) or real(c, kernel))
+    bound = [attncc.runtime.bind(mod.SPEC, *qkv(N=33, seed=seed)) for seed in range(4)]  # one miss, three hits
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the configs a GPU would get (nothing is launched)
+    cfg = launch.pick_config(bound[0])
+    assert all(launch.pick_config(c) == cfg for c in bound[1:])
+    assert calls == [""]
+    key = tuning.key_for(bound[0], "")
+    tuned = {"config": {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 2, "num_stages": 1}, "ms": 1.0, "default_ms": 2.0}
+    tuning.store(key, tuned)
+    assert launch.pick_config(bound[1]) == launch.KernelConfig(16, 16, 2, 1)
+
+
+def test_backward_gets_no_materialized_dlse(monkeypatch):
+    """Autograd would fill a zero dLSE per backward (an allocation and a memset kernel) for the
+    LSE nobody differentiates; it must pass None."""
+    seen = []
+    real = autograd.AttentionFunction.backward
+
+    def spy(ctx, do, dlse):
+        seen.append(dlse)
+        return real(ctx, do, dlse)
+    monkeypatch.setattr(autograd.AttentionFunction, "backward", staticmethod(spy))
+    q, k, v = qkv(N=16, grad=True)
+    module("causal").attention(q, k, v).sum().backward()
+    assert seen == [None]
+
+
+def _python(code: str) -> str:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"}
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          check=True).stdout
+
+
+def test_runtime_imports_no_compiler_dependency():
+    out = _python("import json, sys, attncc.runtime, generated.causal, generated.document; "
+                  "print(json.dumps(sorted(m for m in ('sympy', 'networkx', 'jinja2') if m in sys.modules)))")
+    assert json.loads(out) == []
+
+
+def test_build_imports_no_torch(tmp_path):
+    """`attncc build` renders specs without torch, networkx or Triton (torch alone took about
+    half of a one-spec build)."""
+    specs = " ".join(repr(str(ROOT / "specs" / f"{n}.toml")) for n in ("causal", "document", "bigbird", "linear_elu"))
+    out = _python(f"import json, sys; from attncc.cli import main; "
+                  f"rc = main(['build', {specs.replace(' ', ', ')}, '--out', {str(tmp_path)!r}]); "
+                  f"print(json.dumps([rc, sorted(m for m in ('torch', 'networkx', 'triton') if m in sys.modules)]))")
+    assert json.loads(out.splitlines()[-1]) == [0, []]
+
+
+@pytest.fixture
+def capturing(monkeypatch):
+    """As if a CUDA graph were being captured on the current stream (no GPU needed)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+
+
+def test_capture_refuses_a_drawn_dropout_seed(capturing):
+    spec = module("causal_dropout").SPEC
+    with pytest.raises(ValueError, match="pass seed= under CUDA graph capture"):
+        call_mod.dropout_settings(spec, "causal_dropout.attention", dropout_p=0.1)
+    assert call_mod.dropout_settings(spec, "causal_dropout.attention", dropout_p=0.1, seed=5) == (0.1, 5)
+
+
+def test_capture_refuses_to_make_static_lists(capturing):
+    """Lists made inside a capture would be cached unfilled (captured kernels run at replay)."""
+    from attncc.runtime import blocks
+
+    from types import SimpleNamespace
+
+    key = (module("document").MASK_TILES, "cuda:0", 300, 300, 0, 0, 300, 300, 64, 64, ())
+    with pytest.raises(RuntimeError, match="before capturing"):
+        blocks._static_lists(key, 1, 2, False)
+    # static masks without a closed form (BigBird, strides, 2D neighbourhoods): exact lists, cached
+    call = SimpleNamespace(varlen=False, q=SimpleNamespace(device="cuda:0"), Nq=300, Nk=300, q_offset=0, k_offset=0,
+                           n_q=300, n_k=300, params={}, B=1, Hq=2)
+    made = []
+    with pytest.raises(RuntimeError, match="before capturing"):
+        blocks.exact_block_lists(lambda *a: made.append(a), call, 64, 64, per_head=False)
+    assert not made  # refused before any classification
+    with pytest.raises(RuntimeError, match="before capturing"):
+        blocks.random_table(300, 300, 3, 64, 0, "cuda:0")
+
+
+class _Param:
+    def __init__(self, name, constexpr=False, default=None):
+        self.name, self.is_constexpr, self.default = name, constexpr, default
+
+
+class _FakeJit:
+    """What FastKernel uses of a JITFunction: ``params`` and ``fn[grid](...)`` returning the
+    compiled kernel, which ``compiled[grid](*all_params)`` launches."""
+
+    def __init__(self):
+        self.params = [_Param("X"), _Param("n"), _Param("seed"), _Param("BLOCK", True), _Param("FLAG", True, False)]
+        self.compiles, self.launches = [], []
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.compiles.append((grid, args, kwargs))
+            jit = self
+
+            class Compiled:
+                def __getitem__(self, grid3):
+                    return lambda *full: jit.launches.append((grid3, full))
+            return Compiled()
+        return run
+
+
+def test_fast_kernel_keys_what_triton_specializes_on(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setenv("ATTNCC_FAST_LAUNCH", "1")
+    fake = _FakeJit()
+    kernel = launch.FastKernel(fake)
+    memo, other = {}, {}
+    base = torch.zeros(64)
+    aligned, misaligned = base[:16], base[1:17]
+
+    def go(memo, x, seed=3, block=32):
+        launch._LAUNCHING.memo = memo
+        try:
+            kernel[(4, 2)](x, 10, seed=seed, BLOCK=block)
+        finally:
+            launch._LAUNCHING.memo = None
+
+    go(memo, aligned)
+    go(memo, aligned)  # the compiled kernel, all parameters in order, a 3-d grid
+    assert len(fake.compiles) == 1 and fake.launches == [((4, 2, 1), (aligned, 10, 3, 32, False))]
+    go(memo, aligned, seed=35)  # same specialization of the seed (not 1, not a multiple of 16)
+    assert len(fake.compiles) == 1
+    for changed in (dict(x=misaligned), dict(seed=1), dict(seed=32), dict(block=64)):
+        before = len(fake.compiles)
+        go(memo, **{"x": aligned, **changed})
+        assert len(fake.compiles) == before + 1, changed
+    go(other, aligned)  # another call signature
+    assert len(fake.compiles) == 6
+    monkeypatch.setenv("ATTNCC_FAST_LAUNCH", "0")
+    go(memo, aligned)  # off: the plain launch
+    assert len(fake.compiles) == 7
+    launch._LAUNCHING.memo = None
+    kernel[(1,)](aligned, 10, seed=3, BLOCK=32)  # outside launch(): the plain launch
+    assert len(fake.compiles) == 8
+
+
+def test_params_passed_as_tensors_are_read_every_call():
+    """A param's value counts, not its layout: two 0-d tensors of one layout are two windows."""
+    mod = module("sliding_window")
+    q, k, v = qkv(N=24)
+    for window in (2, 5, 2, 9):
+        got = mod.attention(q, k, v, window=torch.tensor(window))
+        assert torch.equal(got, mod.attention(q, k, v, window=window)), window
