@@ -184,13 +184,14 @@ def check_divisors(pattern: Pattern) -> None:
 
 def _host_checks(pattern: Pattern, printer: _BoundPrinter) -> List[str]:
     """``x.nonzero(...)`` lines for the divisors of params and sizes only."""
-    lines, seen = [], set()
+    wholes = {}  # divisor -> the expressions dividing by it (sorted by text: builds are deterministic)
     for _, d, whole in divisors(pattern):
-        if d.is_number or _per_pair(d) or d in seen:
-            continue
-        seen.add(d)
+        if not (d.is_number or _per_pair(d)):
+            wholes.setdefault(d, set()).add(str(whole))
+    lines = []
+    for d in sorted(wholes, key=str):
         names = ", ".join(s.name for s in sorted(d.free_symbols, key=lambda s: s.name))
-        lines.append(f"x.nonzero({printer(d)}, {py_str(names)}, {py_str(whole)})")
+        lines.append(f"x.nonzero({printer(d)}, {py_str(names)}, {py_str(', '.join(sorted(wholes[d])))})")
     return lines
 
 
