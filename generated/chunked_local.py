@@ -34,7 +34,7 @@ import attncc.runtime as _rt
 # (int64) when a value could pass int32 (attncc.runtime.intervals).
 def _int_divisors(x):
     """Divisors of // and % made of params and sizes only: 0 raises ValueError (a kernel cannot)."""
-    x.nonzero(x.param("chunk"), "chunk", "i // chunk, j // chunk")
+    x.nonzero(x.param("chunk"), "chunk", "i // chunk and j // chunk")
 
 
 def _int_reach(x):

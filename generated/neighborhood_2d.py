@@ -29,7 +29,7 @@ import attncc.runtime as _rt
 # (int64) when a value could pass int32 (attncc.runtime.intervals).
 def _int_divisors(x):
     """Divisors of // and % made of params and sizes only: 0 raises ValueError (a kernel cannot)."""
-    x.nonzero(x.param("width"), "width", "i % width, i // width, j % width, j // width")
+    x.nonzero(x.param("width"), "width", "i % width and i // width and j % width and j // width")
 
 
 def _int_reach(x):

@@ -121,7 +121,7 @@ def test_divisors_that_cannot_be_zero(built):
 def test_a_param_divisor_of_zero_is_refused_at_the_call(built):
     p, mod = built["param_divisor"]
     q, k, v = _qkv(8, 8, seed=9)
-    with pytest.raises(ValueError, match=r"param_divisor.attention: division by zero: the divisor of i // w is 0 "
+    with pytest.raises(ValueError, match=r"param_divisor.attention: division by zero: the divisor of i // w and j // w is 0 "
                                          r"with w = 0"):
         mod.attention(q, k, v, w=0)
     with pytest.raises(ValueError, match="division by zero"):

@@ -191,7 +191,7 @@ def _host_checks(pattern: Pattern, printer: _BoundPrinter) -> List[str]:
     lines = []
     for d in sorted(wholes, key=str):
         names = ", ".join(s.name for s in sorted(d.free_symbols, key=lambda s: s.name))
-        lines.append(f"x.nonzero({printer(d)}, {py_str(names)}, {py_str(', '.join(sorted(wholes[d])))})")
+        lines.append(f"x.nonzero({printer(d)}, {py_str(names)}, {py_str(' and '.join(sorted(wholes[d])))})")
     return lines
 
 
