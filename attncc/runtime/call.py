@@ -6,6 +6,7 @@ device, head count or keyword never turns into a wrong answer or a launch error.
 from __future__ import annotations
 
 import math
+import operator
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -174,8 +175,14 @@ INT_LIMIT = 2**62
 
 
 def _int_arg(name: str, value, minimum: int = 0, maximum: int = INT_LIMIT - 1) -> int:
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_floating_point:
-        value = int(value)
+    if isinstance(value, torch.Tensor):
+        if value.numel() == 1 and not value.dtype.is_floating_point and value.dtype != torch.bool:
+            value = int(value)
+    elif not isinstance(value, (bool, int)) and hasattr(type(value), "__index__"):
+        try:
+            value = operator.index(value)  # numpy's integers (numpy's bool refuses)
+        except TypeError:
+            pass
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if value < minimum:
