@@ -22,6 +22,7 @@ from sympy.core.function import AppliedUndef
 
 from attncc.runtime import semantics
 from attncc.runtime.feature_maps import LINEAR_DENOMINATOR_EPS, performer_projection
+from attncc.spec import symbols as S
 from attncc.spec.builtins import SHIFT_LIMIT, AlibiSlope, BitAnd, BitOr, BitXor, Bucket, RandomBlocks, Shift, Sigmoid
 from attncc.spec.ir import Pattern
 
@@ -52,6 +53,16 @@ def _common(*xs):
     if any(x.dtype != _BOOL for x in xs):
         return [x.to(_INT) for x in xs]
     return list(xs)
+
+
+def _zero_divisor(divisor, e) -> None:
+    """An integer ``//`` or ``%`` by 0 (docs/spec-language.md, "Division"): a divisor of params and
+    sizes only is a ValueError, as the generated modules raise before a launch; one that varies per
+    pair (which ``attncc build`` refuses unless it cannot be 0) raises ZeroDivisionError, as Python."""
+    per_pair = divisor.free_symbols & {S.b, S.h, S.i, S.j}
+    if per_pair or divisor.atoms(AppliedUndef):
+        raise ZeroDivisionError(f"integer division by zero in {e}")
+    raise ValueError(f"division by zero: the divisor of {e} is 0 with these params and sizes")
 
 
 def _is_int(x: torch.Tensor) -> bool:
@@ -177,14 +188,14 @@ class _Evaluator:
             up = isinstance(e, sympy.ceiling)
             if _is_int(n) and _is_int(d):
                 if bool((d == 0).any()):
-                    raise ZeroDivisionError(f"integer division by zero in {e}")
+                    _zero_divisor(den, e)
                 return -torch.div(-n, d, rounding_mode="floor") if up else torch.div(n, d, rounding_mode="floor")
             q = n.to(_FLOAT) / d.to(_FLOAT)
             return torch.ceil(q) if up else torch.floor(q)
         if isinstance(e, sympy.Mod):
             a, m = _common(self(e.args[0]), self(e.args[1]))
             if _is_int(m) and bool((m == 0).any()):
-                raise ZeroDivisionError(f"modulo by zero in {e}")
+                _zero_divisor(e.args[1], e)
             return torch.remainder(a, m)
         if isinstance(e, sympy.Abs):
             return torch.abs(self(e.args[0]))
@@ -538,10 +549,13 @@ def reference(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         s = torch.where(s == -math.inf, s, pattern.softcap * torch.tanh(s / pattern.softcap))
 
     s = torch.where(allowed, s, torch.full_like(s, -math.inf))
-    lse = torch.logsumexp(s, dim=-1)  # -inf exactly where no key is allowed (or every score is -inf)
-    # Rows without a key (lse = -inf) give o = 0; a NaN or +inf LSE (a NaN or +inf score) stays,
-    # and makes its row NaN: a non-finite value is never turned into zeros.
-    empty = lse == -math.inf
+    # Rows without a key (every score -inf: masked, or removed by the transform) give o = 0 and
+    # lse = -inf, and zero gradients: their logsumexp is taken of zeros (its backward at all -inf
+    # would be 0 * NaN). A NaN or +inf LSE (a NaN or +inf score) stays, and makes its row NaN: a
+    # non-finite value is never turned into zeros.
+    empty = (s == -math.inf).all(-1)
+    lse = torch.logsumexp(torch.where(empty[..., None], torch.zeros_like(s), s), dim=-1)
+    lse = torch.where(empty, torch.full_like(lse, -math.inf), lse)
     p = torch.exp(s - torch.where(empty, torch.zeros_like(lse), lse)[..., None])
     p = torch.where(allowed, p, torch.zeros_like(p))
     if keep_mask is not None:

@@ -24,6 +24,52 @@ import triton.language as tl
 
 import attncc.runtime as _rt
 
+
+# Integer arithmetic of the kernels below: the host checks its divisors and switches WIDE on
+# (int64) when a value could pass int32 (attncc.runtime.intervals).
+_int_divisors = None  # no // or % by params or sizes
+
+
+def _int_reach(x):
+    """The largest magnitude a value of the kernels' integer arithmetic can reach at a call's numbers
+    (x: attncc.runtime.intervals.CallNumbers); past 2**31 - 1 the call runs WIDE, in int64."""
+    step0 = x.position  # v_x = k_offset
+    step1 = x.min(x.position, x.add(-1, x.position, x.position))  # v_y = Min(q_hi, N_K + k_offset - 1)
+    step2 = x.select(x.floordiv(x.max(0, x.add(x.neg(x.position), step0)), x.block), 0)  # lo = Piecewise((Max(0, _v_x - k_offset) // BLOCK_N, _v_on), (0, True))
+    step3 = x.select(x.add(1, x.floordiv(x.max(0, x.add(x.neg(x.position), step1)), x.block)), 0)  # hi = Piecewise((Max(0, _v_y - k_offset) // BLOCK_N + 1, _v_on), (0, True))
+    step4 = x.position  # f_x = k_offset
+    step5 = x.min(x.position, x.add(-1, x.position, x.position))  # f_y = Min(q_lo, N_K + k_offset - 1)
+    step6 = x.select(x.min(step3, x.max(step2, x.floordiv(x.add(-1, x.block, x.max(0, x.add(x.neg(x.position), step4))), x.block))), step2)  # full_lo = Piecewise((Min(_hi, Max(_lo, (BLOCK_N + Max(0, _f_x - k_offset) - 1) // BLOCK_N)), _f_on), (_lo, True))
+    step7 = x.max(step6, x.select(x.min(step3, x.floordiv(x.max(0, x.add(1, x.neg(x.position), step5)), x.block)), step6))  # full_hi = Max(_full_lo, Piecewise((Min(_hi, Max(0, _f_y - k_offset + 1) // BLOCK_N), _f_on), (_full_lo, True)))
+    step8 = x.max(x.position, x.position)  # v_x = Max(k_offset, q_lo)
+    step9 = x.add(-1, x.position, x.position)  # v_y = N_K + k_offset - 1
+    step10 = x.select(x.floordiv(x.max(0, x.add(x.neg(x.position), step8)), x.block), 0)  # lo = Piecewise((Max(0, _v_x - k_offset) // BLOCK_N, _v_on), (0, True))
+    step11 = x.select(x.add(1, x.floordiv(x.max(0, x.add(x.neg(x.position), step9)), x.block)), 0)  # hi = Piecewise((Max(0, _v_y - k_offset) // BLOCK_N + 1, _v_on), (0, True))
+    step12 = x.max(x.position, x.position)  # f_x = Max(k_offset, q_hi)
+    step13 = x.add(-1, x.position, x.position)  # f_y = N_K + k_offset - 1
+    step14 = x.select(x.min(step11, x.max(step10, x.floordiv(x.add(-1, x.block, x.max(0, x.add(x.neg(x.position), step12))), x.block))), step10)  # full_lo = Piecewise((Min(_hi, Max(_lo, (BLOCK_N + Max(0, _f_x - k_offset) - 1) // BLOCK_N)), _f_on), (_lo, True))
+    step15 = x.max(step14, x.select(x.min(step11, x.floordiv(x.max(0, x.add(1, x.neg(x.position), step13)), x.block)), step14))  # full_hi = Max(_full_lo, Piecewise((Min(_hi, Max(0, _f_y - k_offset + 1) // BLOCK_N), _f_on), (_full_lo, True)))
+    return x.reach(
+        x.add(x.j, x.neg(x.i)),  # -i + j
+        step0,  # v_x, a step
+        step1,  # v_y, a step
+        step2,  # lo, a step
+        step3,  # hi, a step
+        step4,  # f_x, a step
+        step5,  # f_y, a step
+        step6,  # full_lo, a step
+        step7,  # full_hi, a step
+        step8,  # v_x, a step
+        step9,  # v_y, a step
+        step10,  # lo, a step
+        step11,  # hi, a step
+        step12,  # f_x, a step
+        step13,  # f_y, a step
+        step14,  # full_lo, a step
+        step15,  # full_hi, a step
+    )
+
+
 SPEC = _rt.SpecInfo(
     name="alibi",
     source="specs/alibi.toml",
@@ -40,6 +86,8 @@ SPEC = _rt.SpecInfo(
     dropout=0.0,
     rope=False,
     tile_hint="default",
+    int_reach=_int_reach,
+    int_divisors=_int_divisors,
 )
 
 
@@ -65,7 +113,7 @@ def _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
     v = v_desc.load([start_n, 0])
     offs_j = k_offset + start_n + tl.arange(0, BLOCK_N)
     qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
-    s = qk * qk_scale + (offs_j[None, :] * c0) * 1.4426950408889634  # bias * log2(e)
+    s = qk * qk_scale + (c0 * tl.cast((offs_j[None, :] - offs_i[:, None]), tl.float32)) * 1.4426950408889634  # bias * log2(e)
     if MASKED:
         keep = (offs_j[None, :] < k_offset + Nk) & (offs_j[None, :] <= offs_i[:, None])
         s = tl.where(keep, s, float("-inf"))
@@ -99,10 +147,11 @@ def _fwd_kernel(Q, K, V, O, LSE,
     h = bh % H
     hk = h // GROUP
     if WIDE:  # positions may pass 2**31 - 1 (the host decides from the call's numbers): int64 from here
-        q_offset = q_offset.to(tl.int64)
-        k_offset = k_offset.to(tl.int64)
-        n_q = n_q.to(tl.int64)
-        n_k = n_k.to(tl.int64)
+        q_offset = tl.cast(q_offset, tl.int64)
+        k_offset = tl.cast(k_offset, tl.int64)
+        n_q = tl.cast(n_q, tl.int64)
+        n_k = tl.cast(n_k, tl.int64)
+        H = tl.cast(H, tl.int64)
     if VARLEN:
         # Packed sequences ([1, H, total, D]): b is the sequence, its rows start at CU_Q[b] / CU_K[b];
         # positions restart at 0 (q_offset = k_offset = 0) and n_q, n_k are its own lengths.
@@ -174,7 +223,6 @@ def _fwd_kernel(Q, K, V, O, LSE,
     if RETURN_LSE:
         # log2 -> natural log; -inf where l_i = 0 (no log2(0) evaluated: the CPU interpreter warns on it)
         lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i))) * 0.6931471805599453)
-        lse = lse + (-(offs_i * _alibi_slope(h, H)))
         tl.store(LSE + lse_row + offs_m, lse, mask=offs_m < Nq)
 
 
@@ -225,15 +273,16 @@ def _bwd_preprocess(O, DO, LSE, DLSE, DELTA, LSE2,
                     VALUE_DIM: tl.constexpr, VALUE_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
                     VARLEN: tl.constexpr, FAST_MATH: tl.constexpr, WIDE: tl.constexpr, HAS_DLSE: tl.constexpr):
     """delta = rowsum(dO * O) - dLSE (fp32; HAS_DLSE: the LSE has a gradient) and lse2, the forward's
-    LSE in log2 units (+inf on rows without an allowed key), less the row-constant bias terms the scores leave out."""
+    LSE in log2 units (+inf on rows without an allowed key)."""
     qb = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)  # int64 b, h: see _fwd_kernel
     b = bh // H
     h = bh % H
     if WIDE:
-        q_offset = q_offset.to(tl.int64)
-        n_q = n_q.to(tl.int64)
-        n_k = n_k.to(tl.int64)
+        q_offset = tl.cast(q_offset, tl.int64)
+        n_q = tl.cast(n_q, tl.int64)
+        n_k = tl.cast(n_k, tl.int64)
+        H = tl.cast(H, tl.int64)
     if VARLEN:  # b is the sequence of a packed batch (see _fwd_kernel)
         q_start = tl.load(CU_Q + b).to(tl.int64)
         Nq = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
@@ -263,7 +312,6 @@ def _bwd_preprocess(O, DO, LSE, DLSE, DELTA, LSE2,
         dlse = tl.load(DLSE + lse_row + offs_m, mask=offs_m < Nq, other=0.0)
         delta = delta - tl.where(lse == float("-inf"), 0.0, dlse)
     lse2 = lse * 1.4426950408889634
-    lse2 = lse2 - (-(offs_i * _alibi_slope(h, H))) * 1.4426950408889634
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse2)
     tl.store(DELTA + lse_row + offs_m, delta, mask=offs_m < Nq)
     tl.store(LSE2 + lse_row + offs_m, lse2, mask=offs_m < Nq)
@@ -271,7 +319,7 @@ def _bwd_preprocess(O, DO, LSE, DLSE, DELTA, LSE2,
 
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, qb, offs_j, Nq, q_offset,
-               b, h, H, n_q, n_k, col0,
+               b, h, H, n_q, n_k, c0,
                qk_scale, sm_scale,
                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                ROTARY_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
@@ -287,7 +335,7 @@ def _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, qb, offs_j, Nq, q_off
     lse2 = tl.load(LSE2 + offs_m, mask=offs_m < Nq, other=float("inf"))
     delta = tl.load(DELTA + offs_m, mask=offs_m < Nq, other=0.0)
     qk = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]: S^T
-    s = qk * qk_scale + col0[:, None] * 1.4426950408889634  # bias * log2(e)
+    s = qk * qk_scale + (c0 * tl.cast((offs_j[:, None] - offs_i[None, :]), tl.float32)) * 1.4426950408889634  # bias * log2(e)
     if MASKED:
         keep = (offs_i[None, :] < q_offset + Nq) & (offs_j[:, None] <= offs_i[None, :])
         s = tl.where(keep, s, float("-inf"))
@@ -320,10 +368,11 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
     b = bhk // H_KV
     hk = bhk % H_KV
     if WIDE:  # positions past 2**31 - 1: see _fwd_kernel
-        q_offset = q_offset.to(tl.int64)
-        k_offset = k_offset.to(tl.int64)
-        n_q = n_q.to(tl.int64)
-        n_k = n_k.to(tl.int64)
+        q_offset = tl.cast(q_offset, tl.int64)
+        k_offset = tl.cast(k_offset, tl.int64)
+        n_q = tl.cast(n_q, tl.int64)
+        n_k = tl.cast(n_k, tl.int64)
+        H = tl.cast(H, tl.int64)
     if VARLEN:  # b is the sequence of a packed batch (see _fwd_kernel)
         q_start = tl.load(CU_Q + b).to(tl.int64)
         k_start = tl.load(CU_K + b).to(tl.int64)
@@ -385,20 +434,20 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
                                            strides=[stride_qm, 1], block_shape=[BLOCK_M, HEAD_DIM_PAD])
         do_desc = tl.make_tensor_descriptor(DO_base, shape=[Nq, VALUE_DIM],
                                             strides=[stride_dom, 1], block_shape=[BLOCK_M, VALUE_DIM_PAD])
-        col0 = (offs_j * _alibi_slope(h, H))
+        c0 = _alibi_slope(h, H)
         for qb in tl.range(qb_lo, qb_full_lo):
             dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2 + lse_row, DELTA + lse_row, qb, offs_j, Nq, q_offset,
-                                b, h, H, n_q, n_k, col0,
+                                b, h, H, n_q, n_k, c0,
                                 qk_scale, sm_scale, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                                 FAST_MATH, MASKED=True)
         for qb in tl.range(qb_full_lo, qb_full_hi):
             dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2 + lse_row, DELTA + lse_row, qb, offs_j, Nq, q_offset,
-                                b, h, H, n_q, n_k, col0,
+                                b, h, H, n_q, n_k, c0,
                                 qk_scale, sm_scale, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                                 FAST_MATH, MASKED=False)
         for qb in tl.range(qb_full_hi, qb_hi):
             dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2 + lse_row, DELTA + lse_row, qb, offs_j, Nq, q_offset,
-                                b, h, H, n_q, n_k, col0,
+                                b, h, H, n_q, n_k, c0,
                                 qk_scale, sm_scale, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
                                 FAST_MATH, MASKED=True)
     dk = dk * sm_scale
@@ -419,7 +468,7 @@ def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
     v = v_desc.load([start_n, 0])
     offs_j = k_offset + start_n + tl.arange(0, BLOCK_N)
     qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
-    s = qk * qk_scale + (offs_j[None, :] * c0) * 1.4426950408889634  # bias * log2(e)
+    s = qk * qk_scale + (c0 * tl.cast((offs_j[None, :] - offs_i[:, None]), tl.float32)) * 1.4426950408889634  # bias * log2(e)
     if MASKED:
         keep = (offs_j[None, :] < k_offset + Nk) & (offs_j[None, :] <= offs_i[:, None])
         s = tl.where(keep, s, float("-inf"))
@@ -449,10 +498,11 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
     h = bh % H
     hk = h // GROUP
     if WIDE:  # positions past 2**31 - 1: see _fwd_kernel
-        q_offset = q_offset.to(tl.int64)
-        k_offset = k_offset.to(tl.int64)
-        n_q = n_q.to(tl.int64)
-        n_k = n_k.to(tl.int64)
+        q_offset = tl.cast(q_offset, tl.int64)
+        k_offset = tl.cast(k_offset, tl.int64)
+        n_q = tl.cast(n_q, tl.int64)
+        n_k = tl.cast(n_k, tl.int64)
+        H = tl.cast(H, tl.int64)
     if VARLEN:  # b is the sequence of a packed batch (see _fwd_kernel)
         q_start = tl.load(CU_Q + b).to(tl.int64)
         k_start = tl.load(CU_K + b).to(tl.int64)
@@ -665,7 +715,7 @@ def _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NU
     k = _dec_load(k_rows, tl.arange(0, HEAD_DIM_PAD), in_cache, HEAD_DIM, HEAD_DIM_PAD, MASKED)
     v = _dec_load(v_rows, tl.arange(0, VALUE_DIM_PAD), in_cache, VALUE_DIM, VALUE_DIM_PAD, MASKED)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    s = qk * qk_scale + (offs_j[None, :] * c0[:, None]) * 1.4426950408889634  # bias * log2(e)
+    s = qk * qk_scale + (c0[:, None] * tl.cast((offs_j[None, :] - offs_i[:, None]), tl.float32)) * 1.4426950408889634  # bias * log2(e)
     if MASKED:
         keep = in_cache[None, :] & live[:, None] & (offs_j[None, :] <= offs_i[:, None])
         s = tl.where(keep, s, float("-inf"))
@@ -704,6 +754,7 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
     Nk = tl.minimum(tl.maximum(tl.load(KV_LEN + b * stride_kvl), 0), CAPACITY)
     if WIDE:
         Nk = Nk.to(tl.int64)
+        H = tl.cast(H, tl.int64)
     else:
         Nk = Nk.to(tl.int32)
     n_q = Nk
@@ -772,7 +823,6 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     # natural-log LSE; -inf on rows without an allowed key
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i))) * 0.6931471805599453)
-    lse = lse + (-(offs_i * _alibi_slope(h_row, H)))
     vcols = tl.arange(0, VALUE_DIM_PAD)
     out_rows = (b * H + h_row) * Nq + q_row
     if SPLIT:

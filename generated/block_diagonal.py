@@ -29,6 +29,55 @@ import triton.language as tl
 
 import attncc.runtime as _rt
 
+
+# Integer arithmetic of the kernels below: the host checks its divisors and switches WIDE on
+# (int64) when a value could pass int32 (attncc.runtime.intervals).
+def _int_divisors(x):
+    """Divisors of // and % made of params and sizes only: 0 raises ValueError (a kernel cannot)."""
+    x.nonzero(x.param("chunk"), "chunk", "i // chunk and j // chunk")
+
+
+def _int_reach(x):
+    """The largest magnitude a value of the kernels' integer arithmetic can reach at a call's numbers
+    (x: attncc.runtime.intervals.CallNumbers); past 2**31 - 1 the call runs WIDE, in int64."""
+    step0 = x.max(x.position, x.mul(x.param("chunk"), x.floordiv(x.position, x.param("chunk"))))  # v_x = Max(k_offset, chunk*(q_lo // chunk))
+    step1 = x.min(x.add(-1, x.position, x.position), x.add(-1, x.param("chunk"), x.mul(x.param("chunk"), x.floordiv(x.position, x.param("chunk")))))  # v_y = Min(N_K + k_offset - 1, chunk*(q_hi // chunk) + chunk - 1)
+    step2 = x.select(x.floordiv(x.max(0, x.add(x.neg(x.position), step0)), x.block), 0)  # lo = Piecewise((Max(0, _v_x - k_offset) // BLOCK_N, _v_on), (0, True))
+    step3 = x.select(x.add(1, x.floordiv(x.max(0, x.add(x.neg(x.position), step1)), x.block)), 0)  # hi = Piecewise((Max(0, _v_y - k_offset) // BLOCK_N + 1, _v_on), (0, True))
+    step4 = x.max(x.position, x.mul(x.param("chunk"), x.floordiv(x.position, x.param("chunk"))))  # f_x = Max(k_offset, chunk*(q_hi // chunk))
+    step5 = x.min(x.add(-1, x.position, x.position), x.add(-1, x.param("chunk"), x.mul(x.param("chunk"), x.floordiv(x.position, x.param("chunk")))))  # f_y = Min(N_K + k_offset - 1, chunk*(q_lo // chunk) + chunk - 1)
+    step6 = x.select(x.min(step3, x.max(step2, x.floordiv(x.add(-1, x.block, x.max(0, x.add(x.neg(x.position), step4))), x.block))), step2)  # full_lo = Piecewise((Min(_hi, Max(_lo, (BLOCK_N + Max(0, _f_x - k_offset) - 1) // BLOCK_N)), _f_on), (_lo, True))
+    step7 = x.max(step6, x.select(x.min(step3, x.floordiv(x.max(0, x.add(1, x.neg(x.position), step5)), x.block)), step6))  # full_hi = Max(_full_lo, Piecewise((Min(_hi, Max(0, _f_y - k_offset + 1) // BLOCK_N), _f_on), (_full_lo, True)))
+    step8 = x.max(x.position, x.mul(x.param("chunk"), x.floordiv(x.position, x.param("chunk"))))  # v_x = Max(k_offset, chunk*(q_lo // chunk))
+    step9 = x.min(x.add(-1, x.position, x.position), x.add(-1, x.param("chunk"), x.mul(x.param("chunk"), x.floordiv(x.position, x.param("chunk")))))  # v_y = Min(N_K + k_offset - 1, chunk*(q_hi // chunk) + chunk - 1)
+    step10 = x.select(x.floordiv(x.max(0, x.add(x.neg(x.position), step8)), x.block), 0)  # lo = Piecewise((Max(0, _v_x - k_offset) // BLOCK_N, _v_on), (0, True))
+    step11 = x.select(x.add(1, x.floordiv(x.max(0, x.add(x.neg(x.position), step9)), x.block)), 0)  # hi = Piecewise((Max(0, _v_y - k_offset) // BLOCK_N + 1, _v_on), (0, True))
+    step12 = x.max(x.position, x.mul(x.param("chunk"), x.floordiv(x.position, x.param("chunk"))))  # f_x = Max(k_offset, chunk*(q_hi // chunk))
+    step13 = x.min(x.add(-1, x.position, x.position), x.add(-1, x.param("chunk"), x.mul(x.param("chunk"), x.floordiv(x.position, x.param("chunk")))))  # f_y = Min(N_K + k_offset - 1, chunk*(q_lo // chunk) + chunk - 1)
+    step14 = x.select(x.min(step11, x.max(step10, x.floordiv(x.add(-1, x.block, x.max(0, x.add(x.neg(x.position), step12))), x.block))), step10)  # full_lo = Piecewise((Min(_hi, Max(_lo, (BLOCK_N + Max(0, _f_x - k_offset) - 1) // BLOCK_N)), _f_on), (_lo, True))
+    step15 = x.max(step14, x.select(x.min(step11, x.floordiv(x.max(0, x.add(1, x.neg(x.position), step13)), x.block)), step14))  # full_hi = Max(_full_lo, Piecewise((Min(_hi, Max(0, _f_y - k_offset + 1) // BLOCK_N), _f_on), (_full_lo, True)))
+    return x.reach(
+        x.floordiv(x.i, x.param("chunk")),  # i // chunk
+        x.floordiv(x.j, x.param("chunk")),  # j // chunk
+        step0,  # v_x, a step
+        step1,  # v_y, a step
+        step2,  # lo, a step
+        step3,  # hi, a step
+        step4,  # f_x, a step
+        step5,  # f_y, a step
+        step6,  # full_lo, a step
+        step7,  # full_hi, a step
+        step8,  # v_x, a step
+        step9,  # v_y, a step
+        step10,  # lo, a step
+        step11,  # hi, a step
+        step12,  # f_x, a step
+        step13,  # f_y, a step
+        step14,  # full_lo, a step
+        step15,  # full_hi, a step
+    )
+
+
 SPEC = _rt.SpecInfo(
     name="block_diagonal",
     source="specs/block_diagonal.toml",
@@ -45,6 +94,8 @@ SPEC = _rt.SpecInfo(
     dropout=0.0,
     rope=False,
     tile_hint="narrow",
+    int_reach=_int_reach,
+    int_divisors=_int_divisors,
 )
 
 
@@ -104,10 +155,12 @@ def _fwd_kernel(Q, K, V, O, LSE,
     h = bh % H
     hk = h // GROUP
     if WIDE:  # positions may pass 2**31 - 1 (the host decides from the call's numbers): int64 from here
-        q_offset = q_offset.to(tl.int64)
-        k_offset = k_offset.to(tl.int64)
-        n_q = n_q.to(tl.int64)
-        n_k = n_k.to(tl.int64)
+        q_offset = tl.cast(q_offset, tl.int64)
+        k_offset = tl.cast(k_offset, tl.int64)
+        n_q = tl.cast(n_q, tl.int64)
+        n_k = tl.cast(n_k, tl.int64)
+        prm_chunk = tl.cast(prm_chunk, tl.int64)  # an int param, as the positions
+        H = tl.cast(H, tl.int64)
     if VARLEN:
         # Packed sequences ([1, H, total, D]): b is the sequence, its rows start at CU_Q[b] / CU_K[b];
         # positions restart at 0 (q_offset = k_offset = 0) and n_q, n_k are its own lengths.
@@ -213,10 +266,12 @@ def _exact_tiles_kernel(CODES, N_KB, Nq, Nk, H, q_offset, k_offset, n_q, n_k, CU
     b = bh // H
     h = bh % H
     if WIDE:  # positions past 2**31 - 1: see _fwd_kernel
-        q_offset = q_offset.to(tl.int64)
-        k_offset = k_offset.to(tl.int64)
-        n_q = n_q.to(tl.int64)
-        n_k = n_k.to(tl.int64)
+        q_offset = tl.cast(q_offset, tl.int64)
+        k_offset = tl.cast(k_offset, tl.int64)
+        n_q = tl.cast(n_q, tl.int64)
+        n_k = tl.cast(n_k, tl.int64)
+        prm_chunk = tl.cast(prm_chunk, tl.int64)  # an int param, as the positions
+        H = tl.cast(H, tl.int64)
     if VARLEN:  # b is the sequence of a packed batch: its own lengths, positions from 0
         q_start = tl.load(CU_Q + b)
         k_start = tl.load(CU_K + b)
@@ -321,9 +376,11 @@ def _bwd_preprocess(O, DO, LSE, DLSE, DELTA, LSE2,
     b = bh // H
     h = bh % H
     if WIDE:
-        q_offset = q_offset.to(tl.int64)
-        n_q = n_q.to(tl.int64)
-        n_k = n_k.to(tl.int64)
+        q_offset = tl.cast(q_offset, tl.int64)
+        n_q = tl.cast(n_q, tl.int64)
+        n_k = tl.cast(n_k, tl.int64)
+        prm_chunk = tl.cast(prm_chunk, tl.int64)  # an int param, as the positions
+        H = tl.cast(H, tl.int64)
     if VARLEN:  # b is the sequence of a packed batch (see _fwd_kernel)
         q_start = tl.load(CU_Q + b).to(tl.int64)
         Nq = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
@@ -411,10 +468,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
     b = bhk // H_KV
     hk = bhk % H_KV
     if WIDE:  # positions past 2**31 - 1: see _fwd_kernel
-        q_offset = q_offset.to(tl.int64)
-        k_offset = k_offset.to(tl.int64)
-        n_q = n_q.to(tl.int64)
-        n_k = n_k.to(tl.int64)
+        q_offset = tl.cast(q_offset, tl.int64)
+        k_offset = tl.cast(k_offset, tl.int64)
+        n_q = tl.cast(n_q, tl.int64)
+        n_k = tl.cast(n_k, tl.int64)
+        prm_chunk = tl.cast(prm_chunk, tl.int64)  # an int param, as the positions
+        H = tl.cast(H, tl.int64)
     if VARLEN:  # b is the sequence of a packed batch (see _fwd_kernel)
         q_start = tl.load(CU_Q + b).to(tl.int64)
         k_start = tl.load(CU_K + b).to(tl.int64)
@@ -559,10 +618,12 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
     h = bh % H
     hk = h // GROUP
     if WIDE:  # positions past 2**31 - 1: see _fwd_kernel
-        q_offset = q_offset.to(tl.int64)
-        k_offset = k_offset.to(tl.int64)
-        n_q = n_q.to(tl.int64)
-        n_k = n_k.to(tl.int64)
+        q_offset = tl.cast(q_offset, tl.int64)
+        k_offset = tl.cast(k_offset, tl.int64)
+        n_q = tl.cast(n_q, tl.int64)
+        n_k = tl.cast(n_k, tl.int64)
+        prm_chunk = tl.cast(prm_chunk, tl.int64)  # an int param, as the positions
+        H = tl.cast(H, tl.int64)
     if VARLEN:  # b is the sequence of a packed batch (see _fwd_kernel)
         q_start = tl.load(CU_Q + b).to(tl.int64)
         k_start = tl.load(CU_K + b).to(tl.int64)
@@ -840,6 +901,8 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
     Nk = tl.minimum(tl.maximum(tl.load(KV_LEN + b * stride_kvl), 0), CAPACITY)
     if WIDE:
         Nk = Nk.to(tl.int64)
+        prm_chunk = tl.cast(prm_chunk, tl.int64)  # an int param, as the positions
+        H = tl.cast(H, tl.int64)
     else:
         Nk = Nk.to(tl.int32)
     n_q = Nk

@@ -34,6 +34,318 @@ import triton.language as tl
 
 import attncc.runtime as _rt
 
+
+# Integer arithmetic of the kernels below: the host checks its divisors and switches WIDE on
+# (int64) when a value could pass int32 (attncc.runtime.intervals).
+_int_divisors = None  # no // or % by params or sizes
+
+
+def _int_reach(x):
+    """The largest magnitude a value of the kernels' integer arithmetic can reach at a call's numbers
+    (x: attncc.runtime.intervals.CallNumbers); past 2**31 - 1 the call runs WIDE, in int64."""
+    step0 = x.min(x.position, x.add(-1, x.param("g")))  # rows_hi = Min(q_hi, g - 1)
+    step1 = x.max(x.position, x.add(1, step0))  # free_lo = Max(q_lo, _rows_hi + 1)
+    step2 = x.floordiv(x.add(-1, x.position, x.block), x.block)  # n_blocks = (BLOCK_N + N_K - 1) // BLOCK_N
+    step3 = x.position  # v1_x = k_offset
+    step4 = x.select(x.add(-1, x.position, x.position), x.min(x.add(-1, x.param("g")), x.add(-1, x.position, x.position)))  # v1_y = Piecewise((N_K + k_offset - 1, _some_rows), (Min(g - 1, N_K + k_offset - 1), True))
+    step5 = x.select(x.floordiv(x.max(0, x.add(x.neg(x.position), step3)), x.block), step2)  # v1_lo = Piecewise((Max(0, _v1_x - k_offset) // BLOCK_N, _v1_on), (_n_blocks, True))
+    step6 = x.select(x.add(1, x.floordiv(x.max(0, x.add(x.neg(x.position), step4)), x.block)), step2)  # v1_hi = Piecewise((Max(0, _v1_y - k_offset) // BLOCK_N + 1, _v1_on), (_n_blocks, True))
+    step7 = x.select(x.position, x.max(x.position, x.add(x.position, x.neg(x.param("w")))))  # v2_x = Piecewise((k_offset, _some_rows), (Max(k_offset, q_lo - w), True))
+    step8 = x.select(x.add(-1, x.position, x.position), x.min(x.add(x.param("w"), x.position), x.add(-1, x.position, x.position)))  # v2_y = Piecewise((N_K + k_offset - 1, _some_rows), (Min(q_hi + w, N_K + k_offset - 1), True))
+    step9 = x.select(x.floordiv(x.max(0, x.add(x.neg(x.position), step7)), x.block), step2)  # v2_lo = Piecewise((Max(0, _v2_x - k_offset) // BLOCK_N, _v2_on), (_n_blocks, True))
+    step10 = x.select(x.add(1, x.floordiv(x.max(0, x.add(x.neg(x.position), step8)), x.block)), step2)  # v2_hi = Piecewise((Max(0, _v2_y - k_offset) // BLOCK_N + 1, _v2_on), (_n_blocks, True))
+    step11 = x.select(step9, step5)  # s1_lo = Piecewise((_v2_lo, _v_swap), (_v1_lo, True))
+    step12 = x.select(step10, step6)  # s1_hi = Piecewise((_v2_hi, _v_swap), (_v1_hi, True))
+    step13 = x.select(step5, step9)  # s2_lo = Piecewise((_v1_lo, _v_swap), (_v2_lo, True))
+    step14 = x.select(step6, step10)  # s2_hi = Piecewise((_v1_hi, _v_swap), (_v2_hi, True))
+    step15 = x.select(x.max(step12, step14), step12)  # s1_end = Piecewise((Max(_s1_hi, _s2_hi), _v_join), (_s1_hi, True))
+    step16 = x.select(step2, step13)  # s2_start = Piecewise((_n_blocks, _v_join), (_s2_lo, True))
+    step17 = x.select(step2, step14)  # s2_end = Piecewise((_n_blocks, _v_join), (_s2_hi, True))
+    step18 = x.position  # f1_x = k_offset
+    step19 = x.select(x.add(-1, x.position, x.position), x.min(x.add(-1, x.param("g")), x.add(-1, x.position, x.position)))  # f1_y = Piecewise((N_K + k_offset - 1, _free_lo > q_hi), (Min(g - 1, N_K + k_offset - 1), True))
+    step20 = x.select(step18, x.add(x.position, x.position))  # f1_a = Piecewise((_f1_x, _f1_on), (N_K + k_offset, True))
+    step21 = x.select(step19, x.add(-1, x.position, x.position))  # f1_b = Piecewise((_f1_y, _f1_on), (N_K + k_offset - 1, True))
+    step22 = x.select(x.position, x.max(x.position, x.add(x.position, x.neg(x.param("w")))))  # f2_x = Piecewise((k_offset, _free_lo > q_hi), (Max(k_offset, q_hi - w), True))
+    step23 = x.select(x.add(-1, x.position, x.position), x.min(x.add(x.param("w"), step1), x.add(-1, x.position, x.position)))  # f2_y = Piecewise((N_K + k_offset - 1, _free_lo > q_hi), (Min(_free_lo + w, N_K + k_offset - 1), True))
+    step24 = x.select(step22, x.add(x.position, x.position))  # f2_a = Piecewise((_f2_x, _f2_on), (N_K + k_offset, True))
+    step25 = x.select(step23, x.add(-1, x.position, x.position))  # f2_b = Piecewise((_f2_y, _f2_on), (N_K + k_offset - 1, True))
+    step26 = x.select(step24, step20)  # g1_a = Piecewise((_f2_a, _f_swap), (_f1_a, True))
+    step27 = x.select(step25, step21)  # g1_b = Piecewise((_f2_b, _f_swap), (_f1_b, True))
+    step28 = x.select(step20, step24)  # g2_a = Piecewise((_f1_a, _f_swap), (_f2_a, True))
+    step29 = x.select(step21, step25)  # g2_b = Piecewise((_f1_b, _f_swap), (_f2_b, True))
+    step30 = x.select(x.max(step27, step29), step27)  # g1_end = Piecewise((Max(_g1_b, _g2_b), _f_join), (_g1_b, True))
+    step31 = x.select(x.add(x.position, x.position), step28)  # g2_start = Piecewise((N_K + k_offset, _f_join), (_g2_a, True))
+    step32 = x.select(x.add(-1, x.position, x.position), step29)  # g2_end = Piecewise((N_K + k_offset - 1, _f_join), (_g2_b, True))
+    step33 = x.floordiv(x.add(-1, x.block, x.max(0, x.add(x.neg(x.position), step26))), x.block)  # h1_lo = (BLOCK_N + Max(0, _g1_a - k_offset) - 1) // BLOCK_N
+    step34 = x.floordiv(x.max(0, x.add(1, x.neg(x.position), step30)), x.block)  # h1_hi = Max(0, _g1_end - k_offset + 1) // BLOCK_N
+    step35 = x.select(step33, step2)  # h1_start = Piecewise((_h1_lo, _h1_hi > _h1_lo), (_n_blocks, True))
+    step36 = x.select(step34, step2)  # h1_stop = Piecewise((_h1_hi, _h1_hi > _h1_lo), (_n_blocks, True))
+    step37 = x.floordiv(x.add(-1, x.block, x.max(0, x.add(x.neg(x.position), step31))), x.block)  # h2_lo = (BLOCK_N + Max(0, _g2_start - k_offset) - 1) // BLOCK_N
+    step38 = x.floordiv(x.max(0, x.add(1, x.neg(x.position), step32)), x.block)  # h2_hi = Max(0, _g2_end - k_offset + 1) // BLOCK_N
+    step39 = x.select(step37, step2)  # h2_start = Piecewise((_h2_lo, _h2_hi > _h2_lo), (_n_blocks, True))
+    step40 = x.select(step38, step2)  # h2_stop = Piecewise((_h2_hi, _h2_hi > _h2_lo), (_n_blocks, True))
+    step41 = x.select(step39, step35)  # full1_lo = Piecewise((_h2_start, _h_swap), (_h1_start, True))
+    step42 = x.select(step40, step36)  # full1_hi = Piecewise((_h2_stop, _h_swap), (_h1_stop, True))
+    step43 = x.select(step35, step39)  # full2_lo = Piecewise((_h1_start, _h_swap), (_h2_start, True))
+    step44 = x.select(step36, step40)  # full2_hi = Piecewise((_h1_stop, _h_swap), (_h2_stop, True))
+    step45 = x.add(x.neg(step41), step42)  # n_full1 = _full1_hi - _full1_lo
+    step46 = x.add(x.neg(step43), step44, step45)  # n_full = _full2_hi - _full2_lo + _n_full1
+    step47 = step41  # f_base = _full1_lo
+    step48 = step45  # f_at2 = _n_full1
+    step49 = x.add(x.neg(step42), step43)  # f_jump2 = -_full1_hi + _full2_lo
+    step50 = x.max(0, step11)  # m1_start = Max(0, _s1_lo)
+    step51 = x.max(0, x.add(x.neg(step50), x.min(step41, step15)))  # m1_count = Max(0, -_m1_start + Min(_full1_lo, _s1_end))
+    step52 = x.max(step42, step11)  # m2_start = Max(_full1_hi, _s1_lo)
+    step53 = x.max(0, x.add(x.neg(step52), x.min(step43, step15)))  # m2_count = Max(0, -_m2_start + Min(_full2_lo, _s1_end))
+    step54 = x.max(step44, step11)  # m3_start = Max(_full2_hi, _s1_lo)
+    step55 = x.max(0, x.add(x.neg(step54), x.min(step2, step15)))  # m3_count = Max(0, -_m3_start + Min(_n_blocks, _s1_end))
+    step56 = x.max(0, step16)  # m4_start = Max(0, _s2_start)
+    step57 = x.max(0, x.add(x.neg(step56), x.min(step41, step17)))  # m4_count = Max(0, -_m4_start + Min(_full1_lo, _s2_end))
+    step58 = x.max(step42, step16)  # m5_start = Max(_full1_hi, _s2_start)
+    step59 = x.max(0, x.add(x.neg(step58), x.min(step43, step17)))  # m5_count = Max(0, -_m5_start + Min(_full2_lo, _s2_end))
+    step60 = x.max(step44, step16)  # m6_start = Max(_full2_hi, _s2_start)
+    step61 = x.max(0, x.add(x.neg(step60), x.min(step2, step17)))  # m6_count = Max(0, -_m6_start + Min(_n_blocks, _s2_end))
+    step62 = x.add(step51, step53, step55, step57, step59, step61)  # n_masked = _m1_count + _m2_count + _m3_count + _m4_count + _m5_count + _m6_count
+    step63 = step50  # m_base = _m1_start
+    step64 = step51  # m_at2 = _m1_count
+    step65 = x.add(x.neg(step51), x.neg(step50), step52)  # m_jump2 = -_m1_count - _m1_start + _m2_start
+    step66 = x.add(step51, step53)  # m_at3 = _m1_count + _m2_count
+    step67 = x.add(x.neg(step53), x.neg(step52), step54)  # m_jump3 = -_m2_count - _m2_start + _m3_start
+    step68 = x.add(step51, step53, step55)  # m_at4 = _m1_count + _m2_count + _m3_count
+    step69 = x.add(x.neg(step55), x.neg(step54), step56)  # m_jump4 = -_m3_count - _m3_start + _m4_start
+    step70 = x.add(step51, step53, step55, step57)  # m_at5 = _m1_count + _m2_count + _m3_count + _m4_count
+    step71 = x.add(x.neg(step57), x.neg(step56), step58)  # m_jump5 = -_m4_count - _m4_start + _m5_start
+    step72 = x.add(step51, step53, step55, step57, step59)  # m_at6 = _m1_count + _m2_count + _m3_count + _m4_count + _m5_count
+    step73 = x.add(x.neg(step59), x.neg(step58), step60)  # m_jump6 = -_m5_count - _m5_start + _m6_start
+    step74 = x.min(x.position, x.add(-1, x.param("g")))  # rows_hi = Min(q_hi, g - 1)
+    step75 = x.max(x.position, x.add(1, step74))  # free_lo = Max(q_lo, _rows_hi + 1)
+    step76 = x.floordiv(x.add(-1, x.position, x.block), x.block)  # n_blocks = (BLOCK_N + N_K - 1) // BLOCK_N
+    step77 = x.position  # v1_x = k_offset
+    step78 = x.select(x.add(-1, x.position, x.position), x.min(x.add(-1, x.param("g")), x.add(-1, x.position, x.position)))  # v1_y = Piecewise((N_K + k_offset - 1, _some_rows), (Min(g - 1, N_K + k_offset - 1), True))
+    step79 = x.select(x.floordiv(x.max(0, x.add(x.neg(x.position), step77)), x.block), step76)  # v1_lo = Piecewise((Max(0, _v1_x - k_offset) // BLOCK_N, _v1_on), (_n_blocks, True))
+    step80 = x.select(x.add(1, x.floordiv(x.max(0, x.add(x.neg(x.position), step78)), x.block)), step76)  # v1_hi = Piecewise((Max(0, _v1_y - k_offset) // BLOCK_N + 1, _v1_on), (_n_blocks, True))
+    step81 = x.select(x.position, x.max(x.position, x.add(x.position, x.neg(x.param("w")))))  # v2_x = Piecewise((k_offset, _some_rows), (Max(k_offset, q_lo - w), True))
+    step82 = x.select(x.add(-1, x.position, x.position), x.min(x.add(x.param("w"), x.position), x.add(-1, x.position, x.position)))  # v2_y = Piecewise((N_K + k_offset - 1, _some_rows), (Min(q_hi + w, N_K + k_offset - 1), True))
+    step83 = x.select(x.floordiv(x.max(0, x.add(x.neg(x.position), step81)), x.block), step76)  # v2_lo = Piecewise((Max(0, _v2_x - k_offset) // BLOCK_N, _v2_on), (_n_blocks, True))
+    step84 = x.select(x.add(1, x.floordiv(x.max(0, x.add(x.neg(x.position), step82)), x.block)), step76)  # v2_hi = Piecewise((Max(0, _v2_y - k_offset) // BLOCK_N + 1, _v2_on), (_n_blocks, True))
+    step85 = x.select(step83, step79)  # s1_lo = Piecewise((_v2_lo, _v_swap), (_v1_lo, True))
+    step86 = x.select(step84, step80)  # s1_hi = Piecewise((_v2_hi, _v_swap), (_v1_hi, True))
+    step87 = x.select(step79, step83)  # s2_lo = Piecewise((_v1_lo, _v_swap), (_v2_lo, True))
+    step88 = x.select(step80, step84)  # s2_hi = Piecewise((_v1_hi, _v_swap), (_v2_hi, True))
+    step89 = x.select(x.max(step86, step88), step86)  # s1_end = Piecewise((Max(_s1_hi, _s2_hi), _v_join), (_s1_hi, True))
+    step90 = x.select(step76, step87)  # s2_start = Piecewise((_n_blocks, _v_join), (_s2_lo, True))
+    step91 = x.select(step76, step88)  # s2_end = Piecewise((_n_blocks, _v_join), (_s2_hi, True))
+    step92 = x.position  # f1_x = k_offset
+    step93 = x.select(x.add(-1, x.position, x.position), x.min(x.add(-1, x.param("g")), x.add(-1, x.position, x.position)))  # f1_y = Piecewise((N_K + k_offset - 1, _free_lo > q_hi), (Min(g - 1, N_K + k_offset - 1), True))
+    step94 = x.select(step92, x.add(x.position, x.position))  # f1_a = Piecewise((_f1_x, _f1_on), (N_K + k_offset, True))
+    step95 = x.select(step93, x.add(-1, x.position, x.position))  # f1_b = Piecewise((_f1_y, _f1_on), (N_K + k_offset - 1, True))
+    step96 = x.select(x.position, x.max(x.position, x.add(x.position, x.neg(x.param("w")))))  # f2_x = Piecewise((k_offset, _free_lo > q_hi), (Max(k_offset, q_hi - w), True))
+    step97 = x.select(x.add(-1, x.position, x.position), x.min(x.add(x.param("w"), step75), x.add(-1, x.position, x.position)))  # f2_y = Piecewise((N_K + k_offset - 1, _free_lo > q_hi), (Min(_free_lo + w, N_K + k_offset - 1), True))
+    step98 = x.select(step96, x.add(x.position, x.position))  # f2_a = Piecewise((_f2_x, _f2_on), (N_K + k_offset, True))
+    step99 = x.select(step97, x.add(-1, x.position, x.position))  # f2_b = Piecewise((_f2_y, _f2_on), (N_K + k_offset - 1, True))
+    step100 = x.select(step98, step94)  # g1_a = Piecewise((_f2_a, _f_swap), (_f1_a, True))
+    step101 = x.select(step99, step95)  # g1_b = Piecewise((_f2_b, _f_swap), (_f1_b, True))
+    step102 = x.select(step94, step98)  # g2_a = Piecewise((_f1_a, _f_swap), (_f2_a, True))
+    step103 = x.select(step95, step99)  # g2_b = Piecewise((_f1_b, _f_swap), (_f2_b, True))
+    step104 = x.select(x.max(step101, step103), step101)  # g1_end = Piecewise((Max(_g1_b, _g2_b), _f_join), (_g1_b, True))
+    step105 = x.select(x.add(x.position, x.position), step102)  # g2_start = Piecewise((N_K + k_offset, _f_join), (_g2_a, True))
+    step106 = x.select(x.add(-1, x.position, x.position), step103)  # g2_end = Piecewise((N_K + k_offset - 1, _f_join), (_g2_b, True))
+    step107 = x.floordiv(x.add(-1, x.block, x.max(0, x.add(x.neg(x.position), step100))), x.block)  # h1_lo = (BLOCK_N + Max(0, _g1_a - k_offset) - 1) // BLOCK_N
+    step108 = x.floordiv(x.max(0, x.add(1, x.neg(x.position), step104)), x.block)  # h1_hi = Max(0, _g1_end - k_offset + 1) // BLOCK_N
+    step109 = x.select(step107, step76)  # h1_start = Piecewise((_h1_lo, _h1_hi > _h1_lo), (_n_blocks, True))
+    step110 = x.select(step108, step76)  # h1_stop = Piecewise((_h1_hi, _h1_hi > _h1_lo), (_n_blocks, True))
+    step111 = x.floordiv(x.add(-1, x.block, x.max(0, x.add(x.neg(x.position), step105))), x.block)  # h2_lo = (BLOCK_N + Max(0, _g2_start - k_offset) - 1) // BLOCK_N
+    step112 = x.floordiv(x.max(0, x.add(1, x.neg(x.position), step106)), x.block)  # h2_hi = Max(0, _g2_end - k_offset + 1) // BLOCK_N
+    step113 = x.select(step111, step76)  # h2_start = Piecewise((_h2_lo, _h2_hi > _h2_lo), (_n_blocks, True))
+    step114 = x.select(step112, step76)  # h2_stop = Piecewise((_h2_hi, _h2_hi > _h2_lo), (_n_blocks, True))
+    step115 = x.select(step113, step109)  # full1_lo = Piecewise((_h2_start, _h_swap), (_h1_start, True))
+    step116 = x.select(step114, step110)  # full1_hi = Piecewise((_h2_stop, _h_swap), (_h1_stop, True))
+    step117 = x.select(step109, step113)  # full2_lo = Piecewise((_h1_start, _h_swap), (_h2_start, True))
+    step118 = x.select(step110, step114)  # full2_hi = Piecewise((_h1_stop, _h_swap), (_h2_stop, True))
+    step119 = x.add(x.neg(step115), step116)  # n_full1 = _full1_hi - _full1_lo
+    step120 = x.add(x.neg(step117), step118, step119)  # n_full = _full2_hi - _full2_lo + _n_full1
+    step121 = step115  # f_base = _full1_lo
+    step122 = step119  # f_at2 = _n_full1
+    step123 = x.add(x.neg(step116), step117)  # f_jump2 = -_full1_hi + _full2_lo
+    step124 = x.max(0, step85)  # m1_start = Max(0, _s1_lo)
+    step125 = x.max(0, x.add(x.neg(step124), x.min(step115, step89)))  # m1_count = Max(0, -_m1_start + Min(_full1_lo, _s1_end))
+    step126 = x.max(step116, step85)  # m2_start = Max(_full1_hi, _s1_lo)
+    step127 = x.max(0, x.add(x.neg(step126), x.min(step117, step89)))  # m2_count = Max(0, -_m2_start + Min(_full2_lo, _s1_end))
+    step128 = x.max(step118, step85)  # m3_start = Max(_full2_hi, _s1_lo)
+    step129 = x.max(0, x.add(x.neg(step128), x.min(step76, step89)))  # m3_count = Max(0, -_m3_start + Min(_n_blocks, _s1_end))
+    step130 = x.max(0, step90)  # m4_start = Max(0, _s2_start)
+    step131 = x.max(0, x.add(x.neg(step130), x.min(step115, step91)))  # m4_count = Max(0, -_m4_start + Min(_full1_lo, _s2_end))
+    step132 = x.max(step116, step90)  # m5_start = Max(_full1_hi, _s2_start)
+    step133 = x.max(0, x.add(x.neg(step132), x.min(step117, step91)))  # m5_count = Max(0, -_m5_start + Min(_full2_lo, _s2_end))
+    step134 = x.max(step118, step90)  # m6_start = Max(_full2_hi, _s2_start)
+    step135 = x.max(0, x.add(x.neg(step134), x.min(step76, step91)))  # m6_count = Max(0, -_m6_start + Min(_n_blocks, _s2_end))
+    step136 = x.add(step125, step127, step129, step131, step133, step135)  # n_masked = _m1_count + _m2_count + _m3_count + _m4_count + _m5_count + _m6_count
+    step137 = step124  # m_base = _m1_start
+    step138 = step125  # m_at2 = _m1_count
+    step139 = x.add(x.neg(step125), x.neg(step124), step126)  # m_jump2 = -_m1_count - _m1_start + _m2_start
+    step140 = x.add(step125, step127)  # m_at3 = _m1_count + _m2_count
+    step141 = x.add(x.neg(step127), x.neg(step126), step128)  # m_jump3 = -_m2_count - _m2_start + _m3_start
+    step142 = x.add(step125, step127, step129)  # m_at4 = _m1_count + _m2_count + _m3_count
+    step143 = x.add(x.neg(step129), x.neg(step128), step130)  # m_jump4 = -_m3_count - _m3_start + _m4_start
+    step144 = x.add(step125, step127, step129, step131)  # m_at5 = _m1_count + _m2_count + _m3_count + _m4_count
+    step145 = x.add(x.neg(step131), x.neg(step130), step132)  # m_jump5 = -_m4_count - _m4_start + _m5_start
+    step146 = x.add(step125, step127, step129, step131, step133)  # m_at6 = _m1_count + _m2_count + _m3_count + _m4_count + _m5_count
+    step147 = x.add(x.neg(step133), x.neg(step132), step134)  # m_jump6 = -_m5_count - _m5_start + _m6_start
+    return x.reach(
+        x.abs(x.add(x.i, x.neg(x.j))),  # Abs(i - j)
+        x.add(1, step101),  # _g1_b + 1
+        x.add(1, step27),  # _g1_b + 1
+        step0,  # rows_hi, a step
+        step1,  # free_lo, a step
+        step2,  # n_blocks, a step
+        step3,  # v1_x, a step
+        step4,  # v1_y, a step
+        step5,  # v1_lo, a step
+        step6,  # v1_hi, a step
+        step7,  # v2_x, a step
+        step8,  # v2_y, a step
+        step9,  # v2_lo, a step
+        step10,  # v2_hi, a step
+        step11,  # s1_lo, a step
+        step12,  # s1_hi, a step
+        step13,  # s2_lo, a step
+        step14,  # s2_hi, a step
+        step15,  # s1_end, a step
+        step16,  # s2_start, a step
+        step17,  # s2_end, a step
+        step18,  # f1_x, a step
+        step19,  # f1_y, a step
+        step20,  # f1_a, a step
+        step21,  # f1_b, a step
+        step22,  # f2_x, a step
+        step23,  # f2_y, a step
+        step24,  # f2_a, a step
+        step25,  # f2_b, a step
+        step26,  # g1_a, a step
+        step27,  # g1_b, a step
+        step28,  # g2_a, a step
+        step29,  # g2_b, a step
+        step30,  # g1_end, a step
+        step31,  # g2_start, a step
+        step32,  # g2_end, a step
+        step33,  # h1_lo, a step
+        step34,  # h1_hi, a step
+        step35,  # h1_start, a step
+        step36,  # h1_stop, a step
+        step37,  # h2_lo, a step
+        step38,  # h2_hi, a step
+        step39,  # h2_start, a step
+        step40,  # h2_stop, a step
+        step41,  # full1_lo, a step
+        step42,  # full1_hi, a step
+        step43,  # full2_lo, a step
+        step44,  # full2_hi, a step
+        step45,  # n_full1, a step
+        step46,  # n_full, a step
+        step47,  # f_base, a step
+        step48,  # f_at2, a step
+        step49,  # f_jump2, a step
+        step50,  # m1_start, a step
+        step51,  # m1_count, a step
+        step52,  # m2_start, a step
+        step53,  # m2_count, a step
+        step54,  # m3_start, a step
+        step55,  # m3_count, a step
+        step56,  # m4_start, a step
+        step57,  # m4_count, a step
+        step58,  # m5_start, a step
+        step59,  # m5_count, a step
+        step60,  # m6_start, a step
+        step61,  # m6_count, a step
+        step62,  # n_masked, a step
+        step63,  # m_base, a step
+        step64,  # m_at2, a step
+        step65,  # m_jump2, a step
+        step66,  # m_at3, a step
+        step67,  # m_jump3, a step
+        step68,  # m_at4, a step
+        step69,  # m_jump4, a step
+        step70,  # m_at5, a step
+        step71,  # m_jump5, a step
+        step72,  # m_at6, a step
+        step73,  # m_jump6, a step
+        step74,  # rows_hi, a step
+        step75,  # free_lo, a step
+        step76,  # n_blocks, a step
+        step77,  # v1_x, a step
+        step78,  # v1_y, a step
+        step79,  # v1_lo, a step
+        step80,  # v1_hi, a step
+        step81,  # v2_x, a step
+        step82,  # v2_y, a step
+        step83,  # v2_lo, a step
+        step84,  # v2_hi, a step
+        step85,  # s1_lo, a step
+        step86,  # s1_hi, a step
+        step87,  # s2_lo, a step
+        step88,  # s2_hi, a step
+        step89,  # s1_end, a step
+        step90,  # s2_start, a step
+        step91,  # s2_end, a step
+        step92,  # f1_x, a step
+        step93,  # f1_y, a step
+        step94,  # f1_a, a step
+        step95,  # f1_b, a step
+        step96,  # f2_x, a step
+        step97,  # f2_y, a step
+        step98,  # f2_a, a step
+        step99,  # f2_b, a step
+        step100,  # g1_a, a step
+        step101,  # g1_b, a step
+        step102,  # g2_a, a step
+        step103,  # g2_b, a step
+        step104,  # g1_end, a step
+        step105,  # g2_start, a step
+        step106,  # g2_end, a step
+        step107,  # h1_lo, a step
+        step108,  # h1_hi, a step
+        step109,  # h1_start, a step
+        step110,  # h1_stop, a step
+        step111,  # h2_lo, a step
+        step112,  # h2_hi, a step
+        step113,  # h2_start, a step
+        step114,  # h2_stop, a step
+        step115,  # full1_lo, a step
+        step116,  # full1_hi, a step
+        step117,  # full2_lo, a step
+        step118,  # full2_hi, a step
+        step119,  # n_full1, a step
+        step120,  # n_full, a step
+        step121,  # f_base, a step
+        step122,  # f_at2, a step
+        step123,  # f_jump2, a step
+        step124,  # m1_start, a step
+        step125,  # m1_count, a step
+        step126,  # m2_start, a step
+        step127,  # m2_count, a step
+        step128,  # m3_start, a step
+        step129,  # m3_count, a step
+        step130,  # m4_start, a step
+        step131,  # m4_count, a step
+        step132,  # m5_start, a step
+        step133,  # m5_count, a step
+        step134,  # m6_start, a step
+        step135,  # m6_count, a step
+        step136,  # n_masked, a step
+        step137,  # m_base, a step
+        step138,  # m_at2, a step
+        step139,  # m_jump2, a step
+        step140,  # m_at3, a step
+        step141,  # m_jump3, a step
+        step142,  # m_at4, a step
+        step143,  # m_jump4, a step
+        step144,  # m_at5, a step
+        step145,  # m_jump5, a step
+        step146,  # m_at6, a step
+        step147,  # m_jump6, a step
+    )
+
+
 SPEC = _rt.SpecInfo(
     name="longformer",
     source="specs/longformer.toml",
@@ -50,6 +362,8 @@ SPEC = _rt.SpecInfo(
     dropout=0.0,
     rope=False,
     tile_hint="default",
+    int_reach=_int_reach,
+    int_divisors=_int_divisors,
 )
 
 
@@ -102,10 +416,13 @@ def _fwd_kernel(Q, K, V, O, LSE,
     h = bh % H
     hk = h // GROUP
     if WIDE:  # positions may pass 2**31 - 1 (the host decides from the call's numbers): int64 from here
-        q_offset = q_offset.to(tl.int64)
-        k_offset = k_offset.to(tl.int64)
-        n_q = n_q.to(tl.int64)
-        n_k = n_k.to(tl.int64)
+        q_offset = tl.cast(q_offset, tl.int64)
+        k_offset = tl.cast(k_offset, tl.int64)
+        n_q = tl.cast(n_q, tl.int64)
+        n_k = tl.cast(n_k, tl.int64)
+        prm_g = tl.cast(prm_g, tl.int64)  # an int param, as the positions
+        prm_w = tl.cast(prm_w, tl.int64)  # an int param, as the positions
+        H = tl.cast(H, tl.int64)
     if VARLEN:
         # Packed sequences ([1, H, total, D]): b is the sequence, its rows start at CU_Q[b] / CU_K[b];
         # positions restart at 0 (q_offset = k_offset = 0) and n_q, n_k are its own lengths.
@@ -282,10 +599,13 @@ def _exact_tiles_kernel(CODES, N_KB, Nq, Nk, H, q_offset, k_offset, n_q, n_k, CU
     b = bh // H
     h = bh % H
     if WIDE:  # positions past 2**31 - 1: see _fwd_kernel
-        q_offset = q_offset.to(tl.int64)
-        k_offset = k_offset.to(tl.int64)
-        n_q = n_q.to(tl.int64)
-        n_k = n_k.to(tl.int64)
+        q_offset = tl.cast(q_offset, tl.int64)
+        k_offset = tl.cast(k_offset, tl.int64)
+        n_q = tl.cast(n_q, tl.int64)
+        n_k = tl.cast(n_k, tl.int64)
+        prm_g = tl.cast(prm_g, tl.int64)  # an int param, as the positions
+        prm_w = tl.cast(prm_w, tl.int64)  # an int param, as the positions
+        H = tl.cast(H, tl.int64)
     if VARLEN:  # b is the sequence of a packed batch: its own lengths, positions from 0
         q_start = tl.load(CU_Q + b)
         k_start = tl.load(CU_K + b)
@@ -391,9 +711,12 @@ def _bwd_preprocess(O, DO, LSE, DLSE, DELTA, LSE2,
     b = bh // H
     h = bh % H
     if WIDE:
-        q_offset = q_offset.to(tl.int64)
-        n_q = n_q.to(tl.int64)
-        n_k = n_k.to(tl.int64)
+        q_offset = tl.cast(q_offset, tl.int64)
+        n_q = tl.cast(n_q, tl.int64)
+        n_k = tl.cast(n_k, tl.int64)
+        prm_g = tl.cast(prm_g, tl.int64)  # an int param, as the positions
+        prm_w = tl.cast(prm_w, tl.int64)  # an int param, as the positions
+        H = tl.cast(H, tl.int64)
     if VARLEN:  # b is the sequence of a packed batch (see _fwd_kernel)
         q_start = tl.load(CU_Q + b).to(tl.int64)
         Nq = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
@@ -481,10 +804,13 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
     b = bhk // H_KV
     hk = bhk % H_KV
     if WIDE:  # positions past 2**31 - 1: see _fwd_kernel
-        q_offset = q_offset.to(tl.int64)
-        k_offset = k_offset.to(tl.int64)
-        n_q = n_q.to(tl.int64)
-        n_k = n_k.to(tl.int64)
+        q_offset = tl.cast(q_offset, tl.int64)
+        k_offset = tl.cast(k_offset, tl.int64)
+        n_q = tl.cast(n_q, tl.int64)
+        n_k = tl.cast(n_k, tl.int64)
+        prm_g = tl.cast(prm_g, tl.int64)  # an int param, as the positions
+        prm_w = tl.cast(prm_w, tl.int64)  # an int param, as the positions
+        H = tl.cast(H, tl.int64)
     if VARLEN:  # b is the sequence of a packed batch (see _fwd_kernel)
         q_start = tl.load(CU_Q + b).to(tl.int64)
         k_start = tl.load(CU_K + b).to(tl.int64)
@@ -700,10 +1026,13 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
     h = bh % H
     hk = h // GROUP
     if WIDE:  # positions past 2**31 - 1: see _fwd_kernel
-        q_offset = q_offset.to(tl.int64)
-        k_offset = k_offset.to(tl.int64)
-        n_q = n_q.to(tl.int64)
-        n_k = n_k.to(tl.int64)
+        q_offset = tl.cast(q_offset, tl.int64)
+        k_offset = tl.cast(k_offset, tl.int64)
+        n_q = tl.cast(n_q, tl.int64)
+        n_k = tl.cast(n_k, tl.int64)
+        prm_g = tl.cast(prm_g, tl.int64)  # an int param, as the positions
+        prm_w = tl.cast(prm_w, tl.int64)  # an int param, as the positions
+        H = tl.cast(H, tl.int64)
     if VARLEN:  # b is the sequence of a packed batch (see _fwd_kernel)
         q_start = tl.load(CU_Q + b).to(tl.int64)
         k_start = tl.load(CU_K + b).to(tl.int64)
@@ -1055,6 +1384,9 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
     Nk = tl.minimum(tl.maximum(tl.load(KV_LEN + b * stride_kvl), 0), CAPACITY)
     if WIDE:
         Nk = Nk.to(tl.int64)
+        prm_g = tl.cast(prm_g, tl.int64)  # an int param, as the positions
+        prm_w = tl.cast(prm_w, tl.int64)  # an int param, as the positions
+        H = tl.cast(H, tl.int64)
     else:
         Nk = Nk.to(tl.int32)
     n_q = Nk

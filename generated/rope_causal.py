@@ -24,6 +24,51 @@ import triton.language as tl
 
 import attncc.runtime as _rt
 
+
+# Integer arithmetic of the kernels below: the host checks its divisors and switches WIDE on
+# (int64) when a value could pass int32 (attncc.runtime.intervals).
+_int_divisors = None  # no // or % by params or sizes
+
+
+def _int_reach(x):
+    """The largest magnitude a value of the kernels' integer arithmetic can reach at a call's numbers
+    (x: attncc.runtime.intervals.CallNumbers); past 2**31 - 1 the call runs WIDE, in int64."""
+    step0 = x.position  # v_x = k_offset
+    step1 = x.min(x.position, x.add(-1, x.position, x.position))  # v_y = Min(q_hi, N_K + k_offset - 1)
+    step2 = x.select(x.floordiv(x.max(0, x.add(x.neg(x.position), step0)), x.block), 0)  # lo = Piecewise((Max(0, _v_x - k_offset) // BLOCK_N, _v_on), (0, True))
+    step3 = x.select(x.add(1, x.floordiv(x.max(0, x.add(x.neg(x.position), step1)), x.block)), 0)  # hi = Piecewise((Max(0, _v_y - k_offset) // BLOCK_N + 1, _v_on), (0, True))
+    step4 = x.position  # f_x = k_offset
+    step5 = x.min(x.position, x.add(-1, x.position, x.position))  # f_y = Min(q_lo, N_K + k_offset - 1)
+    step6 = x.select(x.min(step3, x.max(step2, x.floordiv(x.add(-1, x.block, x.max(0, x.add(x.neg(x.position), step4))), x.block))), step2)  # full_lo = Piecewise((Min(_hi, Max(_lo, (BLOCK_N + Max(0, _f_x - k_offset) - 1) // BLOCK_N)), _f_on), (_lo, True))
+    step7 = x.max(step6, x.select(x.min(step3, x.floordiv(x.max(0, x.add(1, x.neg(x.position), step5)), x.block)), step6))  # full_hi = Max(_full_lo, Piecewise((Min(_hi, Max(0, _f_y - k_offset + 1) // BLOCK_N), _f_on), (_full_lo, True)))
+    step8 = x.max(x.position, x.position)  # v_x = Max(k_offset, q_lo)
+    step9 = x.add(-1, x.position, x.position)  # v_y = N_K + k_offset - 1
+    step10 = x.select(x.floordiv(x.max(0, x.add(x.neg(x.position), step8)), x.block), 0)  # lo = Piecewise((Max(0, _v_x - k_offset) // BLOCK_N, _v_on), (0, True))
+    step11 = x.select(x.add(1, x.floordiv(x.max(0, x.add(x.neg(x.position), step9)), x.block)), 0)  # hi = Piecewise((Max(0, _v_y - k_offset) // BLOCK_N + 1, _v_on), (0, True))
+    step12 = x.max(x.position, x.position)  # f_x = Max(k_offset, q_hi)
+    step13 = x.add(-1, x.position, x.position)  # f_y = N_K + k_offset - 1
+    step14 = x.select(x.min(step11, x.max(step10, x.floordiv(x.add(-1, x.block, x.max(0, x.add(x.neg(x.position), step12))), x.block))), step10)  # full_lo = Piecewise((Min(_hi, Max(_lo, (BLOCK_N + Max(0, _f_x - k_offset) - 1) // BLOCK_N)), _f_on), (_lo, True))
+    step15 = x.max(step14, x.select(x.min(step11, x.floordiv(x.max(0, x.add(1, x.neg(x.position), step13)), x.block)), step14))  # full_hi = Max(_full_lo, Piecewise((Min(_hi, Max(0, _f_y - k_offset + 1) // BLOCK_N), _f_on), (_full_lo, True)))
+    return x.reach(
+        step0,  # v_x, a step
+        step1,  # v_y, a step
+        step2,  # lo, a step
+        step3,  # hi, a step
+        step4,  # f_x, a step
+        step5,  # f_y, a step
+        step6,  # full_lo, a step
+        step7,  # full_hi, a step
+        step8,  # v_x, a step
+        step9,  # v_y, a step
+        step10,  # lo, a step
+        step11,  # hi, a step
+        step12,  # f_x, a step
+        step13,  # f_y, a step
+        step14,  # full_lo, a step
+        step15,  # full_hi, a step
+    )
+
+
 SPEC = _rt.SpecInfo(
     name="rope_causal",
     source="specs/rope_causal.toml",
@@ -40,6 +85,8 @@ SPEC = _rt.SpecInfo(
     dropout=0.0,
     rope=True,
     tile_hint="default",
+    int_reach=_int_reach,
+    int_divisors=_int_divisors,
 )
 
 
@@ -54,18 +101,17 @@ def _rope_partner(cols, ROTARY_DIM: tl.constexpr):
 
 @triton.jit
 def _rope(x, x_partner, pos, cols, ROTARY_DIM: tl.constexpr):
-    """Rotate rows of x at positions pos by theta^(-2m/ROTARY_DIM) per column pair m."""
-    if pos.dtype == tl.int64:
-        # positions past 2**31 (WIDE calls): a float32 angle would be off by radians there
-        inv_freq = tl.exp2(-(2.0 * (cols % (ROTARY_DIM // 2)).to(tl.float64) / ROTARY_DIM) * ROPE_LOG2_THETA)
-        angle = pos[:, None].to(tl.float64) * inv_freq[None, :]
-        cos = tl.cos(angle).to(tl.float32)
-        sin = tl.sin(angle).to(tl.float32)
-    else:
-        inv_freq = tl.exp2(-(2.0 * (cols % (ROTARY_DIM // 2)).to(tl.float32) / ROTARY_DIM) * ROPE_LOG2_THETA)
-        angle = pos[:, None].to(tl.float32) * inv_freq[None, :]
-        cos = tl.cos(angle)
-        sin = tl.sin(angle)
+    """Rotate rows of x at positions pos by theta^(-2m/ROTARY_DIM) per column pair m.
+
+    The angle pos * inv_freq is a float64 product (in float32 it is off by ~0.06 rad at position
+    1e6), reduced to [-pi, pi] in float64 (2 pi in two parts, the first product exact in an fma);
+    sin and cos of the reduced angle are float32."""
+    inv_freq = tl.exp2(-(2.0 * (cols % (ROTARY_DIM // 2)).to(tl.float64) / ROTARY_DIM) * ROPE_LOG2_THETA)
+    angle = pos[:, None].to(tl.float64) * inv_freq[None, :]
+    turns = tl.floor(angle * 0.15915494309189535 + 0.5)
+    angle = tl.fma(turns, -6.283185307179586, angle) - turns * 2.4492935982947064e-16
+    cos = tl.cos(angle.to(tl.float32))
+    sin = tl.sin(angle.to(tl.float32))
     sign = tl.where(cols < ROTARY_DIM // 2, -1.0, 1.0)
     xf = x.to(tl.float32)
     rotated = xf * cos + sign[None, :] * x_partner.to(tl.float32) * sin
@@ -118,10 +164,11 @@ def _fwd_kernel(Q, K, V, O, LSE,
     h = bh % H
     hk = h // GROUP
     if WIDE:  # positions may pass 2**31 - 1 (the host decides from the call's numbers): int64 from here
-        q_offset = q_offset.to(tl.int64)
-        k_offset = k_offset.to(tl.int64)
-        n_q = n_q.to(tl.int64)
-        n_k = n_k.to(tl.int64)
+        q_offset = tl.cast(q_offset, tl.int64)
+        k_offset = tl.cast(k_offset, tl.int64)
+        n_q = tl.cast(n_q, tl.int64)
+        n_k = tl.cast(n_k, tl.int64)
+        H = tl.cast(H, tl.int64)
     if VARLEN:
         # Packed sequences ([1, H, total, D]): b is the sequence, its rows start at CU_Q[b] / CU_K[b];
         # positions restart at 0 (q_offset = k_offset = 0) and n_q, n_k are its own lengths.
@@ -206,7 +253,7 @@ def _rope_rows_kernel(X, OUT, stride_xb, stride_xh, stride_xn, stride_ob, stride
     b = bh // H
     h = bh % H
     if WIDE:
-        offset = offset.to(tl.int64)
+        offset = tl.cast(offset, tl.int64)
     if VARLEN:
         start = tl.load(CU + b).to(tl.int64)
         N = (tl.load(CU + b + 1) - start).to(tl.int32)
@@ -304,9 +351,10 @@ def _bwd_preprocess(O, DO, LSE, DLSE, DELTA, LSE2,
     b = bh // H
     h = bh % H
     if WIDE:
-        q_offset = q_offset.to(tl.int64)
-        n_q = n_q.to(tl.int64)
-        n_k = n_k.to(tl.int64)
+        q_offset = tl.cast(q_offset, tl.int64)
+        n_q = tl.cast(n_q, tl.int64)
+        n_k = tl.cast(n_k, tl.int64)
+        H = tl.cast(H, tl.int64)
     if VARLEN:  # b is the sequence of a packed batch (see _fwd_kernel)
         q_start = tl.load(CU_Q + b).to(tl.int64)
         Nq = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
@@ -392,10 +440,11 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
     b = bhk // H_KV
     hk = bhk % H_KV
     if WIDE:  # positions past 2**31 - 1: see _fwd_kernel
-        q_offset = q_offset.to(tl.int64)
-        k_offset = k_offset.to(tl.int64)
-        n_q = n_q.to(tl.int64)
-        n_k = n_k.to(tl.int64)
+        q_offset = tl.cast(q_offset, tl.int64)
+        k_offset = tl.cast(k_offset, tl.int64)
+        n_q = tl.cast(n_q, tl.int64)
+        n_k = tl.cast(n_k, tl.int64)
+        H = tl.cast(H, tl.int64)
     if VARLEN:  # b is the sequence of a packed batch (see _fwd_kernel)
         q_start = tl.load(CU_Q + b).to(tl.int64)
         k_start = tl.load(CU_K + b).to(tl.int64)
@@ -522,10 +571,11 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
     h = bh % H
     hk = h // GROUP
     if WIDE:  # positions past 2**31 - 1: see _fwd_kernel
-        q_offset = q_offset.to(tl.int64)
-        k_offset = k_offset.to(tl.int64)
-        n_q = n_q.to(tl.int64)
-        n_k = n_k.to(tl.int64)
+        q_offset = tl.cast(q_offset, tl.int64)
+        k_offset = tl.cast(k_offset, tl.int64)
+        n_q = tl.cast(n_q, tl.int64)
+        n_k = tl.cast(n_k, tl.int64)
+        H = tl.cast(H, tl.int64)
     if VARLEN:  # b is the sequence of a packed batch (see _fwd_kernel)
         q_start = tl.load(CU_Q + b).to(tl.int64)
         k_start = tl.load(CU_K + b).to(tl.int64)
@@ -778,6 +828,7 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
     Nk = tl.minimum(tl.maximum(tl.load(KV_LEN + b * stride_kvl), 0), CAPACITY)
     if WIDE:
         Nk = Nk.to(tl.int64)
+        H = tl.cast(H, tl.int64)
     else:
         Nk = Nk.to(tl.int32)
     n_q = Nk

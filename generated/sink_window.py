@@ -32,6 +32,185 @@ import triton.language as tl
 
 import attncc.runtime as _rt
 
+
+# Integer arithmetic of the kernels below: the host checks its divisors and switches WIDE on
+# (int64) when a value could pass int32 (attncc.runtime.intervals).
+_int_divisors = None  # no // or % by params or sizes
+
+
+def _int_reach(x):
+    """The largest magnitude a value of the kernels' integer arithmetic can reach at a call's numbers
+    (x: attncc.runtime.intervals.CallNumbers); past 2**31 - 1 the call runs WIDE, in int64."""
+    step0 = x.floordiv(x.add(-1, x.position, x.block), x.block)  # n_blocks = (BLOCK_N + N_K - 1) // BLOCK_N
+    step1 = x.position  # v1_x = k_offset
+    step2 = x.min(x.add(-1, x.param("sinks")), x.add(-1, x.position, x.position))  # v1_y = Min(sinks - 1, N_K + k_offset - 1)
+    step3 = x.select(x.floordiv(x.max(0, x.add(x.neg(x.position), step1)), x.block), step0)  # v1_lo = Piecewise((Max(0, _v1_x - k_offset) // BLOCK_N, _v1_on), (_n_blocks, True))
+    step4 = x.select(x.add(1, x.floordiv(x.max(0, x.add(x.neg(x.position), step2)), x.block)), step0)  # v1_hi = Piecewise((Max(0, _v1_y - k_offset) // BLOCK_N + 1, _v1_on), (_n_blocks, True))
+    step5 = x.max(x.position, x.add(1, x.position, x.neg(x.param("window"))))  # v2_x = Max(k_offset, q_lo - window + 1)
+    step6 = x.min(x.position, x.add(-1, x.position, x.position))  # v2_y = Min(q_hi, N_K + k_offset - 1)
+    step7 = x.select(x.floordiv(x.max(0, x.add(x.neg(x.position), step5)), x.block), step0)  # v2_lo = Piecewise((Max(0, _v2_x - k_offset) // BLOCK_N, _v2_on), (_n_blocks, True))
+    step8 = x.select(x.add(1, x.floordiv(x.max(0, x.add(x.neg(x.position), step6)), x.block)), step0)  # v2_hi = Piecewise((Max(0, _v2_y - k_offset) // BLOCK_N + 1, _v2_on), (_n_blocks, True))
+    step9 = x.select(step7, step3)  # s1_lo = Piecewise((_v2_lo, _v_swap), (_v1_lo, True))
+    step10 = x.select(step8, step4)  # s1_hi = Piecewise((_v2_hi, _v_swap), (_v1_hi, True))
+    step11 = x.select(step3, step7)  # s2_lo = Piecewise((_v1_lo, _v_swap), (_v2_lo, True))
+    step12 = x.select(step4, step8)  # s2_hi = Piecewise((_v1_hi, _v_swap), (_v2_hi, True))
+    step13 = x.select(x.max(step10, step12), step10)  # s1_end = Piecewise((Max(_s1_hi, _s2_hi), _v_join), (_s1_hi, True))
+    step14 = x.select(step0, step11)  # s2_start = Piecewise((_n_blocks, _v_join), (_s2_lo, True))
+    step15 = x.select(step0, step12)  # s2_end = Piecewise((_n_blocks, _v_join), (_s2_hi, True))
+    step16 = x.position  # f1_x = k_offset
+    step17 = x.min(x.add(-1, x.param("sinks")), x.add(-1, x.position, x.position))  # f1_y = Min(sinks - 1, N_K + k_offset - 1)
+    step18 = x.select(step16, x.add(x.position, x.position))  # f1_a = Piecewise((_f1_x, _f1_on), (N_K + k_offset, True))
+    step19 = x.select(step17, x.add(-1, x.position, x.position))  # f1_b = Piecewise((_f1_y, _f1_on), (N_K + k_offset - 1, True))
+    step20 = x.max(x.position, x.add(1, x.position, x.neg(x.param("window"))))  # f2_x = Max(k_offset, q_hi - window + 1)
+    step21 = x.min(x.position, x.add(-1, x.position, x.position))  # f2_y = Min(q_lo, N_K + k_offset - 1)
+    step22 = x.select(step20, x.add(x.position, x.position))  # f2_a = Piecewise((_f2_x, _f2_on), (N_K + k_offset, True))
+    step23 = x.select(step21, x.add(-1, x.position, x.position))  # f2_b = Piecewise((_f2_y, _f2_on), (N_K + k_offset - 1, True))
+    step24 = x.select(step22, step18)  # g1_a = Piecewise((_f2_a, _f_swap), (_f1_a, True))
+    step25 = x.select(step23, step19)  # g1_b = Piecewise((_f2_b, _f_swap), (_f1_b, True))
+    step26 = x.select(step18, step22)  # g2_a = Piecewise((_f1_a, _f_swap), (_f2_a, True))
+    step27 = x.select(step19, step23)  # g2_b = Piecewise((_f1_b, _f_swap), (_f2_b, True))
+    step28 = x.select(x.max(step25, step27), step25)  # g1_end = Piecewise((Max(_g1_b, _g2_b), _f_join), (_g1_b, True))
+    step29 = x.select(x.add(x.position, x.position), step26)  # g2_start = Piecewise((N_K + k_offset, _f_join), (_g2_a, True))
+    step30 = x.select(x.add(-1, x.position, x.position), step27)  # g2_end = Piecewise((N_K + k_offset - 1, _f_join), (_g2_b, True))
+    step31 = x.floordiv(x.add(-1, x.block, x.max(0, x.add(x.neg(x.position), step24))), x.block)  # h1_lo = (BLOCK_N + Max(0, _g1_a - k_offset) - 1) // BLOCK_N
+    step32 = x.floordiv(x.max(0, x.add(1, x.neg(x.position), step28)), x.block)  # h1_hi = Max(0, _g1_end - k_offset + 1) // BLOCK_N
+    step33 = x.select(step31, step0)  # h1_start = Piecewise((_h1_lo, _h1_hi > _h1_lo), (_n_blocks, True))
+    step34 = x.select(step32, step0)  # h1_stop = Piecewise((_h1_hi, _h1_hi > _h1_lo), (_n_blocks, True))
+    step35 = x.floordiv(x.add(-1, x.block, x.max(0, x.add(x.neg(x.position), step29))), x.block)  # h2_lo = (BLOCK_N + Max(0, _g2_start - k_offset) - 1) // BLOCK_N
+    step36 = x.floordiv(x.max(0, x.add(1, x.neg(x.position), step30)), x.block)  # h2_hi = Max(0, _g2_end - k_offset + 1) // BLOCK_N
+    step37 = x.select(step35, step0)  # h2_start = Piecewise((_h2_lo, _h2_hi > _h2_lo), (_n_blocks, True))
+    step38 = x.select(step36, step0)  # h2_stop = Piecewise((_h2_hi, _h2_hi > _h2_lo), (_n_blocks, True))
+    step39 = x.select(step37, step33)  # full1_lo = Piecewise((_h2_start, _h_swap), (_h1_start, True))
+    step40 = x.select(step38, step34)  # full1_hi = Piecewise((_h2_stop, _h_swap), (_h1_stop, True))
+    step41 = x.select(step33, step37)  # full2_lo = Piecewise((_h1_start, _h_swap), (_h2_start, True))
+    step42 = x.select(step34, step38)  # full2_hi = Piecewise((_h1_stop, _h_swap), (_h2_stop, True))
+    step43 = x.add(x.neg(step39), step40)  # n_full1 = _full1_hi - _full1_lo
+    step44 = x.add(x.neg(step41), step42, step43)  # n_full = _full2_hi - _full2_lo + _n_full1
+    step45 = step39  # f_base = _full1_lo
+    step46 = step43  # f_at2 = _n_full1
+    step47 = x.add(x.neg(step40), step41)  # f_jump2 = -_full1_hi + _full2_lo
+    step48 = x.max(0, step9)  # m1_start = Max(0, _s1_lo)
+    step49 = x.max(0, x.add(x.neg(step48), x.min(step39, step13)))  # m1_count = Max(0, -_m1_start + Min(_full1_lo, _s1_end))
+    step50 = x.max(step40, step9)  # m2_start = Max(_full1_hi, _s1_lo)
+    step51 = x.max(0, x.add(x.neg(step50), x.min(step41, step13)))  # m2_count = Max(0, -_m2_start + Min(_full2_lo, _s1_end))
+    step52 = x.max(step42, step9)  # m3_start = Max(_full2_hi, _s1_lo)
+    step53 = x.max(0, x.add(x.neg(step52), x.min(step0, step13)))  # m3_count = Max(0, -_m3_start + Min(_n_blocks, _s1_end))
+    step54 = x.max(0, step14)  # m4_start = Max(0, _s2_start)
+    step55 = x.max(0, x.add(x.neg(step54), x.min(step39, step15)))  # m4_count = Max(0, -_m4_start + Min(_full1_lo, _s2_end))
+    step56 = x.max(step40, step14)  # m5_start = Max(_full1_hi, _s2_start)
+    step57 = x.max(0, x.add(x.neg(step56), x.min(step41, step15)))  # m5_count = Max(0, -_m5_start + Min(_full2_lo, _s2_end))
+    step58 = x.max(step42, step14)  # m6_start = Max(_full2_hi, _s2_start)
+    step59 = x.max(0, x.add(x.neg(step58), x.min(step0, step15)))  # m6_count = Max(0, -_m6_start + Min(_n_blocks, _s2_end))
+    step60 = x.add(step49, step51, step53, step55, step57, step59)  # n_masked = _m1_count + _m2_count + _m3_count + _m4_count + _m5_count + _m6_count
+    step61 = step48  # m_base = _m1_start
+    step62 = step49  # m_at2 = _m1_count
+    step63 = x.add(x.neg(step49), x.neg(step48), step50)  # m_jump2 = -_m1_count - _m1_start + _m2_start
+    step64 = x.add(step49, step51)  # m_at3 = _m1_count + _m2_count
+    step65 = x.add(x.neg(step51), x.neg(step50), step52)  # m_jump3 = -_m2_count - _m2_start + _m3_start
+    step66 = x.add(step49, step51, step53)  # m_at4 = _m1_count + _m2_count + _m3_count
+    step67 = x.add(x.neg(step53), x.neg(step52), step54)  # m_jump4 = -_m3_count - _m3_start + _m4_start
+    step68 = x.add(step49, step51, step53, step55)  # m_at5 = _m1_count + _m2_count + _m3_count + _m4_count
+    step69 = x.add(x.neg(step55), x.neg(step54), step56)  # m_jump5 = -_m4_count - _m4_start + _m5_start
+    step70 = x.add(step49, step51, step53, step55, step57)  # m_at6 = _m1_count + _m2_count + _m3_count + _m4_count + _m5_count
+    step71 = x.add(x.neg(step57), x.neg(step56), step58)  # m_jump6 = -_m5_count - _m5_start + _m6_start
+    step72 = x.min(x.position, x.add(-1, x.param("sinks")))  # rows_hi = Min(q_hi, sinks - 1)
+    step73 = x.max(x.position, x.add(1, step72))  # free_lo = Max(q_lo, _rows_hi + 1)
+    step74 = x.select(x.position, x.max(x.position, x.position))  # v_x = Piecewise((k_offset, _some_rows), (Max(k_offset, q_lo), True))
+    step75 = x.select(x.add(-1, x.position, x.position), x.min(x.add(-1, x.position, x.position), x.add(-1, x.param("window"), x.position)))  # v_y = Piecewise((N_K + k_offset - 1, _some_rows), (Min(N_K + k_offset - 1, q_hi + window - 1), True))
+    step76 = x.select(x.floordiv(x.max(0, x.add(x.neg(x.position), step74)), x.block), 0)  # lo = Piecewise((Max(0, _v_x - k_offset) // BLOCK_N, _v_on), (0, True))
+    step77 = x.select(x.add(1, x.floordiv(x.max(0, x.add(x.neg(x.position), step75)), x.block)), 0)  # hi = Piecewise((Max(0, _v_y - k_offset) // BLOCK_N + 1, _v_on), (0, True))
+    step78 = x.select(x.position, x.max(x.position, x.position))  # f_x = Piecewise((k_offset, _free_lo > q_hi), (Max(k_offset, q_hi), True))
+    step79 = x.select(x.add(-1, x.position, x.position), x.min(x.add(-1, x.param("window"), step73), x.add(-1, x.position, x.position)))  # f_y = Piecewise((N_K + k_offset - 1, _free_lo > q_hi), (Min(_free_lo + window - 1, N_K + k_offset - 1), True))
+    step80 = x.select(x.min(step77, x.max(step76, x.floordiv(x.add(-1, x.block, x.max(0, x.add(x.neg(x.position), step78))), x.block))), step76)  # full_lo = Piecewise((Min(_hi, Max(_lo, (BLOCK_N + Max(0, _f_x - k_offset) - 1) // BLOCK_N)), _f_on), (_lo, True))
+    step81 = x.max(step80, x.select(x.min(step77, x.floordiv(x.max(0, x.add(1, x.neg(x.position), step79)), x.block)), step80))  # full_hi = Max(_full_lo, Piecewise((Min(_hi, Max(0, _f_y - k_offset + 1) // BLOCK_N), _f_on), (_full_lo, True)))
+    return x.reach(
+        x.add(1, step25),  # _g1_b + 1
+        x.add(x.i, x.neg(x.j)),  # i - j
+        step0,  # n_blocks, a step
+        step1,  # v1_x, a step
+        step2,  # v1_y, a step
+        step3,  # v1_lo, a step
+        step4,  # v1_hi, a step
+        step5,  # v2_x, a step
+        step6,  # v2_y, a step
+        step7,  # v2_lo, a step
+        step8,  # v2_hi, a step
+        step9,  # s1_lo, a step
+        step10,  # s1_hi, a step
+        step11,  # s2_lo, a step
+        step12,  # s2_hi, a step
+        step13,  # s1_end, a step
+        step14,  # s2_start, a step
+        step15,  # s2_end, a step
+        step16,  # f1_x, a step
+        step17,  # f1_y, a step
+        step18,  # f1_a, a step
+        step19,  # f1_b, a step
+        step20,  # f2_x, a step
+        step21,  # f2_y, a step
+        step22,  # f2_a, a step
+        step23,  # f2_b, a step
+        step24,  # g1_a, a step
+        step25,  # g1_b, a step
+        step26,  # g2_a, a step
+        step27,  # g2_b, a step
+        step28,  # g1_end, a step
+        step29,  # g2_start, a step
+        step30,  # g2_end, a step
+        step31,  # h1_lo, a step
+        step32,  # h1_hi, a step
+        step33,  # h1_start, a step
+        step34,  # h1_stop, a step
+        step35,  # h2_lo, a step
+        step36,  # h2_hi, a step
+        step37,  # h2_start, a step
+        step38,  # h2_stop, a step
+        step39,  # full1_lo, a step
+        step40,  # full1_hi, a step
+        step41,  # full2_lo, a step
+        step42,  # full2_hi, a step
+        step43,  # n_full1, a step
+        step44,  # n_full, a step
+        step45,  # f_base, a step
+        step46,  # f_at2, a step
+        step47,  # f_jump2, a step
+        step48,  # m1_start, a step
+        step49,  # m1_count, a step
+        step50,  # m2_start, a step
+        step51,  # m2_count, a step
+        step52,  # m3_start, a step
+        step53,  # m3_count, a step
+        step54,  # m4_start, a step
+        step55,  # m4_count, a step
+        step56,  # m5_start, a step
+        step57,  # m5_count, a step
+        step58,  # m6_start, a step
+        step59,  # m6_count, a step
+        step60,  # n_masked, a step
+        step61,  # m_base, a step
+        step62,  # m_at2, a step
+        step63,  # m_jump2, a step
+        step64,  # m_at3, a step
+        step65,  # m_jump3, a step
+        step66,  # m_at4, a step
+        step67,  # m_jump4, a step
+        step68,  # m_at5, a step
+        step69,  # m_jump5, a step
+        step70,  # m_at6, a step
+        step71,  # m_jump6, a step
+        step72,  # rows_hi, a step
+        step73,  # free_lo, a step
+        step74,  # v_x, a step
+        step75,  # v_y, a step
+        step76,  # lo, a step
+        step77,  # hi, a step
+        step78,  # f_x, a step
+        step79,  # f_y, a step
+        step80,  # full_lo, a step
+        step81,  # full_hi, a step
+    )
+
+
 SPEC = _rt.SpecInfo(
     name="sink_window",
     source="specs/sink_window.toml",
@@ -48,6 +227,8 @@ SPEC = _rt.SpecInfo(
     dropout=0.0,
     rope=False,
     tile_hint="default",
+    int_reach=_int_reach,
+    int_divisors=_int_divisors,
 )
 
 
@@ -100,10 +281,13 @@ def _fwd_kernel(Q, K, V, O, LSE,
     h = bh % H
     hk = h // GROUP
     if WIDE:  # positions may pass 2**31 - 1 (the host decides from the call's numbers): int64 from here
-        q_offset = q_offset.to(tl.int64)
-        k_offset = k_offset.to(tl.int64)
-        n_q = n_q.to(tl.int64)
-        n_k = n_k.to(tl.int64)
+        q_offset = tl.cast(q_offset, tl.int64)
+        k_offset = tl.cast(k_offset, tl.int64)
+        n_q = tl.cast(n_q, tl.int64)
+        n_k = tl.cast(n_k, tl.int64)
+        prm_sinks = tl.cast(prm_sinks, tl.int64)  # an int param, as the positions
+        prm_window = tl.cast(prm_window, tl.int64)  # an int param, as the positions
+        H = tl.cast(H, tl.int64)
     if VARLEN:
         # Packed sequences ([1, H, total, D]): b is the sequence, its rows start at CU_Q[b] / CU_K[b];
         # positions restart at 0 (q_offset = k_offset = 0) and n_q, n_k are its own lengths.
@@ -277,10 +461,13 @@ def _exact_tiles_kernel(CODES, N_KB, Nq, Nk, H, q_offset, k_offset, n_q, n_k, CU
     b = bh // H
     h = bh % H
     if WIDE:  # positions past 2**31 - 1: see _fwd_kernel
-        q_offset = q_offset.to(tl.int64)
-        k_offset = k_offset.to(tl.int64)
-        n_q = n_q.to(tl.int64)
-        n_k = n_k.to(tl.int64)
+        q_offset = tl.cast(q_offset, tl.int64)
+        k_offset = tl.cast(k_offset, tl.int64)
+        n_q = tl.cast(n_q, tl.int64)
+        n_k = tl.cast(n_k, tl.int64)
+        prm_sinks = tl.cast(prm_sinks, tl.int64)  # an int param, as the positions
+        prm_window = tl.cast(prm_window, tl.int64)  # an int param, as the positions
+        H = tl.cast(H, tl.int64)
     if VARLEN:  # b is the sequence of a packed batch: its own lengths, positions from 0
         q_start = tl.load(CU_Q + b)
         k_start = tl.load(CU_K + b)
@@ -386,9 +573,12 @@ def _bwd_preprocess(O, DO, LSE, DLSE, DELTA, LSE2,
     b = bh // H
     h = bh % H
     if WIDE:
-        q_offset = q_offset.to(tl.int64)
-        n_q = n_q.to(tl.int64)
-        n_k = n_k.to(tl.int64)
+        q_offset = tl.cast(q_offset, tl.int64)
+        n_q = tl.cast(n_q, tl.int64)
+        n_k = tl.cast(n_k, tl.int64)
+        prm_sinks = tl.cast(prm_sinks, tl.int64)  # an int param, as the positions
+        prm_window = tl.cast(prm_window, tl.int64)  # an int param, as the positions
+        H = tl.cast(H, tl.int64)
     if VARLEN:  # b is the sequence of a packed batch (see _fwd_kernel)
         q_start = tl.load(CU_Q + b).to(tl.int64)
         Nq = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
@@ -476,10 +666,13 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
     b = bhk // H_KV
     hk = bhk % H_KV
     if WIDE:  # positions past 2**31 - 1: see _fwd_kernel
-        q_offset = q_offset.to(tl.int64)
-        k_offset = k_offset.to(tl.int64)
-        n_q = n_q.to(tl.int64)
-        n_k = n_k.to(tl.int64)
+        q_offset = tl.cast(q_offset, tl.int64)
+        k_offset = tl.cast(k_offset, tl.int64)
+        n_q = tl.cast(n_q, tl.int64)
+        n_k = tl.cast(n_k, tl.int64)
+        prm_sinks = tl.cast(prm_sinks, tl.int64)  # an int param, as the positions
+        prm_window = tl.cast(prm_window, tl.int64)  # an int param, as the positions
+        H = tl.cast(H, tl.int64)
     if VARLEN:  # b is the sequence of a packed batch (see _fwd_kernel)
         q_start = tl.load(CU_Q + b).to(tl.int64)
         k_start = tl.load(CU_K + b).to(tl.int64)
@@ -626,10 +819,13 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
     h = bh % H
     hk = h // GROUP
     if WIDE:  # positions past 2**31 - 1: see _fwd_kernel
-        q_offset = q_offset.to(tl.int64)
-        k_offset = k_offset.to(tl.int64)
-        n_q = n_q.to(tl.int64)
-        n_k = n_k.to(tl.int64)
+        q_offset = tl.cast(q_offset, tl.int64)
+        k_offset = tl.cast(k_offset, tl.int64)
+        n_q = tl.cast(n_q, tl.int64)
+        n_k = tl.cast(n_k, tl.int64)
+        prm_sinks = tl.cast(prm_sinks, tl.int64)  # an int param, as the positions
+        prm_window = tl.cast(prm_window, tl.int64)  # an int param, as the positions
+        H = tl.cast(H, tl.int64)
     if VARLEN:  # b is the sequence of a packed batch (see _fwd_kernel)
         q_start = tl.load(CU_Q + b).to(tl.int64)
         k_start = tl.load(CU_K + b).to(tl.int64)
@@ -978,6 +1174,9 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
     Nk = tl.minimum(tl.maximum(tl.load(KV_LEN + b * stride_kvl), 0), CAPACITY)
     if WIDE:
         Nk = Nk.to(tl.int64)
+        prm_sinks = tl.cast(prm_sinks, tl.int64)  # an int param, as the positions
+        prm_window = tl.cast(prm_window, tl.int64)  # an int param, as the positions
+        H = tl.cast(H, tl.int64)
     else:
         Nk = Nk.to(tl.int32)
     n_q = Nk

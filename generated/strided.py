@@ -23,6 +23,24 @@ import triton.language as tl
 
 import attncc.runtime as _rt
 
+
+# Integer arithmetic of the kernels below: the host checks its divisors and switches WIDE on
+# (int64) when a value could pass int32 (attncc.runtime.intervals).
+def _int_divisors(x):
+    """Divisors of // and % made of params and sizes only: 0 raises ValueError (a kernel cannot)."""
+    x.nonzero(x.param("stride"), "stride", "j % stride")
+
+
+def _int_reach(x):
+    """The largest magnitude a value of the kernels' integer arithmetic can reach at a call's numbers
+    (x: attncc.runtime.intervals.CallNumbers); past 2**31 - 1 the call runs WIDE, in int64."""
+    return x.reach(
+        x.add(-1, x.param("stride")),  # stride - 1
+        x.add(x.i, x.neg(x.j)),  # i - j
+        x.floormod(x.j, x.param("stride")),  # j % stride
+    )
+
+
 SPEC = _rt.SpecInfo(
     name="strided",
     source="specs/strided.toml",
@@ -39,6 +57,8 @@ SPEC = _rt.SpecInfo(
     dropout=0.0,
     rope=False,
     tile_hint="default",
+    int_reach=_int_reach,
+    int_divisors=_int_divisors,
 )
 
 
@@ -97,10 +117,12 @@ def _fwd_kernel(Q, K, V, O, LSE,
     h = bh % H
     hk = h // GROUP
     if WIDE:  # positions may pass 2**31 - 1 (the host decides from the call's numbers): int64 from here
-        q_offset = q_offset.to(tl.int64)
-        k_offset = k_offset.to(tl.int64)
-        n_q = n_q.to(tl.int64)
-        n_k = n_k.to(tl.int64)
+        q_offset = tl.cast(q_offset, tl.int64)
+        k_offset = tl.cast(k_offset, tl.int64)
+        n_q = tl.cast(n_q, tl.int64)
+        n_k = tl.cast(n_k, tl.int64)
+        prm_stride = tl.cast(prm_stride, tl.int64)  # an int param, as the positions
+        H = tl.cast(H, tl.int64)
     if VARLEN:
         # Packed sequences ([1, H, total, D]): b is the sequence, its rows start at CU_Q[b] / CU_K[b];
         # positions restart at 0 (q_offset = k_offset = 0) and n_q, n_k are its own lengths.
@@ -179,10 +201,12 @@ def _exact_tiles_kernel(CODES, N_KB, Nq, Nk, H, q_offset, k_offset, n_q, n_k, CU
     b = bh // H
     h = bh % H
     if WIDE:  # positions past 2**31 - 1: see _fwd_kernel
-        q_offset = q_offset.to(tl.int64)
-        k_offset = k_offset.to(tl.int64)
-        n_q = n_q.to(tl.int64)
-        n_k = n_k.to(tl.int64)
+        q_offset = tl.cast(q_offset, tl.int64)
+        k_offset = tl.cast(k_offset, tl.int64)
+        n_q = tl.cast(n_q, tl.int64)
+        n_k = tl.cast(n_k, tl.int64)
+        prm_stride = tl.cast(prm_stride, tl.int64)  # an int param, as the positions
+        H = tl.cast(H, tl.int64)
     if VARLEN:  # b is the sequence of a packed batch: its own lengths, positions from 0
         q_start = tl.load(CU_Q + b)
         k_start = tl.load(CU_K + b)
@@ -279,9 +303,11 @@ def _bwd_preprocess(O, DO, LSE, DLSE, DELTA, LSE2,
     b = bh // H
     h = bh % H
     if WIDE:
-        q_offset = q_offset.to(tl.int64)
-        n_q = n_q.to(tl.int64)
-        n_k = n_k.to(tl.int64)
+        q_offset = tl.cast(q_offset, tl.int64)
+        n_q = tl.cast(n_q, tl.int64)
+        n_k = tl.cast(n_k, tl.int64)
+        prm_stride = tl.cast(prm_stride, tl.int64)  # an int param, as the positions
+        H = tl.cast(H, tl.int64)
     if VARLEN:  # b is the sequence of a packed batch (see _fwd_kernel)
         q_start = tl.load(CU_Q + b).to(tl.int64)
         Nq = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
@@ -369,10 +395,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
     b = bhk // H_KV
     hk = bhk % H_KV
     if WIDE:  # positions past 2**31 - 1: see _fwd_kernel
-        q_offset = q_offset.to(tl.int64)
-        k_offset = k_offset.to(tl.int64)
-        n_q = n_q.to(tl.int64)
-        n_k = n_k.to(tl.int64)
+        q_offset = tl.cast(q_offset, tl.int64)
+        k_offset = tl.cast(k_offset, tl.int64)
+        n_q = tl.cast(n_q, tl.int64)
+        n_k = tl.cast(n_k, tl.int64)
+        prm_stride = tl.cast(prm_stride, tl.int64)  # an int param, as the positions
+        H = tl.cast(H, tl.int64)
     if VARLEN:  # b is the sequence of a packed batch (see _fwd_kernel)
         q_start = tl.load(CU_Q + b).to(tl.int64)
         k_start = tl.load(CU_K + b).to(tl.int64)
@@ -489,10 +517,12 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
     h = bh % H
     hk = h // GROUP
     if WIDE:  # positions past 2**31 - 1: see _fwd_kernel
-        q_offset = q_offset.to(tl.int64)
-        k_offset = k_offset.to(tl.int64)
-        n_q = n_q.to(tl.int64)
-        n_k = n_k.to(tl.int64)
+        q_offset = tl.cast(q_offset, tl.int64)
+        k_offset = tl.cast(k_offset, tl.int64)
+        n_q = tl.cast(n_q, tl.int64)
+        n_k = tl.cast(n_k, tl.int64)
+        prm_stride = tl.cast(prm_stride, tl.int64)  # an int param, as the positions
+        H = tl.cast(H, tl.int64)
     if VARLEN:  # b is the sequence of a packed batch (see _fwd_kernel)
         q_start = tl.load(CU_Q + b).to(tl.int64)
         k_start = tl.load(CU_K + b).to(tl.int64)
@@ -742,6 +772,8 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
     Nk = tl.minimum(tl.maximum(tl.load(KV_LEN + b * stride_kvl), 0), CAPACITY)
     if WIDE:
         Nk = Nk.to(tl.int64)
+        prm_stride = tl.cast(prm_stride, tl.int64)  # an int param, as the positions
+        H = tl.cast(H, tl.int64)
     else:
         Nk = Nk.to(tl.int32)
     n_q = Nk

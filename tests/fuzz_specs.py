@@ -84,7 +84,7 @@ KNOWN_BUG_TAGS = {
     "half_query_table": "a bf16/fp16 table in a query-only score term breaks the backward",
     "float_mask": "float arithmetic in masks disagrees with the reference",
 }
-# Bugs this fuzzer found beyond issue 15 (each has an xfail test in tests/test_fuzz_regressions.py).
+# Bugs this fuzzer found beyond issue 15 (each has a test in tests/test_fuzz_regressions.py; all fixed).
 FOUND_BUG_TAGS = {
     "table_dtype": "float input values enter the score arithmetic in their own dtype: fp16 products lose "
                    "digits and overflow past 65504 (NaN), bf16 ones crash the interpreter (get_bf16), float64 "
@@ -371,7 +371,8 @@ def _mask_leaf(pool: _Pool) -> Atom:
     rng = pool.rng
     kind = rng.choice(("causal", "causal", "window", "window", "chunk", "modulo", "global", "prefix",
                        "bottom_right", "head", "batch", "doc", "len", "flag", "float_table", "random_blocks",
-                       "float_bound", "power", "lookalike", "minmax", "input_divmod", "sinks", "grid2d"))
+                       "float_bound", "power", "lookalike", "minmax", "input_divmod", "int_product", "sinks",
+                       "grid2d"))
     if kind in ("input_divmod", "random_blocks", "float_bound") and rng.random() < 0.5:
         kind = "causal"  # rarer clauses
     if kind == "causal":
@@ -448,6 +449,10 @@ def _mask_leaf(pool: _Pool) -> Atom:
     if kind == "float_bound":
         c = pool.float_param("thresh")
         return Atom(rng.choice((f"i - j < {c}", f"abs(i - j) * 0.5 <= {c}")), frozenset({"float_mask"}))
+    if kind == "int_product":  # integer arithmetic past int32 far into a sequence (the host's WIDE guard)
+        c = rng.choice((3, 5, 7))
+        return Atom(rng.choice((f"(i * j) % {c} != 0 or i == j", f"((i + j) // 2) % {c} != 1",
+                                f"(i * 3 + j * 100000) % {c} != 0 or j == 0")))
     if kind == "input_divmod":  # hashes, ids: int32 values of any size
         d = pool.int_input(("b", "n"), "big")
         c = rng.choice(DIVISORS)
@@ -464,7 +469,7 @@ def _mask_leaf(pool: _Pool) -> Atom:
     w, _ = pool.int_operand("win")
     if kind == "minmax":
         return Atom(rng.choice((f"j >= max(i - {w}, 0)", f"j <= min(i + {w}, n_k - 1)", f"min(i, j) + {w} >= max(i, j)")))
-    return Atom(f"(i - j) ** 2 <= {w} ** 2")  # power
+    return Atom(rng.choice((f"(i - j) ** 2 <= {w} ** 2", f"(j - i) ** 5 >= -{w} ** 5")))  # power
 
 
 def _random_mask(pool: _Pool) -> Mask:
@@ -517,7 +522,7 @@ def _bias_term(pool: _Pool) -> Atom:
         return Atom(f"{x}[h] * (j - i)", LINEAR_POS)
     if kind == "linear":
         c = pool.float_param("coef") if rng.random() < 0.5 else "0.05"
-        text = rng.choice((f"{c} * (i - j)", f"{c} * (n_k - j)", f"{c} * abs(i - j)"))
+        text = rng.choice((f"{c} * (i - j)", f"{c} * (n_k - j)", f"{c} * abs(i - j)", f"{c} * j"))
         return Atom(text, LINEAR_POS if "abs" not in text else frozenset())
     if kind == "log":
         text = rng.choice(("log(1 + abs(i - j))", "0.1 * sqrt(abs(i - j) + 1)", "tanh(0.1 * (i - j))"))

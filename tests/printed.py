@@ -28,7 +28,7 @@ _COUNTER = itertools.count()
 
 
 def kernel_source(exprs: Sequence, params: Sequence[Param], float64: bool) -> str:
-    hoist = Hoister(scalar_prefix="mc", row_prefix="mrow") if float64 else Hoister()
+    hoist = Hoister(scalar_prefix="mc", row_prefix="mrow", float32=False) if float64 else Hoister()
     hoisted = [hoist(e) for e in exprs]
     base = {S.i: "offs_i", S.j: "offs_j", S.b: "b", S.h: "h", S.n_q: "n_q", S.n_k: "n_k", S.n_heads: "H"}
     base.update({p.symbol: param_value(p, float64) for p in params})

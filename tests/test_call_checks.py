@@ -1,6 +1,7 @@
 """Bad calls get a clear error before any launch: what was expected and what came."""
 from __future__ import annotations
 
+import numpy
 import pytest
 import torch
 
@@ -42,9 +43,19 @@ def test_unknown_keyword_names_the_known_ones():
         module("sliding_window").attention(*qkv(), windw=3)
 
 
-def test_param_type():
+@pytest.mark.parametrize("bad", [2.5, 3.0, True, numpy.bool_(True), torch.tensor(3.0), torch.tensor(True),
+                                 torch.tensor([3, 4]), "3"])
+def test_param_type(bad):
     with pytest.raises(TypeError, match="window must be an int"):
-        module("sliding_window").attention(*qkv(), window=2.5)
+        module("sliding_window").attention(*qkv(), window=bad)
+
+
+@pytest.mark.parametrize("same", [numpy.int64(3), numpy.int32(3), torch.tensor(3), torch.tensor([3], dtype=torch.int16)])
+def test_int_param_of_other_integer_types(same):
+    """numpy's integers and one-element integer tensors are ints (a config file's values often are)."""
+    m = module("sliding_window")
+    q, k, v = qkv()
+    assert torch.equal(m.attention(q, k, v, window=same), m.attention(q, k, v, window=3))
 
 
 def test_missing_input():

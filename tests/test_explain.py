@@ -137,11 +137,12 @@ def test_explain_of_a_closed_form_imports_no_torch():
 def test_score_section_names_bias_softcap_mod_and_what_the_kernels_do(tmp_path):
     d = _json([SPECS / "alibi.toml", "--n", "256", "--head-dim", "64"])["score"]
     assert d["bias"] == "(-i + j)*AlibiSlope(h, n_heads)" and d["scale"] == pytest.approx(0.125) and d["scale_default"]
-    assert d["dropped"] == ["-i*AlibiSlope(h, n_heads)"]  # constant along j: the LSE only
-    assert d["hoisted_per_program"] == ["c0 = AlibiSlope(h, n_heads)"] and d["loop_bias"] == "c0*j"
+    # the distance stays whole in the key loop (c0 * j and a dropped c0 * i lose digits at large i)
+    assert d["dropped"] == []
+    assert d["hoisted_per_program"] == ["c0 = AlibiSlope(h, n_heads)"] and d["loop_bias"] == "c0*float(-i + j)"
     text = _explain([SPECS / "alibi.toml", "--n", "256"])
-    for want in ("  score       scale = ", "    bias      (-i + j)*AlibiSlope(h, n_heads)", "    dropped   -i*AlibiSlope",
-                 "    hoisted   c0 = AlibiSlope(h, n_heads)  (once per program)", "    key loop  s = scale*qk + c0*j"):
+    for want in ("  score       scale = ", "    bias      (-i + j)*AlibiSlope(h, n_heads)",
+                 "    hoisted   c0 = AlibiSlope(h, n_heads)  (once per program)", "    key loop  s = scale*qk + c0*float(-i + j)"):
         assert want in text, text
 
     d = _json([SPECS / "softcap.toml", "--n", "256"])["score"]
@@ -156,7 +157,7 @@ def test_score_section_names_bias_softcap_mod_and_what_the_kernels_do(tmp_path):
     assert d["conditions"] == [{"where": "s > -0.5", "on_score": True}]
     assert d["bias"] == "0.5*i - 0.5*j" and d["softcap"] == 2.0 and d["scale"] == 0.5 and not d["scale_default"]
     assert d["dropped"] == []  # with a mod and a softcap the bias stays whole in the key loop
-    assert d["key_loop"] == ["s = scale*qk + 0.5*i - 0.5*j", "s = where(s > -0.5, 1.5*s, -inf)",
+    assert d["key_loop"] == ["s = scale*qk + 0.5*float(i - j)", "s = where(s > -0.5, 1.5*s, -inf)",
                              "s = 2.0*tanh(s/2.0)  (a removed pair stays -inf)"]
     text = _explain([spec, "--n", "64"])
     for want in ("    bias      0.5*i - 0.5*j", "    mod       where(s > -0.5, 1.5*s, -inf)", "    softcap   2.0",

@@ -44,12 +44,32 @@ def split_mod_along_j(mod) -> Tuple[sympy.Expr, Optional[sympy.Expr]]:
     """(the part of ``mod`` the key loop computes, the terms constant along j or None).
 
     Only terms of the top-level sum that are free of ``s`` and ``j`` are split off (no
-    expansion: ``(s + tan(b)) * 2`` stays whole)."""
-    terms = sympy.Add.make_args(mod)
-    const = [t for t in terms if not ({S.s, S.j} & t.free_symbols)]
+    expansion: ``(s + tan(b)) * 2`` stays whole), after its integer terms are added up
+    (``s + 0.1*i - 0.1*j`` is ``s + 0.1 * (i - j)``, one term along j: codegen.integer), and a
+    term linear in j is computed from the distance (``0.1 * j``: ``0.1 * (j - i)`` in the loop,
+    ``0.1 * i`` constant along j; codegen.integer.recentered). A term
+    holding an infinity or NaN stays in the loop: ``-inf`` removes pairs there, which no shift of
+    the LSE does (a transform that is ``-inf`` everywhere leaves each row without keys)."""
+    from attncc.codegen.integer import integer_sums, recentered  # sympy only
+
+    loop, const = [], []
+    for t in sympy.Add.make_args(integer_sums(mod)):
+        moved = None if S.s in t.free_symbols or _non_finite(t) else recentered(t)
+        if moved is not None:  # c * j: c * (j - i) in the loop, c * i constant along j
+            loop.append(moved[0])
+            const.append(moved[1])
+        elif {S.s, S.j} & t.free_symbols or _non_finite(t):
+            loop.append(t)
+        else:
+            const.append(t)
     if not const:
         return mod, None
-    return sympy.Add(*[t for t in terms if t not in const]), sympy.Add(*const)
+    return sympy.Add(*loop), sympy.Add(*const)
+
+
+def _non_finite(e) -> bool:
+    """Whether ``e`` holds an infinity or NaN (``where(i < 5, 0, -inf)``, ``-inf``)."""
+    return e.has(sympy.oo, -sympy.oo, sympy.zoo, sympy.nan)
 
 
 class _SpecPrinter(StrPrinter):

@@ -11,6 +11,7 @@ import jinja2
 
 import attncc
 from attncc._resources import templates_dir
+from attncc.codegen.names import param_var
 from attncc.codegen.text import escaped, py_str
 from attncc.spec import Pattern, SpecError, load_spec
 
@@ -60,16 +61,24 @@ def render(pattern: Pattern) -> str:
         return env.get_template("linear.py.j2").render(**common, **linear_context(pattern))
     from attncc.analysis import analyze
     from attncc.codegen.backward import backward_context
+    from attncc.codegen.bounds import arithmetic_functions, check_divisors
     from attncc.codegen.decode import decode_context
+    from attncc.codegen.printer import printed_integers
     from attncc.codegen.softmax import softmax_context
 
     from attncc.analysis.score import canonical_score
 
     pattern = canonical_score(pattern)  # mod = "c * tanh(s / c)" renders as the built-in softcap
+    check_divisors(pattern)
     plan = analyze(pattern)
-    ctx = softmax_context(pattern, plan)
-    return env.get_template("softmax.py.j2").render(**common, **ctx, backward=backward_context(pattern, plan, ctx),
-                                                    decode=decode_context(pattern, plan, ctx))
+    with printed_integers() as printed:  # the integer arithmetic of every kernel, for the host's guard
+        ctx = softmax_context(pattern, plan)
+        backward = backward_context(pattern, plan, ctx)
+        decode = decode_context(pattern, plan, ctx)
+    return env.get_template("softmax.py.j2").render(**common, **ctx, backward=backward, decode=decode,
+                                                    int_arithmetic=arithmetic_functions(pattern, printed),
+                                                    wide_params=[param_var(p.name) for p in pattern.params
+                                                                 if p.kind == "int"])
 
 
 def _targets(specs: Iterable, out_dir) -> List[tuple]:

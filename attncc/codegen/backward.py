@@ -33,7 +33,7 @@ from attncc.codegen.helpers import render_helper
 from attncc.codegen.hoist import Hoister, split_along_j
 from attncc.codegen.names import grad_args, grad_ptr, grad_stride, input_size, param_arg, param_value, param_var
 from attncc.codegen.printer import TritonPrinter
-from attncc.codegen.softmax import _Inputs, mask_hoister  # gathers and mask code as the forward's
+from attncc.codegen.softmax import _Inputs, mask_hoister, mod_text  # gathers and mask code as the forward's
 from attncc.codegen.walks import render_walk
 from attncc.spec import symbols as S
 from attncc.spec.builtins import RandomBlocks
@@ -167,7 +167,7 @@ def _score(pattern: Pattern, k: _Kernel, *, bias_j, simple_bias: bool, dmod, kee
         lines.append("s = qk * sm_scale" + (f" + {tile(bias)}" if bias is not None else ""))
         if mod is not None:
             lines.append("s_in = s")
-            lines.append(f"s = {tile(mod)}")
+            lines.append(f"s = {mod_text(tile, mod)}")
         if pattern.softcap is not None:
             tile.helpers.add("_tanh")
             lines.append(f"tanh_s = _tanh(s * {1.0 / pattern.softcap!r}, FAST_MATH)")

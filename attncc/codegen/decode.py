@@ -73,6 +73,8 @@ def decode_context(pattern: Pattern, plan, ctx: dict) -> dict:
     row_defs = [(sym.name, row(e)) for sym, e in rows] + [(sym.name, mask_row(e)) for sym, e in mrows]
     scalars, rows = scalars + mscalars, rows + mrows
     lse_row_bias = row(lse_row) if lse_row is not None else None
+    if lse_row_bias is not None:
+        row.helpers.add("_row_term_o")
 
     used_inputs = sorted({type(a).__name__ for e in (pattern.mask, pattern.bias, pattern.mod) if e is not None
                           for a in e.atoms(AppliedUndef)})

@@ -15,6 +15,23 @@ def _floormod(a, b):
     r = a % b
     return tl.where((r != 0) & ((r < 0) != (b < 0)), r + b, r)'''
 
+IPOW = '''@triton.jit
+def _ipow(x, K: tl.constexpr):
+    """x ** K of an integer x (K > 0 a constant): K exact products, as the reference's integer power."""
+    out = x
+    for _ in tl.static_range(K - 1):
+        out = out * x
+    return out'''
+
+ROW_TERM_O = '''@triton.jit
+def _row_term_o(o, l_i, row_bias):
+    """o of rows whose every score also holds row_bias, the terms the key loop leaves to the LSE (a
+    finite one cancels in the softmax): -inf removes every pair of its row (o = 0), +inf or NaN makes
+    the row NaN, as the scores holding it would; a row without an allowed key stays o = 0."""
+    finite = tl.abs(row_bias) < float("inf")  # False for NaN
+    removed = tl.where(row_bias == float("-inf"), 0.0, float("nan"))
+    return tl.where((finite | (l_i == 0.0))[:, None], o, removed[:, None])'''
+
 SHIFT = '''@triton.jit
 def _shift(x, n):
     """floor(x * 2**n): x << n, and x >> -n for a negative n (flooring, as Python's), in int64;
@@ -130,25 +147,25 @@ def _rope_partner(cols, ROTARY_DIM: tl.constexpr):
 
 @triton.jit
 def _rope(x, x_partner, pos, cols, ROTARY_DIM: tl.constexpr):
-    """Rotate rows of x at positions pos by theta^(-2m/ROTARY_DIM) per column pair m."""
-    if pos.dtype == tl.int64:
-        # positions past 2**31 (WIDE calls): a float32 angle would be off by radians there
-        inv_freq = tl.exp2(-(2.0 * ({freq}).to(tl.float64) / ROTARY_DIM) * ROPE_LOG2_THETA)
-        angle = pos[:, None].to(tl.float64) * inv_freq[None, :]
-        cos = tl.cos(angle).to(tl.float32)
-        sin = tl.sin(angle).to(tl.float32)
-    else:
-        inv_freq = tl.exp2(-(2.0 * ({freq}).to(tl.float32) / ROTARY_DIM) * ROPE_LOG2_THETA)
-        angle = pos[:, None].to(tl.float32) * inv_freq[None, :]
-        cos = tl.cos(angle)
-        sin = tl.sin(angle)
+    """Rotate rows of x at positions pos by theta^(-2m/ROTARY_DIM) per column pair m.
+
+    The angle pos * inv_freq is a float64 product (in float32 it is off by ~0.06 rad at position
+    1e6), reduced to [-pi, pi] in float64 (2 pi in two parts, the first product exact in an fma);
+    sin and cos of the reduced angle are float32."""
+    inv_freq = tl.exp2(-(2.0 * ({freq}).to(tl.float64) / ROTARY_DIM) * ROPE_LOG2_THETA)
+    angle = pos[:, None].to(tl.float64) * inv_freq[None, :]
+    turns = tl.floor(angle * 0.15915494309189535 + 0.5)
+    angle = tl.fma(turns, -6.283185307179586, angle) - turns * 2.4492935982947064e-16
+    cos = tl.cos(angle.to(tl.float32))
+    sin = tl.sin(angle.to(tl.float32))
     sign = {sign}
     xf = x.to(tl.float32)
     rotated = xf * cos + sign[None, :] * x_partner.to(tl.float32) * sin
     return tl.where(cols[None, :] < ROTARY_DIM, rotated, xf).to(x.dtype)'''
 
 
-FIXED = {"_floordiv": FLOORDIV, "_floormod": FLOORMOD, "_shift": SHIFT, "_tanh": TANH, "_alibi_slope": ALIBI_SLOPE,
+FIXED = {"_floordiv": FLOORDIV, "_floormod": FLOORMOD, "_ipow": IPOW, "_shift": SHIFT, "_row_term_o": ROW_TERM_O,
+         "_tanh": TANH, "_alibi_slope": ALIBI_SLOPE,
          "_sin": _sincos("sin"), "_cos": _sincos("cos"), "_sqrt64": SQRT64, "_floormod64": FLOORMOD64,
          "_tanh64": TANH64, "_alibi_slope64": ALIBI_SLOPE64}
 

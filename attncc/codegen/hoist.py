@@ -18,13 +18,31 @@ import sympy
 from sympy.core.function import AppliedUndef
 from sympy.functions.elementary.piecewise import ExprCondPair
 
-from attncc.codegen.integer import integer_ops
+from attncc.codegen.integer import integer_ops, integer_sums, recentered
 from attncc.spec import symbols as S
 from attncc.spec.builtins import RandomBlocks
 
 
 def depends_on(e: sympy.Basic, sym: sympy.Symbol) -> bool:
     return sym in e.free_symbols
+
+
+class Hoisted(sympy.Dummy):
+    """The name of a hoisted value; ``definition`` is the expression it stands for."""
+
+    definition: sympy.Basic
+
+
+def resolve(e: sympy.Basic, definitions=None) -> sympy.Basic:
+    """``e`` with every hoisted name (and every symbol of ``definitions``) replaced by what it
+    stands for, until none is left."""
+    for _ in range(64):  # definitions may use earlier ones (bound steps): a few rounds at most
+        subs = {a: a.definition for a in e.atoms(Hoisted)}
+        subs.update({k: v for k, v in (definitions or {}).items() if k in e.free_symbols})
+        if not subs:
+            return e
+        e = e.xreplace(subs)
+    raise ValueError(f"definitions refer to each other without end: {e}")
 
 
 @dataclass
@@ -45,9 +63,11 @@ class Hoister:
     outer: sympy.Symbol = S.i
     row_prefix: str = "row"
     scalar_prefix: str = "c"
+    float32: bool = True  # score code: integer sums added up before the float arithmetic (integer.integer_sums)
 
     def __call__(self, e: sympy.Basic) -> sympy.Basic:
-        return self._walk(integer_ops(e))
+        e = integer_ops(e)
+        return self._walk(integer_sums(e) if self.float32 else e)
 
     def _walk(self, e):
         if e.is_Atom or isinstance(e, RandomBlocks):
@@ -69,7 +89,9 @@ class Hoister:
         if e not in table:
             kw = {"integer": True} if e.is_integer else ({} if e.is_Boolean or isinstance(e, sympy.Rel) else {"real": True})
             # a Dummy: never equal to a spec's own symbol of the same name (a param ``c0``)
-            table[e] = sympy.Dummy(f"{prefix}{len(table)}", **kw)
+            name = Hoisted(f"{prefix}{len(table)}", **kw)
+            name.definition = e
+            table[e] = name
         return table[e]
 
     def definitions(self, table) -> List[Tuple[sympy.Symbol, sympy.Basic]]:
@@ -89,9 +111,18 @@ def split_along_j(bias: sympy.Expr) -> Tuple[sympy.Expr, sympy.Expr]:
     """Split ``bias`` into (terms that vary with j, terms that do not).
 
     Terms constant along j shift every score of a row equally: the softmax cancels them,
-    and only the log-sum-exp needs them back.
+    and only the log-sum-exp needs them back. Integer sums are added up first
+    (:func:`integer_sums`): ``slope * (j - i)`` stays one term of the key loop, computed from
+    the distance rather than from two products of absolute positions; a term linear in ``j``
+    is computed from the distance too (:func:`recentered`: ``0.1 * j`` is ``0.1 * (j - i)`` in
+    the loop and ``0.1 * i`` in the row terms).
     """
-    terms = sympy.Add.make_args(sympy.expand(bias))
-    along = sympy.Add(*[t for t in terms if depends_on(t, S.j)])
-    const = sympy.Add(*[t for t in terms if not depends_on(t, S.j)])
-    return along, const
+    along, const = [], []
+    for t in sympy.Add.make_args(integer_sums(sympy.expand(integer_ops(bias)))):
+        if not depends_on(t, S.j):
+            const.append(t)
+            continue
+        moved = recentered(t)  # c * j: c * (j - i) here, c * i to the row terms
+        along.append(t if moved is None else moved[0])
+        const += [] if moved is None else [moved[1]]
+    return sympy.Add(*along), sympy.Add(*const)

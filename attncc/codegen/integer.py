@@ -20,6 +20,8 @@ from __future__ import annotations
 import sympy
 from sympy.printing.precedence import PRECEDENCE
 
+from attncc.spec import symbols as S
+
 
 class FloorDiv(sympy.Function):
     """``a // b`` of two integer expressions (Python's floor division, any signs)."""
@@ -101,3 +103,130 @@ def integer_ops(e):
     if not isinstance(e, sympy.Basic) or not e.has(sympy.floor, sympy.ceiling, sympy.Mod):
         return e
     return e.replace(lambda x: isinstance(x, (sympy.floor, sympy.ceiling, sympy.Mod)), _rewrite)
+
+
+# ---------------------------------------------------------------------------
+# Sums of integer terms in float code
+# ---------------------------------------------------------------------------
+
+class ToFloat(sympy.Function):
+    """An integer expression converted to a float once, after its integer arithmetic.
+
+    Score code is float32: ``0.1 * (i - j)`` is ``0.1*i - 0.1*j`` to sympy (a number times a sum
+    is always distributed), and printed as such it rounds ``0.1 * i`` and ``0.1 * j`` separately,
+    each off by up to half an ulp of ``0.1 * i``: at positions near 2**20 the difference loses
+    ~3e-3. :func:`integer_sums` writes it ``0.1 * ToFloat(i - j)``: the subtraction is exact
+    integer arithmetic, one rounding follows. An opaque function, so no sympy pass distributes
+    the coefficient again."""
+
+    nargs = 1
+    is_real = True
+    is_integer = False
+
+    @classmethod
+    def eval(cls, x):
+        if x.is_Integer:
+            return sympy.Float(int(x))
+        return None
+
+    def fdiff(self, argindex=1):
+        return sympy.Integer(1)
+
+    def _eval_is_finite(self):
+        return True
+
+    def _sympystr(self, printer):
+        return f"float({printer.doprint(self.args[0])})"
+
+
+def _exact(c) -> sympy.Rational:
+    """The exact value of a sympy number (a Float is a binary fraction)."""
+    return sympy.Rational(c) if c.is_Float else c
+
+
+def _split_term(t):
+    """``(coefficient, key, integer part)`` of a term ``coefficient * key * integer part``: the
+    coefficient a number, the key the product of its non-integer factors (1 if none); None when
+    the term has no integer factor (nothing to gain)."""
+    coeff, rest = t.as_coeff_Mul()
+    if rest == 1:  # a number: an integer one joins the integer terms
+        return (sympy.Integer(1), sympy.Integer(1), coeff) if coeff.is_Integer else None
+    factors = sympy.Mul.make_args(rest)
+    ints = [f for f in factors if f.is_integer]
+    if not ints:
+        return None
+    key = sympy.Mul(*[f for f in factors if not f.is_integer])
+    return coeff, key, sympy.Mul(*ints)
+
+
+def _group_sum(e: sympy.Add):
+    """``e`` with its terms ``c_k * key * n_k`` (same key, every ``c_k`` an integer multiple
+    ``r_k`` of the smallest) written ``c * key * ToFloat(sum r_k * n_k)``."""
+    groups, others = {}, []
+    for t in e.args:
+        parts = _split_term(t)
+        if parts is None:
+            others.append(t)
+        else:
+            groups.setdefault(parts[1], []).append(parts)
+    out = list(others)
+    for key, members in groups.items():
+        members.sort(key=lambda m: abs(_exact(m[0])))
+        subgroups = []  # [(base coefficient, [(ratio, integer part)])]
+        for coeff, _, n in members:
+            for base, items in subgroups:
+                ratio = _exact(coeff) / _exact(base)
+                if ratio.is_Integer:
+                    items.append((ratio, n))
+                    break
+            else:
+                subgroups.append((coeff, [(sympy.Integer(1), n)]))
+        for base, items in subgroups:
+            if len(items) == 1:
+                out.append(base * key * items[0][1])
+            else:
+                out.append(base * key * ToFloat(sympy.Add(*[r * n for r, n in items])))
+    return sympy.Add(*out)
+
+
+def integer_sums(e):
+    """``e`` with the integer terms of every float sum added up as integers first
+    (:class:`ToFloat`): ``c*j - c*i`` is ``c * ToFloat(j - i)``, ``s + i - j`` is
+    ``s + ToFloat(i - j)``, ``0.2*i - 0.1*j`` is ``0.1 * ToFloat(2*i - j)``. For score code
+    (float32); mask code keeps the reference's order of operations (float64, exact there)."""
+    if not isinstance(e, sympy.Basic) or e.is_Atom:
+        return e
+    args = [integer_sums(a) for a in e.args]
+    if any(a is not b for a, b in zip(args, e.args)):
+        e = e.func(*args)
+    if isinstance(e, sympy.Add) and not e.is_integer:
+        return _group_sum(e)
+    return e
+
+
+def recentered(term):
+    """``(loop term, row term)`` when ``term``, a term of a score's sum that the key loop computes,
+    is linear in the key position: ``c * (a*j + r)`` (``a``, ``c`` free of ``i`` and ``j``, ``r`` free
+    of ``j``) is ``c * a*(j - i)`` in the loop plus ``c * (a*i + r)``, a constant along the row
+    that the softmax cancels (the LSE gets it back). ``0.1 * j`` at position 2**20 is 1e5 in
+    float32, a rounding of ~4e-3 that differs per key; ``0.1 * (j - i)`` is exact to float32's
+    relative precision. None when there is nothing to gain (``c * (j - i)`` already, or not linear)."""
+    coeff, rest = term.as_coeff_Mul()
+    factors = sympy.Mul.make_args(rest)
+    casts = [f for f in factors if isinstance(f, ToFloat)]
+    ints = [f for f in factors if f.is_integer]
+    if len(casts) > 1 or not (casts or ints):
+        return None
+    n = sympy.Mul(*ints, *[f.args[0] for f in casts])  # the integer part
+    c = coeff * sympy.Mul(*[f for f in factors if f not in casts and f not in ints])
+    if S.j in c.free_symbols:
+        return None
+    n = sympy.expand(n)
+    a = n.coeff(S.j)
+    r = sympy.expand(n - a * S.j)
+    if a == 0 or ({S.i, S.j} & a.free_symbols) or S.j in r.free_symbols or not a.is_integer:
+        return None
+    row = sympy.expand(r + a * S.i)
+    if row == 0:
+        return None  # a * (j - i) already
+    return c * a * ToFloat(S.j - S.i), c * (ToFloat(row) if not row.is_Atom else row)

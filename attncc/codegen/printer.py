@@ -24,14 +24,52 @@ Two modes for the floats:
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Set
+from typing import Callable, Dict, List, Optional, Set
 
 import sympy
 from sympy.core.function import AppliedUndef
 
-from attncc.codegen.integer import integer_fraction, integer_ops
+from attncc.codegen.hoist import resolve
+from attncc.codegen.integer import integer_fraction, integer_ops, integer_sums
 from attncc.spec.builtins import RandomBlocks
+
+# The integer expressions the printers write while :func:`printed_integers` is active, and the
+# kernel variables defined on the way (:class:`Defined`).
+_PRINTED: contextvars.ContextVar[Optional[List[sympy.Basic]]] = contextvars.ContextVar("attncc_printed_integers",
+                                                                                        default=None)
+
+
+@dataclass(frozen=True)
+class Defined:
+    """A kernel variable ``symbol = value`` (a walk's step): the record's expressions may name it."""
+
+    symbol: sympy.Symbol
+    value: sympy.Basic
+
+
+def record_definitions(steps) -> None:
+    """Record the kernel variables ``steps`` [(symbol, value)], in the order a kernel computes them,
+    for :func:`printed_integers` (their bounds are computed once, in that order, not substituted:
+    the steps of a walk name earlier steps, and substituting them grows without limit)."""
+    log = _PRINTED.get()
+    if log is not None:
+        log.extend(Defined(sym, value) for sym, value in steps)
+
+
+@contextlib.contextmanager
+def printed_integers():
+    """Collect every integer expression any printer writes while the block runs, each with its
+    hoisted names replaced by what they stand for: the integer arithmetic of a module's kernels,
+    which the host keeps within int32 or switches to int64 (:mod:`attncc.codegen.bounds`)."""
+    log: List[sympy.Basic] = []
+    token = _PRINTED.set(log)
+    try:
+        yield log
+    finally:
+        _PRINTED.reset(token)
 
 
 @dataclass
@@ -41,9 +79,13 @@ class TritonPrinter:
     random_blocks: Optional[Callable[[RandomBlocks], str]] = None
     helpers: Set[str] = field(default_factory=set)  # helper functions the printed code calls
     float64: bool = False  # mask code: float arithmetic in float64, as the reference (module docstring)
+    # what symbols of ``names`` stand for (bound steps), for the record of printed integer arithmetic
+    definitions: Dict[sympy.Symbol, sympy.Basic] = field(default_factory=dict)
+    records = True  # integer arithmetic of kernels (the host printer's Python ints never overflow)
 
     def __call__(self, e) -> str:
-        return self.p(integer_ops(sympy.sympify(e)))
+        e = integer_ops(sympy.sympify(e))
+        return self.p(e if self.float64 else integer_sums(e))
 
     # ------------------------------------------------------------------
     def p(self, e) -> str:
@@ -74,6 +116,9 @@ class TritonPrinter:
         method = getattr(self, "_" + type(e).__name__, None)
         if method is None:
             raise NotImplementedError(f"attncc cannot render {type(e).__name__}: {e}")
+        log = _PRINTED.get()
+        if log is not None and self.records and e.is_integer:
+            log.append(resolve(e, self.definitions))
         return method(e)
 
     # -- float64 (mask) mode ------------------------------------------------
@@ -148,7 +193,10 @@ class TritonPrinter:
         num, den = sympy.fraction(e)
         if den != 1 and not den.is_number:
             return f"({self._atom(num)} / {self._atom(den)})"
-        factors = [self._atom(a) for a in e.args]
+        args = e.args
+        if not e.is_integer:  # a float first: each integer factor then multiplies a float (no int product to overflow)
+            args = sorted(args, key=lambda a: a.is_integer is True)
+        factors = [self._atom(a) for a in args]
         return "(" + " * ".join(factors) + ")"
 
     def _atom(self, e) -> str:
@@ -169,6 +217,9 @@ class TritonPrinter:
         if exp.is_Integer and 1 <= abs(int(exp)) <= 4:
             prod = " * ".join([self._atom(base)] * abs(int(exp)))
             return f"({prod})" if exp > 0 else f"(1.0 / ({prod}))"
+        if exp.is_Integer and exp > 0 and base.is_integer:  # exact, as the reference's integer power
+            self.helpers.add("_ipow")
+            return f"_ipow({self.p(base)}, {int(exp)})"
         return f"tl.exp2({self.p(exp)} * tl.log2({self._float(base)}))"
 
     def _float(self, e) -> str:
@@ -210,6 +261,10 @@ class TritonPrinter:
             return f"_tanh64({self._float(e.args[0])})"
         self.helpers.add("_tanh")
         return f"_tanh({self._float(e.args[0])}, FAST_MATH)"
+
+    def _ToFloat(self, e):
+        """An integer sum converted once (integer.integer_sums); tl.cast: a kernel scalar may be a Python int."""
+        return f"tl.cast({self.p(e.args[0])}, {'tl.float64' if self.float64 else 'tl.float32'})"
 
     def _Sigmoid(self, e):
         return f"tl.sigmoid({self._float(e.args[0])})"
@@ -338,7 +393,10 @@ class TritonPrinter:
         return "(" + " | ".join(self.p(a) for a in _ordered(e.args)) + ")"
 
     def _Not(self, e):
-        return f"(~{self.p(e.args[0])})"
+        inner = self.p(e.args[0])
+        if inner in ("True", "False"):  # random_blocks(0): ~False is the int -1, not a condition
+            return "False" if inner == "True" else "True"
+        return f"(~{inner})"
 
     def _Xor(self, e):
         return "(" + " ^ ".join(self.p(a) for a in _ordered(e.args)) + ")"
@@ -385,6 +443,11 @@ def _ordered(args):
 
 class PythonPrinter(TritonPrinter):
     """Host-side (plain Python ints/floats) printing: for values computed at launch."""
+
+    records = False
+
+    def _ToFloat(self, e):
+        return f"float({self.p(e.args[0])})"
 
     def _Max(self, e):
         return self._fold("max", e.args)

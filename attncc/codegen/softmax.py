@@ -18,7 +18,7 @@ from attncc.codegen.walks import _note as _note_of
 from attncc.codegen.walks import precondition_code, render_walk
 from attncc.spec import symbols as S
 from attncc.spec.builtins import RandomBlocks
-from attncc.spec.ir import Pattern
+from attncc.spec.ir import INTEGER_DTYPES, Pattern
 
 INDEX_NAMES = {S.b: "b", S.h: "h", S.n_q: "n_q", S.n_k: "n_k", S.n_heads: "H", S.s: "s"}
 # the block-list arguments of a kernel that walks lists: per outer block its FULL and PARTIAL
@@ -36,16 +36,27 @@ class _Inputs:
         return input_args(name, len(self.pattern.input(name).dims))
 
     def gather(self, printer: TritonPrinter, e: AppliedUndef) -> str:
-        """The load of one element per pair (or row); 16-bit floats come out as float32, so that
-        no arithmetic on them runs in bfloat16 / float16 (Triton keeps a tensor's dtype in
-        ``x * 1.44`` and ``x - y``). Integers keep their width (an int64 input stays exact)."""
+        """The load of one element per pair (or row), converted to the type arithmetic on it runs in:
+
+        - 16-bit floats to float32, so that no arithmetic on them runs in bfloat16 / float16
+          (Triton keeps a tensor's dtype in ``x * 1.44`` and ``x - y``); float64 ones to float32
+          in score code (scores are float32 by contract: a float64 score would reach
+          ``p.to(bfloat16)``), kept in mask code (float64 there, as the reference);
+        - integers to int64, the reference's integer type: ``d[b, i] + 1``, ``i - start[b]``,
+          ``d[b, j] * w`` cannot overflow a narrower type, and no bound on the values is needed
+          (the host bounds only arithmetic of positions, params and sizes: codegen/bounds.py)."""
         name = type(e).__name__
         decl = self.pattern.input(name)
         idx = [printer.p(a) for a in e.args]
         offset = "".join(f" + {x} * {input_stride(name, d)}" for d, x in enumerate(idx))  # none: a 0-d input
         guards = [f"({x} >= 0) & ({x} < {input_size(name, d)})" for d, x in enumerate(idx)
                   if decl.dims[d] not in ("b", "h")]
-        widen = ".to(tl.float32)" if decl.dtype in ("bfloat16", "float16") else ""
+        if decl.dtype in ("bfloat16", "float16") or (decl.dtype == "float64" and not printer.float64):
+            widen = ".to(tl.float32)"
+        elif decl.dtype in INTEGER_DTYPES:
+            widen = ".to(tl.int64)"
+        else:
+            widen = ""
         if not guards:
             return f"tl.load({input_ptr(name)}{offset}){widen}"
         return f"tl.load({input_ptr(name)}{offset}, mask={' & '.join(guards)}, other=0){widen}"
@@ -67,9 +78,10 @@ def _names(pattern: Pattern, i_text: str, j_text: str, extra: Dict[sympy.Symbol,
 
 def mask_hoister(**kw) -> Hoister:
     """The hoister of mask code: its values are printed in float64 (as the mask is), so they
-    get names of their own (``mc<n>``, ``mrow<n>``), apart from the score's."""
+    get names of their own (``mc<n>``, ``mrow<n>``), apart from the score's, and keep the
+    reference's order of operations (no integer sums regrouped: float64 is exact there)."""
     kw.setdefault("row_prefix", "mrow")
-    return Hoister(scalar_prefix="mc", **kw)
+    return Hoister(scalar_prefix="mc", float32=False, **kw)
 
 
 def softmax_context(pattern: Pattern, plan) -> dict:
@@ -120,6 +132,8 @@ def softmax_context(pattern: Pattern, plan) -> dict:
     scalar_defs = [(sym.name, row(e)) for e, sym in hoist.scalars.items()]
     row_defs = [(sym.name, row(e)) for e, sym in hoist.rows.items()] + mask_defs
     lse_row_bias = row(lse_row) if lse_row is not None else None
+    if lse_row_bias is not None:
+        row.helpers.add("_row_term_o")
 
     used_inputs = sorted({type(a).__name__ for e in (pattern.mask, pattern.bias, pattern.mod) if e is not None
                           for a in e.atoms(AppliedUndef)})
@@ -198,13 +212,20 @@ def render_score(pattern: Pattern, tile: TritonPrinter, bias_j, mod, simple_bias
         return [f"s = qk * qk_scale + {tile(bias_j)} * 1.4426950408889634  # bias * log2(e)"]
     lines = ["s = qk * sm_scale" + (f" + {tile(bias_j)}" if bias_j is not None else "")]
     if mod is not None:
-        lines.append(f"s = {tile(mod)}")
+        lines.append(f"s = {mod_text(tile, mod)}")
     if pattern.softcap is not None:
         tile.helpers.add("_tanh")
         cap = f"{pattern.softcap!r} * _tanh(s * {1.0 / pattern.softcap!r}, FAST_MATH)"
         lines.append(f"s = tl.where(s == float(\"-inf\"), s, {cap})  # -inf (a removed pair) stays -inf")
     lines.append("s = s * 1.4426950408889634  # to log2 units")
     return lines
+
+
+def mod_text(tile: TritonPrinter, mod) -> str:
+    """The transform of a tile's scores ``s``; one that ignores them (``-inf`` everywhere: no pair
+    is allowed; ``0.1 * i``) is broadcast to the tile, ``qk``'s shape, whatever ``qk`` holds."""
+    text = tile(mod)
+    return text if S.s in mod.free_symbols else f"tl.zeros_like(qk) + {text}"
 
 
 def _tile_hint(plan) -> str:

@@ -24,7 +24,7 @@ from attncc.analysis import Iteration, Plan, Walk
 from attncc.analysis.bands import FIRST, LAST
 from attncc.analysis.walks import MASKED_PIECES
 from attncc.codegen.names import param_var
-from attncc.codegen.printer import PythonPrinter, TritonPrinter
+from attncc.codegen.printer import PythonPrinter, TritonPrinter, record_definitions
 from attncc.spec import symbols as S
 
 # kernel variables of the walks' bound symbols (by name): the forward and dQ kernels walk key
@@ -70,6 +70,7 @@ def render_walk(plan: Plan, transposed: bool, names: Optional[Dict[str, str]] = 
         return out
     names = _symbol_names(plan, walk, transposed, prefix, names)
     printer = TritonPrinter(names)
+    record_definitions(walk.steps)  # their bounds, for the host's overflow guard (codegen.bounds)
     out["steps"] = [(names[sym], printer(e)) for sym, e in walk.steps]
     out["helpers"] = printer.helpers
     out["per_head"] = any(S.h in e.free_symbols for _, e in walk.steps)

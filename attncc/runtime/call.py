@@ -6,6 +6,7 @@ device, head count or keyword never turns into a wrong answer or a launch error.
 from __future__ import annotations
 
 import math
+import operator
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from attncc.runtime.intervals import INT32_MAX, POSITION_PAD, CallNumbers, cached_reach
 from attncc.runtime.semantics import MAX_HEAD_DIM
 from attncc.runtime.spec_info import SpecInfo
 
@@ -106,13 +108,20 @@ class Call:
         return self.k.shape[2]
 
     @property
+    def positions(self) -> int:
+        """The largest position of the call (and n_q, n_k): what its positions' arithmetic reaches."""
+        return max(self.q_offset + self.Nq, self.k_offset + self.Nk, self.n_q, self.n_k)
+
+    @property
     def wide(self) -> bool:
-        """The kernels' WIDE switch: int64 position arithmetic (see :func:`wide_positions`)."""
+        """The kernels' WIDE switch: int64 position arithmetic (see :func:`wide_positions`), once
+        per call signature."""
         return self.cached("wide", self._wide)
 
     def _wide(self) -> bool:
-        reach = max(self.q_offset + self.Nq, self.k_offset + self.Nk, self.n_q, self.n_k)
-        return wide_positions(reach, self.params, self.inputs.values())
+        # the module's _int_reach at this call's numbers (its divisors were checked by bind)
+        reach = int_reach(self.spec, positions=self.positions, batch=self.B, heads=self.Hq, params=self.params)
+        return wide_positions(self.positions, self.params, self.inputs.values(), arithmetic=reach)
 
 
 _MISSING = object()
@@ -120,20 +129,40 @@ _MISSING = object()
 
 # Index arithmetic of a kernel stays int32 up to this value: positions and tile bounds run up to
 # a few blocks (<= 256 rows each) past the last position.
-INT32_REACH = 2**31 - 1 - 4096
+INT32_REACH = 2**31 - 1 - POSITION_PAD
 
 
-def wide_positions(reach: int, params: Optional[dict] = None, inputs=()) -> bool:
-    """Whether a call needs the kernels' WIDE switch: positions (and the expressions of them)
-    computed in int64. True when positions up to ``reach``, plus the largest int param (which
-    expressions add to them), can pass int32, or when an input holds more than 2**31 elements
-    along its strides (its gathers then multiply positions by strides past 2**31). Ordinary
-    calls keep int32 arithmetic, the faster one."""
-    largest = max((abs(v) for v in (params or {}).values() if isinstance(v, int) and not isinstance(v, bool)),
-                  default=0)
-    if reach + largest > INT32_REACH:
+def wide_positions(reach: int, params: Optional[dict] = None, inputs=(), arithmetic: Optional[int] = None) -> bool:
+    """Whether a call needs the kernels' WIDE switch: positions, int params, the head count and
+    the expressions of them computed in int64. True when positions up to ``reach`` can pass
+    int32, when the kernels' integer arithmetic can (``arithmetic``: its largest magnitude, from
+    the module's ``_int_reach``; without it, positions plus the largest int param stand in),
+    or when an input holds more than 2**31 elements along its strides (its gathers then multiply
+    positions by strides past 2**31). Ordinary calls keep int32 arithmetic, the faster one."""
+    if arithmetic is None:
+        arithmetic = reach + max((abs(v) for v in (params or {}).values()
+                                  if isinstance(v, int) and not isinstance(v, bool)), default=0)
+    if reach > INT32_REACH or arithmetic > INT32_MAX:
         return True
     return any(sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) >= 2**31 for t in inputs if t.numel())
+
+
+def check_divisors(spec: SpecInfo, who: str, *, positions: int, batch: int, heads: int, n_q, n_k,
+                   params: dict) -> None:
+    """Check the spec's divisors of params and sizes at a call's numbers: a ValueError for one
+    that is 0 (a kernel cannot raise). bind() does it once per call signature (params are keyed
+    by value), before any launch."""
+    if spec.int_divisors is not None:
+        spec.int_divisors(CallNumbers(who, positions=positions, batch=batch, heads=heads, n_q=n_q, n_k=n_k,
+                                      params=params))
+
+
+def int_reach(spec: SpecInfo, *, positions: int, batch: int, heads: int, params: dict) -> Optional[int]:
+    """The largest magnitude of the spec's integer arithmetic at a call's numbers (see
+    :mod:`attncc.runtime.intervals`); None for a module that does not describe it."""
+    if spec.int_reach is None:
+        return None
+    return cached_reach(spec.int_reach, positions=positions, batch=batch, heads=heads, params=params)
 
 
 def _dtype_name(t: torch.dtype) -> str:
@@ -146,8 +175,14 @@ INT_LIMIT = 2**62
 
 
 def _int_arg(name: str, value, minimum: int = 0, maximum: int = INT_LIMIT - 1) -> int:
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_floating_point:
-        value = int(value)
+    if isinstance(value, torch.Tensor):
+        if value.numel() == 1 and not value.dtype.is_floating_point and value.dtype != torch.bool:
+            value = int(value)
+    elif not isinstance(value, (bool, int)) and hasattr(type(value), "__index__"):
+        try:
+            value = operator.index(value)  # numpy's integers (numpy's bool refuses)
+        except TypeError:
+            pass
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if value < minimum:
@@ -313,6 +348,8 @@ def _bind_checked(spec: SpecInfo, q, k, v, *, return_lse=False, q_offset=0, k_of
     n_max = max(q_offset + Nq, k_offset + Nk)
     params, inputs = bind_params_and_inputs(spec, f"{name}.attention", kwargs, B=B, Hq=Hq,
                                             positions=n_max, device=q.device)
+    check_divisors(spec, f"{name}.attention", positions=max(n_max, n_q, n_k), batch=B, heads=Hq, n_q=n_q, n_k=n_k,
+                   params=params)
     return Call(spec, q, k, v, B, Hq, Hkv, Nq, Nk, D, Dv, q_offset, k_offset, n_q, n_k, float(scale),
                 return_lse, params, inputs, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
 

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from attncc.runtime.call import (_dtype_name, _interpreting, bind_params_and_inputs, check_heads_and_dims,
-                                 scale_keyword, softmax_scale, wide_positions)
+                                 check_divisors, int_reach, scale_keyword, softmax_scale, wide_positions)
 from attncc.runtime.launch import KernelConfig, padded_dim
 from attncc.runtime.spec_info import SpecInfo
 
@@ -58,6 +58,7 @@ class DecodeCall:
     return_lse: bool
     params: Dict[str, object] = field(default_factory=dict)
     inputs: Dict[str, torch.Tensor] = field(default_factory=dict)
+    int_reach: Optional[int] = None  # as Call.int_reach
 
     @property
     def group(self) -> int:
@@ -157,8 +158,12 @@ def bind_decode(spec: SpecInfo, q, k_cache, v_cache, *, kv_len, block_table=None
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
         raise NotImplementedError(f"{name} is for inference and has no backward pass; call it under "
                                   f"torch.no_grad() or detach q and the caches (attention() has one)")
+    # positions are cache rows, n_q = n_k = kv_len[b] (from 1 on every row that computes a pair)
+    check_divisors(spec, name, positions=capacity, batch=B, heads=Hq, n_q=(1, max(capacity, 1)),
+                   n_k=(1, max(capacity, 1)), params=params)
+    reach = int_reach(spec, positions=capacity, batch=B, heads=Hq, params=params)
     return DecodeCall(spec, q, k_cache, v_cache, kv_len, block_table, B, Hq, Hkv, Nq, D, Dv, capacity, page_size,
-                      num_pages, float(scale), return_lse, params, inputs)
+                      num_pages, float(scale), return_lse, params, inputs, int_reach=reach)
 
 
 def _bind_kv_len(name: str, kv_len, B: int, capacity: int, device) -> torch.Tensor:
@@ -186,7 +191,7 @@ def _bind_kv_len(name: str, kv_len, B: int, capacity: int, device) -> torch.Tens
 def wide(call: DecodeCall) -> bool:
     """The decode kernel's WIDE switch (see attncc.runtime.call.wide_positions): positions run
     up to the cache's capacity."""
-    return wide_positions(call.capacity, call.params, call.inputs.values())
+    return wide_positions(call.capacity, call.params, call.inputs.values(), arithmetic=call.int_reach)
 
 
 # --------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """What a generated module tells the runtime about its pattern (plain data, no sympy)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Tuple, Union
 
 
 @dataclass(frozen=True)
@@ -41,3 +41,8 @@ class SpecInfo:
     rope: bool = False
     rotary_dim: Optional[int] = None  # [rope].rotary_dim when the spec fixes it (None: the call's head dim)
     tile_hint: str = "default"  # "narrow": windows, documents: smaller tiles pay
+    # The module's _int_reach(x) and _int_divisors(x) (attncc.runtime.intervals): the largest magnitude
+    # of its kernels' integer arithmetic at a call's numbers (None: positions and params stand in), and
+    # the checks of its divisors of params and sizes (None: none).
+    int_reach: Optional[Callable] = field(default=None, compare=False, repr=False)
+    int_divisors: Optional[Callable] = field(default=None, compare=False, repr=False)

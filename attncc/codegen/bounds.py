@@ -1,0 +1,224 @@
+"""The host functions that keep a module's integer arithmetic exact: ``_int_reach(x)`` and
+``_int_divisors(x)``.
+
+While a module is rendered, every integer expression a printer writes into a kernel is
+recorded (:func:`attncc.codegen.printer.printed_integers`). Here they become a host function
+of the call's numbers (:class:`attncc.runtime.intervals.CallNumbers`): ``_int_reach`` returns
+the largest magnitude the arithmetic can reach, and a call runs WIDE (int64) past int32
+(``attncc.runtime`` caches it per call signature); ``_int_divisors`` raises for a divisor of
+params and sizes that is 0 (every call).
+
+Left out: expressions holding an input's values (the gathers make them int64 in every call,
+the reference's type) and those a kernel computes in float (``floor(0.5 * i) + j``).
+
+:func:`check_divisors` refuses, when the module is built, a ``//`` or ``%`` whose divisor varies
+per pair (with ``b``, ``h``, ``i``, ``j`` or an input's values) and may be 0: Python would raise
+there, a kernel cannot.
+"""
+from __future__ import annotations
+
+from typing import Iterable, List, Tuple
+
+import sympy
+from sympy.core.function import AppliedUndef
+
+from attncc.codegen.integer import FloorDiv, FloorMod, integer_ops
+from attncc.codegen.printer import Defined
+from attncc.codegen.text import escaped, py_str
+from attncc.spec import symbols as S
+from attncc.spec.builtins import Bucket
+from attncc.spec.errors import SpecError
+from attncc.spec.ir import Pattern
+
+# The kernels' bound symbols (analysis steps) by name: positions and offsets, or tile sides.
+_POSITION_NAMES = frozenset({"q_lo", "q_hi", "k_lo", "k_hi", "q_offset", "k_offset", "N_K", "N_Q"})
+_BLOCK_NAMES = frozenset({"BLOCK_M", "BLOCK_N"})
+# Values that do not vary per pair (the host knows them at the call)
+_CALL_SIZES = (S.n_q, S.n_k, S.n_heads)
+
+
+class _Float(Exception):
+    """The expression is computed in float by the kernel (no integer overflow)."""
+
+
+class _BoundPrinter:
+    """A recorded integer expression as interval arithmetic over ``x`` (runtime.intervals)."""
+
+    def __init__(self, pattern: Pattern):
+        self.params = {p.symbol: p.name for p in pattern.params if p.kind == "int"}
+        self.defined = {}  # kernel variables (walk steps) -> the local holding their bound
+
+    def __call__(self, e) -> str:
+        if e.is_Integer:
+            return str(int(e))
+        if isinstance(e, sympy.Symbol):
+            return self._symbol(e)
+        if isinstance(e, sympy.Add):
+            return self._call("add", e.args)
+        if isinstance(e, sympy.Mul):
+            if not e.is_integer or any(not a.is_integer for a in e.args):
+                raise _Float(e)
+            if e.args[0] == -1:
+                return f"x.neg({self(sympy.Mul(*e.args[1:]))})"
+            return self._call("mul", e.args)
+        if isinstance(e, sympy.Pow):
+            base, exp = e.args
+            if not (base.is_integer and exp.is_Integer and exp >= 0):
+                raise _Float(e)  # 2 ** h: tl.exp2, a float
+            return f"x.pow({self(base)}, {int(exp)})"
+        if isinstance(e, FloorDiv):
+            return self._call("floordiv", e.args)
+        if isinstance(e, FloorMod):
+            return self._call("floormod", e.args)
+        if isinstance(e, sympy.Abs):
+            return self._call("abs", e.args)
+        if isinstance(e, sympy.Min):
+            return self._call("min", e.args)
+        if isinstance(e, sympy.Max):
+            return self._call("max", e.args)
+        if isinstance(e, sympy.Piecewise):
+            return self._call("select", [value for value, _ in e.args])
+        if isinstance(e, Bucket):
+            return f"x.bucket({self(e.args[0])}, {e.options[0]})"
+        if isinstance(e, (sympy.floor, sympy.ceiling, sympy.Mod)) or not e.is_integer:
+            raise _Float(e)  # floor of a float, a float's remainder: float arithmetic
+        return "x.unbounded()"  # nothing here bounds it: WIDE, to be safe
+
+    def _call(self, op: str, args) -> str:
+        return f"x.{op}({', '.join(self(a) for a in args)})"
+
+    def _symbol(self, sym) -> str:
+        if sym in self.defined:
+            return self.defined[sym]
+        if sym in self.params:
+            return f"x.param({py_str(self.params[sym])})"
+        if sym in (S.i, S.j, S.b, S.h, S.n_q, S.n_k, S.n_heads):
+            return f"x.{sym.name}"
+        if sym.name in _POSITION_NAMES:
+            return "x.position"
+        if sym.name in _BLOCK_NAMES:
+            return "x.block"
+        if not sym.is_integer:
+            raise _Float(sym)
+        return "x.unbounded()"
+
+
+def _definitions(printed: Iterable, printer: "_BoundPrinter") -> List[str]:
+    """``local = bound`` lines of the kernel variables the record defines (walk steps), in the
+    order the kernels compute them; later lines (and the terms) name earlier locals. A step in
+    float (none today) or boolean (a condition) is no integer arithmetic: left out."""
+    lines = []
+    for d in printed:
+        if not isinstance(d, Defined) or d.symbol in printer.defined:
+            continue
+        value = integer_ops(d.value)  # Max(k, c * floor(q / c)) is integer only once written with //
+        if not value.is_integer:
+            continue
+        try:
+            code = printer(value)
+        except _Float:
+            continue
+        local = f"step{len(printer.defined)}"
+        printer.defined[d.symbol] = local
+        lines.append(f"{local} = {code}  # {escaped(d.symbol.name)} = {escaped(value)}")
+    return lines
+
+
+def _kept(printed: Iterable[sympy.Basic], printer: "_BoundPrinter") -> List[Tuple[sympy.Basic, str]]:
+    """``(expression, its bound's source)`` of the recorded expressions whose arithmetic is int32
+    below WIDE: no input values inside (int64), not float arithmetic; each once, and none inside
+    another one kept (whose bound covers it)."""
+    seen, out = set(), []
+    for e in printed:
+        if isinstance(e, Defined):
+            continue
+        e = integer_ops(e)
+        if e.is_Atom or e.atoms(AppliedUndef) or e in seen:
+            continue
+        seen.add(e)
+        try:
+            out.append((e, printer(e)))
+        except _Float:
+            continue
+    inner = set()
+    for e, _ in out:
+        inner |= {a for a in sympy.preorder_traversal(e) if a is not e}
+    for d in printed:  # a step's bound covers its value's arithmetic
+        if isinstance(d, Defined) and d.symbol in printer.defined:
+            inner |= set(sympy.preorder_traversal(integer_ops(d.value)))
+    return [(e, code) for e, code in out if e not in inner]
+
+
+def divisors(pattern: Pattern) -> List[Tuple[str, sympy.Basic, sympy.Basic]]:
+    """``(key, divisor, whole)`` of every integer ``//`` and ``%`` in the pattern's expressions."""
+    out = []
+    for key, e in (("[mask].where", pattern.mask), ("[score].bias", pattern.bias), ("[score].mod", pattern.mod)):
+        if e is None:
+            continue
+        for node in sympy.preorder_traversal(integer_ops(e)):
+            if isinstance(node, (FloorDiv, FloorMod)):
+                out.append((key, node.args[1], node))
+    return out
+
+
+def _per_pair(e) -> bool:
+    """Does ``e`` vary per pair (positions, b, h, input values), rather than per call?"""
+    return bool(e.free_symbols & {S.i, S.j, S.b, S.h} or e.atoms(AppliedUndef))
+
+
+def _nonzero(e) -> bool:
+    """sympy proves ``e != 0``, with ``n_q``, ``n_k`` only nonnegative (a call may pass 0)."""
+    weaker = {n: sympy.Dummy(n.name, integer=True, nonnegative=True) for n in (S.n_q, S.n_k)}
+    e = e.xreplace(weaker)
+    return bool(e.is_nonzero or e.is_positive or e.is_negative)
+
+
+def check_divisors(pattern: Pattern) -> None:
+    """Refuse (SpecError) a ``//`` or ``%`` whose divisor varies per pair and may be 0."""
+    for key, d, whole in divisors(pattern):
+        if _per_pair(d) and not _nonzero(d):
+            raise SpecError(pattern.source, key,
+                            f"the divisor of {whole} may be 0 (Python would raise there; a kernel cannot): "
+                            f"write one that cannot be, e.g. max({d}, 1)")
+
+
+def _host_checks(pattern: Pattern, printer: _BoundPrinter) -> List[str]:
+    """``x.nonzero(...)`` lines for the divisors of params and sizes only."""
+    wholes = {}  # divisor -> the expressions dividing by it (sorted by text: builds are deterministic)
+    for _, d, whole in divisors(pattern):
+        if not (d.is_number or _per_pair(d)):
+            wholes.setdefault(d, set()).add(str(whole))
+    lines = []
+    for d in sorted(wholes, key=str):
+        names = ", ".join(s.name for s in sorted(d.free_symbols, key=lambda s: s.name))
+        lines.append(f"x.nonzero({printer(d)}, {py_str(names)}, {py_str(' and '.join(sorted(wholes[d])))})")
+    return lines
+
+
+def arithmetic_functions(pattern: Pattern, printed: Iterable[sympy.Basic]) -> List[str]:
+    """The source lines of ``_int_divisors(x)`` (None when no divisor needs a check) and
+    ``_int_reach(x)`` for the expressions ``printed`` into the kernels."""
+    printer = _BoundPrinter(pattern)
+    printed = list(printed)
+    steps = _definitions(printed, printer)
+    terms = sorted((code, str(e)) for e, code in _kept(printed, printer))
+    terms += [(local, f"{sym.name}, a step") for sym, local in printer.defined.items()]
+    checks = _host_checks(pattern, printer)
+    lines = []
+    if checks:
+        lines += ["def _int_divisors(x):",
+                  '    """Divisors of // and % made of params and sizes only: 0 raises ValueError (a kernel cannot)."""']
+        lines += [f"    {c}" for c in checks]
+    else:
+        lines += ["_int_divisors = None  # no // or % by params or sizes"]
+    lines += ["", "",
+              "def _int_reach(x):",
+              '    """The largest magnitude a value of the kernels\' integer arithmetic can reach at a call\'s numbers',
+              '    (x: attncc.runtime.intervals.CallNumbers); past 2**31 - 1 the call runs WIDE, in int64."""']
+    if not terms:
+        return lines + ["    return 0"]
+    lines += [f"    {line}" for line in steps]
+    lines.append("    return x.reach(")
+    lines += [f"        {code},  # {escaped(text)}" for code, text in terms]
+    lines.append("    )")
+    return lines
