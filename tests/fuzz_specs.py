@@ -1257,8 +1257,12 @@ def _check_backward(plan, a: Arguments, o, ref, ref_in, ref_inputs, fail) -> Opt
         tol = GRAD_TOL[_DT[plan.dtype]]  # a table's gradient is no more precise than the scores
         if label not in ("dq", "dk", "dv"):
             tol = max(tol, TABLE_GRAD_TOL[t.dtype])
-        # a table entry sums dS over up to every (b, h, i, j) pair; half-precision scores are noisier
-        terms = None if label in ("dq", "dk", "dv") else plan.B * plan.Hq * plan.Nq * plan.Nk
+        # an entry sums products over keys (dq), over the rows of every head that shares it (dk, dv)
+        # or over up to every (b, h, i, j) pair (a table): a gradient that is zero in exact arithmetic
+        # (one key per row: dS = p (dP - delta) = 0) is a sum of that many roundings (fuzz seed 120540)
+        per_entry = {"dq": plan.Nk, "dk": plan.Hq // plan.Hkv * plan.Nq, "dv": plan.Hq // plan.Hkv * plan.Nq}
+        terms = (t.numel() * per_entry[label] if label in per_entry
+                 else plan.B * plan.Hq * plan.Nq * plan.Nk)
         err = _rel(x, r, terms, floor=1e-3 if plan.dtype == "float32" else 1e-2)
         if err > tol:
             return fail("mismatch", label, err, f"rel {err:.3g} (tol {tol})")
