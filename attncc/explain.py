@@ -278,6 +278,6 @@ def main_explain(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    from attncc.cli import exit_quietly_on_broken_pipe
+    from attncc.console import exit_quietly_on_broken_pipe
 
     sys.exit(exit_quietly_on_broken_pipe(main_explain))

@@ -12,7 +12,7 @@ from attncc.analysis.graph import WALKS, block_graph, exact_tiles, graph_to_csr,
 from attncc.analysis.plan import Plan, analyze, transposed_mask, transposed_pattern
 from attncc.analysis.report import explain_data
 from attncc.analysis.walks import Iteration, Walk
-from attncc.runtime.tiles import BlockStat, IntervalProgram, TileClass
+from attncc.core.tiles import BlockStat, IntervalProgram, TileClass
 
 __all__ = ["analyze", "Plan", "Iteration", "Walk", "IntervalProgram", "BlockStat", "TileClass", "WALKS", "walk_grid",
            "exact_tiles", "plan_grid", "block_graph", "graph_to_csr", "explain_data", "transposed_mask",

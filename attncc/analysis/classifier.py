@@ -20,7 +20,7 @@ from typing import Dict, List, Tuple, Union
 import sympy
 from sympy.logic.boolalg import BooleanFalse, BooleanTrue
 
-from attncc.runtime.tiles import BlockStat, IntervalProgram
+from attncc.core.tiles import BlockStat, IntervalProgram
 from attncc.spec import symbols as S
 from attncc.spec.builtins import AlibiSlope, BitAnd, BitOr, BitXor, Bucket, RandomBlocks, Shift, Sigmoid
 from attncc.spec.ir import Pattern

@@ -23,9 +23,9 @@ from attncc.analysis.intexpr import Unsupported, compile_int
 from attncc.analysis.plan import Plan
 from attncc.analysis.walks import Iteration, precondition_holds
 from attncc.analysis.score import score_report
-from attncc.runtime import tiles
+from attncc.core import tiles
 from attncc.spec import symbols as S
-from attncc._lazy import lazy_module
+from attncc.core.lazy import lazy_module
 
 torch = lazy_module("torch")  # on first use: `attncc build` and explain of a closed form never import it
 

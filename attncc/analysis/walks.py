@@ -33,7 +33,7 @@ from typing import Dict, List, Mapping, Optional, Tuple
 
 import sympy
 
-from attncc._lazy import lazy_module
+from attncc.core.lazy import lazy_module
 from attncc.analysis.bands import FIRST, LAST, Band, Cover
 from attncc.analysis.intexpr import int_value
 from attncc.analysis.symbols import BLOCK_N, N_K, k_offset, q_hi, q_lo

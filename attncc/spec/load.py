@@ -12,7 +12,7 @@ import sympy
 
 from attncc.spec import names as N
 from attncc.spec import symbols as S
-from attncc.runtime.semantics import MAX_HEAD_DIM
+from attncc.core.semantics import MAX_HEAD_DIM
 from attncc.spec.builtins import RandomBlocks
 from attncc.spec.errors import SpecError
 from attncc.spec.expr import BOOL, FUNCTIONS, Scope, parse_expression
