@@ -8,7 +8,7 @@
 For each spec, dtype (default: the spec's ``dtypes``), head dim (default: the spec's
 ``head_dims``) and length, times the candidate configs (pruned: see tuning.candidates; all of
 them with ``--exhaustive``) of the forward, dK/dV and dQ kernels on
-random q, k, v (and representative [inputs]: see attncc.analysis.report.synthesize_inputs) and
+random q, k, v (and representative [inputs]: see attncc.report.synthesize_inputs) and
 stores the fastest in the cache (runtime/tuning.py; ``ATTNCC_CACHE_DIR``). Generated modules
 of the same spec (same spec hash) then use them on this GPU and Triton version.
 """
@@ -158,7 +158,7 @@ def tune_spec(module, pattern, *, n_q: int, n_k: int, dtype: str, head_dim: int,
     import torch
 
     from attncc.analysis import analyze
-    from attncc.analysis.report import synthesize_inputs
+    from attncc.report import synthesize_inputs
     from attncc.runtime import bind, tuning
 
     spec = module.SPEC

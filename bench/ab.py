@@ -25,7 +25,7 @@ from bwd_sweep import quick_bench  # noqa: E402
 from common import heat_up  # noqa: E402
 
 from attncc.runtime import bind  # noqa: E402
-from attncc.runtime.launch import _FLAGS, default_config  # noqa: E402
+from attncc.runtime.configs import FLAGS, default_config  # noqa: E402
 
 
 EXTRA = [  # timed only when named; the last field is the head dim (else 128)
@@ -46,7 +46,7 @@ def with_override(cfg, text: str):
     fields = {}
     for part in filter(None, text.split(",")):
         key, _, value = part.partition("=")
-        fields[key.strip()] = bool(int(value)) if key.strip() in _FLAGS else int(value)
+        fields[key.strip()] = bool(int(value)) if key.strip() in FLAGS else int(value)
     return dataclasses.replace(cfg, **fields)
 
 

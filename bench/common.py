@@ -270,7 +270,7 @@ def flex_pattern(spec: str, H: int, kw: dict, n: int = 0):
                bigbird):
         masks[fn.__name__] = fn
     if spec == "bigbird":
-        from attncc.runtime.semantics import random_block_set
+        from attncc.core.semantics import random_block_set
 
         if n <= 0:
             raise ValueError("flex_pattern('bigbird', ...) needs the sequence length n")
@@ -284,7 +284,7 @@ def flex_pattern(spec: str, H: int, kw: dict, n: int = 0):
     if spec not in masks:
         raise KeyError(f"no FlexAttention form of spec {spec!r}")
     if spec == "alibi":
-        from attncc.runtime.semantics import alibi_slope
+        from attncc.core.semantics import alibi_slope
 
         slopes = torch.tensor([alibi_slope(h, H) for h in range(H)], device=DEV)
     score_mod = {"alibi": alibi, "softcap": softcap}.get(spec)

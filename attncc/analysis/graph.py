@@ -15,8 +15,8 @@ from attncc.analysis.bands import FIRST, LAST
 from attncc.analysis.plan import Plan
 from attncc.analysis.walks import Iteration, bands_grid, precondition_holds
 from attncc.core import tiles
-from attncc.spec import symbols as S
 from attncc.core.lazy import lazy_module
+from attncc.spec import symbols as S
 
 # imported on first use: `attncc build` never imports them
 nx = lazy_module("networkx")
