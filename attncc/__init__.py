@@ -6,7 +6,7 @@
 Importing ``attncc`` (or ``attncc.runtime``, which generated kernels import) pulls in
 no sympy, networkx or jinja2; the compiler stages load when first used.
 """
-__version__ = "0.1.0"
+from attncc.core.version import VERSION as __version__
 
 
 def __getattr__(name):

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from sympy.core.function import AppliedUndef
 
-from attncc.runtime import semantics
-from attncc.runtime.feature_maps import LINEAR_DENOMINATOR_EPS, performer_projection
+from attncc.core import semantics
+from attncc.core.feature_maps import LINEAR_DENOMINATOR_EPS, performer_projection
 from attncc.spec import symbols as S
 from attncc.spec.builtins import SHIFT_LIMIT, AlibiSlope, BitAnd, BitOr, BitXor, Bucket, RandomBlocks, Shift, Sigmoid
 from attncc.spec.ir import Pattern

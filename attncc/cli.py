@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import argparse
 import glob
-import os
 import sys
 
-import attncc
+from attncc.console import exit_quietly_on_broken_pipe
+from attncc.core.version import VERSION
 
 
 def _default_specs():
@@ -42,23 +42,6 @@ def cmd_build(args) -> int:
     return 0
 
 
-SIGPIPE_STATUS = 128 + 13  # what a shell reports for a command that a closed pipe stopped
-
-
-def exit_quietly_on_broken_pipe(command, *args) -> int:
-    """``command(*args)``, stopping quietly when the reader of stdout has gone away
-    (``attncc explain ... | head``), as Unix tools do: no traceback, exit status 141."""
-    try:
-        status = command(*args)
-        sys.stdout.flush()  # output still buffered meets the closed pipe here, inside the try
-        return status
-    except BrokenPipeError:
-        # Python flushes stdout once more at exit: let that write go to /dev/null, not fail again
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return SIGPIPE_STATUS
-
-
 def main(argv=None) -> int:
     return exit_quietly_on_broken_pipe(_main, argv)
 
@@ -74,7 +57,7 @@ def _main(argv=None) -> int:
 
         return main_tune(argv[1:])
     parser = argparse.ArgumentParser(prog="attncc", description="Compile attention-pattern specs to Triton kernels.")
-    parser.add_argument("--version", action="version", version=f"attncc {attncc.__version__}")
+    parser.add_argument("--version", action="version", version=f"attncc {VERSION}")
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="generate DIR/<name>.py for each spec")
     b.add_argument("specs", nargs="*", help="spec files (default: specs/*.toml)")

@@ -37,7 +37,7 @@ def _block(text: str):
 
 
 def _dtype(text: str) -> str:
-    from attncc.analysis.report import DTYPE_SHORT, ELEMENT_BYTES
+    from attncc.report import DTYPE_SHORT, ELEMENT_BYTES
 
     name = DTYPE_SHORT.get(text.lower(), text.lower())
     if name not in ELEMENT_BYTES:
@@ -216,8 +216,8 @@ def spec_warnings(pattern) -> List[str]:
 
 def main_explain(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    from attncc.analysis import analyze, explain_data
-    from attncc.analysis.report import DTYPE_SHORT, describe_synthetic, synthesize_inputs
+    from attncc.analysis import analyze
+    from attncc.report import DTYPE_SHORT, describe_synthetic, explain_data, synthesize_inputs
     from attncc.spec import SpecError, load_spec
 
     try:
@@ -278,6 +278,6 @@ def main_explain(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    from attncc.cli import exit_quietly_on_broken_pipe
+    from attncc.console import exit_quietly_on_broken_pipe
 
     sys.exit(exit_quietly_on_broken_pipe(main_explain))

@@ -5,7 +5,7 @@ The generated source is cached on disk, one file per spec: ``<name>_<key>.py`` i
 :func:`modules_dir` (``$ATTNCC_CACHE_DIR/modules``, default ``~/.cache/attncc/modules``), where
 ``key`` hashes the spec text, the label it is known by (its path: it names the module's default
 ``name`` and shows in the header) and the compiler (:func:`compiler_fingerprint`: the attncc
-version and the sources of the spec, analysis and codegen stages and the templates, so that a
+version and the sources of the core, spec, analysis and codegen stages and the templates, so that a
 changed compiler never serves an old file). A process that finds the file only imports it: no
 sympy, jinja2 or networkx. Files are written whole (:func:`write_atomic`), so processes that
 compile the same spec at once each see either no file or a complete one.
@@ -28,8 +28,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Dict, Optional, Tuple, Union
 
-import attncc
-from attncc._resources import templates_dir
+from attncc.core.resources import templates_dir
+from attncc.core.version import VERSION
 
 SpecLike = Union[str, "os.PathLike[str]", dict]
 
@@ -66,7 +66,7 @@ def compile(spec: SpecLike) -> ModuleType:
     Raises the same :class:`attncc.spec.SpecError` as ``attncc build`` for a bad spec (named by
     its path, or ``<string>`` for text and dicts).
     """
-    text, label = _spec_source(spec)
+    text, label = spec_source(spec)
     key = cache_key(text, label)
     with _LOCK:
         module = _LOADED.get(key)
@@ -77,7 +77,7 @@ def compile(spec: SpecLike) -> ModuleType:
         return module
 
 
-def _spec_source(spec) -> Tuple[str, str]:
+def spec_source(spec) -> Tuple[str, str]:
     """(TOML text, label) of what compile() was given."""
     if isinstance(spec, dict):
         return toml_text(spec), TEXT_LABEL
@@ -111,14 +111,14 @@ def compiler_fingerprint() -> str:
     """The attncc version and a hash of every source that shapes generated code."""
     global _FINGERPRINT
     if _FINGERPRINT is None:
-        package = Path(attncc.__file__).resolve().parent
+        package = Path(__file__).resolve().parent
         templates = templates_dir()  # attncc.codegen.TEMPLATES, without importing jinja2
-        files = sorted([*package.glob("spec/*.py"), *package.glob("analysis/*.py"), *package.glob("codegen/*.py"),
-                        *templates.glob("*.j2")])
-        h = hashlib.sha256(attncc.__version__.encode())
+        files = sorted([*package.glob("core/*.py"), *package.glob("spec/*.py"), *package.glob("analysis/*.py"),
+                        *package.glob("codegen/*.py"), *templates.glob("*.j2")])
+        h = hashlib.sha256(VERSION.encode())
         for f in files:
             h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
-        _FINGERPRINT = f"{attncc.__version__}:{h.hexdigest()[:16]}"
+        _FINGERPRINT = f"{VERSION}:{h.hexdigest()[:16]}"
     return _FINGERPRINT
 
 

@@ -8,7 +8,7 @@
 For each spec, dtype (default: the spec's ``dtypes``), head dim (default: the spec's
 ``head_dims``) and length, times the candidate configs (pruned: see tuning.candidates; all of
 them with ``--exhaustive``) of the forward, dK/dV and dQ kernels on
-random q, k, v (and representative [inputs]: see attncc.analysis.report.synthesize_inputs) and
+random q, k, v (and representative [inputs]: see attncc.report.synthesize_inputs) and
 stores the fastest in the cache (runtime/tuning.py; ``ATTNCC_CACHE_DIR``). Generated modules
 of the same spec (same spec hash) then use them on this GPU and Triton version.
 """
@@ -88,7 +88,7 @@ def show() -> str:
                 f"stages={cfg['num_stages']}" + timing(record))
             count += 1
         for entry, problem in sorted(data.ignored.items()):
-            lines.append(f"  ignored malformed entry {tuning._short(entry, 60)}: {problem}")
+            lines.append(f"  ignored malformed entry {tuning.short_repr(entry, 60)}: {problem}")
     head = f"attncc tune cache: {tuning.cache_dir()} ({count} entr{'y' if count == 1 else 'ies'} in {len(files)} file(s))"
     return "\n".join([head] + lines)
 
@@ -158,7 +158,7 @@ def tune_spec(module, pattern, *, n_q: int, n_k: int, dtype: str, head_dim: int,
     import torch
 
     from attncc.analysis import analyze
-    from attncc.analysis.report import synthesize_inputs
+    from attncc.report import synthesize_inputs
     from attncc.runtime import bind, tuning
 
     spec = module.SPEC
@@ -193,7 +193,7 @@ def tune_spec(module, pattern, *, n_q: int, n_k: int, dtype: str, head_dim: int,
 def main_tune(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     from attncc.runtime import tuning
-    from attncc.runtime.call import _interpreting
+    from attncc.runtime.call import interpreting
 
     if args.clear:
         removed, failed = tuning.clear()
@@ -210,7 +210,7 @@ def main_tune(argv: Optional[List[str]] = None) -> int:
     if args.nk is not None and len(args.nk) != len(args.n):
         print(f"attncc tune: --nk needs one length per --n ({len(args.n)}), got {len(args.nk)}", file=sys.stderr)
         return 2
-    if _interpreting():
+    if interpreting():
         print("attncc tune: TRITON_INTERPRET is set; the interpreter always uses its small config, "
               "there is nothing to tune (unset TRITON_INTERPRET on a machine with a CUDA GPU)", file=sys.stderr)
         return 2

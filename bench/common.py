@@ -314,7 +314,7 @@ def flex_pattern(spec: str, H: int, kw: dict, n: int = 0):
     if spec not in masks:
         raise KeyError(f"no FlexAttention form of spec {spec!r}")
     if spec == "bigbird":
-        from attncc.runtime.semantics import random_block_set
+        from attncc.core.semantics import random_block_set
 
         if n <= 0:
             raise ValueError("flex_pattern('bigbird', ...) needs the sequence length n")
@@ -326,7 +326,7 @@ def flex_pattern(spec: str, H: int, kw: dict, n: int = 0):
                 chosen[qr, picked] = True
         chosen = chosen.to(DEV)
     if spec == "alibi":
-        from attncc.runtime.semantics import alibi_slope
+        from attncc.core.semantics import alibi_slope
 
         slopes = torch.tensor([alibi_slope(h, H) for h in range(H)], device=DEV)
     score_mod = dict(zip(FLEX_SCORES, (alibi, softcap))).get(spec)

@@ -1075,7 +1075,7 @@ def run_case(draft: Draft, plan: CallPlan, reference: Optional[Reference] = None
 
 @contextlib.contextmanager
 def _tile_config(tiles):
-    """Force the kernels' tile shapes through ATTNCC_CONFIG* (attncc.runtime.launch) for one case."""
+    """Force the kernels' tile shapes through ATTNCC_CONFIG* (attncc.runtime.configs) for one case."""
     names = ("ATTNCC_CONFIG", "ATTNCC_CONFIG_DKDV", "ATTNCC_CONFIG_DQ")
     saved = {n: os.environ.get(n) for n in names}
     try:

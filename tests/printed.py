@@ -18,7 +18,7 @@ from typing import Dict, List, Sequence
 import torch
 
 from attncc.codegen.helpers import render_helper
-from attncc.codegen.hoist import Hoister
+from attncc.analysis.hoist import Hoister
 from attncc.codegen.names import param_arg, param_value
 from attncc.codegen.printer import TritonPrinter
 from attncc.spec import symbols as S

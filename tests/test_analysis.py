@@ -19,8 +19,9 @@ import pytest
 import torch
 
 from attncc._reference import pair_mask
-from attncc.analysis import Iteration, analyze, block_graph, explain_data, graph_to_csr, plan_grid, walk_grid
-from attncc.runtime import tiles
+from attncc.analysis import Iteration, analyze, block_graph, graph_to_csr, plan_grid, walk_grid
+from attncc.core import tiles
+from attncc.report import explain_data
 from attncc.spec import load_spec, parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -371,7 +372,7 @@ def test_interval_ops_are_sound():
 
 
 def test_bucket_interval_is_sound():
-    from attncc.runtime import semantics
+    from attncc.core import semantics
 
     rng = random.Random(1)
     for bidir in (1, 0):

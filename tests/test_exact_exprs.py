@@ -162,7 +162,7 @@ def test_classifier_is_sound_near_float_boundaries():
     widens them (tiles.widen). Without that, ``i * 0.3 - j * 0.3 < 0.3`` had EMPTY tiles with
     allowed pairs even with 16 x 16 tiles."""
     from attncc.analysis import analyze
-    from attncc.runtime import tiles
+    from attncc.core import tiles
 
     masks = ["i * 0.1 + 0.2 < j * 0.1 + 0.3", "i * 0.3 - j * 0.3 < 0.3", "(i + 0.1) * 3 < (j + 0.2) * 3 - 0.3",
              "abs(i * 0.7 - j * 0.7) <= 1.4", "(i + 1) / (j + 1) <= 1 or i * 0.37 // 1 == j * 0.37 // 1"]
@@ -192,7 +192,7 @@ def test_classifier_is_exact_on_integer_division_by_params():
     rely on it). sympy's ``is_integer`` of ``floor(i / w)`` is None (w could be 0): they were
     widened as float arithmetic, and tiles with every pair allowed came out PARTIAL."""
     from attncc.analysis import analyze
-    from attncc.runtime import tiles
+    from attncc.core import tiles
 
     masks = ["i // w == j // w", "i % w < 3", "(i - j) % w == 0", "w * (i // w) <= j", "j >= i - i % w",
              "abs(i // w - j // w) <= 1 and abs(i % w - j % w) <= 1", "(i + 1) // w * w <= j + w % 3"]

@@ -16,7 +16,7 @@ import torch
 
 from attncc.analysis import analyze
 from attncc.analysis.graph import walk_grid
-from attncc.runtime import tiles
+from attncc.core import tiles
 from attncc.spec import load_spec, parse_spec
 from cases import SMALL_PARAMS, SPEC_FILES
 from tile_oracle import Problem, mask_spec, random_cover_mask, random_mask, random_overrides, random_problem, truth_classes
@@ -165,7 +165,7 @@ def test_walk_steps_print_as_integer_code():
 
 
 def _explain_path(pattern, walk="forward"):
-    from attncc.analysis import explain_data
+    from attncc.report import explain_data
 
     return explain_data(analyze(pattern), n_q=64, n_k=64, block_m=16, block_n=16)["walks"][walk]["path"]
 

@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from attncc.analysis import analyze, explain_data
-from attncc.analysis import report
+from attncc import report
+from attncc.analysis import analyze
+from attncc.core import tiles
 from attncc.explain import main_explain
-from attncc.runtime import tiles
+from attncc.report import explain_data
 from attncc.spec import load_spec, parse_spec
 from tile_oracle import mask_spec, random_cover_mask, random_overrides, tile_classes
 

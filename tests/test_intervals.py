@@ -1,7 +1,7 @@
 """The overflow guard's bounds are sound: random integer expressions, their ``_int_reach``
 source (attncc.codegen.bounds) evaluated at random call numbers, against the exact value of
 every sub-expression at random pairs of that call. And the float sums of score code
-(attncc.codegen.integer.integer_sums) keep their value."""
+(attncc.analysis.integer.integer_sums) keep their value."""
 from __future__ import annotations
 
 import random
@@ -10,7 +10,7 @@ import pytest
 import sympy
 
 from attncc.codegen.bounds import _BoundPrinter
-from attncc.codegen.integer import FloorDiv, FloorMod, ToFloat, integer_ops, integer_sums
+from attncc.analysis.integer import FloorDiv, FloorMod, ToFloat, integer_ops, integer_sums
 from attncc.runtime.intervals import CallNumbers
 from attncc.spec import symbols as S
 from attncc.spec.ir import Param, Pattern

@@ -15,7 +15,7 @@ import torch
 import attncc
 from attncc._reference import evaluate, pair_mask
 from attncc.analysis import analyze
-from attncc.runtime import tiles
+from attncc.core import tiles
 from attncc.spec import SpecError, parse_spec
 from attncc.spec.builtins import shift
 from cases import build_inline, rel_err, vjp_case

@@ -368,7 +368,7 @@ def test_pair_mask_agrees_with_sympy(name):
 
 
 def test_bigbird_random_blocks_are_seeded_per_query_block():
-    from attncc.runtime import semantics
+    from attncc.core import semantics
     p = parse_spec("[mask]\nwhere = 'random_blocks(2, block=16, seed=5)'\n")
     m = pair_mask(p, q_rows=100, k_rows=90)[0, 0]
     nkb = math.ceil(90 / 16)

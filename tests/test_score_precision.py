@@ -1,11 +1,11 @@
 """Score code far into a sequence, and score code that must stay float32 or per pair (issue 15
 leftovers). Forward and backward (and decode) against attncc.reference:
 
-- integer sums before float arithmetic (codegen.integer.integer_sums): ALiBi's ``slope * (j - i)``
+- integer sums before float arithmetic (analysis.integer.integer_sums): ALiBi's ``slope * (j - i)``
   and ``0.1 * (i - j)`` in a transform are computed from the distance, not from two rounded
   products of absolute positions, and are no longer split into a key term and a row term; a
   term linear in j (``0.1 * j``) is computed from the distance as well, ``0.1 * i`` going to
-  the LSE (codegen.integer.recentered);
+  the LSE (analysis.integer.recentered);
 - a float64 table is float32 in score code (float64 scores reached ``p.to(bfloat16)``);
 - a transform that is ``-inf`` everywhere, or on whole rows, removes their pairs (it used to be
   split off as a row constant and dropped from the key loop).

@@ -14,7 +14,7 @@ import attncc.runtime as _rt
 from attncc.analysis import analyze
 from attncc._reference import pair_mask
 from attncc.codegen.tile_kernel import render_tile_kernel
-from attncc.runtime.tiles import BlockStat, IntervalProgram
+from attncc.core.tiles import BlockStat, IntervalProgram
 from attncc.spec import parse_spec
 from cases import SMALL_PARAMS, SOFTMAX, pattern as spec_pattern
 

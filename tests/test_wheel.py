@@ -45,7 +45,7 @@ def test_pyproject_lists_every_package():
 
 def test_templates_found_in_the_checkout():
     """In a source checkout (no attncc/templates) the one lookup gives the top-level templates/."""
-    from attncc._resources import templates_dir
+    from attncc.core.resources import templates_dir
 
     assert not (ROOT / "attncc" / "templates").exists()
     assert templates_dir() == ROOT / "templates"

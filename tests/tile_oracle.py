@@ -24,7 +24,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from attncc._reference import pair_mask
-from attncc.runtime import tiles
+from attncc.core import tiles
 
 TILE_SHAPES = [(16, 16), (16, 32), (32, 16), (64, 32), (32, 64), (128, 64)]
 

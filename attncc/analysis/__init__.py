@@ -6,14 +6,13 @@ tile of ``BLOCK_M x BLOCK_N``, whether it is EMPTY, FULL or PARTIAL. For static 
 exact: closed forms where the mask is a union of monotone bands (:mod:`attncc.analysis.bands`,
 :mod:`attncc.analysis.walks`), exact block lists otherwise; masks over ``[inputs]`` are
 classified per call by an interval program (:mod:`attncc.analysis.classifier`, run by
-:mod:`attncc.runtime.tiles`).
+:mod:`attncc.core.tiles`). It also splits the score into what the key loop computes and what it
+hoists or leaves to the LSE (:mod:`attncc.analysis.score`). What a Plan does at one size, counted
+for ``attncc explain``, is :func:`attncc.report.explain_data`.
 """
 from attncc.analysis.graph import WALKS, block_graph, exact_tiles, graph_to_csr, plan_grid, walk_grid
 from attncc.analysis.plan import Plan, analyze, transposed_mask, transposed_pattern
-from attncc.analysis.report import explain_data
 from attncc.analysis.walks import Iteration, Walk
-from attncc.runtime.tiles import BlockStat, IntervalProgram, TileClass
 
-__all__ = ["analyze", "Plan", "Iteration", "Walk", "IntervalProgram", "BlockStat", "TileClass", "WALKS", "walk_grid",
-           "exact_tiles", "plan_grid", "block_graph", "graph_to_csr", "explain_data", "transposed_mask",
-           "transposed_pattern"]
+__all__ = ["analyze", "Plan", "Iteration", "Walk", "WALKS", "walk_grid", "exact_tiles", "plan_grid", "block_graph",
+           "graph_to_csr", "transposed_mask", "transposed_pattern"]

@@ -20,7 +20,7 @@ from typing import Dict, List, Tuple, Union
 import sympy
 from sympy.logic.boolalg import BooleanFalse, BooleanTrue
 
-from attncc.runtime.tiles import BlockStat, IntervalProgram
+from attncc.core.tiles import BlockStat, IntervalProgram
 from attncc.spec import symbols as S
 from attncc.spec.builtins import AlibiSlope, BitAnd, BitOr, BitXor, Bucket, RandomBlocks, Shift, Sigmoid
 from attncc.spec.ir import Pattern
@@ -53,7 +53,7 @@ def _signed_terms(e):
 
 def _integer_valued(e) -> bool:
     """``e`` is an integer at every pair, computed exactly by the kernels (integer ``//`` and ``%``,
-    :mod:`attncc.codegen.integer`) and the reference: its interval is never widened. Unlike
+    :mod:`attncc.analysis.integer`) and the reference: its interval is never widened. Unlike
     sympy's ``is_integer``, ``floor(i / w)`` and ``i % w`` with ``w`` an int param count (sympy
     cannot rule out ``w = 0``, where the mask is undefined anyway), and a floor or ceiling of
     float arithmetic counts too (its argument is widened, the rounding to an integer is exact)."""

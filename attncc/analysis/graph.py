@@ -14,9 +14,9 @@ import sympy
 from attncc.analysis.bands import FIRST, LAST
 from attncc.analysis.plan import Plan
 from attncc.analysis.walks import Iteration, bands_grid, precondition_holds
-from attncc.runtime import tiles
+from attncc.core import tiles
+from attncc.core.lazy import lazy_module
 from attncc.spec import symbols as S
-from attncc._lazy import lazy_module
 
 # imported on first use: `attncc build` never imports them
 nx = lazy_module("networkx")

@@ -12,11 +12,11 @@ from attncc.analysis.bands import NoBand, cover
 from attncc.analysis.classifier import compile_mask
 from attncc.analysis.normal_form import TooComplex, to_dnf
 from attncc.analysis.walks import Iteration, Walk, bands_walk
-from attncc.runtime.tiles import BlockStat, IntervalProgram
+from attncc.core.lazy import lazy_module
+from attncc.core.tiles import BlockStat, IntervalProgram
 from attncc.spec import symbols as S
 from attncc.spec.builtins import RandomBlocks
 from attncc.spec.ir import Pattern
-from attncc._lazy import lazy_module
 
 torch = lazy_module("torch")  # on first use: `attncc build` never imports it
 

@@ -1,4 +1,4 @@
-"""What the code generator makes of ``[score].mod`` (pure sympy; no torch).
+"""What the kernels make of the score: its terms, what leaves the key loop (pure sympy; no torch).
 
 - :func:`softcap_of_mod`: ``c * tanh(s / c)`` (c a positive number) is the built-in softcap;
   :func:`canonical_score` rewrites such a pattern so that both produce the same kernel.
@@ -6,6 +6,9 @@
   nor the key position (``tan(b)``, ``f(h, i)``) shift every score of a row equally: the
   softmax cancels them, so the kernels leave them out of the key loop and add them to the
   LSE only. Not with a softcap (the tanh after the transform does not commute with a shift).
+- :func:`score_terms`: the mask, the bias and the mod as the key loop computes them, their
+  loop-invariant parts hoisted (:mod:`attncc.analysis.hoist`), and the terms constant along j;
+  the code generator renders these, and explain reports them.
 - :func:`score_report`: what the kernels do to a score (scale, bias, mod, softcap, what the
   key loop hoists and drops), for ``attncc explain``.
 """
@@ -16,7 +19,11 @@ from typing import List, Optional, Tuple
 import sympy
 from sympy.printing.str import StrPrinter
 
+from attncc.analysis.derivative import score_derivative
+from attncc.analysis.hoist import Hoister, split_along_j
+from attncc.analysis.integer import integer_sums, recentered
 from attncc.spec import symbols as S
+from attncc.spec.ir import Pattern
 
 
 def softcap_of_mod(mod) -> Optional[float]:
@@ -45,13 +52,11 @@ def split_mod_along_j(mod) -> Tuple[sympy.Expr, Optional[sympy.Expr]]:
 
     Only terms of the top-level sum that are free of ``s`` and ``j`` are split off (no
     expansion: ``(s + tan(b)) * 2`` stays whole), after its integer terms are added up
-    (``s + 0.1*i - 0.1*j`` is ``s + 0.1 * (i - j)``, one term along j: codegen.integer), and a
+    (``s + 0.1*i - 0.1*j`` is ``s + 0.1 * (i - j)``, one term along j: analysis.integer), and a
     term linear in j is computed from the distance (``0.1 * j``: ``0.1 * (j - i)`` in the loop,
-    ``0.1 * i`` constant along j; codegen.integer.recentered). A term
+    ``0.1 * i`` constant along j; analysis.integer.recentered). A term
     holding an infinity or NaN stays in the loop: ``-inf`` removes pairs there, which no shift of
     the LSE does (a transform that is ``-inf`` everywhere leaves each row without keys)."""
-    from attncc.codegen.integer import integer_sums, recentered  # sympy only
-
     loop, const = [], []
     for t in sympy.Add.make_args(integer_sums(mod)):
         moved = None if S.s in t.free_symbols or _non_finite(t) else recentered(t)
@@ -70,6 +75,38 @@ def split_mod_along_j(mod) -> Tuple[sympy.Expr, Optional[sympy.Expr]]:
 def _non_finite(e) -> bool:
     """Whether ``e`` holds an infinity or NaN (``where(i < 5, 0, -inf)``, ``-inf``)."""
     return e.has(sympy.oo, -sympy.oo, sympy.zoo, sympy.nan)
+
+
+def mask_hoister(**kw) -> Hoister:
+    """The hoister of mask code: its values are printed in float64 (as the mask is), so they
+    get names of their own (``mc<n>``, ``mrow<n>``), apart from the score's, and keep the
+    reference's order of operations (no integer sums regrouped: float64 is exact there)."""
+    kw.setdefault("row_prefix", "mrow")
+    return Hoister(scalar_prefix="mc", float32=False, **kw)
+
+
+def score_terms(pattern: Pattern, hoist: Hoister, mask_hoist: Hoister):
+    """(mask, bias along j, mod, row-constant terms, simple_bias) with loop-invariant parts hoisted
+    (the mask's by ``mask_hoist``: mask code is printed in float64).
+
+    Terms of the bias (or of the mod, without a softcap) that do not vary with j shift a whole row
+    of scores: the softmax cancels them, so they leave the key loop and go to the LSE only."""
+    bias_j, lse_row = pattern.bias, None
+    simple_bias = pattern.mod is None and pattern.softcap is None
+    if pattern.bias is not None and simple_bias:
+        bias_j, lse_row = split_along_j(pattern.bias)
+        bias_j = None if bias_j == 0 else bias_j
+        lse_row = None if lse_row == 0 else lse_row
+    if pattern.mask is not None and pattern.mask.has(S.s):
+        raise ValueError(f"{pattern.source}: the mask depends on the score s; score conditions stay in "
+                         f"[score].mod (attncc.spec.load.split_mod_mask)")
+    mask = mask_hoist(pattern.mask) if pattern.mask is not None else None
+    bias_j = hoist(bias_j) if bias_j is not None else None
+    mod_j = pattern.mod
+    if pattern.mod is not None and pattern.softcap is None:
+        mod_j, lse_row = split_mod_along_j(pattern.mod)
+    mod = hoist(mod_j) if mod_j is not None and mod_j != S.s else None
+    return mask, bias_j, mod, lse_row, simple_bias
 
 
 class _SpecPrinter(StrPrinter):
@@ -94,8 +131,8 @@ def _text(e) -> str:
 
 def score_report(pattern, head_dim: Optional[int] = None) -> dict:
     """The ``score`` section of ``attncc explain``: what the kernels do to a score, from the
-    code generator's own split (:func:`attncc.codegen.softmax.score_terms`, on the pattern it
-    renders: :func:`canonical_score`).
+    split the code generator renders (:func:`score_terms`, on the pattern it renders:
+    :func:`canonical_score`).
 
     Keys: ``scale`` (the number; ``scale_default``: it is 1/sqrt(head_dim), None without a head
     dim), ``bias``, ``mod`` (as written; the mask taken out of it in ``mask_from_mod``),
@@ -129,9 +166,6 @@ def score_report(pattern, head_dim: Optional[int] = None) -> dict:
     if canon.bias is None and canon.mod is None and canon.softcap is None:
         out["key_loop"] = [f"s = {qk}"]
         return out
-    from attncc.codegen.hoist import Hoister
-    from attncc.codegen.softmax import mask_hoister, score_terms  # the kernels' split (sympy, jinja2: no torch)
-
     hoist = Hoister()
     _, bias_j, mod, lse_row, _ = score_terms(canon, hoist, mask_hoister())
     # the hoisted values by their kernel names (Dummies print as _c0)
@@ -152,8 +186,6 @@ def score_report(pattern, head_dim: Optional[int] = None) -> dict:
         out["key_loop"].append(f"s = {canon.softcap!r}*tanh(s/{canon.softcap!r})  (a removed pair stays -inf)")
     if canon.mod is not None:
         try:
-            from attncc.codegen.backward import score_derivative
-
             out["derivative"] = _text(sympy.simplify(score_derivative(canon.mod)))
         except Exception as e:  # noqa: BLE001 - the report says why there is none
             out["derivative"] = f"none: {e}"

@@ -33,10 +33,10 @@ from typing import Dict, List, Mapping, Optional, Tuple
 
 import sympy
 
-from attncc._lazy import lazy_module
 from attncc.analysis.bands import FIRST, LAST, Band, Cover
 from attncc.analysis.intexpr import int_value
 from attncc.analysis.symbols import BLOCK_N, N_K, k_offset, q_hi, q_lo
+from attncc.core.lazy import lazy_module
 
 torch = lazy_module("torch")  # on first use: `attncc build` never imports it
 

@@ -9,10 +9,10 @@ from typing import Iterable, List
 
 import jinja2
 
-import attncc
-from attncc._resources import templates_dir
+from attncc.core.resources import templates_dir
 from attncc.codegen.names import param_var
 from attncc.codegen.text import escaped, py_str
+from attncc.core.version import VERSION
 from attncc.spec import Pattern, SpecError, load_spec
 
 TEMPLATES = templates_dir()  # installed package data, or templates/ of a source checkout
@@ -50,7 +50,7 @@ def pattern_lines(pattern: Pattern) -> List[str]:
 def render(pattern: Pattern) -> str:
     """The source of the generated module for ``pattern``."""
     env = _environment()
-    common = dict(version=attncc.__version__, source=pattern.source, spec_hash=pattern.source_hash,
+    common = dict(version=VERSION, source=pattern.source, spec_hash=pattern.source_hash,
                   name=pattern.name, pattern_lines=pattern_lines(pattern), head_dims=tuple(pattern.head_dims),
                   value_dim=pattern.value_dim, dtypes=tuple(pattern.dtypes), heads_q=pattern.heads_q,
                   heads_kv=pattern.heads_kv, params=pattern.params, inputs=pattern.inputs,

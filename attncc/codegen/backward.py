@@ -28,12 +28,13 @@ import sympy
 from sympy.core.function import AppliedUndef
 
 from attncc.analysis import Plan
-from attncc.analysis.score import split_mod_along_j
+from attncc.analysis.derivative import BackwardUnsupported, derivative, score_derivative
+from attncc.analysis.hoist import Hoister, split_along_j
+from attncc.analysis.score import mask_hoister, split_mod_along_j
 from attncc.codegen.helpers import render_helper
-from attncc.codegen.hoist import Hoister, split_along_j
 from attncc.codegen.names import grad_args, grad_ptr, grad_stride, input_size, param_arg, param_value, param_var
 from attncc.codegen.printer import TritonPrinter
-from attncc.codegen.softmax import _Inputs, mask_hoister, mod_text  # gathers and mask code as the forward's
+from attncc.codegen.softmax import Inputs, mod_text  # gathers as the forward's
 from attncc.codegen.walks import render_walk
 from attncc.spec import symbols as S
 from attncc.spec.builtins import RandomBlocks
@@ -44,43 +45,6 @@ LOG2E = "1.4426950408889634"
 # ---------------------------------------------------------------------------
 # Expressions
 # ---------------------------------------------------------------------------
-
-class BackwardUnsupported(Exception):
-    """A pattern whose backward cannot be generated (the module then raises on backward)."""
-
-
-def _step_derivative(d: sympy.Derivative):
-    """What sympy leaves unevaluated: floor / ceiling are steps (derivative 0 almost everywhere,
-    as torch takes it), ``Mod(a, m)`` with ``m`` free of s has a's derivative."""
-    e, x = d.expr, d.variables[0]
-    if isinstance(e, (sympy.floor, sympy.ceiling)):
-        return sympy.Integer(0)
-    if isinstance(e, sympy.Mod) and x not in e.args[1].free_symbols:
-        return sympy.diff(e.args[0], x)
-    return d
-
-
-def score_derivative(mod) -> sympy.Expr:
-    """d mod / d s, in nodes the printer renders (Heaviside and sign as Piecewise)."""
-    return derivative(mod, S.s, what="[score].mod", wrt="s")
-
-
-def derivative(e, x, *, what: str, wrt: str) -> sympy.Expr:
-    """d e / d x (``x`` a symbol, or an input access such as ``rel_bias(h, ...)`` standing for
-    the gathered element), in nodes the printer renders (Heaviside and sign as Piecewise)."""
-    if not isinstance(x, sympy.Symbol):  # an input access: differentiate by a stand-in symbol
-        stand_in = sympy.Dummy("x", real=True)
-        return derivative(e.xreplace({x: stand_in}), stand_in, what=what, wrt=wrt).xreplace({stand_in: x})
-    d = sympy.diff(e, x)  # Sigmoid knows its derivative (builtins.Sigmoid.fdiff)
-    d = d.replace(lambda e: isinstance(e, sympy.Derivative) and len(e.variables) == 1, _step_derivative)
-    d = d.replace(lambda e: isinstance(e, sympy.Subs) and not e.expr.has(sympy.Derivative), lambda e: e.doit())
-    # kinks (Max, Min, Abs) get a one-sided derivative
-    d = d.replace(sympy.Heaviside, lambda x, *rest: sympy.Piecewise((1, x > 0), (0, True)))
-    d = d.replace(sympy.sign, lambda x: sympy.Piecewise((1, x > 0), (-1, x < 0), (0, True)))
-    if d.has(sympy.Derivative) or d.has(sympy.Subs):
-        raise BackwardUnsupported(f"cannot differentiate {what} = {e} with respect to {wrt}: {d}")
-    return d
-
 
 def _index_names(pattern: Pattern, i_text: str, j_text: str, extra: Dict[sympy.Symbol, str], float64: bool = False):
     """Kernel text of each symbol; ``float64``: for mask code (see softmax._names)."""
@@ -118,14 +82,14 @@ class _Kernel:
 
     def tile_printer(self, s_name: str = "s") -> TritonPrinter:
         pr = TritonPrinter({**self._tile_names(self.hoist, False), S.s: s_name}, random_blocks=self.rb_render)
-        inputs = _Inputs(self.pattern)
+        inputs = Inputs(self.pattern)
         pr.gather = lambda e: inputs.gather(pr, e)
         return pr
 
     def mask_printer(self) -> TritonPrinter:
         """Mask code: float64, values from the mask's own hoister (as the forward's)."""
         pr = TritonPrinter(self._tile_names(self.mask_hoist, True), random_blocks=self.rb_render, float64=True)
-        inputs = _Inputs(self.pattern)
+        inputs = Inputs(self.pattern)
         pr.gather = lambda e: inputs.gather(pr, e)
         return pr
 
@@ -138,7 +102,7 @@ class _Kernel:
             else:
                 names = _index_names(pattern, "?", "offs_j", scalars, float64)
             pr = TritonPrinter(names, float64=float64)
-            inputs = _Inputs(pattern)
+            inputs = Inputs(pattern)
             pr.gather = lambda e, pr=pr: inputs.gather(pr, e)
             out += [(sym.name, pr(e), S.h in e.free_symbols) for e, sym in hoist.scalars.items()]
             out += [(sym.name, pr(e), S.h in e.free_symbols) for e, sym in hoist.rows.items()]
@@ -353,7 +317,7 @@ def _context(pattern: Pattern, plan: Plan, fwd: dict) -> dict:
     helpers = dq.helpers | dkdv.helpers
     if lse_row is not None:
         pr = TritonPrinter(_index_names(pattern, "offs_i", "?", {}))
-        inputs = _Inputs(pattern)
+        inputs = Inputs(pattern)
         pr.gather = lambda e: inputs.gather(pr, e)
         pre_bias = pr(lse_row)
         helpers |= pr.helpers

@@ -22,7 +22,7 @@ from typing import Iterable, List, Tuple
 import sympy
 from sympy.core.function import AppliedUndef
 
-from attncc.codegen.integer import FloorDiv, FloorMod, integer_ops
+from attncc.analysis.integer import FloorDiv, FloorMod, integer_ops
 from attncc.codegen.printer import Defined
 from attncc.codegen.text import escaped, py_str
 from attncc.spec import symbols as S

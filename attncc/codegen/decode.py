@@ -22,11 +22,12 @@ from typing import List
 
 from sympy.core.function import AppliedUndef
 
+from attncc.analysis.hoist import Hoister
+from attncc.analysis.score import mask_hoister, score_terms
 from attncc.codegen.helpers import render_helper, rope_helpers
-from attncc.codegen.hoist import Hoister
 from attncc.codegen.names import param_arg, param_value, param_var
 from attncc.codegen.printer import TritonPrinter
-from attncc.codegen.softmax import _Inputs, mask_hoister, render_score, score_terms
+from attncc.codegen.softmax import Inputs, render_score
 from attncc.codegen.walks import monotone_code, render_walk
 from attncc.spec import symbols as S
 from attncc.spec.builtins import RandomBlocks
@@ -38,7 +39,7 @@ def decode_context(pattern: Pattern, plan, ctx: dict) -> dict:
     helpers the module already defines)."""
     if pattern.mask is not None and pattern.mask.atoms(RandomBlocks):
         return dict(supported=False, reason="random_blocks() depend on the sequence length, which differs per row")
-    inputs = _Inputs(pattern)  # gathers as the forward renders them
+    inputs = Inputs(pattern)  # gathers as the forward renders them
     hoist, mhoist = Hoister(), mask_hoister()
     mask, bias_j, mod, lse_row, simple_bias = score_terms(pattern, hoist, mhoist)
 

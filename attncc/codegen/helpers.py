@@ -1,7 +1,7 @@
 """Triton helper functions a kernel may call; each is rendered only when used."""
 from __future__ import annotations
 
-from attncc.runtime import semantics
+from attncc.core import semantics
 
 FLOORDIV = '''@triton.jit
 def _floordiv(a, b):

@@ -6,7 +6,7 @@ it a ``names`` map from each free symbol to the text it should become, and a
 
 Integer ``//`` and ``%`` are integer operations with Python's (floor) semantics, exact at
 every position: every expression is first put through
-:func:`attncc.codegen.integer.integer_ops`, which turns them into ``FloorDiv`` / ``FloorMod``
+:func:`attncc.analysis.integer.integer_ops`, which turns them into ``FloorDiv`` / ``FloorMod``
 nodes (so no pass can have split them), printed as Triton's ``//`` / ``%`` when sympy proves
 the operands have the safe signs (Triton's operators truncate toward zero) and as the
 ``_floordiv`` / ``_floormod`` helpers otherwise. Integer code is printed without casts, in
@@ -32,8 +32,8 @@ from typing import Callable, Dict, List, Optional, Set
 import sympy
 from sympy.core.function import AppliedUndef
 
-from attncc.codegen.hoist import resolve
-from attncc.codegen.integer import integer_fraction, integer_ops, integer_sums
+from attncc.analysis.hoist import resolve
+from attncc.analysis.integer import integer_fraction, integer_ops, integer_sums
 from attncc.spec.builtins import RandomBlocks
 
 # The integer expressions the printers write while :func:`printed_integers` is active, and the

@@ -6,16 +6,15 @@ from typing import Dict, List
 import sympy
 from sympy.core.function import AppliedUndef
 
-from attncc.analysis.score import split_mod_along_j
 from attncc.analysis.bands import X
+from attncc.analysis.hoist import Hoister
+from attncc.analysis.score import mask_hoister, score_terms
 from attncc.analysis.walks import Iteration
 from attncc.codegen.helpers import render_helper, rope_helpers
-from attncc.codegen.hoist import Hoister, split_along_j
 from attncc.codegen.names import input_args, input_ptr, input_size, input_stride, param_arg, param_value, param_var
 from attncc.codegen.printer import TritonPrinter
 from attncc.codegen.tile_kernel import render_tile_kernel
-from attncc.codegen.walks import _note as _note_of
-from attncc.codegen.walks import precondition_code, render_walk
+from attncc.codegen.walks import precondition_code, render_walk, walk_note
 from attncc.spec import symbols as S
 from attncc.spec.builtins import RandomBlocks
 from attncc.spec.ir import INTEGER_DTYPES, Pattern
@@ -26,7 +25,7 @@ INDEX_NAMES = {S.b: "b", S.h: "h", S.n_q: "n_q", S.n_k: "n_k", S.n_heads: "H", S
 LIST_ARGS = ["full_count", "full_index", "partial_count", "partial_index", "list_sb", "list_sh", "list_sq", "list_width"]
 
 
-class _Inputs:
+class Inputs:
     """Renders input accesses (``doc[b, i]``) as masked gathers (kernel names: :mod:`attncc.codegen.names`)."""
 
     def __init__(self, pattern: Pattern):
@@ -76,16 +75,8 @@ def _names(pattern: Pattern, i_text: str, j_text: str, extra: Dict[sympy.Symbol,
     return names
 
 
-def mask_hoister(**kw) -> Hoister:
-    """The hoister of mask code: its values are printed in float64 (as the mask is), so they
-    get names of their own (``mc<n>``, ``mrow<n>``), apart from the score's, and keep the
-    reference's order of operations (no integer sums regrouped: float64 is exact there)."""
-    kw.setdefault("row_prefix", "mrow")
-    return Hoister(scalar_prefix="mc", float32=False, **kw)
-
-
 def softmax_context(pattern: Pattern, plan) -> dict:
-    inputs = _Inputs(pattern)
+    inputs = Inputs(pattern)
     hoist, mhoist = Hoister(), mask_hoister()
 
     # -- what enters the score ----------------------------------------------
@@ -148,7 +139,7 @@ def softmax_context(pattern: Pattern, plan) -> dict:
     walk = render_walk(plan, transposed=False)
     printers[0].helpers |= walk["helpers"]
     note = [f"Key blocks per query block (forward, dQ): {walk['note'][0]}"] + walk["note"][1:]
-    dkdv_note = _note_of(plan.transposed, transposed=True)
+    dkdv_note = walk_note(plan.transposed, transposed=True)
     note += [f"Query blocks per key block (dK/dV): {dkdv_note[0]}"] + dkdv_note[1:]
     checks = (precondition_code(plan, transposed=False), precondition_code(plan, transposed=True))
     mask_free = pattern.mask.free_symbols if pattern.mask is not None else set()
@@ -175,30 +166,6 @@ def softmax_context(pattern: Pattern, plan) -> dict:
         rotary_dim_arg=("0" if pattern.rope is None else
                         str(pattern.rope.rotary_dim) if pattern.rope.rotary_dim else "call.D"), param_doc=param_doc, input_doc=input_doc, call_example=call_example,
     )
-
-
-def score_terms(pattern: Pattern, hoist: Hoister, mask_hoist: Hoister):
-    """(mask, bias along j, mod, row-constant terms, simple_bias) with loop-invariant parts hoisted
-    (the mask's by ``mask_hoist``: mask code is printed in float64).
-
-    Terms of the bias (or of the mod, without a softcap) that do not vary with j shift a whole row
-    of scores: the softmax cancels them, so they leave the key loop and go to the LSE only."""
-    bias_j, lse_row = pattern.bias, None
-    simple_bias = pattern.mod is None and pattern.softcap is None
-    if pattern.bias is not None and simple_bias:
-        bias_j, lse_row = split_along_j(pattern.bias)
-        bias_j = None if bias_j == 0 else bias_j
-        lse_row = None if lse_row == 0 else lse_row
-    if pattern.mask is not None and pattern.mask.has(S.s):
-        raise ValueError(f"{pattern.source}: the mask depends on the score s; score conditions stay in "
-                         f"[score].mod (attncc.spec.load.split_mod_mask)")
-    mask = mask_hoist(pattern.mask) if pattern.mask is not None else None
-    bias_j = hoist(bias_j) if bias_j is not None else None
-    mod_j = pattern.mod
-    if pattern.mod is not None and pattern.softcap is None:
-        mod_j, lse_row = split_mod_along_j(pattern.mod)
-    mod = hoist(mod_j) if mod_j is not None and mod_j != S.s else None
-    return mask, bias_j, mod, lse_row, simple_bias
 
 
 def render_score(pattern: Pattern, tile: TritonPrinter, bias_j, mod, simple_bias: bool) -> List[str]:

@@ -27,7 +27,7 @@ How the kernel mirrors ``attncc.runtime.tiles``:
   so their Python semantics are the torch path's by construction) and *grid* (tensors:
   computed in the kernel in float64, one IEEE operation per torch operation, NaN-propagating
   min / max like ``torch.minimum``; launched with FMA contraction off).
-- Where ``tiles`` picks a code path from a Python number (``_scalar`` in mul / div /
+- Where ``tiles`` picks a code path from a Python number (``point_value`` in mul / div /
   floordiv / mod), literals pick it here and host values pick it per call (both paths are
   computed, a uniform ``tl.where`` chooses).
 
@@ -48,8 +48,8 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 from attncc.codegen.names import host_tensor, input_ptr, input_stride
-from attncc.runtime import tiles
-from attncc.runtime.tiles import BlockStat, IntervalProgram
+from attncc.core import tiles
+from attncc.core.tiles import BlockStat, IntervalProgram
 
 GRID_OPS = frozenset({"const", "span", "unbounded", "add", "sub", "neg", "mul", "reciprocal", "div", "floordiv",
                       "mod", "widen", "floor_", "abs_", "min_", "max_", "select", "tri", "le", "lt", "eq", "ne",
@@ -367,7 +367,7 @@ class _Gen:
                 self.consts.append(f"{name}_f = tl.full([], {int(bool(mf))}, tl.int1)")
                 out = (f"{name}_t", f"{name}_f")
             else:
-                lo, hi = tiles._iv(v.py)
+                lo, hi = tiles.as_interval(v.py)
                 self.consts.append(f"{name}_lo = tl.full([], {_num_src(lo)}, tl.float64)")
                 self.consts.append(f"{name}_hi = tl.full([], {_num_src(hi)}, tl.float64)")
                 out = (f"{name}_lo", f"{name}_hi")
@@ -375,7 +375,7 @@ class _Gen:
             if v.kind == "tri":
                 parts = (("t", f"float({v.py}[0])"), ("f", f"float({v.py}[1])"))
             else:
-                parts = (("lo", f"float(_rt.tiles._iv({v.py})[0])"), ("hi", f"float(_rt.tiles._iv({v.py})[1])"))
+                parts = (("lo", f"float(_rt.tiles.as_interval({v.py})[0])"), ("hi", f"float(_rt.tiles.as_interval({v.py})[1])"))
             names = []
             for suffix, expr in parts:
                 param = f"a_{name}_{suffix}"
@@ -390,12 +390,12 @@ class _Gen:
         return out
 
     def scalar_flag(self, v: _Val) -> str:
-        """Kernel bool: ``tiles._scalar(v) is not None`` for a host value (decided per call)."""
+        """Kernel bool: ``tiles.point_value(v) is not None`` for a host value (decided per call)."""
         key = v.py  # the host variable
         if key not in self.flags:
             name = self.fresh("s")
             param = f"a_{name}"
-            self.host_args.append((param, f"float(_rt.tiles._scalar({v.py}) is not None)"))
+            self.host_args.append((param, f"float(_rt.tiles.point_value({v.py}) is not None)"))
             self.consts.append(f"{name} = tl.full([], {param}, tl.float64) != 0.0")
             self.flags[key] = name
         return self.flags[key]
@@ -447,14 +447,14 @@ def _is_tensor_like(x) -> bool:
 # ---------------------------------------------------------------------------
 
 def _lit_scalar(v: _Val):
-    """For a literal: ``tiles._scalar`` of it (None: not a point)."""
-    return tiles._scalar(v.py)
+    """For a literal: ``tiles.point_value`` of it (None: not a point)."""
+    return tiles.point_value(v.py)
 
 
 def _emit_mul(g: _Gen, x: _Val, y: _Val) -> _Val:
     if x.cat != "grid" and y.cat != "grid":
         return g.fold("mul", [x, y], ())
-    # tiles.mul: c = _scalar(y); if c is None and _scalar(x) is not None: swap. Grid values are never scalars.
+    # tiles.mul: c = point_value(y); if c is None and point_value(x) is not None: swap. Grid values are never scalars.
     if y.cat == "grid":
         x, y = y, x  # the non-grid one (if any) is now y; products commute, so the general path is the same
     if y.cat == "grid":
@@ -497,7 +497,7 @@ def _emit_div(g: _Gen, x: _Val, y: _Val) -> _Val:
 
 
 def _emit_by_constant(g: _Gen, op: str, x: _Val, y: _Val, const_fn: str, iv_fn: str, extra=()) -> _Val:
-    """floordiv / mod: the constant-divisor path when ``_scalar(y)``, else the interval path."""
+    """floordiv / mod: the constant-divisor path when ``point_value(y)``, else the interval path."""
     if y.cat == "grid":
         return g.grid_call(iv_fn, [x, y], extra)
     if y.cat == "lit":

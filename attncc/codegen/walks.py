@@ -65,7 +65,7 @@ def render_walk(plan: Plan, transposed: bool, names: Optional[Dict[str, str]] = 
     prefix = "qb_" if transposed else "kv_"
     out = dict(kind=walk.kind.value, lists=walk.kind is Iteration.BLOCK_LIST, closed=walk.kind is Iteration.BANDS,
                switch=False, steps=[], segments=walk.segments, out={}, full_kb="", masked_kb="", per_head=False,
-               helpers=set(), note=_note(walk, transposed))
+               helpers=set(), note=walk_note(walk, transposed))
     if walk.kind is not Iteration.BANDS:
         return out
     names = _symbol_names(plan, walk, transposed, prefix, names)
@@ -85,7 +85,8 @@ def render_walk(plan: Plan, transposed: bool, names: Optional[Dict[str, str]] = 
     return out
 
 
-def _note(walk: Walk, transposed: bool = False):
+def walk_note(walk: Walk, transposed: bool = False):
+    """How ``walk`` finds its blocks, as the lines of the generated module's note."""
     if walk.kind is Iteration.DENSE:
         return ["dense (every block; only a ragged last one is masked)"]
     if walk.kind is Iteration.BLOCK_LIST:

@@ -125,9 +125,9 @@ def make_layout(kind: str, n: int, world: int, *, module=None, pattern=None, til
 
 
 def resolve_pattern(pattern):
-    from attncc.distributed.classes import _as_pattern
+    from attncc.distributed.classes import as_pattern
 
-    return _as_pattern(pattern)
+    return as_pattern(pattern)
 
 
 def resolve_layout(layout, *, n_local: int, world: int, rank: int, target, params, inputs, batch) -> Layout:
@@ -194,7 +194,7 @@ def gather(x: torch.Tensor, layout: Layout, group=None, dim: int = 2) -> torch.T
     if world == 1:
         return x
     L = layout.max_local_len()
-    mine = _comm._padded(x, L, dim)
+    mine = _comm.padded(x, L, dim)
     parts = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(parts, mine, group=group)
     return unshard([p.narrow(dim, 0, layout.local_len(r)) for r, p in enumerate(parts)], layout, dim)

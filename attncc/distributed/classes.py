@@ -27,8 +27,8 @@ from typing import Callable, Dict, Mapping, Optional, Sequence
 
 import torch
 
-from attncc.runtime import tiles
-from attncc.runtime.tiles import EMPTY, FULL, PARTIAL
+from attncc.core import tiles
+from attncc.core.tiles import EMPTY, FULL, PARTIAL
 
 __all__ = ["EMPTY", "PARTIAL", "FULL", "Target", "resolve", "chunk_classes", "row_work"]
 
@@ -70,13 +70,13 @@ def _resolve(module, pattern) -> Target:
     if not hasattr(module, "SPEC"):
         import attncc
 
-        pattern = _as_pattern(module) if pattern is None else pattern
+        pattern = as_pattern(module) if pattern is None else pattern
         module = attncc.compile(module)
     spec = module.SPEC
     if spec.kind != "softmax":
         raise ValueError(f"attncc.distributed: {spec.name} is a {spec.kind} pattern; context parallelism "
                          f"supports softmax attention only")
-    pattern = _module_pattern(module) if pattern is None else _as_pattern(pattern)
+    pattern = _module_pattern(module) if pattern is None else as_pattern(pattern)
     if pattern.source_hash != spec.spec_hash:
         raise ValueError(f"attncc.distributed: the pattern given ({pattern.name}, spec hash {pattern.source_hash}) "
                          f"is not the one module {spec.name} was generated from (spec hash {spec.spec_hash})")
@@ -87,7 +87,8 @@ def _resolve(module, pattern) -> Target:
 _resolve_cached = functools.lru_cache(maxsize=64)(_resolve)
 
 
-def _as_pattern(spec):
+def as_pattern(spec):
+    """The Pattern of a spec given as a Pattern, a dict of spec keys, TOML text or a path."""
     from attncc.module_cache import toml_text
     from attncc.spec import Pattern, load_spec, parse_spec
 

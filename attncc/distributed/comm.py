@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from attncc.distributed.layout import Layout
 from attncc.distributed.pairs import PairCall, key_runs, merge_
-from attncc.runtime.tiles import EMPTY
+from attncc.core.tiles import EMPTY
 
 
 @dataclass
@@ -285,7 +285,7 @@ def _add_returned(s: Schedule, dkv, transfer) -> None:
 # All-gather
 # ---------------------------------------------------------------------------
 
-def _padded(x: torch.Tensor, rows: int, dim: int = 2) -> torch.Tensor:
+def padded(x: torch.Tensor, rows: int, dim: int = 2) -> torch.Tensor:
     """``x`` with zero rows appended along ``dim`` up to ``rows`` (collectives take equal sizes)."""
     if x.shape[dim] == rows:
         return x.contiguous()
@@ -296,7 +296,7 @@ def _padded(x: torch.Tensor, rows: int, dim: int = 2) -> torch.Tensor:
 
 def _start_gather(s: Schedule, kv: torch.Tensor):
     L = s.layout.max_local_len()
-    mine = _padded(kv, L)
+    mine = padded(kv, L)
     parts = [torch.empty_like(mine) for _ in range(s.world)]
     work = dist.all_gather(parts, mine, group=s.group, async_op=True)
     stats.bytes_sent += _nbytes(mine) * (s.world - 1)
@@ -336,7 +336,7 @@ def allgather_backward(s: Schedule, q, k, v, o, lse, do):
     s.backward_pairs(q, o, lse, do, dq_acc, full, rows, dkv_full)
     # the remote dK/dV to their owners, summed over the ranks: one reduce-scatter
     L = lay.max_local_len()
-    sends = [_padded(torch.cat([dkv_full.narrow(2, lay.bounds[c], lay.size(c)) for c in lay.chunks_of(p)], 2), L)
+    sends = [padded(torch.cat([dkv_full.narrow(2, lay.bounds[c], lay.size(c)) for c in lay.chunks_of(p)], 2), L)
              for p in range(s.world)]
     got = torch.empty_like(sends[0])
     dist.reduce_scatter(got, sends, group=s.group)
@@ -400,7 +400,7 @@ def seq_to_heads(x: torch.Tensor, hs: HeadShards) -> torch.Tensor:
     lay, W = hs.layout, hs.world
     hp = x.shape[1] // W
     L = lay.max_local_len()
-    sends = [_padded(x[:, p * hp:(p + 1) * hp], L) for p in range(W)]
+    sends = [padded(x[:, p * hp:(p + 1) * hp], L) for p in range(W)]
     got = _all_to_all(sends, hs)
     return torch.cat([got[lay.owner[c]].narrow(2, lay.local_start(c), lay.size(c)) for c in range(lay.num_chunks)], 2)
 
@@ -409,7 +409,7 @@ def heads_to_seq(y: torch.Tensor, hs: HeadShards) -> torch.Tensor:
     """The inverse of :func:`seq_to_heads`."""
     lay, W = hs.layout, hs.world
     L = lay.max_local_len()
-    sends = [_padded(torch.cat([y.narrow(2, lay.bounds[c], lay.size(c)) for c in lay.chunks_of(p)], 2), L)
+    sends = [padded(torch.cat([y.narrow(2, lay.bounds[c], lay.size(c)) for c in lay.chunks_of(p)], 2), L)
              for p in range(W)]
     got = _all_to_all(sends, hs)
     return torch.cat([t[:, :, :lay.local_len(hs.rank)] for t in got], 1)

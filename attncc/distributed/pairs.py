@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import attncc.runtime as _rt
-from attncc.runtime.tiles import EMPTY
+from attncc.core.tiles import EMPTY
 
 
 @dataclass(frozen=True)

@@ -318,14 +318,14 @@ def _user_module(spec) -> Tuple[ModuleType, Optional[float], bool]:
         if not hasattr(spec, "attention") or not hasattr(spec, "SPEC"):
             raise TypeError(f"attncc: spec must be a generated module (with attention and SPEC), got {spec.__name__}")
         return spec, None, False
-    from attncc.module_cache import _spec_source
+    from attncc.module_cache import spec_source
     from attncc.spec import parse_spec
 
     module = attncc.compile(spec)
     if module.SPEC.kind != "softmax":
         raise ValueError(f"attncc: {module.SPEC.name} is a {module.SPEC.kind} attention spec; models call softmax "
                          f"attention")
-    pattern = parse_spec(*_spec_source(spec))
+    pattern = parse_spec(*spec_source(spec))
     return module, pattern.softcap, True
 
 

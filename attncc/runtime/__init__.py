@@ -1,8 +1,8 @@
 """What generated kernels import at run time: argument checks, configs, launch helpers.
 
-Imports torch (and Triton when launching) only: never sympy, networkx or jinja2. The names below
-load on first use (PEP 562), so that the compiler, which needs only the torch-free
-``attncc.runtime.semantics``, does not import torch (about 3 s of every ``attncc build``).
+Imports torch (and Triton when launching) only: never sympy, networkx or jinja2; of attncc, the
+shared vocabulary of :mod:`attncc.core` alone. The names below load on first use (PEP 562), so
+that importing the package costs nothing until a call needs it.
 """
 import importlib
 import sys
@@ -12,21 +12,23 @@ import types
 _EXPORTS = {
     "blocks": ("attncc.runtime.blocks", None),
     "decode": ("attncc.runtime.decode", None),
-    "semantics": ("attncc.runtime.semantics", None),
+    "semantics": ("attncc.core.semantics", None),  # the built-ins' numbers (``_rt.semantics.alibi_slope``)
     "tiles": ("attncc.runtime.tiles", None),
     "Call": ("attncc.runtime.call", "Call"),
     "bind": ("attncc.runtime.call", "bind"),
     "dropout_mask_shape": ("attncc.runtime.call", "dropout_mask_shape"),
     "dropout_settings": ("attncc.runtime.call", "dropout_settings"),
     "wide_positions": ("attncc.runtime.call", "wide_positions"),
-    "interpreting": ("attncc.runtime.call", "_interpreting"),
+    "interpreting": ("attncc.runtime.call", "interpreting"),
     "register_kernels": ("attncc.runtime.compiled", "register_kernels"),
     "SpecInfo": ("attncc.runtime.spec_info", "SpecInfo"),
     "ParamInfo": ("attncc.runtime.spec_info", "ParamInfo"),
     "InputInfo": ("attncc.runtime.spec_info", "InputInfo"),
+    "KernelConfig": ("attncc.runtime.configs", "KernelConfig"),
+    "padded_dim": ("attncc.runtime.configs", "padded_dim"),
     **{name: ("attncc.runtime.launch", name) for name in (
-        "LN2", "LOG2E", "KernelConfig", "cdiv", "ensure_allocator", "fast_kernel", "fast_math", "grad_operand", "grads_as_inputs",
-        "kernel_operands", "launch", "next_power_of_2", "padded_dim", "pick_config", "run_attention",
+        "LN2", "LOG2E", "cdiv", "ensure_allocator", "fast_kernel", "fast_math", "grad_operand", "grads_as_inputs",
+        "kernel_operands", "launch", "next_power_of_2", "pick_config", "run_attention",
         "shared_tile_config", "tma_ready")},
 }
 
@@ -37,7 +39,7 @@ def __getattr__(name):
     if name not in _EXPORTS:
         raise AttributeError(f"module 'attncc.runtime' has no attribute {name!r}")
     module, attribute = _EXPORTS[name]
-    if attribute is None:  # a submodule (``from attncc.runtime import semantics``: the compiler's)
+    if attribute is None:  # a module (``from attncc.runtime import blocks``)
         return importlib.import_module(module)
     # The first use of a function or class loads the whole runtime, as an eager import did: its
     # Triton kernels (decoding's merge kernel, say) are then made under the TRITON_INTERPRET

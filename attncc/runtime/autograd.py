@@ -11,6 +11,8 @@ train correctly. Gradients of gradients are not implemented: asking for them rai
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from attncc.runtime.call import Call
@@ -82,3 +84,18 @@ class _NoDoubleBackward(torch.autograd.Function):
     def backward(ctx, *grads):
         raise RuntimeError(f"attncc: double backward (gradients of the gradients) of {ctx.name} attention is "
                            f"not implemented")
+
+
+# The launchers of a call without a single pair (Nq or Nk = 0), which stand in for a generated
+# module's (eager calls and the custom ops alike): o = 0, lse = -inf, zero gradients.
+
+def no_pairs(call: Call):
+    rows = tuple(call.q.shape[:-1])  # [B, Hq, Nq], or [1, Hq, total_q] for a packed (varlen) call
+    o = torch.zeros(*rows, call.Dv, dtype=call.q.dtype, device=call.q.device)
+    lse = torch.full(rows, -math.inf, dtype=torch.float32, device=call.q.device)
+    return o, lse
+
+
+def no_pairs_backward(call: Call, o, lse, do, dlse=None):
+    input_grads = {name: torch.zeros_like(call.inputs[name]) for name in call.grad_input_names}
+    return torch.zeros_like(call.q), torch.zeros_like(call.k), torch.zeros_like(call.v), input_grads

@@ -15,7 +15,7 @@ from typing import Callable, Tuple
 
 import torch
 
-from attncc.runtime import semantics, tiles
+from attncc.core import semantics, tiles
 from attncc.runtime.call import Call
 
 

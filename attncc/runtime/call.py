@@ -14,8 +14,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from attncc.core.semantics import MAX_HEAD_DIM
 from attncc.runtime.intervals import INT32_MAX, POSITION_PAD, CallNumbers, cached_reach
-from attncc.runtime.semantics import MAX_HEAD_DIM
 from attncc.runtime.spec_info import SpecInfo
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
@@ -165,7 +165,8 @@ def int_reach(spec: SpecInfo, *, positions: int, batch: int, heads: int, params:
     return cached_reach(spec.int_reach, positions=positions, batch=batch, heads=heads, params=params)
 
 
-def _dtype_name(t: torch.dtype) -> str:
+def dtype_name(t: torch.dtype) -> str:
+    """A dtype's name as specs write it (``torch.bfloat16`` -> "bfloat16")."""
     return _NAMES.get(t, str(t).replace("torch.", ""))
 
 
@@ -257,7 +258,8 @@ def _rebind(bound: Call, q, k, v, kwargs, cu_q, cu_k) -> Call:
 _SCALARS = (int, float, bool, type(None))
 
 
-def _tensor_key(t):
+def tensor_key(t):
+    """What a call's checks and configs depend on of a tensor (not its values)."""
     return t.shape, t.stride(), t.dtype, t.device
 
 
@@ -276,20 +278,20 @@ def _signature(q, k, v, return_lse, q_offset, k_offset, n_q, n_k, scale, kwargs,
     scalars = (return_lse, q_offset, k_offset, n_q, n_k, scale, max_q, max_k)
     if not all(type(x) in _SCALARS for x in scalars):
         return None
-    key = [_tensor_key(q), _tensor_key(k), _tensor_key(v), tuple((type(x), x) for x in scalars)]
+    key = [tensor_key(q), tensor_key(k), tensor_key(v), tuple((type(x), x) for x in scalars)]
     if q.device.type != "cuda":
-        key.append(_interpreting())  # bind refuses other devices unless interpreting
+        key.append(interpreting())  # bind refuses other devices unless interpreting
     if cu_q is not None or cu_k is not None:
         if not (isinstance(cu_q, torch.Tensor) and isinstance(cu_k, torch.Tensor)) or max_q is None or max_k is None \
                 or cu_q.device.type == "cpu":
             return None
-        key += [_tensor_key(cu_q), _tensor_key(cu_k)]
+        key += [tensor_key(cu_q), tensor_key(cu_k)]
     if kwargs:
         for name, value in kwargs.items():
             if isinstance(value, torch.Tensor):
                 if name not in input_names:
                     return None
-                key.append((name, _tensor_key(value)))
+                key.append((name, tensor_key(value)))
             elif type(value) in _SCALARS:
                 key.append((name, type(value), value))
             else:
@@ -310,11 +312,11 @@ def _bind_checked(spec: SpecInfo, q, k, v, *, return_lse=False, q_offset=0, k_of
     if not (q.device == k.device == v.device):
         raise ValueError(f"{name}.attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"{name}.attention: q, k, v must have one dtype, got {_dtype_name(q.dtype)}, {_dtype_name(k.dtype)}, {_dtype_name(v.dtype)}")
+        raise TypeError(f"{name}.attention: q, k, v must have one dtype, got {dtype_name(q.dtype)}, {dtype_name(k.dtype)}, {dtype_name(v.dtype)}")
     # `dtypes` in the spec says what to tune ahead of time; the kernels take all three.
     if q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise TypeError(f"{name}.attention: q, k, v must be bfloat16, float16 or float32, got {_dtype_name(q.dtype)}")
-    if q.device.type != "cuda" and not _interpreting():
+        raise TypeError(f"{name}.attention: q, k, v must be bfloat16, float16 or float32, got {dtype_name(q.dtype)}")
+    if q.device.type != "cuda" and not interpreting():
         raise ValueError(f"{name}.attention: tensors are on {q.device}; the kernels run on a CUDA GPU, or on the CPU under TRITON_INTERPRET=1")
     B, Hq, Nq, D = q.shape
     Bk, Hkv, Nk, Dk = k.shape
@@ -494,7 +496,7 @@ def bind_params_and_inputs(spec: SpecInfo, who: str, kwargs: dict, *, B: int, Hq
         want_dtype = _DTYPES[d.dtype]
         if t.dtype != want_dtype:
             if t.dtype.is_floating_point != want_dtype.is_floating_point or t.dtype == torch.bool:
-                raise TypeError(f"{who}: input {d.name} must be {d.dtype}, got {_dtype_name(t.dtype)}")
+                raise TypeError(f"{who}: input {d.name} must be {d.dtype}, got {dtype_name(t.dtype)}")
             if t.dtype.is_floating_point or want_dtype == torch.bool or not _holds(t.dtype, want_dtype):
                 t = t.to(want_dtype)  # floats to the declared type; ints widened (or to bool: != 0)
         inputs[d.name] = t
@@ -524,7 +526,7 @@ def _varlen(name, q, k, cu_q, cu_k, max_q, max_k):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}.attention: {arg} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"{name}.attention: {arg} must be int32 or int64, got {_dtype_name(t.dtype)}")
+            raise TypeError(f"{name}.attention: {arg} must be int32 or int64, got {dtype_name(t.dtype)}")
         if t.device != q.device:
             raise ValueError(f"{name}.attention: {arg} is on {t.device}, q is on {q.device}")
         if t.dim() != 1 or t.numel() < 2:
@@ -571,7 +573,8 @@ def _capturing(device=None) -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
+    """Whether kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
     return env("TRITON_INTERPRET", "0") not in ("", "0")
 
 

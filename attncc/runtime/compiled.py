@@ -16,8 +16,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from attncc.runtime.autograd import no_double_backward
-from attncc.runtime.call import MAX_SIGNATURES, Call, _tensor_key
+from attncc.runtime.autograd import no_double_backward, no_pairs, no_pairs_backward
+from attncc.runtime.call import MAX_SIGNATURES, Call, tensor_key
 from attncc.runtime.spec_info import SpecInfo
 
 # spec key -> (SpecInfo, forward launcher, backward launcher)
@@ -80,7 +80,7 @@ def _call(q, k, v, inputs, cu_q, cu_k, key, options, B, Nq, Nk, q_offset, k_offs
     # what the runtime derives per signature (configs, WIDE, operand layouts) is kept across the
     # op's calls as bind() keeps it for eager calls (Call.memo)
     signature = (key, options, B, Nq, Nk, q_offset, k_offset, n_q, n_k, cu_q is not None,
-                 *(_tensor_key(t) for t in (q, k, v, *inputs)))
+                 *(tensor_key(t) for t in (q, k, v, *inputs)))
     memo = _MEMOS.get(signature)
     if memo is None:
         if len(_MEMOS) >= MAX_SIGNATURES:
@@ -91,9 +91,7 @@ def _call(q, k, v, inputs, cu_q, cu_k, key, options, B, Nq, Nk, q_offset, k_offs
                 cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, input_grads=input_grads, dropout_p=dropout_p, seed=seed,
                 memo=memo)
     if Nq == 0 or Nk == 0:
-        from attncc.runtime.launch import _no_pairs, _no_pairs_backward
-
-        forward, backward = _no_pairs, _no_pairs_backward
+        forward, backward = no_pairs, no_pairs_backward
     return call, forward, backward
 
 

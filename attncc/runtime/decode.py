@@ -25,9 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-from attncc.runtime.call import (_dtype_name, _interpreting, bind_params_and_inputs, check_heads_and_dims,
-                                 check_divisors, int_reach, scale_keyword, softmax_scale, wide_positions)
-from attncc.runtime.launch import KernelConfig, padded_dim
+from attncc.runtime.call import (bind_params_and_inputs, check_divisors, check_heads_and_dims, dtype_name, int_reach,
+                                 interpreting, scale_keyword, softmax_scale, wide_positions)
+from attncc.runtime.configs import KernelConfig, padded_dim
 from attncc.runtime.spec_info import SpecInfo
 
 MAX_QUERIES = 16  # decode serves 1 (next token) to 16 (speculative) query rows per batch row
@@ -89,11 +89,11 @@ def bind_decode(spec: SpecInfo, q, k_cache, v_cache, *, kv_len, block_table=None
         raise ValueError(f"{name}: q, k_cache, v_cache must be on one device, got {q.device}, "
                          f"{k_cache.device}, {v_cache.device}")
     if not (q.dtype == k_cache.dtype == v_cache.dtype):
-        raise TypeError(f"{name}: q, k_cache, v_cache must have one dtype, got {_dtype_name(q.dtype)}, "
-                        f"{_dtype_name(k_cache.dtype)}, {_dtype_name(v_cache.dtype)}")
+        raise TypeError(f"{name}: q, k_cache, v_cache must have one dtype, got {dtype_name(q.dtype)}, "
+                        f"{dtype_name(k_cache.dtype)}, {dtype_name(v_cache.dtype)}")
     if q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise TypeError(f"{name}: q and the caches must be bfloat16, float16 or float32, got {_dtype_name(q.dtype)}")
-    if q.device.type != "cuda" and not _interpreting():
+        raise TypeError(f"{name}: q and the caches must be bfloat16, float16 or float32, got {dtype_name(q.dtype)}")
+    if q.device.type != "cuda" and not interpreting():
         raise ValueError(f"{name}: tensors are on {q.device}; the kernels run on a CUDA GPU, or on the CPU "
                          f"under TRITON_INTERPRET=1")
     if not isinstance(return_lse, bool):
@@ -120,7 +120,7 @@ def bind_decode(spec: SpecInfo, q, k_cache, v_cache, *, kv_len, block_table=None
             raise ValueError(f"{name}: block_table must have shape [B, pages] = [{B}, pages], got "
                              f"{tuple(block_table.shape)}")
         if block_table.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"{name}: block_table must be int32 or int64, got {_dtype_name(block_table.dtype)}")
+            raise TypeError(f"{name}: block_table must be int32 or int64, got {dtype_name(block_table.dtype)}")
         if block_table.device != q.device:
             raise ValueError(f"{name}: block_table is on {block_table.device}, q is on {q.device}")
         num_pages, page_size, Hkv, Dk = k_cache.shape
@@ -175,7 +175,7 @@ def _bind_kv_len(name: str, kv_len, B: int, capacity: int, device) -> torch.Tens
     if kv_len.dim() != 1 or kv_len.shape[0] != B:
         raise ValueError(f"{name}: kv_len must have shape [B] = [{B}], got {tuple(kv_len.shape)}")
     if kv_len.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"{name}: kv_len must be int32 or int64, got {_dtype_name(kv_len.dtype)}")
+        raise TypeError(f"{name}: kv_len must be int32 or int64, got {dtype_name(kv_len.dtype)}")
     if kv_len.device.type != "cpu" and kv_len.device != device:
         raise ValueError(f"{name}: kv_len is on {kv_len.device}, q is on {device}")
     if _check_values(kv_len) and B:
@@ -212,7 +212,7 @@ def decode_config(call: DecodeCall) -> KernelConfig:
     2 x 3 + 1. ``ATTNCC_DECODE_CONFIG="BLOCK_N=64,num_warps=4,num_stages=4"`` forces them."""
     rows = min(call.group, max(1, MAX_BLOCK_M // call.Nq)) * call.Nq
     block_m = max(16, triton.next_power_of_2(rows))
-    if _interpreting():
+    if interpreting():
         cfg = KernelConfig(block_m, 16, 4, 1)
     else:
         in_flight = 3 if max(call.D, call.Dv) <= 128 else 2
@@ -258,7 +258,7 @@ def num_splits(call: DecodeCall, cfg: KernelConfig, programs: int) -> int:
     if forced:
         return max(1, min(MAX_SPLITS, int(forced)))
     blocks = triton.cdiv(max(call.capacity, 1), cfg.BLOCK_N)
-    most = max(1, min(MAX_SPLITS, blocks // (1 if _interpreting() else 4)))
+    most = max(1, min(MAX_SPLITS, blocks // (1 if interpreting() else 4)))
     return _fill(max(programs, 1), most, _device_slots(str(call.q.device), shared_memory(call, cfg)))
 
 
@@ -280,7 +280,7 @@ def kernel_operands(call: DecodeCall):
     otherwise). Triton 3.6's CPU interpreter computes bfloat16 dot products wrongly, so there
     (tests only) bfloat16 operands go in as float32."""
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (call.q, call.k, call.v))
-    if _interpreting() and q.dtype == torch.bfloat16:
+    if interpreting() and q.dtype == torch.bfloat16:
         q, k, v = q.float(), k.float(), v.float()
     return q, k, v
 

@@ -1,86 +1,40 @@
-"""Tile configs, tensor preparation for TMA descriptors, and the entry to autograd (runtime/autograd.py)."""
+"""Picking and launching tile configs (runtime/configs.py, runtime/tuning.py), tensor preparation
+for TMA descriptors, and the entry to autograd (runtime/autograd.py)."""
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import threading
-from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
 import torch
 
 from attncc.runtime import tuning
-from attncc.runtime.autograd import AttentionFunction
-from attncc.runtime.call import Call, _interpreting, env
+from attncc.runtime.autograd import AttentionFunction, no_pairs, no_pairs_backward
+from attncc.runtime.call import Call, env, interpreting
+from attncc.runtime.configs import TOO_BIG, KernelConfig, default_config, fit_key, forced_config, preset_config
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 
-@dataclass(frozen=True)
-class KernelConfig:
-    BLOCK_M: int
-    BLOCK_N: int
-    num_warps: int = 4
-    num_stages: int = 2
-    warp_specialize: bool = False
-
-
-def _env_config(kernel: str = "") -> Optional[KernelConfig]:
-    """``ATTNCC_CONFIG="BLOCK_M=64,BLOCK_N=32,num_warps=4,num_stages=2"`` forces the forward's
-    config, ``ATTNCC_CONFIG_DKDV`` / ``ATTNCC_CONFIG_DQ`` the backward kernels' (tests and
-    benchmarks use them)."""
-    text = env(_ENV_NAMES[kernel])
-    return _parse_config(text) if text else None
-
-
-_ENV_NAMES = {"": "ATTNCC_CONFIG", "dkdv": "ATTNCC_CONFIG_DKDV", "dq": "ATTNCC_CONFIG_DQ"}
-
-
-@functools.lru_cache(maxsize=64)
-def _parse_config(text: str) -> KernelConfig:
-    fields = {}
-    for part in text.split(","):
-        key, _, value = part.partition("=")
-        key = key.strip()
-        fields[key] = value.strip() in ("1", "true", "True") if key in _FLAGS else int(value)
-    return KernelConfig(**fields)
-
-
-_FLAGS = ("warp_specialize",)  # boolean fields
-KERNELS = ("", "dkdv", "dq")  # the forward, and the two backward kernels
-
-
 def pick_config(call: Call, kernel: str = "") -> KernelConfig:
     """The tile config of one kernel of a call (``kernel``: "" the forward, "dkdv" or "dq"):
-    forced by the environment (see _env_config), small under the interpreter, else the one
-    tuned for this GPU (runtime/tuning.py), else :func:`default_config`."""
-    if kernel not in KERNELS:
-        raise ValueError(f"attncc: kernel must be one of {KERNELS}, got {kernel!r}")
-    forced = _forced_config(kernel)
-    if forced is not None:
-        return forced
-    if _interpreting():
-        return INTERPRETER_CONFIG
+    forced by a tuning trial or the environment (see configs.env_config), small under the
+    interpreter, else the one tuned for this GPU (runtime/tuning.py), else :func:`default_config`."""
+    preset = preset_config(kernel)
+    if preset is not None:
+        return preset
     # once per call signature and state of the tune cache (a config stored since is picked up)
     return call.cached(("config", kernel, tuning.generation()),
                        lambda: tuning.cached_config(call, kernel) or default_config(call, kernel))
-
-
-INTERPRETER_CONFIG = KernelConfig(32, 32, 4, 1)
-
-
-def _forced_config(kernel: str) -> Optional[KernelConfig]:
-    """The config a tuning trial (this thread) or the environment forces on ``kernel``, if any."""
-    return tuning.trial_config(kernel) or _env_config(kernel)
 
 
 def shared_tile_config(call: Call, kernel: str, forward: KernelConfig) -> KernelConfig:
     """A backward kernel's config with the forward's tile shape (and warps), so that the block
     lists the forward classified per call (data-dependent masks) serve the backward too; a
     config forced by the environment or a tuning trial is kept as it is."""
-    if _forced_config(kernel) is not None:
+    if forced_config(kernel) is not None:
         return pick_config(call, kernel)
     own = pick_config(call, kernel)
     return _with_tiles(own, forward.BLOCK_M, forward.BLOCK_N, forward.num_warps)
@@ -89,38 +43,6 @@ def shared_tile_config(call: Call, kernel: str, forward: KernelConfig) -> Kernel
 @functools.lru_cache(maxsize=1024)
 def _with_tiles(cfg: KernelConfig, block_m: int, block_n: int, num_warps: int) -> KernelConfig:
     return dataclasses.replace(cfg, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
-
-
-def default_config(call: Call, kernel: str = "") -> KernelConfig:
-    """The built-in config: by head dim, key length and direction (measured on an H100; see
-    docs/performance.md, "Tile configs by head dim and length").
-
-    The backward kernels keep their accumulators (dK and dV, or dQ) for a block of BLOCK_N keys
-    (dK/dV) or BLOCK_M queries (dQ) and stream the other side in narrow tiles; above head dim
-    128 they take 8 warps, so that those accumulators fit in registers."""
-    d = padded_dim(max(call.D, call.Dv))
-    short = call.Nk <= SHORT_KEYS
-    if kernel == "dkdv":
-        return KernelConfig(64, 64, 8, 2) if d > 128 else KernelConfig(64, 64, 4, 2)
-    if kernel == "dq":
-        if d > 128:
-            return KernelConfig(128, 32, 8, 2)
-        return KernelConfig(128, 32, 4, 3) if short else KernelConfig(128, 64, 8, 3)
-    if d > 128:
-        return KernelConfig(128, 64, 8, 2)
-    if short or call.spec.tile_hint == "narrow":
-        # Few key tiles per row (short keys), or windows and documents, which waste less of a
-        # small tile on their ragged edges: small tiles, several programs per SM.
-        return KernelConfig(64, 64, 4, 3)
-    if d <= 64:
-        return KernelConfig(128, 128, 4, 3)
-    return KernelConfig(128, 128, 8, 3)
-
-
-SHORT_KEYS = 2048  # at most this many keys: the small-tile configs above
-
-
-_TOO_BIG = set()
 
 
 def launch(call: Call, cfg: KernelConfig, run_kernel: Callable[[KernelConfig], None], kernel: str = ""):
@@ -140,22 +62,22 @@ _LAUNCHING = threading.local()  # the memo of the call whose kernel launch() run
 
 
 def _launch(call: Call, cfg: KernelConfig, run_kernel: Callable[[KernelConfig], None], kernel: str):
-    if not _TOO_BIG:  # the common case: nothing ever failed to fit
+    if not TOO_BIG:  # the common case: nothing ever failed to fit
         try:
             return run_kernel(cfg)
         except _out_of_resources():
             if cfg.num_stages <= 1:
                 raise
-            _TOO_BIG.add((_fit_key(call, kernel), cfg))
-    key = _fit_key(call, kernel)
+            TOO_BIG.add((fit_key(call, kernel), cfg))
+    key = fit_key(call, kernel)
     while True:
-        if (key, cfg) not in _TOO_BIG:
+        if (key, cfg) not in TOO_BIG:
             try:
                 return run_kernel(cfg)
             except _out_of_resources():
                 if cfg.num_stages <= 1:
                     raise
-                _TOO_BIG.add((key, cfg))
+                TOO_BIG.add((key, cfg))
         cfg = dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
 
 
@@ -166,19 +88,10 @@ def _out_of_resources():
     return OutOfResources
 
 
-def _fit_key(call: Call, kernel: str):
-    return (call.spec.name, call.D, call.Dv, call.q.dtype) + ((kernel,) if kernel else ())
-
-
-def did_not_fit(call: Call, cfg: KernelConfig, kernel: str = "") -> bool:
-    """Whether :func:`launch` found ``cfg`` too big for the GPU (and ran a shallower one)."""
-    return (_fit_key(call, kernel), cfg) in _TOO_BIG
-
-
 def fast_math(call: Call) -> bool:
     """Approximate special functions (tanh.approx) where their error is below the inputs':
     16-bit inputs on a GPU; never under the interpreter, which cannot run inline PTX."""
-    return call.q.dtype != torch.float32 and not _interpreting()
+    return call.q.dtype != torch.float32 and not interpreting()
 
 
 def cdiv(a: int, b: int) -> int:
@@ -189,11 +102,6 @@ def cdiv(a: int, b: int) -> int:
 def next_power_of_2(n: int) -> int:
     """The smallest power of two >= n (``triton.next_power_of_2`` without its per-call cost)."""
     return 1 << max(0, n - 1).bit_length()
-
-
-def padded_dim(d: int) -> int:
-    """Head dims are padded to a power of two (>= 16) inside the kernel."""
-    return max(16, 1 << (d - 1).bit_length())
 
 
 def _tma_strides(t: torch.Tensor) -> bool:
@@ -234,7 +142,7 @@ def kernel_operands(call: Call):
         k = tma_ready(k)
     if not (suits[2] and v.data_ptr() % 16 == 0):
         v = tma_ready(v)
-    if _interpreting() and q.dtype == torch.bfloat16:
+    if interpreting() and q.dtype == torch.bfloat16:
         q, k, v = q.float(), k.float(), v.float()
     return q, k, v
 
@@ -250,7 +158,7 @@ def ensure_allocator():
     """On-device tensor descriptors need scratch memory from a Triton allocator. Triton keeps it
     in a context variable, so each thread sets it (autograd runs backward passes of CUDA
     tensors on a thread of its own)."""
-    if getattr(_ALLOCATOR_SET, "done", False) or _interpreting():
+    if getattr(_ALLOCATOR_SET, "done", False) or interpreting():
         return
     import triton
 
@@ -305,7 +213,7 @@ def run_attention(call: Call, forward: Callable[[Call], Tuple[torch.Tensor, torc
 
 def _run(call: Call, forward, backward):
     if call.Nq == 0 or call.Nk == 0:  # no pair at all: o = 0, lse = -inf, zero gradients
-        forward, backward = _no_pairs, _no_pairs_backward
+        forward, backward = no_pairs, no_pairs_backward
     if not torch.is_grad_enabled():
         return forward(call)
     grad_inputs = [call.inputs[name] for name in call.grad_input_names]
@@ -321,18 +229,6 @@ def _run(call: Call, forward, backward):
 def _run_eagerly():
     """_run hidden from torch.compile (made on first use: torch._dynamo imports sympy)."""
     return torch.compiler.disable(_run, recursive=True)
-
-
-def _no_pairs(call: Call):
-    rows = tuple(call.q.shape[:-1])  # [B, Hq, Nq], or [1, Hq, total_q] for a packed (varlen) call
-    o = torch.zeros(*rows, call.Dv, dtype=call.q.dtype, device=call.q.device)
-    lse = torch.full(rows, -math.inf, dtype=torch.float32, device=call.q.device)
-    return o, lse
-
-
-def _no_pairs_backward(call: Call, o, lse, do, dlse=None):
-    input_grads = {name: torch.zeros_like(call.inputs[name]) for name in call.grad_input_names}
-    return torch.zeros_like(call.q), torch.zeros_like(call.k), torch.zeros_like(call.v), input_grads
 
 
 class FastKernel:

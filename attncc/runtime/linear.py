@@ -22,8 +22,9 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from attncc.runtime.call import Call, _interpreting
-from attncc.runtime.feature_maps import performer_projection
+from attncc.core.feature_maps import performer_projection
+from attncc.runtime.call import Call, interpreting
+from attncc.runtime.configs import padded_dim
 
 State = Tuple[torch.Tensor, torch.Tensor]
 
@@ -84,10 +85,8 @@ def linear_config(call: Call, block_f: int, num_fb: int) -> LinearConfig:
     while the [chunk, feature block] and [chunk, Dv] tiles stay within 128 columns, 32 above, and
     64-row backward chunks with 4 warps (32 rows, 8 warps above 128 columns: not measured there).
     ``python -m bench linear-elu-16k --sweep linear-configs`` times alternatives."""
-    from attncc.runtime.launch import padded_dim
-
     dv_pad = padded_dim(call.Dv)
-    if _interpreting():
+    if interpreting():
         cfg = LinearConfig(chunk=16, scan_dv=min(dv_pad, 32), out_dv=min(dv_pad, 32), bwd_chunk=16, num_warps=4,
                            bwd_warps=4, scan_warps=4, num_stages=1)
     else:
@@ -164,7 +163,7 @@ def check_state(name: str, state, B: int, Hkv: int, F: int, Dv: int, device, wha
 def operand(t: torch.Tensor) -> torch.Tensor:
     """A tensor as the kernels read it: last stride 1; and as float32 under the interpreter
     when it is bfloat16 (Triton 3.6's CPU interpreter computes bfloat16 dots wrongly)."""
-    if _interpreting() and t.dtype == torch.bfloat16:
+    if interpreting() and t.dtype == torch.bfloat16:
         t = t.float()
     return t if t.stride(-1) == 1 else t.contiguous()
 

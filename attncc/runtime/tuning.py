@@ -32,7 +32,9 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from attncc.runtime.call import Call, _interpreting, env
+from attncc.runtime.call import Call, env, interpreting
+from attncc.runtime.configs import (KernelConfig, default_config, did_not_fit, env_config, padded_dim, preset_config,
+                                    trying)
 
 log = logging.getLogger("attncc")
 
@@ -94,7 +96,7 @@ def cache_dir() -> Path:
 
 def tuning_enabled() -> bool:
     """``ATTNCC_TUNE=1`` tunes on the first call of each key (off by default; never under the interpreter)."""
-    return env("ATTNCC_TUNE", "0") not in ("", "0") and not _interpreting()
+    return env("ATTNCC_TUNE", "0") not in ("", "0") and not interpreting()
 
 
 @functools.lru_cache(maxsize=None)
@@ -156,10 +158,10 @@ def record_problem(record) -> Optional[str]:
         return "no config object"
     for name in CONFIG_FIELDS:
         if type(cfg.get(name)) is not int:
-            return f"config.{name} is not an integer: {_short(cfg.get(name))}"
+            return f"config.{name} is not an integer: {short_repr(cfg.get(name))}"
     extra = set(cfg) - set(CONFIG_FIELDS) - {"warp_specialize"}
     if extra:
-        return f"unknown config field(s) {', '.join(sorted(map(_short, extra)))}"
+        return f"unknown config field(s) {', '.join(sorted(map(short_repr, extra)))}"
     if type(cfg.get("warp_specialize", False)) is not bool:
         return "config.warp_specialize is not a boolean"
     if cfg["BLOCK_M"] not in BLOCK_SIZES or cfg["BLOCK_N"] not in BLOCK_SIZES:
@@ -169,15 +171,15 @@ def record_problem(record) -> Optional[str]:
     for name in ("ms", "default_ms"):
         value = record.get(name)
         if not (value is None and name == "default_ms") and not _time(value):
-            return f"{name} is not a time in ms: {_short(value)}"
+            return f"{name} is not a time in ms: {short_repr(value)}"
     key = record.get("key")
     if not isinstance(key, dict):
         return "no key object"
     for name, typ in KEY_FIELDS.items():
         if type(key.get(name)) is not typ:
-            return f"key.{name} is not a{'n integer' if typ is int else ' string'}: {_short(key.get(name))}"
+            return f"key.{name} is not a{'n integer' if typ is int else ' string'}: {short_repr(key.get(name))}"
     if key["kernel"] not in KERNEL_NAMES:
-        return f"key.kernel is not one of {sorted(KERNEL_NAMES)}: {_short(key['kernel'])}"
+        return f"key.kernel is not one of {sorted(KERNEL_NAMES)}: {short_repr(key['kernel'])}"
     return None
 
 
@@ -185,7 +187,8 @@ def _time(value) -> bool:
     return type(value) in (int, float) and math.isfinite(value) and value >= 0
 
 
-def _short(value, limit: int = 40) -> str:
+def short_repr(value, limit: int = 40) -> str:
+    """``repr(value)``, cut to ``limit`` characters (a malformed cache entry in a message)."""
     text = repr(value)
     return text if len(text) <= limit else text[:limit] + "..."
 
@@ -233,7 +236,7 @@ def _read(path: Path) -> Dict[str, dict]:
     if found.error is not None:
         log.warning("attncc: ignoring tune cache %s: %s", path, found.error)
     for entry, problem in list(found.ignored.items())[:3]:
-        log.warning("attncc: ignoring tune cache entry %s in %s: %s", _short(entry, 80), path, problem)
+        log.warning("attncc: ignoring tune cache entry %s in %s: %s", short_repr(entry, 80), path, problem)
     if len(found.ignored) > 3:
         log.warning("attncc: ... and %d more malformed entries in %s", len(found.ignored) - 3, path)
     return found.entries
@@ -273,7 +276,7 @@ def store(key: TuneKey, record: dict) -> Path:
         new = {**record, "key": {f: getattr(key, f) for f in KEY_FIELDS}}
         problem = record_problem(new)
         if problem is not None:
-            raise ValueError(f"attncc: not a tune cache record ({problem}): {_short(record, 200)}")
+            raise ValueError(f"attncc: not a tune cache record ({problem}): {short_repr(record, 200)}")
         entries[key.entry] = new
         data = {"version": CACHE_VERSION, "gpu": key.gpu, "triton": key.triton, "entries": entries}
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=path.name, suffix=".tmp")
@@ -329,34 +332,12 @@ def clear() -> Tuple[int, List[str]]:
 
 
 def _config(fields: dict):
-    from attncc.runtime.launch import KernelConfig
-
     return KernelConfig(**fields)
 
 
 # ---------------------------------------------------------------------------------------------
 # The tuner
 # ---------------------------------------------------------------------------------------------
-
-_TRIAL = threading.local()
-
-
-def trial_config(kernel: str):
-    """The config the tuner is timing for ``kernel`` on this thread, else None."""
-    trial = getattr(_TRIAL, "configs", None)
-    return None if trial is None else trial.get(kernel)
-
-
-@contextlib.contextmanager
-def trying(kernel: str, cfg) -> Iterator[None]:
-    """Within the block, ``pick_config(call, kernel)`` returns ``cfg`` on this thread."""
-    old = getattr(_TRIAL, "configs", None)
-    _TRIAL.configs = {**(old or {}), kernel: cfg}
-    try:
-        yield
-    finally:
-        _TRIAL.configs = old
-
 
 def candidates(call: Call, kernel: str = "", max_shared_mem: Optional[int] = None, *, exhaustive: bool = False,
                sm_count: Optional[int] = None, limit: Optional[int] = None) -> list:
@@ -375,8 +356,6 @@ def candidates(call: Call, kernel: str = "", max_shared_mem: Optional[int] = Non
     - at most ``limit`` (default :data:`MAX_CANDIDATES`) configs, the ones the cost model
       :func:`estimated_cost` ranks first (``sm_count``: the GPU's SMs; None: 132, an H100's).
     """
-    from attncc.runtime.launch import KernelConfig, default_config, padded_dim
-
     d = padded_dim(max(call.D, call.Dv))
     size = 2 if call.q.dtype in (torch.bfloat16, torch.float16) else 4
     found = []
@@ -504,10 +483,8 @@ def tune(call: Call, kernel: str, run: Callable[[Call], object], *, timer=None, 
     ``progress(done, total)`` is called after each first-round candidate. A cached key is returned
     as it is unless ``force``. Under the interpreter nothing is timed and the interpreter's small
     config comes back."""
-    from attncc.runtime.launch import default_config, did_not_fit, pick_config
-
-    if _interpreting():
-        return pick_config(call, kernel)
+    if interpreting():
+        return preset_config(kernel)
     key = key_for(call, kernel)
     if not force:
         record = lookup(key)
@@ -587,10 +564,8 @@ def on_the_fly(forward, backward):
 
 
 def _tune_missing(call: Call, kernels, run):
-    from attncc.runtime.launch import _env_config
-
     if call.q.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
         return
     for kernel in kernels:
-        if _env_config(kernel) is None and lookup(key_for(call, kernel)) is None:
+        if env_config(kernel) is None and lookup(key_for(call, kernel)) is None:
             tune(call, kernel, run)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sympy
 from sympy.logic.boolalg import BooleanFunction
 
-from attncc.runtime import semantics
+from attncc.core import semantics
 
 
 class Bucket(sympy.Function):

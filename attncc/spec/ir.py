@@ -35,7 +35,7 @@ class InputDecl:
     @property
     def symbol(self) -> sympy.FunctionClass:
         # integer dtypes make integer accesses: sympy then knows doc[b, i] // 4 is a floor
-        # division of integers (exact in the kernels, attncc.codegen.integer)
+        # division of integers (exact in the kernels, attncc.analysis.integer)
         if self.dtype in INTEGER_DTYPES:
             return sympy.Function(self.name, integer=True)
         return sympy.Function(self.name)

@@ -10,9 +10,9 @@ from typing import Any, Dict
 
 import sympy
 
+from attncc.core.semantics import MAX_HEAD_DIM
 from attncc.spec import names as N
 from attncc.spec import symbols as S
-from attncc.runtime.semantics import MAX_HEAD_DIM
 from attncc.spec.builtins import RandomBlocks
 from attncc.spec.errors import SpecError
 from attncc.spec.expr import BOOL, FUNCTIONS, Scope, parse_expression

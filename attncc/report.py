@@ -1,6 +1,6 @@
 """What the analysis found for one problem size: density, tiles, FLOPs, bytes, bounds.
 
-The numbers ``attncc explain`` prints and draws, all exact:
+The numbers ``attncc explain`` prints and draws (:func:`explain_data`), all exact:
 
 - a static pattern whose walks have closed forms at these sizes (no ``[inputs]``; each walk
   DENSE, or BANDS with its precondition holding): plain Python ints, no torch. The tiles are
@@ -12,6 +12,9 @@ The numbers ``attncc explain`` prints and draws, all exact:
 - otherwise (exact block lists, ``[inputs]``): the tile grids as tensors, FULL tiles counting
   all their pairs and PARTIAL tiles counted by evaluating the mask on their pairs only (with
   the float64 reference's :func:`attncc._reference.pair_mask`).
+
+This module sits above the analysis and the reference (the analysis may not import the reference
+it is checked against: docs/DESIGN-NOTES.md).
 """
 from __future__ import annotations
 
@@ -21,11 +24,11 @@ from attncc.analysis.bands import FIRST, LAST, X, Cover
 from attncc.analysis.graph import plan_grid, walk_path
 from attncc.analysis.intexpr import Unsupported, compile_int
 from attncc.analysis.plan import Plan
-from attncc.analysis.walks import Iteration, precondition_holds
 from attncc.analysis.score import score_report
-from attncc.runtime import tiles
+from attncc.analysis.walks import Iteration, precondition_holds
+from attncc.core import tiles
+from attncc.core.lazy import lazy_module
 from attncc.spec import symbols as S
-from attncc._lazy import lazy_module
 
 torch = lazy_module("torch")  # on first use: `attncc build` and explain of a closed form never import it
 

@@ -5,7 +5,7 @@ every key tile: if it also ignores ``i`` it is computed once per program (a scal
 otherwise once per query row (a vector of BLOCK_M) before the loop. The key loop
 then only reads the results.
 
-Integer ``//`` and ``%`` are whole nodes here (:mod:`attncc.codegen.integer`): the hoister
+Integer ``//`` and ``%`` are whole nodes here (:mod:`attncc.analysis.integer`): the hoister
 may move out either operand, never a part of the division (``1 / w`` of ``floor(j / w)``
 hoisted as a float is what made ``//`` by a param inexact).
 """
@@ -18,7 +18,7 @@ import sympy
 from sympy.core.function import AppliedUndef
 from sympy.functions.elementary.piecewise import ExprCondPair
 
-from attncc.codegen.integer import integer_ops, integer_sums, recentered
+from attncc.analysis.integer import integer_ops, integer_sums, recentered
 from attncc.spec import symbols as S
 from attncc.spec.builtins import RandomBlocks
 

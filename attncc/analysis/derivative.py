@@ -1,0 +1,46 @@
+"""Derivatives of the score's expressions, which the backward kernels compute: ``d mod / d s``
+(the chain rule through ``[score].mod``) and the derivatives of the bias and the mod by an
+input element (the gradients of learned ``[inputs]``), in nodes the printers render
+(``sympy.diff``, then steps and kinks made explicit)."""
+from __future__ import annotations
+
+import sympy
+
+from attncc.spec import symbols as S
+
+
+class BackwardUnsupported(Exception):
+    """A pattern whose backward cannot be generated (the module then raises on backward)."""
+
+
+def _step_derivative(d: sympy.Derivative):
+    """What sympy leaves unevaluated: floor / ceiling are steps (derivative 0 almost everywhere,
+    as torch takes it), ``Mod(a, m)`` with ``m`` free of s has a's derivative."""
+    e, x = d.expr, d.variables[0]
+    if isinstance(e, (sympy.floor, sympy.ceiling)):
+        return sympy.Integer(0)
+    if isinstance(e, sympy.Mod) and x not in e.args[1].free_symbols:
+        return sympy.diff(e.args[0], x)
+    return d
+
+
+def score_derivative(mod) -> sympy.Expr:
+    """d mod / d s, in nodes the printer renders (Heaviside and sign as Piecewise)."""
+    return derivative(mod, S.s, what="[score].mod", wrt="s")
+
+
+def derivative(e, x, *, what: str, wrt: str) -> sympy.Expr:
+    """d e / d x (``x`` a symbol, or an input access such as ``rel_bias(h, ...)`` standing for
+    the gathered element), in nodes the printer renders (Heaviside and sign as Piecewise)."""
+    if not isinstance(x, sympy.Symbol):  # an input access: differentiate by a stand-in symbol
+        stand_in = sympy.Dummy("x", real=True)
+        return derivative(e.xreplace({x: stand_in}), stand_in, what=what, wrt=wrt).xreplace({stand_in: x})
+    d = sympy.diff(e, x)  # Sigmoid knows its derivative (builtins.Sigmoid.fdiff)
+    d = d.replace(lambda e: isinstance(e, sympy.Derivative) and len(e.variables) == 1, _step_derivative)
+    d = d.replace(lambda e: isinstance(e, sympy.Subs) and not e.expr.has(sympy.Derivative), lambda e: e.doit())
+    # kinks (Max, Min, Abs) get a one-sided derivative
+    d = d.replace(sympy.Heaviside, lambda x, *rest: sympy.Piecewise((1, x > 0), (0, True)))
+    d = d.replace(sympy.sign, lambda x: sympy.Piecewise((1, x > 0), (-1, x < 0), (0, True)))
+    if d.has(sympy.Derivative) or d.has(sympy.Subs):
+        raise BackwardUnsupported(f"cannot differentiate {what} = {e} with respect to {wrt}: {d}")
+    return d
