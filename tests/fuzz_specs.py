@@ -1261,8 +1261,10 @@ def _check_backward(plan, a: Arguments, o, ref, ref_in, ref_inputs, fail) -> Opt
         # or over up to every (b, h, i, j) pair (a table): a gradient that is zero in exact arithmetic
         # (one key per row: dS = p (dP - delta) = 0) is a sum of that many roundings (fuzz seed 120540)
         per_entry = {"dq": plan.Nk, "dk": plan.Hq // plan.Hkv * plan.Nq, "dv": plan.Hq // plan.Hkv * plan.Nq}
+        # (a table: also each dP is a sum over the head dim, and delta comes from the rounded o: a
+        # query-only term's gradient, zero in exact arithmetic, is that rounding; fuzz seed 200061)
         terms = (t.numel() * per_entry[label] if label in per_entry
-                 else plan.B * plan.Hq * plan.Nq * plan.Nk)
+                 else plan.B * plan.Hq * plan.Nq * plan.Nk * plan.D)
         err = _rel(x, r, terms, floor=1e-3 if plan.dtype == "float32" else 1e-2)
         if err > tol:
             return fail("mismatch", label, err, f"rel {err:.3g} (tol {tol})")
