@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import struct
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Set
 
@@ -127,6 +128,12 @@ class TritonPrinter:
         as the reference's ``_common`` does), literals adapt to the float64 operand."""
         if e.is_Integer:
             return repr(float(int(e)))
+        if e.is_number and not e.is_integer and e.is_finite:
+            value = _number(e)
+            if value is not None and not _float32_exact(value):
+                # Triton turns a Python float compared with a tensor (or given to tl.where, minimum,
+                # maximum) into a float32 constant first: 0.3 would be 0.30000001192
+                return f"tl.full((), {self.p(e)}, tl.float64)"
         if e.is_integer or e.is_Boolean or isinstance(e, sympy.Rel):
             return f"tl.cast({self.p(e)}, tl.float64)"  # tl.cast: kernel scalars are Python numbers in the interpreter
         return self.p(e)
@@ -426,6 +433,13 @@ def _number(e) -> Optional[float]:
     """The value of a real number node (``Integer(2)``, ``Float(0.5)``, ``Rational(1, 2)``), else None:
     sympy's ``==`` tells ``Float(0.5)`` from ``Rational(1, 2)``."""
     return float(e) if e.is_number and e.is_real else None
+
+
+def _float32_exact(value: float) -> bool:
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0] == value
+    except OverflowError:
+        return False
 
 
 def _nonnegative(e) -> bool:
