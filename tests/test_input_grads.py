@@ -116,3 +116,24 @@ def test_a_call_without_pairs_gives_learned_tables_a_zero_gradient(Nq, Nk):
     module("t5_bias").attention(q, k, v, rel_bias=table).sum().backward()
     assert table.grad is not None and table.grad.shape == table.shape and (table.grad == 0).all()
     assert (q.grad == 0).all() and (k.grad == 0).all() and (v.grad == 0).all()
+
+
+def test_an_input_without_grad_true_that_requires_grad_is_refused(tmp_path):
+    """Its gradient would be dropped without a word: a ValueError names the input and the way out
+    (declare grad = true, or detach); no_grad, a detached tensor and a grad = true input run."""
+    text = '[inputs]\nt = { dims = ["h"], dtype = "float32" }\n[score]\nbias = "t[h] * (j - i)"\n'
+    p, mod = build_inline({"plain_table": text}, tmp_path)["plain_table"]
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 9, 16, generator=gen, requires_grad=True) for _ in range(3))
+    t = torch.rand(2, generator=gen, requires_grad=True)
+    with pytest.raises(ValueError, match=r"input t requires grad, but \[inputs\].t is declared without grad = true.*t.detach\(\)"):
+        mod.attention(q, k, v, t=t)
+    with pytest.raises(ValueError, match="input t requires grad"):
+        mod.attention(q.detach(), k.detach(), v.detach(), t=t)  # the only tensor that asks for a gradient
+    o = mod.attention(q, k, v, t=t.detach())
+    ref = attncc.reference(p, q.double(), k.double(), v.double(), t=t.detach().double())
+    assert rel_err(o, ref) < 1e-4
+    with torch.no_grad():
+        assert rel_err(mod.attention(q, k, v, t=t), ref) < 1e-4
+    with pytest.raises(NotImplementedError, match="detach q, the caches and the inputs"):
+        mod.decode(q[:, :, :1].detach(), k.detach(), v.detach(), kv_len=torch.tensor([9]), t=t)

@@ -95,6 +95,18 @@ class Call:
         """The [inputs] declared ``grad = true``, in spec order."""
         return self.cached("grad_input_names", lambda: tuple(d.name for d in self.spec.inputs if d.grad))
 
+    def check_no_dropped_grads(self, what: str) -> None:
+        """A ``ValueError`` for an input that requires grad but is declared without ``grad = true``:
+        its gradient would be dropped without a word (FlexAttention users expect tensors a mod
+        reads to get one). Called with grad mode on."""
+        names = self.cached("plain_input_names", lambda: tuple(d.name for d in self.spec.inputs if not d.grad))
+        for name in names:
+            t = self.inputs.get(name)
+            if t is not None and t.requires_grad:
+                raise ValueError(f"{self.spec.name}.{what}: input {name} requires grad, but [inputs].{name} is "
+                                 f"declared without grad = true, so it would get no gradient: declare it with "
+                                 f"grad = true, or pass {name}.detach()")
+
     @property
     def varlen(self) -> bool:
         return self.cu_seqlens_q is not None

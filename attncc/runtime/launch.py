@@ -216,6 +216,7 @@ def _run(call: Call, forward, backward):
         forward, backward = no_pairs, no_pairs_backward
     if not torch.is_grad_enabled():
         return forward(call)
+    call.check_no_dropped_grads("attention")
     grad_inputs = [call.inputs[name] for name in call.grad_input_names]
     if not any(t.requires_grad for t in (call.q, call.k, call.v, *grad_inputs)):
         return forward(call)
