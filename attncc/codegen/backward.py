@@ -22,7 +22,7 @@ kernels work on rotated q and k and rotate dQ and dK back before storing.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import sympy
 from sympy.core.function import AppliedUndef
@@ -33,7 +33,7 @@ from attncc.codegen.helpers import render_helper
 from attncc.codegen.hoist import Hoister, split_along_j
 from attncc.codegen.names import grad_args, grad_ptr, grad_stride, input_size, param_arg, param_value, param_var
 from attncc.codegen.printer import TritonPrinter
-from attncc.codegen.softmax import _Inputs, mask_hoister, mod_text  # gathers and mask code as the forward's
+from attncc.codegen.softmax import _Inputs, input_launch, mask_hoister, mod_text, param_launch  # as the forward's
 from attncc.codegen.walks import render_walk
 from attncc.spec import symbols as S
 from attncc.spec.builtins import RandomBlocks
@@ -349,7 +349,7 @@ def _context(pattern: Pattern, plan: Plan, fwd: dict) -> dict:
                              head_defs=[(n, c) for n, c, per_head in defs if name == "dkdv" and per_head])
 
     # -- the row-constant bias the forward leaves out of the scores (preprocessing) -------
-    pre_args, pre_values, pre_bias = [param_arg(p) for p in pattern.params], [f"call.params[{p.name!r}]" for p in pattern.params], None
+    pre_args, pre_launch, pre_bias = [param_arg(p) for p in pattern.params], param_launch(pattern), None
     helpers = dq.helpers | dkdv.helpers
     if lse_row is not None:
         pr = TritonPrinter(_index_names(pattern, "offs_i", "?", {}))
@@ -359,7 +359,7 @@ def _context(pattern: Pattern, plan: Plan, fwd: dict) -> dict:
         helpers |= pr.helpers
         used = sorted({type(a).__name__ for a in lse_row.atoms(AppliedUndef)})
         pre_args += [a for n in used for a in inputs.args(n)]
-        pre_values += [f"call.inputs[{n!r}], *call.inputs[{n!r}].stride(), *call.inputs[{n!r}].shape" for n in used]
+        pre_launch += [a for n in used for a in input_launch(pattern, n)]
 
     # -- which query blocks see a key block (dK/dV): the transposed walk --------------------
     dkdv_walk = render_walk(plan, transposed=True)
@@ -373,12 +373,20 @@ def _context(pattern: Pattern, plan: Plan, fwd: dict) -> dict:
         extra_helpers.append(RANDOM_HIT)
     return dict(dq=kernels["dq"], dkdv=kernels["dkdv"], pre_args=pre_args,
                 input_grads=grad_names, grad_args=[a for n in grad_names for a in _grad_args(pattern, n)],
-                grad_values=[f"input_grads[{n!r}], *input_grads[{n!r}].stride()" for n in grad_names], pre_values=pre_values, pre_bias=pre_bias,
+                grad_launch=[a for n in grad_names for a in _grad_launch(pattern, n)], pre_launch=pre_launch,
+                pre_bias=pre_bias,
                 dkdv_walk=dkdv_walk, dkdv_loop=dkdv_loop, helpers=extra_helpers)
 
 
 def _grad_args(pattern: Pattern, name: str) -> List[str]:
     return grad_args(name, len(pattern.input(name).dims))
+
+
+def _grad_launch(pattern: Pattern, name: str) -> List[Tuple[str, str]]:
+    """(kernel parameters, host value) of an input's gradient buffer, for ``sig.launch``."""
+    pointer, *strides = _grad_args(pattern, name)
+    buffer = f"input_grads[{name!r}]"
+    return [(pointer, buffer)] + ([(" ".join(strides), f"*{buffer}.stride()")] if strides else [])
 
 
 RANDOM_HIT = '''@triton.jit

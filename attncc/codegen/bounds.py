@@ -185,7 +185,9 @@ def check_divisors(pattern: Pattern) -> None:
 def _host_checks(pattern: Pattern, printer: _BoundPrinter) -> List[str]:
     """``x.nonzero(...)`` lines for the divisors of params and sizes only."""
     lines, seen = [], set()
-    for _, d, whole in divisors(pattern):
+    # sorted: the traversal visits the arguments of & and | in an order that varies per process
+    for _, d, whole in sorted(divisors(pattern), key=lambda t: (sympy.default_sort_key(t[1]),
+                                                                 sympy.default_sort_key(t[2]))):
         if d.is_number or _per_pair(d) or d in seen:
             continue
         seen.add(d)

@@ -26,7 +26,7 @@ from attncc.codegen.helpers import render_helper, rope_helpers
 from attncc.codegen.hoist import Hoister
 from attncc.codegen.names import param_arg, param_value, param_var
 from attncc.codegen.printer import TritonPrinter
-from attncc.codegen.softmax import _Inputs, mask_hoister, render_score, score_terms
+from attncc.codegen.softmax import _Inputs, input_launch, mask_hoister, param_launch, render_score, score_terms
 from attncc.codegen.walks import monotone_code, render_walk
 from attncc.spec import symbols as S
 from attncc.spec.builtins import RandomBlocks
@@ -99,9 +99,7 @@ def decode_context(pattern: Pattern, plan, ctx: dict) -> dict:
         steps=walk.get("steps", []), segments=walk.get("segments", 0), full_kb=walk.get("full_kb", ""),
         masked_kb=walk.get("masked_kb", ""), closed_check=closed_check, fallback=_fallback(walk),
         param_args=[param_arg(p) for p in pattern.params], input_args=input_args,
-        param_values=[f"call.params[{p.name!r}]" for p in pattern.params],
-        input_values=[f"call.inputs[{n!r}], *call.inputs[{n!r}].stride(), *call.inputs[{n!r}].shape"
-                      for n in used_inputs],
+        param_launch=param_launch(pattern), input_launch=[a for n in used_inputs for a in input_launch(pattern, n)],
         kv_len_input=any(d.name == "kv_len" for d in pattern.inputs),
     )
 

@@ -1,7 +1,7 @@
 """Plan -> the template variables of a softmax forward kernel (templates/softmax.py.j2)."""
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import sympy
 from sympy.core.function import AppliedUndef
@@ -165,16 +165,31 @@ def softmax_context(pattern: Pattern, plan) -> dict:
         walk=walk, iteration_note=note, random_blocks=bool(rb_names),
         dynamic=plan.dynamic, **_program_context(plan), exact_lists=plan.needs_exact_lists,
         mask_bh=bool({S.b, S.h} & mask_free), closed_form_check=checks if checks != ("True", "True") else None,
-        list_args=LIST_ARGS, score_lines=score_lines, mask_code=mask_code, scalar_defs=scalar_defs,
-        row_defs=row_defs, mask_defs=mask_defs, lse_row_bias=lse_row_bias, ctx_args=ctx_args,
+        list_args=LIST_ARGS, list_params=" ".join(LIST_ARGS), score_lines=score_lines, mask_code=mask_code,
+        scalar_defs=scalar_defs, row_defs=row_defs, mask_defs=mask_defs, lse_row_bias=lse_row_bias, ctx_args=ctx_args,
         param_args=[param_arg(p) for p in pattern.params], input_args=input_args + rb_args,
-        param_values=[f"call.params[{p.name!r}]" for p in pattern.params],
-        input_values=[f"call.inputs[{n!r}], *call.inputs[{n!r}].stride(), *call.inputs[{n!r}].shape" for n in used_inputs]
-        + [f"*_random_table(call, {rb.options[0]}, {rb.options[1]}, {rb.options[2]})" for rb in rb_names],
+        param_launch=param_launch(pattern),
+        input_launch=[a for n in used_inputs for a in input_launch(pattern, n)]
+        + [(f"{name}_table {name}_rows", f"*_random_table(call, {rb.options[0]}, {rb.options[1]}, {rb.options[2]})")
+           for rb, name in rb_names.items()],
         helpers=helper_src, rope=pattern.rope, tile_hint=_tile_hint(plan),
         rotary_dim_arg=("0" if pattern.rope is None else
                         str(pattern.rope.rotary_dim) if pattern.rope.rotary_dim else "call.D"), param_doc=param_doc, input_doc=input_doc, call_example=call_example,
     )
+
+
+def param_launch(pattern: Pattern) -> List[Tuple[str, str]]:
+    """(kernel parameter, host value) of each param, for ``sig.launch`` (attncc.codegen.params)."""
+    return [(param_var(p.name), f"call.params[{p.name!r}]") for p in pattern.params]
+
+
+def input_launch(pattern: Pattern, name: str) -> List[Tuple[str, str]]:
+    """(kernel parameters, host value) of an input's pointer, strides and sizes, for ``sig.launch``."""
+    rank, tensor = len(pattern.input(name).dims), f"call.inputs[{name!r}]"
+    out = [(input_ptr(name), tensor)]
+    if rank:
+        out.append((" ".join(input_stride(name, d) for d in range(rank)), f"*{tensor}.stride()"))
+    return out + [(input_size(name, d), f"{tensor}.shape[{d}]") for d in range(rank)]
 
 
 def score_terms(pattern: Pattern, hoist: Hoister, mask_hoist: Hoister):

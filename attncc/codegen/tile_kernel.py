@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 from attncc.codegen.names import host_tensor, input_ptr, input_stride
+from attncc.codegen.params import Signatures, kernel_reads
 from attncc.runtime import tiles
 from attncc.runtime.tiles import BlockStat, IntervalProgram
 
@@ -795,7 +796,7 @@ _COORDINATES = ("pos_q", "pos_k", "i_lo", "i_hi", "j_lo", "j_hi", "q_start", "k_
                 "h", "b")
 
 
-def _render_body(g: _Gen, body: _Body, params: List[str]) -> str:
+def _render_body(g: _Gen, body: _Body, params: List[str], sig: Signatures) -> str:
     mt, mf = g.kv(g.result)
     cols = body is _COLS
     needs_rows = {"qb": g.needs_pos_q, "kb": g.needs_pos_k}
@@ -828,10 +829,10 @@ def _render_body(g: _Gen, body: _Body, params: List[str]) -> str:
                 part.remove(own)
     return (
         "@triton.jit\n"
-        f"def {body.name}(out_ptr, pid, bh, n_bh, {', '.join(params)},\n"
-        "             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BM_P: tl.constexpr, BN_P: tl.constexpr,\n"
-        "             CHUNK: tl.constexpr):\n"
-        f'    """{body.what}"""\n'
+        + sig.define(f"def {body.name}(out_ptr, pid, bh, n_bh, {', '.join(params)},\n"
+                     "BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BM_P: tl.constexpr, BN_P: tl.constexpr, "
+                     "CHUNK: tl.constexpr):\n")
+        + f'    """{body.what}"""\n'
         + _indent(head, 4)
         + _indent(g.consts, 4)
         + _indent(pre, 4)
@@ -857,6 +858,12 @@ def render_tile_kernel(program: IntervalProgram, pattern=None) -> Optional[str]:
         g = _generate(program)
     except Unsupported:
         return None
+    # rendered with every parameter, read back, and rendered with those the kernels read (codegen.params)
+    first = _render(g, program, pattern, Signatures())
+    return first and _render(g, program, pattern, Signatures(kernel_reads(first)))
+
+
+def _render(g: _Gen, program: IntervalProgram, pattern, sig: Signatures) -> Optional[str]:
     res = g.result
     g.kv(res)  # literal results become constants before the bodies are rendered
     by_b, by_h = "b" in res.deps, "h" in res.deps
@@ -869,31 +876,29 @@ def render_tile_kernel(program: IntervalProgram, pattern=None) -> Optional[str]:
     if len(set(shared)) != len(shared) or reserved & set(shared):
         return None  # cannot happen (attncc.codegen.names): kept as a guard, the torch path is always right
     constexprs = "BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BM_P=BM_P, BN_P=BN_P"
+    bodies = [_render_body(g, _ROWS, shared, sig), _render_body(g, _COLS, shared, sig)]
     kernel = (
         "@triton.jit\n"
-        f"def _tk_kernel(out_ptr, {', '.join(shared[:7] + in_params + [f'{p}: tl.float64' for p in host_params])},\n"
-        "               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BM_P: tl.constexpr, BN_P: tl.constexpr,\n"
-        "               ROW_CHUNK: tl.constexpr, COL_CHUNK: tl.constexpr):\n"
-        "    # programs [0, nqb) of axis 0: one query block each, the forward lists; [nqb, nqb + nkb) (launched\n"
+        + sig.define(f"def _tk_kernel(out_ptr, {', '.join(shared[:7] + in_params + [f'{p}: tl.float64' for p in host_params])},\n"
+                     "BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BM_P: tl.constexpr, BN_P: tl.constexpr, "
+                     "ROW_CHUNK: tl.constexpr, COL_CHUNK: tl.constexpr):\n")
+        + "    # programs [0, nqb) of axis 0: one query block each, the forward lists; [nqb, nqb + nkb) (launched\n"
         "    # when a backward follows): one key block each, the transposed lists, stored after the forward's.\n"
         "    # Axis 1: b or 0, h or 0.\n"
         "    pid = tl.program_id(0)\n"
         "    bh = tl.program_id(1)\n"
         "    n_bh = tl.num_programs(1)\n"
         "    if pid < nqb:\n"
-        f"        _tk_rows(out_ptr, pid, bh, n_bh, {', '.join(shared)},\n"
-        f"                 {constexprs}, CHUNK=ROW_CHUNK)\n"
-        "    else:\n"
+        + sig.call(f"        _tk_rows(out_ptr, pid, bh, n_bh, {', '.join(shared)}, {constexprs}, CHUNK=ROW_CHUNK)\n")
+        + "    else:\n"
         "        R = n_bh * nqb\n"
         "        cols_ptr = out_ptr + 2 * ((R + 3) // 4 * 4) + 2 * ((R.to(tl.int64) * nkb + 3) // 4 * 4)\n"
-        f"        _tk_cols(cols_ptr, pid - nqb, bh, n_bh, {', '.join(shared)},\n"
-        f"                 {constexprs}, CHUNK=COL_CHUNK)\n"
+        + sig.call(f"        _tk_cols(cols_ptr, pid - nqb, bh, n_bh, {', '.join(shared)}, {constexprs}, CHUNK=COL_CHUNK)\n")
     )
-    bodies = [_render_body(g, _ROWS, shared), _render_body(g, _COLS, shared)]
     helpers = _helpers_for("\n".join(bodies))
 
     # -- host function ------------------------------------------------------------
-    checks, prep, launch_in = [], [], []
+    checks, prep, launch_in = [], [], []  # launch_in: (kernel parameter, host value)
     for name, rank in g.inputs.items():
         prep.append(f"{host_tensor(name)} = call.inputs.get({name!r})")
     seen_inputs = set()
@@ -916,8 +921,8 @@ def render_tile_kernel(program: IntervalProgram, pattern=None) -> Optional[str]:
         t = host_tensor(name)
         prep.append(f"if {t}.dtype == torch.bool:")
         prep.append(f"    {t} = {t}.view(torch.uint8)")
-        launch_in.append(t)
-        launch_in += [f"({t}.stride({d}) if {t}.shape[{d}] != 1 else 0)" for d in range(rank)]
+        launch_in.append((input_ptr(name), t))
+        launch_in += [(input_stride(name, d), f"({t}.stride({d}) if {t}.shape[{d}] != 1 else 0)") for d in range(rank)]
     fallback = ("return _rt.blocks.classified_lists(_TK_PROGRAM, call, block_m, block_n, dynamic=True, "
                 "transposed=transposed)")
     host = ["B, H, Nq, Nk = call.B, call.Hq, call.Nq, call.Nk",
@@ -939,15 +944,13 @@ def render_tile_kernel(program: IntervalProgram, pattern=None) -> Optional[str]:
              "rows_size = _rt.blocks.packed_size(Bl * Hl * nqb, nkb)",
              "size = rows_size + (_rt.blocks.packed_size(Bl * Hl * nkb, nqb) if transposed else 0)",
              "out = torch.empty(size, dtype=torch.int32, device=call.q.device)",
-             "_tk_kernel[(nqb + (nkb if transposed else 0), Bl * Hl)](",
-             "    out, nqb, nkb, Nq, Nk, call.q_offset, call.k_offset, Hl,"]
-    if launch_in:
-        host.append("    " + ", ".join(launch_in) + ",")
-    for _, expr in g.host_args:
-        host.append(f"    {expr},")
-    host += ["    BLOCK_M=block_m, BLOCK_N=block_n, BM_P=BM_P, BN_P=BN_P,",
-             f"    ROW_CHUNK={row_chunk}, COL_CHUNK={col_chunk},",
-             "    num_warps=4, enable_fp_fusion=False,",
+             "_tk_kernel[(nqb + (nkb if transposed else 0), Bl * Hl)]("]
+    values = [("out_ptr", "out"), ("nqb", "nqb"), ("nkb", "nkb"), ("Nq", "Nq"), ("Nk", "Nk"), ("q_offset", "call.q_offset"),
+              ("k_offset", "call.k_offset"), ("Hl", "Hl")] + launch_in + g.host_args
+    values += [("BLOCK_M", "block_m"), ("BLOCK_N", "block_n"), ("BM_P", "BM_P"), ("BN_P", "BN_P"),
+               ("ROW_CHUNK", row_chunk), ("COL_CHUNK", col_chunk)]
+    host += sig.launch("_tk_kernel", values, "    ").split("\n")
+    host += ["    num_warps=4, enable_fp_fusion=False,",
              ")",
              "lists = _rt.blocks.packed_lists(out, 0, Bl, Hl, nqb, nkb)",
              "return lists, (_rt.blocks.packed_lists(out, rows_size, Bl, Hl, nkb, nqb) if transposed else None)"]
