@@ -100,7 +100,8 @@ def _fwd_kernel(Q, K, V, O, LSE,
                 Nq, Nk, H, GROUP, q_offset, k_offset, qk_scale,
                 CU_Q, CU_K, TOTAL_Q,
                 prm_window, prm_dilation,
-                full_count, full_index, partial_count, partial_index, list_sb, list_sh, list_sq, list_width,
+                full_count, full_index, partial_count, partial_index, list_stride_b, list_stride_h, list_stride_row,
+                list_width,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                 VALUE_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 RETURN_LSE: tl.constexpr, VARLEN: tl.constexpr, WIDE: tl.constexpr):
@@ -152,7 +153,7 @@ def _fwd_kernel(Q, K, V, O, LSE,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, VALUE_DIM_PAD], dtype=tl.float32)
     # Key blocks: block lists (-Mod(i - j, dilation) <= 0: the term dilation*floor(i/dilation - j/dilation) mixes i and j)
-    row = b * list_sb + h * list_sh + qb.to(tl.int64) * list_sq  # int64: row * list_width may pass 2**31
+    row = b * list_stride_b + h * list_stride_h + qb.to(tl.int64) * list_stride_row  # int64: row * list_width may pass 2**31
     n_partial = tl.load(partial_count + row)
     for t in tl.range(0, n_partial):
         kb = tl.load(partial_index + row * list_width + t)
@@ -349,7 +350,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
                      Nq, Nk, H, GROUP, q_offset, k_offset, qk_scale, sm_scale,
                      CU_Q, CU_K, TOTAL_Q,
                      prm_window, prm_dilation,
-                     full_count, full_index, partial_count, partial_index, list_sb, list_sh, list_sq, list_width,
+                     full_count, full_index, partial_count, partial_index, list_stride_b, list_stride_h,
+                     list_stride_row, list_width,
                      HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                      VALUE_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr, WIDE: tl.constexpr):
@@ -411,7 +413,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
                                            strides=[stride_qm, 1], block_shape=[BLOCK_M, HEAD_DIM_PAD])
         do_desc = tl.make_tensor_descriptor(DO_base, shape=[Nq, VALUE_DIM],
                                             strides=[stride_dom, 1], block_shape=[BLOCK_M, VALUE_DIM_PAD])
-        row = b * list_sb + h * list_sh + kb.to(tl.int64) * list_sq  # int64: row * list_width may pass 2**31
+        row = b * list_stride_b + h * list_stride_h + kb.to(tl.int64) * list_stride_row  # int64: row * list_width may pass 2**31
         n_partial = tl.load(partial_count + row)
         for t in tl.range(0, n_partial):
             qb = tl.load(partial_index + row * list_width + t)
@@ -458,7 +460,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
                    Nq, Nk, H, GROUP, q_offset, k_offset, qk_scale, sm_scale,
                    CU_Q, CU_K, TOTAL_Q,
                    prm_window, prm_dilation,
-                   full_count, full_index, partial_count, partial_index, list_sb, list_sh, list_sq, list_width,
+                   full_count, full_index, partial_count, partial_index, list_stride_b, list_stride_h, list_stride_row,
+                   list_width,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                    VALUE_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr, WIDE: tl.constexpr):
@@ -511,7 +514,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
     delta = tl.load(DELTA + lse_row + offs_m, mask=offs_m < Nq, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     # Key blocks: the forward's walk
-    row = b * list_sb + h * list_sh + qb.to(tl.int64) * list_sq  # int64: row * list_width may pass 2**31
+    row = b * list_stride_b + h * list_stride_h + qb.to(tl.int64) * list_stride_row  # int64: row * list_width may pass 2**31
     n_partial = tl.load(partial_count + row)
     for t in tl.range(0, n_partial):
         kb = tl.load(partial_index + row * list_width + t)

@@ -90,7 +90,8 @@ def _fwd_kernel(Q, K, V, O, LSE,
                 Nq, Nk, H, GROUP, q_offset, k_offset, qk_scale,
                 CU_Q, CU_K, TOTAL_Q,
                 ptr_doc, stride0_doc, stride1_doc, size1_doc,
-                full_count, full_index, partial_count, partial_index, list_sb, list_sh, list_sq, list_width,
+                full_count, full_index, partial_count, partial_index, list_stride_b, list_stride_h, list_stride_row,
+                list_width,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                 VALUE_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 RETURN_LSE: tl.constexpr, VARLEN: tl.constexpr, WIDE: tl.constexpr):
@@ -141,7 +142,7 @@ def _fwd_kernel(Q, K, V, O, LSE,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, VALUE_DIM_PAD], dtype=tl.float32)
     # Key blocks: block lists (the mask reads [inputs]: tiles classified on every call)
-    row = b * list_sb + h * list_sh + qb.to(tl.int64) * list_sq  # int64: row * list_width may pass 2**31
+    row = b * list_stride_b + h * list_stride_h + qb.to(tl.int64) * list_stride_row  # int64: row * list_width may pass 2**31
     n_partial = tl.load(partial_count + row)
     for t in tl.range(0, n_partial):
         kb = tl.load(partial_index + row * list_width + t)
@@ -360,8 +361,7 @@ def _tk_kernel(out_ptr, nqb, nkb, Nq, Nk, q_offset, k_offset, Hl, ptr_doc, strid
 
 
 def _tile_lists(call, block_m, block_n, transposed):
-    """(forward lists, transposed lists or None) of this call's tiles, each a tuple
-    (full_count, full_index, partial_count, partial_index, stride_b, stride_h, stride_row, width),
+    """(forward lists, transposed lists or None) of this call's tiles, each _rt.blocks.BlockLists,
     from one kernel launch (no host synchronization)."""
     B, H, Nq, Nk = call.B, call.Hq, call.Nq, call.Nk
     nqb, nkb = -(-Nq // block_m), -(-Nk // block_n)
@@ -521,7 +521,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
                      Nq, Nk, H, GROUP, q_offset, k_offset, qk_scale, sm_scale,
                      CU_Q, CU_K, TOTAL_Q,
                      ptr_doc, stride0_doc, stride1_doc, size1_doc,
-                     full_count, full_index, partial_count, partial_index, list_sb, list_sh, list_sq, list_width,
+                     full_count, full_index, partial_count, partial_index, list_stride_b, list_stride_h,
+                     list_stride_row, list_width,
                      HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                      VALUE_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr, WIDE: tl.constexpr):
@@ -582,7 +583,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
                                            strides=[stride_qm, 1], block_shape=[BLOCK_M, HEAD_DIM_PAD])
         do_desc = tl.make_tensor_descriptor(DO_base, shape=[Nq, VALUE_DIM],
                                             strides=[stride_dom, 1], block_shape=[BLOCK_M, VALUE_DIM_PAD])
-        row = b * list_sb + h * list_sh + kb.to(tl.int64) * list_sq  # int64: row * list_width may pass 2**31
+        row = b * list_stride_b + h * list_stride_h + kb.to(tl.int64) * list_stride_row  # int64: row * list_width may pass 2**31
         n_partial = tl.load(partial_count + row)
         for t in tl.range(0, n_partial):
             qb = tl.load(partial_index + row * list_width + t)
@@ -631,7 +632,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
                    Nq, Nk, H, GROUP, q_offset, k_offset, qk_scale, sm_scale,
                    CU_Q, CU_K, TOTAL_Q,
                    ptr_doc, stride0_doc, stride1_doc, size1_doc,
-                   full_count, full_index, partial_count, partial_index, list_sb, list_sh, list_sq, list_width,
+                   full_count, full_index, partial_count, partial_index, list_stride_b, list_stride_h, list_stride_row,
+                   list_width,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                    VALUE_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr, WIDE: tl.constexpr):
@@ -683,7 +685,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
     mrow0 = tl.load(ptr_doc + b * stride0_doc + offs_i * stride1_doc, mask=(offs_i >= 0) & (offs_i < size1_doc), other=0).to(tl.int64)
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     # Key blocks: the forward's walk
-    row = b * list_sb + h * list_sh + qb.to(tl.int64) * list_sq  # int64: row * list_width may pass 2**31
+    row = b * list_stride_b + h * list_stride_h + qb.to(tl.int64) * list_stride_row  # int64: row * list_width may pass 2**31
     n_partial = tl.load(partial_count + row)
     for t in tl.range(0, n_partial):
         kb = tl.load(partial_index + row * list_width + t)

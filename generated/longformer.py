@@ -399,7 +399,8 @@ def _fwd_kernel(Q, K, V, O, LSE,
                 Nq, Nk, H, GROUP, q_offset, k_offset, qk_scale,
                 CU_Q, CU_K, TOTAL_Q,
                 prm_g, prm_w,
-                full_count, full_index, partial_count, partial_index, list_sb, list_sh, list_sq, list_width,
+                full_count, full_index, partial_count, partial_index, list_stride_b, list_stride_h, list_stride_row,
+                list_width,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                 VALUE_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 RETURN_LSE: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, VARLEN: tl.constexpr, WIDE: tl.constexpr,
@@ -455,7 +456,7 @@ def _fwd_kernel(Q, K, V, O, LSE,
     acc = tl.zeros([BLOCK_M, VALUE_DIM_PAD], dtype=tl.float32)
     # Key blocks: closed form, the mask as monotone bands (x: query position, j: key position)
     if LISTS:  # this call breaks the closed form's precondition: the exact block lists
-        row = b * list_sb + h * list_sh + qb.to(tl.int64) * list_sq  # int64: row * list_width may pass 2**31
+        row = b * list_stride_b + h * list_stride_h + qb.to(tl.int64) * list_stride_row  # int64: row * list_width may pass 2**31
         n_partial = tl.load(partial_count + row)
         for t in tl.range(0, n_partial):
             kb = tl.load(partial_index + row * list_width + t)
@@ -754,7 +755,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
                      Nq, Nk, H, GROUP, q_offset, k_offset, qk_scale, sm_scale,
                      CU_Q, CU_K, TOTAL_Q,
                      prm_g, prm_w,
-                     full_count, full_index, partial_count, partial_index, list_sb, list_sh, list_sq, list_width,
+                     full_count, full_index, partial_count, partial_index, list_stride_b, list_stride_h,
+                     list_stride_row, list_width,
                      HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                      VALUE_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr, WIDE: tl.constexpr, LISTS: tl.constexpr):
@@ -904,7 +906,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
         do_desc = tl.make_tensor_descriptor(DO_base, shape=[Nq, VALUE_DIM],
                                             strides=[stride_dom, 1], block_shape=[BLOCK_M, VALUE_DIM_PAD])
         if LISTS:  # this call breaks the closed form's precondition: the exact block lists
-            row = b * list_sb + h * list_sh + kb.to(tl.int64) * list_sq  # int64: row * list_width may pass 2**31
+            row = b * list_stride_b + h * list_stride_h + kb.to(tl.int64) * list_stride_row  # int64: row * list_width may pass 2**31
             n_partial = tl.load(partial_count + row)
             for t in tl.range(0, n_partial):
                 qb = tl.load(partial_index + row * list_width + t)
@@ -961,7 +963,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
                    Nq, Nk, H, GROUP, q_offset, k_offset, qk_scale, sm_scale,
                    CU_Q, CU_K, TOTAL_Q,
                    prm_g, prm_w,
-                   full_count, full_index, partial_count, partial_index, list_sb, list_sh, list_sq, list_width,
+                   full_count, full_index, partial_count, partial_index, list_stride_b, list_stride_h, list_stride_row,
+                   list_width,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                    VALUE_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr, WIDE: tl.constexpr, LISTS: tl.constexpr):
@@ -1017,7 +1020,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     # Key blocks: the forward's walk
     if LISTS:  # this call breaks the closed form's precondition: the exact block lists
-        row = b * list_sb + h * list_sh + qb.to(tl.int64) * list_sq  # int64: row * list_width may pass 2**31
+        row = b * list_stride_b + h * list_stride_h + qb.to(tl.int64) * list_stride_row  # int64: row * list_width may pass 2**31
         n_partial = tl.load(partial_count + row)
         for t in tl.range(0, n_partial):
             kb = tl.load(partial_index + row * list_width + t)

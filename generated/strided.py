@@ -101,7 +101,8 @@ def _fwd_kernel(Q, K, V, O, LSE,
                 Nq, Nk, H, GROUP, q_offset, k_offset, qk_scale,
                 CU_Q, CU_K, TOTAL_Q,
                 prm_stride,
-                full_count, full_index, partial_count, partial_index, list_sb, list_sh, list_sq, list_width,
+                full_count, full_index, partial_count, partial_index, list_stride_b, list_stride_h, list_stride_row,
+                list_width,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                 VALUE_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 RETURN_LSE: tl.constexpr, VARLEN: tl.constexpr, WIDE: tl.constexpr):
@@ -153,7 +154,7 @@ def _fwd_kernel(Q, K, V, O, LSE,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, VALUE_DIM_PAD], dtype=tl.float32)
     # Key blocks: block lists (-stride + Mod(j, stride) + 1 <= 0: j enters as j - stride*floor(j/stride), which does not grow with j (a stride, a dilation or a 2D neighborhood))
-    row = b * list_sb + h * list_sh + qb.to(tl.int64) * list_sq  # int64: row * list_width may pass 2**31
+    row = b * list_stride_b + h * list_stride_h + qb.to(tl.int64) * list_stride_row  # int64: row * list_width may pass 2**31
     n_partial = tl.load(partial_count + row)
     for t in tl.range(0, n_partial):
         kb = tl.load(partial_index + row * list_width + t)
@@ -350,7 +351,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
                      Nq, Nk, H, GROUP, q_offset, k_offset, qk_scale, sm_scale,
                      CU_Q, CU_K, TOTAL_Q,
                      prm_stride,
-                     full_count, full_index, partial_count, partial_index, list_sb, list_sh, list_sq, list_width,
+                     full_count, full_index, partial_count, partial_index, list_stride_b, list_stride_h,
+                     list_stride_row, list_width,
                      HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                      VALUE_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr, WIDE: tl.constexpr):
@@ -412,7 +414,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
                                            strides=[stride_qm, 1], block_shape=[BLOCK_M, HEAD_DIM_PAD])
         do_desc = tl.make_tensor_descriptor(DO_base, shape=[Nq, VALUE_DIM],
                                             strides=[stride_dom, 1], block_shape=[BLOCK_M, VALUE_DIM_PAD])
-        row = b * list_sb + h * list_sh + kb.to(tl.int64) * list_sq  # int64: row * list_width may pass 2**31
+        row = b * list_stride_b + h * list_stride_h + kb.to(tl.int64) * list_stride_row  # int64: row * list_width may pass 2**31
         n_partial = tl.load(partial_count + row)
         for t in tl.range(0, n_partial):
             qb = tl.load(partial_index + row * list_width + t)
@@ -459,7 +461,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
                    Nq, Nk, H, GROUP, q_offset, k_offset, qk_scale, sm_scale,
                    CU_Q, CU_K, TOTAL_Q,
                    prm_stride,
-                   full_count, full_index, partial_count, partial_index, list_sb, list_sh, list_sq, list_width,
+                   full_count, full_index, partial_count, partial_index, list_stride_b, list_stride_h, list_stride_row,
+                   list_width,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                    VALUE_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr, WIDE: tl.constexpr):
@@ -512,7 +515,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
     mc0 = (prm_stride - 1)
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     # Key blocks: the forward's walk
-    row = b * list_sb + h * list_sh + qb.to(tl.int64) * list_sq  # int64: row * list_width may pass 2**31
+    row = b * list_stride_b + h * list_stride_h + qb.to(tl.int64) * list_stride_row  # int64: row * list_width may pass 2**31
     n_partial = tl.load(partial_count + row)
     for t in tl.range(0, n_partial):
         kb = tl.load(partial_index + row * list_width + t)

@@ -21,9 +21,11 @@ from attncc.spec.builtins import RandomBlocks
 from attncc.spec.ir import INTEGER_DTYPES, Pattern
 
 INDEX_NAMES = {S.b: "b", S.h: "h", S.n_q: "n_q", S.n_k: "n_k", S.n_heads: "H", S.s: "s"}
-# the block-list arguments of a kernel that walks lists: per outer block its FULL and PARTIAL
-# blocks (counts and padded index rows) and the strides of the list tensors
-LIST_ARGS = ["full_count", "full_index", "partial_count", "partial_index", "list_sb", "list_sh", "list_sq", "list_width"]
+# the list parameters of a kernel that walks block lists: attncc.runtime.blocks.BlockLists' fields in
+# order (the host passes them as ``*lists``; tests/test_block_lists.py checks the names), the ints
+# named apart from the kernel's own strides. Not imported from there: building imports no torch.
+LIST_ARGS = ["full_count", "full_index", "partial_count", "partial_index", "list_stride_b", "list_stride_h",
+             "list_stride_row", "list_width"]
 
 
 class _Inputs:

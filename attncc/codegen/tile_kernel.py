@@ -966,8 +966,7 @@ def _render(g: _Gen, program: IntervalProgram, pattern, sig: Signatures) -> Opti
     src = "\n".join(out) + "\n\n\n" + "\n\n\n".join(helpers + [b.rstrip("\n") for b in bodies]
                                                     + [kernel.rstrip("\n")]) + "\n\n\n"
     src += ("def _tile_lists(call, block_m, block_n, transposed):\n"
-            '    """(forward lists, transposed lists or None) of this call\'s tiles, each a tuple\n'
-            "    (full_count, full_index, partial_count, partial_index, stride_b, stride_h, stride_row, width),\n"
+            '    """(forward lists, transposed lists or None) of this call\'s tiles, each _rt.blocks.BlockLists,\n'
             "    from one kernel launch (no host synchronization).\"\"\"\n"
             + _indent(host, 4))
     return src
