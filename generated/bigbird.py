@@ -67,7 +67,8 @@ def _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
     offs_j = k_offset + start_n + tl.arange(0, BLOCK_N)
     qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
     if MASKED:
-        keep = (offs_j[None, :] < k_offset + Nk) & ((tl.abs((mrow0[:, None] - (offs_j[None, :] // 64))) <= 1) | ((offs_j[None, :] // 64 == rb0_0[:, None]) | (offs_j[None, :] // 64 == rb0_1[:, None]) | (offs_j[None, :] // 64 == rb0_2[:, None])) | (offs_i[:, None] < 64) | (offs_j[None, :] < 64))
+        tmp0 = offs_j[None, :] // 64
+        keep = (offs_j[None, :] < k_offset + Nk) & ((tl.abs((mrow0[:, None] - tmp0)) <= 1) | ((tmp0 == rb0_0[:, None]) | (tmp0 == rb0_1[:, None]) | (tmp0 == rb0_2[:, None])) | (offs_i[:, None] < 64) | (offs_j[None, :] < 64))
         qk = tl.where(keep, qk, float("-inf"))
     # qk_scale = scale * log2(e) > 0, so the row max of the scaled scores is the scaled max.
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
@@ -193,7 +194,8 @@ def _exact_tiles_kernel(CODES, N_KB, Nq, Nk, H, q_offset, k_offset, CU_Q, CU_K,
     for kb in tl.range(kb0, tl.minimum(kb0 + KEY_BLOCKS, N_KB)):
         offs_j = k_offset + kb * BLOCK_N + tl.arange(0, BLOCK_N)
         inside = rows[:, None] & (offs_j[None, :] < k_offset + Nk)
-        allowed = inside & ((tl.abs((mrow0[:, None] - (offs_j[None, :] // 64))) <= 1) | ((offs_j[None, :] // 64 == rb0_0[:, None]) | (offs_j[None, :] // 64 == rb0_1[:, None]) | (offs_j[None, :] // 64 == rb0_2[:, None])) | (offs_i[:, None] < 64) | (offs_j[None, :] < 64))
+        tmp0 = offs_j[None, :] // 64
+        allowed = inside & ((tl.abs((mrow0[:, None] - tmp0)) <= 1) | ((tmp0 == rb0_0[:, None]) | (tmp0 == rb0_1[:, None]) | (tmp0 == rb0_2[:, None])) | (offs_i[:, None] < 64) | (offs_j[None, :] < 64))
         some = tl.max(tl.max(allowed.to(tl.int32), 1), 0)
         missing = tl.max(tl.max((inside & ~allowed).to(tl.int32), 1), 0)
         tl.store(CODES + (bh * tl.num_programs(0) + qb) * N_KB + kb, (some + 2 - 2 * missing).to(tl.int8))
@@ -446,7 +448,8 @@ def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
     qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
     s = qk * qk_scale
     if MASKED:
-        keep = (offs_j[None, :] < k_offset + Nk) & ((tl.abs((mrow0[:, None] - (offs_j[None, :] // 64))) <= 1) | ((offs_j[None, :] // 64 == rb0_0[:, None]) | (offs_j[None, :] // 64 == rb0_1[:, None]) | (offs_j[None, :] // 64 == rb0_2[:, None])) | (offs_i[:, None] < 64) | (offs_j[None, :] < 64))
+        tmp0 = offs_j[None, :] // 64
+        keep = (offs_j[None, :] < k_offset + Nk) & ((tl.abs((mrow0[:, None] - tmp0)) <= 1) | ((tmp0 == rb0_0[:, None]) | (tmp0 == rb0_1[:, None]) | (tmp0 == rb0_2[:, None])) | (offs_i[:, None] < 64) | (offs_j[None, :] < 64))
         s = tl.where(keep, s, float("-inf"))
     p = tl.exp2(s - lse2[:, None])
     dp = tl.dot(do, v.T, input_precision=DOT_PRECISION)

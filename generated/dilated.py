@@ -79,7 +79,8 @@ def _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
     offs_j = k_offset + start_n + tl.arange(0, BLOCK_N)
     qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
     if MASKED:
-        keep = (offs_j[None, :] < k_offset + Nk) & ((_floormod((offs_i[:, None] - offs_j[None, :]), prm_dilation) == 0) & (offs_j[None, :] <= offs_i[:, None]) & ((offs_i[:, None] - offs_j[None, :]) < prm_window))
+        tmp0 = offs_i[:, None] - offs_j[None, :]
+        keep = (offs_j[None, :] < k_offset + Nk) & ((_floormod(tmp0, prm_dilation) == 0) & (offs_j[None, :] <= offs_i[:, None]) & (tmp0 < prm_window))
         qk = tl.where(keep, qk, float("-inf"))
     # qk_scale = scale * log2(e) > 0, so the row max of the scaled scores is the scaled max.
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
@@ -201,7 +202,8 @@ def _exact_tiles_kernel(CODES, N_KB, Nq, Nk, H, q_offset, k_offset, CU_Q, CU_K,
     for kb in tl.range(kb0, tl.minimum(kb0 + KEY_BLOCKS, N_KB)):
         offs_j = k_offset + kb * BLOCK_N + tl.arange(0, BLOCK_N)
         inside = rows[:, None] & (offs_j[None, :] < k_offset + Nk)
-        allowed = inside & ((_floormod((offs_i[:, None] - offs_j[None, :]), prm_dilation) == 0) & (offs_j[None, :] <= offs_i[:, None]) & ((offs_i[:, None] - offs_j[None, :]) < prm_window))
+        tmp0 = offs_i[:, None] - offs_j[None, :]
+        allowed = inside & ((_floormod(tmp0, prm_dilation) == 0) & (offs_j[None, :] <= offs_i[:, None]) & (tmp0 < prm_window))
         some = tl.max(tl.max(allowed.to(tl.int32), 1), 0)
         missing = tl.max(tl.max((inside & ~allowed).to(tl.int32), 1), 0)
         tl.store(CODES + (bh * tl.num_programs(0) + qb) * N_KB + kb, (some + 2 - 2 * missing).to(tl.int8))
@@ -329,7 +331,8 @@ def _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, qb, offs_j, Nq, q_off
     qk = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]: S^T
     s = qk * qk_scale
     if MASKED:
-        keep = (offs_i[None, :] < q_offset + Nq) & ((_floormod((offs_i[None, :] - offs_j[:, None]), prm_dilation) == 0) & (offs_j[:, None] <= offs_i[None, :]) & ((offs_i[None, :] - offs_j[:, None]) < prm_window))
+        tmp0 = offs_i[None, :] - offs_j[:, None]
+        keep = (offs_i[None, :] < q_offset + Nq) & ((_floormod(tmp0, prm_dilation) == 0) & (offs_j[:, None] <= offs_i[None, :]) & (tmp0 < prm_window))
         s = tl.where(keep, s, float("-inf"))
     p = tl.exp2(s - lse2[None, :])
     dv = dv + tl.dot(p.to(do.dtype), do, input_precision=DOT_PRECISION)
@@ -441,7 +444,8 @@ def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
     qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
     s = qk * qk_scale
     if MASKED:
-        keep = (offs_j[None, :] < k_offset + Nk) & ((_floormod((offs_i[:, None] - offs_j[None, :]), prm_dilation) == 0) & (offs_j[None, :] <= offs_i[:, None]) & ((offs_i[:, None] - offs_j[None, :]) < prm_window))
+        tmp0 = offs_i[:, None] - offs_j[None, :]
+        keep = (offs_j[None, :] < k_offset + Nk) & ((_floormod(tmp0, prm_dilation) == 0) & (offs_j[None, :] <= offs_i[:, None]) & (tmp0 < prm_window))
         s = tl.where(keep, s, float("-inf"))
     p = tl.exp2(s - lse2[:, None])
     dp = tl.dot(do, v.T, input_precision=DOT_PRECISION)
@@ -675,7 +679,8 @@ def _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NU
     v = _dec_load(v_rows, tl.arange(0, VALUE_DIM_PAD), in_cache, VALUE_DIM, VALUE_DIM_PAD, MASKED)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if MASKED:
-        keep = in_cache[None, :] & live[:, None] & ((_floormod((offs_i[:, None] - offs_j[None, :]), prm_dilation) == 0) & (offs_j[None, :] <= offs_i[:, None]) & ((offs_i[:, None] - offs_j[None, :]) < prm_window))
+        tmp0 = offs_i[:, None] - offs_j[None, :]
+        keep = in_cache[None, :] & live[:, None] & ((_floormod(tmp0, prm_dilation) == 0) & (offs_j[None, :] <= offs_i[:, None]) & (tmp0 < prm_window))
         qk = tl.where(keep, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)

@@ -183,20 +183,7 @@ MASK_TILES = _tiles.IntervalProgram(
 # Block lists from one Triton kernel (attncc.codegen.tile_kernel) for pattern document: the same lists as
 # _rt.blocks.classified_lists(_TK_PROGRAM, call, block_m, block_n, dynamic=True, transposed=...),
 # forward and transposed, in one launch.
-_TK_PROGRAM = _rt.tiles.IntervalProgram(
-    leaves=(
-        ('in_doc_at_b_i', 'input', (_rt.tiles.BlockStat(input='doc', axis_var='i', block='m', index=('b', 'i')),)),
-        ('in_doc_at_b_j', 'input', (_rt.tiles.BlockStat(input='doc', axis_var='j', block='n', index=('b', 'j')),)),
-        ('j', 'j', ()),
-        ('i', 'i', ()),
-    ),
-    steps=(
-        ('v0', 'eq', ('in_doc_at_b_i', 'in_doc_at_b_j')),
-        ('v1', 'le', ('j', 'i')),
-        ('v2', 'and_', ('v0', 'v1')),
-    ),
-    result='v2',
-)
+_TK_PROGRAM = MASK_TILES
 _TK_INPUT_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool))
 
 

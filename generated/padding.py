@@ -177,16 +177,7 @@ MASK_TILES = _tiles.IntervalProgram(
 # Block lists from one Triton kernel (attncc.codegen.tile_kernel) for pattern padding: the same lists as
 # _rt.blocks.classified_lists(_TK_PROGRAM, call, block_m, block_n, dynamic=True, transposed=...),
 # forward and transposed, in one launch.
-_TK_PROGRAM = _rt.tiles.IntervalProgram(
-    leaves=(
-        ('j', 'j', ()),
-        ('in_kv_len_at_b', 'input', (_rt.tiles.BlockStat(input='kv_len', axis_var=None, block=None, index=('b',)),)),
-    ),
-    steps=(
-        ('v0', 'lt', ('j', 'in_kv_len_at_b')),
-    ),
-    result='v0',
-)
+_TK_PROGRAM = MASK_TILES
 _TK_INPUT_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool))
 
 

@@ -79,7 +79,8 @@ def _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
     v = v_desc.load([start_n, 0])
     offs_j = k_offset + start_n + tl.arange(0, BLOCK_N)
     qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
-    s = qk * qk_scale + tl.load(ptr_rel_bias + h * stride0_rel_bias + _bucket_32_128_1((offs_j[None, :] - offs_i[:, None])) * stride1_rel_bias, mask=(_bucket_32_128_1((offs_j[None, :] - offs_i[:, None])) >= 0) & (_bucket_32_128_1((offs_j[None, :] - offs_i[:, None])) < size1_rel_bias), other=0) * 1.4426950408889634  # bias * log2(e)
+    bucket0 = _bucket_32_128_1((offs_j[None, :] - offs_i[:, None]))
+    s = qk * qk_scale + tl.load(ptr_rel_bias + h * stride0_rel_bias + bucket0 * stride1_rel_bias, mask=(bucket0 >= 0) & (bucket0 < size1_rel_bias), other=0) * 1.4426950408889634  # bias * log2(e)
     if MASKED:
         keep = (offs_j[None, :] < k_offset + Nk)
         s = tl.where(keep, s, float("-inf"))
@@ -267,7 +268,8 @@ def _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, qb, offs_j, Nq, q_off
     lse2 = tl.load(LSE2 + offs_m, mask=offs_m < Nq, other=float("inf"))
     delta = tl.load(DELTA + offs_m, mask=offs_m < Nq, other=0.0)
     qk = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]: S^T
-    s = qk * qk_scale + tl.load(ptr_rel_bias + h * stride0_rel_bias + _bucket_32_128_1((offs_j[:, None] - offs_i[None, :])) * stride1_rel_bias, mask=(_bucket_32_128_1((offs_j[:, None] - offs_i[None, :])) >= 0) & (_bucket_32_128_1((offs_j[:, None] - offs_i[None, :])) < size1_rel_bias), other=0) * 1.4426950408889634  # bias * log2(e)
+    bucket0 = _bucket_32_128_1((offs_j[:, None] - offs_i[None, :]))
+    s = qk * qk_scale + tl.load(ptr_rel_bias + h * stride0_rel_bias + bucket0 * stride1_rel_bias, mask=(bucket0 >= 0) & (bucket0 < size1_rel_bias), other=0) * 1.4426950408889634  # bias * log2(e)
     if MASKED:
         keep = (offs_i[None, :] < q_offset + Nq)
         s = tl.where(keep, s, float("-inf"))
@@ -375,7 +377,8 @@ def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
     v = v_desc.load([start_n, 0])
     offs_j = k_offset + start_n + tl.arange(0, BLOCK_N)
     qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
-    s = qk * qk_scale + tl.load(ptr_rel_bias + h * stride0_rel_bias + _bucket_32_128_1((offs_j[None, :] - offs_i[:, None])) * stride1_rel_bias, mask=(_bucket_32_128_1((offs_j[None, :] - offs_i[:, None])) >= 0) & (_bucket_32_128_1((offs_j[None, :] - offs_i[:, None])) < size1_rel_bias), other=0) * 1.4426950408889634  # bias * log2(e)
+    bucket0 = _bucket_32_128_1((offs_j[None, :] - offs_i[:, None]))
+    s = qk * qk_scale + tl.load(ptr_rel_bias + h * stride0_rel_bias + bucket0 * stride1_rel_bias, mask=(bucket0 >= 0) & (bucket0 < size1_rel_bias), other=0) * 1.4426950408889634  # bias * log2(e)
     if MASKED:
         keep = (offs_j[None, :] < k_offset + Nk)
         s = tl.where(keep, s, float("-inf"))
@@ -614,7 +617,8 @@ def _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NU
     k = _dec_load(k_rows, tl.arange(0, HEAD_DIM_PAD), in_cache, HEAD_DIM, HEAD_DIM_PAD, MASKED)
     v = _dec_load(v_rows, tl.arange(0, VALUE_DIM_PAD), in_cache, VALUE_DIM, VALUE_DIM_PAD, MASKED)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    s = qk * qk_scale + tl.load(ptr_rel_bias + h_row[:, None] * stride0_rel_bias + _bucket_32_128_1((offs_j[None, :] - offs_i[:, None])) * stride1_rel_bias, mask=(_bucket_32_128_1((offs_j[None, :] - offs_i[:, None])) >= 0) & (_bucket_32_128_1((offs_j[None, :] - offs_i[:, None])) < size1_rel_bias), other=0) * 1.4426950408889634  # bias * log2(e)
+    bucket0 = _bucket_32_128_1((offs_j[None, :] - offs_i[:, None]))
+    s = qk * qk_scale + tl.load(ptr_rel_bias + h_row[:, None] * stride0_rel_bias + bucket0 * stride1_rel_bias, mask=(bucket0 >= 0) & (bucket0 < size1_rel_bias), other=0) * 1.4426950408889634  # bias * log2(e)
     if MASKED:
         keep = in_cache[None, :] & live[:, None]
         s = tl.where(keep, s, float("-inf"))

@@ -12,7 +12,7 @@ from attncc.analysis.walks import Iteration
 from attncc.codegen.helpers import render_helper, rope_helpers
 from attncc.codegen.hoist import Hoister, split_along_j
 from attncc.codegen.names import input_args, input_ptr, input_size, input_stride, param_arg, param_value, param_var
-from attncc.codegen.printer import TritonPrinter
+from attncc.codegen.printer import Temporaries, TritonPrinter
 from attncc.codegen.tile_kernel import render_tile_kernel
 from attncc.codegen.walks import _note as _note_of
 from attncc.codegen.walks import precondition_code, render_walk
@@ -105,11 +105,12 @@ def softmax_context(pattern: Pattern, plan) -> dict:
         return "(" + " | ".join(hits) + ")"
 
     printers = []
+    temps = Temporaries()  # the forward's kernels: one set of names for the values they name
 
     def printer(i_text, j_text, hoisted: Hoister, row_suffix, float64=False, **kw):
         names = {**{sym: sym.name for sym in hoisted.scalars.values()},
                  **{sym: sym.name + row_suffix for sym in hoisted.rows.values()}}
-        pr = TritonPrinter(_names(pattern, i_text, j_text, names, float64), float64=float64, **kw)
+        pr = TritonPrinter(_names(pattern, i_text, j_text, names, float64), float64=float64, temps=temps, **kw)
         pr.gather = lambda e: inputs.gather(pr, e)
         printers.append(pr)
         return pr
@@ -121,19 +122,18 @@ def softmax_context(pattern: Pattern, plan) -> dict:
     mask_row = printer("offs_i", "offs_j", mhoist, "", float64=True)
 
     score_lines = render_score(pattern, tile, bias_j, mod, simple_bias)
-    mask_code = mask_tile(mask) if mask is not None else None
+    mask_temps, mask_code = mask_tile.statement(mask) if mask is not None else ([], None)
 
     # the values the mask code reads (its hoister's and the random blocks' rows): all that the
     # exact tile kernel computes besides the mask; the score's are for the attention kernels only
-    mask_defs = [(sym.name, mask_row(e)) for e, sym in mhoist.scalars.items()]
-    mask_defs += [(sym.name, mask_row(e)) for e, sym in mhoist.rows.items()]
+    mask_defs = definitions(mask_row, mhoist.scalars) + definitions(mask_row, mhoist.rows)
     for rb, name in rb_names.items():
         r, block, _ = rb.options
         for t in range(r):
             mask_defs.append((f"{name}_{t}", f"tl.load({name}_table + tl.minimum(offs_i // {block}, {name}_rows - 1) * {r} + {t})"))
-    scalar_defs = [(sym.name, row(e)) for e, sym in hoist.scalars.items()]
-    row_defs = [(sym.name, row(e)) for e, sym in hoist.rows.items()] + mask_defs
-    lse_row_bias = row(lse_row) if lse_row is not None else None
+    scalar_defs = definitions(row, hoist.scalars)
+    row_defs = definitions(row, hoist.rows) + mask_defs
+    lse_row_defs, lse_row_bias = row.statement(lse_row) if lse_row is not None else ([], None)
     if lse_row_bias is not None:
         row.helpers.add("_row_term_o")
 
@@ -167,8 +167,9 @@ def softmax_context(pattern: Pattern, plan) -> dict:
         walk=walk, iteration_note=note, random_blocks=bool(rb_names),
         dynamic=plan.dynamic, **_program_context(plan), exact_lists=plan.needs_exact_lists,
         mask_bh=bool({S.b, S.h} & mask_free), closed_form_check=checks if checks != ("True", "True") else None,
-        list_args=LIST_ARGS, list_params=" ".join(LIST_ARGS), score_lines=score_lines, mask_code=mask_code,
-        scalar_defs=scalar_defs, row_defs=row_defs, mask_defs=mask_defs, lse_row_bias=lse_row_bias, ctx_args=ctx_args,
+        list_args=LIST_ARGS, list_params=" ".join(LIST_ARGS), score_lines=score_lines, mask_temps=mask_temps,
+        mask_code=mask_code, scalar_defs=scalar_defs, row_defs=row_defs, mask_defs=mask_defs,
+        lse_row_defs=lse_row_defs, lse_row_bias=lse_row_bias, ctx_args=ctx_args,
         param_args=[param_arg(p) for p in pattern.params], input_args=input_args + rb_args,
         param_launch=param_launch(pattern),
         input_launch=[a for n in used_inputs for a in input_launch(pattern, n)]
@@ -218,18 +219,35 @@ def score_terms(pattern: Pattern, hoist: Hoister, mask_hoist: Hoister):
     return mask, bias_j, mod, lse_row, simple_bias
 
 
+def definitions(printer: TritonPrinter, table: Dict[sympy.Basic, sympy.Symbol]) -> List[Tuple[str, str]]:
+    """``(name, code)`` of a hoister's table (``{expression: name}``), each preceded by the values
+    its code names (:meth:`TritonPrinter.statement`)."""
+    out = []
+    for e, sym in table.items():
+        temps, code = printer.statement(e)
+        out += temps + [(sym.name, code)]
+    return out
+
+
+def printed(lines: List[str], printer: TritonPrinter, e) -> str:
+    """``e``'s code, the definitions of the values it names appended to ``lines`` first."""
+    temps, code = printer.statement(e)
+    lines += [f"{name} = {value}" for name, value in temps]
+    return code
+
+
 def render_score(pattern: Pattern, tile: TritonPrinter, bias_j, mod, simple_bias: bool) -> List[str]:
     """The lines that turn a tile's ``qk`` into its scores ``s`` in log2 units; none when the
     score is the scaled dot product alone (the tile then folds the scale into the exponent)."""
     if pattern.bias is None and pattern.mod is None and pattern.softcap is None:
         return []
+    lines: List[str] = []
+    bias = f" + {printed(lines, tile, bias_j)}" if bias_j is not None else ""
     if simple_bias:
-        if bias_j is None:
-            return ["s = qk * qk_scale"]
-        return [f"s = qk * qk_scale + {tile(bias_j)} * 1.4426950408889634  # bias * log2(e)"]
-    lines = ["s = qk * sm_scale" + (f" + {tile(bias_j)}" if bias_j is not None else "")]
+        return lines + [f"s = qk * qk_scale{bias} * 1.4426950408889634  # bias * log2(e)" if bias else "s = qk * qk_scale"]
+    lines.append(f"s = qk * sm_scale{bias}")
     if mod is not None:
-        lines.append(f"s = {mod_text(tile, mod)}")
+        lines.append(f"s = {mod_text(tile, mod, lines)}")
     if pattern.softcap is not None:
         tile.helpers.add("_tanh")
         cap = f"{pattern.softcap!r} * _tanh(s * {1.0 / pattern.softcap!r}, FAST_MATH)"
@@ -238,10 +256,11 @@ def render_score(pattern: Pattern, tile: TritonPrinter, bias_j, mod, simple_bias
     return lines
 
 
-def mod_text(tile: TritonPrinter, mod) -> str:
-    """The transform of a tile's scores ``s``; one that ignores them (``-inf`` everywhere: no pair
-    is allowed; ``0.1 * i``) is broadcast to the tile, ``qk``'s shape, whatever ``qk`` holds."""
-    text = tile(mod)
+def mod_text(tile: TritonPrinter, mod, lines: List[str]) -> str:
+    """The transform of a tile's scores ``s`` (the values it names defined in ``lines``); one that
+    ignores them (``-inf`` everywhere: no pair is allowed; ``0.1 * i``) is broadcast to the tile,
+    ``qk``'s shape, whatever ``qk`` holds."""
+    text = printed(lines, tile, mod)
     return text if S.s in mod.free_symbols else f"tl.zeros_like(qk) + {text}"
 
 
@@ -264,7 +283,7 @@ def _program_context(plan) -> dict:
     program = getattr(plan, "classifier", None)
     if not plan.dynamic or program is None:
         return dict(program_leaves=[], program_steps=[], program_result="", tile_kernel=None, list_kernel_arg="")
-    tile_kernel = render_tile_kernel(program, plan.pattern) if plan.dynamic else None
+    tile_kernel = render_tile_kernel(program, plan.pattern, program_name="MASK_TILES") if plan.dynamic else None
     return dict(program_leaves=[repr(leaf) for leaf in program.leaves],
                 program_steps=[repr(step) for step in program.steps], program_result=program.result,
                 tile_kernel=tile_kernel, list_kernel_arg=", kernel=_tile_lists" if tile_kernel else "")

@@ -846,11 +846,13 @@ def _render_body(g: _Gen, body: _Body, params: List[str], sig: Signatures) -> st
     )
 
 
-def render_tile_kernel(program: IntervalProgram, pattern=None) -> Optional[str]:
+def render_tile_kernel(program: IntervalProgram, pattern=None, program_name: Optional[str] = None) -> Optional[str]:
     """Python + Triton source defining ``_tile_lists(call, block_m, block_n, transposed)`` for
     ``program`` (see the module docstring), or None when the program uses something the
     kernel does not implement. The source expects ``torch``, ``triton``, ``tl`` (=
-    ``triton.language``) and ``_rt`` (= ``attncc.runtime``) in its module's globals.
+    ``triton.language``) and ``_rt`` (= ``attncc.runtime``) in its module's globals; it names
+    ``program`` ``_TK_PROGRAM``, printed there, or, given the module's own name for it
+    (``program_name``), as that name.
     ``pattern`` is only used for a comment."""
     if program is None:
         return None
@@ -859,11 +861,12 @@ def render_tile_kernel(program: IntervalProgram, pattern=None) -> Optional[str]:
     except Unsupported:
         return None
     # rendered with every parameter, read back, and rendered with those the kernels read (codegen.params)
-    first = _render(g, program, pattern, Signatures())
-    return first and _render(g, program, pattern, Signatures(kernel_reads(first)))
+    first = _render(g, program, pattern, program_name, Signatures())
+    return first and _render(g, program, pattern, program_name, Signatures(kernel_reads(first)))
 
 
-def _render(g: _Gen, program: IntervalProgram, pattern, sig: Signatures) -> Optional[str]:
+def _render(g: _Gen, program: IntervalProgram, pattern, program_name: Optional[str],
+            sig: Signatures) -> Optional[str]:
     res = g.result
     g.kv(res)  # literal results become constants before the bodies are rendered
     by_b, by_h = "b" in res.deps, "h" in res.deps
@@ -960,7 +963,7 @@ def _render(g: _Gen, program: IntervalProgram, pattern, sig: Signatures) -> Opti
         + (f" for pattern {title}" if title else "") + ": the same lists as",
         "# _rt.blocks.classified_lists(_TK_PROGRAM, call, block_m, block_n, dynamic=True, transposed=...),",
         "# forward and transposed, in one launch.",
-        f"_TK_PROGRAM = {_program_src(program)}",
+        f"_TK_PROGRAM = {program_name or _program_src(program)}",
         "_TK_INPUT_DTYPES = frozenset((" + ", ".join(f"torch.{d}" for d in _INPUT_DTYPES) + "))",
     ]
     src = "\n".join(out) + "\n\n\n" + "\n\n\n".join(helpers + [b.rstrip("\n") for b in bodies]
