@@ -29,7 +29,7 @@ from sympy.core.function import AppliedUndef
 
 from attncc.analysis import Plan
 from attncc.analysis.score import split_mod_along_j
-from attncc.codegen.helpers import render_helper
+from attncc.codegen.helpers import helper_args, helper_list
 from attncc.codegen.hoist import Hoister, split_along_j
 from attncc.codegen.names import grad_args, grad_ptr, grad_stride, input_size, param_arg, param_value, param_var
 from attncc.codegen.printer import Temporaries, TritonPrinter
@@ -382,10 +382,7 @@ def _context(pattern: Pattern, plan: Plan, fwd: dict) -> dict:
     # the loops reprint the steps only where they depend on the query head (inside its loop)
     dkdv_loop = dkdv_walk if dkdv_walk["per_head"] else dict(dkdv_walk, steps=[])
 
-    extra_helpers = [render_helper(h) for h in sorted(helpers)]
-    extra_helpers = [h for h in extra_helpers if h not in fwd["helpers"]]
-    if rb_names:
-        extra_helpers.append(RANDOM_HIT)
+    extra_helpers = helper_list(helpers, have=fwd["helpers"]) + ([helper_args("_random_hit")] if rb_names else [])
     return dict(dq=kernels["dq"], dkdv=kernels["dkdv"], pre_args=pre_args,
                 input_grads=grad_names, grad_args=[a for n in grad_names for a in _grad_args(pattern, n)],
                 grad_launch=[a for n in grad_names for a in _grad_launch(pattern, n)], pre_launch=pre_launch,
@@ -402,13 +399,3 @@ def _grad_launch(pattern: Pattern, name: str) -> List[Tuple[str, str]]:
     pointer, *strides = _grad_args(pattern, name)
     buffer = f"input_grads[{name!r}]"
     return [(pointer, buffer)] + ([(" ".join(strides), f"*{buffer}.stride()")] if strides else [])
-
-
-RANDOM_HIT = '''@triton.jit
-def _random_hit(offs_i, offs_j, table, rows, R: tl.constexpr, BLOCK: tl.constexpr):
-    """BigBird: is key position j in one of the R random key blocks of query position i's block?"""
-    row = tl.minimum(offs_i // BLOCK, rows - 1) * R
-    hit = offs_j[None, :] < 0
-    for t in tl.static_range(R):
-        hit = hit | (offs_j[None, :] // BLOCK == tl.load(table + row + t)[:, None])
-    return hit'''

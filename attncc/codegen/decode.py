@@ -22,7 +22,7 @@ from typing import List
 
 from sympy.core.function import AppliedUndef
 
-from attncc.codegen.helpers import render_helper, rope_helpers
+from attncc.codegen.helpers import helper_list
 from attncc.codegen.hoist import Hoister
 from attncc.codegen.names import param_arg, param_value, param_var
 from attncc.codegen.printer import Temporaries, TritonPrinter
@@ -90,13 +90,10 @@ def decode_context(pattern: Pattern, plan, ctx: dict) -> dict:
     closed_check = None if closed_check == "True" else closed_check
     tile.helpers |= walk.get("helpers", set())
 
-    helper_names = sorted(tile.helpers | row.helpers | mask_tile.helpers | mask_row.helpers)
-    helpers = [render_helper(h) for h in helper_names]
-    if pattern.rope is not None:
-        helpers.append(rope_helpers(pattern.rope.style, pattern.rope.theta))
-    have = set(ctx.get("helpers", ()))
+    helpers = helper_list(tile.helpers | row.helpers | mask_tile.helpers | mask_row.helpers, pattern.rope,
+                          have=ctx.get("helpers", ()))
     return dict(
-        supported=True, reason="", helpers=[h for h in helpers if h not in have],
+        supported=True, reason="", helpers=helpers,
         ctx_args=ctx_args, score_lines=score_lines, mask_temps=mask_temps, mask_code=mask_code,
         scalar_defs=scalar_defs, row_defs=row_defs, lse_row_defs=lse_row_defs, lse_row_bias=lse_row_bias, iteration=iteration, note=note,
         steps=walk.get("steps", []), segments=walk.get("segments", 0), full_kb=walk.get("full_kb", ""),

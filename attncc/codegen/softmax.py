@@ -9,7 +9,7 @@ from sympy.core.function import AppliedUndef
 from attncc.analysis.score import split_mod_along_j
 from attncc.analysis.bands import X
 from attncc.analysis.walks import Iteration
-from attncc.codegen.helpers import render_helper, rope_helpers
+from attncc.codegen.helpers import helper_list
 from attncc.codegen.hoist import Hoister, split_along_j
 from attncc.codegen.names import input_args, input_ptr, input_size, input_stride, param_arg, param_value, param_var
 from attncc.codegen.printer import Temporaries, TritonPrinter
@@ -155,10 +155,7 @@ def softmax_context(pattern: Pattern, plan) -> dict:
     checks = (precondition_code(plan, transposed=False), precondition_code(plan, transposed=True))
     mask_free = pattern.mask.free_symbols if pattern.mask is not None else set()
 
-    helper_names = sorted(set().union(*[pr.helpers for pr in printers]))
-    helper_src = [render_helper(h) for h in helper_names]
-    if pattern.rope is not None:
-        helper_src.append(rope_helpers(pattern.rope.style, pattern.rope.theta))
+    helpers = helper_list(set().union(*[pr.helpers for pr in printers]), pattern.rope)
 
     param_doc = ", ".join(f"{p.name}={p.value!r}" for p in pattern.params)
     input_doc = ", ".join(f"{d.name} ({', '.join(map(str, d.dims))}; {d.dtype})" for d in pattern.inputs)
@@ -175,7 +172,7 @@ def softmax_context(pattern: Pattern, plan) -> dict:
         input_launch=[a for n in used_inputs for a in input_launch(pattern, n)]
         + [(f"{name}_table {name}_rows", f"*_random_table(call, {rb.options[0]}, {rb.options[1]}, {rb.options[2]})")
            for rb, name in rb_names.items()],
-        helpers=helper_src, rope=pattern.rope, tile_hint=_tile_hint(plan),
+        helpers=helpers, rope=pattern.rope, tile_hint=_tile_hint(plan),
         rotary_dim_arg=("0" if pattern.rope is None else
                         str(pattern.rope.rotary_dim) if pattern.rope.rotary_dim else "call.D"), param_doc=param_doc, input_doc=input_doc, call_example=call_example,
     )

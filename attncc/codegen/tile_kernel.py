@@ -42,11 +42,13 @@ an unexpected rank, size or dtype (the torch path raises its error), or when a s
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
+from attncc.codegen import environment
 from attncc.codegen.names import host_tensor, input_ptr, input_stride
 from attncc.codegen.params import Signatures, kernel_reads
 from attncc.runtime import tiles
@@ -68,202 +70,30 @@ class Unsupported(Exception):
 # Kernel helpers (pasted once; only the ones used)
 # ---------------------------------------------------------------------------
 
-# Logic goes through tl.where, never & | ~ on comparison results: the Triton interpreter
-# gives a scalar comparison result float data when it is broadcast against a vector.
-_HELPERS: Dict[str, str] = {
-    "_tk_and": """
-@triton.jit
-def _tk_and(x, y):
-    return tl.where(x, y, False)""",
-    "_tk_or": """
-@triton.jit
-def _tk_or(x, y):
-    return tl.where(x, True, y)""",
-    "_tk_not": """
-@triton.jit
-def _tk_not(x):
-    return tl.where(x, False, True)""",
-    "_tk_min": """
-@triton.jit
-def _tk_min(x, y):
-    # torch.minimum: NaN if either is NaN
-    return tl.where(x < y, x, tl.where(x != x, x, y))""",
-    "_tk_max": """
-@triton.jit
-def _tk_max(x, y):
-    # torch.maximum: NaN if either is NaN
-    return tl.where(x > y, x, tl.where(x != x, x, y))""",
-    "_tk_pymin": """
-@triton.jit
-def _tk_pymin(x, y):
-    # Python's min(x, y) of two numbers
-    return tl.where(y < x, y, x)""",
-    "_tk_pymax": """
-@triton.jit
-def _tk_pymax(x, y):
-    # Python's max(x, y) of two numbers
-    return tl.where(y > x, y, x)""",
-    "_tk_nan_to": """
-@triton.jit
-def _tk_nan_to(x, value):
-    return tl.where(x != x, value, x)""",
-    "_tk_bmin": """
-@triton.jit
-def _tk_bmin(x, AXIS: tl.constexpr):
-    # torch.amin along AXIS, as float64 (NaN-propagating for float inputs)
-    m = tl.min(x, AXIS).to(tl.float64)
-    if x.dtype.is_floating():
-        m = tl.where(tl.max((x != x).to(tl.int32), AXIS) > 0, float("nan"), m)
-    if x.dtype == tl.int64:  # past 2**53 float64 rounds: move outward (as tiles.input_interval)
-        m = tl.where(tl.abs(m) >= 9007199254740992.0, m - tl.abs(m) * 2.220446049250313e-16, m)
-    return m""",
-    "_tk_bmax": """
-@triton.jit
-def _tk_bmax(x, AXIS: tl.constexpr):
-    # torch.amax along AXIS, as float64 (NaN-propagating for float inputs)
-    m = tl.max(x, AXIS).to(tl.float64)
-    if x.dtype.is_floating():
-        m = tl.where(tl.max((x != x).to(tl.int32), AXIS) > 0, float("nan"), m)
-    if x.dtype == tl.int64:  # past 2**53 float64 rounds: move outward (as tiles.input_interval)
-        m = tl.where(tl.abs(m) >= 9007199254740992.0, m + tl.abs(m) * 2.220446049250313e-16, m)
-    return m""",
-    "_tk_point": """
-@triton.jit
-def _tk_point(x):
-    # a point read as float64 bounds; past 2**53 an int64 rounds: move outward (as tiles.input_interval)
-    m = x.to(tl.float64)
-    if x.dtype == tl.int64:
-        step = tl.where(tl.abs(m) >= 9007199254740992.0, tl.abs(m) * 2.220446049250313e-16, 0.0)
-        return m - step, m + step
-    return m, m""",
-    "_tk_mul_c": """
-@triton.jit
-def _tk_mul_c(a, b, c):
-    # tiles.mul scaling [a, b] by the number c
-    lo = tl.where(c > 0, a * c, b * c)
-    hi = tl.where(c > 0, b * c, a * c)
-    return tl.where(c == 0, 0.0, lo), tl.where(c == 0, 0.0, hi)""",
-    "_tk_mul_iv": """
-@triton.jit
-def _tk_mul_iv(a, b, c, d):
-    # tiles.mul of two intervals: hull of the corner products, 0 * inf counted as 0
-    p0 = _tk_nan_to(a * c, 0.0)
-    p1 = _tk_nan_to(a * d, 0.0)
-    p2 = _tk_nan_to(b * c, 0.0)
-    p3 = _tk_nan_to(b * d, 0.0)
-    lo = _tk_min(_tk_min(_tk_min(p0, p1), p2), p3)
-    hi = _tk_max(_tk_max(_tk_max(p0, p1), p2), p3)
-    return lo, hi""",
-    "_tk_recip": """
-@triton.jit
-def _tk_recip(a, b):
-    ok = _tk_or(a > 0, b < 0)
-    return tl.where(ok, 1.0 / b, float("-inf")), tl.where(ok, 1.0 / a, float("inf"))""",
-    "_tk_div_c": """
-@triton.jit
-def _tk_div_c(a, b, c):
-    # tiles.div by the number c (c == 0: unbounded)
-    lo = tl.where(c > 0, a / c, b / c)
-    hi = tl.where(c > 0, b / c, a / c)
-    return tl.where(c == 0, float("-inf"), lo), tl.where(c == 0, float("inf"), hi)""",
-    "_tk_floordiv_c": """
-@triton.jit
-def _tk_floordiv_c(a, b, c):
-    # tiles.floordiv by the number c (c == 0: unbounded)
-    lo = tl.floor(a / c)
-    hi = tl.floor(b / c)
-    rlo = tl.where(c > 0, lo, hi)
-    rhi = tl.where(c > 0, hi, lo)
-    return tl.where(c == 0, float("-inf"), rlo), tl.where(c == 0, float("inf"), rhi)""",
-    "_tk_floordiv_iv": """
-@triton.jit
-def _tk_floordiv_iv(a, b, c, d):
-    # tiles.floordiv by an interval: the corners bound it; unbounded where y may be 0
-    p0 = tl.floor(a / c)
-    p1 = tl.floor(a / d)
-    p2 = tl.floor(b / c)
-    p3 = tl.floor(b / d)
-    lo = _tk_min(_tk_min(_tk_min(_tk_nan_to(p0, float("-inf")), _tk_nan_to(p1, float("-inf"))),
-                         _tk_nan_to(p2, float("-inf"))), _tk_nan_to(p3, float("-inf")))
-    hi = _tk_max(_tk_max(_tk_max(_tk_nan_to(p0, float("inf")), _tk_nan_to(p1, float("inf"))),
-                         _tk_nan_to(p2, float("inf"))), _tk_nan_to(p3, float("inf")))
-    no_zero = _tk_or(c > 0, d < 0)
-    return tl.where(no_zero, lo, float("-inf")), tl.where(no_zero, hi, float("inf"))""",
-    "_tk_mod_c": """
-@triton.jit
-def _tk_mod_c(a, b, c, ONE: tl.constexpr):
-    # tiles.mod by the number c (c == 0: unbounded)
-    qa = tl.floor(a / c)
-    qb = tl.floor(b / c)
-    same = _tk_and(qa == qb, tl.abs(qa) < float("inf"))
-    r_lo = _tk_nan_to(a - c * qa, 0.0)
-    r_hi = _tk_nan_to(b - c * qb, 0.0)
-    w_lo = tl.where(c > 0, 0.0, c + ONE)
-    w_hi = tl.where(c > 0, c - ONE, 0.0)
-    lo = tl.where(same, r_lo, w_lo)
-    hi = tl.where(same, r_hi, w_hi)
-    return tl.where(c == 0, float("-inf"), lo), tl.where(c == 0, float("inf"), hi)""",
-    "_tk_mod_iv": """
-@triton.jit
-def _tk_mod_iv(a, b, c, d, ONE: tl.constexpr):
-    # tiles.mod by an interval
-    inside = _tk_and(a >= 0, b < c)
-    pos = c > 0
-    negm = d < 0
-    lo = tl.where(pos, tl.where(inside, a, 0.0), tl.where(negm, c + ONE, float("-inf")))
-    hi = tl.where(pos, tl.where(inside, b, d - ONE), tl.where(negm, 0.0, float("inf")))
-    return lo, hi""",
-    "_tk_widen": f"""
-@triton.jit
-def _tk_widen(a, b):
-    # tiles.widen: each finite end out by (|end| + 1) * 2^-40
-    lo = tl.where(tl.abs(a) < float("inf"), a - (tl.abs(a) + 1.0) * {tiles.WIDEN!r}, a)
-    hi = tl.where(tl.abs(b) < float("inf"), b + (tl.abs(b) + 1.0) * {tiles.WIDEN!r}, b)
-    return lo, hi""",
-    "_tk_abs": """
-@triton.jit
-def _tk_abs(a, b):
-    return tl.where(a >= 0, a, tl.where(b <= 0, -b, 0.0)), _tk_max(-a, b)""",
-    "_tk_eq": """
-@triton.jit
-def _tk_eq(a, b, c, d):
-    disjoint = _tk_or(a > d, c > b)
-    same_point = _tk_and(_tk_and(a == b, c == d), a == c)
-    return _tk_not(disjoint), _tk_not(same_point)""",
-    "_tk_select": """
-@triton.jit
-def _tk_select(mt, mf, a, b, c, d, PY: tl.constexpr):
-    # tiles.select; PY: both branches are Python numbers there (Python's min / max)
-    both = _tk_and(mt, mf)
-    if PY:
-        lo = tl.where(both, _tk_pymin(a, c), tl.where(mt, a, c))
-        hi = tl.where(both, _tk_pymax(b, d), tl.where(mt, b, d))
-    else:
-        lo = tl.where(both, _tk_min(a, c), tl.where(mt, a, c))
-        hi = tl.where(both, _tk_max(b, d), tl.where(mt, b, d))
-    return lo, hi""",
-    "_tk_append": """
-@triton.jit
-def _tk_append(row_ptr, hit, blocks, valid, count, width):
-    # compaction of one chunk into a list row: the hit blocks from the front in block order, the
-    # others from the back (so every entry of the row is some block index); returns the new count
-    hit = tl.where(valid, hit, False).to(tl.int32)
-    before = count + tl.cumsum(hit, 0) - hit
-    tl.store(row_ptr + tl.where(hit != 0, before, width - 1 - (blocks - before)), blocks, mask=valid)
-    return count + tl.sum(hit, 0)""",
-}
+# The helpers of the kernel (templates/helpers.j2, tile_helper), in the order they are pasted.
+TILE_HELPERS = ("_tk_and", "_tk_or", "_tk_not", "_tk_min", "_tk_max", "_tk_pymin", "_tk_pymax", "_tk_nan_to",
+                "_tk_bmin", "_tk_bmax", "_tk_point", "_tk_mul_c", "_tk_mul_iv", "_tk_recip", "_tk_div_c",
+                "_tk_floordiv_c", "_tk_floordiv_iv", "_tk_mod_c", "_tk_mod_iv", "_tk_widen", "_tk_abs", "_tk_eq",
+                "_tk_select", "_tk_append")
+
+
+@functools.lru_cache(maxsize=1)
+def _helper_sources() -> Dict[str, str]:
+    macro = environment().get_template("helpers.j2").module.tile_helper
+    return {name: str(macro(name, repr(tiles.WIDEN))) for name in TILE_HELPERS}
 
 
 def _helpers_for(code: str) -> List[str]:
     """The helper sources ``code`` needs (transitively), in a stable order."""
+    sources = _helper_sources()
     needed, todo = set(), [code]
     while todo:
         text = todo.pop()
         for name in re.findall(r"\b(_tk_[a-z_]+)\(", text):
-            if name in _HELPERS and name not in needed:
+            if name in sources and name not in needed:
                 needed.add(name)
-                todo.append(_HELPERS[name])
-    return [_HELPERS[n].strip("\n") for n in _HELPERS if n in needed]
+                todo.append(sources[name])
+    return [sources[n] for n in TILE_HELPERS if n in needed]
 
 
 # ---------------------------------------------------------------------------
