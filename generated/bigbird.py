@@ -58,11 +58,8 @@ SPEC = _rt.SpecInfo(
 
 @triton.jit
 def _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-              b, h, H, n_q, n_k, rb0_table, rb0_rows, mrow0, rb0_0, rb0_1, rb0_2,
-              qk_scale, sm_scale,
-              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-              ROTARY_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
-              MASKED: tl.constexpr):
+              mrow0, rb0_0, rb0_1, rb0_2, qk_scale,
+              BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr):
     """One key tile of the online softmax; MASKED tiles evaluate the mask, full ones do not."""
     start_n = tl.cast(kb, tl.int32) * BLOCK_N  # a tensor descriptor's offsets are int32 (kb is int64 in WIDE calls)
     k = k_desc.load([start_n, 0])
@@ -70,7 +67,8 @@ def _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
     offs_j = k_offset + start_n + tl.arange(0, BLOCK_N)
     qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
     if MASKED:
-        keep = (offs_j[None, :] < k_offset + Nk) & ((tl.abs((mrow0[:, None] - (offs_j[None, :] // 64))) <= 1) | ((offs_j[None, :] // 64 == rb0_0[:, None]) | (offs_j[None, :] // 64 == rb0_1[:, None]) | (offs_j[None, :] // 64 == rb0_2[:, None])) | (offs_i[:, None] < 64) | (offs_j[None, :] < 64))
+        tmp0 = offs_j[None, :] // 64
+        keep = (offs_j[None, :] < k_offset + Nk) & ((tl.abs((mrow0[:, None] - tmp0)) <= 1) | ((tmp0 == rb0_0[:, None]) | (tmp0 == rb0_1[:, None]) | (tmp0 == rb0_2[:, None])) | (offs_i[:, None] < 64) | (offs_j[None, :] < 64))
         qk = tl.where(keep, qk, float("-inf"))
     # qk_scale = scale * log2(e) > 0, so the row max of the scaled scores is the scaled max.
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
@@ -88,14 +86,14 @@ def _fwd_kernel(Q, K, V, O, LSE,
                 stride_kb, stride_kh, stride_kn,
                 stride_vb, stride_vh, stride_vn,
                 stride_ob, stride_oh, stride_om,
-                Nq, Nk, H, GROUP, q_offset, k_offset, n_q, n_k, qk_scale, sm_scale,
+                Nq, Nk, H, GROUP, q_offset, k_offset, qk_scale,
                 CU_Q, CU_K, TOTAL_Q,
                 rb0_table, rb0_rows,
-                full_count, full_index, partial_count, partial_index, list_sb, list_sh, list_sq, list_width,
+                full_count, full_index, partial_count, partial_index, list_stride_b, list_stride_h, list_stride_row,
+                list_width,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
-                VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr, RETURN_LSE: tl.constexpr,
-                WARP_SPECIALIZE: tl.constexpr, VARLEN: tl.constexpr, WIDE: tl.constexpr):
+                VALUE_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                RETURN_LSE: tl.constexpr, VARLEN: tl.constexpr, WIDE: tl.constexpr):
     # Heaviest query blocks first: with causal-like patterns the last rows see the most keys.
     qb = tl.num_programs(0) - 1 - tl.program_id(0)
     # b, h in int64: their products with strides pass 2**31 in big tensors
@@ -106,8 +104,6 @@ def _fwd_kernel(Q, K, V, O, LSE,
     if WIDE:  # positions may pass 2**31 - 1 (the host decides from the call's numbers): int64 from here
         q_offset = tl.cast(q_offset, tl.int64)
         k_offset = tl.cast(k_offset, tl.int64)
-        n_q = tl.cast(n_q, tl.int64)
-        n_k = tl.cast(n_k, tl.int64)
         H = tl.cast(H, tl.int64)
     if VARLEN:
         # Packed sequences ([1, H, total, D]): b is the sequence, its rows start at CU_Q[b] / CU_K[b];
@@ -116,8 +112,6 @@ def _fwd_kernel(Q, K, V, O, LSE,
         k_start = tl.load(CU_K + b).to(tl.int64)
         Nq = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
         Nk = (tl.load(CU_K + b + 1) - k_start).to(tl.int32)
-        n_q = Nq
-        n_k = Nk
         if qb * BLOCK_M >= Nq:  # the grid covers the longest sequence
             return
         Q_base = Q + h * stride_qh + q_start * stride_qm
@@ -141,8 +135,6 @@ def _fwd_kernel(Q, K, V, O, LSE,
                                        strides=[stride_om, 1], block_shape=[BLOCK_M, VALUE_DIM_PAD])
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_i = q_offset + offs_m
-    q_lo = q_offset + qb * BLOCK_M
-    q_hi = tl.minimum(q_lo + BLOCK_M - 1, q_offset + Nq - 1)  # the block's last existing row
     q = q_desc.load([qb * BLOCK_M, 0])
     mrow0 = (offs_i // 64)
     rb0_0 = tl.load(rb0_table + tl.minimum(offs_i // 64, rb0_rows - 1) * 3 + 0)
@@ -152,21 +144,17 @@ def _fwd_kernel(Q, K, V, O, LSE,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, VALUE_DIM_PAD], dtype=tl.float32)
     # Key blocks: block lists (random_blocks() has no closed form)
-    row = b * list_sb + h * list_sh + qb.to(tl.int64) * list_sq  # int64: row * list_width may pass 2**31
+    row = b * list_stride_b + h * list_stride_h + qb.to(tl.int64) * list_stride_row  # int64: row * list_width may pass 2**31
     n_partial = tl.load(partial_count + row)
     for t in tl.range(0, n_partial):
         kb = tl.load(partial_index + row * list_width + t)
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                                  b, h, H, n_q, n_k, rb0_table, rb0_rows, mrow0, rb0_0, rb0_1, rb0_2,
-                                  qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
-                                  FAST_MATH, MASKED=True)
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset, mrow0, rb0_0, rb0_1,
+                                  rb0_2, qk_scale, BLOCK_N, DOT_PRECISION, MASKED=True)
     n_full = tl.load(full_count + row)
     for t in tl.range(0, n_full):
         kb = tl.load(full_index + row * list_width + t)
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                                  b, h, H, n_q, n_k, rb0_table, rb0_rows, mrow0, rb0_0, rb0_1, rb0_2,
-                                  qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
-                                  FAST_MATH, MASKED=False)
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset, mrow0, rb0_0, rb0_1,
+                                  rb0_2, qk_scale, BLOCK_N, DOT_PRECISION, MASKED=False)
     # Rows that saw no allowed key: o = 0 and lse = -inf, never NaN.
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_desc.store([qb * BLOCK_M, 0], o.to(O.dtype.element_ty))
@@ -177,10 +165,10 @@ def _fwd_kernel(Q, K, V, O, LSE,
 
 
 @triton.jit
-def _exact_tiles_kernel(CODES, N_KB, Nq, Nk, H, q_offset, k_offset, n_q, n_k, CU_Q, CU_K,
+def _exact_tiles_kernel(CODES, N_KB, Nq, Nk, H, q_offset, k_offset, CU_Q, CU_K,
                         rb0_table, rb0_rows,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KEY_BLOCKS: tl.constexpr,
-                        VARLEN: tl.constexpr, WIDE: tl.constexpr):
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KEY_BLOCKS: tl.constexpr, VARLEN: tl.constexpr,
+                        WIDE: tl.constexpr):
     """The mask on every pair of KEY_BLOCKS tiles of one query block (of N_KB in a row of CODES):
     per tile, bit 0 is set when some pair is allowed, bit 1 when every pair (existing rows and
     keys) is."""
@@ -188,20 +176,15 @@ def _exact_tiles_kernel(CODES, N_KB, Nq, Nk, H, q_offset, k_offset, n_q, n_k, CU
     kb0 = tl.program_id(1) * KEY_BLOCKS
     bh = tl.program_id(2).to(tl.int64)  # int64: the row of CODES times N_KB passes 2**31 in big grids
     b = bh // H
-    h = bh % H
     if WIDE:  # positions past 2**31 - 1: see _fwd_kernel
         q_offset = tl.cast(q_offset, tl.int64)
         k_offset = tl.cast(k_offset, tl.int64)
-        n_q = tl.cast(n_q, tl.int64)
-        n_k = tl.cast(n_k, tl.int64)
         H = tl.cast(H, tl.int64)
     if VARLEN:  # b is the sequence of a packed batch: its own lengths, positions from 0
         q_start = tl.load(CU_Q + b)
         k_start = tl.load(CU_K + b)
         Nq = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
         Nk = (tl.load(CU_K + b + 1) - k_start).to(tl.int32)
-        n_q = Nq
-        n_k = Nk
     offs_i = q_offset + qb * BLOCK_M + tl.arange(0, BLOCK_M)
     mrow0 = (offs_i // 64)
     rb0_0 = tl.load(rb0_table + tl.minimum(offs_i // 64, rb0_rows - 1) * 3 + 0)
@@ -211,7 +194,8 @@ def _exact_tiles_kernel(CODES, N_KB, Nq, Nk, H, q_offset, k_offset, n_q, n_k, CU
     for kb in tl.range(kb0, tl.minimum(kb0 + KEY_BLOCKS, N_KB)):
         offs_j = k_offset + kb * BLOCK_N + tl.arange(0, BLOCK_N)
         inside = rows[:, None] & (offs_j[None, :] < k_offset + Nk)
-        allowed = inside & ((tl.abs((mrow0[:, None] - (offs_j[None, :] // 64))) <= 1) | ((offs_j[None, :] // 64 == rb0_0[:, None]) | (offs_j[None, :] // 64 == rb0_1[:, None]) | (offs_j[None, :] // 64 == rb0_2[:, None])) | (offs_i[:, None] < 64) | (offs_j[None, :] < 64))
+        tmp0 = offs_j[None, :] // 64
+        allowed = inside & ((tl.abs((mrow0[:, None] - tmp0)) <= 1) | ((tmp0 == rb0_0[:, None]) | (tmp0 == rb0_1[:, None]) | (tmp0 == rb0_2[:, None])) | (offs_i[:, None] < 64) | (offs_j[None, :] < 64))
         some = tl.max(tl.max(allowed.to(tl.int32), 1), 0)
         missing = tl.max(tl.max((inside & ~allowed).to(tl.int32), 1), 0)
         tl.store(CODES + (bh * tl.num_programs(0) + qb) * N_KB + kb, (some + 2 - 2 * missing).to(tl.int8))
@@ -225,10 +209,10 @@ def _exact_tile_codes(call, block_m, block_n):
     codes = torch.empty(nb, nh, nqb, nkb, dtype=torch.int8, device=call.q.device)
     key_blocks = 16
     _exact_tiles_kernel[(nqb, triton.cdiv(nkb, key_blocks), nb * nh)](
-        codes, nkb, call.Nq, call.Nk, nh, call.q_offset, call.k_offset, call.n_q, call.n_k,
-        call.cu_seqlens_q, call.cu_seqlens_k,
+        codes, nkb, call.Nq, call.Nk, nh, call.q_offset, call.k_offset, call.cu_seqlens_q, call.cu_seqlens_k,
         *_random_table(call, 3, 64, 0),
-        BLOCK_M=block_m, BLOCK_N=block_n, KEY_BLOCKS=key_blocks, VARLEN=call.varlen, WIDE=call.wide)
+        BLOCK_M=block_m, BLOCK_N=block_n, KEY_BLOCKS=key_blocks, VARLEN=call.varlen, WIDE=call.wide,
+    )
     return codes
 
 
@@ -259,18 +243,15 @@ def _forward(call):
         *k.stride()[:3],
         *v.stride()[:3],
         *o.stride()[:3],
-        call.Nq, call.Nk, call.Hq, call.group, call.q_offset, call.k_offset, call.n_q, call.n_k,
-        call.scale * _rt.LOG2E, call.scale,
+        call.Nq, call.Nk, call.Hq, call.group, call.q_offset, call.k_offset, call.scale * _rt.LOG2E,
         call.cu_seqlens_q, call.cu_seqlens_k, lse.shape[-1],
         *_random_table(call, 3, 64, 0),
         *lists,
-        HEAD_DIM=q.shape[-1], HEAD_DIM_PAD=_rt.padded_dim(q.shape[-1]),
-        VALUE_DIM=v.shape[-1], VALUE_DIM_PAD=_rt.padded_dim(v.shape[-1]),
-        ROTARY_DIM=0,
-        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        FAST_MATH=_rt.fast_math(call),
-        RETURN_LSE=call.return_lse, WARP_SPECIALIZE=cfg.warp_specialize, VARLEN=call.varlen, WIDE=call.wide,        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        HEAD_DIM=q.shape[-1], HEAD_DIM_PAD=_rt.padded_dim(q.shape[-1]), VALUE_DIM=v.shape[-1],
+        VALUE_DIM_PAD=_rt.padded_dim(v.shape[-1]), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", RETURN_LSE=call.return_lse, VARLEN=call.varlen,
+        WIDE=call.wide,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     ))
     if v.shape[-1] != call.Dv:
         o = o[..., :call.Dv]
@@ -297,9 +278,9 @@ def _random_hit(offs_i, offs_j, table, rows, R: tl.constexpr, BLOCK: tl.constexp
 def _bwd_preprocess(O, DO, LSE, DLSE, DELTA, LSE2,
                     stride_ob, stride_oh, stride_om, stride_od,
                     stride_dob, stride_doh, stride_dom, stride_dod,
-                    Nq, H, q_offset, n_q, n_k, CU_Q, CU_K, TOTAL_Q,
-                    VALUE_DIM: tl.constexpr, VALUE_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-                    VARLEN: tl.constexpr, FAST_MATH: tl.constexpr, WIDE: tl.constexpr, HAS_DLSE: tl.constexpr):
+                    Nq, H, CU_Q, TOTAL_Q,
+                    VALUE_DIM: tl.constexpr, VALUE_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, VARLEN: tl.constexpr,
+                    WIDE: tl.constexpr, HAS_DLSE: tl.constexpr):
     """delta = rowsum(dO * O) - dLSE (fp32; HAS_DLSE: the LSE has a gradient) and lse2, the forward's
     LSE in log2 units (+inf on rows without an allowed key)."""
     qb = tl.program_id(0)
@@ -307,15 +288,10 @@ def _bwd_preprocess(O, DO, LSE, DLSE, DELTA, LSE2,
     b = bh // H
     h = bh % H
     if WIDE:
-        q_offset = tl.cast(q_offset, tl.int64)
-        n_q = tl.cast(n_q, tl.int64)
-        n_k = tl.cast(n_k, tl.int64)
         H = tl.cast(H, tl.int64)
     if VARLEN:  # b is the sequence of a packed batch (see _fwd_kernel)
         q_start = tl.load(CU_Q + b).to(tl.int64)
         Nq = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
-        n_q = Nq
-        n_k = (tl.load(CU_K + b + 1) - tl.load(CU_K + b)).to(tl.int32)
         if qb * BLOCK_M >= Nq:
             return
         O_base = O + h * stride_oh + q_start * stride_om
@@ -326,7 +302,6 @@ def _bwd_preprocess(O, DO, LSE, DLSE, DELTA, LSE2,
         DO_base = DO + b * stride_dob + h * stride_doh
         lse_row = bh * Nq
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_i = q_offset + offs_m
     rows64 = offs_m.to(tl.int64)  # row offsets: Nq * stride may pass 2**31 in a [B, N, H, D] view
     cols = tl.arange(0, VALUE_DIM_PAD)
     inside = (offs_m[:, None] < Nq) & (cols[None, :] < VALUE_DIM)
@@ -347,11 +322,8 @@ def _bwd_preprocess(O, DO, LSE, DLSE, DELTA, LSE2,
 
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, qb, offs_j, Nq, q_offset,
-               b, h, H, n_q, n_k, rb0_table, rb0_rows, mcol0,
-               qk_scale, sm_scale,
-               BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-               ROTARY_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
-               MASKED: tl.constexpr):
+               rb0_table, rb0_rows, mcol0, qk_scale,
+               BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr):
     """One query tile of a key block: dV += P^T dO, dK += dS^T Q (dS not yet scaled), with the
     tile held transposed: p and ds here are P^T and dS^T, [BLOCK_N, BLOCK_M]."""
     start_m = tl.cast(qb, tl.int32) * BLOCK_M  # a tensor descriptor's offsets are int32 (qb is int64 in WIDE calls)
@@ -383,14 +355,14 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
                      stride_dob, stride_doh, stride_dom,
                      stride_dkb, stride_dkh, stride_dkn,
                      stride_dvb, stride_dvh, stride_dvn,
-                     Nq, Nk, H, GROUP, q_offset, k_offset, n_q, n_k, qk_scale, sm_scale,
+                     Nq, Nk, H, GROUP, q_offset, k_offset, qk_scale, sm_scale,
                      CU_Q, CU_K, TOTAL_Q,
                      rb0_table, rb0_rows,
-                     full_count, full_index, partial_count, partial_index, list_sb, list_sh, list_sq, list_width,
+                     full_count, full_index, partial_count, partial_index, list_stride_b, list_stride_h,
+                     list_stride_row, list_width,
                      HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
-                     VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
-                     VARLEN: tl.constexpr, WIDE: tl.constexpr):
+                     VALUE_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr, WIDE: tl.constexpr):
     # One key block of one kv head: its GROUP query heads add into the same dK, dV registers.
     kb = tl.program_id(0)
     bhk = tl.program_id(1).to(tl.int64)  # int64 b, h: see _fwd_kernel
@@ -400,16 +372,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
     if WIDE:  # positions past 2**31 - 1: see _fwd_kernel
         q_offset = tl.cast(q_offset, tl.int64)
         k_offset = tl.cast(k_offset, tl.int64)
-        n_q = tl.cast(n_q, tl.int64)
-        n_k = tl.cast(n_k, tl.int64)
         H = tl.cast(H, tl.int64)
     if VARLEN:  # b is the sequence of a packed batch (see _fwd_kernel)
         q_start = tl.load(CU_Q + b).to(tl.int64)
         k_start = tl.load(CU_K + b).to(tl.int64)
         Nq = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
         Nk = (tl.load(CU_K + b + 1) - k_start).to(tl.int32)
-        n_q = Nq
-        n_k = Nk
         if kb * BLOCK_N >= Nk:
             return
         K_base = K + hk * stride_kh + k_start * stride_kn
@@ -432,8 +400,6 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
                                         strides=[stride_dvn, 1], block_shape=[BLOCK_N, VALUE_DIM_PAD])
     offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_j = k_offset + offs_n
-    k_lo = k_offset + kb * BLOCK_N
-    k_hi = tl.minimum(k_lo + BLOCK_N - 1, k_offset + Nk - 1)  # the block's last existing key
     k = k_desc.load([kb * BLOCK_N, 0])
     v = v_desc.load([kb * BLOCK_N, 0])
     mcol0 = (-(offs_j // 64))
@@ -454,21 +420,17 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
                                            strides=[stride_qm, 1], block_shape=[BLOCK_M, HEAD_DIM_PAD])
         do_desc = tl.make_tensor_descriptor(DO_base, shape=[Nq, VALUE_DIM],
                                             strides=[stride_dom, 1], block_shape=[BLOCK_M, VALUE_DIM_PAD])
-        row = b * list_sb + h * list_sh + kb.to(tl.int64) * list_sq  # int64: row * list_width may pass 2**31
+        row = b * list_stride_b + h * list_stride_h + kb.to(tl.int64) * list_stride_row  # int64: row * list_width may pass 2**31
         n_partial = tl.load(partial_count + row)
         for t in tl.range(0, n_partial):
             qb = tl.load(partial_index + row * list_width + t)
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2 + lse_row, DELTA + lse_row, qb, offs_j, Nq, q_offset,
-                                b, h, H, n_q, n_k, rb0_table, rb0_rows, mcol0,
-                                qk_scale, sm_scale, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
-                                FAST_MATH, MASKED=True)
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2 + lse_row, DELTA + lse_row, qb, offs_j, Nq,
+                                q_offset, rb0_table, rb0_rows, mcol0, qk_scale, BLOCK_M, DOT_PRECISION, MASKED=True)
         n_full = tl.load(full_count + row)
         for t in tl.range(0, n_full):
             qb = tl.load(full_index + row * list_width + t)
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2 + lse_row, DELTA + lse_row, qb, offs_j, Nq, q_offset,
-                                b, h, H, n_q, n_k, rb0_table, rb0_rows, mcol0,
-                                qk_scale, sm_scale, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
-                                FAST_MATH, MASKED=False)
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2 + lse_row, DELTA + lse_row, qb, offs_j, Nq,
+                                q_offset, rb0_table, rb0_rows, mcol0, qk_scale, BLOCK_M, DOT_PRECISION, MASKED=False)
     dk = dk * sm_scale
     dk_desc.store([kb * BLOCK_N, 0], dk.to(DK.dtype.element_ty))
     dv_desc.store([kb * BLOCK_N, 0], dv.to(DV.dtype.element_ty))
@@ -476,11 +438,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
 
 @triton.jit
 def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-             b, h, H, n_q, n_k, rb0_table, rb0_rows, mrow0, rb0_0, rb0_1, rb0_2,
-             qk_scale, sm_scale,
-             BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-             ROTARY_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
-             MASKED: tl.constexpr):
+             mrow0, rb0_0, rb0_1, rb0_2, qk_scale,
+             BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr):
     """One key tile of a query block: dQ += dS K (dS not yet scaled)."""
     start_n = tl.cast(kb, tl.int32) * BLOCK_N  # a tensor descriptor's offsets are int32 (kb is int64 in WIDE calls)
     k = k_desc.load([start_n, 0])
@@ -489,7 +448,8 @@ def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
     qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
     s = qk * qk_scale
     if MASKED:
-        keep = (offs_j[None, :] < k_offset + Nk) & ((tl.abs((mrow0[:, None] - (offs_j[None, :] // 64))) <= 1) | ((offs_j[None, :] // 64 == rb0_0[:, None]) | (offs_j[None, :] // 64 == rb0_1[:, None]) | (offs_j[None, :] // 64 == rb0_2[:, None])) | (offs_i[:, None] < 64) | (offs_j[None, :] < 64))
+        tmp0 = offs_j[None, :] // 64
+        keep = (offs_j[None, :] < k_offset + Nk) & ((tl.abs((mrow0[:, None] - tmp0)) <= 1) | ((tmp0 == rb0_0[:, None]) | (tmp0 == rb0_1[:, None]) | (tmp0 == rb0_2[:, None])) | (offs_i[:, None] < 64) | (offs_j[None, :] < 64))
         s = tl.where(keep, s, float("-inf"))
     p = tl.exp2(s - lse2[:, None])
     dp = tl.dot(do, v.T, input_precision=DOT_PRECISION)
@@ -505,14 +465,14 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
                    stride_vb, stride_vh, stride_vn,
                    stride_dob, stride_doh, stride_dom,
                    stride_dqb, stride_dqh, stride_dqm,
-                   Nq, Nk, H, GROUP, q_offset, k_offset, n_q, n_k, qk_scale, sm_scale,
+                   Nq, Nk, H, GROUP, q_offset, k_offset, qk_scale, sm_scale,
                    CU_Q, CU_K, TOTAL_Q,
                    rb0_table, rb0_rows,
-                   full_count, full_index, partial_count, partial_index, list_sb, list_sh, list_sq, list_width,
+                   full_count, full_index, partial_count, partial_index, list_stride_b, list_stride_h, list_stride_row,
+                   list_width,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
-                   VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
-                   VARLEN: tl.constexpr, WIDE: tl.constexpr):
+                   VALUE_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr, WIDE: tl.constexpr):
     qb = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)  # int64 b, h: see _fwd_kernel
     b = bh // H
@@ -521,16 +481,12 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
     if WIDE:  # positions past 2**31 - 1: see _fwd_kernel
         q_offset = tl.cast(q_offset, tl.int64)
         k_offset = tl.cast(k_offset, tl.int64)
-        n_q = tl.cast(n_q, tl.int64)
-        n_k = tl.cast(n_k, tl.int64)
         H = tl.cast(H, tl.int64)
     if VARLEN:  # b is the sequence of a packed batch (see _fwd_kernel)
         q_start = tl.load(CU_Q + b).to(tl.int64)
         k_start = tl.load(CU_K + b).to(tl.int64)
         Nq = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
         Nk = (tl.load(CU_K + b + 1) - k_start).to(tl.int32)
-        n_q = Nq
-        n_k = Nk
         if qb * BLOCK_M >= Nq:
             return
         Q_base = Q + h * stride_qh + q_start * stride_qm
@@ -558,8 +514,6 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
                                         strides=[stride_dqm, 1], block_shape=[BLOCK_M, HEAD_DIM_PAD])
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_i = q_offset + offs_m
-    q_lo = q_offset + qb * BLOCK_M
-    q_hi = tl.minimum(q_lo + BLOCK_M - 1, q_offset + Nq - 1)  # the block's last existing row
     q = q_desc.load([qb * BLOCK_M, 0])
     do = do_desc.load([qb * BLOCK_M, 0])
     lse2 = tl.load(LSE2 + lse_row + offs_m, mask=offs_m < Nq, other=float("inf"))
@@ -570,21 +524,17 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
     rb0_2 = tl.load(rb0_table + tl.minimum(offs_i // 64, rb0_rows - 1) * 3 + 2)
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     # Key blocks: the forward's walk
-    row = b * list_sb + h * list_sh + qb.to(tl.int64) * list_sq  # int64: row * list_width may pass 2**31
+    row = b * list_stride_b + h * list_stride_h + qb.to(tl.int64) * list_stride_row  # int64: row * list_width may pass 2**31
     n_partial = tl.load(partial_count + row)
     for t in tl.range(0, n_partial):
         kb = tl.load(partial_index + row * list_width + t)
-        dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                      b, h, H, n_q, n_k, rb0_table, rb0_rows, mrow0, rb0_0, rb0_1, rb0_2,
-                      qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
-                      FAST_MATH, MASKED=True)
+        dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset, mrow0, rb0_0, rb0_1, rb0_2,
+                      qk_scale, BLOCK_N, DOT_PRECISION, MASKED=True)
     n_full = tl.load(full_count + row)
     for t in tl.range(0, n_full):
         kb = tl.load(full_index + row * list_width + t)
-        dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                      b, h, H, n_q, n_k, rb0_table, rb0_rows, mrow0, rb0_0, rb0_1, rb0_2,
-                      qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
-                      FAST_MATH, MASKED=False)
+        dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset, mrow0, rb0_0, rb0_1, rb0_2,
+                      qk_scale, BLOCK_N, DOT_PRECISION, MASKED=False)
     dq = dq * sm_scale
     dq_desc.store([qb * BLOCK_M, 0], dq.to(DQ.dtype.element_ty))
 
@@ -601,27 +551,22 @@ def _backward(call, o, lse, do, dlse=None):
     alloc = torch.zeros if call.varlen else torch.empty
     delta = alloc(*lse.shape, dtype=torch.float32, device=q.device)
     lse2 = torch.empty_like(delta)
-    cu = (call.cu_seqlens_q, call.cu_seqlens_k, lse.shape[-1])
     if dlse is not None:  # read at the LSE's offsets
         dlse = dlse.to(torch.float32).contiguous()
     _bwd_preprocess[(_rt.cdiv(Nq, cfg.BLOCK_M), B * Hq)](
-        o, do, lse, lse if dlse is None else dlse, delta, lse2, *o.stride(), *do.stride(), Nq, Hq, call.q_offset,
-        call.n_q, call.n_k, *cu,
+        o, do, lse, lse if dlse is None else dlse, delta, lse2,
+        *o.stride(),
+        *do.stride(),
+        Nq, Hq, call.cu_seqlens_q, lse.shape[-1],
         VALUE_DIM=call.Dv, VALUE_DIM_PAD=_rt.padded_dim(call.Dv), BLOCK_M=cfg.BLOCK_M, VARLEN=call.varlen,
-        FAST_MATH=_rt.fast_math(call), WIDE=call.wide, HAS_DLSE=dlse is not None)
+        WIDE=call.wide, HAS_DLSE=dlse is not None,
+    )
     do = _rt.grad_operand(do, v)
     dq = alloc(*q.shape, dtype=q.dtype, device=q.device)
     dk = alloc(*k.shape, dtype=k.dtype, device=q.device)
     dv = alloc(*v.shape, dtype=v.dtype, device=q.device)
     lists_t = _exact_lists(call, cfg_kv.BLOCK_M, cfg_kv.BLOCK_N)[1]
     lists = _exact_lists(call, cfg_q.BLOCK_M, cfg_q.BLOCK_N)[0]
-    common = dict(
-        HEAD_DIM=q.shape[-1], HEAD_DIM_PAD=_rt.padded_dim(q.shape[-1]),
-        VALUE_DIM=v.shape[-1], VALUE_DIM_PAD=_rt.padded_dim(v.shape[-1]),
-        ROTARY_DIM=0,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        FAST_MATH=_rt.fast_math(call), VARLEN=call.varlen, WIDE=call.wide,
-    )
     _rt.launch(call, cfg_kv, lambda cfg: _bwd_dkdv_kernel[(_rt.cdiv(Nk, cfg.BLOCK_N), B * Hkv)](
         q, k, v, do, dk, dv, lse2, delta,
         *q.stride()[:3],
@@ -630,11 +575,14 @@ def _backward(call, o, lse, do, dlse=None):
         *do.stride()[:3],
         *dk.stride()[:3],
         *dv.stride()[:3],
-        Nq, Nk, Hq, call.group, call.q_offset, call.k_offset, call.n_q, call.n_k,
-        call.scale * _rt.LOG2E, call.scale, *cu,
+        call.Nq, call.Nk, call.Hq, call.group, call.q_offset, call.k_offset, call.scale * _rt.LOG2E, call.scale,
+        call.cu_seqlens_q, call.cu_seqlens_k, lse.shape[-1],
         *_random_table(call, 3, 64, 0),
         *lists_t,
-        **common, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        HEAD_DIM=q.shape[-1], HEAD_DIM_PAD=_rt.padded_dim(q.shape[-1]), VALUE_DIM=v.shape[-1],
+        VALUE_DIM_PAD=_rt.padded_dim(v.shape[-1]), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", VARLEN=call.varlen, WIDE=call.wide,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     ), kernel="dkdv")
     _rt.launch(call, cfg_q, lambda cfg: _bwd_dq_kernel[(_rt.cdiv(Nq, cfg.BLOCK_M), B * Hq)](
         q, k, v, do, dq, lse2, delta,
@@ -643,11 +591,13 @@ def _backward(call, o, lse, do, dlse=None):
         *v.stride()[:3],
         *do.stride()[:3],
         *dq.stride()[:3],
-        Nq, Nk, Hq, call.group, call.q_offset, call.k_offset, call.n_q, call.n_k,
-        call.scale * _rt.LOG2E, call.scale, *cu,
+        call.Nq, call.Nk, call.Hq, call.group, call.q_offset, call.k_offset, call.scale * _rt.LOG2E, call.scale,
+        call.cu_seqlens_q, call.cu_seqlens_k, lse.shape[-1],
         *_random_table(call, 3, 64, 0),
         *lists,
-        **common, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+        HEAD_DIM=q.shape[-1], HEAD_DIM_PAD=_rt.padded_dim(q.shape[-1]), VALUE_DIM=v.shape[-1],
+        VALUE_DIM_PAD=_rt.padded_dim(v.shape[-1]), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", VARLEN=call.varlen, WIDE=call.wide,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     ), kernel="dq")
     return _rt.grads_as_inputs(call, dq, dk, dv)

@@ -56,8 +56,7 @@ def feature_layout(D):
 
 
 @triton.jit
-def _phi(x, fb, pos, W, angle, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, FEATURES: tl.constexpr,
-         FB_WIDTH: tl.constexpr, BLOCK_F: tl.constexpr, PRECISION: tl.constexpr):
+def _phi(x, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
     """Features fb * FB_WIDTH + [0, BLOCK_F) of the rows of x [R, HEAD_DIM_PAD] at positions pos [R]:
     float32 [R, BLOCK_F], zero past the head dim and the feature count."""
     x = x.to(tl.float32)
@@ -67,8 +66,7 @@ def _phi(x, fb, pos, W, angle, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexp
 
 
 @triton.jit
-def _phi_grad(x, fb, pos, W, angle, dphi, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-              FEATURES: tl.constexpr, FB_WIDTH: tl.constexpr, BLOCK_F: tl.constexpr, PRECISION: tl.constexpr):
+def _phi_grad(x, dphi):
     """dL/dx [R, HEAD_DIM_PAD] (float32) from dL/dphi of feature block fb. What it needs of phi it
     recomputes from x (cheaper than keeping a [R, BLOCK_F] float32 tile alive in the callers)."""
     x = x.to(tl.float32)
@@ -76,9 +74,9 @@ def _phi_grad(x, fb, pos, W, angle, dphi, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: 
 
 
 @triton.jit
-def _scan(X, Y, DEN, CHAT, W, S_INIT, Z_INIT, STATES, ZS, S_FINAL, Z_FINAL,
+def _scan(X, Y, DEN, CHAT, S_INIT, Z_INIT, STATES, ZS, S_FINAL, Z_FINAL,
           stride_xb, stride_xh, stride_xn, stride_yb, stride_yh, stride_yn,
-          N, H_STATE, GROUP, pos0, angle,
+          N, H_STATE, GROUP,
           HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_DV: tl.constexpr,
           FEATURES: tl.constexpr, FB_WIDTH: tl.constexpr, BLOCK_F: tl.constexpr, NUM_DVB: tl.constexpr,
           CHUNK: tl.constexpr, BACKWARD: tl.constexpr, HAS_INIT: tl.constexpr, STORE_CHUNKS: tl.constexpr,
@@ -128,7 +126,7 @@ def _scan(X, Y, DEN, CHAT, W, S_INIT, Z_INIT, STATES, ZS, S_FINAL, Z_FINAL,
                     mask=r_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
         y = tl.load(Y + b * stride_yb + h * stride_yh + r[:, None] * stride_yn + e[None, :],
                     mask=r_ok[:, None] & e_ok[None, :], other=0.0)
-        phi = _phi(x, fb, pos0 + r.to(tl.int64), W, angle, HEAD_DIM, HEAD_DIM_PAD, FEATURES, FB_WIDTH, BLOCK_F, PRECISION)
+        phi = _phi(x, HEAD_DIM, HEAD_DIM_PAD)
         phi = tl.where(r_ok[:, None], phi, 0.0)
         if BACKWARD:
             den = tl.load(DEN + (b * H_STATE * GROUP + h) * N + r, mask=r_ok, other=1.0)
@@ -144,10 +142,10 @@ def _scan(X, Y, DEN, CHAT, W, S_INIT, Z_INIT, STATES, ZS, S_FINAL, Z_FINAL,
 
 
 @triton.jit
-def _output(Q, K, V, O, DEN, W, STATES, ZS,
+def _output(Q, K, V, O, DEN, STATES, ZS,
             stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
             stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
-            N, H, GROUP, n_stored, q_offset, k_offset, angle, eps,
+            N, H, GROUP, n_stored, eps,
             HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_DV: tl.constexpr,
             FEATURES: tl.constexpr, FB_WIDTH: tl.constexpr, BLOCK_F: tl.constexpr, NUM_FB: tl.constexpr,
             CHUNK: tl.constexpr, SAVE_DEN: tl.constexpr, PRECISION: tl.constexpr):
@@ -179,12 +177,12 @@ def _output(Q, K, V, O, DEN, W, STATES, ZS,
         f_ok = (lf < FB_WIDTH) & (f < FEATURES)
         s = tl.load(STATES + at * (FEATURES * VALUE_DIM) + f[:, None] * VALUE_DIM + e[None, :],
                     mask=f_ok[:, None] & e_ok[None, :], other=0.0)
-        phi_q = _phi(q, fb, q_offset + r, W, angle, HEAD_DIM, HEAD_DIM_PAD, FEATURES, FB_WIDTH, BLOCK_F, PRECISION)
+        phi_q = _phi(q, HEAD_DIM, HEAD_DIM_PAD)
         num += tl.dot(phi_q.to(s.dtype), s, input_precision=PRECISION)
         z = tl.load(ZS + at * FEATURES + f, mask=f_ok, other=0.0)
         den += tl.sum(phi_q * z[None, :], 1)
         # Key rows past N need no masking here: they sit after every query row of the chunk.
-        phi_k = _phi(k, fb, k_offset + r, W, angle, HEAD_DIM, HEAD_DIM_PAD, FEATURES, FB_WIDTH, BLOCK_F, PRECISION)
+        phi_k = _phi(k, HEAD_DIM, HEAD_DIM_PAD)
         a += tl.dot(phi_q.to(Q.dtype.element_ty), tl.trans(phi_k.to(Q.dtype.element_ty)), input_precision=PRECISION)
     a = tl.where(rows[None, :] <= rows[:, None], a, 0.0)  # q and k rows are the same positions
     num += tl.dot(a.to(V.dtype.element_ty), v, input_precision=PRECISION)
@@ -212,10 +210,10 @@ def _output_dot_grad(O, DO, CHAT, N, VALUE_DIM: tl.constexpr, VALUE_DIM_PAD: tl.
 
 
 @triton.jit
-def _dq(Q, K, V, DO, DQ, DEN, CHAT, W, STATES, ZS,
+def _dq(Q, K, V, DO, DQ, DEN, CHAT, STATES, ZS,
         stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
         stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
-        N, H, GROUP, n_stored, q_offset, k_offset, angle,
+        N, H, GROUP, n_stored,
         HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr, VALUE_DIM_PAD: tl.constexpr,
         FEATURES: tl.constexpr, FB_WIDTH: tl.constexpr, BLOCK_F: tl.constexpr, NUM_FB: tl.constexpr,
         CHUNK: tl.constexpr, PRECISION: tl.constexpr):
@@ -253,34 +251,32 @@ def _dq(Q, K, V, DO, DQ, DEN, CHAT, W, STATES, ZS,
         dphi = tl.dot(do.to(s.dtype), tl.trans(s), input_precision=PRECISION)
         z = tl.load(ZS + at * FEATURES + f, mask=f_ok, other=0.0)
         dphi += c_hat[:, None] * z[None, :]
-        phi_k = _phi(k, fb, k_offset + r, W, angle, HEAD_DIM, HEAD_DIM_PAD, FEATURES, FB_WIDTH, BLOCK_F, PRECISION)
+        phi_k = _phi(k, HEAD_DIM, HEAD_DIM_PAD)
         dphi += tl.dot(p.to(K.dtype.element_ty), phi_k.to(K.dtype.element_ty), input_precision=PRECISION)
         dphi = dphi / den[:, None]
-        dq += _phi_grad(q, fb, q_offset + r, W, angle, dphi, HEAD_DIM, HEAD_DIM_PAD, FEATURES, FB_WIDTH, BLOCK_F,
-                        PRECISION)
+        dq += _phi_grad(q, dphi)
     tl.store(DQ + bh.to(tl.int64) * N * HEAD_DIM + r[:, None] * HEAD_DIM + d[None, :], dq.to(DQ.dtype.element_ty),
              mask=r_ok[:, None] & d_ok)
 
 
 @triton.jit
-def _q_hat(Q, DEN, b, h, r, fb, N, H_Q, stride_qb, stride_qh, stride_qn, q_offset, W, angle,
-           HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, FEATURES: tl.constexpr, FB_WIDTH: tl.constexpr,
-           BLOCK_F: tl.constexpr, PRECISION: tl.constexpr):
+def _q_hat(Q, DEN, b, h, r, N, H_Q, stride_qb, stride_qh, stride_qn,
+           HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
     """phi(q_i) / den_i (feature block fb) of the query rows r of head h, zero past N, in q's dtype."""
     d = tl.arange(0, HEAD_DIM_PAD)
     r_ok = r < N
     q = tl.load(Q + b * stride_qb + h * stride_qh + r[:, None] * stride_qn + d[None, :],
                 mask=r_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
-    phi = _phi(q, fb, q_offset + r, W, angle, HEAD_DIM, HEAD_DIM_PAD, FEATURES, FB_WIDTH, BLOCK_F, PRECISION)
+    phi = _phi(q, HEAD_DIM, HEAD_DIM_PAD)
     phi = phi / tl.load(DEN + (b * H_Q + h) * N + r, mask=r_ok, other=1.0)[:, None]  # bounded where den_i is tiny
     return tl.where(r_ok[:, None], phi, 0.0).to(Q.dtype.element_ty)
 
 
 @triton.jit
-def _dkdv(Q, K, V, DO, DK, DV, DEN, CHAT, W, DSTATES, DZS,
+def _dkdv(Q, K, V, DO, DK, DV, DEN, CHAT, DSTATES, DZS,
           stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
           stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
-          N, H_KV, GROUP, n_stored, q_offset, k_offset, angle,
+          N, H_KV, GROUP, n_stored,
           HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr, VALUE_DIM_PAD: tl.constexpr,
           FEATURES: tl.constexpr, FB_WIDTH: tl.constexpr, BLOCK_F: tl.constexpr, NUM_FB: tl.constexpr,
           CHUNK: tl.constexpr, PRECISION: tl.constexpr):
@@ -309,15 +305,14 @@ def _dkdv(Q, K, V, DO, DK, DV, DEN, CHAT, W, DSTATES, DZS,
         f = fb * FB_WIDTH + lf
         f_ok = (lf < FB_WIDTH) & (f < FEATURES)
         k = tl.load(k_ptrs, mask=r_ok[:, None] & d_ok, other=0.0)
-        phi_k = _phi(k, fb, k_offset + r, W, angle, HEAD_DIM, HEAD_DIM_PAD, FEATURES, FB_WIDTH, BLOCK_F, PRECISION)
+        phi_k = _phi(k, HEAD_DIM, HEAD_DIM_PAD)
         phi_k = tl.where(r_ok[:, None], phi_k, 0.0).to(K.dtype.element_ty)
         ds = tl.load(DSTATES + at * (FEATURES * VALUE_DIM) + f[:, None] * VALUE_DIM + e[None, :],
                      mask=f_ok[:, None] & e_ok, other=0.0)
         dv += tl.dot(phi_k.to(ds.dtype), ds, input_precision=PRECISION)
         for g in range(0, GROUP):
             h = hk * GROUP + g
-            q_hat = _q_hat(Q, DEN, b, h, r, fb, N, H_KV * GROUP, stride_qb, stride_qh, stride_qn, q_offset, W, angle,
-                           HEAD_DIM, HEAD_DIM_PAD, FEATURES, FB_WIDTH, BLOCK_F, PRECISION)
+            q_hat = _q_hat(Q, DEN, b, h, r, N, H_KV * GROUP, stride_qb, stride_qh, stride_qn, HEAD_DIM, HEAD_DIM_PAD)
             do = tl.load(DO + b * stride_dob + h * stride_doh + r[:, None] * stride_don + e[None, :],
                          mask=r_ok[:, None] & e_ok, other=0.0)
             a_t = tl.where(causal, tl.dot(phi_k, tl.trans(q_hat), input_precision=PRECISION), 0.0)
@@ -336,8 +331,7 @@ def _dkdv(Q, K, V, DO, DK, DV, DEN, CHAT, W, DSTATES, DZS,
         dphi = tl.dot(v.to(ds.dtype), tl.trans(ds), input_precision=PRECISION) + dz[None, :]
         for g in range(0, GROUP):
             h = hk * GROUP + g
-            q_hat = _q_hat(Q, DEN, b, h, r, fb, N, H_KV * GROUP, stride_qb, stride_qh, stride_qn, q_offset, W, angle,
-                           HEAD_DIM, HEAD_DIM_PAD, FEATURES, FB_WIDTH, BLOCK_F, PRECISION)
+            q_hat = _q_hat(Q, DEN, b, h, r, N, H_KV * GROUP, stride_qb, stride_qh, stride_qn, HEAD_DIM, HEAD_DIM_PAD)
             do = tl.load(DO + b * stride_dob + h * stride_doh + r[:, None] * stride_don + e[None, :],
                          mask=r_ok[:, None] & e_ok, other=0.0)
             pt = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # [key j, query i]: v_j . dO_i
@@ -345,18 +339,16 @@ def _dkdv(Q, K, V, DO, DK, DV, DEN, CHAT, W, DSTATES, DZS,
             pt = tl.where(causal, pt, 0.0)
             dphi += tl.dot(pt.to(Q.dtype.element_ty), q_hat, input_precision=PRECISION)
         k = tl.load(k_ptrs, mask=r_ok[:, None] & d_ok, other=0.0)
-        dk += _phi_grad(k, fb, k_offset + r, W, angle, dphi, HEAD_DIM, HEAD_DIM_PAD, FEATURES, FB_WIDTH, BLOCK_F,
-                        PRECISION)
+        dk += _phi_grad(k, dphi)
     tl.store(DK + (at_k + r[:, None]) * HEAD_DIM + d[None, :], dk.to(DK.dtype.element_ty), mask=r_ok[:, None] & d_ok)
 
 
 @triton.jit
-def _step(Q, K, V, O, W, S_IN, Z_IN, S_OUT, Z_OUT,
+def _step(Q, K, V, O, S_IN, Z_IN, S_OUT, Z_OUT,
           stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_ob, stride_oh,
-          H, GROUP, position, angle, eps,
+          H, GROUP, eps,
           HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_DV: tl.constexpr,
-          FEATURES: tl.constexpr, FB_WIDTH: tl.constexpr, BLOCK_F: tl.constexpr, NUM_FB: tl.constexpr,
-          PRECISION: tl.constexpr):
+          FEATURES: tl.constexpr, FB_WIDTH: tl.constexpr, BLOCK_F: tl.constexpr, NUM_FB: tl.constexpr):
     """One token: S += phi(k) v^T, z += phi(k), o = phi(q) S / (phi(q) z + eps), per (Dv block, b, h).
     The query heads of a group each update their kv head's state; the first one stores it."""
     dvb = tl.program_id(0)
@@ -371,7 +363,6 @@ def _step(Q, K, V, O, W, S_IN, Z_IN, S_OUT, Z_OUT,
     lf = tl.arange(0, BLOCK_F)
     e = dvb * BLOCK_DV + tl.arange(0, BLOCK_DV)
     e_ok = e < VALUE_DIM
-    pos = position + rows * 0
     q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * 0 + d[None, :], mask=one[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
     k = tl.load(K + b * stride_kb + hk * stride_kh + rows[:, None] * 0 + d[None, :], mask=one[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
     v = tl.load(V + b * stride_vb + hk * stride_vh + e, mask=e_ok, other=0.0).to(tl.float32)
@@ -382,10 +373,8 @@ def _step(Q, K, V, O, W, S_IN, Z_IN, S_OUT, Z_OUT,
         f_ok = (lf < FB_WIDTH) & (f < FEATURES)
         s_idx = bhk * FEATURES * VALUE_DIM + f[:, None] * VALUE_DIM + e[None, :]
         s_ok = f_ok[:, None] & e_ok[None, :]
-        phi_k = tl.sum(tl.where(one[:, None], _phi(k, fb, pos, W, angle, HEAD_DIM, HEAD_DIM_PAD, FEATURES, FB_WIDTH,
-                                                   BLOCK_F, PRECISION), 0.0), 0)
-        phi_q = tl.sum(tl.where(one[:, None], _phi(q, fb, pos, W, angle, HEAD_DIM, HEAD_DIM_PAD, FEATURES, FB_WIDTH,
-                                                   BLOCK_F, PRECISION), 0.0), 0)
+        phi_k = tl.sum(tl.where(one[:, None], _phi(k, HEAD_DIM, HEAD_DIM_PAD), 0.0), 0)
+        phi_q = tl.sum(tl.where(one[:, None], _phi(q, HEAD_DIM, HEAD_DIM_PAD), 0.0), 0)
         s = tl.load(S_IN + s_idx, mask=s_ok, other=0.0) + phi_k[:, None] * v[None, :]
         z = tl.load(Z_IN + bhk * FEATURES + f, mask=f_ok, other=0.0) + phi_k
         tl.store(S_OUT + s_idx, s, mask=s_ok & (h % GROUP == 0))
@@ -413,29 +402,25 @@ def _state_dtype(x):
     return torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
 
 
-def _consts(lc, chunk):
-    c = lc.call
-    return dict(HEAD_DIM=c.D, HEAD_DIM_PAD=_rt.padded_dim(c.D), VALUE_DIM=c.Dv, FEATURES=lc.features,
-                FB_WIDTH=lc.fb_width, BLOCK_F=lc.block_f, CHUNK=chunk)
-
-
 def _scan_launch(lc, x, y, n, pos0, chunk, *, group, states, zs, s_final, z_final, den=None, c_hat=None, s_init=None,
                  z_init=None, backward=False):
     c, cfg = lc.call, lc.cfg
-    consts = _consts(lc, chunk)
     block_dv = min(cfg.scan_dv, _rt.padded_dim(c.Dv))
     num_dvb = triton.cdiv(c.Dv, block_dv)
     dummy = s_final if s_final is not None else states
     _scan[(lc.num_fb * num_dvb, c.B * c.Hkv)](
-        x, y, den if den is not None else dummy, c_hat if c_hat is not None else dummy, lc.proj,
+        x, y, den if den is not None else dummy, c_hat if c_hat is not None else dummy,
         s_init if s_init is not None else dummy, z_init if z_init is not None else dummy,
         states if states is not None else dummy, zs if zs is not None else dummy,
         s_final if s_final is not None else dummy, z_final if z_final is not None else dummy,
         x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2),
-        n, c.Hkv, group, pos0, lc.angle,
-        BLOCK_DV=block_dv, NUM_DVB=num_dvb, BACKWARD=backward, HAS_INIT=s_init is not None,
-        STORE_CHUNKS=states is not None, STORE_FINAL=s_final is not None, PRECISION=_precision(x),
-        num_warps=cfg.scan_warps, num_stages=cfg.num_stages, **consts)
+        n, c.Hkv, group,
+        HEAD_DIM=c.D, HEAD_DIM_PAD=_rt.padded_dim(c.D), VALUE_DIM=c.Dv, BLOCK_DV=block_dv,
+        FEATURES=lc.features, FB_WIDTH=lc.fb_width, BLOCK_F=lc.block_f, NUM_DVB=num_dvb,
+        CHUNK=chunk, BACKWARD=backward, HAS_INIT=s_init is not None, STORE_CHUNKS=states is not None,
+        STORE_FINAL=s_final is not None, PRECISION=_precision(x),
+        num_warps=cfg.scan_warps, num_stages=cfg.num_stages,
+    )
 
 
 def _states(lc, q, k, v, chunk, *, final):
@@ -462,12 +447,16 @@ def _forward(lc, save_den=False):
     if c.Nq > 0:
         block_dv = min(cfg.out_dv, _rt.padded_dim(c.Dv))
         grid = (triton.cdiv(c.Nq, cfg.chunk), triton.cdiv(c.Dv, block_dv), c.B * c.Hq)
-        _output[grid](q, k, v, o, den if den is not None else o, lc.proj, states, zs,
-                      q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                      v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-                      c.Nq, c.Hq, c.group, n_stored, c.q_offset, c.k_offset, lc.angle, LINEAR_DENOMINATOR_EPS,
-                      BLOCK_DV=block_dv, NUM_FB=lc.num_fb, SAVE_DEN=den is not None, PRECISION=_precision(q),
-                      num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_consts(lc, cfg.chunk))
+        _output[grid](
+            q, k, v, o, den if den is not None else o, states, zs,
+            *q.stride()[:3], *k.stride()[:3],
+            *v.stride()[:3], *o.stride()[:3],
+            c.Nq, c.Hq, c.group, n_stored, LINEAR_DENOMINATOR_EPS,
+            HEAD_DIM=c.D, HEAD_DIM_PAD=_rt.padded_dim(c.D), VALUE_DIM=c.Dv, BLOCK_DV=block_dv,
+            FEATURES=lc.features, FB_WIDTH=lc.fb_width, BLOCK_F=lc.block_f, NUM_FB=lc.num_fb,
+            CHUNK=cfg.chunk, SAVE_DEN=den is not None, PRECISION=_precision(q),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
     if not lc.return_state:
         s_final = z_final = None
     return o.to(c.q.dtype), den, s_final, z_final
@@ -481,7 +470,6 @@ def _backward(lc, o, den, do, ds_final, dz_final):
     do = do.to(q.dtype).contiguous()
     o = o.to(q.dtype).contiguous()
     dev, F = q.device, lc.features
-    consts = dict(_consts(lc, chunk), VALUE_DIM_PAD=_rt.padded_dim(c.Dv), NUM_FB=lc.num_fb)
     c_hat = torch.empty(c.B, c.Hq, c.Nq, dtype=torch.float32, device=dev)
     if c.Nq > 0:
         _output_dot_grad[(triton.cdiv(c.Nq, chunk), c.B * c.Hq)](o, do, c_hat, c.Nq, VALUE_DIM=c.Dv,
@@ -503,19 +491,28 @@ def _backward(lc, o, den, do, ds_final, dz_final):
     dq = torch.empty(c.B, c.Hq, c.Nq, c.D, dtype=q.dtype, device=dev)
     dk = torch.empty(c.B, c.Hkv, c.Nk, c.D, dtype=q.dtype, device=dev)
     dv = torch.empty(c.B, c.Hkv, c.Nk, c.Dv, dtype=q.dtype, device=dev)
-    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-               v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
-    den_c = (den, c_hat)
     if c.Nq > 0:
         _dq[(triton.cdiv(c.Nq, chunk), c.B * c.Hq)](
-            q, k, v, do, dq, *den_c, lc.proj, states, zs, *strides,
-            c.Nq, c.Hq, c.group, n_fwd, c.q_offset, c.k_offset, lc.angle, PRECISION=_precision(q),
-            num_warps=cfg.bwd_warps, num_stages=cfg.num_stages, **consts)
+            q, k, v, do, dq, den, c_hat, states, zs,
+            *q.stride()[:3], *k.stride()[:3],
+            *v.stride()[:3], *do.stride()[:3],
+            c.Nq, c.Hq, c.group, n_fwd,
+            HEAD_DIM=c.D, HEAD_DIM_PAD=_rt.padded_dim(c.D), VALUE_DIM=c.Dv, VALUE_DIM_PAD=_rt.padded_dim(c.Dv),
+            FEATURES=lc.features, FB_WIDTH=lc.fb_width, BLOCK_F=lc.block_f, NUM_FB=lc.num_fb,
+            CHUNK=chunk, PRECISION=_precision(q),
+            num_warps=cfg.bwd_warps, num_stages=cfg.num_stages,
+        )
     if c.Nk > 0:
         _dkdv[(triton.cdiv(c.Nk, chunk), c.B * c.Hkv)](
-            q, k, v, do, dk, dv, *den_c, lc.proj, dstates, dzs, *strides,
-            c.Nk, c.Hkv, c.group, n_stored, c.q_offset, c.k_offset, lc.angle, PRECISION=_precision(q),
-            num_warps=cfg.bwd_warps, num_stages=cfg.num_stages, **consts)
+            q, k, v, do, dk, dv, den, c_hat, dstates, dzs,
+            *q.stride()[:3], *k.stride()[:3],
+            *v.stride()[:3], *do.stride()[:3],
+            c.Nk, c.Hkv, c.group, n_stored,
+            HEAD_DIM=c.D, HEAD_DIM_PAD=_rt.padded_dim(c.D), VALUE_DIM=c.Dv, VALUE_DIM_PAD=_rt.padded_dim(c.Dv),
+            FEATURES=lc.features, FB_WIDTH=lc.fb_width, BLOCK_F=lc.block_f, NUM_FB=lc.num_fb,
+            CHUNK=chunk, PRECISION=_precision(q),
+            num_warps=cfg.bwd_warps, num_stages=cfg.num_stages,
+        )
     return dq.to(c.q.dtype), dk.to(c.k.dtype), dv.to(c.v.dtype), ds0, dz0
 
 
@@ -532,7 +529,6 @@ def _bind(q, k, v, q_offset, k_offset, n_q, n_k, initial_state, return_state, se
     lc = _lin.LinearCall(call, F, width, block_f, return_state=return_state)
     if seed is not None:
         raise TypeError(f"{SPEC.name}.attention: seed= applies to the performer feature map; this one is {FEATURE_MAP!r}")
-    lc.proj = call.q  # unused by this feature map
     if initial_state is not None:
         lc.s0, lc.z0 = _lin.check_state(f"{SPEC.name}.attention", initial_state, call.B, call.Hkv, F, call.Dv, call.q.device)
     lc.cfg = _lin.linear_config(call, block_f, lc.num_fb)
@@ -576,10 +572,13 @@ def step(q, k, v, state=None, *, position=0, n=None, seed=None):
     block_dv = min(64 if lc.block_f <= 128 else 32, _rt.padded_dim(c.Dv))
     with torch.no_grad():
         _step[(triton.cdiv(c.Dv, block_dv), c.B * c.Hq)](
-            qo, ko, vo, o, lc.proj, lc.s0, lc.z0, s_new, z_new,
-            qo.stride(0), qo.stride(1), ko.stride(0), ko.stride(1), vo.stride(0), vo.stride(1), o.stride(0), o.stride(1),
-            c.Hq, c.group, position, lc.angle, LINEAR_DENOMINATOR_EPS,
-            HEAD_DIM=c.D, HEAD_DIM_PAD=_rt.padded_dim(c.D), VALUE_DIM=c.Dv, BLOCK_DV=block_dv, FEATURES=lc.features,
-            FB_WIDTH=lc.fb_width, BLOCK_F=lc.block_f, NUM_FB=lc.num_fb, PRECISION=_precision(qo), num_warps=4)
+            qo, ko, vo, o, lc.s0, lc.z0, s_new, z_new,
+            qo.stride(0), qo.stride(1), ko.stride(0), ko.stride(1), vo.stride(0), vo.stride(1), o.stride(0),
+            o.stride(1),
+            c.Hq, c.group, LINEAR_DENOMINATOR_EPS,
+            HEAD_DIM=c.D, HEAD_DIM_PAD=_rt.padded_dim(c.D), VALUE_DIM=c.Dv, BLOCK_DV=block_dv,
+            FEATURES=lc.features, FB_WIDTH=lc.fb_width, BLOCK_F=lc.block_f, NUM_FB=lc.num_fb,
+            num_warps=4,
+        )
     o = o.to(c.q.dtype)
     return (o.squeeze(2) if squeeze else o), (s_new, z_new)

@@ -92,11 +92,8 @@ SPEC = _rt.SpecInfo(
 
 @triton.jit
 def _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-              b, h, H, n_q, n_k,
-              qk_scale, sm_scale,
-              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-              ROTARY_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
-              MASKED: tl.constexpr):
+              qk_scale,
+              BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr):
     """One key tile of the online softmax; MASKED tiles evaluate the mask, full ones do not."""
     start_n = tl.cast(kb, tl.int32) * BLOCK_N  # a tensor descriptor's offsets are int32 (kb is int64 in WIDE calls)
     k = k_desc.load([start_n, 0])
@@ -122,12 +119,11 @@ def _fwd_kernel(Q, K, V, O, LSE,
                 stride_kb, stride_kh, stride_kn,
                 stride_vb, stride_vh, stride_vn,
                 stride_ob, stride_oh, stride_om,
-                Nq, Nk, H, GROUP, q_offset, k_offset, n_q, n_k, qk_scale, sm_scale,
+                Nq, Nk, H, GROUP, q_offset, k_offset, qk_scale,
                 CU_Q, CU_K, TOTAL_Q,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
-                VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr, RETURN_LSE: tl.constexpr,
-                WARP_SPECIALIZE: tl.constexpr, VARLEN: tl.constexpr, WIDE: tl.constexpr):
+                VALUE_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                RETURN_LSE: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, VARLEN: tl.constexpr, WIDE: tl.constexpr):
     # Heaviest query blocks first: with causal-like patterns the last rows see the most keys.
     qb = tl.num_programs(0) - 1 - tl.program_id(0)
     # b, h in int64: their products with strides pass 2**31 in big tensors
@@ -138,8 +134,6 @@ def _fwd_kernel(Q, K, V, O, LSE,
     if WIDE:  # positions may pass 2**31 - 1 (the host decides from the call's numbers): int64 from here
         q_offset = tl.cast(q_offset, tl.int64)
         k_offset = tl.cast(k_offset, tl.int64)
-        n_q = tl.cast(n_q, tl.int64)
-        n_k = tl.cast(n_k, tl.int64)
         H = tl.cast(H, tl.int64)
     if VARLEN:
         # Packed sequences ([1, H, total, D]): b is the sequence, its rows start at CU_Q[b] / CU_K[b];
@@ -148,8 +142,6 @@ def _fwd_kernel(Q, K, V, O, LSE,
         k_start = tl.load(CU_K + b).to(tl.int64)
         Nq = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
         Nk = (tl.load(CU_K + b + 1) - k_start).to(tl.int32)
-        n_q = Nq
-        n_k = Nk
         if qb * BLOCK_M >= Nq:  # the grid covers the longest sequence
             return
         Q_base = Q + h * stride_qh + q_start * stride_qm
@@ -191,20 +183,14 @@ def _fwd_kernel(Q, K, V, O, LSE,
     kv_full_lo = tl.where(kv_f_on, tl.minimum(kv_hi, tl.maximum(kv_lo, ((BLOCK_N + tl.maximum(0, (kv_f_x - k_offset)) - 1) // BLOCK_N))), kv_lo)
     kv_full_hi = tl.maximum(kv_full_lo, tl.where(kv_f_on, tl.minimum(kv_hi, (tl.maximum(0, (1 + kv_f_y - k_offset)) // BLOCK_N)), kv_full_lo))
     for kb in tl.range(kv_lo, kv_full_lo):
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                                  b, h, H, n_q, n_k,
-                                  qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
-                                  FAST_MATH, MASKED=True)
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset, qk_scale, BLOCK_N,
+                                  DOT_PRECISION, MASKED=True)
     for kb in tl.range(kv_full_lo, kv_full_hi, warp_specialize=WARP_SPECIALIZE):
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                                  b, h, H, n_q, n_k,
-                                  qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
-                                  FAST_MATH, MASKED=False)
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset, qk_scale, BLOCK_N,
+                                  DOT_PRECISION, MASKED=False)
     for kb in tl.range(kv_full_hi, kv_hi):
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                                  b, h, H, n_q, n_k,
-                                  qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
-                                  FAST_MATH, MASKED=True)
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset, qk_scale, BLOCK_N,
+                                  DOT_PRECISION, MASKED=True)
     # Rows that saw no allowed key: o = 0 and lse = -inf, never NaN.
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_desc.store([qb * BLOCK_M, 0], o.to(O.dtype.element_ty))
@@ -231,16 +217,13 @@ def _forward(call):
         *k.stride()[:3],
         *v.stride()[:3],
         *o.stride()[:3],
-        call.Nq, call.Nk, call.Hq, call.group, call.q_offset, call.k_offset, call.n_q, call.n_k,
-        call.scale * _rt.LOG2E, call.scale,
+        call.Nq, call.Nk, call.Hq, call.group, call.q_offset, call.k_offset, call.scale * _rt.LOG2E,
         call.cu_seqlens_q, call.cu_seqlens_k, lse.shape[-1],
-        HEAD_DIM=q.shape[-1], HEAD_DIM_PAD=_rt.padded_dim(q.shape[-1]),
-        VALUE_DIM=v.shape[-1], VALUE_DIM_PAD=_rt.padded_dim(v.shape[-1]),
-        ROTARY_DIM=0,
-        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        FAST_MATH=_rt.fast_math(call),
-        RETURN_LSE=call.return_lse, WARP_SPECIALIZE=cfg.warp_specialize, VARLEN=call.varlen, WIDE=call.wide,        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        HEAD_DIM=q.shape[-1], HEAD_DIM_PAD=_rt.padded_dim(q.shape[-1]), VALUE_DIM=v.shape[-1],
+        VALUE_DIM_PAD=_rt.padded_dim(v.shape[-1]), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", RETURN_LSE=call.return_lse,
+        WARP_SPECIALIZE=cfg.warp_specialize, VARLEN=call.varlen, WIDE=call.wide,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     ))
     if v.shape[-1] != call.Dv:
         o = o[..., :call.Dv]
@@ -257,9 +240,9 @@ def _forward(call):
 def _bwd_preprocess(O, DO, LSE, DLSE, DELTA, LSE2,
                     stride_ob, stride_oh, stride_om, stride_od,
                     stride_dob, stride_doh, stride_dom, stride_dod,
-                    Nq, H, q_offset, n_q, n_k, CU_Q, CU_K, TOTAL_Q,
-                    VALUE_DIM: tl.constexpr, VALUE_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-                    VARLEN: tl.constexpr, FAST_MATH: tl.constexpr, WIDE: tl.constexpr, HAS_DLSE: tl.constexpr):
+                    Nq, H, CU_Q, TOTAL_Q,
+                    VALUE_DIM: tl.constexpr, VALUE_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, VARLEN: tl.constexpr,
+                    WIDE: tl.constexpr, HAS_DLSE: tl.constexpr):
     """delta = rowsum(dO * O) - dLSE (fp32; HAS_DLSE: the LSE has a gradient) and lse2, the forward's
     LSE in log2 units (+inf on rows without an allowed key)."""
     qb = tl.program_id(0)
@@ -267,15 +250,10 @@ def _bwd_preprocess(O, DO, LSE, DLSE, DELTA, LSE2,
     b = bh // H
     h = bh % H
     if WIDE:
-        q_offset = tl.cast(q_offset, tl.int64)
-        n_q = tl.cast(n_q, tl.int64)
-        n_k = tl.cast(n_k, tl.int64)
         H = tl.cast(H, tl.int64)
     if VARLEN:  # b is the sequence of a packed batch (see _fwd_kernel)
         q_start = tl.load(CU_Q + b).to(tl.int64)
         Nq = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
-        n_q = Nq
-        n_k = (tl.load(CU_K + b + 1) - tl.load(CU_K + b)).to(tl.int32)
         if qb * BLOCK_M >= Nq:
             return
         O_base = O + h * stride_oh + q_start * stride_om
@@ -286,7 +264,6 @@ def _bwd_preprocess(O, DO, LSE, DLSE, DELTA, LSE2,
         DO_base = DO + b * stride_dob + h * stride_doh
         lse_row = bh * Nq
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_i = q_offset + offs_m
     rows64 = offs_m.to(tl.int64)  # row offsets: Nq * stride may pass 2**31 in a [B, N, H, D] view
     cols = tl.arange(0, VALUE_DIM_PAD)
     inside = (offs_m[:, None] < Nq) & (cols[None, :] < VALUE_DIM)
@@ -307,11 +284,8 @@ def _bwd_preprocess(O, DO, LSE, DLSE, DELTA, LSE2,
 
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, qb, offs_j, Nq, q_offset,
-               b, h, H, n_q, n_k,
-               qk_scale, sm_scale,
-               BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-               ROTARY_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
-               MASKED: tl.constexpr):
+               qk_scale,
+               BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr):
     """One query tile of a key block: dV += P^T dO, dK += dS^T Q (dS not yet scaled), with the
     tile held transposed: p and ds here are P^T and dS^T, [BLOCK_N, BLOCK_M]."""
     start_m = tl.cast(qb, tl.int32) * BLOCK_M  # a tensor descriptor's offsets are int32 (qb is int64 in WIDE calls)
@@ -343,12 +317,11 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
                      stride_dob, stride_doh, stride_dom,
                      stride_dkb, stride_dkh, stride_dkn,
                      stride_dvb, stride_dvh, stride_dvn,
-                     Nq, Nk, H, GROUP, q_offset, k_offset, n_q, n_k, qk_scale, sm_scale,
+                     Nq, Nk, H, GROUP, q_offset, k_offset, qk_scale, sm_scale,
                      CU_Q, CU_K, TOTAL_Q,
                      HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
-                     VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
-                     VARLEN: tl.constexpr, WIDE: tl.constexpr):
+                     VALUE_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr, WIDE: tl.constexpr):
     # One key block of one kv head: its GROUP query heads add into the same dK, dV registers.
     kb = tl.program_id(0)
     bhk = tl.program_id(1).to(tl.int64)  # int64 b, h: see _fwd_kernel
@@ -358,16 +331,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
     if WIDE:  # positions past 2**31 - 1: see _fwd_kernel
         q_offset = tl.cast(q_offset, tl.int64)
         k_offset = tl.cast(k_offset, tl.int64)
-        n_q = tl.cast(n_q, tl.int64)
-        n_k = tl.cast(n_k, tl.int64)
         H = tl.cast(H, tl.int64)
     if VARLEN:  # b is the sequence of a packed batch (see _fwd_kernel)
         q_start = tl.load(CU_Q + b).to(tl.int64)
         k_start = tl.load(CU_K + b).to(tl.int64)
         Nq = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
         Nk = (tl.load(CU_K + b + 1) - k_start).to(tl.int32)
-        n_q = Nq
-        n_k = Nk
         if kb * BLOCK_N >= Nk:
             return
         K_base = K + hk * stride_kh + k_start * stride_kn
@@ -423,20 +392,14 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
         do_desc = tl.make_tensor_descriptor(DO_base, shape=[Nq, VALUE_DIM],
                                             strides=[stride_dom, 1], block_shape=[BLOCK_M, VALUE_DIM_PAD])
         for qb in tl.range(qb_lo, qb_full_lo):
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2 + lse_row, DELTA + lse_row, qb, offs_j, Nq, q_offset,
-                                b, h, H, n_q, n_k,
-                                qk_scale, sm_scale, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
-                                FAST_MATH, MASKED=True)
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2 + lse_row, DELTA + lse_row, qb, offs_j, Nq,
+                                q_offset, qk_scale, BLOCK_M, DOT_PRECISION, MASKED=True)
         for qb in tl.range(qb_full_lo, qb_full_hi):
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2 + lse_row, DELTA + lse_row, qb, offs_j, Nq, q_offset,
-                                b, h, H, n_q, n_k,
-                                qk_scale, sm_scale, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
-                                FAST_MATH, MASKED=False)
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2 + lse_row, DELTA + lse_row, qb, offs_j, Nq,
+                                q_offset, qk_scale, BLOCK_M, DOT_PRECISION, MASKED=False)
         for qb in tl.range(qb_full_hi, qb_hi):
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2 + lse_row, DELTA + lse_row, qb, offs_j, Nq, q_offset,
-                                b, h, H, n_q, n_k,
-                                qk_scale, sm_scale, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
-                                FAST_MATH, MASKED=True)
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2 + lse_row, DELTA + lse_row, qb, offs_j, Nq,
+                                q_offset, qk_scale, BLOCK_M, DOT_PRECISION, MASKED=True)
     dk = dk * sm_scale
     dk_desc.store([kb * BLOCK_N, 0], dk.to(DK.dtype.element_ty))
     dv_desc.store([kb * BLOCK_N, 0], dv.to(DV.dtype.element_ty))
@@ -444,11 +407,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
 
 @triton.jit
 def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-             b, h, H, n_q, n_k,
-             qk_scale, sm_scale,
-             BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-             ROTARY_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
-             MASKED: tl.constexpr):
+             qk_scale,
+             BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr):
     """One key tile of a query block: dQ += dS K (dS not yet scaled)."""
     start_n = tl.cast(kb, tl.int32) * BLOCK_N  # a tensor descriptor's offsets are int32 (kb is int64 in WIDE calls)
     k = k_desc.load([start_n, 0])
@@ -473,12 +433,11 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
                    stride_vb, stride_vh, stride_vn,
                    stride_dob, stride_doh, stride_dom,
                    stride_dqb, stride_dqh, stride_dqm,
-                   Nq, Nk, H, GROUP, q_offset, k_offset, n_q, n_k, qk_scale, sm_scale,
+                   Nq, Nk, H, GROUP, q_offset, k_offset, qk_scale, sm_scale,
                    CU_Q, CU_K, TOTAL_Q,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
-                   VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
-                   VARLEN: tl.constexpr, WIDE: tl.constexpr):
+                   VALUE_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr, WIDE: tl.constexpr):
     qb = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)  # int64 b, h: see _fwd_kernel
     b = bh // H
@@ -487,16 +446,12 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
     if WIDE:  # positions past 2**31 - 1: see _fwd_kernel
         q_offset = tl.cast(q_offset, tl.int64)
         k_offset = tl.cast(k_offset, tl.int64)
-        n_q = tl.cast(n_q, tl.int64)
-        n_k = tl.cast(n_k, tl.int64)
         H = tl.cast(H, tl.int64)
     if VARLEN:  # b is the sequence of a packed batch (see _fwd_kernel)
         q_start = tl.load(CU_Q + b).to(tl.int64)
         k_start = tl.load(CU_K + b).to(tl.int64)
         Nq = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
         Nk = (tl.load(CU_K + b + 1) - k_start).to(tl.int32)
-        n_q = Nq
-        n_k = Nk
         if qb * BLOCK_M >= Nq:
             return
         Q_base = Q + h * stride_qh + q_start * stride_qm
@@ -543,20 +498,14 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
     kv_full_lo = tl.where(kv_f_on, tl.minimum(kv_hi, tl.maximum(kv_lo, ((BLOCK_N + tl.maximum(0, (kv_f_x - k_offset)) - 1) // BLOCK_N))), kv_lo)
     kv_full_hi = tl.maximum(kv_full_lo, tl.where(kv_f_on, tl.minimum(kv_hi, (tl.maximum(0, (1 + kv_f_y - k_offset)) // BLOCK_N)), kv_full_lo))
     for kb in tl.range(kv_lo, kv_full_lo):
-        dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                      b, h, H, n_q, n_k,
-                      qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
-                      FAST_MATH, MASKED=True)
+        dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset, qk_scale, BLOCK_N,
+                      DOT_PRECISION, MASKED=True)
     for kb in tl.range(kv_full_lo, kv_full_hi):
-        dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                      b, h, H, n_q, n_k,
-                      qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
-                      FAST_MATH, MASKED=False)
+        dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset, qk_scale, BLOCK_N,
+                      DOT_PRECISION, MASKED=False)
     for kb in tl.range(kv_full_hi, kv_hi):
-        dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                      b, h, H, n_q, n_k,
-                      qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
-                      FAST_MATH, MASKED=True)
+        dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset, qk_scale, BLOCK_N,
+                      DOT_PRECISION, MASKED=True)
     dq = dq * sm_scale
     dq_desc.store([qb * BLOCK_M, 0], dq.to(DQ.dtype.element_ty))
 
@@ -573,25 +522,20 @@ def _backward(call, o, lse, do, dlse=None):
     alloc = torch.zeros if call.varlen else torch.empty
     delta = alloc(*lse.shape, dtype=torch.float32, device=q.device)
     lse2 = torch.empty_like(delta)
-    cu = (call.cu_seqlens_q, call.cu_seqlens_k, lse.shape[-1])
     if dlse is not None:  # read at the LSE's offsets
         dlse = dlse.to(torch.float32).contiguous()
     _bwd_preprocess[(_rt.cdiv(Nq, cfg.BLOCK_M), B * Hq)](
-        o, do, lse, lse if dlse is None else dlse, delta, lse2, *o.stride(), *do.stride(), Nq, Hq, call.q_offset,
-        call.n_q, call.n_k, *cu,
+        o, do, lse, lse if dlse is None else dlse, delta, lse2,
+        *o.stride(),
+        *do.stride(),
+        Nq, Hq, call.cu_seqlens_q, lse.shape[-1],
         VALUE_DIM=call.Dv, VALUE_DIM_PAD=_rt.padded_dim(call.Dv), BLOCK_M=cfg.BLOCK_M, VARLEN=call.varlen,
-        FAST_MATH=_rt.fast_math(call), WIDE=call.wide, HAS_DLSE=dlse is not None)
+        WIDE=call.wide, HAS_DLSE=dlse is not None,
+    )
     do = _rt.grad_operand(do, v)
     dq = alloc(*q.shape, dtype=q.dtype, device=q.device)
     dk = alloc(*k.shape, dtype=k.dtype, device=q.device)
     dv = alloc(*v.shape, dtype=v.dtype, device=q.device)
-    common = dict(
-        HEAD_DIM=q.shape[-1], HEAD_DIM_PAD=_rt.padded_dim(q.shape[-1]),
-        VALUE_DIM=v.shape[-1], VALUE_DIM_PAD=_rt.padded_dim(v.shape[-1]),
-        ROTARY_DIM=0,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        FAST_MATH=_rt.fast_math(call), VARLEN=call.varlen, WIDE=call.wide,
-    )
     _rt.launch(call, cfg_kv, lambda cfg: _bwd_dkdv_kernel[(_rt.cdiv(Nk, cfg.BLOCK_N), B * Hkv)](
         q, k, v, do, dk, dv, lse2, delta,
         *q.stride()[:3],
@@ -600,9 +544,12 @@ def _backward(call, o, lse, do, dlse=None):
         *do.stride()[:3],
         *dk.stride()[:3],
         *dv.stride()[:3],
-        Nq, Nk, Hq, call.group, call.q_offset, call.k_offset, call.n_q, call.n_k,
-        call.scale * _rt.LOG2E, call.scale, *cu,
-        **common, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        call.Nq, call.Nk, call.Hq, call.group, call.q_offset, call.k_offset, call.scale * _rt.LOG2E, call.scale,
+        call.cu_seqlens_q, call.cu_seqlens_k, lse.shape[-1],
+        HEAD_DIM=q.shape[-1], HEAD_DIM_PAD=_rt.padded_dim(q.shape[-1]), VALUE_DIM=v.shape[-1],
+        VALUE_DIM_PAD=_rt.padded_dim(v.shape[-1]), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", VARLEN=call.varlen, WIDE=call.wide,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     ), kernel="dkdv")
     _rt.launch(call, cfg_q, lambda cfg: _bwd_dq_kernel[(_rt.cdiv(Nq, cfg.BLOCK_M), B * Hq)](
         q, k, v, do, dq, lse2, delta,
@@ -611,9 +558,11 @@ def _backward(call, o, lse, do, dlse=None):
         *v.stride()[:3],
         *do.stride()[:3],
         *dq.stride()[:3],
-        Nq, Nk, Hq, call.group, call.q_offset, call.k_offset, call.n_q, call.n_k,
-        call.scale * _rt.LOG2E, call.scale, *cu,
-        **common, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+        call.Nq, call.Nk, call.Hq, call.group, call.q_offset, call.k_offset, call.scale * _rt.LOG2E, call.scale,
+        call.cu_seqlens_q, call.cu_seqlens_k, lse.shape[-1],
+        HEAD_DIM=q.shape[-1], HEAD_DIM_PAD=_rt.padded_dim(q.shape[-1]), VALUE_DIM=v.shape[-1],
+        VALUE_DIM_PAD=_rt.padded_dim(v.shape[-1]), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", VARLEN=call.varlen, WIDE=call.wide,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     ), kernel="dq")
     return _rt.grads_as_inputs(call, dq, dk, dv)
@@ -679,11 +628,9 @@ def _dec_load(rows, cols, row_ok, DIM: tl.constexpr, DIM_PAD: tl.constexpr, MASK
 @triton.jit
 def _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
               stride_kp, stride_kn, stride_vp, stride_vn, stride_btp,
-              b, h_row, H, n_q, n_k,
-              qk_scale, sm_scale,
-              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-              VALUE_DIM: tl.constexpr, VALUE_DIM_PAD: tl.constexpr, PAGE_SIZE: tl.constexpr,
-              DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr, MASKED: tl.constexpr):
+              qk_scale,
+              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
+              VALUE_DIM_PAD: tl.constexpr, PAGE_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr):
     """One key tile of the online softmax for every row of the group; MASKED tiles evaluate
     the mask (and the end of the cache), full ones do not."""
     offs_j = kb * BLOCK_N + tl.arange(0, BLOCK_N)  # key positions are cache rows
@@ -719,12 +666,10 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
                 stride_kb, stride_kh, stride_kn,
                 stride_vb, stride_vh, stride_vn,
                 stride_btb, stride_btp, stride_kvl, stride_ob, stride_oh, stride_om,
-                Nq, H, GROUP, HEADS_PER_PROGRAM, CAPACITY, NUM_PAGES, NUM_SPLITS, qk_scale, sm_scale,
+                Nq, H, GROUP, HEADS_PER_PROGRAM, CAPACITY, NUM_PAGES, NUM_SPLITS, qk_scale,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
-                VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, SPLIT: tl.constexpr,
-                RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
-                WIDE: tl.constexpr):
+                VALUE_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                SPLIT: tl.constexpr, RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr):
     # program (split, (b, kv head, chunk of its query heads)); the cache of a paged call is
     # [num_pages, page_size, Hkv, D] and then stride_kb / stride_vb are the page strides
     split_id = tl.program_id(0).to(tl.int64)  # its key blocks (split_id * per_split) come from positions: int64 too
@@ -742,8 +687,6 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
         H = tl.cast(H, tl.int64)
     else:
         Nk = Nk.to(tl.int32)
-    n_q = Nk
-    n_k = Nk
     # row r: query head hk * GROUP + head_chunk * HEADS_PER_PROGRAM + r // Nq, query row r % Nq
     m_rows = tl.arange(0, BLOCK_M)
     q_row = m_rows % Nq
@@ -787,23 +730,17 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
     f_lo = tl.minimum(tl.maximum(kv_full_lo, s_lo), s_hi)
     f_hi = tl.where(Nk >= Nq, tl.minimum(tl.maximum(kv_full_hi, f_lo), s_hi), f_lo)
     for kb in tl.range(s_lo, f_lo):
-        acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
-                                  stride_kb, stride_kn, stride_vb, stride_vn, stride_btp,
-                                  b, h_row, H, n_q, n_k,
-                                  qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD,
-                                  PAGE_SIZE, DOT_PRECISION, FAST_MATH, MASKED=True)
+        acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES, stride_kb,
+                                  stride_kn, stride_vb, stride_vn, stride_btp, qk_scale, BLOCK_N, HEAD_DIM,
+                                  HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD, PAGE_SIZE, DOT_PRECISION, MASKED=True)
     for kb in tl.range(f_lo, f_hi):
-        acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
-                                  stride_kb, stride_kn, stride_vb, stride_vn, stride_btp,
-                                  b, h_row, H, n_q, n_k,
-                                  qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD,
-                                  PAGE_SIZE, DOT_PRECISION, FAST_MATH, MASKED=False)
+        acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES, stride_kb,
+                                  stride_kn, stride_vb, stride_vn, stride_btp, qk_scale, BLOCK_N, HEAD_DIM,
+                                  HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD, PAGE_SIZE, DOT_PRECISION, MASKED=False)
     for kb in tl.range(f_hi, s_hi):
-        acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
-                                  stride_kb, stride_kn, stride_vb, stride_vn, stride_btp,
-                                  b, h_row, H, n_q, n_k,
-                                  qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD,
-                                  PAGE_SIZE, DOT_PRECISION, FAST_MATH, MASKED=True)
+        acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES, stride_kb,
+                                  stride_kn, stride_vb, stride_vn, stride_btp, qk_scale, BLOCK_N, HEAD_DIM,
+                                  HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD, PAGE_SIZE, DOT_PRECISION, MASKED=True)
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     # natural-log LSE; -inf on rows without an allowed key
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i))) * 0.6931471805599453)
@@ -847,17 +784,14 @@ def _decode(call):
     _rt.launch(call, cfg, lambda cfg: _dec_kernel[(splits, programs)](
         q, k, v, out, out_lse, call.kv_len, table,
         *q.stride()[:3],
-        *k_strides, *v_strides,
+        *k_strides,
+        *v_strides,
         table.stride(0), table.stride(1), call.kv_len.stride(0), *o.stride()[:3],
-        call.Nq, call.Hq, call.group, heads, call.capacity, max(call.num_pages, 1), splits,
-        call.scale * _rt.LOG2E, call.scale,
-        HEAD_DIM=q.shape[-1], HEAD_DIM_PAD=_rt.padded_dim(q.shape[-1]),
-        VALUE_DIM=call.Dv, VALUE_DIM_PAD=dv_pad,
-        ROTARY_DIM=0,
+        call.Nq, call.Hq, call.group, heads, call.capacity, max(call.num_pages, 1), splits, call.scale * _rt.LOG2E,
+        HEAD_DIM=q.shape[-1], HEAD_DIM_PAD=_rt.padded_dim(q.shape[-1]), VALUE_DIM=call.Dv, VALUE_DIM_PAD=dv_pad,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, PAGE_SIZE=call.page_size, SPLIT=splits > 1,
-        RETURN_LSE=call.return_lse,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        FAST_MATH=_rt.fast_math(call), WIDE=_rt.decode.wide(call),
+        RETURN_LSE=call.return_lse, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        WIDE=_rt.decode.wide(call),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     ), kernel="decode")
     if splits > 1:

@@ -71,18 +71,16 @@ def _bucket_32_128_1(d):
 
 @triton.jit
 def _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-              b, h, H, n_q, n_k, ptr_rel_bias, stride0_rel_bias, stride1_rel_bias, size0_rel_bias, size1_rel_bias,
-              qk_scale, sm_scale,
-              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-              ROTARY_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
-              MASKED: tl.constexpr):
+              h, ptr_rel_bias, stride0_rel_bias, stride1_rel_bias, size1_rel_bias, qk_scale,
+              BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr):
     """One key tile of the online softmax; MASKED tiles evaluate the mask, full ones do not."""
     start_n = tl.cast(kb, tl.int32) * BLOCK_N  # a tensor descriptor's offsets are int32 (kb is int64 in WIDE calls)
     k = k_desc.load([start_n, 0])
     v = v_desc.load([start_n, 0])
     offs_j = k_offset + start_n + tl.arange(0, BLOCK_N)
     qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
-    s = qk * qk_scale + tl.load(ptr_rel_bias + h * stride0_rel_bias + _bucket_32_128_1((offs_j[None, :] - offs_i[:, None])) * stride1_rel_bias, mask=(_bucket_32_128_1((offs_j[None, :] - offs_i[:, None])) >= 0) & (_bucket_32_128_1((offs_j[None, :] - offs_i[:, None])) < size1_rel_bias), other=0) * 1.4426950408889634  # bias * log2(e)
+    bucket0 = _bucket_32_128_1((offs_j[None, :] - offs_i[:, None]))
+    s = qk * qk_scale + tl.load(ptr_rel_bias + h * stride0_rel_bias + bucket0 * stride1_rel_bias, mask=(bucket0 >= 0) & (bucket0 < size1_rel_bias), other=0) * 1.4426950408889634  # bias * log2(e)
     if MASKED:
         keep = (offs_j[None, :] < k_offset + Nk)
         s = tl.where(keep, s, float("-inf"))
@@ -102,13 +100,12 @@ def _fwd_kernel(Q, K, V, O, LSE,
                 stride_kb, stride_kh, stride_kn,
                 stride_vb, stride_vh, stride_vn,
                 stride_ob, stride_oh, stride_om,
-                Nq, Nk, H, GROUP, q_offset, k_offset, n_q, n_k, qk_scale, sm_scale,
+                Nq, Nk, H, GROUP, q_offset, k_offset, qk_scale,
                 CU_Q, CU_K, TOTAL_Q,
-                ptr_rel_bias, stride0_rel_bias, stride1_rel_bias, size0_rel_bias, size1_rel_bias,
+                ptr_rel_bias, stride0_rel_bias, stride1_rel_bias, size1_rel_bias,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
-                VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr, RETURN_LSE: tl.constexpr,
-                WARP_SPECIALIZE: tl.constexpr, VARLEN: tl.constexpr, WIDE: tl.constexpr):
+                VALUE_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                RETURN_LSE: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, VARLEN: tl.constexpr, WIDE: tl.constexpr):
     # Heaviest query blocks first: with causal-like patterns the last rows see the most keys.
     qb = tl.num_programs(0) - 1 - tl.program_id(0)
     # b, h in int64: their products with strides pass 2**31 in big tensors
@@ -119,8 +116,6 @@ def _fwd_kernel(Q, K, V, O, LSE,
     if WIDE:  # positions may pass 2**31 - 1 (the host decides from the call's numbers): int64 from here
         q_offset = tl.cast(q_offset, tl.int64)
         k_offset = tl.cast(k_offset, tl.int64)
-        n_q = tl.cast(n_q, tl.int64)
-        n_k = tl.cast(n_k, tl.int64)
         H = tl.cast(H, tl.int64)
     if VARLEN:
         # Packed sequences ([1, H, total, D]): b is the sequence, its rows start at CU_Q[b] / CU_K[b];
@@ -129,8 +124,6 @@ def _fwd_kernel(Q, K, V, O, LSE,
         k_start = tl.load(CU_K + b).to(tl.int64)
         Nq = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
         Nk = (tl.load(CU_K + b + 1) - k_start).to(tl.int32)
-        n_q = Nq
-        n_k = Nk
         if qb * BLOCK_M >= Nq:  # the grid covers the longest sequence
             return
         Q_base = Q + h * stride_qh + q_start * stride_qm
@@ -154,8 +147,6 @@ def _fwd_kernel(Q, K, V, O, LSE,
                                        strides=[stride_om, 1], block_shape=[BLOCK_M, VALUE_DIM_PAD])
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_i = q_offset + offs_m
-    q_lo = q_offset + qb * BLOCK_M
-    q_hi = tl.minimum(q_lo + BLOCK_M - 1, q_offset + Nq - 1)  # the block's last existing row
     q = q_desc.load([qb * BLOCK_M, 0])
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -163,15 +154,13 @@ def _fwd_kernel(Q, K, V, O, LSE,
     # Key blocks: dense (every block; only a ragged last one is masked)
     n_full = Nk // BLOCK_N
     for kb in tl.range(0, n_full, warp_specialize=WARP_SPECIALIZE):
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                                  b, h, H, n_q, n_k, ptr_rel_bias, stride0_rel_bias, stride1_rel_bias, size0_rel_bias, size1_rel_bias,
-                                  qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
-                                  FAST_MATH, MASKED=False)
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset, h, ptr_rel_bias,
+                                  stride0_rel_bias, stride1_rel_bias, size1_rel_bias, qk_scale, BLOCK_N, DOT_PRECISION,
+                                  MASKED=False)
     for kb in tl.range(n_full, tl.cdiv(Nk, BLOCK_N)):
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                                  b, h, H, n_q, n_k, ptr_rel_bias, stride0_rel_bias, stride1_rel_bias, size0_rel_bias, size1_rel_bias,
-                                  qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
-                                  FAST_MATH, MASKED=True)
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset, h, ptr_rel_bias,
+                                  stride0_rel_bias, stride1_rel_bias, size1_rel_bias, qk_scale, BLOCK_N, DOT_PRECISION,
+                                  MASKED=True)
     # Rows that saw no allowed key: o = 0 and lse = -inf, never NaN.
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_desc.store([qb * BLOCK_M, 0], o.to(O.dtype.element_ty))
@@ -198,17 +187,14 @@ def _forward(call):
         *k.stride()[:3],
         *v.stride()[:3],
         *o.stride()[:3],
-        call.Nq, call.Nk, call.Hq, call.group, call.q_offset, call.k_offset, call.n_q, call.n_k,
-        call.scale * _rt.LOG2E, call.scale,
+        call.Nq, call.Nk, call.Hq, call.group, call.q_offset, call.k_offset, call.scale * _rt.LOG2E,
         call.cu_seqlens_q, call.cu_seqlens_k, lse.shape[-1],
-        call.inputs['rel_bias'], *call.inputs['rel_bias'].stride(), *call.inputs['rel_bias'].shape,
-        HEAD_DIM=q.shape[-1], HEAD_DIM_PAD=_rt.padded_dim(q.shape[-1]),
-        VALUE_DIM=v.shape[-1], VALUE_DIM_PAD=_rt.padded_dim(v.shape[-1]),
-        ROTARY_DIM=0,
-        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        FAST_MATH=_rt.fast_math(call),
-        RETURN_LSE=call.return_lse, WARP_SPECIALIZE=cfg.warp_specialize, VARLEN=call.varlen, WIDE=call.wide,        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        call.inputs['rel_bias'], *call.inputs['rel_bias'].stride(), call.inputs['rel_bias'].shape[1],
+        HEAD_DIM=q.shape[-1], HEAD_DIM_PAD=_rt.padded_dim(q.shape[-1]), VALUE_DIM=v.shape[-1],
+        VALUE_DIM_PAD=_rt.padded_dim(v.shape[-1]), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", RETURN_LSE=call.return_lse,
+        WARP_SPECIALIZE=cfg.warp_specialize, VARLEN=call.varlen, WIDE=call.wide,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     ))
     if v.shape[-1] != call.Dv:
         o = o[..., :call.Dv]
@@ -225,9 +211,9 @@ def _forward(call):
 def _bwd_preprocess(O, DO, LSE, DLSE, DELTA, LSE2,
                     stride_ob, stride_oh, stride_om, stride_od,
                     stride_dob, stride_doh, stride_dom, stride_dod,
-                    Nq, H, q_offset, n_q, n_k, CU_Q, CU_K, TOTAL_Q,
-                    VALUE_DIM: tl.constexpr, VALUE_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-                    VARLEN: tl.constexpr, FAST_MATH: tl.constexpr, WIDE: tl.constexpr, HAS_DLSE: tl.constexpr):
+                    Nq, H, CU_Q, TOTAL_Q,
+                    VALUE_DIM: tl.constexpr, VALUE_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, VARLEN: tl.constexpr,
+                    WIDE: tl.constexpr, HAS_DLSE: tl.constexpr):
     """delta = rowsum(dO * O) - dLSE (fp32; HAS_DLSE: the LSE has a gradient) and lse2, the forward's
     LSE in log2 units (+inf on rows without an allowed key)."""
     qb = tl.program_id(0)
@@ -235,15 +221,10 @@ def _bwd_preprocess(O, DO, LSE, DLSE, DELTA, LSE2,
     b = bh // H
     h = bh % H
     if WIDE:
-        q_offset = tl.cast(q_offset, tl.int64)
-        n_q = tl.cast(n_q, tl.int64)
-        n_k = tl.cast(n_k, tl.int64)
         H = tl.cast(H, tl.int64)
     if VARLEN:  # b is the sequence of a packed batch (see _fwd_kernel)
         q_start = tl.load(CU_Q + b).to(tl.int64)
         Nq = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
-        n_q = Nq
-        n_k = (tl.load(CU_K + b + 1) - tl.load(CU_K + b)).to(tl.int32)
         if qb * BLOCK_M >= Nq:
             return
         O_base = O + h * stride_oh + q_start * stride_om
@@ -254,7 +235,6 @@ def _bwd_preprocess(O, DO, LSE, DLSE, DELTA, LSE2,
         DO_base = DO + b * stride_dob + h * stride_doh
         lse_row = bh * Nq
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_i = q_offset + offs_m
     rows64 = offs_m.to(tl.int64)  # row offsets: Nq * stride may pass 2**31 in a [B, N, H, D] view
     cols = tl.arange(0, VALUE_DIM_PAD)
     inside = (offs_m[:, None] < Nq) & (cols[None, :] < VALUE_DIM)
@@ -275,11 +255,8 @@ def _bwd_preprocess(O, DO, LSE, DLSE, DELTA, LSE2,
 
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, qb, offs_j, Nq, q_offset,
-               b, h, H, n_q, n_k, ptr_rel_bias, stride0_rel_bias, stride1_rel_bias, size0_rel_bias, size1_rel_bias,
-               qk_scale, sm_scale,
-               BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-               ROTARY_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
-               MASKED: tl.constexpr):
+               h, ptr_rel_bias, stride0_rel_bias, stride1_rel_bias, size1_rel_bias, qk_scale,
+               BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr):
     """One query tile of a key block: dV += P^T dO, dK += dS^T Q (dS not yet scaled), with the
     tile held transposed: p and ds here are P^T and dS^T, [BLOCK_N, BLOCK_M]."""
     start_m = tl.cast(qb, tl.int32) * BLOCK_M  # a tensor descriptor's offsets are int32 (qb is int64 in WIDE calls)
@@ -291,7 +268,8 @@ def _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, qb, offs_j, Nq, q_off
     lse2 = tl.load(LSE2 + offs_m, mask=offs_m < Nq, other=float("inf"))
     delta = tl.load(DELTA + offs_m, mask=offs_m < Nq, other=0.0)
     qk = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]: S^T
-    s = qk * qk_scale + tl.load(ptr_rel_bias + h * stride0_rel_bias + _bucket_32_128_1((offs_j[:, None] - offs_i[None, :])) * stride1_rel_bias, mask=(_bucket_32_128_1((offs_j[:, None] - offs_i[None, :])) >= 0) & (_bucket_32_128_1((offs_j[:, None] - offs_i[None, :])) < size1_rel_bias), other=0) * 1.4426950408889634  # bias * log2(e)
+    bucket0 = _bucket_32_128_1((offs_j[:, None] - offs_i[None, :]))
+    s = qk * qk_scale + tl.load(ptr_rel_bias + h * stride0_rel_bias + bucket0 * stride1_rel_bias, mask=(bucket0 >= 0) & (bucket0 < size1_rel_bias), other=0) * 1.4426950408889634  # bias * log2(e)
     if MASKED:
         keep = (offs_i[None, :] < q_offset + Nq)
         s = tl.where(keep, s, float("-inf"))
@@ -311,13 +289,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
                      stride_dob, stride_doh, stride_dom,
                      stride_dkb, stride_dkh, stride_dkn,
                      stride_dvb, stride_dvh, stride_dvn,
-                     Nq, Nk, H, GROUP, q_offset, k_offset, n_q, n_k, qk_scale, sm_scale,
+                     Nq, Nk, H, GROUP, q_offset, k_offset, qk_scale, sm_scale,
                      CU_Q, CU_K, TOTAL_Q,
-                     ptr_rel_bias, stride0_rel_bias, stride1_rel_bias, size0_rel_bias, size1_rel_bias,
+                     ptr_rel_bias, stride0_rel_bias, stride1_rel_bias, size1_rel_bias,
                      HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
-                     VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
-                     VARLEN: tl.constexpr, WIDE: tl.constexpr):
+                     VALUE_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr, WIDE: tl.constexpr):
     # One key block of one kv head: its GROUP query heads add into the same dK, dV registers.
     kb = tl.program_id(0)
     bhk = tl.program_id(1).to(tl.int64)  # int64 b, h: see _fwd_kernel
@@ -327,16 +304,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
     if WIDE:  # positions past 2**31 - 1: see _fwd_kernel
         q_offset = tl.cast(q_offset, tl.int64)
         k_offset = tl.cast(k_offset, tl.int64)
-        n_q = tl.cast(n_q, tl.int64)
-        n_k = tl.cast(n_k, tl.int64)
         H = tl.cast(H, tl.int64)
     if VARLEN:  # b is the sequence of a packed batch (see _fwd_kernel)
         q_start = tl.load(CU_Q + b).to(tl.int64)
         k_start = tl.load(CU_K + b).to(tl.int64)
         Nq = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
         Nk = (tl.load(CU_K + b + 1) - k_start).to(tl.int32)
-        n_q = Nq
-        n_k = Nk
         if kb * BLOCK_N >= Nk:
             return
         K_base = K + hk * stride_kh + k_start * stride_kn
@@ -359,8 +332,6 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
                                         strides=[stride_dvn, 1], block_shape=[BLOCK_N, VALUE_DIM_PAD])
     offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_j = k_offset + offs_n
-    k_lo = k_offset + kb * BLOCK_N
-    k_hi = tl.minimum(k_lo + BLOCK_N - 1, k_offset + Nk - 1)  # the block's last existing key
     k = k_desc.load([kb * BLOCK_N, 0])
     v = v_desc.load([kb * BLOCK_N, 0])
     dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
@@ -382,15 +353,13 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
                                             strides=[stride_dom, 1], block_shape=[BLOCK_M, VALUE_DIM_PAD])
         n_full = Nq // BLOCK_M
         for qb in tl.range(0, n_full):
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2 + lse_row, DELTA + lse_row, qb, offs_j, Nq, q_offset,
-                                b, h, H, n_q, n_k, ptr_rel_bias, stride0_rel_bias, stride1_rel_bias, size0_rel_bias, size1_rel_bias,
-                                qk_scale, sm_scale, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
-                                FAST_MATH, MASKED=False)
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2 + lse_row, DELTA + lse_row, qb, offs_j, Nq,
+                                q_offset, h, ptr_rel_bias, stride0_rel_bias, stride1_rel_bias, size1_rel_bias,
+                                qk_scale, BLOCK_M, DOT_PRECISION, MASKED=False)
         for qb in tl.range(n_full, tl.cdiv(Nq, BLOCK_M)):
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2 + lse_row, DELTA + lse_row, qb, offs_j, Nq, q_offset,
-                                b, h, H, n_q, n_k, ptr_rel_bias, stride0_rel_bias, stride1_rel_bias, size0_rel_bias, size1_rel_bias,
-                                qk_scale, sm_scale, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
-                                FAST_MATH, MASKED=True)
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2 + lse_row, DELTA + lse_row, qb, offs_j, Nq,
+                                q_offset, h, ptr_rel_bias, stride0_rel_bias, stride1_rel_bias, size1_rel_bias,
+                                qk_scale, BLOCK_M, DOT_PRECISION, MASKED=True)
     dk = dk * sm_scale
     dk_desc.store([kb * BLOCK_N, 0], dk.to(DK.dtype.element_ty))
     dv_desc.store([kb * BLOCK_N, 0], dv.to(DV.dtype.element_ty))
@@ -398,11 +367,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
 
 @triton.jit
 def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-             b, h, H, n_q, n_k, ptr_rel_bias, stride0_rel_bias, stride1_rel_bias, size0_rel_bias, size1_rel_bias, gptr_rel_bias, gstride0_rel_bias, gstride1_rel_bias,
-             qk_scale, sm_scale,
-             BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-             ROTARY_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
-             MASKED: tl.constexpr, INPUT_GRADS: tl.constexpr):
+             h, ptr_rel_bias, stride0_rel_bias, stride1_rel_bias, size1_rel_bias, gptr_rel_bias, gstride0_rel_bias,
+             gstride1_rel_bias, qk_scale,
+             BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr, INPUT_GRADS: tl.constexpr):
     """One key tile of a query block: dQ += dS K (dS not yet scaled); with INPUT_GRADS,
     dS into the gradients of rel_bias."""
     start_n = tl.cast(kb, tl.int32) * BLOCK_N  # a tensor descriptor's offsets are int32 (kb is int64 in WIDE calls)
@@ -410,7 +377,8 @@ def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
     v = v_desc.load([start_n, 0])
     offs_j = k_offset + start_n + tl.arange(0, BLOCK_N)
     qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
-    s = qk * qk_scale + tl.load(ptr_rel_bias + h * stride0_rel_bias + _bucket_32_128_1((offs_j[None, :] - offs_i[:, None])) * stride1_rel_bias, mask=(_bucket_32_128_1((offs_j[None, :] - offs_i[:, None])) >= 0) & (_bucket_32_128_1((offs_j[None, :] - offs_i[:, None])) < size1_rel_bias), other=0) * 1.4426950408889634  # bias * log2(e)
+    bucket0 = _bucket_32_128_1((offs_j[None, :] - offs_i[:, None]))
+    s = qk * qk_scale + tl.load(ptr_rel_bias + h * stride0_rel_bias + bucket0 * stride1_rel_bias, mask=(bucket0 >= 0) & (bucket0 < size1_rel_bias), other=0) * 1.4426950408889634  # bias * log2(e)
     if MASKED:
         keep = (offs_j[None, :] < k_offset + Nk)
         s = tl.where(keep, s, float("-inf"))
@@ -436,15 +404,13 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
                    stride_vb, stride_vh, stride_vn,
                    stride_dob, stride_doh, stride_dom,
                    stride_dqb, stride_dqh, stride_dqm,
-                   Nq, Nk, H, GROUP, q_offset, k_offset, n_q, n_k, qk_scale, sm_scale,
+                   Nq, Nk, H, GROUP, q_offset, k_offset, qk_scale, sm_scale,
                    CU_Q, CU_K, TOTAL_Q,
-                   ptr_rel_bias, stride0_rel_bias, stride1_rel_bias, size0_rel_bias, size1_rel_bias,
+                   ptr_rel_bias, stride0_rel_bias, stride1_rel_bias, size1_rel_bias,
                    gptr_rel_bias, gstride0_rel_bias, gstride1_rel_bias,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
-                   VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
-                   VARLEN: tl.constexpr, WIDE: tl.constexpr,
-                   INPUT_GRADS: tl.constexpr):
+                   VALUE_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr, WIDE: tl.constexpr, INPUT_GRADS: tl.constexpr):
     qb = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)  # int64 b, h: see _fwd_kernel
     b = bh // H
@@ -453,16 +419,12 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
     if WIDE:  # positions past 2**31 - 1: see _fwd_kernel
         q_offset = tl.cast(q_offset, tl.int64)
         k_offset = tl.cast(k_offset, tl.int64)
-        n_q = tl.cast(n_q, tl.int64)
-        n_k = tl.cast(n_k, tl.int64)
         H = tl.cast(H, tl.int64)
     if VARLEN:  # b is the sequence of a packed batch (see _fwd_kernel)
         q_start = tl.load(CU_Q + b).to(tl.int64)
         k_start = tl.load(CU_K + b).to(tl.int64)
         Nq = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
         Nk = (tl.load(CU_K + b + 1) - k_start).to(tl.int32)
-        n_q = Nq
-        n_k = Nk
         if qb * BLOCK_M >= Nq:
             return
         Q_base = Q + h * stride_qh + q_start * stride_qm
@@ -490,8 +452,6 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
                                         strides=[stride_dqm, 1], block_shape=[BLOCK_M, HEAD_DIM_PAD])
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_i = q_offset + offs_m
-    q_lo = q_offset + qb * BLOCK_M
-    q_hi = tl.minimum(q_lo + BLOCK_M - 1, q_offset + Nq - 1)  # the block's last existing row
     q = q_desc.load([qb * BLOCK_M, 0])
     do = do_desc.load([qb * BLOCK_M, 0])
     lse2 = tl.load(LSE2 + lse_row + offs_m, mask=offs_m < Nq, other=float("inf"))
@@ -500,15 +460,13 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
     # Key blocks: the forward's walk
     n_full = Nk // BLOCK_N
     for kb in tl.range(0, n_full):
-        dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                      b, h, H, n_q, n_k, ptr_rel_bias, stride0_rel_bias, stride1_rel_bias, size0_rel_bias, size1_rel_bias, gptr_rel_bias, gstride0_rel_bias, gstride1_rel_bias,
-                      qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
-                      FAST_MATH, MASKED=False, INPUT_GRADS=INPUT_GRADS)
+        dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset, h, ptr_rel_bias,
+                      stride0_rel_bias, stride1_rel_bias, size1_rel_bias, gptr_rel_bias, gstride0_rel_bias,
+                      gstride1_rel_bias, qk_scale, BLOCK_N, DOT_PRECISION, MASKED=False, INPUT_GRADS=INPUT_GRADS)
     for kb in tl.range(n_full, tl.cdiv(Nk, BLOCK_N)):
-        dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-                      b, h, H, n_q, n_k, ptr_rel_bias, stride0_rel_bias, stride1_rel_bias, size0_rel_bias, size1_rel_bias, gptr_rel_bias, gstride0_rel_bias, gstride1_rel_bias,
-                      qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, ROTARY_DIM, DOT_PRECISION,
-                      FAST_MATH, MASKED=True, INPUT_GRADS=INPUT_GRADS)
+        dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset, h, ptr_rel_bias,
+                      stride0_rel_bias, stride1_rel_bias, size1_rel_bias, gptr_rel_bias, gstride0_rel_bias,
+                      gstride1_rel_bias, qk_scale, BLOCK_N, DOT_PRECISION, MASKED=True, INPUT_GRADS=INPUT_GRADS)
     dq = dq * sm_scale
     dq_desc.store([qb * BLOCK_M, 0], dq.to(DQ.dtype.element_ty))
 
@@ -525,14 +483,16 @@ def _backward(call, o, lse, do, dlse=None):
     alloc = torch.zeros if call.varlen else torch.empty
     delta = alloc(*lse.shape, dtype=torch.float32, device=q.device)
     lse2 = torch.empty_like(delta)
-    cu = (call.cu_seqlens_q, call.cu_seqlens_k, lse.shape[-1])
     if dlse is not None:  # read at the LSE's offsets
         dlse = dlse.to(torch.float32).contiguous()
     _bwd_preprocess[(_rt.cdiv(Nq, cfg.BLOCK_M), B * Hq)](
-        o, do, lse, lse if dlse is None else dlse, delta, lse2, *o.stride(), *do.stride(), Nq, Hq, call.q_offset,
-        call.n_q, call.n_k, *cu,
+        o, do, lse, lse if dlse is None else dlse, delta, lse2,
+        *o.stride(),
+        *do.stride(),
+        Nq, Hq, call.cu_seqlens_q, lse.shape[-1],
         VALUE_DIM=call.Dv, VALUE_DIM_PAD=_rt.padded_dim(call.Dv), BLOCK_M=cfg.BLOCK_M, VARLEN=call.varlen,
-        FAST_MATH=_rt.fast_math(call), WIDE=call.wide, HAS_DLSE=dlse is not None)
+        WIDE=call.wide, HAS_DLSE=dlse is not None,
+    )
     do = _rt.grad_operand(do, v)
     dq = alloc(*q.shape, dtype=q.dtype, device=q.device)
     dk = alloc(*k.shape, dtype=k.dtype, device=q.device)
@@ -540,13 +500,6 @@ def _backward(call, o, lse, do, dlse=None):
     # Gradients of the learned inputs: fp32 buffers the dQ kernel adds into (call.input_grads: wanted).
     input_grads = {name: torch.zeros(call.inputs[name].shape, dtype=torch.float32, device=q.device)
                    for name in ['rel_bias']}
-    common = dict(
-        HEAD_DIM=q.shape[-1], HEAD_DIM_PAD=_rt.padded_dim(q.shape[-1]),
-        VALUE_DIM=v.shape[-1], VALUE_DIM_PAD=_rt.padded_dim(v.shape[-1]),
-        ROTARY_DIM=0,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        FAST_MATH=_rt.fast_math(call), VARLEN=call.varlen, WIDE=call.wide,
-    )
     _rt.launch(call, cfg_kv, lambda cfg: _bwd_dkdv_kernel[(_rt.cdiv(Nk, cfg.BLOCK_N), B * Hkv)](
         q, k, v, do, dk, dv, lse2, delta,
         *q.stride()[:3],
@@ -555,10 +508,13 @@ def _backward(call, o, lse, do, dlse=None):
         *do.stride()[:3],
         *dk.stride()[:3],
         *dv.stride()[:3],
-        Nq, Nk, Hq, call.group, call.q_offset, call.k_offset, call.n_q, call.n_k,
-        call.scale * _rt.LOG2E, call.scale, *cu,
-        call.inputs['rel_bias'], *call.inputs['rel_bias'].stride(), *call.inputs['rel_bias'].shape,
-        **common, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        call.Nq, call.Nk, call.Hq, call.group, call.q_offset, call.k_offset, call.scale * _rt.LOG2E, call.scale,
+        call.cu_seqlens_q, call.cu_seqlens_k, lse.shape[-1],
+        call.inputs['rel_bias'], *call.inputs['rel_bias'].stride(), call.inputs['rel_bias'].shape[1],
+        HEAD_DIM=q.shape[-1], HEAD_DIM_PAD=_rt.padded_dim(q.shape[-1]), VALUE_DIM=v.shape[-1],
+        VALUE_DIM_PAD=_rt.padded_dim(v.shape[-1]), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", VARLEN=call.varlen, WIDE=call.wide,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     ), kernel="dkdv")
     _rt.launch(call, cfg_q, lambda cfg: _bwd_dq_kernel[(_rt.cdiv(Nq, cfg.BLOCK_M), B * Hq)](
         q, k, v, do, dq, lse2, delta,
@@ -567,11 +523,14 @@ def _backward(call, o, lse, do, dlse=None):
         *v.stride()[:3],
         *do.stride()[:3],
         *dq.stride()[:3],
-        Nq, Nk, Hq, call.group, call.q_offset, call.k_offset, call.n_q, call.n_k,
-        call.scale * _rt.LOG2E, call.scale, *cu,
-        call.inputs['rel_bias'], *call.inputs['rel_bias'].stride(), *call.inputs['rel_bias'].shape,
+        call.Nq, call.Nk, call.Hq, call.group, call.q_offset, call.k_offset, call.scale * _rt.LOG2E, call.scale,
+        call.cu_seqlens_q, call.cu_seqlens_k, lse.shape[-1],
+        call.inputs['rel_bias'], *call.inputs['rel_bias'].stride(), call.inputs['rel_bias'].shape[1],
         input_grads['rel_bias'], *input_grads['rel_bias'].stride(),
-        **common, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, INPUT_GRADS=call.input_grads,
+        HEAD_DIM=q.shape[-1], HEAD_DIM_PAD=_rt.padded_dim(q.shape[-1]), VALUE_DIM=v.shape[-1],
+        VALUE_DIM_PAD=_rt.padded_dim(v.shape[-1]), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", VARLEN=call.varlen, WIDE=call.wide,
+        INPUT_GRADS=call.input_grads,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     ), kernel="dq")
     return _rt.grads_as_inputs(call, dq, dk, dv, input_grads)
@@ -638,11 +597,9 @@ def _dec_load(rows, cols, row_ok, DIM: tl.constexpr, DIM_PAD: tl.constexpr, MASK
 @triton.jit
 def _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
               stride_kp, stride_kn, stride_vp, stride_vn, stride_btp,
-              b, h_row, H, n_q, n_k, ptr_rel_bias, stride0_rel_bias, stride1_rel_bias, size0_rel_bias, size1_rel_bias,
-              qk_scale, sm_scale,
-              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-              VALUE_DIM: tl.constexpr, VALUE_DIM_PAD: tl.constexpr, PAGE_SIZE: tl.constexpr,
-              DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr, MASKED: tl.constexpr):
+              h_row, ptr_rel_bias, stride0_rel_bias, stride1_rel_bias, size1_rel_bias, qk_scale,
+              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
+              VALUE_DIM_PAD: tl.constexpr, PAGE_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr):
     """One key tile of the online softmax for every row of the group; MASKED tiles evaluate
     the mask (and the end of the cache), full ones do not."""
     offs_j = kb * BLOCK_N + tl.arange(0, BLOCK_N)  # key positions are cache rows
@@ -660,7 +617,8 @@ def _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NU
     k = _dec_load(k_rows, tl.arange(0, HEAD_DIM_PAD), in_cache, HEAD_DIM, HEAD_DIM_PAD, MASKED)
     v = _dec_load(v_rows, tl.arange(0, VALUE_DIM_PAD), in_cache, VALUE_DIM, VALUE_DIM_PAD, MASKED)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    s = qk * qk_scale + tl.load(ptr_rel_bias + h_row[:, None] * stride0_rel_bias + _bucket_32_128_1((offs_j[None, :] - offs_i[:, None])) * stride1_rel_bias, mask=(_bucket_32_128_1((offs_j[None, :] - offs_i[:, None])) >= 0) & (_bucket_32_128_1((offs_j[None, :] - offs_i[:, None])) < size1_rel_bias), other=0) * 1.4426950408889634  # bias * log2(e)
+    bucket0 = _bucket_32_128_1((offs_j[None, :] - offs_i[:, None]))
+    s = qk * qk_scale + tl.load(ptr_rel_bias + h_row[:, None] * stride0_rel_bias + bucket0 * stride1_rel_bias, mask=(bucket0 >= 0) & (bucket0 < size1_rel_bias), other=0) * 1.4426950408889634  # bias * log2(e)
     if MASKED:
         keep = in_cache[None, :] & live[:, None]
         s = tl.where(keep, s, float("-inf"))
@@ -679,13 +637,11 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
                 stride_kb, stride_kh, stride_kn,
                 stride_vb, stride_vh, stride_vn,
                 stride_btb, stride_btp, stride_kvl, stride_ob, stride_oh, stride_om,
-                Nq, H, GROUP, HEADS_PER_PROGRAM, CAPACITY, NUM_PAGES, NUM_SPLITS, qk_scale, sm_scale,
-                ptr_rel_bias, stride0_rel_bias, stride1_rel_bias, size0_rel_bias, size1_rel_bias,
+                Nq, H, GROUP, HEADS_PER_PROGRAM, CAPACITY, NUM_PAGES, NUM_SPLITS, qk_scale,
+                ptr_rel_bias, stride0_rel_bias, stride1_rel_bias, size1_rel_bias,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
-                VALUE_DIM_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, SPLIT: tl.constexpr,
-                RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
-                WIDE: tl.constexpr):
+                VALUE_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                SPLIT: tl.constexpr, RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr):
     # program (split, (b, kv head, chunk of its query heads)); the cache of a paged call is
     # [num_pages, page_size, Hkv, D] and then stride_kb / stride_vb are the page strides
     split_id = tl.program_id(0).to(tl.int64)  # its key blocks (split_id * per_split) come from positions: int64 too
@@ -703,8 +659,6 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
         H = tl.cast(H, tl.int64)
     else:
         Nk = Nk.to(tl.int32)
-    n_q = Nk
-    n_k = Nk
     # row r: query head hk * GROUP + head_chunk * HEADS_PER_PROGRAM + r // Nq, query row r % Nq
     m_rows = tl.arange(0, BLOCK_M)
     q_row = m_rows % Nq
@@ -714,8 +668,6 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
     q_pos = Nk - Nq + q_row
     live = q_pos >= 0  # rows before the sequence start (kv_len < Nq) see no key
     offs_i = tl.maximum(q_pos, 0)
-    q_lo = tl.maximum(Nk - Nq, 0)
-    q_hi = tl.maximum(Nk - 1, 0)
     cols = tl.arange(0, HEAD_DIM_PAD)
     q_rows = Q + b * stride_qb + h_row * stride_qh + q_row * stride_qm
     q = tl.load(q_rows[:, None] + cols[None, :], mask=row_ok[:, None] & (cols[None, :] < HEAD_DIM), other=0.0)
@@ -741,23 +693,20 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
     f_lo = tl.minimum(tl.maximum(kv_full_lo, s_lo), s_hi)
     f_hi = tl.where(Nk >= Nq, tl.minimum(tl.maximum(kv_full_hi, f_lo), s_hi), f_lo)
     for kb in tl.range(s_lo, f_lo):
-        acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
-                                  stride_kb, stride_kn, stride_vb, stride_vn, stride_btp,
-                                  b, h_row, H, n_q, n_k, ptr_rel_bias, stride0_rel_bias, stride1_rel_bias, size0_rel_bias, size1_rel_bias,
-                                  qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD,
-                                  PAGE_SIZE, DOT_PRECISION, FAST_MATH, MASKED=True)
+        acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES, stride_kb,
+                                  stride_kn, stride_vb, stride_vn, stride_btp, h_row, ptr_rel_bias, stride0_rel_bias,
+                                  stride1_rel_bias, size1_rel_bias, qk_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
+                                  VALUE_DIM, VALUE_DIM_PAD, PAGE_SIZE, DOT_PRECISION, MASKED=True)
     for kb in tl.range(f_lo, f_hi):
-        acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
-                                  stride_kb, stride_kn, stride_vb, stride_vn, stride_btp,
-                                  b, h_row, H, n_q, n_k, ptr_rel_bias, stride0_rel_bias, stride1_rel_bias, size0_rel_bias, size1_rel_bias,
-                                  qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD,
-                                  PAGE_SIZE, DOT_PRECISION, FAST_MATH, MASKED=False)
+        acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES, stride_kb,
+                                  stride_kn, stride_vb, stride_vn, stride_btp, h_row, ptr_rel_bias, stride0_rel_bias,
+                                  stride1_rel_bias, size1_rel_bias, qk_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
+                                  VALUE_DIM, VALUE_DIM_PAD, PAGE_SIZE, DOT_PRECISION, MASKED=False)
     for kb in tl.range(f_hi, s_hi):
-        acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
-                                  stride_kb, stride_kn, stride_vb, stride_vn, stride_btp,
-                                  b, h_row, H, n_q, n_k, ptr_rel_bias, stride0_rel_bias, stride1_rel_bias, size0_rel_bias, size1_rel_bias,
-                                  qk_scale, sm_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD,
-                                  PAGE_SIZE, DOT_PRECISION, FAST_MATH, MASKED=True)
+        acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES, stride_kb,
+                                  stride_kn, stride_vb, stride_vn, stride_btp, h_row, ptr_rel_bias, stride0_rel_bias,
+                                  stride1_rel_bias, size1_rel_bias, qk_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
+                                  VALUE_DIM, VALUE_DIM_PAD, PAGE_SIZE, DOT_PRECISION, MASKED=True)
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     # natural-log LSE; -inf on rows without an allowed key
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i))) * 0.6931471805599453)
@@ -801,18 +750,15 @@ def _decode(call):
     _rt.launch(call, cfg, lambda cfg: _dec_kernel[(splits, programs)](
         q, k, v, out, out_lse, call.kv_len, table,
         *q.stride()[:3],
-        *k_strides, *v_strides,
+        *k_strides,
+        *v_strides,
         table.stride(0), table.stride(1), call.kv_len.stride(0), *o.stride()[:3],
-        call.Nq, call.Hq, call.group, heads, call.capacity, max(call.num_pages, 1), splits,
-        call.scale * _rt.LOG2E, call.scale,
-        call.inputs['rel_bias'], *call.inputs['rel_bias'].stride(), *call.inputs['rel_bias'].shape,
-        HEAD_DIM=q.shape[-1], HEAD_DIM_PAD=_rt.padded_dim(q.shape[-1]),
-        VALUE_DIM=call.Dv, VALUE_DIM_PAD=dv_pad,
-        ROTARY_DIM=0,
+        call.Nq, call.Hq, call.group, heads, call.capacity, max(call.num_pages, 1), splits, call.scale * _rt.LOG2E,
+        call.inputs['rel_bias'], *call.inputs['rel_bias'].stride(), call.inputs['rel_bias'].shape[1],
+        HEAD_DIM=q.shape[-1], HEAD_DIM_PAD=_rt.padded_dim(q.shape[-1]), VALUE_DIM=call.Dv, VALUE_DIM_PAD=dv_pad,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, PAGE_SIZE=call.page_size, SPLIT=splits > 1,
-        RETURN_LSE=call.return_lse,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        FAST_MATH=_rt.fast_math(call), WIDE=_rt.decode.wide(call),
+        RETURN_LSE=call.return_lse, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        WIDE=_rt.decode.wide(call),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     ), kernel="decode")
     if splits > 1:

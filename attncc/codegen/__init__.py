@@ -9,23 +9,25 @@ from typing import Iterable, List
 
 import jinja2
 
-from attncc.core.resources import templates_dir
 from attncc.codegen.names import param_var
-from attncc.codegen.text import escaped, py_str
+from attncc.codegen.params import Signatures, kernel_reads, undefined_names
+from attncc.codegen.templating import TEMPLATES, environment  # noqa: F401  (TEMPLATES: public)
 from attncc.core.version import VERSION
 from attncc.spec import Pattern, SpecError, load_spec
 
-TEMPLATES = templates_dir()  # installed package data, or templates/ of a source checkout
+_environment = environment  # the one render() takes (tests put a changed template in front)
 
 
-def _environment() -> jinja2.Environment:
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), trim_blocks=True,
-                             lstrip_blocks=True, keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
-    # Text the compiler did not write (paths, printed expressions, notes) goes through these two
-    # (attncc.codegen.text); jinja's tojson is not a Python literal (astral characters, escapes).
-    env.filters["escaped"] = escaped
-    env.filters["py_str"] = py_str
-    return env
+def _render_read_back(template: jinja2.Template, variables: dict) -> str:
+    """The template rendered with every kernel parameter, read back, and rendered again with
+    only the parameters each kernel reads (attncc.codegen.params)."""
+    first = template.render(**variables, sig=Signatures())
+    text = template.render(**variables, sig=Signatures(kernel_reads(first)))
+    undefined = undefined_names(text)
+    if undefined:  # a template statement that feeds only a left-out parameter is not guarded by sig.reads
+        raise RuntimeError(f"attncc (internal): {template.name} left names undefined in {variables['name']}: "
+                           + "; ".join(f"{fn}: {', '.join(sorted(names))}" for fn, names in undefined.items()))
+    return text
 
 
 def pattern_lines(pattern: Pattern) -> List[str]:
@@ -58,7 +60,7 @@ def render(pattern: Pattern) -> str:
     if pattern.kind == "linear":
         from attncc.codegen.linear import linear_context
 
-        return env.get_template("linear.py.j2").render(**common, **linear_context(pattern))
+        return _render_read_back(env.get_template("linear.py.j2"), dict(**common, **linear_context(pattern)))
     from attncc.analysis import analyze
     from attncc.codegen.backward import backward_context
     from attncc.codegen.bounds import arithmetic_functions, check_divisors
@@ -75,10 +77,9 @@ def render(pattern: Pattern) -> str:
         ctx = softmax_context(pattern, plan)
         backward = backward_context(pattern, plan, ctx)
         decode = decode_context(pattern, plan, ctx)
-    return env.get_template("softmax.py.j2").render(**common, **ctx, backward=backward, decode=decode,
-                                                    int_arithmetic=arithmetic_functions(pattern, printed),
-                                                    wide_params=[param_var(p.name) for p in pattern.params
-                                                                 if p.kind == "int"])
+    return _render_read_back(env.get_template("softmax.py.j2"), dict(
+        **common, **ctx, backward=backward, decode=decode, int_arithmetic=arithmetic_functions(pattern, printed),
+        wide_params=[param_var(p.name) for p in pattern.params if p.kind == "int"]))
 
 
 def _targets(specs: Iterable, out_dir) -> List[tuple]:

@@ -22,7 +22,7 @@ kernels work on rotated q and k and rotate dQ and dK back before storing.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import sympy
 from sympy.core.function import AppliedUndef
@@ -31,10 +31,10 @@ from attncc.analysis import Plan
 from attncc.analysis.derivative import BackwardUnsupported, derivative, score_derivative
 from attncc.analysis.hoist import Hoister, split_along_j
 from attncc.analysis.score import mask_hoister, split_mod_along_j
-from attncc.codegen.helpers import render_helper
+from attncc.codegen.helpers import helper_args, helper_list
 from attncc.codegen.names import grad_args, grad_ptr, grad_stride, input_size, param_arg, param_value, param_var
-from attncc.codegen.printer import TritonPrinter
-from attncc.codegen.softmax import Inputs, mod_text  # gathers as the forward's
+from attncc.codegen.printer import Temporaries, TritonPrinter
+from attncc.codegen.softmax import Inputs, input_launch, mod_text, param_launch, printed  # as the forward's
 from attncc.codegen.walks import render_walk
 from attncc.spec import symbols as S
 from attncc.spec.builtins import RandomBlocks
@@ -73,6 +73,7 @@ class _Kernel:
         self.vec_suffix = vec_suffix
         self.rb_render = rb_render
         self.helpers = set()
+        self.temps = Temporaries()  # the names of values its code computes more than once
 
     def _tile_names(self, hoist: Hoister, float64: bool):
         i_text, j_text = ("offs_i[None, :]", "offs_j[:, None]") if self.transposed else ("offs_i[:, None]", "offs_j[None, :]")
@@ -81,14 +82,16 @@ class _Kernel:
                              **{sym: f"{sym.name}{self.vec_suffix}" for sym in hoist.rows.values()}}, float64)
 
     def tile_printer(self, s_name: str = "s") -> TritonPrinter:
-        pr = TritonPrinter({**self._tile_names(self.hoist, False), S.s: s_name}, random_blocks=self.rb_render)
+        pr = TritonPrinter({**self._tile_names(self.hoist, False), S.s: s_name}, random_blocks=self.rb_render,
+                           temps=self.temps)
         inputs = Inputs(self.pattern)
         pr.gather = lambda e: inputs.gather(pr, e)
         return pr
 
     def mask_printer(self) -> TritonPrinter:
         """Mask code: float64, values from the mask's own hoister (as the forward's)."""
-        pr = TritonPrinter(self._tile_names(self.mask_hoist, True), random_blocks=self.rb_render, float64=True)
+        pr = TritonPrinter(self._tile_names(self.mask_hoist, True), random_blocks=self.rb_render, float64=True,
+                           temps=self.temps)
         inputs = Inputs(self.pattern)
         pr.gather = lambda e: inputs.gather(pr, e)
         return pr
@@ -101,11 +104,13 @@ class _Kernel:
                 names = _index_names(pattern, "offs_i", "?", scalars, float64)
             else:
                 names = _index_names(pattern, "?", "offs_j", scalars, float64)
-            pr = TritonPrinter(names, float64=float64)
+            pr = TritonPrinter(names, float64=float64, temps=self.temps)
             inputs = Inputs(pattern)
             pr.gather = lambda e, pr=pr: inputs.gather(pr, e)
-            out += [(sym.name, pr(e), S.h in e.free_symbols) for e, sym in hoist.scalars.items()]
-            out += [(sym.name, pr(e), S.h in e.free_symbols) for e, sym in hoist.rows.items()]
+            for e, sym in [*hoist.scalars.items(), *hoist.rows.items()]:
+                per_head = S.h in e.free_symbols
+                temps, code = pr.statement(e)
+                out += [(name, value, per_head) for name, value in temps] + [(sym.name, code, per_head)]
             self.helpers |= pr.helpers
         return out
 
@@ -115,8 +120,9 @@ class _Kernel:
 
 
 def _score(pattern: Pattern, k: _Kernel, *, bias_j, simple_bias: bool, dmod, keep_ds_t: bool = False):
-    """(score lines, mask code, chain lines) of one kernel. ``keep_ds_t``: name the gradient with
-    respect to the transform's output ``ds_t`` before the chain rule through the transform."""
+    """(score lines, (the mask's named values, mask code), chain lines) of one kernel. ``keep_ds_t``:
+    name the gradient with respect to the transform's output ``ds_t`` before the chain rule
+    through the transform."""
     mask = k.mask_hoist(pattern.mask) if pattern.mask is not None else None
     bias = k.hoist(bias_j) if bias_j is not None else None
     mod = k.hoist(pattern.mod) if pattern.mod is not None else None
@@ -124,14 +130,14 @@ def _score(pattern: Pattern, k: _Kernel, *, bias_j, simple_bias: bool, dmod, kee
     tile = k.tile_printer()
     lines: List[str] = []
     chain: List[str] = [f"ds = p * (dp - delta{'[None, :]' if k.transposed else '[:, None]'})"]
+    bias_code = f" + {printed(lines, tile, bias)}" if bias is not None else ""
     if simple_bias:
-        lines.append(f"s = qk * qk_scale + {tile(bias)} * {LOG2E}  # bias * log2(e)" if bias is not None
-                     else "s = qk * qk_scale")
+        lines.append(f"s = qk * qk_scale{bias_code} * {LOG2E}  # bias * log2(e)" if bias_code else "s = qk * qk_scale")
     else:
-        lines.append("s = qk * sm_scale" + (f" + {tile(bias)}" if bias is not None else ""))
+        lines.append(f"s = qk * sm_scale{bias_code}")
         if mod is not None:
             lines.append("s_in = s")
-            lines.append(f"s = {mod_text(tile, mod)}")
+            lines.append(f"s = {mod_text(tile, mod, lines)}")
         if pattern.softcap is not None:
             tile.helpers.add("_tanh")
             lines.append(f"tanh_s = _tanh(s * {1.0 / pattern.softcap!r}, FAST_MATH)")
@@ -139,14 +145,14 @@ def _score(pattern: Pattern, k: _Kernel, *, bias_j, simple_bias: bool, dmod, kee
             chain.append("ds = ds * (1.0 - tanh_s * tanh_s)  # d softcap*tanh(x/softcap) / dx")
         if dm is not None:
             dtile = k.tile_printer("s_in")
-            text = dtile(dm)
+            text = printed(chain, dtile, dm)
             tile.helpers |= dtile.helpers
             if keep_ds_t:
                 chain.append("ds_t = ds  # dLoss / d mod(s)")
             chain.append(f"ds = ds * {text}  # d mod / d s")
         lines.append(f"s = s * {LOG2E}  # to log2 units")
     mask_tile = k.mask_printer()
-    mask_code = mask_tile(mask) if mask is not None else None
+    mask_code = mask_tile.statement(mask) if mask is not None else ([], None)
     k.helpers |= tile.helpers | mask_tile.helpers
     return lines, mask_code, chain
 
@@ -209,13 +215,13 @@ def _input_grad_lines(pattern: Pattern, k: _Kernel, terms: List[InputGradTerm], 
     hoisted = [(t, k.hoist(t.d_bias) if t.d_bias is not None else None,
                 k.hoist(t.d_mod) if t.d_mod is not None else None, [k.hoist(a) for a in t.access.args]) for t in terms]
     tile, tile_s = k.tile_printer(), k.tile_printer("s_in")
-    lines = ["if INPUT_GRADS:"]
+    body: List[str] = []  # under "if INPUT_GRADS:"
     for n, (t, d_bias, d_mod, args) in enumerate(hoisted):
         decl = pattern.input(t.name)
-        parts = [(f"ds * {tile(d_bias)}" if d_bias != 1 else "ds") if d_bias is not None else None,
-                 (f"{ds_t} * {tile_s(d_mod)}" if d_mod != 1 else ds_t) if d_mod is not None else None]
+        parts = [(f"ds * {printed(body, tile, d_bias)}" if d_bias != 1 else "ds") if d_bias is not None else None,
+                 (f"{ds_t} * {printed(body, tile_s, d_mod)}" if d_mod != 1 else ds_t) if d_mod is not None else None]
         g = f"dg{n}"
-        lines.append(f"    {g} = {' + '.join(x for x in parts if x)}  # dLoss / d{t.access}, per pair")
+        body.append(f"{g} = {' + '.join(x for x in parts if x)}  # dLoss / d{t.access}, per pair")
         idx = [tile(a) for a in args]
         deps = [{S.i, S.j} & a.free_symbols for a in t.access.args]
         ptr = grad_ptr(t.name)
@@ -229,12 +235,12 @@ def _input_grad_lines(pattern: Pattern, k: _Kernel, terms: List[InputGradTerm], 
             width = 1 << (size - 1).bit_length()
             offset = " + ".join([f"{x} * {grad_stride(t.name, e)}" for e, x in enumerate(idx) if e != d]
                                 + [f"slots{n} * {grad_stride(t.name, d)}"])
-            lines += [f"    entry{n} = {idx[d]}",
-                      f"    slots{n} = tl.arange(0, {width})",
-                      f"    total{n} = tl.zeros([{width}], dtype=tl.float32)",
-                      f"    for e in tl.static_range({size}):  # dS summed per table entry",
-                      f"        total{n} += tl.where(slots{n} == e, tl.sum(tl.sum(tl.where(entry{n} == e, {g}, 0.0), 1), 0), 0.0)",
-                      f"    tl.atomic_add({ptr} + {offset}, total{n}, mask=slots{n} < {size})"]
+            body += [f"entry{n} = {idx[d]}",
+                     f"slots{n} = tl.arange(0, {width})",
+                     f"total{n} = tl.zeros([{width}], dtype=tl.float32)",
+                     f"for e in tl.static_range({size}):  # dS summed per table entry",
+                     f"    total{n} += tl.where(slots{n} == e, tl.sum(tl.sum(tl.where(entry{n} == e, {g}, 0.0), 1), 0), 0.0)"]
+            body += _once(k, f"tl.atomic_add({ptr} + {offset}, total{n}, mask=slots{n} < {size})")
             continue
         offset = "".join(f" + {x} * {grad_stride(t.name, d)}" for d, x in enumerate(idx))  # none: a 0-d input
         if both:
@@ -246,9 +252,16 @@ def _input_grad_lines(pattern: Pattern, k: _Kernel, terms: List[InputGradTerm], 
         else:
             value = f"tl.sum(tl.sum({g}, 1), 0)"
         mask = f", mask={' & '.join(guards)}" if guards else ""
-        lines.append(f"    tl.atomic_add({ptr}{offset}, {value}{mask})")
+        body += _once(k, f"tl.atomic_add({ptr}{offset}, {value}{mask})")
     k.helpers |= tile.helpers | tile_s.helpers
-    return lines
+    return ["if INPUT_GRADS:"] + [f"    {line}" for line in body]
+
+
+def _once(k: _Kernel, call: str) -> List[str]:
+    """The lines of a statement (an expression written by hand around printed indices) that
+    computes each value once (:meth:`Temporaries.name_repeats`)."""
+    defs, code = k.temps.name_repeats(call)
+    return [f"{name} = {value}" for name, value in defs] + [code]
 
 
 def _context(pattern: Pattern, plan: Plan, fwd: dict) -> dict:
@@ -291,8 +304,8 @@ def _context(pattern: Pattern, plan: Plan, fwd: dict) -> dict:
     grad_names = sorted({t.name for t in grad_terms})
     for name, k in (("dq", dq), ("dkdv", dkdv)):
         grads_here = name == "dq" and bool(grad_terms)  # the dQ kernel adds the inputs' gradients
-        lines, mask_code, chain = _score(pattern, k, bias_j=bias_j, simple_bias=simple_bias, dmod=dmod,
-                                         keep_ds_t=grads_here)
+        lines, (mask_temps, mask_code), chain = _score(pattern, k, bias_j=bias_j, simple_bias=simple_bias,
+                                                       dmod=dmod, keep_ds_t=grads_here)
         if grads_here:
             chain += _input_grad_lines(pattern, k, grad_terms, "ds_t" if dmod is not None else "ds")
         defs = k.defs(pattern)
@@ -308,22 +321,23 @@ def _context(pattern: Pattern, plan: Plan, fwd: dict) -> dict:
                     ctx_args.append(f"{rbn}_{t}")
         # dK/dV: values of the key block are defined once, those that depend on the query head
         # in the loop over the heads of the group; dQ: all once.
-        kernels[name] = dict(score_lines=lines, mask_code=mask_code, chain_lines=chain, ctx_args=ctx_args,
+        kernels[name] = dict(score_lines=lines, mask_temps=mask_temps, mask_code=mask_code, chain_lines=chain,
+                             ctx_args=ctx_args,
                              defs=[(n, c) for n, c, per_head in defs if name == "dq" or not per_head],
                              head_defs=[(n, c) for n, c, per_head in defs if name == "dkdv" and per_head])
 
     # -- the row-constant bias the forward leaves out of the scores (preprocessing) -------
-    pre_args, pre_values, pre_bias = [param_arg(p) for p in pattern.params], [f"call.params[{p.name!r}]" for p in pattern.params], None
+    pre_args, pre_launch, pre_defs, pre_bias = [param_arg(p) for p in pattern.params], param_launch(pattern), [], None
     helpers = dq.helpers | dkdv.helpers
     if lse_row is not None:
-        pr = TritonPrinter(_index_names(pattern, "offs_i", "?", {}))
+        pr = TritonPrinter(_index_names(pattern, "offs_i", "?", {}), temps=Temporaries())
         inputs = Inputs(pattern)
         pr.gather = lambda e: inputs.gather(pr, e)
-        pre_bias = pr(lse_row)
+        pre_defs, pre_bias = pr.statement(lse_row)
         helpers |= pr.helpers
         used = sorted({type(a).__name__ for a in lse_row.atoms(AppliedUndef)})
         pre_args += [a for n in used for a in inputs.args(n)]
-        pre_values += [f"call.inputs[{n!r}], *call.inputs[{n!r}].stride(), *call.inputs[{n!r}].shape" for n in used]
+        pre_launch += [a for n in used for a in input_launch(pattern, n)]
 
     # -- which query blocks see a key block (dK/dV): the transposed walk --------------------
     dkdv_walk = render_walk(plan, transposed=True)
@@ -331,13 +345,11 @@ def _context(pattern: Pattern, plan: Plan, fwd: dict) -> dict:
     # the loops reprint the steps only where they depend on the query head (inside its loop)
     dkdv_loop = dkdv_walk if dkdv_walk["per_head"] else dict(dkdv_walk, steps=[])
 
-    extra_helpers = [render_helper(h) for h in sorted(helpers)]
-    extra_helpers = [h for h in extra_helpers if h not in fwd["helpers"]]
-    if rb_names:
-        extra_helpers.append(RANDOM_HIT)
+    extra_helpers = helper_list(helpers, have=fwd["helpers"]) + ([helper_args("_random_hit")] if rb_names else [])
     return dict(dq=kernels["dq"], dkdv=kernels["dkdv"], pre_args=pre_args,
                 input_grads=grad_names, grad_args=[a for n in grad_names for a in _grad_args(pattern, n)],
-                grad_values=[f"input_grads[{n!r}], *input_grads[{n!r}].stride()" for n in grad_names], pre_values=pre_values, pre_bias=pre_bias,
+                grad_launch=[a for n in grad_names for a in _grad_launch(pattern, n)], pre_launch=pre_launch,
+                pre_defs=pre_defs, pre_bias=pre_bias,
                 dkdv_walk=dkdv_walk, dkdv_loop=dkdv_loop, helpers=extra_helpers)
 
 
@@ -345,11 +357,8 @@ def _grad_args(pattern: Pattern, name: str) -> List[str]:
     return grad_args(name, len(pattern.input(name).dims))
 
 
-RANDOM_HIT = '''@triton.jit
-def _random_hit(offs_i, offs_j, table, rows, R: tl.constexpr, BLOCK: tl.constexpr):
-    """BigBird: is key position j in one of the R random key blocks of query position i's block?"""
-    row = tl.minimum(offs_i // BLOCK, rows - 1) * R
-    hit = offs_j[None, :] < 0
-    for t in tl.static_range(R):
-        hit = hit | (offs_j[None, :] // BLOCK == tl.load(table + row + t)[:, None])
-    return hit'''
+def _grad_launch(pattern: Pattern, name: str) -> List[Tuple[str, str]]:
+    """(kernel parameters, host value) of an input's gradient buffer, for ``sig.launch``."""
+    pointer, *strides = _grad_args(pattern, name)
+    buffer = f"input_grads[{name!r}]"
+    return [(pointer, buffer)] + ([(" ".join(strides), f"*{buffer}.stride()")] if strides else [])

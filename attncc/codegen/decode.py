@@ -24,10 +24,10 @@ from sympy.core.function import AppliedUndef
 
 from attncc.analysis.hoist import Hoister
 from attncc.analysis.score import mask_hoister, score_terms
-from attncc.codegen.helpers import render_helper, rope_helpers
+from attncc.codegen.helpers import helper_list
 from attncc.codegen.names import param_arg, param_value, param_var
-from attncc.codegen.printer import TritonPrinter
-from attncc.codegen.softmax import Inputs, render_score
+from attncc.codegen.printer import Temporaries, TritonPrinter
+from attncc.codegen.softmax import Inputs, definitions, input_launch, param_launch, render_score
 from attncc.codegen.walks import monotone_code, render_walk
 from attncc.spec import symbols as S
 from attncc.spec.builtins import RandomBlocks
@@ -51,6 +51,7 @@ def decode_context(pattern: Pattern, plan, ctx: dict) -> dict:
         return scalars, rows
 
     (scalars, rows), (mscalars, mrows) = split(hoist), split(mhoist)
+    temps = Temporaries()  # the decode kernels' named values
 
     def printer(i_text, h_text, row_suffix, float64=False):
         out = {S.b: "b", S.h: h_text, S.i: i_text, S.j: "offs_j[None, :]", S.n_q: "n_q", S.n_k: "n_k",
@@ -60,7 +61,7 @@ def decode_context(pattern: Pattern, plan, ctx: dict) -> dict:
         out.update({p.symbol: param_value(p, float64) for p in pattern.params})
         out.update({sym: sym.name for sym, _ in (mscalars if float64 else scalars)})
         out.update({sym: sym.name + row_suffix for sym, _ in (mrows if float64 else rows)})
-        pr = TritonPrinter(out, float64=float64)
+        pr = TritonPrinter(out, float64=float64, temps=temps)
         pr.gather = lambda e: inputs.gather(pr, e)
         return pr
 
@@ -69,11 +70,12 @@ def decode_context(pattern: Pattern, plan, ctx: dict) -> dict:
                            printer("offs_i", "h_row", "", True))
 
     score_lines = render_score(pattern, tile, bias_j, mod, simple_bias)
-    mask_code = mask_tile(mask) if mask is not None else None
-    scalar_defs = [(sym.name, row(e)) for sym, e in scalars] + [(sym.name, mask_row(e)) for sym, e in mscalars]
-    row_defs = [(sym.name, row(e)) for sym, e in rows] + [(sym.name, mask_row(e)) for sym, e in mrows]
+    mask_temps, mask_code = mask_tile.statement(mask) if mask is not None else ([], None)
+    scalar_defs = (definitions(row, {e: sym for sym, e in scalars})
+                   + definitions(mask_row, {e: sym for sym, e in mscalars}))
+    row_defs = definitions(row, {e: sym for sym, e in rows}) + definitions(mask_row, {e: sym for sym, e in mrows})
     scalars, rows = scalars + mscalars, rows + mrows
-    lse_row_bias = row(lse_row) if lse_row is not None else None
+    lse_row_defs, lse_row_bias = row.statement(lse_row) if lse_row is not None else ([], None)
     if lse_row_bias is not None:
         row.helpers.add("_row_term_o")
 
@@ -88,21 +90,16 @@ def decode_context(pattern: Pattern, plan, ctx: dict) -> dict:
     closed_check = None if closed_check == "True" else closed_check
     tile.helpers |= walk.get("helpers", set())
 
-    helper_names = sorted(tile.helpers | row.helpers | mask_tile.helpers | mask_row.helpers)
-    helpers = [render_helper(h) for h in helper_names]
-    if pattern.rope is not None:
-        helpers.append(rope_helpers(pattern.rope.style, pattern.rope.theta))
-    have = set(ctx.get("helpers", ()))
+    helpers = helper_list(tile.helpers | row.helpers | mask_tile.helpers | mask_row.helpers, pattern.rope,
+                          have=ctx.get("helpers", ()))
     return dict(
-        supported=True, reason="", helpers=[h for h in helpers if h not in have],
-        ctx_args=ctx_args, score_lines=score_lines, mask_code=mask_code, scalar_defs=scalar_defs,
-        row_defs=row_defs, lse_row_bias=lse_row_bias, iteration=iteration, note=note,
+        supported=True, reason="", helpers=helpers,
+        ctx_args=ctx_args, score_lines=score_lines, mask_temps=mask_temps, mask_code=mask_code,
+        scalar_defs=scalar_defs, row_defs=row_defs, lse_row_defs=lse_row_defs, lse_row_bias=lse_row_bias, iteration=iteration, note=note,
         steps=walk.get("steps", []), segments=walk.get("segments", 0), full_kb=walk.get("full_kb", ""),
         masked_kb=walk.get("masked_kb", ""), closed_check=closed_check, fallback=_fallback(walk),
         param_args=[param_arg(p) for p in pattern.params], input_args=input_args,
-        param_values=[f"call.params[{p.name!r}]" for p in pattern.params],
-        input_values=[f"call.inputs[{n!r}], *call.inputs[{n!r}].stride(), *call.inputs[{n!r}].shape"
-                      for n in used_inputs],
+        param_launch=param_launch(pattern), input_launch=[a for n in used_inputs for a in input_launch(pattern, n)],
         kv_len_input=any(d.name == "kv_len" for d in pattern.inputs),
     )
 

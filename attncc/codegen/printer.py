@@ -24,11 +24,13 @@ Two modes for the floats:
 """
 from __future__ import annotations
 
+import ast
+import collections
 import contextlib
 import contextvars
 import struct
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Set
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 import sympy
 from sympy.core.function import AppliedUndef
@@ -73,6 +75,89 @@ def printed_integers():
         _PRINTED.reset(token)
 
 
+class Temporaries:
+    """Common-subexpression elimination of printed code, with named temporaries: what a
+    statement computes more than once is defined once before it (:meth:`name_repeats`). One per
+    group of printers whose code shares kernel functions, so that the names it gives
+    (``bucket0``, ``tmp1``) differ there."""
+
+    def __init__(self):
+        self._next: Dict[str, int] = {}
+
+    def fresh(self, hint: str) -> str:
+        """A name not given before: ``<hint><n>``."""
+        n = self._next.get(hint, 0)
+        self._next[hint] = n + 1
+        return f"{hint}{n}"
+
+    def name_repeats(self, code: str) -> Tuple[List[Tuple[str, str]], str]:
+        """``(definitions [(name, value)] to write first, in order, code)``: ``code`` (a printed
+        expression) with each sub-expression it writes more than once (outermost first; a
+        name, a number or ``offs_i[:, None]`` is not worth one) replaced by a name. Printed
+        code has no side effects and no assignments, so equal text is an equal value."""
+        defs: List[List[str]] = []
+        while True:
+            texts = [value for _, value in defs] + [code]
+            where: Dict[str, List[Tuple[int, ast.expr]]] = collections.defaultdict(list)
+            for k, text in enumerate(texts):
+                for node in ast.walk(ast.parse(text, mode="eval")):
+                    if isinstance(node, ast.expr) and _worth_naming(node):
+                        where[ast.dump(node)].append((k, node))
+            repeated = [found for found in where.values() if len(found) > 1]
+            if not repeated:
+                return [(name, value) for name, value in defs], code
+            found = max(repeated, key=lambda f: (_length(f[0][1]), -f[0][0]))  # the outermost
+            k0, first = found[0]
+            value = _segment(texts[k0], first)
+            name = self.fresh("bucket" if value.startswith("_bucket_") else "tmp")
+            for k in sorted({k for k, _ in found}):
+                texts[k] = _replaced(texts[k], [node for kk, node in found if kk == k], name)
+            defs = [[n, t] for (n, _), t in zip(defs, texts)]
+            code = texts[-1]
+            first_use = min(k for k, _ in found)
+            defs.insert(first_use if first_use < len(defs) else len(defs), [name, value])
+
+
+def _worth_naming(node: ast.expr) -> bool:
+    """Whether a printed sub-expression computes something: not a name, a constant (``-1.5``),
+    an attribute (``tl.float64``), a name's index (``offs_i[:, None]``) or its parts, nor a
+    name converted to float (``b * 1.0``, ``tl.cast(h, tl.float64)``)."""
+    if isinstance(node, (ast.Name, ast.Constant, ast.Attribute, ast.Slice, ast.Tuple)):
+        return False
+    if isinstance(node, ast.UnaryOp) and isinstance(node.operand, ast.Constant):
+        return False
+    if isinstance(node, ast.Subscript):
+        return not isinstance(node.value, ast.Name)
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mult) and isinstance(node.right, ast.Constant):
+        return node.right.value != 1.0 or _worth_naming(node.left)
+    if isinstance(node, ast.Call) and ast.unparse(node.func) == "tl.cast":
+        return any(_worth_naming(a) for a in node.args)
+    return True
+
+
+def _length(node: ast.expr) -> int:
+    return node.end_col_offset - node.col_offset  # printed code is one line
+
+
+def _segment(text: str, node: ast.expr) -> str:
+    raw = text.encode()  # ast offsets count bytes
+    return raw[node.col_offset:node.end_col_offset].decode()
+
+
+def _replaced(text: str, nodes: List[ast.expr], name: str) -> str:
+    """``text`` with the code of ``nodes`` (on its one line) replaced by ``name``, and the
+    parentheses that only grouped it dropped."""
+    raw = text.encode()
+    for node in sorted(nodes, key=lambda n: n.col_offset, reverse=True):
+        start, end = node.col_offset, node.end_col_offset
+        grouped = (start > 0 and end < len(raw) and raw[start - 1:start] == b"(" and raw[end:end + 1] == b")"
+                   and not (start > 1 and (raw[start - 2:start - 1].isalnum() or raw[start - 2:start - 1] in b"_)]")))
+        if grouped:
+            start, end = start - 1, end + 1
+        raw = raw[:start] + name.encode() + raw[end:]
+    return raw.decode()
+
+
 @dataclass
 class TritonPrinter:
     names: Dict[sympy.Symbol, str]
@@ -82,11 +167,19 @@ class TritonPrinter:
     float64: bool = False  # mask code: float arithmetic in float64, as the reference (module docstring)
     # what symbols of ``names`` stand for (bound steps), for the record of printed integer arithmetic
     definitions: Dict[sympy.Symbol, sympy.Basic] = field(default_factory=dict)
+    temps: Optional[Temporaries] = None  # the names :meth:`statement` gives
     records = True  # integer arithmetic of kernels (the host printer's Python ints never overflow)
 
     def __call__(self, e) -> str:
         e = integer_ops(sympy.sympify(e))
         return self.p(e if self.float64 else integer_sums(e))
+
+    def statement(self, e) -> Tuple[List[Tuple[str, str]], str]:
+        """``e`` printed, what it computes more than once named (:meth:`Temporaries.name_repeats`):
+        ``(definitions [(name, value)] to write first, code)``. The record of printed integers
+        (:func:`printed_integers`) is that of ``e`` whole, as :meth:`__call__` leaves it."""
+        code = self(e)
+        return self.temps.name_repeats(code) if self.temps is not None else ([], code)
 
     # ------------------------------------------------------------------
     def p(self, e) -> str:

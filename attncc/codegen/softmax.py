@@ -1,7 +1,7 @@
 """Plan -> the template variables of a softmax forward kernel (templates/softmax.py.j2)."""
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import sympy
 from sympy.core.function import AppliedUndef
@@ -10,9 +10,9 @@ from attncc.analysis.bands import X
 from attncc.analysis.hoist import Hoister
 from attncc.analysis.score import mask_hoister, score_terms
 from attncc.analysis.walks import Iteration
-from attncc.codegen.helpers import render_helper, rope_helpers
+from attncc.codegen.helpers import helper_list
 from attncc.codegen.names import input_args, input_ptr, input_size, input_stride, param_arg, param_value, param_var
-from attncc.codegen.printer import TritonPrinter
+from attncc.codegen.printer import Temporaries, TritonPrinter
 from attncc.codegen.tile_kernel import render_tile_kernel
 from attncc.codegen.walks import precondition_code, render_walk, walk_note
 from attncc.spec import symbols as S
@@ -20,9 +20,11 @@ from attncc.spec.builtins import RandomBlocks
 from attncc.spec.ir import INTEGER_DTYPES, Pattern
 
 INDEX_NAMES = {S.b: "b", S.h: "h", S.n_q: "n_q", S.n_k: "n_k", S.n_heads: "H", S.s: "s"}
-# the block-list arguments of a kernel that walks lists: per outer block its FULL and PARTIAL
-# blocks (counts and padded index rows) and the strides of the list tensors
-LIST_ARGS = ["full_count", "full_index", "partial_count", "partial_index", "list_sb", "list_sh", "list_sq", "list_width"]
+# the list parameters of a kernel that walks block lists: attncc.runtime.blocks.BlockLists' fields in
+# order (the host passes them as ``*lists``; tests/test_block_lists.py checks the names), the ints
+# named apart from the kernel's own strides. Not imported from there: building imports no torch.
+LIST_ARGS = ["full_count", "full_index", "partial_count", "partial_index", "list_stride_b", "list_stride_h",
+             "list_stride_row", "list_width"]
 
 
 class Inputs:
@@ -94,11 +96,12 @@ def softmax_context(pattern: Pattern, plan) -> dict:
         return "(" + " | ".join(hits) + ")"
 
     printers = []
+    temps = Temporaries()  # the forward's kernels: one set of names for the values they name
 
     def printer(i_text, j_text, hoisted: Hoister, row_suffix, float64=False, **kw):
         names = {**{sym: sym.name for sym in hoisted.scalars.values()},
                  **{sym: sym.name + row_suffix for sym in hoisted.rows.values()}}
-        pr = TritonPrinter(_names(pattern, i_text, j_text, names, float64), float64=float64, **kw)
+        pr = TritonPrinter(_names(pattern, i_text, j_text, names, float64), float64=float64, temps=temps, **kw)
         pr.gather = lambda e: inputs.gather(pr, e)
         printers.append(pr)
         return pr
@@ -110,19 +113,18 @@ def softmax_context(pattern: Pattern, plan) -> dict:
     mask_row = printer("offs_i", "offs_j", mhoist, "", float64=True)
 
     score_lines = render_score(pattern, tile, bias_j, mod, simple_bias)
-    mask_code = mask_tile(mask) if mask is not None else None
+    mask_temps, mask_code = mask_tile.statement(mask) if mask is not None else ([], None)
 
     # the values the mask code reads (its hoister's and the random blocks' rows): all that the
     # exact tile kernel computes besides the mask; the score's are for the attention kernels only
-    mask_defs = [(sym.name, mask_row(e)) for e, sym in mhoist.scalars.items()]
-    mask_defs += [(sym.name, mask_row(e)) for e, sym in mhoist.rows.items()]
+    mask_defs = definitions(mask_row, mhoist.scalars) + definitions(mask_row, mhoist.rows)
     for rb, name in rb_names.items():
         r, block, _ = rb.options
         for t in range(r):
             mask_defs.append((f"{name}_{t}", f"tl.load({name}_table + tl.minimum(offs_i // {block}, {name}_rows - 1) * {r} + {t})"))
-    scalar_defs = [(sym.name, row(e)) for e, sym in hoist.scalars.items()]
-    row_defs = [(sym.name, row(e)) for e, sym in hoist.rows.items()] + mask_defs
-    lse_row_bias = row(lse_row) if lse_row is not None else None
+    scalar_defs = definitions(row, hoist.scalars)
+    row_defs = definitions(row, hoist.rows) + mask_defs
+    lse_row_defs, lse_row_bias = row.statement(lse_row) if lse_row is not None else ([], None)
     if lse_row_bias is not None:
         row.helpers.add("_row_term_o")
 
@@ -144,10 +146,7 @@ def softmax_context(pattern: Pattern, plan) -> dict:
     checks = (precondition_code(plan, transposed=False), precondition_code(plan, transposed=True))
     mask_free = pattern.mask.free_symbols if pattern.mask is not None else set()
 
-    helper_names = sorted(set().union(*[pr.helpers for pr in printers]))
-    helper_src = [render_helper(h) for h in helper_names]
-    if pattern.rope is not None:
-        helper_src.append(rope_helpers(pattern.rope.style, pattern.rope.theta))
+    helpers = helper_list(set().union(*[pr.helpers for pr in printers]), pattern.rope)
 
     param_doc = ", ".join(f"{p.name}={p.value!r}" for p in pattern.params)
     input_doc = ", ".join(f"{d.name} ({', '.join(map(str, d.dims))}; {d.dtype})" for d in pattern.inputs)
@@ -156,16 +155,49 @@ def softmax_context(pattern: Pattern, plan) -> dict:
         walk=walk, iteration_note=note, random_blocks=bool(rb_names),
         dynamic=plan.dynamic, **_program_context(plan), exact_lists=plan.needs_exact_lists,
         mask_bh=bool({S.b, S.h} & mask_free), closed_form_check=checks if checks != ("True", "True") else None,
-        list_args=LIST_ARGS, score_lines=score_lines, mask_code=mask_code, scalar_defs=scalar_defs,
-        row_defs=row_defs, mask_defs=mask_defs, lse_row_bias=lse_row_bias, ctx_args=ctx_args,
+        list_args=LIST_ARGS, list_params=" ".join(LIST_ARGS), score_lines=score_lines, mask_temps=mask_temps,
+        mask_code=mask_code, scalar_defs=scalar_defs, row_defs=row_defs, mask_defs=mask_defs,
+        lse_row_defs=lse_row_defs, lse_row_bias=lse_row_bias, ctx_args=ctx_args,
         param_args=[param_arg(p) for p in pattern.params], input_args=input_args + rb_args,
-        param_values=[f"call.params[{p.name!r}]" for p in pattern.params],
-        input_values=[f"call.inputs[{n!r}], *call.inputs[{n!r}].stride(), *call.inputs[{n!r}].shape" for n in used_inputs]
-        + [f"*_random_table(call, {rb.options[0]}, {rb.options[1]}, {rb.options[2]})" for rb in rb_names],
-        helpers=helper_src, rope=pattern.rope, tile_hint=_tile_hint(plan),
+        param_launch=param_launch(pattern),
+        input_launch=[a for n in used_inputs for a in input_launch(pattern, n)]
+        + [(f"{name}_table {name}_rows", f"*_random_table(call, {rb.options[0]}, {rb.options[1]}, {rb.options[2]})")
+           for rb, name in rb_names.items()],
+        helpers=helpers, rope=pattern.rope, tile_hint=_tile_hint(plan),
         rotary_dim_arg=("0" if pattern.rope is None else
                         str(pattern.rope.rotary_dim) if pattern.rope.rotary_dim else "call.D"), param_doc=param_doc, input_doc=input_doc, call_example=call_example,
     )
+
+
+def param_launch(pattern: Pattern) -> List[Tuple[str, str]]:
+    """(kernel parameter, host value) of each param, for ``sig.launch`` (attncc.codegen.params)."""
+    return [(param_var(p.name), f"call.params[{p.name!r}]") for p in pattern.params]
+
+
+def input_launch(pattern: Pattern, name: str) -> List[Tuple[str, str]]:
+    """(kernel parameters, host value) of an input's pointer, strides and sizes, for ``sig.launch``."""
+    rank, tensor = len(pattern.input(name).dims), f"call.inputs[{name!r}]"
+    out = [(input_ptr(name), tensor)]
+    if rank:
+        out.append((" ".join(input_stride(name, d) for d in range(rank)), f"*{tensor}.stride()"))
+    return out + [(input_size(name, d), f"{tensor}.shape[{d}]") for d in range(rank)]
+
+
+def definitions(printer: TritonPrinter, table: Dict[sympy.Basic, sympy.Symbol]) -> List[Tuple[str, str]]:
+    """``(name, code)`` of a hoister's table (``{expression: name}``), each preceded by the values
+    its code names (:meth:`TritonPrinter.statement`)."""
+    out = []
+    for e, sym in table.items():
+        temps, code = printer.statement(e)
+        out += temps + [(sym.name, code)]
+    return out
+
+
+def printed(lines: List[str], printer: TritonPrinter, e) -> str:
+    """``e``'s code, the definitions of the values it names appended to ``lines`` first."""
+    temps, code = printer.statement(e)
+    lines += [f"{name} = {value}" for name, value in temps]
+    return code
 
 
 def render_score(pattern: Pattern, tile: TritonPrinter, bias_j, mod, simple_bias: bool) -> List[str]:
@@ -173,13 +205,13 @@ def render_score(pattern: Pattern, tile: TritonPrinter, bias_j, mod, simple_bias
     score is the scaled dot product alone (the tile then folds the scale into the exponent)."""
     if pattern.bias is None and pattern.mod is None and pattern.softcap is None:
         return []
+    lines: List[str] = []
+    bias = f" + {printed(lines, tile, bias_j)}" if bias_j is not None else ""
     if simple_bias:
-        if bias_j is None:
-            return ["s = qk * qk_scale"]
-        return [f"s = qk * qk_scale + {tile(bias_j)} * 1.4426950408889634  # bias * log2(e)"]
-    lines = ["s = qk * sm_scale" + (f" + {tile(bias_j)}" if bias_j is not None else "")]
+        return lines + [f"s = qk * qk_scale{bias} * 1.4426950408889634  # bias * log2(e)" if bias else "s = qk * qk_scale"]
+    lines.append(f"s = qk * sm_scale{bias}")
     if mod is not None:
-        lines.append(f"s = {mod_text(tile, mod)}")
+        lines.append(f"s = {mod_text(tile, mod, lines)}")
     if pattern.softcap is not None:
         tile.helpers.add("_tanh")
         cap = f"{pattern.softcap!r} * _tanh(s * {1.0 / pattern.softcap!r}, FAST_MATH)"
@@ -188,10 +220,11 @@ def render_score(pattern: Pattern, tile: TritonPrinter, bias_j, mod, simple_bias
     return lines
 
 
-def mod_text(tile: TritonPrinter, mod) -> str:
-    """The transform of a tile's scores ``s``; one that ignores them (``-inf`` everywhere: no pair
-    is allowed; ``0.1 * i``) is broadcast to the tile, ``qk``'s shape, whatever ``qk`` holds."""
-    text = tile(mod)
+def mod_text(tile: TritonPrinter, mod, lines: List[str]) -> str:
+    """The transform of a tile's scores ``s`` (the values it names defined in ``lines``); one that
+    ignores them (``-inf`` everywhere: no pair is allowed; ``0.1 * i``) is broadcast to the tile,
+    ``qk``'s shape, whatever ``qk`` holds."""
+    text = printed(lines, tile, mod)
     return text if S.s in mod.free_symbols else f"tl.zeros_like(qk) + {text}"
 
 
@@ -214,7 +247,7 @@ def _program_context(plan) -> dict:
     program = getattr(plan, "classifier", None)
     if not plan.dynamic or program is None:
         return dict(program_leaves=[], program_steps=[], program_result="", tile_kernel=None, list_kernel_arg="")
-    tile_kernel = render_tile_kernel(program, plan.pattern) if plan.dynamic else None
+    tile_kernel = render_tile_kernel(program, plan.pattern, program_name="MASK_TILES") if plan.dynamic else None
     return dict(program_leaves=[repr(leaf) for leaf in program.leaves],
                 program_steps=[repr(step) for step in program.steps], program_result=program.result,
                 tile_kernel=tile_kernel, list_kernel_arg=", kernel=_tile_lists" if tile_kernel else "")

@@ -42,12 +42,15 @@ an unexpected rank, size or dtype (the torch path raises its error), or when a s
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
+from attncc.codegen.templating import environment
 from attncc.codegen.names import host_tensor, input_ptr, input_stride
+from attncc.codegen.params import Signatures, kernel_reads
 from attncc.core import tiles
 from attncc.core.tiles import BlockStat, IntervalProgram
 
@@ -67,202 +70,30 @@ class Unsupported(Exception):
 # Kernel helpers (pasted once; only the ones used)
 # ---------------------------------------------------------------------------
 
-# Logic goes through tl.where, never & | ~ on comparison results: the Triton interpreter
-# gives a scalar comparison result float data when it is broadcast against a vector.
-_HELPERS: Dict[str, str] = {
-    "_tk_and": """
-@triton.jit
-def _tk_and(x, y):
-    return tl.where(x, y, False)""",
-    "_tk_or": """
-@triton.jit
-def _tk_or(x, y):
-    return tl.where(x, True, y)""",
-    "_tk_not": """
-@triton.jit
-def _tk_not(x):
-    return tl.where(x, False, True)""",
-    "_tk_min": """
-@triton.jit
-def _tk_min(x, y):
-    # torch.minimum: NaN if either is NaN
-    return tl.where(x < y, x, tl.where(x != x, x, y))""",
-    "_tk_max": """
-@triton.jit
-def _tk_max(x, y):
-    # torch.maximum: NaN if either is NaN
-    return tl.where(x > y, x, tl.where(x != x, x, y))""",
-    "_tk_pymin": """
-@triton.jit
-def _tk_pymin(x, y):
-    # Python's min(x, y) of two numbers
-    return tl.where(y < x, y, x)""",
-    "_tk_pymax": """
-@triton.jit
-def _tk_pymax(x, y):
-    # Python's max(x, y) of two numbers
-    return tl.where(y > x, y, x)""",
-    "_tk_nan_to": """
-@triton.jit
-def _tk_nan_to(x, value):
-    return tl.where(x != x, value, x)""",
-    "_tk_bmin": """
-@triton.jit
-def _tk_bmin(x, AXIS: tl.constexpr):
-    # torch.amin along AXIS, as float64 (NaN-propagating for float inputs)
-    m = tl.min(x, AXIS).to(tl.float64)
-    if x.dtype.is_floating():
-        m = tl.where(tl.max((x != x).to(tl.int32), AXIS) > 0, float("nan"), m)
-    if x.dtype == tl.int64:  # past 2**53 float64 rounds: move outward (as tiles.input_interval)
-        m = tl.where(tl.abs(m) >= 9007199254740992.0, m - tl.abs(m) * 2.220446049250313e-16, m)
-    return m""",
-    "_tk_bmax": """
-@triton.jit
-def _tk_bmax(x, AXIS: tl.constexpr):
-    # torch.amax along AXIS, as float64 (NaN-propagating for float inputs)
-    m = tl.max(x, AXIS).to(tl.float64)
-    if x.dtype.is_floating():
-        m = tl.where(tl.max((x != x).to(tl.int32), AXIS) > 0, float("nan"), m)
-    if x.dtype == tl.int64:  # past 2**53 float64 rounds: move outward (as tiles.input_interval)
-        m = tl.where(tl.abs(m) >= 9007199254740992.0, m + tl.abs(m) * 2.220446049250313e-16, m)
-    return m""",
-    "_tk_point": """
-@triton.jit
-def _tk_point(x):
-    # a point read as float64 bounds; past 2**53 an int64 rounds: move outward (as tiles.input_interval)
-    m = x.to(tl.float64)
-    if x.dtype == tl.int64:
-        step = tl.where(tl.abs(m) >= 9007199254740992.0, tl.abs(m) * 2.220446049250313e-16, 0.0)
-        return m - step, m + step
-    return m, m""",
-    "_tk_mul_c": """
-@triton.jit
-def _tk_mul_c(a, b, c):
-    # tiles.mul scaling [a, b] by the number c
-    lo = tl.where(c > 0, a * c, b * c)
-    hi = tl.where(c > 0, b * c, a * c)
-    return tl.where(c == 0, 0.0, lo), tl.where(c == 0, 0.0, hi)""",
-    "_tk_mul_iv": """
-@triton.jit
-def _tk_mul_iv(a, b, c, d):
-    # tiles.mul of two intervals: hull of the corner products, 0 * inf counted as 0
-    p0 = _tk_nan_to(a * c, 0.0)
-    p1 = _tk_nan_to(a * d, 0.0)
-    p2 = _tk_nan_to(b * c, 0.0)
-    p3 = _tk_nan_to(b * d, 0.0)
-    lo = _tk_min(_tk_min(_tk_min(p0, p1), p2), p3)
-    hi = _tk_max(_tk_max(_tk_max(p0, p1), p2), p3)
-    return lo, hi""",
-    "_tk_recip": """
-@triton.jit
-def _tk_recip(a, b):
-    ok = _tk_or(a > 0, b < 0)
-    return tl.where(ok, 1.0 / b, float("-inf")), tl.where(ok, 1.0 / a, float("inf"))""",
-    "_tk_div_c": """
-@triton.jit
-def _tk_div_c(a, b, c):
-    # tiles.div by the number c (c == 0: unbounded)
-    lo = tl.where(c > 0, a / c, b / c)
-    hi = tl.where(c > 0, b / c, a / c)
-    return tl.where(c == 0, float("-inf"), lo), tl.where(c == 0, float("inf"), hi)""",
-    "_tk_floordiv_c": """
-@triton.jit
-def _tk_floordiv_c(a, b, c):
-    # tiles.floordiv by the number c (c == 0: unbounded)
-    lo = tl.floor(a / c)
-    hi = tl.floor(b / c)
-    rlo = tl.where(c > 0, lo, hi)
-    rhi = tl.where(c > 0, hi, lo)
-    return tl.where(c == 0, float("-inf"), rlo), tl.where(c == 0, float("inf"), rhi)""",
-    "_tk_floordiv_iv": """
-@triton.jit
-def _tk_floordiv_iv(a, b, c, d):
-    # tiles.floordiv by an interval: the corners bound it; unbounded where y may be 0
-    p0 = tl.floor(a / c)
-    p1 = tl.floor(a / d)
-    p2 = tl.floor(b / c)
-    p3 = tl.floor(b / d)
-    lo = _tk_min(_tk_min(_tk_min(_tk_nan_to(p0, float("-inf")), _tk_nan_to(p1, float("-inf"))),
-                         _tk_nan_to(p2, float("-inf"))), _tk_nan_to(p3, float("-inf")))
-    hi = _tk_max(_tk_max(_tk_max(_tk_nan_to(p0, float("inf")), _tk_nan_to(p1, float("inf"))),
-                         _tk_nan_to(p2, float("inf"))), _tk_nan_to(p3, float("inf")))
-    no_zero = _tk_or(c > 0, d < 0)
-    return tl.where(no_zero, lo, float("-inf")), tl.where(no_zero, hi, float("inf"))""",
-    "_tk_mod_c": """
-@triton.jit
-def _tk_mod_c(a, b, c, ONE: tl.constexpr):
-    # tiles.mod by the number c (c == 0: unbounded)
-    qa = tl.floor(a / c)
-    qb = tl.floor(b / c)
-    same = _tk_and(qa == qb, tl.abs(qa) < float("inf"))
-    r_lo = _tk_nan_to(a - c * qa, 0.0)
-    r_hi = _tk_nan_to(b - c * qb, 0.0)
-    w_lo = tl.where(c > 0, 0.0, c + ONE)
-    w_hi = tl.where(c > 0, c - ONE, 0.0)
-    lo = tl.where(same, r_lo, w_lo)
-    hi = tl.where(same, r_hi, w_hi)
-    return tl.where(c == 0, float("-inf"), lo), tl.where(c == 0, float("inf"), hi)""",
-    "_tk_mod_iv": """
-@triton.jit
-def _tk_mod_iv(a, b, c, d, ONE: tl.constexpr):
-    # tiles.mod by an interval
-    inside = _tk_and(a >= 0, b < c)
-    pos = c > 0
-    negm = d < 0
-    lo = tl.where(pos, tl.where(inside, a, 0.0), tl.where(negm, c + ONE, float("-inf")))
-    hi = tl.where(pos, tl.where(inside, b, d - ONE), tl.where(negm, 0.0, float("inf")))
-    return lo, hi""",
-    "_tk_widen": f"""
-@triton.jit
-def _tk_widen(a, b):
-    # tiles.widen: each finite end out by (|end| + 1) * 2^-40
-    lo = tl.where(tl.abs(a) < float("inf"), a - (tl.abs(a) + 1.0) * {tiles.WIDEN!r}, a)
-    hi = tl.where(tl.abs(b) < float("inf"), b + (tl.abs(b) + 1.0) * {tiles.WIDEN!r}, b)
-    return lo, hi""",
-    "_tk_abs": """
-@triton.jit
-def _tk_abs(a, b):
-    return tl.where(a >= 0, a, tl.where(b <= 0, -b, 0.0)), _tk_max(-a, b)""",
-    "_tk_eq": """
-@triton.jit
-def _tk_eq(a, b, c, d):
-    disjoint = _tk_or(a > d, c > b)
-    same_point = _tk_and(_tk_and(a == b, c == d), a == c)
-    return _tk_not(disjoint), _tk_not(same_point)""",
-    "_tk_select": """
-@triton.jit
-def _tk_select(mt, mf, a, b, c, d, PY: tl.constexpr):
-    # tiles.select; PY: both branches are Python numbers there (Python's min / max)
-    both = _tk_and(mt, mf)
-    if PY:
-        lo = tl.where(both, _tk_pymin(a, c), tl.where(mt, a, c))
-        hi = tl.where(both, _tk_pymax(b, d), tl.where(mt, b, d))
-    else:
-        lo = tl.where(both, _tk_min(a, c), tl.where(mt, a, c))
-        hi = tl.where(both, _tk_max(b, d), tl.where(mt, b, d))
-    return lo, hi""",
-    "_tk_append": """
-@triton.jit
-def _tk_append(row_ptr, hit, blocks, valid, count, width):
-    # compaction of one chunk into a list row: the hit blocks from the front in block order, the
-    # others from the back (so every entry of the row is some block index); returns the new count
-    hit = tl.where(valid, hit, False).to(tl.int32)
-    before = count + tl.cumsum(hit, 0) - hit
-    tl.store(row_ptr + tl.where(hit != 0, before, width - 1 - (blocks - before)), blocks, mask=valid)
-    return count + tl.sum(hit, 0)""",
-}
+# The helpers of the kernel (templates/helpers.j2, tile_helper), in the order they are pasted.
+TILE_HELPERS = ("_tk_and", "_tk_or", "_tk_not", "_tk_min", "_tk_max", "_tk_pymin", "_tk_pymax", "_tk_nan_to",
+                "_tk_bmin", "_tk_bmax", "_tk_point", "_tk_mul_c", "_tk_mul_iv", "_tk_recip", "_tk_div_c",
+                "_tk_floordiv_c", "_tk_floordiv_iv", "_tk_mod_c", "_tk_mod_iv", "_tk_widen", "_tk_abs", "_tk_eq",
+                "_tk_select", "_tk_append")
+
+
+@functools.lru_cache(maxsize=1)
+def _helper_sources() -> Dict[str, str]:
+    macro = environment().get_template("helpers.j2").module.tile_helper
+    return {name: str(macro(name, repr(tiles.WIDEN))) for name in TILE_HELPERS}
 
 
 def _helpers_for(code: str) -> List[str]:
     """The helper sources ``code`` needs (transitively), in a stable order."""
+    sources = _helper_sources()
     needed, todo = set(), [code]
     while todo:
         text = todo.pop()
         for name in re.findall(r"\b(_tk_[a-z_]+)\(", text):
-            if name in _HELPERS and name not in needed:
+            if name in sources and name not in needed:
                 needed.add(name)
-                todo.append(_HELPERS[name])
-    return [_HELPERS[n].strip("\n") for n in _HELPERS if n in needed]
+                todo.append(sources[name])
+    return [sources[n] for n in TILE_HELPERS if n in needed]
 
 
 # ---------------------------------------------------------------------------
@@ -795,7 +626,7 @@ _COORDINATES = ("pos_q", "pos_k", "i_lo", "i_hi", "j_lo", "j_hi", "q_start", "k_
                 "h", "b")
 
 
-def _render_body(g: _Gen, body: _Body, params: List[str]) -> str:
+def _render_body(g: _Gen, body: _Body, params: List[str], sig: Signatures) -> str:
     mt, mf = g.kv(g.result)
     cols = body is _COLS
     needs_rows = {"qb": g.needs_pos_q, "kb": g.needs_pos_k}
@@ -828,10 +659,10 @@ def _render_body(g: _Gen, body: _Body, params: List[str]) -> str:
                 part.remove(own)
     return (
         "@triton.jit\n"
-        f"def {body.name}(out_ptr, pid, bh, n_bh, {', '.join(params)},\n"
-        "             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BM_P: tl.constexpr, BN_P: tl.constexpr,\n"
-        "             CHUNK: tl.constexpr):\n"
-        f'    """{body.what}"""\n'
+        + sig.define(f"def {body.name}(out_ptr, pid, bh, n_bh, {', '.join(params)},\n"
+                     "BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BM_P: tl.constexpr, BN_P: tl.constexpr, "
+                     "CHUNK: tl.constexpr):\n")
+        + f'    """{body.what}"""\n'
         + _indent(head, 4)
         + _indent(g.consts, 4)
         + _indent(pre, 4)
@@ -845,11 +676,13 @@ def _render_body(g: _Gen, body: _Body, params: List[str]) -> str:
     )
 
 
-def render_tile_kernel(program: IntervalProgram, pattern=None) -> Optional[str]:
+def render_tile_kernel(program: IntervalProgram, pattern=None, program_name: Optional[str] = None) -> Optional[str]:
     """Python + Triton source defining ``_tile_lists(call, block_m, block_n, transposed)`` for
     ``program`` (see the module docstring), or None when the program uses something the
     kernel does not implement. The source expects ``torch``, ``triton``, ``tl`` (=
-    ``triton.language``) and ``_rt`` (= ``attncc.runtime``) in its module's globals.
+    ``triton.language``) and ``_rt`` (= ``attncc.runtime``) in its module's globals; it names
+    ``program`` ``_TK_PROGRAM``, printed there, or, given the module's own name for it
+    (``program_name``), as that name.
     ``pattern`` is only used for a comment."""
     if program is None:
         return None
@@ -857,6 +690,13 @@ def render_tile_kernel(program: IntervalProgram, pattern=None) -> Optional[str]:
         g = _generate(program)
     except Unsupported:
         return None
+    # rendered with every parameter, read back, and rendered with those the kernels read (codegen.params)
+    first = _render(g, program, pattern, program_name, Signatures())
+    return first and _render(g, program, pattern, program_name, Signatures(kernel_reads(first)))
+
+
+def _render(g: _Gen, program: IntervalProgram, pattern, program_name: Optional[str],
+            sig: Signatures) -> Optional[str]:
     res = g.result
     g.kv(res)  # literal results become constants before the bodies are rendered
     by_b, by_h = "b" in res.deps, "h" in res.deps
@@ -869,31 +709,29 @@ def render_tile_kernel(program: IntervalProgram, pattern=None) -> Optional[str]:
     if len(set(shared)) != len(shared) or reserved & set(shared):
         return None  # cannot happen (attncc.codegen.names): kept as a guard, the torch path is always right
     constexprs = "BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BM_P=BM_P, BN_P=BN_P"
+    bodies = [_render_body(g, _ROWS, shared, sig), _render_body(g, _COLS, shared, sig)]
     kernel = (
         "@triton.jit\n"
-        f"def _tk_kernel(out_ptr, {', '.join(shared[:7] + in_params + [f'{p}: tl.float64' for p in host_params])},\n"
-        "               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BM_P: tl.constexpr, BN_P: tl.constexpr,\n"
-        "               ROW_CHUNK: tl.constexpr, COL_CHUNK: tl.constexpr):\n"
-        "    # programs [0, nqb) of axis 0: one query block each, the forward lists; [nqb, nqb + nkb) (launched\n"
+        + sig.define(f"def _tk_kernel(out_ptr, {', '.join(shared[:7] + in_params + [f'{p}: tl.float64' for p in host_params])},\n"
+                     "BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BM_P: tl.constexpr, BN_P: tl.constexpr, "
+                     "ROW_CHUNK: tl.constexpr, COL_CHUNK: tl.constexpr):\n")
+        + "    # programs [0, nqb) of axis 0: one query block each, the forward lists; [nqb, nqb + nkb) (launched\n"
         "    # when a backward follows): one key block each, the transposed lists, stored after the forward's.\n"
         "    # Axis 1: b or 0, h or 0.\n"
         "    pid = tl.program_id(0)\n"
         "    bh = tl.program_id(1)\n"
         "    n_bh = tl.num_programs(1)\n"
         "    if pid < nqb:\n"
-        f"        _tk_rows(out_ptr, pid, bh, n_bh, {', '.join(shared)},\n"
-        f"                 {constexprs}, CHUNK=ROW_CHUNK)\n"
-        "    else:\n"
+        + sig.call(f"        _tk_rows(out_ptr, pid, bh, n_bh, {', '.join(shared)}, {constexprs}, CHUNK=ROW_CHUNK)\n")
+        + "    else:\n"
         "        R = n_bh * nqb\n"
         "        cols_ptr = out_ptr + 2 * ((R + 3) // 4 * 4) + 2 * ((R.to(tl.int64) * nkb + 3) // 4 * 4)\n"
-        f"        _tk_cols(cols_ptr, pid - nqb, bh, n_bh, {', '.join(shared)},\n"
-        f"                 {constexprs}, CHUNK=COL_CHUNK)\n"
+        + sig.call(f"        _tk_cols(cols_ptr, pid - nqb, bh, n_bh, {', '.join(shared)}, {constexprs}, CHUNK=COL_CHUNK)\n")
     )
-    bodies = [_render_body(g, _ROWS, shared), _render_body(g, _COLS, shared)]
     helpers = _helpers_for("\n".join(bodies))
 
     # -- host function ------------------------------------------------------------
-    checks, prep, launch_in = [], [], []
+    checks, prep, launch_in = [], [], []  # launch_in: (kernel parameter, host value)
     for name, rank in g.inputs.items():
         prep.append(f"{host_tensor(name)} = call.inputs.get({name!r})")
     seen_inputs = set()
@@ -916,8 +754,8 @@ def render_tile_kernel(program: IntervalProgram, pattern=None) -> Optional[str]:
         t = host_tensor(name)
         prep.append(f"if {t}.dtype == torch.bool:")
         prep.append(f"    {t} = {t}.view(torch.uint8)")
-        launch_in.append(t)
-        launch_in += [f"({t}.stride({d}) if {t}.shape[{d}] != 1 else 0)" for d in range(rank)]
+        launch_in.append((input_ptr(name), t))
+        launch_in += [(input_stride(name, d), f"({t}.stride({d}) if {t}.shape[{d}] != 1 else 0)") for d in range(rank)]
     fallback = ("return _rt.blocks.classified_lists(_TK_PROGRAM, call, block_m, block_n, dynamic=True, "
                 "transposed=transposed)")
     host = ["B, H, Nq, Nk = call.B, call.Hq, call.Nq, call.Nk",
@@ -939,15 +777,13 @@ def render_tile_kernel(program: IntervalProgram, pattern=None) -> Optional[str]:
              "rows_size = _rt.blocks.packed_size(Bl * Hl * nqb, nkb)",
              "size = rows_size + (_rt.blocks.packed_size(Bl * Hl * nkb, nqb) if transposed else 0)",
              "out = torch.empty(size, dtype=torch.int32, device=call.q.device)",
-             "_tk_kernel[(nqb + (nkb if transposed else 0), Bl * Hl)](",
-             "    out, nqb, nkb, Nq, Nk, call.q_offset, call.k_offset, Hl,"]
-    if launch_in:
-        host.append("    " + ", ".join(launch_in) + ",")
-    for _, expr in g.host_args:
-        host.append(f"    {expr},")
-    host += ["    BLOCK_M=block_m, BLOCK_N=block_n, BM_P=BM_P, BN_P=BN_P,",
-             f"    ROW_CHUNK={row_chunk}, COL_CHUNK={col_chunk},",
-             "    num_warps=4, enable_fp_fusion=False,",
+             "_tk_kernel[(nqb + (nkb if transposed else 0), Bl * Hl)]("]
+    values = [("out_ptr", "out"), ("nqb", "nqb"), ("nkb", "nkb"), ("Nq", "Nq"), ("Nk", "Nk"), ("q_offset", "call.q_offset"),
+              ("k_offset", "call.k_offset"), ("Hl", "Hl")] + launch_in + g.host_args
+    values += [("BLOCK_M", "block_m"), ("BLOCK_N", "block_n"), ("BM_P", "BM_P"), ("BN_P", "BN_P"),
+               ("ROW_CHUNK", row_chunk), ("COL_CHUNK", col_chunk)]
+    host += sig.launch("_tk_kernel", values, "    ").split("\n")
+    host += ["    num_warps=4, enable_fp_fusion=False,",
              ")",
              "lists = _rt.blocks.packed_lists(out, 0, Bl, Hl, nqb, nkb)",
              "return lists, (_rt.blocks.packed_lists(out, rows_size, Bl, Hl, nkb, nqb) if transposed else None)"]
@@ -957,14 +793,13 @@ def render_tile_kernel(program: IntervalProgram, pattern=None) -> Optional[str]:
         + (f" for pattern {title}" if title else "") + ": the same lists as",
         "# _rt.blocks.classified_lists(_TK_PROGRAM, call, block_m, block_n, dynamic=True, transposed=...),",
         "# forward and transposed, in one launch.",
-        f"_TK_PROGRAM = {_program_src(program)}",
+        f"_TK_PROGRAM = {program_name or _program_src(program)}",
         "_TK_INPUT_DTYPES = frozenset((" + ", ".join(f"torch.{d}" for d in _INPUT_DTYPES) + "))",
     ]
     src = "\n".join(out) + "\n\n\n" + "\n\n\n".join(helpers + [b.rstrip("\n") for b in bodies]
                                                     + [kernel.rstrip("\n")]) + "\n\n\n"
     src += ("def _tile_lists(call, block_m, block_n, transposed):\n"
-            '    """(forward lists, transposed lists or None) of this call\'s tiles, each a tuple\n'
-            "    (full_count, full_index, partial_count, partial_index, stride_b, stride_h, stride_row, width),\n"
+            '    """(forward lists, transposed lists or None) of this call\'s tiles, each _rt.blocks.BlockLists,\n'
             "    from one kernel launch (no host synchronization).\"\"\"\n"
             + _indent(host, 4))
     return src

@@ -11,12 +11,41 @@ from __future__ import annotations
 
 import collections
 import functools
-from typing import Callable, Tuple
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 
 from attncc.core import semantics, tiles
 from attncc.runtime.call import Call
+
+
+class BlockLists(NamedTuple):
+    """The blocks a kernel walks per row of blocks, as the attention kernels take them (their
+    list parameters, in this order: :data:`attncc.codegen.softmax.LIST_ARGS`). A row is a query
+    block for the forward and dQ kernels and a key block for the dK/dV kernel ("transposed"
+    lists); the listed blocks are of the other side. EMPTY blocks are in neither list.
+
+    - ``full_count``: int32 ``[Bl, Hl, rows]``, the row's FULL blocks (every pair allowed,
+      walked without the mask);
+    - ``full_index``: int32 ``[Bl, Hl, rows, width]``, their block indices in increasing order
+      in the first ``full_count`` entries of the row (the other entries are not read);
+    - ``partial_count``, ``partial_index``: the same for PARTIAL blocks (walked with the mask);
+    - ``stride_b``, ``stride_h``: the counts' element strides between batch rows and between
+      heads; 0 when ``Bl`` or ``Hl`` is 1 (a mask that reads neither b nor h: one list for all);
+    - ``stride_row``: between rows (1);
+    - ``width``: entries per index row (the number of blocks of the other side): entry ``t``
+      of row ``r`` (``r = b * stride_b + h * stride_h + row * stride_row``) is at
+      ``index[r * width + t]``.
+    """
+
+    full_count: torch.Tensor
+    full_index: torch.Tensor
+    partial_count: torch.Tensor
+    partial_index: torch.Tensor
+    stride_b: int
+    stride_h: int
+    stride_row: int
+    width: int
 
 
 # A tile-list kernel (the generated ``_tile_lists`` of a data-dependent pattern, see
@@ -25,9 +54,8 @@ from attncc.runtime.call import Call
 # :func:`classified_lists` (dynamic), in one launch.
 
 
-def block_lists(program, call: Call, block_m: int, block_n: int, *, dynamic: bool, kernel=None) -> Tuple:
-    """The kernel's list arguments: (full_count, full_index, partial_count, partial_index,
-    stride_b, stride_h, stride_q, width) for a grid of this call's tiles.
+def block_lists(program, call: Call, block_m: int, block_n: int, *, dynamic: bool, kernel=None) -> BlockLists:
+    """The forward's :class:`BlockLists` for a grid of this call's tiles.
 
     When a backward will follow (``call.for_backward`` is a dict), the transposed lists are
     made from the same classification and kept there for :func:`backward_block_lists`.
@@ -39,17 +67,19 @@ def block_lists(program, call: Call, block_m: int, block_n: int, *, dynamic: boo
     return classified_lists(program, call, block_m, block_n, dynamic=dynamic, transposed=False)[0]
 
 
-def block_lists_both(program, call: Call, block_m: int, block_n: int, *, dynamic: bool, kernel=None) -> Tuple:
-    """(forward lists, transposed lists) of one classification of this call's tiles, in the
-    format of :func:`block_lists`. The transposed lists have one row per key block, listing
-    the query blocks that see it (the dK/dV kernel's iteration); their ``stride_q`` steps over
-    key blocks and their width is the number of query blocks. Static patterns: cached per shape."""
+def block_lists_both(program, call: Call, block_m: int, block_n: int, *, dynamic: bool,
+                     kernel=None) -> Tuple[BlockLists, BlockLists]:
+    """(forward lists, transposed lists) of one classification of this call's tiles, each
+    :class:`BlockLists`. The transposed lists have one row per key block, listing the query
+    blocks that see it (the dK/dV kernel's iteration); their width is the number of query
+    blocks. Static patterns: cached per shape."""
     if kernel is not None:
         return kernel(call, block_m, block_n, True)
     return classified_lists(program, call, block_m, block_n, dynamic=dynamic, transposed=True)
 
 
-def backward_block_lists(program, call: Call, block_m: int, block_n: int, *, dynamic: bool, kernel=None) -> Tuple:
+def backward_block_lists(program, call: Call, block_m: int, block_n: int, *, dynamic: bool,
+                         kernel=None) -> Tuple[BlockLists, BlockLists]:
     """The (forward, transposed) lists for the backward of ``call`` with tiles of
     ``block_m`` x ``block_n``: those kept in ``call.for_backward`` (by its forward, or by an
     earlier request of this shape), else made now (and kept there). The dK/dV and dQ kernels
@@ -64,7 +94,8 @@ def backward_block_lists(program, call: Call, block_m: int, block_n: int, *, dyn
     return both
 
 
-def classified_lists(program, call: Call, block_m: int, block_n: int, *, dynamic: bool, transposed: bool) -> Tuple:
+def classified_lists(program, call: Call, block_m: int, block_n: int, *, dynamic: bool,
+                     transposed: bool) -> Tuple[BlockLists, Optional[BlockLists]]:
     """The torch path: (forward lists, transposed lists or None) from ``tiles.classify_grid``
     and ``tiles.to_block_lists`` (about 50 small torch ops per dynamic call)."""
     if dynamic:
@@ -106,8 +137,9 @@ EXACT_CACHE_SIZE = 64
 _exact_cache: "collections.OrderedDict[tuple, Tuple]" = collections.OrderedDict()
 
 
-def exact_block_lists(tile_codes: Callable, call: Call, block_m: int, block_n: int, *, per_head: bool) -> Tuple:
-    """(forward lists, transposed lists), in the format of :func:`block_lists`, from an exact
+def exact_block_lists(tile_codes: Callable, call: Call, block_m: int, block_n: int, *,
+                      per_head: bool) -> Tuple[BlockLists, BlockLists]:
+    """(forward lists, transposed lists), :class:`BlockLists`, from an exact
     classification of every tile: ``tile_codes(call, block_m, block_n)`` gives int8 codes
     ``[B|1, H|1, nqb, nkb]``, bit 0 set when the tile holds an allowed pair, bit 1 when all its
     pairs (existing rows and keys) are allowed. A tile is FULL in the forward lists when all are
@@ -138,7 +170,7 @@ def exact_block_lists(tile_codes: Callable, call: Call, block_m: int, block_n: i
     return both
 
 
-def _exact_lists_of(codes: torch.Tensor, block_m: int, block_n: int, n_rows, n_keys) -> Tuple:
+def _exact_lists_of(codes: torch.Tensor, block_m: int, block_n: int, n_rows, n_keys) -> Tuple[BlockLists, BlockLists]:
     """(forward lists, transposed lists) of exact tile codes; ``n_rows`` / ``n_keys``: the query
     rows and keys (ints, or tensors broadcasting over the codes' batch dim: per sequence)."""
     some, every = (codes & 1) != 0, (codes & 2) != 0
@@ -154,10 +186,10 @@ def _exact_lists_of(codes: torch.Tensor, block_m: int, block_n: int, n_rows, n_k
 
 
 @functools.lru_cache(maxsize=16)
-def no_lists(device) -> Tuple:
+def no_lists(device) -> BlockLists:
     """List arguments for a kernel launched on its closed-form walk (LISTS=False): never read."""
     empty = torch.zeros(1, dtype=torch.int32, device=device)
-    return empty, empty, empty, empty, 0, 0, 0, 1
+    return BlockLists(empty, empty, empty, empty, stride_b=0, stride_h=0, stride_row=0, width=1)
 
 
 def packed_size(rows: int, width: int) -> int:
@@ -165,19 +197,20 @@ def packed_size(rows: int, width: int) -> int:
     return 2 * ((rows + 3) // 4 * 4) + 2 * ((rows * width + 3) // 4 * 4)
 
 
-def packed_lists(buffer: torch.Tensor, offset: int, nb: int, nh: int, n_rows: int, width: int) -> Tuple:
+def packed_lists(buffer: torch.Tensor, offset: int, nb: int, nh: int, n_rows: int, width: int) -> BlockLists:
     """The lists of one tile-list kernel orientation stored in the int32 ``buffer`` from
     ``offset``: ``[full counts | partial counts | full index | partial index]``, counts
     ``[nb, nh, n_rows]``, indices ``[nb, nh, n_rows, width]``, each part starting 16-byte
-    aligned (the kernel computes the same offsets). Returned in the format of :func:`block_lists`."""
+    aligned (the kernel computes the same offsets)."""
     R = nb * nh * n_rows
     R_pad, RK_pad = (R + 3) // 4 * 4, (R * width + 3) // 4 * 4
     cs, ks = (nh * n_rows, n_rows, 1), (nh * n_rows * width, n_rows * width, width, 1)
-    return (buffer.as_strided((nb, nh, n_rows), cs, offset),
-            buffer.as_strided((nb, nh, n_rows, width), ks, offset + 2 * R_pad),
-            buffer.as_strided((nb, nh, n_rows), cs, offset + R_pad),
-            buffer.as_strided((nb, nh, n_rows, width), ks, offset + 2 * R_pad + RK_pad),
-            nh * n_rows if nb > 1 else 0, n_rows if nh > 1 else 0, 1, width)
+    return BlockLists(full_count=buffer.as_strided((nb, nh, n_rows), cs, offset),
+                      full_index=buffer.as_strided((nb, nh, n_rows, width), ks, offset + 2 * R_pad),
+                      partial_count=buffer.as_strided((nb, nh, n_rows), cs, offset + R_pad),
+                      partial_index=buffer.as_strided((nb, nh, n_rows, width), ks, offset + 2 * R_pad + RK_pad),
+                      stride_b=nh * n_rows if nb > 1 else 0, stride_h=n_rows if nh > 1 else 0, stride_row=1,
+                      width=width)
 
 
 def _static_grid(key, batch: int, heads: int):
@@ -194,12 +227,12 @@ def _classify(program, call: Call, block_m: int, block_n: int, inputs):
                                device=call.q.device)
 
 
-def _lists(grid: torch.Tensor, call: Call):
+def _lists(grid: torch.Tensor, call: Call) -> BlockLists:
+    """The lists of a grid of tile classes ``[Bl, Hl, rows, blocks]`` (``tiles.to_block_lists``)."""
     full_count, full_index, partial_count, partial_index = tiles.to_block_lists(grid)
-    nb, nh, nqb, nkb = grid.shape
-    stride_b = nh * nqb if nb > 1 else 0
-    stride_h = nqb if nh > 1 else 0
-    return full_count, full_index, partial_count, partial_index, stride_b, stride_h, 1, nkb
+    nb, nh, rows, width = grid.shape
+    return BlockLists(full_count, full_index, partial_count, partial_index, stride_b=nh * rows if nb > 1 else 0,
+                      stride_h=rows if nh > 1 else 0, stride_row=1, width=width)
 
 
 _TABLES: dict = {}
