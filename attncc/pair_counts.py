@@ -5,8 +5,10 @@ and head; ``attncc explain`` derives its numbers from it (a tile is visited when
 not 0, and all its pairs are allowed when the count is its area). It is exact and fast because:
 
 - the mask is evaluated with numpy node by node as the float64 reference evaluates it
-  (:func:`attncc._reference.evaluate`): the same dtypes (int64, float64, bool), the same order
-  of operations, Python's floor semantics for integer ``//`` and ``%``. What numpy may round
+  (:func:`attncc._reference.evaluate`, whose dispatch :class:`_Evaluator` follows line by line
+  but shares no code with, so that the tests checking one against the other mean something):
+  the same dtypes (int64, float64, bool), the same order of operations, Python's floor
+  semantics for integer ``//`` and ``%``. What numpy may round
   otherwise than torch (``exp``, ``sin``, ``sigmoid``, a float ``%``, a power but small
   integer ones and square roots) and what the reference refuses (a division by zero, an input,
   a number where a condition belongs) raise :class:`Unsupported`: the caller takes the reference;
@@ -211,7 +213,8 @@ class _Evaluator:
             for value, cond in reversed(e.args):
                 v = self(value)
                 if out is None:
-                    out = v if cond is sympy.true else np.where(self.bool_(cond), *_common(v, self.const(math.nan, _FLOAT)))
+                    nan = self.const(math.nan, _FLOAT)
+                    out = v if cond is sympy.true else np.where(self.bool_(cond), *_common(v, nan))
                 else:
                     out = np.where(self.bool_(cond), *_common(v, out))
             return out
@@ -284,7 +287,8 @@ def param_values(pattern: Pattern, overrides: Optional[Mapping[str, object]]) ->
     values = dict(pattern.param_values)
     for name, v in (overrides or {}).items():
         p = next((p for p in pattern.params if p.name == name), None)
-        if p is None or isinstance(v, bool) or not isinstance(v, (int, float)) or (p.kind == "int" and not isinstance(v, int)):
+        number = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if p is None or not number or (p.kind == "int" and not isinstance(v, int)):
             raise Unsupported(f"param {name}={v!r}")
         if p.count and v > p.value:
             raise Unsupported(f"param {name}={v!r} past its count")
@@ -495,8 +499,11 @@ def translation_period(pattern: Pattern, params: Mapping[str, object], *, n_q: i
             period = math.lcm(period, abs(int(divisor)))
     if period >= top:
         return None
-    shifted = mask.xreplace({S.i: S.i + period, S.j: S.j + period})
-    return period if _canonical(shifted) == _canonical(mask) else None
+    try:
+        shifted = mask.xreplace({S.i: S.i + period, S.j: S.j + period})
+        return period if _canonical(shifted) == _canonical(mask) else None
+    except (TypeError, ValueError):  # a relation sympy cannot move to one side (of conditions)
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -535,7 +542,8 @@ class TileCounter:
         keys = _axis(self.pattern, env, S.j, S.i, n_k, bn)
         t = self.period
         if translate is None:
-            translate = t is not None and (t + bm) * keys.classes + rows.classes * (t + bn) < rows.classes * keys.classes
+            pairs = rows.classes * keys.classes  # evaluated without translation
+            translate = t is not None and (t + bm) * keys.classes + rows.classes * (t + bn) < pairs
         if translate:
             return self._translated(env, rows, keys, t)
         return self._region(env, rows, keys, 0, n_q, 0, n_k)
