@@ -467,6 +467,25 @@ def _canonical(e):
     return e
 
 
+def _period(mask, period: int, top: int) -> Optional[int]:
+    """``period`` times the mask's divisors (integers once params are substituted), when the
+    mask is the same expression after ``i, j -> i + T, j + T`` and T is below ``top``."""
+    for e in sympy.preorder_traversal(mask):
+        divisor = None
+        if isinstance(e, sympy.Mod):
+            divisor = e.args[1]
+        elif isinstance(e, (sympy.floor, sympy.ceiling)):
+            divisor = sympy.fraction(sympy.together(e.args[0]))[1]
+        if divisor is not None:
+            if not divisor.is_Integer or divisor == 0:
+                return None
+            period = math.lcm(period, abs(int(divisor)))
+    if period >= top:
+        return None
+    shifted = mask.xreplace({S.i: S.i + period, S.j: S.j + period})
+    return period if _canonical(shifted) == _canonical(mask) else None
+
+
 def translation_period(pattern: Pattern, params: Mapping[str, object], *, n_q: int, n_k: int, block_m: int,
                        block_n: int, batch: int, heads: int) -> Optional[int]:
     """T, a multiple of both tile sides, with ``mask(i + T, j + T) == mask(i, j)`` for every pair
@@ -485,25 +504,10 @@ def translation_period(pattern: Pattern, params: Mapping[str, object], *, n_q: i
             values[p.symbol] = sympy.Integer(v)
     if _int_bound(mask, bounds) is None:
         return None
-    mask = mask.xreplace(values)
-    period = math.lcm(block_m, block_n)
-    for e in sympy.preorder_traversal(mask):
-        divisor = None
-        if isinstance(e, sympy.Mod):
-            divisor = e.args[1]
-        elif isinstance(e, (sympy.floor, sympy.ceiling)):
-            divisor = sympy.fraction(sympy.together(e.args[0]))[1]
-        if divisor is not None:
-            if not divisor.is_Integer or divisor == 0:
-                return None
-            period = math.lcm(period, abs(int(divisor)))
-    if period >= top:
-        return None
     try:
-        shifted = mask.xreplace({S.i: S.i + period, S.j: S.j + period})
-        return period if _canonical(shifted) == _canonical(mask) else None
-    except (TypeError, ValueError):  # a relation sympy cannot move to one side (of conditions)
-        return None
+        return _period(mask.xreplace(values), math.lcm(block_m, block_n), top)
+    except (TypeError, ValueError, ZeroDivisionError):  # a divisor 0 (the reference says so), relations
+        return None  # of conditions (sympy cannot move them to one side)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -157,3 +157,14 @@ def test_translation_needs_exact_integers_and_the_same_expression():
     for mask in ["i < 64 or j <= i", "random_blocks(2, block=32)", "n_k - j <= 9", "(i - j) * 0.3 < 2",
                  "(i - j) * 4611686018427387 < 5", "(i - j) * 2 ** 49 + 2 ** 61 + 5 < 0"]:
         assert period(mask) is None, mask
+
+
+def test_the_references_errors_stay_its_own():
+    """A divisor param of 0: explain raises the reference's ValueError, as before numpy counted
+    (sympy's ZeroDivisionError of the substituted mask, seen first, is no answer)."""
+    from attncc.analysis import analyze
+    from attncc.report import explain_data
+
+    plan = analyze(load_spec(SPECS / "neighborhood_2d.toml"))
+    with pytest.raises(ValueError, match="division by zero: the divisor of Mod"):
+        explain_data(plan, n_q=300, n_k=200, block_m=32, block_n=16, params={"width": 0})
