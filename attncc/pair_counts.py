@@ -8,10 +8,10 @@ not 0, and all its pairs are allowed when the count is its area). It is exact an
   (:func:`attncc._reference.evaluate`, whose dispatch :class:`_Evaluator` follows line by line
   but shares no code with, so that the tests checking one against the other mean something):
   the same dtypes (int64, float64, bool), the same order of operations, Python's floor
-  semantics for integer ``//`` and ``%``. What numpy may round
-  otherwise than torch (``exp``, ``sin``, ``sigmoid``, a float ``%``, a power but small
-  integer ones and square roots) and what the reference refuses (a division by zero, an input,
-  a number where a condition belongs) raise :class:`Unsupported`: the caller takes the reference;
+  semantics for integer ``//`` and ``%``. What numpy may round otherwise than torch (``exp``,
+  ``sin``, ``sigmoid``, a float ``%``, a power but small integer ones and square roots) and
+  what the reference refuses (a division by zero, an input, a number where a condition
+  belongs) raise :class:`Unsupported`: the caller takes the reference;
 - classes: the mask reads ``i`` through its largest sub-expressions without ``j`` (``i // 64``,
   ``i < 64``; a ``random_blocks()`` through ``i // block``) only, so rows where those have the
   same values have the same mask, and likewise keys: the mask is evaluated on one row and one
@@ -23,8 +23,8 @@ not 0, and all its pairs are allowed when the count is its area). It is exact an
   keys left: only the tiles within ``T`` of the first row or key and the ragged last ones are
   evaluated.
 
-tests/test_explain.py checks the counts against brute force (the reference on every pair) for
-seeded random specs at odd sizes and tile shapes.
+tests/test_pair_counts.py checks the counts against brute force (the reference on every pair)
+for seeded random static masks at odd sizes and tile shapes, each way of counting.
 """
 from __future__ import annotations
 
