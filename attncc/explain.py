@@ -11,8 +11,9 @@ tiles each visits and runs unmasked, the exact density, FLOPs and bytes (q, k, v
 it names) and the score section: scale, bias, mod, softcap, the conditions evaluated per pair,
 what the key loop hoists and what it leaves to the LSE. For a static pattern the counts are
 exact: the visited tiles are the ones with an allowed pair, the unmasked ones those whose pairs
-are all allowed; with closed forms they take plain integer arithmetic (no torch: well under a
-second). A mask that is never true gets a warning.
+are all allowed; with closed forms they take plain integer arithmetic, with exact block lists
+numpy (:mod:`attncc.pair_counts`; no torch either way: under a second). A mask that is never
+true gets a warning.
 ``--json`` prints the same as one JSON object; ``--png`` draws the map of tiles with a legend
 (and the pair-level mask when both lengths are at most 512; needs matplotlib).
 """

@@ -9,9 +9,14 @@ The numbers ``attncc explain`` prints and draws (:func:`explain_data`), all exac
   from the forward walk's cover, whose bands are the mask's clauses solved exactly for the key
   (a row's allowed keys: every key on a full row, else the union of the columns' intervals and
   the band's);
-- otherwise (exact block lists, ``[inputs]``): the tile grids as tensors, FULL tiles counting
-  all their pairs and PARTIAL tiles counted by evaluating the mask on their pairs only (with
-  the float64 reference's :func:`attncc._reference.pair_mask`).
+- a static pattern whose walks take the exact block lists: the allowed pairs of every tile
+  (:mod:`attncc.pair_counts`, numpy: the mask evaluated as the reference evaluates it, on one
+  row and key per class of rows and keys it cannot tell apart, or on the tiles near the first
+  row and key when a translation along the diagonal leaves it unchanged; no torch), each
+  walk's visited and FULL tiles following from them; the float64 reference's
+  :func:`attncc._reference.pair_mask` on every pair where numpy might round otherwise;
+- ``[inputs]``: the tile grids as tensors, FULL tiles counting all their pairs and PARTIAL
+  tiles counted by evaluating the mask on their pairs only (the reference's ``pair_mask``).
 
 This module sits above the analysis and the reference (the analysis may not import the reference
 it is checked against: docs/DESIGN-NOTES.md).
@@ -206,16 +211,52 @@ def _static_numbers(plan: Plan, *, n_q, n_k, block_m, block_n, params, nb, nh, b
 # ---------------------------------------------------------------------------------------------
 
 def _every_pair_numbers(plan: Plan, *, n_q, n_k, block_m, block_n, params, nb, nh, batch, heads) -> dict:
-    """:func:`_static_numbers`' result from every pair, evaluated once (the float64 reference's
-    :func:`~attncc._reference.pair_mask`, query rows in chunks): a static pattern's tiles are
-    exact (the Plan's contract, tests/test_exact_plans.py), so each walk's visited tiles are
-    those with an allowed pair and its FULL ones those whose pairs are all allowed, the walk's
-    inner block whole (the forward walk's key block, the dK/dV walk's query block). For the
-    walks that take the exact block lists here, which classify every pair anyway."""
+    """:func:`_static_numbers`' result from the allowed pairs of every tile: a static pattern's
+    tiles are exact (the Plan's contract, tests/test_exact_plans.py), so each walk's visited
+    tiles are those with an allowed pair and its FULL ones those whose pairs are all allowed, the
+    walk's inner block whole (the forward walk's key block, the dK/dV walk's query block). For
+    the walks that take the exact block lists here. The counts come from numpy
+    (:mod:`attncc.pair_counts`: by classes of rows and keys, or by translation along the
+    diagonal; no torch), or where it cannot match the reference, from the reference itself."""
+    import numpy as np
+
+    from attncc.pair_counts import TileCounter, Unsupported
+
+    pattern = plan.pattern.replace(inputs=())  # a static mask reads none (those of the bias need none here)
+    try:
+        counter = TileCounter(pattern, n_q=n_q, n_k=n_k, block_m=block_m, block_n=block_n, params=params,
+                              batch=nb, heads=heads)
+        grids = [counter.counts(b, h) for b in range(nb) for h in range(nh)]
+    except Unsupported:
+        return _reference_numbers(plan, n_q=n_q, n_k=n_k, block_m=block_m, block_n=block_n, params=params, nb=nb,
+                                  nh=nh, batch=batch, heads=heads)
+    nqb, nkb = _cdiv(n_q, block_m), _cdiv(n_k, block_n)
+    rows = np.minimum(n_q - np.arange(nqb) * block_m, block_m)  # rows of each query block, keys of each key block
+    cols = np.minimum(n_k - np.arange(nkb) * block_n, block_n)
+    area = rows[:, None] * cols[None, :]
+    whole = {"forward": (cols == block_n)[None, :], "dkdv": (rows == block_m)[:, None]}
+    weight = (batch // nb) * (heads // nh)
+    visited = allowed = 0
+    full = dict.fromkeys(WALK_NAMES, 0)
+    for count in grids:
+        every = count == area
+        visited += int((count > 0).sum())
+        allowed += int(count.sum())
+        for walk in WALK_NAMES:
+            full[walk] += int((every & whole[walk]).sum())
+    walks = {walk: {"empty": batch * heads * nqb * nkb - weight * visited, "full": weight * full[walk],
+                    "partial": weight * (visited - full[walk])} for walk in WALK_NAMES}
+    return {"walks": walks, "allowed": weight * allowed, "grids": nb * nh}
+
+
+def _reference_numbers(plan: Plan, *, n_q, n_k, block_m, block_n, params, nb, nh, batch, heads) -> dict:
+    """:func:`_every_pair_numbers` with the float64 reference's
+    :func:`~attncc._reference.pair_mask` on every pair (query rows in chunks): for the masks
+    numpy might evaluate otherwise (and for the errors the reference raises)."""
     from attncc._reference import pair_mask
     from attncc.analysis.graph import EXACT_CHUNK_PAIRS
 
-    pattern = plan.pattern.replace(inputs=())  # a static mask reads none (those of the bias need none here)
+    pattern = plan.pattern.replace(inputs=())
     nqb, nkb = _cdiv(n_q, block_m), _cdiv(n_k, block_n)
     some = torch.zeros(nb, nh, nqb, nkb, dtype=torch.bool)
     every = torch.ones(nb, nh, nqb, nkb, dtype=torch.bool)

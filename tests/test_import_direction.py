@@ -42,7 +42,8 @@ LAYER_OF = {
     "attncc.codegen": "codegen",
     # entry points, the compile API, explain's numbers, integrations
     "attncc": "top", "attncc.__main__": "top", "attncc.cli": "top", "attncc.console": "top",
-    "attncc.explain": "top", "attncc.report": "top", "attncc.tune": "top", "attncc.module_cache": "top",
+    "attncc.explain": "top", "attncc.report": "top", "attncc.pair_counts": "top", "attncc.tune": "top",
+    "attncc.module_cache": "top",
     "attncc.integrations": "top", "attncc.distributed": "top",
 }
 
