@@ -57,7 +57,7 @@ def _python(text, i, j):
     return bool(eval(text, {"__builtins__": {}}, {"i": i, "j": j}))
 
 
-@OPEN
+
 def test_reference_and_mask_code_compute_float_arithmetic_as_written():
     rng = random.Random(2024)
     ii, jj = torch.meshgrid(torch.arange(0, 60), torch.arange(0, 60), indexing="ij")
@@ -75,7 +75,7 @@ def test_reference_and_mask_code_compute_float_arithmetic_as_written():
         assert torch.equal(got.bool(), want), (text, "mask code")
 
 
-@OPEN
+
 def test_float_floor_division_of_a_sum_in_a_bias():
     p = parse_spec('[score]\nbias = "(i - j) // 2.5 + (j - i) / 7"\n')
     env = {"i": torch.arange(40).view(-1, 1), "j": torch.arange(40).view(1, -1), "b": 0, "h": 0, "n_q": 40, "n_k": 40,
@@ -85,7 +85,7 @@ def test_float_floor_division_of_a_sum_in_a_bias():
     assert torch.equal(got, want)
 
 
-@OPEN
+
 def test_kernels_allow_exactly_the_pairs_python_allows(tmp_path):
     """Distance 7 over 7 is 1.0 on every row: the kernels let through i - j < 7 exactly."""
     text = 'head_dim = 16\ndtypes = ["float32"]\n[mask]\nwhere = "(i - j) / 7 < 1 and j <= i"\n'

@@ -60,6 +60,16 @@ def _floormod64(a, m):
     r = a % m
     return tl.where((r != 0.0) & ((r < 0.0) != (m < 0.0)), r + m, r)'''
 
+FLOORDIV64 = '''@triton.jit
+def _floordiv64(a, b):
+    """Python's a // b of float64s (torch.div's "floor"): the floor of the exact quotient, from fmod
+    (Triton's %), which is exact: floor(a / b) rounds the quotient first (1 // 0.1 is 9.0, not 10.0)."""
+    m = a % b
+    d = (a - m) / b  # an integer up to rounding: the truncated quotient
+    d = tl.where((m != 0.0) & ((m < 0.0) != (b < 0.0)), d - 1.0, d)
+    f = tl.floor(d)
+    return tl.where(d - f > 0.5, f + 1.0, f)'''
+
 TANH64 = '''@triton.jit
 def _tanh64(x):
     """tanh of a float64: 1 - 2 / (e^(2x) + 1) saturates to +-1 without overflow."""
@@ -166,7 +176,7 @@ def _rope(x, x_partner, pos, cols, ROTARY_DIM: tl.constexpr):
 
 FIXED = {"_floordiv": FLOORDIV, "_floormod": FLOORMOD, "_ipow": IPOW, "_shift": SHIFT, "_row_term_o": ROW_TERM_O,
          "_tanh": TANH, "_alibi_slope": ALIBI_SLOPE,
-         "_sin": _sincos("sin"), "_cos": _sincos("cos"), "_sqrt64": SQRT64, "_floormod64": FLOORMOD64,
+         "_sin": _sincos("sin"), "_cos": _sincos("cos"), "_sqrt64": SQRT64, "_floormod64": FLOORMOD64, "_floordiv64": FLOORDIV64,
          "_tanh64": TANH64, "_alibi_slope64": ALIBI_SLOPE64}
 
 

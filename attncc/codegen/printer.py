@@ -35,7 +35,7 @@ from sympy.core.function import AppliedUndef
 
 from attncc.analysis.hoist import resolve
 from attncc.analysis.integer import integer_fraction, integer_ops, integer_sums
-from attncc.spec.builtins import RandomBlocks
+from attncc.spec.builtins import RandomBlocks, quotient
 
 # The integer expressions the printers write while :func:`printed_integers` is active, and the
 # kernel variables defined on the way (:class:`Defined`).
@@ -273,6 +273,16 @@ class TritonPrinter:
         """An integer sum converted once (integer.integer_sums); tl.cast: a kernel scalar may be a Python int."""
         return f"tl.cast({self.p(e.args[0])}, {'tl.float64' if self.float64 else 'tl.float32'})"
 
+    def _Grouped(self, e):  # float arithmetic as written (builtins.Grouped): its operand, then a float
+        return self._ToFloat(e)
+
+    def _FloatDiv(self, e):
+        """A division by a float literal, as written (builtins.FloatDiv)."""
+        a, b = e.args
+        if self.float64:
+            return f"({self._f64(a)} / {self._f64(b)})"
+        return f"({self._float(a)} / {self.p(b)})"
+
     def _Sigmoid(self, e):
         return f"tl.sigmoid({self._float(e.args[0])})"
 
@@ -336,10 +346,12 @@ class TritonPrinter:
         arg = e.args[0]
         if integer_fraction(arg) is not None or arg.is_integer:  # not rewritten yet
             return self.p(integer_ops(e))
-        if self.float64:  # floor(n / d) as the reference: one division after together()
-            num, den = sympy.fraction(sympy.together(arg))
-            x = self._f64(arg) if den == 1 else f"({self._f64(num)} / {self._f64(den)})"
-            return f"tl.floor({x})"
+        if self.float64:  # Python's float // (the reference's): the floor of the exact quotient
+            num, den = quotient(arg)
+            if den == 1:
+                return f"tl.floor({self._f64(arg)})"
+            self.helpers.add("_floordiv64")
+            return f"_floordiv64({self._f64(num)}, {self._f64(den)})"
         return f"tl.floor({self.p(arg)})"
 
     def _ceiling(self, e):
@@ -347,9 +359,11 @@ class TritonPrinter:
         if integer_fraction(arg) is not None or arg.is_integer:
             return self.p(integer_ops(e))
         if self.float64:
-            num, den = sympy.fraction(sympy.together(arg))
-            x = self._f64(arg) if den == 1 else f"({self._f64(num)} / {self._f64(den)})"
-            return f"tl.ceil({x})"
+            num, den = quotient(arg)
+            if den == 1:
+                return f"tl.ceil({self._f64(arg)})"
+            self.helpers.add("_floordiv64")
+            return f"(-_floordiv64(-{self._f64(num)}, {self._f64(den)}))"
         return self.p(-sympy.floor(-arg))
 
     def _Mod(self, e):
