@@ -126,14 +126,11 @@ class TritonPrinter:
     def _f64(self, e) -> str:
         """``e`` as a float64 value: integers are converted (after their integer arithmetic,
         as the reference's ``_common`` does), literals adapt to the float64 operand."""
-        if e.is_Integer:
-            return repr(float(int(e)))
-        if e.is_number and not e.is_integer and e.is_finite:
-            value = _number(e)
-            if value is not None and not _float32_exact(value):
-                # Triton turns a Python float compared with a tensor (or given to tl.where, minimum,
-                # maximum) into a float32 constant first: 0.3 would be 0.30000001192
-                return f"tl.full((), {self.p(e)}, tl.float64)"
+        if e.is_number and e.is_finite and _number(e) is not None:
+            # Triton turns a Python float compared with a tensor (or given to tl.where, minimum,
+            # maximum) into a float32 constant first: 0.3 would be 0.30000001192; with a scalar
+            # (a float64 param: t / 2.5) the operation itself is float32
+            return f"tl.full((), {repr(float(_number(e)))}, tl.float64)"
         if e.is_integer or e.is_Boolean or isinstance(e, sympy.Rel):
             return f"tl.cast({self.p(e)}, tl.float64)"  # tl.cast: kernel scalars are Python numbers in the interpreter
         return self.p(e)
@@ -325,8 +322,15 @@ class TritonPrinter:
         return out
 
     # integer // and % (see integer.py): exact integer operations with Python's signs
+    def _float_floor(self, e) -> bool:
+        """Whether an integer ``//`` or ``%`` has an operand that is a floor of float arithmetic
+        (``(t // 1.1) // 3``): integer-valued, but a float in the kernel (tl.floor)."""
+        return any(a.has(sympy.floor, sympy.ceiling) for a in e.args)
+
     def _FloorDiv(self, e):
         num, den = e.args
+        if self._float_floor(e):
+            return self._floor(sympy.floor(num / den, evaluate=False))
         if _nonnegative(num) and den.is_positive:
             return f"({self._atom(num)} // {self._atom(den)})"
         if den.is_Integer and den > 1 and int(den) & (int(den) - 1) == 0:
@@ -337,6 +341,8 @@ class TritonPrinter:
 
     def _FloorMod(self, e):
         a, m = e.args
+        if self._float_floor(e):
+            return self._Mod(sympy.Mod(a, m, evaluate=False))
         if _nonnegative(a) and m.is_positive:
             return f"({self._atom(a)} % {self._atom(m)})"
         self.helpers.add("_floormod")
@@ -344,7 +350,7 @@ class TritonPrinter:
 
     def _floor(self, e):
         arg = e.args[0]
-        if integer_fraction(arg) is not None or arg.is_integer:  # not rewritten yet
+        if (integer_fraction(arg) is not None or arg.is_integer) and not arg.has(sympy.floor, sympy.ceiling):  # not rewritten yet
             return self.p(integer_ops(e))
         if self.float64:  # Python's float // (the reference's): the floor of the exact quotient
             num, den = quotient(arg)
@@ -368,7 +374,7 @@ class TritonPrinter:
 
     def _Mod(self, e):
         a, m = e.args
-        if a.is_integer and m.is_integer:  # not rewritten yet
+        if a.is_integer and m.is_integer and not e.has(sympy.floor, sympy.ceiling):  # not rewritten yet
             return self.p(integer_ops(e))
         if self.float64:  # the reference's torch.remainder: fmod, then the sign of the divisor
             self.helpers.add("_floormod64")

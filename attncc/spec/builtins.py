@@ -233,9 +233,9 @@ class Grouped(ToFloat):
 
 
 class FloatDiv(sympy.Function):
-    """``a / b`` with ``b`` a float literal, as one division (Python's): sympy would make it a
-    product with the rounded reciprocal (``x / 2.5`` is ``0.4*x``, off by an ulp for a third of
-    the integers x)."""
+    """``a / b`` as one division (Python's), for a divisor ``b`` that is not an integer literal:
+    sympy would make it a product with a reciprocal (``x / 2.5`` is ``0.4*x``, off by an ulp for a
+    third of the integers x; ``j / t`` is ``j * t**-1``, and a pass may compute ``t**-1`` apart)."""
 
     nargs = 2
     is_real = True

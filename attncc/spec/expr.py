@@ -588,9 +588,11 @@ def _grouped(op, e, other):
 
 
 def _divide(a, b):
-    """``a / b`` as one division: by a float literal a FloatDiv (sympy would multiply by the
-    reciprocal); otherwise sympy's ``a * b**-1``, which the printers and the reference divide."""
-    return FloatDiv(a, b) if b.is_Float else a / b
+    """``a / b`` as one division: by an integer literal sympy's ``a * (1/c)``, which the printers
+    and the reference divide (``sympy.fraction``); by anything else a FloatDiv: sympy would
+    multiply by the reciprocal of a float literal, and a pass that hoists ``b**-1`` out of
+    ``a * b**-1`` (mask code's hoister with ``j / t``) would too."""
+    return a / b if b.is_Integer else FloatDiv(a, b)
 
 
 def as_number(expr, typ) -> Tuple[sympy.Basic, str]:
