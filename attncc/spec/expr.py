@@ -278,7 +278,7 @@ class _Parser:
         if op is ast.Div:
             return _divide(a, b), FLOAT
         if op is ast.FloorDiv:  # of floats: the floor of the exact quotient (Python's), see quotient()
-            return sympy.floor(_divide(a, b)), typ
+            return sympy.floor(_divide(a, b) if typ == FLOAT else a / b), typ
         if op is ast.Mod:
             return sympy.Mod(a, b), typ
         return self.power(node, a, b), typ
