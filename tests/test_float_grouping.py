@@ -7,17 +7,15 @@ distributed form differs from Python's (the integer sum first, then one division
 the last bit: ``(i - j) / 7 < 1`` allowed ``i - j = 7`` on some rows (12/7 - 5/7 < 1), a bias
 ``(i - j) // 2.5`` was -3 at distance -5 (Python: -2.0).
 
-Open (xfail, strict): parsing under ``sympy.core.parameters.distribute(False)`` keeps the grouping
-in the Pattern, but every later rebuild (``e.func(*args)`` in the hoister, ``together`` in the
-floor printers and the reference) distributes again, and sympy recurses without end on some
-relations in that mode (``-(i + j) / 7 <= -4``). A fix needs an explicit node for "this integer
-sum becomes a float here" (as ``attncc.analysis.integer.ToFloat`` in score code) made by the
-parser and understood by the analysis, the classifier, the printers and the reference."""
+The parser keeps each operand of float arithmetic that sympy would take apart or merge as one
+value (``attncc.spec.builtins.Grouped``, a ``ToFloat``) and divides by anything but an integer
+literal with ``FloatDiv`` (one division); the reference, mask code and kernels compute those as
+written. The seeded random tests compare Python's own ``eval`` of random expressions with the
+reference, the printed mask code and whole kernels, pair by pair."""
 from __future__ import annotations
 
 import random
 
-import pytest
 import torch
 
 import attncc
@@ -25,8 +23,6 @@ from attncc._reference import evaluate, pair_mask
 from attncc.spec import parse_spec
 from cases import build_inline, rel_err
 from printed import run_printed
-
-
 
 SUMS = ("i - j", "j - i", "i + j", "2 * i - j", "i - 3 * j + 5", "j - i - 1")
 INT_DIVISORS = (3, 5, 7, 10, 11, 13)

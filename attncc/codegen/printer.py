@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import struct
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Set
 
@@ -453,13 +452,6 @@ def _number(e) -> Optional[float]:
     """The value of a real number node (``Integer(2)``, ``Float(0.5)``, ``Rational(1, 2)``), else None:
     sympy's ``==`` tells ``Float(0.5)`` from ``Rational(1, 2)``."""
     return float(e) if e.is_number and e.is_real else None
-
-
-def _float32_exact(value: float) -> bool:
-    try:
-        return struct.unpack("f", struct.pack("f", value))[0] == value
-    except OverflowError:
-        return False
 
 
 def _nonnegative(e) -> bool:
