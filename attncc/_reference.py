@@ -23,7 +23,8 @@ from sympy.core.function import AppliedUndef
 from attncc.core import semantics
 from attncc.core.feature_maps import LINEAR_DENOMINATOR_EPS, performer_projection
 from attncc.spec import symbols as S
-from attncc.spec.builtins import SHIFT_LIMIT, AlibiSlope, BitAnd, BitOr, BitXor, Bucket, RandomBlocks, Shift, Sigmoid
+from attncc.spec.builtins import (SHIFT_LIMIT, AlibiSlope, BitAnd, BitOr, BitXor, Bucket, FloatDiv, RandomBlocks, Shift,
+                                  Sigmoid, ToFloat, quotient)
 from attncc.spec.ir import Pattern
 
 _INT, _FLOAT, _BOOL = torch.int64, torch.float64, torch.bool
@@ -137,6 +138,10 @@ class _Evaluator:
             return _lookup(hh, lambda v: semantics.alibi_slope(v, nh), _FLOAT)
         if isinstance(e, RandomBlocks):
             return self.random_blocks(e)
+        if isinstance(e, ToFloat):  # its own arithmetic (exact in integers), then one conversion
+            return self.float_(e.args[0])
+        if isinstance(e, FloatDiv):
+            return self.float_(e.args[0]) / self.float_(e.args[1])
         if isinstance(e, Sigmoid):
             return torch.sigmoid(self.float_(e.args[0]))
         if isinstance(e, (BitAnd, BitOr, BitXor)):  # int64 two's complement: Python's for every int64
@@ -183,15 +188,15 @@ class _Evaluator:
                 return root if k > 0 else 1.0 / root
             return torch.pow(x.to(_FLOAT), y.to(_FLOAT))
         if isinstance(e, (sympy.floor, sympy.ceiling)):
-            num, den = sympy.fraction(sympy.together(e.args[0]))
+            num, den = quotient(e.args[0])
             n, d = self(num), self(den)
             up = isinstance(e, sympy.ceiling)
             if _is_int(n) and _is_int(d):
                 if bool((d == 0).any()):
                     _zero_divisor(den, e)
-                return -torch.div(-n, d, rounding_mode="floor") if up else torch.div(n, d, rounding_mode="floor")
-            q = n.to(_FLOAT) / d.to(_FLOAT)
-            return torch.ceil(q) if up else torch.floor(q)
+            else:  # Python's float //: the floor of the exact quotient (1 // 0.1 is 9.0), as torch's
+                n, d = n.to(_FLOAT), d.to(_FLOAT)
+            return -torch.div(-n, d, rounding_mode="floor") if up else torch.div(n, d, rounding_mode="floor")
         if isinstance(e, sympy.Mod):
             a, m = _common(self(e.args[0]), self(e.args[1]))
             if _is_int(m) and bool((m == 0).any()):

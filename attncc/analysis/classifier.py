@@ -22,7 +22,7 @@ from sympy.logic.boolalg import BooleanFalse, BooleanTrue
 
 from attncc.core.tiles import BlockStat, IntervalProgram
 from attncc.spec import symbols as S
-from attncc.spec.builtins import AlibiSlope, BitAnd, BitOr, BitXor, Bucket, RandomBlocks, Shift, Sigmoid
+from attncc.spec.builtins import AlibiSlope, BitAnd, BitOr, BitXor, Bucket, FloatDiv, RandomBlocks, Shift, Sigmoid, ToFloat
 from attncc.spec.ir import Pattern
 
 Value = Union[str, int, float]  # a step's result name, or a literal number (a point interval)
@@ -144,6 +144,10 @@ class _Compiler:
             for expr_k, cond_k in reversed(pieces):
                 value = self.emit("select", self.boolean(cond_k), self.number(expr_k), value)
             return value
+        if isinstance(e, ToFloat):  # exact conversion; the float arithmetic around it is widened
+            return self.number(e.args[0])
+        if isinstance(e, FloatDiv):
+            return self.emit("div", self.number(e.args[0]), self.number(e.args[1]))
         if isinstance(e, Bucket):
             nb, md, bd = e.options
             return self.emit("bucket", self.number(e.args[0]), nb, md, int(bd))

@@ -18,7 +18,7 @@ import sympy
 from sympy.core.function import AppliedUndef
 from sympy.functions.elementary.piecewise import ExprCondPair
 
-from attncc.analysis.integer import integer_ops, integer_sums, recentered
+from attncc.analysis.integer import integer_ops, integer_sums, recentered, ungrouped
 from attncc.spec import symbols as S
 from attncc.spec.builtins import RandomBlocks
 
@@ -118,7 +118,7 @@ def split_along_j(bias: sympy.Expr) -> Tuple[sympy.Expr, sympy.Expr]:
     the loop and ``0.1 * i`` in the row terms).
     """
     along, const = [], []
-    for t in sympy.Add.make_args(integer_sums(sympy.expand(integer_ops(bias)))):
+    for t in sympy.Add.make_args(integer_sums(sympy.expand(integer_ops(ungrouped(bias))))):
         if not depends_on(t, S.j):
             const.append(t)
             continue

@@ -21,6 +21,7 @@ import sympy
 from sympy.printing.precedence import PRECEDENCE
 
 from attncc.spec import symbols as S
+from attncc.spec.builtins import Grouped, ToFloat
 
 
 class FloorDiv(sympy.Function):
@@ -109,36 +110,6 @@ def integer_ops(e):
 # Sums of integer terms in float code
 # ---------------------------------------------------------------------------
 
-class ToFloat(sympy.Function):
-    """An integer expression converted to a float once, after its integer arithmetic.
-
-    Score code is float32: ``0.1 * (i - j)`` is ``0.1*i - 0.1*j`` to sympy (a number times a sum
-    is always distributed), and printed as such it rounds ``0.1 * i`` and ``0.1 * j`` separately,
-    each off by up to half an ulp of ``0.1 * i``: at positions near 2**20 the difference loses
-    ~3e-3. :func:`integer_sums` writes it ``0.1 * ToFloat(i - j)``: the subtraction is exact
-    integer arithmetic, one rounding follows. An opaque function, so no sympy pass distributes
-    the coefficient again."""
-
-    nargs = 1
-    is_real = True
-    is_integer = False
-
-    @classmethod
-    def eval(cls, x):
-        if x.is_Integer:
-            return sympy.Float(int(x))
-        return None
-
-    def fdiff(self, argindex=1):
-        return sympy.Integer(1)
-
-    def _eval_is_finite(self):
-        return True
-
-    def _sympystr(self, printer):
-        return f"float({printer.doprint(self.args[0])})"
-
-
 def _exact(c) -> sympy.Rational:
     """The exact value of a sympy number (a Float is a binary fraction)."""
     return sympy.Rational(c) if c.is_Float else c
@@ -189,14 +160,28 @@ def _group_sum(e: sympy.Add):
     return sympy.Add(*out)
 
 
+def ungrouped(e):
+    """``e`` without the parser's grouping of float arithmetic (:class:`Grouped`): score code is
+    float32, where the grouping as written gains nothing, and :func:`integer_sums` groups the
+    integer sums its own way."""
+    if not isinstance(e, sympy.Basic) or not e.has(Grouped):
+        return e
+    return e.replace(lambda x: isinstance(x, Grouped), lambda x: x.args[0])
+
+
 def integer_sums(e):
     """``e`` with the integer terms of every float sum added up as integers first
     (:class:`ToFloat`): ``c*j - c*i`` is ``c * ToFloat(j - i)``, ``s + i - j`` is
     ``s + ToFloat(i - j)``, ``0.2*i - 0.1*j`` is ``0.1 * ToFloat(2*i - j)``. For score code
-    (float32); mask code keeps the reference's order of operations (float64, exact there)."""
+    (float32; the parser's grouping is taken off first, :func:`ungrouped`); mask code keeps the
+    reference's order of operations (float64, exact there)."""
+    return _integer_sums(ungrouped(e))
+
+
+def _integer_sums(e):
     if not isinstance(e, sympy.Basic) or e.is_Atom:
         return e
-    args = [integer_sums(a) for a in e.args]
+    args = [_integer_sums(a) for a in e.args]
     if any(a is not b for a, b in zip(args, e.args)):
         e = e.func(*args)
     if isinstance(e, sympy.Add) and not e.is_integer:

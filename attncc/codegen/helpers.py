@@ -11,7 +11,7 @@ from attncc.core import semantics
 
 # the helpers of templates/helpers.j2 that take no parameters
 FIXED = ("_floordiv", "_floormod", "_ipow", "_shift", "_row_term_o", "_tanh", "_alibi_slope", "_sin", "_cos",
-         "_sqrt64", "_floormod64", "_tanh64", "_alibi_slope64", "_random_hit")
+         "_sqrt64", "_floormod64", "_floordiv64", "_tanh64", "_alibi_slope64", "_random_hit")
 
 
 def helper_args(name: str) -> Dict[str, object]:

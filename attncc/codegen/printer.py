@@ -28,7 +28,6 @@ import ast
 import collections
 import contextlib
 import contextvars
-import struct
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Set, Tuple
 
@@ -37,7 +36,7 @@ from sympy.core.function import AppliedUndef
 
 from attncc.analysis.hoist import resolve
 from attncc.analysis.integer import integer_fraction, integer_ops, integer_sums
-from attncc.spec.builtins import RandomBlocks
+from attncc.spec.builtins import RandomBlocks, quotient
 
 # The integer expressions the printers write while :func:`printed_integers` is active, and the
 # kernel variables defined on the way (:class:`Defined`).
@@ -219,14 +218,11 @@ class TritonPrinter:
     def _f64(self, e) -> str:
         """``e`` as a float64 value: integers are converted (after their integer arithmetic,
         as the reference's ``_common`` does), literals adapt to the float64 operand."""
-        if e.is_Integer:
-            return repr(float(int(e)))
-        if e.is_number and not e.is_integer and e.is_finite:
-            value = _number(e)
-            if value is not None and not _float32_exact(value):
-                # Triton turns a Python float compared with a tensor (or given to tl.where, minimum,
-                # maximum) into a float32 constant first: 0.3 would be 0.30000001192
-                return f"tl.full((), {self.p(e)}, tl.float64)"
+        if e.is_number and e.is_finite and _number(e) is not None:
+            # Triton turns a Python float compared with a tensor (or given to tl.where, minimum,
+            # maximum) into a float32 constant first: 0.3 would be 0.30000001192; with a scalar
+            # (a float64 param: t / 2.5) the operation itself is float32
+            return f"tl.full((), {repr(float(_number(e)))}, tl.float64)"
         if e.is_integer or e.is_Boolean or isinstance(e, sympy.Rel):
             return f"tl.cast({self.p(e)}, tl.float64)"  # tl.cast: kernel scalars are Python numbers in the interpreter
         return self.p(e)
@@ -366,6 +362,16 @@ class TritonPrinter:
         """An integer sum converted once (integer.integer_sums); tl.cast: a kernel scalar may be a Python int."""
         return f"tl.cast({self.p(e.args[0])}, {'tl.float64' if self.float64 else 'tl.float32'})"
 
+    def _Grouped(self, e):  # float arithmetic as written (builtins.Grouped): its operand, then a float
+        return self._ToFloat(e)
+
+    def _FloatDiv(self, e):
+        """A division by a float literal, as written (builtins.FloatDiv)."""
+        a, b = e.args
+        if self.float64:
+            return f"({self._f64(a)} / {self._f64(b)})"
+        return f"({self._float(a)} / {self.p(b)})"
+
     def _Sigmoid(self, e):
         return f"tl.sigmoid({self._float(e.args[0])})"
 
@@ -408,8 +414,15 @@ class TritonPrinter:
         return out
 
     # integer // and % (see integer.py): exact integer operations with Python's signs
+    def _float_floor(self, e) -> bool:
+        """Whether an integer ``//`` or ``%`` has an operand that is a floor of float arithmetic
+        (``(t // 1.1) // 3``): integer-valued, but a float in the kernel (tl.floor)."""
+        return any(a.has(sympy.floor, sympy.ceiling) for a in e.args)
+
     def _FloorDiv(self, e):
         num, den = e.args
+        if self._float_floor(e):
+            return self._floor(sympy.floor(num / den, evaluate=False))
         if _nonnegative(num) and den.is_positive:
             return f"({self._atom(num)} // {self._atom(den)})"
         if den.is_Integer and den > 1 and int(den) & (int(den) - 1) == 0:
@@ -420,6 +433,8 @@ class TritonPrinter:
 
     def _FloorMod(self, e):
         a, m = e.args
+        if self._float_floor(e):
+            return self._Mod(sympy.Mod(a, m, evaluate=False))
         if _nonnegative(a) and m.is_positive:
             return f"({self._atom(a)} % {self._atom(m)})"
         self.helpers.add("_floormod")
@@ -427,12 +442,14 @@ class TritonPrinter:
 
     def _floor(self, e):
         arg = e.args[0]
-        if integer_fraction(arg) is not None or arg.is_integer:  # not rewritten yet
+        if (integer_fraction(arg) is not None or arg.is_integer) and not arg.has(sympy.floor, sympy.ceiling):  # not rewritten yet
             return self.p(integer_ops(e))
-        if self.float64:  # floor(n / d) as the reference: one division after together()
-            num, den = sympy.fraction(sympy.together(arg))
-            x = self._f64(arg) if den == 1 else f"({self._f64(num)} / {self._f64(den)})"
-            return f"tl.floor({x})"
+        if self.float64:  # Python's float // (the reference's): the floor of the exact quotient
+            num, den = quotient(arg)
+            if den == 1:
+                return f"tl.floor({self._f64(arg)})"
+            self.helpers.add("_floordiv64")
+            return f"_floordiv64({self._f64(num)}, {self._f64(den)})"
         return f"tl.floor({self.p(arg)})"
 
     def _ceiling(self, e):
@@ -440,14 +457,16 @@ class TritonPrinter:
         if integer_fraction(arg) is not None or arg.is_integer:
             return self.p(integer_ops(e))
         if self.float64:
-            num, den = sympy.fraction(sympy.together(arg))
-            x = self._f64(arg) if den == 1 else f"({self._f64(num)} / {self._f64(den)})"
-            return f"tl.ceil({x})"
+            num, den = quotient(arg)
+            if den == 1:
+                return f"tl.ceil({self._f64(arg)})"
+            self.helpers.add("_floordiv64")
+            return f"(-_floordiv64(-{self._f64(num)}, {self._f64(den)}))"
         return self.p(-sympy.floor(-arg))
 
     def _Mod(self, e):
         a, m = e.args
-        if a.is_integer and m.is_integer:  # not rewritten yet
+        if a.is_integer and m.is_integer and not e.has(sympy.floor, sympy.ceiling):  # not rewritten yet
             return self.p(integer_ops(e))
         if self.float64:  # the reference's torch.remainder: fmod, then the sign of the divisor
             self.helpers.add("_floormod64")
@@ -526,13 +545,6 @@ def _number(e) -> Optional[float]:
     """The value of a real number node (``Integer(2)``, ``Float(0.5)``, ``Rational(1, 2)``), else None:
     sympy's ``==`` tells ``Float(0.5)`` from ``Rational(1, 2)``."""
     return float(e) if e.is_number and e.is_real else None
-
-
-def _float32_exact(value: float) -> bool:
-    try:
-        return struct.unpack("f", struct.pack("f", value))[0] == value
-    except OverflowError:
-        return False
 
 
 def _nonnegative(e) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sympy
 from sympy.logic.boolalg import BooleanFunction
+from sympy.printing.precedence import PRECEDENCE
 
 from attncc.core import semantics
 
@@ -176,3 +177,90 @@ class RandomBlocks(BooleanFunction):
 
     def to_anf(self, deep=True):
         return self
+
+
+# ---------------------------------------------------------------------------
+# Float arithmetic as written
+# ---------------------------------------------------------------------------
+# sympy rewrites arithmetic as it builds it: a number times a sum is distributed
+# (``(i - j) / 7`` is ``i/7 - j/7``), sums and products are flattened and their constants
+# folded (``x + 0.1 + 0.2`` is ``x + 0.3``), ``x / 2.5`` is ``0.4*x``. In integers that is
+# exact; in float64 each form rounds differently, and a mask decides pairs on the last bit.
+# The parser therefore keeps every operand of float arithmetic that sympy could take apart
+# or merge inside a Grouped (a ToFloat), and writes a division by a float literal as FloatDiv: what remains is
+# one operation on two opaque operands, which sympy can only reorder where that is exact.
+
+
+class ToFloat(sympy.Function):
+    """``x`` computed on its own, then a float: the integer arithmetic of an integer ``x`` is
+    exact, one conversion follows (float64 in the reference and mask code, float32 in score
+    code); a float ``x`` is its own value. An opaque function, so no sympy pass distributes a
+    coefficient over it or merges its terms with the expression around it.
+
+    Made by the parser (float arithmetic as written, above) and by
+    :func:`attncc.analysis.integer.integer_sums` in score code (``0.1*j - 0.1*i`` is
+    ``0.1 * ToFloat(j - i)``: one rounding instead of two)."""
+
+    nargs = 1
+    is_real = True  # and no claim is_integer = False: sympy would decide Eq(ToFloat(x), 10) False at once
+
+    @classmethod
+    def eval(cls, x):
+        if x.is_Number:
+            return sympy.Float(x)
+        if isinstance(x, ToFloat):
+            return x
+        return None
+
+    def fdiff(self, argindex=1):
+        return sympy.Integer(1)
+
+    def _eval_is_finite(self):
+        return True
+
+    def _sympystr(self, printer):
+        return f"float({printer.doprint(self.args[0])})"
+
+
+class Grouped(ToFloat):
+    """An operand of float arithmetic kept as written by the parser: ``x`` computed on its own
+    (its integer arithmetic exact), as a float64. A ToFloat of its own kind so that score code,
+    which is float32 and groups integer sums its own way, can take the parser's grouping off
+    (:func:`attncc.analysis.integer.integer_sums`) and leave its own in place."""
+
+    def _sympystr(self, printer):
+        return f"({printer.doprint(self.args[0])})"
+
+
+class FloatDiv(sympy.Function):
+    """``a / b`` as one division (Python's), for a divisor ``b`` that is not an integer literal:
+    sympy would make it a product with a reciprocal (``x / 2.5`` is ``0.4*x``, off by an ulp for a
+    third of the integers x; ``j / t`` is ``j * t**-1``, and a pass may compute ``t**-1`` apart)."""
+
+    nargs = 2
+    is_real = True
+
+    @classmethod
+    def eval(cls, a, b):
+        if a.is_Number and b.is_Number and not b.is_zero:
+            return sympy.Float(float(a) / float(b))
+        return None
+
+    def fdiff(self, argindex=1):
+        a, b = self.args
+        return 1 / b if argindex == 1 else -a / b**2
+
+    def _eval_is_finite(self):
+        return True
+
+    def _sympystr(self, printer):
+        a, b = (printer.parenthesize(x, PRECEDENCE["Mul"], strict=True) for x in self.args)
+        return f"({a} / {b})"
+
+
+def quotient(e):
+    """``(numerator, denominator)`` of a quotient the way the language divides: a FloatDiv's two
+    operands, else sympy's fraction (``ToFloat(i - j) / 7`` is ``(ToFloat(i - j), 7)``)."""
+    if isinstance(e, FloatDiv):
+        return e.args
+    return sympy.fraction(sympy.together(e))

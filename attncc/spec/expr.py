@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import math
+import operator
 import warnings
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
@@ -17,7 +18,8 @@ import sympy
 from sympy.core.function import AppliedUndef
 
 from attncc.spec import symbols as S
-from attncc.spec.builtins import AlibiSlope, BitAnd, BitOr, BitXor, Bucket, RandomBlocks, Shift, Sigmoid
+from attncc.spec.builtins import (AlibiSlope, BitAnd, BitOr, BitXor, Bucket, FloatDiv, Grouped, RandomBlocks, Shift,
+                                  Sigmoid)
 from attncc.spec.errors import SpecError
 from attncc.spec.ir import InputDecl, Param
 
@@ -258,6 +260,15 @@ class _Parser:
         a, ta = self.number(node.left, f"'{sym}'")
         b, tb = self.number(node.right, f"'{sym}'")
         typ = INT if (ta == INT and tb == INT) else FLOAT
+        if op in (ast.Div, ast.FloorDiv, ast.Mod) and b.is_zero:  # 0 and 0.0
+            self.fail(node, "modulo by zero" if op is ast.Mod else "division by zero")
+        if op is ast.Div or (op is ast.Pow and typ == INT and not (b.is_Integer and b >= 0)):
+            typ = FLOAT
+        if typ == FLOAT:  # float arithmetic as written (builtins.ToFloat)
+            folded = _python_float(op, a, ta, b, tb)
+            if folded is not None:
+                return folded, FLOAT
+            a, b = _grouped(op, a, b), _grouped(op, b, a)
         if op is ast.Add:
             return a + b, typ
         if op is ast.Sub:
@@ -265,19 +276,11 @@ class _Parser:
         if op is ast.Mult:
             return a * b, typ
         if op is ast.Div:
-            if b.is_zero:  # 0 and 0.0
-                self.fail(node, "division by zero")
-            return a / b, FLOAT
-        if op is ast.FloorDiv:
-            if b.is_zero:
-                self.fail(node, "division by zero")
-            return sympy.floor(a / b), typ
+            return _divide(a, b), FLOAT
+        if op is ast.FloorDiv:  # of floats: the floor of the exact quotient (Python's), see quotient()
+            return sympy.floor(_divide(a, b) if typ == FLOAT else a / b), typ
         if op is ast.Mod:
-            if b.is_zero:
-                self.fail(node, "modulo by zero")
             return sympy.Mod(a, b), typ
-        if typ == INT and not (b.is_Integer and b >= 0):
-            typ = FLOAT
         return self.power(node, a, b), typ
 
     def visit_BoolOp(self, node):
@@ -554,6 +557,42 @@ class _Parser:
         if not 0 <= o["seed"] < SEED_LIMIT:
             self.fail(node, f"random_blocks()'s seed must be between 0 and 2**63 - 1, got {_text(o['seed'])}")
         return RandomBlocks(S.i, S.j, S.n_k, r_node.value, o["block"], o["seed"]), BOOL
+
+
+_PYTHON_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+               ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
+
+
+def _python_float(op, a, ta, b, tb) -> Optional[sympy.Float]:
+    """``a op b`` of two numbers whose result is a float, computed as Python computes it (sympy
+    keeps ``1 / 3`` exact, and ``1 / 3 * 3`` would be 1); None when either is not a number, or
+    Python raises (sympy's form then meets the checks of its own)."""
+    if not (a.is_Number and b.is_Number):
+        return None
+    x, y = (float(v) if t == FLOAT else int(v) for v, t in ((a, ta), (b, tb)))
+    try:
+        value = _PYTHON_OPS[op](x, y)
+    except (ArithmeticError, ValueError):
+        return None
+    return sympy.Float(value) if isinstance(value, float) else None
+
+
+def _grouped(op, e, other):
+    """``e``, an operand of the float arithmetic ``op`` with ``other``, as one value
+    (``Grouped(e)``, builtins "Float arithmetic as written") where sympy would take it apart or
+    merge it with what is around it: a sum, a product or a power, except a sum times anything but
+    a number (sympy distributes only a number over a sum: ``slopes[h] * (j - i)`` stays as it is)."""
+    if isinstance(e, (sympy.Mul, sympy.Pow)) or (isinstance(e, sympy.Add) and not (op is ast.Mult and not other.is_Number)):
+        return Grouped(e)
+    return e
+
+
+def _divide(a, b):
+    """``a / b`` as one division: by an integer literal sympy's ``a * (1/c)``, which the printers
+    and the reference divide (``sympy.fraction``); by anything else a FloatDiv: sympy would
+    multiply by the reciprocal of a float literal, and a pass that hoists ``b**-1`` out of
+    ``a * b**-1`` (mask code's hoister with ``j / t``) would too."""
+    return a / b if b.is_Integer else FloatDiv(a, b)
 
 
 def as_number(expr, typ) -> Tuple[sympy.Basic, str]:
