@@ -38,7 +38,8 @@ from sympy.core.function import AppliedUndef
 
 from attncc.core import semantics
 from attncc.spec import symbols as S
-from attncc.spec.builtins import SHIFT_LIMIT, AlibiSlope, BitAnd, BitOr, BitXor, Bucket, RandomBlocks, Shift
+from attncc.spec.builtins import (SHIFT_LIMIT, AlibiSlope, BitAnd, BitOr, BitXor, Bucket, FloatDiv, RandomBlocks, Shift,
+                                  ToFloat)
 from attncc.spec.ir import Pattern
 
 CHUNK_PAIRS = 1 << 21  # pairs evaluated at once (bounds the memory of one mask evaluation)
@@ -154,6 +155,10 @@ class _Evaluator:
             return _lookup(hh, lambda v: semantics.alibi_slope(v, int(nh)), _FLOAT)
         if isinstance(e, RandomBlocks):
             return self.random_blocks(e)
+        if isinstance(e, ToFloat):  # its own arithmetic (exact in integers), then one conversion
+            return self.float_(e.args[0])
+        if isinstance(e, FloatDiv):
+            return self.float_(e.args[0]) / self.float_(e.args[1])
         if isinstance(e, tuple(_BITWISE)):
             return _BITWISE[type(e)](*self.integers(e))
         if isinstance(e, Shift):  # floor(x * 2**n), n clamped to [-SHIFT_LIMIT, SHIFT_LIMIT]

@@ -159,12 +159,12 @@ def test_score_section_names_bias_softcap_mod_and_what_the_kernels_do(tmp_path):
     d = _json([spec, "--n", "64"])["score"]
     assert d["mask_from_mod"] == "i >= j" and d["mod"] == "where(s > -0.5, 1.5*s, -inf)"
     assert d["conditions"] == [{"where": "s > -0.5", "on_score": True}]
-    assert d["bias"] == "0.5*i - 0.5*j" and d["softcap"] == 2.0 and d["scale"] == 0.5 and not d["scale_default"]
+    assert d["bias"] == "0.5*(i - j)" and d["softcap"] == 2.0 and d["scale"] == 0.5 and not d["scale_default"]
     assert d["dropped"] == []  # with a mod and a softcap the bias stays whole in the key loop
     assert d["key_loop"] == ["s = scale*qk + 0.5*float(i - j)", "s = where(s > -0.5, 1.5*s, -inf)",
                              "s = 2.0*tanh(s/2.0)  (a removed pair stays -inf)"]
     text = _explain([spec, "--n", "64"])
-    for want in ("    bias      0.5*i - 0.5*j", "    mod       where(s > -0.5, 1.5*s, -inf)", "    softcap   2.0",
+    for want in ("    bias      0.5*(i - j)", "    mod       where(s > -0.5, 1.5*s, -inf)", "    softcap   2.0",
                  "    per pair  s > -0.5  (a condition the key loop evaluates per pair, on the score after scale "
                  "and bias)", "became the mask"):
         assert want in text, text

@@ -158,7 +158,7 @@ def test_score_conditions_stay_in_the_mod():
         "where(j <= i and s > 0, s, -inf)": ("i >= j", "Piecewise((s, s > 0), (-oo, True))"),
         "where(s <= 0.5, where(j <= i, s, -inf), -inf)": ("i >= j", "Piecewise((s, s <= 0.5), (-oo, True))"),
         "where(not (j > i or s > 1), s, -inf)": ("i >= j", "Piecewise((s, s <= 1), (-oo, True))"),
-        "where(i >= j, s + (i - j), -inf)": ("i >= j", "i - j + s"),
+        "where(i >= j, s + (i - j), -inf)": ("i >= j", "s + (i - j)"),  # (i - j) as written
         "where(s > 0, -inf, s * 2)": (None, "Piecewise((-oo, s > 0), (2*s, True))"),
     }
     for mod, (mask, rest) in cases.items():

@@ -21,14 +21,20 @@ from sympy.printing.str import StrPrinter
 
 from attncc.analysis.derivative import score_derivative
 from attncc.analysis.hoist import Hoister, split_along_j
-from attncc.analysis.integer import integer_sums, recentered
+from attncc.analysis.integer import integer_sums, recentered, ungrouped
 from attncc.spec import symbols as S
+from attncc.spec.builtins import FloatDiv
 from attncc.spec.ir import Pattern
 
 
 def softcap_of_mod(mod) -> Optional[float]:
     """``c`` when ``mod`` is ``c * tanh(s / c)`` with ``c`` a positive number, else None."""
-    if mod is None or not isinstance(mod, sympy.Mul):
+    if mod is None:
+        return None
+    # the parser's float grouping and divisions as written (s / 7.5): plain arithmetic here (score code
+    # is float32, and the recognized softcap computes s / c its own way)
+    mod = ungrouped(mod).replace(lambda x: isinstance(x, FloatDiv), lambda x: x.args[0] / x.args[1])
+    if not isinstance(mod, sympy.Mul):
         return None
     coeff, rest = mod.as_coeff_Mul()
     if not (coeff.is_number and coeff.is_positive) or not isinstance(rest, sympy.tanh):

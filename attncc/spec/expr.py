@@ -136,6 +136,8 @@ class _Parser:
                 self.fail(node, f"{self.source(node)} is not a finite number in float64{self.value_note(node, part)}")
             if part.is_Integer and abs(int(part)) >= INT_CONSTANT_LIMIT:
                 self.fail(node, f"{self.source(node)} is an integer constant beyond int64 (|n| < 2**63)")
+        if expr.has(Grouped):  # score code takes the grouping off (analysis.integer.ungrouped) and may expand
+            expr = expr.replace(lambda x: isinstance(x, Grouped), lambda x: x.args[0])
         terms = _expanded_terms(expr, self._terms)
         if terms > MAX_EXPANDED_TERMS:
             self.fail(node, f"{self.source(node)} expands to about {terms if terms < 10**12 else 'more than 10**12'} "
@@ -145,6 +147,9 @@ class _Parser:
         """``a ** exponent``, refused before sympy computes a huge exact constant or the analysis expands
         a huge power of a sum. An exponent ``c + x`` counts as ``c``: sympy turns ``2 ** (c + x)``
         into ``2**c * 2**x`` at once, and expand splits ``y ** (c + x)`` into ``y**c * y**x``."""
+        base, power = a, exponent
+        # the checks see through the grouping of float arithmetic (Grouped: the values are the same)
+        a, exponent = (x.args[0] if isinstance(x, Grouped) else x for x in (a, exponent))
         b = exponent.as_coeff_Add()[0] if exponent.is_Add else exponent
         if b.is_Number:
             if not b.is_finite:
@@ -159,7 +164,7 @@ class _Parser:
             elif not a.is_Number and abs(b) > MAX_EXPONENT:
                 self.fail(node, f"{self.source(node)}: a power of anything but a plain number takes exponents up to "
                                 f"{MAX_EXPONENT} in magnitude, got {_text(b)}")
-        return a**exponent
+        return base**power
 
     def number(self, node, what) -> Tuple[sympy.Expr, str]:
         """A number; a boolean counts as 0 or 1 (contract v1: ``s + is_image[b, j]``, ``(i < j) * 2``)."""
