@@ -766,6 +766,36 @@ def _as_f64(x: torch.Tensor, direction: float) -> torch.Tensor:
     return y
 
 
+def leaf_values(program: IntervalProgram, *, i, j, n_q, n_k, params: Mapping[str, object],
+                inputs: Mapping[str, torch.Tensor], batch: int, heads: int, device, input_interval,
+                who: str = "") -> Dict[str, object]:
+    """The environment of :func:`run_interval_program`: each leaf's value over the tiles (or
+    chunks) of a grid. ``i``, ``j``: ``(lo, hi)`` of the rows and keys, shaped to broadcast as
+    ``[1, 1, rows, 1]`` and ``[1, 1, 1, keys]``; ``input_interval(stat, tensor)``: an input
+    leaf's bounds there; ``who`` prefixes the error for a missing input."""
+    env: Dict[str, object] = {}
+    for name, kind, detail in program.leaves:
+        if kind in ("i", "j"):
+            env[name] = i if kind == "i" else j
+        elif kind in ("b", "h"):
+            v = torch.arange(batch if kind == "b" else heads, dtype=torch.float64, device=device)
+            v = v.view(-1, 1, 1, 1) if kind == "b" else v.view(1, -1, 1, 1)
+            env[name] = (v, v)
+        elif kind in ("n_q", "n_k"):
+            env[name] = n_q if kind == "n_q" else n_k
+        elif kind == "param":
+            pname, default = detail
+            env[name] = params.get(pname, default)
+        elif kind == "input":
+            (stat,) = detail
+            if stat.input not in inputs:
+                raise ValueError(f"{who}the mask reads input '{stat.input}', which was not given")
+            env[name] = input_interval(stat, inputs[stat.input])
+        else:
+            raise ValueError(f"interval program leaf {name!r}: unknown kind {kind!r}")
+    return env
+
+
 def classify_grid(program: Optional[IntervalProgram], *, q_offset: int, k_offset: int, q_rows: int, k_rows: int,
                   block_m: int, block_n: int, n_q: int, n_k: int, params: Mapping[str, object],
                   inputs: Mapping[str, torch.Tensor], batch: int, heads: int, device) -> torch.Tensor:
@@ -783,33 +813,14 @@ def classify_grid(program: Optional[IntervalProgram], *, q_offset: int, k_offset
     if program is None:
         may_true, may_false = True, False
     else:
-        env: Dict[str, object] = {}
-        for name, kind, detail in program.leaves:
-            if kind in ("i", "j"):
-                lo, hi = (_row_intervals(q_offset, q_rows, block_m, device) if kind == "i"
-                          else _row_intervals(k_offset, k_rows, block_n, device))
-                shape = (1, 1, -1, 1) if kind == "i" else (1, 1, 1, -1)
-                env[name] = (lo.view(shape), hi.view(shape))
-            elif kind in ("b", "h"):
-                v = torch.arange(batch if kind == "b" else heads, dtype=torch.float64, device=device)
-                v = v.view(-1, 1, 1, 1) if kind == "b" else v.view(1, -1, 1, 1)
-                env[name] = (v, v)
-            elif kind == "n_q":
-                env[name] = n_q
-            elif kind == "n_k":
-                env[name] = n_k
-            elif kind == "param":
-                pname, default = detail
-                env[name] = params.get(pname, default)
-            elif kind == "input":
-                (stat,) = detail
-                if stat.input not in inputs:
-                    raise ValueError(f"the mask reads input '{stat.input}', which was not given")
-                env[name] = input_interval(stat, inputs[stat.input], q_offset=q_offset, k_offset=k_offset,
-                                           q_rows=q_rows, k_rows=k_rows, block_m=block_m, block_n=block_n,
-                                           batch=batch, heads=heads)
-            else:
-                raise ValueError(f"interval program leaf {name!r}: unknown kind {kind!r}")
+        i = _row_intervals(q_offset, q_rows, block_m, device)
+        j = _row_intervals(k_offset, k_rows, block_n, device)
+        env = leaf_values(program, i=(i[0].view(1, 1, -1, 1), i[1].view(1, 1, -1, 1)),
+                          j=(j[0].view(1, 1, 1, -1), j[1].view(1, 1, 1, -1)), n_q=n_q, n_k=n_k,
+                          params=params, inputs=inputs, batch=batch, heads=heads, device=device,
+                          input_interval=lambda stat, t: input_interval(
+                              stat, t, q_offset=q_offset, k_offset=k_offset, q_rows=q_rows, k_rows=k_rows,
+                              block_m=block_m, block_n=block_n, batch=batch, heads=heads))
         may_true, may_false = run_interval_program(program, env)
     mt = torch.as_tensor(may_true, device=device)
     mf = torch.as_tensor(may_false, device=device)

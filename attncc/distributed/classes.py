@@ -23,7 +23,7 @@ import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 
@@ -186,28 +186,10 @@ def _interval_classes(program, bounds, params, inputs, batch, heads) -> torch.Te
     lo = torch.tensor(bounds[:-1], dtype=torch.float64, device=device)
     # an empty chunk gets a one-row interval; its pairs are EMPTY in the end anyway
     hi = torch.maximum(torch.tensor(bounds[1:], dtype=torch.float64, device=device) - 1, lo)
-    env: Dict[str, object] = {}
-    for name, kind, detail in program.leaves:
-        if kind == "i":
-            env[name] = (lo.view(1, 1, C, 1), hi.view(1, 1, C, 1))
-        elif kind == "j":
-            env[name] = (lo.view(1, 1, 1, C), hi.view(1, 1, 1, C))
-        elif kind in ("b", "h"):
-            v = torch.arange(batch if kind == "b" else heads, dtype=torch.float64, device=device)
-            v = v.view(-1, 1, 1, 1) if kind == "b" else v.view(1, -1, 1, 1)
-            env[name] = (v, v)
-        elif kind in ("n_q", "n_k"):
-            env[name] = n
-        elif kind == "param":
-            pname, default = detail
-            env[name] = params.get(pname, default)
-        elif kind == "input":
-            (stat,) = detail
-            if stat.input not in inputs:
-                raise ValueError(f"attncc.distributed: the mask reads input '{stat.input}', which was not given")
-            env[name] = _chunk_input_interval(stat, inputs[stat.input], bounds, batch, heads)
-        else:
-            raise ValueError(f"interval program leaf {name!r}: unknown kind {kind!r}")
+    env = tiles.leaf_values(program, i=(lo.view(1, 1, C, 1), hi.view(1, 1, C, 1)),
+                            j=(lo.view(1, 1, 1, C), hi.view(1, 1, 1, C)), n_q=n, n_k=n, params=params,
+                            inputs=inputs, batch=batch, heads=heads, device=device, who="attncc.distributed: ",
+                            input_interval=lambda stat, t: _chunk_input_interval(stat, t, bounds, batch, heads))
     may_true, may_false = tiles.run_interval_program(program, env)
     return _reduce_classes(may_true, may_false, C)
 
