@@ -175,9 +175,9 @@ def attention(q, k, v, *, pattern: str = "dense", scale: Optional[float] = None,
         from attncc.gluon.fwd_ws import attn_fwd_ws
         n_tiles = triton.cdiv(Nq, config.block_m) * B * Hq
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-        head_group = head_group(B * Hq, triton.cdiv(Nq, config.block_m), Nk, D, q.element_size(), group, sms)
+        heads_per_group = head_group(B * Hq, triton.cdiv(Nq, config.block_m), Nk, D, q.element_size(), group, sms)
         attn_fwd_ws[(min(sms, n_tiles), )](q_desc, k_desc, v_desc, o_desc, lse, Nq, B, Hq, group, Nq, Nk, q_offset,
-                                            k_offset, n_q, n_k, qk_scale, head_group, WALK=walk, MASK=mask,
+                                            k_offset, n_q, n_k, qk_scale, heads_per_group, WALK=walk, MASK=mask,
                                             RETURN_LSE=return_lse, STAGES=config.stages, PINGPONG=config.pingpong,
                                             O_IN_Q=config.o_in_q, CONSUMER_REGS=config.consumer_regs,
                                             LOADER_REGS=config.loader_regs, num_warps=config.num_warps,
