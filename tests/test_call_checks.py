@@ -137,3 +137,21 @@ def test_rotary_dim_larger_than_the_call_head_dim_is_refused(tmp_path):
         module("rope_causal").attention(q, k, v)
     q, k, v = qkv(D=16)
     assert mod.attention(q, k, v).shape == (1, 4, 16, 16)
+
+
+@pytest.mark.parametrize("kw", [dict(n_q=39), dict(n_k=39), dict(q_offset=5, n_q=44), dict(k_offset=1, n_k=40)])
+def test_lengths_shorter_than_the_calls_positions_are_refused(kw):
+    # n_q / n_k are the lengths of the sequences the rows are part of: rows past them mean nothing
+    with pytest.raises(ValueError, match=r"n_[qk] = \d+ is shorter than the call's"):
+        module("causal").attention(*qkv(Nq=40, Nk=40), **kw)
+
+
+def test_lengths_that_cover_the_calls_positions_pass():
+    o = module("causal").attention(*qkv(Nq=40, Nk=40), q_offset=5, n_q=45, k_offset=1, n_k=41)
+    assert o.shape[2] == 40
+
+
+def test_meta_tensors_are_refused_by_name():
+    q, k, v = (t.to("meta") for t in qkv())
+    with pytest.raises(ValueError, match="tensors are on meta"):
+        module("causal").attention(q, k, v)

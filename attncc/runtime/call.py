@@ -328,7 +328,7 @@ def _bind_checked(spec: SpecInfo, q, k, v, *, return_lse=False, q_offset=0, k_of
     # `dtypes` in the spec says what to tune ahead of time; the kernels take all three.
     if q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise TypeError(f"{name}.attention: q, k, v must be bfloat16, float16 or float32, got {dtype_name(q.dtype)}")
-    if q.device.type != "cuda" and not interpreting():
+    if not (q.device.type == "cuda" or (q.device.type == "cpu" and interpreting())):
         raise ValueError(f"{name}.attention: tensors are on {q.device}; the kernels run on a CUDA GPU, or on the CPU under TRITON_INTERPRET=1")
     B, Hq, Nq, D = q.shape
     Bk, Hkv, Nk, Dk = k.shape
@@ -353,6 +353,11 @@ def _bind_checked(spec: SpecInfo, q, k, v, *, return_lse=False, q_offset=0, k_of
         cu_q, cu_k, B, Nq, Nk = _varlen(name, q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     n_q = q_offset + Nq if n_q is None else _int_arg("n_q", n_q)
     n_k = k_offset + Nk if n_k is None else _int_arg("n_k", n_k)
+    # n_q, n_k are the lengths of the sequences that the call's rows are part of
+    for arg, n, offset, rows, which in (("n_q", n_q, q_offset, Nq, "query"), ("n_k", n_k, k_offset, Nk, "key")):
+        if n < offset + rows:
+            raise ValueError(f"{name}.attention: {arg} = {n} is shorter than the call's {which} rows, which are "
+                             f"positions {offset}..{offset + rows - 1} ({arg} must be >= {offset + rows})")
     if max(q_offset + Nq, k_offset + Nk) >= INT_LIMIT:
         raise ValueError(f"{name}.attention: positions must stay below 2**62, got q_offset + Nq = {q_offset + Nq}, "
                          f"k_offset + Nk = {k_offset + Nk}")
