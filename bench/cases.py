@@ -199,7 +199,7 @@ def _comparisons() -> List[Case]:
                             f"decode B={B} L={n // 1024}K, {layout} cache", "causal", B, n, Hq=32, Hkv=8,
                             decode=layout, baselines=("sdpa_flash", "flex"), groups=("decode",),
                             smoke=P(Hq=8, Hkv=2)))
-    # the Gluon sm90 kernels (attncc/gluon, docs/gluon.md): forward only, D = 128
+    # the Gluon sm90 kernels (attncc/runtime/gluon, docs/gluon.md): forward only, D = 128
     gluon = ("gluon_ws", "gluon_ws_nopp", "gluon_pipelined", "sdpa_cudnn", "flex")
     out += [Case("gluon-dense-4k", "Gluon: dense 4K", "dense", 4, 4096, baselines=gluon, groups=("gluon",)),
             Case("gluon-causal-8k", "Gluon: causal 8K", "causal", 2, 8192, baselines=gluon, groups=("gluon",)),
