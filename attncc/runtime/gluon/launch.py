@@ -1,8 +1,8 @@
 """Host side of the Gluon sm90 kernels: configs, TMA descriptors, grids, launches, and compilation
 of every variant to a cubin without a GPU (for CI and for reading the PTX/SASS).
 
-Not wired into the generated modules yet (docs/gluon.md, "Wiring after issue 17"): `attention`
-is the entry a generated module will call with its rendered walk and mask.
+`attention` is what a generated module's forward calls (through attncc.runtime.backend) for the
+built-in walks; rendered walks and masks will come through its `walk` / `mask` arguments.
 """
 from __future__ import annotations
 
@@ -14,12 +14,10 @@ import tempfile
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
-from attncc.runtime.gluon import walks
+from attncc.runtime.gluon import DTYPES, HEAD_DIMS, walks
 
 LOG2E = 1.4426950408889634
 KERNELS = ("ws", "pipelined")
-HEAD_DIMS = (64, 128, 256)
-DTYPES = ("bfloat16", "float16")
 SM90_SHARED_BYTES = 232448  # 227 KB: the most one CTA may allocate on an H100/H200
 L2_BYTES = 50 * 2**20       # H100/H200 L2; the head-group size aims at half of it
 
@@ -135,9 +133,7 @@ def attention(q, k, v, *, pattern: str = "dense", scale: Optional[float] = None,
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     B, Hq, Nq, D, Hkv, Nk = check_operands(q, k, v)
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not t.is_cuda or t.device != q.device:
-            raise ValueError(f"attncc.runtime.gluon: {name} must be on q's CUDA device (sm90), got {t.device}")
+    check_devices(q, k, v)
     if config is None:
         config = default_config(D)
     check_config(config, D)
@@ -229,6 +225,12 @@ def check_operands(q, k, v):
     if min(Nq, Nk) < 1:
         raise ValueError(f"attncc.runtime.gluon: Nq and Nk must be >= 1, got {Nq}, {Nk}")
     return B, Hq, Nq, D, Hkv, Nk
+
+
+def check_devices(q, k, v):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not t.is_cuda or t.device != q.device:
+            raise ValueError(f"attncc.runtime.gluon: {name} must be on q's CUDA device (sm90), got {t.device}")
 
 
 def _tma_ready(t):
