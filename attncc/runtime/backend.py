@@ -7,7 +7,8 @@ A generated module whose Plan is one of the Gluon kernels' built-in walks (``Spe
 eager call, the ``torch.compile`` custom op and attncc.distributed all run that ``_forward``, so
 they choose alike. ``ATTNCC_BACKEND`` (read on every call) says what to choose:
 
-- unset, empty or ``auto``: the ``tl`` kernels, for now (:data:`AUTO_SELECTS_GLUON`);
+- unset, empty or ``auto``: the ``tl`` kernels, for now (``attncc.runtime.gluon.AUTO_SELECTS_GLUON``
+  says why; once it is True, the Gluon forward wherever it can run the call);
 - ``triton``: the ``tl`` kernels;
 - ``gluon``: the Gluon forward; a call it cannot run raises a ``ValueError`` that says why (the
   spec's pattern, the device, the dtype, the head dims, ...), and so does a call of a spec without
@@ -27,14 +28,10 @@ import torch
 
 from attncc.runtime.autograd import no_pairs
 from attncc.runtime.call import Call, dtype_name, env, interpreting
+from attncc.runtime import gluon
 from attncc.runtime.gluon import CAPABILITY, DTYPES, HEAD_DIMS
 
 BACKENDS = ("auto", "triton", "gluon")
-# What "auto" picks on an sm90 GPU for a call the Gluon forward can run. False in this version: the
-# Gluon kernels passed their own checks on an H200 (tests/gpu/test_gpu_gluon.py) and reach
-# 0.96-1.00x cuDNN's forward, but this wiring has not run on a GPU yet. Once
-# tests/gpu/test_gpu_gluon_specs.py passes there, auto-selection is this one switch.
-AUTO_SELECTS_GLUON = False
 
 
 def backend_setting() -> str:
@@ -49,7 +46,7 @@ def gluon_selected(call: Call) -> bool:
     """Whether the Gluon sm90 forward runs ``call`` (module docstring); raises a ``ValueError``
     saying why not when ``ATTNCC_BACKEND=gluon`` forces it on a call it cannot run."""
     setting = backend_setting()
-    if setting == "triton" or (setting == "auto" and not AUTO_SELECTS_GLUON):
+    if setting == "triton" or (setting == "auto" and not gluon.AUTO_SELECTS_GLUON):
         return False
     problems = gluon_problems(call)
     if problems and setting == "gluon":
