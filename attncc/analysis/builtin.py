@@ -52,7 +52,8 @@ def builtin_fit(plan: Plan) -> BuiltinFit:
         ("a softcap", p.softcap is not None), ("RoPE", p.rope is not None), ("dropout", p.dropout > 0),
         ("[inputs]", bool(p.inputs)), (f"value_dim = {p.value_dim}", p.value_dim is not None)) if present]
     if extras:
-        return BuiltinFit(reason=f"it has {', '.join(extras)}; the Gluon kernels compute the plain scaled dot product only")
+        return BuiltinFit(reason=f"it has {', '.join(extras)}; the Gluon kernels compute the plain scaled dot "
+                                 f"product only")
     if plan.forward.kind is Iteration.DENSE:
         return BuiltinFit("dense")
     if plan.forward.kind is Iteration.BANDS and is_causal_band(plan.forward.cover):

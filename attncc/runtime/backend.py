@@ -83,8 +83,8 @@ def _signature_problems(call: Call) -> Tuple[str, ...]:
     spec = call.spec
     out = []
     if spec.gluon is None:
-        out.append(f"{spec.name}'s pattern is not one the Gluon kernels compute (every pair, or exactly the causal band "
-                   f"j <= i, with the plain scaled dot product): `attncc explain {spec.source}` says why")
+        out.append(f"{spec.name}'s pattern is not one the Gluon kernels compute (every pair, or exactly the causal "
+                   f"band j <= i, with the plain scaled dot product): `attncc explain {spec.source}` says why")
     where = device_problem(call.q.device)
     if where:
         out.append(where)
@@ -119,8 +119,9 @@ def device_problem(device: torch.device) -> Optional[str]:
         return f"q is on {device}, not a CUDA GPU"
     capability = torch.cuda.get_device_capability(device)
     if tuple(capability) != CAPABILITY:
-        return (f"q's GPU ({torch.cuda.get_device_name(device)}) has compute capability {capability[0]}.{capability[1]}; "
-                f"the Gluon kernels are built for sm90 ({CAPABILITY[0]}.{CAPABILITY[1]}: H100, H200)")
+        return (f"q's GPU ({torch.cuda.get_device_name(device)}) has compute capability "
+                f"{capability[0]}.{capability[1]}; the Gluon kernels are built for sm90 "
+                f"({CAPABILITY[0]}.{CAPABILITY[1]}: H100, H200)")
     return None
 
 
