@@ -128,7 +128,8 @@ def device_problem(device: torch.device) -> Optional[str]:
 @functools.lru_cache(maxsize=None)
 def gluon_config(head_dim: int):
     """The tiles the wired forward uses: the FlashAttention-3-structured ``ws`` kernel without
-    ping-pong, the fastest variant on an H200 at every head dim (0.96-1.00x cuDNN, docs/gluon.md)."""
+    ping-pong, the fastest variant on an H200 at head dim 128 (0.96-1.00x cuDNN, docs/gluon.md;
+    the other head dims not timed yet)."""
     from attncc.runtime.gluon import launch
 
     return dataclasses.replace(launch.default_config(head_dim, "ws"), pingpong=False)
