@@ -100,6 +100,7 @@ def format_text(d: dict) -> str:
         + (f" value_dim={d['value_dim']}" if d["value_dim"] != d["head_dim"] else "")
         + f"  tile {d['block_m']}x{d['block_n']}  ({d['query_blocks']} x {d['key_blocks']} blocks)",
         f"  iteration   {d['iteration']}" + ("  (classified per call from the inputs)" if d["dynamic"] else ""),
+        f"  backend     {d['backend']}",
         f"  tiles       {total}: {t['empty']} empty, {t['full']} full, {t['partial']} partial",
         f"  density     {d['density']:.6f}  ({d['allowed_pairs']} of {d['pairs']} pairs)",
         f"  FLOPs       {_si(d['flops'], 'FLOP')} useful, {_si(d['visited_flops'], 'FLOP')} visited, "

@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import Dict, Mapping, Optional, Tuple
 
 from attncc.analysis.bands import FIRST, LAST, X, Cover
+from attncc.analysis.builtin import builtin_fit
 from attncc.analysis.graph import plan_grid, walk_path
 from attncc.analysis.intexpr import Unsupported, compile_int
 from attncc.analysis.plan import Plan
@@ -33,6 +34,7 @@ from attncc.analysis.score import score_report
 from attncc.analysis.walks import Iteration, precondition_holds
 from attncc.core import tiles
 from attncc.core.lazy import lazy_module
+from attncc.runtime import gluon
 from attncc.spec import symbols as S
 
 torch = lazy_module("torch")  # on first use: `attncc build` and explain of a closed form never import it
@@ -339,6 +341,29 @@ def _tensor_numbers(plan: Plan, *, n_q, n_k, block_m, block_n, params, inputs, b
 # the report
 # ---------------------------------------------------------------------------------------------
 
+def backend_text(plan: Plan, *, head_dim: int, value_dim: int, dtype: str) -> str:
+    """Which forward a call of this problem would run on an sm90 GPU (attncc.runtime.backend):
+    the tl kernels, and the Gluon sm90 forward where the Plan is one of its built-in walks
+    (attncc.analysis.builtin) and the head dims and dtype suit it; else why tl only."""
+    fit = builtin_fit(plan)
+    if fit.walk is None:
+        return f"tl only: {fit.reason}"
+    dtypes = [DTYPE_SHORT[d] for d in gluon.DTYPES]
+    problems = []
+    if head_dim not in gluon.HEAD_DIMS:
+        problems.append(f"head dim {head_dim} (the Gluon kernels take {', '.join(map(str, gluon.HEAD_DIMS))})")
+    if value_dim != head_dim:
+        problems.append(f"value dim {value_dim} != head dim {head_dim} (the Gluon kernels take Dv = D)")
+    if dtype not in dtypes:
+        problems.append(f"{dtype} (the Gluon kernels take {', '.join(dtypes)})")
+    if problems:
+        return f"tl only for this call: {'; '.join(problems)}"
+    walk = f"Gluon sm90 forward (built-in {fit.walk} walk)"
+    if gluon.AUTO_SELECTS_GLUON:
+        return f"{walk} on sm90, tl elsewhere and with ATTNCC_BACKEND=triton"
+    return f"tl; {walk} with ATTNCC_BACKEND=gluon"
+
+
 def explain_data(plan: Plan, *, n_q: int, n_k: int, block_m: int = 128, block_n: int = 64, head_dim: int = 128,
                  value_dim: Optional[int] = None, dtype: str = "bf16", batch: int = 1, heads: int = 1,
                  params: Optional[Mapping[str, object]] = None,
@@ -354,7 +379,8 @@ def explain_data(plan: Plan, *, n_q: int, n_k: int, block_m: int = 128, block_n:
     path, reason, bands, tiles, visited, unmasked), block_stats, classifier (the interval
     program as lines), synthesized_inputs (names of the inputs made up because none were given)
     and synthetic_inputs (what they hold, in words), score (what the kernels do to a score:
-    :func:`attncc.analysis.score.score_report`).
+    :func:`attncc.analysis.score.score_report`), backend (which forward runs on an sm90 GPU:
+    :func:`backend_text`).
     """
     if dtype not in ELEMENT_BYTES:
         raise ValueError(f"dtype: expected one of {', '.join(ELEMENT_BYTES)}, got {dtype!r}")
@@ -432,4 +458,5 @@ def explain_data(plan: Plan, *, n_q: int, n_k: int, block_m: int = 128, block_n:
         "walks": walks,
         "classifier": list(plan.classifier.lines()) + [f"result: {plan.classifier.result}"] if plan.classifier else [],
         "score": score_report(pattern, head_dim=head_dim),
+        "backend": backend_text(plan, head_dim=head_dim, value_dim=value_dim, dtype=dtype),
     }

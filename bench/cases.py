@@ -87,6 +87,9 @@ class Case:
     decode: str = ""  # "": attention over N tokens; "contiguous" / "paged": decode of 1 token over an N-token cache
     page: int = 64  # tokens per page of a paged cache
     smoke: Tuple[Tuple[str, object], ...] = ()  # fields replaced under --smoke, after the default shrink
+    # attncc is also timed under each of these environment settings (beside --sweep / --env): rows
+    # side by side with attncc at its defaults, as a sweep's
+    settings: Tuple[Tuple[Tuple[str, str], ...], ...] = ()
 
     @property
     def kv_heads(self) -> int:
@@ -174,6 +177,10 @@ def _shapes() -> List[Case]:
     return out
 
 
+# the forward's backends (attncc.runtime.backend): the Gluon sm90 forward of the specs that have one
+BACKENDS = ((("ATTNCC_BACKEND", "gluon"),),)
+
+
 def _comparisons() -> List[Case]:
     out = [Case(f"mod-{key.removesuffix('_mod').replace('_', '-')}", t.label, key, 4, 4096, transform=True, groups=("score-mods",))
            for key, t in TRANSFORMS.items()]
@@ -199,12 +206,22 @@ def _comparisons() -> List[Case]:
                             f"decode B={B} L={n // 1024}K, {layout} cache", "causal", B, n, Hq=32, Hkv=8,
                             decode=layout, baselines=("sdpa_flash", "flex"), groups=("decode",),
                             smoke=P(Hq=8, Hkv=2)))
-    # the Gluon sm90 kernels (attncc/gluon, docs/gluon.md): forward only, D = 128
+    # the Gluon sm90 kernels (attncc/runtime/gluon, docs/gluon.md): forward only, D = 128
     gluon = ("gluon_ws", "gluon_ws_nopp", "gluon_pipelined", "sdpa_cudnn", "flex")
     out += [Case("gluon-dense-4k", "Gluon: dense 4K", "dense", 4, 4096, baselines=gluon, groups=("gluon",)),
             Case("gluon-causal-8k", "Gluon: causal 8K", "causal", 2, 8192, baselines=gluon, groups=("gluon",)),
             Case("gluon-gqa-8k", "Gluon: GQA 32/8 causal 8K", "gqa", 2, 8192, Hq=32, Hkv=8, baselines=gluon,
                  groups=("gluon",), smoke=P(Hq=32, Hkv=8, N=64))]
+    # the generated modules with their forward on the Gluon kernels (ATTNCC_BACKEND=gluon, attncc.runtime.backend)
+    # beside their tl forward, forward and forward + backward (the backward is tl either way), and the
+    # kernel called directly (gluon_ws_nopp: what the wiring adds on the host)
+    wired = dict(baselines=("gluon_ws_nopp", "sdpa_cudnn"), groups=("gluon-wired",), settings=BACKENDS)
+    out += [Case("wired-dense-4k", "dense 4K (Gluon forward wired)", "dense", 4, 4096, **wired),
+            Case("wired-causal-8k", "causal 8K (Gluon forward wired)", "causal", 2, 8192, **wired),
+            Case("wired-causal-8k-d64", "causal 8K, D=64 (Gluon forward wired)", "causal", 4, 8192, D=64, **wired),
+            Case("wired-causal-8k-d256", "causal 8K, D=256 (Gluon forward wired)", "causal", 2, 8192, D=256, **wired),
+            Case("wired-gqa-8k", "GQA 32/8 causal 8K (Gluon forward wired)", "gqa", 2, 8192, Hq=32, Hkv=8,
+                 smoke=P(Hq=32, Hkv=8, N=64), **wired)]
     return out
 
 
@@ -249,6 +266,7 @@ SWEEPS: Dict[str, Tuple[Setting, ...]] = {
                                   for n, w, s in ((64, 4, 7), (64, 4, 5), (64, 4, 9), (32, 4, 7), (32, 4, 13),
                                                   (128, 4, 5), (128, 8, 5), (64, 8, 7))),
     "decode-splits": tuple((("ATTNCC_DECODE_SPLITS", str(n)),) for n in (2, 4, 8, 16, 32, 64)),
+    "backends": BACKENDS,
 }
 
 

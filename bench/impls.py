@@ -10,7 +10,7 @@ per setting of a sweep), then the baselines the case names (:data:`BASELINES`).
   mapped by elu+1, or with the map in PyTorch inside the call;
 - ``attncc_varlen``: a document case's documents packed as cu_seqlens sequences through
   generated/causal.py; ``torch_varlen``: torch's ``varlen_attn`` on the same packing;
-- ``gluon_ws`` / ``gluon_ws_nopp`` / ``gluon_pipelined``: the Gluon sm90 kernels (attncc/gluon,
+- ``gluon_ws`` / ``gluon_ws_nopp`` / ``gluon_pipelined``: the Gluon sm90 kernels (attncc/runtime/gluon,
   forward only) with ping-pong, without, and the single-stream pipelined kernel;
 - ``softmax_causal`` / ``softmax_causal_cudnn``: softmax causal attention (generated/causal.py,
   SDPA on cuDNN) on a linear-attention case's tensors: a reference point, not the same function
@@ -178,7 +178,7 @@ def applies(baseline: str, case: Case) -> Optional[str]:
     if baseline in ("attncc_varlen", "torch_varlen") and case.spec != "document":
         return "varlen packs the documents of a document-mask case"
     if baseline in GLUON and (case.transform or case.spec not in ("dense", "causal", "gqa")):
-        return "the Gluon kernels have the dense and causal patterns (attncc/gluon/walks.py)"
+        return "the Gluon kernels have the dense and causal patterns (attncc/runtime/gluon/walks.py)"
     if baseline in ("softmax_causal", "softmax_causal_cudnn") and (
             case.transform or spec_pattern(case.spec).kind != "linear"):
         return "softmax causal attention is the reference point of a linear-attention case"
@@ -332,7 +332,7 @@ def _gluon(kernel: str, pingpong: bool):
             raise Unavailable("the Gluon kernels need an sm90 GPU (wgmma, TMA)")
         import dataclasses
 
-        from attncc.gluon import launch as gluon
+        from attncc.runtime.gluon import launch as gluon
 
         cfg = gluon.default_config(p.case.D, kernel)
         if kernel == "ws":

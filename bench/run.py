@@ -67,6 +67,7 @@ def run_case(case: Case, *, fwd: bool = True, bwd: bool = True, rounds: int = ti
     the extras and missing baselines. Ratios and differences are against attncc at its defaults."""
     p = prepare(case)
     c = p.case
+    settings = list(dict.fromkeys(tuple(case.settings) + tuple(settings)))  # the case's own, then the command's
     base = dict(case=c.name, label=c.label, B=c.B, N=c.N, H=c.Hq if c.kv_heads == c.Hq else f"{c.Hq}/{c.kv_heads}",
                 D=c.D)
     impls, extras, unavailable = implementations(p, settings, baselines)

@@ -1,4 +1,4 @@
-"""The Gluon sm90 kernels (attncc/gluon) compile for Hopper without a GPU, and what they compile to
+"""The Gluon sm90 kernels (attncc/runtime/gluon) compile for Hopper without a GPU, and what they compile to
 has the structure they were written for: wgmma and TMA in the PTX, HGMMA in the SASS with P fed
 from registers, the warp-specialized kernel's register reallocation and asynchronous wgmma waits,
 shared memory within an sm90 CTA's 227 KB, no spills.
@@ -20,8 +20,8 @@ import pytest
 
 gluon = pytest.importorskip("triton.experimental.gluon")
 
-from attncc.gluon import launch  # noqa: E402
-from attncc.gluon.launch import (SM90_SHARED_BYTES, GluonConfig, check_config, ci_variants,  # noqa: E402
+from attncc.runtime.gluon import launch  # noqa: E402
+from attncc.runtime.gluon.launch import (SM90_SHARED_BYTES, GluonConfig, check_config, ci_variants,  # noqa: E402
                                  default_config, shared_bytes, variants)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,7 +37,7 @@ def compiled(tmp_path_factory):
     out = tmp_path_factory.mktemp("gluon") / "compiled.pickle"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    cmd = [sys.executable, "-m", "attncc.gluon.launch", "--pickle", str(out)] + (["--all"] if ALL else [])
+    cmd = [sys.executable, "-m", "attncc.runtime.gluon.launch", "--pickle", str(out)] + (["--all"] if ALL else [])
     run = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
     with open(out, "rb") as f:

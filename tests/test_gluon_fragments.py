@@ -16,7 +16,7 @@ import pytest
 
 pytest.importorskip("triton.experimental.gluon")
 
-from attncc.gluon import common, fwd_ws, walks  # noqa: E402
+from attncc.runtime.gluon import common, fwd_ws, walks  # noqa: E402
 
 _GL = types.SimpleNamespace(minimum=min, maximum=max, cdiv=lambda a, b: -(-a // b), to_tensor=lambda x: x)
 

@@ -25,18 +25,16 @@ BELOW: Dict[str, Set[str]] = {
     "core": set(),                                  # the shared vocabulary: imports nothing of attncc
     "spec": {"core"},                               # TOML -> Pattern
     "runtime": {"core"},                            # what generated modules import at run time
-    "gluon": {"runtime", "core"},                   # the Gluon kernels and their host side
     "reference": {"spec", "core"},                  # the float64 truth, independent of what it checks
     "analysis": {"spec", "core"},                   # Pattern -> Plan
     "codegen": {"analysis", "spec", "core"},        # Plan -> source
-    "top": {"codegen", "analysis", "reference", "gluon", "runtime", "spec", "core"},
+    "top": {"codegen", "analysis", "reference", "runtime", "spec", "core"},
 }
 # module (or package, with everything in it) -> its layer; a new top-level module needs a line here
 LAYER_OF = {
     "attncc.core": "core",
     "attncc.spec": "spec",
     "attncc.runtime": "runtime",
-    "attncc.gluon": "gluon",
     "attncc._reference": "reference",
     "attncc.analysis": "analysis",
     "attncc.codegen": "codegen",

@@ -10,6 +10,7 @@ import types
 
 # name -> (module, attribute in it); a module's name alone for the submodules
 _EXPORTS = {
+    "backend": ("attncc.runtime.backend", None),
     "blocks": ("attncc.runtime.blocks", None),
     "decode": ("attncc.runtime.decode", None),
     "semantics": ("attncc.core.semantics", None),  # the built-ins' numbers (``_rt.semantics.alibi_slope``)
@@ -21,6 +22,8 @@ _EXPORTS = {
     "wide_positions": ("attncc.runtime.call", "wide_positions"),
     "interpreting": ("attncc.runtime.call", "interpreting"),
     "register_kernels": ("attncc.runtime.compiled", "register_kernels"),
+    "gluon_forward": ("attncc.runtime.backend", "gluon_forward"),
+    "gluon_selected": ("attncc.runtime.backend", "gluon_selected"),
     "SpecInfo": ("attncc.runtime.spec_info", "SpecInfo"),
     "ParamInfo": ("attncc.runtime.spec_info", "ParamInfo"),
     "InputInfo": ("attncc.runtime.spec_info", "InputInfo"),

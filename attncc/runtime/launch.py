@@ -9,7 +9,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from attncc.runtime import tuning
+from attncc.runtime import backend, tuning
 from attncc.runtime.autograd import AttentionFunction, no_pairs, no_pairs_backward
 from attncc.runtime.call import Call, env, interpreting
 from attncc.runtime.configs import TOO_BIG, KernelConfig, default_config, fit_key, forced_config, preset_config
@@ -201,6 +201,7 @@ def run_attention(call: Call, forward: Callable[[Call], Tuple[torch.Tensor, torc
     (None: the kind has no backward yet; asking for a gradient then raises).
     Under ``torch.compile`` the call is a custom op (attncc/runtime/compiled.py) the compiler
     traces, or, when its scalars are symbolic, runs eagerly (a graph break), gradients included."""
+    backend.refuse_forced(call)  # ATTNCC_BACKEND=gluon on a spec without the Gluon forward (attncc.runtime.backend)
     forward, backward = tuning.on_the_fly(forward, backward)  # ATTNCC_TUNE=1: tune what the cache lacks
     if torch.compiler.is_compiling():
         from attncc.runtime import compiled

@@ -41,6 +41,9 @@ class SpecInfo:
     rope: bool = False
     rotary_dim: Optional[int] = None  # [rope].rotary_dim when the spec fixes it (None: the call's head dim)
     tile_hint: str = "default"  # "narrow": windows, documents: smaller tiles pay
+    # The built-in walk of the Gluon sm90 forward (attncc.runtime.gluon) that computes this pattern
+    # exactly, "dense" or "causal" (attncc.analysis.builtin), or None: the tl kernels only.
+    gluon: Optional[str] = None
     # The module's _int_reach(x) and _int_divisors(x) (attncc.runtime.intervals): the largest magnitude
     # of its kernels' integer arithmetic at a call's numbers (None: positions and params stand in), and
     # the checks of its divisors of params and sizes (None: none).

@@ -1,4 +1,4 @@
-"""The Gluon sm90 kernels (attncc/gluon, issue 20) on an H100/H200 (formerly the checks of
+"""The Gluon sm90 kernels (attncc/runtime/gluon, issue 20) on an H100/H200 (formerly the checks of
 bench/gluon_check.py); ``python -m bench gluon`` times them.
 
 Kernels: "pipelined" (one instruction stream), "ws-nopp" (producer warp, two consumer warpgroups,
@@ -32,7 +32,7 @@ if not (ON_GPU and torch.cuda.get_device_capability() == (9, 0)):
     pytest.skip("the Gluon kernels need an sm90 GPU (wgmma, TMA); Gluon has no interpreter",
                 allow_module_level=True)
 
-from attncc.gluon import launch as gluon  # noqa: E402
+from attncc.runtime.gluon import launch as gluon  # noqa: E402
 
 pytestmark = MARKS
 DEV = "cuda"

@@ -11,7 +11,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma
 
-from attncc.gluon.common import (clamp_walk, finish_rows, lhs_layout, mask_scores, mma_layout, rescale,
+from attncc.runtime.gluon.common import (clamp_walk, finish_rows, lhs_layout, mask_scores, mma_layout, rescale,
                                  softmax_update)
 
 

@@ -1,8 +1,8 @@
 """Host side of the Gluon sm90 kernels: configs, TMA descriptors, grids, launches, and compilation
 of every variant to a cubin without a GPU (for CI and for reading the PTX/SASS).
 
-Not wired into the generated modules yet (docs/gluon.md, "Wiring after issue 17"): `attention`
-is the entry a generated module will call with its rendered walk and mask.
+`attention` is what a generated module's forward calls (through attncc.runtime.backend) for the
+built-in walks; rendered walks and masks will come through its `walk` / `mask` arguments.
 """
 from __future__ import annotations
 
@@ -14,12 +14,10 @@ import tempfile
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
-from attncc.gluon import walks
+from attncc.runtime.gluon import DTYPES, HEAD_DIMS, walks
 
 LOG2E = 1.4426950408889634
 KERNELS = ("ws", "pipelined")
-HEAD_DIMS = (64, 128, 256)
-DTYPES = ("bfloat16", "float16")
 SM90_SHARED_BYTES = 232448  # 227 KB: the most one CTA may allocate on an H100/H200
 L2_BYTES = 50 * 2**20       # H100/H200 L2; the head-group size aims at half of it
 
@@ -91,22 +89,22 @@ def shared_bytes(config: GluonConfig, head_dim: int, elem_bytes: int = 2) -> int
 
 def check_config(config: GluonConfig, head_dim: int) -> None:
     if config.kernel == "ws" and config.block_m != 128:
-        raise ValueError(f"attncc.gluon: the ws kernel has block_m = 128 (2 x 64 rows), got {config.block_m}")
+        raise ValueError(f"attncc.runtime.gluon: the ws kernel has block_m = 128 (2 x 64 rows), got {config.block_m}")
     if config.block_m % 64 or not 64 <= config.block_m <= 128:
-        raise ValueError(f"attncc.gluon: block_m must be 64 or 128, got {config.block_m}")
+        raise ValueError(f"attncc.runtime.gluon: block_m must be 64 or 128, got {config.block_m}")
     if config.block_n not in (16, 32, 64, 128, 256):
-        raise ValueError(f"attncc.gluon: block_n must be a power of two in [16, 256], got {config.block_n}")
+        raise ValueError(f"attncc.runtime.gluon: block_n must be a power of two in [16, 256], got {config.block_n}")
     if config.stages < 1 or (config.kernel == "pipelined" and config.stages < 2):
-        raise ValueError(f"attncc.gluon: stages must be >= 2 (pipelined) or >= 1 (ws), got {config.stages}")
+        raise ValueError(f"attncc.runtime.gluon: stages must be >= 2 (pipelined) or >= 1 (ws), got {config.stages}")
     need = shared_bytes(config, head_dim)
     if need > SM90_SHARED_BYTES - 1024:
-        raise ValueError(f"attncc.gluon: {config} at head dim {head_dim} needs {need} bytes of shared memory, "
+        raise ValueError(f"attncc.runtime.gluon: {config} at head dim {head_dim} needs {need} bytes of shared memory, "
                          f"more than the {SM90_SHARED_BYTES} an sm90 CTA may use")
 
 
 def _check_choice(name, value, allowed):
     if value not in allowed:
-        raise ValueError(f"attncc.gluon: {name} must be one of {allowed}, got {value!r}")
+        raise ValueError(f"attncc.runtime.gluon: {name} must be one of {allowed}, got {value!r}")
 
 
 def pattern_fragments(pattern: str):
@@ -135,9 +133,7 @@ def attention(q, k, v, *, pattern: str = "dense", scale: Optional[float] = None,
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     B, Hq, Nq, D, Hkv, Nk = check_operands(q, k, v)
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not t.is_cuda or t.device != q.device:
-            raise ValueError(f"attncc.gluon: {name} must be on q's CUDA device (sm90), got {t.device}")
+    check_devices(q, k, v)
     if config is None:
         config = default_config(D)
     check_config(config, D)
@@ -147,7 +143,7 @@ def attention(q, k, v, *, pattern: str = "dense", scale: Optional[float] = None,
         mask = default_mask if mask is None else mask
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if not scale > 0:  # the kernels take the scaled max as the max of the scaled scores
-        raise ValueError(f"attncc.gluon: scale must be > 0, got {scale}")
+        raise ValueError(f"attncc.runtime.gluon: scale must be > 0, got {scale}")
     n_q = Nq if n_q is None else n_q
     n_k = Nk if n_k is None else n_k
 
@@ -166,13 +162,13 @@ def attention(q, k, v, *, pattern: str = "dense", scale: Optional[float] = None,
     qk_scale = scale * LOG2E
     group = Hq // Hkv
     if config.kernel == "pipelined":
-        from attncc.gluon.fwd_pipelined import attn_fwd_pipelined
+        from attncc.runtime.gluon.fwd_pipelined import attn_fwd_pipelined
         grid = (triton.cdiv(Nq, config.block_m), B * Hq)
         attn_fwd_pipelined[grid](q_desc, k_desc, v_desc, o_desc, lse, Nq, Hq, group, Nq, Nk, q_offset, k_offset, n_q,
                                  n_k, qk_scale, WALK=walk, MASK=mask, RETURN_LSE=return_lse, STAGES=config.stages,
                                  num_warps=config.num_warps)
     else:
-        from attncc.gluon.fwd_ws import attn_fwd_ws
+        from attncc.runtime.gluon.fwd_ws import attn_fwd_ws
         n_tiles = triton.cdiv(Nq, config.block_m) * B * Hq
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count
         heads_per_group = head_group(B * Hq, triton.cdiv(Nq, config.block_m), Nk, D, q.element_size(), group, sms)
@@ -190,10 +186,10 @@ def _output(given, name, shape, dtype, device):
     if given is None:
         return torch.empty(shape, dtype=dtype, device=device)
     if tuple(given.shape) != tuple(shape) or given.dtype != dtype or given.device != device:
-        raise ValueError(f"attncc.gluon: {name} must be {dtype} of shape {tuple(shape)} on {device}, got "
+        raise ValueError(f"attncc.runtime.gluon: {name} must be {dtype} of shape {tuple(shape)} on {device}, got "
                          f"{given.dtype} {tuple(given.shape)} on {given.device}")
     if not given.is_contiguous() or given.data_ptr() % 16:
-        raise ValueError(f"attncc.gluon: {name} must be contiguous and 16-byte aligned")
+        raise ValueError(f"attncc.runtime.gluon: {name} must be contiguous and 16-byte aligned")
     return given
 
 
@@ -210,25 +206,31 @@ def check_operands(q, k, v):
     import torch
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"attncc.gluon: {name} must be a torch.Tensor, got {type(t).__name__}")
+            raise TypeError(f"attncc.runtime.gluon: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
-            raise ValueError(f"attncc.gluon: {name} must be 4-d [B, H, N, D], got shape {tuple(t.shape)}")
+            raise ValueError(f"attncc.runtime.gluon: {name} must be 4-d [B, H, N, D], got shape {tuple(t.shape)}")
         if t.dtype not in (torch.bfloat16, torch.float16):
-            raise TypeError(f"attncc.gluon: {name} must be bfloat16 or float16, got {t.dtype}")
+            raise TypeError(f"attncc.runtime.gluon: {name} must be bfloat16 or float16, got {t.dtype}")
         if t.dtype != q.dtype:
-            raise TypeError(f"attncc.gluon: {name} has dtype {t.dtype}, q has {q.dtype}")
+            raise TypeError(f"attncc.runtime.gluon: {name} has dtype {t.dtype}, q has {q.dtype}")
     B, Hq, Nq, D = q.shape
     Bk, Hkv, Nk, Dk = k.shape
     if tuple(v.shape) != tuple(k.shape):
-        raise ValueError(f"attncc.gluon: v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+        raise ValueError(f"attncc.runtime.gluon: v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
     if Bk != B or Dk != D:
-        raise ValueError(f"attncc.gluon: k must be [B={B}, Hkv, Nk, D={D}], got {tuple(k.shape)}")
+        raise ValueError(f"attncc.runtime.gluon: k must be [B={B}, Hkv, Nk, D={D}], got {tuple(k.shape)}")
     if Hq % Hkv:
-        raise ValueError(f"attncc.gluon: q heads ({Hq}) must be a multiple of k/v heads ({Hkv})")
+        raise ValueError(f"attncc.runtime.gluon: q heads ({Hq}) must be a multiple of k/v heads ({Hkv})")
     _check_choice("head dim", D, HEAD_DIMS)
     if min(Nq, Nk) < 1:
-        raise ValueError(f"attncc.gluon: Nq and Nk must be >= 1, got {Nq}, {Nk}")
+        raise ValueError(f"attncc.runtime.gluon: Nq and Nk must be >= 1, got {Nq}, {Nk}")
     return B, Hq, Nq, D, Hkv, Nk
+
+
+def check_devices(q, k, v):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not t.is_cuda or t.device != q.device:
+            raise ValueError(f"attncc.runtime.gluon: {name} must be on q's CUDA device (sm90), got {t.device}")
 
 
 def _tma_ready(t):
@@ -316,11 +318,11 @@ def compile_for_sm90(variant: Variant, disassemble: bool = True) -> CompiledVari
     constexprs = {"WALK": walk, "MASK": mask, "RETURN_LSE": variant.return_lse, "STAGES": c.stages}
     options = {"num_warps": c.num_warps}
     if c.kernel == "pipelined":
-        from attncc.gluon.fwd_pipelined import attn_fwd_pipelined as kernel
+        from attncc.runtime.gluon.fwd_pipelined import attn_fwd_pipelined as kernel
         ints = "H GROUP Nq Nk q_offset k_offset n_q n_k"
         constexprs["num_warps"] = c.num_warps
     else:
-        from attncc.gluon.fwd_ws import attn_fwd_ws as kernel
+        from attncc.runtime.gluon.fwd_ws import attn_fwd_ws as kernel
         ints = "B H GROUP Nq Nk q_offset k_offset n_q n_k"
         constexprs.update(PINGPONG=c.pingpong, O_IN_Q=c.o_in_q, CONSUMER_REGS=c.consumer_regs,
                           LOADER_REGS=c.loader_regs)
@@ -355,7 +357,7 @@ def _resource_usage(cubin: bytes) -> Tuple[int, int]:
     text = _cuobjdump(cubin, "-res-usage")
     match = re.search(r"REG:(\d+) STACK:(\d+)", text)
     if not match:
-        raise RuntimeError(f"attncc.gluon: no resource usage in cuobjdump's output:\n{text}")
+        raise RuntimeError(f"attncc.runtime.gluon: no resource usage in cuobjdump's output:\n{text}")
     return int(match.group(1)), int(match.group(2))
 
 
@@ -395,7 +397,7 @@ def variants(kernels=KERNELS, patterns=tuple(walks.PATTERNS), dtypes=DTYPES, hea
 
 
 def main(argv=None) -> int:
-    """python -m attncc.gluon.launch [--all] [--pickle PATH]: compile the CI variants (or all of
+    """python -m attncc.runtime.gluon.launch [--all] [--pickle PATH]: compile the CI variants (or all of
     them) for sm90 and print what each produced; --pickle saves the CompiledVariants (the tests run
     this in a process without TRITON_INTERPRET, which would turn Triton's own jit helpers that
     Gluon calls into interpreter objects)."""
@@ -403,7 +405,7 @@ def main(argv=None) -> int:
     import pickle
     import time
 
-    parser = argparse.ArgumentParser(prog="python -m attncc.gluon.launch")
+    parser = argparse.ArgumentParser(prog="python -m attncc.runtime.gluon.launch")
     parser.add_argument("--all", action="store_true", help="every variant of variants(), not only the CI set")
     parser.add_argument("--pickle", help="write the list of CompiledVariant here")
     args = parser.parse_args(argv)
@@ -422,6 +424,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    # Through the imported module, so that pickled results name attncc.gluon.launch, not __main__.
-    from attncc.gluon.launch import main as _main
+    # Through the imported module, so that pickled results name attncc.runtime.gluon.launch, not __main__.
+    from attncc.runtime.gluon.launch import main as _main
     raise SystemExit(_main())

@@ -23,7 +23,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
-from attncc.gluon.common import (clamp_walk, finish_rows, lhs_layout, mask_scores, mma_layout, rescale,
+from attncc.runtime.gluon.common import (clamp_walk, finish_rows, lhs_layout, mask_scores, mma_layout, rescale,
                                  softmax_update)
 
 CONSUMER_WARPS = gl.constexpr(4)

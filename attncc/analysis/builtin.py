@@ -1,0 +1,70 @@
+"""Which Plans a hand-written kernel computes exactly: the built-in walks of the Gluon sm90 forward.
+
+The Gluon kernels (``attncc.runtime.gluon``, docs/gluon.md) are not rendered from a Plan yet: they
+carry two fixed patterns, each a key-block walk and a mask (``attncc.runtime.gluon.walks``), and a
+plain score. A generated module may hand a call to them only when its Plan is exactly one of those:
+
+- ``"dense"``: no mask (every pair allowed; the spec loader folds tautologies such as
+  ``j >= 0`` or ``j <= i or j > i`` to no mask);
+- ``"causal"``: the walk's cover is the one band ``j <= x`` on every row (x the query position):
+  no guard, no row range, no lower bound, no global rows or columns, no precondition. The
+  cover is the mask, exactly (:mod:`attncc.analysis.bands`), so this holds for every spelling of
+  ``j <= i`` the analysis normalizes (``not (j > i)``, ``j - i <= 0``, ``j < i + 1``,
+  ``2*j <= 2*i``), and for none of ``j < i``, bottom-right alignment (``j - n_k <= i - n_q``),
+  windows or prefixes;
+
+and the score is the scaled dot product alone: no bias (ALiBi, T5), mod, softcap, RoPE or dropout,
+no ``[inputs]``, and Dv = D (no ``value_dim``). The answer is a fact of the analysis, never of the
+spec's name; codegen renders it as ``SpecInfo.gluon`` and ``attncc explain`` prints it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import sympy
+
+from attncc.analysis.bands import X, Cover
+from attncc.analysis.plan import Plan
+from attncc.analysis.walks import Iteration
+
+# The walks the Gluon kernels have (the keys of attncc.runtime.gluon.walks.PATTERNS; a test checks
+# that they agree: the analysis may not import the runtime).
+BUILTIN_WALKS = ("dense", "causal")
+
+
+@dataclass(frozen=True)
+class BuiltinFit:
+    """``walk``: the built-in walk that computes the Plan exactly ("dense", "causal"), or None;
+    ``reason``: why none does, as a clause for ``attncc explain`` ("" when one does)."""
+
+    walk: Optional[str] = None
+    reason: str = ""
+
+
+def builtin_fit(plan: Plan) -> BuiltinFit:
+    """The built-in Gluon walk that computes ``plan`` exactly (module docstring), or why none does."""
+    p = plan.pattern
+    if p.kind != "softmax":
+        return BuiltinFit(reason=f"a {p.kind} pattern (the Gluon kernels are softmax attention)")
+    extras = [what for what, present in (
+        ("a bias", p.bias is not None and p.bias != 0), ("a score mod", p.mod is not None),
+        ("a softcap", p.softcap is not None), ("RoPE", p.rope is not None), ("dropout", p.dropout > 0),
+        ("[inputs]", bool(p.inputs)), (f"value_dim = {p.value_dim}", p.value_dim is not None)) if present]
+    if extras:
+        return BuiltinFit(reason=f"it has {', '.join(extras)}; the Gluon kernels compute the plain scaled dot "
+                                 f"product only")
+    if plan.forward.kind is Iteration.DENSE:
+        return BuiltinFit("dense")
+    if plan.forward.kind is Iteration.BANDS and is_causal_band(plan.forward.cover):
+        return BuiltinFit("causal")
+    return BuiltinFit(reason=f"the mask {p.mask} is neither every pair nor exactly the causal band j <= i")
+
+
+def is_causal_band(cover: Optional[Cover]) -> bool:
+    """The cover allows exactly the keys ``j <= i`` on every row."""
+    if cover is None or cover.rows or cover.columns or cover.band is None or cover.precondition is not sympy.true:
+        return False
+    band = cover.band
+    return (band.guard is sympy.true and band.row_lo is None and band.row_hi is None and band.lower == ()
+            and band.upper == ((X,),))

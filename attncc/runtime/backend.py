@@ -1,0 +1,149 @@
+"""Which kernels run the forward of a softmax call: the generated ``tl`` kernels, or the Gluon sm90
+forward (:mod:`attncc.runtime.gluon`, docs/gluon.md).
+
+A generated module whose Plan is one of the Gluon kernels' built-in walks (``SpecInfo.gluon``:
+"dense", "causal"; :mod:`attncc.analysis.builtin` decides, codegen renders it) starts its
+``_forward`` with ``if _rt.gluon_selected(call): return _rt.gluon_forward(call, "causal")``. The
+eager call, the ``torch.compile`` custom op and attncc.distributed all run that ``_forward``, so
+they choose alike. ``ATTNCC_BACKEND`` (read on every call) says what to choose:
+
+- unset, empty or ``auto``: the ``tl`` kernels, for now (``attncc.runtime.gluon.AUTO_SELECTS_GLUON``
+  says why; once it is True, the Gluon forward wherever it can run the call);
+- ``triton``: the ``tl`` kernels;
+- ``gluon``: the Gluon forward; a call it cannot run raises a ``ValueError`` that says why (the
+  spec's pattern, the device, the dtype, the head dims, ...), and so does a call of a spec without
+  a built-in walk (:func:`refuse_forced`, from ``run_attention``).
+
+Anything else is a ``ValueError`` naming the allowed values. The backward (which reads the
+forward's O and natural-log LSE, the same from either), ``decode()`` and linear attention are
+``tl`` kernels whatever the setting.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional, Tuple
+
+import torch
+
+from attncc.runtime.autograd import no_pairs
+from attncc.runtime.call import Call, dtype_name, env, interpreting
+from attncc.runtime import gluon
+from attncc.runtime.gluon import CAPABILITY, DTYPES, HEAD_DIMS
+
+BACKENDS = ("auto", "triton", "gluon")
+
+
+def backend_setting() -> str:
+    """``ATTNCC_BACKEND``: "auto" (unset or empty), "triton" or "gluon"."""
+    value = env("ATTNCC_BACKEND", "") or "auto"
+    if value not in BACKENDS:
+        raise ValueError(f"ATTNCC_BACKEND must be one of {', '.join(BACKENDS)} (unset: auto), got {value!r}")
+    return value
+
+
+def gluon_selected(call: Call) -> bool:
+    """Whether the Gluon sm90 forward runs ``call`` (module docstring); raises a ``ValueError``
+    saying why not when ``ATTNCC_BACKEND=gluon`` forces it on a call it cannot run."""
+    setting = backend_setting()
+    if setting == "triton" or (setting == "auto" and not gluon.AUTO_SELECTS_GLUON):
+        return False
+    problems = gluon_problems(call)
+    if problems and setting == "gluon":
+        raise ValueError(forced_message(call, problems))
+    return not problems
+
+
+def refuse_forced(call: Call) -> None:
+    """A ``ValueError`` when ``ATTNCC_BACKEND=gluon`` asks for the Gluon forward on a spec that has
+    none (its generated ``_forward`` has no Gluon branch); checks the setting's value for every spec."""
+    if backend_setting() == "gluon" and call.spec.gluon is None:
+        raise ValueError(forced_message(call, gluon_problems(call)))
+
+
+def forced_message(call: Call, problems) -> str:
+    return (f"{call.spec.name}.attention: ATTNCC_BACKEND=gluon, but the Gluon sm90 forward cannot run this call: "
+            + "; ".join(problems) + " (ATTNCC_BACKEND=triton or auto runs the tl kernels)")
+
+
+def gluon_problems(call: Call) -> Tuple[str, ...]:
+    """Why the Gluon sm90 forward cannot run ``call``, one clause per reason (empty: it can).
+
+    What depends on the call's signature only is worked out once per signature (``Call.memo``);
+    the interpreter setting and the dropout probability are looked at on every call."""
+    problems = call.cached("gluon_problems", lambda: _signature_problems(call))
+    if interpreting():
+        problems += ("Triton's interpreter (TRITON_INTERPRET=1) cannot run Gluon kernels",)
+    if call.dropout_p > 0:
+        problems += (f"dropout (p = {call.dropout_p}): the Gluon kernels have none",)
+    return problems
+
+
+def _signature_problems(call: Call) -> Tuple[str, ...]:
+    spec = call.spec
+    out = []
+    if spec.gluon is None:
+        out.append(f"{spec.name}'s pattern is not one the Gluon kernels compute (every pair, or exactly the causal "
+                   f"band j <= i, with the plain scaled dot product): `attncc explain {spec.source}` says why")
+    where = device_problem(call.q.device)
+    if where:
+        out.append(where)
+    if dtype_name(call.q.dtype) not in DTYPES:
+        out.append(f"q, k, v are {dtype_name(call.q.dtype)}; the Gluon kernels take {' or '.join(DTYPES)}")
+    if call.D not in HEAD_DIMS:
+        out.append(f"head dim D = {call.D}; the Gluon kernels take {', '.join(map(str, HEAD_DIMS))}")
+    if call.Dv != call.D:
+        out.append(f"v's head dim Dv = {call.Dv} differs from D = {call.D}; the Gluon kernels take Dv = D")
+    if call.varlen:
+        out.append("packed variable-length sequences (cu_seqlens): the Gluon kernels take [B, H, N, D] batches only")
+    if call.wide:
+        out.append(f"positions reach {call.positions}, past the int32 arithmetic of the Gluon kernels")
+    if not call.scale > 0:
+        out.append(f"scale = {call.scale}; the Gluon kernels need a scale > 0")
+    if call.D in HEAD_DIMS:
+        try:
+            from attncc.runtime.gluon import launch
+        except ImportError as e:  # a Triton without Gluon
+            out.append(f"this Triton has no Gluon ({e})")
+        else:
+            try:
+                launch.check_config(gluon_config(call.D), call.D)
+            except ValueError as e:
+                out.append(str(e))
+    return tuple(out)
+
+
+def device_problem(device: torch.device) -> Optional[str]:
+    """Why the Gluon sm90 kernels cannot run on ``device`` (None: they can)."""
+    if device.type != "cuda":
+        return f"q is on {device}, not a CUDA GPU"
+    capability = torch.cuda.get_device_capability(device)
+    if tuple(capability) != CAPABILITY:
+        return (f"q's GPU ({torch.cuda.get_device_name(device)}) has compute capability "
+                f"{capability[0]}.{capability[1]}; the Gluon kernels are built for sm90 "
+                f"({CAPABILITY[0]}.{CAPABILITY[1]}: H100, H200)")
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def gluon_config(head_dim: int):
+    """The tiles the wired forward uses: the FlashAttention-3-structured ``ws`` kernel without
+    ping-pong, the fastest variant on an H200 at head dim 128 (0.96-1.00x cuDNN, docs/gluon.md;
+    the other head dims not timed yet)."""
+    from attncc.runtime.gluon import launch
+
+    return dataclasses.replace(launch.default_config(head_dim, "ws"), pingpong=False)
+
+
+def gluon_forward(call: Call, walk: str):
+    """``(o, lse)`` of ``call`` from the Gluon sm90 forward with the built-in ``walk``, as the
+    generated ``tl`` forward returns them: o [B, Hq, Nq, D] in q's dtype, the natural-log LSE
+    [B, Hq, Nq] in float32 (-inf, and o = 0, on rows without an allowed key), so that the module's
+    ``tl`` backward takes them unchanged. The LSE is always written (a backward may follow)."""
+    from attncc.runtime.gluon import launch
+
+    if call.Nq == 0 or call.Nk == 0:  # no pair: what the tl path gives such calls
+        return no_pairs(call)
+    return launch.attention(call.q, call.k, call.v, pattern=walk, scale=call.scale, q_offset=call.q_offset,
+                            k_offset=call.k_offset, n_q=call.n_q, n_k=call.n_k, return_lse=True,
+                            config=gluon_config(call.D))

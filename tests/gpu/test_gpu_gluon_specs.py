@@ -1,0 +1,160 @@
+"""The generated modules with their forward on the Gluon sm90 kernels (ATTNCC_BACKEND=gluon,
+attncc.runtime.backend; docs/gluon.md "Wiring"), on an H100/H200: every shipped spec whose Plan is a
+built-in walk (dense, causal, gqa, mqa), bf16 and fp16, forward (O and the natural-log LSE) at real
+sizes against the float64 reference and against the same module's tl forward, and forward + backward
+(the tl backward on the Gluon forward's O and LSE) against the reference's gradients. Every call is
+checked to have gone through ``gluon_forward``. Gluon has no interpreter: skipped elsewhere, and in the
+CPU check of the GPU tests (tests/test_gluon_wiring.py checks the wiring on the CPU).
+
+    TRITON_INTERPRET=0 PYTHONPATH=. python -m pytest -q -m gpu tests/gpu/test_gpu_gluon_specs.py
+
+Not run yet (written 2026-12-05 without a GPU): the first GPU session to run it decides whether
+ATTNCC_BACKEND=auto may select the Gluon forward (attncc.runtime.gluon.AUTO_SELECTS_GLUON).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gpu_env import GRAD_TOL, MARKS, ON_GPU, TOL, rel, release, skip_unless_enabled
+
+skip_unless_enabled()  # before anything is built or loaded
+if not (ON_GPU and torch.cuda.get_device_capability() == (9, 0)):
+    pytest.skip("the Gluon kernels need an sm90 GPU (wgmma, TMA); Gluon has no interpreter", allow_module_level=True)
+
+import attncc  # noqa: E402
+import attncc.runtime as rt  # noqa: E402
+from cases import module, pattern  # noqa: E402
+
+pytestmark = MARKS
+DEV = "cuda"
+ELIGIBLE = ("dense", "causal", "gqa", "mqa")
+
+
+@pytest.fixture
+def gluon(monkeypatch):
+    """ATTNCC_BACKEND=gluon, and a count of the calls that went through the Gluon forward."""
+    monkeypatch.setenv("ATTNCC_BACKEND", "gluon")
+    calls = []
+    real = rt.gluon_forward
+
+    def counted(call, walk):
+        calls.append(walk)
+        return real(call, walk)
+    monkeypatch.setattr(rt, "gluon_forward", counted)  # generated modules call _rt.gluon_forward
+    return calls
+
+
+def heads(name, Hq=16, Hkv=None):
+    p = pattern(name)
+    hq = p.heads_q or Hq
+    return hq, p.heads_kv or Hkv or hq
+
+
+def qkv(B, Hq, Hkv, Nq, Nk, D, dtype, seed=0, grad=False):
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    return [torch.randn(*s, device=DEV, dtype=dtype, generator=gen).requires_grad_(grad)
+            for s in ((B, Hq, Nq, D), (B, Hkv, Nk, D), (B, Hkv, Nk, D))]
+
+
+def check_forward(name, q, k, v, **kw):
+    """O and the LSE against the float64 reference, and against the module's tl forward."""
+    mod = module(name)
+    o, lse = mod.attention(q, k, v, return_lse=True, **kw)
+    ref, ref_lse = attncc.reference(pattern(name), q.double(), k.double(), v.double(), return_lse=True, **kw)
+    seen = torch.isfinite(ref_lse)
+    assert o.dtype == q.dtype and o.shape == ref.shape and lse.dtype == torch.float32 and lse.shape == ref_lse.shape
+    assert not torch.isnan(o).any() and not torch.isnan(lse).any()
+    assert torch.equal(torch.isfinite(lse), seen), "rows without keys: lse = -inf exactly there"
+    assert torch.all(o[~seen] == 0)
+    if seen.any():
+        assert rel(o[seen], ref[seen]) < TOL
+        assert float((lse.double()[seen] - ref_lse[seen]).abs().max()) < 5e-3
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("ATTNCC_BACKEND", "triton")
+        o_tl, lse_tl = mod.attention(q, k, v, return_lse=True, **kw)
+    if seen.any():
+        assert rel(o[seen], o_tl[seen]) < TOL
+        assert float((lse[seen] - lse_tl[seen]).abs().max()) < 5e-3
+    release()
+
+
+# name, B, N, D, dtype; heads from the spec where it fixes them (gqa 32/8, mqa Hkv = 1), else 16
+FORWARD = [(name, 2, 4096, 128, dtype) for name in ELIGIBLE for dtype in (torch.bfloat16, torch.float16)]
+FORWARD += [("causal", 2, 4096, 64, torch.bfloat16), ("causal", 2, 4096, 256, torch.bfloat16),
+            ("dense", 2, 4096, 64, torch.float16), ("dense", 1, 2048, 256, torch.float16),
+            ("causal", 1, 1333, 128, torch.bfloat16)]  # ragged: no multiple of any block
+
+
+@pytest.mark.parametrize("name, B, N, D, dtype", FORWARD, ids=[f"{n}-B{b}-N{s}-D{d}-{str(t)[6:]}"
+                                                              for n, b, s, d, t in FORWARD])
+def test_forward(gluon, name, B, N, D, dtype):
+    Hq, Hkv = heads(name)
+    check_forward(name, *qkv(B, Hq, Hkv, N, N, D, dtype))
+    assert gluon == [pattern_walk(name)], gluon  # the tl forward of check_forward did not count
+
+
+def pattern_walk(name):
+    return module(name).SPEC.gluon
+
+
+@pytest.mark.parametrize("name, Nq, Nk, q_offset, k_offset, dtype", [
+    ("gqa", 1000, 4000, 3000, 0, torch.bfloat16),   # a query chunk of a longer sequence, GQA 32/8
+    ("causal", 300, 512, 0, 1000, torch.float16),   # keys all after the queries: no row sees a key
+    ("causal", 777, 1500, 900, 100, torch.bfloat16),  # both offsets, ragged, some rows without keys
+    ("mqa", 512, 2048, 1536, 0, torch.float16),
+    ("dense", 700, 1900, 50, 3000, torch.bfloat16),  # offsets change nothing for dense
+])
+def test_offsets(gluon, name, Nq, Nk, q_offset, k_offset, dtype):
+    Hq, Hkv = heads(name, Hq=8, Hkv=4)
+    check_forward(name, *qkv(1, Hq, Hkv, Nq, Nk, 128, dtype, seed=3), q_offset=q_offset, k_offset=k_offset)
+    assert gluon and set(gluon) == {pattern_walk(name)}
+
+
+BACKWARD = [(name, dtype, 1024, 128) for name in ELIGIBLE for dtype in (torch.bfloat16, torch.float16)]
+BACKWARD += [("causal", torch.bfloat16, 1024, 64), ("causal", torch.bfloat16, 1024, 256)]
+
+
+@pytest.mark.parametrize("name, dtype, N, D", BACKWARD, ids=[f"{n}-{str(t)[6:]}-N{s}-D{d}" for n, t, s, d in BACKWARD])
+def test_forward_backward(gluon, name, dtype, N, D):
+    """The tl backward on the Gluon forward's O and LSE: dq, dk, dv against the reference's, the
+    LSE's gradient included."""
+    Hq, Hkv = heads(name, Hq=8, Hkv=4)
+    q, k, v = qkv(1, Hq, Hkv, N, N, D, dtype, seed=5, grad=True)
+    mod = module(name)
+    o, lse = mod.attention(q, k, v, return_lse=True)
+    gen = torch.Generator(device=DEV).manual_seed(6)
+    do = torch.randn(o.shape, device=DEV, generator=gen).to(dtype)
+    dlse = torch.randn(lse.shape, device=DEV, generator=gen)
+    grads = torch.autograd.grad((o, lse), (q, k, v), (do, dlse))
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ro, rl = attncc.reference(pattern(name), *leaves, return_lse=True)
+    want = torch.autograd.grad((ro, rl), leaves, (do.double(), dlse.double()))
+    for label, got, ref in zip("qkv", grads, want):
+        assert not torch.isnan(got).any(), f"d{label} has NaN"
+        assert rel(got, ref) < GRAD_TOL, (label, rel(got, ref))
+    assert gluon == [pattern_walk(name)]
+    release()
+
+
+def test_rows_without_keys_backward(gluon):
+    """Rows that see no key (lse = -inf from the Gluon forward) get zero gradients from the tl backward."""
+    q, k, v = qkv(1, 8, 8, 256, 512, 128, torch.bfloat16, seed=7, grad=True)
+    o, lse = module("causal").attention(q, k, v, q_offset=0, k_offset=128, return_lse=True)
+    assert torch.all(lse[:, :, :128] == -math.inf)
+    dq, dk, dv = torch.autograd.grad(o, (q, k, v), torch.ones_like(o))
+    assert torch.all(dq[:, :, :128] == 0) and not torch.isnan(dq).any()
+    assert not (torch.isnan(dk).any() or torch.isnan(dv).any())
+    assert gluon == ["causal"]
+
+
+def test_torch_compile_runs_the_gluon_forward(gluon):
+    """The custom op of torch.compile calls the same _forward."""
+    mod = module("causal")
+    q, k, v = qkv(2, 8, 8, 1024, 1024, 128, torch.bfloat16, seed=8)
+    fn = torch.compile(lambda q, k, v: mod.attention(q, k, v), fullgraph=True)
+    o = fn(q, k, v)
+    assert rel(o, attncc.reference(pattern("causal"), q.double(), k.double(), v.double())) < TOL
+    assert "causal" in gluon

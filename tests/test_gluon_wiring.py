@@ -1,0 +1,577 @@
+"""The Gluon sm90 forward wired into the generated modules (issue 20 item 2), checked without a GPU.
+
+- Which specs may hand their forward to the Gluon kernels is a fact of the analysis
+  (attncc.analysis.builtin): the shipped specs' answers are written here; spellings of ``j <= i``
+  the analysis normalizes are causal, near misses are not; and for seeded random specs (the fuzz
+  generator's, and causal look-alikes) an eligible Plan is one whose reference output equals plain
+  dense or causal softmax attention at several offsets and lengths (a brute force that knows
+  nothing of the analysis). The generated modules carry the answer (``SpecInfo.gluon`` and the
+  first branch of ``_forward``) for exactly those specs.
+- ``ATTNCC_BACKEND``: its values, and the ``ValueError`` of a forced call the Gluon forward
+  cannot run, reason by reason (a CPU tensor stands in for an sm90 GPU where a test says so).
+- The host launch path to the kernel, without a GPU: the kernel's ``run`` is stubbed (it records
+  the launch and writes the exact answer into the output buffers), so ``attention`` runs
+  ``gluon_forward`` and then the ``tl`` backward under the interpreter; the recorded arguments must
+  bind to the kernel's signature, name by name, with the call's values; and the recorded launch
+  compiles for sm90 (in a child process, as tests/test_gluon_compile.py compiles).
+
+Gluon has no interpreter: tests/gpu/test_gpu_gluon_specs.py runs the wired path on an H100/H200.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import math
+import os
+import pickle
+import random
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton.experimental.gluon")
+
+import attncc  # noqa: E402
+import attncc.runtime as rt  # noqa: E402
+from attncc.analysis import analyze  # noqa: E402
+from attncc.analysis.builtin import BUILTIN_WALKS, builtin_fit  # noqa: E402
+from attncc.analysis.score import canonical_score  # noqa: E402
+from attncc.runtime import backend, call as call_mod, compiled  # noqa: E402
+from attncc.runtime.gluon import fwd_pipelined, fwd_ws, launch, walks  # noqa: E402
+from attncc.spec import SpecError, load_spec, parse_spec  # noqa: E402
+from cases import SPEC_NAMES, module  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+LOG2E = 1.4426950408889634
+
+# The shipped specs the Gluon forward computes; every other softmax spec is tl only.
+ELIGIBLE = {"dense": "dense", "causal": "causal", "gqa": "causal", "mqa": "causal"}
+# a few that must not be, each for its own reason (the test below checks all of them anyway)
+NOT_ELIGIBLE = ("sliding_window", "softcap", "alibi", "rope_causal", "causal_dropout", "prefix_lm", "document",
+                "cross_causal", "t5_bias", "padding", "chunked_local", "sink_window")
+
+
+def fit_of(pattern):
+    return builtin_fit(analyze(canonical_score(pattern))).walk
+
+
+def mask_pattern(mask=None, score=None, extra=""):
+    lines = ['name = "x"', extra]
+    if mask is not None:
+        lines += ["[mask]", f"where = {mask!r}".replace("'", '"')]
+    if score is not None:
+        lines += ["[score]", score]
+    return parse_spec("\n".join(lines) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------
+# (a) which Plans are a built-in walk
+
+
+def test_builtin_walks_are_the_kernels_walks():
+    assert set(BUILTIN_WALKS) == set(walks.PATTERNS)
+
+
+@pytest.mark.parametrize("name", [n for n in SPEC_NAMES])
+def test_shipped_specs(name):
+    pattern = load_spec(ROOT / "specs" / f"{name}.toml")
+    if pattern.kind != "softmax":
+        assert builtin_fit(analyze(pattern)).walk is None
+        return
+    assert fit_of(pattern) == ELIGIBLE.get(name), name
+    if name in NOT_ELIGIBLE:
+        assert builtin_fit(analyze(canonical_score(pattern))).reason
+
+
+def _forward_branch(tree):
+    """The walk of the Gluon branch that opens ``_forward`` (None: no branch)."""
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "_forward")
+    first = fn.body[0]
+    if not (isinstance(first, ast.If) and "gluon_selected" in ast.unparse(first.test)):
+        return None
+    (ret,) = first.body
+    assert ast.unparse(ret.value).startswith("_rt.gluon_forward(call, ")
+    return ret.value.args[1].value
+
+
+@pytest.mark.parametrize("name", SPEC_NAMES)
+def test_generated_modules_carry_the_answer(name):
+    """SpecInfo.gluon and the first branch of _forward, for the eligible specs only (the others'
+    modules are as before: no field, no branch)."""
+    text = (ROOT / "generated" / f"{name}.py").read_text()
+    tree = ast.parse(text)
+    spec = next(n.value for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "SPEC")
+    fields = {kw.arg: kw.value for kw in spec.keywords}
+    want = ELIGIBLE.get(name)
+    assert (fields["gluon"].value if "gluon" in fields else None) == want
+    if load_spec(ROOT / "specs" / f"{name}.toml").kind == "softmax":
+        assert _forward_branch(tree) == want
+    assert ("gluon" in text) == (want is not None)
+
+
+def test_registered_forward_is_the_one_with_the_branch():
+    """torch.compile's custom op and attncc.distributed run the module's own _forward."""
+    mod = module("causal")
+    assert compiled.launchers(mod.SPEC)[0] is mod._forward
+    assert mod.SPEC.gluon == "causal"
+
+
+@pytest.mark.parametrize("mask", ["causal", "j <= i", "j <= i + 0", "not (j > i)", "j - i <= 0", "i >= j",
+                                  "j < i + 1", "2*j <= 2*i", "(j <= i) and (i >= 0)", "j <= i or j < 0"])
+def test_spellings_of_causal(mask):
+    assert fit_of(mask_pattern(mask)) == "causal"
+    assert brute_walk(mask_pattern(mask)) == "causal"
+
+
+@pytest.mark.parametrize("mask", ["j >= 0", "j <= i or j > i", "i >= 0 or j < 0"])
+def test_spellings_of_dense(mask):
+    assert fit_of(mask_pattern(mask)) == "dense"
+
+
+@pytest.mark.parametrize("mask, score, extra", [
+    ("j < i", None, ""), ("j <= i + 1", None, ""), ("j <= i - 1", None, ""), ("j >= i", None, ""),
+    ("j - n_k <= i - n_q", None, ""), ("j <= i and i - j < 8", None, ""), ("j <= i or j < 4", None, ""),
+    ("j <= i and j < n_k - 1", None, ""), ("j <= i and b == 0", None, ""), ("j <= i and h < 1", None, ""),
+    ("j <= i and i < n_q - 1", None, ""), ("j <= i + w", None, "[params]\nw = 0"),
+    ("j <= i", "bias = '0.5 * (j - i)'", ""), ("j <= i", "softcap = 30.0", ""), ("j <= i", "mod = 's * 2'", ""),
+    ("j <= i", "mod = '30.0 * tanh(s / 30.0)'", ""), ("j <= i", "dropout = 0.1", ""),
+    (None, "bias = 'alibi'", ""),
+    ("j <= i", None, "[rope]\ntheta = 10000.0"), ("j <= i", None, "value_dim = 64"),
+    ("j <= i", "bias = 'x[j]'", "[inputs]\nx = { dims = ['n'], dtype = 'float32' }"),
+])
+def test_near_misses(mask, score, extra):
+    pattern = mask_pattern(mask, score.replace("'", '"') if score else None, extra.replace("'", '"'))
+    assert fit_of(pattern) is None
+
+
+# Calls of the brute force: (q_offset, k_offset, Nq, Nk, n_q, n_k), dense and causal differing in each
+# but the first few; offsets on both sides, n_q / n_k other than the defaults.
+BRUTE_CALLS = ((0, 0, 7, 7, None, None), (5, 0, 6, 13, None, None), (0, 4, 9, 5, None, None),
+               (3, 2, 6, 6, 23, 11), (0, 0, 5, 8, 2, 31), (9, 12, 4, 6, 40, 12))
+
+
+def brute_walk(pattern, seed=0):
+    """"dense" / "causal" when the reference output (O and LSE) of ``pattern`` equals plain
+    softmax attention with that mask on positions at every call of BRUTE_CALLS, else None.
+    Anything the reference refuses without extra arguments (inputs) counts as neither."""
+    gen = torch.Generator().manual_seed(seed)
+    hq = pattern.heads_q or 2
+    hkv = pattern.heads_kv or (1 if hq % 2 else 2)
+    d = 16
+    dv = pattern.value_dim or d
+    found = {"dense", "causal"}
+    for q_off, k_off, nq, nk, n_q, n_k in BRUTE_CALLS:
+        q = torch.randn(2, hq, nq, d, generator=gen, dtype=torch.float64)
+        k = torch.randn(2, hkv, nk, d, generator=gen, dtype=torch.float64)
+        v = torch.randn(2, hkv, nk, dv, generator=gen, dtype=torch.float64)
+        extra = {}
+        if pattern.dropout:
+            extra["keep_mask"] = torch.rand(2, hq, nq, nk, generator=gen) > 0.3
+        try:
+            o, lse = attncc.reference(pattern, q, k, v, return_lse=True, q_offset=q_off, k_offset=k_off, n_q=n_q,
+                                      n_k=n_k, **extra)
+        except (TypeError, ValueError):
+            return None
+        scale = pattern.scale if pattern.scale is not None else d ** -0.5
+        s = torch.einsum("bhqd,bhkd->bhqk", q, k.repeat_interleave(hq // hkv, 1)) * scale
+        vv = v.repeat_interleave(hq // hkv, 1)
+        i = (q_off + torch.arange(nq))[:, None]
+        j = (k_off + torch.arange(nk))[None, :]
+        for walk, allowed in (("dense", torch.ones(nq, nk, dtype=torch.bool)), ("causal", j <= i)):
+            if walk not in found:
+                continue
+            t = s.masked_fill(~allowed, -math.inf)
+            ref_lse = torch.logsumexp(t, -1)
+            p = torch.exp(t - torch.where(torch.isinf(ref_lse), 0.0, ref_lse)[..., None])
+            ref_o = p @ vv if dv == d else None
+            same = ref_o is not None and torch.allclose(o, ref_o, atol=1e-9) and torch.equal(
+                torch.isinf(lse), torch.isinf(ref_lse)) and torch.allclose(lse[~torch.isinf(lse)],
+                                                                           ref_lse[~torch.isinf(ref_lse)], atol=1e-9)
+            if not same:
+                found.discard(walk)
+        if not found:
+            return None
+    return "causal" if found == {"causal"} else "dense" if found == {"dense"} else None
+
+
+def lookalike(rng: random.Random):
+    """A random mask near ``j <= i``: affine spellings, offsets of -1..1, tautologies and near
+    misses joined by and / or, n_q / n_k terms (equal to causal only when n_q = n_k)."""
+    c = rng.choice([-1, 0, 0, 1])
+    a = rng.choice([1, 1, 2, 3])
+    base = rng.choice([f"{a}*j + {max(c, 0)} <= {a}*i + {max(-c, 0)}", f"not (j > i + {c})", f"j - i <= {c}",
+                       f"i - j >= {c}", f"j < i + {c + 1}", "j - n_k <= i - n_q", "j + n_q <= i + n_k",
+                       f"{a}*(j - i) < {a}", "j <= i", "j >= i"])
+    for _ in range(rng.choice([0, 0, 1, 2])):
+        other = rng.choice(["j >= 0", "i >= 0", f"j <= i + {rng.randint(0, 3)}", f"j < {rng.randint(1, 20)}",
+                            "i < n_q", "j < n_k", f"i - j < {rng.randint(1, 9)}", "b >= 0", "h == 0", "j > i",
+                            f"i >= {rng.randint(0, 6)}", "j < 0"])
+        base = f"({base}) {rng.choice(['and', 'or'])} ({other})"
+    return base
+
+
+def test_random_specs_are_eligible_only_when_the_brute_force_says_so():
+    """Seeded: look-alike masks (some with a score term) and the fuzz generator's specs. A Plan
+    called dense or causal must be that, by brute force; the look-alikes the analysis normalizes
+    to ``j <= i`` (the spellings above) must also be found, and some must not."""
+    from fuzz_specs import random_spec
+
+    rng = random.Random(20)
+    seen = {"dense": 0, "causal": 0, None: 0}
+    for n in range(70):
+        if n < 45:
+            score = rng.choice([None] * 6 + ["bias = \"0.25 * (j - i)\"", "softcap = 5.0", "mod = \"s * 0.5\""])
+            try:
+                pattern = mask_pattern(lookalike(rng), score)
+            except SpecError:
+                continue
+        else:
+            text, _ = random_spec(rng)
+            pattern = parse_spec("name = \"r\"\n" + text)
+            if pattern.kind != "softmax":
+                continue
+        walk = fit_of(pattern)
+        seen[walk] += 1
+        if walk is not None:
+            assert brute_walk(pattern, seed=n) == walk, (pattern.mask, pattern.bias, pattern.mod, pattern.softcap)
+    assert seen["causal"] >= 5 and seen[None] >= 20, seen
+
+
+# ------------------------------------------------------------------------------------------------
+# (b) ATTNCC_BACKEND and the refusals of a forced call
+
+
+@pytest.fixture
+def fresh_bind(monkeypatch):
+    """A signature cache of bind() of this test's own: what the memo holds (the Gluon
+    eligibility) depends on this test's stand-ins for an sm90 GPU."""
+    monkeypatch.setattr(call_mod, "_BOUND", {})
+
+
+@pytest.fixture
+def fake_sm90(monkeypatch, fresh_bind):
+    """CPU tensors count as tensors on an sm90 GPU, outside the interpreter, for the backend."""
+    monkeypatch.setattr(backend, "device_problem", lambda device: None)
+    monkeypatch.setattr(backend, "interpreting", lambda: False)
+
+
+def bind(name="causal", B=1, Hq=2, Hkv=1, Nq=8, Nk=8, D=64, Dv=None, dtype=torch.bfloat16, seed=0, grad=False,
+         **kw):
+    mod = module(name)
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, Nq, D, generator=gen).to(dtype).requires_grad_(grad)
+    k = torch.randn(B, Hkv, Nk, D, generator=gen).to(dtype).requires_grad_(grad)
+    v = torch.randn(B, Hkv, Nk, Dv or D, generator=gen).to(dtype).requires_grad_(grad)
+    return mod, q, k, v, mod.attention, lambda: rt.bind(mod.SPEC, q, k, v, **kw)
+
+
+@pytest.mark.parametrize("value, want", [(None, "auto"), ("", "auto"), ("auto", "auto"), ("triton", "triton"),
+                                         ("gluon", "gluon")])
+def test_backend_values(monkeypatch, value, want):
+    if value is None:
+        monkeypatch.delenv("ATTNCC_BACKEND", raising=False)
+    else:
+        monkeypatch.setenv("ATTNCC_BACKEND", value)
+    assert backend.backend_setting() == want
+
+
+@pytest.mark.parametrize("value", ["tl", "Gluon", "cuda", " gluon", "1"])
+def test_backend_other_values_are_refused(monkeypatch, fresh_bind, value):
+    monkeypatch.setenv("ATTNCC_BACKEND", value)
+    with pytest.raises(ValueError, match="ATTNCC_BACKEND must be one of auto, triton, gluon"):
+        backend.backend_setting()
+    for name in ("causal", "sliding_window"):  # with and without the Gluon branch
+        _, q, k, v, attention, _ = bind(name, D=16, dtype=torch.float32)
+        with pytest.raises(ValueError, match="ATTNCC_BACKEND must be one of"):
+            attention(q, k, v)
+
+
+def test_auto_and_triton_never_pick_gluon_in_this_version(monkeypatch, fake_sm90):
+    assert backend.gluon.AUTO_SELECTS_GLUON is False  # docs/gluon.md: until the wired path has run on a GPU
+    make = bind()[-1]
+    for value in ("auto", "triton", None):
+        if value is None:
+            monkeypatch.delenv("ATTNCC_BACKEND", raising=False)
+        else:
+            monkeypatch.setenv("ATTNCC_BACKEND", value)
+        assert backend.gluon_selected(make()) is False
+
+
+def test_auto_picks_gluon_where_it_can_once_switched_on(monkeypatch, fake_sm90):
+    monkeypatch.delenv("ATTNCC_BACKEND", raising=False)
+    monkeypatch.setattr(backend.gluon, "AUTO_SELECTS_GLUON", True)
+    assert backend.gluon_selected(bind()[-1]()) is True
+    assert backend.gluon_selected(bind(dtype=torch.float32)[-1]()) is False  # no error: tl runs it
+    monkeypatch.setenv("ATTNCC_BACKEND", "triton")
+    assert backend.gluon_selected(bind()[-1]()) is False
+
+
+@pytest.mark.parametrize("case, match", [
+    (dict(dtype=torch.float32), "q, k, v are float32; the Gluon kernels take bfloat16 or float16"),
+    (dict(D=32), "head dim D = 32; the Gluon kernels take 64, 128, 256"),
+    (dict(D=96, dtype=torch.float16), "head dim D = 96"),
+    (dict(Dv=128), "Dv = 128 differs from D = 64"),
+    (dict(q_offset=2**31), "past the int32 arithmetic"),
+    (dict(Nq=8, Nk=8, cu_seqlens_q=torch.tensor([0, 3, 8]), cu_seqlens_k=torch.tensor([0, 3, 8])), "cu_seqlens"),
+])
+def test_forced_gluon_refuses_what_it_cannot_run(monkeypatch, fake_sm90, case, match):
+    monkeypatch.setenv("ATTNCC_BACKEND", "gluon")
+    call = bind(**case)[-1]()
+    with pytest.raises(ValueError, match="causal.attention: ATTNCC_BACKEND=gluon, but") as e:
+        backend.gluon_selected(call)
+    assert match in str(e.value)
+
+
+def test_forced_gluon_refuses_dropout(monkeypatch, fake_sm90):
+    monkeypatch.setenv("ATTNCC_BACKEND", "gluon")
+    call = bind()[-1]()
+    assert backend.gluon_selected(call) is True
+    with pytest.raises(ValueError, match=r"dropout \(p = 0.1\)"):
+        backend.gluon_selected(call.replace(dropout_p=0.1))
+
+
+def test_forced_gluon_refuses_the_cpu_and_the_interpreter(monkeypatch, fresh_bind):
+    monkeypatch.setenv("ATTNCC_BACKEND", "gluon")
+    _, q, k, v, attention, make = bind()
+    with pytest.raises(ValueError) as e:
+        attention(q, k, v)  # through the module: its _forward's first branch
+    assert "q is on cpu, not a CUDA GPU" in str(e.value) and "TRITON_INTERPRET=1" in str(e.value)
+    assert "pattern" not in str(e.value)  # causal is eligible: only the call is not
+
+
+@pytest.mark.parametrize("name", ["sliding_window", "cross_causal", "softcap"])
+def test_forced_gluon_refuses_specs_without_the_gluon_forward(monkeypatch, fake_sm90, name):
+    monkeypatch.setenv("ATTNCC_BACKEND", "gluon")
+    _, q, k, v, attention, _ = bind(name)
+    with pytest.raises(ValueError, match=rf"{name}'s pattern is not one the Gluon kernels compute .*attncc explain "
+                                         rf"specs/{name}.toml"):
+        attention(q, k, v)
+    monkeypatch.setenv("ATTNCC_BACKEND", "triton")
+    with torch.no_grad():
+        attention(q[:, :, :4].float()[..., :16], k[:, :, :4].float()[..., :16], v[:, :, :4].float()[..., :16])
+
+
+def test_eligibility_is_worked_out_once_per_signature(monkeypatch, fake_sm90):
+    monkeypatch.setenv("ATTNCC_BACKEND", "gluon")
+    made = []
+    real = backend._signature_problems
+    monkeypatch.setattr(backend, "_signature_problems", lambda call: made.append(call) or real(call))
+    make = bind()[-1]
+    for _ in range(3):
+        assert backend.gluon_selected(make()) is True
+    assert len(made) == 1
+    backend.gluon_selected(bind(Nq=16)[-1]())  # another signature
+    assert len(made) == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# (c) the host launch path, up to the kernel
+
+
+class StubKernel:
+    """Stands in for a @gluon.jit kernel's ``run``: records each launch and writes what the kernel
+    computes (float64 attention with its walk's mask over the descriptors' tensors) into the O
+    descriptor's tensor and the LSE buffer, so that what the host returns can be checked."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.launches = []
+
+    def __call__(self, *args, grid, warmup, **kwargs):
+        self.launches.append((args, kwargs, grid))
+        bound = inspect.signature(self.kernel.fn).bind(*args, **{k: v for k, v in kwargs.items()
+                                                                  if k in self.kernel.arg_names})
+        a = bound.arguments
+        q, k, v, o = (a[n].base for n in ("q_desc", "k_desc", "v_desc", "o_desc"))
+        group = a["GROUP"]
+        i = a["q_offset"] + torch.arange(q.shape[2])[:, None]
+        j = a["k_offset"] + torch.arange(k.shape[2])[None, :]
+        allowed = torch.ones_like(i == j) if a["MASK"] is None else j <= i
+        s = q.double() @ k.double().repeat_interleave(group, 1).transpose(-1, -2) * (a["qk_scale"] / LOG2E)
+        s = s.masked_fill(~allowed, -math.inf)
+        lse = torch.logsumexp(s, -1)
+        p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
+        o.copy_((p @ v.double().repeat_interleave(group, 1)).to(o.dtype))
+        if a["RETURN_LSE"]:
+            a["lse_ptr"].view(lse.shape).copy_(lse)
+
+
+@pytest.fixture
+def stubbed(monkeypatch, fake_sm90):
+    """No GPU: the device checks pass for CPU tensors, the ws / pipelined kernels record their launches."""
+    monkeypatch.setattr(launch, "check_devices", lambda q, k, v: None)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(
+        multi_processor_count=132, name="stub H100"))
+    stubs = {}
+    for kernel in (fwd_ws.attn_fwd_ws, fwd_pipelined.attn_fwd_pipelined):
+        stubs[kernel.fn.__name__] = StubKernel(kernel)
+        monkeypatch.setattr(kernel, "run", stubs[kernel.fn.__name__])
+    return stubs
+
+
+def check_arguments(kernel, args, kwargs, *, call_values):
+    """The recorded launch binds to the kernel's parameters, every constexpr given by name and
+    only the launch options besides; ``call_values``: parameters whose values are known."""
+    params = {p.name: p for p in kernel.params}
+    given = {k: v for k, v in kwargs.items() if k in params}
+    options = set(kwargs) - set(params)
+    assert options <= {"num_warps", "maxnreg", "num_stages"}, options
+    bound = inspect.signature(kernel.fn).bind(*args, **given).arguments  # raises on a missing or extra one
+    assert set(bound) == set(params)
+    assert len(args) == sum(not p.is_constexpr for p in kernel.params), "runtime arguments are positional"
+    assert all(p.is_constexpr for p in kernel.params[len(args):])
+    for name, value in call_values.items():
+        assert bound[name] == value, (name, bound[name], value)
+    for name, p in params.items():
+        value = bound[name]
+        if name.endswith("_desc"):
+            assert type(value).__name__ == "TensorDescriptor"
+        elif name == "lse_ptr":
+            assert isinstance(value, torch.Tensor) and value.dtype == torch.float32
+        elif not p.is_constexpr:
+            assert type(value) in (int, float) and (name != "qk_scale") == (type(value) is int), (name, value)
+    return bound
+
+
+def test_wired_forward_launches_the_ws_kernel_and_the_tl_backward_takes_its_output(monkeypatch, stubbed):
+    """ATTNCC_BACKEND=gluon through the generated module: GQA, a query chunk after the keys'
+    start and rows that see no key; o and the LSE come from the (stub) kernel's buffers and the tl
+    backward runs on them: o, lse and the gradients against the float64 reference."""
+    monkeypatch.setenv("ATTNCC_BACKEND", "gluon")
+    mod, q, k, v, attention, _ = bind("causal", B=1, Hq=4, Hkv=2, Nq=20, Nk=24, D=64, grad=True)
+    monkeypatch.setattr(mod, "_fwd_kernel", None)  # the tl forward must not run
+    q_offset, k_offset = 6, 10  # rows 6..9 see no key
+    o, lse = attention(q, k, v, q_offset=q_offset, k_offset=k_offset, return_lse=True)
+    (args, kwargs, grid), = stubbed["attn_fwd_ws"].launches
+    cfg = backend.gluon_config(64)
+    assert not cfg.pingpong
+    bound = check_arguments(fwd_ws.attn_fwd_ws, args, kwargs, call_values=dict(
+        B=1, H=4, GROUP=2, Nq=20, Nk=24, q_offset=q_offset, k_offset=k_offset, n_q=q_offset + 20, n_k=k_offset + 24,
+        lse_stride=20, qk_scale=64 ** -0.5 * LOG2E, WALK=walks.causal_walk, MASK=walks.causal_mask, RETURN_LSE=True,
+        STAGES=cfg.stages, PINGPONG=False, O_IN_Q=cfg.o_in_q, CONSUMER_REGS=cfg.consumer_regs,
+        LOADER_REGS=cfg.loader_regs))
+    assert kwargs["num_warps"] == 4 and kwargs["maxnreg"] == cfg.maxnreg
+    assert grid == (min(132, 4),)  # one query block per (batch, head): 4 tiles
+    assert 1 <= bound["HEAD_GROUP"] <= 4
+    assert [list(bound[n].block_shape) for n in ("q_desc", "k_desc", "v_desc", "o_desc")] == [
+        [1, 1, 64, 64], [1, 1, cfg.block_n, 64], [1, 1, cfg.block_n, 64], [1, 1, 64, 64]]
+    # as the tl forward returns them
+    assert o.shape == (1, 4, 20, 64) and o.dtype == torch.bfloat16 and o.is_contiguous()
+    assert lse.shape == (1, 4, 20) and lse.dtype == torch.float32
+    assert torch.all(lse[:, :, :4] == -math.inf) and torch.all(o[:, :, :4] == 0)
+    ref, ref_lse = attncc.reference(mod_pattern("causal"), q.detach(), k.detach(), v.detach(), return_lse=True,
+                                    q_offset=q_offset, k_offset=k_offset)
+    assert torch.allclose(o.double(), ref, atol=1e-2) and torch.equal(lse.isinf(), ref_lse.isinf())
+    assert torch.allclose(lse[:, :, 4:].double(), ref_lse[:, :, 4:], atol=1e-5)
+    gen = torch.Generator().manual_seed(1)
+    do = torch.randn(o.shape, generator=gen).to(o.dtype)
+    dlse = torch.randn(lse.shape, generator=gen).masked_fill(lse.isinf(), 0.0)
+    torch.autograd.backward((o, lse), (do, dlse))
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ro, rl = attncc.reference(mod_pattern("causal"), qd, kd, vd, return_lse=True, q_offset=q_offset, k_offset=k_offset)
+    torch.autograd.backward((ro, torch.where(rl.isinf(), 0.0, rl)), (do.double(), dlse.double()))
+    for got, want in ((q.grad, qd.grad), (k.grad, kd.grad), (v.grad, vd.grad)):
+        assert float((got.double() - want).norm() / want.norm()) < 3e-2
+
+
+def mod_pattern(name):
+    return load_spec(ROOT / "specs" / f"{name}.toml")
+
+
+@pytest.mark.parametrize("kernel", ["ws", "pipelined"])
+@pytest.mark.parametrize("pattern, D", [("dense", 128), ("causal", 256)])
+def test_launch_arguments_match_each_kernel(stubbed, kernel, pattern, D):
+    """launch.attention, both kernels, the head dims' configs: arguments by name and value."""
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 6, 40, D, generator=gen).to(torch.float16)
+    k, v = (torch.randn(2, 3, 70, D, generator=gen).to(torch.float16) for _ in range(2))
+    cfg = launch.default_config(D, kernel)
+    o, lse = launch.attention(q, k, v, pattern=pattern, scale=0.3, q_offset=50, k_offset=5, n_q=99, n_k=77,
+                              return_lse=True, config=cfg)
+    name = "attn_fwd_ws" if kernel == "ws" else "attn_fwd_pipelined"
+    jit = fwd_ws.attn_fwd_ws if kernel == "ws" else fwd_pipelined.attn_fwd_pipelined
+    (args, kwargs, grid), = stubbed[name].launches
+    want = dict(GROUP=2, Nq=40, Nk=70, q_offset=50, k_offset=5, n_q=99, n_k=77, lse_stride=40, qk_scale=0.3 * LOG2E,
+                WALK=walks.PATTERNS[pattern][0], MASK=walks.PATTERNS[pattern][1], RETURN_LSE=True, STAGES=cfg.stages)
+    if kernel == "ws":
+        want.update(B=2, H=6, PINGPONG=cfg.pingpong, O_IN_Q=cfg.o_in_q)
+        assert grid == (min(132, 2 * 6 * -(-40 // cfg.block_m)),)
+    else:
+        want.update(H=6, num_warps=cfg.num_warps)
+        assert grid == (-(-40 // cfg.block_m), 2 * 6)
+    check_arguments(jit, args, kwargs, call_values=want)
+    ref, ref_lse = attncc.reference(mask_pattern("j <= i" if pattern == "causal" else None), q, k, v, return_lse=True,
+                                    q_offset=50, k_offset=5, scale=0.3)
+    assert torch.allclose(o.double(), ref, atol=5e-3) and torch.allclose(lse.double(), ref_lse, atol=1e-5)
+
+
+CHILD = r"""
+import pickle, sys, types
+import torch
+sys.path.insert(0, {tests!r})
+import test_gluon_wiring as t
+print(t.compile_recorded_launch({out!r}))
+"""
+
+
+def compile_recorded_launch(out_path: str) -> str:
+    """Run in a process without TRITON_INTERPRET: record the ws launch of the wired forward's
+    config (stubbed device, causal, bf16, D = 128, GQA, offsets) and compile exactly those
+    arguments for sm90 with Triton's compiler (GluonASTSource, as launch.compile_for_sm90):
+    the signature comes from the recorded values, not from a list written by hand."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    kernel = fwd_ws.attn_fwd_ws
+    stub = StubKernel(kernel)
+    real_run, real_check, real_props = kernel.run, launch.check_devices, torch.cuda.get_device_properties
+    kernel.run, launch.check_devices = stub, (lambda q, k, v: None)
+    torch.cuda.get_device_properties = lambda device: types.SimpleNamespace(multi_processor_count=132)
+    try:
+        q = torch.randn(1, 4, 300, 128).to(torch.bfloat16)
+        k, v = (torch.randn(1, 2, 200, 128).to(torch.bfloat16) for _ in range(2))
+        launch.attention(q, k, v, pattern="causal", q_offset=100, return_lse=True, config=backend.gluon_config(128))
+    finally:
+        kernel.run, launch.check_devices, torch.cuda.get_device_properties = real_run, real_check, real_props
+    (args, kwargs, grid), = stub.launches
+    params = kernel.params
+    signature, constexprs = {}, {}
+    for p, value in zip(params, args):
+        if type(value).__name__ == "TensorDescriptor":
+            short = {torch.bfloat16: "bf16", torch.float16: "fp16"}[value.base.dtype]
+            signature[p.name] = f"tensordesc<{short}{list(value.block_shape)},{value.layout!r}>"
+        elif isinstance(value, torch.Tensor):
+            signature[p.name] = {torch.float32: "*fp32"}[value.dtype]
+        elif isinstance(value, float):
+            signature[p.name] = "fp32"
+        else:
+            signature[p.name] = p.annotation if p.annotation in ("i64", "i32") else "i32"
+    for p in params[len(args):]:
+        signature[p.name] = "constexpr"
+        constexprs[p.name] = kwargs[p.name]
+    options = {k: v for k, v in kwargs.items() if k not in constexprs}
+    compiled = triton.compile(GluonASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
+                              options=options)
+    with open(out_path, "wb") as f:
+        pickle.dump({"signature": signature, "shared": compiled.metadata.shared,
+                     "ptx_has_wgmma": "wgmma.mma_async" in compiled.asm["ptx"]}, f)
+    return "ok"
+
+
+def test_recorded_launch_compiles_for_sm90(tmp_path):
+    out = tmp_path / "compiled.pickle"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    code = CHILD.format(tests=str(ROOT / "tests"), out=str(out))
+    run = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    with open(out, "rb") as f:
+        result = pickle.load(f)
+    assert result["ptx_has_wgmma"] and 0 < result["shared"] <= launch.SM90_SHARED_BYTES
+    assert result["signature"]["lse_stride"] == "i64" and result["signature"]["HEAD_GROUP"] == "i32"
