@@ -6,6 +6,7 @@
 #   bench/gpu_session.sh dev families       # the tests, then these cases or groups (python -m bench --list)
 #   BENCH_TESTS=0 bench/gpu_session.sh dev  # the benchmarks only
 #   BENCH_CASES=0 bench/gpu_session.sh      # the tests only
+#   BENCH_TEST_FILES=tests/gpu/test_gpu_gluon_specs.py bench/gpu_session.sh gluon-wired
 #
 # Exits 1 when a test failed or attncc failed in a benchmark case; the other part still runs.
 set -uo pipefail
@@ -15,7 +16,13 @@ OUT="${OUT:-$PWD/bench-out}"
 mkdir -p "$OUT"
 status=0
 if [ "${BENCH_TESTS:-1}" != 0 ]; then
-    python -m pytest -q -m gpu tests --junitxml "$OUT/gpu_tests.xml" 2>&1 | tee "$OUT/gpu_tests.log" || status=1
+    # one test per line (-v), so that a call cut by the device's time limit still names what passed;
+    # several workers (the image has pytest-xdist and pytest-timeout): serially it takes over 10 minutes
+    # on an H200, mostly Triton compiling. BENCH_TEST_FILES narrows it (e.g. tests/gpu/test_gpu_gluon_specs.py).
+    # shellcheck disable=SC2086
+    python -m pytest -m gpu ${BENCH_TEST_FILES:-tests} ${BENCH_TEST_ARGS:--n 6 --dist loadfile -v -rfE --tb=short --timeout 300} \
+        -p no:cacheprovider --junitxml "$OUT/gpu_tests.xml" > "$OUT/gpu_tests.log" 2>&1 || status=1
+    grep -E "^(FAILED|ERROR) |passed|failed" "$OUT/gpu_tests.log" | tail -40
 fi
 if [ "${BENCH_CASES:-1}" != 0 ]; then
     if [ $# -eq 0 ]; then set -- quick; fi
