@@ -131,11 +131,13 @@ def test_a_param_divisor_of_zero_is_refused_at_the_call(built):
 
 
 def test_a_size_divisor_of_zero_is_refused_at_the_call(tmp_path):
-    p, mod = build_inline({"size_divisor": '[mask]\nwhere = "j % n_k == 0 or j <= i"\n'}, tmp_path)["size_divisor"]
+    # n_k >= k_offset + Nk (the call's own positions), so the divisor reaches 0 through a difference
+    p, mod = build_inline({"size_divisor": '[mask]\nwhere = "j % (n_k - 10) == 0 or j <= i"\n'},
+                          tmp_path)["size_divisor"]
     q, k, v = _qkv(8, 8, seed=10)
-    with pytest.raises(ValueError, match=r"divisor of j % n_k is 0 with n_k = 0"):
-        mod.attention(q, k, v, n_k=0)
-    _check(p, mod, q, k, v, n_k=5)
+    with pytest.raises(ValueError, match=r"divisor of j % \(n_k - 10\) is 0 with n_k = 10"):
+        mod.attention(q, k, v, n_k=10)
+    _check(p, mod, q, k, v, n_k=13)
 
 
 @pytest.mark.parametrize("text, key", [
