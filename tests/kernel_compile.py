@@ -50,10 +50,12 @@ class Launch:
         return dict(self.constexprs).get(names.index(name), default) if name in names else default
 
     def label(self, *names: str) -> str:
-        """``kernel (module, NAME=value, ...)`` with those of ``names`` it has (constexprs, options)."""
+        """``kernel (dtype, module, NAME=value, ...)``: the first pointer's element type, and those of
+        ``names`` (constexprs, options) the launch has."""
         values = dict(self.options)
         values.update((n, self.constexpr(n)) for n in names if self.constexpr(n, self) is not self)
-        return f"{self.name} ({', '.join([self.module] + [f'{n}={values[n]}' for n in names if n in values])})"
+        dtype = [kind[1:] for _, kind in self.signature if kind.startswith("*")][:1]
+        return f"{self.name} ({', '.join(dtype + [self.module] + [f'{n}={values[n]}' for n in names if n in values])})"
 
     @property
     def source_hash(self) -> str:
