@@ -33,13 +33,11 @@ import time
 from pathlib import Path
 
 import pytest
+import triton
+import triton.language as tl
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cases import SPEC_NAMES  # noqa: E402
-from kernel_compile import without_interpreter  # noqa: E402
-
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
+from cases import SPEC_NAMES
+from kernel_compile import without_interpreter
 
 ROOT = Path(__file__).resolve().parent.parent
 SM90_SHARED = 232448  # bytes of shared memory one sm90 CTA may use (227 KB)
