@@ -2,7 +2,7 @@
 
 A CUDA run at B = 9, H = 32, N = 65536, D = 128 (2.4e9 elements per tensor) read out of bounds:
 ``b * stride_qb`` and friends were int32 products. Such sizes do not fit a CPU test, so this test
-compiles the kernels themselves for sm90 (Triton's front end and TTIR passes need no GPU) and
+compiles the kernels themselves for sm90 (tests/kernel_compile.py: Triton needs no GPU for it) and
 inspects their IR: in a child process the generated modules run a set of calls (forward,
 backward, decode, varlen, RoPE, dropout, block lists, the walks of issue 16: one and two closed-form
 segments, calls that break a closed form's precondition (the LISTS loops), exact block lists and
@@ -17,13 +17,14 @@ tests/gpu/test_gpu_big.py runs the real thing on a GPU.
 """
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+from kernel_compile import without_interpreter
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,9 +36,8 @@ POSITIONS = {"q_offset", "k_offset", "n_q", "n_k", "offset", "pos0", "position",
 
 
 def test_no_int32_products_of_program_ids_and_strides():
-    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    out = subprocess.run([sys.executable, __file__, "--child"], env=env, capture_output=True, text=True, timeout=900,
-                         cwd=ROOT)
+    out = subprocess.run([sys.executable, __file__, "--child"], env=without_interpreter(), capture_output=True,
+                         text=True, timeout=900, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-4000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
     kernels = report["kernels"]
@@ -155,66 +155,23 @@ def _flagged(muls, origins):
 # the child process: calls whose launches compile to TTIR
 # ---------------------------------------------------------------------------------------
 
-_PTR = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64", "int32": "i32", "int64": "i64",
-        "int16": "i16", "int8": "i8", "uint8": "u8", "bool": "i1"}
-
-
 def _child():
-    import torch
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.compiler.compiler import make_backend
-    from triton._C.libtriton import ir
-    from triton.runtime.jit import JITFunction
+    from kernel_compile import compile_launch, recorded_launches
 
-    target = GPUTarget("cuda", 90, 32)
-    backend = make_backend(target)
-    seen, kernels, flagged = set(), [], []
-
-    def compile_ttir(fn, args, kwargs):
-        params = fn.params
-        names = [p.name for p in params]
-        opts = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "enable_fp_fusion") if k in kwargs}
-        bound = inspect.signature(fn.fn).bind(*args, **kwargs).arguments
-        sig, const = {}, {}
-        for i, p in enumerate(params):
-            v = bound.get(p.name, inspect.signature(fn.fn).parameters[p.name].default)
-            if p.is_constexpr or v is None:
-                sig[p.name], const[(i,)] = "constexpr", v
-            elif isinstance(v, torch.Tensor):
-                sig[p.name] = "*" + _PTR[str(v.dtype).replace("torch.", "")]
-            elif p.annotation and not p.annotation.startswith("*"):
-                sig[p.name] = {"tl.float64": "fp64", "fp64": "fp64"}.get(p.annotation, p.annotation)
-            elif isinstance(v, bool):
-                sig[p.name] = "i1"
-            elif isinstance(v, int):
-                sig[p.name] = "i32" if -2**31 <= v < 2**31 else "i64"
-            elif isinstance(v, float):
-                sig[p.name] = "fp32"
-            else:
-                raise TypeError(f"{fn.__name__}: argument {p.name} = {v!r}")
-        key = (fn.__name__, fn.fn.__code__.co_filename, repr(sorted(sig.items())), repr(sorted(const.items())))
-        if key in seen:
-            return
-        seen.add(key)
-        options = backend.parse_options(opts)
-        ctx = ir.context()
-        ir.load_dialects(ctx)
-        backend.load_dialects(ctx)
-        src = ASTSource(fn, sig, constexprs=const)
-        mod = src.make_ir(target, options, backend.get_codegen_implementation(options), backend.get_module_map(), ctx)
-        mod = backend.make_ttir(mod, {}, options, 90)
-        label = f"{fn.__name__} ({Path(fn.fn.__code__.co_filename).stem}, " + \
-            ", ".join(f"{names[k[0]]}={v}" for k, v in const.items() if names[k[0]] in ("WIDE", "VARLEN", "PAGE_SIZE")) + ")"
+    with recorded_launches() as launches:
+        _calls()
+    kernels, flagged = [], []
+    for launch in launches:
+        label = launch.label("WIDE", "VARLEN", "PAGE_SIZE")
         kernels.append(label)
-        flagged.extend(f"{label}: {line}" for line in int32_products(str(mod)))
+        flagged.extend(f"{label}: {line}" for line in int32_products(compile_launch(launch, "ttir").stages["ttir"]))
+    print(json.dumps({"kernels": kernels, "flagged": flagged}))
 
-    def fake_run(self, *args, grid, warmup, **kwargs):
-        compile_ttir(self, args, dict(kwargs))
 
-    JITFunction.run = fake_run
+def _calls():
     import importlib
+
+    import torch
 
     mods = {n: importlib.import_module(f"generated.{n}") for n in
             ("causal", "document", "alibi_learned", "rope_causal", "causal_dropout", "bigbird", "t5_bias",
@@ -267,7 +224,6 @@ def _child():
     with torch.no_grad():
         q, k, v = qkv(dtype=torch.float32, grad=False)
         mods["linear_elu"].step(q[:, :, 0], k[:, :, 0], v[:, :, 0])
-    print(json.dumps({"kernels": kernels, "flagged": flagged}))
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--child"]:
