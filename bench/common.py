@@ -186,6 +186,22 @@ def documents(B, N, seed=0, mean=1024, device=None):
     return torch.tensor(rows, dtype=torch.int32, device=device or DEV)
 
 
+def paged_cache(k, v, page: int, generator: torch.Generator):
+    """A contiguous cache [B, Hkv, L, D] as decode's paged one: pages [B * L / page, page, Hkv, D] in an
+    order drawn from ``generator`` (CPU), and the block table [B, L / page] (int32), on k's device."""
+    B, H, L, D = k.shape
+    if L % page:
+        raise ValueError(f"a paged cache needs the length ({L}) a multiple of the page ({page})")
+    n = L // page
+    table = torch.randperm(B * n, generator=generator).to(torch.int32).view(B, n).to(k.device)
+    out = []
+    for t in (k, v):
+        pages = torch.empty(B * n, page, H, D, dtype=t.dtype, device=t.device)
+        pages[table.flatten().long()] = t.view(B, H, n, page, D).permute(0, 2, 3, 1, 4).reshape(B * n, page, H, D)
+        out.append(pages)
+    return out[0], out[1], table
+
+
 def qkv(B, Hq, N, D, Hkv=None, seed=0, dtype=None, device=None, Nk=None, grad=False):
     """q [B, Hq, N, D], k and v [B, Hkv, Nk, D], standard normal from ``seed``."""
     torch.manual_seed(seed)

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from bench import timer
 from bench.cases import TRANSFORMS, Case, Setting, setting_label
 from bench.common import (DEV, FLEX_MASKS, FLEX_SCORES, SMOKE, apply_rotary, attention_flops, build_inline,
+                          paged_cache,
                           density, flex_pattern, flex_setup, generated, qkv, rotary_tables, sdpa_backend, sdpa_call,
                           short_error, spec_inputs, spec_pattern)
 
@@ -88,24 +89,9 @@ def _prepare_decode(c: Case, pattern, module) -> Prepared:
     q, k, v = qkv(c.B, c.Hq, c.N, c.D, Hkv=c.kv_heads)
     q = q[:, :, -1:].contiguous()
     kw = {"kv_len": torch.full((c.B,), c.N, dtype=torch.int32, device=DEV)}
-    pages = _paged(k, v, c.page) if c.decode == "paged" else None
+    pages = paged_cache(k, v, c.page, torch.Generator().manual_seed(0)) if c.decode == "paged" else None
     nbytes = 2 * c.B * c.kv_heads * c.N * c.D * k.element_size()
     return Prepared(c, pattern, module, q, k, v, None, kw, None, bytes=nbytes, pages=pages)
-
-
-def _paged(k, v, page: int):
-    """[B, Hkv, L, D] -> pages [B * L / page, page, Hkv, D] in a random order, block table [B, L / page]."""
-    B, H, L, D = k.shape
-    if L % page:
-        raise ValueError(f"a paged decode case needs N ({L}) a multiple of the page ({page})")
-    n = L // page
-    table = torch.randperm(B * n, generator=torch.Generator().manual_seed(0)).to(torch.int32).view(B, n).to(DEV)
-    out = []
-    for t in (k, v):
-        pages = torch.empty(B * n, page, H, D, dtype=t.dtype, device=DEV)
-        pages[table.flatten().long()] = t.view(B, H, n, page, D).permute(0, 2, 3, 1, 4).reshape(B * n, page, H, D)
-        out.append(pages)
-    return out[0], out[1], table
 
 
 @dataclass

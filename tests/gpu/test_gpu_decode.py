@@ -17,24 +17,12 @@ from gpu_env import DEV, LOW, MARKS, TOL, rel, release, size, skip_unless_enable
 skip_unless_enabled()  # before anything is built or loaded
 
 from attncc._reference import rotary  # noqa: E402
+from bench.common import paged_cache  # noqa: E402  (the benchmark's paged cases build theirs so)
 from cases import module, pattern  # noqa: E402
 
 pytestmark = MARKS
 HQ, HKV, D = size(32, 8), size(8, 2), size(128, 32)
 PAGE = size(64, 16)
-
-
-def _paged(k, v, gen):
-    """[B, Hkv, L, D] -> pages [B * L / PAGE, PAGE, Hkv, D] in a random order, block table [B, L / PAGE]."""
-    B, H, L, Dh = k.shape
-    n = L // PAGE
-    table = torch.randperm(B * n, generator=gen).to(torch.int32).view(B, n).to(DEV)
-    out = []
-    for t in (k, v):
-        pages = torch.empty(B * n, PAGE, H, Dh, dtype=t.dtype, device=DEV)
-        pages[table.flatten().long()] = t.view(B, H, n, PAGE, Dh).permute(0, 2, 3, 1, 4).reshape(B * n, PAGE, H, Dh)
-        out.append(pages)
-    return out[0], out[1], table
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "paged"])
@@ -47,7 +35,7 @@ def test_one_token_against_sdpa(B, L, layout):
     k, v = (torch.randn(B, HKV, L, D, generator=gen).to(DEV, LOW) for _ in range(2))
     kv_len = torch.full((B,), L, dtype=torch.int32, device=DEV)
     if layout == "paged":
-        kp, vp, table = _paged(k, v, gen)
+        kp, vp, table = paged_cache(k, v, PAGE, gen)
         o = causal.decode(q, kp, vp, kv_len=kv_len, block_table=table)
     else:
         o = causal.decode(q, k, v, kv_len=kv_len)
@@ -75,7 +63,7 @@ def test_paged_decode_is_attention_of_the_last_rows(name):
     k_cache = k
     if rope is not None:  # the cache holds keys rotated at their positions; attention rotates its own
         k_cache = rotary(k.double(), torch.arange(L, device=DEV), rope.theta, rope.style, rope.rotary_dim or D).to(LOW)
-    kp, vp, table = _paged(k_cache, v, gen)
+    kp, vp, table = paged_cache(k_cache, v, PAGE, gen)
     o = mod.decode(q, kp, vp, kv_len=kv_len, block_table=table, **kw)
     for b in range(B):
         n = int(kv_len[b])
