@@ -160,18 +160,21 @@ class Compiled:
 
 
 def compile_launch(launch: Launch, last="cubin", capability: int = 90) -> Compiled:
-    """Compile ``launch`` for ``sm_<capability>`` through Triton's stages up to ``last``: one of
-    :data:`STAGES`, or a function of the TTIR text that names it; raises what Triton raises."""
+    """Compile ``launch`` (a ``@triton.jit`` or ``@gluon.jit`` kernel's) for ``sm_<capability>`` through
+    Triton's stages up to ``last``: one of :data:`STAGES`, or a function of the TTIR text that names it
+    (``tl`` kernels: Gluon's have no TTIR stage); raises what Triton raises."""
     from triton._C.libtriton import ir
     from triton.compiler import ASTSource
+    from triton.experimental.gluon._runtime import GluonASTSource, GluonJITFunction
 
     backend = _backend(capability)
     options = backend.parse_options(dict(launch.options))
     context = ir.context()
     ir.load_dialects(context)
     backend.load_dialects(context)
-    src = ASTSource(launch.fn, dict(launch.signature), constexprs={(i,): v for i, v in launch.constexprs},
-                    attrs={(i,): backend.parse_attr(v) for i, v in launch.attrs})
+    source = GluonASTSource if isinstance(launch.fn, GluonJITFunction) else ASTSource  # Gluon starts at TTGIR
+    src = source(launch.fn, dict(launch.signature), constexprs={(i,): v for i, v in launch.constexprs},
+                 attrs={(i,): backend.parse_attr(v) for i, v in launch.attrs})
     stages = {}
     backend.add_stages(stages, options, src.language)
     metadata = {"target": backend.target, **options.__dict__}
@@ -180,7 +183,7 @@ def compile_launch(launch: Launch, last="cubin", capability: int = 90) -> Compil
     module = src.make_ir(backend.target, options, backend.get_codegen_implementation(options), backend.get_module_map(),
                          context)
     seconds["ast"] = time.perf_counter() - start
-    for stage in STAGES:
+    for stage in (s for s in STAGES if s in stages):
         start = time.perf_counter()
         module = stages[stage](module, metadata)
         seconds[stage] = time.perf_counter() - start

@@ -522,11 +522,9 @@ print(t.compile_recorded_launch({out!r}))
 def compile_recorded_launch(out_path: str) -> str:
     """Run in a process without TRITON_INTERPRET: record the ws launch of the wired forward's
     config (stubbed device, causal, bf16, D = 128, GQA, offsets) and compile exactly those
-    arguments for sm90 with Triton's compiler (GluonASTSource, as launch.compile_for_sm90):
-    the signature comes from the recorded values, not from a list written by hand."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
+    arguments for sm90: the signature is Triton's own specialization of the recorded values
+    (tests/kernel_compile.py), not a list written by hand."""
+    from kernel_compile import compile_launch, launch_of
 
     kernel = fwd_ws.attn_fwd_ws
     stub = StubKernel(kernel)
@@ -540,27 +538,11 @@ def compile_recorded_launch(out_path: str) -> str:
     finally:
         kernel.run, launch.check_devices, torch.cuda.get_device_properties = real_run, real_check, real_props
     (args, kwargs, grid), = stub.launches
-    params = kernel.params
-    signature, constexprs = {}, {}
-    for p, value in zip(params, args):
-        if type(value).__name__ == "TensorDescriptor":
-            short = {torch.bfloat16: "bf16", torch.float16: "fp16"}[value.base.dtype]
-            signature[p.name] = f"tensordesc<{short}{list(value.block_shape)},{value.layout!r}>"
-        elif isinstance(value, torch.Tensor):
-            signature[p.name] = {torch.float32: "*fp32"}[value.dtype]
-        elif isinstance(value, float):
-            signature[p.name] = "fp32"
-        else:
-            signature[p.name] = p.annotation if p.annotation in ("i64", "i32") else "i32"
-    for p in params[len(args):]:
-        signature[p.name] = "constexpr"
-        constexprs[p.name] = kwargs[p.name]
-    options = {k: v for k, v in kwargs.items() if k not in constexprs}
-    compiled = triton.compile(GluonASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
-                              options=options)
+    recorded = launch_of(kernel, args, kwargs)
+    compiled = compile_launch(recorded, "cubin")
     with open(out_path, "wb") as f:
-        pickle.dump({"signature": signature, "shared": compiled.metadata.shared,
-                     "ptx_has_wgmma": "wgmma.mma_async" in compiled.asm["ptx"]}, f)
+        pickle.dump({"signature": dict(recorded.signature), "shared": compiled.metadata["shared"],
+                     "ptx_has_wgmma": "wgmma.mma_async" in compiled.stages["ptx"]}, f)
     return "ok"
 
 
