@@ -20,7 +20,6 @@ Gluon has no interpreter: tests/gpu/test_gpu_gluon_specs.py runs the wired path 
 from __future__ import annotations
 
 import ast
-import dataclasses
 import inspect
 import math
 import os
