@@ -2,7 +2,8 @@
 of every variant to a cubin without a GPU (for CI and for reading the PTX/SASS).
 
 `attention` is what a generated module's forward calls (through attncc.runtime.backend) for the
-built-in walks; rendered walks and masks will come through its `walk` / `mask` arguments.
+built-in walks, `attention_backward` what its backward calls; rendered walks and masks will come
+through their `walk` / `qwalk` / `mask` arguments.
 """
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ import re
 import subprocess
 import tempfile
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple, Union
 
-from attncc.runtime.gluon import DTYPES, HEAD_DIMS, walks
+from attncc.runtime.gluon import BWD_HEAD_DIMS, DTYPES, HEAD_DIMS, walks
 
 LOG2E = 1.4426950408889634
 KERNELS = ("ws", "pipelined")
@@ -113,6 +114,91 @@ def pattern_fragments(pattern: str):
     return walks.PATTERNS[pattern]
 
 
+BWD_PARTS = ("dkdv", "dq")
+
+
+@dataclass(frozen=True)
+class GluonBwdConfig:
+    """The backward kernels' tiles (bwd.py); both are one instruction stream of 16 rows per warp.
+
+    kv_block_n: keys per dK/dV program (num_warps = kv_block_n // 16: 128 keys are two warpgroups
+        of 64). Its registers hold dK and dV (2 x 64 fp32 per thread at D = 128) besides S^T, dP^T.
+    kv_block_m: query rows per step of the dK/dV program: the N of S^T = K Q^T and dP^T = V dO^T,
+        the K of dV += P^T dO and dK += dS^T Q.
+    kv_stages: depth of its ring of (Q, dO, lse2, delta) blocks (refilled kv_stages - 1 steps ahead).
+    q_block_m: query rows per dQ program (num_warps = q_block_m // 16).
+    q_block_n: keys per step of the dQ program.
+    q_stages: depth of its ring of (K, V) blocks.
+    """
+    kv_block_n: int = 128
+    kv_block_m: int = 64
+    kv_stages: int = 3
+    q_block_m: int = 128
+    q_block_n: int = 64
+    q_stages: int = 3
+
+    def num_warps(self, part: str) -> int:
+        return (self.kv_block_n if part == "dkdv" else self.q_block_m) // 16
+
+    def stages(self, part: str) -> int:
+        return self.kv_stages if part == "dkdv" else self.q_stages
+
+
+def default_bwd_config(head_dim: int) -> GluonBwdConfig:
+    """The backward's tiles by head dim (compiled register counts in docs/gluon.md; no spills).
+
+    D = 128: dK/dV 128 keys x 64-row query steps (252 registers; 128-row steps would not fit next
+    to dK and dV), 3 stages (165 KB; 2: 132 KB, 4: 199 KB); dQ 128 rows x 64-key steps (169
+    registers; 128-key steps reach 246), 3 stages (164 KB).
+    D = 64: dK/dV 128 x 64 (191 registers), 4 stages (100 KB); dQ 128 x 128 (217 registers),
+    3 stages (131 KB).
+    D = 256 has none: dK and dV of even one warpgroup's 64 keys are 2 x 128 fp32 registers per
+    thread, the whole register file (`check_bwd_config` says so)."""
+    _check_choice("head_dim", head_dim, HEAD_DIMS)
+    if head_dim == 64:
+        return GluonBwdConfig(kv_block_n=128, kv_block_m=64, kv_stages=4, q_block_m=128, q_block_n=128, q_stages=3)
+    return GluonBwdConfig(kv_block_n=128, kv_block_m=64, kv_stages=3, q_block_m=128, q_block_n=64, q_stages=3)
+
+
+def bwd_shared_bytes(config: GluonBwdConfig, head_dim: int, elem_bytes: int = 2) -> Dict[str, int]:
+    """Each backward kernel's shared-memory tiles (barriers aside). dK/dV: K and V of the program,
+    and per stage Q, dO and the fp32 lse2 / delta rows; dQ: Q and dO, and per stage K and V (dK, dV,
+    dQ are staged in K's, V's and Q's buffers)."""
+    kv = 2 * config.kv_block_n * head_dim * elem_bytes
+    kv += config.kv_stages * (2 * config.kv_block_m * head_dim * elem_bytes + 2 * config.kv_block_m * 4)
+    q = 2 * config.q_block_m * head_dim * elem_bytes + config.q_stages * 2 * config.q_block_n * head_dim * elem_bytes
+    return {"dkdv": kv, "dq": q}
+
+
+def check_bwd_config(config: GluonBwdConfig, head_dim: int) -> None:
+    if head_dim not in BWD_HEAD_DIMS:
+        raise ValueError(f"attncc.runtime.gluon: the Gluon backward takes head dims {BWD_HEAD_DIMS}, got {head_dim} "
+                         f"(at D = 256, dK and dV of one warpgroup's 64 keys alone would fill the 255 registers per "
+                         f"thread)")
+    for name in ("kv_block_n", "q_block_m"):
+        if getattr(config, name) not in (64, 128):
+            raise ValueError(f"attncc.runtime.gluon: {name} must be 64 or 128 (16 rows per warp, whole warpgroups), "
+                             f"got {getattr(config, name)}")
+    for name in ("kv_block_m", "q_block_n"):
+        if getattr(config, name) not in (16, 32, 64, 128, 256):
+            raise ValueError(f"attncc.runtime.gluon: {name} must be a power of two in [16, 256], got "
+                             f"{getattr(config, name)}")
+    for name in ("kv_stages", "q_stages"):
+        if getattr(config, name) < 2:
+            raise ValueError(f"attncc.runtime.gluon: {name} must be >= 2, got {getattr(config, name)}")
+    for part, need in bwd_shared_bytes(config, head_dim).items():
+        if need > SM90_SHARED_BYTES - 1024:
+            raise ValueError(f"attncc.runtime.gluon: the {part} kernel of {config} at head dim {head_dim} needs {need} "
+                             f"bytes of shared memory, more than the {SM90_SHARED_BYTES} an sm90 CTA may use")
+
+
+def backward_fragments(pattern: str):
+    """(walk, qwalk, mask) of a shipped pattern: the dQ kernel walks key blocks per query block as
+    the forward does, the dK/dV kernel query blocks per key block."""
+    walk, mask = pattern_fragments(pattern)
+    return walk, walks.QWALKS[pattern], mask
+
+
 # --------------------------------------------------------------------------------------------
 # Launch on a GPU
 
@@ -181,6 +267,100 @@ def attention(q, k, v, *, pattern: str = "dense", scale: Optional[float] = None,
     return (o, lse) if return_lse else o
 
 
+def attention_backward(q, k, v, o, lse, do, dlse=None, *, pattern: str = "dense", scale: Optional[float] = None,
+                       q_offset: int = 0, k_offset: int = 0, n_q: Optional[int] = None, n_k: Optional[int] = None,
+                       config: Optional[GluonBwdConfig] = None, walk=None, qwalk=None, mask=None):
+    """dq, dk, dv of `attention(q, k, v, ...)` through the Gluon sm90 backward (bwd.py).
+
+    q, k, v and the call's options as for `attention`; o [B, Hq, Nq, D] and the natural-log LSE
+    [B, Hq, Nq] (float32; -inf on rows without an allowed key) are the forward's outputs, do = dLoss/do
+    (q's dtype and shape), dlse = dLoss/dlse ([B, Hq, Nq], or None when the loss does not use the LSE).
+    `walk`, `qwalk`, `mask` override the pattern's fragments (walks.py). Head dims 64 and 128.
+    Returns dq [B, Hq, Nq, D], dk, dv [B, Hkv, Nk, D] in q's dtype, contiguous; dK and dV are summed
+    over the query heads of each GQA group inside one program (no atomics: deterministic)."""
+    import torch
+    import triton
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from attncc.runtime.gluon.preprocess import bwd_preprocess
+
+    B, Hq, Nq, D, Hkv, Nk = check_operands(q, k, v)
+    check_backward_operands(q, o, lse, do, dlse)
+    check_devices(q, k, v)
+    if config is None:
+        if D not in BWD_HEAD_DIMS:
+            check_bwd_config(GluonBwdConfig(), D)  # raises: no backward at this head dim
+        config = default_bwd_config(D)
+    check_bwd_config(config, D)
+    default_walk, default_qwalk, default_mask = backward_fragments(pattern)
+    walk = default_walk if walk is None else walk
+    qwalk = default_qwalk if qwalk is None else qwalk
+    mask = default_mask if mask is None else mask
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if not scale > 0:
+        raise ValueError(f"attncc.runtime.gluon: scale must be > 0, got {scale}")
+    n_q = Nq if n_q is None else n_q
+    n_k = Nk if n_k is None else n_k
+
+    # delta and lse2 rows padded to 16 bytes: the dK/dV kernel reads them by TMA ([B, Hq, Nq] views
+    # whose TMA shape ends at Nq, so what lies past a row reads as zero).
+    row_stride = -(-Nq // 4) * 4
+    rows_buffer = torch.empty(2, B, Hq, row_stride, dtype=torch.float32, device=q.device)
+    delta, lse2 = rows_buffer[0, ..., :Nq], rows_buffer[1, ..., :Nq]
+    lse = lse.contiguous()
+    dlse_in = None if dlse is None else dlse.to(torch.float32).contiguous()
+    prep_rows = 64
+    bwd_preprocess[(triton.cdiv(Nq, prep_rows), B * Hq)](
+        o, do, lse, lse if dlse_in is None else dlse_in, delta, lse2, *o.stride(), *do.stride(), Hq, Nq, row_stride,
+        HEAD_DIM=D, BLOCK_M=prep_rows, HAS_DLSE=dlse_in is not None, num_warps=4)
+
+    q, k, v, do = (_tma_ready(t) for t in (q, k, v, do))
+    dq = torch.empty(B, Hq, Nq, D, dtype=q.dtype, device=q.device)
+    dk = torch.empty(B, Hkv, Nk, D, dtype=q.dtype, device=q.device)
+    dv = torch.empty(B, Hkv, Nk, D, dtype=q.dtype, device=q.device)
+    gl_dtype = _gl_dtype(q.dtype)
+
+    def desc(t, block_rows):
+        block = [1, 1, block_rows, D]
+        return TensorDescriptor(t, list(t.shape), list(t.stride()), block, _smem_layout(block, gl_dtype))
+
+    def rows_desc(t, block_rows):
+        block = [1, 1, block_rows]
+        return TensorDescriptor(t, list(t.shape), list(t.stride()), block, _smem_layout(block, _gl_dtype("float32")))
+
+    qk_scale = scale * LOG2E
+    group = Hq // Hkv
+    from attncc.runtime.gluon.bwd import attn_bwd_dkdv, attn_bwd_dq
+    c = config
+    attn_bwd_dkdv[(triton.cdiv(Nk, c.kv_block_n), B * Hkv)](
+        desc(q, c.kv_block_m), desc(k, c.kv_block_n), desc(v, c.kv_block_n), desc(do, c.kv_block_m),
+        desc(dk, c.kv_block_n), desc(dv, c.kv_block_n), rows_desc(lse2, c.kv_block_m), rows_desc(delta, c.kv_block_m),
+        Hq, group, Nq, Nk, q_offset, k_offset, n_q, n_k, qk_scale, scale,
+        QWALK=qwalk, MASK=mask, STAGES=c.kv_stages, num_warps=c.num_warps("dkdv"))
+    attn_bwd_dq[(triton.cdiv(Nq, c.q_block_m), B * Hq)](
+        desc(q, c.q_block_m), desc(k, c.q_block_n), desc(v, c.q_block_n), desc(do, c.q_block_m),
+        desc(dq, c.q_block_m), lse2, delta, row_stride,
+        Hq, group, Nq, Nk, q_offset, k_offset, n_q, n_k, qk_scale, scale,
+        WALK=walk, MASK=mask, STAGES=c.q_stages, num_warps=c.num_warps("dq"))
+    return dq, dk, dv
+
+
+def check_backward_operands(q, o, lse, do, dlse):
+    """o and do of q's shape and dtype, lse (and dlse) float32 [B, Hq, Nq], all on q's device."""
+    import torch
+    rows = tuple(q.shape[:3])
+    for name, t, shape, dtype in (("o", o, tuple(q.shape), q.dtype), ("do", do, tuple(q.shape), q.dtype),
+                                  ("lse", lse, rows, torch.float32), ("dlse", dlse, rows, None)):
+        if t is None and name == "dlse":
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"attncc.runtime.gluon: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if tuple(t.shape) != shape or (dtype is not None and t.dtype != dtype) or t.device != q.device:
+            want = f"{dtype} " if dtype is not None else ""
+            raise ValueError(f"attncc.runtime.gluon: {name} must be {want}of shape {shape} on {q.device}, got "
+                             f"{t.dtype} {tuple(t.shape)} on {t.device}")
+
+
 def _output(given, name, shape, dtype, device):
     import torch
     if given is None:
@@ -243,8 +423,8 @@ def _tma_ready(t):
 def _gl_dtype(dtype):
     import torch
     from triton.experimental.gluon import language as gl
-    return {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, "bfloat16": gl.bfloat16,
-            "float16": gl.float16}[dtype]
+    return {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32, "bfloat16": gl.bfloat16,
+            "float16": gl.float16, "float32": gl.float32}[dtype]
 
 
 def _smem_layout(block, gl_dtype):
@@ -274,6 +454,23 @@ class Variant:
 
 
 @dataclass(frozen=True)
+class BwdVariant:
+    """One backward kernel specialization: `part` "dkdv" (attn_bwd_dkdv) or "dq" (attn_bwd_dq)."""
+    part: str
+    pattern: str
+    dtype: str
+    head_dim: int
+    config: GluonBwdConfig
+
+    @property
+    def name(self) -> str:
+        c = self.config
+        tiles = (f"n{c.kv_block_n}m{c.kv_block_m}s{c.kv_stages}" if self.part == "dkdv" else
+                 f"m{c.q_block_m}n{c.q_block_n}s{c.q_stages}")
+        return f"bwd-{self.part}-{self.pattern}-{self.dtype}-d{self.head_dim}-{tiles}"
+
+
+@dataclass(frozen=True)
 class CompiledVariant:
     """What compiling one variant for sm90 produced (no GPU involved).
 
@@ -284,7 +481,7 @@ class CompiledVariant:
     `wgmma.mma_async` and `cp.async.bulk.tensor` in the PTX; hgmma: HGMMA instructions in the SASS
     (`sass`, cuobjdump's disassembly; empty when not asked for).
     """
-    variant: Variant
+    variant: Union[Variant, BwdVariant]
     shared: int
     registers: int
     stack: int
@@ -297,21 +494,22 @@ class CompiledVariant:
     cubin: bytes = dataclasses.field(repr=False)
 
 
-def compile_for_sm90(variant: Variant, disassemble: bool = True) -> CompiledVariant:
+def compile_for_sm90(variant: Union[Variant, BwdVariant], disassemble: bool = True) -> CompiledVariant:
     """Compile one variant to a cubin for sm90a with Triton's own toolchain; no GPU is needed."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
+    if isinstance(variant, BwdVariant):
+        kernel, signature, constexprs, options = _bwd_source(variant)
+        return _compiled(variant, triton.compile(GluonASTSource(kernel, signature, constexprs),
+                                                 target=GPUTarget("cuda", 90, 32), options=options), disassemble)
     c = variant.config
     check_config(c, variant.head_dim)
     walk, mask = pattern_fragments(variant.pattern)
-    gl_dtype = _gl_dtype(variant.dtype)
-    short = {"bfloat16": "bf16", "float16": "fp16"}[variant.dtype]
 
     def desc(rows):
-        block = [1, 1, rows, variant.head_dim]
-        return f"tensordesc<{short}{block},{_smem_layout(block, gl_dtype)!r}>"
+        return _desc_type([1, 1, rows, variant.head_dim], variant.dtype)
 
     signature = {"q_desc": desc(c.rows_per_q_block), "k_desc": desc(c.block_n), "v_desc": desc(c.block_n),
                  "o_desc": desc(c.rows_per_q_block), "lse_ptr": "*fp32", "lse_stride": "i64"}
@@ -334,6 +532,44 @@ def compile_for_sm90(variant: Variant, disassemble: bool = True) -> CompiledVari
     signature.update({name: "constexpr" for name in constexprs})
     compiled = triton.compile(GluonASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
                               options=options)
+    return _compiled(variant, compiled, disassemble)
+
+
+def _desc_type(block, dtype: str) -> str:
+    """The signature type of a TMA descriptor argument with `block` over `dtype` elements."""
+    short = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[dtype]
+    return f"tensordesc<{short}{list(block)},{_smem_layout(list(block), _gl_dtype(dtype))!r}>"
+
+
+def _bwd_source(variant: BwdVariant):
+    """(kernel, signature, constexprs, options) of a backward variant, as `attention_backward` launches it."""
+    c, d, dt = variant.config, variant.head_dim, variant.dtype
+    check_bwd_config(c, d)
+    walk, qwalk, mask = backward_fragments(variant.pattern)
+    if variant.part == "dkdv":
+        from attncc.runtime.gluon.bwd import attn_bwd_dkdv as kernel
+        rows, keys = [1, 1, c.kv_block_m, d], [1, 1, c.kv_block_n, d]
+        signature = {"q_desc": _desc_type(rows, dt), "k_desc": _desc_type(keys, dt), "v_desc": _desc_type(keys, dt),
+                     "do_desc": _desc_type(rows, dt), "dk_desc": _desc_type(keys, dt), "dv_desc": _desc_type(keys, dt),
+                     "lse_desc": _desc_type([1, 1, c.kv_block_m], "float32"),
+                     "delta_desc": _desc_type([1, 1, c.kv_block_m], "float32")}
+        constexprs = {"QWALK": qwalk, "MASK": mask}
+    else:
+        _check_choice("part", variant.part, BWD_PARTS)
+        from attncc.runtime.gluon.bwd import attn_bwd_dq as kernel
+        rows, keys = [1, 1, c.q_block_m, d], [1, 1, c.q_block_n, d]
+        signature = {"q_desc": _desc_type(rows, dt), "k_desc": _desc_type(keys, dt), "v_desc": _desc_type(keys, dt),
+                     "do_desc": _desc_type(rows, dt), "dq_desc": _desc_type(rows, dt), "lse2_ptr": "*fp32",
+                     "delta_ptr": "*fp32", "lse_stride": "i64"}
+        constexprs = {"WALK": walk, "MASK": mask}
+    signature.update({name: "i32" for name in "H GROUP Nq Nk q_offset k_offset n_q n_k".split()})
+    signature.update(qk_scale="fp32", sm_scale="fp32")
+    constexprs.update(STAGES=c.stages(variant.part), num_warps=c.num_warps(variant.part))
+    signature.update({name: "constexpr" for name in constexprs})
+    return kernel, signature, constexprs, {"num_warps": c.num_warps(variant.part)}
+
+
+def _compiled(variant, compiled, disassemble: bool) -> CompiledVariant:
     ptx, cubin = compiled.asm["ptx"], compiled.asm["cubin"]
     registers, stack = _resource_usage(cubin)
     sass = _cuobjdump(cubin, "-sass") if disassemble else ""
@@ -396,9 +632,37 @@ def variants(kernels=KERNELS, patterns=tuple(walks.PATTERNS), dtypes=DTYPES, hea
     return out
 
 
+def bwd_ci_variants():
+    """The backward variants CI compiles: both kernels at both head dims at their default tiles,
+    patterns and dtypes alternating (every constexpr branch of each kernel compiled once)."""
+    picks = [("dkdv", 128, "causal", "bfloat16"), ("dkdv", 64, "dense", "float16"), ("dq", 128, "dense", "float16"),
+             ("dq", 64, "causal", "bfloat16")]
+    return [BwdVariant(part, pattern, dtype, d, default_bwd_config(d)) for part, d, pattern, dtype in picks]
+
+
+def bwd_variants(patterns=tuple(walks.PATTERNS), dtypes=DTYPES, head_dims=BWD_HEAD_DIMS):
+    """Every backward variant: kernels x patterns x dtypes x head dims at the default tiles, plus each
+    kernel's other ring depths (2-4) that fit."""
+    out = []
+    for head_dim in head_dims:
+        base = default_bwd_config(head_dim)
+        for part in BWD_PARTS:
+            configs = [base]
+            for depth in (2, 3, 4):
+                field = "kv_stages" if part == "dkdv" else "q_stages"
+                cfg = dataclasses.replace(base, **{field: depth})
+                if depth != base.stages(part) and bwd_shared_bytes(cfg, head_dim)[part] <= SM90_SHARED_BYTES - 1024:
+                    configs.append(cfg)
+            for cfg in configs:
+                for pattern in patterns:
+                    for dtype in dtypes:
+                        out.append(BwdVariant(part, pattern, dtype, head_dim, cfg))
+    return out
+
+
 def main(argv=None) -> int:
-    """python -m attncc.runtime.gluon.launch [--all] [--pickle PATH]: compile the CI variants (or all of
-    them) for sm90 and print what each produced; --pickle saves the CompiledVariants (the tests run
+    """python -m attncc.runtime.gluon.launch [--all] [--pickle PATH]: compile the CI variants, forward and
+    backward (or all of them) for sm90 and print what each produced; --pickle saves the CompiledVariants (the tests run
     this in a process without TRITON_INTERPRET, which would turn Triton's own jit helpers that
     Gluon calls into interpreter objects)."""
     import argparse
@@ -410,11 +674,11 @@ def main(argv=None) -> int:
     parser.add_argument("--pickle", help="write the list of CompiledVariant here")
     args = parser.parse_args(argv)
     results = []
-    for variant in (variants() if args.all else ci_variants()):
+    for variant in (variants() + bwd_variants() if args.all else ci_variants() + bwd_ci_variants()):
         start = time.perf_counter()
         c = compile_for_sm90(variant)
         results.append(c)
-        print(f"{variant.name:48s} {time.perf_counter() - start:5.1f}s shared {c.shared:6d}  registers {c.registers:3d}"
+        print(f"{variant.name:52s} {time.perf_counter() - start:5.1f}s shared {c.shared:6d}  registers {c.registers:3d}"
               f"  stack {c.stack:2d}  wgmma {c.wgmma:3d}  HGMMA {c.hgmma:3d}  TMA {c.tma:2d}"
               f"  setmaxnreg {sorted(set(c.setmaxnreg))}", flush=True)
     if args.pickle:

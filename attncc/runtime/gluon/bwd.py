@@ -1,0 +1,260 @@
+"""Backward attention for sm90 in Gluon: dK/dV and dQ as two kernels, one instruction stream each.
+
+Both take P from the forward's LSE (P = exp2(S * qk_scale - lse2), lse2 = LSE * log2(e), +inf on rows
+without an allowed key) and delta = rowsum(dO * O) - dLSE, written by `preprocess.bwd_preprocess`:
+
+- `attn_bwd_dkdv`: one program per (key block, batch x kv head). K and V stay in shared memory; the
+  query blocks of the key block's walk, for every query head of the GQA group in turn, stream
+  through a STAGES-deep TMA ring (Q, dO and the lse2 / delta rows of each block under one mbarrier).
+  The tiles are held transposed (keys on the rows, 64 per warpgroup): S^T = K Q^T and dP^T = V dO^T
+  are wgmma with both operands in shared memory, P^T and dS^T = P^T (dP^T - delta) feed
+  dV += P^T dO and dK += dS^T Q from registers, as P feeds P V in the forward. dK and dV are fp32
+  register accumulators over the whole group (no atomics, no partial sums), scaled and stored once
+  by TMA through K's and V's buffers.
+- `attn_bwd_dq`: one program per (query block, batch x query head), the forward's structure: Q and
+  dO loaded once, K and V blocks of the forward's walk through the ring, S = Q K^T and dP = dO V^T
+  from shared memory, dQ += dS K with dS from registers; dQ is stored through Q's buffer.
+
+Why two kernels and not FlashAttention-3's single one: FA3 computes dQ inside the dK/dV program and
+adds it into an fp32 buffer with atomics (through shared memory and a TMA reduce, then a convert
+kernel). Gluon 3.6 exposes no TMA reduction on sm90, per-element atomics from registers would be
+BLOCK_M x D of them per step, and their ordering, throughput and races cannot be checked without a
+GPU. Here every output element is written once by one program, deterministically; the price is S
+and dP computed twice (7 GEMMs per tile pair instead of 5). docs/gluon.md has the accounting.
+
+Rows past Nq and keys past Nk read as zeros (TMA); what they produce stays in rows that are never
+stored (dK/dV rows past Nk, dQ rows past Nq) or is masked: the walks make every block with such a
+row or key a partial one, and partial blocks apply the row / key bound.
+"""
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                              warpgroup_mma_wait)
+
+from attncc.runtime.gluon.common import clamp_walk, lhs_layout, mask_scores, mma_layout
+
+
+@gluon.jit
+def _issue_query_step(descs, smem, bars, b, hk, GROUP, lo, n_blocks, t, pred):
+    """TMA loads of step t of a dK/dV program into ring slot t % STAGES: query head
+    hk * GROUP + t // n_blocks, query block lo + t % n_blocks (Q, dO, lse2, delta)."""
+    q_desc, do_desc, lse_desc, delta_desc = descs
+    q_smem, do_smem, lse_smem, delta_smem = smem
+    STAGES: gl.constexpr = q_smem.shape[0]
+    BLOCK_M: gl.constexpr = q_desc.block_type.shape[2]
+    n = gl.maximum(n_blocks, 1)  # no division by zero when the program has nothing to do (pred is false)
+    h = hk * GROUP + t // n
+    row = (lo + t % n) * BLOCK_M
+    slot = t % STAGES
+    bar = bars.index(slot)
+    mbarrier.expect(bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes + lse_desc.block_type.nbytes +
+                    delta_desc.block_type.nbytes, pred=pred)
+    tma.async_copy_global_to_shared(q_desc, [b, h, row, 0], bar, q_smem.index(slot), pred=pred)
+    tma.async_copy_global_to_shared(do_desc, [b, h, row, 0], bar, do_smem.index(slot), pred=pred)
+    tma.async_copy_global_to_shared(lse_desc, [b, h, row], bar, lse_smem.index(slot), pred=pred)
+    tma.async_copy_global_to_shared(delta_desc, [b, h, row], bar, delta_smem.index(slot), pred=pred)
+
+
+@gluon.jit
+def attn_bwd_dkdv(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, lse_desc, delta_desc,
+                  H, GROUP, Nq, Nk, q_offset, k_offset, n_q, n_k, qk_scale, sm_scale,
+                  QWALK: gl.constexpr, MASK: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+    """dK, dV of one key block of BLOCK_N = 16 * num_warps keys (64 per warpgroup) of one
+    (batch, kv head), summed over the GROUP query heads that share it.
+
+    Descriptors are 4-d over [B, H, N, D] (Q, dO: blocks of BLOCK_M rows; K, V, dK, dV: BLOCK_N
+    rows) and 3-d over the [B, Hq, Nq] lse2 / delta rows (blocks of BLOCK_M; their row stride is
+    padded to 16 bytes by the host): batch and head are TMA coordinates, no int32 address arithmetic.
+    """
+    dtype: gl.constexpr = q_desc.dtype
+    BLOCK_M: gl.constexpr = q_desc.block_type.shape[2]
+    HEAD_DIM: gl.constexpr = q_desc.block_type.shape[3]
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[2]
+    st_layout: gl.constexpr = mma_layout(num_warps, BLOCK_M)  # S^T, P^T, dP^T, dS^T: [BLOCK_N, BLOCK_M]
+    acc_layout: gl.constexpr = mma_layout(num_warps, HEAD_DIM)  # dK, dV: [BLOCK_N, HEAD_DIM]
+    a_layout: gl.constexpr = lhs_layout(acc_layout)  # P^T and dS^T as the A operand of dV += P^T dO, dK += dS^T Q
+    col_layout: gl.constexpr = gl.SliceLayout(0, st_layout)  # one value per query row (a column of S^T)
+    gl.static_assert(BLOCK_N == 16 * num_warps, "BLOCK_N is 16 keys per warp")
+
+    kb = gl.program_id(0)  # causal-like walks: the first key blocks see the most query blocks and start first
+    bhk = gl.program_id(1)
+    H_KV = H // GROUP
+    b = bhk // H_KV
+    hk = bhk % H_KV
+
+    k_smem = gl.allocate_shared_memory(dtype, k_desc.block_type.shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, v_desc.block_type.shape, v_desc.layout)
+    q_smem = gl.allocate_shared_memory(dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
+    do_smem = gl.allocate_shared_memory(dtype, [STAGES] + do_desc.block_type.shape, do_desc.layout)
+    lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES] + lse_desc.block_type.shape, lse_desc.layout)
+    delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES] + delta_desc.block_type.shape, delta_desc.layout)
+    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(bars.index(i), count=1)
+
+    k_lo = k_offset + kb * BLOCK_N
+    k_hi = gl.minimum(k_lo + BLOCK_N, k_offset + Nk) - 1  # the block's last existing key
+    lo, full_lo, full_hi, hi = QWALK(k_lo, k_hi, Nq, q_offset, n_q, n_k, BLOCK_M)
+    lo, full_lo, full_hi, hi = clamp_walk(lo, full_lo, full_hi, hi)
+    n_blocks = hi - lo
+    total = GROUP * n_blocks  # steps: every query block of the walk, for each head of the group
+
+    mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(k_desc, [b, hk, kb * BLOCK_N, 0], kv_bar, k_smem)
+    tma.async_copy_global_to_shared(v_desc, [b, hk, kb * BLOCK_N, 0], kv_bar, v_smem)
+    descs = (q_desc, do_desc, lse_desc, delta_desc)
+    smem = (q_smem, do_smem, lse_smem, delta_smem)
+    for i in gl.static_range(STAGES - 1):
+        _issue_query_step(descs, smem, bars, b, hk, GROUP, lo, n_blocks, i, i < total)
+
+    dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, acc_layout)
+    dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, acc_layout)
+    j_pos = gl.expand_dims(k_lo + gl.arange(0, BLOCK_N, gl.SliceLayout(1, st_layout)), 1)  # [BLOCK_N, 1]
+    k = k_smem.reshape([BLOCK_N, HEAD_DIM])
+    v = v_smem.reshape([BLOCK_N, HEAD_DIM])
+    mbarrier.wait(kv_bar, 0)
+
+    for t in range(0, total):
+        # Refill the slot that held step t - 1: every warp has finished its wgmmas and loads on it.
+        gl.thread_barrier()
+        ahead = t + STAGES - 1
+        _issue_query_step(descs, smem, bars, b, hk, GROUP, lo, n_blocks, ahead, ahead < total)
+        slot = t % STAGES
+        mbarrier.wait(bars.index(slot), (t // STAGES) & 1)
+        qb = lo + t % n_blocks
+        q = q_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
+        do = do_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
+        # S^T and dP^T are independent: both on the tensor cores at once, P^T computed while dP^T runs.
+        st_tok = warpgroup_mma(k, q.permute((1, 0)), gl.zeros([BLOCK_N, BLOCK_M], gl.float32, st_layout),
+                               use_acc=False, is_async=True)
+        dpt_tok = warpgroup_mma(v, do.permute((1, 0)), gl.zeros([BLOCK_N, BLOCK_M], gl.float32, st_layout),
+                                use_acc=False, is_async=True)
+        lse2 = lse_smem.index(slot).reshape([BLOCK_M]).load(col_layout)
+        st = warpgroup_mma_wait(1, deps=(st_tok, ))
+        if (qb < full_lo) | (qb >= full_hi):
+            i_pos = gl.expand_dims(q_offset + qb * BLOCK_M + gl.arange(0, BLOCK_M, col_layout), 0)  # [1, BLOCK_M]
+            keep = i_pos < q_offset + Nq
+            if MASK is not None:
+                keep = keep & MASK(i_pos, j_pos, n_q, n_k)
+            st = gl.where(keep, st, float("-inf"))
+        # lse2 = +inf on rows without an allowed key and 0 past Nq (masked there): p = 0, never NaN.
+        pt = gl.exp2(st * qk_scale - gl.expand_dims(lse2, 0))
+        pt_a = gl.convert_layout(pt.to(dtype), a_layout)
+        dv_tok = warpgroup_mma(pt_a, do, dv, is_async=True)
+        delta = delta_smem.index(slot).reshape([BLOCK_M]).load(col_layout)
+        dpt = warpgroup_mma_wait(1, deps=(dpt_tok, ))
+        dst = pt * (dpt - gl.expand_dims(delta, 0))
+        dst_a = gl.convert_layout(dst.to(dtype), a_layout)
+        dk_tok = warpgroup_mma(dst_a, q, dk, is_async=True)
+        # Both must complete before the slot is refilled (next step) and before dV, dK are reused.
+        dv, dk, pt_a, dst_a = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, pt_a, dst_a))
+
+    # dK, dV go out through K's and V's buffers: every wgmma on them has completed in every warp.
+    gl.thread_barrier()
+    k.store((dk * sm_scale).to(dtype))
+    v.store(dv.to(dtype))
+    fence_async_shared()
+    tma.async_copy_shared_to_global(dk_desc, [b, hk, kb * BLOCK_N, 0], k_smem)
+    tma.async_copy_shared_to_global(dv_desc, [b, hk, kb * BLOCK_N, 0], v_smem)
+    tma.store_wait(0)
+    mbarrier.invalidate(kv_bar)
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(bars.index(i))
+
+
+@gluon.jit
+def _issue_kv_step(k_desc, v_desc, k_smem, v_smem, bars, b, hk, kb, slot, pred):
+    bar = bars.index(slot)
+    mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes, pred=pred)
+    tma.async_copy_global_to_shared(k_desc, [b, hk, kb * k_desc.block_type.shape[2], 0], bar, k_smem.index(slot),
+                                    pred=pred)
+    tma.async_copy_global_to_shared(v_desc, [b, hk, kb * v_desc.block_type.shape[2], 0], bar, v_smem.index(slot),
+                                    pred=pred)
+
+
+@gluon.jit
+def attn_bwd_dq(q_desc, k_desc, v_desc, do_desc, dq_desc, lse2_ptr, delta_ptr, lse_stride: gl.int64,
+                H, GROUP, Nq, Nk, q_offset, k_offset, n_q, n_k, qk_scale, sm_scale,
+                WALK: gl.constexpr, MASK: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+    """dQ of one query block of BLOCK_M = 16 * num_warps rows of one (batch, query head), over the
+    key blocks of the forward's walk. lse2 / delta row (b, h) starts at ptr + (b * H + h) * lse_stride
+    (int64)."""
+    dtype: gl.constexpr = q_desc.dtype
+    BLOCK_M: gl.constexpr = q_desc.block_type.shape[2]
+    HEAD_DIM: gl.constexpr = q_desc.block_type.shape[3]
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[2]
+    s_layout: gl.constexpr = mma_layout(num_warps, BLOCK_N)  # S, P, dP, dS: [BLOCK_M, BLOCK_N]
+    acc_layout: gl.constexpr = mma_layout(num_warps, HEAD_DIM)  # dQ
+    a_layout: gl.constexpr = lhs_layout(acc_layout)  # dS as the A operand of dQ += dS K
+    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    gl.static_assert(BLOCK_M == 16 * num_warps, "BLOCK_M is 16 rows per warp")
+
+    qb = gl.num_programs(0) - 1 - gl.program_id(0)  # heaviest query blocks first, as in the forward
+    bh = gl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+
+    q_smem = gl.allocate_shared_memory(dtype, q_desc.block_type.shape, q_desc.layout)
+    do_smem = gl.allocate_shared_memory(dtype, do_desc.block_type.shape, do_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    kv_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(kv_bars.index(i), count=1)
+
+    q_lo = q_offset + qb * BLOCK_M
+    lo, full_lo, full_hi, hi = WALK(q_lo, q_lo + BLOCK_M - 1, Nk, k_offset, n_q, n_k, BLOCK_N)
+    lo, full_lo, full_hi, hi = clamp_walk(lo, full_lo, full_hi, hi)
+
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [b, h, qb * BLOCK_M, 0], q_bar, q_smem)
+    tma.async_copy_global_to_shared(do_desc, [b, h, qb * BLOCK_M, 0], q_bar, do_smem)
+    for i in gl.static_range(STAGES - 1):
+        _issue_kv_step(k_desc, v_desc, k_smem, v_smem, kv_bars, b, hk, lo + i, i, lo + i < hi)
+
+    rows = qb * BLOCK_M + gl.arange(0, BLOCK_M, row_layout)
+    # rows past Nq: lse2 = +inf (p = 0) and delta = 0; rows without an allowed key have lse2 = +inf too
+    lse2 = gl.load(lse2_ptr + bh * lse_stride + rows, mask=rows < Nq, other=float("inf"))
+    delta = gl.load(delta_ptr + bh * lse_stride + rows, mask=rows < Nq, other=0.0)
+    rows_i = q_offset + rows
+    dq = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, acc_layout)
+    q = q_smem.reshape([BLOCK_M, HEAD_DIM])
+    do = do_smem.reshape([BLOCK_M, HEAD_DIM])
+    mbarrier.wait(q_bar, 0)
+
+    for kb in range(lo, hi):
+        it = kb - lo
+        # Refill the slot that held block kb - 1: every warp has finished its wgmmas on it.
+        gl.thread_barrier()
+        ahead = kb + STAGES - 1
+        _issue_kv_step(k_desc, v_desc, k_smem, v_smem, kv_bars, b, hk, ahead, (it + STAGES - 1) % STAGES, ahead < hi)
+        slot = it % STAGES
+        mbarrier.wait(kv_bars.index(slot), (it // STAGES) & 1)
+        k = k_smem.index(slot).reshape([BLOCK_N, HEAD_DIM])
+        v = v_smem.index(slot).reshape([BLOCK_N, HEAD_DIM])
+        s_tok = warpgroup_mma(q, k.permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout),
+                              use_acc=False, is_async=True)
+        dp_tok = warpgroup_mma(do, v.permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout),
+                               use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(1, deps=(s_tok, ))
+        if (kb < full_lo) | (kb >= full_hi):
+            s = mask_scores(s, kb, rows_i, Nk, k_offset, n_q, n_k, MASK, BLOCK_N, s_layout)
+        p = gl.exp2(s * qk_scale - gl.expand_dims(lse2, 1))
+        dp = warpgroup_mma_wait(0, deps=(dp_tok, ))
+        ds = p * (dp - gl.expand_dims(delta, 1))
+        dq = warpgroup_mma(gl.convert_layout(ds.to(dtype), a_layout), k, dq)
+
+    # dQ goes out through Q's buffer: every wgmma on it has completed in every warp.
+    gl.thread_barrier()
+    q.store((dq * sm_scale).to(dtype))
+    fence_async_shared()
+    tma.async_copy_shared_to_global(dq_desc, [b, h, qb * BLOCK_M, 0], q_smem)
+    tma.store_wait(0)
+    mbarrier.invalidate(q_bar)
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(kv_bars.index(i))
