@@ -1,0 +1,205 @@
+"""A torch emulation of the Gluon sm90 backward kernels' tile loops (attncc/runtime/gluon/bwd.py),
+for the CPU: Gluon has no interpreter, so this is what checks their numerics before a GPU does.
+
+:class:`EmulatedKernel` stands in for ``attn_bwd_dkdv.run`` / ``attn_bwd_dq.run``: it receives
+exactly what ``launch.attention_backward`` launches (TMA descriptors over the host's tensors, the
+scalars, the constexpr fragments, the grid) and runs every program of the grid the way the kernel
+does, step for step:
+
+- TMA boxes read the descriptor's tensor at the kernel's coordinates, zeros outside its shape
+  (what TMA does past N, and past Nq in the 16-byte padded lse2 / delta rows), and stores write
+  only the part inside it;
+- the walks are the kernels' own fragments (walks.py run as Python, as tests/test_gluon_fragments.py
+  runs them), clamped by `common.clamp_walk`; full blocks go unmasked, partial ones get the row /
+  key bound and the mask, as in the kernels;
+- the dK/dV program's step t is query head hk * GROUP + t // n_blocks and block lo + t % n_blocks;
+- GEMMs take the 16-bit operands the kernel has (P^T, dS^T, dS rounded to q's dtype before their
+  wgmma), accumulate in float32; P = exp2(S * qk_scale - lse2); dK and dQ scaled by sm_scale once.
+
+It is a transcription, so it proves nothing about the Gluon code itself (the compiler checks its
+structure, tests/test_gluon_compile.py; the GPU tests its results): it catches algorithm bugs
+(walks that skip a block or call a partial block full, masks, the exp2 / log2 scaling, padding
+conventions, the GQA reduction, the host's buffers and arguments) that a compiler cannot.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import types
+
+import torch
+
+from attncc.runtime.gluon import common
+
+_GL = types.SimpleNamespace(minimum=min, maximum=max, cdiv=lambda a, b: -(-a // b), to_tensor=lambda x: x)
+
+
+def as_python(jit_fn):
+    """A @gluon.jit fragment of scalar integer arithmetic (walks, clamp) as a Python function."""
+    if jit_fn is None:
+        return None
+    fn = jit_fn.fn
+    return types.FunctionType(fn.__code__, {**fn.__globals__, "gl": _GL}, fn.__name__, fn.__defaults__,
+                              fn.__closure__)
+
+
+def tma_load(desc, coords):
+    """The box of `desc` at `coords` as float32 (zeros outside the descriptor's shape)."""
+    t = torch.as_strided(desc.base, desc.shape, desc.strides)
+    box = torch.zeros(list(desc.block_shape), dtype=torch.float32)
+    src, dst = [], []
+    for c, n, size in zip(coords, desc.shape, desc.block_shape):
+        lo, hi = max(c, 0), min(c + size, n)
+        if hi <= lo:
+            return box
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - c, hi - c))
+    box[tuple(dst)] = t[tuple(src)].float()
+    return box
+
+
+def tma_store(desc, coords, value):
+    """Write `value` (a box) at `coords`, only the part inside the descriptor's shape (TMA clips)."""
+    t = torch.as_strided(desc.base, desc.shape, desc.strides)
+    src, dst = [], []
+    for c, n, size in zip(coords, desc.shape, desc.block_shape):
+        lo, hi = max(c, 0), min(c + size, n)
+        if hi <= lo:
+            return
+        dst.append(slice(lo, hi))
+        src.append(slice(lo - c, hi - c))
+    t[tuple(dst)] = value.reshape(list(desc.block_shape))[tuple(src)].to(t.dtype)
+
+
+def mm(a, b):
+    return a.float() @ b.float()
+
+
+def rounded(x, dtype):
+    """What the kernel feeds a wgmma from registers: x converted to the operand dtype."""
+    return x.to(dtype).float()
+
+
+def program_dkdv(a, kb, bhk):
+    """One program of attn_bwd_dkdv (`a`: its bound arguments)."""
+    q_desc, k_desc = a["q_desc"], a["k_desc"]
+    dtype = q_desc.base.dtype
+    BLOCK_M, HEAD_DIM = q_desc.block_shape[2], q_desc.block_shape[3]
+    BLOCK_N = k_desc.block_shape[2]
+    assert BLOCK_N == 16 * a["num_warps"]
+    H, GROUP, Nq, Nk = a["H"], a["GROUP"], a["Nq"], a["Nk"]
+    q_offset, k_offset, n_q, n_k = a["q_offset"], a["k_offset"], a["n_q"], a["n_k"]
+    qwalk, mask, clamp = as_python(a["QWALK"]), as_python(a["MASK"]), as_python(common.clamp_walk)
+    H_KV = H // GROUP
+    b, hk = bhk // H_KV, bhk % H_KV
+
+    k_lo = k_offset + kb * BLOCK_N
+    k_hi = min(k_lo + BLOCK_N, k_offset + Nk) - 1
+    lo, full_lo, full_hi, hi = clamp(*qwalk(k_lo, k_hi, Nq, q_offset, n_q, n_k, BLOCK_M))
+    n_blocks = hi - lo
+    total = GROUP * n_blocks
+    k = tma_load(k_desc, [b, hk, kb * BLOCK_N, 0]).reshape(BLOCK_N, HEAD_DIM)
+    v = tma_load(a["v_desc"], [b, hk, kb * BLOCK_N, 0]).reshape(BLOCK_N, HEAD_DIM)
+    dk = torch.zeros(BLOCK_N, HEAD_DIM)
+    dv = torch.zeros(BLOCK_N, HEAD_DIM)
+    j_pos = (k_lo + torch.arange(BLOCK_N))[:, None]
+    for t in range(total):
+        n = max(n_blocks, 1)
+        h = hk * GROUP + t // n
+        qb = lo + t % n
+        row = qb * BLOCK_M
+        q = tma_load(q_desc, [b, h, row, 0]).reshape(BLOCK_M, HEAD_DIM)
+        do = tma_load(a["do_desc"], [b, h, row, 0]).reshape(BLOCK_M, HEAD_DIM)
+        lse2 = tma_load(a["lse_desc"], [b, h, row]).reshape(BLOCK_M)
+        delta = tma_load(a["delta_desc"], [b, h, row]).reshape(BLOCK_M)
+        st = mm(k, q.T)
+        if qb < full_lo or qb >= full_hi:
+            i_pos = (q_offset + qb * BLOCK_M + torch.arange(BLOCK_M))[None, :]
+            keep = i_pos < q_offset + Nq
+            if mask is not None:
+                keep = keep & mask(i_pos, j_pos, n_q, n_k)
+            st = torch.where(keep, st, -math.inf)
+        pt = torch.exp2(st * a["qk_scale"] - lse2[None, :])
+        dv = dv + mm(rounded(pt, dtype), do)
+        dpt = mm(v, do.T)
+        dst = pt * (dpt - delta[None, :])
+        dk = dk + mm(rounded(dst, dtype), q)
+    tma_store(a["dk_desc"], [b, hk, kb * BLOCK_N, 0], rounded(dk * a["sm_scale"], dtype))
+    tma_store(a["dv_desc"], [b, hk, kb * BLOCK_N, 0], rounded(dv, dtype))
+    return total
+
+
+def program_dq(a, pid, bh, num_programs):
+    """One program of attn_bwd_dq (`a`: its bound arguments)."""
+    q_desc, k_desc = a["q_desc"], a["k_desc"]
+    dtype = q_desc.base.dtype
+    BLOCK_M, HEAD_DIM = q_desc.block_shape[2], q_desc.block_shape[3]
+    BLOCK_N = k_desc.block_shape[2]
+    assert BLOCK_M == 16 * a["num_warps"]
+    H, GROUP, Nq, Nk = a["H"], a["GROUP"], a["Nq"], a["Nk"]
+    q_offset, k_offset, n_q, n_k = a["q_offset"], a["k_offset"], a["n_q"], a["n_k"]
+    walk, mask, clamp = as_python(a["WALK"]), as_python(a["MASK"]), as_python(common.clamp_walk)
+    qb = num_programs - 1 - pid
+    b, h = bh // H, bh % H
+    hk = h // GROUP
+
+    q_lo = q_offset + qb * BLOCK_M
+    lo, full_lo, full_hi, hi = clamp(*walk(q_lo, q_lo + BLOCK_M - 1, Nk, k_offset, n_q, n_k, BLOCK_N))
+    q = tma_load(q_desc, [b, h, qb * BLOCK_M, 0]).reshape(BLOCK_M, HEAD_DIM)
+    do = tma_load(a["do_desc"], [b, h, qb * BLOCK_M, 0]).reshape(BLOCK_M, HEAD_DIM)
+    rows = qb * BLOCK_M + torch.arange(BLOCK_M)
+    inside = rows < Nq
+    row0 = bh * a["lse_stride"]
+    lse2 = torch.where(inside, _read_rows(a["lse2_ptr"], row0, rows, inside), math.inf)
+    delta = torch.where(inside, _read_rows(a["delta_ptr"], row0, rows, inside), 0.0)
+    rows_i = q_offset + rows
+    dq = torch.zeros(BLOCK_M, HEAD_DIM)
+    for kb in range(lo, hi):
+        k = tma_load(k_desc, [b, hk, kb * BLOCK_N, 0]).reshape(BLOCK_N, HEAD_DIM)
+        v = tma_load(a["v_desc"], [b, hk, kb * BLOCK_N, 0]).reshape(BLOCK_N, HEAD_DIM)
+        s = mm(q, k.T)
+        if kb < full_lo or kb >= full_hi:  # common.mask_scores
+            j = (k_offset + kb * BLOCK_N + torch.arange(BLOCK_N))[None, :]
+            keep = j < k_offset + Nk
+            if mask is not None:
+                keep = keep & mask(rows_i[:, None], j, n_q, n_k)
+            s = torch.where(keep, s, -math.inf)
+        p = torch.exp2(s * a["qk_scale"] - lse2[:, None])
+        dp = mm(do, v.T)
+        ds = p * (dp - delta[:, None])
+        dq = dq + mm(rounded(ds, dtype), k)
+    tma_store(a["dq_desc"], [b, h, qb * BLOCK_M, 0], rounded(dq * a["sm_scale"], dtype))
+    return hi - lo
+
+
+def _read_rows(ptr, row0, rows, inside):
+    """gl.load(ptr + row0 + rows, mask=inside) on a pointer argument (a tensor or a view): the flat
+    memory from the pointer on, as the kernel addresses it; 0 where masked."""
+    flat = torch.as_strided(ptr, (ptr.untyped_storage().nbytes() // ptr.element_size() - ptr.storage_offset(),),
+                            (1,), ptr.storage_offset())
+    return torch.where(inside, flat[(row0 + torch.where(inside, rows, 0)).long()], 0.0)
+
+
+class EmulatedKernel:
+    """Stands in for a Gluon backward kernel's ``run``: records each launch and runs the grid's
+    programs with :func:`program_dkdv` / :func:`program_dq`."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.launches = []
+        self.steps = []
+
+    def __call__(self, *args, grid, warmup, **kwargs):
+        self.launches.append((args, kwargs, grid))
+        bound = inspect.signature(self.kernel.fn).bind(*args, **{k: v for k, v in kwargs.items()
+                                                                  if k in self.kernel.arg_names})
+        a = dict(bound.arguments)
+        a["num_warps"] = kwargs["num_warps"]
+        grid = tuple(grid) + (1,) * (3 - len(grid))
+        name = self.kernel.fn.__name__
+        for pid0 in range(grid[0]):
+            for pid1 in range(grid[1]):
+                if name == "attn_bwd_dkdv":
+                    self.steps.append(program_dkdv(a, pid0, pid1))
+                else:
+                    self.steps.append(program_dq(a, pid0, pid1, grid[0]))

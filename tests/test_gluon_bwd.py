@@ -1,0 +1,267 @@
+"""The Gluon sm90 backward (attncc/runtime/gluon/bwd.py) checked on the CPU, where Gluon cannot run:
+
+- ``launch.attention_backward`` end to end with the two Gluon kernels replaced by a torch
+  emulation of their tile loops (tests/gluon_emulation.py: same walks, masks, block sizes, TMA
+  zero fill, exp2 / lse2 scaling, GQA stepping, operand rounding), and the real ``tl`` preprocess
+  under Triton's interpreter: gradients against the float64 reference on seeded random calls
+  (dense and causal, bf16 and fp16, D 64 and 128, GQA, offsets and n_q / n_k, Nq != Nk, rows
+  without keys, lengths off the block sizes, with and without dLSE);
+- the emulation is not blind: a walk that skips a block or calls a partial block full fails it;
+- the preprocess's padded rows (delta, lse2) against torch;
+- the host's refusals (head dim 256, operands) and the configs' shared memory.
+
+tests/test_gluon_compile.py compiles the kernels for sm90; tests/gpu/test_gpu_gluon.py runs them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+
+import pytest
+import torch
+
+pytest.importorskip("triton.experimental.gluon")
+
+import attncc  # noqa: E402
+from triton.experimental import gluon  # noqa: E402
+from triton.experimental.gluon import language as gl  # noqa: E402
+from attncc.runtime.gluon import bwd, launch, walks  # noqa: E402
+from attncc.spec import parse_spec  # noqa: E402
+from gluon_emulation import EmulatedKernel  # noqa: E402
+
+PATTERNS = {"dense": parse_spec('name = "dense"\n'), "causal": parse_spec('name = "causal"\n[mask]\nwhere = "j <= i"\n')}
+TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}  # measured: ~3e-3 and ~3e-4
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+    """CPU tensors pass the device check; the two Gluon kernels run as their emulation."""
+    monkeypatch.setattr(launch, "check_devices", lambda q, k, v: None)
+    kernels = {}
+    for kernel in (bwd.attn_bwd_dkdv, bwd.attn_bwd_dq):
+        kernels[kernel.fn.__name__] = EmulatedKernel(kernel)
+        monkeypatch.setattr(kernel, "run", kernels[kernel.fn.__name__])
+    return kernels
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    pattern: str
+    dtype: torch.dtype
+    D: int
+    B: int
+    Hq: int
+    Hkv: int
+    Nq: int
+    Nk: int
+    q_offset: int = 0
+    k_offset: int = 0
+    n_q: int = None
+    n_k: int = None
+    scale: float = None
+    dlse: bool = False
+
+
+def inputs(case: Case, seed: int):
+    """q, k, v, do (dtype), dlse (float32 or None), and o, lse as the forward returns them
+    (the float64 reference's, rounded: o in dtype, lse in float32)."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(case.B, case.Hq, case.Nq, case.D, generator=gen).to(case.dtype)
+    k = torch.randn(case.B, case.Hkv, case.Nk, case.D, generator=gen).to(case.dtype)
+    v = torch.randn(case.B, case.Hkv, case.Nk, case.D, generator=gen).to(case.dtype)
+    do = torch.randn(case.B, case.Hq, case.Nq, case.D, generator=gen).to(case.dtype)
+    dlse = torch.randn(case.B, case.Hq, case.Nq, generator=gen) if case.dlse else None
+    o, lse = attncc.reference(PATTERNS[case.pattern], q.double(), k.double(), v.double(), return_lse=True,
+                              **call_kwargs(case))
+    return q, k, v, o.to(case.dtype), lse.float(), do, dlse
+
+
+def call_kwargs(case: Case):
+    return dict(q_offset=case.q_offset, k_offset=case.k_offset, n_q=case.n_q, n_k=case.n_k, scale=case.scale)
+
+
+def reference_grads(case, q, k, v, do, dlse):
+    qd, kd, vd = (t.double().requires_grad_() for t in (q, k, v))
+    o, lse = attncc.reference(PATTERNS[case.pattern], qd, kd, vd, return_lse=True, **call_kwargs(case))
+    outs, grads = [o], [do.double()]
+    if dlse is not None:
+        outs.append(torch.where(lse.isinf(), 0.0, lse))
+        grads.append(dlse.double())
+    torch.autograd.backward(outs, grads)
+    return qd.grad, kd.grad, vd.grad
+
+
+def rel(got, want):
+    return float((got.double() - want).norm() / want.norm().clamp_min(1e-30))
+
+
+def run_case(case: Case, seed: int, **overrides):
+    q, k, v, o, lse, do, dlse = inputs(case, seed)
+    dq, dk, dv = launch.attention_backward(q, k, v, o, lse, do, dlse, pattern=case.pattern, **call_kwargs(case),
+                                           **overrides)
+    return (dq, dk, dv), reference_grads(case, q, k, v, do, dlse)
+
+
+def check_case(case: Case, seed: int):
+    got, want = run_case(case, seed)
+    for name, g, w in zip(("dq", "dk", "dv"), got, want):
+        assert g.dtype == case.dtype and g.shape == w.shape and g.is_contiguous(), name
+        assert not torch.isnan(g).any(), name
+        if w.norm() < 1e-9:  # dQ of one key is 0 up to rounding (dP = dO . v = delta)
+            assert float(g.abs().max()) < 1e-4, name
+        else:
+            assert rel(g, w) < TOL[case.dtype], (name, rel(g, w), case)
+    return got, want
+
+
+def random_case(rng: random.Random) -> Case:
+    def length():
+        return rng.choice([1, 2, 31, 63, 64, 65, 100, 127, 128, 129, 190])
+
+    pattern = rng.choice(sorted(PATTERNS))
+    hkv = rng.choice([1, 2])
+    Nq, Nk = length(), length()
+    q_offset = rng.choice([0, 0, rng.randrange(0, 150)])
+    k_offset = rng.choice([0, 0, rng.randrange(0, 150)])
+    n_q = rng.choice([None, q_offset + Nq + rng.randrange(0, 40)])
+    n_k = rng.choice([None, k_offset + Nk + rng.randrange(0, 40)])
+    return Case(pattern, rng.choice([torch.bfloat16, torch.float16]), rng.choice([64, 128]), rng.choice([1, 2]),
+                hkv * rng.choice([1, 2, 3]), hkv, Nq, Nk, q_offset, k_offset, n_q, n_k,
+                rng.choice([None, None, 0.3]), rng.random() < 0.4)
+
+
+# Hand-picked: GQA groups of 1, 2, 4; every row of a query block without keys; a key block past
+# every row; Nq != Nk with the chunk after the keys; a single row and key.
+EDGES = [
+    Case("causal", torch.bfloat16, 128, 1, 4, 1, 130, 130),
+    Case("causal", torch.float16, 64, 2, 4, 2, 70, 200, q_offset=130),
+    Case("causal", torch.bfloat16, 64, 1, 2, 2, 150, 90, q_offset=0, k_offset=100, dlse=True),
+    Case("causal", torch.float16, 128, 1, 2, 1, 40, 300, q_offset=0, k_offset=20),
+    Case("dense", torch.bfloat16, 128, 1, 3, 3, 1, 1),
+    Case("dense", torch.float16, 64, 1, 4, 2, 129, 65, q_offset=7, k_offset=3, n_q=400, n_k=90, dlse=True),
+]
+
+
+@pytest.mark.parametrize("case", EDGES, ids=lambda c: f"{c.pattern}-{str(c.dtype)[6:]}-d{c.D}-{c.Hq}/{c.Hkv}-"
+                                                       f"{c.Nq}x{c.Nk}-at{c.q_offset},{c.k_offset}")
+def test_edges_against_the_reference(emulated, case):
+    got, _ = check_case(case, seed=3)
+    if case.pattern == "causal" and case.k_offset > case.q_offset:
+        rows = case.k_offset - case.q_offset  # rows that see no key: zero dq
+        assert torch.all(got[0][:, :, :rows] == 0)
+
+
+def test_random_calls_against_the_reference(emulated):
+    rng = random.Random(20)
+    for n in range(14):
+        check_case(random_case(rng), seed=n)
+    dkdv, dq = emulated["attn_bwd_dkdv"], emulated["attn_bwd_dq"]
+    assert len(dkdv.launches) == len(dq.launches) == 14
+    assert sum(dkdv.steps) > 0 and sum(dq.steps) > 0
+
+
+def test_launch_tiles_are_the_default_config(emulated):
+    """The launches use default_bwd_config's tiles and the grids cover every key / query block."""
+    case = Case("causal", torch.bfloat16, 128, 2, 4, 2, 200, 300, q_offset=100)
+    run_case(case, seed=1)
+    cfg = launch.default_bwd_config(128)
+    (args, kwargs, grid), = emulated["attn_bwd_dkdv"].launches
+    assert grid == (-(-300 // cfg.kv_block_n), 2 * 2)
+    assert kwargs["STAGES"] == cfg.kv_stages and kwargs["num_warps"] == cfg.kv_block_n // 16
+    assert kwargs["QWALK"] is walks.causal_qwalk and kwargs["MASK"] is walks.causal_mask
+    assert list(args[0].block_shape) == [1, 1, cfg.kv_block_m, 128]  # q_desc
+    assert list(args[1].block_shape) == [1, 1, cfg.kv_block_n, 128]  # k_desc
+    assert list(args[6].block_shape) == [1, 1, cfg.kv_block_m]  # lse2 rows
+    assert args[6].strides[1] % 4 == 0 and args[6].shape == [2, 4, 200]  # 16-byte rows, TMA shape ends at Nq
+    (args, kwargs, grid), = emulated["attn_bwd_dq"].launches
+    assert grid == (-(-200 // cfg.q_block_m), 2 * 4)
+    assert kwargs["WALK"] is walks.causal_walk and kwargs["num_warps"] == cfg.q_block_m // 16
+
+
+@pytest.mark.parametrize("broken", ["skip_first", "full_diagonal", "dq_skips_last"])
+def test_the_emulation_catches_a_wrong_walk(emulated, broken):
+    """Walks with one block too few, or a partial block called full, give wrong gradients: the check
+    above can fail."""
+    qwalk, walk = walks.causal_qwalk, walks.causal_walk
+    if broken == "skip_first":
+        @gluon.jit
+        def qwalk(k_lo, k_hi, Nq, q_offset, n_q, n_k, BLOCK_M: gl.constexpr):
+            lo = gl.maximum(0, k_lo - q_offset) // BLOCK_M + 1
+            return lo, lo, Nq // BLOCK_M, gl.cdiv(Nq, BLOCK_M)
+    elif broken == "full_diagonal":
+        @gluon.jit
+        def qwalk(k_lo, k_hi, Nq, q_offset, n_q, n_k, BLOCK_M: gl.constexpr):
+            lo = gl.maximum(0, k_lo - q_offset) // BLOCK_M
+            return lo, lo, Nq // BLOCK_M, gl.cdiv(Nq, BLOCK_M)
+    else:
+        @gluon.jit
+        def walk(q_lo, q_hi, Nk, k_offset, n_q, n_k, BLOCK_N: gl.constexpr):
+            hi = gl.minimum(gl.cdiv(Nk, BLOCK_N), gl.maximum(0, q_hi + BLOCK_N - k_offset) // BLOCK_N)
+            return 0, 0, 0, hi - 1
+
+    case = Case("causal", torch.float16, 64, 1, 2, 1, 200, 200, q_offset=10)
+    (dq, dk, dv), (wq, wk, wv) = run_case(case, seed=5, walk=walk, qwalk=qwalk)
+    worst = max(rel(dq, wq), rel(dk, wk), rel(dv, wv))
+    assert worst > 10 * TOL[case.dtype], worst
+    # and the shipped walks pass the same call
+    check_case(case, seed=5)
+
+
+def test_preprocess_writes_padded_rows():
+    """delta = rowsum(dO * O) - dLSE and lse2 = LSE log2(e) (+inf where LSE = -inf, dLSE ignored
+    there) at rows of a 16-byte multiple of floats; strided O / dO read as they are."""
+    from attncc.runtime.gluon.preprocess import bwd_preprocess
+
+    gen = torch.Generator().manual_seed(0)
+    B, H, Nq, D = 2, 3, 70, 64
+    o = torch.randn(B, Nq, H, D, generator=gen).to(torch.float16).transpose(1, 2)  # strided [B, H, Nq, D]
+    do = torch.randn(B, H, Nq, D, generator=gen).to(torch.float16)
+    lse = torch.randn(B, H, Nq, generator=gen)
+    lse[0, 1, 5:9] = -math.inf
+    dlse = torch.randn(B, H, Nq, generator=gen)
+    row_stride = 72
+    buf = torch.full((2, B, H, row_stride), 123.0)
+    delta, lse2 = buf[0, ..., :Nq], buf[1, ..., :Nq]
+    bwd_preprocess[(2, B * H)](o, do, lse, dlse, delta, lse2, *o.stride(), *do.stride(), H, Nq, row_stride,
+                               HEAD_DIM=D, BLOCK_M=64, HAS_DLSE=True)
+    want = (o.float() * do.float()).sum(-1) - torch.where(lse.isinf(), 0.0, dlse)
+    assert torch.allclose(delta, want, atol=1e-4)
+    assert torch.equal(lse2.isinf(), lse.isinf()) and torch.all(lse2[lse.isinf()] > 0)
+    assert torch.allclose(lse2[~lse.isinf()], lse[~lse.isinf()] * 1.4426950408889634)
+    assert torch.all(buf[..., Nq:] == 123.0)  # the padding is not written
+
+
+def test_backward_refuses_what_it_cannot_run(monkeypatch):
+    monkeypatch.setattr(launch, "check_devices", lambda q, k, v: None)
+    t = torch.zeros(1, 2, 8, 256, dtype=torch.bfloat16)
+    lse = torch.zeros(1, 2, 8)
+    with pytest.raises(ValueError, match=r"head dims \(64, 128\), got 256 .*registers"):
+        launch.attention_backward(t, t, t, t, lse, t)
+    t = torch.zeros(1, 2, 8, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="do must be torch.bfloat16 of shape"):
+        launch.attention_backward(t, t, t, t, lse, t.float())
+    with pytest.raises(ValueError, match="lse must be torch.float32 of shape"):
+        launch.attention_backward(t, t, t, t, lse[..., :4], t)
+    with pytest.raises(ValueError, match="dlse must be of shape"):
+        launch.attention_backward(t, t, t, t, lse, t, lse[:, :1])
+    with pytest.raises(ValueError, match="CUDA"):
+        monkeypatch.undo()
+        launch.attention_backward(t, t, t, t, lse, t)
+
+
+def test_backward_configs_fit_and_oversized_ones_are_refused():
+    for d in launch.BWD_HEAD_DIMS:
+        cfg = launch.default_bwd_config(d)
+        launch.check_bwd_config(cfg, d)
+        assert all(n <= launch.SM90_SHARED_BYTES - 1024 for n in launch.bwd_shared_bytes(cfg, d).values())
+    with pytest.raises(ValueError, match="dkdv kernel .* shared memory"):
+        launch.check_bwd_config(launch.GluonBwdConfig(kv_stages=5), 128)  # 64 KB + 5 x 32.5 KB
+    with pytest.raises(ValueError, match="dq kernel .* shared memory"):
+        launch.check_bwd_config(launch.GluonBwdConfig(q_block_n=128, q_stages=3), 128)  # 64 KB + 3 x 64 KB
+    with pytest.raises(ValueError, match="kv_block_n must be 64 or 128"):
+        launch.check_bwd_config(launch.GluonBwdConfig(kv_block_n=256), 64)
+    with pytest.raises(ValueError, match="q_stages must be >= 2"):
+        launch.check_bwd_config(launch.GluonBwdConfig(q_stages=1), 64)
+    assert launch.bwd_shared_bytes(launch.default_bwd_config(128), 128) == {
+        "dkdv": 2 * 32768 + 3 * (2 * 16384 + 512), "dq": 2 * 32768 + 3 * 2 * 16384}
