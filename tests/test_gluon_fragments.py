@@ -1,6 +1,7 @@
 """The integer fragments of the Gluon kernels, checked on the CPU by brute force: the key-block
-walks with their mask (every allowed pair lies in a walked block, every block called full is full)
-and the persistent schedule's tile order (every tile once, heaviest query blocks first in a group).
+walks with their mask (every allowed pair lies in a walked block, every block called full is full),
+the backward's query-block walks of a key block (the same, transposed) and the persistent
+schedule's tile order (every tile once, heaviest query blocks first in a group).
 
 Gluon functions do not run on the CPU; these fragments only do scalar integer arithmetic on
 non-negative operands (where Triton's truncating `//` equals Python's), so their bodies run here
@@ -53,6 +54,41 @@ def test_walk_covers_every_allowed_pair_and_full_blocks_are_full(pattern):
                     assert lo <= kb < hi, (pattern, q_lo, kb, lo, hi)
                 if full_lo <= kb < full_hi:
                     assert len(keys) == block_n and all(allowed), (pattern, q_lo, kb, full_lo, full_hi)
+
+
+@pytest.mark.parametrize("pattern", sorted(walks.QWALKS))
+def test_key_block_walk_covers_every_allowed_pair_and_full_blocks_are_full(pattern):
+    """The dK/dV kernel's walk over query blocks per key block: every query block holding an allowed
+    pair with one of the block's existing keys is walked; a block called full has all BLOCK_M rows
+    inside Nq and every pair with an existing key allowed (keys past Nk are never stored)."""
+    assert set(walks.QWALKS) == set(walks.PATTERNS)
+    qwalk, mask = (None if f is None else as_python(f) for f in (walks.QWALKS[pattern], walks.PATTERNS[pattern][1]))
+    clamp = as_python(common.clamp_walk)
+    rng = random.Random(2)
+
+    def near_block_edge():
+        return max(0, 16 * rng.randrange(0, 40) + rng.choice([0, 0, 1, 2, -1, -2]))
+
+    walked = full = 0
+    for _ in range(150):
+        block_m, block_n = rng.choice([16, 64, 128]), rng.choice([64, 128])
+        q_offset, k_offset = rng.choice([0, near_block_edge()]), rng.choice([0, near_block_edge()])
+        Nq, Nk = max(1, near_block_edge()), max(1, near_block_edge())
+        for kb in range(-(-Nk // block_n)):
+            k_lo = k_offset + kb * block_n
+            k_hi = min(k_lo + block_n, k_offset + Nk) - 1
+            lo, full_lo, full_hi, hi = clamp(*qwalk(k_lo, k_hi, Nq, q_offset, Nq, Nk, block_m))
+            assert lo <= full_lo <= full_hi <= hi
+            for qb in range(-(-Nq // block_m) + 2):
+                rows = range(q_offset + qb * block_m, q_offset + min(Nq, (qb + 1) * block_m))
+                allowed = [mask is None or mask(i, j, Nq, Nk) for i in rows for j in range(k_lo, k_hi + 1)]
+                if any(allowed):
+                    assert lo <= qb < hi, (pattern, k_lo, qb, lo, hi)
+                    walked += 1
+                if full_lo <= qb < full_hi:
+                    assert len(rows) == block_m and all(allowed), (pattern, k_lo, qb, full_lo, full_hi)
+                    full += 1
+    assert walked and full
 
 
 def test_tile_order_covers_every_tile_once_heaviest_first_in_each_head_group():
