@@ -3,9 +3,15 @@ has the structure they were written for: wgmma and TMA in the PTX, HGMMA in the 
 from registers, the warp-specialized kernel's register reallocation and asynchronous wgmma waits,
 shared memory within an sm90 CTA's 227 KB, no spills.
 
+The backward's two kernels (bwd.py) likewise: wgmma with both operands in shared memory (S^T, dP^T,
+S, dP) and with the A operand from registers (P^T, dS^T, dS), one wgmma group left in flight while
+the next is waited for, TMA for every tile and for the lse2 / delta rows, no spills.
+
 Gluon has no interpreter mode: nothing here runs a kernel (tests/gpu/test_gpu_gluon.py does, on a GPU).
 CI compiles `launch.ci_variants()` (one per kernel and head dim, both patterns and dtypes, 7 in
-all, ~30 s on 2 cores); ATTNCC_GLUON_ALL=1 compiles all of `launch.variants()` (60, ~4 minutes).
+all, ~30 s on 2 cores) and `launch.bwd_ci_variants()` (each backward kernel at head dims 64 and
+128: 4, a few seconds); ATTNCC_GLUON_ALL=1 compiles all of `launch.variants()` and
+`launch.bwd_variants()` (60 + 40, ~5 minutes).
 """
 from __future__ import annotations
 
@@ -21,13 +27,15 @@ import pytest
 gluon = pytest.importorskip("triton.experimental.gluon")
 
 from attncc.runtime.gluon import launch  # noqa: E402
-from attncc.runtime.gluon.launch import (SM90_SHARED_BYTES, GluonConfig, check_config, ci_variants,  # noqa: E402
-                                 default_config, shared_bytes, variants)
+from attncc.runtime.gluon.launch import (SM90_SHARED_BYTES, GluonConfig, bwd_ci_variants,  # noqa: E402
+                                         bwd_shared_bytes, bwd_variants, check_config, ci_variants, default_config,
+                                         shared_bytes, variants)
 
 ROOT = Path(__file__).resolve().parent.parent
 
 ALL = os.environ.get("ATTNCC_GLUON_ALL") == "1"
 CASES = variants() if ALL else ci_variants()
+BWD_CASES = bwd_variants() if ALL else bwd_ci_variants()
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +96,51 @@ def test_ws_overlaps_s_with_pv(variant, compiled):
     ptx = compiled(variant).ptx
     assert re.search(r"wgmma\.wait_group\.sync\.aligned\s+1;", ptx)
     assert "mbarrier.try_wait" in ptx and "mbarrier.arrive" in ptx
+
+
+@pytest.mark.parametrize("variant", BWD_CASES, ids=lambda v: v.name)
+def test_backward_compiles_to_wgmma_and_tma(variant, compiled):
+    c = compiled(variant)
+    cfg, d = variant.config, variant.head_dim
+    assert c.cubin[:4] == b"\x7fELF"
+    # One copy of the step, wgmma k-steps of 16: dK/dV: S^T = K Q^T and dP^T = V dO^T (D each),
+    # dV += P^T dO and dK += dS^T Q (kv_block_m each); dQ: S, dP (D each), dQ += dS K (q_block_n).
+    if variant.part == "dkdv":
+        assert c.wgmma == 2 * d // 16 + 2 * cfg.kv_block_m // 16
+    else:
+        assert c.wgmma == 2 * d // 16 + cfg.q_block_n // 16
+    assert c.hgmma == c.wgmma, "ptxas dropped or split wgmma instructions"
+    assert re.search(r"cp\.async\.bulk\.tensor\.4d\.shared::cluster\.global", c.ptx), "no TMA load of the tiles"
+    assert re.search(r"cp\.async\.bulk\.tensor\.4d\.global\.shared::cta", c.ptx), "no TMA store of the gradients"
+    if variant.part == "dkdv":
+        assert re.search(r"cp\.async\.bulk\.tensor\.3d\.shared::cluster\.global", c.ptx), "lse2 / delta not by TMA"
+        assert len(re.findall(r"cp\.async\.bulk\.tensor\.4d\.global\.shared::cta", c.ptx)) == 2  # dK, dV
+    # P^T / dS^T / dS from registers; S^T, dP^T / S, dP with both operands in shared memory.
+    assert re.search(r"HGMMA\.\S+ R\d+, R\d+, gdesc", c.sass), "no wgmma with its A operand in registers"
+    assert re.search(r"HGMMA\.\S+ R\d+, gdesc", c.sass), "no wgmma reading both operands from shared memory"
+    # The two independent GEMMs of a step run together: a wait that leaves one group in flight.
+    assert re.search(r"wgmma\.wait_group\.sync\.aligned\s+1;", c.ptx)
+    assert "mbarrier.try_wait" in c.ptx
+
+
+@pytest.mark.parametrize("variant", BWD_CASES, ids=lambda v: v.name)
+def test_backward_resources_fit_sm90(variant, compiled):
+    """One instruction stream: up to 255 registers per thread and no setmaxnreg; the tiles chosen so
+    that nothing spills (dK/dV at D = 128 runs at 252)."""
+    c = compiled(variant)
+    assert bwd_shared_bytes(variant.config, variant.head_dim)[variant.part] <= c.shared <= SM90_SHARED_BYTES
+    assert c.stack == 0, f"{c.stack} bytes of local stack: spills"
+    assert c.registers <= 255 and not c.setmaxnreg
+
+
+def test_backward_variant_list_covers_the_matrix():
+    vs = bwd_variants()
+    assert {(v.part, v.pattern, v.dtype, v.head_dim) for v in vs} == {
+        (part, p, dt, d) for part in launch.BWD_PARTS for p in ("dense", "causal") for dt in launch.DTYPES
+        for d in launch.BWD_HEAD_DIMS}
+    assert len({v.name for v in vs}) == len(vs)
+    assert all(bwd_shared_bytes(v.config, v.head_dim)[v.part] <= SM90_SHARED_BYTES - 1024 for v in vs)
+    assert {v.part for v in bwd_ci_variants()} == set(launch.BWD_PARTS)
 
 
 def test_default_configs_fit_and_oversized_ones_are_refused():
