@@ -98,6 +98,10 @@ def launch_of(fn, args, kwargs, capability: int = 90) -> Launch:
 
         binder = _BINDERS[id(fn)] = (fn, create_function_from_signature(fn.signature, fn.params, backend))
     bound, specialization, options = binder[1](*args, **kwargs)
+    # A launch option that is also a parameter (a Gluon kernel's `num_warps: constexpr`) binds to the
+    # parameter above; JITFunction.run still takes it as the option too (`backend.parse_options(kwargs)`).
+    fields = backend.parse_options({}).__dict__
+    options = {**options, **{k: v for k, v in kwargs.items() if k in fields and k in bound}}
     names = list(bound)
     signature = tuple((name, kind) for name, (kind, _) in zip(names, specialization))
     constexprs = tuple((i, bound[name]) for i, (name, (kind, _)) in enumerate(zip(names, specialization))

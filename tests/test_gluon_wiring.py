@@ -11,9 +11,14 @@
   cannot run, reason by reason (a CPU tensor stands in for an sm90 GPU where a test says so).
 - The host launch path to the kernel, without a GPU: the kernel's ``run`` is stubbed (it records
   the launch and writes the exact answer into the output buffers), so ``attention`` runs
-  ``gluon_forward`` and then the ``tl`` backward under the interpreter; the recorded arguments must
-  bind to the kernel's signature, name by name, with the call's values; and the recorded launch
-  compiles for sm90 (in a child process, as tests/test_gluon_compile.py compiles).
+  ``gluon_forward`` and then the backward under the interpreter: the ``tl`` one, or the Gluon one
+  (``gluon_backward``) with its two kernels emulated in torch (tests/gluon_emulation.py) and its
+  ``tl`` preprocess interpreted; the recorded arguments must bind to the kernel's signature, name
+  by name, with the call's values; and the recorded launches (forward; backward: preprocess, dK/dV,
+  dQ) compile for sm90 (in a child process, as tests/test_gluon_compile.py compiles).
+- The backward's own selection (``gluon_backward_selected``): ``triton`` and ``auto`` (switch off)
+  keep the ``tl`` backward, ``gluon`` takes the Gluon one where it can and the ``tl`` one at head
+  dim 256, without refusing.
 
 Gluon has no interpreter: tests/gpu/test_gpu_gluon_specs.py runs the wired path on an H100/H200.
 """
@@ -41,9 +46,10 @@ from attncc.analysis import analyze  # noqa: E402
 from attncc.analysis.builtin import BUILTIN_WALKS, builtin_fit  # noqa: E402
 from attncc.analysis.score import canonical_score  # noqa: E402
 from attncc.runtime import backend, call as call_mod, compiled  # noqa: E402
-from attncc.runtime.gluon import fwd_pipelined, fwd_ws, launch, walks  # noqa: E402
+from attncc.runtime.gluon import bwd, fwd_pipelined, fwd_ws, launch, walks  # noqa: E402
 from attncc.spec import SpecError, load_spec, parse_spec  # noqa: E402
 from cases import SPEC_NAMES, module  # noqa: E402
+from gluon_emulation import EmulatedKernel  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 LOG2E = 1.4426950408889634
@@ -110,7 +116,19 @@ def test_generated_modules_carry_the_answer(name):
     assert (fields["gluon"].value if "gluon" in fields else None) == want
     if load_spec(ROOT / "specs" / f"{name}.toml").kind == "softmax":
         assert _forward_branch(tree) == want
+        assert _backward_branch(tree) == want
     assert ("gluon" in text) == (want is not None)
+
+
+def _backward_branch(tree):
+    """The walk of the Gluon branch that opens ``_backward`` (None: no branch)."""
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "_backward")
+    first = next(n for n in fn.body if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)))
+    if not (isinstance(first, ast.If) and "gluon_backward_selected" in ast.unparse(first.test)):
+        return None
+    (ret,) = first.body
+    assert ast.unparse(ret.value) == f"_rt.gluon_backward(call, {ret.value.args[1].value!r}, o, lse, do, dlse)"
+    return ret.value.args[1].value
 
 
 def test_registered_forward_is_the_one_with_the_branch():
@@ -368,6 +386,37 @@ def test_eligibility_is_worked_out_once_per_signature(monkeypatch, fake_sm90):
     assert len(made) == 2
 
 
+def test_backward_is_selected_on_its_own(monkeypatch, fake_sm90):
+    """triton and auto (its switch off) keep the tl backward; gluon takes the Gluon one where it can
+    run the call, the tl one at head dim 256 (no error: the forward ran on Gluon); auto follows
+    AUTO_SELECTS_GLUON_BACKWARD alone."""
+    assert backend.gluon.AUTO_SELECTS_GLUON_BACKWARD is False  # docs/gluon.md: it has not run on a GPU
+    make = bind()[-1]
+    for value in ("triton", "auto"):
+        monkeypatch.setenv("ATTNCC_BACKEND", value)
+        assert backend.gluon_backward_selected(make()) is False
+    monkeypatch.setattr(backend.gluon, "AUTO_SELECTS_GLUON_BACKWARD", True)
+    assert backend.gluon.AUTO_SELECTS_GLUON is False and backend.gluon_backward_selected(make()) is True
+    monkeypatch.setattr(backend.gluon, "AUTO_SELECTS_GLUON_BACKWARD", False)
+    monkeypatch.setenv("ATTNCC_BACKEND", "gluon")
+    assert backend.gluon_backward_selected(make()) is True
+    wide = bind(D=256)[-1]()
+    assert backend.gluon_selected(wide) is True and backend.gluon_backward_selected(wide) is False
+    assert backend.gluon_backward_problems(wide) == ("head dim D = 256; the Gluon backward takes 64, 128",)
+    for case in (dict(dtype=torch.float32), dict(D=32), dict(q_offset=2**31)):
+        call = bind(**case)[-1]()
+        assert backend.gluon_backward_selected(call) is False  # never raises
+        assert backend.gluon_backward_problems(call) == backend.gluon_problems(call)
+    assert backend.gluon_backward_selected(make().replace(dropout_p=0.1)) is False
+
+
+def test_backward_on_the_cpu_and_the_interpreter_is_tl(monkeypatch, fresh_bind):
+    monkeypatch.setenv("ATTNCC_BACKEND", "gluon")
+    call = bind()[-1]()
+    assert backend.gluon_backward_selected(call) is False
+    assert any("TRITON_INTERPRET" in p for p in backend.gluon_backward_problems(call))
+
+
 # ------------------------------------------------------------------------------------------------
 # (c) the host launch path, up to the kernel
 
@@ -413,6 +462,9 @@ def stubbed(monkeypatch, fake_sm90):
     return stubs
 
 
+FLOAT_ARGS = ("qk_scale", "sm_scale")
+
+
 def check_arguments(kernel, args, kwargs, *, call_values):
     """The recorded launch binds to the kernel's parameters, every constexpr given by name and
     only the launch options besides; ``call_values``: parameters whose values are known."""
@@ -430,10 +482,10 @@ def check_arguments(kernel, args, kwargs, *, call_values):
         value = bound[name]
         if name.endswith("_desc"):
             assert type(value).__name__ == "TensorDescriptor"
-        elif name == "lse_ptr":
+        elif name.endswith("_ptr"):
             assert isinstance(value, torch.Tensor) and value.dtype == torch.float32
         elif not p.is_constexpr:
-            assert type(value) in (int, float) and (name != "qk_scale") == (type(value) is int), (name, value)
+            assert type(value) in (int, float) and (name not in FLOAT_ARGS) == (type(value) is int), (name, value)
     return bound
 
 
@@ -442,6 +494,9 @@ def test_wired_forward_launches_the_ws_kernel_and_the_tl_backward_takes_its_outp
     start and rows that see no key; o and the LSE come from the (stub) kernel's buffers and the tl
     backward runs on them: o, lse and the gradients against the float64 reference."""
     monkeypatch.setenv("ATTNCC_BACKEND", "gluon")
+    # the tl backward (what runs where the Gluon one cannot: head dim 256, or auto with its switch
+    # off); test_wired_backward_runs_the_gluon_kernels runs the other
+    monkeypatch.setattr(rt, "gluon_backward_selected", lambda call: False)
     mod, q, k, v, attention, _ = bind("causal", B=1, Hq=4, Hkv=2, Nq=20, Nk=24, D=64, grad=True)
     monkeypatch.setattr(mod, "_fwd_kernel", None)  # the tl forward must not run
     q_offset, k_offset = 6, 10  # rows 6..9 see no key
@@ -480,6 +535,58 @@ def test_wired_forward_launches_the_ws_kernel_and_the_tl_backward_takes_its_outp
 
 def mod_pattern(name):
     return load_spec(ROOT / "specs" / f"{name}.toml")
+
+
+@pytest.fixture
+def emulated_bwd(monkeypatch, stubbed):
+    """stubbed, and the Gluon backward's two kernels run as their torch emulation."""
+    kernels = {}
+    for kernel in (bwd.attn_bwd_dkdv, bwd.attn_bwd_dq):
+        kernels[kernel.fn.__name__] = EmulatedKernel(kernel)
+        monkeypatch.setattr(kernel, "run", kernels[kernel.fn.__name__])
+    return kernels
+
+
+@pytest.mark.parametrize("name, Hq, Hkv, Nq, Nk, D, dtype, q_offset, k_offset", [
+    ("causal", 4, 2, 70, 90, 64, torch.bfloat16, 6, 10),  # rows 6..9 see no key
+    ("dense", 2, 1, 33, 140, 128, torch.float16, 0, 0),
+    ("mqa", 3, 1, 130, 70, 64, torch.float16, 100, 0),
+])
+def test_wired_backward_runs_the_gluon_kernels(monkeypatch, emulated_bwd, name, Hq, Hkv, Nq, Nk, D, dtype, q_offset,
+                                               k_offset):
+    """ATTNCC_BACKEND=gluon through the generated module, forward (stub) and backward (the Gluon
+    host path with its kernels emulated): the module's tl backward kernels never run, the launches
+    carry the call's values, and the gradients (with a dLSE) match the float64 reference."""
+    monkeypatch.setenv("ATTNCC_BACKEND", "gluon")
+    mod, q, k, v, attention, _ = bind(name, B=2, Hq=Hq, Hkv=Hkv, Nq=Nq, Nk=Nk, D=D, dtype=dtype, grad=True)
+    for kernel in ("_fwd_kernel", "_bwd_preprocess", "_bwd_dkdv_kernel", "_bwd_dq_kernel"):
+        monkeypatch.setattr(mod, kernel, None)  # the tl kernels must not run
+    o, lse = attention(q, k, v, q_offset=q_offset, k_offset=k_offset, return_lse=True)
+    gen = torch.Generator().manual_seed(1)
+    do = torch.randn(o.shape, generator=gen).to(o.dtype)
+    dlse = torch.randn(lse.shape, generator=gen)
+    torch.autograd.backward((o, lse), (do, dlse))
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ro, rl = attncc.reference(mod_pattern(name), qd, kd, vd, return_lse=True, q_offset=q_offset, k_offset=k_offset)
+    torch.autograd.backward((ro, torch.where(rl.isinf(), 0.0, rl)), (do.double(), dlse.double()))
+    for got, want in ((q.grad, qd.grad), (k.grad, kd.grad), (v.grad, vd.grad)):
+        assert got.dtype == dtype and not torch.isnan(got).any()
+        assert float((got.double() - want).norm() / want.norm()) < 1e-2
+    walk = mod.SPEC.gluon
+    cfg = backend.gluon_bwd_config(D)
+    common = dict(H=Hq, GROUP=Hq // Hkv, Nq=Nq, Nk=Nk, q_offset=q_offset, k_offset=k_offset, n_q=q_offset + Nq,
+                  n_k=k_offset + Nk, qk_scale=1 / math.sqrt(D) * LOG2E, sm_scale=1 / math.sqrt(D),
+                  MASK=walks.PATTERNS[walk][1])
+    (args, kwargs, grid), = emulated_bwd["attn_bwd_dkdv"].launches
+    bound = check_arguments(bwd.attn_bwd_dkdv, args, kwargs, call_values=dict(
+        common, QWALK=walks.QWALKS[walk], STAGES=cfg.kv_stages))
+    assert kwargs["num_warps"] == cfg.kv_block_n // 16 and grid == (-(-Nk // cfg.kv_block_n), 2 * Hkv)
+    assert [list(bound[n].block_shape) for n in ("q_desc", "k_desc", "dk_desc", "lse_desc")] == [
+        [1, 1, cfg.kv_block_m, D], [1, 1, cfg.kv_block_n, D], [1, 1, cfg.kv_block_n, D], [1, 1, cfg.kv_block_m]]
+    (args, kwargs, grid), = emulated_bwd["attn_bwd_dq"].launches
+    bound = check_arguments(bwd.attn_bwd_dq, args, kwargs, call_values=dict(
+        common, WALK=walks.PATTERNS[walk][0], STAGES=cfg.q_stages, lse_stride=-(-Nq // 4) * 4))
+    assert kwargs["num_warps"] == cfg.q_block_m // 16 and grid == (-(-Nq // cfg.q_block_m), 2 * Hq)
 
 
 @pytest.mark.parametrize("kernel", ["ws", "pipelined"])
@@ -543,6 +650,60 @@ def compile_recorded_launch(out_path: str) -> str:
         pickle.dump({"signature": dict(recorded.signature), "shared": compiled.metadata["shared"],
                      "ptx_has_wgmma": "wgmma.mma_async" in compiled.stages["ptx"]}, f)
     return "ok"
+
+
+def compile_recorded_backward(out_path: str) -> str:
+    """Run in a process without TRITON_INTERPRET: record the launches of the generated causal module's
+    ``_backward`` on the Gluon path (stubbed device, bf16, D = 128, GQA, offsets, a dLSE): the
+    preprocess (tl) and the dK/dV and dQ kernels (Gluon), and compile each for sm90 with the
+    signature Triton specializes the recorded values to."""
+    from kernel_compile import compile_launch, recorded_launches
+
+    real = backend.device_problem, launch.check_devices
+    backend.device_problem, launch.check_devices = (lambda device: None), (lambda q, k, v: None)
+    os.environ["ATTNCC_BACKEND"] = "gluon"
+    try:
+        mod = module("causal")
+        q = torch.randn(2, 4, 300, 128).to(torch.bfloat16)
+        k, v = (torch.randn(2, 2, 200, 128).to(torch.bfloat16) for _ in range(2))
+        os.environ["TRITON_INTERPRET"] = "1"  # only for the argument checks, which take CPU tensors then
+        try:
+            call = rt.bind(mod.SPEC, q, k, v, q_offset=100)
+        finally:
+            del os.environ["TRITON_INTERPRET"]
+        o, do = torch.empty_like(q), torch.randn_like(q)
+        lse, dlse = torch.zeros(2, 4, 300), torch.zeros(2, 4, 300)
+        with recorded_launches() as recorded:
+            mod._backward(call, o, lse, do, dlse)
+    finally:
+        backend.device_problem, launch.check_devices = real
+    out = {}
+    for rec in recorded:
+        compiled = compile_launch(rec, "cubin")
+        out[rec.name] = {"signature": dict(rec.signature), "shared": compiled.metadata["shared"],
+                         "wgmma": "wgmma.mma_async" in compiled.stages["ptx"]}
+    with open(out_path, "wb") as f:
+        pickle.dump(out, f)
+    return "ok"
+
+
+def test_recorded_backward_launches_compile_for_sm90(tmp_path):
+    out = tmp_path / "compiled.pickle"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    code = CHILD.format(tests=str(ROOT / "tests"), out=str(out)).replace("compile_recorded_launch",
+                                                                         "compile_recorded_backward")
+    run = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    with open(out, "rb") as f:
+        result = pickle.load(f)
+    assert set(result) == {"bwd_preprocess", "attn_bwd_dkdv", "attn_bwd_dq"}
+    assert result["attn_bwd_dkdv"]["wgmma"] and result["attn_bwd_dq"]["wgmma"]
+    cfg = backend.gluon_bwd_config(128)
+    for name, part in (("attn_bwd_dkdv", "dkdv"), ("attn_bwd_dq", "dq")):
+        assert launch.bwd_shared_bytes(cfg, 128)[part] <= result[name]["shared"] <= launch.SM90_SHARED_BYTES
+    assert result["attn_bwd_dq"]["signature"]["lse_stride"] == "i64"
+    assert result["attn_bwd_dkdv"]["signature"]["lse_desc"].startswith("tensordesc<fp32[1, 1, 64]")
 
 
 def test_recorded_launch_compiles_for_sm90(tmp_path):

@@ -1,5 +1,5 @@
-"""Which kernels run the forward of a softmax call: the generated ``tl`` kernels, or the Gluon sm90
-forward (:mod:`attncc.runtime.gluon`, docs/gluon.md).
+"""Which kernels run a softmax call: the generated ``tl`` kernels, or the Gluon sm90 forward and
+backward (:mod:`attncc.runtime.gluon`, docs/gluon.md).
 
 A generated module whose Plan is one of the Gluon kernels' built-in walks (``SpecInfo.gluon``:
 "dense", "causal"; :mod:`attncc.analysis.builtin` decides, codegen renders it) starts its
@@ -14,9 +14,17 @@ they choose alike. ``ATTNCC_BACKEND`` (read on every call) says what to choose:
   spec's pattern, the device, the dtype, the head dims, ...), and so does a call of a spec without
   a built-in walk (:func:`refuse_forced`, from ``run_attention``).
 
-Anything else is a ``ValueError`` naming the allowed values. The backward (which reads the
-forward's O and natural-log LSE, the same from either), ``decode()`` and linear attention are
-``tl`` kernels whatever the setting.
+Anything else is a ``ValueError`` naming the allowed values.
+
+The backward reads only the forward's O and natural-log LSE, the same from either forward, so it is
+chosen on its own: those modules' ``_backward`` opens with
+``if _rt.gluon_backward_selected(call): return _rt.gluon_backward(call, "causal", o, lse, do, dlse)``.
+``triton``: the ``tl`` backward; ``auto``: the ``tl`` backward for now
+(``attncc.runtime.gluon.AUTO_SELECTS_GLUON_BACKWARD``: it has not run on a GPU); ``gluon``: the Gluon
+backward where it can run the call, else the ``tl`` one (it never refuses: the forward already
+refused what Gluon cannot run at all, and what is left is the Gluon backward's own limit, head dim
+256, where the ``tl`` backward on the Gluon forward's output is what ran before it existed;
+``attncc explain`` says which). ``decode()`` and linear attention are ``tl`` kernels whatever the setting.
 """
 from __future__ import annotations
 
@@ -26,10 +34,10 @@ from typing import Optional, Tuple
 
 import torch
 
-from attncc.runtime.autograd import no_pairs
+from attncc.runtime.autograd import no_pairs, no_pairs_backward
 from attncc.runtime.call import Call, dtype_name, env, interpreting
 from attncc.runtime import gluon
-from attncc.runtime.gluon import CAPABILITY, DTYPES, HEAD_DIMS
+from attncc.runtime.gluon import BWD_HEAD_DIMS, CAPABILITY, DTYPES, HEAD_DIMS
 
 BACKENDS = ("auto", "triton", "gluon")
 
@@ -147,3 +155,54 @@ def gluon_forward(call: Call, walk: str):
     return launch.attention(call.q, call.k, call.v, pattern=walk, scale=call.scale, q_offset=call.q_offset,
                             k_offset=call.k_offset, n_q=call.n_q, n_k=call.n_k, return_lse=True,
                             config=gluon_config(call.D))
+
+
+def gluon_backward_selected(call: Call) -> bool:
+    """Whether the Gluon sm90 backward runs ``call``'s backward (module docstring); never raises for
+    a call it cannot run (the ``tl`` backward runs it)."""
+    setting = backend_setting()
+    if setting == "triton" or (setting == "auto" and not gluon.AUTO_SELECTS_GLUON_BACKWARD):
+        return False
+    return not gluon_backward_problems(call)
+
+
+def gluon_backward_problems(call: Call) -> Tuple[str, ...]:
+    """Why the Gluon sm90 backward cannot run ``call`` (empty: it can): the forward's reasons, and
+    its own head dims and tiles (worked out once per call signature)."""
+    return gluon_problems(call) + call.cached("gluon_backward_problems", lambda: _backward_signature_problems(call))
+
+
+def _backward_signature_problems(call: Call) -> Tuple[str, ...]:
+    if call.D not in HEAD_DIMS:  # the forward's reasons say it
+        return ()
+    if call.D not in BWD_HEAD_DIMS:
+        return (f"head dim D = {call.D}; the Gluon backward takes {', '.join(map(str, BWD_HEAD_DIMS))}",)
+    try:
+        from attncc.runtime.gluon import launch
+        launch.check_bwd_config(gluon_bwd_config(call.D), call.D)
+    except (ImportError, ValueError) as e:
+        return (str(e),)
+    return ()
+
+
+@functools.lru_cache(maxsize=None)
+def gluon_bwd_config(head_dim: int):
+    """The backward's tiles: ``launch.default_bwd_config`` (not timed yet: docs/gluon.md)."""
+    from attncc.runtime.gluon import launch
+
+    return launch.default_bwd_config(head_dim)
+
+
+def gluon_backward(call: Call, walk: str, o, lse, do, dlse=None):
+    """``(dq, dk, dv, {})`` of ``call`` from the Gluon sm90 backward with the built-in ``walk``, as the
+    generated ``tl`` backward returns them; ``o``, ``lse`` are the forward's (either forward's),
+    ``do``, ``dlse`` the gradients of the loss (``dlse`` None when the loss does not use the LSE)."""
+    from attncc.runtime.gluon import launch
+    from attncc.runtime.launch import grads_as_inputs
+
+    if call.Nq == 0 or call.Nk == 0:  # no pair: what the tl path gives such calls
+        return no_pairs_backward(call, o, lse, do, dlse)
+    dq, dk, dv = launch.attention_backward(
+        call.q, call.k, call.v, o, lse, do.to(call.q.dtype), dlse, pattern=walk, scale=call.scale,
+        q_offset=call.q_offset, k_offset=call.k_offset, n_q=call.n_q, n_k=call.n_k, config=gluon_bwd_config(call.D))
+    return grads_as_inputs(call, dq, dk, dv)
