@@ -342,9 +342,10 @@ def _tensor_numbers(plan: Plan, *, n_q, n_k, block_m, block_n, params, inputs, b
 # ---------------------------------------------------------------------------------------------
 
 def backend_text(plan: Plan, *, head_dim: int, value_dim: int, dtype: str) -> str:
-    """Which forward a call of this problem would run on an sm90 GPU (attncc.runtime.backend):
-    the tl kernels, and the Gluon sm90 forward where the Plan is one of its built-in walks
-    (attncc.analysis.builtin) and the head dims and dtype suit it; else why tl only."""
+    """Which forward and backward a call of this problem would run on an sm90 GPU
+    (attncc.runtime.backend): the tl kernels, and the Gluon sm90 forward and backward where the Plan
+    is one of their built-in walks (attncc.analysis.builtin) and the head dims and dtype suit them;
+    else why tl only."""
     fit = builtin_fit(plan)
     if fit.walk is None:
         return f"tl only: {fit.reason}"
@@ -358,10 +359,20 @@ def backend_text(plan: Plan, *, head_dim: int, value_dim: int, dtype: str) -> st
         problems.append(f"{dtype} (the Gluon kernels take {', '.join(dtypes)})")
     if problems:
         return f"tl only for this call: {'; '.join(problems)}"
-    walk = f"Gluon sm90 forward (built-in {fit.walk} walk)"
-    if gluon.AUTO_SELECTS_GLUON:
-        return f"{walk} on sm90, tl elsewhere and with ATTNCC_BACKEND=triton"
-    return f"tl; {walk} with ATTNCC_BACKEND=gluon"
+    walk = f"built-in {fit.walk} walk"
+    if head_dim not in gluon.BWD_HEAD_DIMS:  # the backward stays tl whatever the setting
+        bwd = f"; the backward tl (the Gluon backward takes head dims {', '.join(map(str, gluon.BWD_HEAD_DIMS))})"
+        if gluon.AUTO_SELECTS_GLUON:
+            return f"Gluon sm90 forward ({walk}) on sm90, tl elsewhere and with ATTNCC_BACKEND=triton{bwd}"
+        return f"tl; Gluon sm90 forward ({walk}) with ATTNCC_BACKEND=gluon{bwd}"
+    auto = [part for part, on in (("forward", gluon.AUTO_SELECTS_GLUON),
+                                  ("backward", gluon.AUTO_SELECTS_GLUON_BACKWARD)) if on]
+    if len(auto) == 2:
+        return f"Gluon sm90 forward and backward ({walk}) on sm90, tl elsewhere and with ATTNCC_BACKEND=triton"
+    if auto:
+        return (f"Gluon sm90 {auto[0]} ({walk}) on sm90, tl elsewhere and with ATTNCC_BACKEND=triton; both Gluon "
+                f"with ATTNCC_BACKEND=gluon")
+    return f"tl; Gluon sm90 forward and backward ({walk}) with ATTNCC_BACKEND=gluon"
 
 
 def explain_data(plan: Plan, *, n_q: int, n_k: int, block_m: int = 128, block_n: int = 64, head_dim: int = 128,

@@ -417,6 +417,22 @@ def test_backward_on_the_cpu_and_the_interpreter_is_tl(monkeypatch, fresh_bind):
     assert any("TRITON_INTERPRET" in p for p in backend.gluon_backward_problems(call))
 
 
+def test_explain_names_forward_and_backward(monkeypatch):
+    from attncc.report import backend_text
+
+    plan = analyze(canonical_score(mod_pattern("causal")))
+    text = lambda d=128: backend_text(plan, head_dim=d, value_dim=d, dtype="bf16")  # noqa: E731
+    assert text() == "tl; Gluon sm90 forward and backward (built-in causal walk) with ATTNCC_BACKEND=gluon"
+    assert text(256) == ("tl; Gluon sm90 forward (built-in causal walk) with ATTNCC_BACKEND=gluon; the backward tl "
+                         "(the Gluon backward takes head dims 64, 128)")
+    monkeypatch.setattr(backend.gluon, "AUTO_SELECTS_GLUON", True)
+    assert text().startswith("Gluon sm90 forward (built-in causal walk) on sm90") and "both Gluon with" in text()
+    monkeypatch.setattr(backend.gluon, "AUTO_SELECTS_GLUON_BACKWARD", True)
+    assert text() == ("Gluon sm90 forward and backward (built-in causal walk) on sm90, tl elsewhere and with "
+                      "ATTNCC_BACKEND=triton")
+    assert text(32).startswith("tl only for this call: head dim 32")
+
+
 # ------------------------------------------------------------------------------------------------
 # (c) the host launch path, up to the kernel
 
