@@ -1,8 +1,13 @@
 """The Gluon sm90 kernels (attncc/runtime/gluon, issue 20) on an H100/H200 (formerly the checks of
 bench/gluon_check.py); ``python -m bench gluon`` times them.
 
-Kernels: "pipelined" (one instruction stream), "ws-nopp" (producer warp, two consumer warpgroups,
-no ping-pong) and "ws" (with ping-pong). First one tiny launch of each kernel per pattern under a
+Forward kernels: "pipelined" (one instruction stream), "ws-nopp" (producer warp, two consumer
+warpgroups, no ping-pong) and "ws" (with ping-pong). The backward (bwd.py: dK/dV and dQ kernels,
+`launch.attention_backward`, head dims 64 and 128) after them: a tiny launch per pattern under the
+watchdog (twice: the result must be bitwise the same, there are no atomics), then every backward case
+against float32 autograd of the materialized attention (dK, dV summed over each GQA group): each
+gradient's relative error within 3x that of torch's SDPA backward in the same dtype (plus a floor);
+calls without a single pair must give exact zeros. Not run yet: the backward was written without a GPU. First one tiny launch of each kernel per pattern under a
 watchdog (a deadlocked persistent kernel spins forever: the watchdog prints which launch and exits
 the process, which frees the GPU); then every case against attention in float32 torch (TF32 off,
 one batch row at a time; O and the natural-log LSE): outputs poisoned with NaN first; O passes when
@@ -142,6 +147,7 @@ class Case:
     q_offset: int = 0
     k_offset: int = 0
     all_kernels: bool = False
+    dlse: bool = False  # backward cases: the loss uses the LSE too
 
 
 CASES = (
@@ -184,3 +190,114 @@ def test_against_float32(dog, case, kernel):
         assert float((lse - ref_lse).abs()[seen].max()) <= 2e-3
     if (~seen).any():
         assert torch.all(o[~seen] == 0) and torch.all(lse[~seen] == -math.inf), "rows without keys"
+
+
+# ------------------------------------------------------------------------------------------------
+# The backward (bwd.py), on the forward of the wired config ("ws-nopp")
+
+
+def reference_grads(q, k, v, do, dlse, causal, scale, q_offset=0, k_offset=0):
+    """dq, dk, dv of float32 attention by autograd (TF32 off), a few heads at a time; dk, dv summed
+    over the query heads of each GQA group. ``dlse``: the gradient of the LSE (rows without keys
+    take none), or None."""
+    B, Hq, Nq, D = q.shape
+    Nk, group = k.shape[2], Hq // k.shape[1]
+    dq = torch.empty(q.shape, device=DEV, dtype=torch.float32)
+    dk = torch.zeros(k.shape, device=DEV, dtype=torch.float32)
+    dv = torch.zeros(v.shape, device=DEV, dtype=torch.float32)
+    i = q_offset + torch.arange(Nq, device=DEV)
+    j = k_offset + torch.arange(Nk, device=DEV)
+    allowed = (j[None, :] <= i[:, None]) if causal else None
+    heads = max(1, min(Hq, (1 << 28) // (Nq * Nk * 4)))  # autograd keeps several score-sized tensors
+    for b in range(B):
+        for h0 in range(0, Hq, heads):
+            hs = torch.arange(h0, min(Hq, h0 + heads), device=DEV)
+            qq, kk, vv = (t.float().requires_grad_() for t in (q[b, hs], k[b, hs // group], v[b, hs // group]))
+            s = qq @ kk.transpose(-1, -2) * scale
+            if allowed is not None:
+                s = s.masked_fill(~allowed, -math.inf)
+            lse = torch.logsumexp(s, dim=-1)
+            lse0 = torch.where(torch.isinf(lse), 0.0, lse)
+            o = torch.exp(s - lse0[..., None]) @ vv
+            loss = (o * do[b, hs].float()).sum()
+            if dlse is not None:
+                loss = loss + (torch.where(torch.isinf(lse), 0.0, lse) * dlse[b, hs]).sum()
+            gq, gk, gv = torch.autograd.grad(loss, (qq, kk, vv))
+            dq[b, hs] = gq
+            dk[b].index_add_(0, hs // group, gk)
+            dv[b].index_add_(0, hs // group, gv)
+    return dq, dk, dv
+
+
+def peer_grads(q, k, v, do, causal, scale, q_offset, k_offset):
+    """torch's SDPA backward in the inputs' dtype, for the error to compare with."""
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    return torch.autograd.grad(peer(*leaves, causal, scale, q_offset, k_offset), leaves, do)
+
+
+def backward_run(case, seed=0):
+    """(q, k, v, o, lse, do, dlse) of a case: the forward by the wired Gluon kernel."""
+    q, k, v = qkv(case.B, case.Hq, case.Hkv, case.Nq, case.Nk, case.D, case.dtype, seed)
+    o, lse = gluon.attention(q, k, v, pattern=case.pattern, q_offset=case.q_offset, k_offset=case.k_offset,
+                             return_lse=True, config=kernel_config("ws-nopp", case.D))
+    g = torch.Generator(device=DEV).manual_seed(seed + 1)
+    do = torch.randn(o.shape, device=DEV, dtype=case.dtype, generator=g)
+    dlse = torch.randn(lse.shape, device=DEV, generator=g) if case.dlse else None
+    return q, k, v, o, lse, do, dlse
+
+
+@pytest.mark.parametrize("pattern", ["dense", "causal"])
+def test_backward_smoke(dog, pattern):
+    """One tiny backward first (a hang or a launch error shows here), twice: no atomics, so the
+    gradients must be bitwise equal."""
+    case = Case("smoke", pattern, 1, 2, 1, 300, 300, 128)
+    q, k, v, o, lse, do, dlse = backward_run(case)
+    args = (q, k, v, o, lse, do, dlse)
+    first = dog.run(f"backward smoke {pattern}", lambda: gluon.attention_backward(*args, pattern=pattern), 240)
+    again = dog.run(f"backward smoke {pattern} again", lambda: gluon.attention_backward(*args, pattern=pattern), 240)
+    want = reference_grads(q, k, v, do, None, pattern == "causal", 128 ** -0.5)
+    for label, got, twice, ref in zip("qkv", first, again, want):
+        assert torch.equal(got, twice), f"d{label} differs between two runs"
+        assert float((got.float() - ref).norm() / ref.norm()) < 2e-2, label
+
+
+BWD_CASES = (
+    Case("dense 2K B2 H8 D128 bf16", "dense", 2, 8, 8, 2048, 2048, 128),
+    Case("causal 2K B2 H8 D128 bf16", "causal", 2, 8, 8, 2048, 2048, 128),
+    Case("GQA 16/4 causal 2K D128 bf16 dLSE", "causal", 1, 16, 4, 2048, 2048, 128, dlse=True),
+    Case("causal 2K B2 H8 D64 fp16", "causal", 2, 8, 8, 2048, 2048, 64, torch.float16),
+    Case("dense 2K B2 H8 D64 bf16", "dense", 2, 8, 8, 2048, 2048, 64),
+    Case("dense 2K B1 H8 D128 fp16 dLSE", "dense", 1, 8, 8, 2048, 2048, 128, torch.float16, dlse=True),
+    Case("causal chunk q@3000 1000x4000 GQA 16/4", "causal", 1, 16, 4, 1000, 4000, 128, q_offset=3000),
+    Case("causal chunk k@1000 (all masked)", "causal", 1, 4, 4, 300, 512, 128, k_offset=1000),
+    Case("causal q@900 k@100 777x1500 GQA 8/2 D64 fp16", "causal", 1, 8, 2, 777, 1500, 64, torch.float16,
+         q_offset=900, k_offset=100, dlse=True),
+    Case("dense ragged 777x1333", "dense", 2, 8, 8, 777, 1333, 128),
+)
+
+
+@pytest.mark.parametrize("case", BWD_CASES, ids=[case.name for case in BWD_CASES])
+def test_backward_against_float32(dog, case):
+    q, k, v, o, lse, do, dlse = backward_run(case, seed=2)
+    scale, causal = case.D ** -0.5, case.pattern == "causal"
+    grads = dog.run(f"backward {case.name}", lambda: gluon.attention_backward(
+        q, k, v, o, lse, do, dlse, pattern=case.pattern, q_offset=case.q_offset, k_offset=case.k_offset), 300)
+    want = reference_grads(q, k, v, do, dlse, causal, scale, case.q_offset, case.k_offset)
+    seen = torch.isfinite(lse)
+    if not seen.any():  # no pair at all: exact zeros
+        assert all(torch.all(g == 0) for g in grads)
+        return
+    peers = peer_grads(q, k, v, do, causal, scale, case.q_offset, case.k_offset)
+    floor = 1e-2 if case.dtype == torch.bfloat16 else 2e-3
+    for label, got, ref, other in zip("qkv", grads, want, peers):
+        assert got.dtype == case.dtype and got.shape == ref.shape and not torch.isnan(got).any(), label
+        err = float((got.float() - ref).norm() / ref.norm())
+        peer_err = float((other.float() - ref).norm() / ref.norm()) if not torch.isnan(other).any() else 0.0
+        assert err <= 3 * peer_err + floor, f"d{label}: error {err:.2e} > 3 x SDPA's {peer_err:.2e} + {floor:.0e}"
+    assert torch.all(grads[0][~seen] == 0), "dq of rows without keys"
+    release_memory()
+
+
+def release_memory():
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()

@@ -1,15 +1,19 @@
-"""The generated modules with their forward on the Gluon sm90 kernels (ATTNCC_BACKEND=gluon,
-attncc.runtime.backend; docs/gluon.md "Wiring"), on an H100/H200: every shipped spec whose Plan is a
-built-in walk (dense, causal, gqa, mqa), bf16 and fp16, forward (O and the natural-log LSE) at real
-sizes against the float64 reference and against the same module's tl forward, and forward + backward
-(the tl backward on the Gluon forward's O and LSE) against the reference's gradients. Every call is
-checked to have gone through ``gluon_forward``. Gluon has no interpreter: skipped elsewhere, and in the
-CPU check of the GPU tests (tests/test_gluon_wiring.py checks the wiring on the CPU).
+"""The generated modules with their forward and backward on the Gluon sm90 kernels
+(ATTNCC_BACKEND=gluon, attncc.runtime.backend; docs/gluon.md "Wiring"), on an H100/H200: every shipped
+spec whose Plan is a built-in walk (dense, causal, gqa, mqa), bf16 and fp16, forward (O and the
+natural-log LSE) at real sizes against the float64 reference and against the same module's tl
+forward, and forward + backward (the Gluon backward at head dims 64 and 128, the tl backward on the
+Gluon forward's output at 256) against the reference's gradients (the LSE's included) and against
+the module's tl kernels (ATTNCC_BACKEND=triton), at offsets, with rows that see no key and ragged
+lengths. Every call is checked to have gone through ``gluon_forward`` / ``gluon_backward``. Gluon has
+no interpreter: skipped elsewhere, and in the CPU check of the GPU tests (tests/test_gluon_wiring.py
+checks the wiring on the CPU, tests/test_gluon_bwd.py the backward's tile loop).
 
     TRITON_INTERPRET=0 PYTHONPATH=. python -m pytest -q -m gpu tests/gpu/test_gpu_gluon_specs.py
 
-Not run yet (written 2026-12-05 without a GPU): the first GPU session to run it decides whether
-ATTNCC_BACKEND=auto may select the Gluon forward (attncc.runtime.gluon.AUTO_SELECTS_GLUON).
+Not run yet (the forward part written 2026-12-05, the backward part later, both without a GPU): the
+first GPU session to run it decides whether ATTNCC_BACKEND=auto may select the Gluon forward and
+backward (attncc.runtime.gluon.AUTO_SELECTS_GLUON, AUTO_SELECTS_GLUON_BACKWARD).
 """
 from __future__ import annotations
 
@@ -44,6 +48,19 @@ def gluon(monkeypatch):
         calls.append(walk)
         return real(call, walk)
     monkeypatch.setattr(rt, "gluon_forward", counted)  # generated modules call _rt.gluon_forward
+    return calls
+
+
+@pytest.fixture
+def gluon_bwd(monkeypatch, gluon):
+    """ATTNCC_BACKEND=gluon (as ``gluon``), and a count of the calls that went through the Gluon backward."""
+    calls = []
+    real = rt.gluon_backward
+
+    def counted(call, walk, *args):
+        calls.append(walk)
+        return real(call, walk, *args)
+    monkeypatch.setattr(rt, "gluon_backward", counted)  # generated modules call _rt.gluon_backward
     return calls
 
 
@@ -114,40 +131,79 @@ def test_offsets(gluon, name, Nq, Nk, q_offset, k_offset, dtype):
 
 
 BACKWARD = [(name, dtype, 1024, 128) for name in ELIGIBLE for dtype in (torch.bfloat16, torch.float16)]
-BACKWARD += [("causal", torch.bfloat16, 1024, 64), ("causal", torch.bfloat16, 1024, 256)]
+BACKWARD += [("causal", torch.bfloat16, 1024, 64), ("dense", torch.float16, 2048, 64),
+             ("causal", torch.bfloat16, 1024, 256),  # the tl backward: the Gluon one has no head dim 256
+             ("causal", torch.bfloat16, 1333, 128), ("dense", torch.float16, 777, 64)]  # ragged
 
 
-@pytest.mark.parametrize("name, dtype, N, D", BACKWARD, ids=[f"{n}-{str(t)[6:]}-N{s}-D{d}" for n, t, s, d in BACKWARD])
-def test_forward_backward(gluon, name, dtype, N, D):
-    """The tl backward on the Gluon forward's O and LSE: dq, dk, dv against the reference's, the
-    LSE's gradient included."""
-    Hq, Hkv = heads(name, Hq=8, Hkv=4)
-    q, k, v = qkv(1, Hq, Hkv, N, N, D, dtype, seed=5, grad=True)
+def grads_of(mod, q, k, v, do, dlse, **kw):
+    o, lse = mod.attention(q, k, v, return_lse=True, **kw)
+    return torch.autograd.grad((o, lse), (q, k, v), (do, dlse))
+
+
+def check_backward(name, q, k, v, gluon_bwd, seed=6, **kw):
+    """dq, dk, dv (with a dLSE) against the float64 reference's and against the module's tl kernels'
+    (ATTNCC_BACKEND=triton, same inputs); rows that see no key get zero dq."""
     mod = module(name)
-    o, lse = mod.attention(q, k, v, return_lse=True)
-    gen = torch.Generator(device=DEV).manual_seed(6)
-    do = torch.randn(o.shape, device=DEV, generator=gen).to(dtype)
-    dlse = torch.randn(lse.shape, device=DEV, generator=gen)
-    grads = torch.autograd.grad((o, lse), (q, k, v), (do, dlse))
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    shape = (q.shape[0], q.shape[1], q.shape[2])
+    do = torch.randn(*shape, v.shape[-1], device=DEV, generator=gen).to(q.dtype)
+    dlse = torch.randn(*shape, device=DEV, generator=gen)
+    grads = grads_of(mod, q, k, v, do, dlse, **kw)
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ro, rl = attncc.reference(pattern(name), *leaves, return_lse=True)
-    want = torch.autograd.grad((ro, rl), leaves, (do.double(), dlse.double()))
-    for label, got, ref in zip("qkv", grads, want):
+    ro, rl = attncc.reference(pattern(name), *leaves, return_lse=True, **kw)
+    seen = torch.isfinite(rl)
+    want = torch.autograd.grad((ro, torch.where(seen, rl, 0.0)), leaves, (do.double(), dlse.double()),
+                               allow_unused=True)
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("ATTNCC_BACKEND", "triton")
+        tl_grads = grads_of(mod, q, k, v, do, dlse, **kw)
+    for label, got, ref, tl in zip("qkv", grads, want, tl_grads):
+        assert got.dtype == q.dtype and got.shape == ref.shape
         assert not torch.isnan(got).any(), f"d{label} has NaN"
+        if float(ref.norm()) == 0:  # every row without keys
+            assert torch.all(got == 0), f"d{label} of a call without pairs"
+            continue
         assert rel(got, ref) < GRAD_TOL, (label, rel(got, ref))
-    assert gluon == [pattern_walk(name)]
+        assert rel(got, tl) < GRAD_TOL, (label, "against the tl backward", rel(got, tl))
+    assert torch.all(grads[0][~seen] == 0), "dq of rows without keys"
     release()
 
 
-def test_rows_without_keys_backward(gluon):
-    """Rows that see no key (lse = -inf from the Gluon forward) get zero gradients from the tl backward."""
+@pytest.mark.parametrize("name, dtype, N, D", BACKWARD, ids=[f"{n}-{str(t)[6:]}-N{s}-D{d}" for n, t, s, d in BACKWARD])
+def test_forward_backward(gluon_bwd, gluon, name, dtype, N, D):
+    """The Gluon backward (head dims 64, 128; the tl one at 256) on the Gluon forward's O and LSE."""
+    Hq, Hkv = heads(name, Hq=8, Hkv=4)
+    q, k, v = qkv(1, Hq, Hkv, N, N, D, dtype, seed=5, grad=True)
+    check_backward(name, q, k, v, gluon_bwd)
+    walk = pattern_walk(name)
+    assert gluon == [walk]  # the tl forward of check_backward did not count
+    assert gluon_bwd == ([walk] if D in (64, 128) else []), gluon_bwd
+
+
+@pytest.mark.parametrize("name, Nq, Nk, q_offset, k_offset, dtype, D", [
+    ("gqa", 1000, 4000, 3000, 0, torch.bfloat16, 128),   # a query chunk of a longer sequence, GQA 32/8
+    ("causal", 300, 512, 0, 1000, torch.float16, 128),   # keys all after the queries: zero gradients
+    ("causal", 777, 1500, 900, 100, torch.bfloat16, 64),  # both offsets, ragged, some rows without keys
+    ("mqa", 512, 2048, 1536, 0, torch.float16, 64),
+    ("dense", 700, 1900, 50, 3000, torch.bfloat16, 128),
+])
+def test_backward_offsets(gluon_bwd, name, Nq, Nk, q_offset, k_offset, dtype, D):
+    Hq, Hkv = heads(name, Hq=8, Hkv=4)
+    q, k, v = qkv(1, Hq, Hkv, Nq, Nk, D, dtype, seed=3, grad=True)
+    check_backward(name, q, k, v, gluon_bwd, q_offset=q_offset, k_offset=k_offset)
+    assert gluon_bwd == [pattern_walk(name)]
+
+
+def test_rows_without_keys_backward(gluon_bwd, gluon):
+    """Rows that see no key (lse = -inf from the Gluon forward) get zero gradients from the Gluon backward."""
     q, k, v = qkv(1, 8, 8, 256, 512, 128, torch.bfloat16, seed=7, grad=True)
     o, lse = module("causal").attention(q, k, v, q_offset=0, k_offset=128, return_lse=True)
     assert torch.all(lse[:, :, :128] == -math.inf)
     dq, dk, dv = torch.autograd.grad(o, (q, k, v), torch.ones_like(o))
     assert torch.all(dq[:, :, :128] == 0) and not torch.isnan(dq).any()
     assert not (torch.isnan(dk).any() or torch.isnan(dv).any())
-    assert gluon == ["causal"]
+    assert gluon == ["causal"] and gluon_bwd == ["causal"]
 
 
 def test_torch_compile_runs_the_gluon_forward(gluon):
