@@ -212,16 +212,25 @@ def _comparisons() -> List[Case]:
             Case("gluon-causal-8k", "Gluon: causal 8K", "causal", 2, 8192, baselines=gluon, groups=("gluon",)),
             Case("gluon-gqa-8k", "Gluon: GQA 32/8 causal 8K", "gqa", 2, 8192, Hq=32, Hkv=8, baselines=gluon,
                  groups=("gluon",), smoke=P(Hq=32, Hkv=8, N=64))]
-    # the generated modules with their forward on the Gluon kernels (ATTNCC_BACKEND=gluon, attncc.runtime.backend)
-    # beside their tl forward, forward and forward + backward (the backward is tl either way), and the
-    # kernel called directly (gluon_ws_nopp: what the wiring adds on the host)
+    # the generated modules with their forward and backward on the Gluon kernels (ATTNCC_BACKEND=gluon,
+    # attncc.runtime.backend) beside their tl kernels, forward and forward + backward (the Gluon backward
+    # at D = 64 and 128, the tl one at 256), and the forward kernel called directly (gluon_ws_nopp: what
+    # the wiring adds on the host)
     wired = dict(baselines=("gluon_ws_nopp", "sdpa_cudnn"), groups=("gluon-wired",), settings=BACKENDS)
-    out += [Case("wired-dense-4k", "dense 4K (Gluon forward wired)", "dense", 4, 4096, **wired),
-            Case("wired-causal-8k", "causal 8K (Gluon forward wired)", "causal", 2, 8192, **wired),
-            Case("wired-causal-8k-d64", "causal 8K, D=64 (Gluon forward wired)", "causal", 4, 8192, D=64, **wired),
-            Case("wired-causal-8k-d256", "causal 8K, D=256 (Gluon forward wired)", "causal", 2, 8192, D=256, **wired),
-            Case("wired-gqa-8k", "GQA 32/8 causal 8K (Gluon forward wired)", "gqa", 2, 8192, Hq=32, Hkv=8,
+    out += [Case("wired-dense-4k", "dense 4K (Gluon wired)", "dense", 4, 4096, **wired),
+            Case("wired-causal-8k", "causal 8K (Gluon wired)", "causal", 2, 8192, **wired),
+            Case("wired-causal-8k-d64", "causal 8K, D=64 (Gluon wired)", "causal", 4, 8192, D=64, **wired),
+            Case("wired-causal-8k-d256", "causal 8K, D=256 (Gluon forward wired, tl backward)", "causal", 2, 8192,
+                 D=256, **wired),
+            Case("wired-gqa-8k", "GQA 32/8 causal 8K (Gluon wired)", "gqa", 2, 8192, Hq=32, Hkv=8,
                  smoke=P(Hq=32, Hkv=8, N=64), **wired)]
+    # issue 20's forward + backward target (>= 1.35x FlexAttention's Triton backend, D = 128): the same
+    # modules under ATTNCC_BACKEND=gluon against Flex and cuDNN in one run (`python -m bench gluon-wired --bwd`)
+    fb = dict(baselines=("flex", "sdpa_cudnn"), groups=("gluon-wired",), settings=BACKENDS)
+    out += [Case("wired-fb-dense-4k", "dense 4K, f+b vs Flex (Gluon wired)", "dense", 4, 4096, **fb),
+            Case("wired-fb-causal-8k", "causal 8K, f+b vs Flex (Gluon wired)", "causal", 2, 8192, **fb),
+            Case("wired-fb-gqa-8k", "GQA 32/8 causal 8K, f+b vs Flex (Gluon wired)", "gqa", 2, 8192, Hq=32, Hkv=8,
+                 smoke=P(Hq=32, Hkv=8, N=64), **fb)]
     return out
 
 
