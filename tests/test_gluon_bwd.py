@@ -179,6 +179,18 @@ def test_launch_tiles_are_the_default_config(emulated):
     assert kwargs["WALK"] is walks.causal_walk and kwargs["num_warps"] == cfg.q_block_m // 16
 
 
+def test_broadcast_gradient_gets_real_strides(emulated):
+    """do of o.sum().backward() is an expanded view (stride 0): copied before its descriptors."""
+    case = Case("causal", torch.float16, 64, 1, 2, 1, 70, 70)
+    q, k, v, o, lse, _, _ = inputs(case, seed=2)
+    do = torch.ones(1, 1, 1, 1, dtype=case.dtype).expand(o.shape)
+    got = launch.attention_backward(q, k, v, o, lse, do, pattern="causal")
+    for args, _, _ in emulated["attn_bwd_dkdv"].launches + emulated["attn_bwd_dq"].launches:
+        assert all(st > 0 for st in args[3].strides)  # do_desc
+    for g, w in zip(got, reference_grads(case, q, k, v, do, None)):
+        assert rel(g, w) < TOL[case.dtype]
+
+
 @pytest.mark.parametrize("broken", ["skip_first", "full_diagonal", "dq_skips_last"])
 def test_the_emulation_catches_a_wrong_walk(emulated, broken):
     """Walks with one block too few, or a partial block called full, give wrong gradients: the check

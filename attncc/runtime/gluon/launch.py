@@ -301,6 +301,8 @@ def attention_backward(q, k, v, o, lse, do, dlse=None, *, pattern: str = "dense"
         raise ValueError(f"attncc.runtime.gluon: scale must be > 0, got {scale}")
     n_q = Nq if n_q is None else n_q
     n_k = Nk if n_k is None else n_k
+    if any(st == 0 and n > 1 for st, n in zip(do.stride(), do.shape)):
+        do = do.contiguous()  # a broadcast gradient (o.sum().backward()): TMA descriptors get real strides
 
     # delta and lse2 rows padded to 16 bytes: the dK/dV kernel reads them by TMA ([B, Hq, Nq] views
     # whose TMA shape ends at Nq, so what lies past a row reads as zero).
