@@ -180,10 +180,11 @@ def test_launch_tiles_are_the_default_config(emulated):
 
 
 def test_broadcast_gradient_gets_real_strides(emulated):
-    """do of o.sum().backward() is an expanded view (stride 0): copied before its descriptors."""
+    """dO may be an expanded view (o.sum().backward() gives one): copied before its descriptors
+    where a stride is 0, even with the last stride 1."""
     case = Case("causal", torch.float16, 64, 1, 2, 1, 70, 70)
     q, k, v, o, lse, _, _ = inputs(case, seed=2)
-    do = torch.ones(1, 1, 1, 1, dtype=case.dtype).expand(o.shape)
+    do = torch.randn(1, 1, 1, case.D).to(case.dtype).expand(o.shape)  # strides (0, 0, 0, 1)
     got = launch.attention_backward(q, k, v, o, lse, do, pattern="causal")
     for args, _, _ in emulated["attn_bwd_dkdv"].launches + emulated["attn_bwd_dq"].launches:
         assert all(st > 0 for st in args[3].strides)  # do_desc
