@@ -11,7 +11,7 @@ Gluon has no interpreter mode: nothing here runs a kernel (tests/gpu/test_gpu_gl
 CI compiles `launch.ci_variants()` (one per kernel and head dim, both patterns and dtypes, 7 in
 all, ~30 s on 2 cores) and `launch.bwd_ci_variants()` (each backward kernel at head dims 64 and
 128: 4, a few seconds); ATTNCC_GLUON_ALL=1 compiles all of `launch.variants()` and
-`launch.bwd_variants()` (60 + 40, ~5 minutes).
+`launch.bwd_variants()` (60 + 48, ~5 minutes).
 """
 from __future__ import annotations
 
