@@ -9,9 +9,9 @@ the next is waited for, TMA for every tile and for the lse2 / delta rows, no spi
 
 Gluon has no interpreter mode: nothing here runs a kernel (tests/gpu/test_gpu_gluon.py does, on a GPU).
 CI compiles `launch.ci_variants()` (one per kernel and head dim, both patterns and dtypes, 7 in
-all, ~30 s on 2 cores) and `launch.bwd_ci_variants()` (each backward kernel at head dims 64 and
-128: 4, a few seconds); ATTNCC_GLUON_ALL=1 compiles all of `launch.variants()` and
-`launch.bwd_variants()` (60 + 48, ~5 minutes).
+all, ~30 s on 2 cores) and `launch.bwd_ci_variants()` (every backward variant at its default
+tiles: 2 kernels x 2 patterns x 2 dtypes x head dims 64, 128 = 16, ~25 s); ATTNCC_GLUON_ALL=1
+compiles all of `launch.variants()` and `launch.bwd_variants()` (60 + 48, ~5 minutes).
 """
 from __future__ import annotations
 
@@ -140,7 +140,9 @@ def test_backward_variant_list_covers_the_matrix():
         for d in launch.BWD_HEAD_DIMS}
     assert len({v.name for v in vs}) == len(vs)
     assert all(bwd_shared_bytes(v.config, v.head_dim)[v.part] <= SM90_SHARED_BYTES - 1024 for v in vs)
-    assert {v.part for v in bwd_ci_variants()} == set(launch.BWD_PARTS)
+    ci = bwd_ci_variants()
+    assert {(v.part, v.pattern, v.dtype, v.head_dim) for v in ci} == {
+        (v.part, v.pattern, v.dtype, v.head_dim) for v in vs} and len(ci) == 16
 
 
 def test_default_configs_fit_and_oversized_ones_are_refused():
