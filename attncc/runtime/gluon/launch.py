@@ -153,8 +153,8 @@ def default_bwd_config(head_dim: int) -> GluonBwdConfig:
     D = 64: dK/dV 128 x 64 (191 registers), 4 stages (100 KB); dQ 128 x 128 (217 registers),
     3 stages (131 KB).
     D = 256 has none: dK and dV of even one warpgroup's 64 keys are 2 x 128 fp32 registers per
-    thread, the whole register file (`check_bwd_config` says so)."""
-    _check_choice("head_dim", head_dim, HEAD_DIMS)
+    thread, the whole register file (`check_bwd_head_dim` says so)."""
+    check_bwd_head_dim(head_dim)
     if head_dim == 64:
         return GluonBwdConfig(kv_block_n=128, kv_block_m=64, kv_stages=4, q_block_m=128, q_block_n=128, q_stages=3)
     return GluonBwdConfig(kv_block_n=128, kv_block_m=64, kv_stages=3, q_block_m=128, q_block_n=64, q_stages=3)
@@ -170,11 +170,15 @@ def bwd_shared_bytes(config: GluonBwdConfig, head_dim: int, elem_bytes: int = 2)
     return {"dkdv": kv, "dq": q}
 
 
-def check_bwd_config(config: GluonBwdConfig, head_dim: int) -> None:
+def check_bwd_head_dim(head_dim: int) -> None:
     if head_dim not in BWD_HEAD_DIMS:
         raise ValueError(f"attncc.runtime.gluon: the Gluon backward takes head dims {BWD_HEAD_DIMS}, got {head_dim} "
                          f"(at D = 256, dK and dV of one warpgroup's 64 keys alone would fill the 255 registers per "
                          f"thread)")
+
+
+def check_bwd_config(config: GluonBwdConfig, head_dim: int) -> None:
+    check_bwd_head_dim(head_dim)
     for name in ("kv_block_n", "q_block_m"):
         if getattr(config, name) not in (64, 128):
             raise ValueError(f"attncc.runtime.gluon: {name} must be 64 or 128 (16 rows per warp, whole warpgroups), "
@@ -282,15 +286,13 @@ def attention_backward(q, k, v, o, lse, do, dlse=None, *, pattern: str = "dense"
     import triton
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+    from attncc.runtime.gluon.bwd import attn_bwd_dkdv, attn_bwd_dq
     from attncc.runtime.gluon.preprocess import bwd_preprocess
 
     B, Hq, Nq, D, Hkv, Nk = check_operands(q, k, v)
     check_backward_operands(q, o, lse, do, dlse)
     check_devices(q, k, v)
-    if config is None:
-        if D not in BWD_HEAD_DIMS:
-            check_bwd_config(GluonBwdConfig(), D)  # raises: no backward at this head dim
-        config = default_bwd_config(D)
+    config = default_bwd_config(D) if config is None else config
     check_bwd_config(config, D)
     default_walk, default_qwalk, default_mask = backward_fragments(pattern)
     walk = default_walk if walk is None else walk
@@ -332,7 +334,6 @@ def attention_backward(q, k, v, o, lse, do, dlse=None, *, pattern: str = "dense"
 
     qk_scale = scale * LOG2E
     group = Hq // Hkv
-    from attncc.runtime.gluon.bwd import attn_bwd_dkdv, attn_bwd_dq
     c = config
     attn_bwd_dkdv[(triton.cdiv(Nk, c.kv_block_n), B * Hkv)](
         desc(q, c.kv_block_m), desc(k, c.kv_block_n), desc(v, c.kv_block_n), desc(do, c.kv_block_m),
