@@ -23,6 +23,7 @@ _EXPORTS = {
     "interpreting": ("attncc.runtime.call", "interpreting"),
     "register_kernels": ("attncc.runtime.compiled", "register_kernels"),
     "gluon_forward": ("attncc.runtime.backend", "gluon_forward"),
+    "gluon_fragments": ("attncc.runtime.gluon.fragments", "FragmentFile"),
     "gluon_selected": ("attncc.runtime.backend", "gluon_selected"),
     "SpecInfo": ("attncc.runtime.spec_info", "SpecInfo"),
     "ParamInfo": ("attncc.runtime.spec_info", "ParamInfo"),

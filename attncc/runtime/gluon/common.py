@@ -39,7 +39,7 @@ def block_scores(s, kb, rows_i, Nk, k_offset, n_q, n_k, ctx, qk_scale, MASK: gl.
     i = gl.expand_dims(rows_i, 1)
     j = gl.expand_dims(k_offset + kb * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout)), 0)
     if SCORE is not None:
-        s = SCORE(s, i, j, qk_scale, ctx)
+        s = SCORE(s, i, j, n_q, n_k, qk_scale, ctx)
     if MASKED:
         keep = j < k_offset + Nk
         if MASK is not None:

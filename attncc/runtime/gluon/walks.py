@@ -28,11 +28,11 @@ positions `j` ([1, BLOCK_N]) in the slice layouts of the S accumulator and retur
 that broadcasts to [BLOCK_M, BLOCK_N]. The kernels add the key bound (`j < k_offset + Nk`)
 themselves. `mask=None` means no mask beyond that bound.
 
-Score contract. `score(qk, i, j, qk_scale, ctx)` receives the S accumulator (fp32 Q K^T, [BLOCK_M,
-BLOCK_N]), the positions as the mask does and `qk_scale = scale * log2(e)`, and returns the scores in
-log2 units (the natural-log score times log2(e)); the kernels apply it to every block before the
-mask, and the online softmax then takes them as they are. `score=None` is the plain scaled dot
-product, whose scale the softmax folds into its exp2.
+Score contract. `score(qk, i, j, n_q, n_k, qk_scale, ctx)` receives the S accumulator (fp32 Q K^T,
+[BLOCK_M, BLOCK_N]), the positions as the mask does and `qk_scale = scale * log2(e)`, and returns
+the scores in log2 units (the natural-log score times log2(e)); the kernels apply it to every
+block before the mask, and the online softmax then takes them as they are. `score=None` is the
+plain scaled dot product, whose scale the softmax folds into its exp2.
 """
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
