@@ -111,6 +111,10 @@ def launch_of(fn, args, kwargs, capability: int = 90) -> Launch:
     hints = [value for _, value in specialization]
     attrs = tuple((path, get_iterable_path(hints, path))
                   for path in find_paths_if(hints, lambda _, x: isinstance(x, str) and x))
+    # as JITFunction._pack_args parses them: from every keyword, one that is also a parameter's
+    # name (a kernel taking num_warps as a constexpr) included
+    known = vars(backend.parse_options({}))
+    options = {**{k: v for k, v in kwargs.items() if k in known}, **options}
     return Launch(fn, signature, constexprs, attrs, tuple(sorted(options.items())))
 
 

@@ -59,16 +59,36 @@ def render(pattern: Pattern) -> str:
     return render_files(pattern)[MODULE]
 
 
+def render_gluon(pattern: Pattern):
+    """The source of ``pattern``'s Gluon fragments file alone, or None when its forward takes
+    none (:func:`render_files` renders it beside the module)."""
+    from attncc.analysis import analyze
+    from attncc.analysis.score import canonical_score
+    from attncc.codegen.gluon import gluon_context
+
+    if pattern.kind != "softmax":
+        return None
+    common = _common(pattern)  # the spec as written, as render_files has it
+    pattern = canonical_score(pattern)
+    fragments = gluon_context(pattern, analyze(pattern))
+    return None if fragments is None else _environment().get_template("gluon.py.j2").render(**common, **fragments)
+
+
+def _common(pattern: Pattern) -> dict:
+    """The template variables every generated file of ``pattern`` has (its header)."""
+    return dict(version=VERSION, source=pattern.source, spec_hash=pattern.source_hash,
+                name=pattern.name, pattern_lines=pattern_lines(pattern), head_dims=tuple(pattern.head_dims),
+                value_dim=pattern.value_dim, dtypes=tuple(pattern.dtypes), heads_q=pattern.heads_q,
+                heads_kv=pattern.heads_kv, params=pattern.params, inputs=pattern.inputs,
+                scale=pattern.scale, dropout=pattern.dropout)
+
+
 def render_files(pattern: Pattern) -> Dict[str, str]:
     """The generated files of ``pattern`` by the suffix of their name: :data:`MODULE` always, and
     :data:`GLUON` (the Gluon sm90 forward's fragments, attncc.codegen.gluon) when its forward takes
     rendered fragments; the module reads that file only on the Gluon path."""
     env = _environment()
-    common = dict(version=VERSION, source=pattern.source, spec_hash=pattern.source_hash,
-                  name=pattern.name, pattern_lines=pattern_lines(pattern), head_dims=tuple(pattern.head_dims),
-                  value_dim=pattern.value_dim, dtypes=tuple(pattern.dtypes), heads_q=pattern.heads_q,
-                  heads_kv=pattern.heads_kv, params=pattern.params, inputs=pattern.inputs,
-                  scale=pattern.scale, dropout=pattern.dropout)
+    common = _common(pattern)
     if pattern.kind == "linear":
         from attncc.codegen.linear import linear_context
 
