@@ -26,7 +26,7 @@ from __future__ import annotations
 from typing import Dict, Mapping, Optional, Tuple
 
 from attncc.analysis.bands import FIRST, LAST, X, Cover
-from attncc.analysis.builtin import builtin_fit
+from attncc.analysis.builtin import gluon_fit
 from attncc.analysis.graph import plan_grid, walk_path
 from attncc.analysis.intexpr import Unsupported, compile_int
 from attncc.analysis.plan import Plan
@@ -343,10 +343,11 @@ def _tensor_numbers(plan: Plan, *, n_q, n_k, block_m, block_n, params, inputs, b
 
 def backend_text(plan: Plan, *, head_dim: int, value_dim: int, dtype: str) -> str:
     """Which forward a call of this problem would run on an sm90 GPU (attncc.runtime.backend):
-    the tl kernels, and the Gluon sm90 forward where the Plan is one of its built-in walks
-    (attncc.analysis.builtin) and the head dims and dtype suit it; else why tl only."""
-    fit = builtin_fit(plan)
-    if fit.walk is None:
+    the tl kernels, and the Gluon sm90 forward where it computes the Plan (a built-in walk, or
+    fragments rendered from the Plan: attncc.analysis.builtin) and the head dims and dtype suit it;
+    else why tl only."""
+    fit = gluon_fit(plan)
+    if fit.kind is None:
         return f"tl only: {fit.reason}"
     dtypes = [DTYPE_SHORT[d] for d in gluon.DTYPES]
     problems = []
@@ -358,7 +359,8 @@ def backend_text(plan: Plan, *, head_dim: int, value_dim: int, dtype: str) -> st
         problems.append(f"{dtype} (the Gluon kernels take {', '.join(dtypes)})")
     if problems:
         return f"tl only for this call: {'; '.join(problems)}"
-    walk = f"Gluon sm90 forward (built-in {fit.walk} walk)"
+    walk = ("Gluon sm90 forward (its rendered walk, mask and score)" if fit.kind == "rendered"
+            else f"Gluon sm90 forward (built-in {fit.kind} walk)")
     if gluon.AUTO_SELECTS_GLUON:
         return f"{walk} on sm90, tl elsewhere and with ATTNCC_BACKEND=triton"
     return f"tl; {walk} with ATTNCC_BACKEND=gluon"
