@@ -150,6 +150,34 @@ def test_the_module_cache_writes_the_fragments_beside_the_module(tmp_path, monke
     assert frag.load().SEGMENTS == 1 and frag.load().PARAMS == ("window",)
 
 
+def test_what_gluon_cannot_print_leaves_the_module_on_tl(monkeypatch):
+    """A fragment the Gluon printer refuses (the analysis let it through: a bug) costs the Gluon
+    forward, not the build: no fragments file, and the module says why."""
+    import attncc.codegen.gluon as codegen_gluon
+    from attncc.codegen.printer import NotGluon
+
+    def refuse(pattern, plan):
+        raise NotGluon("float64 arithmetic (x) in Gluon fragments")
+
+    monkeypatch.setattr(codegen_gluon, "gluon_context", refuse)
+    files = render_files(pattern("sliding_window"))
+    assert set(files) == {".py"} and render_gluon(pattern("sliding_window")) is None
+    assert 'gluon_reason="its Gluon fragments cannot be printed (float64 arithmetic (x) in Gluon fragments)"' in \
+        files[".py"] and "gluon_forward" not in files[".py"]
+
+
+def test_explain_names_the_gluon_forward_a_plan_gets():
+    from attncc.report import backend_text
+
+    def text(name, **kw):
+        return backend_text(analyze(canonical_score(pattern(name))), **{"head_dim": 128, "value_dim": 128,
+                                                                          "dtype": "bf16", **kw})
+    assert text("sink_window") == "tl; Gluon sm90 forward (its rendered walk, mask and score) with ATTNCC_BACKEND=gluon"
+    assert text("causal") == "tl; Gluon sm90 forward (built-in causal walk) with ATTNCC_BACKEND=gluon"
+    assert text("strided").startswith("tl only: its key blocks have no closed form")
+    assert text("alibi", head_dim=96, value_dim=96).startswith("tl only for this call: head dim 96")
+
+
 def test_reasons_are_clauses_and_the_forced_backend_gives_them(monkeypatch):
     monkeypatch.setattr(call_mod, "_BOUND", {})
     monkeypatch.setattr(backend, "device_problem", lambda device: None)
@@ -270,6 +298,40 @@ def test_rendered_walks_of_random_masks_are_exact(tmp_path, one_environment, gen
             checked += check_walk(frag, pat, problem, params, b=rng.randint(0, 1), h=rng.randint(0, 2))
         two_segments += frag.segments == 2
     assert len(cases) >= count // 4 and checked >= len(cases) and two_segments >= two, (len(cases), checked, two_segments)
+
+
+def test_the_kernels_walk_the_segments_block_after_block():
+    """common.py's helpers over clamped segments, on random ones (empty ones anywhere): the ws
+    consumers' prologue block and per-segment starts, and the pipelined kernel's t-th block, block
+    count and full test, all give the blocks of the segments in order, each once."""
+    rng = random.Random(23)
+    for _ in range(300):
+        n = rng.choice([1, 2, 3])
+        bounds, at = [], 0
+        for _ in range(n):
+            if rng.random() < 0.3:  # an empty segment
+                x = rng.randint(0, 30)
+                bounds.append((x, x, x, x))
+                continue
+            lo = at + rng.randint(0, 4)
+            flo = lo + rng.randint(0, 3)
+            fhi = flo + rng.randint(0, 3)
+            hi = max(fhi + rng.randint(0, 3), lo + 1)
+            bounds.append((lo, flo, fhi, hi))
+            at = hi
+        segs = tuple(torch.tensor(x) for b in bounds for x in b)
+        want = [kb for lo, _, _, hi in bounds for kb in range(lo, hi)]
+        full = {kb for _, flo, fhi, _ in bounds for kb in range(flo, fhi)}
+        assert int(C.walk_blocks(segs, n)) == len(want)
+        assert [int(C.nth_block(segs, torch.tensor(t), n)) for t in range(len(want))] == want
+        assert [bool(C.is_full(segs, torch.tensor(kb), n)) for kb in want] == [kb in full for kb in want]
+        first, some = C.walk_start(segs, n)
+        assert bool(some) == bool(want)
+        if want:
+            walked = [int(first)]
+            for s in range(n):
+                walked += list(range(int(C.segment_start(segs[4 * s], first, n)), int(segs[4 * s + 3])))
+            assert walked == want, (bounds, walked)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -65,12 +65,16 @@ def render_gluon(pattern: Pattern):
     from attncc.analysis import analyze
     from attncc.analysis.score import canonical_score
     from attncc.codegen.gluon import gluon_context
+    from attncc.codegen.printer import NotGluon
 
     if pattern.kind != "softmax":
         return None
     common = _common(pattern)  # the spec as written, as render_files has it
     pattern = canonical_score(pattern)
-    fragments = gluon_context(pattern, analyze(pattern))
+    try:
+        fragments = gluon_context(pattern, analyze(pattern))
+    except NotGluon:  # as render_files: the tl kernels only
+        return None
     return None if fragments is None else _environment().get_template("gluon.py.j2").render(**common, **fragments)
 
 
@@ -98,7 +102,7 @@ def render_files(pattern: Pattern) -> Dict[str, str]:
     from attncc.codegen.bounds import arithmetic_functions, check_divisors
     from attncc.codegen.decode import decode_context
     from attncc.codegen.gluon import gluon_context
-    from attncc.codegen.printer import printed_integers
+    from attncc.codegen.printer import NotGluon, printed_integers
     from attncc.codegen.softmax import softmax_context
 
     from attncc.analysis.score import canonical_score
@@ -110,7 +114,11 @@ def render_files(pattern: Pattern) -> Dict[str, str]:
         ctx = softmax_context(pattern, plan)
         backward = backward_context(pattern, plan, ctx)
         decode = decode_context(pattern, plan, ctx)
-        fragments = gluon_context(pattern, plan)  # its walk's steps bound the integers of the module too
+        try:
+            fragments = gluon_context(pattern, plan)  # its walk's steps bound the integers of the module too
+        except NotGluon as e:  # what the analysis let through and Gluon cannot print: the tl kernels only
+            fragments = None
+            ctx.update(gluon=None, gluon_reason=f"its Gluon fragments cannot be printed ({e})")
     files = {MODULE: _render_read_back(env.get_template("softmax.py.j2"), dict(
         **common, **ctx, backward=backward, decode=decode, int_arithmetic=arithmetic_functions(pattern, printed),
         wide_params=[param_var(p.name) for p in pattern.params if p.kind == "int"]))}

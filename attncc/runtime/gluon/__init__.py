@@ -1,10 +1,11 @@
 """Gluon forward kernels for Hopper (sm90): the second code-generation target of issue 20.
 
 `fwd_pipelined` is the plain one-instruction-stream kernel, `fwd_ws` the FlashAttention-3
-structure; `walks` holds the pattern fragments (the built-in dense and causal walks; codegen will
-render others); `launch` builds descriptors and grids, launches, and compiles every variant for
-sm90 without a GPU. A generated module whose Plan is a built-in walk (`SpecInfo.gluon`) reaches
-them through `attncc.runtime.backend`; docs/gluon.md has the design and the status.
+structure; `walks` gives the contract of the pattern fragments the kernels inline and holds the
+built-in dense and causal walks; codegen renders the others from a Plan (generated/<name>_gluon.py,
+loaded by `fragments`); `launch` builds descriptors and grids, launches, and compiles every variant
+for sm90 without a GPU. A generated module whose Plan the kernels compute (`SpecInfo.gluon`)
+reaches them through `attncc.runtime.backend`; docs/gluon.md has the design and the status.
 
 The names below import nothing (no Triton, no torch): `attncc explain` and the backend read them.
 """
