@@ -14,7 +14,7 @@ def _default_specs():
 
 
 def cmd_build(args) -> int:
-    from attncc.codegen import build, stale
+    from attncc.codegen import build, gluon_file, stale
     from attncc.spec import SpecError
 
     specs = args.specs or _default_specs()
@@ -31,6 +31,8 @@ def cmd_build(args) -> int:
             return 1 if old else 0
         for path in build(specs, args.out):
             print(f"wrote {path}")
+            if gluon_file(path).is_file():
+                print(f"wrote {gluon_file(path)}")
     except (SpecError, NotImplementedError) as e:  # NotImplementedError: a form the code generator lacks
         print(f"attncc build: {e}", file=sys.stderr)
         return 2

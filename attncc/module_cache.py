@@ -131,14 +131,16 @@ def _cached_file(key: str) -> Optional[Path]:
 
 def _render_to_cache(text: str, label: str, key: str) -> Path:
     global renders
-    from attncc.codegen import render
+    from attncc.codegen import GLUON, MODULE, render_files
     from attncc.spec import parse_spec
 
     pattern = parse_spec(text, label)  # the command's validation and errors
-    source = render(pattern.replace(source=_printable(label)))
+    files = render_files(pattern.replace(source=_printable(label)))
     renders += 1
     path = modules_dir() / f"{pattern.name}_{key}.py"
-    write_atomic(path, source)
+    if GLUON in files:  # the Gluon fragments beside the module (<name>_<key>_gluon.py), written first
+        write_atomic(path.with_name(path.stem + GLUON), files[GLUON])
+    write_atomic(path, files[MODULE])
     return path
 
 

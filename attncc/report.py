@@ -26,7 +26,7 @@ from __future__ import annotations
 from typing import Dict, Mapping, Optional, Tuple
 
 from attncc.analysis.bands import FIRST, LAST, X, Cover
-from attncc.analysis.builtin import builtin_fit
+from attncc.analysis.builtin import gluon_fit
 from attncc.analysis.graph import plan_grid, walk_path
 from attncc.analysis.intexpr import Unsupported, compile_int
 from attncc.analysis.plan import Plan
@@ -343,11 +343,11 @@ def _tensor_numbers(plan: Plan, *, n_q, n_k, block_m, block_n, params, inputs, b
 
 def backend_text(plan: Plan, *, head_dim: int, value_dim: int, dtype: str) -> str:
     """Which forward and backward a call of this problem would run on an sm90 GPU
-    (attncc.runtime.backend): the tl kernels, and the Gluon sm90 forward and backward where the Plan
-    is one of their built-in walks (attncc.analysis.builtin) and the head dims and dtype suit them;
-    else why tl only."""
-    fit = builtin_fit(plan)
-    if fit.walk is None:
+    (attncc.runtime.backend): the tl kernels, and the Gluon sm90 forward where it computes the Plan (a
+    built-in walk, or fragments rendered from the Plan: attncc.analysis.builtin) and the head dims and
+    dtype suit it, and the Gluon backward where the Plan is a built-in walk; else why tl only."""
+    fit = gluon_fit(plan)
+    if fit.kind is None:
         return f"tl only: {fit.reason}"
     dtypes = [DTYPE_SHORT[d] for d in gluon.DTYPES]
     problems = []
@@ -359,12 +359,19 @@ def backend_text(plan: Plan, *, head_dim: int, value_dim: int, dtype: str) -> st
         problems.append(f"{dtype} (the Gluon kernels take {', '.join(dtypes)})")
     if problems:
         return f"tl only for this call: {'; '.join(problems)}"
-    walk = f"built-in {fit.walk} walk"
-    if head_dim not in gluon.BWD_HEAD_DIMS:  # the backward stays tl whatever the setting
-        bwd = f"; the backward tl (the Gluon backward takes head dims {', '.join(map(str, gluon.BWD_HEAD_DIMS))})"
+    if fit.kind == "rendered":  # the backward has the built-in walks only
+        walk = "its rendered walk, mask and score"
+        fwd = f"Gluon sm90 forward ({walk})"
+        bwd = "; the backward tl (the Gluon backward has the built-in dense and causal walks only)"
+    else:
+        walk = f"built-in {fit.kind} walk"
+        fwd = f"Gluon sm90 forward ({walk})"
+        bwd = "" if head_dim in gluon.BWD_HEAD_DIMS else (
+            f"; the backward tl (the Gluon backward takes head dims {', '.join(map(str, gluon.BWD_HEAD_DIMS))})")
+    if bwd:
         if gluon.AUTO_SELECTS_GLUON:
-            return f"Gluon sm90 forward ({walk}) on sm90, tl elsewhere and with ATTNCC_BACKEND=triton{bwd}"
-        return f"tl; Gluon sm90 forward ({walk}) with ATTNCC_BACKEND=gluon{bwd}"
+            return f"{fwd} on sm90, tl elsewhere and with ATTNCC_BACKEND=triton{bwd}"
+        return f"tl; {fwd} with ATTNCC_BACKEND=gluon{bwd}"
     auto = [part for part, on in (("forward", gluon.AUTO_SELECTS_GLUON),
                                   ("backward", gluon.AUTO_SELECTS_GLUON_BACKWARD)) if on]
     if len(auto) == 2:

@@ -231,6 +231,19 @@ def _comparisons() -> List[Case]:
             Case("wired-fb-causal-8k", "causal 8K, f+b vs Flex (Gluon wired)", "causal", 2, 8192, **fb),
             Case("wired-fb-gqa-8k", "GQA 32/8 causal 8K, f+b vs Flex (Gluon wired)", "gqa", 2, 8192, Hq=32, Hkv=8,
                  smoke=P(Hq=32, Hkv=8, N=64), **fb)]
+    # the families of issue 16 with their forward on the Gluon kernels through fragments rendered
+    # from the Plan (generated/<spec>_gluon.py), beside FlexAttention (issue 16's 1.2x forward target)
+    rendered = dict(baselines=("flex",), groups=("gluon-wired",), settings=BACKENDS)
+    out += [Case("wired-sink-window-16k", "sink 4 + window 1024, 16K (Gluon forward rendered)", "sink_window", 2,
+                 16384, params=P(sinks=4, window=1024), smoke=P(params=P(sinks=4, window=24)), **rendered),
+            Case("wired-chunked-local-16k", "chunked local 2048, 16K (Gluon forward rendered)", "chunked_local", 2,
+                 16384, params=P(chunk=2048), smoke=P(params=P(chunk=40)), **rendered),
+            Case("wired-prefix-lm-8k", "prefix-LM 2048, 8K (Gluon forward rendered)", "prefix_lm", 4, 8192,
+                 params=P(prefix=2048), smoke=P(params=P(prefix=40)), **rendered),
+            Case("wired-sliding-window-16k", "sliding window 1024, 16K (Gluon forward rendered)", "sliding_window", 2,
+                 16384, params=P(window=1024), smoke=P(params=P(window=32)), **rendered),
+            Case("wired-softcap-8k", "softcap 30 causal, 8K (Gluon forward rendered)", "softcap", 4, 8192, **rendered),
+            Case("wired-alibi-4k", "ALiBi causal, 4K (Gluon forward rendered)", "alibi", 8, 4096, **rendered)]
     return out
 
 

@@ -88,6 +88,7 @@ SPEC = _rt.SpecInfo(
     dropout=0.0,
     rope=False,
     tile_hint="default",
+    gluon_reason="it has [inputs], which the Gluon kernels do not compute",
     int_reach=_int_reach,
     int_divisors=_int_divisors,
 )

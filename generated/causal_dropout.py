@@ -84,6 +84,7 @@ SPEC = _rt.SpecInfo(
     dropout=0.1,
     rope=False,
     tile_hint="default",
+    gluon_reason="it has dropout, which the Gluon kernels do not compute",
     int_reach=_int_reach,
     int_divisors=_int_divisors,
 )

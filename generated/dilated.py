@@ -56,6 +56,7 @@ SPEC = _rt.SpecInfo(
     dropout=0.0,
     rope=False,
     tile_hint="default",
+    gluon_reason="its key blocks have no closed form (-Mod(i - j, dilation) <= 0: the term dilation*floor(i/dilation - j/dilation) mixes i and j); the Gluon kernels walk closed-form segments only",
     int_reach=_int_reach,
     int_divisors=_int_divisors,
 )

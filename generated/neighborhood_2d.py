@@ -57,6 +57,7 @@ SPEC = _rt.SpecInfo(
     dropout=0.0,
     rope=False,
     tile_hint="default",
+    gluon_reason="its key blocks have no closed form (-radius + Mod(i, width) - Mod(j, width) <= 0: j enters as -j + width*floor(j/width), which does not grow with j (a stride, a dilation or a 2D neighborhood)); the Gluon kernels walk closed-form segments only",
     int_reach=_int_reach,
     int_divisors=_int_divisors,
 )

@@ -85,6 +85,7 @@ SPEC = _rt.SpecInfo(
     dropout=0.0,
     rope=True,
     tile_hint="default",
+    gluon_reason="it has RoPE, which the Gluon kernels do not compute",
     int_reach=_int_reach,
     int_divisors=_int_divisors,
 )

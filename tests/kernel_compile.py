@@ -29,7 +29,8 @@ class Launch:
     """One kernel launch as Triton specializes it on a GPU: ``signature`` maps every parameter to
     its type ("constexpr" for constexprs, None arguments and ints equal to 1), ``constexprs`` holds
     their values and ``attrs`` the divisibility hints (16-byte aligned pointers, ints divisible by
-    16), both by parameter index; ``options`` are the compile options the launch passed."""
+    16), both by path (``(index,)``, or ``(index, member)`` inside a tuple argument); ``options``
+    are the compile options the launch passed."""
     fn: object = field(compare=False, repr=False)  # the JITFunction
     signature: Tuple[Tuple[str, str], ...]
     constexprs: Tuple[Tuple[int, object], ...]
@@ -47,7 +48,7 @@ class Launch:
     def constexpr(self, name: str, default=None):
         """The value of a constexpr parameter (``default`` when ``name`` is not one)."""
         names = [p.name for p in self.fn.params]
-        return dict(self.constexprs).get(names.index(name), default) if name in names else default
+        return dict(self.constexprs).get((names.index(name),), default) if name in names else default
 
     def label(self, *names: str) -> str:
         """``kernel (dtype, module, NAME=value, ...)``: the first pointer's element type, and those of
@@ -97,6 +98,8 @@ def launch_of(fn, args, kwargs, capability: int = 90) -> Launch:
         from triton.runtime.jit import create_function_from_signature
 
         binder = _BINDERS[id(fn)] = (fn, create_function_from_signature(fn.signature, fn.params, backend))
+    from triton._utils import find_paths_if, get_iterable_path
+
     bound, specialization, options = binder[1](*args, **kwargs)
     # A launch option that is also a parameter (a Gluon kernel's `num_warps: constexpr`) binds to the
     # parameter above; JITFunction.run still takes it as the option too (`backend.parse_options(kwargs)`).
@@ -104,9 +107,18 @@ def launch_of(fn, args, kwargs, capability: int = 90) -> Launch:
     options = {**options, **{k: v for k, v in kwargs.items() if k in fields and k in bound}}
     names = list(bound)
     signature = tuple((name, kind) for name, (kind, _) in zip(names, specialization))
-    constexprs = tuple((i, bound[name]) for i, (name, (kind, _)) in enumerate(zip(names, specialization))
-                       if kind == "constexpr")
-    attrs = tuple((i, value) for i, (_, value) in enumerate(specialization) if isinstance(value, str) and value)
+    # as JITFunction._pack_args finds them: by path, so that a tuple argument's members count too
+    # (an int 1 inside a tuple is a constexpr like a top-level one)
+    kinds, values = [kind for kind, _ in specialization], list(bound.values())
+    constexprs = tuple((path, get_iterable_path(values, path))
+                       for path in find_paths_if(kinds, lambda _, kind: kind == "constexpr"))
+    hints = [value for _, value in specialization]
+    attrs = tuple((path, get_iterable_path(hints, path))
+                  for path in find_paths_if(hints, lambda _, x: isinstance(x, str) and x))
+    # as JITFunction._pack_args parses them: from every keyword, one that is also a parameter's
+    # name (a kernel taking num_warps as a constexpr) included
+    known = vars(backend.parse_options({}))
+    options = {**{k: v for k, v in kwargs.items() if k in known}, **options}
     return Launch(fn, signature, constexprs, attrs, tuple(sorted(options.items())))
 
 
@@ -177,8 +189,8 @@ def compile_launch(launch: Launch, last="cubin", capability: int = 90) -> Compil
     ir.load_dialects(context)
     backend.load_dialects(context)
     source = GluonASTSource if isinstance(launch.fn, GluonJITFunction) else ASTSource  # Gluon starts at TTGIR
-    src = source(launch.fn, dict(launch.signature), constexprs={(i,): v for i, v in launch.constexprs},
-                 attrs={(i,): backend.parse_attr(v) for i, v in launch.attrs})
+    src = source(launch.fn, dict(launch.signature), constexprs=dict(launch.constexprs),
+                 attrs={path: backend.parse_attr(v) for path, v in launch.attrs})
     stages = {}
     backend.add_stages(stages, options, src.language)
     metadata = {"target": backend.target, **options.__dict__}

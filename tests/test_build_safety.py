@@ -172,14 +172,14 @@ def test_a_spec_failing_to_render_writes_nothing(tmp_path, monkeypatch):
     out.mkdir()
     (out / "a.py").write_text("old a\n")
     before = _snapshot(out)
-    real = codegen.render
+    real = codegen.render_files  # what build renders each spec with (the module, and Gluon fragments)
 
     def render_or_fail(pattern):
         if pattern.name == "c":
             raise RuntimeError("the third spec fails")
         return real(pattern)
 
-    monkeypatch.setattr(codegen, "render", render_or_fail)
+    monkeypatch.setattr(codegen, "render_files", render_or_fail)
     with pytest.raises(RuntimeError, match="third spec"):
         build(paths, out)
     assert _snapshot(out) == before
@@ -260,7 +260,7 @@ def test_cli_reports_what_the_code_generator_lacks(tmp_path, monkeypatch, capsys
     def lacking(pattern):
         raise NotImplementedError("attncc cannot render Foo: foo(i)")
 
-    monkeypatch.setattr(codegen, "render", lacking)
+    monkeypatch.setattr(codegen, "render_files", lacking)
     assert main(["build", a, "--out", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err == "attncc build: attncc cannot render Foo: foo(i)\n"
     assert not (tmp_path / "out").exists()

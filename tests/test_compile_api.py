@@ -135,8 +135,9 @@ def test_file_names_come_from_the_name_and_the_hash_only(tmp_path, cache_dir):
     odd = tmp_path / 'we"""ird\\ \n name.toml'  # would end the generated docstring if printed as is
     odd.write_text('name = "plain"\n' + WINDOW)
     module = attncc.compile(odd)
-    (path,) = (cache_dir / "modules").iterdir()
+    path, fragments = sorted((cache_dir / "modules").iterdir(), key=lambda p: len(p.name))
     assert path.name.startswith("plain_") and path == Path(module.__file__)
+    assert fragments.name == path.stem + "_gluon.py"  # its Gluon sm90 fragments (attncc.codegen.gluon)
     assert module.SPEC.name == "plain"
     check_against_reference(module, WINDOW)
 
@@ -205,8 +206,9 @@ def test_processes_compiling_one_spec_at_once_all_get_the_whole_module(tmp_path,
     spec_file.write_text(WINDOW)
     out = results([child(cache_dir, spec_file) for _ in range(4)])
     assert len({(name, total) for _, _, _, name, total in out}) == 1
-    files = list((cache_dir / "modules").iterdir())
-    assert [f.suffix for f in files] == [".py"]  # one module, no temporary file left behind
+    files = sorted((cache_dir / "modules").iterdir(), key=lambda p: len(p.name))
+    # one module and its Gluon fragments, no temporary file left behind
+    assert [f.suffix for f in files] == [".py", ".py"] and files[1].name == files[0].stem + "_gluon.py"
     from attncc.codegen import render
 
     expected = render(parse_spec(WINDOW, str(spec_file)))

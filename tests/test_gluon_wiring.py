@@ -106,18 +106,23 @@ def _forward_branch(tree):
 
 @pytest.mark.parametrize("name", SPEC_NAMES)
 def test_generated_modules_carry_the_answer(name):
-    """SpecInfo.gluon and the first branch of _forward, for the eligible specs only (the others'
-    modules are as before: no field, no branch)."""
+    """SpecInfo.gluon and the first branch of _forward: the built-in walk of the eligible specs,
+    "rendered" for those with rendered fragments (tests/test_gluon_rendered.py), and for the other
+    softmax specs no branch and the reason in SpecInfo.gluon_reason."""
+    from test_gluon_rendered import RENDERED
+
     text = (ROOT / "generated" / f"{name}.py").read_text()
     tree = ast.parse(text)
     spec = next(n.value for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "SPEC")
     fields = {kw.arg: kw.value for kw in spec.keywords}
-    want = ELIGIBLE.get(name)
+    want = ELIGIBLE.get(name) or ("rendered" if name in RENDERED else None)
     assert (fields["gluon"].value if "gluon" in fields else None) == want
-    if load_spec(ROOT / "specs" / f"{name}.toml").kind == "softmax":
+    softmax = load_spec(ROOT / "specs" / f"{name}.toml").kind == "softmax"
+    if softmax:
         assert _forward_branch(tree) == want
-        assert _backward_branch(tree) == want
-    assert ("gluon" in text) == (want is not None)
+        assert _backward_branch(tree) == (None if want == "rendered" else want)
+    assert ("gluon_reason" in fields) == (softmax and want is None)
+    assert ("gluon" in text) == softmax
 
 
 def _backward_branch(tree):
@@ -302,7 +307,7 @@ def test_backend_other_values_are_refused(monkeypatch, fresh_bind, value):
     monkeypatch.setenv("ATTNCC_BACKEND", value)
     with pytest.raises(ValueError, match="ATTNCC_BACKEND must be one of auto, triton, gluon"):
         backend.backend_setting()
-    for name in ("causal", "sliding_window"):  # with and without the Gluon branch
+    for name in ("causal", "strided"):  # with and without the Gluon branch
         _, q, k, v, attention, _ = bind(name, D=16, dtype=torch.float32)
         with pytest.raises(ValueError, match="ATTNCC_BACKEND must be one of"):
             attention(q, k, v)
@@ -361,11 +366,11 @@ def test_forced_gluon_refuses_the_cpu_and_the_interpreter(monkeypatch, fresh_bin
     assert "pattern" not in str(e.value)  # causal is eligible: only the call is not
 
 
-@pytest.mark.parametrize("name", ["sliding_window", "cross_causal", "softcap"])
+@pytest.mark.parametrize("name", ["strided", "dilated", "rope_causal"])
 def test_forced_gluon_refuses_specs_without_the_gluon_forward(monkeypatch, fake_sm90, name):
     monkeypatch.setenv("ATTNCC_BACKEND", "gluon")
     _, q, k, v, attention, _ = bind(name)
-    with pytest.raises(ValueError, match=rf"{name}'s pattern is not one the Gluon kernels compute .*attncc explain "
+    with pytest.raises(ValueError, match=rf"{name}'s pattern is not one the Gluon kernels compute: .*attncc explain "
                                          rf"specs/{name}.toml"):
         attention(q, k, v)
     monkeypatch.setenv("ATTNCC_BACKEND", "triton")
@@ -500,6 +505,8 @@ def check_arguments(kernel, args, kwargs, *, call_values):
             assert type(value).__name__ == "TensorDescriptor"
         elif name.endswith("_ptr"):
             assert isinstance(value, torch.Tensor) and value.dtype == torch.float32
+        elif name == "pattern_args":  # the spec's params (none for the built-in walks)
+            assert isinstance(value, tuple) and all(type(a) in (int, float) for a in value)
         elif not p.is_constexpr:
             assert type(value) in (int, float) and (name not in FLOAT_ARGS) == (type(value) is int), (name, value)
     return bound
@@ -522,7 +529,8 @@ def test_wired_forward_launches_the_ws_kernel_and_the_tl_backward_takes_its_outp
     assert not cfg.pingpong
     bound = check_arguments(fwd_ws.attn_fwd_ws, args, kwargs, call_values=dict(
         B=1, H=4, GROUP=2, Nq=20, Nk=24, q_offset=q_offset, k_offset=k_offset, n_q=q_offset + 20, n_k=k_offset + 24,
-        lse_stride=20, qk_scale=64 ** -0.5 * LOG2E, WALK=walks.causal_walk, MASK=walks.causal_mask, RETURN_LSE=True,
+        lse_stride=20, qk_scale=64 ** -0.5 * LOG2E, WALK=walks.causal_walk, MASK=walks.causal_mask, SCORE=None,
+        SEGMENTS=1, pattern_args=(), RETURN_LSE=True,
         STAGES=cfg.stages, PINGPONG=False, O_IN_Q=cfg.o_in_q, CONSUMER_REGS=cfg.consumer_regs,
         LOADER_REGS=cfg.loader_regs))
     assert kwargs["num_warps"] == 4 and kwargs["maxnreg"] == cfg.maxnreg

@@ -112,6 +112,19 @@ class Band:
                             conds.append(_no_hole(lp, up, z0, z1))
         return sympy.And(*conds)
 
+    def predicate(self, i, j) -> sympy.Basic:
+        """Whether the pair (query position ``i``, key position ``j``) is in the band, with the key
+        alone on one side of each comparison."""
+        conds = [self.guard]
+        if self.row_lo is not None:
+            conds.append(sympy.Ge(i, self.row_lo))
+        if self.row_hi is not None:
+            conds.append(sympy.Le(i, self.row_hi))
+        for groups, rel in ((self.lower, sympy.Ge), (self.upper, sympy.Le)):
+            if groups:  # j >= min_g max_p p: some group's every piece; j <= max_g min_p p alike
+                conds.append(sympy.Or(*[sympy.And(*[rel(j, p.subs(X, i)) for p in g]) for g in groups]))
+        return sympy.And(*conds)
+
     def text(self) -> str:
         parts = []
         if self.guard is not sympy.true:
@@ -159,6 +172,13 @@ class Cover:
     def intervals(self) -> int:
         """Key intervals per query block (columns and the band): 1 walks as one segment."""
         return len(self.columns) + (self.band is not None)
+
+    def predicate(self, i, j) -> sympy.Basic:
+        """The union as a predicate of a pair, each band solved for the key: the mask, exactly, where
+        :attr:`monotone` holds (every atom was solved for ``j`` exactly, divisors taken >= 1). A
+        kernel that compares the key with a function of the row keeps no per-key values across its
+        key loop (``j - n_k <= i - n_q`` is ``j <= i + n_k - n_q`` here)."""
+        return sympy.Or(*[b.predicate(i, j) for b in self.rows + self.columns + ((self.band,) if self.band else ())])
 
     def lines(self) -> Tuple[str, ...]:
         out = [f"rows: {b.text()}" for b in self.rows] + [f"column: {b.text()}" for b in self.columns]

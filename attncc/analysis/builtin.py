@@ -1,8 +1,10 @@
-"""Which Plans a hand-written kernel computes exactly: the built-in walks of the Gluon sm90 forward.
+"""Which Plans the Gluon sm90 forward computes, and how: a built-in walk, or fragments rendered
+from the Plan.
 
-The Gluon kernels (``attncc.runtime.gluon``, docs/gluon.md) are not rendered from a Plan yet: they
-carry two fixed patterns, each a key-block walk and a mask (``attncc.runtime.gluon.walks``), and a
-plain score. A generated module may hand a call to them only when its Plan is exactly one of those:
+The Gluon kernels (``attncc.runtime.gluon``, docs/gluon.md) are hand-written skeletons that take a
+pattern's fragments (a key-block walk, a mask, a score hook) as ``constexpr`` arguments. They carry
+two built-in patterns (``attncc.runtime.gluon.walks``), measured on an H200; a generated module
+whose Plan is exactly one of those keeps them (:func:`builtin_fit`):
 
 - ``"dense"``: no mask (every pair allowed; the spec loader folds tautologies such as
   ``j >= 0`` or ``j <= i or j > i`` to no mask);
@@ -14,8 +16,14 @@ plain score. A generated module may hand a call to them only when its Plan is ex
   windows or prefixes;
 
 and the score is the scaled dot product alone: no bias (ALiBi, T5), mod, softcap, RoPE or dropout,
-no ``[inputs]``, and Dv = D (no ``value_dim``). The answer is a fact of the analysis, never of the
-spec's name; codegen renders it as ``SpecInfo.gluon`` and ``attncc explain`` prints it.
+no ``[inputs]``, and Dv = D (no ``value_dim``).
+
+Other Plans get rendered fragments (:func:`gluon_fit`, attncc.codegen.gluon) when their forward walk
+has a closed form (DENSE or BANDS: sorted segments, :func:`attncc.analysis.walks.sorted_segments`),
+their mask computes in integers, and their score is a bias, mod or softcap of positions, heads and
+params; RoPE, dropout, ``[inputs]`` and ``value_dim`` stay on the ``tl`` kernels. The answer is a
+fact of the analysis, never of the spec's name; codegen renders it as ``SpecInfo.gluon`` and
+``attncc explain`` prints it.
 """
 from __future__ import annotations
 
@@ -25,6 +33,7 @@ from typing import Optional
 import sympy
 
 from attncc.analysis.bands import X, Cover
+from attncc.analysis.integer import integer_ops
 from attncc.analysis.plan import Plan
 from attncc.analysis.walks import Iteration
 
@@ -68,3 +77,43 @@ def is_causal_band(cover: Optional[Cover]) -> bool:
     band = cover.band
     return (band.guard is sympy.true and band.row_lo is None and band.row_hi is None and band.lower == ()
             and band.upper == ((X,),))
+
+
+@dataclass(frozen=True)
+class GluonFit:
+    """How the Gluon sm90 forward computes a Plan: ``kind`` "dense" or "causal" (a built-in walk),
+    "rendered" (fragments rendered from the Plan), or None; ``reason``: why none, as a clause for
+    ``attncc explain`` and the refusal of ``ATTNCC_BACKEND=gluon`` ("" when it does)."""
+
+    kind: Optional[str] = None
+    reason: str = ""
+
+
+def gluon_fit(plan: Plan) -> GluonFit:
+    """The built-in walk that computes ``plan`` exactly, else rendered fragments where the Plan has
+    what they need (module docstring), else why not."""
+    builtin = builtin_fit(plan)
+    if builtin.walk is not None:
+        return GluonFit(builtin.walk)
+    p = plan.pattern
+    if p.kind != "softmax":
+        return GluonFit(reason=builtin.reason)
+    extras = [what for what, present in (
+        ("RoPE", p.rope is not None), ("dropout", p.dropout > 0), ("[inputs]", bool(p.inputs)),
+        (f"value_dim = {p.value_dim}", p.value_dim is not None)) if present]
+    if extras:
+        return GluonFit(reason=f"it has {', '.join(extras)}, which the Gluon kernels do not compute")
+    walk = plan.forward
+    if walk.kind not in (Iteration.DENSE, Iteration.BANDS):
+        return GluonFit(reason=f"its key blocks have no closed form ({walk.reason}); the Gluon kernels walk "
+                               f"closed-form segments only")
+    if p.mask is not None and not integer_mask(p.mask):
+        return GluonFit(reason=f"the mask {p.mask} computes in float (float64 in the tl kernels, as the "
+                               f"reference); the Gluon fragments compute masks in integers only")
+    return GluonFit("rendered")
+
+
+def integer_mask(mask) -> bool:
+    """Every value the mask computes is an integer (its comparisons and logic aside)."""
+    return all(node.is_integer for node in sympy.preorder_traversal(integer_ops(mask))
+               if isinstance(node, sympy.Expr) and not node.is_Boolean)

@@ -282,6 +282,71 @@ def _two_intervals(b: _Builder, cover: Cover) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# the walk as sorted segments (kernels that walk head, middle and tail per segment)
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Segments:
+    """A forward walk as ``len(segments)`` key-block segments per query block, each
+    ``(lo, full_lo, full_hi, hi)`` with ``lo <= full_lo <= full_hi <= hi``: a masked head, an
+    unmasked middle, a masked tail. The non-empty segments are disjoint and in ascending order;
+    together their ``[lo, hi)`` are the walk's visited blocks and their ``[full_lo, full_hi)`` its
+    FULL ones, so the segments are exact where the walk is (its precondition). ``steps``: a
+    straight-line program as :attr:`Walk.steps` (the walk's steps the segments need, then those
+    that sort them); ``segments``: the steps holding each segment's four values. The Gluon kernels
+    walk them (attncc.runtime.gluon.walks, rendered by attncc.codegen.gluon)."""
+
+    steps: Tuple[Tuple[sympy.Dummy, sympy.Expr], ...]
+    segments: Tuple[Tuple[sympy.Dummy, sympy.Dummy, sympy.Dummy, sympy.Dummy], ...]
+
+
+def sorted_segments(walk: Walk) -> Segments:
+    """The :class:`Segments` of a DENSE or BANDS walk.
+
+    DENSE: one segment, every block, FULL but a ragged last one. BANDS with one key interval: its
+    ``(lo, full_lo, full_hi, hi)``. With two: the visited spans ``s1 < s2`` (one span when they
+    touch) and the FULL ranges ``full1 < full2`` of :func:`_two_intervals`, each FULL range inside
+    one span. Two spans: a segment each, holding the FULL range inside it (``full1`` is in the
+    first span or, when it is not, the only FULL range and in the second). One span: it is cut at
+    the end of ``full1``: ``[s1, full1]`` then ``(full1, full2, rest)``."""
+    b = _Builder()
+    if walk.kind is Iteration.DENSE:
+        lo = b.let("lo", sympy.Integer(0))
+        full_hi = b.let("full_hi", _floor(N_K / BLOCK_N))
+        hi = b.let("hi", N_KEY_BLOCKS)
+        return Segments(tuple(b.steps), ((lo, lo, full_hi, hi),))
+    if walk.kind is not Iteration.BANDS:
+        raise ValueError(f"a {walk.kind.value} walk has no closed-form segments")
+    step = {sym.name: sym for sym, _ in walk.steps}
+    if len(step) != len(walk.steps):
+        raise AssertionError("a walk's steps have one name each")
+    if walk.segments == 1:
+        return Segments(walk.steps, ((step["lo"], step["full_lo"], step["full_hi"], step["hi"]),))
+    s1_lo, s1_end, s2_start, s2_end, join = (step[n] for n in ("s1_lo", "s1_end", "s2_start", "s2_end", "v_join"))
+    f1_lo, f1_hi, f2_lo, f2_hi = (step[n] for n in ("full1_lo", "full1_hi", "full2_lo", "full2_hi"))
+    first = b.let("first_full", _rel(sympy.Lt, f1_lo, s1_end), boolean=True)  # full1 lies in the first span
+    flo1 = b.let("seg1_full_lo", _where(first, f1_lo, s1_end))
+    fhi1 = b.let("seg1_full_hi", _where(first, f1_hi, s1_end))
+    hi1 = b.let("seg1_hi", _where(join, fhi1, s1_end))
+    lo2 = b.let("seg2_lo", _where(join, fhi1, s2_start))
+    hi2 = b.let("seg2_hi", _where(join, s1_end, s2_end))
+    # the other FULL range (an empty one sits at the last block: clipped to the segment's end)
+    flo2 = b.let("seg2_full_lo", _min(_where(first, f2_lo, f1_lo), hi2))
+    fhi2 = b.let("seg2_full_hi", _min(_where(first, f2_hi, f1_hi), hi2))
+    steps = _needed(walk.steps, {s1_lo, s1_end, s2_start, s2_end, join, f1_lo, f1_hi, f2_lo, f2_hi}) + tuple(b.steps)
+    return Segments(steps, ((s1_lo, flo1, fhi1, hi1), (lo2, flo2, fhi2, hi2)))
+
+
+def _needed(steps, wanted) -> tuple:
+    """The steps that ``wanted`` (step symbols) read, directly or through other steps, in order."""
+    keep = set(wanted)
+    for sym, expr in reversed(steps):
+        if sym in keep:
+            keep |= {s for s in expr.free_symbols if isinstance(s, sympy.Dummy)}
+    return tuple((sym, expr) for sym, expr in steps if sym in keep)
+
+
+# ---------------------------------------------------------------------------------------------
 # evaluation (the analysis' own view of what the kernel computes)
 # ---------------------------------------------------------------------------------------------
 
@@ -398,4 +463,26 @@ def bands_grid(walk: Walk, env: Mapping[str, object], n_outer: int, n_inner: int
         grid[rows[live], k[live]] = cls
     if bool((seen > 1).any()):
         raise AssertionError("a block is walked twice")
+    return grid
+
+
+def segments_grid(segments: Segments, env: Mapping[object, object], n_outer: int, n_inner: int) -> torch.Tensor:
+    """The int8 classes ``[n_outer, n_inner]`` (0 EMPTY, 1 PARTIAL, 2 FULL) that walking ``segments``
+    gives, checking their contract: each segment ordered, the non-empty ones disjoint and ascending."""
+    values = evaluate_steps(Walk(Iteration.BANDS, steps=segments.steps), env)
+    kb = torch.arange(n_inner, dtype=torch.int64).view(1, -1)
+    grid = torch.zeros(n_outer, n_inner, dtype=torch.int8)
+    end = torch.zeros(n_outer, 1, dtype=torch.int64)  # where the previous non-empty segment ended
+    for seg in segments.segments:
+        lo, flo, fhi, hi = (torch.as_tensor(values[s.name], dtype=torch.int64).reshape(-1, 1).expand(n_outer, 1)
+                            for s in seg)
+        if not bool(((0 <= lo) & (lo <= flo) & (flo <= fhi) & (fhi <= hi) & (hi <= n_inner)).all()):
+            raise AssertionError(f"segment out of order: lo={lo.flatten().tolist()} full_lo={flo.flatten().tolist()} "
+                                 f"full_hi={fhi.flatten().tolist()} hi={hi.flatten().tolist()}")
+        live = hi > lo
+        if bool((live & (lo < end)).any()):
+            raise AssertionError("segments overlap or are out of order")
+        end = torch.where(live, hi, end)
+        visited = (lo <= kb) & (kb < hi)
+        grid = torch.where(visited, torch.where((flo <= kb) & (kb < fhi), 2, 1).to(torch.int8), grid)
     return grid

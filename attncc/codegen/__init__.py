@@ -1,11 +1,13 @@
-"""Stage 3: Plan -> generated/<name>.py. Public entry points: ``render``, ``build``, ``stale``."""
+"""Stage 3: Plan -> generated/<name>.py (and generated/<name>_gluon.py, the Gluon sm90 forward's
+fragments, for the patterns that take rendered ones: attncc.codegen.gluon). Public entry points:
+``render``, ``render_files``, ``build``, ``stale``."""
 from __future__ import annotations
 
 import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterable, List
+from typing import Dict, Iterable, List
 
 import jinja2
 
@@ -49,23 +51,58 @@ def pattern_lines(pattern: Pattern) -> List[str]:
     return lines
 
 
+MODULE, GLUON = ".py", "_gluon.py"  # the suffixes of a spec's generated files (after its name)
+
+
 def render(pattern: Pattern) -> str:
     """The source of the generated module for ``pattern``."""
+    return render_files(pattern)[MODULE]
+
+
+def render_gluon(pattern: Pattern):
+    """The source of ``pattern``'s Gluon fragments file alone, or None when its forward takes
+    none (:func:`render_files` renders it beside the module)."""
+    from attncc.analysis import analyze
+    from attncc.analysis.score import canonical_score
+    from attncc.codegen.gluon import gluon_context
+    from attncc.codegen.printer import NotGluon
+
+    if pattern.kind != "softmax":
+        return None
+    common = _common(pattern)  # the spec as written, as render_files has it
+    pattern = canonical_score(pattern)
+    try:
+        fragments = gluon_context(pattern, analyze(pattern))
+    except NotGluon:  # as render_files: the tl kernels only
+        return None
+    return None if fragments is None else _environment().get_template("gluon.py.j2").render(**common, **fragments)
+
+
+def _common(pattern: Pattern) -> dict:
+    """The template variables every generated file of ``pattern`` has (its header)."""
+    return dict(version=VERSION, source=pattern.source, spec_hash=pattern.source_hash,
+                name=pattern.name, pattern_lines=pattern_lines(pattern), head_dims=tuple(pattern.head_dims),
+                value_dim=pattern.value_dim, dtypes=tuple(pattern.dtypes), heads_q=pattern.heads_q,
+                heads_kv=pattern.heads_kv, params=pattern.params, inputs=pattern.inputs,
+                scale=pattern.scale, dropout=pattern.dropout)
+
+
+def render_files(pattern: Pattern) -> Dict[str, str]:
+    """The generated files of ``pattern`` by the suffix of their name: :data:`MODULE` always, and
+    :data:`GLUON` (the Gluon sm90 forward's fragments, attncc.codegen.gluon) when its forward takes
+    rendered fragments; the module reads that file only on the Gluon path."""
     env = _environment()
-    common = dict(version=VERSION, source=pattern.source, spec_hash=pattern.source_hash,
-                  name=pattern.name, pattern_lines=pattern_lines(pattern), head_dims=tuple(pattern.head_dims),
-                  value_dim=pattern.value_dim, dtypes=tuple(pattern.dtypes), heads_q=pattern.heads_q,
-                  heads_kv=pattern.heads_kv, params=pattern.params, inputs=pattern.inputs,
-                  scale=pattern.scale, dropout=pattern.dropout)
+    common = _common(pattern)
     if pattern.kind == "linear":
         from attncc.codegen.linear import linear_context
 
-        return _render_read_back(env.get_template("linear.py.j2"), dict(**common, **linear_context(pattern)))
+        return {MODULE: _render_read_back(env.get_template("linear.py.j2"), dict(**common, **linear_context(pattern)))}
     from attncc.analysis import analyze
     from attncc.codegen.backward import backward_context
     from attncc.codegen.bounds import arithmetic_functions, check_divisors
     from attncc.codegen.decode import decode_context
-    from attncc.codegen.printer import printed_integers
+    from attncc.codegen.gluon import gluon_context
+    from attncc.codegen.printer import NotGluon, printed_integers
     from attncc.codegen.softmax import softmax_context
 
     from attncc.analysis.score import canonical_score
@@ -77,14 +114,23 @@ def render(pattern: Pattern) -> str:
         ctx = softmax_context(pattern, plan)
         backward = backward_context(pattern, plan, ctx)
         decode = decode_context(pattern, plan, ctx)
-    return _render_read_back(env.get_template("softmax.py.j2"), dict(
+        try:
+            fragments = gluon_context(pattern, plan)  # its walk's steps bound the integers of the module too
+        except NotGluon as e:  # what the analysis let through and Gluon cannot print: the tl kernels only
+            fragments = None
+            ctx.update(gluon=None, gluon_reason=f"its Gluon fragments cannot be printed ({e})")
+    files = {MODULE: _render_read_back(env.get_template("softmax.py.j2"), dict(
         **common, **ctx, backward=backward, decode=decode, int_arithmetic=arithmetic_functions(pattern, printed),
-        wide_params=[param_var(p.name) for p in pattern.params if p.kind == "int"]))
+        wide_params=[param_var(p.name) for p in pattern.params if p.kind == "int"]))}
+    if fragments is not None:
+        files[GLUON] = env.get_template("gluon.py.j2").render(**common, **fragments)
+    return files
 
 
 def _targets(specs: Iterable, out_dir) -> List[tuple]:
     """(pattern, output path) of every spec, all parsed first; two specs with one name are refused
-    (one would overwrite the other's module)."""
+    (one would overwrite the other's module), and so is ``<x>_gluon`` beside ``x`` (it would be
+    x's Gluon fragments file)."""
     out = Path(out_dir)
     targets, seen = [], {}
     for spec in specs:
@@ -94,26 +140,48 @@ def _targets(specs: Iterable, out_dir) -> List[tuple]:
                                                f"of a build needs its own name (generated/<name>.py)")
         seen[pattern.name] = str(spec)
         targets.append((pattern, out / f"{pattern.name}.py"))
+    for pattern, _ in targets:
+        base = pattern.name[:-len("_gluon")] if pattern.name.endswith("_gluon") else None
+        if base in seen:
+            raise SpecError(seen[pattern.name], "name", f"'{pattern.name}' would be the file of the Gluon fragments of "
+                                                        f"{seen[base]} (generated/{base}_gluon.py): rename one of them")
     return targets
+
+
+def _paths(path: Path) -> Dict[str, Path]:
+    """A spec's generated files by suffix, from its module's path."""
+    return {suffix: path.with_name(path.stem + suffix) for suffix in (MODULE, GLUON)}
 
 
 INIT_TEXT = '"""Kernels generated by `attncc build`; each module is one spec."""\n'
 
 
 def build(specs: Iterable, out_dir="generated") -> List[Path]:
-    """Render every spec into ``out_dir``; returns the written paths.
+    """Render every spec into ``out_dir``; returns the written modules' paths (a module whose forward
+    takes rendered Gluon fragments has them beside it: :func:`gluon_file`).
 
     Every spec is rendered before anything is written (a spec that fails leaves ``out_dir`` as it
     was), and each file is replaced whole (:func:`_replace`): never truncated, never written through
     a symlink."""
-    rendered = [(path, render(pattern)) for pattern, path in _targets(specs, out_dir)]
+    rendered = [(path, render_files(pattern)) for pattern, path in _targets(specs, out_dir)]
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     init = Path(out_dir) / "__init__.py"
     if init.is_symlink() or not init.exists():
         _replace(init, INIT_TEXT)
-    for path, text in rendered:
-        _replace(path, text)
+    for path, files in rendered:
+        paths = _paths(path)
+        # the fragments first: a module that names them never meets a folder without them
+        for suffix in (GLUON, MODULE):
+            if suffix in files:
+                _replace(paths[suffix], files[suffix])
+            elif paths[suffix].is_symlink() or paths[suffix].is_file():
+                paths[suffix].unlink()  # an earlier build's fragments of a spec that has none now
     return [path for path, _ in rendered]
+
+
+def gluon_file(module: Path) -> Path:
+    """Where a generated module's Gluon fragments are (when its pattern has rendered ones)."""
+    return _paths(Path(module))[GLUON]
 
 
 def _replace(path: Path, text: str) -> None:
@@ -143,8 +211,16 @@ def _umask() -> int:
 
 
 def stale(specs: Iterable, out_dir="generated") -> List[Path]:
-    """The generated files that differ from what ``build`` would write now."""
-    return [path for pattern, path in _targets(specs, out_dir) if _current(path) != render(pattern)]
+    """The generated files that differ from what ``build`` would write now (one that build would
+    remove included)."""
+    out = []
+    for pattern, path in _targets(specs, out_dir):
+        files = render_files(pattern)
+        for suffix, file in _paths(path).items():
+            if _current(file) != files.get(suffix) and not (suffix not in files and not file.is_symlink()
+                                                             and not file.exists()):
+                out.append(file)
+    return out
 
 
 def _current(path: Path):

@@ -12,6 +12,9 @@ from attncc.core import semantics
 # the helpers of templates/helpers.j2 that take no parameters
 FIXED = ("_floordiv", "_floormod", "_ipow", "_shift", "_row_term_o", "_tanh", "_alibi_slope", "_sin", "_cos",
          "_sqrt64", "_floormod64", "_floordiv64", "_tanh64", "_alibi_slope64", "_random_hit")
+# those the Gluon fragments may call (helpers.j2 writes them as @gluon.jit functions too), and the
+# T5 buckets (``_bucket_*``); the float64 ones belong to mask code Gluon does not print
+GLUON = ("_floordiv", "_floormod", "_ipow", "_shift", "_tanh", "_alibi_slope", "_sin", "_cos")
 
 
 def helper_args(name: str) -> Dict[str, object]:
@@ -40,6 +43,9 @@ def helper_list(names: Iterable[str], rope=None, have: Iterable[Dict[str, object
     return [h for h in out if h not in list(have)]
 
 
-def render_helper(name: str) -> str:
-    """The source of one helper, as a module defines it."""
-    return str(environment().get_template("helpers.j2").module.helper(helper_args(name)))
+def render_helper(name: str, lang: str = "tl") -> str:
+    """The source of one helper, as a module defines it (``lang="gl"``: as a @gluon.jit function, for
+    the helpers of :data:`GLUON` and the T5 buckets)."""
+    if lang == "gl" and not (name in GLUON or name.startswith("_bucket_")):
+        raise ValueError(f"{name} has no Gluon version")
+    return str(environment().get_template("helpers.j2").module.helper(helper_args(name), lang))

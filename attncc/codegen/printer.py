@@ -129,7 +129,7 @@ def _worth_naming(node: ast.expr) -> bool:
         return not isinstance(node.value, ast.Name)
     if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mult) and isinstance(node.right, ast.Constant):
         return node.right.value != 1.0 or _worth_naming(node.left)
-    if isinstance(node, ast.Call) and ast.unparse(node.func) == "tl.cast":
+    if isinstance(node, ast.Call) and ast.unparse(node.func) in ("tl.cast", "gl.cast"):
         return any(_worth_naming(a) for a in node.args)
     return True
 
@@ -168,6 +168,7 @@ class TritonPrinter:
     definitions: Dict[sympy.Symbol, sympy.Basic] = field(default_factory=dict)
     temps: Optional[Temporaries] = None  # the names :meth:`statement` gives
     records = True  # integer arithmetic of kernels (the host printer's Python ints never overflow)
+    lang = "tl"  # the module printed code calls functions of (GluonPrinter: gl, which names them alike)
 
     def __call__(self, e) -> str:
         e = integer_ops(sympy.sympify(e))
@@ -204,7 +205,7 @@ class TritonPrinter:
             if self.gather is None:
                 raise ValueError(f"input access {e} cannot appear here")
             if self.float64 and not e.is_integer:  # a float input, as the reference reads it
-                return f"{self.gather(e)}.to(tl.float64)"
+                return f"{self.gather(e)}.to({self.lang}.float64)"
             return self.gather(e)
         method = getattr(self, "_" + type(e).__name__, None)
         if method is None:
@@ -222,9 +223,9 @@ class TritonPrinter:
             # Triton turns a Python float compared with a tensor (or given to tl.where, minimum,
             # maximum) into a float32 constant first: 0.3 would be 0.30000001192; with a scalar
             # (a float64 param: t / 2.5) the operation itself is float32
-            return f"tl.full((), {repr(float(_number(e)))}, tl.float64)"
+            return f"{self.lang}.full((), {repr(float(_number(e)))}, {self.lang}.float64)"
         if e.is_integer or e.is_Boolean or isinstance(e, sympy.Rel):
-            return f"tl.cast({self.p(e)}, tl.float64)"  # tl.cast: kernel scalars are Python numbers in the interpreter
+            return f"{self.lang}.cast({self.p(e)}, {self.lang}.float64)"  # tl.cast: kernel scalars are Python numbers in the interpreter
         return self.p(e)
 
     def _float_mode(self, e) -> bool:
@@ -262,10 +263,10 @@ class TritonPrinter:
             self.helpers.add("_sqrt64")
             return f"(1.0 / _sqrt64({x}))"
         if base == sympy.E:
-            return f"tl.exp({self._f64(exp)})"
+            return f"{self.lang}.exp({self._f64(exp)})"
         if base == 2:
-            return f"tl.exp2({self._f64(exp)})"
-        return f"tl.exp2({self._f64(exp)} * tl.log2({x}))"
+            return f"{self.lang}.exp2({self._f64(exp)})"
+        return f"{self.lang}.exp2({self._f64(exp)} * {self.lang}.log2({x}))"
 
     # -- arithmetic ---------------------------------------------------------
     def _Add(self, e):
@@ -303,20 +304,20 @@ class TritonPrinter:
         if self.float64 and not (base.is_integer and exp.is_Integer and exp >= 0):  # 2 ** h: a float, as the reference
             return self._Pow64(e)
         if base == 2:
-            return f"tl.exp2({self._float(exp)})"
+            return f"{self.lang}.exp2({self._float(exp)})"
         if base == sympy.E:
-            return f"tl.exp({self._float(exp)})"
+            return f"{self.lang}.exp({self._float(exp)})"
         if _number(exp) == 0.5:  # Rational(1, 2) from sqrt(), Float(0.5) from x ** 0.5
-            return f"tl.sqrt({self._float(base)})"
+            return f"{self.lang}.sqrt({self._float(base)})"
         if _number(exp) == -0.5:
-            return f"tl.rsqrt({self._float(base)})"
+            return f"{self.lang}.rsqrt({self._float(base)})"
         if exp.is_Integer and 1 <= abs(int(exp)) <= 4:
             prod = " * ".join([self._atom(base)] * abs(int(exp)))
             return f"({prod})" if exp > 0 else f"(1.0 / ({prod}))"
         if exp.is_Integer and exp > 0 and base.is_integer:  # exact, as the reference's integer power
             self.helpers.add("_ipow")
             return f"_ipow({self.p(base)}, {int(exp)})"
-        return f"tl.exp2({self.p(exp)} * tl.log2({self._float(base)}))"
+        return f"{self.lang}.exp2({self.p(exp)} * {self.lang}.log2({self._float(base)}))"
 
     def _float(self, e) -> str:
         """An argument of a transcendental function: Triton's math functions take floats only,
@@ -327,27 +328,27 @@ class TritonPrinter:
         return f"({x} * 1.0)" if e.is_integer else x
 
     def _exp(self, e):
-        return f"tl.exp({self._float(e.args[0])})"
+        return f"{self.lang}.exp({self._float(e.args[0])})"
 
     def _log(self, e):
-        return f"tl.log({self._float(e.args[0])})"
+        return f"{self.lang}.log({self._float(e.args[0])})"
 
     def _sin(self, e):
         if self.float64:
-            return f"tl.sin({self._float(e.args[0])})"
+            return f"{self.lang}.sin({self._float(e.args[0])})"
         self.helpers.add("_sin")
         return f"_sin({self._float(e.args[0])}, FAST_MATH)"
 
     def _cos(self, e):
         if self.float64:
-            return f"tl.cos({self._float(e.args[0])})"
+            return f"{self.lang}.cos({self._float(e.args[0])})"
         self.helpers.add("_cos")
         return f"_cos({self._float(e.args[0])}, FAST_MATH)"
 
     def _tan(self, e):
         x = self._float(e.args[0])
         if self.float64:
-            return f"(tl.sin({x}) / tl.cos({x}))"
+            return f"({self.lang}.sin({x}) / {self.lang}.cos({x}))"
         self.helpers |= {"_sin", "_cos"}
         return f"(_sin({x}, FAST_MATH) / _cos({x}, FAST_MATH))"
 
@@ -360,7 +361,7 @@ class TritonPrinter:
 
     def _ToFloat(self, e):
         """An integer sum converted once (integer.integer_sums); tl.cast: a kernel scalar may be a Python int."""
-        return f"tl.cast({self.p(e.args[0])}, {'tl.float64' if self.float64 else 'tl.float32'})"
+        return f"{self.lang}.cast({self.p(e.args[0])}, {self.lang}.{'float64' if self.float64 else 'float32'})"
 
     def _Grouped(self, e):  # float arithmetic as written (builtins.Grouped): its operand, then a float
         return self._ToFloat(e)
@@ -373,10 +374,10 @@ class TritonPrinter:
         return f"({self._float(a)} / {self.p(b)})"
 
     def _Sigmoid(self, e):
-        return f"tl.sigmoid({self._float(e.args[0])})"
+        return f"{self.lang}.sigmoid({self._float(e.args[0])})"
 
     def _erf(self, e):
-        return f"tl.erf({self._float(e.args[0])})"
+        return f"{self.lang}.erf({self._float(e.args[0])})"
 
     # integer bitwise operators (attncc.spec.builtins): two's complement in the kernels' int32 /
     # int64 is Python's on every value they hold
@@ -398,13 +399,13 @@ class TritonPrinter:
         return self._f64(e) if self._float_mode(whole) else self.p(e)
 
     def _Abs(self, e):
-        return f"tl.abs({self._operand(e.args[0], e)})"
+        return f"{self.lang}.abs({self._operand(e.args[0], e)})"
 
     def _Min(self, e):
-        return self._fold("tl.minimum", e)
+        return self._fold(f"{self.lang}.minimum", e)
 
     def _Max(self, e):
-        return self._fold("tl.maximum", e)
+        return self._fold(f"{self.lang}.maximum", e)
 
     def _fold(self, fn, e):
         args = e.args
@@ -447,10 +448,10 @@ class TritonPrinter:
         if self.float64:  # Python's float // (the reference's): the floor of the exact quotient
             num, den = quotient(arg)
             if den == 1:
-                return f"tl.floor({self._f64(arg)})"
+                return f"{self.lang}.floor({self._f64(arg)})"
             self.helpers.add("_floordiv64")
             return f"_floordiv64({self._f64(num)}, {self._f64(den)})"
-        return f"tl.floor({self.p(arg)})"
+        return f"{self.lang}.floor({self.p(arg)})"
 
     def _ceiling(self, e):
         arg = e.args[0]
@@ -459,7 +460,7 @@ class TritonPrinter:
         if self.float64:
             num, den = quotient(arg)
             if den == 1:
-                return f"tl.ceil({self._f64(arg)})"
+                return f"{self.lang}.ceil({self._f64(arg)})"
             self.helpers.add("_floordiv64")
             return f"(-_floordiv64(-{self._f64(num)}, {self._f64(den)}))"
         return self.p(-sympy.floor(-arg))
@@ -471,14 +472,14 @@ class TritonPrinter:
         if self.float64:  # the reference's torch.remainder: fmod, then the sign of the divisor
             self.helpers.add("_floormod64")
             return f"_floormod64({self._f64(a)}, {self._f64(m)})"
-        return f"({self.p(a)} - tl.floor({self.p(a)} / {self.p(m)}) * {self.p(m)})"
+        return f"({self.p(a)} - {self.lang}.floor({self.p(a)} / {self.p(m)}) * {self.p(m)})"
 
     def _Piecewise(self, e):
         (val, cond), rest = e.args[0], e.args[1:]
         if cond is sympy.true:
             return self._operand(val, e)
         other = self._operand(sympy.Piecewise(*rest), e) if rest else 'float("nan")'
-        return f"tl.where({self.p(cond)}, {self._operand(val, e)}, {other})"
+        return f"{self.lang}.where({self.p(cond)}, {self._operand(val, e)}, {other})"
 
     # -- logic --------------------------------------------------------------
     def _rel(self, e, op):
@@ -558,6 +559,40 @@ def _nonnegative(e) -> bool:
 def _ordered(args):
     """A stable order for commutative operands, so regenerated files are identical."""
     return sorted(args, key=sympy.default_sort_key)
+
+
+class GluonPrinter(TritonPrinter):
+    """Kernel code for Gluon (``triton.experimental.gluon.language`` as ``gl``): Triton's functions
+    under Gluon's names. Positions come as tensors in explicit layouts ([BLOCK_M, 1] and [1, BLOCK_N]
+    slices of the S accumulator's), which elementwise code broadcasts like Triton's. What Gluon
+    lacks is refused (:class:`NotGluon`) rather than printed: ``sigmoid`` is written out, and float64
+    mask code (a literal needs a layout-free float64 constant) is not printed; the Gluon eligibility
+    (attncc.analysis.builtin) keeps masks with float arithmetic on the tl kernels."""
+
+    lang = "gl"
+
+    def _f64(self, e) -> str:
+        raise NotGluon(f"float64 arithmetic ({e}) in Gluon fragments")
+
+    def _ToFloat(self, e):
+        if self.float64:
+            return self._f64(e)
+        return super()._ToFloat(e)
+
+    def _AlibiSlope(self, e):
+        if self.float64:
+            return self._f64(e)
+        return super()._AlibiSlope(e)
+
+    def _Sigmoid(self, e):
+        return f"(1.0 / (1.0 + gl.exp(-{self._float(e.args[0])})))"
+
+    def _RandomBlocks(self, e):
+        raise NotGluon("random_blocks() in Gluon fragments")
+
+
+class NotGluon(NotImplementedError):
+    """An expression the Gluon fragments cannot compute (GluonPrinter)."""
 
 
 class PythonPrinter(TritonPrinter):

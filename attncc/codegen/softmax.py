@@ -7,7 +7,7 @@ import sympy
 from sympy.core.function import AppliedUndef
 
 from attncc.analysis.bands import X
-from attncc.analysis.builtin import builtin_fit
+from attncc.analysis.builtin import gluon_fit
 from attncc.analysis.hoist import Hoister
 from attncc.analysis.score import mask_hoister, score_terms
 from attncc.analysis.walks import Iteration
@@ -164,7 +164,8 @@ def softmax_context(pattern: Pattern, plan) -> dict:
         input_launch=[a for n in used_inputs for a in input_launch(pattern, n)]
         + [(f"{name}_table {name}_rows", f"*_random_table(call, {rb.options[0]}, {rb.options[1]}, {rb.options[2]})")
            for rb, name in rb_names.items()],
-        helpers=helpers, rope=pattern.rope, tile_hint=_tile_hint(plan), gluon=builtin_fit(plan).walk,
+        helpers=helpers, rope=pattern.rope, tile_hint=_tile_hint(plan), gluon=gluon_fit(plan).kind,
+        gluon_reason=gluon_fit(plan).reason,
         rotary_dim_arg=("0" if pattern.rope is None else
                         str(pattern.rope.rotary_dim) if pattern.rope.rotary_dim else "call.D"), param_doc=param_doc, input_doc=input_doc, call_example=call_example,
     )

@@ -34,13 +34,15 @@ FORWARD_NAMES = {"q_lo": "q_lo", "q_hi": "q_hi", "k_offset": "k_offset", "N_K": 
 TRANSPOSED_NAMES = {"q_lo": "k_lo", "q_hi": "k_hi", "k_offset": "q_offset", "N_K": "Nq", "BLOCK_N": "BLOCK_M"}
 
 
-def _symbol_names(plan: Plan, walk: Walk, transposed: bool, prefix: str,
-                  override: Optional[Dict[str, str]] = None) -> Dict[sympy.Symbol, str]:
+def symbol_names(plan: Plan, steps, transposed: bool, prefix: str,
+                 override: Optional[Dict[str, str]] = None) -> Dict[sympy.Symbol, str]:
+    """Kernel text of every symbol of a walk's ``steps``: the steps themselves (``prefix`` + their
+    name), params, ``b``, ``h``, ``n_q``, ``n_k`` and the bound symbols (``override`` first)."""
     bound = dict(TRANSPOSED_NAMES if transposed else FORWARD_NAMES, **(override or {}))
     index = {S.b: "b", S.h: "h", S.n_q: "n_k" if transposed else "n_q", S.n_k: "n_q" if transposed else "n_k"}
     params = {p.symbol: param_var(p.name) for p in plan.pattern.params}
     names = {}
-    for _, e in walk.steps:
+    for _, e in steps:
         for sym in e.free_symbols:
             if isinstance(sym, sympy.Dummy):
                 names[sym] = prefix + sym.name
@@ -50,7 +52,7 @@ def _symbol_names(plan: Plan, walk: Walk, transposed: bool, prefix: str,
                 names[sym] = index[sym]
             else:
                 names[sym] = bound[sym.name]
-    names.update({sym: prefix + sym.name for sym, _ in walk.steps})
+    names.update({sym: prefix + sym.name for sym, _ in steps})
     return names
 
 
@@ -68,7 +70,7 @@ def render_walk(plan: Plan, transposed: bool, names: Optional[Dict[str, str]] = 
                helpers=set(), note=walk_note(walk, transposed))
     if walk.kind is not Iteration.BANDS:
         return out
-    names = _symbol_names(plan, walk, transposed, prefix, names)
+    names = symbol_names(plan, walk.steps, transposed, prefix, names)
     printer = TritonPrinter(names)
     record_definitions(walk.steps)  # their bounds, for the host's overflow guard (codegen.bounds)
     out["steps"] = [(names[sym], printer(e)) for sym, e in walk.steps]

@@ -25,6 +25,7 @@ _EXPORTS = {
     "gluon_backward": ("attncc.runtime.backend", "gluon_backward"),
     "gluon_backward_selected": ("attncc.runtime.backend", "gluon_backward_selected"),
     "gluon_forward": ("attncc.runtime.backend", "gluon_forward"),
+    "gluon_fragments": ("attncc.runtime.gluon.fragments", "FragmentFile"),
     "gluon_selected": ("attncc.runtime.backend", "gluon_selected"),
     "SpecInfo": ("attncc.runtime.spec_info", "SpecInfo"),
     "ParamInfo": ("attncc.runtime.spec_info", "ParamInfo"),

@@ -1,18 +1,19 @@
 """Which kernels run a softmax call: the generated ``tl`` kernels, or the Gluon sm90 forward and
 backward (:mod:`attncc.runtime.gluon`, docs/gluon.md).
 
-A generated module whose Plan is one of the Gluon kernels' built-in walks (``SpecInfo.gluon``:
-"dense", "causal"; :mod:`attncc.analysis.builtin` decides, codegen renders it) starts its
-``_forward`` with ``if _rt.gluon_selected(call): return _rt.gluon_forward(call, "causal")``. The
-eager call, the ``torch.compile`` custom op and attncc.distributed all run that ``_forward``, so
-they choose alike. ``ATTNCC_BACKEND`` (read on every call) says what to choose:
+A generated module whose Plan the Gluon kernels compute (``SpecInfo.gluon``: "dense" or "causal",
+a built-in walk, or "rendered", the fragments codegen rendered from the Plan into the module's
+``_gluon.py`` file; :mod:`attncc.analysis.builtin` decides) starts its ``_forward`` with
+``if _rt.gluon_selected(call): return _rt.gluon_forward(call, "causal")``. The eager call, the
+``torch.compile`` custom op and attncc.distributed all run that ``_forward``, so they choose alike.
+``ATTNCC_BACKEND`` (read on every call) says what to choose:
 
 - unset, empty or ``auto``: the ``tl`` kernels, for now (``attncc.runtime.gluon.AUTO_SELECTS_GLUON``
   says why; once it is True, the Gluon forward wherever it can run the call);
 - ``triton``: the ``tl`` kernels;
 - ``gluon``: the Gluon forward; a call it cannot run raises a ``ValueError`` that says why (the
-  spec's pattern, the device, the dtype, the head dims, ...), and so does a call of a spec without
-  a built-in walk (:func:`refuse_forced`, from ``run_attention``).
+  spec's pattern, the device, the dtype, the head dims, ...), and so does a call of a spec the Gluon
+  forward does not compute (:func:`refuse_forced`, from ``run_attention``).
 
 Anything else is a ``ValueError`` naming the allowed values.
 
@@ -39,6 +40,8 @@ from attncc.runtime.call import Call, dtype_name, env, interpreting
 from attncc.runtime import gluon
 from attncc.runtime.gluon import BWD_HEAD_DIMS, CAPABILITY, DTYPES, HEAD_DIMS
 
+# The walks the Gluon backward has (attncc.runtime.gluon.walks: dense_qwalk, causal_qwalk).
+BUILTIN_BACKWARD_WALKS = ("dense", "causal")
 BACKENDS = ("auto", "triton", "gluon")
 
 
@@ -91,8 +94,8 @@ def _signature_problems(call: Call) -> Tuple[str, ...]:
     spec = call.spec
     out = []
     if spec.gluon is None:
-        out.append(f"{spec.name}'s pattern is not one the Gluon kernels compute (every pair, or exactly the causal "
-                   f"band j <= i, with the plain scaled dot product): `attncc explain {spec.source}` says why")
+        why = f": {spec.gluon_reason}" if spec.gluon_reason else ""
+        out.append(f"{spec.name}'s pattern is not one the Gluon kernels compute{why} (`attncc explain {spec.source}`)")
     where = device_problem(call.q.device)
     if where:
         out.append(where)
@@ -118,7 +121,23 @@ def _signature_problems(call: Call) -> Tuple[str, ...]:
                 launch.check_config(gluon_config(call.D), call.D)
             except ValueError as e:
                 out.append(str(e))
+            if spec.gluon == "rendered":
+                out += _fragment_problems(call)
     return tuple(out)
+
+
+def _fragment_problems(call: Call) -> Tuple[str, ...]:
+    """Why the rendered fragments of ``call``'s module cannot run it: they do not load, or the
+    walk's closed form is not exact for the call (its precondition: the tl kernels then run it on
+    exact block lists)."""
+    try:
+        fragments = call.spec.gluon_fragments.load()
+    except Exception as e:  # noqa: BLE001 - any failure to import them is a reason to stay on tl
+        return (f"its Gluon fragments do not load ({type(e).__name__}: {e})",)
+    if not fragments.exact(call):
+        return ("this call breaks the precondition of the pattern's closed-form walk (its params, lengths or "
+                "offsets; `attncc explain` prints it): the tl kernels run it on exact block lists",)
+    return ()
 
 
 def device_problem(device: torch.device) -> Optional[str]:
@@ -144,17 +163,22 @@ def gluon_config(head_dim: int):
 
 
 def gluon_forward(call: Call, walk: str):
-    """``(o, lse)`` of ``call`` from the Gluon sm90 forward with the built-in ``walk``, as the
-    generated ``tl`` forward returns them: o [B, Hq, Nq, D] in q's dtype, the natural-log LSE
-    [B, Hq, Nq] in float32 (-inf, and o = 0, on rows without an allowed key), so that the module's
-    ``tl`` backward takes them unchanged. The LSE is always written (a backward may follow)."""
+    """``(o, lse)`` of ``call`` from the Gluon sm90 forward with the built-in ``walk`` ("dense",
+    "causal"), or with the module's rendered fragments (``walk`` "rendered"), as the generated ``tl``
+    forward returns them: o [B, Hq, Nq, D] in q's dtype, the natural-log LSE [B, Hq, Nq] in float32
+    (-inf, and o = 0, on rows without an allowed key), so that the module's ``tl`` backward takes
+    them unchanged. The LSE is always written (a backward may follow)."""
     from attncc.runtime.gluon import launch
 
     if call.Nq == 0 or call.Nk == 0:  # no pair: what the tl path gives such calls
         return no_pairs(call)
-    return launch.attention(call.q, call.k, call.v, pattern=walk, scale=call.scale, q_offset=call.q_offset,
-                            k_offset=call.k_offset, n_q=call.n_q, n_k=call.n_k, return_lse=True,
-                            config=gluon_config(call.D))
+    kw = dict(scale=call.scale, q_offset=call.q_offset, k_offset=call.k_offset, n_q=call.n_q, n_k=call.n_k,
+              return_lse=True, config=gluon_config(call.D))
+    if walk == "rendered":
+        f = call.spec.gluon_fragments.load()
+        return launch.attention(call.q, call.k, call.v, walk=f.walk, mask=f.mask, score=f.score,
+                                segments=f.SEGMENTS, pattern_args=f.pattern_args(call), **kw)
+    return launch.attention(call.q, call.k, call.v, pattern=walk, **kw)
 
 
 def gluon_backward_selected(call: Call) -> bool:
@@ -173,6 +197,8 @@ def gluon_backward_problems(call: Call) -> Tuple[str, ...]:
 
 
 def _backward_signature_problems(call: Call) -> Tuple[str, ...]:
+    if call.spec.gluon not in BUILTIN_BACKWARD_WALKS:  # rendered fragments: the forward only
+        return (f"the Gluon backward has the built-in walks only ({', '.join(BUILTIN_BACKWARD_WALKS)})",)
     if call.D not in HEAD_DIMS:  # the forward's reasons say it
         return ()
     if call.D not in BWD_HEAD_DIMS:

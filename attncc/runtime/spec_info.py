@@ -41,9 +41,12 @@ class SpecInfo:
     rope: bool = False
     rotary_dim: Optional[int] = None  # [rope].rotary_dim when the spec fixes it (None: the call's head dim)
     tile_hint: str = "default"  # "narrow": windows, documents: smaller tiles pay
-    # The built-in walk of the Gluon sm90 forward (attncc.runtime.gluon) that computes this pattern
-    # exactly, "dense" or "causal" (attncc.analysis.builtin), or None: the tl kernels only.
+    # How the Gluon sm90 forward (attncc.runtime.gluon) computes this pattern (attncc.analysis.builtin):
+    # "dense" or "causal" (a built-in walk), "rendered" (the fragments of gluon_fragments, an
+    # attncc.runtime.gluon.fragments.FragmentFile), or None: the tl kernels only, for gluon_reason.
     gluon: Optional[str] = None
+    gluon_reason: str = ""
+    gluon_fragments: Optional[object] = field(default=None, compare=False, repr=False)
     # The module's _int_reach(x) and _int_divisors(x) (attncc.runtime.intervals): the largest magnitude
     # of its kernels' integer arithmetic at a call's numbers (None: positions and params stand in), and
     # the checks of its divisors of params and sizes (None: none).

@@ -1,19 +1,23 @@
-"""The generated modules with their forward and backward on the Gluon sm90 kernels
-(ATTNCC_BACKEND=gluon, attncc.runtime.backend; docs/gluon.md "Wiring"), on an H100/H200: every shipped
-spec whose Plan is a built-in walk (dense, causal, gqa, mqa), bf16 and fp16, forward (O and the
-natural-log LSE) at real sizes against the float64 reference and against the same module's tl
-forward, and forward + backward (the Gluon backward at head dims 64 and 128, the tl backward on the
-Gluon forward's output at 256) against the reference's gradients (the LSE's included) and against
-the module's tl kernels (ATTNCC_BACKEND=triton), at offsets, with rows that see no key and ragged
-lengths. Every call is checked to have gone through ``gluon_forward`` / ``gluon_backward``. Gluon has
-no interpreter: skipped elsewhere, and in the CPU check of the GPU tests (tests/test_gluon_wiring.py
-checks the wiring on the CPU, tests/test_gluon_bwd.py the backward's tile loop).
+"""The generated modules with their forward (and, for the built-in walks, backward) on the Gluon sm90
+kernels (ATTNCC_BACKEND=gluon, attncc.runtime.backend; docs/gluon.md "Wiring"), on an H100/H200: every
+shipped spec whose Plan is a built-in walk (dense, causal, gqa, mqa) and every one with rendered
+fragments (sliding window, sink + window, prefix-LM, chunked local, block diagonal, local
+bidirectional, Longformer, bottom-right causal, ALiBi, softcap: generated/<name>_gluon.py), bf16 and
+fp16, forward (O and the natural-log LSE) at real sizes against the float64 reference and against the
+same module's tl forward, with offsets, odd lengths and rows that see no key, and forward + backward
+against the reference's gradients (the LSE's included) and the module's tl kernels
+(ATTNCC_BACKEND=triton): the built-in walks' Gluon backward at head dims 64 and 128, the tl backward
+on the Gluon forward's output at 256 and for rendered fragments. Every call is checked to have gone
+through ``gluon_forward`` / ``gluon_backward``. Gluon has no interpreter: skipped elsewhere, and in the
+CPU check of the GPU tests (tests/test_gluon_wiring.py, tests/test_gluon_rendered.py and
+tests/test_gluon_bwd.py check the wiring, the fragments and the backward's tile loop on the CPU).
 
     TRITON_INTERPRET=0 PYTHONPATH=. python -m pytest -q -m gpu tests/gpu/test_gpu_gluon_specs.py
 
-Not run yet (the forward part written 2026-12-05, the backward part later, both without a GPU): the
-first GPU session to run it decides whether ATTNCC_BACKEND=auto may select the Gluon forward and
-backward (attncc.runtime.gluon.AUTO_SELECTS_GLUON, AUTO_SELECTS_GLUON_BACKWARD).
+Not run yet (written 2026-12-05 without a GPU): the first GPU session to run it decides whether
+ATTNCC_BACKEND=auto may select the Gluon forward and backward (attncc.runtime.gluon.AUTO_SELECTS_GLUON,
+AUTO_SELECTS_GLUON_BACKWARD). Start with test_rendered_tiny: small launches of every rendered spec,
+before the real sizes.
 """
 from __future__ import annotations
 
@@ -35,6 +39,12 @@ from cases import module, pattern  # noqa: E402
 pytestmark = MARKS
 DEV = "cuda"
 ELIGIBLE = ("dense", "causal", "gqa", "mqa")
+# rendered fragments (tests/test_gluon_rendered.py RENDERED), with params that put the patterns'
+# edges inside many tiles at the sizes below (their defaults are for 16K sequences)
+RENDERED = {"alibi": {}, "block_diagonal": {"chunk": 700}, "chunked_local": {"chunk": 1000},
+            "cross_causal": {}, "local_bidirectional": {"w": 300}, "longformer": {"g": 100, "w": 300},
+            "prefix_lm": {"prefix": 777}, "sink_window": {"sinks": 4, "window": 1000},
+            "sliding_window": {"window": 1000}, "softcap": {}}
 
 
 @pytest.fixture
@@ -77,7 +87,8 @@ def qkv(B, Hq, Hkv, Nq, Nk, D, dtype, seed=0, grad=False):
 
 
 def check_forward(name, q, k, v, **kw):
-    """O and the LSE against the float64 reference, and against the module's tl forward."""
+    """O and the LSE against the float64 reference, and against the module's tl forward (``kw``:
+    offsets, lengths and params)."""
     mod = module(name)
     o, lse = mod.attention(q, k, v, return_lse=True, **kw)
     ref, ref_lse = attncc.reference(pattern(name), q.double(), k.double(), v.double(), return_lse=True, **kw)
@@ -214,3 +225,81 @@ def test_torch_compile_runs_the_gluon_forward(gluon):
     o = fn(q, k, v)
     assert rel(o, attncc.reference(pattern("causal"), q.double(), k.double(), v.double())) < TOL
     assert "causal" in gluon
+
+
+# ------------------------------------------------------------------------------------------------
+# rendered fragments
+
+
+@pytest.mark.parametrize("name", sorted(RENDERED))
+def test_rendered_tiny(gluon, name):
+    """One small launch per rendered spec first (a hang or a fault shows here, with its name)."""
+    check_forward(name, *qkv(1, 2, 1, 300, 333, 128, torch.bfloat16, seed=9), q_offset=20,
+                  **{k: min(v, 150) for k, v in RENDERED[name].items()})
+    assert gluon == ["rendered"]
+
+
+RENDERED_FORWARD = [(name, dtype) for name in sorted(RENDERED) for dtype in (torch.bfloat16, torch.float16)]
+
+
+@pytest.mark.parametrize("name, dtype", RENDERED_FORWARD, ids=[f"{n}-{str(t)[6:]}" for n, t in RENDERED_FORWARD])
+def test_rendered_forward(gluon, name, dtype):
+    Hq, Hkv = heads(name, Hq=8, Hkv=4)
+    check_forward(name, *qkv(1, Hq, Hkv, 3000, 3000, 128, dtype, seed=10), **RENDERED[name])
+    assert gluon == ["rendered"], gluon
+
+
+@pytest.mark.parametrize("name, Nq, Nk, q_offset, k_offset, D", [
+    ("sink_window", 1111, 2999, 1888, 0, 128),      # a query chunk at the end: sinks and window apart
+    ("sliding_window", 777, 1500, 900, 100, 64),    # both offsets, ragged
+    ("chunked_local", 1000, 3000, 2000, 0, 256),    # D = 256: 64-key blocks, O staged in Q
+    ("prefix_lm", 600, 1300, 0, 700, 128),          # keys after the queries: only the prefix is seen
+    ("cross_causal", 513, 2047, 0, 0, 128),         # bottom-right: n_k - n_q shifts the band
+    ("longformer", 999, 999, 0, 0, 64),             # global rows and columns and a band: two segments
+    ("alibi", 700, 1900, 1200, 0, 128),
+    ("softcap", 1025, 1025, 0, 0, 256),
+])
+def test_rendered_offsets(gluon, name, Nq, Nk, q_offset, k_offset, D):
+    Hq, Hkv = heads(name, Hq=8, Hkv=2)
+    check_forward(name, *qkv(1, Hq, Hkv, Nq, Nk, D, torch.bfloat16, seed=11), q_offset=q_offset, k_offset=k_offset,
+                  **RENDERED[name])
+    assert gluon == ["rendered"]
+
+
+def test_rendered_precondition_falls_back_to_tl(monkeypatch, gluon):
+    """A call that breaks the closed form's precondition (window = 0) is refused when forced, and
+    runs on tl with ATTNCC_BACKEND=auto once auto selects Gluon."""
+    q, k, v = qkv(1, 4, 4, 512, 512, 128, torch.bfloat16, seed=12)
+    with pytest.raises(ValueError, match="precondition"):
+        module("sliding_window").attention(q, k, v, window=0)
+    from attncc.runtime import gluon as gluon_settings
+
+    monkeypatch.setenv("ATTNCC_BACKEND", "auto")
+    monkeypatch.setattr(gluon_settings, "AUTO_SELECTS_GLUON", True)
+    o = module("sliding_window").attention(q, k, v, window=0)
+    assert torch.all(o == 0)  # window 0: no pair
+    assert gluon == []
+
+
+RENDERED_BACKWARD = [("sink_window", torch.bfloat16), ("alibi", torch.float16), ("softcap", torch.bfloat16),
+                     ("longformer", torch.bfloat16)]
+
+
+@pytest.mark.parametrize("name, dtype", RENDERED_BACKWARD, ids=[f"{n}-{str(t)[6:]}" for n, t in RENDERED_BACKWARD])
+def test_rendered_forward_backward(gluon, name, dtype):
+    """The tl backward on the Gluon forward's O and LSE of a rendered spec."""
+    Hq, Hkv = heads(name, Hq=8, Hkv=4)
+    q, k, v = qkv(1, Hq, Hkv, 1500, 1500, 128, dtype, seed=13, grad=True)
+    params = {key: min(value, 400) for key, value in RENDERED[name].items()}
+    o, lse = module(name).attention(q, k, v, return_lse=True, **params)
+    gen = torch.Generator(device=DEV).manual_seed(14)
+    do = torch.randn(o.shape, device=DEV, generator=gen).to(dtype)
+    grads = torch.autograd.grad(o, (q, k, v), do)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ro = attncc.reference(pattern(name), *leaves, **params)
+    want = torch.autograd.grad(ro, leaves, do.double())
+    for label, got, ref in zip("qkv", grads, want):
+        assert not torch.isnan(got).any(), f"d{label} has NaN"
+        assert rel(got, ref) < GRAD_TOL, (label, rel(got, ref))
+    assert gluon == ["rendered"]
+    release()

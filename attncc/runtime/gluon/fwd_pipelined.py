@@ -11,8 +11,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma
 
-from attncc.runtime.gluon.common import (clamp_walk, finish_rows, lhs_layout, mask_scores, mma_layout, rescale,
-                                 softmax_update)
+from attncc.runtime.gluon.common import (block_scores, exp2_scale, finish_rows, is_full, lhs_layout, mma_layout,
+                                         nth_block, pattern_context, rescale, softmax_update, tile_walk, walk_blocks)
 
 
 @gluon.jit
@@ -27,13 +27,15 @@ def _issue_kv(k_desc, v_desc, k_smem, v_smem, bars, b, hk, kb, slot, pred):
 
 @gluon.jit
 def attn_fwd_pipelined(q_desc, k_desc, v_desc, o_desc, lse_ptr, lse_stride: gl.int64,
-                       H, GROUP, Nq, Nk, q_offset, k_offset, n_q, n_k, qk_scale,
-                       WALK: gl.constexpr, MASK: gl.constexpr, RETURN_LSE: gl.constexpr,
-                       STAGES: gl.constexpr, num_warps: gl.constexpr):
+                       H, GROUP, Nq, Nk, q_offset, k_offset, n_q, n_k, qk_scale, pattern_args,
+                       WALK: gl.constexpr, MASK: gl.constexpr, SCORE: gl.constexpr, SEGMENTS: gl.constexpr,
+                       RETURN_LSE: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
     """One program per (query block, batch x head); descriptors are 4-d over [B, H, N, D] tensors, so
     batch and head offsets are TMA coordinates (no int32 address arithmetic) and rows past N read as
     zeros and are never written. LSE row (b, h) starts at lse_ptr + (b * H + h) * lse_stride (an
-    int64: B * H * Nq may pass 2**31)."""
+    int64: B * H * Nq may pass 2**31). WALK, MASK, SCORE, SEGMENTS and the `pattern_args` tuple: the
+    pattern's fragments (walks.py); the key loop runs over the walk's blocks by their index in it, so
+    that the ring is filled ahead across segment boundaries."""
     dtype: gl.constexpr = q_desc.dtype
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[2]
     HEAD_DIM: gl.constexpr = q_desc.block_type.shape[3]
@@ -60,13 +62,14 @@ def attn_fwd_pipelined(q_desc, k_desc, v_desc, o_desc, lse_ptr, lse_stride: gl.i
         mbarrier.init(kv_bars.index(i), count=1)
 
     q_lo = q_offset + qb * BLOCK_M
-    lo, full_lo, full_hi, hi = WALK(q_lo, q_lo + BLOCK_M - 1, Nk, k_offset, n_q, n_k, BLOCK_N)
-    lo, full_lo, full_hi, hi = clamp_walk(lo, full_lo, full_hi, hi)
+    ctx = pattern_context(b, h, H, q_offset + Nq - 1, pattern_args)
+    segs = tile_walk(qb, q_offset, Nk, k_offset, n_q, n_k, ctx, WALK, SEGMENTS, BLOCK_M, BLOCK_N)
+    n_blocks = walk_blocks(segs, SEGMENTS)
 
     mbarrier.expect(q_bar, q_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(q_desc, [b, h, qb * BLOCK_M, 0], q_bar, q_smem)
     for i in gl.static_range(STAGES - 1):
-        _issue_kv(k_desc, v_desc, k_smem, v_smem, kv_bars, b, hk, lo + i, i, lo + i < hi)
+        _issue_kv(k_desc, v_desc, k_smem, v_smem, kv_bars, b, hk, nth_block(segs, i, SEGMENTS), i, i < n_blocks)
 
     rows_i = q_lo + gl.arange(0, BLOCK_M, gl.SliceLayout(1, s_layout))
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
@@ -76,20 +79,23 @@ def attn_fwd_pipelined(q_desc, k_desc, v_desc, o_desc, lse_ptr, lse_stride: gl.i
     q = q_smem.reshape([BLOCK_M, HEAD_DIM])
     mbarrier.wait(q_bar, 0)
 
-    for kb in range(lo, hi):
-        it = kb - lo
-        # Refill the slot that held block kb - 1: every warp has finished its wgmmas on it.
+    for it in range(0, n_blocks):
+        kb = nth_block(segs, it, SEGMENTS)
+        # Refill the slot that held the previous block: every warp has finished its wgmmas on it.
         gl.thread_barrier()
-        ahead = kb + STAGES - 1
-        _issue_kv(k_desc, v_desc, k_smem, v_smem, kv_bars, b, hk, ahead, (it + STAGES - 1) % STAGES, ahead < hi)
+        ahead = it + STAGES - 1
+        _issue_kv(k_desc, v_desc, k_smem, v_smem, kv_bars, b, hk, nth_block(segs, ahead, SEGMENTS),
+                  (it + STAGES - 1) % STAGES, ahead < n_blocks)
         slot = it % STAGES
         mbarrier.wait(kv_bars.index(slot), (it // STAGES) & 1)
         k = k_smem.index(slot).reshape([BLOCK_N, HEAD_DIM])
         v = v_smem.index(slot).reshape([BLOCK_N, HEAD_DIM])
         s = warpgroup_mma(q, k.permute((1, 0)), s_zero, use_acc=False)
-        if (kb < full_lo) | (kb >= full_hi):
-            s = mask_scores(s, kb, rows_i, Nk, k_offset, n_q, n_k, MASK, BLOCK_N, s_layout)
-        m_i, l_i, p, alpha = softmax_update(s, m_i, l_i, qk_scale, p_layout, dtype)
+        s = block_scores(s, kb, rows_i, Nk, k_offset, n_q, n_k, ctx, qk_scale, MASK, SCORE, False, BLOCK_N, s_layout)
+        if ~is_full(segs, kb, SEGMENTS):
+            s = block_scores(s, kb, rows_i, Nk, k_offset, n_q, n_k, ctx, qk_scale, MASK, None, True, BLOCK_N,
+                             s_layout)
+        m_i, l_i, p, alpha = softmax_update(s, m_i, l_i, exp2_scale(qk_scale, SCORE), p_layout, dtype)
         acc = warpgroup_mma(p, v, rescale(acc, alpha, o_layout))
 
     o, lse = finish_rows(acc, m_i, l_i, o_layout)

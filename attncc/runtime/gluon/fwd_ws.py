@@ -23,8 +23,9 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
-from attncc.runtime.gluon.common import (clamp_walk, finish_rows, lhs_layout, mask_scores, mma_layout, rescale,
-                                 softmax_update)
+from attncc.runtime.gluon.common import (block_scores, exp2_scale, finish_rows, lhs_layout, mma_layout,
+                                         pattern_context, rescale, segment_start, softmax_update, tile_walk,
+                                         walk_start)
 
 CONSUMER_WARPS = gl.constexpr(4)
 
@@ -44,16 +45,8 @@ def tile_coords(t, n_qb, BH, HEAD_GROUP):
 
 
 @gluon.jit
-def tile_walk(qb, q_offset, Nk, k_offset, n_q, n_k, WALK: gl.constexpr, BLOCK_M: gl.constexpr,
-              BLOCK_N: gl.constexpr):
-    q_lo = q_offset + qb * BLOCK_M
-    lo, full_lo, full_hi, hi = WALK(q_lo, q_lo + BLOCK_M - 1, Nk, k_offset, n_q, n_k, BLOCK_N)
-    return clamp_walk(lo, full_lo, full_hi, hi)
-
-
-@gluon.jit
-def load_partition(descs, smem, bars, B, H, GROUP, Nq, Nk, q_offset, k_offset, n_q, n_k, HEAD_GROUP,
-                   WALK: gl.constexpr, STAGES: gl.constexpr):
+def load_partition(descs, smem, bars, B, H, GROUP, Nq, Nk, q_offset, k_offset, n_q, n_k, HEAD_GROUP, pattern_args,
+                   WALK: gl.constexpr, STAGES: gl.constexpr, SEGMENTS: gl.constexpr):
     q_desc, k_desc, v_desc, o_desc = descs
     q_smem, o_smem, k_smem, v_smem = smem
     q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn_bars = bars
@@ -70,23 +63,27 @@ def load_partition(descs, smem, bars, B, H, GROUP, Nq, Nk, q_offset, k_offset, n
         b = bh // H
         h = bh % H
         hk = h // GROUP
-        lo, full_lo, full_hi, hi = tile_walk(qb, q_offset, Nk, k_offset, n_q, n_k, WALK, BLOCK_M, BLOCK_N)
+        ctx = pattern_context(b, h, H, q_offset + Nq - 1, pattern_args)
+        segs = tile_walk(qb, q_offset, Nk, k_offset, n_q, n_k, ctx, WALK, SEGMENTS, BLOCK_M, BLOCK_N)
         for wg in gl.static_range(2):
             # A fresh mbarrier counts as having completed the phase before 0: the first wait passes.
             mbarrier.wait(q_empty.index(wg), (tiles_done & 1) ^ 1)
             mbarrier.expect(q_ready.index(wg), q_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(q_desc, [b, h, qb * BLOCK_M + wg * M_WG, 0], q_ready.index(wg),
                                             q_smem.index(wg))
-        for kb in range(lo, hi):
-            slot = it % STAGES
-            phase = (it // STAGES) & 1
-            mbarrier.wait(k_empty.index(slot), phase ^ 1)
-            mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [b, hk, kb * BLOCK_N, 0], k_ready.index(slot), k_smem.index(slot))
-            mbarrier.wait(v_empty.index(slot), phase ^ 1)
-            mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(v_desc, [b, hk, kb * BLOCK_N, 0], v_ready.index(slot), v_smem.index(slot))
-            it += 1
+        for seg in gl.static_range(SEGMENTS):  # in ascending order, as the consumers walk them
+            for kb in range(segs[4 * seg], segs[4 * seg + 3]):
+                slot = it % STAGES
+                phase = (it // STAGES) & 1
+                mbarrier.wait(k_empty.index(slot), phase ^ 1)
+                mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(k_desc, [b, hk, kb * BLOCK_N, 0], k_ready.index(slot),
+                                                k_smem.index(slot))
+                mbarrier.wait(v_empty.index(slot), phase ^ 1)
+                mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(v_desc, [b, hk, kb * BLOCK_N, 0], v_ready.index(slot),
+                                                v_smem.index(slot))
+                it += 1
         tiles_done += 1
 
 
@@ -105,9 +102,9 @@ def pass_turn(turn_bars, WG: gl.constexpr, PINGPONG: gl.constexpr):
 
 @gluon.jit
 def consumer_step(kb, q, acc, m_i, l_i, p, alpha, it, prev_slot, prev_phase, turn,
-                  k_smem, v_smem, bars, rows_i, Nk, k_offset, n_q, n_k, qk_scale,
-                  MASK: gl.constexpr, MASKED: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
-                  WG: gl.constexpr):
+                  k_smem, v_smem, bars, rows_i, Nk, k_offset, n_q, n_k, ctx, qk_scale,
+                  MASK: gl.constexpr, SCORE: gl.constexpr, MASKED: gl.constexpr, STAGES: gl.constexpr,
+                  PINGPONG: gl.constexpr, WG: gl.constexpr):
     """Issue S = Q K_kb^T and O += P_prev V_prev, then the softmax of S while P_prev V_prev runs."""
     q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn_bars = bars
     M_WG: gl.constexpr = q.shape[0]
@@ -130,9 +127,8 @@ def consumer_step(kb, q, acc, m_i, l_i, p, alpha, it, prev_slot, prev_phase, tur
     pass_turn(turn_bars, WG, PINGPONG)
     s = warpgroup_mma_wait(1, deps=(s_tok, ))
     mbarrier.arrive(k_empty.index(slot))
-    if MASKED:
-        s = mask_scores(s, kb, rows_i, Nk, k_offset, n_q, n_k, MASK, BLOCK_N, s_layout)
-    m_i, l_i, p_next, alpha = softmax_update(s, m_i, l_i, qk_scale, lhs_layout(o_layout), q.dtype)
+    s = block_scores(s, kb, rows_i, Nk, k_offset, n_q, n_k, ctx, qk_scale, MASK, SCORE, MASKED, BLOCK_N, s_layout)
+    m_i, l_i, p_next, alpha = softmax_update(s, m_i, l_i, exp2_scale(qk_scale, SCORE), lhs_layout(o_layout), q.dtype)
     acc, p = warpgroup_mma_wait(0, deps=(o_tok, p))
     mbarrier.arrive(v_empty.index(prev_slot))
     return acc, m_i, l_i, p_next, alpha, it + 1, slot, phase, turn + 1
@@ -140,9 +136,10 @@ def consumer_step(kb, q, acc, m_i, l_i, p, alpha, it, prev_slot, prev_phase, tur
 
 @gluon.jit
 def consumer_partition(descs, smem, bars, lse_ptr, lse_stride, B, H, Nq, Nk, q_offset, k_offset, n_q, n_k, qk_scale,
-                       HEAD_GROUP,
-                       WALK: gl.constexpr, MASK: gl.constexpr, RETURN_LSE: gl.constexpr, STAGES: gl.constexpr,
-                       PINGPONG: gl.constexpr, O_IN_Q: gl.constexpr, WG: gl.constexpr):
+                       HEAD_GROUP, pattern_args,
+                       WALK: gl.constexpr, MASK: gl.constexpr, SCORE: gl.constexpr, SEGMENTS: gl.constexpr,
+                       RETURN_LSE: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, O_IN_Q: gl.constexpr,
+                       WG: gl.constexpr):
     q_desc, k_desc, v_desc, o_desc = descs
     q_smem, o_smem, k_smem, v_smem = smem
     q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn_bars = bars
@@ -166,16 +163,18 @@ def consumer_partition(descs, smem, bars, lse_ptr, lse_stride, B, H, Nq, Nk, q_o
         qb, bh = tile_coords(t, n_qb, BH, HEAD_GROUP)
         b = bh // H
         h = bh % H
-        lo, full_lo, full_hi, hi = tile_walk(qb, q_offset, Nk, k_offset, n_q, n_k, WALK, BLOCK_M, BLOCK_N)
+        ctx = pattern_context(b, h, H, q_offset + Nq - 1, pattern_args)
+        segs = tile_walk(qb, q_offset, Nk, k_offset, n_q, n_k, ctx, WALK, SEGMENTS, BLOCK_M, BLOCK_N)
+        first, some = walk_start(segs, SEGMENTS)
         row0 = qb * BLOCK_M + WG * M_WG
         rows_i = q_offset + row0 + gl.arange(0, M_WG, row_layout)
         m_i = gl.full([M_WG], float("-inf"), gl.float32, row_layout)
         l_i = gl.zeros([M_WG], gl.float32, row_layout)
         acc = gl.zeros([M_WG, HEAD_DIM], gl.float32, o_layout)
         mbarrier.wait(q_ready.index(WG), tiles_done & 1)
-        if hi > lo:
-            # Prologue: S of the first block alone. It always goes through the mask: a full block
-            # passes it unchanged, and one copy of the step less keeps the code small.
+        if some:
+            # Prologue: S of the walk's first block alone. It always goes through the mask: a full
+            # block passes it unchanged, and one copy of the step less keeps the code small.
             slot = it % STAGES
             phase = (it // STAGES) & 1
             mbarrier.wait(k_ready.index(slot), phase)
@@ -186,27 +185,30 @@ def consumer_partition(descs, smem, bars, lse_ptr, lse_stride, B, H, Nq, Nk, q_o
             pass_turn(turn_bars, WG, PINGPONG)
             s = warpgroup_mma_wait(0, deps=(s_tok, ))
             mbarrier.arrive(k_empty.index(slot))
-            s = mask_scores(s, lo, rows_i, Nk, k_offset, n_q, n_k, MASK, BLOCK_N, s_layout)
-            m_i, l_i, p, alpha = softmax_update(s, m_i, l_i, qk_scale, lhs_layout(o_layout), dtype)
+            s = block_scores(s, first, rows_i, Nk, k_offset, n_q, n_k, ctx, qk_scale, MASK, SCORE, True, BLOCK_N,
+                             s_layout)
+            m_i, l_i, p, alpha = softmax_update(s, m_i, l_i, exp2_scale(qk_scale, SCORE), lhs_layout(o_layout), dtype)
             it += 1
             turn += 1
             prev_slot = slot
             prev_phase = phase
-            # The walk's segments after the first block: partial, full, partial.
-            first_full = gl.maximum(full_lo, lo + 1)
-            past_full = gl.maximum(full_hi, lo + 1)
-            for kb in range(lo + 1, first_full):
-                acc, m_i, l_i, p, alpha, it, prev_slot, prev_phase, turn = consumer_step(
-                    kb, q, acc, m_i, l_i, p, alpha, it, prev_slot, prev_phase, turn, k_smem, v_smem, bars, rows_i,
-                    Nk, k_offset, n_q, n_k, qk_scale, MASK, True, STAGES, PINGPONG, WG)
-            for kb in range(first_full, past_full):
-                acc, m_i, l_i, p, alpha, it, prev_slot, prev_phase, turn = consumer_step(
-                    kb, q, acc, m_i, l_i, p, alpha, it, prev_slot, prev_phase, turn, k_smem, v_smem, bars, rows_i,
-                    Nk, k_offset, n_q, n_k, qk_scale, MASK, False, STAGES, PINGPONG, WG)
-            for kb in range(past_full, hi):
-                acc, m_i, l_i, p, alpha, it, prev_slot, prev_phase, turn = consumer_step(
-                    kb, q, acc, m_i, l_i, p, alpha, it, prev_slot, prev_phase, turn, k_smem, v_smem, bars, rows_i,
-                    Nk, k_offset, n_q, n_k, qk_scale, MASK, True, STAGES, PINGPONG, WG)
+            # Each segment after the first block: partial, full, partial (in the load warp's order).
+            for seg in gl.static_range(SEGMENTS):
+                start = segment_start(segs[4 * seg], first, SEGMENTS)
+                first_full = gl.maximum(segs[4 * seg + 1], start)
+                past_full = gl.maximum(segs[4 * seg + 2], start)
+                for kb in range(start, first_full):
+                    acc, m_i, l_i, p, alpha, it, prev_slot, prev_phase, turn = consumer_step(
+                        kb, q, acc, m_i, l_i, p, alpha, it, prev_slot, prev_phase, turn, k_smem, v_smem, bars, rows_i,
+                        Nk, k_offset, n_q, n_k, ctx, qk_scale, MASK, SCORE, True, STAGES, PINGPONG, WG)
+                for kb in range(first_full, past_full):
+                    acc, m_i, l_i, p, alpha, it, prev_slot, prev_phase, turn = consumer_step(
+                        kb, q, acc, m_i, l_i, p, alpha, it, prev_slot, prev_phase, turn, k_smem, v_smem, bars, rows_i,
+                        Nk, k_offset, n_q, n_k, ctx, qk_scale, MASK, SCORE, False, STAGES, PINGPONG, WG)
+                for kb in range(past_full, segs[4 * seg + 3]):
+                    acc, m_i, l_i, p, alpha, it, prev_slot, prev_phase, turn = consumer_step(
+                        kb, q, acc, m_i, l_i, p, alpha, it, prev_slot, prev_phase, turn, k_smem, v_smem, bars, rows_i,
+                        Nk, k_offset, n_q, n_k, ctx, qk_scale, MASK, SCORE, True, STAGES, PINGPONG, WG)
             # Epilogue: P V of the last block.
             mbarrier.wait(v_ready.index(prev_slot), prev_phase)
             v = v_smem.index(prev_slot).reshape([BLOCK_N, HEAD_DIM])
@@ -237,12 +239,13 @@ def consumer_partition(descs, smem, bars, lse_ptr, lse_stride, B, H, Nq, Nk, q_o
 
 @gluon.jit
 def attn_fwd_ws(q_desc, k_desc, v_desc, o_desc, lse_ptr, lse_stride: gl.int64,
-                B, H, GROUP, Nq, Nk, q_offset, k_offset, n_q, n_k, qk_scale, HEAD_GROUP,
-                WALK: gl.constexpr, MASK: gl.constexpr, RETURN_LSE: gl.constexpr, STAGES: gl.constexpr,
-                PINGPONG: gl.constexpr, O_IN_Q: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                LOADER_REGS: gl.constexpr):
+                B, H, GROUP, Nq, Nk, q_offset, k_offset, n_q, n_k, qk_scale, HEAD_GROUP, pattern_args,
+                WALK: gl.constexpr, MASK: gl.constexpr, SCORE: gl.constexpr, SEGMENTS: gl.constexpr,
+                RETURN_LSE: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, O_IN_Q: gl.constexpr,
+                CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
     """Launch with num_warps=4 (the default partition is consumer warpgroup 0) and a grid of at most
-    one CTA per SM; descriptors as in `attn_fwd_pipelined` with Q/O blocks of M_WG rows."""
+    one CTA per SM; descriptors as in `attn_fwd_pipelined` with Q/O blocks of M_WG rows. WALK, MASK,
+    SCORE, SEGMENTS and the `pattern_args` tuple: the pattern's fragments (walks.py)."""
     dtype: gl.constexpr = q_desc.dtype
     gl.static_assert(q_desc.block_type.shape[2] == 16 * CONSUMER_WARPS, "one consumer warpgroup holds 64 rows")
     q_smem = gl.allocate_shared_memory(dtype, [2] + q_desc.block_type.shape, q_desc.layout)
@@ -279,9 +282,11 @@ def attn_fwd_ws(q_desc, k_desc, v_desc, o_desc, lse_ptr, lse_stride: gl.int64,
     # The tuples stay literals: an assignment would try to turn the rendered functions into tensors.
     gl.warp_specialize([
         (consumer_partition, (descs, smem, bars, lse_ptr, lse_stride, B, H, Nq, Nk, q_offset, k_offset, n_q, n_k,
-                              qk_scale, HEAD_GROUP, WALK, MASK, RETURN_LSE, STAGES, PINGPONG, O_IN_Q, 0)),
+                              qk_scale, HEAD_GROUP, pattern_args, WALK, MASK, SCORE, SEGMENTS, RETURN_LSE, STAGES,
+                              PINGPONG, O_IN_Q, 0)),
         (consumer_partition, (descs, smem, bars, lse_ptr, lse_stride, B, H, Nq, Nk, q_offset, k_offset, n_q, n_k,
-                              qk_scale, HEAD_GROUP, WALK, MASK, RETURN_LSE, STAGES, PINGPONG, O_IN_Q, 1)),
-        (load_partition, (descs, smem, bars, B, H, GROUP, Nq, Nk, q_offset, k_offset, n_q, n_k, HEAD_GROUP, WALK,
-                          STAGES)),
+                              qk_scale, HEAD_GROUP, pattern_args, WALK, MASK, SCORE, SEGMENTS, RETURN_LSE, STAGES,
+                              PINGPONG, O_IN_Q, 1)),
+        (load_partition, (descs, smem, bars, B, H, GROUP, Nq, Nk, q_offset, k_offset, n_q, n_k, HEAD_GROUP,
+                          pattern_args, WALK, STAGES, SEGMENTS)),
     ], [CONSUMER_WARPS, 1], [CONSUMER_REGS, LOADER_REGS])

@@ -1,9 +1,10 @@
 """Host side of the Gluon sm90 kernels: configs, TMA descriptors, grids, launches, and compilation
 of every variant to a cubin without a GPU (for CI and for reading the PTX/SASS).
 
-`attention` is what a generated module's forward calls (through attncc.runtime.backend) for the
-built-in walks, `attention_backward` what its backward calls; rendered walks and masks will come
-through their `walk` / `qwalk` / `mask` arguments.
+`attention` is what a generated module's forward calls (through attncc.runtime.backend): with a
+built-in `pattern`, or with the fragments codegen rendered from the module's Plan (its `walk`,
+`mask`, `score`, `segments` and `pattern_args` arguments; walks.py gives their contract).
+`attention_backward` is what its backward calls, for the built-in walks.
 """
 from __future__ import annotations
 
@@ -209,15 +210,18 @@ def backward_fragments(pattern: str):
 
 def attention(q, k, v, *, pattern: str = "dense", scale: Optional[float] = None, q_offset: int = 0,
               k_offset: int = 0, n_q: Optional[int] = None, n_k: Optional[int] = None, return_lse: bool = False,
-              config: Optional[GluonConfig] = None, walk=None, mask=None, out=None, lse_out=None):
+              config: Optional[GluonConfig] = None, walk=None, mask=None, out=None, lse_out=None, score=None,
+              segments: int = 1, pattern_args: tuple = ()):
     """Softmax attention through the Gluon sm90 kernels (forward only).
 
     q [B, Hq, Nq, D], k / v [B, Hkv, Nk, D] (Hq a multiple of Hkv: GQA), bf16 or fp16 on an sm90
     GPU. Query row r sits at position q_offset + r, key c at k_offset + c (chunks of a longer
     sequence); n_q / n_k are the full lengths a mask may refer to (default Nq / Nk). `walk` and
-    `mask` override the pattern's fragments (walks.py gives their contract). Returns o
-    [B, Hq, Nq, D] (and the natural-log LSE [B, Hq, Nq] in float32 with return_lse), written into
-    `out` / `lse_out` when given (contiguous, of those shapes and dtypes: checks poison them)."""
+    `mask` override the pattern's fragments; `score` (a score hook), `segments` (the walk's
+    segments per tile) and `pattern_args` (the spec's params, a tuple of ints and floats) come with
+    rendered ones (walks.py gives their contract). Returns o [B, Hq, Nq, D] (and the natural-log LSE
+    [B, Hq, Nq] in float32 with return_lse), written into `out` / `lse_out` when given (contiguous,
+    of those shapes and dtypes: checks poison them)."""
     import torch
     import triton
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -231,6 +235,10 @@ def attention(q, k, v, *, pattern: str = "dense", scale: Optional[float] = None,
         default_walk, default_mask = pattern_fragments(pattern)
         walk = default_walk if walk is None else walk
         mask = default_mask if mask is None else mask
+    if not (isinstance(segments, int) and segments >= 1):
+        raise ValueError(f"attncc.runtime.gluon: segments must be an int >= 1, got {segments!r}")
+    if not (isinstance(pattern_args, tuple) and all(type(a) in (int, float) for a in pattern_args)):
+        raise TypeError(f"attncc.runtime.gluon: pattern_args must be a tuple of ints and floats, got {pattern_args!r}")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if not scale > 0:  # the kernels take the scaled max as the max of the scaled scores
         raise ValueError(f"attncc.runtime.gluon: scale must be > 0, got {scale}")
@@ -255,16 +263,17 @@ def attention(q, k, v, *, pattern: str = "dense", scale: Optional[float] = None,
         from attncc.runtime.gluon.fwd_pipelined import attn_fwd_pipelined
         grid = (triton.cdiv(Nq, config.block_m), B * Hq)
         attn_fwd_pipelined[grid](q_desc, k_desc, v_desc, o_desc, lse, Nq, Hq, group, Nq, Nk, q_offset, k_offset, n_q,
-                                 n_k, qk_scale, WALK=walk, MASK=mask, RETURN_LSE=return_lse, STAGES=config.stages,
-                                 num_warps=config.num_warps)
+                                 n_k, qk_scale, pattern_args, WALK=walk, MASK=mask, SCORE=score, SEGMENTS=segments,
+                                 RETURN_LSE=return_lse, STAGES=config.stages, num_warps=config.num_warps)
     else:
         from attncc.runtime.gluon.fwd_ws import attn_fwd_ws
         n_tiles = triton.cdiv(Nq, config.block_m) * B * Hq
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count
         heads_per_group = head_group(B * Hq, triton.cdiv(Nq, config.block_m), Nk, D, q.element_size(), group, sms)
         attn_fwd_ws[(min(sms, n_tiles), )](q_desc, k_desc, v_desc, o_desc, lse, Nq, B, Hq, group, Nq, Nk, q_offset,
-                                            k_offset, n_q, n_k, qk_scale, heads_per_group, WALK=walk, MASK=mask,
-                                            RETURN_LSE=return_lse, STAGES=config.stages, PINGPONG=config.pingpong,
+                                            k_offset, n_q, n_k, qk_scale, heads_per_group, pattern_args, WALK=walk,
+                                            MASK=mask, SCORE=score, SEGMENTS=segments, RETURN_LSE=return_lse,
+                                            STAGES=config.stages, PINGPONG=config.pingpong,
                                             O_IN_Q=config.o_in_q, CONSUMER_REGS=config.consumer_regs,
                                             LOADER_REGS=config.loader_regs, num_warps=config.num_warps,
                                             maxnreg=config.maxnreg)
@@ -516,7 +525,8 @@ def compile_for_sm90(variant: Union[Variant, BwdVariant], disassemble: bool = Tr
 
     signature = {"q_desc": desc(c.rows_per_q_block), "k_desc": desc(c.block_n), "v_desc": desc(c.block_n),
                  "o_desc": desc(c.rows_per_q_block), "lse_ptr": "*fp32", "lse_stride": "i64"}
-    constexprs = {"WALK": walk, "MASK": mask, "RETURN_LSE": variant.return_lse, "STAGES": c.stages}
+    constexprs = {"WALK": walk, "MASK": mask, "SCORE": None, "SEGMENTS": 1, "RETURN_LSE": variant.return_lse,
+                  "STAGES": c.stages}
     options = {"num_warps": c.num_warps}
     if c.kernel == "pipelined":
         from attncc.runtime.gluon.fwd_pipelined import attn_fwd_pipelined as kernel
@@ -532,6 +542,7 @@ def compile_for_sm90(variant: Union[Variant, BwdVariant], disassemble: bool = Tr
     signature["qk_scale"] = "fp32"
     if c.kernel == "ws":
         signature["HEAD_GROUP"] = "i32"
+    signature["pattern_args"] = ()  # the built-in walks have no params (an empty tuple)
     signature.update({name: "constexpr" for name in constexprs})
     compiled = triton.compile(GluonASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
                               options=options)

@@ -1,0 +1,130 @@
+"""Plan -> the Gluon sm90 forward's fragments of a pattern: ``generated/<name>_gluon.py``.
+
+The Gluon kernels (``attncc.runtime.gluon``) are hand-written skeletons, the same for every
+pattern; what a pattern adds is three small ``@gluon.jit`` functions they take as ``constexpr``
+arguments and inline (their contract: ``attncc.runtime.gluon.walks``):
+
+- ``walk``: the Plan's key-block segments of a query tile (:func:`attncc.analysis.walks.sorted_segments`:
+  the closed-form steps the ``tl`` kernels print, then the ones that sort them), printed line by
+  line as the ``tl`` walk is (:func:`attncc.codegen.walks.symbol_names`, the same printer in Gluon's
+  names: :class:`attncc.codegen.printer.GluonPrinter`);
+- ``mask``: the mask as the Plan's bands, each solved for the key (:meth:`attncc.analysis.bands.Cover.predicate`:
+  per-key values are not kept across the key loop, where a register-bound kernel would spill
+  them), evaluated on the partial blocks only;
+- ``score``: the bias, mod and softcap of the score in log2 units (None for the plain scaled dot
+  product: the kernels then fold the scale into exp2, as before).
+
+The functions live in a file of their own, next to the module, which ``attncc.runtime.backend``
+imports on the Gluon path only: the module itself is imported under ``TRITON_INTERPRET=1`` (whose
+Triton cannot compile Gluon) and with Tritons that have no Gluon, and keeps needing
+``attncc.runtime`` alone. Plain host functions beside them give the kernel's ``pattern_args`` (the
+spec's params, in the order the fragments unpack them) and whether the closed form is exact for a
+call (its precondition; otherwise the ``tl`` kernels run the call on exact block lists).
+
+Names: the fragments' own arguments and ``b, h, H, q_last`` (the context tuple's first members),
+``kv_<step>`` for the walk's steps, ``prm_<param>`` for params (attncc.codegen.names: no spec name
+can meet another), ``tmp<n>`` / ``bucket<n>`` for named subexpressions.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+from attncc.analysis.builtin import gluon_fit
+from attncc.analysis.walks import Iteration, sorted_segments
+from attncc.codegen.helpers import GLUON, helper_args
+from attncc.codegen.names import param_var
+from attncc.codegen.printer import GluonPrinter, NotGluon, Temporaries, record_definitions
+from attncc.codegen.text import py_str
+from attncc.codegen.walks import precondition_code, symbol_names, walk_note
+from attncc.spec import symbols as S
+from attncc.spec.ir import Pattern
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+CONTEXT = ("b", "h", "H", "q_last")  # the ctx tuple's members before the params (runtime.gluon.common)
+
+
+def gluon_context(pattern: Pattern, plan) -> Optional[dict]:
+    """The template variables of ``templates/gluon.py.j2`` for ``plan``, or None when its forward
+    does not take rendered fragments (:func:`attncc.analysis.builtin.gluon_fit`). Raises
+    :class:`NotGluon` for what the analysis let through and Gluon cannot print (a bug: the tests
+    render every eligible spec and random ones)."""
+    if gluon_fit(plan).kind != "rendered":
+        return None
+    params = [p for p in pattern.params]
+    unpack = ", ".join(list(CONTEXT) + [param_var(p.name) for p in params])
+    temps = Temporaries()
+    helpers = set()
+
+    # -- the walk: the Plan's steps, then the sorted segments ------------------------------------
+    segments = sorted_segments(plan.forward)
+    names = symbol_names(plan, segments.steps, False, "kv_", {"n_heads": "H"})
+    walk_printer = GluonPrinter(names)
+    record_definitions(segments.steps)  # their bounds, for the host's overflow guard (codegen.bounds)
+    walk_steps = [(names[sym], walk_printer(e)) for sym, e in segments.steps]
+    helpers |= walk_printer.helpers
+
+    # -- the mask and the score, over the positions i [BLOCK_M, 1] and j [1, BLOCK_N] ------------------
+    base = {S.i: "i", S.j: "j", S.b: "b", S.h: "h", S.n_q: "n_q", S.n_k: "n_k", S.n_heads: "H"}
+    mask_lines: List[Tuple[str, str]] = []
+    mask_code = None
+    if plan.forward.kind is Iteration.BANDS:  # the mask as the Plan's bands, each solved for j
+        printer = GluonPrinter({**base, **{p.symbol: param_var(p.name) for p in params}}, float64=True, temps=temps)
+        mask_lines, mask_code = printer.statement(plan.forward.cover.predicate(S.i, S.j))
+        helpers |= printer.helpers
+    score_lines = render_score(pattern, base, temps, helpers)
+
+    bad = sorted(h for h in helpers if not (h in GLUON or h.startswith("_bucket_")))
+    if bad:
+        raise NotGluon(f"{pattern.source}: the Gluon fragments have no helper {', '.join(bad)}")
+    note = walk_note(plan.forward)
+    count = len(segments.segments)
+    return dict(
+        segments=count, walk_steps=walk_steps, walk_out=[", ".join(names[s] for s in seg) for seg in segments.segments],
+        unpack=unpack, param_tuple=_tuple([py_str(p.name) for p in params]),
+        param_values=_tuple([f"{p.kind}(call.params[{py_str(p.name)}])" for p in params]),
+        mask_lines=mask_lines, mask_code=mask_code, score_lines=score_lines,
+        helpers=[helper_args(h) for h in sorted(helpers)], exact=precondition_code(plan, transposed=False),
+        walk_note=[f"{note[0]}; the kernels walk {count} sorted segment{'s' if count > 1 else ''} per query tile"]
+        + note[1:])
+
+
+def _tuple(items: List[str]) -> str:
+    """A Python tuple literal of the items' code."""
+    return f"({items[0]},)" if len(items) == 1 else f"({', '.join(items)})"
+
+
+def render_score(pattern: Pattern, base, temps: Temporaries, helpers: set) -> List[str]:
+    """The body of the score hook (its last line a ``return``), or [] for the plain scaled dot
+    product. The whole score is computed per pair, as the reference defines it: terms constant along
+    the key (which the ``tl`` kernels move to the LSE) stay in it."""
+    if (pattern.bias is None or pattern.bias == 0) and pattern.mod is None and pattern.softcap is None:
+        return []
+    names = {**base, S.s: "s"}
+    for p in pattern.params:  # float params are float32 in score code (a float64 scalar would widen the tile)
+        names[p.symbol] = f"gl.cast({param_var(p.name)}, gl.float32)" if p.kind == "float" else param_var(p.name)
+    printer = GluonPrinter(names, temps=temps)
+    lines: List[str] = []
+
+    def code(e) -> str:
+        defs, text = printer.statement(e)
+        lines.extend(f"{name} = {value}" for name, value in defs)
+        return text
+
+    has_bias = pattern.bias is not None and pattern.bias != 0
+    if pattern.mod is None and pattern.softcap is None:  # scale and bias folded into log2 units at once
+        bias = code(pattern.bias)
+        helpers |= printer.helpers
+        return lines + [f"return qk * qk_scale + {bias} * {LOG2E!r}  # bias * log2(e)"]
+    lines.append(f"s = qk * (qk_scale * {LN2!r})" + (f" + {code(pattern.bias)}" if has_bias else "")
+                 + "  # scale * qk (+ bias)")
+    if pattern.mod is not None and pattern.mod != S.s:
+        text = code(pattern.mod)
+        lines.append(f"s = {text}" if S.s in pattern.mod.free_symbols else f"s = gl.zeros_like(qk) + {text}")
+    if pattern.softcap is not None:
+        helpers.add("_tanh")
+        cap = f"{pattern.softcap!r} * _tanh(s * {1.0 / pattern.softcap!r}, FAST_MATH)"
+        lines.append(f"s = gl.where(s == float(\"-inf\"), s, {cap})  # -inf (a removed pair) stays -inf")
+    helpers |= printer.helpers
+    return lines + [f"return s * {LOG2E!r}  # to log2 units"]
+

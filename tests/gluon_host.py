@@ -1,0 +1,197 @@
+"""Gluon fragments and the kernels' per-tile math, run on the CPU in torch.
+
+Gluon has no interpreter, so the rendered fragments (``generated/<name>_gluon.py``) and the
+functions of ``attncc.runtime.gluon.common`` that the kernels inline are run here as the Python
+functions they are written as, with ``gl`` bound to torch (:data:`GL`) and the helpers to their
+definitions on the host (:data:`HELPERS`): the text that is compiled for the GPU is the text that
+runs. What differs from the GPU: int64 instead of int32 arithmetic (the Gluon path refuses calls
+past int32), Python's floor ``//`` where Triton truncates (the printers write ``//`` and ``%``
+only on operands proven non-negative, where the two agree), and float64 here where the kernels
+use float32 and 16-bit P (:func:`emulate_forward` checks the fragments' logic, not rounding).
+
+:func:`emulate_forward` runs a whole forward tile by tile as the warp-specialized kernel's
+consumer does (fwd_ws.consumer_partition): the walk's first block as the prologue, then per segment
+the masked head, the unmasked middle and the masked tail, each block through ``block_scores`` and
+``softmax_update``, ``finish_rows`` at the end.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+import types
+from pathlib import Path
+
+import torch
+
+from attncc.core import semantics
+from attncc.runtime.gluon import common
+
+
+def _t(x):
+    return x if isinstance(x, torch.Tensor) else torch.as_tensor(x)
+
+
+GL = types.SimpleNamespace(
+    minimum=lambda a, b: torch.minimum(_t(a), _t(b)), maximum=lambda a, b: torch.maximum(_t(a), _t(b)),
+    where=lambda c, a, b: torch.where(_t(c).bool(), _t(a), _t(b)), cdiv=lambda a, b: -(-a // b),
+    to_tensor=_t, cast=lambda x, dtype: _t(x).to(dtype), abs=torch.abs, exp=torch.exp, exp2=torch.exp2,
+    log=torch.log, log2=torch.log2, sqrt=torch.sqrt, rsqrt=torch.rsqrt, floor=torch.floor, ceil=torch.ceil,
+    sin=torch.sin, cos=torch.cos, erf=torch.erf,
+    max=lambda x, axis: torch.amax(x, dim=axis), sum=lambda x, axis: x.sum(axis),
+    expand_dims=lambda x, axis: x.unsqueeze(axis), convert_layout=lambda x, layout: x,
+    arange=lambda start, end, layout=None: torch.arange(start, end), zeros_like=torch.zeros_like,
+    full=lambda shape, value, dtype, layout=None: torch.full(shape, value, dtype=dtype),
+    zeros=lambda shape, dtype, layout=None: torch.zeros(shape, dtype=dtype),
+    SliceLayout=lambda dim, parent: None, static_range=range, constexpr=lambda x: x,
+    float32=torch.float32, float64=torch.float64, int32=torch.int64, int64=torch.int64)
+
+
+def _alibi_slope(h, n_heads):
+    p = 2.0 ** math.floor(math.log2(int(n_heads)))
+    hf = float(h)
+    return 2.0 ** (-8.0 * (hf + 1.0) / p) if hf < p else 2.0 ** (-4.0 * (2.0 * (hf - p) + 1.0) / p)
+
+
+def _bucket(name):
+    nb, md, bd = (int(x) for x in name[len("_bucket_"):].split("_"))
+
+    def bucket(d):
+        d = _t(d)
+        return torch.tensor([semantics.t5_bucket(x, nb, md, bool(bd)) for x in d.flatten().tolist()]).view(d.shape)
+    return bucket
+
+
+HELPERS = {
+    "_floordiv": lambda a, b: torch.div(_t(a), _t(b), rounding_mode="floor"),
+    "_floormod": lambda a, b: torch.remainder(_t(a), _t(b)),
+    "_ipow": lambda x, K: _t(x) ** K,
+    "_shift": lambda x, n: torch.where(_t(n) >= 0, _t(x) << torch.clamp(_t(n), 0, 63),
+                                       _t(x) >> torch.clamp(-_t(n), 0, 63)),
+    "_tanh": lambda x, fast: torch.tanh(x), "_sin": lambda x, fast: torch.sin(x), "_cos": lambda x, fast: torch.cos(x),
+    "_alibi_slope": _alibi_slope,
+}
+
+
+def as_python(jit_fn, **extra):
+    """The Python function a ``@gluon.jit`` function wraps, its ``gl`` bound to torch, the helpers
+    it calls (and ``extra`` names) to host versions."""
+    if jit_fn is None:
+        return None
+    fn = jit_fn.fn if hasattr(jit_fn, "fn") else jit_fn
+    names = dict(HELPERS)
+    names.update({n: _bucket(n) for n in fn.__code__.co_names if n.startswith("_bucket_")})
+    return types.FunctionType(fn.__code__, {**fn.__globals__, "gl": GL, "FAST_MATH": True, **names, **extra},
+                              fn.__name__, fn.__defaults__, fn.__closure__)
+
+
+def load_fragments(text: str, folder: Path, name: str):
+    """A rendered fragments file (its text) imported from ``folder`` (gluon.jit reads the source
+    from the file)."""
+    path = Path(folder) / f"{name}_gluon.py"
+    path.write_text(text)
+    module_name = f"gluon_host_{name}_{abs(hash(text)) % 10**12}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+class Fragments:
+    """A fragments module's functions on the host."""
+
+    def __init__(self, module):
+        self.module = module
+        self.walk = as_python(module.walk)
+        self.mask = as_python(module.mask)
+        self.score = as_python(module.score)
+        self.segments = module.SEGMENTS
+
+
+def _host_module(module, **extra):
+    """Every @gluon.jit function of ``module`` on the host, calling each other's host versions."""
+    from triton.runtime.jit import JITFunction
+
+    names = {**vars(module), "gl": GL, **extra}
+    jits = {n: f for n, f in vars(module).items() if isinstance(f, JITFunction) and f.fn.__module__ == module.__name__}
+    for n, f in jits.items():
+        fn = f.fn
+        names[n] = types.FunctionType(fn.__code__, names, fn.__name__, fn.__defaults__, fn.__closure__)
+    return types.SimpleNamespace(**{n: names[n] for n in jits})
+
+
+# the kernels' inlined functions, on the host (LN2: a gl.constexpr in common.py, a float here)
+C = _host_module(common, LN2=math.log(2.0))
+
+
+def ctx_of(b, h, H, q_last, pattern_args):
+    """The fragments' context tuple, its members 0-d int64 tensors (as the kernels' int32 scalars)."""
+    return C.pattern_context(_t(b), _t(h), H, _t(q_last), tuple(_t(a) for a in pattern_args))
+
+
+def tile_segments(frag: Fragments, q_lo, q_hi, Nk, k_offset, n_q, n_k, block_n, ctx):
+    """The walk's raw segments (a flat tuple of 4 * SEGMENTS values) of query tiles [q_lo, q_hi]
+    (int64 tensors: one tile, or a vector of them)."""
+    return frag.walk(_t(q_lo), _t(q_hi), _t(Nk), _t(k_offset), _t(n_q), _t(n_k), block_n, ctx)
+
+
+def emulate_forward(frag: Fragments, q, k, v, *, scale, q_offset=0, k_offset=0, n_q=None, n_k=None,
+                    pattern_args=(), block_m=32, block_n=16, walked=None):
+    """(o, lse) of q [B, Hq, Nq, D], k / v [B, Hkv, Nk, D] (float64) through the fragments, tile by
+    tile as the ws kernel's consumer walks them. ``walked``: a set that collects the (b, h, query
+    block, key block, masked) the loop visits."""
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    n_q = q_offset + Nq if n_q is None else n_q
+    n_k = k_offset + Nk if n_k is None else n_k
+    qk_scale = scale * 1.4426950408889634
+    nqb, nkb = -(-Nq // block_m), -(-Nk // block_n)
+    pad = lambda x, rows: torch.nn.functional.pad(x, (0, 0, 0, rows - x.shape[-2]))  # noqa: E731 (TMA: zeros)
+    qp, kp, vp = pad(q, nqb * block_m), pad(k, nkb * block_n + block_n), pad(v, nkb * block_n + block_n)
+    o = torch.zeros(B, Hq, Nq, D, dtype=torch.float64)
+    lse = torch.zeros(B, Hq, Nq, dtype=torch.float64)
+    for b in range(B):
+        for h in range(Hq):
+            hk = h // (Hq // Hkv)
+            ctx = ctx_of(b, h, Hq, q_offset + Nq - 1, pattern_args)
+            for qb in range(nqb):
+                segs = C.tile_walk(_t(qb), _t(q_offset), _t(Nk), _t(k_offset), _t(n_q), _t(n_k), ctx, frag.walk,
+                                   frag.segments, block_m, block_n)
+                first, some = C.walk_start(segs, frag.segments)
+                rows_i = q_offset + qb * block_m + torch.arange(block_m)
+                m_i = torch.full((block_m,), -math.inf, dtype=torch.float64)
+                l_i = torch.zeros(block_m, dtype=torch.float64)
+                acc = torch.zeros(block_m, D, dtype=torch.float64)
+                qt = qp[b, h, qb * block_m:(qb + 1) * block_m]
+
+                def step(kb, masked, m_i, l_i, acc):
+                    kb = int(kb)
+                    assert 0 <= kb < nkb, f"the walk left the key blocks: {kb} of {nkb}"
+                    if walked is not None:
+                        walked.add((b, h, qb, kb, masked))
+                    rows = slice(kb * block_n, (kb + 1) * block_n)
+                    s = qt @ kp[b, hk, rows].transpose(0, 1)
+                    s = C.block_scores(s, _t(kb), rows_i, _t(Nk), _t(k_offset), _t(n_q), _t(n_k), ctx, qk_scale,
+                                       frag.mask, frag.score, masked, block_n, None)
+                    m_i, l_i, p, alpha = C.softmax_update(s, m_i, l_i, C.exp2_scale(qk_scale, frag.score), None,
+                                                          torch.float64)
+                    return m_i, l_i, C.rescale(acc, alpha, None) + p @ vp[b, hk, rows]
+
+                if bool(some):
+                    m_i, l_i, acc = step(first, True, m_i, l_i, acc)
+                    for seg in range(frag.segments):
+                        start = C.segment_start(segs[4 * seg], first, frag.segments)
+                        first_full = torch.maximum(segs[4 * seg + 1], start)
+                        past_full = torch.maximum(segs[4 * seg + 2], start)
+                        for kb in range(int(start), int(first_full)):
+                            m_i, l_i, acc = step(kb, True, m_i, l_i, acc)
+                        for kb in range(int(first_full), int(past_full)):
+                            m_i, l_i, acc = step(kb, False, m_i, l_i, acc)
+                        for kb in range(int(past_full), int(segs[4 * seg + 3])):
+                            m_i, l_i, acc = step(kb, True, m_i, l_i, acc)
+                out, row_lse = C.finish_rows(acc, m_i, l_i, None)
+                rows = slice(qb * block_m, min(Nq, (qb + 1) * block_m))
+                o[b, h, rows] = out[:rows.stop - rows.start]
+                lse[b, h, rows] = row_lse[:rows.stop - rows.start]
+    return o, lse

@@ -1,0 +1,616 @@
+"""The Gluon sm90 forward with fragments rendered from the Plan (issue 20 item 1; docs/gluon.md
+"Rendered fragments"), checked without a GPU:
+
+- which Plans take rendered fragments (attncc.analysis.builtin.gluon_fit) and why the others do
+  not; the generated modules and their ``_gluon.py`` files carry it; ``attncc build`` writes,
+  checks and removes the second file;
+- the rendered walks against the brute-force tile oracle (tests/tile_oracle.py) at many tile
+  shapes, lengths, offsets and params, for every shipped spec that has them and for seeded
+  random band masks: the walked blocks are exactly the non-empty tiles, the unmasked ones exactly
+  the full ones, the segments ordered, disjoint and ascending; the rendered mask against the
+  reference's on every pair;
+- the whole forward emulated on the CPU (tests/gluon_host.py: the rendered fragments and the
+  kernels' own per-tile functions run in torch, tile by tile as the ws kernel's consumer walks)
+  against ``attncc.reference``, for every such spec and seeded random specs with score hooks;
+- the host path through a generated module with ``ATTNCC_BACKEND=gluon`` (the kernel stubbed by the
+  emulation): the launch's arguments, then the ``tl`` backward on its output;
+- CI compiles the rendered forward of every such spec for sm90 (a child process without
+  TRITON_INTERPRET, two at a time): the launch a generated module makes, through Triton's own
+  specialization, to a cubin with wgmma, TMA, the overlap of S with P V, and no spills in the key
+  loop. ATTNCC_GLUON_ALL=1 also compiles both kernels at every head dim and dtype.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import pickle
+import random
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton.experimental.gluon")
+
+import attncc  # noqa: E402
+from attncc._reference import pair_mask  # noqa: E402
+from attncc.analysis import analyze  # noqa: E402
+from attncc.analysis.builtin import gluon_fit  # noqa: E402
+from attncc.analysis.score import canonical_score  # noqa: E402
+from attncc.codegen import build, render_files, render_gluon, stale  # noqa: E402
+from attncc.core import tiles  # noqa: E402
+from attncc.runtime import backend, call as call_mod  # noqa: E402
+from attncc.runtime.gluon import fwd_pipelined, fwd_ws, launch  # noqa: E402
+from attncc.spec import SpecError, load_spec, parse_spec  # noqa: E402
+from cases import SMALL_PARAMS, SPEC_NAMES, module, pattern  # noqa: E402
+from gluon_host import C, Fragments, ctx_of, emulate_forward, load_fragments  # noqa: E402
+from tile_oracle import (Problem, mask_spec, random_cover_mask, random_mask, random_overrides,  # noqa: E402
+                         random_problem, truth_classes)
+
+ROOT = Path(__file__).resolve().parent.parent
+LOG2E = 1.4426950408889634
+
+# The shipped specs the Gluon forward computes with rendered fragments (the built-in walks: dense,
+# causal, gqa, mqa, tests/test_gluon_wiring.py); every other softmax spec has a reason.
+RENDERED = ("alibi", "block_diagonal", "chunked_local", "cross_causal", "local_bidirectional", "longformer",
+            "prefix_lm", "sink_window", "sliding_window", "softcap")
+BUILTIN = {"dense": "dense", "causal": "causal", "gqa": "causal", "mqa": "causal"}
+NOT_GLUON = {"alibi_learned": r"\[inputs\]", "bigbird": "no closed form", "causal_dropout": "dropout",
+             "dilated": "no closed form", "document": r"\[inputs\]", "neighborhood_2d": "no closed form",
+             "padding": r"\[inputs\]", "rope_causal": "RoPE", "strided": "no closed form", "t5_bias": r"\[inputs\]"}
+SPEC_PROBLEMS = [Problem(77, 77), Problem(45, 100, 1, 0), Problem(100, 45, 3, 30), Problem(130, 61, 29, 14, 200, 90),
+                 Problem(64, 64, 16, 32), Problem(61, 130, 40, 7), Problem(5, 200, 150, 0), Problem(200, 3, 0, 90)]
+SPEC_TILES = [(16, 16), (32, 16), (16, 32), (64, 32), (128, 64), (128, 128)]
+
+
+def fit(p):
+    return gluon_fit(analyze(canonical_score(p)))
+
+
+def fragments_of(name):
+    return Fragments(module(name).SPEC.gluon_fragments.load())
+
+
+def call_like(params, *, q_offset, Nq, n_q, n_k):
+    """What the fragments file's host functions read of a call."""
+    return types.SimpleNamespace(params=params, q_offset=q_offset, Nq=Nq, n_q=n_q, n_k=n_k)
+
+
+# ------------------------------------------------------------------------------------------------
+# which Plans, and the generated files
+
+
+@pytest.mark.parametrize("name", SPEC_NAMES)
+def test_shipped_specs(name):
+    p = pattern(name)
+    got = fit(p)
+    if name in RENDERED:
+        assert got.kind == "rendered" and not got.reason
+    elif name in BUILTIN:
+        assert got.kind == BUILTIN[name]
+    else:
+        assert got.kind is None, name
+        if p.kind == "softmax":
+            import re
+            assert re.search(NOT_GLUON[name], got.reason), got.reason
+
+
+@pytest.mark.parametrize("name", [n for n in SPEC_NAMES if pattern(n).kind == "softmax"])
+def test_generated_files_carry_it(name):
+    """SpecInfo.gluon / gluon_reason / gluon_fragments, the _forward branch, and the _gluon.py file
+    for exactly the rendered specs, with the spec and its hash in its header."""
+    mod = module(name)
+    want = fit(pattern(name))
+    assert mod.SPEC.gluon == want.kind and mod.SPEC.gluon_reason == want.reason
+    gluon_file = ROOT / "generated" / f"{name}_gluon.py"
+    assert gluon_file.is_file() == (want.kind == "rendered")
+    assert (mod.SPEC.gluon_fragments is not None) == (want.kind == "rendered")
+    if want.kind == "rendered":
+        text = gluon_file.read_text()
+        assert f"spec sha256 {pattern(name).source_hash}" in text and f"Spec: specs/{name}.toml" in text
+        assert mod.SPEC.gluon_fragments.path == gluon_file
+        assert "_rt.gluon_forward(call, \"rendered\")" in (ROOT / "generated" / f"{name}.py").read_text()
+
+
+def test_build_writes_checks_and_removes_the_fragments(tmp_path):
+    spec = tmp_path / "w.toml"
+    spec.write_text('[params]\nwindow = 4\n[mask]\nwhere = "j <= i and i - j < window"\n')
+    out = tmp_path / "gen"
+    assert build([spec], out) == [out / "w.py"]  # the module; its fragments beside it
+    assert (out / "w_gluon.py").read_text() == render_gluon(load_spec(spec))
+    assert stale([spec], out) == []
+    (out / "w_gluon.py").unlink()
+    assert stale([spec], out) == [out / "w_gluon.py"]
+    build([spec], out)
+    spec.write_text('[mask]\nwhere = "j % 3 == 0"\n')  # no closed form: no fragments any more
+    assert stale([spec], out) == [out / "w.py", out / "w_gluon.py"]
+    build([spec], out)
+    assert sorted(p.name for p in out.iterdir()) == ["__init__.py", "w.py"]
+    assert stale([spec], out) == []
+
+
+def test_a_spec_named_like_another_ones_fragments_is_refused(tmp_path):
+    a, b = tmp_path / "a.toml", tmp_path / "b.toml"
+    a.write_text('name = "x"\n[mask]\nwhere = "causal"\n')
+    b.write_text('name = "x_gluon"\n')
+    with pytest.raises(SpecError, match="x_gluon.*Gluon fragments"):
+        build([a, b], tmp_path / "gen")
+    assert not (tmp_path / "gen").exists()
+
+
+def test_the_module_cache_writes_the_fragments_beside_the_module(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATTNCC_CACHE_DIR", str(tmp_path))
+    mod = attncc.compile('name = "cached_window"\n[params]\nwindow = 5\n[mask]\nwhere = "j <= i and i - j < window"\n')
+    frag = mod.SPEC.gluon_fragments
+    assert frag.path.is_file() and frag.path.parent == Path(mod.__file__).parent
+    assert frag.load().SEGMENTS == 1 and frag.load().PARAMS == ("window",)
+
+
+def test_what_gluon_cannot_print_leaves_the_module_on_tl(monkeypatch):
+    """A fragment the Gluon printer refuses (the analysis let it through: a bug) costs the Gluon
+    forward, not the build: no fragments file, and the module says why."""
+    import attncc.codegen.gluon as codegen_gluon
+    from attncc.codegen.printer import NotGluon
+
+    def refuse(pattern, plan):
+        raise NotGluon("float64 arithmetic (x) in Gluon fragments")
+
+    monkeypatch.setattr(codegen_gluon, "gluon_context", refuse)
+    files = render_files(pattern("sliding_window"))
+    assert set(files) == {".py"} and render_gluon(pattern("sliding_window")) is None
+    assert 'gluon_reason="its Gluon fragments cannot be printed (float64 arithmetic (x) in Gluon fragments)"' in \
+        files[".py"] and "gluon_forward" not in files[".py"]
+
+
+def test_explain_names_the_gluon_forward_a_plan_gets():
+    from attncc.report import backend_text
+
+    def text(name, **kw):
+        return backend_text(analyze(canonical_score(pattern(name))), **{"head_dim": 128, "value_dim": 128,
+                                                                          "dtype": "bf16", **kw})
+    assert text("sink_window") == ("tl; Gluon sm90 forward (its rendered walk, mask and score) with ATTNCC_BACKEND=gluon; "
+                                   "the backward tl (the Gluon backward has the built-in dense and causal walks only)")
+    assert text("causal") == "tl; Gluon sm90 forward and backward (built-in causal walk) with ATTNCC_BACKEND=gluon"
+    assert text("causal", head_dim=256, value_dim=256) == (
+        "tl; Gluon sm90 forward (built-in causal walk) with ATTNCC_BACKEND=gluon; the backward tl (the Gluon "
+        "backward takes head dims 64, 128)")
+    assert text("strided").startswith("tl only: its key blocks have no closed form")
+    assert text("alibi", head_dim=96, value_dim=96).startswith("tl only for this call: head dim 96")
+
+
+def test_reasons_are_clauses_and_the_forced_backend_gives_them(monkeypatch):
+    monkeypatch.setattr(call_mod, "_BOUND", {})
+    monkeypatch.setattr(backend, "device_problem", lambda device: None)
+    monkeypatch.setattr(backend, "interpreting", lambda: False)
+    monkeypatch.setenv("ATTNCC_BACKEND", "gluon")
+    q = torch.randn(1, 2, 8, 64).to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"strided's pattern is not one the Gluon kernels compute: its key blocks "
+                                         r"have no closed form .*attncc explain specs/strided.toml"):
+        module("strided").attention(q, q, q)
+    # a rendered spec whose call breaks its walk's precondition (window >= 1) stays on tl, and says so
+    call = attncc.runtime.bind(module("sink_window").SPEC, q, q, q, kwargs=dict(window=0, sinks=2))
+    with pytest.raises(ValueError, match="breaks the precondition of the pattern's closed-form walk"):
+        backend.gluon_selected(call)
+    assert backend.gluon_selected(attncc.runtime.bind(module("sink_window").SPEC, q, q, q, kwargs=dict(window=3))) is True
+
+
+# ------------------------------------------------------------------------------------------------
+# the walks and the mask against brute force
+
+
+def segment_grid(frag: Fragments, problem: Problem, params, b=0, h=0):
+    """The tile classes walking the rendered segments gives (0 EMPTY, 1 PARTIAL, 2 FULL), after
+    checking the walk's contract: every raw segment ordered (no clamp needed), the non-empty ones
+    disjoint and ascending, inside the key blocks."""
+    p = problem
+    n_q = p.q_offset + p.q_rows if p.n_q is None else p.n_q
+    n_k = p.k_offset + p.k_rows if p.n_k is None else p.n_k
+    nqb, nkb = -(-p.q_rows // p.block_m), -(-p.k_rows // p.block_n)
+    ctx = ctx_of(b, h, 1, p.q_offset + p.q_rows - 1, tuple(params[n] for n in frag.module.PARAMS))
+    q_lo = p.q_offset + torch.arange(nqb) * p.block_m
+    raw = frag.walk(q_lo, q_lo + p.block_m - 1, torch.tensor(p.k_rows), torch.tensor(p.k_offset), torch.tensor(n_q),
+                    torch.tensor(n_k), p.block_n, ctx)
+    assert len(raw) == 4 * frag.segments
+    grid = torch.zeros(nqb, nkb, dtype=torch.int8)
+    kb = torch.arange(nkb).view(1, -1)
+    end = torch.zeros(nqb, 1, dtype=torch.int64)
+    for s in range(frag.segments):
+        lo, flo, fhi, hi = (torch.as_tensor(x).to(torch.int64).reshape(-1, 1).expand(nqb, 1) for x in raw[4 * s:4 * s + 4])
+        assert bool(((0 <= lo) & (lo <= flo) & (flo <= fhi) & (fhi <= hi) & (hi <= nkb)).all()), (s, raw)
+        live = hi > lo
+        assert not bool((live & (lo < end)).any()), "segments overlap or are out of order"
+        end = torch.where(live, hi, end)
+        grid = torch.where((lo <= kb) & (kb < hi), torch.where((flo <= kb) & (kb < fhi), 2, 1).to(torch.int8), grid)
+    # the kernels' clamp of each segment changes nothing in an ordered walk
+    clamped = C.tile_walk(torch.arange(nqb), torch.tensor(p.q_offset), torch.tensor(p.k_rows),
+                          torch.tensor(p.k_offset), torch.tensor(n_q), torch.tensor(n_k), ctx, frag.walk,
+                          frag.segments, p.block_m, p.block_n)
+    assert all(torch.equal(torch.as_tensor(a).expand(nqb), torch.as_tensor(c).expand(nqb)) for a, c in zip(raw, clamped))
+    return grid
+
+
+def check_walk(frag: Fragments, pat, problem: Problem, params, b=0, h=0) -> bool:
+    """The rendered walk and mask against brute force for one problem; False when the call breaks
+    the walk's precondition (the Gluon path then refuses it)."""
+    n_q = problem.q_offset + problem.q_rows if problem.n_q is None else problem.n_q
+    n_k = problem.k_offset + problem.k_rows if problem.n_k is None else problem.n_k
+    if not frag.module.exact(call_like(params, q_offset=problem.q_offset, Nq=problem.q_rows, n_q=n_q, n_k=n_k)):
+        return False
+    want = truth_classes(pat, problem, params, b=b, h=h)[0]
+    got = segment_grid(frag, problem, params, b, h)
+    assert torch.equal(got, want), (problem, (got != want).nonzero()[:5].tolist())
+    if frag.mask is not None:
+        i = (problem.q_offset + torch.arange(problem.q_rows)).view(-1, 1)
+        j = (problem.k_offset + torch.arange(problem.k_rows)).view(1, -1)
+        ctx = ctx_of(b, h, h + 1, problem.q_offset + problem.q_rows - 1, tuple(params[n] for n in frag.module.PARAMS))
+        allowed = frag.mask(i, j, torch.tensor(n_q), torch.tensor(n_k), ctx).expand(problem.q_rows, problem.k_rows)
+        truth = pair_mask(pat, **problem.positions, batch=b + 1, heads=h + 1, params=params)[b, h]
+        assert torch.equal(allowed, truth), problem
+    return True
+
+
+@pytest.mark.parametrize("name", RENDERED)
+def test_rendered_walks_of_shipped_specs_are_exact(name):
+    frag, pat = fragments_of(name), pattern(name)
+    params = {**pat.param_values, **SMALL_PARAMS.get(name, {})}
+    checked = 0
+    for problem in SPEC_PROBLEMS:
+        for block_m, block_n in SPEC_TILES:
+            checked += check_walk(frag, pat, dataclasses.replace(problem, block_m=block_m, block_n=block_n), params)
+    assert checked == len(SPEC_PROBLEMS) * len(SPEC_TILES)
+
+
+@pytest.fixture
+def one_environment(monkeypatch):
+    """Every render of this test from one jinja environment (each render makes its own, which
+    compiles the templates again: most of the time of rendering small files)."""
+    import attncc.codegen as codegen
+
+    env = codegen._environment()
+    monkeypatch.setattr(codegen, "_environment", lambda: env)
+
+
+def random_fragments(rng, tmp_path, generator, count):
+    """(pattern, fragments) of seeded random masks whose Plans take rendered fragments."""
+    out = []
+    for n in range(count):
+        mask, params = generator(rng)
+        pat = parse_spec(mask_spec(f"r{n}", mask, params))
+        text = render_gluon(pat)
+        if text is not None:
+            out.append((pat, Fragments(load_fragments(text, tmp_path, f"r{n}"))))
+    return out
+
+
+@pytest.mark.parametrize("generator, count, seed, two", [(random_cover_mask, 50, 20, 5), (random_mask, 70, 21, 1)],
+                         ids=["covers", "any"])
+def test_rendered_walks_of_random_masks_are_exact(tmp_path, one_environment, generator, count, seed, two):
+    """Seeded random masks (bands, chunks, sinks, global rows and columns, unions; tile_oracle),
+    three problems each (lengths, offsets, n_q / n_k, tile shapes including non-square, param
+    overrides, batch rows and heads), where the precondition holds."""
+    rng = random.Random(seed)
+    cases = random_fragments(rng, tmp_path, generator, count)
+    checked = two_segments = 0
+    for pat, frag in cases:
+        for _ in range(3):
+            problem = random_problem(rng, shapes=[(16, 16), (32, 16), (16, 32), (64, 32), (128, 64), (128, 128)])
+            params = {**pat.param_values, **random_overrides(rng, pat.param_values)}
+            checked += check_walk(frag, pat, problem, params, b=rng.randint(0, 1), h=rng.randint(0, 2))
+        two_segments += frag.segments == 2
+    assert len(cases) >= count // 4 and checked >= len(cases) and two_segments >= two, (len(cases), checked, two_segments)
+
+
+def test_the_kernels_walk_the_segments_block_after_block():
+    """common.py's helpers over clamped segments, on random ones (empty ones anywhere): the ws
+    consumers' prologue block and per-segment starts, and the pipelined kernel's t-th block, block
+    count and full test, all give the blocks of the segments in order, each once."""
+    rng = random.Random(23)
+    for _ in range(300):
+        n = rng.choice([1, 2, 3])
+        bounds, at = [], 0
+        for _ in range(n):
+            if rng.random() < 0.3:  # an empty segment
+                x = rng.randint(0, 30)
+                bounds.append((x, x, x, x))
+                continue
+            lo = at + rng.randint(0, 4)
+            flo = lo + rng.randint(0, 3)
+            fhi = flo + rng.randint(0, 3)
+            hi = max(fhi + rng.randint(0, 3), lo + 1)
+            bounds.append((lo, flo, fhi, hi))
+            at = hi
+        segs = tuple(torch.tensor(x) for b in bounds for x in b)
+        want = [kb for lo, _, _, hi in bounds for kb in range(lo, hi)]
+        full = {kb for _, flo, fhi, _ in bounds for kb in range(flo, fhi)}
+        assert int(C.walk_blocks(segs, n)) == len(want)
+        assert [int(C.nth_block(segs, torch.tensor(t), n)) for t in range(len(want))] == want
+        assert [bool(C.is_full(segs, torch.tensor(kb), n)) for kb in want] == [kb in full for kb in want]
+        first, some = C.walk_start(segs, n)
+        assert bool(some) == bool(want)
+        if want:
+            walked = [int(first)]
+            for s in range(n):
+                walked += list(range(int(C.segment_start(segs[4 * s], first, n)), int(segs[4 * s + 3])))
+            assert walked == want, (bounds, walked)
+
+
+# ------------------------------------------------------------------------------------------------
+# the whole forward, emulated on the CPU, against the reference
+
+
+def qkv(B, Hq, Hkv, Nq, Nk, D, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(*s, generator=gen, dtype=torch.float64) for s in
+            ((B, Hq, Nq, D), (B, Hkv, Nk, D), (B, Hkv, Nk, D))]
+
+
+def check_emulation(frag, pat, params, *, Nq, Nk, q_offset=0, k_offset=0, n_q=None, n_k=None, block_m=32,
+                    block_n=16, B=1, Hq=2, Hkv=1, scale=0.3, seed=0):
+    q, k, v = qkv(B, Hq, Hkv, Nq, Nk, 16, seed)
+    walked = set()
+    args = tuple(params[n] for n in frag.module.PARAMS)
+    o, lse = emulate_forward(frag, q, k, v, scale=scale, q_offset=q_offset, k_offset=k_offset, n_q=n_q, n_k=n_k,
+                             pattern_args=args, block_m=block_m, block_n=block_n, walked=walked)
+    ref, ref_lse = attncc.reference(pat, q, k, v, return_lse=True, q_offset=q_offset, k_offset=k_offset, n_q=n_q,
+                                    n_k=n_k, scale=scale, **params)
+    seen = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), seen) and not torch.isnan(o).any()
+    assert torch.all(o[~seen] == 0)
+    # float64 throughout: what is left is float32 in scores (params, ALiBi slopes), far below one
+    # pair more or less (~1e-2)
+    err = float((o - ref).abs().max())
+    assert err < 1e-5, err
+    if seen.any():
+        assert float((lse[seen] - ref_lse[seen]).abs().max()) < 1e-5
+    assert len({w[:4] for w in walked}) == len(walked), "a block walked twice"
+    return walked
+
+
+@pytest.mark.parametrize("name", RENDERED)
+def test_emulated_forward_of_shipped_specs(name):
+    frag, pat = fragments_of(name), pattern(name)
+    params = {**pat.param_values, **SMALL_PARAMS.get(name, {})}
+    for kw in (dict(Nq=70, Nk=90, B=2, Hq=4, Hkv=2), dict(Nq=45, Nk=100, q_offset=30, k_offset=5, block_m=16, block_n=32),
+               dict(Nq=33, Nk=40, q_offset=0, k_offset=60, n_q=120, n_k=130), dict(Nq=100, Nk=51, q_offset=61)):
+        check_emulation(frag, pat, params, **kw)
+
+
+def test_emulated_forward_of_random_specs_with_score_hooks(tmp_path, one_environment):
+    """The fuzz generator's specs (biases, ALiBi, softcap, score transforms, params, masks) whose
+    Plans take rendered fragments, at random offsets and lengths."""
+    from fuzz_specs import random_spec
+
+    rng = random.Random(22)
+    seen = {"score": 0, "mask": 0, "segments2": 0}
+    n = 0
+    while seen["score"] < 12 and n < 400:
+        n += 1
+        text, _ = random_spec(rng)
+        try:
+            pat = parse_spec(f'name = "f{n}"\n' + text)
+        except SpecError:
+            continue
+        if pat.kind != "softmax" or fit(pat).kind != "rendered":
+            continue
+        frag = Fragments(load_fragments(render_gluon(pat), tmp_path, f"f{n}"))
+        q_offset, k_offset = rng.choice([0, 0, rng.randint(1, 40)]), rng.choice([0, 0, rng.randint(1, 40)])
+        Nq, Nk = rng.randint(1, 70), rng.randint(1, 70)
+        call = call_like(pat.param_values, q_offset=q_offset, Nq=Nq, n_q=q_offset + Nq, n_k=k_offset + Nk)
+        if not frag.module.exact(call):
+            continue
+        Hq = pat.heads_q or 2
+        check_emulation(frag, pat, pat.param_values, Nq=Nq, Nk=Nk, q_offset=q_offset, k_offset=k_offset,
+                        block_m=rng.choice([16, 32]), block_n=rng.choice([16, 32]), Hq=Hq,
+                        Hkv=pat.heads_kv or (2 if Hq % 2 == 0 else 1), scale=rng.choice([0.25, 0.5]), seed=n)
+        seen["score"] += frag.score is not None
+        seen["mask"] += frag.mask is not None
+        seen["segments2"] += frag.segments == 2
+    assert seen["score"] >= 12 and seen["mask"] >= 5, seen
+
+
+def test_emulation_catches_a_wrong_fragment(tmp_path, one_environment):
+    """The emulation is a check: a walk that drops the last block, or a mask that lets one more key
+    through, gives a different forward."""
+    pat = pattern("sliding_window")
+    text = render_gluon(pat)
+    params = {"window": 9}
+    for name, broken in (("short", text.replace("    return kv_lo, kv_full_lo, kv_full_hi, kv_hi",
+                                                "    return kv_lo, kv_full_lo, kv_full_hi, kv_hi - 1")),
+                         ("wide", text.replace("(j <= i))", "(j <= (i + 1)))"))):
+        assert broken != text
+        frag = Fragments(load_fragments(broken, tmp_path, name))
+        with pytest.raises(AssertionError):
+            check_emulation(frag, pat, params, Nq=40, Nk=40)
+
+
+# ------------------------------------------------------------------------------------------------
+# the host path through a generated module, the kernel stubbed by the emulation
+
+
+class EmulatedKernel:
+    """Stands in for a Gluon kernel's ``run``: records the launch, and computes what the kernel would
+    from the launch's own arguments (the fragments, pattern_args, offsets) with the emulation."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.launches = []
+
+    def __call__(self, *args, grid, warmup, **kwargs):
+        import inspect
+        self.launches.append((args, kwargs, grid))
+        a = inspect.signature(self.kernel.fn).bind(*args, **{k: v for k, v in kwargs.items()
+                                                             if k in self.kernel.arg_names}).arguments
+        q, k, v, o = (a[n].base for n in ("q_desc", "k_desc", "v_desc", "o_desc"))
+        frag = types.SimpleNamespace(walk=_host(a["WALK"]), mask=_host(a["MASK"]), score=_host(a["SCORE"]),
+                                     segments=a["SEGMENTS"], module=None)
+        out, lse = emulate_forward(frag, q.double(), k.double(), v.double(), scale=a["qk_scale"] / LOG2E,
+                                   q_offset=a["q_offset"], k_offset=a["k_offset"], n_q=a["n_q"], n_k=a["n_k"],
+                                   pattern_args=a["pattern_args"], block_m=128, block_n=k_block(a))
+        o.copy_(out.to(o.dtype))
+        if a["RETURN_LSE"]:
+            a["lse_ptr"].view(lse.shape).copy_(lse.float())
+
+
+def _host(fn):
+    from gluon_host import as_python
+    return as_python(fn)
+
+
+def k_block(a):
+    return a["k_desc"].block_shape[2]
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+    monkeypatch.setattr(call_mod, "_BOUND", {})
+    monkeypatch.setattr(backend, "device_problem", lambda device: None)
+    monkeypatch.setattr(backend, "interpreting", lambda: False)
+    monkeypatch.setattr(launch, "check_devices", lambda q, k, v: None)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(
+        multi_processor_count=132, name="stub H100"))
+    stubs = {}
+    for kernel in (fwd_ws.attn_fwd_ws, fwd_pipelined.attn_fwd_pipelined):
+        stubs[kernel.fn.__name__] = EmulatedKernel(kernel)
+        monkeypatch.setattr(kernel, "run", stubs[kernel.fn.__name__])
+    return stubs
+
+
+@pytest.mark.parametrize("name, params", [("sink_window", {"sinks": 3, "window": 70}), ("alibi", {}),
+                                          ("prefix_lm", {"prefix": 60})])
+def test_module_hands_rendered_fragments_to_the_kernel(monkeypatch, emulated, name, params):
+    """ATTNCC_BACKEND=gluon through the generated module: the ws kernel gets the module's fragments,
+    SEGMENTS and the call's params as pattern_args; what it returns is the reference's, and the tl
+    backward takes it."""
+    monkeypatch.setenv("ATTNCC_BACKEND", "gluon")
+    mod = module(name)
+    monkeypatch.setattr(mod, "_fwd_kernel", None)  # the tl forward must not run
+    frag = mod.SPEC.gluon_fragments.load()
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 4, 100, 64, generator=gen).to(torch.bfloat16).requires_grad_()
+    k, v = (torch.randn(1, 2, 130, 64, generator=gen).to(torch.bfloat16).requires_grad_() for _ in range(2))
+    o, lse = mod.attention(q, k, v, q_offset=40, return_lse=True, **params)
+    (args, kwargs, grid), = emulated["attn_fwd_ws"].launches
+    assert kwargs["WALK"] is frag.walk and kwargs["MASK"] is frag.mask and kwargs["SCORE"] is frag.score
+    assert kwargs["SEGMENTS"] == frag.SEGMENTS
+    full = {**pattern(name).param_values, **params}
+    assert args[list(fwd_ws.attn_fwd_ws.arg_names).index("pattern_args")] == tuple(full[n] for n in frag.PARAMS)
+    ref, ref_lse = attncc.reference(pattern(name), q.detach().double(), k.detach().double(), v.detach().double(),
+                                    return_lse=True, q_offset=40, **params)
+    assert float((o.detach().double() - ref).abs().max()) < 2e-2 and torch.equal(lse.isinf(), ref_lse.isinf())
+    fin = torch.isfinite(lse)
+    assert float((lse.detach()[fin].double() - ref_lse[fin]).abs().max()) < 1e-4
+    o.float().sum().backward()  # the tl backward on the Gluon forward's output
+    assert all(t.grad is not None and not torch.isnan(t.grad).any() for t in (q, k, v))
+
+
+# ------------------------------------------------------------------------------------------------
+# compiled for sm90
+
+
+ALL = os.environ.get("ATTNCC_GLUON_ALL") == "1"
+# (spec, kernel, head dim, dtype): the wired config (ws without ping-pong, bf16, D = 128) for every
+# rendered spec; both kernels, the other head dims and fp16 on a few (the two-segment walk, a score
+# hook, the D = 256 tiles with O staged in Q).
+COMPILES = [(name, "ws", 128, "bfloat16") for name in RENDERED]
+COMPILES += [("sink_window", "pipelined", 128, "float16"), ("softcap", "ws", 256, "float16"),
+             ("longformer", "ws", 64, "bfloat16")]
+if ALL:
+    COMPILES = [(name, kernel, d, dt) for name in RENDERED for kernel in launch.KERNELS for d in (64, 128, 256)
+                for dt in ("bfloat16", "float16")]
+
+CHILD = r"""
+import sys
+sys.path.insert(0, {tests!r})
+import test_gluon_rendered as t
+t.compile_rendered({cases!r}, {out!r})
+"""
+
+
+def compile_rendered(cases, out_path):
+    """Run in a process without TRITON_INTERPRET: each case's launch through its generated module
+    (ATTNCC_BACKEND=gluon, the device stubbed, a call with offsets and GQA), compiled for sm90 as
+    Triton specializes the recorded arguments (tests/kernel_compile.py)."""
+    from kernel_compile import compile_launch, launch_of
+
+    os.environ["ATTNCC_BACKEND"] = "gluon"
+    call_mod.interpreting = lambda: True  # CPU tensors pass the call's checks, as under the interpreter
+    backend.interpreting = lambda: False  # and the backend takes them for an sm90 GPU's
+    backend.device_problem = lambda device: None
+    launch.check_devices = lambda q, k, v: None
+    torch.cuda.get_device_properties = lambda device: types.SimpleNamespace(multi_processor_count=132)
+    recorded = []
+    for kernel in (fwd_ws.attn_fwd_ws, fwd_pipelined.attn_fwd_pipelined):
+        kernel.run = (lambda kernel: lambda *a, grid, warmup, **kw: recorded.append(launch_of(kernel, a, kw)))(kernel)
+    results = {}
+    for name, kernel, d, dtype in cases:
+        backend.gluon_config = lambda D, kernel=kernel: launch.default_config(D, kernel) if kernel == "pipelined" else \
+            dataclasses.replace(launch.default_config(D, "ws"), pingpong=False)
+        dt = getattr(torch, dtype)
+        q = torch.randn(1, 4, 300, d).to(dt)
+        k, v = (torch.randn(1, 2, 200, d).to(dt) for _ in range(2))
+        recorded.clear()
+        module(name).attention(q, k, v, q_offset=100)
+        (rec,) = recorded
+        c = compile_launch(rec, "cubin")
+        registers, stack = launch._resource_usage(c.stages["cubin"])
+        sass = launch._cuobjdump(c.stages["cubin"], "-sass")
+        ptx = c.stages["ptx"]
+        import re
+        results[(name, kernel, d, dtype)] = dict(
+            registers=registers, stack=stack, shared=c.metadata["shared"], wgmma=len(re.findall(r"wgmma\.mma_async", ptx)),
+            hgmma=len(re.findall(r"\bHGMMA\.", sass)), ldl=len(re.findall(r"\bLDL", sass)),
+            wait1=bool(re.search(r"wgmma\.wait_group\.sync\.aligned\s+1;", ptx)),
+            tma_load=bool(re.search(r"cp\.async\.bulk\.tensor\.4d\.shared::cluster\.global", ptx)),
+            tma_store=bool(re.search(r"cp\.async\.bulk\.tensor\.4d\.global\.shared::cta", ptx)),
+            p_from_registers=bool(re.search(r"HGMMA\.\S+ R\d+, R\d+, gdesc", sass)),
+            signature=dict(rec.signature))
+    with open(out_path, "wb") as f:
+        pickle.dump(results, f)
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """The cases compiled in two child processes at once (CI has two cores)."""
+    folder = tmp_path_factory.mktemp("gluon_rendered")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    jobs = []
+    for n in range(2):
+        out = folder / f"part{n}.pickle"
+        code = CHILD.format(tests=str(ROOT / "tests"), cases=COMPILES[n::2], out=str(out))
+        jobs.append((subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True), out))
+    results = {}
+    for proc, out in jobs:
+        log, _ = proc.communicate()
+        assert proc.returncode == 0, log
+        with open(out, "rb") as f:
+            results.update(pickle.load(f))
+    return results
+
+
+@pytest.mark.parametrize("case", COMPILES, ids=lambda c: "-".join(map(str, c)))
+def test_rendered_forward_compiles_for_sm90(compiled, case):
+    name, kernel, d, _ = case
+    c = compiled[case]
+    cfg = launch.default_config(d, kernel)
+    assert c["wgmma"] >= d // 16 + cfg.block_n // 16 and c["hgmma"] == c["wgmma"]
+    assert c["tma_load"] and c["tma_store"] and c["p_from_registers"]
+    assert launch.shared_bytes(cfg, d) <= c["shared"] <= launch.SM90_SHARED_BYTES
+    segments = module(name).SPEC.gluon_fragments.load().SEGMENTS
+    params = module(name).SPEC.params
+    assert len(c["signature"]["pattern_args"]) == len(params)
+    if kernel == "ws":
+        assert c["wait1"], "S is not overlapped with P V"
+        assert c["registers"] <= cfg.maxnreg
+        # The per-tile scalars of a rendered walk (more than a built-in's) may be parked on the
+        # stack between tiles: a few words, loaded once per tile. A mask or score that kept per-key
+        # values across the key loop spilled ~100 words (a mask written as j - n_k <= i - n_q before
+        # it was solved for j): that is what this bounds.
+        assert c["stack"] <= 64 and c["ldl"] <= 32 * segments, (c["stack"], c["ldl"])
+    else:
+        assert c["stack"] == 0 and c["registers"] <= 255
