@@ -347,10 +347,11 @@ def _tk_kernel(out_ptr, nqb, nkb, Nq, Nk, q_offset, k_offset, Hl, ptr_doc, strid
                  stride1_doc, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BM_P=BM_P, BN_P=BN_P, CHUNK=COL_CHUNK)
 
 
-def _tile_lists(call, block_m, block_n, transposed):
-    """(forward lists, transposed lists or None) of this call's tiles, each _rt.blocks.BlockLists,
-    from one kernel launch (no host synchronization)."""
-    B, H, Nq, Nk = call.B, call.Hq, call.Nq, call.Nk
+def _tile_plan(call, block_m, block_n, transposed):
+    """The tile-list kernel's launch for this call's signature (shapes, strides, dtypes, offsets,
+    params): a _rt.blocks.TilePlan whose launch takes the buffer and the inputs, or None when the
+    torch path must run (missing / malformed inputs, empty shapes)."""
+    B, H, Nq, Nk, q_offset, k_offset = call.B, call.Hq, call.Nq, call.Nk, call.q_offset, call.k_offset
     nqb, nkb = -(-Nq // block_m), -(-Nk // block_n)
     Bl, Hl = B, 1
     t_doc = call.inputs.get('doc')
@@ -359,26 +360,44 @@ def _tile_lists(call, block_m, block_n, transposed):
         or t_doc.dim() != 2
         or t_doc.dtype not in _TK_INPUT_DTYPES
         or (t_doc.shape[0] != 1 and t_doc.shape[0] < B)
-        or t_doc.shape[1] < call.q_offset + Nq
-        or t_doc.shape[1] < call.k_offset + Nk):
-        return _rt.blocks.classified_lists(_TK_PROGRAM, call, block_m, block_n, dynamic=True, transposed=transposed)  # missing / malformed inputs, empty shapes
-    if t_doc.dtype == torch.bool:
-        t_doc = t_doc.view(torch.uint8)
+        or t_doc.shape[1] < q_offset + Nq
+        or t_doc.shape[1] < k_offset + Nk):
+        return None
+    stride0_doc = t_doc.stride(0) if t_doc.shape[0] != 1 else 0
+    stride1_doc = t_doc.stride(1) if t_doc.shape[1] != 1 else 0
     BM_P, BN_P = _rt.next_power_of_2(block_m), _rt.next_power_of_2(block_n)
     # one allocation: the forward lists, then (transposed) the transposed lists, each in the
     # layout of _rt.blocks.packed_lists
     rows_size = _rt.blocks.packed_size(Bl * Hl * nqb, nkb)
     size = rows_size + (_rt.blocks.packed_size(Bl * Hl * nkb, nqb) if transposed else 0)
-    out = torch.empty(size, dtype=torch.int32, device=call.q.device)
-    _tk_kernel[(nqb + (nkb if transposed else 0), Bl * Hl)](
-        out, nqb, nkb, Nq, Nk, call.q_offset, call.k_offset, Hl, t_doc, (t_doc.stride(0) if t_doc.shape[0] != 1 else 0),
-        (t_doc.stride(1) if t_doc.shape[1] != 1 else 0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BM_P=BM_P, BN_P=BN_P, ROW_CHUNK=min(64, max(1, 4096 // BN_P)),
-        COL_CHUNK=min(64, max(1, 4096 // BM_P)),
-        num_warps=4, enable_fp_fusion=False,
-    )
-    lists = _rt.blocks.packed_lists(out, 0, Bl, Hl, nqb, nkb)
-    return lists, (_rt.blocks.packed_lists(out, rows_size, Bl, Hl, nkb, nqb) if transposed else None)
+    grid = (nqb + (nkb if transposed else 0), Bl * Hl)
+
+    def launch(out, t_doc):
+        _tk_kernel[grid](
+            out, nqb, nkb, Nq, Nk, q_offset, k_offset, Hl, t_doc, stride0_doc, stride1_doc,
+            BLOCK_M=block_m, BLOCK_N=block_n, BM_P=BM_P, BN_P=BN_P, ROW_CHUNK=min(64, max(1, 4096 // BN_P)),
+            COL_CHUNK=min(64, max(1, 4096 // BM_P)),
+            num_warps=4, enable_fp_fusion=False,
+        )
+
+    return _rt.blocks.TilePlan(size, launch, _rt.blocks.packed_layout(0, Bl, Hl, nqb, nkb),
+                               _rt.blocks.packed_layout(rows_size, Bl, Hl, nkb, nqb) if transposed else None)
+
+
+def _tile_lists(call, block_m, block_n, transposed):
+    """(forward lists, transposed lists or None) of this call's tiles, each _rt.blocks.BlockLists,
+    from one kernel launch (no host synchronization); the launch is planned once per call
+    signature (_tile_plan)."""
+    plan = call.cached((_tile_plan, block_m, block_n, transposed),
+                       lambda: _tile_plan(call, block_m, block_n, transposed))
+    if plan is None:  # missing / malformed inputs, empty shapes
+        return _rt.blocks.classified_lists(_TK_PROGRAM, call, block_m, block_n, dynamic=True, transposed=transposed)
+    t_doc = call.inputs['doc']
+    if t_doc.dtype == torch.bool:
+        t_doc = t_doc.view(torch.uint8)
+    out = torch.empty(plan.size, dtype=torch.int32, device=call.q.device)
+    plan.launch(out, t_doc)
+    return plan.lists(out)
 
 
 def _block_lists(call, block_m, block_n):

@@ -291,10 +291,11 @@ def _tk_kernel(out_ptr, nqb, nkb, Nk, k_offset, Hl, ptr_kv_len, stride0_kv_len,
                  BLOCK_N=BLOCK_N, CHUNK=COL_CHUNK)
 
 
-def _tile_lists(call, block_m, block_n, transposed):
-    """(forward lists, transposed lists or None) of this call's tiles, each _rt.blocks.BlockLists,
-    from one kernel launch (no host synchronization)."""
-    B, H, Nq, Nk = call.B, call.Hq, call.Nq, call.Nk
+def _tile_plan(call, block_m, block_n, transposed):
+    """The tile-list kernel's launch for this call's signature (shapes, strides, dtypes, offsets,
+    params): a _rt.blocks.TilePlan whose launch takes the buffer and the inputs, or None when the
+    torch path must run (missing / malformed inputs, empty shapes)."""
+    B, H, Nq, Nk, q_offset, k_offset = call.B, call.Hq, call.Nq, call.Nk, call.q_offset, call.k_offset
     nqb, nkb = -(-Nq // block_m), -(-Nk // block_n)
     Bl, Hl = B, 1
     t_kv_len = call.inputs.get('kv_len')
@@ -303,22 +304,40 @@ def _tile_lists(call, block_m, block_n, transposed):
         or t_kv_len.dim() != 1
         or t_kv_len.dtype not in _TK_INPUT_DTYPES
         or (t_kv_len.shape[0] != 1 and t_kv_len.shape[0] < B)):
-        return _rt.blocks.classified_lists(_TK_PROGRAM, call, block_m, block_n, dynamic=True, transposed=transposed)  # missing / malformed inputs, empty shapes
-    if t_kv_len.dtype == torch.bool:
-        t_kv_len = t_kv_len.view(torch.uint8)
+        return None
+    stride0_kv_len = t_kv_len.stride(0) if t_kv_len.shape[0] != 1 else 0
     BM_P, BN_P = _rt.next_power_of_2(block_m), _rt.next_power_of_2(block_n)
     # one allocation: the forward lists, then (transposed) the transposed lists, each in the
     # layout of _rt.blocks.packed_lists
     rows_size = _rt.blocks.packed_size(Bl * Hl * nqb, nkb)
     size = rows_size + (_rt.blocks.packed_size(Bl * Hl * nkb, nqb) if transposed else 0)
-    out = torch.empty(size, dtype=torch.int32, device=call.q.device)
-    _tk_kernel[(nqb + (nkb if transposed else 0), Bl * Hl)](
-        out, nqb, nkb, Nk, call.k_offset, Hl, t_kv_len, (t_kv_len.stride(0) if t_kv_len.shape[0] != 1 else 0),
-        BLOCK_N=block_n, ROW_CHUNK=64, COL_CHUNK=64,
-        num_warps=4, enable_fp_fusion=False,
-    )
-    lists = _rt.blocks.packed_lists(out, 0, Bl, Hl, nqb, nkb)
-    return lists, (_rt.blocks.packed_lists(out, rows_size, Bl, Hl, nkb, nqb) if transposed else None)
+    grid = (nqb + (nkb if transposed else 0), Bl * Hl)
+
+    def launch(out, t_kv_len):
+        _tk_kernel[grid](
+            out, nqb, nkb, Nk, k_offset, Hl, t_kv_len, stride0_kv_len,
+            BLOCK_N=block_n, ROW_CHUNK=64, COL_CHUNK=64,
+            num_warps=4, enable_fp_fusion=False,
+        )
+
+    return _rt.blocks.TilePlan(size, launch, _rt.blocks.packed_layout(0, Bl, Hl, nqb, nkb),
+                               _rt.blocks.packed_layout(rows_size, Bl, Hl, nkb, nqb) if transposed else None)
+
+
+def _tile_lists(call, block_m, block_n, transposed):
+    """(forward lists, transposed lists or None) of this call's tiles, each _rt.blocks.BlockLists,
+    from one kernel launch (no host synchronization); the launch is planned once per call
+    signature (_tile_plan)."""
+    plan = call.cached((_tile_plan, block_m, block_n, transposed),
+                       lambda: _tile_plan(call, block_m, block_n, transposed))
+    if plan is None:  # missing / malformed inputs, empty shapes
+        return _rt.blocks.classified_lists(_TK_PROGRAM, call, block_m, block_n, dynamic=True, transposed=transposed)
+    t_kv_len = call.inputs['kv_len']
+    if t_kv_len.dtype == torch.bool:
+        t_kv_len = t_kv_len.view(torch.uint8)
+    out = torch.empty(plan.size, dtype=torch.int32, device=call.q.device)
+    plan.launch(out, t_kv_len)
+    return plan.lists(out)
 
 
 def _block_lists(call, block_m, block_n):

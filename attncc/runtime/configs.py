@@ -81,12 +81,24 @@ def forced_config(kernel: str) -> Optional[KernelConfig]:
 def preset_config(kernel: str) -> Optional[KernelConfig]:
     """The config of ``kernel`` ("" the forward, "dkdv" or "dq") that no tuning decides: one
     forced (:func:`forced_config`), else the interpreter's; None on a GPU without either."""
-    if kernel not in KERNELS:
+    return preset_and_forced(kernel)[0]
+
+
+def preset_and_forced(kernel: str):
+    """(:func:`preset_config`, whether it is forced): runs a few times per call, so a thread-local
+    read and two environment reads, no more."""
+    trial = getattr(_TRIAL, "configs", None)
+    if trial is not None:
+        cfg = trial.get(kernel)
+        if cfg is not None:
+            return cfg, True
+    name = _ENV_NAMES.get(kernel)
+    if name is None:
         raise ValueError(f"attncc: kernel must be one of {KERNELS}, got {kernel!r}")
-    forced = forced_config(kernel)
-    if forced is not None:
-        return forced
-    return INTERPRETER_CONFIG if interpreting() else None
+    text = env(name)
+    if text:
+        return _parse_config(text), True
+    return (INTERPRETER_CONFIG if interpreting() else None), False
 
 
 def default_config(call: Call, kernel: str = "") -> KernelConfig:

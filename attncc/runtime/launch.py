@@ -12,7 +12,7 @@ import torch
 from attncc.runtime import backend, tuning
 from attncc.runtime.autograd import AttentionFunction, no_pairs, no_pairs_backward
 from attncc.runtime.call import Call, env, interpreting
-from attncc.runtime.configs import TOO_BIG, KernelConfig, default_config, fit_key, forced_config, preset_config
+from attncc.runtime.configs import TOO_BIG, KernelConfig, default_config, fit_key, preset_and_forced, preset_config
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -34,10 +34,14 @@ def shared_tile_config(call: Call, kernel: str, forward: KernelConfig) -> Kernel
     """A backward kernel's config with the forward's tile shape (and warps), so that the block
     lists the forward classified per call (data-dependent masks) serve the backward too; a
     config forced by the environment or a tuning trial is kept as it is."""
-    if forced_config(kernel) is not None:
-        return pick_config(call, kernel)
-    own = pick_config(call, kernel)
-    return _with_tiles(own, forward.BLOCK_M, forward.BLOCK_N, forward.num_warps)
+    preset, forced = preset_and_forced(kernel)
+    if forced:
+        return preset
+    if preset is not None:  # the interpreter's
+        return _with_tiles(preset, forward.BLOCK_M, forward.BLOCK_N, forward.num_warps)
+    return call.cached(("shared config", kernel, forward, tuning.generation()),
+                       lambda: _with_tiles(pick_config(call, kernel), forward.BLOCK_M, forward.BLOCK_N,
+                                           forward.num_warps))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -106,15 +110,19 @@ def next_power_of_2(n: int) -> int:
 
 def _tma_strides(t: torch.Tensor) -> bool:
     """Last stride 1, the others multiples of 16 bytes (the strides' part of :func:`tma_ready`)."""
-    es = t.element_size()
-    return t.stride(-1) == 1 and all((s * es) % 16 == 0 for s in t.stride()[:-1])
+    return _strides_suit(t.stride(), t.element_size())
+
+
+@functools.lru_cache(maxsize=1024)
+def _strides_suit(strides: Tuple[int, ...], es: int) -> bool:
+    return strides[-1:] == (1,) and all((s * es) % 16 == 0 for s in strides[:-1])
 
 
 def tma_ready(t: torch.Tensor) -> torch.Tensor:
     """A view the kernel's tensor descriptors can read: last stride 1, other strides and
     the base 16-byte aligned. Tensors that are not are copied (contiguously, with the head
     dim zero-padded when its row is not a multiple of 16 bytes); the result is the same."""
-    if _tma_strides(t) and t.data_ptr() % 16 == 0:
+    if t.data_ptr() % 16 == 0 and _strides_suit(t.stride(), t.element_size()):
         return t
     es = t.element_size()
     d = t.shape[-1]
@@ -169,7 +177,8 @@ def ensure_allocator():
 def grad_operand(do: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """dL/do as the backward kernels read it: v's dtype (the kernels' operand dtype) and
     padded head dim, TMA-ready (see tma_ready)."""
-    do = do.to(v.dtype)
+    if do.dtype != v.dtype:
+        do = do.to(v.dtype)
     if do.shape[-1] != v.shape[-1]:
         padded = torch.zeros(*do.shape[:-1], v.shape[-1], dtype=v.dtype, device=do.device)
         padded[..., :do.shape[-1]] = do
@@ -217,14 +226,25 @@ def _run(call: Call, forward, backward):
         forward, backward = no_pairs, no_pairs_backward
     if not torch.is_grad_enabled():
         return forward(call)
-    call.check_no_dropped_grads("attention")
-    grad_inputs = [call.inputs[name] for name in call.grad_input_names]
-    if not any(t.requires_grad for t in (call.q, call.k, call.v, *grad_inputs)):
-        return forward(call)
+    names = call.grad_input_names
+    if names:
+        call.check_no_dropped_grads("attention")
+        grad_inputs = [call.inputs[name] for name in names]
+        input_grads = any(t.requires_grad for t in grad_inputs)
+        if not (input_grads or call.q.requires_grad or call.k.requires_grad or call.v.requires_grad):
+            return forward(call)
+    else:
+        if call.spec.inputs:
+            call.check_no_dropped_grads("attention")
+        grad_inputs, input_grads = (), False
+        if not (call.q.requires_grad or call.k.requires_grad or call.v.requires_grad):
+            return forward(call)
     if backward is None:
         raise NotImplementedError(f"attncc: {call.spec.name} ({call.spec.kind}) has no backward pass yet; "
                                   f"call it under torch.no_grad() or detach q, k, v")
-    return AttentionFunction.apply(forward, backward, call, call.q, call.k, call.v, *grad_inputs)
+    # The forward writes the LSE and keeps for the backward what both can share.
+    call = call.replace(return_lse=True, for_backward={}, input_grads=input_grads)
+    return AttentionFunction.apply((forward, backward, call), call.q, call.k, call.v, *grad_inputs)
 
 
 @functools.lru_cache(maxsize=None)
