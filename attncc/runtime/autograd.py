@@ -49,8 +49,10 @@ class AttentionFunction(torch.autograd.Function):
             return (None,) * (4 + len(names))
         if do is None:  # only the LSE reaches the loss
             do = torch.zeros_like(o)
-        # the saved tensors, checked by autograd against changes in place since the forward
-        call = call.replace(q=q, k=k, v=v)
+        # the saved tensors, checked by autograd against changes in place since the forward (the
+        # call's own, unless autograd unpacked others)
+        if not (q is call.q and k is call.k and v is call.v):
+            call = call.replace(q=q, k=k, v=v)
         differentiable = torch.is_grad_enabled()  # create_graph=True
         if differentiable:
             with torch.no_grad():
@@ -61,6 +63,8 @@ class AttentionFunction(torch.autograd.Function):
         if differentiable:  # the gradients must not be differentiated
             grads = no_double_backward(call.spec.name, grads, (q, k, v, do))
         need = ctx.needs_input_grad
+        if all(need[1:]):
+            return (None, *grads)
         return (None,) + tuple(g if want else None for g, want in zip(grads, need[1:]))
 
 

@@ -630,6 +630,17 @@ def env(name: str, default: Optional[str] = None) -> Optional[str]:
     return text
 
 
+def raw_env_key(name: str):
+    """The key of ``name`` in os.environ's own mapping (see :func:`raw_env_get`)."""
+    return name if _ENV_DATA is None else os.environ.encodekey(name)
+
+
+def raw_env_get(key):
+    """The raw (undecoded) value of an environment variable, None when unset: for keys of
+    settings that the runtime keeps things per value of (``raw_env_key``)."""
+    return os.environ.get(key) if _ENV_DATA is None else _ENV_DATA.get(key)
+
+
 if _ENV_DATA is not None:
     _INTERPRET_KEY = os.environ.encodekey("TRITON_INTERPRET")
     _OFF = (os.environ.encodevalue(""), os.environ.encodevalue("0"))

@@ -15,7 +15,7 @@ import threading
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
-from attncc.runtime.call import Call, env, interpreting
+from attncc.runtime.call import Call, env, interpreting, raw_env_get, raw_env_key
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,22 @@ def forced_config(kernel: str) -> Optional[KernelConfig]:
     return trial_config(kernel) or env_config(kernel)
 
 
+def trial_active() -> bool:
+    """Whether a tuning trial forces configs on this thread (:func:`trying`)."""
+    return getattr(_TRIAL, "configs", None) is not None
+
+
+def config_settings():
+    """The environment's part of what the configs of a call depend on (ATTNCC_CONFIG*,
+    TRITON_INTERPRET), as raw values: a key for configs kept per call signature."""
+    return tuple(map(_env_data_get, _SETTINGS))
+
+
+_SETTINGS = tuple(raw_env_key(name) for name in ("ATTNCC_CONFIG", "ATTNCC_CONFIG_DKDV", "ATTNCC_CONFIG_DQ",
+                                                 "TRITON_INTERPRET"))
+_env_data_get = raw_env_get
+
+
 def preset_config(kernel: str) -> Optional[KernelConfig]:
     """The config of ``kernel`` ("" the forward, "dkdv" or "dq") that no tuning decides: one
     forced (:func:`forced_config`), else the interpreter's; None on a GPU without either."""
@@ -130,6 +146,7 @@ def default_config(call: Call, kernel: str = "") -> KernelConfig:
 SHORT_KEYS = 2048  # at most this many keys: the small-tile configs above
 
 
+@functools.lru_cache(maxsize=None)
 def padded_dim(d: int) -> int:
     """Head dims are padded to a power of two (>= 16) inside the kernel."""
     return max(16, 1 << (d - 1).bit_length())

@@ -12,7 +12,8 @@ import torch
 from attncc.runtime import backend, tuning
 from attncc.runtime.autograd import AttentionFunction, no_pairs, no_pairs_backward
 from attncc.runtime.call import Call, env, interpreting
-from attncc.runtime.configs import TOO_BIG, KernelConfig, default_config, fit_key, preset_and_forced, preset_config
+from attncc.runtime.configs import (TOO_BIG, KernelConfig, config_settings, default_config, fit_key,
+                                     preset_and_forced, preset_config, trial_active)
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -44,6 +45,24 @@ def shared_tile_config(call: Call, kernel: str, forward: KernelConfig) -> Kernel
                                            forward.num_warps))
 
 
+def backward_configs(call: Call, shared: bool) -> Tuple[KernelConfig, KernelConfig, KernelConfig]:
+    """(the forward's, the dK/dV kernel's, the dQ kernel's) configs of a backward: :func:`pick_config`
+    of each, the backward kernels' with the forward's tile shape when ``shared`` (see
+    :func:`shared_tile_config`). Once per call signature and state of the settings they read (the
+    environment's configs, the interpreter, the tune cache); every time during a tuning trial."""
+    if trial_active():
+        return _backward_configs(call, shared)
+    return call.cached(("backward configs", shared, config_settings(), tuning.generation()),
+                       lambda: _backward_configs(call, shared))
+
+
+def _backward_configs(call: Call, shared: bool):
+    cfg = pick_config(call)
+    if shared:
+        return cfg, shared_tile_config(call, "dkdv", cfg), shared_tile_config(call, "dq", cfg)
+    return cfg, pick_config(call, "dkdv"), pick_config(call, "dq")
+
+
 @functools.lru_cache(maxsize=1024)
 def _with_tiles(cfg: KernelConfig, block_m: int, block_n: int, num_warps: int) -> KernelConfig:
     return dataclasses.replace(cfg, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
@@ -60,6 +79,24 @@ def launch(call: Call, cfg: KernelConfig, run_kernel: Callable[[KernelConfig], N
         return _launch(call, cfg, run_kernel, kernel)
     finally:
         _LAUNCHING.memo = None
+
+
+def bound_launch(call: Call, make: Callable, cfg: KernelConfig, q, k, v, *buffers, layout=()):
+    """``make(call, cfg, q, k, v, *buffers, *layout)``: a kernel's launch with everything but the tensors and
+    flags that change from call to call bound (a generated module's ``_*_launch``, which returns a
+    function of those), made once and kept with the call's signature (:meth:`Call.cached`) for each
+    of what else its numbers come from: the config, the interpreter setting, the layouts of the
+    operands ``q``, ``k``, ``v`` (the call's own tensors have the signature's; copies made for the
+    kernels (:func:`kernel_operands`, RoPE) key their own), and the strides of ``layout``, tensors
+    whose layout the signature does not fix (the gradient dO). ``buffers``: tensors allocated for
+    this launch from the operands' shapes (their layouts follow from those)."""
+    if q is call.q and k is call.k and v is call.v:
+        key = (make, cfg, interpreting())
+    else:
+        key = (make, cfg, interpreting(), q.shape, q.stride(), q.dtype, k.shape, k.stride(), v.shape, v.stride())
+    if layout:
+        key += tuple(t.stride() for t in layout)
+    return call.cached(key, lambda: make(call, cfg, q, k, v, *buffers, *layout))
 
 
 _LAUNCHING = threading.local()  # the memo of the call whose kernel launch() runs on this thread
