@@ -15,8 +15,11 @@ What is timed, per case (spec) and length N (B = 2, 16 query heads, head dim 128
   attncc's own overhead.
 - ``floor``: the same calls through a do-nothing ``torch.autograd.Function`` that only allocates
   what attncc's calls allocate (o and the LSE; delta, lse2 and the three gradients): torch's own
-  share of a forward / forward+backward call. ``own`` = attncc's time less the floor (--stub), or
-  less Triton's launches (GPU).
+  share of a forward / forward+backward call, under the same conditions (the forward under
+  ``torch.no_grad()``; the unused LSE's gradient not materialized, as attncc asks autograd).
+  ``own`` = attncc's time less the floor (--stub), or less Triton's launches (GPU). attncc and the
+  floor are timed in turn, ``--rounds`` times, and each keeps its fastest: a shared, busy CPU only
+  ever adds time, and the subtraction of two minima taken side by side is the least noisy.
 - On the GPU also attncc through ``torch.compile(fullgraph=True)`` (host us/call).
 - On the GPU also ``gpu fwd`` / ``gpu f+b``: device microseconds per call (bench/timer.py), and the
   same for the baselines of bench/impls.py that have the spec: SDPA (cuDNN backend) and FlexAttention
@@ -119,6 +122,7 @@ class _Floor(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v):
         ctx.save_for_backward(q, k, v)
+        ctx.set_materialize_grads(False)  # as attncc: no zero gradient made for the unused LSE
         return torch.empty_like(q), torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
 
     @staticmethod
@@ -129,8 +133,10 @@ class _Floor(torch.autograd.Function):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def host_times(name: str, n: int, device: str, dtype, calls: int, sync=None, clock=time.perf_counter):
-    """{'fwd', 'f+b', 'launches fwd', 'launches f+b', 'floor fwd', 'floor f+b'} of one case."""
+def host_times(name: str, n: int, device: str, dtype, calls: int, sync=None, clock=time.perf_counter,
+               rounds: int = 1):
+    """{'fwd', 'f+b', 'launches fwd', 'launches f+b', 'floor fwd', 'floor f+b'} of one case: attncc
+    and the floor timed in turn, ``rounds`` times, the fastest of each."""
     module, q, k, v, kw = make_case(name, n, device, dtype, grad=True)
     g = torch.randn(q.shape[:-1] + (v.shape[-1],), device=device, dtype=dtype)
     log = getattr(module, "_STUB_LOG", None)
@@ -144,19 +150,25 @@ def host_times(name: str, n: int, device: str, dtype, calls: int, sync=None, clo
         module.attention(q, k, v, **kw).backward(g)
         q.grad = k.grad = v.grad = None
 
-    for label, fn in (("fwd", fwd), ("f+b", fwd_bwd)):
-        out[label] = per_call_us(fn, calls, sync=sync, clock=clock)
-        if log is not None:
-            log.clear()
-            fn()
-            out[f"launches {label}"] = len(log)
-    out["floor fwd"] = per_call_us(lambda: _Floor.apply(q.detach(), k.detach(), v.detach()), calls, sync=sync, clock=clock)
+    def floor_fwd():
+        with torch.no_grad():
+            _Floor.apply(q, k, v)
 
     def floor_fb():
         o, _ = _Floor.apply(q, k, v)
         o.backward(g)
         q.grad = k.grad = v.grad = None
-    out["floor f+b"] = per_call_us(floor_fb, calls, sync=sync, clock=clock)
+
+    timed = {"fwd": fwd, "floor fwd": floor_fwd, "f+b": fwd_bwd, "floor f+b": floor_fb}
+    for _ in range(rounds):
+        for label, fn in timed.items():
+            t = per_call_us(fn, calls, sync=sync, clock=clock)
+            out[label] = min(t, out.get(label, t))
+    if log is not None:
+        for label in ("fwd", "f+b"):
+            log.clear()
+            timed[label]()
+            out[f"launches {label}"] = len(log)
     return out
 
 
@@ -166,19 +178,21 @@ def main(argv=None) -> int:
     p.add_argument("--cases", default=",".join(CASES))
     p.add_argument("--n", default=",".join(map(str, LENGTHS)))
     p.add_argument("--calls", type=int, default=200, help="calls per timed burst (CPU); the GPU uses 20")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of attncc and the floor timed in turn (CPU)")
     p.add_argument("--out", default=None, help="folder for the CSV and the plot (GPU)")
     args = p.parse_args(argv)
     cases = [c for c in args.cases.split(",") if c]
     lengths = [int(x) for x in args.n.split(",") if x]
     if args.stub:
-        return run_stub(cases, lengths, args.calls, args.out)
+        return run_stub(cases, lengths, args.calls, args.out, args.rounds)
     return run_gpu(cases, lengths, args.out)
 
 
-def run_stub(cases, lengths, calls, out=None) -> int:
+def run_stub(cases, lengths, calls, out=None, rounds: int = 3) -> int:
     torch.set_num_threads(1)
     print(f"host overhead, launches stubbed, CPU: torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}, "
-          f"B=2 H=16 D=128 float16, thread CPU time, fastest of 7 bursts of {calls} calls")
+          f"B=2 H=16 D=128 float16, thread CPU time, fastest of {rounds} rounds of 7 bursts of {calls} calls, "
+          f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     print("| case | N | fwd us | f+b us | launches fwd / f+b | floor fwd us | floor f+b us | own fwd | own f+b |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
@@ -186,7 +200,7 @@ def run_stub(cases, lengths, calls, out=None) -> int:
         module = generated(name)
         stub_launches(module)
         for n in lengths:
-            r = host_times(name, n, "cpu", torch.float16, calls, clock=time.thread_time)
+            r = host_times(name, n, "cpu", torch.float16, calls, clock=time.thread_time, rounds=rounds)
             own = {label: r[label] - r[f"floor {label}"] for label in ("fwd", "f+b")}
             print(f"| {name} | {n} | {r['fwd']:.1f} | {r['f+b']:.1f} | {r['launches fwd']} / {r['launches f+b']} | "
                   f"{r['floor fwd']:.1f} | {r['floor f+b']:.1f} | {own['fwd']:.1f} | {own['f+b']:.1f} |", flush=True)
