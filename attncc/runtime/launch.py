@@ -146,20 +146,25 @@ def next_power_of_2(n: int) -> int:
 
 
 def _tma_strides(t: torch.Tensor) -> bool:
-    """Last stride 1, the others multiples of 16 bytes (the strides' part of :func:`tma_ready`)."""
-    return _strides_suit(t.stride(), t.element_size())
+    """Last stride 1, the others and the last dim's bytes multiples of 16 (the layout's part of
+    :func:`tma_ready`)."""
+    return _strides_suit(t.stride(), t.element_size(), t.shape[-1])
 
 
 @functools.lru_cache(maxsize=1024)
-def _strides_suit(strides: Tuple[int, ...], es: int) -> bool:
-    return strides[-1:] == (1,) and all((s * es) % 16 == 0 for s in strides[:-1])
+def _strides_suit(strides: Tuple[int, ...], es: int, dim: int) -> bool:
+    return strides[-1:] == (1,) and all((s * es) % 16 == 0 for s in strides[:-1]) and (dim * es) % 16 == 0
 
 
 def tma_ready(t: torch.Tensor) -> torch.Tensor:
     """A view the kernel's tensor descriptors can read: last stride 1, other strides and
-    the base 16-byte aligned. Tensors that are not are copied (contiguously, with the head
-    dim zero-padded when its row is not a multiple of 16 bytes); the result is the same."""
-    if t.data_ptr() % 16 == 0 and _strides_suit(t.stride(), t.element_size()):
+    the base 16-byte aligned, rows of a multiple of 16 bytes. Tensors that are not are copied
+    (contiguously, with the head dim zero-padded when its row is not a multiple of 16 bytes); the
+    result is the same. The rows' width counts too: the kernels size what they write (o, dq, dk,
+    dv) by their operands' head dims, and take q's and k's to be one (HEAD_DIM): a view of
+    rows of 18 floats in rows of 20 has suitable strides, but an output of rows of 18 floats would
+    not, and a q padded to 20 beside it would read 2 columns past that k's view."""
+    if t.data_ptr() % 16 == 0 and _strides_suit(t.stride(), t.element_size(), t.shape[-1]):
         return t
     es = t.element_size()
     d = t.shape[-1]
@@ -181,15 +186,21 @@ def kernel_operands(call: Call):
     of this call's tensors, is checked every time."""
     q, k, v = call.q, call.k, call.v
     suits = call.cached("tma_strides", lambda: tuple(_tma_strides(t) for t in (q, k, v)))
-    if not (suits[0] and q.data_ptr() % 16 == 0):
-        q = tma_ready(q)
-    if not (suits[1] and k.data_ptr() % 16 == 0):
-        k = tma_ready(k)
-    if not (suits[2] and v.data_ptr() % 16 == 0):
-        v = tma_ready(v)
-    if interpreting() and q.dtype == torch.bfloat16:
+    if suits == _ALL_SUIT and not (q.data_ptr() % 16 or k.data_ptr() % 16 or v.data_ptr() % 16):
+        pass  # the common case: the call's own tensors
+    else:
+        if not (suits[0] and q.data_ptr() % 16 == 0):
+            q = tma_ready(q)
+        if not (suits[1] and k.data_ptr() % 16 == 0):
+            k = tma_ready(k)
+        if not (suits[2] and v.data_ptr() % 16 == 0):
+            v = tma_ready(v)
+    if q.dtype is torch.bfloat16 and interpreting():
         q, k, v = q.float(), k.float(), v.float()
     return q, k, v
+
+
+_ALL_SUIT = (True, True, True)
 
 
 _ALLOCATOR_SET = threading.local()
@@ -229,7 +240,8 @@ def grads_as_inputs(call: Call, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Te
     dtype, fp32 buffers of the inputs) with the shapes and dtypes of q, k, v and the inputs.
     Inputs without a gradient (not wanted, or not differentiable) are left out."""
     grads = {name: g.to(call.inputs[name].dtype) for name, g in (input_grads or {}).items()} if call.input_grads else {}
-    return _as(dq, call.D, call.q.dtype), _as(dk, call.D, call.k.dtype), _as(dv, call.Dv, call.v.dtype), grads
+    dtype = call.q.dtype  # q, k, v have one (bind checks)
+    return _as(dq, call.D, dtype), _as(dk, call.D, dtype), _as(dv, call.Dv, dtype), grads
 
 
 def _as(g: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
@@ -279,8 +291,9 @@ def _run(call: Call, forward, backward):
     if backward is None:
         raise NotImplementedError(f"attncc: {call.spec.name} ({call.spec.kind}) has no backward pass yet; "
                                   f"call it under torch.no_grad() or detach q, k, v")
-    # The forward writes the LSE and keeps for the backward what both can share.
-    call = call.replace(return_lse=True, for_backward={}, input_grads=input_grads)
+    # The forward writes the LSE and keeps for the backward what both can share. (The call is
+    # this call's own: bind makes one per call, so it is changed in place, not copied.)
+    call.return_lse, call.for_backward, call.input_grads = True, {}, input_grads
     return AttentionFunction.apply((forward, backward, call), call.q, call.k, call.v, *grad_inputs)
 
 
