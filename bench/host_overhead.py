@@ -14,8 +14,9 @@ What is timed, per case (spec) and length N (B = 2, 16 query heads, head dim 128
   the measured host cost of exactly those launches (replayed), so ``host - triton launch`` is
   attncc's own overhead.
 - ``floor``: the same calls through a do-nothing ``torch.autograd.Function`` that only allocates
-  what attncc's calls allocate (o and the LSE; delta, lse2 and the three gradients): torch's own
-  share of a forward / forward+backward call, under the same conditions (the forward under
+  what attncc's calls allocate (o and the LSE; delta, lse2 and the three gradients; the block
+  lists' buffer of a data-dependent mask): torch's own share of a forward / forward+backward
+  call, under the same conditions (the forward under
   ``torch.no_grad()``; the unused LSE's gradient not materialized, as attncc asks autograd).
   ``own`` = attncc's time less the floor (--stub), or less Triton's launches (GPU). attncc and the
   floor are timed in turn, ``--rounds`` times, and each keeps its fastest: a shared, busy CPU only
@@ -27,7 +28,8 @@ What is timed, per case (spec) and length N (B = 2, 16 query heads, head dim 128
 
 Under ``--stub`` the CPU tensors run through ``TRITON_INTERPRET=1``'s code paths (the interpreter's
 small tile config; float16 so that no operand is converted): the numbers are host time on this
-CPU, not GPU numbers.
+CPU, not GPU numbers. glibc is told to keep freed memory for reuse (:func:`caching_cpu_allocator`),
+as the GPU's caching allocator does, so that large N measures attncc and not the OS's page handling.
 """
 from __future__ import annotations
 
@@ -117,20 +119,39 @@ def per_call_us(fn, calls: int, sync=None, clock=time.perf_counter) -> float:
 
 
 class _Floor(torch.autograd.Function):
-    """Allocates what an attention call returns and its backward the gradients; nothing else."""
+    """Allocates what an attention call returns, and its backward the gradients, and what attncc
+    allocates besides: the block lists' buffer of a data-dependent mask (``lists``: int32 entries,
+    0 for none), delta and lse2 (alive while the gradients are made, as attncc's). Nothing else."""
 
     @staticmethod
-    def forward(ctx, q, k, v):
+    def forward(ctx, lists, q, k, v):
+        o, lse = torch.empty_like(q), torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+        buffer = torch.empty(lists, dtype=torch.int32, device=q.device) if lists else None
         ctx.save_for_backward(q, k, v)
+        ctx.buffer = buffer  # kept for the backward, as attncc keeps the lists
         ctx.set_materialize_grads(False)  # as attncc: no zero gradient made for the unused LSE
-        return torch.empty_like(q), torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+        return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v = ctx.saved_tensors
-        rows = q.shape[:-1]  # what attncc's backward allocates besides the gradients: delta, lse2
-        torch.empty(rows, dtype=torch.float32, device=q.device), torch.empty(rows, dtype=torch.float32, device=q.device)
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        rows = q.shape[:-1]
+        delta = torch.empty(rows, dtype=torch.float32, device=q.device)
+        lse2 = torch.empty_like(delta)
+        return None, torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def list_entries(module, q, k, v, kw) -> tuple:
+    """int32 entries of the block lists' buffer that a forward and a forward+backward call of a
+    data-dependent spec allocate (its ``_tile_plan``): (0, 0) for the others."""
+    if not hasattr(module, "_tile_plan"):
+        return 0, 0
+    from attncc import runtime as rt
+
+    call = rt.bind(module.SPEC, q, k, v, kwargs=dict(kw))
+    cfg = rt.pick_config(call)
+    plans = [module._tile_plan(call, cfg.BLOCK_M, cfg.BLOCK_N, transposed) for transposed in (False, True)]
+    return tuple(plan.size if plan is not None else 0 for plan in plans)
 
 
 def host_times(name: str, n: int, device: str, dtype, calls: int, sync=None, clock=time.perf_counter,
@@ -150,12 +171,14 @@ def host_times(name: str, n: int, device: str, dtype, calls: int, sync=None, clo
         module.attention(q, k, v, **kw).backward(g)
         q.grad = k.grad = v.grad = None
 
+    lists_fwd, lists_fb = list_entries(module, q, k, v, kw)
+
     def floor_fwd():
         with torch.no_grad():
-            _Floor.apply(q, k, v)
+            _Floor.apply(lists_fwd, q, k, v)
 
     def floor_fb():
-        o, _ = _Floor.apply(q, k, v)
+        o, _ = _Floor.apply(lists_fb, q, k, v)
         o.backward(g)
         q.grad = k.grad = v.grad = None
 
@@ -188,11 +211,31 @@ def main(argv=None) -> int:
     return run_gpu(cases, lengths, args.out)
 
 
+def caching_cpu_allocator() -> str:
+    """Make glibc keep freed memory for reuse, as the GPU's caching allocator does: no mmap for
+    large blocks, no trimming. Otherwise every CPU tensor of 32 MB or more (N >= 4096 here) is an
+    mmap and a munmap per call, whose page clearing and TLB flushes slow down everything after
+    them, attncc's Python more than the floor's (the own time grew by ~15 us from N = 1024 to 4096
+    with N-independent host work). Returns what was done, for the output."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+        if libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1):
+            return "glibc: no mmap, no trim (memory reused like a caching allocator)"
+    except (OSError, AttributeError):
+        pass
+    return "allocator as is (no glibc mallopt)"
+
+
 def run_stub(cases, lengths, calls, out=None, rounds: int = 3) -> int:
     torch.set_num_threads(1)
+    allocator = caching_cpu_allocator()
     print(f"host overhead, launches stubbed, CPU: torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}, "
           f"B=2 H=16 D=128 float16, thread CPU time, fastest of {rounds} rounds of 7 bursts of {calls} calls, "
-          f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+          f"{allocator}, load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     print("| case | N | fwd us | f+b us | launches fwd / f+b | floor fwd us | floor f+b us | own fwd | own f+b |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
