@@ -371,13 +371,13 @@ def _tile_plan(call, block_m, block_n, transposed):
     rows_size = _rt.blocks.packed_size(Bl * Hl * nqb, nkb)
     size = rows_size + (_rt.blocks.packed_size(Bl * Hl * nkb, nqb) if transposed else 0)
     grid = (nqb + (nkb if transposed else 0), Bl * Hl)
+    options = dict(BLOCK_M=block_m, BLOCK_N=block_n, BM_P=BM_P, BN_P=BN_P, ROW_CHUNK=min(64, max(1, 4096 // BN_P)),
+                   COL_CHUNK=min(64, max(1, 4096 // BM_P)), num_warps=4, enable_fp_fusion=False)
 
-    def launch(out, t_doc):
+    def launch(out_ptr, ptr_doc):
         _tk_kernel[grid](
-            out, nqb, nkb, Nq, Nk, q_offset, k_offset, Hl, t_doc, stride0_doc, stride1_doc,
-            BLOCK_M=block_m, BLOCK_N=block_n, BM_P=BM_P, BN_P=BN_P, ROW_CHUNK=min(64, max(1, 4096 // BN_P)),
-            COL_CHUNK=min(64, max(1, 4096 // BM_P)),
-            num_warps=4, enable_fp_fusion=False,
+            out_ptr, nqb, nkb, Nq, Nk, q_offset, k_offset, Hl, ptr_doc, stride0_doc, stride1_doc,
+            **options,
         )
 
     return _rt.blocks.TilePlan(size, launch, _rt.blocks.packed_layout(0, Bl, Hl, nqb, nkb),

@@ -312,12 +312,12 @@ def _tile_plan(call, block_m, block_n, transposed):
     rows_size = _rt.blocks.packed_size(Bl * Hl * nqb, nkb)
     size = rows_size + (_rt.blocks.packed_size(Bl * Hl * nkb, nqb) if transposed else 0)
     grid = (nqb + (nkb if transposed else 0), Bl * Hl)
+    options = dict(BLOCK_N=block_n, ROW_CHUNK=64, COL_CHUNK=64, num_warps=4, enable_fp_fusion=False)
 
-    def launch(out, t_kv_len):
+    def launch(out_ptr, ptr_kv_len):
         _tk_kernel[grid](
-            out, nqb, nkb, Nk, k_offset, Hl, t_kv_len, stride0_kv_len,
-            BLOCK_N=block_n, ROW_CHUNK=64, COL_CHUNK=64,
-            num_warps=4, enable_fp_fusion=False,
+            out_ptr, nqb, nkb, Nk, k_offset, Hl, ptr_kv_len, stride0_kv_len,
+            **options,
         )
 
     return _rt.blocks.TilePlan(size, launch, _rt.blocks.packed_layout(0, Bl, Hl, nqb, nkb),

@@ -383,7 +383,9 @@ class Signatures:
                 starred = value.startswith("*")
                 if len(group) > 1 and not starred:
                     raise ValueError(f"{fn}: {names} share {value!r}, which is not starred")
-                if starred and len(group) == 1:
+                if value == group[0] or value == ", ".join(group):
+                    pass  # a local of that name already
+                elif starred and len(group) == 1:
                     plan.append((line, 0, [f"({group[0]},)"], [value[1:]]))  # a one-element sequence
                 elif len(group) == 1 and plan and plan[-1][0] == line and plan[-1][1] == 1:
                     prev = plan.pop()  # singles of one signature line: one assignment, while it fits

@@ -777,23 +777,27 @@ def _render(g: _Gen, program: IntervalProgram, pattern, program_name: Optional[s
     plan += g.host_lines
     row_chunk = "min(64, max(1, 4096 // BN_P))" if g.needs_pos_k else "64"
     col_chunk = "min(64, max(1, 4096 // BM_P))" if g.needs_pos_q else "64"
-    plan += ["BM_P, BN_P = _rt.next_power_of_2(block_m), _rt.next_power_of_2(block_n)",
-             "# one allocation: the forward lists, then (transposed) the transposed lists, each in the",
-             "# layout of _rt.blocks.packed_lists",
-             "rows_size = _rt.blocks.packed_size(Bl * Hl * nqb, nkb)",
-             "size = rows_size + (_rt.blocks.packed_size(Bl * Hl * nkb, nqb) if transposed else 0)",
-             "grid = (nqb + (nkb if transposed else 0), Bl * Hl)",
-             "",
-             f"def launch(out, {', '.join(host_tensor(name) for name in g.inputs)}):",
-             "    _tk_kernel[grid]("]
     # launch() keeps numbers only (never the call: the plan outlives it, and must not hold its tensors)
     values = [("out_ptr", "out"), ("nqb", "nqb"), ("nkb", "nkb"), ("Nq", "Nq"), ("Nk", "Nk"), ("q_offset", "q_offset"),
               ("k_offset", "k_offset"), ("Hl", "Hl")] + launch_in + g.host_args
     values += [("BLOCK_M", "block_m"), ("BLOCK_N", "block_n"), ("BM_P", "BM_P"), ("BN_P", "BN_P"),
                ("ROW_CHUNK", row_chunk), ("COL_CHUNK", col_chunk)]
-    plan += sig.launch("_tk_kernel", values, "        ").split("\n")
-    plan += ["        num_warps=4, enable_fp_fusion=False,",
-             "    )",
+    bound = sig.bound("_tk_kernel", values, per_call=["out_ptr"] + [input_ptr(name) for name in g.inputs],
+                      options=[("num_warps", "4"), ("enable_fp_fusion", "False")], indent="",
+                      reserved=["call", "block_m", "block_n", "transposed", "B", "H", "Bl", "rows_size", "size"]
+                      + [host_tensor(name) for name in g.inputs])
+    plan += ["BM_P, BN_P = _rt.next_power_of_2(block_m), _rt.next_power_of_2(block_n)",
+             "# one allocation: the forward lists, then (transposed) the transposed lists, each in the",
+             "# layout of _rt.blocks.packed_lists",
+             "rows_size = _rt.blocks.packed_size(Bl * Hl * nqb, nkb)",
+             "size = rows_size + (_rt.blocks.packed_size(Bl * Hl * nkb, nqb) if transposed else 0)",
+             "grid = (nqb + (nkb if transposed else 0), Bl * Hl)"]
+    plan += [line for line in bound.plan.split("\n") if line]
+    plan += ["",
+             f"def launch({bound.params}):",
+             "    _tk_kernel[grid]("]
+    plan += bound.launch.split("\n")
+    plan += ["    )",
              "",
              "return _rt.blocks.TilePlan(size, launch, _rt.blocks.packed_layout(0, Bl, Hl, nqb, nkb),",
              "                           _rt.blocks.packed_layout(rows_size, Bl, Hl, nkb, nqb) if transposed else None)"]
