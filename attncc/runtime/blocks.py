@@ -60,8 +60,13 @@ def block_lists(program, call: Call, block_m: int, block_n: int, *, dynamic: boo
     When a backward will follow (``call.for_backward`` is a dict), the transposed lists are
     made from the same classification and kept there for :func:`backward_block_lists`.
     ``kernel``: the pattern's tile-list kernel (data-dependent patterns), else the torch path."""
-    if call.for_backward is not None:
-        return backward_block_lists(program, call, block_m, block_n, dynamic=dynamic, kernel=kernel)[0]
+    kept = call.for_backward
+    if kept is not None:  # backward_block_lists, inlined (once per call that trains)
+        key = ("block_lists", block_m, block_n)
+        both = kept.get(key)
+        if both is None:
+            both = kept[key] = block_lists_both(program, call, block_m, block_n, dynamic=dynamic, kernel=kernel)
+        return both[0]
     if kernel is not None:
         return kernel(call, block_m, block_n, False)[0]
     return classified_lists(program, call, block_m, block_n, dynamic=dynamic, transposed=False)[0]

@@ -26,6 +26,14 @@ class KernelConfig:
     num_stages: int = 2
     warp_specialize: bool = False
 
+    def __post_init__(self):
+        # hashed a few times per call (the keys of what is kept per signature and config): once
+        object.__setattr__(self, "_hash", hash((self.BLOCK_M, self.BLOCK_N, self.num_warps, self.num_stages,
+                                                self.warp_specialize)))
+
+    def __hash__(self):
+        return self._hash
+
 
 KERNELS = ("", "dkdv", "dq")  # the forward, and the two backward kernels
 FLAGS = ("warp_specialize",)  # KernelConfig's boolean fields
