@@ -326,7 +326,8 @@ def _fwd_launch(call, cfg, q, k, v, o, lse):
             Nq, Nk, H, GROUP, q_offset, k_offset, qk_scale,
             CU_Q, CU_K, TOTAL_Q,
             prm_chunk,
-            full_count, full_index, partial_count, partial_index, list_stride_b, list_stride_h, list_stride_row, list_width,
+            full_count, full_index, partial_count, partial_index, list_stride_b, list_stride_h, list_stride_row,
+            list_width,
             RETURN_LSE=RETURN_LSE, LISTS=LISTS,
             **options,
         )
@@ -724,7 +725,8 @@ def _dkdv_launch(call, cfg, q, k, v, dk, dv, lse, do):
             Nq, Nk, H, GROUP, q_offset, k_offset, qk_scale, sm_scale,
             CU_Q, CU_K, TOTAL_Q,
             prm_chunk,
-            full_count, full_index, partial_count, partial_index, list_stride_b, list_stride_h, list_stride_row, list_width,
+            full_count, full_index, partial_count, partial_index, list_stride_b, list_stride_h, list_stride_row,
+            list_width,
             LISTS=LISTS,
             **options,
         )
@@ -760,7 +762,8 @@ def _dq_launch(call, cfg, q, k, v, dq, lse, do):
             Nq, Nk, H, GROUP, q_offset, k_offset, qk_scale, sm_scale,
             CU_Q, CU_K, TOTAL_Q,
             prm_chunk,
-            full_count, full_index, partial_count, partial_index, list_stride_b, list_stride_h, list_stride_row, list_width,
+            full_count, full_index, partial_count, partial_index, list_stride_b, list_stride_h, list_stride_row,
+            list_width,
             LISTS=LISTS,
             **options,
         )

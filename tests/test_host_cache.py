@@ -228,3 +228,59 @@ def test_views_with_rows_off_16_bytes(dtype, D, wide):
     ref.backward(g.double())
     for arg, a, b in zip("qkv", (q, k, v), ref_in):
         _close(a.grad, b.grad, dtype, f"d{arg}")
+
+
+def test_bound_launch_passes_what_the_plain_launch_passes():
+    """Signatures.bound splits a launch into a plan (computed once) and a closure (per call): run
+    both against a recording kernel, the arguments are the plain launch's (unread parameters left
+    out, groups, starred values, per-call keywords, options)."""
+    from attncc.codegen.params import Signatures
+
+    sig = Signatures({"f": frozenset({"Q", "s0", "s1", "N", "P", "C", "F"})})
+    sig.define("def f(Q, s0, s1, N, X, P,\n      C: tl.constexpr, D: tl.constexpr, F: tl.constexpr):")
+    values = [("Q", "q"), ("s0 s1", "*q.stride()[:2]"), ("N", "call.N"), ("X", "x"), ("P", "p"),
+              ("C", "cfg.C"), ("D", "4"), ("F", "flag")]
+    options = [("num_warps", "cfg.w")]
+    plain = sig.launch("f", values, "        ")
+    bound = sig.bound("f", values, per_call=["Q", "X", "P", "F"], options=options, reserved=["call", "cfg", "q"])
+    assert "X" not in bound.params and "D=" not in bound.plan  # unread: left out
+    # bound: the plan at 4 spaces (its closure's body at 8, the kernel's arguments at 12), call args at 8
+    src = "\n".join([
+        "def plain(call, cfg, q, p, flag):",
+        "    return f[(1,)](",
+        plain,
+        "        num_warps=cfg.w)",
+        "",
+        "def plan(call, cfg, q):",
+        bound.plan,
+        f"    def launch({bound.params}):",
+        "        return f[(1,)](",
+        bound.launch,
+        "        )",
+        "    return launch",
+        "",
+        "def per_call(call, cfg, q, p, flag):",
+        "    return plan(call, cfg, q)(",
+        bound.args,
+        "    )",
+    ])
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: (args, kwargs)
+
+    class Call:
+        N = 7
+
+    class Cfg:
+        C, w = 3, 8
+
+    scope = {"f": Recorder()}
+    exec(src, scope)
+    q, p = torch.zeros(2, 5), torch.ones(3)
+    want = scope["plain"](Call, Cfg, q, p, True)
+    got = scope["per_call"](Call, Cfg, q, p, True)
+    assert got[0][0] is q and got[0][-1] is p
+    assert got[0][1:-1] == want[0][1:-1] == (5, 1, 7) and got[1] == want[1] == {"C": 3, "F": True, "num_warps": 8}
+    with pytest.raises(ValueError, match="shadow"):
+        sig.bound("f", values, per_call=["Q"], reserved=["N"])

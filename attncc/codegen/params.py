@@ -376,7 +376,7 @@ class Signatures:
                 if keyword:
                     late.append(f"{group[0]}={group[0]}")
                 else:
-                    entries.append((line, ", ".join(group)))
+                    entries += [(line, name) for name in group]
             elif keyword:
                 keywords.append(f"{group[0]}={value}")
             else:
@@ -396,7 +396,7 @@ class Signatures:
                         plan += [prev, (line, 1, group, [value])]
                 else:
                     plan.append((line, len(group), group, [value[1:] if len(group) > 1 else value]))
-                entries.append((line, ", ".join(group)))
+                entries += [(line, name) for name in group]
         if covered != [p.name for p in params]:
             raise ValueError(f"{fn}: the launch values name {covered}, the signature {[p.name for p in params]}")
         plan = [f"{', '.join(names)} = {', '.join(texts)}" for _, _, names, texts in plan]
