@@ -14,9 +14,13 @@ What is timed, per case (spec) and length N (B = 2, 16 query heads, head dim 128
   the measured host cost of exactly those launches (replayed), so ``host - triton launch`` is
   attncc's own overhead.
 - ``floor``: the same calls through a do-nothing ``torch.autograd.Function`` that only allocates
-  what attncc's calls allocate (o and the LSE; delta, lse2 and the three gradients): torch's own
-  share of a forward / forward+backward call. ``own`` = attncc's time less the floor (--stub), or
-  less Triton's launches (GPU).
+  what attncc's calls allocate (o and the LSE; delta, lse2 and the three gradients; the block
+  lists' buffer of a data-dependent mask): torch's own share of a forward / forward+backward
+  call, under the same conditions (the forward under
+  ``torch.no_grad()``; the unused LSE's gradient not materialized, as attncc asks autograd).
+  ``own`` = attncc's time less the floor (--stub), or less Triton's launches (GPU). attncc and the
+  floor are timed in turn, ``--rounds`` times, and each keeps its fastest: a shared, busy CPU only
+  ever adds time, and the subtraction of two minima taken side by side is the least noisy.
 - On the GPU also attncc through ``torch.compile(fullgraph=True)`` (host us/call).
 - On the GPU also ``gpu fwd`` / ``gpu f+b``: device microseconds per call (bench/timer.py), and the
   same for the baselines of bench/impls.py that have the spec: SDPA (cuDNN backend) and FlexAttention
@@ -24,7 +28,8 @@ What is timed, per case (spec) and length N (B = 2, 16 query heads, head dim 128
 
 Under ``--stub`` the CPU tensors run through ``TRITON_INTERPRET=1``'s code paths (the interpreter's
 small tile config; float16 so that no operand is converted): the numbers are host time on this
-CPU, not GPU numbers.
+CPU, not GPU numbers. glibc is told to keep freed memory for reuse (:func:`caching_cpu_allocator`),
+as the GPU's caching allocator does, so that large N measures attncc and not the OS's page handling.
 """
 from __future__ import annotations
 
@@ -58,11 +63,14 @@ class StubKernel:
 
     def __init__(self, name: str, real, log: "LaunchLog"):
         self.name, self.real, self.log = name, real, log
+        self.grid = None
 
     def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.log.append((self, grid, args, kwargs) if self.log.keep_args else (self, grid))
-        return launch
+        self.grid = grid  # as cheap as can be: what it costs counts as attncc's own time
+        return self.launch
+
+    def launch(self, *args, **kwargs):
+        self.log.append((self, self.grid, args, kwargs) if self.log.keep_args else (self, self.grid))
 
 
 class LaunchLog(list):
@@ -114,23 +122,45 @@ def per_call_us(fn, calls: int, sync=None, clock=time.perf_counter) -> float:
 
 
 class _Floor(torch.autograd.Function):
-    """Allocates what an attention call returns and its backward the gradients; nothing else."""
+    """Allocates what an attention call returns, and its backward the gradients, and what attncc
+    allocates besides: the block lists' buffer of a data-dependent mask (``lists``: int32 entries,
+    0 for none), delta and lse2 (alive while the gradients are made, as attncc's). Nothing else."""
 
     @staticmethod
-    def forward(ctx, q, k, v):
+    def forward(ctx, lists, q, k, v):
+        o, lse = torch.empty_like(q), torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+        buffer = torch.empty(lists, dtype=torch.int32, device=q.device) if lists else None
         ctx.save_for_backward(q, k, v)
-        return torch.empty_like(q), torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+        ctx.buffer = buffer  # kept for the backward, as attncc keeps the lists
+        ctx.set_materialize_grads(False)  # as attncc: no zero gradient made for the unused LSE
+        return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v = ctx.saved_tensors
-        rows = q.shape[:-1]  # what attncc's backward allocates besides the gradients: delta, lse2
-        torch.empty(rows, dtype=torch.float32, device=q.device), torch.empty(rows, dtype=torch.float32, device=q.device)
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        rows = q.shape[:-1]
+        delta = torch.empty(rows, dtype=torch.float32, device=q.device)
+        lse2 = torch.empty_like(delta)
+        return None, torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def host_times(name: str, n: int, device: str, dtype, calls: int, sync=None, clock=time.perf_counter):
-    """{'fwd', 'f+b', 'launches fwd', 'launches f+b', 'floor fwd', 'floor f+b'} of one case."""
+def list_entries(module, q, k, v, kw) -> tuple:
+    """int32 entries of the block lists' buffer that a forward and a forward+backward call of a
+    data-dependent spec allocate (its ``_tile_plan``): (0, 0) for the others."""
+    if not hasattr(module, "_tile_plan"):
+        return 0, 0
+    from attncc import runtime as rt
+
+    call = rt.bind(module.SPEC, q, k, v, kwargs=dict(kw))
+    cfg = rt.pick_config(call)
+    plans = [module._tile_plan(call, cfg.BLOCK_M, cfg.BLOCK_N, transposed) for transposed in (False, True)]
+    return tuple(plan.size if plan is not None else 0 for plan in plans)
+
+
+def host_times(name: str, n: int, device: str, dtype, calls: int, sync=None, clock=time.perf_counter,
+               rounds: int = 1):
+    """{'fwd', 'f+b', 'launches fwd', 'launches f+b', 'floor fwd', 'floor f+b'} of one case: attncc
+    and the floor timed in turn, ``rounds`` times, the fastest of each."""
     module, q, k, v, kw = make_case(name, n, device, dtype, grad=True)
     g = torch.randn(q.shape[:-1] + (v.shape[-1],), device=device, dtype=dtype)
     log = getattr(module, "_STUB_LOG", None)
@@ -144,19 +174,27 @@ def host_times(name: str, n: int, device: str, dtype, calls: int, sync=None, clo
         module.attention(q, k, v, **kw).backward(g)
         q.grad = k.grad = v.grad = None
 
-    for label, fn in (("fwd", fwd), ("f+b", fwd_bwd)):
-        out[label] = per_call_us(fn, calls, sync=sync, clock=clock)
-        if log is not None:
-            log.clear()
-            fn()
-            out[f"launches {label}"] = len(log)
-    out["floor fwd"] = per_call_us(lambda: _Floor.apply(q.detach(), k.detach(), v.detach()), calls, sync=sync, clock=clock)
+    lists_fwd, lists_fb = list_entries(module, q, k, v, kw)
+
+    def floor_fwd():
+        with torch.no_grad():
+            _Floor.apply(lists_fwd, q, k, v)
 
     def floor_fb():
-        o, _ = _Floor.apply(q, k, v)
+        o, _ = _Floor.apply(lists_fb, q, k, v)
         o.backward(g)
         q.grad = k.grad = v.grad = None
-    out["floor f+b"] = per_call_us(floor_fb, calls, sync=sync, clock=clock)
+
+    timed = {"fwd": fwd, "floor fwd": floor_fwd, "f+b": fwd_bwd, "floor f+b": floor_fb}
+    for _ in range(rounds):
+        for label, fn in timed.items():
+            t = per_call_us(fn, calls, sync=sync, clock=clock)
+            out[label] = min(t, out.get(label, t))
+    if log is not None:
+        for label in ("fwd", "f+b"):
+            log.clear()
+            timed[label]()
+            out[f"launches {label}"] = len(log)
     return out
 
 
@@ -166,19 +204,41 @@ def main(argv=None) -> int:
     p.add_argument("--cases", default=",".join(CASES))
     p.add_argument("--n", default=",".join(map(str, LENGTHS)))
     p.add_argument("--calls", type=int, default=200, help="calls per timed burst (CPU); the GPU uses 20")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of attncc and the floor timed in turn (CPU)")
     p.add_argument("--out", default=None, help="folder for the CSV and the plot (GPU)")
     args = p.parse_args(argv)
     cases = [c for c in args.cases.split(",") if c]
     lengths = [int(x) for x in args.n.split(",") if x]
     if args.stub:
-        return run_stub(cases, lengths, args.calls, args.out)
+        return run_stub(cases, lengths, args.calls, args.out, args.rounds)
     return run_gpu(cases, lengths, args.out)
 
 
-def run_stub(cases, lengths, calls, out=None) -> int:
+def caching_cpu_allocator() -> str:
+    """Make glibc keep freed memory for reuse, as the GPU's caching allocator does: no mmap for
+    large blocks, no trimming. Otherwise every CPU tensor of 32 MB or more (N >= 4096 here) is an
+    mmap and a munmap per call, whose page clearing and TLB flushes slow down everything after
+    them, attncc's Python more than the floor's (the own time grew by ~15 us from N = 1024 to 4096
+    with N-independent host work). Returns what was done, for the output."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+        if libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1):
+            return "glibc: no mmap, no trim (memory reused like a caching allocator)"
+    except (OSError, AttributeError):
+        pass
+    return "allocator as is (no glibc mallopt)"
+
+
+def run_stub(cases, lengths, calls, out=None, rounds: int = 3) -> int:
     torch.set_num_threads(1)
+    allocator = caching_cpu_allocator()
     print(f"host overhead, launches stubbed, CPU: torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}, "
-          f"B=2 H=16 D=128 float16, thread CPU time, fastest of 7 bursts of {calls} calls")
+          f"B=2 H=16 D=128 float16, thread CPU time, fastest of {rounds} rounds of 7 bursts of {calls} calls, "
+          f"{allocator}, load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     print("| case | N | fwd us | f+b us | launches fwd / f+b | floor fwd us | floor f+b us | own fwd | own f+b |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
@@ -186,7 +246,7 @@ def run_stub(cases, lengths, calls, out=None) -> int:
         module = generated(name)
         stub_launches(module)
         for n in lengths:
-            r = host_times(name, n, "cpu", torch.float16, calls, clock=time.thread_time)
+            r = host_times(name, n, "cpu", torch.float16, calls, clock=time.thread_time, rounds=rounds)
             own = {label: r[label] - r[f"floor {label}"] for label in ("fwd", "f+b")}
             print(f"| {name} | {n} | {r['fwd']:.1f} | {r['f+b']:.1f} | {r['launches fwd']} / {r['launches f+b']} | "
                   f"{r['floor fwd']:.1f} | {r['floor f+b']:.1f} | {own['fwd']:.1f} | {own['f+b']:.1f} |", flush=True)

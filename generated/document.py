@@ -348,10 +348,11 @@ def _tk_kernel(out_ptr, nqb, nkb, Nq, Nk, q_offset, k_offset, Hl, ptr_doc, strid
                  stride1_doc, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BM_P=BM_P, BN_P=BN_P, CHUNK=COL_CHUNK)
 
 
-def _tile_lists(call, block_m, block_n, transposed):
-    """(forward lists, transposed lists or None) of this call's tiles, each _rt.blocks.BlockLists,
-    from one kernel launch (no host synchronization)."""
-    B, H, Nq, Nk = call.B, call.Hq, call.Nq, call.Nk
+def _tile_plan(call, block_m, block_n, transposed):
+    """The tile-list kernel's launch for this call's signature (shapes, strides, dtypes, offsets,
+    params): a _rt.blocks.TilePlan whose launch takes the buffer and the inputs, or None when the
+    torch path must run (missing / malformed inputs, empty shapes)."""
+    B, H, Nq, Nk, q_offset, k_offset = call.B, call.Hq, call.Nq, call.Nk, call.q_offset, call.k_offset
     nqb, nkb = -(-Nq // block_m), -(-Nk // block_n)
     Bl, Hl = B, 1
     t_doc = call.inputs.get('doc')
@@ -360,31 +361,87 @@ def _tile_lists(call, block_m, block_n, transposed):
         or t_doc.dim() != 2
         or t_doc.dtype not in _TK_INPUT_DTYPES
         or (t_doc.shape[0] != 1 and t_doc.shape[0] < B)
-        or t_doc.shape[1] < call.q_offset + Nq
-        or t_doc.shape[1] < call.k_offset + Nk):
-        return _rt.blocks.classified_lists(_TK_PROGRAM, call, block_m, block_n, dynamic=True, transposed=transposed)  # missing / malformed inputs, empty shapes
-    if t_doc.dtype == torch.bool:
-        t_doc = t_doc.view(torch.uint8)
+        or t_doc.shape[1] < q_offset + Nq
+        or t_doc.shape[1] < k_offset + Nk):
+        return None
+    stride0_doc = t_doc.stride(0) if t_doc.shape[0] != 1 else 0
+    stride1_doc = t_doc.stride(1) if t_doc.shape[1] != 1 else 0
     BM_P, BN_P = _rt.next_power_of_2(block_m), _rt.next_power_of_2(block_n)
     # one allocation: the forward lists, then (transposed) the transposed lists, each in the
     # layout of _rt.blocks.packed_lists
     rows_size = _rt.blocks.packed_size(Bl * Hl * nqb, nkb)
     size = rows_size + (_rt.blocks.packed_size(Bl * Hl * nkb, nqb) if transposed else 0)
-    out = torch.empty(size, dtype=torch.int32, device=call.q.device)
-    _tk_kernel[(nqb + (nkb if transposed else 0), Bl * Hl)](
-        out, nqb, nkb, Nq, Nk, call.q_offset, call.k_offset, Hl, t_doc, (t_doc.stride(0) if t_doc.shape[0] != 1 else 0),
-        (t_doc.stride(1) if t_doc.shape[1] != 1 else 0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BM_P=BM_P, BN_P=BN_P, ROW_CHUNK=min(64, max(1, 4096 // BN_P)),
-        COL_CHUNK=min(64, max(1, 4096 // BM_P)),
-        num_warps=4, enable_fp_fusion=False,
-    )
-    lists = _rt.blocks.packed_lists(out, 0, Bl, Hl, nqb, nkb)
-    return lists, (_rt.blocks.packed_lists(out, rows_size, Bl, Hl, nkb, nqb) if transposed else None)
+    grid = (nqb + (nkb if transposed else 0), Bl * Hl)
+    options = dict(BLOCK_M=block_m, BLOCK_N=block_n, BM_P=BM_P, BN_P=BN_P, ROW_CHUNK=min(64, max(1, 4096 // BN_P)),
+                   COL_CHUNK=min(64, max(1, 4096 // BM_P)), num_warps=4, enable_fp_fusion=False)
+
+    def launch(out_ptr, ptr_doc):
+        _tk_kernel[grid](
+            out_ptr, nqb, nkb, Nq, Nk, q_offset, k_offset, Hl, ptr_doc, stride0_doc, stride1_doc,
+            **options,
+        )
+
+    return _rt.blocks.TilePlan(size, launch, _rt.blocks.packed_layout(0, Bl, Hl, nqb, nkb),
+                               _rt.blocks.packed_layout(rows_size, Bl, Hl, nkb, nqb) if transposed else None)
+
+
+def _tile_lists(call, block_m, block_n, transposed):
+    """(forward lists, transposed lists or None) of this call's tiles, each _rt.blocks.BlockLists,
+    from one kernel launch (no host synchronization); the launch is planned once per call
+    signature (_tile_plan)."""
+    plan = call.cached((_tile_plan, block_m, block_n, transposed),
+                       lambda: _tile_plan(call, block_m, block_n, transposed))
+    if plan is None:  # missing / malformed inputs, empty shapes
+        return _rt.blocks.classified_lists(_TK_PROGRAM, call, block_m, block_n, dynamic=True, transposed=transposed)
+    t_doc = call.inputs['doc']
+    if t_doc.dtype == torch.bool:
+        t_doc = t_doc.view(torch.uint8)
+    out = torch.empty(plan.size, dtype=torch.int32, device=call.q.device)
+    plan.launch(out, t_doc)
+    return plan.lists(out)
 
 
 def _block_lists(call, block_m, block_n):
     return _rt.blocks.block_lists(MASK_TILES, call, block_m, block_n, dynamic=True, kernel=_tile_lists)
 
+
+
+
+def _fwd_launch(call, cfg, q, k, v, o, lse):
+    """_fwd_kernel's launch at ``cfg`` for calls of this signature and operand layout: every argument
+    that does not change from call to call computed once (_rt.bound_launch keeps it with the signature)."""
+    grid = (_rt.cdiv(call.Nq, cfg.BLOCK_M), call.B * call.Hq)
+    stride_qb, stride_qh, stride_qm = q.stride()[:3]
+    stride_kb, stride_kh, stride_kn = k.stride()[:3]
+    stride_vb, stride_vh, stride_vn = v.stride()[:3]
+    stride_ob, stride_oh, stride_om = o.stride()[:3]
+    Nq, Nk, H, GROUP, q_offset, k_offset = call.Nq, call.Nk, call.Hq, call.group, call.q_offset, call.k_offset
+    qk_scale = call.scale * _rt.LOG2E
+    TOTAL_Q = lse.shape[-1]
+    stride0_doc, stride1_doc = call.inputs['doc'].stride()
+    size1_doc = call.inputs['doc'].shape[1]
+    options = dict(HEAD_DIM=q.shape[-1], HEAD_DIM_PAD=_rt.padded_dim(q.shape[-1]), VALUE_DIM=v.shape[-1],
+                   VALUE_DIM_PAD=_rt.padded_dim(v.shape[-1]), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+                   DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", VARLEN=call.varlen, WIDE=call.wide,
+                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    def launch(Q, K, V, O, LSE, CU_Q, CU_K, ptr_doc, full_count, full_index, partial_count, partial_index,
+               list_stride_b, list_stride_h, list_stride_row, list_width, RETURN_LSE):
+        _fwd_kernel[grid](
+            Q, K, V, O, LSE,
+            stride_qb, stride_qh, stride_qm,
+            stride_kb, stride_kh, stride_kn,
+            stride_vb, stride_vh, stride_vn,
+            stride_ob, stride_oh, stride_om,
+            Nq, Nk, H, GROUP, q_offset, k_offset, qk_scale,
+            CU_Q, CU_K, TOTAL_Q,
+            ptr_doc, stride0_doc, stride1_doc, size1_doc,
+            full_count, full_index, partial_count, partial_index, list_stride_b, list_stride_h, list_stride_row,
+            list_width,
+            RETURN_LSE=RETURN_LSE,
+            **options,
+        )
+    return launch
 
 
 def _forward(call):
@@ -398,21 +455,8 @@ def _forward(call):
         o = torch.empty(call.B, call.Hq, call.Nq, v.shape[-1], dtype=call.q.dtype, device=q.device)
         lse = torch.empty(call.B, call.Hq, call.Nq, dtype=torch.float32, device=q.device)
     lists = _block_lists(call, cfg.BLOCK_M, cfg.BLOCK_N)
-    _rt.launch(call, cfg, lambda cfg: _fwd_kernel[(_rt.cdiv(call.Nq, cfg.BLOCK_M), call.B * call.Hq)](
-        q, k, v, o, lse,
-        *q.stride()[:3],
-        *k.stride()[:3],
-        *v.stride()[:3],
-        *o.stride()[:3],
-        call.Nq, call.Nk, call.Hq, call.group, call.q_offset, call.k_offset, call.scale * _rt.LOG2E,
-        call.cu_seqlens_q, call.cu_seqlens_k, lse.shape[-1],
-        call.inputs['doc'], *call.inputs['doc'].stride(), call.inputs['doc'].shape[1],
-        *lists,
-        HEAD_DIM=q.shape[-1], HEAD_DIM_PAD=_rt.padded_dim(q.shape[-1]), VALUE_DIM=v.shape[-1],
-        VALUE_DIM_PAD=_rt.padded_dim(v.shape[-1]), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", RETURN_LSE=call.return_lse, VARLEN=call.varlen,
-        WIDE=call.wide,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    _rt.launch(call, cfg, lambda cfg: _rt.bound_launch(call, _fwd_launch, cfg, q, k, v, o, lse)(
+        q, k, v, o, lse, call.cu_seqlens_q, call.cu_seqlens_k, call.inputs['doc'], *lists, call.return_lse,
     ))
     if v.shape[-1] != call.Dv:
         o = o[..., :call.Dv]
@@ -693,13 +737,112 @@ def _backward_block_lists(call, block_m, block_n):
     return _rt.blocks.backward_block_lists(MASK_TILES, call, block_m, block_n, dynamic=True, kernel=_tile_lists)
 
 
+
+
+def _pre_launch(call, cfg, q, k, v, lse, o, do):
+    """_bwd_preprocess's launch for calls of this signature and layouts of O and dO (see _fwd_launch)."""
+    grid = (_rt.cdiv(call.Nq, cfg.BLOCK_M), call.B * call.Hq)
+    stride_ob, stride_oh, stride_om, stride_od = o.stride()
+    stride_dob, stride_doh, stride_dom, stride_dod = do.stride()
+    Nq, H, TOTAL_Q = call.Nq, call.Hq, lse.shape[-1]
+    options = dict(VALUE_DIM=call.Dv, VALUE_DIM_PAD=_rt.padded_dim(call.Dv), BLOCK_M=cfg.BLOCK_M, VARLEN=call.varlen,
+                   WIDE=call.wide)
+
+    def launch(O, DO, LSE, DLSE, DELTA, LSE2, CU_Q, HAS_DLSE):
+        _bwd_preprocess[grid](
+            O, DO, LSE, DLSE, DELTA, LSE2,
+            stride_ob, stride_oh, stride_om, stride_od,
+            stride_dob, stride_doh, stride_dom, stride_dod,
+            Nq, H, CU_Q, TOTAL_Q,
+            HAS_DLSE=HAS_DLSE,
+            **options,
+        )
+    return launch
+
+
+def _dkdv_launch(call, cfg, q, k, v, dk, dv, lse, do):
+    """_bwd_dkdv_kernel's launch at ``cfg`` for calls of this signature, operand layout and dO layout:
+    every argument that does not change from call to call computed once (see _fwd_launch)."""
+    grid = (_rt.cdiv(call.Nk, cfg.BLOCK_N), call.B * call.Hkv)
+    stride_qb, stride_qh, stride_qm = q.stride()[:3]
+    stride_kb, stride_kh, stride_kn = k.stride()[:3]
+    stride_vb, stride_vh, stride_vn = v.stride()[:3]
+    stride_dob, stride_doh, stride_dom = do.stride()[:3]
+    stride_dkb, stride_dkh, stride_dkn = dk.stride()[:3]
+    stride_dvb, stride_dvh, stride_dvn = dv.stride()[:3]
+    Nq, Nk, H, GROUP, q_offset, k_offset = call.Nq, call.Nk, call.Hq, call.group, call.q_offset, call.k_offset
+    qk_scale, sm_scale = call.scale * _rt.LOG2E, call.scale
+    TOTAL_Q = lse.shape[-1]
+    stride0_doc, stride1_doc = call.inputs['doc'].stride()
+    size1_doc = call.inputs['doc'].shape[1]
+    options = dict(HEAD_DIM=q.shape[-1], HEAD_DIM_PAD=_rt.padded_dim(q.shape[-1]), VALUE_DIM=v.shape[-1],
+                   VALUE_DIM_PAD=_rt.padded_dim(v.shape[-1]), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+                   DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", VARLEN=call.varlen, WIDE=call.wide,
+                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    def launch(Q, K, V, DO, DK, DV, LSE2, DELTA, CU_Q, CU_K, ptr_doc, full_count, full_index, partial_count,
+               partial_index, list_stride_b, list_stride_h, list_stride_row, list_width):
+        _bwd_dkdv_kernel[grid](
+            Q, K, V, DO, DK, DV, LSE2, DELTA,
+            stride_qb, stride_qh, stride_qm,
+            stride_kb, stride_kh, stride_kn,
+            stride_vb, stride_vh, stride_vn,
+            stride_dob, stride_doh, stride_dom,
+            stride_dkb, stride_dkh, stride_dkn,
+            stride_dvb, stride_dvh, stride_dvn,
+            Nq, Nk, H, GROUP, q_offset, k_offset, qk_scale, sm_scale,
+            CU_Q, CU_K, TOTAL_Q,
+            ptr_doc, stride0_doc, stride1_doc, size1_doc,
+            full_count, full_index, partial_count, partial_index, list_stride_b, list_stride_h, list_stride_row,
+            list_width,
+            **options,
+        )
+    return launch
+
+
+def _dq_launch(call, cfg, q, k, v, dq, lse, do):
+    """_bwd_dq_kernel's launch at ``cfg`` (see _dkdv_launch)."""
+    grid = (_rt.cdiv(call.Nq, cfg.BLOCK_M), call.B * call.Hq)
+    stride_qb, stride_qh, stride_qm = q.stride()[:3]
+    stride_kb, stride_kh, stride_kn = k.stride()[:3]
+    stride_vb, stride_vh, stride_vn = v.stride()[:3]
+    stride_dob, stride_doh, stride_dom = do.stride()[:3]
+    stride_dqb, stride_dqh, stride_dqm = dq.stride()[:3]
+    Nq, Nk, H, GROUP, q_offset, k_offset = call.Nq, call.Nk, call.Hq, call.group, call.q_offset, call.k_offset
+    qk_scale, sm_scale = call.scale * _rt.LOG2E, call.scale
+    TOTAL_Q = lse.shape[-1]
+    stride0_doc, stride1_doc = call.inputs['doc'].stride()
+    size1_doc = call.inputs['doc'].shape[1]
+    options = dict(HEAD_DIM=q.shape[-1], HEAD_DIM_PAD=_rt.padded_dim(q.shape[-1]), VALUE_DIM=v.shape[-1],
+                   VALUE_DIM_PAD=_rt.padded_dim(v.shape[-1]), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+                   DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", VARLEN=call.varlen, WIDE=call.wide,
+                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    def launch(Q, K, V, DO, DQ, LSE2, DELTA, CU_Q, CU_K, ptr_doc, full_count, full_index, partial_count, partial_index,
+               list_stride_b, list_stride_h, list_stride_row, list_width):
+        _bwd_dq_kernel[grid](
+            Q, K, V, DO, DQ, LSE2, DELTA,
+            stride_qb, stride_qh, stride_qm,
+            stride_kb, stride_kh, stride_kn,
+            stride_vb, stride_vh, stride_vn,
+            stride_dob, stride_doh, stride_dom,
+            stride_dqb, stride_dqh, stride_dqm,
+            Nq, Nk, H, GROUP, q_offset, k_offset, qk_scale, sm_scale,
+            CU_Q, CU_K, TOTAL_Q,
+            ptr_doc, stride0_doc, stride1_doc, size1_doc,
+            full_count, full_index, partial_count, partial_index, list_stride_b, list_stride_h, list_stride_row,
+            list_width,
+            **options,
+        )
+    return launch
+
+
 def _backward(call, o, lse, do, dlse=None):
     """dq, dk, dv of one call (``o``, ``lse`` from its forward; ``do`` = dLoss/do, ``dlse`` = dLoss/dlse
     or None when the loss does not use the LSE)."""
     q, k, v = _rt.kernel_operands(call)
-    cfg = _rt.pick_config(call)
     # The lists the forward classified for this call serve both kernels: the forward's tile shape.
-    cfg_kv, cfg_q = (_rt.shared_tile_config(call, kernel, cfg) for kernel in ("dkdv", "dq"))
+    cfg, cfg_kv, cfg_q = _rt.backward_configs(call, shared=True)
     _rt.ensure_allocator()
     B, Hq, Hkv, Nq, Nk = call.B, call.Hq, call.Hkv, call.Nq, call.Nk
     # Packed (varlen): rows [1, H, total] (and rows outside every sequence keep zero gradients).
@@ -708,13 +851,8 @@ def _backward(call, o, lse, do, dlse=None):
     lse2 = torch.empty_like(delta)
     if dlse is not None:  # read at the LSE's offsets
         dlse = dlse.to(torch.float32).contiguous()
-    _bwd_preprocess[(_rt.cdiv(Nq, cfg.BLOCK_M), B * Hq)](
-        o, do, lse, lse if dlse is None else dlse, delta, lse2,
-        *o.stride(),
-        *do.stride(),
-        Nq, Hq, call.cu_seqlens_q, lse.shape[-1],
-        VALUE_DIM=call.Dv, VALUE_DIM_PAD=_rt.padded_dim(call.Dv), BLOCK_M=cfg.BLOCK_M, VARLEN=call.varlen,
-        WIDE=call.wide, HAS_DLSE=dlse is not None,
+    _rt.bound_launch(call, _pre_launch, cfg, q, k, v, lse, layout=(o, do))(
+        o, do, lse, lse if dlse is None else dlse, delta, lse2, call.cu_seqlens_q, dlse is not None,
     )
     do = _rt.grad_operand(do, v)
     dq = alloc(*q.shape, dtype=q.dtype, device=q.device)
@@ -722,38 +860,11 @@ def _backward(call, o, lse, do, dlse=None):
     dv = alloc(*v.shape, dtype=v.dtype, device=q.device)
     lists_t = _backward_block_lists(call, cfg_kv.BLOCK_M, cfg_kv.BLOCK_N)[1]
     lists = _backward_block_lists(call, cfg_q.BLOCK_M, cfg_q.BLOCK_N)[0]
-    _rt.launch(call, cfg_kv, lambda cfg: _bwd_dkdv_kernel[(_rt.cdiv(Nk, cfg.BLOCK_N), B * Hkv)](
-        q, k, v, do, dk, dv, lse2, delta,
-        *q.stride()[:3],
-        *k.stride()[:3],
-        *v.stride()[:3],
-        *do.stride()[:3],
-        *dk.stride()[:3],
-        *dv.stride()[:3],
-        call.Nq, call.Nk, call.Hq, call.group, call.q_offset, call.k_offset, call.scale * _rt.LOG2E, call.scale,
-        call.cu_seqlens_q, call.cu_seqlens_k, lse.shape[-1],
-        call.inputs['doc'], *call.inputs['doc'].stride(), call.inputs['doc'].shape[1],
-        *lists_t,
-        HEAD_DIM=q.shape[-1], HEAD_DIM_PAD=_rt.padded_dim(q.shape[-1]), VALUE_DIM=v.shape[-1],
-        VALUE_DIM_PAD=_rt.padded_dim(v.shape[-1]), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", VARLEN=call.varlen, WIDE=call.wide,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    _rt.launch(call, cfg_kv, lambda cfg: _rt.bound_launch(call, _dkdv_launch, cfg, q, k, v, dk, dv, lse, layout=(do,))(
+        q, k, v, do, dk, dv, lse2, delta, call.cu_seqlens_q, call.cu_seqlens_k, call.inputs['doc'], *lists_t,
     ), kernel="dkdv")
-    _rt.launch(call, cfg_q, lambda cfg: _bwd_dq_kernel[(_rt.cdiv(Nq, cfg.BLOCK_M), B * Hq)](
-        q, k, v, do, dq, lse2, delta,
-        *q.stride()[:3],
-        *k.stride()[:3],
-        *v.stride()[:3],
-        *do.stride()[:3],
-        *dq.stride()[:3],
-        call.Nq, call.Nk, call.Hq, call.group, call.q_offset, call.k_offset, call.scale * _rt.LOG2E, call.scale,
-        call.cu_seqlens_q, call.cu_seqlens_k, lse.shape[-1],
-        call.inputs['doc'], *call.inputs['doc'].stride(), call.inputs['doc'].shape[1],
-        *lists,
-        HEAD_DIM=q.shape[-1], HEAD_DIM_PAD=_rt.padded_dim(q.shape[-1]), VALUE_DIM=v.shape[-1],
-        VALUE_DIM_PAD=_rt.padded_dim(v.shape[-1]), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", VARLEN=call.varlen, WIDE=call.wide,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    _rt.launch(call, cfg_q, lambda cfg: _rt.bound_launch(call, _dq_launch, cfg, q, k, v, dq, lse, layout=(do,))(
+        q, k, v, do, dq, lse2, delta, call.cu_seqlens_q, call.cu_seqlens_k, call.inputs['doc'], *lists,
     ), kernel="dq")
     return _rt.grads_as_inputs(call, dq, dk, dv)
 

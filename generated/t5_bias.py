@@ -172,6 +172,41 @@ def _fwd_kernel(Q, K, V, O, LSE,
 
 
 
+
+def _fwd_launch(call, cfg, q, k, v, o, lse):
+    """_fwd_kernel's launch at ``cfg`` for calls of this signature and operand layout: every argument
+    that does not change from call to call computed once (_rt.bound_launch keeps it with the signature)."""
+    grid = (_rt.cdiv(call.Nq, cfg.BLOCK_M), call.B * call.Hq)
+    stride_qb, stride_qh, stride_qm = q.stride()[:3]
+    stride_kb, stride_kh, stride_kn = k.stride()[:3]
+    stride_vb, stride_vh, stride_vn = v.stride()[:3]
+    stride_ob, stride_oh, stride_om = o.stride()[:3]
+    Nq, Nk, H, GROUP, q_offset, k_offset = call.Nq, call.Nk, call.Hq, call.group, call.q_offset, call.k_offset
+    qk_scale = call.scale * _rt.LOG2E
+    TOTAL_Q = lse.shape[-1]
+    stride0_rel_bias, stride1_rel_bias = call.inputs['rel_bias'].stride()
+    size1_rel_bias = call.inputs['rel_bias'].shape[1]
+    options = dict(HEAD_DIM=q.shape[-1], HEAD_DIM_PAD=_rt.padded_dim(q.shape[-1]), VALUE_DIM=v.shape[-1],
+                   VALUE_DIM_PAD=_rt.padded_dim(v.shape[-1]), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+                   DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", WARP_SPECIALIZE=cfg.warp_specialize,
+                   VARLEN=call.varlen, WIDE=call.wide, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    def launch(Q, K, V, O, LSE, CU_Q, CU_K, ptr_rel_bias, RETURN_LSE):
+        _fwd_kernel[grid](
+            Q, K, V, O, LSE,
+            stride_qb, stride_qh, stride_qm,
+            stride_kb, stride_kh, stride_kn,
+            stride_vb, stride_vh, stride_vn,
+            stride_ob, stride_oh, stride_om,
+            Nq, Nk, H, GROUP, q_offset, k_offset, qk_scale,
+            CU_Q, CU_K, TOTAL_Q,
+            ptr_rel_bias, stride0_rel_bias, stride1_rel_bias, size1_rel_bias,
+            RETURN_LSE=RETURN_LSE,
+            **options,
+        )
+    return launch
+
+
 def _forward(call):
     q, k, v = _rt.kernel_operands(call)
     cfg = _rt.pick_config(call)
@@ -182,20 +217,8 @@ def _forward(call):
     else:
         o = torch.empty(call.B, call.Hq, call.Nq, v.shape[-1], dtype=call.q.dtype, device=q.device)
         lse = torch.empty(call.B, call.Hq, call.Nq, dtype=torch.float32, device=q.device)
-    _rt.launch(call, cfg, lambda cfg: _fwd_kernel[(_rt.cdiv(call.Nq, cfg.BLOCK_M), call.B * call.Hq)](
-        q, k, v, o, lse,
-        *q.stride()[:3],
-        *k.stride()[:3],
-        *v.stride()[:3],
-        *o.stride()[:3],
-        call.Nq, call.Nk, call.Hq, call.group, call.q_offset, call.k_offset, call.scale * _rt.LOG2E,
-        call.cu_seqlens_q, call.cu_seqlens_k, lse.shape[-1],
-        call.inputs['rel_bias'], *call.inputs['rel_bias'].stride(), call.inputs['rel_bias'].shape[1],
-        HEAD_DIM=q.shape[-1], HEAD_DIM_PAD=_rt.padded_dim(q.shape[-1]), VALUE_DIM=v.shape[-1],
-        VALUE_DIM_PAD=_rt.padded_dim(v.shape[-1]), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", RETURN_LSE=call.return_lse,
-        WARP_SPECIALIZE=cfg.warp_specialize, VARLEN=call.varlen, WIDE=call.wide,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    _rt.launch(call, cfg, lambda cfg: _rt.bound_launch(call, _fwd_launch, cfg, q, k, v, o, lse)(
+        q, k, v, o, lse, call.cu_seqlens_q, call.cu_seqlens_k, call.inputs['rel_bias'], call.return_lse,
     ))
     if v.shape[-1] != call.Dv:
         o = o[..., :call.Dv]
@@ -472,12 +495,108 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
     dq_desc.store([qb * BLOCK_M, 0], dq.to(DQ.dtype.element_ty))
 
 
+
+
+def _pre_launch(call, cfg, q, k, v, lse, o, do):
+    """_bwd_preprocess's launch for calls of this signature and layouts of O and dO (see _fwd_launch)."""
+    grid = (_rt.cdiv(call.Nq, cfg.BLOCK_M), call.B * call.Hq)
+    stride_ob, stride_oh, stride_om, stride_od = o.stride()
+    stride_dob, stride_doh, stride_dom, stride_dod = do.stride()
+    Nq, H, TOTAL_Q = call.Nq, call.Hq, lse.shape[-1]
+    options = dict(VALUE_DIM=call.Dv, VALUE_DIM_PAD=_rt.padded_dim(call.Dv), BLOCK_M=cfg.BLOCK_M, VARLEN=call.varlen,
+                   WIDE=call.wide)
+
+    def launch(O, DO, LSE, DLSE, DELTA, LSE2, CU_Q, HAS_DLSE):
+        _bwd_preprocess[grid](
+            O, DO, LSE, DLSE, DELTA, LSE2,
+            stride_ob, stride_oh, stride_om, stride_od,
+            stride_dob, stride_doh, stride_dom, stride_dod,
+            Nq, H, CU_Q, TOTAL_Q,
+            HAS_DLSE=HAS_DLSE,
+            **options,
+        )
+    return launch
+
+
+def _dkdv_launch(call, cfg, q, k, v, dk, dv, lse, do):
+    """_bwd_dkdv_kernel's launch at ``cfg`` for calls of this signature, operand layout and dO layout:
+    every argument that does not change from call to call computed once (see _fwd_launch)."""
+    grid = (_rt.cdiv(call.Nk, cfg.BLOCK_N), call.B * call.Hkv)
+    stride_qb, stride_qh, stride_qm = q.stride()[:3]
+    stride_kb, stride_kh, stride_kn = k.stride()[:3]
+    stride_vb, stride_vh, stride_vn = v.stride()[:3]
+    stride_dob, stride_doh, stride_dom = do.stride()[:3]
+    stride_dkb, stride_dkh, stride_dkn = dk.stride()[:3]
+    stride_dvb, stride_dvh, stride_dvn = dv.stride()[:3]
+    Nq, Nk, H, GROUP, q_offset, k_offset = call.Nq, call.Nk, call.Hq, call.group, call.q_offset, call.k_offset
+    qk_scale, sm_scale = call.scale * _rt.LOG2E, call.scale
+    TOTAL_Q = lse.shape[-1]
+    stride0_rel_bias, stride1_rel_bias = call.inputs['rel_bias'].stride()
+    size1_rel_bias = call.inputs['rel_bias'].shape[1]
+    options = dict(HEAD_DIM=q.shape[-1], HEAD_DIM_PAD=_rt.padded_dim(q.shape[-1]), VALUE_DIM=v.shape[-1],
+                   VALUE_DIM_PAD=_rt.padded_dim(v.shape[-1]), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+                   DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", VARLEN=call.varlen, WIDE=call.wide,
+                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    def launch(Q, K, V, DO, DK, DV, LSE2, DELTA, CU_Q, CU_K, ptr_rel_bias):
+        _bwd_dkdv_kernel[grid](
+            Q, K, V, DO, DK, DV, LSE2, DELTA,
+            stride_qb, stride_qh, stride_qm,
+            stride_kb, stride_kh, stride_kn,
+            stride_vb, stride_vh, stride_vn,
+            stride_dob, stride_doh, stride_dom,
+            stride_dkb, stride_dkh, stride_dkn,
+            stride_dvb, stride_dvh, stride_dvn,
+            Nq, Nk, H, GROUP, q_offset, k_offset, qk_scale, sm_scale,
+            CU_Q, CU_K, TOTAL_Q,
+            ptr_rel_bias, stride0_rel_bias, stride1_rel_bias, size1_rel_bias,
+            **options,
+        )
+    return launch
+
+
+def _dq_launch(call, cfg, q, k, v, dq, lse, do):
+    """_bwd_dq_kernel's launch at ``cfg`` (see _dkdv_launch)."""
+    grid = (_rt.cdiv(call.Nq, cfg.BLOCK_M), call.B * call.Hq)
+    stride_qb, stride_qh, stride_qm = q.stride()[:3]
+    stride_kb, stride_kh, stride_kn = k.stride()[:3]
+    stride_vb, stride_vh, stride_vn = v.stride()[:3]
+    stride_dob, stride_doh, stride_dom = do.stride()[:3]
+    stride_dqb, stride_dqh, stride_dqm = dq.stride()[:3]
+    Nq, Nk, H, GROUP, q_offset, k_offset = call.Nq, call.Nk, call.Hq, call.group, call.q_offset, call.k_offset
+    qk_scale, sm_scale = call.scale * _rt.LOG2E, call.scale
+    TOTAL_Q = lse.shape[-1]
+    stride0_rel_bias, stride1_rel_bias = call.inputs['rel_bias'].stride()
+    size1_rel_bias = call.inputs['rel_bias'].shape[1]
+    options = dict(HEAD_DIM=q.shape[-1], HEAD_DIM_PAD=_rt.padded_dim(q.shape[-1]), VALUE_DIM=v.shape[-1],
+                   VALUE_DIM_PAD=_rt.padded_dim(v.shape[-1]), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+                   DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", VARLEN=call.varlen, WIDE=call.wide,
+                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    def launch(Q, K, V, DO, DQ, LSE2, DELTA, CU_Q, CU_K, ptr_rel_bias, gptr_rel_bias, gstride0_rel_bias,
+               gstride1_rel_bias, INPUT_GRADS):
+        _bwd_dq_kernel[grid](
+            Q, K, V, DO, DQ, LSE2, DELTA,
+            stride_qb, stride_qh, stride_qm,
+            stride_kb, stride_kh, stride_kn,
+            stride_vb, stride_vh, stride_vn,
+            stride_dob, stride_doh, stride_dom,
+            stride_dqb, stride_dqh, stride_dqm,
+            Nq, Nk, H, GROUP, q_offset, k_offset, qk_scale, sm_scale,
+            CU_Q, CU_K, TOTAL_Q,
+            ptr_rel_bias, stride0_rel_bias, stride1_rel_bias, size1_rel_bias,
+            gptr_rel_bias, gstride0_rel_bias, gstride1_rel_bias,
+            INPUT_GRADS=INPUT_GRADS,
+            **options,
+        )
+    return launch
+
+
 def _backward(call, o, lse, do, dlse=None):
     """dq, dk, dv of one call (``o``, ``lse`` from its forward; ``do`` = dLoss/do, ``dlse`` = dLoss/dlse
     or None when the loss does not use the LSE)."""
     q, k, v = _rt.kernel_operands(call)
-    cfg = _rt.pick_config(call)
-    cfg_kv, cfg_q = _rt.pick_config(call, "dkdv"), _rt.pick_config(call, "dq")
+    cfg, cfg_kv, cfg_q = _rt.backward_configs(call, shared=False)
     _rt.ensure_allocator()
     B, Hq, Hkv, Nq, Nk = call.B, call.Hq, call.Hkv, call.Nq, call.Nk
     # Packed (varlen): rows [1, H, total] (and rows outside every sequence keep zero gradients).
@@ -486,13 +605,8 @@ def _backward(call, o, lse, do, dlse=None):
     lse2 = torch.empty_like(delta)
     if dlse is not None:  # read at the LSE's offsets
         dlse = dlse.to(torch.float32).contiguous()
-    _bwd_preprocess[(_rt.cdiv(Nq, cfg.BLOCK_M), B * Hq)](
-        o, do, lse, lse if dlse is None else dlse, delta, lse2,
-        *o.stride(),
-        *do.stride(),
-        Nq, Hq, call.cu_seqlens_q, lse.shape[-1],
-        VALUE_DIM=call.Dv, VALUE_DIM_PAD=_rt.padded_dim(call.Dv), BLOCK_M=cfg.BLOCK_M, VARLEN=call.varlen,
-        WIDE=call.wide, HAS_DLSE=dlse is not None,
+    _rt.bound_launch(call, _pre_launch, cfg, q, k, v, lse, layout=(o, do))(
+        o, do, lse, lse if dlse is None else dlse, delta, lse2, call.cu_seqlens_q, dlse is not None,
     )
     do = _rt.grad_operand(do, v)
     dq = alloc(*q.shape, dtype=q.dtype, device=q.device)
@@ -501,38 +615,12 @@ def _backward(call, o, lse, do, dlse=None):
     # Gradients of the learned inputs: fp32 buffers the dQ kernel adds into (call.input_grads: wanted).
     input_grads = {name: torch.zeros(call.inputs[name].shape, dtype=torch.float32, device=q.device)
                    for name in ['rel_bias']}
-    _rt.launch(call, cfg_kv, lambda cfg: _bwd_dkdv_kernel[(_rt.cdiv(Nk, cfg.BLOCK_N), B * Hkv)](
-        q, k, v, do, dk, dv, lse2, delta,
-        *q.stride()[:3],
-        *k.stride()[:3],
-        *v.stride()[:3],
-        *do.stride()[:3],
-        *dk.stride()[:3],
-        *dv.stride()[:3],
-        call.Nq, call.Nk, call.Hq, call.group, call.q_offset, call.k_offset, call.scale * _rt.LOG2E, call.scale,
-        call.cu_seqlens_q, call.cu_seqlens_k, lse.shape[-1],
-        call.inputs['rel_bias'], *call.inputs['rel_bias'].stride(), call.inputs['rel_bias'].shape[1],
-        HEAD_DIM=q.shape[-1], HEAD_DIM_PAD=_rt.padded_dim(q.shape[-1]), VALUE_DIM=v.shape[-1],
-        VALUE_DIM_PAD=_rt.padded_dim(v.shape[-1]), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", VARLEN=call.varlen, WIDE=call.wide,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    _rt.launch(call, cfg_kv, lambda cfg: _rt.bound_launch(call, _dkdv_launch, cfg, q, k, v, dk, dv, lse, layout=(do,))(
+        q, k, v, do, dk, dv, lse2, delta, call.cu_seqlens_q, call.cu_seqlens_k, call.inputs['rel_bias'],
     ), kernel="dkdv")
-    _rt.launch(call, cfg_q, lambda cfg: _bwd_dq_kernel[(_rt.cdiv(Nq, cfg.BLOCK_M), B * Hq)](
-        q, k, v, do, dq, lse2, delta,
-        *q.stride()[:3],
-        *k.stride()[:3],
-        *v.stride()[:3],
-        *do.stride()[:3],
-        *dq.stride()[:3],
-        call.Nq, call.Nk, call.Hq, call.group, call.q_offset, call.k_offset, call.scale * _rt.LOG2E, call.scale,
-        call.cu_seqlens_q, call.cu_seqlens_k, lse.shape[-1],
-        call.inputs['rel_bias'], *call.inputs['rel_bias'].stride(), call.inputs['rel_bias'].shape[1],
-        input_grads['rel_bias'], *input_grads['rel_bias'].stride(),
-        HEAD_DIM=q.shape[-1], HEAD_DIM_PAD=_rt.padded_dim(q.shape[-1]), VALUE_DIM=v.shape[-1],
-        VALUE_DIM_PAD=_rt.padded_dim(v.shape[-1]), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", VARLEN=call.varlen, WIDE=call.wide,
-        INPUT_GRADS=call.input_grads,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    _rt.launch(call, cfg_q, lambda cfg: _rt.bound_launch(call, _dq_launch, cfg, q, k, v, dq, lse, layout=(do,))(
+        q, k, v, do, dq, lse2, delta, call.cu_seqlens_q, call.cu_seqlens_k, call.inputs['rel_bias'],
+        input_grads['rel_bias'], *input_grads['rel_bias'].stride(), call.input_grads,
     ), kernel="dq")
     return _rt.grads_as_inputs(call, dq, dk, dv, input_grads)
 

@@ -331,6 +331,106 @@ class Signatures:
         return "\n".join(f"{indent}{line}," for line in lines)
 
 
+    def bound(self, fn: str, values: Sequence[Tuple[str, str]], per_call: Container[str],
+              options: Sequence[Tuple[str, str]] = (), indent: str = "    ",
+              reserved: Container[str] = (), call_indent: str = "        ") -> "BoundLaunch":
+        """A launch of ``fn`` split for :func:`attncc.runtime.launch.bound_launch`: what the call's
+        signature fixes is computed once, in a plan function, and a launch closure takes the rest.
+        ``values`` as for :meth:`launch`; ``per_call``: the parameters (a group by its first name)
+        whose values change from call to call (tensors, per-call flags), which the closure takes
+        as arguments named like the parameters; ``options``: launch options (``num_warps``...) that
+        the plan computes; ``reserved``: names the plan function uses itself (its arguments), which
+        no parameter may shadow. See :class:`BoundLaunch` for the pieces."""
+        params = self.params[fn]
+        by_name = {p.name: p for p in params}
+        live = self.reads(fn)
+        plan: list = []  # (signature line, 1 or a group's size, names, values) of the plan's assignments
+        keywords: List[str] = []  # NAME=value of the plan's options dict
+        closure: List[str] = []  # the closure's parameters
+        entries: List[Tuple[int, str]] = []  # (signature line, argument text) of the closure's launch
+        late: List[str] = []  # per-call keyword arguments of the closure's launch
+        args: List[str] = []  # the call site's arguments
+        covered = []
+        for names, value in values:
+            group = names.split()
+            unknown = [n for n in group if n not in by_name]
+            if unknown:
+                raise ValueError(f"{fn} has no parameter {unknown[0]!r} (launch value {value!r})")
+            covered += group
+            kept = [n for n in group if n in live]
+            if not kept:
+                continue
+            if len(kept) != len(group):
+                raise ValueError(f"{fn}: {names} are passed together ({value!r}) but only {' '.join(kept)} "
+                                 f"are read: pass them one by one")
+            keyword = by_name[group[0]].constexpr or group[0] in BY_KEYWORD
+            if keyword and len(group) != 1:
+                raise ValueError(f"{fn}: keyword arguments are passed one by one ({names})")
+            clash = [n for n in group if n in reserved or n in ("grid", "options", "launch")]
+            if clash:
+                raise ValueError(f"{fn}: parameter {clash[0]!r} would shadow a name of the plan function")
+            line = by_name[group[0]].line
+            if group[0] in per_call:
+                closure += group
+                args.append(value)
+                if keyword:
+                    late.append(f"{group[0]}={group[0]}")
+                else:
+                    entries += [(line, name) for name in group]
+            elif keyword:
+                keywords.append(f"{group[0]}={value}")
+            else:
+                starred = value.startswith("*")
+                if len(group) > 1 and not starred:
+                    raise ValueError(f"{fn}: {names} share {value!r}, which is not starred")
+                if value == group[0] or value == ", ".join(group):
+                    pass  # a local of that name already
+                elif starred and len(group) == 1:
+                    plan.append((line, 0, [f"({group[0]},)"], [value[1:]]))  # a one-element sequence
+                elif len(group) == 1 and plan and plan[-1][0] == line and plan[-1][1] == 1:
+                    prev = plan.pop()  # singles of one signature line: one assignment, while it fits
+                    joined = (line, 1, prev[2] + group, prev[3] + [value])
+                    if len(indent) + len(", ".join(joined[2]) + " = " + ", ".join(joined[3])) <= WIDTH:
+                        plan.append(joined)
+                    else:
+                        plan += [prev, (line, 1, group, [value])]
+                else:
+                    plan.append((line, len(group), group, [value[1:] if len(group) > 1 else value]))
+                entries += [(line, name) for name in group]
+        if covered != [p.name for p in params]:
+            raise ValueError(f"{fn}: the launch values name {covered}, the signature {[p.name for p in params]}")
+        plan = [f"{', '.join(names)} = {', '.join(texts)}" for _, _, names, texts in plan]
+        keywords += [f"{name}={value}" for name, value in options]
+        body = indent + "        "
+        lines = _wrap([[text for line, text in entries if line == n] for n in _lines_of(params)] + [late],
+                      len(body), len(body))
+        if keywords:
+            lines.append("**options")
+            opening = "options = dict("
+            plan.append(opening + (",\n" + " " * (len(indent) + len(opening))).join(
+                _wrap([keywords], len(indent) + len(opening), len(indent) + len(opening))) + ")")
+        return BoundLaunch(
+            plan="\n".join(indent + line for line in plan),
+            params=(",\n" + " " * (len(indent) + len("def launch("))).join(
+                _wrap([closure], len(indent) + len("def launch("), len(indent) + len("def launch("))),
+            launch="\n".join(f"{body}{line}," for line in lines),
+            args="\n".join(f"{call_indent}{line}," for line in _wrap([args], len(call_indent), len(call_indent))))
+
+
+@dataclass(frozen=True)
+class BoundLaunch:
+    """The pieces of :meth:`Signatures.bound`: ``plan``, the plan function's lines that compute the
+    launch's fixed values (each parameter's value in a local of the parameter's name, the
+    keyword ones in ``options``); ``params``, the launch closure's parameters; ``launch``, the
+    kernel's arguments in the closure (a line per signature line, ending in commas); ``args``,
+    the call site's arguments for the closure (lines ending in commas)."""
+
+    plan: str
+    params: str
+    launch: str
+    args: str
+
+
 def _is_constexpr(annotation: Optional[ast.expr]) -> bool:
     return isinstance(annotation, ast.Attribute) and annotation.attr == "constexpr"
 

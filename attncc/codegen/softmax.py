@@ -160,7 +160,7 @@ def softmax_context(pattern: Pattern, plan) -> dict:
         mask_code=mask_code, scalar_defs=scalar_defs, row_defs=row_defs, mask_defs=mask_defs,
         lse_row_defs=lse_row_defs, lse_row_bias=lse_row_bias, ctx_args=ctx_args,
         param_args=[param_arg(p) for p in pattern.params], input_args=input_args + rb_args,
-        param_launch=param_launch(pattern),
+        param_launch=param_launch(pattern), input_ptrs=[input_ptr(d.name) for d in pattern.inputs],
         input_launch=[a for n in used_inputs for a in input_launch(pattern, n)]
         + [(f"{name}_table {name}_rows", f"*_random_table(call, {rb.options[0]}, {rb.options[1]}, {rb.options[2]})")
            for rb, name in rb_names.items()],

@@ -574,7 +574,7 @@ def _generate(program: IntervalProgram) -> _Gen:
 
 
 def _indent(lines: List[str], n: int) -> str:
-    return "".join(" " * n + line + "\n" for line in lines)
+    return "".join((" " * n + line if line else "") + "\n" for line in lines)
 
 
 @dataclass(frozen=True)
@@ -730,8 +730,10 @@ def _render(g: _Gen, program: IntervalProgram, pattern, program_name: Optional[s
     )
     helpers = _helpers_for("\n".join(bodies))
 
-    # -- host function ------------------------------------------------------------
-    checks, prep, launch_in = [], [], []  # launch_in: (kernel parameter, host value)
+    # -- host functions -------------------------------------------------------------
+    # _tile_plan: what a launch takes that the inputs' values do not decide, once per call
+    # signature (Call.cached); _tile_lists: per call, the buffer and the launch.
+    checks, prep, launch_in, per_call = [], [], [], []  # launch_in: (kernel parameter, host value)
     for name, rank in g.inputs.items():
         prep.append(f"{host_tensor(name)} = call.inputs.get({name!r})")
     seen_inputs = set()
@@ -748,45 +750,65 @@ def _render(g: _Gen, program: IntervalProgram, pattern, program_name: Optional[s
             elif v in ("b", "h"):
                 conds.append(f"({size} != 1 and {size} < {'B' if v == 'b' else 'H'})")
             else:
-                conds.append(f"{size} < {'call.q_offset + Nq' if v == 'i' else 'call.k_offset + Nk'}")
+                conds.append(f"{size} < {'q_offset + Nq' if v == 'i' else 'k_offset + Nk'}")
         checks += [c for c in conds if c not in checks]
+    strides = []
     for name, rank in g.inputs.items():
         t = host_tensor(name)
-        prep.append(f"if {t}.dtype == torch.bool:")
-        prep.append(f"    {t} = {t}.view(torch.uint8)")
+        per_call.append(f"{t} = call.inputs[{name!r}]")
+        per_call.append(f"if {t}.dtype == torch.bool:")
+        per_call.append(f"    {t} = {t}.view(torch.uint8)")
         launch_in.append((input_ptr(name), t))
-        launch_in += [(input_stride(name, d), f"({t}.stride({d}) if {t}.shape[{d}] != 1 else 0)") for d in range(rank)]
+        for d in range(rank):
+            strides.append(f"{input_stride(name, d)} = {t}.stride({d}) if {t}.shape[{d}] != 1 else 0")
+            launch_in.append((input_stride(name, d), input_stride(name, d)))
     fallback = ("return _rt.blocks.classified_lists(_TK_PROGRAM, call, block_m, block_n, dynamic=True, "
                 "transposed=transposed)")
-    host = ["B, H, Nq, Nk = call.B, call.Hq, call.Nq, call.Nk",
+    plan = ["B, H, Nq, Nk, q_offset, k_offset = call.B, call.Hq, call.Nq, call.Nk, call.q_offset, call.k_offset",
             "nqb, nkb = -(-Nq // block_m), -(-Nk // block_n)",
             f"Bl, Hl = {'B' if by_b else '1'}, {'H' if by_h else '1'}"]
-    host += [line for line in prep if " = call.inputs.get(" in line]
+    plan += prep
     conds = ["nqb == 0 or nkb == 0 or B == 0 or H == 0 or Bl * Hl > 65535"]
     for c in checks:  # " or " chains short-circuit: the None test guards the others
         conds.append(c)
-    host.append("if (" + "\n        or ".join(conds) + "):")
-    host.append(f"    {fallback}  # missing / malformed inputs, empty shapes")
-    host += [line for line in prep if not (" = call.inputs.get(" in line)]
-    host += g.host_lines
+    plan.append("if (" + "\n        or ".join(conds) + "):")
+    plan.append("    return None")
+    plan += strides  # the layout of a bool input viewed as uint8 is its own
+    plan += g.host_lines
     row_chunk = "min(64, max(1, 4096 // BN_P))" if g.needs_pos_k else "64"
     col_chunk = "min(64, max(1, 4096 // BM_P))" if g.needs_pos_q else "64"
-    host += ["BM_P, BN_P = _rt.next_power_of_2(block_m), _rt.next_power_of_2(block_n)",
+    # launch() keeps numbers only (never the call: the plan outlives it, and must not hold its tensors)
+    values = [("out_ptr", "out"), ("nqb", "nqb"), ("nkb", "nkb"), ("Nq", "Nq"), ("Nk", "Nk"), ("q_offset", "q_offset"),
+              ("k_offset", "k_offset"), ("Hl", "Hl")] + launch_in + g.host_args
+    values += [("BLOCK_M", "block_m"), ("BLOCK_N", "block_n"), ("BM_P", "BM_P"), ("BN_P", "BN_P"),
+               ("ROW_CHUNK", row_chunk), ("COL_CHUNK", col_chunk)]
+    bound = sig.bound("_tk_kernel", values, per_call=["out_ptr"] + [input_ptr(name) for name in g.inputs],
+                      options=[("num_warps", "4"), ("enable_fp_fusion", "False")], indent="",
+                      reserved=["call", "block_m", "block_n", "transposed", "B", "H", "Bl", "rows_size", "size"]
+                      + [host_tensor(name) for name in g.inputs])
+    plan += ["BM_P, BN_P = _rt.next_power_of_2(block_m), _rt.next_power_of_2(block_n)",
              "# one allocation: the forward lists, then (transposed) the transposed lists, each in the",
              "# layout of _rt.blocks.packed_lists",
              "rows_size = _rt.blocks.packed_size(Bl * Hl * nqb, nkb)",
              "size = rows_size + (_rt.blocks.packed_size(Bl * Hl * nkb, nqb) if transposed else 0)",
-             "out = torch.empty(size, dtype=torch.int32, device=call.q.device)",
-             "_tk_kernel[(nqb + (nkb if transposed else 0), Bl * Hl)]("]
-    values = [("out_ptr", "out"), ("nqb", "nqb"), ("nkb", "nkb"), ("Nq", "Nq"), ("Nk", "Nk"), ("q_offset", "call.q_offset"),
-              ("k_offset", "call.k_offset"), ("Hl", "Hl")] + launch_in + g.host_args
-    values += [("BLOCK_M", "block_m"), ("BLOCK_N", "block_n"), ("BM_P", "BM_P"), ("BN_P", "BN_P"),
-               ("ROW_CHUNK", row_chunk), ("COL_CHUNK", col_chunk)]
-    host += sig.launch("_tk_kernel", values, "    ").split("\n")
-    host += ["    num_warps=4, enable_fp_fusion=False,",
-             ")",
-             "lists = _rt.blocks.packed_lists(out, 0, Bl, Hl, nqb, nkb)",
-             "return lists, (_rt.blocks.packed_lists(out, rows_size, Bl, Hl, nkb, nqb) if transposed else None)"]
+             "grid = (nqb + (nkb if transposed else 0), Bl * Hl)"]
+    plan += [line for line in bound.plan.split("\n") if line]
+    plan += ["",
+             f"def launch({bound.params}):",
+             "    _tk_kernel[grid]("]
+    plan += bound.launch.split("\n")
+    plan += ["    )",
+             "",
+             "return _rt.blocks.TilePlan(size, launch, _rt.blocks.packed_layout(0, Bl, Hl, nqb, nkb),",
+             "                           _rt.blocks.packed_layout(rows_size, Bl, Hl, nkb, nqb) if transposed else None)"]
+    host = ["plan = call.cached((_tile_plan, block_m, block_n, transposed),",
+            "                   lambda: _tile_plan(call, block_m, block_n, transposed))",
+            "if plan is None:  # missing / malformed inputs, empty shapes",
+            f"    {fallback}"]
+    host += per_call
+    host += ["out = torch.empty(plan.size, dtype=torch.int32, device=call.q.device)",
+             f"plan.launch(out, {', '.join(host_tensor(name) for name in g.inputs)})",
+             "return plan.lists(out)"]
     title = getattr(pattern, "name", None)
     out = [
         "# Block lists from one Triton kernel (attncc.codegen.tile_kernel)"
@@ -798,8 +820,14 @@ def _render(g: _Gen, program: IntervalProgram, pattern, program_name: Optional[s
     ]
     src = "\n".join(out) + "\n\n\n" + "\n\n\n".join(helpers + [b.rstrip("\n") for b in bodies]
                                                     + [kernel.rstrip("\n")]) + "\n\n\n"
-    src += ("def _tile_lists(call, block_m, block_n, transposed):\n"
+    src += ("def _tile_plan(call, block_m, block_n, transposed):\n"
+            '    """The tile-list kernel\'s launch for this call\'s signature (shapes, strides, dtypes, offsets,\n'
+            "    params): a _rt.blocks.TilePlan whose launch takes the buffer and the inputs, or None when the\n"
+            "    torch path must run (missing / malformed inputs, empty shapes).\"\"\"\n"
+            + _indent([line for line in plan], 4) + "\n\n"
+            "def _tile_lists(call, block_m, block_n, transposed):\n"
             '    """(forward lists, transposed lists or None) of this call\'s tiles, each _rt.blocks.BlockLists,\n'
-            "    from one kernel launch (no host synchronization).\"\"\"\n"
+            "    from one kernel launch (no host synchronization); the launch is planned once per call\n"
+            "    signature (_tile_plan).\"\"\"\n"
             + _indent(host, 4))
     return src

@@ -22,21 +22,18 @@ class AttentionFunction(torch.autograd.Function):
     """o, lse = attention(q, k, v, **inputs) with dq, dk, dv (and the grad inputs' gradients)
     from the generated backward kernels.
 
-    ``forward(call) -> (o, lse)`` and ``backward(call, o, lse, do, dlse) -> (dq, dk, dv, {name: grad})``
-    are the generated module's launchers; ``call`` the validated call (its q, k, v are the inputs,
-    ``grad_inputs`` its inputs declared ``grad = true``, in spec order).
+    ``run`` is ``(forward, backward, call)``: ``forward(call) -> (o, lse)`` and ``backward(call, o, lse,
+    do, dlse) -> (dq, dk, dv, {name: grad})`` are the generated module's launchers, ``call`` the
+    validated call as the forward runs it (its q, k, v are the inputs, ``grad_inputs`` its inputs
+    declared ``grad = true``, in spec order; see :func:`attncc.runtime.launch.run_attention`).
     Gradients are not materialized: an output the loss does not use passes None (``dlse=None``
     costs the backward nothing; ``do=None`` becomes zeros).
     """
 
     @staticmethod
-    def forward(ctx, forward, backward, call: Call, q, k, v, *grad_inputs):
-        # The forward writes the LSE and keeps for the backward what both can share.
-        call = call.replace(return_lse=True, for_backward={},
-                            input_grads=bool(grad_inputs) and any(ctx.needs_input_grad[6:]))
-        o, lse = forward(call)
-        ctx.call = call
-        ctx.backward_fn = backward
+    def forward(ctx, run, q, k, v, *grad_inputs):
+        forward, ctx.backward_fn, ctx.call = run
+        o, lse = forward(ctx.call)
         ctx.save_for_backward(q, k, v, o, lse)
         # The gradient of an unused LSE stays None: materialized, autograd would fill a zero
         # tensor of its shape per backward (an allocation and a memset kernel for nothing).
@@ -46,12 +43,16 @@ class AttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v, o, lse = ctx.saved_tensors
-        names = ctx.call.grad_input_names
+        call = ctx.call
+        names = call.grad_input_names
         if do is None and dlse is None:
-            return (None,) * (6 + len(names))
+            return (None,) * (4 + len(names))
         if do is None:  # only the LSE reaches the loss
             do = torch.zeros_like(o)
-        call = ctx.call.replace(q=q, k=k, v=v)
+        # the saved tensors, checked by autograd against changes in place since the forward (the
+        # call's own, unless autograd unpacked others)
+        if not (q is call.q and k is call.k and v is call.v):
+            call = call.replace(q=q, k=k, v=v)
         differentiable = torch.is_grad_enabled()  # create_graph=True
         if differentiable:
             with torch.no_grad():
@@ -62,7 +63,9 @@ class AttentionFunction(torch.autograd.Function):
         if differentiable:  # the gradients must not be differentiated
             grads = no_double_backward(call.spec.name, grads, (q, k, v, do))
         need = ctx.needs_input_grad
-        return (None, None, None) + tuple(g if want else None for g, want in zip(grads, need[3:]))
+        if all(need[1:]):
+            return (None, *grads)
+        return (None,) + tuple(g if want else None for g, want in zip(grads, need[1:]))
 
 
 def no_double_backward(name: str, grads, anchors):

@@ -60,8 +60,13 @@ def block_lists(program, call: Call, block_m: int, block_n: int, *, dynamic: boo
     When a backward will follow (``call.for_backward`` is a dict), the transposed lists are
     made from the same classification and kept there for :func:`backward_block_lists`.
     ``kernel``: the pattern's tile-list kernel (data-dependent patterns), else the torch path."""
-    if call.for_backward is not None:
-        return backward_block_lists(program, call, block_m, block_n, dynamic=dynamic, kernel=kernel)[0]
+    kept = call.for_backward
+    if kept is not None:  # backward_block_lists, inlined (once per call that trains)
+        key = ("block_lists", block_m, block_n)
+        both = kept.get(key)
+        if both is None:
+            both = kept[key] = block_lists_both(program, call, block_m, block_n, dynamic=dynamic, kernel=kernel)
+        return both[0]
     if kernel is not None:
         return kernel(call, block_m, block_n, False)[0]
     return classified_lists(program, call, block_m, block_n, dynamic=dynamic, transposed=False)[0]
@@ -202,15 +207,54 @@ def packed_lists(buffer: torch.Tensor, offset: int, nb: int, nh: int, n_rows: in
     ``offset``: ``[full counts | partial counts | full index | partial index]``, counts
     ``[nb, nh, n_rows]``, indices ``[nb, nh, n_rows, width]``, each part starting 16-byte
     aligned (the kernel computes the same offsets)."""
+    return packed_layout(offset, nb, nh, n_rows, width).lists(buffer)
+
+
+class PackedLayout(NamedTuple):
+    """Where :func:`packed_lists` finds the parts of one orientation (see there): the counts'
+    and the indices' shape and strides, each part's offset, and the lists' own numbers."""
+
+    count_shape: Tuple[int, ...]
+    count_strides: Tuple[int, ...]
+    index_shape: Tuple[int, ...]
+    index_strides: Tuple[int, ...]
+    offsets: Tuple[int, int, int, int]  # full count, full index, partial count, partial index
+    stride_b: int
+    stride_h: int
+    width: int
+
+    def lists(self, buffer: torch.Tensor) -> BlockLists:
+        cs, cst, ks, kst, (fc, fi, pc, pi) = (self.count_shape, self.count_strides, self.index_shape,
+                                              self.index_strides, self.offsets)
+        return BlockLists(buffer.as_strided(cs, cst, fc), buffer.as_strided(ks, kst, fi),
+                          buffer.as_strided(cs, cst, pc), buffer.as_strided(ks, kst, pi),
+                          self.stride_b, self.stride_h, 1, self.width)
+
+
+@functools.lru_cache(maxsize=1024)
+def packed_layout(offset: int, nb: int, nh: int, n_rows: int, width: int) -> PackedLayout:
+    """The :class:`PackedLayout` of one orientation of :func:`packed_lists` (computed once per shape)."""
     R = nb * nh * n_rows
     R_pad, RK_pad = (R + 3) // 4 * 4, (R * width + 3) // 4 * 4
-    cs, ks = (nh * n_rows, n_rows, 1), (nh * n_rows * width, n_rows * width, width, 1)
-    return BlockLists(full_count=buffer.as_strided((nb, nh, n_rows), cs, offset),
-                      full_index=buffer.as_strided((nb, nh, n_rows, width), ks, offset + 2 * R_pad),
-                      partial_count=buffer.as_strided((nb, nh, n_rows), cs, offset + R_pad),
-                      partial_index=buffer.as_strided((nb, nh, n_rows, width), ks, offset + 2 * R_pad + RK_pad),
-                      stride_b=nh * n_rows if nb > 1 else 0, stride_h=n_rows if nh > 1 else 0, stride_row=1,
-                      width=width)
+    return PackedLayout((nb, nh, n_rows), (nh * n_rows, n_rows, 1), (nb, nh, n_rows, width),
+                        (nh * n_rows * width, n_rows * width, width, 1),
+                        (offset, offset + 2 * R_pad, offset + R_pad, offset + 2 * R_pad + RK_pad),
+                        stride_b=nh * n_rows if nb > 1 else 0, stride_h=n_rows if nh > 1 else 0, width=width)
+
+
+class TilePlan(NamedTuple):
+    """A generated module's tile-list kernel launch for one call signature (its ``_tile_plan``):
+    ``launch(buffer, *inputs)`` runs the kernel into an int32 buffer of ``size`` entries, which
+    ``lists`` (and, when transposed lists are made too, ``lists_t``) read."""
+
+    size: int
+    launch: Callable
+    layout: PackedLayout
+    layout_t: Optional[PackedLayout]
+
+    def lists(self, buffer: torch.Tensor) -> Tuple[BlockLists, Optional[BlockLists]]:
+        """(forward lists, transposed lists or None) in ``buffer``, after ``launch``."""
+        return self.layout.lists(buffer), (None if self.layout_t is None else self.layout_t.lists(buffer))
 
 
 def _static_grid(key, batch: int, heads: int):

@@ -229,8 +229,8 @@ def bind(spec: SpecInfo, q, k, v, *, return_lse=False, q_offset=0, k_offset=0, n
         slot = _BOUND[id(spec)] = (spec, {}, frozenset(d.name for d in spec.inputs))
     # under torch.compile bind runs while tracing (symbolic shapes): checked, never cached
     key = None if torch.compiler.is_compiling() else _signature(
-        q, k, v, return_lse, q_offset, k_offset, n_q, n_k, scale, kwargs, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-        max_seqlen_k, slot[2])
+        q, k, v, (return_lse, q_offset, k_offset, n_q, n_k, scale, max_seqlen_q, max_seqlen_k), kwargs,
+        cu_seqlens_q, cu_seqlens_k, slot[2])
     if key is not None:
         bound = slot[1].get(key)
         if bound is not None:
@@ -247,7 +247,7 @@ def bind(spec: SpecInfo, q, k, v, *, return_lse=False, q_offset=0, k_offset=0, n
         # the input conversions bind made (an int input widened, a float one to its declared type)
         converts = tuple((d.name, call.inputs[d.name].dtype if call.inputs[d.name] is not kwargs[d.name] else None)
                          for d in spec.inputs)
-        call.memo = {"converts": converts}
+        call.memo = {"converts": converts, "signature": key}
         # kept without tensors: the cache must not hold a call's memory
         slot[1][key] = call.replace(q=None, k=None, v=None, inputs={}, cu_seqlens_q=None, cu_seqlens_k=None)
     return call
@@ -256,11 +256,12 @@ def bind(spec: SpecInfo, q, k, v, *, return_lse=False, q_offset=0, k_offset=0, n
 def _rebind(bound: Call, q, k, v, kwargs, cu_q, cu_k) -> Call:
     """``bound`` (a Call of this signature) with this call's tensors."""
     call = object.__new__(Call)
-    fields = dict(bound.__dict__)
+    fields = bound.__dict__.copy()
     fields["q"], fields["k"], fields["v"] = q, k, v
     converts = bound.memo["converts"]
-    fields["inputs"] = {name: (kwargs[name] if dtype is None else kwargs[name].to(dtype))
-                        for name, dtype in converts} if converts else {}
+    if converts:
+        fields["inputs"] = {name: (kwargs[name] if dtype is None else kwargs[name].to(dtype))
+                            for name, dtype in converts}
     if cu_q is not None:  # the kernels read cu_seqlens at unit stride (see _varlen)
         fields["cu_seqlens_q"], fields["cu_seqlens_k"] = cu_q.contiguous(), cu_k.contiguous()
     call.__dict__ = fields
@@ -268,6 +269,8 @@ def _rebind(bound: Call, q, k, v, kwargs, cu_q, cu_k) -> Call:
 
 
 _SCALARS = (int, float, bool, type(None))
+_SCALAR_TYPES = frozenset(_SCALARS)
+_Tensor = torch.Tensor
 
 
 def tensor_key(t):
@@ -275,40 +278,42 @@ def tensor_key(t):
     return t.shape, t.stride(), t.dtype, t.device
 
 
-def _signature(q, k, v, return_lse, q_offset, k_offset, n_q, n_k, scale, kwargs, cu_q, cu_k, max_q, max_k,
-               input_names=frozenset()):
+def _signature(q, k, v, scalars, kwargs, cu_q, cu_k, input_names=frozenset()):
     """What the checks of a call depend on, as a hashable key; None when a call must be checked
     every time: anything but tensors and plain numbers, tensors as scalars or params (their
     values count, and reading them would need a host sync), and packed batches whose cu_seqlens
-    bind reads (on the CPU, or without max_seqlen). Scalars are keyed with their type: 1, 1.0
-    and True are equal keys. Tensors are keyed by layout only for ``input_names``, the spec's
-    [inputs], which the kernels read on the device."""
-    if type(q) is not torch.Tensor and not isinstance(q, torch.Tensor):
+    bind reads (on the CPU, or without max_seqlen). ``scalars``: (return_lse, q_offset, k_offset,
+    n_q, n_k, scale, max_seqlen_q, max_seqlen_k), keyed with their types: 1, 1.0 and True are equal
+    keys. Tensors are keyed by layout only for ``input_names``, the spec's [inputs], which the
+    kernels read on the device. Runs on every call: one flat tuple, no per-tensor tuples."""
+    if not (isinstance(q, _Tensor) and isinstance(k, _Tensor) and isinstance(v, _Tensor)):
         return None
-    if not (isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)):
+    types = tuple(map(type, scalars))
+    if not _SCALAR_TYPES.issuperset(types):
         return None
-    scalars = (return_lse, q_offset, k_offset, n_q, n_k, scale, max_q, max_k)
-    if not all(type(x) in _SCALARS for x in scalars):
-        return None
-    key = [tensor_key(q), tensor_key(k), tensor_key(v), tuple((type(x), x) for x in scalars)]
-    if q.device.type != "cuda":
-        key.append(interpreting())  # bind refuses other devices unless interpreting
+    device = q.device
+    key = (q.shape, q.stride(), q.dtype, device, k.shape, k.stride(), k.dtype, k.device,
+           v.shape, v.stride(), v.dtype, v.device, scalars, types,
+           # bind refuses other devices than CUDA unless interpreting
+           device.type == "cuda" or interpreting())
     if cu_q is not None or cu_k is not None:
-        if not (isinstance(cu_q, torch.Tensor) and isinstance(cu_k, torch.Tensor)) or max_q is None or max_k is None \
-                or cu_q.device.type == "cpu":
+        if not (isinstance(cu_q, _Tensor) and isinstance(cu_k, _Tensor)) or scalars[6] is None \
+                or scalars[7] is None or cu_q.device.type == "cpu":
             return None
-        key += [tensor_key(cu_q), tensor_key(cu_k)]
+        key += (tensor_key(cu_q), tensor_key(cu_k))
     if kwargs:
+        extra = []
         for name, value in kwargs.items():
-            if isinstance(value, torch.Tensor):
+            if isinstance(value, _Tensor):
                 if name not in input_names:
                     return None
-                key.append((name, tensor_key(value)))
-            elif type(value) in _SCALARS:
-                key.append((name, type(value), value))
+                extra.append((name, value.shape, value.stride(), value.dtype, value.device))
+            elif type(value) in _SCALAR_TYPES:
+                extra.append((name, type(value), value))
             else:
                 return None
-    return tuple(key)
+        key += tuple(extra)
+    return key
 
 
 def _bind_checked(spec: SpecInfo, q, k, v, *, return_lse=False, q_offset=0, k_offset=0, n_q=None, n_k=None,
@@ -592,15 +597,19 @@ def _capturing(device=None) -> bool:
 
 def interpreting() -> bool:
     """Whether kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return env("TRITON_INTERPRET", "0") not in ("", "0")
+    if _ENV_DATA is None:  # pragma: no cover - not CPython's os.environ
+        return env("TRITON_INTERPRET", "0") not in ("", "0")
+    # read on every call, several times per call: the raw value, compared as bytes
+    return _ENV_DATA.get(_INTERPRET_KEY, b"0") not in _OFF
 
 
 # os.environ.get costs about 1.4 us (it encodes the key and decodes the value); the runtime reads
 # a few variables per call (TRITON_INTERPRET, ATTNCC_CONFIG*, ATTNCC_TUNE), so it looks them up in
 # os.environ's own mapping, which os.environ[...] = ..., putenv through os.environ and
-# monkeypatch.setenv all keep current.
+# monkeypatch.setenv all keep current, and decodes each raw value once.
 _ENV_DATA = getattr(os.environ, "_data", None)
 _ENV_KEYS: Dict[str, object] = {}
+_ENV_VALUES: Dict[object, str] = {}  # raw value -> decoded
 
 
 def env(name: str, default: Optional[str] = None) -> Optional[str]:
@@ -611,4 +620,27 @@ def env(name: str, default: Optional[str] = None) -> Optional[str]:
     if key is None:
         key = _ENV_KEYS[name] = os.environ.encodekey(name)
     value = _ENV_DATA.get(key)
-    return default if value is None else os.environ.decodevalue(value)
+    if value is None:
+        return default
+    text = _ENV_VALUES.get(value)
+    if text is None:
+        if len(_ENV_VALUES) >= 256:
+            _ENV_VALUES.clear()
+        text = _ENV_VALUES[value] = os.environ.decodevalue(value)
+    return text
+
+
+def raw_env_key(name: str):
+    """The key of ``name`` in os.environ's own mapping (see :func:`raw_env_get`)."""
+    return name if _ENV_DATA is None else os.environ.encodekey(name)
+
+
+def raw_env_get(key):
+    """The raw (undecoded) value of an environment variable, None when unset: for keys of
+    settings that the runtime keeps things per value of (``raw_env_key``)."""
+    return os.environ.get(key) if _ENV_DATA is None else _ENV_DATA.get(key)
+
+
+if _ENV_DATA is not None:
+    _INTERPRET_KEY = os.environ.encodekey("TRITON_INTERPRET")
+    _OFF = (os.environ.encodevalue(""), os.environ.encodevalue("0"))

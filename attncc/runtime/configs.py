@@ -15,7 +15,7 @@ import threading
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
-from attncc.runtime.call import Call, env, interpreting
+from attncc.runtime.call import Call, env, interpreting, raw_env_get, raw_env_key
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,14 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 2
     warp_specialize: bool = False
+
+    def __post_init__(self):
+        # hashed a few times per call (the keys of what is kept per signature and config): once
+        object.__setattr__(self, "_hash", hash((self.BLOCK_M, self.BLOCK_N, self.num_warps, self.num_stages,
+                                                self.warp_specialize)))
+
+    def __hash__(self):
+        return self._hash
 
 
 KERNELS = ("", "dkdv", "dq")  # the forward, and the two backward kernels
@@ -78,15 +86,43 @@ def forced_config(kernel: str) -> Optional[KernelConfig]:
     return trial_config(kernel) or env_config(kernel)
 
 
+def trial_active() -> bool:
+    """Whether a tuning trial forces configs on this thread (:func:`trying`)."""
+    return getattr(_TRIAL, "configs", None) is not None
+
+
+def config_settings():
+    """The environment's part of what the configs of a call depend on (ATTNCC_CONFIG*,
+    TRITON_INTERPRET), as raw values: a key for configs kept per call signature."""
+    return tuple(map(_env_data_get, _SETTINGS))
+
+
+_SETTINGS = tuple(raw_env_key(name) for name in ("ATTNCC_CONFIG", "ATTNCC_CONFIG_DKDV", "ATTNCC_CONFIG_DQ",
+                                                 "TRITON_INTERPRET"))
+_env_data_get = raw_env_get
+
+
 def preset_config(kernel: str) -> Optional[KernelConfig]:
     """The config of ``kernel`` ("" the forward, "dkdv" or "dq") that no tuning decides: one
     forced (:func:`forced_config`), else the interpreter's; None on a GPU without either."""
-    if kernel not in KERNELS:
+    return preset_and_forced(kernel)[0]
+
+
+def preset_and_forced(kernel: str):
+    """(:func:`preset_config`, whether it is forced): runs a few times per call, so a thread-local
+    read and two environment reads, no more."""
+    trial = getattr(_TRIAL, "configs", None)
+    if trial is not None:
+        cfg = trial.get(kernel)
+        if cfg is not None:
+            return cfg, True
+    name = _ENV_NAMES.get(kernel)
+    if name is None:
         raise ValueError(f"attncc: kernel must be one of {KERNELS}, got {kernel!r}")
-    forced = forced_config(kernel)
-    if forced is not None:
-        return forced
-    return INTERPRETER_CONFIG if interpreting() else None
+    text = env(name)
+    if text:
+        return _parse_config(text), True
+    return (INTERPRETER_CONFIG if interpreting() else None), False
 
 
 def default_config(call: Call, kernel: str = "") -> KernelConfig:
@@ -118,6 +154,7 @@ def default_config(call: Call, kernel: str = "") -> KernelConfig:
 SHORT_KEYS = 2048  # at most this many keys: the small-tile configs above
 
 
+@functools.lru_cache(maxsize=None)
 def padded_dim(d: int) -> int:
     """Head dims are padded to a power of two (>= 16) inside the kernel."""
     return max(16, 1 << (d - 1).bit_length())

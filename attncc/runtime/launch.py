@@ -12,7 +12,8 @@ import torch
 from attncc.runtime import backend, tuning
 from attncc.runtime.autograd import AttentionFunction, no_pairs, no_pairs_backward
 from attncc.runtime.call import Call, env, interpreting
-from attncc.runtime.configs import TOO_BIG, KernelConfig, default_config, fit_key, forced_config, preset_config
+from attncc.runtime.configs import (TOO_BIG, KernelConfig, config_settings, default_config, fit_key,
+                                     preset_and_forced, preset_config, trial_active)
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -34,10 +35,32 @@ def shared_tile_config(call: Call, kernel: str, forward: KernelConfig) -> Kernel
     """A backward kernel's config with the forward's tile shape (and warps), so that the block
     lists the forward classified per call (data-dependent masks) serve the backward too; a
     config forced by the environment or a tuning trial is kept as it is."""
-    if forced_config(kernel) is not None:
-        return pick_config(call, kernel)
-    own = pick_config(call, kernel)
-    return _with_tiles(own, forward.BLOCK_M, forward.BLOCK_N, forward.num_warps)
+    preset, forced = preset_and_forced(kernel)
+    if forced:
+        return preset
+    if preset is not None:  # the interpreter's
+        return _with_tiles(preset, forward.BLOCK_M, forward.BLOCK_N, forward.num_warps)
+    return call.cached(("shared config", kernel, forward, tuning.generation()),
+                       lambda: _with_tiles(pick_config(call, kernel), forward.BLOCK_M, forward.BLOCK_N,
+                                           forward.num_warps))
+
+
+def backward_configs(call: Call, shared: bool) -> Tuple[KernelConfig, KernelConfig, KernelConfig]:
+    """(the forward's, the dK/dV kernel's, the dQ kernel's) configs of a backward: :func:`pick_config`
+    of each, the backward kernels' with the forward's tile shape when ``shared`` (see
+    :func:`shared_tile_config`). Once per call signature and state of the settings they read (the
+    environment's configs, the interpreter, the tune cache); every time during a tuning trial."""
+    if trial_active():
+        return _backward_configs(call, shared)
+    return call.cached(("backward configs", shared, config_settings(), tuning.generation()),
+                       lambda: _backward_configs(call, shared))
+
+
+def _backward_configs(call: Call, shared: bool):
+    cfg = pick_config(call)
+    if shared:
+        return cfg, shared_tile_config(call, "dkdv", cfg), shared_tile_config(call, "dq", cfg)
+    return cfg, pick_config(call, "dkdv"), pick_config(call, "dq")
 
 
 @functools.lru_cache(maxsize=1024)
@@ -56,6 +79,24 @@ def launch(call: Call, cfg: KernelConfig, run_kernel: Callable[[KernelConfig], N
         return _launch(call, cfg, run_kernel, kernel)
     finally:
         _LAUNCHING.memo = None
+
+
+def bound_launch(call: Call, make: Callable, cfg: KernelConfig, q, k, v, *buffers, layout=()):
+    """``make(call, cfg, q, k, v, *buffers, *layout)``: a kernel's launch with everything but the tensors and
+    flags that change from call to call bound (a generated module's ``_*_launch``, which returns a
+    function of those), made once and kept with the call's signature (:meth:`Call.cached`) for each
+    of what else its numbers come from: the config, the interpreter setting, the layouts of the
+    operands ``q``, ``k``, ``v`` (the call's own tensors have the signature's; copies made for the
+    kernels (:func:`kernel_operands`, RoPE) key their own), and the strides of ``layout``, tensors
+    whose layout the signature does not fix (the gradient dO). ``buffers``: tensors allocated for
+    this launch from the operands' shapes (their layouts follow from those)."""
+    if q is call.q and k is call.k and v is call.v:
+        key = (make, cfg, interpreting())
+    else:
+        key = (make, cfg, interpreting(), q.shape, q.stride(), q.dtype, k.shape, k.stride(), v.shape, v.stride())
+    if layout:
+        key += tuple(t.stride() for t in layout)
+    return call.cached(key, lambda: make(call, cfg, q, k, v, *buffers, *layout))
 
 
 _LAUNCHING = threading.local()  # the memo of the call whose kernel launch() runs on this thread
@@ -105,16 +146,25 @@ def next_power_of_2(n: int) -> int:
 
 
 def _tma_strides(t: torch.Tensor) -> bool:
-    """Last stride 1, the others multiples of 16 bytes (the strides' part of :func:`tma_ready`)."""
-    es = t.element_size()
-    return t.stride(-1) == 1 and all((s * es) % 16 == 0 for s in t.stride()[:-1])
+    """Last stride 1, the others and the last dim's bytes multiples of 16 (the layout's part of
+    :func:`tma_ready`)."""
+    return _strides_suit(t.stride(), t.element_size(), t.shape[-1])
+
+
+@functools.lru_cache(maxsize=1024)
+def _strides_suit(strides: Tuple[int, ...], es: int, dim: int) -> bool:
+    return strides[-1:] == (1,) and all((s * es) % 16 == 0 for s in strides[:-1]) and (dim * es) % 16 == 0
 
 
 def tma_ready(t: torch.Tensor) -> torch.Tensor:
     """A view the kernel's tensor descriptors can read: last stride 1, other strides and
-    the base 16-byte aligned. Tensors that are not are copied (contiguously, with the head
-    dim zero-padded when its row is not a multiple of 16 bytes); the result is the same."""
-    if _tma_strides(t) and t.data_ptr() % 16 == 0:
+    the base 16-byte aligned, rows of a multiple of 16 bytes. Tensors that are not are copied
+    (contiguously, with the head dim zero-padded when its row is not a multiple of 16 bytes); the
+    result is the same. The rows' width counts too: the kernels size what they write (o, dq, dk,
+    dv) by their operands' head dims, and take q's and k's to be one (HEAD_DIM): a view of
+    rows of 18 floats in rows of 20 has suitable strides, but an output of rows of 18 floats would
+    not, and a q padded to 20 beside it would read 2 columns past that k's view."""
+    if t.data_ptr() % 16 == 0 and _strides_suit(t.stride(), t.element_size(), t.shape[-1]):
         return t
     es = t.element_size()
     d = t.shape[-1]
@@ -136,15 +186,21 @@ def kernel_operands(call: Call):
     of this call's tensors, is checked every time."""
     q, k, v = call.q, call.k, call.v
     suits = call.cached("tma_strides", lambda: tuple(_tma_strides(t) for t in (q, k, v)))
-    if not (suits[0] and q.data_ptr() % 16 == 0):
-        q = tma_ready(q)
-    if not (suits[1] and k.data_ptr() % 16 == 0):
-        k = tma_ready(k)
-    if not (suits[2] and v.data_ptr() % 16 == 0):
-        v = tma_ready(v)
-    if interpreting() and q.dtype == torch.bfloat16:
+    if suits == _ALL_SUIT and not (q.data_ptr() % 16 or k.data_ptr() % 16 or v.data_ptr() % 16):
+        pass  # the common case: the call's own tensors
+    else:
+        if not (suits[0] and q.data_ptr() % 16 == 0):
+            q = tma_ready(q)
+        if not (suits[1] and k.data_ptr() % 16 == 0):
+            k = tma_ready(k)
+        if not (suits[2] and v.data_ptr() % 16 == 0):
+            v = tma_ready(v)
+    if q.dtype is torch.bfloat16 and interpreting():
         q, k, v = q.float(), k.float(), v.float()
     return q, k, v
+
+
+_ALL_SUIT = (True, True, True)
 
 
 _ALLOCATOR_SET = threading.local()
@@ -169,7 +225,8 @@ def ensure_allocator():
 def grad_operand(do: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """dL/do as the backward kernels read it: v's dtype (the kernels' operand dtype) and
     padded head dim, TMA-ready (see tma_ready)."""
-    do = do.to(v.dtype)
+    if do.dtype != v.dtype:
+        do = do.to(v.dtype)
     if do.shape[-1] != v.shape[-1]:
         padded = torch.zeros(*do.shape[:-1], v.shape[-1], dtype=v.dtype, device=do.device)
         padded[..., :do.shape[-1]] = do
@@ -183,7 +240,8 @@ def grads_as_inputs(call: Call, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Te
     dtype, fp32 buffers of the inputs) with the shapes and dtypes of q, k, v and the inputs.
     Inputs without a gradient (not wanted, or not differentiable) are left out."""
     grads = {name: g.to(call.inputs[name].dtype) for name, g in (input_grads or {}).items()} if call.input_grads else {}
-    return _as(dq, call.D, call.q.dtype), _as(dk, call.D, call.k.dtype), _as(dv, call.Dv, call.v.dtype), grads
+    dtype = call.q.dtype  # q, k, v have one (bind checks)
+    return _as(dq, call.D, dtype), _as(dk, call.D, dtype), _as(dv, call.Dv, dtype), grads
 
 
 def _as(g: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
@@ -217,14 +275,26 @@ def _run(call: Call, forward, backward):
         forward, backward = no_pairs, no_pairs_backward
     if not torch.is_grad_enabled():
         return forward(call)
-    call.check_no_dropped_grads("attention")
-    grad_inputs = [call.inputs[name] for name in call.grad_input_names]
-    if not any(t.requires_grad for t in (call.q, call.k, call.v, *grad_inputs)):
-        return forward(call)
+    names = call.grad_input_names
+    if names:
+        call.check_no_dropped_grads("attention")
+        grad_inputs = [call.inputs[name] for name in names]
+        input_grads = any(t.requires_grad for t in grad_inputs)
+        if not (input_grads or call.q.requires_grad or call.k.requires_grad or call.v.requires_grad):
+            return forward(call)
+    else:
+        if call.spec.inputs:
+            call.check_no_dropped_grads("attention")
+        grad_inputs, input_grads = (), False
+        if not (call.q.requires_grad or call.k.requires_grad or call.v.requires_grad):
+            return forward(call)
     if backward is None:
         raise NotImplementedError(f"attncc: {call.spec.name} ({call.spec.kind}) has no backward pass yet; "
                                   f"call it under torch.no_grad() or detach q, k, v")
-    return AttentionFunction.apply(forward, backward, call, call.q, call.k, call.v, *grad_inputs)
+    # The forward writes the LSE and keeps for the backward what both can share. (The call is
+    # this call's own: bind makes one per call, so it is changed in place, not copied.)
+    call.return_lse, call.for_backward, call.input_grads = True, {}, input_grads
+    return AttentionFunction.apply((forward, backward, call), call.q, call.k, call.v, *grad_inputs)
 
 
 @functools.lru_cache(maxsize=None)
