@@ -103,23 +103,23 @@ def oracle(case: "Case", q, k, v, values, *, q_offset=0, k_offset=0, n_q=None, n
     s = scale * (qd @ kd.transpose(-1, -2))
     if case.score is not None:
         s = case.score(env, s)
-    if case.softcap is not None:
-        s = case.softcap * torch.tanh(s / case.softcap)
+    if case.softcap is not None:  # a -inf the transform wrote stays -inf (docs §1, step 3)
+        s = torch.where(s == NEG_INF, s, case.softcap * torch.tanh(s / case.softcap))
     allowed = torch.ones(B, Hq, Nq, Nk, dtype=torch.bool)
     if case.mask is not None:
         allowed = allowed & case.mask(env)
     if k_valid is not None:
         allowed = allowed & k_valid.view(B, 1, 1, Nk)
     s = torch.where(allowed, s, NEG_INF)
-    # the softmax written so that rows without keys give o = 0, lse = -inf and zero gradients
+    # IEEE softmax with the row maximum subtracted (NaN and +inf propagate as in FlashAttention);
+    # rows without keys give o = 0, lse = -inf and zero gradients
     top = s.detach().amax(-1, keepdim=True)
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    live = s > NEG_INF
-    e = torch.where(live, torch.exp(torch.where(live, s, top) - top), torch.zeros_like(s))
+    empty = top == NEG_INF
+    top = torch.where(empty, torch.zeros_like(top), top)
+    e = torch.where(s == NEG_INF, torch.zeros_like(s), torch.exp(s - top))
     total = e.sum(-1, keepdim=True)
-    some = total > 0
-    safe = torch.where(some, total, torch.ones_like(total))
-    lse = torch.where(some, torch.log(safe) + top, torch.full_like(total, NEG_INF)).squeeze(-1)
+    safe = torch.where(empty, torch.ones_like(total), total)
+    lse = torch.where(empty, torch.full_like(total, NEG_INF), torch.log(safe) + top).squeeze(-1)
     return (e / safe) @ vd, lse
 
 
@@ -977,7 +977,12 @@ if __name__ == "__main__":
     ap.add_argument("--decode", action="store_true")
     ap.add_argument("--varlen", action="store_true")
     ap.add_argument("--no-calls", action="store_true")
+    ap.add_argument("--tiles", default="", help="fwd;dkdv;dq tile shapes MxN, e.g. 64x32;16x64;64x16")
     args = ap.parse_args()
+    if args.tiles:
+        for kernel, shape in zip(("", "_DKDV", "_DQ"), args.tiles.split(";")):
+            bm, bn = shape.split("x")
+            os.environ[f"ATTNCC_CONFIG{kernel}"] = f"BLOCK_M={bm},BLOCK_N={bn},num_warps=4,num_stages=1"
     fails = 0
     for c in CASES:
         if args.names and c.name not in args.names:
