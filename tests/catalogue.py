@@ -144,12 +144,12 @@ def offsets_of(ids: torch.Tensor) -> torch.Tensor:
 
 
 def morton_decode(code: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """attention-gym's Morton decode, cut to 8-bit codes as the spec's text is (:func:`_spread`)."""
     def squeeze(c):
-        c = c & 0x55555555
-        c = (c | (c >> 1)) & 0x33333333
-        c = (c | (c >> 2)) & 0x0F0F0F0F
-        c = (c | (c >> 4)) & 0x00FF00FF
-        return (c | (c >> 8)) & 0x0000FFFF
+        c = c & 0x5555
+        c = (c | (c >> 1)) & 0x3333
+        c = (c | (c >> 2)) & 0x0F0F
+        return (c | (c >> 4)) & 0x00FF
     return squeeze(code), squeeze(code >> 1)
 
 
@@ -323,7 +323,9 @@ case(name="dependent_causal_bidirectional", source=FLEX,
 case(name="natten_float_div", source=FLEX,
      spec={"params": {"W": 7, "WINDOW": 1},
            "score": {"mod": "where((abs(q_idx / W - kv_idx / W) <= WINDOW) | (abs(q_idx % W - kv_idx % W) <= WINDOW), score, -inf)"}},
-     score=lambda E, s: _w(((E.i / E.W - E.j / E.W).abs() <= E.WINDOW) | ((E.i % E.W - E.j % E.W).abs() <= E.WINDOW), s))
+     # (torch divides int32 indices in float32; the language's / is float64 at every position)
+     score=lambda E, s: _w(((E.i.double() / E.W - E.j.double() / E.W).abs() <= E.WINDOW)
+                           | ((E.i % E.W - E.j % E.W).abs() <= E.WINDOW), s))
 case(name="floordiv_score", source=FLEX, spec={"score": {"mod": "score - q_idx // (1 + kv_idx)"}},
      score=lambda E, s: s - torch.div(E.i, 1 + E.j, rounding_mode="floor"))
 case(name="silu", source=FLEX, spec={"score": {"mod": "score * sigmoid(score)", "scale": 0.8}},
@@ -795,6 +797,28 @@ case(name="huge_param", source="edge: int params past int32",
 case(name="sinks_window_score", source="attention sinks + window, score condition",
      spec={"params": {"sinks": 2, "window": 6}, "score": {"mod": "where(j < sinks or (j <= i and i - j < window), score, -inf)"}},
      score=lambda E, s: _w((E.j < E.sinks) | ((E.j <= E.i) & (E.i - E.j < E.window)), s))
+
+
+# --- found by this port (each failed before its fix) ---------------------------------------------
+# the derivative of a kink of a piecewise score (abs / max / min of a where) held a boolean ITE
+# that no printer rendered: the module had no backward
+case(name="abs_of_where", source="found: a kink of a piecewise score",
+     spec={"score": {"mod": "abs(where(j <= i, s, -1.5))", "scale": 1.0}},
+     score=lambda E, s: torch.where(E.j <= E.i, s, torch.full_like(s, -1.5)).abs())
+case(name="max_of_masked", source="found: a kink of a piecewise score",
+     spec={"inputs": _inp(t=(["h"], "float32", True)), "score": {"mod": "max(where(j <= i, s * t[h], -inf), t[h])"}},
+     score=lambda E, s: torch.maximum(_w(E.j <= E.i, s * E.t[E.h]), E.t[E.h] + 0 * s),
+     inputs=lambda g, B, H, n: {"t": torch.randn(H, generator=g)})
+# a condition on a per-head float, hoisted out of the key loop as a scalar and met with a tile's
+# condition (c0 & (j <= i)), stopped the interpreter (bitwise_and of floats)
+case(name="per_head_causal", source="found: a scalar condition meets a tile's",
+     spec={"inputs": _inp(causal_heads=(["h"], "float32")), "mask": {"where": "causal_heads[h] <= 0 or j <= i"}},
+     mask=lambda E: (E.causal_heads[E.h] <= 0) | (E.j <= E.i),
+     inputs=lambda g, B, H, n: {"causal_heads": torch.randn(H, generator=g)})
+case(name="per_head_score_cond", source="found: a scalar condition meets a tile's",
+     spec={"inputs": _inp(x=(["h"], "float32")), "score": {"mod": "s * where(x[h] > 0 and s > 0, 2, 1)", "scale": 1.0}},
+     score=lambda E, s: s * torch.where((E.x[E.h] > 0) & (s > 0), 2.0, 1.0),
+     inputs=lambda g, B, H, n: {"x": torch.randn(H, generator=g)})
 
 
 def by_name(name: str) -> Case:

@@ -107,9 +107,10 @@ class _Kernel:
             pr = TritonPrinter(names, float64=float64, temps=self.temps)
             inputs = Inputs(pattern)
             pr.gather = lambda e, pr=pr: inputs.gather(pr, e)
-            for e, sym in [*hoist.scalars.items(), *hoist.rows.items()]:
+            named = [(e, sym, True) for e, sym in hoist.scalars.items()] + [(e, sym, False) for e, sym in hoist.rows.items()]
+            for e, sym, scalar in named:
                 per_head = S.h in e.free_symbols
-                temps, code = pr.statement(e)
+                temps, code = pr.definition(e, scalar)
                 out += [(name, value, per_head) for name, value in temps] + [(sym.name, code, per_head)]
             self.helpers |= pr.helpers
         return out

@@ -33,6 +33,7 @@ from typing import Callable, Dict, List, Optional, Set, Tuple
 
 import sympy
 from sympy.core.function import AppliedUndef
+from sympy.logic.boolalg import Boolean, BooleanAtom
 
 from attncc.analysis.hoist import resolve
 from attncc.analysis.integer import integer_fraction, integer_ops, integer_sums
@@ -179,6 +180,17 @@ class TritonPrinter:
         (:func:`printed_integers`) is that of ``e`` whole, as :meth:`__call__` leaves it."""
         code = self(e)
         return self.temps.name_repeats(code) if self.temps is not None else ([], code)
+
+    def definition(self, e, scalar: bool) -> Tuple[List[Tuple[str, str]], str]:
+        """:meth:`statement` of a hoisted value (named once per program, ``scalar``, or once per
+        row). A scalar condition is written ``tl.where(c, True, False)``: Triton's interpreter
+        gives the result of comparing two float scalars the floats' type, so spread over a tile
+        (``c0 & (j <= i)``) it became a float array that ``&`` refuses; the select makes it a
+        true int1 there, and is nothing on the GPU."""
+        temps, code = self.statement(e)
+        if scalar and isinstance(e, Boolean) and not isinstance(e, BooleanAtom):
+            code = f"tl.where({code}, True, False)"
+        return temps, code
 
     # ------------------------------------------------------------------
     def p(self, e) -> str:
