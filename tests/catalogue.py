@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -241,7 +242,8 @@ class Case:
     decode: bool = True                  # try decode too
     varlen: bool = True                  # try cu_seqlens too (no inputs, no random_blocks)
     tol: float = 1e-4
-    slow: bool = False
+    slow: bool = False                   # only in the full sweep (a near duplicate of another case)
+    quick: Optional[int] = None          # the call of the default run (else one by rotation)
 
 
 def _inp(**decls):
@@ -264,13 +266,13 @@ GYM = "attention-gym"
 
 # --- FlexAttention's score mods (test_score_mods and captured buffers) -----------------------
 case(name="identity", source=FLEX, spec={})
-case(name="times_two", source=FLEX, spec={"score": {"mod": "score * 2"}}, score=lambda E, s: s * 2)
+case(name="times_two", slow=True, source=FLEX, spec={"score": {"mod": "score * 2"}}, score=lambda E, s: s * 2)
 case(name="squared", source=FLEX, spec={"score": {"mod": "score * score"}}, score=lambda E, s: s * s)
-case(name="causal_score", source=FLEX, spec={"score": {"mod": "where(q_idx >= kv_idx, score, -inf)"}},
+case(name="causal_score", slow=True, source=FLEX, spec={"score": {"mod": "where(q_idx >= kv_idx, score, -inf)"}},
      score=lambda E, s: _w(E.i >= E.j, s))
-case(name="inverse_causal", source=FLEX, spec={"score": {"mod": "where(q_idx <= kv_idx, score, -inf)"}},
+case(name="inverse_causal", slow=True, source=FLEX, spec={"score": {"mod": "where(q_idx <= kv_idx, score, -inf)"}},
      score=lambda E, s: _w(E.i <= E.j, s))
-case(name="rel_bias", source=FLEX, spec={"score": {"mod": "score + (q_idx - kv_idx)", "scale": 0.3}},
+case(name="rel_bias", slow=True, source=FLEX, spec={"score": {"mod": "score + (q_idx - kv_idx)", "scale": 0.3}},
      score=lambda E, s: s + (E.i - E.j))
 case(name="rel_causal", source=FLEX, spec={"score": {"mod": "where(q_idx >= kv_idx, score + (q_idx - kv_idx), -inf)"}},
      score=lambda E, s: _w(E.i >= E.j, s + (E.i - E.j)))
@@ -283,7 +285,7 @@ case(name="head_offset", source=FLEX,
      score=lambda E, s: s * E.head_offset[E.h], inputs=lambda g, B, H, n: {"head_offset": torch.rand(H, generator=g)})
 case(name="trig", source=FLEX, spec={"score": {"mod": "sin(cos(score)) + tan(b)", "scale": 0.7}},
      score=lambda E, s: torch.sin(torch.cos(s)) + torch.tan(E.b.double()), batch=3)
-case(name="trig2", source=FLEX, spec={"score": {"mod": "cos(score) * sin(score) + tan(b)", "scale": 0.7}},
+case(name="trig2", slow=True, source=FLEX, spec={"score": {"mod": "cos(score) * sin(score) + tan(b)", "scale": 0.7}},
      score=lambda E, s: torch.cos(s) * torch.sin(s) + torch.tan(E.b.double()), batch=3)
 case(name="skip_odd_keys", source=FLEX, spec={"score": {"mod": "where(kv_idx % 2 == 0, score, -inf)"}},
      score=lambda E, s: _w(E.j % 2 == 0, s))
@@ -303,7 +305,7 @@ case(name="seq_masking", source=FLEX,
 case(name="bias_seq_only", source=FLEX,
      spec={"inputs": _inp(bias=(["n", "n"], "float32", True)), "score": {"mod": "score + bias[q_idx, kv_idx]"}},
      score=lambda E, s: s + E.bias[E.i, E.j], inputs=lambda g, B, H, n: {"bias": torch.randn(n, n, generator=g)})
-case(name="bias_seq_batch", source=FLEX,
+case(name="bias_seq_batch", slow=True, source=FLEX,
      spec={"inputs": _inp(bias=(["b", "n", "n"], "float32", True)), "score": {"mod": "score + bias[b, q_idx, kv_idx]"}},
      score=lambda E, s: s + E.bias[E.b, E.i, E.j], inputs=lambda g, B, H, n: {"bias": torch.randn(B, n, n, generator=g)})
 case(name="bias_head_seq_batch", source=FLEX,
@@ -342,7 +344,7 @@ case(name="captured_scale_0d", source=FLEX,
 case(name="index_multiple", source=FLEX,
      spec={"inputs": _inp(bias=(["b", "n"], "float32", True)), "score": {"mod": "score + bias[b, q_idx]"}},
      score=lambda E, s: s + E.bias[E.b, E.i], inputs=lambda g, B, H, n: {"bias": torch.randn(B, n, generator=g)})
-case(name="index_weird1", source=FLEX,
+case(name="index_weird1", slow=True, source=FLEX,
      spec={"inputs": _inp(bias=([4, "b", "h", "n"], "float32", True)), "score": {"mod": "score + bias[0, b, h, q_idx]"}},
      score=lambda E, s: s + E.bias[0, E.b, E.h, E.i], inputs=lambda g, B, H, n: {"bias": torch.randn(4, B, H, n, generator=g)})
 case(name="index_weird2", source=FLEX,
@@ -366,24 +368,24 @@ case(name="offset_q_kv_causal", source=FLEX,
            "mask": {"where": "q_idx >= kv_idx"}, "score": {"mod": "score + offset_q[q_idx] + offset_kv[kv_idx]"}},
      mask=lambda E: E.i >= E.j, score=lambda E, s: s + E.offset_q[E.i] + E.offset_kv[E.j],
      inputs=lambda g, B, H, n: {"offset_q": torch.randn(n, generator=g), "offset_kv": torch.randn(n, generator=g)})
-case(name="multiplicative_bias", source=FLEX,
+case(name="multiplicative_bias", slow=True, source=FLEX,
      spec={"inputs": _inp(multiplier=(["n"], "float32", True)), "score": {"mod": "score * multiplier[q_idx]"}},
      score=lambda E, s: s * E.multiplier[E.i], inputs=lambda g, B, H, n: {"multiplier": torch.randn(n, generator=g)})
 case(name="fully_masked_rows", source=FLEX, spec={"params": {"M": 20}, "mask": {"where": "q_idx < M"}},
      mask=lambda E: E.i < E.M)
 case(name="seq_blocks_non_divisible", source=FLEX, spec={"mask": {"where": "q_idx // 13 == kv_idx // 13"}},
      mask=lambda E: E.i // 13 == E.j // 13)
-case(name="and_causal_window", source=FLEX, spec={"params": {"w": 11}, "mask": {"where": "(q_idx >= kv_idx) & ((q_idx - kv_idx) <= w)"}},
+case(name="and_causal_window", slow=True, source=FLEX, spec={"params": {"w": 11}, "mask": {"where": "(q_idx >= kv_idx) & ((q_idx - kv_idx) <= w)"}},
      mask=lambda E: (E.i >= E.j) & ((E.i - E.j) <= E.w))
 case(name="and_causal_anticausal", source=FLEX, spec={"mask": {"where": "(q_idx >= kv_idx) & (q_idx < kv_idx)"}},
      mask=lambda E: (E.i >= E.j) & (E.i < E.j))
-case(name="or_causal_anticausal", source=FLEX, spec={"mask": {"where": "(q_idx >= kv_idx) | (q_idx < kv_idx)"}},
+case(name="or_causal_anticausal", slow=True, source=FLEX, spec={"mask": {"where": "(q_idx >= kv_idx) | (q_idx < kv_idx)"}},
      mask=lambda E: (E.i >= E.j) | (E.i < E.j))
 case(name="rel_pos_1d", source=FLEX,
      spec={"inputs": _inp(bias=(["n"], "float32", True)), "score": {"mod": "score + bias[q_idx + kv_idx]"}},
      score=lambda E, s: s + E.bias[E.i + E.j], inputs=lambda g, B, H, n: {"bias": torch.randn(2 * n, generator=g)},
      decode=False)
-case(name="rel_pos_2d_transposed", source=FLEX,
+case(name="rel_pos_2d_transposed", slow=True, source=FLEX,
      spec={"inputs": _inp(bias=(["n", "n"], "float32", True)), "score": {"mod": "score + bias[kv_idx, q_idx]"}},
      score=lambda E, s: s + E.bias[E.j, E.i], inputs=lambda g, B, H, n: {"bias": torch.randn(n, n, generator=g)})
 case(name="rel_pos_3d_transposed", source=FLEX,
@@ -405,7 +407,7 @@ case(name="not_rand_mask", source=FLEX,
      spec={"inputs": _inp(rand_mask=(["b", "n"], "bool")), "mask": {"where": "~rand_mask[b, q_idx]"}},
      mask=lambda E: ~E.rand_mask[E.b, E.i],
      inputs=lambda g, B, H, n: {"rand_mask": torch.randint(0, 2, (B, n), generator=g).bool()})
-case(name="symbol_closure", source=FLEX, spec={"params": {"Bsz": 4}, "score": {"mod": "score + Bsz"}},
+case(name="symbol_closure", slow=True, source=FLEX, spec={"params": {"Bsz": 4}, "score": {"mod": "score + Bsz"}},
      score=lambda E, s: s + E.Bsz)
 case(name="float_offset_causal", source=FLEX,
      spec={"inputs": _inp(offset=(["b"], "float32")), "mask": {"where": "(q_idx + (offset[b] * 8)) >= kv_idx"}},
@@ -430,7 +432,7 @@ case(name="gym_document_causal", source=GYM,
      & (E.i - E.offsets[E.document_id[E.i]].long() >= E.j - E.offsets[E.document_id[E.j]].long()),
      inputs=lambda g, B, H, n: (lambda ids: {"document_id": ids, "offsets": torch.nn.functional.pad(
          offsets_of(ids), (0, 64 - len(offsets_of(ids))))})(doc_ids(g, n)))
-case(name="gym_packed_causal_doc", source=GYM,
+case(name="gym_packed_causal_doc", slow=True, source=GYM,
      spec={"inputs": _inp(document_id=(["n"], "int32"), offsets=([64], "int32")),
            "mask": {"where": "(kv_idx >= offsets[document_id[q_idx]]) & (q_idx >= kv_idx)"}},
      mask=lambda E: (E.j >= E.offsets[E.document_id[E.i]].long()) & (E.i >= E.j),
@@ -482,7 +484,7 @@ def _natten_where(x_i, y_i, x_j, y_j):
 
 
 NATTEN_PARAMS = {"cw": 9, "ch": 7, "kw": 3, "kh": 5}
-case(name="gym_natten", source=GYM,
+case(name="gym_natten", quick=1, source=GYM,
      spec={"params": NATTEN_PARAMS, "mask": {"where": _natten_where("q_idx // cw", "q_idx % cw", "kv_idx // cw", "kv_idx % cw")}},
      mask=_natten(lambda E, t: t // E.cw, lambda E, t: t % E.cw),
      calls=(Call(63, 63), Call(40, 63, q_offset=23), Call(63, 63, params=(("kw", 13), ("kh", 9))),
@@ -503,12 +505,12 @@ def _tiled_text(t):
     return x, y
 
 
-case(name="gym_tiled_natten", source=GYM,
+case(name="gym_tiled_natten", quick=1, source=GYM,
      spec={"params": {"cw": 6, "ch": 8, "kw": 3, "kh": 3, "tw": 2, "th": 4},
            "mask": {"where": _natten_where(*_tiled_text("q_idx"), *_tiled_text("kv_idx"))}},
      mask=_natten(lambda E, t: _tiled(E, t, "x"), lambda E, t: _tiled(E, t, "y")),
      calls=(Call(48, 48), Call(31, 48, q_offset=17)))
-case(name="gym_morton_natten", source=GYM,
+case(name="gym_morton_natten", quick=1, source=GYM,
      spec={"params": {"cw": 8, "ch": 8, "kw": 3, "kh": 3},
            "mask": {"where": _natten_where(_spread("i"), _spread("i >> 1"), _spread("j"), _spread("j >> 1"))}},
      mask=_natten(lambda E, t: morton_decode(t)[0], lambda E, t: morton_decode(t)[1]),
@@ -552,7 +554,7 @@ STA2D_WHERE = """((
                                           + ((kw // tw) // 2 + ((kw // tw) % 2 - 1)))
 ) | ((q_idx < ch * cw) & (kv_idx >= ch * cw) & (kv_idx < ch * cw + text))
   | ((q_idx >= ch * cw) & (kv_idx < ch * cw + text)))"""
-case(name="gym_sta_2d", source=GYM,
+case(name="gym_sta_2d", quick=1, source=GYM,
      spec={"params": {"ch": 8, "cw": 8, "kh": 4, "kw": 6, "th": 2, "tw": 2, "text": 9}, "mask": {"where": STA2D_WHERE}},
      mask=_sta2d, calls=(Call(73, 73), Call(40, 73, q_offset=33), Call(73, 73, params=(("kh", 2), ("kw", 2)))))
 
@@ -673,7 +675,7 @@ def _bigbird(E):
     return ((E.i // 16 - E.j // 16).abs() <= 1) | (E.i < 16) | (E.j < 16) | sel
 
 
-case(name="bigbird", source="attncc built-in random_blocks", spec={"mask": {"where": "abs(i // 16 - j // 16) <= 1 or i < 16 or j < 16 or random_blocks(2, 16, 5)"}},
+case(name="bigbird", quick=1, source="attncc built-in random_blocks", spec={"mask": {"where": "abs(i // 16 - j // 16) <= 1 or i < 16 or j < 16 or random_blocks(2, 16, 5)"}},
      mask=_bigbird, calls=(Call(80, 80), Call(33, 80, q_offset=40), Call(30, 50, q_offset=20, k_offset=10, n_k=96)),
      decode=False, varlen=False)
 case(name="flamingo_cross", source="Flamingo-style vision cross attention",
@@ -690,7 +692,7 @@ case(name="gym_alibi", source=GYM, spec={"params": {"H": 4},
      score=lambda E, s: s + (E.j - E.i) * torch.exp2(-((E.h + 1) * 8.0 / E.H)))
 case(name="alibi_builtin", source="ALiBi paper slopes", spec={"mask": {"where": "causal"}, "score": {"bias": "alibi"}},
      mask=lambda E: E.j <= E.i, score=lambda E, s: s + alibi_slopes(E.h.shape[1])[E.h] * (E.j - E.i), heads=(6, 3))
-case(name="alibi_builtin_12", source="ALiBi paper slopes", spec={"score": {"bias": "alibi"}},
+case(name="alibi_builtin_12", slow=True, source="ALiBi paper slopes", spec={"score": {"bias": "alibi"}},
      score=lambda E, s: s + alibi_slopes(E.h.shape[1])[E.h] * (E.j - E.i), heads=(12, 4), batch=1)
 case(name="gym_softcap_mod", source=GYM, spec={"params": {"soft_cap": 2.0}, "score": {"mod": "soft_cap * tanh(score / soft_cap)", "scale": 1.5}},
      score=lambda E, s: E.soft_cap * torch.tanh(s / E.soft_cap))
@@ -702,7 +704,7 @@ case(name="softcap_window_gqa", source="Gemma 2 local layers",
 case(name="gym_gelu_activation", source=GYM,
      spec={"score": {"mod": "log(0.5 * score * (1 + erf(score / sqrt(2))) + 1.0)", "scale": 0.9}},
      score=lambda E, s: torch.log(torch.nn.functional.gelu(s) + 1.0))
-case(name="gym_relu_activation", source=GYM, spec={"score": {"mod": "log(max(score, 0) + 1.0)", "scale": 0.9}},
+case(name="gym_relu_activation", slow=True, source=GYM, spec={"score": {"mod": "log(max(score, 0) + 1.0)", "scale": 0.9}},
      score=lambda E, s: torch.log(torch.relu(s) + 1.0))
 case(name="gym_graphormer_spatial", source=GYM,
      spec={"inputs": _inp(spatial_bias=(["h", 6], "float32", True), distances=(["b", "n", "n"], "int32")),
@@ -710,7 +712,7 @@ case(name="gym_graphormer_spatial", source=GYM,
      score=lambda E, s: s + E.spatial_bias[E.h, E.distances[E.b, E.i, E.j]],
      inputs=lambda g, B, H, n: {"spatial_bias": torch.randn(H, 6, generator=g),
                                 "distances": torch.randint(0, 6, (B, n, n), generator=g, dtype=torch.int32)})
-case(name="gym_graphormer_edge", source=GYM,
+case(name="gym_graphormer_edge", quick=2, source=GYM,
      spec={"inputs": _inp(edge_bias=(["h", 3, 5], "float32", True), path_types=(["b", "n", "n", 3], "int32"),
                           path_lengths=(["b", "n", "n"], "int32")),
            "score": {"mod": "score + sum(where(path_lengths[b, q_idx, kv_idx] > t, edge_bias[h, t, path_types[b, q_idx, kv_idx, t]], 0.0)"
@@ -736,13 +738,13 @@ case(name="gym_sandwich", source=GYM,
            "mask": {"where": "q_idx >= kv_idx"}, "score": {"mod": "score + rel[q_idx - kv_idx + offset] * head_scale[h]"}},
      mask=lambda E: E.i >= E.j, score=lambda E, s: s + E.rel[E.i - E.j + E.offset] * E.head_scale[E.h],
      inputs=_sandwich_inputs)
-case(name="gym_mla_rope", source=GYM,
+case(name="gym_mla_rope", quick=2, source=GYM,
      spec={"params": {"num_heads": 4, "rs": 0.25},
            "inputs": _inp(query_rope=(["b", "h", "n", 8], "float32", True), key_rope=(["b", 1, "n", 8], "float32", True)),
            "score": {"mod": "score + rs * dot(query_rope[b, h, q_idx, :], key_rope[b, h // num_heads, kv_idx, :])"}},
      score=lambda E, s: s + E.rs * (E.query_rope[E.b, E.h, E.i] * E.key_rope[E.b, E.h // E.num_heads, E.j]).sum(-1),
      inputs=lambda g, B, H, n: {"query_rope": torch.randn(B, H, n, 8, generator=g), "key_rope": torch.randn(B, 1, n, 8, generator=g)})
-case(name="t5_bucket", source="T5 relative position bucket",
+case(name="t5_bucket", slow=True, source="T5 relative position bucket",
      spec={"inputs": _inp(rel_bias=(["h", 32], "float32", True)), "score": {"bias": "rel_bias[h, bucket(j - i, 32, 20)]"}},
      score=lambda E, s: s + E.rel_bias[E.h, t5_bucket(E.j - E.i, 32, 20)],
      inputs=lambda g, B, H, n: {"rel_bias": torch.randn(H, 32, generator=g)})
@@ -868,13 +870,18 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
+def uses_batch(c: Case) -> bool:
+    """Whether the pattern reads ``b`` (directly or through an input's "b" dim)."""
+    return c.batch != 2 or bool(re.search(r"\bb\b", repr(c.spec)))
+
+
 def check_call(c: Case, call: Call, seed: int = 0, *, head_dim: int = 16, grads: bool = True, layout: int = 0,
-               dtype=torch.float32) -> None:
+               dtype=torch.float32, batch: Optional[int] = None, heads: Optional[Tuple[int, int]] = None) -> None:
     """The module against the oracle on one call: o, lse, dq, dk, dv and learned inputs' grads."""
     m = module(c, head_dim)
     gen = torch.Generator().manual_seed(seed)
-    Hq, Hkv = c.heads
-    B = c.batch
+    Hq, Hkv = heads or c.heads
+    B = batch or c.batch
     n = max(call.q_offset + call.nq, call.k_offset + call.nk, call.n_q or 0, call.n_k or 0)
     q = torch.randn(B, Hq, call.nq, head_dim, generator=gen)
     k = torch.randn(B, Hkv, call.nk, head_dim, generator=gen)
@@ -915,11 +922,12 @@ def check_call(c: Case, call: Call, seed: int = 0, *, head_dim: int = 16, grads:
         assert err < max(10 * tol, 1e-3), f"{label}: {name} rel err {err:.2e}"
 
 
-def check_decode(c: Case, seed: int = 0, *, nq: int = 3, head_dim: int = 16, paged: bool = False) -> None:
+def check_decode(c: Case, seed: int = 0, *, nq: int = 3, head_dim: int = 16, paged: bool = False,
+                 heads: Optional[Tuple[int, int]] = None) -> None:
     """``decode`` against the oracle at the documented positions (i = kv_len[b] - Nq + t)."""
     m = module(c, head_dim)
     gen = torch.Generator().manual_seed(seed)
-    Hq, Hkv = c.heads
+    Hq, Hkv = heads or c.heads
     B = c.batch + 1
     cap = 48
     kv_len = torch.randint(0, cap + 1, (B,), generator=gen, dtype=torch.int32)
@@ -965,11 +973,11 @@ def check_decode(c: Case, seed: int = 0, *, nq: int = 3, head_dim: int = 16, pag
         assert rel_err(lse[finite], lse_ref[finite]) < c.tol, f"{label}: lse rel err"
 
 
-def check_varlen(c: Case, seed: int = 0, *, head_dim: int = 16) -> None:
+def check_varlen(c: Case, seed: int = 0, *, head_dim: int = 16, heads: Optional[Tuple[int, int]] = None) -> None:
     """cu_seqlens against separate oracle calls per sequence (positions from 0, n_q/n_k its own)."""
     m = module(c, head_dim)
     gen = torch.Generator().manual_seed(seed)
-    Hq, Hkv = c.heads
+    Hq, Hkv = heads or c.heads
     lq = [int(x) for x in torch.randint(1, 30, (3,), generator=gen)] + [1]
     lk = [int(x) for x in torch.randint(1, 30, (3,), generator=gen)] + [17]
     cu_q = torch.tensor([0] + list(torch.tensor(lq).cumsum(0)), dtype=torch.int32)
