@@ -244,6 +244,7 @@ class Case:
     tol: float = 1e-4
     slow: bool = False                   # only in the full sweep (a near duplicate of another case)
     quick: Optional[int] = None          # the call of the default run (else one by rotation)
+    bf16: bool = True                    # bfloat16 comparable (no condition on the score itself)
 
 
 def _inp(**decls):
@@ -333,7 +334,7 @@ case(name="floordiv_score", source=FLEX, spec={"score": {"mod": "score - q_idx /
 case(name="silu", source=FLEX, spec={"score": {"mod": "score * sigmoid(score)", "scale": 0.8}},
      score=lambda E, s: torch.nn.functional.silu(s))
 # test_padded_dense_causal compares the score itself with an integer length
-case(name="padded_dense_causal", source=FLEX,
+case(name="padded_dense_causal", bf16=False, source=FLEX,
      spec={"inputs": _inp(seq_len=(["b"], "int32")),
            "score": {"mod": "where(score <= seq_len[b], where(q_idx >= kv_idx, score, -inf), -inf)", "scale": 1.0}},
      score=lambda E, s: _w(s <= E.seq_len[E.b], _w(E.i >= E.j, s)),
@@ -817,10 +818,17 @@ case(name="per_head_causal", source="found: a scalar condition meets a tile's",
      spec={"inputs": _inp(causal_heads=(["h"], "float32")), "mask": {"where": "causal_heads[h] <= 0 or j <= i"}},
      mask=lambda E: (E.causal_heads[E.h] <= 0) | (E.j <= E.i),
      inputs=lambda g, B, H, n: {"causal_heads": torch.randn(H, generator=g)})
-case(name="per_head_score_cond", source="found: a scalar condition meets a tile's",
+case(name="per_head_score_cond", bf16=False, source="found: a scalar condition meets a tile's",
      spec={"inputs": _inp(x=(["h"], "float32")), "score": {"mod": "s * where(x[h] > 0 and s > 0, 2, 1)", "scale": 1.0}},
      score=lambda E, s: s * torch.where((E.x[E.h] > 0) & (s > 0), 2.0, 1.0),
      inputs=lambda g, B, H, n: {"x": torch.randn(H, generator=g)})
+# steps of float arithmetic in a score (a condition, a floor), free of s, were float32: a branch or
+# a unit of score off where float32 rounds the other way (13 * 0.7 // 1.3: 7.0, Python 6.0)
+case(name="float_steps_in_score", source="found: float steps in a score",
+     spec={"params": {"a": 0.1, "c": 0.3, "t": 0.7},
+           "score": {"mod": "where(i * a > j * c, s, s - 5) + (i - j) * t // 1.3"}},
+     score=lambda E, s: torch.where(E.i.double() * E.a > E.j.double() * E.c, s, s - 5) + ((E.i - E.j).double() * E.t) // 1.3,
+     calls=(Call(40, 40), Call(29, 50, q_offset=11)))
 
 
 def by_name(name: str) -> Case:

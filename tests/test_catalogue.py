@@ -133,7 +133,8 @@ def test_full_sweep(c, request, monkeypatch):
         _force_tiles(monkeypatch, shapes)
         for k, call in enumerate(c.calls):
             C.check_call(c, call, seed=t, layout=(t + k) % 3)
-    C.check_call(c, c.calls[0], dtype=torch.bfloat16, grads=False)
+    if c.bf16:
+        C.check_call(c, c.calls[0], dtype=torch.bfloat16, grads=False)
     if c.decode:
         for nq, paged in ((1, False), (3, True), (16, False)):
             C.check_decode(c, nq=nq, paged=paged)

@@ -83,7 +83,7 @@ class _Kernel:
 
     def tile_printer(self, s_name: str = "s") -> TritonPrinter:
         pr = TritonPrinter({**self._tile_names(self.hoist, False), S.s: s_name}, random_blocks=self.rb_render,
-                           temps=self.temps)
+                           score=True, temps=self.temps)
         inputs = Inputs(self.pattern)
         pr.gather = lambda e: inputs.gather(pr, e)
         return pr
@@ -104,7 +104,7 @@ class _Kernel:
                 names = _index_names(pattern, "offs_i", "?", scalars, float64)
             else:
                 names = _index_names(pattern, "?", "offs_j", scalars, float64)
-            pr = TritonPrinter(names, float64=float64, temps=self.temps)
+            pr = TritonPrinter(names, float64=float64, score=not float64, temps=self.temps)
             inputs = Inputs(pattern)
             pr.gather = lambda e, pr=pr: inputs.gather(pr, e)
             named = [(e, sym, True) for e, sym in hoist.scalars.items()] + [(e, sym, False) for e, sym in hoist.rows.items()]
@@ -331,7 +331,7 @@ def _context(pattern: Pattern, plan: Plan, fwd: dict) -> dict:
     pre_args, pre_launch, pre_defs, pre_bias = [param_arg(p) for p in pattern.params], param_launch(pattern), [], None
     helpers = dq.helpers | dkdv.helpers
     if lse_row is not None:
-        pr = TritonPrinter(_index_names(pattern, "offs_i", "?", {}), temps=Temporaries())
+        pr = TritonPrinter(_index_names(pattern, "offs_i", "?", {}), score=True, temps=Temporaries())
         inputs = Inputs(pattern)
         pr.gather = lambda e: inputs.gather(pr, e)
         pre_defs, pre_bias = pr.statement(lse_row)

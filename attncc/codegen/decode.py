@@ -61,7 +61,7 @@ def decode_context(pattern: Pattern, plan, ctx: dict) -> dict:
         out.update({p.symbol: param_value(p, float64) for p in pattern.params})
         out.update({sym: sym.name for sym, _ in (mscalars if float64 else scalars)})
         out.update({sym: sym.name + row_suffix for sym, _ in (mrows if float64 else rows)})
-        pr = TritonPrinter(out, float64=float64, temps=temps)
+        pr = TritonPrinter(out, float64=float64, score=not float64, temps=temps)
         pr.gather = lambda e: inputs.gather(pr, e)
         return pr
 

@@ -102,7 +102,8 @@ def softmax_context(pattern: Pattern, plan) -> dict:
     def printer(i_text, j_text, hoisted: Hoister, row_suffix, float64=False, **kw):
         names = {**{sym: sym.name for sym in hoisted.scalars.values()},
                  **{sym: sym.name + row_suffix for sym in hoisted.rows.values()}}
-        pr = TritonPrinter(_names(pattern, i_text, j_text, names, float64), float64=float64, temps=temps, **kw)
+        pr = TritonPrinter(_names(pattern, i_text, j_text, names, float64), float64=float64, score=not float64,
+                           temps=temps, **kw)
         pr.gather = lambda e: inputs.gather(pr, e)
         printers.append(pr)
         return pr
