@@ -114,6 +114,8 @@ def oracle(case: "Case", q, k, v, values, *, q_offset=0, k_offset=0, n_q=None, n
     s = torch.where(allowed, s, NEG_INF)
     # IEEE softmax with the row maximum subtracted (NaN and +inf propagate as in FlashAttention);
     # rows without keys give o = 0, lse = -inf and zero gradients
+    if Nk == 0:
+        return s.new_zeros(B, Hq, Nq, vd.shape[-1]) + 0 * s.sum(), s.new_full((B, Hq, Nq), NEG_INF) + 0 * s.sum()
     top = s.detach().amax(-1, keepdim=True)
     empty = top == NEG_INF
     top = torch.where(empty, torch.zeros_like(top), top)
