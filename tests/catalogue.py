@@ -875,6 +875,18 @@ def _layout(x: torch.Tensor, how: int) -> torch.Tensor:
     return x
 
 
+def _input_layout(t: torch.Tensor, how: int) -> torch.Tensor:
+    """An input's values in another memory layout: 1 its first two dims' storage swapped, 2 every
+    other element of a wider buffer along its last dim (0-d inputs stay)."""
+    if how == 0 or t.dim() == 0:
+        return t
+    if how == 1 and t.dim() >= 2:
+        return t.transpose(0, 1).contiguous().transpose(0, 1)
+    wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
+    wide[..., ::2] = t
+    return wide[..., ::2]
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
@@ -918,8 +930,8 @@ def check_call(c: Case, call: Call, seed: int = 0, *, head_dim: int = 16, grads:
         found = torch.autograd.grad(loss, wrt, allow_unused=True, materialize_grads=True)
         return o.detach().cpu(), lse.detach().cpu(), [g.cpu() for g in found]
 
-    def kernel_value(t):  # floats as declared (float32), on the device
-        return t.detach().clone().to(device)
+    def kernel_value(t):  # floats as declared (float32), on the device, in the call's layout
+        return _input_layout(t.detach().clone(), layout).to(device)
 
     o, lse, got = run(lambda q_, k_, v_, ins: m.attention(q_, k_, v_, return_lse=True, **pos, **params, **ins),
                       lambda t: t.detach().clone().to(dtype).to(device), kernel_value, layout)
