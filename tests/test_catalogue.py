@@ -8,7 +8,7 @@ such as negative divisors and windows of 0), GQA, rotating through memory layout
 sliced) and forced tile shapes (the backward's different from the forward's); a third of the
 patterns also through ``decode`` (contiguous and paged caches, 1 to 16 new rows, a row before
 position 0) and half of the static ones through ``cu_seqlens``; the Plans of the static masks
-against the oracle's tiles at the GPU's tile shapes. About 80 s on 2 cores with ``-n 0`` (half of
+against the oracle's tiles at the GPU's tile shapes (and explain's counts). About 80 s on 2 cores with ``-n 0`` (half of
 it compiling the modules, which the cache keeps).
 
 ``pytest -m slow tests/test_catalogue.py`` runs everything: every call of every pattern at three
@@ -121,6 +121,36 @@ def test_plan_tiles(c):
             assert not unsound.any(), (walk, (nq, nk, qo, ko, n_q, n_k), params, (bm, bn), "skips allowed pairs")
             if not any(isinstance(v, float) for v in params.values()):
                 assert torch.equal(got, want), (walk, (nq, nk, qo, ko, n_q, n_k), params, (bm, bn), "not exact")
+
+
+@pytest.mark.parametrize("c", STATIC[::4], ids=lambda c: c.name)
+def test_explain_counts(c, tmp_path):
+    """``attncc explain --json``: the tiles each walk visits and runs unmasked, and the allowed
+    pairs, are the oracle's, at a GPU tile shape."""
+    import contextlib
+    import io
+    import json
+
+    from attncc.explain import main_explain
+
+    path = tmp_path / f"{c.name}.toml"
+    path.write_text(toml_text({"name": c.name, **c.spec}))
+    params = C.params_of(c, c.calls[0])
+    n, nk = 200, 150
+    bm, bn = GPU_TILES[C.CASES.index(c) % len(GPU_TILES)]
+    argv = [str(path), "--n", str(n), "--nk", str(nk), "--block", f"{bm}x{bn}", "--json"]
+    argv += [a for k, v in params.items() for a in ("--param", f"{k}={v}")]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main_explain(argv) == 0
+    report = json.loads(out.getvalue())
+    truth = _oracle_mask(c, params, n, nk, 0, 0, None, None)
+    rows = report["batch"] * report["heads"]
+    assert report["allowed_pairs"] == rows * int(truth.sum())
+    for walk, want in zip(("forward", "dkdv"), tile_classes(truth, bm, bn)):
+        got = report["walks"][walk]
+        assert (got["visited"], got["unmasked"]) == (rows * int((want != tiles.EMPTY).sum()),
+                                                     rows * int((want == tiles.FULL).sum())), (walk, got["path"])
 
 
 @pytest.mark.slow
