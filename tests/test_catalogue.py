@@ -5,15 +5,16 @@ code written from what the original function computes, not from attncc's parser 
 The default run checks every pattern once: forward, LSE and the gradients of q, k, v and the
 learned inputs, on one of its calls (odd lengths, Nq != Nk, offsets, n_q / n_k, param overrides
 such as negative divisors and windows of 0), GQA, rotating through memory layouts (transposed,
-sliced) and forced tile shapes (the backward's different from the forward's); a third of the
-patterns also through ``decode`` (contiguous and paged caches, 1 to 16 new rows, a row before
-position 0) and half of the static ones through ``cu_seqlens``; the Plans of the static masks
-against the oracle's tiles at the GPU's tile shapes (and explain's counts). About 80 s on 2 cores with ``-n 0`` (half of
-it compiling the modules, which the cache keeps).
+sliced, inputs too) and forced tile shapes (the backward's different from the forward's); a third
+of the patterns also through ``decode`` (contiguous and paged caches, 1 to 16 new rows, a row
+before position 0) and half of the static ones through ``cu_seqlens``; the Plans of the static
+masks against the oracle's tiles at the GPU's tile shapes, and ``explain``'s counts. About 75 s of
+CPU on 2 cores with ``-n 0``, half of it compiling the modules (which the cache keeps).
 
 ``pytest -m slow tests/test_catalogue.py`` runs everything: every call of every pattern at three
-tile shapes (seeds and layouts rotating), bfloat16, decode and varlen for all (about 15 minutes). (``python
-tests/catalogue.py --help`` does the same from the command line and prints every failure.)
+tile shapes (seeds and layouts rotating), bfloat16, decode and varlen for all (about 25 minutes).
+``python tests/catalogue.py --help`` does the same from the command line and prints every failure;
+tests/gpu/test_gpu_catalogue.py runs the catalogue on the GPU.
 
 What does not port (gaps, each an error rather than a wrong answer):
 - KV batch broadcast (FlexAttention's ``Bq = 3, Bkv = 1``): q, k, v must share B.
