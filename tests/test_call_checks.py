@@ -1,10 +1,14 @@
 """Bad calls get a clear error before any launch: what was expected and what came."""
 from __future__ import annotations
 
+import math
+
 import numpy
 import pytest
 import torch
 
+import attncc
+from attncc.module_cache import toml_text
 from cases import module
 
 
@@ -56,6 +60,36 @@ def test_int_param_of_other_integer_types(same):
     m = module("sliding_window")
     q, k, v = qkv()
     assert torch.equal(m.attention(q, k, v, window=same), m.attention(q, k, v, window=3))
+
+
+FLOAT_PARAM = {"name": "float_param_check", "head_dim": 16, "params": {"w": 0.5}, "score": {"mod": "s * w"}}
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, 1e300, -1e39, 1e-300, 1e-45,
+                                 pytest.param(10**400, id="10**400")])
+def test_float_param_overrides_must_fit_float32(bad):
+    """A call's float param is held to the spec's rule for its value (finite, in float32's range).
+    The kernels compute with it in float32: ``w = 1e300`` was inf there and every row NaN, while
+    the float64 reference gave finite numbers; NaN passed too. attention, decode and the reference
+    refuse it alike."""
+    m = attncc.compile(FLOAT_PARAM)
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="param w must be a finite number in float32's range"):
+        m.attention(q, k, v, w=bad)
+    with pytest.raises(ValueError, match="param w must be a finite number in float32's range"):
+        m.decode(q[:, :, :1], k, v, kv_len=[16], w=bad)
+    with pytest.raises(ValueError, match="float32's range"):
+        attncc.reference(attncc.parse_spec(toml_text(FLOAT_PARAM)), q, k, v, w=bad)
+
+
+@pytest.mark.parametrize("good", [0, 0.0, 3, -2.5, 3e38, -1.2e-38])
+def test_float_params_in_float32s_range_pass(good):
+    m = attncc.compile(FLOAT_PARAM)
+    q, k, v = qkv()
+    want = attncc.reference(attncc.parse_spec(toml_text(FLOAT_PARAM)), q.double(), k.double(), v.double(), w=good)
+    got = m.attention(q, k, v, w=good)
+    if abs(good) < 1e30:  # (3e38 * s overflows float32, as the spec's own 3e38 would)
+        assert torch.allclose(got.double(), want, atol=1e-5)
 
 
 def test_missing_input():

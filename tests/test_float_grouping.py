@@ -196,3 +196,27 @@ def test_random_float_arithmetic_kernels_allow_pythons_pairs(tmp_path):
         q, k, v = (torch.randn(1, 2, n, 16, generator=gen) for _ in range(3))
         ref = attncc.reference(p, q.double(), k.double(), v.double())
         assert rel_err(mod.attention(q, k, v), ref) < 1e-4, texts[name]
+
+
+def test_float_steps_in_scores_are_pythons(tmp_path):
+    """Conditions and floors of float arithmetic in a score, free of ``s``, are computed in
+    float64 as mask code is (attncc.analysis.exact). In float32 ``i * 0.1 > j * 0.3`` was false
+    at i = 3j (Python: 0.30000000000000004 > 0.3) and ``(i - j) * a // 1.3`` was 7.0 at i - j = 13
+    (Python: 6.0): a whole branch, or a whole unit of score, off for those pairs. Seeded random
+    conditions and floors besides, on zero scores (every weight decided by the steps alone)."""
+    rng, n = random.Random(34), 40
+    mods = {"float_step_where": "where(i * 0.1 > j * 0.3, s, s - 5)",
+            "float_step_floor": "s + (i - j) * 0.7 // 1.3"}
+    for k in range(4):
+        mods[f"float_step_random_{k}"] = (f"where({_random_mask(rng, n)}, s, s - 3) "
+                                          f"+ 0.5 * ({_expr(rng, 2, ops='+-*/F')} // 1.1)")
+    texts = {name: f'head_dim = 16\ndtypes = ["float32"]\n{PARAM_TOML}[score]\nmod = "{mod}"\n'
+             for name, mod in mods.items()}
+    gen = torch.Generator().manual_seed(6)
+    for name, (p, mod) in build_inline(texts, tmp_path).items():
+        zero, v = torch.zeros(1, 1, n, 16), torch.eye(n).view(1, 1, n, n)
+        want = attncc.reference(p, zero.double(), zero.double(), v.double())
+        assert rel_err(mod.attention(zero, zero, v), want) < 1e-6, (mods[name], "zero scores")
+        q, k, v = (torch.randn(1, 2, n, 16, generator=gen) for _ in range(3))
+        ref = attncc.reference(p, q.double(), k.double(), v.double(), q_offset=3)
+        assert rel_err(mod.attention(q, k, v, q_offset=3), ref) < 1e-4, mods[name]

@@ -56,6 +56,32 @@ def check_attention(name, q, k, v, *, grad=True, kw=None, q_offset=0, k_offset=0
     return o
 
 
+@pytest.mark.parametrize("rows", ["q", "kv"])
+def test_one_row_tensors_with_odd_row_strides(rows):
+    """A one-row q (or k and v) whose row stride is 21 floats, in an aligned buffer: torch calls
+    it contiguous (a length-1 dim's stride is free), so ``tma_ready`` kept it, and the kernels'
+    tensor descriptors took a row stride that is no multiple of 16 bytes (the interpreter
+    stopped on "stride must be 16-byte aligned"; such a descriptor is invalid on the GPU too)."""
+    gen = torch.Generator().manual_seed(3)
+
+    def odd(t):  # the same values, rows 21 floats apart; clone keeps those strides (dense)
+        wide = torch.zeros(*t.shape[:-1], 21)
+        wide[..., :16] = t
+        out = wide[..., :16].clone()
+        assert out.stride()[-2] == 21 and out.is_contiguous() and out.data_ptr() % 16 == 0
+        return out
+
+    nq, nk = (1, 20) if rows == "q" else (17, 1)
+    q, k, v = (torch.randn(1, 1, n, 16, generator=gen) for n in (nq, nk, nk))
+    q, k, v = (odd(q), k, v) if rows == "q" else (q, odd(k), odd(v))
+    # (one key: every softmax weight is 1 and dq, dk are 0, which a relative error cannot weigh)
+    check_attention("causal", q, k, v, q_offset=19 if rows == "q" else 0, grad=rows == "q")
+    if rows == "kv":
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        dv = torch.autograd.grad(module("causal").attention(*leaves).sum(), leaves)[2]
+        assert torch.allclose(dv, torch.ones(1, 1, 1, 16) * 17)
+
+
 # ---------------------------------------------------------------------------------------
 # decode: kv_len and block_table at any stride and width
 # ---------------------------------------------------------------------------------------

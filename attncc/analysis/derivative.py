@@ -41,6 +41,11 @@ def derivative(e, x, *, what: str, wrt: str) -> sympy.Expr:
     # kinks (Max, Min, Abs) get a one-sided derivative
     d = d.replace(sympy.Heaviside, lambda x, *rest: sympy.Piecewise((1, x > 0), (0, True)))
     d = d.replace(sympy.sign, lambda x: sympy.Piecewise((1, x > 0), (-1, x < 0), (0, True)))
+    # a kink of a piecewise value (abs(where(j <= i, s, -1.5)), max(where(c, s, -inf), 0)) compares
+    # a Piecewise, which sympy folds into a boolean if-then-else ITE(j <= i, s < 0, True): the
+    # printers take it as And / Or / Not
+    d = d.replace(lambda e: isinstance(e, sympy.ITE),
+                  lambda e: sympy.Or(sympy.And(e.args[0], e.args[1]), sympy.And(sympy.Not(e.args[0]), e.args[2])))
     if d.has(sympy.Derivative) or d.has(sympy.Subs):
         raise BackwardUnsupported(f"cannot differentiate {what} = {e} with respect to {wrt}: {d}")
     return d

@@ -18,6 +18,7 @@ import sympy
 from sympy.core.function import AppliedUndef
 from sympy.functions.elementary.piecewise import ExprCondPair
 
+from attncc.analysis.exact import EXACT, exact_parts
 from attncc.analysis.integer import integer_ops, integer_sums, recentered, ungrouped
 from attncc.spec import symbols as S
 from attncc.spec.builtins import RandomBlocks
@@ -67,21 +68,25 @@ class Hoister:
 
     def __call__(self, e: sympy.Basic) -> sympy.Basic:
         e = integer_ops(e)
-        return self._walk(integer_sums(e) if self.float32 else e)
+        # score code: its steps free of s are float64 values, never taken apart (analysis.exact)
+        return self._walk(integer_sums(exact_parts(e)) if self.float32 else e)
 
     def _walk(self, e):
         if e.is_Atom or isinstance(e, RandomBlocks):
             return e
         if isinstance(e, ExprCondPair):  # a (value, condition) of a Piecewise is no value of its own
             return e.func(*[self._walk(a) for a in e.args])
+        whole = isinstance(e, EXACT)  # hoisted whole or not at all
         if not (depends_on(e, self.inner) or depends_on(e, S.s)):
             if isinstance(e, sympy.Symbol) or (e.is_number):
                 return e
             if depends_on(e, self.outer):
                 if not _worth_a_row(e):
-                    return e.func(*[self._walk(a) for a in e.args])
+                    return e if whole else e.func(*[self._walk(a) for a in e.args])
                 return self._name(self.rows, e, self.row_prefix)
             return self._name(self.scalars, e, self.scalar_prefix)
+        if whole:
+            return e
         return e.func(*[self._walk(a) for a in e.args]) if e.args else e
 
     @staticmethod

@@ -20,6 +20,7 @@ from __future__ import annotations
 import sympy
 from sympy.printing.precedence import PRECEDENCE
 
+from attncc.analysis.exact import EXACT
 from attncc.spec import symbols as S
 from attncc.spec.builtins import Grouped, ToFloat
 
@@ -163,10 +164,12 @@ def _group_sum(e: sympy.Add):
 def ungrouped(e):
     """``e`` without the parser's grouping of float arithmetic (:class:`Grouped`): score code is
     float32, where the grouping as written gains nothing, and :func:`integer_sums` groups the
-    integer sums its own way."""
-    if not isinstance(e, sympy.Basic) or not e.has(Grouped):
+    integer sums its own way. The score's steps computed in float64 keep it (:mod:`.exact`)."""
+    if not isinstance(e, sympy.Basic) or not e.has(Grouped) or isinstance(e, EXACT):
         return e
-    return e.replace(lambda x: isinstance(x, Grouped), lambda x: x.args[0])
+    if isinstance(e, Grouped):
+        return ungrouped(e.args[0])
+    return e.func(*[ungrouped(a) for a in e.args])
 
 
 def integer_sums(e):
@@ -179,7 +182,7 @@ def integer_sums(e):
 
 
 def _integer_sums(e):
-    if not isinstance(e, sympy.Basic) or e.is_Atom:
+    if not isinstance(e, sympy.Basic) or e.is_Atom or isinstance(e, EXACT):
         return e
     args = [_integer_sums(a) for a in e.args]
     if any(a is not b for a, b in zip(args, e.args)):

@@ -83,7 +83,7 @@ class _Kernel:
 
     def tile_printer(self, s_name: str = "s") -> TritonPrinter:
         pr = TritonPrinter({**self._tile_names(self.hoist, False), S.s: s_name}, random_blocks=self.rb_render,
-                           temps=self.temps)
+                           score=True, temps=self.temps)
         inputs = Inputs(self.pattern)
         pr.gather = lambda e: inputs.gather(pr, e)
         return pr
@@ -104,12 +104,13 @@ class _Kernel:
                 names = _index_names(pattern, "offs_i", "?", scalars, float64)
             else:
                 names = _index_names(pattern, "?", "offs_j", scalars, float64)
-            pr = TritonPrinter(names, float64=float64, temps=self.temps)
+            pr = TritonPrinter(names, float64=float64, score=not float64, temps=self.temps)
             inputs = Inputs(pattern)
             pr.gather = lambda e, pr=pr: inputs.gather(pr, e)
-            for e, sym in [*hoist.scalars.items(), *hoist.rows.items()]:
+            named = [(e, sym, True) for e, sym in hoist.scalars.items()] + [(e, sym, False) for e, sym in hoist.rows.items()]
+            for e, sym, scalar in named:
                 per_head = S.h in e.free_symbols
-                temps, code = pr.statement(e)
+                temps, code = pr.definition(e, scalar)
                 out += [(name, value, per_head) for name, value in temps] + [(sym.name, code, per_head)]
             self.helpers |= pr.helpers
         return out
@@ -330,7 +331,7 @@ def _context(pattern: Pattern, plan: Plan, fwd: dict) -> dict:
     pre_args, pre_launch, pre_defs, pre_bias = [param_arg(p) for p in pattern.params], param_launch(pattern), [], None
     helpers = dq.helpers | dkdv.helpers
     if lse_row is not None:
-        pr = TritonPrinter(_index_names(pattern, "offs_i", "?", {}), temps=Temporaries())
+        pr = TritonPrinter(_index_names(pattern, "offs_i", "?", {}), score=True, temps=Temporaries())
         inputs = Inputs(pattern)
         pr.gather = lambda e: inputs.gather(pr, e)
         pre_defs, pre_bias = pr.statement(lse_row)

@@ -61,7 +61,7 @@ def decode_context(pattern: Pattern, plan, ctx: dict) -> dict:
         out.update({p.symbol: param_value(p, float64) for p in pattern.params})
         out.update({sym: sym.name for sym, _ in (mscalars if float64 else scalars)})
         out.update({sym: sym.name + row_suffix for sym, _ in (mrows if float64 else rows)})
-        pr = TritonPrinter(out, float64=float64, temps=temps)
+        pr = TritonPrinter(out, float64=float64, score=not float64, temps=temps)
         pr.gather = lambda e: inputs.gather(pr, e)
         return pr
 
@@ -71,9 +71,10 @@ def decode_context(pattern: Pattern, plan, ctx: dict) -> dict:
 
     score_lines = render_score(pattern, tile, bias_j, mod, simple_bias)
     mask_temps, mask_code = mask_tile.statement(mask) if mask is not None else ([], None)
-    scalar_defs = (definitions(row, {e: sym for sym, e in scalars})
-                   + definitions(mask_row, {e: sym for sym, e in mscalars}))
-    row_defs = definitions(row, {e: sym for sym, e in rows}) + definitions(mask_row, {e: sym for sym, e in mrows})
+    scalar_defs = (definitions(row, {e: sym for sym, e in scalars}, scalar=True)
+                   + definitions(mask_row, {e: sym for sym, e in mscalars}, scalar=True))
+    row_defs = (definitions(row, {e: sym for sym, e in rows}, scalar=False)
+                + definitions(mask_row, {e: sym for sym, e in mrows}, scalar=False))
     scalars, rows = scalars + mscalars, rows + mrows
     lse_row_defs, lse_row_bias = row.statement(lse_row) if lse_row is not None else ([], None)
     if lse_row_bias is not None:

@@ -83,3 +83,13 @@ def param_value(param, float64: bool) -> str:
     if param.kind == "float" and not float64:
         return f"tl.cast({param_var(param.name)}, tl.float32)"  # a Python float in the interpreter: no .to()
     return param_var(param.name)
+
+
+_FLOAT32_PARAM = re.compile(r"tl\.cast\((prm_\w+), tl\.float32\)")
+
+
+def float64_text(text: str) -> str:
+    """The float64 value of what score code names ``text``: a float param's own variable for its
+    float32 cast (:func:`param_value`), anything else as it is."""
+    m = _FLOAT32_PARAM.fullmatch(text)
+    return m.group(1) if m else text

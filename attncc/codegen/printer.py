@@ -33,9 +33,13 @@ from typing import Callable, Dict, List, Optional, Set, Tuple
 
 import sympy
 from sympy.core.function import AppliedUndef
+from sympy.logic.boolalg import Boolean, BooleanAtom
 
+from attncc.analysis.exact import exact_parts
 from attncc.analysis.hoist import resolve
 from attncc.analysis.integer import integer_fraction, integer_ops, integer_sums
+from attncc.codegen.names import float64_text
+from attncc.spec import symbols as S
 from attncc.spec.builtins import RandomBlocks, quotient
 
 # The integer expressions the printers write while :func:`printed_integers` is active, and the
@@ -167,12 +171,15 @@ class TritonPrinter:
     # what symbols of ``names`` stand for (bound steps), for the record of printed integer arithmetic
     definitions: Dict[sympy.Symbol, sympy.Basic] = field(default_factory=dict)
     temps: Optional[Temporaries] = None  # the names :meth:`statement` gives
+    score: bool = False  # score code (float32): its steps free of s in float64, as mask code (analysis.exact)
     records = True  # integer arithmetic of kernels (the host printer's Python ints never overflow)
     lang = "tl"  # the module printed code calls functions of (GluonPrinter: gl, which names them alike)
 
     def __call__(self, e) -> str:
         e = integer_ops(sympy.sympify(e))
-        return self.p(e if self.float64 else integer_sums(e))
+        if self.float64:
+            return self.p(e)
+        return self.p(integer_sums(exact_parts(e) if self.score else e))
 
     def statement(self, e) -> Tuple[List[Tuple[str, str]], str]:
         """``e`` printed, what it computes more than once named (:meth:`Temporaries.name_repeats`):
@@ -180,6 +187,17 @@ class TritonPrinter:
         (:func:`printed_integers`) is that of ``e`` whole, as :meth:`__call__` leaves it."""
         code = self(e)
         return self.temps.name_repeats(code) if self.temps is not None else ([], code)
+
+    def definition(self, e, scalar: bool) -> Tuple[List[Tuple[str, str]], str]:
+        """:meth:`statement` of a hoisted value (named once per program, ``scalar``, or once per
+        row). A scalar condition is written ``tl.where(c, True, False)``: Triton's interpreter
+        gives the result of comparing two float scalars the floats' type, so spread over a tile
+        (``c0 & (j <= i)``) it became a float array that ``&`` refuses; the select makes it a
+        true int1 there, and is nothing on the GPU."""
+        temps, code = self.statement(e)
+        if scalar and isinstance(e, Boolean) and not isinstance(e, BooleanAtom):
+            code = f"tl.where({code}, True, False)"
+        return temps, code
 
     # ------------------------------------------------------------------
     def p(self, e) -> str:
@@ -214,6 +232,26 @@ class TritonPrinter:
         if log is not None and self.records and e.is_integer:
             log.append(resolve(e, self.definitions))
         return method(e)
+
+    # -- the score's steps free of s, in float64 (analysis.exact) ----------------
+    def _exact(self) -> "TritonPrinter":
+        """The printer of this one's code in float64, as mask code: float params at their
+        float64 value, the same gathers, helpers and record of integer arithmetic."""
+        twin = self.__dict__.get("_float64_twin")
+        if twin is None:
+            names = {sym: float64_text(text) for sym, text in self.names.items() if sym is not S.s}
+            twin = TritonPrinter(names, gather=self.gather, random_blocks=self.random_blocks, helpers=self.helpers,
+                                 float64=True, definitions=self.definitions)
+            self.__dict__["_float64_twin"] = twin
+        return twin
+
+    def _ExactCondition(self, e):
+        return (self if self.float64 else self._exact()).p(e.args[0])
+
+    def _ExactValue(self, e):
+        if self.float64:
+            return self.p(e.args[0])
+        return f"tl.cast({self._exact().p(e.args[0])}, tl.float32)"
 
     # -- float64 (mask) mode ------------------------------------------------
     def _f64(self, e) -> str:
@@ -644,3 +682,9 @@ class PythonPrinter(TritonPrinter):
     def _AlibiSlope(self, e):
         h, n_heads = e.args
         return f"_rt.semantics.alibi_slope({self.p(h)}, {self.p(n_heads)})"
+
+    def _ExactCondition(self, e):  # Python's floats are float64 already
+        return self.p(e.args[0])
+
+    def _ExactValue(self, e):
+        return self.p(e.args[0])

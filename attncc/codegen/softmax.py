@@ -102,7 +102,8 @@ def softmax_context(pattern: Pattern, plan) -> dict:
     def printer(i_text, j_text, hoisted: Hoister, row_suffix, float64=False, **kw):
         names = {**{sym: sym.name for sym in hoisted.scalars.values()},
                  **{sym: sym.name + row_suffix for sym in hoisted.rows.values()}}
-        pr = TritonPrinter(_names(pattern, i_text, j_text, names, float64), float64=float64, temps=temps, **kw)
+        pr = TritonPrinter(_names(pattern, i_text, j_text, names, float64), float64=float64, score=not float64,
+                           temps=temps, **kw)
         pr.gather = lambda e: inputs.gather(pr, e)
         printers.append(pr)
         return pr
@@ -118,13 +119,13 @@ def softmax_context(pattern: Pattern, plan) -> dict:
 
     # the values the mask code reads (its hoister's and the random blocks' rows): all that the
     # exact tile kernel computes besides the mask; the score's are for the attention kernels only
-    mask_defs = definitions(mask_row, mhoist.scalars) + definitions(mask_row, mhoist.rows)
+    mask_defs = definitions(mask_row, mhoist.scalars, scalar=True) + definitions(mask_row, mhoist.rows, scalar=False)
     for rb, name in rb_names.items():
         r, block, _ = rb.options
         for t in range(r):
             mask_defs.append((f"{name}_{t}", f"tl.load({name}_table + tl.minimum(offs_i // {block}, {name}_rows - 1) * {r} + {t})"))
-    scalar_defs = definitions(row, hoist.scalars)
-    row_defs = definitions(row, hoist.rows) + mask_defs
+    scalar_defs = definitions(row, hoist.scalars, scalar=True)
+    row_defs = definitions(row, hoist.rows, scalar=False) + mask_defs
     lse_row_defs, lse_row_bias = row.statement(lse_row) if lse_row is not None else ([], None)
     if lse_row_bias is not None:
         row.helpers.add("_row_term_o")
@@ -185,12 +186,12 @@ def input_launch(pattern: Pattern, name: str) -> List[Tuple[str, str]]:
     return out + [(input_size(name, d), f"{tensor}.shape[{d}]") for d in range(rank)]
 
 
-def definitions(printer: TritonPrinter, table: Dict[sympy.Basic, sympy.Symbol]) -> List[Tuple[str, str]]:
-    """``(name, code)`` of a hoister's table (``{expression: name}``), each preceded by the values
-    its code names (:meth:`TritonPrinter.statement`)."""
+def definitions(printer: TritonPrinter, table: Dict[sympy.Basic, sympy.Symbol], *, scalar: bool) -> List[Tuple[str, str]]:
+    """``(name, code)`` of a hoister's table (``{expression: name}``: its ``scalars``, or its
+    ``rows``), each preceded by the values its code names (:meth:`TritonPrinter.definition`)."""
     out = []
     for e, sym in table.items():
-        temps, code = printer.statement(e)
+        temps, code = printer.definition(e, scalar)
         out += temps + [(sym.name, code)]
     return out
 

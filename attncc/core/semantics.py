@@ -15,6 +15,21 @@ from typing import Tuple
 # The largest head dim (D, and Dv) the kernels take: specs' head_dim / value_dim and calls share it.
 MAX_HEAD_DIM = 256
 
+# float32's largest and smallest normal numbers. The kernels compute with float params, scales,
+# softcaps and RoPE's theta in float32: a value past them would be inf or 0 there.
+FLOAT32_MAX = 3.4028234663852886e38
+FLOAT32_TINY = 1.1754943508222875e-38
+
+
+def float32_holds(value) -> bool:
+    """Whether float32 holds the number ``value`` as itself: finite, and zero or a normal number in
+    magnitude (what a float param must be, in a spec and in a call's override)."""
+    try:
+        value = float(value)
+    except OverflowError:  # an int past float64's range
+        return False
+    return math.isfinite(value) and abs(value) <= FLOAT32_MAX and (value == 0 or abs(value) >= FLOAT32_TINY)
+
 
 def alibi_slope(h: int, n_heads: int) -> float:
     """ALiBi's slope of head ``h`` among ``n_heads`` (Press et al., including the

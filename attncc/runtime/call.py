@@ -14,7 +14,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from attncc.core.semantics import MAX_HEAD_DIM
+from attncc.core.semantics import FLOAT32_MAX, FLOAT32_TINY, MAX_HEAD_DIM, float32_holds
 from attncc.runtime.intervals import INT32_MAX, POSITION_PAD, CallNumbers, cached_reach
 from attncc.runtime.spec_info import SpecInfo
 
@@ -379,10 +379,6 @@ def _bind_checked(spec: SpecInfo, q, k, v, *, return_lse=False, q_offset=0, k_of
 
 
 # The kernels take the scale, and the scale times log2(e), as float32 numbers.
-FLOAT32_TINY = 1.1754943508222875e-38  # the smallest normal float32
-FLOAT32_MAX = 3.4028234663852886e38
-
-
 def softmax_scale(who: str, spec: SpecInfo, scale, D: int) -> float:
     """The softmax scale of a call: ``scale=`` when given, else the spec's, else 1/sqrt(D).
     A scale the kernels cannot use is refused (contract v1, "Non-finite values"): not a real
@@ -475,6 +471,19 @@ def check_heads_and_dims(spec: SpecInfo, who: str, *, Hq: int, Hkv: int, D: int,
         raise ValueError(f"{who}: the spec fixes value_dim = {spec.value_dim}, {v} has {Dv}")
 
 
+def float_param(what: str, value) -> float:
+    """A float param's value for the kernels: a number (an int too) that float32 holds as itself,
+    as the spec's own value must be (docs/spec-language.md, "[params]"). NaN, infinities and values
+    past float32's range are refused: the kernels would compute with inf or 0 where the float64
+    reference does not."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be a number, got {value!r}")
+    if not float32_holds(value):
+        raise ValueError(f"{what} must be a finite number in float32's range ({FLOAT32_TINY:.6g} to "
+                         f"{FLOAT32_MAX:.6g} in magnitude, or 0), got {value!r}")
+    return float(value)
+
+
 def bind_params_and_inputs(spec: SpecInfo, who: str, kwargs: dict, *, B: int, Hq: int, positions: int,
                            device, what_positions: str = "positions"):
     """Resolve the spec's [params] (defaults, per-call overrides, types) and check its [inputs]
@@ -494,9 +503,9 @@ def bind_params_and_inputs(spec: SpecInfo, who: str, kwargs: dict, *, B: int, Hq
                 raise ValueError(f"{who}: param {p.name} counts the terms of a reduction (range({p.name})), which the "
                                  f"kernels unroll to its value in the spec, {p.maximum}: a call may pass at most "
                                  f"{p.maximum}, got {value}")
-        elif isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{who}: param {p.name} must be a number, got {value!r}")
-        params[p.name] = value if p.kind == "int" else float(value)
+        else:
+            value = float_param(f"{who}: param {p.name}", value)
+        params[p.name] = value
     inputs = {}
     for d in spec.inputs:
         if d.name not in kwargs:

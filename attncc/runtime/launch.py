@@ -171,8 +171,8 @@ def tma_ready(t: torch.Tensor) -> torch.Tensor:
     unit = 16 // es
     d_round = -(-d // unit) * unit
     if d_round == d:
-        out = t.contiguous()
-        if out.data_ptr() % 16 == 0:
+        out = t.contiguous()  # (torch keeps any stride of a length-1 dim: [1, 1, 1, 16] with row stride 21)
+        if _tma_strides(out) and out.data_ptr() % 16 == 0:
             return out
     out = torch.zeros(*t.shape[:-1], d_round, dtype=t.dtype, device=t.device)
     out[..., :d] = t

@@ -10,7 +10,7 @@ from typing import Any, Dict
 
 import sympy
 
-from attncc.core.semantics import MAX_HEAD_DIM
+from attncc.core.semantics import FLOAT32_MAX, FLOAT32_TINY, MAX_HEAD_DIM, float32_holds
 from attncc.spec import names as N
 from attncc.spec import symbols as S
 from attncc.spec.builtins import RandomBlocks
@@ -27,7 +27,6 @@ DROPOUT_KEYWORDS = set(N.DROPOUT_KEYWORDS)
 RESERVED = set(S.INDEX_VARS) | set(S.ALIASES) | {"s", "inf", "causal", "alibi", "n_heads"} | set(FUNCTIONS)
 # Integer params reach the kernels as int32 or int64 (a call may pass any int down to -2**31).
 INT_PARAM_MIN, INT_PARAM_MAX = -(2**31), 2**63 - 1
-FLOAT32_MAX, FLOAT32_TINY = 3.4028234663852886e38, 1.1754943508222875e-38  # float32's largest and smallest normal
 MAX_HEADS = 2**16
 MAX_FEATURES = 2**16  # performer's random features
 
@@ -64,7 +63,7 @@ class _Checker:
             self.fail(key, f"expected a finite number, got {value}")
         if positive and not value > 0:
             self.fail(key, f"expected a positive number, got {value}")
-        if float32 and not (abs(value) <= FLOAT32_MAX and (value == 0 or abs(value) >= FLOAT32_TINY)):
+        if float32 and not float32_holds(value):
             self.fail(key, f"expected a number in float32's range ({FLOAT32_TINY:.6g} to {FLOAT32_MAX:.6g} in "
                            f"magnitude), got {value}")
         return float(value)

@@ -426,10 +426,12 @@ def check_devices(q, k, v):
 
 
 def _tma_ready(t):
-    """TMA wants a 16-byte aligned base, 16-byte multiples as strides and a unit last stride."""
+    """TMA wants a 16-byte aligned base, 16-byte multiples as strides and a unit last stride.
+    (A copy in the contiguous format: ``contiguous()`` keeps any stride of a length-1 dim.)"""
+    import torch
     size = t.element_size()
     ok = t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in t.stride()[:-1])
-    return t if ok else t.contiguous()
+    return t if ok else t.clone(memory_format=torch.contiguous_format)
 
 
 def _gl_dtype(dtype):
