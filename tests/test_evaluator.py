@@ -192,3 +192,16 @@ def test_the_reference_keeps_the_gradient_of_sqrt_and_float_remainder():
     exact = Evaluator(TORCH, {"x": x.detach()})(expr)
     assert _same(exact.numpy(), np.sqrt(x.detach().numpy()) + np.remainder(x.detach().numpy(), 0.7))
     assert float(Evaluator(TORCH, {"x": torch.tensor(51.0, dtype=torch.float64)})(sympy.sqrt(X))) == math.sqrt(51)
+
+
+def test_random_blocks_at_every_position_are_its_sympy_values():
+    """Query blocks before 0 have their own seeded sets (the old reference read another row's,
+    through a negative index), key blocks outside [0, ceil(n_k / block)) are in none."""
+    from attncc.spec import symbols as S
+    from attncc.spec.builtins import RandomBlocks
+
+    expr = RandomBlocks(S.i - 40, S.j - 24, S.n_k, 2, 8, 3)
+    env = {"i": torch.arange(80)[:, None], "j": torch.arange(80)[None, :], "n_k": 40}
+    want = np.array([[bool(expr.subs({S.i: a, S.j: c, S.n_k: 40})) for c in range(80)] for a in range(80)])
+    for got in _both(expr, env):
+        assert _same(got, want)
