@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Tuple, Union
 
+from attncc.core.shapes import Shapes
+
 
 @dataclass(frozen=True)
 class ParamInfo:
@@ -24,16 +26,13 @@ class InputInfo:
 
 
 @dataclass(frozen=True)
-class SpecInfo:
+class SpecInfo(Shapes):
+    """A generated module's pattern: its :class:`Shapes` (kind, head dims, dtypes, head counts)
+    and what its calls check and its kernels need."""
+
     name: str
     source: str
     spec_hash: str
-    kind: str = "softmax"
-    head_dims: Tuple[int, ...] = (128,)
-    value_dim: Optional[int] = None
-    dtypes: Tuple[str, ...] = ("bfloat16", "float16")
-    heads_q: Optional[int] = None
-    heads_kv: Optional[int] = None
     params: Tuple[ParamInfo, ...] = ()
     inputs: Tuple[InputInfo, ...] = ()
     scale: Optional[float] = None
