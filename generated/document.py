@@ -53,6 +53,8 @@ SPEC = _rt.SpecInfo(
     dropout=0.0,
     rope=False,
     tile_hint="narrow",
+    pair_bytes=0,
+    position_bytes=8,
     int_reach=_int_reach,
     int_divisors=_int_divisors,
 )

@@ -53,6 +53,8 @@ SPEC = _rt.SpecInfo(
     dropout=0.0,
     rope=False,
     tile_hint="default",
+    pair_bytes=4,
+    position_bytes=0,
     int_reach=_int_reach,
     int_divisors=_int_divisors,
 )

@@ -40,6 +40,11 @@ class SpecInfo(Shapes):
     rope: bool = False
     rotary_dim: Optional[int] = None  # [rope].rotary_dim when the spec fixes it (None: the call's head dim)
     tile_hint: str = "default"  # "narrow": windows, documents: smaller tiles pay
+    # Bytes the kernels' loops gather from inputs per pair of a tile (a table indexed by i and j)
+    # and per position (an input indexed by i or j): shared memory per pipeline stage
+    # (attncc.runtime.configs.shared_bytes).
+    pair_bytes: int = 0
+    position_bytes: int = 0
     # The built-in walk of the Gluon sm90 forward (attncc.runtime.gluon) that computes this pattern
     # exactly, "dense" or "causal" (attncc.analysis.builtin), or None: the tl kernels only.
     gluon: Optional[str] = None

@@ -17,6 +17,8 @@ from attncc.core.shapes import Shapes
 
 Dim = Union[str, int]  # "b" (batch), "h" (query head), "n" (position), or a fixed size
 INTEGER_DTYPES = ("int8", "int16", "int32", "int64", "uint8")
+DTYPE_BYTES = {"bool": 1, "int8": 1, "uint8": 1, "int16": 2, "float16": 2, "bfloat16": 2, "int32": 4, "float32": 4,
+               "int64": 8, "float64": 8}  # bytes of one element of an input of each dtype
 
 
 @dataclass(frozen=True)
