@@ -2,10 +2,10 @@
 
 Nothing clever: every (b, h, i, j) is evaluated, the scores are a dense
 ``[B, Hq, Nq, Nk]`` tensor and the softmax is ``torch``'s. The sympy trees of a
-Pattern are walked node by node (:func:`evaluate`), never printed to source and
-``eval``-ed, so the reference shares no code with the analysis or the templates it
-checks. Built-ins take their numbers from :mod:`attncc.runtime.semantics`, the one
-place that defines them.
+Pattern are walked node by node (:func:`evaluate`: :mod:`attncc.evaluator` on torch
+tensors), never printed to source and ``eval``-ed, so the reference shares no code
+with the analysis or the templates it checks. Built-ins take their numbers from
+:mod:`attncc.core.semantics`, the one place that defines them.
 
 Public: :func:`reference`, :func:`pair_mask`, :func:`evaluate`, :func:`index_env`,
 :func:`rotary`, :func:`feature_map`.
@@ -15,16 +15,11 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, Mapping, Optional
 
-import sympy
 import torch
 import torch.nn.functional as F
-from sympy.core.function import AppliedUndef
 
-from attncc.core import semantics
 from attncc.core.feature_maps import LINEAR_DENOMINATOR_EPS, performer_projection
-from attncc.spec import symbols as S
-from attncc.spec.builtins import (SHIFT_LIMIT, AlibiSlope, BitAnd, BitOr, BitXor, Bucket, FloatDiv, RandomBlocks, Shift,
-                                  Sigmoid, ToFloat, quotient)
+from attncc.evaluator import Evaluator, TorchArrays
 from attncc.spec.ir import Pattern
 
 _INT, _FLOAT, _BOOL = torch.int64, torch.float64, torch.bool
@@ -43,254 +38,10 @@ def evaluate(expr, env: Mapping[str, Any]) -> torch.Tensor:
     and input names to the input tensors. Integer results are int64, real results
     float64, conditions bool; the result broadcasts over the shapes in ``env``.
     Integer ``//`` and ``%`` follow Python (floor) semantics exactly.
+    (:class:`attncc.evaluator.Evaluator` on torch tensors, on the device of ``env``'s tensors.)
     """
-    return _Evaluator(env)(expr)
-
-
-def _common(*xs):
-    """Bring tensors to one dtype: float64 if any is floating, else int64 if any is not bool."""
-    if any(x.is_floating_point() for x in xs):
-        return [x.to(_FLOAT) for x in xs]
-    if any(x.dtype != _BOOL for x in xs):
-        return [x.to(_INT) for x in xs]
-    return list(xs)
-
-
-def _zero_divisor(divisor, e) -> None:
-    """An integer ``//`` or ``%`` by 0 (docs/spec-language.md, "Division"): a divisor of params and
-    sizes only is a ValueError, as the generated modules raise before a launch; one that varies per
-    pair (which ``attncc build`` refuses unless it cannot be 0) raises ZeroDivisionError, as Python."""
-    per_pair = divisor.free_symbols & {S.b, S.h, S.i, S.j}
-    if per_pair or divisor.atoms(AppliedUndef):
-        raise ZeroDivisionError(f"integer division by zero in {e}")
-    raise ValueError(f"division by zero: the divisor of {e} is 0 with these params and sizes")
-
-
-def _is_int(x: torch.Tensor) -> bool:
-    return not x.is_floating_point() and x.dtype != _BOOL
-
-
-def _scalar_int(x: torch.Tensor, what: str) -> int:
-    if x.numel() != 1 or not _is_int(x):
-        raise ValueError(f"{what} must be a single integer, got a tensor of shape {tuple(x.shape)} and dtype {x.dtype}")
-    return int(x.reshape(()))
-
-
-def _lookup(x: torch.Tensor, fn, dtype) -> torch.Tensor:
-    """``fn`` applied elementwise to an integer tensor, through a table over its distinct values."""
-    values, inverse = torch.unique(x, return_inverse=True)
-    table = torch.tensor([fn(int(v)) for v in values.tolist()], dtype=dtype, device=x.device)
-    return table[inverse]
-
-
-class _Evaluator:
-    def __init__(self, env: Mapping[str, Any]):
-        self.env = env
-        self.device = next((v.device for v in env.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
-
-    def const(self, value, dtype):
-        return torch.tensor(value, dtype=dtype, device=self.device)
-
-    def value(self, name):
-        if name not in self.env:
-            raise ValueError(f"no value for '{name}' (known: {', '.join(sorted(self.env))})")
-        v = self.env[name]
-        if isinstance(v, torch.Tensor):
-            return v.to(self.device)
-        if isinstance(v, bool):
-            return self.const(v, _BOOL)
-        if isinstance(v, int):
-            return self.const(v, _INT)
-        return self.const(float(v), _FLOAT)
-
-    def float_(self, e):
-        return self(e).to(_FLOAT)
-
-    def bool_(self, e):
-        x = self(e)
-        if x.dtype != _BOOL:
-            raise ValueError(f"expected a condition, got a number: {e}")
-        return x
-
-    def __call__(self, e) -> torch.Tensor:  # noqa: C901 - one flat dispatch reads best here
-        if e is sympy.true or e is sympy.false:
-            return self.const(bool(e), _BOOL)
-        if e.is_Integer:
-            return self.const(int(e), _INT)
-        if e.is_Rational:
-            return self.const(int(e.p) / int(e.q), _FLOAT)  # Python's int / int is correctly rounded
-        if e.is_Float:
-            return self.const(float(e), _FLOAT)
-        if e in (sympy.oo, -sympy.oo, sympy.zoo, sympy.nan):
-            return self.const(float(e) if e is not sympy.zoo else math.inf, _FLOAT)
-        if e.is_Symbol:
-            return self.value(e.name)
-        if isinstance(e, AppliedUndef):
-            return self.input(e)
-        if isinstance(e, Bucket):
-            d = self(e.args[0])
-            if not _is_int(d):
-                raise ValueError(f"bucket() needs an integer distance, got {d.dtype}")
-            nb, md, bidir = e.options
-            return _lookup(d, lambda v: semantics.t5_bucket(v, nb, md, bidir), _INT)
-        if isinstance(e, AlibiSlope):
-            hh, nh = self(e.args[0]), _scalar_int(self(e.args[1]), "n_heads")
-            return _lookup(hh, lambda v: semantics.alibi_slope(v, nh), _FLOAT)
-        if isinstance(e, RandomBlocks):
-            return self.random_blocks(e)
-        if isinstance(e, ToFloat):  # its own arithmetic (exact in integers), then one conversion
-            return self.float_(e.args[0])
-        if isinstance(e, FloatDiv):
-            return self.float_(e.args[0]) / self.float_(e.args[1])
-        if isinstance(e, Sigmoid):
-            return torch.sigmoid(self.float_(e.args[0]))
-        if isinstance(e, (BitAnd, BitOr, BitXor)):  # int64 two's complement: Python's for every int64
-            op = {BitAnd: torch.bitwise_and, BitOr: torch.bitwise_or, BitXor: torch.bitwise_xor}[type(e)]
-            return op(*self.integers(e))
-        if isinstance(e, Shift):  # floor(x * 2**n), n clamped to [-SHIFT_LIMIT, SHIFT_LIMIT]
-            x, n = self.integers(e)
-            n = n.clamp(-SHIFT_LIMIT, SHIFT_LIMIT)
-            return torch.where(n >= 0, torch.bitwise_left_shift(x, n.clamp(min=0)),
-                               torch.bitwise_right_shift(x, (-n).clamp(min=0)))
-        if e.is_Add:
-            terms = _common(*[self(a) for a in e.args])
-            out = terms[0]
-            for t in terms[1:]:
-                out = out + t
-            return out
-        if e.is_Mul:
-            num, den = sympy.fraction(e)
-            if den != 1:
-                # a/c as one division, not a * (1/c): 49 * (1/49) is not 1.0 in float64.
-                return self.float_(num) / self.float_(den)
-            factors = _common(*[self(a) for a in e.args])
-            out = factors[0]
-            for f in factors[1:]:
-                out = out * f
-            return out
-        if e.is_Pow:
-            base, ex = e.args
-            if ex.is_Integer and ex < 0:
-                return 1.0 / self.float_(base**-ex)
-            x, y = self(base), self(ex)
-            if _is_int(x) and ex.is_Integer:
-                return torch.pow(x, int(ex))
-            # x ** 2 is x * x and x ** 0.5 is sqrt(x), correctly rounded (torch.pow is not
-            # always): a mask comparing them decides exactly (docs/spec-language.md)
-            k = float(ex) if ex.is_number and ex.is_real else None
-            if k in (1.0, 2.0, 3.0, 4.0):
-                x, out = x.to(_FLOAT), x.to(_FLOAT)
-                for _ in range(int(k) - 1):
-                    out = out * x
-                return out
-            if k in (0.5, -0.5):
-                root = torch.sqrt(x.to(_FLOAT))
-                return root if k > 0 else 1.0 / root
-            return torch.pow(x.to(_FLOAT), y.to(_FLOAT))
-        if isinstance(e, (sympy.floor, sympy.ceiling)):
-            num, den = quotient(e.args[0])
-            n, d = self(num), self(den)
-            up = isinstance(e, sympy.ceiling)
-            if _is_int(n) and _is_int(d):
-                if bool((d == 0).any()):
-                    _zero_divisor(den, e)
-            else:  # Python's float //: the floor of the exact quotient (1 // 0.1 is 9.0), as torch's
-                n, d = n.to(_FLOAT), d.to(_FLOAT)
-            return -torch.div(-n, d, rounding_mode="floor") if up else torch.div(n, d, rounding_mode="floor")
-        if isinstance(e, sympy.Mod):
-            a, m = _common(self(e.args[0]), self(e.args[1]))
-            if _is_int(m) and bool((m == 0).any()):
-                _zero_divisor(e.args[1], e)
-            return torch.remainder(a, m)
-        if isinstance(e, sympy.Abs):
-            return torch.abs(self(e.args[0]))
-        if isinstance(e, (sympy.Min, sympy.Max)):
-            args = _common(*[self(a) for a in e.args])
-            pick = torch.minimum if isinstance(e, sympy.Min) else torch.maximum
-            out = args[0]
-            for a in args[1:]:
-                out = pick(out, a)
-            return out
-        if isinstance(e, sympy.Piecewise):
-            out = None
-            for value, cond in reversed(e.args):
-                v = self(value)
-                if out is None:
-                    out = v if cond is sympy.true else torch.where(self.bool_(cond), *_common(v, self.const(math.nan, _FLOAT)))
-                else:
-                    out = torch.where(self.bool_(cond), *_common(v, out))
-            return out
-        if isinstance(e, sympy.core.relational.Relational):
-            a, c = _common(self(e.lhs), self(e.rhs))
-            op = {"<": torch.lt, "<=": torch.le, ">": torch.gt, ">=": torch.ge, "==": torch.eq, "!=": torch.ne}[e.rel_op]
-            return op(a, c)
-        if isinstance(e, sympy.And):
-            return self._fold(torch.logical_and, e.args)
-        if isinstance(e, sympy.Or):
-            return self._fold(torch.logical_or, e.args)
-        if isinstance(e, sympy.Xor):
-            return self._fold(torch.logical_xor, e.args)
-        if isinstance(e, sympy.Not):
-            return torch.logical_not(self.bool_(e.args[0]))
-        if isinstance(e, sympy.ITE):
-            c, a, d = e.args
-            return torch.where(self.bool_(c), self.bool_(a), self.bool_(d))
-        unary = {sympy.exp: torch.exp, sympy.log: torch.log, sympy.sin: torch.sin, sympy.cos: torch.cos,
-                 sympy.tan: torch.tan, sympy.tanh: torch.tanh, sympy.erf: torch.erf}
-        if type(e) in unary and len(e.args) == 1:
-            return unary[type(e)](self.float_(e.args[0]))
-        if e.is_number:  # pi, E, and other constants sympy keeps symbolic
-            return self.const(float(e), _FLOAT)
-        raise NotImplementedError(f"the reference cannot evaluate {type(e).__name__}: {e}")
-
-    def integers(self, e):
-        """The operands of an integer operator, as int64 tensors (broadcast)."""
-        args = [self(a) for a in e.args]
-        for a, x in zip(e.args, args):
-            if not _is_int(x):
-                raise ValueError(f"{type(e).__name__} takes integers, got {x.dtype}: {a}")
-        return torch.broadcast_tensors(*[x.to(_INT) for x in args])
-
-    def _fold(self, op, args):
-        out = self.bool_(args[0])
-        for a in args[1:]:
-            out = op(out, self.bool_(a))
-        return out
-
-    def input(self, e):
-        name = e.func.__name__
-        if name not in self.env or not isinstance(self.env[name], torch.Tensor):
-            raise ValueError(f"input '{name}' was not given (a tensor is needed)")
-        t = self.env[name].to(self.device)
-        if t.dim() != len(e.args):
-            raise ValueError(f"input '{name}' is indexed with {len(e.args)} indices but has {t.dim()} dims (shape {tuple(t.shape)})")
-        idx = [self(a) for a in e.args]
-        for k, x in enumerate(idx):
-            if not _is_int(x):
-                raise ValueError(f"index {k} of input '{name}' is not an integer ({x.dtype}): {e.args[k]}")
-        idx = torch.broadcast_tensors(*idx)
-        for k, x in enumerate(idx):
-            if x.numel() and (int(x.min()) < 0 or int(x.max()) >= t.shape[k]):
-                raise ValueError(f"input '{name}' is indexed out of range in dim {k} by {e.args[k]}: indices span "
-                                 f"[{int(x.min())}, {int(x.max())}] but the tensor has shape {tuple(t.shape)}")
-        t = t.to(_FLOAT) if t.is_floating_point() else t.to(_INT)  # bool inputs are compared with != 0
-        return t[tuple(idx)]
-
-    def random_blocks(self, e):
-        ii, jj, nk = self(e.args[0]), self(e.args[1]), _scalar_int(self(e.args[2]), "n_k")
-        r, block, seed = e.options
-        qb = torch.div(ii, block, rounding_mode="floor")
-        kb = torch.div(jj, block, rounding_mode="floor")
-        n_kb = -(-nk // block)
-        rows = int(qb.max()) + 1 if qb.numel() else 0
-        cols = max(n_kb, int(kb.max()) + 1 if kb.numel() else 0)
-        table = torch.zeros(max(rows, 1), max(cols, 1), dtype=_BOOL, device=self.device)
-        for q in range(rows):
-            chosen = semantics.random_block_set(q, n_kb, r, seed)
-            if chosen:
-                table[q, list(chosen)] = True
-        qb, kb = torch.broadcast_tensors(qb, kb)
-        return table[qb, kb]
+    device = next((v.device for v in env.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
+    return Evaluator(TorchArrays(device), env)(expr)
 
 
 # --------------------------------------------------------------------------------------

@@ -4,14 +4,13 @@
 and head; ``attncc explain`` derives its numbers from it (a tile is visited when its count is
 not 0, and all its pairs are allowed when the count is its area). It is exact and fast because:
 
-- the mask is evaluated with numpy node by node as the float64 reference evaluates it
-  (:func:`attncc._reference.evaluate`, whose dispatch :class:`_Evaluator` follows line by line
-  but shares no code with, so that the tests checking one against the other mean something):
-  the same dtypes (int64, float64, bool), the same order of operations, Python's floor
-  semantics for integer ``//`` and ``%``. What numpy may round otherwise than torch (``exp``,
-  ``sin``, ``sigmoid``, a float ``%``, a power but small integer ones and square roots) and
-  what the reference refuses (a division by zero, an input, a number where a condition
-  belongs) raise :class:`Unsupported`: the caller takes the reference;
+- the mask is evaluated on numpy arrays by the reference's own evaluator
+  (:class:`attncc.evaluator.Evaluator`, which the float64 reference runs on torch tensors): the
+  same nodes, dtypes (int64, float64, bool), order of operations and Python semantics of ``//``
+  and ``%``. What numpy may round otherwise than torch (``exp``, ``sin``, ``sigmoid``, a power
+  but small integer ones and square roots) and what the reference refuses (a division by zero,
+  an input, a number where a condition belongs) raise :class:`Unsupported`: the caller takes the
+  reference;
 - classes: the mask reads ``i`` through its largest sub-expressions without ``j`` (``i // 64``,
   ``i < 64``; a ``random_blocks()`` through ``i // block``) only, so rows where those have the
   same values have the same mask, and likewise keys: the mask is evaluated on one row and one
@@ -34,12 +33,10 @@ from typing import Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import sympy
-from sympy.core.function import AppliedUndef
 
-from attncc.core import semantics
+from attncc.evaluator import NUMPY, Evaluator
 from attncc.spec import symbols as S
-from attncc.spec.builtins import (SHIFT_LIMIT, AlibiSlope, BitAnd, BitOr, BitXor, Bucket, FloatDiv, RandomBlocks, Shift,
-                                  ToFloat)
+from attncc.spec.builtins import RandomBlocks
 from attncc.spec.ir import Pattern
 
 CHUNK_PAIRS = 1 << 21  # pairs evaluated at once (bounds the memory of one mask evaluation)
@@ -58,232 +55,21 @@ class Unsupported(Exception):
 # the mask in numpy, as the reference evaluates it
 # ---------------------------------------------------------------------------------------------
 
-def _is_int(x) -> bool:
-    return x.dtype == _INT
-
-
-def _common(*xs):
-    """One dtype, as the reference's: float64 if any is, else int64 if any is not bool."""
-    if any(x.dtype == _FLOAT for x in xs):
-        return [x.astype(_FLOAT, copy=False) for x in xs]
-    if any(x.dtype != _BOOL for x in xs):
-        return [x.astype(_INT, copy=False) for x in xs]
-    return list(xs)
-
-
-def _lookup(x, fn, dtype):
-    """``fn`` of every entry of an integer array, through a table over its distinct values."""
-    values, inverse = np.unique(x, return_inverse=True)
-    table = np.array([fn(int(v)) for v in values.tolist()], dtype=dtype)
-    return table[inverse].reshape(np.shape(x))
-
-
-_RELATIONS = {"<": np.less, "<=": np.less_equal, ">": np.greater, ">=": np.greater_equal, "==": np.equal,
-              "!=": np.not_equal}
-_BITWISE = {BitAnd: np.bitwise_and, BitOr: np.bitwise_or, BitXor: np.bitwise_xor}
-
-
-class _Evaluator:
-    """:func:`attncc._reference.evaluate` on numpy arrays that broadcast (``i [R, 1]``, ``j [1, C]``;
-    the other names are numbers). Results are int64, float64 or bool arrays, as the reference's."""
-
-    def __init__(self, env: Mapping[str, object]):
-        self.env = env
-
-    @staticmethod
-    def const(value, dtype):
-        return np.asarray(value, dtype=dtype)
-
-    def value(self, name):
-        if name not in self.env:
-            raise Unsupported(f"no value for '{name}'")
-        v = self.env[name]
-        if isinstance(v, np.ndarray):
-            return v
-        if isinstance(v, bool):
-            return self.const(v, _BOOL)
-        if isinstance(v, int):
-            return self.const(v, _INT)
-        return self.const(float(v), _FLOAT)
-
-    def float_(self, e):
-        return self(e).astype(_FLOAT, copy=False)
-
-    def bool_(self, e):
-        x = self(e)
-        if x.dtype != _BOOL:
-            raise Unsupported(f"expected a condition, got a number: {e}")
-        return x
-
-    def integers(self, e):
-        args = [self(a) for a in e.args]
-        if not all(_is_int(x) for x in args):
-            raise Unsupported(f"{type(e).__name__} of a non-integer: {e}")
-        return np.broadcast_arrays(*args)
-
-    def fold(self, op, args):
-        out = self.bool_(args[0])
-        for a in args[1:]:
-            out = op(out, self.bool_(a))
-        return out
-
-    def __call__(self, e):  # noqa: C901 - the reference's dispatch, in its order
-        if e is sympy.true or e is sympy.false:
-            return self.const(bool(e), _BOOL)
-        if e.is_Integer:
-            return self.const(int(e), _INT)
-        if e.is_Rational:
-            return self.const(int(e.p) / int(e.q), _FLOAT)
-        if e.is_Float:
-            return self.const(float(e), _FLOAT)
-        if e in (sympy.oo, -sympy.oo, sympy.zoo, sympy.nan):
-            return self.const(float(e) if e is not sympy.zoo else math.inf, _FLOAT)
-        if e.is_Symbol:
-            return self.value(e.name)
-        if isinstance(e, AppliedUndef):
-            raise Unsupported(f"an input: {e}")
-        if isinstance(e, Bucket):
-            d = self(e.args[0])
-            if not _is_int(d):
-                raise Unsupported(f"bucket() of a non-integer: {e}")
-            nb, md, bidir = e.options
-            return _lookup(d, lambda v: semantics.t5_bucket(v, nb, md, bidir), _INT)
-        if isinstance(e, AlibiSlope):
-            hh, nh = self(e.args[0]), self(e.args[1])
-            if not (_is_int(hh) and _is_int(nh) and nh.size == 1):
-                raise Unsupported(f"alibi_slope() of non-integers: {e}")
-            return _lookup(hh, lambda v: semantics.alibi_slope(v, int(nh)), _FLOAT)
-        if isinstance(e, RandomBlocks):
-            return self.random_blocks(e)
-        if isinstance(e, ToFloat):  # its own arithmetic (exact in integers), then one conversion
-            return self.float_(e.args[0])
-        if isinstance(e, FloatDiv):
-            return self.float_(e.args[0]) / self.float_(e.args[1])
-        if isinstance(e, tuple(_BITWISE)):
-            return _BITWISE[type(e)](*self.integers(e))
-        if isinstance(e, Shift):  # floor(x * 2**n), n clamped to [-SHIFT_LIMIT, SHIFT_LIMIT]
-            x, n = self.integers(e)
-            n = np.clip(n, -SHIFT_LIMIT, SHIFT_LIMIT)
-            return np.where(n >= 0, np.left_shift(x, np.maximum(n, 0)), np.right_shift(x, np.maximum(-n, 0)))
-        if e.is_Add:
-            terms = _common(*[self(a) for a in e.args])
-            out = terms[0]
-            for t in terms[1:]:
-                out = out + t
-            return out
-        if e.is_Mul:
-            num, den = sympy.fraction(e)
-            if den != 1:
-                return self.float_(num) / self.float_(den)
-            factors = _common(*[self(a) for a in e.args])
-            out = factors[0]
-            for f in factors[1:]:
-                out = out * f
-            return out
-        if e.is_Pow:
-            return self.power(e)
-        if isinstance(e, (sympy.floor, sympy.ceiling)):
-            num, den = sympy.fraction(sympy.together(e.args[0]))
-            n, d = self(num), self(den)
-            up = isinstance(e, sympy.ceiling)
-            if _is_int(n) and _is_int(d):
-                if np.any(d == 0):
-                    raise Unsupported(f"integer division by zero in {e}")
-                return -np.floor_divide(-n, d) if up else np.floor_divide(n, d)
-            if n.dtype == _BOOL or d.dtype == _BOOL:
-                raise Unsupported(f"a condition divided: {e}")
-            q = n.astype(_FLOAT, copy=False) / d.astype(_FLOAT, copy=False)
-            return np.ceil(q) if up else np.floor(q)
-        if isinstance(e, sympy.Mod):
-            a, m = _common(self(e.args[0]), self(e.args[1]))
-            if not _is_int(a):  # torch.remainder and numpy round a float remainder their own ways
-                raise Unsupported(f"% of non-integers: {e}")
-            if np.any(m == 0):
-                raise Unsupported(f"integer division by zero in {e}")
-            return np.remainder(a, m)
-        if isinstance(e, sympy.Abs):
-            x = self(e.args[0])
-            if x.dtype == _BOOL:
-                raise Unsupported(f"abs() of a condition: {e}")
-            return np.abs(x)
-        if isinstance(e, (sympy.Min, sympy.Max)):
-            args = _common(*[self(a) for a in e.args])
-            pick = np.minimum if isinstance(e, sympy.Min) else np.maximum
-            out = args[0]
-            for a in args[1:]:
-                out = pick(out, a)
-            return out
-        if isinstance(e, sympy.Piecewise):
-            out = None
-            for value, cond in reversed(e.args):
-                v = self(value)
-                if out is None:
-                    nan = self.const(math.nan, _FLOAT)
-                    out = v if cond is sympy.true else np.where(self.bool_(cond), *_common(v, nan))
-                else:
-                    out = np.where(self.bool_(cond), *_common(v, out))
-            return out
-        if isinstance(e, sympy.core.relational.Relational):
-            a, c = _common(self(e.lhs), self(e.rhs))
-            return _RELATIONS[e.rel_op](a, c)
-        if isinstance(e, sympy.And):
-            return self.fold(np.logical_and, e.args)
-        if isinstance(e, sympy.Or):
-            return self.fold(np.logical_or, e.args)
-        if isinstance(e, sympy.Xor):
-            return self.fold(np.logical_xor, e.args)
-        if isinstance(e, sympy.Not):
-            return np.logical_not(self.bool_(e.args[0]))
-        if isinstance(e, sympy.ITE):
-            c, a, d = e.args
-            return np.where(self.bool_(c), self.bool_(a), self.bool_(d))
-        if e.is_number and not e.free_symbols and not e.atoms(sympy.Function):  # pi, E
-            return self.const(float(e), _FLOAT)
-        raise Unsupported(f"{type(e).__name__} may round otherwise in numpy: {e}")
-
-    def power(self, e):
-        base, ex = e.args
-        if ex.is_Integer and ex < 0:
-            return 1.0 / self.float_(base**-ex)
-        x = self(base)
-        if _is_int(x) and ex.is_Integer:
-            return np.power(x, int(ex))
-        k = float(ex) if ex.is_number and ex.is_real else None
-        if x.dtype == _BOOL:
-            raise Unsupported(f"a power of a condition: {e}")
-        if k in (1.0, 2.0, 3.0, 4.0):  # the reference's products, correctly rounded each
-            x = x.astype(_FLOAT, copy=False)
-            out = x
-            for _ in range(int(k) - 1):
-                out = out * x
-            return out
-        if k in (0.5, -0.5):
-            root = np.sqrt(x.astype(_FLOAT, copy=False))
-            return root if k > 0 else 1.0 / root
-        raise Unsupported(f"a power numpy may round otherwise: {e}")
-
-    def random_blocks(self, e):
-        ii, jj, nk = self(e.args[0]), self(e.args[1]), self(e.args[2])
-        if not (_is_int(ii) and _is_int(jj) and _is_int(nk) and nk.size == 1):
-            raise Unsupported(f"random_blocks() of non-integers: {e}")
-        r, block, seed = e.options
-        qb, kb = np.floor_divide(ii, block), np.floor_divide(jj, block)
-        if np.any(qb < 0) or np.any(kb < 0):
-            raise Unsupported(f"random_blocks() at a negative position: {e}")
-        n_kb = -(-int(nk) // block)
-        rows, inverse = np.unique(qb, return_inverse=True)
-        table = np.zeros((max(len(rows), 1), n_kb + 1), dtype=_BOOL)  # column n_kb: every block past n_k
-        for q, row in enumerate(rows.tolist()):
-            chosen = semantics.random_block_set(row, n_kb, r, seed)
-            if chosen:
-                table[q, list(chosen)] = True
-        return table[inverse.reshape(qb.shape), np.minimum(kb, n_kb)]
+def _evaluate(expr, env: Mapping[str, object]) -> np.ndarray:
+    """``expr`` on numpy arrays that broadcast (``i [R, 1]``, ``j [1, C]``; the other names are
+    numbers), by the reference's own evaluator; what the reference refuses and what numpy may
+    round otherwise than torch raise :class:`Unsupported` (the caller takes the reference, which
+    says why)."""
+    try:
+        with np.errstate(all="ignore"):
+            return Evaluator(NUMPY, env)(expr)
+    except (ValueError, TypeError, ZeroDivisionError, OverflowError, NotImplementedError) as e:
+        raise Unsupported(str(e)) from e
 
 
 def mask_values(pattern: Pattern, env: Mapping[str, object]) -> np.ndarray:
     """``pattern.mask`` on the pairs of ``env`` (``i``, ``j`` arrays that broadcast), as bool."""
-    with np.errstate(all="ignore"):
-        return _Evaluator(env)(pattern.mask).astype(_BOOL, copy=False)
+    return _evaluate(pattern.mask, env).astype(_BOOL, copy=False)
 
 
 def param_values(pattern: Pattern, overrides: Optional[Mapping[str, object]]) -> Dict[str, object]:
@@ -372,18 +158,17 @@ def _axis(pattern: Pattern, env: Mapping[str, object], var, other, n: int, block
     reads = _reads(pattern.mask, var, other)
     if not reads:
         return _Axis(n, block, np.zeros(n, dtype=np.int64), np.zeros(1, dtype=np.int64))
-    ev = _Evaluator({**env, var.name: np.arange(n, dtype=np.int64)})
+    env = {**env, var.name: np.arange(n, dtype=np.int64)}
     code = None
-    with np.errstate(all="ignore"):
-        for sub, block_of in reads:
-            x = ev(sub)
-            if block_of is not None:
-                if not _is_int(x):
-                    raise Unsupported(f"random_blocks() of a non-integer: {sub}")
-                x = np.floor_divide(x, block_of)
-            _, inverse = np.unique(_key(np.broadcast_to(x, (n,))), return_inverse=True)
-            code = inverse if code is None else np.unique(code * (int(inverse.max()) + 1) + inverse,
-                                                          return_inverse=True)[1]
+    for sub, block_of in reads:
+        x = _evaluate(sub, env)
+        if block_of is not None:
+            if x.dtype != _INT:
+                raise Unsupported(f"random_blocks() of a non-integer: {sub}")
+            x = np.floor_divide(x, block_of)
+        _, inverse = np.unique(_key(np.broadcast_to(x, (n,))), return_inverse=True)
+        code = inverse if code is None else np.unique(code * (int(inverse.max()) + 1) + inverse,
+                                                      return_inverse=True)[1]
     _, first, cls = np.unique(code, return_index=True, return_inverse=True)
     if len(first) == n:
         return _Axis(n, block)

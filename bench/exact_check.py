@@ -24,26 +24,16 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import attncc  # noqa: E402
 from cases import build_inline, module, pattern  # noqa: E402
+from test_overflow_guard import SPECS as OVERFLOW_SPECS  # noqa: E402
+from test_score_precision import SPECS as PRECISION_SPECS  # noqa: E402
 
 DEV = "cuda"
 FAILURES = []
 
-SPECS = {
-    "int_product": '[mask]\nwhere = "(i * j) % 7 != 0 or j == i"\n',
-    "mid_sum": '[mask]\nwhere = "j <= i"\n[score]\nbias = "0.25 * (((i + j) // 2) % 7)"\n',
-    "square_param": '[params]\nw = 50000\n[mask]\nwhere = "j <= i and i - j < w * w"\n',
-    "index_product": ('[inputs]\nt = { dims = ["h", 7], dtype = "float32" }\n'
-                      '[score]\nbias = "t[h, (i * 100000 + j) % 7]"\n'),
-    "input_values": ('[inputs]\nd = { dims = ["b", "n"], dtype = "int32" }\n'
-                     '[mask]\nwhere = "d[b, j] + 1000 > d[b, i] or j == 0"\n'),
-    "power": '[mask]\nwhere = "(j - i) ** 5 > -100000 and j <= i"\n',
-    "alibi_far": '[mask]\nwhere = "causal"\n[score]\nbias = "alibi"\n',
-    "mod_linear": '[score]\nmod = "s + 0.1 * (i - j)"\n',
-    "bias_j": '[mask]\nwhere = "j <= i"\n[score]\nbias = "0.1 * j"\n',
-    "f64_table": '[inputs]\nx = { dims = ["h"], dtype = "float64" }\n[score]\nmod = "s * x[h]"\n',
-    "some_rows": '[score]\nmod = "s + where(i % 3 == 0, 0, -inf)"\n',
-    "param_divisor": '[params]\nw = 5\n[mask]\nwhere = "i // w == j // w"\n',
-}
+# The specs of the tests that check these fixes under the interpreter, compiled for the GPU here.
+SPECS = {**{name: OVERFLOW_SPECS[name] for name in ("int_product", "mid_sum", "square_param", "index_product",
+                                                     "input_values", "power", "param_divisor")},
+         **{name: PRECISION_SPECS[name] for name in ("alibi_far", "mod_linear", "bias_j", "f64_table", "some_rows")}}
 
 
 def rel(a, b):

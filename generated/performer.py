@@ -556,7 +556,7 @@ def _bind(q, k, v, q_offset, k_offset, n_q, n_k, initial_state, return_state, se
     lc.proj = _lin.projection(F, call.D, seed, call.q.device)
     if initial_state is not None:
         lc.s0, lc.z0 = _lin.check_state(f"{SPEC.name}.attention", initial_state, call.B, call.Hkv, F, call.Dv, call.q.device)
-    lc.cfg = _lin.linear_config(call, block_f, lc.num_fb)
+    lc.cfg = _lin.linear_config(call, block_f, lc.num_fb, projection=True)
     return lc
 
 

@@ -169,7 +169,8 @@ def recorded_launches() -> Iterator[Recorded]:
 @dataclass
 class Compiled:
     """What :func:`compile_launch` made: each stage's output (str, or bytes for the cubin), the
-    seconds each stage took, and Triton's metadata (``shared``: bytes of shared memory)."""
+    seconds each stage took, and Triton's metadata (``shared``: bytes of shared memory, from the
+    TTGIR stage on: :func:`allocated_shared`)."""
     stages: dict
     seconds: dict
     metadata: dict
@@ -208,7 +209,47 @@ def compile_launch(launch: Launch, last="cubin", capability: int = 90) -> Compil
             last = last(outputs["ttir"])
         if stage == last:
             break
+    if last == "ttgir" and "ttgir" in outputs:
+        start = time.perf_counter()
+        metadata["shared"] = allocated_shared(module, context, options, capability)
+        seconds["shared"] = time.perf_counter() - start
     return Compiled(outputs, seconds, {k: v for k, v in metadata.items() if isinstance(v, (int, str, float))})
+
+
+def allocated_shared(module, context, options, capability: int = 90) -> int:
+    """Bytes of shared memory Triton allocates for a TTGIR module (``metadata["shared"]``, which
+    the nvidia backend sets in its TTGIR -> LLVM IR stage): that stage's passes up to and including
+    the shared-memory allocation, without the lowering to LLVM that follows it (the bulk of the
+    stage's time). Changes ``module``. tests/test_sm90_compile.py checks that the number is the
+    backend's own on the launches it lowers further."""
+    from triton._C.libtriton import ir, nvidia, passes
+    from triton.backends.nvidia.compiler import get_ptx_version_from_options
+
+    pm = ir.pass_manager(context)
+    passes.ttgpuir.add_combine_tensor_select_and_if(pm)
+    passes.ttgpuir.add_allocate_warp_groups(pm)
+    passes.convert.add_scf_to_cf(pm)
+    passes.gluon.add_inliner(pm)
+    nvidia.passes.ttgpuir.add_allocate_shared_memory_nv(pm, capability, get_ptx_version_from_options(options, capability))
+    pm.run(module, "allocated_shared")
+    return module.get_int_attr("ttg.shared")
+
+
+def shared_of_ttgir(text: str, options, capability: int = 90) -> int:
+    """:func:`allocated_shared` of a TTGIR module's text (a stage output of :func:`compile_launch`)."""
+    import tempfile
+
+    from triton._C.libtriton import ir
+
+    backend = _backend(capability)
+    context = ir.context()
+    ir.load_dialects(context)
+    backend.load_dialects(context)
+    with tempfile.NamedTemporaryFile("w", suffix=".ttgir") as f:
+        f.write(text)
+        f.flush()
+        module = ir.parse_mlir_module(f.name, context)
+    return allocated_shared(module, context, backend.parse_options(dict(options)), capability)
 
 
 def without_interpreter() -> dict:

@@ -36,6 +36,7 @@ LAYER_OF = {
     "attncc.spec": "spec",
     "attncc.runtime": "runtime",
     "attncc._reference": "reference",
+    "attncc.evaluator": "reference",  # the IR evaluator of the reference (torch) and of pair_counts (numpy)
     "attncc.analysis": "analysis",
     "attncc.codegen": "codegen",
     # entry points, the compile API, explain's numbers, integrations

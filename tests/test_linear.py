@@ -135,6 +135,20 @@ def test_backward_chunk_other_than_forward_chunk(monkeypatch, bwd_chunk):
     check_against_reference(pattern("linear_elu"), module("linear_elu"), q, k, v, REL_TOL[torch.float32])
 
 
+def test_a_projection_beside_float32_states_takes_32_row_backward_chunks(monkeypatch):
+    """GPU configs (linear_config): the performer's backward kernels in float16 (float32 states) and
+    float32 need more shared memory at 64 rows than sm90 has (237568 bytes, dQ in float16): 32
+    rows there, 64 for bfloat16 and without a projection (tests/test_sm90_compile.py compiles them)."""
+    from attncc.runtime import linear as lin
+
+    monkeypatch.setattr(lin, "interpreting", lambda: False)
+    for dtype, projection, rows in [(torch.bfloat16, True, 64), (torch.float16, True, 32), (torch.float32, True, 32),
+                                    (torch.float16, False, 64), (torch.float32, False, 64)]:
+        q = torch.zeros(1, 2, 40, 128, dtype=dtype)
+        call = attncc.runtime.bind(module("performer").SPEC, q, q, q)
+        assert lin.linear_config(call, 128, 2, projection=projection).bwd_chunk == rows, (dtype, projection)
+
+
 @pytest.mark.parametrize("value,message", [("bwd_chunk=48", "power of two >= 16"), ("bwd_chunk=8", "power of two >= 16"),
                                            ("bwd_chunks=64", "unknown field 'bwd_chunks'"), ("num_warps=x", "integer")])
 def test_config_env_errors(monkeypatch, value, message):

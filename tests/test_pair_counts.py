@@ -100,6 +100,9 @@ def test_counts_equal_brute_force_for_random_static_masks():
     "where(i < 5, j, 2 * j) > 6",  # rows read in a condition only: two classes
     "where(j % 4 == 1, i, 0) > 50",  # keys likewise
     "(i + b) % 2 == 0 and (j + h) % 3 != 1 and j < n_k - 3 * b",
+    # Python's float // and %: the floor of the exact quotient (1 // 0.1 is 9.0, not floor(1 / 0.1))
+    "i // 0.1 > j or (j * 0.7) // -0.3 > i - 60",
+    "(i * 0.5) % 2 < 1 and (j - i) * 0.3 % -1.5 > -1.2",
 ])
 def test_numpy_mask_is_the_reference(mask):
     """The evaluator node by node, floats and integer operators included, at every pair; and the
@@ -114,8 +117,7 @@ counts per tile (rows and keys in classes, or translated) of these masks."""
         assert np.array_equal(counter.counts(1, 2, translate=translate), _truth(pattern, 61, 77, 8, 24, {}, 2, 3)[1, 2])
 
 
-@pytest.mark.parametrize("mask", ["exp(-abs(i - j)) > 0.1", "(i * 0.5) % 2 < 1", "sigmoid(i - j) > 0.5",
-                                  "(i + 0.5) ** 1.5 < j"])
+@pytest.mark.parametrize("mask", ["exp(-abs(i - j)) > 0.1", "sigmoid(i - j) > 0.5", "(i + 0.5) ** 1.5 < j"])
 def test_what_numpy_may_round_otherwise_takes_the_reference(mask, monkeypatch):
     from attncc import report
     from attncc.analysis import analyze

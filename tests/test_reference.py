@@ -17,7 +17,7 @@ from attncc._reference import evaluate, index_env, pair_mask, reference
 from attncc.runtime.feature_maps import performer_projection
 from attncc.spec import load_spec, parse_spec
 from attncc.spec import symbols as S
-from attncc.spec.builtins import AlibiSlope, Bucket
+from attncc.spec.builtins import AlibiSlope, Bucket, FloatDiv
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
 F64 = torch.float64
@@ -393,6 +393,19 @@ def test_integer_division_and_modulo_follow_python():
     assert got_div.dtype == torch.int64
     # a / c is one division, so i / 49 >= 1 holds at i = 49 (49 * (1/49) < 1 in float64).
     assert bool(evaluate(sympy.Ge(S.i / 49, 1), {"i": torch.tensor(49)}))
+
+
+def test_sqrt_and_float_floor_division_and_modulo_are_pythons():
+    """Correctly rounded square roots (torch's CPU sqrt of a float64 is not always: sqrt(51)) and
+    Python's float // and % (torch's % gives -0.0 for -4.0 % 2.0, and NaN past a quotient of ~1e300)."""
+    v = sympy.Symbol("v", real=True)
+    x = torch.tensor([float(n) for n in range(200)] + [1e300, -4.0], dtype=torch.float64)
+    xs = x.tolist()
+    assert evaluate(sympy.sqrt(v), {"v": x[:-1]}).tolist() == [math.sqrt(a) for a in xs[:-1]]
+    for c in (0.1, -0.7, 2.0):
+        mod, div = evaluate(sympy.Mod(v, c), {"v": x}), evaluate(sympy.floor(FloatDiv(v, c)), {"v": x})
+        assert [math.copysign(1, a) for a in mod.tolist()] == [math.copysign(1, a % c) for a in xs]
+        assert mod.tolist() == [a % c for a in xs] and div.tolist() == [a // c for a in xs], c
 
 
 def test_pair_mask_defaults_and_params():

@@ -2,6 +2,7 @@
 timer, `attncc tune` without a GPU, and the interpreter bypass. No GPU needed."""
 from __future__ import annotations
 
+import itertools
 import json
 import multiprocessing
 
@@ -11,8 +12,9 @@ import torch
 import attncc
 from attncc.cli import main
 from attncc.runtime import KernelConfig, bind, pick_config, tuning
+from attncc.runtime.configs import config_shared_bytes
 from attncc.runtime.launch import default_config
-from cases import module, pattern, rel_err
+from cases import SMALL_PARAMS, SPEC_NAMES, heads_for, inputs_for, module, pattern, rel_err
 
 
 @pytest.fixture(autouse=True)
@@ -162,6 +164,64 @@ def test_candidates_fit_shared_memory_and_registers(kernel):
             acc // (32 * cfg.num_warps) <= tuning.MAX_ACC_PER_THREAD and smem <= h100)
 
 
+@pytest.mark.parametrize("inputs, mask, bias, want", [
+    ('rel = { dims = ["h", 32], dtype = "float32" }', "", "rel[h, bucket(j - i)]", (4, 0)),  # per pair
+    ('doc = { dims = ["b", "n"], dtype = "int32" }', "doc[b, i] == doc[b, j]", "", (0, 8)),  # per row, per key
+    ('kv = { dims = ["b"], dtype = "int64" }\nw = { dims = ["h"], dtype = "float32" }', "j < kv[b]", "w[h]", (0, 0)),
+    ('t = { dims = ["h", 7], dtype = "float16" }\nu = { dims = ["b", "n"], dtype = "int64" }',
+     "u[b, j] >= 0", "t[h, (i + j) % 7] + t[h, 3]", (2, 8)),
+])
+def test_spec_info_counts_what_the_loops_gather(inputs, mask, bias, want, tmp_path):
+    """Bytes gathered from inputs per pair and per position in the kernels' loops (shared memory per
+    pipeline stage, configs.shared_bytes): from what each access reads, into the module's SPEC."""
+    from attncc.codegen.softmax import loop_gathers
+    from cases import build_inline
+
+    text = f"[inputs]\n{inputs}\n" + (f'[mask]\nwhere = "{mask}"\n' if mask else "") + \
+        (f'[score]\nbias = "{bias}"\n' if bias else "")
+    assert loop_gathers(attncc.parse_spec(text)) == want
+    if want == (4, 0):
+        _, mod = build_inline({"gathers": text}, tmp_path)["gathers"]
+        assert (mod.SPEC.pair_bytes, mod.SPEC.position_bytes) == want
+    assert (module("t5_bias").SPEC.pair_bytes, module("document").SPEC.position_bytes) == (4, 8)
+
+
+SOFTMAX_SPECS = [name for name in SPEC_NAMES if pattern(name).kind == "softmax"]
+
+
+@pytest.mark.parametrize("name", SOFTMAX_SPECS)
+def test_built_in_configs_fit_shared_memory(name, monkeypatch):
+    """Each kernel's built-in config (forward, dK/dV, dQ; decode) at every head dim the spec
+    declares, in bfloat16, float16 and float32, at short and long keys, fits an H100's shared
+    memory by the model (configs.shared_bytes; tests/test_sm90_compile.py holds it to Triton's
+    numbers), and is the measured one (configs._measured_config) wherever that fits: fitting
+    cuts only what would not launch (t5_bias's 128 x 128 x 3-stage forward took 361472 bytes)."""
+    from attncc.runtime import configs, decode
+
+    h100 = configs.SM90_SHARED
+    p = pattern(name)
+    Hq, Hkv = heads_for(p)
+    gen = torch.Generator().manual_seed(0)
+    for D, dtype, N in itertools.product(p.head_dims, (torch.bfloat16, torch.float16, torch.float32), (200, 4096)):
+        q, k = torch.zeros(1, Hq, N, D, dtype=dtype), torch.zeros(1, Hkv, N, D, dtype=dtype)
+        kw = dict(SMALL_PARAMS.get(name, {}), **inputs_for(p, 1, Hq, N, gen))
+        call = bind(module(name).SPEC, q, k, k, kwargs=dict(kw))
+        for kernel in ("", "dkdv", "dq"):
+            cfg, measured = default_config(call, kernel), configs._measured_config(call, kernel)
+            case = f"{name} D={D} {dtype} N={N} {kernel or 'forward'}: {cfg}"
+            assert config_shared_bytes(call, kernel, cfg) <= h100, case
+            assert cfg == measured or config_shared_bytes(call, kernel, measured) > h100, case
+        if name == "bigbird":  # (no decode: random blocks depend on each row's length)
+            continue
+        kw.pop("kv_len", None)
+        dcall = decode.bind_decode(module(name).SPEC, q[:, :, :4], k, k, kv_len=[N], kwargs=kw)
+        monkeypatch.setattr(decode, "interpreting", lambda: False)
+        cfg = decode.decode_config(dcall)
+        # the measured depth everywhere (3 tiles in flight, 2 above head dim 128): all fit
+        assert decode.shared_memory(dcall, cfg) <= h100 and cfg.num_stages == (4 if D <= 128 else 3), (name, D, cfg)
+        monkeypatch.undo()
+
+
 @pytest.mark.parametrize("kernel", ["", "dkdv", "dq"])
 @pytest.mark.parametrize("D, N", [(64, 4096), (128, 1024), (128, 16384), (256, 4096)])
 def test_pruned_candidates_are_few_fit_and_keep_the_default(kernel, D, N):
@@ -181,7 +241,7 @@ def test_pruned_candidates_are_few_fit_and_keep_the_default(kernel, D, N):
         resident, streamed = (cfg.BLOCK_N, cfg.BLOCK_M) if kernel == "dkdv" else (cfg.BLOCK_M, cfg.BLOCK_N)
         assert cfg == default or (
             tuning.live_per_thread(kernel, resident, streamed, D, cfg.num_warps) <= tuning.MAX_LIVE_PER_THREAD
-            and tuning.shared_bytes(kernel, resident, streamed, D, 2, cfg.num_stages) <= h100)
+            and config_shared_bytes(call, kernel, cfg) <= h100)
 
 
 def test_cost_model_prefers_small_tiles_on_short_grids():
@@ -189,7 +249,7 @@ def test_cost_model_prefers_small_tiles_on_short_grids():
     q = torch.empty(1, 1, 512, 64, dtype=torch.bfloat16)
     call = bind(module("causal").SPEC, q, q, q)
     big, small = KernelConfig(128, 64, 4, 3), KernelConfig(64, 64, 4, 3)
-    cost = lambda cfg: tuning.estimated_cost(call, "", cfg, 64, 2, 232448, 132)  # noqa: E731
+    cost = lambda cfg: tuning.estimated_cost(call, "", cfg, 232448, 132)  # noqa: E731
     assert cost(small) < cost(big)
     q = torch.empty(8, 32, 8192, 64, dtype=torch.bfloat16)  # many programs: fewer loads per FLOP win
     call = bind(module("causal").SPEC, q, q, q)

@@ -112,6 +112,23 @@ VALUES = {
 }
 
 
+def _fill(template: str, rng: random.Random, params: Dict[str, int], named: float) -> str:
+    """``template`` with each ``{kind}`` (:data:`VALUES`) replaced by a random value of its kind,
+    or, with probability ``named``, by a new int param holding it (added to ``params``)."""
+    out = template
+    for kind in VALUES:
+        key = "{" + kind + "}"
+        if key in out:
+            value = VALUES[kind](rng)
+            if rng.random() < named:
+                name = f"{PREFIX[kind]}{len(params)}"
+                params[name] = value
+                out = out.replace(key, name)
+            else:
+                out = out.replace(key, str(value))
+    return out
+
+
 def random_mask(rng: random.Random) -> Tuple[str, Dict[str, int]]:
     """(mask text, int params {name: value}): a union of 1-3 clauses of 1-3 atoms."""
     params: Dict[str, int] = {}
@@ -119,18 +136,7 @@ def random_mask(rng: random.Random) -> Tuple[str, Dict[str, int]]:
     weights = [FAMILY_WEIGHTS[f] for f in families]
 
     def fill(template: str) -> str:
-        out = template
-        for kind in VALUES:
-            key = "{" + kind + "}"
-            if key in out:
-                value = VALUES[kind](rng)
-                if rng.random() < 0.3:
-                    name = f"{PREFIX[kind]}{len(params)}"
-                    params[name] = value
-                    out = out.replace(key, name)
-                else:
-                    out = out.replace(key, str(value))
-        return out
+        return _fill(template, rng, params, 0.3)
 
     clauses = []
     for _ in range(rng.choice([1, 1, 2, 2, 3])):
@@ -145,18 +151,7 @@ def random_cover_mask(rng: random.Random) -> Tuple[str, Dict[str, int]]:
     params: Dict[str, int] = {}
 
     def fill(template: str) -> str:
-        out = template
-        for kind in VALUES:
-            key = "{" + kind + "}"
-            if key in out:
-                value = VALUES[kind](rng)
-                if rng.random() < 0.4:
-                    name = f"{PREFIX[kind]}{len(params)}"
-                    params[name] = value
-                    out = out.replace(key, name)
-                else:
-                    out = out.replace(key, str(value))
-        return out
+        return _fill(template, rng, params, 0.4)
 
     atoms = ATOMS["band"] + ATOMS["chunk"] + ["i >= {g}", "i < {g}", "j >= {s}"]
     band = " and ".join(f"({fill(rng.choice(atoms))})" for _ in range(rng.choice([1, 2, 2, 3])))

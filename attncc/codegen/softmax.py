@@ -18,7 +18,7 @@ from attncc.codegen.tile_kernel import render_tile_kernel
 from attncc.codegen.walks import precondition_code, render_walk, walk_note
 from attncc.spec import symbols as S
 from attncc.spec.builtins import RandomBlocks
-from attncc.spec.ir import INTEGER_DTYPES, Pattern
+from attncc.spec.ir import DTYPE_BYTES, INTEGER_DTYPES, Pattern
 
 INDEX_NAMES = {S.b: "b", S.h: "h", S.n_q: "n_q", S.n_k: "n_k", S.n_heads: "H", S.s: "s"}
 # the list parameters of a kernel that walks block lists: attncc.runtime.blocks.BlockLists' fields in
@@ -62,6 +62,24 @@ class Inputs:
         if not guards:
             return f"tl.load({input_ptr(name)}{offset}){widen}"
         return f"tl.load({input_ptr(name)}{offset}, mask={' & '.join(guards)}, other=0){widen}"
+
+
+def loop_gathers(pattern: Pattern) -> Tuple[int, int]:
+    """(bytes per pair, bytes per position) that the kernels' loops over one side (keys; queries in
+    dK/dV) gather from inputs: an access of the mask, bias or mod that reads both positions
+    (``rel_bias[h, bucket(j - i)]``) is loaded per pair of each tile, one that reads one position
+    (``doc[b, j]``) at most per position of the tile, the others once per program. Triton pipelines
+    those loads through shared memory, a buffer per stage but one (attncc.runtime.configs.shared_bytes)."""
+    pair = position = 0
+    accesses = set().union(*[e.atoms(AppliedUndef) for e in (pattern.mask, pattern.bias, pattern.mod) if e is not None])
+    for e in accesses:
+        reads = e.free_symbols & {S.i, S.j}
+        size = DTYPE_BYTES[pattern.input(type(e).__name__).dtype]
+        if len(reads) == 2:
+            pair += size
+        elif reads:
+            position += size
+    return pair, position
 
 
 def _names(pattern: Pattern, i_text: str, j_text: str, extra: Dict[sympy.Symbol, str], float64: bool = False):
@@ -167,6 +185,7 @@ def softmax_context(pattern: Pattern, plan) -> dict:
            for rb, name in rb_names.items()],
         helpers=helpers, rope=pattern.rope, tile_hint=_tile_hint(plan), gluon=gluon_fit(plan).kind,
         gluon_reason=gluon_fit(plan).reason,
+        loop_gathers=loop_gathers(pattern),
         rotary_dim_arg=("0" if pattern.rope is None else
                         str(pattern.rope.rotary_dim) if pattern.rope.rotary_dim else "call.D"), param_doc=param_doc, input_doc=input_doc, call_example=call_example,
     )

@@ -3,17 +3,21 @@
 :func:`attncc.runtime.launch.pick_config` takes, in order, a config forced on this thread by a
 tuning trial (:func:`trying`) or by the environment (:func:`env_config`), the interpreter's
 (:data:`INTERPRETER_CONFIG`), the tuned one (attncc/runtime/tuning.py), else
-:func:`default_config`. :data:`TOO_BIG` remembers the configs that did not fit the GPU, which
-``launch`` retries shallower and the tuner drops. The launcher and the tuner both build on this
-module, which imports neither.
+:func:`default_config`, which fits the GPU's shared memory by :func:`shared_bytes` (the model
+the tuner prunes its candidates with too). :data:`TOO_BIG` remembers the configs that did not fit
+the GPU (a forced or tuned one), which ``launch`` retries shallower and the tuner drops. The
+launcher and the tuner both build on this module, which imports neither.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import threading
 from dataclasses import dataclass
 from typing import Iterator, Optional
+
+import torch
 
 from attncc.runtime.call import Call, env, interpreting, raw_env_get, raw_env_key
 
@@ -127,11 +131,16 @@ def preset_and_forced(kernel: str):
 
 def default_config(call: Call, kernel: str = "") -> KernelConfig:
     """The built-in config: by head dim, key length and direction (measured on an H100; see
-    docs/performance.md, "Tile configs by head dim and length").
+    docs/performance.md, "Tile configs by head dim and length"), cut down until it fits the GPU's
+    shared memory (:func:`fitting`).
 
     The backward kernels keep their accumulators (dK and dV, or dQ) for a block of BLOCK_N keys
     (dK/dV) or BLOCK_M queries (dQ) and stream the other side in narrow tiles; above head dim
     128 they take 8 warps, so that those accumulators fit in registers."""
+    return fitting(call, kernel, _measured_config(call, kernel))
+
+
+def _measured_config(call: Call, kernel: str) -> KernelConfig:
     d = padded_dim(max(call.D, call.Dv))
     short = call.Nk <= SHORT_KEYS
     if kernel == "dkdv":
@@ -158,6 +167,98 @@ SHORT_KEYS = 2048  # at most this many keys: the small-tile configs above
 def padded_dim(d: int) -> int:
     """Head dims are padded to a power of two (>= 16) inside the kernel."""
     return max(16, 1 << (d - 1).bit_length())
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared memory
+# ---------------------------------------------------------------------------------------------
+
+SM90_SHARED = 232448  # bytes of shared memory one program may allocate on an H100 / H200 (227 KB)
+# Triton's barriers and reduction scratch beside the tiles: at most 1552 bytes over the 16-bit
+# launches of tests/test_sm90_compile.py.
+SHARED_SCRATCH = 2048
+
+
+def shared_bytes(kernel: str, resident: int, streamed: int, d: int, size: int, stages: int, pair_bytes: int = 0,
+                 position_bytes: int = 0) -> int:
+    """Shared memory one program of a kernel takes as Triton allocates it on sm90 (a count fitted
+    to Triton's own numbers, and never below them: see below). ``kernel``: "" (the forward),
+    "dkdv", "dq" or "decode"; ``resident`` rows stay (q, or q and dO in dQ, k and v in dK/dV),
+    ``streamed`` rows are loaded per step (k and v, or q and dO in dK/dV), each ``d`` wide in
+    ``size``-byte elements; ``stages``: the pipeline depth (decode: its in-flight tiles + 1).
+
+    - the resident tiles, and the two streamed ones in a ring of ``stages`` buffers each for
+      16-bit operands (tensor descriptors: TMA fills one per stage). Triton pipelines 32-bit
+      operands one stage shallower (at least 1) and adds scratch that depends on the kernel and
+      shape (fitted below to Triton 3.6's numbers: the forward's probabilities as a 16-bit
+      operand, and half a streamed tile where the streamed side is the longer; one and a half
+      streamed tiles in dQ, which keeps one resident tile; one in dK/dV). Decode's pointer
+      loads take ``stages - 1`` buffers (cp.async does not refill the buffer being read), and
+      its 32-bit query tile counts twice;
+    - dK/dV's streamed rows' LSE and delta (fp32), one per stage;
+    - what the loop gathers from inputs (``pair_bytes`` per pair of a tile, ``position_bytes``
+      per streamed position: ``SpecInfo``), in ``stages - 1`` buffers;
+    - :data:`SHARED_SCRATCH`.
+
+    tests/test_sm90_compile.py checks that it is at least Triton's number for every launch it
+    compiles (the built-in configs) and at most 12% above it for 16-bit operands: it is 0-4%
+    above there (up to 12% for small tiles in a sweep of 216 tile configs), and 6-77% above for
+    32-bit ones (up to 3.6x in the sweep: those get shallower pipelines than might fit)."""
+    resident_tile, streamed_tile = size * d * resident, size * d * streamed
+    ring = max(stages - 1, 1)  # 32-bit operands
+    if kernel == "decode":
+        tiles = (2 if size >= 4 else 1) * resident_tile + 2 * (stages - 1) * streamed_tile
+    elif size < 4:
+        tiles = (1 if kernel == "" else 2) * resident_tile + 2 * stages * streamed_tile
+    elif kernel == "":
+        tiles = (resident_tile + 2 * ring * streamed_tile + 2 * resident * streamed
+                 + (streamed_tile // 2 if streamed > resident else 0))
+    elif kernel == "dq":
+        tiles = resident_tile + (4 * ring + 3) * streamed_tile // 2
+    else:
+        tiles = 2 * resident_tile + (2 * ring + 1) * streamed_tile
+    rows = stages * streamed * 8 if kernel == "dkdv" else 0
+    gathered = (stages - 1) * streamed * (resident * pair_bytes + position_bytes)
+    return tiles + rows + gathered + SHARED_SCRATCH
+
+
+def config_shared_bytes(call: Call, kernel: str, cfg: KernelConfig) -> int:
+    """:func:`shared_bytes` of ``kernel`` ("" the forward, "dkdv", "dq") of ``call`` with ``cfg``."""
+    resident, streamed = (cfg.BLOCK_N, cfg.BLOCK_M) if kernel == "dkdv" else (cfg.BLOCK_M, cfg.BLOCK_N)
+    return shared_bytes(kernel, resident, streamed, padded_dim(max(call.D, call.Dv)), call.q.element_size(),
+                        cfg.num_stages, call.spec.pair_bytes, call.spec.position_bytes)
+
+
+@functools.lru_cache(maxsize=None)
+def max_shared_memory(device: str) -> int:
+    """Bytes of shared memory one program may allocate on ``device``: the GPU's limit (opt-in, per
+    block). CPU tensors (tests/test_sm90_compile.py runs calls on them as on a GPU) get an H100's."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return SM90_SHARED
+    return getattr(torch.cuda.get_device_properties(dev), "shared_memory_per_block_optin", SM90_SHARED)
+
+
+def fitting(call: Call, kernel: str, cfg: KernelConfig) -> KernelConfig:
+    """``cfg``, or the nearest config that fits the GPU's shared memory by :func:`shared_bytes`:
+    a shallower pipeline down to 2 stages, then a narrower streamed block (down to 16 rows), then
+    1 stage, then a narrower resident block (what ``launch`` would otherwise find at run time, one
+    failed compile per config, and only for the depth)."""
+    limit = max_shared_memory(str(call.q.device))
+    while config_shared_bytes(call, kernel, cfg) > limit:
+        streamed = "BLOCK_M" if kernel == "dkdv" else "BLOCK_N"
+        resident = "BLOCK_N" if kernel == "dkdv" else "BLOCK_M"
+        if cfg.num_stages > 2:
+            cfg = dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
+        elif getattr(cfg, streamed) > 16:
+            cfg = dataclasses.replace(cfg, **{streamed: getattr(cfg, streamed) // 2})
+        elif cfg.num_stages > 1:
+            cfg = dataclasses.replace(cfg, num_stages=1)
+        elif getattr(cfg, resident) > 16:
+            cfg = dataclasses.replace(cfg, **{resident: getattr(cfg, resident) // 2})
+        else:
+            break
+    return cfg
 
 
 # (fit_key(call, kernel), config) of the configs that needed more shared memory than the GPU

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from attncc.runtime.call import (bind_params_and_inputs, check_divisors, check_heads_and_dims, dtype_name, int_reach,
                                  interpreting, scale_keyword, softmax_scale, wide_positions)
-from attncc.runtime.configs import KernelConfig, padded_dim
+from attncc.runtime.configs import KernelConfig, max_shared_memory, padded_dim, shared_bytes
 from attncc.runtime.spec_info import SpecInfo
 
 MAX_QUERIES = 16  # decode serves 1 (next token) to 16 (speculative) query rows per batch row
@@ -207,17 +207,21 @@ def decode_config(call: DecodeCall) -> KernelConfig:
     MAX_BLOCK_M: bigger groups are cut into several programs); BLOCK_N: keys per tile.
 
     Memory-bound, so the K/V tiles are pipelined deep: 3 tiles in flight (2 x 16 KB each in
-    bf16 at D = 128). Triton's pipeliner gives a load that depends on another load of the
-    same iteration (the paged cache's page number) half the stages, so paged calls ask for
-    2 x 3 + 1. ``ATTNCC_DECODE_CONFIG="BLOCK_N=64,num_warps=4,num_stages=4"`` forces them."""
+    bf16 at D = 128), fewer where they would not fit the GPU's shared memory. Triton's pipeliner
+    gives a load that depends on another load of the same iteration (the paged cache's page
+    number) half the stages, so paged calls ask for 2 x 3 + 1.
+    ``ATTNCC_DECODE_CONFIG="BLOCK_N=64,num_warps=4,num_stages=4"`` forces them."""
     rows = min(call.group, max(1, MAX_BLOCK_M // call.Nq)) * call.Nq
     block_m = max(16, triton.next_power_of_2(rows))
     if interpreting():
         cfg = KernelConfig(block_m, 16, 4, 1)
     else:
+        block_n = 64 if max(call.D, call.Dv) <= 128 else 32
         in_flight = 3 if max(call.D, call.Dv) <= 128 else 2
-        stages = 2 * in_flight + 1 if call.paged else in_flight + 1
-        cfg = KernelConfig(block_m, 64 if max(call.D, call.Dv) <= 128 else 32, 4, stages)
+        limit = max_shared_memory(str(call.q.device))
+        while in_flight > 1 and shared_memory(call, KernelConfig(block_m, block_n, 4, _stages(call, in_flight))) > limit:
+            in_flight -= 1
+        cfg = KernelConfig(block_m, block_n, 4, _stages(call, in_flight))
     text = os.environ.get("ATTNCC_DECODE_CONFIG")
     if text:
         fields = {k.strip(): int(v) for k, v in (part.split("=") for part in text.split(","))}
@@ -226,12 +230,24 @@ def decode_config(call: DecodeCall) -> KernelConfig:
     return cfg
 
 
+def _stages(call: DecodeCall, in_flight: int) -> int:
+    """The num_stages that keeps ``in_flight`` K/V tiles loading (see decode_config)."""
+    return 2 * in_flight + 1 if call.paged else in_flight + 1
+
+
+def tiles_in_flight(num_stages: int, paged: bool) -> int:
+    """The K/V tiles a program has loading at ``num_stages`` (see decode_config)."""
+    return max(1, (num_stages - 1) // (2 if paged else 1))
+
+
 def shared_memory(call: DecodeCall, cfg: KernelConfig) -> int:
-    """About what one program takes: the K/V tiles in flight (see decode_config), plus the
-    query tile and scratch."""
-    in_flight = max(1, (cfg.num_stages - 1) // (2 if call.paged else 1))
-    tile = cfg.BLOCK_N * (padded_dim(call.D) + padded_dim(call.Dv)) * call.q.element_size()
-    return in_flight * tile + cfg.BLOCK_M * padded_dim(call.D) * call.q.element_size() + 4096
+    """What one program takes (attncc.runtime.configs.shared_bytes): the K/V tiles in flight (see
+    decode_config), the query tile, the inputs gathered per pair or key (and a paged cache's page
+    number per key), and scratch."""
+    table = call.block_table.element_size() if call.paged else 0
+    return shared_bytes("decode", cfg.BLOCK_M, cfg.BLOCK_N, padded_dim(max(call.D, call.Dv)), call.q.element_size(),
+                        tiles_in_flight(cfg.num_stages, call.paged) + 1, call.spec.pair_bytes,
+                        call.spec.position_bytes + table)
 
 
 def heads_per_program(call: DecodeCall, cfg: KernelConfig) -> int:

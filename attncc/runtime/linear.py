@@ -80,10 +80,15 @@ def _sm_count(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def linear_config(call: Call, block_f: int, num_fb: int) -> LinearConfig:
+def linear_config(call: Call, block_f: int, num_fb: int, projection: bool = False) -> LinearConfig:
     """Tiles for a call: 16-row chunks under the interpreter (the tests), else 64-row forward chunks
     while the [chunk, feature block] and [chunk, Dv] tiles stay within 128 columns, 32 above, and
     64-row backward chunks with 4 warps (32 rows, 8 warps above 128 columns: not measured there).
+    ``projection``: the feature map projects q and k (the performer's W): its backward kernels hold
+    the projection's tiles besides the states, which are float32 but for bfloat16 operands, and
+    at 64 rows need more shared memory than an sm90 program has (Triton 3.6: 237568 bytes for
+    the dQ kernel in float16, 328192 for dK/dV in float32; tests/test_sm90_compile.py compiles
+    them): 32 rows there.
     ``python -m bench linear-elu-16k --sweep linear-configs`` times alternatives."""
     dv_pad = padded_dim(call.Dv)
     if interpreting():
@@ -96,8 +101,9 @@ def linear_config(call: Call, block_f: int, num_fb: int) -> LinearConfig:
         scan_dv = min(dv_pad, 64)
         while scan_dv > 32 and call.B * call.Hkv * num_fb * (-(-call.Dv // scan_dv)) < _sm_count(call.q.device):
             scan_dv //= 2
-        cfg = LinearConfig(chunk=chunk, scan_dv=scan_dv, out_dv=min(dv_pad, 128), bwd_chunk=chunk,
-                           bwd_warps=8 if wide else 4)
+        float32_states = call.q.dtype != torch.bfloat16
+        cfg = LinearConfig(chunk=chunk, scan_dv=scan_dv, out_dv=min(dv_pad, 128),
+                           bwd_chunk=32 if projection and float32_states else chunk, bwd_warps=8 if wide else 4)
     forced = _env_config()
     return dataclasses.replace(cfg, **forced) if forced else cfg
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Tuple, Union
 
+from attncc.core.shapes import Shapes
+
 
 @dataclass(frozen=True)
 class ParamInfo:
@@ -24,16 +26,13 @@ class InputInfo:
 
 
 @dataclass(frozen=True)
-class SpecInfo:
+class SpecInfo(Shapes):
+    """A generated module's pattern: its :class:`Shapes` (kind, head dims, dtypes, head counts)
+    and what its calls check and its kernels need."""
+
     name: str
     source: str
     spec_hash: str
-    kind: str = "softmax"
-    head_dims: Tuple[int, ...] = (128,)
-    value_dim: Optional[int] = None
-    dtypes: Tuple[str, ...] = ("bfloat16", "float16")
-    heads_q: Optional[int] = None
-    heads_kv: Optional[int] = None
     params: Tuple[ParamInfo, ...] = ()
     inputs: Tuple[InputInfo, ...] = ()
     scale: Optional[float] = None
@@ -41,6 +40,11 @@ class SpecInfo:
     rope: bool = False
     rotary_dim: Optional[int] = None  # [rope].rotary_dim when the spec fixes it (None: the call's head dim)
     tile_hint: str = "default"  # "narrow": windows, documents: smaller tiles pay
+    # Bytes the kernels' loops gather from inputs per pair of a tile (a table indexed by i and j)
+    # and per position (an input indexed by i or j): shared memory per pipeline stage
+    # (attncc.runtime.configs.shared_bytes).
+    pair_bytes: int = 0
+    position_bytes: int = 0
     # How the Gluon sm90 forward (attncc.runtime.gluon) computes this pattern (attncc.analysis.builtin):
     # "dense" or "causal" (a built-in walk), "rendered" (the fragments of gluon_fragments, an
     # attncc.runtime.gluon.fragments.FragmentFile), or None: the tl kernels only, for gluon_reason.

@@ -33,8 +33,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 
 from attncc.runtime.call import Call, env, interpreting
-from attncc.runtime.configs import (KernelConfig, default_config, did_not_fit, env_config, padded_dim, preset_config,
-                                    trying)
+from attncc.runtime.configs import (KernelConfig, config_shared_bytes, default_config, did_not_fit, env_config,
+                                    max_shared_memory, padded_dim, preset_config, trying)
 
 log = logging.getLogger("attncc")
 
@@ -357,7 +357,6 @@ def candidates(call: Call, kernel: str = "", max_shared_mem: Optional[int] = Non
       :func:`estimated_cost` ranks first (``sm_count``: the GPU's SMs; None: 132, an H100's).
     """
     d = padded_dim(max(call.D, call.Dv))
-    size = 2 if call.q.dtype in (torch.bfloat16, torch.float16) else 4
     found = []
     for resident in RESIDENT_BLOCKS:
         for streamed in STREAMED_BLOCKS:
@@ -369,15 +368,15 @@ def candidates(call: Call, kernel: str = "", max_shared_mem: Optional[int] = Non
                     continue
                 if not exhaustive and live_per_thread(kernel, resident, streamed, d, warps) > MAX_LIVE_PER_THREAD:
                     continue
-                fitting = [stages for stages in NUM_STAGES
-                           if max_shared_mem is None or shared_bytes(kernel, resident, streamed, d, size, stages) <= max_shared_mem]
+                fitting = [stages for stages in NUM_STAGES if max_shared_mem is None or config_shared_bytes(
+                    call, kernel, KernelConfig(block_m, block_n, warps, stages)) <= max_shared_mem]
                 if not exhaustive and fitting:
                     fitting = [max(s for s in fitting if s <= PREFERRED_STAGES[kernel]) if min(fitting) <= PREFERRED_STAGES[kernel]
                                else min(fitting)]
                 found += [KernelConfig(block_m, block_n, warps, stages) for stages in fitting]
     default = default_config(call, kernel)
     if not exhaustive:
-        found.sort(key=lambda cfg: estimated_cost(call, kernel, cfg, d, size, max_shared_mem, sm_count))
+        found.sort(key=lambda cfg: estimated_cost(call, kernel, cfg, max_shared_mem, sm_count))
         found = [cfg for cfg in found if cfg != default][:max(0, (limit or MAX_CANDIDATES) - 1)]
     if default not in found:
         found.append(default)
@@ -394,12 +393,6 @@ MAX_CANDIDATES = 5
 DEFAULT_SM_COUNT = 132  # an H100 SXM's; the GPU's own count when tuning on it
 
 
-def shared_bytes(kernel: str, resident: int, streamed: int, d: int, size: int, stages: int) -> int:
-    """Shared memory of a config: the resident tiles (two operands in the backward) plus ``stages``
-    buffers of the two streamed ones, each ``d`` wide in ``size``-byte elements."""
-    return size * d * ((1 if kernel == "" else 2) * resident + 2 * stages * streamed)
-
-
 def live_per_thread(kernel: str, resident: int, streamed: int, d: int, warps: int) -> int:
     """fp32 values a thread holds at once: the accumulators (dK and dV, or one [resident, d]
     tile) and the score tiles of one step (S and P in the forward; P, dP and dS, two live at a
@@ -409,8 +402,7 @@ def live_per_thread(kernel: str, resident: int, streamed: int, d: int, warps: in
     return (acc + scores) // (32 * warps)
 
 
-def estimated_cost(call: Call, kernel: str, cfg, d: int, size: int, max_shared_mem: Optional[int],
-                   sm_count: Optional[int]) -> float:
+def estimated_cost(call: Call, kernel: str, cfg, max_shared_mem: Optional[int], sm_count: Optional[int]) -> float:
     """A rough relative time of a config, to rank the candidates (the timing decides): the memory
     traffic per unit of work, 1/resident + 1/streamed (each tile of one side is read once per tile
     of the other), times the wave quantization of the grid (the share of the last wave's slots that
@@ -419,7 +411,7 @@ def estimated_cost(call: Call, kernel: str, cfg, d: int, size: int, max_shared_m
     rows = call.Nk if kernel == "dkdv" else call.Nq
     heads = call.Hkv if kernel == "dkdv" else call.Hq
     programs = max(1, -(-rows // resident) * call.B * heads)
-    smem = shared_bytes(kernel, resident, streamed, d, size, cfg.num_stages)
+    smem = config_shared_bytes(call, kernel, cfg)
     per_sm = max(1, min((max_shared_mem or 4 * smem) // max(smem, 1), 32 // cfg.num_warps))
     slots = (sm_count or DEFAULT_SM_COUNT) * per_sm
     waves = -(-programs // slots)
@@ -434,14 +426,6 @@ def first_round(timings: Dict[object, float], default, keep: Optional[int] = Non
     if default in timings and default not in kept:
         kept.append(default)
     return kept
-
-
-def max_shared_memory(device) -> Optional[int]:
-    dev = torch.device(device)
-    if dev.type != "cuda":
-        return None
-    props = torch.cuda.get_device_properties(dev)
-    return getattr(props, "shared_memory_per_block_optin", None)
 
 
 def do_bench_ms(fn: Callable[[], object]) -> float:

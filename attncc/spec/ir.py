@@ -13,8 +13,12 @@ from typing import Optional, Tuple, Union
 
 import sympy
 
+from attncc.core.shapes import Shapes
+
 Dim = Union[str, int]  # "b" (batch), "h" (query head), "n" (position), or a fixed size
 INTEGER_DTYPES = ("int8", "int16", "int32", "int64", "uint8")
+DTYPE_BYTES = {"bool": 1, "int8": 1, "uint8": 1, "int16": 2, "float16": 2, "bfloat16": 2, "int32": 4, "float32": 4,
+               "int64": 8, "float64": 8}  # bytes of one element of an input of each dtype
 
 
 @dataclass(frozen=True)
@@ -82,8 +86,9 @@ class FeatureMap:
 
 
 @dataclass(frozen=True)
-class Pattern:
-    """One attention pattern, validated.
+class Pattern(Shapes):
+    """One attention pattern, validated: its :class:`~attncc.core.shapes.Shapes` (kind, head
+    dims, dtypes, head counts) and what it computes.
 
     mask: boolean sympy expression over b, h, i, j, n_q, n_k, params and inputs (never the
           score ``s``); ``None`` means every pair is allowed. The conjuncts free of ``s`` of a
@@ -95,12 +100,6 @@ class Pattern:
     """
 
     name: str
-    kind: str = "softmax"
-    head_dims: Tuple[int, ...] = (128,)
-    value_dim: Optional[int] = None
-    dtypes: Tuple[str, ...] = ("bfloat16", "float16")
-    heads_q: Optional[int] = None
-    heads_kv: Optional[int] = None
     params: Tuple[Param, ...] = ()
     inputs: Tuple[InputDecl, ...] = ()
     mask: Optional[sympy.Basic] = None
