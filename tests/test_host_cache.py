@@ -7,11 +7,13 @@
   depends on (shapes, strides, dtypes, params, offsets, n_k, the operands' alignment, the layout of
   dO) and what it must not (document ids, padding lengths, return_lse), each call's output (and
   gradients) checked, so that a binding reused for a call that differs in anything that matters
-  gives a wrong answer here.
+  gives a wrong answer here. On the CPU interpreter, and on a GPU (the ``cuda`` cases, ``-m gpu``
+  with ``TRITON_INTERPRET=0``: not run yet).
 """
 from __future__ import annotations
 
 import importlib
+import os
 import random
 
 import pytest
@@ -90,16 +92,16 @@ NAMES = ("causal", "document", "padding", "sliding_window", "gqa")
 LAYOUTS = ("contiguous", "bnhd", "misaligned")
 
 
-def _operand(shape, dtype, gen, layout):
+def _operand(shape, dtype, gen, layout, device="cpu"):
     """A [B, H, N, D] tensor: contiguous; a [B, N, H, D] view with its head dim a slice of a wider
     row ("bnhd": other strides, which the kernels read as they are when D's bytes are a multiple
     of 16); or that view with its base 2 or 4 bytes off 16 ("misaligned": the same shape and
     strides, so the same call signature, but the kernels read a contiguous copy)."""
     B, H, N, D = shape
     if layout == "contiguous":
-        return torch.randn(B, H, N, D, generator=gen).to(dtype)
+        return torch.randn(B, H, N, D, generator=gen).to(dtype).to(device)
     wide = D + 8
-    flat = torch.randn(B * N * H * wide + 8, generator=gen).to(dtype)
+    flat = torch.randn(B * N * H * wide + 8, generator=gen).to(dtype).to(device)  # made on the device as a whole
     start = 8 if layout == "bnhd" else 1  # 8 elements: 16-byte aligned in float16 and float32
     return flat[start:start + B * N * H * wide].view(B, N, H, wide)[..., :D].transpose(1, 2)
 
@@ -143,17 +145,17 @@ def _changed(case, rng: random.Random):
     return case
 
 
-def _arguments(case, gen):
+def _arguments(case, gen, device="cpu"):
     """(q, k, v, keywords) of a case, with fresh values."""
     B, Hq, Hkv, Nq, Nk, D = (case[x] for x in ("B", "Hq", "Hkv", "Nq", "Nk", "D"))
-    q, k, v = (_operand(shape, case["dtype"], gen, layout) for shape, layout in
+    q, k, v = (_operand(shape, case["dtype"], gen, layout, device) for shape, layout in
                zip(((B, Hq, Nq, D), (B, Hkv, Nk, D), (B, Hkv, Nk, D)), case["layouts"]))
     kw = dict(case["kw"])
     n = max(Nq + kw.get("q_offset", 0), Nk)
     if case["name"] == "document":
-        kw["doc"] = _doc_ids(B, n, gen)
+        kw["doc"] = _doc_ids(B, n, gen).to(device)
     if case["name"] == "padding":
-        kw["kv_len"] = torch.randint(0, Nk + 1, (B,), generator=gen, dtype=torch.int32)
+        kw["kv_len"] = torch.randint(0, Nk + 1, (B,), generator=gen, dtype=torch.int32).to(device)
     return q, k, v, kw
 
 
@@ -162,8 +164,13 @@ def _close(got, want, dtype, what):
     assert err < REL_TOL[dtype] * 4, f"{what}: relative error {err:.2e}"
 
 
+_GPU = pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
+                          reason="needs a CUDA GPU and TRITON_INTERPRET=0")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, _GPU])])
 @pytest.mark.parametrize("seed", range(3))
-def test_alternating_calls_match_the_reference(seed):
+def test_alternating_calls_match_the_reference(seed, device):
     """A few calls, then each again with new values (its bindings reused) or with one thing changed
     (often within the same signature), in random order: every output against the reference, and
     the gradients of every third call (with dO contiguous or a [B, N, H, D] view)."""
@@ -175,7 +182,7 @@ def test_alternating_calls_match_the_reference(seed):
         if i % 2:
             case = _changed(case, rng)
             cases.append(case)
-        q, k, v, kw = _arguments(case, gen)
+        q, k, v, kw = _arguments(case, gen, device)
         _check_call(case["name"], q, k, v, kw, grads=i % 3 == 0, rng=rng, gen=gen,
                     what=f"call {i}: {case['name']} {case['dtype']} {case['layouts']} {case['kw']}")
 
@@ -197,9 +204,9 @@ def _check_call(name, q, k, v, kw, grads, rng, gen, what):
     if grads:
         B, H, N, Dv = o.shape
         if rng.random() < 0.5:
-            g = torch.randn(B, H, N, Dv, generator=gen).to(dtype)
+            g = torch.randn(B, H, N, Dv, generator=gen).to(dtype).to(o.device)
         else:
-            g = torch.randn(B, N, H, Dv, generator=gen).to(dtype).transpose(1, 2)
+            g = torch.randn(B, N, H, Dv, generator=gen).to(dtype).to(o.device).transpose(1, 2)
         o.backward(g)
         ref_o.backward(g.double())
         for arg, a, b in zip("qkv", leaves, ref_in):
