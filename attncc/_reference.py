@@ -18,6 +18,7 @@ from typing import Any, Dict, Mapping, Optional
 import torch
 import torch.nn.functional as F
 
+from attncc.core import semantics
 from attncc.core.feature_maps import LINEAR_DENOMINATOR_EPS, performer_projection
 from attncc.evaluator import Evaluator, TorchArrays
 from attncc.spec.ir import Pattern
