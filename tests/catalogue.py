@@ -253,6 +253,10 @@ def _inp(**decls):
     return {name: dict(zip(("dims", "dtype", "grad"), d)) if isinstance(d, tuple) else d for name, d in decls.items()}
 
 
+def _at_least_1(n):
+    return n.clamp(min=1) if isinstance(n, torch.Tensor) else max(n, 1)
+
+
 def _w(c, s):
     return torch.where(c, s, torch.full_like(s, NEG_INF))
 
@@ -790,7 +794,8 @@ case(name="bottom_right_nq_nk", source="edge: n_q / n_k larger than the call",
      calls=(Call(37, 29), Call(29, 37), Call(20, 30, q_offset=10, k_offset=3, n_q=64, n_k=50), Call(1, 33, q_offset=32)))
 case(name="window_nk", source="edge: window on n_k",
      spec={"params": {"w": 6}, "mask": {"where": "j < n_k - w or i % n_k == j % n_k"}},
-     mask=lambda E: (E.j < E.n_k - E.w) | (E.i % E.n_k == E.j % E.n_k),
+     # (a decode row with kv_len 0 has n_k = 0 and no key to divide for)
+     mask=lambda E: (E.j < E.n_k - E.w) | (E.i % _at_least_1(E.n_k) == E.j % _at_least_1(E.n_k)),
      calls=(Call(37, 29), Call(20, 30, q_offset=10, k_offset=3, n_q=64, n_k=50)))
 case(name="length_one", source="edge: length-1 calls",
      spec={"params": {"w": 3}, "mask": {"where": "j <= i and i - j <= w"}}, mask=lambda E: (E.j <= E.i) & (E.i - E.j <= E.w),
