@@ -897,6 +897,18 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
+def varlen_ready(c: Case) -> bool:
+    """Whether cu_seqlens take the pattern: its mask (the spec's, or one taken out of its mod)
+    reads no input and draws no random blocks (documented refusals)."""
+    from sympy.core.function import AppliedUndef
+
+    from attncc.module_cache import toml_text
+    from attncc.spec.builtins import RandomBlocks
+
+    mask = attncc.parse_spec(toml_text({"name": c.name, **c.spec})).mask
+    return c.varlen and (mask is None or not mask.atoms(AppliedUndef, RandomBlocks))
+
+
 def uses_batch(c: Case) -> bool:
     """Whether the pattern reads ``b`` (directly or through an input's "b" dim)."""
     return c.batch != 2 or bool(re.search(r"\bb\b", repr(c.spec)))
@@ -1026,10 +1038,13 @@ def check_varlen(c: Case, seed: int = 0, *, head_dim: int = 16, heads: Optional[
     k = torch.randn(1, Hkv, int(cu_k[-1]), head_dim, generator=gen)
     v = torch.randn(1, Hkv, int(cu_k[-1]), head_dim, generator=gen)
     params = params_of(c, Call(1, 1))
-    o, lse = m.attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, return_lse=True, **params)
+    # inputs of the score (a mask's refuse cu_seqlens): "b" is the sequence, "n" covers max_seqlen
+    inputs = c.inputs(gen, len(lq), Hq, max(lq + lk))
+    o, lse = m.attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, return_lse=True, **params, **inputs)
+    values = {**params, **{name: (t.double() if t.is_floating_point() else t) for name, t in inputs.items()}}
     for s in range(len(lq)):
         qs, ks = slice(int(cu_q[s]), int(cu_q[s + 1])), slice(int(cu_k[s]), int(cu_k[s + 1]))
-        o_ref, lse_ref = oracle(c, q[:, :, qs], k[:, :, ks], v[:, :, ks], dict(params), b_first=s)
+        o_ref, lse_ref = oracle(c, q[:, :, qs], k[:, :, ks], v[:, :, ks], values, b_first=s)
         finite = torch.isfinite(lse_ref)
         label = f"{c.name} varlen seed={seed} seq={s} lq={lq} lk={lk}"
         assert torch.equal(torch.isfinite(lse[:, :, qs]), finite), f"{label}: rows without keys differ"
@@ -1074,7 +1089,7 @@ if __name__ == "__main__":
                     except Exception as e:  # noqa: BLE001
                         fails += 1
                         print("FAIL decode", c.name, seed, paged, type(e).__name__, str(e)[:300])
-            if args.varlen and c.varlen and not c.spec.get("inputs"):
+            if args.varlen and varlen_ready(c):
                 try:
                     check_varlen(c, seed)
                 except Exception as e:  # noqa: BLE001
