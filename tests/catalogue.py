@@ -253,6 +253,10 @@ def _inp(**decls):
     return {name: dict(zip(("dims", "dtype", "grad"), d)) if isinstance(d, tuple) else d for name, d in decls.items()}
 
 
+def _at_least_1(n):
+    return n.clamp(min=1) if isinstance(n, torch.Tensor) else max(n, 1)
+
+
 def _w(c, s):
     return torch.where(c, s, torch.full_like(s, NEG_INF))
 
@@ -790,7 +794,8 @@ case(name="bottom_right_nq_nk", source="edge: n_q / n_k larger than the call",
      calls=(Call(37, 29), Call(29, 37), Call(20, 30, q_offset=10, k_offset=3, n_q=64, n_k=50), Call(1, 33, q_offset=32)))
 case(name="window_nk", source="edge: window on n_k",
      spec={"params": {"w": 6}, "mask": {"where": "j < n_k - w or i % n_k == j % n_k"}},
-     mask=lambda E: (E.j < E.n_k - E.w) | (E.i % E.n_k == E.j % E.n_k),
+     # (a decode row with kv_len 0 has n_k = 0 and no key to divide for)
+     mask=lambda E: (E.j < E.n_k - E.w) | (E.i % _at_least_1(E.n_k) == E.j % _at_least_1(E.n_k)),
      calls=(Call(37, 29), Call(20, 30, q_offset=10, k_offset=3, n_q=64, n_k=50)))
 case(name="length_one", source="edge: length-1 calls",
      spec={"params": {"w": 3}, "mask": {"where": "j <= i and i - j <= w"}}, mask=lambda E: (E.j <= E.i) & (E.i - E.j <= E.w),
@@ -890,6 +895,18 @@ def _input_layout(t: torch.Tensor, how: int) -> torch.Tensor:
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def varlen_ready(c: Case) -> bool:
+    """Whether cu_seqlens take the pattern: its mask (the spec's, or one taken out of its mod)
+    reads no input and draws no random blocks (documented refusals)."""
+    from sympy.core.function import AppliedUndef
+
+    from attncc.module_cache import toml_text
+    from attncc.spec.builtins import RandomBlocks
+
+    mask = attncc.parse_spec(toml_text({"name": c.name, **c.spec})).mask
+    return c.varlen and (mask is None or not mask.atoms(AppliedUndef, RandomBlocks))
 
 
 def uses_batch(c: Case) -> bool:
@@ -1021,10 +1038,13 @@ def check_varlen(c: Case, seed: int = 0, *, head_dim: int = 16, heads: Optional[
     k = torch.randn(1, Hkv, int(cu_k[-1]), head_dim, generator=gen)
     v = torch.randn(1, Hkv, int(cu_k[-1]), head_dim, generator=gen)
     params = params_of(c, Call(1, 1))
-    o, lse = m.attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, return_lse=True, **params)
+    # inputs of the score (a mask's refuse cu_seqlens): "b" is the sequence, "n" covers max_seqlen
+    inputs = c.inputs(gen, len(lq), Hq, max(lq + lk))
+    o, lse = m.attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, return_lse=True, **params, **inputs)
+    values = {**params, **{name: (t.double() if t.is_floating_point() else t) for name, t in inputs.items()}}
     for s in range(len(lq)):
         qs, ks = slice(int(cu_q[s]), int(cu_q[s + 1])), slice(int(cu_k[s]), int(cu_k[s + 1]))
-        o_ref, lse_ref = oracle(c, q[:, :, qs], k[:, :, ks], v[:, :, ks], dict(params), b_first=s)
+        o_ref, lse_ref = oracle(c, q[:, :, qs], k[:, :, ks], v[:, :, ks], values, b_first=s)
         finite = torch.isfinite(lse_ref)
         label = f"{c.name} varlen seed={seed} seq={s} lq={lq} lk={lk}"
         assert torch.equal(torch.isfinite(lse[:, :, qs]), finite), f"{label}: rows without keys differ"
@@ -1069,7 +1089,7 @@ if __name__ == "__main__":
                     except Exception as e:  # noqa: BLE001
                         fails += 1
                         print("FAIL decode", c.name, seed, paged, type(e).__name__, str(e)[:300])
-            if args.varlen and c.varlen and not c.spec.get("inputs"):
+            if args.varlen and varlen_ready(c):
                 try:
                     check_varlen(c, seed)
                 except Exception as e:  # noqa: BLE001

@@ -83,8 +83,7 @@ def test_decode(c):
     C.check_decode(c, seed=n, nq=(1, 3, 16)[n % 3], paged=bool(n % 2), heads=_small_heads(c))
 
 
-@pytest.mark.parametrize("c", [c for n, c in enumerate(FAST) if c.varlen and not c.spec.get("inputs") and n % 2],
-                         ids=lambda c: c.name)
+@pytest.mark.parametrize("c", [c for n, c in enumerate(FAST) if n % 2 and C.varlen_ready(c)], ids=lambda c: c.name)
 def test_varlen(c):
     C.check_varlen(c, seed=C.CASES.index(c), heads=_small_heads(c))
 
@@ -169,5 +168,5 @@ def test_full_sweep(c, request, monkeypatch):
     if c.decode:
         for nq, paged in ((1, False), (3, True), (16, False)):
             C.check_decode(c, nq=nq, paged=paged)
-    if c.varlen and not c.spec.get("inputs"):
+    if C.varlen_ready(c):
         C.check_varlen(c)
