@@ -12,7 +12,7 @@ masks against the oracle's tiles at the GPU's tile shapes, and ``explain``'s cou
 CPU on 2 cores with ``-n 0``, half of it compiling the modules (which the cache keeps).
 
 ``pytest -m slow tests/test_catalogue.py`` runs everything: every call of every pattern at three
-tile shapes (seeds and layouts rotating), bfloat16, decode and varlen for all (about 25 minutes).
+tile shapes (seeds and layouts rotating), bfloat16, decode and varlen for all (about 15 minutes of CPU).
 ``python tests/catalogue.py --help`` does the same from the command line and prints every failure;
 tests/gpu/test_gpu_catalogue.py runs the catalogue on the GPU.
 
