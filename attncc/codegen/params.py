@@ -303,8 +303,27 @@ class Signatures:
         text (``("stride_qb stride_qh stride_qm", "*q.stride()[:3]")``: all read or none)."""
         params = self.params[fn]
         by_name = {p.name: p for p in params}
+        entries, keywords = [], False
+        for names, group, value, keyword in self._read_values(fn, values):
+            if keywords and not keyword:
+                raise ValueError(f"{fn}: {names} is passed by position after a keyword argument")
+            keywords |= keyword
+            entries.append((by_name[group[0]].line, f"{group[0]}={value}" if keyword else value))
+        lines = _wrap([[text for line, text in entries if line == n] for n in _lines_of(params)],
+                      len(indent), len(indent))
+        return "\n".join(f"{indent}{line}," for line in lines)
+
+
+    def _read_values(self, fn: str, values: Sequence[Tuple[str, str]]) -> List[Tuple[str, List[str], str, bool]]:
+        """``(names, group, value, keyword)`` of the launch ``values`` of ``fn`` whose parameters the
+        kernel reads (a group is read whole or not at all), after checking that ``values`` name
+        every parameter of the signature once, in its order; ``keyword``: passed by keyword
+        (constexprs and :data:`BY_KEYWORD`), one parameter alone. Shared by :meth:`launch` and
+        :meth:`bound`."""
+        params = self.params[fn]
+        by_name = {p.name: p for p in params}
         live = self.reads(fn)
-        entries, covered, keywords = [], [], False
+        read, covered = [], []
         for names, value in values:
             group = names.split()
             unknown = [n for n in group if n not in by_name]
@@ -320,16 +339,10 @@ class Signatures:
             keyword = by_name[group[0]].constexpr or group[0] in BY_KEYWORD
             if keyword and len(group) != 1:
                 raise ValueError(f"{fn}: keyword arguments are passed one by one ({names})")
-            if keywords and not keyword:
-                raise ValueError(f"{fn}: {names} is passed by position after a keyword argument")
-            keywords |= keyword
-            entries.append((by_name[group[0]].line, f"{group[0]}={value}" if keyword else value))
+            read.append((names, group, value, keyword))
         if covered != [p.name for p in params]:
             raise ValueError(f"{fn}: the launch values name {covered}, the signature {[p.name for p in params]}")
-        lines = _wrap([[text for line, text in entries if line == n] for n in _lines_of(params)],
-                      len(indent), len(indent))
-        return "\n".join(f"{indent}{line}," for line in lines)
-
+        return read
 
     def bound(self, fn: str, values: Sequence[Tuple[str, str]], per_call: Container[str],
               options: Sequence[Tuple[str, str]] = (), indent: str = "    ",
@@ -343,29 +356,13 @@ class Signatures:
         no parameter may shadow. See :class:`BoundLaunch` for the pieces."""
         params = self.params[fn]
         by_name = {p.name: p for p in params}
-        live = self.reads(fn)
         plan: list = []  # (signature line, 1 or a group's size, names, values) of the plan's assignments
         keywords: List[str] = []  # NAME=value of the plan's options dict
         closure: List[str] = []  # the closure's parameters
         entries: List[Tuple[int, str]] = []  # (signature line, argument text) of the closure's launch
         late: List[str] = []  # per-call keyword arguments of the closure's launch
         args: List[str] = []  # the call site's arguments
-        covered = []
-        for names, value in values:
-            group = names.split()
-            unknown = [n for n in group if n not in by_name]
-            if unknown:
-                raise ValueError(f"{fn} has no parameter {unknown[0]!r} (launch value {value!r})")
-            covered += group
-            kept = [n for n in group if n in live]
-            if not kept:
-                continue
-            if len(kept) != len(group):
-                raise ValueError(f"{fn}: {names} are passed together ({value!r}) but only {' '.join(kept)} "
-                                 f"are read: pass them one by one")
-            keyword = by_name[group[0]].constexpr or group[0] in BY_KEYWORD
-            if keyword and len(group) != 1:
-                raise ValueError(f"{fn}: keyword arguments are passed one by one ({names})")
+        for names, group, value, keyword in self._read_values(fn, values):
             clash = [n for n in group if n in reserved or n in ("grid", "options", "launch")]
             if clash:
                 raise ValueError(f"{fn}: parameter {clash[0]!r} would shadow a name of the plan function")
@@ -397,8 +394,6 @@ class Signatures:
                 else:
                     plan.append((line, len(group), group, [value[1:] if len(group) > 1 else value]))
                 entries += [(line, name) for name in group]
-        if covered != [p.name for p in params]:
-            raise ValueError(f"{fn}: the launch values name {covered}, the signature {[p.name for p in params]}")
         plan = [f"{', '.join(names)} = {', '.join(texts)}" for _, _, names, texts in plan]
         keywords += [f"{name}={value}" for name, value in options]
         body = indent + "        "
