@@ -31,7 +31,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
-from attncc.runtime.gluon.common import clamp_walk, lhs_layout, mask_scores, mma_layout
+from attncc.runtime.gluon.common import clamp_walk, issue_kv, lhs_layout, mask_scores, mma_layout
 
 
 @gluon.jit
@@ -165,16 +165,6 @@ def attn_bwd_dkdv(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, lse_desc, d
 
 
 @gluon.jit
-def _issue_kv_step(k_desc, v_desc, k_smem, v_smem, bars, b, hk, kb, slot, pred):
-    bar = bars.index(slot)
-    mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes, pred=pred)
-    tma.async_copy_global_to_shared(k_desc, [b, hk, kb * k_desc.block_type.shape[2], 0], bar, k_smem.index(slot),
-                                    pred=pred)
-    tma.async_copy_global_to_shared(v_desc, [b, hk, kb * v_desc.block_type.shape[2], 0], bar, v_smem.index(slot),
-                                    pred=pred)
-
-
-@gluon.jit
 def attn_bwd_dq(q_desc, k_desc, v_desc, do_desc, dq_desc, lse2_ptr, delta_ptr, lse_stride: gl.int64,
                 H, GROUP, Nq, Nk, q_offset, k_offset, n_q, n_k, qk_scale, sm_scale,
                 WALK: gl.constexpr, MASK: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
@@ -215,7 +205,7 @@ def attn_bwd_dq(q_desc, k_desc, v_desc, do_desc, dq_desc, lse2_ptr, delta_ptr, l
     tma.async_copy_global_to_shared(q_desc, [b, h, qb * BLOCK_M, 0], q_bar, q_smem)
     tma.async_copy_global_to_shared(do_desc, [b, h, qb * BLOCK_M, 0], q_bar, do_smem)
     for i in gl.static_range(STAGES - 1):
-        _issue_kv_step(k_desc, v_desc, k_smem, v_smem, kv_bars, b, hk, lo + i, i, lo + i < hi)
+        issue_kv(k_desc, v_desc, k_smem, v_smem, kv_bars, b, hk, lo + i, i, lo + i < hi)
 
     rows = qb * BLOCK_M + gl.arange(0, BLOCK_M, row_layout)
     # rows past Nq: lse2 = +inf (p = 0) and delta = 0; rows without an allowed key have lse2 = +inf too
@@ -232,7 +222,7 @@ def attn_bwd_dq(q_desc, k_desc, v_desc, do_desc, dq_desc, lse2_ptr, delta_ptr, l
         # Refill the slot that held block kb - 1: every warp has finished its wgmmas on it.
         gl.thread_barrier()
         ahead = kb + STAGES - 1
-        _issue_kv_step(k_desc, v_desc, k_smem, v_smem, kv_bars, b, hk, ahead, (it + STAGES - 1) % STAGES, ahead < hi)
+        issue_kv(k_desc, v_desc, k_smem, v_smem, kv_bars, b, hk, ahead, (it + STAGES - 1) % STAGES, ahead < hi)
         slot = it % STAGES
         mbarrier.wait(kv_bars.index(slot), (it // STAGES) & 1)
         k = k_smem.index(slot).reshape([BLOCK_N, HEAD_DIM])

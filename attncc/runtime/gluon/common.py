@@ -1,6 +1,7 @@
 """Layouts and the per-tile math shared by the Gluon attention kernels (sm90, wgmma)."""
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 
 LN2 = gl.constexpr(0.6931471805599453)
 
@@ -178,3 +179,15 @@ def clamp_walk(lo, full_lo, full_hi, hi):
     full_lo = gl.minimum(gl.maximum(full_lo, lo), hi)
     full_hi = gl.minimum(gl.maximum(full_hi, full_lo), hi)
     return lo, full_lo, full_hi, hi
+
+
+@gluon.jit
+def issue_kv(k_desc, v_desc, k_smem, v_smem, bars, b, hk, kb, slot, pred):
+    """TMA loads of key block kb of (batch b, KV head hk) into ring slot `slot` of K and V, both
+    completing on that slot's mbarrier (expecting their bytes); nothing where `pred` is false."""
+    bar = bars.index(slot)
+    mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes, pred=pred)
+    tma.async_copy_global_to_shared(k_desc, [b, hk, kb * k_desc.block_type.shape[2], 0], bar, k_smem.index(slot),
+                                    pred=pred)
+    tma.async_copy_global_to_shared(v_desc, [b, hk, kb * v_desc.block_type.shape[2], 0], bar, v_smem.index(slot),
+                                    pred=pred)

@@ -11,18 +11,9 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma
 
-from attncc.runtime.gluon.common import (block_scores, exp2_scale, finish_rows, is_full, lhs_layout, mma_layout,
-                                         nth_block, pattern_context, rescale, softmax_update, tile_walk, walk_blocks)
-
-
-@gluon.jit
-def _issue_kv(k_desc, v_desc, k_smem, v_smem, bars, b, hk, kb, slot, pred):
-    bar = bars.index(slot)
-    mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes, pred=pred)
-    tma.async_copy_global_to_shared(k_desc, [b, hk, kb * k_desc.block_type.shape[2], 0], bar, k_smem.index(slot),
-                                    pred=pred)
-    tma.async_copy_global_to_shared(v_desc, [b, hk, kb * v_desc.block_type.shape[2], 0], bar, v_smem.index(slot),
-                                    pred=pred)
+from attncc.runtime.gluon.common import (block_scores, exp2_scale, finish_rows, is_full, issue_kv, lhs_layout,
+                                         mma_layout, nth_block, pattern_context, rescale, softmax_update, tile_walk,
+                                         walk_blocks)
 
 
 @gluon.jit
@@ -69,7 +60,7 @@ def attn_fwd_pipelined(q_desc, k_desc, v_desc, o_desc, lse_ptr, lse_stride: gl.i
     mbarrier.expect(q_bar, q_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(q_desc, [b, h, qb * BLOCK_M, 0], q_bar, q_smem)
     for i in gl.static_range(STAGES - 1):
-        _issue_kv(k_desc, v_desc, k_smem, v_smem, kv_bars, b, hk, nth_block(segs, i, SEGMENTS), i, i < n_blocks)
+        issue_kv(k_desc, v_desc, k_smem, v_smem, kv_bars, b, hk, nth_block(segs, i, SEGMENTS), i, i < n_blocks)
 
     rows_i = q_lo + gl.arange(0, BLOCK_M, gl.SliceLayout(1, s_layout))
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
@@ -84,7 +75,7 @@ def attn_fwd_pipelined(q_desc, k_desc, v_desc, o_desc, lse_ptr, lse_stride: gl.i
         # Refill the slot that held the previous block: every warp has finished its wgmmas on it.
         gl.thread_barrier()
         ahead = it + STAGES - 1
-        _issue_kv(k_desc, v_desc, k_smem, v_smem, kv_bars, b, hk, nth_block(segs, ahead, SEGMENTS),
+        issue_kv(k_desc, v_desc, k_smem, v_smem, kv_bars, b, hk, nth_block(segs, ahead, SEGMENTS),
                   (it + STAGES - 1) % STAGES, ahead < n_blocks)
         slot = it % STAGES
         mbarrier.wait(kv_bars.index(slot), (it // STAGES) & 1)
