@@ -19,7 +19,7 @@ from sympy.core.function import AppliedUndef
 
 from attncc.spec import symbols as S
 from attncc.spec.builtins import (AlibiSlope, BitAnd, BitOr, BitXor, Bucket, FloatDiv, Grouped, RandomBlocks, Shift,
-                                  Sigmoid)
+                                  Sigmoid, ToFloat)
 from attncc.spec.errors import SpecError
 from attncc.spec.ir import InputDecl, Param
 
@@ -117,8 +117,13 @@ class _Parser:
             raise
         except (TypeError, ValueError, ArithmeticError) as e:  # sympy refusing to build a node
             self.fail(node, f"{self.source(node)} cannot be built: {_text(e, 120)}")
+        if expr.has(sympy.ITE):  # sympy's if-then-else of a condition on booleans-as-numbers: no stage takes it
+            expr = expr.replace(lambda e: isinstance(e, sympy.ITE),
+                                lambda e: sympy.Or(sympy.And(e.args[0], e.args[1]), sympy.And(sympy.Not(e.args[0]), e.args[2])))
         if typ != BOOL:
             self.check_number(node, expr, typ)
+        if typ == FLOAT:
+            expr = _folded(expr)
         return expr, typ
 
     # -- limits -------------------------------------------------------------
@@ -607,6 +612,19 @@ def as_number(expr, typ) -> Tuple[sympy.Basic, str]:
     return expr, typ
 
 
+def _folded(expr):
+    """A constant float expression (``sqrt(5) + 3.0``, ``log2(0.6)``) as the one float64 number it
+    is, as Python computes it: sympy keeps ``sqrt(5)`` exact and ``Grouped`` wraps it, which the
+    printers cannot turn into a literal nor sympy compare (``max(..., log2(0.6) ** 0.5)``)."""
+    if expr.is_Float or expr.free_symbols or expr.atoms(AppliedUndef) or expr.has(sympy.oo, -sympy.oo, sympy.zoo):
+        return expr
+    try:
+        value = _real_value(expr)
+    except _NotReal:
+        return expr
+    return expr if value is None or not math.isfinite(value) else sympy.Float(value)
+
+
 def _describe(node) -> str:
     return {"Lambda": "lambda", "Attribute": "attribute access", "List": "a list", "Tuple": "a tuple",
             "Dict": "a dict", "Starred": "unpacking", "NamedExpr": "':='",
@@ -656,6 +674,12 @@ def _real_value(e) -> Optional[float]:
         raise _NotReal("is undefined")
     if e is sympy.I:
         raise _NotReal("is not a real number")
+    if isinstance(e, ToFloat):  # Grouped too: the value of its argument, as a float
+        inner = _real_value(e.args[0])
+        return None if inner is None else float(inner)
+    if isinstance(e, FloatDiv):
+        a, b = (_real_value(x) for x in e.args)
+        return None if a is None or b is None or b == 0 else a / b
     if e.is_Number or e.is_NumberSymbol:
         try:
             return float(e)
