@@ -51,9 +51,20 @@ from sympy.logic.boolalg import BooleanFalse, BooleanTrue
 from attncc.analysis.normal_form import Clause, LinearAtom, OtherAtom
 from attncc.spec import symbols as S
 
+
+
+class _CallRow(sympy.Dummy):
+    """A row position of the call: a Dummy, so never equal to a spec's param of the same name (an
+    int param ``last_row`` is ``Symbol("last_row", integer=True)``, which a Symbol would be too),
+    printed by its name."""
+
+    def _sympystr(self, printer):
+        return self.name
+
+
 X = sympy.Symbol("x", integer=True, nonnegative=True)  # the row position of a walk
-FIRST = sympy.Symbol("first_row", integer=True, nonnegative=True)  # first row position of the call
-LAST = sympy.Symbol("last_row", integer=True)  # last row position of the call
+FIRST = _CallRow("first_row", integer=True, nonnegative=True)  # first row position of the call
+LAST = _CallRow("last_row", integer=True)  # last row position of the call
 
 Pieces = Tuple[sympy.Expr, ...]
 # The closed forms solve atoms of a few operations (a band, a chunk: under 20); a larger one is
