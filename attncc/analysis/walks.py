@@ -37,6 +37,7 @@ from attncc.analysis.bands import FIRST, LAST, Band, Cover
 from attncc.analysis.intexpr import int_value
 from attncc.analysis.symbols import BLOCK_N, N_K, k_offset, q_hi, q_lo
 from attncc.core.lazy import lazy_module
+from attncc.spec.builtins import BitAnd, BitOr, BitXor
 
 torch = lazy_module("torch")  # on first use: `attncc build` never imports it
 
@@ -376,8 +377,21 @@ def _value(expr, env):
         if isinstance(expr, sympy.ceiling):
             return -torch.div(-torch.as_tensor(n), torch.as_tensor(d), rounding_mode="floor")
         return torch.div(torch.as_tensor(n), torch.as_tensor(d), rounding_mode="floor")
+    if expr.is_Number:  # a float constant of a row guard (h * 0.5 < 3)
+        return float(expr)
     args = [_value(a, env) for a in expr.args]
     tensors = [torch.as_tensor(a) for a in args]
+    # the other nodes a row guard may hold (h ** 2 < 5, abs(w), h | 1): the kernels print them all
+    if isinstance(expr, sympy.Pow):
+        base, k = tensors[0], expr.exp
+        if k == sympy.Rational(1, 2):
+            return torch.sqrt(base.double())
+        return base ** int(k) if k.is_Integer and k >= 0 else base.double() ** float(k)
+    if isinstance(expr, sympy.Abs):
+        return torch.abs(tensors[0])
+    bitwise = {BitAnd: torch.bitwise_and, BitOr: torch.bitwise_or, BitXor: torch.bitwise_xor}
+    if type(expr) in bitwise:
+        return bitwise[type(expr)](tensors[0].long(), tensors[1].long())
     if isinstance(expr, sympy.Add):
         return sum(tensors[1:], tensors[0])
     if isinstance(expr, sympy.Mul):
