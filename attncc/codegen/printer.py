@@ -544,20 +544,32 @@ class TritonPrinter:
     def _Unequality(self, e):
         return self._rel(e, "!=")
 
+    def _logic(self, a) -> str:
+        """An operand of ``&``, ``|``, ``^`` or ``~``. A comparison of float values without i or j
+        (params, literals) is written ``tl.where(c, True, False)``, as :meth:`definition` writes
+        a hoisted one: Triton's interpreter gives the result of comparing two float scalars the
+        floats' type, which ``|`` with a tile refuses. The select is nothing on the GPU, and right
+        whatever the operand's shape."""
+        code = self.p(a)
+        if (isinstance(a, sympy.Rel) and not (a.lhs.is_Boolean or isinstance(a.lhs, sympy.Rel))
+                and not (a.lhs.is_integer and a.rhs.is_integer) and not a.has(S.i, S.j)):
+            return f"{self.lang}.where({code}, True, False)"
+        return code
+
     def _And(self, e):
-        return "(" + " & ".join(self.p(a) for a in _ordered(e.args)) + ")"
+        return "(" + " & ".join(self._logic(a) for a in _ordered(e.args)) + ")"
 
     def _Or(self, e):
-        return "(" + " | ".join(self.p(a) for a in _ordered(e.args)) + ")"
+        return "(" + " | ".join(self._logic(a) for a in _ordered(e.args)) + ")"
 
     def _Not(self, e):
-        inner = self.p(e.args[0])
+        inner = self._logic(e.args[0])
         if inner in ("True", "False"):  # random_blocks(0): ~False is the int -1, not a condition
             return "False" if inner == "True" else "True"
         return f"(~{inner})"
 
     def _Xor(self, e):
-        return "(" + " ^ ".join(self.p(a) for a in _ordered(e.args)) + ")"
+        return "(" + " ^ ".join(self._logic(a) for a in _ordered(e.args)) + ")"
 
     # -- built-ins ----------------------------------------------------------
     def _Bucket(self, e):

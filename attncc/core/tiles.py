@@ -312,7 +312,14 @@ def mod(x, y, integer):
     pos, negm = c > 0, d < 0
     lo = _where(pos, _where(inside, a, 0), _where(negm, c + one, -INF))
     hi = _where(pos, _where(inside, b, d - one), _where(negm, 0, INF))
-    return (lo, hi)
+    ref = _ref(a, b, c, d)
+    if ref is None:
+        return (lo, hi)
+    # x and y each one number (per tile): x mod y is that one number, not a hull (fmod is exact)
+    x0, y0 = (torch.as_tensor(v, dtype=torch.float64, device=ref.device) for v in (a, c))
+    point = (a == b) & (c == d) & (y0 != 0) & torch.isfinite(x0) & torch.isfinite(y0)
+    value = torch.remainder(x0, torch.where(point, y0, torch.ones_like(y0)))
+    return (_where(point, value, lo), _where(point, value, hi))
 
 
 # Relative (and absolute, near 0) half-width widen() adds: far more than the float64 rounding
