@@ -115,7 +115,11 @@ def pattern_fragments(pattern: str):
     return walks.PATTERNS[pattern]
 
 
-BWD_PARTS = ("dkdv", "dq")
+BWD_PARTS = ("dkdv", "dq", "fused")
+# How the backward computes dQ: "split", a kernel of its own (bwd.py: 7 GEMMs per tile pair,
+# deterministic), or "fused" into the dK/dV program (bwd_fused.py: 5 GEMMs, dQ accumulated in fp32
+# by TMA reduce-adds in an order that depends on scheduling), and the kernels each one launches.
+BWD_METHODS = {"split": ("dkdv", "dq"), "fused": ("fused",)}
 
 
 @dataclass(frozen=True)
@@ -139,10 +143,10 @@ class GluonBwdConfig:
     q_stages: int = 3
 
     def num_warps(self, part: str) -> int:
-        return (self.kv_block_n if part == "dkdv" else self.q_block_m) // 16
+        return (self.q_block_m if part == "dq" else self.kv_block_n) // 16
 
     def stages(self, part: str) -> int:
-        return self.kv_stages if part == "dkdv" else self.q_stages
+        return self.q_stages if part == "dq" else self.kv_stages
 
 
 def default_bwd_config(head_dim: int) -> GluonBwdConfig:
@@ -164,11 +168,13 @@ def default_bwd_config(head_dim: int) -> GluonBwdConfig:
 def bwd_shared_bytes(config: GluonBwdConfig, head_dim: int, elem_bytes: int = 2) -> Dict[str, int]:
     """Each backward kernel's shared-memory tiles (barriers aside). dK/dV: K and V of the program,
     and per stage Q, dO and the fp32 lse2 / delta rows; dQ: Q and dO, and per stage K and V (dK, dV,
-    dQ are staged in K's, V's and Q's buffers)."""
+    dQ are staged in K's, V's and Q's buffers); fused: dK/dV's, plus dS^T of a step and the fp32
+    staging tile of its dQ partial."""
     kv = 2 * config.kv_block_n * head_dim * elem_bytes
     kv += config.kv_stages * (2 * config.kv_block_m * head_dim * elem_bytes + 2 * config.kv_block_m * 4)
     q = 2 * config.q_block_m * head_dim * elem_bytes + config.q_stages * 2 * config.q_block_n * head_dim * elem_bytes
-    return {"dkdv": kv, "dq": q}
+    fused = kv + config.kv_block_n * config.kv_block_m * elem_bytes + config.kv_block_m * head_dim * 4
+    return {"dkdv": kv, "dq": q, "fused": fused}
 
 
 def check_bwd_head_dim(head_dim: int) -> None:
@@ -178,8 +184,13 @@ def check_bwd_head_dim(head_dim: int) -> None:
                          f"thread)")
 
 
-def check_bwd_config(config: GluonBwdConfig, head_dim: int) -> None:
+def check_bwd_config(config: GluonBwdConfig, head_dim: int, method: str = "split") -> None:
+    """Refuse tiles that the kernels of backward `method` (BWD_METHODS) cannot take."""
+    _check_choice("method", method, tuple(BWD_METHODS))
     check_bwd_head_dim(head_dim)
+    if method == "fused" and config.kv_block_m != 64:
+        raise ValueError(f"attncc.runtime.gluon: the fused backward takes kv_block_m = 64 (its dQ partial is one "
+                         f"64-row wgmma, the columns split between the warpgroups), got {config.kv_block_m}")
     for name in ("kv_block_n", "q_block_m"):
         if getattr(config, name) not in (64, 128):
             raise ValueError(f"attncc.runtime.gluon: {name} must be 64 or 128 (16 rows per warp, whole warpgroups), "
@@ -192,7 +203,7 @@ def check_bwd_config(config: GluonBwdConfig, head_dim: int) -> None:
         if getattr(config, name) < 2:
             raise ValueError(f"attncc.runtime.gluon: {name} must be >= 2, got {getattr(config, name)}")
     for part, need in bwd_shared_bytes(config, head_dim).items():
-        if need > SM90_SHARED_BYTES - 1024:
+        if part in BWD_METHODS[method] and need > SM90_SHARED_BYTES - 1024:
             raise ValueError(f"attncc.runtime.gluon: the {part} kernel of {config} at head dim {head_dim} needs {need} "
                              f"bytes of shared memory, more than the {SM90_SHARED_BYTES} an sm90 CTA may use")
 
@@ -479,7 +490,7 @@ class BwdVariant:
     @property
     def name(self) -> str:
         c = self.config
-        tiles = (f"n{c.kv_block_n}m{c.kv_block_m}s{c.kv_stages}" if self.part == "dkdv" else
+        tiles = (f"n{c.kv_block_n}m{c.kv_block_m}s{c.kv_stages}" if self.part != "dq" else
                  f"m{c.q_block_m}n{c.q_block_n}s{c.q_stages}")
         return f"bwd-{self.part}-{self.pattern}-{self.dtype}-d{self.head_dim}-{tiles}"
 
@@ -560,13 +571,22 @@ def _desc_type(block, dtype: str) -> str:
 def _bwd_source(variant: BwdVariant):
     """(kernel, signature, constexprs, options) of a backward variant, as `attention_backward` launches it."""
     c, d, dt = variant.config, variant.head_dim, variant.dtype
-    check_bwd_config(c, d)
+    check_bwd_config(c, d, "fused" if variant.part == "fused" else "split")
     walk, qwalk, mask = backward_fragments(variant.pattern)
     if variant.part == "dkdv":
         from attncc.runtime.gluon.bwd import attn_bwd_dkdv as kernel
         rows, keys = [1, 1, c.kv_block_m, d], [1, 1, c.kv_block_n, d]
         signature = {"q_desc": _desc_type(rows, dt), "k_desc": _desc_type(keys, dt), "v_desc": _desc_type(keys, dt),
                      "do_desc": _desc_type(rows, dt), "dk_desc": _desc_type(keys, dt), "dv_desc": _desc_type(keys, dt),
+                     "lse_desc": _desc_type([1, 1, c.kv_block_m], "float32"),
+                     "delta_desc": _desc_type([1, 1, c.kv_block_m], "float32")}
+        constexprs = {"QWALK": qwalk, "MASK": mask}
+    elif variant.part == "fused":
+        from attncc.runtime.gluon.bwd_fused import attn_bwd_fused as kernel
+        rows, keys = [1, 1, c.kv_block_m, d], [1, 1, c.kv_block_n, d]
+        signature = {"q_desc": _desc_type(rows, dt), "k_desc": _desc_type(keys, dt), "v_desc": _desc_type(keys, dt),
+                     "do_desc": _desc_type(rows, dt), "dk_desc": _desc_type(keys, dt), "dv_desc": _desc_type(keys, dt),
+                     "dq_acc_desc": _desc_type(rows, "float32"),
                      "lse_desc": _desc_type([1, 1, c.kv_block_m], "float32"),
                      "delta_desc": _desc_type([1, 1, c.kv_block_m], "float32")}
         constexprs = {"QWALK": qwalk, "MASK": mask}
