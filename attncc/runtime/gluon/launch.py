@@ -293,8 +293,12 @@ def attention(q, k, v, *, pattern: str = "dense", scale: Optional[float] = None,
 
 def attention_backward(q, k, v, o, lse, do, dlse=None, *, pattern: str = "dense", scale: Optional[float] = None,
                        q_offset: int = 0, k_offset: int = 0, n_q: Optional[int] = None, n_k: Optional[int] = None,
-                       config: Optional[GluonBwdConfig] = None, walk=None, qwalk=None, mask=None):
-    """dq, dk, dv of `attention(q, k, v, ...)` through the Gluon sm90 backward (bwd.py).
+                       config: Optional[GluonBwdConfig] = None, walk=None, qwalk=None, mask=None,
+                       method: str = "split"):
+    """dq, dk, dv of `attention(q, k, v, ...)` through the Gluon sm90 backward: `method` "split"
+    (bwd.py: a dK/dV and a dQ kernel, deterministic) or "fused" (bwd_fused.py: dQ added into an fp32
+    accumulator from the dK/dV program by TMA reduce-adds, then scaled and converted; fewer GEMMs,
+    dQ's last bits depend on the order of the additions).
 
     q, k, v and the call's options as for `attention`; o [B, Hq, Nq, D] and the natural-log LSE
     [B, Hq, Nq] (float32; -inf on rows without an allowed key) are the forward's outputs, do = dLoss/do
@@ -302,18 +306,20 @@ def attention_backward(q, k, v, o, lse, do, dlse=None, *, pattern: str = "dense"
     `walk`, `qwalk`, `mask` override the pattern's fragments (walks.py). Head dims 64 and 128.
     Returns dq [B, Hq, Nq, D], dk, dv [B, Hkv, Nk, D] in q's dtype, contiguous; dK and dV are summed
     over the query heads of each GQA group inside one program (no atomics: deterministic)."""
+    _check_choice("method", method, tuple(BWD_METHODS))
     import torch
     import triton
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from attncc.runtime.gluon.bwd import attn_bwd_dkdv, attn_bwd_dq
-    from attncc.runtime.gluon.preprocess import bwd_preprocess
+    from attncc.runtime.gluon.bwd_fused import attn_bwd_fused
+    from attncc.runtime.gluon.preprocess import bwd_postprocess, bwd_preprocess
 
     B, Hq, Nq, D, Hkv, Nk = check_operands(q, k, v)
     check_backward_operands(q, o, lse, do, dlse)
     check_devices(q, k, v)
     config = default_bwd_config(D) if config is None else config
-    check_bwd_config(config, D)
+    check_bwd_config(config, D, method)
     default_walk, default_qwalk, default_mask = backward_fragments(pattern)
     walk = default_walk if walk is None else walk
     qwalk = default_qwalk if qwalk is None else qwalk
@@ -344,9 +350,9 @@ def attention_backward(q, k, v, o, lse, do, dlse=None, *, pattern: str = "dense"
     dv = torch.empty(B, Hkv, Nk, D, dtype=q.dtype, device=q.device)
     gl_dtype = _gl_dtype(q.dtype)
 
-    def desc(t, block_rows):
+    def desc(t, block_rows, dtype=gl_dtype):
         block = [1, 1, block_rows, D]
-        return TensorDescriptor(t, list(t.shape), list(t.stride()), block, _smem_layout(block, gl_dtype))
+        return TensorDescriptor(t, list(t.shape), list(t.stride()), block, _smem_layout(block, dtype))
 
     def rows_desc(t, block_rows):
         block = [1, 1, block_rows]
@@ -355,6 +361,18 @@ def attention_backward(q, k, v, o, lse, do, dlse=None, *, pattern: str = "dense"
     qk_scale = scale * LOG2E
     group = Hq // Hkv
     c = config
+    if method == "fused":
+        dq_acc = torch.zeros(B, Hq, Nq, D, dtype=torch.float32, device=q.device)
+        attn_bwd_fused[(triton.cdiv(Nk, c.kv_block_n), B * Hkv)](
+            desc(q, c.kv_block_m), desc(k, c.kv_block_n), desc(v, c.kv_block_n), desc(do, c.kv_block_m),
+            desc(dk, c.kv_block_n), desc(dv, c.kv_block_n), desc(dq_acc, c.kv_block_m, _gl_dtype("float32")),
+            rows_desc(lse2, c.kv_block_m), rows_desc(delta, c.kv_block_m),
+            Hq, group, Nq, Nk, q_offset, k_offset, n_q, n_k, qk_scale, scale,
+            QWALK=qwalk, MASK=mask, STAGES=c.kv_stages, num_warps=c.num_warps("fused"))
+        post_block = 1024
+        bwd_postprocess[(triton.cdiv(dq.numel(), post_block), )](dq_acc, dq, scale, dq.numel(), BLOCK=post_block,
+                                                                 num_warps=4)
+        return dq, dk, dv
     attn_bwd_dkdv[(triton.cdiv(Nk, c.kv_block_n), B * Hkv)](
         desc(q, c.kv_block_m), desc(k, c.kv_block_n), desc(v, c.kv_block_n), desc(do, c.kv_block_m),
         desc(dk, c.kv_block_n), desc(dv, c.kv_block_n), rows_desc(lse2, c.kv_block_m), rows_desc(delta, c.kv_block_m),
@@ -480,7 +498,8 @@ class Variant:
 
 @dataclass(frozen=True)
 class BwdVariant:
-    """One backward kernel specialization: `part` "dkdv" (attn_bwd_dkdv) or "dq" (attn_bwd_dq)."""
+    """One backward kernel specialization: `part` "dkdv" (attn_bwd_dkdv), "dq" (attn_bwd_dq) or "fused"
+    (attn_bwd_fused, which takes the dK/dV tiles)."""
     part: str
     pattern: str
     dtype: str
@@ -669,8 +688,8 @@ def variants(kernels=KERNELS, patterns=tuple(walks.PATTERNS), dtypes=DTYPES, hea
 
 
 def bwd_ci_variants():
-    """The backward variants CI compiles: every kernel, pattern, dtype and head dim at the default
-    tiles (16, ~1.5 s each); `bwd_variants` adds the other ring depths."""
+    """The backward variants CI compiles: every kernel (dK/dV, dQ, fused), pattern, dtype and head dim
+    at the default tiles (24, ~1.5-3 s each); `bwd_variants` adds the other ring depths."""
     return [v for v in bwd_variants() if v.config == default_bwd_config(v.head_dim)]
 
 
@@ -683,7 +702,7 @@ def bwd_variants(patterns=tuple(walks.PATTERNS), dtypes=DTYPES, head_dims=BWD_HE
         for part in BWD_PARTS:
             configs = [base]
             for depth in (2, 3, 4):
-                field = "kv_stages" if part == "dkdv" else "q_stages"
+                field = "q_stages" if part == "dq" else "kv_stages"
                 cfg = dataclasses.replace(base, **{field: depth})
                 if depth != base.stages(part) and bwd_shared_bytes(cfg, head_dim)[part] <= SM90_SHARED_BYTES - 1024:
                     configs.append(cfg)
