@@ -15,12 +15,11 @@ without an allowed key) and delta = rowsum(dO * O) - dLSE, written by `preproces
   dO loaded once, K and V blocks of the forward's walk through the ring, S = Q K^T and dP = dO V^T
   from shared memory, dQ += dS K with dS from registers; dQ is stored through Q's buffer.
 
-Why two kernels and not FlashAttention-3's single one: FA3 computes dQ inside the dK/dV program and
-adds it into an fp32 buffer with atomics (through shared memory and a TMA reduce, then a convert
-kernel). Gluon 3.6 exposes no TMA reduction on sm90, per-element atomics from registers would be
-BLOCK_M x D of them per step, and their ordering, throughput and races cannot be checked without a
-GPU. Here every output element is written once by one program, deterministically; the price is S
-and dP computed twice (7 GEMMs per tile pair instead of 5). docs/gluon.md has the accounting.
+Why two kernels: every output element is written once by one program, deterministically (no
+atomics), which makes this the default and the reproducible backward. The price is S and dP
+computed twice (7 GEMMs per tile pair); bwd_fused.py is FlashAttention-3's single kernel (5 GEMMs,
+dQ added into an fp32 buffer by TMA reduce-adds, not bitwise repeatable). docs/gluon.md has the
+accounting. The dK/dV program's frame and step live in common.py, shared with the fused kernel.
 
 Rows past Nq and keys past Nk read as zeros (TMA); what they produce stays in rows that are never
 stored (dK/dV rows past Nk, dQ rows past Nq) or is masked: the walks make every block with such a
