@@ -294,6 +294,20 @@ def start_key_block(kb, b, hk, k_desc, v_desc, k_smem, v_smem, kv_bar, descs, sm
 
 
 @gluon.jit
+def next_query_step(t, descs, smem, bars, b, hk, GROUP, lo, n_blocks, total):
+    """Step t's turn of the ring: refill the slot that held step t - 1 (after a CTA barrier: every
+    warp has finished its wgmmas and loads on it) with step t + STAGES - 1, wait for step t's slot.
+    Returns (slot, h, qb): the slot and the step's query head and block."""
+    STAGES: gl.constexpr = smem[0].shape[0]
+    gl.thread_barrier()
+    ahead = t + STAGES - 1
+    issue_query_step(descs, smem, bars, b, hk, GROUP, lo, n_blocks, ahead, ahead < total)
+    slot = t % STAGES
+    mbarrier.wait(bars.index(slot), (t // STAGES) & 1)
+    return slot, hk * GROUP + t // n_blocks, lo + t % n_blocks
+
+
+@gluon.jit
 def transposed_step(t, k, v, descs, smem, bars, b, hk, GROUP, lo, n_blocks, total, full_lo, full_hi, k_lo, Nq, q_offset,
                     n_q, n_k, qk_scale, dv, MASK: gl.constexpr, num_warps: gl.constexpr):
     """Step t of a key-block program, up to dS^T (the caller issues dK += dS^T Q and waits).
@@ -310,7 +324,6 @@ def transposed_step(t, k, v, descs, smem, bars, b, hk, GROUP, lo, n_blocks, tota
     q_desc = descs[0]
     q_smem, do_smem, lse_smem, delta_smem = smem
     dtype: gl.constexpr = q_desc.dtype
-    STAGES: gl.constexpr = q_smem.shape[0]
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[2]
     HEAD_DIM: gl.constexpr = q_desc.block_type.shape[3]
     BLOCK_N: gl.constexpr = k.shape[0]
@@ -319,14 +332,7 @@ def transposed_step(t, k, v, descs, smem, bars, b, hk, GROUP, lo, n_blocks, tota
     a_layout: gl.constexpr = lhs_layout(acc_layout)  # P^T and dS^T as the A operand of dV += P^T dO, dK += dS^T Q
     col_layout: gl.constexpr = gl.SliceLayout(0, st_layout)  # one value per query row (a column of S^T)
 
-    # Refill the slot that held step t - 1: every warp has finished its wgmmas and loads on it.
-    gl.thread_barrier()
-    ahead = t + STAGES - 1
-    issue_query_step(descs, smem, bars, b, hk, GROUP, lo, n_blocks, ahead, ahead < total)
-    slot = t % STAGES
-    mbarrier.wait(bars.index(slot), (t // STAGES) & 1)
-    h = hk * GROUP + t // n_blocks
-    qb = lo + t % n_blocks
+    slot, h, qb = next_query_step(t, descs, smem, bars, b, hk, GROUP, lo, n_blocks, total)
     q = q_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
     do = do_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
     # S^T and dP^T are independent: both on the tensor cores at once, P^T computed while dP^T runs.
