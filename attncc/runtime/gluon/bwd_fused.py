@@ -39,18 +39,22 @@ from attncc.runtime.gluon.common import (finish_key_block, key_block_buffers, mm
 @gluon.jit
 def attn_bwd_fused(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_acc_desc, lse_desc, delta_desc,
                    H, GROUP, Nq, Nk, q_offset, k_offset, n_q, n_k, qk_scale, sm_scale,
-                   QWALK: gl.constexpr, MASK: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+                   QWALK: gl.constexpr, MASK: gl.constexpr, STAGES: gl.constexpr, DQ_PIECES: gl.constexpr,
+                   num_warps: gl.constexpr):
     """dK, dV of one key block of BLOCK_N = 16 * num_warps keys of one (batch, kv head), summed over
     the GROUP query heads that share it, and its dQ partials added into dq_acc (fp32 [B, Hq, Nq, D],
     zeroed by the host; blocks of BLOCK_M rows).
 
-    Descriptors as bwd.attn_bwd_dkdv's, plus dq_acc_desc (4-d, fp32, box [1, 1, BLOCK_M, D])."""
+    Descriptors as bwd.attn_bwd_dkdv's, plus dq_acc_desc (4-d, fp32, box [1, 1, BLOCK_M, D]).
+    DQ_PIECES: 1, the dQ partial's wgmma in flight with dV's and dK's; 2 (or more), computed in that
+    many column slices after them, for registers."""
     dtype: gl.constexpr = q_desc.dtype
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[2]
     HEAD_DIM: gl.constexpr = q_desc.block_type.shape[3]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[2]
     acc_layout: gl.constexpr = mma_layout(num_warps, HEAD_DIM)  # dK, dV: [BLOCK_N, HEAD_DIM]
-    dq_layout: gl.constexpr = mma_layout_split_n(num_warps, HEAD_DIM)  # dQ partial: [BLOCK_M, HEAD_DIM]
+    PIECE: gl.constexpr = HEAD_DIM // DQ_PIECES
+    dq_layout: gl.constexpr = mma_layout_split_n(num_warps, PIECE)  # a slice of the dQ partial: [BLOCK_M, PIECE]
     gl.static_assert(BLOCK_N == 16 * num_warps, "BLOCK_N is 16 keys per warp")
     gl.static_assert(BLOCK_M == 64, "the dQ partial is one wgmma M of 64 rows, its columns split by warpgroup")
 
@@ -89,13 +93,25 @@ def attn_bwd_fused(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_acc_des
         fence_async_shared()
         gl.thread_barrier()
         dk_tok = warpgroup_mma(ds_smem, q, dk, is_async=True)
-        dq_tok = warpgroup_mma(ds_smem.permute((1, 0)), k, gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, dq_layout),
-                               use_acc=False, is_async=True)
-        dv, dk, dq, pt_a = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, dq_tok, pt_a))
-        # The staging tile's previous reduce has read it (issued a whole step ago: no wait in practice).
-        tma.store_wait(0)
-        gl.thread_barrier()
-        dq_tile.store(dq)
+        if DQ_PIECES == 1:
+            # dQ_partial issued behind dV and dK, all three waited together.
+            dq_tok = warpgroup_mma(ds_smem.permute((1, 0)), k, gl.zeros([BLOCK_M, PIECE], gl.float32, dq_layout),
+                                   use_acc=False, is_async=True)
+            dv, dk, dq, pt_a = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, dq_tok, pt_a))
+            # The staging tile's previous reduce has read it (issued a whole step ago: no wait in practice).
+            tma.store_wait(0)
+            gl.thread_barrier()
+            dq_tile.store(dq)
+        else:
+            # dQ_partial in DQ_PIECES column slices, one after the other once dV and dK are done: one
+            # slice's accumulator live at a time (at D = 128 this halves the spills: docs/gluon.md).
+            dv, dk, pt_a = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, pt_a))
+            tma.store_wait(0)
+            gl.thread_barrier()
+            for piece in gl.static_range(DQ_PIECES):
+                dq = warpgroup_mma(ds_smem.permute((1, 0)), k.slice(piece * PIECE, PIECE, dim=1),
+                                   gl.zeros([BLOCK_M, PIECE], gl.float32, dq_layout), use_acc=False)
+                dq_tile.slice(piece * PIECE, PIECE, dim=1).store(dq)
         fence_async_shared()
         gl.thread_barrier()
         tma_reduce_add(dq_acc_desc, [b, h, qb * BLOCK_M, 0], dq_smem)

@@ -134,6 +134,9 @@ class GluonBwdConfig:
     q_block_m: query rows per dQ program (num_warps = q_block_m // 16).
     q_block_n: keys per step of the dQ program.
     q_stages: depth of its ring of (K, V) blocks.
+    dq_pieces: the fused kernel's (bwd_fused.py): 1, its dQ partial = dS K is one wgmma in flight with
+        dV's and dK's; 2, two column halves after them (fewer registers: at D = 128, 64-88 bytes of
+        spills instead of 152-168; each half re-reads dS from shared memory). Neither is timed.
     """
     kv_block_n: int = 128
     kv_block_m: int = 64
@@ -141,6 +144,7 @@ class GluonBwdConfig:
     q_block_m: int = 128
     q_block_n: int = 64
     q_stages: int = 3
+    dq_pieces: int = 1
 
     def num_warps(self, part: str) -> int:
         return (self.q_block_m if part == "dq" else self.kv_block_n) // 16
@@ -157,12 +161,15 @@ def default_bwd_config(head_dim: int) -> GluonBwdConfig:
     registers; 128-key steps reach 246), 3 stages (164 KB).
     D = 64: dK/dV 128 x 64 (191 registers), 4 stages (100 KB); dQ 128 x 128 (217 registers),
     3 stages (131 KB).
+    Fused (bwd_fused.py): the dK/dV tiles; at D = 128 its dQ partial in two column halves
+    (`dq_pieces`: fewer spills), at 64 in one piece (no spills either way).
     D = 256 has none: dK and dV of even one warpgroup's 64 keys are 2 x 128 fp32 registers per
     thread, the whole register file (`check_bwd_head_dim` says so)."""
     check_bwd_head_dim(head_dim)
     if head_dim == 64:
         return GluonBwdConfig(kv_block_n=128, kv_block_m=64, kv_stages=4, q_block_m=128, q_block_n=128, q_stages=3)
-    return GluonBwdConfig(kv_block_n=128, kv_block_m=64, kv_stages=3, q_block_m=128, q_block_n=64, q_stages=3)
+    return GluonBwdConfig(kv_block_n=128, kv_block_m=64, kv_stages=3, q_block_m=128, q_block_n=64, q_stages=3,
+                          dq_pieces=2)
 
 
 def bwd_shared_bytes(config: GluonBwdConfig, head_dim: int, elem_bytes: int = 2) -> Dict[str, int]:
@@ -191,6 +198,11 @@ def check_bwd_config(config: GluonBwdConfig, head_dim: int, method: str = "split
     if method == "fused" and config.kv_block_m != 64:
         raise ValueError(f"attncc.runtime.gluon: the fused backward takes kv_block_m = 64 (its dQ partial is one "
                          f"64-row wgmma, the columns split between the warpgroups), got {config.kv_block_m}")
+    warpgroups = config.kv_block_n // 64
+    if (config.dq_pieces < 1 or head_dim % (config.dq_pieces * warpgroups) or
+            head_dim // (config.dq_pieces * warpgroups) % 8):
+        raise ValueError(f"attncc.runtime.gluon: dq_pieces must split head dim {head_dim} into column slices that "
+                         f"the {warpgroups} warpgroups split again in multiples of 8, got {config.dq_pieces}")
     for name in ("kv_block_n", "q_block_m"):
         if getattr(config, name) not in (64, 128):
             raise ValueError(f"attncc.runtime.gluon: {name} must be 64 or 128 (16 rows per warp, whole warpgroups), "
@@ -368,7 +380,7 @@ def attention_backward(q, k, v, o, lse, do, dlse=None, *, pattern: str = "dense"
             desc(dk, c.kv_block_n), desc(dv, c.kv_block_n), desc(dq_acc, c.kv_block_m, _gl_dtype("float32")),
             rows_desc(lse2, c.kv_block_m), rows_desc(delta, c.kv_block_m),
             Hq, group, Nq, Nk, q_offset, k_offset, n_q, n_k, qk_scale, scale,
-            QWALK=qwalk, MASK=mask, STAGES=c.kv_stages, num_warps=c.num_warps("fused"))
+            QWALK=qwalk, MASK=mask, STAGES=c.kv_stages, DQ_PIECES=c.dq_pieces, num_warps=c.num_warps("fused"))
         post_block = 1024
         bwd_postprocess[(triton.cdiv(dq.numel(), post_block), )](dq_acc, dq, scale, dq.numel(), BLOCK=post_block,
                                                                  num_warps=4)
@@ -511,6 +523,8 @@ class BwdVariant:
         c = self.config
         tiles = (f"n{c.kv_block_n}m{c.kv_block_m}s{c.kv_stages}" if self.part != "dq" else
                  f"m{c.q_block_m}n{c.q_block_n}s{c.q_stages}")
+        if self.part == "fused":
+            tiles += f"p{c.dq_pieces}"
         return f"bwd-{self.part}-{self.pattern}-{self.dtype}-d{self.head_dim}-{tiles}"
 
 
@@ -608,7 +622,7 @@ def _bwd_source(variant: BwdVariant):
                      "dq_acc_desc": _desc_type(rows, "float32"),
                      "lse_desc": _desc_type([1, 1, c.kv_block_m], "float32"),
                      "delta_desc": _desc_type([1, 1, c.kv_block_m], "float32")}
-        constexprs = {"QWALK": qwalk, "MASK": mask}
+        constexprs = {"QWALK": qwalk, "MASK": mask, "DQ_PIECES": c.dq_pieces}
     else:
         _check_choice("part", variant.part, BWD_PARTS)
         from attncc.runtime.gluon.bwd import attn_bwd_dq as kernel
@@ -689,13 +703,16 @@ def variants(kernels=KERNELS, patterns=tuple(walks.PATTERNS), dtypes=DTYPES, hea
 
 def bwd_ci_variants():
     """The backward variants CI compiles: every kernel (dK/dV, dQ, fused), pattern, dtype and head dim
-    at the default tiles (24, ~1.5-3 s each); `bwd_variants` adds the other ring depths."""
-    return [v for v in bwd_variants() if v.config == default_bwd_config(v.head_dim)]
+    at the default tiles (24, ~1.5-3 s each), and the fused kernel's dQ in one piece at D = 128 (its
+    other branch); `bwd_variants` adds the other ring depths."""
+    one_piece = dataclasses.replace(default_bwd_config(128), dq_pieces=1)
+    return [v for v in bwd_variants() if v.config == default_bwd_config(v.head_dim)] + [
+        BwdVariant("fused", "causal", "bfloat16", 128, one_piece)]
 
 
 def bwd_variants(patterns=tuple(walks.PATTERNS), dtypes=DTYPES, head_dims=BWD_HEAD_DIMS):
     """Every backward variant: kernels x patterns x dtypes x head dims at the default tiles, plus each
-    kernel's other ring depths (2-4) that fit."""
+    kernel's other ring depths (2-4) that fit and the fused kernel's other dQ split (`dq_pieces`)."""
     out = []
     for head_dim in head_dims:
         base = default_bwd_config(head_dim)
@@ -706,6 +723,8 @@ def bwd_variants(patterns=tuple(walks.PATTERNS), dtypes=DTYPES, head_dims=BWD_HE
                 cfg = dataclasses.replace(base, **{field: depth})
                 if depth != base.stages(part) and bwd_shared_bytes(cfg, head_dim)[part] <= SM90_SHARED_BYTES - 1024:
                     configs.append(cfg)
+            if part == "fused":  # the dQ partial in the other number of pieces (1 <-> 2)
+                configs.append(dataclasses.replace(base, dq_pieces=3 - base.dq_pieces))
             for cfg in configs:
                 for pattern in patterns:
                     for dtype in dtypes:
