@@ -716,8 +716,9 @@ def compile_recorded_launch(out_path: str) -> str:
 def compile_recorded_backward(out_path: str) -> str:
     """Run in a process without TRITON_INTERPRET: record the launches of the generated causal module's
     ``_backward`` on the Gluon path (stubbed device, bf16, D = 128, GQA, offsets, a dLSE): the
-    preprocess (tl) and the dK/dV and dQ kernels (Gluon), and compile each for sm90 with the
-    signature Triton specializes the recorded values to."""
+    preprocess (tl) and the dK/dV and dQ kernels (Gluon), then with ATTNCC_GLUON_BWD=fused the fused
+    kernel (Gluon) and its postprocess (tl), and compile each for sm90 with the signature Triton
+    specializes the recorded values to."""
     from kernel_compile import compile_launch, recorded_launches
 
     real = backend.device_problem, launch.check_devices
@@ -736,8 +737,11 @@ def compile_recorded_backward(out_path: str) -> str:
         lse, dlse = torch.zeros(2, 4, 300), torch.zeros(2, 4, 300)
         with recorded_launches() as recorded:
             mod._backward(call, o, lse, do, dlse)
+            os.environ["ATTNCC_GLUON_BWD"] = "fused"
+            mod._backward(call, o, lse, do, dlse)
     finally:
         backend.device_problem, launch.check_devices = real
+        os.environ.pop("ATTNCC_GLUON_BWD", None)
     out = {}
     for rec in recorded:
         compiled = compile_launch(rec, "cubin")
@@ -758,10 +762,11 @@ def test_recorded_backward_launches_compile_for_sm90(tmp_path):
     assert run.returncode == 0, run.stdout + run.stderr
     with open(out, "rb") as f:
         result = pickle.load(f)
-    assert set(result) == {"bwd_preprocess", "attn_bwd_dkdv", "attn_bwd_dq"}
-    assert result["attn_bwd_dkdv"]["wgmma"] and result["attn_bwd_dq"]["wgmma"]
+    assert set(result) == {"bwd_preprocess", "attn_bwd_dkdv", "attn_bwd_dq", "attn_bwd_fused", "bwd_postprocess"}
+    assert result["attn_bwd_dkdv"]["wgmma"] and result["attn_bwd_dq"]["wgmma"] and result["attn_bwd_fused"]["wgmma"]
+    assert result["attn_bwd_fused"]["signature"]["dq_acc_desc"].startswith("tensordesc<fp32[1, 1, 64, 128]")
     cfg = backend.gluon_bwd_config(128)
-    for name, part in (("attn_bwd_dkdv", "dkdv"), ("attn_bwd_dq", "dq")):
+    for name, part in (("attn_bwd_dkdv", "dkdv"), ("attn_bwd_dq", "dq"), ("attn_bwd_fused", "fused")):
         assert launch.bwd_shared_bytes(cfg, 128)[part] <= result[name]["shared"] <= launch.SM90_SHARED_BYTES
     assert result["attn_bwd_dq"]["signature"]["lse_stride"] == "i64"
     assert result["attn_bwd_dkdv"]["signature"]["lse_desc"].startswith("tensordesc<fp32[1, 1, 64]")
