@@ -4,10 +4,11 @@
 `attn_bwd_fused` is bwd.py's dK/dV program (one per key block and batch x kv head, the query blocks
 of the key block's walk for every head of the GQA group through a TMA ring, tiles transposed: the
 frame and the step are `common.key_block_buffers`, `start_key_block`, `transposed_step`,
-`finish_key_block`) with one more GEMM per step: dS^T, already in registers for dK += dS^T Q, is
-also stored to shared memory, and dQ_partial = dS K (A = dS^T's transposed view, B = K, both from
-shared memory; [BLOCK_M, D] fp32 split by columns between the two warpgroups) is added into an fp32
-dQ accumulator in global memory by a TMA reduce-add (`common.tma_reduce_add`:
+`finish_key_block`) with one more GEMM per step: dS^T goes to shared memory, where dK += dS^T Q
+reads it as its A operand and dQ_partial = dS K through its transposed view (B = K; [BLOCK_M, D]
+fp32 split by columns between the two warpgroups, at D = 128 in two column halves: `DQ_PIECES`),
+and the partial is added into an fp32 dQ accumulator in global memory by a TMA reduce-add
+(`common.tma_reduce_add`:
 `cp.reduce.async.bulk.tensor ... .add.f32`) through an fp32 staging tile. `preprocess.bwd_postprocess`
 then writes dQ = dQ_acc * sm_scale in q's dtype.
 
@@ -66,8 +67,8 @@ def attn_bwd_fused(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_acc_des
 
     k_smem, v_smem, smem, kv_bar, bars = key_block_buffers(q_desc, k_desc, v_desc, do_desc, lse_desc, delta_desc,
                                                            STAGES)
-    # dS^T of the step ([keys, rows], the A operand of dQ += dS K through its transposed view) and the
-    # fp32 staging tile of the dQ partial's TMA reduce.
+    # dS^T of the step ([keys, rows]: the A operand of dK += dS^T Q, and through its transposed view
+    # of dQ_partial = dS K) and the fp32 staging tile of the dQ partial's TMA reduce.
     ds_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_M], smem_layout([BLOCK_N, BLOCK_M], dtype))
     dq_smem = gl.allocate_shared_memory(gl.float32, dq_acc_desc.block_type.shape, dq_acc_desc.layout)
     descs = (q_desc, do_desc, lse_desc, delta_desc)
@@ -87,7 +88,7 @@ def attn_bwd_fused(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_acc_des
                                                       MASK, num_warps)
         # dS^T goes to shared memory (while dV runs), where both of its GEMMs read it: dK += dS^T Q and,
         # through the transposed view, dQ_partial = dS K. No register copy of it as an A operand stays
-        # live next to dK, dV and the dQ partial (at D = 128 that spilled). The previous step's dQ
+        # live next to dK, dV and the dQ partial (registers: docs/gluon.md). The previous step's dQ
         # wgmma, its last reader, completed before that step ended.
         ds_smem.store(dst)
         fence_async_shared()
