@@ -179,6 +179,9 @@ def _shapes() -> List[Case]:
 
 # the forward's backends (attncc.runtime.backend): the Gluon sm90 forward of the specs that have one
 BACKENDS = ((("ATTNCC_BACKEND", "gluon"),),)
+# the Gluon backward's two methods (ATTNCC_GLUON_BWD, attncc.runtime.backend), both on the Gluon forward:
+# split (bwd.py, 7 GEMMs per tile pair, deterministic) and fused (bwd_fused.py, 5 GEMMs, dQ by TMA reduce-add)
+GLUON_BWD = tuple((("ATTNCC_BACKEND", "gluon"), ("ATTNCC_GLUON_BWD", method)) for method in ("split", "fused"))
 
 
 def _comparisons() -> List[Case]:
@@ -231,6 +234,16 @@ def _comparisons() -> List[Case]:
             Case("wired-fb-causal-8k", "causal 8K, f+b vs Flex (Gluon wired)", "causal", 2, 8192, **fb),
             Case("wired-fb-gqa-8k", "GQA 32/8 causal 8K, f+b vs Flex (Gluon wired)", "gqa", 2, 8192, Hq=32, Hkv=8,
                  smoke=P(Hq=32, Hkv=8, N=64), **fb)]
+    # the Gluon backward, split against fused (docs/gluon.md "bwd_fused.py"): the generated modules' f+b at
+    # their defaults (tl), then under each method, beside FlexAttention and cuDNN (`python -m bench gluon-bwd
+    # --bwd`; issue 20's f+b target is >= 1.35x Flex, D = 128)
+    gbwd = dict(baselines=("flex", "sdpa_cudnn"), groups=("gluon-bwd",), settings=GLUON_BWD)
+    out += [Case("gbwd-dense-4k", "dense 4K, Gluon backward split vs fused", "dense", 4, 4096, **gbwd),
+            Case("gbwd-causal-8k", "causal 8K, Gluon backward split vs fused", "causal", 2, 8192, **gbwd),
+            Case("gbwd-gqa-8k", "GQA 32/8 causal 8K, Gluon backward split vs fused", "gqa", 2, 8192, Hq=32, Hkv=8,
+                 smoke=P(Hq=32, Hkv=8, N=64), **gbwd),
+            Case("gbwd-causal-8k-d64", "causal 8K, D=64, Gluon backward split vs fused", "causal", 4, 8192, D=64,
+                 **gbwd)]
     # the families of issue 16 with their forward on the Gluon kernels through fragments rendered
     # from the Plan (generated/<spec>_gluon.py), beside FlexAttention (issue 16's 1.2x forward target)
     rendered = dict(baselines=("flex",), groups=("gluon-wired",), settings=BACKENDS)
@@ -289,6 +302,7 @@ SWEEPS: Dict[str, Tuple[Setting, ...]] = {
                                                   (128, 4, 5), (128, 8, 5), (64, 8, 7))),
     "decode-splits": tuple((("ATTNCC_DECODE_SPLITS", str(n)),) for n in (2, 4, 8, 16, 32, 64)),
     "backends": BACKENDS,
+    "gluon-bwd": GLUON_BWD,
 }
 
 

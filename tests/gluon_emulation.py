@@ -1,7 +1,9 @@
-"""A torch emulation of the Gluon sm90 backward kernels' tile loops (attncc/runtime/gluon/bwd.py),
-for the CPU: Gluon has no interpreter, so this is what checks their numerics before a GPU does.
+"""A torch emulation of the Gluon sm90 backward kernels' tile loops (attncc/runtime/gluon/bwd.py and
+bwd_fused.py), for the CPU: Gluon has no interpreter, so this is what checks their numerics before a
+GPU does.
 
-:class:`EmulatedKernel` stands in for ``attn_bwd_dkdv.run`` / ``attn_bwd_dq.run``: it receives
+:class:`EmulatedKernel` stands in for ``attn_bwd_dkdv.run`` / ``attn_bwd_dq.run`` /
+``attn_bwd_fused.run``: it receives
 exactly what ``launch.attention_backward`` launches (TMA descriptors over the host's tensors, the
 scalars, the constexpr fragments, the grid) and runs every program of the grid the way the kernel
 does, step for step:
@@ -14,7 +16,11 @@ does, step for step:
   key bound and the mask, as in the kernels;
 - the dK/dV program's step t is query head hk * GROUP + t // n_blocks and block lo + t % n_blocks;
 - GEMMs take the 16-bit operands the kernel has (P^T, dS^T, dS rounded to q's dtype before their
-  wgmma), accumulate in float32; P = exp2(S * qk_scale - lse2); dK and dQ scaled by sm_scale once.
+  wgmma), accumulate in float32; P = exp2(S * qk_scale - lse2); dK and dQ scaled by sm_scale once;
+- the fused kernel is the dK/dV program plus, per step, dQ_partial = dS K (dS^T as rounded for dK)
+  added in float32 into its dq_acc descriptor's box by the TMA reduce (the part inside the shape),
+  across the key-block programs of the grid, one after another (on a GPU their order varies: the
+  sums are the same up to fp32 rounding); the host's ``tl`` postprocess then scales and converts.
 
 It is a transcription, so it proves nothing about the Gluon code itself (the compiler checks its
 structure, tests/test_gluon_compile.py; the GPU tests its results): it catches algorithm bugs
@@ -71,6 +77,20 @@ def tma_store(desc, coords, value):
     t[tuple(dst)] = value.reshape(list(desc.block_shape))[tuple(src)].to(t.dtype)
 
 
+def tma_reduce_add(desc, coords, value):
+    """Add `value` (a box, float32) at `coords` into the descriptor's tensor, only the part inside its
+    shape (the TMA reduce clips as a store does)."""
+    t = torch.as_strided(desc.base, desc.shape, desc.strides)
+    src, dst = [], []
+    for c, n, size in zip(coords, desc.shape, desc.block_shape):
+        lo, hi = max(c, 0), min(c + size, n)
+        if hi <= lo:
+            return
+        dst.append(slice(lo, hi))
+        src.append(slice(lo - c, hi - c))
+    t[tuple(dst)] += value.reshape(list(desc.block_shape))[tuple(src)].to(t.dtype)
+
+
 def mm(a, b):
     return a.float() @ b.float()
 
@@ -80,8 +100,8 @@ def rounded(x, dtype):
     return x.to(dtype).float()
 
 
-def program_dkdv(a, kb, bhk):
-    """One program of attn_bwd_dkdv (`a`: its bound arguments)."""
+def program_dkdv(a, kb, bhk, fused=False):
+    """One program of attn_bwd_dkdv, or with `fused` of attn_bwd_fused (`a`: its bound arguments)."""
     q_desc, k_desc = a["q_desc"], a["k_desc"]
     dtype = q_desc.base.dtype
     BLOCK_M, HEAD_DIM = q_desc.block_shape[2], q_desc.block_shape[3]
@@ -122,8 +142,10 @@ def program_dkdv(a, kb, bhk):
         pt = torch.exp2(st * a["qk_scale"] - lse2[None, :])
         dv = dv + mm(rounded(pt, dtype), do)
         dpt = mm(v, do.T)
-        dst = pt * (dpt - delta[None, :])
-        dk = dk + mm(rounded(dst, dtype), q)
+        dst = rounded(pt * (dpt - delta[None, :]), dtype)
+        dk = dk + mm(dst, q)
+        if fused:  # dQ_partial = dS K, both GEMMs reading the one rounded dS^T
+            tma_reduce_add(a["dq_acc_desc"], [b, h, row, 0], mm(dst.T, k))
     tma_store(a["dk_desc"], [b, hk, kb * BLOCK_N, 0], rounded(dk * a["sm_scale"], dtype))
     tma_store(a["dv_desc"], [b, hk, kb * BLOCK_N, 0], rounded(dv, dtype))
     return total
@@ -182,7 +204,7 @@ def _read_rows(ptr, row0, rows, inside):
 
 class EmulatedKernel:
     """Stands in for a Gluon backward kernel's ``run``: records each launch and runs the grid's
-    programs with :func:`program_dkdv` / :func:`program_dq`."""
+    programs with :func:`program_dkdv` (the fused kernel's too) / :func:`program_dq`."""
 
     def __init__(self, kernel):
         self.kernel = kernel
@@ -199,7 +221,7 @@ class EmulatedKernel:
         name = self.kernel.fn.__name__
         for pid0 in range(grid[0]):
             for pid1 in range(grid[1]):
-                if name == "attn_bwd_dkdv":
-                    self.steps.append(program_dkdv(a, pid0, pid1))
+                if name in ("attn_bwd_dkdv", "attn_bwd_fused"):
+                    self.steps.append(program_dkdv(a, pid0, pid1, fused=name == "attn_bwd_fused"))
                 else:
                     self.steps.append(program_dq(a, pid0, pid1, grid[0]))

@@ -1,9 +1,12 @@
-"""The Gluon sm90 backward (attncc/runtime/gluon/bwd.py) checked on the CPU, where Gluon cannot run:
+"""The Gluon sm90 backward (attncc/runtime/gluon/bwd.py, and bwd_fused.py's fused kernel) checked on
+the CPU, where Gluon cannot run:
 
-- ``launch.attention_backward`` end to end with the two Gluon kernels replaced by a torch
+- ``launch.attention_backward`` end to end, ``method="split"`` and ``"fused"``, with the Gluon
+  kernels replaced by a torch
   emulation of their tile loops (tests/gluon_emulation.py: same walks, masks, block sizes, TMA
   zero fill, exp2 / lse2 scaling, GQA stepping, operand rounding), and the real ``tl`` preprocess
-  under Triton's interpreter: gradients against the float64 reference on seeded random calls
+  and the fused path's ``tl`` postprocess under Triton's interpreter: gradients against the float64
+  reference on seeded random calls
   (dense and causal, bf16 and fp16, D 64 and 128, GQA, offsets and n_q / n_k, Nq != Nk, rows
   without keys, lengths off the block sizes, with and without dLSE);
 - the emulation is not blind: a walk that skips a block or calls a partial block full fails it;
@@ -26,7 +29,7 @@ pytest.importorskip("triton.experimental.gluon")
 import attncc  # noqa: E402
 from triton.experimental import gluon  # noqa: E402
 from triton.experimental.gluon import language as gl  # noqa: E402
-from attncc.runtime.gluon import bwd, launch, walks  # noqa: E402
+from attncc.runtime.gluon import bwd, bwd_fused, launch, walks  # noqa: E402
 from attncc.spec import parse_spec  # noqa: E402
 from gluon_emulation import EmulatedKernel  # noqa: E402
 
@@ -39,7 +42,7 @@ def emulated(monkeypatch):
     """CPU tensors pass the device check; the two Gluon kernels run as their emulation."""
     monkeypatch.setattr(launch, "check_devices", lambda q, k, v: None)
     kernels = {}
-    for kernel in (bwd.attn_bwd_dkdv, bwd.attn_bwd_dq):
+    for kernel in (bwd.attn_bwd_dkdv, bwd.attn_bwd_dq, bwd_fused.attn_bwd_fused):
         kernels[kernel.fn.__name__] = EmulatedKernel(kernel)
         monkeypatch.setattr(kernel, "run", kernels[kernel.fn.__name__])
     return kernels
@@ -103,8 +106,8 @@ def run_case(case: Case, seed: int, **overrides):
     return (dq, dk, dv), reference_grads(case, q, k, v, do, dlse)
 
 
-def check_case(case: Case, seed: int):
-    got, want = run_case(case, seed)
+def check_case(case: Case, seed: int, method: str = "split"):
+    got, want = run_case(case, seed, method=method)
     for name, g, w in zip(("dq", "dk", "dv"), got, want):
         assert g.dtype == case.dtype and g.shape == w.shape and g.is_contiguous(), name
         assert not torch.isnan(g).any(), name
@@ -143,10 +146,11 @@ EDGES = [
 ]
 
 
+@pytest.mark.parametrize("method", ["split", "fused"])
 @pytest.mark.parametrize("case", EDGES, ids=lambda c: f"{c.pattern}-{str(c.dtype)[6:]}-d{c.D}-{c.Hq}/{c.Hkv}-"
                                                        f"{c.Nq}x{c.Nk}-at{c.q_offset},{c.k_offset}")
-def test_edges_against_the_reference(emulated, case):
-    got, _ = check_case(case, seed=3)
+def test_edges_against_the_reference(emulated, case, method):
+    got, _ = check_case(case, seed=3, method=method)
     if case.pattern == "causal" and case.k_offset > case.q_offset:
         rows = case.k_offset - case.q_offset  # rows that see no key: zero dq
         assert torch.all(got[0][:, :, :rows] == 0)
@@ -159,6 +163,57 @@ def test_random_calls_against_the_reference(emulated):
     dkdv, dq = emulated["attn_bwd_dkdv"], emulated["attn_bwd_dq"]
     assert len(dkdv.launches) == len(dq.launches) == 14
     assert sum(dkdv.steps) > 0 and sum(dq.steps) > 0
+    assert not emulated["attn_bwd_fused"].launches
+
+
+def test_fused_random_calls_against_the_reference(emulated):
+    """The fused kernel (dQ partials of every key-block program added into one fp32 accumulator, then
+    the tl postprocess) on the same seeded calls: odd lengths, offsets, n_q / n_k, GQA, dLSE."""
+    rng = random.Random(20)
+    for n in range(14):
+        check_case(random_case(rng), seed=n, method="fused")
+    fused = emulated["attn_bwd_fused"]
+    assert len(fused.launches) == 14 and sum(fused.steps) > 0
+    assert not emulated["attn_bwd_dkdv"].launches and not emulated["attn_bwd_dq"].launches
+
+
+def test_fused_matches_split_up_to_rounding(emulated):
+    """Both methods compute the same gradients: dK and dV bitwise (the same program, the same steps),
+    dQ up to fp32 summation order and one rounding (the split kernel rounds once after summing in its
+    registers; the fused one sums partials in fp32 memory, then rounds)."""
+    case = Case("causal", torch.bfloat16, 64, 1, 4, 2, 300, 290, q_offset=40, k_offset=3)
+    (sq, sk, sv), want = run_case(case, seed=9, method="split")
+    (fq, fk, fv), _ = run_case(case, seed=9, method="fused")
+    assert torch.equal(sk, fk) and torch.equal(sv, fv)
+    assert rel(fq, want[0]) < TOL[case.dtype] and rel(fq.double(), sq.double()) < TOL[case.dtype]
+
+
+def test_fused_launch_and_its_accumulator(emulated, monkeypatch):
+    """One fused launch over the key blocks (dK/dV tiles, fp32 dQ accumulator of the call's shape
+    with the dK/dV kernel's row box), zeroed before it and scaled by the postprocess after it."""
+    case = Case("dense", torch.float16, 128, 2, 4, 2, 200, 300, q_offset=100)
+    seen = {}
+    fused = emulated["attn_bwd_fused"]
+
+    def spy(*args, **kwargs):
+        acc = args[6].base
+        seen["before"] = acc.clone()
+        fused(*args, **kwargs)
+        seen["after"] = acc.clone()
+
+    monkeypatch.setattr(bwd_fused.attn_bwd_fused, "run", spy)
+    (dq, _, _), want = run_case(case, seed=1, method="fused")
+    cfg = launch.default_bwd_config(128)
+    (args, kwargs, grid), = fused.launches
+    assert grid == (-(-300 // cfg.kv_block_n), 2 * 2)
+    assert kwargs["STAGES"] == cfg.kv_stages and kwargs["num_warps"] == cfg.kv_block_n // 16
+    assert kwargs["QWALK"] is walks.dense_qwalk and kwargs["MASK"] is None
+    acc_desc = args[6]  # dq_acc_desc
+    assert acc_desc.base.dtype == torch.float32 and list(acc_desc.shape) == [2, 4, 200, 128]
+    assert list(acc_desc.block_shape) == [1, 1, cfg.kv_block_m, 128]
+    assert torch.all(seen["before"] == 0)
+    assert torch.equal(dq, (seen["after"] * (1 / math.sqrt(128))).to(torch.float16))
+    assert rel(dq, want[0]) < TOL[case.dtype]
 
 
 def test_launch_tiles_are_the_default_config(emulated):
@@ -192,8 +247,10 @@ def test_broadcast_gradient_gets_real_strides(emulated):
         assert rel(g, w) < TOL[case.dtype]
 
 
-@pytest.mark.parametrize("broken", ["skip_first", "full_diagonal", "dq_skips_last"])
-def test_the_emulation_catches_a_wrong_walk(emulated, broken):
+@pytest.mark.parametrize("broken, method", [("skip_first", "split"), ("full_diagonal", "split"),
+                                            ("dq_skips_last", "split"), ("skip_first", "fused"),
+                                            ("full_diagonal", "fused")])
+def test_the_emulation_catches_a_wrong_walk(emulated, broken, method):
     """Walks with one block too few, or a partial block called full, give wrong gradients: the check
     above can fail."""
     qwalk, walk = walks.causal_qwalk, walks.causal_walk
@@ -214,11 +271,13 @@ def test_the_emulation_catches_a_wrong_walk(emulated, broken):
             return 0, 0, 0, hi - 1
 
     case = Case("causal", torch.float16, 64, 1, 2, 1, 200, 200, q_offset=10)
-    (dq, dk, dv), (wq, wk, wv) = run_case(case, seed=5, walk=walk, qwalk=qwalk)
+    (dq, dk, dv), (wq, wk, wv) = run_case(case, seed=5, walk=walk, qwalk=qwalk, method=method)
     worst = max(rel(dq, wq), rel(dk, wk), rel(dv, wv))
     assert worst > 10 * TOL[case.dtype], worst
+    if method == "fused":  # the fused kernel's dQ comes from the key-block walk: it is wrong too
+        assert rel(dq, wq) > 10 * TOL[case.dtype]
     # and the shipped walks pass the same call
-    check_case(case, seed=5)
+    check_case(case, seed=5, method=method)
 
 
 def test_preprocess_writes_padded_rows():
@@ -277,4 +336,26 @@ def test_backward_configs_fit_and_oversized_ones_are_refused():
     with pytest.raises(ValueError, match="q_stages must be >= 2"):
         launch.check_bwd_config(launch.GluonBwdConfig(q_stages=1), 64)
     assert launch.bwd_shared_bytes(launch.default_bwd_config(128), 128) == {
-        "dkdv": 2 * 32768 + 3 * (2 * 16384 + 512), "dq": 2 * 32768 + 3 * 2 * 16384}
+        "dkdv": 2 * 32768 + 3 * (2 * 16384 + 512), "dq": 2 * 32768 + 3 * 2 * 16384,
+        "fused": 2 * 32768 + 3 * (2 * 16384 + 512) + 128 * 64 * 2 + 64 * 128 * 4}
+    for d in launch.BWD_HEAD_DIMS:
+        launch.check_bwd_config(launch.default_bwd_config(d), d, "fused")
+    # 4 stages fit the dK/dV kernel at D = 128, not the fused one (dS^T and the fp32 dQ tile: 48 KB more)
+    deep = launch.GluonBwdConfig(kv_stages=4)
+    launch.check_bwd_config(deep, 128, "split")
+    with pytest.raises(ValueError, match="fused kernel .* shared memory"):
+        launch.check_bwd_config(deep, 128, "fused")
+    with pytest.raises(ValueError, match="fused backward takes kv_block_m = 64"):
+        launch.check_bwd_config(launch.GluonBwdConfig(kv_block_m=32), 64, "fused")
+    with pytest.raises(ValueError, match="method must be one of"):
+        launch.check_bwd_config(launch.default_bwd_config(64), 64, "atomic")
+
+
+def test_postprocess_scales_and_converts():
+    """dQ = acc * scale in the output dtype, over a length that is not a multiple of the block."""
+    from attncc.runtime.gluon.preprocess import bwd_postprocess
+
+    acc = torch.randn(3 * 1000 + 7, generator=torch.Generator().manual_seed(1))
+    dq = torch.full_like(acc, 5.0, dtype=torch.float16)  # (the interpreter's bf16 conversion truncates)
+    bwd_postprocess[(-(-acc.numel() // 1024), )](acc, dq, 0.125, acc.numel(), BLOCK=1024)
+    assert torch.equal(dq, (acc * 0.125).to(torch.float16))

@@ -46,7 +46,7 @@ from attncc.analysis import analyze  # noqa: E402
 from attncc.analysis.builtin import BUILTIN_WALKS, builtin_fit  # noqa: E402
 from attncc.analysis.score import canonical_score  # noqa: E402
 from attncc.runtime import backend, call as call_mod, compiled  # noqa: E402
-from attncc.runtime.gluon import bwd, fwd_pipelined, fwd_ws, launch, walks  # noqa: E402
+from attncc.runtime.gluon import bwd, bwd_fused, fwd_pipelined, fwd_ws, launch, walks  # noqa: E402
 from attncc.spec import SpecError, load_spec, parse_spec  # noqa: E402
 from cases import SPEC_NAMES, module  # noqa: E402
 from gluon_emulation import EmulatedKernel  # noqa: E402
@@ -563,9 +563,9 @@ def mod_pattern(name):
 
 @pytest.fixture
 def emulated_bwd(monkeypatch, stubbed):
-    """stubbed, and the Gluon backward's two kernels run as their torch emulation."""
+    """stubbed, and the Gluon backward's kernels (split and fused) run as their torch emulation."""
     kernels = {}
-    for kernel in (bwd.attn_bwd_dkdv, bwd.attn_bwd_dq):
+    for kernel in (bwd.attn_bwd_dkdv, bwd.attn_bwd_dq, bwd_fused.attn_bwd_fused):
         kernels[kernel.fn.__name__] = EmulatedKernel(kernel)
         monkeypatch.setattr(kernel, "run", kernels[kernel.fn.__name__])
     return kernels
@@ -611,6 +611,43 @@ def test_wired_backward_runs_the_gluon_kernels(monkeypatch, emulated_bwd, name, 
     bound = check_arguments(bwd.attn_bwd_dq, args, kwargs, call_values=dict(
         common, WALK=walks.PATTERNS[walk][0], STAGES=cfg.q_stages, lse_stride=-(-Nq // 4) * 4))
     assert kwargs["num_warps"] == cfg.q_block_m // 16 and grid == (-(-Nq // cfg.q_block_m), 2 * Hq)
+
+
+def test_gluon_bwd_switch_runs_the_fused_kernel(monkeypatch, emulated_bwd):
+    """ATTNCC_GLUON_BWD=fused through the generated module: the fused kernel alone (not the split
+    ones), with the call's values, and gradients against the float64 reference; split (and unset)
+    run the two kernels; another value is refused, naming the variable and the choices."""
+    monkeypatch.setenv("ATTNCC_BACKEND", "gluon")
+    monkeypatch.setenv("ATTNCC_GLUON_BWD", "fused")
+    Hq, Hkv, Nq, Nk, D, q_offset, k_offset = 4, 2, 70, 150, 64, 30, 0
+    mod, q, k, v, attention, _ = bind("causal", B=2, Hq=Hq, Hkv=Hkv, Nq=Nq, Nk=Nk, D=D, dtype=torch.bfloat16,
+                                      grad=True)
+    for kernel in ("_fwd_kernel", "_bwd_preprocess", "_bwd_dkdv_kernel", "_bwd_dq_kernel"):
+        monkeypatch.setattr(mod, kernel, None)  # the tl kernels must not run
+    o = attention(q, k, v, q_offset=q_offset, k_offset=k_offset)
+    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(4)).to(o.dtype)
+    o.backward(do)
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    attncc.reference(mod_pattern("causal"), qd, kd, vd, q_offset=q_offset, k_offset=k_offset).backward(do.double())
+    for got, want in ((q.grad, qd.grad), (k.grad, kd.grad), (v.grad, vd.grad)):
+        assert float((got.double() - want).norm() / want.norm()) < 1e-2
+    assert not emulated_bwd["attn_bwd_dkdv"].launches and not emulated_bwd["attn_bwd_dq"].launches
+    cfg = backend.gluon_bwd_config(D)
+    (args, kwargs, grid), = emulated_bwd["attn_bwd_fused"].launches
+    bound = check_arguments(bwd_fused.attn_bwd_fused, args, kwargs, call_values=dict(
+        H=Hq, GROUP=Hq // Hkv, Nq=Nq, Nk=Nk, q_offset=q_offset, k_offset=k_offset, QWALK=walks.causal_qwalk,
+        MASK=walks.causal_mask, STAGES=cfg.kv_stages))
+    assert grid == (-(-Nk // cfg.kv_block_n), 2 * Hkv)
+    assert bound["dq_acc_desc"].base.dtype == torch.float32
+    for value in ("split", ""):
+        monkeypatch.setenv("ATTNCC_GLUON_BWD", value)
+        o = attention(q, k, v, q_offset=q_offset, k_offset=k_offset)
+        o.backward(do)
+    assert len(emulated_bwd["attn_bwd_dkdv"].launches) == len(emulated_bwd["attn_bwd_dq"].launches) == 2
+    assert len(emulated_bwd["attn_bwd_fused"].launches) == 1
+    monkeypatch.setenv("ATTNCC_GLUON_BWD", "atomic")
+    with pytest.raises(ValueError, match=r"ATTNCC_GLUON_BWD must be one of split, fused .*'atomic'"):
+        attention(q, k, v, q_offset=q_offset, k_offset=k_offset).backward(do)
 
 
 @pytest.mark.parametrize("kernel", ["ws", "pipelined"])
@@ -679,8 +716,9 @@ def compile_recorded_launch(out_path: str) -> str:
 def compile_recorded_backward(out_path: str) -> str:
     """Run in a process without TRITON_INTERPRET: record the launches of the generated causal module's
     ``_backward`` on the Gluon path (stubbed device, bf16, D = 128, GQA, offsets, a dLSE): the
-    preprocess (tl) and the dK/dV and dQ kernels (Gluon), and compile each for sm90 with the
-    signature Triton specializes the recorded values to."""
+    preprocess (tl) and the dK/dV and dQ kernels (Gluon), then with ATTNCC_GLUON_BWD=fused the fused
+    kernel (Gluon) and its postprocess (tl), and compile each for sm90 with the signature Triton
+    specializes the recorded values to."""
     from kernel_compile import compile_launch, recorded_launches
 
     real = backend.device_problem, launch.check_devices
@@ -699,8 +737,11 @@ def compile_recorded_backward(out_path: str) -> str:
         lse, dlse = torch.zeros(2, 4, 300), torch.zeros(2, 4, 300)
         with recorded_launches() as recorded:
             mod._backward(call, o, lse, do, dlse)
+            os.environ["ATTNCC_GLUON_BWD"] = "fused"
+            mod._backward(call, o, lse, do, dlse)
     finally:
         backend.device_problem, launch.check_devices = real
+        os.environ.pop("ATTNCC_GLUON_BWD", None)
     out = {}
     for rec in recorded:
         compiled = compile_launch(rec, "cubin")
@@ -721,10 +762,11 @@ def test_recorded_backward_launches_compile_for_sm90(tmp_path):
     assert run.returncode == 0, run.stdout + run.stderr
     with open(out, "rb") as f:
         result = pickle.load(f)
-    assert set(result) == {"bwd_preprocess", "attn_bwd_dkdv", "attn_bwd_dq"}
-    assert result["attn_bwd_dkdv"]["wgmma"] and result["attn_bwd_dq"]["wgmma"]
+    assert set(result) == {"bwd_preprocess", "attn_bwd_dkdv", "attn_bwd_dq", "attn_bwd_fused", "bwd_postprocess"}
+    assert result["attn_bwd_dkdv"]["wgmma"] and result["attn_bwd_dq"]["wgmma"] and result["attn_bwd_fused"]["wgmma"]
+    assert result["attn_bwd_fused"]["signature"]["dq_acc_desc"].startswith("tensordesc<fp32[1, 1, 64, 128]")
     cfg = backend.gluon_bwd_config(128)
-    for name, part in (("attn_bwd_dkdv", "dkdv"), ("attn_bwd_dq", "dq")):
+    for name, part in (("attn_bwd_dkdv", "dkdv"), ("attn_bwd_dq", "dq"), ("attn_bwd_fused", "fused")):
         assert launch.bwd_shared_bytes(cfg, 128)[part] <= result[name]["shared"] <= launch.SM90_SHARED_BYTES
     assert result["attn_bwd_dq"]["signature"]["lse_stride"] == "i64"
     assert result["attn_bwd_dkdv"]["signature"]["lse_desc"].startswith("tensordesc<fp32[1, 1, 64]")

@@ -26,6 +26,12 @@ backward where it can run the call, else the ``tl`` one (it never refuses: the f
 refused what Gluon cannot run at all, and what is left is the Gluon backward's own limit, head dim
 256, where the ``tl`` backward on the Gluon forward's output is what ran before it existed;
 ``attncc explain`` says which). ``decode()`` and linear attention are ``tl`` kernels whatever the setting.
+
+``ATTNCC_GLUON_BWD`` (read on every call) says which Gluon backward runs when one does: ``split``
+(unset or empty: the default) is bwd.py's two kernels, deterministic (every gradient element written
+once by one program); ``fused`` is bwd_fused.py's one kernel with dQ added into an fp32 accumulator by
+TMA reduce-adds (FlashAttention-3's 5 GEMMs per tile pair instead of 7), whose dQ may differ in its
+last bits from run to run. Not run on a GPU yet (docs/gluon.md); anything else is a ``ValueError``.
 """
 from __future__ import annotations
 
@@ -43,6 +49,8 @@ from attncc.runtime.gluon import BWD_HEAD_DIMS, CAPABILITY, DTYPES, HEAD_DIMS
 # The walks the Gluon backward has (attncc.runtime.gluon.walks: dense_qwalk, causal_qwalk).
 BUILTIN_BACKWARD_WALKS = ("dense", "causal")
 BACKENDS = ("auto", "triton", "gluon")
+# ATTNCC_GLUON_BWD: which Gluon backward (attncc.runtime.gluon.launch.BWD_METHODS), the default first.
+GLUON_BWD_METHODS = ("split", "fused")
 
 
 def backend_setting() -> str:
@@ -50,6 +58,15 @@ def backend_setting() -> str:
     value = env("ATTNCC_BACKEND", "") or "auto"
     if value not in BACKENDS:
         raise ValueError(f"ATTNCC_BACKEND must be one of {', '.join(BACKENDS)} (unset: auto), got {value!r}")
+    return value
+
+
+def gluon_bwd_method() -> str:
+    """``ATTNCC_GLUON_BWD``: "split" (unset or empty) or "fused" (module docstring)."""
+    value = env("ATTNCC_GLUON_BWD", "") or GLUON_BWD_METHODS[0]
+    if value not in GLUON_BWD_METHODS:
+        raise ValueError(f"ATTNCC_GLUON_BWD must be one of {', '.join(GLUON_BWD_METHODS)} (unset: "
+                         f"{GLUON_BWD_METHODS[0]}), got {value!r}")
     return value
 
 
@@ -191,12 +208,15 @@ def gluon_backward_selected(call: Call) -> bool:
 
 
 def gluon_backward_problems(call: Call) -> Tuple[str, ...]:
-    """Why the Gluon sm90 backward cannot run ``call`` (empty: it can): the forward's reasons, and
-    its own head dims and tiles (worked out once per call signature)."""
-    return gluon_problems(call) + call.cached("gluon_backward_problems", lambda: _backward_signature_problems(call))
+    """Why the Gluon sm90 backward (the ``ATTNCC_GLUON_BWD`` method) cannot run ``call`` (empty: it
+    can): the forward's reasons, and its own head dims and tiles (worked out once per call signature
+    and method)."""
+    method = gluon_bwd_method()
+    return gluon_problems(call) + call.cached(("gluon_backward_problems", method),
+                                              lambda: _backward_signature_problems(call, method))
 
 
-def _backward_signature_problems(call: Call) -> Tuple[str, ...]:
+def _backward_signature_problems(call: Call, method: str = GLUON_BWD_METHODS[0]) -> Tuple[str, ...]:
     if call.spec.gluon not in BUILTIN_BACKWARD_WALKS:  # rendered fragments: the forward only
         return (f"the Gluon backward has the built-in walks only ({', '.join(BUILTIN_BACKWARD_WALKS)})",)
     if call.D not in HEAD_DIMS:  # the forward's reasons say it
@@ -205,7 +225,7 @@ def _backward_signature_problems(call: Call) -> Tuple[str, ...]:
         return (f"head dim D = {call.D}; the Gluon backward takes {', '.join(map(str, BWD_HEAD_DIMS))}",)
     try:
         from attncc.runtime.gluon import launch
-        launch.check_bwd_config(gluon_bwd_config(call.D), call.D)
+        launch.check_bwd_config(gluon_bwd_config(call.D), call.D, method)
     except (ImportError, ValueError) as e:
         return (str(e),)
     return ()
@@ -222,13 +242,15 @@ def gluon_bwd_config(head_dim: int):
 def gluon_backward(call: Call, walk: str, o, lse, do, dlse=None):
     """``(dq, dk, dv, {})`` of ``call`` from the Gluon sm90 backward with the built-in ``walk``, as the
     generated ``tl`` backward returns them; ``o``, ``lse`` are the forward's (either forward's),
-    ``do``, ``dlse`` the gradients of the loss (``dlse`` None when the loss does not use the LSE)."""
+    ``do``, ``dlse`` the gradients of the loss (``dlse`` None when the loss does not use the LSE).
+    ``ATTNCC_GLUON_BWD`` picks the split (default, deterministic) or the fused kernels."""
     from attncc.runtime.gluon import launch
 
     if call.Nq == 0 or call.Nk == 0:  # no pair: what the tl path gives such calls
         return no_pairs_backward(call, o, lse, do, dlse)
     dq, dk, dv = launch.attention_backward(
         call.q, call.k, call.v, o, lse, do.to(call.q.dtype), dlse, pattern=walk, scale=call.scale,
-        q_offset=call.q_offset, k_offset=call.k_offset, n_q=call.n_q, n_k=call.n_k, config=gluon_bwd_config(call.D))
+        q_offset=call.q_offset, k_offset=call.k_offset, n_q=call.n_q, n_k=call.n_k, config=gluon_bwd_config(call.D),
+        method=gluon_bwd_method())
     # already q's (= k's = v's) dtype and shapes (Dv = D); a built-in walk's spec has no [inputs]
     return dq, dk, dv, {}

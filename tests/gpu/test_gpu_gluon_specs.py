@@ -192,6 +192,18 @@ def test_forward_backward(gluon_bwd, gluon, name, dtype, N, D):
     assert gluon_bwd == ([walk] if D in (64, 128) else []), gluon_bwd
 
 
+@pytest.mark.parametrize("name, dtype, N, D", [c for c in BACKWARD if c[3] in (64, 128)],
+                         ids=[f"{n}-{str(t)[6:]}-N{s}-D{d}" for n, t, s, d in BACKWARD if d in (64, 128)])
+def test_forward_backward_fused(monkeypatch, gluon_bwd, gluon, name, dtype, N, D):
+    """The same with ATTNCC_GLUON_BWD=fused: the fused backward (bwd_fused.py, dQ by TMA reduce-add)."""
+    monkeypatch.setenv("ATTNCC_GLUON_BWD", "fused")
+    Hq, Hkv = heads(name, Hq=8, Hkv=4)
+    q, k, v = qkv(1, Hq, Hkv, N, N, D, dtype, seed=5, grad=True)
+    check_backward(name, q, k, v, gluon_bwd)
+    assert gluon_bwd == [pattern_walk(name)], gluon_bwd
+
+
+@pytest.mark.parametrize("method", ["split", "fused"])
 @pytest.mark.parametrize("name, Nq, Nk, q_offset, k_offset, dtype, D", [
     ("gqa", 1000, 4000, 3000, 0, torch.bfloat16, 128),   # a query chunk of a longer sequence, GQA 32/8
     ("causal", 300, 512, 0, 1000, torch.float16, 128),   # keys all after the queries: zero gradients
@@ -199,7 +211,8 @@ def test_forward_backward(gluon_bwd, gluon, name, dtype, N, D):
     ("mqa", 512, 2048, 1536, 0, torch.float16, 64),
     ("dense", 700, 1900, 50, 3000, torch.bfloat16, 128),
 ])
-def test_backward_offsets(gluon_bwd, name, Nq, Nk, q_offset, k_offset, dtype, D):
+def test_backward_offsets(monkeypatch, gluon_bwd, name, Nq, Nk, q_offset, k_offset, dtype, D, method):
+    monkeypatch.setenv("ATTNCC_GLUON_BWD", method)
     Hq, Hkv = heads(name, Hq=8, Hkv=4)
     q, k, v = qkv(1, Hq, Hkv, Nq, Nk, D, dtype, seed=3, grad=True)
     check_backward(name, q, k, v, gluon_bwd, q_offset=q_offset, k_offset=k_offset)

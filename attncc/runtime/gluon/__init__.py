@@ -1,7 +1,8 @@
 """Gluon attention kernels for Hopper (sm90): the second code-generation target of issue 20.
 
 `fwd_pipelined` is the plain one-instruction-stream forward, `fwd_ws` the FlashAttention-3
-structure, `bwd` the backward (dK/dV and dQ kernels; `preprocess` writes their delta and lse2);
+structure, `bwd` the backward (dK/dV and dQ kernels; `preprocess` writes their delta and lse2),
+`bwd_fused` the backward with dQ fused into the dK/dV program (ATTNCC_GLUON_BWD=fused);
 `walks` gives the contract of the pattern fragments the kernels inline and holds the built-in dense
 and causal walks (the backward has only these); codegen renders the forward's others from a Plan
 (generated/<name>_gluon.py, loaded by `fragments`); `launch` builds descriptors and grids, launches,

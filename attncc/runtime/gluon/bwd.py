@@ -15,12 +15,11 @@ without an allowed key) and delta = rowsum(dO * O) - dLSE, written by `preproces
   dO loaded once, K and V blocks of the forward's walk through the ring, S = Q K^T and dP = dO V^T
   from shared memory, dQ += dS K with dS from registers; dQ is stored through Q's buffer.
 
-Why two kernels and not FlashAttention-3's single one: FA3 computes dQ inside the dK/dV program and
-adds it into an fp32 buffer with atomics (through shared memory and a TMA reduce, then a convert
-kernel). Gluon 3.6 exposes no TMA reduction on sm90, per-element atomics from registers would be
-BLOCK_M x D of them per step, and their ordering, throughput and races cannot be checked without a
-GPU. Here every output element is written once by one program, deterministically; the price is S
-and dP computed twice (7 GEMMs per tile pair instead of 5). docs/gluon.md has the accounting.
+Why two kernels: every output element is written once by one program, deterministically (no
+atomics), which makes this the default and the reproducible backward. The price is S and dP
+computed twice (7 GEMMs per tile pair); bwd_fused.py is FlashAttention-3's single kernel (5 GEMMs,
+dQ added into an fp32 buffer by TMA reduce-adds, not bitwise repeatable). docs/gluon.md has the
+accounting. The dK/dV program's frame and step live in common.py, shared with the fused kernel.
 
 Rows past Nq and keys past Nk read as zeros (TMA); what they produce stays in rows that are never
 stored (dK/dV rows past Nk, dQ rows past Nq) or is masked: the walks make every block with such a
@@ -31,28 +30,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
-from attncc.runtime.gluon.common import clamp_walk, issue_kv, lhs_layout, mask_scores, mma_layout
-
-
-@gluon.jit
-def _issue_query_step(descs, smem, bars, b, hk, GROUP, lo, n_blocks, t, pred):
-    """TMA loads of step t of a dK/dV program into ring slot t % STAGES: query head
-    hk * GROUP + t // n_blocks, query block lo + t % n_blocks (Q, dO, lse2, delta)."""
-    q_desc, do_desc, lse_desc, delta_desc = descs
-    q_smem, do_smem, lse_smem, delta_smem = smem
-    STAGES: gl.constexpr = q_smem.shape[0]
-    BLOCK_M: gl.constexpr = q_desc.block_type.shape[2]
-    n = gl.maximum(n_blocks, 1)  # no division by zero when the program has nothing to do (pred is false)
-    h = hk * GROUP + t // n
-    row = (lo + t % n) * BLOCK_M
-    slot = t % STAGES
-    bar = bars.index(slot)
-    mbarrier.expect(bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes + lse_desc.block_type.nbytes +
-                    delta_desc.block_type.nbytes, pred=pred)
-    tma.async_copy_global_to_shared(q_desc, [b, h, row, 0], bar, q_smem.index(slot), pred=pred)
-    tma.async_copy_global_to_shared(do_desc, [b, h, row, 0], bar, do_smem.index(slot), pred=pred)
-    tma.async_copy_global_to_shared(lse_desc, [b, h, row], bar, lse_smem.index(slot), pred=pred)
-    tma.async_copy_global_to_shared(delta_desc, [b, h, row], bar, delta_smem.index(slot), pred=pred)
+from attncc.runtime.gluon.common import (clamp_walk, finish_key_block, issue_kv, key_block_buffers, lhs_layout,
+                                        mask_scores, mma_layout, start_key_block, transposed_step)
 
 
 @gluon.jit
@@ -65,15 +44,12 @@ def attn_bwd_dkdv(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, lse_desc, d
     Descriptors are 4-d over [B, H, N, D] (Q, dO: blocks of BLOCK_M rows; K, V, dK, dV: BLOCK_N
     rows) and 3-d over the [B, Hq, Nq] lse2 / delta rows (blocks of BLOCK_M; their row stride is
     padded to 16 bytes by the host): batch and head are TMA coordinates, no int32 address arithmetic.
+    The step (common.transposed_step) and the program's frame are shared with bwd_fused.py's kernel.
     """
-    dtype: gl.constexpr = q_desc.dtype
-    BLOCK_M: gl.constexpr = q_desc.block_type.shape[2]
     HEAD_DIM: gl.constexpr = q_desc.block_type.shape[3]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[2]
-    st_layout: gl.constexpr = mma_layout(num_warps, BLOCK_M)  # S^T, P^T, dP^T, dS^T: [BLOCK_N, BLOCK_M]
     acc_layout: gl.constexpr = mma_layout(num_warps, HEAD_DIM)  # dK, dV: [BLOCK_N, HEAD_DIM]
-    a_layout: gl.constexpr = lhs_layout(acc_layout)  # P^T and dS^T as the A operand of dV += P^T dO, dK += dS^T Q
-    col_layout: gl.constexpr = gl.SliceLayout(0, st_layout)  # one value per query row (a column of S^T)
+    a_layout: gl.constexpr = lhs_layout(acc_layout)  # dS^T as the A operand of dK += dS^T Q
     gl.static_assert(BLOCK_N == 16 * num_warps, "BLOCK_N is 16 keys per warp")
 
     kb = gl.program_id(0)  # causal-like walks: the first key blocks see the most query blocks and start first
@@ -82,86 +58,28 @@ def attn_bwd_dkdv(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, lse_desc, d
     b = bhk // H_KV
     hk = bhk % H_KV
 
-    k_smem = gl.allocate_shared_memory(dtype, k_desc.block_type.shape, k_desc.layout)
-    v_smem = gl.allocate_shared_memory(dtype, v_desc.block_type.shape, v_desc.layout)
-    q_smem = gl.allocate_shared_memory(dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
-    do_smem = gl.allocate_shared_memory(dtype, [STAGES] + do_desc.block_type.shape, do_desc.layout)
-    lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES] + lse_desc.block_type.shape, lse_desc.layout)
-    delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES] + delta_desc.block_type.shape, delta_desc.layout)
-    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(kv_bar, count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(bars.index(i), count=1)
-
-    k_lo = k_offset + kb * BLOCK_N
-    k_hi = gl.minimum(k_lo + BLOCK_N, k_offset + Nk) - 1  # the block's last existing key
-    lo, full_lo, full_hi, hi = QWALK(k_lo, k_hi, Nq, q_offset, n_q, n_k, BLOCK_M)
-    lo, full_lo, full_hi, hi = clamp_walk(lo, full_lo, full_hi, hi)
-    n_blocks = hi - lo
-    total = GROUP * n_blocks  # steps: every query block of the walk, for each head of the group
-
-    mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(k_desc, [b, hk, kb * BLOCK_N, 0], kv_bar, k_smem)
-    tma.async_copy_global_to_shared(v_desc, [b, hk, kb * BLOCK_N, 0], kv_bar, v_smem)
+    k_smem, v_smem, smem, kv_bar, bars = key_block_buffers(q_desc, k_desc, v_desc, do_desc, lse_desc, delta_desc,
+                                                           STAGES)
     descs = (q_desc, do_desc, lse_desc, delta_desc)
-    smem = (q_smem, do_smem, lse_smem, delta_smem)
-    for i in gl.static_range(STAGES - 1):
-        _issue_query_step(descs, smem, bars, b, hk, GROUP, lo, n_blocks, i, i < total)
-
+    k_lo, lo, full_lo, full_hi, n_blocks, total = start_key_block(kb, b, hk, k_desc, v_desc, k_smem, v_smem, kv_bar,
+                                                                  descs, smem, bars, GROUP, Nq, Nk, q_offset,
+                                                                  k_offset, n_q, n_k, QWALK)
     dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, acc_layout)
     dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, acc_layout)
-    j_pos = gl.expand_dims(k_lo + gl.arange(0, BLOCK_N, gl.SliceLayout(1, st_layout)), 1)  # [BLOCK_N, 1]
     k = k_smem.reshape([BLOCK_N, HEAD_DIM])
     v = v_smem.reshape([BLOCK_N, HEAD_DIM])
     mbarrier.wait(kv_bar, 0)
 
     for t in range(0, total):
-        # Refill the slot that held step t - 1: every warp has finished its wgmmas and loads on it.
-        gl.thread_barrier()
-        ahead = t + STAGES - 1
-        _issue_query_step(descs, smem, bars, b, hk, GROUP, lo, n_blocks, ahead, ahead < total)
-        slot = t % STAGES
-        mbarrier.wait(bars.index(slot), (t // STAGES) & 1)
-        qb = lo + t % n_blocks
-        q = q_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
-        do = do_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
-        # S^T and dP^T are independent: both on the tensor cores at once, P^T computed while dP^T runs.
-        st_tok = warpgroup_mma(k, q.permute((1, 0)), gl.zeros([BLOCK_N, BLOCK_M], gl.float32, st_layout),
-                               use_acc=False, is_async=True)
-        dpt_tok = warpgroup_mma(v, do.permute((1, 0)), gl.zeros([BLOCK_N, BLOCK_M], gl.float32, st_layout),
-                                use_acc=False, is_async=True)
-        lse2 = lse_smem.index(slot).reshape([BLOCK_M]).load(col_layout)
-        st = warpgroup_mma_wait(1, deps=(st_tok, ))
-        if (qb < full_lo) | (qb >= full_hi):
-            i_pos = gl.expand_dims(q_offset + qb * BLOCK_M + gl.arange(0, BLOCK_M, col_layout), 0)  # [1, BLOCK_M]
-            keep = i_pos < q_offset + Nq
-            if MASK is not None:
-                keep = keep & MASK(i_pos, j_pos, n_q, n_k)
-            st = gl.where(keep, st, float("-inf"))
-        # lse2 = +inf on rows without an allowed key and 0 past Nq (masked there): p = 0, never NaN.
-        pt = gl.exp2(st * qk_scale - gl.expand_dims(lse2, 0))
-        pt_a = gl.convert_layout(pt.to(dtype), a_layout)
-        dv_tok = warpgroup_mma(pt_a, do, dv, is_async=True)
-        delta = delta_smem.index(slot).reshape([BLOCK_M]).load(col_layout)
-        dpt = warpgroup_mma_wait(1, deps=(dpt_tok, ))
-        dst = pt * (dpt - gl.expand_dims(delta, 0))
-        dst_a = gl.convert_layout(dst.to(dtype), a_layout)
+        dv_tok, pt_a, dst, q, h, qb = transposed_step(t, k, v, descs, smem, bars, b, hk, GROUP, lo, n_blocks, total,
+                                                      full_lo, full_hi, k_lo, Nq, q_offset, n_q, n_k, qk_scale, dv,
+                                                      MASK, num_warps)
+        dst_a = gl.convert_layout(dst, a_layout)
         dk_tok = warpgroup_mma(dst_a, q, dk, is_async=True)
         # Both must complete before the slot is refilled (next step) and before dV, dK are reused.
         dv, dk, pt_a, dst_a = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, pt_a, dst_a))
 
-    # dK, dV go out through K's and V's buffers: every wgmma on them has completed in every warp.
-    gl.thread_barrier()
-    k.store((dk * sm_scale).to(dtype))
-    v.store(dv.to(dtype))
-    fence_async_shared()
-    tma.async_copy_shared_to_global(dk_desc, [b, hk, kb * BLOCK_N, 0], k_smem)
-    tma.async_copy_shared_to_global(dv_desc, [b, hk, kb * BLOCK_N, 0], v_smem)
-    tma.store_wait(0)
-    mbarrier.invalidate(kv_bar)
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(bars.index(i))
+    finish_key_block(dk, dv, k_smem, v_smem, dk_desc, dv_desc, kv_bar, bars, b, hk, kb, sm_scale)
 
 
 @gluon.jit

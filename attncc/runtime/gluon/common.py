@@ -1,7 +1,10 @@
 """Layouts and the per-tile math shared by the Gluon attention kernels (sm90, wgmma)."""
+from triton._C.libtriton import ir
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
+from triton.experimental.gluon.language._core import builtin
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                              warpgroup_mma_wait)
 
 LN2 = gl.constexpr(0.6931471805599453)
 
@@ -11,6 +14,21 @@ def mma_layout(num_warps, n):
     """wgmma accumulator layout of a [rows, n] fp32 tile: warps stacked along the rows (16 each), one
     instruction spanning all n columns (n <= 256), so one wgmma per 64 rows and k-step."""
     return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, n, 16])
+
+
+@gluon.constexpr_function
+def mma_layout_split_n(num_warps, n):
+    """wgmma accumulator layout of a [64, n] fp32 tile computed by num_warps // 4 warpgroups: each
+    warpgroup takes the 64 rows and n / (num_warps // 4) of the columns (the fused backward's dQ
+    partial of a 64-row query step, whose 8 warps would otherwise need 128 rows)."""
+    groups = num_warps // 4
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, groups], instr_shape=[16, n // groups, 16])
+
+
+@gluon.constexpr_function
+def smem_layout(shape, dtype):
+    """The default NVMMA shared layout of a tile (what the host gives a TMA descriptor of that box)."""
+    return gl.NVMMASharedLayout.get_default_for(shape, dtype)
 
 
 @gluon.constexpr_function
@@ -191,3 +209,171 @@ def issue_kv(k_desc, v_desc, k_smem, v_smem, bars, b, hk, kb, slot, pred):
                                     pred=pred)
     tma.async_copy_global_to_shared(v_desc, [b, hk, kb * v_desc.block_type.shape[2], 0], bar, v_smem.index(slot),
                                     pred=pred)
+
+
+@builtin
+def tma_reduce_add(tensor_desc, coord, src, _semantic=None):
+    """TMA reduce-add of shared-memory tile `src` into the box of `tensor_desc` at `coord`
+    (`cp.reduce.async.bulk.tensor ... .add`: the TMA unit adds the tile into global memory, each
+    element atomically; completion is waited for as a store's, `tma.store_wait`). Gluon 3.6's
+    builder has the op (`create_async_tma_reduce`, ttng.async_tma_reduce) but `hopper.tma` does not
+    wrap it; this is that wrapper, the twin of `tma.async_copy_shared_to_global`."""
+    coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+    _semantic.builder.create_async_tma_reduce(ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord, src.handle)
+
+
+# --------------------------------------------------------------------------------------------
+# The backward's key-block programs (bwd.py's dK/dV kernel, bwd_fused.py's fused kernel): one
+# program per key block, the query blocks of its walk streaming through a ring, tiles transposed.
+
+
+@gluon.jit
+def key_block_buffers(q_desc, k_desc, v_desc, do_desc, lse_desc, delta_desc, STAGES: gl.constexpr):
+    """Shared memory and barriers of a key-block program: K and V of the block (one mbarrier), and a
+    STAGES-deep ring of (Q, dO, lse2, delta) query steps (one mbarrier per slot), initialized."""
+    dtype: gl.constexpr = q_desc.dtype
+    k_smem = gl.allocate_shared_memory(dtype, k_desc.block_type.shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, v_desc.block_type.shape, v_desc.layout)
+    q_smem = gl.allocate_shared_memory(dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
+    do_smem = gl.allocate_shared_memory(dtype, [STAGES] + do_desc.block_type.shape, do_desc.layout)
+    lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES] + lse_desc.block_type.shape, lse_desc.layout)
+    delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES] + delta_desc.block_type.shape, delta_desc.layout)
+    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(bars.index(i), count=1)
+    return k_smem, v_smem, (q_smem, do_smem, lse_smem, delta_smem), kv_bar, bars
+
+
+@gluon.jit
+def issue_query_step(descs, smem, bars, b, hk, GROUP, lo, n_blocks, t, pred):
+    """TMA loads of step t of a key-block program into ring slot t % STAGES: query head
+    hk * GROUP + t // n_blocks, query block lo + t % n_blocks (Q, dO, lse2, delta)."""
+    q_desc, do_desc, lse_desc, delta_desc = descs
+    q_smem, do_smem, lse_smem, delta_smem = smem
+    STAGES: gl.constexpr = q_smem.shape[0]
+    BLOCK_M: gl.constexpr = q_desc.block_type.shape[2]
+    n = gl.maximum(n_blocks, 1)  # no division by zero when the program has nothing to do (pred is false)
+    h = hk * GROUP + t // n
+    row = (lo + t % n) * BLOCK_M
+    slot = t % STAGES
+    bar = bars.index(slot)
+    mbarrier.expect(bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes + lse_desc.block_type.nbytes +
+                    delta_desc.block_type.nbytes, pred=pred)
+    tma.async_copy_global_to_shared(q_desc, [b, h, row, 0], bar, q_smem.index(slot), pred=pred)
+    tma.async_copy_global_to_shared(do_desc, [b, h, row, 0], bar, do_smem.index(slot), pred=pred)
+    tma.async_copy_global_to_shared(lse_desc, [b, h, row], bar, lse_smem.index(slot), pred=pred)
+    tma.async_copy_global_to_shared(delta_desc, [b, h, row], bar, delta_smem.index(slot), pred=pred)
+
+
+@gluon.jit
+def start_key_block(kb, b, hk, k_desc, v_desc, k_smem, v_smem, kv_bar, descs, smem, bars, GROUP, Nq, Nk, q_offset,
+                    k_offset, n_q, n_k, QWALK: gl.constexpr):
+    """The clamped query-block walk of key block kb (walks.py's key-block contract), and the TMA
+    loads of its K and V and of the ring's first STAGES - 1 steps (GROUP x the walk's blocks).
+
+    Returns (k_lo, lo, full_lo, full_hi, n_blocks, total): the block's first key position, the
+    walk, its number of blocks and the program's number of steps."""
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[2]
+    BLOCK_M: gl.constexpr = descs[0].block_type.shape[2]
+    STAGES: gl.constexpr = smem[0].shape[0]
+    k_lo = k_offset + kb * BLOCK_N
+    k_hi = gl.minimum(k_lo + BLOCK_N, k_offset + Nk) - 1  # the block's last existing key
+    lo, full_lo, full_hi, hi = QWALK(k_lo, k_hi, Nq, q_offset, n_q, n_k, BLOCK_M)
+    lo, full_lo, full_hi, hi = clamp_walk(lo, full_lo, full_hi, hi)
+    n_blocks = hi - lo
+    total = GROUP * n_blocks  # steps: every query block of the walk, for each head of the group
+
+    mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(k_desc, [b, hk, kb * BLOCK_N, 0], kv_bar, k_smem)
+    tma.async_copy_global_to_shared(v_desc, [b, hk, kb * BLOCK_N, 0], kv_bar, v_smem)
+    for i in gl.static_range(STAGES - 1):
+        issue_query_step(descs, smem, bars, b, hk, GROUP, lo, n_blocks, i, i < total)
+    return k_lo, lo, full_lo, full_hi, n_blocks, total
+
+
+@gluon.jit
+def next_query_step(t, descs, smem, bars, b, hk, GROUP, lo, n_blocks, total):
+    """Step t's turn of the ring: refill the slot that held step t - 1 (after a CTA barrier: every
+    warp has finished its wgmmas and loads on it) with step t + STAGES - 1, wait for step t's slot.
+    Returns (slot, h, qb): the slot and the step's query head and block."""
+    STAGES: gl.constexpr = smem[0].shape[0]
+    gl.thread_barrier()
+    ahead = t + STAGES - 1
+    issue_query_step(descs, smem, bars, b, hk, GROUP, lo, n_blocks, ahead, ahead < total)
+    slot = t % STAGES
+    mbarrier.wait(bars.index(slot), (t // STAGES) & 1)
+    return slot, hk * GROUP + t // n_blocks, lo + t % n_blocks
+
+
+@gluon.jit
+def transposed_step(t, k, v, descs, smem, bars, b, hk, GROUP, lo, n_blocks, total, full_lo, full_hi, k_lo, Nq, q_offset,
+                    n_q, n_k, qk_scale, dv, MASK: gl.constexpr, num_warps: gl.constexpr):
+    """Step t of a key-block program, up to dS^T (the caller issues dK += dS^T Q and waits).
+
+    Refills the slot of step t - 1 (after a CTA barrier: every warp is done with it) with step
+    t + STAGES - 1, waits for step t's slot, then, with the tiles transposed (keys on the rows):
+    S^T = K Q^T and dP^T = V dO^T from shared memory, issued together; P^T = exp2(S^T qk_scale -
+    lse2) (masked on a partial block: row bound, MASK); dV += P^T dO issued with P^T from registers;
+    dS^T = P^T (dP^T - delta).
+
+    Returns (dv, pt_a, dst, q, h, qb): dV in flight and its register operand (for
+    `warpgroup_mma_wait`'s deps), dS^T in q's dtype in the S^T layout, the step's Q tile (shared
+    memory) and its query head and block."""
+    q_desc = descs[0]
+    q_smem, do_smem, lse_smem, delta_smem = smem
+    dtype: gl.constexpr = q_desc.dtype
+    BLOCK_M: gl.constexpr = q_desc.block_type.shape[2]
+    HEAD_DIM: gl.constexpr = q_desc.block_type.shape[3]
+    BLOCK_N: gl.constexpr = k.shape[0]
+    st_layout: gl.constexpr = mma_layout(num_warps, BLOCK_M)  # S^T, P^T, dP^T, dS^T: [BLOCK_N, BLOCK_M]
+    acc_layout: gl.constexpr = mma_layout(num_warps, HEAD_DIM)  # dK, dV: [BLOCK_N, HEAD_DIM]
+    a_layout: gl.constexpr = lhs_layout(acc_layout)  # P^T and dS^T as the A operand of dV += P^T dO, dK += dS^T Q
+    col_layout: gl.constexpr = gl.SliceLayout(0, st_layout)  # one value per query row (a column of S^T)
+
+    slot, h, qb = next_query_step(t, descs, smem, bars, b, hk, GROUP, lo, n_blocks, total)
+    q = q_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
+    do = do_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
+    # S^T and dP^T are independent: both on the tensor cores at once, P^T computed while dP^T runs.
+    st_tok = warpgroup_mma(k, q.permute((1, 0)), gl.zeros([BLOCK_N, BLOCK_M], gl.float32, st_layout), use_acc=False,
+                           is_async=True)
+    dpt_tok = warpgroup_mma(v, do.permute((1, 0)), gl.zeros([BLOCK_N, BLOCK_M], gl.float32, st_layout),
+                            use_acc=False, is_async=True)
+    lse2 = lse_smem.index(slot).reshape([BLOCK_M]).load(col_layout)
+    st = warpgroup_mma_wait(1, deps=(st_tok, ))
+    if (qb < full_lo) | (qb >= full_hi):
+        i_pos = gl.expand_dims(q_offset + qb * BLOCK_M + gl.arange(0, BLOCK_M, col_layout), 0)  # [1, BLOCK_M]
+        keep = i_pos < q_offset + Nq
+        if MASK is not None:
+            j_pos = gl.expand_dims(k_lo + gl.arange(0, BLOCK_N, gl.SliceLayout(1, st_layout)), 1)  # [BLOCK_N, 1]
+            keep = keep & MASK(i_pos, j_pos, n_q, n_k)
+        st = gl.where(keep, st, float("-inf"))
+    # lse2 = +inf on rows without an allowed key and 0 past Nq (masked there): p = 0, never NaN.
+    pt = gl.exp2(st * qk_scale - gl.expand_dims(lse2, 0))
+    pt_a = gl.convert_layout(pt.to(dtype), a_layout)
+    dv_tok = warpgroup_mma(pt_a, do, dv, is_async=True)
+    delta = delta_smem.index(slot).reshape([BLOCK_M]).load(col_layout)
+    dpt = warpgroup_mma_wait(1, deps=(dpt_tok, ))
+    dst = (pt * (dpt - gl.expand_dims(delta, 0))).to(dtype)
+    return dv_tok, pt_a, dst, q, h, qb
+
+
+@gluon.jit
+def finish_key_block(dk, dv, k_smem, v_smem, dk_desc, dv_desc, kv_bar, bars, b, hk, kb, sm_scale):
+    """dK * sm_scale and dV out through K's and V's buffers by TMA (every wgmma on them has completed
+    in every warp: the CTA barrier), then the barriers invalidated."""
+    dtype: gl.constexpr = dk_desc.dtype
+    BLOCK_N: gl.constexpr = k_smem.shape[2]
+    HEAD_DIM: gl.constexpr = k_smem.shape[3]
+    STAGES: gl.constexpr = bars.shape[0]
+    gl.thread_barrier()
+    k_smem.reshape([BLOCK_N, HEAD_DIM]).store((dk * sm_scale).to(dtype))
+    v_smem.reshape([BLOCK_N, HEAD_DIM]).store(dv.to(dtype))
+    fence_async_shared()
+    tma.async_copy_shared_to_global(dk_desc, [b, hk, kb * BLOCK_N, 0], k_smem)
+    tma.async_copy_shared_to_global(dv_desc, [b, hk, kb * BLOCK_N, 0], v_smem)
+    tma.store_wait(0)
+    mbarrier.invalidate(kv_bar)
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(bars.index(i))

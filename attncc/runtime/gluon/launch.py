@@ -115,7 +115,11 @@ def pattern_fragments(pattern: str):
     return walks.PATTERNS[pattern]
 
 
-BWD_PARTS = ("dkdv", "dq")
+BWD_PARTS = ("dkdv", "dq", "fused")
+# How the backward computes dQ: "split", a kernel of its own (bwd.py: 7 GEMMs per tile pair,
+# deterministic), or "fused" into the dK/dV program (bwd_fused.py: 5 GEMMs, dQ accumulated in fp32
+# by TMA reduce-adds in an order that depends on scheduling), and the kernels each one launches.
+BWD_METHODS = {"split": ("dkdv", "dq"), "fused": ("fused",)}
 
 
 @dataclass(frozen=True)
@@ -130,6 +134,9 @@ class GluonBwdConfig:
     q_block_m: query rows per dQ program (num_warps = q_block_m // 16).
     q_block_n: keys per step of the dQ program.
     q_stages: depth of its ring of (K, V) blocks.
+    dq_pieces: the fused kernel's (bwd_fused.py): 1, its dQ partial = dS K is one wgmma in flight with
+        dV's and dK's; 2, two column halves after them (fewer registers: at D = 128, 64-88 bytes of
+        spills instead of 152-168; each half re-reads dS from shared memory). Neither is timed.
     """
     kv_block_n: int = 128
     kv_block_m: int = 64
@@ -137,12 +144,13 @@ class GluonBwdConfig:
     q_block_m: int = 128
     q_block_n: int = 64
     q_stages: int = 3
+    dq_pieces: int = 1
 
     def num_warps(self, part: str) -> int:
-        return (self.kv_block_n if part == "dkdv" else self.q_block_m) // 16
+        return (self.q_block_m if part == "dq" else self.kv_block_n) // 16
 
     def stages(self, part: str) -> int:
-        return self.kv_stages if part == "dkdv" else self.q_stages
+        return self.q_stages if part == "dq" else self.kv_stages
 
 
 def default_bwd_config(head_dim: int) -> GluonBwdConfig:
@@ -153,22 +161,27 @@ def default_bwd_config(head_dim: int) -> GluonBwdConfig:
     registers; 128-key steps reach 246), 3 stages (164 KB).
     D = 64: dK/dV 128 x 64 (191 registers), 4 stages (100 KB); dQ 128 x 128 (217 registers),
     3 stages (131 KB).
+    Fused (bwd_fused.py): the dK/dV tiles; at D = 128 its dQ partial in two column halves
+    (`dq_pieces`: fewer spills), at 64 in one piece (no spills either way).
     D = 256 has none: dK and dV of even one warpgroup's 64 keys are 2 x 128 fp32 registers per
     thread, the whole register file (`check_bwd_head_dim` says so)."""
     check_bwd_head_dim(head_dim)
     if head_dim == 64:
         return GluonBwdConfig(kv_block_n=128, kv_block_m=64, kv_stages=4, q_block_m=128, q_block_n=128, q_stages=3)
-    return GluonBwdConfig(kv_block_n=128, kv_block_m=64, kv_stages=3, q_block_m=128, q_block_n=64, q_stages=3)
+    return GluonBwdConfig(kv_block_n=128, kv_block_m=64, kv_stages=3, q_block_m=128, q_block_n=64, q_stages=3,
+                          dq_pieces=2)
 
 
 def bwd_shared_bytes(config: GluonBwdConfig, head_dim: int, elem_bytes: int = 2) -> Dict[str, int]:
     """Each backward kernel's shared-memory tiles (barriers aside). dK/dV: K and V of the program,
     and per stage Q, dO and the fp32 lse2 / delta rows; dQ: Q and dO, and per stage K and V (dK, dV,
-    dQ are staged in K's, V's and Q's buffers)."""
+    dQ are staged in K's, V's and Q's buffers); fused: dK/dV's, plus dS^T of a step and the fp32
+    staging tile of its dQ partial."""
     kv = 2 * config.kv_block_n * head_dim * elem_bytes
     kv += config.kv_stages * (2 * config.kv_block_m * head_dim * elem_bytes + 2 * config.kv_block_m * 4)
     q = 2 * config.q_block_m * head_dim * elem_bytes + config.q_stages * 2 * config.q_block_n * head_dim * elem_bytes
-    return {"dkdv": kv, "dq": q}
+    fused = kv + config.kv_block_n * config.kv_block_m * elem_bytes + config.kv_block_m * head_dim * 4
+    return {"dkdv": kv, "dq": q, "fused": fused}
 
 
 def check_bwd_head_dim(head_dim: int) -> None:
@@ -178,8 +191,18 @@ def check_bwd_head_dim(head_dim: int) -> None:
                          f"thread)")
 
 
-def check_bwd_config(config: GluonBwdConfig, head_dim: int) -> None:
+def check_bwd_config(config: GluonBwdConfig, head_dim: int, method: str = "split") -> None:
+    """Refuse tiles that the kernels of backward `method` (BWD_METHODS) cannot take."""
+    _check_choice("method", method, tuple(BWD_METHODS))
     check_bwd_head_dim(head_dim)
+    if method == "fused" and config.kv_block_m != 64:
+        raise ValueError(f"attncc.runtime.gluon: the fused backward takes kv_block_m = 64 (its dQ partial is one "
+                         f"64-row wgmma, the columns split between the warpgroups), got {config.kv_block_m}")
+    warpgroups = config.kv_block_n // 64
+    if (config.dq_pieces < 1 or head_dim % (config.dq_pieces * warpgroups) or
+            head_dim // (config.dq_pieces * warpgroups) % 8):
+        raise ValueError(f"attncc.runtime.gluon: dq_pieces must split head dim {head_dim} into column slices that "
+                         f"the {warpgroups} warpgroups split again in multiples of 8, got {config.dq_pieces}")
     for name in ("kv_block_n", "q_block_m"):
         if getattr(config, name) not in (64, 128):
             raise ValueError(f"attncc.runtime.gluon: {name} must be 64 or 128 (16 rows per warp, whole warpgroups), "
@@ -192,7 +215,7 @@ def check_bwd_config(config: GluonBwdConfig, head_dim: int) -> None:
         if getattr(config, name) < 2:
             raise ValueError(f"attncc.runtime.gluon: {name} must be >= 2, got {getattr(config, name)}")
     for part, need in bwd_shared_bytes(config, head_dim).items():
-        if need > SM90_SHARED_BYTES - 1024:
+        if part in BWD_METHODS[method] and need > SM90_SHARED_BYTES - 1024:
             raise ValueError(f"attncc.runtime.gluon: the {part} kernel of {config} at head dim {head_dim} needs {need} "
                              f"bytes of shared memory, more than the {SM90_SHARED_BYTES} an sm90 CTA may use")
 
@@ -282,8 +305,12 @@ def attention(q, k, v, *, pattern: str = "dense", scale: Optional[float] = None,
 
 def attention_backward(q, k, v, o, lse, do, dlse=None, *, pattern: str = "dense", scale: Optional[float] = None,
                        q_offset: int = 0, k_offset: int = 0, n_q: Optional[int] = None, n_k: Optional[int] = None,
-                       config: Optional[GluonBwdConfig] = None, walk=None, qwalk=None, mask=None):
-    """dq, dk, dv of `attention(q, k, v, ...)` through the Gluon sm90 backward (bwd.py).
+                       config: Optional[GluonBwdConfig] = None, walk=None, qwalk=None, mask=None,
+                       method: str = "split"):
+    """dq, dk, dv of `attention(q, k, v, ...)` through the Gluon sm90 backward: `method` "split"
+    (bwd.py: a dK/dV and a dQ kernel, deterministic) or "fused" (bwd_fused.py: dQ added into an fp32
+    accumulator from the dK/dV program by TMA reduce-adds, then scaled and converted; fewer GEMMs,
+    dQ's last bits depend on the order of the additions).
 
     q, k, v and the call's options as for `attention`; o [B, Hq, Nq, D] and the natural-log LSE
     [B, Hq, Nq] (float32; -inf on rows without an allowed key) are the forward's outputs, do = dLoss/do
@@ -291,18 +318,20 @@ def attention_backward(q, k, v, o, lse, do, dlse=None, *, pattern: str = "dense"
     `walk`, `qwalk`, `mask` override the pattern's fragments (walks.py). Head dims 64 and 128.
     Returns dq [B, Hq, Nq, D], dk, dv [B, Hkv, Nk, D] in q's dtype, contiguous; dK and dV are summed
     over the query heads of each GQA group inside one program (no atomics: deterministic)."""
+    _check_choice("method", method, tuple(BWD_METHODS))
     import torch
     import triton
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from attncc.runtime.gluon.bwd import attn_bwd_dkdv, attn_bwd_dq
-    from attncc.runtime.gluon.preprocess import bwd_preprocess
+    from attncc.runtime.gluon.bwd_fused import attn_bwd_fused
+    from attncc.runtime.gluon.preprocess import bwd_postprocess, bwd_preprocess
 
     B, Hq, Nq, D, Hkv, Nk = check_operands(q, k, v)
     check_backward_operands(q, o, lse, do, dlse)
     check_devices(q, k, v)
     config = default_bwd_config(D) if config is None else config
-    check_bwd_config(config, D)
+    check_bwd_config(config, D, method)
     default_walk, default_qwalk, default_mask = backward_fragments(pattern)
     walk = default_walk if walk is None else walk
     qwalk = default_qwalk if qwalk is None else qwalk
@@ -333,9 +362,9 @@ def attention_backward(q, k, v, o, lse, do, dlse=None, *, pattern: str = "dense"
     dv = torch.empty(B, Hkv, Nk, D, dtype=q.dtype, device=q.device)
     gl_dtype = _gl_dtype(q.dtype)
 
-    def desc(t, block_rows):
+    def desc(t, block_rows, dtype=gl_dtype):
         block = [1, 1, block_rows, D]
-        return TensorDescriptor(t, list(t.shape), list(t.stride()), block, _smem_layout(block, gl_dtype))
+        return TensorDescriptor(t, list(t.shape), list(t.stride()), block, _smem_layout(block, dtype))
 
     def rows_desc(t, block_rows):
         block = [1, 1, block_rows]
@@ -344,6 +373,18 @@ def attention_backward(q, k, v, o, lse, do, dlse=None, *, pattern: str = "dense"
     qk_scale = scale * LOG2E
     group = Hq // Hkv
     c = config
+    if method == "fused":
+        dq_acc = torch.zeros(B, Hq, Nq, D, dtype=torch.float32, device=q.device)
+        attn_bwd_fused[(triton.cdiv(Nk, c.kv_block_n), B * Hkv)](
+            desc(q, c.kv_block_m), desc(k, c.kv_block_n), desc(v, c.kv_block_n), desc(do, c.kv_block_m),
+            desc(dk, c.kv_block_n), desc(dv, c.kv_block_n), desc(dq_acc, c.kv_block_m, _gl_dtype("float32")),
+            rows_desc(lse2, c.kv_block_m), rows_desc(delta, c.kv_block_m),
+            Hq, group, Nq, Nk, q_offset, k_offset, n_q, n_k, qk_scale, scale,
+            QWALK=qwalk, MASK=mask, STAGES=c.kv_stages, DQ_PIECES=c.dq_pieces, num_warps=c.num_warps("fused"))
+        post_block = 1024
+        bwd_postprocess[(triton.cdiv(dq.numel(), post_block), )](dq_acc, dq, scale, dq.numel(), BLOCK=post_block,
+                                                                 num_warps=4)
+        return dq, dk, dv
     attn_bwd_dkdv[(triton.cdiv(Nk, c.kv_block_n), B * Hkv)](
         desc(q, c.kv_block_m), desc(k, c.kv_block_n), desc(v, c.kv_block_n), desc(do, c.kv_block_m),
         desc(dk, c.kv_block_n), desc(dv, c.kv_block_n), rows_desc(lse2, c.kv_block_m), rows_desc(delta, c.kv_block_m),
@@ -469,7 +510,8 @@ class Variant:
 
 @dataclass(frozen=True)
 class BwdVariant:
-    """One backward kernel specialization: `part` "dkdv" (attn_bwd_dkdv) or "dq" (attn_bwd_dq)."""
+    """One backward kernel specialization: `part` "dkdv" (attn_bwd_dkdv), "dq" (attn_bwd_dq) or "fused"
+    (attn_bwd_fused, which takes the dK/dV tiles)."""
     part: str
     pattern: str
     dtype: str
@@ -479,8 +521,10 @@ class BwdVariant:
     @property
     def name(self) -> str:
         c = self.config
-        tiles = (f"n{c.kv_block_n}m{c.kv_block_m}s{c.kv_stages}" if self.part == "dkdv" else
+        tiles = (f"n{c.kv_block_n}m{c.kv_block_m}s{c.kv_stages}" if self.part != "dq" else
                  f"m{c.q_block_m}n{c.q_block_n}s{c.q_stages}")
+        if self.part == "fused":
+            tiles += f"p{c.dq_pieces}"
         return f"bwd-{self.part}-{self.pattern}-{self.dtype}-d{self.head_dim}-{tiles}"
 
 
@@ -560,7 +604,7 @@ def _desc_type(block, dtype: str) -> str:
 def _bwd_source(variant: BwdVariant):
     """(kernel, signature, constexprs, options) of a backward variant, as `attention_backward` launches it."""
     c, d, dt = variant.config, variant.head_dim, variant.dtype
-    check_bwd_config(c, d)
+    check_bwd_config(c, d, "fused" if variant.part == "fused" else "split")
     walk, qwalk, mask = backward_fragments(variant.pattern)
     if variant.part == "dkdv":
         from attncc.runtime.gluon.bwd import attn_bwd_dkdv as kernel
@@ -570,6 +614,15 @@ def _bwd_source(variant: BwdVariant):
                      "lse_desc": _desc_type([1, 1, c.kv_block_m], "float32"),
                      "delta_desc": _desc_type([1, 1, c.kv_block_m], "float32")}
         constexprs = {"QWALK": qwalk, "MASK": mask}
+    elif variant.part == "fused":
+        from attncc.runtime.gluon.bwd_fused import attn_bwd_fused as kernel
+        rows, keys = [1, 1, c.kv_block_m, d], [1, 1, c.kv_block_n, d]
+        signature = {"q_desc": _desc_type(rows, dt), "k_desc": _desc_type(keys, dt), "v_desc": _desc_type(keys, dt),
+                     "do_desc": _desc_type(rows, dt), "dk_desc": _desc_type(keys, dt), "dv_desc": _desc_type(keys, dt),
+                     "dq_acc_desc": _desc_type(rows, "float32"),
+                     "lse_desc": _desc_type([1, 1, c.kv_block_m], "float32"),
+                     "delta_desc": _desc_type([1, 1, c.kv_block_m], "float32")}
+        constexprs = {"QWALK": qwalk, "MASK": mask, "DQ_PIECES": c.dq_pieces}
     else:
         _check_choice("part", variant.part, BWD_PARTS)
         from attncc.runtime.gluon.bwd import attn_bwd_dq as kernel
@@ -649,24 +702,29 @@ def variants(kernels=KERNELS, patterns=tuple(walks.PATTERNS), dtypes=DTYPES, hea
 
 
 def bwd_ci_variants():
-    """The backward variants CI compiles: every kernel, pattern, dtype and head dim at the default
-    tiles (16, ~1.5 s each); `bwd_variants` adds the other ring depths."""
-    return [v for v in bwd_variants() if v.config == default_bwd_config(v.head_dim)]
+    """The backward variants CI compiles: every kernel (dK/dV, dQ, fused), pattern, dtype and head dim
+    at the default tiles (24, ~1.5-3 s each), and the fused kernel's dQ in one piece at D = 128 (its
+    other branch); `bwd_variants` adds the other ring depths."""
+    one_piece = dataclasses.replace(default_bwd_config(128), dq_pieces=1)
+    return [v for v in bwd_variants() if v.config == default_bwd_config(v.head_dim)] + [
+        BwdVariant("fused", "causal", "bfloat16", 128, one_piece)]
 
 
 def bwd_variants(patterns=tuple(walks.PATTERNS), dtypes=DTYPES, head_dims=BWD_HEAD_DIMS):
     """Every backward variant: kernels x patterns x dtypes x head dims at the default tiles, plus each
-    kernel's other ring depths (2-4) that fit."""
+    kernel's other ring depths (2-4) that fit and the fused kernel's other dQ split (`dq_pieces`)."""
     out = []
     for head_dim in head_dims:
         base = default_bwd_config(head_dim)
         for part in BWD_PARTS:
             configs = [base]
             for depth in (2, 3, 4):
-                field = "kv_stages" if part == "dkdv" else "q_stages"
+                field = "q_stages" if part == "dq" else "kv_stages"
                 cfg = dataclasses.replace(base, **{field: depth})
                 if depth != base.stages(part) and bwd_shared_bytes(cfg, head_dim)[part] <= SM90_SHARED_BYTES - 1024:
                     configs.append(cfg)
+            if part == "fused":  # the dQ partial in the other number of pieces (1 <-> 2)
+                configs.append(dataclasses.replace(base, dq_pieces=3 - base.dq_pieces))
             for cfg in configs:
                 for pattern in patterns:
                     for dtype in dtypes:

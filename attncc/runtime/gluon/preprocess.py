@@ -1,5 +1,5 @@
-"""The backward's preprocess for the Gluon sm90 kernels, a `tl` kernel (it runs under Triton's CPU
-interpreter, so CI executes it; tests/test_gluon_bwd.py).
+"""The backward's preprocess (and the fused backward's postprocess) for the Gluon sm90 kernels, `tl`
+kernels (they run under Triton's CPU interpreter, so CI executes them; tests/test_gluon_bwd.py).
 
 It differs from a generated module's `_bwd_preprocess` in where it writes: the Gluon dK/dV kernel
 reads the lse2 and delta rows by TMA, whose row strides must be multiples of 16 bytes, so row
@@ -43,3 +43,14 @@ def bwd_preprocess(O, DO, LSE, DLSE, DELTA, LSE2,
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     tl.store(DELTA + bh * row_stride + rows64, delta, mask=in_rows)
     tl.store(LSE2 + bh * row_stride + rows64, lse2, mask=in_rows)
+
+
+@triton.jit
+def bwd_postprocess(DQ_ACC, DQ, scale, n_elements, BLOCK: tl.constexpr):
+    """The fused backward's last step: dQ = DQ_ACC * scale in DQ's dtype (DQ_ACC: the fp32
+    accumulator the fused kernel's TMA reduce-adds filled; both contiguous, n_elements long).
+    int64 offsets: B * Hq * Nq * D may pass 2**31."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < n_elements
+    acc = tl.load(DQ_ACC + offs, mask=inside, other=0.0)
+    tl.store(DQ + offs, (acc * scale).to(DQ.dtype.element_ty), mask=inside)
