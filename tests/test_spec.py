@@ -119,7 +119,7 @@ MALFORMED = [
     ("where-mixed-branches", '[mask]\nwhere = "where(i < j, i < 3, 5)"', "[mask].where", "must be a boolean expression, got a number"),
     ("where-arity", '[mask]\nwhere = "where(i < j, True)"', "[mask].where", "takes 3 arguments"),
     ("name-not-identifier", 'name = "my-spec"', "name", "Python identifier"),
-    ("name-keyword", 'name = "class"', "name", "Python identifier"),
+    ("name-keyword", 'name = "class"', "name", "not a keyword of Python"),
 ]
 
 

@@ -81,8 +81,10 @@ class _Checker:
     def identifier(self, value, key):
         """An ASCII Python identifier (Python reads others after NFKC normalization: two names
         could become one) of at most N.MAX_NAME_LENGTH characters."""
-        if not isinstance(value, str) or not (value.isascii() and value.isidentifier()) or keyword.iskeyword(value):
+        if not isinstance(value, str) or not (value.isascii() and value.isidentifier()):
             self.fail(key, f"expected a Python identifier (ASCII letters, digits, _), got {_short(value)}")
+        if keyword.iskeyword(value):
+            self.fail(key, f"expected a Python identifier that is not a keyword of Python, got {value!r}")
         if len(value) > N.MAX_NAME_LENGTH:
             self.fail(key, f"names are at most {N.MAX_NAME_LENGTH} characters, got {len(value)}: {_short(value)}")
         return value
