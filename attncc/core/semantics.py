@@ -28,7 +28,8 @@ def float32_holds(value) -> bool:
         value = float(value)
     except OverflowError:  # an int past float64's range
         return False
-    return math.isfinite(value) and abs(value) <= FLOAT32_MAX and (value == 0 or abs(value) >= FLOAT32_TINY)
+    # (comparisons only, which torch.compile traces on a symbolic float: NaN and inf fail the first)
+    return abs(value) <= FLOAT32_MAX and (value == 0 or abs(value) >= FLOAT32_TINY)
 
 
 def alibi_slope(h: int, n_heads: int) -> float:

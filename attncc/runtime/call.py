@@ -392,7 +392,7 @@ def softmax_scale(who: str, spec: SpecInfo, scale, D: int) -> float:
         value = float(scale)
     except OverflowError:  # an int past float64's range
         value = math.inf
-    if not math.isfinite(value) or not value > 0:
+    if not 0 < value < math.inf:  # NaN too (comparisons only: torch.compile traces them on a symbolic float)
         raise ValueError(f"{who}: scale must be a finite positive number, got {scale!r}")
     if not (FLOAT32_TINY <= value and value * 1.4426950408889634 <= FLOAT32_MAX):
         raise ValueError(f"{who}: scale = {scale!r} is outside the float32 range the kernels compute in "
@@ -454,7 +454,11 @@ def check_heads_and_dims(spec: SpecInfo, who: str, *, Hq: int, Hkv: int, D: int,
     """Head counts (GQA divisibility, the spec's fixed counts) and head dims of a call."""
     if Dk != D:
         raise ValueError(f"{who}: q and {k} head dims differ: {D} vs {Dk}")
-    if Hkv == 0 or Hq % Hkv:
+    if Hq == 0 or Hkv == 0:
+        # (0 is a multiple of any count, but a group of 0 query heads per kv head is nothing the
+        # kernels can index: they divide by it, and linear attention's states would go unwritten)
+        raise ValueError(f"{who}: q has {Hq} heads, {kv} {Hkv}: each needs at least one head")
+    if Hq % Hkv:
         raise ValueError(f"{who}: q has {Hq} heads, {kv} {Hkv}: the query head count must be a multiple of the key/value head count")
     if spec.heads_q is not None and Hq != spec.heads_q:
         raise ValueError(f"{who}: the spec fixes [heads].q = {spec.heads_q}, q has {Hq} heads")
@@ -528,8 +532,10 @@ def bind_params_and_inputs(spec: SpecInfo, who: str, kwargs: dict, *, B: int, Hq
         if t.dtype != want_dtype:
             if t.dtype.is_floating_point != want_dtype.is_floating_point or t.dtype == torch.bool:
                 raise TypeError(f"{who}: input {d.name} must be {d.dtype}, got {dtype_name(t.dtype)}")
-            if t.dtype.is_floating_point or want_dtype == torch.bool or not _holds(t.dtype, want_dtype):
-                t = t.to(want_dtype)  # floats to the declared type; ints widened (or to bool: != 0)
+            if t.dtype.is_floating_point or want_dtype == torch.bool:
+                t = t.to(want_dtype)  # floats to the declared type; ints to bool: != 0
+            elif not _holds(t.dtype, want_dtype):
+                t = t.to(_holding(who, d.name, t.dtype, want_dtype))
         inputs[d.name] = t
     if kwargs:
         known = [p.name for p in spec.params] + [d.name for d in spec.inputs]
@@ -542,6 +548,18 @@ def _holds(have: torch.dtype, want: torch.dtype) -> bool:
     """Does the integer type ``have`` hold every value of the integer type ``want``?"""
     a, b = torch.iinfo(have), torch.iinfo(want)
     return a.min <= b.min and a.max >= b.max
+
+
+def _holding(who: str, name: str, given: torch.dtype, declared: torch.dtype) -> torch.dtype:
+    """The integer type an input of type ``given`` is read at, for an input declared ``declared``
+    that does not hold all its values: the declared type when it holds the given one's (a narrower
+    tensor widened), else the narrowest signed type holding both (int8 ids in a uint8 input, uint32
+    in an int32 one), so that no value changes: a plain ``.to(declared)`` would wrap -1 to 255."""
+    for dtype in (declared, torch.int16, torch.int32, torch.int64):
+        if _holds(dtype, given) and _holds(dtype, declared):
+            return dtype
+    raise TypeError(f"{who}: input {name} is {dtype_name(given)}, whose values no signed integer type holds "
+                    f"(declared {dtype_name(declared)}): pass it as int64")
 
 
 def _varlen(name, q, k, cu_q, cu_k, max_q, max_k):
