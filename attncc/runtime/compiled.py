@@ -4,8 +4,9 @@
 torch >= 2.4) take the tensors of a call and its scalars; the generated module's launchers run
 inside them, looked up by the spec's name and hash (:func:`register_kernels`, called when a
 generated module is imported). ``register_fake`` gives the shapes to the compiler and
-``register_autograd`` connects the two ops. What the ops' signature cannot carry (a param that
-the compiler made symbolic, a module that registered nothing) goes the eager way instead: a graph
+``register_autograd`` connects the two ops. Params, scale and dropout probability go as the
+schema's numbers, so a value that the compiler made symbolic is carried as one. What the ops'
+signature cannot carry (a module that registered nothing) goes the eager way instead: a graph
 break (see :func:`attncc.runtime.launch.run_attention`).
 """
 from __future__ import annotations

@@ -1,0 +1,259 @@
+"""An outside tester's probe of the call API (probe 9): seeded random calls of generated modules with
+unusual but legal arguments, each against attncc.reference in float64, and the defects the probe
+found, each with its regression test.
+
+The random calls mix, through one module at a time (so that the signature cache sees alternating
+shapes, dtypes and layouts): GQA groups of 1 to 3, odd head dims (1, 17, ...) and value dims
+different from them, empty and one-row sequences, offsets, scale overrides, q/k/v as views of
+other storage (BNHD transposed, a storage offset, a stride-2 last dim, stride-0 heads or rows), q,
+k and v made from one tensor, gradients of a subset of them and of the grad = true inputs, losses
+of o (whose gradient is a stride-0 expansion), of o times a cotangent, of the LSE alone or of both.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import attncc
+from cases import REL_TOL, SMALL_PARAMS, build_inline, inputs_for, module, pattern, rel_err
+
+GRAD_TOL = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+
+# Views of a leaf that make a [B, H, N, D] operand: (the leaf's shape, the view).
+LAYOUTS = {
+    "dense": (lambda s: s, lambda x, s: x),
+    "bnhd": (lambda s: (s[0], s[2], s[1], s[3]), lambda x, s: x.transpose(1, 2)),
+    "offset": (lambda s: (s[0] * s[1] * s[2] * s[3] + 3,), lambda x, s: x[3:].view(s)),
+    "step": (lambda s: (*s[:3], 2 * s[3]), lambda x, s: x[..., ::2]),
+    "heads0": (lambda s: (s[0], 1, *s[2:]), lambda x, s: x.expand(s)),
+    "rows0": (lambda s: (*s[:2], 1, s[3]), lambda x, s: x.expand(s)),
+}
+
+SPECS = ["causal", "sliding_window", "cross_causal", "alibi", "softcap", "rope_causal", "t5_bias", "document",
+         "padding", "dense", "mqa", "prefix_lm"]
+
+
+def _case(rnd: random.Random):
+    name = rnd.choice(SPECS)
+    p = pattern(name)
+    dtype = rnd.choice([torch.float32, torch.float32, torch.float16, torch.bfloat16])
+    B = rnd.choice([1, 2])
+    Hkv = 1 if p.heads_kv == 1 else rnd.choice([1, 2])
+    Hq = Hkv * rnd.choice([1, 2, 3])
+    Nq, Nk = rnd.choice([0, 1, 5, 16, 23]), rnd.choice([0, 1, 9, 16, 31])
+    D = rnd.choice([16, 24, 32, 2]) if p.rope else rnd.choice([16, 17, 32, 1, 24])
+    Dv = rnd.choice([D, D, 8, 20])
+    alias = rnd.random() < 0.15 and Hq == Hkv and Nq == Nk and Nq > 0 and Dv == D
+    return dict(name=name, dtype=dtype, B=B, Hq=Hq, Hkv=Hkv, Nq=Nq, Nk=Nk, D=D, Dv=Dv, alias=alias,
+                layouts=[rnd.choice(list(LAYOUTS)) for _ in range(3)],
+                q_offset=rnd.choice([0, 0, 3, 40]), k_offset=rnd.choice([0, 0, 2]),
+                scale=rnd.choice([None, None, 0.05, 1, 2.5]),
+                grads=[rnd.random() < 0.7 for _ in range(3)], loss=rnd.choice(["o", "o*g", "lse", "both"]),
+                mode=rnd.choice(["grad", "grad", "no_grad", "inference"]), seed=rnd.randrange(2**31))
+
+
+def _run(c):
+    p, mod = pattern(c["name"]), module(c["name"])
+    gen = torch.Generator().manual_seed(c["seed"])
+    dtype, B, Hq, Hkv = c["dtype"], c["B"], c["Hq"], c["Hkv"]
+    shapes = [(B, Hq, c["Nq"], c["D"]), (B, Hkv, c["Nk"], c["D"]), (B, Hkv, c["Nk"], c["Dv"])]
+    bases = [torch.randn(LAYOUTS[how][0](s), generator=gen).to(dtype) for how, s in zip(c["layouts"], shapes)]
+    if c["alias"]:  # q = k = v: one tensor, one leaf
+        bases = [bases[0]] * 3
+        c["layouts"] = [c["layouts"][0]] * 3
+    n = max(c["q_offset"] + c["Nq"], c["k_offset"] + c["Nk"], 1)
+    kw = dict(SMALL_PARAMS.get(c["name"], {}), **inputs_for(p, B, Hq, n, gen))
+    if c["name"] == "sliding_window":
+        kw["window"] = 1 + c["seed"] % 20
+    learned = [d.name for d in p.inputs if d.grad]
+    pos = dict(q_offset=c["q_offset"], k_offset=c["k_offset"])
+    if c["scale"] is not None:
+        pos["scale"] = c["scale"]
+    grad = c["mode"] == "grad"
+    g = torch.randn(B, Hq, c["Nq"], c["Dv"], generator=gen)
+    gl = torch.randn(B, Hq, c["Nq"], generator=gen)
+
+    def call(fn, cast, want_grad):
+        leaves = {}
+        for i, base in enumerate(bases):  # one leaf per distinct base (q = k = v share theirs)
+            if id(base) not in leaves:
+                leaves[id(base)] = cast(base).detach().clone().requires_grad_(want_grad and (c["grads"][i] or c["alias"]))
+        ops = [LAYOUTS[how][1](leaves[id(base)], s) for how, base, s in zip(c["layouts"], bases, shapes)]
+        inputs = {k: (cast(t).detach().clone().requires_grad_(want_grad) if k in learned else t) for k, t in kw.items()}
+        o, lse = fn(*ops, return_lse=True, **pos, **inputs)
+        wrt = [t for t in [*leaves.values(), *(inputs[k] for k in learned)] if t.requires_grad]
+        if not wrt:
+            return o, lse, []
+        fin = torch.isfinite(lse).detach()
+        terms = {"o": o.sum(), "o*g": (o * cast(g)).sum(), "lse": torch.where(fin, lse * cast(gl), 0).sum()}
+        loss = terms["o*g"] + terms["lse"] if c["loss"] == "both" else terms[c["loss"]]
+        return o, lse, torch.autograd.grad(loss, wrt, allow_unused=True, materialize_grads=True)
+
+    context = {"grad": torch.enable_grad, "no_grad": torch.no_grad, "inference": torch.inference_mode}[c["mode"]]
+    with context():
+        o, lse, got = call(mod.attention, lambda t: t.to(dtype) if t.is_floating_point() else t, grad)
+    ref, ref_lse, want = call(lambda *a, **k: attncc.reference(p, *a, **k), lambda t: t.double(), grad)
+    assert o.shape == ref.shape and o.dtype == dtype and lse.dtype == torch.float32
+    if ref.numel():
+        assert rel_err(o.detach(), ref.detach()) < REL_TOL[dtype], rel_err(o.detach(), ref.detach())
+    fin = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), fin)
+    assert torch.allclose(lse.detach()[fin].double(), ref_lse.detach()[fin], atol=2e-3, rtol=1e-3)
+    assert len(got) == len(want)
+    for x, r in zip(got, want):
+        assert torch.isfinite(x).all()
+        scale = float(r.abs().max()) if r.numel() else 0.0
+        if scale > 1e-6:  # (a gradient that is exactly 0 in float64 may be ~1e-7 in the kernels)
+            assert rel_err(x, r) < GRAD_TOL[dtype], (rel_err(x, r), c)
+        else:
+            assert float(x.abs().max() if x.numel() else 0) < 1e-4
+
+
+@pytest.mark.parametrize("block", range(4))
+def test_random_calls_match_the_reference(block):
+    rnd = random.Random(9000 + block)
+    for _ in range(16):
+        c = _case(rnd)
+        try:
+            _run(dict(c))
+        except AssertionError as e:
+            raise AssertionError(f"{c}: {e}") from e
+
+
+# ---------------------------------------------------------------------------------------------
+# Defects the probe found
+# ---------------------------------------------------------------------------------------------
+
+
+def _leaves(*shapes, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(*s, generator=gen, requires_grad=True) for s in shapes]
+
+
+def test_inputs_changed_in_place_before_the_backward_raise():
+    """The backward read the [inputs] and cu_seqlens from the call, not from autograd's saved
+    tensors: a kv_len, a learned table (an optimizer step) or a cu_seqlens changed in place after
+    the forward gave gradients of a mask or bias the forward never used, without a word (the
+    torch.compile path saved them and raised)."""
+    q, k, v = _leaves((2, 2, 16, 16), (2, 2, 16, 16), (2, 2, 16, 16))
+    kv_len = torch.tensor([10, 16], dtype=torch.int32)
+    o = module("padding").attention(q, k, v, kv_len=kv_len)
+    kv_len[0] = 3
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        o.sum().backward()
+
+    (table,) = _leaves((2, 32), seed=1)
+    o = module("t5_bias").attention(q, k, v, rel_bias=table)
+    with torch.no_grad():
+        table.mul_(3)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        o.sum().backward()
+
+    q, k, v = _leaves((1, 2, 20, 16), (1, 2, 20, 16), (1, 2, 20, 16), seed=2)
+    cu = torch.tensor([0, 8, 20], dtype=torch.int32)
+    o = module("causal").attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu)
+    cu[1] = 4
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        o.sum().backward()
+
+
+def test_saved_tensor_hooks_that_copy_see_every_saved_tensor():
+    """Under saved-tensor hooks that hand back copies (offloading, checkpointing), the backward
+    takes the unpacked inputs and cu_seqlens and still gives the reference's gradients."""
+    p = pattern("t5_bias")
+    q, k, v = _leaves((1, 2, 20, 16), (1, 2, 20, 16), (1, 2, 20, 16), seed=3)
+    (table,) = _leaves((2, 32), seed=4)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+        o = module("t5_bias").attention(q, k, v, rel_bias=table)
+    got = torch.autograd.grad(o.sum(), (q, k, v, table))
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v, table)]
+    ref = attncc.reference(p, *leaves[:3], rel_bias=leaves[3])
+    for x, r in zip(got, torch.autograd.grad(ref.sum(), leaves)):
+        assert rel_err(x, r) < 1e-3
+
+
+@pytest.mark.parametrize("Hq, Hkv", [(0, 1), (0, 2), (2, 0)])
+def test_zero_head_counts_are_refused(Hq, Hkv):
+    """Hq = 0 passed the check (0 is a multiple of Hkv): the kernels divided by the group size
+    (0), decode raised ZeroDivisionError, and linear attention's dK of 0 query heads was NaN and
+    step() returned an unwritten state."""
+    q, k, v = (torch.randn(1, h, 8, 16) for h in (Hq, Hkv, Hkv))
+    for call in (lambda: module("causal").attention(q, k, v),
+                 lambda: module("causal").decode(q[:, :, :1], k, v, kv_len=[4]),
+                 lambda: module("linear_elu").attention(q, k, v),
+                 lambda: module("linear_elu").step(q[:, :, 0], k[:, :, 0], v[:, :, 0])):
+        with pytest.raises(ValueError, match="each needs at least one head"):
+            call()
+
+
+SIGNED = {f"signed_{dtype}": f'name = "signed_{dtype}"\nhead_dim = 16\n[inputs]\nx = {{ dims = ["b", "n"], '
+                             f'dtype = "{dtype}" }}\n[mask]\nwhere = "j <= i and x[b, j] != 7 and x[b, j] < 1000"\n'
+                             f'[score]\nbias = "0.01 * min(x[b, j], 300)"\n' for dtype in ("uint8", "int8", "int32")}
+
+
+@pytest.fixture(scope="module")
+def signed(tmp_path_factory):
+    return build_inline(SIGNED, tmp_path_factory.mktemp("signed"))
+
+
+@pytest.mark.parametrize("declared, given", [("uint8", torch.int8), ("int8", torch.uint8), ("int32", torch.uint32),
+                                             ("uint8", torch.int16)])
+def test_int_inputs_of_the_other_signedness_keep_their_values(signed, declared, given):
+    """An int8 tensor in a uint8 input was converted with .to(uint8): -1 became 255 (and uint8's
+    200 became int8's -56, uint32's 3e9 a negative int32) while the reference read the values as
+    given. They are read at a signed type that holds both now."""
+    p, mod = signed[f"signed_{declared}"]
+    gen = torch.Generator().manual_seed(5)
+    info = torch.iinfo(given)
+    x = torch.randint(max(info.min, -128), min(info.max, 255) + 1, (2, 24), generator=gen).to(given)
+    x[0, :4] = 7  # masked out
+    if given == torch.uint32:
+        x[1, :5] = 3_000_000_000
+    q, k, v = (torch.randn(2, 2, 24, 16, generator=gen) for _ in range(3))
+    o, lse = mod.attention(q, k, v, x=x, return_lse=True)
+    ref, ref_lse = attncc.reference(p, q.double(), k.double(), v.double(), x=x.long(), return_lse=True)
+    assert rel_err(o, ref) < 1e-4
+    fin = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), fin) and torch.allclose(lse[fin].double(), ref_lse[fin], atol=1e-3)
+
+
+def test_int_inputs_no_signed_type_holds_are_refused(signed):
+    x = torch.zeros(1, 8, dtype=torch.uint64)
+    q, k, v = (torch.randn(1, 1, 8, 16) for _ in range(3))
+    with pytest.raises(TypeError, match="input x is uint64, whose values no signed integer type holds"):
+        signed["signed_int32"][1].attention(q, k, v, x=x)
+
+
+FLOAT_PARAM = {"name": "probe_float_param", "head_dim": 16, "params": {"w": 0.5}, "mask": {"where": "j <= i"},
+               "score": {"mod": "s * w"}}
+
+
+def test_numbers_that_change_between_compiled_calls():
+    """torch.compile makes an int or float argument that changes between calls symbolic (automatic
+    dynamic); the op's options string took the params and the scale by repr, and math.isfinite
+    checked the scale: a second value failed fullgraph tracing with dynamo's "repr_impl not
+    implemented" / "torch.* op returned non-Tensor", naming nothing of the call."""
+    from attncc.module_cache import toml_text
+
+    window, p_window = module("sliding_window"), pattern("sliding_window")
+    floats = attncc.compile(FLOAT_PARAM)
+    p_floats = attncc.parse_spec(toml_text(FLOAT_PARAM))
+
+    def fn(q, k, v, w, off, s, x):
+        o, lse = window.attention(q, k, v, window=w, q_offset=off, return_lse=True)
+        return o.sum() + lse.sum() + floats.attention(q, k, v, scale=s, w=x).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    for i, (w, off, s, x) in enumerate([(3, 0, 0.25, 0.5), (4, 1, 0.5, 1.5), (6, 2, 1.25, -0.75)]):
+        q, k, v = _leaves((1, 2, 20, 16), (1, 2, 20, 16), (1, 2, 20, 16), seed=10 + i)
+        out = compiled(q, k, v, w, off, s, x)
+        got = torch.autograd.grad(out, (q, k, v))
+        leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+        o, lse = attncc.reference(p_window, *leaves, window=w, q_offset=off, return_lse=True)
+        ref = o.sum() + lse.sum() + attncc.reference(p_floats, *leaves, scale=s, w=x).sum()
+        assert abs(out.item() - ref.item()) < 1e-3 * (1 + abs(ref.item()))
+        for a, b in zip(got, torch.autograd.grad(ref, leaves)):
+            assert rel_err(a, b) < 1e-3
