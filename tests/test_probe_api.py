@@ -257,3 +257,25 @@ def test_numbers_that_change_between_compiled_calls():
         assert abs(out.item() - ref.item()) < 1e-3 * (1 + abs(ref.item()))
         for a, b in zip(got, torch.autograd.grad(ref, leaves)):
             assert rel_err(a, b) < 1e-3
+
+
+def test_int_argument_errors_name_the_function():
+    """``q_offset must be >= 0, got -1`` named neither the module nor the function (attention,
+    decode, a param's override or max_seqlen_q of a packed call): now every one does."""
+    q, k, v = (torch.randn(1, 2, 8, 16) for _ in range(3))
+    cu = torch.tensor([0, 8], dtype=torch.int32)
+    cases = [
+        (lambda: module("causal").attention(q, k, v, q_offset=-1), ValueError, r"causal\.attention: q_offset must be >= 0"),
+        (lambda: module("causal").attention(q, k, v, n_k=1.5), TypeError, r"causal\.attention: n_k must be an int"),
+        (lambda: module("sliding_window").attention(q, k, v, window=2.5), TypeError,
+         r"sliding_window\.attention: param window must be an int"),
+        (lambda: module("sliding_window").decode(q[:, :, :1], k, v, kv_len=[8], window=-2**40), ValueError,
+         r"sliding_window\.decode: param window must be >= -2147483648"),
+        (lambda: module("causal").attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=-1, max_seqlen_k=8),
+         ValueError, r"causal\.attention: max_seqlen_q must be >= 0"),
+        (lambda: module("causal_dropout").attention(q, k, v, seed=-3), ValueError,
+         r"causal_dropout\.attention: seed must be >= 0"),
+    ]
+    for call, error, message in cases:
+        with pytest.raises(error, match=message):
+            call()

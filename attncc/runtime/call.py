@@ -187,7 +187,9 @@ def dtype_name(t: torch.dtype) -> str:
 INT_LIMIT = 2**62
 
 
-def _int_arg(name: str, value, minimum: int = 0, maximum: int = INT_LIMIT - 1) -> int:
+def _int_arg(name: str, value, minimum: int = 0, maximum: int = INT_LIMIT - 1, who: str = "") -> int:
+    """``value`` as an int in ``[minimum, maximum]``; errors name ``who`` (the function called) and ``name``."""
+    what = f"{who}: {name}" if who else name
     if isinstance(value, torch.Tensor):
         if value.numel() == 1 and not value.dtype.is_floating_point and value.dtype != torch.bool:
             value = int(value)
@@ -197,11 +199,11 @@ def _int_arg(name: str, value, minimum: int = 0, maximum: int = INT_LIMIT - 1) -
         except TypeError:
             pass
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+        raise TypeError(f"{what} must be an int, got {type(value).__name__} {value!r}")
     if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        raise ValueError(f"{what} must be >= {minimum}, got {value}")
     if value > maximum:
-        raise ValueError(f"{name} must be <= {maximum}, got {value}")
+        raise ValueError(f"{what} must be <= {maximum}, got {value}")
     return value
 
 
@@ -348,16 +350,16 @@ def _bind_checked(spec: SpecInfo, q, k, v, *, return_lse=False, q_offset=0, k_of
     if not isinstance(return_lse, bool):
         raise TypeError(f"{name}.attention: return_lse must be a bool, got {return_lse!r}")
 
-    q_offset = _int_arg("q_offset", q_offset)
-    k_offset = _int_arg("k_offset", k_offset)
+    q_offset = _int_arg("q_offset", q_offset, who=f"{name}.attention")
+    k_offset = _int_arg("k_offset", k_offset, who=f"{name}.attention")
     cu_q = cu_k = None
     if cu_seqlens_q is not None or cu_seqlens_k is not None or max_seqlen_q is not None or max_seqlen_k is not None:
         if q_offset or k_offset or n_q is not None or n_k is not None:
             raise ValueError(f"{name}.attention: q_offset, k_offset, n_q, n_k cannot be combined with cu_seqlens: "
                              f"every packed sequence starts at position 0 and has its own n_q, n_k")
         cu_q, cu_k, B, Nq, Nk = _varlen(name, q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    n_q = q_offset + Nq if n_q is None else _int_arg("n_q", n_q)
-    n_k = k_offset + Nk if n_k is None else _int_arg("n_k", n_k)
+    n_q = q_offset + Nq if n_q is None else _int_arg("n_q", n_q, who=f"{name}.attention")
+    n_k = k_offset + Nk if n_k is None else _int_arg("n_k", n_k, who=f"{name}.attention")
     # n_q, n_k are the lengths of the sequences that the call's rows are part of
     for arg, n, offset, rows, which in (("n_q", n_q, q_offset, Nq, "query"), ("n_k", n_k, k_offset, Nk, "key")):
         if n < offset + rows:
@@ -429,7 +431,7 @@ def dropout_settings(spec: SpecInfo, who: str, *, dropout_p=None, seed=None, tra
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0 else 0
     else:
-        seed = _int_arg("seed", seed, maximum=2**64)  # the limit below says why
+        seed = _int_arg("seed", seed, maximum=2**64, who=who)  # the limit below says why
         if seed >= SEED_LIMIT:
             raise ValueError(f"{who}: seed must be below 2**63, got {seed}")
     return dropout_p, seed
@@ -443,8 +445,8 @@ def dropout_mask_shape(spec: SpecInfo, q, k, v, *, q_offset, k_offset, seed):
     for arg, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise TypeError(f"{who}: {arg} must be a 4-D torch.Tensor [B, H, N, D]")
-    _int_arg("q_offset", q_offset)
-    _int_arg("k_offset", k_offset)
+    _int_arg("q_offset", q_offset, who=who)
+    _int_arg("k_offset", k_offset, who=who)
     check_heads_and_dims(spec, who, Hq=q.shape[1], Hkv=k.shape[1], D=q.shape[3], Dk=k.shape[3], Dv=v.shape[3])
     return q.shape[0], q.shape[1], q.shape[2], k.shape[2]
 
@@ -502,7 +504,7 @@ def bind_params_and_inputs(spec: SpecInfo, who: str, kwargs: dict, *, B: int, Hq
     for p in spec.params:
         value = kwargs.pop(p.name, p.default)
         if p.kind == "int":
-            value = _int_arg(p.name, value, minimum=-(2**31))
+            value = _int_arg(f"param {p.name}", value, minimum=-(2**31), who=who)
             if p.maximum is not None and value > p.maximum:
                 raise ValueError(f"{who}: param {p.name} counts the terms of a reduction (range({p.name})), which the "
                                  f"kernels unroll to its value in the spec, {p.maximum}: a call may pass at most "
@@ -588,8 +590,8 @@ def _varlen(name, q, k, cu_q, cu_k, max_q, max_k):
     S = cu_q.numel() - 1
     # the kernels read cu_seqlens[b] at unit stride: a strided view is copied (S + 1 numbers, no sync)
     cu_q, cu_k = cu_q.contiguous(), cu_k.contiguous()
-    max_q = None if max_q is None else _int_arg("max_seqlen_q", max_q)
-    max_k = None if max_k is None else _int_arg("max_seqlen_k", max_k)
+    max_q = None if max_q is None else _int_arg("max_seqlen_q", max_q, who=f"{name}.attention")
+    max_k = None if max_k is None else _int_arg("max_seqlen_k", max_k, who=f"{name}.attention")
     if (max_q is None or max_k is None) and _capturing(q.device):
         raise ValueError(f"{name}.attention: pass max_seqlen_q and max_seqlen_k under CUDA graph capture: reading "
                          f"them from cu_seqlens takes a host sync, which a capture cannot hold")
