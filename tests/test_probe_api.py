@@ -279,3 +279,35 @@ def test_int_argument_errors_name_the_function():
     for call, error, message in cases:
         with pytest.raises(error, match=message):
             call()
+
+
+@pytest.mark.parametrize("dress", ["numpy", "tensor"])
+def test_numbers_in_numpy_or_tensor_dress_are_numbers_for_module_and_reference(dress):
+    """Int params took numpy ints and one-element tensors, float params and scale= refused them
+    (np.float32(0.5): "must be a number, got np.float32(0.5)"), and attncc.reference did the
+    opposite for int params (np.int64(3) refused) and took a tensor scale: module and reference
+    now take the same numbers, and refuse booleans of any kind alike."""
+    import numpy
+    from attncc.module_cache import toml_text
+
+    floats = attncc.compile(FLOAT_PARAM)
+    p_floats = attncc.parse_spec(toml_text(FLOAT_PARAM))
+    dressed = (lambda x: numpy.float32(x) if isinstance(x, float) else numpy.int64(x)) if dress == "numpy" \
+        else (lambda x: torch.tensor(x))
+    q, k, v = _leaves((1, 2, 12, 16), (1, 2, 12, 16), (1, 2, 12, 16), seed=20)
+    q, k, v = q.detach(), k.detach(), v.detach()
+    for mod, p, kw in [(floats, p_floats, dict(w=0.75, scale=0.5)), (floats, p_floats, dict(w=2, scale=1)),
+                       (module("sliding_window"), pattern("sliding_window"), dict(window=3, q_offset=4))]:
+        plain = mod.attention(q, k, v, **kw)
+        other = {name: dressed(x) for name, x in kw.items()}
+        assert torch.allclose(mod.attention(q, k, v, **other), plain, atol=1e-6)
+        assert rel_err(attncc.reference(p, q.double(), k.double(), v.double(), **other), plain) < 1e-4
+    for bad in (numpy.bool_(True), torch.tensor(True)):
+        with pytest.raises(TypeError, match="param w must be a number"):
+            floats.attention(q, k, v, w=bad)
+        with pytest.raises(TypeError, match="expects a number"):
+            attncc.reference(p_floats, q, k, v, w=bad)
+        with pytest.raises(TypeError, match="scale must be a positive number"):
+            floats.attention(q, k, v, scale=bad)
+        with pytest.raises(TypeError, match="scale must be a positive number"):
+            attncc.reference(p_floats, q, k, v, scale=bad)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import random
 from typing import Tuple
 
@@ -19,6 +20,24 @@ MAX_HEAD_DIM = 256
 # softcaps and RoPE's theta in float32: a value past them would be inf or 0 there.
 FLOAT32_MAX = 3.4028234663852886e38
 FLOAT32_TINY = 1.1754943508222875e-38
+
+
+def plain_number(value):
+    """``value`` as a Python number when it is one in another dress, as a call's scalar arguments
+    (params, ``scale=``, offsets) may come from configs and tensors: a numpy scalar, or a
+    one-element tensor (its ``item()``: a host sync for a GPU tensor). Anything else comes back as
+    it is, and a boolean of any kind stays a boolean (``torch.tensor(True)`` becomes ``True``), for
+    the caller to refuse with its own message. Duck-typed: nothing here imports torch or numpy."""
+    if isinstance(value, (bool, int, float)):
+        return value
+    if isinstance(value, numbers.Integral):  # numpy's integers (numpy's bool is no Integral)
+        return int(value)
+    if isinstance(value, numbers.Real):  # numpy's floats
+        return float(value)
+    numel = getattr(value, "numel", None)
+    if callable(numel) and callable(getattr(value, "item", None)) and numel() == 1:
+        return value.item()  # a tensor of one element: int, float, bool (or complex, refused by the caller)
+    return value
 
 
 def float32_holds(value) -> bool:

@@ -6,7 +6,6 @@ device, head count or keyword never turns into a wrong answer or a launch error.
 from __future__ import annotations
 
 import math
-import operator
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -14,7 +13,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from attncc.core.semantics import FLOAT32_MAX, FLOAT32_TINY, MAX_HEAD_DIM, float32_holds
+from attncc.core.semantics import FLOAT32_MAX, FLOAT32_TINY, MAX_HEAD_DIM, float32_holds, plain_number
 from attncc.runtime.intervals import INT32_MAX, POSITION_PAD, CallNumbers, cached_reach
 from attncc.runtime.spec_info import SpecInfo
 
@@ -190,14 +189,7 @@ INT_LIMIT = 2**62
 def _int_arg(name: str, value, minimum: int = 0, maximum: int = INT_LIMIT - 1, who: str = "") -> int:
     """``value`` as an int in ``[minimum, maximum]``; errors name ``who`` (the function called) and ``name``."""
     what = f"{who}: {name}" if who else name
-    if isinstance(value, torch.Tensor):
-        if value.numel() == 1 and not value.dtype.is_floating_point and value.dtype != torch.bool:
-            value = int(value)
-    elif not isinstance(value, (bool, int)) and hasattr(type(value), "__index__"):
-        try:
-            value = operator.index(value)  # numpy's integers (numpy's bool refuses)
-        except TypeError:
-            pass
+    value = plain_number(value)  # numpy's integers, one-element integer tensors
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{what} must be an int, got {type(value).__name__} {value!r}")
     if value < minimum:
@@ -388,8 +380,10 @@ def softmax_scale(who: str, spec: SpecInfo, scale, D: int) -> float:
     0 or inf in the kernels, and every output NaN)."""
     if scale is None:
         scale = spec.scale if spec.scale is not None else 1.0 / math.sqrt(D)
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"{who}: scale must be a positive number, got {type(scale).__name__} {scale!r}")
+    else:
+        given, scale = scale, plain_number(scale)  # numpy's numbers, one-element tensors
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise TypeError(f"{who}: scale must be a positive number, got {type(given).__name__} {given!r}")
     try:
         value = float(scale)
     except OverflowError:  # an int past float64's range
@@ -422,8 +416,10 @@ def dropout_settings(spec: SpecInfo, who: str, *, dropout_p=None, seed=None, tra
         raise TypeError(f"{who}: training must be a bool, got {training!r}")
     if dropout_p is None:
         dropout_p = spec.dropout
-    elif isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"{who}: dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    else:
+        dropout_p = plain_number(dropout_p)
+        if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+            raise ValueError(f"{who}: dropout_p must be a number in [0, 1), got {dropout_p!r}")
     dropout_p = float(dropout_p) if training else 0.0
     if seed is None and dropout_p > 0 and _capturing():
         raise ValueError(f"{who}: pass seed= under CUDA graph capture: a seed drawn now would be frozen into the "
@@ -481,7 +477,8 @@ def float_param(what: str, value) -> float:
     """A float param's value for the kernels: a number (an int too) that float32 holds as itself,
     as the spec's own value must be (docs/spec-language.md, "[params]"). NaN, infinities and values
     past float32's range are refused: the kernels would compute with inf or 0 where the float64
-    reference does not."""
+    reference does not. numpy's numbers and one-element tensors are numbers too."""
+    value = plain_number(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{what} must be a number, got {value!r}")
     if not float32_holds(value):
