@@ -19,7 +19,7 @@ import torch
 import attncc
 from cases import REL_TOL, SMALL_PARAMS, build_inline, inputs_for, module, pattern, rel_err
 
-GRAD_TOL = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+GRAD_TOL = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 1e-1}
 # absolute bounds of the LSE, and of a gradient whose float64 value is 0 (keys all alike): a 16-bit
 # RoPE spec rotates q and k in float32 but multiplies them in their own type, so a score of
 # magnitude 50 is off by ~1e-2 in float16
