@@ -383,3 +383,19 @@ def test_decode_kv_len_lists_of_numpy_ints():
     assert torch.equal(m.decode(q, k, v, kv_len=list(numpy.array([5, 12]))), want)
     with pytest.raises(TypeError, match=r"kv_len as a list must hold ints .*\[5, 2\.5\]"):
         m.decode(q, k, v, kv_len=[5, 2.5])
+
+
+def test_max_seqlen_past_the_packed_rows_launches_no_empty_programs():
+    """max_seqlen_q=2**31 (a "no limit" bound) passed the check (it is >= the longest sequence) and
+    sized the grid: the interpreter ran for hours, a GPU would launch 2**31 / BLOCK_M programs
+    without rows (in int64 positions). No sequence is longer than the packed rows."""
+    from attncc.runtime import bind
+
+    m = module("causal")
+    q, k, v = (torch.randn(1, 2, n, 16) for n in (20, 24, 24))
+    cu_q, cu_k = torch.tensor([0, 8, 20], dtype=torch.int32), torch.tensor([0, 9, 24], dtype=torch.int32)
+    call = bind(m.SPEC, q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=2**40, max_seqlen_k=2**31)
+    assert (call.Nq, call.Nk) == (20, 24) and not call.wide
+    want = m.attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    got = m.attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=2**40, max_seqlen_k=2**31)
+    assert torch.equal(got, want)

@@ -611,7 +611,9 @@ def _varlen(name, q, k, cu_q, cu_k, max_q, max_k):
                 raise ValueError(f"{name}.attention: {arg} = {given} is less than the longest sequence ({longest})")
         max_q = q_max if max_q is None else max_q
         max_k = k_max if max_k is None else max_k
-    return cu_q, cu_k, S, max_q, max_k
+    # No sequence is longer than the packed rows: a larger bound (max_seqlen_q=2**31 as "no limit")
+    # would only launch programs without rows, billions of them, and switch to int64 positions.
+    return cu_q, cu_k, S, min(max_q, q.shape[2]), min(max_k, k.shape[2])
 
 
 def _capturing(device=None) -> bool:
