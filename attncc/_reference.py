@@ -67,8 +67,9 @@ def _param_values(pattern: Pattern, overrides: Optional[Mapping[str, Any]]) -> D
         if kind == "float" and not semantics.float32_holds(v):
             raise ValueError(f"param '{name}' of pattern '{pattern.name}' must be a finite number in float32's range "
                              f"(as the kernels take it), got {v!r}")
-        values[name] = v if kind == "int" else float(v)
-    return values
+        values[name] = v
+    # float params as the generated modules take them (-0.0 is 0.0: semantics.param_float)
+    return {name: semantics.param_float(v) if pattern.param(name).kind == "float" else v for name, v in values.items()}
 
 
 def _check_inputs(pattern: Pattern, inputs: Mapping[str, Any], batch: int, heads: int) -> None:

@@ -399,3 +399,22 @@ def test_max_seqlen_past_the_packed_rows_launches_no_empty_programs():
     want = m.attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
     got = m.attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=2**40, max_seqlen_k=2**31)
     assert torch.equal(got, want)
+
+
+NEG_ZERO = {"name": "probe_negative_zero", "head_dim": 16, "params": {"w": 1.0},
+            "mask": {"where": "j <= i and j < 8 / w + 40"}, "score": {"mod": "where(1 / w > 0, s, s * 2)"}}
+
+
+def test_negative_zero_float_param_is_zero_for_every_cache():
+    """A float param of -0.0 after one of 0.0 hit the call-signature cache (-0.0 == 0.0, equal
+    hashes) and ran with 0.0, while the reference took 1 / w = -inf: every row wrong, silently.
+    Module and reference take -0.0 as 0.0 now, whichever comes first."""
+    from attncc.module_cache import toml_text
+
+    mod = attncc.compile(NEG_ZERO)
+    p = attncc.parse_spec(toml_text(NEG_ZERO))
+    q, k, v = (t.detach() for t in _leaves((1, 2, 12, 16), (1, 2, 12, 16), (1, 2, 12, 16), seed=30))
+    for w in (0.0, -0.0, 0.5, -0.0):
+        ref = attncc.reference(p, q.double(), k.double(), v.double(), w=w)
+        assert rel_err(mod.attention(q, k, v, w=w), ref) < 1e-4, w
+        assert rel_err(mod.decode(q[:, :, -2:], k, v, kv_len=[12], w=w), ref[:, :, -2:]) < 1e-4, w

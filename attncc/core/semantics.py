@@ -40,6 +40,13 @@ def plain_number(value):
     return value
 
 
+def param_float(value) -> float:
+    """A float param's value as every stage takes it: a Python float, and -0.0 as 0.0. The two are
+    equal numbers, so the caches keyed by a call's params (its signature, its block lists) cannot
+    tell them apart; they must then mean the same (``1 / w`` is inf at both)."""
+    return float(value) + 0.0  # (-0.0 + 0.0 is 0.0)
+
+
 def float32_holds(value) -> bool:
     """Whether float32 holds the number ``value`` as itself: finite, and zero or a normal number in
     magnitude (what a float param must be, in a spec and in a call's override)."""

@@ -13,7 +13,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from attncc.core.semantics import FLOAT32_MAX, FLOAT32_TINY, MAX_HEAD_DIM, float32_holds, plain_number
+from attncc.core.semantics import FLOAT32_MAX, FLOAT32_TINY, MAX_HEAD_DIM, float32_holds, param_float, plain_number
 from attncc.runtime.intervals import INT32_MAX, POSITION_PAD, CallNumbers, cached_reach
 from attncc.runtime.spec_info import SpecInfo
 
@@ -484,7 +484,7 @@ def float_param(what: str, value) -> float:
     if not float32_holds(value):
         raise ValueError(f"{what} must be a finite number in float32's range ({FLOAT32_TINY:.6g} to "
                          f"{FLOAT32_MAX:.6g} in magnitude, or 0), got {value!r}")
-    return float(value)
+    return param_float(value)
 
 
 def bind_params_and_inputs(spec: SpecInfo, who: str, kwargs: dict, *, B: int, Hq: int, positions: int,
