@@ -54,7 +54,7 @@ def _case(rnd: random.Random):
                 layouts=[rnd.choice(list(LAYOUTS)) for _ in range(3)],
                 q_offset=rnd.choice([0, 0, 3, 40]), k_offset=rnd.choice([0, 0, 2]),
                 scale=rnd.choice([None, None, 0.05, 1, 2.5]),
-                grads=[rnd.random() < 0.7 for _ in range(3)], loss=rnd.choice(["o", "o*g", "lse", "both"]),
+                grads=[rnd.random() < 0.7 for _ in range(3)], loss=rnd.choice(["o", "o*g", "oT*g", "lse", "both"]),
                 mode=rnd.choice(["grad", "grad", "no_grad", "inference"]), seed=rnd.randrange(2**31))
 
 
@@ -91,7 +91,9 @@ def _run(c):
         if not wrt:
             return o, lse, []
         fin = torch.isfinite(lse).detach()
-        terms = {"o": o.sum(), "o*g": (o * cast(g)).sum(), "lse": torch.where(fin, lse * cast(gl), 0).sum()}
+        terms = {"o": o.sum(), "o*g": (o * cast(g)).sum(), "lse": torch.where(fin, lse * cast(gl), 0).sum(),
+                 # dO in the BNHD layout (transposed, not contiguous)
+                 "oT*g": (o.transpose(1, 2) * cast(g).transpose(1, 2).contiguous()).sum()}
         loss = terms["o*g"] + terms["lse"] if c["loss"] == "both" else terms[c["loss"]]
         if not loss.requires_grad:  # the LSE of the reference, with v alone wanting a gradient
             return o, lse, [torch.zeros_like(t) for t in wrt]
@@ -108,13 +110,14 @@ def _run(c):
     assert torch.equal(torch.isfinite(lse), fin)
     assert torch.allclose(lse.detach()[fin].double(), ref_lse.detach()[fin], atol=ABS_TOL[dtype], rtol=1e-3)
     assert len(got) == len(want)
+    largest = max([float(r.abs().max()) for r in want if r.numel()] + [1.0])
     for x, r in zip(got, want):
         assert torch.isfinite(x).all()
-        scale = float(r.abs().max()) if r.numel() else 0.0
-        if scale > 1e-6:  # (a gradient that is exactly 0 in float64 may be ~1e-7 in the kernels)
+        if r.numel() and float(r.abs().max()) > 1e-6:
             assert rel_err(x, r) < GRAD_TOL[dtype], (rel_err(x, r), c)
-        else:
-            assert float(x.abs().max() if x.numel() else 0) < ABS_TOL[dtype], float(x.abs().max())
+        elif x.numel():  # 0 in float64 (identical keys or values): rounding noise, as large as the
+            # others' errors (16-bit O makes delta = rowsum(dO * O) off by its rounding, as in FlashAttention)
+            assert float(x.abs().max()) < GRAD_TOL[dtype] * largest, (float(x.abs().max()), largest)
 
 
 @pytest.mark.parametrize("block", range(4))
