@@ -7,7 +7,8 @@ shapes, dtypes and layouts): GQA groups of 1 to 3, odd head dims (1, 17, ...) an
 different from them, empty and one-row sequences, offsets, scale overrides, q/k/v as views of
 other storage (BNHD transposed, a storage offset, a stride-2 last dim, stride-0 heads or rows), q,
 k and v made from one tensor, gradients of a subset of them and of the grad = true inputs, losses
-of o (whose gradient is a stride-0 expansion), of o times a cotangent, of the LSE alone or of both.
+of o (whose gradient is a stride-0 expansion), of o times a cotangent (also in the BNHD layout), of
+the LSE alone or of both, and calls under torch.no_grad and torch.inference_mode.
 """
 from __future__ import annotations
 
@@ -20,9 +21,8 @@ import attncc
 from cases import REL_TOL, SMALL_PARAMS, build_inline, inputs_for, module, pattern, rel_err
 
 GRAD_TOL = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 1e-1}
-# absolute bounds of the LSE, and of a gradient whose float64 value is 0 (keys all alike): a 16-bit
-# RoPE spec rotates q and k in float32 but multiplies them in their own type, so a score of
-# magnitude 50 is off by ~1e-2 in float16
+# absolute bounds of the LSE: a 16-bit RoPE spec rotates q and k in float32 but multiplies them in
+# their own type, so a score of magnitude 50 is off by ~1e-2 in float16
 ABS_TOL = {torch.float32: 2e-3, torch.float16: 3e-2, torch.bfloat16: 2e-1}
 
 # Views of a leaf that make a [B, H, N, D] operand: (the leaf's shape, the view).
