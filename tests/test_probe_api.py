@@ -168,6 +168,22 @@ def test_inputs_changed_in_place_before_the_backward_raise():
         o.sum().backward()
 
 
+def test_inputs_made_under_inference_mode_still_train():
+    """Inference tensors cannot be saved for a backward (nor changed outside inference mode): document
+    ids and cu_seqlens built under torch.inference_mode keep serving a training call."""
+    with torch.inference_mode():
+        doc = torch.tensor([[0] * 6 + [1] * 10], dtype=torch.int32)
+        cu = torch.tensor([0, 6, 16], dtype=torch.int32)
+    q, k, v = _leaves((1, 2, 16, 16), (1, 2, 16, 16), (1, 2, 16, 16), seed=5)
+    got = torch.autograd.grad(module("document").attention(q, k, v, doc=doc).sum(), (q, k, v))
+    want = torch.autograd.grad(module("document").attention(q, k, v, doc=doc.clone()).sum(), (q, k, v))
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    got = torch.autograd.grad(module("causal").attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu).sum(), (q, k, v))
+    want = torch.autograd.grad(module("causal").attention(q, k, v, cu_seqlens_q=cu.clone(),
+                                                          cu_seqlens_k=cu.clone()).sum(), (q, k, v))
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
 def test_saved_tensor_hooks_that_copy_see_every_saved_tensor():
     """Under saved-tensor hooks that hand back copies (offloading, checkpointing), the backward
     takes the unpacked inputs and cu_seqlens and still gives the reference's gradients."""

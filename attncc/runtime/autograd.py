@@ -37,9 +37,11 @@ class AttentionFunction(torch.autograd.Function):
         # Everything the backward reads is saved, the [inputs] and cu_seqlens too, not only q, k, v:
         # autograd then refuses a backward after any of them changed in place (kv_len[0] = 3, an
         # optimizer step on a learned table) instead of computing gradients of values the forward
-        # never saw, and saved-tensor hooks see all of them.
+        # never saw, and saved-tensor hooks see all of them. Inference tensors (made under
+        # torch.inference_mode) cannot be saved, nor changed outside it: the call keeps those.
         ctx.call, ctx.input_names = call, tuple(call.inputs)
-        ctx.save_for_backward(q, k, v, o, lse, call.cu_seqlens_q, call.cu_seqlens_k, *call.inputs.values())
+        ctx.save_for_backward(q, k, v, o, lse, *(None if t is None or t.is_inference() else t
+                                                 for t in (call.cu_seqlens_q, call.cu_seqlens_k, *call.inputs.values())))
         # The gradient of an unused LSE stays None: materialized, autograd would fill a zero
         # tensor of its shape per backward (an allocation and a memset kernel for nothing).
         ctx.set_materialize_grads(False)
@@ -47,8 +49,10 @@ class AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dlse):
-        q, k, v, o, lse, cu_q, cu_k, *inputs = ctx.saved_tensors
+        q, k, v, o, lse, *saved = ctx.saved_tensors
         call = ctx.call
+        kept = (call.cu_seqlens_q, call.cu_seqlens_k, *call.inputs.values())
+        cu_q, cu_k, *inputs = (t if s is None else s for s, t in zip(saved, kept))
         names = call.grad_input_names
         if do is None and dlse is None:
             return (None,) * (4 + len(names))
