@@ -56,8 +56,7 @@ def _param_values(pattern: Pattern, overrides: Optional[Mapping[str, Any]]) -> D
         if name not in values:
             raise TypeError(f"pattern '{pattern.name}' has no param '{name}' (params: {', '.join(values) or 'none'})")
         kind = pattern.param(name).kind
-        if isinstance(v, torch.Tensor):
-            v = v.item()
+        v = semantics.plain_number(v)  # numpy's numbers and one-element tensors, as the generated modules
         if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind == "int" and not isinstance(v, int)):
             raise TypeError(f"param '{name}' of pattern '{pattern.name}' expects {'an integer' if kind == 'int' else 'a number'}, "
                             f"got {type(v).__name__} {v!r}")
@@ -68,8 +67,9 @@ def _param_values(pattern: Pattern, overrides: Optional[Mapping[str, Any]]) -> D
         if kind == "float" and not semantics.float32_holds(v):
             raise ValueError(f"param '{name}' of pattern '{pattern.name}' must be a finite number in float32's range "
                              f"(as the kernels take it), got {v!r}")
-        values[name] = v if kind == "int" else float(v)
-    return values
+        values[name] = v
+    # float params as the generated modules take them (-0.0 is 0.0: semantics.param_float)
+    return {name: semantics.param_float(v) if pattern.param(name).kind == "float" else v for name, v in values.items()}
 
 
 def _check_inputs(pattern: Pattern, inputs: Mapping[str, Any], batch: int, heads: int) -> None:
@@ -286,7 +286,10 @@ def reference(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         qf = rotary(qf, q_pos, pattern.rope.theta, pattern.rope.style, rd)
         kf = rotary(kf, k_pos, pattern.rope.theta, pattern.rope.style, rd)
     scale = opts.get("scale", pattern.scale)
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    scale = 1.0 / math.sqrt(D) if scale is None else semantics.plain_number(scale)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a positive number, got {type(scale).__name__} {scale!r}")
+    scale = float(scale)
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a finite positive number, got {scale!r}")
 

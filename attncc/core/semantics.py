@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import random
 from typing import Tuple
 
@@ -21,6 +22,31 @@ FLOAT32_MAX = 3.4028234663852886e38
 FLOAT32_TINY = 1.1754943508222875e-38
 
 
+def plain_number(value):
+    """``value`` as a Python number when it is one in another dress, as a call's scalar arguments
+    (params, ``scale=``, offsets) may come from configs and tensors: a numpy scalar, or a
+    one-element tensor (its ``item()``: a host sync for a GPU tensor). Anything else comes back as
+    it is, and a boolean of any kind stays a boolean (``torch.tensor(True)`` becomes ``True``), for
+    the caller to refuse with its own message. Duck-typed: nothing here imports torch or numpy."""
+    if isinstance(value, (bool, int, float)):
+        return value
+    if isinstance(value, numbers.Integral):  # numpy's integers (numpy's bool is no Integral)
+        return int(value)
+    if isinstance(value, numbers.Real):  # numpy's floats
+        return float(value)
+    numel = getattr(value, "numel", None)
+    if callable(numel) and callable(getattr(value, "item", None)) and numel() == 1:
+        return value.item()  # a tensor of one element: int, float, bool (or complex, refused by the caller)
+    return value
+
+
+def param_float(value) -> float:
+    """A float param's value as every stage takes it: a Python float, and -0.0 as 0.0. The two are
+    equal numbers, so the caches keyed by a call's params (its signature, its block lists) cannot
+    tell them apart; they must then mean the same (``1 / w`` is inf at both)."""
+    return float(value) + 0.0  # (-0.0 + 0.0 is 0.0)
+
+
 def float32_holds(value) -> bool:
     """Whether float32 holds the number ``value`` as itself: finite, and zero or a normal number in
     magnitude (what a float param must be, in a spec and in a call's override)."""
@@ -28,7 +54,8 @@ def float32_holds(value) -> bool:
         value = float(value)
     except OverflowError:  # an int past float64's range
         return False
-    return math.isfinite(value) and abs(value) <= FLOAT32_MAX and (value == 0 or abs(value) >= FLOAT32_TINY)
+    # (comparisons only, which torch.compile traces on a symbolic float: NaN and inf fail the first)
+    return abs(value) <= FLOAT32_MAX and (value == 0 or abs(value) >= FLOAT32_TINY)
 
 
 def alibi_slope(h: int, n_heads: int) -> float:

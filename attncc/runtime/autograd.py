@@ -32,9 +32,16 @@ class AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, run, q, k, v, *grad_inputs):
-        forward, ctx.backward_fn, ctx.call = run
-        o, lse = forward(ctx.call)
-        ctx.save_for_backward(q, k, v, o, lse)
+        forward, ctx.backward_fn, call = run
+        o, lse = forward(call)
+        # Everything the backward reads is saved, the [inputs] and cu_seqlens too, not only q, k, v:
+        # autograd then refuses a backward after any of them changed in place (kv_len[0] = 3, an
+        # optimizer step on a learned table) instead of computing gradients of values the forward
+        # never saw, and saved-tensor hooks see all of them. Inference tensors (made under
+        # torch.inference_mode) cannot be saved, nor changed outside it: the call keeps those.
+        ctx.call, ctx.input_names = call, tuple(call.inputs)
+        ctx.save_for_backward(q, k, v, o, lse, *(None if t is None or t.is_inference() else t
+                                                 for t in (call.cu_seqlens_q, call.cu_seqlens_k, *call.inputs.values())))
         # The gradient of an unused LSE stays None: materialized, autograd would fill a zero
         # tensor of its shape per backward (an allocation and a memset kernel for nothing).
         ctx.set_materialize_grads(False)
@@ -42,8 +49,10 @@ class AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dlse):
-        q, k, v, o, lse = ctx.saved_tensors
+        q, k, v, o, lse, *saved = ctx.saved_tensors
         call = ctx.call
+        kept = (call.cu_seqlens_q, call.cu_seqlens_k, *call.inputs.values())
+        cu_q, cu_k, *inputs = (t if s is None else s for s, t in zip(saved, kept))
         names = call.grad_input_names
         if do is None and dlse is None:
             return (None,) * (4 + len(names))
@@ -51,8 +60,10 @@ class AttentionFunction(torch.autograd.Function):
             do = torch.zeros_like(o)
         # the saved tensors, checked by autograd against changes in place since the forward (the
         # call's own, unless autograd unpacked others)
-        if not (q is call.q and k is call.k and v is call.v):
-            call = call.replace(q=q, k=k, v=v)
+        if not (q is call.q and k is call.k and v is call.v and cu_q is call.cu_seqlens_q
+                and cu_k is call.cu_seqlens_k and all(a is b for a, b in zip(inputs, call.inputs.values()))):
+            call = call.replace(q=q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                                inputs=dict(zip(ctx.input_names, inputs)))
         differentiable = torch.is_grad_enabled()  # create_graph=True
         if differentiable:
             with torch.no_grad():

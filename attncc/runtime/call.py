@@ -6,7 +6,6 @@ device, head count or keyword never turns into a wrong answer or a launch error.
 from __future__ import annotations
 
 import math
-import operator
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -14,7 +13,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from attncc.core.semantics import FLOAT32_MAX, FLOAT32_TINY, MAX_HEAD_DIM, float32_holds
+from attncc.core.semantics import FLOAT32_MAX, FLOAT32_TINY, MAX_HEAD_DIM, float32_holds, param_float, plain_number
 from attncc.runtime.intervals import INT32_MAX, POSITION_PAD, CallNumbers, cached_reach
 from attncc.runtime.spec_info import SpecInfo
 
@@ -187,21 +186,16 @@ def dtype_name(t: torch.dtype) -> str:
 INT_LIMIT = 2**62
 
 
-def _int_arg(name: str, value, minimum: int = 0, maximum: int = INT_LIMIT - 1) -> int:
-    if isinstance(value, torch.Tensor):
-        if value.numel() == 1 and not value.dtype.is_floating_point and value.dtype != torch.bool:
-            value = int(value)
-    elif not isinstance(value, (bool, int)) and hasattr(type(value), "__index__"):
-        try:
-            value = operator.index(value)  # numpy's integers (numpy's bool refuses)
-        except TypeError:
-            pass
+def _int_arg(name: str, value, minimum: int = 0, maximum: int = INT_LIMIT - 1, who: str = "") -> int:
+    """``value`` as an int in ``[minimum, maximum]``; errors name ``who`` (the function called) and ``name``."""
+    what = f"{who}: {name}" if who else name
+    value = plain_number(value)  # numpy's integers, one-element integer tensors
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+        raise TypeError(f"{what} must be an int, got {type(value).__name__} {value!r}")
     if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        raise ValueError(f"{what} must be >= {minimum}, got {value}")
     if value > maximum:
-        raise ValueError(f"{name} must be <= {maximum}, got {value}")
+        raise ValueError(f"{what} must be <= {maximum}, got {value}")
     return value
 
 
@@ -348,16 +342,16 @@ def _bind_checked(spec: SpecInfo, q, k, v, *, return_lse=False, q_offset=0, k_of
     if not isinstance(return_lse, bool):
         raise TypeError(f"{name}.attention: return_lse must be a bool, got {return_lse!r}")
 
-    q_offset = _int_arg("q_offset", q_offset)
-    k_offset = _int_arg("k_offset", k_offset)
+    q_offset = _int_arg("q_offset", q_offset, who=f"{name}.attention")
+    k_offset = _int_arg("k_offset", k_offset, who=f"{name}.attention")
     cu_q = cu_k = None
     if cu_seqlens_q is not None or cu_seqlens_k is not None or max_seqlen_q is not None or max_seqlen_k is not None:
         if q_offset or k_offset or n_q is not None or n_k is not None:
             raise ValueError(f"{name}.attention: q_offset, k_offset, n_q, n_k cannot be combined with cu_seqlens: "
                              f"every packed sequence starts at position 0 and has its own n_q, n_k")
         cu_q, cu_k, B, Nq, Nk = _varlen(name, q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    n_q = q_offset + Nq if n_q is None else _int_arg("n_q", n_q)
-    n_k = k_offset + Nk if n_k is None else _int_arg("n_k", n_k)
+    n_q = q_offset + Nq if n_q is None else _int_arg("n_q", n_q, who=f"{name}.attention")
+    n_k = k_offset + Nk if n_k is None else _int_arg("n_k", n_k, who=f"{name}.attention")
     # n_q, n_k are the lengths of the sequences that the call's rows are part of
     for arg, n, offset, rows, which in (("n_q", n_q, q_offset, Nq, "query"), ("n_k", n_k, k_offset, Nk, "key")):
         if n < offset + rows:
@@ -386,13 +380,15 @@ def softmax_scale(who: str, spec: SpecInfo, scale, D: int) -> float:
     0 or inf in the kernels, and every output NaN)."""
     if scale is None:
         scale = spec.scale if spec.scale is not None else 1.0 / math.sqrt(D)
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"{who}: scale must be a positive number, got {type(scale).__name__} {scale!r}")
+    else:
+        given, scale = scale, plain_number(scale)  # numpy's numbers, one-element tensors
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise TypeError(f"{who}: scale must be a positive number, got {type(given).__name__} {given!r}")
     try:
         value = float(scale)
     except OverflowError:  # an int past float64's range
         value = math.inf
-    if not math.isfinite(value) or not value > 0:
+    if not 0 < value < math.inf:  # NaN too (comparisons only: torch.compile traces them on a symbolic float)
         raise ValueError(f"{who}: scale must be a finite positive number, got {scale!r}")
     if not (FLOAT32_TINY <= value and value * 1.4426950408889634 <= FLOAT32_MAX):
         raise ValueError(f"{who}: scale = {scale!r} is outside the float32 range the kernels compute in "
@@ -420,8 +416,10 @@ def dropout_settings(spec: SpecInfo, who: str, *, dropout_p=None, seed=None, tra
         raise TypeError(f"{who}: training must be a bool, got {training!r}")
     if dropout_p is None:
         dropout_p = spec.dropout
-    elif isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"{who}: dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    else:
+        dropout_p = plain_number(dropout_p)
+        if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+            raise ValueError(f"{who}: dropout_p must be a number in [0, 1), got {dropout_p!r}")
     dropout_p = float(dropout_p) if training else 0.0
     if seed is None and dropout_p > 0 and _capturing():
         raise ValueError(f"{who}: pass seed= under CUDA graph capture: a seed drawn now would be frozen into the "
@@ -429,7 +427,7 @@ def dropout_settings(spec: SpecInfo, who: str, *, dropout_p=None, seed=None, tra
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0 else 0
     else:
-        seed = _int_arg("seed", seed, maximum=2**64)  # the limit below says why
+        seed = _int_arg("seed", seed, maximum=2**64, who=who)  # the limit below says why
         if seed >= SEED_LIMIT:
             raise ValueError(f"{who}: seed must be below 2**63, got {seed}")
     return dropout_p, seed
@@ -443,8 +441,8 @@ def dropout_mask_shape(spec: SpecInfo, q, k, v, *, q_offset, k_offset, seed):
     for arg, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise TypeError(f"{who}: {arg} must be a 4-D torch.Tensor [B, H, N, D]")
-    _int_arg("q_offset", q_offset)
-    _int_arg("k_offset", k_offset)
+    _int_arg("q_offset", q_offset, who=who)
+    _int_arg("k_offset", k_offset, who=who)
     check_heads_and_dims(spec, who, Hq=q.shape[1], Hkv=k.shape[1], D=q.shape[3], Dk=k.shape[3], Dv=v.shape[3])
     return q.shape[0], q.shape[1], q.shape[2], k.shape[2]
 
@@ -454,7 +452,11 @@ def check_heads_and_dims(spec: SpecInfo, who: str, *, Hq: int, Hkv: int, D: int,
     """Head counts (GQA divisibility, the spec's fixed counts) and head dims of a call."""
     if Dk != D:
         raise ValueError(f"{who}: q and {k} head dims differ: {D} vs {Dk}")
-    if Hkv == 0 or Hq % Hkv:
+    if Hq == 0 or Hkv == 0:
+        # (0 is a multiple of any count, but a group of 0 query heads per kv head is nothing the
+        # kernels can index: they divide by it, and linear attention's states would go unwritten)
+        raise ValueError(f"{who}: q has {Hq} heads, {kv} {Hkv}: each needs at least one head")
+    if Hq % Hkv:
         raise ValueError(f"{who}: q has {Hq} heads, {kv} {Hkv}: the query head count must be a multiple of the key/value head count")
     if spec.heads_q is not None and Hq != spec.heads_q:
         raise ValueError(f"{who}: the spec fixes [heads].q = {spec.heads_q}, q has {Hq} heads")
@@ -475,13 +477,14 @@ def float_param(what: str, value) -> float:
     """A float param's value for the kernels: a number (an int too) that float32 holds as itself,
     as the spec's own value must be (docs/spec-language.md, "[params]"). NaN, infinities and values
     past float32's range are refused: the kernels would compute with inf or 0 where the float64
-    reference does not."""
+    reference does not. numpy's numbers and one-element tensors are numbers too."""
+    value = plain_number(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{what} must be a number, got {value!r}")
     if not float32_holds(value):
         raise ValueError(f"{what} must be a finite number in float32's range ({FLOAT32_TINY:.6g} to "
                          f"{FLOAT32_MAX:.6g} in magnitude, or 0), got {value!r}")
-    return float(value)
+    return param_float(value)
 
 
 def bind_params_and_inputs(spec: SpecInfo, who: str, kwargs: dict, *, B: int, Hq: int, positions: int,
@@ -498,7 +501,7 @@ def bind_params_and_inputs(spec: SpecInfo, who: str, kwargs: dict, *, B: int, Hq
     for p in spec.params:
         value = kwargs.pop(p.name, p.default)
         if p.kind == "int":
-            value = _int_arg(p.name, value, minimum=-(2**31))
+            value = _int_arg(f"param {p.name}", value, minimum=-(2**31), who=who)
             if p.maximum is not None and value > p.maximum:
                 raise ValueError(f"{who}: param {p.name} counts the terms of a reduction (range({p.name})), which the "
                                  f"kernels unroll to its value in the spec, {p.maximum}: a call may pass at most "
@@ -528,8 +531,10 @@ def bind_params_and_inputs(spec: SpecInfo, who: str, kwargs: dict, *, B: int, Hq
         if t.dtype != want_dtype:
             if t.dtype.is_floating_point != want_dtype.is_floating_point or t.dtype == torch.bool:
                 raise TypeError(f"{who}: input {d.name} must be {d.dtype}, got {dtype_name(t.dtype)}")
-            if t.dtype.is_floating_point or want_dtype == torch.bool or not _holds(t.dtype, want_dtype):
-                t = t.to(want_dtype)  # floats to the declared type; ints widened (or to bool: != 0)
+            if t.dtype.is_floating_point or want_dtype == torch.bool:
+                t = t.to(want_dtype)  # floats to the declared type; ints to bool: != 0
+            elif not _holds(t.dtype, want_dtype):
+                t = t.to(_holding(who, d.name, t.dtype, want_dtype))
         inputs[d.name] = t
     if kwargs:
         known = [p.name for p in spec.params] + [d.name for d in spec.inputs]
@@ -542,6 +547,18 @@ def _holds(have: torch.dtype, want: torch.dtype) -> bool:
     """Does the integer type ``have`` hold every value of the integer type ``want``?"""
     a, b = torch.iinfo(have), torch.iinfo(want)
     return a.min <= b.min and a.max >= b.max
+
+
+def _holding(who: str, name: str, given: torch.dtype, declared: torch.dtype) -> torch.dtype:
+    """The integer type an input of type ``given`` is read at, for an input declared ``declared``
+    that does not hold all its values: the declared type when it holds the given one's (a narrower
+    tensor widened), else the narrowest signed type holding both (int8 ids in a uint8 input, uint32
+    in an int32 one), so that no value changes: a plain ``.to(declared)`` would wrap -1 to 255."""
+    for dtype in (declared, torch.int16, torch.int32, torch.int64):
+        if _holds(dtype, given) and _holds(dtype, declared):
+            return dtype
+    raise TypeError(f"{who}: input {name} is {dtype_name(given)}, whose values no signed integer type holds "
+                    f"(declared {dtype_name(declared)}): pass it as int64")
 
 
 def _varlen(name, q, k, cu_q, cu_k, max_q, max_k):
@@ -570,8 +587,8 @@ def _varlen(name, q, k, cu_q, cu_k, max_q, max_k):
     S = cu_q.numel() - 1
     # the kernels read cu_seqlens[b] at unit stride: a strided view is copied (S + 1 numbers, no sync)
     cu_q, cu_k = cu_q.contiguous(), cu_k.contiguous()
-    max_q = None if max_q is None else _int_arg("max_seqlen_q", max_q)
-    max_k = None if max_k is None else _int_arg("max_seqlen_k", max_k)
+    max_q = None if max_q is None else _int_arg("max_seqlen_q", max_q, who=f"{name}.attention")
+    max_k = None if max_k is None else _int_arg("max_seqlen_k", max_k, who=f"{name}.attention")
     if (max_q is None or max_k is None) and _capturing(q.device):
         raise ValueError(f"{name}.attention: pass max_seqlen_q and max_seqlen_k under CUDA graph capture: reading "
                          f"them from cu_seqlens takes a host sync, which a capture cannot hold")
@@ -594,7 +611,9 @@ def _varlen(name, q, k, cu_q, cu_k, max_q, max_k):
                 raise ValueError(f"{name}.attention: {arg} = {given} is less than the longest sequence ({longest})")
         max_q = q_max if max_q is None else max_q
         max_k = k_max if max_k is None else max_k
-    return cu_q, cu_k, S, max_q, max_k
+    # No sequence is longer than the packed rows: a larger bound (max_seqlen_q=2**31 as "no limit")
+    # would only launch programs without rows, billions of them, and switch to int64 positions.
+    return cu_q, cu_k, S, min(max_q, q.shape[2]), min(max_k, k.shape[2])
 
 
 def _capturing(device=None) -> bool:

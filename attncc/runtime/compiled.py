@@ -4,8 +4,9 @@
 torch >= 2.4) take the tensors of a call and its scalars; the generated module's launchers run
 inside them, looked up by the spec's name and hash (:func:`register_kernels`, called when a
 generated module is imported). ``register_fake`` gives the shapes to the compiler and
-``register_autograd`` connects the two ops. What the ops' signature cannot carry (a param that
-the compiler made symbolic, a module that registered nothing) goes the eager way instead: a graph
+``register_autograd`` connects the two ops. Params, scale and dropout probability go as the
+schema's numbers, so a value that the compiler made symbolic is carried as one. What the ops'
+signature cannot carry (a module that registered nothing) goes the eager way instead: a graph
 break (see :func:`attncc.runtime.launch.run_attention`).
 """
 from __future__ import annotations
@@ -49,7 +50,7 @@ _MEMOS: Dict[tuple, dict] = {}
 
 @functools.lru_cache(maxsize=256)
 def _options(options: str):
-    """(scale, dropout_p, params) of an op's ``options`` string (parsed once per string)."""
+    """The params' (name, is an int) of an op's ``options`` string (parsed once per string)."""
     return ast.literal_eval(options)
 
 
@@ -65,21 +66,28 @@ def compilable(call: Call) -> bool:
 
 def attention(call: Call):
     """(o, lse) of ``call`` through the custom op (autograd included)."""
-    # the scalars that are the same for every call of a compiled graph, as one string the op's schema takes
-    options = repr((call.scale, call.dropout_p, tuple(call.params.items())))
+    # The numbers go as the schema's ints and floats, never in a string: the compiler makes a number
+    # that changes between calls symbolic (automatic dynamic), and a symbolic number has no repr.
+    # ``options`` (a string) holds what every call of a graph shares: the params' names and kinds.
+    # (Tracing sees a symbolic int as an int: ``type`` tells ints from floats, not what is symbolic.)
+    ints = [value for value in call.params.values() if type(value) is int]
+    floats = [call.scale, call.dropout_p] + [value for value in call.params.values() if type(value) is not int]
+    options = repr(tuple((name, type(value) is int) for name, value in call.params.items()))
     inputs = [call.inputs[d.name] for d in call.spec.inputs]
     return attention_forward(call.q, call.k, call.v, inputs, call.cu_seqlens_q, call.cu_seqlens_k, _key(call.spec),
-                             options, call.B, call.Nq, call.Nk, call.q_offset, call.k_offset, call.n_q, call.n_k,
-                             call.seed)
+                             options, ints, floats, call.B, call.Nq, call.Nk, call.q_offset, call.k_offset, call.n_q,
+                             call.n_k, call.seed)
 
 
-def _call(q, k, v, inputs, cu_q, cu_k, key, options, B, Nq, Nk, q_offset, k_offset, n_q, n_k, seed,
+def _call(q, k, v, inputs, cu_q, cu_k, key, options, ints, floats, B, Nq, Nk, q_offset, k_offset, n_q, n_k, seed,
           input_grads=False) -> Tuple[Call, Callable, Callable]:
     spec, forward, backward = _KERNELS[key]
-    scale, dropout_p, params = _options(options)
+    scale, dropout_p, *float_params = floats
+    int_values, float_values = iter(ints), iter(float_params)
+    params = {name: next(int_values) if is_int else next(float_values) for name, is_int in _options(options)}
     # what the runtime derives per signature (configs, WIDE, operand layouts) is kept across the
     # op's calls as bind() keeps it for eager calls (Call.memo)
-    signature = (key, options, B, Nq, Nk, q_offset, k_offset, n_q, n_k, cu_q is not None,
+    signature = (key, options, tuple(ints), tuple(floats), B, Nq, Nk, q_offset, k_offset, n_q, n_k, cu_q is not None,
                  *(tensor_key(t) for t in (q, k, v, *inputs)))
     memo = _MEMOS.get(signature)
     if memo is None:
@@ -87,7 +95,7 @@ def _call(q, k, v, inputs, cu_q, cu_k, key, options, B, Nq, Nk, q_offset, k_offs
             _MEMOS.clear()
         memo = _MEMOS[signature] = {}
     call = Call(spec, q, k, v, B, q.shape[1], k.shape[1], Nq, Nk, q.shape[3], v.shape[3], q_offset, k_offset, n_q,
-                n_k, scale, True, dict(params), {d.name: t for d, t in zip(spec.inputs, inputs)},
+                n_k, scale, True, params, {d.name: t for d, t in zip(spec.inputs, inputs)},
                 cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, input_grads=input_grads, dropout_p=dropout_p, seed=seed,
                 memo=memo)
     if Nq == 0 or Nk == 0:
@@ -98,16 +106,17 @@ def _call(q, k, v, inputs, cu_q, cu_k, key, options, B, Nq, Nk, q_offset, k_offs
 @torch.library.custom_op("attncc::attention_forward", mutates_args=())
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: List[torch.Tensor],
                       cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor], key: str,
-                      options: str, B: int, Nq: int, Nk: int, q_offset: int, k_offset: int, n_q: int, n_k: int,
-                      seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    call, forward, _ = _call(q, k, v, inputs, cu_seqlens_q, cu_seqlens_k, key, options, B, Nq, Nk, q_offset,
-                             k_offset, n_q, n_k, seed)
+                      options: str, ints: List[int], floats: List[float], B: int, Nq: int, Nk: int, q_offset: int,
+                      k_offset: int, n_q: int, n_k: int, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    call, forward, _ = _call(q, k, v, inputs, cu_seqlens_q, cu_seqlens_k, key, options, ints, floats, B, Nq, Nk,
+                             q_offset, k_offset, n_q, n_k, seed)
     o, lse = forward(call)
     return o.contiguous(), lse
 
 
 @attention_forward.register_fake
-def _(q, k, v, inputs, cu_seqlens_q, cu_seqlens_k, key, options, B, Nq, Nk, q_offset, k_offset, n_q, n_k, seed):
+def _(q, k, v, inputs, cu_seqlens_q, cu_seqlens_k, key, options, ints, floats, B, Nq, Nk, q_offset, k_offset, n_q, n_k,
+      seed):
     rows = q.shape[:-1]
     return q.new_empty(*rows, v.shape[-1]), q.new_empty(rows, dtype=torch.float32)
 
@@ -116,23 +125,31 @@ def _(q, k, v, inputs, cu_seqlens_q, cu_seqlens_k, key, options, B, Nq, Nk, q_of
 def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: List[torch.Tensor],
                        cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor], o: torch.Tensor,
                        lse: torch.Tensor, do: torch.Tensor, dlse: Optional[torch.Tensor], key: str, options: str,
-                       B: int, Nq: int, Nk: int, q_offset: int, k_offset: int, n_q: int, n_k: int, seed: int,
+                       ints: List[int], floats: List[float], B: int, Nq: int, Nk: int, q_offset: int, k_offset: int, n_q: int, n_k: int, seed: int,
                        input_grads: bool) -> List[torch.Tensor]:
     """[dq, dk, dv, then the gradient of each input declared grad = true (zeros unless input_grads)];
     ``dlse``: the LSE's gradient, None when the loss does not use the LSE."""
-    call, _, backward = _call(q, k, v, inputs, cu_seqlens_q, cu_seqlens_k, key, options, B, Nq, Nk, q_offset,
-                              k_offset, n_q, n_k, seed, input_grads)
+    call, _, backward = _call(q, k, v, inputs, cu_seqlens_q, cu_seqlens_k, key, options, ints, floats, B, Nq, Nk,
+                              q_offset, k_offset, n_q, n_k, seed, input_grads)
     dq, dk, dv, grads = backward(call, o, lse, do, dlse)
     return [dq.contiguous(), dk.contiguous(), dv.contiguous()] + [
         grads[name] if name in grads else torch.zeros_like(call.inputs[name]) for name in call.grad_input_names]
 
 
 @attention_backward.register_fake
-def _(q, k, v, inputs, cu_seqlens_q, cu_seqlens_k, o, lse, do, dlse, key, options, B, Nq, Nk, q_offset, k_offset, n_q,
-      n_k, seed, input_grads):
+def _(q, k, v, inputs, cu_seqlens_q, cu_seqlens_k, o, lse, do, dlse, key, options, ints, floats, B, Nq, Nk, q_offset,
+      k_offset, n_q, n_k, seed, input_grads):
     spec = _KERNELS[key][0]
     return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)] + [
         torch.empty_like(t) for d, t in zip(spec.inputs, inputs) if d.grad]
+
+
+def _no_grads(ints) -> tuple:
+    """The gradients of attention_forward's arguments after q, k, v, inputs, none differentiable:
+    cu_seqlens_q, cu_seqlens_k, key, options, ints, floats, B, Nq, Nk, q_offset, k_offset, n_q, n_k,
+    seed. (torch.library's autograd takes a list of numbers as one argument, gradient None, but an
+    empty list as a list of tensors, gradient []; ``floats`` always holds the scale.)"""
+    return (None,) * 4 + (None if ints else [], None) + (None,) * 8
 
 
 def _setup_context(ctx, inputs, output):
@@ -148,7 +165,7 @@ def _backward(ctx, do, dlse):
     spec = _KERNELS[key][0]
     need = ctx.needs_input_grad
     if do is None and dlse is None:
-        return (None, None, None, [None] * n_inputs) + (None,) * 12
+        return (None, None, None, [None] * n_inputs) + _no_grads(scalars[0])
     if do is None:
         do = torch.zeros_like(o)
     grads = attention_backward(q, k, v, ins, cu_q, cu_k, o, lse, do, dlse, key, options, *scalars, bool(need[3]))
@@ -158,7 +175,7 @@ def _backward(ctx, do, dlse):
     learned = iter(learned)
     d_inputs = [next(learned) if d.grad else None for d in spec.inputs]
     return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None,
-            d_inputs if need[3] else [None] * n_inputs) + (None,) * 12
+            d_inputs if need[3] else [None] * n_inputs) + _no_grads(scalars[0])
 
 
 attention_forward.register_autograd(_backward, setup_context=_setup_context)

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from attncc.core.semantics import plain_number
 from attncc.runtime.call import (bind_params_and_inputs, check_divisors, check_heads_and_dims, dtype_name, int_reach,
                                  interpreting, scale_keyword, softmax_scale, wide_positions)
 from attncc.runtime.configs import KernelConfig, max_shared_memory, padded_dim, shared_bytes
@@ -167,11 +168,14 @@ def bind_decode(spec: SpecInfo, q, k_cache, v_cache, *, kv_len, block_table=None
 
 
 def _bind_kv_len(name: str, kv_len, B: int, capacity: int, device) -> torch.Tensor:
-    if isinstance(kv_len, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool) for x in kv_len):
-        kv_len = torch.tensor(kv_len, dtype=torch.int32 if all(abs(x) < 2**31 for x in kv_len) else torch.int64)
+    if isinstance(kv_len, (list, tuple)):
+        values = [plain_number(x) for x in kv_len]  # numpy's ints too
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in values):
+            raise TypeError(f"{name}: kv_len as a list must hold ints (valid cache length per row), got {kv_len!r}")
+        kv_len = torch.tensor(values, dtype=torch.int32 if all(abs(x) < 2**31 for x in values) else torch.int64)
     if not isinstance(kv_len, torch.Tensor):
-        raise TypeError(f"{name}: kv_len must be a tensor [B] of int32 (valid cache length per row), got "
-                        f"{type(kv_len).__name__}")
+        raise TypeError(f"{name}: kv_len must be a tensor [B] of int32 or int64, or a list of ints (valid cache "
+                        f"length per row), got {type(kv_len).__name__}")
     if kv_len.dim() != 1 or kv_len.shape[0] != B:
         raise ValueError(f"{name}: kv_len must have shape [B] = [{B}], got {tuple(kv_len.shape)}")
     if kv_len.dtype not in (torch.int32, torch.int64):

@@ -258,7 +258,8 @@ def run_attention(call: Call, forward: Callable[[Call], Tuple[torch.Tensor, torc
     ``backward(call, o, lse, do, dlse=None) -> (dq, dk, dv, {name: grad})``: the generated module's backward launcher
     (None: the kind has no backward yet; asking for a gradient then raises).
     Under ``torch.compile`` the call is a custom op (attncc/runtime/compiled.py) the compiler
-    traces, or, when its scalars are symbolic, runs eagerly (a graph break), gradients included."""
+    traces, or, when the ops cannot carry it (:func:`attncc.runtime.compiled.compilable`), runs eagerly
+    (a graph break), gradients included."""
     backend.refuse_forced(call)  # ATTNCC_BACKEND=gluon on a spec without the Gluon forward (attncc.runtime.backend)
     forward, backward = tuning.on_the_fly(forward, backward)  # ATTNCC_TUNE=1: tune what the cache lacks
     if torch.compiler.is_compiling():
