@@ -34,14 +34,16 @@ class AttentionFunction(torch.autograd.Function):
     def forward(ctx, run, q, k, v, *grad_inputs):
         forward, ctx.backward_fn, call = run
         o, lse = forward(call)
-        # Everything the backward reads is saved, the [inputs] and cu_seqlens too, not only q, k, v:
-        # autograd then refuses a backward after any of them changed in place (kv_len[0] = 3, an
-        # optimizer step on a learned table) instead of computing gradients of values the forward
-        # never saw, and saved-tensor hooks see all of them. Inference tensors (made under
-        # torch.inference_mode) cannot be saved, nor changed outside it: the call keeps those.
-        ctx.call, ctx.input_names = call, tuple(call.inputs)
-        ctx.save_for_backward(q, k, v, o, lse, *(None if t is None or t.is_inference() else t
-                                                 for t in (call.cu_seqlens_q, call.cu_seqlens_k, *call.inputs.values())))
+        # Everything the backward reads is checked against changes in place since the forward, not
+        # only q, k, v: a kv_len[0] = 3, an optimizer step on a learned table or a changed cu_seqlens
+        # would give gradients of values the forward never saw. The inputs declared grad = true are
+        # arguments of this function and saved (saved-tensor hooks see them); the others and the
+        # cu_seqlens have their version counters kept, a few attribute reads where saving them cost
+        # ~2.5 us a call (issue 18). Inference tensors (torch.inference_mode) have no version
+        # counter and cannot change outside inference mode: nothing to keep.
+        ctx.call = call
+        ctx.watched = _watched(call) if call.inputs or call.varlen else None
+        ctx.save_for_backward(q, k, v, o, lse, *grad_inputs)
         # The gradient of an unused LSE stays None: materialized, autograd would fill a zero
         # tensor of its shape per backward (an allocation and a memset kernel for nothing).
         ctx.set_materialize_grads(False)
@@ -51,19 +53,21 @@ class AttentionFunction(torch.autograd.Function):
     def backward(ctx, do, dlse):
         q, k, v, o, lse, *saved = ctx.saved_tensors
         call = ctx.call
-        kept = (call.cu_seqlens_q, call.cu_seqlens_k, *call.inputs.values())
-        cu_q, cu_k, *inputs = (t if s is None else s for s, t in zip(saved, kept))
         names = call.grad_input_names
         if do is None and dlse is None:
             return (None,) * (4 + len(names))
         if do is None:  # only the LSE reaches the loss
             do = torch.zeros_like(o)
-        # the saved tensors, checked by autograd against changes in place since the forward (the
-        # call's own, unless autograd unpacked others)
-        if not (q is call.q and k is call.k and v is call.v and cu_q is call.cu_seqlens_q
-                and cu_k is call.cu_seqlens_k and all(a is b for a, b in zip(inputs, call.inputs.values()))):
-            call = call.replace(q=q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-                                inputs=dict(zip(ctx.input_names, inputs)))
+        # q, k, v and the grad inputs are checked by autograd (saved); the rest here
+        if ctx.watched is not None:
+            for t, version in zip(*ctx.watched):
+                if t._version != version:
+                    _changed_in_place(call, t, version)
+        if saved:  # the inputs declared grad = true: the call's own, unless saved-tensor hooks gave others
+            if any(s is not call.inputs[n] for s, n in zip(saved, names)):
+                call = call.replace(inputs={**call.inputs, **dict(zip(names, saved))})
+        if not (q is call.q and k is call.k and v is call.v):
+            call = call.replace(q=q, k=k, v=v)
         differentiable = torch.is_grad_enabled()  # create_graph=True
         if differentiable:
             with torch.no_grad():
@@ -77,6 +81,26 @@ class AttentionFunction(torch.autograd.Function):
         if all(need[1:]):
             return (None, *grads)
         return (None,) + tuple(g if want else None for g, want in zip(grads, need[1:]))
+
+
+def _watched(call: Call):
+    """``(tensors, versions)``: the [inputs] and cu_seqlens of ``call`` with their version counters
+    now (AttentionFunction.forward says why), inference tensors left out (they have none)."""
+    tensors = [t for t in (call.cu_seqlens_q, call.cu_seqlens_k, *call.inputs.values()) if t is not None]
+    try:
+        return tensors, [t._version for t in tensors]
+    except RuntimeError:  # an inference tensor: no version counter, and it cannot change outside inference mode
+        tensors = [t for t in tensors if not t.is_inference()]
+        return tensors, [t._version for t in tensors]
+
+
+def _changed_in_place(call: Call, t, version) -> None:
+    """A RuntimeError in autograd's words for a tensor the backward reads that changed in place since the forward."""
+    names = {id(v): n for n, v in (("cu_seqlens_k", call.cu_seqlens_k), ("cu_seqlens_q", call.cu_seqlens_q),
+                                   *call.inputs.items())}
+    raise RuntimeError(f"{call.spec.name}.attention: {names.get(id(t), 'a tensor')}, which the backward reads, has been "
+                       f"modified by an inplace operation since the forward (its version is {t._version}, the forward "
+                       f"saw {version}): pass a copy, or change it after the backward")
 
 
 def no_double_backward(name: str, grads, anchors):
