@@ -56,6 +56,8 @@ LAYOUTS = ("contiguous", "headtail", "balanced")
 
 
 UNEQUAL = Case("causal", "causal", "unequal by name", "ring", (2, 2))
+# document ids changed in place between the forward and the backward: every rank must raise
+IN_PLACE = Case("document", "document", "changed in place", "ring", (2, 2))
 
 
 def _cases():
@@ -77,7 +79,7 @@ def _cases():
                Case("document", "document", "balanced1", "ulysses", (2, 2)),
                Case("sliding_window", "sliding_window", "contiguous", "auto", (2, 1)),
                Case("causal", "causal", "by name", "ring", (2, 2))]
-    out[2].append(UNEQUAL)
+    out[2] += [UNEQUAL, IN_PLACE]
     out[4] += [Case("causal", "causal", "headtail", "allgather", (2, 2)),
                Case("document", "document", "balanced1", "allgather", (2, 2)),
                Case("causal", "causal", "contiguous", "ulysses", (4, 4))]
@@ -114,6 +116,18 @@ def _run_case(case: Case, rank: int, world: int) -> dict:
         try:
             cp.attention(q, q, q, module=module(case.spec), layout="contiguous", comm=case.comm)
         except ValueError as e:
+            return {"raised": str(e)}
+        return {"raised": None}
+    if case.layout == "changed in place":
+        n = LENGTH[world]
+        q, k, v, do, inputs = _tensors(case, n)
+        lay = cp.make_layout("headtail", n, world, module=module(case.spec), tile=4, **inputs)
+        ql, kl, vl = (cp.shard(t, lay, rank).requires_grad_() for t in (q, k, v))
+        o = cp.attention(ql, kl, vl, module=module(case.spec), layout=lay, comm=case.comm, **inputs)
+        inputs["doc"][0, 0] += 1
+        try:
+            o.sum().backward()
+        except RuntimeError as e:
             return {"raised": str(e)}
         return {"raised": None}
 
@@ -193,7 +207,7 @@ def _results(world: int, tmp_path_factory) -> list:
 # The checks
 # ---------------------------------------------------------------------------
 
-CHECKED = [(w, c) for w in (2, 4) for c in CASES[w] if c != UNEQUAL]
+CHECKED = [(w, c) for w in (2, 4) for c in CASES[w] if c not in (UNEQUAL, IN_PLACE)]
 
 
 @pytest.mark.parametrize("world,case", CHECKED, ids=[f"w{w}-{c.id}" for w, c in CHECKED])
@@ -243,3 +257,12 @@ def test_a_layout_name_with_unequal_rows_is_refused_on_every_rank(tmp_path_facto
         got = results[UNEQUAL.id]
         assert "failure" not in got, got.get("failure")
         assert got["raised"] and "same rows on every rank, got [22, 21]" in got["raised"], (rank, got)
+
+
+def test_inputs_changed_in_place_before_the_backward_raise_on_every_rank(tmp_path_factory):
+    """The pairs' backward read the [inputs] again: document ids changed in place after the forward
+    gave gradients of a mask the forward never used, without a word."""
+    for rank, results in enumerate(_results(2, tmp_path_factory)):
+        got = results[IN_PLACE.id]
+        assert "failure" not in got, got.get("failure")
+        assert got["raised"] and "modified by an inplace operation" in got["raised"], (rank, got)

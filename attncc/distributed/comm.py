@@ -362,17 +362,24 @@ class ContextParallelFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, sched: Schedule, strategy: Strategy, q, k, v):
+        from attncc.runtime.autograd import watch
+
         o, lse = strategy.forward(sched, q, k, v)
         ctx.sched, ctx.strategy = sched, strategy
+        # the params and [inputs] every pair's backward reads again: changed in place before the
+        # backward, they would give gradients of a mask the forward never used (runtime.autograd)
+        ctx.watched = watch(sched.pairs.kwargs.values())
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.mark_non_differentiable(lse)
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
-        from attncc.runtime.autograd import no_double_backward
+        from attncc.runtime.autograd import check_watched, no_double_backward
 
         q, k, v, o, lse = ctx.saved_tensors
+        check_watched(ctx.watched, f"{ctx.sched.pairs.target.spec.name} (context parallel)",
+                      tuple(ctx.sched.pairs.kwargs.items()))
         with torch.no_grad():
             dq, dk, dv = ctx.strategy.backward(ctx.sched, q, k, v, o, lse, do)
         if torch.is_grad_enabled():

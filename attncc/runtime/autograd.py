@@ -60,9 +60,9 @@ class AttentionFunction(torch.autograd.Function):
             do = torch.zeros_like(o)
         # q, k, v and the grad inputs are checked by autograd (saved); the rest here
         if ctx.watched is not None:
-            for t, version in zip(*ctx.watched):
-                if t._version != version:
-                    _changed_in_place(call, t, version)
+            check_watched(ctx.watched, f"{call.spec.name}.attention", (("cu_seqlens_q", call.cu_seqlens_q),
+                                                                        ("cu_seqlens_k", call.cu_seqlens_k),
+                                                                        *call.inputs.items()))
         if saved:  # the inputs declared grad = true: the call's own, unless saved-tensor hooks gave others
             if any(s is not call.inputs[n] for s, n in zip(saved, names)):
                 call = call.replace(inputs={**call.inputs, **dict(zip(names, saved))})
@@ -84,23 +84,30 @@ class AttentionFunction(torch.autograd.Function):
 
 
 def _watched(call: Call):
-    """``(tensors, versions)``: the [inputs] and cu_seqlens of ``call`` with their version counters
-    now (AttentionFunction.forward says why), inference tensors left out (they have none)."""
-    tensors = [t for t in (call.cu_seqlens_q, call.cu_seqlens_k, *call.inputs.values()) if t is not None]
+    return watch((call.cu_seqlens_q, call.cu_seqlens_k, *call.inputs.values()))
+
+
+def watch(tensors):
+    """``(tensors, versions)``: the tensors among ``tensors`` (None and non-tensors skipped) with their
+    version counters now (AttentionFunction.forward says why), inference tensors left out (they
+    have none, and cannot change outside inference mode)."""
+    tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
     try:
         return tensors, [t._version for t in tensors]
-    except RuntimeError:  # an inference tensor: no version counter, and it cannot change outside inference mode
+    except RuntimeError:  # an inference tensor
         tensors = [t for t in tensors if not t.is_inference()]
         return tensors, [t._version for t in tensors]
 
 
-def _changed_in_place(call: Call, t, version) -> None:
-    """A RuntimeError in autograd's words for a tensor the backward reads that changed in place since the forward."""
-    names = {id(v): n for n, v in (("cu_seqlens_k", call.cu_seqlens_k), ("cu_seqlens_q", call.cu_seqlens_q),
-                                   *call.inputs.items())}
-    raise RuntimeError(f"{call.spec.name}.attention: {names.get(id(t), 'a tensor')}, which the backward reads, has been "
-                       f"modified by an inplace operation since the forward (its version is {t._version}, the forward "
-                       f"saw {version}): pass a copy, or change it after the backward")
+def check_watched(watched, who: str, named) -> None:
+    """A RuntimeError in autograd's words when a tensor of ``watched`` (:func:`watch`) changed in
+    place since; ``named``: ``(name, tensor)`` pairs that name them in the message."""
+    for t, version in zip(*watched):
+        if t._version != version:
+            names = {id(v): n for n, v in named}
+            raise RuntimeError(f"{who}: {names.get(id(t), 'a tensor')}, which the backward reads, has been modified by "
+                               f"an inplace operation since the forward (its version is {t._version}, the forward "
+                               f"saw {version}): pass a copy, or change it after the backward")
 
 
 def no_double_backward(name: str, grads, anchors):
