@@ -31,20 +31,22 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
-from attncc.runtime.gluon.common import clamp_walk, issue_kv, lhs_layout, mask_scores, mma_layout
+from attncc.runtime.gluon.common import (block_scores, exp2_scale, is_full, issue_kv, key_tile_walk, lhs_layout, masked,
+                                         mma_layout, nth_block, pattern_context, score_chain, scored, tile_walk,
+                                         walk_blocks)
 
 
 @gluon.jit
-def _issue_query_step(descs, smem, bars, b, hk, GROUP, lo, n_blocks, t, pred):
+def _issue_query_step(descs, smem, bars, b, hk, GROUP, segs, n_blocks, t, pred, SEGMENTS: gl.constexpr):
     """TMA loads of step t of a dK/dV program into ring slot t % STAGES: query head
-    hk * GROUP + t // n_blocks, query block lo + t % n_blocks (Q, dO, lse2, delta)."""
+    hk * GROUP + t // n_blocks, query block t % n_blocks of the walk's segments (Q, dO, lse2, delta)."""
     q_desc, do_desc, lse_desc, delta_desc = descs
     q_smem, do_smem, lse_smem, delta_smem = smem
     STAGES: gl.constexpr = q_smem.shape[0]
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[2]
     n = gl.maximum(n_blocks, 1)  # no division by zero when the program has nothing to do (pred is false)
     h = hk * GROUP + t // n
-    row = (lo + t % n) * BLOCK_M
+    row = nth_block(segs, t % n, SEGMENTS) * BLOCK_M
     slot = t % STAGES
     bar = bars.index(slot)
     mbarrier.expect(bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes + lse_desc.block_type.nbytes +
@@ -57,14 +59,17 @@ def _issue_query_step(descs, smem, bars, b, hk, GROUP, lo, n_blocks, t, pred):
 
 @gluon.jit
 def attn_bwd_dkdv(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, lse_desc, delta_desc,
-                  H, GROUP, Nq, Nk, q_offset, k_offset, n_q, n_k, qk_scale, sm_scale,
-                  QWALK: gl.constexpr, MASK: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+                  H, GROUP, Nq, Nk, q_offset, k_offset, n_q, n_k, qk_scale, sm_scale, pattern_args,
+                  QWALK: gl.constexpr, MASK: gl.constexpr, SCORE: gl.constexpr, SCORE_GRAD: gl.constexpr,
+                  QSEGMENTS: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
     """dK, dV of one key block of BLOCK_N = 16 * num_warps keys (64 per warpgroup) of one
     (batch, kv head), summed over the GROUP query heads that share it.
 
     Descriptors are 4-d over [B, H, N, D] (Q, dO: blocks of BLOCK_M rows; K, V, dK, dV: BLOCK_N
     rows) and 3-d over the [B, Hq, Nq] lse2 / delta rows (blocks of BLOCK_M; their row stride is
     padded to 16 bytes by the host): batch and head are TMA coordinates, no int32 address arithmetic.
+    QWALK (QSEGMENTS segments of query blocks per key block), MASK, SCORE, SCORE_GRAD and the
+    `pattern_args` tuple: the pattern's fragments (walks.py), applied to the transposed tiles.
     """
     dtype: gl.constexpr = q_desc.dtype
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[2]
@@ -94,11 +99,11 @@ def attn_bwd_dkdv(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, lse_desc, d
     for i in gl.static_range(STAGES):
         mbarrier.init(bars.index(i), count=1)
 
-    k_lo = k_offset + kb * BLOCK_N
-    k_hi = gl.minimum(k_lo + BLOCK_N, k_offset + Nk) - 1  # the block's last existing key
-    lo, full_lo, full_hi, hi = QWALK(k_lo, k_hi, Nq, q_offset, n_q, n_k, BLOCK_M)
-    lo, full_lo, full_hi, hi = clamp_walk(lo, full_lo, full_hi, hi)
-    n_blocks = hi - lo
+    # The walk is the same for every query head of the group (walks.py): the first head's context.
+    q_last = q_offset + Nq - 1
+    walk_ctx = pattern_context(b, hk * GROUP, H, q_last, pattern_args)
+    segs = key_tile_walk(kb, k_offset, Nq, Nk, q_offset, n_q, n_k, walk_ctx, QWALK, QSEGMENTS, BLOCK_M, BLOCK_N)
+    n_blocks = walk_blocks(segs, QSEGMENTS)
     total = GROUP * n_blocks  # steps: every query block of the walk, for each head of the group
 
     mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
@@ -107,11 +112,11 @@ def attn_bwd_dkdv(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, lse_desc, d
     descs = (q_desc, do_desc, lse_desc, delta_desc)
     smem = (q_smem, do_smem, lse_smem, delta_smem)
     for i in gl.static_range(STAGES - 1):
-        _issue_query_step(descs, smem, bars, b, hk, GROUP, lo, n_blocks, i, i < total)
+        _issue_query_step(descs, smem, bars, b, hk, GROUP, segs, n_blocks, i, i < total, QSEGMENTS)
 
     dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, acc_layout)
     dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, acc_layout)
-    j_pos = gl.expand_dims(k_lo + gl.arange(0, BLOCK_N, gl.SliceLayout(1, st_layout)), 1)  # [BLOCK_N, 1]
+    j_pos = gl.expand_dims(k_offset + kb * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(1, st_layout)), 1)  # [BLOCK_N, 1]
     k = k_smem.reshape([BLOCK_N, HEAD_DIM])
     v = v_smem.reshape([BLOCK_N, HEAD_DIM])
     mbarrier.wait(kv_bar, 0)
@@ -120,10 +125,11 @@ def attn_bwd_dkdv(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, lse_desc, d
         # Refill the slot that held step t - 1: every warp has finished its wgmmas and loads on it.
         gl.thread_barrier()
         ahead = t + STAGES - 1
-        _issue_query_step(descs, smem, bars, b, hk, GROUP, lo, n_blocks, ahead, ahead < total)
+        _issue_query_step(descs, smem, bars, b, hk, GROUP, segs, n_blocks, ahead, ahead < total, QSEGMENTS)
         slot = t % STAGES
         mbarrier.wait(bars.index(slot), (t // STAGES) & 1)
-        qb = lo + t % n_blocks
+        qb = nth_block(segs, t % n_blocks, QSEGMENTS)
+        ctx = pattern_context(b, hk * GROUP + t // n_blocks, H, q_last, pattern_args)
         q = q_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
         do = do_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
         # S^T and dP^T are independent: both on the tensor cores at once, P^T computed while dP^T runs.
@@ -132,16 +138,18 @@ def attn_bwd_dkdv(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, lse_desc, d
         dpt_tok = warpgroup_mma(v, do.permute((1, 0)), gl.zeros([BLOCK_N, BLOCK_M], gl.float32, st_layout),
                                 use_acc=False, is_async=True)
         lse2 = lse_smem.index(slot).reshape([BLOCK_M]).load(col_layout)
-        st = warpgroup_mma_wait(1, deps=(st_tok, ))
-        if (qb < full_lo) | (qb >= full_hi):
-            i_pos = gl.expand_dims(q_offset + qb * BLOCK_M + gl.arange(0, BLOCK_M, col_layout), 0)  # [1, BLOCK_M]
-            keep = i_pos < q_offset + Nq
-            if MASK is not None:
-                keep = keep & MASK(i_pos, j_pos, n_q, n_k)
-            st = gl.where(keep, st, float("-inf"))
+        qkt = warpgroup_mma_wait(1, deps=(st_tok, ))
+        # the positions of the transposed tile: query rows along its columns, keys along its rows
+        i_pos = gl.expand_dims(q_offset + qb * BLOCK_M + gl.arange(0, BLOCK_M, col_layout), 0)  # [1, BLOCK_M]
+        st = scored(qkt, i_pos, j_pos, n_q, n_k, qk_scale, ctx, SCORE)
+        sct = st
+        if ~is_full(segs, qb, QSEGMENTS):
+            st = masked(st, i_pos, j_pos, i_pos < q_offset + Nq, n_q, n_k, ctx, MASK)
         # lse2 = +inf on rows without an allowed key and 0 past Nq (masked there): p = 0, never NaN.
-        pt = gl.exp2(st * qk_scale - gl.expand_dims(lse2, 0))
+        pt = gl.exp2(st * exp2_scale(qk_scale, SCORE) - gl.expand_dims(lse2, 0))
         pt_a = gl.convert_layout(pt.to(dtype), a_layout)
+        # dV takes P^T; dS^T takes it through the score's derivative (a softcap's; 1 without)
+        pt = score_chain(pt, qkt, sct, i_pos, j_pos, n_q, n_k, qk_scale, ctx, SCORE_GRAD)
         dv_tok = warpgroup_mma(pt_a, do, dv, is_async=True)
         delta = delta_smem.index(slot).reshape([BLOCK_M]).load(col_layout)
         dpt = warpgroup_mma_wait(1, deps=(dpt_tok, ))
@@ -166,11 +174,12 @@ def attn_bwd_dkdv(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, lse_desc, d
 
 @gluon.jit
 def attn_bwd_dq(q_desc, k_desc, v_desc, do_desc, dq_desc, lse2_ptr, delta_ptr, lse_stride: gl.int64,
-                H, GROUP, Nq, Nk, q_offset, k_offset, n_q, n_k, qk_scale, sm_scale,
-                WALK: gl.constexpr, MASK: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+                H, GROUP, Nq, Nk, q_offset, k_offset, n_q, n_k, qk_scale, sm_scale, pattern_args,
+                WALK: gl.constexpr, MASK: gl.constexpr, SCORE: gl.constexpr, SCORE_GRAD: gl.constexpr,
+                SEGMENTS: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
     """dQ of one query block of BLOCK_M = 16 * num_warps rows of one (batch, query head), over the
-    key blocks of the forward's walk. lse2 / delta row (b, h) starts at ptr + (b * H + h) * lse_stride
-    (int64)."""
+    key blocks of the forward's walk (WALK, SEGMENTS, MASK, SCORE as the forward takes them, and
+    SCORE_GRAD). lse2 / delta row (b, h) starts at ptr + (b * H + h) * lse_stride (int64)."""
     dtype: gl.constexpr = q_desc.dtype
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[2]
     HEAD_DIM: gl.constexpr = q_desc.block_type.shape[3]
@@ -197,15 +206,15 @@ def attn_bwd_dq(q_desc, k_desc, v_desc, do_desc, dq_desc, lse2_ptr, delta_ptr, l
     for i in gl.static_range(STAGES):
         mbarrier.init(kv_bars.index(i), count=1)
 
-    q_lo = q_offset + qb * BLOCK_M
-    lo, full_lo, full_hi, hi = WALK(q_lo, q_lo + BLOCK_M - 1, Nk, k_offset, n_q, n_k, BLOCK_N)
-    lo, full_lo, full_hi, hi = clamp_walk(lo, full_lo, full_hi, hi)
+    ctx = pattern_context(b, h, H, q_offset + Nq - 1, pattern_args)
+    segs = tile_walk(qb, q_offset, Nk, k_offset, n_q, n_k, ctx, WALK, SEGMENTS, BLOCK_M, BLOCK_N)
+    n_blocks = walk_blocks(segs, SEGMENTS)
 
     mbarrier.expect(q_bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(q_desc, [b, h, qb * BLOCK_M, 0], q_bar, q_smem)
     tma.async_copy_global_to_shared(do_desc, [b, h, qb * BLOCK_M, 0], q_bar, do_smem)
     for i in gl.static_range(STAGES - 1):
-        issue_kv(k_desc, v_desc, k_smem, v_smem, kv_bars, b, hk, lo + i, i, lo + i < hi)
+        issue_kv(k_desc, v_desc, k_smem, v_smem, kv_bars, b, hk, nth_block(segs, i, SEGMENTS), i, i < n_blocks)
 
     rows = qb * BLOCK_M + gl.arange(0, BLOCK_M, row_layout)
     # rows past Nq: lse2 = +inf (p = 0) and delta = 0; rows without an allowed key have lse2 = +inf too
@@ -217,12 +226,13 @@ def attn_bwd_dq(q_desc, k_desc, v_desc, do_desc, dq_desc, lse2_ptr, delta_ptr, l
     do = do_smem.reshape([BLOCK_M, HEAD_DIM])
     mbarrier.wait(q_bar, 0)
 
-    for kb in range(lo, hi):
-        it = kb - lo
-        # Refill the slot that held block kb - 1: every warp has finished its wgmmas on it.
+    for it in range(0, n_blocks):
+        kb = nth_block(segs, it, SEGMENTS)
+        # Refill the slot that held the previous block: every warp has finished its wgmmas on it.
         gl.thread_barrier()
-        ahead = kb + STAGES - 1
-        issue_kv(k_desc, v_desc, k_smem, v_smem, kv_bars, b, hk, ahead, (it + STAGES - 1) % STAGES, ahead < hi)
+        ahead = it + STAGES - 1
+        issue_kv(k_desc, v_desc, k_smem, v_smem, kv_bars, b, hk, nth_block(segs, ahead, SEGMENTS),
+                 (it + STAGES - 1) % STAGES, ahead < n_blocks)
         slot = it % STAGES
         mbarrier.wait(kv_bars.index(slot), (it // STAGES) & 1)
         k = k_smem.index(slot).reshape([BLOCK_N, HEAD_DIM])
@@ -231,10 +241,15 @@ def attn_bwd_dq(q_desc, k_desc, v_desc, do_desc, dq_desc, lse2_ptr, delta_ptr, l
                               use_acc=False, is_async=True)
         dp_tok = warpgroup_mma(do, v.permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout),
                                use_acc=False, is_async=True)
-        s = warpgroup_mma_wait(1, deps=(s_tok, ))
-        if (kb < full_lo) | (kb >= full_hi):
-            s = mask_scores(s, kb, rows_i, Nk, k_offset, n_q, n_k, MASK, BLOCK_N, s_layout)
-        p = gl.exp2(s * qk_scale - gl.expand_dims(lse2, 1))
+        qk = warpgroup_mma_wait(1, deps=(s_tok, ))
+        sc = block_scores(qk, kb, rows_i, Nk, k_offset, n_q, n_k, ctx, qk_scale, MASK, SCORE, False, BLOCK_N, s_layout)
+        s = sc
+        if ~is_full(segs, kb, SEGMENTS):
+            s = block_scores(s, kb, rows_i, Nk, k_offset, n_q, n_k, ctx, qk_scale, MASK, None, True, BLOCK_N, s_layout)
+        p = gl.exp2(s * exp2_scale(qk_scale, SCORE) - gl.expand_dims(lse2, 1))
+        if SCORE_GRAD is not None:  # dS with respect to scale * qk + bias: through the score's derivative
+            j = gl.expand_dims(k_offset + kb * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout)), 0)
+            p = score_chain(p, qk, sc, gl.expand_dims(rows_i, 1), j, n_q, n_k, qk_scale, ctx, SCORE_GRAD)
         dp = warpgroup_mma_wait(0, deps=(dp_tok, ))
         ds = p * (dp - gl.expand_dims(delta, 1))
         dq = warpgroup_mma(gl.convert_layout(ds.to(dtype), a_layout), k, dq)

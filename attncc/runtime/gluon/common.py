@@ -39,22 +39,42 @@ def block_scores(s, kb, rows_i, Nk, k_offset, n_q, n_k, ctx, qk_scale, MASK: gl.
     Without a hook and on a full block this is S unchanged (the positions are not even computed)."""
     i = gl.expand_dims(rows_i, 1)
     j = gl.expand_dims(k_offset + kb * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout)), 0)
-    if SCORE is not None:
-        s = SCORE(s, i, j, n_q, n_k, qk_scale, ctx)
+    s = scored(s, i, j, n_q, n_k, qk_scale, ctx, SCORE)
     if MASKED:
-        keep = j < k_offset + Nk
-        if MASK is not None:
-            keep = keep & MASK(i, j, n_q, n_k, ctx)
-        s = gl.where(keep, s, float("-inf"))
+        s = masked(s, i, j, j < k_offset + Nk, n_q, n_k, ctx, MASK)
     return s
 
 
 @gluon.jit
-def mask_scores(s, kb, rows_i, Nk, k_offset, n_q, n_k,
-                MASK: gl.constexpr, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
-    """Scores of a partial key block: -inf outside the Nk keys and where the pattern's mask is false
-    (a built-in mask: no context, no score hook)."""
-    return block_scores(s, kb, rows_i, Nk, k_offset, n_q, n_k, None, 1.0, MASK, None, True, BLOCK_N, s_layout)
+def scored(qk, i, j, n_q, n_k, qk_scale, ctx, SCORE: gl.constexpr):
+    """The pattern's scores of a tile (log2 units) from its fp32 accumulator, or the accumulator as it
+    is without a SCORE hook. i, j: the positions of its pairs in either orientation (the forward's
+    and dQ's [M, 1] x [1, N], the dK/dV kernel's transposed [1, M] x [N, 1])."""
+    if SCORE is not None:
+        return SCORE(qk, i, j, n_q, n_k, qk_scale, ctx)
+    else:
+        return qk
+
+
+@gluon.jit
+def masked(s, i, j, inside, n_q, n_k, ctx, MASK: gl.constexpr):
+    """s with -inf where a pair lies outside the call (`inside`: the bound of the streamed side, keys
+    < k_offset + Nk or rows < q_offset + Nq) or the pattern's mask removes it; either orientation."""
+    keep = inside
+    if MASK is not None:
+        keep = keep & MASK(i, j, n_q, n_k, ctx)
+    return gl.where(keep, s, float("-inf"))
+
+
+@gluon.jit
+def score_chain(p, qk, s, i, j, n_q, n_k, qk_scale, ctx, SCORE_GRAD: gl.constexpr):
+    """P times d score / d (scale * qk + bias) (the SCORE_GRAD fragment, from the accumulator and
+    the hook's unmasked scores s), so that P (dP - delta) is dS with respect to scale * qk + bias;
+    P itself without one (the plain score, or a bias alone)."""
+    if SCORE_GRAD is not None:
+        return p * SCORE_GRAD(qk, s, i, j, n_q, n_k, qk_scale, ctx)
+    else:
+        return p
 
 
 @gluon.jit
@@ -105,7 +125,22 @@ def tile_walk(qb, q_offset, Nk, k_offset, n_q, n_k, ctx, WALK: gl.constexpr, SEG
     SEGMENTS x (lo, full_lo, full_hi, hi)."""
     q_lo = q_offset + qb * BLOCK_M
     q_hi = q_lo + BLOCK_M - 1
-    segs = WALK(q_lo, q_hi, Nk, k_offset, n_q, n_k, BLOCK_N, ctx)
+    return clamp_segments(WALK(q_lo, q_hi, Nk, k_offset, n_q, n_k, BLOCK_N, ctx), SEGMENTS)
+
+
+@gluon.jit
+def key_tile_walk(kb, k_offset, Nq, Nk, q_offset, n_q, n_k, ctx, QWALK: gl.constexpr, SEGMENTS: gl.constexpr,
+                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+    """The query-block segments of key block kb (the transposed walk, walks.py's qwalk contract: its
+    last key clamped to the Nk keys), each clamped, as tile_walk gives a query block's."""
+    k_lo = k_offset + kb * BLOCK_N
+    k_hi = gl.minimum(k_lo + BLOCK_N, k_offset + Nk) - 1  # the block's last existing key
+    return clamp_segments(QWALK(k_lo, k_hi, Nq, q_offset, n_q, n_k, BLOCK_M, ctx), SEGMENTS)
+
+
+@gluon.jit
+def clamp_segments(segs, SEGMENTS: gl.constexpr):
+    """A walk's flat tuple of SEGMENTS x (lo, full_lo, full_hi, hi), each segment clamped (clamp_walk)."""
     out = ()
     for s in gl.static_range(SEGMENTS):
         out = out + clamp_walk(segs[4 * s], segs[4 * s + 1], segs[4 * s + 2], segs[4 * s + 3])

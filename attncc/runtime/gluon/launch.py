@@ -235,10 +235,7 @@ def attention(q, k, v, *, pattern: str = "dense", scale: Optional[float] = None,
         default_walk, default_mask = pattern_fragments(pattern)
         walk = default_walk if walk is None else walk
         mask = default_mask if mask is None else mask
-    if not (isinstance(segments, int) and segments >= 1):
-        raise ValueError(f"attncc.runtime.gluon: segments must be an int >= 1, got {segments!r}")
-    if not (isinstance(pattern_args, tuple) and all(type(a) in (int, float) for a in pattern_args)):
-        raise TypeError(f"attncc.runtime.gluon: pattern_args must be a tuple of ints and floats, got {pattern_args!r}")
+    check_fragment_args(segments, pattern_args)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if not scale > 0:  # the kernels take the scaled max as the max of the scaled scores
         raise ValueError(f"attncc.runtime.gluon: scale must be > 0, got {scale}")
@@ -282,13 +279,16 @@ def attention(q, k, v, *, pattern: str = "dense", scale: Optional[float] = None,
 
 def attention_backward(q, k, v, o, lse, do, dlse=None, *, pattern: str = "dense", scale: Optional[float] = None,
                        q_offset: int = 0, k_offset: int = 0, n_q: Optional[int] = None, n_k: Optional[int] = None,
-                       config: Optional[GluonBwdConfig] = None, walk=None, qwalk=None, mask=None):
+                       config: Optional[GluonBwdConfig] = None, walk=None, qwalk=None, mask=None, score=None,
+                       score_grad=None, segments: int = 1, qsegments: int = 1, pattern_args: tuple = ()):
     """dq, dk, dv of `attention(q, k, v, ...)` through the Gluon sm90 backward (bwd.py).
 
     q, k, v and the call's options as for `attention`; o [B, Hq, Nq, D] and the natural-log LSE
     [B, Hq, Nq] (float32; -inf on rows without an allowed key) are the forward's outputs, do = dLoss/do
     (q's dtype and shape), dlse = dLoss/dlse ([B, Hq, Nq], or None when the loss does not use the LSE).
-    `walk`, `qwalk`, `mask` override the pattern's fragments (walks.py). Head dims 64 and 128.
+    `walk`, `qwalk`, `mask` override the pattern's fragments (walks.py); `score`, `score_grad`,
+    `segments` (the walk's segments per query block), `qsegments` (the qwalk's per key block) and
+    `pattern_args` come with rendered ones (a generated module's `_gluon.py`). Head dims 64 and 128.
     Returns dq [B, Hq, Nq, D], dk, dv [B, Hkv, Nk, D] in q's dtype, contiguous; dK and dV are summed
     over the query heads of each GQA group inside one program (no atomics: deterministic)."""
     import torch
@@ -307,6 +307,8 @@ def attention_backward(q, k, v, o, lse, do, dlse=None, *, pattern: str = "dense"
     walk = default_walk if walk is None else walk
     qwalk = default_qwalk if qwalk is None else qwalk
     mask = default_mask if mask is None else mask
+    check_fragment_args(segments, pattern_args)
+    check_fragment_args(qsegments, pattern_args)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if not scale > 0:
         raise ValueError(f"attncc.runtime.gluon: scale must be > 0, got {scale}")
@@ -347,14 +349,24 @@ def attention_backward(q, k, v, o, lse, do, dlse=None, *, pattern: str = "dense"
     attn_bwd_dkdv[(triton.cdiv(Nk, c.kv_block_n), B * Hkv)](
         desc(q, c.kv_block_m), desc(k, c.kv_block_n), desc(v, c.kv_block_n), desc(do, c.kv_block_m),
         desc(dk, c.kv_block_n), desc(dv, c.kv_block_n), rows_desc(lse2, c.kv_block_m), rows_desc(delta, c.kv_block_m),
-        Hq, group, Nq, Nk, q_offset, k_offset, n_q, n_k, qk_scale, scale,
-        QWALK=qwalk, MASK=mask, STAGES=c.kv_stages, num_warps=c.num_warps("dkdv"))
+        Hq, group, Nq, Nk, q_offset, k_offset, n_q, n_k, qk_scale, scale, pattern_args,
+        QWALK=qwalk, MASK=mask, SCORE=score, SCORE_GRAD=score_grad, QSEGMENTS=qsegments, STAGES=c.kv_stages,
+        num_warps=c.num_warps("dkdv"))
     attn_bwd_dq[(triton.cdiv(Nq, c.q_block_m), B * Hq)](
         desc(q, c.q_block_m), desc(k, c.q_block_n), desc(v, c.q_block_n), desc(do, c.q_block_m),
         desc(dq, c.q_block_m), lse2, delta, row_stride,
-        Hq, group, Nq, Nk, q_offset, k_offset, n_q, n_k, qk_scale, scale,
-        WALK=walk, MASK=mask, STAGES=c.q_stages, num_warps=c.num_warps("dq"))
+        Hq, group, Nq, Nk, q_offset, k_offset, n_q, n_k, qk_scale, scale, pattern_args,
+        WALK=walk, MASK=mask, SCORE=score, SCORE_GRAD=score_grad, SEGMENTS=segments, STAGES=c.q_stages,
+        num_warps=c.num_warps("dq"))
     return dq, dk, dv
+
+
+def check_fragment_args(segments, pattern_args):
+    """A walk's segment count and the spec's params as the kernels take them."""
+    if not (isinstance(segments, int) and segments >= 1):
+        raise ValueError(f"attncc.runtime.gluon: segments must be an int >= 1, got {segments!r}")
+    if not (isinstance(pattern_args, tuple) and all(type(a) in (int, float) for a in pattern_args)):
+        raise TypeError(f"attncc.runtime.gluon: pattern_args must be a tuple of ints and floats, got {pattern_args!r}")
 
 
 def check_backward_operands(q, o, lse, do, dlse):
@@ -569,7 +581,7 @@ def _bwd_source(variant: BwdVariant):
                      "do_desc": _desc_type(rows, dt), "dk_desc": _desc_type(keys, dt), "dv_desc": _desc_type(keys, dt),
                      "lse_desc": _desc_type([1, 1, c.kv_block_m], "float32"),
                      "delta_desc": _desc_type([1, 1, c.kv_block_m], "float32")}
-        constexprs = {"QWALK": qwalk, "MASK": mask}
+        constexprs = {"QWALK": qwalk, "MASK": mask, "SCORE": None, "SCORE_GRAD": None, "QSEGMENTS": 1}
     else:
         _check_choice("part", variant.part, BWD_PARTS)
         from attncc.runtime.gluon.bwd import attn_bwd_dq as kernel
@@ -577,9 +589,9 @@ def _bwd_source(variant: BwdVariant):
         signature = {"q_desc": _desc_type(rows, dt), "k_desc": _desc_type(keys, dt), "v_desc": _desc_type(keys, dt),
                      "do_desc": _desc_type(rows, dt), "dq_desc": _desc_type(rows, dt), "lse2_ptr": "*fp32",
                      "delta_ptr": "*fp32", "lse_stride": "i64"}
-        constexprs = {"WALK": walk, "MASK": mask}
+        constexprs = {"WALK": walk, "MASK": mask, "SCORE": None, "SCORE_GRAD": None, "SEGMENTS": 1}
     signature.update({name: "i32" for name in "H GROUP Nq Nk q_offset k_offset n_q n_k".split()})
-    signature.update(qk_scale="fp32", sm_scale="fp32")
+    signature.update(qk_scale="fp32", sm_scale="fp32", pattern_args=())  # the built-in walks have no params
     constexprs.update(STAGES=c.stages(variant.part), num_warps=c.num_warps(variant.part))
     signature.update({name: "constexpr" for name in constexprs})
     return kernel, signature, constexprs, {"num_warps": c.num_warps(variant.part)}
