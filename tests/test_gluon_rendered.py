@@ -21,6 +21,7 @@
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import os
@@ -533,8 +534,11 @@ t.compile_rendered({cases!r}, {out!r})
 def compile_rendered(cases, out_path):
     """Run in a process without TRITON_INTERPRET: each case's launch through its generated module
     (ATTNCC_BACKEND=gluon, the device stubbed, a call with offsets and GQA), compiled for sm90 as
-    Triton specializes the recorded arguments (tests/kernel_compile.py)."""
+    Triton specializes the recorded arguments (tests/kernel_compile.py). A "bwd" case is the
+    module's Gluon backward of that call: its dK/dV and dQ launches, two results ("dkdv", "dq")."""
     from kernel_compile import compile_launch, launch_of
+
+    from attncc.runtime.gluon import bwd, preprocess
 
     os.environ["ATTNCC_BACKEND"] = "gluon"
     call_mod.interpreting = lambda: True  # CPU tensors pass the call's checks, as under the interpreter
@@ -542,8 +546,9 @@ def compile_rendered(cases, out_path):
     backend.device_problem = lambda device: None
     launch.check_devices = lambda q, k, v: None
     torch.cuda.get_device_properties = lambda device: types.SimpleNamespace(multi_processor_count=132)
+    preprocess.bwd_preprocess = collections.defaultdict(lambda: lambda *a, **kw: None)  # the tl preprocess: not here
     recorded = []
-    for kernel in (fwd_ws.attn_fwd_ws, fwd_pipelined.attn_fwd_pipelined):
+    for kernel in (fwd_ws.attn_fwd_ws, fwd_pipelined.attn_fwd_pipelined, bwd.attn_bwd_dkdv, bwd.attn_bwd_dq):
         kernel.run = (lambda kernel: lambda *a, grid, warmup, **kw: recorded.append(launch_of(kernel, a, kw)))(kernel)
     results = {}
     for name, kernel, d, dtype in cases:
@@ -553,23 +558,37 @@ def compile_rendered(cases, out_path):
         q = torch.randn(1, 4, 300, d).to(dt)
         k, v = (torch.randn(1, 2, 200, d).to(dt) for _ in range(2))
         recorded.clear()
-        module(name).attention(q, k, v, q_offset=100)
-        (rec,) = recorded
-        c = compile_launch(rec, "cubin")
-        registers, stack = launch._resource_usage(c.stages["cubin"])
-        sass = launch._cuobjdump(c.stages["cubin"], "-sass")
-        ptx = c.stages["ptx"]
-        import re
-        results[(name, kernel, d, dtype)] = dict(
-            registers=registers, stack=stack, shared=c.metadata["shared"], wgmma=len(re.findall(r"wgmma\.mma_async", ptx)),
-            hgmma=len(re.findall(r"\bHGMMA\.", sass)), ldl=len(re.findall(r"\bLDL", sass)),
-            wait1=bool(re.search(r"wgmma\.wait_group\.sync\.aligned\s+1;", ptx)),
-            tma_load=bool(re.search(r"cp\.async\.bulk\.tensor\.4d\.shared::cluster\.global", ptx)),
-            tma_store=bool(re.search(r"cp\.async\.bulk\.tensor\.4d\.global\.shared::cta", ptx)),
-            p_from_registers=bool(re.search(r"HGMMA\.\S+ R\d+, R\d+, gdesc", sass)),
-            signature=dict(rec.signature))
+        if kernel == "bwd":
+            call = attncc.runtime.bind(module(name).SPEC, q, k, v, q_offset=100, kwargs={})
+            assert backend.gluon_backward_selected(call), backend.gluon_backward_problems(call)
+            o, lse = torch.zeros_like(q), torch.zeros(1, 4, 300)
+            backend.gluon_backward(call, "rendered", o, lse, torch.zeros_like(q))
+            parts = ("dkdv", "dq")
+        else:
+            module(name).attention(q, k, v, q_offset=100)
+            parts = (kernel,)
+        assert len(recorded) == len(parts), recorded
+        for part, rec in zip(parts, recorded):
+            results[(name, part, d, dtype)] = _compiled_numbers(compile_launch(rec, "cubin"), rec)
     with open(out_path, "wb") as f:
         pickle.dump(results, f)
+
+
+def _compiled_numbers(c, rec):
+    """What the tests check of a compiled launch: resources, instruction counts, the launch's signature."""
+    import re
+
+    registers, stack = launch._resource_usage(c.stages["cubin"])
+    sass = launch._cuobjdump(c.stages["cubin"], "-sass")
+    ptx = c.stages["ptx"]
+    return dict(
+        registers=registers, stack=stack, shared=c.metadata["shared"], wgmma=len(re.findall(r"wgmma\.mma_async", ptx)),
+        hgmma=len(re.findall(r"\bHGMMA\.", sass)), ldl=len(re.findall(r"\bLDL", sass)),
+        wait1=bool(re.search(r"wgmma\.wait_group\.sync\.aligned\s+1;", ptx)),
+        tma_load=bool(re.search(r"cp\.async\.bulk\.tensor\.4d\.shared::cluster\.global", ptx)),
+        tma_store=bool(re.search(r"cp\.async\.bulk\.tensor\.4d\.global\.shared::cta", ptx)),
+        p_from_registers=bool(re.search(r"HGMMA\.\S+ R\d+, R\d+, gdesc", sass)),
+        signature=dict(rec.signature))
 
 
 @pytest.fixture(scope="module")
