@@ -62,7 +62,7 @@ def _int_reach(x):
     step15 = x.max(step14, x.select(x.min(step11, x.floordiv(x.max(0, x.add(1, x.neg(x.position), step13)), x.block)), step14))  # full_hi = Max(_full_lo, Piecewise((Min(_hi, Max(0, _f_y - k_offset + 1) // BLOCK_N), _f_on), (_full_lo, True)))
     return x.reach(
         x.add(-1, x.param("chunk"), x.mul(x.param("chunk"), x.floordiv(x.i, x.param("chunk")))),  # chunk*(i // chunk) + chunk - 1
-        x.floordiv(x.j, x.param("chunk")),  # j // chunk
+        x.add(-1, x.param("chunk"), x.mul(x.param("chunk"), x.floordiv(x.j, x.param("chunk")))),  # chunk*(j // chunk) + chunk - 1
         step0,  # v_x, a step
         step1,  # v_y, a step
         step2,  # lo, a step

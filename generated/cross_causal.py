@@ -55,6 +55,7 @@ def _int_reach(x):
     return x.reach(
         x.add(x.i, x.n_k, x.neg(x.n_q)),  # i + n_k - n_q
         x.add(x.i, x.neg(x.n_q)),  # i - n_q
+        x.add(x.j, x.n_q, x.neg(x.n_k)),  # j - n_k + n_q
         x.add(x.j, x.neg(x.n_k)),  # j - n_k
         step0,  # v_x, a step
         step1,  # v_y, a step

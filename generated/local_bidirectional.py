@@ -61,7 +61,9 @@ def _int_reach(x):
     return x.reach(
         x.abs(x.add(x.i, x.neg(x.j))),  # Abs(i - j)
         x.add(x.i, x.neg(x.param("w"))),  # i - w
+        x.add(x.j, x.neg(x.param("w"))),  # j - w
         x.add(x.param("w"), x.i),  # i + w
+        x.add(x.param("w"), x.j),  # j + w
         step0,  # v_x, a step
         step1,  # v_y, a step
         step2,  # lo, a step

@@ -214,7 +214,9 @@ def _int_reach(x):
         x.add(1, step101),  # _g1_b + 1
         x.add(1, step27),  # _g1_b + 1
         x.add(x.i, x.neg(x.param("w"))),  # i - w
+        x.add(x.j, x.neg(x.param("w"))),  # j - w
         x.add(x.param("w"), x.i),  # i + w
+        x.add(x.param("w"), x.j),  # j + w
         step0,  # rows_hi, a step
         step1,  # free_lo, a step
         step2,  # n_blocks, a step

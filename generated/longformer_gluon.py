@@ -212,4 +212,13 @@ def qwalk(k_lo, k_hi, Nq, q_offset, n_q, n_k, BLOCK_M: gl.constexpr, ctx):
             qb_seg2_lo, qb_seg2_full_lo, qb_seg2_full_hi, qb_seg2_hi)  # segment 2: lo, full_lo, full_hi, hi
 
 
+@gluon.jit
+def qmask(i, j, n_q, n_k, ctx):
+    """mask, each band solved for the query instead (the dK/dV kernel's transposed tiles, i [1, BLOCK_M],
+    j [BLOCK_N, 1]: the values it compares the query with are per key, the same for every step)."""
+    b, h, H, q_last, prm_g, prm_w = ctx
+    tmp1 = prm_g - 1
+    return (((i >= (j - prm_w)) & (i <= (prm_w + j))) | (i <= tmp1) | (j <= tmp1))
+
+
 score_grad = None  # d score / d (scale * qk + bias) = 1

@@ -135,6 +135,7 @@ def _int_reach(x):
     step87 = x.min(step86, x.select(step41, step39))  # seg2_full_lo = Min(_seg2_hi, Piecewise((_full2_lo, _first_full), (_full1_lo, True)))
     step88 = x.min(step86, x.select(step42, step40))  # seg2_full_hi = Min(_seg2_hi, Piecewise((_full2_hi, _first_full), (_full1_hi, True)))
     return x.reach(
+        x.add(-1, x.param("window"), x.j),  # j + window - 1
         x.add(1, step25),  # _g1_b + 1
         x.add(1, x.i, x.neg(x.param("window"))),  # i - window + 1
         x.add(x.i, x.neg(x.j)),  # i - j

@@ -59,6 +59,7 @@ def _int_reach(x):
     step14 = x.select(x.min(step11, x.max(step10, x.floordiv(x.add(-1, x.block, x.max(0, x.add(x.neg(x.position), step12))), x.block))), step10)  # full_lo = Piecewise((Min(_hi, Max(_lo, (BLOCK_N + Max(0, _f_x - k_offset) - 1) // BLOCK_N)), _f_on), (_lo, True))
     step15 = x.max(step14, x.select(x.min(step11, x.floordiv(x.max(0, x.add(1, x.neg(x.position), step13)), x.block)), step14))  # full_hi = Max(_full_lo, Piecewise((Min(_hi, Max(0, _f_y - k_offset + 1) // BLOCK_N), _f_on), (_full_lo, True)))
     return x.reach(
+        x.add(-1, x.param("window"), x.j),  # j + window - 1
         x.add(1, x.i, x.neg(x.param("window"))),  # i - window + 1
         x.add(x.i, x.neg(x.j)),  # i - j
         step0,  # v_x, a step

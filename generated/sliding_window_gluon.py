@@ -98,4 +98,12 @@ def qwalk(k_lo, k_hi, Nq, q_offset, n_q, n_k, BLOCK_M: gl.constexpr, ctx):
     return qb_lo, qb_full_lo, qb_full_hi, qb_hi
 
 
+@gluon.jit
+def qmask(i, j, n_q, n_k, ctx):
+    """mask, each band solved for the query instead (the dK/dV kernel's transposed tiles, i [1, BLOCK_M],
+    j [BLOCK_N, 1]: the values it compares the query with are per key, the same for every step)."""
+    b, h, H, q_last, prm_window = ctx
+    return ((i >= j) & (i <= (prm_window + j - 1)))
+
+
 score_grad = None  # d score / d (scale * qk + bias) = 1

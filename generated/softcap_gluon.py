@@ -112,9 +112,18 @@ def qwalk(k_lo, k_hi, Nq, q_offset, n_q, n_k, BLOCK_M: gl.constexpr, ctx):
 
 
 @gluon.jit
+def qmask(i, j, n_q, n_k, ctx):
+    """mask, each band solved for the query instead (the dK/dV kernel's transposed tiles, i [1, BLOCK_M],
+    j [BLOCK_N, 1]: the values it compares the query with are per key, the same for every step)."""
+    b, h, H, q_last = ctx
+    return (i >= j)
+
+
+@gluon.jit
 def score_grad(qk, s, i, j, n_q, n_k, qk_scale, ctx):
     """d score / d (scale * qk + bias) of a block (natural units), from qk = Q K^T (fp32) and the score
-    hook's output s for it (before the mask): the factor the backward multiplies dS by."""
+    hook's output s for it (finite: the kernels look at pairs with P > 0 only): the factor the backward
+    multiplies dS by."""
     b, h, H, q_last = ctx
     t = s * 0.023104906018664842  # tanh(x / softcap), the softcap's output over softcap
-    return gl.where(s == float("-inf"), 0.0, 1.0 - t * t)
+    return (1.0 - t * t)

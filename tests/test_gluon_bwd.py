@@ -199,17 +199,17 @@ def test_the_emulation_catches_a_wrong_walk(emulated, broken):
     qwalk, walk = walks.causal_qwalk, walks.causal_walk
     if broken == "skip_first":
         @gluon.jit
-        def qwalk(k_lo, k_hi, Nq, q_offset, n_q, n_k, BLOCK_M: gl.constexpr):
+        def qwalk(k_lo, k_hi, Nq, q_offset, n_q, n_k, BLOCK_M: gl.constexpr, ctx=None):
             lo = gl.maximum(0, k_lo - q_offset) // BLOCK_M + 1
             return lo, lo, Nq // BLOCK_M, gl.cdiv(Nq, BLOCK_M)
     elif broken == "full_diagonal":
         @gluon.jit
-        def qwalk(k_lo, k_hi, Nq, q_offset, n_q, n_k, BLOCK_M: gl.constexpr):
+        def qwalk(k_lo, k_hi, Nq, q_offset, n_q, n_k, BLOCK_M: gl.constexpr, ctx=None):
             lo = gl.maximum(0, k_lo - q_offset) // BLOCK_M
             return lo, lo, Nq // BLOCK_M, gl.cdiv(Nq, BLOCK_M)
     else:
         @gluon.jit
-        def walk(q_lo, q_hi, Nk, k_offset, n_q, n_k, BLOCK_N: gl.constexpr):
+        def walk(q_lo, q_hi, Nk, k_offset, n_q, n_k, BLOCK_N: gl.constexpr, ctx=None):
             hi = gl.minimum(gl.cdiv(Nk, BLOCK_N), gl.maximum(0, q_hi + BLOCK_N - k_offset) // BLOCK_N)
             return 0, 0, 0, hi - 1
 

@@ -31,6 +31,7 @@ from typing import List, Optional, Tuple
 
 from attncc.analysis.builtin import gluon_fit
 from attncc.analysis.derivative import score_derivative
+from attncc.analysis.plan import SWAP
 from attncc.analysis.walks import Iteration, sorted_segments
 from attncc.codegen.helpers import GLUON, helper_args
 from attncc.codegen.names import param_var
@@ -70,6 +71,12 @@ def gluon_context(pattern: Pattern, plan) -> Optional[dict]:
         printer = GluonPrinter({**base, **{p.symbol: param_var(p.name) for p in params}}, float64=True, temps=temps)
         mask_lines, mask_code = printer.statement(plan.forward.cover.predicate(S.i, S.j))
         helpers |= printer.helpers
+    qmask_lines: List[Tuple[str, str]] = []
+    qmask_code = None
+    if fit.backward and plan.transposed.kind is Iteration.BANDS:  # for the dK/dV kernel: each band solved for i
+        printer = GluonPrinter({**base, **{p.symbol: param_var(p.name) for p in params}}, float64=True, temps=temps)
+        qmask_lines, qmask_code = printer.statement(plan.transposed.cover.predicate(S.i, S.j).xreplace(SWAP))
+        helpers |= printer.helpers
     score_lines = render_score(pattern, base, temps, helpers)
     grad_lines = render_score_grad(pattern, base, temps, helpers) if fit.backward else []
 
@@ -82,7 +89,8 @@ def gluon_context(pattern: Pattern, plan) -> Optional[dict]:
         segments=count, walk_steps=walk_steps, walk_out=walk_out,
         unpack=unpack, param_tuple=_tuple([py_str(p.name) for p in params]),
         param_values=_tuple([f"{p.kind}(call.params[{py_str(p.name)}])" for p in params]),
-        mask_lines=mask_lines, mask_code=mask_code, score_lines=score_lines, grad_lines=grad_lines,
+        mask_lines=mask_lines, mask_code=mask_code, qmask_lines=qmask_lines, qmask_code=qmask_code,
+        score_lines=score_lines, grad_lines=grad_lines,
         helpers=[helper_args(h) for h in sorted(helpers)], exact=precondition_code(plan, transposed=False),
         backward=fit.backward, backward_reason=fit.backward_reason, qsegments=qcount, qwalk_steps=qwalk_steps,
         qwalk_out=qwalk_out, backward_exact=precondition_code(plan, transposed=True),
@@ -148,7 +156,7 @@ def render_score(pattern: Pattern, base, temps: Temporaries, helpers: set) -> Li
 
 def render_score_grad(pattern: Pattern, base, temps: Temporaries, helpers: set) -> List[str]:
     """The body of the score's backward hook (``score_grad``: d score / d (scale * qk + bias), from the
-    accumulator ``qk`` and the score hook's unmasked output ``s``), or [] when that is 1 (no hook, or a
+    accumulator ``qk`` and the score hook's output ``s`` of a pair with P > 0), or [] when that is 1 (no hook, or a
     bias alone). A softcap's ``1 - tanh^2`` reads tanh from ``s`` (``s * ln 2 / c``: no second tanh);
     a mod's derivative (``sympy.diff``, attncc.analysis.derivative) is evaluated at its input, the
     scaled score with its bias, recomputed from ``qk``."""
@@ -162,8 +170,7 @@ def render_score_grad(pattern: Pattern, base, temps: Temporaries, helpers: set) 
     factors: List[str] = []
     if pattern.softcap is not None:
         lines.append(f"t = s * {LN2 / pattern.softcap!r}  # tanh(x / softcap), the softcap's output over softcap")
-        # -inf (a pair a mod removed, p = 0) has no slope: 0, not 1 - inf
-        factors.append("gl.where(s == float(\"-inf\"), 0.0, 1.0 - t * t)")
+        factors.append("(1.0 - t * t)")
     if pattern.mod is not None and pattern.mod != S.s:
         dmod = score_derivative(pattern.mod)
         if dmod != 1:

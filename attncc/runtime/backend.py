@@ -242,7 +242,7 @@ def gluon_backward(call: Call, walk: str, o, lse, do, dlse=None):
               config=gluon_bwd_config(call.D))
     if walk == "rendered":
         f = call.spec.gluon_fragments.load()
-        kw.update(walk=f.walk, qwalk=f.qwalk, mask=f.mask, score=f.score, score_grad=f.score_grad,
+        kw.update(walk=f.walk, qwalk=f.qwalk, mask=f.mask, qmask=f.qmask, score=f.score, score_grad=f.score_grad,
                   segments=f.SEGMENTS, qsegments=f.QSEGMENTS, pattern_args=f.pattern_args(call))
     else:
         kw.update(pattern=walk)

@@ -235,6 +235,7 @@ def attention(q, k, v, *, pattern: str = "dense", scale: Optional[float] = None,
         default_walk, default_mask = pattern_fragments(pattern)
         walk = default_walk if walk is None else walk
         mask = default_mask if mask is None else mask
+    qmask = mask if qmask is None else qmask
     check_fragment_args(segments, pattern_args)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if not scale > 0:  # the kernels take the scaled max as the max of the scaled scores
@@ -279,14 +280,15 @@ def attention(q, k, v, *, pattern: str = "dense", scale: Optional[float] = None,
 
 def attention_backward(q, k, v, o, lse, do, dlse=None, *, pattern: str = "dense", scale: Optional[float] = None,
                        q_offset: int = 0, k_offset: int = 0, n_q: Optional[int] = None, n_k: Optional[int] = None,
-                       config: Optional[GluonBwdConfig] = None, walk=None, qwalk=None, mask=None, score=None,
+                       config: Optional[GluonBwdConfig] = None, walk=None, qwalk=None, mask=None, qmask=None, score=None,
                        score_grad=None, segments: int = 1, qsegments: int = 1, pattern_args: tuple = ()):
     """dq, dk, dv of `attention(q, k, v, ...)` through the Gluon sm90 backward (bwd.py).
 
     q, k, v and the call's options as for `attention`; o [B, Hq, Nq, D] and the natural-log LSE
     [B, Hq, Nq] (float32; -inf on rows without an allowed key) are the forward's outputs, do = dLoss/do
     (q's dtype and shape), dlse = dLoss/dlse ([B, Hq, Nq], or None when the loss does not use the LSE).
-    `walk`, `qwalk`, `mask` override the pattern's fragments (walks.py); `score`, `score_grad`,
+    `walk`, `qwalk`, `mask` override the pattern's fragments (walks.py), `qmask` the dK/dV kernel's
+    mask (default: `mask`; rendered fragments solve it for the query); `score`, `score_grad`,
     `segments` (the walk's segments per query block), `qsegments` (the qwalk's per key block) and
     `pattern_args` come with rendered ones (a generated module's `_gluon.py`). Head dims 64 and 128.
     Returns dq [B, Hq, Nq, D], dk, dv [B, Hkv, Nk, D] in q's dtype, contiguous; dK and dV are summed
@@ -307,6 +309,7 @@ def attention_backward(q, k, v, o, lse, do, dlse=None, *, pattern: str = "dense"
     walk = default_walk if walk is None else walk
     qwalk = default_qwalk if qwalk is None else qwalk
     mask = default_mask if mask is None else mask
+    qmask = mask if qmask is None else qmask
     check_fragment_args(segments, pattern_args)
     check_fragment_args(qsegments, pattern_args)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
@@ -350,7 +353,7 @@ def attention_backward(q, k, v, o, lse, do, dlse=None, *, pattern: str = "dense"
         desc(q, c.kv_block_m), desc(k, c.kv_block_n), desc(v, c.kv_block_n), desc(do, c.kv_block_m),
         desc(dk, c.kv_block_n), desc(dv, c.kv_block_n), rows_desc(lse2, c.kv_block_m), rows_desc(delta, c.kv_block_m),
         Hq, group, Nq, Nk, q_offset, k_offset, n_q, n_k, qk_scale, scale, pattern_args,
-        QWALK=qwalk, MASK=mask, SCORE=score, SCORE_GRAD=score_grad, QSEGMENTS=qsegments, STAGES=c.kv_stages,
+        QWALK=qwalk, MASK=qmask, SCORE=score, SCORE_GRAD=score_grad, QSEGMENTS=qsegments, STAGES=c.kv_stages,
         num_warps=c.num_warps("dkdv"))
     attn_bwd_dq[(triton.cdiv(Nq, c.q_block_m), B * Hq)](
         desc(q, c.q_block_m), desc(k, c.q_block_n), desc(v, c.q_block_n), desc(do, c.q_block_m),
