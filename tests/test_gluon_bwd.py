@@ -278,3 +278,131 @@ def test_backward_configs_fit_and_oversized_ones_are_refused():
         launch.check_bwd_config(launch.GluonBwdConfig(q_stages=1), 64)
     assert launch.bwd_shared_bytes(launch.default_bwd_config(128), 128) == {
         "dkdv": 2 * 32768 + 3 * (2 * 16384 + 512), "dq": 2 * 32768 + 3 * 2 * 16384}
+
+
+# ------------------------------------------------------------------------------------------------
+# the rendered backward: every spec with rendered fragments (generated/<name>_gluon.py), through
+# backend.gluon_backward (what a generated module's _backward calls) with the kernels emulated
+
+RENDERED = ("alibi", "block_diagonal", "chunked_local", "cross_causal", "local_bidirectional", "longformer",
+            "prefix_lm", "sink_window", "sliding_window", "softcap")  # test_gluon_rendered.RENDERED
+# small tiles (64 keys per dK/dV program, 16-row steps; 64-row dQ programs, 16-key steps): many
+# blocks, segments and partial tiles at lengths the CPU can afford
+SMALL_BWD = launch.GluonBwdConfig(kv_block_n=64, kv_block_m=16, kv_stages=2, q_block_m=64, q_block_n=16, q_stages=2)
+
+
+@dataclasses.dataclass(frozen=True)
+class RenderedCase:
+    Nq: int
+    Nk: int
+    q_offset: int = 0
+    k_offset: int = 0
+    n_q: int = None
+    n_k: int = None
+    Hq: int = 2
+    Hkv: int = 1
+    dtype: torch.dtype = torch.float16
+    dlse: bool = False
+    scale: float = None
+
+
+# Nq != Nk, lengths off every tile, offsets both ways, n_q / n_k past the call, GQA, dLSE, a scale
+# that puts softcap's scores where its derivative is far from 1
+RENDERED_CASES = [RenderedCase(150, 97, 0, 0, Hq=4, Hkv=2, dlse=True),
+                  RenderedCase(61, 170, 45, 3, n_q=140, n_k=200, dtype=torch.bfloat16, scale=2.0),
+                  RenderedCase(83, 83, 7, 60, dlse=True)]
+
+
+def rendered_params(name, rng):
+    """The spec's small params (tests/cases.py), some of them varied."""
+    from cases import SMALL_PARAMS, pattern
+
+    params = {**pattern(name).param_values, **SMALL_PARAMS.get(name, {})}
+    return {k: (v + rng.choice([-2, 0, 3, 17]) if type(v) is int and v > 3 else v) for k, v in params.items()}
+
+
+def run_rendered(name, case: RenderedCase, params, seed, monkeypatch):
+    """The module's Gluon backward of one call (the kernels emulated) and the reference's gradients."""
+    from attncc.runtime import backend
+    from cases import module, pattern
+
+    monkeypatch.setattr(backend, "gluon_bwd_config", lambda D: SMALL_BWD)
+    spec = module(name).SPEC
+    gen = torch.Generator().manual_seed(seed)
+    D = 64
+    q = torch.randn(1, case.Hq, case.Nq, D, generator=gen).to(case.dtype)
+    k, v = (torch.randn(1, case.Hkv, case.Nk, D, generator=gen).to(case.dtype) for _ in range(2))
+    do = torch.randn(1, case.Hq, case.Nq, D, generator=gen).to(case.dtype)
+    dlse = torch.randn(1, case.Hq, case.Nq, generator=gen) if case.dlse else None
+    pos = dict(q_offset=case.q_offset, k_offset=case.k_offset, n_q=case.n_q, n_k=case.n_k, scale=case.scale)
+    call = attncc.runtime.bind(spec, q, k, v, **pos, kwargs=dict(params))
+    fragments = spec.gluon_fragments.load()
+    if not (fragments.exact(call) and fragments.backward_exact(call)):
+        return None
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    o, lse = attncc.reference(pattern(name), *leaves, return_lse=True, **pos, **params)
+    dq, dk, dv, extra = backend.gluon_backward(call, "rendered", o.detach().to(case.dtype), lse.detach().float(), do,
+                                               dlse)
+    outs, cots = [o], [do.double()]
+    if dlse is not None:
+        outs.append(torch.where(lse.isinf(), 0.0, lse))
+        cots.append(dlse.double())
+    want = torch.autograd.grad(outs, leaves, cots)
+    return (dq, dk, dv), want
+
+
+@pytest.mark.parametrize("name", RENDERED)
+def test_rendered_backward_against_the_reference(emulated, monkeypatch, name):
+    """Every rendered spec's backward (its query-block walk, qmask on the transposed tiles, the forward's
+    walk and mask in dQ, the score and its derivative) emulated tile by tile, against the float64
+    reference, at odd lengths and offsets with params varied."""
+    rng = random.Random(hash(name) % 1000)
+    checked = 0
+    for n, case in enumerate(RENDERED_CASES):
+        params = rendered_params(name, rng)
+        out = run_rendered(name, case, params, seed=n, monkeypatch=monkeypatch)
+        if out is None:
+            continue
+        checked += 1
+        for label, g, w in zip(("dq", "dk", "dv"), *out):
+            assert g.dtype == case.dtype and not torch.isnan(g).any(), label
+            if w.norm() < 1e-9:
+                assert float(g.abs().max()) < 1e-4, label
+            else:
+                assert rel(g, w) < TOL[case.dtype], (name, label, rel(g, w), case, params)
+    assert checked >= 2
+    dkdv, dq = emulated["attn_bwd_dkdv"], emulated["attn_bwd_dq"]
+    assert dkdv.launches and sum(dkdv.steps) > 0 and sum(dq.steps) > 0
+    from cases import module
+    frag = module(name).SPEC.gluon_fragments.load()
+    _, kwargs, _ = dkdv.launches[-1]
+    assert kwargs["QWALK"] is frag.qwalk and kwargs["MASK"] is frag.qmask and kwargs["SCORE_GRAD"] is frag.score_grad
+    assert kwargs["QSEGMENTS"] == frag.QSEGMENTS and kwargs["SCORE"] is frag.score
+    _, kwargs, _ = dq.launches[-1]
+    assert kwargs["WALK"] is frag.walk and kwargs["MASK"] is frag.mask and kwargs["SEGMENTS"] == frag.SEGMENTS
+
+
+@pytest.mark.parametrize("broken", ["qwalk_short", "qmask_wide", "no_score_grad"])
+def test_the_emulation_catches_a_wrong_rendered_fragment(emulated, monkeypatch, tmp_path, broken):
+    """A query-block walk one block short, a qmask that lets one more query in, or a softcap's
+    backward without its derivative give wrong gradients: the check above can fail."""
+    from cases import module
+    from gluon_host import load_fragments
+
+    name = "softcap" if broken == "no_score_grad" else "sliding_window"
+    spec = module(name).SPEC
+    text = spec.gluon_fragments.path.read_text()
+    if broken == "qwalk_short":
+        text = text.replace("    return qb_lo, qb_full_lo, qb_full_hi, qb_hi", "    return qb_lo, qb_full_lo, qb_full_hi, qb_hi - 1")
+    elif broken == "qmask_wide":
+        text = text.replace("(i >= j)", "(i >= (j - 1))")
+    else:
+        text = text.replace("    return (1.0 - t * t)", "    return 1.0 + 0.0 * t")
+    assert text != spec.gluon_fragments.path.read_text()
+    wrong = load_fragments(text, tmp_path, name)
+    monkeypatch.setattr(type(spec.gluon_fragments), "load", lambda self: wrong)
+    case = RenderedCase(90, 90, Hq=2, Hkv=1, scale=2.0)
+    params = {"window": 20} if name == "sliding_window" else {}
+    (dq, dk, dv), (wq, wk, wv) = run_rendered(name, case, params, seed=1, monkeypatch=monkeypatch)
+    worst = max(rel(dq, wq), rel(dk, wk), rel(dv, wv))
+    assert worst > 5 * TOL[case.dtype], worst
