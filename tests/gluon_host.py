@@ -107,6 +107,9 @@ class Fragments:
         self.mask = as_python(module.mask)
         self.score = as_python(module.score)
         self.segments = module.SEGMENTS
+        self.qwalk = as_python(module.qwalk)  # the backward's (None where it does not take these fragments)
+        self.qmask = as_python(module.qmask)
+        self.score_grad = as_python(module.score_grad)
 
 
 def _host_module(module, **extra):

@@ -76,9 +76,9 @@ def fragments_of(name):
     return Fragments(module(name).SPEC.gluon_fragments.load())
 
 
-def call_like(params, *, q_offset, Nq, n_q, n_k):
+def call_like(params, *, q_offset, Nq, n_q, n_k, k_offset=0, Nk=1):
     """What the fragments file's host functions read of a call."""
-    return types.SimpleNamespace(params=params, q_offset=q_offset, Nq=Nq, n_q=n_q, n_k=n_k)
+    return types.SimpleNamespace(params=params, q_offset=q_offset, Nq=Nq, n_q=n_q, n_k=n_k, k_offset=k_offset, Nk=Nk)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -173,8 +173,11 @@ def test_explain_names_the_gluon_forward_a_plan_gets():
     def text(name, **kw):
         return backend_text(analyze(canonical_score(pattern(name))), **{"head_dim": 128, "value_dim": 128,
                                                                           "dtype": "bf16", **kw})
-    assert text("sink_window") == ("tl; Gluon sm90 forward (its rendered walk, mask and score) with ATTNCC_BACKEND=gluon; "
-                                   "the backward tl (the Gluon backward has the built-in dense and causal walks only)")
+    assert text("sink_window") == ("tl; Gluon sm90 forward and backward (its rendered walks, mask and score) with "
+                                   "ATTNCC_BACKEND=gluon")
+    assert text("softcap", head_dim=256, value_dim=256) == (
+        "tl; Gluon sm90 forward (its rendered walks, mask and score) with ATTNCC_BACKEND=gluon; the backward tl (the "
+        "Gluon backward takes head dims 64, 128)")
     assert text("causal") == "tl; Gluon sm90 forward and backward (built-in causal walk) with ATTNCC_BACKEND=gluon"
     assert text("causal", head_dim=256, value_dim=256) == (
         "tl; Gluon sm90 forward (built-in causal walk) with ATTNCC_BACKEND=gluon; the backward tl (the Gluon "
@@ -203,54 +206,77 @@ def test_reasons_are_clauses_and_the_forced_backend_gives_them(monkeypatch):
 # the walks and the mask against brute force
 
 
-def segment_grid(frag: Fragments, problem: Problem, params, b=0, h=0):
+def segment_grid(frag: Fragments, problem: Problem, params, b=0, h=0, transposed=False):
     """The tile classes walking the rendered segments gives (0 EMPTY, 1 PARTIAL, 2 FULL), after
     checking the walk's contract: every raw segment ordered (no clamp needed), the non-empty ones
-    disjoint and ascending, inside the key blocks."""
+    disjoint and ascending, inside the blocks. ``transposed``: the dK/dV kernel's walk (qwalk: per
+    key block its query blocks, [nkb, nqb]), evaluated as the kernel calls it (key_tile_walk)."""
     p = problem
     n_q = p.q_offset + p.q_rows if p.n_q is None else p.n_q
     n_k = p.k_offset + p.k_rows if p.n_k is None else p.n_k
     nqb, nkb = -(-p.q_rows // p.block_m), -(-p.k_rows // p.block_n)
     ctx = ctx_of(b, h, 1, p.q_offset + p.q_rows - 1, tuple(params[n] for n in frag.module.PARAMS))
-    q_lo = p.q_offset + torch.arange(nqb) * p.block_m
-    raw = frag.walk(q_lo, q_lo + p.block_m - 1, torch.tensor(p.k_rows), torch.tensor(p.k_offset), torch.tensor(n_q),
-                    torch.tensor(n_k), p.block_n, ctx)
-    assert len(raw) == 4 * frag.segments
-    grid = torch.zeros(nqb, nkb, dtype=torch.int8)
-    kb = torch.arange(nkb).view(1, -1)
-    end = torch.zeros(nqb, 1, dtype=torch.int64)
-    for s in range(frag.segments):
-        lo, flo, fhi, hi = (torch.as_tensor(x).to(torch.int64).reshape(-1, 1).expand(nqb, 1) for x in raw[4 * s:4 * s + 4])
-        assert bool(((0 <= lo) & (lo <= flo) & (flo <= fhi) & (fhi <= hi) & (hi <= nkb)).all()), (s, raw)
+    if transposed:
+        n_outer, n_inner, segments = nkb, nqb, frag.module.QSEGMENTS
+        k_lo = p.k_offset + torch.arange(nkb) * p.block_n
+        k_hi = torch.minimum(k_lo + p.block_n, torch.tensor(p.k_offset + p.k_rows)) - 1
+        raw = frag.qwalk(k_lo, k_hi, torch.tensor(p.q_rows), torch.tensor(p.q_offset), torch.tensor(n_q),
+                         torch.tensor(n_k), p.block_m, ctx)
+        clamped = C.key_tile_walk(torch.arange(nkb), torch.tensor(p.k_offset), torch.tensor(p.q_rows),
+                                  torch.tensor(p.k_rows), torch.tensor(p.q_offset), torch.tensor(n_q), torch.tensor(n_k),
+                                  ctx, frag.qwalk, segments, p.block_m, p.block_n)
+    else:
+        n_outer, n_inner, segments = nqb, nkb, frag.segments
+        q_lo = p.q_offset + torch.arange(nqb) * p.block_m
+        raw = frag.walk(q_lo, q_lo + p.block_m - 1, torch.tensor(p.k_rows), torch.tensor(p.k_offset),
+                        torch.tensor(n_q), torch.tensor(n_k), p.block_n, ctx)
+        clamped = C.tile_walk(torch.arange(nqb), torch.tensor(p.q_offset), torch.tensor(p.k_rows),
+                              torch.tensor(p.k_offset), torch.tensor(n_q), torch.tensor(n_k), ctx, frag.walk,
+                              segments, p.block_m, p.block_n)
+    assert len(raw) == 4 * segments
+    grid = torch.zeros(n_outer, n_inner, dtype=torch.int8)
+    kb = torch.arange(n_inner).view(1, -1)
+    end = torch.zeros(n_outer, 1, dtype=torch.int64)
+    for s in range(segments):
+        lo, flo, fhi, hi = (torch.as_tensor(x).to(torch.int64).reshape(-1, 1).expand(n_outer, 1)
+                            for x in raw[4 * s:4 * s + 4])
+        assert bool(((0 <= lo) & (lo <= flo) & (flo <= fhi) & (fhi <= hi) & (hi <= n_inner)).all()), (s, raw)
         live = hi > lo
         assert not bool((live & (lo < end)).any()), "segments overlap or are out of order"
         end = torch.where(live, hi, end)
         grid = torch.where((lo <= kb) & (kb < hi), torch.where((flo <= kb) & (kb < fhi), 2, 1).to(torch.int8), grid)
     # the kernels' clamp of each segment changes nothing in an ordered walk
-    clamped = C.tile_walk(torch.arange(nqb), torch.tensor(p.q_offset), torch.tensor(p.k_rows),
-                          torch.tensor(p.k_offset), torch.tensor(n_q), torch.tensor(n_k), ctx, frag.walk,
-                          frag.segments, p.block_m, p.block_n)
-    assert all(torch.equal(torch.as_tensor(a).expand(nqb), torch.as_tensor(c).expand(nqb)) for a, c in zip(raw, clamped))
+    assert all(torch.equal(torch.as_tensor(a).expand(n_outer), torch.as_tensor(c).expand(n_outer))
+               for a, c in zip(raw, clamped))
     return grid
 
 
 def check_walk(frag: Fragments, pat, problem: Problem, params, b=0, h=0) -> bool:
-    """The rendered walk and mask against brute force for one problem; False when the call breaks
-    the walk's precondition (the Gluon path then refuses it)."""
+    """The rendered walks (the forward's and, with a backward, the dK/dV kernel's transposed one) and
+    masks (mask, and qmask solved for the query) against brute force for one problem; False when the
+    call breaks the forward walk's precondition (the Gluon path then refuses it)."""
     n_q = problem.q_offset + problem.q_rows if problem.n_q is None else problem.n_q
     n_k = problem.k_offset + problem.k_rows if problem.n_k is None else problem.n_k
-    if not frag.module.exact(call_like(params, q_offset=problem.q_offset, Nq=problem.q_rows, n_q=n_q, n_k=n_k)):
+    call = call_like(params, q_offset=problem.q_offset, Nq=problem.q_rows, n_q=n_q, n_k=n_k,
+                     k_offset=problem.k_offset, Nk=problem.k_rows)
+    if not frag.module.exact(call):
         return False
-    want = truth_classes(pat, problem, params, b=b, h=h)[0]
+    want, want_t = truth_classes(pat, problem, params, b=b, h=h)
     got = segment_grid(frag, problem, params, b, h)
     assert torch.equal(got, want), (problem, (got != want).nonzero()[:5].tolist())
-    if frag.mask is not None:
-        i = (problem.q_offset + torch.arange(problem.q_rows)).view(-1, 1)
-        j = (problem.k_offset + torch.arange(problem.k_rows)).view(1, -1)
-        ctx = ctx_of(b, h, h + 1, problem.q_offset + problem.q_rows - 1, tuple(params[n] for n in frag.module.PARAMS))
-        allowed = frag.mask(i, j, torch.tensor(n_q), torch.tensor(n_k), ctx).expand(problem.q_rows, problem.k_rows)
-        truth = pair_mask(pat, **problem.positions, batch=b + 1, heads=h + 1, params=params)[b, h]
-        assert torch.equal(allowed, truth), problem
+    backward = frag.qwalk is not None and frag.module.backward_exact(call)
+    if backward:
+        got = segment_grid(frag, problem, params, b, h, transposed=True)
+        assert torch.equal(got, want_t), ("transposed", problem, (got != want_t).nonzero()[:5].tolist())
+    i = (problem.q_offset + torch.arange(problem.q_rows)).view(-1, 1)
+    j = (problem.k_offset + torch.arange(problem.k_rows)).view(1, -1)
+    ctx = ctx_of(b, h, h + 1, problem.q_offset + problem.q_rows - 1, tuple(params[n] for n in frag.module.PARAMS))
+    truth = pair_mask(pat, **problem.positions, batch=b + 1, heads=h + 1, params=params)[b, h]
+    for fn, on in ((frag.mask, True), (frag.qmask, backward)):
+        if fn is not None and on:  # the dK/dV kernel's orientation: i [1, M], j [N, 1]
+            allowed = fn(i.T, j.T, torch.tensor(n_q), torch.tensor(n_k), ctx).expand(problem.k_rows, problem.q_rows)
+            assert torch.equal(allowed.T, truth), problem
+            assert torch.equal(fn(i, j, torch.tensor(n_q), torch.tensor(n_k), ctx).expand_as(truth), truth), problem
     return True
 
 
@@ -295,14 +321,17 @@ def test_rendered_walks_of_random_masks_are_exact(tmp_path, one_environment, gen
     overrides, batch rows and heads), where the precondition holds."""
     rng = random.Random(seed)
     cases = random_fragments(rng, tmp_path, generator, count)
-    checked = two_segments = 0
+    checked = two_segments = backward = two_qsegments = 0
     for pat, frag in cases:
         for _ in range(3):
             problem = random_problem(rng, shapes=[(16, 16), (32, 16), (16, 32), (64, 32), (128, 64), (128, 128)])
             params = {**pat.param_values, **random_overrides(rng, pat.param_values)}
             checked += check_walk(frag, pat, problem, params, b=rng.randint(0, 1), h=rng.randint(0, 2))
         two_segments += frag.segments == 2
+        backward += frag.qwalk is not None
+        two_qsegments += frag.module.QSEGMENTS == 2
     assert len(cases) >= count // 4 and checked >= len(cases) and two_segments >= two, (len(cases), checked, two_segments)
+    assert backward >= len(cases) * 3 // 4 and two_qsegments >= two, (len(cases), backward, two_qsegments)
 
 
 def test_the_kernels_walk_the_segments_block_after_block():
@@ -522,6 +551,12 @@ COMPILES += [("sink_window", "pipelined", 128, "float16"), ("softcap", "ws", 256
 if ALL:
     COMPILES = [(name, kernel, d, dt) for name in RENDERED for kernel in launch.KERNELS for d in (64, 128, 256)
                 for dt in ("bfloat16", "float16")]
+# the backward (dK/dV and dQ kernels, ~1.5 s each): every rendered spec at both head dims and both
+# dtypes, the pairs alternating (ATTNCC_GLUON_ALL=1: all four per spec)
+BWD_COMPILES = [(name, "bwd", d, dt) for n, name in enumerate(RENDERED)
+                for d, dt in (((128, "bfloat16"), (64, "float16")) if n % 2 == 0 else ((128, "float16"), (64, "bfloat16")))]
+if ALL:
+    BWD_COMPILES = [(name, "bwd", d, dt) for name in RENDERED for d in (64, 128) for dt in ("bfloat16", "float16")]
 
 CHILD = r"""
 import sys
@@ -600,7 +635,7 @@ def compiled(tmp_path_factory):
     jobs = []
     for n in range(2):
         out = folder / f"part{n}.pickle"
-        code = CHILD.format(tests=str(ROOT / "tests"), cases=COMPILES[n::2], out=str(out))
+        code = CHILD.format(tests=str(ROOT / "tests"), cases=(COMPILES + BWD_COMPILES)[n::2], out=str(out))
         jobs.append((subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True), out))
     results = {}
@@ -633,3 +668,26 @@ def test_rendered_forward_compiles_for_sm90(compiled, case):
         assert c["stack"] <= 64 and c["ldl"] <= 32 * segments, (c["stack"], c["ldl"])
     else:
         assert c["stack"] == 0 and c["registers"] <= 255
+
+
+# wgmma per kernel, as the built-in walks' (docs/gluon.md): one loop, whatever the segments
+BWD_WGMMA = {("dkdv", 128): 24, ("dkdv", 64): 16, ("dq", 128): 20, ("dq", 64): 16}
+
+
+@pytest.mark.parametrize("case", BWD_COMPILES, ids=lambda c: "-".join(map(str, c)))
+def test_rendered_backward_compiles_for_sm90(compiled, case):
+    """Both backward kernels of a rendered spec, as its module launches them: wgmma from shared memory
+    and from registers (P^T, dS^T, dS), TMA, the shared memory of the built-in walks' kernels, and
+    registers within the launch's 255 with no stack but a word or two of per-program walk scalars
+    (two-segment walks, softcap at D = 128: 8 bytes, reloaded once per step, outside the tile math)."""
+    name, _, d, dtype = case
+    cfg = launch.default_bwd_config(d)
+    shared = launch.bwd_shared_bytes(cfg, d)
+    frag = module(name).SPEC.gluon_fragments.load()
+    for part in ("dkdv", "dq"):
+        c = compiled[(name, part, d, dtype)]
+        assert c["wgmma"] == BWD_WGMMA[(part, d)] and c["hgmma"] == c["wgmma"], (part, c["wgmma"])
+        assert c["tma_load"] and c["tma_store"] and c["p_from_registers"] and c["wait1"], part
+        assert shared[part] <= c["shared"] <= shared[part] + 1024 <= launch.SM90_SHARED_BYTES, (part, c["shared"])
+        assert c["registers"] <= 255 and c["stack"] <= 8 and c["ldl"] <= 2, (part, c["registers"], c["stack"], c["ldl"])
+        assert len(c["signature"]["pattern_args"]) == len(frag.PARAMS)

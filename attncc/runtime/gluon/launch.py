@@ -235,7 +235,6 @@ def attention(q, k, v, *, pattern: str = "dense", scale: Optional[float] = None,
         default_walk, default_mask = pattern_fragments(pattern)
         walk = default_walk if walk is None else walk
         mask = default_mask if mask is None else mask
-    qmask = mask if qmask is None else qmask
     check_fragment_args(segments, pattern_args)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if not scale > 0:  # the kernels take the scaled max as the max of the scaled scores
