@@ -186,6 +186,38 @@ def test_explain_names_the_gluon_forward_a_plan_gets():
     assert text("alibi", head_dim=96, value_dim=96).startswith("tl only for this call: head dim 96")
 
 
+def test_a_forward_whose_transposed_walk_has_no_closed_form_keeps_the_tl_backward(tmp_path, monkeypatch):
+    """Rows bounded on both sides that see every key have a closed-form key walk but no closed-form
+    query-block walk: the Gluon forward takes the fragments, the backward stays tl, and every place
+    says why (the analysis, the fragments file, the module, explain, the backend)."""
+    from attncc.report import backend_text
+
+    monkeypatch.setenv("ATTNCC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(call_mod, "_BOUND", {})
+    monkeypatch.setattr(backend, "device_problem", lambda device: None)
+    monkeypatch.setattr(backend, "interpreting", lambda: False)
+    monkeypatch.setenv("ATTNCC_BACKEND", "gluon")
+    text = ('name = "rows_and_band"\n[params]\nw = 19\n[mask]\n'
+            'where = "abs(i - j) <= w or i >= 19 or (j >= 14 and j < 47)"\n')
+    got = fit(parse_spec(text))
+    assert got.kind == "rendered" and not got.backward and "query blocks per key block have no closed form" in \
+        got.backward_reason
+    mod = attncc.compile(text)
+    frag = mod.SPEC.gluon_fragments.load()
+    assert frag.qwalk is None and frag.qmask is None and frag.BACKWARD_REASON == got.backward_reason
+    assert "gluon_backward" not in Path(mod.__file__).read_text()
+    assert backend_text(analyze(parse_spec(text)), head_dim=128, value_dim=128, dtype="bf16").endswith(
+        f"the backward tl (the Gluon backward does not take its fragments: {got.backward_reason})")
+    q = torch.zeros(1, 2, 8, 64, dtype=torch.bfloat16)
+    call = attncc.runtime.bind(mod.SPEC, q, q, q)
+    assert backend.gluon_selected(call) is True and backend.gluon_backward_selected(call) is False
+    assert backend.gluon_backward_problems(call) == (
+        f"the Gluon backward does not take rows_and_band's fragments: {got.backward_reason}",)
+    # a shipped one takes both
+    call = attncc.runtime.bind(module("sink_window").SPEC, q, q, q, kwargs=dict(window=3))
+    assert backend.gluon_backward_selected(call) is True
+
+
 def test_reasons_are_clauses_and_the_forced_backend_gives_them(monkeypatch):
     monkeypatch.setattr(call_mod, "_BOUND", {})
     monkeypatch.setattr(backend, "device_problem", lambda device: None)
@@ -502,9 +534,15 @@ def emulated(monkeypatch):
     monkeypatch.setattr(launch, "check_devices", lambda q, k, v: None)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(
         multi_processor_count=132, name="stub H100"))
+    from gluon_emulation import EmulatedKernel as EmulatedBackward
+
+    from attncc.runtime.gluon import bwd
     stubs = {}
     for kernel in (fwd_ws.attn_fwd_ws, fwd_pipelined.attn_fwd_pipelined):
         stubs[kernel.fn.__name__] = EmulatedKernel(kernel)
+        monkeypatch.setattr(kernel, "run", stubs[kernel.fn.__name__])
+    for kernel in (bwd.attn_bwd_dkdv, bwd.attn_bwd_dq):  # the backward's kernels, emulated too
+        stubs[kernel.fn.__name__] = EmulatedBackward(kernel)
         monkeypatch.setattr(kernel, "run", stubs[kernel.fn.__name__])
     return stubs
 
@@ -513,11 +551,13 @@ def emulated(monkeypatch):
                                           ("prefix_lm", {"prefix": 60})])
 def test_module_hands_rendered_fragments_to_the_kernel(monkeypatch, emulated, name, params):
     """ATTNCC_BACKEND=gluon through the generated module: the ws kernel gets the module's fragments,
-    SEGMENTS and the call's params as pattern_args; what it returns is the reference's, and the tl
-    backward takes it."""
+    SEGMENTS and the call's params as pattern_args; what it returns is the reference's, and the
+    Gluon backward (its kernels emulated, the tl preprocess interpreted) takes it: the gradients are
+    the reference's."""
     monkeypatch.setenv("ATTNCC_BACKEND", "gluon")
     mod = module(name)
-    monkeypatch.setattr(mod, "_fwd_kernel", None)  # the tl forward must not run
+    for kernel in ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"):
+        monkeypatch.setattr(mod, kernel, None)  # the tl kernels must not run
     frag = mod.SPEC.gluon_fragments.load()
     gen = torch.Generator().manual_seed(3)
     q = torch.randn(1, 4, 100, 64, generator=gen).to(torch.bfloat16).requires_grad_()
@@ -533,8 +573,13 @@ def test_module_hands_rendered_fragments_to_the_kernel(monkeypatch, emulated, na
     assert float((o.detach().double() - ref).abs().max()) < 2e-2 and torch.equal(lse.isinf(), ref_lse.isinf())
     fin = torch.isfinite(lse)
     assert float((lse.detach()[fin].double() - ref_lse[fin]).abs().max()) < 1e-4
-    o.float().sum().backward()  # the tl backward on the Gluon forward's output
-    assert all(t.grad is not None and not torch.isnan(t.grad).any() for t in (q, k, v))
+    do = torch.randn(o.shape, generator=gen).to(o.dtype)
+    o.backward(do)  # the Gluon backward on the Gluon forward's output
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    want = torch.autograd.grad(attncc.reference(pattern(name), *leaves, q_offset=40, **params), leaves, do.double())
+    for t, w in zip((q, k, v), want):
+        assert float((t.grad.double() - w).norm() / w.norm()) < 2e-2
+    assert len(emulated["attn_bwd_dkdv"].launches) == len(emulated["attn_bwd_dq"].launches) == 1
 
 
 # ------------------------------------------------------------------------------------------------
