@@ -116,7 +116,7 @@ def program_dkdv(a, kb, bhk):
             st = C.masked(st, i_pos, j_pos, i_pos < q_offset + Nq, _t(n_q), _t(n_k), ctx, mask)
         pt = torch.exp2(st * C.exp2_scale(qk_scale, score) - lse2[None, :]).float()
         dv = dv + mm(rounded(pt, dtype), do)
-        pt = C.score_chain(pt, lse2[None, :], qkt, i_pos, j_pos, _t(n_q), _t(n_k), qk_scale, ctx, score_grad).float()
+        pt = C.score_chain(pt, st, qkt, i_pos, j_pos, _t(n_q), _t(n_k), qk_scale, ctx, score_grad).float()
         dpt = mm(v, do.T)
         dst = pt * (dpt - delta[None, :])
         dk = dk + mm(rounded(dst, dtype), q)
@@ -164,7 +164,7 @@ def program_dq(a, pid, bh, num_programs):
             s = C.block_scores(s, *args, None, True, BLOCK_N, None)
         p = torch.exp2(s * C.exp2_scale(qk_scale, score) - lse2[:, None]).float()
         j = (k_offset + kb * BLOCK_N + torch.arange(BLOCK_N))[None, :]
-        p = C.score_chain(p, lse2[:, None], qk, rows_i[:, None], j, _t(n_q), _t(n_k), qk_scale, ctx, score_grad).float()
+        p = C.score_chain(p, s, qk, rows_i[:, None], j, _t(n_q), _t(n_k), qk_scale, ctx, score_grad).float()
         dp = mm(do, v.T)
         ds = p * (dp - delta[:, None])
         dq = dq + mm(rounded(ds, dtype), k)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import types
 import zlib
 
 import pytest
@@ -393,3 +394,71 @@ def test_the_emulation_catches_a_wrong_rendered_fragment(emulated, monkeypatch, 
     (dq, dk, dv), (wq, wk, wv) = run_rendered(name, case, params, seed=1, monkeypatch=monkeypatch)
     worst = max(rel(dq, wq), rel(dk, wk), rel(dv, wv))
     assert worst > 5 * TOL[case.dtype], worst
+
+
+def test_rendered_backward_of_random_specs_with_score_hooks(emulated, tmp_path):
+    """The fuzz generator's specs (biases, ALiBi, softcaps, score mods with their sympy derivatives,
+    params, masks) whose fragments the Gluon backward takes, at random lengths and offsets: the
+    rendered score_grad (and walks, qmask) emulated against the reference's gradients."""
+    from fuzz_specs import random_spec
+    from gluon_host import load_fragments
+
+    from attncc.analysis import analyze
+    from attncc.analysis.builtin import gluon_fit
+    from attncc.analysis.score import canonical_score
+    from attncc.codegen import render_gluon
+    from attncc.spec import SpecError
+
+    rng = random.Random(24)
+    seen = {"score_grad": 0, "mod": 0}
+    n = 0
+    while seen["score_grad"] < 8 and n < 400:
+        n += 1
+        text, _ = random_spec(rng)
+        try:
+            pat = parse_spec(f'name = "b{n}"\n' + text)
+        except SpecError:
+            continue
+        if pat.kind != "softmax" or not gluon_fit(analyze(canonical_score(pat))).backward:
+            continue
+        source = render_gluon(pat)
+        if source is None:  # what Gluon cannot print (the module says why)
+            continue
+        frag = load_fragments(source, tmp_path, f"b{n}")
+        Nq, Nk = rng.randint(1, 90), rng.randint(1, 90)
+        case = Case("", rng.choice([torch.bfloat16, torch.float16]), 64, 1, pat.heads_q or 2, pat.heads_kv or 1, Nq,
+                    Nk, rng.choice([0, rng.randint(1, 40)]), rng.choice([0, rng.randint(1, 40)]),
+                    scale=rng.choice([None, 0.5]), dlse=rng.random() < 0.5)
+        call = types.SimpleNamespace(params=pat.param_values, q_offset=case.q_offset, k_offset=case.k_offset,
+                                     Nq=Nq, Nk=Nk, n_q=case.q_offset + Nq, n_k=case.k_offset + Nk)
+        if frag.qwalk is None or not (frag.exact(call) and frag.backward_exact(call)):
+            continue
+        if case.Hq % case.Hkv:
+            continue
+        gen = torch.Generator().manual_seed(n)
+        q = torch.randn(1, case.Hq, Nq, 64, generator=gen).to(case.dtype)
+        k, v = (torch.randn(1, case.Hkv, Nk, 64, generator=gen).to(case.dtype) for _ in range(2))
+        do = torch.randn(1, case.Hq, Nq, 64, generator=gen).to(case.dtype)
+        dlse = torch.randn(1, case.Hq, Nq, generator=gen) if case.dlse else None
+        pos = call_kwargs(case)
+        leaves = [t.double().requires_grad_() for t in (q, k, v)]
+        o, lse = attncc.reference(pat, *leaves, return_lse=True, **pos, **pat.param_values)
+        got = launch.attention_backward(
+            q, k, v, o.detach().to(case.dtype), lse.detach().float(), do, dlse, **pos, config=SMALL_BWD,
+            walk=frag.walk, qwalk=frag.qwalk, mask=frag.mask, qmask=frag.qmask, score=frag.score,
+            score_grad=frag.score_grad, segments=frag.SEGMENTS, qsegments=frag.QSEGMENTS,
+            pattern_args=frag.pattern_args(call))
+        outs, cots = [o], [do.double()]
+        if dlse is not None:
+            outs.append(torch.where(lse.isinf(), 0.0, lse))
+            cots.append(dlse.double())
+        want = torch.autograd.grad(outs, leaves, cots, allow_unused=True, materialize_grads=True)
+        for label, g, w in zip(("dq", "dk", "dv"), got, want):
+            assert not torch.isnan(g).any(), (label, text)
+            if w.norm() < 1e-6:
+                assert float(g.abs().max()) < 1e-3, (label, text)
+            else:
+                assert rel(g, w) < 2 * TOL[case.dtype], (label, rel(g, w), text, case)
+        seen["score_grad"] += frag.score_grad is not None
+        seen["mod"] += pat.mod is not None
+    assert seen["score_grad"] >= 8 and seen["mod"] >= 3, seen

@@ -27,10 +27,11 @@ can meet another), ``tmp<n>`` / ``bucket<n>`` for named subexpressions.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import List, Optional, Tuple
 
 from attncc.analysis.builtin import gluon_fit
-from attncc.analysis.derivative import score_derivative
+from attncc.analysis.derivative import BackwardUnsupported, score_derivative
 from attncc.analysis.plan import SWAP
 from attncc.analysis.walks import Iteration, sorted_segments
 from attncc.codegen.helpers import GLUON, helper_args
@@ -59,12 +60,20 @@ def gluon_context(pattern: Pattern, plan) -> Optional[dict]:
     temps = Temporaries()
     helpers = set()
 
+    # -- the score's derivative first: one Gluon cannot print keeps the backward on tl, not the forward
+    base = {S.i: "i", S.j: "j", S.b: "b", S.h: "h", S.n_q: "n_q", S.n_k: "n_k", S.n_heads: "H"}
+    grad_lines: List[str] = []
+    if fit.backward:
+        try:
+            grad_lines = render_score_grad(pattern, base, temps, helpers)
+        except (NotGluon, BackwardUnsupported) as e:
+            fit = dataclasses.replace(fit, backward_reason=f"its score's derivative cannot be printed in Gluon ({e})")
+
     # -- the walks: the Plan's steps, then the sorted segments (the forward's, the dK/dV kernel's) ----
     walk_steps, walk_out, count = _segments(plan, False, helpers)
     qwalk_steps, qwalk_out, qcount = _segments(plan, True, helpers) if fit.backward else ([], [], 0)
 
     # -- the mask and the score, over the positions i [BLOCK_M, 1] and j [1, BLOCK_N] ------------------
-    base = {S.i: "i", S.j: "j", S.b: "b", S.h: "h", S.n_q: "n_q", S.n_k: "n_k", S.n_heads: "H"}
     mask_lines: List[Tuple[str, str]] = []
     mask_code = None
     if plan.forward.kind is Iteration.BANDS:  # the mask as the Plan's bands, each solved for j
@@ -78,7 +87,6 @@ def gluon_context(pattern: Pattern, plan) -> Optional[dict]:
         qmask_lines, qmask_code = printer.statement(plan.transposed.cover.predicate(S.i, S.j).xreplace(SWAP))
         helpers |= printer.helpers
     score_lines = render_score(pattern, base, temps, helpers)
-    grad_lines = render_score_grad(pattern, base, temps, helpers) if fit.backward else []
 
     bad = sorted(h for h in helpers if not (h in GLUON or h.startswith("_bucket_")))
     if bad:

@@ -145,11 +145,10 @@ def attn_bwd_dkdv(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, lse_desc, d
         if ~is_full(segs, qb, QSEGMENTS):
             st = masked(st, i_pos, j_pos, i_pos < q_offset + Nq, n_q, n_k, ctx, MASK)
         # lse2 = +inf on rows without an allowed key and 0 past Nq (masked there): p = 0, never NaN.
-        lse2 = gl.expand_dims(lse2, 0)
-        pt = gl.exp2(st * exp2_scale(qk_scale, SCORE) - lse2)
-        pt_a = gl.convert_layout(pt.to(dtype), a_layout)
+        pt = gl.exp2(st * exp2_scale(qk_scale, SCORE) - gl.expand_dims(lse2, 0))
         # dV takes P^T; dS^T takes it through the score's derivative (a softcap's; 1 without)
-        pt = score_chain(pt, lse2, qkt, i_pos, j_pos, n_q, n_k, qk_scale, ctx, SCORE_GRAD)
+        pt_a = gl.convert_layout(pt.to(dtype), a_layout)
+        pt = score_chain(pt, st, qkt, i_pos, j_pos, n_q, n_k, qk_scale, ctx, SCORE_GRAD)
         dv_tok = warpgroup_mma(pt_a, do, dv, is_async=True)
         delta = delta_smem.index(slot).reshape([BLOCK_M]).load(col_layout)
         dpt = warpgroup_mma_wait(1, deps=(dpt_tok, ))
@@ -248,8 +247,7 @@ def attn_bwd_dq(q_desc, k_desc, v_desc, do_desc, dq_desc, lse2_ptr, delta_ptr, l
         p = gl.exp2(s * exp2_scale(qk_scale, SCORE) - gl.expand_dims(lse2, 1))
         if SCORE_GRAD is not None:  # dS with respect to scale * qk + bias: through the score's derivative
             j = gl.expand_dims(k_offset + kb * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout)), 0)
-            p = score_chain(p, gl.expand_dims(lse2, 1), qk, gl.expand_dims(rows_i, 1), j, n_q, n_k, qk_scale, ctx,
-                            SCORE_GRAD)
+            p = score_chain(p, s, qk, gl.expand_dims(rows_i, 1), j, n_q, n_k, qk_scale, ctx, SCORE_GRAD)
         dp = warpgroup_mma_wait(0, deps=(dp_tok, ))
         ds = p * (dp - gl.expand_dims(delta, 1))
         dq = warpgroup_mma(gl.convert_layout(ds.to(dtype), a_layout), k, dq)

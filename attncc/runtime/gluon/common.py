@@ -67,17 +67,17 @@ def masked(s, i, j, inside, n_q, n_k, ctx, MASK: gl.constexpr):
 
 
 @gluon.jit
-def score_chain(p, lse2, qk, i, j, n_q, n_k, qk_scale, ctx, SCORE_GRAD: gl.constexpr):
-    """P times d score / d (scale * qk + bias) (the SCORE_GRAD fragment), so that P (dP - delta) is dS
-    with respect to scale * qk + bias; P itself without one (the plain score, or a bias alone).
+def score_chain(p, s, qk, i, j, n_q, n_k, qk_scale, ctx, SCORE_GRAD: gl.constexpr):
+    """P times d score / d (scale * qk + bias) (the SCORE_GRAD fragment, from the accumulator qk and
+    the scores s that P was computed from, log2 units, masked), so that P (dP - delta) is dS with
+    respect to scale * qk + bias; P itself without one (the plain score, or a bias alone).
 
-    The fragment gets the score in log2 units back from P = exp2(score - lse2) (lse2 broadcast as P):
-    log2(P) + lse2, wherever P > 0; where P = 0 (a removed pair, or one that underflowed) dS is 0
-    whatever the factor, which is not even looked at there (a NaN of log2(0) + inf stays out). That
-    costs one lg2 per pair and keeps no second score tile alive across the mask (a softcap's
-    derivative is a function of its output); only a fragment that reads qk keeps the accumulator."""
+    Where P = 0 (a removed pair, s = -inf, or one that underflowed) dS is 0 whatever the factor,
+    which is not looked at there (1 - inf would make 0 * inf); elsewhere s is finite. Computed as
+    P is, element by element, so that no second score tile stays alive (a softcap's derivative is a
+    function of its output); only a fragment that reads qk keeps the accumulator."""
     if SCORE_GRAD is not None:
-        return gl.where(p > 0.0, p * SCORE_GRAD(qk, gl.log2(p) + lse2, i, j, n_q, n_k, qk_scale, ctx), 0.0)
+        return gl.where(p > 0.0, p * SCORE_GRAD(qk, s, i, j, n_q, n_k, qk_scale, ctx), 0.0)
     else:
         return p
 

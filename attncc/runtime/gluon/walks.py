@@ -53,8 +53,8 @@ online softmax (the backward's P = exp2(score - lse2)) then takes them as they a
 the plain scaled dot product, whose scale the softmax folds into its exp2.
 
 Score gradient contract (the backward). `score_grad(qk, s, i, j, n_q, n_k, qk_scale, ctx)` receives
-the accumulator, the score hook's output `s` for it (log2 units, recovered from P; the kernels use
-the factor only where P > 0, so `s` is finite there) and the positions,
+the accumulator, the score hook's output `s` for it (log2 units, masked; the kernels use the factor
+only where P > 0, so `s` is finite there) and the positions,
 and returns d score / d (scale * qk + bias) in natural units: the factor the kernels multiply
 dS = P (dP - delta) by before dQ += dS K and dK += dS^T Q (which they scale by `scale` once).
 `score_grad=None`: the factor is 1 (no score hook, or a bias alone).
