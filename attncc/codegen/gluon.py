@@ -1,7 +1,7 @@
-"""Plan -> the Gluon sm90 forward's fragments of a pattern: ``generated/<name>_gluon.py``.
+"""Plan -> the Gluon sm90 kernels' fragments of a pattern: ``generated/<name>_gluon.py``.
 
 The Gluon kernels (``attncc.runtime.gluon``) are hand-written skeletons, the same for every
-pattern; what a pattern adds is three small ``@gluon.jit`` functions they take as ``constexpr``
+pattern; what a pattern adds is a few small ``@gluon.jit`` functions they take as ``constexpr``
 arguments and inline (their contract: ``attncc.runtime.gluon.walks``):
 
 - ``walk``: the Plan's key-block segments of a query tile (:func:`attncc.analysis.walks.sorted_segments`:
@@ -12,7 +12,11 @@ arguments and inline (their contract: ``attncc.runtime.gluon.walks``):
   per-key values are not kept across the key loop, where a register-bound kernel would spill
   them), evaluated on the partial blocks only;
 - ``score``: the bias, mod and softcap of the score in log2 units (None for the plain scaled dot
-  product: the kernels then fold the scale into exp2, as before).
+  product: the kernels then fold the scale into exp2, as before);
+- the backward's (where :attr:`~attncc.analysis.builtin.GluonFit.backward`): ``qwalk``, the Plan's
+  transposed walk as sorted segments of query blocks per key block (the same steps and printer as
+  ``walk``), ``qmask``, the mask with each band solved for the query (the dK/dV kernel's
+  transposed tiles), and ``score_grad``, d score / d (scale * qk + bias).
 
 The functions live in a file of their own, next to the module, which ``attncc.runtime.backend``
 imports on the Gluon path only: the module itself is imported under ``TRITON_INTERPRET=1`` (whose
@@ -22,7 +26,7 @@ spec's params, in the order the fragments unpack them) and whether the closed fo
 call (its precondition; otherwise the ``tl`` kernels run the call on exact block lists).
 
 Names: the fragments' own arguments and ``b, h, H, q_last`` (the context tuple's first members),
-``kv_<step>`` for the walk's steps, ``prm_<param>`` for params (attncc.codegen.names: no spec name
+``kv_<step>`` for the walk's steps, ``qb_<step>`` for the query-block walk's, ``prm_<param>`` for params (attncc.codegen.names: no spec name
 can meet another), ``tmp<n>`` / ``bucket<n>`` for named subexpressions.
 """
 from __future__ import annotations

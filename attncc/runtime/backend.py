@@ -19,7 +19,9 @@ Anything else is a ``ValueError`` naming the allowed values.
 
 The backward reads only the forward's O and natural-log LSE, the same from either forward, so it is
 chosen on its own: those modules' ``_backward`` opens with
-``if _rt.gluon_backward_selected(call): return _rt.gluon_backward(call, "causal", o, lse, do, dlse)``.
+``if _rt.gluon_backward_selected(call): return _rt.gluon_backward(call, "causal", o, lse, do, dlse)``
+(``"rendered"``: the fragments' query-block walk, ``qmask`` and ``score_grad`` too, where the Plan's
+transposed walk has a closed form; a call that breaks its precondition runs the ``tl`` backward).
 ``triton``: the ``tl`` backward; ``auto``: the ``tl`` backward for now
 (``attncc.runtime.gluon.AUTO_SELECTS_GLUON_BACKWARD``: it has not run on a GPU); ``gluon``: the Gluon
 backward where it can run the call, else the ``tl`` one (it never refuses: the forward already
