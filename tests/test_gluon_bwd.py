@@ -400,26 +400,16 @@ def test_rendered_backward_of_random_specs_with_score_hooks(emulated, tmp_path):
     """The fuzz generator's specs (biases, ALiBi, softcaps, score mods with their sympy derivatives,
     params, masks) whose fragments the Gluon backward takes, at random lengths and offsets: the
     rendered score_grad (and walks, qmask) emulated against the reference's gradients."""
-    from fuzz_specs import random_spec
-    from gluon_host import load_fragments
+    from gluon_host import fuzz_rendered, load_fragments
 
-    from attncc.analysis import analyze
-    from attncc.analysis.builtin import gluon_fit
-    from attncc.analysis.score import canonical_score
     from attncc.codegen import render_gluon
-    from attncc.spec import SpecError
 
     rng = random.Random(24)
     seen = {"score_grad": 0, "mod": 0}
-    n = 0
-    while seen["score_grad"] < 8 and n < 400:
-        n += 1
-        text, _ = random_spec(rng)
-        try:
-            pat = parse_spec(f'name = "b{n}"\n' + text)
-        except SpecError:
-            continue
-        if pat.kind != "softmax" or not gluon_fit(analyze(canonical_score(pat))).backward:
+    for n, text, pat, fit in fuzz_rendered(rng, "b"):
+        if seen["score_grad"] >= 8:
+            break
+        if not fit.backward:
             continue
         source = render_gluon(pat)
         if source is None:  # what Gluon cannot print (the module says why)

@@ -444,20 +444,13 @@ def test_emulated_forward_of_shipped_specs(name):
 def test_emulated_forward_of_random_specs_with_score_hooks(tmp_path, one_environment):
     """The fuzz generator's specs (biases, ALiBi, softcap, score transforms, params, masks) whose
     Plans take rendered fragments, at random offsets and lengths."""
-    from fuzz_specs import random_spec
+    from gluon_host import fuzz_rendered
 
     rng = random.Random(22)
     seen = {"score": 0, "mask": 0, "segments2": 0}
-    n = 0
-    while seen["score"] < 12 and n < 400:
-        n += 1
-        text, _ = random_spec(rng)
-        try:
-            pat = parse_spec(f'name = "f{n}"\n' + text)
-        except SpecError:
-            continue
-        if pat.kind != "softmax" or fit(pat).kind != "rendered":
-            continue
+    for n, text, pat, _ in fuzz_rendered(rng, "f"):
+        if seen["score"] >= 12:
+            break
         frag = Fragments(load_fragments(render_gluon(pat), tmp_path, f"f{n}"))
         q_offset, k_offset = rng.choice([0, 0, rng.randint(1, 40)]), rng.choice([0, 0, rng.randint(1, 40)])
         Nq, Nk = rng.randint(1, 70), rng.randint(1, 70)
