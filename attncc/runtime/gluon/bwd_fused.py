@@ -25,6 +25,12 @@ step later, after `tma.store_wait`); atomics from the wgmma layout would be BLOC
 consumers' instruction stream. FlashAttention-3 does the same (a bulk reduce-add by a dedicated
 warp, then a convert kernel).
 
+The fragments are the dK/dV kernel's (the built-in walks' and a generated module's rendered ones:
+the transposed walk's segments, qmask, score and score_grad, shared through `transposed_step`): a
+query block's dQ gathers the partials of every key block whose transposed walk lists it, which the
+qwalk contract makes every key block holding an allowed pair with it, so the fused kernel needs no
+forward walk (the split dQ kernel's).
+
 Rows past Nq: the TMA reduce clips at the accumulator's shape (rows past Nq are never added), and
 their dS is zero anyway (P^T is masked by the row bound on partial blocks).
 """
@@ -39,14 +45,16 @@ from attncc.runtime.gluon.common import (finish_key_block, key_block_buffers, mm
 
 @gluon.jit
 def attn_bwd_fused(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_acc_desc, lse_desc, delta_desc,
-                   H, GROUP, Nq, Nk, q_offset, k_offset, n_q, n_k, qk_scale, sm_scale,
-                   QWALK: gl.constexpr, MASK: gl.constexpr, STAGES: gl.constexpr, DQ_PIECES: gl.constexpr,
-                   num_warps: gl.constexpr):
+                   H, GROUP, Nq, Nk, q_offset, k_offset, n_q, n_k, qk_scale, sm_scale, pattern_args,
+                   QWALK: gl.constexpr, MASK: gl.constexpr, SCORE: gl.constexpr, SCORE_GRAD: gl.constexpr,
+                   QSEGMENTS: gl.constexpr, STAGES: gl.constexpr, DQ_PIECES: gl.constexpr, num_warps: gl.constexpr):
     """dK, dV of one key block of BLOCK_N = 16 * num_warps keys of one (batch, kv head), summed over
     the GROUP query heads that share it, and its dQ partials added into dq_acc (fp32 [B, Hq, Nq, D],
     zeroed by the host; blocks of BLOCK_M rows).
 
-    Descriptors as bwd.attn_bwd_dkdv's, plus dq_acc_desc (4-d, fp32, box [1, 1, BLOCK_M, D]).
+    Descriptors and the fragments (QWALK, QSEGMENTS, MASK, SCORE, SCORE_GRAD, pattern_args) as
+    bwd.attn_bwd_dkdv's, plus dq_acc_desc (4-d, fp32, box [1, 1, BLOCK_M, D]). The dQ partial is
+    dS = dS^T of the step transposed, the score's derivative (SCORE_GRAD) already in it.
     DQ_PIECES: 1, the dQ partial's wgmma in flight with dV's and dK's; 2 (or more), computed in that
     many column slices after them, for registers."""
     dtype: gl.constexpr = q_desc.dtype
@@ -72,9 +80,9 @@ def attn_bwd_fused(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_acc_des
     ds_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_M], smem_layout([BLOCK_N, BLOCK_M], dtype))
     dq_smem = gl.allocate_shared_memory(gl.float32, dq_acc_desc.block_type.shape, dq_acc_desc.layout)
     descs = (q_desc, do_desc, lse_desc, delta_desc)
-    k_lo, lo, full_lo, full_hi, n_blocks, total = start_key_block(kb, b, hk, k_desc, v_desc, k_smem, v_smem, kv_bar,
-                                                                  descs, smem, bars, GROUP, Nq, Nk, q_offset,
-                                                                  k_offset, n_q, n_k, QWALK)
+    segs, n_blocks, total = start_key_block(kb, b, hk, k_desc, v_desc, k_smem, v_smem, kv_bar, descs, smem, bars, H,
+                                            GROUP, Nq, Nk, q_offset, k_offset, n_q, n_k, pattern_args, QWALK,
+                                            QSEGMENTS)
     dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, acc_layout)
     dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, acc_layout)
     k = k_smem.reshape([BLOCK_N, HEAD_DIM])
@@ -83,9 +91,10 @@ def attn_bwd_fused(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_acc_des
     mbarrier.wait(kv_bar, 0)
 
     for t in range(0, total):
-        dv_tok, pt_a, dst, q, h, qb = transposed_step(t, k, v, descs, smem, bars, b, hk, GROUP, lo, n_blocks, total,
-                                                      full_lo, full_hi, k_lo, Nq, q_offset, n_q, n_k, qk_scale, dv,
-                                                      MASK, num_warps)
+        dv_tok, pt_a, dst, q, h, qb = transposed_step(t, kb, k, v, descs, smem, bars, b, hk, H, GROUP, segs, n_blocks,
+                                                      total, Nq, q_offset, k_offset, n_q, n_k, qk_scale,
+                                                      pattern_args, dv, MASK, SCORE, SCORE_GRAD, QSEGMENTS,
+                                                      num_warps)
         # dS^T goes to shared memory (while dV runs), where both of its GEMMs read it: dK += dS^T Q and,
         # through the transposed view, dQ_partial = dS K. No register copy of it as an A operand stays
         # live next to dK, dV and the dQ partial (registers: docs/gluon.md). The previous step's dQ
