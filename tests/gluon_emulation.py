@@ -45,46 +45,43 @@ def host(jit_fn):
     return as_python(jit_fn)
 
 
-def tma_load(desc, coords):
-    """The box of `desc` at `coords` as float32 (zeros outside the descriptor's shape)."""
+def tma_box(desc, coords):
+    """(tensor, inside, box_part): the descriptor's tensor, the index of the part of the box at
+    `coords` that lies inside its shape, and that part's index within the box; None when none does
+    (TMA reads zeros there, and clips stores and reduces to it)."""
     t = torch.as_strided(desc.base, desc.shape, desc.strides)
-    box = torch.zeros(list(desc.block_shape), dtype=torch.float32)
-    src, dst = [], []
+    inside, part = [], []
     for c, n, size in zip(coords, desc.shape, desc.block_shape):
         lo, hi = max(c, 0), min(c + size, n)
         if hi <= lo:
-            return box
-        src.append(slice(lo, hi))
-        dst.append(slice(lo - c, hi - c))
-    box[tuple(dst)] = t[tuple(src)].float()
+            return None
+        inside.append(slice(lo, hi))
+        part.append(slice(lo - c, hi - c))
+    return t, tuple(inside), tuple(part)
+
+
+def tma_load(desc, coords):
+    """The box of `desc` at `coords` as float32 (zeros outside the descriptor's shape)."""
+    box = torch.zeros(list(desc.block_shape), dtype=torch.float32)
+    clipped = tma_box(desc, coords)
+    if clipped is not None:
+        t, inside, part = clipped
+        box[part] = t[inside].float()
     return box
 
 
-def tma_store(desc, coords, value):
-    """Write `value` (a box) at `coords`, only the part inside the descriptor's shape (TMA clips)."""
-    t = torch.as_strided(desc.base, desc.shape, desc.strides)
-    src, dst = [], []
-    for c, n, size in zip(coords, desc.shape, desc.block_shape):
-        lo, hi = max(c, 0), min(c + size, n)
-        if hi <= lo:
-            return
-        dst.append(slice(lo, hi))
-        src.append(slice(lo - c, hi - c))
-    t[tuple(dst)] = value.reshape(list(desc.block_shape))[tuple(src)].to(t.dtype)
-
-
-def tma_reduce_add(desc, coords, value):
-    """Add `value` (a box, float32) at `coords` into the descriptor's tensor, only the part inside its
-    shape (the TMA reduce clips as a store does)."""
-    t = torch.as_strided(desc.base, desc.shape, desc.strides)
-    src, dst = [], []
-    for c, n, size in zip(coords, desc.shape, desc.block_shape):
-        lo, hi = max(c, 0), min(c + size, n)
-        if hi <= lo:
-            return
-        dst.append(slice(lo, hi))
-        src.append(slice(lo - c, hi - c))
-    t[tuple(dst)] += value.reshape(list(desc.block_shape))[tuple(src)].to(t.dtype)
+def tma_store(desc, coords, value, add=False):
+    """Write `value` (a box) at `coords`, only the part inside the descriptor's shape (TMA clips);
+    with `add`, add it (float32) into what is there: the TMA reduce-add, clipped as a store is."""
+    clipped = tma_box(desc, coords)
+    if clipped is None:
+        return
+    t, inside, part = clipped
+    value = value.reshape(list(desc.block_shape))[part].to(t.dtype)
+    if add:
+        t[inside] += value
+    else:
+        t[inside] = value
 
 
 def mm(a, b):
@@ -142,7 +139,7 @@ def program_dkdv(a, kb, bhk, fused=False):
         dst = rounded(pt * (dpt - delta[None, :]), dtype)
         dk = dk + mm(dst, q)
         if fused:  # dQ_partial = dS K, both GEMMs reading the one rounded dS^T
-            tma_reduce_add(a["dq_acc_desc"], [b, h, row, 0], mm(dst.T, k))
+            tma_store(a["dq_acc_desc"], [b, h, row, 0], mm(dst.T, k), add=True)
     tma_store(a["dk_desc"], [b, hk, kb * BLOCK_N, 0], rounded(dk * a["sm_scale"], dtype))
     tma_store(a["dv_desc"], [b, hk, kb * BLOCK_N, 0], rounded(dv, dtype))
     return total

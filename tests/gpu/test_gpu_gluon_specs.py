@@ -7,17 +7,17 @@ fp16, forward (O and the natural-log LSE) at real sizes against the float64 refe
 same module's tl forward, with offsets, odd lengths and rows that see no key, and forward + backward
 against the reference's gradients (the LSE's included) and the module's tl kernels
 (ATTNCC_BACKEND=triton): the Gluon backward at head dims 64 and 128 (built-in walks, and rendered
-fragments: query-block walks, the mask solved for the query, the score's derivative), the tl
-backward on the Gluon forward's output at 256. Every call is checked to have gone
+fragments: query-block walks, the mask solved for the query, the score's derivative; split and,
+with ATTNCC_GLUON_BWD=fused, the fused kernel), the tl backward on the Gluon forward's output at 256. Every call is checked to have gone
 through ``gluon_forward`` / ``gluon_backward``. Gluon has no interpreter: skipped elsewhere, and in the
 CPU check of the GPU tests (tests/test_gluon_wiring.py, tests/test_gluon_rendered.py and
 tests/test_gluon_bwd.py check the wiring, the fragments and the backward's tile loop on the CPU).
 
     TRITON_INTERPRET=0 PYTHONPATH=. python -m pytest -q -m gpu tests/gpu/test_gpu_gluon_specs.py
 
-Not run yet (written 2026-12-05 without a GPU; the rendered backward's tests too): the first GPU session to run it decides whether
-ATTNCC_BACKEND=auto may select the Gluon forward and backward (attncc.runtime.gluon.AUTO_SELECTS_GLUON,
-AUTO_SELECTS_GLUON_BACKWARD). Start with test_rendered_tiny and test_rendered_backward_tiny: small
+Not run yet (written 2026-12-05 without a GPU; the rendered backward's tests, split and fused, too):
+the first GPU session to run it decides whether ATTNCC_BACKEND=auto may select the Gluon forward and
+backward (attncc.runtime.gluon.AUTO_SELECTS_GLUON, AUTO_SELECTS_GLUON_BACKWARD). Start with test_rendered_tiny and test_rendered_backward_tiny: small
 launches of every rendered spec, before the real sizes.
 """
 from __future__ import annotations
@@ -295,9 +295,12 @@ def test_rendered_precondition_falls_back_to_tl(monkeypatch, gluon):
     assert gluon == []
 
 
+@pytest.mark.parametrize("method", ["split", "fused"])
 @pytest.mark.parametrize("name", sorted(RENDERED))
-def test_rendered_backward_tiny(gluon_bwd, gluon, name):
-    """One small Gluon backward per rendered spec first (a hang or a fault shows here, with its name)."""
+def test_rendered_backward_tiny(monkeypatch, gluon_bwd, gluon, name, method):
+    """One small Gluon backward per rendered spec first (a hang or a fault shows here, with its name),
+    each method (ATTNCC_GLUON_BWD)."""
+    monkeypatch.setenv("ATTNCC_GLUON_BWD", method)
     q, k, v = qkv(1, 2, 1, 300, 333, 64, torch.bfloat16, seed=15, grad=True)
     check_backward(name, q, k, v, gluon_bwd, q_offset=20, **{key: min(x, 150) for key, x in RENDERED[name].items()})
     assert gluon == ["rendered"] and gluon_bwd == ["rendered"], (gluon, gluon_bwd)
@@ -318,6 +321,18 @@ def test_rendered_forward_backward(gluon_bwd, gluon, name, dtype, D):
     assert gluon == ["rendered"] and gluon_bwd == ["rendered"], (gluon, gluon_bwd)
 
 
+@pytest.mark.parametrize("name", sorted(RENDERED))
+def test_rendered_forward_backward_fused(monkeypatch, gluon_bwd, gluon, name):
+    """The same with ATTNCC_GLUON_BWD=fused (bwd_fused.py: the rendered qwalk, qmask and score
+    derivative in the one key-block kernel, dQ by TMA reduce-add), bf16 at D = 128 (where it spills)."""
+    monkeypatch.setenv("ATTNCC_GLUON_BWD", "fused")
+    Hq, Hkv = heads(name, Hq=8, Hkv=4)
+    q, k, v = qkv(1, Hq, Hkv, 1500, 1500, 128, torch.bfloat16, seed=13, grad=True)
+    check_backward(name, q, k, v, gluon_bwd, **{key: min(x, 400) for key, x in RENDERED[name].items()})
+    assert gluon == ["rendered"] and gluon_bwd == ["rendered"], (gluon, gluon_bwd)
+
+
+@pytest.mark.parametrize("method", ["split", "fused"])
 @pytest.mark.parametrize("name, Nq, Nk, q_offset, k_offset, D", [
     ("sink_window", 1111, 2999, 1888, 0, 128),      # a query chunk at the end: sinks and window apart
     ("sliding_window", 777, 1500, 900, 100, 64),    # both offsets, ragged
@@ -330,7 +345,8 @@ def test_rendered_forward_backward(gluon_bwd, gluon, name, dtype, D):
     ("block_diagonal", 900, 1300, 400, 0, 64),
     ("local_bidirectional", 1000, 1000, 0, 37, 128),
 ])
-def test_rendered_backward_offsets(gluon_bwd, gluon, name, Nq, Nk, q_offset, k_offset, D):
+def test_rendered_backward_offsets(monkeypatch, gluon_bwd, gluon, name, Nq, Nk, q_offset, k_offset, D, method):
+    monkeypatch.setenv("ATTNCC_GLUON_BWD", method)
     Hq, Hkv = heads(name, Hq=8, Hkv=2)
     q, k, v = qkv(1, Hq, Hkv, Nq, Nk, D, torch.bfloat16, seed=16, grad=True)
     check_backward(name, q, k, v, gluon_bwd, q_offset=q_offset, k_offset=k_offset, **RENDERED[name])

@@ -30,9 +30,9 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
-from attncc.runtime.gluon.common import (block_scores, exp2_scale, finish_key_block, is_full, issue_kv,
-                                         key_block_buffers, lhs_layout, mma_layout, nth_block, pattern_context,
-                                         score_chain, start_key_block, tile_walk, transposed_step, walk_blocks)
+from attncc.runtime.gluon.common import (block_scores, exp2_scale, finish_key_block, is_full, issue_kv, lhs_layout,
+                                         mma_layout, nth_block, pattern_context, score_chain, start_key_block, tile_walk,
+                                         transposed_step, walk_blocks)
 
 
 @gluon.jit
@@ -56,35 +56,21 @@ def attn_bwd_dkdv(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, lse_desc, d
     a_layout: gl.constexpr = lhs_layout(acc_layout)  # dS^T as the A operand of dK += dS^T Q
     gl.static_assert(BLOCK_N == 16 * num_warps, "BLOCK_N is 16 keys per warp")
 
-    kb = gl.program_id(0)  # causal-like walks: the first key blocks see the most query blocks and start first
-    bhk = gl.program_id(1)
-    H_KV = H // GROUP
-    b = bhk // H_KV
-    hk = bhk % H_KV
-
-    k_smem, v_smem, smem, kv_bar, bars = key_block_buffers(q_desc, k_desc, v_desc, do_desc, lse_desc, delta_desc,
-                                                           STAGES)
-    descs = (q_desc, do_desc, lse_desc, delta_desc)
-    segs, n_blocks, total = start_key_block(kb, b, hk, k_desc, v_desc, k_smem, v_smem, kv_bar, descs, smem, bars, H,
-                                            GROUP, Nq, Nk, q_offset, k_offset, n_q, n_k, pattern_args, QWALK,
-                                            QSEGMENTS)
     dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, acc_layout)
     dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, acc_layout)
-    k = k_smem.reshape([BLOCK_N, HEAD_DIM])
-    v = v_smem.reshape([BLOCK_N, HEAD_DIM])
-    mbarrier.wait(kv_bar, 0)
-
+    prog, descs, smem, segs, n_blocks, total = start_key_block(q_desc, k_desc, v_desc, do_desc, lse_desc, delta_desc,
+                                                               H, GROUP, Nq, Nk, q_offset, k_offset, n_q, n_k,
+                                                               pattern_args, QWALK, QSEGMENTS, STAGES)
     for t in range(0, total):
-        dv_tok, pt_a, dst, q, h, qb = transposed_step(t, kb, k, v, descs, smem, bars, b, hk, H, GROUP, segs, n_blocks,
-                                                      total, Nq, q_offset, k_offset, n_q, n_k, qk_scale,
-                                                      pattern_args, dv, MASK, SCORE, SCORE_GRAD, QSEGMENTS,
-                                                      num_warps)
+        dv_tok, pt_a, dst, q, h, qb = transposed_step(t, prog, descs, smem, segs, n_blocks, total, H, GROUP, Nq,
+                                                      q_offset, k_offset, n_q, n_k, qk_scale, pattern_args, dv, MASK,
+                                                      SCORE, SCORE_GRAD, QSEGMENTS, num_warps)
         dst_a = gl.convert_layout(dst, a_layout)
         dk_tok = warpgroup_mma(dst_a, q, dk, is_async=True)
         # Both must complete before the slot is refilled (next step) and before dV, dK are reused.
         dv, dk, pt_a, dst_a = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, pt_a, dst_a))
 
-    finish_key_block(dk, dv, k_smem, v_smem, dk_desc, dv_desc, kv_bar, bars, b, hk, kb, sm_scale)
+    finish_key_block(prog, dk, dv, dk_desc, dv_desc, sm_scale)
 
 
 @gluon.jit

@@ -308,18 +308,29 @@ def issue_query_step(descs, smem, bars, b, hk, GROUP, segs, n_blocks, t, pred, S
 
 
 @gluon.jit
-def start_key_block(kb, b, hk, k_desc, v_desc, k_smem, v_smem, kv_bar, descs, smem, bars, H, GROUP, Nq, Nk,
-                    q_offset, k_offset, n_q, n_k, pattern_args, QWALK: gl.constexpr, QSEGMENTS: gl.constexpr):
-    """The clamped query-block segments of key block kb (walks.py's key-block contract: QSEGMENTS
-    segments), and the TMA loads of its K and V and of the ring's first STAGES - 1 steps (GROUP x
-    the walk's blocks).
+def start_key_block(q_desc, k_desc, v_desc, do_desc, lse_desc, delta_desc, H, GROUP, Nq, Nk, q_offset, k_offset, n_q,
+                    n_k, pattern_args, QWALK: gl.constexpr, QSEGMENTS: gl.constexpr, STAGES: gl.constexpr):
+    """A key-block program up to its first step: its key block and (batch, kv head) from the grid, its
+    shared memory and barriers (`key_block_buffers`), the clamped query-block segments of the key
+    block (walks.py's key-block contract: QSEGMENTS segments), the TMA loads of its K and V and of
+    the ring's first STAGES - 1 steps (GROUP x the walk's blocks), and the wait for K and V.
 
     The walk is the same for every query head of the group (walks.py): it takes the first head's
-    context. Returns (segs, n_blocks, total): the walk, its number of blocks and the program's
-    number of steps."""
+    context. Returns (prog, descs, smem, segs, n_blocks, total): prog = (kb, b, hk, k_smem, v_smem,
+    kv_bar, bars), the program's block, coordinates and buffers (for `transposed_step` and
+    `finish_key_block`); the ring's descriptors and buffers; the walk, its number of blocks and the
+    program's number of steps."""
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[2]
-    BLOCK_M: gl.constexpr = descs[0].block_type.shape[2]
-    STAGES: gl.constexpr = smem[0].shape[0]
+    BLOCK_M: gl.constexpr = q_desc.block_type.shape[2]
+    kb = gl.program_id(0)  # causal-like walks: the first key blocks see the most query blocks and start first
+    bhk = gl.program_id(1)
+    H_KV = H // GROUP
+    b = bhk // H_KV
+    hk = bhk % H_KV
+    k_smem, v_smem, smem, kv_bar, bars = key_block_buffers(q_desc, k_desc, v_desc, do_desc, lse_desc, delta_desc,
+                                                           STAGES)
+    descs = (q_desc, do_desc, lse_desc, delta_desc)
+
     walk_ctx = pattern_context(b, hk * GROUP, H, q_offset + Nq - 1, pattern_args)
     segs = key_tile_walk(kb, k_offset, Nq, Nk, q_offset, n_q, n_k, walk_ctx, QWALK, QSEGMENTS, BLOCK_M, BLOCK_N)
     n_blocks = walk_blocks(segs, QSEGMENTS)
@@ -330,7 +341,8 @@ def start_key_block(kb, b, hk, k_desc, v_desc, k_smem, v_smem, kv_bar, descs, sm
     tma.async_copy_global_to_shared(v_desc, [b, hk, kb * BLOCK_N, 0], kv_bar, v_smem)
     for i in gl.static_range(STAGES - 1):
         issue_query_step(descs, smem, bars, b, hk, GROUP, segs, n_blocks, i, i < total, QSEGMENTS)
-    return segs, n_blocks, total
+    mbarrier.wait(kv_bar, 0)
+    return (kb, b, hk, k_smem, v_smem, kv_bar, bars), descs, smem, segs, n_blocks, total
 
 
 @gluon.jit
@@ -348,9 +360,9 @@ def next_query_step(t, descs, smem, bars, b, hk, GROUP, segs, n_blocks, total, S
 
 
 @gluon.jit
-def transposed_step(t, kb, k, v, descs, smem, bars, b, hk, H, GROUP, segs, n_blocks, total, Nq, q_offset, k_offset,
-                    n_q, n_k, qk_scale, pattern_args, dv, MASK: gl.constexpr, SCORE: gl.constexpr,
-                    SCORE_GRAD: gl.constexpr, QSEGMENTS: gl.constexpr, num_warps: gl.constexpr):
+def transposed_step(t, prog, descs, smem, segs, n_blocks, total, H, GROUP, Nq, q_offset, k_offset, n_q, n_k, qk_scale,
+                    pattern_args, dv, MASK: gl.constexpr, SCORE: gl.constexpr, SCORE_GRAD: gl.constexpr,
+                    QSEGMENTS: gl.constexpr, num_warps: gl.constexpr):
     """Step t of a key-block program, up to dS^T (the caller issues dK += dS^T Q and waits).
 
     Refills the slot of step t - 1 (after a CTA barrier: every warp is done with it) with step
@@ -363,12 +375,13 @@ def transposed_step(t, kb, k, v, descs, smem, bars, b, hk, H, GROUP, segs, n_blo
     Returns (dv, pt_a, dst, q, h, qb): dV in flight and its register operand (for
     `warpgroup_mma_wait`'s deps), dS^T in q's dtype in the S^T layout, the step's Q tile (shared
     memory) and its query head and block."""
+    kb, b, hk, k_smem, v_smem, kv_bar, bars = prog
     q_desc = descs[0]
     q_smem, do_smem, lse_smem, delta_smem = smem
     dtype: gl.constexpr = q_desc.dtype
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[2]
     HEAD_DIM: gl.constexpr = q_desc.block_type.shape[3]
-    BLOCK_N: gl.constexpr = k.shape[0]
+    BLOCK_N: gl.constexpr = k_smem.shape[2]
     st_layout: gl.constexpr = mma_layout(num_warps, BLOCK_M)  # S^T, P^T, dP^T, dS^T: [BLOCK_N, BLOCK_M]
     acc_layout: gl.constexpr = mma_layout(num_warps, HEAD_DIM)  # dK, dV: [BLOCK_N, HEAD_DIM]
     a_layout: gl.constexpr = lhs_layout(acc_layout)  # P^T as the A operand of dV += P^T dO
@@ -376,6 +389,8 @@ def transposed_step(t, kb, k, v, descs, smem, bars, b, hk, H, GROUP, segs, n_blo
 
     slot, h, qb = next_query_step(t, descs, smem, bars, b, hk, GROUP, segs, n_blocks, total, QSEGMENTS)
     ctx = pattern_context(b, h, H, q_offset + Nq - 1, pattern_args)
+    k = k_smem.reshape([BLOCK_N, HEAD_DIM])
+    v = v_smem.reshape([BLOCK_N, HEAD_DIM])
     q = q_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
     do = do_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
     # S^T and dP^T are independent: both on the tensor cores at once, P^T computed while dP^T runs.
@@ -404,9 +419,11 @@ def transposed_step(t, kb, k, v, descs, smem, bars, b, hk, H, GROUP, segs, n_blo
 
 
 @gluon.jit
-def finish_key_block(dk, dv, k_smem, v_smem, dk_desc, dv_desc, kv_bar, bars, b, hk, kb, sm_scale):
-    """dK * sm_scale and dV out through K's and V's buffers by TMA (every wgmma on them has completed
-    in every warp: the CTA barrier), then the barriers invalidated."""
+def finish_key_block(prog, dk, dv, dk_desc, dv_desc, sm_scale):
+    """dK * sm_scale and dV of program `prog` (start_key_block's) out through K's and V's buffers by
+    TMA (every wgmma on them has completed in every warp: the CTA barrier), then the barriers
+    invalidated."""
+    kb, b, hk, k_smem, v_smem, kv_bar, bars = prog
     dtype: gl.constexpr = dk_desc.dtype
     BLOCK_N: gl.constexpr = k_smem.shape[2]
     HEAD_DIM: gl.constexpr = k_smem.shape[3]

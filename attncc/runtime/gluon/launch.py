@@ -302,8 +302,8 @@ def attention(q, k, v, *, pattern: str = "dense", scale: Optional[float] = None,
 
 def attention_backward(q, k, v, o, lse, do, dlse=None, *, pattern: str = "dense", scale: Optional[float] = None,
                        q_offset: int = 0, k_offset: int = 0, n_q: Optional[int] = None, n_k: Optional[int] = None,
-                       config: Optional[GluonBwdConfig] = None, walk=None, qwalk=None, mask=None, qmask=None, score=None,
-                       score_grad=None, segments: int = 1, qsegments: int = 1, pattern_args: tuple = (),
+                       config: Optional[GluonBwdConfig] = None, walk=None, qwalk=None, mask=None, qmask=None,
+                       score=None, score_grad=None, segments: int = 1, qsegments: int = 1, pattern_args: tuple = (),
                        method: str = "split"):
     """dq, dk, dv of `attention(q, k, v, ...)` through the Gluon sm90 backward: `method` "split"
     (bwd.py: a dK/dV and a dQ kernel, deterministic) or "fused" (bwd_fused.py: dQ added into an fp32
