@@ -345,7 +345,8 @@ def backend_text(plan: Plan, *, head_dim: int, value_dim: int, dtype: str) -> st
     """Which forward and backward a call of this problem would run on an sm90 GPU
     (attncc.runtime.backend): the tl kernels, and the Gluon sm90 forward where it computes the Plan (a
     built-in walk, or fragments rendered from the Plan: attncc.analysis.builtin) and the head dims and
-    dtype suit it, and the Gluon backward where the Plan is a built-in walk; else why tl only."""
+    dtype suit it, and the Gluon backward where it takes the Plan's walks too (built-in, or rendered
+    with a query-block walk); else why tl only."""
     fit = gluon_fit(plan)
     if fit.kind is None:
         return f"tl only: {fit.reason}"
@@ -359,13 +360,11 @@ def backend_text(plan: Plan, *, head_dim: int, value_dim: int, dtype: str) -> st
         problems.append(f"{dtype} (the Gluon kernels take {', '.join(dtypes)})")
     if problems:
         return f"tl only for this call: {'; '.join(problems)}"
-    if fit.kind == "rendered":  # the backward has the built-in walks only
-        walk = "its rendered walk, mask and score"
-        fwd = f"Gluon sm90 forward ({walk})"
-        bwd = "; the backward tl (the Gluon backward has the built-in dense and causal walks only)"
+    walk = "its rendered walks, mask and score" if fit.kind == "rendered" else f"built-in {fit.kind} walk"
+    fwd = f"Gluon sm90 forward ({walk})"
+    if not fit.backward:  # rendered fragments without a query-block walk
+        bwd = f"; the backward tl (the Gluon backward does not take its fragments: {fit.backward_reason})"
     else:
-        walk = f"built-in {fit.kind} walk"
-        fwd = f"Gluon sm90 forward ({walk})"
         bwd = "" if head_dim in gluon.BWD_HEAD_DIMS else (
             f"; the backward tl (the Gluon backward takes head dims {', '.join(map(str, gluon.BWD_HEAD_DIMS))})")
     if bwd:

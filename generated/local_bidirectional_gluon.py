@@ -2,11 +2,13 @@
 # Do not edit: change the spec and run `attncc build`.
 # Spec: specs/local_bidirectional.toml
 #
-# The Gluon sm90 forward's fragments of pattern local_bidirectional: its key-block walk, mask and score,
-# which the hand-written kernels of attncc.runtime.gluon take as constexpr arguments (their contract:
-# attncc.runtime.gluon.walks; docs/gluon.md "Rendered fragments"). The module beside this file hands
-# a call to them where attncc.runtime.backend selects the Gluon forward, which imports this file then:
-# Triton's interpreter cannot compile Gluon, and Tritons before 3.5 have none.
+# The Gluon sm90 kernels' fragments of pattern local_bidirectional: its key-block walk, mask and score (the
+# forward and the backward's dQ kernel), its query-block walk and the score's derivative (the
+# backward's dK/dV kernel, on transposed tiles), which the hand-written kernels of attncc.runtime.gluon
+# take as constexpr arguments (their contract: attncc.runtime.gluon.walks; docs/gluon.md "Rendered
+# fragments"). The module beside this file hands a call to them where attncc.runtime.backend selects
+# the Gluon kernels, which imports this file then: Triton's interpreter cannot compile Gluon, and
+# Tritons before 3.5 have none.
 #
 #   kind: softmax
 #   param w = 256 (int)
@@ -16,11 +18,17 @@
 #   band: -w + x <= j <= w + x
 #   exact when: -2*w <= 0
 #   calls that break the precondition take the exact block lists
-"""local_bidirectional: the Gluon sm90 forward's walk, mask and score, rendered from specs/local_bidirectional.toml."""
+# the backward's dK/dV kernel: closed form, the mask as monotone bands (x: key position, j: query position); 1 sorted segment of query blocks per key block
+#   band: -w + x <= j <= w + x
+#   exact when: -2*w <= 0
+#   calls that break the precondition take the exact block lists
+"""local_bidirectional: the Gluon sm90 kernels' walks, mask and score, rendered from specs/local_bidirectional.toml."""
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
 SEGMENTS = 1  # key-block segments per query tile (walk returns 4 values per segment)
+QSEGMENTS = 1  # query-block segments per key block (qwalk returns 4 values per segment)
+BACKWARD_REASON = ""  # the Gluon backward takes these fragments
 PARAMS = ("w",)  # pattern_args(call), unpacked after b, h, H, q_last
 # Approximate special functions (tanh.approx): the Gluon kernels take 16-bit inputs only, on a GPU.
 FAST_MATH = gl.constexpr(True)
@@ -34,6 +42,12 @@ def pattern_args(call):
 def exact(call):
     """Whether the walk's closed form is exact for this call (its precondition); when not, the call
     runs on the tl kernels' exact block lists."""
+    return ((-2 * call.params['w']) <= 0)
+
+
+def backward_exact(call):
+    """Whether the backward's query-block walk (qwalk) is exact for this call (its precondition);
+    when not, the backward runs on the tl kernels."""
     return ((-2 * call.params['w']) <= 0)
 
 
@@ -57,9 +71,39 @@ def walk(q_lo, q_hi, Nk, k_offset, n_q, n_k, BLOCK_N: gl.constexpr, ctx):
 
 @gluon.jit
 def mask(i, j, n_q, n_k, ctx):
-    """Which pairs of a partial block the pattern allows (i [BLOCK_M, 1], j [1, BLOCK_N])."""
+    """Which pairs of a partial block the pattern allows (i [BLOCK_M, 1], j [1, BLOCK_N]; the dK/dV
+    kernel's transposed tiles: i [1, BLOCK_M], j [BLOCK_N, 1])."""
     b, h, H, q_last, prm_w = ctx
     return ((j >= (i - prm_w)) & (j <= (prm_w + i)))
 
 
 score = None  # the plain scaled dot product: the kernels fold the scale into exp2
+
+
+@gluon.jit
+def qwalk(k_lo, k_hi, Nq, q_offset, n_q, n_k, BLOCK_M: gl.constexpr, ctx):
+    """The query-block segments (lo, full_lo, full_hi, hi) of the key block [k_lo, k_hi] (k_hi its last
+    existing key), in order: the backward's dK/dV walk, the transposed pattern's."""
+    b, h, H, q_last, prm_w = ctx
+    qb_v_x = gl.maximum(q_offset, (k_lo - prm_w))
+    qb_v_y = gl.minimum((prm_w + k_hi), (Nq + q_offset - 1))
+    qb_v_on = (qb_v_x <= qb_v_y)
+    qb_lo = gl.where(qb_v_on, (gl.maximum(0, (qb_v_x - q_offset)) // BLOCK_M), 0)
+    qb_hi = gl.where(qb_v_on, (1 + (gl.maximum(0, (qb_v_y - q_offset)) // BLOCK_M)), 0)
+    qb_f_x = gl.maximum(q_offset, (k_hi - prm_w))
+    qb_f_y = gl.minimum((prm_w + k_lo), (Nq + q_offset - 1))
+    qb_f_on = (qb_f_x <= qb_f_y)
+    qb_full_lo = gl.where(qb_f_on, gl.minimum(qb_hi, gl.maximum(qb_lo, ((BLOCK_M + gl.maximum(0, (qb_f_x - q_offset)) - 1) // BLOCK_M))), qb_lo)
+    qb_full_hi = gl.maximum(qb_full_lo, gl.where(qb_f_on, gl.minimum(qb_hi, (gl.maximum(0, (1 + qb_f_y - q_offset)) // BLOCK_M)), qb_full_lo))
+    return qb_lo, qb_full_lo, qb_full_hi, qb_hi
+
+
+@gluon.jit
+def qmask(i, j, n_q, n_k, ctx):
+    """mask, each band solved for the query instead (the dK/dV kernel's transposed tiles, i [1, BLOCK_M],
+    j [BLOCK_N, 1]: the values it compares the query with are per key, the same for every step)."""
+    b, h, H, q_last, prm_w = ctx
+    return ((i >= (j - prm_w)) & (i <= (prm_w + j)))
+
+
+score_grad = None  # d score / d (scale * qk + bias) = 1

@@ -2,11 +2,13 @@
 # Do not edit: change the spec and run `attncc build`.
 # Spec: specs/longformer.toml
 #
-# The Gluon sm90 forward's fragments of pattern longformer: its key-block walk, mask and score,
-# which the hand-written kernels of attncc.runtime.gluon take as constexpr arguments (their contract:
-# attncc.runtime.gluon.walks; docs/gluon.md "Rendered fragments"). The module beside this file hands
-# a call to them where attncc.runtime.backend selects the Gluon forward, which imports this file then:
-# Triton's interpreter cannot compile Gluon, and Tritons before 3.5 have none.
+# The Gluon sm90 kernels' fragments of pattern longformer: its key-block walk, mask and score (the
+# forward and the backward's dQ kernel), its query-block walk and the score's derivative (the
+# backward's dK/dV kernel, on transposed tiles), which the hand-written kernels of attncc.runtime.gluon
+# take as constexpr arguments (their contract: attncc.runtime.gluon.walks; docs/gluon.md "Rendered
+# fragments"). The module beside this file hands a call to them where attncc.runtime.backend selects
+# the Gluon kernels, which imports this file then: Triton's interpreter cannot compile Gluon, and
+# Tritons before 3.5 have none.
 #
 #   kind: softmax
 #   param g = 64 (int)
@@ -19,11 +21,19 @@
 #   band: -w + x <= j <= w + x
 #   exact when: -2*w <= 0
 #   calls that break the precondition take the exact block lists
-"""longformer: the Gluon sm90 forward's walk, mask and score, rendered from specs/longformer.toml."""
+# the backward's dK/dV kernel: closed form, the mask as monotone bands (x: key position, j: query position); 2 sorted segments of query blocks per key block
+#   rows: rows -inf <= x <= g - 1: -inf <= j <= inf
+#   column: -inf <= j <= g - 1
+#   band: -w + x <= j <= w + x
+#   exact when: -2*w <= 0
+#   calls that break the precondition take the exact block lists
+"""longformer: the Gluon sm90 kernels' walks, mask and score, rendered from specs/longformer.toml."""
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
 SEGMENTS = 2  # key-block segments per query tile (walk returns 4 values per segment)
+QSEGMENTS = 2  # query-block segments per key block (qwalk returns 4 values per segment)
+BACKWARD_REASON = ""  # the Gluon backward takes these fragments
 PARAMS = ("g", "w")  # pattern_args(call), unpacked after b, h, H, q_last
 # Approximate special functions (tanh.approx): the Gluon kernels take 16-bit inputs only, on a GPU.
 FAST_MATH = gl.constexpr(True)
@@ -37,6 +47,12 @@ def pattern_args(call):
 def exact(call):
     """Whether the walk's closed form is exact for this call (its precondition); when not, the call
     runs on the tl kernels' exact block lists."""
+    return ((-2 * call.params['w']) <= 0)
+
+
+def backward_exact(call):
+    """Whether the backward's query-block walk (qwalk) is exact for this call (its precondition);
+    when not, the backward runs on the tl kernels."""
     return ((-2 * call.params['w']) <= 0)
 
 
@@ -114,10 +130,95 @@ def walk(q_lo, q_hi, Nk, k_offset, n_q, n_k, BLOCK_N: gl.constexpr, ctx):
 
 @gluon.jit
 def mask(i, j, n_q, n_k, ctx):
-    """Which pairs of a partial block the pattern allows (i [BLOCK_M, 1], j [1, BLOCK_N])."""
+    """Which pairs of a partial block the pattern allows (i [BLOCK_M, 1], j [1, BLOCK_N]; the dK/dV
+    kernel's transposed tiles: i [1, BLOCK_M], j [BLOCK_N, 1])."""
     b, h, H, q_last, prm_g, prm_w = ctx
     tmp0 = prm_g - 1
     return (((j >= (i - prm_w)) & (j <= (prm_w + i))) | (i <= tmp0) | (j <= tmp0))
 
 
 score = None  # the plain scaled dot product: the kernels fold the scale into exp2
+
+
+@gluon.jit
+def qwalk(k_lo, k_hi, Nq, q_offset, n_q, n_k, BLOCK_M: gl.constexpr, ctx):
+    """The query-block segments (lo, full_lo, full_hi, hi) of the key block [k_lo, k_hi] (k_hi its last
+    existing key), in order: the backward's dK/dV walk, the transposed pattern's."""
+    b, h, H, q_last, prm_g, prm_w = ctx
+    qb_rows_hi = gl.minimum(k_hi, (prm_g - 1))
+    qb_free_lo = gl.maximum(k_lo, (1 + qb_rows_hi))
+    qb_some_rows = (qb_rows_hi >= k_lo)
+    qb_n_blocks = ((Nq + BLOCK_M - 1) // BLOCK_M)
+    qb_v1_x = q_offset
+    qb_v1_y = gl.where(qb_some_rows, (Nq + q_offset - 1), gl.minimum((prm_g - 1), (Nq + q_offset - 1)))
+    qb_v1_on = (qb_v1_x <= qb_v1_y)
+    qb_v1_lo = gl.where(qb_v1_on, (gl.maximum(0, (qb_v1_x - q_offset)) // BLOCK_M), qb_n_blocks)
+    qb_v1_hi = gl.where(qb_v1_on, (1 + (gl.maximum(0, (qb_v1_y - q_offset)) // BLOCK_M)), qb_n_blocks)
+    qb_v2_x = gl.where(qb_some_rows, q_offset, gl.maximum(q_offset, (k_lo - prm_w)))
+    qb_v2_y = gl.where(qb_some_rows, (Nq + q_offset - 1), gl.minimum((prm_w + k_hi), (Nq + q_offset - 1)))
+    qb_v2_on = (qb_v2_x <= qb_v2_y)
+    qb_v2_lo = gl.where(qb_v2_on, (gl.maximum(0, (qb_v2_x - q_offset)) // BLOCK_M), qb_n_blocks)
+    qb_v2_hi = gl.where(qb_v2_on, (1 + (gl.maximum(0, (qb_v2_y - q_offset)) // BLOCK_M)), qb_n_blocks)
+    qb_v_swap = (qb_v2_lo < qb_v1_lo)
+    qb_s1_lo = gl.where(qb_v_swap, qb_v2_lo, qb_v1_lo)
+    qb_s1_hi = gl.where(qb_v_swap, qb_v2_hi, qb_v1_hi)
+    qb_s2_lo = gl.where(qb_v_swap, qb_v1_lo, qb_v2_lo)
+    qb_s2_hi = gl.where(qb_v_swap, qb_v1_hi, qb_v2_hi)
+    qb_v_join = (qb_s2_lo <= qb_s1_hi)
+    qb_s1_end = gl.where(qb_v_join, gl.maximum(qb_s1_hi, qb_s2_hi), qb_s1_hi)
+    qb_s2_start = gl.where(qb_v_join, qb_n_blocks, qb_s2_lo)
+    qb_s2_end = gl.where(qb_v_join, qb_n_blocks, qb_s2_hi)
+    qb_f1_x = q_offset
+    qb_f1_y = gl.where((qb_free_lo > k_hi), (Nq + q_offset - 1), gl.minimum((prm_g - 1), (Nq + q_offset - 1)))
+    qb_f1_on = (qb_f1_x <= qb_f1_y)
+    qb_f1_a = gl.where(qb_f1_on, qb_f1_x, (Nq + q_offset))
+    qb_f1_b = gl.where(qb_f1_on, qb_f1_y, (Nq + q_offset - 1))
+    qb_f2_x = gl.where((qb_free_lo > k_hi), q_offset, gl.maximum(q_offset, (k_hi - prm_w)))
+    qb_f2_y = gl.where((qb_free_lo > k_hi), (Nq + q_offset - 1), gl.minimum((prm_w + qb_free_lo), (Nq + q_offset - 1)))
+    qb_f2_on = (qb_f2_x <= qb_f2_y)
+    qb_f2_a = gl.where(qb_f2_on, qb_f2_x, (Nq + q_offset))
+    qb_f2_b = gl.where(qb_f2_on, qb_f2_y, (Nq + q_offset - 1))
+    qb_f_swap = (qb_f2_a < qb_f1_a)
+    qb_g1_a = gl.where(qb_f_swap, qb_f2_a, qb_f1_a)
+    qb_g1_b = gl.where(qb_f_swap, qb_f2_b, qb_f1_b)
+    qb_g2_a = gl.where(qb_f_swap, qb_f1_a, qb_f2_a)
+    qb_g2_b = gl.where(qb_f_swap, qb_f1_b, qb_f2_b)
+    qb_f_join = (qb_g2_a <= (1 + qb_g1_b))
+    qb_g1_end = gl.where(qb_f_join, gl.maximum(qb_g1_b, qb_g2_b), qb_g1_b)
+    qb_g2_start = gl.where(qb_f_join, (Nq + q_offset), qb_g2_a)
+    qb_g2_end = gl.where(qb_f_join, (Nq + q_offset - 1), qb_g2_b)
+    qb_h1_lo = ((BLOCK_M + gl.maximum(0, (qb_g1_a - q_offset)) - 1) // BLOCK_M)
+    qb_h1_hi = (gl.maximum(0, (1 + qb_g1_end - q_offset)) // BLOCK_M)
+    qb_h1_start = gl.where((qb_h1_hi > qb_h1_lo), qb_h1_lo, qb_n_blocks)
+    qb_h1_stop = gl.where((qb_h1_hi > qb_h1_lo), qb_h1_hi, qb_n_blocks)
+    qb_h2_lo = ((BLOCK_M + gl.maximum(0, (qb_g2_start - q_offset)) - 1) // BLOCK_M)
+    qb_h2_hi = (gl.maximum(0, (1 + qb_g2_end - q_offset)) // BLOCK_M)
+    qb_h2_start = gl.where((qb_h2_hi > qb_h2_lo), qb_h2_lo, qb_n_blocks)
+    qb_h2_stop = gl.where((qb_h2_hi > qb_h2_lo), qb_h2_hi, qb_n_blocks)
+    qb_h_swap = (qb_h2_start < qb_h1_start)
+    qb_full1_lo = gl.where(qb_h_swap, qb_h2_start, qb_h1_start)
+    qb_full1_hi = gl.where(qb_h_swap, qb_h2_stop, qb_h1_stop)
+    qb_full2_lo = gl.where(qb_h_swap, qb_h1_start, qb_h2_start)
+    qb_full2_hi = gl.where(qb_h_swap, qb_h1_stop, qb_h2_stop)
+    qb_first_full = (qb_full1_lo < qb_s1_end)
+    qb_seg1_full_lo = gl.where(qb_first_full, qb_full1_lo, qb_s1_end)
+    qb_seg1_full_hi = gl.where(qb_first_full, qb_full1_hi, qb_s1_end)
+    qb_seg1_hi = gl.where(qb_v_join, qb_seg1_full_hi, qb_s1_end)
+    qb_seg2_lo = gl.where(qb_v_join, qb_seg1_full_hi, qb_s2_start)
+    qb_seg2_hi = gl.where(qb_v_join, qb_s1_end, qb_s2_end)
+    qb_seg2_full_lo = gl.minimum(qb_seg2_hi, gl.where(qb_first_full, qb_full2_lo, qb_full1_lo))
+    qb_seg2_full_hi = gl.minimum(qb_seg2_hi, gl.where(qb_first_full, qb_full2_hi, qb_full1_hi))
+    return (qb_s1_lo, qb_seg1_full_lo, qb_seg1_full_hi, qb_seg1_hi,  # segment 1: lo, full_lo, full_hi, hi
+            qb_seg2_lo, qb_seg2_full_lo, qb_seg2_full_hi, qb_seg2_hi)  # segment 2: lo, full_lo, full_hi, hi
+
+
+@gluon.jit
+def qmask(i, j, n_q, n_k, ctx):
+    """mask, each band solved for the query instead (the dK/dV kernel's transposed tiles, i [1, BLOCK_M],
+    j [BLOCK_N, 1]: the values it compares the query with are per key, the same for every step)."""
+    b, h, H, q_last, prm_g, prm_w = ctx
+    tmp1 = prm_g - 1
+    return (((i >= (j - prm_w)) & (i <= (prm_w + j))) | (i <= tmp1) | (j <= tmp1))
+
+
+score_grad = None  # d score / d (scale * qk + bias) = 1

@@ -2,11 +2,13 @@
 # Do not edit: change the spec and run `attncc build`.
 # Spec: specs/sink_window.toml
 #
-# The Gluon sm90 forward's fragments of pattern sink_window: its key-block walk, mask and score,
-# which the hand-written kernels of attncc.runtime.gluon take as constexpr arguments (their contract:
-# attncc.runtime.gluon.walks; docs/gluon.md "Rendered fragments"). The module beside this file hands
-# a call to them where attncc.runtime.backend selects the Gluon forward, which imports this file then:
-# Triton's interpreter cannot compile Gluon, and Tritons before 3.5 have none.
+# The Gluon sm90 kernels' fragments of pattern sink_window: its key-block walk, mask and score (the
+# forward and the backward's dQ kernel), its query-block walk and the score's derivative (the
+# backward's dK/dV kernel, on transposed tiles), which the hand-written kernels of attncc.runtime.gluon
+# take as constexpr arguments (their contract: attncc.runtime.gluon.walks; docs/gluon.md "Rendered
+# fragments"). The module beside this file hands a call to them where attncc.runtime.backend selects
+# the Gluon kernels, which imports this file then: Triton's interpreter cannot compile Gluon, and
+# Tritons before 3.5 have none.
 #
 #   kind: softmax
 #   param sinks = 4 (int)
@@ -18,11 +20,18 @@
 #   band: -window + x + 1 <= j <= x
 #   exact when: 1 - window <= 0
 #   calls that break the precondition take the exact block lists
-"""sink_window: the Gluon sm90 forward's walk, mask and score, rendered from specs/sink_window.toml."""
+# the backward's dK/dV kernel: closed form, the mask as monotone bands (x: key position, j: query position); 1 sorted segment of query blocks per key block
+#   rows: rows -inf <= x <= sinks - 1: -inf <= j <= inf
+#   band: x <= j <= window + x - 1
+#   exact when: 1 - window <= 0
+#   calls that break the precondition take the exact block lists
+"""sink_window: the Gluon sm90 kernels' walks, mask and score, rendered from specs/sink_window.toml."""
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
 SEGMENTS = 2  # key-block segments per query tile (walk returns 4 values per segment)
+QSEGMENTS = 1  # query-block segments per key block (qwalk returns 4 values per segment)
+BACKWARD_REASON = ""  # the Gluon backward takes these fragments
 PARAMS = ("sinks", "window")  # pattern_args(call), unpacked after b, h, H, q_last
 # Approximate special functions (tanh.approx): the Gluon kernels take 16-bit inputs only, on a GPU.
 FAST_MATH = gl.constexpr(True)
@@ -36,6 +45,12 @@ def pattern_args(call):
 def exact(call):
     """Whether the walk's closed form is exact for this call (its precondition); when not, the call
     runs on the tl kernels' exact block lists."""
+    return ((1 - call.params['window']) <= 0)
+
+
+def backward_exact(call):
+    """Whether the backward's query-block walk (qwalk) is exact for this call (its precondition);
+    when not, the backward runs on the tl kernels."""
     return ((1 - call.params['window']) <= 0)
 
 
@@ -110,9 +125,42 @@ def walk(q_lo, q_hi, Nk, k_offset, n_q, n_k, BLOCK_N: gl.constexpr, ctx):
 
 @gluon.jit
 def mask(i, j, n_q, n_k, ctx):
-    """Which pairs of a partial block the pattern allows (i [BLOCK_M, 1], j [1, BLOCK_N])."""
+    """Which pairs of a partial block the pattern allows (i [BLOCK_M, 1], j [1, BLOCK_N]; the dK/dV
+    kernel's transposed tiles: i [1, BLOCK_M], j [BLOCK_N, 1])."""
     b, h, H, q_last, prm_sinks, prm_window = ctx
     return (((j >= (1 + i - prm_window)) & (j <= i)) | (j <= (prm_sinks - 1)))
 
 
 score = None  # the plain scaled dot product: the kernels fold the scale into exp2
+
+
+@gluon.jit
+def qwalk(k_lo, k_hi, Nq, q_offset, n_q, n_k, BLOCK_M: gl.constexpr, ctx):
+    """The query-block segments (lo, full_lo, full_hi, hi) of the key block [k_lo, k_hi] (k_hi its last
+    existing key), in order: the backward's dK/dV walk, the transposed pattern's."""
+    b, h, H, q_last, prm_sinks, prm_window = ctx
+    qb_rows_hi = gl.minimum(k_hi, (prm_sinks - 1))
+    qb_free_lo = gl.maximum(k_lo, (1 + qb_rows_hi))
+    qb_some_rows = (qb_rows_hi >= k_lo)
+    qb_v_x = gl.where(qb_some_rows, q_offset, gl.maximum(q_offset, k_lo))
+    qb_v_y = gl.where(qb_some_rows, (Nq + q_offset - 1), gl.minimum((Nq + q_offset - 1), (prm_window + k_hi - 1)))
+    qb_v_on = (qb_v_x <= qb_v_y)
+    qb_lo = gl.where(qb_v_on, (gl.maximum(0, (qb_v_x - q_offset)) // BLOCK_M), 0)
+    qb_hi = gl.where(qb_v_on, (1 + (gl.maximum(0, (qb_v_y - q_offset)) // BLOCK_M)), 0)
+    qb_f_x = gl.where((qb_free_lo > k_hi), q_offset, gl.maximum(q_offset, k_hi))
+    qb_f_y = gl.where((qb_free_lo > k_hi), (Nq + q_offset - 1), gl.minimum((prm_window + qb_free_lo - 1), (Nq + q_offset - 1)))
+    qb_f_on = (qb_f_x <= qb_f_y)
+    qb_full_lo = gl.where(qb_f_on, gl.minimum(qb_hi, gl.maximum(qb_lo, ((BLOCK_M + gl.maximum(0, (qb_f_x - q_offset)) - 1) // BLOCK_M))), qb_lo)
+    qb_full_hi = gl.maximum(qb_full_lo, gl.where(qb_f_on, gl.minimum(qb_hi, (gl.maximum(0, (1 + qb_f_y - q_offset)) // BLOCK_M)), qb_full_lo))
+    return qb_lo, qb_full_lo, qb_full_hi, qb_hi
+
+
+@gluon.jit
+def qmask(i, j, n_q, n_k, ctx):
+    """mask, each band solved for the query instead (the dK/dV kernel's transposed tiles, i [1, BLOCK_M],
+    j [BLOCK_N, 1]: the values it compares the query with are per key, the same for every step)."""
+    b, h, H, q_last, prm_sinks, prm_window = ctx
+    return (((i >= j) & (i <= (prm_window + j - 1))) | (j <= (prm_sinks - 1)))
+
+
+score_grad = None  # d score / d (scale * qk + bias) = 1

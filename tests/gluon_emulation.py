@@ -11,10 +11,13 @@ does, step for step:
 - TMA boxes read the descriptor's tensor at the kernel's coordinates, zeros outside its shape
   (what TMA does past N, and past Nq in the 16-byte padded lse2 / delta rows), and stores write
   only the part inside it;
-- the walks are the kernels' own fragments (walks.py run as Python, as tests/test_gluon_fragments.py
-  runs them), clamped by `common.clamp_walk`; full blocks go unmasked, partial ones get the row /
-  key bound and the mask, as in the kernels;
-- the dK/dV program's step t is query head hk * GROUP + t // n_blocks and block lo + t % n_blocks;
+- the fragments (built-in walks.py ones or a generated module's rendered ones: walk, qwalk, mask,
+  score, score_grad) and the kernels' own per-tile functions of `common.py` (key_tile_walk,
+  tile_walk, nth_block, is_full, scored, masked, block_scores, exp2_scale, score_chain) run as the
+  Python functions they are, on torch (tests/gluon_host.py); full blocks go unmasked, partial ones
+  get the row / key bound and the mask, as in the kernels, on the same (transposed in dK/dV) tiles;
+- the dK/dV program's step t is query head hk * GROUP + t // n_blocks and the (t % n_blocks)-th
+  block of its walk's segments;
 - GEMMs take the 16-bit operands the kernel has (P^T, dS^T, dS rounded to q's dtype before their
   wgmma), accumulate in float32; P = exp2(S * qk_scale - lse2); dK and dQ scaled by sm_scale once;
 - the fused kernel is the dK/dV program plus, per step, dQ_partial = dS K (dS^T as rounded for dK)
@@ -31,64 +34,54 @@ from __future__ import annotations
 
 import inspect
 import math
-import types
 
 import torch
 
-from attncc.runtime.gluon import common
-
-_GL = types.SimpleNamespace(minimum=min, maximum=max, cdiv=lambda a, b: -(-a // b), to_tensor=lambda x: x)
+from gluon_host import C, _t, as_python, ctx_of
 
 
-def as_python(jit_fn):
-    """A @gluon.jit fragment of scalar integer arithmetic (walks, clamp) as a Python function."""
-    if jit_fn is None:
-        return None
-    fn = jit_fn.fn
-    return types.FunctionType(fn.__code__, {**fn.__globals__, "gl": _GL}, fn.__name__, fn.__defaults__,
-                              fn.__closure__)
+def host(jit_fn):
+    """A @gluon.jit fragment as the Python function it is, on torch tensors (tests/gluon_host.py)."""
+    return as_python(jit_fn)
+
+
+def tma_box(desc, coords):
+    """(tensor, inside, box_part): the descriptor's tensor, the index of the part of the box at
+    `coords` that lies inside its shape, and that part's index within the box; None when none does
+    (TMA reads zeros there, and clips stores and reduces to it)."""
+    t = torch.as_strided(desc.base, desc.shape, desc.strides)
+    inside, part = [], []
+    for c, n, size in zip(coords, desc.shape, desc.block_shape):
+        lo, hi = max(c, 0), min(c + size, n)
+        if hi <= lo:
+            return None
+        inside.append(slice(lo, hi))
+        part.append(slice(lo - c, hi - c))
+    return t, tuple(inside), tuple(part)
 
 
 def tma_load(desc, coords):
     """The box of `desc` at `coords` as float32 (zeros outside the descriptor's shape)."""
-    t = torch.as_strided(desc.base, desc.shape, desc.strides)
     box = torch.zeros(list(desc.block_shape), dtype=torch.float32)
-    src, dst = [], []
-    for c, n, size in zip(coords, desc.shape, desc.block_shape):
-        lo, hi = max(c, 0), min(c + size, n)
-        if hi <= lo:
-            return box
-        src.append(slice(lo, hi))
-        dst.append(slice(lo - c, hi - c))
-    box[tuple(dst)] = t[tuple(src)].float()
+    clipped = tma_box(desc, coords)
+    if clipped is not None:
+        t, inside, part = clipped
+        box[part] = t[inside].float()
     return box
 
 
-def tma_store(desc, coords, value):
-    """Write `value` (a box) at `coords`, only the part inside the descriptor's shape (TMA clips)."""
-    t = torch.as_strided(desc.base, desc.shape, desc.strides)
-    src, dst = [], []
-    for c, n, size in zip(coords, desc.shape, desc.block_shape):
-        lo, hi = max(c, 0), min(c + size, n)
-        if hi <= lo:
-            return
-        dst.append(slice(lo, hi))
-        src.append(slice(lo - c, hi - c))
-    t[tuple(dst)] = value.reshape(list(desc.block_shape))[tuple(src)].to(t.dtype)
-
-
-def tma_reduce_add(desc, coords, value):
-    """Add `value` (a box, float32) at `coords` into the descriptor's tensor, only the part inside its
-    shape (the TMA reduce clips as a store does)."""
-    t = torch.as_strided(desc.base, desc.shape, desc.strides)
-    src, dst = [], []
-    for c, n, size in zip(coords, desc.shape, desc.block_shape):
-        lo, hi = max(c, 0), min(c + size, n)
-        if hi <= lo:
-            return
-        dst.append(slice(lo, hi))
-        src.append(slice(lo - c, hi - c))
-    t[tuple(dst)] += value.reshape(list(desc.block_shape))[tuple(src)].to(t.dtype)
+def tma_store(desc, coords, value, add=False):
+    """Write `value` (a box) at `coords`, only the part inside the descriptor's shape (TMA clips);
+    with `add`, add it (float32) into what is there: the TMA reduce-add, clipped as a store is."""
+    clipped = tma_box(desc, coords)
+    if clipped is None:
+        return
+    t, inside, part = clipped
+    value = value.reshape(list(desc.block_shape))[part].to(t.dtype)
+    if add:
+        t[inside] += value
+    else:
+        t[inside] = value
 
 
 def mm(a, b):
@@ -109,43 +102,44 @@ def program_dkdv(a, kb, bhk, fused=False):
     assert BLOCK_N == 16 * a["num_warps"]
     H, GROUP, Nq, Nk = a["H"], a["GROUP"], a["Nq"], a["Nk"]
     q_offset, k_offset, n_q, n_k = a["q_offset"], a["k_offset"], a["n_q"], a["n_k"]
-    qwalk, mask, clamp = as_python(a["QWALK"]), as_python(a["MASK"]), as_python(common.clamp_walk)
+    qwalk, mask, score, score_grad = (host(a[n]) for n in ("QWALK", "MASK", "SCORE", "SCORE_GRAD"))
+    SEGMENTS, args, qk_scale = a["QSEGMENTS"], a["pattern_args"], a["qk_scale"]
     H_KV = H // GROUP
     b, hk = bhk // H_KV, bhk % H_KV
 
-    k_lo = k_offset + kb * BLOCK_N
-    k_hi = min(k_lo + BLOCK_N, k_offset + Nk) - 1
-    lo, full_lo, full_hi, hi = clamp(*qwalk(k_lo, k_hi, Nq, q_offset, n_q, n_k, BLOCK_M))
-    n_blocks = hi - lo
+    q_last = q_offset + Nq - 1
+    segs = C.key_tile_walk(_t(kb), _t(k_offset), _t(Nq), _t(Nk), _t(q_offset), _t(n_q), _t(n_k),
+                           ctx_of(b, hk * GROUP, H, q_last, args), qwalk, SEGMENTS, BLOCK_M, BLOCK_N)
+    n_blocks = int(C.walk_blocks(segs, SEGMENTS))
     total = GROUP * n_blocks
     k = tma_load(k_desc, [b, hk, kb * BLOCK_N, 0]).reshape(BLOCK_N, HEAD_DIM)
     v = tma_load(a["v_desc"], [b, hk, kb * BLOCK_N, 0]).reshape(BLOCK_N, HEAD_DIM)
     dk = torch.zeros(BLOCK_N, HEAD_DIM)
     dv = torch.zeros(BLOCK_N, HEAD_DIM)
-    j_pos = (k_lo + torch.arange(BLOCK_N))[:, None]
+    j_pos = (k_offset + kb * BLOCK_N + torch.arange(BLOCK_N))[:, None]
     for t in range(total):
         n = max(n_blocks, 1)
         h = hk * GROUP + t // n
-        qb = lo + t % n
+        qb = int(C.nth_block(segs, _t(t % n), SEGMENTS))
+        ctx = ctx_of(b, h, H, q_last, args)
         row = qb * BLOCK_M
         q = tma_load(q_desc, [b, h, row, 0]).reshape(BLOCK_M, HEAD_DIM)
         do = tma_load(a["do_desc"], [b, h, row, 0]).reshape(BLOCK_M, HEAD_DIM)
         lse2 = tma_load(a["lse_desc"], [b, h, row]).reshape(BLOCK_M)
         delta = tma_load(a["delta_desc"], [b, h, row]).reshape(BLOCK_M)
-        st = mm(k, q.T)
-        if qb < full_lo or qb >= full_hi:
-            i_pos = (q_offset + qb * BLOCK_M + torch.arange(BLOCK_M))[None, :]
-            keep = i_pos < q_offset + Nq
-            if mask is not None:
-                keep = keep & mask(i_pos, j_pos, n_q, n_k)
-            st = torch.where(keep, st, -math.inf)
-        pt = torch.exp2(st * a["qk_scale"] - lse2[None, :])
+        qkt = mm(k, q.T)
+        i_pos = (q_offset + qb * BLOCK_M + torch.arange(BLOCK_M))[None, :]
+        st = C.scored(qkt, i_pos, j_pos, _t(n_q), _t(n_k), qk_scale, ctx, score)
+        if not bool(C.is_full(segs, _t(qb), SEGMENTS)):
+            st = C.masked(st, i_pos, j_pos, i_pos < q_offset + Nq, _t(n_q), _t(n_k), ctx, mask)
+        pt = torch.exp2(st * C.exp2_scale(qk_scale, score) - lse2[None, :]).float()
         dv = dv + mm(rounded(pt, dtype), do)
+        pt = C.score_chain(pt, st, qkt, i_pos, j_pos, _t(n_q), _t(n_k), qk_scale, ctx, score_grad).float()
         dpt = mm(v, do.T)
         dst = rounded(pt * (dpt - delta[None, :]), dtype)
         dk = dk + mm(dst, q)
         if fused:  # dQ_partial = dS K, both GEMMs reading the one rounded dS^T
-            tma_reduce_add(a["dq_acc_desc"], [b, h, row, 0], mm(dst.T, k))
+            tma_store(a["dq_acc_desc"], [b, h, row, 0], mm(dst.T, k), add=True)
     tma_store(a["dk_desc"], [b, hk, kb * BLOCK_N, 0], rounded(dk * a["sm_scale"], dtype))
     tma_store(a["dv_desc"], [b, hk, kb * BLOCK_N, 0], rounded(dv, dtype))
     return total
@@ -160,13 +154,16 @@ def program_dq(a, pid, bh, num_programs):
     assert BLOCK_M == 16 * a["num_warps"]
     H, GROUP, Nq, Nk = a["H"], a["GROUP"], a["Nq"], a["Nk"]
     q_offset, k_offset, n_q, n_k = a["q_offset"], a["k_offset"], a["n_q"], a["n_k"]
-    walk, mask, clamp = as_python(a["WALK"]), as_python(a["MASK"]), as_python(common.clamp_walk)
+    walk, mask, score, score_grad = (host(a[n]) for n in ("WALK", "MASK", "SCORE", "SCORE_GRAD"))
+    SEGMENTS, qk_scale = a["SEGMENTS"], a["qk_scale"]
     qb = num_programs - 1 - pid
     b, h = bh // H, bh % H
     hk = h // GROUP
 
-    q_lo = q_offset + qb * BLOCK_M
-    lo, full_lo, full_hi, hi = clamp(*walk(q_lo, q_lo + BLOCK_M - 1, Nk, k_offset, n_q, n_k, BLOCK_N))
+    ctx = ctx_of(b, h, H, q_offset + Nq - 1, a["pattern_args"])
+    segs = C.tile_walk(_t(qb), _t(q_offset), _t(Nk), _t(k_offset), _t(n_q), _t(n_k), ctx, walk, SEGMENTS, BLOCK_M,
+                       BLOCK_N)
+    n_blocks = int(C.walk_blocks(segs, SEGMENTS))
     q = tma_load(q_desc, [b, h, qb * BLOCK_M, 0]).reshape(BLOCK_M, HEAD_DIM)
     do = tma_load(a["do_desc"], [b, h, qb * BLOCK_M, 0]).reshape(BLOCK_M, HEAD_DIM)
     rows = qb * BLOCK_M + torch.arange(BLOCK_M)
@@ -176,22 +173,23 @@ def program_dq(a, pid, bh, num_programs):
     delta = torch.where(inside, _read_rows(a["delta_ptr"], row0, rows, inside), 0.0)
     rows_i = q_offset + rows
     dq = torch.zeros(BLOCK_M, HEAD_DIM)
-    for kb in range(lo, hi):
+    for it in range(n_blocks):
+        kb = int(C.nth_block(segs, _t(it), SEGMENTS))
         k = tma_load(k_desc, [b, hk, kb * BLOCK_N, 0]).reshape(BLOCK_N, HEAD_DIM)
         v = tma_load(a["v_desc"], [b, hk, kb * BLOCK_N, 0]).reshape(BLOCK_N, HEAD_DIM)
-        s = mm(q, k.T)
-        if kb < full_lo or kb >= full_hi:  # common.mask_scores
-            j = (k_offset + kb * BLOCK_N + torch.arange(BLOCK_N))[None, :]
-            keep = j < k_offset + Nk
-            if mask is not None:
-                keep = keep & mask(rows_i[:, None], j, n_q, n_k)
-            s = torch.where(keep, s, -math.inf)
-        p = torch.exp2(s * a["qk_scale"] - lse2[:, None])
+        qk = mm(q, k.T)
+        args = (_t(kb), rows_i, _t(Nk), _t(k_offset), _t(n_q), _t(n_k), ctx, qk_scale, mask)
+        s = C.block_scores(qk, *args, score, False, BLOCK_N, None)
+        if not bool(C.is_full(segs, _t(kb), SEGMENTS)):
+            s = C.block_scores(s, *args, None, True, BLOCK_N, None)
+        p = torch.exp2(s * C.exp2_scale(qk_scale, score) - lse2[:, None]).float()
+        j = (k_offset + kb * BLOCK_N + torch.arange(BLOCK_N))[None, :]
+        p = C.score_chain(p, s, qk, rows_i[:, None], j, _t(n_q), _t(n_k), qk_scale, ctx, score_grad).float()
         dp = mm(do, v.T)
         ds = p * (dp - delta[:, None])
         dq = dq + mm(rounded(ds, dtype), k)
     tma_store(a["dq_desc"], [b, h, qb * BLOCK_M, 0], rounded(dq * a["sm_scale"], dtype))
-    return hi - lo
+    return n_blocks
 
 
 def _read_rows(ptr, row0, rows, inside):

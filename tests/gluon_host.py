@@ -107,6 +107,9 @@ class Fragments:
         self.mask = as_python(module.mask)
         self.score = as_python(module.score)
         self.segments = module.SEGMENTS
+        self.qwalk = as_python(module.qwalk)  # the backward's (None where it does not take these fragments)
+        self.qmask = as_python(module.qmask)
+        self.score_grad = as_python(module.score_grad)
 
 
 def _host_module(module, **extra):
@@ -195,3 +198,25 @@ def emulate_forward(frag: Fragments, q, k, v, *, scale, q_offset=0, k_offset=0, 
                 o[b, h, rows] = out[:rows.stop - rows.start]
                 lse[b, h, rows] = row_lse[:rows.stop - rows.start]
     return o, lse
+
+
+def fuzz_rendered(rng, prefix: str, tries: int = 400):
+    """(n, spec text, pattern, GluonFit) of the fuzz generator's softmax specs (tests/fuzz_specs.py)
+    whose Plans take rendered fragments, among its first ``tries`` draws."""
+    from fuzz_specs import random_spec
+
+    from attncc.analysis import analyze
+    from attncc.analysis.builtin import gluon_fit
+    from attncc.analysis.score import canonical_score
+    from attncc.spec import SpecError, parse_spec
+
+    for n in range(1, tries + 1):
+        text, _ = random_spec(rng)
+        try:
+            pat = parse_spec(f'name = "{prefix}{n}"\n' + text)
+        except SpecError:
+            continue
+        if pat.kind == "softmax":
+            fit = gluon_fit(analyze(canonical_score(pat)))
+            if fit.kind == "rendered":
+                yield n, text, pat, fit

@@ -20,6 +20,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import types
+import zlib
 
 import pytest
 import torch
@@ -256,17 +258,17 @@ def test_the_emulation_catches_a_wrong_walk(emulated, broken, method):
     qwalk, walk = walks.causal_qwalk, walks.causal_walk
     if broken == "skip_first":
         @gluon.jit
-        def qwalk(k_lo, k_hi, Nq, q_offset, n_q, n_k, BLOCK_M: gl.constexpr):
+        def qwalk(k_lo, k_hi, Nq, q_offset, n_q, n_k, BLOCK_M: gl.constexpr, ctx=None):
             lo = gl.maximum(0, k_lo - q_offset) // BLOCK_M + 1
             return lo, lo, Nq // BLOCK_M, gl.cdiv(Nq, BLOCK_M)
     elif broken == "full_diagonal":
         @gluon.jit
-        def qwalk(k_lo, k_hi, Nq, q_offset, n_q, n_k, BLOCK_M: gl.constexpr):
+        def qwalk(k_lo, k_hi, Nq, q_offset, n_q, n_k, BLOCK_M: gl.constexpr, ctx=None):
             lo = gl.maximum(0, k_lo - q_offset) // BLOCK_M
             return lo, lo, Nq // BLOCK_M, gl.cdiv(Nq, BLOCK_M)
     else:
         @gluon.jit
-        def walk(q_lo, q_hi, Nk, k_offset, n_q, n_k, BLOCK_N: gl.constexpr):
+        def walk(q_lo, q_hi, Nk, k_offset, n_q, n_k, BLOCK_N: gl.constexpr, ctx=None):
             hi = gl.minimum(gl.cdiv(Nk, BLOCK_N), gl.maximum(0, q_hi + BLOCK_N - k_offset) // BLOCK_N)
             return 0, 0, 0, hi - 1
 
@@ -359,3 +361,195 @@ def test_postprocess_scales_and_converts():
     dq = torch.full_like(acc, 5.0, dtype=torch.float16)  # (the interpreter's bf16 conversion truncates)
     bwd_postprocess[(-(-acc.numel() // 1024), )](acc, dq, 0.125, acc.numel(), BLOCK=1024)
     assert torch.equal(dq, (acc * 0.125).to(torch.float16))
+
+
+# ------------------------------------------------------------------------------------------------
+# the rendered backward: every spec with rendered fragments (generated/<name>_gluon.py), through
+# backend.gluon_backward (what a generated module's _backward calls) with the kernels emulated
+
+RENDERED = ("alibi", "block_diagonal", "chunked_local", "cross_causal", "local_bidirectional", "longformer",
+            "prefix_lm", "sink_window", "sliding_window", "softcap")  # test_gluon_rendered.RENDERED
+# small tiles (64 keys per dK/dV program, 16-row steps; 64-row dQ programs, 16-key steps): many
+# blocks, segments and partial tiles at lengths the CPU can afford
+SMALL_BWD = launch.GluonBwdConfig(kv_block_n=64, kv_block_m=16, kv_stages=2, q_block_m=64, q_block_n=16, q_stages=2)
+# the fused kernel's: 64-row steps (its dQ partial is one 64-row wgmma), 64 keys per program
+SMALL_FUSED = dataclasses.replace(SMALL_BWD, kv_block_m=64)
+SMALL = {"split": SMALL_BWD, "fused": SMALL_FUSED}
+
+
+# Nq != Nk, lengths off every tile, offsets both ways, n_q / n_k past the call, GQA, dLSE, a scale
+# that puts softcap's scores where its derivative is far from 1
+# (Case's pattern: the spec's, filled in by the test; D = 64)
+RENDERED_CASES = [Case("", torch.float16, 64, 1, 4, 2, 150, 97, dlse=True),
+                  Case("", torch.bfloat16, 64, 1, 2, 1, 61, 170, 45, 3, n_q=140, n_k=200, scale=1.0),
+                  Case("", torch.float16, 64, 1, 2, 1, 83, 83, 7, 60, dlse=True)]
+
+
+def rendered_params(name, rng):
+    """The spec's small params (tests/cases.py), some of them varied."""
+    from cases import SMALL_PARAMS, pattern
+
+    params = {**pattern(name).param_values, **SMALL_PARAMS.get(name, {})}
+    return {k: (v + rng.choice([-2, 0, 3, 17]) if type(v) is int and v > 3 else v) for k, v in params.items()}
+
+
+def run_rendered(name, case: Case, params, seed, monkeypatch, method="split"):
+    """The module's Gluon backward of one call (the kernels emulated; ATTNCC_GLUON_BWD=method) and the
+    reference's gradients."""
+    from attncc.runtime import backend
+    from cases import module, pattern
+
+    monkeypatch.setenv("ATTNCC_GLUON_BWD", method)
+    monkeypatch.setattr(backend, "gluon_bwd_config", lambda D: SMALL[method])
+    spec = module(name).SPEC
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(case.B, case.Hq, case.Nq, case.D, generator=gen).to(case.dtype)
+    k, v = (torch.randn(case.B, case.Hkv, case.Nk, case.D, generator=gen).to(case.dtype) for _ in range(2))
+    do = torch.randn(case.B, case.Hq, case.Nq, case.D, generator=gen).to(case.dtype)
+    dlse = torch.randn(case.B, case.Hq, case.Nq, generator=gen) if case.dlse else None
+    pos = call_kwargs(case)
+    call = attncc.runtime.bind(spec, q, k, v, **pos, kwargs=dict(params))
+    fragments = spec.gluon_fragments.load()
+    if not (fragments.exact(call) and fragments.backward_exact(call)):
+        return None
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    o, lse = attncc.reference(pattern(name), *leaves, return_lse=True, **pos, **params)
+    dq, dk, dv, extra = backend.gluon_backward(call, "rendered", o.detach().to(case.dtype), lse.detach().float(), do,
+                                               dlse)
+    outs, cots = [o], [do.double()]
+    if dlse is not None:
+        outs.append(torch.where(lse.isinf(), 0.0, lse))
+        cots.append(dlse.double())
+    want = torch.autograd.grad(outs, leaves, cots)
+    return (dq, dk, dv), want
+
+
+@pytest.mark.parametrize("method", ["split", "fused"])
+@pytest.mark.parametrize("name", RENDERED)
+def test_rendered_backward_against_the_reference(emulated, monkeypatch, name, method):
+    """Every rendered spec's backward (its query-block walk, qmask on the transposed tiles, the forward's
+    walk and mask in dQ, the score and its derivative) emulated tile by tile, against the float64
+    reference, at odd lengths and offsets with params varied; split, and fused (dQ from the key-block
+    programs' transposed tiles alone)."""
+    rng = random.Random(zlib.crc32(name.encode()))
+    checked = 0
+    for n, case in enumerate(RENDERED_CASES):
+        params = rendered_params(name, rng)
+        case = dataclasses.replace(case, pattern=name)
+        out = run_rendered(name, case, params, seed=n, monkeypatch=monkeypatch, method=method)
+        if out is None:
+            continue
+        checked += 1
+        for label, g, w in zip(("dq", "dk", "dv"), *out):
+            assert g.dtype == case.dtype and not torch.isnan(g).any(), label
+            if w.norm() < 1e-9:
+                assert float(g.abs().max()) < 1e-4, label
+            else:
+                assert rel(g, w) < TOL[case.dtype], (name, label, rel(g, w), case, params)
+    assert checked >= 2
+    from cases import module
+    frag = module(name).SPEC.gluon_fragments.load()
+    keys = emulated["attn_bwd_fused" if method == "fused" else "attn_bwd_dkdv"]
+    assert keys.launches and sum(keys.steps) > 0
+    _, kwargs, _ = keys.launches[-1]
+    assert kwargs["QWALK"] is frag.qwalk and kwargs["MASK"] is frag.qmask and kwargs["SCORE_GRAD"] is frag.score_grad
+    assert kwargs["QSEGMENTS"] == frag.QSEGMENTS and kwargs["SCORE"] is frag.score
+    if method == "fused":
+        assert not emulated["attn_bwd_dkdv"].launches and not emulated["attn_bwd_dq"].launches
+        return
+    dq = emulated["attn_bwd_dq"]
+    assert sum(dq.steps) > 0 and not emulated["attn_bwd_fused"].launches
+    _, kwargs, _ = dq.launches[-1]
+    assert kwargs["WALK"] is frag.walk and kwargs["MASK"] is frag.mask and kwargs["SEGMENTS"] == frag.SEGMENTS
+
+
+@pytest.mark.parametrize("method", ["split", "fused"])
+@pytest.mark.parametrize("broken", ["qwalk_short", "qmask_wide", "no_score_grad"])
+def test_the_emulation_catches_a_wrong_rendered_fragment(emulated, monkeypatch, tmp_path, broken, method):
+    """A query-block walk one block short, a qmask that lets one more query in, or a softcap's
+    backward without its derivative give wrong gradients, split and fused: the check above can fail.
+    The fused kernel's dQ comes from the query-block walk and qmask too: it is wrong as well."""
+    from cases import module
+    from gluon_host import load_fragments
+
+    name = "softcap" if broken == "no_score_grad" else "sliding_window"
+    spec = module(name).SPEC
+    text = spec.gluon_fragments.path.read_text()
+    if broken == "qwalk_short":
+        text = text.replace("    return qb_lo, qb_full_lo, qb_full_hi, qb_hi", "    return qb_lo, qb_full_lo, qb_full_hi, qb_hi - 1")
+    elif broken == "qmask_wide":
+        text = text.replace("(i >= j)", "(i >= (j - 1))")
+    else:
+        text = text.replace("    return (1.0 - t * t)", "    return 1.0 + 0.0 * t")
+    assert text != spec.gluon_fragments.path.read_text()
+    wrong = load_fragments(text, tmp_path, name)
+    monkeypatch.setattr(type(spec.gluon_fragments), "load", lambda self: wrong)
+    case = Case(name, torch.float16, 64, 1, 2, 1, 90, 90, scale=2.0)
+    params = {"window": 20} if name == "sliding_window" else {}
+    (dq, dk, dv), (wq, wk, wv) = run_rendered(name, case, params, seed=1, monkeypatch=monkeypatch, method=method)
+    worst = max(rel(dq, wq), rel(dk, wk), rel(dv, wv))
+    assert worst > 5 * TOL[case.dtype], worst
+    if method == "fused":
+        assert rel(dq, wq) > 5 * TOL[case.dtype], rel(dq, wq)
+
+
+def test_rendered_backward_of_random_specs_with_score_hooks(emulated, tmp_path):
+    """The fuzz generator's specs (biases, ALiBi, softcaps, score mods with their sympy derivatives,
+    params, masks) whose fragments the Gluon backward takes, at random lengths and offsets: the
+    rendered score_grad (and walks, qmask) emulated against the reference's gradients; every spec
+    split, every other one fused too."""
+    from gluon_host import fuzz_rendered, load_fragments
+
+    from attncc.codegen import render_gluon
+
+    rng = random.Random(24)
+    seen = {"score_grad": 0, "mod": 0, "fused": 0}
+    for n, text, pat, fit in fuzz_rendered(rng, "b"):
+        if seen["score_grad"] >= 8:
+            break
+        if not fit.backward:
+            continue
+        source = render_gluon(pat)
+        if source is None:  # what Gluon cannot print (the module says why)
+            continue
+        frag = load_fragments(source, tmp_path, f"b{n}")
+        Nq, Nk = rng.randint(1, 90), rng.randint(1, 90)
+        case = Case("", rng.choice([torch.bfloat16, torch.float16]), 64, 1, pat.heads_q or 2, pat.heads_kv or 1, Nq,
+                    Nk, rng.choice([0, rng.randint(1, 40)]), rng.choice([0, rng.randint(1, 40)]),
+                    scale=rng.choice([None, 0.5]), dlse=rng.random() < 0.5)
+        call = types.SimpleNamespace(params=pat.param_values, q_offset=case.q_offset, k_offset=case.k_offset,
+                                     Nq=Nq, Nk=Nk, n_q=case.q_offset + Nq, n_k=case.k_offset + Nk)
+        if frag.qwalk is None or not (frag.exact(call) and frag.backward_exact(call)):
+            continue
+        if case.Hq % case.Hkv:
+            continue
+        gen = torch.Generator().manual_seed(n)
+        q = torch.randn(1, case.Hq, Nq, 64, generator=gen).to(case.dtype)
+        k, v = (torch.randn(1, case.Hkv, Nk, 64, generator=gen).to(case.dtype) for _ in range(2))
+        do = torch.randn(1, case.Hq, Nq, 64, generator=gen).to(case.dtype)
+        dlse = torch.randn(1, case.Hq, Nq, generator=gen) if case.dlse else None
+        pos = call_kwargs(case)
+        leaves = [t.double().requires_grad_() for t in (q, k, v)]
+        o, lse = attncc.reference(pat, *leaves, return_lse=True, **pos, **pat.param_values)
+        outs, cots = [o], [do.double()]
+        if dlse is not None:
+            outs.append(torch.where(lse.isinf(), 0.0, lse))
+            cots.append(dlse.double())
+        want = torch.autograd.grad(outs, leaves, cots, allow_unused=True, materialize_grads=True)
+        methods = ("split", "fused") if seen["score_grad"] % 2 else ("split", )
+        for method in methods:
+            got = launch.attention_backward(
+                q, k, v, o.detach().to(case.dtype), lse.detach().float(), do, dlse, **pos, config=SMALL[method],
+                walk=frag.walk, qwalk=frag.qwalk, mask=frag.mask, qmask=frag.qmask, score=frag.score,
+                score_grad=frag.score_grad, segments=frag.SEGMENTS, qsegments=frag.QSEGMENTS,
+                pattern_args=frag.pattern_args(call), method=method)
+            for label, g, w in zip(("dq", "dk", "dv"), got, want):
+                assert not torch.isnan(g).any(), (label, method, text)
+                if w.norm() < 1e-6:
+                    assert float(g.abs().max()) < 1e-3, (label, method, text)
+                else:
+                    assert rel(g, w) < 2 * TOL[case.dtype], (label, method, rel(g, w), text, case)
+        seen["fused"] += "fused" in methods
+        seen["score_grad"] += frag.score_grad is not None
+        seen["mod"] += pat.mod is not None
+    assert seen["score_grad"] >= 8 and seen["mod"] >= 3 and seen["fused"] >= 4, seen

@@ -17,10 +17,12 @@
 - CI compiles the rendered forward of every such spec for sm90 (a child process without
   TRITON_INTERPRET, two at a time): the launch a generated module makes, through Triton's own
   specialization, to a cubin with wgmma, TMA, the overlap of S with P V, and no spills in the key
-  loop. ATTNCC_GLUON_ALL=1 also compiles both kernels at every head dim and dtype.
+  loop; and their backward, split (dK/dV and dQ kernels) and fused (ATTNCC_GLUON_BWD=fused), with
+  its resources bounded. ATTNCC_GLUON_ALL=1 also compiles every kernel at every head dim and dtype.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import os
@@ -75,9 +77,9 @@ def fragments_of(name):
     return Fragments(module(name).SPEC.gluon_fragments.load())
 
 
-def call_like(params, *, q_offset, Nq, n_q, n_k):
+def call_like(params, *, q_offset, Nq, n_q, n_k, k_offset=0, Nk=1):
     """What the fragments file's host functions read of a call."""
-    return types.SimpleNamespace(params=params, q_offset=q_offset, Nq=Nq, n_q=n_q, n_k=n_k)
+    return types.SimpleNamespace(params=params, q_offset=q_offset, Nq=Nq, n_q=n_q, n_k=n_k, k_offset=k_offset, Nk=Nk)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -172,14 +174,49 @@ def test_explain_names_the_gluon_forward_a_plan_gets():
     def text(name, **kw):
         return backend_text(analyze(canonical_score(pattern(name))), **{"head_dim": 128, "value_dim": 128,
                                                                           "dtype": "bf16", **kw})
-    assert text("sink_window") == ("tl; Gluon sm90 forward (its rendered walk, mask and score) with ATTNCC_BACKEND=gluon; "
-                                   "the backward tl (the Gluon backward has the built-in dense and causal walks only)")
+    assert text("sink_window") == ("tl; Gluon sm90 forward and backward (its rendered walks, mask and score) with "
+                                   "ATTNCC_BACKEND=gluon")
+    assert text("softcap", head_dim=256, value_dim=256) == (
+        "tl; Gluon sm90 forward (its rendered walks, mask and score) with ATTNCC_BACKEND=gluon; the backward tl (the "
+        "Gluon backward takes head dims 64, 128)")
     assert text("causal") == "tl; Gluon sm90 forward and backward (built-in causal walk) with ATTNCC_BACKEND=gluon"
     assert text("causal", head_dim=256, value_dim=256) == (
         "tl; Gluon sm90 forward (built-in causal walk) with ATTNCC_BACKEND=gluon; the backward tl (the Gluon "
         "backward takes head dims 64, 128)")
     assert text("strided").startswith("tl only: its key blocks have no closed form")
     assert text("alibi", head_dim=96, value_dim=96).startswith("tl only for this call: head dim 96")
+
+
+def test_a_forward_whose_transposed_walk_has_no_closed_form_keeps_the_tl_backward(tmp_path, monkeypatch):
+    """Rows bounded on both sides that see every key have a closed-form key walk but no closed-form
+    query-block walk: the Gluon forward takes the fragments, the backward stays tl, and every place
+    says why (the analysis, the fragments file, the module, explain, the backend)."""
+    from attncc.report import backend_text
+
+    monkeypatch.setenv("ATTNCC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(call_mod, "_BOUND", {})
+    monkeypatch.setattr(backend, "device_problem", lambda device: None)
+    monkeypatch.setattr(backend, "interpreting", lambda: False)
+    monkeypatch.setenv("ATTNCC_BACKEND", "gluon")
+    text = ('name = "rows_and_band"\n[params]\nw = 19\n[mask]\n'
+            'where = "abs(i - j) <= w or i >= 19 or (j >= 14 and j < 47)"\n')
+    got = fit(parse_spec(text))
+    assert got.kind == "rendered" and not got.backward and "query blocks per key block have no closed form" in \
+        got.backward_reason
+    mod = attncc.compile(text)
+    frag = mod.SPEC.gluon_fragments.load()
+    assert frag.qwalk is None and frag.qmask is None and frag.BACKWARD_REASON == got.backward_reason
+    assert "gluon_backward" not in Path(mod.__file__).read_text()
+    assert backend_text(analyze(parse_spec(text)), head_dim=128, value_dim=128, dtype="bf16").endswith(
+        f"the backward tl (the Gluon backward does not take its fragments: {got.backward_reason})")
+    q = torch.zeros(1, 2, 8, 64, dtype=torch.bfloat16)
+    call = attncc.runtime.bind(mod.SPEC, q, q, q)
+    assert backend.gluon_selected(call) is True and backend.gluon_backward_selected(call) is False
+    assert backend.gluon_backward_problems(call) == (
+        f"the Gluon backward does not take rows_and_band's fragments: {got.backward_reason}",)
+    # a shipped one takes both
+    call = attncc.runtime.bind(module("sink_window").SPEC, q, q, q, kwargs=dict(window=3))
+    assert backend.gluon_backward_selected(call) is True
 
 
 def test_reasons_are_clauses_and_the_forced_backend_gives_them(monkeypatch):
@@ -202,54 +239,77 @@ def test_reasons_are_clauses_and_the_forced_backend_gives_them(monkeypatch):
 # the walks and the mask against brute force
 
 
-def segment_grid(frag: Fragments, problem: Problem, params, b=0, h=0):
+def segment_grid(frag: Fragments, problem: Problem, params, b=0, h=0, transposed=False):
     """The tile classes walking the rendered segments gives (0 EMPTY, 1 PARTIAL, 2 FULL), after
     checking the walk's contract: every raw segment ordered (no clamp needed), the non-empty ones
-    disjoint and ascending, inside the key blocks."""
+    disjoint and ascending, inside the blocks. ``transposed``: the dK/dV kernel's walk (qwalk: per
+    key block its query blocks, [nkb, nqb]), evaluated as the kernel calls it (key_tile_walk)."""
     p = problem
     n_q = p.q_offset + p.q_rows if p.n_q is None else p.n_q
     n_k = p.k_offset + p.k_rows if p.n_k is None else p.n_k
     nqb, nkb = -(-p.q_rows // p.block_m), -(-p.k_rows // p.block_n)
     ctx = ctx_of(b, h, 1, p.q_offset + p.q_rows - 1, tuple(params[n] for n in frag.module.PARAMS))
-    q_lo = p.q_offset + torch.arange(nqb) * p.block_m
-    raw = frag.walk(q_lo, q_lo + p.block_m - 1, torch.tensor(p.k_rows), torch.tensor(p.k_offset), torch.tensor(n_q),
-                    torch.tensor(n_k), p.block_n, ctx)
-    assert len(raw) == 4 * frag.segments
-    grid = torch.zeros(nqb, nkb, dtype=torch.int8)
-    kb = torch.arange(nkb).view(1, -1)
-    end = torch.zeros(nqb, 1, dtype=torch.int64)
-    for s in range(frag.segments):
-        lo, flo, fhi, hi = (torch.as_tensor(x).to(torch.int64).reshape(-1, 1).expand(nqb, 1) for x in raw[4 * s:4 * s + 4])
-        assert bool(((0 <= lo) & (lo <= flo) & (flo <= fhi) & (fhi <= hi) & (hi <= nkb)).all()), (s, raw)
+    if transposed:
+        n_outer, n_inner, segments = nkb, nqb, frag.module.QSEGMENTS
+        k_lo = p.k_offset + torch.arange(nkb) * p.block_n
+        k_hi = torch.minimum(k_lo + p.block_n, torch.tensor(p.k_offset + p.k_rows)) - 1
+        raw = frag.qwalk(k_lo, k_hi, torch.tensor(p.q_rows), torch.tensor(p.q_offset), torch.tensor(n_q),
+                         torch.tensor(n_k), p.block_m, ctx)
+        clamped = C.key_tile_walk(torch.arange(nkb), torch.tensor(p.k_offset), torch.tensor(p.q_rows),
+                                  torch.tensor(p.k_rows), torch.tensor(p.q_offset), torch.tensor(n_q), torch.tensor(n_k),
+                                  ctx, frag.qwalk, segments, p.block_m, p.block_n)
+    else:
+        n_outer, n_inner, segments = nqb, nkb, frag.segments
+        q_lo = p.q_offset + torch.arange(nqb) * p.block_m
+        raw = frag.walk(q_lo, q_lo + p.block_m - 1, torch.tensor(p.k_rows), torch.tensor(p.k_offset),
+                        torch.tensor(n_q), torch.tensor(n_k), p.block_n, ctx)
+        clamped = C.tile_walk(torch.arange(nqb), torch.tensor(p.q_offset), torch.tensor(p.k_rows),
+                              torch.tensor(p.k_offset), torch.tensor(n_q), torch.tensor(n_k), ctx, frag.walk,
+                              segments, p.block_m, p.block_n)
+    assert len(raw) == 4 * segments
+    grid = torch.zeros(n_outer, n_inner, dtype=torch.int8)
+    kb = torch.arange(n_inner).view(1, -1)
+    end = torch.zeros(n_outer, 1, dtype=torch.int64)
+    for s in range(segments):
+        lo, flo, fhi, hi = (torch.as_tensor(x).to(torch.int64).reshape(-1, 1).expand(n_outer, 1)
+                            for x in raw[4 * s:4 * s + 4])
+        assert bool(((0 <= lo) & (lo <= flo) & (flo <= fhi) & (fhi <= hi) & (hi <= n_inner)).all()), (s, raw)
         live = hi > lo
         assert not bool((live & (lo < end)).any()), "segments overlap or are out of order"
         end = torch.where(live, hi, end)
         grid = torch.where((lo <= kb) & (kb < hi), torch.where((flo <= kb) & (kb < fhi), 2, 1).to(torch.int8), grid)
     # the kernels' clamp of each segment changes nothing in an ordered walk
-    clamped = C.tile_walk(torch.arange(nqb), torch.tensor(p.q_offset), torch.tensor(p.k_rows),
-                          torch.tensor(p.k_offset), torch.tensor(n_q), torch.tensor(n_k), ctx, frag.walk,
-                          frag.segments, p.block_m, p.block_n)
-    assert all(torch.equal(torch.as_tensor(a).expand(nqb), torch.as_tensor(c).expand(nqb)) for a, c in zip(raw, clamped))
+    assert all(torch.equal(torch.as_tensor(a).expand(n_outer), torch.as_tensor(c).expand(n_outer))
+               for a, c in zip(raw, clamped))
     return grid
 
 
 def check_walk(frag: Fragments, pat, problem: Problem, params, b=0, h=0) -> bool:
-    """The rendered walk and mask against brute force for one problem; False when the call breaks
-    the walk's precondition (the Gluon path then refuses it)."""
+    """The rendered walks (the forward's and, with a backward, the dK/dV kernel's transposed one) and
+    masks (mask, and qmask solved for the query) against brute force for one problem; False when the
+    call breaks the forward walk's precondition (the Gluon path then refuses it)."""
     n_q = problem.q_offset + problem.q_rows if problem.n_q is None else problem.n_q
     n_k = problem.k_offset + problem.k_rows if problem.n_k is None else problem.n_k
-    if not frag.module.exact(call_like(params, q_offset=problem.q_offset, Nq=problem.q_rows, n_q=n_q, n_k=n_k)):
+    call = call_like(params, q_offset=problem.q_offset, Nq=problem.q_rows, n_q=n_q, n_k=n_k,
+                     k_offset=problem.k_offset, Nk=problem.k_rows)
+    if not frag.module.exact(call):
         return False
-    want = truth_classes(pat, problem, params, b=b, h=h)[0]
+    want, want_t = truth_classes(pat, problem, params, b=b, h=h)
     got = segment_grid(frag, problem, params, b, h)
     assert torch.equal(got, want), (problem, (got != want).nonzero()[:5].tolist())
-    if frag.mask is not None:
-        i = (problem.q_offset + torch.arange(problem.q_rows)).view(-1, 1)
-        j = (problem.k_offset + torch.arange(problem.k_rows)).view(1, -1)
-        ctx = ctx_of(b, h, h + 1, problem.q_offset + problem.q_rows - 1, tuple(params[n] for n in frag.module.PARAMS))
-        allowed = frag.mask(i, j, torch.tensor(n_q), torch.tensor(n_k), ctx).expand(problem.q_rows, problem.k_rows)
-        truth = pair_mask(pat, **problem.positions, batch=b + 1, heads=h + 1, params=params)[b, h]
-        assert torch.equal(allowed, truth), problem
+    backward = frag.qwalk is not None and frag.module.backward_exact(call)
+    if backward:
+        got = segment_grid(frag, problem, params, b, h, transposed=True)
+        assert torch.equal(got, want_t), ("transposed", problem, (got != want_t).nonzero()[:5].tolist())
+    i = (problem.q_offset + torch.arange(problem.q_rows)).view(-1, 1)
+    j = (problem.k_offset + torch.arange(problem.k_rows)).view(1, -1)
+    ctx = ctx_of(b, h, h + 1, problem.q_offset + problem.q_rows - 1, tuple(params[n] for n in frag.module.PARAMS))
+    truth = pair_mask(pat, **problem.positions, batch=b + 1, heads=h + 1, params=params)[b, h]
+    for fn, on in ((frag.mask, True), (frag.qmask, backward)):
+        if fn is not None and on:  # the dK/dV kernel's orientation: i [1, M], j [N, 1]
+            allowed = fn(i.T, j.T, torch.tensor(n_q), torch.tensor(n_k), ctx).expand(problem.k_rows, problem.q_rows)
+            assert torch.equal(allowed.T, truth), problem
+            assert torch.equal(fn(i, j, torch.tensor(n_q), torch.tensor(n_k), ctx).expand_as(truth), truth), problem
     return True
 
 
@@ -294,14 +354,17 @@ def test_rendered_walks_of_random_masks_are_exact(tmp_path, one_environment, gen
     overrides, batch rows and heads), where the precondition holds."""
     rng = random.Random(seed)
     cases = random_fragments(rng, tmp_path, generator, count)
-    checked = two_segments = 0
+    checked = two_segments = backward = two_qsegments = 0
     for pat, frag in cases:
         for _ in range(3):
             problem = random_problem(rng, shapes=[(16, 16), (32, 16), (16, 32), (64, 32), (128, 64), (128, 128)])
             params = {**pat.param_values, **random_overrides(rng, pat.param_values)}
             checked += check_walk(frag, pat, problem, params, b=rng.randint(0, 1), h=rng.randint(0, 2))
         two_segments += frag.segments == 2
+        backward += frag.qwalk is not None
+        two_qsegments += frag.module.QSEGMENTS == 2
     assert len(cases) >= count // 4 and checked >= len(cases) and two_segments >= two, (len(cases), checked, two_segments)
+    assert backward >= len(cases) * 3 // 4 and two_qsegments >= two, (len(cases), backward, two_qsegments)
 
 
 def test_the_kernels_walk_the_segments_block_after_block():
@@ -382,20 +445,13 @@ def test_emulated_forward_of_shipped_specs(name):
 def test_emulated_forward_of_random_specs_with_score_hooks(tmp_path, one_environment):
     """The fuzz generator's specs (biases, ALiBi, softcap, score transforms, params, masks) whose
     Plans take rendered fragments, at random offsets and lengths."""
-    from fuzz_specs import random_spec
+    from gluon_host import fuzz_rendered
 
     rng = random.Random(22)
     seen = {"score": 0, "mask": 0, "segments2": 0}
-    n = 0
-    while seen["score"] < 12 and n < 400:
-        n += 1
-        text, _ = random_spec(rng)
-        try:
-            pat = parse_spec(f'name = "f{n}"\n' + text)
-        except SpecError:
-            continue
-        if pat.kind != "softmax" or fit(pat).kind != "rendered":
-            continue
+    for n, text, pat, _ in fuzz_rendered(rng, "f"):
+        if seen["score"] >= 12:
+            break
         frag = Fragments(load_fragments(render_gluon(pat), tmp_path, f"f{n}"))
         q_offset, k_offset = rng.choice([0, 0, rng.randint(1, 40)]), rng.choice([0, 0, rng.randint(1, 40)])
         Nq, Nk = rng.randint(1, 70), rng.randint(1, 70)
@@ -472,9 +528,15 @@ def emulated(monkeypatch):
     monkeypatch.setattr(launch, "check_devices", lambda q, k, v: None)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(
         multi_processor_count=132, name="stub H100"))
+    from gluon_emulation import EmulatedKernel as EmulatedBackward
+
+    from attncc.runtime.gluon import bwd
     stubs = {}
     for kernel in (fwd_ws.attn_fwd_ws, fwd_pipelined.attn_fwd_pipelined):
         stubs[kernel.fn.__name__] = EmulatedKernel(kernel)
+        monkeypatch.setattr(kernel, "run", stubs[kernel.fn.__name__])
+    for kernel in (bwd.attn_bwd_dkdv, bwd.attn_bwd_dq):  # the backward's kernels, emulated too
+        stubs[kernel.fn.__name__] = EmulatedBackward(kernel)
         monkeypatch.setattr(kernel, "run", stubs[kernel.fn.__name__])
     return stubs
 
@@ -483,11 +545,13 @@ def emulated(monkeypatch):
                                           ("prefix_lm", {"prefix": 60})])
 def test_module_hands_rendered_fragments_to_the_kernel(monkeypatch, emulated, name, params):
     """ATTNCC_BACKEND=gluon through the generated module: the ws kernel gets the module's fragments,
-    SEGMENTS and the call's params as pattern_args; what it returns is the reference's, and the tl
-    backward takes it."""
+    SEGMENTS and the call's params as pattern_args; what it returns is the reference's, and the
+    Gluon backward (its kernels emulated, the tl preprocess interpreted) takes it: the gradients are
+    the reference's."""
     monkeypatch.setenv("ATTNCC_BACKEND", "gluon")
     mod = module(name)
-    monkeypatch.setattr(mod, "_fwd_kernel", None)  # the tl forward must not run
+    for kernel in ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"):
+        monkeypatch.setattr(mod, kernel, None)  # the tl kernels must not run
     frag = mod.SPEC.gluon_fragments.load()
     gen = torch.Generator().manual_seed(3)
     q = torch.randn(1, 4, 100, 64, generator=gen).to(torch.bfloat16).requires_grad_()
@@ -503,8 +567,13 @@ def test_module_hands_rendered_fragments_to_the_kernel(monkeypatch, emulated, na
     assert float((o.detach().double() - ref).abs().max()) < 2e-2 and torch.equal(lse.isinf(), ref_lse.isinf())
     fin = torch.isfinite(lse)
     assert float((lse.detach()[fin].double() - ref_lse[fin]).abs().max()) < 1e-4
-    o.float().sum().backward()  # the tl backward on the Gluon forward's output
-    assert all(t.grad is not None and not torch.isnan(t.grad).any() for t in (q, k, v))
+    do = torch.randn(o.shape, generator=gen).to(o.dtype)
+    o.backward(do)  # the Gluon backward on the Gluon forward's output
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    want = torch.autograd.grad(attncc.reference(pattern(name), *leaves, q_offset=40, **params), leaves, do.double())
+    for t, w in zip((q, k, v), want):
+        assert float((t.grad.double() - w).norm() / w.norm()) < 2e-2
+    assert len(emulated["attn_bwd_dkdv"].launches) == len(emulated["attn_bwd_dq"].launches) == 1
 
 
 # ------------------------------------------------------------------------------------------------
@@ -521,6 +590,17 @@ COMPILES += [("sink_window", "pipelined", 128, "float16"), ("softcap", "ws", 256
 if ALL:
     COMPILES = [(name, kernel, d, dt) for name in RENDERED for kernel in launch.KERNELS for d in (64, 128, 256)
                 for dt in ("bfloat16", "float16")]
+# the backward (dK/dV and dQ kernels, ~1.5 s each): every rendered spec at both head dims and both
+# dtypes, the pairs alternating (ATTNCC_GLUON_ALL=1: all four per spec)
+BWD_COMPILES = [(name, "bwd", d, dt) for n, name in enumerate(RENDERED)
+                for d, dt in (((128, "bfloat16"), (64, "float16")) if n % 2 == 0 else ((128, "float16"), (64, "bfloat16")))]
+# the fused backward (ATTNCC_GLUON_BWD=fused, one kernel, ~3 s): every rendered spec at D = 128 (where
+# it spills), the dtype alternating, and at D = 64 a two-segment walk and a score hook
+BWD_COMPILES += [(name, "bwd-fused", 128, ("bfloat16", "float16")[n % 2]) for n, name in enumerate(RENDERED)]
+BWD_COMPILES += [(name, "bwd-fused", 64, "bfloat16") for name in ("longformer", "softcap")]
+if ALL:
+    BWD_COMPILES = [(name, kernel, d, dt) for name in RENDERED for kernel in ("bwd", "bwd-fused") for d in (64, 128)
+                    for dt in ("bfloat16", "float16")]
 
 CHILD = r"""
 import sys
@@ -533,8 +613,12 @@ t.compile_rendered({cases!r}, {out!r})
 def compile_rendered(cases, out_path):
     """Run in a process without TRITON_INTERPRET: each case's launch through its generated module
     (ATTNCC_BACKEND=gluon, the device stubbed, a call with offsets and GQA), compiled for sm90 as
-    Triton specializes the recorded arguments (tests/kernel_compile.py)."""
+    Triton specializes the recorded arguments (tests/kernel_compile.py). A "bwd" case is the
+    module's Gluon backward of that call: its dK/dV and dQ launches, two results ("dkdv", "dq");
+    "bwd-fused" the same with ATTNCC_GLUON_BWD=fused: one launch, "fused"."""
     from kernel_compile import compile_launch, launch_of
+
+    from attncc.runtime.gluon import bwd, bwd_fused, preprocess
 
     os.environ["ATTNCC_BACKEND"] = "gluon"
     call_mod.interpreting = lambda: True  # CPU tensors pass the call's checks, as under the interpreter
@@ -542,8 +626,11 @@ def compile_rendered(cases, out_path):
     backend.device_problem = lambda device: None
     launch.check_devices = lambda q, k, v: None
     torch.cuda.get_device_properties = lambda device: types.SimpleNamespace(multi_processor_count=132)
+    # the tl preprocess and the fused backward's tl postprocess: not here
+    preprocess.bwd_preprocess = preprocess.bwd_postprocess = collections.defaultdict(lambda: lambda *a, **kw: None)
     recorded = []
-    for kernel in (fwd_ws.attn_fwd_ws, fwd_pipelined.attn_fwd_pipelined):
+    for kernel in (fwd_ws.attn_fwd_ws, fwd_pipelined.attn_fwd_pipelined, bwd.attn_bwd_dkdv, bwd.attn_bwd_dq,
+                   bwd_fused.attn_bwd_fused):
         kernel.run = (lambda kernel: lambda *a, grid, warmup, **kw: recorded.append(launch_of(kernel, a, kw)))(kernel)
     results = {}
     for name, kernel, d, dtype in cases:
@@ -553,23 +640,39 @@ def compile_rendered(cases, out_path):
         q = torch.randn(1, 4, 300, d).to(dt)
         k, v = (torch.randn(1, 2, 200, d).to(dt) for _ in range(2))
         recorded.clear()
-        module(name).attention(q, k, v, q_offset=100)
-        (rec,) = recorded
-        c = compile_launch(rec, "cubin")
-        registers, stack = launch._resource_usage(c.stages["cubin"])
-        sass = launch._cuobjdump(c.stages["cubin"], "-sass")
-        ptx = c.stages["ptx"]
-        import re
-        results[(name, kernel, d, dtype)] = dict(
-            registers=registers, stack=stack, shared=c.metadata["shared"], wgmma=len(re.findall(r"wgmma\.mma_async", ptx)),
-            hgmma=len(re.findall(r"\bHGMMA\.", sass)), ldl=len(re.findall(r"\bLDL", sass)),
-            wait1=bool(re.search(r"wgmma\.wait_group\.sync\.aligned\s+1;", ptx)),
-            tma_load=bool(re.search(r"cp\.async\.bulk\.tensor\.4d\.shared::cluster\.global", ptx)),
-            tma_store=bool(re.search(r"cp\.async\.bulk\.tensor\.4d\.global\.shared::cta", ptx)),
-            p_from_registers=bool(re.search(r"HGMMA\.\S+ R\d+, R\d+, gdesc", sass)),
-            signature=dict(rec.signature))
+        if kernel.startswith("bwd"):
+            os.environ["ATTNCC_GLUON_BWD"] = "fused" if kernel == "bwd-fused" else "split"
+            call = attncc.runtime.bind(module(name).SPEC, q, k, v, q_offset=100, kwargs={})
+            assert backend.gluon_backward_selected(call), backend.gluon_backward_problems(call)
+            o, lse = torch.zeros_like(q), torch.zeros(1, 4, 300)
+            backend.gluon_backward(call, "rendered", o, lse, torch.zeros_like(q))
+            parts = ("fused", ) if kernel == "bwd-fused" else ("dkdv", "dq")
+        else:
+            module(name).attention(q, k, v, q_offset=100)
+            parts = (kernel,)
+        assert len(recorded) == len(parts), recorded
+        for part, rec in zip(parts, recorded):
+            results[(name, part, d, dtype)] = _compiled_numbers(compile_launch(rec, "cubin"), rec)
     with open(out_path, "wb") as f:
         pickle.dump(results, f)
+
+
+def _compiled_numbers(c, rec):
+    """What the tests check of a compiled launch: resources, instruction counts, the launch's signature."""
+    import re
+
+    registers, stack = launch._resource_usage(c.stages["cubin"])
+    sass = launch._cuobjdump(c.stages["cubin"], "-sass")
+    ptx = c.stages["ptx"]
+    return dict(
+        registers=registers, stack=stack, shared=c.metadata["shared"], wgmma=len(re.findall(r"wgmma\.mma_async", ptx)),
+        hgmma=len(re.findall(r"\bHGMMA\.", sass)), ldl=len(re.findall(r"\bLDL", sass)),
+        wait1=bool(re.search(r"wgmma\.wait_group\.sync\.aligned\s+1;", ptx)),
+        tma_load=bool(re.search(r"cp\.async\.bulk\.tensor\.4d\.shared::cluster\.global", ptx)),
+        tma_store=bool(re.search(r"cp\.async\.bulk\.tensor\.4d\.global\.shared::cta", ptx)),
+        p_from_registers=bool(re.search(r"HGMMA\.\S+ R\d+, R\d+, gdesc", sass)),
+        tma_reduce=len(re.findall(r"cp\.reduce\.async\.bulk\.tensor\.4d\.global\.shared::cta\.add", ptx)),
+        signature=dict(rec.signature))
 
 
 @pytest.fixture(scope="module")
@@ -581,7 +684,7 @@ def compiled(tmp_path_factory):
     jobs = []
     for n in range(2):
         out = folder / f"part{n}.pickle"
-        code = CHILD.format(tests=str(ROOT / "tests"), cases=COMPILES[n::2], out=str(out))
+        code = CHILD.format(tests=str(ROOT / "tests"), cases=(COMPILES + BWD_COMPILES)[n::2], out=str(out))
         jobs.append((subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True), out))
     results = {}
@@ -614,3 +717,33 @@ def test_rendered_forward_compiles_for_sm90(compiled, case):
         assert c["stack"] <= 64 and c["ldl"] <= 32 * segments, (c["stack"], c["ldl"])
     else:
         assert c["stack"] == 0 and c["registers"] <= 255
+
+
+# wgmma per kernel, as the built-in walks' (docs/gluon.md): one loop, whatever the segments
+BWD_WGMMA = {("dkdv", 128): 24, ("dkdv", 64): 16, ("dq", 128): 20, ("dq", 64): 16, ("fused", 128): 40,
+             ("fused", 64): 24}
+
+
+@pytest.mark.parametrize("case", BWD_COMPILES, ids=lambda c: "-".join(map(str, c)))
+def test_rendered_backward_compiles_for_sm90(compiled, case):
+    """Both backward kernels of a rendered spec, as its module launches them: wgmma from shared memory
+    and from registers (P^T, dS^T, dS), TMA, the shared memory of the built-in walks' kernels, and
+    registers within the launch's 255 with no stack but a word or two of per-program walk scalars
+    (two-segment walks, softcap at D = 128: 8 bytes, reloaded once per step, outside the tile math).
+    The fused kernel ("bwd-fused"): its dQ partial by one TMA reduce-add, and at D = 128 the spills
+    the built-in walks' fused kernel has (64-80 bytes) plus a word or so of the rendered walk's
+    (80-112 bytes measured, docs/gluon.md); none at D = 64."""
+    name, kernel, d, dtype = case
+    cfg = launch.default_bwd_config(d)
+    shared = launch.bwd_shared_bytes(cfg, d)
+    frag = module(name).SPEC.gluon_fragments.load()
+    for part in (("fused", ) if kernel == "bwd-fused" else ("dkdv", "dq")):
+        c = compiled[(name, part, d, dtype)]
+        assert c["wgmma"] == BWD_WGMMA[(part, d)] and c["hgmma"] == c["wgmma"], (part, c["wgmma"])
+        assert c["tma_load"] and c["tma_store"] and c["p_from_registers"] and c["wait1"], part
+        assert c["tma_reduce"] == (part == "fused"), part
+        assert shared[part] <= c["shared"] <= shared[part] + 1024 <= launch.SM90_SHARED_BYTES, (part, c["shared"])
+        spills = (128, 32) if part == "fused" and d == 128 else (8, 2)
+        assert c["registers"] <= 255 and c["stack"] <= spills[0] and c["ldl"] <= spills[1], (
+            part, c["registers"], c["stack"], c["ldl"])
+        assert len(c["signature"]["pattern_args"]) == len(frag.PARAMS)

@@ -36,6 +36,7 @@ from attncc.analysis.bands import X, Cover
 from attncc.analysis.integer import integer_ops
 from attncc.analysis.plan import Plan
 from attncc.analysis.walks import Iteration
+from attncc.spec import symbols as S
 
 # The walks the Gluon kernels have (the keys of attncc.runtime.gluon.walks.PATTERNS; a test checks
 # that they agree: the analysis may not import the runtime).
@@ -87,6 +88,14 @@ class GluonFit:
 
     kind: Optional[str] = None
     reason: str = ""
+    backward_reason: str = ""
+
+    @property
+    def backward(self) -> bool:
+        """Whether the Gluon sm90 backward computes the Plan too: the built-in walks', or the rendered
+        fragments' (the transposed walk in closed form, the same for every query head:
+        ``backward_reason`` says why not)."""
+        return self.kind is not None and not self.backward_reason
 
 
 def gluon_fit(plan: Plan) -> GluonFit:
@@ -110,7 +119,20 @@ def gluon_fit(plan: Plan) -> GluonFit:
     if p.mask is not None and not integer_mask(p.mask):
         return GluonFit(reason=f"the mask {p.mask} computes in float (float64 in the tl kernels, as the "
                                f"reference); the Gluon fragments compute masks in integers only")
-    return GluonFit("rendered")
+    return GluonFit("rendered", backward_reason=rendered_backward_reason(plan))
+
+
+def rendered_backward_reason(plan: Plan) -> str:
+    """Why the Gluon backward cannot take a rendered Plan's fragments ("" when it can): its dK/dV
+    kernel walks the transposed walk's closed-form segments once per key block for all the query
+    heads of a GQA group, so that walk must have a closed form and must not read the head."""
+    walk = plan.transposed
+    if walk.kind not in (Iteration.DENSE, Iteration.BANDS):
+        return f"its query blocks per key block have no closed form ({walk.reason})"
+    if any(S.h in e.free_symbols for _, e in walk.steps):
+        return ("its query blocks per key block depend on the query head, and the Gluon dK/dV kernel walks the "
+                "query heads of a GQA group together")
+    return ""
 
 
 def integer_mask(mask) -> bool:

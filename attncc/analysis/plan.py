@@ -60,12 +60,12 @@ class Plan:
                                         for w in self.walks)
 
 
-_SWAP = {S.i: S.j, S.j: S.i, S.n_q: S.n_k, S.n_k: S.n_q}
+SWAP = {S.i: S.j, S.j: S.i, S.n_q: S.n_k, S.n_k: S.n_q}
 
 
 def transposed_mask(pattern: Pattern):
     """The mask with the roles of queries and keys swapped (``i <-> j``, ``n_q <-> n_k``)."""
-    return None if pattern.mask is None else pattern.mask.xreplace(_SWAP)
+    return None if pattern.mask is None else pattern.mask.xreplace(SWAP)
 
 
 def transposed_pattern(pattern: Pattern) -> Pattern:

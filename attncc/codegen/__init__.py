@@ -1,4 +1,4 @@
-"""Stage 3: Plan -> generated/<name>.py (and generated/<name>_gluon.py, the Gluon sm90 forward's
+"""Stage 3: Plan -> generated/<name>.py (and generated/<name>_gluon.py, the Gluon sm90 kernels'
 fragments, for the patterns that take rendered ones: attncc.codegen.gluon). Public entry points:
 ``render``, ``render_files``, ``build``, ``stale``."""
 from __future__ import annotations

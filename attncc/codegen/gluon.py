@@ -1,7 +1,7 @@
-"""Plan -> the Gluon sm90 forward's fragments of a pattern: ``generated/<name>_gluon.py``.
+"""Plan -> the Gluon sm90 kernels' fragments of a pattern: ``generated/<name>_gluon.py``.
 
 The Gluon kernels (``attncc.runtime.gluon``) are hand-written skeletons, the same for every
-pattern; what a pattern adds is three small ``@gluon.jit`` functions they take as ``constexpr``
+pattern; what a pattern adds is a few small ``@gluon.jit`` functions they take as ``constexpr``
 arguments and inline (their contract: ``attncc.runtime.gluon.walks``):
 
 - ``walk``: the Plan's key-block segments of a query tile (:func:`attncc.analysis.walks.sorted_segments`:
@@ -12,7 +12,11 @@ arguments and inline (their contract: ``attncc.runtime.gluon.walks``):
   per-key values are not kept across the key loop, where a register-bound kernel would spill
   them), evaluated on the partial blocks only;
 - ``score``: the bias, mod and softcap of the score in log2 units (None for the plain scaled dot
-  product: the kernels then fold the scale into exp2, as before).
+  product: the kernels then fold the scale into exp2, as before);
+- the backward's (where :attr:`~attncc.analysis.builtin.GluonFit.backward`): ``qwalk``, the Plan's
+  transposed walk as sorted segments of query blocks per key block (the same steps and printer as
+  ``walk``), ``qmask``, the mask with each band solved for the query (the dK/dV kernel's
+  transposed tiles), and ``score_grad``, d score / d (scale * qk + bias).
 
 The functions live in a file of their own, next to the module, which ``attncc.runtime.backend``
 imports on the Gluon path only: the module itself is imported under ``TRITON_INTERPRET=1`` (whose
@@ -22,14 +26,17 @@ spec's params, in the order the fragments unpack them) and whether the closed fo
 call (its precondition; otherwise the ``tl`` kernels run the call on exact block lists).
 
 Names: the fragments' own arguments and ``b, h, H, q_last`` (the context tuple's first members),
-``kv_<step>`` for the walk's steps, ``prm_<param>`` for params (attncc.codegen.names: no spec name
+``kv_<step>`` for the walk's steps, ``qb_<step>`` for the query-block walk's, ``prm_<param>`` for params (attncc.codegen.names: no spec name
 can meet another), ``tmp<n>`` / ``bucket<n>`` for named subexpressions.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import List, Optional, Tuple
 
 from attncc.analysis.builtin import gluon_fit
+from attncc.analysis.derivative import BackwardUnsupported, score_derivative
+from attncc.analysis.plan import SWAP
 from attncc.analysis.walks import Iteration, sorted_segments
 from attncc.codegen.helpers import GLUON, helper_args
 from attncc.codegen.names import param_var
@@ -49,28 +56,39 @@ def gluon_context(pattern: Pattern, plan) -> Optional[dict]:
     does not take rendered fragments (:func:`attncc.analysis.builtin.gluon_fit`). Raises
     :class:`NotGluon` for what the analysis let through and Gluon cannot print (a bug: the tests
     render every eligible spec and random ones)."""
-    if gluon_fit(plan).kind != "rendered":
+    fit = gluon_fit(plan)
+    if fit.kind != "rendered":
         return None
     params = [p for p in pattern.params]
     unpack = ", ".join(list(CONTEXT) + [param_var(p.name) for p in params])
     temps = Temporaries()
     helpers = set()
 
-    # -- the walk: the Plan's steps, then the sorted segments ------------------------------------
-    segments = sorted_segments(plan.forward)
-    names = symbol_names(plan, segments.steps, False, "kv_", {"n_heads": "H"})
-    walk_printer = GluonPrinter(names)
-    record_definitions(segments.steps)  # their bounds, for the host's overflow guard (codegen.bounds)
-    walk_steps = [(names[sym], walk_printer(e)) for sym, e in segments.steps]
-    helpers |= walk_printer.helpers
+    # -- the score's derivative first: one Gluon cannot print keeps the backward on tl, not the forward
+    base = {S.i: "i", S.j: "j", S.b: "b", S.h: "h", S.n_q: "n_q", S.n_k: "n_k", S.n_heads: "H"}
+    grad_lines: List[str] = []
+    if fit.backward:
+        try:
+            grad_lines = render_score_grad(pattern, base, temps, helpers)
+        except (NotGluon, BackwardUnsupported) as e:
+            fit = dataclasses.replace(fit, backward_reason=f"its score's derivative cannot be printed in Gluon ({e})")
+
+    # -- the walks: the Plan's steps, then the sorted segments (the forward's, the dK/dV kernel's) ----
+    walk_steps, walk_out, count = _segments(plan, False, helpers)
+    qwalk_steps, qwalk_out, qcount = _segments(plan, True, helpers) if fit.backward else ([], [], 0)
 
     # -- the mask and the score, over the positions i [BLOCK_M, 1] and j [1, BLOCK_N] ------------------
-    base = {S.i: "i", S.j: "j", S.b: "b", S.h: "h", S.n_q: "n_q", S.n_k: "n_k", S.n_heads: "H"}
     mask_lines: List[Tuple[str, str]] = []
     mask_code = None
     if plan.forward.kind is Iteration.BANDS:  # the mask as the Plan's bands, each solved for j
         printer = GluonPrinter({**base, **{p.symbol: param_var(p.name) for p in params}}, float64=True, temps=temps)
         mask_lines, mask_code = printer.statement(plan.forward.cover.predicate(S.i, S.j))
+        helpers |= printer.helpers
+    qmask_lines: List[Tuple[str, str]] = []
+    qmask_code = None
+    if fit.backward and plan.transposed.kind is Iteration.BANDS:  # for the dK/dV kernel: each band solved for i
+        printer = GluonPrinter({**base, **{p.symbol: param_var(p.name) for p in params}}, float64=True, temps=temps)
+        qmask_lines, qmask_code = printer.statement(plan.transposed.cover.predicate(S.i, S.j).xreplace(SWAP))
         helpers |= printer.helpers
     score_lines = render_score(pattern, base, temps, helpers)
 
@@ -78,15 +96,33 @@ def gluon_context(pattern: Pattern, plan) -> Optional[dict]:
     if bad:
         raise NotGluon(f"{pattern.source}: the Gluon fragments have no helper {', '.join(bad)}")
     note = walk_note(plan.forward)
-    count = len(segments.segments)
+    qnote = walk_note(plan.transposed, transposed=True)
     return dict(
-        segments=count, walk_steps=walk_steps, walk_out=[", ".join(names[s] for s in seg) for seg in segments.segments],
+        segments=count, walk_steps=walk_steps, walk_out=walk_out,
         unpack=unpack, param_tuple=_tuple([py_str(p.name) for p in params]),
         param_values=_tuple([f"{p.kind}(call.params[{py_str(p.name)}])" for p in params]),
-        mask_lines=mask_lines, mask_code=mask_code, score_lines=score_lines,
+        mask_lines=mask_lines, mask_code=mask_code, qmask_lines=qmask_lines, qmask_code=qmask_code,
+        score_lines=score_lines, grad_lines=grad_lines,
         helpers=[helper_args(h) for h in sorted(helpers)], exact=precondition_code(plan, transposed=False),
+        backward=fit.backward, backward_reason=fit.backward_reason, qsegments=qcount, qwalk_steps=qwalk_steps,
+        qwalk_out=qwalk_out, backward_exact=precondition_code(plan, transposed=True),
         walk_note=[f"{note[0]}; the kernels walk {count} sorted segment{'s' if count > 1 else ''} per query tile"]
-        + note[1:])
+        + note[1:] + ([f"the backward's dK/dV kernel: {qnote[0]}; {qcount} sorted segment{'s' if qcount > 1 else ''} "
+                       f"of query blocks per key block"] + qnote[1:] if fit.backward else
+                      [f"the Gluon backward does not take these fragments: {fit.backward_reason}"]))
+
+
+def _segments(plan, transposed: bool, helpers: set):
+    """(steps [(variable, code)], each segment's four variables as a line, the segment count) of the
+    forward's walk (key blocks per query block, steps ``kv_*``) or, ``transposed``, the dK/dV
+    kernel's (query blocks per key block, ``qb_*``): one vocabulary, printed alike."""
+    segments = sorted_segments(plan.transposed if transposed else plan.forward)
+    names = symbol_names(plan, segments.steps, transposed, "qb_" if transposed else "kv_", {"n_heads": "H"})
+    printer = GluonPrinter(names)
+    record_definitions(segments.steps)  # their bounds, for the host's overflow guard (codegen.bounds)
+    steps = [(names[sym], printer(e)) for sym, e in segments.steps]
+    helpers |= printer.helpers
+    return steps, [", ".join(names[s] for s in seg) for seg in segments.segments], len(segments.segments)
 
 
 def _tuple(items: List[str]) -> str:
@@ -128,3 +164,39 @@ def render_score(pattern: Pattern, base, temps: Temporaries, helpers: set) -> Li
     helpers |= printer.helpers
     return lines + [f"return s * {LOG2E!r}  # to log2 units"]
 
+
+
+def render_score_grad(pattern: Pattern, base, temps: Temporaries, helpers: set) -> List[str]:
+    """The body of the score's backward hook (``score_grad``: d score / d (scale * qk + bias), from the
+    accumulator ``qk`` and the score hook's output ``s`` of a pair with P > 0), or [] when that is 1 (no hook, or a
+    bias alone). A softcap's ``1 - tanh^2`` reads tanh from ``s`` (``s * ln 2 / c``: no second tanh);
+    a mod's derivative (``sympy.diff``, attncc.analysis.derivative) is evaluated at its input, the
+    scaled score with its bias, recomputed from ``qk``."""
+    if pattern.mod is None and pattern.softcap is None:
+        return []
+    names = {**base, S.s: "s_in"}
+    for p in pattern.params:
+        names[p.symbol] = f"gl.cast({param_var(p.name)}, gl.float32)" if p.kind == "float" else param_var(p.name)
+    printer = GluonPrinter(names, temps=temps)
+    lines: List[str] = []
+    factors: List[str] = []
+    if pattern.softcap is not None:
+        lines.append(f"t = s * {LN2 / pattern.softcap!r}  # tanh(x / softcap), the softcap's output over softcap")
+        factors.append("(1.0 - t * t)")
+    if pattern.mod is not None and pattern.mod != S.s:
+        dmod = score_derivative(pattern.mod)
+        if dmod != 1:
+            has_bias = pattern.bias is not None and pattern.bias != 0
+            bias = ""
+            if has_bias:
+                defs, bias = printer.statement(pattern.bias)
+                lines.extend(f"{name} = {value}" for name, value in defs)
+                bias = f" + {bias}"
+            lines.append(f"s_in = qk * (qk_scale * {LN2!r}){bias}  # the mod's input: scale * qk (+ bias)")
+            defs, text = printer.statement(dmod)
+            lines.extend(f"{name} = {value}" for name, value in defs)
+            factors.append(f"({text})" if S.s in dmod.free_symbols else f"(gl.zeros_like(qk) + {text})")
+    helpers |= printer.helpers
+    if not factors:
+        return []
+    return lines + [f"return {' * '.join(factors)}"]

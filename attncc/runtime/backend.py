@@ -19,7 +19,9 @@ Anything else is a ``ValueError`` naming the allowed values.
 
 The backward reads only the forward's O and natural-log LSE, the same from either forward, so it is
 chosen on its own: those modules' ``_backward`` opens with
-``if _rt.gluon_backward_selected(call): return _rt.gluon_backward(call, "causal", o, lse, do, dlse)``.
+``if _rt.gluon_backward_selected(call): return _rt.gluon_backward(call, "causal", o, lse, do, dlse)``
+(``"rendered"``: the fragments' query-block walk, ``qmask`` and ``score_grad`` too, where the Plan's
+transposed walk has a closed form; a call that breaks its precondition runs the ``tl`` backward).
 ``triton``: the ``tl`` backward; ``auto``: the ``tl`` backward for now
 (``attncc.runtime.gluon.AUTO_SELECTS_GLUON_BACKWARD``: it has not run on a GPU); ``gluon``: the Gluon
 backward where it can run the call, else the ``tl`` one (it never refuses: the forward already
@@ -217,10 +219,20 @@ def gluon_backward_problems(call: Call) -> Tuple[str, ...]:
 
 
 def _backward_signature_problems(call: Call, method: str = GLUON_BWD_METHODS[0]) -> Tuple[str, ...]:
-    if call.spec.gluon not in BUILTIN_BACKWARD_WALKS:  # rendered fragments: the forward only
-        return (f"the Gluon backward has the built-in walks only ({', '.join(BUILTIN_BACKWARD_WALKS)})",)
     if call.D not in HEAD_DIMS:  # the forward's reasons say it
         return ()
+    if call.spec.gluon == "rendered":
+        try:
+            fragments = call.spec.gluon_fragments.load()
+        except Exception:  # noqa: BLE001 - the forward's reasons say it
+            return ()
+        if fragments.qwalk is None:
+            return (f"the Gluon backward does not take {call.spec.name}'s fragments: {fragments.BACKWARD_REASON}",)
+        if not fragments.backward_exact(call):
+            return ("this call breaks the precondition of the pattern's closed-form query-block walk (the dK/dV "
+                    "kernel's): the tl backward runs it on exact block lists",)
+    elif call.spec.gluon not in BUILTIN_BACKWARD_WALKS:
+        return (f"the Gluon backward has no {call.spec.gluon} walk",)
     if call.D not in BWD_HEAD_DIMS:
         return (f"head dim D = {call.D}; the Gluon backward takes {', '.join(map(str, BWD_HEAD_DIMS))}",)
     try:
@@ -240,17 +252,23 @@ def gluon_bwd_config(head_dim: int):
 
 
 def gluon_backward(call: Call, walk: str, o, lse, do, dlse=None):
-    """``(dq, dk, dv, {})`` of ``call`` from the Gluon sm90 backward with the built-in ``walk``, as the
-    generated ``tl`` backward returns them; ``o``, ``lse`` are the forward's (either forward's),
-    ``do``, ``dlse`` the gradients of the loss (``dlse`` None when the loss does not use the LSE).
-    ``ATTNCC_GLUON_BWD`` picks the split (default, deterministic) or the fused kernels."""
+    """``(dq, dk, dv, {})`` of ``call`` from the Gluon sm90 backward with the built-in ``walk`` ("dense",
+    "causal") or the module's rendered fragments (``walk`` "rendered"), as the generated ``tl`` backward
+    returns them; ``o``, ``lse`` are the forward's (either forward's), ``do``, ``dlse`` the gradients of
+    the loss (``dlse`` None when the loss does not use the LSE). ``ATTNCC_GLUON_BWD`` picks the split
+    (default, deterministic) or the fused kernels, for either kind of walk."""
     from attncc.runtime.gluon import launch
 
     if call.Nq == 0 or call.Nk == 0:  # no pair: what the tl path gives such calls
         return no_pairs_backward(call, o, lse, do, dlse)
-    dq, dk, dv = launch.attention_backward(
-        call.q, call.k, call.v, o, lse, do.to(call.q.dtype), dlse, pattern=walk, scale=call.scale,
-        q_offset=call.q_offset, k_offset=call.k_offset, n_q=call.n_q, n_k=call.n_k, config=gluon_bwd_config(call.D),
-        method=gluon_bwd_method())
-    # already q's (= k's = v's) dtype and shapes (Dv = D); a built-in walk's spec has no [inputs]
+    kw = dict(scale=call.scale, q_offset=call.q_offset, k_offset=call.k_offset, n_q=call.n_q, n_k=call.n_k,
+              config=gluon_bwd_config(call.D), method=gluon_bwd_method())
+    if walk == "rendered":
+        f = call.spec.gluon_fragments.load()
+        kw.update(walk=f.walk, qwalk=f.qwalk, mask=f.mask, qmask=f.qmask, score=f.score, score_grad=f.score_grad,
+                  segments=f.SEGMENTS, qsegments=f.QSEGMENTS, pattern_args=f.pattern_args(call))
+    else:
+        kw.update(pattern=walk)
+    dq, dk, dv = launch.attention_backward(call.q, call.k, call.v, o, lse, do.to(call.q.dtype), dlse, **kw)
+    # already q's (= k's = v's) dtype and shapes (Dv = D); a Gluon spec has no [inputs]
     return dq, dk, dv, {}

@@ -6,18 +6,19 @@ bidirectional, Longformer, bottom-right causal, ALiBi, softcap: generated/<name>
 fp16, forward (O and the natural-log LSE) at real sizes against the float64 reference and against the
 same module's tl forward, with offsets, odd lengths and rows that see no key, and forward + backward
 against the reference's gradients (the LSE's included) and the module's tl kernels
-(ATTNCC_BACKEND=triton): the built-in walks' Gluon backward at head dims 64 and 128, the tl backward
-on the Gluon forward's output at 256 and for rendered fragments. Every call is checked to have gone
+(ATTNCC_BACKEND=triton): the Gluon backward at head dims 64 and 128 (built-in walks, and rendered
+fragments: query-block walks, the mask solved for the query, the score's derivative; split and,
+with ATTNCC_GLUON_BWD=fused, the fused kernel), the tl backward on the Gluon forward's output at 256. Every call is checked to have gone
 through ``gluon_forward`` / ``gluon_backward``. Gluon has no interpreter: skipped elsewhere, and in the
 CPU check of the GPU tests (tests/test_gluon_wiring.py, tests/test_gluon_rendered.py and
 tests/test_gluon_bwd.py check the wiring, the fragments and the backward's tile loop on the CPU).
 
     TRITON_INTERPRET=0 PYTHONPATH=. python -m pytest -q -m gpu tests/gpu/test_gpu_gluon_specs.py
 
-Not run yet (written 2026-12-05 without a GPU): the first GPU session to run it decides whether
-ATTNCC_BACKEND=auto may select the Gluon forward and backward (attncc.runtime.gluon.AUTO_SELECTS_GLUON,
-AUTO_SELECTS_GLUON_BACKWARD). Start with test_rendered_tiny: small launches of every rendered spec,
-before the real sizes.
+Not run yet (written 2026-12-05 without a GPU; the rendered backward's tests, split and fused, too):
+the first GPU session to run it decides whether ATTNCC_BACKEND=auto may select the Gluon forward and
+backward (attncc.runtime.gluon.AUTO_SELECTS_GLUON, AUTO_SELECTS_GLUON_BACKWARD). Start with test_rendered_tiny and test_rendered_backward_tiny: small
+launches of every rendered spec, before the real sizes.
 """
 from __future__ import annotations
 
@@ -294,25 +295,67 @@ def test_rendered_precondition_falls_back_to_tl(monkeypatch, gluon):
     assert gluon == []
 
 
-RENDERED_BACKWARD = [("sink_window", torch.bfloat16), ("alibi", torch.float16), ("softcap", torch.bfloat16),
-                     ("longformer", torch.bfloat16)]
+@pytest.mark.parametrize("method", ["split", "fused"])
+@pytest.mark.parametrize("name", sorted(RENDERED))
+def test_rendered_backward_tiny(monkeypatch, gluon_bwd, gluon, name, method):
+    """One small Gluon backward per rendered spec first (a hang or a fault shows here, with its name),
+    each method (ATTNCC_GLUON_BWD)."""
+    monkeypatch.setenv("ATTNCC_GLUON_BWD", method)
+    q, k, v = qkv(1, 2, 1, 300, 333, 64, torch.bfloat16, seed=15, grad=True)
+    check_backward(name, q, k, v, gluon_bwd, q_offset=20, **{key: min(x, 150) for key, x in RENDERED[name].items()})
+    assert gluon == ["rendered"] and gluon_bwd == ["rendered"], (gluon, gluon_bwd)
 
 
-@pytest.mark.parametrize("name, dtype", RENDERED_BACKWARD, ids=[f"{n}-{str(t)[6:]}" for n, t in RENDERED_BACKWARD])
-def test_rendered_forward_backward(gluon, name, dtype):
-    """The tl backward on the Gluon forward's O and LSE of a rendered spec."""
+RENDERED_BACKWARD = [(name, dtype, D) for name in sorted(RENDERED) for dtype in (torch.bfloat16, torch.float16)
+                     for D in (64, 128)]
+
+
+@pytest.mark.parametrize("name, dtype, D", RENDERED_BACKWARD,
+                         ids=[f"{n}-{str(t)[6:]}-D{d}" for n, t, d in RENDERED_BACKWARD])
+def test_rendered_forward_backward(gluon_bwd, gluon, name, dtype, D):
+    """The Gluon backward with the rendered query-block walk, masks and score derivative, on the Gluon
+    forward's O and LSE: against the reference's gradients (dLSE included) and the module's tl ones."""
     Hq, Hkv = heads(name, Hq=8, Hkv=4)
-    q, k, v = qkv(1, Hq, Hkv, 1500, 1500, 128, dtype, seed=13, grad=True)
-    params = {key: min(value, 400) for key, value in RENDERED[name].items()}
-    o, lse = module(name).attention(q, k, v, return_lse=True, **params)
-    gen = torch.Generator(device=DEV).manual_seed(14)
-    do = torch.randn(o.shape, device=DEV, generator=gen).to(dtype)
-    grads = torch.autograd.grad(o, (q, k, v), do)
-    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ro = attncc.reference(pattern(name), *leaves, **params)
-    want = torch.autograd.grad(ro, leaves, do.double())
-    for label, got, ref in zip("qkv", grads, want):
-        assert not torch.isnan(got).any(), f"d{label} has NaN"
-        assert rel(got, ref) < GRAD_TOL, (label, rel(got, ref))
-    assert gluon == ["rendered"]
-    release()
+    q, k, v = qkv(1, Hq, Hkv, 1500, 1500, D, dtype, seed=13, grad=True)
+    check_backward(name, q, k, v, gluon_bwd, **{key: min(x, 400) for key, x in RENDERED[name].items()})
+    assert gluon == ["rendered"] and gluon_bwd == ["rendered"], (gluon, gluon_bwd)
+
+
+@pytest.mark.parametrize("name", sorted(RENDERED))
+def test_rendered_forward_backward_fused(monkeypatch, gluon_bwd, gluon, name):
+    """The same with ATTNCC_GLUON_BWD=fused (bwd_fused.py: the rendered qwalk, qmask and score
+    derivative in the one key-block kernel, dQ by TMA reduce-add), bf16 at D = 128 (where it spills)."""
+    monkeypatch.setenv("ATTNCC_GLUON_BWD", "fused")
+    Hq, Hkv = heads(name, Hq=8, Hkv=4)
+    q, k, v = qkv(1, Hq, Hkv, 1500, 1500, 128, torch.bfloat16, seed=13, grad=True)
+    check_backward(name, q, k, v, gluon_bwd, **{key: min(x, 400) for key, x in RENDERED[name].items()})
+    assert gluon == ["rendered"] and gluon_bwd == ["rendered"], (gluon, gluon_bwd)
+
+
+@pytest.mark.parametrize("method", ["split", "fused"])
+@pytest.mark.parametrize("name, Nq, Nk, q_offset, k_offset, D", [
+    ("sink_window", 1111, 2999, 1888, 0, 128),      # a query chunk at the end: sinks and window apart
+    ("sliding_window", 777, 1500, 900, 100, 64),    # both offsets, ragged
+    ("chunked_local", 1000, 3000, 2000, 0, 128),
+    ("prefix_lm", 600, 1300, 0, 700, 128),          # keys after the queries: only the prefix is seen
+    ("cross_causal", 513, 2047, 0, 0, 64),          # bottom-right: n_k - n_q shifts the band
+    ("longformer", 999, 999, 0, 0, 64),             # two segments in both walks
+    ("alibi", 700, 1900, 1200, 0, 128),
+    ("softcap", 1025, 777, 300, 0, 128),
+    ("block_diagonal", 900, 1300, 400, 0, 64),
+    ("local_bidirectional", 1000, 1000, 0, 37, 128),
+])
+def test_rendered_backward_offsets(monkeypatch, gluon_bwd, gluon, name, Nq, Nk, q_offset, k_offset, D, method):
+    monkeypatch.setenv("ATTNCC_GLUON_BWD", method)
+    Hq, Hkv = heads(name, Hq=8, Hkv=2)
+    q, k, v = qkv(1, Hq, Hkv, Nq, Nk, D, torch.bfloat16, seed=16, grad=True)
+    check_backward(name, q, k, v, gluon_bwd, q_offset=q_offset, k_offset=k_offset, **RENDERED[name])
+    assert gluon_bwd == ["rendered"], gluon_bwd
+
+
+def test_rendered_backward_head_dim_256_is_tl(gluon_bwd, gluon):
+    """At D = 256 the Gluon forward runs and the tl backward takes its output (the Gluon backward
+    takes 64 and 128)."""
+    q, k, v = qkv(1, 4, 4, 700, 700, 256, torch.bfloat16, seed=17, grad=True)
+    check_backward("softcap", q, k, v, gluon_bwd)
+    assert gluon == ["rendered"] and gluon_bwd == []

@@ -4,8 +4,8 @@
 structure, `bwd` the backward (dK/dV and dQ kernels; `preprocess` writes their delta and lse2),
 `bwd_fused` the backward with dQ fused into the dK/dV program (ATTNCC_GLUON_BWD=fused);
 `walks` gives the contract of the pattern fragments the kernels inline and holds the built-in dense
-and causal walks (the backward has only these); codegen renders the forward's others from a Plan
-(generated/<name>_gluon.py, loaded by `fragments`); `launch` builds descriptors and grids, launches,
+and causal walks; codegen renders the others from a Plan, the backward's query-block walk, mask and
+score derivative too (generated/<name>_gluon.py, loaded by `fragments`); `launch` builds descriptors and grids, launches,
 and compiles every variant for sm90 without a GPU. A generated module whose Plan the kernels compute
 (`SpecInfo.gluon`) reaches them through `attncc.runtime.backend`; docs/gluon.md has the design and
 the status.

@@ -30,20 +30,24 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
-from attncc.runtime.gluon.common import (clamp_walk, finish_key_block, issue_kv, key_block_buffers, lhs_layout,
-                                        mask_scores, mma_layout, start_key_block, transposed_step)
+from attncc.runtime.gluon.common import (block_scores, exp2_scale, finish_key_block, is_full, issue_kv, lhs_layout,
+                                         mma_layout, nth_block, pattern_context, score_chain, start_key_block, tile_walk,
+                                         transposed_step, walk_blocks)
 
 
 @gluon.jit
 def attn_bwd_dkdv(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, lse_desc, delta_desc,
-                  H, GROUP, Nq, Nk, q_offset, k_offset, n_q, n_k, qk_scale, sm_scale,
-                  QWALK: gl.constexpr, MASK: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+                  H, GROUP, Nq, Nk, q_offset, k_offset, n_q, n_k, qk_scale, sm_scale, pattern_args,
+                  QWALK: gl.constexpr, MASK: gl.constexpr, SCORE: gl.constexpr, SCORE_GRAD: gl.constexpr,
+                  QSEGMENTS: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
     """dK, dV of one key block of BLOCK_N = 16 * num_warps keys (64 per warpgroup) of one
     (batch, kv head), summed over the GROUP query heads that share it.
 
     Descriptors are 4-d over [B, H, N, D] (Q, dO: blocks of BLOCK_M rows; K, V, dK, dV: BLOCK_N
     rows) and 3-d over the [B, Hq, Nq] lse2 / delta rows (blocks of BLOCK_M; their row stride is
     padded to 16 bytes by the host): batch and head are TMA coordinates, no int32 address arithmetic.
+    QWALK (QSEGMENTS segments of query blocks per key block), MASK, SCORE, SCORE_GRAD and the
+    `pattern_args` tuple: the pattern's fragments (walks.py), applied to the transposed tiles.
     The step (common.transposed_step) and the program's frame are shared with bwd_fused.py's kernel.
     """
     HEAD_DIM: gl.constexpr = q_desc.block_type.shape[3]
@@ -52,43 +56,31 @@ def attn_bwd_dkdv(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, lse_desc, d
     a_layout: gl.constexpr = lhs_layout(acc_layout)  # dS^T as the A operand of dK += dS^T Q
     gl.static_assert(BLOCK_N == 16 * num_warps, "BLOCK_N is 16 keys per warp")
 
-    kb = gl.program_id(0)  # causal-like walks: the first key blocks see the most query blocks and start first
-    bhk = gl.program_id(1)
-    H_KV = H // GROUP
-    b = bhk // H_KV
-    hk = bhk % H_KV
-
-    k_smem, v_smem, smem, kv_bar, bars = key_block_buffers(q_desc, k_desc, v_desc, do_desc, lse_desc, delta_desc,
-                                                           STAGES)
-    descs = (q_desc, do_desc, lse_desc, delta_desc)
-    k_lo, lo, full_lo, full_hi, n_blocks, total = start_key_block(kb, b, hk, k_desc, v_desc, k_smem, v_smem, kv_bar,
-                                                                  descs, smem, bars, GROUP, Nq, Nk, q_offset,
-                                                                  k_offset, n_q, n_k, QWALK)
     dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, acc_layout)
     dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, acc_layout)
-    k = k_smem.reshape([BLOCK_N, HEAD_DIM])
-    v = v_smem.reshape([BLOCK_N, HEAD_DIM])
-    mbarrier.wait(kv_bar, 0)
-
+    prog, descs, smem, segs, n_blocks, total = start_key_block(q_desc, k_desc, v_desc, do_desc, lse_desc, delta_desc,
+                                                               H, GROUP, Nq, Nk, q_offset, k_offset, n_q, n_k,
+                                                               pattern_args, QWALK, QSEGMENTS, STAGES)
     for t in range(0, total):
-        dv_tok, pt_a, dst, q, h, qb = transposed_step(t, k, v, descs, smem, bars, b, hk, GROUP, lo, n_blocks, total,
-                                                      full_lo, full_hi, k_lo, Nq, q_offset, n_q, n_k, qk_scale, dv,
-                                                      MASK, num_warps)
+        dv_tok, pt_a, dst, q, h, qb = transposed_step(t, prog, descs, smem, segs, n_blocks, total, H, GROUP, Nq,
+                                                      q_offset, k_offset, n_q, n_k, qk_scale, pattern_args, dv, MASK,
+                                                      SCORE, SCORE_GRAD, QSEGMENTS, num_warps)
         dst_a = gl.convert_layout(dst, a_layout)
         dk_tok = warpgroup_mma(dst_a, q, dk, is_async=True)
         # Both must complete before the slot is refilled (next step) and before dV, dK are reused.
         dv, dk, pt_a, dst_a = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, pt_a, dst_a))
 
-    finish_key_block(dk, dv, k_smem, v_smem, dk_desc, dv_desc, kv_bar, bars, b, hk, kb, sm_scale)
+    finish_key_block(prog, dk, dv, dk_desc, dv_desc, sm_scale)
 
 
 @gluon.jit
 def attn_bwd_dq(q_desc, k_desc, v_desc, do_desc, dq_desc, lse2_ptr, delta_ptr, lse_stride: gl.int64,
-                H, GROUP, Nq, Nk, q_offset, k_offset, n_q, n_k, qk_scale, sm_scale,
-                WALK: gl.constexpr, MASK: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+                H, GROUP, Nq, Nk, q_offset, k_offset, n_q, n_k, qk_scale, sm_scale, pattern_args,
+                WALK: gl.constexpr, MASK: gl.constexpr, SCORE: gl.constexpr, SCORE_GRAD: gl.constexpr,
+                SEGMENTS: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
     """dQ of one query block of BLOCK_M = 16 * num_warps rows of one (batch, query head), over the
-    key blocks of the forward's walk. lse2 / delta row (b, h) starts at ptr + (b * H + h) * lse_stride
-    (int64)."""
+    key blocks of the forward's walk (WALK, SEGMENTS, MASK, SCORE as the forward takes them, and
+    SCORE_GRAD). lse2 / delta row (b, h) starts at ptr + (b * H + h) * lse_stride (int64)."""
     dtype: gl.constexpr = q_desc.dtype
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[2]
     HEAD_DIM: gl.constexpr = q_desc.block_type.shape[3]
@@ -115,15 +107,15 @@ def attn_bwd_dq(q_desc, k_desc, v_desc, do_desc, dq_desc, lse2_ptr, delta_ptr, l
     for i in gl.static_range(STAGES):
         mbarrier.init(kv_bars.index(i), count=1)
 
-    q_lo = q_offset + qb * BLOCK_M
-    lo, full_lo, full_hi, hi = WALK(q_lo, q_lo + BLOCK_M - 1, Nk, k_offset, n_q, n_k, BLOCK_N)
-    lo, full_lo, full_hi, hi = clamp_walk(lo, full_lo, full_hi, hi)
+    ctx = pattern_context(b, h, H, q_offset + Nq - 1, pattern_args)
+    segs = tile_walk(qb, q_offset, Nk, k_offset, n_q, n_k, ctx, WALK, SEGMENTS, BLOCK_M, BLOCK_N)
+    n_blocks = walk_blocks(segs, SEGMENTS)
 
     mbarrier.expect(q_bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(q_desc, [b, h, qb * BLOCK_M, 0], q_bar, q_smem)
     tma.async_copy_global_to_shared(do_desc, [b, h, qb * BLOCK_M, 0], q_bar, do_smem)
     for i in gl.static_range(STAGES - 1):
-        issue_kv(k_desc, v_desc, k_smem, v_smem, kv_bars, b, hk, lo + i, i, lo + i < hi)
+        issue_kv(k_desc, v_desc, k_smem, v_smem, kv_bars, b, hk, nth_block(segs, i, SEGMENTS), i, i < n_blocks)
 
     rows = qb * BLOCK_M + gl.arange(0, BLOCK_M, row_layout)
     # rows past Nq: lse2 = +inf (p = 0) and delta = 0; rows without an allowed key have lse2 = +inf too
@@ -135,12 +127,13 @@ def attn_bwd_dq(q_desc, k_desc, v_desc, do_desc, dq_desc, lse2_ptr, delta_ptr, l
     do = do_smem.reshape([BLOCK_M, HEAD_DIM])
     mbarrier.wait(q_bar, 0)
 
-    for kb in range(lo, hi):
-        it = kb - lo
-        # Refill the slot that held block kb - 1: every warp has finished its wgmmas on it.
+    for it in range(0, n_blocks):
+        kb = nth_block(segs, it, SEGMENTS)
+        # Refill the slot that held the previous block: every warp has finished its wgmmas on it.
         gl.thread_barrier()
-        ahead = kb + STAGES - 1
-        issue_kv(k_desc, v_desc, k_smem, v_smem, kv_bars, b, hk, ahead, (it + STAGES - 1) % STAGES, ahead < hi)
+        ahead = it + STAGES - 1
+        issue_kv(k_desc, v_desc, k_smem, v_smem, kv_bars, b, hk, nth_block(segs, ahead, SEGMENTS),
+                 (it + STAGES - 1) % STAGES, ahead < n_blocks)
         slot = it % STAGES
         mbarrier.wait(kv_bars.index(slot), (it // STAGES) & 1)
         k = k_smem.index(slot).reshape([BLOCK_N, HEAD_DIM])
@@ -149,10 +142,14 @@ def attn_bwd_dq(q_desc, k_desc, v_desc, do_desc, dq_desc, lse2_ptr, delta_ptr, l
                               use_acc=False, is_async=True)
         dp_tok = warpgroup_mma(do, v.permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout),
                                use_acc=False, is_async=True)
-        s = warpgroup_mma_wait(1, deps=(s_tok, ))
-        if (kb < full_lo) | (kb >= full_hi):
-            s = mask_scores(s, kb, rows_i, Nk, k_offset, n_q, n_k, MASK, BLOCK_N, s_layout)
-        p = gl.exp2(s * qk_scale - gl.expand_dims(lse2, 1))
+        qk = warpgroup_mma_wait(1, deps=(s_tok, ))
+        s = block_scores(qk, kb, rows_i, Nk, k_offset, n_q, n_k, ctx, qk_scale, MASK, SCORE, False, BLOCK_N, s_layout)
+        if ~is_full(segs, kb, SEGMENTS):
+            s = block_scores(s, kb, rows_i, Nk, k_offset, n_q, n_k, ctx, qk_scale, MASK, None, True, BLOCK_N, s_layout)
+        p = gl.exp2(s * exp2_scale(qk_scale, SCORE) - gl.expand_dims(lse2, 1))
+        if SCORE_GRAD is not None:  # dS with respect to scale * qk + bias: through the score's derivative
+            j = gl.expand_dims(k_offset + kb * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout)), 0)
+            p = score_chain(p, s, qk, gl.expand_dims(rows_i, 1), j, n_q, n_k, qk_scale, ctx, SCORE_GRAD)
         dp = warpgroup_mma_wait(0, deps=(dp_tok, ))
         ds = p * (dp - gl.expand_dims(delta, 1))
         dq = warpgroup_mma(gl.convert_layout(ds.to(dtype), a_layout), k, dq)

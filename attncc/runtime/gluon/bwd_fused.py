@@ -3,12 +3,11 @@
 
 `attn_bwd_fused` is bwd.py's dK/dV program (one per key block and batch x kv head, the query blocks
 of the key block's walk for every head of the GQA group through a TMA ring, tiles transposed: the
-frame and the step are `common.key_block_buffers`, `start_key_block`, `transposed_step`,
-`finish_key_block`) with one more GEMM per step: dS^T goes to shared memory, where dK += dS^T Q
-reads it as its A operand and dQ_partial = dS K through its transposed view (B = K; [BLOCK_M, D]
-fp32 split by columns between the two warpgroups, at D = 128 in two column halves: `DQ_PIECES`),
-and the partial is added into an fp32 dQ accumulator in global memory by a TMA reduce-add
-(`common.tma_reduce_add`:
+frame and the step are `common.start_key_block`, `transposed_step` and `finish_key_block`) with one
+more GEMM per step: dS^T goes to shared memory, where dK += dS^T Q reads it as its A operand and
+dQ_partial = dS K through its transposed view (B = K; [BLOCK_M, D] fp32 split by columns between
+the two warpgroups, at D = 128 in two column halves: `DQ_PIECES`), and the partial is added into an
+fp32 dQ accumulator in global memory by a TMA reduce-add (`common.tma_reduce_add`:
 `cp.reduce.async.bulk.tensor ... .add.f32`) through an fp32 staging tile. `preprocess.bwd_postprocess`
 then writes dQ = dQ_acc * sm_scale in q's dtype.
 
@@ -25,28 +24,35 @@ step later, after `tma.store_wait`); atomics from the wgmma layout would be BLOC
 consumers' instruction stream. FlashAttention-3 does the same (a bulk reduce-add by a dedicated
 warp, then a convert kernel).
 
+The fragments are the dK/dV kernel's (the built-in walks' and a generated module's rendered ones:
+the transposed walk's segments, qmask, score and score_grad, shared through `transposed_step`): a
+query block's dQ gathers the partials of every key block whose transposed walk lists it, which the
+qwalk contract makes every key block holding an allowed pair with it, so the fused kernel needs no
+forward walk (the split dQ kernel's).
+
 Rows past Nq: the TMA reduce clips at the accumulator's shape (rows past Nq are never added), and
 their dS is zero anyway (P^T is masked by the row bound on partial blocks).
 """
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
-                                                              warpgroup_mma_wait)
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, tma, warpgroup_mma, warpgroup_mma_wait
 
-from attncc.runtime.gluon.common import (finish_key_block, key_block_buffers, mma_layout, mma_layout_split_n,
-                                         smem_layout, start_key_block, tma_reduce_add, transposed_step)
+from attncc.runtime.gluon.common import (finish_key_block, mma_layout, mma_layout_split_n, smem_layout, start_key_block,
+                                         tma_reduce_add, transposed_step)
 
 
 @gluon.jit
 def attn_bwd_fused(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_acc_desc, lse_desc, delta_desc,
-                   H, GROUP, Nq, Nk, q_offset, k_offset, n_q, n_k, qk_scale, sm_scale,
-                   QWALK: gl.constexpr, MASK: gl.constexpr, STAGES: gl.constexpr, DQ_PIECES: gl.constexpr,
-                   num_warps: gl.constexpr):
+                   H, GROUP, Nq, Nk, q_offset, k_offset, n_q, n_k, qk_scale, sm_scale, pattern_args,
+                   QWALK: gl.constexpr, MASK: gl.constexpr, SCORE: gl.constexpr, SCORE_GRAD: gl.constexpr,
+                   QSEGMENTS: gl.constexpr, STAGES: gl.constexpr, DQ_PIECES: gl.constexpr, num_warps: gl.constexpr):
     """dK, dV of one key block of BLOCK_N = 16 * num_warps keys of one (batch, kv head), summed over
     the GROUP query heads that share it, and its dQ partials added into dq_acc (fp32 [B, Hq, Nq, D],
     zeroed by the host; blocks of BLOCK_M rows).
 
-    Descriptors as bwd.attn_bwd_dkdv's, plus dq_acc_desc (4-d, fp32, box [1, 1, BLOCK_M, D]).
+    Descriptors and the fragments (QWALK, QSEGMENTS, MASK, SCORE, SCORE_GRAD, pattern_args) as
+    bwd.attn_bwd_dkdv's, plus dq_acc_desc (4-d, fp32, box [1, 1, BLOCK_M, D]). The dQ partial is
+    dS = dS^T of the step transposed, the score's derivative (SCORE_GRAD) already in it.
     DQ_PIECES: 1, the dQ partial's wgmma in flight with dV's and dK's; 2 (or more), computed in that
     many column slices after them, for registers."""
     dtype: gl.constexpr = q_desc.dtype
@@ -59,33 +65,23 @@ def attn_bwd_fused(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_acc_des
     gl.static_assert(BLOCK_N == 16 * num_warps, "BLOCK_N is 16 keys per warp")
     gl.static_assert(BLOCK_M == 64, "the dQ partial is one wgmma M of 64 rows, its columns split by warpgroup")
 
-    kb = gl.program_id(0)  # causal-like walks: the first key blocks see the most query blocks and start first
-    bhk = gl.program_id(1)
-    H_KV = H // GROUP
-    b = bhk // H_KV
-    hk = bhk % H_KV
-
-    k_smem, v_smem, smem, kv_bar, bars = key_block_buffers(q_desc, k_desc, v_desc, do_desc, lse_desc, delta_desc,
-                                                           STAGES)
+    dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, acc_layout)
+    dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, acc_layout)
+    prog, descs, smem, segs, n_blocks, total = start_key_block(q_desc, k_desc, v_desc, do_desc, lse_desc, delta_desc,
+                                                               H, GROUP, Nq, Nk, q_offset, k_offset, n_q, n_k,
+                                                               pattern_args, QWALK, QSEGMENTS, STAGES)
+    b = prog[1]
+    k = prog[3].reshape([BLOCK_N, HEAD_DIM])
     # dS^T of the step ([keys, rows]: the A operand of dK += dS^T Q, and through its transposed view
     # of dQ_partial = dS K) and the fp32 staging tile of the dQ partial's TMA reduce.
     ds_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_M], smem_layout([BLOCK_N, BLOCK_M], dtype))
     dq_smem = gl.allocate_shared_memory(gl.float32, dq_acc_desc.block_type.shape, dq_acc_desc.layout)
-    descs = (q_desc, do_desc, lse_desc, delta_desc)
-    k_lo, lo, full_lo, full_hi, n_blocks, total = start_key_block(kb, b, hk, k_desc, v_desc, k_smem, v_smem, kv_bar,
-                                                                  descs, smem, bars, GROUP, Nq, Nk, q_offset,
-                                                                  k_offset, n_q, n_k, QWALK)
-    dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, acc_layout)
-    dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, acc_layout)
-    k = k_smem.reshape([BLOCK_N, HEAD_DIM])
-    v = v_smem.reshape([BLOCK_N, HEAD_DIM])
     dq_tile = dq_smem.reshape([BLOCK_M, HEAD_DIM])
-    mbarrier.wait(kv_bar, 0)
 
     for t in range(0, total):
-        dv_tok, pt_a, dst, q, h, qb = transposed_step(t, k, v, descs, smem, bars, b, hk, GROUP, lo, n_blocks, total,
-                                                      full_lo, full_hi, k_lo, Nq, q_offset, n_q, n_k, qk_scale, dv,
-                                                      MASK, num_warps)
+        dv_tok, pt_a, dst, q, h, qb = transposed_step(t, prog, descs, smem, segs, n_blocks, total, H, GROUP, Nq,
+                                                      q_offset, k_offset, n_q, n_k, qk_scale, pattern_args, dv, MASK,
+                                                      SCORE, SCORE_GRAD, QSEGMENTS, num_warps)
         # dS^T goes to shared memory (while dV runs), where both of its GEMMs read it: dK += dS^T Q and,
         # through the transposed view, dQ_partial = dS K. No register copy of it as an A operand stays
         # live next to dK, dV and the dQ partial (registers: docs/gluon.md). The previous step's dQ
@@ -118,4 +114,4 @@ def attn_bwd_fused(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_acc_des
         tma_reduce_add(dq_acc_desc, [b, h, qb * BLOCK_M, 0], dq_smem)
 
     tma.store_wait(0)  # the last reduce has read the staging tile before the CTA may exit
-    finish_key_block(dk, dv, k_smem, v_smem, dk_desc, dv_desc, kv_bar, bars, b, hk, kb, sm_scale)
+    finish_key_block(prog, dk, dv, dk_desc, dv_desc, sm_scale)

@@ -57,22 +57,47 @@ def block_scores(s, kb, rows_i, Nk, k_offset, n_q, n_k, ctx, qk_scale, MASK: gl.
     Without a hook and on a full block this is S unchanged (the positions are not even computed)."""
     i = gl.expand_dims(rows_i, 1)
     j = gl.expand_dims(k_offset + kb * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout)), 0)
-    if SCORE is not None:
-        s = SCORE(s, i, j, n_q, n_k, qk_scale, ctx)
+    s = scored(s, i, j, n_q, n_k, qk_scale, ctx, SCORE)
     if MASKED:
-        keep = j < k_offset + Nk
-        if MASK is not None:
-            keep = keep & MASK(i, j, n_q, n_k, ctx)
-        s = gl.where(keep, s, float("-inf"))
+        s = masked(s, i, j, j < k_offset + Nk, n_q, n_k, ctx, MASK)
     return s
 
 
 @gluon.jit
-def mask_scores(s, kb, rows_i, Nk, k_offset, n_q, n_k,
-                MASK: gl.constexpr, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
-    """Scores of a partial key block: -inf outside the Nk keys and where the pattern's mask is false
-    (a built-in mask: no context, no score hook)."""
-    return block_scores(s, kb, rows_i, Nk, k_offset, n_q, n_k, None, 1.0, MASK, None, True, BLOCK_N, s_layout)
+def scored(qk, i, j, n_q, n_k, qk_scale, ctx, SCORE: gl.constexpr):
+    """The pattern's scores of a tile (log2 units) from its fp32 accumulator, or the accumulator as it
+    is without a SCORE hook. i, j: the positions of its pairs in either orientation (the forward's
+    and dQ's [M, 1] x [1, N], the dK/dV kernel's transposed [1, M] x [N, 1])."""
+    if SCORE is not None:
+        return SCORE(qk, i, j, n_q, n_k, qk_scale, ctx)
+    else:
+        return qk
+
+
+@gluon.jit
+def masked(s, i, j, inside, n_q, n_k, ctx, MASK: gl.constexpr):
+    """s with -inf where a pair lies outside the call (`inside`: the bound of the streamed side, keys
+    < k_offset + Nk or rows < q_offset + Nq) or the pattern's mask removes it; either orientation."""
+    keep = inside
+    if MASK is not None:
+        keep = keep & MASK(i, j, n_q, n_k, ctx)
+    return gl.where(keep, s, float("-inf"))
+
+
+@gluon.jit
+def score_chain(p, s, qk, i, j, n_q, n_k, qk_scale, ctx, SCORE_GRAD: gl.constexpr):
+    """P times d score / d (scale * qk + bias) (the SCORE_GRAD fragment, from the accumulator qk and
+    the scores s that P was computed from, log2 units, masked), so that P (dP - delta) is dS with
+    respect to scale * qk + bias; P itself without one (the plain score, or a bias alone).
+
+    Where P = 0 (a removed pair, s = -inf, or one that underflowed) dS is 0 whatever the factor,
+    which is not looked at there (1 - inf would make 0 * inf); elsewhere s is finite. Computed as
+    P is, element by element, so that no second score tile stays alive (a softcap's derivative is a
+    function of its output); only a fragment that reads qk keeps the accumulator."""
+    if SCORE_GRAD is not None:
+        return gl.where(p > 0.0, p * SCORE_GRAD(qk, s, i, j, n_q, n_k, qk_scale, ctx), 0.0)
+    else:
+        return p
 
 
 @gluon.jit
@@ -123,7 +148,22 @@ def tile_walk(qb, q_offset, Nk, k_offset, n_q, n_k, ctx, WALK: gl.constexpr, SEG
     SEGMENTS x (lo, full_lo, full_hi, hi)."""
     q_lo = q_offset + qb * BLOCK_M
     q_hi = q_lo + BLOCK_M - 1
-    segs = WALK(q_lo, q_hi, Nk, k_offset, n_q, n_k, BLOCK_N, ctx)
+    return clamp_segments(WALK(q_lo, q_hi, Nk, k_offset, n_q, n_k, BLOCK_N, ctx), SEGMENTS)
+
+
+@gluon.jit
+def key_tile_walk(kb, k_offset, Nq, Nk, q_offset, n_q, n_k, ctx, QWALK: gl.constexpr, SEGMENTS: gl.constexpr,
+                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+    """The query-block segments of key block kb (the transposed walk, walks.py's qwalk contract: its
+    last key clamped to the Nk keys), each clamped, as tile_walk gives a query block's."""
+    k_lo = k_offset + kb * BLOCK_N
+    k_hi = gl.minimum(k_lo + BLOCK_N, k_offset + Nk) - 1  # the block's last existing key
+    return clamp_segments(QWALK(k_lo, k_hi, Nq, q_offset, n_q, n_k, BLOCK_M, ctx), SEGMENTS)
+
+
+@gluon.jit
+def clamp_segments(segs, SEGMENTS: gl.constexpr):
+    """A walk's flat tuple of SEGMENTS x (lo, full_lo, full_hi, hi), each segment clamped (clamp_walk)."""
     out = ()
     for s in gl.static_range(SEGMENTS):
         out = out + clamp_walk(segs[4 * s], segs[4 * s + 1], segs[4 * s + 2], segs[4 * s + 3])
@@ -247,16 +287,16 @@ def key_block_buffers(q_desc, k_desc, v_desc, do_desc, lse_desc, delta_desc, STA
 
 
 @gluon.jit
-def issue_query_step(descs, smem, bars, b, hk, GROUP, lo, n_blocks, t, pred):
+def issue_query_step(descs, smem, bars, b, hk, GROUP, segs, n_blocks, t, pred, SEGMENTS: gl.constexpr):
     """TMA loads of step t of a key-block program into ring slot t % STAGES: query head
-    hk * GROUP + t // n_blocks, query block lo + t % n_blocks (Q, dO, lse2, delta)."""
+    hk * GROUP + t // n_blocks, query block t % n_blocks of the walk's segments (Q, dO, lse2, delta)."""
     q_desc, do_desc, lse_desc, delta_desc = descs
     q_smem, do_smem, lse_smem, delta_smem = smem
     STAGES: gl.constexpr = q_smem.shape[0]
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[2]
     n = gl.maximum(n_blocks, 1)  # no division by zero when the program has nothing to do (pred is false)
     h = hk * GROUP + t // n
-    row = (lo + t % n) * BLOCK_M
+    row = nth_block(segs, t % n, SEGMENTS) * BLOCK_M
     slot = t % STAGES
     bar = bars.index(slot)
     mbarrier.expect(bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes + lse_desc.block_type.nbytes +
@@ -268,71 +308,89 @@ def issue_query_step(descs, smem, bars, b, hk, GROUP, lo, n_blocks, t, pred):
 
 
 @gluon.jit
-def start_key_block(kb, b, hk, k_desc, v_desc, k_smem, v_smem, kv_bar, descs, smem, bars, GROUP, Nq, Nk, q_offset,
-                    k_offset, n_q, n_k, QWALK: gl.constexpr):
-    """The clamped query-block walk of key block kb (walks.py's key-block contract), and the TMA
-    loads of its K and V and of the ring's first STAGES - 1 steps (GROUP x the walk's blocks).
+def start_key_block(q_desc, k_desc, v_desc, do_desc, lse_desc, delta_desc, H, GROUP, Nq, Nk, q_offset, k_offset, n_q,
+                    n_k, pattern_args, QWALK: gl.constexpr, QSEGMENTS: gl.constexpr, STAGES: gl.constexpr):
+    """A key-block program up to its first step: its key block and (batch, kv head) from the grid, its
+    shared memory and barriers (`key_block_buffers`), the clamped query-block segments of the key
+    block (walks.py's key-block contract: QSEGMENTS segments), the TMA loads of its K and V and of
+    the ring's first STAGES - 1 steps (GROUP x the walk's blocks), and the wait for K and V.
 
-    Returns (k_lo, lo, full_lo, full_hi, n_blocks, total): the block's first key position, the
-    walk, its number of blocks and the program's number of steps."""
+    The walk is the same for every query head of the group (walks.py): it takes the first head's
+    context. Returns (prog, descs, smem, segs, n_blocks, total): prog = (kb, b, hk, k_smem, v_smem,
+    kv_bar, bars), the program's block, coordinates and buffers (for `transposed_step` and
+    `finish_key_block`); the ring's descriptors and buffers; the walk, its number of blocks and the
+    program's number of steps."""
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[2]
-    BLOCK_M: gl.constexpr = descs[0].block_type.shape[2]
-    STAGES: gl.constexpr = smem[0].shape[0]
-    k_lo = k_offset + kb * BLOCK_N
-    k_hi = gl.minimum(k_lo + BLOCK_N, k_offset + Nk) - 1  # the block's last existing key
-    lo, full_lo, full_hi, hi = QWALK(k_lo, k_hi, Nq, q_offset, n_q, n_k, BLOCK_M)
-    lo, full_lo, full_hi, hi = clamp_walk(lo, full_lo, full_hi, hi)
-    n_blocks = hi - lo
+    BLOCK_M: gl.constexpr = q_desc.block_type.shape[2]
+    kb = gl.program_id(0)  # causal-like walks: the first key blocks see the most query blocks and start first
+    bhk = gl.program_id(1)
+    H_KV = H // GROUP
+    b = bhk // H_KV
+    hk = bhk % H_KV
+    k_smem, v_smem, smem, kv_bar, bars = key_block_buffers(q_desc, k_desc, v_desc, do_desc, lse_desc, delta_desc,
+                                                           STAGES)
+    descs = (q_desc, do_desc, lse_desc, delta_desc)
+
+    walk_ctx = pattern_context(b, hk * GROUP, H, q_offset + Nq - 1, pattern_args)
+    segs = key_tile_walk(kb, k_offset, Nq, Nk, q_offset, n_q, n_k, walk_ctx, QWALK, QSEGMENTS, BLOCK_M, BLOCK_N)
+    n_blocks = walk_blocks(segs, QSEGMENTS)
     total = GROUP * n_blocks  # steps: every query block of the walk, for each head of the group
 
     mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(k_desc, [b, hk, kb * BLOCK_N, 0], kv_bar, k_smem)
     tma.async_copy_global_to_shared(v_desc, [b, hk, kb * BLOCK_N, 0], kv_bar, v_smem)
     for i in gl.static_range(STAGES - 1):
-        issue_query_step(descs, smem, bars, b, hk, GROUP, lo, n_blocks, i, i < total)
-    return k_lo, lo, full_lo, full_hi, n_blocks, total
+        issue_query_step(descs, smem, bars, b, hk, GROUP, segs, n_blocks, i, i < total, QSEGMENTS)
+    mbarrier.wait(kv_bar, 0)
+    return (kb, b, hk, k_smem, v_smem, kv_bar, bars), descs, smem, segs, n_blocks, total
 
 
 @gluon.jit
-def next_query_step(t, descs, smem, bars, b, hk, GROUP, lo, n_blocks, total):
+def next_query_step(t, descs, smem, bars, b, hk, GROUP, segs, n_blocks, total, SEGMENTS: gl.constexpr):
     """Step t's turn of the ring: refill the slot that held step t - 1 (after a CTA barrier: every
     warp has finished its wgmmas and loads on it) with step t + STAGES - 1, wait for step t's slot.
     Returns (slot, h, qb): the slot and the step's query head and block."""
     STAGES: gl.constexpr = smem[0].shape[0]
     gl.thread_barrier()
     ahead = t + STAGES - 1
-    issue_query_step(descs, smem, bars, b, hk, GROUP, lo, n_blocks, ahead, ahead < total)
+    issue_query_step(descs, smem, bars, b, hk, GROUP, segs, n_blocks, ahead, ahead < total, SEGMENTS)
     slot = t % STAGES
     mbarrier.wait(bars.index(slot), (t // STAGES) & 1)
-    return slot, hk * GROUP + t // n_blocks, lo + t % n_blocks
+    return slot, hk * GROUP + t // n_blocks, nth_block(segs, t % n_blocks, SEGMENTS)
 
 
 @gluon.jit
-def transposed_step(t, k, v, descs, smem, bars, b, hk, GROUP, lo, n_blocks, total, full_lo, full_hi, k_lo, Nq, q_offset,
-                    n_q, n_k, qk_scale, dv, MASK: gl.constexpr, num_warps: gl.constexpr):
+def transposed_step(t, prog, descs, smem, segs, n_blocks, total, H, GROUP, Nq, q_offset, k_offset, n_q, n_k, qk_scale,
+                    pattern_args, dv, MASK: gl.constexpr, SCORE: gl.constexpr, SCORE_GRAD: gl.constexpr,
+                    QSEGMENTS: gl.constexpr, num_warps: gl.constexpr):
     """Step t of a key-block program, up to dS^T (the caller issues dK += dS^T Q and waits).
 
     Refills the slot of step t - 1 (after a CTA barrier: every warp is done with it) with step
-    t + STAGES - 1, waits for step t's slot, then, with the tiles transposed (keys on the rows):
-    S^T = K Q^T and dP^T = V dO^T from shared memory, issued together; P^T = exp2(S^T qk_scale -
-    lse2) (masked on a partial block: row bound, MASK); dV += P^T dO issued with P^T from registers;
-    dS^T = P^T (dP^T - delta).
+    t + STAGES - 1, waits for step t's slot, then, with the tiles transposed (keys on the rows; the
+    fragments take the positions transposed, walks.py, and the step's query head in their ctx):
+    S^T = K Q^T and dP^T = V dO^T from shared memory, issued together; the scores through SCORE,
+    masked on a partial block (row bound, MASK); P^T = exp2(S^T - lse2); dV += P^T dO issued with
+    P^T from registers; dS^T = P^T SCORE_GRAD (dP^T - delta).
 
     Returns (dv, pt_a, dst, q, h, qb): dV in flight and its register operand (for
     `warpgroup_mma_wait`'s deps), dS^T in q's dtype in the S^T layout, the step's Q tile (shared
     memory) and its query head and block."""
+    kb, b, hk, k_smem, v_smem, kv_bar, bars = prog
     q_desc = descs[0]
     q_smem, do_smem, lse_smem, delta_smem = smem
     dtype: gl.constexpr = q_desc.dtype
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[2]
     HEAD_DIM: gl.constexpr = q_desc.block_type.shape[3]
-    BLOCK_N: gl.constexpr = k.shape[0]
+    BLOCK_N: gl.constexpr = k_smem.shape[2]
     st_layout: gl.constexpr = mma_layout(num_warps, BLOCK_M)  # S^T, P^T, dP^T, dS^T: [BLOCK_N, BLOCK_M]
     acc_layout: gl.constexpr = mma_layout(num_warps, HEAD_DIM)  # dK, dV: [BLOCK_N, HEAD_DIM]
-    a_layout: gl.constexpr = lhs_layout(acc_layout)  # P^T and dS^T as the A operand of dV += P^T dO, dK += dS^T Q
+    a_layout: gl.constexpr = lhs_layout(acc_layout)  # P^T as the A operand of dV += P^T dO
     col_layout: gl.constexpr = gl.SliceLayout(0, st_layout)  # one value per query row (a column of S^T)
 
-    slot, h, qb = next_query_step(t, descs, smem, bars, b, hk, GROUP, lo, n_blocks, total)
+    slot, h, qb = next_query_step(t, descs, smem, bars, b, hk, GROUP, segs, n_blocks, total, QSEGMENTS)
+    ctx = pattern_context(b, h, H, q_offset + Nq - 1, pattern_args)
+    k = k_smem.reshape([BLOCK_N, HEAD_DIM])
+    v = v_smem.reshape([BLOCK_N, HEAD_DIM])
     q = q_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
     do = do_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
     # S^T and dP^T are independent: both on the tensor cores at once, P^T computed while dP^T runs.
@@ -341,17 +399,18 @@ def transposed_step(t, k, v, descs, smem, bars, b, hk, GROUP, lo, n_blocks, tota
     dpt_tok = warpgroup_mma(v, do.permute((1, 0)), gl.zeros([BLOCK_N, BLOCK_M], gl.float32, st_layout),
                             use_acc=False, is_async=True)
     lse2 = lse_smem.index(slot).reshape([BLOCK_M]).load(col_layout)
-    st = warpgroup_mma_wait(1, deps=(st_tok, ))
-    if (qb < full_lo) | (qb >= full_hi):
-        i_pos = gl.expand_dims(q_offset + qb * BLOCK_M + gl.arange(0, BLOCK_M, col_layout), 0)  # [1, BLOCK_M]
-        keep = i_pos < q_offset + Nq
-        if MASK is not None:
-            j_pos = gl.expand_dims(k_lo + gl.arange(0, BLOCK_N, gl.SliceLayout(1, st_layout)), 1)  # [BLOCK_N, 1]
-            keep = keep & MASK(i_pos, j_pos, n_q, n_k)
-        st = gl.where(keep, st, float("-inf"))
+    qkt = warpgroup_mma_wait(1, deps=(st_tok, ))
+    # the positions of the transposed tile: query rows along its columns, keys along its rows
+    i_pos = gl.expand_dims(q_offset + qb * BLOCK_M + gl.arange(0, BLOCK_M, col_layout), 0)  # [1, BLOCK_M]
+    j_pos = gl.expand_dims(k_offset + kb * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(1, st_layout)), 1)  # [N, 1]
+    st = scored(qkt, i_pos, j_pos, n_q, n_k, qk_scale, ctx, SCORE)
+    if ~is_full(segs, qb, QSEGMENTS):
+        st = masked(st, i_pos, j_pos, i_pos < q_offset + Nq, n_q, n_k, ctx, MASK)
     # lse2 = +inf on rows without an allowed key and 0 past Nq (masked there): p = 0, never NaN.
-    pt = gl.exp2(st * qk_scale - gl.expand_dims(lse2, 0))
+    pt = gl.exp2(st * exp2_scale(qk_scale, SCORE) - gl.expand_dims(lse2, 0))
+    # dV takes P^T; dS^T takes it through the score's derivative (a softcap's; 1 without)
     pt_a = gl.convert_layout(pt.to(dtype), a_layout)
+    pt = score_chain(pt, st, qkt, i_pos, j_pos, n_q, n_k, qk_scale, ctx, SCORE_GRAD)
     dv_tok = warpgroup_mma(pt_a, do, dv, is_async=True)
     delta = delta_smem.index(slot).reshape([BLOCK_M]).load(col_layout)
     dpt = warpgroup_mma_wait(1, deps=(dpt_tok, ))
@@ -360,9 +419,11 @@ def transposed_step(t, k, v, descs, smem, bars, b, hk, GROUP, lo, n_blocks, tota
 
 
 @gluon.jit
-def finish_key_block(dk, dv, k_smem, v_smem, dk_desc, dv_desc, kv_bar, bars, b, hk, kb, sm_scale):
-    """dK * sm_scale and dV out through K's and V's buffers by TMA (every wgmma on them has completed
-    in every warp: the CTA barrier), then the barriers invalidated."""
+def finish_key_block(prog, dk, dv, dk_desc, dv_desc, sm_scale):
+    """dK * sm_scale and dV of program `prog` (start_key_block's) out through K's and V's buffers by
+    TMA (every wgmma on them has completed in every warp: the CTA barrier), then the barriers
+    invalidated."""
+    kb, b, hk, k_smem, v_smem, kv_bar, bars = prog
     dtype: gl.constexpr = dk_desc.dtype
     BLOCK_N: gl.constexpr = k_smem.shape[2]
     HEAD_DIM: gl.constexpr = k_smem.shape[3]

@@ -258,10 +258,7 @@ def attention(q, k, v, *, pattern: str = "dense", scale: Optional[float] = None,
         default_walk, default_mask = pattern_fragments(pattern)
         walk = default_walk if walk is None else walk
         mask = default_mask if mask is None else mask
-    if not (isinstance(segments, int) and segments >= 1):
-        raise ValueError(f"attncc.runtime.gluon: segments must be an int >= 1, got {segments!r}")
-    if not (isinstance(pattern_args, tuple) and all(type(a) in (int, float) for a in pattern_args)):
-        raise TypeError(f"attncc.runtime.gluon: pattern_args must be a tuple of ints and floats, got {pattern_args!r}")
+    check_fragment_args(segments, pattern_args)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if not scale > 0:  # the kernels take the scaled max as the max of the scaled scores
         raise ValueError(f"attncc.runtime.gluon: scale must be > 0, got {scale}")
@@ -305,7 +302,8 @@ def attention(q, k, v, *, pattern: str = "dense", scale: Optional[float] = None,
 
 def attention_backward(q, k, v, o, lse, do, dlse=None, *, pattern: str = "dense", scale: Optional[float] = None,
                        q_offset: int = 0, k_offset: int = 0, n_q: Optional[int] = None, n_k: Optional[int] = None,
-                       config: Optional[GluonBwdConfig] = None, walk=None, qwalk=None, mask=None,
+                       config: Optional[GluonBwdConfig] = None, walk=None, qwalk=None, mask=None, qmask=None,
+                       score=None, score_grad=None, segments: int = 1, qsegments: int = 1, pattern_args: tuple = (),
                        method: str = "split"):
     """dq, dk, dv of `attention(q, k, v, ...)` through the Gluon sm90 backward: `method` "split"
     (bwd.py: a dK/dV and a dQ kernel, deterministic) or "fused" (bwd_fused.py: dQ added into an fp32
@@ -315,7 +313,10 @@ def attention_backward(q, k, v, o, lse, do, dlse=None, *, pattern: str = "dense"
     q, k, v and the call's options as for `attention`; o [B, Hq, Nq, D] and the natural-log LSE
     [B, Hq, Nq] (float32; -inf on rows without an allowed key) are the forward's outputs, do = dLoss/do
     (q's dtype and shape), dlse = dLoss/dlse ([B, Hq, Nq], or None when the loss does not use the LSE).
-    `walk`, `qwalk`, `mask` override the pattern's fragments (walks.py). Head dims 64 and 128.
+    `walk`, `qwalk`, `mask` override the pattern's fragments (walks.py), `qmask` the dK/dV kernel's
+    mask (default: `mask`; rendered fragments solve it for the query); `score`, `score_grad`,
+    `segments` (the walk's segments per query block), `qsegments` (the qwalk's per key block) and
+    `pattern_args` come with rendered ones (a generated module's `_gluon.py`). Head dims 64 and 128.
     Returns dq [B, Hq, Nq, D], dk, dv [B, Hkv, Nk, D] in q's dtype, contiguous; dK and dV are summed
     over the query heads of each GQA group inside one program (no atomics: deterministic)."""
     _check_choice("method", method, tuple(BWD_METHODS))
@@ -336,6 +337,9 @@ def attention_backward(q, k, v, o, lse, do, dlse=None, *, pattern: str = "dense"
     walk = default_walk if walk is None else walk
     qwalk = default_qwalk if qwalk is None else qwalk
     mask = default_mask if mask is None else mask
+    qmask = mask if qmask is None else qmask
+    check_fragment_args(segments, pattern_args)
+    check_fragment_args(qsegments, pattern_args)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if not scale > 0:
         raise ValueError(f"attncc.runtime.gluon: scale must be > 0, got {scale}")
@@ -373,29 +377,37 @@ def attention_backward(q, k, v, o, lse, do, dlse=None, *, pattern: str = "dense"
     qk_scale = scale * LOG2E
     group = Hq // Hkv
     c = config
+    scalars = (Hq, group, Nq, Nk, q_offset, k_offset, n_q, n_k, qk_scale, scale, pattern_args)
+    # the key-block programs (dK/dV, fused): their tiles, the transposed walk and the query-side mask
+    key_grid = (triton.cdiv(Nk, c.kv_block_n), B * Hkv)
+    key_descs = (desc(q, c.kv_block_m), desc(k, c.kv_block_n), desc(v, c.kv_block_n), desc(do, c.kv_block_m),
+                 desc(dk, c.kv_block_n), desc(dv, c.kv_block_n))
+    row_descs = (rows_desc(lse2, c.kv_block_m), rows_desc(delta, c.kv_block_m))
+    key_fragments = dict(QWALK=qwalk, MASK=qmask, SCORE=score, SCORE_GRAD=score_grad, QSEGMENTS=qsegments,
+                         STAGES=c.kv_stages)
     if method == "fused":
         dq_acc = torch.zeros(B, Hq, Nq, D, dtype=torch.float32, device=q.device)
-        attn_bwd_fused[(triton.cdiv(Nk, c.kv_block_n), B * Hkv)](
-            desc(q, c.kv_block_m), desc(k, c.kv_block_n), desc(v, c.kv_block_n), desc(do, c.kv_block_m),
-            desc(dk, c.kv_block_n), desc(dv, c.kv_block_n), desc(dq_acc, c.kv_block_m, _gl_dtype("float32")),
-            rows_desc(lse2, c.kv_block_m), rows_desc(delta, c.kv_block_m),
-            Hq, group, Nq, Nk, q_offset, k_offset, n_q, n_k, qk_scale, scale,
-            QWALK=qwalk, MASK=mask, STAGES=c.kv_stages, DQ_PIECES=c.dq_pieces, num_warps=c.num_warps("fused"))
+        attn_bwd_fused[key_grid](*key_descs, desc(dq_acc, c.kv_block_m, _gl_dtype("float32")), *row_descs, *scalars,
+                                 **key_fragments, DQ_PIECES=c.dq_pieces, num_warps=c.num_warps("fused"))
         post_block = 1024
         bwd_postprocess[(triton.cdiv(dq.numel(), post_block), )](dq_acc, dq, scale, dq.numel(), BLOCK=post_block,
                                                                  num_warps=4)
         return dq, dk, dv
-    attn_bwd_dkdv[(triton.cdiv(Nk, c.kv_block_n), B * Hkv)](
-        desc(q, c.kv_block_m), desc(k, c.kv_block_n), desc(v, c.kv_block_n), desc(do, c.kv_block_m),
-        desc(dk, c.kv_block_n), desc(dv, c.kv_block_n), rows_desc(lse2, c.kv_block_m), rows_desc(delta, c.kv_block_m),
-        Hq, group, Nq, Nk, q_offset, k_offset, n_q, n_k, qk_scale, scale,
-        QWALK=qwalk, MASK=mask, STAGES=c.kv_stages, num_warps=c.num_warps("dkdv"))
+    attn_bwd_dkdv[key_grid](*key_descs, *row_descs, *scalars, **key_fragments, num_warps=c.num_warps("dkdv"))
     attn_bwd_dq[(triton.cdiv(Nq, c.q_block_m), B * Hq)](
         desc(q, c.q_block_m), desc(k, c.q_block_n), desc(v, c.q_block_n), desc(do, c.q_block_m),
         desc(dq, c.q_block_m), lse2, delta, row_stride,
-        Hq, group, Nq, Nk, q_offset, k_offset, n_q, n_k, qk_scale, scale,
-        WALK=walk, MASK=mask, STAGES=c.q_stages, num_warps=c.num_warps("dq"))
+        *scalars, WALK=walk, MASK=mask, SCORE=score, SCORE_GRAD=score_grad, SEGMENTS=segments, STAGES=c.q_stages,
+        num_warps=c.num_warps("dq"))
     return dq, dk, dv
+
+
+def check_fragment_args(segments, pattern_args):
+    """A walk's segment count and the spec's params as the kernels take them."""
+    if not (isinstance(segments, int) and segments >= 1):
+        raise ValueError(f"attncc.runtime.gluon: segments must be an int >= 1, got {segments!r}")
+    if not (isinstance(pattern_args, tuple) and all(type(a) in (int, float) for a in pattern_args)):
+        raise TypeError(f"attncc.runtime.gluon: pattern_args must be a tuple of ints and floats, got {pattern_args!r}")
 
 
 def check_backward_operands(q, o, lse, do, dlse):
@@ -606,23 +618,19 @@ def _bwd_source(variant: BwdVariant):
     c, d, dt = variant.config, variant.head_dim, variant.dtype
     check_bwd_config(c, d, "fused" if variant.part == "fused" else "split")
     walk, qwalk, mask = backward_fragments(variant.pattern)
-    if variant.part == "dkdv":
-        from attncc.runtime.gluon.bwd import attn_bwd_dkdv as kernel
+    if variant.part in ("dkdv", "fused"):  # the key-block programs: the same tiles and fragments
         rows, keys = [1, 1, c.kv_block_m, d], [1, 1, c.kv_block_n, d]
         signature = {"q_desc": _desc_type(rows, dt), "k_desc": _desc_type(keys, dt), "v_desc": _desc_type(keys, dt),
-                     "do_desc": _desc_type(rows, dt), "dk_desc": _desc_type(keys, dt), "dv_desc": _desc_type(keys, dt),
-                     "lse_desc": _desc_type([1, 1, c.kv_block_m], "float32"),
-                     "delta_desc": _desc_type([1, 1, c.kv_block_m], "float32")}
-        constexprs = {"QWALK": qwalk, "MASK": mask}
-    elif variant.part == "fused":
-        from attncc.runtime.gluon.bwd_fused import attn_bwd_fused as kernel
-        rows, keys = [1, 1, c.kv_block_m, d], [1, 1, c.kv_block_n, d]
-        signature = {"q_desc": _desc_type(rows, dt), "k_desc": _desc_type(keys, dt), "v_desc": _desc_type(keys, dt),
-                     "do_desc": _desc_type(rows, dt), "dk_desc": _desc_type(keys, dt), "dv_desc": _desc_type(keys, dt),
-                     "dq_acc_desc": _desc_type(rows, "float32"),
-                     "lse_desc": _desc_type([1, 1, c.kv_block_m], "float32"),
-                     "delta_desc": _desc_type([1, 1, c.kv_block_m], "float32")}
-        constexprs = {"QWALK": qwalk, "MASK": mask, "DQ_PIECES": c.dq_pieces}
+                     "do_desc": _desc_type(rows, dt), "dk_desc": _desc_type(keys, dt), "dv_desc": _desc_type(keys, dt)}
+        constexprs = {"QWALK": qwalk, "MASK": mask, "SCORE": None, "SCORE_GRAD": None, "QSEGMENTS": 1}
+        if variant.part == "fused":
+            from attncc.runtime.gluon.bwd_fused import attn_bwd_fused as kernel
+            signature["dq_acc_desc"] = _desc_type(rows, "float32")
+            constexprs["DQ_PIECES"] = c.dq_pieces
+        else:
+            from attncc.runtime.gluon.bwd import attn_bwd_dkdv as kernel
+        signature.update(lse_desc=_desc_type([1, 1, c.kv_block_m], "float32"),
+                         delta_desc=_desc_type([1, 1, c.kv_block_m], "float32"))
     else:
         _check_choice("part", variant.part, BWD_PARTS)
         from attncc.runtime.gluon.bwd import attn_bwd_dq as kernel
@@ -630,9 +638,9 @@ def _bwd_source(variant: BwdVariant):
         signature = {"q_desc": _desc_type(rows, dt), "k_desc": _desc_type(keys, dt), "v_desc": _desc_type(keys, dt),
                      "do_desc": _desc_type(rows, dt), "dq_desc": _desc_type(rows, dt), "lse2_ptr": "*fp32",
                      "delta_ptr": "*fp32", "lse_stride": "i64"}
-        constexprs = {"WALK": walk, "MASK": mask}
+        constexprs = {"WALK": walk, "MASK": mask, "SCORE": None, "SCORE_GRAD": None, "SEGMENTS": 1}
     signature.update({name: "i32" for name in "H GROUP Nq Nk q_offset k_offset n_q n_k".split()})
-    signature.update(qk_scale="fp32", sm_scale="fp32")
+    signature.update(qk_scale="fp32", sm_scale="fp32", pattern_args=())  # the built-in walks have no params
     constexprs.update(STAGES=c.stages(variant.part), num_warps=c.num_warps(variant.part))
     signature.update({name: "constexpr" for name in constexprs})
     return kernel, signature, constexprs, {"num_warps": c.num_warps(variant.part)}

@@ -24,26 +24,40 @@ holds key positions `k_offset + kb*BLOCK_N + [0, BLOCK_N)`. The kernels clamp ea
 `lo <= full_lo <= full_hi <= hi`, so a walk may be loose (a too-large full range would not be).
 
 Key-block walk contract (the backward's dK/dV kernel, one program per key block).
-`qwalk(k_lo, k_hi, Nq, q_offset, n_q, n_k, BLOCK_M)` receives the position of the key block's first
-key (`k_lo = k_offset + kb*BLOCK_N`) and of its last existing key (inclusive `k_hi`, clamped to the
-Nk keys) and returns four query-block indices `(lo, full_lo, full_hi, hi)`: blocks `[lo, hi)` may hold
-allowed pairs with the block's keys, blocks `[full_lo, full_hi)` are full (every row `< Nq`, every pair
-with an existing key allowed), the rest of `[lo, hi)` are evaluated with the mask. Query block `qb`
-holds row positions `q_offset + qb*BLOCK_M + [0, BLOCK_M)`. The kernel clamps as above.
+`qwalk(k_lo, k_hi, Nq, q_offset, n_q, n_k, BLOCK_M, ctx)` is the walk of the transposed tile: it
+receives the position of the key block's first key (`k_lo = k_offset + kb*BLOCK_N`) and of its last
+existing key (inclusive `k_hi`, already clamped to the Nk keys by the kernel) and returns
+`4 * QSEGMENTS` query-block indices, `QSEGMENTS` segments `(lo, full_lo, full_hi, hi)` as the walk's:
+blocks `[lo, hi)` may hold allowed pairs with the block's keys, blocks `[full_lo, full_hi)` are full
+(every row `< Nq`, every pair with an existing key allowed), the rest of `[lo, hi)` are evaluated
+with the mask; the non-empty segments disjoint and ascending. Query block `qb` holds row positions
+`q_offset + qb*BLOCK_M + [0, BLOCK_M)`. The kernel clamps each segment as above. Its `ctx` is that
+of the first query head of the key block's GQA group: the steps walk every head of the group the
+same way, so a qwalk may not depend on `h` (attncc.analysis.builtin keeps such Plans' backward on
+`tl`).
 
 Mask contract. `mask(i, j, n_q, n_k, ctx)` receives query positions `i` ([BLOCK_M, 1]) and key
 positions `j` ([1, BLOCK_N]) in the slice layouts of the S accumulator and returns a boolean tensor
 that broadcasts to [BLOCK_M, BLOCK_N]. The kernels add the key bound (`j < k_offset + Nk`)
-themselves. The backward's dK/dV kernel (built-in masks only) holds its tiles transposed and passes
-`i` [1, BLOCK_M] and `j` [BLOCK_N, 1] without `ctx`, so a built-in mask is an elementwise expression
-of its arguments, and adds the row bound (`i < q_offset + Nq`) where the query side is streamed.
+themselves. The backward's dK/dV kernel holds its tiles transposed and passes the same mask `i`
+[1, BLOCK_M] and `j` [BLOCK_N, 1] (and the step's query head in `ctx`), so a mask is an elementwise
+expression of its arguments (built-in and rendered alike), and adds the row bound
+(`i < q_offset + Nq`) where the query side is streamed.
 `mask=None` means no mask beyond those bounds.
 
 Score contract. `score(qk, i, j, n_q, n_k, qk_scale, ctx)` receives the S accumulator (fp32 Q K^T,
-[BLOCK_M, BLOCK_N]), the positions as the mask does and `qk_scale = scale * log2(e)`, and returns
-the scores in log2 units (the natural-log score times log2(e)); the kernels apply it to every
-block before the mask, and the online softmax then takes them as they are. `score=None` is the
-plain scaled dot product, whose scale the softmax folds into its exp2.
+[BLOCK_M, BLOCK_N]; S^T in the dK/dV kernel, positions transposed as for the mask), the positions
+as the mask does and `qk_scale = scale * log2(e)`, and returns the scores in log2 units (the
+natural-log score times log2(e)); the kernels apply it to every block before the mask, and the
+online softmax (the backward's P = exp2(score - lse2)) then takes them as they are. `score=None` is
+the plain scaled dot product, whose scale the softmax folds into its exp2.
+
+Score gradient contract (the backward). `score_grad(qk, s, i, j, n_q, n_k, qk_scale, ctx)` receives
+the accumulator, the score hook's output `s` for it (log2 units, masked; the kernels use the factor
+only where P > 0, so `s` is finite there) and the positions,
+and returns d score / d (scale * qk + bias) in natural units: the factor the kernels multiply
+dS = P (dP - delta) by before dQ += dS K and dK += dS^T Q (which they scale by `scale` once).
+`score_grad=None`: the factor is 1 (no score hook, or a bias alone).
 """
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -74,13 +88,13 @@ def causal_mask(i, j, n_q, n_k, ctx=None):
 
 
 @gluon.jit
-def dense_qwalk(k_lo, k_hi, Nq, q_offset, n_q, n_k, BLOCK_M: gl.constexpr):
+def dense_qwalk(k_lo, k_hi, Nq, q_offset, n_q, n_k, BLOCK_M: gl.constexpr, ctx=None):
     """Every query block; only the ragged last one is masked (by the row bound)."""
     return 0, 0, Nq // BLOCK_M, gl.cdiv(Nq, BLOCK_M)
 
 
 @gluon.jit
-def causal_qwalk(k_lo, k_hi, Nq, q_offset, n_q, n_k, BLOCK_M: gl.constexpr):
+def causal_qwalk(k_lo, k_hi, Nq, q_offset, n_q, n_k, BLOCK_M: gl.constexpr, ctx=None):
     """Rows i >= j: blocks from the one holding row position k_lo; full from the first block whose
     first row is at or after k_hi, up to the last block lying inside the Nq rows.
 
