@@ -51,7 +51,7 @@ SPEC = _rt.SpecInfo(
     dropout=0.0,
     rope=False,
     tile_hint="default",
-    gluon_reason="its key blocks have no closed form (random_blocks() has no closed form); the Gluon kernels walk closed-form segments only",
+    gluon_reason="its mask has random_blocks(), whose tables the Gluon fragments do not read",
     int_reach=_int_reach,
     int_divisors=_int_divisors,
 )

@@ -46,7 +46,7 @@ from attncc.core import tiles  # noqa: E402
 from attncc.runtime import backend, call as call_mod  # noqa: E402
 from attncc.runtime.gluon import fwd_pipelined, fwd_ws, launch  # noqa: E402
 from attncc.spec import SpecError, load_spec, parse_spec  # noqa: E402
-from cases import SMALL_PARAMS, SPEC_NAMES, module, pattern  # noqa: E402
+from cases import SMALL_PARAMS, SPEC_NAMES, inputs_for, module, pattern  # noqa: E402
 from gluon_host import C, Fragments, ctx_of, emulate_forward, load_fragments  # noqa: E402
 from tile_oracle import (Problem, mask_spec, random_cover_mask, random_mask, random_overrides,  # noqa: E402
                          random_problem, truth_classes)
@@ -58,10 +58,10 @@ LOG2E = 1.4426950408889634
 # causal, gqa, mqa, tests/test_gluon_wiring.py); every other softmax spec has a reason.
 RENDERED = ("alibi", "block_diagonal", "chunked_local", "cross_causal", "local_bidirectional", "longformer",
             "prefix_lm", "sink_window", "sliding_window", "softcap")
+# Rendered too, with a walk over block lists or a score reading [inputs]: tests/test_gluon_lists.py.
+RENDERED_LISTS = ("alibi_learned", "dilated", "document", "neighborhood_2d", "padding", "strided", "t5_bias")
 BUILTIN = {"dense": "dense", "causal": "causal", "gqa": "causal", "mqa": "causal"}
-NOT_GLUON = {"alibi_learned": r"\[inputs\]", "bigbird": "no closed form", "causal_dropout": "dropout",
-             "dilated": "no closed form", "document": r"\[inputs\]", "neighborhood_2d": "no closed form",
-             "padding": r"\[inputs\]", "rope_causal": "RoPE", "strided": "no closed form", "t5_bias": r"\[inputs\]"}
+NOT_GLUON = {"bigbird": "random_blocks", "causal_dropout": "dropout", "rope_causal": "RoPE"}
 SPEC_PROBLEMS = [Problem(77, 77), Problem(45, 100, 1, 0), Problem(100, 45, 3, 30), Problem(130, 61, 29, 14, 200, 90),
                  Problem(64, 64, 16, 32), Problem(61, 130, 40, 7), Problem(5, 200, 150, 0), Problem(200, 3, 0, 90)]
 SPEC_TILES = [(16, 16), (32, 16), (16, 32), (64, 32), (128, 64), (128, 128)]
@@ -88,7 +88,7 @@ def call_like(params, *, q_offset, Nq, n_q, n_k):
 def test_shipped_specs(name):
     p = pattern(name)
     got = fit(p)
-    if name in RENDERED:
+    if name in RENDERED + RENDERED_LISTS:
         assert got.kind == "rendered" and not got.reason
     elif name in BUILTIN:
         assert got.kind == BUILTIN[name]
@@ -113,7 +113,7 @@ def test_generated_files_carry_it(name):
         text = gluon_file.read_text()
         assert f"spec sha256 {pattern(name).source_hash}" in text and f"Spec: specs/{name}.toml" in text
         assert mod.SPEC.gluon_fragments.path == gluon_file
-        assert "_rt.gluon_forward(call, \"rendered\")" in (ROOT / "generated" / f"{name}.py").read_text()
+        assert "_rt.gluon_forward(call, \"rendered\"" in (ROOT / "generated" / f"{name}.py").read_text()
 
 
 def test_build_writes_checks_and_removes_the_fragments(tmp_path):
@@ -126,7 +126,7 @@ def test_build_writes_checks_and_removes_the_fragments(tmp_path):
     (out / "w_gluon.py").unlink()
     assert stale([spec], out) == [out / "w_gluon.py"]
     build([spec], out)
-    spec.write_text('[mask]\nwhere = "j % 3 == 0"\n')  # no closed form: no fragments any more
+    spec.write_text('[mask]\nwhere = "j <= i * 0.5"\n')  # float arithmetic: no fragments any more
     assert stale([spec], out) == [out / "w.py", out / "w_gluon.py"]
     build([spec], out)
     assert sorted(p.name for p in out.iterdir()) == ["__init__.py", "w.py"]
@@ -178,7 +178,7 @@ def test_explain_names_the_gluon_forward_a_plan_gets():
     assert text("causal", head_dim=256, value_dim=256) == (
         "tl; Gluon sm90 forward (built-in causal walk) with ATTNCC_BACKEND=gluon; the backward tl (the Gluon "
         "backward takes head dims 64, 128)")
-    assert text("strided").startswith("tl only: its key blocks have no closed form")
+    assert text("bigbird").startswith("tl only: its mask has random_blocks()")
     assert text("alibi", head_dim=96, value_dim=96).startswith("tl only for this call: head dim 96")
 
 
@@ -188,9 +188,9 @@ def test_reasons_are_clauses_and_the_forced_backend_gives_them(monkeypatch):
     monkeypatch.setattr(backend, "interpreting", lambda: False)
     monkeypatch.setenv("ATTNCC_BACKEND", "gluon")
     q = torch.randn(1, 2, 8, 64).to(torch.bfloat16)
-    with pytest.raises(ValueError, match=r"strided's pattern is not one the Gluon kernels compute: its key blocks "
-                                         r"have no closed form .*attncc explain specs/strided.toml"):
-        module("strided").attention(q, q, q)
+    with pytest.raises(ValueError, match=r"bigbird's pattern is not one the Gluon kernels compute: its mask has "
+                                         r"random_blocks\(\).*attncc explain specs/bigbird.toml"):
+        module("bigbird").attention(q, q, q)
     # a rendered spec whose call breaks its walk's precondition (window >= 1) stays on tl, and says so
     call = attncc.runtime.bind(module("sink_window").SPEC, q, q, q, kwargs=dict(window=0, sinks=2))
     with pytest.raises(ValueError, match="breaks the precondition of the pattern's closed-form walk"):
@@ -282,7 +282,9 @@ def random_fragments(rng, tmp_path, generator, count):
         pat = parse_spec(mask_spec(f"r{n}", mask, params))
         text = render_gluon(pat)
         if text is not None:
-            out.append((pat, Fragments(load_fragments(text, tmp_path, f"r{n}"))))
+            frag = Fragments(load_fragments(text, tmp_path, f"r{n}"))
+            if not getattr(frag.module, "LISTS", False):  # block-list walks: tests/test_gluon_lists.py
+                out.append((pat, frag))
     return out
 
 
@@ -397,6 +399,8 @@ def test_emulated_forward_of_random_specs_with_score_hooks(tmp_path, one_environ
         if pat.kind != "softmax" or fit(pat).kind != "rendered":
             continue
         frag = Fragments(load_fragments(render_gluon(pat), tmp_path, f"f{n}"))
+        if getattr(frag.module, "LISTS", False) or pat.inputs:  # lists, [inputs]: tests/test_gluon_lists.py
+            continue
         q_offset, k_offset = rng.choice([0, 0, rng.randint(1, 40)]), rng.choice([0, 0, rng.randint(1, 40)])
         Nq, Nk = rng.randint(1, 70), rng.randint(1, 70)
         call = call_like(pat.param_values, q_offset=q_offset, Nq=Nq, n_q=q_offset + Nq, n_k=k_offset + Nk)
@@ -553,7 +557,8 @@ def compile_rendered(cases, out_path):
         q = torch.randn(1, 4, 300, d).to(dt)
         k, v = (torch.randn(1, 2, 200, d).to(dt) for _ in range(2))
         recorded.clear()
-        module(name).attention(q, k, v, q_offset=100)
+        inputs = inputs_for(pattern(name), 1, 4, 400, torch.Generator().manual_seed(0))  # [inputs], if any
+        module(name).attention(q, k, v, q_offset=100, **inputs)
         (rec,) = recorded
         c = compile_launch(rec, "cubin")
         registers, stack = launch._resource_usage(c.stages["cubin"])

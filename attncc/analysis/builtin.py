@@ -18,10 +18,12 @@ whose Plan is exactly one of those keeps them (:func:`builtin_fit`):
 and the score is the scaled dot product alone: no bias (ALiBi, T5), mod, softcap, RoPE or dropout,
 no ``[inputs]``, and Dv = D (no ``value_dim``).
 
-Other Plans get rendered fragments (:func:`gluon_fit`, attncc.codegen.gluon) when their forward walk
-has a closed form (DENSE or BANDS: sorted segments, :func:`attncc.analysis.walks.sorted_segments`),
-their mask computes in integers, and their score is a bias, mod or softcap of positions, heads and
-params; RoPE, dropout, ``[inputs]`` and ``value_dim`` stay on the ``tl`` kernels. The answer is a
+Other Plans get rendered fragments (:func:`gluon_fit`, attncc.codegen.gluon) when their mask
+computes in integers (``[inputs]`` such as document ids included) and their score is a bias, mod or
+softcap of positions, heads, params and ``[inputs]`` (bias tables): a forward walk with a closed
+form (DENSE or BANDS) as sorted segments (:func:`attncc.analysis.walks.sorted_segments`), one without
+(BLOCK_LIST: strides, dilations, [inputs]) over the block lists of the Gluon kernel's tiles, except
+BigBird's random blocks; RoPE, dropout and ``value_dim`` stay on the ``tl`` kernels. The answer is a
 fact of the analysis, never of the spec's name; codegen renders it as ``SpecInfo.gluon`` and
 ``attncc explain`` prints it.
 """
@@ -36,6 +38,7 @@ from attncc.analysis.bands import X, Cover
 from attncc.analysis.integer import integer_ops
 from attncc.analysis.plan import Plan
 from attncc.analysis.walks import Iteration
+from attncc.spec.builtins import RandomBlocks
 
 # The walks the Gluon kernels have (the keys of attncc.runtime.gluon.walks.PATTERNS; a test checks
 # that they agree: the analysis may not import the runtime).
@@ -99,14 +102,14 @@ def gluon_fit(plan: Plan) -> GluonFit:
     if p.kind != "softmax":
         return GluonFit(reason=builtin.reason)
     extras = [what for what, present in (
-        ("RoPE", p.rope is not None), ("dropout", p.dropout > 0), ("[inputs]", bool(p.inputs)),
+        ("RoPE", p.rope is not None), ("dropout", p.dropout > 0),
         (f"value_dim = {p.value_dim}", p.value_dim is not None)) if present]
     if extras:
         return GluonFit(reason=f"it has {', '.join(extras)}, which the Gluon kernels do not compute")
-    walk = plan.forward
-    if walk.kind not in (Iteration.DENSE, Iteration.BANDS):
-        return GluonFit(reason=f"its key blocks have no closed form ({walk.reason}); the Gluon kernels walk "
-                               f"closed-form segments only")
+    if p.mask is not None and p.mask.atoms(RandomBlocks):
+        return GluonFit(reason="its mask has random_blocks(), whose tables the Gluon fragments do not read")
+    # DENSE and BANDS walks are closed-form segments; BLOCK_LIST ones (no closed form, or [inputs])
+    # walk the block lists of the Gluon kernel's tiles (attncc.codegen.gluon)
     if p.mask is not None and not integer_mask(p.mask):
         return GluonFit(reason=f"the mask {p.mask} computes in float (float64 in the tl kernels, as the "
                                f"reference); the Gluon fragments compute masks in integers only")

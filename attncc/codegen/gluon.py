@@ -14,6 +14,14 @@ arguments and inline (their contract: ``attncc.runtime.gluon.walks``):
 - ``score``: the bias, mod and softcap of the score in log2 units (None for the plain scaled dot
   product: the kernels then fold the scale into exp2, as before).
 
+Walks without a closed form (BLOCK_LIST: strides, dilations, 2D neighborhoods, [inputs] such as
+document ids) read the block lists the ``tl`` kernels walk (attncc.runtime.blocks, made for the Gluon
+kernel's tiles): ``walk`` returns one segment of list positions (partial entries, then full ones)
+and ``block`` the key block at a position (:func:`block_list_context`). ``[inputs]`` are read in the
+mask and score as the ``tl`` kernels read them (:class:`attncc.codegen.softmax.Inputs`: strides, a
+bound on each position index, integers widened to int64, floats to float32), from pointers, strides
+and sizes the host appends to ``pattern_args``.
+
 The functions live in a file of their own, next to the module, which ``attncc.runtime.backend``
 imports on the Gluon path only: the module itself is imported under ``TRITON_INTERPRET=1`` (whose
 Triton cannot compile Gluon) and with Tritons that have no Gluon, and keeps needing
@@ -29,11 +37,14 @@ from __future__ import annotations
 
 from typing import List, Optional, Tuple
 
+from sympy.core.function import AppliedUndef
+
 from attncc.analysis.builtin import gluon_fit
 from attncc.analysis.walks import Iteration, sorted_segments
 from attncc.codegen.helpers import GLUON, helper_args
-from attncc.codegen.names import param_var
+from attncc.codegen.names import input_args, param_var
 from attncc.codegen.printer import GluonPrinter, NotGluon, Temporaries, record_definitions
+from attncc.codegen.softmax import Inputs
 from attncc.codegen.text import py_str
 from attncc.codegen.walks import precondition_code, symbol_names, walk_note
 from attncc.spec import symbols as S
@@ -42,6 +53,11 @@ from attncc.spec.ir import Pattern
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 CONTEXT = ("b", "h", "H", "q_last")  # the ctx tuple's members before the params (runtime.gluon.common)
+# A block-list walk's members of ctx after the params (attncc.runtime.blocks.BlockLists' fields, less
+# the row stride, which is 1, then the first query position and the rows per tile the lists were
+# made for): names the tl kernels give their list arguments (attncc.codegen.softmax.LIST_ARGS).
+LIST_CONTEXT = ("full_count", "full_index", "partial_count", "partial_index", "list_stride_b", "list_stride_h",
+                "list_width", "list_q_offset", "list_block_m")
 
 
 def gluon_context(pattern: Pattern, plan) -> Optional[dict]:
@@ -52,17 +68,25 @@ def gluon_context(pattern: Pattern, plan) -> Optional[dict]:
     if gluon_fit(plan).kind != "rendered":
         return None
     params = [p for p in pattern.params]
-    unpack = ", ".join(list(CONTEXT) + [param_var(p.name) for p in params])
+    lists = plan.forward.kind is Iteration.BLOCK_LIST
+    inputs = used_inputs(pattern)
+    unpack = _wrapped("", list(CONTEXT) + [param_var(p.name) for p in params] + (list(LIST_CONTEXT) if lists else [])
+                      + [a for name in inputs for a in input_args(name, len(pattern.input(name).dims))], "")
     temps = Temporaries()
     helpers = set()
 
-    # -- the walk: the Plan's steps, then the sorted segments ------------------------------------
-    segments = sorted_segments(plan.forward)
-    names = symbol_names(plan, segments.steps, False, "kv_", {"n_heads": "H"})
-    walk_printer = GluonPrinter(names)
-    record_definitions(segments.steps)  # their bounds, for the host's overflow guard (codegen.bounds)
-    walk_steps = [(names[sym], walk_printer(e)) for sym, e in segments.steps]
-    helpers |= walk_printer.helpers
+    # -- the walk: the Plan's steps, then the sorted segments (or the block lists) ---------------
+    if lists:
+        walk_steps, walk_out, count = [], [], 1
+    else:
+        segments = sorted_segments(plan.forward)
+        names = symbol_names(plan, segments.steps, False, "kv_", {"n_heads": "H"})
+        walk_printer = GluonPrinter(names)
+        record_definitions(segments.steps)  # their bounds, for the host's overflow guard (codegen.bounds)
+        walk_steps = [(names[sym], walk_printer(e)) for sym, e in segments.steps]
+        walk_out = [", ".join(names[s] for s in seg) for seg in segments.segments]
+        count = len(segments.segments)
+        helpers |= walk_printer.helpers
 
     # -- the mask and the score, over the positions i [BLOCK_M, 1] and j [1, BLOCK_N] ------------------
     base = {S.i: "i", S.j: "j", S.b: "b", S.h: "h", S.n_q: "n_q", S.n_k: "n_k", S.n_heads: "H"}
@@ -72,21 +96,68 @@ def gluon_context(pattern: Pattern, plan) -> Optional[dict]:
         printer = GluonPrinter({**base, **{p.symbol: param_var(p.name) for p in params}}, float64=True, temps=temps)
         mask_lines, mask_code = printer.statement(plan.forward.cover.predicate(S.i, S.j))
         helpers |= printer.helpers
-    score_lines = render_score(pattern, base, temps, helpers)
+    elif lists and pattern.mask is not None:  # no bands: the mask as the spec wrote it, on partial blocks
+        printer = GluonPrinter({**base, **{p.symbol: param_var(p.name) for p in params}}, float64=True, temps=temps)
+        printer.gather = _gather(pattern, printer)
+        mask_lines, mask_code = printer.statement(pattern.mask)
+        helpers |= printer.helpers
+    score_lines = render_score(pattern, base, temps, helpers, gather=True)
 
     bad = sorted(h for h in helpers if not (h in GLUON or h.startswith("_bucket_")))
     if bad:
         raise NotGluon(f"{pattern.source}: the Gluon fragments have no helper {', '.join(bad)}")
     note = walk_note(plan.forward)
-    count = len(segments.segments)
+    values = [f"{p.kind}(call.params[{py_str(p.name)}])" for p in params]
+    if lists:
+        values += [f"lists.{f}" for f in ("full_count", "full_index", "partial_count", "partial_index", "stride_b",
+                                           "stride_h", "width")] + ["call.q_offset", "block_m"]
+    values += [v for name in inputs for v in _input_values(pattern, name)]
     return dict(
-        segments=count, walk_steps=walk_steps, walk_out=[", ".join(names[s] for s in seg) for seg in segments.segments],
+        segments=count, walk_steps=walk_steps, walk_out=walk_out, lists=lists, list_context=LIST_CONTEXT,
         unpack=unpack, param_tuple=_tuple([py_str(p.name) for p in params]),
-        param_values=_tuple([f"{p.kind}(call.params[{py_str(p.name)}])" for p in params]),
+        param_values=_tuple(values) if len(values) <= len(params) else _wrapped("return ", values, ""),
+        input_names=_tuple([py_str(n) for n in inputs]) if inputs else None,
         mask_lines=mask_lines, mask_code=mask_code, score_lines=score_lines,
         helpers=[helper_args(h) for h in sorted(helpers)], exact=precondition_code(plan, transposed=False),
-        walk_note=[f"{note[0]}; the kernels walk {count} sorted segment{'s' if count > 1 else ''} per query tile"]
-        + note[1:])
+        walk_note=[f"{note[0]}; the kernels walk " + ("the block lists of their tiles, partial blocks first" if lists
+                   else f"{count} sorted segment{'s' if count > 1 else ''} per query tile")] + note[1:])
+
+
+def used_inputs(pattern: Pattern) -> List[str]:
+    """The [inputs] the mask, bias and mod read, in the order their arguments follow the params."""
+    return sorted({type(a).__name__ for e in (pattern.mask, pattern.bias, pattern.mod) if e is not None
+                   for a in e.atoms(AppliedUndef)})
+
+
+def _gather(pattern: Pattern, printer: GluonPrinter):
+    """The printer's input reads: the tl kernels' masked gathers (same index math and widening), in gl."""
+    inputs = Inputs(pattern)
+    return lambda e: inputs.gather(printer, e)
+
+
+def _input_values(pattern: Pattern, name: str) -> List[str]:
+    """Host code of an input's kernel arguments (:func:`attncc.codegen.names.input_args`' order): the
+    tensor, its strides (as the tensor has them: a broadcast or sliced input is read in place), sizes."""
+    rank, tensor = len(pattern.input(name).dims), f"call.inputs[{py_str(name)}]"
+    return ([tensor] + [f"{tensor}.stride({d})" for d in range(rank)]
+            + [f"{tensor}.shape[{d}]" for d in range(rank)])
+
+
+def _wrapped(head: str, items: List[str], tail: str) -> str:
+    """``head`` + the items as a tuple + ``tail``, a function body's statement: on one line (no
+    parentheses) where it fits 120 columns, else in parentheses over lines of at most that."""
+    line = f"    {head}{', '.join(items)}{tail}"
+    if len(line) <= 120:
+        return line.strip()
+    lines, current, indent = [], f"{head}(", " " * (4 + len(head) + 1)
+    for n, item in enumerate(items):
+        text = item + (")" + tail if n == len(items) - 1 else ",")
+        if len(current) + 1 + len(text) + 4 > 120 and not current.endswith("("):
+            lines.append(current)
+            current = indent[4:] + text
+        else:
+            current += ("" if current.endswith("(") else " ") + text
+    return "\n    ".join(lines + [current])
 
 
 def _tuple(items: List[str]) -> str:
@@ -94,16 +165,19 @@ def _tuple(items: List[str]) -> str:
     return f"({items[0]},)" if len(items) == 1 else f"({', '.join(items)})"
 
 
-def render_score(pattern: Pattern, base, temps: Temporaries, helpers: set) -> List[str]:
+def render_score(pattern: Pattern, base, temps: Temporaries, helpers: set, gather: bool = False) -> List[str]:
     """The body of the score hook (its last line a ``return``), or [] for the plain scaled dot
     product. The whole score is computed per pair, as the reference defines it: terms constant along
-    the key (which the ``tl`` kernels move to the LSE) stay in it."""
+    the key (which the ``tl`` kernels move to the LSE) stay in it. ``gather``: [inputs] are read as
+    the ``tl`` kernels read them (float tables as float32)."""
     if (pattern.bias is None or pattern.bias == 0) and pattern.mod is None and pattern.softcap is None:
         return []
     names = {**base, S.s: "s"}
     for p in pattern.params:  # float params are float32 in score code (a float64 scalar would widen the tile)
         names[p.symbol] = f"gl.cast({param_var(p.name)}, gl.float32)" if p.kind == "float" else param_var(p.name)
     printer = GluonPrinter(names, temps=temps)
+    if gather:
+        printer.gather = _gather(pattern, printer)
     lines: List[str] = []
 
     def code(e) -> str:

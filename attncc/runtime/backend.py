@@ -162,12 +162,14 @@ def gluon_config(head_dim: int):
     return dataclasses.replace(launch.default_config(head_dim, "ws"), pingpong=False)
 
 
-def gluon_forward(call: Call, walk: str):
+def gluon_forward(call: Call, walk: str, lists=None):
     """``(o, lse)`` of ``call`` from the Gluon sm90 forward with the built-in ``walk`` ("dense",
     "causal"), or with the module's rendered fragments (``walk`` "rendered"), as the generated ``tl``
     forward returns them: o [B, Hq, Nq, D] in q's dtype, the natural-log LSE [B, Hq, Nq] in float32
     (-inf, and o = 0, on rows without an allowed key), so that the module's ``tl`` backward takes
-    them unchanged. The LSE is always written (a backward may follow)."""
+    them unchanged. The LSE is always written (a backward may follow). ``lists(block_m, block_n)``:
+    the call's forward block lists (attncc.runtime.blocks.BlockLists) for tiles of that shape, which
+    fragments with a block-list walk read (``LISTS``): the module's own, as its ``tl`` kernels get them."""
     from attncc.runtime.gluon import launch
 
     if call.Nq == 0 or call.Nk == 0:  # no pair: what the tl path gives such calls
@@ -176,8 +178,15 @@ def gluon_forward(call: Call, walk: str):
               return_lse=True, config=gluon_config(call.D))
     if walk == "rendered":
         f = call.spec.gluon_fragments.load()
+        if getattr(f, "LISTS", False):
+            if lists is None:
+                raise ValueError(f"{call.spec.name}: its Gluon walk reads block lists, and none were passed")
+            cfg = kw["config"]
+            args = f.pattern_args(call, lists(cfg.block_m, cfg.block_n), cfg.block_m)
+        else:
+            args = f.pattern_args(call)
         return launch.attention(call.q, call.k, call.v, walk=f.walk, mask=f.mask, score=f.score,
-                                segments=f.SEGMENTS, pattern_args=f.pattern_args(call), **kw)
+                                segments=f.SEGMENTS, pattern_args=args, block=getattr(f, "block", None), **kw)
     return launch.attention(call.q, call.k, call.v, pattern=walk, **kw)
 
 
