@@ -23,6 +23,9 @@ PARAMS = ("window", "dilation")  # pattern_args(call), unpacked after b, h, H, q
 # The walk reads block lists (attncc.runtime.blocks) of the kernel's tiles, which the host passes to
 # pattern_args; block() maps a walk position to its key block.
 LISTS = True
+# Keys per block at most (attncc.runtime.backend narrows the tiles): the mask or score does integer
+# work per pair of a tile, whose registers a 128-key tile would spill.
+BLOCK_N = 64
 # Approximate special functions (tanh.approx): the Gluon kernels take 16-bit inputs only, on a GPU.
 FAST_MATH = gl.constexpr(True)
 

@@ -19,6 +19,9 @@ from triton.experimental.gluon import language as gl
 
 SEGMENTS = 1  # key-block segments per query tile (walk returns 4 values per segment)
 PARAMS = ()  # pattern_args(call), unpacked after b, h, H, q_last
+# Keys per block at most (attncc.runtime.backend narrows the tiles): the mask or score does integer
+# work per pair of a tile, whose registers a 128-key tile would spill.
+BLOCK_N = 64
 INPUTS = ("rel_bias",)  # [inputs] the mask and score read: pointer, strides, sizes each, after the params
 # Approximate special functions (tanh.approx): the Gluon kernels take 16-bit inputs only, on a GPU.
 FAST_MATH = gl.constexpr(True)

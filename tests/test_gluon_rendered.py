@@ -546,6 +546,16 @@ def compile_rendered(cases, out_path):
     backend.device_problem = lambda device: None
     launch.check_devices = lambda q, k, v: None
     torch.cuda.get_device_properties = lambda device: types.SimpleNamespace(multi_processor_count=132)
+    import attncc.runtime as rt
+    real_forward = rt.gluon_forward  # (loads the runtime: its exports are attributes from then on)
+
+    def forward(call, walk, lists=None):
+        if lists is not None:  # the modules' list kernels cannot run here: zeros of the lists' shapes
+            lists = (lambda m, n: rt.blocks.BlockLists(
+                *[torch.zeros(call.B, 1, -(-call.Nq // m), *w, dtype=torch.int32) for w in ((), (-(-call.Nk // n),))] * 2,
+                stride_b=-(-call.Nq // m) if call.B > 1 else 0, stride_h=0, stride_row=1, width=-(-call.Nk // n)))
+        return real_forward(call, walk, lists)
+    rt.gluon_forward = backend.gluon_forward = forward
     recorded = []
     for kernel in (fwd_ws.attn_fwd_ws, fwd_pipelined.attn_fwd_pipelined):
         kernel.run = (lambda kernel: lambda *a, grid, warmup, **kw: recorded.append(launch_of(kernel, a, kw)))(kernel)
@@ -572,9 +582,34 @@ def compile_rendered(cases, out_path):
             tma_load=bool(re.search(r"cp\.async\.bulk\.tensor\.4d\.shared::cluster\.global", ptx)),
             tma_store=bool(re.search(r"cp\.async\.bulk\.tensor\.4d\.global\.shared::cta", ptx)),
             p_from_registers=bool(re.search(r"HGMMA\.\S+ R\d+, R\d+, gdesc", sass)),
+            key_loop_ldl=key_loop_ldl(sass, (d + block_rows(dict(rec.signature)["k_desc"])) // 16),
             signature=dict(rec.signature))
     with open(out_path, "wb") as f:
         pickle.dump(results, f)
+
+
+def block_rows(desc_type: str) -> int:
+    """The rows of a 4-d TMA descriptor's block from its signature type (launch._desc_type)."""
+    import re
+    return int(re.search(r"\[1, ?1, ?(\d+), ?\d+\]", desc_type).group(1))
+
+
+def key_loop_ldl(sass: str, step_mma: int) -> int:
+    """The most local-memory loads (LDL: spilled registers read back) in one key loop of the SASS: an
+    innermost loop (by its backward branch) of ``step_mma`` wgmmas, one block's S and P V (-1: none)."""
+    import re
+    ins = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    loops = set()
+    for a, text in ins:
+        m = re.search(r"\bBRA\s+(0x[0-9a-f]+)", text)  # cuobjdump -sass: branch targets as addresses
+        if m and int(m.group(1), 16) < a:
+            loops.add((int(m.group(1), 16), a))
+    def count(lo, hi, what):
+        return sum(lo <= a <= hi and what in t for a, t in ins)
+
+    with_mma = [(lo, hi) for lo, hi in loops if count(lo, hi, "HGMMA")]
+    inner = [(lo, hi) for lo, hi in with_mma if not any((lo, hi) != o and lo <= o[0] and o[1] <= hi for o in with_mma)]
+    return max((count(lo, hi, "LDL") for lo, hi in inner if count(lo, hi, "HGMMA") == step_mma), default=-1)
 
 
 @pytest.fixture(scope="module")

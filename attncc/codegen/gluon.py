@@ -37,6 +37,7 @@ from __future__ import annotations
 
 from typing import List, Optional, Tuple
 
+import sympy
 from sympy.core.function import AppliedUndef
 
 from attncc.analysis.builtin import gluon_fit
@@ -48,6 +49,7 @@ from attncc.codegen.softmax import Inputs
 from attncc.codegen.text import py_str
 from attncc.codegen.walks import precondition_code, symbol_names, walk_note
 from attncc.spec import symbols as S
+from attncc.spec.builtins import Bucket
 from attncc.spec.ir import Pattern
 
 LOG2E = 1.4426950408889634
@@ -91,17 +93,20 @@ def gluon_context(pattern: Pattern, plan) -> Optional[dict]:
     # -- the mask and the score, over the positions i [BLOCK_M, 1] and j [1, BLOCK_N] ------------------
     base = {S.i: "i", S.j: "j", S.b: "b", S.h: "h", S.n_q: "n_q", S.n_k: "n_k", S.n_heads: "H"}
     mask_lines: List[Tuple[str, str]] = []
-    mask_code = None
+    mask_code = mask_expr = None
     if plan.forward.kind is Iteration.BANDS:  # the mask as the Plan's bands, each solved for j
         printer = GluonPrinter({**base, **{p.symbol: param_var(p.name) for p in params}}, float64=True, temps=temps)
-        mask_lines, mask_code = printer.statement(plan.forward.cover.predicate(S.i, S.j))
+        mask_expr = plan.forward.cover.predicate(S.i, S.j)
+        mask_lines, mask_code = printer.statement(mask_expr)
         helpers |= printer.helpers
     elif lists and pattern.mask is not None:  # no bands: the mask as the spec wrote it, on partial blocks
         printer = GluonPrinter({**base, **{p.symbol: param_var(p.name) for p in params}}, float64=True, temps=temps)
         printer.gather = _gather(pattern, printer)
-        mask_lines, mask_code = printer.statement(pattern.mask)
+        mask_expr = pattern.mask
+        mask_lines, mask_code = printer.statement(mask_expr)
         helpers |= printer.helpers
     score_lines = render_score(pattern, base, temps, helpers, gather=True)
+    per_pair = pair_work([e for e in (mask_expr, pattern.bias, pattern.mod) if e is not None])
 
     bad = sorted(h for h in helpers if not (h in GLUON or h.startswith("_bucket_")))
     if bad:
@@ -113,7 +118,7 @@ def gluon_context(pattern: Pattern, plan) -> Optional[dict]:
                                            "stride_h", "width")] + ["call.q_offset", "block_m"]
     values += [v for name in inputs for v in _input_values(pattern, name)]
     return dict(
-        segments=count, walk_steps=walk_steps, walk_out=walk_out, lists=lists, list_context=LIST_CONTEXT,
+        segments=count, walk_steps=walk_steps, walk_out=walk_out, lists=lists, block_n=NARROW_BLOCK_N if per_pair else None,
         unpack=unpack, param_tuple=_tuple([py_str(p.name) for p in params]),
         param_values=_tuple(values) if len(values) <= len(params) else _wrapped("return ", values, ""),
         input_names=_tuple([py_str(n) for n in inputs]) if inputs else None,
@@ -121,6 +126,21 @@ def gluon_context(pattern: Pattern, plan) -> Optional[dict]:
         helpers=[helper_args(h) for h in sorted(helpers)], exact=precondition_code(plan, transposed=False),
         walk_note=[f"{note[0]}; the kernels walk " + ("the block lists of their tiles, partial blocks first" if lists
                    else f"{count} sorted segment{'s' if count > 1 else ''} per query tile")] + note[1:])
+
+
+# Per-pair integer work (a // or % of i - j, abs(i // w - j // w), T5 buckets of j - i and their table
+# reads) on a [64, 128] tile in the consumer warpgroup, beside S, P and O at D = 128, spilled hundreds
+# of bytes in the key loop (ptxas of Triton 3.6: dilated 264, neighborhood_2d 432, t5_bias 768); on
+# 64-key blocks the first two spill none and T5 a few words (tests/test_gluon_lists.py bounds them).
+NARROW_BLOCK_N = 64
+PAIR_WORK = (sympy.Mod, sympy.floor, sympy.ceiling, sympy.Abs, sympy.Min, sympy.Max, Bucket, AppliedUndef)
+
+
+def pair_work(exprs) -> bool:
+    """Whether the mask or score computes more than sums and comparisons on values of both the
+    query and the key position (which then take a register per pair of the tile)."""
+    return any(isinstance(node, PAIR_WORK) and {S.i, S.j} <= node.free_symbols
+               for e in exprs for node in sympy.preorder_traversal(e))
 
 
 def used_inputs(pattern: Pattern) -> List[str]:

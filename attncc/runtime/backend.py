@@ -162,6 +162,21 @@ def gluon_config(head_dim: int):
     return dataclasses.replace(launch.default_config(head_dim, "ws"), pingpong=False)
 
 
+@functools.lru_cache(maxsize=None)
+def narrowed(config, head_dim: int, block_n: Optional[int]):
+    """``config`` with at most ``block_n`` keys per block (a fragments file's ``BLOCK_N``: per-pair
+    work that 128-key tiles would spill), the deepest K/V ring up to 4 stages that fits."""
+    from attncc.runtime.gluon import launch
+
+    if block_n is None or config.block_n <= block_n:
+        return config
+    for stages in (4, 3, 2):
+        narrow = dataclasses.replace(config, block_n=block_n, stages=stages)
+        if launch.shared_bytes(narrow, head_dim) <= launch.SM90_SHARED_BYTES - 1024:
+            return narrow
+    return dataclasses.replace(config, block_n=block_n)
+
+
 def gluon_forward(call: Call, walk: str, lists=None):
     """``(o, lse)`` of ``call`` from the Gluon sm90 forward with the built-in ``walk`` ("dense",
     "causal"), or with the module's rendered fragments (``walk`` "rendered"), as the generated ``tl``
@@ -178,6 +193,7 @@ def gluon_forward(call: Call, walk: str, lists=None):
               return_lse=True, config=gluon_config(call.D))
     if walk == "rendered":
         f = call.spec.gluon_fragments.load()
+        kw["config"] = narrowed(kw["config"], call.D, getattr(f, "BLOCK_N", None))
         if getattr(f, "LISTS", False):
             if lists is None:
                 raise ValueError(f"{call.spec.name}: its Gluon walk reads block lists, and none were passed")
