@@ -36,7 +36,7 @@ from attncc.runtime import backend, call as call_mod  # noqa: E402
 from attncc.runtime.gluon import fwd_pipelined, fwd_ws, launch  # noqa: E402
 from cases import SMALL_PARAMS, inputs_for, module, pattern  # noqa: E402
 from gluon_host import as_python, emulate_forward  # noqa: E402
-from tile_oracle import tile_classes  # noqa: E402
+from tile_oracle import tile_classes, truth_classes  # noqa: E402
 
 import test_gluon_rendered as rendered  # noqa: E402
 
@@ -227,6 +227,70 @@ def test_the_emulation_catches_a_wrong_list_walk(emulated, monkeypatch):
             with pytest.raises(AssertionError):
                 run_case(emulated, "document", (1, 2, 1, 60, 60, 0, 0, 0, "contiguous"), seed=1, config=config)
     run_case(emulated, "document", (1, 2, 1, 60, 60, 0, 0, 0, "contiguous"), seed=1, config=config)
+
+
+def oracle_lists(pat, problem, params, B, H):
+    """BlockLists of the brute-force tile classes (tile_oracle) of every (b, h): what the module's
+    exact lists are, made without the module."""
+    from attncc.runtime.blocks import BlockLists
+
+    grid = torch.stack([torch.stack([truth_classes(pat, problem, params, b=b, h=h)[0] for h in range(H)])
+                        for b in range(B)])
+    full_count, full_index, partial_count, partial_index = tiles.to_block_lists(grid)
+    nqb, nkb = grid.shape[-2:]
+    return BlockLists(full_count, full_index, partial_count, partial_index, stride_b=H * nqb, stride_h=nqb,
+                      stride_row=1, width=nkb), grid
+
+
+def test_random_masks_without_closed_form(tmp_path):
+    """Seeded random masks (tile_oracle.random_mask: strides, dilations, moduli, unions) whose walks
+    are block lists: their rendered walk, block and mask over the oracle's exact lists, emulated as
+    the pipelined kernel walks, against the reference, the blocks walked exactly the oracle's."""
+    import random
+
+    from attncc.codegen import render_gluon
+    from attncc.spec import SpecError, parse_spec
+    from gluon_host import Fragments, load_fragments
+    from tile_oracle import mask_spec, random_mask, random_overrides, random_problem
+
+    rng = random.Random(31)
+    checked = 0
+    for n in range(60):
+        mask, params = random_mask(rng)
+        try:
+            pat = parse_spec(mask_spec(f"l{n}", mask, params))
+        except SpecError:
+            continue
+        text = render_gluon(pat)
+        if text is None or "LISTS = True" not in text:
+            continue
+        frag = Fragments(load_fragments(text, tmp_path, f"l{n}"))
+        problem = random_problem(rng, shapes=[(16, 16), (32, 16), (16, 32)])
+        params = {**pat.param_values, **random_overrides(rng, pat.param_values)}
+        B, H = 1, 2
+        lists, grid = oracle_lists(pat, problem, params, B, H)
+        p = problem
+        q, k, v = rendered.qkv(B, H, 1, p.q_rows, p.k_rows, 16, seed=n)
+        walked = set()
+        n_q = p.q_offset + p.q_rows if p.n_q is None else p.n_q
+        n_k = p.k_offset + p.k_rows if p.n_k is None else p.n_k
+        args = tuple(params[x] for x in frag.module.PARAMS) + (
+            lists.full_count, lists.full_index, lists.partial_count, lists.partial_index, lists.stride_b,
+            lists.stride_h, lists.width, p.q_offset, p.block_m)
+        o, lse = emulate_forward(frag, q, k, v, scale=0.3, q_offset=p.q_offset, k_offset=p.k_offset, n_q=n_q,
+                                 n_k=n_k, pattern_args=args, block_m=p.block_m, block_n=p.block_n, walked=walked,
+                                 kernel="pipelined")
+        ref, ref_lse = attncc.reference(pat, q, k, v, return_lse=True, q_offset=p.q_offset, k_offset=p.k_offset,
+                                        n_q=n_q, n_k=n_k, scale=0.3, **params)
+        seen = torch.isfinite(ref_lse)
+        assert torch.equal(torch.isfinite(lse), seen) and torch.all(o[~seen] == 0), (mask, problem)
+        assert float((o - ref).abs().max()) < 1e-6, (mask, problem)
+        got = torch.zeros_like(grid)
+        for (b, h, qb, kb, masked) in walked:
+            got[b, h, qb, kb] = tiles.PARTIAL if masked else tiles.FULL
+        assert torch.equal(got, grid), (mask, problem)
+        checked += 1
+    assert checked >= 10, checked
 
 
 # ------------------------------------------------------------------------------------------------
