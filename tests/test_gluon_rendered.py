@@ -59,9 +59,9 @@ LOG2E = 1.4426950408889634
 RENDERED = ("alibi", "block_diagonal", "chunked_local", "cross_causal", "local_bidirectional", "longformer",
             "prefix_lm", "sink_window", "sliding_window", "softcap")
 # Rendered too, with a walk over block lists or a score reading [inputs]: tests/test_gluon_lists.py.
-RENDERED_LISTS = ("alibi_learned", "dilated", "document", "neighborhood_2d", "padding", "strided", "t5_bias")
+RENDERED_LISTS = ("alibi_learned", "bigbird", "dilated", "document", "neighborhood_2d", "padding", "strided", "t5_bias")
 BUILTIN = {"dense": "dense", "causal": "causal", "gqa": "causal", "mqa": "causal"}
-NOT_GLUON = {"bigbird": "random_blocks", "causal_dropout": "dropout", "rope_causal": "RoPE"}
+NOT_GLUON = {"causal_dropout": "dropout", "rope_causal": "RoPE"}
 SPEC_PROBLEMS = [Problem(77, 77), Problem(45, 100, 1, 0), Problem(100, 45, 3, 30), Problem(130, 61, 29, 14, 200, 90),
                  Problem(64, 64, 16, 32), Problem(61, 130, 40, 7), Problem(5, 200, 150, 0), Problem(200, 3, 0, 90)]
 SPEC_TILES = [(16, 16), (32, 16), (16, 32), (64, 32), (128, 64), (128, 128)]
@@ -178,7 +178,7 @@ def test_explain_names_the_gluon_forward_a_plan_gets():
     assert text("causal", head_dim=256, value_dim=256) == (
         "tl; Gluon sm90 forward (built-in causal walk) with ATTNCC_BACKEND=gluon; the backward tl (the Gluon "
         "backward takes head dims 64, 128)")
-    assert text("bigbird").startswith("tl only: its mask has random_blocks()")
+    assert text("rope_causal").startswith("tl only: it has RoPE")
     assert text("alibi", head_dim=96, value_dim=96).startswith("tl only for this call: head dim 96")
 
 
@@ -188,9 +188,9 @@ def test_reasons_are_clauses_and_the_forced_backend_gives_them(monkeypatch):
     monkeypatch.setattr(backend, "interpreting", lambda: False)
     monkeypatch.setenv("ATTNCC_BACKEND", "gluon")
     q = torch.randn(1, 2, 8, 64).to(torch.bfloat16)
-    with pytest.raises(ValueError, match=r"bigbird's pattern is not one the Gluon kernels compute: its mask has "
-                                         r"random_blocks\(\).*attncc explain specs/bigbird.toml"):
-        module("bigbird").attention(q, q, q)
+    with pytest.raises(ValueError, match=r"rope_causal's pattern is not one the Gluon kernels compute: it has "
+                                         r"RoPE.*attncc explain specs/rope_causal.toml"):
+        module("rope_causal").attention(q, q, q)
     # a rendered spec whose call breaks its walk's precondition (window >= 1) stays on tl, and says so
     call = attncc.runtime.bind(module("sink_window").SPEC, q, q, q, kwargs=dict(window=0, sinks=2))
     with pytest.raises(ValueError, match="breaks the precondition of the pattern's closed-form walk"):

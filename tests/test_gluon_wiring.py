@@ -109,13 +109,13 @@ def test_generated_modules_carry_the_answer(name):
     """SpecInfo.gluon and the first branch of _forward: the built-in walk of the eligible specs,
     "rendered" for those with rendered fragments (tests/test_gluon_rendered.py), and for the other
     softmax specs no branch and the reason in SpecInfo.gluon_reason."""
-    from test_gluon_rendered import RENDERED
+    from test_gluon_rendered import RENDERED, RENDERED_LISTS
 
     text = (ROOT / "generated" / f"{name}.py").read_text()
     tree = ast.parse(text)
     spec = next(n.value for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "SPEC")
     fields = {kw.arg: kw.value for kw in spec.keywords}
-    want = ELIGIBLE.get(name) or ("rendered" if name in RENDERED else None)
+    want = ELIGIBLE.get(name) or ("rendered" if name in RENDERED + RENDERED_LISTS else None)
     assert (fields["gluon"].value if "gluon" in fields else None) == want
     softmax = load_spec(ROOT / "specs" / f"{name}.toml").kind == "softmax"
     if softmax:
@@ -366,7 +366,7 @@ def test_forced_gluon_refuses_the_cpu_and_the_interpreter(monkeypatch, fresh_bin
     assert "pattern" not in str(e.value)  # causal is eligible: only the call is not
 
 
-@pytest.mark.parametrize("name", ["strided", "dilated", "rope_causal"])
+@pytest.mark.parametrize("name", ["rope_causal", "causal_dropout"])
 def test_forced_gluon_refuses_specs_without_the_gluon_forward(monkeypatch, fake_sm90, name):
     monkeypatch.setenv("ATTNCC_BACKEND", "gluon")
     _, q, k, v, attention, _ = bind(name)

@@ -22,8 +22,8 @@ Other Plans get rendered fragments (:func:`gluon_fit`, attncc.codegen.gluon) whe
 computes in integers (``[inputs]`` such as document ids included) and their score is a bias, mod or
 softcap of positions, heads, params and ``[inputs]`` (bias tables): a forward walk with a closed
 form (DENSE or BANDS) as sorted segments (:func:`attncc.analysis.walks.sorted_segments`), one without
-(BLOCK_LIST: strides, dilations, [inputs]) over the block lists of the Gluon kernel's tiles, except
-BigBird's random blocks; RoPE, dropout and ``value_dim`` stay on the ``tl`` kernels. The answer is a
+(BLOCK_LIST: strides, dilations, BigBird's random blocks, [inputs]) over the block lists of the Gluon
+kernel's tiles; RoPE, dropout and ``value_dim`` stay on the ``tl`` kernels. The answer is a
 fact of the analysis, never of the spec's name; codegen renders it as ``SpecInfo.gluon`` and
 ``attncc explain`` prints it.
 """
@@ -38,7 +38,6 @@ from attncc.analysis.bands import X, Cover
 from attncc.analysis.integer import integer_ops
 from attncc.analysis.plan import Plan
 from attncc.analysis.walks import Iteration
-from attncc.spec.builtins import RandomBlocks
 
 # The walks the Gluon kernels have (the keys of attncc.runtime.gluon.walks.PATTERNS; a test checks
 # that they agree: the analysis may not import the runtime).
@@ -106,8 +105,6 @@ def gluon_fit(plan: Plan) -> GluonFit:
         (f"value_dim = {p.value_dim}", p.value_dim is not None)) if present]
     if extras:
         return GluonFit(reason=f"it has {', '.join(extras)}, which the Gluon kernels do not compute")
-    if p.mask is not None and p.mask.atoms(RandomBlocks):
-        return GluonFit(reason="its mask has random_blocks(), whose tables the Gluon fragments do not read")
     # DENSE and BANDS walks are closed-form segments; BLOCK_LIST ones (no closed form, or [inputs])
     # walk the block lists of the Gluon kernel's tiles (attncc.codegen.gluon)
     if p.mask is not None and not integer_mask(p.mask):

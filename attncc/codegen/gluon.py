@@ -49,7 +49,7 @@ from attncc.codegen.softmax import Inputs
 from attncc.codegen.text import py_str
 from attncc.codegen.walks import precondition_code, symbol_names, walk_note
 from attncc.spec import symbols as S
-from attncc.spec.builtins import Bucket
+from attncc.spec.builtins import Bucket, RandomBlocks
 from attncc.spec.ir import Pattern
 
 LOG2E = 1.4426950408889634
@@ -72,8 +72,11 @@ def gluon_context(pattern: Pattern, plan) -> Optional[dict]:
     params = [p for p in pattern.params]
     lists = plan.forward.kind is Iteration.BLOCK_LIST
     inputs = used_inputs(pattern)
+    random = sorted(pattern.mask.atoms(RandomBlocks), key=sympy.default_sort_key) if pattern.mask is not None else []
+    random_names = {rb: f"rb{n}" for n, rb in enumerate(random)}  # the tl kernels' names of BigBird's tables
     unpack = _wrapped("", list(CONTEXT) + [param_var(p.name) for p in params] + (list(LIST_CONTEXT) if lists else [])
-                      + [a for name in inputs for a in input_args(name, len(pattern.input(name).dims))], "")
+                      + [a for name in inputs for a in input_args(name, len(pattern.input(name).dims))]
+                      + [a for name in random_names.values() for a in (f"{name}_table", f"{name}_rows")], "")
     temps = Temporaries()
     helpers = set()
 
@@ -100,7 +103,8 @@ def gluon_context(pattern: Pattern, plan) -> Optional[dict]:
         mask_lines, mask_code = printer.statement(mask_expr)
         helpers |= printer.helpers
     elif lists and pattern.mask is not None:  # no bands: the mask as the spec wrote it, on partial blocks
-        printer = GluonPrinter({**base, **{p.symbol: param_var(p.name) for p in params}}, float64=True, temps=temps)
+        printer = GluonPrinter({**base, **{p.symbol: param_var(p.name) for p in params}}, float64=True, temps=temps,
+                               random_blocks=lambda e: _random_blocks(e, random_names[e]))
         printer.gather = _gather(pattern, printer)
         mask_expr = pattern.mask
         mask_lines, mask_code = printer.statement(mask_expr)
@@ -117,11 +121,13 @@ def gluon_context(pattern: Pattern, plan) -> Optional[dict]:
         values += [f"lists.{f}" for f in ("full_count", "full_index", "partial_count", "partial_index", "stride_b",
                                            "stride_h", "width")] + ["call.q_offset", "block_m"]
     values += [v for name in inputs for v in _input_values(pattern, name)]
+    values += [f"*_rt.blocks.random_table(call.n_q, call.n_k, {rb.options[0]}, {rb.options[1]}, {rb.options[2]}, "
+               f"str(call.q.device))" for rb in random]  # (table, rows), as the tl kernels get them
     return dict(
         segments=count, walk_steps=walk_steps, walk_out=walk_out, lists=lists, block_n=NARROW_BLOCK_N if per_pair else None,
         unpack=unpack, param_tuple=_tuple([py_str(p.name) for p in params]),
         param_values=_tuple(values) if len(values) <= len(params) else _wrapped("return ", values, ""),
-        input_names=_tuple([py_str(n) for n in inputs]) if inputs else None,
+        input_names=_tuple([py_str(n) for n in inputs]) if inputs else None, random_tables=bool(random),
         mask_lines=mask_lines, mask_code=mask_code, score_lines=score_lines,
         helpers=[helper_args(h) for h in sorted(helpers)], exact=precondition_code(plan, transposed=False),
         walk_note=[f"{note[0]}; the kernels walk " + ("the block lists of their tiles, partial blocks first" if lists
@@ -141,6 +147,16 @@ def pair_work(exprs) -> bool:
     query and the key position (which then take a register per pair of the tile)."""
     return any(isinstance(node, PAIR_WORK) and {S.i, S.j} <= node.free_symbols
                for e in exprs for node in sympy.preorder_traversal(e))
+
+
+def _random_blocks(e: RandomBlocks, name: str) -> str:
+    """BigBird's random key blocks of a query row as the tl kernels test them: the key's block among
+    the ``r`` entries of the row's block in the seeded table (``rows`` rows, the last repeated)."""
+    r, block, _ = e.options
+    if r == 0:
+        return "False"
+    row = f"gl.minimum(i // {block}, {name}_rows - 1) * {r}"
+    return "(" + " | ".join(f"(j // {block} == gl.load({name}_table + {row} + {t}))" for t in range(r)) + ")"
 
 
 def used_inputs(pattern: Pattern) -> List[str]:

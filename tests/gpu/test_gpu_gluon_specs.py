@@ -313,7 +313,7 @@ def test_rendered_forward_backward(gluon, name, dtype):
 
 # walks over the block lists of the Gluon tiles (the static ones made once per shape, document ids and
 # padding lengths classified per call), and bias tables; params that put edges inside many tiles
-LISTED = {"dilated": {"window": 700, "dilation": 3}, "neighborhood_2d": {"width": 61, "radius": 3},
+LISTED = {"bigbird": {}, "dilated": {"window": 700, "dilation": 3}, "neighborhood_2d": {"width": 61, "radius": 3},
           "strided": {"stride": 97}, "document": {}, "padding": {}, "alibi_learned": {}, "t5_bias": {}}
 
 
@@ -362,6 +362,7 @@ def test_lists_forward(gluon, name, dtype):
     ("strided", 999, 999, 0, 0, 64, "contiguous"),
     ("dilated", 1025, 2047, 1022, 0, 128, "contiguous"),  # 64-key blocks (per-pair integer work)
     ("neighborhood_2d", 1000, 1000, 0, 0, 256, "contiguous"),
+    ("bigbird", 1500, 3000, 1500, 0, 128, "contiguous"),   # a query chunk: random blocks of later rows
     ("t5_bias", 700, 1900, 1200, 0, 128, "strided"),      # the table strided: its strides are read
     ("alibi_learned", 513, 2047, 0, 1000, 64, "strided"),
 ])
