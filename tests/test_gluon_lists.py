@@ -42,7 +42,7 @@ import test_gluon_rendered as rendered  # noqa: E402
 
 LISTED = ("bigbird", "dilated", "document", "neighborhood_2d", "padding", "strided")  # block-list walks
 TABLES = ("alibi_learned", "t5_bias")  # closed-form walks, a score reading [inputs]
-NEW = LISTED + TABLES
+NEW = LISTED + TABLES + ("rope_causal",)  # (RoPE: q and k rotated by the module's pre-pass)
 DYNAMIC = ("document", "padding")  # lists classified from the inputs on every call (may be loose)
 
 
@@ -54,8 +54,7 @@ def test_each_spec_takes_rendered_fragments():
         assert getattr(frag, "LISTS", False) == (name in LISTED)
         assert (getattr(frag, "block", None) is not None) == (name in LISTED)
         assert set(getattr(frag, "INPUTS", ())) == {d.name for d in pattern(name).inputs}
-    for name in ("rope_causal", "causal_dropout"):
-        assert module(name).SPEC.gluon is None and module(name).SPEC.gluon_reason
+    assert module("causal_dropout").SPEC.gluon is None and "dropout" in module("causal_dropout").SPEC.gluon_reason
 
 
 # ------------------------------------------------------------------------------------------------
@@ -83,7 +82,7 @@ class Emulated:
                                    q_offset=a["q_offset"], k_offset=a["k_offset"], n_q=a["n_q"], n_k=a["n_k"],
                                    pattern_args=a["pattern_args"], block_m=rows,
                                    block_n=a["k_desc"].block_shape[2], walked=walked, kernel=self.kind)
-        self.results.append((out, lse, walked, rows, a["k_desc"].block_shape[2]))
+        self.results.append((out, lse, walked, rows, a["k_desc"].block_shape[2], q, k))
         o.copy_(out.to(o.dtype))
         if a["RETURN_LSE"]:
             a["lse_ptr"].view(lse.shape).copy_(lse.float())
@@ -150,9 +149,14 @@ def run_case(emulated_config, name, case, seed, config):
     stub = emulated_config(config)
     stub.results.clear()
     o, lse = mod.attention(q, k, v, q_offset=q_offset, k_offset=k_offset, return_lse=True, **n, **inputs, **params)
-    (out, out_lse, walked, block_m, block_n), = stub.results
+    (out, out_lse, walked, block_m, block_n, q_seen, k_seen), = stub.results
     ref, ref_lse = attncc.reference(pat, q.double(), k.double(), v.double(), return_lse=True, q_offset=q_offset,
                                     k_offset=k_offset, **n, **inputs, **params)
+    if pat.rope is not None:  # the kernel read the module's rotated q, k (bf16): the reference's within bf16,
+        assert float((out - ref).abs().max()) < 3e-2 and not torch.equal(q_seen, q)
+        pat = dataclasses.replace(pat, rope=None)  # and exactly the unrotated pattern's on what it read
+        ref, ref_lse = attncc.reference(pat, q_seen.double(), k_seen.double(), v.double(), return_lse=True,
+                                        q_offset=q_offset, k_offset=k_offset, **n, **inputs, **params)
     seen = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(out_lse), seen) and torch.equal(torch.isfinite(lse), seen)
     assert torch.all(out[~seen] == 0) and not torch.isnan(out).any()

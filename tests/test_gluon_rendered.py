@@ -59,9 +59,10 @@ LOG2E = 1.4426950408889634
 RENDERED = ("alibi", "block_diagonal", "chunked_local", "cross_causal", "local_bidirectional", "longformer",
             "prefix_lm", "sink_window", "sliding_window", "softcap")
 # Rendered too, with a walk over block lists or a score reading [inputs]: tests/test_gluon_lists.py.
-RENDERED_LISTS = ("alibi_learned", "bigbird", "dilated", "document", "neighborhood_2d", "padding", "strided", "t5_bias")
+RENDERED_LISTS = ("alibi_learned", "bigbird", "dilated", "document", "neighborhood_2d", "padding", "rope_causal",
+                  "strided", "t5_bias")
 BUILTIN = {"dense": "dense", "causal": "causal", "gqa": "causal", "mqa": "causal"}
-NOT_GLUON = {"causal_dropout": "dropout", "rope_causal": "RoPE"}
+NOT_GLUON = {"causal_dropout": "dropout"}
 SPEC_PROBLEMS = [Problem(77, 77), Problem(45, 100, 1, 0), Problem(100, 45, 3, 30), Problem(130, 61, 29, 14, 200, 90),
                  Problem(64, 64, 16, 32), Problem(61, 130, 40, 7), Problem(5, 200, 150, 0), Problem(200, 3, 0, 90)]
 SPEC_TILES = [(16, 16), (32, 16), (16, 32), (64, 32), (128, 64), (128, 128)]
@@ -178,7 +179,7 @@ def test_explain_names_the_gluon_forward_a_plan_gets():
     assert text("causal", head_dim=256, value_dim=256) == (
         "tl; Gluon sm90 forward (built-in causal walk) with ATTNCC_BACKEND=gluon; the backward tl (the Gluon "
         "backward takes head dims 64, 128)")
-    assert text("rope_causal").startswith("tl only: it has RoPE")
+    assert text("causal_dropout").startswith("tl only: it has dropout")
     assert text("alibi", head_dim=96, value_dim=96).startswith("tl only for this call: head dim 96")
 
 
@@ -188,9 +189,9 @@ def test_reasons_are_clauses_and_the_forced_backend_gives_them(monkeypatch):
     monkeypatch.setattr(backend, "interpreting", lambda: False)
     monkeypatch.setenv("ATTNCC_BACKEND", "gluon")
     q = torch.randn(1, 2, 8, 64).to(torch.bfloat16)
-    with pytest.raises(ValueError, match=r"rope_causal's pattern is not one the Gluon kernels compute: it has "
-                                         r"RoPE.*attncc explain specs/rope_causal.toml"):
-        module("rope_causal").attention(q, q, q)
+    with pytest.raises(ValueError, match=r"causal_dropout's pattern is not one the Gluon kernels compute: it has "
+                                         r"dropout.*attncc explain specs/causal_dropout.toml"):
+        module("causal_dropout").attention(q, q, q)
     # a rendered spec whose call breaks its walk's precondition (window >= 1) stays on tl, and says so
     call = attncc.runtime.bind(module("sink_window").SPEC, q, q, q, kwargs=dict(window=0, sinks=2))
     with pytest.raises(ValueError, match="breaks the precondition of the pattern's closed-form walk"):
@@ -549,12 +550,14 @@ def compile_rendered(cases, out_path):
     import attncc.runtime as rt
     real_forward = rt.gluon_forward  # (loads the runtime: its exports are attributes from then on)
 
-    def forward(call, walk, lists=None):
+    def forward(call, walk, lists=None, rotated=None):
+        if rotated is not None:  # nor the RoPE pre-pass: q and k as they are (the same signature)
+            rotated = (lambda: (call.q, call.k))
         if lists is not None:  # the modules' list kernels cannot run here: zeros of the lists' shapes
             lists = (lambda m, n: rt.blocks.BlockLists(
                 *[torch.zeros(call.B, 1, -(-call.Nq // m), *w, dtype=torch.int32) for w in ((), (-(-call.Nk // n),))] * 2,
                 stride_b=-(-call.Nq // m) if call.B > 1 else 0, stride_h=0, stride_row=1, width=-(-call.Nk // n)))
-        return real_forward(call, walk, lists)
+        return real_forward(call, walk, lists, rotated)
     rt.gluon_forward = backend.gluon_forward = forward
     recorded = []
     for kernel in (fwd_ws.attn_fwd_ws, fwd_pipelined.attn_fwd_pipelined):

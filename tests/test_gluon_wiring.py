@@ -366,7 +366,7 @@ def test_forced_gluon_refuses_the_cpu_and_the_interpreter(monkeypatch, fresh_bin
     assert "pattern" not in str(e.value)  # causal is eligible: only the call is not
 
 
-@pytest.mark.parametrize("name", ["rope_causal", "causal_dropout"])
+@pytest.mark.parametrize("name", ["causal_dropout"])
 def test_forced_gluon_refuses_specs_without_the_gluon_forward(monkeypatch, fake_sm90, name):
     monkeypatch.setenv("ATTNCC_BACKEND", "gluon")
     _, q, k, v, attention, _ = bind(name)

@@ -23,7 +23,8 @@ computes in integers (``[inputs]`` such as document ids included) and their scor
 softcap of positions, heads, params and ``[inputs]`` (bias tables): a forward walk with a closed
 form (DENSE or BANDS) as sorted segments (:func:`attncc.analysis.walks.sorted_segments`), one without
 (BLOCK_LIST: strides, dilations, BigBird's random blocks, [inputs]) over the block lists of the Gluon
-kernel's tiles; RoPE, dropout and ``value_dim`` stay on the ``tl`` kernels. The answer is a
+kernel's tiles; with RoPE, on q and k the module rotates first (its ``tl`` pre-pass); dropout and
+``value_dim`` stay on the ``tl`` kernels. The answer is a
 fact of the analysis, never of the spec's name; codegen renders it as ``SpecInfo.gluon`` and
 ``attncc explain`` prints it.
 """
@@ -101,9 +102,8 @@ def gluon_fit(plan: Plan) -> GluonFit:
     if p.kind != "softmax":
         return GluonFit(reason=builtin.reason)
     extras = [what for what, present in (
-        ("RoPE", p.rope is not None), ("dropout", p.dropout > 0),
-        (f"value_dim = {p.value_dim}", p.value_dim is not None)) if present]
-    if extras:
+        ("dropout", p.dropout > 0), (f"value_dim = {p.value_dim}", p.value_dim is not None)) if present]
+    if extras:  # (RoPE: the module rotates q and k once before the kernels read them, as for its tl kernels)
         return GluonFit(reason=f"it has {', '.join(extras)}, which the Gluon kernels do not compute")
     # DENSE and BANDS walks are closed-form segments; BLOCK_LIST ones (no closed form, or [inputs])
     # walk the block lists of the Gluon kernel's tiles (attncc.codegen.gluon)

@@ -128,6 +128,7 @@ def gluon_context(pattern: Pattern, plan) -> Optional[dict]:
         unpack=unpack, param_tuple=_tuple([py_str(p.name) for p in params]),
         param_values=_tuple(values) if len(values) <= len(params) else _wrapped("return ", values, ""),
         input_names=_tuple([py_str(n) for n in inputs]) if inputs else None, random_tables=bool(random),
+        rotated=pattern.rope is not None,
         mask_lines=mask_lines, mask_code=mask_code, score_lines=score_lines,
         helpers=[helper_args(h) for h in sorted(helpers)], exact=precondition_code(plan, transposed=False),
         walk_note=[f"{note[0]}; the kernels walk " + ("the block lists of their tiles, partial blocks first" if lists

@@ -8,9 +8,9 @@ same module's tl forward, with offsets, odd lengths and rows that see no key, an
 against the reference's gradients (the LSE's included) and the module's tl kernels
 (ATTNCC_BACKEND=triton): the built-in walks' Gluon backward at head dims 64 and 128, the tl backward
 on the Gluon forward's output at 256 and for rendered fragments; the rendered walks over block lists
-(strided, dilated, 2D neighborhood, document ids, padding lengths) and the scores and masks that read
-[inputs] (learned ALiBi slopes, T5 tables), their inputs strided and broadcast (section "block lists
-and [inputs]"). Every call is checked to have gone
+(strided, dilated, 2D neighborhood, BigBird, document ids, padding lengths), the scores and masks that
+read [inputs] (learned ALiBi slopes, T5 tables), their inputs strided and broadcast, and RoPE (section
+"block lists and [inputs]"). Every call is checked to have gone
 through ``gluon_forward`` / ``gluon_backward``. Gluon has no interpreter: skipped elsewhere, and in the
 CPU check of the GPU tests (tests/test_gluon_wiring.py, tests/test_gluon_rendered.py and
 tests/test_gluon_bwd.py check the wiring, the fragments and the backward's tile loop on the CPU).
@@ -314,7 +314,8 @@ def test_rendered_forward_backward(gluon, name, dtype):
 # walks over the block lists of the Gluon tiles (the static ones made once per shape, document ids and
 # padding lengths classified per call), and bias tables; params that put edges inside many tiles
 LISTED = {"bigbird": {}, "dilated": {"window": 700, "dilation": 3}, "neighborhood_2d": {"width": 61, "radius": 3},
-          "strided": {"stride": 97}, "document": {}, "padding": {}, "alibi_learned": {}, "t5_bias": {}}
+          "strided": {"stride": 97}, "document": {}, "padding": {}, "alibi_learned": {}, "t5_bias": {},
+          "rope_causal": {}}  # (RoPE: the kernels read q and k as the module's pre-pass rotated them)
 
 
 def spec_inputs(name, B, Hq, positions, seed, layout="contiguous"):
@@ -365,6 +366,7 @@ def test_lists_forward(gluon, name, dtype):
     ("bigbird", 1500, 3000, 1500, 0, 128, "contiguous"),   # a query chunk: random blocks of later rows
     ("t5_bias", 700, 1900, 1200, 0, 128, "strided"),      # the table strided: its strides are read
     ("alibi_learned", 513, 2047, 0, 1000, 64, "strided"),
+    ("rope_causal", 1000, 3000, 2000, 0, 128, "contiguous"),  # rotated at their positions (offsets)
 ])
 def test_lists_offsets(gluon, name, Nq, Nk, q_offset, k_offset, D, layout):
     Hq, Hkv = heads(name, Hq=8, Hkv=2)
