@@ -33,7 +33,7 @@ FAST_MATH = gl.constexpr(True)
 def pattern_args(call, lists, block_m):
     """The kernel's pattern_args: this call's params in the order of PARAMS, the block lists of tiles of
     block_m query rows (a BlockLists; rows of one query block apart), the call's first query position
-    and block_m."""
+    and block_m, then the random-block tables (table, rows)."""
     if lists.stride_row != 1:
         raise ValueError(f"bigbird: the Gluon walk takes block lists one query block per row, got stride_row = "
                          f"{lists.stride_row}")

@@ -305,6 +305,9 @@ def test_random_masks_without_closed_form(tmp_path):
 COMPILES = [(name, "ws", 128, "bfloat16") for name in NEW]
 COMPILES += [("document", "pipelined", 64, "float16"), ("strided", "ws", 64, "float16"),
              ("dilated", "pipelined", 128, "bfloat16")]
+if rendered.ALL:  # ATTNCC_GLUON_ALL=1: both kernels x 3 head dims x 2 dtypes x every spec here
+    COMPILES = [(name, kernel, d, dt) for name in NEW for kernel in launch.KERNELS for d in (64, 128, 256)
+                for dt in ("bfloat16", "float16")]
 
 
 @pytest.fixture(scope="module")

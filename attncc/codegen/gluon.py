@@ -17,7 +17,8 @@ arguments and inline (their contract: ``attncc.runtime.gluon.walks``):
 Walks without a closed form (BLOCK_LIST: strides, dilations, 2D neighborhoods, [inputs] such as
 document ids) read the block lists the ``tl`` kernels walk (attncc.runtime.blocks, made for the Gluon
 kernel's tiles): ``walk`` returns one segment of list positions (partial entries, then full ones)
-and ``block`` the key block at a position (:func:`block_list_context`). ``[inputs]`` are read in the
+and ``block`` the key block at a position (templates/gluon.py.j2; docs/gluon.md "Block lists and
+[inputs]"). BigBird's random blocks read the seeded tables the ``tl`` kernels get. ``[inputs]`` are read in the
 mask and score as the ``tl`` kernels read them (:class:`attncc.codegen.softmax.Inputs`: strides, a
 bound on each position index, integers widened to int64, floats to float32), from pointers, strides
 and sizes the host appends to ``pattern_args``.
@@ -126,7 +127,9 @@ def gluon_context(pattern: Pattern, plan) -> Optional[dict]:
     return dict(
         segments=count, walk_steps=walk_steps, walk_out=walk_out, lists=lists, block_n=NARROW_BLOCK_N if per_pair else None,
         unpack=unpack, param_tuple=_tuple([py_str(p.name) for p in params]),
-        param_values=_tuple(values) if len(values) <= len(params) else _wrapped("return ", values, ""),
+        param_values=_tuple(values[:len(params)]),  # the params alone; with more: the whole statement
+        args_return=None if len(values) == len(params) else
+        _wrapped("return ", values, "") + ("," if len(values) == 1 else ""),
         input_names=_tuple([py_str(n) for n in inputs]) if inputs else None, random_tables=bool(random),
         rotated=pattern.rope is not None,
         mask_lines=mask_lines, mask_code=mask_code, score_lines=score_lines,
