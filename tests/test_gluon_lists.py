@@ -195,7 +195,8 @@ def test_host_path_emulated_against_the_reference(emulated, name):
     kernel at 32 x 16 tiles on the others."""
     ws = dataclasses.replace(launch.default_config(64, "ws"), block_n=16, pingpong=False)
     pipelined = launch.GluonConfig("pipelined", block_m=32, block_n=16, stages=2)
-    for n, case in enumerate(CASES):
+    # (BigBird's exact lists run its tile kernel in the interpreter: two cases, ~7 s)
+    for n, case in enumerate(CASES[:2] if name == "bigbird" else CASES):
         run_case(emulated, name, case, seed=n, config=ws if n % 2 else pipelined)
 
 
@@ -260,7 +261,7 @@ def test_random_masks_without_closed_form(tmp_path):
 
     rng = random.Random(31)
     checked = 0
-    for n in range(60):
+    for n in range(40):
         mask, params = random_mask(rng)
         try:
             pat = parse_spec(mask_spec(f"l{n}", mask, params))
@@ -295,7 +296,7 @@ def test_random_masks_without_closed_form(tmp_path):
             got[b, h, qb, kb] = tiles.PARTIAL if masked else tiles.FULL
         assert torch.equal(got, grid), (mask, problem)
         checked += 1
-    assert checked >= 10, checked
+    assert checked >= 6, checked
 
 
 # ------------------------------------------------------------------------------------------------
