@@ -89,9 +89,9 @@ def qkv(B, Hq, Hkv, Nq, Nk, D, dtype, seed=0, grad=False):
             for s in ((B, Hq, Nq, D), (B, Hkv, Nk, D), (B, Hkv, Nk, D))]
 
 
-def check_forward(name, q, k, v, **kw):
-    """O and the LSE against the float64 reference, and against the module's tl forward (``kw``:
-    offsets, lengths and params)."""
+def check_forward(name, q, k, v, lse_tol=5e-3, **kw):
+    """O and the LSE against the float64 reference (the LSE within ``lse_tol``), and against the
+    module's tl forward (``kw``: offsets, lengths, params and inputs)."""
     mod = module(name)
     o, lse = mod.attention(q, k, v, return_lse=True, **kw)
     ref, ref_lse = attncc.reference(pattern(name), q.double(), k.double(), v.double(), return_lse=True, **kw)
@@ -102,7 +102,7 @@ def check_forward(name, q, k, v, **kw):
     assert torch.all(o[~seen] == 0)
     if seen.any():
         assert rel(o[seen], ref[seen]) < TOL
-        assert float((lse.double()[seen] - ref_lse[seen]).abs().max()) < 5e-3
+        assert float((lse.double()[seen] - ref_lse[seen]).abs().max()) < lse_tol
     with pytest.MonkeyPatch.context() as m:
         m.setenv("ATTNCC_BACKEND", "triton")
         o_tl, lse_tl = mod.attention(q, k, v, return_lse=True, **kw)
@@ -316,6 +316,9 @@ def test_rendered_forward_backward(gluon, name, dtype):
 LISTED = {"bigbird": {}, "dilated": {"window": 700, "dilation": 3}, "neighborhood_2d": {"width": 61, "radius": 3},
           "strided": {"stride": 97}, "document": {}, "padding": {}, "alibi_learned": {}, "t5_bias": {},
           "rope_causal": {}}  # (RoPE: the kernels read q and k as the module's pre-pass rotated them)
+# q and k rotated in bf16 / fp16 before any kernel reads them (the tl kernels' too): the LSE is the
+# reference's within what that rounding moves the scores (tests/gpu/test_gpu_specs.py: 5e-2)
+LSE_TOL = {"rope_causal": 5e-2}
 
 
 def spec_inputs(name, B, Hq, positions, seed, layout="contiguous"):
@@ -341,7 +344,8 @@ def spec_inputs(name, B, Hq, positions, seed, layout="contiguous"):
 def test_lists_tiny(gluon, name):
     """One small launch per spec first (a hang or a fault shows here, with its name)."""
     q, k, v = qkv(2, 2, 1, 300, 333, 128, torch.bfloat16, seed=20)
-    check_forward(name, q, k, v, q_offset=20, **LISTED[name], **spec_inputs(name, 2, 2, 353, seed=20))
+    check_forward(name, q, k, v, q_offset=20, lse_tol=LSE_TOL.get(name, 5e-3), **LISTED[name],
+                  **spec_inputs(name, 2, 2, 353, seed=20))
     assert gluon == ["rendered"]
 
 
@@ -351,8 +355,8 @@ LISTS_FORWARD = [(name, dtype) for name in sorted(LISTED) for dtype in (torch.bf
 @pytest.mark.parametrize("name, dtype", LISTS_FORWARD, ids=[f"{n}-{str(t)[6:]}" for n, t in LISTS_FORWARD])
 def test_lists_forward(gluon, name, dtype):
     Hq, Hkv = heads(name, Hq=8, Hkv=4)
-    check_forward(name, *qkv(2, Hq, Hkv, 3000, 3000, 128, dtype, seed=21), **LISTED[name],
-                  **spec_inputs(name, 2, Hq, 3000, seed=21))
+    check_forward(name, *qkv(2, Hq, Hkv, 3000, 3000, 128, dtype, seed=21), lse_tol=LSE_TOL.get(name, 5e-3),
+                  **LISTED[name], **spec_inputs(name, 2, Hq, 3000, seed=21))
     assert gluon == ["rendered"], gluon
 
 
@@ -372,7 +376,8 @@ def test_lists_offsets(gluon, name, Nq, Nk, q_offset, k_offset, D, layout):
     Hq, Hkv = heads(name, Hq=8, Hkv=2)
     positions = max(q_offset + Nq, k_offset + Nk)
     check_forward(name, *qkv(2, Hq, Hkv, Nq, Nk, D, torch.bfloat16, seed=22), q_offset=q_offset, k_offset=k_offset,
-                  **LISTED[name], **spec_inputs(name, 2, Hq, positions, seed=22, layout=layout))
+                  lse_tol=LSE_TOL.get(name, 5e-3), **LISTED[name],
+                  **spec_inputs(name, 2, Hq, positions, seed=22, layout=layout))
     assert gluon == ["rendered"]
 
 
