@@ -256,7 +256,14 @@ def _comparisons() -> List[Case]:
             Case("wired-sliding-window-16k", "sliding window 1024, 16K (Gluon forward rendered)", "sliding_window", 2,
                  16384, params=P(window=1024), smoke=P(params=P(window=32)), **rendered),
             Case("wired-softcap-8k", "softcap 30 causal, 8K (Gluon forward rendered)", "softcap", 4, 8192, **rendered),
-            Case("wired-alibi-4k", "ALiBi causal, 4K (Gluon forward rendered)", "alibi", 8, 4096, **rendered)]
+            Case("wired-alibi-4k", "ALiBi causal, 4K (Gluon forward rendered)", "alibi", 8, 4096, **rendered),
+            # block-list walks and [inputs] (docs/gluon.md "Block lists and [inputs]")
+            Case("wired-document-16k", "document mask, 16K (Gluon forward over block lists)", "document", 2, 16384,
+                 **rendered),
+            Case("wired-strided-16k", "strided 128, 16K (Gluon forward over block lists)", "strided", 2, 16384,
+                 params=P(stride=128), smoke=P(params=P(stride=16)), **rendered),
+            Case("wired-dilated-16k", "dilated window 2048 / 4, 16K (Gluon forward, 64-key blocks)", "dilated", 2,
+                 16384, smoke=P(params=P(window=40, dilation=3)), **rendered)]
     return out
 
 

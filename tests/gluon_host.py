@@ -11,8 +11,8 @@ use float32 and 16-bit P (:func:`emulate_forward` checks the fragments' logic, n
 
 :func:`emulate_forward` runs a whole forward tile by tile as the warp-specialized kernel's
 consumer does (fwd_ws.consumer_partition): the walk's first block as the prologue, then per segment
-the masked head, the unmasked middle and the masked tail, each block through ``block_scores`` and
-``softmax_update``, ``finish_rows`` at the end.
+the masked head, the unmasked middle and the masked tail, each block (a block-list walk's: the
+position's, ``key_block``) through ``block_scores`` and ``softmax_update``, ``finish_rows`` at the end.
 """
 from __future__ import annotations
 
@@ -28,13 +28,57 @@ from attncc.core import semantics
 from attncc.runtime.gluon import common
 
 
+class Pointer:
+    """A kernel pointer on the host: a tensor's whole storage, flat, and element offsets into it (a
+    scalar or a tensor). A tensor passed in ``pattern_args`` becomes one (:func:`ctx_of`), so that the
+    fragments' own index math (``ptr_doc + b * stride0_doc + j * stride1_doc``) runs on the strides the
+    host passes: a read that ignored them would read another element here too."""
+
+    def __init__(self, flat, offset):
+        self.flat, self.offset = flat, offset
+
+    @classmethod
+    def of(cls, t: torch.Tensor) -> "Pointer":
+        flat = torch.empty(0, dtype=t.dtype).set_(t.untyped_storage())
+        return cls(flat, torch.tensor(t.storage_offset()))
+
+    def __add__(self, x):
+        return Pointer(self.flat, self.offset + _t(x))
+
+    __radd__ = __add__
+
+    def __sub__(self, x):
+        return Pointer(self.flat, self.offset - _t(x))
+
+    def load(self, mask=None, other=0):
+        offset = torch.as_tensor(self.offset).to(torch.int64)
+        inside = (offset >= 0) & (offset < self.flat.numel())
+        if mask is not None:
+            mask = _t(mask).bool().expand(torch.broadcast_shapes(mask.shape, offset.shape))
+            assert bool(inside[mask].all()) if mask.dim() else (not bool(mask) or bool(inside)), "a load out of bounds"
+            offset = torch.where(mask, offset, torch.zeros_like(offset))
+        else:
+            assert bool(inside.all()), "a load out of bounds"
+        value = self.flat[offset.clamp(0, max(self.flat.numel() - 1, 0))]
+        if mask is not None:
+            value = torch.where(mask, value, torch.as_tensor(other, dtype=value.dtype))
+        return value
+
+
 def _t(x):
-    return x if isinstance(x, torch.Tensor) else torch.as_tensor(x)
+    return x if isinstance(x, (torch.Tensor, Pointer)) else torch.as_tensor(x)
+
+
+def _where(c, a, b):
+    if isinstance(a, Pointer) or isinstance(b, Pointer):  # a scalar select between two pointers
+        assert _t(c).dim() == 0, "a pointer select on a tensor condition"
+        return a if bool(c) else b
+    return torch.where(_t(c).bool(), _t(a), _t(b))
 
 
 GL = types.SimpleNamespace(
     minimum=lambda a, b: torch.minimum(_t(a), _t(b)), maximum=lambda a, b: torch.maximum(_t(a), _t(b)),
-    where=lambda c, a, b: torch.where(_t(c).bool(), _t(a), _t(b)), cdiv=lambda a, b: -(-a // b),
+    where=_where, cdiv=lambda a, b: -(-a // b), load=lambda ptr, mask=None, other=0: ptr.load(mask, other),
     to_tensor=_t, cast=lambda x, dtype: _t(x).to(dtype), abs=torch.abs, exp=torch.exp, exp2=torch.exp2,
     log=torch.log, log2=torch.log2, sqrt=torch.sqrt, rsqrt=torch.rsqrt, floor=torch.floor, ceil=torch.ceil,
     sin=torch.sin, cos=torch.cos, erf=torch.erf,
@@ -106,6 +150,7 @@ class Fragments:
         self.walk = as_python(module.walk)
         self.mask = as_python(module.mask)
         self.score = as_python(module.score)
+        self.block = as_python(getattr(module, "block", None))  # block-list walks
         self.segments = module.SEGMENTS
         self.qwalk = as_python(module.qwalk)  # the backward's (None where it does not take these fragments)
         self.qmask = as_python(module.qmask)
@@ -129,8 +174,10 @@ C = _host_module(common, LN2=math.log(2.0))
 
 
 def ctx_of(b, h, H, q_last, pattern_args):
-    """The fragments' context tuple, its members 0-d int64 tensors (as the kernels' int32 scalars)."""
-    return C.pattern_context(_t(b), _t(h), H, _t(q_last), tuple(_t(a) for a in pattern_args))
+    """The fragments' context tuple, its members 0-d int64 tensors (as the kernels' int32 scalars), a
+    tensor of ``pattern_args`` a :class:`Pointer` (as the kernels get it)."""
+    return C.pattern_context(_t(b), _t(h), H, _t(q_last), tuple(Pointer.of(a) if isinstance(a, torch.Tensor)
+                                                                 else _t(a) for a in pattern_args))
 
 
 def tile_segments(frag: Fragments, q_lo, q_hi, Nk, k_offset, n_q, n_k, block_n, ctx):
@@ -140,10 +187,11 @@ def tile_segments(frag: Fragments, q_lo, q_hi, Nk, k_offset, n_q, n_k, block_n, 
 
 
 def emulate_forward(frag: Fragments, q, k, v, *, scale, q_offset=0, k_offset=0, n_q=None, n_k=None,
-                    pattern_args=(), block_m=32, block_n=16, walked=None):
+                    pattern_args=(), block_m=32, block_n=16, walked=None, kernel="ws"):
     """(o, lse) of q [B, Hq, Nq, D], k / v [B, Hkv, Nk, D] (float64) through the fragments, tile by
-    tile as the ws kernel's consumer walks them. ``walked``: a set that collects the (b, h, query
-    block, key block, masked) the loop visits."""
+    tile as the ws kernel's consumer walks them (``kernel="pipelined"``: as fwd_pipelined's loop does,
+    the walk's blocks by their index in it, a block masked unless ``is_full``). ``walked``: a set
+    that collects the (b, h, query block, key block, masked) the loop visits."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     n_q = q_offset + Nq if n_q is None else n_q
@@ -168,8 +216,8 @@ def emulate_forward(frag: Fragments, q, k, v, *, scale, q_offset=0, k_offset=0, 
                 acc = torch.zeros(block_m, D, dtype=torch.float64)
                 qt = qp[b, h, qb * block_m:(qb + 1) * block_m]
 
-                def step(kb, masked, m_i, l_i, acc):
-                    kb = int(kb)
+                def step(t, masked, m_i, l_i, acc):
+                    kb = int(C.key_block(_t(t), _t(qb), segs, ctx, getattr(frag, "block", None)))
                     assert 0 <= kb < nkb, f"the walk left the key blocks: {kb} of {nkb}"
                     if walked is not None:
                         walked.add((b, h, qb, kb, masked))
@@ -181,7 +229,11 @@ def emulate_forward(frag: Fragments, q, k, v, *, scale, q_offset=0, k_offset=0, 
                                                           torch.float64)
                     return m_i, l_i, C.rescale(acc, alpha, None) + p @ vp[b, hk, rows]
 
-                if bool(some):
+                if kernel == "pipelined":
+                    for it in range(int(C.walk_blocks(segs, frag.segments))):
+                        t = C.nth_block(segs, _t(it), frag.segments)
+                        m_i, l_i, acc = step(t, not bool(C.is_full(segs, t, frag.segments)), m_i, l_i, acc)
+                elif bool(some):
                     m_i, l_i, acc = step(first, True, m_i, l_i, acc)
                     for seg in range(frag.segments):
                         start = C.segment_start(segs[4 * seg], first, frag.segments)

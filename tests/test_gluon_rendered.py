@@ -48,7 +48,7 @@ from attncc.core import tiles  # noqa: E402
 from attncc.runtime import backend, call as call_mod  # noqa: E402
 from attncc.runtime.gluon import fwd_pipelined, fwd_ws, launch  # noqa: E402
 from attncc.spec import SpecError, load_spec, parse_spec  # noqa: E402
-from cases import SMALL_PARAMS, SPEC_NAMES, module, pattern  # noqa: E402
+from cases import SMALL_PARAMS, SPEC_NAMES, inputs_for, module, pattern  # noqa: E402
 from gluon_host import C, Fragments, ctx_of, emulate_forward, load_fragments  # noqa: E402
 from tile_oracle import (Problem, mask_spec, random_cover_mask, random_mask, random_overrides,  # noqa: E402
                          random_problem, truth_classes)
@@ -60,10 +60,11 @@ LOG2E = 1.4426950408889634
 # causal, gqa, mqa, tests/test_gluon_wiring.py); every other softmax spec has a reason.
 RENDERED = ("alibi", "block_diagonal", "chunked_local", "cross_causal", "local_bidirectional", "longformer",
             "prefix_lm", "sink_window", "sliding_window", "softcap")
+# Rendered too, with a walk over block lists or a score reading [inputs]: tests/test_gluon_lists.py.
+RENDERED_LISTS = ("alibi_learned", "bigbird", "dilated", "document", "neighborhood_2d", "padding", "rope_causal",
+                  "strided", "t5_bias")
 BUILTIN = {"dense": "dense", "causal": "causal", "gqa": "causal", "mqa": "causal"}
-NOT_GLUON = {"alibi_learned": r"\[inputs\]", "bigbird": "no closed form", "causal_dropout": "dropout",
-             "dilated": "no closed form", "document": r"\[inputs\]", "neighborhood_2d": "no closed form",
-             "padding": r"\[inputs\]", "rope_causal": "RoPE", "strided": "no closed form", "t5_bias": r"\[inputs\]"}
+NOT_GLUON = {"causal_dropout": "dropout"}
 SPEC_PROBLEMS = [Problem(77, 77), Problem(45, 100, 1, 0), Problem(100, 45, 3, 30), Problem(130, 61, 29, 14, 200, 90),
                  Problem(64, 64, 16, 32), Problem(61, 130, 40, 7), Problem(5, 200, 150, 0), Problem(200, 3, 0, 90)]
 SPEC_TILES = [(16, 16), (32, 16), (16, 32), (64, 32), (128, 64), (128, 128)]
@@ -90,8 +91,9 @@ def call_like(params, *, q_offset, Nq, n_q, n_k, k_offset=0, Nk=1):
 def test_shipped_specs(name):
     p = pattern(name)
     got = fit(p)
-    if name in RENDERED:
+    if name in RENDERED + RENDERED_LISTS:
         assert got.kind == "rendered" and not got.reason
+        assert got.backward == (name in RENDERED), got.backward_reason  # the others: tests/test_gluon_lists.py
     elif name in BUILTIN:
         assert got.kind == BUILTIN[name]
     else:
@@ -115,7 +117,7 @@ def test_generated_files_carry_it(name):
         text = gluon_file.read_text()
         assert f"spec sha256 {pattern(name).source_hash}" in text and f"Spec: specs/{name}.toml" in text
         assert mod.SPEC.gluon_fragments.path == gluon_file
-        assert "_rt.gluon_forward(call, \"rendered\")" in (ROOT / "generated" / f"{name}.py").read_text()
+        assert "_rt.gluon_forward(call, \"rendered\"" in (ROOT / "generated" / f"{name}.py").read_text()
 
 
 def test_build_writes_checks_and_removes_the_fragments(tmp_path):
@@ -128,7 +130,7 @@ def test_build_writes_checks_and_removes_the_fragments(tmp_path):
     (out / "w_gluon.py").unlink()
     assert stale([spec], out) == [out / "w_gluon.py"]
     build([spec], out)
-    spec.write_text('[mask]\nwhere = "j % 3 == 0"\n')  # no closed form: no fragments any more
+    spec.write_text('[mask]\nwhere = "j <= i * 0.5"\n')  # float arithmetic: no fragments any more
     assert stale([spec], out) == [out / "w.py", out / "w_gluon.py"]
     build([spec], out)
     assert sorted(p.name for p in out.iterdir()) == ["__init__.py", "w.py"]
@@ -183,7 +185,7 @@ def test_explain_names_the_gluon_forward_a_plan_gets():
     assert text("causal", head_dim=256, value_dim=256) == (
         "tl; Gluon sm90 forward (built-in causal walk) with ATTNCC_BACKEND=gluon; the backward tl (the Gluon "
         "backward takes head dims 64, 128)")
-    assert text("strided").startswith("tl only: its key blocks have no closed form")
+    assert text("causal_dropout").startswith("tl only: it has dropout")
     assert text("alibi", head_dim=96, value_dim=96).startswith("tl only for this call: head dim 96")
 
 
@@ -225,9 +227,9 @@ def test_reasons_are_clauses_and_the_forced_backend_gives_them(monkeypatch):
     monkeypatch.setattr(backend, "interpreting", lambda: False)
     monkeypatch.setenv("ATTNCC_BACKEND", "gluon")
     q = torch.randn(1, 2, 8, 64).to(torch.bfloat16)
-    with pytest.raises(ValueError, match=r"strided's pattern is not one the Gluon kernels compute: its key blocks "
-                                         r"have no closed form .*attncc explain specs/strided.toml"):
-        module("strided").attention(q, q, q)
+    with pytest.raises(ValueError, match=r"causal_dropout's pattern is not one the Gluon kernels compute: it has "
+                                         r"dropout.*attncc explain specs/causal_dropout.toml"):
+        module("causal_dropout").attention(q, q, q)
     # a rendered spec whose call breaks its walk's precondition (window >= 1) stays on tl, and says so
     call = attncc.runtime.bind(module("sink_window").SPEC, q, q, q, kwargs=dict(window=0, sinks=2))
     with pytest.raises(ValueError, match="breaks the precondition of the pattern's closed-form walk"):
@@ -342,7 +344,9 @@ def random_fragments(rng, tmp_path, generator, count):
         pat = parse_spec(mask_spec(f"r{n}", mask, params))
         text = render_gluon(pat)
         if text is not None:
-            out.append((pat, Fragments(load_fragments(text, tmp_path, f"r{n}"))))
+            frag = Fragments(load_fragments(text, tmp_path, f"r{n}"))
+            if not getattr(frag.module, "LISTS", False):  # block-list walks: tests/test_gluon_lists.py
+                out.append((pat, frag))
     return out
 
 
@@ -453,6 +457,8 @@ def test_emulated_forward_of_random_specs_with_score_hooks(tmp_path, one_environ
         if seen["score"] >= 12:
             break
         frag = Fragments(load_fragments(render_gluon(pat), tmp_path, f"f{n}"))
+        if getattr(frag.module, "LISTS", False) or pat.inputs:  # lists, [inputs]: tests/test_gluon_lists.py
+            continue
         q_offset, k_offset = rng.choice([0, 0, rng.randint(1, 40)]), rng.choice([0, 0, rng.randint(1, 40)])
         Nq, Nk = rng.randint(1, 70), rng.randint(1, 70)
         call = call_like(pat.param_values, q_offset=q_offset, Nq=Nq, n_q=q_offset + Nq, n_k=k_offset + Nk)
@@ -628,6 +634,18 @@ def compile_rendered(cases, out_path):
     torch.cuda.get_device_properties = lambda device: types.SimpleNamespace(multi_processor_count=132)
     # the tl preprocess and the fused backward's tl postprocess: not here
     preprocess.bwd_preprocess = preprocess.bwd_postprocess = collections.defaultdict(lambda: lambda *a, **kw: None)
+    import attncc.runtime as rt
+    real_forward = rt.gluon_forward  # (loads the runtime: its exports are attributes from then on)
+
+    def forward(call, walk, lists=None, rotated=None):
+        if rotated is not None:  # nor the RoPE pre-pass: q and k as they are (the same signature)
+            rotated = (lambda: (call.q, call.k))
+        if lists is not None:  # the modules' list kernels cannot run here: zeros of the lists' shapes
+            lists = (lambda m, n: rt.blocks.BlockLists(
+                *[torch.zeros(call.B, 1, -(-call.Nq // m), *w, dtype=torch.int32) for w in ((), (-(-call.Nk // n),))] * 2,
+                stride_b=-(-call.Nq // m) if call.B > 1 else 0, stride_h=0, stride_row=1, width=-(-call.Nk // n)))
+        return real_forward(call, walk, lists, rotated)
+    rt.gluon_forward = backend.gluon_forward = forward
     recorded = []
     for kernel in (fwd_ws.attn_fwd_ws, fwd_pipelined.attn_fwd_pipelined, bwd.attn_bwd_dkdv, bwd.attn_bwd_dq,
                    bwd_fused.attn_bwd_fused):
@@ -640,25 +658,28 @@ def compile_rendered(cases, out_path):
         q = torch.randn(1, 4, 300, d).to(dt)
         k, v = (torch.randn(1, 2, 200, d).to(dt) for _ in range(2))
         recorded.clear()
+        inputs = inputs_for(pattern(name), 1, 4, 400, torch.Generator().manual_seed(0))  # [inputs], if any
         if kernel.startswith("bwd"):
             os.environ["ATTNCC_GLUON_BWD"] = "fused" if kernel == "bwd-fused" else "split"
-            call = attncc.runtime.bind(module(name).SPEC, q, k, v, q_offset=100, kwargs={})
+            call = attncc.runtime.bind(module(name).SPEC, q, k, v, q_offset=100, kwargs=inputs)
             assert backend.gluon_backward_selected(call), backend.gluon_backward_problems(call)
             o, lse = torch.zeros_like(q), torch.zeros(1, 4, 300)
             backend.gluon_backward(call, "rendered", o, lse, torch.zeros_like(q))
             parts = ("fused", ) if kernel == "bwd-fused" else ("dkdv", "dq")
         else:
-            module(name).attention(q, k, v, q_offset=100)
+            module(name).attention(q, k, v, q_offset=100, **inputs)
             parts = (kernel,)
         assert len(recorded) == len(parts), recorded
         for part, rec in zip(parts, recorded):
-            results[(name, part, d, dtype)] = _compiled_numbers(compile_launch(rec, "cubin"), rec)
+            results[(name, part, d, dtype)] = _compiled_numbers(compile_launch(rec, "cubin"), rec,
+                                                                forward=not kernel.startswith("bwd"))
     with open(out_path, "wb") as f:
         pickle.dump(results, f)
 
 
-def _compiled_numbers(c, rec):
-    """What the tests check of a compiled launch: resources, instruction counts, the launch's signature."""
+def _compiled_numbers(c, rec, forward: bool):
+    """What the tests check of a compiled launch: resources, instruction counts, the launch's signature;
+    a forward's the most spilled registers read back in one key loop (key_loop_ldl)."""
     import re
 
     registers, stack = launch._resource_usage(c.stages["cubin"])
@@ -672,19 +693,45 @@ def _compiled_numbers(c, rec):
         tma_store=bool(re.search(r"cp\.async\.bulk\.tensor\.4d\.global\.shared::cta", ptx)),
         p_from_registers=bool(re.search(r"HGMMA\.\S+ R\d+, R\d+, gdesc", sass)),
         tma_reduce=len(re.findall(r"cp\.reduce\.async\.bulk\.tensor\.4d\.global\.shared::cta\.add", ptx)),
+        key_loop_ldl=key_loop_ldl(sass, sum(block_shape(dict(rec.signature)["k_desc"])) // 16) if forward else None,
         signature=dict(rec.signature))
 
 
-@pytest.fixture(scope="module")
-def compiled(tmp_path_factory):
-    """The cases compiled in two child processes at once (CI has two cores)."""
-    folder = tmp_path_factory.mktemp("gluon_rendered")
+def block_shape(desc_type: str) -> tuple:
+    """The rows and columns of a 4-d TMA descriptor's block from its signature type (launch._desc_type):
+    a K descriptor's block is BLOCK_N x D, and one key block's S and P V take (BLOCK_N + D) / 16 wgmmas."""
+    import re
+    rows, cols = re.search(r"\[1, ?1, ?(\d+), ?(\d+)\]", desc_type).groups()
+    return int(rows), int(cols)
+
+
+def key_loop_ldl(sass: str, step_mma: int) -> int:
+    """The most local-memory loads (LDL: spilled registers read back) in one key loop of the SASS: an
+    innermost loop (by its backward branch) of ``step_mma`` wgmmas, one block's S and P V (-1: none)."""
+    import re
+    ins = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    loops = set()
+    for a, text in ins:
+        m = re.search(r"\bBRA\s+(0x[0-9a-f]+)", text)  # cuobjdump -sass: branch targets as addresses
+        if m and int(m.group(1), 16) < a:
+            loops.add((int(m.group(1), 16), a))
+    def count(lo, hi, what):
+        return sum(lo <= a <= hi and what in t for a, t in ins)
+
+    with_mma = [(lo, hi) for lo, hi in loops if count(lo, hi, "HGMMA")]
+    inner = [(lo, hi) for lo, hi in with_mma if not any((lo, hi) != o and lo <= o[0] and o[1] <= hi for o in with_mma)]
+    return max((count(lo, hi, "LDL") for lo, hi in inner if count(lo, hi, "HGMMA") == step_mma), default=-1)
+
+
+def compile_in_children(cases, folder):
+    """The cases compiled in two child processes at once (CI has two cores): {case: compile_rendered's
+    numbers}, each part's pickle in ``folder``."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     jobs = []
     for n in range(2):
         out = folder / f"part{n}.pickle"
-        code = CHILD.format(tests=str(ROOT / "tests"), cases=(COMPILES + BWD_COMPILES)[n::2], out=str(out))
+        code = CHILD.format(tests=str(ROOT / "tests"), cases=cases[n::2], out=str(out))
         jobs.append((subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True), out))
     results = {}
@@ -694,6 +741,11 @@ def compiled(tmp_path_factory):
         with open(out, "rb") as f:
             results.update(pickle.load(f))
     return results
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    return compile_in_children(COMPILES + BWD_COMPILES, tmp_path_factory.mktemp("gluon_rendered"))
 
 
 @pytest.mark.parametrize("case", COMPILES, ids=lambda c: "-".join(map(str, c)))

@@ -18,12 +18,17 @@ whose Plan is exactly one of those keeps them (:func:`builtin_fit`):
 and the score is the scaled dot product alone: no bias (ALiBi, T5), mod, softcap, RoPE or dropout,
 no ``[inputs]``, and Dv = D (no ``value_dim``).
 
-Other Plans get rendered fragments (:func:`gluon_fit`, attncc.codegen.gluon) when their forward walk
-has a closed form (DENSE or BANDS: sorted segments, :func:`attncc.analysis.walks.sorted_segments`),
-their mask computes in integers, and their score is a bias, mod or softcap of positions, heads and
-params; RoPE, dropout, ``[inputs]`` and ``value_dim`` stay on the ``tl`` kernels. The answer is a
-fact of the analysis, never of the spec's name; codegen renders it as ``SpecInfo.gluon`` and
-``attncc explain`` prints it.
+Other Plans get rendered fragments (:func:`gluon_fit`, attncc.codegen.gluon) when their mask
+computes in integers (``[inputs]`` such as document ids included) and their score is a bias, mod or
+softcap of positions, heads, params and ``[inputs]`` (bias tables): a forward walk with a closed
+form (DENSE or BANDS) as sorted segments (:func:`attncc.analysis.walks.sorted_segments`), one without
+(BLOCK_LIST: strides, dilations, BigBird's random blocks, [inputs]) over the block lists of the Gluon
+kernel's tiles; with RoPE, on q and k the module rotates first (its ``tl`` pre-pass); dropout and
+``value_dim`` stay on the ``tl`` kernels. The Gluon backward takes the rendered fragments of the
+Plans whose transposed walk (query blocks per key block) has a closed form the same for every query
+head, without RoPE or ``[inputs]`` (:func:`rendered_backward_reason`); the others' backward is the
+``tl`` one. The answer is a fact of the analysis, never of the spec's name; codegen renders it as
+``SpecInfo.gluon`` and ``attncc explain`` prints it.
 """
 from __future__ import annotations
 
@@ -108,14 +113,11 @@ def gluon_fit(plan: Plan) -> GluonFit:
     if p.kind != "softmax":
         return GluonFit(reason=builtin.reason)
     extras = [what for what, present in (
-        ("RoPE", p.rope is not None), ("dropout", p.dropout > 0), ("[inputs]", bool(p.inputs)),
-        (f"value_dim = {p.value_dim}", p.value_dim is not None)) if present]
-    if extras:
+        ("dropout", p.dropout > 0), (f"value_dim = {p.value_dim}", p.value_dim is not None)) if present]
+    if extras:  # (RoPE: the module rotates q and k once before the kernels read them, as for its tl kernels)
         return GluonFit(reason=f"it has {', '.join(extras)}, which the Gluon kernels do not compute")
-    walk = plan.forward
-    if walk.kind not in (Iteration.DENSE, Iteration.BANDS):
-        return GluonFit(reason=f"its key blocks have no closed form ({walk.reason}); the Gluon kernels walk "
-                               f"closed-form segments only")
+    # DENSE and BANDS walks are closed-form segments; BLOCK_LIST ones (no closed form, or [inputs])
+    # walk the block lists of the Gluon kernel's tiles (attncc.codegen.gluon)
     if p.mask is not None and not integer_mask(p.mask):
         return GluonFit(reason=f"the mask {p.mask} computes in float (float64 in the tl kernels, as the "
                                f"reference); the Gluon fragments compute masks in integers only")
@@ -123,9 +125,16 @@ def gluon_fit(plan: Plan) -> GluonFit:
 
 
 def rendered_backward_reason(plan: Plan) -> str:
-    """Why the Gluon backward cannot take a rendered Plan's fragments ("" when it can): its dK/dV
-    kernel walks the transposed walk's closed-form segments once per key block for all the query
-    heads of a GQA group, so that walk must have a closed form and must not read the head."""
+    """Why the Gluon backward cannot take a rendered Plan's fragments ("" when it can). Its kernels
+    read the call's q and k and the params alone: RoPE's rotated copies (and rotating dQ, dK back)
+    and ``[inputs]`` (their reads, a ``grad = true`` input's gradient) are the forward's fragments'
+    and the ``tl`` backward's. Its dK/dV kernel walks the transposed walk's closed-form segments once
+    per key block for all the query heads of a GQA group, so that walk must have a closed form and
+    must not read the head."""
+    p = plan.pattern
+    extras = [what for what, present in (("RoPE", p.rope is not None), ("[inputs]", bool(p.inputs))) if present]
+    if extras:
+        return f"it has {' and '.join(extras)}; the Gluon backward's kernels take q, k, v and the params alone"
     walk = plan.transposed
     if walk.kind not in (Iteration.DENSE, Iteration.BANDS):
         return f"its query blocks per key block have no closed form ({walk.reason})"

@@ -18,6 +18,15 @@ arguments and inline (their contract: ``attncc.runtime.gluon.walks``):
   ``walk``), ``qmask``, the mask with each band solved for the query (the dK/dV kernel's
   transposed tiles), and ``score_grad``, d score / d (scale * qk + bias).
 
+Walks without a closed form (BLOCK_LIST: strides, dilations, 2D neighborhoods, [inputs] such as
+document ids) read the block lists the ``tl`` kernels walk (attncc.runtime.blocks, made for the Gluon
+kernel's tiles): ``walk`` returns one segment of list positions (partial entries, then full ones)
+and ``block`` the key block at a position (templates/gluon.py.j2; docs/gluon.md "Block lists and
+[inputs]"). BigBird's random blocks read the seeded tables the ``tl`` kernels get. ``[inputs]`` are read in the
+mask and score as the ``tl`` kernels read them (:class:`attncc.codegen.softmax.Inputs`: strides, a
+bound on each position index, integers widened to int64, floats to float32), from pointers, strides
+and sizes the host appends to ``pattern_args``.
+
 The functions live in a file of their own, next to the module, which ``attncc.runtime.backend``
 imports on the Gluon path only: the module itself is imported under ``TRITON_INTERPRET=1`` (whose
 Triton cannot compile Gluon) and with Tritons that have no Gluon, and keeps needing
@@ -34,21 +43,31 @@ from __future__ import annotations
 import dataclasses
 from typing import List, Optional, Tuple
 
+import sympy
+from sympy.core.function import AppliedUndef
+
 from attncc.analysis.builtin import gluon_fit
 from attncc.analysis.derivative import BackwardUnsupported, score_derivative
 from attncc.analysis.plan import SWAP
 from attncc.analysis.walks import Iteration, sorted_segments
 from attncc.codegen.helpers import GLUON, helper_args
-from attncc.codegen.names import param_var
+from attncc.codegen.names import input_args, param_var
 from attncc.codegen.printer import GluonPrinter, NotGluon, Temporaries, record_definitions
+from attncc.codegen.softmax import Inputs
 from attncc.codegen.text import py_str
 from attncc.codegen.walks import precondition_code, symbol_names, walk_note
 from attncc.spec import symbols as S
+from attncc.spec.builtins import Bucket, RandomBlocks
 from attncc.spec.ir import Pattern
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 CONTEXT = ("b", "h", "H", "q_last")  # the ctx tuple's members before the params (runtime.gluon.common)
+# A block-list walk's members of ctx after the params (attncc.runtime.blocks.BlockLists' fields, less
+# the row stride, which is 1, then the first query position and the rows per tile the lists were
+# made for): names the tl kernels give their list arguments (attncc.codegen.softmax.LIST_ARGS).
+LIST_CONTEXT = ("full_count", "full_index", "partial_count", "partial_index", "list_stride_b", "list_stride_h",
+                "list_width", "list_q_offset", "list_block_m")
 
 
 def gluon_context(pattern: Pattern, plan) -> Optional[dict]:
@@ -60,7 +79,13 @@ def gluon_context(pattern: Pattern, plan) -> Optional[dict]:
     if fit.kind != "rendered":
         return None
     params = [p for p in pattern.params]
-    unpack = ", ".join(list(CONTEXT) + [param_var(p.name) for p in params])
+    lists = plan.forward.kind is Iteration.BLOCK_LIST
+    inputs = used_inputs(pattern)
+    random = sorted(pattern.mask.atoms(RandomBlocks), key=sympy.default_sort_key) if pattern.mask is not None else []
+    random_names = {rb: f"rb{n}" for n, rb in enumerate(random)}  # the tl kernels' names of BigBird's tables
+    unpack = _wrapped("", list(CONTEXT) + [param_var(p.name) for p in params] + (list(LIST_CONTEXT) if lists else [])
+                      + [a for name in inputs for a in input_args(name, len(pattern.input(name).dims))]
+                      + [a for name in random_names.values() for a in (f"{name}_table", f"{name}_rows")], "")
     temps = Temporaries()
     helpers = set()
 
@@ -73,16 +98,25 @@ def gluon_context(pattern: Pattern, plan) -> Optional[dict]:
         except (NotGluon, BackwardUnsupported) as e:
             fit = dataclasses.replace(fit, backward_reason=f"its score's derivative cannot be printed in Gluon ({e})")
 
-    # -- the walks: the Plan's steps, then the sorted segments (the forward's, the dK/dV kernel's) ----
-    walk_steps, walk_out, count = _segments(plan, False, helpers)
+    # -- the walks: the Plan's steps, then the sorted segments (the forward's, the dK/dV kernel's); a
+    # forward walk without a closed form reads the block lists instead (templates/gluon.py.j2)
+    walk_steps, walk_out, count = ([], [], 1) if lists else _segments(plan, False, helpers)
     qwalk_steps, qwalk_out, qcount = _segments(plan, True, helpers) if fit.backward else ([], [], 0)
 
     # -- the mask and the score, over the positions i [BLOCK_M, 1] and j [1, BLOCK_N] ------------------
     mask_lines: List[Tuple[str, str]] = []
-    mask_code = None
+    mask_code = mask_expr = None
     if plan.forward.kind is Iteration.BANDS:  # the mask as the Plan's bands, each solved for j
         printer = GluonPrinter({**base, **{p.symbol: param_var(p.name) for p in params}}, float64=True, temps=temps)
-        mask_lines, mask_code = printer.statement(plan.forward.cover.predicate(S.i, S.j))
+        mask_expr = plan.forward.cover.predicate(S.i, S.j)
+        mask_lines, mask_code = printer.statement(mask_expr)
+        helpers |= printer.helpers
+    elif lists and pattern.mask is not None:  # no bands: the mask as the spec wrote it, on partial blocks
+        printer = GluonPrinter({**base, **{p.symbol: param_var(p.name) for p in params}}, float64=True, temps=temps,
+                               random_blocks=lambda e: _random_blocks(e, random_names[e]))
+        printer.gather = _gather(pattern, printer)
+        mask_expr = pattern.mask
+        mask_lines, mask_code = printer.statement(mask_expr)
         helpers |= printer.helpers
     qmask_lines: List[Tuple[str, str]] = []
     qmask_code = None
@@ -90,23 +124,36 @@ def gluon_context(pattern: Pattern, plan) -> Optional[dict]:
         printer = GluonPrinter({**base, **{p.symbol: param_var(p.name) for p in params}}, float64=True, temps=temps)
         qmask_lines, qmask_code = printer.statement(plan.transposed.cover.predicate(S.i, S.j).xreplace(SWAP))
         helpers |= printer.helpers
-    score_lines = render_score(pattern, base, temps, helpers)
+    score_lines = render_score(pattern, base, temps, helpers, gather=True)
+    per_pair = pair_work([e for e in (mask_expr, pattern.bias, pattern.mod) if e is not None])
 
     bad = sorted(h for h in helpers if not (h in GLUON or h.startswith("_bucket_")))
     if bad:
         raise NotGluon(f"{pattern.source}: the Gluon fragments have no helper {', '.join(bad)}")
     note = walk_note(plan.forward)
     qnote = walk_note(plan.transposed, transposed=True)
+    values = [f"{p.kind}(call.params[{py_str(p.name)}])" for p in params]
+    if lists:
+        values += [f"lists.{f}" for f in ("full_count", "full_index", "partial_count", "partial_index", "stride_b",
+                                           "stride_h", "width")] + ["call.q_offset", "block_m"]
+    values += [v for name in inputs for v in _input_values(pattern, name)]
+    values += [f"*_rt.blocks.random_table(call.n_q, call.n_k, {rb.options[0]}, {rb.options[1]}, {rb.options[2]}, "
+               f"str(call.q.device))" for rb in random]  # (table, rows), as the tl kernels get them
     return dict(
-        segments=count, walk_steps=walk_steps, walk_out=walk_out,
+        segments=count, walk_steps=walk_steps, walk_out=walk_out, lists=lists, block_n=NARROW_BLOCK_N if per_pair else None,
         unpack=unpack, param_tuple=_tuple([py_str(p.name) for p in params]),
-        param_values=_tuple([f"{p.kind}(call.params[{py_str(p.name)}])" for p in params]),
+        param_values=_tuple(values[:len(params)]),  # the params alone; with more: the whole statement
+        args_return=None if len(values) == len(params) else
+        _wrapped("return ", values, "") + ("," if len(values) == 1 else ""),
+        input_names=_tuple([py_str(n) for n in inputs]) if inputs else None, random_tables=bool(random),
+        rotated=pattern.rope is not None,
         mask_lines=mask_lines, mask_code=mask_code, qmask_lines=qmask_lines, qmask_code=qmask_code,
         score_lines=score_lines, grad_lines=grad_lines,
         helpers=[helper_args(h) for h in sorted(helpers)], exact=precondition_code(plan, transposed=False),
         backward=fit.backward, backward_reason=fit.backward_reason, qsegments=qcount, qwalk_steps=qwalk_steps,
-        qwalk_out=qwalk_out, backward_exact=precondition_code(plan, transposed=True),
-        walk_note=[f"{note[0]}; the kernels walk {count} sorted segment{'s' if count > 1 else ''} per query tile"]
+        qwalk_out=qwalk_out, backward_exact=precondition_code(plan, transposed=True) if fit.backward else None,
+        walk_note=[f"{note[0]}; the kernels walk " + ("the block lists of their tiles, partial blocks first" if lists
+                   else f"{count} sorted segment{'s' if count > 1 else ''} per query tile")]
         + note[1:] + ([f"the backward's dK/dV kernel: {qnote[0]}; {qcount} sorted segment{'s' if qcount > 1 else ''} "
                        f"of query blocks per key block"] + qnote[1:] if fit.backward else
                       [f"the Gluon backward does not take these fragments: {fit.backward_reason}"]))
@@ -125,21 +172,86 @@ def _segments(plan, transposed: bool, helpers: set):
     return steps, [", ".join(names[s] for s in seg) for seg in segments.segments], len(segments.segments)
 
 
+# Per-pair integer work (a // or % of i - j, abs(i // w - j // w), T5 buckets of j - i and their table
+# reads) on a [64, 128] tile in the consumer warpgroup, beside S, P and O at D = 128, spilled hundreds
+# of bytes in the key loop (ptxas of Triton 3.6: dilated 264, neighborhood_2d 432, t5_bias 768); on
+# 64-key blocks the first two spill none and T5 a few words (tests/test_gluon_lists.py bounds them).
+NARROW_BLOCK_N = 64
+PAIR_WORK = (sympy.Mod, sympy.floor, sympy.ceiling, sympy.Abs, sympy.Min, sympy.Max, Bucket, AppliedUndef)
+
+
+def pair_work(exprs) -> bool:
+    """Whether the mask or score computes more than sums and comparisons on values of both the
+    query and the key position (which then take a register per pair of the tile)."""
+    return any(isinstance(node, PAIR_WORK) and {S.i, S.j} <= node.free_symbols
+               for e in exprs for node in sympy.preorder_traversal(e))
+
+
+def _random_blocks(e: RandomBlocks, name: str) -> str:
+    """BigBird's random key blocks of a query row as the tl kernels test them: the key's block among
+    the ``r`` entries of the row's block in the seeded table (``rows`` rows, the last repeated)."""
+    r, block, _ = e.options
+    if r == 0:
+        return "False"
+    row = f"gl.minimum(i // {block}, {name}_rows - 1) * {r}"
+    return "(" + " | ".join(f"(j // {block} == gl.load({name}_table + {row} + {t}))" for t in range(r)) + ")"
+
+
+def used_inputs(pattern: Pattern) -> List[str]:
+    """The [inputs] the mask, bias and mod read, in the order their arguments follow the params."""
+    return sorted({type(a).__name__ for e in (pattern.mask, pattern.bias, pattern.mod) if e is not None
+                   for a in e.atoms(AppliedUndef)})
+
+
+def _gather(pattern: Pattern, printer: GluonPrinter):
+    """The printer's input reads: the tl kernels' masked gathers (same index math and widening), in gl."""
+    inputs = Inputs(pattern)
+    return lambda e: inputs.gather(printer, e)
+
+
+def _input_values(pattern: Pattern, name: str) -> List[str]:
+    """Host code of an input's kernel arguments (:func:`attncc.codegen.names.input_args`' order): the
+    tensor, its strides (as the tensor has them: a broadcast or sliced input is read in place), sizes."""
+    rank, tensor = len(pattern.input(name).dims), f"call.inputs[{py_str(name)}]"
+    return ([tensor] + [f"{tensor}.stride({d})" for d in range(rank)]
+            + [f"{tensor}.shape[{d}]" for d in range(rank)])
+
+
+def _wrapped(head: str, items: List[str], tail: str) -> str:
+    """``head`` + the items as a tuple + ``tail``, a function body's statement: on one line (no
+    parentheses) where it fits 120 columns, else in parentheses over lines of at most that."""
+    line = f"    {head}{', '.join(items)}{tail}"
+    if len(line) <= 120:
+        return line.strip()
+    lines, current, indent = [], f"{head}(", " " * (4 + len(head) + 1)
+    for n, item in enumerate(items):
+        text = item + (")" + tail if n == len(items) - 1 else ",")
+        if len(current) + 1 + len(text) + 4 > 120 and not current.endswith("("):
+            lines.append(current)
+            current = indent[4:] + text
+        else:
+            current += ("" if current.endswith("(") else " ") + text
+    return "\n    ".join(lines + [current])
+
+
 def _tuple(items: List[str]) -> str:
     """A Python tuple literal of the items' code."""
     return f"({items[0]},)" if len(items) == 1 else f"({', '.join(items)})"
 
 
-def render_score(pattern: Pattern, base, temps: Temporaries, helpers: set) -> List[str]:
+def render_score(pattern: Pattern, base, temps: Temporaries, helpers: set, gather: bool = False) -> List[str]:
     """The body of the score hook (its last line a ``return``), or [] for the plain scaled dot
     product. The whole score is computed per pair, as the reference defines it: terms constant along
-    the key (which the ``tl`` kernels move to the LSE) stay in it."""
+    the key (which the ``tl`` kernels move to the LSE) stay in it. ``gather``: [inputs] are read as
+    the ``tl`` kernels read them (float tables as float32)."""
     if (pattern.bias is None or pattern.bias == 0) and pattern.mod is None and pattern.softcap is None:
         return []
     names = {**base, S.s: "s"}
     for p in pattern.params:  # float params are float32 in score code (a float64 scalar would widen the tile)
         names[p.symbol] = f"gl.cast({param_var(p.name)}, gl.float32)" if p.kind == "float" else param_var(p.name)
     printer = GluonPrinter(names, temps=temps)
+    if gather:
+        printer.gather = _gather(pattern, printer)
     lines: List[str] = []
 
     def code(e) -> str:

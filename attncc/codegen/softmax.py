@@ -53,15 +53,16 @@ class Inputs:
         offset = "".join(f" + {x} * {input_stride(name, d)}" for d, x in enumerate(idx))  # none: a 0-d input
         guards = [f"({x} >= 0) & ({x} < {input_size(name, d)})" for d, x in enumerate(idx)
                   if decl.dims[d] not in ("b", "h")]
+        lang = printer.lang  # tl, or gl for the Gluon fragments (attncc.codegen.gluon): the same reads
         if decl.dtype in ("bfloat16", "float16") or (decl.dtype == "float64" and not printer.float64):
-            widen = ".to(tl.float32)"
+            widen = f".to({lang}.float32)"
         elif decl.dtype in INTEGER_DTYPES:
-            widen = ".to(tl.int64)"
+            widen = f".to({lang}.int64)"
         else:
             widen = ""
         if not guards:
-            return f"tl.load({input_ptr(name)}{offset}){widen}"
-        return f"tl.load({input_ptr(name)}{offset}, mask={' & '.join(guards)}, other=0){widen}"
+            return f"{lang}.load({input_ptr(name)}{offset}){widen}"
+        return f"{lang}.load({input_ptr(name)}{offset}, mask={' & '.join(guards)}, other=0){widen}"
 
 
 def loop_gathers(pattern: Pattern) -> Tuple[int, int]:

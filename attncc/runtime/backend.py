@@ -181,12 +181,31 @@ def gluon_config(head_dim: int):
     return dataclasses.replace(launch.default_config(head_dim, "ws"), pingpong=False)
 
 
-def gluon_forward(call: Call, walk: str):
+@functools.lru_cache(maxsize=None)
+def narrowed(config, head_dim: int, block_n: Optional[int]):
+    """``config`` with at most ``block_n`` keys per block (a fragments file's ``BLOCK_N``: per-pair
+    work that 128-key tiles would spill), the deepest K/V ring up to 4 stages that fits."""
+    from attncc.runtime.gluon import launch
+
+    if block_n is None or config.block_n <= block_n:
+        return config
+    for stages in (4, 3, 2):
+        narrow = dataclasses.replace(config, block_n=block_n, stages=stages)
+        if launch.shared_bytes(narrow, head_dim) <= launch.SM90_SHARED_BYTES - 1024:
+            return narrow
+    return dataclasses.replace(config, block_n=block_n)
+
+
+def gluon_forward(call: Call, walk: str, lists=None, rotated=None):
     """``(o, lse)`` of ``call`` from the Gluon sm90 forward with the built-in ``walk`` ("dense",
     "causal"), or with the module's rendered fragments (``walk`` "rendered"), as the generated ``tl``
     forward returns them: o [B, Hq, Nq, D] in q's dtype, the natural-log LSE [B, Hq, Nq] in float32
     (-inf, and o = 0, on rows without an allowed key), so that the module's ``tl`` backward takes
-    them unchanged. The LSE is always written (a backward may follow)."""
+    them unchanged. The LSE is always written (a backward may follow). ``lists(block_m, block_n)``:
+    the call's forward block lists (attncc.runtime.blocks.BlockLists) for tiles of that shape, which
+    fragments with a block-list walk read (``LISTS``): the module's own, as its ``tl`` kernels get them.
+    ``rotated()``: q and k rotated at their positions (RoPE: the module's pre-pass), which the kernel
+    then reads instead of the call's."""
     from attncc.runtime.gluon import launch
 
     if call.Nq == 0 or call.Nk == 0:  # no pair: what the tl path gives such calls
@@ -195,8 +214,17 @@ def gluon_forward(call: Call, walk: str):
               return_lse=True, config=gluon_config(call.D))
     if walk == "rendered":
         f = call.spec.gluon_fragments.load()
-        return launch.attention(call.q, call.k, call.v, walk=f.walk, mask=f.mask, score=f.score,
-                                segments=f.SEGMENTS, pattern_args=f.pattern_args(call), **kw)
+        kw["config"] = narrowed(kw["config"], call.D, getattr(f, "BLOCK_N", None))
+        if getattr(f, "LISTS", False):
+            if lists is None:
+                raise ValueError(f"{call.spec.name}: its Gluon walk reads block lists, and none were passed")
+            cfg = kw["config"]
+            args = f.pattern_args(call, lists(cfg.block_m, cfg.block_n), cfg.block_m)
+        else:
+            args = f.pattern_args(call)
+        q, k = rotated() if rotated is not None else (call.q, call.k)
+        return launch.attention(q, k, call.v, walk=f.walk, mask=f.mask, score=f.score,
+                                segments=f.SEGMENTS, pattern_args=args, block=getattr(f, "block", None), **kw)
     return launch.attention(call.q, call.k, call.v, pattern=walk, **kw)
 
 

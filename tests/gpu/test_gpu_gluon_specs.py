@@ -6,9 +6,13 @@ bidirectional, Longformer, bottom-right causal, ALiBi, softcap: generated/<name>
 fp16, forward (O and the natural-log LSE) at real sizes against the float64 reference and against the
 same module's tl forward, with offsets, odd lengths and rows that see no key, and forward + backward
 against the reference's gradients (the LSE's included) and the module's tl kernels
-(ATTNCC_BACKEND=triton): the Gluon backward at head dims 64 and 128 (built-in walks, and rendered
-fragments: query-block walks, the mask solved for the query, the score's derivative; split and,
-with ATTNCC_GLUON_BWD=fused, the fused kernel), the tl backward on the Gluon forward's output at 256. Every call is checked to have gone
+(ATTNCC_BACKEND=triton): the Gluon backward at head dims 64 and 128 (built-in walks, and the rendered
+fragments of the closed-form specs: query-block walks, the mask solved for the query, the score's
+derivative; split and, with ATTNCC_GLUON_BWD=fused, the fused kernel), the tl backward on the Gluon
+forward's output at 256 and for the rendered specs without a query-block walk; the rendered walks over
+block lists (strided, dilated, 2D neighborhood, BigBird, document ids, padding lengths), the scores and
+masks that read [inputs] (learned ALiBi slopes, T5 tables), their inputs strided and broadcast, and
+RoPE (section "block lists and [inputs]"; their backward is the tl one). Every call is checked to have gone
 through ``gluon_forward`` / ``gluon_backward``. Gluon has no interpreter: skipped elsewhere, and in the
 CPU check of the GPU tests (tests/test_gluon_wiring.py, tests/test_gluon_rendered.py and
 tests/test_gluon_bwd.py check the wiring, the fragments and the backward's tile loop on the CPU).
@@ -55,9 +59,9 @@ def gluon(monkeypatch):
     calls = []
     real = rt.gluon_forward
 
-    def counted(call, walk):
+    def counted(call, walk, *args, **kw):  # (a block-list walk's modules pass their lists)
         calls.append(walk)
-        return real(call, walk)
+        return real(call, walk, *args, **kw)
     monkeypatch.setattr(rt, "gluon_forward", counted)  # generated modules call _rt.gluon_forward
     return calls
 
@@ -87,9 +91,9 @@ def qkv(B, Hq, Hkv, Nq, Nk, D, dtype, seed=0, grad=False):
             for s in ((B, Hq, Nq, D), (B, Hkv, Nk, D), (B, Hkv, Nk, D))]
 
 
-def check_forward(name, q, k, v, **kw):
-    """O and the LSE against the float64 reference, and against the module's tl forward (``kw``:
-    offsets, lengths and params)."""
+def check_forward(name, q, k, v, lse_tol=5e-3, **kw):
+    """O and the LSE against the float64 reference (the LSE within ``lse_tol``), and against the
+    module's tl forward (``kw``: offsets, lengths, params and inputs)."""
     mod = module(name)
     o, lse = mod.attention(q, k, v, return_lse=True, **kw)
     ref, ref_lse = attncc.reference(pattern(name), q.double(), k.double(), v.double(), return_lse=True, **kw)
@@ -100,7 +104,7 @@ def check_forward(name, q, k, v, **kw):
     assert torch.all(o[~seen] == 0)
     if seen.any():
         assert rel(o[seen], ref[seen]) < TOL
-        assert float((lse.double()[seen] - ref_lse[seen]).abs().max()) < 5e-3
+        assert float((lse.double()[seen] - ref_lse[seen]).abs().max()) < lse_tol
     with pytest.MonkeyPatch.context() as m:
         m.setenv("ATTNCC_BACKEND", "triton")
         o_tl, lse_tl = mod.attention(q, k, v, return_lse=True, **kw)
@@ -359,3 +363,86 @@ def test_rendered_backward_head_dim_256_is_tl(gluon_bwd, gluon):
     q, k, v = qkv(1, 4, 4, 700, 700, 256, torch.bfloat16, seed=17, grad=True)
     check_backward("softcap", q, k, v, gluon_bwd)
     assert gluon == ["rendered"] and gluon_bwd == []
+
+
+# ------------------------------------------------------------------------------------------------
+# block lists and [inputs] (tests/test_gluon_lists.py: the CPU emulation of the same host path)
+
+# walks over the block lists of the Gluon tiles (the static ones made once per shape, document ids and
+# padding lengths classified per call), and bias tables; params that put edges inside many tiles
+LISTED = {"bigbird": {}, "dilated": {"window": 700, "dilation": 3}, "neighborhood_2d": {"width": 61, "radius": 3},
+          "strided": {"stride": 97}, "document": {}, "padding": {}, "alibi_learned": {}, "t5_bias": {},
+          "rope_causal": {}}  # (RoPE: the kernels read q and k as the module's pre-pass rotated them)
+# q and k rotated in bf16 / fp16 before any kernel reads them (the tl kernels' too): the LSE is the
+# reference's within what that rounding moves the scores (tests/gpu/test_gpu_specs.py: 5e-2)
+LSE_TOL = {"rope_causal": 5e-2}
+
+
+def spec_inputs(name, B, Hq, positions, seed, layout="contiguous"):
+    """Random [inputs] on the GPU (tests/cases.inputs_for: documents of random lengths, some of one
+    token; padding lengths 0..n; tables), in another memory layout: "strided" (every other element
+    of a wider tensor), "broadcast" (batch row 0 for every row, stride 0)."""
+    from cases import inputs_for
+
+    out = {}
+    for n, t in inputs_for(pattern(name), B, Hq, positions, torch.Generator().manual_seed(seed)).items():
+        t = t.to(DEV)
+        if layout == "strided":
+            wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=DEV)
+            wide[..., ::2] = t
+            t = wide[..., ::2]
+        elif layout == "broadcast" and t.dim() == 2:
+            t = t[:1].expand(t.shape[0], -1)
+        out[n] = t
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(LISTED))
+def test_lists_tiny(gluon, name):
+    """One small launch per spec first (a hang or a fault shows here, with its name)."""
+    q, k, v = qkv(2, 2, 1, 300, 333, 128, torch.bfloat16, seed=20)
+    check_forward(name, q, k, v, q_offset=20, lse_tol=LSE_TOL.get(name, 5e-3), **LISTED[name],
+                  **spec_inputs(name, 2, 2, 353, seed=20))
+    assert gluon == ["rendered"]
+
+
+LISTS_FORWARD = [(name, dtype) for name in sorted(LISTED) for dtype in (torch.bfloat16, torch.float16)]
+
+
+@pytest.mark.parametrize("name, dtype", LISTS_FORWARD, ids=[f"{n}-{str(t)[6:]}" for n, t in LISTS_FORWARD])
+def test_lists_forward(gluon, name, dtype):
+    Hq, Hkv = heads(name, Hq=8, Hkv=4)
+    check_forward(name, *qkv(2, Hq, Hkv, 3000, 3000, 128, dtype, seed=21), lse_tol=LSE_TOL.get(name, 5e-3),
+                  **LISTED[name], **spec_inputs(name, 2, Hq, 3000, seed=21))
+    assert gluon == ["rendered"], gluon
+
+
+@pytest.mark.parametrize("name, Nq, Nk, q_offset, k_offset, D, layout", [
+    ("document", 1111, 2999, 1888, 0, 128, "strided"),    # a query chunk of a packed batch, ids strided
+    ("document", 777, 1500, 900, 100, 64, "broadcast"),   # both offsets, one id row for every batch row
+    ("padding", 1000, 3000, 0, 0, 256, "strided"),        # D = 256: 64-key blocks; some rows see no key
+    ("strided", 999, 999, 0, 0, 64, "contiguous"),
+    ("dilated", 1025, 2047, 1022, 0, 128, "contiguous"),  # 64-key blocks (per-pair integer work)
+    ("neighborhood_2d", 1000, 1000, 0, 0, 256, "contiguous"),
+    ("bigbird", 1500, 3000, 1500, 0, 128, "contiguous"),   # a query chunk: random blocks of later rows
+    ("t5_bias", 700, 1900, 1200, 0, 128, "strided"),      # the table strided: its strides are read
+    ("alibi_learned", 513, 2047, 0, 1000, 64, "strided"),
+    ("rope_causal", 1000, 3000, 2000, 0, 128, "contiguous"),  # rotated at their positions (offsets)
+])
+def test_lists_offsets(gluon, name, Nq, Nk, q_offset, k_offset, D, layout):
+    Hq, Hkv = heads(name, Hq=8, Hkv=2)
+    positions = max(q_offset + Nq, k_offset + Nk)
+    check_forward(name, *qkv(2, Hq, Hkv, Nq, Nk, D, torch.bfloat16, seed=22), q_offset=q_offset, k_offset=k_offset,
+                  lse_tol=LSE_TOL.get(name, 5e-3), **LISTED[name],
+                  **spec_inputs(name, 2, Hq, positions, seed=22, layout=layout))
+    assert gluon == ["rendered"]
+
+
+@pytest.mark.parametrize("name", ["document", "strided", "t5_bias"])
+def test_lists_forward_backward(gluon_bwd, gluon, name):
+    """The tl backward on the Gluon forward's O and LSE of a block-list walk or a bias table (the
+    Gluon backward does not take their fragments: BACKWARD_REASON)."""
+    Hq, Hkv = heads(name, Hq=8, Hkv=4)
+    q, k, v = qkv(1, Hq, Hkv, 1500, 1500, 128, torch.bfloat16, seed=23, grad=True)
+    check_backward(name, q, k, v, gluon_bwd, seed=24, **LISTED[name], **spec_inputs(name, 1, Hq, 1500, seed=23))
+    assert gluon == ["rendered"] and gluon_bwd == [], (gluon, gluon_bwd)

@@ -195,6 +195,16 @@ def segment_start(lo, first, SEGMENTS: gl.constexpr):
 
 
 @gluon.jit
+def key_block(t, qb, segs, ctx, BLOCK: gl.constexpr):
+    """The key block at position t of query block qb's walk: t itself for a closed-form walk, whose
+    positions are key blocks; a block-list walk's BLOCK fragment reads it from the lists (walks.py)."""
+    if BLOCK is None:
+        return t
+    else:
+        return BLOCK(t, qb, segs, ctx)
+
+
+@gluon.jit
 def nth_block(segs, t, SEGMENTS: gl.constexpr):
     """The t-th block of a tile's walk (0 <= t < its number of blocks), counting through the
     segments in order: t past the blocks of the segments before its own, from that one's `lo`."""

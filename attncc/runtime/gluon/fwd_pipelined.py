@@ -11,8 +11,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma
 
-from attncc.runtime.gluon.common import (block_scores, exp2_scale, finish_rows, is_full, issue_kv, lhs_layout,
-                                         mma_layout, nth_block, pattern_context, rescale, softmax_update, tile_walk,
+from attncc.runtime.gluon.common import (block_scores, exp2_scale, finish_rows, is_full, issue_kv, key_block,
+                                         lhs_layout, mma_layout, nth_block, pattern_context, rescale, softmax_update, tile_walk,
                                          walk_blocks)
 
 
@@ -20,12 +20,13 @@ from attncc.runtime.gluon.common import (block_scores, exp2_scale, finish_rows, 
 def attn_fwd_pipelined(q_desc, k_desc, v_desc, o_desc, lse_ptr, lse_stride: gl.int64,
                        H, GROUP, Nq, Nk, q_offset, k_offset, n_q, n_k, qk_scale, pattern_args,
                        WALK: gl.constexpr, MASK: gl.constexpr, SCORE: gl.constexpr, SEGMENTS: gl.constexpr,
-                       RETURN_LSE: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+                       RETURN_LSE: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
+                       BLOCK: gl.constexpr = None):
     """One program per (query block, batch x head); descriptors are 4-d over [B, H, N, D] tensors, so
     batch and head offsets are TMA coordinates (no int32 address arithmetic) and rows past N read as
     zeros and are never written. LSE row (b, h) starts at lse_ptr + (b * H + h) * lse_stride (an
     int64: B * H * Nq may pass 2**31). WALK, MASK, SCORE, SEGMENTS and the `pattern_args` tuple: the
-    pattern's fragments (walks.py); the key loop runs over the walk's blocks by their index in it, so
+    pattern's fragments (walks.py), BLOCK a block-list walk's (fwd_ws.py); the key loop runs over the walk's blocks by their index in it, so
     that the ring is filled ahead across segment boundaries."""
     dtype: gl.constexpr = q_desc.dtype
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[2]
@@ -60,7 +61,8 @@ def attn_fwd_pipelined(q_desc, k_desc, v_desc, o_desc, lse_ptr, lse_stride: gl.i
     mbarrier.expect(q_bar, q_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(q_desc, [b, h, qb * BLOCK_M, 0], q_bar, q_smem)
     for i in gl.static_range(STAGES - 1):
-        issue_kv(k_desc, v_desc, k_smem, v_smem, kv_bars, b, hk, nth_block(segs, i, SEGMENTS), i, i < n_blocks)
+        issue_kv(k_desc, v_desc, k_smem, v_smem, kv_bars, b, hk,
+                 key_block(nth_block(segs, i, SEGMENTS), qb, segs, ctx, BLOCK), i, i < n_blocks)
 
     rows_i = q_lo + gl.arange(0, BLOCK_M, gl.SliceLayout(1, s_layout))
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
@@ -71,11 +73,13 @@ def attn_fwd_pipelined(q_desc, k_desc, v_desc, o_desc, lse_ptr, lse_stride: gl.i
     mbarrier.wait(q_bar, 0)
 
     for it in range(0, n_blocks):
-        kb = nth_block(segs, it, SEGMENTS)
+        t_kb = nth_block(segs, it, SEGMENTS)  # the walk position (a key block, or a block list's entry)
+        kb = key_block(t_kb, qb, segs, ctx, BLOCK)
         # Refill the slot that held the previous block: every warp has finished its wgmmas on it.
         gl.thread_barrier()
         ahead = it + STAGES - 1
-        issue_kv(k_desc, v_desc, k_smem, v_smem, kv_bars, b, hk, nth_block(segs, ahead, SEGMENTS),
+        issue_kv(k_desc, v_desc, k_smem, v_smem, kv_bars, b, hk,
+                 key_block(nth_block(segs, ahead, SEGMENTS), qb, segs, ctx, BLOCK),
                   (it + STAGES - 1) % STAGES, ahead < n_blocks)
         slot = it % STAGES
         mbarrier.wait(kv_bars.index(slot), (it // STAGES) & 1)
@@ -83,7 +87,7 @@ def attn_fwd_pipelined(q_desc, k_desc, v_desc, o_desc, lse_ptr, lse_stride: gl.i
         v = v_smem.index(slot).reshape([BLOCK_N, HEAD_DIM])
         s = warpgroup_mma(q, k.permute((1, 0)), s_zero, use_acc=False)
         s = block_scores(s, kb, rows_i, Nk, k_offset, n_q, n_k, ctx, qk_scale, MASK, SCORE, False, BLOCK_N, s_layout)
-        if ~is_full(segs, kb, SEGMENTS):
+        if ~is_full(segs, t_kb, SEGMENTS):
             s = block_scores(s, kb, rows_i, Nk, k_offset, n_q, n_k, ctx, qk_scale, MASK, None, True, BLOCK_N,
                              s_layout)
         m_i, l_i, p, alpha = softmax_update(s, m_i, l_i, exp2_scale(qk_scale, SCORE), p_layout, dtype)

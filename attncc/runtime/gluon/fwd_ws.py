@@ -23,9 +23,9 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
-from attncc.runtime.gluon.common import (block_scores, exp2_scale, finish_rows, lhs_layout, mma_layout,
-                                         pattern_context, rescale, segment_start, softmax_update, tile_walk,
-                                         walk_start)
+from attncc.runtime.gluon.common import (block_scores, exp2_scale, finish_rows, key_block, lhs_layout,
+                                         mma_layout, pattern_context, rescale, segment_start, softmax_update,
+                                         tile_walk, walk_start)
 
 CONSUMER_WARPS = gl.constexpr(4)
 
@@ -46,7 +46,7 @@ def tile_coords(t, n_qb, BH, HEAD_GROUP):
 
 @gluon.jit
 def load_partition(descs, smem, bars, B, H, GROUP, Nq, Nk, q_offset, k_offset, n_q, n_k, HEAD_GROUP, pattern_args,
-                   WALK: gl.constexpr, STAGES: gl.constexpr, SEGMENTS: gl.constexpr):
+                   WALK: gl.constexpr, STAGES: gl.constexpr, SEGMENTS: gl.constexpr, BLOCK: gl.constexpr):
     q_desc, k_desc, v_desc, o_desc = descs
     q_smem, o_smem, k_smem, v_smem = smem
     q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn_bars = bars
@@ -72,7 +72,8 @@ def load_partition(descs, smem, bars, B, H, GROUP, Nq, Nk, q_offset, k_offset, n
             tma.async_copy_global_to_shared(q_desc, [b, h, qb * BLOCK_M + wg * M_WG, 0], q_ready.index(wg),
                                             q_smem.index(wg))
         for seg in gl.static_range(SEGMENTS):  # in ascending order, as the consumers walk them
-            for kb in range(segs[4 * seg], segs[4 * seg + 3]):
+            for t_kb in range(segs[4 * seg], segs[4 * seg + 3]):
+                kb = key_block(t_kb, qb, segs, ctx, BLOCK)  # a block list's entry, or t_kb itself
                 slot = it % STAGES
                 phase = (it // STAGES) & 1
                 mbarrier.wait(k_empty.index(slot), phase ^ 1)
@@ -139,7 +140,7 @@ def consumer_partition(descs, smem, bars, lse_ptr, lse_stride, B, H, Nq, Nk, q_o
                        HEAD_GROUP, pattern_args,
                        WALK: gl.constexpr, MASK: gl.constexpr, SCORE: gl.constexpr, SEGMENTS: gl.constexpr,
                        RETURN_LSE: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, O_IN_Q: gl.constexpr,
-                       WG: gl.constexpr):
+                       WG: gl.constexpr, BLOCK: gl.constexpr):
     q_desc, k_desc, v_desc, o_desc = descs
     q_smem, o_smem, k_smem, v_smem = smem
     q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn_bars = bars
@@ -185,8 +186,8 @@ def consumer_partition(descs, smem, bars, lse_ptr, lse_stride, B, H, Nq, Nk, q_o
             pass_turn(turn_bars, WG, PINGPONG)
             s = warpgroup_mma_wait(0, deps=(s_tok, ))
             mbarrier.arrive(k_empty.index(slot))
-            s = block_scores(s, first, rows_i, Nk, k_offset, n_q, n_k, ctx, qk_scale, MASK, SCORE, True, BLOCK_N,
-                             s_layout)
+            s = block_scores(s, key_block(first, qb, segs, ctx, BLOCK), rows_i, Nk, k_offset, n_q, n_k, ctx,
+                             qk_scale, MASK, SCORE, True, BLOCK_N, s_layout)
             m_i, l_i, p, alpha = softmax_update(s, m_i, l_i, exp2_scale(qk_scale, SCORE), lhs_layout(o_layout), dtype)
             it += 1
             turn += 1
@@ -199,15 +200,18 @@ def consumer_partition(descs, smem, bars, lse_ptr, lse_stride, B, H, Nq, Nk, q_o
                 past_full = gl.maximum(segs[4 * seg + 2], start)
                 for kb in range(start, first_full):
                     acc, m_i, l_i, p, alpha, it, prev_slot, prev_phase, turn = consumer_step(
-                        kb, q, acc, m_i, l_i, p, alpha, it, prev_slot, prev_phase, turn, k_smem, v_smem, bars, rows_i,
+                        key_block(kb, qb, segs, ctx, BLOCK), q, acc, m_i, l_i, p, alpha, it, prev_slot, prev_phase,
+                        turn, k_smem, v_smem, bars, rows_i,
                         Nk, k_offset, n_q, n_k, ctx, qk_scale, MASK, SCORE, True, STAGES, PINGPONG, WG)
                 for kb in range(first_full, past_full):
                     acc, m_i, l_i, p, alpha, it, prev_slot, prev_phase, turn = consumer_step(
-                        kb, q, acc, m_i, l_i, p, alpha, it, prev_slot, prev_phase, turn, k_smem, v_smem, bars, rows_i,
+                        key_block(kb, qb, segs, ctx, BLOCK), q, acc, m_i, l_i, p, alpha, it, prev_slot, prev_phase,
+                        turn, k_smem, v_smem, bars, rows_i,
                         Nk, k_offset, n_q, n_k, ctx, qk_scale, MASK, SCORE, False, STAGES, PINGPONG, WG)
                 for kb in range(past_full, segs[4 * seg + 3]):
                     acc, m_i, l_i, p, alpha, it, prev_slot, prev_phase, turn = consumer_step(
-                        kb, q, acc, m_i, l_i, p, alpha, it, prev_slot, prev_phase, turn, k_smem, v_smem, bars, rows_i,
+                        key_block(kb, qb, segs, ctx, BLOCK), q, acc, m_i, l_i, p, alpha, it, prev_slot, prev_phase,
+                        turn, k_smem, v_smem, bars, rows_i,
                         Nk, k_offset, n_q, n_k, ctx, qk_scale, MASK, SCORE, True, STAGES, PINGPONG, WG)
             # Epilogue: P V of the last block.
             mbarrier.wait(v_ready.index(prev_slot), prev_phase)
@@ -242,10 +246,12 @@ def attn_fwd_ws(q_desc, k_desc, v_desc, o_desc, lse_ptr, lse_stride: gl.int64,
                 B, H, GROUP, Nq, Nk, q_offset, k_offset, n_q, n_k, qk_scale, HEAD_GROUP, pattern_args,
                 WALK: gl.constexpr, MASK: gl.constexpr, SCORE: gl.constexpr, SEGMENTS: gl.constexpr,
                 RETURN_LSE: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, O_IN_Q: gl.constexpr,
-                CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
+                CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, BLOCK: gl.constexpr = None):
     """Launch with num_warps=4 (the default partition is consumer warpgroup 0) and a grid of at most
     one CTA per SM; descriptors as in `attn_fwd_pipelined` with Q/O blocks of M_WG rows. WALK, MASK,
-    SCORE, SEGMENTS and the `pattern_args` tuple: the pattern's fragments (walks.py)."""
+    SCORE, SEGMENTS, BLOCK (a block-list walk's key block of a walk position; None: closed-form
+    walks, whose positions are key blocks) and the `pattern_args` tuple: the pattern's fragments
+    (walks.py)."""
     dtype: gl.constexpr = q_desc.dtype
     gl.static_assert(q_desc.block_type.shape[2] == 16 * CONSUMER_WARPS, "one consumer warpgroup holds 64 rows")
     q_smem = gl.allocate_shared_memory(dtype, [2] + q_desc.block_type.shape, q_desc.layout)
@@ -283,10 +289,10 @@ def attn_fwd_ws(q_desc, k_desc, v_desc, o_desc, lse_ptr, lse_stride: gl.int64,
     gl.warp_specialize([
         (consumer_partition, (descs, smem, bars, lse_ptr, lse_stride, B, H, Nq, Nk, q_offset, k_offset, n_q, n_k,
                               qk_scale, HEAD_GROUP, pattern_args, WALK, MASK, SCORE, SEGMENTS, RETURN_LSE, STAGES,
-                              PINGPONG, O_IN_Q, 0)),
+                              PINGPONG, O_IN_Q, 0, BLOCK)),
         (consumer_partition, (descs, smem, bars, lse_ptr, lse_stride, B, H, Nq, Nk, q_offset, k_offset, n_q, n_k,
                               qk_scale, HEAD_GROUP, pattern_args, WALK, MASK, SCORE, SEGMENTS, RETURN_LSE, STAGES,
-                              PINGPONG, O_IN_Q, 1)),
+                              PINGPONG, O_IN_Q, 1, BLOCK)),
         (load_partition, (descs, smem, bars, B, H, GROUP, Nq, Nk, q_offset, k_offset, n_q, n_k, HEAD_GROUP,
-                          pattern_args, WALK, STAGES, SEGMENTS)),
+                          pattern_args, WALK, STAGES, SEGMENTS, BLOCK)),
     ], [CONSUMER_WARPS, 1], [CONSUMER_REGS, LOADER_REGS])

@@ -234,15 +234,17 @@ def backward_fragments(pattern: str):
 def attention(q, k, v, *, pattern: str = "dense", scale: Optional[float] = None, q_offset: int = 0,
               k_offset: int = 0, n_q: Optional[int] = None, n_k: Optional[int] = None, return_lse: bool = False,
               config: Optional[GluonConfig] = None, walk=None, mask=None, out=None, lse_out=None, score=None,
-              segments: int = 1, pattern_args: tuple = ()):
+              segments: int = 1, pattern_args: tuple = (), block=None):
     """Softmax attention through the Gluon sm90 kernels (forward only).
 
     q [B, Hq, Nq, D], k / v [B, Hkv, Nk, D] (Hq a multiple of Hkv: GQA), bf16 or fp16 on an sm90
     GPU. Query row r sits at position q_offset + r, key c at k_offset + c (chunks of a longer
     sequence); n_q / n_k are the full lengths a mask may refer to (default Nq / Nk). `walk` and
     `mask` override the pattern's fragments; `score` (a score hook), `segments` (the walk's
-    segments per tile) and `pattern_args` (the spec's params, a tuple of ints and floats) come with
-    rendered ones (walks.py gives their contract). Returns o [B, Hq, Nq, D] (and the natural-log LSE
+    segments per tile), `block` (a block-list walk's key block of a walk position) and `pattern_args`
+    (the spec's params, ints and floats, then a block-list walk's lists and the [inputs] with their
+    strides and sizes: tensors on q's device and ints) come with rendered ones (walks.py gives their
+    contract). Returns o [B, Hq, Nq, D] (and the natural-log LSE
     [B, Hq, Nq] in float32 with return_lse), written into `out` / `lse_out` when given (contiguous,
     of those shapes and dtypes: checks poison them)."""
     import torch
@@ -258,7 +260,7 @@ def attention(q, k, v, *, pattern: str = "dense", scale: Optional[float] = None,
         default_walk, default_mask = pattern_fragments(pattern)
         walk = default_walk if walk is None else walk
         mask = default_mask if mask is None else mask
-    check_fragment_args(segments, pattern_args)
+    check_fragment_args(segments, pattern_args, q)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if not scale > 0:  # the kernels take the scaled max as the max of the scaled scores
         raise ValueError(f"attncc.runtime.gluon: scale must be > 0, got {scale}")
@@ -284,7 +286,8 @@ def attention(q, k, v, *, pattern: str = "dense", scale: Optional[float] = None,
         grid = (triton.cdiv(Nq, config.block_m), B * Hq)
         attn_fwd_pipelined[grid](q_desc, k_desc, v_desc, o_desc, lse, Nq, Hq, group, Nq, Nk, q_offset, k_offset, n_q,
                                  n_k, qk_scale, pattern_args, WALK=walk, MASK=mask, SCORE=score, SEGMENTS=segments,
-                                 RETURN_LSE=return_lse, STAGES=config.stages, num_warps=config.num_warps)
+                                 RETURN_LSE=return_lse, STAGES=config.stages, num_warps=config.num_warps,
+                                 BLOCK=block)
     else:
         from attncc.runtime.gluon.fwd_ws import attn_fwd_ws
         n_tiles = triton.cdiv(Nq, config.block_m) * B * Hq
@@ -296,7 +299,7 @@ def attention(q, k, v, *, pattern: str = "dense", scale: Optional[float] = None,
                                             STAGES=config.stages, PINGPONG=config.pingpong,
                                             O_IN_Q=config.o_in_q, CONSUMER_REGS=config.consumer_regs,
                                             LOADER_REGS=config.loader_regs, num_warps=config.num_warps,
-                                            maxnreg=config.maxnreg)
+                                            maxnreg=config.maxnreg, BLOCK=block)
     return (o, lse) if return_lse else o
 
 
@@ -338,8 +341,8 @@ def attention_backward(q, k, v, o, lse, do, dlse=None, *, pattern: str = "dense"
     qwalk = default_qwalk if qwalk is None else qwalk
     mask = default_mask if mask is None else mask
     qmask = mask if qmask is None else qmask
-    check_fragment_args(segments, pattern_args)
-    check_fragment_args(qsegments, pattern_args)
+    check_fragment_args(segments, pattern_args, q)
+    check_fragment_args(qsegments, pattern_args, q)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if not scale > 0:
         raise ValueError(f"attncc.runtime.gluon: scale must be > 0, got {scale}")
@@ -402,12 +405,19 @@ def attention_backward(q, k, v, o, lse, do, dlse=None, *, pattern: str = "dense"
     return dq, dk, dv
 
 
-def check_fragment_args(segments, pattern_args):
-    """A walk's segment count and the spec's params as the kernels take them."""
+def check_fragment_args(segments, pattern_args, q):
+    """A walk's segment count and the pattern's arguments as the kernels take them: the spec's params
+    (ints, floats), then a block-list walk's lists and the [inputs] (tensors on q's device, ints)."""
+    import torch
     if not (isinstance(segments, int) and segments >= 1):
         raise ValueError(f"attncc.runtime.gluon: segments must be an int >= 1, got {segments!r}")
-    if not (isinstance(pattern_args, tuple) and all(type(a) in (int, float) for a in pattern_args)):
-        raise TypeError(f"attncc.runtime.gluon: pattern_args must be a tuple of ints and floats, got {pattern_args!r}")
+    if not (isinstance(pattern_args, tuple) and all(type(a) in (int, float) or isinstance(a, torch.Tensor)
+                                                    for a in pattern_args)):
+        raise TypeError(f"attncc.runtime.gluon: pattern_args must be a tuple of ints, floats and tensors, "
+                        f"got {pattern_args!r}")
+    for a in pattern_args:
+        if isinstance(a, torch.Tensor) and a.device != q.device:
+            raise ValueError(f"attncc.runtime.gluon: a tensor of pattern_args is on {a.device}, q is on {q.device}")
 
 
 def check_backward_operands(q, o, lse, do, dlse):
@@ -584,7 +594,7 @@ def compile_for_sm90(variant: Union[Variant, BwdVariant], disassemble: bool = Tr
     signature = {"q_desc": desc(c.rows_per_q_block), "k_desc": desc(c.block_n), "v_desc": desc(c.block_n),
                  "o_desc": desc(c.rows_per_q_block), "lse_ptr": "*fp32", "lse_stride": "i64"}
     constexprs = {"WALK": walk, "MASK": mask, "SCORE": None, "SEGMENTS": 1, "RETURN_LSE": variant.return_lse,
-                  "STAGES": c.stages}
+                  "STAGES": c.stages, "BLOCK": None}
     options = {"num_warps": c.num_warps}
     if c.kernel == "pipelined":
         from attncc.runtime.gluon.fwd_pipelined import attn_fwd_pipelined as kernel

@@ -23,6 +23,14 @@ pairs and blocks `[full_lo, full_hi)` are full (every pair allowed, every key `<
 holds key positions `k_offset + kb*BLOCK_N + [0, BLOCK_N)`. The kernels clamp each segment to
 `lo <= full_lo <= full_hi <= hi`, so a walk may be loose (a too-large full range would not be).
 
+Block-list walks (patterns whose key blocks have no closed form, or depend on [inputs]). The walk
+returns positions, not key blocks: one segment `(0, n_partial, n_partial + n_full, same)` of the
+tile's list row (the host passes the lists of attncc.runtime.blocks in `pattern_args`, made for the
+kernel's BLOCK_M x BLOCK_N tiles), and `block(t, qb, segs, ctx)` (the kernels' `BLOCK`) gives the key
+block at position t of query block qb: the partial list's entry t, then the full list's entry
+t - n_partial. The kernels load, mask and score `block(t, ...)` where a closed-form walk (`BLOCK`
+None) uses t itself; positions past the walk (a ring's look-ahead) must still give a block index.
+
 Key-block walk contract (the backward's dK/dV kernel, one program per key block).
 `qwalk(k_lo, k_hi, Nq, q_offset, n_q, n_k, BLOCK_M, ctx)` is the walk of the transposed tile: it
 receives the position of the key block's first key (`k_lo = k_offset + kb*BLOCK_N`) and of its last
