@@ -67,8 +67,7 @@ def walk(q_lo, q_hi, Nk, k_offset, n_q, n_k, BLOCK_N: gl.constexpr, ctx):
 
 @gluon.jit
 def mask(i, j, n_q, n_k, ctx):
-    """Which pairs of a partial block the pattern allows (i [BLOCK_M, 1], j [1, BLOCK_N]; the dK/dV
-    kernel's transposed tiles: i [1, BLOCK_M], j [BLOCK_N, 1])."""
+    """Which pairs of a partial block the pattern allows (i [BLOCK_M, 1], j [1, BLOCK_N])."""
     b, h, H, q_last, ptr_slopes, stride0_slopes, size0_slopes = ctx
     return (j <= i)
 

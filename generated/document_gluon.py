@@ -80,8 +80,7 @@ def block(t, qb, segs, ctx):
 
 @gluon.jit
 def mask(i, j, n_q, n_k, ctx):
-    """Which pairs of a partial block the pattern allows (i [BLOCK_M, 1], j [1, BLOCK_N]; the dK/dV
-    kernel's transposed tiles: i [1, BLOCK_M], j [BLOCK_N, 1])."""
+    """Which pairs of a partial block the pattern allows (i [BLOCK_M, 1], j [1, BLOCK_N])."""
     (b, h, H, q_last, full_count, full_index, partial_count, partial_index, list_stride_b, list_stride_h, list_width,
      list_q_offset, list_block_m, ptr_doc, stride0_doc, stride1_doc, size0_doc, size1_doc) = ctx
     tmp0 = ptr_doc + b * stride0_doc

@@ -97,8 +97,7 @@ def block(t, qb, segs, ctx):
 
 @gluon.jit
 def mask(i, j, n_q, n_k, ctx):
-    """Which pairs of a partial block the pattern allows (i [BLOCK_M, 1], j [1, BLOCK_N]; the dK/dV
-    kernel's transposed tiles: i [1, BLOCK_M], j [BLOCK_N, 1])."""
+    """Which pairs of a partial block the pattern allows (i [BLOCK_M, 1], j [1, BLOCK_N])."""
     (b, h, H, q_last, prm_width, prm_radius, full_count, full_index, partial_count, partial_index, list_stride_b,
      list_stride_h, list_width, list_q_offset, list_block_m) = ctx
     return ((gl.abs((_floordiv(i, prm_width) - _floordiv(j, prm_width))) <= prm_radius) & (gl.abs((_floormod(i, prm_width) - _floormod(j, prm_width))) <= prm_radius))

@@ -85,8 +85,7 @@ def block(t, qb, segs, ctx):
 
 @gluon.jit
 def mask(i, j, n_q, n_k, ctx):
-    """Which pairs of a partial block the pattern allows (i [BLOCK_M, 1], j [1, BLOCK_N]; the dK/dV
-    kernel's transposed tiles: i [1, BLOCK_M], j [BLOCK_N, 1])."""
+    """Which pairs of a partial block the pattern allows (i [BLOCK_M, 1], j [1, BLOCK_N])."""
     (b, h, H, q_last, prm_stride, full_count, full_index, partial_count, partial_index, list_stride_b, list_stride_h,
      list_width, list_q_offset, list_block_m) = ctx
     return ((j <= i) & ((_floormod(j, prm_stride) == (prm_stride - 1)) | ((i - j) < prm_stride)))
