@@ -51,3 +51,34 @@ def test_step_names_its_own_state_argument():
     q = torch.randn(1, 2, 16)
     with pytest.raises(ValueError, match=r"linear_elu\.step: state S must have shape \[1, 2, 16, 16\]"):
         module("linear_elu").step(q, q, q, (torch.zeros(1, 2, 15, 16), torch.zeros(1, 2, 15)))
+
+
+# ---------------------------------------------------------------------------------------------
+# transformers: generation with a static (compileable) cache
+# ---------------------------------------------------------------------------------------------
+
+
+def test_generation_with_a_static_cache_equals_sdpa(tmp_path, monkeypatch):
+    """generate(cache_implementation="static") builds the masks once (create_masks_for_generate) and
+    passes them to the model as its attention_mask; the model's mask code then asked the KeyMask for
+    .ndim: AttributeError: 'KeyMask' object has no attribute 'ndim' (Gemma 2's per-layer dict of masks
+    went through). The KeyMask is now taken again, its padding flags kept."""
+    transformers = pytest.importorskip("transformers")
+    from attncc.integrations import transformers as attncc_hf
+
+    monkeypatch.setenv("ATTNCC_CACHE_DIR", str(tmp_path))
+    attncc_hf.register("attncc_probe10")
+    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, vocab_size=100, max_position_embeddings=64, pad_token_id=0,
+                  bos_token_id=1, eos_token_id=99, initializer_range=0.2)
+    config = transformers.MistralConfig(**common, sliding_window=5)  # llama failed the same way
+    torch.manual_seed(0)
+    ref = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    ours = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="attncc_probe10")
+    ours.load_state_dict(ref.state_dict())
+    ids = torch.randint(2, 99, (2, 10), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, :3] = 0  # left padding
+    ids[mask == 0] = 0
+    args = dict(attention_mask=mask, max_new_tokens=2, do_sample=False, cache_implementation="static")
+    assert torch.equal(ours.generate(ids, **args), ref.generate(ids, **args))
