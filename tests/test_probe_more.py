@@ -13,6 +13,7 @@ import io
 import json
 import math
 import random
+import re
 import sys
 from dataclasses import replace
 
@@ -403,6 +404,31 @@ def check_explain(seed: int):
 def test_explain_counts_at_odd_tile_shapes():
     bad = [f for f in (check_explain(seed) for seed in range(40)) if f]
     assert not bad, bad[:3]
+
+
+
+@pytest.mark.parametrize("value, message", [
+    ("w=1.5", r"param w is an int param \(\[params\] w = 3\): expected an integer, got 1\.5"),
+    ("w=1e3", "expected an integer, got 1000.0"),
+    ("w=nan", "expected an integer, got nan"),
+    ("w=99999999999999999999", r"param w must be from -2\*\*31 to 2\*\*62 - 1"),
+    ("w=-2147483649", r"param w must be from -2\*\*31"),
+    ("c=nan", r"param c: expected a finite number in float32's range, got nan"),
+    ("c=inf", "got inf"),
+    ("c=1e39", "got 1e\\+39"),
+])
+def test_explain_refuses_param_values_no_call_takes(tmp_path, capsys, value, message):
+    """`explain --param w=1.5` for an int param explained a window of 1.5 (a call refuses it:
+    TypeError), `w=1e3` one of 1000.0, `w=99999999999999999999` a window past int64, and `c=nan`
+    for a float param ended in a traceback from the tile counter."""
+    from attncc.explain import main_explain
+
+    spec = tmp_path / "p.toml"
+    spec.write_text("[params]\nw = 3\nc = 0.5\n[mask]\nwhere = 'j <= i and i - j < w'\n[score]\nbias = 'c * (i - j)'\n")
+    assert main_explain([str(spec), "--n", "40", "--param", value, "--json"]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    for good in ("w=-3", "w=7", "c=-2", "c=1e30"):  # what calls take is explained
+        assert main_explain([str(spec), "--n", "40", "--param", good, "--json"]) == 0
 
 
 if __name__ == "__main__":  # python tests/test_probe_more.py varlen|varlen_bw|decode|linear|explain START COUNT
