@@ -442,3 +442,13 @@ if __name__ == "__main__":  # python tests/test_probe_more.py varlen|varlen_bw|d
         finding = check(seed)
         if finding:
             print(f"seed {seed}: {finding}", flush=True)
+
+
+@pytest.mark.parametrize("where", ["ｊ <= i", "j <= ⅰ", "j <= i and ｗ > 0"])
+def test_non_ascii_letters_in_expressions_are_refused(where):
+    """Python's parser folds look-alike letters (NFKC): a fullwidth j or a Roman numeral i compiled
+    as j and i without a word."""
+    from attncc.spec import SpecError, parse_spec
+
+    with pytest.raises(SpecError, match="expressions are ASCII"):
+        parse_spec(f'[params]\nw = 1\n[mask]\nwhere = "{where}"\n')
