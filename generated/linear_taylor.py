@@ -532,7 +532,7 @@ def _backward(lc, o, den, do, ds_final, dz_final):
     return dq.to(c.q.dtype), dk.to(c.k.dtype), dv.to(c.v.dtype), ds0, dz0
 
 
-def _bind(q, k, v, q_offset, k_offset, n_q, n_k, initial_state, return_state, seed):
+def _bind(q, k, v, q_offset, k_offset, n_q, n_k, initial_state, return_state, seed, fn="attention"):
     call = _rt.bind(SPEC, q, k, v, q_offset=q_offset, k_offset=k_offset, n_q=n_q, n_k=n_k)
     if call.Nq != call.Nk or call.q_offset != call.k_offset:
         raise NotImplementedError(
@@ -549,7 +549,8 @@ def _bind(q, k, v, q_offset, k_offset, n_q, n_k, initial_state, return_state, se
     if seed is not None:
         raise TypeError(f"{SPEC.name}.attention: seed= applies to the performer feature map; this one is {FEATURE_MAP!r}")
     if initial_state is not None:
-        lc.s0, lc.z0 = _lin.check_state(f"{SPEC.name}.attention", initial_state, call.B, call.Hkv, F, call.Dv, call.q.device)
+        lc.s0, lc.z0 = _lin.check_state(f"{SPEC.name}.{fn}", initial_state, call.B, call.Hkv, F, call.Dv, call.q.device,
+                                        what="initial_state" if fn == "attention" else "state")
     lc.cfg = _lin.linear_config(call, block_f, lc.num_fb)
     return lc
 
@@ -580,7 +581,8 @@ def step(q, k, v, state=None, *, position=0, n=None, seed=None):
         q, k, v = (t.unsqueeze(2) if isinstance(t, torch.Tensor) else t for t in (q, k, v))
     if isinstance(q, torch.Tensor) and (q.dim() != 4 or q.shape[2] != 1):
         raise ValueError(f"{SPEC.name}.step: q must be [B, Hq, D] or [B, Hq, 1, D] (one token), got {tuple(q.shape)}")
-    lc = _bind(q, k, v, position, position, n, n, state, False, seed)
+    lc = _bind(q, k, v, position, position, n, n, state, False, seed, fn="step")
+    _lin.refuse_gradients(f"{SPEC.name}.step", lc)
     c = lc.call
     if lc.s0 is None:
         lc.s0 = torch.zeros(c.B, c.Hkv, lc.features, c.Dv, dtype=torch.float32, device=q.device)

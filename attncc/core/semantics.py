@@ -16,6 +16,11 @@ from typing import Tuple
 # The largest head dim (D, and Dv) the kernels take: specs' head_dim / value_dim and calls share it.
 MAX_HEAD_DIM = 256
 
+# Positions and int params stay below this, so that the kernels' int64 arithmetic on them (sums,
+# small multiples) is exact; int params start at -2**31 (a call's check, and explain's --param).
+INT_LIMIT = 2**62
+INT_PARAM_MIN = -(2**31)
+
 # float32's largest and smallest normal numbers. The kernels compute with float params, scales,
 # softcaps and RoPE's theta in float32: a value past them would be inf or 0 there.
 FLOAT32_MAX = 3.4028234663852886e38

@@ -57,7 +57,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, ClassVar, Dict, Optional, Tuple
 
 import torch
 
@@ -109,6 +109,10 @@ class KeyMask:
     kv_length: int
     key_ok: Optional[torch.Tensor]
     mask_function: str = ""  # its name, for messages
+    # generate() with a compileable (static) cache builds the masks once and hands them to the model
+    # as its attention_mask, whose mask code asks for .ndim before it asks the mask function again:
+    # a KeyMask stands where transformers keeps a 4-D mask (never one of 2 dims, the padding mask)
+    ndim: ClassVar[int] = 4
 
 
 # -- recognizing transformers' mask functions ---------------------------------------------------
@@ -185,6 +189,8 @@ class _Implementation:
                 f"are among them. Write the pattern as a spec and register it: register(name, spec=...)")
         q_offset, kv_offset = int(q_offset), int(kv_offset)
         key_ok = None
+        if isinstance(attention_mask, KeyMask):  # made earlier for this forward (generate, static cache)
+            attention_mask = attention_mask.key_ok
         if attention_mask is not None:
             if attention_mask.dim() != 2:
                 raise ValueError(f"attncc ({self.name}): expected a 2D padding mask [B, positions], got shape "

@@ -13,7 +13,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from attncc.core.semantics import FLOAT32_MAX, FLOAT32_TINY, MAX_HEAD_DIM, float32_holds, param_float, plain_number
+from attncc.core.semantics import (FLOAT32_MAX, FLOAT32_TINY, INT_LIMIT, INT_PARAM_MIN, MAX_HEAD_DIM, float32_holds, param_float,
+                                  plain_number)
 from attncc.runtime.intervals import INT32_MAX, POSITION_PAD, CallNumbers, cached_reach
 from attncc.runtime.spec_info import SpecInfo
 
@@ -180,10 +181,6 @@ def dtype_name(t: torch.dtype) -> str:
     """A dtype's name as specs write it (``torch.bfloat16`` -> "bfloat16")."""
     return _NAMES.get(t, str(t).replace("torch.", ""))
 
-
-# Positions and int params stay below this, so that the kernels' int64 arithmetic on them (sums,
-# small multiples) is exact.
-INT_LIMIT = 2**62
 
 
 def _int_arg(name: str, value, minimum: int = 0, maximum: int = INT_LIMIT - 1, who: str = "") -> int:
@@ -501,7 +498,7 @@ def bind_params_and_inputs(spec: SpecInfo, who: str, kwargs: dict, *, B: int, Hq
     for p in spec.params:
         value = kwargs.pop(p.name, p.default)
         if p.kind == "int":
-            value = _int_arg(f"param {p.name}", value, minimum=-(2**31), who=who)
+            value = _int_arg(f"param {p.name}", value, minimum=INT_PARAM_MIN, who=who)
             if p.maximum is not None and value > p.maximum:
                 raise ValueError(f"{who}: param {p.name} counts the terms of a reduction (range({p.name})), which the "
                                  f"kernels unroll to its value in the spec, {p.maximum}: a call may pass at most "

@@ -778,6 +778,10 @@ def parse_expression(text: str, scope: Scope, file: str = "<string>", key: str =
     text = text.strip()
     if len(text) > MAX_EXPRESSION_LENGTH:
         raise SpecError(file, key, f"expressions are at most {MAX_EXPRESSION_LENGTH} characters, got {len(text)}")
+    if not text.isascii():  # Python folds look-alikes (NFKC): a fullwidth j, a Roman numeral i would read as j, i
+        column, ch = next((n, c) for n, c in enumerate(text) if not c.isascii())
+        raise SpecError(file, key, f"expressions are ASCII, got {ch!r} (U+{ord(ch):04X})",
+                        column + 1)
     try:
         with warnings.catch_warnings():  # "1and j": Python warns; the language refuses
             warnings.simplefilter("error", SyntaxWarning)
