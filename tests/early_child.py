@@ -48,6 +48,7 @@ class EarlyChild:
     _proc: Optional[subprocess.Popen] = field(default=None, repr=False)
     _folder: Optional[Path] = field(default=None, repr=False)
     _started: float = field(default=0.0, repr=False)
+    _owner: int = field(default=0, repr=False)  # the pid that started it
     _outcome: Optional[tuple] = field(default=None, repr=False)
 
     @property
@@ -60,7 +61,7 @@ class EarlyChild:
             return
         self._folder = Path(tempfile.mkdtemp(prefix=f"attncc-{self.name}-"))
         env = dict(self.env(self._folder), **{PARENT_ENV: str(os.getpid()), HURRY_ENV: str(self._folder / "hurry")})
-        self._started = time.monotonic()
+        self._started, self._owner = time.monotonic(), os.getpid()
         # its own process group (not its own session: the kernel's autogroup would then weigh it as
         # much as the whole pytest run), so that stop() reaches the pool's workers too
         self._proc = subprocess.Popen(self.argv(self._folder), env=env, cwd=self.cwd, stdin=subprocess.DEVNULL,
@@ -85,8 +86,11 @@ class EarlyChild:
         return Outcome(self, *self._outcome)
 
     def stop(self, keep_folder: bool = False) -> None:
-        """Kill the child's process group if it still runs; remove its folder unless ``keep_folder``."""
-        if self._proc is not None and self._proc.poll() is None:
+        """Kill the child's process group if it still runs; remove its folder unless ``keep_folder``.
+        Only in the process that started it (not in a fork of pytest that a test made and exits)."""
+        if self._proc is None or self._owner != os.getpid():
+            return
+        if self._proc.poll() is None:
             for sig, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, 30)):
                 with _gone():
                     os.killpg(self._proc.pid, sig)
@@ -95,10 +99,9 @@ class EarlyChild:
                     break
                 except subprocess.TimeoutExpired:
                     pass
-        if self._proc is not None:
-            with _gone():  # workers that outlived the child (the group outlives its leader)
-                os.killpg(self._proc.pid, signal.SIGKILL)
-        if not keep_folder and self._folder is not None:
+        with _gone():  # workers that outlived the child (the group outlives its leader)
+            os.killpg(self._proc.pid, signal.SIGKILL)
+        if not keep_folder:
             shutil.rmtree(self._folder, ignore_errors=True)
 
 

@@ -13,7 +13,9 @@ gradients, fp16 and fp32 (causal; fp32 at long keys and head dim 256, and t5_bia
 decoding from a contiguous and a paged cache, split (the merge kernel) and not; linear attention's
 forward, backward (with a state) and step, and its forward and backward in fp32. The launches are
 recorded, not run, deduplicated by kernel source and Triton's specialization, and compiled for
-sm_90 in a pool of two processes.
+sm_90 in a pool of two processes. The child starts when pytest's collection ends (conftest.py,
+tests/early_child.py; this module's tests then run last): it compiles in one process beside the
+tests before them, on the core a serial run leaves idle, and in two once the fixture waits.
 
 How far each compiles (:func:`_plan`): every launch through Triton's front end, TTIR and TTGIR;
 one launch per kernel source, operand dtype and tile config on to LLVM IR and PTX (the launches
@@ -86,7 +88,8 @@ EARLY_CHILDREN = {"report": EarlyChild("sm90", _argv, _env, timeout=900, cwd=ROO
 def report():
     outcome = EARLY_CHILDREN["report"].result()
     assert outcome.returncode == 0, outcome.failure()
-    print(f"sm90 child: {outcome.seconds:.0f} s since it started, {outcome.waited:.0f} s waited for", file=sys.stderr)
+    print(f"sm90 child: {outcome.seconds:.0f} s since it started, {outcome.waited:.0f} s waited for; "
+          f"{(outcome.stderr.strip().splitlines() or [''])[-1]}", file=sys.stderr)
     return json.loads((outcome.child.folder / "report.json").read_text())
 
 
@@ -208,6 +211,7 @@ def test_kernels_sm90_refuses_are_failures(tmp_path):
 
 def _child(out_path, full, broken):
     import importlib
+    import resource
 
     import torch
 
@@ -240,6 +244,8 @@ def _child(out_path, full, broken):
     print(f"{len(launches)} launches recorded in {time.perf_counter() - start:.1f} s, "
           f"{sum(last != 'ttgir' for _, last in _PLAN)} lowered to PTX", file=sys.stderr)
     results = pool_map(_compile, len(_PLAN))  # forked: the workers inherit _PLAN
+    cpu = sum(u.ru_utime + u.ru_stime for u in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)))
+    print(f"done in {time.perf_counter() - start:.0f} s, {cpu:.0f} s of CPU", file=sys.stderr)
     Path(out_path).write_text(json.dumps({"launches": results, "expected": expected}, default=repr))
 
 
