@@ -74,6 +74,8 @@ class EarlyChild:
         runs past ``timeout`` from now is killed and reported as such (returncode None)."""
         self.start()
         if self._outcome is None:
+            if not self._folder.exists():
+                raise RuntimeError(f"child process {self.name} was stopped before a test waited for it")
             (self._folder / "hurry").touch()
             waited = time.monotonic()
             try:

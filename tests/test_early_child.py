@@ -60,7 +60,7 @@ def test_a_failed_child_reports_its_code_and_output():
         assert outcome.returncode == 1
         assert "exited with code 1" in outcome.failure() and "the reason" in outcome.failure()
     finally:
-        early_child.stop_all()
+        child.stop()
     assert not child.folder.exists()
 
 
@@ -80,7 +80,7 @@ def test_a_child_past_its_timeout_is_killed_with_its_workers():
         time.sleep(0.5)
         assert not _alive(worker)
     finally:
-        early_child.stop_all()
+        child.stop()
 
 
 def _alive(pid):
@@ -101,12 +101,14 @@ def test_a_child_kills_itself_when_pytest_is_gone(tmp_path):
         code = "import sys, time; sys.path.insert(0, {str(HERE)!r}); import early_child; early_child.watch_parent(); time.sleep(60)"
         child = EarlyChild("orphan", lambda f: [sys.executable, "-c", code], lambda f: dict(os.environ))
         child.start()
-        print(child._proc.pid, flush=True)
+        print(child._proc.pid, child.folder, flush=True)
         time.sleep(1)
         os._exit(0)
     """
     out = subprocess.run([sys.executable, "-c", textwrap.dedent(parent)], capture_output=True, text=True, timeout=60)
-    pid = int(out.stdout.split()[0])
+    pid, folder = out.stdout.split()
+    pid = int(pid)
+    shutil.rmtree(folder)
     deadline = time.monotonic() + 10
     while _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.2)
