@@ -7,3 +7,37 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # `import generated.<name>` as a user would from the repo root
+
+
+def _early_children(item):
+    """The tests/early_child.py children the test's fixtures wait for."""
+    children = getattr(getattr(item, "module", None), "EARLY_CHILDREN", {})
+    return [child for fixture, child in children.items() if fixture in getattr(item, "fixturenames", ())]
+
+
+def _starts_early(config) -> bool:
+    # pytest-xdist's workers each collect every test and run some: there the fixture starts its child
+    return not config.option.collectonly and "PYTEST_XDIST_WORKER" not in os.environ
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The modules whose tests wait for an early child run last: the child has had every test
+    before them to run beside."""
+    if _starts_early(config):
+        late = {item.module for item in items if _early_children(item)}
+        items[:] = [x for x in items if getattr(x, "module", None) not in late] + \
+                   [x for x in items if getattr(x, "module", None) in late]
+
+
+def pytest_collection_finish(session):
+    """Start the early children the selected tests wait for (tests/early_child.py)."""
+    if _starts_early(session.config):
+        for item in session.items:
+            for child in _early_children(item):
+                child.start()
+
+
+def pytest_sessionfinish(session):
+    import early_child
+
+    early_child.stop_all()

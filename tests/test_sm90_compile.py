@@ -13,7 +13,9 @@ gradients, fp16 and fp32 (causal; fp32 at long keys and head dim 256, and t5_bia
 decoding from a contiguous and a paged cache, split (the merge kernel) and not; linear attention's
 forward, backward (with a state) and step, and its forward and backward in fp32. The launches are
 recorded, not run, deduplicated by kernel source and Triton's specialization, and compiled for
-sm_90 in a pool of two processes.
+sm_90 in a pool of two processes. The child starts when pytest's collection ends (conftest.py,
+tests/early_child.py; this module's tests then run last): it compiles in one process beside the
+tests before them, on the core a serial run leaves idle, and in two once the fixture waits.
 
 How far each compiles (:func:`_plan`): every launch through Triton's front end, TTIR and TTGIR;
 one launch per kernel source, operand dtype and tile config on to LLVM IR and PTX (the launches
@@ -48,6 +50,7 @@ import triton.language as tl
 
 from attncc.runtime.configs import shared_bytes
 from cases import SPEC_NAMES
+from early_child import EarlyChild, pool_map, watch_parent
 from kernel_compile import without_interpreter
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,18 +64,33 @@ LABEL = ("HEAD_DIM", "BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "VARLEN", 
          "RETURN_LSE", "HAS_DLSE")
 
 
+def _argv(folder, *args):
+    return [sys.executable, __file__, "--child", str(folder / "report.json"), *args]
+
+
+def _env(folder):
+    return dict(without_interpreter(), ATTNCC_CACHE_DIR=str(folder / "tune"))  # no tuned configs: the defaults
+
+
 def _run_child(tmp_path, *args):
-    out = tmp_path / "report.json"
-    env = dict(without_interpreter(), ATTNCC_CACHE_DIR=str(tmp_path / "tune"))  # no tuned configs: the defaults
-    run = subprocess.run([sys.executable, __file__, "--child", str(out), *args], env=env, cwd=ROOT,
-                         capture_output=True, text=True, timeout=900)
+    run = subprocess.run(_argv(tmp_path, *args), env=_env(tmp_path), cwd=ROOT, capture_output=True, text=True,
+                         timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
-    return json.loads(out.read_text())
+    return json.loads((tmp_path / "report.json").read_text())
+
+
+# The report's child starts when collection ends (conftest.py, tests/early_child.py): it compiles on
+# the core the tests before this module leave idle.
+EARLY_CHILDREN = {"report": EarlyChild("sm90", _argv, _env, timeout=900, cwd=ROOT)}
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    return _run_child(tmp_path_factory.mktemp("sm90"))
+def report():
+    outcome = EARLY_CHILDREN["report"].result()
+    assert outcome.returncode == 0, outcome.failure()
+    print(f"sm90 child: {outcome.seconds:.0f} s since it started, {outcome.waited:.0f} s waited for; "
+          f"{(outcome.stderr.strip().splitlines() or [''])[-1]}", file=sys.stderr)
+    return json.loads((outcome.child.folder / "report.json").read_text())
 
 
 def _failures(launches):
@@ -193,7 +211,7 @@ def test_kernels_sm90_refuses_are_failures(tmp_path):
 
 def _child(out_path, full, broken):
     import importlib
-    import multiprocessing
+    import resource
 
     import torch
 
@@ -225,8 +243,9 @@ def _child(out_path, full, broken):
     _MODULES.update(launches.modules)
     print(f"{len(launches)} launches recorded in {time.perf_counter() - start:.1f} s, "
           f"{sum(last != 'ttgir' for _, last in _PLAN)} lowered to PTX", file=sys.stderr)
-    with multiprocessing.get_context("fork").Pool(2) as pool:
-        results = pool.map(_compile, range(len(_PLAN)), chunksize=1)
+    results = pool_map(_compile, len(_PLAN))  # forked: the workers inherit _PLAN
+    cpu = sum(u.ru_utime + u.ru_stime for u in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)))
+    print(f"done in {time.perf_counter() - start:.0f} s, {cpu:.0f} s of CPU", file=sys.stderr)
     Path(out_path).write_text(json.dumps({"launches": results, "expected": expected}, default=repr))
 
 
@@ -484,4 +503,5 @@ def _fwd_bwd(attention, q, k, v, lse=False, **kw):
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--child"]:
+    watch_parent()
     _child(sys.argv[2], full=os.environ.get("ATTNCC_SM90_CUBIN") == "1", broken="--broken" in sys.argv[3:])
