@@ -378,8 +378,8 @@ class ContextParallelFunction(torch.autograd.Function):
         from attncc.runtime.autograd import check_watched, no_double_backward
 
         q, k, v, o, lse = ctx.saved_tensors
-        check_watched(ctx.watched, f"{ctx.sched.pairs.target.spec.name} (context parallel)",
-                      tuple(ctx.sched.pairs.kwargs.items()))
+        check_watched(ctx.watched, lambda: (f"{ctx.sched.pairs.target.spec.name} (context parallel)",
+                                            tuple(ctx.sched.pairs.kwargs.items())))
         with torch.no_grad():
             dq, dk, dv = ctx.strategy.backward(ctx.sched, q, k, v, o, lse, do)
         if torch.is_grad_enabled():

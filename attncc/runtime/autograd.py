@@ -60,9 +60,8 @@ class AttentionFunction(torch.autograd.Function):
             do = torch.zeros_like(o)
         # q, k, v and the grad inputs are checked by autograd (saved); the rest here
         if ctx.watched is not None:
-            check_watched(ctx.watched, f"{call.spec.name}.attention", (("cu_seqlens_q", call.cu_seqlens_q),
-                                                                        ("cu_seqlens_k", call.cu_seqlens_k),
-                                                                        *call.inputs.items()))
+            check_watched(ctx.watched, lambda: (f"{call.spec.name}.attention", (
+                ("cu_seqlens_q", call.cu_seqlens_q), ("cu_seqlens_k", call.cu_seqlens_k), *call.inputs.items())))
         if saved:  # the inputs declared grad = true: the call's own, unless saved-tensor hooks gave others
             if any(s is not call.inputs[n] for s, n in zip(saved, names)):
                 call = call.replace(inputs={**call.inputs, **dict(zip(names, saved))})
@@ -99,11 +98,13 @@ def watch(tensors):
         return tensors, [t._version for t in tensors]
 
 
-def check_watched(watched, who: str, named) -> None:
+def check_watched(watched, describe) -> None:
     """A RuntimeError in autograd's words when a tensor of ``watched`` (:func:`watch`) changed in
-    place since; ``named``: ``(name, tensor)`` pairs that name them in the message."""
+    place since; ``describe() -> (who, named)``, called only then (the check runs every backward):
+    the function's name and ``(name, tensor)`` pairs that name the tensors in the message."""
     for t, version in zip(*watched):
         if t._version != version:
+            who, named = describe()
             names = {id(v): n for n, v in named}
             raise RuntimeError(f"{who}: {names.get(id(t), 'a tensor')}, which the backward reads, has been modified by "
                                f"an inplace operation since the forward (its version is {t._version}, the forward "
