@@ -38,11 +38,12 @@ class AttentionFunction(torch.autograd.Function):
         # only q, k, v: a kv_len[0] = 3, an optimizer step on a learned table or a changed cu_seqlens
         # would give gradients of values the forward never saw. The inputs declared grad = true are
         # arguments of this function and saved (saved-tensor hooks see them); the others and the
-        # cu_seqlens have their version counters kept, a few attribute reads where saving them cost
-        # ~2.5 us a call (issue 18). Inference tensors (torch.inference_mode) have no version
-        # counter and cannot change outside inference mode: nothing to keep.
+        # cu_seqlens have their version counters kept (a few attribute reads per call; issue 18).
+        # Inference tensors (torch.inference_mode) have no version counter and cannot change
+        # outside inference mode: nothing to keep.
         ctx.call = call
-        ctx.watched = _watched(call) if call.inputs or call.varlen else None
+        ctx.watched = (watch((call.cu_seqlens_q, call.cu_seqlens_k, *call.inputs.values()))
+                       if call.inputs or call.varlen else None)
         ctx.save_for_backward(q, k, v, o, lse, *grad_inputs)
         # The gradient of an unused LSE stays None: materialized, autograd would fill a zero
         # tensor of its shape per backward (an allocation and a memset kernel for nothing).
@@ -80,10 +81,6 @@ class AttentionFunction(torch.autograd.Function):
         if all(need[1:]):
             return (None, *grads)
         return (None,) + tuple(g if want else None for g, want in zip(grads, need[1:]))
-
-
-def _watched(call: Call):
-    return watch((call.cu_seqlens_q, call.cu_seqlens_k, *call.inputs.values()))
 
 
 def watch(tensors):
