@@ -196,8 +196,12 @@ class TritonPrinter:
         true int1 there, and is nothing on the GPU."""
         temps, code = self.statement(e)
         if scalar and isinstance(e, Boolean) and not isinstance(e, BooleanAtom):
-            code = f"tl.where({code}, True, False)"
+            code = self._true_condition(code)
         return temps, code
+
+    def _true_condition(self, code: str) -> str:
+        """``code``, a condition, as an int1 in the interpreter too (:meth:`definition`, :meth:`_logic`)."""
+        return f"{self.lang}.where({code}, True, False)"
 
     # ------------------------------------------------------------------
     def p(self, e) -> str:
@@ -553,7 +557,7 @@ class TritonPrinter:
         code = self.p(a)
         if (isinstance(a, sympy.Rel) and not (a.lhs.is_Boolean or isinstance(a.lhs, sympy.Rel))
                 and not (a.lhs.is_integer and a.rhs.is_integer) and not a.has(S.i, S.j)):
-            return f"{self.lang}.where({code}, True, False)"
+            return self._true_condition(code)
         return code
 
     def _And(self, e):
