@@ -60,28 +60,16 @@ def _param(text: str):
             raise argparse.ArgumentTypeError(f"param {name}: expected a number, got {value!r}") from None
 
 
-def _param_error(pattern, params: dict) -> Optional[str]:
-    """What a call of the generated module would refuse among the --param values (the same checks as
-    attncc.runtime.call.bind_params_and_inputs, without torch): an int param takes an integer from
-    -2**31 to 2**62 - 1 (at most its spec value when it counts a reduction's terms), a float param a
-    finite number in float32's range. Explaining other values would describe no call."""
-    from attncc.core.semantics import INT_LIMIT, INT_PARAM_MIN, float32_holds
+def checked_params(pattern, params: dict) -> dict:
+    """The --param values as a call of the generated module takes them, or the TypeError /
+    ValueError that the call would raise (without its function's name): the check is the call's own,
+    :func:`attncc.core.semantics.param_value` (no torch). Explaining a value that no call takes
+    would describe no call; a float param's value comes back as the call's float (``2`` as 2.0,
+    -0.0 as 0.0)."""
+    from attncc.core.semantics import param_value
 
-    for p in pattern.params:
-        if p.name not in params:
-            continue
-        value = params[p.name]
-        if p.kind == "int":
-            if not isinstance(value, int):
-                return f"param {p.name} is an int param ([params] {p.name} = {p.value}): expected an integer, got {value!r}"
-            if not INT_PARAM_MIN <= value < INT_LIMIT:
-                return f"param {p.name} must be from -2**31 to 2**62 - 1, got {value}"
-            if p.count and value > p.value:
-                return (f"param {p.name} counts the terms of a reduction (range({p.name})), which the kernels unroll "
-                        f"to its value in the spec, {p.value}: at most {p.value}, got {value}")
-        elif not float32_holds(value):
-            return f"param {p.name}: expected a finite number in float32's range, got {value!r}"
-    return None
+    return {p.name: param_value(p.name, p.kind, params[p.name], count=p.value if p.count else None)
+            for p in pattern.params if p.name in params}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -267,9 +255,10 @@ def main_explain(argv: Optional[List[str]] = None) -> int:
         print(f"attncc explain: {pattern.source} has no param(s) {', '.join(sorted(unknown))} "
               f"(params: {', '.join(p.name for p in pattern.params) or 'none'})", file=sys.stderr)
         return 2
-    bad = _param_error(pattern, params)
-    if bad:
-        print(f"attncc explain: {bad}", file=sys.stderr)
+    try:
+        params = checked_params(pattern, params)
+    except (TypeError, ValueError) as e:
+        print(f"attncc explain: {e}", file=sys.stderr)
         return 2
     if args.png:
         _pyplot()  # before any work: without matplotlib, say so at once

@@ -2,7 +2,9 @@
 
 The generated modules, the analysis and the reference all take these values from
 here, so the three can never disagree on what ``bucket``, ``alibi`` or
-``random_blocks`` mean. Nothing here imports torch, sympy or Triton.
+``random_blocks`` mean. The check of a param's value (:func:`param_value`) lives here too, for
+the calls of the generated modules and ``attncc explain --param`` alike. Nothing here imports
+torch, sympy or Triton.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import functools
 import math
 import numbers
 import random
-from typing import Tuple
+from typing import Optional, Tuple, Union
 
 
 # The largest head dim (D, and Dv) the kernels take: specs' head_dim / value_dim and calls share it.
@@ -61,6 +63,48 @@ def float32_holds(value) -> bool:
         return False
     # (comparisons only, which torch.compile traces on a symbolic float: NaN and inf fail the first)
     return abs(value) <= FLOAT32_MAX and (value == 0 or abs(value) >= FLOAT32_TINY)
+
+
+def int_argument(what: str, value, minimum: int = 0, maximum: int = INT_LIMIT - 1) -> int:
+    """``value`` as an int in ``[minimum, maximum]``, as a call takes its integer arguments (offsets,
+    lengths, seeds, int params), or a TypeError / ValueError that names it (``what``: "causal.attention:
+    q_offset"), says what it must be and what came. numpy's integers and one-element integer tensors
+    are ints (:func:`plain_number`); booleans and floats, even integral ones, are not."""
+    value = plain_number(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{what} must be >= {minimum}, got {value}")
+    if value > maximum:
+        raise ValueError(f"{what} must be <= {maximum}, got {value}")
+    return value
+
+
+def param_value(name: str, kind: str, value, *, count: Optional[int] = None, who: str = "") -> Union[int, float]:
+    """The value of the param ``name`` (``kind`` "int" or "float") that a call passes, as the kernels
+    take it, or a TypeError / ValueError naming ``who`` (the function called, "causal.attention") and
+    the param. An int param takes an int from ``INT_PARAM_MIN`` to ``INT_LIMIT - 1`` (:func:`int_argument`),
+    at most ``count`` when it counts a reduction's terms (``range(K)``: the kernels unroll to the
+    spec's value); a float param a number that float32 holds (:func:`float32_holds`), as a Python
+    float (:func:`param_float`). numpy's numbers and one-element tensors are numbers (:func:`plain_number`).
+
+    The one check of a param's value: the generated modules' calls (attncc.runtime.call) and
+    ``attncc explain --param`` both take it, so explain never describes a value that no call takes,
+    nor refuses one that a call takes."""
+    what = f"{who}: param {name}" if who else f"param {name}"
+    if kind == "int":
+        value = int_argument(what, value, minimum=INT_PARAM_MIN)
+        if count is not None and value > count:
+            raise ValueError(f"{what} counts the terms of a reduction (range({name})), which the kernels unroll to "
+                             f"its value in the spec, {count}: a call may pass at most {count}, got {value}")
+        return value
+    value = plain_number(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be a number, got {type(value).__name__} {value!r}")
+    if not float32_holds(value):
+        raise ValueError(f"{what} must be a finite number in float32's range ({FLOAT32_TINY:.6g} to "
+                         f"{FLOAT32_MAX:.6g} in magnitude, or 0), got {value!r}")
+    return param_float(value)
 
 
 def alibi_slope(h: int, n_heads: int) -> float:

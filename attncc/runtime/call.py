@@ -13,8 +13,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from attncc.core.semantics import (FLOAT32_MAX, FLOAT32_TINY, INT_LIMIT, INT_PARAM_MIN, MAX_HEAD_DIM, float32_holds, param_float,
-                                  plain_number)
+from attncc.core.semantics import FLOAT32_MAX, FLOAT32_TINY, INT_LIMIT, MAX_HEAD_DIM, int_argument, param_value, plain_number
 from attncc.runtime.intervals import INT32_MAX, POSITION_PAD, CallNumbers, cached_reach
 from attncc.runtime.spec_info import SpecInfo
 
@@ -184,16 +183,9 @@ def dtype_name(t: torch.dtype) -> str:
 
 
 def _int_arg(name: str, value, minimum: int = 0, maximum: int = INT_LIMIT - 1, who: str = "") -> int:
-    """``value`` as an int in ``[minimum, maximum]``; errors name ``who`` (the function called) and ``name``."""
-    what = f"{who}: {name}" if who else name
-    value = plain_number(value)  # numpy's integers, one-element integer tensors
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{what} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{what} must be >= {minimum}, got {value}")
-    if value > maximum:
-        raise ValueError(f"{what} must be <= {maximum}, got {value}")
-    return value
+    """``value`` as an int in ``[minimum, maximum]``; errors name ``who`` (the function called) and ``name``
+    (the check is :func:`attncc.core.semantics.int_argument`, which int params share)."""
+    return int_argument(f"{who}: {name}" if who else name, value, minimum, maximum)
 
 
 # bind()'s signature cache: per spec (by identity), (spec, {signature: the Call it bound, without
@@ -470,20 +462,6 @@ def check_heads_and_dims(spec: SpecInfo, who: str, *, Hq: int, Hkv: int, D: int,
         raise ValueError(f"{who}: the spec fixes value_dim = {spec.value_dim}, {v} has {Dv}")
 
 
-def float_param(what: str, value) -> float:
-    """A float param's value for the kernels: a number (an int too) that float32 holds as itself,
-    as the spec's own value must be (docs/spec-language.md, "[params]"). NaN, infinities and values
-    past float32's range are refused: the kernels would compute with inf or 0 where the float64
-    reference does not. numpy's numbers and one-element tensors are numbers too."""
-    value = plain_number(value)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{what} must be a number, got {value!r}")
-    if not float32_holds(value):
-        raise ValueError(f"{what} must be a finite number in float32's range ({FLOAT32_TINY:.6g} to "
-                         f"{FLOAT32_MAX:.6g} in magnitude, or 0), got {value!r}")
-    return param_float(value)
-
-
 def bind_params_and_inputs(spec: SpecInfo, who: str, kwargs: dict, *, B: int, Hq: int, positions: int,
                            device, what_positions: str = "positions"):
     """Resolve the spec's [params] (defaults, per-call overrides, types) and check its [inputs]
@@ -494,18 +472,9 @@ def bind_params_and_inputs(spec: SpecInfo, who: str, kwargs: dict, *, B: int, Hq
     one is kept as it is (the kernels read it at its own width, so no value is ever narrowed:
     doc ids 0 and 2**32 stay two documents). A float input is converted to the declared type
     (the kernels compute in float32 whatever it is). Strides are kept: the kernels take them."""
-    params = {}
-    for p in spec.params:
-        value = kwargs.pop(p.name, p.default)
-        if p.kind == "int":
-            value = _int_arg(f"param {p.name}", value, minimum=INT_PARAM_MIN, who=who)
-            if p.maximum is not None and value > p.maximum:
-                raise ValueError(f"{who}: param {p.name} counts the terms of a reduction (range({p.name})), which the "
-                                 f"kernels unroll to its value in the spec, {p.maximum}: a call may pass at most "
-                                 f"{p.maximum}, got {value}")
-        else:
-            value = float_param(f"{who}: param {p.name}", value)
-        params[p.name] = value
+    # (the one check of a param's value, which `attncc explain --param` makes too)
+    params = {p.name: param_value(p.name, p.kind, kwargs.pop(p.name, p.default), count=p.maximum, who=who)
+              for p in spec.params}
     inputs = {}
     for d in spec.inputs:
         if d.name not in kwargs:
