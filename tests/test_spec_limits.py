@@ -83,8 +83,10 @@ REFUSED = [
     ("param-nan", "[params]\nw = nan", "[params].w", "finite"),
     ("param-inf", "[params]\nw = -inf", "[params].w", "finite"),
     ("param-float-beyond-float32", "[params]\nw = 1e39", "[params].w", "float32's range"),
-    ("param-int-huge", "[params]\nw = 9223372036854775808", "[params].w", "from -2**31 to 2**63 - 1"),
-    ("param-int-very-negative", "[params]\nw = -2147483649", "[params].w", "from -2**31 to 2**63 - 1"),
+    ("param-int-huge", "[params]\nw = 9223372036854775808", "[params].w", "from -2**31 to 2**62 - 1"),
+    # past what a call may pass (2**62 - 1): such a spec would load and refuse every call
+    ("param-int-past-calls", "[params]\nw = 4611686018427387904", "[params].w", "from -2**31 to 2**62 - 1"),
+    ("param-int-very-negative", "[params]\nw = -2147483649", "[params].w", "from -2**31 to 2**62 - 1"),
     ("scale-inf", "[score]\nscale = inf", "[score].scale", "finite"),
     ("scale-nan", "[score]\nscale = nan", "[score].scale", "finite"),
     ("scale-below-float32", "[score]\nscale = 1e-40", "[score].scale", "float32's range"),
@@ -134,7 +136,7 @@ ACCEPTED = [
     '[mask]\nwhere = "j <= i + 2**62"',
     '[score]\nmod = "where(s > 0, s, -inf)"',
     '[score]\nmod = "max(s, -inf) + exp(-inf)"',
-    '[params]\nw = 9223372036854775807\nu = -2147483648\nf = 3.4e38\n[mask]\nwhere = "j <= i + w + u"',
+    '[params]\nw = 4611686018427387903\nu = -2147483648\nf = 3.4e38\n[mask]\nwhere = "j <= i + w + u"',
     '[params]\nscale = 0.5\n[score]\nbias = "scale * (j - i)"',  # takes attention(scale=...)
     '[inputs]\nkv_len = { dims = ["b"], dtype = "int32" }\n[mask]\nwhere = "j < kv_len[b]"',
     '[params]\nlo = 1\nhi = 2\n[mask]\nwhere = "j <= i + hi - lo"',

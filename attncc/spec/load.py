@@ -10,7 +10,7 @@ from typing import Any, Dict
 
 import sympy
 
-from attncc.core.semantics import FLOAT32_MAX, FLOAT32_TINY, MAX_HEAD_DIM, float32_holds
+from attncc.core.semantics import FLOAT32_MAX, FLOAT32_TINY, INT_LIMIT, INT_PARAM_MIN, MAX_HEAD_DIM, float32_holds
 from attncc.spec import names as N
 from attncc.spec import symbols as S
 from attncc.spec.builtins import RandomBlocks
@@ -25,8 +25,10 @@ INPUT_DTYPES = ("int32", "int64", "int16", "int8", "uint8", "bool", "float16", "
 FEATURE_MAPS = ("elu+1", "relu", "identity", "performer", "cosformer", "taylor")
 DROPOUT_KEYWORDS = set(N.DROPOUT_KEYWORDS)
 RESERVED = set(S.INDEX_VARS) | set(S.ALIASES) | {"s", "inf", "causal", "alibi", "n_heads"} | set(FUNCTIONS)
-# Integer params reach the kernels as int32 or int64 (a call may pass any int down to -2**31).
-INT_PARAM_MIN, INT_PARAM_MAX = -(2**31), 2**63 - 1
+# Integer params reach the kernels as int32 or int64; a spec's value takes the bounds a call's
+# override does (core.semantics.param_value: from -2**31 to 2**62 - 1, so that the kernels' int64
+# sums of positions and params never wrap), else a spec whose every call fails would load.
+SEED_MAX = 2**63 - 1
 MAX_HEADS = 2**16
 MAX_FEATURES = 2**16  # performer's random features
 
@@ -203,8 +205,8 @@ def parse_spec(text: str, path: str = "<string>") -> Pattern:
         key = f"[params].{pname}"
         c.variable(pname, key, "a param")
         if type(value) is int:
-            if not INT_PARAM_MIN <= value <= INT_PARAM_MAX:
-                c.fail(key, f"expected an integer from -2**31 to 2**63 - 1 (the kernels take int32 or int64), got {value}")
+            if not INT_PARAM_MIN <= value < INT_LIMIT:
+                c.fail(key, f"expected an integer from -2**31 to 2**62 - 1 (what a call may pass), got {value}")
             params.append(Param(pname, value, "int"))
         elif type(value) is float:
             params.append(Param(pname, c.number(value, key, float32=True), "float"))
@@ -332,7 +334,7 @@ def parse_spec(text: str, path: str = "<string>") -> Pattern:
 
 def _seed(c: _Checker, value, key) -> int:
     c.int_(value, key, 0)
-    if value > INT_PARAM_MAX:
+    if value > SEED_MAX:
         c.fail(key, f"expected a seed below 2**63, got {value}")
     return value
 
