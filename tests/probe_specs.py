@@ -99,6 +99,7 @@ class Draw:
     loop_vars: List[str] = field(default_factory=list)
     in_compare: int = 0  # inside a comparison: no transcendental functions (last-bit differences)
     budget: int = 40  # nodes left
+    floats: bool = True  # float comparisons in conditions (False: integer masks, exact tiles)
 
     def param(self, kind: str) -> Optional[str]:
         rng = self.rng
@@ -286,8 +287,9 @@ def draw_bool(d: Draw, depth: int = 0) -> Ex:
     if depth >= 3 or d.budget <= 0 or rng.random() < 0.15:
         return rng.choice((Ex("causal", "(j <= i)", BOOL), Ex("True", "True", BOOL), Ex("False", "False", BOOL),
                            Ex("j <= i", "j <= i", BOOL)))
-    kind = rng.choice(("cmp", "cmp", "cmp", "cmp", "chain", "and", "or", "not", "bitand", "bitor", "xor", "invert",
-                       "booleq", "where", "anyall", "fcmp", "boolcmp"))
+    kinds = ("cmp", "cmp", "cmp", "cmp", "chain", "and", "or", "not", "bitand", "bitor", "xor", "invert",
+             "booleq", "where", "anyall", "fcmp", "boolcmp")
+    kind = rng.choice(kinds if d.floats else tuple(k for k in kinds if k != "fcmp"))  # a seed draws as it did
     if kind in ("cmp", "fcmp"):
         d.in_compare += 1
         try:
