@@ -26,12 +26,10 @@ with floats, positions made negative by arithmetic, masks that empty whole rows.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
 import os
 import random
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +46,8 @@ import torch  # noqa: E402
 import attncc  # noqa: E402
 from attncc._reference import evaluate, index_env, pair_mask  # noqa: E402
 from attncc.spec import SpecError, parse_spec  # noqa: E402
+# the fuzzer's helpers: TOML quoting, builds cached per spec text, tile shapes forced, relative errors
+from fuzz_specs import _rel, _tile_config, _toml_str, build_spec  # noqa: E402
 
 BOOL, INT, FLOAT = "bool", "int", "float"
 
@@ -99,6 +99,7 @@ class Draw:
     loop_vars: List[str] = field(default_factory=list)
     in_compare: int = 0  # inside a comparison: no transcendental functions (last-bit differences)
     budget: int = 40  # nodes left
+    floats: bool = True  # float comparisons in conditions (False: integer masks, exact tiles)
 
     def param(self, kind: str) -> Optional[str]:
         rng = self.rng
@@ -286,8 +287,9 @@ def draw_bool(d: Draw, depth: int = 0) -> Ex:
     if depth >= 3 or d.budget <= 0 or rng.random() < 0.15:
         return rng.choice((Ex("causal", "(j <= i)", BOOL), Ex("True", "True", BOOL), Ex("False", "False", BOOL),
                            Ex("j <= i", "j <= i", BOOL)))
-    kind = rng.choice(("cmp", "cmp", "cmp", "cmp", "chain", "and", "or", "not", "bitand", "bitor", "xor", "invert",
-                       "booleq", "where", "anyall", "fcmp", "boolcmp"))
+    kinds = ("cmp", "cmp", "cmp", "cmp", "chain", "and", "or", "not", "bitand", "bitor", "xor", "invert",
+             "booleq", "where", "anyall", "fcmp", "boolcmp")
+    kind = rng.choice(kinds if d.floats else tuple(k for k in kinds if k != "fcmp"))  # a seed draws as it did
     if kind in ("cmp", "fcmp"):
         d.in_compare += 1
         try:
@@ -378,10 +380,6 @@ class Case:
         return (f"B={self.B} Hq={self.Hq} Hkv={self.Hkv} Nq={self.Nq} Nk={self.Nk} q_offset={self.q_offset} "
                 f"k_offset={self.k_offset} n_q={self.n_q} n_k={self.n_k} tile={self.tile[0]}x{self.tile[1]}"
                 f"{' backward' if self.backward else ''}")
-
-
-def _toml_str(s: str) -> str:
-    return "'" + s + "'" if "'" not in s else '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _mod(d: Draw) -> str:
@@ -502,9 +500,7 @@ def check_tiles(case: Case, pattern, exact: bool = True) -> Optional[str]:
     has_float = (case.mask is not None and case.mask.has_float) or (case.mod is not None and "." in case.mod)
     for walk in ("forward", "dq", "dkdv"):
         got = walk_grid(plan, walk, q_rows=case.Nq, k_rows=case.Nk, block_m=case.tile[0], block_n=case.tile[1],
-                        b=b, h=h, **_positions(case)) if _walk_grid_takes_bh() else \
-            walk_grid(plan, walk, q_rows=case.Nq, k_rows=case.Nk, block_m=case.tile[0], block_n=case.tile[1],
-                      **_positions(case))
+                        b=b, h=h, **_positions(case))
         w = want[walk]
         unsound = ((got == tiles.EMPTY) & (w != tiles.EMPTY)) | ((got == tiles.FULL) & (w != tiles.FULL))
         if unsound.any():
@@ -514,41 +510,8 @@ def check_tiles(case: Case, pattern, exact: bool = True) -> Optional[str]:
     return None
 
 
-def _walk_grid_takes_bh() -> bool:
-    import inspect
-
-    from attncc.analysis.graph import walk_grid
-    return "b" in inspect.signature(walk_grid).parameters
-
-
-_BUILT: Dict[str, object] = {}
-_DIR: Optional[tempfile.TemporaryDirectory] = None
-
-
-def build(text: str):
-    global _DIR
-    if text not in _BUILT:
-        from cases import build_inline
-
-        if _DIR is None:
-            _DIR = tempfile.TemporaryDirectory(prefix="attncc_probe_")
-        name = "pr_" + hashlib.sha256(text.encode()).hexdigest()[:12]
-        try:
-            _BUILT[text] = build_inline({name: text}, Path(_DIR.name), prefix="_attncc_probe")[name]
-        except Exception as e:  # noqa: BLE001 - a spec that parses but does not build is a finding
-            _BUILT[text] = e
-    return _BUILT[text]
-
-
-def _rel(x, ref) -> float:
-    x, ref = x.detach().double(), ref.detach().double()
-    return float((x - ref).norm() / max(float(ref.norm()), 1e-3 * math.sqrt(max(ref.numel(), 1))))
-
-
 def check_kernels(case: Case) -> Optional[str]:
-    from fuzz_specs import _tile_config
-
-    built = build(case.text)
+    built = build_spec(case.text)
     if isinstance(built, Exception):
         return f"build: {type(built).__name__}: {str(built)[:300]}"
     pattern, mod = built

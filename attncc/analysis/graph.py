@@ -127,7 +127,12 @@ def exact_tiles(plan: Plan, *, q_rows: int, k_rows: int, block_m: int, block_n: 
                 params: Optional[Mapping[str, object]] = None, b: int = 0, h: int = 0):
     """(some, every): bool ``[n_query_blocks, n_key_blocks]``: the tile holds an allowed pair / all
     its pairs (existing rows and keys) are allowed, by evaluating the mask on every pair (the
-    interval program on one-pair tiles, where its intervals are points), query rows in chunks."""
+    interval program on one-pair tiles, where its intervals are points), query rows in chunks.
+    Exact for integer masks: every integer operator of :mod:`attncc.core.tiles` gives single
+    numbers their exact value. Float arithmetic stays widened (``tiles.widen``) and ``sin`` /
+    ``cos`` / ``tan`` unbounded: a pair on a float boundary, or under those, counts as maybe
+    allowed, its tile PARTIAL where the kernels' exact lists (the mask in float64) may have
+    EMPTY or FULL."""
     n_q = q_offset + q_rows if n_q is None else n_q
     n_k = k_offset + k_rows if n_k is None else n_k
     params = {**plan.pattern.param_values, **(params or {})}

@@ -454,15 +454,22 @@ def _magnitude(x, y):
 _EXACT_INT = 2.0**53  # integers below are exact in float64
 
 
+def _one_sign(a, b):
+    """``[a, b]`` holds integers of one sign, exact in float64 (false for NaN and inf ends)."""
+    return ((a >= 0) | (b < 0)) & (a > -_EXACT_INT) & (b < _EXACT_INT)
+
+
 def _high_bits(op, x, y, bounds):
-    """``bounds`` of ``x op y`` narrowed by the bits the intervals fix: for non-negative integers,
-    every x of ``[a, b]`` is ``hx + (x & low)`` where ``low = 2**e - 1`` covers the highest bit in
-    which a and b (or c and d) differ, so ``x op y = (hx op hy) + (lx op ly)`` lies in
-    ``[hx op hy, (hx op hy) + low]`` (a Morton code's high bits over an aligned tile)."""
+    """``bounds`` of ``x op y`` narrowed by the bits the intervals fix: for integers of one sign
+    (two's complement orders each sign like the unsigned numbers), every x of ``[a, b]`` is
+    ``hx + (x & low)`` where ``low = 2**e - 1`` covers the highest bit in which a and b (or c
+    and d) differ, so ``x op y = (hx op hy) + (lx op ly)`` lies in ``[hx op hy, (hx op hy) + low]``
+    (a Morton code's high bits over an aligned tile). Two points give ``low = 0``: their exact
+    value, whatever their signs (a one-pair tile is classified exactly: ``exact_tiles``)."""
     (a, b), (c, d) = as_interval(x), as_interval(y)
     lo, hi = bounds
     if _ref(a, b, c, d) is None:
-        if not all(0 <= v < _EXACT_INT for v in (a, b, c, d)):
+        if not (_one_sign(a, b) and _one_sign(c, d)):
             return bounds
         a, b, c, d = (int(v) for v in (a, b, c, d))
         low = (1 << ((a ^ b) | (c ^ d)).bit_length()) - 1
@@ -470,7 +477,7 @@ def _high_bits(op, x, y, bounds):
         return (max(lo, base), min(hi, base + low))
     r = _ref(a, b, c, d)
     a, b, c, d = (_tensor(v, r) for v in (a, b, c, d))
-    ok = (a >= 0) & (c >= 0) & (b < _EXACT_INT) & (d < _EXACT_INT)  # also false for NaN and inf
+    ok = _one_sign(a, b) & _one_sign(c, d)
     a, b, c, d = (torch.where(ok, v, torch.zeros_like(v)).to(torch.int64) for v in (a, b, c, d))
     diff = ((a ^ b) | (c ^ d)).to(torch.float64)
     low = (torch.exp2(torch.frexp(diff).exponent.to(torch.float64)) - 1).to(torch.int64)  # 2**bit_length(diff) - 1
