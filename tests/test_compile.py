@@ -72,3 +72,28 @@ def test_double_backward_still_raises():
     (dq,) = torch.autograd.grad(fn(q, k, v).pow(2).sum(), q, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward"):
         dq.sum().backward()
+
+
+def test_no_function_imports_the_runtime_package():
+    """Code that runs under torch.compile may not import from the ``attncc.runtime`` package inside a
+    function: the package's module object is a ModuleType subclass (attncc/runtime/__init__.py
+    _Package), which torch 2.11's dynamo refuses as an import result ("Bad import result"), so every
+    fullgraph compile of a generated module failed on the GPU image while this CPU torch (2.13,
+    isinstance) took it. Submodule imports (``from attncc.runtime.compiled import x``) return plain
+    modules and are fine."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    found = []
+    traced = [*(root / "attncc/runtime").rglob("*.py"), *(root / "attncc/distributed").rglob("*.py"),
+              *(root / "generated").glob("*.py")]
+    for path in sorted(traced):
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.ImportFrom) and node.module == "attncc.runtime" or \
+                        isinstance(node, ast.Import) and any(a.name == "attncc.runtime" for a in node.names):
+                    found.append(f"{path.relative_to(root)}:{node.lineno} in {fn.name}")
+    assert not found, found

@@ -9,7 +9,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from attncc.runtime import backend, tuning
+from attncc.runtime import backend, compiled, tuning
 from attncc.runtime.autograd import AttentionFunction, no_pairs, no_pairs_backward
 from attncc.runtime.call import Call, env, interpreting
 from attncc.runtime.configs import (TOO_BIG, KernelConfig, config_settings, default_config, fit_key,
@@ -263,8 +263,6 @@ def run_attention(call: Call, forward: Callable[[Call], Tuple[torch.Tensor, torc
     backend.refuse_forced(call)  # ATTNCC_BACKEND=gluon on a spec without the Gluon forward (attncc.runtime.backend)
     forward, backward = tuning.on_the_fly(forward, backward)  # ATTNCC_TUNE=1: tune what the cache lacks
     if torch.compiler.is_compiling():
-        from attncc.runtime import compiled
-
         if compiled.compilable(call):
             return compiled.attention(call)
         return _run_eagerly()(call, forward, backward)
