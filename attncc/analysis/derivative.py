@@ -24,6 +24,25 @@ def _step_derivative(d: sympy.Derivative):
     return d
 
 
+def _select(e):
+    """``e`` with every product that has a piecewise factor (a kink's Heaviside, the derivative of a
+    ``where``) turned into a piecewise of products: ``where(s > 0, 1, 0) / max(s, 0)`` becomes
+    ``where(s > 0, 1 / max(s, 0), 0)``. A branch that passes no gradient then passes 0 whatever the
+    other factors are there, as torch's backward of max, min and where selects (0 * inf would be
+    NaN: ``log(max(s, 0))``, ``max(s, 0) ** 0.5`` at s < 0). A sign (abs) stays a factor, as torch
+    multiplies by it."""
+    if not e.args or e.is_Atom:
+        return e
+    e = e.func(*[_select(a) for a in e.args])
+    if not e.is_Mul:
+        return e
+    pw = next((f for f in e.args if isinstance(f, sympy.Piecewise)), None)
+    if pw is None:
+        return e
+    rest = sympy.Mul(*[f for f in e.args if f is not pw])
+    return sympy.Piecewise(*[(_select(value * rest), cond) for value, cond in pw.args])
+
+
 def score_derivative(mod) -> sympy.Expr:
     """d mod / d s, in nodes the printer renders (Heaviside and sign as Piecewise)."""
     return derivative(mod, S.s, what="[score].mod", wrt="s")
@@ -40,6 +59,7 @@ def derivative(e, x, *, what: str, wrt: str) -> sympy.Expr:
     d = d.replace(lambda e: isinstance(e, sympy.Subs) and not e.expr.has(sympy.Derivative), lambda e: e.doit())
     # kinks (Max, Min, Abs) get a one-sided derivative
     d = d.replace(sympy.Heaviside, lambda x, *rest: sympy.Piecewise((1, x > 0), (0, True)))
+    d = _select(d)
     d = d.replace(sympy.sign, lambda x: sympy.Piecewise((1, x > 0), (-1, x < 0), (0, True)))
     # a kink of a piecewise value (abs(where(j <= i, s, -1.5)), max(where(c, s, -inf), 0)) compares
     # a Piecewise, which sympy folds into a boolean if-then-else ITE(j <= i, s < 0, True): the

@@ -1,0 +1,148 @@
+"""An outside tester's probe (probe 11) of gradients where a score's derivative is not finite:
+score transforms with a kink or a root (``max(s, 0) ** 0.5``, ``log(max(s, 0))``, ``abs(s) ** t``,
+``where(s > 0, sqrt(s), s)``), at pairs that carry no weight (lanes past the end of a tile, masked
+pairs, branches not taken). Each call is checked three ways: the generated kernels, attncc.reference,
+and a dense float64 oracle written here from the formulas (it shares nothing with attncc), in the
+interpreter at odd lengths.
+
+Defects found, each with its test below:
+- The kernels' backward multiplied dS = P (dP - delta), 0 at a pair without weight, by d mod / d s
+  there: 0 * inf = NaN in dQ, dK and the learned inputs' gradients. A tile's lanes past the last key
+  or query have a score of exactly 0, where ``abs(s) ** t`` or ``sqrt(abs(s))`` has an infinite
+  derivative; so had masked padding keys of zeros.
+- The derivative of a kink multiplied its step by the other factors
+  (``where(s > 0, 1, 0) / sqrt(max(s, 0))`` for ``max(s, 0) ** 0.5``): NaN for every s < 0, where
+  torch's backward of max selects 0.
+- attncc.reference's autograd took the derivative of a where() branch not taken, and of the bias
+  and mod at masked pairs, times their zero gradient: NaN dq, dk for ``where(s > 0, sqrt(s), s)``.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import attncc
+from attncc.module_cache import toml_text
+from attncc.spec import parse_spec
+
+NEG_INF = float("-inf")
+
+
+def oracle(q, k, v, score, mask, scale, softcap=None):
+    """(o, lse) in float64 from the formulas. ``score(s, E)`` and ``mask(E)`` see ``E`` with the
+    broadcast positions ``i`` and ``j``; a masked pair's score passes no gradient (it is not used)."""
+    B, Hq, Nq, _ = q.shape
+    group = Hq // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    s = scale * q @ k.transpose(-1, -2)
+    E = dict(i=torch.arange(Nq).view(-1, 1), j=torch.arange(k.shape[2]).view(1, -1))
+    keep = torch.broadcast_to(mask(E), s.shape) if mask is not None else torch.ones_like(s, dtype=torch.bool)
+    s = torch.where(keep, s, s.detach())
+    if score is not None:
+        s = score(s, E)
+    if softcap is not None:
+        s = torch.where(s == NEG_INF, s, softcap * torch.tanh(s / softcap))
+    s = torch.where(keep, s, NEG_INF)
+    lse = torch.logsumexp(s, -1)
+    finite = torch.isfinite(lse)
+    p = torch.where(finite[..., None], torch.exp(s - torch.where(finite, lse, 0.0)[..., None]), 0.0)
+    return p @ v, lse
+
+
+def _rel(x, ref):
+    return float((x.double() - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def check(spec, score, mask=None, *, Nq=21, Nk=27, D=16, inputs=None, learned=(), prepare=None, seed=0):
+    """Forward, LSE and every gradient of ``spec`` (a dict) through the kernels, the reference and
+    the oracle; all must be finite and agree."""
+    mod, pattern = attncc.compile(spec), parse_spec(toml_text(spec))
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, h, n, D, generator=gen) for h, n in ((2, Nq), (1, Nk), (1, Nk)))
+    if prepare is not None:
+        prepare(q, k, v)
+    go, gl = torch.randn(1, 2, Nq, D, generator=gen), torch.randn(1, 2, Nq, generator=gen)
+    inputs = inputs or {}
+    scale = spec.get("score", {}).get("scale", 1 / math.sqrt(D))
+    softcap = spec.get("score", {}).get("softcap")
+
+    def own(q_, k_, v_, **values):
+        def with_values(s, E):
+            return score(s, {**E, **values})
+        return oracle(q_, k_, v_, with_values if score else None, mask, scale, softcap)
+
+    results = {}
+    for name, fn, cast in (("kernels", mod.attention, lambda t: t.float()),
+                           ("reference", lambda *a, **x: attncc.reference(pattern, *a, return_lse=True, **x), torch.Tensor.double),
+                           ("oracle", own, torch.Tensor.double)):
+        leaves = [cast(t).requires_grad_() for t in (q, k, v)]
+        values = {n: cast(t).requires_grad_() if n in learned else t for n, t in inputs.items()}
+        o, lse = fn(*leaves, return_lse=True, **values) if name == "kernels" else fn(*leaves, **values)
+        loss = (o.double() * go.double()).sum() + (lse.double() * gl.double()).sum()
+        grads = torch.autograd.grad(loss, leaves + [values[n] for n in learned])
+        results[name] = [o.detach(), lse.detach(), *grads]
+    labels = ["o", "lse", "dq", "dk", "dv"] + [f"d{n}" for n in learned]
+    want = results["oracle"]
+    for name, tol in (("kernels", 2e-4), ("reference", 1e-9)):
+        for label, x, r in zip(labels, results[name], want):
+            assert torch.isfinite(x).all(), f"{name}: {label} has {int((~torch.isfinite(x)).sum())} NaN/inf"
+            assert _rel(x, r) < tol, (name, label, _rel(x, r))
+
+
+# A tile's lanes past the last key or query hold a score of exactly 0 (Nq, Nk not multiples of the
+# tile): the derivative of these transforms is infinite there.
+@pytest.mark.parametrize("mod,score", [
+    ("abs(s) ** 0.5", lambda s, E: s.abs() ** 0.5),
+    ("log(abs(s))", lambda s, E: torch.log(s.abs())),
+], ids=["root", "log"])
+def test_lanes_past_the_end_pass_no_gradient(mod, score):
+    check({"score": {"mod": mod}}, score)
+
+
+def test_a_learned_power_of_the_score():
+    """d(|s| ** t) / dt = |s| ** t * log|s|: 0 * -inf at a lane past the end, summed into t."""
+    check({"inputs": {"t": {"dims": [], "grad": True}}, "score": {"mod": "abs(s) ** t"}},
+          lambda s, E: s.abs() ** E["t"], inputs={"t": torch.tensor(0.7)}, learned=("t",))
+    check({"inputs": {"t": {"dims": ["h", "n"], "grad": True}}, "score": {"mod": "abs(s) ** t[h, i]"}},
+          lambda s, E: s.abs() ** E["t"][:, :21, None], Nk=19,
+          inputs={"t": torch.linspace(0.3, 1.2, 2 * 40).view(2, 40)}, learned=("t",))
+
+
+# The flat side of a kink passes no gradient, whatever the derivative of what follows is there.
+@pytest.mark.parametrize("mod,score", [
+    ("max(s, 0) ** 0.5", lambda s, E: torch.clamp_min(s, 0) ** 0.5),
+    ("log(max(s, 0))", lambda s, E: torch.log(torch.clamp_min(s, 0))),
+    ("where(s > 0, sqrt(s), s)", lambda s, E: torch.where(s > 0, torch.sqrt(torch.where(s > 0, s, 1.0)), s)),
+    ("max(min(s, 1), 0) ** 0.5 + s", lambda s, E: torch.clamp(s, 0, 1) ** 0.5 + s),
+], ids=["max_root", "log_max", "where_root", "clamp_root"])
+def test_kinks_select_their_branch(mod, score):
+    check({"score": {"mod": mod}}, score, Nq=32, Nk=32)
+
+
+def test_masked_padding_keys_of_zeros():
+    """Keys past the length are zeros (padding) and masked: their scores are exactly 0."""
+    def zero_tail(q, k, v):
+        k[:, :, 19:] = 0
+
+    check({"params": {"L": 19}, "mask": {"where": "j < L"}, "score": {"mod": "abs(s) ** 0.5"}},
+          lambda s, E: s.abs() ** 0.5, lambda E: E["j"] < 19, prepare=zero_tail)
+    check({"params": {"L": 19}, "mask": {"where": "j < L"}, "score": {"mod": "abs(s) ** 0.5", "softcap": 0.8}},
+          lambda s, E: s.abs() ** 0.5, lambda E: E["j"] < 19, prepare=zero_tail)
+
+
+def test_a_learned_bias_times_an_input_of_minus_inf():
+    """d bias / d w = pad[b, j] is -inf at the keys that pad removes (their P is 0)."""
+    pad = torch.zeros(1, 40)
+    pad[0, 5] = pad[0, 22:] = NEG_INF
+    w = torch.tensor([0.5, 2.0])
+
+    def score(s, E):
+        ww, removed = E["w"].view(-1, 1, 1), (E["pad"][0, :27] == NEG_INF)
+        return s + torch.where(removed, NEG_INF, ww * torch.where(removed, 0.0, E["pad"][0, :27])) + ww * (E["i"] - E["j"]) * 0.1
+
+    check({"inputs": {"w": {"dims": ["h"], "grad": True}, "pad": {"dims": ["b", "n"]}},
+           "score": {"bias": "w[h] * pad[b, j] + w[h] * (i - j) * 0.1"}},
+          score, inputs={"w": w, "pad": pad}, learned=("w",))
+
