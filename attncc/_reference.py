@@ -58,7 +58,7 @@ def _param_values(pattern: Pattern, overrides: Optional[Mapping[str, Any]]) -> D
         if name not in values:
             raise TypeError(f"pattern '{pattern.name}' has no param '{name}' (params: {', '.join(values) or 'none'})")
         kind = pattern.param(name).kind
-        v = semantics.plain_number(v)  # numpy's numbers and one-element tensors, as the generated modules
+        v = semantics.plain_number(v, f"param '{name}' of pattern '{pattern.name}'")  # numpy's numbers and one-element tensors, as the generated modules
         if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind == "int" and not isinstance(v, int)):
             raise TypeError(f"param '{name}' of pattern '{pattern.name}' expects {'an integer' if kind == 'int' else 'a number'}, "
                             f"got {type(v).__name__} {v!r}")
@@ -288,7 +288,7 @@ def reference(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         qf = rotary(qf, q_pos, pattern.rope.theta, pattern.rope.style, rd)
         kf = rotary(kf, k_pos, pattern.rope.theta, pattern.rope.style, rd)
     scale = opts.get("scale", pattern.scale)
-    scale = 1.0 / math.sqrt(D) if scale is None else semantics.plain_number(scale)
+    scale = 1.0 / math.sqrt(D) if scale is None else semantics.plain_number(scale, "reference(): scale")
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a positive number, got {type(scale).__name__} {scale!r}")
     scale = float(scale)

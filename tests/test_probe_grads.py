@@ -146,3 +146,66 @@ def test_a_learned_bias_times_an_input_of_minus_inf():
            "score": {"bias": "w[h] * pad[b, j] + w[h] * (i - j) * 0.1"}},
           score, inputs={"w": w, "pad": pad}, learned=("w",))
 
+
+# ---------------------------------------------------------------------------------------------
+# The call API: numbers that want a gradient, torch.func transforms, tensors without strides
+# ---------------------------------------------------------------------------------------------
+
+def _qkv(N=9):
+    gen = torch.Generator().manual_seed(1)
+    return [torch.randn(1, 2, N, 16, generator=gen) for _ in range(3)]
+
+
+def test_numbers_that_want_a_gradient_are_refused():
+    """scale= and params are read on the host (item()): a tensor that requires grad would silently
+    get none, in the module and in the reference alike."""
+    from generated import causal
+
+    spec = {"params": {"w": 0.5}, "mask": {"where": "causal"}, "score": {"mod": "s * w"}}
+    mod, pattern = attncc.compile(spec), parse_spec(toml_text(spec))
+    q, k, v = _qkv()
+    temp = torch.tensor(0.5, requires_grad=True)
+    for call in (lambda: causal.attention(q, k, v, scale=temp), lambda: mod.attention(q, k, v, w=temp),
+                 lambda: mod.decode(q[:, :, :1], k, v, kv_len=[9], w=temp),
+                 lambda: attncc.reference(pattern, q, k, v, scale=temp), lambda: attncc.reference(pattern, q, k, v, w=temp)):
+        with pytest.raises(TypeError, match=r"(scale|w'?(| of pattern 'pattern')) is read as a number on the host and gets no gradient"):
+            call()
+    with torch.no_grad():  # no gradient is wanted: the number is read
+        ref = attncc.reference(pattern, q, k, v, w=0.5)
+        assert torch.allclose(mod.attention(q, k, v, w=temp).double(), ref, atol=1e-5)
+    assert torch.allclose(causal.attention(q, k, v, scale=temp.detach()), causal.attention(q, k, v, scale=0.5))
+
+
+@pytest.mark.parametrize("transform", ["vmap", "grad", "vjp"])
+def test_torch_func_transforms_are_refused_clearly(transform):
+    from generated import causal, linear_elu
+
+    q, k, v = _qkv()
+    for fn, name in ((causal.attention, "causal.attention"), (linear_elu.attention, "linear_elu.attention")):
+        run = {"vmap": lambda: torch.vmap(fn)(q[None], k[None], v[None]),
+               "grad": lambda: torch.func.grad(lambda x: fn(x, k, v).sum())(q),
+               "vjp": lambda: torch.func.vjp(lambda x: fn(x, k, v), q)}[transform]
+        with pytest.raises(NotImplementedError, match=rf"{name}: torch.func transforms .* are not supported"):
+            run()
+    with pytest.raises(NotImplementedError, match=r"causal.decode: torch.func transforms"):
+        torch.vmap(lambda x: causal.decode(x, k, v, kv_len=[9]))(q[None, :, :, :1])
+
+
+def test_tensors_without_strides_are_refused_clearly():
+    """A sparse or nested q, k, v, input or cache: a TypeError naming it (was torch's "Cannot access
+    data pointer of Tensor that doesn't have storage", or an internal error, from the launch), also
+    after a dense call of the same shape (the signature cache)."""
+    from generated import causal, document
+
+    q, k, v = _qkv()
+    causal.attention(q, k, v)
+    with pytest.raises(TypeError, match=r"causal.attention: k must be a dense \(strided\) tensor, got layout torch.sparse_coo"):
+        causal.attention(q, k.to_sparse(), v)
+    nested = torch.nested.nested_tensor([q[0, :, :5], q[0, :, :7]])
+    with pytest.raises(TypeError, match=r"causal.attention: q must be a dense \(strided\) tensor, got a nested tensor"):
+        causal.attention(nested, k, v)
+    doc = torch.zeros(1, 9, dtype=torch.int32)
+    with pytest.raises(TypeError, match=r"document.attention: input doc must be a dense \(strided\) tensor"):
+        document.attention(q, k, v, doc=doc.to_sparse())
+    with pytest.raises(TypeError, match=r"causal.decode: v_cache must be a dense \(strided\) tensor"):
+        causal.decode(q[:, :, :1], k, v.to_sparse(), kv_len=[9])

@@ -10,6 +10,7 @@ import functools
 import math
 import numbers
 import random
+import sys
 from typing import Tuple
 
 
@@ -27,12 +28,16 @@ FLOAT32_MAX = 3.4028234663852886e38
 FLOAT32_TINY = 1.1754943508222875e-38
 
 
-def plain_number(value):
+def plain_number(value, what: str = "a number"):
     """``value`` as a Python number when it is one in another dress, as a call's scalar arguments
     (params, ``scale=``, offsets) may come from configs and tensors: a numpy scalar, or a
     one-element tensor (its ``item()``: a host sync for a GPU tensor). Anything else comes back as
     it is, and a boolean of any kind stays a boolean (``torch.tensor(True)`` becomes ``True``), for
-    the caller to refuse with its own message. Duck-typed: nothing here imports torch or numpy."""
+    the caller to refuse with its own message. Duck-typed: nothing here imports torch or numpy.
+
+    A tensor that requires grad (with autograd on) is refused with a ``TypeError`` naming ``what``:
+    its number is read on the host, so it would get no gradient, silently (a learned temperature
+    passed as ``scale=``)."""
     if isinstance(value, (bool, int, float)):
         return value
     if isinstance(value, numbers.Integral):  # numpy's integers (numpy's bool is no Integral)
@@ -41,8 +46,18 @@ def plain_number(value):
         return float(value)
     numel = getattr(value, "numel", None)
     if callable(numel) and callable(getattr(value, "item", None)) and numel() == 1:
+        if getattr(value, "requires_grad", False) and _grad_enabled():
+            raise TypeError(f"{what} is read as a number on the host and gets no gradient, but the tensor given "
+                            f"requires grad: pass it detached, or learn it as an [inputs] tensor with grad = true "
+                            f"(a scalar: dims = [], mod = \"s * temp\")")
         return value.item()  # a tensor of one element: int, float, bool (or complex, refused by the caller)
     return value
+
+
+def _grad_enabled() -> bool:
+    """torch's grad mode (torch is imported: a tensor came)."""
+    torch = sys.modules.get("torch")
+    return torch is None or torch.is_grad_enabled()
 
 
 def param_float(value) -> float:
