@@ -209,3 +209,42 @@ def test_tensors_without_strides_are_refused_clearly():
         document.attention(q, k, v, doc=doc.to_sparse())
     with pytest.raises(TypeError, match=r"causal.decode: v_cache must be a dense \(strided\) tensor"):
         causal.decode(q[:, :, :1], k, v.to_sparse(), kv_len=[9])
+
+
+# ---------------------------------------------------------------------------------------------
+# Powers: the kernels printed x ** y as exp2(y * log2(x)), NaN for every negative x
+# ---------------------------------------------------------------------------------------------
+
+def _rel_pos(E):
+    return (E["i"] - E["j"]).double()
+
+
+@pytest.mark.parametrize("spec,score,mask", [
+    ({"score": {"mod": "s ** 5"}}, lambda s, E: s ** 5, None),
+    ({"score": {"mod": "s ** 2.0 - 0.1 * s ** 6"}}, lambda s, E: s * s - 0.1 * s ** 6, None),
+    ({"params": {"w": 3.0}, "score": {"mod": "s ** w"}}, lambda s, E: s ** 3, None),
+    ({"params": {"w": 3}, "score": {"mod": "s ** w"}}, lambda s, E: s ** 3, None),
+    ({"params": {"w": 2}, "score": {"bias": "0.01 * (i - j) ** w + (i - j) ** (w - 2)"}},
+     lambda s, E: s + 0.01 * _rel_pos(E) ** 2 + 1, None),
+    ({"score": {"mod": "s * (-1) ** j + (-0.5) ** (i - j)"}},
+     lambda s, E: s * (-1.0) ** E["j"] + (-0.5) ** _rel_pos(E), lambda E: E["j"] <= E["i"]),
+    ({"params": {"w": 3}, "mask": {"where": "((i - j) * 0.5) ** 5 > -100 and (i - j) ** w < 500"}}, None,
+     lambda E: ((_rel_pos(E) * 0.5) ** 5 > -100) & (_rel_pos(E) ** 3 < 500)),
+], ids=["s5", "s2.0_s6", "float_param", "int_param", "int_power_of_distance", "negative_bases", "mask"])
+def test_powers_of_negative_numbers(spec, score, mask):
+    if mask is not None and "mask" not in spec:
+        spec = {**spec, "mask": {"where": "j <= i"}}
+    check(spec, score, mask)
+
+
+def test_a_negative_base_to_the_power_of_the_score():
+    """(-2.0) ** s is torch.pow's (NaN at a fractional s) forward; its derivative is complex: the
+    backward says so when called (it was a NotImplementedError 'cannot render ImaginaryUnit' from the build)."""
+    spec = {"mask": {"where": "j <= i"}, "score": {"mod": "where(s > 0, s, (-2.0) ** s)"}}
+    mod, pattern = attncc.compile(spec), parse_spec(toml_text(spec))
+    q, k, v = _qkv()
+    o = mod.attention(q, k, v)
+    ref = attncc.reference(pattern, q, k, v)
+    assert torch.equal(torch.isnan(o), torch.isnan(ref)) and torch.isnan(o).any()
+    with pytest.raises(NotImplementedError, match=r"the derivative .* is not real \(a negative base to a power of s\)"):
+        mod.attention(q.requires_grad_(), k, v).sum().backward()

@@ -33,7 +33,9 @@ def _select(e):
     multiplies by it."""
     if not e.args or e.is_Atom:
         return e
-    e = e.func(*[_select(a) for a in e.args])
+    args = [_select(a) for a in e.args]
+    if any(a is not b for a, b in zip(args, e.args)):  # rebuilt only where a product was
+        e = e.func(*args)
     if not e.is_Mul:
         return e
     pw = next((f for f in e.args if isinstance(f, sympy.Piecewise)), None)
@@ -68,4 +70,7 @@ def derivative(e, x, *, what: str, wrt: str) -> sympy.Expr:
                   lambda e: sympy.Or(sympy.And(e.args[0], e.args[1]), sympy.And(sympy.Not(e.args[0]), e.args[2])))
     if d.has(sympy.Derivative) or d.has(sympy.Subs):
         raise BackwardUnsupported(f"cannot differentiate {what} = {e} with respect to {wrt}: {d}")
+    if d.has(sympy.I):  # (-2.0) ** s: its log is complex (the forward is torch.pow's, NaN at a fractional s)
+        raise BackwardUnsupported(f"cannot differentiate {what} = {e} with respect to {wrt}: the derivative {d} "
+                                  f"is not real (a negative base to a power of {wrt})")
     return d
