@@ -77,8 +77,8 @@ def check(spec, score, mask=None, *, Nq=21, Nk=27, D=16, inputs=None, learned=()
     for name, fn, cast in (("kernels", mod.attention, lambda t: t.float()),
                            ("reference", lambda *a, **x: attncc.reference(pattern, *a, return_lse=True, **x), torch.Tensor.double),
                            ("oracle", own, torch.Tensor.double)):
-        leaves = [cast(t).requires_grad_() for t in (q, k, v)]
-        values = {n: cast(t).requires_grad_() if n in learned else t for n, t in inputs.items()}
+        leaves = [cast(t).detach().clone().requires_grad_() for t in (q, k, v)]
+        values = {n: cast(t).detach().clone().requires_grad_() if n in learned else t for n, t in inputs.items()}
         o, lse = fn(*leaves, return_lse=True, **values) if name == "kernels" else fn(*leaves, **values)
         loss = (o.double() * go.double()).sum() + (lse.double() * gl.double()).sum()
         grads = torch.autograd.grad(loss, leaves + [values[n] for n in learned])
@@ -248,3 +248,47 @@ def test_a_negative_base_to_the_power_of_the_score():
     assert torch.equal(torch.isnan(o), torch.isnan(ref)) and torch.isnan(o).any()
     with pytest.raises(NotImplementedError, match=r"the derivative .* is not real \(a negative base to a power of s\)"):
         mod.attention(q.requires_grad_(), k, v).sum().backward()
+
+
+# ---------------------------------------------------------------------------------------------
+# abs() of what sympy cannot prove real; a float64 condition of a score beside a tile's
+# ---------------------------------------------------------------------------------------------
+
+_T, _U = torch.tensor([0.7, -0.4]), torch.linspace(-1, 1, 30).view(1, 30)
+
+
+def _t(E):
+    return E["t"].view(-1, 1, 1)
+
+
+def _u(E):
+    return E["u"][0, None, None, :27]
+
+
+@pytest.mark.parametrize("mod,score", [
+    ("abs(t[h] * s)", lambda s, E: (_t(E) * s).abs()),
+    ("abs(s + u[b, j])", lambda s, E: (s + _u(E)).abs()),
+    ("abs(s * log(1 + (i - j) * 0.1))", lambda s, E: (s * torch.log(1 + _rel_pos(E) * 0.1)).abs()),
+    ("abs(s + log(1 + abs((i - j) * 0.1)))", lambda s, E: (s + torch.log(1 + (_rel_pos(E) * 0.1).abs())).abs()),
+], ids=["input_times_s", "s_plus_input", "log", "log_abs"])
+def test_abs_of_values_sympy_cannot_prove_real(mod, score):
+    """sympy differentiated abs(u) as a complex modulus (re, im, arg, zoo) where it could not prove u
+    real: the backward raised 'cannot render im', or the build failed ('cannot render arg')."""
+    used = [n for n in ("t", "u") if f"{n}[" in mod]
+    spec = {"inputs": {"t": {"dims": ["h"], "grad": True}, "u": {"dims": ["b", "n"], "grad": True}},
+            "mask": {"where": "j <= i"}, "score": {"mod": mod}}
+    spec["inputs"] = {n: d for n, d in spec["inputs"].items() if n in used}
+    check(spec, score, lambda E: E["j"] <= E["i"], inputs={n: {"t": _T, "u": _U}[n] for n in used}, learned=used)
+
+
+def test_float64_conditions_of_a_score_beside_a_tile_in_the_interpreter():
+    """A score's condition on float inputs is computed in float64 (an ExactCondition); one per
+    program (t[h] <= 0.3) and one per key (u[b, j] > 0.3) joined by & crashed Triton's interpreter in
+    the dK/dV kernel ('ufunc bitwise_and not supported'): the per-program one was not made an int1."""
+    def score(s, E):
+        inner = torch.where(_t(E) > 0.3, _t(E), _u(E))
+        return s + torch.where(inner > 0.3, _t(E), 0.5)
+
+    check({"inputs": {"t": {"dims": ["h"], "grad": True}, "u": {"dims": ["b", "n"]}},
+           "score": {"mod": "s + where(where(t[h] > 0.3, t[h], u[b, j]) > 0.3, t[h], 0.5)"}},
+          score, inputs={"t": _T, "u": _U}, learned=("t",))

@@ -13,6 +13,16 @@ class BackwardUnsupported(Exception):
     """A pattern whose backward cannot be generated (the module then raises on backward)."""
 
 
+class _RealAbs(sympy.Function):
+    """``abs(u)`` while differentiating: ``sign(u) * du``, whatever sympy knows of u."""
+
+    nargs = 1
+    is_real = True
+
+    def fdiff(self, argindex=1):
+        return sympy.sign(self.args[0])
+
+
 def _step_derivative(d: sympy.Derivative):
     """What sympy leaves unevaluated: floor / ceiling are steps (derivative 0 almost everywhere,
     as torch takes it), ``Mod(a, m)`` with ``m`` free of s has a's derivative."""
@@ -56,7 +66,10 @@ def derivative(e, x, *, what: str, wrt: str) -> sympy.Expr:
     if not isinstance(x, sympy.Symbol):  # an input access: differentiate by a stand-in symbol
         stand_in = sympy.Dummy("x", real=True)
         return derivative(e.xreplace({x: stand_in}), stand_in, what=what, wrt=wrt).xreplace({stand_in: x})
-    d = sympy.diff(e, x)  # Sigmoid knows its derivative (builtins.Sigmoid.fdiff)
+    # |u| of the language is that of a real u: sympy, unable to prove u real (an input's value
+    # u[b, j], log(1 + 0.1 * (i - j))), would differentiate it as a complex modulus (re, im, arg)
+    d = sympy.diff(e.replace(sympy.Abs, _RealAbs), x)  # Sigmoid knows its derivative (builtins.Sigmoid.fdiff)
+    d = d.replace(_RealAbs, sympy.Abs)
     d = d.replace(lambda e: isinstance(e, sympy.Derivative) and len(e.variables) == 1, _step_derivative)
     d = d.replace(lambda e: isinstance(e, sympy.Subs) and not e.expr.has(sympy.Derivative), lambda e: e.doit())
     # kinks (Max, Min, Abs) get a one-sided derivative

@@ -35,7 +35,7 @@ import sympy
 from sympy.core.function import AppliedUndef
 from sympy.logic.boolalg import Boolean, BooleanAtom
 
-from attncc.analysis.exact import exact_parts
+from attncc.analysis.exact import ExactCondition, exact_parts
 from attncc.analysis.hoist import resolve
 from attncc.analysis.integer import integer_fraction, integer_ops, integer_sums
 from attncc.codegen.names import float64_text
@@ -568,6 +568,8 @@ class TritonPrinter:
         floats' type, which ``|`` with a tile refuses. The select is nothing on the GPU, and right
         whatever the operand's shape."""
         code = self.p(a)
+        if isinstance(a, ExactCondition):  # a score's comparison computed in float64: the same
+            a = a.args[0]
         if (isinstance(a, sympy.Rel) and not (a.lhs.is_Boolean or isinstance(a.lhs, sympy.Rel))
                 and not (a.lhs.is_integer and a.rhs.is_integer) and not a.has(S.i, S.j)):
             return self._true_condition(code)
