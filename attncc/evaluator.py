@@ -157,7 +157,8 @@ def _by_numpy(np_op, torch_op, *xs):
     if torch.is_grad_enabled() and any(x.requires_grad for x in xs):
         return torch_op(*xs)
     xs = torch.broadcast_tensors(*xs)
-    return torch.from_numpy(np.asarray(np_op(*[x.cpu().numpy() for x in xs]))).to(xs[0].device)
+    with np.errstate(invalid="ignore", divide="ignore"):  # NaN and inf are the values (sqrt(-1)), as torch's
+        return torch.from_numpy(np.asarray(np_op(*[x.cpu().numpy() for x in xs]))).to(xs[0].device)
 
 
 class NumpyArrays:

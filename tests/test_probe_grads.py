@@ -191,6 +191,7 @@ def test_torch_func_transforms_are_refused_clearly(transform):
         torch.vmap(lambda x: causal.decode(x, k, v, kv_len=[9]))(q[None, :, :, :1])
 
 
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage")
 def test_tensors_without_strides_are_refused_clearly():
     """A sparse or nested q, k, v, input or cache: a TypeError naming it (was torch's "Cannot access
     data pointer of Tensor that doesn't have storage", or an internal error, from the launch), also
