@@ -31,7 +31,7 @@ _EXTRA_KEYWORDS = ("scale", "dropout_p")
 # --------------------------------------------------------------------------------------
 
 
-def evaluate(expr, env: Mapping[str, Any]) -> torch.Tensor:
+def evaluate(expr, env: Mapping[str, Any], live: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Evaluate a Pattern expression on broadcastable tensors.
 
     ``env`` maps names to values: symbol names (``"b"``, ``"h"``, ``"i"``, ``"j"``,
@@ -40,9 +40,11 @@ def evaluate(expr, env: Mapping[str, Any]) -> torch.Tensor:
     float64, conditions bool; the result broadcasts over the shapes in ``env``.
     Integer ``//`` and ``%`` follow Python (floor) semantics exactly.
     (:class:`attncc.evaluator.Evaluator` on torch tensors, on the device of ``env``'s tensors.)
+    ``live`` (bool, broadcastable): the pairs whose value is used; autograd passes no gradient
+    through the others, even where the expression's derivative is not finite there.
     """
     device = next((v.device for v in env.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
-    return Evaluator(TorchArrays(device), env)(expr)
+    return Evaluator(TorchArrays(device), env, live)(expr)
 
 
 # --------------------------------------------------------------------------------------
@@ -56,7 +58,7 @@ def _param_values(pattern: Pattern, overrides: Optional[Mapping[str, Any]]) -> D
         if name not in values:
             raise TypeError(f"pattern '{pattern.name}' has no param '{name}' (params: {', '.join(values) or 'none'})")
         kind = pattern.param(name).kind
-        v = semantics.plain_number(v)  # numpy's numbers and one-element tensors, as the generated modules
+        v = semantics.plain_number(v, f"param '{name}' of pattern '{pattern.name}'")  # numpy's numbers and one-element tensors, as the generated modules
         if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind == "int" and not isinstance(v, int)):
             raise TypeError(f"param '{name}' of pattern '{pattern.name}' expects {'an integer' if kind == 'int' else 'a number'}, "
                             f"got {type(v).__name__} {v!r}")
@@ -286,7 +288,7 @@ def reference(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         qf = rotary(qf, q_pos, pattern.rope.theta, pattern.rope.style, rd)
         kf = rotary(kf, k_pos, pattern.rope.theta, pattern.rope.style, rd)
     scale = opts.get("scale", pattern.scale)
-    scale = 1.0 / math.sqrt(D) if scale is None else semantics.plain_number(scale)
+    scale = 1.0 / math.sqrt(D) if scale is None else semantics.plain_number(scale, "reference(): scale")
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a positive number, got {type(scale).__name__} {scale!r}")
     scale = float(scale)
@@ -304,12 +306,29 @@ def reference(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         s = scale * (torch.where(pair, qf[:, :, :, None, :], 0.0) * torch.where(pair, kf[:, :, None, :, :], 0.0)).sum(-1)
     else:
         s = scale * (qf @ kf.transpose(-1, -2))  # [B, Hq, Nq, Nk]
-    if pattern.bias is not None:
-        s = s + evaluate(pattern.bias, env).to(_FLOAT)
-    if pattern.mod is not None:
-        s = evaluate(pattern.mod, {**env, "s": s}).to(_FLOAT).expand(B, Hq, Nq, Nk)
-    if pattern.softcap is not None:  # -inf (a pair the mod removes) stays -inf
-        s = torch.where(s == -math.inf, s, pattern.softcap * torch.tanh(s / pattern.softcap))
+
+    def scores(qk, live):
+        """Steps 1-3 on the scaled products ``qk``; a pair outside ``live`` passes no gradient back."""
+        if live is not None and qk.requires_grad:
+            qk = torch.where(live, qk, qk.detach())
+        out = qk
+        if pattern.bias is not None:
+            out = out + evaluate(pattern.bias, env, live).to(_FLOAT)
+        if pattern.mod is not None:
+            out = evaluate(pattern.mod, {**env, "s": out}, live).to(_FLOAT).expand(B, Hq, Nq, Nk)
+        if pattern.softcap is not None:  # -inf (a pair the mod removes) stays -inf
+            out = torch.where(out == -math.inf, out, pattern.softcap * torch.tanh(out / pattern.softcap))
+        return out
+
+    # A pair without weight (masked, or a score of -inf) passes no gradient to q, k or an input, as
+    # in the kernels (dS is 0 where P is): a derivative of the bias, the mod or the softcap that is
+    # inf or NaN there (abs(s) ** t at a score of 0, w[h] * pad[b, j] at pad = -inf) must not make 0 * inf.
+    live = allowed
+    if torch.is_grad_enabled() and (s.requires_grad or any(isinstance(t, torch.Tensor) and t.requires_grad
+                                                           for t in inputs.values())):
+        with torch.no_grad():
+            live = allowed & (scores(s, None) != -math.inf)
+    s = scores(s, live)
 
     s = torch.where(allowed, s, torch.full_like(s, -math.inf))
     # Rows without a key (every score -inf: masked, or removed by the transform) give o = 0 and

@@ -136,6 +136,19 @@ class TorchArrays:
     def power(x, y):
         return torch.pow(x, y)
 
+    @staticmethod
+    def tracks_gradients() -> bool:
+        return torch.is_grad_enabled()
+
+    @staticmethod
+    def gradient_only_where(x, live):
+        """``x``, through which autograd passes a gradient only where ``live`` holds: elsewhere its
+        value is used as it is, but a derivative of it there (inf or NaN at a branch that is not
+        taken, ``sqrt(s)`` at s < 0) never meets the zero gradient it gets (0 * inf is NaN)."""
+        if live is None or not x.requires_grad:
+            return x
+        return torch.where(live, x, x.detach())
+
 
 def _by_numpy(np_op, torch_op, *xs):
     """``torch_op(*xs)`` with numpy's exact value: through numpy on the CPU, unless a gradient
@@ -144,7 +157,8 @@ def _by_numpy(np_op, torch_op, *xs):
     if torch.is_grad_enabled() and any(x.requires_grad for x in xs):
         return torch_op(*xs)
     xs = torch.broadcast_tensors(*xs)
-    return torch.from_numpy(np.asarray(np_op(*[x.cpu().numpy() for x in xs]))).to(xs[0].device)
+    with np.errstate(invalid="ignore", divide="ignore"):  # NaN and inf are the values (sqrt(-1)), as torch's
+        return torch.from_numpy(np.asarray(np_op(*[x.cpu().numpy() for x in xs]))).to(xs[0].device)
 
 
 class NumpyArrays:
@@ -198,6 +212,10 @@ class NumpyArrays:
     def power(x, y):
         raise NotExact("a power numpy may round otherwise than torch")
 
+    @staticmethod
+    def tracks_gradients() -> bool:
+        return False
+
 
 NUMPY = NumpyArrays()
 
@@ -221,9 +239,15 @@ class Evaluator:
     names (``b``, ``h``, ``i``, ``j``, ``n_q``, ``n_k``, ``n_heads``, ``s``, params) to arrays
     that broadcast or Python numbers, and input names to the input arrays."""
 
-    def __init__(self, arrays, env: Mapping[str, Any]):
+    def __init__(self, arrays, env: Mapping[str, Any], live=None):
         self.arrays = arrays
         self.env = env
+        # Where the value being computed reaches the result (a bool array, None: everywhere): the
+        # pairs that a gradient may reach through it. A branch of a where() that is not taken, or a
+        # pair the mask removes (the reference's ``live``), passes none to s and to the inputs,
+        # whatever the derivative there: torch's own where() and maximum() select so, and so do the
+        # kernels (attncc.analysis.derivative, and dS of a pair with P = 0).
+        self.live = live
 
     # --- kinds ---
 
@@ -353,13 +377,14 @@ class Evaluator:
                 out = pick(out, a)
             return out
         if isinstance(e, sympy.Piecewise):
+            conds = [None if cond is sympy.true else self.bool_(cond) for _, cond in e.args]
             out = None
-            for value, cond in reversed(e.args):
-                v = self(value)
+            for (value, _), cond, live in reversed(list(zip(e.args, conds, self.branches(conds)))):
+                v = self.under(live, value)
                 if out is None:
-                    out = v if cond is sympy.true else ar.where(self.bool_(cond), *self.common(v, ar.const(math.nan, FLOAT)))
+                    out = v if cond is None else ar.where(cond, *self.common(v, ar.const(math.nan, FLOAT)))
                 else:
-                    out = ar.where(self.bool_(cond), *self.common(v, out))
+                    out = ar.where(cond, *self.common(v, out))
             return out
         if isinstance(e, sympy.core.relational.Relational):
             a, c = self.common(self(e.lhs), self(e.rhs))
@@ -379,6 +404,27 @@ class Evaluator:
             return ar.const(float(e), FLOAT)
         raise NotImplementedError(f"cannot evaluate {type(e).__name__}: {e}")
 
+    def branches(self, conds):
+        """For the conditions of a Piecewise (None: True), where each branch is the one taken,
+        within :attr:`live`; all None where no gradient is tracked."""
+        if not self.arrays.tracks_gradients():
+            return [self.live] * len(conds)
+        out, before = [], None
+        for c in conds:
+            taken = c if before is None else (~before if c is None else c & ~before)
+            out.append(taken if self.live is None else taken & self.live)
+            if c is not None:
+                before = c if before is None else before | c
+        return out
+
+    def under(self, live, e):
+        """``self(e)`` with :attr:`live` set to ``live`` for it."""
+        outer, self.live = self.live, live
+        try:
+            return self(e)
+        finally:
+            self.live = outer
+
     def fold(self, op, args):
         out = self.bool_(args[0])
         for a in args[1:]:
@@ -390,7 +436,7 @@ class Evaluator:
             raise ValueError(f"no value for '{name}' (known: {', '.join(sorted(self.env))})")
         v = self.env[name]
         if self.arrays.is_array(v):
-            return self.arrays.asarray(v)
+            return self.gradient_here(self.arrays.asarray(v))
         if isinstance(v, bool):
             return self.arrays.const(v, BOOL)
         if isinstance(v, int):
@@ -437,7 +483,13 @@ class Evaluator:
                 raise ValueError(f"input '{name}' is indexed out of range in dim {k} by {e.args[k]}: indices span "
                                  f"[{int(x.min())}, {int(x.max())}] but the tensor has shape {tuple(t.shape)}")
         t = ar.cast(t, FLOAT if ar.kind(t) == FLOAT else INT)  # bool inputs are compared with != 0
-        return t[tuple(idx)]
+        return self.gradient_here(t[tuple(idx)])
+
+    def gradient_here(self, x):
+        """A value of ``s`` or of an input, passing gradients only within :attr:`live`."""
+        if self.live is None or not self.arrays.tracks_gradients():
+            return x
+        return self.arrays.gradient_only_where(x, self.live)
 
     def random_blocks(self, e):
         """True where key block ``j // block`` is one of the random key blocks of query block

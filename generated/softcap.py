@@ -354,6 +354,7 @@ def _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, qb, offs_j, Nq, q_off
     dp = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     ds = p * (dp - delta[None, :])
     ds = ds * (1.0 - tanh_s * tanh_s)  # d softcap*tanh(x/softcap) / dx
+    ds = tl.where(p == 0.0, 0.0, ds)  # a pair without weight passes no gradient
     dk = dk + tl.dot(ds.to(q.dtype), q, input_precision=DOT_PRECISION)
     return dk, dv
 
@@ -475,6 +476,7 @@ def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
     dp = tl.dot(do, v.T, input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
     ds = ds * (1.0 - tanh_s * tanh_s)  # d softcap*tanh(x/softcap) / dx
+    ds = tl.where(p == 0.0, 0.0, ds)  # a pair without weight passes no gradient
     dq = dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
     return dq
 

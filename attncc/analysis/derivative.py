@@ -13,6 +13,16 @@ class BackwardUnsupported(Exception):
     """A pattern whose backward cannot be generated (the module then raises on backward)."""
 
 
+class _RealAbs(sympy.Function):
+    """``abs(u)`` while differentiating: ``sign(u) * du``, whatever sympy knows of u."""
+
+    nargs = 1
+    is_real = True
+
+    def fdiff(self, argindex=1):
+        return sympy.sign(self.args[0])
+
+
 def _step_derivative(d: sympy.Derivative):
     """What sympy leaves unevaluated: floor / ceiling are steps (derivative 0 almost everywhere,
     as torch takes it), ``Mod(a, m)`` with ``m`` free of s has a's derivative."""
@@ -22,6 +32,27 @@ def _step_derivative(d: sympy.Derivative):
     if isinstance(e, sympy.Mod) and x not in e.args[1].free_symbols:
         return sympy.diff(e.args[0], x)
     return d
+
+
+def _select(e):
+    """``e`` with every product that has a piecewise factor (a kink's Heaviside, the derivative of a
+    ``where``) turned into a piecewise of products: ``where(s > 0, 1, 0) / max(s, 0)`` becomes
+    ``where(s > 0, 1 / max(s, 0), 0)``. A branch that passes no gradient then passes 0 whatever the
+    other factors are there, as torch's backward of max, min and where selects (0 * inf would be
+    NaN: ``log(max(s, 0))``, ``max(s, 0) ** 0.5`` at s < 0). A sign (abs) stays a factor, as torch
+    multiplies by it."""
+    if not e.args or e.is_Atom:
+        return e
+    args = [_select(a) for a in e.args]
+    if any(a is not b for a, b in zip(args, e.args)):  # rebuilt only where a product was
+        e = e.func(*args)
+    if not e.is_Mul:
+        return e
+    pw = next((f for f in e.args if isinstance(f, sympy.Piecewise)), None)
+    if pw is None:
+        return e
+    rest = sympy.Mul(*[f for f in e.args if f is not pw])
+    return sympy.Piecewise(*[(_select(value * rest), cond) for value, cond in pw.args])
 
 
 def score_derivative(mod) -> sympy.Expr:
@@ -35,11 +66,15 @@ def derivative(e, x, *, what: str, wrt: str) -> sympy.Expr:
     if not isinstance(x, sympy.Symbol):  # an input access: differentiate by a stand-in symbol
         stand_in = sympy.Dummy("x", real=True)
         return derivative(e.xreplace({x: stand_in}), stand_in, what=what, wrt=wrt).xreplace({stand_in: x})
-    d = sympy.diff(e, x)  # Sigmoid knows its derivative (builtins.Sigmoid.fdiff)
+    # |u| of the language is that of a real u: sympy, unable to prove u real (an input's value
+    # u[b, j], log(1 + 0.1 * (i - j))), would differentiate it as a complex modulus (re, im, arg)
+    d = sympy.diff(e.replace(sympy.Abs, _RealAbs), x)  # Sigmoid knows its derivative (builtins.Sigmoid.fdiff)
+    d = d.replace(_RealAbs, sympy.Abs)
     d = d.replace(lambda e: isinstance(e, sympy.Derivative) and len(e.variables) == 1, _step_derivative)
     d = d.replace(lambda e: isinstance(e, sympy.Subs) and not e.expr.has(sympy.Derivative), lambda e: e.doit())
     # kinks (Max, Min, Abs) get a one-sided derivative
     d = d.replace(sympy.Heaviside, lambda x, *rest: sympy.Piecewise((1, x > 0), (0, True)))
+    d = _select(d)
     d = d.replace(sympy.sign, lambda x: sympy.Piecewise((1, x > 0), (-1, x < 0), (0, True)))
     # a kink of a piecewise value (abs(where(j <= i, s, -1.5)), max(where(c, s, -inf), 0)) compares
     # a Piecewise, which sympy folds into a boolean if-then-else ITE(j <= i, s < 0, True): the
@@ -48,4 +83,7 @@ def derivative(e, x, *, what: str, wrt: str) -> sympy.Expr:
                   lambda e: sympy.Or(sympy.And(e.args[0], e.args[1]), sympy.And(sympy.Not(e.args[0]), e.args[2])))
     if d.has(sympy.Derivative) or d.has(sympy.Subs):
         raise BackwardUnsupported(f"cannot differentiate {what} = {e} with respect to {wrt}: {d}")
+    if d.has(sympy.I):  # (-2.0) ** s: its log is complex (the forward is torch.pow's, NaN at a fractional s)
+        raise BackwardUnsupported(f"cannot differentiate {what} = {e} with respect to {wrt}: the derivative {d} "
+                                  f"is not real (a negative base to a power of {wrt})")
     return d

@@ -151,6 +151,10 @@ def _score(pattern: Pattern, k: _Kernel, *, bias_j, simple_bias: bool, dmod, kee
             if keep_ds_t:
                 chain.append("ds_t = ds  # dLoss / d mod(s)")
             chain.append(f"ds = ds * {text}  # d mod / d s")
+        if pattern.softcap is not None or dm is not None:
+            # as in the Gluon kernels' score_chain: the factors may be inf or NaN where p is 0
+            # (a lane past the end, whose score is 0; a masked pair; one the mod removes), and 0 * inf is NaN
+            chain.append("ds = tl.where(p == 0.0, 0.0, ds)  # a pair without weight passes no gradient")
         lines.append(f"s = s * {LOG2E}  # to log2 units")
     mask_tile = k.mask_printer()
     mask_code = mask_tile.statement(mask) if mask is not None else ([], None)
@@ -222,7 +226,11 @@ def _input_grad_lines(pattern: Pattern, k: _Kernel, terms: List[InputGradTerm], 
         parts = [(f"ds * {printed(body, tile, d_bias)}" if d_bias != 1 else "ds") if d_bias is not None else None,
                  (f"{ds_t} * {printed(body, tile_s, d_mod)}" if d_mod != 1 else ds_t) if d_mod is not None else None]
         g = f"dg{n}"
-        body.append(f"{g} = {' + '.join(x for x in parts if x)}  # dLoss / d{t.access}, per pair")
+        total = " + ".join(x for x in parts if x)
+        if any(_may_be_unbounded(d) for d in (t.d_bias, t.d_mod) if d is not None):  # as dS: none from a pair without weight
+            body.append(f"{g} = tl.where(p == 0.0, 0.0, {total})  # dLoss / d{t.access}, per pair with weight")
+        else:
+            body.append(f"{g} = {total}  # dLoss / d{t.access}, per pair")
         idx = [tile(a) for a in args]
         deps = [{S.i, S.j} & a.free_symbols for a in t.access.args]
         ptr = grad_ptr(t.name)
@@ -256,6 +264,13 @@ def _input_grad_lines(pattern: Pattern, k: _Kernel, terms: List[InputGradTerm], 
         body += _once(k, f"tl.atomic_add({ptr}{offset}, {value}{mask})")
     k.helpers |= tile.helpers | tile_s.helpers
     return ["if INPUT_GRADS:"] + [f"    {line}" for line in body]
+
+
+def _may_be_unbounded(d) -> bool:
+    """Whether a derivative by an input may be inf or NaN at a pair whose P is 0 (a lane past the
+    end, where s is 0; a masked pair; a score of -inf from an input's -inf), where it multiplies a
+    dS of 0: anything but a polynomial of positions, heads and params (``j - i``, 1)."""
+    return S.s in d.free_symbols or bool(d.atoms(AppliedUndef)) or not d.is_polynomial()
 
 
 def _once(k: _Kernel, call: str) -> List[str]:

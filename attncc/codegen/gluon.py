@@ -95,7 +95,7 @@ def gluon_context(pattern: Pattern, plan) -> Optional[dict]:
     if fit.backward:
         try:
             grad_lines = render_score_grad(pattern, base, temps, helpers)
-        except (NotGluon, BackwardUnsupported) as e:
+        except (NotGluon, BackwardUnsupported, NotImplementedError) as e:  # (the tl backward says it too)
             fit = dataclasses.replace(fit, backward_reason=f"its score's derivative cannot be printed in Gluon ({e})")
 
     # -- the walks: the Plan's steps, then the sorted segments (the forward's, the dK/dV kernel's); a

@@ -35,7 +35,7 @@ import sympy
 from sympy.core.function import AppliedUndef
 from sympy.logic.boolalg import Boolean, BooleanAtom
 
-from attncc.analysis.exact import exact_parts
+from attncc.analysis.exact import ExactCondition, exact_parts
 from attncc.analysis.hoist import resolve
 from attncc.analysis.integer import integer_fraction, integer_ops, integer_sums
 from attncc.codegen.names import float64_text
@@ -308,7 +308,18 @@ class TritonPrinter:
             return f"{self.lang}.exp({self._f64(exp)})"
         if base == 2:
             return f"{self.lang}.exp2({self._f64(exp)})"
-        return f"{self.lang}.exp2({self._f64(exp)} * {self.lang}.log2({x}))"
+        return self._general_pow(base, exp, x, self._f64(exp))
+
+    def _general_pow(self, base, exp, x: str, y: str) -> str:
+        """``x ** y`` (the printed base and exponent) where no product or root does: exp2 of a log,
+        through the sign-aware ``_pow`` (torch.pow's real values) unless exp2(y * log2(x)) is that
+        already: a positive number's power, or a nonzero number power of a base that cannot be
+        negative (or of any base, when the power is no integer: NaN below 0 either way)."""
+        k = _number(exp)
+        if (base.is_number and base.is_positive) or (k is not None and k != 0 and (_nonnegative(base) or k != int(k))):
+            return f"{self.lang}.exp2({y} * {self.lang}.log2({x}))"
+        self.helpers.add("_pow")
+        return f"_pow({x}, {y})"
 
     # -- arithmetic ---------------------------------------------------------
     def _Add(self, e):
@@ -356,10 +367,12 @@ class TritonPrinter:
         if exp.is_Integer and 1 <= abs(int(exp)) <= 4:
             prod = " * ".join([self._atom(base)] * abs(int(exp)))
             return f"({prod})" if exp > 0 else f"(1.0 / ({prod}))"
+        if _number(exp) in (1.0, 2.0, 3.0, 4.0):  # x ** 2.0: products, as the reference's
+            return "(" + " * ".join([f"({self._float(base)})"] * int(_number(exp))) + ")"
         if exp.is_Integer and exp > 0 and base.is_integer:  # exact, as the reference's integer power
             self.helpers.add("_ipow")
             return f"_ipow({self.p(base)}, {int(exp)})"
-        return f"{self.lang}.exp2({self.p(exp)} * {self.lang}.log2({self._float(base)}))"
+        return self._general_pow(base, exp, self._float(base), self.p(exp))
 
     def _float(self, e) -> str:
         """An argument of a transcendental function: Triton's math functions take floats only,
@@ -555,6 +568,8 @@ class TritonPrinter:
         floats' type, which ``|`` with a tile refuses. The select is nothing on the GPU, and right
         whatever the operand's shape."""
         code = self.p(a)
+        if isinstance(a, ExactCondition):  # a score's comparison computed in float64: the same
+            a = a.args[0]
         if (isinstance(a, sympy.Rel) and not (a.lhs.is_Boolean or isinstance(a.lhs, sympy.Rel))
                 and not (a.lhs.is_integer and a.rhs.is_integer) and not a.has(S.i, S.j)):
             return self._true_condition(code)

@@ -12,6 +12,7 @@ import functools
 import math
 import numbers
 import random
+import sys
 from typing import Optional, Tuple, Union
 
 
@@ -29,12 +30,16 @@ FLOAT32_MAX = 3.4028234663852886e38
 FLOAT32_TINY = 1.1754943508222875e-38
 
 
-def plain_number(value):
+def plain_number(value, what: str = "a number"):
     """``value`` as a Python number when it is one in another dress, as a call's scalar arguments
     (params, ``scale=``, offsets) may come from configs and tensors: a numpy scalar, or a
     one-element tensor (its ``item()``: a host sync for a GPU tensor). Anything else comes back as
     it is, and a boolean of any kind stays a boolean (``torch.tensor(True)`` becomes ``True``), for
-    the caller to refuse with its own message. Duck-typed: nothing here imports torch or numpy."""
+    the caller to refuse with its own message. Duck-typed: nothing here imports torch or numpy.
+
+    A tensor that requires grad (with autograd on) is refused with a ``TypeError`` naming ``what``:
+    its number is read on the host, so it would get no gradient, silently (a learned temperature
+    passed as ``scale=``)."""
     if isinstance(value, (bool, int, float)):
         return value
     if isinstance(value, numbers.Integral):  # numpy's integers (numpy's bool is no Integral)
@@ -43,8 +48,18 @@ def plain_number(value):
         return float(value)
     numel = getattr(value, "numel", None)
     if callable(numel) and callable(getattr(value, "item", None)) and numel() == 1:
+        if getattr(value, "requires_grad", False) and _grad_enabled():
+            raise TypeError(f"{what} is read as a number on the host and gets no gradient, but the tensor given "
+                            f"requires grad: pass it detached, or learn it as an [inputs] tensor with grad = true "
+                            f"(a scalar: dims = [], mod = \"s * temp\")")
         return value.item()  # a tensor of one element: int, float, bool (or complex, refused by the caller)
     return value
+
+
+def _grad_enabled() -> bool:
+    """torch's grad mode (torch is imported: a tensor came)."""
+    torch = sys.modules.get("torch")
+    return torch is None or torch.is_grad_enabled()
 
 
 def param_float(value) -> float:
@@ -70,7 +85,7 @@ def int_argument(what: str, value, minimum: int = 0, maximum: int = INT_LIMIT - 
     lengths, seeds, int params), or a TypeError / ValueError that names it (``what``: "causal.attention:
     q_offset"), says what it must be and what came. numpy's integers and one-element integer tensors
     are ints (:func:`plain_number`); booleans and floats, even integral ones, are not."""
-    value = plain_number(value)
+    value = plain_number(value, what)
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{what} must be an int, got {type(value).__name__} {value!r}")
     if value < minimum:
@@ -98,7 +113,7 @@ def param_value(name: str, kind: str, value, *, count: Optional[int] = None, who
             raise ValueError(f"{what} counts the terms of a reduction (range({name})), which the kernels unroll to "
                              f"its value in the spec, {count}: a call may pass at most {count}, got {value}")
         return value
-    value = plain_number(value)
+    value = plain_number(value, what)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{what} must be a number, got {type(value).__name__} {value!r}")
     if not float32_holds(value):

@@ -207,13 +207,17 @@ def bind(spec: SpecInfo, q, k, v, *, return_lse=False, q_offset=0, k_offset=0, n
     (:func:`_signature` says what a signature holds; calls it cannot key, such as a tensor
     passed as ``q_offset``, are checked every time). Nothing here reads a tensor's values,
     except the cu_seqlens of a packed batch on the CPU or without ``max_seqlen_*`` (one host sync)."""
+    refuse_transforms(f"{spec.name}.attention")
     slot = _BOUND.get(id(spec))
     if slot is None or slot[0] is not spec:
         slot = _BOUND[id(spec)] = (spec, {}, frozenset(d.name for d in spec.inputs))
     # under torch.compile bind runs while tracing (symbolic shapes): checked, never cached
-    key = None if torch.compiler.is_compiling() else _signature(
-        q, k, v, (return_lse, q_offset, k_offset, n_q, n_k, scale, max_seqlen_q, max_seqlen_k), kwargs,
-        cu_seqlens_q, cu_seqlens_k, slot[2])
+    try:
+        key = None if torch.compiler.is_compiling() else _signature(
+            q, k, v, (return_lse, q_offset, k_offset, n_q, n_k, scale, max_seqlen_q, max_seqlen_k), kwargs,
+            cu_seqlens_q, cu_seqlens_k, slot[2])
+    except RuntimeError:  # a tensor without strides (nested): the checks say what is wrong with it
+        key = None
     if key is not None:
         bound = slot[1].get(key)
         if bound is not None:
@@ -234,6 +238,26 @@ def bind(spec: SpecInfo, q, k, v, *, return_lse=False, q_offset=0, k_offset=0, n
         # kept without tensors: the cache must not hold a call's memory
         slot[1][key] = call.replace(q=None, k=None, v=None, inputs={}, cu_seqlens_q=None, cu_seqlens_k=None)
     return call
+
+
+_functorch_level = torch._C._functorch.maybe_current_level
+
+
+def refuse_transforms(name: str) -> None:
+    """A call inside a torch.func transform (vmap, grad, jvp, jacrev, ...) gets a clear error: its
+    tensors are wrappers without storage, which the kernels cannot read (torch's own message,
+    "Cannot access data pointer", named neither the call nor the cause). ~0.1 us."""
+    if _functorch_level() is not None:
+        raise NotImplementedError(f"{name}: torch.func transforms (vmap, grad, jvp, jacrev, ...) are not supported: the "
+                                  f"kernels read plain tensors. Call it on the whole batch (q, k, v carry batch and "
+                                  f"head dims) and take gradients with torch.autograd (loss.backward(), torch.autograd.grad)")
+
+
+def dense_tensor(who: str, arg: str, t) -> None:
+    """``t`` (a torch.Tensor) must be a strided tensor with storage: not sparse, not nested."""
+    if t.layout != torch.strided or t.is_nested:
+        kind = "a nested tensor" if t.is_nested else f"layout {t.layout}"
+        raise TypeError(f"{who}: {arg} must be a dense (strided) tensor, got {kind}")
 
 
 def _rebind(bound: Call, q, k, v, kwargs, cu_q, cu_k) -> Call:
@@ -307,6 +331,7 @@ def _bind_checked(spec: SpecInfo, q, k, v, *, return_lse=False, q_offset=0, k_of
     for arg, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}.attention: {arg} must be a torch.Tensor, got {type(t).__name__}")
+        dense_tensor(f"{name}.attention", arg, t)
         if t.dim() != 4:
             raise ValueError(f"{name}.attention: {arg} must have 4 dims [B, H, N, D] (SDPA layout), got shape {tuple(t.shape)}")
     if not (q.device == k.device == v.device):
@@ -370,7 +395,7 @@ def softmax_scale(who: str, spec: SpecInfo, scale, D: int) -> float:
     if scale is None:
         scale = spec.scale if spec.scale is not None else 1.0 / math.sqrt(D)
     else:
-        given, scale = scale, plain_number(scale)  # numpy's numbers, one-element tensors
+        given, scale = scale, plain_number(scale, f"{who}: scale")  # numpy's numbers, one-element tensors
         if isinstance(scale, bool) or not isinstance(scale, (int, float)):
             raise TypeError(f"{who}: scale must be a positive number, got {type(given).__name__} {given!r}")
     try:
@@ -406,7 +431,7 @@ def dropout_settings(spec: SpecInfo, who: str, *, dropout_p=None, seed=None, tra
     if dropout_p is None:
         dropout_p = spec.dropout
     else:
-        dropout_p = plain_number(dropout_p)
+        dropout_p = plain_number(dropout_p, f"{who}: dropout_p")
         if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
             raise ValueError(f"{who}: dropout_p must be a number in [0, 1), got {dropout_p!r}")
     dropout_p = float(dropout_p) if training else 0.0
@@ -482,6 +507,7 @@ def bind_params_and_inputs(spec: SpecInfo, who: str, kwargs: dict, *, B: int, Hq
         t = kwargs.pop(d.name)
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{who}: input {d.name} must be a torch.Tensor, got {type(t).__name__}")
+        dense_tensor(who, f"input {d.name}", t)
         if t.device != device:
             raise ValueError(f"{who}: input {d.name} is on {t.device}, q is on {device}")
         if t.dim() != len(d.dims):
@@ -539,6 +565,7 @@ def _varlen(name, q, k, cu_q, cu_k, max_q, max_k):
     for arg, t in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}.attention: {arg} must be a torch.Tensor, got {type(t).__name__}")
+        dense_tensor(f"{name}.attention", arg, t)
         if t.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"{name}.attention: {arg} must be int32 or int64, got {dtype_name(t.dtype)}")
         if t.device != q.device:

@@ -26,8 +26,9 @@ import triton
 import triton.language as tl
 
 from attncc.core.semantics import plain_number
-from attncc.runtime.call import (bind_params_and_inputs, check_divisors, check_heads_and_dims, dtype_name, int_reach,
-                                 interpreting, scale_keyword, softmax_scale, wide_positions)
+from attncc.runtime.call import (bind_params_and_inputs, check_divisors, check_heads_and_dims, dense_tensor, dtype_name,
+                                 int_reach, interpreting, refuse_transforms, scale_keyword, softmax_scale,
+                                 wide_positions)
 from attncc.runtime.configs import KernelConfig, max_shared_memory, padded_dim, shared_bytes
 from attncc.runtime.spec_info import SpecInfo
 
@@ -79,9 +80,11 @@ def bind_decode(spec: SpecInfo, q, k_cache, v_cache, *, kv_len, block_table=None
                 scale=None, kwargs: Optional[dict] = None) -> DecodeCall:
     """Check the arguments of ``decode(q, k_cache, v_cache, ...)`` against the spec."""
     name = f"{spec.name}.decode"
+    refuse_transforms(name)
     for arg, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: {arg} must be a torch.Tensor, got {type(t).__name__}")
+        dense_tensor(name, arg, t)
         if t.dim() != 4:
             layout = ("[B, Hq, Nq, D]" if arg == "q" else
                       "[B, Hkv, Nmax, D] (contiguous) or [num_pages, page_size, Hkv, D] (paged)")
