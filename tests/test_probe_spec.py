@@ -194,6 +194,58 @@ def test_walk_grid_takes_every_row_guard(where):
             assert torch.equal(got, w), (walk, problem)
 
 
+RANDOM_ROW_GUARDS = 200  # about 4 s, ~150 with a closed-form walk
+GUARDED_BANDS = ["j <= i", "abs(i - j) < 5", "j < 7 or j <= i", "i // 16 == j // 16", "j >= i - n_k // 3"]
+
+
+def _row_guard(spec: str) -> str:
+    """A drawn condition with its positions replaced by numbers a closed form's row guard may hold."""
+    spec = re.sub(r"\bcausal\b", "(h <= b)", spec)
+    spec = re.sub(r"\b(i|q_idx)\b", "h", spec)
+    return re.sub(r"\b(j|kv_idx)\b", "n_q", spec)
+
+
+def test_walk_grid_takes_random_row_guards():
+    """Closed-form walks guarded by random conditions of b, h, n_q, n_k and params (every operator
+    and function of the probe's language, floats included) give brute force's tiles. Was
+    ValueError: a walk step may not use Grouped / FloatDiv / Shift / ITE (seeds 818, 966, 1385,
+    1902, 2641, 2702, 2764, 4189, 4285, 4436, 4777: walk_grid, and so `attncc explain --png`)."""
+    from fuzz_specs import _toml_str
+    from tile_oracle import random_problem
+
+    rng = random.Random(818)
+    failures, total = [], 0
+    for _ in range(RANDOM_ROW_GUARDS):
+        d = P.Draw(rng)
+        guard = _row_guard(P.draw_bool(d).spec)
+        band = rng.choice(GUARDED_BANDS)
+        where = f"({band}) and ({guard})" if rng.random() < 0.6 else f"({band}) or ({guard})"
+        params = "".join(f"{k} = {v!r}\n" for k, v in d.params.items())
+        try:
+            p = parse_spec((f"[params]\n{params}" if params else "") + f"[mask]\nwhere = {_toml_str(where)}\n")
+        except SpecError:
+            continue  # a refusal the contract documents
+        plan = analyze(p) if p.mask is not None else None
+        if plan is None or Iteration.BANDS not in (plan.forward.kind, plan.transposed.kind):
+            continue
+        total += 1
+        problem = random_problem(rng, [(16, 16), (16, 32), (32, 16)])
+        b, h = rng.randint(0, 1), rng.randint(0, 3)
+        want = truth_classes(p, problem, b=b, h=h)
+        for walk, w in (("forward", want[0]), ("dkdv", want[1])):
+            try:
+                got = walk_grid(plan, walk, **problem.positions, block_m=problem.block_m, block_n=problem.block_n,
+                                b=b, h=h)
+            except ValueError as e:
+                failures.append(f"{walk} raised {e}: {where} {d.params}")
+                break
+            if not torch.equal(got, w):
+                failures.append(f"{walk}: {where} {d.params} {problem} b={b} h={h}")
+                break
+    assert total > RANDOM_ROW_GUARDS // 2, f"only {total} closed forms drawn"
+    assert not failures, f"{len(failures)} of {total} masks:\n" + "\n".join(failures[:5])
+
+
 def test_mod_of_two_single_numbers_is_that_number():
     """core/tiles.mod of tile intervals that are single numbers gave the hull [0, y - 1] (seed 286:
     n_q == (n_q % (abs(i) + 1)) ** 3 left a tile PARTIAL that brute force finds EMPTY)."""
