@@ -72,6 +72,34 @@ def _sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
 
+class I64(int):
+    """An int of the language as the kernels and the reference hold it: int64, whose + - * ** << //
+    % abs ~ and bitwise operators wrap past int64 (two's complement; docs/spec-language.md,
+    "Positions": a spec's to avoid, but defined). The twin's positions, sizes and int params are
+    I64, so Python computes what the language means where a value passes int64 (seed 4941:
+    ``0.01 * int ** 2`` with ``int = 2**33 + 1``). A float operand makes a float, unwrapped."""
+
+    __slots__ = ()
+
+    @staticmethod
+    def of(v):
+        if isinstance(v, int) and not isinstance(v, bool):
+            return I64((v + 2**63) % 2**64 - 2**63)
+        return v  # a float, or NotImplemented
+
+
+def _wrapping(name):
+    op = getattr(int, name)
+    return lambda self, *other: I64.of(op(self, *other))
+
+
+for _name in ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__floordiv__", "__rfloordiv__",
+              "__mod__", "__rmod__", "__pow__", "__rpow__", "__lshift__", "__rlshift__", "__rshift__", "__rrshift__",
+              "__and__", "__rand__", "__or__", "__ror__", "__xor__", "__rxor__", "__neg__", "__pos__", "__abs__",
+              "__invert__"):
+    setattr(I64, _name, _wrapping(_name))
+
+
 PY_NAMESPACE = {
     "where": lambda c, a, b: a if c else b, "abs": abs, "min": min, "max": max, "sqrt": math.sqrt,
     "exp": math.exp, "exp2": lambda x: 2.0 ** x, "log": math.log, "log2": math.log2, "tanh": math.tanh,
@@ -445,12 +473,13 @@ def python_grid(case: Case, e: Ex, b: int, h: int) -> List[List[object]]:
     n_q = case.n_q if case.n_q is not None else case.q_offset + case.Nq
     n_k = case.n_k if case.n_k is not None else case.k_offset + case.Nk
     code = compile(e.py, "<twin>", "eval")
-    env = dict(PY_NAMESPACE, math=math, b=b, h=h, n_q=n_q, n_k=n_k, **dict(case.params))
+    params = {k: I64.of(v) if isinstance(v, int) else v for k, v in case.params}
+    env = dict(PY_NAMESPACE, math=math, b=I64(b), h=I64(h), n_q=I64(n_q), n_k=I64(n_k), **params)
     out = []
     for r in range(case.Nq):
         row = []
         for c in range(case.Nk):
-            env["i"], env["j"] = case.q_offset + r, case.k_offset + c
+            env["i"], env["j"] = I64(case.q_offset + r), I64(case.k_offset + c)
             row.append(eval(code, env))  # noqa: S307 - our own generated text
         out.append(row)
     return out

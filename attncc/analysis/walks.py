@@ -37,7 +37,7 @@ from attncc.analysis.bands import FIRST, LAST, Band, Cover
 from attncc.analysis.intexpr import int_value
 from attncc.analysis.symbols import BLOCK_N, N_K, k_offset, q_hi, q_lo
 from attncc.core.lazy import lazy_module
-from attncc.spec.builtins import BitAnd, BitOr, BitXor
+from attncc.spec.builtins import SHIFT_LIMIT, BitAnd, BitOr, BitXor, FloatDiv, Shift, Sigmoid, ToFloat, quotient
 
 torch = lazy_module("torch")  # on first use: `attncc build` never imports it
 
@@ -351,13 +351,54 @@ def _needed(steps, wanted) -> tuple:
 # evaluation (the analysis' own view of what the kernel computes)
 # ---------------------------------------------------------------------------------------------
 
-def _value(expr, env):
+# float functions of one argument a row guard may hold, by their torch names (as the reference's evaluator)
+_UNARY = {sympy.exp: "exp", sympy.log: "log", sympy.sin: "sin", sympy.cos: "cos", sympy.tan: "tan",
+          sympy.tanh: "tanh", sympy.erf: "erf", Sigmoid: "sigmoid"}
+_BITWISE = {BitAnd: "bitwise_and", BitOr: "bitwise_or", BitXor: "bitwise_xor"}
+_RELATIONS = {sympy.LessThan: "le", sympy.StrictLessThan: "lt", sympy.GreaterThan: "ge", sympy.StrictGreaterThan: "gt",
+              sympy.Equality: "eq", sympy.Unequality: "ne"}
+
+
+def _tensor(x):
+    """A step's value as a tensor: Python floats as float64 (torch would make them float32)."""
+    if isinstance(x, float):
+        return torch.tensor(x, dtype=torch.float64)
+    return torch.as_tensor(x)
+
+
+def _float(x):
+    return _tensor(x).to(torch.float64)
+
+
+def _divides(factor) -> bool:
+    """A factor that makes a product a quotient: 1/3, or a power with a negative exponent."""
+    return (factor.is_Rational and not factor.is_Integer) or (factor.is_Pow and factor.exp.is_negative is True)
+
+
+def _fold(op, values):
+    out = values[0]
+    for v in values[1:]:
+        out = op(out, v)
+    return out
+
+
+def _value(expr, env):  # noqa: C901 - one flat dispatch, as the reference's evaluator
     """An integer / boolean sympy expression on ints and int64 / bool tensors, with Python's
-    floor division (the kernels' // sees non-negative numerators only)."""
+    floor division (the kernels' // sees non-negative numerators only). A row guard (a condition
+    on ``b``, ``h``, ``n_q``, ``n_k`` and params: ``h * 0.5 < 3``, ``sqrt(n_k) <= w / 2.5``) may
+    hold any node of the language: its float arithmetic is float64 with the reference's meaning
+    (attncc.evaluator: ToFloat / Grouped convert their operand once, FloatDiv and a ratio are one
+    division, ``%`` has the divisor's sign), so a tile map agrees with brute force but where the
+    kernels' float32 guard rounds otherwise (docs: float boundaries)."""
     if expr is sympy.true or expr is sympy.false:
         return bool(expr)
     if expr.is_Integer:
         return int(expr)
+    if expr.is_Rational:  # one division, as the evaluator's (not a product with 1/q)
+        return int(expr.p) / int(expr.q)
+    if expr.is_Number or (expr.is_number and not expr.free_symbols and not expr.is_Boolean
+                          and not isinstance(expr, sympy.core.relational.Relational)):
+        return float(expr)  # a float constant of a row guard (h * 0.5 < 3), pi, E
     if expr.is_Symbol:
         if expr in env:  # steps (Dummies) and FIRST / LAST by symbol, the others by name
             return env[expr]
@@ -368,63 +409,63 @@ def _value(expr, env):
         out = None
         for value, cond in reversed(expr.args):
             v = _value(value, env)
-            out = v if out is None else torch.where(torch.as_tensor(_value(cond, env)), torch.as_tensor(v),
-                                                    torch.as_tensor(out))
+            out = v if out is None else torch.where(_tensor(_value(cond, env)), _tensor(v), _tensor(out))
         return out
     if isinstance(expr, (sympy.floor, sympy.ceiling)):
-        num, den = sympy.fraction(sympy.together(expr.args[0]))
-        n, d = _value(num, env), _value(den, env)
+        num, den = quotient(expr.args[0])
+        n, d = _tensor(_value(num, env)), _tensor(_value(den, env))
         if isinstance(expr, sympy.ceiling):
-            return -torch.div(-torch.as_tensor(n), torch.as_tensor(d), rounding_mode="floor")
-        return torch.div(torch.as_tensor(n), torch.as_tensor(d), rounding_mode="floor")
-    if expr.is_Number:  # a float constant of a row guard (h * 0.5 < 3)
-        return float(expr)
-    args = [_value(a, env) for a in expr.args]
-    tensors = [torch.as_tensor(a) for a in args]
+            return -torch.div(-n, d, rounding_mode="floor")
+        return torch.div(n, d, rounding_mode="floor")
+    if isinstance(expr, ToFloat):  # Grouped too: its operand's own arithmetic, then one conversion
+        return _float(_value(expr.args[0], env))
+    if isinstance(expr, FloatDiv):
+        return _float(_value(expr.args[0], env)) / _float(_value(expr.args[1], env))
+    if type(expr) in _UNARY:
+        return getattr(torch, _UNARY[type(expr)])(_float(_value(expr.args[0], env)))
+    if isinstance(expr, sympy.Mul) and any(_divides(a) for a in expr.args):  # a / c: one division
+        num, den = sympy.fraction(expr)
+        return _float(_value(num, env)) / _float(_value(den, env))
+    tensors = [_tensor(_value(a, env)) for a in expr.args]
     # the other nodes a row guard may hold (h ** 2 < 5, abs(w), h | 1): the kernels print them all
     if isinstance(expr, sympy.Pow):
         base, k = tensors[0], expr.exp
         if k == sympy.Rational(1, 2):
             return torch.sqrt(base.double())
-        return base ** int(k) if k.is_Integer and k >= 0 else base.double() ** float(k)
+        return base ** int(k) if k.is_Integer and k >= 0 and not base.is_floating_point() else base.double() ** float(k)
     if isinstance(expr, sympy.Abs):
         return torch.abs(tensors[0])
-    bitwise = {BitAnd: torch.bitwise_and, BitOr: torch.bitwise_or, BitXor: torch.bitwise_xor}
-    if type(expr) in bitwise:
-        return bitwise[type(expr)](tensors[0].long(), tensors[1].long())
+    if isinstance(expr, sympy.Mod):  # Python's %: the sign of the divisor, ints and floats alike
+        a, m = tensors
+        if a.is_floating_point() or m.is_floating_point():
+            a, m = a.double(), m.double()
+        return torch.remainder(a, m)
+    if type(expr) in _BITWISE:
+        return getattr(torch, _BITWISE[type(expr)])(tensors[0].long(), tensors[1].long())
+    if isinstance(expr, Shift):  # floor(x * 2**n), n clamped (the evaluator's)
+        x, n = (t.long() for t in tensors)
+        n = torch.clamp(n, -SHIFT_LIMIT, SHIFT_LIMIT)
+        return torch.where(n >= 0, x << torch.clamp(n, min=0), x >> torch.clamp(-n, min=0))
     if isinstance(expr, sympy.Add):
-        return sum(tensors[1:], tensors[0])
+        return _fold(torch.add, tensors)
     if isinstance(expr, sympy.Mul):
-        out = tensors[0]
-        for a in tensors[1:]:
-            out = out * a
-        return out
+        return _fold(torch.mul, tensors)
     if isinstance(expr, sympy.Max):
-        out = tensors[0]
-        for a in tensors[1:]:
-            out = torch.maximum(out, a)
-        return out
+        return _fold(torch.maximum, tensors)
     if isinstance(expr, sympy.Min):
-        out = tensors[0]
-        for a in tensors[1:]:
-            out = torch.minimum(out, a)
-        return out
+        return _fold(torch.minimum, tensors)
     if isinstance(expr, sympy.And):
-        out = tensors[0]
-        for a in tensors[1:]:
-            out = out & a
-        return out
+        return _fold(torch.logical_and, tensors)
     if isinstance(expr, sympy.Or):
-        out = tensors[0]
-        for a in tensors[1:]:
-            out = out | a
-        return out
+        return _fold(torch.logical_or, tensors)
+    if isinstance(expr, sympy.Xor):
+        return _fold(torch.logical_xor, tensors)
     if isinstance(expr, sympy.Not):
         return ~tensors[0]
-    ops = {sympy.LessThan: torch.le, sympy.StrictLessThan: torch.lt, sympy.GreaterThan: torch.ge,
-           sympy.StrictGreaterThan: torch.gt, sympy.Equality: torch.eq, sympy.Unequality: torch.ne}
-    if type(expr) in ops:
-        return ops[type(expr)](tensors[0], tensors[1])
+    if isinstance(expr, sympy.ITE):
+        return torch.where(*tensors)
+    if type(expr) in _RELATIONS:
+        return getattr(torch, _RELATIONS[type(expr)])(tensors[0], tensors[1])
     raise ValueError(f"a walk step may not use {type(expr).__name__}: {expr}")
 
 

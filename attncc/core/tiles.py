@@ -199,6 +199,36 @@ def _hull(values):
     return lo, hi
 
 
+# Python ints are the exact integer arithmetic of params, literals and sizes, which the kernels
+# compute in int32 / int64 and the reference in int64: past int64 both wrap (two's complement,
+# docs/spec-language.md, "Positions"), and so do the functions below. (Tensors hold positions and
+# input values in float64, exact up to 2**53: their arithmetic is not wrapped.)
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _ints(*xs) -> bool:
+    return all(type(x) is int for x in xs)
+
+
+def _int64(x):
+    """An interval of Python ints as int64 holds it: a point past int64 wraps; an interval that
+    reaches past it is every int64 (its wrapped values are no interval). Others unchanged."""
+    lo, hi = x
+    if not _ints(lo, hi) or (INT64_MIN <= lo and hi <= INT64_MAX):
+        return x
+    if lo == hi:
+        v = (lo - INT64_MIN) % 2**64 + INT64_MIN
+        return (v, v)
+    return (INT64_MIN, INT64_MAX)
+
+
+def _floor_quotient(p, q):
+    """``floor(p / q)``: of Python ints exactly (a float division rounds past 2**53), nan for q = 0."""
+    if _ints(p, q):
+        return p // q if q else math.nan
+    return _floor(_div(p, q))
+
+
 # ---------------------------------------------------------------------------
 # Interval arithmetic
 # ---------------------------------------------------------------------------
@@ -220,17 +250,17 @@ def unbounded():
 
 def add(x, y):
     (a, b), (c, d) = as_interval(x), as_interval(y)
-    return (a + c, b + d)
+    return _int64((a + c, b + d))
 
 
 def sub(x, y):
     (a, b), (c, d) = as_interval(x), as_interval(y)
-    return (a - d, b - c)
+    return _int64((a - d, b - c))
 
 
 def neg(x):
     a, b = as_interval(x)
-    return (-b, -a)
+    return _int64((-b, -a))
 
 
 def mul(x, y):
@@ -241,10 +271,10 @@ def mul(x, y):
     if c is not None:  # scaling by a constant: no 0 * inf, one product per end
         if c == 0:
             return (0, 0)
-        return (a * c, b * c) if c > 0 else (b * c, a * c)
+        return _int64((a * c, b * c) if c > 0 else (b * c, a * c))
     c, d = as_interval(y)
     # 0 * inf is nan; in interval arithmetic the product with an exact 0 is 0
-    return _hull([_nan_to(p, 0.0) for p in (a * c, a * d, b * c, b * d)])
+    return _int64(_hull([_nan_to(p, 0.0) for p in (a * c, a * d, b * c, b * d)]))
 
 
 def reciprocal(x):
@@ -277,15 +307,15 @@ def floordiv(x, y):
     if c is not None:
         if c == 0:
             return unbounded()
-        lo, hi = _floor(a / c), _floor(b / c)
-        return (lo, hi) if c > 0 else (hi, lo)
+        lo, hi = _floor_quotient(a, c), _floor_quotient(b, c)
+        return _int64((lo, hi) if c > 0 else (hi, lo))  # INT64_MIN // -1 wraps
     c, d = as_interval(y)
     # floor(x / y) is monotone in x and in y on either side of 0: the corners bound it
-    corners = [_floor(p) for p in (_div(a, c), _div(a, d), _div(b, c), _div(b, d))]
+    corners = [_floor_quotient(p, q) for p, q in ((a, c), (a, d), (b, c), (b, d))]
     lo = _hull([_nan_to(p, -INF) for p in corners])[0]
     hi = _hull([_nan_to(p, INF) for p in corners])[1]
     no_zero = (c > 0) | (d < 0)
-    return (_where(no_zero, lo, -INF), _where(no_zero, hi, INF))
+    return _int64((_where(no_zero, lo, -INF), _where(no_zero, hi, INF)))
 
 
 def mod(x, y, integer):
@@ -299,7 +329,7 @@ def mod(x, y, integer):
         if c == 0:
             return unbounded()
         whole = (0, c - one) if c > 0 else (c + one, 0)
-        qa, qb = _floor(a / c), _floor(b / c)
+        qa, qb = _floor_quotient(a, c), _floor_quotient(b, c)
         # no multiple of c strictly inside the interval: x mod c is increasing on it
         same = qa == qb
         if isinstance(same, bool):
@@ -350,7 +380,7 @@ def floor_(x):
 
 def abs_(x):
     a, b = as_interval(x)
-    return (_where(a >= 0, a, _where(b <= 0, -b, 0)), _maximum(-a, b))
+    return _int64((_where(a >= 0, a, _where(b <= 0, -b, 0)), _maximum(-a, b)))  # abs(INT64_MIN) wraps
 
 
 def _endwise(pick, xs):
@@ -378,9 +408,9 @@ def pow_int(x, n):
         return reciprocal(pow_int(x, -n))
     a, b = as_interval(x)
     if n % 2:  # odd powers are increasing
-        return (a**n, b**n)
+        return _int64((a**n, b**n))
     m_lo, m_hi = abs_(x)
-    return (m_lo**n, m_hi**n)
+    return _int64((m_lo**n, m_hi**n))
 
 
 def _monotone(x, fn_t, fn_py, domain_lo=None):
@@ -455,7 +485,10 @@ _EXACT_INT = 2.0**53  # integers below are exact in float64
 
 
 def _one_sign(a, b):
-    """``[a, b]`` holds integers of one sign, exact in float64 (false for NaN and inf ends)."""
+    """``[a, b]`` holds integers of one sign, exact in float64 (false for NaN and inf ends) or
+    Python ints (exact at any size)."""
+    if _ints(a, b):
+        return a >= 0 or b < 0
     return ((a >= 0) | (b < 0)) & (a > -_EXACT_INT) & (b < _EXACT_INT)
 
 
@@ -527,9 +560,12 @@ def shift_(x, n):
     corners = []
     for v in (a, b):
         for m in (c, d):
+            if _ints(v, m):  # exactly, at any size (then wrapped below)
+                corners.append(v << m if m >= 0 else v >> -m)
+                continue
             scale = torch.exp2(m) if _is_t(m) else 2.0 ** m
             corners.append(_floor(_nan_to(v * scale, 0.0)))
-    return _hull(corners)
+    return _int64(_hull(corners))
 
 
 def select(cond, x, y):
