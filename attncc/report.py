@@ -367,18 +367,25 @@ def backend_text(plan: Plan, *, head_dim: int, value_dim: int, dtype: str) -> st
     else:
         bwd = "" if head_dim in gluon.BWD_HEAD_DIMS else (
             f"; the backward tl (the Gluon backward takes head dims {', '.join(map(str, gluon.BWD_HEAD_DIMS))})")
+    # what ATTNCC_BACKEND=auto takes (attncc.runtime.backend.auto_picks_gluon), and why not where it
+    # keeps tl for a pattern the Gluon forward computes
+    auto_fwd = gluon.AUTO_SELECTS_GLUON and fit.auto and head_dim in gluon.AUTO_HEAD_DIMS
+    why_tl = ""
+    if gluon.AUTO_SELECTS_GLUON and not auto_fwd:
+        why_tl = (f" (auto keeps tl: {fit.auto_reason})" if fit.auto_reason else
+                  f" (auto keeps tl at head dim {head_dim}: it picks Gluon at {', '.join(map(str, gluon.AUTO_HEAD_DIMS))})")
     if bwd:
-        if gluon.AUTO_SELECTS_GLUON:
+        if auto_fwd:
             return f"{fwd} on sm90, tl elsewhere and with ATTNCC_BACKEND=triton{bwd}"
-        return f"tl; {fwd} with ATTNCC_BACKEND=gluon{bwd}"
-    auto = [part for part, on in (("forward", gluon.AUTO_SELECTS_GLUON),
+        return f"tl; {fwd} with ATTNCC_BACKEND=gluon{why_tl}{bwd}"
+    auto = [part for part, on in (("forward", auto_fwd),
                                   ("backward", gluon.AUTO_SELECTS_GLUON_BACKWARD)) if on]
     if len(auto) == 2:
         return f"Gluon sm90 forward and backward ({walk}) on sm90, tl elsewhere and with ATTNCC_BACKEND=triton"
     if auto:
         return (f"Gluon sm90 {auto[0]} ({walk}) on sm90, tl elsewhere and with ATTNCC_BACKEND=triton; both Gluon "
                 f"with ATTNCC_BACKEND=gluon")
-    return f"tl; Gluon sm90 forward and backward ({walk}) with ATTNCC_BACKEND=gluon"
+    return f"tl; Gluon sm90 forward and backward ({walk}) with ATTNCC_BACKEND=gluon{why_tl}"
 
 
 def explain_data(plan: Plan, *, n_q: int, n_k: int, block_m: int = 128, block_n: int = 64, head_dim: int = 128,

@@ -89,6 +89,7 @@ SPEC = _rt.SpecInfo(
     rope=False,
     tile_hint="default",
     gluon="causal",
+    gluon_auto=True,
     int_reach=_int_reach,
     int_divisors=_int_divisors,
 )

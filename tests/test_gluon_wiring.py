@@ -43,7 +43,7 @@ pytest.importorskip("triton.experimental.gluon")
 import attncc  # noqa: E402
 import attncc.runtime as rt  # noqa: E402
 from attncc.analysis import analyze  # noqa: E402
-from attncc.analysis.builtin import BUILTIN_WALKS, builtin_fit  # noqa: E402
+from attncc.analysis.builtin import BUILTIN_WALKS, builtin_fit, gluon_fit  # noqa: E402
 from attncc.analysis.score import canonical_score  # noqa: E402
 from attncc.runtime import backend, call as call_mod, compiled  # noqa: E402
 from attncc.runtime.gluon import bwd, bwd_fused, fwd_pipelined, fwd_ws, launch, walks  # noqa: E402
@@ -315,24 +315,37 @@ def test_backend_other_values_are_refused(monkeypatch, fresh_bind, value):
             attention(q, k, v)
 
 
-def test_auto_and_triton_never_pick_gluon_in_this_version(monkeypatch, fake_sm90):
-    assert backend.gluon.AUTO_SELECTS_GLUON is False  # docs/gluon.md: until the wired path has run on a GPU
-    make = bind()[-1]
-    for value in ("auto", "triton", None):
+@pytest.mark.parametrize("name", sorted(SPEC_NAMES))
+@pytest.mark.parametrize("D", [64, 128])
+def test_auto_picks_gluon_where_the_plan_and_head_dim_say(monkeypatch, fake_sm90, name, D):
+    """auto (unset too) takes the Gluon forward exactly where the spec's Plan has it picked
+    (GluonFit.auto: not over block lists or several key segments, where it was measured slower) at
+    head dims 128 and 256, for calls it can run; triton never; the switch off: never."""
+    mod = module(name)
+    if mod.SPEC.kind != "softmax" or D not in mod.SPEC.head_dims:
+        pytest.skip("a linear spec, or a head dim the spec does not take")
+    fit = gluon_fit(analyze(canonical_score(mod_pattern(name))))
+    assert mod.SPEC.gluon_auto is fit.auto  # the module carries the analysis' choice
+    assert fit.auto == (fit.kind in ("dense", "causal") or (
+        fit.kind == "rendered" and name not in ("sink_window", "longformer", "bigbird", "dilated", "strided",
+                                                "neighborhood_2d", "document", "padding", "alibi_learned",
+                                                "t5_bias")))
+    if mod.SPEC.inputs or name == "causal_dropout":
+        return  # calls need their inputs (or dropout, which Gluon lacks): the choice above is what matters
+    make = bind(name, D=D, Hq=mod.SPEC.heads_q or 2, Hkv=mod.SPEC.heads_kv or 1)[-1]
+    for value in ("auto", None):
         if value is None:
             monkeypatch.delenv("ATTNCC_BACKEND", raising=False)
         else:
             monkeypatch.setenv("ATTNCC_BACKEND", value)
-        assert backend.gluon_selected(make()) is False
-
-
-def test_auto_picks_gluon_where_it_can_once_switched_on(monkeypatch, fake_sm90):
-    monkeypatch.delenv("ATTNCC_BACKEND", raising=False)
-    monkeypatch.setattr(backend.gluon, "AUTO_SELECTS_GLUON", True)
-    assert backend.gluon_selected(bind()[-1]()) is True
-    assert backend.gluon_selected(bind(dtype=torch.float32)[-1]()) is False  # no error: tl runs it
+        assert backend.gluon_selected(make()) is (fit.auto and D in (128, 256))
+    assert backend.gluon_selected(bind(name, D=D, dtype=torch.float32, Hq=mod.SPEC.heads_q or 2,
+                                       Hkv=mod.SPEC.heads_kv or 1)[-1]()) is False  # no error: tl runs it
     monkeypatch.setenv("ATTNCC_BACKEND", "triton")
-    assert backend.gluon_selected(bind()[-1]()) is False
+    assert backend.gluon_selected(make()) is False
+    monkeypatch.delenv("ATTNCC_BACKEND", raising=False)
+    monkeypatch.setattr(backend.gluon, "AUTO_SELECTS_GLUON", False)
+    assert backend.gluon_selected(make()) is False
 
 
 @pytest.mark.parametrize("case, match", [
@@ -397,13 +410,15 @@ def test_backward_is_selected_on_its_own(monkeypatch, fake_sm90):
     """triton and auto (its switch off) keep the tl backward; gluon takes the Gluon one where it can
     run the call, the tl one at head dim 256 (no error: the forward ran on Gluon); auto follows
     AUTO_SELECTS_GLUON_BACKWARD alone."""
-    assert backend.gluon.AUTO_SELECTS_GLUON_BACKWARD is False  # docs/gluon.md: it has not run on a GPU
+    assert backend.gluon.AUTO_SELECTS_GLUON_BACKWARD is False  # docs/gluon.md: measured no faster than tl
     make = bind()[-1]
     for value in ("triton", "auto"):
         monkeypatch.setenv("ATTNCC_BACKEND", value)
         assert backend.gluon_backward_selected(make()) is False
     monkeypatch.setattr(backend.gluon, "AUTO_SELECTS_GLUON_BACKWARD", True)
-    assert backend.gluon.AUTO_SELECTS_GLUON is False and backend.gluon_backward_selected(make()) is True
+    monkeypatch.setattr(backend.gluon, "AUTO_SELECTS_GLUON", False)  # the backward's switch alone decides
+    assert backend.gluon_backward_selected(make()) is True
+    monkeypatch.setattr(backend.gluon, "AUTO_SELECTS_GLUON", True)
     monkeypatch.setattr(backend.gluon, "AUTO_SELECTS_GLUON_BACKWARD", False)
     monkeypatch.setenv("ATTNCC_BACKEND", "gluon")
     assert backend.gluon_backward_selected(make()) is True
@@ -429,6 +444,11 @@ def test_explain_names_forward_and_backward(monkeypatch):
 
     plan = analyze(canonical_score(mod_pattern("causal")))
     text = lambda d=128: backend_text(plan, head_dim=d, value_dim=d, dtype="bf16")  # noqa: E731
+    assert text(64) == ("tl; Gluon sm90 forward and backward (built-in causal walk) with ATTNCC_BACKEND=gluon "
+                        "(auto keeps tl at head dim 64: it picks Gluon at 128, 256)")
+    sink = backend_text(analyze(canonical_score(mod_pattern("sink_window"))), head_dim=128, value_dim=128, dtype="bf16")
+    assert sink.startswith("tl; Gluon sm90 forward and backward") and "(auto keeps tl: 2 key segments" in sink
+    monkeypatch.setattr(backend.gluon, "AUTO_SELECTS_GLUON", False)
     assert text() == "tl; Gluon sm90 forward and backward (built-in causal walk) with ATTNCC_BACKEND=gluon"
     assert text(256) == ("tl; Gluon sm90 forward (built-in causal walk) with ATTNCC_BACKEND=gluon; the backward tl "
                          "(the Gluon backward takes head dims 64, 128)")

@@ -94,6 +94,15 @@ class GluonFit:
     kind: Optional[str] = None
     reason: str = ""
     backward_reason: str = ""
+    # Why ATTNCC_BACKEND=auto keeps the tl forward for this Plan although the Gluon forward computes
+    # it ("" when auto takes the Gluon forward on sm90): where the Gluon forward was measured slower
+    # than the tl one (docs/gluon.md "Which forward auto picks").
+    auto_reason: str = ""
+
+    @property
+    def auto(self) -> bool:
+        """Whether ATTNCC_BACKEND=auto takes the Gluon forward for the Plan (on sm90, for calls it can run)."""
+        return self.kind is not None and not self.auto_reason
 
     @property
     def backward(self) -> bool:
@@ -121,7 +130,25 @@ def gluon_fit(plan: Plan) -> GluonFit:
     if p.mask is not None and not integer_mask(p.mask):
         return GluonFit(reason=f"the mask {p.mask} computes in float (float64 in the tl kernels, as the "
                                f"reference); the Gluon fragments compute masks in integers only")
-    return GluonFit("rendered", backward_reason=rendered_backward_reason(plan))
+    return GluonFit("rendered", backward_reason=rendered_backward_reason(plan), auto_reason=rendered_auto_reason(plan))
+
+
+def rendered_auto_reason(plan: Plan) -> str:
+    """Why ATTNCC_BACKEND=auto keeps the tl forward for a rendered Plan ("" when it takes the Gluon one).
+    Measured on an H100 (bf16, head dim 128, docs/gluon.md): over one closed-form segment per query
+    block the Gluon forward took 0.79-0.93x the tl forward's time (sliding window, chunked local,
+    prefix-LM, ALiBi) and softcap 1.00x; over two segments (sink + window) 1.24x; over block lists
+    0.92x (document) but 1.61x (strided); with [inputs] read in the key loop it was not timed."""
+    walk = plan.forward
+    if walk.kind is Iteration.BLOCK_LIST:
+        return ("its key blocks come from block lists, where the Gluon forward was measured from 0.92x "
+                "(document) to 1.61x (strided) the tl forward's time")
+    if walk.kind is Iteration.BANDS and walk.segments > 1:
+        return (f"{walk.segments} key segments per query block, where the Gluon forward was measured at 1.24x "
+                f"the tl forward's time (sink + window)")
+    if plan.pattern.inputs:
+        return "its key loop reads [inputs], which the Gluon forward has not been timed with"
+    return ""
 
 
 def rendered_backward_reason(plan: Plan) -> str:

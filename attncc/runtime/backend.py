@@ -8,8 +8,9 @@ a built-in walk, or "rendered", the fragments codegen rendered from the Plan int
 ``torch.compile`` custom op and attncc.distributed all run that ``_forward``, so they choose alike.
 ``ATTNCC_BACKEND`` (read on every call) says what to choose:
 
-- unset, empty or ``auto``: the ``tl`` kernels, for now (``attncc.runtime.gluon.AUTO_SELECTS_GLUON``
-  says why; once it is True, the Gluon forward wherever it can run the call);
+- unset, empty or ``auto``: the Gluon forward where it can run the call and was measured faster than
+  the ``tl`` one (:func:`auto_picks_gluon`: the spec's ``SpecInfo.gluon_auto``, head dims 128 and 256),
+  else the ``tl`` kernels, without an error;
 - ``triton``: the ``tl`` kernels;
 - ``gluon``: the Gluon forward; a call it cannot run raises a ``ValueError`` that says why (the
   spec's pattern, the device, the dtype, the head dims, ...), and so does a call of a spec the Gluon
@@ -23,7 +24,7 @@ chosen on its own: those modules' ``_backward`` opens with
 (``"rendered"``: the fragments' query-block walk, ``qmask`` and ``score_grad`` too, where the Plan's
 transposed walk has a closed form; a call that breaks its precondition runs the ``tl`` backward).
 ``triton``: the ``tl`` backward; ``auto``: the ``tl`` backward for now
-(``attncc.runtime.gluon.AUTO_SELECTS_GLUON_BACKWARD``: it has not run on a GPU); ``gluon``: the Gluon
+(``attncc.runtime.gluon.AUTO_SELECTS_GLUON_BACKWARD``: measured no faster); ``gluon``: the Gluon
 backward where it can run the call, else the ``tl`` one (it never refuses: the forward already
 refused what Gluon cannot run at all, and what is left is the Gluon backward's own limit, head dim
 256, where the ``tl`` backward on the Gluon forward's output is what ran before it existed;
@@ -33,7 +34,7 @@ refused what Gluon cannot run at all, and what is left is the Gluon backward's o
 (unset or empty: the default) is bwd.py's two kernels, deterministic (every gradient element written
 once by one program); ``fused`` is bwd_fused.py's one kernel with dQ added into an fp32 accumulator by
 TMA reduce-adds (FlashAttention-3's 5 GEMMs per tile pair instead of 7), whose dQ may differ in its
-last bits from run to run. Not run on a GPU yet (docs/gluon.md); anything else is a ``ValueError``.
+last bits from run to run (both passed their GPU tests on an H100, docs/gluon.md); anything else is a ``ValueError``.
 """
 from __future__ import annotations
 
@@ -76,12 +77,19 @@ def gluon_selected(call: Call) -> bool:
     """Whether the Gluon sm90 forward runs ``call`` (module docstring); raises a ``ValueError``
     saying why not when ``ATTNCC_BACKEND=gluon`` forces it on a call it cannot run."""
     setting = backend_setting()
-    if setting == "triton" or (setting == "auto" and not gluon.AUTO_SELECTS_GLUON):
+    if setting == "triton" or (setting == "auto" and not auto_picks_gluon(call)):
         return False
     problems = gluon_problems(call)
     if problems and setting == "gluon":
         raise ValueError(forced_message(call, problems))
     return not problems
+
+
+def auto_picks_gluon(call: Call) -> bool:
+    """Whether ATTNCC_BACKEND=auto takes the Gluon forward for ``call`` where it can run it: the switch
+    (``gluon.AUTO_SELECTS_GLUON``), the spec's Plan (``SpecInfo.gluon_auto``: not where the Gluon forward
+    was measured slower) and the head dim (``gluon.AUTO_HEAD_DIMS``)."""
+    return gluon.AUTO_SELECTS_GLUON and call.spec.gluon_auto and call.D in gluon.AUTO_HEAD_DIMS
 
 
 def refuse_forced(call: Call) -> None:

@@ -50,6 +50,9 @@ class SpecInfo(Shapes):
     # attncc.runtime.gluon.fragments.FragmentFile), or None: the tl kernels only, for gluon_reason.
     gluon: Optional[str] = None
     gluon_reason: str = ""
+    # Whether ATTNCC_BACKEND=auto takes that Gluon forward on sm90 (attncc.analysis.builtin.GluonFit.auto;
+    # False in modules built before it existed: auto keeps their tl forward).
+    gluon_auto: bool = False
     gluon_fragments: Optional[object] = field(default=None, compare=False, repr=False)
     # The module's _int_reach(x) and _int_divisors(x) (attncc.runtime.intervals): the largest magnitude
     # of its kernels' integer arithmetic at a call's numbers (None: positions and params stand in), and

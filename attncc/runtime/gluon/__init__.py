@@ -20,15 +20,16 @@ DTYPES = ("bfloat16", "float16")
 CAPABILITY = (9, 0)  # sm90: H100, H200 (wgmma, TMA, setmaxnreg)
 
 # What ATTNCC_BACKEND=auto (the default) picks on an sm90 GPU for a call the Gluon forward can run
-# (attncc.runtime.backend). False in this version: the Gluon kernels passed their own checks on an
-# H200 (tests/gpu/test_gpu_gluon.py) and reach 0.96-1.00x cuDNN's forward, but the wiring through
-# the generated modules has not run on a GPU yet. Once tests/gpu/test_gpu_gluon_specs.py passes
-# there, auto-selection is this one switch.
-AUTO_SELECTS_GLUON = False
+# (attncc.runtime.backend): the Gluon forward where the spec's Plan has it picked
+# (SpecInfo.gluon_auto, attncc.analysis.builtin.GluonFit.auto) and the head dim is one of
+# AUTO_HEAD_DIMS. On: the Gluon paths passed tests/gpu/test_gpu_gluon.py and test_gpu_gluon_specs.py
+# on an H100 (2026-12-05: 270 tests, bf16 and fp16, every spec with a Gluon forward), where its
+# forward took 0.84-0.96x the tl forward's time at head dims 128 and 256 (dense, causal, GQA, the
+# single-segment rendered walks) and 1.01x at 64 (docs/gluon.md "Which forward auto picks").
+AUTO_SELECTS_GLUON = True
+AUTO_HEAD_DIMS = (128, 256)
 
 # The same for the Gluon backward (attncc.runtime.backend: a generated module's `_backward`). False:
-# it has not run on a GPU at all (written without one; tests/test_gluon_compile.py compiles it for
-# sm90, tests/test_gluon_bwd.py checks its tile loop's numerics on the CPU). Once
-# tests/gpu/test_gpu_gluon.py and tests/gpu/test_gpu_gluon_specs.py pass its backward tests on an
-# H100/H200 and it is timed (`python -m bench gluon-wired`), auto-selection is this switch.
+# it passed its GPU tests on an H100 (2026-12-05), but took 0.98-1.09x the tl backward's time (split)
+# and 1.03-1.09x (fused) at head dims 64 and 128 (`python -m bench gluon-bwd --bwd`): no gain yet.
 AUTO_SELECTS_GLUON_BACKWARD = False
