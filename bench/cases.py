@@ -219,7 +219,10 @@ def _comparisons() -> List[Case]:
     # attncc.runtime.backend) beside their tl kernels, forward and forward + backward (the Gluon backward
     # at D = 64 and 128, the tl one at 256), and the forward kernel called directly (gluon_ws_nopp: what
     # the wiring adds on the host)
-    wired = dict(baselines=("gluon_ws_nopp", "sdpa_cudnn"), groups=("gluon-wired",), settings=BACKENDS)
+    # (group gluon-wired: every wired case; gluon-wired-dense: the dense / causal / GQA ones, a device call
+    # of their own; gluon-families: the mask families, another)
+    dense_groups = ("gluon-wired", "gluon-wired-dense")
+    wired = dict(baselines=("gluon_ws_nopp", "sdpa_cudnn"), groups=dense_groups, settings=BACKENDS)
     out += [Case("wired-dense-4k", "dense 4K (Gluon wired)", "dense", 4, 4096, **wired),
             Case("wired-causal-8k", "causal 8K (Gluon wired)", "causal", 2, 8192, **wired),
             Case("wired-causal-8k-d64", "causal 8K, D=64 (Gluon wired)", "causal", 4, 8192, D=64, **wired),
@@ -229,7 +232,7 @@ def _comparisons() -> List[Case]:
                  smoke=P(Hq=32, Hkv=8, N=64), **wired)]
     # issue 20's forward + backward target (>= 1.35x FlexAttention's Triton backend, D = 128): the same
     # modules under ATTNCC_BACKEND=gluon against Flex and cuDNN in one run (`python -m bench gluon-wired --bwd`)
-    fb = dict(baselines=("flex", "sdpa_cudnn"), groups=("gluon-wired",), settings=BACKENDS)
+    fb = dict(baselines=("flex", "sdpa_cudnn"), groups=dense_groups, settings=BACKENDS)
     out += [Case("wired-fb-dense-4k", "dense 4K, f+b vs Flex (Gluon wired)", "dense", 4, 4096, **fb),
             Case("wired-fb-causal-8k", "causal 8K, f+b vs Flex (Gluon wired)", "causal", 2, 8192, **fb),
             Case("wired-fb-gqa-8k", "GQA 32/8 causal 8K, f+b vs Flex (Gluon wired)", "gqa", 2, 8192, Hq=32, Hkv=8,
@@ -245,8 +248,9 @@ def _comparisons() -> List[Case]:
             Case("gbwd-causal-8k-d64", "causal 8K, D=64, Gluon backward split vs fused", "causal", 4, 8192, D=64,
                  **gbwd)]
     # the families of issue 16 with their forward on the Gluon kernels through fragments rendered
-    # from the Plan (generated/<spec>_gluon.py), beside FlexAttention (issue 16's 1.2x forward target)
-    rendered = dict(baselines=("flex",), groups=("gluon-wired",), settings=BACKENDS)
+    # from the Plan (generated/<spec>_gluon.py), beside FlexAttention (issue 16's 1.2x forward target):
+    # every mask family of the group families at its shape and params there (prefix-LM at 8K only)
+    rendered = dict(baselines=("flex",), groups=("gluon-wired", "gluon-families"), settings=BACKENDS)
     out += [Case("wired-sink-window-16k", "sink 4 + window 1024, 16K (Gluon forward rendered)", "sink_window", 2,
                  16384, params=P(sinks=4, window=1024), smoke=P(params=P(sinks=4, window=24)), **rendered),
             Case("wired-chunked-local-16k", "chunked local 2048, 16K (Gluon forward rendered)", "chunked_local", 2,
@@ -263,7 +267,16 @@ def _comparisons() -> List[Case]:
             Case("wired-strided-16k", "strided 128, 16K (Gluon forward over block lists)", "strided", 2, 16384,
                  params=P(stride=128), smoke=P(params=P(stride=16)), **rendered),
             Case("wired-dilated-16k", "dilated window 2048 / 4, 16K (Gluon forward, 64-key blocks)", "dilated", 2,
-                 16384, smoke=P(params=P(window=40, dilation=3)), **rendered)]
+                 16384, params=P(window=2048, dilation=4), smoke=P(params=P(window=40, dilation=3)), **rendered),
+            Case("wired-block-diagonal-16k", "block diagonal 1024, 16K (Gluon forward rendered)", "block_diagonal", 2,
+                 16384, params=P(chunk=1024), smoke=P(params=P(chunk=40)), **rendered),
+            Case("wired-longformer-16k", "Longformer w256 g64, 16K (Gluon forward rendered)", "longformer", 2, 16384,
+                 params=P(w=256, g=64), smoke=P(params=P(w=16, g=8)), **rendered),
+            Case("wired-neighborhood-2d-16k", "2D neighborhood 128x128 r3 (Gluon forward over block lists)",
+                 "neighborhood_2d", 2, 16384, params=P(width=128, radius=3), smoke=P(params=P(width=16, radius=2)),
+                 **rendered),
+            Case("wired-bigbird-16k", "BigBird 64-blocks, 16K (Gluon forward over block lists)", "bigbird", 2, 16384,
+                 **rendered)]
     return out
 
 

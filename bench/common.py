@@ -16,6 +16,7 @@ if SMOKE:
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
 
 import contextlib  # noqa: E402
+import functools  # noqa: E402
 import importlib  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
@@ -110,14 +111,28 @@ FLEX_MASKS = ("dense", "sliding_window", "document", "padding", *CAUSAL_SPECS, "
 FLEX_SCORES = ("alibi", "softcap")
 
 
+def spec_params(spec: str, kw: dict) -> dict:
+    """The params a call of shipped spec ``spec`` computes with: the spec's own values, overridden by
+    the params among ``kw`` (params and input tensors, as the call takes them). What the bench writes
+    in another form (Flex's mask_mod, densities) reads these, never ``kw`` alone: a case may leave a
+    param at the spec's value. ValueError naming a param the spec does not have."""
+    declared = spec_pattern(spec).param_values
+    given = {k: v for k, v in kw.items() if not isinstance(v, torch.Tensor)}
+    unknown = sorted(set(given) - set(declared))
+    if unknown:
+        raise ValueError(f"spec {spec}: no param {', '.join(unknown)} (it has {', '.join(declared) or 'none'})")
+    return {**declared, **given}
+
+
 def density(spec: str, N: int, kw: dict) -> float:
-    """Allowed fraction of the N x N pairs of a shipped self-attention spec (``kw``: its params and inputs)."""
+    """Allowed fraction of the N x N pairs of a shipped self-attention spec (``kw``: its params, those
+    left out at the spec's values, and inputs)."""
     if spec == "dense":
         return 1.0
     if spec in CAUSAL_SPECS:
         return causal_density(N)
     if spec == "sliding_window":
-        w = kw["window"]
+        w = spec_params(spec, kw)["window"]
         return sum(min(i + 1, w) for i in range(N)) / N / N
     if spec == "document":
         return doc_causal_density(kw["doc"])
@@ -267,9 +282,13 @@ def flex_setup():
 
 def flex_pattern(spec: str, H: int, kw: dict, n: int = 0):
     """(score_mod, mask_mod, mask_per_batch) of FlexAttention for a shipped spec: the same
-    pattern written as Flex's callables (None where the spec has no such part); ``n``: the
-    sequence length (BigBird's random blocks depend on it)."""
-    doc, win, kv_len = kw.get("doc"), kw.get("window"), kw.get("kv_len")
+    pattern written as Flex's callables (None where the spec has no such part); ``kw``: the call's
+    params (those left out at the spec's values) and inputs; ``n``: the sequence length (BigBird's
+    random blocks depend on it)."""
+    if spec not in FLEX_MASKS:
+        raise KeyError(f"no FlexAttention form of spec {spec!r}")
+    p_ = spec_params(spec, kw)
+    doc, win, kv_len = kw.get("doc"), p_.get("window"), kw.get("kv_len")
 
     def causal(b, h, qi, ki):
         return qi >= ki
@@ -290,8 +309,6 @@ def flex_pattern(spec: str, H: int, kw: dict, n: int = 0):
         return s + slopes[h] * (ki - qi)
 
     # the families of issue 16 (static masks: closed forms or exact block lists in attncc)
-    p_ = {k: v for k, v in kw.items() if not isinstance(v, torch.Tensor)}
-
     def sink_window(b, h, qi, ki):
         return (ki < p_["sinks"]) | ((qi >= ki) & (qi - ki < p_["window"]))
 
@@ -327,8 +344,6 @@ def flex_pattern(spec: str, H: int, kw: dict, n: int = 0):
                bigbird):
         masks[fn.__name__] = fn
     assert set(masks) == set(FLEX_MASKS)
-    if spec not in masks:
-        raise KeyError(f"no FlexAttention form of spec {spec!r}")
     if spec == "bigbird":
         from attncc.core.semantics import random_block_set
 
@@ -379,8 +394,9 @@ def generated(name: str):
     return importlib.import_module(f"generated.{name}")
 
 
+@functools.lru_cache(maxsize=None)
 def spec_pattern(name: str):
-    """The Pattern of ``specs/<name>.toml``."""
+    """The Pattern of ``specs/<name>.toml`` (loaded once: a Pattern is immutable)."""
     from attncc.spec import load_spec
 
     return load_spec(ROOT / "specs" / f"{name}.toml")
@@ -443,11 +459,14 @@ def release():
 def fmt(value, spec: str) -> str:
     if value is None:
         return "-"
-    if isinstance(value, str):
-        return value
+    if isinstance(value, str) or spec == "s":
+        return str(value)
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
-    return format(value, spec)
+    try:
+        return format(value, spec)
+    except (TypeError, ValueError):  # a value of another kind than its column's (a table never fails on it)
+        return str(value)
 
 
 def markdown(rows, columns) -> str:

@@ -1,7 +1,10 @@
 """Host overhead per call of attncc's generated attention, against SDPA (cuDNN) and FlexAttention.
 
     python -m bench host --stub            # CPU: launches stubbed (no GPU needed)
-    python -m bench host --out $OUT        # GPU: host and GPU us/call, CSV and plot in $OUT
+    python -m bench host --out $OUT        # GPU: host and GPU us/call; table, CSV and plot in $OUT
+
+Both print a markdown table row by row and, with ``--out``, write it (host_overhead.md) and the CSV
+after every row, the plot at the end; a part of a row that fails is its note, and the run goes on.
 
 What is timed, per case (spec) and length N (B = 2, 16 query heads, head dim 128):
 
@@ -48,7 +51,7 @@ import torch  # noqa: E402
 
 from bench import timer  # noqa: E402
 from bench.cases import Case  # noqa: E402
-from bench.common import generated, qkv, spec_inputs, spec_pattern  # noqa: E402
+from bench.common import generated, note, qkv, short_error, spec_inputs, spec_pattern  # noqa: E402
 from bench.impls import applies, implementations, prepare  # noqa: E402
 
 CASES = ("causal", "document", "padding", "softcap", "gqa")
@@ -205,7 +208,7 @@ def main(argv=None) -> int:
     p.add_argument("--n", default=",".join(map(str, LENGTHS)))
     p.add_argument("--calls", type=int, default=200, help="calls per timed burst (CPU); the GPU uses 20")
     p.add_argument("--rounds", type=int, default=3, help="rounds of attncc and the floor timed in turn (CPU)")
-    p.add_argument("--out", default=None, help="folder for the CSV and the plot (GPU)")
+    p.add_argument("--out", default=None, help="folder for host_overhead.md, .csv and .png")
     args = p.parse_args(argv)
     cases = [c for c in args.cases.split(",") if c]
     lengths = [int(x) for x in args.n.split(",") if x]
@@ -233,27 +236,37 @@ def caching_cpu_allocator() -> str:
     return "allocator as is (no glibc mallopt)"
 
 
+STUB_HEAD = ["case", "N", "impl", "host fwd", "host f+b", "launches fwd", "launches f+b", "floor fwd", "floor f+b",
+             "own fwd", "own f+b", "note"]
+
+
 def run_stub(cases, lengths, calls, out=None, rounds: int = 3) -> int:
     torch.set_num_threads(1)
     allocator = caching_cpu_allocator()
-    print(f"host overhead, launches stubbed, CPU: torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}, "
-          f"B=2 H=16 D=128 float16, thread CPU time, fastest of {rounds} rounds of 7 bursts of {calls} calls, "
-          f"{allocator}, load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
-    print("| case | N | fwd us | f+b us | launches fwd / f+b | floor fwd us | floor f+b us | own fwd | own f+b |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    title = (f"host overhead, launches stubbed, CPU: torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}, "
+             f"B=2 H=16 D=128 float16, us/call of thread CPU time, fastest of {rounds} rounds of 7 bursts of {calls} "
+             f"calls, {allocator}, load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    print(title + "\n" + table_head(STUB_HEAD), flush=True)
     rows = []
     for name in cases:
-        module = generated(name)
-        stub_launches(module)
         for n in lengths:
-            r = host_times(name, n, "cpu", torch.float16, calls, clock=time.thread_time, rounds=rounds)
-            own = {label: r[label] - r[f"floor {label}"] for label in ("fwd", "f+b")}
-            print(f"| {name} | {n} | {r['fwd']:.1f} | {r['f+b']:.1f} | {r['launches fwd']} / {r['launches f+b']} | "
-                  f"{r['floor fwd']:.1f} | {r['floor f+b']:.1f} | {own['fwd']:.1f} | {own['f+b']:.1f} |", flush=True)
-            rows.append({"case": name, "N": n, "impl": "attncc (stubbed)", "host fwd": r["fwd"], "host f+b": r["f+b"]})
-    if out:
-        write_csv_and_plot(rows, ["case", "N", "impl", "host fwd", "host f+b"], Path(out))
+            r = {"case": name, "N": n, "impl": "attncc (stubbed)"}
+            fill(r, "stubbed", lambda: _stub_times(name, n, calls, rounds))
+            rows.append(r)
+            print(table_line(r, STUB_HEAD), flush=True)
+            write_tables(rows, STUB_HEAD, out, title)
+    write_tables(rows, STUB_HEAD, out, title, plot=True)
     return 0
+
+
+def _stub_times(name: str, n: int, calls: int, rounds: int) -> dict:
+    """The fields of a --stub row: host us/call, launches, floor, own (host less floor)."""
+    stub_launches(generated(name))
+    r = host_times(name, n, "cpu", torch.float16, calls, clock=time.thread_time, rounds=rounds)
+    out = {f"host {label}": r[label] for label in ("fwd", "f+b")}
+    out.update({key: r[key] for key in ("launches fwd", "launches f+b", "floor fwd", "floor f+b")})
+    out.update({f"own {label}": r[label] - r[f"floor {label}"] for label in ("fwd", "f+b")})
+    return out
 
 
 def triton_launch_us(name: str, n: int, calls: int = 20) -> dict:
@@ -290,7 +303,11 @@ def flex_and_sdpa(name: str, n: int, calls: int):
     hq = pattern.heads_q or 16
     case = Case(f"host-{name}-{n}", name, name, 2, n, Hq=hq, Hkv=pattern.heads_kv or hq, doc_mean=max(1, n // 4))
     case = dataclasses.replace(case, baselines=tuple(b for b in ("sdpa_cudnn", "flex") if applies(b, case) is None))
-    impls, _, unavailable = implementations(prepare(case))
+    try:
+        impls, _, unavailable = implementations(prepare(case))
+    except Exception as e:  # noqa: BLE001 - the attncc row stands without its baselines
+        print(f"  baselines {name} N={n}: failed: {short_error(e, 200)}", flush=True)
+        return {}
     for impl, why in unavailable.items():
         print(f"  {impl} {name} N={n}: unavailable: {why}", flush=True)
     out = {}
@@ -309,7 +326,8 @@ def flex_and_sdpa(name: str, n: int, calls: int):
                 out[(impl.name, f"host {label}")] = per_call_us(step, calls, sync=torch.cuda.synchronize)
                 out[(impl.name, f"gpu {label}")] = timer.time_ms(step, warmup=20, rep=100) * 1e3
         except Exception as e:  # noqa: BLE001 - one comparison failing must not end the run
-            print(f"  {impl.name} {name} N={n}: failed: {type(e).__name__}: {e}", flush=True)
+            print(f"  {impl.name} {name} N={n}: failed: {short_error(e, 200)}", flush=True)
+            out[(impl.name, "note")] = short_error(e)
     return out
 
 
@@ -330,57 +348,80 @@ def compiled_host_us(name: str, n: int, calls: int) -> dict:
     return {label: per_call_us(step, calls, sync=torch.cuda.synchronize) for label, step in (("fwd", fwd), ("f+b", fwd_bwd))}
 
 
-def run_gpu(cases, lengths, out) -> int:  # pragma: no cover - needs a GPU
-    """Every number of the module doc on the GPU: a markdown table on stdout, the rows as CSV and
-    a plot (host and GPU us/call against N) in ``out``."""
-    calls = 20  # a burst short enough that the launch queue never fills: the time is the host's
-    sync = torch.cuda.synchronize
-    print(f"host overhead, GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-          f"triton {__import__('triton').__version__}, {time.strftime('%Y-%m-%d %H:%M')}, B=2 H=16 D=128 bf16, "
-          f"wall us/call: fastest of 7 bursts of {calls} calls without a sync; gpu: do_bench median")
-    head = ["case", "N", "impl", "host fwd", "host f+b", "gpu fwd", "gpu f+b", "stub fwd", "stub f+b",
+GPU_HEAD = ["case", "N", "impl", "host fwd", "host f+b", "gpu fwd", "gpu f+b", "stub fwd", "stub f+b",
             "triton launch fwd", "triton launch f+b", "own fwd", "own f+b", "floor fwd", "floor f+b",
-            "compiled host fwd", "compiled host f+b"]
-    print("| " + " | ".join(head) + " |")
-    print("|" + "---|" * len(head))
+            "compiled host fwd", "compiled host f+b", "note"]
+
+
+def run_gpu(cases, lengths, out) -> int:  # pragma: no cover - needs a GPU
+    """Every number of the module doc on the GPU: a markdown table on stdout and in ``out``
+    (host_overhead.md, rewritten after every case and length), the rows as CSV and a plot (host and
+    GPU us/call against N). A part that fails is the row's note; the other parts still run."""
+    calls = 20  # a burst short enough that the launch queue never fills: the time is the host's
+    title = (f"host overhead, GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+             f"triton {__import__('triton').__version__}, {time.strftime('%Y-%m-%d %H:%M')}, B=2 H=16 D=128 bf16, "
+             f"wall us/call: fastest of 7 bursts of {calls} calls without a sync; gpu: do_bench median")
+    print(title + "\n" + table_head(GPU_HEAD), flush=True)
     rows = []
     for name in cases:
         for n in lengths:
-            module, q, k, v, kw = make_case(name, n, "cuda", torch.bfloat16, grad=True)
-            g = torch.randn(q.shape[:-1] + (v.shape[-1],), device="cuda", dtype=torch.bfloat16)
-
-            def fwd():
-                with torch.no_grad():
-                    module.attention(q, k, v, **kw)
-
-            def fwd_bwd():
-                module.attention(q, k, v, **kw).backward(g)
-                q.grad = k.grad = v.grad = None
             r = {"case": name, "N": n, "impl": "attncc"}
-            for label, fn in (("fwd", fwd), ("f+b", fwd_bwd)):
-                r[f"host {label}"] = per_call_us(fn, calls, sync=sync)
-                r[f"gpu {label}"] = timer.time_ms(fn, warmup=20, rep=100) * 1e3
-            stubbed = host_times_stubbed(name, n, calls)
-            launches = triton_launch_us(name, n)
+            fill(r, "attncc", lambda: _attncc_gpu_times(name, n, calls))
+            fill(r, "stubbed", lambda: _stub_columns(name, n, calls))
+            fill(r, "triton launch", lambda: {f"triton launch {k}": t for k, t in triton_launch_us(name, n).items()})
             for label in ("fwd", "f+b"):
-                r[f"stub {label}"] = stubbed[label]
-                r[f"floor {label}"] = stubbed[f"floor {label}"]
-                r[f"triton launch {label}"] = launches[label]
-                r[f"own {label}"] = r[f"host {label}"] - launches[label]
-            try:
-                compiled = compiled_host_us(name, n, calls)
-                r["compiled host fwd"], r["compiled host f+b"] = compiled["fwd"], compiled["f+b"]
-            except Exception as e:  # noqa: BLE001
-                print(f"  torch.compile {name} N={n}: failed: {type(e).__name__}: {e}", flush=True)
-            rows.append(r)
-            others = flex_and_sdpa(name, n, calls)
-            for impl in sorted({i for i, _ in others}):
-                rows.append({"case": name, "N": n, "impl": impl, **{m: t for (i, m), t in others.items() if i == impl}})
-            for row in rows[-1 - len({i for i, _ in others}):]:
-                print("| " + " | ".join(_cell(row.get(h)) for h in head) + " |", flush=True)
-    if out:
-        write_csv_and_plot(rows, head, Path(out))
+                if r.get(f"host {label}") is not None and r.get(f"triton launch {label}") is not None:
+                    r[f"own {label}"] = r[f"host {label}"] - r[f"triton launch {label}"]
+            fill(r, "torch.compile",
+                 lambda: {f"compiled host {k}": t for k, t in compiled_host_us(name, n, calls).items()})
+            new = [r] + baseline_rows(name, n, flex_and_sdpa(name, n, calls))
+            rows += new
+            for row in new:
+                print(table_line(row, GPU_HEAD), flush=True)
+            write_tables(rows, GPU_HEAD, out, title)
+    write_tables(rows, GPU_HEAD, out, title, plot=True)
     return 0
+
+
+def _attncc_gpu_times(name: str, n: int, calls: int) -> dict:  # pragma: no cover - needs a GPU
+    module, q, k, v, kw = make_case(name, n, "cuda", torch.bfloat16, grad=True)
+    g = torch.randn(q.shape[:-1] + (v.shape[-1],), device="cuda", dtype=torch.bfloat16)
+
+    def fwd():
+        with torch.no_grad():
+            module.attention(q, k, v, **kw)
+
+    def fwd_bwd():
+        module.attention(q, k, v, **kw).backward(g)
+        q.grad = k.grad = v.grad = None
+    out = {}
+    for label, fn in (("fwd", fwd), ("f+b", fwd_bwd)):
+        out[f"host {label}"] = per_call_us(fn, calls, sync=torch.cuda.synchronize)
+        out[f"gpu {label}"] = timer.time_ms(fn, warmup=20, rep=100) * 1e3
+    return out
+
+
+def _stub_columns(name: str, n: int, calls: int) -> dict:  # pragma: no cover - needs a GPU
+    """stub and floor us/call, fwd and f+b, of the GPU run with the launches stubbed."""
+    stubbed = host_times_stubbed(name, n, calls)
+    return {f"{kind} {label}": stubbed[key] for label in ("fwd", "f+b")
+            for kind, key in (("stub", label), ("floor", f"floor {label}"))}
+
+
+def baseline_rows(name: str, n: int, times: dict) -> list:
+    """Rows of :func:`flex_and_sdpa`'s {(impl, column): value}, one per implementation."""
+    return [{"case": name, "N": n, "impl": impl, **{col: t for (i, col), t in times.items() if i == impl}}
+            for impl in sorted({i for i, _ in times})]
+
+
+def fill(row: dict, what: str, fn) -> None:
+    """``row.update(fn())``; on an exception, ``what`` and the error in the row's note (and printed):
+    one part of a row failing leaves the others measured."""
+    try:
+        row.update(fn())
+    except Exception as e:  # noqa: BLE001
+        print(f"  {what} {row['case']} N={row['N']}: failed: {short_error(e, 200)}", flush=True)
+        note(row, f"{what}: {short_error(e)}")
 
 
 def host_times_stubbed(name: str, n: int, calls: int) -> dict:
@@ -394,24 +435,53 @@ def host_times_stubbed(name: str, n: int, calls: int) -> dict:
 
 
 def _cell(x) -> str:
-    return "" if x is None else f"{x:.1f}" if isinstance(x, float) else str(x)
+    if x is None:
+        return ""
+    text = f"{x:.1f}" if isinstance(x, float) else str(x)
+    return text.replace("|", "/").replace("\n", " ")
 
 
-def write_csv_and_plot(rows, head, out: Path) -> None:
+def table_head(head) -> str:
+    return "| " + " | ".join(head) + " |\n|" + "|".join("---" if h in ("case", "impl", "note") else "---:"
+                                                        for h in head) + "|"
+
+
+def table_line(row: dict, head) -> str:
+    """One markdown line of ``row``: an empty cell where it has no such column."""
+    return "| " + " | ".join(_cell(row.get(h)) for h in head) + " |"
+
+
+def write_tables(rows, head, out, title: str, plot: bool = False) -> None:
+    """host_overhead.md (``title`` and the table) and host_overhead.csv of ``rows`` in folder ``out``
+    (nothing without one), and with ``plot`` host_overhead.png: rows may miss any column."""
+    if not out:
+        return
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "host_overhead.md").write_text(
+        title + "\n\n" + table_head(head) + "\n" + "".join(table_line(r, head) + "\n" for r in rows))
     import csv
 
-    out.mkdir(parents=True, exist_ok=True)
     with open(out / "host_overhead.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=head, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
+    if plot:
+        plot_rows(rows, out)
+
+
+def plot_rows(rows, out: Path) -> None:
+    """host_overhead.png: host (dashed) and GPU us/call against N, per case and fwd / f+b; an
+    implementation's line only where every point has the number."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print(f"(no matplotlib: wrote {out / 'host_overhead.csv'} only)")
+        print(f"(no matplotlib: no {out / 'host_overhead.png'})")
+        return
+    if not rows:
         return
     cases = sorted({r["case"] for r in rows})
     fig, axes = plt.subplots(2, len(cases), figsize=(4 * len(cases), 7), squeeze=False)
@@ -419,8 +489,8 @@ def write_csv_and_plot(rows, head, out: Path) -> None:
         for row_i, label in enumerate(("fwd", "f+b")):
             ax = axes[row_i][col]
             for impl in sorted({r["impl"] for r in rows if r["case"] == case}):
-                pts = sorted((r["N"], r.get(f"host {label}"), r.get(f"gpu {label}")) for r in rows
-                             if r["case"] == case and r["impl"] == impl)
+                pts = sorted(((r["N"], r.get(f"host {label}"), r.get(f"gpu {label}")) for r in rows
+                              if r["case"] == case and r["impl"] == impl), key=lambda p: p[0])
                 ns = [p[0] for p in pts]
                 if all(p[1] is not None for p in pts):
                     ax.plot(ns, [p[1] for p in pts], "--", marker="o", label=f"{impl} host")
@@ -431,8 +501,10 @@ def write_csv_and_plot(rows, head, out: Path) -> None:
             ax.set_title(f"{case} {label}")
             ax.set_xlabel("N")
             ax.set_ylabel("us / call")
-            ax.legend(fontsize=7)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "host_overhead.png", dpi=120)
-    print(f"wrote {out / 'host_overhead.csv'} and {out / 'host_overhead.png'}")
+    plt.close(fig)
+    print(f"wrote {out / 'host_overhead.md'}, {out / 'host_overhead.csv'} and {out / 'host_overhead.png'}")
 

@@ -94,6 +94,14 @@ def _prepare_decode(c: Case, pattern, module) -> Prepared:
     return Prepared(c, pattern, module, q, k, v, None, kw, None, bytes=nbytes, pages=pages)
 
 
+@dataclass(frozen=True)
+class Extra:
+    """An extra cost timed beside a case's implementations, a row of its own (ms in ``fwd_ms``):
+    ``fn() -> ms``, or ``(ms, note)`` where what was measured is known only after the call."""
+    fn: Callable[[], object]
+    note: str = ""
+
+
 @dataclass
 class Impl:
     """One implementation of a case: ``fn(*args) -> o``, in its own layout."""
@@ -189,7 +197,7 @@ def _rotate(p: Prepared):
 
 
 def _flex(per_call: bool):
-    def build(p: Prepared, extras: Dict[str, Callable[[], float]]) -> Impl:
+    def build(p: Prepared, extras: Dict[str, Extra]) -> Impl:
         c = p.case
         flex_attention, create_block_mask = p.flex()
         if c.decode:  # the last token sees the whole cache: no mask
@@ -214,7 +222,7 @@ def _flex(per_call: bool):
         else:
             block_mask = make_mask()
             if mask_mod is not None:
-                extras["flex create_block_mask"] = lambda: timer.time_ms(make_mask)
+                extras["flex create_block_mask"] = Extra(lambda: timer.time_ms(make_mask))
 
             def fn(q, k, v):
                 return flex_attention(*rotate(q, k), v, score_mod=score_mod, block_mask=block_mask, **gqa)
@@ -234,7 +242,7 @@ def _sdpa(name: str):
             return Impl(name, lambda q, k, v: sdpa_call(backend, lambda: F.scaled_dot_product_attention(q, k, v, **gqa)),
                         (p.q, p.k, p.v), None, note="contiguous cache" if c.decode == "paged" else "")
         if p.pattern.rope is not None:
-            extras["torch rotary of q and k"] = lambda: timer.time_ms(lambda: rotate(p.q, p.k))
+            extras["torch rotary of q and k"] = Extra(lambda: timer.time_ms(lambda: rotate(p.q, p.k)))
 
         def fn(q, k, v):
             return sdpa_call(backend, lambda: F.scaled_dot_product_attention(*rotate(q, k), v, is_causal=is_causal,
@@ -363,30 +371,89 @@ BASELINES: Dict[str, Callable[[Prepared, dict], Impl]] = {
 }
 
 
-def attncc_extras(p: Prepared, extras: Dict[str, Callable[[], float]]) -> None:
+def attncc_extras(p: Prepared, extras: Dict[str, Extra]) -> None:
     """attncc's own per-call and one-time costs besides the kernels: the block lists of a
-    data-dependent mask (per call) and the exact block lists of a static one (once per shape)."""
+    data-dependent mask (per call) and the exact block lists of a static one where the call makes
+    them (:func:`exact_list_extras`), at the tile sizes of the tl forward."""
     mod = p.module
     if p.case.decode or not (hasattr(mod, "_block_lists") or hasattr(mod, "_exact_lists")):
         return
-    from attncc.runtime import bind, blocks, pick_config
+    from attncc.runtime import bind, pick_config
 
     call = bind(mod.SPEC, p.q, p.k, p.v, kwargs=dict(p.kw))
     cfg = pick_config(call)
     if hasattr(mod, "_block_lists"):
-        extras["attncc block lists (per call)"] = lambda: timer.time_ms(
-            lambda: mod._block_lists(call, cfg.BLOCK_M, cfg.BLOCK_N))
+        extras["attncc block lists (per call)"] = Extra(lambda: timer.time_ms(
+            lambda: mod._block_lists(call, cfg.BLOCK_M, cfg.BLOCK_N)))
     if hasattr(mod, "_exact_lists"):
-        def once():
-            blocks._exact_cache.clear()
-            return timer.steps_ms([lambda: mod._exact_lists(call, cfg.BLOCK_M, cfg.BLOCK_N)])[0]
-        extras["attncc exact block lists (once per shape)"] = once
+        extras.update(exact_list_extras(mod, call, cfg.BLOCK_M, cfg.BLOCK_N))
+
+
+EXACT_ONCE = "attncc exact block lists (once per shape)"
+EXACT_FIRST = "attncc exact block lists, first call in the process"
+
+
+def exact_list_extras(mod, call, block_m: int, block_n: int) -> Dict[str, Extra]:
+    """The exact block lists of a static mask (``mod._exact_lists``: a tile-classification kernel,
+    then the lists, cached per shape and params), where ``call`` makes them: none where it keeps
+    the closed forms of both walks (``mod._closed_form``); noted as the fallback where a walk takes
+    them because the call breaks its closed form's precondition.
+
+    Two rows, to be timed in this order before the case's first call: :data:`EXACT_FIRST`, the
+    first call in this process (Triton's compile of the classification kernel included, where this
+    process had not compiled it yet: the note says which), then :data:`EXACT_ONCE`, what every new
+    shape costs once the kernel is compiled (the cache cleared after a warm call, one call timed)."""
+    closed = getattr(mod, "_closed_form", None)
+    walks = closed(call) if closed is not None else (False, False)
+    if all(walks):
+        return {}
+    note = "" if closed is None else (
+        "the fallback of the " + " and ".join(w for w, ok in zip(("forward / dQ", "dK/dV"), walks) if not ok)
+        + " walk: this call breaks its closed form's precondition")
+    kernel = getattr(mod, "_exact_tiles_kernel", None)
+
+    def make():
+        return mod._exact_lists(call, block_m, block_n)
+
+    def first():
+        before = compiled_count(kernel)
+        _exact_cache().clear()
+        ms = timer.steps_ms([make])[0]
+        after = compiled_count(kernel)
+        if before is None or after is None:
+            return ms, "Triton does not say whether it compiled here (the interpreter compiles nothing)"
+        if after > before:
+            return ms, "Triton's compile (or load from its disk cache) of the tile-classification kernel included"
+        return ms, "no compile in it: this process had compiled the tile-classification kernel already"
+
+    def once():
+        make()  # compiled and warm: what is timed is the per-shape work alone
+        _exact_cache().clear()
+        return timer.steps_ms([make])[0]
+
+    return {EXACT_FIRST: Extra(first, note), EXACT_ONCE: Extra(once, note)}
+
+
+def _exact_cache():
+    """attncc's cache of exact block lists (attncc.runtime.blocks), cleared to time a new shape."""
+    from attncc.runtime import blocks as rb
+
+    return rb._exact_cache
+
+
+def compiled_count(kernel) -> Optional[int]:
+    """How many binaries Triton holds for the ``@triton.jit`` ``kernel`` in this process (compiled,
+    or loaded from its disk cache); None where it does not say (the interpreter)."""
+    try:
+        return sum(len(entry[0]) for entry in kernel.device_caches.values())
+    except (AttributeError, TypeError, IndexError):
+        return None
 
 
 def implementations(p: Prepared, settings: Sequence[Setting] = (), baselines: bool = True
-                    ) -> Tuple[List[Impl], Dict[str, Callable[[], float]], Dict[str, str]]:
+                    ) -> Tuple[List[Impl], Dict[str, Extra], Dict[str, str]]:
     """(implementations: attncc at its defaults first, then under each of ``settings``, then the
-    baselines (none when ``baselines`` is false); extra timings {label: () -> ms}; {baseline: why
+    baselines (none when ``baselines`` is false); extra timings {label: Extra}; {baseline: why
     unavailable})."""
     impls, extras, unavailable = [attncc_impl(p)] + [attncc_impl(p, s) for s in settings], {}, {}
     attncc_extras(p, extras)

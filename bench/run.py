@@ -6,11 +6,13 @@ For each case (bench/cases.py) it builds attncc's implementation and the case's 
 times them with bench/timer.py: forward and forward + backward, every implementation in turn within
 each of ``--rounds`` rounds, the median of the rounds (each a ``do_bench`` median), after one heat-up
 of the GPU. One row per implementation, plus rows for extra costs (Flex's block mask, attncc's
-block lists, a torch rotary pass). ``--sweep NAME`` (bench/cases.py SWEEPS) or ``--env
-NAME=VALUE[;NAME=VALUE]`` (repeatable) adds a row of attncc per setting, timed in the same rounds,
-compared with attncc at its defaults. Progress is one JSON line per row; ``--out DIR`` (default
-``$OUT``) gets bench.md and bench.json after every case, so a run cut short keeps what it measured.
-A failure is a row's note, and the run goes on; the exit status is 1 when attncc failed somewhere.
+block lists, a torch rotary pass), timed before the implementations are first called. ``--sweep
+NAME`` (bench/cases.py SWEEPS) or ``--env NAME=VALUE[;NAME=VALUE]`` (repeatable) adds a row of
+attncc per setting, timed in the same rounds, compared with attncc at its defaults. Progress is
+one JSON line per row; ``--out DIR`` (default ``$OUT``) gets bench.md and bench.json after every
+case, so a run cut short keeps what it measured. A failure is a row's note (a case that fails
+before its first row: one row with the case's shape), and the run goes on; the exit status is 1
+when attncc failed somewhere.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from bench import timer
 from bench.cases import CASES, GROUPS, SWEEPS, Case, Setting, parse_setting, select, setting_label
 from bench.common import (DTYPE, FWD_BWD_FLOPS, SMOKE, banner, environment, markdown, max_abs, note, release,
                           require_device, short_error, tflops, write_json, write_out)
-from bench.impls import Impl, implementations, prepare
+from bench.impls import Extra, Impl, implementations, prepare
 
 import torch  # noqa: E402
 
@@ -66,11 +68,12 @@ def run_case(case: Case, *, fwd: bool = True, bwd: bool = True, rounds: int = ti
     """The rows of one case: attncc (then attncc under each of ``settings``), the baselines, then
     the extras and missing baselines. Ratios and differences are against attncc at its defaults."""
     p = prepare(case)
-    c = p.case
     settings = list(dict.fromkeys(tuple(case.settings) + tuple(settings)))  # the case's own, then the command's
-    base = dict(case=c.name, label=c.label, B=c.B, N=c.N, H=c.Hq if c.kv_heads == c.Hq else f"{c.Hq}/{c.kv_heads}",
-                D=c.D)
+    base = base_row(p.case)
     impls, extras, unavailable = implementations(p, settings, baselines)
+    # the extras first: before attncc's first call, a first-call extra still sees this process's first
+    # use of a kernel (its compile); their rows come after the implementations'
+    extra_rows = [_extra_row(base, label, extra) for label, extra in extras.items()]
     rows: Dict[str, dict] = {i.name: dict(base, impl=i.name, **({"note": i.note} if i.note else {})) for i in impls}
     by_name = {i.name: i for i in impls}
     outs, grads = {}, {}
@@ -121,15 +124,27 @@ def run_case(case: Case, *, fwd: bool = True, bwd: bool = True, rounds: int = ti
         if by_name[name].same_output:
             _diff(row, "diff_o", outs.get(name), outs.get(first))
             _diff(row, "diff_grad", grads.get(name), grads.get(first))
-    out = list(rows.values())
-    for label, fn in extras.items():
-        row = dict(base, impl=label)
-        common.attempt(row, "fwd_ms", fn)
-        out.append(row)
+    out = list(rows.values()) + extra_rows
     for name, why in unavailable.items():
         out.append(dict(base, impl=name, note=f"unavailable here: {why}"))
     release()
     return out
+
+
+def _extra_row(base: dict, label: str, extra: Extra) -> dict:
+    """The row of an extra cost: its ms (``fwd_ms``) and notes, or its error in the note."""
+    row = dict(base, impl=label, **({"note": extra.note} if extra.note else {}))
+    got = common.attempt(row, "fwd_ms", extra.fn)
+    if isinstance(got, tuple):  # (ms, what the call turned out to include)
+        row["fwd_ms"] = got[0]
+        note(row, got[1])
+    return row
+
+
+def base_row(c: Case) -> dict:
+    """The fields every row of case ``c`` (at the sizes in use) starts with, a failed case's too."""
+    return dict(case=c.name, label=c.label, B=c.B, N=c.N, H=c.Hq if c.kv_heads == c.Hq else f"{c.Hq}/{c.kv_heads}",
+                D=c.D)
 
 
 def _forward_backward(impl: Impl, leaves):
@@ -161,7 +176,7 @@ def _diff(row: dict, key: str, a, b) -> None:
 
 COLUMNS = [
     ("case", "label", "s"), ("implementation", "impl", "s"), ("B", "B", "d"), ("N", "N", "d"),
-    ("H", lambda r: str(r["H"]), "s"), ("D", "D", "d"),
+    ("H", "H", "s"), ("D", "D", "d"),
     ("fwd ms", "fwd_ms", ".3f"), ("fwd TFLOP/s", "fwd_tflops", ".1f"), ("fwd TB/s", "fwd_tbps", ".2f"),
     ("fwd time / attncc's", "fwd_vs_attncc", ".2f"),
     ("f+b ms", "fb_ms", ".3f"), ("f+b TFLOP/s", "fb_tflops", ".1f"), ("f+b time / attncc's", "fb_vs_attncc", ".2f"),
@@ -170,8 +185,9 @@ COLUMNS = [
 
 
 def table(rows: List[dict], title: str) -> str:
-    """The markdown table of ``rows``, without the columns no row has."""
-    used = [col for col in COLUMNS if callable(col[1]) or any(r.get(col[1]) is not None for r in rows)]
+    """The markdown table of ``rows``, without the columns no row has; a row without some field
+    (a case that failed before its first row) gets '-' there."""
+    used = [col for col in COLUMNS if any(r.get(col[1]) is not None for r in rows)]
     return f"{title}\n\n{markdown(rows, used)}\n"
 
 
@@ -271,7 +287,8 @@ def main(argv=None) -> int:
             new = run_case(case, fwd=not args.bwd, bwd=not args.fwd, rounds=args.rounds, settings=settings,
                            baselines=not args.no_baselines)
         except Exception as e:  # noqa: BLE001 - one error row, then the next case
-            new = [dict(case=case.name, label=case.label, impl="attncc", note=short_error(e, 300), failed=True)]
+            new = [dict(base_row(case.at_smoke() if SMOKE else case), impl="attncc", note=short_error(e, 300),
+                        failed=True)]
             if os.environ.get("BENCH_TRACEBACK"):
                 import traceback
 
