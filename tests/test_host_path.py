@@ -345,3 +345,17 @@ def test_params_passed_as_tensors_are_read_every_call():
     for window in (2, 5, 2, 9):
         got = mod.attention(q, k, v, window=torch.tensor(window))
         assert torch.equal(got, mod.attention(q, k, v, window=window)), window
+
+
+def test_launch_scratch_is_kept_per_stream(monkeypatch):
+    """Triton's per-launch scratch (on-device tensor descriptors) is one buffer per stream, grown
+    as needed, instead of an allocation per launch; under CUDA graph capture a fresh one each time."""
+    monkeypatch.setattr(launch, "_SCRATCH", {})
+    a = launch.scratch(100, 1, "cpu", capturing=False)
+    assert launch.scratch(80, 1, "cpu", capturing=False) is a and a.numel() >= 100
+    b = launch.scratch(100, 2, "cpu", capturing=False)  # another stream
+    assert b is not a
+    grown = launch.scratch(150, 1, "cpu", capturing=False)
+    assert grown is not a and grown.numel() >= 150 and launch.scratch(120, 1, "cpu", capturing=False) is grown
+    captured = launch.scratch(50, 1, "cpu", capturing=True)
+    assert captured is not grown and launch.scratch(50, 1, "cpu", capturing=True) is not captured

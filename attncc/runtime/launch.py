@@ -203,7 +203,7 @@ def kernel_operands(call: Call):
             k = tma_ready(k)
         if not (suits[2] and v.data_ptr() % 16 == 0):
             v = tma_ready(v)
-    if q.dtype is torch.bfloat16 and interpreting():
+    if interpreting() and q.dtype is torch.bfloat16:
         q, k, v = q.float(), k.float(), v.float()
     return q, k, v
 
@@ -215,7 +215,32 @@ _ALLOCATOR_SET = threading.local()
 
 
 def _alloc(size: int, alignment: int, stream):
-    return torch.empty(size, device="cuda", dtype=torch.int8)
+    """Triton's per-launch scratch (the kernels' on-device tensor descriptors, written and read
+    by the launched kernel only): :func:`scratch` of the current CUDA device."""
+    return scratch(size, stream, _CUDA, torch._C._cuda_isCurrentStreamCapturing())
+
+
+_CUDA = torch.device("cuda")
+_SCRATCH: dict = {}  # (device, stream) -> int8 buffer
+
+
+def scratch(size: int, stream, device, capturing: bool) -> torch.Tensor:
+    """A buffer of at least ``size`` bytes for a launch on ``stream``: one per stream, grown as
+    needed, instead of an allocation per launch (an aten op on every launch of a kernel with tensor
+    descriptors, 3 per forward+backward). Safe because the scratch lives only while the kernel
+    runs and kernels of one stream run one after the other (a buffer outgrown is freed in the
+    stream's order by the caching allocator). Under CUDA graph capture a fresh one, as Triton's
+    own use expects: a graph's kernels replay later, beside other streams' launches."""
+    if capturing:
+        return torch.empty(size, device=device, dtype=torch.int8)
+    key = (device, stream)
+    buffer = _SCRATCH.get(key)
+    if buffer is None or buffer.numel() < size:
+        if len(_SCRATCH) >= 64:  # streams come and go (a pool of them, usually)
+            _SCRATCH.clear()
+        buffer = _SCRATCH[key] = torch.empty(max(size, 2 * (0 if buffer is None else buffer.numel())),
+                                             device=device, dtype=torch.int8)
+    return buffer
 
 
 def ensure_allocator():
@@ -270,7 +295,8 @@ def run_attention(call: Call, forward: Callable[[Call], Tuple[torch.Tensor, torc
     (a graph break), gradients included."""
     backend.refuse_forced(call)  # ATTNCC_BACKEND=gluon on a spec without the Gluon forward (attncc.runtime.backend)
     forward, backward = tuning.on_the_fly(forward, backward)  # ATTNCC_TUNE=1: tune what the cache lacks
-    if torch.compiler.is_compiling():
+    # (bind keeps no signature memo while torch.compile traces: a call with one is not compiling)
+    if call.memo is None and torch.compiler.is_compiling():
         if compiled.compilable(call):
             return compiled.attention(call)
         return _run_eagerly()(call, forward, backward)
