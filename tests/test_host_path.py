@@ -359,3 +359,13 @@ def test_launch_scratch_is_kept_per_stream(monkeypatch):
     assert grown is not a and grown.numel() >= 150 and launch.scratch(120, 1, "cpu", capturing=False) is grown
     captured = launch.scratch(50, 1, "cpu", capturing=True)
     assert captured is not grown and launch.scratch(50, 1, "cpu", capturing=True) is not captured
+    # Triton's allocator: the kept buffer inside attncc's launch() only (another library's kernel
+    # on this thread may overlap the one before it: programmatic dependent launch)
+    monkeypatch.setattr(launch, "_CUDA", torch.device("cpu"))
+    monkeypatch.setattr(torch._C, "_cuda_isCurrentStreamCapturing", lambda: False)
+    outside = launch._alloc(64, 128, 7)
+    assert launch._alloc(64, 128, 7) is not outside
+    kept = []
+    monkeypatch.setattr(launch, "TOO_BIG", set())  # (nothing failed to fit: the first try runs)
+    launch.launch(None, None, lambda cfg: kept.extend([launch._alloc(64, 128, 7), launch._alloc(64, 128, 7)]))
+    assert kept[0] is kept[1]

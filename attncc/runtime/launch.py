@@ -72,8 +72,13 @@ def launch(call: Call, cfg: KernelConfig, run_kernel: Callable[[KernelConfig], N
     """Launch with ``cfg``; when the kernel needs more shared memory than the GPU has (a
     pattern that gathers from memory in the loop, say), retry with shallower pipelining.
     What failed is remembered per (spec, kernel, head dim, dtype, config); ``kernel`` names
-    the backward kernels ("dkdv", "dq"), "" is the forward."""
-    return _launch(call, cfg, run_kernel, kernel)
+    the backward kernels ("dkdv", "dq"), "" is the forward. Its launches take Triton's scratch
+    from :func:`scratch`."""
+    _LAUNCHING.own = True
+    try:
+        return _launch(call, cfg, run_kernel, kernel)
+    finally:
+        _LAUNCHING.own = False
 
 
 def bound_launch(call: Call, make: Callable, cfg: KernelConfig, q, k, v, *buffers, layout=()):
@@ -107,7 +112,8 @@ def fast_launch() -> bool:
     return not interpreting() and env("ATTNCC_FAST_LAUNCH", "0") == "1"
 
 
-_LAUNCHING = threading.local()  # .slot: the compiled kernels of the BoundLaunch running on this thread
+# .slot: the compiled kernels of the BoundLaunch running on this thread; .own: inside launch()
+_LAUNCHING = threading.local()
 
 
 def _launch(call: Call, cfg: KernelConfig, run_kernel: Callable[[KernelConfig], None], kernel: str):
@@ -216,8 +222,13 @@ _ALLOCATOR_SET = threading.local()
 
 def _alloc(size: int, alignment: int, stream):
     """Triton's per-launch scratch (the kernels' on-device tensor descriptors, written and read
-    by the launched kernel only): :func:`scratch` of the current CUDA device."""
-    return scratch(size, stream, _CUDA, torch._C._cuda_isCurrentStreamCapturing())
+    by the launched kernel only): for attncc's own launches (:func:`launch`), :func:`scratch` of the
+    current CUDA device; for any other Triton kernel of this thread (this allocator is the
+    thread's), a fresh one: such a kernel may start before the one before it ends (programmatic
+    dependent launch)."""
+    if getattr(_LAUNCHING, "own", False):
+        return scratch(size, stream, _CUDA, torch._C._cuda_isCurrentStreamCapturing())
+    return torch.empty(size, device=_CUDA, dtype=torch.int8)
 
 
 _CUDA = torch.device("cuda")
