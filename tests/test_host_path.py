@@ -291,7 +291,8 @@ def test_fast_kernel_keys_what_triton_specializes_on(monkeypatch):
     aligned, misaligned, half = base[:16], base[1:17], torch.zeros(16, dtype=torch.float16)
 
     def bound(n):
-        return launch.BoundLaunch(lambda x, seed, block, extra=None: kernel[(4, 2)](x, n, extra, seed=seed, BLOCK=block))
+        return launch.BoundLaunch(lambda x, seed, block, extra=None, n=n: kernel[(4, 2)](x, n, extra, seed=seed,
+                                                                                           BLOCK=block))
 
     first, other = bound(10), bound(10)
     first(aligned, 3, 32)
@@ -305,6 +306,10 @@ def test_fast_kernel_keys_what_triton_specializes_on(monkeypatch):
         args = {"x": aligned, "seed": 3, "block": 32, **changed}
         first(args["x"], args["seed"], args["block"], args.get("extra"))
         assert len(fake.compiles) == before + 1, changed
+    before = len(fake.compiles)
+    first(aligned, 3, 32, None, 11)  # a positional scalar (bound in the generated launches) changed
+    first(aligned, 3, 32, None, 1)  # (Triton: the 1 a constexpr)
+    assert len(fake.compiles) == before + 2
     before = len(fake.compiles)
     other(aligned, 3, 32)  # another bound launch (another signature, config or dO layout)
     assert len(fake.compiles) == before + 1

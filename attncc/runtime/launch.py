@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 import threading
 from typing import Callable, Optional, Tuple
 
@@ -374,11 +375,14 @@ class _Launches:
     (the generated code passes them in fixed places), and {key: (compiled kernel, the
     parameters after the positional ones)}."""
 
-    __slots__ = ("tensors", "nones", "compiled")
+    __slots__ = ("tensors", "nones", "scalars", "compiled")
 
     def __init__(self, args):
         self.tensors = tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
         self.nones = tuple(i for i, a in enumerate(args) if a is None)
+        others = [i for i, a in enumerate(args) if a is not None and not isinstance(a, torch.Tensor)]
+        # the positional scalars' values, as one tuple (itemgetter of one index gives the value)
+        self.scalars = operator.itemgetter(*others, *others[:1]) if others else (lambda args: ())
         self.compiled = {}
 
 
@@ -392,12 +396,13 @@ class FastKernel:
     ``kernel[grid](...)`` as always (compiling, specializing) and keeps the compiled kernel that
     ``JITFunction.run`` returns; later launches with the same key call it with every parameter in
     order (constexprs included: the launcher skips them), as ``JITFunction.run`` does. The key,
-    per bound launch (which fixes every positional scalar and the grid), holds the rest of what
-    Triton specializes on: each tensor argument's dtype and 16-byte alignment, the keyword
-    arguments (constexprs and options by value; a runtime scalar such as the dropout seed by its
-    specialization, :func:`_specialization`) and the current device. A launch that passes a
-    tensor where an earlier one passed None takes the plain path. Elsewhere (the interpreter, no
-    bound launch) the plain launch.
+    per bound launch (which fixes the grid and, in the generated launches, every positional
+    scalar), holds what Triton specializes on: the positional scalars' values (a safeguard costing
+    ~1 us: a bound launch passes the same ones every time), each tensor argument's dtype and 16-byte
+    alignment, the keyword arguments (constexprs and options by value; a runtime scalar such as the
+    dropout seed by its specialization, :func:`_specialization`) and the current device. A launch
+    that passes a tensor where an earlier one passed None takes the plain path. Elsewhere (the
+    interpreter, no bound launch) the plain launch.
 
     Not re-checked per launch (as ``JITFunction.run`` would): Triton's debug and instrumentation
     knobs and the kernels' global constants changing after the first launch of a key.
@@ -425,7 +430,7 @@ class FastKernel:
         keywords = tuple(kwargs.items())
         if self._runtime_keywords.intersection(kwargs):
             keywords = tuple((k, _specialization(v)) if k in self._runtime_keywords else (k, v) for k, v in keywords)
-        key = (len(args), torch.cuda.current_device(), keywords,
+        key = (len(args), torch.cuda.current_device(), keywords, launches.scalars(args),
                tuple((args[i].data_ptr() % 16 == 0, args[i].dtype) for i in launches.tensors))
         entry = launches.compiled.get(key)
         if entry is None:
