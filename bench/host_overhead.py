@@ -1,6 +1,7 @@
 """Host overhead per call of attncc's generated attention, against SDPA (cuDNN) and FlexAttention.
 
     python -m bench host --stub            # CPU: launches stubbed (no GPU needed)
+    python -m bench host --ops             # CPU: torch ops and calls per call, launches stubbed
     python -m bench host --out $OUT        # GPU: host and GPU us/call; table, CSV and plot in $OUT
 
 Both print a markdown table row by row and, with ``--out``, write it (host_overhead.md) and the CSV
@@ -25,9 +26,22 @@ What is timed, per case (spec) and length N (B = 2, 16 query heads, head dim 128
   floor are timed in turn, ``--rounds`` times, and each keeps its fastest: a shared, busy CPU only
   ever adds time, and the subtraction of two minima taken side by side is the least noisy.
 - On the GPU also attncc through ``torch.compile(fullgraph=True)`` (host us/call).
+- On the GPU also ``fast host`` / ``fast gpu``: the same with ``ATTNCC_FAST_LAUNCH=1`` (Triton's
+  compiled kernels called directly, attncc.runtime.launch.FastKernel), and ``fast same``: whether
+  its outputs and gradients equal the plain launch's bitwise.
 - On the GPU also ``gpu fwd`` / ``gpu f+b``: device microseconds per call (bench/timer.py), and the
   same for the baselines of bench/impls.py that have the spec: SDPA (cuDNN backend) and FlexAttention
   (compiled, block mask built outside the timing).
+
+With ``--ops`` nothing is timed: one call of each phase (the forward under ``torch.no_grad()``, the
+forward with gradients, the backward) is counted instead, launches stubbed, after warm-up calls of the
+same signature (:func:`op_counts`): the aten ops torch dispatches (torch.profiler), the torch
+functions, tensor methods and tensor attribute reads (a ``TorchFunctionMode``), and the calls from
+outside torch into torch's Python and C functions (``sys.setprofile``: autograd's ``Function.apply``,
+``torch.is_grad_enabled``, ``ctx.save_for_backward`` ...), each in a run of its own. On the GPU every
+one of them costs host time (an aten op several us): the counts are what a change to the host path
+adds or removes, independent of a busy CPU. SDPA (``F.scaled_dot_product_attention``, causal) is
+the yardstick. tests/test_host_ops.py pins attncc's counts.
 
 Under ``--stub`` the CPU tensors run through ``TRITON_INTERPRET=1``'s code paths (the interpreter's
 small tile config; float16 so that no operand is converted): the numbers are host time on this
@@ -43,7 +57,7 @@ import sys
 import time
 from pathlib import Path
 
-STUB = "--stub" in sys.argv
+STUB = "--stub" in sys.argv or "--ops" in sys.argv
 if STUB:
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: CPU tensors pass the device check
 
@@ -201,9 +215,216 @@ def host_times(name: str, n: int, device: str, dtype, calls: int, sync=None, clo
     return out
 
 
+# ---------------------------------------------------------------------------------------
+# --ops: what one call dispatches and calls, counted (not timed)
+# ---------------------------------------------------------------------------------------
+
+PHASES = ("fwd", "fwd grad", "bwd")  # the forward under no_grad, the forward with gradients, its backward
+KINDS = ("aten", "torch", "calls")  # what is counted: see OpCount
+
+
+class _DispatchCount:
+    """The aten ops dispatched from outside aten (torch.profiler's CPU events without an aten op
+    above them: an op's own inner ops are its business). A ``TorchDispatchMode`` would count
+    more than runs without it (autograd detaches the outputs it saves under one)."""
+
+    def __init__(self, counter):
+        self.counter = counter
+
+    def __enter__(self):
+        from torch.profiler import ProfilerActivity, profile
+
+        self._profile = profile(activities=[ProfilerActivity.CPU])
+        self._profile.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._profile.__exit__(*exc)
+        for e in self._profile.events():
+            parent = e.cpu_parent
+            if e.name.startswith("aten::") and (parent is None or not parent.name.startswith("aten::")):
+                self.counter[e.name] += 1
+
+
+def _function_name(func) -> str:
+    """A readable name of what a ``TorchFunctionMode`` saw: ``torch.empty``, ``Tensor.stride``,
+    ``Tensor.shape`` (an attribute read: a descriptor's ``__get__``)."""
+    owner = getattr(func, "__self__", None)
+    if getattr(func, "__name__", "") == "__get__" and owner is not None:  # an attribute read
+        return f"Tensor.{getattr(owner, '__name__', owner)}"
+    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or str(func)
+    return name.replace("_VariableFunctionsClass.", "torch.").replace("TensorBase.", "Tensor.")
+
+
+class _FunctionCount:
+    """A ``TorchFunctionMode`` counting torch functions, tensor methods and attribute reads."""
+
+    def __new__(cls, counter):
+        from torch.overrides import TorchFunctionMode
+
+        class Mode(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                counter[_function_name(func)] += 1
+                return func(*args, **(kwargs or {}))
+        return Mode()
+
+
+_TORCH_DIR = str(Path(torch.__file__).parent)
+
+
+class _CallCount:
+    """``sys.setprofile``: calls from code outside torch's package into torch, Python functions
+    (by file) and C functions (by module, or a tensor's method); torch's calls inside itself are
+    its own business and not counted. Counts what the modes cannot see: ``Function.apply``,
+    ``torch.is_grad_enabled()``, ``ctx.save_for_backward``, ``torch.no_grad()`` ..."""
+
+    def __init__(self, counter):
+        self.counter = counter
+
+    def __enter__(self):
+        counter, torch_dir = self.counter, _TORCH_DIR
+
+        def profile(frame, event, arg):
+            if event == "call":  # frame: the callee's
+                back = frame.f_back
+                if (frame.f_code.co_filename.startswith(torch_dir) and back is not None
+                        and not back.f_code.co_filename.startswith(torch_dir)):
+                    counter[frame.f_code.co_qualname] += 1
+            elif event == "c_call" and not frame.f_code.co_filename.startswith(torch_dir):  # frame: the caller's
+                owner = getattr(arg, "__self__", None)
+                if ((getattr(arg, "__module__", None) or "").startswith("torch") or isinstance(owner, torch.Tensor)
+                        or (type(owner).__module__ or "").startswith("torch")):
+                    counter[_c_name(arg, owner)] += 1
+        self._previous = sys.getprofile()
+        sys.setprofile(profile)
+        return self
+
+    def __exit__(self, *exc):
+        sys.setprofile(self._previous)
+
+
+def _c_name(func, owner) -> str:
+    name = getattr(func, "__name__", "?")
+    if isinstance(owner, torch.Tensor):
+        return f"Tensor.{name}"
+    module = getattr(func, "__module__", None)
+    if module:
+        return f"{module}.{name}"
+    return getattr(func, "__qualname__", name).replace("_VariableFunctionsClass.", "torch.")
+
+
+@dataclasses.dataclass
+class OpCount:
+    """What one phase of one call did: ``aten`` ops dispatched (torch.profiler), ``torch``
+    functions, tensor methods and attribute reads (``TorchFunctionMode``), ``calls`` into torch from
+    outside it (``sys.setprofile``); each a {name: count}."""
+
+    aten: dict
+    torch: dict
+    calls: dict
+
+    def total(self, kind: str) -> int:
+        return sum(getattr(self, kind).values())
+
+
+def _counted(step, kind: str) -> dict:
+    from collections import Counter
+
+    counter = Counter()
+    wrap = {"aten": _DispatchCount, "torch": _FunctionCount, "calls": _CallCount}[kind](counter)
+    with wrap:
+        step()
+    return dict(counter)
+
+
+def count_phases(forward, grad_out, leaves, warmup: int = 2) -> dict:
+    """{phase: OpCount} of ``forward() -> output`` (the call) and of the backward of ``output``
+    with gradient ``grad_out`` into ``leaves``: "fwd" (under torch.no_grad()), "fwd grad" and "bwd",
+    each counted in a call of its own after ``warmup`` calls of each (the signature's caches
+    filled). Three runs per phase, one per kind. The backward runs through autograd's engine
+    directly, not ``Tensor.backward``: a TorchFunctionMode sees nothing inside a torch function it
+    intercepts, and ``torch.autograd.backward`` is one."""
+    from torch.autograd.graph import _engine_run_backward
+
+    def fwd():
+        with torch.no_grad():
+            forward()
+
+    def bwd(out):
+        _engine_run_backward((out,), (grad_out,), False, False, (), allow_unreachable=True, accumulate_grad=True)
+
+    for _ in range(warmup):
+        fwd()
+        bwd(forward())
+        for t in leaves:
+            t.grad = None
+    phases = {"fwd": {}, "fwd grad": {}, "bwd": {}}
+    for kind in KINDS:
+        phases["fwd"][kind] = _counted(fwd, kind)
+        box = []
+        phases["fwd grad"][kind] = _counted(lambda: box.append(forward()), kind)
+        phases["bwd"][kind] = _counted(lambda: bwd(box.pop()), kind)
+        for t in leaves:
+            t.grad = None  # (not counted) no accumulation into the next call's gradients
+    return {phase: OpCount(**kinds) for phase, kinds in phases.items()}
+
+
+def op_counts(name: str, n: int = 64, batch: int = 2, heads: int = 4, head_dim: int = 32) -> dict:
+    """{phase: OpCount} of one call of the generated module ``name`` on CPU float16 tensors
+    (launches stubbed: what remains is attncc's host path and torch's), or of SDPA (causal) for
+    ``name == "sdpa"``, or of the floor (:class:`_Floor`: what any autograd.Function allocating o, the
+    LSE and the gradients costs) for ``name == "floor"``. The counts do not depend on the sizes (tests use small ones)."""
+    if name == "floor":  # a do-nothing autograd.Function allocating o, lse and the gradients
+        q, k, v = qkv(batch, heads, n, head_dim, dtype=torch.float16, device="cpu", grad=True)
+        g = torch.randn(batch, heads, n, head_dim, dtype=torch.float16)
+        return count_phases(lambda: _Floor.apply(0, q, k, v)[0], g, (q, k, v))
+    if name == "sdpa":
+        q, k, v = qkv(batch, heads, n, head_dim, dtype=torch.float16, device="cpu", grad=True)
+        g = torch.randn(batch, heads, n, head_dim, dtype=torch.float16)
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+
+        return count_phases(lambda: sdpa(q, k, v, is_causal=True), g, (q, k, v))
+    module = generated(name)
+    stubbed = getattr(module, "_STUB_LOG", None) is None
+    stub_launches(module)
+    try:
+        module, q, k, v, kw = make_case(name, n, "cpu", torch.float16, batch=batch, heads=heads,
+                                        head_dim=head_dim, grad=True)
+        g = torch.randn(q.shape[:-1] + (v.shape[-1],), dtype=torch.float16)
+        return count_phases(lambda: module.attention(q, k, v, **kw), g, (q, k, v))
+    finally:
+        if stubbed:
+            unstub(module)
+
+
+OPS_CASES = ("causal", "document", "sdpa", "floor")
+
+
+def run_ops(cases, detail: bool = True) -> int:
+    """``--ops``: a table of the counts per case and phase, and with ``detail`` each count by name."""
+    head = ["case", "phase", *KINDS]
+    print(f"torch ops and calls per call, launches stubbed, CPU float16, torch {torch.__version__}, "
+          f"{time.strftime('%Y-%m-%d %H:%M')} (aten: dispatched ops; torch: functions, methods and "
+          f"attribute reads; calls: calls into torch from outside it)\n" + table_head(head), flush=True)
+    results = {}
+    for name in cases:
+        results[name] = op_counts(name)
+        for phase, count in results[name].items():
+            print(table_line({"case": name, "phase": phase, **{k: count.total(k) for k in KINDS}}, head), flush=True)
+    if detail:
+        for name, phases in results.items():
+            for phase, count in phases.items():
+                print(f"\n{name} {phase}:")
+                for kind in KINDS:
+                    items = sorted(getattr(count, kind).items(), key=lambda x: (-x[1], x[0]))
+                    print(f"  {kind} ({count.total(kind)}): " + ", ".join(f"{k} {v}" for k, v in items))
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench host", description=__doc__.split("\n\n")[0])
     p.add_argument("--stub", action="store_true", help="CPU: stub the Triton launches (see the module doc)")
+    p.add_argument("--ops", action="store_true", help="CPU: count torch ops and calls per call (see the module doc)")
     p.add_argument("--cases", default=",".join(CASES))
     p.add_argument("--n", default=",".join(map(str, LENGTHS)))
     p.add_argument("--calls", type=int, default=200, help="calls per timed burst (CPU); the GPU uses 20")
@@ -212,6 +433,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     cases = [c for c in args.cases.split(",") if c]
     lengths = [int(x) for x in args.n.split(",") if x]
+    if args.ops:
+        return run_ops([c for c in args.cases.split(",") if c] if "--cases" in (argv or sys.argv) else OPS_CASES)
     if args.stub:
         return run_stub(cases, lengths, args.calls, args.out, args.rounds)
     return run_gpu(cases, lengths, args.out)
@@ -348,7 +571,8 @@ def compiled_host_us(name: str, n: int, calls: int) -> dict:
     return {label: per_call_us(step, calls, sync=torch.cuda.synchronize) for label, step in (("fwd", fwd), ("f+b", fwd_bwd))}
 
 
-GPU_HEAD = ["case", "N", "impl", "host fwd", "host f+b", "gpu fwd", "gpu f+b", "stub fwd", "stub f+b",
+GPU_HEAD = ["case", "N", "impl", "host fwd", "host f+b", "gpu fwd", "gpu f+b", "fast host fwd", "fast host f+b",
+            "fast gpu fwd", "fast gpu f+b", "fast same", "stub fwd", "stub f+b",
             "triton launch fwd", "triton launch f+b", "own fwd", "own f+b", "floor fwd", "floor f+b",
             "compiled host fwd", "compiled host f+b", "note"]
 
@@ -367,6 +591,7 @@ def run_gpu(cases, lengths, out) -> int:  # pragma: no cover - needs a GPU
         for n in lengths:
             r = {"case": name, "N": n, "impl": "attncc"}
             fill(r, "attncc", lambda: _attncc_gpu_times(name, n, calls))
+            fill(r, "fast launch", lambda: _fast_launch_times(name, n, calls))
             fill(r, "stubbed", lambda: _stub_columns(name, n, calls))
             fill(r, "triton launch", lambda: {f"triton launch {k}": t for k, t in triton_launch_us(name, n).items()})
             for label in ("fwd", "f+b"):
@@ -399,6 +624,27 @@ def _attncc_gpu_times(name: str, n: int, calls: int) -> dict:  # pragma: no cove
         out[f"host {label}"] = per_call_us(fn, calls, sync=torch.cuda.synchronize)
         out[f"gpu {label}"] = timer.time_ms(fn, warmup=20, rep=100) * 1e3
     return out
+
+
+def _fast_launch_times(name: str, n: int, calls: int) -> dict:  # pragma: no cover - needs a GPU
+    """``fast host`` / ``fast gpu`` fwd and f+b: :func:`_attncc_gpu_times` with ``ATTNCC_FAST_LAUNCH=1``
+    (Triton's compiled kernels called directly, attncc.runtime.launch.FastKernel), and whether its
+    outputs and gradients equal the plain launch's (``fast same``: bitwise, one call each)."""
+    from bench.common import environment
+
+    module, q, k, v, kw = make_case(name, n, "cuda", torch.bfloat16, grad=True)
+    g = torch.randn(q.shape[:-1] + (v.shape[-1],), device="cuda", dtype=torch.bfloat16)
+
+    def outputs():
+        o = module.attention(q, k, v, **kw)
+        return [o.detach(), *torch.autograd.grad(o, (q, k, v), g)]
+    with environment({"ATTNCC_FAST_LAUNCH": "0"}):
+        plain = outputs()
+    with environment({"ATTNCC_FAST_LAUNCH": "1"}):
+        fast = outputs()
+        times = _attncc_gpu_times(name, n, calls)
+    same = all(torch.equal(a, b) for a, b in zip(plain, fast))
+    return {**{f"fast {key}": t for key, t in times.items()}, "fast same": "yes" if same else "NO"}
 
 
 def _stub_columns(name: str, n: int, calls: int) -> dict:  # pragma: no cover - needs a GPU

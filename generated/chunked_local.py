@@ -813,9 +813,10 @@ def _backward(call, o, lse, do, dlse=None):
     return _rt.grads_as_inputs(call, dq, dk, dv)
 
 
-# The attention kernels launch through attncc's per-signature cache of Triton's compiled kernels
-# when ATTNCC_FAST_LAUNCH=1 (attncc.runtime.launch.FastKernel).
+# The kernels of the bound launches (_rt.bound_launch) launch through Triton's compiled kernels
+# kept per bound launch when ATTNCC_FAST_LAUNCH=1 (attncc.runtime.launch.FastKernel).
 _fwd_kernel = _rt.fast_kernel(_fwd_kernel)
+_bwd_preprocess = _rt.fast_kernel(_bwd_preprocess)
 _bwd_dkdv_kernel = _rt.fast_kernel(_bwd_dkdv_kernel)
 _bwd_dq_kernel = _rt.fast_kernel(_bwd_dq_kernel)
 _rt.register_kernels(SPEC, _forward, _backward)  # the custom ops torch.compile traces call these

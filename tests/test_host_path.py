@@ -263,7 +263,8 @@ class _FakeJit:
     compiled kernel, which ``compiled[grid](*all_params)`` launches."""
 
     def __init__(self):
-        self.params = [_Param("X"), _Param("n"), _Param("seed"), _Param("BLOCK", True), _Param("FLAG", True, False)]
+        self.params = [_Param("X"), _Param("n"), _Param("EXTRA"), _Param("seed"), _Param("BLOCK", True),
+                       _Param("FLAG", True, False)]
         self.compiles, self.launches = [], []
 
     def __getitem__(self, grid):
@@ -279,38 +280,67 @@ class _FakeJit:
 
 
 def test_fast_kernel_keys_what_triton_specializes_on(monkeypatch):
+    """FastKernel (ATTNCC_FAST_LAUNCH=1) reuses a compiled kernel only where Triton would pick the
+    same: per bound launch (which fixes the positional scalars: another bound launch, another
+    key), tensor alignment and dtype, None arguments, keyword constexprs by value and runtime
+    scalars by Triton's specialization (== 1, divisible by 16, i32 / i64 width)."""
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setenv("ATTNCC_FAST_LAUNCH", "1")
     fake = _FakeJit()
     kernel = launch.FastKernel(fake)
-    memo, other = {}, {}
     base = torch.zeros(64)
-    aligned, misaligned = base[:16], base[1:17]
+    aligned, misaligned, half = base[:16], base[1:17], torch.zeros(16, dtype=torch.float16)
 
-    def go(memo, x, seed=3, block=32):
-        launch._LAUNCHING.memo = memo
-        try:
-            kernel[(4, 2)](x, 10, seed=seed, BLOCK=block)
-        finally:
-            launch._LAUNCHING.memo = None
+    def bound(n):
+        return launch.BoundLaunch(lambda x, seed, block, extra=None, n=n: kernel[(4, 2)](x, n, extra, seed=seed,
+                                                                                           BLOCK=block))
 
-    go(memo, aligned)
-    go(memo, aligned)  # the compiled kernel, all parameters in order, a 3-d grid
-    assert len(fake.compiles) == 1 and fake.launches == [((4, 2, 1), (aligned, 10, 3, 32, False))]
-    go(memo, aligned, seed=35)  # same specialization of the seed (not 1, not a multiple of 16)
+    first, other = bound(10), bound(10)
+    first(aligned, 3, 32)
+    first(aligned, 3, 32)  # the compiled kernel, all parameters in order, a 3-d grid
+    assert len(fake.compiles) == 1 and fake.launches == [((4, 2, 1), (aligned, 10, None, 3, 32, False))]
+    first(aligned, 35, 32)  # same specialization of the seed (not 1, not a multiple of 16, i32)
     assert len(fake.compiles) == 1
-    for changed in (dict(x=misaligned), dict(seed=1), dict(seed=32), dict(block=64)):
+    for changed in (dict(x=misaligned), dict(x=half), dict(seed=1), dict(seed=32), dict(seed=2**40 + 3),
+                    dict(block=64), dict(extra=aligned)):
         before = len(fake.compiles)
-        go(memo, **{"x": aligned, **changed})
+        args = {"x": aligned, "seed": 3, "block": 32, **changed}
+        first(args["x"], args["seed"], args["block"], args.get("extra"))
         assert len(fake.compiles) == before + 1, changed
-    go(other, aligned)  # another call signature
-    assert len(fake.compiles) == 6
+    before = len(fake.compiles)
+    first(aligned, 3, 32, None, 11)  # a positional scalar (bound in the generated launches) changed
+    first(aligned, 3, 32, None, 1)  # (Triton: the 1 a constexpr)
+    assert len(fake.compiles) == before + 2
+    before = len(fake.compiles)
+    other(aligned, 3, 32)  # another bound launch (another signature, config or dO layout)
+    assert len(fake.compiles) == before + 1
+    kernel[(1,)](aligned, 10, None, seed=3, BLOCK=32)  # outside a bound launch: the plain launch
+    kernel[(1,)](aligned, 10, None, seed=3, BLOCK=32)
+    assert len(fake.compiles) == before + 3
+
+
+def test_fast_launch_binds_per_launch_layout(monkeypatch):
+    """ATTNCC_FAST_LAUNCH=1 wraps bound launches (never under the interpreter), one per layout of
+    what the signature does not fix (dO's strides): FastKernel's key relies on it."""
+    mod = module("causal")
+    q, k, v = qkv(N=20)
+    call = call_mod.bind(mod.SPEC, q, k, v)
+    cfg = launch.pick_config(call)
+    made = []
+
+    def make(call, cfg, q, k, v, *rest):
+        made.append(rest)
+        return lambda *args: None
+    do = torch.randn(2, 4, 20, 16)
+    padded = torch.randn(2, 4, 20, 24)[..., :16]
+    monkeypatch.setenv("ATTNCC_FAST_LAUNCH", "1")
+    assert not isinstance(launch.bound_launch(call, make, cfg, q, k, v, layout=(do,)), launch.BoundLaunch)
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
+    a = launch.bound_launch(call, make, cfg, q, k, v, layout=(do,))
+    b = launch.bound_launch(call, make, cfg, q, k, v, layout=(padded,))
+    assert isinstance(a, launch.BoundLaunch) and isinstance(b, launch.BoundLaunch) and a is not b
+    assert launch.bound_launch(call, make, cfg, q, k, v, layout=(do.clone(),)) is a
     monkeypatch.setenv("ATTNCC_FAST_LAUNCH", "0")
-    go(memo, aligned)  # off: the plain launch
-    assert len(fake.compiles) == 7
-    launch._LAUNCHING.memo = None
-    kernel[(1,)](aligned, 10, seed=3, BLOCK=32)  # outside launch(): the plain launch
-    assert len(fake.compiles) == 8
+    assert not isinstance(launch.bound_launch(call, make, cfg, q, k, v, layout=(do,)), launch.BoundLaunch)
 
 
 def test_params_passed_as_tensors_are_read_every_call():
@@ -320,3 +350,27 @@ def test_params_passed_as_tensors_are_read_every_call():
     for window in (2, 5, 2, 9):
         got = mod.attention(q, k, v, window=torch.tensor(window))
         assert torch.equal(got, mod.attention(q, k, v, window=window)), window
+
+
+def test_launch_scratch_is_kept_per_stream(monkeypatch):
+    """Triton's per-launch scratch (on-device tensor descriptors) is one buffer per stream, grown
+    as needed, instead of an allocation per launch; under CUDA graph capture a fresh one each time."""
+    monkeypatch.setattr(launch, "_SCRATCH", {})
+    a = launch.scratch(100, 1, "cpu", capturing=False)
+    assert launch.scratch(80, 1, "cpu", capturing=False) is a and a.numel() >= 100
+    b = launch.scratch(100, 2, "cpu", capturing=False)  # another stream
+    assert b is not a
+    grown = launch.scratch(150, 1, "cpu", capturing=False)
+    assert grown is not a and grown.numel() >= 150 and launch.scratch(120, 1, "cpu", capturing=False) is grown
+    captured = launch.scratch(50, 1, "cpu", capturing=True)
+    assert captured is not grown and launch.scratch(50, 1, "cpu", capturing=True) is not captured
+    # Triton's allocator: the kept buffer inside attncc's launch() only (another library's kernel
+    # on this thread may overlap the one before it: programmatic dependent launch)
+    monkeypatch.setattr(launch, "_CUDA", torch.device("cpu"))
+    monkeypatch.setattr(torch._C, "_cuda_isCurrentStreamCapturing", lambda: False)
+    outside = launch._alloc(64, 128, 7)
+    assert launch._alloc(64, 128, 7) is not outside
+    kept = []
+    monkeypatch.setattr(launch, "TOO_BIG", set())  # (nothing failed to fit: the first try runs)
+    launch.launch(None, None, lambda cfg: kept.extend([launch._alloc(64, 128, 7), launch._alloc(64, 128, 7)]))
+    assert kept[0] is kept[1]

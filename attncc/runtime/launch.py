@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 import threading
 from typing import Callable, Optional, Tuple
 
@@ -72,13 +73,13 @@ def launch(call: Call, cfg: KernelConfig, run_kernel: Callable[[KernelConfig], N
     """Launch with ``cfg``; when the kernel needs more shared memory than the GPU has (a
     pattern that gathers from memory in the loop, say), retry with shallower pipelining.
     What failed is remembered per (spec, kernel, head dim, dtype, config); ``kernel`` names
-    the backward kernels ("dkdv", "dq"), "" is the forward. The call's signature memo is what
-    :class:`FastKernel` keys its compiled kernels by (ATTNCC_FAST_LAUNCH=1)."""
-    _LAUNCHING.memo = getattr(call, "memo", None)  # decoding's calls have none
+    the backward kernels ("dkdv", "dq"), "" is the forward. Its launches take Triton's scratch
+    from :func:`scratch`."""
+    _LAUNCHING.own = True
     try:
         return _launch(call, cfg, run_kernel, kernel)
     finally:
-        _LAUNCHING.memo = None
+        _LAUNCHING.own = False
 
 
 def bound_launch(call: Call, make: Callable, cfg: KernelConfig, q, k, v, *buffers, layout=()):
@@ -89,17 +90,31 @@ def bound_launch(call: Call, make: Callable, cfg: KernelConfig, q, k, v, *buffer
     operands ``q``, ``k``, ``v`` (the call's own tensors have the signature's; copies made for the
     kernels (:func:`kernel_operands`, RoPE) key their own), and the strides of ``layout``, tensors
     whose layout the signature does not fix (the gradient dO). ``buffers``: tensors allocated for
-    this launch from the operands' shapes (their layouts follow from those)."""
+    this launch from the operands' shapes (their layouts follow from those).
+
+    With ``ATTNCC_FAST_LAUNCH=1`` (on a GPU, for a call with a signature memo) the launch is a
+    :class:`BoundLaunch`, whose :class:`FastKernel` launches skip Triton's per-launch specialization:
+    every scalar the launch passes positionally is bound here, so the key of a bound launch is
+    what Triton specializes on."""
+    fast = call.memo is not None and fast_launch()
     if q is call.q and k is call.k and v is call.v:
-        key = (make, cfg, interpreting())
+        key = (make, cfg, interpreting(), fast)
     else:
-        key = (make, cfg, interpreting(), q.shape, q.stride(), q.dtype, k.shape, k.stride(), v.shape, v.stride())
+        key = (make, cfg, interpreting(), fast, q.shape, q.stride(), q.dtype, k.shape, k.stride(), v.shape, v.stride())
     if layout:
-        key += tuple(t.stride() for t in layout)
+        key += (layout[0].stride(),) if len(layout) == 1 else tuple(t.stride() for t in layout)
+    if fast:
+        return call.cached(key, lambda: BoundLaunch(make(call, cfg, q, k, v, *buffers, *layout)))
     return call.cached(key, lambda: make(call, cfg, q, k, v, *buffers, *layout))
 
 
-_LAUNCHING = threading.local()  # the memo of the call whose kernel launch() runs on this thread
+def fast_launch() -> bool:
+    """``ATTNCC_FAST_LAUNCH=1``, off under the interpreter (nothing to skip there)."""
+    return not interpreting() and env("ATTNCC_FAST_LAUNCH", "0") == "1"
+
+
+# .slot: the compiled kernels of the BoundLaunch running on this thread; .own: inside launch()
+_LAUNCHING = threading.local()
 
 
 def _launch(call: Call, cfg: KernelConfig, run_kernel: Callable[[KernelConfig], None], kernel: str):
@@ -195,7 +210,7 @@ def kernel_operands(call: Call):
             k = tma_ready(k)
         if not (suits[2] and v.data_ptr() % 16 == 0):
             v = tma_ready(v)
-    if q.dtype is torch.bfloat16 and interpreting():
+    if interpreting() and q.dtype is torch.bfloat16:
         q, k, v = q.float(), k.float(), v.float()
     return q, k, v
 
@@ -207,7 +222,37 @@ _ALLOCATOR_SET = threading.local()
 
 
 def _alloc(size: int, alignment: int, stream):
-    return torch.empty(size, device="cuda", dtype=torch.int8)
+    """Triton's per-launch scratch (the kernels' on-device tensor descriptors, written and read
+    by the launched kernel only): for attncc's own launches (:func:`launch`), :func:`scratch` of the
+    current CUDA device; for any other Triton kernel of this thread (this allocator is the
+    thread's), a fresh one: such a kernel may start before the one before it ends (programmatic
+    dependent launch)."""
+    if getattr(_LAUNCHING, "own", False):
+        return scratch(size, stream, _CUDA, torch._C._cuda_isCurrentStreamCapturing())
+    return torch.empty(size, device=_CUDA, dtype=torch.int8)
+
+
+_CUDA = torch.device("cuda")
+_SCRATCH: dict = {}  # (device, stream) -> int8 buffer
+
+
+def scratch(size: int, stream, device, capturing: bool) -> torch.Tensor:
+    """A buffer of at least ``size`` bytes for a launch on ``stream``: one per stream, grown as
+    needed, instead of an allocation per launch (an aten op on every launch of a kernel with tensor
+    descriptors, 3 per forward+backward). Safe because the scratch lives only while the kernel
+    runs and kernels of one stream run one after the other (a buffer outgrown is freed in the
+    stream's order by the caching allocator). Under CUDA graph capture a fresh one, as Triton's
+    own use expects: a graph's kernels replay later, beside other streams' launches."""
+    if capturing:
+        return torch.empty(size, device=device, dtype=torch.int8)
+    key = (device, stream)
+    buffer = _SCRATCH.get(key)
+    if buffer is None or buffer.numel() < size:
+        if len(_SCRATCH) >= 64:  # streams come and go (a pool of them, usually)
+            _SCRATCH.clear()
+        buffer = _SCRATCH[key] = torch.empty(max(size, 2 * (0 if buffer is None else buffer.numel())),
+                                             device=device, dtype=torch.int8)
+    return buffer
 
 
 def ensure_allocator():
@@ -262,7 +307,8 @@ def run_attention(call: Call, forward: Callable[[Call], Tuple[torch.Tensor, torc
     (a graph break), gradients included."""
     backend.refuse_forced(call)  # ATTNCC_BACKEND=gluon on a spec without the Gluon forward (attncc.runtime.backend)
     forward, backward = tuning.on_the_fly(forward, backward)  # ATTNCC_TUNE=1: tune what the cache lacks
-    if torch.compiler.is_compiling():
+    # (bind keeps no signature memo while torch.compile traces: a call with one is not compiling)
+    if call.memo is None and torch.compiler.is_compiling():
         if compiled.compilable(call):
             return compiled.attention(call)
         return _run_eagerly()(call, forward, backward)
@@ -302,64 +348,110 @@ def _run_eagerly():
     return torch.compiler.disable(_run, recursive=True)
 
 
+class BoundLaunch:
+    """A generated launch closure (``launch(*tensors_and_flags)``, made by :func:`bound_launch` once per
+    call signature, config and operand layouts) whose :class:`FastKernel` launches are keyed by it.
+    Everything the closure passes to its kernel but the tensors and its own arguments is bound in
+    it (strides, sizes, offsets, scales, constexprs, the grid), so Triton's specialization of a
+    launch through it varies only with what :meth:`FastKernel._launch` keys: the tensors' dtypes and
+    16-byte alignment, None arguments, and the keyword arguments."""
+
+    __slots__ = ("launch", "compiled")
+
+    def __init__(self, launch):
+        self.launch = launch
+        self.compiled = {}  # FastKernel -> _Launches
+
+    def __call__(self, *args):
+        _LAUNCHING.slot = self.compiled
+        try:
+            return self.launch(*args)
+        finally:
+            _LAUNCHING.slot = None
+
+
+class _Launches:
+    """A FastKernel's launches from one BoundLaunch: where its tensor and None arguments are
+    (the generated code passes them in fixed places), and {key: (compiled kernel, the
+    parameters after the positional ones)}."""
+
+    __slots__ = ("tensors", "nones", "scalars", "compiled")
+
+    def __init__(self, args):
+        self.tensors = tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
+        self.nones = tuple(i for i, a in enumerate(args) if a is None)
+        others = [i for i, a in enumerate(args) if a is not None and not isinstance(a, torch.Tensor)]
+        # the positional scalars' values, as one tuple (itemgetter of one index gives the value)
+        self.scalars = operator.itemgetter(*others, *others[:1]) if others else (lambda args: ())
+        self.compiled = {}
+
+
 class FastKernel:
     """A ``@triton.jit`` kernel launched through Triton's compiled kernel directly, skipping the
     per-launch argument specialization of ``JITFunction.run`` (about 10 us of Python per launch
     of these 40-argument kernels, measured on the CPU: ``python -m bench host --stub``, docs/performance.md).
 
     On with ``ATTNCC_FAST_LAUNCH=1`` (off by default until measured and checked on a GPU), for
-    launches made through :func:`launch`. The first launch of each key goes through
+    launches made inside a :class:`BoundLaunch`. The first launch of each key goes through
     ``kernel[grid](...)`` as always (compiling, specializing) and keeps the compiled kernel that
-    ``JITFunction.run`` returns; later launches with the same key call it. The key holds what
-    Triton specializes on that a call's signature does not fix: the call's signature memo (shapes,
-    strides, dtypes, device, offsets and params fix every integer argument), the 16-byte alignment
-    of each tensor argument's address, the keyword arguments (constexprs, options, the dropout
-    seed) and the current device. Elsewhere (the interpreter, no call signature) the plain launch.
+    ``JITFunction.run`` returns; later launches with the same key call it with every parameter in
+    order (constexprs included: the launcher skips them), as ``JITFunction.run`` does. The key,
+    per bound launch (which fixes the grid and, in the generated launches, every positional
+    scalar), holds what Triton specializes on: the positional scalars' values (a safeguard costing
+    ~1 us: a bound launch passes the same ones every time), each tensor argument's dtype and 16-byte
+    alignment, the keyword arguments (constexprs and options by value; a runtime scalar such as the
+    dropout seed by its specialization, :func:`_specialization`) and the current device. A launch
+    that passes a tensor where an earlier one passed None takes the plain path. Elsewhere (the
+    interpreter, no bound launch) the plain launch.
+
+    Not re-checked per launch (as ``JITFunction.run`` would): Triton's debug and instrumentation
+    knobs and the kernels' global constants changing after the first launch of a key.
     """
 
     def __init__(self, fn):
         self.fn = fn
-        self._compiled = {}  # key -> (memo, compiled kernel, the parameters after the positional ones)
-        self._layout = {}  # id(memo) -> (memo, positions of the tensor arguments)
-        # parameters that are not constexprs: Triton specializes an int passed for one by keyword
-        # (the dropout seed) on its value (== 1, divisible by 16)
+        # parameters that are not constexprs: Triton specializes a scalar passed for one by keyword
+        # (the dropout seed) on its value (== 1, divisible by 16, 32 or 64 bits)
         self._runtime_keywords = frozenset(p.name for p in fn.params if not p.is_constexpr)
 
     def __getitem__(self, grid):
         return lambda *args, **kwargs: self._launch(grid, args, kwargs)
 
     def _launch(self, grid, args, kwargs):
-        memo = getattr(_LAUNCHING, "memo", None)
-        if memo is None or env("ATTNCC_FAST_LAUNCH", "0") != "1":
+        slot = getattr(_LAUNCHING, "slot", None)
+        if slot is None:
             return self.fn[grid](*args, **kwargs)
-        layout = self._layout.get(id(memo))
-        if layout is None or layout[0] is not memo:
-            if len(self._layout) >= 4096:
-                self._layout.clear()
-            layout = self._layout[id(memo)] = (memo, tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor)))
+        launches = slot.get(self)
+        if launches is None:
+            launches = slot[self] = _Launches(args)
+        for i in launches.nones:
+            if args[i] is not None:  # (the generated launches never do this)
+                return self.fn[grid](*args, **kwargs)
         keywords = tuple(kwargs.items())
         if self._runtime_keywords.intersection(kwargs):
             keywords = tuple((k, _specialization(v)) if k in self._runtime_keywords else (k, v) for k, v in keywords)
-        key = (id(memo), len(args), torch.cuda.current_device(), keywords,
-               tuple(args[i].data_ptr() % 16 == 0 for i in layout[1]))
-        entry = self._compiled.get(key)
-        if entry is None or entry[0] is not memo:
+        key = (len(args), torch.cuda.current_device(), keywords, launches.scalars(args),
+               tuple((args[i].data_ptr() % 16 == 0, args[i].dtype) for i in launches.tensors))
+        entry = launches.compiled.get(key)
+        if entry is None:
             compiled = self.fn[grid](*args, **kwargs)
-            tail = tuple((p.name, p.default) for p in self.fn.params[len(args):])
-            if len(self._compiled) >= 4096:
-                self._compiled.clear()
-            self._compiled[key] = (memo, compiled, tail)  # the memo kept: its id stays its own
+            launches.compiled[key] = (compiled, tuple((p.name, p.default) for p in self.fn.params[len(args):]))
             return compiled
-        _, compiled, tail = entry
+        compiled, tail = entry
         full = args + tuple(kwargs.get(name, default) for name, default in tail)
         compiled[(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)](*full)
         return compiled
 
 
+_INT_RANGES = ((-2**31, 2**31, "i32"), (-2**63, 2**63, "i64"))
+
+
 def _specialization(value):
-    """What Triton specializes a non-constexpr scalar on: an int's == 1 and divisibility by 16."""
+    """What Triton specializes a non-constexpr scalar on: an int's == 1, divisibility by 16 and
+    width (i32, i64, u64: a seed past 2**31 is an i64 argument); other types by type."""
     if isinstance(value, int) and not isinstance(value, bool):
-        return int, value == 1, value % 16 == 0
+        width = next((name for lo, hi, name in _INT_RANGES if lo <= value < hi), "u64")
+        return int, value == 1, value % 16 == 0, width
     return type(value)
 
 
