@@ -174,6 +174,19 @@ def list_entries(module, q, k, v, kw) -> tuple:
     return tuple(plan.size if plan is not None else 0 for plan in plans)
 
 
+def attncc_calls(module, q, k, v, kw, g):
+    """(forward, forward + backward): one call of the module's attention each, as the host timings
+    make them (the forward under no_grad; the backward's gradients dropped after each call)."""
+    def fwd():
+        with torch.no_grad():
+            module.attention(q, k, v, **kw)
+
+    def fwd_bwd():
+        module.attention(q, k, v, **kw).backward(g)
+        q.grad = k.grad = v.grad = None
+    return fwd, fwd_bwd
+
+
 def host_times(name: str, n: int, device: str, dtype, calls: int, sync=None, clock=time.perf_counter,
                rounds: int = 1):
     """{'fwd', 'f+b', 'launches fwd', 'launches f+b', 'floor fwd', 'floor f+b'} of one case: attncc
@@ -182,15 +195,7 @@ def host_times(name: str, n: int, device: str, dtype, calls: int, sync=None, clo
     g = torch.randn(q.shape[:-1] + (v.shape[-1],), device=device, dtype=dtype)
     log = getattr(module, "_STUB_LOG", None)
     out = {}
-
-    def fwd():
-        with torch.no_grad():
-            module.attention(q, k, v, **kw)
-
-    def fwd_bwd():
-        module.attention(q, k, v, **kw).backward(g)
-        q.grad = k.grad = v.grad = None
-
+    fwd, fwd_bwd = attncc_calls(module, q, k, v, kw, g)
     lists_fwd, lists_fb = list_entries(module, q, k, v, kw)
 
     def floor_fwd():
@@ -611,14 +616,7 @@ def run_gpu(cases, lengths, out) -> int:  # pragma: no cover - needs a GPU
 def _attncc_gpu_times(name: str, n: int, calls: int) -> dict:  # pragma: no cover - needs a GPU
     module, q, k, v, kw = make_case(name, n, "cuda", torch.bfloat16, grad=True)
     g = torch.randn(q.shape[:-1] + (v.shape[-1],), device="cuda", dtype=torch.bfloat16)
-
-    def fwd():
-        with torch.no_grad():
-            module.attention(q, k, v, **kw)
-
-    def fwd_bwd():
-        module.attention(q, k, v, **kw).backward(g)
-        q.grad = k.grad = v.grad = None
+    fwd, fwd_bwd = attncc_calls(module, q, k, v, kw, g)
     out = {}
     for label, fn in (("fwd", fwd), ("f+b", fwd_bwd)):
         out[f"host {label}"] = per_call_us(fn, calls, sync=torch.cuda.synchronize)
