@@ -37,14 +37,17 @@ class _SumOfResidues(sympy.Function):
 
     nargs = 3
     is_integer = True
-    precedence = PRECEDENCE["Mul"] - 1
+    precedence = PRECEDENCE["Mul"] - 1  # printed "(x + y) % m": parenthesized inside a product
 
     def fdiff(self, argindex=1):
-        return sympy.Integer(0)  # a step function of its sum: derivative 0 almost everywhere (as // and %)
+        return sympy.Integer(0)  # a step function: derivative 0 almost everywhere (as //)
 
 
 class ModSum(_SumOfResidues):
     """``(x + y) % m`` of two residues modulo ``m``: ``x + y`` reduced by at most one period."""
+
+    def fdiff(self, argindex=1):  # as FloorMod's: x + y - m * carry
+        return -SumCarry(*self.args) if argindex == 3 else sympy.Integer(1)
 
     @classmethod
     def eval(cls, x, y, m):
@@ -86,7 +89,8 @@ def split_sum(a, inner, outer) -> Optional[Tuple[sympy.Expr, sympy.Expr]]:
     """``(A, B)`` with ``a = A + B``, ``A`` free of ``inner`` and depending on ``outer``, ``B`` of
     ``inner`` and free of ``outer``, both integer; None when ``a`` does not separate so (a term of
     both positions, ``i * j``), or when nothing would be gained (``a`` of one position only)."""
-    for form in (a, sympy.expand(a)):  # 2 * (i - j) as written, (i + 1) * 3 - j only expanded
+    for expand in (False, True):  # 2 * (i - j) as written, (i + 1) * 3 - j only expanded
+        form = sympy.expand(a) if expand else a
         row, column = [], []
         for t in sympy.Add.make_args(form):
             free = t.free_symbols
