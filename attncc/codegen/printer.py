@@ -492,11 +492,11 @@ class TritonPrinter:
         a, m = e.args
         if self._float_floor(e):
             return self._Mod(sympy.Mod(a, m, evaluate=False))
+        if m.is_Integer and m > 1 and int(m) & (int(m) - 1) == 0:
+            # by 2**k: the low bits, for either sign (two's complement: Python's a % 2**k), one operation
+            return f"({self._atom(a)} & {int(m) - 1})"
         if _nonnegative(a) and m.is_positive:
             return f"({self._atom(a)} % {self._atom(m)})"
-        if m.is_Integer and m > 1 and int(m) & (int(m) - 1) == 0:
-            # by 2**k: the low bits, for either sign (two's complement: Python's a % 2**k)
-            return f"({self._atom(a)} & {int(m) - 1})"
         self.helpers.add("_floormod")
         return f"_floormod({self.p(a)}, {self.p(m)})"
 
