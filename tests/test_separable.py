@@ -18,7 +18,6 @@ import sympy
 import torch
 
 import attncc
-import attncc.codegen.printer as printer_module
 from attncc._reference import evaluate
 from attncc.analysis.integer import integer_ops
 from attncc.analysis.separable import ModSum, SumCarry, separated
@@ -30,6 +29,7 @@ from attncc.spec import symbols as S
 from attncc.spec.ir import Param, Pattern
 from cases import SPEC_FILES, build_inline, rel_err, vjp_case
 from printed import run_printed
+from test_cse import statements  # noqa: F401 - the fixture: every statement the printers give
 
 W = Param("w", 5, "int")
 ORIENTATIONS = [(S.j, S.i), (S.i, S.j)]  # (inner, outer): the forward and dQ kernels', the dK/dV kernel's
@@ -229,20 +229,6 @@ def per_pair_divisions(temps, code):
         if name is not None:
             names[name] = _axes(tree, names)
     return found
-
-
-@pytest.fixture
-def statements(monkeypatch):
-    out = []
-    original = printer_module.TritonPrinter.statement
-
-    def recording(self, e):
-        result = original(self, e)
-        out.append(result)
-        return result
-
-    monkeypatch.setattr(printer_module.TritonPrinter, "statement", recording)
-    return out
 
 
 def test_no_kernel_divides_per_pair(statements, tmp_path):
