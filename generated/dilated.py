@@ -39,7 +39,9 @@ def _int_reach(x):
     """The largest magnitude a value of the kernels' integer arithmetic can reach at a call's numbers
     (x: attncc.runtime.intervals.CallNumbers); past 2**31 - 1 the call runs WIDE, in int64."""
     return x.reach(
-        x.floormod(x.add(x.i, x.neg(x.j)), x.param("dilation")),  # (i - j) % dilation
+        x.add(x.i, x.neg(x.j)),  # i - j
+        x.floormod(x.i, x.param("dilation")),  # i % dilation
+        x.floormod(x.j, x.param("dilation")),  # j % dilation
     )
 
 
@@ -75,7 +77,7 @@ def _floormod(a, b):
 
 @triton.jit
 def _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-              prm_window, prm_dilation, qk_scale,
+              prm_window, prm_dilation, mrow0, qk_scale,
               BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr):
     """One key tile of the online softmax; MASKED tiles evaluate the mask, full ones do not."""
     start_n = tl.cast(kb, tl.int32) * BLOCK_N  # a tensor descriptor's offsets are int32 (kb is int64 in WIDE calls)
@@ -84,8 +86,7 @@ def _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
     offs_j = k_offset + start_n + tl.arange(0, BLOCK_N)
     qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
     if MASKED:
-        tmp0 = offs_i[:, None] - offs_j[None, :]
-        keep = (offs_j[None, :] < k_offset + Nk) & ((_floormod(tmp0, prm_dilation) == 0) & (offs_j[None, :] <= offs_i[:, None]) & (tmp0 < prm_window))
+        keep = (offs_j[None, :] < k_offset + Nk) & ((mrow0[:, None] == _floormod(offs_j[None, :], prm_dilation)) & (offs_j[None, :] <= offs_i[:, None]) & ((offs_i[:, None] - offs_j[None, :]) < prm_window))
         qk = tl.where(keep, qk, float("-inf"))
     # qk_scale = scale * log2(e) > 0, so the row max of the scaled scores is the scaled max.
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
@@ -155,6 +156,7 @@ def _fwd_kernel(Q, K, V, O, LSE,
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_i = q_offset + offs_m
     q = q_desc.load([qb * BLOCK_M, 0])
+    mrow0 = _floormod(offs_i, prm_dilation)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, VALUE_DIM_PAD], dtype=tl.float32)
@@ -164,12 +166,12 @@ def _fwd_kernel(Q, K, V, O, LSE,
     for t in tl.range(0, n_partial):
         kb = tl.load(partial_index + row * list_width + t)
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset, prm_window, prm_dilation,
-                                  qk_scale, BLOCK_N, DOT_PRECISION, MASKED=True)
+                                  mrow0, qk_scale, BLOCK_N, DOT_PRECISION, MASKED=True)
     n_full = tl.load(full_count + row)
     for t in tl.range(0, n_full):
         kb = tl.load(full_index + row * list_width + t)
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset, prm_window, prm_dilation,
-                                  qk_scale, BLOCK_N, DOT_PRECISION, MASKED=False)
+                                  mrow0, qk_scale, BLOCK_N, DOT_PRECISION, MASKED=False)
     # Rows that saw no allowed key: o = 0 and lse = -inf, never NaN.
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_desc.store([qb * BLOCK_M, 0], o.to(O.dtype.element_ty))
@@ -203,12 +205,12 @@ def _exact_tiles_kernel(CODES, N_KB, Nq, Nk, H, q_offset, k_offset, CU_Q, CU_K,
         Nq = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
         Nk = (tl.load(CU_K + b + 1) - k_start).to(tl.int32)
     offs_i = q_offset + qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    mrow0 = _floormod(offs_i, prm_dilation)
     rows = offs_i < q_offset + Nq
     for kb in tl.range(kb0, tl.minimum(kb0 + KEY_BLOCKS, N_KB)):
         offs_j = k_offset + kb * BLOCK_N + tl.arange(0, BLOCK_N)
         inside = rows[:, None] & (offs_j[None, :] < k_offset + Nk)
-        tmp0 = offs_i[:, None] - offs_j[None, :]
-        allowed = inside & ((_floormod(tmp0, prm_dilation) == 0) & (offs_j[None, :] <= offs_i[:, None]) & (tmp0 < prm_window))
+        allowed = inside & ((mrow0[:, None] == _floormod(offs_j[None, :], prm_dilation)) & (offs_j[None, :] <= offs_i[:, None]) & ((offs_i[:, None] - offs_j[None, :]) < prm_window))
         some = tl.max(tl.max(allowed.to(tl.int32), 1), 0)
         missing = tl.max(tl.max((inside & ~allowed).to(tl.int32), 1), 0)
         tl.store(CODES + (bh * tl.num_programs(0) + qb) * N_KB + kb, (some + 2 - 2 * missing).to(tl.int8))
@@ -348,7 +350,7 @@ def _bwd_preprocess(O, DO, LSE, DLSE, DELTA, LSE2,
 
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, qb, offs_j, Nq, q_offset,
-               prm_window, prm_dilation, qk_scale,
+               prm_window, prm_dilation, mcol0, qk_scale,
                BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr):
     """One query tile of a key block: dV += P^T dO, dK += dS^T Q (dS not yet scaled), with the
     tile held transposed: p and ds here are P^T and dS^T, [BLOCK_N, BLOCK_M]."""
@@ -363,8 +365,7 @@ def _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, qb, offs_j, Nq, q_off
     qk = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]: S^T
     s = qk * qk_scale
     if MASKED:
-        tmp0 = offs_i[None, :] - offs_j[:, None]
-        keep = (offs_i[None, :] < q_offset + Nq) & ((_floormod(tmp0, prm_dilation) == 0) & (offs_j[:, None] <= offs_i[None, :]) & (tmp0 < prm_window))
+        keep = (offs_i[None, :] < q_offset + Nq) & ((mcol0[:, None] == _floormod(offs_i[None, :], prm_dilation)) & (offs_j[:, None] <= offs_i[None, :]) & ((offs_i[None, :] - offs_j[:, None]) < prm_window))
         s = tl.where(keep, s, float("-inf"))
     p = tl.exp2(s - lse2[None, :])
     dv = dv + tl.dot(p.to(do.dtype), do, input_precision=DOT_PRECISION)
@@ -431,6 +432,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
     offs_j = k_offset + offs_n
     k = k_desc.load([kb * BLOCK_N, 0])
     v = v_desc.load([kb * BLOCK_N, 0])
+    mcol0 = _floormod(offs_j, prm_dilation)
     dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, VALUE_DIM_PAD], dtype=tl.float32)
     for h_in_group in tl.range(0, GROUP):
@@ -453,12 +455,14 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
         for t in tl.range(0, n_partial):
             qb = tl.load(partial_index + row * list_width + t)
             dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2 + lse_row, DELTA + lse_row, qb, offs_j, Nq,
-                                q_offset, prm_window, prm_dilation, qk_scale, BLOCK_M, DOT_PRECISION, MASKED=True)
+                                q_offset, prm_window, prm_dilation, mcol0, qk_scale, BLOCK_M, DOT_PRECISION,
+                                MASKED=True)
         n_full = tl.load(full_count + row)
         for t in tl.range(0, n_full):
             qb = tl.load(full_index + row * list_width + t)
             dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2 + lse_row, DELTA + lse_row, qb, offs_j, Nq,
-                                q_offset, prm_window, prm_dilation, qk_scale, BLOCK_M, DOT_PRECISION, MASKED=False)
+                                q_offset, prm_window, prm_dilation, mcol0, qk_scale, BLOCK_M, DOT_PRECISION,
+                                MASKED=False)
     dk = dk * sm_scale
     dk_desc.store([kb * BLOCK_N, 0], dk.to(DK.dtype.element_ty))
     dv_desc.store([kb * BLOCK_N, 0], dv.to(DV.dtype.element_ty))
@@ -466,7 +470,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
 
 @triton.jit
 def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-             prm_window, prm_dilation, qk_scale,
+             prm_window, prm_dilation, mrow0, qk_scale,
              BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr):
     """One key tile of a query block: dQ += dS K (dS not yet scaled)."""
     start_n = tl.cast(kb, tl.int32) * BLOCK_N  # a tensor descriptor's offsets are int32 (kb is int64 in WIDE calls)
@@ -476,8 +480,7 @@ def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
     qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
     s = qk * qk_scale
     if MASKED:
-        tmp0 = offs_i[:, None] - offs_j[None, :]
-        keep = (offs_j[None, :] < k_offset + Nk) & ((_floormod(tmp0, prm_dilation) == 0) & (offs_j[None, :] <= offs_i[:, None]) & (tmp0 < prm_window))
+        keep = (offs_j[None, :] < k_offset + Nk) & ((mrow0[:, None] == _floormod(offs_j[None, :], prm_dilation)) & (offs_j[None, :] <= offs_i[:, None]) & ((offs_i[:, None] - offs_j[None, :]) < prm_window))
         s = tl.where(keep, s, float("-inf"))
     p = tl.exp2(s - lse2[:, None])
     dp = tl.dot(do, v.T, input_precision=DOT_PRECISION)
@@ -548,6 +551,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
     do = do_desc.load([qb * BLOCK_M, 0])
     lse2 = tl.load(LSE2 + lse_row + offs_m, mask=offs_m < Nq, other=float("inf"))
     delta = tl.load(DELTA + lse_row + offs_m, mask=offs_m < Nq, other=0.0)
+    mrow0 = _floormod(offs_i, prm_dilation)
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     # Key blocks: the forward's walk
     row = b * list_stride_b + h * list_stride_h + qb.to(tl.int64) * list_stride_row  # int64: row * list_width may pass 2**31
@@ -555,12 +559,12 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
     for t in tl.range(0, n_partial):
         kb = tl.load(partial_index + row * list_width + t)
         dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset, prm_window, prm_dilation,
-                      qk_scale, BLOCK_N, DOT_PRECISION, MASKED=True)
+                      mrow0, qk_scale, BLOCK_N, DOT_PRECISION, MASKED=True)
     n_full = tl.load(full_count + row)
     for t in tl.range(0, n_full):
         kb = tl.load(full_index + row * list_width + t)
         dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset, prm_window, prm_dilation,
-                      qk_scale, BLOCK_N, DOT_PRECISION, MASKED=False)
+                      mrow0, qk_scale, BLOCK_N, DOT_PRECISION, MASKED=False)
     dq = dq * sm_scale
     dq_desc.store([qb * BLOCK_M, 0], dq.to(DQ.dtype.element_ty))
 
@@ -756,7 +760,7 @@ def _dec_load(rows, cols, row_ok, DIM: tl.constexpr, DIM_PAD: tl.constexpr, MASK
 @triton.jit
 def _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
               stride_kp, stride_kn, stride_vp, stride_vn, stride_btp,
-              prm_window, prm_dilation, qk_scale,
+              prm_window, prm_dilation, mrow0, qk_scale,
               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
               VALUE_DIM_PAD: tl.constexpr, PAGE_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr):
     """One key tile of the online softmax for every row of the group; MASKED tiles evaluate
@@ -777,8 +781,7 @@ def _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NU
     v = _dec_load(v_rows, tl.arange(0, VALUE_DIM_PAD), in_cache, VALUE_DIM, VALUE_DIM_PAD, MASKED)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if MASKED:
-        tmp0 = offs_i[:, None] - offs_j[None, :]
-        keep = in_cache[None, :] & live[:, None] & ((_floormod(tmp0, prm_dilation) == 0) & (offs_j[None, :] <= offs_i[:, None]) & (tmp0 < prm_window))
+        keep = in_cache[None, :] & live[:, None] & ((mrow0[:, None] == _floormod(offs_j[None, :], prm_dilation)) & (offs_j[None, :] <= offs_i[:, None]) & ((offs_i[:, None] - offs_j[None, :]) < prm_window))
         qk = tl.where(keep, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -838,6 +841,7 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
         K_head = K + b * stride_kb + hk * stride_kh
         V_head = V + b * stride_vb + hk * stride_vh
     BT_row = BT + b * stride_btb
+    mrow0 = _floormod(offs_i, prm_dilation)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, VALUE_DIM_PAD], dtype=tl.float32)
@@ -854,19 +858,19 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
     f_hi = tl.where(Nk >= Nq, tl.minimum(tl.maximum(kv_full_hi, f_lo), s_hi), f_lo)
     for kb in tl.range(s_lo, f_lo):
         acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES, stride_kb,
-                                  stride_kn, stride_vb, stride_vn, stride_btp, prm_window, prm_dilation, qk_scale,
-                                  BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD, PAGE_SIZE, DOT_PRECISION,
-                                  MASKED=True)
+                                  stride_kn, stride_vb, stride_vn, stride_btp, prm_window, prm_dilation, mrow0,
+                                  qk_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD, PAGE_SIZE,
+                                  DOT_PRECISION, MASKED=True)
     for kb in tl.range(f_lo, f_hi):
         acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES, stride_kb,
-                                  stride_kn, stride_vb, stride_vn, stride_btp, prm_window, prm_dilation, qk_scale,
-                                  BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD, PAGE_SIZE, DOT_PRECISION,
-                                  MASKED=False)
+                                  stride_kn, stride_vb, stride_vn, stride_btp, prm_window, prm_dilation, mrow0,
+                                  qk_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD, PAGE_SIZE,
+                                  DOT_PRECISION, MASKED=False)
     for kb in tl.range(f_hi, s_hi):
         acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES, stride_kb,
-                                  stride_kn, stride_vb, stride_vn, stride_btp, prm_window, prm_dilation, qk_scale,
-                                  BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD, PAGE_SIZE, DOT_PRECISION,
-                                  MASKED=True)
+                                  stride_kn, stride_vb, stride_vn, stride_btp, prm_window, prm_dilation, mrow0,
+                                  qk_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD, PAGE_SIZE,
+                                  DOT_PRECISION, MASKED=True)
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     # natural-log LSE; -inf on rows without an allowed key
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i))) * 0.6931471805599453)

@@ -93,8 +93,7 @@ def mask(i, j, n_q, n_k, ctx):
     """Which pairs of a partial block the pattern allows (i [BLOCK_M, 1], j [1, BLOCK_N])."""
     (b, h, H, q_last, prm_window, prm_dilation, full_count, full_index, partial_count, partial_index, list_stride_b,
      list_stride_h, list_width, list_q_offset, list_block_m) = ctx
-    tmp0 = i - j
-    return ((_floormod(tmp0, prm_dilation) == 0) & (j <= i) & (tmp0 < prm_window))
+    return ((_floormod(i, prm_dilation) == _floormod(j, prm_dilation)) & (j <= i) & ((i - j) < prm_window))
 
 
 score = None  # the plain scaled dot product: the kernels fold the scale into exp2

@@ -19,7 +19,7 @@ import torch
 
 from attncc.codegen.helpers import render_helper
 from attncc.analysis.hoist import Hoister
-from attncc.codegen.names import param_arg, param_value
+from attncc.codegen.names import param_arg, param_value, param_var
 from attncc.codegen.printer import TritonPrinter
 from attncc.spec import symbols as S
 from attncc.spec.ir import Param
@@ -27,15 +27,19 @@ from attncc.spec.ir import Param
 _COUNTER = itertools.count()
 
 
-def kernel_source(exprs: Sequence, params: Sequence[Param], float64: bool) -> str:
-    hoist = Hoister(scalar_prefix="mc", row_prefix="mrow", float32=False) if float64 else Hoister()
+def kernel_source(exprs: Sequence, params: Sequence[Param], float64: bool, inner=S.j, outer=S.i,
+                  wide: bool = False) -> str:
+    kw = dict(inner=inner, outer=outer)  # the hoister of the forward's kernels, or the dK/dV kernel's (inner i)
+    hoist = Hoister(scalar_prefix="mc", row_prefix="mrow", float32=False, **kw) if float64 else Hoister(**kw)
     hoisted = [hoist(e) for e in exprs]
     base = {S.i: "offs_i", S.j: "offs_j", S.b: "b", S.h: "h", S.n_q: "n_q", S.n_k: "n_k", S.n_heads: "H"}
     base.update({p.symbol: param_value(p, float64) for p in params})
     scalars = {sym: sym.name for sym in hoist.scalars.values()}
     rows = {sym: sym.name for sym in hoist.rows.values()}
     pr = TritonPrinter({**base, **scalars, **rows}, float64=float64)
-    body = [f"    {sym.name} = {pr(e)}" for table in (hoist.scalars, hoist.rows) for e, sym in table.items()]
+    # WIDE (int64 positions): int params in int64 from the start, as the generated kernels make them
+    body = [f"    {param_var(p.name)} = tl.cast({param_var(p.name)}, tl.int64)" for p in params if wide and p.kind == "int"]
+    body += [f"    {sym.name} = {pr(e)}" for table in (hoist.scalars, hoist.rows) for e, sym in table.items()]
     body += [f"    tl.store(OUT + {k} * N + o, {pr(e)}, mask=ok)" for k, e in enumerate(hoisted)]
     helpers = "\n\n\n".join(render_helper(h) for h in sorted(pr.helpers))
     args = ", ".join(["OUT", "I", "J", "N", "n_q", "n_k", "H"] + [param_arg(p) for p in params])
@@ -63,10 +67,11 @@ def printed_kernel({args}, BLOCK: tl.constexpr):
 
 def run_printed(exprs: Sequence, params: Sequence[Param], values: Dict[str, object], i: torch.Tensor,
                 j: torch.Tensor, *, float64: bool, n_q: int = 1, n_k: int = 1, out_dtype=torch.float64,
-                block: int = 1024) -> List[torch.Tensor]:
-    """Each expression's printed value at the pairs ``(i[n], j[n])`` (int32 or int64 tensors),
-    with params ``values`` (by name; defaults from ``params``)."""
-    src = kernel_source(exprs, params, float64)
+                block: int = 1024, inner=S.j, outer=S.i) -> List[torch.Tensor]:
+    """Each expression's printed value at the pairs ``(i[n], j[n])`` (int32 or int64 tensors: WIDE),
+    with params ``values`` (by name; defaults from ``params``); ``inner``, ``outer``: the hoister's
+    positions (the key loop's and the row's, or the dK/dV kernel's swapped ones)."""
+    src = kernel_source(exprs, params, float64, inner, outer, wide=i.dtype == torch.int64)
     path = Path(tempfile.mkdtemp(prefix="attncc_printed_")) / f"printed_{next(_COUNTER)}.py"
     path.write_text(src)
     spec = importlib.util.spec_from_file_location(path.stem, path)

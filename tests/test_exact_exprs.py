@@ -84,7 +84,8 @@ def test_floor_division_and_modulo_by_literals_and_negative_params():
 
 def test_host_printing_and_explain_keep_integer_division_whole():
     """Host-side Python printing is Python's // and %; explain's report shows the key loop's
-    ``j // w`` whole (was ``floor(j*c0)`` with ``c0 = 1/w`` hoisted)."""
+    ``j // w`` whole (was ``floor(j*c0)`` with ``c0 = 1/w`` hoisted), and ``(i - j) % w`` as the
+    sum of the row's and the column's residues."""
     from attncc.analysis.score import score_report
     from attncc.codegen.printer import PythonPrinter
 
@@ -97,7 +98,9 @@ def test_host_printing_and_explain_keep_integer_division_whole():
         assert got == [(i - j) // d, (i - j) % d, -(-i // d), i // 7]
     p = parse_spec('head_dim = 16\n[params]\nw = 41\n[score]\nmod = "s + (j // w) * 0.1 + (i - j) % w"\n')
     report = score_report(p)
-    assert "j // w" in report["loop_mod"] and "(i - j) % w" in report["loop_mod"], report
+    # (i - j) % w leaves the pairs as the sum of residues (analysis.separable): i's per row
+    assert "j // w" in report["loop_mod"] and "(row0 + (-j) % w) % w" in report["loop_mod"], report
+    assert report["hoisted_per_row"] == ["row0 = i % w"], report
     assert not any("1/w" in h or "w**(-1)" in h for h in report["hoisted_per_program"]), report
 
 

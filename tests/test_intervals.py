@@ -11,6 +11,7 @@ import sympy
 
 from attncc.codegen.bounds import _BoundPrinter
 from attncc.analysis.integer import FloorDiv, FloorMod, ToFloat, integer_ops, integer_sums
+from attncc.analysis.separable import ModSum, SumCarry, separated
 from attncc.runtime.intervals import CallNumbers
 from attncc.spec import symbols as S
 from attncc.spec.ir import Param, Pattern
@@ -52,6 +53,10 @@ def _value(e, env):
         return args[0] // args[1]
     if isinstance(e, FloorMod):
         return args[0] % args[1]
+    if isinstance(e, ModSum):
+        return (args[0] + args[1]) % args[2]
+    if isinstance(e, SumCarry):
+        return (args[0] + args[1]) // args[2]
     if isinstance(e, sympy.Abs):
         return abs(args[0])
     if isinstance(e, sympy.Min):
@@ -97,6 +102,53 @@ def test_bounds_cover_every_value_and_intermediate_value():
                     assert abs(_value(node, env)) <= iv.reach, (node, e, env, iv)
                 checked += 1
     assert checked > 3000
+
+
+def _helper_values(e, env):
+    """The values the kernels' helpers compute on the way to each ModSum and SumCarry of ``e``
+    (templates/helpers.j2: _mod_wraps, _mod_sum): ``m - y``, ``m - y + (m < 0)``, ``-y``."""
+    out = []
+    for node in sympy.preorder_traversal(e):
+        if isinstance(node, (ModSum, SumCarry)):
+            _, y, m = (_value(a, env) for a in node.args)
+            out += [m - y, m - y + (m < 0), -y]
+    return out
+
+
+def test_bounds_cover_the_separated_forms():
+    """``%`` and ``//`` of a sum of a row part and a column part, written with residues
+    (attncc.analysis.separable): the bounds cover their values and the helpers' intermediate ones,
+    in both loop orientations, for divisors of either sign up to the smallest int param."""
+    rng = random.Random(16)
+    pattern = Pattern(name="t", source="t", params=(Param("w", 5, "int"),))
+    printer = _BoundPrinter(pattern)
+    checked = 0
+    for _ in range(120):
+        a = rng.choice([1, -2, 3]) * S.i + _random_expr(rng, 2).xreplace({S.j: S.i})  # the row part, the column's
+        b = rng.choice([1, -1, 2]) * S.j + _random_expr(rng, 2).xreplace({S.i: S.j})
+        m = rng.choice([W, W, sympy.Integer(rng.choice([3, -5, 7, 1000, -(2**31)])),
+                        sympy.Max(_random_expr(rng, 1).xreplace({S.i: 3, S.j: 5}), 1)])
+        whole = rng.choice([FloorMod, FloorDiv])(a + b, m)
+        inner, outer = rng.choice([(S.j, S.i), (S.i, S.j)])
+        e = separated(integer_ops(whole), inner, outer)
+        if not e.has(ModSum, SumCarry):
+            continue
+        code = printer(e)
+        for _ in range(4):
+            P, B, H = rng.choice([50, 60000, 2**31]), rng.randint(1, 4), rng.randint(1, 40)
+            n_q, n_k, w = rng.randint(0, P), rng.randint(0, P), rng.choice([-7, 3, 50000, -(2**31), 2**31 - 1])
+            x = CallNumbers("t", positions=P, batch=B, heads=H, n_q=n_q, n_k=n_k, params={"w": w})
+            iv = eval(code, {"x": x})  # noqa: S307 - the generated source, as a module runs it
+            for _ in range(10):
+                env = {S.i: rng.randint(0, P + 4096), S.j: rng.choice([0, P, rng.randint(0, P)]),
+                       S.b: rng.randint(0, B - 1), S.h: rng.randint(0, H - 1), S.n_q: n_q, S.n_k: n_k,
+                       S.n_heads: H, W: w}
+                assert _value(e, env) == _value(integer_ops(whole), env), (whole, e, env)
+                assert iv.lo <= _value(e, env) <= iv.hi, (e, env, iv)
+                for v in [_value(node, env) for node in _nodes(e)] + _helper_values(e, env):
+                    assert abs(v) <= iv.reach, (v, e, env, iv)
+                checked += 1
+    assert checked > 1500
 
 
 def test_integer_sums_keep_the_value():

@@ -7,7 +7,10 @@ then only reads the results.
 
 Integer ``//`` and ``%`` are whole nodes here (:mod:`attncc.analysis.integer`): the hoister
 may move out either operand, never a part of the division (``1 / w`` of ``floor(j / w)``
-hoisted as a float is what made ``//`` by a param inexact).
+hoisted as a float is what made ``//`` by a param inexact). Those of a sum of a row part and a
+column part (``(i - j) % w``) are first written with the residues of each part
+(:mod:`attncc.analysis.separable`): the row's residue is hoisted, the column's is a vector per
+key tile, and no division is left per pair.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from sympy.functions.elementary.piecewise import ExprCondPair
 
 from attncc.analysis.exact import EXACT, exact_parts
 from attncc.analysis.integer import integer_ops, integer_sums, recentered, ungrouped
+from attncc.analysis.separable import separated
 from attncc.spec import symbols as S
 from attncc.spec.builtins import RandomBlocks
 
@@ -67,7 +71,8 @@ class Hoister:
     float32: bool = True  # score code: integer sums added up before the float arithmetic (integer.integer_sums)
 
     def __call__(self, e: sympy.Basic) -> sympy.Basic:
-        e = integer_ops(e)
+        # % and // of a sum of a row part and a column part: with residues, the row's hoisted here
+        e = separated(integer_ops(e), self.inner, self.outer)
         # score code: its steps free of s are float64 values, never taken apart (analysis.exact)
         return self._walk(integer_sums(exact_parts(e)) if self.float32 else e)
 

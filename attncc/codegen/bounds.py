@@ -23,6 +23,7 @@ import sympy
 from sympy.core.function import AppliedUndef
 
 from attncc.analysis.integer import FloorDiv, FloorMod, integer_ops
+from attncc.analysis.separable import ModSum, SumCarry
 from attncc.codegen.printer import Defined
 from attncc.codegen.text import escaped, py_str
 from attncc.spec import symbols as S
@@ -70,6 +71,10 @@ class _BoundPrinter:
             return self._call("floordiv", e.args)
         if isinstance(e, FloorMod):
             return self._call("floormod", e.args)
+        if isinstance(e, ModSum):
+            return self._call("mod_sum", e.args)
+        if isinstance(e, SumCarry):
+            return self._call("sum_carry", e.args)
         if isinstance(e, sympy.Abs):
             return self._call("abs", e.args)
         if isinstance(e, sympy.Min):

@@ -38,6 +38,7 @@ from sympy.logic.boolalg import Boolean, BooleanAtom
 from attncc.analysis.exact import ExactCondition, exact_parts
 from attncc.analysis.hoist import resolve
 from attncc.analysis.integer import integer_fraction, integer_ops, integer_sums
+from attncc.analysis.separable import separated
 from attncc.codegen.names import float64_text
 from attncc.spec import symbols as S
 from attncc.spec.builtins import RandomBlocks, quotient
@@ -491,10 +492,28 @@ class TritonPrinter:
         a, m = e.args
         if self._float_floor(e):
             return self._Mod(sympy.Mod(a, m, evaluate=False))
+        if m.is_Integer and m > 1 and int(m) & (int(m) - 1) == 0:
+            # by 2**k: the low bits, for either sign (two's complement: Python's a % 2**k), one operation
+            return f"({self._atom(a)} & {int(m) - 1})"
         if _nonnegative(a) and m.is_positive:
             return f"({self._atom(a)} % {self._atom(m)})"
         self.helpers.add("_floormod")
         return f"_floormod({self.p(a)}, {self.p(m)})"
+
+    # (x + y) % m and (x + y) // m of residues x, y (analysis.separable): a comparison, no division
+    def _ModSum(self, e):
+        self.helpers |= {"_mod_sum", "_mod_wraps"}
+        return f"_mod_sum({self._residues(e)})"
+
+    def _SumCarry(self, e):
+        self.helpers |= {"_sum_carry", "_mod_wraps"}
+        return f"_sum_carry({self._residues(e)})"
+
+    def _residues(self, e) -> str:
+        """The arguments of the helpers: ``x, y, m`` and whether ``m > 0`` is known (one operation
+        per pair less)."""
+        x, y, m = e.args
+        return f"{self.p(x)}, {self.p(y)}, {self.p(m)}, M_POSITIVE={m.is_positive is True}"
 
     def _floor(self, e):
         arg = e.args[0]
@@ -640,6 +659,11 @@ class GluonPrinter(TritonPrinter):
 
     lang = "gl"
 
+    def __call__(self, e) -> str:
+        # the fragments hoist nothing, but a separable % or // still leaves the pairs: its residues
+        # are computed on the tile's [BLOCK_M, 1] rows and [1, BLOCK_N] columns (analysis.separable)
+        return super().__call__(separated(integer_ops(sympy.sympify(e))))
+
     def _f64(self, e) -> str:
         raise NotGluon(f"float64 arithmetic ({e}) in Gluon fragments")
 
@@ -685,6 +709,14 @@ class PythonPrinter(TritonPrinter):
 
     def _FloorMod(self, e):
         return f"({self.p(e.args[0])} % {self.p(e.args[1])})"
+
+    def _ModSum(self, e):
+        x, y, m = (self.p(a) for a in e.args)
+        return f"(({x} + {y}) % {m})"
+
+    def _SumCarry(self, e):
+        x, y, m = (self.p(a) for a in e.args)
+        return f"(({x} + {y}) // {m})"
 
     def _floor(self, e):
         if integer_fraction(e.args[0]) is not None or e.args[0].is_integer:

@@ -67,6 +67,13 @@ def _floor_div(a: int, b: int) -> int:
     return a // b
 
 
+def _residues(m: Interval):
+    """``(lo, hi)`` of Python's ``a % m`` for any ``a``: the sign of ``m``, magnitude below ``|m|``."""
+    lo = min(m.lo + 1, 0) if m.lo < 0 else 0
+    hi = max(m.hi - 1, 0) if m.hi > 0 else 0
+    return lo, hi
+
+
 class CallNumbers:
     """A call's numbers, as intervals, and the operations of the printed integer arithmetic.
 
@@ -138,9 +145,24 @@ class CallNumbers:
         a, m = _as_interval(a), _as_interval(m)
         if m.lo > 0 and a.lo >= 0 and a.hi < m.lo:
             return _iv(a.lo, a.hi, a, m)
-        lo = min(m.lo + 1, 0) if m.lo < 0 else 0
-        hi = max(m.hi - 1, 0) if m.hi > 0 else 0
-        return _iv(lo, hi, a, m)
+        return _iv(*_residues(m), a, m)
+
+    def mod_sum(self, x, y, m) -> Interval:
+        """``(x + y) % m`` of residues ``x``, ``y`` modulo ``m``, as the kernels' ``_mod_sum`` computes
+        it: ``x - (m - y)`` or ``x + y`` where each is a residue; ``m - y``, ``m - y + 1`` and ``-y``
+        on the way (attncc.analysis.separable)."""
+        x, y, m = (_as_interval(v) for v in (x, y, m))
+        return _iv(*_residues(m), x, y, m, *self._wrap_test(y, m))
+
+    def sum_carry(self, x, y, m) -> Interval:
+        """``(x + y) // m`` of residues ``x``, ``y`` modulo ``m``: 0 or 1 (``_mod_wraps``)."""
+        x, y, m = (_as_interval(v) for v in (x, y, m))
+        return _iv(0, 1, x, y, m, *self._wrap_test(y, m))
+
+    def _wrap_test(self, y: Interval, m: Interval):
+        """The values ``_mod_wraps`` and ``_mod_sum`` compute from a column's residue ``y``."""
+        t = self.add(m, self.neg(y))
+        return t, self.add(t, Interval(0, 1, 1)), self.neg(y)
 
     def abs(self, x) -> Interval:
         x = _as_interval(x)
