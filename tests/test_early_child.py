@@ -152,8 +152,10 @@ def test_conftest_starts_the_child_at_collection_only_for_selected_tests_and_run
     """))
 
     def pytest_(*args):
+        # not as an xdist worker when this suite runs under -n (the conftest behaves otherwise there)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
         run = subprocess.run([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-p", "no:randomly",
-                              *args], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+                              *args], cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
         assert run.returncode == 0, run.stdout + run.stderr
         return [line.split(" ")[0] for line in run.stdout.splitlines() if " PASSED" in line]
 
