@@ -178,10 +178,12 @@ def _shapes() -> List[Case]:
 
 
 # the forward's backends (attncc.runtime.backend): the Gluon sm90 forward of the specs that have one
-BACKENDS = ((("ATTNCC_BACKEND", "gluon"),),)
+# the tl kernels and the Gluon ones beside attncc's default (auto: the Gluon forward on sm90 where the
+# Plan picks it, attncc.runtime.gluon.AUTO_SELECTS_GLUON)
+BACKENDS = ((("ATTNCC_BACKEND", "triton"),), (("ATTNCC_BACKEND", "gluon"),))
 # the Gluon backward's two methods (ATTNCC_GLUON_BWD, attncc.runtime.backend), both on the Gluon forward:
 # split (bwd.py, 7 GEMMs per tile pair, deterministic) and fused (bwd_fused.py, 5 GEMMs, dQ by TMA reduce-add)
-GLUON_BWD = tuple((("ATTNCC_BACKEND", "gluon"), ("ATTNCC_GLUON_BWD", method)) for method in ("split", "fused"))
+GLUON_BWD = ((("ATTNCC_BACKEND", "triton"),),) + tuple((("ATTNCC_BACKEND", "gluon"), ("ATTNCC_GLUON_BWD", method)) for method in ("split", "fused"))
 
 
 def _comparisons() -> List[Case]:
