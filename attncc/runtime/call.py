@@ -253,6 +253,15 @@ def refuse_transforms(name: str) -> None:
                                   f"head dims) and take gradients with torch.autograd (loss.backward(), torch.autograd.grad)")
 
 
+def refuse_gradients(name: str, tensors, detach: str) -> None:
+    """A function without a backward pass (``decode``, linear attention's ``step``) raises when one of
+    ``tensors`` wants a gradient, rather than hand back outputs that silently carry none; ``detach``
+    names what to detach (and where a backward is)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        raise NotImplementedError(f"{name} is for inference and has no backward pass; call it under "
+                                  f"torch.no_grad() or detach {detach}")
+
+
 def dense_tensor(who: str, arg: str, t) -> None:
     """``t`` (a torch.Tensor) must be a strided tensor with storage: not sparse, not nested."""
     if t.layout != torch.strided or t.is_nested:

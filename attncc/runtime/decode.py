@@ -27,8 +27,8 @@ import triton.language as tl
 
 from attncc.core.semantics import plain_number
 from attncc.runtime.call import (bind_params_and_inputs, check_divisors, check_heads_and_dims, dense_tensor, dtype_name,
-                                 int_reach, interpreting, refuse_transforms, scale_keyword, softmax_scale,
-                                 wide_positions)
+                                 int_reach, interpreting, refuse_gradients, refuse_transforms, scale_keyword,
+                                 softmax_scale, wide_positions)
 from attncc.runtime.configs import KernelConfig, max_shared_memory, padded_dim, shared_bytes
 from attncc.runtime.spec_info import SpecInfo
 
@@ -159,9 +159,7 @@ def bind_decode(spec: SpecInfo, q, k_cache, v_cache, *, kv_len, block_table=None
             kwargs[d.name] = kv_len
     params, inputs = bind_params_and_inputs(spec, name, kwargs, B=B, Hq=Hq, positions=capacity, device=q.device,
                                             what_positions="the cache's positions")
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache, *inputs.values())):
-        raise NotImplementedError(f"{name} is for inference and has no backward pass; call it under "
-                                  f"torch.no_grad() or detach q, the caches and the inputs (attention() has one)")
+    refuse_gradients(name, (q, k_cache, v_cache, *inputs.values()), "q, the caches and the inputs (attention() has one)")
     # positions are cache rows, n_q = n_k = kv_len[b] (from 1 on every row that computes a pair)
     check_divisors(spec, name, positions=capacity, batch=B, heads=Hq, n_q=(1, max(capacity, 1)),
                    n_k=(1, max(capacity, 1)), params=params)

@@ -23,6 +23,7 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from attncc.core.feature_maps import performer_projection
+from attncc.runtime import call as _call
 from attncc.runtime.call import Call, interpreting
 from attncc.runtime.configs import padded_dim
 
@@ -206,21 +207,21 @@ class LinearAttentionFunction(torch.autograd.Function):
                 ds0 if ctx.has_init and need[6] else None, dz0 if ctx.has_init and need[7] else None)
 
 
+def _differentiable(lc: LinearCall):
+    """The tensors a gradient may flow to: q, k, v and the initial state."""
+    return [lc.call.q, lc.call.k, lc.call.v] + ([lc.s0, lc.z0] if lc.s0 is not None else [])
+
+
 def refuse_gradients(name: str, lc: LinearCall) -> None:
-    """``step`` runs its kernel without autograd: when q, k, v or the state want a gradient, say so
-    rather than hand back outputs that silently carry none (as ``decode`` does)."""
-    tensors = [lc.call.q, lc.call.k, lc.call.v] + ([lc.s0, lc.z0] if lc.s0 is not None else [])
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        raise NotImplementedError(f"{name} is for inference and has no backward pass; call it under torch.no_grad() "
-                                  f"or detach q, k, v and the state (attention(..., initial_state=, return_state=True) "
-                                  f"trains over chunks)")
+    """``step`` runs its kernel without autograd (as ``decode``): refused when q, k, v or the state want a gradient."""
+    _call.refuse_gradients(name, _differentiable(lc), "q, k, v and the state (attention(..., initial_state=, "
+                                                      "return_state=True) trains over chunks)")
 
 
 def run_linear(lc: LinearCall, forward: Callable, backward: Callable):
     """``o`` or ``(o, (S, z))`` (``lc.return_state``), attached to autograd when q, k, v or
     the initial state want a gradient."""
-    tensors = [lc.call.q, lc.call.k, lc.call.v] + ([lc.s0, lc.z0] if lc.s0 is not None else [])
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    if torch.is_grad_enabled() and any(t.requires_grad for t in _differentiable(lc)):
         out = LinearAttentionFunction.apply(forward, backward, lc, lc.call.q, lc.call.k, lc.call.v, lc.s0, lc.z0)
         return (out[0], (out[1], out[2])) if lc.return_state else out
     with torch.no_grad():
