@@ -309,9 +309,7 @@ def reference(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
 
     def scores(qk, live):
         """Steps 1-3 on the scaled products ``qk``; a pair outside ``live`` passes no gradient back."""
-        if live is not None and qk.requires_grad:
-            qk = torch.where(live, qk, qk.detach())
-        out = qk
+        out = TorchArrays.gradient_only_where(qk, live)
         if pattern.bias is not None:
             out = out + evaluate(pattern.bias, env, live).to(_FLOAT)
         if pattern.mod is not None:
