@@ -435,6 +435,8 @@ def main(argv=None) -> int:
     p.add_argument("--calls", type=int, default=200, help="calls per timed burst (CPU); the GPU uses 20")
     p.add_argument("--rounds", type=int, default=3, help="rounds of attncc and the floor timed in turn (CPU)")
     p.add_argument("--out", default=None, help="folder for host_overhead.md, .csv and .png")
+    p.add_argument("--profile", action="store_true",
+                   help="GPU: cProfile --calls forward+backward calls per case and length (no timing table)")
     args = p.parse_args(argv)
     cases = [c for c in args.cases.split(",") if c]
     lengths = [int(x) for x in args.n.split(",") if x]
@@ -442,6 +444,8 @@ def main(argv=None) -> int:
         return run_ops([c for c in args.cases.split(",") if c] if "--cases" in (argv or sys.argv) else OPS_CASES)
     if args.stub:
         return run_stub(cases, lengths, args.calls, args.out, args.rounds)
+    if args.profile:
+        return run_profile(cases, lengths, args.calls, args.out)
     return run_gpu(cases, lengths, args.out)
 
 
@@ -610,6 +614,39 @@ def run_gpu(cases, lengths, out) -> int:  # pragma: no cover - needs a GPU
                 print(table_line(row, GPU_HEAD), flush=True)
             write_tables(rows, GPU_HEAD, out, title)
     write_tables(rows, GPU_HEAD, out, title, plot=True)
+    return 0
+
+
+def run_profile(cases, lengths, calls: int, out=None, top: int = 45) -> int:  # pragma: no cover - needs a GPU
+    """Where the host time of a forward+backward call goes on CUDA tensors: cProfile over ``calls``
+    calls (after warm-up), the functions sorted by their own time and by cumulative time, on stdout
+    and in ``out``/profile_<case>_<n>.txt."""
+    import cProfile
+    import io
+    import pstats
+
+    for name in cases:
+        for n in lengths:
+            module, q, k, v, kw = make_case(name, n, "cuda", torch.bfloat16, grad=True)
+            g = torch.randn(q.shape[:-1] + (v.shape[-1],), device="cuda", dtype=torch.bfloat16)
+            _, fwd_bwd = attncc_calls(module, q, k, v, kw, g)
+            for _ in range(10):
+                fwd_bwd()
+            torch.cuda.synchronize()
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(calls):
+                fwd_bwd()
+            prof.disable()
+            torch.cuda.synchronize()
+            text = io.StringIO()
+            for key in ("tottime", "cumulative"):
+                pstats.Stats(prof, stream=text).sort_stats(key).print_stats(top)
+            report = f"# {name} N={n}: cProfile of {calls} forward+backward calls on CUDA\n" + text.getvalue()
+            print(report, flush=True)
+            if out:
+                Path(out).mkdir(parents=True, exist_ok=True)
+                (Path(out) / f"profile_{name}_{n}.txt").write_text(report)
     return 0
 
 
