@@ -97,3 +97,28 @@ def test_no_function_imports_the_runtime_package():
                         isinstance(node, ast.Import) and any(a.name == "attncc.runtime" for a in node.names):
                     found.append(f"{path.relative_to(root)}:{node.lineno} in {fn.name}")
     assert not found, found
+
+
+@pytest.mark.parametrize("name", ["causal", "document"])
+def test_repeated_calls_do_not_recompile(name):
+    """A training loop calls the compiled function again and again, with and without gradients:
+    after one graph per grad mode nothing may recompile. bind() once bumped a module counter and
+    looked up its signature cache while traced; dynamo guarded on both, every call recompiled, and
+    the 9th call of a fullgraph=True loop raised (the recompile limit). The limit is set to 2 here
+    (one graph per grad mode), so any recompile raises."""
+    import torch._dynamo.config as dynamo_config
+
+    from cases import inputs_for, pattern
+
+    q, k, v = leaves(*[(1, 2, 24, 16)] * 3, seed=5)
+    mod = module(name)
+    kw = inputs_for(pattern(name), 1, 2, 24, torch.Generator().manual_seed(5))
+    g = torch.randn(1, 2, 24, 16)
+    torch._dynamo.reset()
+    fn = torch.compile(lambda q, k, v: mod.attention(q, k, v, **kw), fullgraph=True, backend="aot_eager")
+    with dynamo_config.patch(recompile_limit=2):
+        for _ in range(4):
+            with torch.no_grad():
+                fn(q, k, v)
+            fn(q, k, v).backward(g)
+    assert q.grad.abs().max() > 0

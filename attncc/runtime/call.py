@@ -208,14 +208,21 @@ def bind(spec: SpecInfo, q, k, v, *, return_lse=False, q_offset=0, k_offset=0, n
     passed as ``q_offset``, are checked every time). Nothing here reads a tensor's values,
     except the cu_seqlens of a packed batch on the CPU or without ``max_seqlen_*`` (one host sync)."""
     refuse_transforms(f"{spec.name}.attention")
+    checked = dict(return_lse=return_lse, q_offset=q_offset, k_offset=k_offset, n_q=n_q, n_k=n_k, scale=scale,
+                   kwargs=kwargs, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+                   max_seqlen_k=max_seqlen_k)
+    if torch.compiler.is_compiling():
+        # Traced by torch.compile (symbolic shapes): checked, never cached, and no module state read
+        # or written. dynamo guards on what a traced function reads: a counter bumped or a cache
+        # looked up here became a guard that failed on the next call, so every call recompiled until
+        # the recompile limit, where fullgraph=True raised (9th call of a training loop).
+        return _bind_checked(spec, q, k, v, **checked)
     slot = _BOUND.get(id(spec))
     if slot is None or slot[0] is not spec:
         slot = _BOUND[id(spec)] = (spec, {}, frozenset(d.name for d in spec.inputs))
-    # under torch.compile bind runs while tracing (symbolic shapes): checked, never cached
     try:
-        key = None if torch.compiler.is_compiling() else _signature(
-            q, k, v, (return_lse, q_offset, k_offset, n_q, n_k, scale, max_seqlen_q, max_seqlen_k), kwargs,
-            cu_seqlens_q, cu_seqlens_k, slot[2])
+        key = _signature(q, k, v, (return_lse, q_offset, k_offset, n_q, n_k, scale, max_seqlen_q, max_seqlen_k),
+                         kwargs, cu_seqlens_q, cu_seqlens_k, slot[2])
     except RuntimeError:  # a tensor without strides (nested): the checks say what is wrong with it
         key = None
     if key is not None:
@@ -224,9 +231,7 @@ def bind(spec: SpecInfo, q, k, v, *, return_lse=False, q_offset=0, k_offset=0, n
             BIND_STATS["hit"] += 1
             return _rebind(bound, q, k, v, kwargs, cu_seqlens_q, cu_seqlens_k)
     BIND_STATS["miss"] += 1
-    call = _bind_checked(spec, q, k, v, return_lse=return_lse, q_offset=q_offset, k_offset=k_offset, n_q=n_q,
-                         n_k=n_k, scale=scale, kwargs=kwargs, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+    call = _bind_checked(spec, q, k, v, **checked)
     # (an input named "scale" that came as scale= is not in kwargs: such calls stay uncached)
     if key is not None and all(d.name in (kwargs or ()) for d in spec.inputs):
         if len(slot[1]) >= MAX_SIGNATURES:
@@ -644,7 +649,9 @@ _ENV_VALUES: Dict[object, str] = {}  # raw value -> decoded
 
 def env(name: str, default: Optional[str] = None) -> Optional[str]:
     """``os.environ.get(name, default)``, faster."""
-    if _ENV_DATA is None:  # pragma: no cover - not CPython's os.environ
+    # (traced by torch.compile: the plain read, which dynamo guards on by value; the caches below
+    # would be guards that fail whenever they grow, a recompile each time)
+    if _ENV_DATA is None or torch.compiler.is_compiling():
         return os.environ.get(name, default)
     key = _ENV_KEYS.get(name)
     if key is None:
