@@ -35,6 +35,9 @@ from attncc.analysis.walks import Iteration, precondition_holds
 from attncc.core import tiles
 from attncc.core.lazy import lazy_module
 from attncc.runtime import gluon
+
+# where auto's Gluon forward applies by size (attncc.runtime.backend.auto_picks_gluon)
+AUTO_SIZE = f" for calls of at least 2**{gluon.AUTO_MIN_PAIRS.bit_length() - 1} (batch x heads x queries x keys) pairs"
 from attncc.spec import symbols as S
 
 torch = lazy_module("torch")  # on first use: `attncc build` and explain of a closed form never import it
@@ -376,14 +379,14 @@ def backend_text(plan: Plan, *, head_dim: int, value_dim: int, dtype: str) -> st
                   f" (auto keeps tl at head dim {head_dim}: it picks Gluon at {', '.join(map(str, gluon.AUTO_HEAD_DIMS))})")
     if bwd:
         if auto_fwd:
-            return f"{fwd} on sm90, tl elsewhere and with ATTNCC_BACKEND=triton{bwd}"
+            return f"{fwd} on sm90{AUTO_SIZE}, tl elsewhere and with ATTNCC_BACKEND=triton{bwd}"
         return f"tl; {fwd} with ATTNCC_BACKEND=gluon{why_tl}{bwd}"
     auto = [part for part, on in (("forward", auto_fwd),
                                   ("backward", gluon.AUTO_SELECTS_GLUON_BACKWARD)) if on]
     if len(auto) == 2:
         return f"Gluon sm90 forward and backward ({walk}) on sm90, tl elsewhere and with ATTNCC_BACKEND=triton"
     if auto:
-        return (f"Gluon sm90 {auto[0]} ({walk}) on sm90, tl elsewhere and with ATTNCC_BACKEND=triton; both Gluon "
+        return (f"Gluon sm90 {auto[0]} ({walk}) on sm90{AUTO_SIZE if auto_fwd else ''}, tl elsewhere and with ATTNCC_BACKEND=triton; both Gluon "
                 f"with ATTNCC_BACKEND=gluon")
     return f"tl; Gluon sm90 forward and backward ({walk}) with ATTNCC_BACKEND=gluon{why_tl}"
 

@@ -78,7 +78,8 @@ def test_each_spec_keeps_the_tl_backward_and_says_why(name):
     assert frag.BACKWARD_REASON == got.backward_reason and frag.QSEGMENTS == 0
     assert frag.qwalk is None and frag.qmask is None and not frag.backward_exact(None)
     assert "gluon_backward" not in open(mod.__file__).read()
-    auto = f"Gluon sm90 forward (its rendered walks, mask and score) on sm90, tl elsewhere and with ATTNCC_BACKEND=triton"
+    auto = ("Gluon sm90 forward (its rendered walks, mask and score) on sm90 "
+            "for calls of at least 2**28 (batch x heads x queries x keys) pairs, tl elsewhere and with ATTNCC_BACKEND=triton")
     tl = f"tl; Gluon sm90 forward (its rendered walks, mask and score) with ATTNCC_BACKEND=gluon (auto keeps tl: {got.auto_reason})"
     assert backend_text(plan, head_dim=128, value_dim=128, dtype="bf16") == (
         (tl if got.auto_reason else auto) + f"; the backward tl (the Gluon backward does not take its fragments: "

@@ -180,15 +180,18 @@ def test_explain_names_the_gluon_forward_a_plan_gets():
                                    "ATTNCC_BACKEND=gluon (auto keeps tl: 2 key segments per query block, where the "
                                    "Gluon forward was measured at 1.24x the tl forward's time (sink + window))")
     assert text("softcap", head_dim=256, value_dim=256) == (
-        "Gluon sm90 forward (its rendered walks, mask and score) on sm90, tl elsewhere and with ATTNCC_BACKEND=triton; "
+        "Gluon sm90 forward (its rendered walks, mask and score) on sm90 "
+        "for calls of at least 2**28 (batch x heads x queries x keys) pairs, tl elsewhere and with ATTNCC_BACKEND=triton; "
         "the backward tl (the Gluon backward takes head dims 64, 128)")
-    assert text("causal") == ("Gluon sm90 forward (built-in causal walk) on sm90, tl elsewhere and with "
+    assert text("causal") == ("Gluon sm90 forward (built-in causal walk) on sm90 "
+        "for calls of at least 2**28 (batch x heads x queries x keys) pairs, tl elsewhere and with "
                               "ATTNCC_BACKEND=triton; both Gluon with ATTNCC_BACKEND=gluon")
     assert text("causal", head_dim=64, value_dim=64) == (
         "tl; Gluon sm90 forward and backward (built-in causal walk) with ATTNCC_BACKEND=gluon (auto keeps tl at head "
         "dim 64: it picks Gluon at 128, 256)")
     assert text("causal", head_dim=256, value_dim=256) == (
-        "Gluon sm90 forward (built-in causal walk) on sm90, tl elsewhere and with ATTNCC_BACKEND=triton; the "
+        "Gluon sm90 forward (built-in causal walk) on sm90 "
+        "for calls of at least 2**28 (batch x heads x queries x keys) pairs, tl elsewhere and with ATTNCC_BACKEND=triton; the "
         "backward tl (the Gluon backward takes head dims 64, 128)")
     assert text("causal_dropout").startswith("tl only: it has dropout")
     assert text("alibi", head_dim=96, value_dim=96).startswith("tl only for this call: head dim 96")

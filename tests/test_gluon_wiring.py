@@ -333,6 +333,12 @@ def test_auto_picks_gluon_where_the_plan_and_head_dim_say(monkeypatch, fake_sm90
     if mod.SPEC.inputs or name == "causal_dropout":
         return  # calls need their inputs (or dropout, which Gluon lacks): the choice above is what matters
     make = bind(name, D=D, Hq=mod.SPEC.heads_q or 2, Hkv=mod.SPEC.heads_kv or 1)[-1]
+    call = make()
+    pairs = call.B * call.Hq * call.Nq * call.Nk
+    # by size: from AUTO_MIN_PAIRS pairs on (smaller calls are host-bound: tl launches faster)
+    monkeypatch.setattr(backend.gluon, "AUTO_MIN_PAIRS", pairs + 1)
+    assert backend.gluon_selected(make()) is False
+    monkeypatch.setattr(backend.gluon, "AUTO_MIN_PAIRS", pairs)
     for value in ("auto", None):
         if value is None:
             monkeypatch.delenv("ATTNCC_BACKEND", raising=False)

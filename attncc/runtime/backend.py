@@ -88,8 +88,10 @@ def gluon_selected(call: Call) -> bool:
 def auto_picks_gluon(call: Call) -> bool:
     """Whether ATTNCC_BACKEND=auto takes the Gluon forward for ``call`` where it can run it: the switch
     (``gluon.AUTO_SELECTS_GLUON``), the spec's Plan (``SpecInfo.gluon_auto``: not where the Gluon forward
-    was measured slower) and the head dim (``gluon.AUTO_HEAD_DIMS``)."""
-    return gluon.AUTO_SELECTS_GLUON and call.spec.gluon_auto and call.D in gluon.AUTO_HEAD_DIMS
+    was measured slower), the head dim (``gluon.AUTO_HEAD_DIMS``) and the call's size
+    (``gluon.AUTO_MIN_PAIRS``: smaller calls are host-bound, where the tl forward launches faster)."""
+    return (gluon.AUTO_SELECTS_GLUON and call.spec.gluon_auto and call.D in gluon.AUTO_HEAD_DIMS
+            and call.B * call.Hq * call.Nq * call.Nk >= gluon.AUTO_MIN_PAIRS)
 
 
 def refuse_forced(call: Call) -> None:

@@ -28,6 +28,12 @@ CAPABILITY = (9, 0)  # sm90: H100, H200 (wgmma, TMA, setmaxnreg)
 # single-segment rendered walks) and 1.01x at 64 (docs/gluon.md "Which forward auto picks").
 AUTO_SELECTS_GLUON = True
 AUTO_HEAD_DIMS = (128, 256)
+# ... and only for calls of at least this many (batch x query head x query x key) pairs: below it a
+# call is bound by the host, where the Gluon forward's launch (tensor descriptors, Triton's
+# specialization of its ~30 arguments) costs more than the tl forward's (H100, 2026-12-05, causal
+# B=2 H=16 N=1024 = 2**25 pairs: host 320 vs 64 us per forward; `python -m bench host`) and its
+# GPU time gains little (~20 us of kernel at N = 1024). 2**28: causal B=2 H=16 from N = 4096.
+AUTO_MIN_PAIRS = 2 ** 28
 
 # The same for the Gluon backward (attncc.runtime.backend: a generated module's `_backward`). False:
 # it passed its GPU tests on an H100 (2026-12-05), but took 0.98-1.09x the tl backward's time (split)
