@@ -26,9 +26,10 @@ What is timed, per case (spec) and length N (B = 2, 16 query heads, head dim 128
   floor are timed in turn, ``--rounds`` times, and each keeps its fastest: a shared, busy CPU only
   ever adds time, and the subtraction of two minima taken side by side is the least noisy.
 - On the GPU also attncc through ``torch.compile(fullgraph=True)`` (host us/call).
-- On the GPU also ``fast host`` / ``fast gpu``: the same with ``ATTNCC_FAST_LAUNCH=1`` (Triton's
-  compiled kernels called directly, attncc.runtime.launch.FastKernel), and ``fast same``: whether
-  its outputs and gradients equal the plain launch's bitwise.
+- On the GPU also ``plain host`` / ``plain gpu``: the same with ``ATTNCC_FAST_LAUNCH=0`` (every
+  launch through Triton's ``JITFunction.run``; the default calls Triton's compiled kernels directly,
+  attncc.runtime.launch.FastKernel), and ``fast same``: whether the default's outputs and gradients
+  equal the plain launch's bitwise.
 - On the GPU also ``gpu fwd`` / ``gpu f+b``: device microseconds per call (bench/timer.py), and the
   same for the baselines of bench/impls.py that have the spec: SDPA (cuDNN backend) and FlexAttention
   (compiled, block mask built outside the timing).
@@ -504,6 +505,8 @@ def _stub_times(name: str, n: int, calls: int, rounds: int) -> dict:
 def triton_launch_us(name: str, n: int, calls: int = 20) -> dict:
     """Host microseconds of exactly the Triton launches of one forward and one forward+backward
     call (recorded by the stub, then replayed through the real kernels), per call."""
+    from attncc.runtime.launch import ensure_allocator
+
     module, q, k, v, kw = make_case(name, n, "cuda", torch.bfloat16, grad=True)
     g = torch.randn(q.shape[:-1] + (v.shape[-1],), device="cuda", dtype=torch.bfloat16)
     log = stub_launches(module)
@@ -518,6 +521,7 @@ def triton_launch_us(name: str, n: int, calls: int = 20) -> dict:
             log.clear()
 
             def replay():
+                ensure_allocator()  # (the backward's kernels ran on autograd's thread, which had it set)
                 for stub, grid, args, kwargs in launches:
                     stub.real[grid](*args, **kwargs)
             out[label] = per_call_us(replay, calls, sync=torch.cuda.synchronize)
@@ -580,8 +584,8 @@ def compiled_host_us(name: str, n: int, calls: int) -> dict:
     return {label: per_call_us(step, calls, sync=torch.cuda.synchronize) for label, step in (("fwd", fwd), ("f+b", fwd_bwd))}
 
 
-GPU_HEAD = ["case", "N", "impl", "host fwd", "host f+b", "gpu fwd", "gpu f+b", "fast host fwd", "fast host f+b",
-            "fast gpu fwd", "fast gpu f+b", "fast same", "stub fwd", "stub f+b",
+GPU_HEAD = ["case", "N", "impl", "host fwd", "host f+b", "gpu fwd", "gpu f+b", "plain host fwd", "plain host f+b",
+            "plain gpu fwd", "plain gpu f+b", "fast same", "stub fwd", "stub f+b",
             "triton launch fwd", "triton launch f+b", "own fwd", "own f+b", "floor fwd", "floor f+b",
             "compiled host fwd", "compiled host f+b", "note"]
 
@@ -600,7 +604,7 @@ def run_gpu(cases, lengths, out) -> int:  # pragma: no cover - needs a GPU
         for n in lengths:
             r = {"case": name, "N": n, "impl": "attncc"}
             fill(r, "attncc", lambda: _attncc_gpu_times(name, n, calls))
-            fill(r, "fast launch", lambda: _fast_launch_times(name, n, calls))
+            fill(r, "plain launch", lambda: _plain_launch_times(name, n, calls))
             fill(r, "stubbed", lambda: _stub_columns(name, n, calls))
             fill(r, "triton launch", lambda: {f"triton launch {k}": t for k, t in triton_launch_us(name, n).items()})
             for label in ("fwd", "f+b"):
@@ -661,10 +665,11 @@ def _attncc_gpu_times(name: str, n: int, calls: int) -> dict:  # pragma: no cove
     return out
 
 
-def _fast_launch_times(name: str, n: int, calls: int) -> dict:  # pragma: no cover - needs a GPU
-    """``fast host`` / ``fast gpu`` fwd and f+b: :func:`_attncc_gpu_times` with ``ATTNCC_FAST_LAUNCH=1``
-    (Triton's compiled kernels called directly, attncc.runtime.launch.FastKernel), and whether its
-    outputs and gradients equal the plain launch's (``fast same``: bitwise, one call each)."""
+def _plain_launch_times(name: str, n: int, calls: int) -> dict:  # pragma: no cover - needs a GPU
+    """``plain host`` / ``plain gpu`` fwd and f+b: :func:`_attncc_gpu_times` with ``ATTNCC_FAST_LAUNCH=0``
+    (every launch through ``JITFunction.run``), and whether the fast launch's (the default:
+    attncc.runtime.launch.FastKernel) outputs and gradients equal the plain launch's (``fast same``:
+    bitwise, one call each)."""
     from bench.common import environment
 
     module, q, k, v, kw = make_case(name, n, "cuda", torch.bfloat16, grad=True)
@@ -675,11 +680,11 @@ def _fast_launch_times(name: str, n: int, calls: int) -> dict:  # pragma: no cov
         return [o.detach(), *torch.autograd.grad(o, (q, k, v), g)]
     with environment({"ATTNCC_FAST_LAUNCH": "0"}):
         plain = outputs()
+        times = _attncc_gpu_times(name, n, calls)
     with environment({"ATTNCC_FAST_LAUNCH": "1"}):
         fast = outputs()
-        times = _attncc_gpu_times(name, n, calls)
     same = all(torch.equal(a, b) for a, b in zip(plain, fast))
-    return {**{f"fast {key}": t for key, t in times.items()}, "fast same": "yes" if same else "NO"}
+    return {**{f"plain {key}": t for key, t in times.items()}, "fast same": "yes" if same else "NO"}
 
 
 def _stub_columns(name: str, n: int, calls: int) -> dict:  # pragma: no cover - needs a GPU

@@ -640,7 +640,7 @@ def _backward(call, o, lse, do, dlse=None):
 
 
 # The kernels of the bound launches (_rt.bound_launch) launch through Triton's compiled kernels
-# kept per bound launch when ATTNCC_FAST_LAUNCH=1 (attncc.runtime.launch.FastKernel).
+# kept per bound launch unless ATTNCC_FAST_LAUNCH=0 (attncc.runtime.launch.FastKernel).
 _fwd_kernel = _rt.fast_kernel(_fwd_kernel)
 _bwd_preprocess = _rt.fast_kernel(_bwd_preprocess)
 _bwd_dkdv_kernel = _rt.fast_kernel(_bwd_dkdv_kernel)

@@ -319,8 +319,9 @@ def test_fast_kernel_keys_what_triton_specializes_on(monkeypatch):
 
 
 def test_fast_launch_binds_per_launch_layout(monkeypatch):
-    """ATTNCC_FAST_LAUNCH=1 wraps bound launches (never under the interpreter), one per layout of
-    what the signature does not fix (dO's strides): FastKernel's key relies on it."""
+    """The fast launch (on unless ATTNCC_FAST_LAUNCH=0) wraps bound launches (never under the
+    interpreter), one per layout of what the signature does not fix (dO's strides): FastKernel's
+    key relies on it."""
     mod = module("causal")
     q, k, v = qkv(N=20)
     call = call_mod.bind(mod.SPEC, q, k, v)
@@ -341,6 +342,8 @@ def test_fast_launch_binds_per_launch_layout(monkeypatch):
     assert launch.bound_launch(call, make, cfg, q, k, v, layout=(do.clone(),)) is a
     monkeypatch.setenv("ATTNCC_FAST_LAUNCH", "0")
     assert not isinstance(launch.bound_launch(call, make, cfg, q, k, v, layout=(do,)), launch.BoundLaunch)
+    monkeypatch.delenv("ATTNCC_FAST_LAUNCH")  # on by default (on a GPU)
+    assert launch.bound_launch(call, make, cfg, q, k, v, layout=(do,)) is a
 
 
 def test_params_passed_as_tensors_are_read_every_call():

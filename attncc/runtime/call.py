@@ -649,22 +649,32 @@ _ENV_VALUES: Dict[object, str] = {}  # raw value -> decoded
 
 def env(name: str, default: Optional[str] = None) -> Optional[str]:
     """``os.environ.get(name, default)``, faster."""
-    # (traced by torch.compile: the plain read, which dynamo guards on by value; the caches below
-    # would be guards that fail whenever they grow, a recompile each time)
-    if _ENV_DATA is None or torch.compiler.is_compiling():
+    if _ENV_DATA is None:  # pragma: no cover - not CPython's os.environ
         return os.environ.get(name, default)
     key = _ENV_KEYS.get(name)
     if key is None:
-        key = _ENV_KEYS[name] = os.environ.encodekey(name)
+        key = os.environ.encodekey(name)
+        # (traced by torch.compile the caches are not filled: dynamo guards on what a traced function
+        # reads, and a cache that grows after the trace fails its guard: a recompile each time)
+        if not torch.compiler.is_compiling():
+            _ENV_KEYS[name] = key
     value = _ENV_DATA.get(key)
     if value is None:
         return default
     text = _ENV_VALUES.get(value)
     if text is None:
-        if len(_ENV_VALUES) >= 256:
-            _ENV_VALUES.clear()
-        text = _ENV_VALUES[value] = os.environ.decodevalue(value)
+        text = os.environ.decodevalue(value)
+        if not torch.compiler.is_compiling():
+            if len(_ENV_VALUES) >= 256:
+                _ENV_VALUES.clear()
+            _ENV_VALUES[value] = text
     return text
+
+
+if _ENV_DATA is not None:  # the variables the runtime reads, keyed before any call is traced
+    _ENV_KEYS.update((name, os.environ.encodekey(name)) for name in (
+        "TRITON_INTERPRET", "ATTNCC_BACKEND", "ATTNCC_GLUON_BWD", "ATTNCC_FAST_LAUNCH", "ATTNCC_TUNE",
+        "ATTNCC_CACHE_DIR"))
 
 
 def raw_env_key(name: str):
