@@ -12,6 +12,7 @@ train correctly. Gradients of gradients are not implemented: asking for them rai
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -68,6 +69,10 @@ class AttentionFunction(torch.autograd.Function):
                 call = call.replace(inputs={**call.inputs, **dict(zip(names, saved))})
         if not (q is call.q and k is call.k and v is call.v):
             call = call.replace(q=q, k=k, v=v)
+        if call.input_grads and torch.are_deterministic_algorithms_enabled():
+            alert_not_deterministic(f"{call.spec.name}.attention's backward",
+                                    f"the gradients of its [inputs] ({', '.join(names)}) are summed over the "
+                                    f"kernel's programs with float32 atomic adds, whose order varies from run to run")
         differentiable = torch.is_grad_enabled()  # create_graph=True
         if differentiable:
             with torch.no_grad():
@@ -81,6 +86,18 @@ class AttentionFunction(torch.autograd.Function):
         if all(need[1:]):
             return (None, *grads)
         return (None,) + tuple(g if want else None for g, want in zip(grads, need[1:]))
+
+
+def alert_not_deterministic(what: str, why: str) -> None:
+    """What torch's own ops do under ``torch.use_deterministic_algorithms(True)`` when they have no
+    deterministic implementation: a RuntimeError, or with ``warn_only=True`` a warning. Call it only
+    where deterministic algorithms are on."""
+    message = (f"{what} does not have a deterministic implementation ({why}), but you set "
+               f"'torch.use_deterministic_algorithms(True)'")
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(message, UserWarning, stacklevel=3)
+    else:
+        raise RuntimeError(message + ". Turn it off for this call, or pass warn_only=True to accept it")
 
 
 def watch(tensors):

@@ -44,7 +44,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from attncc.runtime.autograd import no_pairs, no_pairs_backward
+from attncc.runtime.autograd import alert_not_deterministic, no_pairs, no_pairs_backward
 from attncc.runtime.call import Call, dtype_name, env, interpreting
 from attncc.runtime import gluon
 from attncc.runtime.gluon import BWD_HEAD_DIMS, CAPABILITY, DTYPES, HEAD_DIMS
@@ -299,8 +299,13 @@ def gluon_backward(call: Call, walk: str, o, lse, do, dlse=None):
 
     if call.Nq == 0 or call.Nk == 0:  # no pair: what the tl path gives such calls
         return no_pairs_backward(call, o, lse, do, dlse)
+    method = gluon_bwd_method()
+    if method == "fused" and torch.are_deterministic_algorithms_enabled():
+        alert_not_deterministic(f"{call.spec.name}.attention's Gluon backward with ATTNCC_GLUON_BWD=fused",
+                                "dQ's partials are added in float32 by TMA reduce-adds in no fixed order; "
+                                "ATTNCC_GLUON_BWD=split is deterministic")
     kw = dict(scale=call.scale, q_offset=call.q_offset, k_offset=call.k_offset, n_q=call.n_q, n_k=call.n_k,
-              config=gluon_bwd_config(call.D), method=gluon_bwd_method())
+              config=gluon_bwd_config(call.D), method=method)
     if walk == "rendered":
         f = call.spec.gluon_fragments.load()
         kw.update(walk=f.walk, qwalk=f.qwalk, mask=f.mask, qmask=f.qmask, score=f.score, score_grad=f.score_grad,
