@@ -93,3 +93,36 @@ def test_inductor_trains_through_a_packed_qkv():
         qkv = qkv0.clone().requires_grad_()
         (got,) = torch.autograd.grad(fn(qkv), qkv)
     assert eager.abs().max() > 0 and rel_err(got, eager) < 1e-6
+
+
+def test_entry_points_without_a_custom_op_run_eagerly_when_traced():
+    """``decode`` and linear attention's ``attention`` and ``step`` have no custom op: torch.compile traced
+    into their host code and Triton launches and failed, fullgraph or not (a guard on kv_len's values,
+    dynamo inside Triton's launcher), so a compiled generation step (Hugging Face's decode calls among
+    them) could not run. Traced, they now run eagerly (a graph break): the results of eager calls,
+    gradients included; under fullgraph=True dynamo's error names the function."""
+    causal, lin = module("causal"), module("linear_elu")
+    gen = torch.Generator().manual_seed(3)
+    q1 = torch.randn(2, 4, 1, 16, generator=gen)
+    k_cache, v_cache = torch.randn(2, 2, 40, 16, generator=gen), torch.randn(2, 2, 40, 16, generator=gen)
+    q, k, v = (torch.randn(1, 2, 20, 16, generator=gen) for _ in range(3))
+    cases = [
+        (lambda q1, kc, vc: causal.decode(q1, kc, vc, kv_len=torch.tensor([5, 9])) * 2, (q1, k_cache, v_cache), False),
+        (lambda q, k, v: lin.attention(q, k, v, return_state=True)[1][0] + 1, (q, k, v), False),
+        (lambda q, k, v: lin.step(q[:, :, 0], k[:, :, 0], v[:, :, 0])[0] * 3, (q, k, v), False),
+        (lambda q, k, v: lin.attention(q, k, v) * 2, (q, k, v), True),
+    ]
+    for fn, args, grads in cases:
+        eager_args = [a.clone().requires_grad_(grads) for a in args]
+        want = fn(*eager_args)
+        torch._dynamo.reset()
+        got_args = [a.clone().requires_grad_(grads) for a in args]
+        got = torch.compile(fn, backend="aot_eager")(*got_args)
+        assert torch.allclose(got, want, atol=1e-6)
+        if grads:
+            g = torch.randn(want.shape, generator=gen)
+            for a, b in zip(torch.autograd.grad(got, got_args, g), torch.autograd.grad(want, eager_args, g)):
+                assert b.abs().max() > 0 and torch.allclose(a, b, atol=1e-6)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="decode"):
+        torch.compile(cases[0][0], fullgraph=True, backend="aot_eager")(q1, k_cache, v_cache)

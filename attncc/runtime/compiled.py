@@ -54,6 +54,22 @@ def _options(options: str):
     return ast.literal_eval(options)
 
 
+def eager_when_traced(fn: Callable) -> Callable:
+    """``fn``, a generated entry point that no custom op carries (``decode``, linear attention's
+    ``attention`` and ``step``), as torch.compile may call it: traced, it runs outside the graph,
+    eagerly (a graph break; under ``fullgraph=True`` dynamo's error names the function). Traced
+    into, its host code and Triton launches failed whatever the mode (a guard on kv_len's values,
+    dynamo inside Triton's launcher). Eager calls call ``fn`` itself."""
+    hidden = torch._disable_dynamo(fn)  # (imports torch._dynamo on its first call, not here)
+
+    @functools.wraps(fn)
+    def entry(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return hidden(*args, **kwargs)
+        return fn(*args, **kwargs)
+    return entry
+
+
 def _plain(x) -> bool:
     return type(x) in (int, float)
 
