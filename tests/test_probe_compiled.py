@@ -126,3 +126,23 @@ def test_entry_points_without_a_custom_op_run_eagerly_when_traced():
     torch._dynamo.reset()
     with pytest.raises(Exception, match="decode"):
         torch.compile(cases[0][0], fullgraph=True, backend="aot_eager")(q1, k_cache, v_cache)
+
+
+def test_int_arguments_as_one_element_tensors_under_fullgraph():
+    """Offsets and int params may come as one-element tensors (plain_number reads them). Traced by
+    torch.compile(fullgraph=True), plain_number's duck typing (callable() of a bound method) was
+    something dynamo cannot trace: an error about ``callable`` that named no argument. They now give
+    the reference's results, value after value."""
+    import attncc
+
+    window = module("sliding_window")
+    fn = torch.compile(lambda q, k, v, w, o: window.attention(q, k, v, window=w, q_offset=o), fullgraph=True,
+                       backend="aot_eager")
+    gen = torch.Generator().manual_seed(4)
+    torch._dynamo.reset()
+    for w, offset in ((5, 12), (3, 0), (9, 7)):
+        q, k, v = torch.randn(1, 2, 8, 16, generator=gen), *(torch.randn(1, 2, 20, 16, generator=gen) for _ in "kv")
+        got = fn(q, k, v, torch.tensor(w), torch.tensor(offset))
+        want = attncc.reference(pattern("sliding_window"), q.double(), k.double(), v.double(), window=w,
+                                q_offset=offset)
+        assert rel_err(got, want) < 1e-5
