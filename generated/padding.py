@@ -1040,6 +1040,7 @@ def _decode(call):
     return o, lse
 
 
+@_rt.eager_when_traced  # no custom op carries it: torch.compile runs it outside the graph
 def decode(q, k_cache, v_cache, *, kv_len, block_table=None, return_lse=False, scale=None, **inputs_and_params):
     """padding decoding: a few new query rows per batch row against a KV cache (no gradient).
 

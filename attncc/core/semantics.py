@@ -46,8 +46,8 @@ def plain_number(value, what: str = "a number"):
         return int(value)
     if isinstance(value, numbers.Real):  # numpy's floats
         return float(value)
-    numel = getattr(value, "numel", None)
-    if callable(numel) and callable(getattr(value, "item", None)) and numel() == 1:
+    kind = type(value)  # (methods looked up on the type: torch.compile traces that, not callable() of a bound one)
+    if callable(getattr(kind, "numel", None)) and callable(getattr(kind, "item", None)) and value.numel() == 1:
         if getattr(value, "requires_grad", False) and _grad_enabled():
             raise TypeError(f"{what} is read as a number on the host and gets no gradient, but the tensor given "
                             f"requires grad: pass it detached, or learn it as an [inputs] tensor with grad = true "

@@ -22,6 +22,7 @@ _EXPORTS = {
     "wide_positions": ("attncc.runtime.call", "wide_positions"),
     "interpreting": ("attncc.runtime.call", "interpreting"),
     "register_kernels": ("attncc.runtime.compiled", "register_kernels"),
+    "eager_when_traced": ("attncc.runtime.compiled", "eager_when_traced"),
     "gluon_backward": ("attncc.runtime.backend", "gluon_backward"),
     "gluon_backward_selected": ("attncc.runtime.backend", "gluon_backward_selected"),
     "gluon_forward": ("attncc.runtime.backend", "gluon_forward"),

@@ -54,6 +54,22 @@ def _options(options: str):
     return ast.literal_eval(options)
 
 
+def eager_when_traced(fn: Callable) -> Callable:
+    """``fn``, a generated entry point that no custom op carries (``decode``, linear attention's
+    ``attention`` and ``step``), as torch.compile may call it: traced, it runs outside the graph,
+    eagerly (a graph break; under ``fullgraph=True`` dynamo's error names the function). Traced
+    into, its host code and Triton launches failed whatever the mode (a guard on kv_len's values,
+    dynamo inside Triton's launcher). Eager calls call ``fn`` itself."""
+    hidden = torch._disable_dynamo(fn)  # (imports torch._dynamo on its first call, not here)
+
+    @functools.wraps(fn)
+    def entry(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return hidden(*args, **kwargs)
+        return fn(*args, **kwargs)
+    return entry
+
+
 def _plain(x) -> bool:
     return type(x) in (int, float)
 
@@ -103,6 +119,13 @@ def _call(q, k, v, inputs, cu_q, cu_k, key, options, ints, floats, B, Nq, Nk, q_
     return call, forward, backward
 
 
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with contiguous strides: what the ops' fakes promise for every output. (A compiler lays
+    out the graph around the fake's strides; ``.contiguous()`` alone keeps any strides of an empty
+    tensor, which counts as contiguous.)"""
+    return t.contiguous() if t.numel() else t.new_empty(t.shape)
+
+
 @torch.library.custom_op("attncc::attention_forward", mutates_args=())
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: List[torch.Tensor],
                       cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor], key: str,
@@ -111,7 +134,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs:
     call, forward, _ = _call(q, k, v, inputs, cu_seqlens_q, cu_seqlens_k, key, options, ints, floats, B, Nq, Nk,
                              q_offset, k_offset, n_q, n_k, seed)
     o, lse = forward(call)
-    return o.contiguous(), lse
+    return _dense(o), _dense(lse)
 
 
 @attention_forward.register_fake
@@ -132,16 +155,19 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs
     call, _, backward = _call(q, k, v, inputs, cu_seqlens_q, cu_seqlens_k, key, options, ints, floats, B, Nq, Nk,
                               q_offset, k_offset, n_q, n_k, seed, input_grads)
     dq, dk, dv, grads = backward(call, o, lse, do, dlse)
-    return [dq.contiguous(), dk.contiguous(), dv.contiguous()] + [
-        grads[name] if name in grads else torch.zeros_like(call.inputs[name]) for name in call.grad_input_names]
+    return [_dense(dq), _dense(dk), _dense(dv)] + [
+        _dense(grads[name]) if name in grads else call.inputs[name].new_zeros(call.inputs[name].shape)
+        for name in call.grad_input_names]
 
 
 @attention_backward.register_fake
 def _(q, k, v, inputs, cu_seqlens_q, cu_seqlens_k, o, lse, do, dlse, key, options, ints, floats, B, Nq, Nk, q_offset,
       k_offset, n_q, n_k, seed, input_grads):
     spec = _KERNELS[key][0]
-    return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)] + [
-        torch.empty_like(t) for d, t in zip(spec.inputs, inputs) if d.grad]
+    # contiguous, as the op returns them (_dense): empty_like would keep the strides of a transposed
+    # q (BNHD views, a packed qkv) or table, and a compiler that trusts the fake (inductor) failed
+    return [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)] + [
+        t.new_empty(t.shape) for d, t in zip(spec.inputs, inputs) if d.grad]
 
 
 def _no_grads(ints) -> tuple:
