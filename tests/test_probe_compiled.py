@@ -146,3 +146,23 @@ def test_int_arguments_as_one_element_tensors_under_fullgraph():
         want = attncc.reference(pattern("sliding_window"), q.double(), k.double(), v.double(), window=w,
                                 q_offset=offset)
         assert rel_err(got, want) < 1e-5
+
+
+def test_float_tensors_as_scale_under_compile_name_the_argument():
+    """A float tensor as ``scale=`` works eagerly and, without fullgraph, compiled (dynamo runs the call
+    eagerly). Under fullgraph=True its value is data-dependent: that failed with dynamo's guard error on
+    ``zuf0 > 0.0``, naming no argument; the error now names scale= and says what to pass instead."""
+    import attncc
+
+    causal = module("causal")
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 9, 16, generator=gen) for _ in "qkv")
+    want = attncc.reference(pattern("causal"), q.double(), k.double(), v.double(), scale=0.3)
+    fn = lambda q, k, v, s: causal.attention(q, k, v, scale=s)  # noqa: E731
+    assert rel_err(fn(q, k, v, torch.tensor(0.3)), want) < 1e-5
+    torch._dynamo.reset()
+    assert rel_err(torch.compile(fn, backend="aot_eager")(q, k, v, torch.tensor(0.3)), want) < 1e-5
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=r"scale: a float tensor's value is unknown while torch.compile traces"):
+        torch.compile(fn, fullgraph=True, backend="aot_eager")(q, k, v, torch.tensor(0.3))
+    torch._dynamo.reset()

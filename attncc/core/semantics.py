@@ -52,8 +52,21 @@ def plain_number(value, what: str = "a number"):
             raise TypeError(f"{what} is read as a number on the host and gets no gradient, but the tensor given "
                             f"requires grad: pass it detached, or learn it as an [inputs] tensor with grad = true "
                             f"(a scalar: dims = [], mod = \"s * temp\")")
+        if getattr(getattr(value, "dtype", None), "is_floating_point", False) and _compiling():
+            # Traced, a float tensor's item() is a number unknown until run time, and the checks
+            # of its value (scale > 0, in float32's range) failed with dynamo's data-dependent guard
+            # error, which named no argument. (Without fullgraph=True dynamo runs this call eagerly.)
+            raise TypeError(f"{what}: a float tensor's value is unknown while torch.compile traces (it would "
+                            f"need a guard on data): pass a Python float (torch.compile specializes on it), or "
+                            f"call .item() outside the compiled function")
         return value.item()  # a tensor of one element: int, float, bool (or complex, refused by the caller)
     return value
+
+
+def _compiling() -> bool:
+    """Whether torch.compile is tracing (torch is imported: a tensor came)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and torch.compiler.is_compiling()
 
 
 def _grad_enabled() -> bool:
