@@ -750,7 +750,8 @@ def dropout_keep_mask(q, k, v, *, seed, dropout_p=None, q_offset=0, k_offset=0):
     """The pairs that ``attention(q, k, v, seed=seed, dropout_p=dropout_p, q_offset=..., k_offset=...)``
     keeps: bool [B, Hq, Nq, Nk] (the same RNG as the kernels; for tests and inspection, it is dense).
     ``attncc.reference(pattern, q, k, v, keep_mask=mask, dropout_p=...)`` then computes the same output."""
-    B, Hq, Nq, Nk = _rt.dropout_mask_shape(SPEC, q, k, v, q_offset=q_offset, k_offset=k_offset, seed=seed)
+    B, Hq, Nq, Nk, q_offset, k_offset = _rt.dropout_mask_shape(SPEC, q, k, v, q_offset=q_offset, k_offset=k_offset,
+                                                                seed=seed)
     dropout_p, seed = _rt.dropout_settings(SPEC, "causal_dropout.dropout_keep_mask", dropout_p=dropout_p, seed=seed)
     keep = torch.empty(B, Hq, Nq, Nk, dtype=torch.int8, device=q.device)
     block = 32

@@ -49,6 +49,26 @@ def test_keep_rate_and_chunks_see_the_same_mask():
     assert torch.equal(chunk, keep[:, :, 50:])
 
 
+
+def test_keep_mask_takes_the_offsets_attention_takes():
+    """dropout_keep_mask took one-element tensors as offsets (attention does) but passed them to its
+    kernel as they came: a pointer, an error from inside Triton. It reads them as attention does, so the
+    mask of a call with tensor offsets is the mask that call used."""
+    import numpy as np
+
+    mod, p = module(NAME), pattern(NAME)
+    q, k, v = qkv(Hq=2, Hkv=1, Nq=9, Nk=21, grad=False)
+    want = mod.dropout_keep_mask(q, k, v, seed=4, q_offset=12, k_offset=3)
+    for qo, ko in ((torch.tensor(12), torch.tensor(3)), (np.int64(12), torch.tensor([3]))):
+        keep = mod.dropout_keep_mask(q, k, v, seed=torch.tensor(4), q_offset=qo, k_offset=ko)
+        assert torch.equal(keep, want)
+        o = mod.attention(q, k, v, seed=4, q_offset=qo, k_offset=ko)
+        ref = attncc.reference(p, q.double(), k.double(), v.double(), q_offset=12, k_offset=3, keep_mask=keep)
+        assert rel_err(o, ref) < 1e-5
+    with pytest.raises(TypeError, match="q_offset"):
+        mod.dropout_keep_mask(q, k, v, seed=4, q_offset=torch.tensor(1.0))
+
+
 def test_seeds_eval_and_zero_probability():
     mod = module(NAME)
     q, k, v = qkv(Hq=2, Hkv=1, Nq=33, grad=False)

@@ -462,17 +462,19 @@ def dropout_settings(spec: SpecInfo, who: str, *, dropout_p=None, seed=None, tra
 
 
 def dropout_mask_shape(spec: SpecInfo, q, k, v, *, q_offset, k_offset, seed):
-    """(B, Hq, Nq, Nk) of ``dropout_keep_mask(q, k, v, ...)``, after the checks ``attention`` makes."""
+    """(B, Hq, Nq, Nk, q_offset, k_offset) of ``dropout_keep_mask(q, k, v, ...)``, after the checks
+    ``attention`` makes: the mask's shape and the offsets as ints (numpy's integers and one-element
+    tensors, which attention takes, went to the kernel as they came: a tensor as a pointer)."""
     who = f"{spec.name}.dropout_keep_mask"
     if seed is None:
         raise ValueError(f"{who}: pass the seed that the attention call used")
     for arg, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise TypeError(f"{who}: {arg} must be a 4-D torch.Tensor [B, H, N, D]")
-    _int_arg("q_offset", q_offset, who=who)
-    _int_arg("k_offset", k_offset, who=who)
+    q_offset = _int_arg("q_offset", q_offset, who=who)
+    k_offset = _int_arg("k_offset", k_offset, who=who)
     check_heads_and_dims(spec, who, Hq=q.shape[1], Hkv=k.shape[1], D=q.shape[3], Dk=k.shape[3], Dv=v.shape[3])
-    return q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    return q.shape[0], q.shape[1], q.shape[2], k.shape[2], q_offset, k_offset
 
 
 def check_heads_and_dims(spec: SpecInfo, who: str, *, Hq: int, Hkv: int, D: int, Dk: int, Dv: int,
