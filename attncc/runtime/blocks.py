@@ -160,7 +160,10 @@ def exact_block_lists(tile_codes: Callable, call: Call, block_m: int, block_n: i
            block_m, block_n, tuple(sorted(call.params.items())), (call.B, call.Hq) if per_head else None)
     hit = _exact_cache.get(key)
     if hit is not None:
-        _exact_cache.move_to_end(key)
+        try:
+            _exact_cache.move_to_end(key)
+        except KeyError:  # another thread evicted it since the get (threads serving calls of many shapes)
+            pass
         return hit
     if key[1].startswith("cuda") and torch.cuda.is_current_stream_capturing():
         # a capture does not run its kernels until replay: lists cached now would hold garbage
@@ -170,8 +173,11 @@ def exact_block_lists(tile_codes: Callable, call: Call, block_m: int, block_n: i
             f"capture: call the attention once before capturing (a warm-up run, as torch.cuda.graphs asks)")
     both = _exact_lists_of(tile_codes(call, block_m, block_n), block_m, block_n, call.Nq, call.Nk)
     _exact_cache[key] = both
-    if len(_exact_cache) > EXACT_CACHE_SIZE:
-        _exact_cache.popitem(last=False)
+    while len(_exact_cache) > EXACT_CACHE_SIZE:
+        try:
+            _exact_cache.popitem(last=False)
+        except KeyError:  # emptied by other threads meanwhile
+            break
     return both
 
 
