@@ -301,3 +301,16 @@ def test_other_specs_in_chunk_pairs(name):
     assert torch.equal(torch.isfinite(lse), finite) and (lse[finite] - ref_lse[finite]).abs().max() < 1e-4
     for a, b in zip(grads, ref_grads):
         assert rel_err(a, b) < 1e-4
+
+
+@pytest.mark.parametrize("keyword, value", [("q_offset", 3), ("k_offset", 2), ("n_k", 40),
+                                            ("cu_seqlens_q", torch.tensor([0, 9, 21]))])
+@pytest.mark.parametrize("bounds", [(0, 21), (0, 7, 13, 21)])
+def test_position_keywords_are_refused_whatever_the_layout(keyword, value, bounds):
+    """The module's position keywords (offsets, lengths, cu_seqlens) ran with a one-chunk layout (the
+    module's own call) but failed with several chunks, with an error naming causal.attention as if it
+    did not take them. Every layout refuses them now, naming attncc.distributed and the keyword."""
+    q = torch.randn(1, 2, 21, 16)
+    lay = cp.Layout(bounds, (0,) * (len(bounds) - 1), 1)
+    with pytest.raises(TypeError, match=rf"attncc.distributed.attention \(causal\): {keyword} not supported"):
+        cp.attention(q, q, q, module=module("causal"), layout=lay, **{keyword: value})

@@ -53,6 +53,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, module, grou
         raise NotImplementedError(f"attncc.distributed: {spec.name} has attention dropout; context parallelism "
                                   f"does not implement it")
     softmax_scale, kwargs = scale_keyword(spec, scale, inputs_and_params)
+    _refuse_position_keywords(spec, kwargs)
     params = {p.name: kwargs[p.name] for p in spec.params if p.name in kwargs}
     inputs = {d.name: kwargs[d.name] for d in spec.inputs if d.name in kwargs}
     for d in spec.inputs:
@@ -229,6 +230,25 @@ def _check_qkv(name: str, q, k, v) -> None:
         raise ValueError(f"attncc.distributed ({name}): q, k, v must hold the same rows of one sequence "
                          f"(self-attention); "
                          f"got {q.shape[2]}, {k.shape[2]}, {v.shape[2]} rows")
+
+
+# The module's keywords that place or pack the rows: under context parallelism the layout does (every
+# row at its position 0..N-1 of one sequence per batch row).
+_POSITION_KEYWORDS = ("q_offset", "k_offset", "n_q", "n_k", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q",
+                      "max_seqlen_k")
+
+
+def _refuse_position_keywords(spec, kwargs) -> None:
+    """A TypeError for the module's position keywords (see _POSITION_KEYWORDS), whatever the layout and
+    comm: they reached the chunk pairs' kernel calls as params (an error naming ``<spec>.attention``, which
+    takes them), and the one-chunk and Ulysses paths' module call as themselves (taken there), so whether a
+    call ran depended on the world size."""
+    names = {p.name for p in spec.params} | {d.name for d in spec.inputs}
+    given = [k for k in _POSITION_KEYWORDS if k in kwargs and k not in names]
+    if given:
+        raise TypeError(f"attncc.distributed.attention ({spec.name}): {', '.join(given)} not supported: the layout "
+                        f"places every row at its position 0..N-1 of the sequence (for packed sequences, use a "
+                        f"document mask)")
 
 
 def _check_position_inputs(spec, inputs, n: int) -> None:
