@@ -920,6 +920,7 @@ def _decode(call):
 
 
 @_rt.eager_when_traced  # no custom op carries it: torch.compile runs it outside the graph
+@_rt.on_q_device  # its kernels run on q's GPU
 def decode(q, k_cache, v_cache, *, kv_len, block_table=None, return_lse=False, scale=None, **inputs_and_params):
     """alibi_learned decoding: a few new query rows per batch row against a KV cache (no gradient).
 

@@ -746,6 +746,7 @@ def _dropout_mask_kernel(KEEP, Nq, Nk, q_offset, k_offset, seed, dropout_p,
     tl.store(KEEP + bh * Nq * Nk + offs_m.to(tl.int64)[:, None] * Nk + offs_n[None, :], kept.to(tl.int8), mask=inside)
 
 
+@_rt.on_q_device  # its kernels run on q's GPU
 def dropout_keep_mask(q, k, v, *, seed, dropout_p=None, q_offset=0, k_offset=0):
     """The pairs that ``attention(q, k, v, seed=seed, dropout_p=dropout_p, q_offset=..., k_offset=...)``
     keeps: bool [B, Hq, Nq, Nk] (the same RNG as the kernels; for tests and inspection, it is dense).
@@ -958,6 +959,7 @@ def _decode(call):
 
 
 @_rt.eager_when_traced  # no custom op carries it: torch.compile runs it outside the graph
+@_rt.on_q_device  # its kernels run on q's GPU
 def decode(q, k_cache, v_cache, *, kv_len, block_table=None, return_lse=False, scale=None, **inputs_and_params):
     """causal_dropout decoding: a few new query rows per batch row against a KV cache (no gradient).
 

@@ -562,6 +562,7 @@ def _bind(q, k, v, q_offset, k_offset, n_q, n_k, initial_state, return_state, se
 
 
 @_rt.eager_when_traced  # no custom op carries it: torch.compile runs it outside the graph
+@_rt.on_q_device  # its kernels run on q's GPU
 def attention(q, k, v, *, q_offset=0, k_offset=0, n_q=None, n_k=None, initial_state=None, return_state=False,
               seed=None):
     """performer linear attention: o_i = phi(q_i).S_i / (phi(q_i).z_i + eps), the sums over keys j <= i.
@@ -577,6 +578,7 @@ def attention(q, k, v, *, q_offset=0, k_offset=0, n_q=None, n_k=None, initial_st
 
 
 @_rt.eager_when_traced  # no custom op carries it: torch.compile runs it outside the graph
+@_rt.on_q_device  # its kernels run on q's GPU
 def step(q, k, v, state=None, *, position=0, n=None, seed=None):
     """One decoding step: the state takes k, v in, then o = phi(q).S / (phi(q).z + eps).
 

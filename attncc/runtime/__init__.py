@@ -20,6 +20,7 @@ _EXPORTS = {
     "dropout_mask_shape": ("attncc.runtime.call", "dropout_mask_shape"),
     "dropout_settings": ("attncc.runtime.call", "dropout_settings"),
     "wide_positions": ("attncc.runtime.call", "wide_positions"),
+    "on_q_device": ("attncc.runtime.call", "on_q_device"),
     "interpreting": ("attncc.runtime.call", "interpreting"),
     "register_kernels": ("attncc.runtime.compiled", "register_kernels"),
     "eager_when_traced": ("attncc.runtime.compiled", "eager_when_traced"),

@@ -5,6 +5,8 @@ device, head count or keyword never turns into a wrong answer or a launch error.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import os
 from collections import Counter
@@ -243,6 +245,41 @@ def bind(spec: SpecInfo, q, k, v, *, return_lse=False, q_offset=0, k_offset=0, n
         # kept without tensors: the cache must not hold a call's memory
         slot[1][key] = call.replace(q=None, k=None, v=None, inputs={}, cu_seqlens_q=None, cu_seqlens_k=None)
     return call
+
+
+_SAME_DEVICE = contextlib.nullcontext()
+
+
+def on_device(t):
+    """A context that makes ``t``'s GPU the current CUDA device while a call launches its kernels,
+    where ``t`` is on another GPU than the current one (a no-op otherwise, and for CPU tensors).
+    Triton launches on the current device and its current stream: q on cuda:1 with cuda:0 current
+    ran the kernels on GPU 0, reading GPU 1's memory through peer access, unordered with the work
+    of cuda:1's stream that made q. (torch's own ops run on their tensors' device; autograd runs a
+    backward on a thread of the gradients' device.)"""
+    if getattr(t, "is_cuda", False) is True:
+        index = t.get_device()
+        if index != torch.cuda.current_device():
+            return torch.cuda.device(index)
+    return _SAME_DEVICE
+
+
+def on_call_device(call: "Call"):
+    """:func:`on_device` of the call's q, its GPU index kept with the call's signature (no tensor
+    attribute read on a repeated signature: tests/test_host_ops.py pins those)."""
+    index = call.cached("cuda_index", lambda: call.q.get_device() if call.q.is_cuda else -1)
+    if index >= 0 and index != torch.cuda.current_device():
+        return torch.cuda.device(index)
+    return _SAME_DEVICE
+
+
+def on_q_device(fn):
+    """``fn`` (a generated entry point whose first argument is q) run on q's GPU (:func:`on_device`)."""
+    @functools.wraps(fn)
+    def entry(q, *args, **kwargs):
+        with on_device(q):
+            return fn(q, *args, **kwargs)
+    return entry
 
 
 _functorch_level = torch._C._functorch.maybe_current_level

@@ -12,7 +12,7 @@ import torch
 
 from attncc.runtime import backend, compiled, tuning
 from attncc.runtime.autograd import AttentionFunction, no_pairs, no_pairs_backward
-from attncc.runtime.call import Call, env, interpreting
+from attncc.runtime.call import Call, env, interpreting, on_call_device
 from attncc.runtime.configs import (TOO_BIG, KernelConfig, config_settings, default_config, fit_key,
                                      preset_and_forced, preset_config, trial_active)
 
@@ -315,7 +315,8 @@ def run_attention(call: Call, forward: Callable[[Call], Tuple[torch.Tensor, torc
         if compiled.compilable(call):
             return compiled.attention(call)
         return _run_eagerly()(call, forward, backward)
-    return _run(call, forward, backward)
+    with on_call_device(call):
+        return _run(call, forward, backward)
 
 
 def _run(call: Call, forward, backward):
