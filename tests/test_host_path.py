@@ -377,3 +377,22 @@ def test_launch_scratch_is_kept_per_stream(monkeypatch):
     monkeypatch.setattr(launch, "TOO_BIG", set())  # (nothing failed to fit: the first try runs)
     launch.launch(None, None, lambda cfg: kept.extend([launch._alloc(64, 128, 7), launch._alloc(64, 128, 7)]))
     assert kept[0] is kept[1]
+
+
+def test_fit_records_are_per_spec_not_per_name():
+    """A config found too big for one spec is not assumed too big for another spec of the same name
+    (an in-memory spec beside a file's, two builds of one name): the record keys the spec's hash."""
+    import dataclasses
+
+    from attncc.runtime import configs
+
+    mod = module("causal")
+    q, k, v = qkv(N=20)
+    call = call_mod.bind(mod.SPEC, q, k, v)
+    other = call.replace(spec=dataclasses.replace(mod.SPEC, spec_hash=mod.SPEC.spec_hash + "x"))
+    cfg = launch.pick_config(call)
+    configs.TOO_BIG.add((configs.fit_key(call, "dq"), cfg))
+    try:
+        assert configs.did_not_fit(call, cfg, "dq") and not configs.did_not_fit(other, cfg, "dq")
+    finally:
+        configs.TOO_BIG.discard((configs.fit_key(call, "dq"), cfg))

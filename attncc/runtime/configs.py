@@ -268,7 +268,7 @@ TOO_BIG = set()
 
 def fit_key(call: Call, kernel: str):
     """What decides whether a config fits: the spec, its head dims, the dtype and the kernel."""
-    return (call.spec.name, call.D, call.Dv, call.q.dtype) + ((kernel,) if kernel else ())
+    return (call.spec.name, call.spec.spec_hash, call.D, call.Dv, call.q.dtype) + ((kernel,) if kernel else ())
 
 
 def did_not_fit(call: Call, cfg: KernelConfig, kernel: str = "") -> bool:
