@@ -331,16 +331,6 @@ def test_rendered_walks_of_shipped_specs_are_exact(name):
     assert checked == len(SPEC_PROBLEMS) * len(SPEC_TILES)
 
 
-@pytest.fixture
-def one_environment(monkeypatch):
-    """Every render of this test from one jinja environment (each render makes its own, which
-    compiles the templates again: most of the time of rendering small files)."""
-    import attncc.codegen as codegen
-
-    env = codegen._environment()
-    monkeypatch.setattr(codegen, "_environment", lambda: env)
-
-
 def random_fragments(rng, tmp_path, generator, count):
     """(pattern, fragments) of seeded random masks whose Plans take rendered fragments."""
     out = []
@@ -357,7 +347,7 @@ def random_fragments(rng, tmp_path, generator, count):
 
 @pytest.mark.parametrize("generator, count, seed, two", [(random_cover_mask, 50, 20, 5), (random_mask, 70, 21, 1)],
                          ids=["covers", "any"])
-def test_rendered_walks_of_random_masks_are_exact(tmp_path, one_environment, generator, count, seed, two):
+def test_rendered_walks_of_random_masks_are_exact(tmp_path, generator, count, seed, two):
     """Seeded random masks (bands, chunks, sinks, global rows and columns, unions; tile_oracle),
     three problems each (lengths, offsets, n_q / n_k, tile shapes including non-square, param
     overrides, batch rows and heads), where the precondition holds."""
@@ -451,7 +441,7 @@ def test_emulated_forward_of_shipped_specs(name):
         check_emulation(frag, pat, params, **kw)
 
 
-def test_emulated_forward_of_random_specs_with_score_hooks(tmp_path, one_environment):
+def test_emulated_forward_of_random_specs_with_score_hooks(tmp_path):
     """The fuzz generator's specs (biases, ALiBi, softcap, score transforms, params, masks) whose
     Plans take rendered fragments, at random offsets and lengths."""
     from gluon_host import fuzz_rendered
@@ -479,7 +469,7 @@ def test_emulated_forward_of_random_specs_with_score_hooks(tmp_path, one_environ
     assert seen["score"] >= 12 and seen["mask"] >= 5, seen
 
 
-def test_emulation_catches_a_wrong_fragment(tmp_path, one_environment):
+def test_emulation_catches_a_wrong_fragment(tmp_path):
     """The emulation is a check: a walk that drops the last block, or a mask that lets one more key
     through, gives a different forward."""
     pat = pattern("sliding_window")
