@@ -15,10 +15,11 @@
 - the host path through a generated module with ``ATTNCC_BACKEND=gluon`` (the kernel stubbed by the
   emulation): the launch's arguments, then the ``tl`` backward on its output;
 - CI compiles the rendered forward of every such spec for sm90 (a child process without
-  TRITON_INTERPRET, started when collection ends: tests/early_child.py): the launch a generated module makes, through Triton's own
-  specialization, to a cubin with wgmma, TMA, the overlap of S with P V, and no spills in the key
-  loop; and their backward, split (dK/dV and dQ kernels) and fused (ATTNCC_GLUON_BWD=fused), with
-  its resources bounded. ATTNCC_GLUON_ALL=1 also compiles every kernel at every head dim and dtype.
+  TRITON_INTERPRET, started when collection ends: tests/early_child.py): the launch a generated
+  module makes, through Triton's own specialization, to a cubin with wgmma, TMA, the overlap of S
+  with P V, and no spills in the key loop; and their backward, split (dK/dV and dQ kernels) and
+  fused (ATTNCC_GLUON_BWD=fused), with its resources bounded. ATTNCC_GLUON_ALL=1 also compiles
+  every kernel at every head dim and dtype.
 """
 from __future__ import annotations
 
