@@ -30,11 +30,19 @@ def pytest_collection_modifyitems(session, config, items):
 
 
 def pytest_collection_finish(session):
-    """Start the early children the selected tests wait for (tests/early_child.py)."""
+    """Start the early children the selected tests wait for, one after another in the order of
+    those tests (tests/early_child.py)."""
     if _starts_early(session.config):
-        for item in session.items:
-            for child in _early_children(item):
-                child.start()
+        import early_child
+
+        early_child.TURNS.add([child for item in session.items for child in _early_children(item)])
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    """The next early child's turn, once the one before it ended."""
+    import early_child
+
+    early_child.TURNS.advance()
 
 
 def pytest_sessionfinish(session):

@@ -14,6 +14,11 @@ the serial tests leave idle; once one waits (``hurry``, a file the parent makes)
 wait's timeout counts from when the test starts waiting. The child kills itself and its
 workers when pytest goes away (:func:`watch_parent`), and conftest kills what is left at the
 session's end.
+
+Several children take that core in turn (:class:`Turns`): one at a time, in the order their
+tests come, the next started after the test during which the one before it ended (or at once by
+a test that waits for it). They run at a lower priority (:data:`NICE`), so that the serial tests,
+and the processes those start, keep a core while children run beside them.
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ from typing import Callable, List, Optional
 # what the parent tells the child in its environment
 PARENT_ENV = "ATTNCC_EARLY_PARENT"  # the pid of the pytest process
 HURRY_ENV = "ATTNCC_EARLY_HURRY"  # the path that exists once a test waits for the result
+NICE = 10  # a child's niceness above pytest's: the serial tests come first where both want a core
 
 
 @dataclass
@@ -67,7 +73,13 @@ class EarlyChild:
         self._proc = subprocess.Popen(self.argv(self._folder), env=env, cwd=self.cwd, stdin=subprocess.DEVNULL,
                                       stdout=open(self._folder / "stdout", "wb"),
                                       stderr=open(self._folder / "stderr", "wb"), process_group=0)
+        with _gone():  # before it forks its pool (seconds of imports later): the workers inherit it
+            os.setpriority(os.PRIO_PROCESS, self._proc.pid, min(19, os.getpriority(os.PRIO_PROCESS, 0) + NICE))
         _RUNNING.append(self)
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
 
     def result(self) -> "Outcome":
         """Wait for the child (starting it if nobody did) and return its outcome; a child that
@@ -132,8 +144,33 @@ class Outcome:
 _RUNNING: List[EarlyChild] = []
 
 
+class Turns:
+    """Children that take one core in turn: :meth:`add` starts the first now and each of the
+    others once the ones before it have ended (:meth:`advance`); one that a test waits for starts
+    then, whatever its turn."""
+
+    def __init__(self):
+        self.waiting: List[EarlyChild] = []
+        self.started: List[EarlyChild] = []
+
+    def add(self, children: List[EarlyChild]) -> None:
+        self.waiting.extend(c for c in children if c not in self.waiting and c not in self.started)
+        self.advance()
+
+    def advance(self) -> None:
+        """Start the next child unless one started before it still runs."""
+        while self.waiting and not any(c.running for c in self.started):
+            child = self.waiting.pop(0)
+            child.start()  # (nothing if a test started it already)
+            self.started.append(child)
+
+
+TURNS = Turns()  # the session's: conftest.py adds the children at collection, advances after every test
+
+
 def stop_all() -> None:
     """Kill every child still running and remove the folders (conftest's pytest_sessionfinish)."""
+    TURNS.waiting.clear()
     while _RUNNING:
         _RUNNING.pop().stop()
 

@@ -67,10 +67,12 @@ def printed_kernel({args}, BLOCK: tl.constexpr):
 
 def run_printed(exprs: Sequence, params: Sequence[Param], values: Dict[str, object], i: torch.Tensor,
                 j: torch.Tensor, *, float64: bool, n_q: int = 1, n_k: int = 1, out_dtype=torch.float64,
-                block: int = 1024, inner=S.j, outer=S.i) -> List[torch.Tensor]:
+                block: int = None, inner=S.j, outer=S.i) -> List[torch.Tensor]:
     """Each expression's printed value at the pairs ``(i[n], j[n])`` (int32 or int64 tensors: WIDE),
     with params ``values`` (by name; defaults from ``params``); ``inner``, ``outer``: the hoister's
-    positions (the key loop's and the row's, or the dK/dV kernel's swapped ones)."""
+    positions (the key loop's and the row's, or the dK/dV kernel's swapped ones). ``block``: pairs
+    per program, by default all of them up to 4096 (the interpreter's time goes to each program's
+    operations, whatever their size)."""
     src = kernel_source(exprs, params, float64, inner, outer, wide=i.dtype == torch.int64)
     path = Path(tempfile.mkdtemp(prefix="attncc_printed_")) / f"printed_{next(_COUNTER)}.py"
     path.write_text(src)
@@ -79,6 +81,7 @@ def run_printed(exprs: Sequence, params: Sequence[Param], values: Dict[str, obje
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
     n = i.numel()
+    block = block or min(4096, max(16, 1 << (n - 1).bit_length()))
     out = torch.zeros(len(exprs), n, dtype=out_dtype)
     args = [values.get(p.name, p.value) for p in params]
     mod.printed_kernel[(max(1, -(-n // block)),)](out, i.contiguous(), j.contiguous(), n, n_q, n_k, 1, *args,

@@ -12,38 +12,59 @@ import pytest
 from attncc.codegen import build, render, stale
 from attncc.spec import load_spec
 from cases import ROOT, SPEC_FILES, SPEC_NAMES
+from early_child import EarlyChild, watch_parent
 
 
 @pytest.mark.parametrize("path", SPEC_FILES, ids=SPEC_NAMES)
 def test_generated_is_fresh_and_deterministic(path):
-    p = load_spec(path)
-    text = render(p)
-    assert text == render(p)
-    committed = (ROOT / "generated" / f"{p.name}.py").read_text()
     rel = path[len(str(ROOT)) + 1:]
-    assert render(load_spec(rel)) == committed, "generated/ is stale: run `attncc build`"
+    p = load_spec(rel)
+    text = render(p)
+    assert text == (ROOT / "generated" / f"{p.name}.py").read_text(), "generated/ is stale: run `attncc build`"
+    assert render(load_spec(rel)) == text
 
 
-def test_build_does_not_depend_on_hash_seeds(tmp_path):
-    """Two processes with other string-hash seeds write the same modules (set and dict orders of
-    names must not leak into the text: a divisor check once named whichever expression came first)."""
+HASH_SEEDS = ("1", "3")
+
+
+def _hash_seed_builds(folder: Path) -> None:
+    """(The child process) 12 random specs written to ``folder``/specs, and every shipped and random
+    spec built by one process per string-hash seed, into ``folder``/<seed>."""
     from fuzz_specs import random_spec
 
-    specs = tmp_path / "specs"
+    specs = folder / "specs"
     specs.mkdir()
     for seed in range(12):
         (specs / f"r{seed}.toml").write_text(random_spec(random.Random(seed))[0])
     files = [str(f) for f in SPEC_FILES] + sorted(str(f) for f in specs.glob("*.toml"))
-    builds = {}
-    for hash_seed in ("1", "3"):  # at once: CI has two cores
+    for hash_seed in HASH_SEEDS:
         env = {**os.environ, "PYTHONHASHSEED": hash_seed}
-        builds[hash_seed] = subprocess.Popen([sys.executable, "-m", "attncc", "build", "--out", str(tmp_path / hash_seed),
-                                              *files], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
-    outs = []
-    for hash_seed, build in builds.items():
-        output = build.communicate(timeout=600)[0].decode(errors="replace")
-        assert build.returncode == 0, output[-4000:]
-        outs.append({f.name: f.read_text() for f in (tmp_path / hash_seed).glob("*.py")})
+        build = subprocess.run([sys.executable, "-m", "attncc", "build", "--out", str(folder / hash_seed), *files],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT, env=env, timeout=600)
+        if build.returncode:
+            sys.exit(build.stdout.decode(errors="replace")[-4000:])
+
+
+# The builds start when collection ends (conftest.py, tests/early_child.py), on the core the tests
+# before this module leave idle.
+EARLY_CHILDREN = {"hash_seed_builds": EarlyChild("hash_seeds", lambda folder: [sys.executable, __file__, "--child",
+                                                                                str(folder)],
+                                                 lambda folder: dict(os.environ), timeout=600, cwd=ROOT)}
+
+
+@pytest.fixture(scope="module")
+def hash_seed_builds():
+    outcome = EARLY_CHILDREN["hash_seed_builds"].result()
+    assert outcome.returncode == 0, outcome.failure()
+    return outcome.child.folder
+
+
+def test_build_does_not_depend_on_hash_seeds(hash_seed_builds):
+    """Two processes with other string-hash seeds write the same modules (set and dict orders of
+    names must not leak into the text: a divisor check once named whichever expression came first)."""
+    files = SPEC_FILES + sorted((hash_seed_builds / "specs").glob("*.toml"))
+    assert len(files) == len(SPEC_FILES) + 12
+    outs = [{f.name: f.read_text() for f in (hash_seed_builds / seed).glob("*.py")} for seed in HASH_SEEDS]
     assert {Path(f).stem + ".py" for f in files} <= set(outs[0]) and outs[0] == outs[1]
 
 
@@ -106,3 +127,8 @@ def test_kernels_contain_only_needed_code():
     assert "_tanh" not in causal and "_rope" not in causal and "tl.load(doc" not in causal
     assert "keep = (offs_j[None, :] < k_offset + Nk)\n" in dense  # dense: only the key tail is masked
     assert "tl.load(ptr_doc" in document and "MASK_TILES" in document
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--child"]:
+    watch_parent()
+    _hash_seed_builds(Path(sys.argv[2]))

@@ -4,6 +4,7 @@ integer overflow guard still sees every integer expression the kernels compute."
 from __future__ import annotations
 
 import ast
+import functools
 import random
 
 import pytest
@@ -11,10 +12,9 @@ import pytest
 import attncc.codegen.printer as printer_module
 from attncc.codegen import render
 from attncc.spec import load_spec
-from cases import ROOT, SPEC_FILES, SPEC_NAMES, pattern
+from cases import ROOT, SPEC_FILES, pattern
 from fuzz_specs import random_spec
 
-SOFTMAX_FILES = [(f, n) for f, n in zip(SPEC_FILES, SPEC_NAMES) if load_spec(f).kind == "softmax"]
 RANDOM_SEEDS = range(100, 108)
 
 
@@ -46,9 +46,9 @@ def _repeats(code: str):
     return repeated
 
 
-@pytest.fixture
-def statements(monkeypatch):
-    """Every (named values, code) the printers' statements give while it is used."""
+def _recorded(monkeypatch) -> list:
+    """Every (named values, code) the printers' statements give from now on (until ``monkeypatch``
+    is undone)."""
     out = []
     original = printer_module.TritonPrinter.statement
 
@@ -61,9 +61,25 @@ def statements(monkeypatch):
     return out
 
 
+@pytest.fixture
+def statements(monkeypatch):
+    """Every (named values, code) the printers' statements give while it is used."""
+    return _recorded(monkeypatch)
+
+
+@functools.lru_cache(maxsize=None)
+def shipped_statements() -> tuple:
+    """The statements of every shipped spec's rendering, rendered once (tests/test_separable.py
+    checks them too)."""
+    with pytest.MonkeyPatch.context() as mp:
+        out = _recorded(mp)
+        for path in SPEC_FILES:
+            render(load_spec(path))
+    return tuple(out)
+
+
 def test_statements_compute_each_value_once(statements, tmp_path):
-    for path, _ in SOFTMAX_FILES:
-        render(load_spec(path))
+    statements.extend(shipped_statements())
     for seed in RANDOM_SEEDS:
         spec = tmp_path / f"r{seed}.toml"
         spec.write_text(random_spec(random.Random(seed))[0])

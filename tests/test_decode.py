@@ -39,11 +39,11 @@ def decode_module(name):
     if not hasattr(mod, "decode"):
         import attncc.codegen as cg
 
-        env = cg._environment()
+        shared = cg._environment()  # one per process: an overlay takes the changed template in front
         src = (cg.TEMPLATES / "softmax.py.j2").read_text()
         if 'include "decode.py.j2"' not in src:
             src += '{% include "decode.py.j2" %}\n'
-        env.loader = jinja2.ChoiceLoader([jinja2.DictLoader({"softmax.py.j2": src}), env.loader])
+        env = shared.overlay(loader=jinja2.ChoiceLoader([jinja2.DictLoader({"softmax.py.j2": src}), shared.loader]))
         original = cg._environment
         cg._environment = lambda: env
         try:

@@ -53,6 +53,35 @@ def _python(code):
     return lambda folder: [sys.executable, "-c", textwrap.dedent(code)]
 
 
+def test_children_take_their_turns_one_at_a_time_at_a_lower_priority():
+    """Turns: the first child starts at once, each of the others after the one before it ended
+    (advance, as conftest calls it after every test), in order; a child a test waits for starts
+    then. Each runs NICE above this process's niceness."""
+    code = "import os, time; start = time.time(); time.sleep(0.3); print(start, time.time(), os.nice(0))"
+    children = [EarlyChild(f"turn{n}", _python(code), lambda _: dict(os.environ)) for n in range(4)]
+    turns = early_child.Turns()
+    try:
+        turns.add(children[:3])
+        assert children[0].running and all(c.folder is None for c in children[1:])
+        deadline = time.monotonic() + 60
+        while turns.waiting and time.monotonic() < deadline:
+            assert sum(c.running for c in children) <= 1
+            time.sleep(0.05)
+            turns.advance()
+        turns.add(children[3:])  # a test waits for it while the one before still runs
+        assert children[3].folder is None and children[2].running
+        outcomes = [children[3].result()] + [c.result() for c in children[:3]]
+        spans = [[float(x) for x in o.stdout.split()] for o in outcomes[1:] + outcomes[:1]]
+        assert [c.folder is not None for c in children] == [True] * 4
+        assert all(a[1] <= b[0] for a, b in zip(spans[:3], spans[1:3])), spans
+        assert spans[3][0] < spans[2][1], spans  # (started before its turn)
+        nice = min(19, os.getpriority(os.PRIO_PROCESS, 0) + early_child.NICE)
+        assert all(s[2] == nice for s in spans), spans
+    finally:
+        for c in children:
+            c.stop()
+
+
 def test_a_failed_child_reports_its_code_and_output():
     child = EarlyChild("fails", _python("import sys; print('out'); sys.exit('the reason')"), lambda _: dict(os.environ))
     try:

@@ -21,11 +21,13 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from early_child import EarlyChild
+from kernel_compile import without_interpreter
 
 gluon = pytest.importorskip("triton.experimental.gluon")
 
@@ -41,17 +43,21 @@ CASES = variants() if ALL else ci_variants()
 BWD_CASES = bwd_variants() if ALL else bwd_ci_variants()
 
 
+# CASES and BWD_CASES compiled in a child process: conftest turned on TRITON_INTERPRET, under which
+# Triton's own jit helpers (gl.max, gl.sum, ...) become interpreter objects Gluon cannot compile. It
+# starts when collection ends (conftest.py, tests/early_child.py) and compiles on the core the tests
+# before this module leave idle.
+EARLY_CHILDREN = {"compiled": EarlyChild(
+    "gluon", lambda folder: [sys.executable, "-m", "attncc.runtime.gluon.launch", "--pickle",
+                             str(folder / "compiled.pickle")] + (["--all"] if ALL else []),
+    lambda folder: without_interpreter(), timeout=900, cwd=ROOT)}
+
+
 @pytest.fixture(scope="module")
-def compiled(tmp_path_factory):
-    """Compile CASES in a child process: conftest turned on TRITON_INTERPRET, under which Triton's
-    own jit helpers (gl.max, gl.sum, ...) become interpreter objects Gluon cannot compile."""
-    out = tmp_path_factory.mktemp("gluon") / "compiled.pickle"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    cmd = [sys.executable, "-m", "attncc.runtime.gluon.launch", "--pickle", str(out)] + (["--all"] if ALL else [])
-    run = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
-    assert run.returncode == 0, run.stdout + run.stderr
-    with open(out, "rb") as f:
+def compiled():
+    outcome = EARLY_CHILDREN["compiled"].result()
+    assert outcome.returncode == 0, outcome.failure()
+    with open(outcome.child.folder / "compiled.pickle", "rb") as f:
         by_variant = {c.variant: c for c in pickle.load(f)}
     return by_variant.__getitem__
 

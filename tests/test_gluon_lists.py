@@ -341,10 +341,14 @@ if rendered.ALL:  # ATTNCC_GLUON_ALL=1: both kernels x 3 head dims x 2 dtypes x 
                 for dt in ("bfloat16", "float16")]
 
 
+# The child compiling COMPILES (test_gluon_rendered.rendered_compiler) starts when collection ends
+# (conftest.py, tests/early_child.py): it compiles on the core the tests before this module leave idle.
+EARLY_CHILDREN = {"compiled": rendered.compile_child("test_gluon_lists", "m.COMPILES")}
+
+
 @pytest.fixture(scope="module")
-def compiled(tmp_path_factory):
-    """The cases compiled in two child processes at once (test_gluon_rendered.compile_rendered)."""
-    return rendered.compile_in_children(COMPILES, tmp_path_factory.mktemp("gluon_lists"))
+def compiled():
+    return rendered.compiled_cases(EARLY_CHILDREN["compiled"])
 
 
 @pytest.mark.parametrize("case", COMPILES, ids=lambda c: "-".join(map(str, c)))

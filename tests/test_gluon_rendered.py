@@ -15,10 +15,11 @@
 - the host path through a generated module with ``ATTNCC_BACKEND=gluon`` (the kernel stubbed by the
   emulation): the launch's arguments, then the ``tl`` backward on its output;
 - CI compiles the rendered forward of every such spec for sm90 (a child process without
-  TRITON_INTERPRET, two at a time): the launch a generated module makes, through Triton's own
-  specialization, to a cubin with wgmma, TMA, the overlap of S with P V, and no spills in the key
-  loop; and their backward, split (dK/dV and dQ kernels) and fused (ATTNCC_GLUON_BWD=fused), with
-  its resources bounded. ATTNCC_GLUON_ALL=1 also compiles every kernel at every head dim and dtype.
+  TRITON_INTERPRET, started when collection ends: tests/early_child.py): the launch a generated
+  module makes, through Triton's own specialization, to a cubin with wgmma, TMA, the overlap of S
+  with P V, and no spills in the key loop; and their backward, split (dK/dV and dQ kernels) and
+  fused (ATTNCC_GLUON_BWD=fused), with its resources bounded. ATTNCC_GLUON_ALL=1 also compiles
+  every kernel at every head dim and dtype.
 """
 from __future__ import annotations
 
@@ -28,7 +29,6 @@ import math
 import os
 import pickle
 import random
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -49,7 +49,9 @@ from attncc.runtime import backend, call as call_mod  # noqa: E402
 from attncc.runtime.gluon import fwd_pipelined, fwd_ws, launch  # noqa: E402
 from attncc.spec import SpecError, load_spec, parse_spec  # noqa: E402
 from cases import SMALL_PARAMS, SPEC_NAMES, inputs_for, module, pattern  # noqa: E402
+from early_child import EarlyChild  # noqa: E402
 from gluon_host import C, Fragments, ctx_of, emulate_forward, load_fragments  # noqa: E402
+from kernel_compile import without_interpreter  # noqa: E402
 from tile_oracle import (Problem, mask_spec, random_cover_mask, random_mask, random_overrides,  # noqa: E402
                          random_problem, truth_classes)
 
@@ -334,16 +336,6 @@ def test_rendered_walks_of_shipped_specs_are_exact(name):
     assert checked == len(SPEC_PROBLEMS) * len(SPEC_TILES)
 
 
-@pytest.fixture
-def one_environment(monkeypatch):
-    """Every render of this test from one jinja environment (each render makes its own, which
-    compiles the templates again: most of the time of rendering small files)."""
-    import attncc.codegen as codegen
-
-    env = codegen._environment()
-    monkeypatch.setattr(codegen, "_environment", lambda: env)
-
-
 def random_fragments(rng, tmp_path, generator, count):
     """(pattern, fragments) of seeded random masks whose Plans take rendered fragments."""
     out = []
@@ -360,7 +352,7 @@ def random_fragments(rng, tmp_path, generator, count):
 
 @pytest.mark.parametrize("generator, count, seed, two", [(random_cover_mask, 50, 20, 5), (random_mask, 70, 21, 1)],
                          ids=["covers", "any"])
-def test_rendered_walks_of_random_masks_are_exact(tmp_path, one_environment, generator, count, seed, two):
+def test_rendered_walks_of_random_masks_are_exact(tmp_path, generator, count, seed, two):
     """Seeded random masks (bands, chunks, sinks, global rows and columns, unions; tile_oracle),
     three problems each (lengths, offsets, n_q / n_k, tile shapes including non-square, param
     overrides, batch rows and heads), where the precondition holds."""
@@ -454,7 +446,7 @@ def test_emulated_forward_of_shipped_specs(name):
         check_emulation(frag, pat, params, **kw)
 
 
-def test_emulated_forward_of_random_specs_with_score_hooks(tmp_path, one_environment):
+def test_emulated_forward_of_random_specs_with_score_hooks(tmp_path):
     """The fuzz generator's specs (biases, ALiBi, softcap, score transforms, params, masks) whose
     Plans take rendered fragments, at random offsets and lengths."""
     from gluon_host import fuzz_rendered
@@ -482,7 +474,7 @@ def test_emulated_forward_of_random_specs_with_score_hooks(tmp_path, one_environ
     assert seen["score"] >= 12 and seen["mask"] >= 5, seen
 
 
-def test_emulation_catches_a_wrong_fragment(tmp_path, one_environment):
+def test_emulation_catches_a_wrong_fragment(tmp_path):
     """The emulation is a check: a walk that drops the last block, or a mask that lets one more key
     through, gives a different forward."""
     pat = pattern("sliding_window")
@@ -617,19 +609,46 @@ if ALL:
                     for dt in ("bfloat16", "float16")]
 
 CHILD = r"""
-import sys
+import pickle, sys
 sys.path.insert(0, {tests!r})
+import {module} as m
 import test_gluon_rendered as t
-t.compile_rendered({cases!r}, {out!r})
+from early_child import pool_map, watch_parent
+watch_parent()
+cases = {cases}
+compile_case = t.rendered_compiler()
+results = {{}}
+for part in pool_map(lambda i: compile_case(cases[i]), len(cases)):  # forked: they inherit the stubs
+    results.update(part)
+with open(sys.argv[1], "wb") as f:
+    pickle.dump(results, f)
 """
 
 
-def compile_rendered(cases, out_path):
-    """Run in a process without TRITON_INTERPRET: each case's launch through its generated module
-    (ATTNCC_BACKEND=gluon, the device stubbed, a call with offsets and GQA), compiled for sm90 as
-    Triton specializes the recorded arguments (tests/kernel_compile.py). A "bwd" case is the
-    module's Gluon backward of that call: its dK/dV and dQ launches, two results ("dkdv", "dq");
-    "bwd-fused" the same with ATTNCC_GLUON_BWD=fused: one launch, "fused"."""
+def compile_child(module_name: str, cases: str) -> EarlyChild:
+    """The child process that compiles the cases (``cases``: their expression in ``module_name``)
+    with :func:`rendered_compiler`, in one process beside the tests before the module, in two once
+    its fixture waits, and writes {(name, kernel, d, dtype): the compiled launch's numbers} to
+    ``compiled.pickle`` in its folder."""
+    code = CHILD.format(tests=str(ROOT / "tests"), module=module_name, cases=cases)
+    return EarlyChild(module_name, lambda folder: [sys.executable, "-c", code, str(folder / "compiled.pickle")],
+                      lambda folder: without_interpreter(), timeout=900, cwd=ROOT)
+
+
+def compiled_cases(child: EarlyChild) -> dict:
+    """What the child of :func:`compile_child` compiled (waiting for it)."""
+    outcome = child.result()
+    assert outcome.returncode == 0, outcome.failure()
+    with open(outcome.child.folder / "compiled.pickle", "rb") as f:
+        return pickle.load(f)
+
+
+def rendered_compiler():
+    """Run in a process without TRITON_INTERPRET: the function that compiles one case, its launch
+    through its generated module (ATTNCC_BACKEND=gluon, the device stubbed, a call with offsets
+    and GQA), for sm90 as Triton specializes the recorded arguments (tests/kernel_compile.py). A
+    "bwd" case is the module's Gluon backward of that call: its dK/dV and dQ launches, two results
+    ("dkdv", "dq"); "bwd-fused" the same with ATTNCC_GLUON_BWD=fused: one launch, "fused"."""
     from kernel_compile import compile_launch, launch_of
 
     from attncc.runtime.gluon import bwd, bwd_fused, preprocess
@@ -658,8 +677,9 @@ def compile_rendered(cases, out_path):
     for kernel in (fwd_ws.attn_fwd_ws, fwd_pipelined.attn_fwd_pipelined, bwd.attn_bwd_dkdv, bwd.attn_bwd_dq,
                    bwd_fused.attn_bwd_fused):
         kernel.run = (lambda kernel: lambda *a, grid, warmup, **kw: recorded.append(launch_of(kernel, a, kw)))(kernel)
-    results = {}
-    for name, kernel, d, dtype in cases:
+
+    def compile_case(case):
+        name, kernel, d, dtype = case
         backend.gluon_config = lambda D, kernel=kernel: launch.default_config(D, kernel) if kernel == "pipelined" else \
             dataclasses.replace(launch.default_config(D, "ws"), pingpong=False)
         dt = getattr(torch, dtype)
@@ -678,11 +698,11 @@ def compile_rendered(cases, out_path):
             module(name).attention(q, k, v, q_offset=100, **inputs)
             parts = (kernel,)
         assert len(recorded) == len(parts), recorded
-        for part, rec in zip(parts, recorded):
-            results[(name, part, d, dtype)] = _compiled_numbers(compile_launch(rec, "cubin"), rec,
-                                                                forward=not kernel.startswith("bwd"))
-    with open(out_path, "wb") as f:
-        pickle.dump(results, f)
+        return {(name, part, d, dtype): _compiled_numbers(compile_launch(rec, "cubin"), rec,
+                                                          forward=not kernel.startswith("bwd"))
+                for part, rec in zip(parts, recorded)}
+
+    return compile_case
 
 
 def _compiled_numbers(c, rec, forward: bool):
@@ -731,29 +751,14 @@ def key_loop_ldl(sass: str, step_mma: int) -> int:
     return max((count(lo, hi, "LDL") for lo, hi in inner if count(lo, hi, "HGMMA") == step_mma), default=-1)
 
 
-def compile_in_children(cases, folder):
-    """The cases compiled in two child processes at once (CI has two cores): {case: compile_rendered's
-    numbers}, each part's pickle in ``folder``."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    jobs = []
-    for n in range(2):
-        out = folder / f"part{n}.pickle"
-        code = CHILD.format(tests=str(ROOT / "tests"), cases=cases[n::2], out=str(out))
-        jobs.append((subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True), out))
-    results = {}
-    for proc, out in jobs:
-        log, _ = proc.communicate()
-        assert proc.returncode == 0, log
-        with open(out, "rb") as f:
-            results.update(pickle.load(f))
-    return results
+# The child compiling COMPILES and BWD_COMPILES starts when collection ends (conftest.py,
+# tests/early_child.py): it compiles on the core the tests before this module leave idle.
+EARLY_CHILDREN = {"compiled": compile_child("test_gluon_rendered", "m.COMPILES + m.BWD_COMPILES")}
 
 
 @pytest.fixture(scope="module")
-def compiled(tmp_path_factory):
-    return compile_in_children(COMPILES + BWD_COMPILES, tmp_path_factory.mktemp("gluon_rendered"))
+def compiled():
+    return compiled_cases(EARLY_CHILDREN["compiled"])
 
 
 @pytest.mark.parametrize("case", COMPILES, ids=lambda c: "-".join(map(str, c)))

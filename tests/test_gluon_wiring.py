@@ -30,7 +30,6 @@ import math
 import os
 import pickle
 import random
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -49,7 +48,9 @@ from attncc.runtime import backend, call as call_mod, compiled  # noqa: E402
 from attncc.runtime.gluon import bwd, bwd_fused, fwd_pipelined, fwd_ws, launch, walks  # noqa: E402
 from attncc.spec import SpecError, load_spec, parse_spec  # noqa: E402
 from cases import SPEC_NAMES, module  # noqa: E402
+from early_child import EarlyChild  # noqa: E402
 from gluon_emulation import EmulatedKernel  # noqa: E402
+from kernel_compile import without_interpreter  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 LOG2E = 1.4426950408889634
@@ -706,12 +707,31 @@ def test_launch_arguments_match_each_kernel(stubbed, kernel, pattern, D):
 
 
 CHILD = r"""
-import pickle, sys, types
-import torch
+import sys
 sys.path.insert(0, {tests!r})
 import test_gluon_wiring as t
-print(t.compile_recorded_launch({out!r}))
+from early_child import watch_parent
+watch_parent()
+t.compile_recorded_launch(sys.argv[1] + "/forward.pickle")
+t.compile_recorded_backward(sys.argv[1] + "/backward.pickle")
 """
+# The child compiling the recorded launches starts when collection ends (conftest.py,
+# tests/early_child.py): it compiles on the core the tests before this module leave idle.
+EARLY_CHILDREN = {"recorded_compiles": EarlyChild(
+    "gluon_wiring", lambda folder: [sys.executable, "-c", CHILD.format(tests=str(ROOT / "tests")), str(folder)],
+    lambda folder: without_interpreter(), timeout=900, cwd=ROOT)}
+
+
+@pytest.fixture(scope="module")
+def recorded_compiles():
+    """{"forward": compile_recorded_launch's, "backward": compile_recorded_backward's}"""
+    outcome = EARLY_CHILDREN["recorded_compiles"].result()
+    assert outcome.returncode == 0, outcome.failure()
+    out = {}
+    for part in ("forward", "backward"):
+        with open(outcome.child.folder / f"{part}.pickle", "rb") as f:
+            out[part] = pickle.load(f)
+    return out
 
 
 def compile_recorded_launch(out_path: str) -> str:
@@ -780,16 +800,8 @@ def compile_recorded_backward(out_path: str) -> str:
     return "ok"
 
 
-def test_recorded_backward_launches_compile_for_sm90(tmp_path):
-    out = tmp_path / "compiled.pickle"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    code = CHILD.format(tests=str(ROOT / "tests"), out=str(out)).replace("compile_recorded_launch",
-                                                                         "compile_recorded_backward")
-    run = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True)
-    assert run.returncode == 0, run.stdout + run.stderr
-    with open(out, "rb") as f:
-        result = pickle.load(f)
+def test_recorded_backward_launches_compile_for_sm90(recorded_compiles):
+    result = recorded_compiles["backward"]
     assert set(result) == {"bwd_preprocess", "attn_bwd_dkdv", "attn_bwd_dq", "attn_bwd_fused", "bwd_postprocess"}
     assert result["attn_bwd_dkdv"]["wgmma"] and result["attn_bwd_dq"]["wgmma"] and result["attn_bwd_fused"]["wgmma"]
     assert result["attn_bwd_fused"]["signature"]["dq_acc_desc"].startswith("tensordesc<fp32[1, 1, 64, 128]")
@@ -800,14 +812,7 @@ def test_recorded_backward_launches_compile_for_sm90(tmp_path):
     assert result["attn_bwd_dkdv"]["signature"]["lse_desc"].startswith("tensordesc<fp32[1, 1, 64]")
 
 
-def test_recorded_launch_compiles_for_sm90(tmp_path):
-    out = tmp_path / "compiled.pickle"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    code = CHILD.format(tests=str(ROOT / "tests"), out=str(out))
-    run = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True)
-    assert run.returncode == 0, run.stdout + run.stderr
-    with open(out, "rb") as f:
-        result = pickle.load(f)
+def test_recorded_launch_compiles_for_sm90(recorded_compiles):
+    result = recorded_compiles["forward"]
     assert result["ptx_has_wgmma"] and 0 < result["shared"] <= launch.SM90_SHARED_BYTES
     assert result["signature"]["lse_stride"] == "i64" and result["signature"]["HEAD_GROUP"] == "i32"

@@ -27,9 +27,9 @@ from attncc.runtime.intervals import INT32_MAX, CallNumbers
 from attncc.spec import load_spec
 from attncc.spec import symbols as S
 from attncc.spec.ir import Param, Pattern
-from cases import SPEC_FILES, build_inline, rel_err, vjp_case
+from cases import build_inline, rel_err, vjp_case
 from printed import run_printed
-from test_cse import statements  # noqa: F401 - the fixture: every statement the printers give
+from test_cse import shipped_statements, statements  # noqa: F401 - the fixture: every statement the printers give
 
 W = Param("w", 5, "int")
 ORIENTATIONS = [(S.j, S.i), (S.i, S.j)]  # (inner, outer): the forward and dQ kernels', the dK/dV kernel's
@@ -234,8 +234,7 @@ def per_pair_divisions(temps, code):
 def test_no_kernel_divides_per_pair(statements, tmp_path):
     """The kernels of every spec (dilated's ``(i - j) % dilation == 0`` was a modulo per pair) and of
     the random specs above: mask, bias and mod code, every kernel and the Gluon fragments."""
-    for path in SPEC_FILES:
-        render(load_spec(path))
+    statements.extend(shipped_statements())
     for name, text in SPECS.items():
         spec = tmp_path / f"{name}.toml"
         spec.write_text(text)

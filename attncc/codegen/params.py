@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import re
 import textwrap
 from dataclasses import dataclass
 from typing import Container, Dict, FrozenSet, List, Optional, Sequence, Tuple
@@ -256,7 +257,8 @@ class Signatures:
         if fn.name in self.params:
             raise ValueError(f"{fn.name} is defined twice")
         args = fn.args.posonlyargs + fn.args.args
-        params = [Param(a.arg, ast.get_source_segment(src, a), _is_constexpr(a.annotation), a.lineno) for a in args]
+        segment = _segments(src)
+        params = [Param(a.arg, segment(a), _is_constexpr(a.annotation), a.lineno) for a in args]
         self.params[fn.name] = params
         kept = self._kept(fn.name, params)
         opening = f"def {fn.name}("
@@ -277,18 +279,19 @@ class Signatures:
         name = node.func.id
         params = self.params[name]
         live = self.reads(name)
+        segment = _segments(src)
         args = []
         for i, a in enumerate(node.args):
             if isinstance(a, ast.Starred) or i >= len(params):
-                raise ValueError(f"{name}: {ast.get_source_segment(src, a)!r} binds no parameter")
+                raise ValueError(f"{name}: {segment(a)!r} binds no parameter")
             if params[i].name in live:
-                args.append(ast.get_source_segment(src, a))
+                args.append(segment(a))
         known = {p.name for p in params}
         for kw in node.keywords:
             if kw.arg not in known:
                 raise ValueError(f"{name} has no parameter {kw.arg!r}")
             if kw.arg in live:
-                args.append(f"{kw.arg}={ast.get_source_segment(src, kw.value)}")
+                args.append(f"{kw.arg}={segment(kw.value)}")
         start = _offset(src, node.lineno, node.col_offset)
         end = _offset(src, node.end_lineno, node.end_col_offset)
         opening = textwrap.indent(src[:start] + name + "(", indent)
@@ -432,6 +435,22 @@ def _is_constexpr(annotation: Optional[ast.expr]) -> bool:
 
 def _lines_of(params: Sequence[Param]) -> List[int]:
     return sorted({p.line for p in params})
+
+
+def _segments(src: str):
+    """``ast.get_source_segment(src, node)`` as a function of ``node``, ``src`` split into lines
+    once: get_source_segment splits the whole source, character by character, at every call
+    (a quarter of the time of rendering a module)."""
+    lines = re.split(r"(?<=\r\n)|(?<=\r)(?!\n)|(?<=\n)", src)  # as ast's splitting: line ends kept
+
+    def segment(node: ast.AST) -> str:
+        first, last = node.lineno - 1, node.end_lineno - 1
+        if first == last:
+            return lines[first].encode()[node.col_offset:node.end_col_offset].decode()
+        return "".join([lines[first].encode()[node.col_offset:].decode(), *lines[first + 1:last],
+                        lines[last].encode()[:node.end_col_offset].decode()])
+
+    return segment
 
 
 def _offset(src: str, line: int, col: int) -> int:
