@@ -1,9 +1,7 @@
 """bench/ keeps working without a GPU: the registry is consistent, ``python -m bench`` lists it and
 runs cases on the CPU under the interpreter (``--smoke``), every tool starts, and the GPU tests of
 tests/gpu/ are skipped whole by a plain pytest run but run at tiny sizes with
-ATTNCC_GPU_TESTS_ON_CPU=1. The numbers of a smoke run mean nothing: the code paths run. About 30 s,
-most of it in the runs of a child process that starts when pytest's collection ends
-(tests/early_child.py).
+ATTNCC_GPU_TESTS_ON_CPU=1. The numbers of a smoke run mean nothing: the code paths run. About 30 s.
 """
 from __future__ import annotations
 
@@ -29,7 +27,6 @@ from bench.common import FLEX_MASKS, density, flex_pattern, spec_inputs, spec_pa
 from bench.impls import BASELINES, EXACT_FIRST, EXACT_ONCE, Prepared, applies, attncc_extras, compiled_count, \
     exact_list_extras
 from bench.run import TOOLS, main, table
-from early_child import EarlyChild, watch_parent
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,45 +35,6 @@ def _run(args, env=None, timeout=300):
     env = dict(os.environ if env is None else env, PYTHONPATH=str(ROOT))
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
-
-
-# The runs of python -m bench and of tests/gpu: (arguments, output folder or None, environment, timeout).
-RUNS = {
-    "exact_lists": (["-m", "bench", "dilated-16k", "sink-window-16k", "wired-dilated-16k", "--smoke"], True, {}, 300),
-    "host_stub": (["-m", "bench", "host", "--stub", "--cases", "causal,document", "--n", "64", "--calls", "2",
-                   "--rounds", "1"], True, {}, 300),
-    "smoke": (["-m", "bench", "causal-8k", "decode-8x32k-paged", "--smoke", "--env", "ATTNCC_FUSED_DQ=0"], True, {},
-              300),
-    "gpu_tests": (["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/gpu"], False,
-                  {"TRITON_INTERPRET": "1", "ATTNCC_GPU_TESTS_ON_CPU": "first"}, 600),
-}
-
-
-def _child(folder: Path) -> None:
-    """(The child process) each of RUNS, one after another: its output folder ``folder``/<name>,
-    its return code and output in ``folder``/<name>.json."""
-    for name, (args, out, env, timeout) in RUNS.items():
-        done = _run(args + (["--out", str(folder / name)] if out else []), env=dict(os.environ, **env), timeout=timeout)
-        (folder / f"{name}.json").write_text(json.dumps({"returncode": done.returncode, "stdout": done.stdout,
-                                                         "stderr": done.stderr}))
-
-
-# RUNS in a child process that starts when collection ends (conftest.py, tests/early_child.py): they
-# run beside the tests before this module.
-EARLY_CHILDREN = {"runs": EarlyChild("bench", lambda folder: [sys.executable, __file__, "--child", str(folder)],
-                                     lambda folder: dict(os.environ, PYTHONPATH=os.pathsep.join(
-                                         [str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH")
-                                                        else []))), timeout=1200, cwd=ROOT)}
-
-
-@pytest.fixture(scope="module")
-def runs():
-    """{name: (the run as subprocess.run returns it, its output folder)} of RUNS."""
-    outcome = EARLY_CHILDREN["runs"].result()
-    assert outcome.returncode == 0, outcome.failure()
-    folder = outcome.child.folder
-    return {name: (subprocess.CompletedProcess(RUNS[name][0], **json.loads((folder / f"{name}.json").read_text())),
-                   folder / name) for name in RUNS}
 
 
 def test_every_case_has_its_spec_and_baselines():
@@ -251,11 +209,12 @@ def test_exact_list_rows_of_generated_modules(spec, params, rows):
         assert "fallback" in extras[EXACT_ONCE].note
 
 
-def test_smoke_exact_list_rows(runs):
+def test_smoke_exact_list_rows(tmp_path):
     """python -m bench on the CPU: the exact lists' rows for dilated (first call, then once per shape,
     after the implementations' rows), none for sink + window (closed forms), wired-dilated-16k runs."""
-    done, out = runs["exact_lists"]
-    rows = json.loads((out / "bench.json").read_text())["rows"]
+    done = _run(["-m", "bench", "dilated-16k", "sink-window-16k", "wired-dilated-16k", "--smoke",
+                 "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
     by = {(r["case"], r["impl"]): r for r in rows}
     assert by[("wired-dilated-16k", "attncc")]["fwd_ms"] > 0 and not by[("wired-dilated-16k", "attncc")].get("failed")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -293,13 +252,14 @@ def test_host_tables(tmp_path):
     assert (tmp_path / "empty" / "host_overhead.md").is_file()
 
 
-def test_host_stub_run(runs):
+def test_host_stub_run(tmp_path):
     """python -m bench host --stub on the CPU writes its table and CSV, a row per case and length."""
-    done, out = runs["host_stub"]
+    done = _run(["-m", "bench", "host", "--stub", "--cases", "causal,document", "--n", "64", "--calls", "2",
+                 "--rounds", "1", "--out", str(tmp_path)])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    md = (out / "host_overhead.md").read_text()
+    md = (tmp_path / "host_overhead.md").read_text()
     assert "| causal | 64 | attncc (stubbed) |" in md and "| document | 64 | attncc (stubbed) |" in md
-    assert (out / "host_overhead.csv").read_text().count("\n") == 3
+    assert (tmp_path / "host_overhead.csv").read_text().count("\n") == 3
 
 
 def test_names_do_not_collide():
@@ -333,11 +293,12 @@ def test_list_and_errors(capsys):
     assert "expected NAME=VALUE" in capsys.readouterr().err
 
 
-def test_smoke_run(runs):
+def test_smoke_run(tmp_path):
     """Attention (forward, backward, a setting of attncc, the baselines) and paged decode on the CPU."""
-    done, out = runs["smoke"]
+    done = _run(["-m", "bench", "causal-8k", "decode-8x32k-paged", "--smoke", "--env", "ATTNCC_FUSED_DQ=0",
+                 "--out", str(tmp_path)])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    rows = json.loads((out / "bench.json").read_text())["rows"]
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
     by = {(r["case"], r["impl"]): r for r in rows}
     mine = by[("causal-8k", "attncc")]
     assert mine["fwd_ms"] > 0 and mine["fb_ms"] > 0
@@ -348,7 +309,7 @@ def test_smoke_run(runs):
     decode = by[("decode-8x32k-paged", "attncc")]
     assert decode["fwd_tbps"] > 0 and "fb_ms" not in decode
     assert by[("decode-8x32k-paged", "sdpa_flash")]["diff_o"] < 1e-4
-    assert "| causal 8K | attncc |" in (out / "bench.md").read_text()
+    assert "| causal 8K | attncc |" in (tmp_path / "bench.md").read_text()
 
 
 @pytest.mark.parametrize("tool", TOOLS)
@@ -379,14 +340,10 @@ def test_gpu_tests_skip_whole_without_a_gpu(monkeypatch):
             spec.loader.exec_module(importlib.util.module_from_spec(spec))
 
 
-def test_gpu_tests_run_at_cpu_sizes(runs):
+def test_gpu_tests_run_at_cpu_sizes():
     """The first parametrization of every GPU test (tests/gpu/conftest.py) at interpreter sizes:
     the tests themselves run."""
-    done, _ = runs["gpu_tests"]
+    env = dict(os.environ, TRITON_INTERPRET="1", ATTNCC_GPU_TESTS_ON_CPU="first")
+    done = _run(["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/gpu"], env=env, timeout=600)
     assert done.returncode == 0, done.stdout[-4000:]
     assert " passed" in done.stdout and " failed" not in done.stdout, done.stdout[-2000:]
-
-
-if __name__ == "__main__" and sys.argv[1:2] == ["--child"]:
-    watch_parent()
-    _child(Path(sys.argv[2]))

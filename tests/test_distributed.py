@@ -3,8 +3,7 @@ Triton interpreter: every layout x causal, GQA, sliding window, document mask an
 forward and backward, against the single-process float64 ``attncc.reference`` of the unsharded
 tensors; the comm modes spread over the two world sizes (world 4: ring for every layout and
 pattern, GQA with head-tail only). One process group per world size
-serves every case (process start-up dominates otherwise), both run by a child process that
-starts when pytest's collection ends (tests/early_child.py); the counters of the causal ring
+serves every case (process start-up dominates otherwise); the counters of the causal ring
 cases check that the sends of empty pairs are skipped.
 
 World 2 runs N = 42 and world 4 N = 54 positions, so that the chunks of some layouts differ in size.
@@ -13,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 import traceback
 from dataclasses import asdict, dataclass
@@ -22,8 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cases import REL_TOL, ROOT, SMALL_PARAMS, inputs_for, module, pattern
-from early_child import EarlyChild, watch_parent
+from cases import REL_TOL, SMALL_PARAMS, inputs_for, module, pattern
 
 LENGTH = {2: 42, 4: 54}
 D = 16
@@ -185,39 +182,25 @@ def _worker(rank: int, world: int, store: str, out_dir: str, cases) -> None:
         dist.destroy_process_group()
 
 
-WORLDS = (2, 4)
+_RESULTS = {}
 
 
-def _run_world(world: int, folder: Path) -> None:
-    """(The child process) every case of ``world``, run once in one process group: each rank's
-    {case id: result} in ``folder``/rank<r>.json."""
-    import torch.multiprocessing as mp
+def _results(world: int, tmp_path_factory) -> list:
+    """Every case of ``world``, run once in one process group: per rank, {case id: result}."""
+    if world not in _RESULTS:
+        import torch.multiprocessing as mp
 
-    folder.mkdir()
-    ctx = mp.spawn(_worker, args=(world, str(folder / "store"), str(folder), CASES[world]), nprocs=world, join=False)
-    deadline = time.monotonic() + 900
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for proc in ctx.processes:
-                proc.kill()
-            raise TimeoutError(f"the world-{world} workers did not finish in 900 s")
-
-
-# Both process groups run in a child process that starts when collection ends (conftest.py,
-# tests/early_child.py): the ranks compute beside the tests before this module.
-EARLY_CHILDREN = {"results": EarlyChild("distributed",
-                                        lambda folder: [sys.executable, __file__, "--child", str(folder)],
-                                        lambda folder: dict(os.environ, TRITON_INTERPRET="1"), timeout=900,
-                                        cwd=ROOT)}
-
-
-@pytest.fixture(scope="module")
-def results():
-    """{world: per rank, {case id: result}}"""
-    outcome = EARLY_CHILDREN["results"].result()
-    assert outcome.returncode == 0, outcome.failure()
-    folder = outcome.child.folder
-    return {w: [json.loads((folder / f"cp{w}" / f"rank{r}.json").read_text()) for r in range(w)] for w in WORLDS}
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # inherited by the workers
+        tmp = tmp_path_factory.mktemp(f"cp{world}")
+        ctx = mp.spawn(_worker, args=(world, str(tmp / "store"), str(tmp), CASES[world]), nprocs=world, join=False)
+        deadline = time.monotonic() + 900
+        while not ctx.join(timeout=5):
+            if time.monotonic() > deadline:
+                for proc in ctx.processes:
+                    proc.kill()
+                raise TimeoutError(f"the world-{world} workers did not finish in 900 s")
+        _RESULTS[world] = [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(world)]
+    return _RESULTS[world]
 
 
 # ---------------------------------------------------------------------------
@@ -228,27 +211,27 @@ CHECKED = [(w, c) for w in (2, 4) for c in CASES[w] if c not in (UNEQUAL, IN_PLA
 
 
 @pytest.mark.parametrize("world,case", CHECKED, ids=[f"w{w}-{c.id}" for w, c in CHECKED])
-def test_matches_single_device_reference(world, case, results):
-    per_rank = results[world]
+def test_matches_single_device_reference(world, case, tmp_path_factory):
+    per_rank = _results(world, tmp_path_factory)
     tol = REL_TOL[getattr(torch, case.dtype)]
-    for rank, per_case in enumerate(per_rank):
-        got = per_case[case.id]
+    for rank, results in enumerate(per_rank):
+        got = results[case.id]
         assert "failure" not in got, f"rank {rank}:\n{got.get('failure')}"
         for what, err in zip(("o", "dq", "dk", "dv", "lse (max abs)"), got["errors"]):
             assert err < tol, (rank, what, err, got["errors"])
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_ring_skips_the_sends_of_empty_pairs_causal(world, results):
+def test_ring_skips_the_sends_of_empty_pairs_causal(world, tmp_path_factory):
     """Contiguous causal: rank r's keys serve only the ranks after it, so of its W - 1 forward
     sends the r that would wrap around to earlier ranks are skipped (W (W - 1) / 2 of W (W - 1)
     in all); in the backward, K/V go out as in the forward and the dK/dV of a block return only
     from ranks that used it (rank r returns to its r predecessors)."""
-    per_rank = results[world]
+    per_rank = _results(world, tmp_path_factory)
     case = Case("causal", "causal", "contiguous", "ring", PATTERNS["causal"][1]).id
     skipped = 0
-    for rank, per_case in enumerate(per_rank):
-        fwd, bwd = per_case[case]["forward"], per_case[case]["backward"]
+    for rank, results in enumerate(per_rank):
+        fwd, bwd = results[case]["forward"], results[case]["backward"]
         assert (fwd["messages"], fwd["messages_skipped"]) == (world - 1 - rank, rank)
         assert fwd["pairs_skipped"] == world - 1 - rank and fwd["pairs_computed"] == rank + 1
         assert (bwd["messages"], bwd["messages_skipped"]) == ((world - 1 - rank) + rank, rank + (world - 1 - rank))
@@ -256,36 +239,30 @@ def test_ring_skips_the_sends_of_empty_pairs_causal(world, results):
     assert skipped == world * (world - 1) // 2
 
 
-def test_headtail_ring_sends_only_needed_chunks(results):
+def test_headtail_ring_sends_only_needed_chunks(tmp_path_factory):
     """Head-tail causal at W = 4: every rank needs some chunk of every other rank, but a rank's
     tail chunk only serves ranks with a later head: chunk-level skipping still drops sends."""
-    per_rank = results[4]
+    per_rank = _results(4, tmp_path_factory)
     case = Case("causal", "causal", "headtail", "ring", PATTERNS["causal"][1]).id
-    for rank, per_case in enumerate(per_rank):
-        fwd = per_case[case]["forward"]
+    for rank, results in enumerate(per_rank):
+        fwd = results[case]["forward"]
         assert fwd["messages"] == 3 and fwd["messages_skipped"] == 0
         # rank r's tail chunk 7 - r serves only the ranks p < r (their tail 7 - p comes later)
         assert fwd["chunks_sent"] + fwd["chunks_skipped"] == 6
         assert fwd["chunks_skipped"] == 3 - rank
 
 
-def test_a_layout_name_with_unequal_rows_is_refused_on_every_rank(results):
-    for rank, per_case in enumerate(results[2]):
-        got = per_case[UNEQUAL.id]
+def test_a_layout_name_with_unequal_rows_is_refused_on_every_rank(tmp_path_factory):
+    for rank, results in enumerate(_results(2, tmp_path_factory)):
+        got = results[UNEQUAL.id]
         assert "failure" not in got, got.get("failure")
         assert got["raised"] and "same rows on every rank, got [22, 21]" in got["raised"], (rank, got)
 
 
-def test_inputs_changed_in_place_before_the_backward_raise_on_every_rank(results):
+def test_inputs_changed_in_place_before_the_backward_raise_on_every_rank(tmp_path_factory):
     """The pairs' backward read the [inputs] again: document ids changed in place after the forward
     gave gradients of a mask the forward never used, without a word."""
-    for rank, per_case in enumerate(results[2]):
-        got = per_case[IN_PLACE.id]
+    for rank, results in enumerate(_results(2, tmp_path_factory)):
+        got = results[IN_PLACE.id]
         assert "failure" not in got, got.get("failure")
         assert got["raised"] and "modified by an inplace operation" in got["raised"], (rank, got)
-
-
-if __name__ == "__main__" and sys.argv[1:2] == ["--child"]:
-    watch_parent()
-    for w in WORLDS:
-        _run_world(w, Path(sys.argv[2]) / f"cp{w}")
