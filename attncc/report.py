@@ -35,12 +35,12 @@ from attncc.analysis.walks import Iteration, precondition_holds
 from attncc.core import tiles
 from attncc.core.lazy import lazy_module
 from attncc.runtime import gluon
-
-# where auto's Gluon forward applies by size (attncc.runtime.backend.auto_picks_gluon)
-AUTO_SIZE = f" for calls of at least 2**{gluon.AUTO_MIN_PAIRS.bit_length() - 1} (batch x heads x queries x keys) pairs"
 from attncc.spec import symbols as S
 
 torch = lazy_module("torch")  # on first use: `attncc build` and explain of a closed form never import it
+
+# where auto's Gluon forward applies by size (attncc.runtime.backend.auto_picks_gluon)
+AUTO_SIZE = f" for calls of at least 2**{gluon.AUTO_MIN_PAIRS.bit_length() - 1} (batch x heads x queries x keys) pairs"
 
 # bytes per element of q, k, v and o: explain's --dtype (short names; a spec's names map to them)
 ELEMENT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -386,8 +386,9 @@ def backend_text(plan: Plan, *, head_dim: int, value_dim: int, dtype: str) -> st
     if len(auto) == 2:
         return f"Gluon sm90 forward and backward ({walk}) on sm90, tl elsewhere and with ATTNCC_BACKEND=triton"
     if auto:
-        return (f"Gluon sm90 {auto[0]} ({walk}) on sm90{AUTO_SIZE if auto_fwd else ''}, tl elsewhere and with ATTNCC_BACKEND=triton; both Gluon "
-                f"with ATTNCC_BACKEND=gluon")
+        size = AUTO_SIZE if auto_fwd else ""
+        return (f"Gluon sm90 {auto[0]} ({walk}) on sm90{size}, tl elsewhere and with ATTNCC_BACKEND=triton; "
+                f"both Gluon with ATTNCC_BACKEND=gluon")
     return f"tl; Gluon sm90 forward and backward ({walk}) with ATTNCC_BACKEND=gluon{why_tl}"
 
 

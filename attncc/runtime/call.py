@@ -257,17 +257,17 @@ def on_device(t):
     ran the kernels on GPU 0, reading GPU 1's memory through peer access, unordered with the work
     of cuda:1's stream that made q. (torch's own ops run on their tensors' device; autograd runs a
     backward on a thread of the gradients' device.)"""
-    if getattr(t, "is_cuda", False) is True:
-        index = t.get_device()
-        if index != torch.cuda.current_device():
-            return torch.cuda.device(index)
-    return _SAME_DEVICE
+    return _on_gpu(t.get_device() if getattr(t, "is_cuda", False) is True else -1)
 
 
 def on_call_device(call: "Call"):
     """:func:`on_device` of the call's q, its GPU index kept with the call's signature (no tensor
     attribute read on a repeated signature: tests/test_host_ops.py pins those)."""
-    index = call.cached("cuda_index", lambda: call.q.get_device() if call.q.is_cuda else -1)
+    return _on_gpu(call.cached("cuda_index", lambda: call.q.get_device() if call.q.is_cuda else -1))
+
+
+def _on_gpu(index: int):
+    """The switch to GPU ``index`` where it is not the current one (-1: not a GPU, no switch)."""
     if index >= 0 and index != torch.cuda.current_device():
         return torch.cuda.device(index)
     return _SAME_DEVICE
