@@ -69,7 +69,9 @@ def _argv(folder, *args):
 
 
 def _env(folder):
-    return dict(without_interpreter(), ATTNCC_CACHE_DIR=str(folder / "tune"))  # no tuned configs: the defaults
+    # no tuned configs (the defaults); the plain launch, which the child records (the fast launch
+    # would call the compiled kernel it keeps, on a CUDA device this machine may not have)
+    return dict(without_interpreter(), ATTNCC_CACHE_DIR=str(folder / "tune"), ATTNCC_FAST_LAUNCH="0")
 
 
 def _run_child(tmp_path, *args):
