@@ -209,8 +209,8 @@ def _check_qkv(pattern: Pattern, q, k, v):
             got = f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"{n} must be a 4-D tensor [B, H, N, D], got {got}")
     (bq, hq, _, d), (bk, hk, nk, dk), (bv, hv, nv, _) = q.shape, k.shape, v.shape
-    if not (bq == bk == bv):
-        raise ValueError(f"q, k, v batch sizes differ: {bq}, {bk}, {bv}")
+    if not (bq == bk == bv or bk == bv == 1):
+        raise ValueError(f"q, k, v batch sizes differ: {bq}, {bk}, {bv} (k and v take q's batch size, or 1)")
     if dk != d:
         raise ValueError(f"q and k head dims differ: {d} and {dk}")
     if hk != hv or nk != nv:
@@ -245,6 +245,8 @@ def reference(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     cosFormer's M is ``max(n_q, n_k)``.
     """
     _check_qkv(pattern, q, k, v)
+    if k.shape[0] != q.shape[0]:  # k, v of batch 1: broadcast over q's batch (as FlexAttention)
+        k, v = k.expand(q.shape[0], *k.shape[1:]), v.expand(q.shape[0], *v.shape[1:])
     known_inputs = [d.name for d in pattern.inputs]
     known_params = [p.name for p in pattern.params]
     extras = [x for x in _EXTRA_KEYWORDS if x not in known_inputs and x not in known_params]

@@ -16,6 +16,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -38,10 +39,12 @@ class Case:
     heads: tuple
     dtype: str = "float32"
     batch: int = 1
+    kv_batch: Optional[int] = None  # 1: k, v of batch 1 broadcast over q's batch; None: q's batch
 
     @property
     def id(self) -> str:
         extra = ("" if self.dtype == "float32" else f"-{self.dtype}") + ("" if self.batch == 1 else f"-b{self.batch}")
+        extra += "" if self.kv_batch is None else f"-kvb{self.kv_batch}"
         return f"{self.label}-{self.layout}-{self.comm}{extra}"
 
 
@@ -78,7 +81,9 @@ def _cases():
                Case("causal", "causal", "headtail", "ring", (2, 2), "bfloat16"),
                Case("document", "document", "balanced1", "ulysses", (2, 2)),
                Case("sliding_window", "sliding_window", "contiguous", "auto", (2, 1)),
-               Case("causal", "causal", "by name", "ring", (2, 2))]
+               Case("causal", "causal", "by name", "ring", (2, 2)),
+               Case("causal", "causal", "headtail", "ring", (2, 2), batch=2, kv_batch=1),
+               Case("prefix_lm", "prefix_lm", "contiguous", "ulysses", (2, 2), batch=2, kv_batch=1)]
     out[2] += [UNEQUAL, IN_PLACE]
     out[4] += [Case("causal", "causal", "headtail", "allgather", (2, 2)),
                Case("document", "document", "balanced1", "allgather", (2, 2)),
@@ -99,8 +104,8 @@ def _tensors(case: Case, n: int):
     Hq, Hkv = case.heads
     B = case.batch
     q = torch.randn(B, Hq, n, D, generator=gen)
-    k = torch.randn(B, Hkv, n, D, generator=gen)
-    v = torch.randn(B, Hkv, n, D, generator=gen)
+    k = torch.randn(case.kv_batch or B, Hkv, n, D, generator=gen)
+    v = torch.randn(case.kv_batch or B, Hkv, n, D, generator=gen)
     do = torch.randn(B, Hq, n, D, generator=gen)
     inputs = inputs_for(pattern(case.spec), B, Hq, n, gen)
     return q, k, v, do, inputs

@@ -19,7 +19,7 @@ from attncc.distributed import comm as _comm
 from attncc.distributed.classes import chunk_classes, resolve, row_work
 from attncc.distributed.layout import KINDS, Layout, balanced, contiguous, headtail, unshard
 from attncc.distributed.pairs import PairCall
-from attncc.runtime.call import scale_keyword
+from attncc.runtime.call import broadcast_kv_batch, scale_keyword
 
 COMMS = ("allgather", "ring", "ulysses")
 
@@ -49,6 +49,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, module, grou
     spec = target.spec
     rank, world = _rank_world(group)
     _check_qkv(spec.name, q, k, v)
+    k, v = broadcast_kv_batch(q, k, v)  # k, v of batch 1 (as the module's attention)
     if spec.dropout:
         raise NotImplementedError(f"attncc.distributed: {spec.name} has attention dropout; context parallelism "
                                   f"does not implement it")

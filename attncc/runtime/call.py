@@ -210,6 +210,7 @@ def bind(spec: SpecInfo, q, k, v, *, return_lse=False, q_offset=0, k_offset=0, n
     passed as ``q_offset``, are checked every time). Nothing here reads a tensor's values,
     except the cu_seqlens of a packed batch on the CPU or without ``max_seqlen_*`` (one host sync)."""
     refuse_transforms(f"{spec.name}.attention")
+    k, v = broadcast_kv_batch(q, k, v)
     checked = dict(return_lse=return_lse, q_offset=q_offset, k_offset=k_offset, n_q=n_q, n_k=n_k, scale=scale,
                    kwargs=kwargs, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
                    max_seqlen_k=max_seqlen_k)
@@ -245,6 +246,17 @@ def bind(spec: SpecInfo, q, k, v, *, return_lse=False, q_offset=0, k_offset=0, n
         # kept without tensors: the cache must not hold a call's memory
         slot[1][key] = call.replace(q=None, k=None, v=None, inputs={}, cu_seqlens_q=None, cu_seqlens_k=None)
     return call
+
+
+def broadcast_kv_batch(q, k, v):
+    """``k`` and ``v`` of batch 1 beside ``q`` of batch B > 1, expanded to batch B (stride 0, no
+    copy), as FlexAttention broadcasts them; autograd sums their gradients over the batch. Any
+    other combination is returned as it came (bind's checks name what is wrong with it)."""
+    if (isinstance(q, _Tensor) and isinstance(k, _Tensor) and isinstance(v, _Tensor)
+            and q.dim() == k.dim() == v.dim() == 4 and k.shape[0] == v.shape[0] == 1 and q.shape[0] > 1):
+        B = q.shape[0]
+        return k.expand(B, *k.shape[1:]), v.expand(B, *v.shape[1:])
+    return k, v
 
 
 _SAME_DEVICE = contextlib.nullcontext()
@@ -398,7 +410,8 @@ def _bind_checked(spec: SpecInfo, q, k, v, *, return_lse=False, q_offset=0, k_of
     Bk, Hkv, Nk, Dk = k.shape
     Bv, Hv, Nv, Dv = v.shape
     if not (B == Bk == Bv):
-        raise ValueError(f"{name}.attention: batch sizes differ: q {B}, k {Bk}, v {Bv}")
+        raise ValueError(f"{name}.attention: batch sizes differ: q {B}, k {Bk}, v {Bv} (k and v take q's batch "
+                         f"size, or 1: broadcast over q's batch)")
     if Hkv != Hv:
         raise ValueError(f"{name}.attention: k has {Hkv} heads but v has {Hv}")
     if Nk != Nv:
