@@ -83,3 +83,14 @@ def test_broadcast_under_torch_compile():
     want = torch.autograd.grad(loss(q, k, v), (q, k, v))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+def test_gluon_descriptors_get_real_strides():
+    """The Gluon launches build TMA descriptors from the tensors' strides: a broadcast batch (stride
+    0) is copied first; a tensor TMA can read as it is stays the same tensor."""
+    from attncc.runtime.gluon.launch import _tma_ready
+
+    k = torch.randn(1, 2, 8, 16)
+    ready = _tma_ready(k.expand(3, 2, 8, 16))
+    assert 0 not in ready.stride() and torch.equal(ready, k.expand(3, 2, 8, 16))
+    assert _tma_ready(k) is k

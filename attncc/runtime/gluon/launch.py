@@ -490,11 +490,14 @@ def check_devices(q, k, v):
 
 
 def _tma_ready(t):
-    """TMA wants a 16-byte aligned base, 16-byte multiples as strides and a unit last stride.
-    (A copy in the contiguous format: ``contiguous()`` keeps any stride of a length-1 dim.)"""
+    """TMA wants a 16-byte aligned base, 16-byte multiples as strides and a unit last stride; a
+    broadcast dim (stride 0: k, v of batch 1 beside q's batch, an expanded head) is copied too, as
+    no GPU run has checked a stride-0 descriptor. (A copy in the contiguous format:
+    ``contiguous()`` keeps any stride of a length-1 dim.)"""
     import torch
     size = t.element_size()
-    ok = t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in t.stride()[:-1])
+    ok = t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(
+        s * size % 16 == 0 and (s != 0 or n == 1) for s, n in zip(t.stride()[:-1], t.shape[:-1]))
     return t if ok else t.clone(memory_format=torch.contiguous_format)
 
 
