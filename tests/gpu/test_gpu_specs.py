@@ -88,3 +88,31 @@ def test_gradients(name):
         assert not torch.isnan(got).any(), f"d{label} has NaN"
         assert rel(got, want) < GRAD_TOL, (label, rel(got, want))
     release()
+
+
+@pytest.mark.parametrize("backend", ["triton", "gluon"])
+@pytest.mark.parametrize("name", ["causal", "document"])
+def test_kv_batch_broadcast(name, backend, monkeypatch):
+    """k, v of batch 1 beside q of batch 3 (a stride-0 batch, as FlexAttention broadcasts them): the
+    forward and the gradients (k's and v's summed over the batch) against the reference, through the
+    tl kernels and the Gluon forward (whose TMA descriptors get a copy, attncc/runtime/gluon/launch.py)."""
+    if backend == "gluon" and not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9):
+        pytest.skip("the Gluon forward runs on sm90")
+    monkeypatch.setenv("ATTNCC_BACKEND", backend)
+    p, mod = pattern(name), module(name)
+    B, H, N = 3, size(8, 2), size(2048, 48)
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(B, H, N, D, generator=gen).to(DEV, LOW).requires_grad_()
+    k, v = (torch.randn(1, H, N, D, generator=gen).to(DEV, LOW).requires_grad_() for _ in range(2))
+    kw = {n: t.to(DEV) for n, t in inputs_for(p, B, H, N, gen).items()}
+    do = torch.randn(B, H, N, D, generator=gen).to(DEV, LOW)
+    o = mod.attention(q, k, v, **kw)
+    grads = torch.autograd.grad(o, (q, k, v), do)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = attncc.reference(p, *leaves, **kw)
+    want = torch.autograd.grad(ref, leaves, do.double())
+    assert rel(o, ref) < TOL
+    for label, got, w in zip("qkv", grads, want):
+        assert got.shape == w.shape, label
+        assert rel(got, w) < GRAD_TOL, (label, rel(got, w))
+    release()
