@@ -1576,7 +1576,10 @@ def _plan_reductions(p: CallPlan):
     if p.backward:
         yield replace(p, backward=False)
     if p.varlen is not None:
-        yield from (with_varlen(p, vp) for vp in _varlen_reductions(p.varlen))
+        vp = p.varlen
+        if len(vp.lens_q) == 1 and not (vp.pad_q or vp.pad_k):  # the same as a plain call: is packing the cause?
+            yield replace(p, varlen=None)
+        yield from (with_varlen(p, vp) for vp in _varlen_reductions(vp))
     if p.B > 1 and p.decode is None:
         yield replace(p, B=1)
     if p.Hq > 1:
