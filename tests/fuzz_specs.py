@@ -5,7 +5,8 @@ A seed fixes everything: :func:`random_spec` draws a well-typed spec (masks mixi
 and ``%`` by literals and by int params with odd divisors, chunks, sinks beside a window, 2D
 neighborhoods, unions and intersections, global rows and columns, ``n_q``/``n_k``, inputs with look-alike names, biases, softcap, score transforms, rope,
 fixed head counts), :func:`random_call` draws a call of it (odd lengths, Nq != Nk, offsets, GQA/MQA,
-non-contiguous q/k/v and inputs, param overrides, half precision now and then), and
+non-contiguous q/k/v and inputs, param overrides, half precision now and then; packed
+variable-length calls with cu_seqlens from a Random of their own, :func:`random_varlen`), and
 :func:`check_case` builds the spec (cached per text), runs it under the Triton interpreter and
 compares o and lse (and dq, dk, dv and the gradients of ``grad = true`` tables for backward cases)
 with the reference. A failing case shrinks (:func:`minimize`) to a small spec and call.
@@ -687,6 +688,47 @@ class DecodePlan:
 
 
 @dataclass(frozen=True)
+class VarlenPlan:
+    """A packed variable-length call (``cu_seqlens_q``/``cu_seqlens_k``): S sequences of
+    ``lens_q[s]`` query and ``lens_k[s]`` key rows back to back in q [1, Hq, total_q, D] and k, v
+    [1, Hkv, total_k, D], ``pad_q``/``pad_k`` packed rows past ``cu[-1]`` that no sequence uses;
+    ``max_q``/``max_k``: the ``max_seqlen_*`` passed (None: the runtime computes them), the
+    cu_seqlens as int32 or int64, contiguous or every other element of a wider tensor."""
+
+    lens_q: Tuple[int, ...]
+    lens_k: Tuple[int, ...]
+    max_q: Optional[int] = None
+    max_k: Optional[int] = None
+    pad_q: int = 0
+    pad_k: int = 0
+    cu_dtype: str = "int32"
+    cu_layout: str = "contiguous"  # or "strided"
+
+    @property
+    def totals(self) -> Tuple[int, int]:
+        """The packed rows of q and of k."""
+        return sum(self.lens_q) + self.pad_q, sum(self.lens_k) + self.pad_k
+
+    @property
+    def max_rows(self) -> Tuple[int, int]:
+        """max_seqlen_q, max_seqlen_k as the call takes them (a bound past the packed rows counts as
+        the packed rows): an input's "n" dim covers the larger."""
+        out = []
+        for given, lens, total in ((self.max_q, self.lens_q, self.totals[0]), (self.max_k, self.lens_k, self.totals[1])):
+            out.append(max(lens) if given is None else min(given, total))
+        return out[0], out[1]
+
+    def describe(self) -> str:
+        parts = [f"varlen S={len(self.lens_q)} lens_q={list(self.lens_q)} lens_k={list(self.lens_k)}"]
+        if self.pad_q or self.pad_k:
+            parts.append(f"unused packed rows q+{self.pad_q} k+{self.pad_k}")
+        if self.max_q is not None or self.max_k is not None:
+            parts.append(f"max_seqlen_q={self.max_q} max_seqlen_k={self.max_k}")
+        parts.append(f"cu_seqlens {self.cu_dtype} {self.cu_layout}")
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
 class CallPlan:
     """A call of a drafted spec as data; :func:`call_arguments` makes the tensors (from ``seed``)."""
 
@@ -713,6 +755,8 @@ class CallPlan:
     # forced tile shapes (BLOCK_M, BLOCK_N) of the forward, dK/dV and dQ kernels; None: the default
     tiles: Optional[Tuple[Tuple[int, int], Tuple[int, int], Tuple[int, int]]] = None
     decode: Optional[DecodePlan] = None  # a call of decode() (Nq rows; Nk: the cache's capacity)
+    # a packed call (B = 1, Nq and Nk the packed rows, offsets 0, no n_q/n_k; "b" is the sequence)
+    varlen: Optional[VarlenPlan] = None
 
     @property
     def tags(self) -> FrozenSet[str]:
@@ -724,6 +768,8 @@ class CallPlan:
             tags.add("int64")
         if self.nan:
             tags.add("nan")
+        if self.varlen is not None:
+            tags.add("varlen")
         return frozenset(tags)
 
     def describe(self) -> str:
@@ -753,6 +799,9 @@ class CallPlan:
                         f"capacity={dp.capacity} D={self.D} Dv={self.Dv}")
             parts[2] = (f"paged, page_size={dp.page_size}" if dp.page_size else "contiguous cache") + \
                 f", kv_len {dp.kv_len_layout}, block_table {dp.table_layout}"
+        if self.varlen is not None:
+            parts[0] = f"packed Hq={self.Hq} Hkv={self.Hkv} total_q={self.Nq} total_k={self.Nk} D={self.D} Dv={self.Dv}"
+            parts[2] = self.varlen.describe()
         parts.append(f"tensor seed {self.seed}" + (", backward" if self.backward else ""))
         return "; ".join(parts)
 
@@ -835,6 +884,55 @@ def random_call(rng: random.Random, draft: Draft, backward: Optional[bool] = Non
                     dtype=dtype, q_offset=q_offset, k_offset=k_offset, n_q_extra=n_q_extra, n_k_extra=n_k_extra,
                     overrides=tuple(overrides), layouts=layouts, input_layouts=tuple(input_layouts),
                     int64_values=int64_values, nan=nan, backward=backward, scale=scale, tiles=tiles, decode=decode)
+
+
+# How often a call is a packed one (drawn from a Random of its own: the other draws of a seed stay
+# as they were before varlen calls existed).
+VARLEN_RATE = 0.2
+VARLEN_REFUSAL_RATE = 0.03
+
+
+def varlen_allowed(draft: Draft) -> bool:
+    """Whether the contract lets ``draft`` take cu_seqlens: no [inputs] read and no random_blocks()
+    in its mask, nor in a ``where`` of its mod (conservatively: nowhere in the mod)."""
+    text = " ".join(e for k, e in draft.expressions().items() if k in ("mask", "mod"))
+    return "random_blocks" not in text and not any(name in {d.name for d in draft.used_inputs}
+                                                   for name, _ in _ACCESS.findall(text))
+
+
+def varlen_rng(seed: int) -> random.Random:
+    return random.Random(seed * 7919 + 1)
+
+
+def random_varlen(rng: random.Random, plan: CallPlan) -> CallPlan:
+    """``plan`` as a packed call: 1-4 sequences of 0-40 rows each (Nq != Nk per sequence now and
+    then), max_seqlen_* passed or not (exact, larger, or far past the packed rows), unused packed
+    rows past the last sequence, int32/int64 cu_seqlens, strided views of them."""
+    S = rng.randint(1, 4)
+
+    def lens():
+        return tuple(0 if rng.random() < 0.12 else rng.choice((1, 2, 3)) if rng.random() < 0.15
+                     else rng.randint(1, 40) for _ in range(S))
+
+    def bound(longest):
+        r = rng.random()
+        return None if r < 0.5 else longest if r < 0.75 else longest + rng.randint(1, 20) if r < 0.95 else 2**31
+
+    lens_q = lens()
+    lens_k = lens_q if rng.random() < 0.4 else lens()
+    pad = lambda: rng.randint(1, 9) if rng.random() < 0.25 else 0  # noqa: E731
+    vp = VarlenPlan(lens_q, lens_k, max_q=bound(max(lens_q)), max_k=bound(max(lens_k)), pad_q=pad(), pad_k=pad(),
+                    cu_dtype="int64" if rng.random() < 0.3 else "int32",
+                    cu_layout="strided" if rng.random() < 0.2 else "contiguous")
+    return with_varlen(plan, vp)
+
+
+def with_varlen(plan: CallPlan, vp: VarlenPlan) -> CallPlan:
+    """``plan`` packed as ``vp`` says (what a packed call cannot have is dropped: offsets, n_q/n_k,
+    a batch, a NaN)."""
+    total_q, total_k = vp.totals
+    return replace(plan, varlen=vp, B=1, Nq=total_q, Nk=total_k, q_offset=0, k_offset=0, n_q_extra=None,
+                   n_k_extra=None, nan=None, decode=None)
 
 
 def _is_int(d: InputPlan) -> bool:
@@ -948,6 +1046,7 @@ class Arguments:
     inputs: Dict[str, torch.Tensor]
     grad_tables: Tuple[str, ...]  # inputs whose gradients are compared
     g: torch.Tensor  # the output gradient (backward)
+    packed: Dict[str, object] = field(default_factory=dict)  # cu_seqlens_*, max_seqlen_* of a packed call
 
 
 def call_arguments(draft: Draft, plan: CallPlan) -> Arguments:
@@ -962,8 +1061,11 @@ def call_arguments(draft: Draft, plan: CallPlan) -> Arguments:
             flat = target.view(-1)
             flat[int(torch.randint(0, flat.numel(), (1,), generator=gen))] = math.nan
     n_max = max(plan.q_offset + plan.Nq, plan.k_offset + plan.Nk)
+    batch = plan.B
+    if plan.varlen is not None:  # "b" is the sequence, "n" covers max_seqlen
+        n_max, batch = max(plan.varlen.max_rows), len(plan.varlen.lens_q)
     n_size = n_max + int(torch.randint(0, 4, (1,), generator=gen))
-    sizes = {"b": plan.B, "h": plan.Hq, "n": n_size}
+    sizes = {"b": batch, "h": plan.Hq, "n": n_size}
     layouts = dict(plan.input_layouts)
     inputs, grad_tables = {}, []
     for d in draft.used_inputs:
@@ -978,7 +1080,29 @@ def call_arguments(draft: Draft, plan: CallPlan) -> Arguments:
                      n_q=None if plan.n_q_extra is None else plan.q_offset + plan.Nq + plan.n_q_extra,
                      n_k=None if plan.n_k_extra is None else plan.k_offset + plan.Nk + plan.n_k_extra)
     g = torch.randn(plan.B, plan.Hq, plan.Nq, plan.Dv, generator=gen, dtype=torch.float64)
-    return Arguments(q, k, v, positions, params, inputs, tuple(grad_tables), g)
+    packed = {} if plan.varlen is None else _packed_keywords(plan.varlen)
+    return Arguments(q, k, v, positions, params, inputs, tuple(grad_tables), g, packed)
+
+
+def _cumulative(lens) -> list:
+    out = [0]
+    for n in lens:
+        out.append(out[-1] + n)
+    return out
+
+
+def _packed_keywords(vp: VarlenPlan) -> Dict[str, object]:
+    """cu_seqlens_q/k (and max_seqlen_q/k when passed) of a packed call; a strided cu_seqlens is
+    every other element of a wider tensor whose other elements are wrong values."""
+    out = {}
+    for side, lens, given in (("q", vp.lens_q, vp.max_q), ("k", vp.lens_k, vp.max_k)):
+        cu = torch.tensor(_cumulative(lens), dtype=_DT[vp.cu_dtype])
+        if vp.cu_layout == "strided":
+            cu = torch.stack([cu, cu * 3 + 7], 1)[:, 0]
+        out[f"cu_seqlens_{side}"] = cu
+        if given is not None:
+            out[f"max_seqlen_{side}"] = given
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1094,6 +1218,8 @@ def _tile_config(tiles):
 def _run_built(pattern, mod, draft: Draft, plan: CallPlan, reference: Reference, fail) -> Optional[Failure]:
     if plan.decode is not None:
         return _run_decode(pattern, mod, draft, plan, reference, fail)
+    if plan.varlen is not None:
+        return _run_packed(pattern, mod, draft, plan, reference, fail)
     a = call_arguments(draft, plan)
     kw = dict(**a.positions, **a.params, **a.inputs)
     if plan.scale is not None:
@@ -1126,6 +1252,81 @@ def _run_built(pattern, mod, draft: Draft, plan: CallPlan, reference: Reference,
     if failure is None and plan.backward:
         return _check_backward(plan, a, o, ref, ref_in, ref_inputs, fail)
     return failure
+
+
+def refuses_varlen(pattern) -> bool:
+    """Whether the contract has ``pattern`` refuse cu_seqlens: its mask reads [inputs] (tiles
+    classified from the inputs per call) or draws random_blocks() (blocks that depend on n_k)."""
+    from attncc.analysis import analyze
+    from attncc.spec.builtins import RandomBlocks
+
+    return analyze(pattern).dynamic or (pattern.mask is not None and bool(pattern.mask.atoms(RandomBlocks)))
+
+
+def _run_packed(pattern, mod, draft: Draft, plan: CallPlan, reference: Reference, fail) -> Optional[Failure]:
+    """A packed call against the reference run per sequence (positions from 0, the sequence's own
+    lengths, batch row s of the "b" inputs as ``b``), concatenated, unused packed rows o = 0 and
+    lse = -inf; or, for a pattern that refuses cu_seqlens, a clear error naming them."""
+    a = call_arguments(draft, plan)
+    kw = dict(**a.packed, **a.params, **a.inputs)
+    extra = {} if plan.scale is None else {"scale": plan.scale}
+    refuse = refuses_varlen(pattern)
+    try:
+        if plan.backward:
+            o, lse = mod.attention(a.q, a.k, a.v, **kw, **extra), None
+        else:
+            o, lse = mod.attention(a.q, a.k, a.v, return_lse=True, **kw, **extra)
+    except (ValueError, TypeError, NotImplementedError) as e:
+        if refuse and "cu_seqlens" in str(e):
+            return None  # the contract's refusal, with words that say why
+        if _refuses_wide_ints(draft, plan, e):
+            return None
+        return fail("raise", "attention()", math.inf, f"{type(e).__name__}: {e}")
+    except Exception as e:  # noqa: BLE001 - every crash is a finding
+        return fail("raise", "attention()", math.inf, f"{type(e).__name__}: {str(e)[:300]}")
+    if refuse:
+        return fail("accept", "attention()", math.inf, "a mask reading [inputs] or random_blocks() took cu_seqlens "
+                                                       "(the contract refuses them)")
+    ref_in = [t.detach().to(torch.float64).requires_grad_(plan.backward) for t in (a.q, a.k, a.v)]
+    ref_inputs = {n: (t.detach().double().requires_grad_() if n in a.grad_tables else t) for n, t in a.inputs.items()}
+    try:
+        ref, ref_lse = packed_reference(pattern, plan.varlen, *ref_in, reference=reference,
+                                        **a.params, **ref_inputs, **extra)
+    except Exception as e:  # noqa: BLE001
+        return fail("reference", "reference()", math.inf, f"{type(e).__name__}: {str(e)[:300]}")
+    dt = _DT[plan.dtype]
+    if tuple(o.shape) != tuple(ref.shape) or o.dtype != dt:
+        return fail("mismatch", "o", math.inf, f"shape/dtype {tuple(o.shape)} {o.dtype}, expected {tuple(ref.shape)} {dt}")
+    failure = _compare_forward(o, lse, ref, ref_lse, dt, fail)
+    if failure is None and plan.backward:
+        return _check_backward(plan, a, o, ref, ref_in, ref_inputs, fail)
+    return failure
+
+
+def packed_reference(pattern, vp: VarlenPlan, q, k, v, *, reference: Reference, **kw):
+    """(o, lse) of a packed call from the reference, one call per sequence: sequence s is batch row
+    s of a call whose q, k, v are that sequence's rows repeated over S batch rows (so ``b`` = s
+    and the "b" inputs are passed whole), at positions from 0; differentiable in q, k, v and kw."""
+    S = len(vp.lens_q)
+    cq, ck = _cumulative(vp.lens_q), _cumulative(vp.lens_k)
+    Hq, Dv = q.shape[1], v.shape[-1]
+    outs, lses = [], []
+    for s in range(S):
+        nq, nk = vp.lens_q[s], vp.lens_k[s]
+        if nq == 0:
+            continue
+        if nk == 0:  # no keys: o = 0, lse = -inf
+            outs.append(q.new_zeros(1, Hq, nq, Dv))
+            lses.append(q.new_full((1, Hq, nq), -math.inf))
+            continue
+        qs, ks, vs = (t[:, :, c[s]:c[s + 1]].expand(S, -1, -1, -1) for t, c in ((q, cq), (k, ck), (v, ck)))
+        o, lse = reference(pattern, qs, ks, vs, return_lse=True, **kw)
+        outs.append(o[s:s + 1])
+        lses.append(lse[s:s + 1])
+    pad_q = q.shape[2] - cq[-1]
+    outs.append(q.new_zeros(1, Hq, pad_q, Dv))
+    lses.append(q.new_full((1, Hq, pad_q), -math.inf))
+    return torch.cat(outs, 2), torch.cat(lses, 2)
 
 
 def _refuses_wide_ints(draft: Draft, plan: CallPlan, error: Exception) -> bool:
@@ -1244,7 +1445,10 @@ def _check_backward(plan, a: Arguments, o, ref, ref_in, ref_inputs, fail) -> Opt
     except Exception as e:  # noqa: BLE001
         return fail("raise", "backward", math.inf, f"{type(e).__name__}: {str(e)[:300]}")
     ref_tables = [ref_inputs[n] for n in a.grad_tables]
-    ref_grads = torch.autograd.grad((ref * a.g).sum(), [*ref_in, *ref_tables], allow_unused=True)
+    if ref.requires_grad:
+        ref_grads = torch.autograd.grad((ref * a.g).sum(), [*ref_in, *ref_tables], allow_unused=True)
+    else:  # a packed call without a query that has keys: o is zeros, made without q, k, v
+        ref_grads = (None,) * (3 + len(ref_tables))
     labels = ["dq", "dk", "dv"] + [f"grad {n}" for n in a.grad_tables]
     targets = [a.q, a.k, a.v, *tables]
     for label, x, r, t in zip(labels, grads, ref_grads, targets):
@@ -1311,16 +1515,26 @@ def _check_nan(pattern, plan, a: Arguments, o, ref, ref_lse, fail) -> Optional[F
 # one seed, shrinking, the command line
 # ---------------------------------------------------------------------------------------------
 
-def draw_case(seed: int, backward: Optional[bool] = None, avoid=frozenset()) -> Tuple[Draft, CallPlan]:
+def draw_case(seed: int, backward: Optional[bool] = None, avoid=frozenset(),
+              varlen: Optional[bool] = None) -> Tuple[Draft, CallPlan]:
+    """The spec and call of ``seed``; ``varlen``: None packs the call now and then (VARLEN_RATE
+    of the attention() calls), True always, False never (the cases seeds drew before varlen calls)."""
     rng = random.Random(seed)
     _, draft = random_spec(rng, avoid)
-    return draft, random_call(rng, draft, backward=backward, avoid=avoid)
+    plan = random_call(rng, draft, backward=backward, avoid=avoid)
+    if plan.decode is None and varlen is not False and "varlen" not in avoid:
+        vrng = varlen_rng(seed)  # its own stream: the draws above are those of seeds before varlen
+        # a spec whose mask (or mod) reads [inputs] or random_blocks() must refuse cu_seqlens: checked
+        # now and then (draws of such specs are mostly packed calls of specs that take them)
+        if varlen or vrng.random() < (VARLEN_RATE if varlen_allowed(draft) else VARLEN_REFUSAL_RATE):
+            plan = random_varlen(vrng, plan)
+    return draft, plan
 
 
 def check_case(seed: int, backward: Optional[bool] = None, *, avoid=frozenset(),
-               reference: Optional[Reference] = None) -> Optional[Failure]:
+               reference: Optional[Reference] = None, varlen: Optional[bool] = None) -> Optional[Failure]:
     """Draw the case of ``seed`` and run it: None, or the :class:`Failure` (``str()`` describes it)."""
-    draft, plan = draw_case(seed, backward, avoid)
+    draft, plan = draw_case(seed, backward, avoid, varlen)
     failure = run_case(draft, plan, reference)
     return None if failure is None else replace(failure, seed=seed)
 
@@ -1361,6 +1575,11 @@ def _draft_reductions(d: Draft):
 def _plan_reductions(p: CallPlan):
     if p.backward:
         yield replace(p, backward=False)
+    if p.varlen is not None:
+        vp = p.varlen
+        if len(vp.lens_q) == 1 and not (vp.pad_q or vp.pad_k):  # the same as a plain call: is packing the cause?
+            yield replace(p, varlen=None)
+        yield from (with_varlen(p, vp) for vp in _varlen_reductions(vp))
     if p.B > 1 and p.decode is None:
         yield replace(p, B=1)
     if p.Hq > 1:
@@ -1411,18 +1630,47 @@ def _plan_reductions(p: CallPlan):
     for fld in ("q_offset", "k_offset"):
         if 0 < getattr(p, fld) < 2**10:
             yield replace(p, **{fld: 0})
-    for fld in ("Nq", "Nk") if p.decode is None else ("Nq",):  # Nk is a decode cache's capacity
+    if p.varlen is not None:
+        lengths = ()  # a packed call's lengths are its sequences' (_varlen_reductions)
+    elif p.decode is not None:
+        lengths = ("Nq",)  # Nk is a decode cache's capacity
+    else:
+        lengths = ("Nq", "Nk")
+    for fld in lengths:
         x = getattr(p, fld)
         if x > 1:
             yield replace(p, **{fld: max(1, x // 2)})
             yield replace(p, **{fld: x - 1})
 
 
+def _varlen_reductions(vp: VarlenPlan):
+    """Smaller packed calls: fewer sequences, shorter ones, no unused rows, computed max_seqlen,
+    plain int32 cu_seqlens."""
+    S = len(vp.lens_q)
+    for s in range(S) if S > 1 else ():
+        yield replace(vp, lens_q=vp.lens_q[:s] + vp.lens_q[s + 1:], lens_k=vp.lens_k[:s] + vp.lens_k[s + 1:])
+    if vp.pad_q or vp.pad_k:
+        yield replace(vp, pad_q=0, pad_k=0)
+    if vp.max_q is not None or vp.max_k is not None:
+        yield replace(vp, max_q=None, max_k=None)
+    if vp.cu_dtype != "int32" or vp.cu_layout != "contiguous":
+        yield replace(vp, cu_dtype="int32", cu_layout="contiguous")
+    for fld in ("lens_q", "lens_k"):
+        lens = getattr(vp, fld)
+        for s, n in enumerate(lens):
+            for m in ((n // 2, n - 1) if n > 1 else ()):
+                yield replace(vp, **{fld: lens[:s] + (m,) + lens[s + 1:]})
+
+
 def _consistent(d: Draft, p: CallPlan) -> bool:
     """What the generator guarantees of a case: a call the spec accepts (a smaller case that is
     refused shows nothing about the failure being shrunk)."""
+    vp = p.varlen
+    packed = vp is None or (
+        (p.Nq, p.Nk) == vp.totals  # a max_seqlen that shrinking made too small would be refused
+        and all(m is None or m >= max(lens) for m, lens in ((vp.max_q, vp.lens_q), (vp.max_k, vp.lens_k))))
     return (p.D in d.head_dims and p.Hq % p.Hkv == 0 and d.heads_q in (None, p.Hq) and d.heads_kv in (None, p.Hkv)
-            and d.value_dim in (None, p.Dv) and (d.rope is None or (d.rope[2] or p.D) <= p.D))
+            and d.value_dim in (None, p.Dv) and (d.rope is None or (d.rope[2] or p.D) <= p.D) and packed)
 
 
 def _drop_unused(d: Draft) -> Draft:
@@ -1463,20 +1711,23 @@ def main(argv=None) -> int:
     ap.add_argument("--start", type=int, default=0)
     ap.add_argument("--seed", type=int, help="run one seed (verbose)")
     ap.add_argument("--backward", choices=("auto", "yes", "no"), default="auto")
+    ap.add_argument("--varlen", choices=("auto", "yes", "no"), default="auto",
+                    help="packed (cu_seqlens) calls: now and then, always (attention() calls), never")
     ap.add_argument("--avoid", default="", help="comma-separated tags the generator must not produce")
     ap.add_argument("--no-minimize", action="store_true")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
     avoid = frozenset(t for t in args.avoid.split(",") if t)
     backward = {"auto": None, "yes": True, "no": False}[args.backward]
+    varlen = {"auto": None, "yes": True, "no": False}[args.varlen]
     seeds = [args.seed] if args.seed is not None else range(args.start, args.start + args.cases)
     failures = 0
     t0 = time.monotonic()
     for seed in seeds:
         if args.verbose or args.seed is not None:
-            draft, plan = draw_case(seed, backward, avoid)
+            draft, plan = draw_case(seed, backward, avoid, varlen)
             print(f"seed {seed}: {plan.describe()}\n{draft.text}")
-        f = check_case(seed, backward, avoid=avoid)
+        f = check_case(seed, backward, avoid=avoid, varlen=varlen)
         if f is None:
             if args.verbose or args.seed is not None:
                 print(f"seed {seed}: ok")

@@ -30,8 +30,9 @@ BACKWARD_SEEDS = range(5000, 5025)
 KNOWN_FAILING: dict = {}  # (label, seed) -> bug tag, while a bug found by a CI seed is open
 
 
-def _check(label: str, seed: int, backward: bool) -> None:
-    failure = F.check_case(seed, backward=backward)
+def _check(label: str, seed: int, backward: bool, varlen: bool = False) -> None:
+    # varlen=False: these seeds draw the cases they drew before packed calls existed
+    failure = F.check_case(seed, backward=backward, varlen=varlen)
     known = KNOWN_FAILING.get((label, seed))
     if known is None:
         assert failure is None, f"\n{failure}"
@@ -82,7 +83,7 @@ def _passing_float32_seeds(count: int, backward: bool):
     for seed in FORWARD_SEEDS if not backward else BACKWARD_SEEDS:
         if (("backward" if backward else "forward"), seed) in KNOWN_FAILING:
             continue
-        draft, plan = F.draw_case(seed, backward)
+        draft, plan = F.draw_case(seed, backward, varlen=False)
         if (plan.dtype == "float32" and not plan.nan and plan.decode is None
                 and not F.call_tags(draft, plan) & set(F.BUG_TAGS) and not _all_rows_empty(seed, backward)):
             seeds.append(seed)
@@ -95,7 +96,7 @@ def _without_heaviest_pair(pattern, q, k, v, **kw):
     """The reference of ``pattern`` with one pair taken out of the mask: in the first query row
     that has keys, the key of the largest weight. A kernel that kept that pair (a tile
     misclassified, a bound off by one) differs from this by at least that weight."""
-    positions = {x: kw.get(x) for x in ("q_offset", "k_offset", "n_q", "n_k")}
+    positions = {x: kw[x] for x in ("q_offset", "k_offset", "n_q", "n_k") if x in kw}  # none in a packed call
     rest = {x: y for x, y in kw.items() if x not in positions and x != "return_lse"}
     nk = k.shape[2]
     eye = torch.eye(nk, dtype=torch.float64).expand(k.shape[0], k.shape[1], nk, nk)
@@ -105,7 +106,7 @@ def _without_heaviest_pair(pattern, q, k, v, **kw):
         return attncc.reference(pattern, q, k, v, **kw)
     r = int(rows[0])
     c = int(weights[0, 0, r].argmax())
-    i0, j0 = (positions["q_offset"] or 0) + r, (positions["k_offset"] or 0) + c
+    i0, j0 = (positions.get("q_offset") or 0) + r, (positions.get("k_offset") or 0) + c
     pair = sympy.And(sympy.Eq(S.i, i0), sympy.Eq(S.j, j0))
     mask = sympy.Not(pair) if pattern.mask is None else sympy.And(pattern.mask, sympy.Not(pair))
     return attncc.reference(dataclasses.replace(pattern, mask=mask), q, k, v, **kw)
@@ -116,12 +117,12 @@ def test_a_pair_missing_from_the_mask_is_reported():
     seeds = _passing_float32_seeds(10, backward=False)
     assert len(seeds) == 10
     for seed in seeds:
-        failure = F.check_case(seed, backward=False, reference=_without_heaviest_pair)
+        failure = F.check_case(seed, backward=False, reference=_without_heaviest_pair, varlen=False)
         assert failure is not None and failure.kind == "mismatch", f"seed {seed}: a missing pair went unnoticed"
 
 
 def _all_rows_empty(seed, backward) -> bool:
-    draft, plan = F.draw_case(seed, backward)
+    draft, plan = F.draw_case(seed, backward, varlen=False)
     built = F.build_spec(draft.text)
     if isinstance(built, Exception):
         return True  # nothing to compare
@@ -141,7 +142,7 @@ def test_a_wrong_gradient_is_reported():
     seeds = _passing_float32_seeds(4, backward=True)
     assert len(seeds) == 4
     for seed in seeds:
-        failure = F.check_case(seed, backward=True, reference=steeper)
+        failure = F.check_case(seed, backward=True, reference=steeper, varlen=False)
         assert failure is not None and failure.what in ("dq", "dk", "dv"), f"seed {seed}: {failure}"
 
 
@@ -151,7 +152,7 @@ def test_known_bug_tags_reach_the_failures():
     assert F.Failure("mismatch", "o", 1.0, "", draft, plan).tags == F.call_tags(draft, plan)
     avoid = frozenset(F.BUG_TAGS)
     for seed in range(40):
-        draft, plan = F.draw_case(seed, avoid=avoid)
+        draft, plan = F.draw_case(seed, avoid=avoid, varlen=seed % 2 == 0)
         assert not F.call_tags(draft, plan) & avoid, seed
 
 
@@ -159,7 +160,7 @@ def test_generator_covers_the_language():
     """Over the CI seeds the generator draws every feature the fuzzer is meant to exercise."""
     texts, tags, plans = [], set(), []
     for seed in list(FORWARD_SEEDS) + list(BACKWARD_SEEDS):
-        draft, plan = F.draw_case(seed, seed in BACKWARD_SEEDS)
+        draft, plan = F.draw_case(seed, seed in BACKWARD_SEEDS, varlen=False)
         texts.append(draft.text)
         tags |= F.call_tags(draft, plan)
         plans.append(plan)
@@ -171,3 +172,119 @@ def test_generator_covers_the_language():
     assert any(p.Nq != p.Nk for p in plans) and any(p.Hq > p.Hkv for p in plans)
     assert any(p.layouts != ("contiguous",) * 3 for p in plans) and any(p.overrides for p in plans)
     assert any(p.dtype != "float32" for p in plans) and any(p.q_offset >= 2**20 for p in plans)
+
+
+# ---------------------------------------------------------------------------------------------
+# packed variable-length calls (cu_seqlens)
+# ---------------------------------------------------------------------------------------------
+
+# Seeds drawn as packed calls (varlen=True): forward and backward, zero-length sequences, Nq != Nk
+# per sequence, unused packed rows, max_seqlen passed (exact, larger, 2**31) or computed, int64 and
+# strided cu_seqlens, float16/bfloat16; 3 and 10 draw specs whose masks read [inputs] (a refusal).
+VARLEN_SEEDS = (0, 2, 3, 5, 8, 10, 18, 22, 24, 32)
+
+
+@pytest.mark.parametrize("seed", VARLEN_SEEDS)
+def test_varlen(seed):
+    _check("varlen", seed, backward=None, varlen=True)
+
+
+def test_varlen_seeds_cover_the_packed_layout():
+    plans = [F.draw_case(seed, varlen=True) for seed in VARLEN_SEEDS]
+    vps = [p.varlen for _, p in plans]
+    assert all(vp is not None for vp in vps)
+    assert any(0 in vp.lens_q for vp in vps) and any(0 in vp.lens_k for vp in vps)
+    assert any(vp.lens_q != vp.lens_k for vp in vps) and any(len(vp.lens_q) == 4 for vp in vps)
+    assert any(vp.pad_q for vp in vps) and any(vp.pad_k for vp in vps)
+    assert any(vp.max_q is None for vp in vps) and any(vp.max_q is not None and vp.max_q > max(vp.lens_q) for vp in vps)
+    assert any(vp.max_q == 2**31 or vp.max_k == 2**31 for vp in vps)
+    assert {vp.cu_dtype for vp in vps} == {"int32", "int64"} and any(vp.cu_layout == "strided" for vp in vps)
+    assert any(p.backward for _, p in plans) and any(p.dtype != "float32" for _, p in plans)
+    assert any(not F.varlen_allowed(d) for d, _ in plans)  # refusals
+    assert any(F.varlen_allowed(d) and p.backward and any(x.grad for x in d.used_inputs) for d, p in plans)
+
+
+def test_existing_seeds_draw_what_they_drew_before_varlen():
+    """varlen=False draws no packed call and leaves every other draw of the seed alone (the packed
+    part comes from a Random of its own), so the CI seeds above test what they tested before."""
+    for seed in range(40):
+        d0, p0 = F.draw_case(seed, varlen=False)
+        d1, p1 = F.draw_case(seed)
+        assert p0.varlen is None
+        assert d1 == d0 and (p1 == p0 or p1 == F.with_varlen(p0, p1.varlen)), seed
+
+
+def _packed_seeds(count: int, backward: bool, two_sequences: bool = False):
+    """Seeds whose packed float32 case runs (its spec takes cu_seqlens) with a pair allowed."""
+    seeds = []
+    for seed in range(200):
+        draft, plan = F.draw_case(seed, backward, varlen=True)
+        vp = plan.varlen
+        if vp is None or plan.dtype != "float32" or not F.varlen_allowed(draft):
+            continue
+        if two_sequences and not (len(vp.lens_q) >= 2 and min(vp.lens_q[:2] + vp.lens_k[:2]) >= 1):
+            continue
+        built = F.build_spec(draft.text)
+        if isinstance(built, Exception) or F.refuses_varlen(built[0]):
+            continue
+        a = F.call_arguments(draft, plan)
+        _, lse = F.packed_reference(built[0], vp, a.q.double(), a.k.double(), a.v.double(), reference=attncc.reference,
+                                    **a.params, **a.inputs)
+        if torch.isfinite(lse).any():
+            seeds.append(seed)
+        if len(seeds) == count:
+            break
+    return seeds
+
+
+def test_a_pair_missing_from_the_mask_is_reported_in_packed_calls():
+    seeds = _packed_seeds(6, backward=False)
+    assert len(seeds) == 6
+    for seed in seeds:
+        failure = F.check_case(seed, backward=False, reference=_without_heaviest_pair, varlen=True)
+        assert failure is not None and failure.kind == "mismatch", f"seed {seed}: a missing pair went unnoticed"
+
+
+def test_a_wrong_gradient_is_reported_in_packed_calls():
+    def steeper(pattern, q, k, v, **kw):
+        o, lse = attncc.reference(pattern, q, k, v, **kw)
+        return o + 0.01 * (o - o.detach()), lse
+
+    seeds = _packed_seeds(3, backward=True)
+    assert len(seeds) == 3
+    for seed in seeds:
+        failure = F.check_case(seed, backward=True, reference=steeper, varlen=True)
+        assert failure is not None and failure.what in ("dq", "dk", "dv"), f"seed {seed}: {failure}"
+
+
+def test_sequence_boundaries_are_checked(monkeypatch):
+    """Kernels given the first boundary one row later than the checker's sequences (a row moved
+    from sequence 1 to sequence 0): every such case fails."""
+    seeds = _packed_seeds(4, backward=False, two_sequences=True)
+    assert len(seeds) == 4
+    packed = F._packed_keywords
+
+    def shifted(vp):
+        out = {k: v for k, v in packed(vp).items() if k.startswith("cu_")}  # max_seqlen: computed
+        for k in out:
+            out[k] = out[k].clone()
+            out[k][1] += 1
+        return out
+
+    monkeypatch.setattr(F, "_packed_keywords", shifted)
+    for seed in seeds:
+        failure = F.check_case(seed, backward=False, varlen=True)
+        assert failure is not None and failure.kind == "mismatch", f"seed {seed}: moved boundary went unnoticed"
+
+
+def test_refusals_are_checked_both_ways(monkeypatch):
+    """A refusal where the contract computes, and an answer where it refuses, are failures."""
+    refusing = [s for s in VARLEN_SEEDS if not F.varlen_allowed(F.draw_case(s, varlen=True)[0])]
+    taking = _packed_seeds(1, backward=False)
+    assert refusing and taking
+    monkeypatch.setattr(F, "refuses_varlen", lambda pattern: False)
+    failure = F.check_case(refusing[0], varlen=True)
+    assert failure is not None and failure.kind == "raise" and "cu_seqlens" in failure.detail, failure
+    monkeypatch.setattr(F, "refuses_varlen", lambda pattern: True)
+    failure = F.check_case(taking[0], backward=False, varlen=True)
+    assert failure is not None and failure.kind == "accept", failure
