@@ -94,3 +94,22 @@ def test_gluon_descriptors_get_real_strides():
     ready = _tma_ready(k.expand(3, 2, 8, 16))
     assert 0 not in ready.stride() and torch.equal(ready, k.expand(3, 2, 8, 16))
     assert _tma_ready(k) is k
+
+
+def test_a_repeated_signature_broadcasts_too():
+    """The second call of a signature skips bind's checks (its signature cache): it must broadcast
+    the new k, v as the first did, and a nested q is still refused by name before any broadcast."""
+    from attncc.runtime.call import BIND_STATS
+
+    mod, p = module("sliding_window"), pattern("sliding_window")
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(2):
+        q = torch.randn(2, 4, 23, 16, generator=gen)
+        k, v = (torch.randn(1, 2, 23, 16, generator=gen) for _ in range(2))
+        hits = BIND_STATS["hit"]
+        o = mod.attention(q, k, v, window=5)
+        assert rel_err(o, attncc.reference(p, q.double(), k.double(), v.double(), window=5)) < 1e-4
+    assert BIND_STATS["hit"] == hits + 1  # the second call came from the cache
+    nested = torch.nested.nested_tensor([torch.randn(4, 23, 16), torch.randn(4, 23, 16)])
+    with pytest.raises(TypeError, match="q must be a dense"):
+        mod.attention(nested, k, v)

@@ -210,7 +210,6 @@ def bind(spec: SpecInfo, q, k, v, *, return_lse=False, q_offset=0, k_offset=0, n
     passed as ``q_offset``, are checked every time). Nothing here reads a tensor's values,
     except the cu_seqlens of a packed batch on the CPU or without ``max_seqlen_*`` (one host sync)."""
     refuse_transforms(f"{spec.name}.attention")
-    k, v = broadcast_kv_batch(q, k, v)
     checked = dict(return_lse=return_lse, q_offset=q_offset, k_offset=k_offset, n_q=n_q, n_k=n_k, scale=scale,
                    kwargs=kwargs, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
                    max_seqlen_k=max_seqlen_k)
@@ -242,7 +241,8 @@ def bind(spec: SpecInfo, q, k, v, *, return_lse=False, q_offset=0, k_offset=0, n
         # the input conversions bind made (an int input widened, a float one to its declared type)
         converts = tuple((d.name, call.inputs[d.name].dtype if call.inputs[d.name] is not kwargs[d.name] else None)
                          for d in spec.inputs)
-        call.memo = {"converts": converts, "signature": key}
+        # k, v of batch 1 that bind broadcast over q's batch: the next calls of the signature too
+        call.memo = {"converts": converts, "signature": key, "kv_batch": call.B if call.k is not k else None}
         # kept without tensors: the cache must not hold a call's memory
         slot[1][key] = call.replace(q=None, k=None, v=None, inputs={}, cu_seqlens_q=None, cu_seqlens_k=None)
     return call
@@ -251,9 +251,9 @@ def bind(spec: SpecInfo, q, k, v, *, return_lse=False, q_offset=0, k_offset=0, n
 def broadcast_kv_batch(q, k, v):
     """``k`` and ``v`` of batch 1 beside ``q`` of batch B > 1, expanded to batch B (stride 0, no
     copy), as FlexAttention broadcasts them; autograd sums their gradients over the batch. Any
-    other combination is returned as it came (bind's checks name what is wrong with it)."""
-    if (isinstance(q, _Tensor) and isinstance(k, _Tensor) and isinstance(v, _Tensor)
-            and q.dim() == k.dim() == v.dim() == 4 and k.shape[0] == v.shape[0] == 1 and q.shape[0] > 1):
+    other combination is returned as it came (bind's checks name what is wrong with it). For
+    dense 4-D tensors (bind checks that first)."""
+    if k.shape[0] == v.shape[0] == 1 and q.shape[0] > 1:
         B = q.shape[0]
         return k.expand(B, *k.shape[1:]), v.expand(B, *v.shape[1:])
     return k, v
@@ -328,7 +328,10 @@ def _rebind(bound: Call, q, k, v, kwargs, cu_q, cu_k) -> Call:
     call = object.__new__(Call)
     fields = bound.__dict__.copy()
     fields["q"], fields["k"], fields["v"] = q, k, v
-    converts = bound.memo["converts"]
+    memo = bound.memo
+    if memo["kv_batch"] is not None:
+        fields["k"], fields["v"] = broadcast_kv_batch(q, k, v)
+    converts = memo["converts"]
     if converts:
         fields["inputs"] = {name: (kwargs[name] if dtype is None else kwargs[name].to(dtype))
                             for name, dtype in converts}
@@ -406,6 +409,7 @@ def _bind_checked(spec: SpecInfo, q, k, v, *, return_lse=False, q_offset=0, k_of
         raise TypeError(f"{name}.attention: q, k, v must be bfloat16, float16 or float32, got {dtype_name(q.dtype)}")
     if not (q.device.type == "cuda" or (q.device.type == "cpu" and interpreting())):
         raise ValueError(f"{name}.attention: tensors are on {q.device}; the kernels run on a CUDA GPU, or on the CPU under TRITON_INTERPRET=1")
+    k, v = broadcast_kv_batch(q, k, v)
     B, Hq, Nq, D = q.shape
     Bk, Hkv, Nk, Dk = k.shape
     Bv, Hv, Nv, Dv = v.shape
