@@ -13,17 +13,18 @@
 #   param window = 2048 (int)
 #   param dilation = 4 (int)
 #   mask: (j <= i) & (i - j < window) & Eq(Mod(i - j, dilation), 0)
+#   residue classes modulo dilation: positions i -> _rs_step*i + _rs_cq, j -> _rs_step*j + _rs_ck
 #
-# block lists (-Mod(i - j, dilation) <= 0: the term dilation*floor(i/dilation - j/dilation) mixes i and j); the kernels walk the block lists of their tiles, partial blocks first
-# the Gluon backward does not take these fragments: its query blocks per key block have no closed form (-Mod(-i + j, dilation) <= 0: the term dilation*floor(-i/dilation + j/dilation) mixes i and j)
+# block lists (-Mod(-_rs_ck + _rs_cq + _rs_step*i - _rs_step*j, dilation) <= 0: the term dilation*floor(-_rs_ck/dilation + _rs_cq/dilation + _rs_step*i/dilation - _rs_step*j/dilation) mixes i and j); the kernels walk the block lists of their tiles, partial blocks first
+# the Gluon backward does not take these fragments: its query blocks per key block have no closed form (-Mod(-_rs_ck + _rs_cq - _rs_step*i + _rs_step*j, dilation) <= 0: the term dilation*floor(-_rs_ck/dilation + _rs_cq/dilation - _rs_step*i/dilation + _rs_step*j/dilation) mixes i and j)
 """dilated: the Gluon sm90 kernels' walks, mask and score, rendered from specs/dilated.toml."""
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
 SEGMENTS = 1  # key-block segments per query tile (walk returns 4 values per segment)
 QSEGMENTS = 0
-BACKWARD_REASON = "its query blocks per key block have no closed form (-Mod(-i + j, dilation) <= 0: the term dilation*floor(-i/dilation + j/dilation) mixes i and j)"
-PARAMS = ("window", "dilation")  # pattern_args(call), unpacked after b, h, H, q_last
+BACKWARD_REASON = "its query blocks per key block have no closed form (-Mod(-_rs_ck + _rs_cq - _rs_step*i + _rs_step*j, dilation) <= 0: the term dilation*floor(-_rs_ck/dilation + _rs_cq/dilation - _rs_step*i/dilation + _rs_step*j/dilation) mixes i and j)"
+PARAMS = ("window", "dilation", "_rs_step", "_rs_cq", "_rs_ck")  # pattern_args(call), unpacked after b, h, H, q_last
 # The walk reads block lists (attncc.runtime.blocks) of the kernel's tiles, which the host passes to
 # pattern_args; block() maps a walk position to its key block.
 LISTS = True
@@ -41,7 +42,8 @@ def pattern_args(call, lists, block_m):
     if lists.stride_row != 1:
         raise ValueError(f"dilated: the Gluon walk takes block lists one query block per row, got stride_row = "
                          f"{lists.stride_row}")
-    return (int(call.params["window"]), int(call.params["dilation"]), lists.full_count, lists.full_index,
+    return (int(call.params["window"]), int(call.params["dilation"]), int(call.params["_rs_step"]),
+            int(call.params["_rs_cq"]), int(call.params["_rs_ck"]), lists.full_count, lists.full_index,
             lists.partial_count, lists.partial_index, lists.stride_b, lists.stride_h, lists.width, call.q_offset,
             block_m)
 
@@ -69,8 +71,8 @@ def _floormod(a, b):
 def walk(q_lo, q_hi, Nk, k_offset, n_q, n_k, BLOCK_N: gl.constexpr, ctx):
     """Positions in the block lists of the query tile from q_lo: [0, partial) its partial blocks, then
     its full ones (block() gives the key block at a position)."""
-    (b, h, H, q_last, prm_window, prm_dilation, full_count, full_index, partial_count, partial_index, list_stride_b,
-     list_stride_h, list_width, list_q_offset, list_block_m) = ctx
+    (b, h, H, q_last, prm_window, prm_dilation, prm__rs_step, prm__rs_cq, prm__rs_ck, full_count, full_index,
+     partial_count, partial_index, list_stride_b, list_stride_h, list_width, list_q_offset, list_block_m) = ctx
     row = b * list_stride_b + h * list_stride_h + (q_lo - list_q_offset) // list_block_m
     n_partial = gl.load(partial_count + row)
     n_blocks = n_partial + gl.load(full_count + row)
@@ -81,8 +83,8 @@ def walk(q_lo, q_hi, Nk, k_offset, n_q, n_k, BLOCK_N: gl.constexpr, ctx):
 def block(t, qb, segs, ctx):
     """The key block at position t of query block qb's walk: its partial list's entry t, then its full
     list's entry t - partial. Positions past the walk (a ring's look-ahead) read the row's last."""
-    (b, h, H, q_last, prm_window, prm_dilation, full_count, full_index, partial_count, partial_index, list_stride_b,
-     list_stride_h, list_width, list_q_offset, list_block_m) = ctx
+    (b, h, H, q_last, prm_window, prm_dilation, prm__rs_step, prm__rs_cq, prm__rs_ck, full_count, full_index,
+     partial_count, partial_index, list_stride_b, list_stride_h, list_width, list_q_offset, list_block_m) = ctx
     t = gl.maximum(gl.minimum(t, segs[3] - 1), 0)
     row = (b * list_stride_b + h * list_stride_h + qb).to(gl.int64) * list_width  # may pass 2**31
     return gl.load(gl.where(t < segs[1], partial_index + row + t, full_index + row + (t - segs[1])))
@@ -91,9 +93,12 @@ def block(t, qb, segs, ctx):
 @gluon.jit
 def mask(i, j, n_q, n_k, ctx):
     """Which pairs of a partial block the pattern allows (i [BLOCK_M, 1], j [1, BLOCK_N])."""
-    (b, h, H, q_last, prm_window, prm_dilation, full_count, full_index, partial_count, partial_index, list_stride_b,
-     list_stride_h, list_width, list_q_offset, list_block_m) = ctx
-    return ((_floormod(i, prm_dilation) == _floormod(j, prm_dilation)) & (j <= i) & ((i - j) < prm_window))
+    (b, h, H, q_last, prm_window, prm_dilation, prm__rs_step, prm__rs_cq, prm__rs_ck, full_count, full_index,
+     partial_count, partial_index, list_stride_b, list_stride_h, list_width, list_q_offset, list_block_m) = ctx
+    tmp1 = prm__rs_cq + (prm__rs_step * i)
+    tmp0 = tmp1 - prm__rs_ck
+    tmp2 = prm__rs_step * j
+    return ((_floormod(tmp0, prm_dilation) == _floormod(tmp2, prm_dilation)) & ((prm__rs_ck + tmp2) <= tmp1) & ((tmp0 - tmp2) < prm_window))
 
 
 score = None  # the plain scaled dot product: the kernels fold the scale into exp2

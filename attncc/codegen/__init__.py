@@ -105,11 +105,19 @@ def render_files(pattern: Pattern) -> Dict[str, str]:
     from attncc.codegen.printer import NotGluon, printed_integers
     from attncc.codegen.softmax import softmax_context
 
+    from attncc.analysis.residue import residue_split
     from attncc.analysis.score import canonical_score
+    from attncc.analysis.walks import Iteration
 
     pattern = canonical_score(pattern)  # mod = "c * tanh(s / c)" renders as the built-in softcap
     check_divisors(pattern)
     plan = analyze(pattern)
+    split = residue_split(pattern) if plan.iteration is Iteration.BLOCK_LIST and not plan.dynamic else None
+    if split is not None:  # the kernels' positions go through the hidden params (attncc.analysis.residue)
+        pattern, plan = split.pattern, analyze(split.pattern)
+        common = dict(common, params=pattern.params, residue=split.modulus,
+                      pattern_lines=common["pattern_lines"] + [f"residue classes modulo {split.modulus}: positions "
+                                                               f"i -> _rs_step*i + _rs_cq, j -> _rs_step*j + _rs_ck"])
     with printed_integers() as printed:  # the integer arithmetic of every kernel, for the host's guard
         ctx = softmax_context(pattern, plan)
         backward = backward_context(pattern, plan, ctx)

@@ -568,7 +568,8 @@ def bind_params_and_inputs(spec: SpecInfo, who: str, kwargs: dict, *, B: int, Hq
     doc ids 0 and 2**32 stay two documents). A float input is converted to the declared type
     (the kernels compute in float32 whatever it is). Strides are kept: the kernels take them."""
     # (the one check of a param's value, which `attncc explain --param` makes too)
-    params = {p.name: param_value(p.name, p.kind, kwargs.pop(p.name, p.default), count=p.maximum, who=who)
+    params = {p.name: p.default if p.hidden else param_value(p.name, p.kind, kwargs.pop(p.name, p.default),
+                                                             count=p.maximum, who=who)
               for p in spec.params}
     inputs = {}
     for d in spec.inputs:
@@ -599,7 +600,7 @@ def bind_params_and_inputs(spec: SpecInfo, who: str, kwargs: dict, *, B: int, Hq
                 t = t.to(_holding(who, d.name, t.dtype, want_dtype))
         inputs[d.name] = t
     if kwargs:
-        known = [p.name for p in spec.params] + [d.name for d in spec.inputs]
+        known = [p.name for p in spec.params if not p.hidden] + [d.name for d in spec.inputs]
         raise TypeError(f"{who}: unexpected keyword(s) {', '.join(sorted(kwargs))}; "
                         f"known inputs and params: {', '.join(known) or 'none'}")
     return params, inputs

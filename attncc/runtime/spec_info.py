@@ -13,6 +13,7 @@ class ParamInfo:
     default: Union[int, float]
     kind: str  # "int" or "float"
     maximum: Optional[int] = None  # a reduction's count (range(K)): the kernels unroll to it
+    hidden: bool = False  # the compiler's own (attncc.analysis.residue): always its default in a bound call
 
 
 @dataclass(frozen=True)

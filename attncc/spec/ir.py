@@ -55,6 +55,9 @@ class Param:
     value: Union[int, float]
     kind: str
     count: bool = False
+    # set by the compiler for its own params (attncc.analysis.residue), never by a spec: a call
+    # cannot pass it, the generated docs do not list it
+    hidden: bool = False
 
     @property
     def symbol(self) -> sympy.Symbol:

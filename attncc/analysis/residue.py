@@ -1,0 +1,82 @@
+"""Residue classes: masks that only pair positions of one class modulo m.
+
+A mask with a top-level conjunct ``(i - j) % m == 0`` (m a literal >= 2 or an int param; dilated
+windows) allows a pair only where ``i`` and ``j`` leave the same remainder modulo m. Its tiles are
+sparse in any order of the rows (1 pair in m at best), but the rows of one class, ``i = c + m*a``,
+and the keys of that class, ``j = c + m*b``, make tiles as dense as the rest of the mask: a dilated
+window of width w is a plain window of width w / m there.
+
+:func:`residue_split` gives what the kernels need for that: the pattern with the positions written
+through three hidden int params, ``i -> STEP*i + CQ`` and ``j -> STEP*j + CK``. With ``STEP = 1,
+CQ = CK = 0`` (their defaults) it is the pattern itself; the runtime (attncc.runtime.residue) runs
+the rows and keys of class c as strided views with ``STEP = m`` and CQ, CK the positions of their
+first row and key. The mask, bias and transform are the spec's own, evaluated at the true positions,
+so the split is exact whatever else the mask says: the conjunct is true on every pair of a class,
+and the classified tiles of the views (block lists) are exact for them.
+
+Only for patterns whose walks are block lists anyway (the residue term mixes i and j, so no closed
+form), without [inputs], RoPE or dropout (those read positions outside the spec's expressions).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import sympy
+
+from attncc.spec import symbols as S
+from attncc.spec.ir import Param, Pattern
+
+# The hidden params (a spec's own names cannot start with "_", attncc.spec.load)
+STEP, CQ, CK = "_rs_step", "_rs_cq", "_rs_ck"
+HIDDEN = (STEP, CQ, CK)
+
+
+@dataclass(frozen=True)
+class ResidueSplit:
+    """``pattern``: the pattern the kernels are generated from (positions through the hidden
+    params); ``modulus``: the name of the int param m, or its literal value."""
+
+    pattern: Pattern
+    modulus: object  # str (an int param's name) or int
+
+
+def _modulus(conjunct, int_params) -> Optional[sympy.Expr]:
+    """m of ``Eq(Mod(i - j, m), 0)`` (or ``j - i``), m an int param or a literal >= 2; else None."""
+    if not isinstance(conjunct, sympy.Eq):
+        return None
+    lhs, rhs = conjunct.args
+    if rhs != 0:
+        lhs, rhs = rhs, lhs
+    if rhs != 0 or not isinstance(lhs, sympy.Mod):
+        return None
+    x, m = lhs.args
+    if sympy.expand(x - (S.i - S.j)) != 0 and sympy.expand(x - (S.j - S.i)) != 0:
+        return None
+    if m in int_params or (m.is_Integer and m >= 2):
+        return m
+    return None
+
+
+def residue_split(pattern: Pattern) -> Optional[ResidueSplit]:
+    """The split of ``pattern`` by residue class (see the module doc), or None."""
+    mask = pattern.mask
+    if (pattern.kind != "softmax" or mask is None or pattern.inputs or pattern.rope is not None or pattern.dropout
+            or any(p.name in HIDDEN for p in pattern.params)):
+        return None
+    int_params = {p.symbol for p in pattern.params if p.kind == "int"}
+    conjuncts = mask.args if isinstance(mask, sympy.And) else (mask,)
+    moduli = [m for m in (_modulus(c, int_params) for c in conjuncts) if m is not None]
+    if not moduli:
+        return None
+    m = moduli[0]
+    step, cq, ck = (sympy.Symbol(n, integer=True) for n in HIDDEN)
+    positions = {S.i: step * S.i + cq, S.j: step * S.j + ck}
+
+    def at(e):
+        return None if e is None else e.xreplace(positions)
+
+    hidden = tuple(Param(n, v, "int", hidden=True) for n, v in zip(HIDDEN, (1, 0, 0)))
+    split = pattern.replace(mask=at(mask), bias=at(pattern.bias), mod=at(pattern.mod),
+                    params=tuple(pattern.params) + hidden)
+    return ResidueSplit(split, m.name if isinstance(m, sympy.Symbol) else int(m))

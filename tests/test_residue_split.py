@@ -1,0 +1,138 @@
+"""Masks with a residue conjunct ``(i - j) % m == 0`` (dilated windows) run class by class
+(attncc.analysis.residue, attncc.runtime.residue): the rows and keys of each residue class as
+strided views, positions through hidden params. Randomized differential tests against the float64
+reference (odd lengths, Nq != Nk, offsets, GQA, params and their overrides, biases and transforms
+of the positions, n_q / n_k), forward and backward, with the split forced at small sizes; when the
+split must not happen; and that its params stay hidden."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import sympy
+import torch
+
+import attncc
+import attncc.runtime.residue as R
+from attncc.analysis.residue import HIDDEN, residue_split
+from attncc.spec import parse_spec
+from cases import module, pattern, rel_err
+
+
+@pytest.fixture
+def split_calls(monkeypatch):
+    """Every call split however small (ATTNCC_RESIDUE_MIN_ROWS=1); the list of classes run."""
+    monkeypatch.setenv("ATTNCC_RESIDUE_MIN_ROWS", "1")
+    seen, real = [], R._sub_call
+
+    def spy(call, part, m):
+        seen.append((part, m))
+        return real(call, part, m)
+
+    monkeypatch.setattr(R, "_sub_call", spy)
+    return seen
+
+
+# masks with a residue conjunct, with what else reads positions: windows both ways, bottom-right
+# alignment, a literal modulus, a bias and a transform of i and j
+SPECS = {
+    "window_param": ('[params]\nw = 23\nd = 3\n[mask]\nwhere = "j <= i and i - j < w and (i - j) % d == 0"\n',
+                     lambda rng: {"w": rng.randint(1, 40), "d": rng.choice([2, 3, 5, 7])}),
+    "bidir_literal": ('[params]\nw = 9\n[mask]\nwhere = "abs(i - j) <= w and (j - i) % 4 == 0"\n'
+                      '[score]\nbias = "0.05 * (i - j) + 0.01 * j"\n', lambda rng: {"w": rng.randint(0, 30)}),
+    "bottom_right": ('[params]\nd = 2\n[mask]\nwhere = "j - n_k <= i - n_q and (i - j) % d == 0"\n'
+                     '[score]\nmod = "s + where(i % 5 == 0, 0.5, -0.25)"\n', lambda rng: {"d": rng.choice([2, 3])}),
+}
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_split_equals_reference(seed, split_calls, tmp_path):
+    rng = random.Random(seed)
+    name = sorted(SPECS)[seed % len(SPECS)]
+    text, draw = SPECS[name]
+    mod = attncc.compile(text)
+    p = parse_spec(text)
+    Nq, Nk = rng.randint(1, 60), rng.randint(1, 60)
+    qo, ko = rng.randint(0, 12), rng.randint(0, 12)
+    kw = draw(rng)
+    heads = rng.choice([(2, 2), (4, 2), (3, 1)])
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(rng.randint(1, 2), heads[0], Nq, 16, generator=gen, requires_grad=True)
+    k, v = (torch.randn(q.shape[0], heads[1], Nk, 16, generator=gen, requires_grad=True) for _ in range(2))
+    extra = {} if name == "bottom_right" else {"q_offset": qo, "k_offset": ko}
+    o, lse = mod.attention(q, k, v, return_lse=True, **extra, **kw)
+    do = torch.randn(o.shape, generator=gen)
+    grads = torch.autograd.grad((o * do).sum(), (q, k, v))
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref, ref_lse = attncc.reference(p, *leaves, return_lse=True, **extra, **kw)
+    want = torch.autograd.grad((ref * do.double()).sum(), leaves)
+    assert split_calls and len(split_calls) % 2 == 0  # the classes with pairs, forward and backward
+    assert rel_err(o, ref) < 1e-4
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    if finite.any():
+        assert float((lse.double()[finite] - ref_lse[finite]).abs().max()) < 1e-4
+    for label, got, w in zip("qkv", grads, want):  # (a row with one key has dq = 0)
+        torch.testing.assert_close(got.double(), w, rtol=1e-4, atol=1e-5, msg=lambda e: f"d{label}: {e}")
+
+
+def test_dilated_spec_half_precision_and_param_overrides(split_calls):
+    mod, p = module("dilated"), pattern("dilated")
+    gen = torch.Generator().manual_seed(9)
+    for dtype, kw in ((torch.float16, {"window": 17, "dilation": 3}), (torch.float32, {"window": 40, "dilation": 1}),
+                      (torch.float32, {"window": 40, "dilation": 70})):
+        q, k, v = (torch.randn(1, 2, 45, 16, generator=gen).to(dtype) for _ in range(3))
+        split_calls.clear()
+        o = mod.attention(q, k, v, **kw)
+        ref = attncc.reference(p, q.double(), k.double(), v.double(), **kw)
+        assert rel_err(o, ref) < (5e-3 if dtype == torch.float16 else 1e-4)
+        # dilation 1 (no classes) and 70 (more than MAX_CLASSES) run whole
+        assert bool(split_calls) == (2 <= kw["dilation"] <= R.MAX_CLASSES)
+
+
+def test_when_a_call_runs_whole(monkeypatch):
+    mod = module("dilated")
+    seen = []
+    monkeypatch.setattr(R, "_sub_call", lambda *a: seen.append(a) or (_ for _ in ()).throw(AssertionError))
+    q = torch.randn(1, 2, 40, 16)
+    mod.attention(q, q, q)  # 40 rows: fewer than 4 classes x 128 rows (the default)
+    cu = torch.tensor([0, 17, 40], dtype=torch.int32)
+    monkeypatch.setenv("ATTNCC_RESIDUE_MIN_ROWS", "1")
+    mod.attention(q, q, q, cu_seqlens_q=cu, cu_seqlens_k=cu)  # packed: whole
+    mod.attention(q, q, q, q_offset=R.POSITION_LIMIT, k_offset=R.POSITION_LIMIT)  # positions near 2**30: whole
+    assert not seen
+    monkeypatch.setenv("ATTNCC_RESIDUE_MIN_ROWS", "x")
+    with pytest.raises(ValueError, match="ATTNCC_RESIDUE_MIN_ROWS"):
+        mod.attention(q, q, q)
+
+
+def test_hidden_params_cannot_be_passed_and_are_not_documented():
+    mod = module("dilated")
+    q = torch.randn(1, 1, 8, 16)
+    for name in HIDDEN:
+        with pytest.raises(TypeError, match="unexpected keyword"):
+            mod.attention(q, q, q, **{name: 2})
+        assert name not in mod.attention.__doc__
+
+
+def test_residue_split_analysis():
+    def split(text):
+        return residue_split(parse_spec(text))
+
+    assert split('[params]\nd = 3\n[mask]\nwhere = "(i - j) % d == 0 and j <= i"\n').modulus == "d"
+    assert split('[mask]\nwhere = "0 == (j - i) % 5"\n').modulus == 5
+    for text in ('[mask]\nwhere = "(i - j) % 1 == 0"\n',  # no classes
+                 '[mask]\nwhere = "(i - j) % 3 == 0 or j == 0"\n',  # not a conjunct
+                 '[mask]\nwhere = "(i - 2 * j) % 3 == 0"\n',  # not i - j
+                 '[params]\nd = 0.5\n[mask]\nwhere = "(i - j) % d == 0"\n',  # a float param
+                 '[inputs]\nx = { dims = ["b", "n"], dtype = "int32" }\n[mask]\nwhere = "(i - j) % 3 == 0 and x[b, j] > 0"\n',
+                 '[mask]\nwhere = "(i - j) % 3 == 0"\n[rope]\ntheta = 10000.0\n'):
+        assert split(text) is None, text
+    # the kernels' pattern: the spec's at i -> step*i + cq, j -> step*j + ck; itself at step 1, cq = ck = 0
+    s = split('[params]\nd = 3\n[mask]\nwhere = "(i - j) % d == 0 and j <= i"\n[score]\nbias = "0.5 * (i - j)"\n')
+    step, cq, ck = (sympy.Symbol(n, integer=True) for n in HIDDEN)
+    at_one = {step: 1, cq: 0, ck: 0}
+    original = parse_spec('[params]\nd = 3\n[mask]\nwhere = "(i - j) % d == 0 and j <= i"\n[score]\nbias = "0.5 * (i - j)"\n')
+    assert s.pattern.mask.xreplace(at_one) == original.mask
+    assert sympy.simplify(s.pattern.bias.xreplace(at_one) - original.bias) == 0
+    assert [p.name for p in s.pattern.params if p.hidden] == list(HIDDEN)
