@@ -126,7 +126,9 @@ def test_residue_split_analysis():
                  '[mask]\nwhere = "(i - 2 * j) % 3 == 0"\n',  # not i - j
                  '[params]\nd = 0.5\n[mask]\nwhere = "(i - j) % d == 0"\n',  # a float param
                  '[inputs]\nx = { dims = ["b", "n"], dtype = "int32" }\n[mask]\nwhere = "(i - j) % 3 == 0 and x[b, j] > 0"\n',
-                 '[mask]\nwhere = "(i - j) % 3 == 0"\n[rope]\ntheta = 10000.0\n'):
+                 '[mask]\nwhere = "(i - j) % 3 == 0"\n[rope]\ntheta = 10000.0\n',
+                 '[mask]\nwhere = "(i - j) % 3 == 0 and (random_blocks(2, block=8, seed=1) or j < 4)"\n',
+                 '[mask]\nwhere = "(i - j) % 3 == 0"\n[score]\nmod = "where(random_blocks(1, block=8), s, -inf)"\n'):
         assert split(text) is None, text
     # the kernels' pattern: the spec's at i -> step*i + cq, j -> step*j + ck; itself at step 1, cq = ck = 0
     s = split('[params]\nd = 3\n[mask]\nwhere = "(i - j) % d == 0 and j <= i"\n[score]\nbias = "0.5 * (i - j)"\n')

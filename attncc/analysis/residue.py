@@ -15,7 +15,8 @@ so the split is exact whatever else the mask says: the conjunct is true on every
 and the classified tiles of the views (block lists) are exact for them.
 
 Only for patterns whose walks are block lists anyway (the residue term mixes i and j, so no closed
-form), without [inputs], RoPE or dropout (those read positions outside the spec's expressions).
+form), without [inputs], RoPE, dropout or random_blocks() (those read the kernels' row positions
+outside the spec's expressions).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from typing import Optional
 import sympy
 
 from attncc.spec import symbols as S
+from attncc.spec.builtins import RandomBlocks
 from attncc.spec.ir import Param, Pattern
 
 # The hidden params (a spec's own names cannot start with "_", attncc.spec.load)
@@ -62,7 +64,8 @@ def residue_split(pattern: Pattern) -> Optional[ResidueSplit]:
     """The split of ``pattern`` by residue class (see the module doc), or None."""
     mask = pattern.mask
     if (pattern.kind != "softmax" or mask is None or pattern.inputs or pattern.rope is not None or pattern.dropout
-            or any(p.name in HIDDEN for p in pattern.params)):
+            or any(p.name in HIDDEN for p in pattern.params)
+            or any(e is not None and e.has(RandomBlocks) for e in (mask, pattern.bias, pattern.mod))):
         return None
     int_params = {p.symbol for p in pattern.params if p.kind == "int"}
     conjuncts = mask.args if isinstance(mask, sympy.And) else (mask,)
