@@ -113,6 +113,8 @@ def format_text(d: dict) -> str:
         + f"  tile {d['block_m']}x{d['block_n']}  ({d['query_blocks']} x {d['key_blocks']} blocks)",
         f"  iteration   {d['iteration']}" + ("  (classified per call from the inputs)" if d["dynamic"] else ""),
         f"  backend     {d['backend']}",
+        *([f"  residue     by class modulo {d['residue']}: each class's rows and keys as strided views, where a "
+           f"class holds enough rows (the tiles below are those of a whole call)"] if d.get("residue") is not None else []),
         f"  tiles       {total}: {t['empty']} empty, {t['full']} full, {t['partial']} partial",
         f"  density     {d['density']:.6f}  ({d['allowed_pairs']} of {d['pairs']} pairs)",
         f"  FLOPs       {_si(d['flops'], 'FLOP')} useful, {_si(d['visited_flops'], 'FLOP')} visited, "
