@@ -40,6 +40,8 @@ SPECS = {
                      lambda rng: {"w": rng.randint(1, 40), "d": rng.choice([2, 3, 5, 7])}),
     "bidir_literal": ('[params]\nw = 9\n[mask]\nwhere = "abs(i - j) <= w and (j - i) % 4 == 0"\n'
                       '[score]\nbias = "0.05 * (i - j) + 0.01 * j"\n', lambda rng: {"w": rng.randint(0, 30)}),
+    "residue_pair": ('[params]\nd = 3\nw = 20\n[mask]\nwhere = "i % d == j % d and abs(i - j) <= w"\n',
+                     lambda rng: {"d": rng.choice([2, 3, 6]), "w": rng.randint(0, 30)}),
     "bottom_right": ('[params]\nd = 2\n[mask]\nwhere = "j - n_k <= i - n_q and (i - j) % d == 0"\n'
                      '[score]\nmod = "s + where(i % 5 == 0, 0.5, -0.25)"\n', lambda rng: {"d": rng.choice([2, 3])}),
 }
@@ -121,9 +123,11 @@ def test_residue_split_analysis():
 
     assert split('[params]\nd = 3\n[mask]\nwhere = "(i - j) % d == 0 and j <= i"\n').modulus == "d"
     assert split('[mask]\nwhere = "0 == (j - i) % 5"\n').modulus == 5
+    assert split('[params]\nd = 3\n[mask]\nwhere = "i % d == j % d and abs(i - j) < 9"\n').modulus == "d"
     for text in ('[mask]\nwhere = "(i - j) % 1 == 0"\n',  # no classes
                  '[mask]\nwhere = "(i - j) % 3 == 0 or j == 0"\n',  # not a conjunct
                  '[mask]\nwhere = "(i - 2 * j) % 3 == 0"\n',  # not i - j
+                 '[mask]\nwhere = "i % 3 == j % 4"\n',  # two moduli
                  '[params]\nd = 0.5\n[mask]\nwhere = "(i - j) % d == 0"\n',  # a float param
                  '[inputs]\nx = { dims = ["b", "n"], dtype = "int32" }\n[mask]\nwhere = "(i - j) % 3 == 0 and x[b, j] > 0"\n',
                  '[mask]\nwhere = "(i - j) % 3 == 0"\n[rope]\ntheta = 10000.0\n',

@@ -44,17 +44,22 @@ class ResidueSplit:
 
 
 def _modulus(conjunct, int_params) -> Optional[sympy.Expr]:
-    """m of ``Eq(Mod(i - j, m), 0)`` (or ``j - i``), m an int param or a literal >= 2; else None."""
+    """m of ``Eq(Mod(i - j, m), 0)`` (or ``j - i``) or ``Eq(Mod(i, m), Mod(j, m))``, m an int param
+    or a literal >= 2; else None."""
     if not isinstance(conjunct, sympy.Eq):
         return None
     lhs, rhs = conjunct.args
-    if rhs != 0:
-        lhs, rhs = rhs, lhs
-    if rhs != 0 or not isinstance(lhs, sympy.Mod):
-        return None
-    x, m = lhs.args
-    if sympy.expand(x - (S.i - S.j)) != 0 and sympy.expand(x - (S.j - S.i)) != 0:
-        return None
+    if isinstance(lhs, sympy.Mod) and isinstance(rhs, sympy.Mod) and lhs.args[1] == rhs.args[1] \
+            and {lhs.args[0], rhs.args[0]} == {S.i, S.j}:
+        m = lhs.args[1]  # i % m == j % m
+    else:
+        if rhs != 0:
+            lhs, rhs = rhs, lhs
+        if rhs != 0 or not isinstance(lhs, sympy.Mod):
+            return None
+        x, m = lhs.args
+        if sympy.expand(x - (S.i - S.j)) != 0 and sympy.expand(x - (S.j - S.i)) != 0:
+            return None
     if m in int_params or (m.is_Integer and m >= 2):
         return m
     return None
