@@ -6,9 +6,10 @@
 #   kind: softmax
 #   param stride = 128 (int)
 #   mask: (j <= i) & (Eq(Mod(j, stride), stride - 1) | (i - j < stride))
+#   summary columns j % stride == stride - 1 apart: _cs_part 0 the rest, 1 the columns at j -> _cs_sk*j + _cs_ck, 2 the whole mask
 #
-# Key blocks per query block (forward, dQ): block lists (-stride + Mod(j, stride) + 1 <= 0: j enters as j - stride*floor(j/stride), which does not grow with j (a stride, a dilation or a 2D neighborhood))
-# Query blocks per key block (dK/dV): block lists (-stride + Mod(i, stride) + 1 <= 0: i enters as i - stride*floor(i/stride), which does not grow with i (a stride, a dilation or a 2D neighborhood))
+# Key blocks per query block (forward, dQ): block lists (-_cs_ck - _cs_sk*j + i - stride + 1 <= 0: -_cs_sk*j is not linear in j)
+# Query blocks per key block (dK/dV): block lists (-stride + Mod(_cs_ck + _cs_sk*i, stride) + 1 <= 0: i enters as _cs_sk*i - stride*floor(_cs_ck/stride + _cs_sk*i/stride), which does not grow with i (a stride, a dilation or a 2D neighborhood))
 # Forward on Hopper: the Gluon sm90 kernels with this pattern's walk, mask and score, rendered into the
 # _gluon.py file beside this one. _forward hands a call to them where attncc.runtime.backend selects them
 # (ATTNCC_BACKEND); the tl kernels below run every other call, and every backward.
@@ -31,7 +32,7 @@ import attncc.runtime as _rt
 # (int64) when a value could pass int32 (attncc.runtime.intervals).
 def _int_divisors(x):
     """Divisors of // and % made of params and sizes only: 0 raises ValueError (a kernel cannot)."""
-    x.nonzero(x.param("stride"), "stride", "j % stride")
+    x.nonzero(x.param("stride"), "stride", "(_cs_ck + _cs_sk*j) % stride")
 
 
 def _int_reach(x):
@@ -39,8 +40,8 @@ def _int_reach(x):
     (x: attncc.runtime.intervals.CallNumbers); past 2**31 - 1 the call runs WIDE, in int64."""
     return x.reach(
         x.add(-1, x.param("stride")),  # stride - 1
-        x.add(x.i, x.neg(x.j)),  # i - j
-        x.floormod(x.j, x.param("stride")),  # j % stride
+        x.add(x.i, x.neg(x.param("_cs_ck")), x.neg(x.mul(x.param("_cs_sk"), x.j))),  # -_cs_ck - _cs_sk*j + i
+        x.floormod(x.add(x.param("_cs_ck"), x.mul(x.param("_cs_sk"), x.j)), x.param("stride")),  # (_cs_ck + _cs_sk*j) % stride
     )
 
 
@@ -54,7 +55,7 @@ SPEC = _rt.SpecInfo(
     dtypes=('bfloat16', 'float16'),
     heads_q=None,
     heads_kv=None,
-    params=(_rt.ParamInfo("stride", 128, "int"), ),
+    params=(_rt.ParamInfo("stride", 128, "int"), _rt.ParamInfo("_cs_sk", 1, "int", hidden=True), _rt.ParamInfo("_cs_ck", 0, "int", hidden=True), _rt.ParamInfo("_cs_part", 2, "int", hidden=True), ),
     inputs=(),
     scale=None,
     dropout=0.0,
@@ -76,7 +77,7 @@ def _floormod(a, b):
 
 @triton.jit
 def _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-              prm_stride, mc0, qk_scale,
+              prm_stride, prm__cs_sk, prm__cs_ck, mc0, mc1, mc2, mc3, mc4, qk_scale,
               BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr):
     """One key tile of the online softmax; MASKED tiles evaluate the mask, full ones do not."""
     start_n = tl.cast(kb, tl.int32) * BLOCK_N  # a tensor descriptor's offsets are int32 (kb is int64 in WIDE calls)
@@ -85,7 +86,13 @@ def _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
     offs_j = k_offset + start_n + tl.arange(0, BLOCK_N)
     qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
     if MASKED:
-        keep = (offs_j[None, :] < k_offset + Nk) & ((offs_j[None, :] <= offs_i[:, None]) & ((_floormod(offs_j[None, :], prm_stride) == mc0) | ((offs_i[:, None] - offs_j[None, :]) < prm_stride)))
+        tmp5 = prm__cs_sk * offs_j[None, :]
+        tmp4 = prm__cs_ck + tmp5
+        tmp0 = _floormod(tmp4, prm_stride) == mc3
+        tmp3 = offs_i[:, None] + mc1 - tmp5
+        tmp1 = tmp3 < prm_stride
+        tmp2 = tmp4 <= offs_i[:, None]
+        keep = (offs_j[None, :] < k_offset + Nk) & ((mc0 & tmp2 & tmp1) | (mc4 & tmp2 & (tmp0 | tmp1)) | (mc2 & tmp0 & (tmp3 >= prm_stride) & tmp2))
         qk = tl.where(keep, qk, float("-inf"))
     # qk_scale = scale * log2(e) > 0, so the row max of the scaled scores is the scaled max.
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
@@ -105,7 +112,7 @@ def _fwd_kernel(Q, K, V, O, LSE,
                 stride_ob, stride_oh, stride_om,
                 Nq, Nk, H, GROUP, q_offset, k_offset, qk_scale,
                 CU_Q, CU_K, TOTAL_Q,
-                prm_stride,
+                prm_stride, prm__cs_sk, prm__cs_ck, prm__cs_part,
                 full_count, full_index, partial_count, partial_index, list_stride_b, list_stride_h, list_stride_row,
                 list_width,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
@@ -122,6 +129,9 @@ def _fwd_kernel(Q, K, V, O, LSE,
         q_offset = tl.cast(q_offset, tl.int64)
         k_offset = tl.cast(k_offset, tl.int64)
         prm_stride = tl.cast(prm_stride, tl.int64)  # an int param, as the positions
+        prm__cs_sk = tl.cast(prm__cs_sk, tl.int64)  # an int param, as the positions
+        prm__cs_ck = tl.cast(prm__cs_ck, tl.int64)  # an int param, as the positions
+        prm__cs_part = tl.cast(prm__cs_part, tl.int64)  # an int param, as the positions
         H = tl.cast(H, tl.int64)
     if VARLEN:
         # Packed sequences ([1, H, total, D]): b is the sequence, its rows start at CU_Q[b] / CU_K[b];
@@ -154,22 +164,26 @@ def _fwd_kernel(Q, K, V, O, LSE,
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_i = q_offset + offs_m
     q = q_desc.load([qb * BLOCK_M, 0])
-    mc0 = (prm_stride - 1)
+    mc0 = tl.where((prm__cs_part == 0), True, False)
+    mc1 = (-prm__cs_ck)
+    mc2 = tl.where((prm__cs_part == 1), True, False)
+    mc3 = (prm_stride - 1)
+    mc4 = tl.where((prm__cs_part == 2), True, False)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, VALUE_DIM_PAD], dtype=tl.float32)
-    # Key blocks: block lists (-stride + Mod(j, stride) + 1 <= 0: j enters as j - stride*floor(j/stride), which does not grow with j (a stride, a dilation or a 2D neighborhood))
+    # Key blocks: block lists (-_cs_ck - _cs_sk*j + i - stride + 1 <= 0: -_cs_sk*j is not linear in j)
     row = b * list_stride_b + h * list_stride_h + qb.to(tl.int64) * list_stride_row  # int64: row * list_width may pass 2**31
     n_partial = tl.load(partial_count + row)
     for t in tl.range(0, n_partial):
         kb = tl.load(partial_index + row * list_width + t)
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset, prm_stride, mc0,
-                                  qk_scale, BLOCK_N, DOT_PRECISION, MASKED=True)
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset, prm_stride, prm__cs_sk,
+                                  prm__cs_ck, mc0, mc1, mc2, mc3, mc4, qk_scale, BLOCK_N, DOT_PRECISION, MASKED=True)
     n_full = tl.load(full_count + row)
     for t in tl.range(0, n_full):
         kb = tl.load(full_index + row * list_width + t)
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset, prm_stride, mc0,
-                                  qk_scale, BLOCK_N, DOT_PRECISION, MASKED=False)
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset, prm_stride, prm__cs_sk,
+                                  prm__cs_ck, mc0, mc1, mc2, mc3, mc4, qk_scale, BLOCK_N, DOT_PRECISION, MASKED=False)
     # Rows that saw no allowed key: o = 0 and lse = -inf, never NaN.
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_desc.store([qb * BLOCK_M, 0], o.to(O.dtype.element_ty))
@@ -181,7 +195,7 @@ def _fwd_kernel(Q, K, V, O, LSE,
 
 @triton.jit
 def _exact_tiles_kernel(CODES, N_KB, Nq, Nk, H, q_offset, k_offset, CU_Q, CU_K,
-                        prm_stride,
+                        prm_stride, prm__cs_sk, prm__cs_ck, prm__cs_part,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KEY_BLOCKS: tl.constexpr, VARLEN: tl.constexpr,
                         WIDE: tl.constexpr):
     """The mask on every pair of KEY_BLOCKS tiles of one query block (of N_KB in a row of CODES):
@@ -195,6 +209,9 @@ def _exact_tiles_kernel(CODES, N_KB, Nq, Nk, H, q_offset, k_offset, CU_Q, CU_K,
         q_offset = tl.cast(q_offset, tl.int64)
         k_offset = tl.cast(k_offset, tl.int64)
         prm_stride = tl.cast(prm_stride, tl.int64)  # an int param, as the positions
+        prm__cs_sk = tl.cast(prm__cs_sk, tl.int64)  # an int param, as the positions
+        prm__cs_ck = tl.cast(prm__cs_ck, tl.int64)  # an int param, as the positions
+        prm__cs_part = tl.cast(prm__cs_part, tl.int64)  # an int param, as the positions
         H = tl.cast(H, tl.int64)
     if VARLEN:  # b is the sequence of a packed batch: its own lengths, positions from 0
         q_start = tl.load(CU_Q + b)
@@ -202,12 +219,22 @@ def _exact_tiles_kernel(CODES, N_KB, Nq, Nk, H, q_offset, k_offset, CU_Q, CU_K,
         Nq = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
         Nk = (tl.load(CU_K + b + 1) - k_start).to(tl.int32)
     offs_i = q_offset + qb * BLOCK_M + tl.arange(0, BLOCK_M)
-    mc0 = (prm_stride - 1)
+    mc0 = tl.where((prm__cs_part == 0), True, False)
+    mc1 = (-prm__cs_ck)
+    mc2 = tl.where((prm__cs_part == 1), True, False)
+    mc3 = (prm_stride - 1)
+    mc4 = tl.where((prm__cs_part == 2), True, False)
     rows = offs_i < q_offset + Nq
     for kb in tl.range(kb0, tl.minimum(kb0 + KEY_BLOCKS, N_KB)):
         offs_j = k_offset + kb * BLOCK_N + tl.arange(0, BLOCK_N)
         inside = rows[:, None] & (offs_j[None, :] < k_offset + Nk)
-        allowed = inside & ((offs_j[None, :] <= offs_i[:, None]) & ((_floormod(offs_j[None, :], prm_stride) == mc0) | ((offs_i[:, None] - offs_j[None, :]) < prm_stride)))
+        tmp5 = prm__cs_sk * offs_j[None, :]
+        tmp4 = prm__cs_ck + tmp5
+        tmp0 = _floormod(tmp4, prm_stride) == mc3
+        tmp3 = offs_i[:, None] + mc1 - tmp5
+        tmp1 = tmp3 < prm_stride
+        tmp2 = tmp4 <= offs_i[:, None]
+        allowed = inside & ((mc0 & tmp2 & tmp1) | (mc4 & tmp2 & (tmp0 | tmp1)) | (mc2 & tmp0 & (tmp3 >= prm_stride) & tmp2))
         some = tl.max(tl.max(allowed.to(tl.int32), 1), 0)
         missing = tl.max(tl.max((inside & ~allowed).to(tl.int32), 1), 0)
         tl.store(CODES + (bh * tl.num_programs(0) + qb) * N_KB + kb, (some + 2 - 2 * missing).to(tl.int8))
@@ -222,7 +249,7 @@ def _exact_tile_codes(call, block_m, block_n):
     key_blocks = 16
     _exact_tiles_kernel[(nqb, triton.cdiv(nkb, key_blocks), nb * nh)](
         codes, nkb, call.Nq, call.Nk, nh, call.q_offset, call.k_offset, call.cu_seqlens_q, call.cu_seqlens_k,
-        call.params['stride'],
+        call.params['stride'], call.params['_cs_sk'], call.params['_cs_ck'], call.params['_cs_part'],
         BLOCK_M=block_m, BLOCK_N=block_n, KEY_BLOCKS=key_blocks, VARLEN=call.varlen, WIDE=call.wide,
     )
     return codes
@@ -246,7 +273,8 @@ def _fwd_launch(call, cfg, q, k, v, o, lse):
     Nq, Nk, H, GROUP, q_offset, k_offset = call.Nq, call.Nk, call.Hq, call.group, call.q_offset, call.k_offset
     qk_scale = call.scale * _rt.LOG2E
     TOTAL_Q = lse.shape[-1]
-    prm_stride = call.params['stride']
+    prm_stride, prm__cs_sk, prm__cs_ck = call.params['stride'], call.params['_cs_sk'], call.params['_cs_ck']
+    prm__cs_part = call.params['_cs_part']
     options = dict(HEAD_DIM=q.shape[-1], HEAD_DIM_PAD=_rt.padded_dim(q.shape[-1]), VALUE_DIM=v.shape[-1],
                    VALUE_DIM_PAD=_rt.padded_dim(v.shape[-1]), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
                    DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", VARLEN=call.varlen, WIDE=call.wide,
@@ -262,7 +290,7 @@ def _fwd_launch(call, cfg, q, k, v, o, lse):
             stride_ob, stride_oh, stride_om,
             Nq, Nk, H, GROUP, q_offset, k_offset, qk_scale,
             CU_Q, CU_K, TOTAL_Q,
-            prm_stride,
+            prm_stride, prm__cs_sk, prm__cs_ck, prm__cs_part,
             full_count, full_index, partial_count, partial_index, list_stride_b, list_stride_h, list_stride_row,
             list_width,
             RETURN_LSE=RETURN_LSE,
@@ -347,7 +375,7 @@ def _bwd_preprocess(O, DO, LSE, DLSE, DELTA, LSE2,
 
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, qb, offs_j, Nq, q_offset,
-               prm_stride, mcol0, qk_scale,
+               prm_stride, prm__cs_sk, prm__cs_ck, mc0, mc1, mc2, mc3, mcol0, qk_scale,
                BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr):
     """One query tile of a key block: dV += P^T dO, dK += dS^T Q (dS not yet scaled), with the
     tile held transposed: p and ds here are P^T and dS^T, [BLOCK_N, BLOCK_M]."""
@@ -362,7 +390,11 @@ def _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, qb, offs_j, Nq, q_off
     qk = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]: S^T
     s = qk * qk_scale
     if MASKED:
-        keep = (offs_i[None, :] < q_offset + Nq) & ((offs_j[:, None] <= offs_i[None, :]) & (mcol0[:, None] | ((offs_i[None, :] - offs_j[:, None]) < prm_stride)))
+        tmp3 = prm__cs_sk * offs_j[:, None]
+        tmp2 = offs_i[None, :] + mc1 - tmp3
+        tmp0 = tmp2 < prm_stride
+        tmp1 = (prm__cs_ck + tmp3) <= offs_i[None, :]
+        keep = (offs_i[None, :] < q_offset + Nq) & ((mc0 & tmp1 & tmp0) | (mc3 & tmp1 & (mcol0[:, None] | tmp0)) | (mc2 & mcol0[:, None] & (tmp2 >= prm_stride) & tmp1))
         s = tl.where(keep, s, float("-inf"))
     p = tl.exp2(s - lse2[None, :])
     dv = dv + tl.dot(p.to(do.dtype), do, input_precision=DOT_PRECISION)
@@ -382,7 +414,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
                      stride_dvb, stride_dvh, stride_dvn,
                      Nq, Nk, H, GROUP, q_offset, k_offset, qk_scale, sm_scale,
                      CU_Q, CU_K, TOTAL_Q,
-                     prm_stride,
+                     prm_stride, prm__cs_sk, prm__cs_ck, prm__cs_part,
                      full_count, full_index, partial_count, partial_index, list_stride_b, list_stride_h,
                      list_stride_row, list_width,
                      HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
@@ -398,6 +430,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
         q_offset = tl.cast(q_offset, tl.int64)
         k_offset = tl.cast(k_offset, tl.int64)
         prm_stride = tl.cast(prm_stride, tl.int64)  # an int param, as the positions
+        prm__cs_sk = tl.cast(prm__cs_sk, tl.int64)  # an int param, as the positions
+        prm__cs_ck = tl.cast(prm__cs_ck, tl.int64)  # an int param, as the positions
+        prm__cs_part = tl.cast(prm__cs_part, tl.int64)  # an int param, as the positions
         H = tl.cast(H, tl.int64)
     if VARLEN:  # b is the sequence of a packed batch (see _fwd_kernel)
         q_start = tl.load(CU_Q + b).to(tl.int64)
@@ -428,7 +463,11 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
     offs_j = k_offset + offs_n
     k = k_desc.load([kb * BLOCK_N, 0])
     v = v_desc.load([kb * BLOCK_N, 0])
-    mcol0 = (_floormod(offs_j, prm_stride) == (prm_stride - 1))
+    mc0 = tl.where((prm__cs_part == 0), True, False)
+    mc1 = (-prm__cs_ck)
+    mc2 = tl.where((prm__cs_part == 1), True, False)
+    mc3 = tl.where((prm__cs_part == 2), True, False)
+    mcol0 = (_floormod((prm__cs_ck + (prm__cs_sk * offs_j)), prm_stride) == (prm_stride - 1))
     dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, VALUE_DIM_PAD], dtype=tl.float32)
     for h_in_group in tl.range(0, GROUP):
@@ -451,12 +490,14 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
         for t in tl.range(0, n_partial):
             qb = tl.load(partial_index + row * list_width + t)
             dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2 + lse_row, DELTA + lse_row, qb, offs_j, Nq,
-                                q_offset, prm_stride, mcol0, qk_scale, BLOCK_M, DOT_PRECISION, MASKED=True)
+                                q_offset, prm_stride, prm__cs_sk, prm__cs_ck, mc0, mc1, mc2, mc3, mcol0, qk_scale,
+                                BLOCK_M, DOT_PRECISION, MASKED=True)
         n_full = tl.load(full_count + row)
         for t in tl.range(0, n_full):
             qb = tl.load(full_index + row * list_width + t)
             dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2 + lse_row, DELTA + lse_row, qb, offs_j, Nq,
-                                q_offset, prm_stride, mcol0, qk_scale, BLOCK_M, DOT_PRECISION, MASKED=False)
+                                q_offset, prm_stride, prm__cs_sk, prm__cs_ck, mc0, mc1, mc2, mc3, mcol0, qk_scale,
+                                BLOCK_M, DOT_PRECISION, MASKED=False)
     dk = dk * sm_scale
     dk_desc.store([kb * BLOCK_N, 0], dk.to(DK.dtype.element_ty))
     dv_desc.store([kb * BLOCK_N, 0], dv.to(DV.dtype.element_ty))
@@ -464,7 +505,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
 
 @triton.jit
 def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-             prm_stride, mc0, qk_scale,
+             prm_stride, prm__cs_sk, prm__cs_ck, mc0, mc1, mc2, mc3, mc4, qk_scale,
              BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr):
     """One key tile of a query block: dQ += dS K (dS not yet scaled)."""
     start_n = tl.cast(kb, tl.int32) * BLOCK_N  # a tensor descriptor's offsets are int32 (kb is int64 in WIDE calls)
@@ -474,7 +515,13 @@ def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
     qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
     s = qk * qk_scale
     if MASKED:
-        keep = (offs_j[None, :] < k_offset + Nk) & ((offs_j[None, :] <= offs_i[:, None]) & ((_floormod(offs_j[None, :], prm_stride) == mc0) | ((offs_i[:, None] - offs_j[None, :]) < prm_stride)))
+        tmp5 = prm__cs_sk * offs_j[None, :]
+        tmp4 = prm__cs_ck + tmp5
+        tmp0 = _floormod(tmp4, prm_stride) == mc3
+        tmp3 = offs_i[:, None] + mc1 - tmp5
+        tmp1 = tmp3 < prm_stride
+        tmp2 = tmp4 <= offs_i[:, None]
+        keep = (offs_j[None, :] < k_offset + Nk) & ((mc0 & tmp2 & tmp1) | (mc4 & tmp2 & (tmp0 | tmp1)) | (mc2 & tmp0 & (tmp3 >= prm_stride) & tmp2))
         s = tl.where(keep, s, float("-inf"))
     p = tl.exp2(s - lse2[:, None])
     dp = tl.dot(do, v.T, input_precision=DOT_PRECISION)
@@ -492,7 +539,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
                    stride_dqb, stride_dqh, stride_dqm,
                    Nq, Nk, H, GROUP, q_offset, k_offset, qk_scale, sm_scale,
                    CU_Q, CU_K, TOTAL_Q,
-                   prm_stride,
+                   prm_stride, prm__cs_sk, prm__cs_ck, prm__cs_part,
                    full_count, full_index, partial_count, partial_index, list_stride_b, list_stride_h, list_stride_row,
                    list_width,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
@@ -507,6 +554,9 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
         q_offset = tl.cast(q_offset, tl.int64)
         k_offset = tl.cast(k_offset, tl.int64)
         prm_stride = tl.cast(prm_stride, tl.int64)  # an int param, as the positions
+        prm__cs_sk = tl.cast(prm__cs_sk, tl.int64)  # an int param, as the positions
+        prm__cs_ck = tl.cast(prm__cs_ck, tl.int64)  # an int param, as the positions
+        prm__cs_part = tl.cast(prm__cs_part, tl.int64)  # an int param, as the positions
         H = tl.cast(H, tl.int64)
     if VARLEN:  # b is the sequence of a packed batch (see _fwd_kernel)
         q_start = tl.load(CU_Q + b).to(tl.int64)
@@ -544,20 +594,24 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
     do = do_desc.load([qb * BLOCK_M, 0])
     lse2 = tl.load(LSE2 + lse_row + offs_m, mask=offs_m < Nq, other=float("inf"))
     delta = tl.load(DELTA + lse_row + offs_m, mask=offs_m < Nq, other=0.0)
-    mc0 = (prm_stride - 1)
+    mc0 = tl.where((prm__cs_part == 0), True, False)
+    mc1 = (-prm__cs_ck)
+    mc2 = tl.where((prm__cs_part == 1), True, False)
+    mc3 = (prm_stride - 1)
+    mc4 = tl.where((prm__cs_part == 2), True, False)
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     # Key blocks: the forward's walk
     row = b * list_stride_b + h * list_stride_h + qb.to(tl.int64) * list_stride_row  # int64: row * list_width may pass 2**31
     n_partial = tl.load(partial_count + row)
     for t in tl.range(0, n_partial):
         kb = tl.load(partial_index + row * list_width + t)
-        dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset, prm_stride, mc0, qk_scale,
-                      BLOCK_N, DOT_PRECISION, MASKED=True)
+        dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset, prm_stride, prm__cs_sk,
+                      prm__cs_ck, mc0, mc1, mc2, mc3, mc4, qk_scale, BLOCK_N, DOT_PRECISION, MASKED=True)
     n_full = tl.load(full_count + row)
     for t in tl.range(0, n_full):
         kb = tl.load(full_index + row * list_width + t)
-        dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset, prm_stride, mc0, qk_scale,
-                      BLOCK_N, DOT_PRECISION, MASKED=False)
+        dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset, prm_stride, prm__cs_sk,
+                      prm__cs_ck, mc0, mc1, mc2, mc3, mc4, qk_scale, BLOCK_N, DOT_PRECISION, MASKED=False)
     dq = dq * sm_scale
     dq_desc.store([qb * BLOCK_M, 0], dq.to(DQ.dtype.element_ty))
 
@@ -598,7 +652,8 @@ def _dkdv_launch(call, cfg, q, k, v, dk, dv, lse, do):
     Nq, Nk, H, GROUP, q_offset, k_offset = call.Nq, call.Nk, call.Hq, call.group, call.q_offset, call.k_offset
     qk_scale, sm_scale = call.scale * _rt.LOG2E, call.scale
     TOTAL_Q = lse.shape[-1]
-    prm_stride = call.params['stride']
+    prm_stride, prm__cs_sk, prm__cs_ck = call.params['stride'], call.params['_cs_sk'], call.params['_cs_ck']
+    prm__cs_part = call.params['_cs_part']
     options = dict(HEAD_DIM=q.shape[-1], HEAD_DIM_PAD=_rt.padded_dim(q.shape[-1]), VALUE_DIM=v.shape[-1],
                    VALUE_DIM_PAD=_rt.padded_dim(v.shape[-1]), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
                    DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", VARLEN=call.varlen, WIDE=call.wide,
@@ -616,7 +671,7 @@ def _dkdv_launch(call, cfg, q, k, v, dk, dv, lse, do):
             stride_dvb, stride_dvh, stride_dvn,
             Nq, Nk, H, GROUP, q_offset, k_offset, qk_scale, sm_scale,
             CU_Q, CU_K, TOTAL_Q,
-            prm_stride,
+            prm_stride, prm__cs_sk, prm__cs_ck, prm__cs_part,
             full_count, full_index, partial_count, partial_index, list_stride_b, list_stride_h, list_stride_row,
             list_width,
             **options,
@@ -635,7 +690,8 @@ def _dq_launch(call, cfg, q, k, v, dq, lse, do):
     Nq, Nk, H, GROUP, q_offset, k_offset = call.Nq, call.Nk, call.Hq, call.group, call.q_offset, call.k_offset
     qk_scale, sm_scale = call.scale * _rt.LOG2E, call.scale
     TOTAL_Q = lse.shape[-1]
-    prm_stride = call.params['stride']
+    prm_stride, prm__cs_sk, prm__cs_ck = call.params['stride'], call.params['_cs_sk'], call.params['_cs_ck']
+    prm__cs_part = call.params['_cs_part']
     options = dict(HEAD_DIM=q.shape[-1], HEAD_DIM_PAD=_rt.padded_dim(q.shape[-1]), VALUE_DIM=v.shape[-1],
                    VALUE_DIM_PAD=_rt.padded_dim(v.shape[-1]), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
                    DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", VARLEN=call.varlen, WIDE=call.wide,
@@ -652,7 +708,7 @@ def _dq_launch(call, cfg, q, k, v, dq, lse, do):
             stride_dqb, stride_dqh, stride_dqm,
             Nq, Nk, H, GROUP, q_offset, k_offset, qk_scale, sm_scale,
             CU_Q, CU_K, TOTAL_Q,
-            prm_stride,
+            prm_stride, prm__cs_sk, prm__cs_ck, prm__cs_part,
             full_count, full_index, partial_count, partial_index, list_stride_b, list_stride_h, list_stride_row,
             list_width,
             **options,
@@ -697,6 +753,9 @@ _fwd_kernel = _rt.fast_kernel(_fwd_kernel)
 _bwd_preprocess = _rt.fast_kernel(_bwd_preprocess)
 _bwd_dkdv_kernel = _rt.fast_kernel(_bwd_dkdv_kernel)
 _bwd_dq_kernel = _rt.fast_kernel(_bwd_dq_kernel)
+# Calls with the summary columns j % stride == r apart: the rest of the mask over every key, the columns
+# over their keys as a strided view, merged by the LSE (attncc.runtime.residue.column_split).
+_forward, _backward = _rt.column_split(_forward, _backward, "stride", -1, ("stride", ))
 _rt.register_kernels(SPEC, _forward, _backward)  # the custom ops torch.compile traces call these
 
 
@@ -753,7 +812,7 @@ def _dec_load(rows, cols, row_ok, DIM: tl.constexpr, DIM_PAD: tl.constexpr, MASK
 @triton.jit
 def _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
               stride_kp, stride_kn, stride_vp, stride_vn, stride_btp,
-              prm_stride, mc0, qk_scale,
+              prm_stride, prm__cs_sk, prm__cs_ck, mc0, mc1, mc2, mc3, mc4, qk_scale,
               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
               VALUE_DIM_PAD: tl.constexpr, PAGE_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr):
     """One key tile of the online softmax for every row of the group; MASKED tiles evaluate
@@ -774,7 +833,13 @@ def _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NU
     v = _dec_load(v_rows, tl.arange(0, VALUE_DIM_PAD), in_cache, VALUE_DIM, VALUE_DIM_PAD, MASKED)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if MASKED:
-        keep = in_cache[None, :] & live[:, None] & ((offs_j[None, :] <= offs_i[:, None]) & ((_floormod(offs_j[None, :], prm_stride) == mc0) | ((offs_i[:, None] - offs_j[None, :]) < prm_stride)))
+        tmp5 = prm__cs_sk * offs_j[None, :]
+        tmp4 = prm__cs_ck + tmp5
+        tmp0 = _floormod(tmp4, prm_stride) == mc3
+        tmp3 = offs_i[:, None] + mc1 - tmp5
+        tmp1 = tmp3 < prm_stride
+        tmp2 = tmp4 <= offs_i[:, None]
+        keep = in_cache[None, :] & live[:, None] & ((mc0 & tmp2 & tmp1) | (mc4 & tmp2 & (tmp0 | tmp1)) | (mc2 & tmp0 & (tmp3 >= prm_stride) & tmp2))
         qk = tl.where(keep, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -792,7 +857,7 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
                 stride_vb, stride_vh, stride_vn,
                 stride_btb, stride_btp, stride_kvl, stride_ob, stride_oh, stride_om,
                 Nq, H, GROUP, HEADS_PER_PROGRAM, CAPACITY, NUM_PAGES, NUM_SPLITS, qk_scale,
-                prm_stride,
+                prm_stride, prm__cs_sk, prm__cs_ck, prm__cs_part,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                 VALUE_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
                 SPLIT: tl.constexpr, RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr):
@@ -811,6 +876,9 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
     if WIDE:
         Nk = Nk.to(tl.int64)
         prm_stride = tl.cast(prm_stride, tl.int64)  # an int param, as the positions
+        prm__cs_sk = tl.cast(prm__cs_sk, tl.int64)  # an int param, as the positions
+        prm__cs_ck = tl.cast(prm__cs_ck, tl.int64)  # an int param, as the positions
+        prm__cs_part = tl.cast(prm__cs_part, tl.int64)  # an int param, as the positions
         H = tl.cast(H, tl.int64)
     else:
         Nk = Nk.to(tl.int32)
@@ -833,7 +901,11 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
         K_head = K + b * stride_kb + hk * stride_kh
         V_head = V + b * stride_vb + hk * stride_vh
     BT_row = BT + b * stride_btb
-    mc0 = (prm_stride - 1)
+    mc0 = tl.where((prm__cs_part == 0), True, False)
+    mc1 = (-prm__cs_ck)
+    mc2 = tl.where((prm__cs_part == 1), True, False)
+    mc3 = (prm_stride - 1)
+    mc4 = tl.where((prm__cs_part == 2), True, False)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, VALUE_DIM_PAD], dtype=tl.float32)
@@ -850,19 +922,19 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
     f_hi = tl.where(Nk >= Nq, tl.minimum(tl.maximum(kv_full_hi, f_lo), s_hi), f_lo)
     for kb in tl.range(s_lo, f_lo):
         acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES, stride_kb,
-                                  stride_kn, stride_vb, stride_vn, stride_btp, prm_stride, mc0, qk_scale, BLOCK_N,
-                                  HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD, PAGE_SIZE, DOT_PRECISION,
-                                  MASKED=True)
+                                  stride_kn, stride_vb, stride_vn, stride_btp, prm_stride, prm__cs_sk, prm__cs_ck, mc0,
+                                  mc1, mc2, mc3, mc4, qk_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM,
+                                  VALUE_DIM_PAD, PAGE_SIZE, DOT_PRECISION, MASKED=True)
     for kb in tl.range(f_lo, f_hi):
         acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES, stride_kb,
-                                  stride_kn, stride_vb, stride_vn, stride_btp, prm_stride, mc0, qk_scale, BLOCK_N,
-                                  HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD, PAGE_SIZE, DOT_PRECISION,
-                                  MASKED=False)
+                                  stride_kn, stride_vb, stride_vn, stride_btp, prm_stride, prm__cs_sk, prm__cs_ck, mc0,
+                                  mc1, mc2, mc3, mc4, qk_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM,
+                                  VALUE_DIM_PAD, PAGE_SIZE, DOT_PRECISION, MASKED=False)
     for kb in tl.range(f_hi, s_hi):
         acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES, stride_kb,
-                                  stride_kn, stride_vb, stride_vn, stride_btp, prm_stride, mc0, qk_scale, BLOCK_N,
-                                  HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD, PAGE_SIZE, DOT_PRECISION,
-                                  MASKED=True)
+                                  stride_kn, stride_vb, stride_vn, stride_btp, prm_stride, prm__cs_sk, prm__cs_ck, mc0,
+                                  mc1, mc2, mc3, mc4, qk_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM,
+                                  VALUE_DIM_PAD, PAGE_SIZE, DOT_PRECISION, MASKED=True)
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     # natural-log LSE; -inf on rows without an allowed key
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i))) * 0.6931471805599453)
@@ -910,7 +982,7 @@ def _decode(call):
         *v_strides,
         table.stride(0), table.stride(1), call.kv_len.stride(0), *o.stride()[:3],
         call.Nq, call.Hq, call.group, heads, call.capacity, max(call.num_pages, 1), splits, call.scale * _rt.LOG2E,
-        call.params['stride'],
+        call.params['stride'], call.params['_cs_sk'], call.params['_cs_ck'], call.params['_cs_part'],
         HEAD_DIM=q.shape[-1], HEAD_DIM_PAD=_rt.padded_dim(q.shape[-1]), VALUE_DIM=call.Dv, VALUE_DIM_PAD=dv_pad,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, PAGE_SIZE=call.page_size, SPLIT=splits > 1,
         RETURN_LSE=call.return_lse, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",

@@ -12,17 +12,18 @@
 #   kind: softmax
 #   param stride = 128 (int)
 #   mask: (j <= i) & (Eq(Mod(j, stride), stride - 1) | (i - j < stride))
+#   summary columns j % stride == stride - 1 apart: _cs_part 0 the rest, 1 the columns at j -> _cs_sk*j + _cs_ck, 2 the whole mask
 #
-# block lists (-stride + Mod(j, stride) + 1 <= 0: j enters as j - stride*floor(j/stride), which does not grow with j (a stride, a dilation or a 2D neighborhood)); the kernels walk the block lists of their tiles, partial blocks first
-# the Gluon backward does not take these fragments: its query blocks per key block have no closed form (-stride + Mod(i, stride) + 1 <= 0: i enters as i - stride*floor(i/stride), which does not grow with i (a stride, a dilation or a 2D neighborhood))
+# block lists (-_cs_ck - _cs_sk*j + i - stride + 1 <= 0: -_cs_sk*j is not linear in j); the kernels walk the block lists of their tiles, partial blocks first
+# the Gluon backward does not take these fragments: its query blocks per key block have no closed form (-stride + Mod(_cs_ck + _cs_sk*i, stride) + 1 <= 0: i enters as _cs_sk*i - stride*floor(_cs_ck/stride + _cs_sk*i/stride), which does not grow with i (a stride, a dilation or a 2D neighborhood))
 """strided: the Gluon sm90 kernels' walks, mask and score, rendered from specs/strided.toml."""
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
 SEGMENTS = 1  # key-block segments per query tile (walk returns 4 values per segment)
 QSEGMENTS = 0
-BACKWARD_REASON = "its query blocks per key block have no closed form (-stride + Mod(i, stride) + 1 <= 0: i enters as i - stride*floor(i/stride), which does not grow with i (a stride, a dilation or a 2D neighborhood))"
-PARAMS = ("stride",)  # pattern_args(call), unpacked after b, h, H, q_last
+BACKWARD_REASON = "its query blocks per key block have no closed form (-stride + Mod(_cs_ck + _cs_sk*i, stride) + 1 <= 0: i enters as _cs_sk*i - stride*floor(_cs_ck/stride + _cs_sk*i/stride), which does not grow with i (a stride, a dilation or a 2D neighborhood))"
+PARAMS = ("stride", "_cs_sk", "_cs_ck", "_cs_part")  # pattern_args(call), unpacked after b, h, H, q_last
 # The walk reads block lists (attncc.runtime.blocks) of the kernel's tiles, which the host passes to
 # pattern_args; block() maps a walk position to its key block.
 LISTS = True
@@ -37,7 +38,8 @@ def pattern_args(call, lists, block_m):
     if lists.stride_row != 1:
         raise ValueError(f"strided: the Gluon walk takes block lists one query block per row, got stride_row = "
                          f"{lists.stride_row}")
-    return (int(call.params["stride"]), lists.full_count, lists.full_index, lists.partial_count, lists.partial_index,
+    return (int(call.params["stride"]), int(call.params["_cs_sk"]), int(call.params["_cs_ck"]),
+            int(call.params["_cs_part"]), lists.full_count, lists.full_index, lists.partial_count, lists.partial_index,
             lists.stride_b, lists.stride_h, lists.width, call.q_offset, block_m)
 
 
@@ -64,8 +66,8 @@ def _floormod(a, b):
 def walk(q_lo, q_hi, Nk, k_offset, n_q, n_k, BLOCK_N: gl.constexpr, ctx):
     """Positions in the block lists of the query tile from q_lo: [0, partial) its partial blocks, then
     its full ones (block() gives the key block at a position)."""
-    (b, h, H, q_last, prm_stride, full_count, full_index, partial_count, partial_index, list_stride_b, list_stride_h,
-     list_width, list_q_offset, list_block_m) = ctx
+    (b, h, H, q_last, prm_stride, prm__cs_sk, prm__cs_ck, prm__cs_part, full_count, full_index, partial_count,
+     partial_index, list_stride_b, list_stride_h, list_width, list_q_offset, list_block_m) = ctx
     row = b * list_stride_b + h * list_stride_h + (q_lo - list_q_offset) // list_block_m
     n_partial = gl.load(partial_count + row)
     n_blocks = n_partial + gl.load(full_count + row)
@@ -76,8 +78,8 @@ def walk(q_lo, q_hi, Nk, k_offset, n_q, n_k, BLOCK_N: gl.constexpr, ctx):
 def block(t, qb, segs, ctx):
     """The key block at position t of query block qb's walk: its partial list's entry t, then its full
     list's entry t - partial. Positions past the walk (a ring's look-ahead) read the row's last."""
-    (b, h, H, q_last, prm_stride, full_count, full_index, partial_count, partial_index, list_stride_b, list_stride_h,
-     list_width, list_q_offset, list_block_m) = ctx
+    (b, h, H, q_last, prm_stride, prm__cs_sk, prm__cs_ck, prm__cs_part, full_count, full_index, partial_count,
+     partial_index, list_stride_b, list_stride_h, list_width, list_q_offset, list_block_m) = ctx
     t = gl.maximum(gl.minimum(t, segs[3] - 1), 0)
     row = (b * list_stride_b + h * list_stride_h + qb).to(gl.int64) * list_width  # may pass 2**31
     return gl.load(gl.where(t < segs[1], partial_index + row + t, full_index + row + (t - segs[1])))
@@ -86,9 +88,15 @@ def block(t, qb, segs, ctx):
 @gluon.jit
 def mask(i, j, n_q, n_k, ctx):
     """Which pairs of a partial block the pattern allows (i [BLOCK_M, 1], j [1, BLOCK_N])."""
-    (b, h, H, q_last, prm_stride, full_count, full_index, partial_count, partial_index, list_stride_b, list_stride_h,
-     list_width, list_q_offset, list_block_m) = ctx
-    return ((j <= i) & ((_floormod(j, prm_stride) == (prm_stride - 1)) | ((i - j) < prm_stride)))
+    (b, h, H, q_last, prm_stride, prm__cs_sk, prm__cs_ck, prm__cs_part, full_count, full_index, partial_count,
+     partial_index, list_stride_b, list_stride_h, list_width, list_q_offset, list_block_m) = ctx
+    tmp5 = prm__cs_sk * j
+    tmp4 = prm__cs_ck + tmp5
+    tmp0 = _floormod(tmp4, prm_stride) == (prm_stride - 1)
+    tmp3 = i - prm__cs_ck - tmp5
+    tmp1 = tmp3 < prm_stride
+    tmp2 = tmp4 <= i
+    return (((prm__cs_part == 0) & tmp2 & tmp1) | ((prm__cs_part == 2) & tmp2 & (tmp0 | tmp1)) | ((prm__cs_part == 1) & tmp0 & (tmp3 >= prm_stride) & tmp2))
 
 
 score = None  # the plain scaled dot product: the kernels fold the scale into exp2

@@ -142,3 +142,93 @@ def test_residue_split_analysis():
     assert s.pattern.mask.xreplace(at_one) == original.mask
     assert sympy.simplify(s.pattern.bias.xreplace(at_one) - original.bias) == 0
     assert [p.name for p in s.pattern.params if p.hidden] == list(HIDDEN)
+
+
+# ------------------------------------------------------------------------------------------------
+# summary columns apart (attncc.analysis.residue.ColumnSplit)
+
+COLUMN_SPECS = {
+    "strided": ('[params]\nstride = 4\n[mask]\nwhere = "j <= i and ((i - j) < stride or (j % stride) == stride - 1)"\n',
+                lambda rng: {"stride": rng.choice([2, 3, 5, 8])}),
+    "bidir_columns": ('[params]\nw = 3\nS = 5\n[mask]\nwhere = "abs(i - j) <= w or j % S == 2"\n'
+                      '[score]\nbias = "0.03 * (i - j)"\n', lambda rng: {"w": rng.randint(0, 9), "S": rng.choice([2, 5, 7])}),
+    "literal_out_of_range": ('[params]\nw = 4\n[mask]\nwhere = "j <= i and (i - j < w or j % 6 == 7 + w)"\n',
+                             lambda rng: {"w": rng.choice([-8, -3, 0, 4])}),  # r = 7 + w: some classes never exist
+}
+
+
+@pytest.fixture
+def column_calls(monkeypatch):
+    """Every call split however small (ATTNCC_COLUMN_MIN_ROWS=1); whether each call split."""
+    monkeypatch.setenv("ATTNCC_COLUMN_MIN_ROWS", "1")
+    seen, real = [], R.column_parts
+
+    def spy(*args):
+        parts = real(*args)
+        seen.append(parts is not None)
+        return parts
+
+    monkeypatch.setattr(R, "column_parts", spy)
+    return seen
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_column_split_equals_reference(seed, column_calls):
+    rng = random.Random(1000 + seed)
+    name = sorted(COLUMN_SPECS)[seed % len(COLUMN_SPECS)]
+    text, draw = COLUMN_SPECS[name]
+    mod = attncc.compile(text)
+    p = parse_spec(text)
+    Nq, Nk = rng.randint(1, 60), rng.randint(1, 60)
+    kw = draw(rng)
+    heads = rng.choice([(2, 2), (4, 2), (3, 1)])
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(rng.randint(1, 2), heads[0], Nq, 16, generator=gen, requires_grad=True)
+    k, v = (torch.randn(q.shape[0], heads[1], Nk, 16, generator=gen, requires_grad=True) for _ in range(2))
+    extra = {"q_offset": rng.randint(0, 12), "k_offset": rng.randint(0, 12)}
+    o, lse = mod.attention(q, k, v, return_lse=True, **extra, **kw)
+    do = torch.randn(o.shape, generator=gen)
+    loss = (o * do).sum() + lse.masked_fill(lse.isinf(), 0).sum()  # the LSE's gradient through both parts
+    grads = torch.autograd.grad(loss, (q, k, v))
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref, ref_lse = attncc.reference(p, *leaves, return_lse=True, **extra, **kw)
+    want = torch.autograd.grad((ref * do.double()).sum() + ref_lse.masked_fill(ref_lse.isinf(), 0).sum(), leaves)
+    assert column_calls and all(column_calls)  # forward and backward, split
+    assert rel_err(o, ref) < 1e-4
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    if finite.any():
+        assert float((lse.double()[finite] - ref_lse[finite]).abs().max()) < 1e-4
+    for label, got, w in zip("qkv", grads, want):
+        torch.testing.assert_close(got.double(), w, rtol=1e-4, atol=1e-5, msg=lambda e: f"d{label}: {e}")
+
+
+def test_column_split_only_where_it_pays(column_calls, monkeypatch):
+    mod, p = module("strided"), pattern("strided")
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 2, 50, 16, generator=gen) for _ in range(3))
+    for stride, split in ((4, True), (1, False)):  # stride 1: one class (no columns apart)
+        column_calls.clear()
+        o = mod.attention(q, k, v, stride=stride)
+        assert rel_err(o, attncc.reference(p, q.double(), k.double(), v.double(), stride=stride)) < 1e-4
+        assert column_calls == [split]
+    monkeypatch.delenv("ATTNCC_COLUMN_MIN_ROWS")  # 50 rows: fewer than the default 1024
+    column_calls.clear()
+    mod.attention(q, k, v, stride=4)
+    assert column_calls == [False]
+    for name in R.COLUMN_HIDDEN if hasattr(R, "COLUMN_HIDDEN") else ("_cs_sk", "_cs_ck", "_cs_part"):
+        with pytest.raises(TypeError, match="unexpected keyword"):
+            mod.attention(q, k, v, **{name: 1})
+
+
+def test_column_split_analysis():
+    from attncc.analysis.residue import column_split
+
+    s = column_split(parse_spec('[params]\nstride = 4\n[mask]\nwhere = "j <= i and ((i - j) < stride or (j % stride) == stride - 1)"\n'))
+    assert s.modulus == "stride" and str(s.residue) == "stride - 1"
+    assert column_split(parse_spec('[mask]\nwhere = "j % 5 == 1 or abs(i - j) < 3"\n')).modulus == 5
+    for text in ('[mask]\nwhere = "j <= i and i - j < 4"\n',  # no union
+                 '[mask]\nwhere = "j % 5 == i % 5 or i - j < 3"\n',  # the class depends on i
+                 '[mask]\nwhere = "i % 5 == 1 or i - j < 3"\n',  # rows, not columns
+                 '[mask]\nwhere = "j % 1 == 0 or i - j < 3"\n'):  # one class
+        assert column_split(parse_spec(text)) is None, text

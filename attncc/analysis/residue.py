@@ -65,12 +65,18 @@ def _modulus(conjunct, int_params) -> Optional[sympy.Expr]:
     return None
 
 
+def _splittable(pattern: Pattern) -> bool:
+    """Whether the pattern reads positions only through its expressions' i and j (see the module doc)."""
+    mask = pattern.mask
+    return not (pattern.kind != "softmax" or mask is None or pattern.inputs or pattern.rope is not None
+                or pattern.dropout or any(p.name.startswith("_") for p in pattern.params)
+                or any(e is not None and e.has(RandomBlocks) for e in (mask, pattern.bias, pattern.mod)))
+
+
 def residue_split(pattern: Pattern) -> Optional[ResidueSplit]:
     """The split of ``pattern`` by residue class (see the module doc), or None."""
     mask = pattern.mask
-    if (pattern.kind != "softmax" or mask is None or pattern.inputs or pattern.rope is not None or pattern.dropout
-            or any(p.name in HIDDEN for p in pattern.params)
-            or any(e is not None and e.has(RandomBlocks) for e in (mask, pattern.bias, pattern.mod))):
+    if not _splittable(pattern):
         return None
     int_params = {p.symbol for p in pattern.params if p.kind == "int"}
     conjuncts = mask.args if isinstance(mask, sympy.And) else (mask,)
@@ -88,3 +94,74 @@ def residue_split(pattern: Pattern) -> Optional[ResidueSplit]:
     split = pattern.replace(mask=at(mask), bias=at(pattern.bias), mod=at(pattern.mod),
                     params=tuple(pattern.params) + hidden)
     return ResidueSplit(split, m.name if isinstance(m, sympy.Symbol) else int(m))
+
+
+# --------------------------------------------------------------------------------------------
+# Columns of one residue class beside the rest: strided (Sparse Transformer) masks
+
+SK, CK2, PART = "_cs_sk", "_cs_ck", "_cs_part"
+COLUMN_HIDDEN = (SK, CK2, PART)
+WHOLE = 2  # the value of PART that computes the spec's own mask
+
+
+@dataclass(frozen=True)
+class ColumnSplit:
+    """A mask ``C and (X or Y)`` whose clause Y allows only keys ``j % m == r`` (the summary columns
+    of strided attention: ``j <= i and (i - j < m or j % m == m - 1)``). The kernels' pattern
+    (``pattern``) reads ``j`` as ``SK*j + CK`` and takes a hidden ``PART``: 0 computes ``C and X``,
+    1 ``C and Y and not X``, 2 (the default) the spec's mask. The runtime (attncc.runtime.residue)
+    runs part 0 over every key and part 1 over the keys of class r only, a strided view of k and v
+    (``SK = m``), and merges the two by their log-sum-exp: part 1's tiles are dense where the
+    whole call's column tiles held one column in m. ``modulus``: m (an int param's name or a
+    literal); ``residue``: r as an expression of int params and literals (the class is ``r % m``:
+    a key in it satisfies ``j % m == r`` exactly when ``0 <= r < m``, and no key does otherwise,
+    which the kernels' mask still checks)."""
+
+    pattern: Pattern
+    modulus: object
+    residue: sympy.Expr
+
+
+def _column_class(clause, int_params):
+    """(m, r) of a conjunct ``Eq(Mod(j, m), r)`` of ``clause`` (r free of i, j), or None."""
+    for c in (clause.args if isinstance(clause, sympy.And) else (clause,)):
+        if not isinstance(c, sympy.Eq):
+            continue
+        for lhs, rhs in (c.args, c.args[::-1]):
+            if isinstance(lhs, sympy.Mod) and lhs.args[0] == S.j and not rhs.free_symbols - int_params \
+                    and (rhs.is_Integer or all(isinstance(a, (sympy.Symbol, sympy.Integer)) for a in sympy.Add.make_args(rhs))):
+                m = lhs.args[1]
+                if m in int_params or (m.is_Integer and m >= 2):
+                    return m, rhs
+    return None
+
+
+def column_split(pattern: Pattern) -> Optional[ColumnSplit]:
+    """The split of ``pattern``'s summary columns from the rest of its mask (:class:`ColumnSplit`), or None."""
+    if not _splittable(pattern):
+        return None
+    int_params = {p.symbol for p in pattern.params if p.kind == "int"}
+    mask = pattern.mask
+    conjuncts = list(mask.args) if isinstance(mask, sympy.And) else [mask]
+    for n, union in enumerate(conjuncts):
+        if not isinstance(union, sympy.Or):
+            continue
+        common = conjuncts[:n] + conjuncts[n + 1:]
+        for k, clause in enumerate(union.args):
+            found = _column_class(clause, int_params)
+            if found is None:
+                continue
+            rest = sympy.Or(*(union.args[:k] + union.args[k + 1:]))
+            sk, ck, part = (sympy.Symbol(name, integer=True) for name in COLUMN_HIDDEN)
+            at = {S.j: sk * S.j + ck}
+            parts = sympy.Or(sympy.And(sympy.Eq(part, WHOLE), mask),
+                             sympy.And(sympy.Eq(part, 0), *common, rest),
+                             sympy.And(sympy.Eq(part, 1), *common, clause, sympy.Not(rest)))
+            hidden = tuple(Param(name, v, "int", hidden=True) for name, v in zip(COLUMN_HIDDEN, (1, 0, WHOLE)))
+            split = pattern.replace(mask=parts.xreplace(at),
+                                    bias=None if pattern.bias is None else pattern.bias.xreplace(at),
+                                    mod=None if pattern.mod is None else pattern.mod.xreplace(at),
+                                    params=tuple(pattern.params) + hidden)
+            m = found[0]
+            return ColumnSplit(split, m.name if isinstance(m, sympy.Symbol) else int(m), found[1])
+    return None

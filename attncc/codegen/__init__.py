@@ -105,19 +105,32 @@ def render_files(pattern: Pattern) -> Dict[str, str]:
     from attncc.codegen.printer import NotGluon, printed_integers
     from attncc.codegen.softmax import softmax_context
 
-    from attncc.analysis.residue import residue_split
+    import sympy
+
+    from attncc.analysis.residue import column_split, residue_split
     from attncc.analysis.score import canonical_score
     from attncc.analysis.walks import Iteration
 
     pattern = canonical_score(pattern)  # mod = "c * tanh(s / c)" renders as the built-in softcap
     check_divisors(pattern)
     plan = analyze(pattern)
-    split = residue_split(pattern) if plan.iteration is Iteration.BLOCK_LIST and not plan.dynamic else None
+    lists = plan.iteration is Iteration.BLOCK_LIST and not plan.dynamic
+    split = residue_split(pattern) if lists else None
+    columns = column_split(pattern) if lists and split is None else None
     if split is not None:  # the kernels' positions go through the hidden params (attncc.analysis.residue)
         pattern, plan = split.pattern, analyze(split.pattern)
         common = dict(common, params=pattern.params, residue=split.modulus,
                       pattern_lines=common["pattern_lines"] + [f"residue classes modulo {split.modulus}: positions "
                                                                f"i -> _rs_step*i + _rs_cq, j -> _rs_step*j + _rs_ck"])
+    elif columns is not None:  # the summary columns apart (attncc.analysis.residue.ColumnSplit)
+        terms = sympy.Add.make_args(columns.residue)
+        constant = int(sum(t for t in terms if t.is_Integer))
+        names = tuple(t.name for t in terms if not t.is_Integer)
+        pattern, plan = columns.pattern, analyze(columns.pattern)
+        common = dict(common, params=pattern.params, columns=(columns.modulus, constant, names),
+                      pattern_lines=common["pattern_lines"] + [
+                          f"summary columns j % {columns.modulus} == {columns.residue} apart: _cs_part 0 the rest, "
+                          f"1 the columns at j -> _cs_sk*j + _cs_ck, 2 the whole mask"])
     with printed_integers() as printed:  # the integer arithmetic of every kernel, for the host's guard
         ctx = softmax_context(pattern, plan)
         backward = backward_context(pattern, plan, ctx)

@@ -24,6 +24,7 @@ _EXPORTS = {
     "interpreting": ("attncc.runtime.call", "interpreting"),
     "register_kernels": ("attncc.runtime.compiled", "register_kernels"),
     "residue_split": ("attncc.runtime.residue", "split"),
+    "column_split": ("attncc.runtime.residue", "column_split"),
     "eager_when_traced": ("attncc.runtime.compiled", "eager_when_traced"),
     "gluon_backward": ("attncc.runtime.backend", "gluon_backward"),
     "gluon_backward_selected": ("attncc.runtime.backend", "gluon_backward_selected"),

@@ -111,3 +111,100 @@ def split(forward: Callable, backward: Optional[Callable], modulus: Union[str, i
         return dq, dk, dv, {}
 
     return split_forward, (split_backward if backward is not None else None)
+
+
+# --------------------------------------------------------------------------------------------
+# Summary columns (attncc.analysis.residue.ColumnSplit)
+
+SK, CK2, PART = "_cs_sk", "_cs_ck", "_cs_part"  # attncc.analysis.residue.COLUMN_HIDDEN
+
+
+def column_min_rows() -> int:
+    """Query and key rows below which a call with summary columns runs whole
+    (``ATTNCC_COLUMN_MIN_ROWS``, default 1024: two calls and a merge cost more than they save below)."""
+    text = env("ATTNCC_COLUMN_MIN_ROWS")
+    if text is None:
+        return 1024
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(f"ATTNCC_COLUMN_MIN_ROWS must be an int >= 0, got {text!r}")
+    return value
+
+
+def _value(call, x: Union[str, int]) -> int:
+    return call.params[x] if isinstance(x, str) else x
+
+
+def column_parts(call, modulus: Union[str, int], constant: int, names: tuple):
+    """(the call of part 0, of part 1 or None when the columns' class has no key, its first key row,
+    m) where a call splits (see :func:`column_split`), else None."""
+    m = _value(call, modulus)
+    if not isinstance(m, int) or isinstance(m, bool) or m < 2 or call.varlen:
+        return None
+    if max(call.q_offset + call.Nq, call.k_offset + call.Nk) >= POSITION_LIMIT:
+        return None
+    if min(call.Nq, call.Nk) < column_min_rows():
+        return None
+    r = constant + sum(call.params[name] for name in names)
+    rk = (r - call.k_offset) % m  # the first key row at a position = r (mod m)
+    whole, columns = dict(call.params), dict(call.params)
+    whole[PART] = 0
+    columns[PART], columns[SK], columns[CK2] = 1, m, call.k_offset + rk
+    # (both parts write their LSE, whether the call returns it or not: the merge weighs them by it)
+    rest = call.replace(params=whole, memo=None, return_lse=True,
+                        for_backward=None if call.for_backward is None else {})
+    nk = len(range(rk, call.Nk, m))
+    cols = None if nk == 0 else call.replace(
+        k=call.k[:, :, rk::m], v=call.v[:, :, rk::m], Nk=nk, k_offset=0, params=columns, memo=None, return_lse=True,
+        for_backward=None if call.for_backward is None else {})
+    return rest, cols, rk, m
+
+
+def column_split(forward: Callable, backward: Optional[Callable], modulus: Union[str, int], constant: int,
+                 names: tuple):
+    """``(forward, backward)`` of a generated module whose mask has summary columns ``j % m == r``
+    (``r = constant + sum of the params named``): a call runs as part 0 (the rest of the mask, every
+    key) and part 1 (the columns, the keys of class ``r % m`` as strided views), merged by their
+    log-sum-exp; the backward of each part takes the merged o and LSE, so their gradients add up
+    to the whole call's. Calls too small, packed or near 2**30 run whole (part 2, the spec's mask)."""
+
+    def parts(call):
+        return column_parts(call, modulus, constant, names)
+
+    def split_forward(call):
+        split = parts(call)
+        if split is None:
+            return forward(call)
+        rest, cols, _, _ = split
+        o, lse = forward(rest)
+        if cols is None:
+            return o, lse
+        o_c, lse_c = forward(cols)
+        both = torch.logaddexp(lse, lse_c)
+        none = torch.isneginf(both)  # rows without keys in either part: o = 0, lse = -inf
+        w = torch.where(none, 0.0, torch.exp(lse - both)).unsqueeze(-1)
+        w_c = torch.where(none, 0.0, torch.exp(lse_c - both)).unsqueeze(-1)
+        merged = (w * o.float() + w_c * o_c.float()).to(o.dtype)
+        return merged, both
+
+    def split_backward(call, o, lse, do, dlse=None):
+        split = parts(call)
+        if split is None:
+            return backward(call, o, lse, do, dlse)
+        rest, cols, rk, m = split
+        dq, dk, dv, grads = backward(rest, o, lse, do, dlse)
+        if cols is not None:
+            dq_c, dk_c, dv_c, grads_c = backward(cols, o, lse, do, dlse)
+            if grads or grads_c:
+                raise AssertionError("attncc (internal): a column-split call returned input gradients")
+            dq = dq + dq_c
+            dk = dk.clone() if dk._base is not None else dk
+            dv = dv.clone() if dv._base is not None else dv
+            dk[:, :, rk::m] += dk_c
+            dv[:, :, rk::m] += dv_c
+        return dq, dk, dv, {}
+
+    return split_forward, (split_backward if backward is not None else None)
