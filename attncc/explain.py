@@ -115,6 +115,9 @@ def format_text(d: dict) -> str:
         f"  backend     {d['backend']}",
         *([f"  residue     by class modulo {d['residue']}: each class's rows and keys as strided views, where a "
            f"class holds enough rows (the tiles below are those of a whole call)"] if d.get("residue") is not None else []),
+        *([f"  columns     {d['columns']} apart: the rest over every key, the columns over their keys as a strided "
+           f"view, merged by the LSE, where a call holds enough rows (the tiles below are those of a whole call)"]
+          if d.get("columns") is not None else []),
         f"  tiles       {total}: {t['empty']} empty, {t['full']} full, {t['partial']} partial",
         f"  density     {d['density']:.6f}  ({d['allowed_pairs']} of {d['pairs']} pairs)",
         f"  FLOPs       {_si(d['flops'], 'FLOP')} useful, {_si(d['visited_flops'], 'FLOP')} visited, "

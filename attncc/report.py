@@ -459,9 +459,11 @@ def explain_data(plan: Plan, *, n_q: int, n_k: int, block_m: int = 128, block_n:
         list_bytes = INDEX_BYTES * numbers["grids"] * nqb * (2 + 2 * nkb)
     flops_per_pair = 2.0 * (head_dim + value_dim)  # q·k and p·v
 
-    from attncc.analysis.residue import residue_split
+    from attncc.analysis.residue import column_split, residue_split
 
-    split = residue_split(pattern) if plan.iteration is Iteration.BLOCK_LIST and not plan.dynamic else None
+    lists = plan.iteration is Iteration.BLOCK_LIST and not plan.dynamic
+    split = residue_split(pattern) if lists else None
+    columns = column_split(pattern) if lists and split is None else None
     return {
         "pattern": pattern.name,
         "source": pattern.source,
@@ -469,6 +471,8 @@ def explain_data(plan: Plan, *, n_q: int, n_k: int, block_m: int = 128, block_n:
         "dynamic": plan.dynamic,
         # the modulus of the residue classes a call of the module runs by (None: calls run whole)
         "residue": None if split is None else split.modulus,
+        # the summary columns a call of the module runs apart (None: none)
+        "columns": None if columns is None else f"j % {columns.modulus} == {columns.residue}",
         "n_q": n_q, "n_k": n_k, "block_m": block_m, "block_n": block_n, "head_dim": head_dim,
         "value_dim": value_dim, "spec_head_dims": list(pattern.head_dims), "dtype": dtype, "element_bytes": element,
         "batch": batch, "heads": heads, "heads_kv": heads_kv, "params": params,

@@ -232,3 +232,13 @@ def test_column_split_analysis():
                  '[mask]\nwhere = "i % 5 == 1 or i - j < 3"\n',  # rows, not columns
                  '[mask]\nwhere = "j % 1 == 0 or i - j < 3"\n'):  # one class
         assert column_split(parse_spec(text)) is None, text
+
+
+def test_explain_names_the_split():
+    from attncc.analysis import analyze
+    from attncc.report import explain_data
+
+    assert explain_data(analyze(pattern("dilated")), n_q=256, n_k=256)["residue"] == "dilation"
+    assert explain_data(analyze(pattern("strided")), n_q=256, n_k=256)["columns"] == "j % stride == stride - 1"
+    causal = explain_data(analyze(pattern("causal")), n_q=256, n_k=256)
+    assert causal["residue"] is None and causal["columns"] is None
