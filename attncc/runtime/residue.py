@@ -30,19 +30,24 @@ class _Class:
     nk: int  # its key rows
 
 
-def min_rows() -> int:
-    """Rows per class below which a call runs whole (``ATTNCC_RESIDUE_MIN_ROWS``, default 128:
-    a class should fill at least one tile of the kernels)."""
-    text = env("ATTNCC_RESIDUE_MIN_ROWS")
+def _rows_setting(name: str, default: int) -> int:
+    """The int >= 0 in environment variable ``name`` (``default`` when unset)."""
+    text = env(name)
     if text is None:
-        return 128
+        return default
     try:
         value = int(text)
     except ValueError:
         value = -1
     if value < 0:
-        raise ValueError(f"ATTNCC_RESIDUE_MIN_ROWS must be an int >= 0, got {text!r}")
+        raise ValueError(f"{name} must be an int >= 0, got {text!r}")
     return value
+
+
+def min_rows() -> int:
+    """Rows per class below which a call runs whole (``ATTNCC_RESIDUE_MIN_ROWS``, default 128:
+    a class should fill at least one tile of the kernels)."""
+    return _rows_setting("ATTNCC_RESIDUE_MIN_ROWS", 128)
 
 
 def classes(call, modulus: Union[str, int]) -> Optional[List[_Class]]:
@@ -122,16 +127,7 @@ SK, CK2, PART = "_cs_sk", "_cs_ck", "_cs_part"  # attncc.analysis.residue.COLUMN
 def column_min_rows() -> int:
     """Query and key rows below which a call with summary columns runs whole
     (``ATTNCC_COLUMN_MIN_ROWS``, default 1024: two calls and a merge cost more than they save below)."""
-    text = env("ATTNCC_COLUMN_MIN_ROWS")
-    if text is None:
-        return 1024
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise ValueError(f"ATTNCC_COLUMN_MIN_ROWS must be an int >= 0, got {text!r}")
-    return value
+    return _rows_setting("ATTNCC_COLUMN_MIN_ROWS", 1024)
 
 
 def _value(call, x: Union[str, int]) -> int:
