@@ -47,28 +47,26 @@ SPECS = {
 }
 
 
-@pytest.mark.parametrize("seed", range(8))
-def test_split_equals_reference(seed, split_calls, tmp_path):
+def _random_call_against_reference(specs: dict, seed: int, offsets: bool) -> None:
+    """One seeded call of one of ``specs`` (name: (text, params drawn from a Random)): odd lengths,
+    Nq != Nk, GQA, offsets; o, the LSE and the gradients of q, k, v (through o and the LSE) against
+    the float64 reference."""
     rng = random.Random(seed)
-    name = sorted(SPECS)[seed % len(SPECS)]
-    text, draw = SPECS[name]
-    mod = attncc.compile(text)
-    p = parse_spec(text)
+    text, draw = specs[sorted(specs)[seed % len(specs)]]
+    mod, p = attncc.compile(text), parse_spec(text)
     Nq, Nk = rng.randint(1, 60), rng.randint(1, 60)
-    qo, ko = rng.randint(0, 12), rng.randint(0, 12)
     kw = draw(rng)
     heads = rng.choice([(2, 2), (4, 2), (3, 1)])
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(rng.randint(1, 2), heads[0], Nq, 16, generator=gen, requires_grad=True)
     k, v = (torch.randn(q.shape[0], heads[1], Nk, 16, generator=gen, requires_grad=True) for _ in range(2))
-    extra = {} if name == "bottom_right" else {"q_offset": qo, "k_offset": ko}
+    extra = {"q_offset": rng.randint(0, 12), "k_offset": rng.randint(0, 12)} if offsets else {}
     o, lse = mod.attention(q, k, v, return_lse=True, **extra, **kw)
     do = torch.randn(o.shape, generator=gen)
-    grads = torch.autograd.grad((o * do).sum(), (q, k, v))
+    grads = torch.autograd.grad((o * do).sum() + lse.masked_fill(lse.isinf(), 0).sum(), (q, k, v))
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ref, ref_lse = attncc.reference(p, *leaves, return_lse=True, **extra, **kw)
-    want = torch.autograd.grad((ref * do.double()).sum(), leaves)
-    assert split_calls and len(split_calls) % 2 == 0  # the classes with pairs, forward and backward
+    want = torch.autograd.grad((ref * do.double()).sum() + ref_lse.masked_fill(ref_lse.isinf(), 0).sum(), leaves)
     assert rel_err(o, ref) < 1e-4
     finite = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse), finite)
@@ -76,6 +74,13 @@ def test_split_equals_reference(seed, split_calls, tmp_path):
         assert float((lse.double()[finite] - ref_lse[finite]).abs().max()) < 1e-4
     for label, got, w in zip("qkv", grads, want):  # (a row with one key has dq = 0)
         torch.testing.assert_close(got.double(), w, rtol=1e-4, atol=1e-5, msg=lambda e: f"d{label}: {e}")
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_split_equals_reference(seed, split_calls):
+    # (the bottom-right spec aligns by n_q, n_k: offsets only on the others)
+    _random_call_against_reference(SPECS, seed, offsets=sorted(SPECS)[seed % len(SPECS)] != "bottom_right")
+    assert split_calls and len(split_calls) % 2 == 0  # the classes with pairs, forward and backward
 
 
 def test_dilated_spec_half_precision_and_param_overrides(split_calls):
@@ -174,33 +179,8 @@ def column_calls(monkeypatch):
 
 @pytest.mark.parametrize("seed", range(6))
 def test_column_split_equals_reference(seed, column_calls):
-    rng = random.Random(1000 + seed)
-    name = sorted(COLUMN_SPECS)[seed % len(COLUMN_SPECS)]
-    text, draw = COLUMN_SPECS[name]
-    mod = attncc.compile(text)
-    p = parse_spec(text)
-    Nq, Nk = rng.randint(1, 60), rng.randint(1, 60)
-    kw = draw(rng)
-    heads = rng.choice([(2, 2), (4, 2), (3, 1)])
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(rng.randint(1, 2), heads[0], Nq, 16, generator=gen, requires_grad=True)
-    k, v = (torch.randn(q.shape[0], heads[1], Nk, 16, generator=gen, requires_grad=True) for _ in range(2))
-    extra = {"q_offset": rng.randint(0, 12), "k_offset": rng.randint(0, 12)}
-    o, lse = mod.attention(q, k, v, return_lse=True, **extra, **kw)
-    do = torch.randn(o.shape, generator=gen)
-    loss = (o * do).sum() + lse.masked_fill(lse.isinf(), 0).sum()  # the LSE's gradient through both parts
-    grads = torch.autograd.grad(loss, (q, k, v))
-    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ref, ref_lse = attncc.reference(p, *leaves, return_lse=True, **extra, **kw)
-    want = torch.autograd.grad((ref * do.double()).sum() + ref_lse.masked_fill(ref_lse.isinf(), 0).sum(), leaves)
+    _random_call_against_reference(COLUMN_SPECS, 1000 + seed, offsets=True)
     assert column_calls and all(column_calls)  # forward and backward, split
-    assert rel_err(o, ref) < 1e-4
-    finite = torch.isfinite(ref_lse)
-    assert torch.equal(torch.isfinite(lse), finite)
-    if finite.any():
-        assert float((lse.double()[finite] - ref_lse[finite]).abs().max()) < 1e-4
-    for label, got, w in zip("qkv", grads, want):
-        torch.testing.assert_close(got.double(), w, rtol=1e-4, atol=1e-5, msg=lambda e: f"d{label}: {e}")
 
 
 def test_column_split_only_where_it_pays(column_calls, monkeypatch):
