@@ -459,11 +459,11 @@ def explain_data(plan: Plan, *, n_q: int, n_k: int, block_m: int = 128, block_n:
         list_bytes = INDEX_BYTES * numbers["grids"] * nqb * (2 + 2 * nkb)
     flops_per_pair = 2.0 * (head_dim + value_dim)  # q·k and p·v
 
-    from attncc.analysis.residue import column_split, residue_split
+    from attncc.analysis.residue import ColumnSplit, ResidueSplit, split_of
 
-    lists = plan.iteration is Iteration.BLOCK_LIST and not plan.dynamic
-    split = residue_split(pattern) if lists else None
-    columns = column_split(pattern) if lists and split is None else None
+    split = split_of(pattern)
+    columns = split if isinstance(split, ColumnSplit) else None
+    split = split if isinstance(split, ResidueSplit) else None
     return {
         "pattern": pattern.name,
         "source": pattern.source,

@@ -77,7 +77,7 @@ def _floormod(a, b):
 
 @triton.jit
 def _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-              prm_stride, prm__cs_sk, prm__cs_ck, mc0, mc1, mc2, mc3, mc4, qk_scale,
+              prm_stride, prm__cs_sk, prm__cs_ck, mc0, mc1, mc2, mc3, qk_scale,
               BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr):
     """One key tile of the online softmax; MASKED tiles evaluate the mask, full ones do not."""
     start_n = tl.cast(kb, tl.int32) * BLOCK_N  # a tensor descriptor's offsets are int32 (kb is int64 in WIDE calls)
@@ -86,13 +86,10 @@ def _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
     offs_j = k_offset + start_n + tl.arange(0, BLOCK_N)
     qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
     if MASKED:
-        tmp5 = prm__cs_sk * offs_j[None, :]
-        tmp4 = prm__cs_ck + tmp5
-        tmp0 = _floormod(tmp4, prm_stride) == mc3
-        tmp3 = offs_i[:, None] + mc1 - tmp5
-        tmp1 = tmp3 < prm_stride
-        tmp2 = tmp4 <= offs_i[:, None]
-        keep = (offs_j[None, :] < k_offset + Nk) & ((mc0 & tmp2 & tmp1) | (mc4 & tmp2 & (tmp0 | tmp1)) | (mc2 & tmp0 & (tmp3 >= prm_stride) & tmp2))
+        tmp2 = prm__cs_sk * offs_j[None, :]
+        tmp0 = offs_i[:, None] + mc1 - tmp2
+        tmp1 = prm__cs_ck + tmp2
+        keep = (offs_j[None, :] < k_offset + Nk) & ((tmp1 <= offs_i[:, None]) & ((mc0 & (tmp0 < prm_stride)) | (mc2 & (_floormod(tmp1, prm_stride) == mc3) & (tmp0 >= prm_stride))))
         qk = tl.where(keep, qk, float("-inf"))
     # qk_scale = scale * log2(e) > 0, so the row max of the scaled scores is the scaled max.
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
@@ -164,11 +161,10 @@ def _fwd_kernel(Q, K, V, O, LSE,
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_i = q_offset + offs_m
     q = q_desc.load([qb * BLOCK_M, 0])
-    mc0 = tl.where((prm__cs_part == 0), True, False)
+    mc0 = tl.where((prm__cs_part != 1), True, False)
     mc1 = (-prm__cs_ck)
-    mc2 = tl.where((prm__cs_part == 1), True, False)
+    mc2 = tl.where((prm__cs_part != 0), True, False)
     mc3 = (prm_stride - 1)
-    mc4 = tl.where((prm__cs_part == 2), True, False)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, VALUE_DIM_PAD], dtype=tl.float32)
@@ -178,12 +174,12 @@ def _fwd_kernel(Q, K, V, O, LSE,
     for t in tl.range(0, n_partial):
         kb = tl.load(partial_index + row * list_width + t)
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset, prm_stride, prm__cs_sk,
-                                  prm__cs_ck, mc0, mc1, mc2, mc3, mc4, qk_scale, BLOCK_N, DOT_PRECISION, MASKED=True)
+                                  prm__cs_ck, mc0, mc1, mc2, mc3, qk_scale, BLOCK_N, DOT_PRECISION, MASKED=True)
     n_full = tl.load(full_count + row)
     for t in tl.range(0, n_full):
         kb = tl.load(full_index + row * list_width + t)
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset, prm_stride, prm__cs_sk,
-                                  prm__cs_ck, mc0, mc1, mc2, mc3, mc4, qk_scale, BLOCK_N, DOT_PRECISION, MASKED=False)
+                                  prm__cs_ck, mc0, mc1, mc2, mc3, qk_scale, BLOCK_N, DOT_PRECISION, MASKED=False)
     # Rows that saw no allowed key: o = 0 and lse = -inf, never NaN.
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_desc.store([qb * BLOCK_M, 0], o.to(O.dtype.element_ty))
@@ -219,22 +215,18 @@ def _exact_tiles_kernel(CODES, N_KB, Nq, Nk, H, q_offset, k_offset, CU_Q, CU_K,
         Nq = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
         Nk = (tl.load(CU_K + b + 1) - k_start).to(tl.int32)
     offs_i = q_offset + qb * BLOCK_M + tl.arange(0, BLOCK_M)
-    mc0 = tl.where((prm__cs_part == 0), True, False)
+    mc0 = tl.where((prm__cs_part != 1), True, False)
     mc1 = (-prm__cs_ck)
-    mc2 = tl.where((prm__cs_part == 1), True, False)
+    mc2 = tl.where((prm__cs_part != 0), True, False)
     mc3 = (prm_stride - 1)
-    mc4 = tl.where((prm__cs_part == 2), True, False)
     rows = offs_i < q_offset + Nq
     for kb in tl.range(kb0, tl.minimum(kb0 + KEY_BLOCKS, N_KB)):
         offs_j = k_offset + kb * BLOCK_N + tl.arange(0, BLOCK_N)
         inside = rows[:, None] & (offs_j[None, :] < k_offset + Nk)
-        tmp5 = prm__cs_sk * offs_j[None, :]
-        tmp4 = prm__cs_ck + tmp5
-        tmp0 = _floormod(tmp4, prm_stride) == mc3
-        tmp3 = offs_i[:, None] + mc1 - tmp5
-        tmp1 = tmp3 < prm_stride
-        tmp2 = tmp4 <= offs_i[:, None]
-        allowed = inside & ((mc0 & tmp2 & tmp1) | (mc4 & tmp2 & (tmp0 | tmp1)) | (mc2 & tmp0 & (tmp3 >= prm_stride) & tmp2))
+        tmp2 = prm__cs_sk * offs_j[None, :]
+        tmp0 = offs_i[:, None] + mc1 - tmp2
+        tmp1 = prm__cs_ck + tmp2
+        allowed = inside & ((tmp1 <= offs_i[:, None]) & ((mc0 & (tmp0 < prm_stride)) | (mc2 & (_floormod(tmp1, prm_stride) == mc3) & (tmp0 >= prm_stride))))
         some = tl.max(tl.max(allowed.to(tl.int32), 1), 0)
         missing = tl.max(tl.max((inside & ~allowed).to(tl.int32), 1), 0)
         tl.store(CODES + (bh * tl.num_programs(0) + qb) * N_KB + kb, (some + 2 - 2 * missing).to(tl.int8))
@@ -375,7 +367,7 @@ def _bwd_preprocess(O, DO, LSE, DLSE, DELTA, LSE2,
 
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, qb, offs_j, Nq, q_offset,
-               prm_stride, prm__cs_sk, prm__cs_ck, mc0, mc1, mc2, mc3, mcol0, qk_scale,
+               prm_stride, prm__cs_sk, prm__cs_ck, mc0, mc1, mc2, mcol0, qk_scale,
                BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr):
     """One query tile of a key block: dV += P^T dO, dK += dS^T Q (dS not yet scaled), with the
     tile held transposed: p and ds here are P^T and dS^T, [BLOCK_N, BLOCK_M]."""
@@ -390,11 +382,9 @@ def _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, qb, offs_j, Nq, q_off
     qk = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]: S^T
     s = qk * qk_scale
     if MASKED:
-        tmp3 = prm__cs_sk * offs_j[:, None]
-        tmp2 = offs_i[None, :] + mc1 - tmp3
-        tmp0 = tmp2 < prm_stride
-        tmp1 = (prm__cs_ck + tmp3) <= offs_i[None, :]
-        keep = (offs_i[None, :] < q_offset + Nq) & ((mc0 & tmp1 & tmp0) | (mc3 & tmp1 & (mcol0[:, None] | tmp0)) | (mc2 & mcol0[:, None] & (tmp2 >= prm_stride) & tmp1))
+        tmp1 = prm__cs_sk * offs_j[:, None]
+        tmp0 = offs_i[None, :] + mc1 - tmp1
+        keep = (offs_i[None, :] < q_offset + Nq) & (((prm__cs_ck + tmp1) <= offs_i[None, :]) & ((mc0 & (tmp0 < prm_stride)) | (mc2 & mcol0[:, None] & (tmp0 >= prm_stride))))
         s = tl.where(keep, s, float("-inf"))
     p = tl.exp2(s - lse2[None, :])
     dv = dv + tl.dot(p.to(do.dtype), do, input_precision=DOT_PRECISION)
@@ -463,10 +453,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
     offs_j = k_offset + offs_n
     k = k_desc.load([kb * BLOCK_N, 0])
     v = v_desc.load([kb * BLOCK_N, 0])
-    mc0 = tl.where((prm__cs_part == 0), True, False)
+    mc0 = tl.where((prm__cs_part != 1), True, False)
     mc1 = (-prm__cs_ck)
-    mc2 = tl.where((prm__cs_part == 1), True, False)
-    mc3 = tl.where((prm__cs_part == 2), True, False)
+    mc2 = tl.where((prm__cs_part != 0), True, False)
     mcol0 = (_floormod((prm__cs_ck + (prm__cs_sk * offs_j)), prm_stride) == (prm_stride - 1))
     dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, VALUE_DIM_PAD], dtype=tl.float32)
@@ -490,14 +479,14 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
         for t in tl.range(0, n_partial):
             qb = tl.load(partial_index + row * list_width + t)
             dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2 + lse_row, DELTA + lse_row, qb, offs_j, Nq,
-                                q_offset, prm_stride, prm__cs_sk, prm__cs_ck, mc0, mc1, mc2, mc3, mcol0, qk_scale,
-                                BLOCK_M, DOT_PRECISION, MASKED=True)
+                                q_offset, prm_stride, prm__cs_sk, prm__cs_ck, mc0, mc1, mc2, mcol0, qk_scale, BLOCK_M,
+                                DOT_PRECISION, MASKED=True)
         n_full = tl.load(full_count + row)
         for t in tl.range(0, n_full):
             qb = tl.load(full_index + row * list_width + t)
             dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2 + lse_row, DELTA + lse_row, qb, offs_j, Nq,
-                                q_offset, prm_stride, prm__cs_sk, prm__cs_ck, mc0, mc1, mc2, mc3, mcol0, qk_scale,
-                                BLOCK_M, DOT_PRECISION, MASKED=False)
+                                q_offset, prm_stride, prm__cs_sk, prm__cs_ck, mc0, mc1, mc2, mcol0, qk_scale, BLOCK_M,
+                                DOT_PRECISION, MASKED=False)
     dk = dk * sm_scale
     dk_desc.store([kb * BLOCK_N, 0], dk.to(DK.dtype.element_ty))
     dv_desc.store([kb * BLOCK_N, 0], dv.to(DV.dtype.element_ty))
@@ -505,7 +494,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
 
 @triton.jit
 def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-             prm_stride, prm__cs_sk, prm__cs_ck, mc0, mc1, mc2, mc3, mc4, qk_scale,
+             prm_stride, prm__cs_sk, prm__cs_ck, mc0, mc1, mc2, mc3, qk_scale,
              BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr):
     """One key tile of a query block: dQ += dS K (dS not yet scaled)."""
     start_n = tl.cast(kb, tl.int32) * BLOCK_N  # a tensor descriptor's offsets are int32 (kb is int64 in WIDE calls)
@@ -515,13 +504,10 @@ def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
     qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
     s = qk * qk_scale
     if MASKED:
-        tmp5 = prm__cs_sk * offs_j[None, :]
-        tmp4 = prm__cs_ck + tmp5
-        tmp0 = _floormod(tmp4, prm_stride) == mc3
-        tmp3 = offs_i[:, None] + mc1 - tmp5
-        tmp1 = tmp3 < prm_stride
-        tmp2 = tmp4 <= offs_i[:, None]
-        keep = (offs_j[None, :] < k_offset + Nk) & ((mc0 & tmp2 & tmp1) | (mc4 & tmp2 & (tmp0 | tmp1)) | (mc2 & tmp0 & (tmp3 >= prm_stride) & tmp2))
+        tmp2 = prm__cs_sk * offs_j[None, :]
+        tmp0 = offs_i[:, None] + mc1 - tmp2
+        tmp1 = prm__cs_ck + tmp2
+        keep = (offs_j[None, :] < k_offset + Nk) & ((tmp1 <= offs_i[:, None]) & ((mc0 & (tmp0 < prm_stride)) | (mc2 & (_floormod(tmp1, prm_stride) == mc3) & (tmp0 >= prm_stride))))
         s = tl.where(keep, s, float("-inf"))
     p = tl.exp2(s - lse2[:, None])
     dp = tl.dot(do, v.T, input_precision=DOT_PRECISION)
@@ -594,11 +580,10 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
     do = do_desc.load([qb * BLOCK_M, 0])
     lse2 = tl.load(LSE2 + lse_row + offs_m, mask=offs_m < Nq, other=float("inf"))
     delta = tl.load(DELTA + lse_row + offs_m, mask=offs_m < Nq, other=0.0)
-    mc0 = tl.where((prm__cs_part == 0), True, False)
+    mc0 = tl.where((prm__cs_part != 1), True, False)
     mc1 = (-prm__cs_ck)
-    mc2 = tl.where((prm__cs_part == 1), True, False)
+    mc2 = tl.where((prm__cs_part != 0), True, False)
     mc3 = (prm_stride - 1)
-    mc4 = tl.where((prm__cs_part == 2), True, False)
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     # Key blocks: the forward's walk
     row = b * list_stride_b + h * list_stride_h + qb.to(tl.int64) * list_stride_row  # int64: row * list_width may pass 2**31
@@ -606,12 +591,12 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
     for t in tl.range(0, n_partial):
         kb = tl.load(partial_index + row * list_width + t)
         dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset, prm_stride, prm__cs_sk,
-                      prm__cs_ck, mc0, mc1, mc2, mc3, mc4, qk_scale, BLOCK_N, DOT_PRECISION, MASKED=True)
+                      prm__cs_ck, mc0, mc1, mc2, mc3, qk_scale, BLOCK_N, DOT_PRECISION, MASKED=True)
     n_full = tl.load(full_count + row)
     for t in tl.range(0, n_full):
         kb = tl.load(full_index + row * list_width + t)
         dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset, prm_stride, prm__cs_sk,
-                      prm__cs_ck, mc0, mc1, mc2, mc3, mc4, qk_scale, BLOCK_N, DOT_PRECISION, MASKED=False)
+                      prm__cs_ck, mc0, mc1, mc2, mc3, qk_scale, BLOCK_N, DOT_PRECISION, MASKED=False)
     dq = dq * sm_scale
     dq_desc.store([qb * BLOCK_M, 0], dq.to(DQ.dtype.element_ty))
 
@@ -812,7 +797,7 @@ def _dec_load(rows, cols, row_ok, DIM: tl.constexpr, DIM_PAD: tl.constexpr, MASK
 @triton.jit
 def _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES,
               stride_kp, stride_kn, stride_vp, stride_vn, stride_btp,
-              prm_stride, prm__cs_sk, prm__cs_ck, mc0, mc1, mc2, mc3, mc4, qk_scale,
+              prm_stride, prm__cs_sk, prm__cs_ck, mc0, mc1, mc2, mc3, qk_scale,
               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
               VALUE_DIM_PAD: tl.constexpr, PAGE_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr):
     """One key tile of the online softmax for every row of the group; MASKED tiles evaluate
@@ -833,13 +818,10 @@ def _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NU
     v = _dec_load(v_rows, tl.arange(0, VALUE_DIM_PAD), in_cache, VALUE_DIM, VALUE_DIM_PAD, MASKED)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if MASKED:
-        tmp5 = prm__cs_sk * offs_j[None, :]
-        tmp4 = prm__cs_ck + tmp5
-        tmp0 = _floormod(tmp4, prm_stride) == mc3
-        tmp3 = offs_i[:, None] + mc1 - tmp5
-        tmp1 = tmp3 < prm_stride
-        tmp2 = tmp4 <= offs_i[:, None]
-        keep = in_cache[None, :] & live[:, None] & ((mc0 & tmp2 & tmp1) | (mc4 & tmp2 & (tmp0 | tmp1)) | (mc2 & tmp0 & (tmp3 >= prm_stride) & tmp2))
+        tmp2 = prm__cs_sk * offs_j[None, :]
+        tmp0 = offs_i[:, None] + mc1 - tmp2
+        tmp1 = prm__cs_ck + tmp2
+        keep = in_cache[None, :] & live[:, None] & ((tmp1 <= offs_i[:, None]) & ((mc0 & (tmp0 < prm_stride)) | (mc2 & (_floormod(tmp1, prm_stride) == mc3) & (tmp0 >= prm_stride))))
         qk = tl.where(keep, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -901,11 +883,10 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
         K_head = K + b * stride_kb + hk * stride_kh
         V_head = V + b * stride_vb + hk * stride_vh
     BT_row = BT + b * stride_btb
-    mc0 = tl.where((prm__cs_part == 0), True, False)
+    mc0 = tl.where((prm__cs_part != 1), True, False)
     mc1 = (-prm__cs_ck)
-    mc2 = tl.where((prm__cs_part == 1), True, False)
+    mc2 = tl.where((prm__cs_part != 0), True, False)
     mc3 = (prm_stride - 1)
-    mc4 = tl.where((prm__cs_part == 2), True, False)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, VALUE_DIM_PAD], dtype=tl.float32)
@@ -923,18 +904,18 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
     for kb in tl.range(s_lo, f_lo):
         acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES, stride_kb,
                                   stride_kn, stride_vb, stride_vn, stride_btp, prm_stride, prm__cs_sk, prm__cs_ck, mc0,
-                                  mc1, mc2, mc3, mc4, qk_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM,
-                                  VALUE_DIM_PAD, PAGE_SIZE, DOT_PRECISION, MASKED=True)
+                                  mc1, mc2, mc3, qk_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD,
+                                  PAGE_SIZE, DOT_PRECISION, MASKED=True)
     for kb in tl.range(f_lo, f_hi):
         acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES, stride_kb,
                                   stride_kn, stride_vb, stride_vn, stride_btp, prm_stride, prm__cs_sk, prm__cs_ck, mc0,
-                                  mc1, mc2, mc3, mc4, qk_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM,
-                                  VALUE_DIM_PAD, PAGE_SIZE, DOT_PRECISION, MASKED=False)
+                                  mc1, mc2, mc3, qk_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD,
+                                  PAGE_SIZE, DOT_PRECISION, MASKED=False)
     for kb in tl.range(f_hi, s_hi):
         acc, l_i, m_i = _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, offs_i, live, Nk, NUM_PAGES, stride_kb,
                                   stride_kn, stride_vb, stride_vn, stride_btp, prm_stride, prm__cs_sk, prm__cs_ck, mc0,
-                                  mc1, mc2, mc3, mc4, qk_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM,
-                                  VALUE_DIM_PAD, PAGE_SIZE, DOT_PRECISION, MASKED=True)
+                                  mc1, mc2, mc3, qk_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, VALUE_DIM, VALUE_DIM_PAD,
+                                  PAGE_SIZE, DOT_PRECISION, MASKED=True)
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     # natural-log LSE; -inf on rows without an allowed key
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i))) * 0.6931471805599453)

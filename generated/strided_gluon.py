@@ -27,6 +27,9 @@ PARAMS = ("stride", "_cs_sk", "_cs_ck", "_cs_part")  # pattern_args(call), unpac
 # The walk reads block lists (attncc.runtime.blocks) of the kernel's tiles, which the host passes to
 # pattern_args; block() maps a walk position to its key block.
 LISTS = True
+# Keys per block at most (attncc.runtime.backend narrows the tiles): the mask or score does integer
+# work per pair of a tile, whose registers a 128-key tile would spill.
+BLOCK_N = 64
 # Approximate special functions (tanh.approx): the Gluon kernels take 16-bit inputs only, on a GPU.
 FAST_MATH = gl.constexpr(True)
 
@@ -90,13 +93,10 @@ def mask(i, j, n_q, n_k, ctx):
     """Which pairs of a partial block the pattern allows (i [BLOCK_M, 1], j [1, BLOCK_N])."""
     (b, h, H, q_last, prm_stride, prm__cs_sk, prm__cs_ck, prm__cs_part, full_count, full_index, partial_count,
      partial_index, list_stride_b, list_stride_h, list_width, list_q_offset, list_block_m) = ctx
-    tmp5 = prm__cs_sk * j
-    tmp4 = prm__cs_ck + tmp5
-    tmp0 = _floormod(tmp4, prm_stride) == (prm_stride - 1)
-    tmp3 = i - prm__cs_ck - tmp5
-    tmp1 = tmp3 < prm_stride
-    tmp2 = tmp4 <= i
-    return (((prm__cs_part == 0) & tmp2 & tmp1) | ((prm__cs_part == 2) & tmp2 & (tmp0 | tmp1)) | ((prm__cs_part == 1) & tmp0 & (tmp3 >= prm_stride) & tmp2))
+    tmp2 = prm__cs_sk * j
+    tmp0 = i - prm__cs_ck - tmp2
+    tmp1 = prm__cs_ck + tmp2
+    return ((tmp1 <= i) & (((tmp0 < prm_stride) & (prm__cs_part != 1)) | ((_floormod(tmp1, prm_stride) == (prm_stride - 1)) & (tmp0 >= prm_stride) & (prm__cs_part != 0))))
 
 
 score = None  # the plain scaled dot product: the kernels fold the scale into exp2

@@ -68,7 +68,7 @@ def test_each_spec_keeps_the_tl_backward_and_says_why(name):
 
     from attncc.analysis.builtin import gluon_fit
     from attncc.analysis.plan import analyze
-    from attncc.analysis.residue import residue_split
+    from attncc.analysis.residue import split_of
     from attncc.report import backend_text
 
     plan = analyze(pattern(name))
@@ -77,7 +77,7 @@ def test_each_spec_keeps_the_tl_backward_and_says_why(name):
     mod = module(name)
     frag = mod.SPEC.gluon_fragments.load()
     # (a module run by residue classes has its kernels' pattern: attncc.analysis.residue)
-    split = residue_split(pattern(name))
+    split = split_of(pattern(name))  # (residue classes, summary columns: attncc.analysis.residue)
     kernels = gluon_fit(analyze(split.pattern)) if split is not None else got
     assert frag.BACKWARD_REASON == kernels.backward_reason and frag.QSEGMENTS == 0
     assert frag.qwalk is None and frag.qmask is None and not frag.backward_exact(None)

@@ -154,9 +154,9 @@ def column_split(pattern: Pattern) -> Optional[ColumnSplit]:
             rest = sympy.Or(*(union.args[:k] + union.args[k + 1:]))
             sk, ck, part = (sympy.Symbol(name, integer=True) for name in COLUMN_HIDDEN)
             at = {S.j: sk * S.j + ck}
-            parts = sympy.Or(sympy.And(sympy.Eq(part, WHOLE), mask),
-                             sympy.And(sympy.Eq(part, 0), *common, rest),
-                             sympy.And(sympy.Eq(part, 1), *common, clause, sympy.Not(rest)))
+            # C and (X or Y) at part 2, C and X at 0, C and Y and not X at 1: C, X and Y written once
+            parts = sympy.And(*common, sympy.Or(sympy.And(sympy.Ne(part, 1), rest),
+                                                sympy.And(sympy.Ne(part, 0), clause, sympy.Not(rest))))
             hidden = tuple(Param(name, v, "int", hidden=True) for name, v in zip(COLUMN_HIDDEN, (1, 0, WHOLE)))
             split = pattern.replace(mask=parts.xreplace(at),
                                     bias=None if pattern.bias is None else pattern.bias.xreplace(at),
@@ -165,3 +165,15 @@ def column_split(pattern: Pattern) -> Optional[ColumnSplit]:
             m = found[0]
             return ColumnSplit(split, m.name if isinstance(m, sympy.Symbol) else int(m), found[1])
     return None
+
+
+def split_of(pattern: Pattern):
+    """The split a generated module of ``pattern`` runs its calls by (:class:`ResidueSplit`,
+    :class:`ColumnSplit`), or None: only where the walks are exact block lists of a static mask."""
+    from attncc.analysis.plan import analyze
+    from attncc.analysis.walks import Iteration
+
+    plan = analyze(pattern)
+    if plan.iteration is not Iteration.BLOCK_LIST or plan.dynamic:
+        return None
+    return residue_split(pattern) or column_split(pattern)

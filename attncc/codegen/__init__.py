@@ -107,16 +107,15 @@ def render_files(pattern: Pattern) -> Dict[str, str]:
 
     import sympy
 
-    from attncc.analysis.residue import column_split, residue_split
+    from attncc.analysis.residue import ColumnSplit, ResidueSplit, split_of
     from attncc.analysis.score import canonical_score
-    from attncc.analysis.walks import Iteration
 
     pattern = canonical_score(pattern)  # mod = "c * tanh(s / c)" renders as the built-in softcap
     check_divisors(pattern)
     plan = analyze(pattern)
-    lists = plan.iteration is Iteration.BLOCK_LIST and not plan.dynamic
-    split = residue_split(pattern) if lists else None
-    columns = column_split(pattern) if lists and split is None else None
+    split = split_of(pattern)
+    columns = split if isinstance(split, ColumnSplit) else None
+    split = split if isinstance(split, ResidueSplit) else None
     if split is not None:  # the kernels' positions go through the hidden params (attncc.analysis.residue)
         pattern, plan = split.pattern, analyze(split.pattern)
         common = dict(common, params=pattern.params, residue=split.modulus,

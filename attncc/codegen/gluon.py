@@ -126,6 +126,9 @@ def gluon_context(pattern: Pattern, plan) -> Optional[dict]:
         helpers |= printer.helpers
     score_lines = render_score(pattern, base, temps, helpers, gather=True)
     per_pair = pair_work([e for e in (mask_expr, pattern.bias, pattern.mod) if e is not None])
+    # the positions of a split call (attncc.analysis.residue) go through products with hidden params:
+    # strided's columns apart spilled 248 bytes on 128-key blocks at D = 128
+    per_pair = per_pair or any(p.hidden for p in params)
 
     bad = sorted(h for h in helpers if not (h in GLUON or h.startswith("_bucket_")))
     if bad:
