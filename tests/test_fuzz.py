@@ -112,13 +112,17 @@ def _without_heaviest_pair(pattern, q, k, v, **kw):
     return attncc.reference(dataclasses.replace(pattern, mask=mask), q, k, v, **kw)
 
 
+def _missing_pairs_reported(seeds, varlen: bool) -> None:
+    for seed in seeds:
+        failure = F.check_case(seed, backward=False, reference=_without_heaviest_pair, varlen=varlen)
+        assert failure is not None and failure.kind == "mismatch", f"seed {seed}: a missing pair went unnoticed"
+
+
 def test_a_pair_missing_from_the_mask_is_reported():
     """Against a reference whose mask lacks one pair, every case with an allowed pair fails."""
     seeds = _passing_float32_seeds(10, backward=False)
     assert len(seeds) == 10
-    for seed in seeds:
-        failure = F.check_case(seed, backward=False, reference=_without_heaviest_pair, varlen=False)
-        assert failure is not None and failure.kind == "mismatch", f"seed {seed}: a missing pair went unnoticed"
+    _missing_pairs_reported(seeds, varlen=False)
 
 
 def _all_rows_empty(seed, backward) -> bool:
@@ -133,17 +137,23 @@ def _all_rows_empty(seed, backward) -> bool:
     return not torch.isfinite(lse).any()
 
 
+def _steeper(pattern, q, k, v, **kw):
+    """The reference with 1% more gradient in its output (the same values)."""
+    o, lse = attncc.reference(pattern, q, k, v, **kw)
+    return o + 0.01 * (o - o.detach()), lse
+
+
+def _wrong_gradients_reported(seeds, varlen: bool) -> None:
+    for seed in seeds:
+        failure = F.check_case(seed, backward=True, reference=_steeper, varlen=varlen)
+        assert failure is not None and failure.what in ("dq", "dk", "dv"), f"seed {seed}: {failure}"
+
+
 def test_a_wrong_gradient_is_reported():
     """A reference whose output carries 1% more gradient (same values): every backward case fails."""
-    def steeper(pattern, q, k, v, **kw):
-        o, lse = attncc.reference(pattern, q, k, v, **kw)
-        return o + 0.01 * (o - o.detach()), lse
-
     seeds = _passing_float32_seeds(4, backward=True)
     assert len(seeds) == 4
-    for seed in seeds:
-        failure = F.check_case(seed, backward=True, reference=steeper, varlen=False)
-        assert failure is not None and failure.what in ("dq", "dk", "dv"), f"seed {seed}: {failure}"
+    _wrong_gradients_reported(seeds, varlen=False)
 
 
 def test_known_bug_tags_reach_the_failures():
@@ -240,21 +250,13 @@ def _packed_seeds(count: int, backward: bool, two_sequences: bool = False):
 def test_a_pair_missing_from_the_mask_is_reported_in_packed_calls():
     seeds = _packed_seeds(6, backward=False)
     assert len(seeds) == 6
-    for seed in seeds:
-        failure = F.check_case(seed, backward=False, reference=_without_heaviest_pair, varlen=True)
-        assert failure is not None and failure.kind == "mismatch", f"seed {seed}: a missing pair went unnoticed"
+    _missing_pairs_reported(seeds, varlen=True)
 
 
 def test_a_wrong_gradient_is_reported_in_packed_calls():
-    def steeper(pattern, q, k, v, **kw):
-        o, lse = attncc.reference(pattern, q, k, v, **kw)
-        return o + 0.01 * (o - o.detach()), lse
-
     seeds = _packed_seeds(3, backward=True)
     assert len(seeds) == 3
-    for seed in seeds:
-        failure = F.check_case(seed, backward=True, reference=steeper, varlen=True)
-        assert failure is not None and failure.what in ("dq", "dk", "dv"), f"seed {seed}: {failure}"
+    _wrong_gradients_reported(seeds, varlen=True)
 
 
 def test_sequence_boundaries_are_checked(monkeypatch):
