@@ -25,13 +25,13 @@ from typing import Optional
 
 import sympy
 
+from attncc.core.splits import COLUMN_PARAMS, RESIDUE_PARAMS
 from attncc.spec import symbols as S
 from attncc.spec.builtins import RandomBlocks
 from attncc.spec.ir import Param, Pattern
 
-# The hidden params (a spec's own names cannot start with "_", attncc.spec.load)
-STEP, CQ, CK = "_rs_step", "_rs_cq", "_rs_ck"
-HIDDEN = (STEP, CQ, CK)
+HIDDEN = tuple(name for name, _ in RESIDUE_PARAMS)  # the residue split's params (attncc.core.splits)
+COLUMN_HIDDEN = tuple(name for name, _ in COLUMN_PARAMS)
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,16 @@ def _splittable(pattern: Pattern) -> bool:
                 or any(e is not None and e.has(RandomBlocks) for e in (mask, pattern.bias, pattern.mod)))
 
 
+def _rewritten(pattern: Pattern, mask, positions: dict, hidden) -> Pattern:
+    """``pattern`` with ``mask``, its bias and mod read at ``positions`` ({i: ..., j: ...}) and the
+    hidden int params ``hidden`` ((name, default), ...) after its own."""
+    def at(e):
+        return None if e is None else e.xreplace(positions)
+
+    return pattern.replace(mask=at(mask), bias=at(pattern.bias), mod=at(pattern.mod),
+                           params=tuple(pattern.params) + tuple(Param(n, v, "int", hidden=True) for n, v in hidden))
+
+
 def residue_split(pattern: Pattern) -> Optional[ResidueSplit]:
     """The split of ``pattern`` by residue class (see the module doc), or None."""
     mask = pattern.mask
@@ -85,24 +95,12 @@ def residue_split(pattern: Pattern) -> Optional[ResidueSplit]:
         return None
     m = moduli[0]
     step, cq, ck = (sympy.Symbol(n, integer=True) for n in HIDDEN)
-    positions = {S.i: step * S.i + cq, S.j: step * S.j + ck}
-
-    def at(e):
-        return None if e is None else e.xreplace(positions)
-
-    hidden = tuple(Param(n, v, "int", hidden=True) for n, v in zip(HIDDEN, (1, 0, 0)))
-    split = pattern.replace(mask=at(mask), bias=at(pattern.bias), mod=at(pattern.mod),
-                    params=tuple(pattern.params) + hidden)
+    split = _rewritten(pattern, mask, {S.i: step * S.i + cq, S.j: step * S.j + ck}, RESIDUE_PARAMS)
     return ResidueSplit(split, m.name if isinstance(m, sympy.Symbol) else int(m))
 
 
 # --------------------------------------------------------------------------------------------
 # Columns of one residue class beside the rest: strided (Sparse Transformer) masks
-
-SK, CK2, PART = "_cs_sk", "_cs_ck", "_cs_part"
-COLUMN_HIDDEN = (SK, CK2, PART)
-WHOLE = 2  # the value of PART that computes the spec's own mask
-
 
 @dataclass(frozen=True)
 class ColumnSplit:
@@ -121,6 +119,12 @@ class ColumnSplit:
     modulus: object
     residue: sympy.Expr
 
+    @property
+    def terms(self):
+        """r as (its integer constant, the names of the int params it adds), as the runtime sums it."""
+        parts = sympy.Add.make_args(self.residue)
+        return int(sum(t for t in parts if t.is_Integer)), tuple(t.name for t in parts if not t.is_Integer)
+
 
 def _column_class(clause, int_params):
     """(m, r) of a conjunct ``Eq(Mod(j, m), r)`` of ``clause`` (r free of i, j), or None."""
@@ -129,7 +133,7 @@ def _column_class(clause, int_params):
             continue
         for lhs, rhs in (c.args, c.args[::-1]):
             if isinstance(lhs, sympy.Mod) and lhs.args[0] == S.j and not rhs.free_symbols - int_params \
-                    and (rhs.is_Integer or all(isinstance(a, (sympy.Symbol, sympy.Integer)) for a in sympy.Add.make_args(rhs))):
+                    and all(isinstance(a, (sympy.Symbol, sympy.Integer)) for a in sympy.Add.make_args(rhs)):
                 m = lhs.args[1]
                 if m in int_params or (m.is_Integer and m >= 2):
                     return m, rhs
@@ -153,15 +157,10 @@ def column_split(pattern: Pattern) -> Optional[ColumnSplit]:
                 continue
             rest = sympy.Or(*(union.args[:k] + union.args[k + 1:]))
             sk, ck, part = (sympy.Symbol(name, integer=True) for name in COLUMN_HIDDEN)
-            at = {S.j: sk * S.j + ck}
             # C and (X or Y) at part 2, C and X at 0, C and Y and not X at 1: C, X and Y written once
             parts = sympy.And(*common, sympy.Or(sympy.And(sympy.Ne(part, 1), rest),
                                                 sympy.And(sympy.Ne(part, 0), clause, sympy.Not(rest))))
-            hidden = tuple(Param(name, v, "int", hidden=True) for name, v in zip(COLUMN_HIDDEN, (1, 0, WHOLE)))
-            split = pattern.replace(mask=parts.xreplace(at),
-                                    bias=None if pattern.bias is None else pattern.bias.xreplace(at),
-                                    mod=None if pattern.mod is None else pattern.mod.xreplace(at),
-                                    params=tuple(pattern.params) + hidden)
+            split = _rewritten(pattern, parts, {S.j: sk * S.j + ck}, COLUMN_PARAMS)
             m = found[0]
             return ColumnSplit(split, m.name if isinstance(m, sympy.Symbol) else int(m), found[1])
     return None

@@ -105,8 +105,6 @@ def render_files(pattern: Pattern) -> Dict[str, str]:
     from attncc.codegen.printer import NotGluon, printed_integers
     from attncc.codegen.softmax import softmax_context
 
-    import sympy
-
     from attncc.analysis.residue import ColumnSplit, ResidueSplit, split_of
     from attncc.analysis.score import canonical_score
 
@@ -122,11 +120,8 @@ def render_files(pattern: Pattern) -> Dict[str, str]:
                       pattern_lines=common["pattern_lines"] + [f"residue classes modulo {split.modulus}: positions "
                                                                f"i -> _rs_step*i + _rs_cq, j -> _rs_step*j + _rs_ck"])
     elif columns is not None:  # the summary columns apart (attncc.analysis.residue.ColumnSplit)
-        terms = sympy.Add.make_args(columns.residue)
-        constant = int(sum(t for t in terms if t.is_Integer))
-        names = tuple(t.name for t in terms if not t.is_Integer)
         pattern, plan = columns.pattern, analyze(columns.pattern)
-        common = dict(common, params=pattern.params, columns=(columns.modulus, constant, names),
+        common = dict(common, params=pattern.params, columns=(columns.modulus, *columns.terms),
                       pattern_lines=common["pattern_lines"] + [
                           f"summary columns j % {columns.modulus} == {columns.residue} apart: _cs_part 0 the rest, "
                           f"1 the columns at j -> _cs_sk*j + _cs_ck, 2 the whole mask"])

@@ -242,7 +242,7 @@ def bind(spec: SpecInfo, q, k, v, *, return_lse=False, q_offset=0, k_offset=0, n
         converts = tuple((d.name, call.inputs[d.name].dtype if call.inputs[d.name] is not kwargs[d.name] else None)
                          for d in spec.inputs)
         # k, v of batch 1 that bind broadcast over q's batch: the next calls of the signature too
-        call.memo = {"converts": converts, "signature": key, "kv_batch": call.B if call.k is not k else None}
+        call.memo = {"converts": converts, "signature": key, "kv_broadcast": call.k is not k}
         # kept without tensors: the cache must not hold a call's memory
         slot[1][key] = call.replace(q=None, k=None, v=None, inputs={}, cu_seqlens_q=None, cu_seqlens_k=None)
     return call
@@ -329,7 +329,7 @@ def _rebind(bound: Call, q, k, v, kwargs, cu_q, cu_k) -> Call:
     fields = bound.__dict__.copy()
     fields["q"], fields["k"], fields["v"] = q, k, v
     memo = bound.memo
-    if memo["kv_batch"] is not None:
+    if memo["kv_broadcast"]:
         fields["k"], fields["v"] = broadcast_kv_batch(q, k, v)
     converts = memo["converts"]
     if converts:
@@ -731,7 +731,7 @@ def env(name: str, default: Optional[str] = None) -> Optional[str]:
 if _ENV_DATA is not None:  # the variables the runtime reads, keyed before any call is traced
     _ENV_KEYS.update((name, os.environ.encodekey(name)) for name in (
         "TRITON_INTERPRET", "ATTNCC_BACKEND", "ATTNCC_GLUON_BWD", "ATTNCC_FAST_LAUNCH", "ATTNCC_TUNE",
-        "ATTNCC_CACHE_DIR"))
+        "ATTNCC_CACHE_DIR", "ATTNCC_RESIDUE_MIN_ROWS", "ATTNCC_COLUMN_MIN_ROWS"))
 
 
 def raw_env_key(name: str):

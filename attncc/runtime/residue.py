@@ -15,9 +15,9 @@ from typing import Callable, List, Optional, Union
 
 import torch
 
+from attncc.core.splits import CK, CK2, CQ, PART, SK, STEP
 from attncc.runtime.call import env
 
-STEP, CQ, CK = "_rs_step", "_rs_cq", "_rs_ck"  # attncc.analysis.residue.HIDDEN
 MAX_CLASSES = 64  # more classes than this run whole (a launch per class)
 POSITION_LIMIT = 2**30  # the views' positions STEP * row + CQ stay far inside int32
 
@@ -50,14 +50,25 @@ def min_rows() -> int:
     return _rows_setting("ATTNCC_RESIDUE_MIN_ROWS", 128)
 
 
+def _split_modulus(call, modulus: Union[str, int], most: Optional[int]) -> Optional[int]:
+    """m (``modulus``: an int param's name or a literal) where the call may split: 2 <= m (<= ``most``),
+    not packed, positions below POSITION_LIMIT; else None."""
+    m = call.params[modulus] if isinstance(modulus, str) else modulus
+    if not isinstance(m, int) or isinstance(m, bool) or m < 2 or (most is not None and m > most) or call.varlen:
+        return None
+    return None if max(call.q_offset + call.Nq, call.k_offset + call.Nk) >= POSITION_LIMIT else m
+
+
+def _part_call(call, **changes):
+    """A part of ``call``: its own Call, with no signature memo (its sizes and params are not the
+    call's) and, where the call keeps things for its backward, a dict of its own."""
+    return call.replace(memo=None, for_backward=None if call.for_backward is None else {}, **changes)
+
+
 def classes(call, modulus: Union[str, int]) -> Optional[List[_Class]]:
     """The classes a call splits into, or None when it runs whole."""
-    m = call.params[modulus] if isinstance(modulus, str) else modulus
-    if not isinstance(m, int) or isinstance(m, bool) or not 2 <= m <= MAX_CLASSES or call.varlen:
-        return None
-    if max(call.q_offset + call.Nq, call.k_offset + call.Nk) >= POSITION_LIMIT:
-        return None
-    if min(call.Nq, call.Nk) < m * min_rows():
+    m = _split_modulus(call, modulus, MAX_CLASSES)
+    if m is None or min(call.Nq, call.Nk) < m * min_rows():
         return None
     out = []
     for c in range(m):
@@ -70,9 +81,8 @@ def _sub_call(call, part: _Class, m: int):
     """The call of one class: strided views of q, k, v at positions ``m * row + CQ`` / ``CK``."""
     params = dict(call.params)
     params[STEP], params[CQ], params[CK] = m, call.q_offset + part.rq, call.k_offset + part.rk
-    return call.replace(q=call.q[:, :, part.rq::m], k=call.k[:, :, part.rk::m], v=call.v[:, :, part.rk::m],
-                        Nq=part.nq, Nk=part.nk, q_offset=0, k_offset=0, params=params, memo=None,
-                        for_backward=None if call.for_backward is None else {})
+    return _part_call(call, q=call.q[:, :, part.rq::m], k=call.k[:, :, part.rk::m], v=call.v[:, :, part.rk::m],
+                      Nq=part.nq, Nk=part.nk, q_offset=0, k_offset=0, params=params)
 
 
 def split(forward: Callable, backward: Optional[Callable], modulus: Union[str, int]):
@@ -121,28 +131,17 @@ def split(forward: Callable, backward: Optional[Callable], modulus: Union[str, i
 # --------------------------------------------------------------------------------------------
 # Summary columns (attncc.analysis.residue.ColumnSplit)
 
-SK, CK2, PART = "_cs_sk", "_cs_ck", "_cs_part"  # attncc.analysis.residue.COLUMN_HIDDEN
-
-
 def column_min_rows() -> int:
     """Query and key rows below which a call with summary columns runs whole
     (``ATTNCC_COLUMN_MIN_ROWS``, default 1024: two calls and a merge cost more than they save below)."""
     return _rows_setting("ATTNCC_COLUMN_MIN_ROWS", 1024)
 
 
-def _value(call, x: Union[str, int]) -> int:
-    return call.params[x] if isinstance(x, str) else x
-
-
 def column_parts(call, modulus: Union[str, int], constant: int, names: tuple):
     """(the call of part 0, of part 1 or None when the columns' class has no key, its first key row,
     m) where a call splits (see :func:`column_split`), else None."""
-    m = _value(call, modulus)
-    if not isinstance(m, int) or isinstance(m, bool) or m < 2 or call.varlen:
-        return None
-    if max(call.q_offset + call.Nq, call.k_offset + call.Nk) >= POSITION_LIMIT:
-        return None
-    if min(call.Nq, call.Nk) < column_min_rows():
+    m = _split_modulus(call, modulus, None)
+    if m is None or min(call.Nq, call.Nk) < column_min_rows():
         return None
     r = constant + sum(call.params[name] for name in names)
     rk = (r - call.k_offset) % m  # the first key row at a position = r (mod m)
@@ -150,12 +149,10 @@ def column_parts(call, modulus: Union[str, int], constant: int, names: tuple):
     whole[PART] = 0
     columns[PART], columns[SK], columns[CK2] = 1, m, call.k_offset + rk
     # (both parts write their LSE, whether the call returns it or not: the merge weighs them by it)
-    rest = call.replace(params=whole, memo=None, return_lse=True,
-                        for_backward=None if call.for_backward is None else {})
+    rest = _part_call(call, params=whole, return_lse=True)
     nk = len(range(rk, call.Nk, m))
-    cols = None if nk == 0 else call.replace(
-        k=call.k[:, :, rk::m], v=call.v[:, :, rk::m], Nk=nk, k_offset=0, params=columns, memo=None, return_lse=True,
-        for_backward=None if call.for_backward is None else {})
+    cols = None if nk == 0 else _part_call(call, k=call.k[:, :, rk::m], v=call.v[:, :, rk::m], Nk=nk, k_offset=0,
+                                           params=columns, return_lse=True)
     return rest, cols, rk, m
 
 
@@ -197,8 +194,6 @@ def column_split(forward: Callable, backward: Optional[Callable], modulus: Union
             if grads or grads_c:
                 raise AssertionError("attncc (internal): a column-split call returned input gradients")
             dq = dq + dq_c
-            dk = dk.clone() if dk._base is not None else dk
-            dv = dv.clone() if dv._base is not None else dv
             dk[:, :, rk::m] += dk_c
             dv[:, :, rk::m] += dv_c
         return dq, dk, dv, {}
