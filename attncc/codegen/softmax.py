@@ -169,10 +169,10 @@ def softmax_context(pattern: Pattern, plan) -> dict:
 
     helpers = helper_list(set().union(*[pr.helpers for pr in printers]), pattern.rope)
 
-    param_doc = ", ".join(f"{p.name}={p.value!r}" for p in pattern.params if not p.hidden)
+    given = [f"{p.name}={p.value!r}" for p in pattern.params if not p.hidden]  # (a call cannot pass hidden ones)
+    param_doc = ", ".join(given)
     input_doc = ", ".join(f"{d.name} ({', '.join(map(str, d.dims))}; {d.dtype})" for d in pattern.inputs)
-    call_example = ", ".join([f"{d.name}=..." for d in pattern.inputs] + [f"{p.name}={p.value!r}" for p in pattern.params
-                                                                            if not p.hidden])
+    call_example = ", ".join([f"{d.name}=..." for d in pattern.inputs] + given)
     return dict(
         walk=walk, iteration_note=note, random_blocks=bool(rb_names),
         dynamic=plan.dynamic, **_program_context(plan), exact_lists=plan.needs_exact_lists,
