@@ -397,6 +397,13 @@ def spec_inputs(name, B, Hq, positions, seed, layout="contiguous"):
     return out
 
 
+def rendered_only(gluon) -> bool:
+    """The Gluon forward ran, with the rendered walk, once per part call: a spec that runs by
+    residue class or with its columns apart (attncc.runtime.residue: dilated, strided at these
+    sizes) launches it once per class or part."""
+    return bool(gluon) and set(gluon) == {"rendered"}
+
+
 @pytest.mark.parametrize("name", sorted(LISTED))
 def test_lists_tiny(gluon, name):
     """One small launch per spec first (a hang or a fault shows here, with its name)."""
@@ -414,7 +421,7 @@ def test_lists_forward(gluon, name, dtype):
     Hq, Hkv = heads(name, Hq=8, Hkv=4)
     check_forward(name, *qkv(2, Hq, Hkv, 3000, 3000, 128, dtype, seed=21), lse_tol=LSE_TOL.get(name, 5e-3),
                   **LISTED[name], **spec_inputs(name, 2, Hq, 3000, seed=21))
-    assert gluon == ["rendered"], gluon
+    assert rendered_only(gluon), gluon
 
 
 @pytest.mark.parametrize("name, Nq, Nk, q_offset, k_offset, D, layout", [
@@ -435,7 +442,7 @@ def test_lists_offsets(gluon, name, Nq, Nk, q_offset, k_offset, D, layout):
     check_forward(name, *qkv(2, Hq, Hkv, Nq, Nk, D, torch.bfloat16, seed=22), q_offset=q_offset, k_offset=k_offset,
                   lse_tol=LSE_TOL.get(name, 5e-3), **LISTED[name],
                   **spec_inputs(name, 2, Hq, positions, seed=22, layout=layout))
-    assert gluon == ["rendered"]
+    assert rendered_only(gluon), gluon
 
 
 @pytest.mark.parametrize("name", ["document", "strided", "t5_bias"])
@@ -445,4 +452,4 @@ def test_lists_forward_backward(gluon_bwd, gluon, name):
     Hq, Hkv = heads(name, Hq=8, Hkv=4)
     q, k, v = qkv(1, Hq, Hkv, 1500, 1500, 128, torch.bfloat16, seed=23, grad=True)
     check_backward(name, q, k, v, gluon_bwd, seed=24, **LISTED[name], **spec_inputs(name, 1, Hq, 1500, seed=23))
-    assert gluon == ["rendered"] and gluon_bwd == [], (gluon, gluon_bwd)
+    assert rendered_only(gluon) and gluon_bwd == [], (gluon, gluon_bwd)
