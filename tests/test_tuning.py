@@ -535,3 +535,18 @@ def test_clear_keeps_the_lock_and_waits_for_a_writer(cache):
     worker.join(10)
     assert done.is_set() and not path.exists()
     assert lock_path.exists() and lock_path.stat().st_ino == inode
+
+
+@pytest.mark.parametrize("kernel", ["", "dkdv", "dq"])
+def test_pruned_candidates_give_each_warpgroup_64_resident_rows(kernel):
+    """At head dim 128 no pruned config runs 8 warps over 64 resident rows (dK/dV 64 keys x 8 warps
+    took 1.6-2.0x the built-in's backward on an H100, docs/performance.md session 13), and the
+    narrow dK/dV config that won on the 2D neighborhood (32 queries x 64 keys, 4 warps) is tried."""
+    q = torch.empty(2, 16, 16384, 128, dtype=torch.bfloat16)
+    call = bind(module("causal").SPEC, q, q, q)
+    pruned = tuning.candidates(call, kernel, 232448, sm_count=132)
+    for cfg in pruned:
+        resident = cfg.BLOCK_N if kernel == "dkdv" else cfg.BLOCK_M
+        assert resident >= 64 * cfg.num_warps // 4, cfg
+    if kernel == "dkdv":
+        assert (32, 64, 4) in [(c.BLOCK_M, c.BLOCK_N, c.num_warps) for c in pruned]

@@ -353,6 +353,12 @@ def candidates(call: Call, kernel: str = "", max_shared_mem: Optional[int] = Non
       :data:`PREFERRED_STAGES` (depth moved times by a few percent where it mattered at all);
     - the register model counts every live fp32 tile, not only the accumulators
       (:func:`live_per_thread`), against :data:`MAX_LIVE_PER_THREAD`;
+    - each warpgroup (4 warps) gets at least :data:`ROWS_PER_WARPGROUP` resident rows: 8 warps over a
+      64-row resident tile split Hopper's 64-row MMAs between two warpgroups (measured on an H100,
+      2026-12-05, bf16, D = 128, N = 16K: dK/dV over 64 resident keys with 8 warps and 128-query
+      tiles took 1.6x the built-in config's backward time on block diagonal, 2.0x on the 2D
+      neighborhood; the model ranked it first and left the narrow configs that won out). Not above
+      head dim 128, where 64 rows' accumulators need 8 warps (the built-in configs there);
     - at most ``limit`` (default :data:`MAX_CANDIDATES`) configs, the ones the cost model
       :func:`estimated_cost` ranks first (``sm_count``: the GPU's SMs; None: 132, an H100's).
     """
@@ -366,7 +372,8 @@ def candidates(call: Call, kernel: str = "", max_shared_mem: Optional[int] = Non
                 acc = 2 * resident * d if kernel == "dkdv" else resident * d
                 if acc // (32 * warps) > MAX_ACC_PER_THREAD:
                     continue
-                if not exhaustive and live_per_thread(kernel, resident, streamed, d, warps) > MAX_LIVE_PER_THREAD:
+                if not exhaustive and (live_per_thread(kernel, resident, streamed, d, warps) > MAX_LIVE_PER_THREAD
+                                       or (d <= 128 and resident < ROWS_PER_WARPGROUP * warps // 4)):
                     continue
                 fitting = [stages for stages in NUM_STAGES if max_shared_mem is None or config_shared_bytes(
                     call, kernel, KernelConfig(block_m, block_n, warps, stages)) <= max_shared_mem]
@@ -389,6 +396,7 @@ def candidates(call: Call, kernel: str = "", max_shared_mem: Optional[int] = Non
 # keep `attncc tune` of one spec and length within about 30 s).
 PREFERRED_STAGES = {"": 3, "dkdv": 2, "dq": 3}
 MAX_LIVE_PER_THREAD = 192
+ROWS_PER_WARPGROUP = 64
 MAX_CANDIDATES = 5
 DEFAULT_SM_COUNT = 132  # an H100 SXM's; the GPU's own count when tuning on it
 
