@@ -33,7 +33,7 @@ import attncc.runtime as _rt
 # (int64) when a value could pass int32 (attncc.runtime.intervals).
 def _int_divisors(x):
     """Divisors of // and % made of params and sizes only: 0 raises ValueError (a kernel cannot)."""
-    x.nonzero(x.param("dilation"), "dilation", "(-_rs_ck + _rs_cq + _rs_step*i - _rs_step*j) % dilation")
+    x.nonzero(x.param("dilation"), "dilation", "(i - j) % dilation")
 
 
 def _int_reach(x):

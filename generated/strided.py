@@ -32,7 +32,7 @@ import attncc.runtime as _rt
 # (int64) when a value could pass int32 (attncc.runtime.intervals).
 def _int_divisors(x):
     """Divisors of // and % made of params and sizes only: 0 raises ValueError (a kernel cannot)."""
-    x.nonzero(x.param("stride"), "stride", "(_cs_ck + _cs_sk*j) % stride")
+    x.nonzero(x.param("stride"), "stride", "j % stride")
 
 
 def _int_reach(x):

@@ -161,7 +161,7 @@ COLUMN_SPECS = {
     "strided": ('[params]\nstride = 4\n[mask]\nwhere = "j <= i and ((i - j) < stride or (j % stride) == stride - 1)"\n',
                 lambda rng: {"stride": rng.choice([2, 3, 5, 8])}),
     "bidir_columns": ('[params]\nw = 3\nS = 5\n[mask]\nwhere = "abs(i - j) <= w or j % S == 2"\n'
-                      '[score]\nbias = "0.01 * i"\n', lambda rng: {"w": rng.randint(0, 9), "S": rng.choice([2, 5, 7])}),
+                      '[score]\nsoftcap = 2.0\n', lambda rng: {"w": rng.randint(0, 9), "S": rng.choice([2, 5, 7])}),
     "literal_out_of_range": ('[params]\nw = 4\n[mask]\nwhere = "j <= i and (i - j < w or j % 6 == 7 + w)"\n',
                              lambda rng: {"w": rng.choice([-8, -3, 0, 4])}),  # r = 7 + w: some classes never exist
 }
@@ -218,10 +218,60 @@ def test_column_split_analysis():
                  '[mask]\nwhere = "j % 1 == 0 or i - j < 3"\n',  # one class
                  # a transform of j: fuzzed at positions 2**20, its terms constant along j rounded apart
                  # in the two parts' LSEs moved o by 4e-3 through the merge
-                 '[mask]\nwhere = "abs(i - j) <= 21 and (i - j < 5 or j % 2 == 1)"\n[score]\nmod = "s + 0.1 * (i - j)"\n'):
+                 '[mask]\nwhere = "abs(i - j) <= 21 and (i - j < 5 or j % 2 == 1)"\n[score]\nmod = "s + 0.1 * (i - j)"\n',
+                 # terms constant along j: in each part's float32 LSE, where the merge weighs the parts
+                 '[mask]\nwhere = "j % 5 == 1 or abs(i - j) < 3"\n[score]\nbias = "0.01 * i"\n',
+                 '[params]\nc = 0.0\n[mask]\nwhere = "j % 5 == 1 or abs(i - j) < 3"\n[score]\nbias = "c"\n',
+                 '[mask]\nwhere = "j % 5 == 1 or abs(i - j) < 3"\n[score]\nmod = "s - 3e5 * h"\n'):
         assert column_split(parse_spec(text)) is None, text
-    # the rows' positions stay as they are: a bias of i alone splits
-    assert column_split(parse_spec('[mask]\nwhere = "j % 5 == 1 or abs(i - j) < 3"\n[score]\nbias = "0.01 * i"\n'))
+    # a score transform without such terms splits
+    assert column_split(parse_spec('[mask]\nwhere = "j % 5 == 1 or abs(i - j) < 3"\n[score]\nsoftcap = 20.0\n'))
+    assert column_split(parse_spec('[mask]\nwhere = "j % 5 == 1 or abs(i - j) < 3"\n[score]\nmod = "s * 1.5"\n'))
+
+
+@pytest.mark.parametrize("score, kw, offset", [
+    ('bias = "c + 0.1 * i"', {}, 2**29),   # o was off by 1.0 (the probe of session 13)
+    ('bias = "c"', {"c": 1e5}, 0),         # 3e-3
+    ('mod = "s + c"', {"c": 1e5}, 10**6),  # 2.6e-3
+])
+def test_column_split_keeps_row_terms_out_of_the_merge(column_calls, score, kw, offset):
+    """A score term constant along j runs whole (the whole call keeps it out of o exactly)."""
+    text = f'[params]\nstride = 8\nc = 0.0\n[mask]\nwhere = "j <= i and ((i - j) < stride or (j % stride) == stride - 1)"\n[score]\n{score}\n'
+    mod, p = attncc.compile(text), parse_spec(text)
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 1, 64, 16, generator=gen) for _ in range(3))
+    o = mod.attention(q, k, v, q_offset=offset, k_offset=offset, **kw)
+    assert rel_err(o, attncc.reference(p, q.double(), k.double(), v.double(), q_offset=offset, k_offset=offset,
+                                       **kw)) < 1e-5
+    assert not any(column_calls)  # (the module has no column split: the analysis refused it)
+
+
+def test_column_split_huge_modulus_runs_whole(column_calls):
+    """m past the keys runs whole: its strided view of k stepped past 2**63 (m = 2**58: a RuntimeError)."""
+    text = '[params]\nm = 8\n[mask]\nwhere = "j <= i and (i - j < 5 or j % m == 3)"\n'
+    mod, p = attncc.compile(text), parse_spec(text)
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, 1, 64, 32, generator=gen) for _ in range(3))
+    for m, split in ((8, True), (64, True), (65, False), (2**58, False), (2**62 - 1, False)):
+        column_calls.clear()
+        o = mod.attention(q, k, v, m=m)
+        assert rel_err(o, attncc.reference(p, q.double(), k.double(), v.double(), m=m)) < 1e-5, m
+        assert column_calls == [split], m
+
+
+@pytest.mark.parametrize("where, named", [
+    ("j <= i and (i - j) % m == 0", "(i - j) % m"),
+    ("i % m == j % m", "i % m and j % m"),
+    ("j <= i and (i - j < 5 or j % m == 3)", "j % m"),
+])
+def test_a_zero_divisor_names_the_spec_expression(where, named):
+    """Not the split's rewrite of it, with its hidden params (_rs_step*i + ..., _cs_sk*j + ...)."""
+    mod = attncc.compile(f'[params]\nm = 8\n[mask]\nwhere = "{where}"\n')
+    q = torch.randn(1, 1, 8, 16)
+    with pytest.raises(ValueError, match="division by zero") as e:
+        mod.attention(q, q, q, m=0)
+    assert f"the divisor of {named} is 0 with m = 0" in str(e.value) and "_rs_" not in str(e.value) \
+        and "_cs_" not in str(e.value)
 
 
 def test_explain_names_the_split():

@@ -91,26 +91,31 @@ def mask_hoister(**kw) -> Hoister:
     return Hoister(scalar_prefix="mc", float32=False, **kw)
 
 
-def score_terms(pattern: Pattern, hoist: Hoister, mask_hoist: Hoister):
-    """(mask, bias along j, mod, row-constant terms, simple_bias) with loop-invariant parts hoisted
-    (the mask's by ``mask_hoist``: mask code is printed in float64).
-
-    Terms of the bias (or of the mod, without a softcap) that do not vary with j shift a whole row
-    of scores: the softmax cancels them, so they leave the key loop and go to the LSE only."""
-    bias_j, lse_row = pattern.bias, None
-    simple_bias = pattern.mod is None and pattern.softcap is None
-    if pattern.bias is not None and simple_bias:
+def along_j(pattern: Pattern):
+    """(bias along j, mod along j, the terms constant along j or None) of ``pattern`` (the kernels'
+    pattern: :func:`canonical_score`'s). Terms of the bias (or of the mod, without a softcap) that
+    do not vary with j shift a whole row of scores: the softmax cancels them, so they leave the key
+    loop and go to the LSE only (in float32: a call's LSE holds them to float32's precision)."""
+    bias_j, mod_j, lse_row = pattern.bias, pattern.mod, None
+    if pattern.bias is not None and pattern.mod is None and pattern.softcap is None:
         bias_j, lse_row = split_along_j(pattern.bias)
         bias_j = None if bias_j == 0 else bias_j
         lse_row = None if lse_row == 0 else lse_row
+    if pattern.mod is not None and pattern.softcap is None:
+        mod_j, lse_row = split_mod_along_j(pattern.mod)
+    return bias_j, mod_j, lse_row
+
+
+def score_terms(pattern: Pattern, hoist: Hoister, mask_hoist: Hoister):
+    """(mask, bias along j, mod, row-constant terms, simple_bias) with loop-invariant parts hoisted
+    (the mask's by ``mask_hoist``: mask code is printed in float64); :func:`along_j` splits them."""
+    simple_bias = pattern.mod is None and pattern.softcap is None
     if pattern.mask is not None and pattern.mask.has(S.s):
         raise ValueError(f"{pattern.source}: the mask depends on the score s; score conditions stay in "
                          f"[score].mod (attncc.spec.load.split_mod_mask)")
+    bias_j, mod_j, lse_row = along_j(pattern)
     mask = mask_hoist(pattern.mask) if pattern.mask is not None else None
     bias_j = hoist(bias_j) if bias_j is not None else None
-    mod_j = pattern.mod
-    if pattern.mod is not None and pattern.softcap is None:
-        mod_j, lse_row = split_mod_along_j(pattern.mod)
     mod = hoist(mod_j) if mod_j is not None and mod_j != S.s else None
     return mask, bias_j, mod, lse_row, simple_bias
 

@@ -109,6 +109,7 @@ def render_files(pattern: Pattern) -> Dict[str, str]:
     from attncc.analysis.score import canonical_score
 
     pattern = canonical_score(pattern)  # mod = "c * tanh(s / c)" renders as the built-in softcap
+    spec_pattern = pattern  # (the kernels' pattern may be a split's rewrite of it: errors name the spec's)
     check_divisors(pattern)
     plan = analyze(pattern)
     split = split_of(pattern)
@@ -135,7 +136,8 @@ def render_files(pattern: Pattern) -> Dict[str, str]:
             fragments = None
             ctx.update(gluon=None, gluon_reason=f"its Gluon fragments cannot be printed ({e})")
     files = {MODULE: _render_read_back(env.get_template("softmax.py.j2"), dict(
-        **common, **ctx, backward=backward, decode=decode, int_arithmetic=arithmetic_functions(pattern, printed),
+        **common, **ctx, backward=backward, decode=decode,
+        int_arithmetic=arithmetic_functions(pattern, printed, spec_pattern),
         wide_params=[param_var(p.name) for p in pattern.params if p.kind == "int"]))}
     if fragments is not None:
         files[GLUON] = env.get_template("gluon.py.j2").render(**common, **fragments)

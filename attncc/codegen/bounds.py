@@ -17,7 +17,7 @@ there, a kernel cannot.
 """
 from __future__ import annotations
 
-from typing import Iterable, List, Tuple
+from typing import Iterable, List, Optional, Tuple
 
 import sympy
 from sympy.core.function import AppliedUndef
@@ -200,15 +200,17 @@ def _host_checks(pattern: Pattern, printer: _BoundPrinter) -> List[str]:
     return lines
 
 
-def arithmetic_functions(pattern: Pattern, printed: Iterable[sympy.Basic]) -> List[str]:
+def arithmetic_functions(pattern: Pattern, printed: Iterable[sympy.Basic], spec: Optional[Pattern] = None) -> List[str]:
     """The source lines of ``_int_divisors(x)`` (None when no divisor needs a check) and
-    ``_int_reach(x)`` for the expressions ``printed`` into the kernels."""
+    ``_int_reach(x)`` for the expressions ``printed`` into the kernels of ``pattern``. ``spec``: the
+    spec's own pattern where the kernels' is rewritten (a residue or column split: the same
+    divisors, of params only), whose expressions the division-by-zero errors name."""
     printer = _BoundPrinter(pattern)
     printed = list(printed)
     steps = _definitions(printed, printer)
     terms = sorted((code, str(e)) for e, code in _kept(printed, printer))
     terms += [(local, f"{sym.name}, a step") for sym, local in printer.defined.items()]
-    checks = _host_checks(pattern, printer)
+    checks = _host_checks(spec or pattern, printer)
     lines = []
     if checks:
         lines += ["def _int_divisors(x):",

@@ -140,7 +140,9 @@ def column_min_rows() -> int:
 def column_parts(call, modulus: Union[str, int], constant: int, names: tuple):
     """(the call of part 0, of part 1 or None when the columns' class has no key, its first key row,
     m) where a call splits (see :func:`column_split`), else None."""
-    m = _split_modulus(call, modulus, None)
+    # m <= Nk: a larger m leaves the columns one key at most (nothing to gain), and its strided view
+    # of k would step past the tensor (a stride of m * row stride: past 2**63 for m = 2**58, say)
+    m = _split_modulus(call, modulus, call.Nk)
     if m is None or min(call.Nq, call.Nk) < column_min_rows():
         return None
     r = constant + sum(call.params[name] for name in names)
