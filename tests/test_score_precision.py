@@ -130,3 +130,80 @@ def test_non_finite_row_terms(built):
         assert torch.equal(lse == -math.inf, ref_lse == -math.inf), kv_len
         fin = ~ref.isnan()
         assert torch.allclose(o[fin].double(), ref[fin], atol=1e-5), kv_len
+
+
+# ------------------------------------------------------------------------------------------------
+# The backward of a score with a large term constant along j (a row term): the forward keeps its LSE
+# less the row terms for the backward (attncc.runtime.launch.keep_raw_lse). From the returned LSE,
+# which holds them in float32, the gradients were off by 1e-2 at 0.1 * i near i = 10**6 and by 50x
+# at 2**29 (a probe of session 13), while o was exact.
+
+ROW_TERMS = {
+    "bias_j": ('bias = "0.1 * j"', {}, [10**6, 2**29]),
+    "bias_i": ('bias = "0.1 * i + c"', {}, [2**29]),
+    "constant": ('bias = "c"', {"c": 1e6}, [0]),
+    "mod_i": ('mod = "s * 0.5 + 0.25 * i"', {}, [2**29]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ROW_TERMS))
+@pytest.mark.parametrize("use_lse", [False, True])
+def test_row_terms_keep_the_gradients_exact(name, use_lse):
+    score, kw, offsets = ROW_TERMS[name]
+    text = f'[params]\nc = 0.0\n[mask]\nwhere = "j <= i and i - j < 40"\n[score]\n{score}\n'
+    mod, p = attncc.compile(text), attncc.parse_spec(text)
+    for off in offsets:
+        gen = torch.Generator().manual_seed(off % 1000)
+        q, k, v = (torch.randn(1, 2, 70, 16, generator=gen).requires_grad_() for _ in range(3))
+        o, lse = mod.attention(q, k, v, q_offset=off, k_offset=off, return_lse=True, **kw)
+        ((o * o).sum() + (0.3 * lse.sum() if use_lse else 0)).backward()
+        leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+        ro, rl = attncc.reference(p, *leaves, q_offset=off, k_offset=off, return_lse=True, **kw)
+        ((ro * ro).sum() + (0.3 * rl.sum() if use_lse else 0)).backward()
+        assert rel_err(o, ro) < 1e-5
+        for label, mine, ref in zip("qkv", (q.grad, k.grad, v.grad), leaves):
+            assert rel_err(mine, ref.grad) < 1e-4, (name, off, label)
+
+
+def test_row_terms_of_packed_calls():
+    """Packed rows: the raw LSE's rows outside every sequence stay -inf as the LSE's."""
+    text = '[params]\nc = 0.0\n[mask]\nwhere = "j <= i"\n[score]\nbias = "c + 0.01 * h"\n'
+    mod, p = attncc.compile(text), attncc.parse_spec(text)
+    gen = torch.Generator().manual_seed(3)
+    lens = [5, 0, 33, 12]
+    cu = torch.tensor([0, 5, 5, 38, 50], dtype=torch.int32)
+    q, k, v = (torch.randn(1, 2, 52, 16, generator=gen).requires_grad_() for _ in range(3))  # 2 rows unused
+    o = mod.attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, c=1e6)
+    (o * o).sum().backward()
+    start = 0
+    for n in lens:
+        rows = slice(start, start + n)
+        start += n
+        if not n:
+            continue
+        leaves = [t.detach()[:, :, rows].double().requires_grad_() for t in (q, k, v)]
+        ro = attncc.reference(p, *leaves, c=1e6)
+        (ro * ro).sum().backward()
+        assert rel_err(o[:, :, rows], ro) < 1e-5
+        for mine, ref in zip((q.grad, k.grad, v.grad), leaves):
+            assert rel_err(mine[:, :, rows], ref.grad) < 1e-4
+    assert torch.all(q.grad[:, :, 50:] == 0)
+
+
+def test_a_changed_lse_is_not_the_kept_one():
+    """The backward takes the kept raw LSE only for the very LSE its forward returned, unchanged
+    (an LSE merged in place, as attncc.distributed merges, takes the row terms out of itself)."""
+    from attncc.runtime import Call, keep_raw_lse, raw_lse, seal_raw_lse
+
+    lse = torch.zeros(1, 2, 8)
+    call = object.__new__(Call)  # the two fields these read
+    call.__dict__.update(for_backward={}, varlen=False)
+    raw = keep_raw_lse(call, lse)
+    assert raw_lse(call, lse) is None  # not sealed: the forward did not finish
+    seal_raw_lse(call)
+    assert raw_lse(call, lse) is raw
+    assert raw_lse(call, lse.clone()) is None and raw_lse(call, lse[:, :1]) is None
+    lse.add_(1.0)
+    assert raw_lse(call, lse) is None
+    call.__dict__.update(for_backward=None)
+    assert keep_raw_lse(call, lse) is None and raw_lse(call, lse) is None

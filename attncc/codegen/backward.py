@@ -29,8 +29,8 @@ from sympy.core.function import AppliedUndef
 
 from attncc.analysis import Plan
 from attncc.analysis.derivative import BackwardUnsupported, derivative, score_derivative
-from attncc.analysis.hoist import Hoister, split_along_j
-from attncc.analysis.score import mask_hoister, split_mod_along_j
+from attncc.analysis.hoist import Hoister
+from attncc.analysis.score import along_j, mask_hoister
 from attncc.codegen.helpers import helper_args, helper_list
 from attncc.codegen.names import grad_args, grad_ptr, grad_stride, input_size, param_arg, param_value, param_var
 from attncc.codegen.printer import Temporaries, TritonPrinter
@@ -283,13 +283,8 @@ def _once(k: _Kernel, call: str) -> List[str]:
 def _context(pattern: Pattern, plan: Plan, fwd: dict) -> dict:
     grad_terms = input_grad_terms(pattern)
     simple_bias = pattern.mod is None and pattern.softcap is None
-    bias_j, lse_row = pattern.bias, None
-    if pattern.bias is not None and simple_bias:
-        bias_j, lse_row = split_along_j(pattern.bias)
-        bias_j = None if bias_j == 0 else bias_j
-        lse_row = None if lse_row == 0 else lse_row
-    if pattern.mod is not None and pattern.softcap is None:  # terms constant along j: the forward's LSE holds them
-        mod_j, lse_row = split_mod_along_j(pattern.mod)
+    bias_j, mod_j, lse_row = along_j(pattern)  # terms constant along j: the forward's LSE holds them
+    if pattern.mod is not None and pattern.softcap is None:
         pattern = pattern.replace(mod=None if mod_j == S.s else mod_j)
     dmod = score_derivative(pattern.mod) if pattern.mod is not None else None
 
