@@ -207,3 +207,46 @@ def test_a_changed_lse_is_not_the_kept_one():
     assert raw_lse(call, lse) is None
     call.__dict__.update(for_backward=None)
     assert keep_raw_lse(call, lse) is None and raw_lse(call, lse) is None
+
+
+def test_rows_without_keys_pass_no_gradient_whatever_their_row_term():
+    """NaN and -inf row terms on rows that see no key: o = 0, LSE = -inf and no gradient, as the LSE
+    has it (the raw LSE stored NaN there once, and every gradient of those tiles turned NaN)."""
+    text = '[mask]\nwhere = "j <= i - 3"\n[score]\nmod = "s + log(i - 2)"\n'  # rows 0, 1: NaN; row 2: -inf
+    mod, p = attncc.compile(text), attncc.parse_spec(text)
+    gen = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(1, 2, 24, 16, generator=gen).requires_grad_() for _ in range(3))
+    o, lse = mod.attention(q, k, v, return_lse=True)
+    (o.sum() + torch.where(lse.isfinite(), lse, 0.0).sum()).backward()
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ro, rl = attncc.reference(p, *leaves, return_lse=True)
+    (ro.sum() + torch.where(rl.isfinite(), rl, 0.0).sum()).backward()
+    assert torch.all(lse[:, :, :3] == -math.inf) and torch.all(o[:, :, :3] == 0)
+    for mine, ref in zip((q.grad, k.grad, v.grad), leaves):
+        assert not mine.isnan().any() and rel_err(mine, ref.grad) < 1e-4
+
+
+@pytest.mark.parametrize("how", ["checkpoint", "copying_hooks"])
+def test_row_terms_under_recomputation_and_saved_tensor_hooks(how):
+    """torch.utils.checkpoint (non-reentrant: the backward gets the recomputed LSE) and saved-tensor
+    hooks that copy hand the backward other tensors than the forward returned: the raw LSE is saved
+    with the LSE, so those get theirs (they took the row terms out of the LSE, 3e-3 off at 10**6)."""
+    text = '[mask]\nwhere = "j <= i and i - j < 30"\n[score]\nbias = "0.1 * j"\n'
+    mod, p = attncc.compile(text), attncc.parse_spec(text)
+    gen = torch.Generator().manual_seed(13)
+    q, k, v = (torch.randn(1, 2, 50, 16, generator=gen).requires_grad_() for _ in range(3))
+    f = lambda q, k, v: mod.attention(q, k, v, q_offset=10**6, k_offset=10**6)  # noqa: E731
+    if how == "checkpoint":
+        from torch.utils.checkpoint import checkpoint
+
+        o = checkpoint(f, q, k, v, use_reentrant=False)
+        (o * o).sum().backward()
+    else:
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+            o = f(q, k, v)
+        (o * o).sum().backward()
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ro = attncc.reference(p, *leaves, q_offset=10**6, k_offset=10**6)
+    (ro * ro).sum().backward()
+    for mine, ref in zip((q.grad, k.grad, v.grad), leaves):
+        assert rel_err(mine, ref.grad) < 1e-5

@@ -45,7 +45,13 @@ class AttentionFunction(torch.autograd.Function):
         ctx.call = call
         ctx.watched = (watch((call.cu_seqlens_q, call.cu_seqlens_k, *call.inputs.values()))
                        if call.inputs or call.varlen else None)
-        ctx.save_for_backward(q, k, v, o, lse, *grad_inputs)
+        # The LSE less the score's row terms, where the forward kept it (attncc.runtime.launch.keep_raw_lse):
+        # saved with the LSE, so that a backward that gets other tensors than the forward's (saved-tensor
+        # hooks that copy, torch.utils.checkpoint's recomputation) gets the raw LSE that goes with them.
+        kept = (call.for_backward or {}).get("raw_lse")
+        raw = kept[1] if kept is not None and len(kept) == 3 and kept[0] is lse else None
+        ctx.has_raw = raw is not None
+        ctx.save_for_backward(q, k, v, o, lse, *grad_inputs, *((raw,) if raw is not None else ()))
         # The gradient of an unused LSE stays None: materialized, autograd would fill a zero
         # tensor of its shape per backward (an allocation and a memset kernel for nothing).
         ctx.set_materialize_grads(False)
@@ -55,6 +61,9 @@ class AttentionFunction(torch.autograd.Function):
     def backward(ctx, do, dlse):
         q, k, v, o, lse, *saved = ctx.saved_tensors
         call = ctx.call
+        if ctx.has_raw:  # the raw LSE of this very LSE (see forward)
+            raw = saved.pop()
+            call.for_backward["raw_lse"] = (lse, raw, lse._version)
         names = call.grad_input_names
         if do is None and dlse is None:
             return (None,) * (4 + len(names))
