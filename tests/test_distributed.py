@@ -143,7 +143,9 @@ def _run_case(case: Case, rank: int, world: int) -> dict:
     p, m = pattern(case.spec), module(case.spec)
     qr, kr, vr = (t.to(dtype).double().requires_grad_() for t in (q, k, v))
     ref, ref_lse = attncc.reference(p, qr, kr, vr, return_lse=True, **params, **inputs)
-    (ref * do.double()).sum().backward()
+    # the loss reads the LSE too (its finite rows): its gradient flows through every pair's backward
+    w = torch.linspace(-1.0, 1.0, ref_lse.shape[-1], dtype=torch.float64)
+    ((ref * do.double()).sum() + (torch.where(ref_lse.isfinite(), ref_lse, 0.0) * w).sum()).backward()
 
     kind, extra = (case.layout, {}) if case.layout != "balanced1" else ("balanced", {"chunks_per_rank": 1})
     if case.layout == "by name":  # the name and the row counts say the layout: N = W * local rows
@@ -154,7 +156,8 @@ def _run_case(case: Case, rank: int, world: int) -> dict:
     o, lse = cp.attention(ql, kl, vl, module=m, layout="headtail" if case.layout == "by name" else lay, comm=case.comm,
                           return_lse=True, **params, **inputs)
     after_forward = asdict(cp.reset_stats())
-    (o.float() * cp.shard(do, lay, rank)).sum().backward()
+    w_local = cp.shard(w.float().expand(ref_lse.shape).unsqueeze(-1), lay, rank).squeeze(-1)
+    ((o.float() * cp.shard(do, lay, rank)).sum() + (torch.where(lse.isfinite(), lse, 0.0) * w_local).sum()).backward()
     after_backward = asdict(cp.reset_stats())
     errors = [float((a.detach().double() - cp.shard(b.detach(), lay, rank)).norm()
                     / cp.shard(b.detach(), lay, rank).norm().clamp_min(1e-30))

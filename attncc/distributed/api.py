@@ -80,7 +80,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, module, grou
         o = _comm.HeadsToSeq.apply(o, hs)
         if not return_lse:
             return o
-        return o, _comm.heads_to_seq(lse.detach().unsqueeze(-1), hs).squeeze(-1)
+        return o, _comm.HeadsToSeq.apply(lse.unsqueeze(-1), hs).squeeze(-1)
     classes = chunk_classes(target.pattern, lay.bounds, params=params, inputs=inputs, batch=B, heads=Hq)
     sched = _comm.Schedule(PairCall(target, lay.n, softmax_scale, kwargs), lay, classes, group, rank, world)
     strategy = _comm.RING if mode == "ring" else _comm.ALLGATHER

@@ -138,9 +138,9 @@ class Schedule:
                 merge_(o_acc[:, :, qs:qs + ql], lse_acc[:, :, qs:qs + ql], o, lse)
                 stats.pairs_computed += 1
 
-    def backward_pairs(self, q, o, lse, do, dq_acc, kv, rows, dkv) -> None:
+    def backward_pairs(self, q, o, lse, do, dlse, dq_acc, kv, rows, dkv) -> None:
         """Add the gradients of the same pairs: dQ into ``dq_acc`` (local rows), dK|dV into
-        ``dkv`` (float32, the rows of ``kv``)."""
+        ``dkv`` (float32, the rows of ``kv``); ``dlse``: the LSE's gradient or None."""
         D = q.shape[-1]
         bounds = self.layout.bounds
         for qc, qs, ql in self.local_rows:
@@ -149,7 +149,8 @@ class Schedule:
             sl = slice(qs, qs + ql)
             for c0, a, b in key_runs(self.classes, qc, rows):
                 dq, dk, dv = self.pairs.backward(q[:, :, sl], kv[:, :, a:b, :D], kv[:, :, a:b, D:], o[:, :, sl],
-                                                 lse[:, :, sl], do[:, :, sl], bounds[qc], bounds[c0])
+                                                 lse[:, :, sl], do[:, :, sl], bounds[qc], bounds[c0],
+                                                 None if dlse is None else dlse[:, :, sl])
                 dq_acc[:, :, sl] += dq
                 dkv[:, :, a:b, :D] += dk
                 dkv[:, :, a:b, D:] += dv
@@ -241,14 +242,14 @@ def ring_forward(s: Schedule, q, k, v):
     return o_acc.to(q.dtype), lse_acc
 
 
-def ring_backward(s: Schedule, q, k, v, o, lse, do):
+def ring_backward(s: Schedule, q, k, v, o, lse, do, dlse=None):
     r, W = s.rank, s.world
     kv = torch.cat([k, v], -1)
     dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     dkv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)
     _p2p_ready(s)
     pending = _kv_exchange(s, kv, 1) if W > 1 else None
-    s.backward_pairs(q, o, lse, do, dq_acc, kv, s.local_rows, dkv)
+    s.backward_pairs(q, o, lse, do, dlse, dq_acc, kv, s.local_rows, dkv)
     returning = None  # the previous step's dK/dV transfer: (requests, buffer, chunks, sent)
     for step in range(1, W):
         reqs, buf, chunks, _sent = pending
@@ -257,7 +258,7 @@ def ring_backward(s: Schedule, q, k, v, o, lse, do):
         part = None
         if chunks:
             part = torch.zeros(*buf.shape, dtype=torch.float32, device=q.device)
-            s.backward_pairs(q, o, lse, do, dq_acc, buf, s.buffer_rows(chunks), part)
+            s.backward_pairs(q, o, lse, do, dlse, dq_acc, buf, s.buffer_rows(chunks), part)
         # dK/dV of rank r - step's chunks go back to it; ours come from rank r + step
         src, back_from = (r - step) % W, (r + step) % W
         _count_message(s, chunks, src, part)
@@ -323,17 +324,17 @@ def allgather_forward(s: Schedule, q, k, v):
     return o_acc.to(q.dtype), lse_acc
 
 
-def allgather_backward(s: Schedule, q, k, v, o, lse, do):
+def allgather_backward(s: Schedule, q, k, v, o, lse, do, dlse=None):
     lay = s.layout
     kv = torch.cat([k, v], -1)
     dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     dkv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)
     work, parts = _start_gather(s, kv)
-    s.backward_pairs(q, o, lse, do, dq_acc, kv, s.local_rows, dkv)
+    s.backward_pairs(q, o, lse, do, dlse, dq_acc, kv, s.local_rows, dkv)
     work.wait()
     full, rows = _remote_kv(s, parts)
     dkv_full = torch.zeros(*full.shape, dtype=torch.float32, device=q.device)
-    s.backward_pairs(q, o, lse, do, dq_acc, full, rows, dkv_full)
+    s.backward_pairs(q, o, lse, do, dlse, dq_acc, full, rows, dkv_full)
     # the remote dK/dV to their owners, summed over the ranks: one reduce-scatter
     L = lay.max_local_len()
     sends = [padded(torch.cat([dkv_full.narrow(2, lay.bounds[c], lay.size(c)) for c in lay.chunks_of(p)], 2), L)
@@ -370,7 +371,8 @@ class ContextParallelFunction(torch.autograd.Function):
         # backward, they would give gradients of a mask the forward never used (runtime.autograd)
         ctx.watched = watch(sched.pairs.kwargs.values())
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.mark_non_differentiable(lse)
+        # an output the loss does not use passes None (an unused LSE costs the backward nothing)
+        ctx.set_materialize_grads(False)
         return o, lse
 
     @staticmethod
@@ -378,10 +380,12 @@ class ContextParallelFunction(torch.autograd.Function):
         from attncc.runtime.autograd import check_watched, no_double_backward
 
         q, k, v, o, lse = ctx.saved_tensors
+        if do is None:  # only the LSE reaches the loss
+            do = torch.zeros_like(o)
         check_watched(ctx.watched, lambda: (f"{ctx.sched.pairs.target.spec.name} (context parallel)",
                                             tuple(ctx.sched.pairs.kwargs.items())))
         with torch.no_grad():
-            dq, dk, dv = ctx.strategy.backward(ctx.sched, q, k, v, o, lse, do)
+            dq, dk, dv = ctx.strategy.backward(ctx.sched, q, k, v, o, lse, do, dlse)
         if torch.is_grad_enabled():
             dq, dk, dv = no_double_backward(ctx.sched.pairs.target.spec.name, [dq, dk, dv], (q, k, v, do))
         return None, None, dq, dk, dv

@@ -35,14 +35,15 @@ class PairCall:
         """(o, lse) of the rows of ``q`` over the keys of ``k``, ``v`` alone (lse float32)."""
         return self.target.forward(self.bind(q, k, v, q_offset, k_offset))
 
-    def backward(self, q, k, v, o, lse, do, q_offset: int, k_offset: int):
-        """(dq, dk, dv) of this pair, given the rows' global ``o`` and ``lse`` (over every key):
-        P is recomputed from the global LSE and delta = rowsum(do * o) from the global o, so
-        the pairs' gradients sum to the single-device ones."""
+    def backward(self, q, k, v, o, lse, do, q_offset: int, k_offset: int, dlse=None):
+        """(dq, dk, dv) of this pair, given the rows' global ``o`` and ``lse`` (over every key) and the
+        LSE's gradient ``dlse`` (or None): P is recomputed from the global LSE and delta =
+        rowsum(do * o) - dlse from the global o, so the pairs' gradients sum to the single-device ones."""
         if self.target.backward is None:
             raise NotImplementedError(f"attncc: {self.target.spec.name} has no backward pass")
         call = self.bind(q, k, v, q_offset, k_offset)
-        dq, dk, dv, _ = self.target.backward(call, o.contiguous(), lse.contiguous(), do.contiguous())
+        dq, dk, dv, _ = self.target.backward(call, o.contiguous(), lse.contiguous(), do.contiguous(),
+                                             None if dlse is None else dlse.contiguous())
         return dq, dk, dv
 
 
