@@ -134,10 +134,9 @@ def _fwd_kernel(Q, K, V, O, LSE,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                 VALUE_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 RETURN_LSE: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, VARLEN: tl.constexpr, WIDE: tl.constexpr):
-    # Heaviest query blocks first: with causal-like patterns the last rows see the most keys.
+    # Heaviest blocks first: with causal-like patterns the last rows see the most keys.
     qb = tl.num_programs(0) - 1 - tl.program_id(0)
-    # b, h in int64: their products with strides pass 2**31 in big tensors
-    bh = tl.program_id(1).to(tl.int64)
+    bh = tl.program_id(1).to(tl.int64)  # int64 b, h: their products with strides pass 2**31 in big tensors
     b = bh // H
     h = bh % H
     hk = h // GROUP
@@ -361,7 +360,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
                      DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr, WIDE: tl.constexpr):
     # One key block of one kv head: its GROUP query heads add into the same dK, dV registers.
     kb = tl.program_id(0)
-    bhk = tl.program_id(1).to(tl.int64)  # int64 b, h: see _fwd_kernel
+    bhk = tl.program_id(1).to(tl.int64)  # int64 b, h: their products with strides pass 2**31 in big tensors
     H_KV = H // GROUP
     b = bhk // H_KV
     hk = bhk % H_KV
@@ -482,8 +481,9 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                    VALUE_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr, WIDE: tl.constexpr, INPUT_GRADS: tl.constexpr):
+    # Heaviest blocks first: with causal-like patterns the last rows see the most keys.
     qb = tl.num_programs(0) - 1 - tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)  # int64 b, h: see _fwd_kernel
+    bh = tl.program_id(1).to(tl.int64)  # int64 b, h: their products with strides pass 2**31 in big tensors
     b = bh // H
     h = bh % H
     hk = h // GROUP

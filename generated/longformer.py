@@ -443,10 +443,16 @@ def _fwd_kernel(Q, K, V, O, LSE,
                 VALUE_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 RETURN_LSE: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, VARLEN: tl.constexpr, WIDE: tl.constexpr,
                 LISTS: tl.constexpr):
-    # Heaviest query blocks first: with causal-like patterns the last rows see the most keys.
-    qb = tl.num_programs(0) - 1 - tl.program_id(0)
-    # b, h in int64: their products with strides pass 2**31 in big tensors
-    bh = tl.program_id(1).to(tl.int64)
+    # Longest programs first: the blocks of the rows that see every key (positions <= g - 1),
+    # for every (b, h), then the others, the last first (causal-like patterns' longest)
+    n_blocks = tl.num_programs(0)
+    n_heavy = tl.minimum((tl.maximum((tl.cast(prm_g, tl.int64) - 1) + 1 - q_offset, 0) + BLOCK_M - 1) // BLOCK_M, n_blocks)
+    pid = tl.program_id(1).to(tl.int64) * n_blocks + tl.program_id(0)
+    n_first = n_heavy * tl.num_programs(1)
+    rest = tl.maximum(pid - n_first, 0)
+    n_light = tl.maximum(n_blocks - n_heavy, 1)
+    qb = tl.where(pid < n_first, pid % tl.maximum(n_heavy, 1), n_blocks - 1 - rest % n_light).to(tl.int32)
+    bh = tl.where(pid < n_first, pid // tl.maximum(n_heavy, 1), rest // n_light)
     b = bh // H
     h = bh % H
     hk = h // GROUP
@@ -825,8 +831,16 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
                      VALUE_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr, WIDE: tl.constexpr, LISTS: tl.constexpr):
     # One key block of one kv head: its GROUP query heads add into the same dK, dV registers.
-    kb = tl.program_id(0)
-    bhk = tl.program_id(1).to(tl.int64)  # int64 b, h: see _fwd_kernel
+    # Longest programs first: the blocks of the rows that see every key (positions <= g - 1),
+    # for every (b, h), then the others
+    n_blocks = tl.num_programs(0)
+    n_heavy = tl.minimum((tl.maximum((tl.cast(prm_g, tl.int64) - 1) + 1 - k_offset, 0) + BLOCK_N - 1) // BLOCK_N, n_blocks)
+    pid = tl.program_id(1).to(tl.int64) * n_blocks + tl.program_id(0)
+    n_first = n_heavy * tl.num_programs(1)
+    rest = tl.maximum(pid - n_first, 0)
+    n_light = tl.maximum(n_blocks - n_heavy, 1)
+    kb = tl.where(pid < n_first, pid % tl.maximum(n_heavy, 1), n_heavy + rest % n_light).to(tl.int32)
+    bhk = tl.where(pid < n_first, pid // tl.maximum(n_heavy, 1), rest // n_light)
     H_KV = H // GROUP
     b = bhk // H_KV
     hk = bhk % H_KV
@@ -1032,8 +1046,16 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                    VALUE_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr, WIDE: tl.constexpr, LISTS: tl.constexpr):
-    qb = tl.num_programs(0) - 1 - tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)  # int64 b, h: see _fwd_kernel
+    # Longest programs first: the blocks of the rows that see every key (positions <= g - 1),
+    # for every (b, h), then the others, the last first (causal-like patterns' longest)
+    n_blocks = tl.num_programs(0)
+    n_heavy = tl.minimum((tl.maximum((tl.cast(prm_g, tl.int64) - 1) + 1 - q_offset, 0) + BLOCK_M - 1) // BLOCK_M, n_blocks)
+    pid = tl.program_id(1).to(tl.int64) * n_blocks + tl.program_id(0)
+    n_first = n_heavy * tl.num_programs(1)
+    rest = tl.maximum(pid - n_first, 0)
+    n_light = tl.maximum(n_blocks - n_heavy, 1)
+    qb = tl.where(pid < n_first, pid % tl.maximum(n_heavy, 1), n_blocks - 1 - rest % n_light).to(tl.int32)
+    bh = tl.where(pid < n_first, pid // tl.maximum(n_heavy, 1), rest // n_light)
     b = bh // H
     h = bh % H
     hk = h // GROUP

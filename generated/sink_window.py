@@ -292,10 +292,9 @@ def _fwd_kernel(Q, K, V, O, LSE,
                 VALUE_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 RETURN_LSE: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, VARLEN: tl.constexpr, WIDE: tl.constexpr,
                 LISTS: tl.constexpr):
-    # Heaviest query blocks first: with causal-like patterns the last rows see the most keys.
+    # Heaviest blocks first: with causal-like patterns the last rows see the most keys.
     qb = tl.num_programs(0) - 1 - tl.program_id(0)
-    # b, h in int64: their products with strides pass 2**31 in big tensors
-    bh = tl.program_id(1).to(tl.int64)
+    bh = tl.program_id(1).to(tl.int64)  # int64 b, h: their products with strides pass 2**31 in big tensors
     b = bh // H
     h = bh % H
     hk = h // GROUP
@@ -671,8 +670,16 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
                      VALUE_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr, WIDE: tl.constexpr, LISTS: tl.constexpr):
     # One key block of one kv head: its GROUP query heads add into the same dK, dV registers.
-    kb = tl.program_id(0)
-    bhk = tl.program_id(1).to(tl.int64)  # int64 b, h: see _fwd_kernel
+    # Longest programs first: the blocks of the rows that see every key (positions <= sinks - 1),
+    # for every (b, h), then the others
+    n_blocks = tl.num_programs(0)
+    n_heavy = tl.minimum((tl.maximum((tl.cast(prm_sinks, tl.int64) - 1) + 1 - k_offset, 0) + BLOCK_N - 1) // BLOCK_N, n_blocks)
+    pid = tl.program_id(1).to(tl.int64) * n_blocks + tl.program_id(0)
+    n_first = n_heavy * tl.num_programs(1)
+    rest = tl.maximum(pid - n_first, 0)
+    n_light = tl.maximum(n_blocks - n_heavy, 1)
+    kb = tl.where(pid < n_first, pid % tl.maximum(n_heavy, 1), n_heavy + rest % n_light).to(tl.int32)
+    bhk = tl.where(pid < n_first, pid // tl.maximum(n_heavy, 1), rest // n_light)
     H_KV = H // GROUP
     b = bhk // H_KV
     hk = bhk % H_KV
@@ -807,8 +814,9 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                    VALUE_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr, WIDE: tl.constexpr, LISTS: tl.constexpr):
+    # Heaviest blocks first: with causal-like patterns the last rows see the most keys.
     qb = tl.num_programs(0) - 1 - tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)  # int64 b, h: see _fwd_kernel
+    bh = tl.program_id(1).to(tl.int64)  # int64 b, h: their products with strides pass 2**31 in big tensors
     b = bh // H
     h = bh % H
     hk = h // GROUP

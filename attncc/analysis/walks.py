@@ -32,11 +32,13 @@ from enum import Enum
 from typing import Dict, List, Mapping, Optional, Tuple
 
 import sympy
+from sympy.core.function import AppliedUndef
 
 from attncc.analysis.bands import FIRST, LAST, Band, Cover
 from attncc.analysis.intexpr import int_value
-from attncc.analysis.symbols import BLOCK_N, N_K, k_offset, q_hi, q_lo
+from attncc.analysis.symbols import BLOCK_N, BOUND_SYMBOLS, N_K, k_offset, q_hi, q_lo
 from attncc.core.lazy import lazy_module
+from attncc.spec import symbols as S
 from attncc.spec.builtins import SHIFT_LIMIT, BitAnd, BitOr, BitXor, FloatDiv, Shift, Sigmoid, ToFloat, quotient
 
 torch = lazy_module("torch")  # on first use: `attncc build` never imports it
@@ -57,7 +59,10 @@ class Iteration(str, Enum):
 class Walk:
     """How one loop finds its blocks (module docstring). ``cover``, ``steps``, ``segments``,
     ``precondition``: BANDS only. ``reason``: why there is no closed form (BLOCK_LIST), or why
-    the closed form may not apply (its precondition), as a sentence for ``attncc explain``."""
+    the closed form may not apply (its precondition), as a sentence for ``attncc explain``.
+    ``heavy_rows``: the last row of the leading rows that see every key (global rows: a full-row
+    band ``x <= r``), an expression of the int params alone, or None: the kernels dispatch the
+    blocks holding those rows first (:func:`heavy_rows`)."""
 
     kind: Iteration
     cover: Optional[Cover] = None
@@ -65,6 +70,7 @@ class Walk:
     segments: int = 0
     precondition: sympy.Basic = sympy.true
     reason: str = ""
+    heavy_rows: Optional[sympy.Expr] = None
 
     @property
     def monotone(self) -> sympy.Basic:
@@ -89,7 +95,33 @@ def bands_walk(cover: Cover) -> Walk:
         _two_intervals(b, cover)
         segments = 2
     return Walk(Iteration.BANDS, cover, tuple(b.steps), segments, cover.precondition,
-                "" if cover.precondition is sympy.true else f"closed form exact when {cover.precondition}")
+                "" if cover.precondition is sympy.true else f"closed form exact when {cover.precondition}",
+                heavy_rows(cover))
+
+
+def heavy_rows(cover: Cover) -> Optional[sympy.Expr]:
+    """The last row position of the cover's leading full-row bands (``x <= r``: rows that see every
+    key, so their blocks walk every key block where the others walk a few), as an expression of
+    int params only (the same in every program: no ``b``, ``h``, lengths or inputs), a guard of
+    int params taken into it; None when there is none. Only a schedule: the kernels run the
+    blocks holding those rows first, for every batch row and head, so that the longest programs
+    do not start last (any value, clamped, gives the same results)."""
+    ends = []
+    for band in cover.rows:
+        if band.row_lo is not None or band.row_hi is None:
+            continue
+        if not all(_int_params_only(e) for e in (band.row_hi, band.guard)):
+            continue
+        ends.append(_where(band.guard, band.row_hi, -1))
+    return _max(*ends) if ends else None
+
+
+def _int_params_only(e) -> bool:
+    """Whether ``e`` reads int params only (no position, length, batch row, head or input)."""
+    call = set(S.INDEX_VARS.values()) | {S.n_heads, FIRST, LAST} | set(BOUND_SYMBOLS.values())
+    return (not e.atoms(AppliedUndef)
+            and all(isinstance(s, sympy.Symbol) and not isinstance(s, sympy.Dummy) and s.is_integer and s not in call
+                    for s in e.free_symbols))
 
 
 # ---------------------------------------------------------------------------------------------

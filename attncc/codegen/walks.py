@@ -16,7 +16,7 @@ the analysis' steps, printed.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, NamedTuple, Optional
 
 import sympy
 
@@ -56,6 +56,14 @@ def symbol_names(plan: Plan, steps, transposed: bool, prefix: str,
     return names
 
 
+class Heavy(NamedTuple):
+    """A walk's heavy rows for the kernels' dispatch (templates/walks.j2): ``text`` for the comment,
+    ``code`` the kernel expression."""
+
+    text: str
+    code: str
+
+
 def render_walk(plan: Plan, transposed: bool, names: Optional[Dict[str, str]] = None) -> dict:
     """The template's view of the forward (``transposed=False``) or the dK/dV walk: ``kind``,
     ``lists`` (the list loops are compiled in), ``closed`` (the closed-form loops are),
@@ -68,8 +76,12 @@ def render_walk(plan: Plan, transposed: bool, names: Optional[Dict[str, str]] = 
     out = dict(kind=walk.kind.value, lists=walk.kind is Iteration.BLOCK_LIST, closed=walk.kind is Iteration.BANDS,
                switch=False, steps=[], segments=walk.segments, out={}, full_kb="", masked_kb="", per_head=False,
                helpers=set(), note=walk_note(walk, transposed))
+    out["heavy"] = None
     if walk.kind is not Iteration.BANDS:
         return out
+    if walk.heavy_rows is not None:  # int params only: each as int64, the sum may pass 2**31
+        wide = TritonPrinter({p.symbol: f"tl.cast({param_var(p.name)}, tl.int64)" for p in plan.pattern.params})
+        out["heavy"] = Heavy(str(walk.heavy_rows), wide(walk.heavy_rows))
     names = symbol_names(plan, walk.steps, transposed, prefix, names)
     printer = TritonPrinter(names)
     record_definitions(walk.steps)  # their bounds, for the host's overflow guard (codegen.bounds)
