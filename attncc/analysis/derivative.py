@@ -55,6 +55,35 @@ def _select(e):
     return sympy.Piecewise(*[(_select(value * rest), cond) for value, cond in pw.args])
 
 
+class _Max2(sympy.Function):
+    """max(a, b) that sympy keeps as it is (sympy.Max flattens and sorts nested ones)."""
+
+    is_real = True
+
+    def fdiff(self, argindex=1):
+        a, b = self.args if argindex == 1 else self.args[::-1]
+        return sympy.Heaviside(a - b)
+
+
+class _Min2(sympy.Function):
+    """min(a, b) that sympy keeps as it is."""
+
+    is_real = True
+
+    def fdiff(self, argindex=1):
+        a, b = self.args if argindex == 1 else self.args[::-1]
+        return sympy.Heaviside(b - a)
+
+
+def _pairwise(*args, of=None):
+    """A ``min`` / ``max`` of several arguments as nested pairs in argument order."""
+    pair = _Max2 if isinstance(of, sympy.Max) else _Min2
+    out = of.args[0]
+    for a in of.args[1:]:
+        out = pair(out, a)
+    return out
+
+
 def score_derivative(mod) -> sympy.Expr:
     """d mod / d s, in nodes the printer renders (Heaviside and sign as Piecewise)."""
     return derivative(mod, S.s, what="[score].mod", wrt="s")
@@ -63,17 +92,23 @@ def score_derivative(mod) -> sympy.Expr:
 def derivative(e, x, *, what: str, wrt: str) -> sympy.Expr:
     """d e / d x (``x`` a symbol, or an input access such as ``rel_bias(h, ...)`` standing for
     the gathered element), in nodes the printer renders (Heaviside and sign as Piecewise)."""
+    # min / max of 3+ arguments as the reference folds them: pairwise in their order (torch.maximum of
+    # torch.maximum: at a tie each pair splits the gradient in halves), as functions that sympy
+    # neither flattens nor reorders (the stand-in below rebuilds the expression)
+    e = e.replace(lambda a: isinstance(a, (sympy.Min, sympy.Max)) and len(a.args) > 2,
+                  lambda a: _pairwise(of=a))
     if not isinstance(x, sympy.Symbol):  # an input access: differentiate by a stand-in symbol
         stand_in = sympy.Dummy("x", real=True)
         return derivative(e.xreplace({x: stand_in}), stand_in, what=what, wrt=wrt).xreplace({stand_in: x})
     # |u| of the language is that of a real u: sympy, unable to prove u real (an input's value
     # u[b, j], log(1 + 0.1 * (i - j))), would differentiate it as a complex modulus (re, im, arg)
     d = sympy.diff(e.replace(sympy.Abs, _RealAbs), x)  # Sigmoid knows its derivative (builtins.Sigmoid.fdiff)
-    d = d.replace(_RealAbs, sympy.Abs)
+    d = d.replace(_RealAbs, sympy.Abs).replace(_Max2, sympy.Max).replace(_Min2, sympy.Min)
     d = d.replace(lambda e: isinstance(e, sympy.Derivative) and len(e.variables) == 1, _step_derivative)
     d = d.replace(lambda e: isinstance(e, sympy.Subs) and not e.expr.has(sympy.Derivative), lambda e: e.doit())
-    # kinks (Max, Min, Abs) get a one-sided derivative
-    d = d.replace(sympy.Heaviside, lambda x, *rest: sympy.Piecewise((1, x > 0), (0, True)))
+    # the kinks of max and min: at a tie each side gets half the gradient (torch.maximum's backward;
+    # both sides got 0 there: a table initialised to zeros never trained)
+    d = d.replace(sympy.Heaviside, lambda x, *rest: sympy.Piecewise((1, x > 0), (sympy.S.Half, sympy.Eq(x, 0)), (0, True)))
     d = _select(d)
     d = d.replace(sympy.sign, lambda x: sympy.Piecewise((1, x > 0), (-1, x < 0), (0, True)))
     # a kink of a piecewise value (abs(where(j <= i, s, -1.5)), max(where(c, s, -inf), 0)) compares

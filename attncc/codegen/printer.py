@@ -699,10 +699,10 @@ class PythonPrinter(TritonPrinter):
         return f"float({self.p(e.args[0])})"
 
     def _Max(self, e):
-        return self._fold("max", e.args)
+        return self._fold("max", e)
 
     def _Min(self, e):
-        return self._fold("min", e.args)
+        return self._fold("min", e)
 
     def _FloorDiv(self, e):
         return f"({self.p(e.args[0])} // {self.p(e.args[1])})"

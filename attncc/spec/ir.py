@@ -42,7 +42,9 @@ class InputDecl:
         # division of integers (exact in the kernels, attncc.analysis.integer)
         if self.dtype in INTEGER_DTYPES:
             return sympy.Function(self.name, integer=True)
-        return sympy.Function(self.name)
+        # real: sympy would otherwise take a float input's value for a complex number (abs(exp(x[h]))
+        # became exp(re(x[h])), which no printer renders)
+        return sympy.Function(self.name, real=True)
 
 
 @dataclass(frozen=True)
