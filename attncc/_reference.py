@@ -66,6 +66,9 @@ def _param_values(pattern: Pattern, overrides: Optional[Mapping[str, Any]]) -> D
         if p.count and v > p.value:  # as the kernels: a reduction's count up to its spec value
             raise ValueError(f"param '{name}' of pattern '{pattern.name}' counts the terms of a reduction "
                              f"(range({name})): at most its value in the spec, {p.value}, got {v}")
+        if kind == "int" and not semantics.INT_PARAM_MIN <= v < semantics.INT_LIMIT:  # as the kernels
+            raise ValueError(f"param '{name}' of pattern '{pattern.name}' must be an integer from -2**31 to "
+                             f"2**62 - 1 (as the kernels take it), got {v}")
         if kind == "float" and not semantics.float32_holds(v):
             raise ValueError(f"param '{name}' of pattern '{pattern.name}' must be a finite number in float32's range "
                              f"(as the kernels take it), got {v!r}")

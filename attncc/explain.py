@@ -27,6 +27,9 @@ from typing import List, Optional
 PAIR_PLOT_LIMIT = 512
 
 
+MAX_ROWS = 2**24  # --n / --nk: the tile counts take time in proportion to the lengths (not to pairs)
+
+
 def _block(text: str):
     try:
         m, n = (int(v) for v in text.lower().split("x"))
@@ -248,6 +251,10 @@ def main_explain(argv: Optional[List[str]] = None) -> int:
     n_k = args.nk if args.nk is not None else args.n
     if n_q < 1 or n_k < 1:
         print(f"attncc explain: lengths must be positive, got --n {n_q} --nk {n_k}", file=sys.stderr)
+        return 2
+    if max(n_q, n_k) > MAX_ROWS:
+        print(f"attncc explain: lengths up to 2**24 ({MAX_ROWS}): the counts take time in proportion to them "
+              f"(~2 s at 2**20), got --n {n_q} --nk {n_k}", file=sys.stderr)
         return 2
     for flag, value in (("--head-dim", args.head_dim), ("--value-dim", args.value_dim), ("--batch", args.batch),
                         ("--heads", args.heads)):

@@ -264,3 +264,32 @@ def test_cli_reports_what_the_code_generator_lacks(tmp_path, monkeypatch, capsys
     assert main(["build", a, "--out", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err == "attncc build: attncc cannot render Foo: foo(i)\n"
     assert not (tmp_path / "out").exists()
+
+
+def test_builds_into_one_folder_never_take_another_specs_file(tmp_path):
+    """`<x>_gluon.py` is spec x's Gluon fragments file and the module of a spec named x_gluon: a later
+    build into the same folder refuses to replace or remove the other one (found by a probe: building
+    x deleted the module of x_gluon, or replaced it with x's fragments), and writes nothing."""
+    specs = {"a": 'name = "foo_gluon"\n[mask]\nwhere = "j <= i"\n',
+             "plain": 'name = "foo"\n[mask]\nwhere = "j <= i"\n',  # no fragments: its build removed foo_gluon.py
+             "fragments": 'name = "foo"\n[params]\nw = 5\n[mask]\nwhere = "j <= i and i - j < w"\n'}
+    files = {}
+    for key, text in specs.items():
+        files[key] = tmp_path / f"{key}.toml"
+        files[key].write_text(text)
+    out = tmp_path / "out"
+    build([files["a"]], out)
+    module = (out / "foo_gluon.py").read_text()
+    for other in ("plain", "fragments"):
+        with pytest.raises(SpecError, match="not a Gluon fragments file"):
+            build([files[other]], out)
+        assert (out / "foo_gluon.py").read_text() == module and not (out / "foo.py").exists()
+    out2 = tmp_path / "out2"
+    build([files["fragments"]], out2)
+    fragments = (out2 / "foo_gluon.py").read_text()
+    with pytest.raises(SpecError, match="holds the Gluon fragments"):
+        build([files["a"]], out2)
+    assert (out2 / "foo_gluon.py").read_text() == fragments
+    build([files["fragments"]], out2)  # its own fragments: rebuilt as before
+    build([files["plain"]], out2)  # and removed when the spec has none now
+    assert not (out2 / "foo_gluon.py").exists() and (out2 / "foo.py").exists()

@@ -208,6 +208,10 @@ def test_bad_dtype_and_sizes_are_refused(capsys):
     assert e.value.code == 2 and "expected one of bf16, fp16, fp32" in capsys.readouterr().err
     assert main_explain([str(SPECS / "causal.toml"), "--head-dim", "0"]) == 2
     assert "--head-dim must be positive, got 0" in capsys.readouterr().err
+    # lengths past 2**24: refused at once (the counts take time in proportion to them: a probe's
+    # --n 10**12 ran without end)
+    assert main_explain([str(SPECS / "causal.toml"), "--n", str(10**12)]) == 2
+    assert "lengths up to 2**24" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------

@@ -544,3 +544,15 @@ def test_index_env_grids():
     assert env["i"].shape == (1, 1, 4, 1) and env["i"].flatten().tolist() == [10, 11, 12, 13]
     assert env["j"].shape == (1, 1, 1, 5) and env["j"].flatten().tolist() == [1, 2, 3, 4, 5]
     assert (env["n_q"], env["n_k"], env["n_heads"], env["window"]) == (14, 6, 3, 1024)
+
+
+def test_int_params_past_what_the_kernels_take_are_refused():
+    """The reference takes an int param's override in the kernels' range only (-2**31 to 2**62 - 1),
+    as the generated modules do (it took 2**62 and -2**31 - 1, which a call refuses)."""
+    p = parse_spec('[params]\ng = 3\n[mask]\nwhere = "i < g or j <= i"\n')
+    q = torch.randn(1, 1, 4, 8, dtype=torch.float64)
+    for g in (2**62 - 1, -2**31):
+        reference(p, q, q, q, g=g)
+    for g in (2**62, -2**31 - 1):
+        with pytest.raises(ValueError, match="2\\*\\*62 - 1"):
+            reference(p, q, q, q, g=g)

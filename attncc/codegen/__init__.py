@@ -181,6 +181,8 @@ def build(specs: Iterable, out_dir="generated") -> List[Path]:
     was), and each file is replaced whole (:func:`_replace`): never truncated, never written through
     a symlink."""
     rendered = [(path, render_files(pattern)) for pattern, path in _targets(specs, out_dir)]
+    for path, _ in rendered:
+        _check_not_another_specs(path)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     init = Path(out_dir) / "__init__.py"
     if init.is_symlink() or not init.exists():
@@ -194,6 +196,26 @@ def build(specs: Iterable, out_dir="generated") -> List[Path]:
             elif paths[suffix].is_symlink() or paths[suffix].is_file():
                 paths[suffix].unlink()  # an earlier build's fragments of a spec that has none now
     return [path for path, _ in rendered]
+
+
+FRAGMENTS_MARK = "# The Gluon sm90 kernels' fragments of pattern "  # a line of every fragments file's header
+
+
+def _check_not_another_specs(path: Path) -> None:
+    """Refuse a build whose files would replace or remove another spec's: ``<x>_gluon.py`` is the
+    Gluon fragments file of spec ``x`` and the module of a spec named ``x_gluon``. Within one build
+    :func:`_targets` refuses the pair; across builds into one folder, the file already there says
+    which it is (its header), and a build must not overwrite or delete it as the other."""
+    paths = _paths(path)
+    module, fragments = _current(paths[MODULE]), _current(paths[GLUON])
+    if module is not None and "\n" + FRAGMENTS_MARK in module[:2000]:
+        raise SpecError(str(paths[MODULE]), "name", f"{paths[MODULE]} holds the Gluon fragments of spec "
+                        f"'{path.stem[:-len('_gluon')]}' built there before: rename this spec (names ending in "
+                        f"_gluon meet the fragments files of other specs) or build it into another folder")
+    if fragments is not None and "\n" + FRAGMENTS_MARK not in fragments[:2000]:
+        raise SpecError(str(paths[GLUON]), "name", f"{paths[GLUON]} is not a Gluon fragments file (the module of a "
+                        f"spec named '{path.stem}_gluon', or a file of yours): building '{path.stem}' there would "
+                        f"replace or remove it; rename one of the specs or build into another folder")
 
 
 def gluon_file(module: Path) -> Path:

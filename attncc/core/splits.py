@@ -1,6 +1,7 @@
 """The compiler's own params of split patterns (attncc.analysis.residue writes the kernels' pattern
-with them, attncc.runtime.residue sets them per part of a call). A spec's names cannot start with
-"_" (attncc.spec.load), so these never meet a spec's."""
+with them, attncc.runtime.residue sets them per part of a call). A spec may name its own params so
+too: then its pattern is not split (attncc.analysis.residue refuses names it would add), so these
+never meet a spec's."""
 
 # residue classes: i -> STEP*i + CQ, j -> STEP*j + CK (the spec's own positions at 1, 0, 0)
 STEP, CQ, CK = "_rs_step", "_rs_cq", "_rs_ck"
