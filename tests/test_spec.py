@@ -224,4 +224,4 @@ def test_inputs_and_heads():
     g = load_spec(SPECS[0].parent / "gqa.toml")
     assert (g.heads_q, g.heads_kv) == (32, 8)
     bool_input = parse_spec('[inputs]\nkeep = { dims = ["b", "n"], dtype = "bool" }\n[mask]\nwhere = "keep[b, j]"')
-    assert bool_input.mask == sympy.Ne(sympy.Function("keep")(S.b, S.j), 0)
+    assert bool_input.mask == sympy.Ne(sympy.Function("keep", real=True)(S.b, S.j), 0)
