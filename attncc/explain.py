@@ -145,6 +145,8 @@ def format_text(d: dict) -> str:
         lines.append(f"    tiles     {w['visited']} visited ({w['unmasked']} unmasked), {t['empty']} empty, "
                      f"{t['full']} full, {t['partial']} partial")
         lines += [f"    {b}" for b in w["bands"]]
+        if w.get("first"):
+            lines.append(f"    longest first: the blocks of {w['first']} run before the others, for every batch row and head")
     if d["classifier"] and d["dynamic"]:
         lines.append("  tile classifier (interval program):")
         lines += [f"    {s}" for s in d["classifier"]]

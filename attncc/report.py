@@ -445,6 +445,9 @@ def explain_data(plan: Plan, *, n_q: int, n_k: int, block_m: int = 128, block_n:
             "path": walk_path(plan, walk, q_rows=n_q, k_rows=n_k, params=params),
             "reason": w.reason,
             "bands": list(w.cover.lines()) if w.cover is not None else [],
+            # the blocks the kernels run first (templates/walks.j2 dispatch): those of rows that see
+            # every key (every query, in dK/dV), for every batch row and head; None: the plain order
+            "first": None if w.heavy_rows is None else f"x <= {w.heavy_rows}",
             "tiles": t,
             "visited": t["full"] + t["partial"],
             "unmasked": t["full"],

@@ -14,12 +14,14 @@
 #   band: -w + x <= j <= w + x
 #   exact when: -2*w <= 0
 #   calls that break the precondition take the exact block lists
+#   longest first: the blocks of x <= g - 1 (every key) run before the others, for every batch row and head
 # Query blocks per key block (dK/dV): closed form, the mask as monotone bands (x: key position, j: query position)
 #   rows: rows -inf <= x <= g - 1: -inf <= j <= inf
 #   column: -inf <= j <= g - 1
 #   band: -w + x <= j <= w + x
 #   exact when: -2*w <= 0
 #   calls that break the precondition take the exact block lists
+#   longest first: the blocks of x <= g - 1 (every query) run before the others, for every batch row and head
 # On Hopper: the Gluon sm90 kernels with this pattern's walks, mask and score, rendered into the
 # _gluon.py file beside this one. _forward and _backward hand a call to them where
 # attncc.runtime.backend selects them (ATTNCC_BACKEND, each on its own); the tl kernels below run

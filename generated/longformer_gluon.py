@@ -21,12 +21,14 @@
 #   band: -w + x <= j <= w + x
 #   exact when: -2*w <= 0
 #   calls that break the precondition take the exact block lists
+#   longest first: the blocks of x <= g - 1 (every key) run before the others, for every batch row and head
 # the backward's dK/dV kernel: closed form, the mask as monotone bands (x: key position, j: query position); 2 sorted segments of query blocks per key block
 #   rows: rows -inf <= x <= g - 1: -inf <= j <= inf
 #   column: -inf <= j <= g - 1
 #   band: -w + x <= j <= w + x
 #   exact when: -2*w <= 0
 #   calls that break the precondition take the exact block lists
+#   longest first: the blocks of x <= g - 1 (every query) run before the others, for every batch row and head
 """longformer: the Gluon sm90 kernels' walks, mask and score, rendered from specs/longformer.toml."""
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl

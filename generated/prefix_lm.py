@@ -12,6 +12,7 @@
 # Query blocks per key block (dK/dV): closed form, the mask as monotone bands (x: key position, j: query position)
 #   rows: rows -inf <= x <= prefix - 1: -inf <= j <= inf
 #   band: x <= j <= inf
+#   longest first: the blocks of x <= prefix - 1 (every query) run before the others, for every batch row and head
 # On Hopper: the Gluon sm90 kernels with this pattern's walks, mask and score, rendered into the
 # _gluon.py file beside this one. _forward and _backward hand a call to them where
 # attncc.runtime.backend selects them (ATTNCC_BACKEND, each on its own); the tl kernels below run

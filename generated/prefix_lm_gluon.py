@@ -19,6 +19,7 @@
 # the backward's dK/dV kernel: closed form, the mask as monotone bands (x: key position, j: query position); 1 sorted segment of query blocks per key block
 #   rows: rows -inf <= x <= prefix - 1: -inf <= j <= inf
 #   band: x <= j <= inf
+#   longest first: the blocks of x <= prefix - 1 (every query) run before the others, for every batch row and head
 """prefix_lm: the Gluon sm90 kernels' walks, mask and score, rendered from specs/prefix_lm.toml."""
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl

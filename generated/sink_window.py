@@ -18,6 +18,7 @@
 #   band: x <= j <= window + x - 1
 #   exact when: 1 - window <= 0
 #   calls that break the precondition take the exact block lists
+#   longest first: the blocks of x <= sinks - 1 (every query) run before the others, for every batch row and head
 # On Hopper: the Gluon sm90 kernels with this pattern's walks, mask and score, rendered into the
 # _gluon.py file beside this one. _forward and _backward hand a call to them where
 # attncc.runtime.backend selects them (ATTNCC_BACKEND, each on its own); the tl kernels below run

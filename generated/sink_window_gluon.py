@@ -25,6 +25,7 @@
 #   band: x <= j <= window + x - 1
 #   exact when: 1 - window <= 0
 #   calls that break the precondition take the exact block lists
+#   longest first: the blocks of x <= sinks - 1 (every query) run before the others, for every batch row and head
 """sink_window: the Gluon sm90 kernels' walks, mask and score, rendered from specs/sink_window.toml."""
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl

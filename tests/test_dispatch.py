@@ -55,3 +55,10 @@ def test_every_block_runs_once(case):
     assert rel_err(o, ref) < 1e-5
     for label, got, w in zip("qkv", grads, want):
         assert rel_err(got, w) < 1e-5, label
+
+
+def test_explain_says_which_blocks_run_first():
+    from attncc.report import explain_data
+
+    d = explain_data(analyze(attncc.parse_spec(SINKS)), n_q=256, n_k=256)
+    assert d["walks"]["forward"]["first"] is None and d["walks"]["dkdv"]["first"] == "x <= sinks - 1"

@@ -109,6 +109,9 @@ def walk_note(walk: Walk, transposed: bool = False):
     lines = [f"closed form, the mask as monotone bands ({rows})"] + [f"  {line}" for line in walk.cover.lines()]
     if walk.precondition is not sympy.true:
         lines.append("  calls that break the precondition take the exact block lists")
+    if walk.heavy_rows is not None:
+        lines.append(f"  longest first: the blocks of x <= {walk.heavy_rows} (every {'query' if transposed else 'key'}) "
+                     f"run before the others, for every batch row and head")
     return lines
 
 
