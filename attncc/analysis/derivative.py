@@ -75,7 +75,7 @@ class _Min2(sympy.Function):
         return sympy.Heaviside(b - a)
 
 
-def _pairwise(*args, of=None):
+def _pairwise(of):
     """A ``min`` / ``max`` of several arguments as nested pairs in argument order."""
     pair = _Max2 if isinstance(of, sympy.Max) else _Min2
     out = of.args[0]
@@ -96,7 +96,7 @@ def derivative(e, x, *, what: str, wrt: str) -> sympy.Expr:
     # torch.maximum: at a tie each pair splits the gradient in halves), as functions that sympy
     # neither flattens nor reorders (the stand-in below rebuilds the expression)
     e = e.replace(lambda a: isinstance(a, (sympy.Min, sympy.Max)) and len(a.args) > 2,
-                  lambda a: _pairwise(of=a))
+                  _pairwise)
     if not isinstance(x, sympy.Symbol):  # an input access: differentiate by a stand-in symbol
         stand_in = sympy.Dummy("x", real=True)
         return derivative(e.xreplace({x: stand_in}), stand_in, what=what, wrt=wrt).xreplace({stand_in: x})
