@@ -100,6 +100,12 @@ class TorchArrays:
         return torch.maximum(a, b)
 
     @staticmethod
+    def extreme(args, largest: bool):
+        """min / max of 3+ arrays with torch.amax's gradient at ties (shared evenly by the tied ones)."""
+        stacked = torch.stack(torch.broadcast_tensors(*args))
+        return stacked.amax(0) if largest else stacked.amin(0)
+
+    @staticmethod
     def floor_divide(n, d):
         return torch.div(n, d, rounding_mode="floor")
 
@@ -194,6 +200,11 @@ class NumpyArrays:
     where = staticmethod(np.where)
     minimum = staticmethod(np.minimum)
     maximum = staticmethod(np.maximum)
+
+    @staticmethod
+    def extreme(args, largest: bool):
+        stacked = np.stack(np.broadcast_arrays(*args))
+        return stacked.max(0) if largest else stacked.min(0)
     floor_divide = staticmethod(np.floor_divide)  # Python's, for floats too (1 // 0.1 is 9.0, as torch's)
     remainder = staticmethod(np.remainder)  # Python's, for floats too
     broadcast = staticmethod(np.broadcast_arrays)
@@ -371,11 +382,9 @@ class Evaluator:
             return abs(self.numbers(self(e.args[0]))[0])
         if isinstance(e, (sympy.Min, sympy.Max)):
             args = self.common(*[self(a) for a in e.args])
-            pick = ar.minimum if isinstance(e, sympy.Min) else ar.maximum
-            out = args[0]
-            for a in args[1:]:
-                out = pick(out, a)
-            return out
+            if len(args) > 2:  # ties share the gradient evenly, as the kernels' (analysis.derivative)
+                return ar.extreme(args, isinstance(e, sympy.Max))
+            return (ar.minimum if isinstance(e, sympy.Min) else ar.maximum)(*args)
         if isinstance(e, sympy.Piecewise):
             conds = [None if cond is sympy.true else self.bool_(cond) for _, cond in e.args]
             out = None

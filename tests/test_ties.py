@@ -1,5 +1,5 @@
 """Kinks of max and min at a tie pass the gradient as torch.maximum / torch.minimum do: half to each
-side, pairwise in the argument order for 3+ arguments (as the reference folds them). Both sides got
+side; k tied arguments of a 3+ argument min / max get 1/k each, as torch.amax (and the reference). Both sides got
 0 there, so a table initialised to zeros never trained (found by a probe); float inputs are real
 numbers to sympy (abs(exp(x[h])) was exp(re(x[h])), which no printer renders); a host condition
 with a max or min renders (PythonPrinter)."""
@@ -24,6 +24,8 @@ TIES = {
                         'mod = "min(s * u[h], s, s * t[h])"', {"t": [1.0, 1.0], "u": [1.0, 3.0]}),
     "masked min": ("", 'mod = "min(where(j <= i, s, -inf), s)"', {}),
     "min with a constant": ("", 'mod = "min(where(j <= i, s, 5.0), s)"', {}),
+    "three ways, in an index": ('rel = { dims = ["h", 16], dtype = "float32", grad = true }',
+                                'bias = "rel[h, min(i, j, 3)] + 0.5 * rel[h, 15]"', {"rel": [[0.1 * n for n in range(16)]] * 2}),
     "abs of exp": ('x = { dims = ["h"], dtype = "float32", grad = true }', 'mod = "s * abs(exp(x[h]))"', {"x": [0.3, -0.2]}),
 }
 
@@ -54,3 +56,26 @@ def test_a_host_condition_with_max_renders():
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 1, 90, 16, generator=gen) for _ in range(3))
     assert rel_err(mod.attention(q, k, v), attncc.reference(p, q.double(), k.double(), v.double())) < 1e-5
+
+
+def test_three_way_ties_share_the_gradient_evenly_whatever_the_written_order():
+    """k tied arguments of a max get 1/k each (torch.amax), in any written order (a probe found the
+    split following sympy's sorted arguments); the table's total gradient is that of one argument."""
+    grads = []
+    for order in ("y[h], x[h], 0.0", "0.0, x[h], y[h]", "x[h], 0.0, y[h]"):
+        text = ('[inputs]\nx = { dims = ["h"], dtype = "float32", grad = true }\n'
+                'y = { dims = ["h"], dtype = "float32", grad = true }\n'
+                f'[score]\nbias = "max({order}) * (j - i) * 0.1"\n')
+        mod = attncc.compile(text)
+        gen = torch.Generator().manual_seed(7)
+        q, k, v = (torch.randn(1, 1, 9, 16, generator=gen) for _ in range(3))
+        x, y = torch.zeros(1, requires_grad=True), torch.zeros(1, requires_grad=True)
+        mod.attention(q, k, v, x=x, y=y).sum().backward()
+        grads.append((float(x.grad), float(y.grad)))
+        # one table alone in the max with the tie: all of the gradient
+        lone = attncc.compile('[inputs]\nx = { dims = ["h"], dtype = "float32", grad = true }\n'
+                              '[score]\nbias = "x[h] * (j - i) * 0.1"\n')
+        xl = torch.zeros(1, requires_grad=True)
+        lone.attention(q, k, v, x=xl).sum().backward()
+        assert abs(3 * grads[-1][0] - float(xl.grad)) < 1e-5 * max(1.0, abs(float(xl.grad)))
+    assert all(abs(a - grads[0][0]) < 1e-6 and abs(b - grads[0][0]) < 1e-6 for a, b in grads), grads

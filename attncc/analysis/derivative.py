@@ -55,33 +55,30 @@ def _select(e):
     return sympy.Piecewise(*[(_select(value * rest), cond) for value, cond in pw.args])
 
 
-class _Max2(sympy.Function):
-    """max(a, b) that sympy keeps as it is (sympy.Max flattens and sorts nested ones)."""
+class _Extreme(sympy.Function):
+    """min / max of 3+ arguments with torch.amax's gradient at ties: the k arguments equal to the
+    result share it, 1/k each (sympy's own derivative gives each tied argument 1/2: 3/2 in all)."""
 
     is_real = True
+    pick = None
 
     def fdiff(self, argindex=1):
-        a, b = self.args if argindex == 1 else self.args[::-1]
-        return sympy.Heaviside(a - b)
+        top = self.pick(*self.args)
+        tied = sympy.Add(*[sympy.Piecewise((1, sympy.Eq(a, top)), (0, True)) for a in self.args])
+        return sympy.Piecewise((1 / tied, sympy.Eq(self.args[argindex - 1], top)), (0, True))
 
 
-class _Min2(sympy.Function):
-    """min(a, b) that sympy keeps as it is."""
-
-    is_real = True
-
-    def fdiff(self, argindex=1):
-        a, b = self.args if argindex == 1 else self.args[::-1]
-        return sympy.Heaviside(b - a)
+class _MaxN(_Extreme):
+    pick = sympy.Max
 
 
-def _pairwise(of):
-    """A ``min`` / ``max`` of several arguments as nested pairs in argument order."""
-    pair = _Max2 if isinstance(of, sympy.Max) else _Min2
-    out = of.args[0]
-    for a in of.args[1:]:
-        out = pair(out, a)
-    return out
+class _MinN(_Extreme):
+    pick = sympy.Min
+
+
+def _extreme(e):
+    """A ``min`` / ``max`` of 3+ arguments as :class:`_Extreme` (differentiated by it)."""
+    return (_MaxN if isinstance(e, sympy.Max) else _MinN)(*e.args)
 
 
 def score_derivative(mod) -> sympy.Expr:
@@ -92,18 +89,16 @@ def score_derivative(mod) -> sympy.Expr:
 def derivative(e, x, *, what: str, wrt: str) -> sympy.Expr:
     """d e / d x (``x`` a symbol, or an input access such as ``rel_bias(h, ...)`` standing for
     the gathered element), in nodes the printer renders (Heaviside and sign as Piecewise)."""
-    # min / max of 3+ arguments as the reference folds them: pairwise in their order (torch.maximum of
-    # torch.maximum: at a tie each pair splits the gradient in halves), as functions that sympy
-    # neither flattens nor reorders (the stand-in below rebuilds the expression)
-    e = e.replace(lambda a: isinstance(a, (sympy.Min, sympy.Max)) and len(a.args) > 2,
-                  _pairwise)
     if not isinstance(x, sympy.Symbol):  # an input access: differentiate by a stand-in symbol
         stand_in = sympy.Dummy("x", real=True)
         return derivative(e.xreplace({x: stand_in}), stand_in, what=what, wrt=wrt).xreplace({stand_in: x})
+    # min / max of 3+ arguments: ties share the gradient evenly (torch.amax's rule, as the reference);
+    # after the stand-in, which must find an input access as written (its index may hold a min)
+    e = e.replace(lambda a: isinstance(a, (sympy.Min, sympy.Max)) and len(a.args) > 2, _extreme)
     # |u| of the language is that of a real u: sympy, unable to prove u real (an input's value
     # u[b, j], log(1 + 0.1 * (i - j))), would differentiate it as a complex modulus (re, im, arg)
     d = sympy.diff(e.replace(sympy.Abs, _RealAbs), x)  # Sigmoid knows its derivative (builtins.Sigmoid.fdiff)
-    d = d.replace(_RealAbs, sympy.Abs).replace(_Max2, sympy.Max).replace(_Min2, sympy.Min)
+    d = d.replace(_RealAbs, sympy.Abs).replace(_MaxN, sympy.Max).replace(_MinN, sympy.Min)
     d = d.replace(lambda e: isinstance(e, sympy.Derivative) and len(e.variables) == 1, _step_derivative)
     d = d.replace(lambda e: isinstance(e, sympy.Subs) and not e.expr.has(sympy.Derivative), lambda e: e.doit())
     # the kinks of max and min: at a tie each side gets half the gradient (torch.maximum's backward;
