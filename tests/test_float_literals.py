@@ -57,3 +57,24 @@ def test_kernels_allow_the_pair_on_the_literal(tmp_path):
     o = mod.attention(torch.zeros(1, 1, N, 16), torch.zeros(1, 1, N, 16), torch.eye(N).view(1, 1, N, N))
     jj = torch.arange(N, dtype=torch.float64).expand(N, N)
     assert torch.equal(o[0, 0] > 0, (jj * 0.1 > 0.3) | (jj / 10 == 0.7))
+
+
+def test_float_params_keep_their_float64_value_in_masks_and_conditions():
+    """A float param is a float64 kernel argument when compiled; under the interpreter it arrives as a
+    Python float, which Triton took as a float32 constant beside a tensor: `j * 0.1 > f` with f = 0.3
+    left out j = 3 in [mask] and in a condition of [score].mod (found by a probe). Random params and
+    overrides, against the reference's pairs."""
+    import attncc
+
+    rng = random.Random(11)
+    for where in ("j * 0.1 > f", "i * 0.3 <= f + j * 0.1", "(i - j) * f < 0.7"):
+        for body in (f'[mask]\nwhere = "{where}"', f'[score]\nmod = "where({where}, s, -inf)"'):
+            text = f"[params]\nf = 0.3\n{body}\n"
+            mod, p = attncc.compile(text), parse_spec(text)
+            for f in (0.3, rng.choice(CONSTANTS), 1.1):
+                q, k = torch.zeros(1, 1, 12, 16), torch.zeros(1, 1, 12, 16)
+                v = torch.eye(16)[:12].view(1, 1, 12, 16)
+                o = mod.attention(q, k, v, f=f)
+                allowed = o[0, 0, :, :12] > 0
+                want = pair_mask(p, q_rows=12, k_rows=12, params={"f": f})[0, 0]
+                assert torch.equal(allowed | ~want.any(-1, keepdim=True), want | ~want.any(-1, keepdim=True)), (where, f)

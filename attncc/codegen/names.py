@@ -80,8 +80,12 @@ def param_arg(param) -> str:
 def param_value(param, float64: bool) -> str:
     """A param's value in printed code: float params in float32 (score) code are cast down, so
     that a float64 scalar does not turn a tile of scores into float64."""
-    if param.kind == "float" and not float64:
-        return f"tl.cast({param_var(param.name)}, tl.float32)"  # a Python float in the interpreter: no .to()
+    if param.kind == "float":
+        if not float64:
+            return f"tl.cast({param_var(param.name)}, tl.float32)"  # a Python float in the interpreter: no .to()
+        # a float64 argument when compiled; in the interpreter a Python float, which Triton would take as
+        # a float32 constant beside a tensor (0.3 as 0.30000001192: `j * 0.1 > f` lost j = 3)
+        return f"tl.full((), {param_var(param.name)}, tl.float64)"
     return param_var(param.name)
 
 
@@ -92,4 +96,4 @@ def float64_text(text: str) -> str:
     """The float64 value of what score code names ``text``: a float param's own variable for its
     float32 cast (:func:`param_value`), anything else as it is."""
     m = _FLOAT32_PARAM.fullmatch(text)
-    return m.group(1) if m else text
+    return f"tl.full((), {m.group(1)}, tl.float64)" if m else text
