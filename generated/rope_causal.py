@@ -111,11 +111,15 @@ def _rope(x, x_partner, pos, cols, ROTARY_DIM: tl.constexpr):
 
     The angle pos * inv_freq is a float64 product (in float32 it is off by ~0.06 rad at position
     1e6), reduced to [-pi, pi] in float64 (2 pi in two parts, the first product exact in an fma);
-    sin and cos of the reduced angle are float32."""
-    inv_freq = tl.exp2(-(2.0 * (cols % (ROTARY_DIM // 2)).to(tl.float64) / ROTARY_DIM) * ROPE_LOG2_THETA)
+    sin and cos of the reduced angle are float32. The float64 constants are tl.full: Triton's
+    interpreter makes a Python float beside a float64 tensor a float32 constant (2 pi off by 1.7e-7
+    per turn: 0.03 rad at position 1e6)."""
+    log2_theta = tl.full((), ROPE_LOG2_THETA, tl.float64)
+    inv_freq = tl.exp2(-(2.0 * (cols % (ROTARY_DIM // 2)).to(tl.float64) / ROTARY_DIM) * log2_theta)
     angle = pos[:, None].to(tl.float64) * inv_freq[None, :]
-    turns = tl.floor(angle * 0.15915494309189535 + 0.5)
-    angle = tl.fma(turns, -6.283185307179586, angle) - turns * 2.4492935982947064e-16
+    turns = tl.floor(angle * tl.full((), 0.15915494309189535, tl.float64) + 0.5)
+    angle = (tl.fma(turns, tl.full((), -6.283185307179586, tl.float64), angle)
+             - turns * tl.full((), 2.4492935982947064e-16, tl.float64))
     cos = tl.cos(angle.to(tl.float32))
     sin = tl.sin(angle.to(tl.float32))
     sign = tl.where(cols < ROTARY_DIM // 2, -1.0, 1.0)
