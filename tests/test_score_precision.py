@@ -134,7 +134,7 @@ def test_non_finite_row_terms(built):
 
 # ------------------------------------------------------------------------------------------------
 # The backward of a score with a large term constant along j (a row term): the forward keeps its LSE
-# less the row terms for the backward (attncc.runtime.launch.keep_raw_lse). From the returned LSE,
+# less the row terms for the backward (attncc.runtime.autograd.keep_raw_lse). From the returned LSE,
 # which holds them in float32, the gradients were off by 1e-2 at 0.1 * i near i = 10**6 and by 50x
 # at 2**29 (a probe of session 13), while o was exact.
 

@@ -38,8 +38,9 @@ _EXPORTS = {
     "padded_dim": ("attncc.runtime.configs", "padded_dim"),
     **{name: ("attncc.runtime.launch", name) for name in (
         "LN2", "LOG2E", "backward_configs", "bound_launch", "cdiv", "ensure_allocator", "fast_kernel", "fast_math",
-        "grad_operand", "grads_as_inputs", "keep_raw_lse", "kernel_operands", "launch", "next_power_of_2",
-        "pick_config", "raw_lse", "run_attention", "seal_raw_lse", "shared_tile_config", "tma_ready")},
+        "grad_operand", "grads_as_inputs", "kernel_operands", "launch", "next_power_of_2", "pick_config",
+        "run_attention", "shared_tile_config", "tma_ready")},
+    **{name: ("attncc.runtime.autograd", name) for name in ("keep_raw_lse", "raw_lse", "seal_raw_lse")},
 }
 
 __all__ = sorted(_EXPORTS)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Optional
 
 import torch
 
@@ -45,11 +46,10 @@ class AttentionFunction(torch.autograd.Function):
         ctx.call = call
         ctx.watched = (watch((call.cu_seqlens_q, call.cu_seqlens_k, *call.inputs.values()))
                        if call.inputs or call.varlen else None)
-        # The LSE less the score's row terms, where the forward kept it (attncc.runtime.launch.keep_raw_lse):
+        # The LSE less the score's row terms, where the forward kept it (keep_raw_lse):
         # saved with the LSE, so that a backward that gets other tensors than the forward's (saved-tensor
         # hooks that copy, torch.utils.checkpoint's recomputation) gets the raw LSE that goes with them.
-        kept = (call.for_backward or {}).get("raw_lse")
-        raw = kept[1] if kept is not None and len(kept) == 3 and kept[0] is lse else None
+        raw = raw_lse(call, lse)
         ctx.has_raw = raw is not None
         ctx.save_for_backward(q, k, v, o, lse, *grad_inputs, *((raw,) if raw is not None else ()))
         # The gradient of an unused LSE stays None: materialized, autograd would fill a zero
@@ -63,7 +63,7 @@ class AttentionFunction(torch.autograd.Function):
         call = ctx.call
         if ctx.has_raw:  # the raw LSE of this very LSE (see forward)
             raw = saved.pop()
-            call.for_backward["raw_lse"] = (lse, raw, lse._version)
+            call.for_backward["raw_lse"] = _sealed(lse, raw)
         names = call.grad_input_names
         if do is None and dlse is None:
             return (None,) * (4 + len(names))
@@ -95,6 +95,47 @@ class AttentionFunction(torch.autograd.Function):
         if all(need[1:]):
             return (None, *grads)
         return (None,) + tuple(g if want else None for g, want in zip(grads, need[1:]))
+
+
+# The raw LSE: the forward's LSE less the score's row terms, handed to the backward of that LSE.
+
+def keep_raw_lse(call: Call, lse: torch.Tensor) -> Optional[torch.Tensor]:
+    """A buffer for the forward's LSE less its score's terms constant along j (the row terms), kept
+    with ``lse`` in ``call.for_backward`` for the backward (:func:`raw_lse`); None when no backward
+    follows. The LSE a call returns holds the row terms in float32: a large one (``0.1 * i`` at
+    i = 2**29) rounds away what the backward's probabilities need, which the raw LSE keeps exact."""
+    kept = call.for_backward
+    if kept is None:
+        return None
+    raw = torch.full_like(lse, -math.inf) if call.varlen else torch.empty_like(lse)
+    kept["raw_lse"] = (lse, raw)
+    return raw
+
+
+def seal_raw_lse(call: Call) -> None:
+    """After the forward's launch: the version of the LSE it wrote, which :func:`raw_lse` checks."""
+    kept = call.for_backward
+    if kept is not None and "raw_lse" in kept:
+        kept["raw_lse"] = _sealed(*kept["raw_lse"][:2])
+
+
+def _sealed(lse: torch.Tensor, raw: torch.Tensor) -> tuple:
+    """What ``call.for_backward["raw_lse"]`` holds once the LSE is written: (lse, raw, its version)."""
+    return lse, raw, lse._version
+
+
+def raw_lse(call: Call, lse: torch.Tensor) -> Optional[torch.Tensor]:
+    """The raw LSE the forward of ``call`` kept (:func:`keep_raw_lse`) where ``lse`` is the LSE that
+    forward returned, unchanged since; else None (a merged LSE, the Gluon forward's, a part call's,
+    a traced backward): the backward then takes the row terms out of ``lse`` itself."""
+    kept = (call.for_backward or {}).get("raw_lse")
+    if kept is None or len(kept) != 3:
+        return None
+    mine, raw, version = kept
+    if (lse.data_ptr() != mine.data_ptr() or lse.shape != mine.shape or lse.stride() != mine.stride()
+            or lse.dtype != mine.dtype or mine._version != version):
+        return None
+    return raw
 
 
 def alert_not_deterministic(what: str, why: str) -> None:

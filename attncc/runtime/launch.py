@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import operator
 import threading
 from typing import Callable, Optional, Tuple
@@ -281,41 +280,6 @@ def grad_operand(do: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         padded[..., :do.shape[-1]] = do
         do = padded
     return tma_ready(do)
-
-
-def keep_raw_lse(call: Call, lse: torch.Tensor) -> Optional[torch.Tensor]:
-    """A buffer for the forward's LSE less its score's terms constant along j (the row terms), kept
-    with ``lse`` in ``call.for_backward`` for the backward (:func:`raw_lse`); None when no backward
-    follows. The LSE a call returns holds the row terms in float32: a large one (``0.1 * i`` at
-    i = 2**29) rounds away what the backward's probabilities need, which the raw LSE keeps exact."""
-    kept = call.for_backward
-    if kept is None:
-        return None
-    raw = torch.full_like(lse, -math.inf) if call.varlen else torch.empty_like(lse)
-    kept["raw_lse"] = (lse, raw)
-    return raw
-
-
-def seal_raw_lse(call: Call) -> None:
-    """After the forward's launch: the version of the LSE it wrote, which :func:`raw_lse` checks."""
-    kept = call.for_backward
-    if kept is not None and "raw_lse" in kept:
-        lse, raw = kept["raw_lse"][:2]
-        kept["raw_lse"] = (lse, raw, lse._version)
-
-
-def raw_lse(call: Call, lse: torch.Tensor) -> Optional[torch.Tensor]:
-    """The raw LSE the forward of ``call`` kept (:func:`keep_raw_lse`) where ``lse`` is the LSE that
-    forward returned, unchanged since; else None (a merged LSE, the Gluon forward's, a part call's,
-    a traced backward): the backward then takes the row terms out of ``lse`` itself."""
-    kept = (call.for_backward or {}).get("raw_lse")
-    if kept is None or len(kept) != 3:
-        return None
-    mine, raw, version = kept
-    if (lse.data_ptr() != mine.data_ptr() or lse.shape != mine.shape or lse.stride() != mine.stride()
-            or lse.dtype != mine.dtype or mine._version != version):
-        return None
-    return raw
 
 
 def grads_as_inputs(call: Call, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
