@@ -200,15 +200,15 @@ class NumpyArrays:
     where = staticmethod(np.where)
     minimum = staticmethod(np.minimum)
     maximum = staticmethod(np.maximum)
+    floor_divide = staticmethod(np.floor_divide)  # Python's, for floats too (1 // 0.1 is 9.0, as torch's)
+    remainder = staticmethod(np.remainder)  # Python's, for floats too
+    broadcast = staticmethod(np.broadcast_arrays)
+    sqrt = staticmethod(np.sqrt)  # correctly rounded, as torch's
 
     @staticmethod
     def extreme(args, largest: bool):
         stacked = np.stack(np.broadcast_arrays(*args))
         return stacked.max(0) if largest else stacked.min(0)
-    floor_divide = staticmethod(np.floor_divide)  # Python's, for floats too (1 // 0.1 is 9.0, as torch's)
-    remainder = staticmethod(np.remainder)  # Python's, for floats too
-    broadcast = staticmethod(np.broadcast_arrays)
-    sqrt = staticmethod(np.sqrt)  # correctly rounded, as torch's
 
     @staticmethod
     def unique(x):

@@ -453,8 +453,9 @@ def _fwd_kernel(Q, K, V, O, LSE,
     n_first = n_heavy * tl.num_programs(1)
     rest = tl.maximum(pid - n_first, 0)
     n_light = tl.maximum(n_blocks - n_heavy, 1)
-    qb = tl.where(pid < n_first, pid % tl.maximum(n_heavy, 1), n_blocks - 1 - rest % n_light).to(tl.int32)
-    bh = tl.where(pid < n_first, pid // tl.maximum(n_heavy, 1), rest // n_light)
+    heavy_div = tl.maximum(n_heavy, 1)  # divisors of both branches of the wheres below: never 0
+    qb = tl.where(pid < n_first, pid % heavy_div, n_blocks - 1 - rest % n_light).to(tl.int32)
+    bh = tl.where(pid < n_first, pid // heavy_div, rest // n_light)
     b = bh // H
     h = bh % H
     hk = h // GROUP
@@ -841,8 +842,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
     n_first = n_heavy * tl.num_programs(1)
     rest = tl.maximum(pid - n_first, 0)
     n_light = tl.maximum(n_blocks - n_heavy, 1)
-    kb = tl.where(pid < n_first, pid % tl.maximum(n_heavy, 1), n_heavy + rest % n_light).to(tl.int32)
-    bhk = tl.where(pid < n_first, pid // tl.maximum(n_heavy, 1), rest // n_light)
+    heavy_div = tl.maximum(n_heavy, 1)  # divisors of both branches of the wheres below: never 0
+    kb = tl.where(pid < n_first, pid % heavy_div, n_heavy + rest % n_light).to(tl.int32)
+    bhk = tl.where(pid < n_first, pid // heavy_div, rest // n_light)
     H_KV = H // GROUP
     b = bhk // H_KV
     hk = bhk % H_KV
@@ -1056,8 +1058,9 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
     n_first = n_heavy * tl.num_programs(1)
     rest = tl.maximum(pid - n_first, 0)
     n_light = tl.maximum(n_blocks - n_heavy, 1)
-    qb = tl.where(pid < n_first, pid % tl.maximum(n_heavy, 1), n_blocks - 1 - rest % n_light).to(tl.int32)
-    bh = tl.where(pid < n_first, pid // tl.maximum(n_heavy, 1), rest // n_light)
+    heavy_div = tl.maximum(n_heavy, 1)  # divisors of both branches of the wheres below: never 0
+    qb = tl.where(pid < n_first, pid % heavy_div, n_blocks - 1 - rest % n_light).to(tl.int32)
+    bh = tl.where(pid < n_first, pid // heavy_div, rest // n_light)
     b = bh // H
     h = bh % H
     hk = h // GROUP

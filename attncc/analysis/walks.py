@@ -116,12 +116,15 @@ def heavy_rows(cover: Cover) -> Optional[sympy.Expr]:
     return _max(*ends) if ends else None
 
 
+# what differs between the programs of one launch or between calls of one signature: no heavy rows
+_CALL_SYMBOLS = frozenset(S.INDEX_VARS.values()) | {S.n_heads, FIRST, LAST} | frozenset(BOUND_SYMBOLS.values())
+
+
 def _int_params_only(e) -> bool:
     """Whether ``e`` reads int params only (no position, length, batch row, head or input)."""
-    call = set(S.INDEX_VARS.values()) | {S.n_heads, FIRST, LAST} | set(BOUND_SYMBOLS.values())
     return (not e.atoms(AppliedUndef)
-            and all(isinstance(s, sympy.Symbol) and not isinstance(s, sympy.Dummy) and s.is_integer and s not in call
-                    for s in e.free_symbols))
+            and all(isinstance(s, sympy.Symbol) and not isinstance(s, sympy.Dummy) and s.is_integer
+                    and s not in _CALL_SYMBOLS for s in e.free_symbols))
 
 
 # ---------------------------------------------------------------------------------------------

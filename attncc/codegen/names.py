@@ -83,10 +83,15 @@ def param_value(param, float64: bool) -> str:
     if param.kind == "float":
         if not float64:
             return f"tl.cast({param_var(param.name)}, tl.float32)"  # a Python float in the interpreter: no .to()
-        # a float64 argument when compiled; in the interpreter a Python float, which Triton would take as
-        # a float32 constant beside a tensor (0.3 as 0.30000001192: `j * 0.1 > f` lost j = 3)
-        return f"tl.full((), {param_var(param.name)}, tl.float64)"
+        return _float64(param_var(param.name))
     return param_var(param.name)
+
+
+def _float64(var: str) -> str:
+    """A float param's variable as a float64 value: a float64 argument when compiled; in the
+    interpreter a Python float, which Triton would take as a float32 constant beside a tensor (0.3
+    as 0.30000001192: `j * 0.1 > f` lost j = 3)."""
+    return f"tl.full((), {var}, tl.float64)"
 
 
 _FLOAT32_PARAM = re.compile(r"tl\.cast\((prm_\w+), tl\.float32\)")
@@ -96,4 +101,4 @@ def float64_text(text: str) -> str:
     """The float64 value of what score code names ``text``: a float param's own variable for its
     float32 cast (:func:`param_value`), anything else as it is."""
     m = _FLOAT32_PARAM.fullmatch(text)
-    return f"tl.full((), {m.group(1)}, tl.float64)" if m else text
+    return _float64(m.group(1)) if m else text
