@@ -276,55 +276,25 @@ def _forward(call):
 
 
 # ---------------------------------------------------------------------------------------
-# Backward: delta = rowsum(dO * O) - dLSE, then dK/dV over the query blocks that see each
-# key block, and dQ over the key blocks of each query block. P is recomputed from the LSE.
+# Backward: dQ over the key blocks of each query block, which first writes its rows' delta =
+# rowsum(dO * O) - dLSE and lse2; then dK/dV over the query blocks that see each key block.
+# P is recomputed from the LSE.
 # ---------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _bwd_preprocess(O, DO, LSE, DLSE, DELTA, LSE2,
-                    stride_ob, stride_oh, stride_om, stride_od,
-                    stride_dob, stride_doh, stride_dom, stride_dod,
-                    Nq, H, CU_Q, TOTAL_Q,
-                    VALUE_DIM: tl.constexpr, VALUE_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, VARLEN: tl.constexpr,
-                    WIDE: tl.constexpr, HAS_DLSE: tl.constexpr):
-    """delta = rowsum(dO * O) - dLSE (fp32; HAS_DLSE: the LSE has a gradient) and lse2, the forward's
-    LSE in log2 units (+inf on rows without an allowed key)."""
-    qb = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)  # int64 b, h: see _fwd_kernel
-    b = bh // H
-    h = bh % H
-    if WIDE:
-        H = tl.cast(H, tl.int64)
-    if VARLEN:  # b is the sequence of a packed batch (see _fwd_kernel)
-        q_start = tl.load(CU_Q + b).to(tl.int64)
-        Nq = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
-        if qb * BLOCK_M >= Nq:
-            return
-        O_base = O + h * stride_oh + q_start * stride_om
-        DO_base = DO + h * stride_doh + q_start * stride_dom
-        lse_row = h * TOTAL_Q + q_start
-    else:
-        O_base = O + b * stride_ob + h * stride_oh
-        DO_base = DO + b * stride_dob + h * stride_doh
-        lse_row = bh * Nq
-    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows64 = offs_m.to(tl.int64)  # row offsets: Nq * stride may pass 2**31 in a [B, N, H, D] view
-    cols = tl.arange(0, VALUE_DIM_PAD)
-    inside = (offs_m[:, None] < Nq) & (cols[None, :] < VALUE_DIM)
-    o = tl.load(O_base + rows64[:, None] * stride_om + cols[None, :] * stride_od, mask=inside, other=0.0)
-    do = tl.load(DO_base + rows64[:, None] * stride_dom + cols[None, :] * stride_dod, mask=inside, other=0.0)
+def _row_stats(o, do, lse, dlse,
+               HAS_DLSE: tl.constexpr):
+    """The backward's row values of a query block: delta = rowsum(dO * O) - dLSE (fp32; HAS_DLSE: the
+    LSE has a gradient) and lse2, the forward's LSE in log2 units (+inf on rows without an allowed
+    key)."""
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    lse = tl.load(LSE + lse_row + offs_m, mask=offs_m < Nq, other=float("-inf"))
     if HAS_DLSE:
         # dLSE_i / ds_ij = p_ij adds dLSE_i * p_ij to dS_ij = p_ij * (dP_ij - delta_i): one term of delta.
         # A row without an allowed key has no score to pass it to (its gradients stay 0).
-        dlse = tl.load(DLSE + lse_row + offs_m, mask=offs_m < Nq, other=0.0)
         delta = delta - tl.where(lse == float("-inf"), 0.0, dlse)
     lse2 = lse * 1.4426950408889634
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse2)
-    tl.store(DELTA + lse_row + offs_m, delta, mask=offs_m < Nq)
-    tl.store(LSE2 + lse_row + offs_m, lse2, mask=offs_m < Nq)
+    return delta, tl.where(lse == float("-inf"), float("inf"), lse2)
 
 
 @triton.jit
@@ -483,18 +453,22 @@ def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
+def _bwd_dq_kernel(Q, K, V, DO, DQ, O, LSE, DLSE, LSE2, DELTA,
                    stride_qb, stride_qh, stride_qm,
                    stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn,
                    stride_dob, stride_doh, stride_dom,
                    stride_dqb, stride_dqh, stride_dqm,
+                   stride_ob, stride_oh, stride_om, stride_od,
                    Nq, Nk, H, GROUP, q_offset, k_offset, qk_scale, sm_scale,
                    CU_Q, CU_K, TOTAL_Q,
                    seed, dropout_p,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                    VALUE_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr, WIDE: tl.constexpr, DROPOUT: tl.constexpr):
+                   DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr, WIDE: tl.constexpr, DROPOUT: tl.constexpr,
+                   O_DIM: tl.constexpr, HAS_DLSE: tl.constexpr):
+    """dQ of one query block (and the gradients of the learned inputs it reads), after the block's
+    delta and lse2, which it writes for _bwd_dkdv_kernel (launched after it)."""
     # Heaviest blocks first: with causal-like patterns the last rows see the most keys.
     qb = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)  # int64 b, h: their products with strides pass 2**31 in big tensors
@@ -517,6 +491,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
         V_base = V + hk * stride_vh + k_start * stride_vn
         DO_base = DO + h * stride_doh + q_start * stride_dom
         DQ_base = DQ + h * stride_dqh + q_start * stride_dqm
+        O_base = O + h * stride_oh + q_start * stride_om
         lse_row = h * TOTAL_Q + q_start
     else:
         Q_base = Q + b * stride_qb + h * stride_qh
@@ -524,6 +499,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
         V_base = V + b * stride_vb + hk * stride_vh
         DO_base = DO + b * stride_dob + h * stride_doh
         DQ_base = DQ + b * stride_dqb + h * stride_dqh
+        O_base = O + b * stride_ob + h * stride_oh
         lse_row = bh * Nq
     q_desc = tl.make_tensor_descriptor(Q_base, shape=[Nq, HEAD_DIM],
                                        strides=[stride_qm, 1], block_shape=[BLOCK_M, HEAD_DIM_PAD])
@@ -541,8 +517,19 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
     q_hi = tl.minimum(q_lo + BLOCK_M - 1, q_offset + Nq - 1)  # the block's last existing row
     q = q_desc.load([qb * BLOCK_M, 0])
     do = do_desc.load([qb * BLOCK_M, 0])
-    lse2 = tl.load(LSE2 + lse_row + offs_m, mask=offs_m < Nq, other=float("inf"))
-    delta = tl.load(DELTA + lse_row + offs_m, mask=offs_m < Nq, other=0.0)
+    # the rows' delta and lse2 (rows past Nq: o = 0, lse = -inf, so delta = 0 and lse2 = +inf)
+    o_cols = tl.arange(0, VALUE_DIM_PAD)
+    rows = offs_m < Nq
+    o = tl.load(O_base + offs_m.to(tl.int64)[:, None] * stride_om + o_cols[None, :] * stride_od,
+                mask=rows[:, None] & (o_cols[None, :] < O_DIM), other=0.0)  # int64 rows: see _fwd_kernel
+    lse = tl.load(LSE + lse_row + offs_m, mask=rows, other=float("-inf"))
+    if HAS_DLSE:
+        dlse = tl.load(DLSE + lse_row + offs_m, mask=rows, other=0.0)
+    else:
+        dlse = 0.0
+    delta, lse2 = _row_stats(o, do, lse, dlse, HAS_DLSE)
+    tl.store(DELTA + lse_row + offs_m, delta, mask=rows)
+    tl.store(LSE2 + lse_row + offs_m, lse2, mask=rows)
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     # Key blocks: the forward's walk
     kv_v_x = k_offset
@@ -566,29 +553,6 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA,
                       dropout_p, BLOCK_N, DOT_PRECISION, MASKED=True, DROPOUT=DROPOUT)
     dq = dq * sm_scale
     dq_desc.store([qb * BLOCK_M, 0], dq.to(DQ.dtype.element_ty))
-
-
-
-
-def _pre_launch(call, cfg, q, k, v, lse, o, do):
-    """_bwd_preprocess's launch for calls of this signature and layouts of O and dO (see _fwd_launch)."""
-    grid = (_rt.cdiv(call.Nq, cfg.BLOCK_M), call.B * call.Hq)
-    stride_ob, stride_oh, stride_om, stride_od = o.stride()
-    stride_dob, stride_doh, stride_dom, stride_dod = do.stride()
-    Nq, H, TOTAL_Q = call.Nq, call.Hq, lse.shape[-1]
-    options = dict(VALUE_DIM=call.Dv, VALUE_DIM_PAD=_rt.padded_dim(call.Dv), BLOCK_M=cfg.BLOCK_M, VARLEN=call.varlen,
-                   WIDE=call.wide)
-
-    def launch(O, DO, LSE, DLSE, DELTA, LSE2, CU_Q, HAS_DLSE):
-        _bwd_preprocess[grid](
-            O, DO, LSE, DLSE, DELTA, LSE2,
-            stride_ob, stride_oh, stride_om, stride_od,
-            stride_dob, stride_doh, stride_dom, stride_dod,
-            Nq, H, CU_Q, TOTAL_Q,
-            HAS_DLSE=HAS_DLSE,
-            **options,
-        )
-    return launch
 
 
 def _dkdv_launch(call, cfg, q, k, v, dk, dv, lse, do):
@@ -626,7 +590,7 @@ def _dkdv_launch(call, cfg, q, k, v, dk, dv, lse, do):
     return launch
 
 
-def _dq_launch(call, cfg, q, k, v, dq, lse, do):
+def _dq_launch(call, cfg, q, k, v, dq, lse, do, o):
     """_bwd_dq_kernel's launch at ``cfg`` (see _dkdv_launch)."""
     grid = (_rt.cdiv(call.Nq, cfg.BLOCK_M), call.B * call.Hq)
     stride_qb, stride_qh, stride_qm = q.stride()[:3]
@@ -634,25 +598,27 @@ def _dq_launch(call, cfg, q, k, v, dq, lse, do):
     stride_vb, stride_vh, stride_vn = v.stride()[:3]
     stride_dob, stride_doh, stride_dom = do.stride()[:3]
     stride_dqb, stride_dqh, stride_dqm = dq.stride()[:3]
+    stride_ob, stride_oh, stride_om, stride_od = o.stride()
     Nq, Nk, H, GROUP, q_offset, k_offset = call.Nq, call.Nk, call.Hq, call.group, call.q_offset, call.k_offset
     qk_scale, sm_scale = call.scale * _rt.LOG2E, call.scale
     TOTAL_Q = lse.shape[-1]
     options = dict(HEAD_DIM=q.shape[-1], HEAD_DIM_PAD=_rt.padded_dim(q.shape[-1]), VALUE_DIM=v.shape[-1],
                    VALUE_DIM_PAD=_rt.padded_dim(v.shape[-1]), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
                    DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", VARLEN=call.varlen, WIDE=call.wide,
-                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                   O_DIM=call.Dv, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
-    def launch(Q, K, V, DO, DQ, LSE2, DELTA, CU_Q, CU_K, seed, dropout_p, DROPOUT):
+    def launch(Q, K, V, DO, DQ, O, LSE, DLSE, LSE2, DELTA, CU_Q, CU_K, seed, dropout_p, DROPOUT, HAS_DLSE):
         _bwd_dq_kernel[grid](
-            Q, K, V, DO, DQ, LSE2, DELTA,
+            Q, K, V, DO, DQ, O, LSE, DLSE, LSE2, DELTA,
             stride_qb, stride_qh, stride_qm,
             stride_kb, stride_kh, stride_kn,
             stride_vb, stride_vh, stride_vn,
             stride_dob, stride_doh, stride_dom,
             stride_dqb, stride_dqh, stride_dqm,
+            stride_ob, stride_oh, stride_om, stride_od,
             Nq, Nk, H, GROUP, q_offset, k_offset, qk_scale, sm_scale,
             CU_Q, CU_K, TOTAL_Q,
-            seed=seed, dropout_p=dropout_p, DROPOUT=DROPOUT,
+            seed=seed, dropout_p=dropout_p, DROPOUT=DROPOUT, HAS_DLSE=HAS_DLSE,
             **options,
         )
     return launch
@@ -671,28 +637,25 @@ def _backward(call, o, lse, do, dlse=None):
     lse2 = torch.empty_like(delta)
     if dlse is not None:  # read at the LSE's offsets
         dlse = dlse.to(torch.float32).contiguous()
-    _rt.bound_launch(call, _pre_launch, cfg, q, k, v, lse, layout=(o, do))(
-        o, do, lse, lse if dlse is None else dlse, delta, lse2, call.cu_seqlens_q, dlse is not None,
-    )
     do = _rt.grad_operand(do, v)
     dq = alloc(*q.shape, dtype=q.dtype, device=q.device)
     dk = alloc(*k.shape, dtype=k.dtype, device=q.device)
     dv = alloc(*v.shape, dtype=v.dtype, device=q.device)
+    # dQ first: it writes the delta and lse2 that dK/dV reads
+    _rt.launch(call, cfg_q, lambda cfg: _rt.bound_launch(call, _dq_launch, cfg, q, k, v, dq, lse, layout=(do, o))(
+        q, k, v, do, dq, o, lse, lse if dlse is None else dlse, lse2, delta, call.cu_seqlens_q, call.cu_seqlens_k,
+        call.seed, call.dropout_p, call.dropout_p > 0, dlse is not None,
+    ), kernel="dq")
     _rt.launch(call, cfg_kv, lambda cfg: _rt.bound_launch(call, _dkdv_launch, cfg, q, k, v, dk, dv, lse, layout=(do,))(
         q, k, v, do, dk, dv, lse2, delta, call.cu_seqlens_q, call.cu_seqlens_k, call.seed, call.dropout_p,
         call.dropout_p > 0,
     ), kernel="dkdv")
-    _rt.launch(call, cfg_q, lambda cfg: _rt.bound_launch(call, _dq_launch, cfg, q, k, v, dq, lse, layout=(do,))(
-        q, k, v, do, dq, lse2, delta, call.cu_seqlens_q, call.cu_seqlens_k, call.seed, call.dropout_p,
-        call.dropout_p > 0,
-    ), kernel="dq")
     return _rt.grads_as_inputs(call, dq, dk, dv)
 
 
 # The kernels of the bound launches (_rt.bound_launch) launch through Triton's compiled kernels
 # kept per bound launch unless ATTNCC_FAST_LAUNCH=0 (attncc.runtime.launch.FastKernel).
 _fwd_kernel = _rt.fast_kernel(_fwd_kernel)
-_bwd_preprocess = _rt.fast_kernel(_bwd_preprocess)
 _bwd_dkdv_kernel = _rt.fast_kernel(_bwd_dkdv_kernel)
 _bwd_dq_kernel = _rt.fast_kernel(_bwd_dq_kernel)
 _rt.register_kernels(SPEC, _forward, _backward)  # the custom ops torch.compile traces call these

@@ -395,7 +395,7 @@ def _expected(name, mod):
             variants.append((kernel, "WIDE", [False] if name in NO_WIDE else [False, True]))
             if "LISTS" in getattr(mod, kernel).fn.arg_names:
                 variants.append((kernel, "LISTS", [False, True]))
-        variants += [("_fwd_kernel", "RETURN_LSE", [False, True]), ("_bwd_preprocess", "HAS_DLSE", [False, True])]
+        variants += [("_fwd_kernel", "RETURN_LSE", [False, True]), ("_bwd_dq_kernel", "HAS_DLSE", [False, True])]
         if name not in NO_DECODE:
             variants += [("_dec_kernel", "SPLIT", [False, True]), ("_dec_kernel", "PAGE_SIZE", [0, 16])]
     return {"kernels": [k for k in kernels if not (k == "_dec_kernel" and name in NO_DECODE)], "variants": variants}

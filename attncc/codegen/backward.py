@@ -1,17 +1,18 @@
 """Plan -> the template variables of the backward kernels (templates/softmax_backward.py.j2).
 
-Three kernels per softmax pattern, all rendered from the forward's Plan and expressions:
+Two kernels per softmax pattern, both rendered from the forward's Plan and expressions, launched
+dQ first:
 
-- ``_bwd_preprocess``: ``delta = rowsum(dO * O) - dLSE`` (the LSE's gradient, when the loss uses
-  it: ``dLSE_i / ds_ij = p_ij`` adds ``dLSE_i * p_ij`` to ``dS_ij``) and the forward's LSE turned into the
-  ``lse2`` the other two subtract: log2 units, less the row-constant bias terms the
+- ``_bwd_dq_kernel``: one program per (query block, b, h) walking the forward's key blocks. It
+  first computes its rows' ``delta = rowsum(dO * O) - dLSE`` (the LSE's gradient, when the loss
+  uses it: ``dLSE_i / ds_ij = p_ij`` adds ``dLSE_i * p_ij`` to ``dS_ij``) and turns the forward's
+  LSE into the ``lse2`` both kernels subtract: log2 units, less the row-constant bias terms the
   forward leaves out of its scores, ``+inf`` on rows without an allowed key (so that
-  ``p = exp2(s - lse2)`` is 0 there, never NaN).
+  ``p = exp2(s - lse2)`` is 0 there, never NaN) (``_row_stats``); it writes both for the next kernel.
 - ``_bwd_dkdv_kernel``: one program per (key block, b, kv head); it walks the query heads
   of its GQA group and, per head, the query blocks that see its key block, accumulating
   dK and dV in registers. Which query blocks: the plan's transposed walk
   (:attr:`attncc.analysis.Plan.transposed`, rendered by :mod:`attncc.codegen.walks`).
-- ``_bwd_dq_kernel``: one program per (query block, b, h) walking the forward's key blocks.
 
 P is recomputed from ``lse2``, never stored. The score chain rule: with
 ``s = scale * qk + bias``, ``s2 = mod(s)``, ``s3 = softcap * tanh(s2 / softcap)``,
@@ -338,7 +339,7 @@ def _context(pattern: Pattern, plan: Plan, fwd: dict) -> dict:
                              head_defs=[(n, c) for n, c, per_head in defs if name == "dkdv" and per_head])
 
     # -- the row-constant bias the forward leaves out of the scores (preprocessing) -------
-    pre_args, pre_launch, pre_defs, pre_bias = [param_arg(p) for p in pattern.params], param_launch(pattern), [], None
+    pre_defs, pre_bias = [], None
     helpers = dq.helpers | dkdv.helpers
     if lse_row is not None:
         pr = TritonPrinter(_index_names(pattern, "offs_i", "?", {}), score=True, temps=Temporaries())
@@ -346,9 +347,6 @@ def _context(pattern: Pattern, plan: Plan, fwd: dict) -> dict:
         pr.gather = lambda e: inputs.gather(pr, e)
         pre_defs, pre_bias = pr.statement(lse_row)
         helpers |= pr.helpers
-        used = sorted({type(a).__name__ for a in lse_row.atoms(AppliedUndef)})
-        pre_args += [a for n in used for a in inputs.args(n)]
-        pre_launch += [a for n in used for a in input_launch(pattern, n)]
 
     # -- which query blocks see a key block (dK/dV): the transposed walk --------------------
     dkdv_walk = render_walk(plan, transposed=True)
@@ -357,9 +355,11 @@ def _context(pattern: Pattern, plan: Plan, fwd: dict) -> dict:
     dkdv_loop = dkdv_walk if dkdv_walk["per_head"] else dict(dkdv_walk, steps=[])
 
     extra_helpers = helper_list(helpers, have=fwd["helpers"]) + ([helper_args("_random_hit")] if rb_names else [])
-    return dict(dq=kernels["dq"], dkdv=kernels["dkdv"], pre_args=pre_args,
+    # what the row values' bias terms may read (the dQ kernel's, less the values it defines)
+    pre_ctx = ["b", "h", "H", "n_q", "n_k"] + [param_var(p.name) for p in pattern.params] + fwd["input_args"]
+    return dict(dq=kernels["dq"], dkdv=kernels["dkdv"], pre_ctx=pre_ctx,
                 input_grads=grad_names, grad_args=[a for n in grad_names for a in _grad_args(pattern, n)],
-                grad_launch=[a for n in grad_names for a in _grad_launch(pattern, n)], pre_launch=pre_launch,
+                grad_launch=[a for n in grad_names for a in _grad_launch(pattern, n)],
                 pre_defs=pre_defs, pre_bias=pre_bias,
                 dkdv_walk=dkdv_walk, dkdv_loop=dkdv_loop, helpers=extra_helpers)
 
