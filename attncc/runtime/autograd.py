@@ -61,8 +61,10 @@ class AttentionFunction(torch.autograd.Function):
     def backward(ctx, do, dlse):
         q, k, v, o, lse, *saved = ctx.saved_tensors
         call = ctx.call
+        if not lse.is_contiguous():  # saved-tensor hooks may give it back in another layout; the kernels read it dense
+            lse = lse.contiguous()
         if ctx.has_raw:  # the raw LSE of this very LSE (see forward)
-            raw = saved.pop()
+            raw = saved.pop().contiguous()
             call.for_backward["raw_lse"] = _sealed(lse, raw)
         names = call.grad_input_names
         if do is None and dlse is None:
@@ -75,9 +77,9 @@ class AttentionFunction(torch.autograd.Function):
                 ("cu_seqlens_q", call.cu_seqlens_q), ("cu_seqlens_k", call.cu_seqlens_k), *call.inputs.items())))
         if saved:  # the inputs declared grad = true: the call's own, unless saved-tensor hooks gave others
             if any(s is not call.inputs[n] for s, n in zip(saved, names)):
-                call = call.replace(inputs={**call.inputs, **dict(zip(names, saved))})
+                call = _with_saved(call, inputs={**call.inputs, **dict(zip(names, saved))})
         if not (q is call.q and k is call.k and v is call.v):
-            call = call.replace(q=q, k=k, v=v)
+            call = _with_saved(call, q=q, k=k, v=v)
         if call.input_grads and torch.are_deterministic_algorithms_enabled():
             alert_not_deterministic(f"{call.spec.name}.attention's backward",
                                     f"the gradients of its [inputs] ({', '.join(names)}) are summed over the "
@@ -95,6 +97,22 @@ class AttentionFunction(torch.autograd.Function):
         if all(need[1:]):
             return (None, *grads)
         return (None,) + tuple(g if want else None for g, want in zip(grads, need[1:]))
+
+
+def _with_saved(call: Call, **tensors) -> Call:
+    """``call`` with the tensors that saved-tensor hooks gave back instead of its own: the same
+    values, maybe in another layout (a hook that offloads and restores transposed, say). What the
+    call's signature fixed (``call.memo``: operand layouts, bound launches and their strides) holds
+    only where each has the layout of the tensor it replaces; else it is worked out anew."""
+    pairs = [(t, call.inputs[n]) for n, t in tensors["inputs"].items()] if "inputs" in tensors else []
+    pairs += [(t, getattr(call, name)) for name, t in tensors.items() if name != "inputs"]
+    if all(_layout(new) == _layout(old) for new, old in pairs):
+        return call.replace(**tensors)
+    return call.replace(memo=None, **tensors)
+
+
+def _layout(t: Optional[torch.Tensor]):
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16)
 
 
 # The raw LSE: the forward's LSE less the score's row terms, handed to the backward of that LSE.
