@@ -595,8 +595,6 @@ def _dq_launch(call, cfg, q, k, v, dq, lse, do, o):
 def _backward(call, o, lse, do, dlse=None):
     """dq, dk, dv of one call (``o``, ``lse`` from its forward; ``do`` = dLoss/do, ``dlse`` = dLoss/dlse
     or None when the loss does not use the LSE)."""
-    if not lse.is_contiguous():  # the kernels read the LSE's rows dense
-        lse = lse.contiguous()
     if _rt.gluon_backward_selected(call):  # the Gluon sm90 backward, where ATTNCC_BACKEND selects it
         return _rt.gluon_backward(call, "causal", o, lse, do, dlse)
     q, k, v = _rt.kernel_operands(call)

@@ -65,7 +65,7 @@ SPEC = _rt.SpecInfo(
     scale=None,
     dropout=0.0,
     rope=False,
-    tile_hint="default",
+    tile_hint="thin",
     gluon="rendered",
     gluon_fragments=_rt.gluon_fragments(__name__, __file__),
     int_reach=_int_reach,
@@ -673,8 +673,6 @@ def _dq_launch(call, cfg, q, k, v, dq, lse, do, o):
 def _backward(call, o, lse, do, dlse=None):
     """dq, dk, dv of one call (``o``, ``lse`` from its forward; ``do`` = dLoss/do, ``dlse`` = dLoss/dlse
     or None when the loss does not use the LSE)."""
-    if not lse.is_contiguous():  # the kernels read the LSE's rows dense
-        lse = lse.contiguous()
     q, k, v = _rt.kernel_operands(call)
     cfg, cfg_kv, cfg_q = _rt.backward_configs(call, shared=False)
     _rt.ensure_allocator()

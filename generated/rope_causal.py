@@ -692,8 +692,6 @@ def _dq_launch(call, cfg, q, k, v, dq, lse, do, o):
 def _backward(call, o, lse, do, dlse=None):
     """dq, dk, dv of one call (``o``, ``lse`` from its forward; ``do`` = dLoss/do, ``dlse`` = dLoss/dlse
     or None when the loss does not use the LSE)."""
-    if not lse.is_contiguous():  # the kernels read the LSE's rows dense
-        lse = lse.contiguous()
     q, k, v = _rt.kernel_operands(call)
     q, k = _rotated(call, q, k)
     cfg, cfg_kv, cfg_q = _rt.backward_configs(call, shared=False)

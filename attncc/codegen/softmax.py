@@ -254,17 +254,24 @@ def mod_text(tile: TritonPrinter, mod, lines: List[str]) -> str:
 
 def _tile_hint(plan) -> str:
     """"narrow" when each query block meets only a narrow region of keys whose edges move with
-    it: a window (the one band's lower bound moves with the rows, no columns or global rows) or
-    data-dependent regions such as documents. Smaller tiles waste less on ragged edges there
-    (bench/sweep.py on the H100: 64x64 tiles won for sliding window and document masks)."""
+    it: a window (the band's lower bound moves with the rows; global rows and columns beside it
+    too) or data-dependent regions such as documents. Smaller tiles waste less on ragged edges there
+    (on the H100 and H200, 64x64 against 128x128: sliding window and documents, then sink + window
+    0.918 -> 0.795 ms and Longformer 0.797 -> 0.574 ms at 16K, docs/performance.md).
+    "thin" for a static mask without closed form (exact block lists) other than random blocks: its
+    tiles are partial and sparse (a 2D neighborhood's rows see a few runs of keys), where 64x32
+    wasted least (0.808 ms against 1.066 at 128x128 and 1.029 at 64x64)."""
     if plan.dynamic:
         return "narrow"
     walk = plan.forward
+    if walk.kind is Iteration.BLOCK_LIST:
+        mask = plan.pattern.mask
+        return "default" if mask is not None and mask.has(RandomBlocks) else "thin"
     if walk.kind is not Iteration.BANDS:
         return "default"
     c = walk.cover
     moves = c.band is not None and any(p.has(X) for g in c.band.lower for p in g)
-    return "narrow" if moves and not c.rows and not c.columns else "default"
+    return "narrow" if moves else "default"
 
 
 def _program_context(plan) -> dict:

@@ -151,6 +151,8 @@ def _measured_config(call: Call, kernel: str) -> KernelConfig:
         return KernelConfig(128, 32, 4, 3) if short else KernelConfig(128, 64, 8, 3)
     if d > 128:
         return KernelConfig(128, 64, 8, 2)
+    if call.spec.tile_hint == "thin" and not short:
+        return KernelConfig(64, 32, 4, 3)  # sparse partial tiles (see attncc/codegen/softmax.py _tile_hint)
     if short or call.spec.tile_hint == "narrow":
         # Few key tiles per row (short keys), or windows and documents, which waste less of a
         # small tile on their ragged edges: small tiles, several programs per SM.

@@ -40,7 +40,7 @@ class SpecInfo(Shapes):
     dropout: float = 0.0
     rope: bool = False
     rotary_dim: Optional[int] = None  # [rope].rotary_dim when the spec fixes it (None: the call's head dim)
-    tile_hint: str = "default"  # "narrow": windows, documents: smaller tiles pay
+    tile_hint: str = "default"  # "narrow": windows, documents; "thin": sparse exact block lists: smaller tiles pay
     # Bytes the kernels' loops gather from inputs per pair of a tile (a table indexed by i and j)
     # and per position (an input indexed by i or j): shared memory per pipeline stage
     # (attncc.runtime.configs.shared_bytes).
