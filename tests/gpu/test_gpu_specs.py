@@ -77,9 +77,13 @@ def test_head_dims_and_float16(name, head_dim, dtype):
     release()
 
 
-@pytest.mark.parametrize("name", SOFTMAX)
-def test_gradients(name):
-    p, mod, q, k, v, kw, ref_kw = _call(name, size(1024, 48), 1, grad=True)
+# N = 1024 runs the short-key configs; these families' hints pick others past 2048 keys (test_tile_hints.py)
+LONG = [n for n in ("neighborhood_2d", "dilated", "strided", "sink_window", "longformer") if n in SOFTMAX]
+
+
+@pytest.mark.parametrize("name, N", [(n, size(1024, 48)) for n in SOFTMAX] + [(n, size(4096, 64)) for n in LONG])
+def test_gradients(name, N):
+    p, mod, q, k, v, kw, ref_kw = _call(name, N, 1, grad=True)
     do = torch.randn(q.shape, generator=torch.Generator().manual_seed(2)).to(DEV, LOW)
     grads = torch.autograd.grad(mod.attention(q, k, v, **kw), (q, k, v), do)
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
