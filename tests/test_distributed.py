@@ -59,6 +59,14 @@ LAYOUTS = ("contiguous", "headtail", "balanced")
 
 
 UNEQUAL = Case("causal", "causal", "unequal by name", "ring", (2, 2))
+# ranks that do not make the same call (the same rows each): every rank must refuse, none may hang
+MISMATCHED = (Case("causal", "causal", "layouts differ", "ring", (2, 2)),
+              Case("causal", "causal", "layouts differ", "allgather", (2, 2)),
+              Case("sliding_window", "sliding_window", "params differ", "ring", (2, 1)),
+              Case("causal", "causal", "dtypes differ", "ring", (2, 2)))
+# sharded as docs/context-parallel.md does (make_layout's defaults, two batch rows of documents),
+# called with the layout's name: the name must stand for that same layout
+BY_NAME_DEFAULTS = Case("document", "document", "balanced by name", "ring", (2, 2), batch=2)
 # document ids changed in place between the forward and the backward: every rank must raise
 IN_PLACE = Case("document", "document", "changed in place", "ring", (2, 2))
 
@@ -84,7 +92,7 @@ def _cases():
                Case("causal", "causal", "by name", "ring", (2, 2)),
                Case("causal", "causal", "headtail", "ring", (2, 2), batch=2, kv_batch=1),
                Case("prefix_lm", "prefix_lm", "contiguous", "ulysses", (2, 2), batch=2, kv_batch=1)]
-    out[2] += [UNEQUAL, IN_PLACE]
+    out[2] += [UNEQUAL, IN_PLACE, *MISMATCHED, BY_NAME_DEFAULTS]
     out[4] += [Case("causal", "causal", "headtail", "allgather", (2, 2)),
                Case("document", "document", "balanced1", "allgather", (2, 2)),
                Case("causal", "causal", "contiguous", "ulysses", (4, 4))]
@@ -123,6 +131,19 @@ def _run_case(case: Case, rank: int, world: int) -> dict:
         except ValueError as e:
             return {"raised": str(e)}
         return {"raised": None}
+    if case in MISMATCHED:
+        n = LENGTH[world]
+        q, k, v, do, inputs = _tensors(case, n)
+        kind = ("headtail" if rank == 0 else "contiguous") if case.layout == "layouts differ" else "contiguous"
+        lay = cp.make_layout(kind, n, world)
+        params = {"window": 5 + 20 * rank} if case.layout == "params differ" else {}
+        dtype = (torch.float32 if rank == 0 else torch.bfloat16) if case.layout == "dtypes differ" else torch.float32
+        ql, kl, vl = (cp.shard(t, lay, rank).to(dtype) for t in (q, k, v))
+        try:
+            cp.attention(ql, kl, vl, module=module(case.spec), layout=lay, comm=case.comm, **params)
+        except ValueError as e:
+            return {"raised": str(e)}
+        return {"raised": None}
     if case.layout == "changed in place":
         n = LENGTH[world]
         q, k, v, do, inputs = _tensors(case, n)
@@ -136,7 +157,7 @@ def _run_case(case: Case, rank: int, world: int) -> dict:
             return {"raised": str(e)}
         return {"raised": None}
 
-    n = LENGTH[world]
+    n = 96 if case == BY_NAME_DEFAULTS else LENGTH[world]  # (two 64-row tiles: the balance sees both rows of ids)
     dtype = getattr(torch, case.dtype)
     q, k, v, do, inputs = _tensors(case, n)
     params = SMALL_PARAMS.get(case.spec, {})
@@ -150,10 +171,15 @@ def _run_case(case: Case, rank: int, world: int) -> dict:
     kind, extra = (case.layout, {}) if case.layout != "balanced1" else ("balanced", {"chunks_per_rank": 1})
     if case.layout == "by name":  # the name and the row counts say the layout: N = W * local rows
         kind, extra = "headtail", {}
-    lay = cp.make_layout(kind, n, world, module=m, tile=4, **extra, **params, **inputs)
+    if case == BY_NAME_DEFAULTS:
+        kind, extra = "balanced", {}
+        lay = cp.make_layout(kind, n, world, module=m, **params, **inputs)  # docs/context-parallel.md's call
+    else:
+        lay = cp.make_layout(kind, n, world, module=m, tile=4, **extra, **params, **inputs)
     ql, kl, vl = (cp.shard(t, lay, rank).to(dtype).requires_grad_() for t in (q, k, v))
     cp.reset_stats()
-    o, lse = cp.attention(ql, kl, vl, module=m, layout="headtail" if case.layout == "by name" else lay, comm=case.comm,
+    named = {"by name": "headtail", "balanced by name": "balanced"}.get(case.layout)
+    o, lse = cp.attention(ql, kl, vl, module=m, layout=named or lay, comm=case.comm,
                           return_lse=True, **params, **inputs)
     after_forward = asdict(cp.reset_stats())
     w_local = cp.shard(w.float().expand(ref_lse.shape).unsqueeze(-1), lay, rank).squeeze(-1)
@@ -215,7 +241,7 @@ def _results(world: int, tmp_path_factory) -> list:
 # The checks
 # ---------------------------------------------------------------------------
 
-CHECKED = [(w, c) for w in (2, 4) for c in CASES[w] if c not in (UNEQUAL, IN_PLACE)]
+CHECKED = [(w, c) for w in (2, 4) for c in CASES[w] if c not in (UNEQUAL, IN_PLACE, *MISMATCHED)]
 
 
 @pytest.mark.parametrize("world,case", CHECKED, ids=[f"w{w}-{c.id}" for w, c in CHECKED])
@@ -274,3 +300,16 @@ def test_inputs_changed_in_place_before_the_backward_raise_on_every_rank(tmp_pat
         got = results[IN_PLACE.id]
         assert "failure" not in got, got.get("failure")
         assert got["raised"] and "modified by an inplace operation" in got["raised"], (rank, got)
+
+
+@pytest.mark.parametrize("case", MISMATCHED, ids=[c.id for c in MISMATCHED])
+def test_ranks_making_different_calls_raise_on_every_rank(case, tmp_path_factory):
+    """Rank 0 head-tail and rank 1 contiguous (20 rows each), or another window, or another dtype:
+    before, the all-gather gave wrong rows without a word, the ring a rank reading uninitialised
+    rows and its peer waiting forever, other mismatches an abort inside gloo."""
+    what = case.layout.split()[0]
+    for rank, results in enumerate(_results(2, tmp_path_factory)):
+        got = results[case.id]
+        assert "failure" not in got, got.get("failure")
+        assert got["raised"] and "every rank must make the same call" in got["raised"], (rank, got)
+        assert {"layouts": "layout", "params": "params", "dtypes": "dtypes"}[what] in got["raised"], (rank, got)

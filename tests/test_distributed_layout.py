@@ -204,7 +204,7 @@ def test_argument_errors():
     assert resolve_comm("auto", target=alibi, heads_q=4, heads_kv=4, world=2) == "ring"  # slopes read h
     lay = cp.make_layout("contiguous", 9, 2)  # 5 and 4 rows
     with pytest.raises(ValueError, match="rank 1 holds 5 rows"):
-        resolve_layout(lay, n_local=5, world=2, rank=1, target=target, params={}, inputs={}, batch=1)
+        resolve_layout(lay, n_local=5, world=2, rank=1, target=target, params={}, inputs={})
 
 
 def test_a_spec_as_the_module(tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ See docs/context-parallel.md.
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Optional
 
 import torch
@@ -31,9 +32,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, module, grou
     ``q [B, Hq, local rows, D]``, ``k``, ``v [B, Hkv, local rows, D / Dv]``: this rank's rows of
     the sequence in ``layout`` (a :class:`Layout`, or a layout name: "contiguous", "headtail",
     "balanced", or "auto" = "balanced" for masked patterns and "contiguous" for unmasked ones;
-    a name assumes every rank holds N / W rows, so N = W * local rows, and costs one all-gather of
-    the row counts per call to check it: for other lengths, and to skip the check, pass
-    ``make_layout(name, N, W, ...)``). Returns this rank's rows of ``o [B, Hq, local rows, Dv]``
+    a name stands for ``make_layout(name, N, W, module=..., **params_and_inputs)`` with its defaults,
+    N = W * local rows: tensors sharded with other settings (``tile``, ``chunks_per_rank``, another
+    length) need that Layout passed). Every rank must make the same call: one all-gather of a digest
+    of it (layout, shapes, dtypes, comm, scale, params, inputs' shapes, gradients) per call checks that
+    and raises on every rank, naming what differs (mismatched calls would exchange mismatched messages). Returns this rank's rows of ``o [B, Hq, local rows, Dv]``
     (and the natural-log LSE ``[B, Hq, local rows]``, float32, with ``return_lse=True``), equal to
     the module's single-device ``attention`` of the unsharded tensors. Differentiable in q, k, v:
     every rank must run the backward (it communicates).
@@ -63,11 +66,20 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, module, grou
             raise NotImplementedError(f"attncc.distributed: input {d.name} wants a gradient; gradients of "
                                       f"learned inputs are not implemented under context parallelism")
     B, Hq, n_local = q.shape[:3]
-    if isinstance(layout, str) and world > 1:
-        _check_equal_rows(n_local, group, q.device)
+    if world > 1:
+        _check_same_call(group, q.device, n_local if isinstance(layout, str) else None, {
+            "layout": layout if isinstance(layout, str) else (layout.bounds, layout.owner, layout.world)
+            if isinstance(layout, Layout) else type(layout).__name__,
+            "shapes (B, Hq, Hkv, D, Dv)": (B, Hq, k.shape[1], q.shape[-1], v.shape[-1]),
+            "dtypes": (str(q.dtype), str(k.dtype), str(v.dtype)),
+            "comm": comm, "scale": softmax_scale, "params": sorted(params.items()),
+            "inputs": sorted((n, tuple(t.shape), str(t.dtype)) if isinstance(t, torch.Tensor) else (n, repr(t))
+                             for n, t in inputs.items()),
+            "gradients": torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)),
+            "return_lse": return_lse})
     _check_position_inputs(spec, inputs, layout.n if isinstance(layout, Layout) else n_local * world)
     lay = resolve_layout(layout, n_local=n_local, world=world, rank=rank, target=target, params=params,
-                         inputs=inputs, batch=B)
+                         inputs=inputs)
     if lay.num_chunks == 1:  # one rank, one chunk: the plain kernel
         return target.module.attention(q, k, v, return_lse=return_lse, scale=scale, **inputs_and_params)
     # one rank with several chunks: the chunk pairs and their merge without communication (what
@@ -93,12 +105,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, module, grou
 
 
 def make_layout(kind: str, n: int, world: int, *, module=None, pattern=None, tile: Optional[int] = None,
-                chunks_per_rank: Optional[int] = None, batch: int = 1, **inputs_and_params) -> Layout:
+                chunks_per_rank: Optional[int] = None, batch: Optional[int] = None, **inputs_and_params) -> Layout:
     """The layout ``kind`` of a sequence of ``n`` positions over ``world`` ranks.
 
     "contiguous" and "headtail" need nothing else. "balanced" (and "auto", which is "balanced"
     for masked patterns, "contiguous" for unmasked ones) needs the ``module`` (or ``pattern``),
-    its params and, for data-dependent masks, its inputs (full length) and the ``batch`` size:
+    its params and, for data-dependent masks, its inputs (full length) and the ``batch`` size
+    (None: the size of the inputs' ``b`` dim, 1 without one; a layout name in :func:`attention` takes
+    this default too):
     the work of each query row is the non-EMPTY ``tile`` x ``tile`` tiles its block visits
     (classes.row_work; ``tile=None``: 64, or n / 1024 rounded up to a power of two for longer
     sequences, so that the host classifies at most 1024 x 1024 tiles: ~6 ms at n = 512K for a
@@ -122,6 +136,9 @@ def make_layout(kind: str, n: int, world: int, *, module=None, pattern=None, til
     inputs = {k: v for k, v in inputs_and_params.items() if k not in names}
     if tile is None:
         tile = max(64, 1 << max(0, (n - 1) // 1024).bit_length())
+    if batch is None:
+        batch = next((inputs[d.name].shape[d.dims.index("b")] for d in pat.inputs
+                      if "b" in d.dims and isinstance(inputs.get(d.name), torch.Tensor)), 1)
     work = row_work(pat, n, tile=tile, params=params, inputs=inputs, batch=batch)
     return balanced(n, world, work, chunks_per_rank=chunks_per_rank, min_rows=tile)
 
@@ -132,14 +149,14 @@ def resolve_pattern(pattern):
     return as_pattern(pattern)
 
 
-def resolve_layout(layout, *, n_local: int, world: int, rank: int, target, params, inputs, batch) -> Layout:
+def resolve_layout(layout, *, n_local: int, world: int, rank: int, target, params, inputs) -> Layout:
     """The :class:`Layout` of a call: ``layout`` itself, or the named one for N = W * ``n_local``;
     checked against the group and this rank's rows."""
     if isinstance(layout, Layout):
         lay = layout
     elif isinstance(layout, str):
         lay = make_layout(layout, n_local * world, world, module=target.module, pattern=target.pattern,
-                          batch=batch, **params, **inputs)
+                          **params, **inputs)  # make_layout's defaults: the same layout as the docs' sharding
         if any(lay.local_len(r) != n_local for r in range(world)):
             raise ValueError(f"attncc.distributed: the {layout!r} layout of {n_local * world} positions over {world} "
                              f"ranks gives them {[lay.local_len(r) for r in range(world)]} rows, not {n_local} each; "
@@ -202,17 +219,32 @@ def gather(x: torch.Tensor, layout: Layout, group=None, dim: int = 2) -> torch.T
     return unshard([p.narrow(dim, 0, layout.local_len(r)) for r, p in enumerate(parts)], layout, dim)
 
 
-def _check_equal_rows(n_local: int, group, device) -> None:
-    """A layout name means N / W rows on every rank; a rank cannot see that alone (22 rows on one
-    rank and 21 on the other would each look like a valid split), so the ranks compare their row
-    counts: one all-gather of an int per call (a Layout object skips it)."""
-    mine = torch.tensor([n_local], dtype=torch.int64, device=device)
-    rows = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(rows, mine, group=group)
-    rows = [int(r) for r in rows]
-    if len(set(rows)) > 1:
-        raise ValueError(f"attncc.distributed: a layout name needs the same rows on every rank, got {rows}; pass the "
+def _check_same_call(group, device, rows: Optional[int], fields: dict) -> None:
+    """Every rank must make the same call: the same layout, shapes, dtypes, comm, scale, params,
+    inputs' shapes and whether gradients follow; else the ranks exchange mismatched messages (a
+    hang, or silently wrong rows: a rank receiving fewer rows than it expects gets no error from
+    gloo). One all-gather of a few int64 per call compares them, and every rank raises on a
+    difference, naming it. ``rows``: this rank's row count where a layout name is given, which
+    means N / W rows on every rank (a rank cannot see that alone: 22 rows on one rank and 21 on
+    the other would each look like a valid split); None for a Layout object."""
+    mine = torch.tensor([-1 if rows is None else rows] + [_digest(v) for v in fields.values()],
+                        dtype=torch.int64, device=device)
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(every, mine, group=group)
+    every = [t.tolist() for t in every]
+    counts = [r[0] for r in every]
+    if rows is not None and len(set(counts)) > 1:
+        raise ValueError(f"attncc.distributed: a layout name needs the same rows on every rank, got {counts}; pass the "
                          f"Layout the tensors were sharded with (make_layout(name, n, world, ...))")
+    differ = [name for i, name in enumerate(fields, 1) if len({r[i] for r in every}) > 1]
+    if differ:
+        raise ValueError(f"attncc.distributed: every rank must make the same call, but the ranks' {', '.join(differ)} "
+                         f"differ (rank {dist.get_rank(group)} has {', '.join(f'{n}={fields[n]!r}' for n in differ)})")
+
+
+def _digest(value) -> int:
+    """A 63-bit digest of ``repr(value)``, the same in every process (``hash`` of a str is not)."""
+    return int.from_bytes(hashlib.blake2b(repr(value).encode(), digest_size=8).digest(), "little") >> 1
 
 
 def _rank_world(group):
