@@ -16,8 +16,10 @@ HINTS = {
     "block_diagonal": "narrow", "sink_window": "narrow", "longformer": "narrow",
     # data-dependent tiles
     "document": "narrow", "padding": "narrow",
-    # static exact block lists, sparse partial tiles (the kernels' pattern: residue classes too)
-    "neighborhood_2d": "thin", "dilated": "thin", "strided": "thin",
+    # static exact block lists, sparse partial tiles
+    "neighborhood_2d": "thin",
+    # residue classes: window-dense tiles (measured at the default ones)
+    "dilated": "default", "strided": "default",
     # long dense walks; random blocks (block-aligned, mostly full tiles)
     "causal": "default", "prefix_lm": "default", "dense": "default", "bigbird": "default", "alibi": "default",
 }
