@@ -8,7 +8,8 @@ fixed head counts), :func:`random_call` draws a call of it (odd lengths, Nq != N
 non-contiguous q/k/v and inputs, param overrides, half precision now and then; packed
 variable-length calls with cu_seqlens from a Random of their own, :func:`random_varlen`), and
 :func:`check_case` builds the spec (cached per text), runs it under the Triton interpreter and
-compares o and lse (and dq, dk, dv and the gradients of ``grad = true`` tables for backward cases)
+compares o and lse (and dq, dk, dv and the gradients of ``grad = true`` tables for backward cases,
+half of them with the LSE in the loss too)
 with the reference. A failing case shrinks (:func:`minimize`) to a small spec and call.
 
 Both halves are plain data (:class:`Draft`, :class:`CallPlan`, frozen), so a failure can be
@@ -1225,7 +1226,7 @@ def _run_built(pattern, mod, draft: Draft, plan: CallPlan, reference: Reference,
     if plan.scale is not None:
         kw["scale"] = plan.scale
     try:
-        if plan.backward:
+        if plan.backward and not lse_in_loss(plan):
             o, lse = mod.attention(a.q, a.k, a.v, **kw), None
         else:
             o, lse = mod.attention(a.q, a.k, a.v, return_lse=True, **kw)
@@ -1250,7 +1251,7 @@ def _run_built(pattern, mod, draft: Draft, plan: CallPlan, reference: Reference,
         return _check_nan(pattern, plan, a, o, ref, ref_lse, fail)
     failure = _compare_forward(o, lse, ref, ref_lse, dt, fail)
     if failure is None and plan.backward:
-        return _check_backward(plan, a, o, ref, ref_in, ref_inputs, fail)
+        return _check_backward(plan, a, o, ref, ref_in, ref_inputs, fail, lse, ref_lse)
     return failure
 
 
@@ -1272,7 +1273,7 @@ def _run_packed(pattern, mod, draft: Draft, plan: CallPlan, reference: Reference
     extra = {} if plan.scale is None else {"scale": plan.scale}
     refuse = refuses_varlen(pattern)
     try:
-        if plan.backward:
+        if plan.backward and not lse_in_loss(plan):
             o, lse = mod.attention(a.q, a.k, a.v, **kw, **extra), None
         else:
             o, lse = mod.attention(a.q, a.k, a.v, return_lse=True, **kw, **extra)
@@ -1299,7 +1300,7 @@ def _run_packed(pattern, mod, draft: Draft, plan: CallPlan, reference: Reference
         return fail("mismatch", "o", math.inf, f"shape/dtype {tuple(o.shape)} {o.dtype}, expected {tuple(ref.shape)} {dt}")
     failure = _compare_forward(o, lse, ref, ref_lse, dt, fail)
     if failure is None and plan.backward:
-        return _check_backward(plan, a, o, ref, ref_in, ref_inputs, fail)
+        return _check_backward(plan, a, o, ref, ref_in, ref_inputs, fail, lse, ref_lse)
     return failure
 
 
@@ -1437,16 +1438,31 @@ def _run_decode(pattern, mod, draft: Draft, plan: CallPlan, reference: Reference
     return _compare_forward(o, lse, ref, ref_lse, dt, fail)
 
 
-def _check_backward(plan, a: Arguments, o, ref, ref_in, ref_inputs, fail) -> Optional[Failure]:
+def lse_in_loss(plan: CallPlan) -> bool:
+    """Whether a backward case's loss reads the LSE too (its gradient enters every score's through
+    delta): half of them, by the tensor seed, so that the cases the seeds drew before stay the same."""
+    return plan.backward and plan.seed % 2 == 1
+
+
+def _lse_term(lse):
+    """The LSE's part of the loss: its finite rows weighted from -1 to 1 along the rows (rows without
+    an allowed key are -inf in both; they have no score to pass a gradient to)."""
+    w = torch.linspace(-1.0, 1.0, lse.shape[-1], dtype=lse.dtype)
+    return (torch.where(torch.isfinite(lse), lse, 0.0) * w).sum()
+
+
+def _check_backward(plan, a: Arguments, o, ref, ref_in, ref_inputs, fail, lse=None, ref_lse=None) -> Optional[Failure]:
     tables = [a.inputs[n] for n in a.grad_tables]
     g = a.g.to(o.dtype)
     try:
-        grads = torch.autograd.grad((o * g).sum(), [a.q, a.k, a.v, *tables], allow_unused=True)
+        loss = (o * g).sum() + (_lse_term(lse) if lse is not None else 0.0)
+        grads = torch.autograd.grad(loss, [a.q, a.k, a.v, *tables], allow_unused=True)
     except Exception as e:  # noqa: BLE001
         return fail("raise", "backward", math.inf, f"{type(e).__name__}: {str(e)[:300]}")
     ref_tables = [ref_inputs[n] for n in a.grad_tables]
     if ref.requires_grad:
-        ref_grads = torch.autograd.grad((ref * a.g).sum(), [*ref_in, *ref_tables], allow_unused=True)
+        ref_loss = (ref * a.g).sum() + (_lse_term(ref_lse) if lse is not None else 0.0)
+        ref_grads = torch.autograd.grad(ref_loss, [*ref_in, *ref_tables], allow_unused=True)
     else:  # a packed call without a query that has keys: o is zeros, made without q, k, v
         ref_grads = (None,) * (3 + len(ref_tables))
     labels = ["dq", "dk", "dv"] + [f"grad {n}" for n in a.grad_tables]
