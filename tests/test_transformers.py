@@ -208,3 +208,31 @@ def test_dropout_while_training():
         torch.manual_seed(5)
         again = ours(ids).logits
     assert torch.equal(first, again) and not torch.allclose(first, plain, atol=1e-3)
+
+
+def test_cross_attention_sees_every_encoder_key():
+    """An encoder-decoder model (tiny BART): a decoder call of at most 16 queries without gradients
+    went to decode with kv_len = the queries' count, so cross-attention saw only the first Nq encoder
+    states (logits off by 9 at a max of 8.6; generation saw only the first; found by a probe). Its
+    decoder self-attention still runs decode; the logits and greedy generation equal eager's."""
+    from transformers import AutoModelForSeq2SeqLM, BartConfig
+
+    config = BartConfig(vocab_size=100, d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                        decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=64,
+                        pad_token_id=0, bos_token_id=1, eos_token_id=99, decoder_start_token_id=1,
+                        forced_eos_token_id=None, init_std=0.3)
+    torch.manual_seed(0)
+    ref = AutoModelForSeq2SeqLM.from_config(copy.deepcopy(config), attn_implementation="eager").eval()
+    ours = AutoModelForSeq2SeqLM.from_config(copy.deepcopy(config), attn_implementation="attncc").eval()
+    ours.load_state_dict(ref.state_dict())
+    gen = torch.Generator().manual_seed(1)
+    src = torch.randint(2, 99, (2, 20), generator=gen)  # 20 encoder states
+    tgt = torch.randint(2, 99, (2, 12), generator=gen)  # 12 decoder queries: <= 16
+    calls = attncc_hf.registered().calls
+    before = dict(calls)
+    with torch.no_grad():
+        close(ours(input_ids=src, decoder_input_ids=tgt).logits, ref(input_ids=src, decoder_input_ids=tgt).logits,
+              "logits")
+        args = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, num_beams=1)
+        assert torch.equal(ours.generate(src, **args), ref.generate(src, **args))
+    assert calls["decode"] > before.get("decode", 0)  # the decoder's self-attention steps

@@ -27,7 +27,8 @@ and compiles each one once (``attncc.compile``; cached on disk):
 * the head dim and dtype of the call (the spec's ``head_dim`` and ``dtypes``).
 
 A call without gradients whose queries (at most 16) are the last positions held by the KV cache
-runs the module's ``decode`` (generation's steps, and short prompts); it sees the cache with
+(every key before them, or later keys a causal mask leaves out; not cross-attention, whose encoder
+keys all count) runs the module's ``decode`` (generation's steps, and short prompts); it sees the cache with
 positions counted from its first entry, which the built-in patterns (all translation-invariant)
 allow even for a sliding-window cache that has dropped old keys. Every other call (training,
 long prompts) runs ``attention`` with ``q_offset``/``k_offset`` at the cache's positions.
@@ -247,8 +248,11 @@ class _Implementation:
         Nq, Nk = q.shape[2], k.shape[2]
         queries_end = mask.q_offset - mask.kv_offset + Nq  # the rows of the cache that the queries fill
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        # decode sees the keys [0, queries_end): where keys follow the queries (cross-attention's encoder
+        # states, a bidirectional or user's mask over a static cache), only a causal mask leaves them out
+        keys_after_masked = queries_end == Nk or (self.module is None and mask.kind is not None and mask.kind.causal)
         if (self.use_decode and not needs_grad and not dropout and Nq <= MAX_DECODE_QUERIES
-                and Nq <= queries_end <= Nk and (translation_invariant or mask.kv_offset == 0)):
+                and Nq <= queries_end <= Nk and keys_after_masked and (translation_invariant or mask.kv_offset == 0)):
             # positions from the cache's first row: i - j and the padding are what they are globally
             if mask.key_ok is not None and "key_ok" not in kw:
                 kw["key_ok"] = mask.key_ok[:, mask.kv_offset:mask.kv_offset + Nk]
