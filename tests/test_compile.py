@@ -122,3 +122,13 @@ def test_repeated_calls_do_not_recompile(name):
                 fn(q, k, v)
             fn(q, k, v).backward(g)
     assert q.grad.abs().max() > 0
+
+
+def test_fullgraph_packed_sequences_with_max_seqlen():
+    """cu_seqlens with max_seqlen_* under fullgraph: the CPU path read their values for its checks
+    while dynamo traced (a data-dependent guard it refuses: an error naming no attncc argument)."""
+    q, k, v = leaves((1, 2, 40, 16), (1, 2, 40, 16), (1, 2, 40, 16), seed=4)
+    cu = torch.tensor([0, 15, 40], dtype=torch.int32)
+    causal = module("causal")
+    compare(lambda q, k, v: causal.attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=25,
+                                             max_seqlen_k=25).sum(), [q, k, v])

@@ -49,7 +49,9 @@ from ``position_ids``, chunked or block-wise overlays, ``or_mask_function``/
 ``and_mask_function``) with the built-in implementation, ``position_bias``, attention sinks
 (``s_aux``); ``output_attentions`` returns no weights (as sdpa). The mask function reads the
 padding mask once per forward (one host synchronization), so a model under ``torch.compile``
-breaks its graph there.
+breaks its graph there; ``torch.compile(model, fullgraph=True)`` is not supported (the mask
+function recognizes transformers' mask functions by their closures, on the host, and compiles a
+module the first time a mask needs it; both break the graph).
 """
 from __future__ import annotations
 

@@ -656,7 +656,9 @@ def _varlen(name, q, k, cu_q, cu_k, max_q, max_k):
     if (max_q is None or max_k is None) and _capturing(q.device):
         raise ValueError(f"{name}.attention: pass max_seqlen_q and max_seqlen_k under CUDA graph capture: reading "
                          f"them from cu_seqlens takes a host sync, which a capture cannot hold")
-    if max_q is None or max_k is None or q.device.type == "cpu":
+    # (CPU tensors are checked always, but not while torch.compile traces: a read of their values
+    # there is a data-dependent guard it refuses under fullgraph; CUDA ones with max_seqlen_* never)
+    if max_q is None or max_k is None or (q.device.type == "cpu" and not torch.compiler.is_compiling()):
         cu = torch.stack([cu_q, cu_k])
         lens = cu[:, 1:] - cu[:, :-1]
         # one host sync: [first, last, shortest, longest] of q and of k
