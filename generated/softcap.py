@@ -637,6 +637,7 @@ def _backward(call, o, lse, do, dlse=None):
     lse2 = torch.empty_like(delta)
     if dlse is not None:  # read at the LSE's offsets
         dlse = dlse.to(torch.float32).contiguous()
+    lse = lse.contiguous()  # read dense, like dlse (saved-tensor hooks may give it back in another layout)
     do = _rt.grad_operand(do, v)
     dq = alloc(*q.shape, dtype=q.dtype, device=q.device)
     dk = alloc(*k.shape, dtype=k.dtype, device=q.device)

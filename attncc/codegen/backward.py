@@ -33,9 +33,9 @@ from attncc.analysis.derivative import BackwardUnsupported, derivative, score_de
 from attncc.analysis.hoist import Hoister
 from attncc.analysis.score import along_j, mask_hoister
 from attncc.codegen.helpers import helper_args, helper_list
-from attncc.codegen.names import grad_args, grad_ptr, grad_stride, input_size, param_arg, param_value, param_var
+from attncc.codegen.names import grad_args, grad_ptr, grad_stride, input_size, param_value, param_var
 from attncc.codegen.printer import Temporaries, TritonPrinter
-from attncc.codegen.softmax import Inputs, input_launch, mod_text, param_launch, printed  # as the forward's
+from attncc.codegen.softmax import Inputs, mod_text, printed  # as the forward's
 from attncc.codegen.walks import render_walk
 from attncc.spec import symbols as S
 from attncc.spec.builtins import RandomBlocks
@@ -314,6 +314,8 @@ def _context(pattern: Pattern, plan: Plan, fwd: dict) -> dict:
                    transposed=True)
     kernels = {}
     grad_names = sorted({t.name for t in grad_terms})
+    # what every per-tile function (and the row values' bias terms: pre_ctx) may read of its kernel
+    call_ctx = ["b", "h", "H", "n_q", "n_k"] + [param_var(p.name) for p in pattern.params] + fwd["input_args"]
     for name, k in (("dq", dq), ("dkdv", dkdv)):
         grads_here = name == "dq" and bool(grad_terms)  # the dQ kernel adds the inputs' gradients
         lines, (mask_temps, mask_code), chain = _score(pattern, k, bias_j=bias_j, simple_bias=simple_bias,
@@ -321,8 +323,7 @@ def _context(pattern: Pattern, plan: Plan, fwd: dict) -> dict:
         if grads_here:
             chain += _input_grad_lines(pattern, k, grad_terms, "ds_t" if dmod is not None else "ds")
         defs = k.defs(pattern)
-        ctx_args = ["b", "h", "H", "n_q", "n_k"] + [param_var(p.name) for p in pattern.params] + fwd["input_args"]
-        ctx_args += [n for n, _, _ in defs]
+        ctx_args = call_ctx + [n for n, _, _ in defs]
         if grads_here:
             ctx_args += [a for n in grad_names for a in _grad_args(pattern, n)]
         if name == "dq":
@@ -355,9 +356,7 @@ def _context(pattern: Pattern, plan: Plan, fwd: dict) -> dict:
     dkdv_loop = dkdv_walk if dkdv_walk["per_head"] else dict(dkdv_walk, steps=[])
 
     extra_helpers = helper_list(helpers, have=fwd["helpers"]) + ([helper_args("_random_hit")] if rb_names else [])
-    # what the row values' bias terms may read (the dQ kernel's, less the values it defines)
-    pre_ctx = ["b", "h", "H", "n_q", "n_k"] + [param_var(p.name) for p in pattern.params] + fwd["input_args"]
-    return dict(dq=kernels["dq"], dkdv=kernels["dkdv"], pre_ctx=pre_ctx,
+    return dict(dq=kernels["dq"], dkdv=kernels["dkdv"], pre_ctx=call_ctx,
                 input_grads=grad_names, grad_args=[a for n in grad_names for a in _grad_args(pattern, n)],
                 grad_launch=[a for n in grad_names for a in _grad_launch(pattern, n)],
                 pre_defs=pre_defs, pre_bias=pre_bias,

@@ -61,10 +61,8 @@ class AttentionFunction(torch.autograd.Function):
     def backward(ctx, do, dlse):
         q, k, v, o, lse, *saved = ctx.saved_tensors
         call = ctx.call
-        if not lse.is_contiguous():  # saved-tensor hooks may give it back in another layout; the kernels read it dense
-            lse = lse.contiguous()
         if ctx.has_raw:  # the raw LSE of this very LSE (see forward)
-            raw = saved.pop().contiguous()
+            raw = saved.pop()
             call.for_backward["raw_lse"] = _sealed(lse, raw)
         names = call.grad_input_names
         if do is None and dlse is None:

@@ -154,7 +154,7 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs
     ``dlse``: the LSE's gradient, None when the loss does not use the LSE."""
     call, _, backward = _call(q, k, v, inputs, cu_seqlens_q, cu_seqlens_k, key, options, ints, floats, B, Nq, Nk,
                               q_offset, k_offset, n_q, n_k, seed, input_grads)
-    dq, dk, dv, grads = backward(call, o, lse.contiguous(), do, dlse)  # (the kernels read the LSE's rows dense)
+    dq, dk, dv, grads = backward(call, o, lse, do, dlse)
     return [_dense(dq), _dense(dk), _dense(dv)] + [
         _dense(grads[name]) if name in grads else call.inputs[name].new_zeros(call.inputs[name].shape)
         for name in call.grad_input_names]
