@@ -127,12 +127,7 @@ def render_files(pattern: Pattern) -> Dict[str, str]:
                           f"summary columns j % {columns.modulus} == {columns.residue} apart: _cs_part 0 the rest, "
                           f"1 the columns at j -> _cs_sk*j + _cs_ck, 2 the whole mask"])
     with printed_integers() as printed:  # the integer arithmetic of every kernel, for the host's guard
-        ctx = softmax_context(pattern, plan)
-        if (split is not None or columns is not None) and ctx["tile_hint"] == "thin":
-            # the split's kernels walk residue classes (or summary columns) whose tiles are as dense as a
-            # window's, through positions the closed forms cannot follow: not the sparse tiles "thin" was
-            # measured on (dilated and strided were measured at the default tiles)
-            ctx["tile_hint"] = "default"
+        ctx = softmax_context(pattern, plan, split=split is not None or columns is not None)
         backward = backward_context(pattern, plan, ctx)
         decode = decode_context(pattern, plan, ctx)
         try:

@@ -97,7 +97,9 @@ def _names(pattern: Pattern, i_text: str, j_text: str, extra: Dict[sympy.Symbol,
     return names
 
 
-def softmax_context(pattern: Pattern, plan) -> dict:
+def softmax_context(pattern: Pattern, plan, split: bool = False) -> dict:
+    """The forward's template context; ``split``: the kernels walk a residue or column split's rewrite
+    (attncc.analysis.residue), which sets the tile hint."""
     inputs = Inputs(pattern)
     hoist, mhoist = Hoister(), mask_hoister()
 
@@ -185,7 +187,7 @@ def softmax_context(pattern: Pattern, plan) -> dict:
         input_launch=[a for n in used_inputs for a in input_launch(pattern, n)]
         + [(f"{name}_table {name}_rows", f"*_random_table(call, {rb.options[0]}, {rb.options[1]}, {rb.options[2]})")
            for rb, name in rb_names.items()],
-        helpers=helpers, rope=pattern.rope, tile_hint=_tile_hint(plan), gluon=gluon_fit(plan).kind,
+        helpers=helpers, rope=pattern.rope, tile_hint=_tile_hint(plan, split), gluon=gluon_fit(plan).kind,
         gluon_reason=gluon_fit(plan).reason, gluon_backward=gluon_fit(plan).backward, gluon_auto=gluon_fit(plan).auto,
         loop_gathers=loop_gathers(pattern),
         rotary_dim_arg=("0" if pattern.rope is None else
@@ -252,7 +254,7 @@ def mod_text(tile: TritonPrinter, mod, lines: List[str]) -> str:
     return text if S.s in mod.free_symbols else f"tl.zeros_like(qk) + {text}"
 
 
-def _tile_hint(plan) -> str:
+def _tile_hint(plan, split: bool = False) -> str:
     """"narrow" when each query block meets only a narrow region of keys whose edges move with
     it: a window (the band's lower bound moves with the rows; global rows and columns beside it
     too) or data-dependent regions such as documents. Smaller tiles waste less on ragged edges there
@@ -260,13 +262,16 @@ def _tile_hint(plan) -> str:
     0.918 -> 0.795 ms and Longformer 0.797 -> 0.574 ms at 16K, docs/performance.md).
     "thin" for a static mask without closed form (exact block lists) other than random blocks: its
     tiles are partial and sparse (a 2D neighborhood's rows see a few runs of keys), where 64x32
-    wasted least (0.808 ms against 1.066 at 128x128 and 1.029 at 64x64)."""
+    wasted least (0.808 ms against 1.066 at 128x128 and 1.029 at 64x64). Not for a split (``split``):
+    its kernels walk residue classes (or summary columns) whose tiles are as dense as a window's,
+    through positions the closed forms cannot follow (dilated and strided were measured at the
+    default tiles)."""
     if plan.dynamic:
         return "narrow"
     walk = plan.forward
     if walk.kind is Iteration.BLOCK_LIST:
         mask = plan.pattern.mask
-        return "default" if mask is not None and mask.has(RandomBlocks) else "thin"
+        return "default" if split or (mask is not None and mask.has(RandomBlocks)) else "thin"
     if walk.kind is not Iteration.BANDS:
         return "default"
     c = walk.cover
