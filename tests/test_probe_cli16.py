@@ -40,3 +40,60 @@ def test_check_reports_generated_files_of_specs_that_are_gone(tmp_path, monkeypa
     assert "Traceback" not in err
     # explicit specs check those specs' files only: the folder may hold other builds' modules
     assert cli_main(["build", "--check", "specs/a.toml"]) == 0
+
+
+# -- attncc.compile: the module cache ------------------------------------------------------------
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATTNCC_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _fresh(text):
+    """compile() in a state as of a new process: nothing of this text loaded yet."""
+    key = module_cache.cache_key(text, module_cache.TEXT_LABEL)
+    module_cache._LOADED.pop(key, None)
+    for name in [n for n in sys.modules if n.endswith(key)]:
+        del sys.modules[name]
+    return attncc.compile(text)
+
+
+def _check_causal(module):
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 9, 16, generator=gen) for _ in range(3))
+    ref = attncc.reference(attncc.parse_spec(CAUSAL), q, k, v)
+    assert torch.allclose(module.attention(q, k, v).double(), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("damage", ["empty", "garbage", "truncated", "another_module"])
+def test_a_damaged_cache_entry_is_rendered_again(cache_dir, damage):
+    """A cache file was imported whatever it held: an empty one gave a module without `attention`,
+    a truncated one a SyntaxError, another spec's module ran as this one (o of a sliding window for
+    a causal spec: found by a probe)."""
+    text = 'name = "damaged_' + damage + '"\n' + CAUSAL
+    path = Path(_fresh(text).__file__)
+    good = path.read_text()
+    other = (ROOT / "generated" / "sliding_window.py").read_text()
+    path.write_text({"empty": "", "garbage": "garbage(\n", "truncated": good[: len(good) // 2],
+                     "another_module": other}[damage])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        module = _fresh(text)
+    assert any("rendered again" in str(w.message) for w in caught)
+    assert Path(module.__file__).read_text() == good
+    _check_causal(module)
+
+
+def test_an_unwritable_cache_falls_back_to_a_private_folder(tmp_path, monkeypatch):
+    """ATTNCC_CACHE_DIR naming a file (or a folder that cannot be written) made compile() raise
+    NotADirectoryError from pathlib's mkdir (found by a probe): it warns and compiles into a
+    folder of its own."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder\n")
+    monkeypatch.setenv("ATTNCC_CACHE_DIR", str(blocker))
+    text = 'name = "unwritable"\n' + CAUSAL
+    with pytest.warns(RuntimeWarning, match="cannot write the module cache"):
+        module = _fresh(text)
+    assert not Path(module.__file__).is_relative_to(blocker)
+    _check_causal(module)
