@@ -97,3 +97,57 @@ def test_an_unwritable_cache_falls_back_to_a_private_folder(tmp_path, monkeypatc
         module = _fresh(text)
     assert not Path(module.__file__).is_relative_to(blocker)
     _check_causal(module)
+
+
+# -- attncc build: files that are not its own, names one file system would merge ---------------------
+
+def test_build_never_replaces_a_file_it_did_not_write(tmp_path):
+    """`attncc build specs/helpers.toml --out gen` replaced the user's own gen/helpers.py without a
+    word (found by a probe): refused, the file kept; a file build wrote is replaced as before."""
+    from attncc.codegen import build
+    from attncc.spec import SpecError
+
+    spec = tmp_path / "helpers.toml"
+    spec.write_text(CAUSAL)
+    out = tmp_path / "gen"
+    out.mkdir()
+    (out / "helpers.py").write_text("def mine():\n    return 42\n")
+    with pytest.raises(SpecError, match="not a file attncc build wrote"):
+        build([spec], out)
+    assert (out / "helpers.py").read_text() == "def mine():\n    return 42\n"
+    (out / "helpers.py").unlink()
+    build([spec], out)
+    build([spec], out)  # its own file: replaced
+
+
+def test_names_differing_only_in_case_are_refused_in_one_build(tmp_path):
+    """Specs named Foo and foo built generated/Foo.py and generated/foo.py: one file where file names
+    ignore case (macOS, Windows), the second spec's module replacing the first's (found by a probe)."""
+    from attncc.codegen import build
+    from attncc.spec import SpecError
+
+    a, b = tmp_path / "a.toml", tmp_path / "b.toml"
+    a.write_text('name = "Foo"\n' + CAUSAL)
+    b.write_text('name = "foo"\n' + WINDOW)
+    with pytest.raises(SpecError, match="differs only in case"):
+        build([a, b], tmp_path / "gen")
+    assert not (tmp_path / "gen").exists()
+
+
+# -- spec keys -------------------------------------------------------------------------------------
+
+def test_description_must_be_text_and_file_names_say_they_are_the_name(tmp_path):
+    """`description = 5` (or a table) was accepted without a word though the docs say string; a file
+    a-b.toml was refused as `name: expected a Python identifier ... 'a-b'` for a spec that has no name
+    key (found by a probe): the error says the file name stands for it."""
+    from attncc.spec import SpecError, load_spec, parse_spec
+
+    with pytest.raises(SpecError, match="description: expected a string, got an integer 5"):
+        parse_spec("description = 5\n")
+    assert parse_spec('description = "any text, \\"quotes\\", {{ jinja }} # too"\n').name == "pattern"
+    bad = tmp_path / "a-b.toml"
+    bad.write_text(CAUSAL)
+    with pytest.raises(SpecError, match="no name key, so its file name is the module's name.*'a-b'"):
+        load_spec(bad)
+    bad.write_text('name = "a_b"\n' + CAUSAL)
+    assert load_spec(bad).name == "a_b"

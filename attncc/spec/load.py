@@ -160,7 +160,16 @@ def parse_spec(text: str, path: str = "<string>") -> Pattern:
             c.fail(k, f"unknown key (expected one of: {', '.join(TOP_KEYS)})")
 
     stem = Path(path).stem if path != "<string>" else "pattern"
-    name = c.module_name(data.get("name", stem), "name")
+    if "name" in data:
+        name = c.module_name(data["name"], "name")
+    else:  # the file's name is the module's: say so when it cannot be one
+        try:
+            name = c.module_name(stem, "name")
+        except SpecError as e:
+            raise SpecError(path, "name", f"the spec has no name key, so its file name is the module's name: "
+                                          f"{e.reason} (rename the file or give the spec a name = \"...\")") from None
+    if "description" in data and not isinstance(data["description"], str):
+        c.fail("description", f"expected a string, got {_kind(data['description'])} {_short(data['description'])}")
     kind = c.choice(data.get("kind", "softmax"), "kind", ("softmax", "linear"))
 
     hd = data.get("head_dim", 128)
