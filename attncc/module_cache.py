@@ -91,11 +91,13 @@ def spec_source(spec) -> Tuple[str, str]:
         if not isinstance(path, str):
             raise TypeError(f"attncc.compile: a spec path must be text, got {type(path).__name__} {path!r}")
         try:
-            return Path(path).read_text(), path
-        except OSError:
+            # UTF-8 whatever the locale, universal newlines: the text load_spec reads (spec.load.decode_spec)
+            text = Path(path).read_bytes().decode("utf-8")
+            return text.replace("\r\n", "\n").replace("\r", "\n"), path
+        except (OSError, UnicodeDecodeError):
             from attncc.spec import load_spec
 
-            load_spec(path)  # raises the SpecError the command raises for an unreadable file
+            load_spec(path)  # raises the SpecError the command raises for an unreadable or non-UTF-8 file
             raise
     raise TypeError(f"attncc.compile: spec must be TOML text (str), a dict of spec keys or a path, "
                     f"got {type(spec).__name__}")

@@ -151,3 +151,34 @@ def test_description_must_be_text_and_file_names_say_they_are_the_name(tmp_path)
         load_spec(bad)
     bad.write_text('name = "a_b"\n' + CAUSAL)
     assert load_spec(bad).name == "a_b"
+
+
+# -- spec files' encoding ------------------------------------------------------------------------------
+
+def test_spec_files_are_read_as_utf8_whatever_the_locale(tmp_path, capsys):
+    """A spec file that is not UTF-8 gave a UnicodeDecodeError traceback from build, explain and
+    attncc.compile; a UTF-8 one with `# café` failed the same way under LANG=C without UTF-8 mode (the
+    locale's encoding read it); a UTF-8 BOM was 'Invalid statement (at line 1, column 1)' (found by a
+    probe)."""
+    from attncc.spec import SpecError, load_spec
+
+    latin = tmp_path / "latin.toml"
+    latin.write_bytes(b"head_dim = 16\n# caf\xe9\n")
+    assert cli_main(["build", str(latin), "--out", str(tmp_path / "gen")]) == 2
+    err = capsys.readouterr().err
+    assert "not UTF-8 text" in err and "0xe9 at offset 19" in err and "Traceback" not in err
+    with pytest.raises(SpecError, match="not UTF-8 text"):
+        attncc.compile(latin)
+    bom = tmp_path / "bom.toml"
+    bom.write_bytes(b"\xef\xbb\xbfhead_dim = 16\n")
+    with pytest.raises(SpecError, match="byte order mark"):
+        load_spec(bom)
+    crlf = tmp_path / "crlf.toml"
+    crlf.write_bytes(b"head_dim = 16\r\n[mask]\r\nwhere = \"j <= i\"\r\n")
+    assert load_spec(crlf).source_hash == attncc.parse_spec('head_dim = 16\n[mask]\nwhere = "j <= i"\n').source_hash
+    utf8 = tmp_path / "utf8.toml"
+    utf8.write_text("head_dim = 16\n# café — ok\n", encoding="utf-8")
+    code = f"import attncc; print(attncc.load_spec({str(utf8)!r}).head_dims)"
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-X", "utf8=0", "-c", code], env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "(16,)", r.stderr

@@ -144,6 +144,9 @@ def _nesting(value) -> int:
 def parse_spec(text: str, path: str = "<string>") -> Pattern:
     """Parse the text of a TOML spec into a Pattern; ``path`` names it in errors."""
     c = _Checker(path)
+    if text.startswith("\ufeff"):  # tomllib's error would be "Invalid statement (at line 1, column 1)"
+        raise SpecError(path, "", "not valid TOML: the text starts with a byte order mark (U+FEFF), which TOML does "
+                                  "not allow (save the file as UTF-8 without BOM)")
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -404,7 +407,19 @@ def load_spec(path) -> Pattern:
     """Read and parse the spec file at ``path``."""
     p = Path(path)
     try:
-        text = p.read_text()
+        data = p.read_bytes()
     except OSError as e:
         raise SpecError(str(path), "", f"cannot read the spec: {e.strerror}") from None
-    return parse_spec(text, str(path))
+    return parse_spec(decode_spec(data, str(path)), str(path))
+
+
+def decode_spec(data: bytes, path: str) -> str:
+    """The text of a spec file's bytes: UTF-8, as TOML files are (never the locale's encoding, which
+    read a spec differently from one machine to another), with universal newlines; or the SpecError
+    naming the first byte that is not UTF-8."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SpecError(path, "", f"not UTF-8 text (TOML files are UTF-8): byte 0x{data[e.start]:02x} at offset "
+                                  f"{e.start} ({e.reason})") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as a file read as text
