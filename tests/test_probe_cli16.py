@@ -182,3 +182,43 @@ def test_spec_files_are_read_as_utf8_whatever_the_locale(tmp_path, capsys):
     env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONPATH": str(ROOT)}
     r = subprocess.run([sys.executable, "-X", "utf8=0", "-c", code], env=env, capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "(16,)", r.stderr
+
+
+# -- attncc explain: what no call takes, and sizes it cannot count ---------------------------------
+
+def _explain(argv, capsys):
+    from attncc.explain import main_explain
+
+    code = main_explain(argv)
+    out = capsys.readouterr()
+    assert "Traceback" not in out.err
+    return code, out.err
+
+
+def test_explain_refuses_what_no_call_takes(capsys):
+    """explain described calls that every generated module refuses: --heads 3 of a spec fixing 32 query
+    heads (or 5 beside 8 kv heads), --head-dim 999; a param making a divisor 0 raised a ValueError
+    traceback (status 1); a spec error exited 1 where build and tune exit 2 (found by a probe)."""
+    specs = ROOT / "specs"
+    code, err = _explain([str(specs / "gqa.toml"), "--heads", "3", "--n", "64"], capsys)
+    assert code == 2 and "fixes [heads].q = 32" in err
+    assert _explain([str(specs / "gqa.toml"), "--heads", "32", "--n", "64"], capsys)[0] == 0
+    code, err = _explain([str(specs / "sliding_window.toml"), "--head-dim", "999", "--n", "64"], capsys)
+    assert code == 2 and "--head-dim up to 256" in err
+    code, err = _explain([str(specs / "strided.toml"), "--param", "stride=0", "--n", "64"], capsys)
+    assert code == 2 and "division by zero" in err
+    code, err = _explain([str(specs / "no_such_spec.toml")], capsys)
+    assert code == 2 and "cannot read the spec" in err
+
+
+def test_explain_refuses_tile_grids_too_large_to_count(capsys):
+    """Block-list and [inputs] patterns are counted on the whole tile grid: strided at --n 4194304 (within
+    the documented 2**24) asked numpy for 16 GiB, --block 1x1 at --n 16384 took 10 GB and a minute
+    (found by a probe); refused at once, naming --block."""
+    specs = ROOT / "specs"
+    for argv in (["strided.toml", "--n", "4194304"], ["strided.toml", "--n", "16384", "--block", "1x1"],
+                 ["document.toml", "--n", "20000", "--block", "1x1"]):
+        code, err = _explain([str(specs / argv[0]), *argv[1:]], capsys)
+        assert code == 2 and "more than 2**27" in err and "--block" in err, argv
+    # closed forms count per block: long lengths stay fine
+    assert _explain([str(specs / "sliding_window.toml"), "--n", "262144"], capsys)[0] == 0
