@@ -85,6 +85,22 @@ def test_a_damaged_cache_entry_is_rendered_again(cache_dir, damage):
     _check_causal(module)
 
 
+def test_damaged_gluon_fragments_render_the_entry_again(cache_dir):
+    """The module's stamp covers its Gluon fragments file too (read only on the Gluon path, on a GPU)."""
+    text = 'name = "damaged_fragments"\n' + WINDOW
+    module = _fresh(text)
+    fragments = Path(module.__file__).with_name(Path(module.__file__).stem + "_gluon.py")
+    good = fragments.read_text()
+    fragments.write_text(good.replace("SEGMENTS = 1", "SEGMENTS = 2"))
+    with pytest.warns(RuntimeWarning, match="fragments file .* is missing or changed"):
+        _fresh(text)
+    assert fragments.read_text() == good
+    fragments.unlink()
+    with pytest.warns(RuntimeWarning, match="fragments file .* is missing or changed"):
+        _fresh(text)
+    assert fragments.read_text() == good
+
+
 def test_an_unwritable_cache_falls_back_to_a_private_folder(tmp_path, monkeypatch):
     """ATTNCC_CACHE_DIR naming a file (or a folder that cannot be written) made compile() raise
     NotADirectoryError from pathlib's mkdir (found by a probe): it warns and compiles into a
