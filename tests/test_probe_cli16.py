@@ -238,3 +238,14 @@ def test_explain_refuses_tile_grids_too_large_to_count(capsys):
         assert code == 2 and "more than 2**27" in err and "--block" in err, argv
     # closed forms count per block: long lengths stay fine
     assert _explain([str(specs / "sliding_window.toml"), "--n", "262144"], capsys)[0] == 0
+
+
+def test_module_names_of_packages_the_compiler_imports_are_refused():
+    """generated/mpmath.py on sys.path (a script run from generated/) broke sympy's `import mpmath.libmp`
+    and so attncc.compile; the refused names listed only torch, numpy, sympy, jinja2... not the packages
+    they import (found by a probe)."""
+    from attncc.spec import SpecError, parse_spec
+
+    for name in ("mpmath", "markupsafe", "typing_extensions", "torchgen", "filelock", "fsspec"):
+        with pytest.raises(SpecError, match="would shadow"):
+            parse_spec(f'name = "{name}"\n')
