@@ -90,15 +90,21 @@ def spec_source(spec) -> Tuple[str, str]:
         path = os.fspath(spec)
         if not isinstance(path, str):
             raise TypeError(f"attncc.compile: a spec path must be text, got {type(path).__name__} {path!r}")
-        try:
-            # UTF-8 whatever the locale, universal newlines: the text load_spec reads (spec.load.decode_spec)
-            text = Path(path).read_bytes().decode("utf-8")
-            return text.replace("\r\n", "\n").replace("\r", "\n"), path
-        except (OSError, UnicodeDecodeError):
-            from attncc.spec import load_spec
+        from attncc.core.semantics import MAX_SPEC_BYTES
 
-            load_spec(path)  # raises the SpecError the command raises for an unreadable or non-UTF-8 file
-            raise
+        try:
+            # at most MAX_SPEC_BYTES, UTF-8 whatever the locale, universal newlines: what load_spec reads
+            with open(path, "rb") as f:
+                data = f.read(MAX_SPEC_BYTES + 1)
+            if len(data) <= MAX_SPEC_BYTES:
+                text = data.decode("utf-8")
+                return text.replace("\r\n", "\n").replace("\r", "\n"), path
+        except (OSError, UnicodeDecodeError):
+            pass
+        from attncc.spec import load_spec
+
+        load_spec(path)  # raises the SpecError the command raises for an unreadable, long or non-UTF-8 file
+        raise AssertionError(f"attncc (internal): load_spec read {path!r}, which compile() could not")
     raise TypeError(f"attncc.compile: spec must be TOML text (str), a dict of spec keys or a path, "
                     f"got {type(spec).__name__}")
 

@@ -249,3 +249,18 @@ def test_module_names_of_packages_the_compiler_imports_are_refused():
     for name in ("mpmath", "markupsafe", "typing_extensions", "torchgen", "filelock", "fsspec"):
         with pytest.raises(SpecError, match="would shadow"):
             parse_spec(f'name = "{name}"\n')
+
+
+def test_spec_files_are_read_up_to_1_mib(tmp_path, capsys):
+    """`attncc build /dev/zero` (or attncc.compile of it) read until memory ran out: a MemoryError
+    traceback under a memory limit, all of the machine's memory without one (found by a probe)."""
+    from attncc.spec import SpecError
+
+    assert cli_main(["build", "/dev/zero", "--out", str(tmp_path / "gen")]) == 2
+    assert "at most 1048576 bytes" in capsys.readouterr().err
+    with pytest.raises(SpecError, match="at most 1048576 bytes"):
+        attncc.compile("/dev/zero")
+    big = tmp_path / "big.toml"
+    big.write_text("head_dim = 16\n" + "#" * (2**20) + "\n")
+    with pytest.raises(SpecError, match="at most 1048576 bytes"):
+        attncc.load_spec(big)

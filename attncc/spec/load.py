@@ -10,7 +10,8 @@ from typing import Any, Dict
 
 import sympy
 
-from attncc.core.semantics import FLOAT32_MAX, FLOAT32_TINY, INT_LIMIT, INT_PARAM_MIN, MAX_HEAD_DIM, float32_holds
+from attncc.core.semantics import (FLOAT32_MAX, FLOAT32_TINY, INT_LIMIT, INT_PARAM_MIN, MAX_HEAD_DIM, MAX_SPEC_BYTES,
+                                    float32_holds)
 from attncc.spec import names as N
 from attncc.spec import symbols as S
 from attncc.spec.builtins import RandomBlocks
@@ -407,9 +408,12 @@ def load_spec(path) -> Pattern:
     """Read and parse the spec file at ``path``."""
     p = Path(path)
     try:
-        data = p.read_bytes()
+        with open(p, "rb") as f:
+            data = f.read(MAX_SPEC_BYTES + 1)
     except OSError as e:
         raise SpecError(str(path), "", f"cannot read the spec: {e.strerror}") from None
+    if len(data) > MAX_SPEC_BYTES:
+        raise SpecError(str(path), "", f"a spec file is at most {MAX_SPEC_BYTES} bytes (1 MiB); this one is longer")
     return parse_spec(decode_spec(data, str(path)), str(path))
 
 
