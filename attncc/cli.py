@@ -17,6 +17,9 @@ def cmd_build(args) -> int:
     from attncc.codegen import build, extra, gluon_file, stale
     from attncc.spec import SpecError
 
+    if not args.out:  # `--out "$OUT"` with OUT unset: not the current folder without a word
+        print("attncc build: --out is empty (give a folder; --out . for the current one)", file=sys.stderr)
+        return 2
     specs = args.specs or _default_specs()
     if not specs:
         print("attncc build: no spec given and no specs/*.toml here", file=sys.stderr)

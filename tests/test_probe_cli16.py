@@ -264,3 +264,15 @@ def test_spec_files_are_read_up_to_1_mib(tmp_path, capsys):
     big.write_text("head_dim = 16\n" + "#" * (2**20) + "\n")
     with pytest.raises(SpecError, match="at most 1048576 bytes"):
         attncc.load_spec(big)
+
+
+def test_build_refuses_an_empty_out_and_says_a_spec_given_twice(tmp_path, monkeypatch, capsys):
+    """`--out ""` (an unset $OUT) wrote the module and an __init__.py into the current folder without a
+    word; a spec given twice read "'a' is also the name of specs/a.toml" (found by a probe)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "specs").mkdir()
+    (tmp_path / "specs" / "a.toml").write_text(CAUSAL)
+    assert cli_main(["build", "specs/a.toml", "--out", ""]) == 2
+    assert "--out is empty" in capsys.readouterr().err and sorted(p.name for p in tmp_path.iterdir()) == ["specs"]
+    assert cli_main(["build", "specs/a.toml", "./specs/a.toml", "--out", "gen"]) == 2
+    assert "is given twice" in capsys.readouterr().err

@@ -158,6 +158,8 @@ def _targets(specs: Iterable, out_dir) -> List[tuple]:
     for spec in specs:
         pattern = load_spec(spec)
         if pattern.name in seen:
+            if _same_file(spec, seen[pattern.name]):
+                raise SpecError(str(spec), "", f"is given twice (as {seen[pattern.name]} too): give each spec once")
             raise SpecError(str(spec), "name", f"'{pattern.name}' is also the name of {seen[pattern.name]}: each spec "
                                                f"of a build needs its own name (generated/<name>.py)")
         # Foo.py and foo.py are one file where file names ignore case (macOS, Windows): the second
@@ -177,6 +179,13 @@ def _targets(specs: Iterable, out_dir) -> List[tuple]:
             raise SpecError(seen[pattern.name], "name", f"'{pattern.name}' would be the file of the Gluon fragments of "
                                                         f"{seen[base]} (generated/{base}_gluon.py): rename one of them")
     return targets
+
+
+def _same_file(a, b) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _paths(path: Path) -> Dict[str, Path]:
