@@ -276,3 +276,16 @@ def test_build_refuses_an_empty_out_and_says_a_spec_given_twice(tmp_path, monkey
     assert "--out is empty" in capsys.readouterr().err and sorted(p.name for p in tmp_path.iterdir()) == ["specs"]
     assert cli_main(["build", "specs/a.toml", "./specs/a.toml", "--out", "gen"]) == 2
     assert "is given twice" in capsys.readouterr().err
+
+
+def test_paths_of_undecodable_bytes_print_under_a_strict_stdout(tmp_path):
+    """Under a UTF-8 locale whose stdout is strict (en_US.UTF-8 without UTF-8 mode), `attncc build a.toml
+    --out $'g\\xff'` wrote the module and then died printing "wrote g\\udcff/a.py" (UnicodeEncodeError,
+    status 1); explain of such a spec path likewise (found by a probe)."""
+    spec = tmp_path / "a.toml"
+    spec.write_text(CAUSAL)
+    out = os.fsdecode(bytes(tmp_path) + b"/g\xff")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONIOENCODING": "utf-8:strict", "PYTHONUTF8": "0"}
+    r = subprocess.run([sys.executable, "-X", "utf8=0", "-m", "attncc", "build", str(spec), "--out", out], env=env,
+                       capture_output=True)
+    assert r.returncode == 0 and b"\\udcff/a.py" in r.stdout and not r.stderr, r.stderr
