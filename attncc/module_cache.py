@@ -74,7 +74,7 @@ def compile(spec: SpecLike) -> ModuleType:
     with _LOCK:
         module = _LOADED.get(key)
         if module is None:
-            path = _cached_file(key, text) or _render_to_cache(text, label, key)
+            path = _cached_file(key) or _render_to_cache(text, label, key)
             module = _import(path, MODULE_PREFIX + path.stem)
             _LOADED[key] = module
         return module
@@ -178,7 +178,7 @@ def _intact(path: Path, key: str) -> Optional[str]:
 _GLUON = "_gluon.py"  # attncc.codegen.GLUON, without importing the code generator
 
 
-def _cached_file(key: str, text: str) -> Optional[Path]:
+def _cached_file(key: str) -> Optional[Path]:
     """The intact cached module of ``key``, or None (warning when a damaged one is there)."""
     problems = []
     try:
