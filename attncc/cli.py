@@ -14,9 +14,12 @@ def _default_specs():
 
 
 def cmd_build(args) -> int:
-    from attncc.codegen import build, gluon_file, stale
+    from attncc.codegen import build, extra, gluon_file, stale
     from attncc.spec import SpecError
 
+    if not args.out:  # `--out "$OUT"` with OUT unset: not the current folder without a word
+        print("attncc build: --out is empty (give a folder; --out . for the current one)", file=sys.stderr)
+        return 2
     specs = args.specs or _default_specs()
     if not specs:
         print("attncc build: no spec given and no specs/*.toml here", file=sys.stderr)
@@ -26,9 +29,14 @@ def cmd_build(args) -> int:
             old = stale(specs, args.out)
             for path in old:
                 print(f"stale: {path} (run `attncc build {' '.join(args.specs) if args.specs else ''}`)".rstrip(), file=sys.stderr)
-            if not old:
+            # the whole spec set (no spec arguments): the folder's generated files of specs gone since
+            gone = [] if args.specs else extra(specs, args.out)
+            for path in gone:
+                print(f"extra: {path} (written by attncc build from a spec that is no longer in specs/: delete it)",
+                      file=sys.stderr)
+            if not old and not gone:
                 print(f"attncc build --check: {len(specs)} generated file(s) up to date in {args.out}/")
-            return 1 if old else 0
+            return 1 if old or gone else 0
         for path in build(specs, args.out):
             print(f"wrote {path}")
             if gluon_file(path).is_file():

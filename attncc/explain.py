@@ -248,7 +248,7 @@ def main_explain(argv: Optional[List[str]] = None) -> int:
         pattern = load_spec(args.spec)
     except SpecError as e:
         print(f"attncc explain: {e}", file=sys.stderr)
-        return 1
+        return 2  # as attncc build and tune: a user's error
     n_q = args.n
     n_k = args.nk if args.nk is not None else args.n
     if n_q < 1 or n_k < 1:
@@ -274,7 +274,28 @@ def main_explain(argv: Optional[List[str]] = None) -> int:
     except (TypeError, ValueError) as e:
         print(f"attncc explain: {e}", file=sys.stderr)
         return 2
+    from attncc.core.semantics import MAX_HEAD_DIM
+
+    for flag, value in (("--head-dim", args.head_dim), ("--value-dim", args.value_dim)):
+        if value is not None and value > MAX_HEAD_DIM:  # a call refuses them: explaining one would describe no call
+            print(f"attncc explain: {flag} up to {MAX_HEAD_DIM} (the kernels' limit), got {value}", file=sys.stderr)
+            return 2
+    if args.heads is not None and pattern.heads_q is not None and args.heads != pattern.heads_q:
+        print(f"attncc explain: {pattern.source} fixes [heads].q = {pattern.heads_q}: a call with {args.heads} query "
+              f"heads is refused (leave out --heads)", file=sys.stderr)
+        return 2
+    if args.heads is not None and pattern.heads_kv is not None and args.heads % pattern.heads_kv:
+        print(f"attncc explain: --heads {args.heads} is not a multiple of the spec's [heads].kv = {pattern.heads_kv} "
+              f"(each kv head serves q // kv query heads)", file=sys.stderr)
+        return 2
     if args.png:
+        from attncc.report import MAX_GRID_TILES
+
+        tiles = -(-n_q // args.block[0]) * -(-n_k // args.block[1])
+        if tiles > MAX_GRID_TILES:  # plan_grid holds every tile
+            print(f"attncc explain: --png draws every tile: {tiles} tiles is more than 2**27; use larger tiles "
+                  f"(--block) or shorter lengths", file=sys.stderr)
+            return 2
         _pyplot()  # before any work: without matplotlib, say so at once
     block_m, block_n = args.block
     head_dim = args.head_dim or pattern.head_dims[0]
@@ -284,8 +305,13 @@ def main_explain(argv: Optional[List[str]] = None) -> int:
     # the tiles of a pattern with [inputs] depend on them: made up (torch), and said so
     positions = max(n_q, n_k)
     inputs = synthesize_inputs(plan, batch=args.batch, heads=heads, positions=positions) if plan.dynamic else {}
-    d = explain_data(plan, n_q=n_q, n_k=n_k, block_m=block_m, block_n=block_n, head_dim=head_dim,
-                     value_dim=args.value_dim, dtype=dtype, batch=args.batch, heads=heads, params=params, inputs=inputs)
+    try:
+        d = explain_data(plan, n_q=n_q, n_k=n_k, block_m=block_m, block_n=block_n, head_dim=head_dim,
+                         value_dim=args.value_dim, dtype=dtype, batch=args.batch, heads=heads, params=params,
+                         inputs=inputs)
+    except ValueError as e:  # a divisor that is 0 with these params, a tile grid too large to count
+        print(f"attncc explain: {e}", file=sys.stderr)
+        return 2
     d["synthesized_inputs"] = sorted(inputs)
     d["synthetic_inputs"] = describe_synthetic(plan, inputs, positions=positions)
     d["warnings"] = spec_warnings(pattern)

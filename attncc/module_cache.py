@@ -8,7 +8,10 @@ The generated source is cached on disk, one file per spec: ``<name>_<key>.py`` i
 version and the sources of the core, spec, analysis and codegen stages and the templates, so that a
 changed compiler never serves an old file). A process that finds the file only imports it: no
 sympy, jinja2 or networkx. Files are written whole (:func:`write_atomic`), so processes that
-compile the same spec at once each see either no file or a complete one.
+compile the same spec at once each see either no file or a complete one; each ends with a stamp
+(:func:`stamped`: the key and a digest of the text and of the Gluon fragments), and a file whose stamp
+does not match (damaged, or not written here) is rendered again, never imported. A cache folder that
+cannot be written gives a warning and a temporary folder of the process's own.
 
 A module is imported under the name ``attncc_generated_<name>_<key>`` and registered in
 ``sys.modules`` (``importlib.import_module`` finds it again; pickle and ``torch.compile`` resolve
@@ -87,13 +90,21 @@ def spec_source(spec) -> Tuple[str, str]:
         path = os.fspath(spec)
         if not isinstance(path, str):
             raise TypeError(f"attncc.compile: a spec path must be text, got {type(path).__name__} {path!r}")
-        try:
-            return Path(path).read_text(), path
-        except OSError:
-            from attncc.spec import load_spec
+        from attncc.core.semantics import MAX_SPEC_BYTES
 
-            load_spec(path)  # raises the SpecError the command raises for an unreadable file
-            raise
+        try:
+            # at most MAX_SPEC_BYTES, UTF-8 whatever the locale, universal newlines: what load_spec reads
+            with open(path, "rb") as f:
+                data = f.read(MAX_SPEC_BYTES + 1)
+            if len(data) <= MAX_SPEC_BYTES:
+                text = data.decode("utf-8")
+                return text.replace("\r\n", "\n").replace("\r", "\n"), path
+        except (OSError, UnicodeDecodeError):
+            pass
+        from attncc.spec import load_spec
+
+        load_spec(path)  # raises the SpecError the command raises for an unreadable, long or non-UTF-8 file
+        raise AssertionError(f"attncc (internal): load_spec read {path!r}, which compile() could not")
     raise TypeError(f"attncc.compile: spec must be TOML text (str), a dict of spec keys or a path, "
                     f"got {type(spec).__name__}")
 
@@ -122,10 +133,70 @@ def compiler_fingerprint() -> str:
     return _FINGERPRINT
 
 
+# The last line of a cached module: its key and a digest of the key and of every line above it (and
+# of its Gluon fragments file, when it has one). A file that does not end so (empty, truncated,
+# edited, another entry's module copied over it) is never imported: compile() renders it again.
+STAMP = "# attncc module cache: key "
+
+
+def _digest(key: str, text: str) -> str:
+    return hashlib.sha256(f"{key}\0{text}".encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def stamped(key: str, module: str, fragments: Optional[str]) -> str:
+    """The cached file of ``module`` (a generated module's source) under ``key``: the module, then its stamp."""
+    module = module if module.endswith("\n") else module + "\n"
+    gluon = "none" if fragments is None else _digest(key, fragments)
+    return f"{module}{STAMP}{key} sha256 {_digest(key, module)} fragments {gluon}\n"
+
+
+def _intact(path: Path, key: str) -> Optional[str]:
+    """None when ``path`` is the whole cached module of ``key`` (and its fragments file, if it
+    names one, is whole), else what is wrong with it."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        return f"unreadable ({e})"
+    body, _, last = text[:-1].rpartition("\n")
+    fields = last.split(" ")
+    if not text.endswith("\n") or not last.startswith(STAMP) or len(fields) != 10:
+        return "no complete attncc stamp at its end (empty, truncated or not written by attncc.compile)"
+    stamp_key, digest, gluon = fields[5], fields[7], fields[9]
+    if stamp_key != key or digest != _digest(key, body + "\n"):
+        return "its text is not the module of this spec (changed, or another entry's file)"
+    if gluon != "none":
+        fragments = path.with_name(path.stem + _GLUON)
+        try:
+            ok = _digest(key, fragments.read_text(encoding="utf-8")) == gluon
+        except (OSError, UnicodeDecodeError):
+            ok = False
+        if not ok:
+            return f"its Gluon fragments file {fragments.name} is missing or changed"
+    return None
+
+
+_GLUON = "_gluon.py"  # attncc.codegen.GLUON, without importing the code generator
+
+
 def _cached_file(key: str) -> Optional[Path]:
-    for path in sorted(modules_dir().glob(f"*_{key}.py")):
-        if path.stem[: -len(key) - 1].isidentifier():
+    """The intact cached module of ``key``, or None (warning when a damaged one is there)."""
+    problems = []
+    try:
+        found = sorted(modules_dir().glob(f"*_{key}.py"))
+    except OSError:
+        found = []
+    for path in found:
+        if not path.stem[: -len(key) - 1].isidentifier():
+            continue
+        problem = _intact(path, key)
+        if problem is None:
             return path
+        problems.append(f"{path}: {problem}")
+    if problems:
+        import warnings
+
+        warnings.warn(f"attncc.compile: the module cache held a damaged file; rendered again. "
+                      f"{'; '.join(problems)}", RuntimeWarning, stacklevel=3)
     return None
 
 
@@ -137,11 +208,42 @@ def _render_to_cache(text: str, label: str, key: str) -> Path:
     pattern = parse_spec(text, label)  # the command's validation and errors
     files = render_files(pattern.replace(source=_printable(label)))
     renders += 1
-    path = modules_dir() / f"{pattern.name}_{key}.py"
-    if GLUON in files:  # the Gluon fragments beside the module (<name>_<key>_gluon.py), written first
-        write_atomic(path.with_name(path.stem + GLUON), files[GLUON])
-    write_atomic(path, files[MODULE])
+    assert GLUON == _GLUON
+    module = stamped(key, files[MODULE], files.get(GLUON))
+    try:
+        return _write_entry(modules_dir(), pattern.name, key, module, files.get(GLUON))
+    except OSError as e:  # a cache folder that cannot be made or written: one of this process's own
+        import warnings
+
+        folder = _private_dir()
+        warnings.warn(f"attncc.compile: cannot write the module cache {modules_dir()} ({e.strerror or e}); "
+                      f"compiled into {folder}, which this process removes when it exits (set "
+                      f"ATTNCC_CACHE_DIR to a writable folder to keep compiled modules)", RuntimeWarning, stacklevel=3)
+        return _write_entry(folder, pattern.name, key, module, files.get(GLUON))
+
+
+def _write_entry(folder: Path, name: str, key: str, module: str, fragments: Optional[str]) -> Path:
+    path = Path(folder) / f"{name}_{key}.py"
+    if fragments is not None:  # the Gluon fragments beside the module (<name>_<key>_gluon.py), written first
+        write_atomic(path.with_name(path.stem + _GLUON), fragments)
+    write_atomic(path, module)
     return path
+
+
+_PRIVATE: Optional[Path] = None
+
+
+def _private_dir() -> Path:
+    """A folder of this process's own for compiled modules, removed at exit."""
+    global _PRIVATE
+    if _PRIVATE is None:
+        import atexit
+        import shutil
+        import tempfile
+
+        _PRIVATE = Path(tempfile.mkdtemp(prefix="attncc-modules-"))
+        atexit.register(shutil.rmtree, _PRIVATE, ignore_errors=True)
+    return _PRIVATE
 
 
 def _printable(label: str) -> str:

@@ -392,6 +392,21 @@ def backend_text(plan: Plan, *, head_dim: int, value_dim: int, dtype: str) -> st
     return f"tl; Gluon sm90 forward and backward ({walk}) with ATTNCC_BACKEND=gluon{why_tl}"
 
 
+# Tiles of the grids explain counts on (block lists, [inputs]: every tile of every batch row and head
+# whose mask reads b or h, several arrays of them): ~1 GiB each at this bound. Closed forms count per
+# block and take no grid.
+MAX_GRID_TILES = 2**27
+
+
+def _check_grid(pattern, tiles: int, nqb: int, nkb: int) -> None:
+    """A ValueError for a tile grid too large to count (an unbounded --block 1x1 took 10 GB at
+    --n 16384 and asked numpy for 512 GiB at 2**20), before any of it is allocated."""
+    if tiles > MAX_GRID_TILES:
+        raise ValueError(f"{pattern.name}'s tiles are counted on the whole tile grid (its loops take block lists or "
+                         f"read [inputs]): {nqb} x {nkb} tiles (x batch rows and heads where the mask reads b or h) "
+                         f"is {tiles}, more than 2**27; use larger tiles (--block) or shorter lengths")
+
+
 def explain_data(plan: Plan, *, n_q: int, n_k: int, block_m: int = 128, block_n: int = 64, head_dim: int = 128,
                  value_dim: Optional[int] = None, dtype: str = "bf16", batch: int = 1, heads: int = 1,
                  params: Optional[Mapping[str, object]] = None,
@@ -423,6 +438,7 @@ def explain_data(plan: Plan, *, n_q: int, n_k: int, block_m: int = 128, block_n:
         inputs = {**made, **inputs}
     nqb, nkb = _cdiv(n_q, block_m), _cdiv(n_k, block_n)
     if plan.dynamic:
+        _check_grid(pattern, batch * heads * nqb * nkb, nqb, nkb)
         numbers = _tensor_numbers(plan, n_q=n_q, n_k=n_k, block_m=block_m, block_n=block_n, params=params,
                                   inputs=inputs, batch=batch, heads=heads)
     else:
@@ -430,7 +446,10 @@ def explain_data(plan: Plan, *, n_q: int, n_k: int, block_m: int = 128, block_n:
         # as plan_grid: tiles of their own per batch row / head only where the mask reads b / h
         sizes = dict(n_q=n_q, n_k=n_k, block_m=block_m, block_n=block_n, params=params, batch=batch, heads=heads,
                      nb=batch if S.b in free else 1, nh=heads if S.h in free else 1)
-        numbers = _static_numbers(plan, **sizes) or _every_pair_numbers(plan, **sizes)
+        numbers = _static_numbers(plan, **sizes)
+        if numbers is None:
+            _check_grid(pattern, sizes["nb"] * sizes["nh"] * nqb * nkb, nqb, nkb)
+            numbers = _every_pair_numbers(plan, **sizes)
     counts = numbers["walks"]["forward"]
     allowed = numbers["allowed"]
     pairs = batch * heads * n_q * n_k

@@ -18,6 +18,7 @@ from typing import Optional, Tuple, Union
 
 # The largest head dim (D, and Dv) the kernels take: specs' head_dim / value_dim and calls share it.
 MAX_HEAD_DIM = 256
+MAX_SPEC_BYTES = 2**20  # a spec file: read at most this much (/dev/zero, a huge file: a SpecError, not all memory)
 
 # Positions and int params stay below this, so that the kernels' int64 arithmetic on them (sums,
 # small multiples) is exact; int params start at -2**31 (a call's check, and explain's --param).

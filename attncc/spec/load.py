@@ -10,7 +10,8 @@ from typing import Any, Dict
 
 import sympy
 
-from attncc.core.semantics import FLOAT32_MAX, FLOAT32_TINY, INT_LIMIT, INT_PARAM_MIN, MAX_HEAD_DIM, float32_holds
+from attncc.core.semantics import (FLOAT32_MAX, FLOAT32_TINY, INT_LIMIT, INT_PARAM_MIN, MAX_HEAD_DIM, MAX_SPEC_BYTES,
+                                    float32_holds)
 from attncc.spec import names as N
 from attncc.spec import symbols as S
 from attncc.spec.builtins import RandomBlocks
@@ -144,6 +145,9 @@ def _nesting(value) -> int:
 def parse_spec(text: str, path: str = "<string>") -> Pattern:
     """Parse the text of a TOML spec into a Pattern; ``path`` names it in errors."""
     c = _Checker(path)
+    if text.startswith("\ufeff"):  # tomllib's error would be "Invalid statement (at line 1, column 1)"
+        raise SpecError(path, "", "not valid TOML: the text starts with a byte order mark (U+FEFF), which TOML does "
+                                  "not allow (save the file as UTF-8 without BOM)")
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -160,7 +164,16 @@ def parse_spec(text: str, path: str = "<string>") -> Pattern:
             c.fail(k, f"unknown key (expected one of: {', '.join(TOP_KEYS)})")
 
     stem = Path(path).stem if path != "<string>" else "pattern"
-    name = c.module_name(data.get("name", stem), "name")
+    if "name" in data:
+        name = c.module_name(data["name"], "name")
+    else:  # the file's name is the module's: say so when it cannot be one
+        try:
+            name = c.module_name(stem, "name")
+        except SpecError as e:
+            raise SpecError(path, "name", f"the spec has no name key, so its file name is the module's name: "
+                                          f"{e.reason} (rename the file or give the spec a name = \"...\")") from None
+    if "description" in data and not isinstance(data["description"], str):
+        c.fail("description", f"expected a string, got {_kind(data['description'])} {_short(data['description'])}")
     kind = c.choice(data.get("kind", "softmax"), "kind", ("softmax", "linear"))
 
     hd = data.get("head_dim", 128)
@@ -395,7 +408,22 @@ def load_spec(path) -> Pattern:
     """Read and parse the spec file at ``path``."""
     p = Path(path)
     try:
-        text = p.read_text()
+        with open(p, "rb") as f:
+            data = f.read(MAX_SPEC_BYTES + 1)
     except OSError as e:
         raise SpecError(str(path), "", f"cannot read the spec: {e.strerror}") from None
-    return parse_spec(text, str(path))
+    if len(data) > MAX_SPEC_BYTES:
+        raise SpecError(str(path), "", f"a spec file is at most {MAX_SPEC_BYTES} bytes (1 MiB); this one is longer")
+    return parse_spec(decode_spec(data, str(path)), str(path))
+
+
+def decode_spec(data: bytes, path: str) -> str:
+    """The text of a spec file's bytes: UTF-8, as TOML files are (never the locale's encoding, which
+    read a spec differently from one machine to another), with universal newlines; or the SpecError
+    naming the first byte that is not UTF-8."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SpecError(path, "", f"not UTF-8 text (TOML files are UTF-8): byte 0x{data[e.start]:02x} at offset "
+                                  f"{e.start} ({e.reason})") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as a file read as text
