@@ -312,12 +312,15 @@ def kernel_operands(call: DecodeCall):
 
 
 @triton.jit
-def _merge_kernel(O_PART, LSE_PART, O, LSE, S,
+def _merge_kernel(O_PART, LSE_PART, O, LSE, ROW, S,
                   stride_ob, stride_oh, stride_om, H, Nq,
                   VALUE_DIM: tl.constexpr, VALUE_DIM_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
-                  RETURN_LSE: tl.constexpr):
+                  RETURN_LSE: tl.constexpr, ROW_TERMS: tl.constexpr):
     """One query row: o = sum_s w_s o_s / sum_s w_s with w_s = exp(lse_s - max lse); a row
-    whose splits all saw no key gets o = 0 and lse = -inf."""
+    whose splits all saw no key gets o = 0 and lse = -inf. ROW_TERMS: the splits' LSEs leave out
+    the row's terms constant along j (ROW [rows], float32), added to the merged LSE here (in each
+    split's float32 LSE a large one rounded the splits' weights apart); a row term of -inf gives
+    o = 0, one of +inf or NaN a NaN row, as in the kernels' _row_term_o."""
     row = tl.program_id(0).to(tl.int64)  # (b * H + h) * Nq + t
     t = row % Nq
     bh = row // Nq
@@ -333,20 +336,29 @@ def _merge_kernel(O_PART, LSE_PART, O, LSE, S,
     parts = tl.load(O_PART + (row * S + offs_s[:, None]) * VALUE_DIM_PAD + cols[None, :],
                     mask=offs_s[:, None] < S, other=0.0)
     o = tl.sum(parts * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+    row_term = 0.0
+    if ROW_TERMS:
+        row_term = tl.load(ROW + row)
+        removed = tl.where(row_term == float("-inf"), 0.0, float("nan"))
+        o = tl.where((tl.abs(row_term) < float("inf")) | (total == 0.0), o, removed)
     tl.store(O + b * stride_ob + h * stride_oh + t * stride_om + cols, o.to(O.dtype.element_ty),
              mask=cols < VALUE_DIM)
     if RETURN_LSE:
-        tl.store(LSE + row, tl.where(total == 0.0, float("-inf"), m_use + tl.log(tl.where(total == 0.0, 1.0, total))))
+        lse_row = m_use + tl.log(tl.where(total == 0.0, 1.0, total)) + row_term
+        tl.store(LSE + row, tl.where(total == 0.0, float("-inf"), lse_row))
 
 
-def merge(call: DecodeCall, o_part: torch.Tensor, lse_part: torch.Tensor, o: torch.Tensor, lse: torch.Tensor):
+def merge(call: DecodeCall, o_part: torch.Tensor, lse_part: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+          row_terms: Optional[torch.Tensor] = None):
     """Combine ``o_part [B, Hq, Nq, S, Dv_pad]`` (fp32, each split normalized on its own) and
-    ``lse_part [B, Hq, Nq, S]`` into ``o`` and ``lse``."""
+    ``lse_part [B, Hq, Nq, S]`` into ``o`` and ``lse``; ``row_terms [B, Hq, Nq]`` (fp32): the
+    score's terms constant along j, which the splits' LSEs leave out (specs that have them)."""
     S = o_part.shape[3]
     _merge_kernel[(call.B * call.Hq * call.Nq,)](
-        o_part, lse_part, o, lse, S, o.stride(0), o.stride(1), o.stride(2), call.Hq, call.Nq,
-        VALUE_DIM=call.Dv, VALUE_DIM_PAD=o_part.shape[-1], BLOCK_S=max(2, triton.next_power_of_2(S)),
-        RETURN_LSE=call.return_lse, num_warps=4)
+        o_part, lse_part, o, lse, lse_part if row_terms is None else row_terms, S, o.stride(0), o.stride(1),
+        o.stride(2), call.Hq, call.Nq, VALUE_DIM=call.Dv, VALUE_DIM_PAD=o_part.shape[-1],
+        BLOCK_S=max(2, triton.next_power_of_2(S)), RETURN_LSE=call.return_lse, ROW_TERMS=row_terms is not None,
+        num_warps=4)
 
 
 def empty_result(call: DecodeCall):
