@@ -263,6 +263,10 @@ def main_explain(argv: Optional[List[str]] = None) -> int:
         if value is not None and value < 1:
             print(f"attncc explain: {flag} must be positive, got {value}", file=sys.stderr)
             return 2
+    twice = sorted({name for name, _ in args.param if sum(n == name for n, _ in args.param) > 1})
+    if twice:
+        print(f"attncc explain: --param {', '.join(twice)} given more than once", file=sys.stderr)
+        return 2
     params = dict(args.param)
     unknown = set(params) - {p.name for p in pattern.params}
     if unknown:

@@ -42,7 +42,7 @@ def _dtypes(text: str) -> List[str]:
     bad = [v for v in names if v not in DTYPES]
     if bad or not names:
         raise argparse.ArgumentTypeError(f"expected dtypes among {', '.join(DTYPES)}, got {text!r}")
-    return [DTYPES[v] for v in names]
+    return list(dict.fromkeys(DTYPES[v] for v in names))  # each once (bf16,bfloat16 is one dtype)
 
 
 def _parser() -> argparse.ArgumentParser:

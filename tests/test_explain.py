@@ -270,3 +270,9 @@ def test_png_without_matplotlib_says_how_to_install_it(tmp_path, monkeypatch, ca
     with pytest.raises(SystemExit, match=r"needs matplotlib: pip install 'attncc\[viz\]'"):
         main_explain([str(SPECS / "causal.toml"), "--n", "300", "--png", str(tmp_path / "x.png")])
     assert capsys.readouterr().out == "" and not (tmp_path / "x.png").exists()
+
+
+def test_a_param_given_twice_is_refused(capsys):
+    """--param w=1 --param w=2 is an error (status 2), not the last one silently."""
+    assert main_explain([str(SPECS / "sliding_window.toml"), "--param", "window=8", "--param", "window=9"]) == 2
+    assert "--param window given more than once" in capsys.readouterr().err

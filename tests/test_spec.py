@@ -225,3 +225,11 @@ def test_inputs_and_heads():
     assert (g.heads_q, g.heads_kv) == (32, 8)
     bool_input = parse_spec('[inputs]\nkeep = { dims = ["b", "n"], dtype = "bool" }\n[mask]\nwhere = "keep[b, j]"')
     assert bool_input.mask == sympy.Ne(sympy.Function("keep", real=True)(S.b, S.j), 0)
+
+
+@pytest.mark.parametrize("key, value, said", [("dtypes", '["float16", "float16"]', "each dtype once"),
+                                              ("head_dim", "[64, 128, 64]", "each head dim once")])
+def test_a_list_names_each_entry_once(key, value, said):
+    """A dtype or head dim listed twice is an error naming the key (tune would time it twice)."""
+    with pytest.raises(SpecError, match=said):
+        parse_spec(f'{key} = {value}\n[mask]\nwhere = "j <= i"\n')

@@ -550,3 +550,9 @@ def test_pruned_candidates_give_each_warpgroup_64_resident_rows(kernel):
         assert resident >= 64 * cfg.num_warps // 4, cfg
     if kernel == "dkdv":
         assert (32, 64, 4) in [(c.BLOCK_M, c.BLOCK_N, c.num_warps) for c in pruned]
+
+
+def test_tune_times_each_dtype_once():
+    """--dtype bf16,bfloat16,fp16 names two dtypes: each is tuned once."""
+    from attncc.tune import _dtypes
+    assert _dtypes("bf16,bfloat16,fp16") == ["bfloat16", "float16"]

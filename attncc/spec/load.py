@@ -186,6 +186,8 @@ def parse_spec(text: str, path: str = "<string>") -> Pattern:
         if not 1 <= d <= MAX_HEAD_DIM:
             c.fail("head_dim", f"expected head dims between 1 and {MAX_HEAD_DIM} (the kernels' limit, which calls "
                                f"share: D and Dv up to {MAX_HEAD_DIM}), got {d}")
+    if len(set(head_dims)) < len(head_dims):
+        c.fail("head_dim", f"expected each head dim once, got {list(head_dims)}")
     value_dim = data.get("value_dim")
     if value_dim is not None:
         c.int_(value_dim, "value_dim", 1)
@@ -199,6 +201,8 @@ def parse_spec(text: str, path: str = "<string>") -> Pattern:
         c.fail("dtypes", f"expected a non-empty list of dtype names, got {dts!r}")
     for d in dts:
         c.choice(d, "dtypes", DTYPES)
+    if len(set(dts)) < len(dts):
+        c.fail("dtypes", f"expected each dtype once, got {dts!r}")
 
     heads = c.table(data, "heads", ("q", "kv"))
     hq = c.int_(heads["q"], "[heads].q", 1) if "q" in heads else None
