@@ -1,0 +1,59 @@
+"""Probe 16 (expression arithmetic and the score path): each test is a case that was wrong."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import pytest
+import torch
+
+import attncc
+from attncc.analysis import analyze
+from attncc.spec import parse_spec
+
+
+def _grads(o, r, tensors):
+    g = torch.randn_like(o)
+    got = torch.autograd.grad(o, tensors, g)
+    want = torch.autograd.grad(r, tensors, g.double())
+    return [(a.double() - b).abs().max().item() for a, b in zip(got, want)]
+
+
+@pytest.mark.parametrize("mask", ["j * 0.5 >= i - 33", "2 * j <= i + 0.5", "j <= i * 1.0",
+                                  "abs(2 * i - 3 * j) <= 23 and j * 0.5 >= i - 33"])
+def test_float_literal_in_a_le_mask_atom_takes_no_float_band(mask):
+    """An atom ``a <= b`` with a float literal was solved into a closed-form band with a float
+    bound (floor(0.5*x) + 33, printed as tl.floor of a float32 product): the walk's loop bounds
+    were floats, and the kernel failed (InterpreterError TypeError('unexpected type fp32')) and
+    ``attncc explain`` raised Unsupported: not integer arithmetic. Only ``<`` checked that its sides
+    are integers. Found by a probe's random masks."""
+    text = f'[mask]\nwhere = "{mask}"\n'
+    pattern = parse_spec(text)
+    plan = analyze(pattern)
+    for walk in (plan.forward, plan.transposed):
+        assert walk.kind.value != "bands" or not walk.cover.band or "0.5" not in str(walk.cover.band)
+    m = attncc.compile(text)
+    torch.manual_seed(0)
+    q = torch.randn(1, 1, 70, 16, requires_grad=True)
+    k = torch.randn(1, 1, 50, 16, requires_grad=True)
+    v = torch.randn(1, 1, 50, 16, requires_grad=True)
+    o = m.attention(q, k, v, q_offset=20)
+    r = attncc.reference(pattern, q.double(), k.double(), v.double(), q_offset=20)
+    assert (o - r).abs().max().item() < 1e-5
+    assert max(_grads(o, r, (q, k, v))) < 1e-4
+    from attncc.explain import main_explain
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main_explain([_spec_file(text), "--n", "70", "--nk", "50", "--block", "16x32", "--json"]) == 0
+    assert json.loads(out.getvalue())["walks"]["dkdv"]["visited"] > 0
+
+
+def _spec_file(text):
+    import tempfile
+
+    f = tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False)
+    f.write('name = "probe16_float_band"\n' + text)
+    f.close()
+    return f.name
