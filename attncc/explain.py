@@ -284,8 +284,13 @@ def main_explain(argv: Optional[List[str]] = None) -> int:
     # the tiles of a pattern with [inputs] depend on them: made up (torch), and said so
     positions = max(n_q, n_k)
     inputs = synthesize_inputs(plan, batch=args.batch, heads=heads, positions=positions) if plan.dynamic else {}
-    d = explain_data(plan, n_q=n_q, n_k=n_k, block_m=block_m, block_n=block_n, head_dim=head_dim,
-                     value_dim=args.value_dim, dtype=dtype, batch=args.batch, heads=heads, params=params, inputs=inputs)
+    try:
+        d = explain_data(plan, n_q=n_q, n_k=n_k, block_m=block_m, block_n=block_n, head_dim=head_dim,
+                         value_dim=args.value_dim, dtype=dtype, batch=args.batch, heads=heads, params=params,
+                         inputs=inputs)
+    except ValueError as e:  # a divisor of params and sizes that is 0 (as a call would raise)
+        print(f"attncc explain: {e}", file=sys.stderr)
+        return 2
     d["synthesized_inputs"] = sorted(inputs)
     d["synthetic_inputs"] = describe_synthetic(plan, inputs, positions=positions)
     d["warnings"] = spec_warnings(pattern)

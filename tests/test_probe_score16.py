@@ -57,3 +57,24 @@ def _spec_file(text):
     f.write('name = "probe16_float_band"\n' + text)
     f.close()
     return f.name
+
+
+@pytest.mark.parametrize("mask, param, value, divisor", [
+    ("i // w == j // w or j * f > i", "w", 0, "i // w"),      # every-pair counts: a traceback from pair_mask
+    ("i // (w - 3) == j", "w", 3, "i // (w - 3)"),            # closed form: ZeroDivisionError in intexpr
+])
+def test_explain_of_a_zero_divisor_is_the_calls_error(mask, param, value, divisor, capsys):
+    """``attncc explain --param w=0`` of a mask dividing by ``w`` ended in a traceback (ValueError
+    from the reference's pair_mask after pair_counts' Unsupported, or a bare ZeroDivisionError
+    from the closed form's integer program) where a call raises a ValueError naming the divisor:
+    now explain_data raises that error and the command prints it (status 2). Found by a probe."""
+    from attncc.explain import main_explain
+    from attncc.report import explain_data
+
+    path = _spec_file(f'[params]\nw = 5\nf = 0.5\n[mask]\nwhere = "{mask}"\n')
+    assert main_explain([path, "--n", "100", "--param", f"{param}={value}", "--json"]) == 2
+    err = capsys.readouterr().err
+    assert f"division by zero: the divisor of {divisor} is 0 with w = {value}" in err, err
+    with pytest.raises(ValueError, match="division by zero"):
+        explain_data(analyze(parse_spec(f'[params]\nw = {value}\nf = 0.5\n[mask]\nwhere = "{mask}"\n')), n_q=64, n_k=64)
+    assert main_explain([path, "--n", "100", "--param", f"{param}={value + 1}", "--json"]) == 0
