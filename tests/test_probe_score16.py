@@ -78,3 +78,26 @@ def test_explain_of_a_zero_divisor_is_the_calls_error(mask, param, value, diviso
     with pytest.raises(ValueError, match="division by zero"):
         explain_data(analyze(parse_spec(f'[params]\nw = {value}\nf = 0.5\n[mask]\nwhere = "{mask}"\n')), n_q=64, n_k=64)
     assert main_explain([path, "--n", "100", "--param", f"{param}={value + 1}", "--json"]) == 0
+
+
+@pytest.mark.parametrize("bias, offset", [("exp((j - i) / 10)", 900), ("0.9 ** (i - j)", 5000), ("2 ** (j - i)", 200),
+                                          ("exp(0.1 * (j - i))", 2**40), ("3 * exp(0.1 * (j - i) + 2) * (i + 1) * 1e-4", 2000)])
+def test_a_power_of_the_distance_is_not_split_into_powers_of_positions(bias, offset):
+    """The bias's terms were found with sympy.expand, whose power_exp hint splits exp(a + b) and
+    x ** (a + b): exp((j - i) / 10) became exp(-i/10) * exp(j/10) (a row factor times a key factor)
+    and RetNet's decay 0.9 ** (i - j) became 0.9**i / 0.9**j, each factor overflowing or
+    underflowing float32 a few hundred positions in: o NaN at q_offset 900 (exp), 5000 (0.9 **),
+    200 (2 **), with the reference finite. Found by a probe (biases of the distance far along)."""
+    text = f'[score]\nbias = "{bias}"\n'
+    m = attncc.compile(text)
+    pattern = parse_spec(text)
+    torch.manual_seed(0)
+    q = torch.randn(1, 2, 8, 16, requires_grad=True)
+    k = torch.randn(1, 2, 12, 16, requires_grad=True)
+    v = torch.randn(1, 2, 12, 16, requires_grad=True)
+    kw = dict(q_offset=offset, k_offset=offset - 10)
+    o = m.attention(q, k, v, **kw)
+    r = attncc.reference(pattern, q.double(), k.double(), v.double(), **kw)
+    assert torch.isfinite(o).all()
+    assert (o - r).abs().max().item() < 1e-5
+    assert max(_grads(o, r, (q, k, v))) < 1e-4
