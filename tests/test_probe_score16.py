@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import io
 import json
 
@@ -101,3 +102,20 @@ def test_a_power_of_the_distance_is_not_split_into_powers_of_positions(bias, off
     assert torch.isfinite(o).all()
     assert (o - r).abs().max().item() < 1e-5
     assert max(_grads(o, r, (q, k, v))) < 1e-4
+
+
+@pytest.mark.parametrize("c", ["1e17", "1e30"])
+def test_reference_weights_sum_to_one_at_huge_scores(c):
+    """attncc.reference took p = exp(s - lse): with a bias so large that the LSE rounds log(n) away
+    (1e17 + log(6) is 1e17 in float64) every weight was 1 and o the *sum* of the values (6x their
+    mean), where the docs say the reference sees equal scores (the mean, as FlexAttention's
+    softmax and the kernels, which drop a constant bias). Now torch's softmax. Found by a probe
+    (huge integer biases)."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 1, n, 16, dtype=torch.float64) for n in (3, 6, 6))
+    o = attncc.reference(parse_spec(f'[score]\nbias = "{c}"\n'), q, k, v)
+    assert torch.allclose(o[0, 0], v[0, 0].mean(0).expand(3, 16), atol=1e-12)
+    q.requires_grad_(True)
+    o, lse = attncc.reference(parse_spec('[mask]\nwhere = "j <= i - 1"\n'), q, k, v, return_lse=True)
+    (o.sum() + lse[torch.isfinite(lse)].sum()).backward()  # a row without keys: o = 0, lse = -inf, no NaN
+    assert (o[0, 0, 0] == 0).all() and lse[0, 0, 0] == -math.inf and torch.isfinite(q.grad).all()
