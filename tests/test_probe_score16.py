@@ -119,3 +119,27 @@ def test_reference_weights_sum_to_one_at_huge_scores(c):
     o, lse = attncc.reference(parse_spec('[mask]\nwhere = "j <= i - 1"\n'), q, k, v, return_lse=True)
     (o.sum() + lse[torch.isfinite(lse)].sum()).backward()  # a row without keys: o = 0, lse = -inf, no NaN
     assert (o[0, 0, 0] == 0).all() and lse[0, 0, 0] == -math.inf and torch.isfinite(q.grad).all()
+
+
+@pytest.mark.parametrize("mod, same_as", [
+    ("min(s, where(j <= i, inf, -inf))", "where(j <= i, s, -inf)"),   # was the where itself: +inf scores, NaN rows
+    ("max(s, where(j <= i, -inf, inf))", "where(j <= i, s, inf)"),    # was s: plain attention
+    ("min(s, 2 * where(j <= i, inf, -inf) + 1)", "where(j <= i, s, -inf)"),
+    ("tanh(tanh(where(s > 0, inf, -inf))) + s", "where(s > 0, s + tanh(1), s - tanh(1))"),  # was s + 0
+])
+def test_min_max_and_functions_of_a_where_of_infinities(mod, same_as):
+    """sympy misjudges a Piecewise whose every branch is infinite (``s - where(c, inf, -inf)``
+    "is nonnegative", ``tanh`` of it "is zero"), so the parser's min / max / functions of one
+    evaluated to the wrong branch: ``min(s, where(j <= i, inf, -inf))`` became the where itself (the
+    kernels and the reference alike: every allowed score +inf, o NaN) where Python gives the causal
+    mask. Now such a where is folded out of the call first. Found by a probe comparing parsed
+    expressions with Python's evaluation of their text."""
+    got, want = (parse_spec(f'[score]\nmod = "{m}"\n') for m in (mod, same_as))
+    m = attncc.compile(f'[score]\nmod = "{mod}"\n')
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 9, 16) for _ in range(3))
+    o = m.attention(q, k, v)
+    r = attncc.reference(want, q.double(), k.double(), v.double())
+    assert torch.equal(o.isnan(), r.isnan()) and torch.equal(attncc.reference(got, q, k, v).isnan(), r.isnan())
+    assert (o - r).nan_to_num(0).abs().max().item() < 1e-5
+    assert (attncc.reference(got, q.double(), k.double(), v.double()) - r).nan_to_num(0).abs().max().item() < 1e-12
