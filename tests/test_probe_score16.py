@@ -143,3 +143,20 @@ def test_min_max_and_functions_of_a_where_of_infinities(mod, same_as):
     assert torch.equal(o.isnan(), r.isnan()) and torch.equal(attncc.reference(got, q, k, v).isnan(), r.isnan())
     assert (o - r).nan_to_num(0).abs().max().item() < 1e-5
     assert (attncc.reference(got, q.double(), k.double(), v.double()) - r).nan_to_num(0).abs().max().item() < 1e-12
+
+
+@pytest.mark.parametrize("mod, value", [("s + (0 == 0)", 1.0), ("s + (0 != 0)", 0.0), ("s + ((0 == 0) - (0 != 0)) * 0.5", 0.5),
+                                        ("s + where(0 == 0, 1.5, 0)", 1.5), ("s + where(0 != 0, 1.5, -2)", -2.0),
+                                        ("s + (1.5 == 1.5) * 2", 2.0), ("s + (not (2 == 2)) * 3", 0.0)])
+def test_a_comparison_of_two_numbers_counts_as_python_says(mod, value):
+    """``==`` / ``!=`` were built unevaluated (Eq(0, 0)), and sympy's Piecewise takes an
+    unevaluated Eq of two numbers as false: ``(0 == 0)`` as a number was 0, ``(0 != 0)`` was 1,
+    ``where(0 == 0, 1.5, 0)`` was 0 (the kernels and the reference alike). Found by a probe comparing
+    parsed expressions with Python's evaluation of their text."""
+    from attncc._reference import evaluate
+
+    pattern = parse_spec(f'[score]\nmod = "{mod}"\n')
+    env = {"s": torch.tensor(0.25, dtype=torch.float64), "i": torch.tensor(3), "j": torch.tensor(1), "b": torch.tensor(0),
+           "h": torch.tensor(0), "n_q": 8, "n_k": 8, "n_heads": 1}
+    got = float(evaluate(pattern.mod, env)) if pattern.mod is not None else 0.25
+    assert got == 0.25 + value

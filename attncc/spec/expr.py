@@ -314,7 +314,10 @@ class _Parser:
                 parts.append(differ if rel is sympy.Ne else sympy.Not(differ))
             else:
                 a, b = as_number(*left)[0], as_number(*right)[0]
-                parts.append(rel(a, b, evaluate=False) if rel in (sympy.Eq, sympy.Ne) else rel(a, b))
+                # two numbers: decided now. An unevaluated Eq(0, 0) is taken as false by sympy's
+                # Piecewise: (0 == 0) as a number was 0, (0 != 0) 1, where(0 == 0, a, b) was b
+                exact = rel in (sympy.Eq, sympy.Ne) and not (a.is_Number and b.is_Number)
+                parts.append(rel(a, b, evaluate=False) if exact else rel(a, b))
             left = right
         return sympy.And(*parts), BOOL
 
