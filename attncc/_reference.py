@@ -341,8 +341,11 @@ def reference(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     empty = (s == -math.inf).all(-1)
     lse = torch.logsumexp(torch.where(empty[..., None], torch.zeros_like(s), s), dim=-1)
     lse = torch.where(empty, torch.full_like(lse, -math.inf), lse)
-    p = torch.exp(s - torch.where(empty, torch.zeros_like(lse), lse)[..., None])
-    p = torch.where(allowed, p, torch.zeros_like(p))
+    # torch's softmax (against the row's max), not exp(s - lse): where the scores are so large that
+    # the LSE rounds log(n) away (a bias of 1e17: lse = 1e17 + log(n) is 1e17 in float64), the
+    # weights exp(s - lse) summed to n, not 1 (o was n times the average of v)
+    p = torch.softmax(torch.where(empty[..., None], torch.zeros_like(s), s), dim=-1)
+    p = torch.where(allowed & ~empty[..., None], p, torch.zeros_like(p))
     if keep_mask is not None:
         dropout_p = float(opts.get("dropout_p", pattern.dropout))
         if not 0.0 <= dropout_p < 1.0:

@@ -313,7 +313,7 @@ def main_explain(argv: Optional[List[str]] = None) -> int:
         d = explain_data(plan, n_q=n_q, n_k=n_k, block_m=block_m, block_n=block_n, head_dim=head_dim,
                          value_dim=args.value_dim, dtype=dtype, batch=args.batch, heads=heads, params=params,
                          inputs=inputs)
-    except ValueError as e:  # a divisor that is 0 with these params, a tile grid too large to count
+    except ValueError as e:  # a divisor that is 0 here (as a call would raise), a grid too large to count
         print(f"attncc explain: {e}", file=sys.stderr)
         return 2
     d["synthesized_inputs"] = sorted(inputs)

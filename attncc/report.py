@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from typing import Dict, Mapping, Optional, Tuple
 
+import sympy
+
 from attncc.analysis.bands import FIRST, LAST, X, Cover
 from attncc.analysis.builtin import gluon_fit
 from attncc.analysis.graph import plan_grid, walk_path
@@ -32,6 +34,7 @@ from attncc.analysis.intexpr import Unsupported, compile_int
 from attncc.analysis.plan import Plan
 from attncc.analysis.score import score_report
 from attncc.analysis.walks import Iteration, precondition_holds
+from attncc.codegen.bounds import divisors
 from attncc.core import tiles
 from attncc.core.lazy import lazy_module
 from attncc.runtime import gluon
@@ -407,6 +410,19 @@ def _check_grid(pattern, tiles: int, nqb: int, nkb: int) -> None:
                          f"is {tiles}, more than 2**27; use larger tiles (--block) or shorter lengths")
 
 
+def _check_divisors(pattern, params: Mapping[str, object], *, n_q: int, n_k: int, heads: int) -> None:
+    """A ``//`` or ``%`` by params and sizes only that is 0 at these numbers: the ValueError a call
+    raises (``attncc explain --param w=0`` counted nothing: a ZeroDivisionError or a traceback)."""
+    sizes = {S.n_q: n_q, S.n_k: n_k, S.n_heads: heads}
+    for _, d, whole in divisors(pattern):
+        values = {sym: sizes[sym] if sym in sizes else params.get(sym.name) for sym in d.free_symbols}
+        if any(v is None for v in values.values()) or d.atoms(sympy.core.function.AppliedUndef):
+            continue  # varies per pair (positions, b, h, input values): build refuses one that may be 0
+        if d.xreplace({sym: sympy.sympify(v) for sym, v in values.items()}) == 0:
+            named = ", ".join(f"{sym.name} = {values[sym]}" for sym in sorted(values, key=lambda x: x.name))
+            raise ValueError(f"division by zero: the divisor of {whole} is 0" + (f" with {named}" if named else ""))
+
+
 def explain_data(plan: Plan, *, n_q: int, n_k: int, block_m: int = 128, block_n: int = 64, head_dim: int = 128,
                  value_dim: Optional[int] = None, dtype: str = "bf16", batch: int = 1, heads: int = 1,
                  params: Optional[Mapping[str, object]] = None,
@@ -429,6 +445,7 @@ def explain_data(plan: Plan, *, n_q: int, n_k: int, block_m: int = 128, block_n:
         raise ValueError(f"dtype: expected one of {', '.join(ELEMENT_BYTES)}, got {dtype!r}")
     pattern = plan.pattern
     params = {**pattern.param_values, **(params or {})}
+    _check_divisors(pattern, params, n_q=n_q, n_k=n_k, heads=heads)
     value_dim = value_dim or pattern.value_dim or head_dim
     synthesized = []
     inputs = dict(inputs or {})

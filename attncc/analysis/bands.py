@@ -219,6 +219,8 @@ def _atom_expr(atom) -> sympy.Expr:
     if isinstance(atom, LinearAtom):
         return atom.a * S.i + atom.b * S.j + atom.c
     rel = atom.expr()
+    if rel.atoms(sympy.Float):  # float arithmetic (float64 in the kernels, op for op): no exact integer bound
+        raise NoBand(f"{atom} compares float arithmetic")
     if isinstance(rel, sympy.LessThan):
         return rel.lhs - rel.rhs
     if isinstance(rel, sympy.StrictLessThan) and (rel.lhs - rel.rhs).is_integer:

@@ -128,7 +128,10 @@ def split_along_j(bias: sympy.Expr) -> Tuple[sympy.Expr, sympy.Expr]:
     the loop and ``0.1 * i`` in the row terms).
     """
     along, const = [], []
-    for t in sympy.Add.make_args(integer_sums(sympy.expand(integer_ops(ungrouped(bias))))):
+    # power_exp=False: exp(a + b) and x ** (a + b) stay whole (exp((j - i) / 10) split into
+    # exp(-i/10) * exp(j/10), 0.9 ** (i - j) into 0.9**i / 0.9**j, overflow to inf / underflow to 0 in
+    # float32 a few hundred positions in: NaN scores)
+    for t in sympy.Add.make_args(integer_sums(sympy.expand(integer_ops(ungrouped(bias)), power_exp=False))):
         if not depends_on(t, S.j):
             const.append(t)
             continue

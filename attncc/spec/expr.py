@@ -314,7 +314,10 @@ class _Parser:
                 parts.append(differ if rel is sympy.Ne else sympy.Not(differ))
             else:
                 a, b = as_number(*left)[0], as_number(*right)[0]
-                parts.append(rel(a, b, evaluate=False) if rel in (sympy.Eq, sympy.Ne) else rel(a, b))
+                # two numbers: decided now. An unevaluated Eq(0, 0) is taken as false by sympy's
+                # Piecewise: (0 == 0) as a number was 0, (0 != 0) 1, where(0 == 0, a, b) was b
+                exact = rel in (sympy.Eq, sympy.Ne) and not (a.is_Number and b.is_Number)
+                parts.append(rel(a, b, evaluate=False) if exact else rel(a, b))
             left = right
         return sympy.And(*parts), BOOL
 
@@ -492,17 +495,17 @@ class _Parser:
                 self.fail(node, f"{name}() takes 1 argument, got {len(args)}")
             x, t = self.number(args[0], f"{name}()")
             if name == "abs":
-                return sympy.Abs(x), t
+                return _applied(sympy.Abs, x), t
             if name == "exp2":
                 return self.power(node, sympy.Integer(2), x), FLOAT
-            return _UNARY_MATH[name](x), FLOAT
+            return _applied(_UNARY_MATH[name], x), FLOAT
         if name in ("min", "max"):
             if len(args) < 2:
                 self.fail(node, f"{name}() takes at least 2 arguments, got {len(args)}")
             vals = [self.number(a, f"{name}()") for a in args]
             typ = INT if all(t == INT for _, t in vals) else FLOAT
             f = sympy.Min if name == "min" else sympy.Max
-            return f(*[v for v, _ in vals]), typ
+            return _applied(f, *[v for v, _ in vals]), typ
         # where(cond, a, b)
         if len(args) != 3:
             self.fail(node, f"where() takes 3 arguments (cond, a, b), got {len(args)}")
@@ -610,6 +613,20 @@ def as_number(expr, typ) -> Tuple[sympy.Basic, str]:
     if typ == BOOL:
         return sympy.Piecewise((sympy.Integer(1), expr), (sympy.Integer(0), True)), INT
     return expr, typ
+
+
+def _applied(f, *args):
+    """``f(*args)`` (min, max, abs, a math function), with a ``where`` whose every branch is infinite
+    (``where(j <= i, inf, -inf)``, also inside an argument: ``2 * ... + 1``) folded out of the arguments first:
+    sympy's assumptions misjudge such a Piecewise (``s - where(c, inf, -inf)`` "is nonnegative",
+    ``tanh`` of it "is zero"), so ``min(s, where(j <= i, inf, -inf))`` was the where itself (+inf for
+    the allowed pairs, NaN rows), ``max(s, where(j <= i, -inf, inf))`` was ``s`` and
+    ``tanh(tanh(where(s > 0, inf, -inf)))`` was 0. Folded, each branch is evaluated with its own
+    infinity (``min(s, inf)`` is ``s``)."""
+    if any(isinstance(a, sympy.Basic) and any(all(p.expr.is_infinite for p in w.args) for w in a.atoms(sympy.Piecewise))
+           for a in args):
+        return sympy.piecewise_fold(f(*args, evaluate=False))
+    return f(*args)
 
 
 def _folded(expr):
