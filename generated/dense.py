@@ -59,30 +59,42 @@ SPEC = _rt.SpecInfo(
 
 
 @triton.jit
-def _load_rows(base, rows, n_rows, stride, DIM: tl.constexpr, DIM_PAD: tl.constexpr):
-    """Rows ``rows`` (those < n_rows) of a [n_rows, DIM] matrix at ``base`` (row stride ``stride``,
-    unit column stride), zero-padded to DIM_PAD columns: a program's resident tile. Plain loads,
-    not a tensor descriptor: making one on the device costs each program a few microseconds
-    (session 16: dK/dV of block diagonal 1024, 16K, 1369 -> 1244 us), which programs that walk
-    few tiles do not win back."""
-    cols = tl.arange(0, DIM_PAD)
-    ptrs = base + rows.to(tl.int64)[:, None] * stride + cols[None, :]  # int64 rows: see _fwd_kernel
-    if DIM == DIM_PAD:
-        return tl.load(ptrs, mask=(rows < n_rows)[:, None], other=0.0)
+def _load_rows(base, rows, start, n_rows, stride, DIM: tl.constexpr, DIM_PAD: tl.constexpr):
+    """Rows ``rows`` (= start + arange, those < n_rows) of a [n_rows, DIM] matrix at ``base`` (row
+    stride ``stride``, unit column stride), zero-padded to DIM_PAD columns: a program's resident
+    tile. 16-bit tiles through plain loads, not a tensor descriptor: making one on the device costs
+    each program a few microseconds (session 16: dK/dV of block diagonal 1024, 16K, 1369 -> 1244
+    us), which programs that walk few tiles do not win back. 32-bit ones through a descriptor:
+    plain loads of those take Triton more shared memory than the built-in configs have
+    (tests/test_sm90_compile.py: an fp32 forward at 128 x 128 needed 262 KB)."""
+    if base.dtype.element_ty == tl.float32:
+        desc = tl.make_tensor_descriptor(base, shape=[n_rows, DIM], strides=[stride, 1],
+                                         block_shape=[rows.shape[0], DIM_PAD])
+        return desc.load([tl.cast(start, tl.int32), 0])  # a descriptor's offsets are int32
     else:
-        return tl.load(ptrs, mask=(rows < n_rows)[:, None] & (cols < DIM)[None, :], other=0.0)
+        cols = tl.arange(0, DIM_PAD)
+        ptrs = base + rows.to(tl.int64)[:, None] * stride + cols[None, :]  # int64 rows: see _fwd_kernel
+        if DIM == DIM_PAD:
+            return tl.load(ptrs, mask=(rows < n_rows)[:, None], other=0.0)
+        else:
+            return tl.load(ptrs, mask=(rows < n_rows)[:, None] & (cols < DIM)[None, :], other=0.0)
 
 
 @triton.jit
-def _store_rows(base, rows, n_rows, stride, value, DIM: tl.constexpr, DIM_PAD: tl.constexpr):
+def _store_rows(base, rows, start, n_rows, stride, value, DIM: tl.constexpr, DIM_PAD: tl.constexpr):
     """Stores ``value`` [len(rows), DIM_PAD] into rows ``rows`` (those < n_rows) of a [n_rows, DIM]
     matrix at ``base``, its first DIM columns (see _load_rows)."""
-    cols = tl.arange(0, DIM_PAD)
-    ptrs = base + rows.to(tl.int64)[:, None] * stride + cols[None, :]  # int64 rows: see _fwd_kernel
-    if DIM == DIM_PAD:
-        tl.store(ptrs, value, mask=(rows < n_rows)[:, None])
+    if base.dtype.element_ty == tl.float32:
+        desc = tl.make_tensor_descriptor(base, shape=[n_rows, DIM], strides=[stride, 1],
+                                         block_shape=[rows.shape[0], DIM_PAD])
+        desc.store([tl.cast(start, tl.int32), 0], value)
     else:
-        tl.store(ptrs, value, mask=(rows < n_rows)[:, None] & (cols < DIM)[None, :])
+        cols = tl.arange(0, DIM_PAD)
+        ptrs = base + rows.to(tl.int64)[:, None] * stride + cols[None, :]  # int64 rows: see _fwd_kernel
+        if DIM == DIM_PAD:
+            tl.store(ptrs, value, mask=(rows < n_rows)[:, None])
+        else:
+            tl.store(ptrs, value, mask=(rows < n_rows)[:, None] & (cols < DIM)[None, :])
 
 
 @triton.jit
@@ -153,7 +165,7 @@ def _fwd_kernel(Q, K, V, O, LSE,
     v_desc = tl.make_tensor_descriptor(V_base, shape=[Nk, VALUE_DIM],
                                        strides=[stride_vn, 1], block_shape=[BLOCK_N, VALUE_DIM_PAD])
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
-    q = _load_rows(Q_base, offs_m, Nq, stride_qm, HEAD_DIM, HEAD_DIM_PAD)
+    q = _load_rows(Q_base, offs_m, qb * BLOCK_M, Nq, stride_qm, HEAD_DIM, HEAD_DIM_PAD)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, VALUE_DIM_PAD], dtype=tl.float32)
@@ -167,7 +179,7 @@ def _fwd_kernel(Q, K, V, O, LSE,
                                   MASKED=True)
     # Rows that saw no allowed key: o = 0 and lse = -inf, never NaN.
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    _store_rows(O_base, offs_m, Nq, stride_om, o.to(O.dtype.element_ty), VALUE_DIM, VALUE_DIM_PAD)
+    _store_rows(O_base, offs_m, qb * BLOCK_M, Nq, stride_om, o.to(O.dtype.element_ty), VALUE_DIM, VALUE_DIM_PAD)
     if RETURN_LSE:
         # log2 -> natural log; -inf where l_i = 0 (no log2(0) evaluated: the CPU interpreter warns on it)
         lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i))) * 0.6931471805599453)
@@ -315,8 +327,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
         DK_base = DK + b * stride_dkb + hk * stride_dkh
         DV_base = DV + b * stride_dvb + hk * stride_dvh
     offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-    k = _load_rows(K_base, offs_n, Nk, stride_kn, HEAD_DIM, HEAD_DIM_PAD)
-    v = _load_rows(V_base, offs_n, Nk, stride_vn, VALUE_DIM, VALUE_DIM_PAD)
+    k = _load_rows(K_base, offs_n, kb * BLOCK_N, Nk, stride_kn, HEAD_DIM, HEAD_DIM_PAD)
+    v = _load_rows(V_base, offs_n, kb * BLOCK_N, Nk, stride_vn, VALUE_DIM, VALUE_DIM_PAD)
     dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, VALUE_DIM_PAD], dtype=tl.float32)
     for h_in_group in tl.range(0, GROUP):
@@ -342,8 +354,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
             dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2 + lse_row, DELTA + lse_row, qb, Nq, q_offset,
                                 qk_scale, BLOCK_M, DOT_PRECISION, MASKED=True)
     dk = dk * sm_scale
-    _store_rows(DK_base, offs_n, Nk, stride_dkn, dk.to(DK.dtype.element_ty), HEAD_DIM, HEAD_DIM_PAD)
-    _store_rows(DV_base, offs_n, Nk, stride_dvn, dv.to(DV.dtype.element_ty), VALUE_DIM, VALUE_DIM_PAD)
+    _store_rows(DK_base, offs_n, kb * BLOCK_N, Nk, stride_dkn, dk.to(DK.dtype.element_ty), HEAD_DIM, HEAD_DIM_PAD)
+    _store_rows(DV_base, offs_n, kb * BLOCK_N, Nk, stride_dvn, dv.to(DV.dtype.element_ty), VALUE_DIM, VALUE_DIM_PAD)
 
 
 @triton.jit
@@ -419,8 +431,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, O, LSE, DLSE, LSE2, DELTA,
     v_desc = tl.make_tensor_descriptor(V_base, shape=[Nk, VALUE_DIM],
                                        strides=[stride_vn, 1], block_shape=[BLOCK_N, VALUE_DIM_PAD])
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
-    q = _load_rows(Q_base, offs_m, Nq, stride_qm, HEAD_DIM, HEAD_DIM_PAD)
-    do = _load_rows(DO_base, offs_m, Nq, stride_dom, VALUE_DIM, VALUE_DIM_PAD)
+    q = _load_rows(Q_base, offs_m, qb * BLOCK_M, Nq, stride_qm, HEAD_DIM, HEAD_DIM_PAD)
+    do = _load_rows(DO_base, offs_m, qb * BLOCK_M, Nq, stride_dom, VALUE_DIM, VALUE_DIM_PAD)
     # the rows' delta and lse2 (rows past Nq: o = 0, lse = -inf, so delta = 0 and lse2 = +inf)
     o_cols = tl.arange(0, VALUE_DIM_PAD)
     rows = offs_m < Nq
@@ -444,7 +456,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, O, LSE, DLSE, LSE2, DELTA,
         dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, Nk, k_offset, qk_scale, BLOCK_N, DOT_PRECISION,
                       MASKED=True)
     dq = dq * sm_scale
-    _store_rows(DQ_base, offs_m, Nq, stride_dqm, dq.to(DQ.dtype.element_ty), HEAD_DIM, HEAD_DIM_PAD)
+    _store_rows(DQ_base, offs_m, qb * BLOCK_M, Nq, stride_dqm, dq.to(DQ.dtype.element_ty), HEAD_DIM, HEAD_DIM_PAD)
 
 
 def _dkdv_launch(call, cfg, q, k, v, dk, dv, lse, do):
