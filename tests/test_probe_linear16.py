@@ -1,0 +1,45 @@
+"""Probe of linear attention (probe16-linear): float16 operands of the kernels' dots that overflow.
+
+Found by seeded random loops against attncc.reference (float64): the generated kernels cast
+float32 tiles to float16 for their dots, and a tile past 65504 became inf (then inf * 0 = NaN):
+- forward, causal: the in-chunk quadratic form phi(q_i).phi(k_j) (elu+1 on entries ~1e3 gave NaN rows);
+- backward, normalized: phi(q_i) / den_i where den_i is the eps of a row whose features meet no
+  key (relu, seeded random q, k of N = 65): NaN in dk and dv while the reference's are finite.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attncc
+from test_linear import linear_module
+
+
+def test_float16_forward_with_large_inputs_is_finite_and_right(tmp_path_factory):
+    p, mod = linear_module(tmp_path_factory, "elu+1")
+    g = torch.Generator().manual_seed(1)
+    q, k = ((torch.randn(1, 1, 17, 16, generator=g) * 1e3).half() for _ in range(2))
+    v = torch.randn(1, 1, 17, 16, generator=g).half()
+    o = mod.attention(q, k, v)
+    ref = attncc.reference(p, q.double(), k.double(), v.double())
+    assert torch.isfinite(o).all()  # was NaN in 13 of 17 rows: phi(q).phi(k) ~ 1.6e7 cast to float16
+    assert ((o.double() - ref).norm() / ref.norm()).item() < 5e-3
+
+
+def test_float16_backward_where_a_relu_row_meets_no_key(tmp_path_factory):
+    p, mod = linear_module(tmp_path_factory, "relu")
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 6, 65, 8, generator=g)
+    k = torch.randn(2, 2, 65, 8, generator=g)
+    v = torch.randn(2, 2, 65, 8, generator=g)
+    # some rows' relu features meet no key's: den_i = eps, phi(q_i) / den_i ~ 1e6
+    den = (torch.relu(q) @ torch.relu(k).repeat_interleave(3, 1).transpose(-1, -2)).tril().sum(-1)
+    assert (den == 0).any()
+    do = torch.randn(2, 6, 65, 8, generator=g)
+    qh, kh, vh = (t.half().requires_grad_() for t in (q, k, v))
+    mod.attention(qh, kh, vh).backward(do.half())
+    qd, kd, vd = (t.double().requires_grad_() for t in (q, k, v))
+    attncc.reference(p, qd, kd, vd).backward(do.double())
+    for t, r in ((qh, qd), (kh, kd), (vh, vd)):
+        assert torch.isfinite(t.grad).all()  # dk, dv had NaN
+        assert ((t.grad.double() - r.grad).norm() / r.grad.norm()).item() < 2e-2
