@@ -43,3 +43,20 @@ def test_float16_backward_where_a_relu_row_meets_no_key(tmp_path_factory):
     for t, r in ((qh, qd), (kh, kd), (vh, vd)):
         assert torch.isfinite(t.grad).all()  # dk, dv had NaN
         assert ((t.grad.double() - r.grad).norm() / r.grad.norm()).item() < 2e-2
+
+
+def test_step_errors_name_step_arguments_and_forms_mix(tmp_path_factory):
+    # step(position=-1) said "attention: q_offset must be >= 0"; a q [B, Hq, D] beside k, v [B, Hkv, 1, D]
+    # (each form documented) said "attention: k must have 4 dims, got shape (1, 2, 1, 1, 16)"
+    p, mod = linear_module(tmp_path_factory, "elu+1")
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 16, generator=g) for _ in range(3))
+    with pytest.raises(ValueError, match=r"step: position must be >= 0, got -1"):
+        mod.step(q, k, v, None, position=-1)
+    with pytest.raises(TypeError, match=r"step: position must be an int, got bool"):
+        mod.step(q, k, v, None, position=True)
+    with pytest.raises(ValueError, match=r"step: n must be >= 4, got 2"):
+        mod.step(q, k, v, None, position=3, n=2)
+    o, state = mod.step(q, k.unsqueeze(2), v.unsqueeze(2), None)
+    o3, state3 = mod.step(q, k, v, None)
+    assert o.shape == (1, 2, 16) and torch.equal(o, o3) and torch.equal(state[0], state3[0])
