@@ -60,3 +60,23 @@ def test_step_errors_name_step_arguments_and_forms_mix(tmp_path_factory):
     o, state = mod.step(q, k.unsqueeze(2), v.unsqueeze(2), None)
     o3, state3 = mod.step(q, k, v, None)
     assert o.shape == (1, 2, 16) and torch.equal(o, o3) and torch.equal(state[0], state3[0])
+
+
+def test_performer_seed_past_63_bits_is_refused_not_aliased():
+    # torch.Generator keeps 63 bits: seed=2**63 drew seed 0's projection (same output, no error),
+    # and seed=2**64 raised "Overflow when unpacking long long"
+    from attncc.runtime.feature_maps import performer_projection
+    from cases import module
+
+    mod = module("performer")
+    q = torch.randn(1, 1, 3, 16, generator=torch.Generator().manual_seed(3))
+    for seed in (2**63, 2**63 + 5, 2**64):
+        with pytest.raises(ValueError, match=r"attention: seed must be below 2\*\*63"):
+            mod.attention(q, q, q, seed=seed)
+    with pytest.raises(ValueError, match=r"step: seed must be below 2\*\*63"):
+        mod.step(q[:, :, 0], q[:, :, 0], q[:, :, 0], None, seed=2**63)
+    with pytest.raises(ValueError, match=r"0 <= seed < 2\*\*63"):
+        performer_projection(8, 4, 2**63)
+    with pytest.raises(ValueError, match=r"0 <= seed < 2\*\*63"):
+        performer_projection(8, 4, -1)
+    assert mod.attention(q, q, q, seed=2**63 - 1).isfinite().all()
