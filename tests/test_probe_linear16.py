@@ -80,3 +80,15 @@ def test_performer_seed_past_63_bits_is_refused_not_aliased():
     with pytest.raises(ValueError, match=r"0 <= seed < 2\*\*63"):
         performer_projection(8, 4, -1)
     assert mod.attention(q, q, q, seed=2**63 - 1).isfinite().all()
+
+
+def test_double_backward_raises_instead_of_dropping_the_penalty(tmp_path_factory):
+    # a gradient penalty, o.sum() + |dq|^2 with create_graph=True, backpropagated o.sum() only: the
+    # linear backward's gradients were constants (no graph), silently; softmax's raise (docs §8)
+    p, mod = linear_module(tmp_path_factory, "elu+1")
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 1, 5, 16, generator=g).requires_grad_() for _ in range(3))
+    o = mod.attention(q, k, v)
+    dq, = torch.autograd.grad(o.sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        (o.sum() + (dq**2).sum()).backward()
