@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 import attncc.runtime as _rt
+from attncc.core.semantics import int_argument as _int_argument
 from attncc.runtime import linear as _lin
 from attncc.runtime.feature_maps import LINEAR_DENOMINATOR_EPS
 
@@ -71,6 +72,16 @@ def _phi_grad(x, dphi):
     recomputes from x (cheaper than keeping a [R, BLOCK_F] float32 tile alive in the callers)."""
     x = x.to(tl.float32)
     return tl.where(x > 0, dphi, dphi * tl.exp(x))
+
+
+@triton.jit
+def _fit(x, PTR):
+    """x (float32) as a dot operand of PTR's element type. float16 saturates at its largest finite
+    value (65504) first: a float32 tile past it would become inf, and inf * 0 NaN, in the dot (phi(q) /
+    den_i where a relu row meets no key, den_i = eps). bfloat16 and float32 have float32's range."""
+    if PTR.dtype.element_ty == tl.float16:
+        x = tl.minimum(tl.maximum(x, -65504.0), 65504.0)
+    return x.to(PTR.dtype.element_ty)
 
 
 @triton.jit
@@ -135,7 +146,10 @@ def _scan(X, Y, DEN, CHAT, S_INIT, Z_INIT, STATES, ZS, S_FINAL, Z_FINAL,
             z += tl.sum(phi * c_hat[:, None], 0)
         else:
             z += tl.sum(phi, 0)
-        s += tl.dot(tl.trans(phi.to(Y.dtype.element_ty)), y, input_precision=PRECISION)
+        if BACKWARD:  # phi / den_i: up to phi / eps
+            s += tl.dot(tl.trans(_fit(phi, Y)), y, input_precision=PRECISION)
+        else:
+            s += tl.dot(tl.trans(phi.to(Y.dtype.element_ty)), y, input_precision=PRECISION)
     if STORE_FINAL:
         tl.store(S_FINAL + bhk * FEATURES * VALUE_DIM + s_idx, s, mask=s_ok)
         tl.store(Z_FINAL + bhk * FEATURES + f, z, mask=f_ok & (dvb == 0))
@@ -185,7 +199,13 @@ def _output(Q, K, V, O, DEN, STATES, ZS,
         phi_k = _phi(k, HEAD_DIM, HEAD_DIM_PAD)
         a += tl.dot(phi_q.to(Q.dtype.element_ty), tl.trans(phi_k.to(Q.dtype.element_ty)), input_precision=PRECISION)
     a = tl.where(rows[None, :] <= rows[:, None], a, 0.0)  # q and k rows are the same positions
-    num += tl.dot(a.to(V.dtype.element_ty), v, input_precision=PRECISION)
+    if V.dtype.element_ty == tl.float16:
+        # phi(q_i).phi(k_j) passes float16's 65504 at moderate inputs (elu+1 on entries ~60 at D = 16):
+        # scale each row to at most 1 for the float16 dot and back in float32
+        a_max = tl.maximum(tl.max(tl.abs(a), 1), 1.0)
+        num += tl.dot((a / a_max[:, None]).to(tl.float16), v, input_precision=PRECISION) * a_max[:, None]
+    else:
+        num += tl.dot(a.to(V.dtype.element_ty), v, input_precision=PRECISION)
     den += tl.sum(a, 1)
     den += eps
     num = num / den[:, None]
@@ -268,8 +288,8 @@ def _q_hat(Q, DEN, b, h, r, N, H_Q, stride_qb, stride_qh, stride_qn,
     q = tl.load(Q + b * stride_qb + h * stride_qh + r[:, None] * stride_qn + d[None, :],
                 mask=r_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
     phi = _phi(q, HEAD_DIM, HEAD_DIM_PAD)
-    phi = phi / tl.load(DEN + (b * H_Q + h) * N + r, mask=r_ok, other=1.0)[:, None]  # bounded where den_i is tiny
-    return tl.where(r_ok[:, None], phi, 0.0).to(Q.dtype.element_ty)
+    phi = phi / tl.load(DEN + (b * H_Q + h) * N + r, mask=r_ok, other=1.0)[:, None]  # up to phi / eps: _fit saturates it
+    return _fit(tl.where(r_ok[:, None], phi, 0.0), Q)
 
 
 @triton.jit
@@ -316,7 +336,7 @@ def _dkdv(Q, K, V, DO, DK, DV, DEN, CHAT, DSTATES, DZS,
             do = tl.load(DO + b * stride_dob + h * stride_doh + r[:, None] * stride_don + e[None, :],
                          mask=r_ok[:, None] & e_ok, other=0.0)
             a_t = tl.where(causal, tl.dot(phi_k, tl.trans(q_hat), input_precision=PRECISION), 0.0)
-            dv += tl.dot(a_t.to(DO.dtype.element_ty), do, input_precision=PRECISION)
+            dv += tl.dot(_fit(a_t, DO), do, input_precision=PRECISION)
     at_k = bhk.to(tl.int64) * N
     tl.store(DV + (at_k + r[:, None]) * VALUE_DIM + e[None, :], dv.to(DV.dtype.element_ty), mask=r_ok[:, None] & e_ok)
 
@@ -562,8 +582,13 @@ def step(q, k, v, state=None, *, position=0, n=None, seed=None):
     Equal to row `position` of attention(...) over the whole sequence. No gradient.
     """
     squeeze = isinstance(q, torch.Tensor) and q.dim() == 3
-    if squeeze:
-        q, k, v = (t.unsqueeze(2) if isinstance(t, torch.Tensor) else t for t in (q, k, v))
+    # each of q, k, v may come as [B, H, D] or [B, H, 1, D] (a k [B, Hkv, 1, D] beside a q [B, Hq, D]
+    # must not become 5-D); o takes q's form
+    q, k, v = (t.unsqueeze(2) if isinstance(t, torch.Tensor) and t.dim() == 3 else t for t in (q, k, v))
+    # checked here so that the errors name step's arguments (not attention's q_offset / n_q)
+    position = _int_argument(f"{SPEC.name}.step: position", position)
+    if n is not None:
+        n = _int_argument(f"{SPEC.name}.step: n", n, minimum=position + 1)
     if isinstance(q, torch.Tensor) and (q.dim() != 4 or q.shape[2] != 1):
         raise ValueError(f"{SPEC.name}.step: q must be [B, Hq, D] or [B, Hq, 1, D] (one token), got {tuple(q.shape)}")
     lc = _bind(q, k, v, position, position, n, n, state, False, seed, fn="step")

@@ -44,9 +44,11 @@ def performer_projection(features: int, dim: int, seed: int = 0, dtype=torch.flo
     CPU ``torch.Generator`` seeded with ``seed``, in blocks of ``dim`` QR-orthogonalized
     gaussian rows (the last block truncated), each row scaled by a chi-distributed norm.
     The feature map is ``phi(x) = exp(W x' - |x'|^2 / 2) / sqrt(features)`` with
-    ``x' = x / dim ** 0.25``. Returns a new tensor (callers may modify it).
+    ``x' = x / dim ** 0.25``. ``seed`` must be in ``[0, 2**63)``. Returns a new tensor (callers may modify it).
     """
     if features < 1 or dim < 1:
         raise ValueError(f"performer_projection needs features >= 1 and dim >= 1, got features={features}, dim={dim}")
+    if not 0 <= seed < 2**63:  # torch.Generator keeps 63 bits (2**63 + s draws as s; a negative seed wraps)
+        raise ValueError(f"performer_projection needs 0 <= seed < 2**63, got seed={seed}")
     w = _performer_projection_cpu(int(features), int(dim), int(seed))
     return w.to(dtype=dtype, device=device, copy=True)

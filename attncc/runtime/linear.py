@@ -24,6 +24,7 @@ import torch
 
 from attncc.core.feature_maps import performer_projection
 from attncc.runtime import call as _call
+from attncc.runtime.autograd import no_double_backward
 from attncc.runtime.call import Call, interpreting
 from attncc.runtime.configs import padded_dim
 
@@ -200,11 +201,15 @@ class LinearAttentionFunction(torch.autograd.Function):
         lc = dataclasses.replace(ctx.lc, call=call, s0=init[0] if init else None, z0=init[1] if init else None)
         if do is None:
             do = torch.zeros_like(o)
+        differentiable = torch.is_grad_enabled()  # create_graph=True
         with torch.no_grad():
             dq, dk, dv, ds0, dz0 = ctx.backward_fn(lc, o, den, do, ds, dz)
         need = ctx.needs_input_grad
-        return (None, None, None, dq if need[3] else None, dk if need[4] else None, dv if need[5] else None,
-                ds0 if ctx.has_init and need[6] else None, dz0 if ctx.has_init and need[7] else None)
+        grads = [dq if need[3] else None, dk if need[4] else None, dv if need[5] else None,
+                 ds0 if ctx.has_init and need[6] else None, dz0 if ctx.has_init and need[7] else None]
+        if differentiable:  # the gradients must not be differentiated: a second backward raises, as softmax's
+            grads = no_double_backward(call.spec.name, grads, (q, k, v, *init, do))
+        return (None, None, None, *grads)
 
 
 def _differentiable(lc: LinearCall):
