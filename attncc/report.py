@@ -414,7 +414,7 @@ def _check_divisors(pattern, params: Mapping[str, object], *, n_q: int, n_k: int
     """A ``//`` or ``%`` by params and sizes only that is 0 at these numbers: the ValueError a call
     raises (``attncc explain --param w=0`` counted nothing: a ZeroDivisionError or a traceback)."""
     sizes = {S.n_q: n_q, S.n_k: n_k, S.n_heads: heads}
-    for _, d, whole in divisors(pattern):
+    for _, d, whole in sorted(divisors(pattern), key=lambda x: str(x[2])):  # one error in every process
         values = {sym: sizes[sym] if sym in sizes else params.get(sym.name) for sym in d.free_symbols}
         if any(v is None for v in values.values()) or d.atoms(sympy.core.function.AppliedUndef):
             continue  # varies per pair (positions, b, h, input values): build refuses one that may be 0

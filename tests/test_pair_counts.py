@@ -168,5 +168,5 @@ def test_the_references_errors_stay_its_own():
     from attncc.report import explain_data
 
     plan = analyze(load_spec(SPECS / "neighborhood_2d.toml"))
-    with pytest.raises(ValueError, match="division by zero: the divisor of j % width is 0 with width = 0"):
+    with pytest.raises(ValueError, match="division by zero: the divisor of i % width is 0 with width = 0"):
         explain_data(plan, n_q=300, n_k=200, block_m=32, block_n=16, params={"width": 0})
