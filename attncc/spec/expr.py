@@ -332,9 +332,10 @@ class _Parser:
         """An input access ``x[...]``. ``axis_var``: the loop variable of ``dot()``, which takes the
         place of the one ``:`` the access must have (over a dim declared with a number); then
         returns ``(expr, type, extent)``."""
+        node = _flatten_subscripts(node)
         if not isinstance(node.value, ast.Name) or node.value.id not in self._inputs:
-            target = node.value.id if isinstance(node.value, ast.Name) else _describe(node.value)
-            self.fail(node, f"only inputs from [inputs] can be indexed; '{target}' is not one")
+            target = f"'{node.value.id}'" if isinstance(node.value, ast.Name) else _describe(node.value)
+            self.fail(node, f"only inputs from [inputs] can be indexed; {target} is not one")
         decl = self._inputs[node.value.id]
         if not decl.dims:
             self.fail(node, f"input '{decl.name}' has no dims (dims = []): use it by name, without []")
@@ -640,6 +641,23 @@ def _folded(expr):
     except _NotReal:
         return expr
     return expr if value is None or not math.isfinite(value) else sympy.Float(value)
+
+
+def _flatten_subscripts(node):
+    """``x[a][b]`` (chained integer indexing, as FlexAttention ports write ``bias[q_idx][kv_idx]``) is
+    ``x[a, b]``: for integer indices torch and Python give the same element. A chain with a slice
+    (``x[:, a][b]``) is left as it is (and refused as before)."""
+    parts = []
+    base = node
+    while isinstance(base, ast.Subscript):
+        idx = base.slice.elts if isinstance(base.slice, ast.Tuple) else [base.slice]
+        parts.append(list(idx))
+        base = base.value
+    if len(parts) < 2 or any(isinstance(e, ast.Slice) for p in parts for e in p):
+        return node
+    elts = [e for p in reversed(parts) for e in p]
+    flat = ast.Subscript(value=base, slice=ast.Tuple(elts=elts, ctx=ast.Load()), ctx=ast.Load())
+    return ast.copy_location(flat, node)
 
 
 def _describe(node) -> str:

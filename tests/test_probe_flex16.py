@@ -1,0 +1,264 @@
+"""Probe 16 (FlexAttention / attention-gym ports): each pattern as an attncc spec and as a float64
+oracle written here from the Flex ``score_mod(score, b, h, q_idx, kv_idx)`` /
+``mask_mod(b, h, q_idx, kv_idx)`` definition (plain torch, Python floor semantics), never from
+``attncc.reference``. Flex's q_idx / kv_idx are taken as the global positions
+``q_offset + row`` / ``k_offset + row`` (docs/spec-language.md §5)."""
+from __future__ import annotations
+
+import math
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch
+
+import attncc
+
+NEG = float("-inf")
+
+
+def _w(c, s):
+    return torch.where(c, s, torch.full_like(s, NEG))
+
+
+def oracle(q, k, v, *, scale, mask=None, score=None, q_offset=0, k_offset=0, env=None, b_first=0):
+    """(o, lse) in float64; q [B,Hq,Nq,D], k/v [B,Hkv,Nk,D]; mask(E) / score(E, s) see E.b, E.h,
+    E.i, E.j as broadcastable int64 tensors plus ``env`` (params, inputs)."""
+    B, Hq, Nq, _ = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    g = Hq // Hkv
+    kk = k.double().repeat_interleave(g, dim=1)
+    vv = v.double().repeat_interleave(g, dim=1)
+
+    class E:
+        pass
+    E.b = (b_first + torch.arange(B)).view(B, 1, 1, 1)
+    E.h = torch.arange(Hq).view(1, Hq, 1, 1)
+    E.i = (q_offset + torch.arange(Nq)).view(1, 1, Nq, 1)
+    E.j = (k_offset + torch.arange(Nk)).view(1, 1, 1, Nk)
+    E.H = Hq
+    for key, val in (env or {}).items():
+        setattr(E, key, val.double() if torch.is_tensor(val) and val.is_floating_point() else val)
+    s = scale * (q.double() @ kk.transpose(-1, -2))
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # int tensor * python float: float64, as Python's
+    try:
+        if score is not None:
+            s = score(E, s)
+        s = s.expand(B, Hq, Nq, Nk)
+        if mask is not None:
+            s = torch.where(mask(E).expand(B, Hq, Nq, Nk), s, torch.full_like(s, NEG))
+    finally:
+        torch.set_default_dtype(old)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[..., None])
+    p = torch.where(torch.isfinite(lse)[..., None], p, torch.zeros_like(p))
+    return p @ vv, lse
+
+
+def alibi_gen(H):  # FlexAttention's test generator (test_flex_attention._generate_alibi_bias)
+    return torch.tensor([math.exp2(-((i + 1) * 8.0 / H)) for i in range(H)])
+
+
+def paper_slopes(H):
+    P = 2 ** int(math.floor(math.log2(H)))
+    s = [2 ** (-8 * (h + 1) / P) for h in range(P)]
+    s += [2 ** (-4 * (2 * (h - P) + 1) / P) for h in range(P, H)]
+    return torch.tensor(s, dtype=torch.float64)
+
+
+def _docs(n, seed, B=1):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(B):
+        ids, d = [], 0
+        while len(ids) < n:
+            ids += [d] * int(torch.randint(1, 9, (1,), generator=g))
+            d += 1
+        out.append(ids[:n])
+    return torch.tensor(out, dtype=torch.int32)
+
+
+# (name, spec, mask, score, env/inputs builder(B, H, Nq+qo, Nk+ko) -> (call kwargs, oracle env), hkv_div)
+CASES = [
+    ("noop", {}, None, None, None, 1),
+    ("times_two", {"score": {"mod": "score * 2"}}, None, lambda E, s: s * 2, None, 1),
+    ("squared", {"score": {"mod": "score * score"}}, None, lambda E, s: s * s, None, 1),
+    ("head_plus", {"score": {"mod": "score + h"}}, None, lambda E, s: s + E.h, None, 1),
+    ("rel_bias", {"score": {"mod": "score + (q_idx - kv_idx)", "scale": 0.3}}, None,
+     lambda E, s: s + (E.i - E.j), None, 1),
+    ("rel_causal", {"score": {"mod": "where(q_idx >= kv_idx, score + (q_idx - kv_idx), -inf)"}}, None,
+     lambda E, s: _w(E.i >= E.j, s + (E.i - E.j)), None, 1),
+    ("inverse_causal", {"score": {"mod": "where(q_idx < kv_idx, score, -inf)"}}, None,
+     lambda E, s: _w(E.i < E.j, s), None, 1),
+    ("trig_pos", {"score": {"mod": "score + sin(q_idx * 0.3) * cos(kv_idx * 0.7)"}}, None,
+     lambda E, s: s + torch.sin(E.i * 0.3) * torch.cos(E.j * 0.7), None, 1),
+    ("trig2_pos", {"score": {"mod": "cos(score) * sin(score) + tan(b * 0.5) + sin(q_idx * kv_idx * 0.01)"}}, None,
+     lambda E, s: torch.cos(s) * torch.sin(s) + torch.tan(E.b * 0.5) + torch.sin(E.i * E.j * 0.01), None, 1),
+    ("alibi_flexgen_table",
+     {"inputs": {"slopes": {"dims": ["h"], "dtype": "float32"}}, "score": {"mod": "score + (kv_idx - q_idx) * slopes[h]"}},
+     None, lambda E, s: s + (E.j - E.i) * E.slopes[E.h],
+     lambda B, H, nq, nk: ({"slopes": alibi_gen(H).float()}, {"slopes": alibi_gen(H)}), 1),
+    ("alibi_flexgen_expr", {"score": {"mod": "score + (kv_idx - q_idx) * exp2(-((h + 1) * 8.0 / 3))"}},
+     None, lambda E, s: s + (E.j - E.i) * torch.exp2(-((E.h + 1) * 8.0 / 3)), None, 1),
+    ("alibi_builtin_causal", {"mask": {"where": "causal"}, "score": {"bias": "alibi"}},
+     lambda E: E.j <= E.i, lambda E, s: s + paper_slopes(E.H).view(1, -1, 1, 1) * (E.j - E.i), None, 1),
+    ("doc_ids_batch", {"inputs": {"doc": {"dims": ["b", "n"], "dtype": "int32"}},
+                       "mask": {"where": "doc[b, q_idx] == doc[b, kv_idx]"}},
+     lambda E: E.doc[E.b, E.i] == E.doc[E.b, E.j], None,
+     lambda B, H, nq, nk: (lambda d: ({"doc": d}, {"doc": d.long()}))(_docs(max(nq, nk), 3, B)), 1),
+    ("doc_causal_batch", {"inputs": {"doc": {"dims": ["b", "n"], "dtype": "int32"}},
+                          "mask": {"where": "(doc[b, q_idx] == doc[b, kv_idx]) & (q_idx >= kv_idx)"}},
+     lambda E: (E.doc[E.b, E.i] == E.doc[E.b, E.j]) & (E.i >= E.j), None,
+     lambda B, H, nq, nk: (lambda d: ({"doc": d}, {"doc": d.long()}))(_docs(max(nq, nk), 4, B)), 1),
+    ("prefix_lm_per_batch", {"inputs": {"prefix": {"dims": ["b"], "dtype": "int32"}},
+                             "mask": {"where": "(kv_idx < prefix[b]) | (q_idx >= kv_idx)"}},
+     lambda E: (E.j < E.prefix[E.b]) | (E.i >= E.j), None,
+     lambda B, H, nq, nk: (lambda p: ({"prefix": p}, {"prefix": p.long()}))(
+         torch.tensor([5, 31, 0, 60][:B], dtype=torch.int32)), 1),
+    ("sliding_window_gqa", {"params": {"w": 6}, "mask": {"where": "(q_idx >= kv_idx) & (q_idx - kv_idx <= w)"}},
+     lambda E: (E.i >= E.j) & (E.i - E.j <= 6), None, None, 2),
+    ("sliding_window_mqa_bidir", {"params": {"w": 5}, "mask": {"where": "abs(q_idx - kv_idx) <= w"}},
+     lambda E: (E.i - E.j).abs() <= 5, None, None, 4),
+    ("head_scale_table", {"inputs": {"hs": {"dims": ["h"], "dtype": "float32", "grad": True}},
+                          "score": {"mod": "score * hs[h]"}},
+     None, lambda E, s: s * E.hs[E.h],
+     lambda B, H, nq, nk: (lambda t: ({"hs": t.float()}, {"hs": t}))(torch.linspace(0.3, 2.1, H).double()), 1),
+    ("softcap_mod_causal", {"params": {"cap": 3.0}, "mask": {"where": "causal"},
+                            "score": {"mod": "cap * tanh(score / cap)", "scale": 2.0}},
+     lambda E: E.j <= E.i, lambda E, s: 3.0 * torch.tanh(s / 3.0), None, 1),
+    ("dilated_window", {"params": {"w": 4, "d": 3},
+                        "mask": {"where": "q_idx >= kv_idx and (q_idx - kv_idx) // d < w and (q_idx - kv_idx) % d == 0"}},
+     lambda E: (E.i >= E.j) & (torch.div(E.i - E.j, 3, rounding_mode="floor") < 4) & ((E.i - E.j) % 3 == 0), None, None, 1),
+    ("dilated_bidir_negmod", {"params": {"d": 3}, "mask": {"where": "(kv_idx - q_idx) % d == 1"}},
+     lambda E: (E.j - E.i) % 3 == 1, None, None, 1),
+    ("negfloor_score", {"score": {"mod": "score + (kv_idx - q_idx) // 4 * 0.25"}}, None,
+     lambda E, s: s + torch.div(E.j - E.i, 4, rounding_mode="floor") * 0.25, None, 1),
+    ("negmod_score", {"score": {"mod": "score + (q_idx - kv_idx) % 5 - ((kv_idx - 2 * q_idx) % -3)"}}, None,
+     lambda E, s: s + (E.i - E.j) % 5 - torch.remainder(E.j - 2 * E.i, -3), None, 1),
+    ("longformer", {"params": {"g": 3, "w": 4},
+                    "mask": {"where": "(q_idx < g) | (kv_idx < g) | (abs(q_idx - kv_idx) <= w)"}},
+     lambda E: (E.i < 3) | (E.j < 3) | ((E.i - E.j).abs() <= 4), None, None, 1),
+    ("sink_window", {"params": {"sink": 4, "w": 8},
+                     "mask": {"where": "(q_idx >= kv_idx) & ((kv_idx < sink) | (q_idx - kv_idx < w))"}},
+     lambda E: (E.i >= E.j) & ((E.j < 4) | (E.i - E.j < 8)), None, None, 1),
+    ("chunked_local", {"params": {"c": 7}, "mask": {"where": "(q_idx // c == kv_idx // c) & (q_idx >= kv_idx)"}},
+     lambda E: (torch.div(E.i, 7, rounding_mode="floor") == torch.div(E.j, 7, rounding_mode="floor")) & (E.i >= E.j),
+     None, None, 1),
+    ("block_diagonal", {"params": {"c": 10}, "mask": {"where": "q_idx // c == kv_idx // c"}},
+     lambda E: torch.div(E.i, 10, rounding_mode="floor") == torch.div(E.j, 10, rounding_mode="floor"), None, None, 1),
+    ("natten_2d", {"params": {"W": 8, "K": 1},
+                   "mask": {"where": "abs(q_idx // W - kv_idx // W) <= K and abs(q_idx % W - kv_idx % W) <= K"}},
+     lambda E: ((E.i // 8 - E.j // 8).abs() <= 1) & ((E.i % 8 - E.j % 8).abs() <= 1), None, None, 1),
+    ("natten_2d_clamped",
+     {"params": {"W": 8, "HT": 8, "K": 1},
+      "mask": {"where": "abs(min(max(q_idx // W, K), HT - 1 - K) - kv_idx // W) <= K and "
+                        "abs(min(max(q_idx % W, K), W - 1 - K) - kv_idx % W) <= K"}},
+     lambda E: ((E.i // 8).clamp(1, 6) - E.j // 8).abs().le(1) & ((E.i % 8).clamp(1, 6) - E.j % 8).abs().le(1),
+     None, None, 1),
+    ("rel_pos_table", {"params": {"M": 8},
+                       "inputs": {"rel": {"dims": ["h", 17], "dtype": "float32", "grad": True}},
+                       "score": {"mod": "score + rel[h, min(max(kv_idx - q_idx, -M), M) + M]"}},
+     None, lambda E, s: s + E.rel[E.h, (E.j - E.i).clamp(-8, 8) + 8],
+     lambda B, H, nq, nk: (lambda t: ({"rel": t.float()}, {"rel": t}))(
+         torch.randn(H, 17, generator=torch.Generator().manual_seed(5)).double()), 1),
+    ("float_param_int_use", {"params": {"tau": 0.5}, "score": {"mod": "score / tau + (q_idx - kv_idx) * tau"}},
+     None, lambda E, s: s / 0.5 + (E.i - E.j) * 0.5, None, 1),
+]
+
+# (Nq, Nk, q_offset, k_offset)
+SHAPES = [(37, 53, 0, 0), (64, 17, 0, 0), (23, 31, 40, 5)]
+FAST = {"noop", "squared", "rel_causal", "inverse_causal", "alibi_flexgen_table", "doc_causal_batch",
+        "prefix_lm_per_batch", "sliding_window_gqa", "head_scale_table", "dilated_bidir_negmod",
+        "negmod_score", "natten_2d_clamped", "rel_pos_table", "softcap_mod_causal"}
+
+
+def _run(case, shape, grads, B=2, H=4, D=16, seed=0):
+    name, spec, mask, score, build, div = case
+    Nq, Nk, qo, ko = shape
+    mod = attncc.compile(dict(spec, name="pf_" + name))
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, Nq, D, generator=g)
+    k = torch.randn(B, H // div, Nk, D, generator=g)
+    v = torch.randn(B, H // div, Nk, D, generator=g)
+    kwargs, env = build(B, H, qo + Nq, ko + Nk) if build else ({}, {})
+    scale = spec.get("score", {}).get("scale", 1 / math.sqrt(D))
+    qd, kd, vd = (x.double().requires_grad_(grads) for x in (q, k, v))
+    env_g = {}
+    for key, val in env.items():
+        if torch.is_tensor(val) and val.is_floating_point() and grads:
+            val = val.clone().requires_grad_(True)
+        env_g[key] = val
+    ro, rl = oracle(qd, kd, vd, scale=scale, mask=mask, score=score, q_offset=qo, k_offset=ko, env=env_g)
+    for x in (q, k, v):
+        x.requires_grad_(grads)
+    kw = {}
+    for key, val in kwargs.items():
+        if torch.is_tensor(val) and val.is_floating_point() and grads and spec.get("inputs", {}).get(key, {}).get("grad"):
+            val = val.clone().requires_grad_(True)
+        kw[key] = val
+    o, lse = mod.attention(q, k, v, q_offset=qo, k_offset=ko, return_lse=True, **kw)
+    err = {}
+    tol = 1e-4 * max(1.0, ro.abs().max().item())
+    err["o"] = (o.double() - ro).abs().max().item()
+    fin = torch.isfinite(rl)
+    assert torch.equal(torch.isfinite(lse), fin), (name, "lse finiteness differs")
+    err["lse"] = (lse.double()[fin] - rl[fin]).abs().max().item() if fin.any() else 0.0
+    if grads:
+        go = torch.randn(o.shape, generator=g)
+        gl = torch.randn(lse.shape, generator=g)
+        lossk = (o * go).sum() + (torch.where(fin, lse, 0.0) * gl).sum()
+        lossr = (ro * go.double()).sum() + (torch.where(fin, rl, 0.0) * gl.double()).sum()
+        tk = [q, k, v] + [t for t in kw.values() if torch.is_tensor(t) and t.requires_grad]
+        tr = [qd, kd, vd] + [env_g[n] for n, t in kw.items() if torch.is_tensor(t) and t.requires_grad]
+        gk = torch.autograd.grad(lossk, tk)
+        gr = torch.autograd.grad(lossr, tr)
+        for n, a, b_ in zip(["dq", "dk", "dv"] + [n for n, t in kw.items() if torch.is_tensor(t) and t.requires_grad], gk, gr):
+            err[n] = (a.double() - b_).abs().max().item() / max(1.0, b_.abs().max().item())
+    return err, tol
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] in FAST], ids=lambda c: c[0])
+def test_flex_port(case):
+    for si, shape in enumerate(SHAPES[:2] if case[0] not in ("rel_causal", "sliding_window_gqa", "doc_causal_batch") else SHAPES):
+        err, tol = _run(case, shape, grads=(si == 0), B=2 if si == 0 else 1, H=4, D=16 if si == 0 else 24)
+        assert all(e <= tol * 10 for e in err.values()), (case[0], shape, err)
+
+
+
+def test_chained_subscripts_are_one_access():
+    """``bias[b][h][q_idx][kv_idx]`` (how FlexAttention score_mods often index a captured tensor) was
+    refused with "only inputs from [inputs] can be indexed; ''Subscript'' is not one" (the node's
+    class name, quoted twice). For integer indices torch gives the same element as
+    ``bias[b, h, q_idx, kv_idx]``; the parser now flattens such a chain. Found by the Flex port probe."""
+    g = torch.Generator().manual_seed(0)
+    bias = torch.randn(2, 3, 53, 53, generator=g)  # an "n" dim covers every position
+    q, k, v = (torch.randn(2, 3, n, 16, generator=g) for n in (37, 53, 53))
+    want_o, want_l = oracle(q, k, v, scale=0.25, score=lambda E, s: s + bias[:, :, :37].double())
+    for mod in ("score + bias[b][h][q_idx][kv_idx]", "score + bias[b, h][q_idx][kv_idx]"):
+        m = attncc.compile({"inputs": {"bias": {"dims": ["b", "h", "n", 53]}}, "score": {"mod": mod}})
+        o, lse = m.attention(q, k, v, bias=bias, return_lse=True)
+        assert (o.double() - want_o).abs().max() < 1e-5 and (lse.double() - want_l).abs().max() < 1e-5
+    with pytest.raises(ValueError, match=r"indexed with 3"):
+        attncc.compile({"inputs": {"bias": {"dims": ["b", "h", "n", 53]}}, "score": {"mod": "score + bias[b][h][q_idx]"}})
+    with pytest.raises(ValueError, match=r"can be indexed; 'BinOp' is not one"):
+        attncc.compile({"score": {"mod": "score + (1 + q_idx)[0]"}})
+
+
+if __name__ == "__main__":
+    import sys
+    import time
+    want = set(sys.argv[1:])
+    for c in CASES:
+        if want and c[0] not in want:
+            continue
+        for si, shape in enumerate(SHAPES):
+            t = time.time()
+            try:
+                err, tol = _run(c, shape, grads=(si != 1), B=2 if si != 1 else 1, H=4, D=16 if si != 1 else 24)
+                bad = {k_: e for k_, e in err.items() if e > tol * 10}
+                print(("FAIL" if bad else "ok  "), c[0], shape, {k_: f"{e:.1e}" for k_, e in err.items()},
+                      f"{time.time() - t:.1f}s", flush=True)
+            except Exception as exc:  # noqa: BLE001
+                print("ERR ", c[0], shape, type(exc).__name__, str(exc)[:300], flush=True)
