@@ -246,6 +246,31 @@ def test_chained_subscripts_are_one_access():
         attncc.compile({"score": {"mod": "score + (1 + q_idx)[0]"}})
 
 
+
+@pytest.mark.parametrize("mod", ["where(kv_idx <= q_idx, score, -inf) * 0",
+                                 "0 * where(kv_idx <= q_idx, score, -inf) + score",
+                                 "where(kv_idx <= q_idx, score, -inf) - where(kv_idx <= q_idx, score, -inf)"])
+def test_arithmetic_that_cancels_a_minus_inf_branch_is_refused(mod):
+    """sympy simplified ``0 * where(c, s, -inf)`` and ``w - w`` to 0 while parsing, so the kernels
+    and attncc.reference agreed on scores of 0 (a uniform softmax over every key: lse log(Nk) on
+    every row) where Python, torch and FlexAttention compute ``0 * -inf`` / ``-inf - -inf`` = NaN on
+    the masked pairs (NaN rows). Such a spec is now refused with a SpecError naming the branch.
+    Found by the Flex port probe, evaluating each score_mod with Python floats pair by pair."""
+    with pytest.raises(ValueError, match=r"cancels a branch that can be infinite"):
+        attncc.compile({"score": {"mod": mod}})
+
+
+@pytest.mark.parametrize("mod", ["where(kv_idx <= q_idx, score, -inf) * 2 + where(kv_idx <= q_idx, score, -inf)",
+                                 "where(kv_idx <= q_idx, score, -inf) + where(kv_idx % 2 == 0, 0, -inf)",
+                                 "2 * where(kv_idx <= q_idx, score, -inf) - h"])
+def test_arithmetic_that_keeps_a_minus_inf_branch_is_accepted(mod):
+    m = attncc.compile({"score": {"mod": mod}})
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, n, 16, generator=g) for n in (9, 13, 13))
+    o, lse = m.attention(q, k, v, return_lse=True)
+    assert torch.isfinite(o).all() and torch.isfinite(lse).all()
+
+
 if __name__ == "__main__":
     import sys
     import time

@@ -279,19 +279,30 @@ class _Parser:
             if folded is not None:
                 return folded, FLOAT
             a, b = _grouped(op, a, b), _grouped(op, b, a)
-        if op is ast.Add:
-            return a + b, typ
-        if op is ast.Sub:
-            return a - b, typ
-        if op is ast.Mult:
-            return a * b, typ
-        if op is ast.Div:
-            return _divide(a, b), FLOAT
+        if op in (ast.Add, ast.Sub, ast.Mult, ast.Div):
+            out = a + b if op is ast.Add else a - b if op is ast.Sub else a * b if op is ast.Mult else _divide(a, b)
+            self.no_cancelled_infinity(node, sym, (a, b), out)
+            return out, (FLOAT if op is ast.Div else typ)
         if op is ast.FloorDiv:  # of floats: the floor of the exact quotient (Python's), see quotient()
             return sympy.floor(_divide(a, b) if typ == FLOAT else a / b), typ
         if op is ast.Mod:
             return sympy.Mod(a, b), typ
         return self.power(node, a, b), typ
+
+    def no_cancelled_infinity(self, node, sym, operands, out):
+        """sympy simplifies ``0 * where(c, s, -inf)`` and ``w - w`` (``w`` such a where) to 0, where
+        Python (and torch, and FlexAttention) computes ``0 * -inf`` and ``-inf - -inf`` as NaN on the
+        pairs that take the infinite branch: the kernels and the reference would then agree with
+        each other on a finite score that the expression as written does not have. A branch that
+        can be infinite must survive ``+ - * /`` (Python's ``inf + x`` is never finite), so a
+        result that lost one is refused."""
+        infinite = (sympy.oo, -sympy.oo, sympy.zoo)
+        for x in operands:
+            for p in x.atoms(sympy.Piecewise):
+                if any(e.has(*infinite) for e, _ in p.args) and not out.has(p):
+                    self.fail(node, f"'{sym}' cancels a branch that can be infinite ({_text(p)}): "
+                                    "Python computes 0 * inf and inf - inf as NaN there; write the mask as "
+                                    "where(c, e, -inf) around the finite arithmetic instead")
 
     def visit_BoolOp(self, node):
         name = "and" if isinstance(node.op, ast.And) else "or"
