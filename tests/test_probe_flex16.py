@@ -263,7 +263,8 @@ def test_arithmetic_that_cancels_a_minus_inf_branch_is_refused(mod):
 
 @pytest.mark.parametrize("mod", ["where(kv_idx <= q_idx, score, -inf) * 2 + where(kv_idx <= q_idx, score, -inf)",
                                  "where(kv_idx <= q_idx, score, -inf) + where(kv_idx % 2 == 0, 0, -inf)",
-                                 "2 * where(kv_idx <= q_idx, score, -inf) - h"])
+                                 "2 * where(kv_idx <= q_idx, score, -inf) - h",
+                                 "exp(where(kv_idx <= q_idx, score, -inf)) * 0"])  # exp(-inf) * 0 is 0 in Python
 def test_arithmetic_that_keeps_a_minus_inf_branch_is_accepted(mod):
     m = attncc.compile({"score": {"mod": mod}})
     g = torch.Generator().manual_seed(0)

@@ -297,9 +297,20 @@ class _Parser:
         can be infinite must survive ``+ - * /`` (Python's ``inf + x`` is never finite), so a
         result that lost one is refused."""
         infinite = (sympy.oo, -sympy.oo, sympy.zoo)
+
+        def exposed(x):  # the wheres whose infinite branch reaches x's value through + - * / **
+            if isinstance(x, sympy.Piecewise):
+                if any(e in infinite for e, _ in x.args):
+                    yield x
+                for e, _ in x.args:
+                    yield from exposed(e)
+            elif x.is_Add or x.is_Mul or x.is_Pow:
+                for a in x.args:
+                    yield from exposed(a)
+
         for x in operands:
-            for p in x.atoms(sympy.Piecewise):
-                if any(e.has(*infinite) for e, _ in p.args) and not out.has(p):
+            for p in exposed(x):
+                if not out.has(p):
                     self.fail(node, f"'{sym}' cancels a branch that can be infinite ({_text(p)}): "
                                     "Python computes 0 * inf and inf - inf as NaN there; write the mask as "
                                     "where(c, e, -inf) around the finite arithmetic instead")
