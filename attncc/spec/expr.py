@@ -279,19 +279,41 @@ class _Parser:
             if folded is not None:
                 return folded, FLOAT
             a, b = _grouped(op, a, b), _grouped(op, b, a)
-        if op is ast.Add:
-            return a + b, typ
-        if op is ast.Sub:
-            return a - b, typ
-        if op is ast.Mult:
-            return a * b, typ
-        if op is ast.Div:
-            return _divide(a, b), FLOAT
+        if op in (ast.Add, ast.Sub, ast.Mult, ast.Div):
+            out = a + b if op is ast.Add else a - b if op is ast.Sub else a * b if op is ast.Mult else _divide(a, b)
+            self.no_cancelled_infinity(node, sym, (a, b), out)
+            return out, (FLOAT if op is ast.Div else typ)
         if op is ast.FloorDiv:  # of floats: the floor of the exact quotient (Python's), see quotient()
             return sympy.floor(_divide(a, b) if typ == FLOAT else a / b), typ
         if op is ast.Mod:
             return sympy.Mod(a, b), typ
         return self.power(node, a, b), typ
+
+    def no_cancelled_infinity(self, node, sym, operands, out):
+        """sympy simplifies ``0 * where(c, s, -inf)`` and ``w - w`` (``w`` such a where) to 0, where
+        Python (and torch, and FlexAttention) computes ``0 * -inf`` and ``-inf - -inf`` as NaN on the
+        pairs that take the infinite branch: the kernels and the reference would then agree with
+        each other on a finite score that the expression as written does not have. A branch that
+        can be infinite must survive ``+ - * /`` (Python's ``inf + x`` is never finite), so a
+        result that lost one is refused."""
+        infinite = (sympy.oo, -sympy.oo, sympy.zoo)
+
+        def exposed(x):  # the wheres whose infinite branch reaches x's value through + - * / **
+            if isinstance(x, sympy.Piecewise):
+                if any(e in infinite for e, _ in x.args):
+                    yield x
+                for e, _ in x.args:
+                    yield from exposed(e)
+            elif x.is_Add or x.is_Mul or x.is_Pow:
+                for a in x.args:
+                    yield from exposed(a)
+
+        for x in operands:
+            for p in exposed(x):
+                if not out.has(p):
+                    self.fail(node, f"'{sym}' cancels a branch that can be infinite ({_text(p)}): "
+                                    "Python computes 0 * inf and inf - inf as NaN there; write the mask as "
+                                    "where(c, e, -inf) around the finite arithmetic instead")
 
     def visit_BoolOp(self, node):
         name = "and" if isinstance(node.op, ast.And) else "or"
@@ -332,9 +354,10 @@ class _Parser:
         """An input access ``x[...]``. ``axis_var``: the loop variable of ``dot()``, which takes the
         place of the one ``:`` the access must have (over a dim declared with a number); then
         returns ``(expr, type, extent)``."""
+        node = _flatten_subscripts(node)
         if not isinstance(node.value, ast.Name) or node.value.id not in self._inputs:
-            target = node.value.id if isinstance(node.value, ast.Name) else _describe(node.value)
-            self.fail(node, f"only inputs from [inputs] can be indexed; '{target}' is not one")
+            target = f"'{node.value.id}'" if isinstance(node.value, ast.Name) else _describe(node.value)
+            self.fail(node, f"only inputs from [inputs] can be indexed; {target} is not one")
         decl = self._inputs[node.value.id]
         if not decl.dims:
             self.fail(node, f"input '{decl.name}' has no dims (dims = []): use it by name, without []")
@@ -640,6 +663,23 @@ def _folded(expr):
     except _NotReal:
         return expr
     return expr if value is None or not math.isfinite(value) else sympy.Float(value)
+
+
+def _flatten_subscripts(node):
+    """``x[a][b]`` (chained integer indexing, as FlexAttention ports write ``bias[q_idx][kv_idx]``) is
+    ``x[a, b]``: for integer indices torch and Python give the same element. A chain with a slice
+    (``x[:, a][b]``) is left as it is (and refused as before)."""
+    parts = []
+    base = node
+    while isinstance(base, ast.Subscript):
+        idx = base.slice.elts if isinstance(base.slice, ast.Tuple) else [base.slice]
+        parts.append(list(idx))
+        base = base.value
+    if len(parts) < 2 or any(isinstance(e, ast.Slice) for p in parts for e in p):
+        return node
+    elts = [e for p in reversed(parts) for e in p]
+    flat = ast.Subscript(value=base, slice=ast.Tuple(elts=elts, ctx=ast.Load()), ctx=ast.Load())
+    return ast.copy_location(flat, node)
 
 
 def _describe(node) -> str:
