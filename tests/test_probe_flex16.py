@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import attncc
+from attncc.spec import SpecError, parse_spec
 
 NEG = float("-inf")
 
@@ -383,3 +384,9 @@ if __name__ == "__main__":
                       f"{time.time() - t:.1f}s", flush=True)
             except Exception as exc:  # noqa: BLE001
                 print("ERR ", c[0], shape, type(exc).__name__, str(exc)[:300], flush=True)
+
+
+def test_float_of_inf_says_how_to_write_it():
+    """A Flex user's float("-inf") is refused with the spelling the language takes."""
+    with pytest.raises(SpecError, match=r"-inf for float\('-inf'\)"):
+        parse_spec('[score]\nmod = "where(j <= i, s, float(\'-inf\'))"\n')

@@ -499,7 +499,9 @@ class _Parser:
             self.fail(node, "only the language's functions can be called")
         name = node.func.id
         if name not in FUNCTIONS:
-            self.fail(node, f"unknown function '{name}' (known: {', '.join(FUNCTIONS)})")
+            hint = " (the language's infinities and NaN are the names inf and nan: -inf for float('-inf'))" \
+                if name == "float" else ""
+            self.fail(node, f"unknown function '{name}'{hint} (known: {', '.join(FUNCTIONS)})")
         if name in REDUCTIONS:
             return self.reduce(node, name)
         if name == "dot":
