@@ -30,7 +30,6 @@ import triton
 import triton.language as tl
 
 import attncc.runtime as _rt
-from attncc.core.semantics import int_argument as _int_argument
 from attncc.runtime import linear as _lin
 from attncc.runtime.feature_maps import LINEAR_DENOMINATOR_EPS
 
@@ -605,9 +604,9 @@ def step(q, k, v, state=None, *, position=0, n=None, seed=None):
     # must not become 5-D); o takes q's form
     q, k, v = (t.unsqueeze(2) if isinstance(t, torch.Tensor) and t.dim() == 3 else t for t in (q, k, v))
     # checked here so that the errors name step's arguments (not attention's q_offset / n_q)
-    position = _int_argument(f"{SPEC.name}.step: position", position)
+    position = _rt.semantics.int_argument(f"{SPEC.name}.step: position", position)
     if n is not None:
-        n = _int_argument(f"{SPEC.name}.step: n", n, minimum=position + 1)
+        n = _rt.semantics.int_argument(f"{SPEC.name}.step: n", n, minimum=position + 1)
     if isinstance(q, torch.Tensor) and (q.dim() != 4 or q.shape[2] != 1):
         raise ValueError(f"{SPEC.name}.step: q must be [B, Hq, D] or [B, Hq, 1, D] (one token), got {tuple(q.shape)}")
     lc = _bind(q, k, v, position, position, n, n, state, False, seed, fn="step")
