@@ -117,16 +117,10 @@ def _load_rows(base, rows, start, n_rows, stride, DIM: tl.constexpr, DIM_PAD: tl
     plain loads of those take Triton more shared memory than the built-in configs have
     (tests/test_sm90_compile.py: an fp32 forward at 128 x 128 needed 262 KB)."""
     if base.dtype.element_ty == tl.float32:
-        desc = tl.make_tensor_descriptor(base, shape=[n_rows, DIM], strides=[stride, 1],
-                                         block_shape=[rows.shape[0], DIM_PAD])
-        return desc.load([tl.cast(start, tl.int32), 0])  # a descriptor's offsets are int32
+        return _rows_desc(base, rows, n_rows, stride, DIM, DIM_PAD).load([tl.cast(start, tl.int32), 0])
     else:
-        cols = tl.arange(0, DIM_PAD)
-        ptrs = base + rows.to(tl.int64)[:, None] * stride + cols[None, :]  # int64 rows: see _fwd_kernel
-        if DIM == DIM_PAD:
-            return tl.load(ptrs, mask=(rows < n_rows)[:, None], other=0.0)
-        else:
-            return tl.load(ptrs, mask=(rows < n_rows)[:, None] & (cols < DIM)[None, :], other=0.0)
+        ptrs, mask = _rows_ptrs(base, rows, n_rows, stride, DIM, DIM_PAD)
+        return tl.load(ptrs, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -134,16 +128,29 @@ def _store_rows(base, rows, start, n_rows, stride, value, DIM: tl.constexpr, DIM
     """Stores ``value`` [len(rows), DIM_PAD] into rows ``rows`` (those < n_rows) of a [n_rows, DIM]
     matrix at ``base``, its first DIM columns (see _load_rows)."""
     if base.dtype.element_ty == tl.float32:
-        desc = tl.make_tensor_descriptor(base, shape=[n_rows, DIM], strides=[stride, 1],
-                                         block_shape=[rows.shape[0], DIM_PAD])
-        desc.store([tl.cast(start, tl.int32), 0], value)
+        _rows_desc(base, rows, n_rows, stride, DIM, DIM_PAD).store([tl.cast(start, tl.int32), 0], value)
     else:
-        cols = tl.arange(0, DIM_PAD)
-        ptrs = base + rows.to(tl.int64)[:, None] * stride + cols[None, :]  # int64 rows: see _fwd_kernel
-        if DIM == DIM_PAD:
-            tl.store(ptrs, value, mask=(rows < n_rows)[:, None])
-        else:
-            tl.store(ptrs, value, mask=(rows < n_rows)[:, None] & (cols < DIM)[None, :])
+        ptrs, mask = _rows_ptrs(base, rows, n_rows, stride, DIM, DIM_PAD)
+        tl.store(ptrs, value, mask=mask)
+
+
+@triton.jit
+def _rows_desc(base, rows, n_rows, stride, DIM: tl.constexpr, DIM_PAD: tl.constexpr):
+    """A tensor descriptor of the [n_rows, DIM] matrix at ``base`` in boxes of len(rows) x DIM_PAD
+    (its offsets are int32)."""
+    return tl.make_tensor_descriptor(base, shape=[n_rows, DIM], strides=[stride, 1],
+                                     block_shape=[rows.shape[0], DIM_PAD])
+
+
+@triton.jit
+def _rows_ptrs(base, rows, n_rows, stride, DIM: tl.constexpr, DIM_PAD: tl.constexpr):
+    """(pointers, mask) of rows ``rows`` of the [n_rows, DIM] matrix at ``base``, DIM_PAD columns."""
+    cols = tl.arange(0, DIM_PAD)
+    ptrs = base + rows.to(tl.int64)[:, None] * stride + cols[None, :]  # int64 rows: see _fwd_kernel
+    if DIM == DIM_PAD:
+        return ptrs, (rows < n_rows)[:, None]
+    else:
+        return ptrs, (rows < n_rows)[:, None] & (cols < DIM)[None, :]
 
 
 @triton.jit
