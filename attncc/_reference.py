@@ -77,7 +77,15 @@ def _param_values(pattern: Pattern, overrides: Optional[Mapping[str, Any]]) -> D
     return {name: semantics.param_float(v) if pattern.param(name).kind == "float" else v for name, v in values.items()}
 
 
-def _check_inputs(pattern: Pattern, inputs: Mapping[str, Any], batch: int, heads: int) -> None:
+def _check_inputs(pattern: Pattern, inputs: Mapping[str, Any], batch: int, heads: int,
+                  positions: Optional[int] = None) -> Dict[str, torch.Tensor]:
+    """Check the inputs as the generated modules do (shape, an ``"n"`` dim covering ``positions``,
+    dtype) and return them at their declared types, as the kernels read them: a float tensor
+    converted to the declared float type (a float64 tensor in a float32 input is rounded to float32,
+    a float32 one in a bfloat16 input to bfloat16), an integer one given to a bool input as ``!= 0``,
+    integer ones at their own values. A float tensor for an integer or bool input, a bool one for
+    an integer input and an integer or bool one for a float input are refused (``TypeError``)."""
+    out = {}
     for decl in pattern.inputs:
         if decl.name not in inputs or inputs[decl.name] is None:
             raise ValueError(f"pattern '{pattern.name}' needs input '{decl.name}' "
@@ -87,14 +95,27 @@ def _check_inputs(pattern: Pattern, inputs: Mapping[str, Any], batch: int, heads
             raise TypeError(f"input '{decl.name}' must be a torch.Tensor, got {type(t).__name__}")
         expected = {"b": batch, "h": heads}
         ok = t.dim() == len(decl.dims) and all(
-            (d == "n") or t.shape[k] == expected.get(d, d) for k, d in enumerate(decl.dims))
+            (d == "n" and (positions is None or t.shape[k] >= positions)) or t.shape[k] == expected.get(d, d)
+            for k, d in enumerate(decl.dims))
         if not ok:
-            want = ", ".join("n>=positions" if d == "n" else str(expected.get(d, d)) for d in decl.dims)
-            raise ValueError(f"input '{decl.name}' has dims {list(decl.dims)}: expected shape [{want}], got {tuple(t.shape)}")
+            want = ", ".join((f"n>={positions}" if positions is not None else "n>=positions") if d == "n"
+                             else str(expected.get(d, d)) for d in decl.dims)
+            raise ValueError(f"input '{decl.name}' has dims {list(decl.dims)}: expected shape [{want}] (an 'n' dim covers "
+                             f"every position of the call), got {tuple(t.shape)}")
+        want = getattr(torch, decl.dtype)
+        given_float, want_float = t.dtype.is_floating_point, want.is_floating_point
+        if t.is_complex() or given_float != want_float or (t.dtype == torch.bool and want != torch.bool):
+            also = "another float type" if want_float else "an integer type, read as != 0" if want == torch.bool \
+                else "another integer type"
+            raise TypeError(f"input '{decl.name}' must be {decl.dtype} (or {also}), got {str(t.dtype).replace('torch.', '')}")
+        if t.dtype != want and (want_float or want == torch.bool):
+            t = t.to(want)  # floats at the declared type; integers to bool: != 0
+        out[decl.name] = t
     unknown = set(inputs) - {d.name for d in pattern.inputs}
     if unknown:
         raise TypeError(f"pattern '{pattern.name}' has no input(s) {sorted(unknown)} "
                         f"(inputs: {', '.join(d.name for d in pattern.inputs) or 'none'})")
+    return out
 
 
 def index_env(pattern: Pattern, *, batch: int, heads: int, q_rows: int, k_rows: int, q_offset: int = 0,
@@ -105,8 +126,8 @@ def index_env(pattern: Pattern, *, batch: int, heads: int, q_rows: int, k_rows: 
     ``b [B,1,1,1]``, ``h [1,H,1,1]``, ``i [1,1,Nq,1]`` (= q_offset + row), ``j [1,1,1,Nk]``
     (= k_offset + row), the scalars ``n_q``, ``n_k``, ``n_heads`` (= heads), the params
     (defaults overridden by ``params``) and the input tensors."""
-    inputs = dict(inputs or {})
-    _check_inputs(pattern, inputs, batch, heads)
+    inputs = _check_inputs(pattern, dict(inputs or {}), batch, heads,
+                           positions=max(q_offset + q_rows, k_offset + k_rows))
     if device is None:
         device = next((t.device for t in inputs.values()), torch.device("cpu"))
     ar = lambda n, start=0: torch.arange(start, start + n, dtype=_INT, device=device)  # noqa: E731

@@ -16,7 +16,7 @@ backend, which supplies the few operations that the array libraries spell differ
 
 The two agree bit for bit on every operation they both do (tests/test_evaluator.py). Errors are
 the reference's: ``ValueError`` for a value the language refuses (a divisor 0 of params and sizes,
-an input indexed out of range, a number where a condition belongs), ``ZeroDivisionError`` for an
+a number where a condition belongs), ``ZeroDivisionError`` for an
 integer division by 0 that varies per pair, ``NotImplementedError`` for a node it cannot evaluate.
 """
 from __future__ import annotations
@@ -487,12 +487,22 @@ class Evaluator:
             if not self.is_int(x):
                 raise ValueError(f"index {k} of input '{name}' is not an integer ({ar.kind(x)}): {e.args[k]}")
         idx = ar.broadcast(*idx)
+        kind = FLOAT if ar.kind(t) == FLOAT else INT  # bool inputs are compared with != 0
+        # An index outside the tensor (negative ones included: no wrap-around) reads 0, as the
+        # kernels' masked loads do (docs/spec-language.md, [inputs]); such a read passes no gradient.
+        inside = None
         for k, x in enumerate(idx):
-            if ar.size(x) and (int(x.min()) < 0 or int(x.max()) >= t.shape[k]):
-                raise ValueError(f"input '{name}' is indexed out of range in dim {k} by {e.args[k]}: indices span "
-                                 f"[{int(x.min())}, {int(x.max())}] but the tensor has shape {tuple(t.shape)}")
-        t = ar.cast(t, FLOAT if ar.kind(t) == FLOAT else INT)  # bool inputs are compared with != 0
-        return self.gradient_here(t[tuple(idx)])
+            ok = (x >= 0) & (x < t.shape[k])
+            inside = ok if inside is None else inside & ok
+        if inside is None or bool(inside.all()):
+            return self.gradient_here(ar.cast(t, kind)[tuple(idx)])
+        shape = tuple(inside.shape)
+        if not bool(inside.any()):
+            return ar.zeros(shape, kind)
+        zero = ar.const(0, INT)
+        idx = [ar.where(inside, x, zero) for x in idx]  # 0 is in range in every dim (some pair reads inside)
+        value = self.gradient_here(ar.cast(t, kind)[tuple(idx)])
+        return ar.where(inside, value, ar.zeros(shape, kind))
 
     def gradient_here(self, x):
         """A value of ``s`` or of an input, passing gradients only within :attr:`live`."""

@@ -407,7 +407,7 @@ def _tile_plan(call, block_m, block_n, transposed):
         or t_doc is None
         or t_doc.dim() != 2
         or t_doc.dtype not in _TK_INPUT_DTYPES
-        or (t_doc.shape[0] != 1 and t_doc.shape[0] < B)
+        or t_doc.shape[0] < B
         or t_doc.shape[1] < q_offset + Nq
         or t_doc.shape[1] < k_offset + Nk):
         return None

@@ -349,7 +349,7 @@ def _tile_plan(call, block_m, block_n, transposed):
         or t_kv_len is None
         or t_kv_len.dim() != 1
         or t_kv_len.dtype not in _TK_INPUT_DTYPES
-        or (t_kv_len.shape[0] != 1 and t_kv_len.shape[0] < B)):
+        or t_kv_len.shape[0] < B):
         return None
     stride0_kv_len = t_kv_len.stride(0) if t_kv_len.shape[0] != 1 else 0
     BM_P, BN_P = _rt.next_power_of_2(block_m), _rt.next_power_of_2(block_n)

@@ -523,8 +523,10 @@ def test_missing_input_is_a_value_error():
         reference(spec("document"), *qkv(Nq=3))
 
 
-def test_out_of_range_input_index():
-    with pytest.raises(ValueError, match=r"'doc' is indexed out of range in dim 1"):
+def test_short_position_input():
+    # an "n" dim must cover the call's positions, as in the generated modules (an index past a
+    # table's end otherwise reads 0: tests/test_probe_tables17.py)
+    with pytest.raises(ValueError, match=r"input 'doc' has dims \['b', 'n'\]: expected shape \[1, n>=8\]"):
         reference(spec("document"), *qkv(B=1, Nq=8), doc=torch.zeros(1, 5, dtype=torch.int32))
     with pytest.raises(ValueError, match="expected shape"):
         reference(spec("t5_bias"), *qkv(Hq=4, Nq=8), rel_bias=torch.zeros(4, 16))

@@ -229,16 +229,21 @@ def test_unsupported_ops_give_none():
 
 
 def test_falls_back_to_the_torch_path(build):
-    """Malformed inputs raise the torch path's errors; empty shapes give its lists."""
+    """Inputs the kernel cannot read (too short) take the torch path, which reads 0 past their end
+    as the attention kernels do; empty shapes give its lists."""
     p = spec_pattern("document")
     program = analyze(p).classifier
     fast = build(program, p)
-    call = make_call(spec_info(p), Nq=20, Nk=20, doc=torch.zeros(2, 20, dtype=torch.int32))
-    call.inputs["doc"] = torch.zeros(2, 10, dtype=torch.int32)  # too short (bind would have refused)
-    with pytest.raises(ValueError):
-        _rt.blocks.block_lists(program, call, 16, 16, dynamic=True)
-    with pytest.raises(ValueError):
-        fast(call, 16, 16, True)
+    doc = torch.arange(20, dtype=torch.int32).div(7, rounding_mode="floor").expand(2, 20) + 1
+    want, _ = fast(make_call(spec_info(p), Nq=20, Nk=20, doc=doc), 4, 4, True)
+    call = make_call(spec_info(p), Nq=20, Nk=20, doc=doc)
+    call.inputs["doc"] = doc[:, :10]  # too short (bind would have refused): positions 10.. read 0
+    padded = torch.cat([doc[:, :10], torch.zeros(2, 10, dtype=torch.int32)], 1)
+    ref, ref_t = fast(make_call(spec_info(p), Nq=20, Nk=20, doc=padded), 4, 4, True)
+    got, got_t = fast(call, 4, 4, True)
+    assert_same(got, ref, 2, 2, dtypes=False)
+    assert_same(got_t, ref_t, 2, 2, dtypes=False)
+    assert not (got.full_count == want.full_count).all()  # the zeros changed the lists
     call = make_call(spec_info(p), Nq=20, Nk=0, doc=torch.zeros(2, 20, dtype=torch.int32))
     ref, ref_t = _rt.blocks.classified_lists(program, call, 16, 16, dynamic=True, transposed=True)
     got, got_t = fast(call, 16, 16, True)

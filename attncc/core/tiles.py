@@ -749,9 +749,7 @@ _GRID_AXIS = {"b": 0, "h": 1, "i": 2, "j": 3}
 def _block_reduce(x, dim, offset, rows, block):
     """Min and max of ``x`` along ``dim`` over blocks of ``block`` rows of the positions
     ``[offset, offset + rows)``."""
-    if x.shape[dim] < offset + rows:
-        raise ValueError(f"an input indexed by positions has {x.shape[dim]} entries along them; "
-                         f"positions up to {offset + rows - 1} are needed")
+    x = _zero_extend(x, dim, offset + rows)  # positions past the table read 0, as in the kernels
     nb = _cdiv(rows, block)
     t = x.narrow(dim, offset, rows)
     pad = nb * block - rows
@@ -760,6 +758,16 @@ def _block_reduce(x, dim, offset, rows, block):
         t = torch.cat([t, last.expand(*[pad if d == dim else -1 for d in range(t.dim())])], dim)
     shape = list(t.shape)
     return torch.aminmax(t.reshape(shape[:dim] + [nb, block] + shape[dim + 1:]), dim=dim + 1)
+
+
+def _zero_extend(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """``x`` with zeros appended along ``dim`` up to ``size`` entries: the value the kernels read
+    at an index past an input's extent (docs/spec-language.md, [inputs])."""
+    if x.shape[dim] >= size:
+        return x
+    shape = list(x.shape)
+    shape[dim] = size - x.shape[dim]
+    return torch.cat([x, torch.zeros(shape, dtype=x.dtype, device=x.device)], dim)
 
 
 def input_interval(stat: BlockStat, tensor: torch.Tensor, *, q_offset: int, k_offset: int, q_rows: int,
@@ -772,9 +780,10 @@ def input_interval(stat: BlockStat, tensor: torch.Tensor, *, q_offset: int, k_of
     for d in reversed(range(len(stat.index))):
         c = stat.index[d]
         if isinstance(c, int):
-            if not 0 <= c < x.shape[d]:
-                raise ValueError(f"input '{stat.input}': index {c} out of range for dim {d} of size {x.shape[d]}")
-            x = x.select(d, c)
+            if not 0 <= c < x.shape[d]:  # reads 0, as in the kernels
+                x = torch.zeros_like(x.select(d, 0) if x.shape[d] else _zero_extend(x, d, 1).select(d, 0))
+            else:
+                x = x.select(d, c)
     named = [v for v in stat.index if not isinstance(v, int)]
     order = sorted(range(len(named)), key=lambda k: _GRID_AXIS[named[k]])
     x = x.permute(order) if named else x
@@ -784,10 +793,8 @@ def input_interval(stat: BlockStat, tensor: torch.Tensor, *, q_offset: int, k_of
     x = x.reshape(shape)
     for ax, count in (("b", batch), ("h", heads)):
         d = _GRID_AXIS[ax]
-        if ax in present and x.shape[d] != 1:
-            if x.shape[d] < count:
-                raise ValueError(f"input '{stat.input}': {x.shape[d]} entries along the {ax} index, need {count}")
-            x = x.narrow(d, 0, count)
+        if ax in present:  # a batch row or head past the input's extent reads 0, as in the kernels
+            x = _zero_extend(x, d, count).narrow(d, 0, count)
     if x.dtype == torch.bool:
         x = x.to(torch.uint8)
     if "i" in present and "j" in present:  # min and max over the whole tile
