@@ -71,6 +71,9 @@ class DecodeCall:
         return self.page_size > 0
 
 
+MAX_EXACT_DIVISOR_ROWS = 64  # up to this many batch rows, divisors of n_q, n_k are checked at each row's kv_len
+
+
 def _check_values(t: torch.Tensor) -> bool:
     """Read a tensor's values on the host? Free for CPU tensors; a sync on the GPU (opt-in)."""
     return t.device.type == "cpu" or os.environ.get("ATTNCC_CHECK_DECODE", "0") not in ("", "0")
@@ -160,9 +163,19 @@ def bind_decode(spec: SpecInfo, q, k_cache, v_cache, *, kv_len, block_table=None
     params, inputs = bind_params_and_inputs(spec, name, kwargs, B=B, Hq=Hq, positions=capacity, device=q.device,
                                             what_positions="the cache's positions")
     refuse_gradients(name, (q, k_cache, v_cache, *inputs.values()), "q, the caches and the inputs (attention() has one)")
-    # positions are cache rows, n_q = n_k = kv_len[b] (from 1 on every row that computes a pair)
-    check_divisors(spec, name, positions=capacity, batch=B, heads=Hq, n_q=(1, max(capacity, 1)),
-                   n_k=(1, max(capacity, 1)), params=params)
+    # positions are cache rows, n_q = n_k = kv_len[b] (from 1 on every row that computes a pair):
+    # at every length up to the capacity, and where that finds a divisor that may be 0 and the
+    # lengths are read on the host, at each row's own length (a divisor n_k - 3 is 0 only on a row
+    # of kv_len 3: a cache of capacity 64 with lengths 10, 20, 30 was refused)
+    try:
+        check_divisors(spec, name, positions=capacity, batch=B, heads=Hq, n_q=(1, max(capacity, 1)),
+                       n_k=(1, max(capacity, 1)), params=params)
+    except ValueError:
+        if not (_check_values(kv_len) and B <= MAX_EXACT_DIVISOR_ROWS):
+            raise
+        for n in sorted(set(kv_len.tolist()) - {0}):
+            check_divisors(spec, f"{name} (kv_len = {n})", positions=capacity, batch=B, heads=Hq, n_q=n, n_k=n,
+                           params=params)
     reach = int_reach(spec, positions=capacity, batch=B, heads=Hq, params=params)
     return DecodeCall(spec, q, k_cache, v_cache, kv_len, block_table, B, Hq, Hkv, Nq, D, Dv, capacity, page_size,
                       num_pages, float(scale), return_lse, params, inputs, int_reach=reach)
