@@ -119,9 +119,10 @@ def _inputs(p, positions, rng):
             out[d.name] = torch.tensor([rng.randrange(0, positions + 3) for _ in range(shape[0])], dtype=torch.int32)
         elif d.name == "hw":
             out[d.name] = torch.tensor([rng.randrange(0, 30) for _ in range(shape[0])], dtype=torch.int32)
-        else:
+        else:  # 0 / 1 entries at the declared type (the reference refuses an int tensor for a float input)
+            dtype = getattr(torch, d.dtype) if d.dtype.startswith(("float", "bfloat")) else torch.int32
             out[d.name] = torch.tensor([rng.random() < 0.2 for _ in range(torch.Size(shape).numel())],
-                                       dtype=torch.int32).view(shape)
+                                       dtype=dtype).view(shape)
     return out
 
 
