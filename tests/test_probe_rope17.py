@@ -106,3 +106,29 @@ def test_tune_replaces_an_unusable_entry(tune_cache, monkeypatch):
     best = tuning.tune(call, "", lambda c: None, timer=lambda fn: 1.0, quick_timer=lambda fn: 1.0)
     assert tuning.config_problem(call, "", best) is None
     assert tuning.cached_config(call, "") == best
+
+
+# ---------------------------------------------------------------------------------------------
+# dropout_keep_mask takes the calls attention takes, no others
+# ---------------------------------------------------------------------------------------------
+
+DROPOUT_SPEC = 'name = "probe17_dropout"\nhead_dim = 16\n[mask]\nwhere = "causal"\n[score]\ndropout = 0.3\n'
+
+
+@pytest.mark.parametrize("shapes, match", [
+    (((1, 2, 5, 16), (1, 2, 6, 16), (1, 2, 7, 16)), "k has 6 positions but v has 7"),
+    (((2, 2, 5, 16), (3, 2, 5, 16), (3, 2, 5, 16)), "batch sizes differ"),
+    (((1, 2, 5, 16), (1, 2, 5, 16), (1, 1, 5, 16)), "k has 2 heads but v has 1"),
+])
+def test_keep_mask_refuses_what_attention_refuses(shapes, match):
+    """dropout_keep_mask checked heads and head dims only: k and v of different lengths (or
+    batches) gave a mask, of a call attention refuses, without a word."""
+    mod = attncc.compile(DROPOUT_SPEC)
+    q, k, v = (torch.zeros(s) for s in shapes)
+    with pytest.raises(ValueError, match=match):
+        mod.attention(q, k, v, seed=1)
+    with pytest.raises(ValueError, match=match):
+        mod.dropout_keep_mask(q, k, v, seed=1)
+    with pytest.raises(ValueError, match="below 2\\*\\*62"):
+        mod.dropout_keep_mask(torch.zeros(1, 2, 5, 16), torch.zeros(1, 2, 5, 16), torch.zeros(1, 2, 5, 16), seed=1,
+                              q_offset=2**62 - 3)
