@@ -527,7 +527,20 @@ def dropout_mask_shape(spec: SpecInfo, q, k, v, *, q_offset, k_offset, seed):
             raise TypeError(f"{who}: {arg} must be a 4-D torch.Tensor [B, H, N, D]")
     q_offset = _int_arg("q_offset", q_offset, who=who)
     k_offset = _int_arg("k_offset", k_offset, who=who)
+    # the shapes attention takes (bind's checks): a mask of a call that attention refuses (k and v
+    # of different lengths or batches) came back without a word
+    B, Bk, Bv = q.shape[0], k.shape[0], v.shape[0]
+    if not (B == Bk == Bv or Bk == Bv == 1):
+        raise ValueError(f"{who}: batch sizes differ: q {B}, k {Bk}, v {Bv} (k and v take q's batch size, or 1: "
+                         f"broadcast over q's batch)")
+    if k.shape[1] != v.shape[1]:
+        raise ValueError(f"{who}: k has {k.shape[1]} heads but v has {v.shape[1]}")
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"{who}: k has {k.shape[2]} positions but v has {v.shape[2]}")
     check_heads_and_dims(spec, who, Hq=q.shape[1], Hkv=k.shape[1], D=q.shape[3], Dk=k.shape[3], Dv=v.shape[3])
+    if max(q_offset + q.shape[2], k_offset + k.shape[2]) >= INT_LIMIT:
+        raise ValueError(f"{who}: positions must stay below 2**62, got q_offset + Nq = {q_offset + q.shape[2]}, "
+                         f"k_offset + Nk = {k_offset + k.shape[2]}")
     return q.shape[0], q.shape[1], q.shape[2], k.shape[2], q_offset, k_offset
 
 

@@ -255,9 +255,39 @@ def _entries(file_name: str) -> Dict[str, dict]:
 
 
 def cached_config(call: Call, kernel: str = ""):
-    """The tuned KernelConfig of this kernel of ``call``, or None when the cache has none."""
-    record = lookup(key_for(call, kernel))
-    return None if record is None else _config(record["config"])
+    """The tuned KernelConfig of this kernel of ``call``, or None when the cache has none, or one
+    that this call could not run (:func:`config_problem`: a hand-edited, hostile or stale entry),
+    which is ignored with a warning."""
+    key = key_for(call, kernel)
+    record = lookup(key)
+    if record is None:
+        return None
+    cfg = _config(record["config"])
+    problem = config_problem(call, kernel, cfg)
+    if problem is not None:
+        log.warning("attncc: ignoring tune cache entry %s: %s %s; the built-in config runs instead",
+                    short_repr(key.entry, 120), describe(cfg), problem)
+        return None
+    return cfg
+
+
+def config_problem(call: Call, kernel: str, cfg) -> Optional[str]:
+    """Why ``cfg`` cannot serve this kernel of ``call`` on its GPU, or None: the limits every config
+    the tuner times obeys (:func:`candidates`, exhaustive or not), so that only an entry the tuner
+    did not write (edited by hand, or stale) fails them. A record's schema (:func:`record_problem`)
+    allows tiles up to 256 x 256 on 1 warp: at head dim 128 their fp32 accumulators take 1024
+    registers per thread, and on an H100 Triton compiled such kernels for minutes (a call that
+    seemed to hang), or retried a pipeline too deep for shared memory once per stage."""
+    d = padded_dim(max(call.D, call.Dv))
+    resident = cfg.BLOCK_N if kernel == "dkdv" else cfg.BLOCK_M
+    acc = (2 if kernel == "dkdv" else 1) * resident * d // (32 * cfg.num_warps)
+    if acc > MAX_ACC_PER_THREAD:
+        return (f"keeps {acc} fp32 accumulators per thread at head dim {d} (the tuner's limit: "
+                f"{MAX_ACC_PER_THREAD})")
+    need, limit = config_shared_bytes(call, kernel, cfg), max_shared_memory(str(call.q.device))
+    if need > limit:
+        return f"needs {need} bytes of shared memory, the GPU has {limit}"
+    return None
 
 
 def lookup(key: TuneKey) -> Optional[dict]:
@@ -479,9 +509,9 @@ def tune(call: Call, kernel: str, run: Callable[[Call], object], *, timer=None, 
         return preset_config(kernel)
     key = key_for(call, kernel)
     if not force:
-        record = lookup(key)
-        if record is not None:
-            return _config(record["config"])
+        cached = cached_config(call, kernel)  # an entry this call cannot run is tuned again
+        if cached is not None:
+            return cached
     timer = timer or TIMER
     quick_timer = quick_timer or QUICK_TIMER
     call = dataclasses.replace(call, for_backward=None, memo=None)  # keep no block lists of the trial tiles
@@ -559,5 +589,5 @@ def _tune_missing(call: Call, kernels, run):
     if call.q.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
         return
     for kernel in kernels:
-        if env_config(kernel) is None and lookup(key_for(call, kernel)) is None:
+        if env_config(kernel) is None and cached_config(call, kernel) is None:  # missing, or unusable
             tune(call, kernel, run)
