@@ -193,3 +193,26 @@ def test_varlen_past_2_31():
             assert rel(got[0, h, rows], want) < TOL, f"{label} sequence {s} h={h}"
     del q, k, v, do, o, dq, dk, dv
     release()
+
+
+def test_linear_past_2_31():
+    """Linear attention (linear_elu) forward and backward on tensors past 2**31 elements (B = 4, 16
+    heads, N = 2**19 + 128, D = 64): each sampled (b, h) slice, the last one included, equals the same
+    module's call on that slice alone (a tensor 64x smaller, whose indices fit int32 anyway)."""
+    lin = module("linear_elu")
+    B, H, N, D = size((4, 16, 2**19 + 128, 64), (2, 3, 80, 16))
+    gen = torch.Generator(device=DEV).manual_seed(3)
+    q, k, v = (torch.randn(B, H, N, D, device=DEV, dtype=LOW, generator=gen).requires_grad_() for _ in range(3))
+    do = torch.randn(B, H, N, D, device=DEV, dtype=LOW, generator=gen)
+    o = lin.attention(q, k, v)
+    dq, dk, dv = torch.autograd.grad(o, (q, k, v), do)
+    for b, h in [(B - 1, H - 1), (B - 1, 0), (B // 2, H // 2), (0, 0)]:
+        leaves = [x[b:b + 1, h:h + 1].detach().clone().requires_grad_() for x in (q, k, v)]
+        o1 = lin.attention(*leaves)
+        g1 = torch.autograd.grad(o1, leaves, do[b:b + 1, h:h + 1])
+        where = f"b={b} h={h}"
+        assert rel(o[b, h], o1[0, 0]) < 1e-3, where
+        for label, got, want in zip(("dq", "dk", "dv"), (dq, dk, dv), g1):
+            assert rel(got[b, h], want[0, 0]) < 1e-3, f"{label} {where}"
+    del q, k, v, do, o, dq, dk, dv
+    release()
