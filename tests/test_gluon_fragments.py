@@ -103,3 +103,55 @@ def test_tile_order_covers_every_tile_once_heaviest_first_in_each_head_group():
             if same_group:
                 assert order[t][0] <= order[t - 1][0]
             assert order[t][1] // head_group >= order[t - 1][1] // head_group  # groups in order
+
+
+def test_snake_schedule_hands_out_every_tile_once_and_evens_out_causal_work():
+    """fwd_ws.scheduled_tile with SNAKE: CTA p's loop indices t = p, p + P, ... (P CTAs) map to a
+    permutation of the tiles, each CTA keeps its number of tiles (its partitions' barrier phases
+    count them), and under causal walk lengths (query block qb walks qb + 1 key blocks) the busiest
+    CTA's work is within one tile's of the mean, where the plain order's is not."""
+    rng = random.Random(2)
+    for case in range(300):
+        if case == 0:
+            n_qb, bh, nprog = 64, 32, 132  # causal 8K, B2 H16 on an H100: the plain order's busiest CTA 1.19x the mean
+        else:
+            n_qb, bh, nprog = rng.randrange(1, 40), rng.randrange(1, 70), rng.randrange(1, 140)
+        T = n_qb * bh
+        nprog = min(nprog, T)
+        loads = {}
+        for snake in (False, True):
+            seen, work = [], []
+            for pid in range(nprog):
+                gl = types.SimpleNamespace(**vars(_GL), program_id=lambda axis, pid=pid: pid,
+                                           num_programs=lambda axis: nprog)
+                fn = fwd_ws.scheduled_tile.fn
+                scheduled = types.FunctionType(fn.__code__, {**fn.__globals__, "gl": gl,
+                                                             "tile_coords": as_python(fwd_ws.tile_coords)})
+                # the plain order in head groups as launch.head_group makes them (6 heads of 8K keys)
+                group = bh if snake or case else 6
+                mine = [scheduled(t, n_qb, bh, group, snake) for t in range(pid, T, nprog)]
+                seen += mine
+                work.append(sum(qb + 1 for qb, _ in mine))
+            assert sorted(seen) == [(qb, h) for qb in range(n_qb) for h in range(bh)], (n_qb, bh, nprog, snake)
+            loads[snake] = work
+        mean = sum(loads[True]) / nprog
+        assert max(loads[True]) <= mean + n_qb, (n_qb, bh, nprog)
+        if case == 0:
+            assert max(loads[False]) > 1.15 * mean and max(loads[True]) < 1.01 * mean
+
+
+def test_snake_schedule_is_picked_for_the_causal_walk_only(monkeypatch):
+    from attncc.runtime.gluon import launch
+
+    monkeypatch.delenv("ATTNCC_GLUON_SCHEDULE", raising=False)
+    causal_walk = launch.pattern_fragments("causal")[0]
+    assert launch.snake_schedule("causal", causal_walk)
+    assert not launch.snake_schedule("dense", launch.pattern_fragments("dense")[0])
+    assert not launch.snake_schedule("dense", causal_walk)  # a rendered walk passes pattern "dense"
+    monkeypatch.setenv("ATTNCC_GLUON_SCHEDULE", "grouped")
+    assert not launch.snake_schedule("causal", causal_walk)
+    monkeypatch.setenv("ATTNCC_GLUON_SCHEDULE", "snake")
+    assert launch.snake_schedule("dense", launch.pattern_fragments("dense")[0])
+    monkeypatch.setenv("ATTNCC_GLUON_SCHEDULE", "fast")
+    with pytest.raises(ValueError, match="ATTNCC_GLUON_SCHEDULE must be 'snake' or 'grouped'"):
+        launch.snake_schedule("causal", causal_walk)

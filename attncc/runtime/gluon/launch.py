@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import re
 import subprocess
 import tempfile
@@ -293,14 +294,16 @@ def attention(q, k, v, *, pattern: str = "dense", scale: Optional[float] = None,
         from attncc.runtime.gluon.fwd_ws import attn_fwd_ws
         n_tiles = triton.cdiv(Nq, config.block_m) * B * Hq
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-        heads_per_group = head_group(B * Hq, triton.cdiv(Nq, config.block_m), Nk, D, q.element_size(), group, sms)
+        snake = snake_schedule(pattern, walk)
+        heads_per_group = B * Hq if snake else head_group(B * Hq, triton.cdiv(Nq, config.block_m), Nk, D,
+                                                           q.element_size(), group, sms)
         attn_fwd_ws[(min(sms, n_tiles), )](q_desc, k_desc, v_desc, o_desc, lse, Nq, B, Hq, group, Nq, Nk, q_offset,
                                             k_offset, n_q, n_k, qk_scale, heads_per_group, pattern_args, WALK=walk,
                                             MASK=mask, SCORE=score, SEGMENTS=segments, RETURN_LSE=return_lse,
                                             STAGES=config.stages, PINGPONG=config.pingpong,
                                             O_IN_Q=config.o_in_q, CONSUMER_REGS=config.consumer_regs,
                                             LOADER_REGS=config.loader_regs, num_warps=config.num_warps,
-                                            maxnreg=config.maxnreg, BLOCK=block)
+                                            maxnreg=config.maxnreg, BLOCK=block, SNAKE=snake)
     return (o, lse) if return_lse else o
 
 
@@ -447,6 +450,21 @@ def _output(given, name, shape, dtype, device):
     if not given.is_contiguous() or given.data_ptr() % 16:
         raise ValueError(f"attncc.runtime.gluon: {name} must be contiguous and 16-byte aligned")
     return given
+
+
+def snake_schedule(pattern: str, walk) -> bool:
+    """Whether the persistent forward hands out its tiles longest-first over every head in a snake
+    (fwd_ws.scheduled_tile): for the built-in causal walk, whose tiles' lengths run from 1 to n_qb
+    key blocks (H100, causal 8K B2 H16: 1.111 -> 1.041 ms, GQA 32/8 8K 1.966 -> 1.901, causal 4K B4
+    the same; docs/performance.md, session 17). Walks of equal lengths keep the head groups that
+    share K/V in L2 (dense 4K in one group of every head: 0.971 -> 1.079 ms). The rendered walks keep
+    them too (not measured). ``ATTNCC_GLUON_SCHEDULE=snake|grouped`` forces one (benchmarks)."""
+    forced = os.environ.get("ATTNCC_GLUON_SCHEDULE", "")
+    if forced in ("snake", "grouped"):
+        return forced == "snake"
+    if forced:
+        raise ValueError(f"attncc: ATTNCC_GLUON_SCHEDULE must be 'snake' or 'grouped', got {forced!r}")
+    return pattern == "causal" and walk == pattern_fragments("causal")[0]
 
 
 def head_group(bh: int, n_qb: int, Nk: int, D: int, elem_bytes: int, group: int, sms: int) -> int:
@@ -614,7 +632,7 @@ def compile_for_sm90(variant: Union[Variant, BwdVariant], disassemble: bool = Tr
         from attncc.runtime.gluon.fwd_ws import attn_fwd_ws as kernel
         ints = "B H GROUP Nq Nk q_offset k_offset n_q n_k"
         constexprs.update(PINGPONG=c.pingpong, O_IN_Q=c.o_in_q, CONSUMER_REGS=c.consumer_regs,
-                          LOADER_REGS=c.loader_regs)
+                          LOADER_REGS=c.loader_regs, SNAKE=snake_schedule(variant.pattern, walk))
         options["maxnreg"] = c.maxnreg
     signature.update({name: "i32" for name in ints.split()})
     signature["qk_scale"] = "fp32"
