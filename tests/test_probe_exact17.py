@@ -431,6 +431,10 @@ def test_explain_json_names_the_fallback_and_why(tmp_path):
             assert want_path in w["path"], (path.name, walk, w["path"])
             assert (w["visited"], w["unmasked"]) == (int((want != 0).sum()), int((want == 2).sum())), (path.name, walk)
         assert d["allowed_pairs"] == int(truth.sum())
+        # the forward walk reads lists in the first two (it counted 0 bytes of lists where a call broke
+        # its closed form's precondition)
+        lists = d["walks"]["forward"]["path"].startswith("exact block lists")
+        assert (d["block_list_bytes"] > 0) == lists and d["block_list_bytes"] in (0, 4 * 5 * (2 + 2 * 5)), d["block_list_bytes"]
 
 
 # ---------------------------------------------------------------------------------------------
