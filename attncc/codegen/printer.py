@@ -214,6 +214,10 @@ class TritonPrinter:
             return "False"
         if e.is_Integer:
             return str(int(e))
+        if e.is_number and e.is_integer and not isinstance(e, Boolean):
+            # an integer constant left unevaluated (Max(3, 15): a walk's heavy rows of two literal
+            # row bounds) is an int in the kernel: "15.0" made the dispatch's // a float's (TypeError)
+            return str(int(e))
         if e is sympy.oo:
             return 'float("inf")'
         if e is -sympy.oo:
