@@ -80,8 +80,8 @@ def _param_values(pattern: Pattern, overrides: Optional[Mapping[str, Any]]) -> D
 def _check_inputs(pattern: Pattern, inputs: Mapping[str, Any], batch: int, heads: int,
                   positions: Optional[int] = None) -> Dict[str, torch.Tensor]:
     """Check the inputs as the generated modules do (shape, an ``"n"`` dim covering ``positions``,
-    dtype) and return them at their declared types, as the kernels read them: a float tensor
-    converted to the declared float type (a float64 tensor in a float32 input is rounded to float32,
+    dtype) and return them with the values the kernels read: a float tensor's values rounded to the
+    declared float type (a float64 tensor in a float32 input is rounded to float32's values, kept in float64,
     a float32 one in a bfloat16 input to bfloat16), an integer one given to a bool input as ``!= 0``,
     integer ones at their own values. A float tensor for an integer or bool input, a bool one for
     an integer input and an integer or bool one for a float input are refused (``TypeError``)."""
@@ -108,8 +108,16 @@ def _check_inputs(pattern: Pattern, inputs: Mapping[str, Any], batch: int, heads
             also = "another float type" if want_float else "an integer type, read as != 0" if want == torch.bool \
                 else "another integer type"
             raise TypeError(f"input '{decl.name}' must be {decl.dtype} (or {also}), got {str(t.dtype).replace('torch.', '')}")
-        if t.dtype != want and (want_float or want == torch.bool):
-            t = t.to(want)  # floats at the declared type; integers to bool: != 0
+        if t.dtype != want and want_float:
+            # the values the kernels read (rounded to the declared type), in a dtype that holds the
+            # given and the declared values exactly, with the gradient of the given tensor: a float64
+            # table declared float32 keeps float64 arithmetic and float64 gradients
+            wide = torch.promote_types(t.dtype, want)
+            rounded = t.to(want).to(wide)
+            t = t.to(wide)
+            t = t + (rounded - t).detach()
+        elif t.dtype != want and want == torch.bool:
+            t = t.to(want)  # integers to bool: != 0
         out[decl.name] = t
     unknown = set(inputs) - {d.name for d in pattern.inputs}
     if unknown:

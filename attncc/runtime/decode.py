@@ -173,9 +173,18 @@ def bind_decode(spec: SpecInfo, q, k_cache, v_cache, *, kv_len, block_table=None
     except ValueError:
         if not (_check_values(kv_len) and B <= MAX_EXACT_DIVISOR_ROWS):
             raise
-        for n in sorted(set(kv_len.tolist()) - {0}):
-            check_divisors(spec, f"{name} (kv_len = {n})", positions=capacity, batch=B, heads=Hq, n_q=n, n_k=n,
-                           params=params)
+        failed = []
+        lengths = sorted(set(kv_len.tolist()) - {0})
+        for n in lengths:
+            try:
+                check_divisors(spec, f"{name} (kv_len = {n})", positions=capacity, batch=B, heads=Hq, n_q=n, n_k=n,
+                               params=params)
+            except ValueError as e:
+                failed.append(e)
+        if failed and len(failed) == len(lengths):
+            raise  # 0 at every row's length (a param of 0, say): the error without a row's length
+        if failed:
+            raise failed[0] from None
     reach = int_reach(spec, positions=capacity, batch=B, heads=Hq, params=params)
     return DecodeCall(spec, q, k_cache, v_cache, kv_len, block_table, B, Hq, Hkv, Nq, D, Dv, capacity, page_size,
                       num_pages, float(scale), return_lse, params, inputs, int_reach=reach)
