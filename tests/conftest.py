@@ -3,6 +3,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 os.environ.setdefault("TRITON_INTERPRET", "1")
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -49,3 +51,17 @@ def pytest_sessionfinish(session):
     import early_child
 
     early_child.stop_all()
+
+
+@pytest.fixture
+def tune_cache(tmp_path, monkeypatch):
+    """An empty tune cache directory (ATTNCC_CACHE_DIR) with nothing loaded from earlier tests, and no
+    ATTNCC_TUNE / ATTNCC_CONFIG from the environment."""
+    from attncc.runtime import tuning
+
+    monkeypatch.setenv("ATTNCC_CACHE_DIR", str(tmp_path / "tune"))
+    monkeypatch.delenv("ATTNCC_TUNE", raising=False)
+    monkeypatch.delenv("ATTNCC_CONFIG", raising=False)
+    tuning._LOADED.clear()
+    yield tmp_path / "tune"
+    tuning._LOADED.clear()

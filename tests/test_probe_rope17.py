@@ -20,14 +20,7 @@ from cases import module, rel_err
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def tune_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("ATTNCC_CACHE_DIR", str(tmp_path / "tune"))
-    monkeypatch.delenv("ATTNCC_TUNE", raising=False)
-    monkeypatch.delenv("ATTNCC_CONFIG", raising=False)
-    tuning._LOADED.clear()
-    yield tmp_path / "tune"
-    tuning._LOADED.clear()
+# (the tune_cache fixture: tests/conftest.py)
 
 
 def _call(D=128, dtype=torch.bfloat16, N=300):

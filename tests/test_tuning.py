@@ -18,14 +18,9 @@ from cases import SMALL_PARAMS, SPEC_NAMES, heads_for, inputs_for, module, patte
 
 
 @pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    """Every test gets an empty cache directory and forgets what earlier tests loaded."""
-    monkeypatch.setenv("ATTNCC_CACHE_DIR", str(tmp_path / "tune"))
-    monkeypatch.delenv("ATTNCC_TUNE", raising=False)
-    monkeypatch.delenv("ATTNCC_CONFIG", raising=False)
-    tuning._LOADED.clear()
-    yield tmp_path / "tune"
-    tuning._LOADED.clear()
+def cache(tune_cache):
+    """Every test gets an empty cache directory and forgets what earlier tests loaded (conftest.py)."""
+    return tune_cache
 
 
 def make_call(name="causal", N=50, Nk=None, D=32, dtype=torch.float32):
