@@ -102,11 +102,15 @@ class Temporaries:
         defs: List[List[str]] = []
         while True:
             texts = [value for _, value in defs] + [code]
-            where: Dict[str, List[Tuple[int, ast.expr]]] = collections.defaultdict(list)
+            where: Dict[int, List[Tuple[int, ast.expr]]] = collections.defaultdict(list)
+            shapes: Dict[tuple, int] = {}  # one number per distinct sub-expression (_structure)
             for k, text in enumerate(texts):
-                for node in ast.walk(ast.parse(text, mode="eval")):
+                tree = ast.parse(text, mode="eval")
+                keys: Dict[int, int] = {}
+                _structure(tree, shapes, keys)
+                for node in ast.walk(tree):
                     if isinstance(node, ast.expr) and _worth_naming(node):
-                        where[ast.dump(node)].append((k, node))
+                        where[keys[id(node)]].append((k, node))
             repeated = [found for found in where.values() if len(found) > 1]
             if not repeated:
                 return [(name, value) for name, value in defs], code
@@ -120,6 +124,25 @@ class Temporaries:
             code = texts[-1]
             first_use = min(k for k, _ in found)
             defs.insert(first_use if first_use < len(defs) else len(defs), [name, value])
+
+
+def _structure(node: ast.AST, shapes: Dict[tuple, int], keys: Dict[int, int]) -> int:
+    """A number for ``node``'s code, equal for two nodes exactly when their ``ast.dump`` is (the
+    node types, fields and constants' reprs; not the positions): ``keys[id(n)]`` for ``node``
+    and every node under it. Computed bottom-up once per parse (``ast.dump`` of every node
+    re-formats each subtree at every level above it: a printed expression with deeply nested
+    reads or functions took minutes to compile)."""
+    parts: list = [type(node).__name__]
+    for _, value in ast.iter_fields(node):
+        if isinstance(value, ast.AST):
+            parts.append(_structure(value, shapes, keys))
+        elif isinstance(value, list):
+            parts.append(tuple(_structure(x, shapes, keys) if isinstance(x, ast.AST) else ("=", repr(x)) for x in value))
+        else:
+            parts.append(("=", repr(value)))
+    key = shapes.setdefault(tuple(parts), len(shapes))
+    keys[id(node)] = key
+    return key
 
 
 def _worth_naming(node: ast.expr) -> bool:
