@@ -179,3 +179,28 @@ def test_empty_dims_train(window, dims):
     (o.sum() + lse.clamp(min=-1e3).sum()).backward()
     for t in (q, k, v):
         assert t.grad is not None and t.grad.shape == t.shape and (t.grad == 0).all()
+
+
+# --- long chains of | & ^ --------------------------------------------------------------------
+
+def _depth(node: ast.AST) -> int:
+    return 1 + max((_depth(c) for c in ast.iter_child_nodes(node)), default=0)
+
+
+def test_long_chains_print_as_shallow_groups():
+    """An any() of 992 terms (within the 1024 the language unrolls) or random_blocks(1024) printed
+    one ``|`` chain, parsed 1000 levels deep: a RecursionError naming repeats (and in Triton's
+    code generator). Grouped by 32 they are a few dozen levels; short chains print as before."""
+    assert printer.joined("|", ["a", "b", "c"]) == "(a | b | c)"
+    code = printer.joined("|", [f"(j == x{t})" for t in range(1024)])
+    assert _depth(ast.parse(code, mode="eval")) < 200
+    assert eval(code.replace("x", "_"), {"j": 5, **{f"_{t}": t for t in range(1024)}}) is True
+    defs, out = printer.Temporaries().name_repeats(code)
+    assert not defs and out == code
+
+
+def test_random_blocks_at_their_limit_compile_and_match():
+    spec = {"name": "probe17_rb1024", "head_dim": 16, "mask": {"where": "random_blocks(1024, block=1) or j <= i"}}
+    mod, pattern = attncc.compile(spec), parse_spec(toml_text(spec))
+    q, k, v = _qkv(B=1)
+    assert torch.allclose(mod.attention(q, k, v).double(), attncc.reference(pattern, q, k, v), atol=1e-5)

@@ -126,6 +126,20 @@ class Temporaries:
             defs.insert(first_use if first_use < len(defs) else len(defs), [name, value])
 
 
+def joined(op: str, terms: List[str]) -> str:
+    """``(t0 op t1 op ...)`` for an associative ``op`` (``|``, ``&``, ``^``), as groups of at most
+    JOIN_GROUP terms when there are more: Python parses a chain of n terms n levels deep, and an
+    ``any()`` of 992 terms or ``random_blocks(1024)`` (both within the language's limits) was a
+    RecursionError in the printer (and would be in Triton's code generator, which recurses per
+    level too); grouped, 1024 terms are 64 levels. Up to JOIN_GROUP terms the text is the chain."""
+    if len(terms) > JOIN_GROUP:
+        terms = [joined(op, terms[k:k + JOIN_GROUP]) for k in range(0, len(terms), JOIN_GROUP)]
+    return "(" + f" {op} ".join(terms) + ")"
+
+
+JOIN_GROUP = 32
+
+
 def _structure(node: ast.AST, shapes: Dict[tuple, int], keys: Dict[int, int]) -> int:
     """A number for ``node``'s code, equal for two nodes exactly when their ``ast.dump`` is (the
     node types, fields and constants' reprs; not the positions): ``keys[id(n)]`` for ``node``
@@ -465,13 +479,13 @@ class TritonPrinter:
     # integer bitwise operators (attncc.spec.builtins): two's complement in the kernels' int32 /
     # int64 is Python's on every value they hold
     def _BitAnd(self, e):
-        return "(" + " & ".join(self.p(a) for a in e.args) + ")"
+        return joined("&", [self.p(a) for a in e.args])
 
     def _BitOr(self, e):
-        return "(" + " | ".join(self.p(a) for a in e.args) + ")"
+        return joined("|", [self.p(a) for a in e.args])
 
     def _BitXor(self, e):
-        return "(" + " ^ ".join(self.p(a) for a in e.args) + ")"
+        return joined("^", [self.p(a) for a in e.args])
 
     def _Shift(self, e):
         self.helpers.add("_shift")
@@ -622,10 +636,10 @@ class TritonPrinter:
         return code
 
     def _And(self, e):
-        return "(" + " & ".join(self._logic(a) for a in _ordered(e.args)) + ")"
+        return joined("&", [self._logic(a) for a in _ordered(e.args)])
 
     def _Or(self, e):
-        return "(" + " | ".join(self._logic(a) for a in _ordered(e.args)) + ")"
+        return joined("|", [self._logic(a) for a in _ordered(e.args)])
 
     def _Not(self, e):
         inner = self._logic(e.args[0])
