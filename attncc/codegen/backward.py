@@ -34,7 +34,7 @@ from attncc.analysis.hoist import Hoister
 from attncc.analysis.score import along_j, mask_hoister
 from attncc.codegen.helpers import helper_args, helper_list
 from attncc.codegen.names import grad_args, grad_ptr, grad_stride, input_size, param_value, param_var
-from attncc.codegen.printer import Temporaries, TritonPrinter
+from attncc.codegen.printer import Temporaries, TritonPrinter, joined
 from attncc.codegen.softmax import Inputs, mod_text, printed  # as the forward's
 from attncc.codegen.walks import render_walk
 from attncc.spec import symbols as S
@@ -298,7 +298,7 @@ def _context(pattern: Pattern, plan: Plan, fwd: dict) -> dict:
         if r == 0:
             return "False"
         name = rb_names[e]
-        return "(" + " | ".join(f"(offs_j[None, :] // {block} == {name}_{t}[:, None])" for t in range(r)) + ")"
+        return joined("|", [f"(offs_j[None, :] // {block} == {name}_{t}[:, None])" for t in range(r)])
 
     def rb_tile(e: RandomBlocks) -> str:  # dK/dV: gathered per tile
         r, block, _ = e.options

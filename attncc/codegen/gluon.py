@@ -52,7 +52,7 @@ from attncc.analysis.plan import SWAP
 from attncc.analysis.walks import Iteration, sorted_segments
 from attncc.codegen.helpers import GLUON, helper_args
 from attncc.codegen.names import input_args, param_var
-from attncc.codegen.printer import GluonPrinter, NotGluon, Temporaries, record_definitions
+from attncc.codegen.printer import GluonPrinter, NotGluon, Temporaries, joined, record_definitions
 from attncc.codegen.softmax import Inputs
 from attncc.codegen.text import py_str
 from attncc.codegen.walks import precondition_code, symbol_names, walk_note
@@ -197,7 +197,7 @@ def _random_blocks(e: RandomBlocks, name: str) -> str:
     if r == 0:
         return "False"
     row = f"gl.minimum(i // {block}, {name}_rows - 1) * {r}"
-    return "(" + " | ".join(f"(j // {block} == gl.load({name}_table + {row} + {t}))" for t in range(r)) + ")"
+    return joined("|", [f"(j // {block} == gl.load({name}_table + {row} + {t}))" for t in range(r)])
 
 
 def used_inputs(pattern: Pattern) -> List[str]:

@@ -102,11 +102,15 @@ class Temporaries:
         defs: List[List[str]] = []
         while True:
             texts = [value for _, value in defs] + [code]
-            where: Dict[str, List[Tuple[int, ast.expr]]] = collections.defaultdict(list)
+            where: Dict[int, List[Tuple[int, ast.expr]]] = collections.defaultdict(list)
+            shapes: Dict[tuple, int] = {}  # one number per distinct sub-expression (_structure)
             for k, text in enumerate(texts):
-                for node in ast.walk(ast.parse(text, mode="eval")):
+                tree = ast.parse(text, mode="eval")
+                keys: Dict[int, int] = {}
+                _structure(tree, shapes, keys)
+                for node in ast.walk(tree):
                     if isinstance(node, ast.expr) and _worth_naming(node):
-                        where[ast.dump(node)].append((k, node))
+                        where[keys[id(node)]].append((k, node))
             repeated = [found for found in where.values() if len(found) > 1]
             if not repeated:
                 return [(name, value) for name, value in defs], code
@@ -120,6 +124,39 @@ class Temporaries:
             code = texts[-1]
             first_use = min(k for k, _ in found)
             defs.insert(first_use if first_use < len(defs) else len(defs), [name, value])
+
+
+def joined(op: str, terms: List[str]) -> str:
+    """``(t0 op t1 op ...)`` for an associative ``op`` (``|``, ``&``, ``^``), as groups of at most
+    JOIN_GROUP terms when there are more: Python parses a chain of n terms n levels deep, and an
+    ``any()`` of 992 terms or ``random_blocks(1024)`` (both within the language's limits) was a
+    RecursionError in the printer (and would be in Triton's code generator, which recurses per
+    level too); grouped, 1024 terms are 64 levels. Up to JOIN_GROUP terms the text is the chain."""
+    if len(terms) > JOIN_GROUP:
+        terms = [joined(op, terms[k:k + JOIN_GROUP]) for k in range(0, len(terms), JOIN_GROUP)]
+    return "(" + f" {op} ".join(terms) + ")"
+
+
+JOIN_GROUP = 32
+
+
+def _structure(node: ast.AST, shapes: Dict[tuple, int], keys: Dict[int, int]) -> int:
+    """A number for ``node``'s code, equal for two nodes exactly when their ``ast.dump`` is (the
+    node types, fields and constants' reprs; not the positions): ``keys[id(n)]`` for ``node``
+    and every node under it. Computed bottom-up once per parse (``ast.dump`` of every node
+    re-formats each subtree at every level above it: a printed expression with deeply nested
+    reads or functions took minutes to compile)."""
+    parts: list = [type(node).__name__]
+    for _, value in ast.iter_fields(node):
+        if isinstance(value, ast.AST):
+            parts.append(_structure(value, shapes, keys))
+        elif isinstance(value, list):
+            parts.append(tuple(_structure(x, shapes, keys) if isinstance(x, ast.AST) else ("=", repr(x)) for x in value))
+        else:
+            parts.append(("=", repr(value)))
+    key = shapes.setdefault(tuple(parts), len(shapes))
+    keys[id(node)] = key
+    return key
 
 
 def _worth_naming(node: ast.expr) -> bool:
@@ -442,13 +479,13 @@ class TritonPrinter:
     # integer bitwise operators (attncc.spec.builtins): two's complement in the kernels' int32 /
     # int64 is Python's on every value they hold
     def _BitAnd(self, e):
-        return "(" + " & ".join(self.p(a) for a in e.args) + ")"
+        return joined("&", [self.p(a) for a in e.args])
 
     def _BitOr(self, e):
-        return "(" + " | ".join(self.p(a) for a in e.args) + ")"
+        return joined("|", [self.p(a) for a in e.args])
 
     def _BitXor(self, e):
-        return "(" + " ^ ".join(self.p(a) for a in e.args) + ")"
+        return joined("^", [self.p(a) for a in e.args])
 
     def _Shift(self, e):
         self.helpers.add("_shift")
@@ -599,10 +636,10 @@ class TritonPrinter:
         return code
 
     def _And(self, e):
-        return "(" + " & ".join(self._logic(a) for a in _ordered(e.args)) + ")"
+        return joined("&", [self._logic(a) for a in _ordered(e.args)])
 
     def _Or(self, e):
-        return "(" + " | ".join(self._logic(a) for a in _ordered(e.args)) + ")"
+        return joined("|", [self._logic(a) for a in _ordered(e.args)])
 
     def _Not(self, e):
         inner = self._logic(e.args[0])

@@ -13,7 +13,7 @@ from attncc.analysis.score import mask_hoister, score_terms
 from attncc.analysis.walks import Iteration
 from attncc.codegen.helpers import helper_list
 from attncc.codegen.names import input_args, input_ptr, input_size, input_stride, param_arg, param_value, param_var
-from attncc.codegen.printer import Temporaries, TritonPrinter
+from attncc.codegen.printer import Temporaries, TritonPrinter, joined
 from attncc.codegen.tile_kernel import render_tile_kernel
 from attncc.codegen.walks import precondition_code, render_walk, walk_note
 from attncc.spec import symbols as S
@@ -115,7 +115,7 @@ def softmax_context(pattern: Pattern, plan, split: bool = False) -> dict:
         if r == 0:
             return "False"
         hits = [f"(offs_j[None, :] // {block} == {name}_{t}[:, None])" for t in range(r)]
-        return "(" + " | ".join(hits) + ")"
+        return joined("|", hits)
 
     printers = []
     temps = Temporaries()  # the forward's kernels: one set of names for the values they name

@@ -31,6 +31,8 @@ MAX_EXPRESSION_LENGTH = 2000  # characters
 MAX_DEPTH = 100  # nesting of the expression's syntax tree
 MAX_EXPONENT = 64  # |n| in x ** n for an x that is not a number (sympy expands powers of sums)
 MAX_EXPANDED_TERMS = 256  # terms of an expression once products and powers of sums are expanded
+MAX_CONDITION_WORK = 4096  # a condition on numbers made of conditions: its cases times its size (_condition)
+MAX_WRITTEN_NODES = 12000  # operations of an expression written out as the kernels print it (_written_size)
 MAX_CONSTANT_BITS = 4096  # an exact constant power (2 ** 5000) sympy would compute digit by digit
 INT_CONSTANT_LIMIT = 2**63  # integer constants are int64 in the kernels
 BUCKET_MAX_BUCKETS = 1024
@@ -85,6 +87,7 @@ class _Parser:
     text: str = ""  # the expression, for quoting parts of it in messages
     _checked: set = field(default_factory=set)  # sub-expressions check_number has seen
     _terms: dict = field(default_factory=dict)  # memo of _expanded_terms
+    _written: dict = field(default_factory=dict)  # memo of _written_size
     _locals: Dict[str, sympy.Symbol] = field(default_factory=dict)  # loop variables of enclosing reductions
     _unrolled: int = 0  # terms of the reductions parsed so far (nested ones multiplied)
     counts: set = field(default_factory=set)  # int params used as a reduction's count (range(K))
@@ -120,6 +123,11 @@ class _Parser:
         if expr.has(sympy.ITE):  # sympy's if-then-else of a condition on booleans-as-numbers: no stage takes it
             expr = expr.replace(lambda e: isinstance(e, sympy.ITE),
                                 lambda e: sympy.Or(sympy.And(e.args[0], e.args[1]), sympy.And(sympy.Not(e.args[0]), e.args[2])))
+        if _written_size(expr, self._written) > MAX_WRITTEN_NODES:
+            self.fail(node, f"{self.source(node)} is more than {MAX_WRITTEN_NODES} operations written out: a condition "
+                            "used inside another condition (where(where(...), ...), a boolean as a number compared "
+                            "again) is copied into each use, and an input read inside an input's index three times "
+                            "(its bounds check); nest fewer of them")
         if typ != BOOL:
             self.check_number(node, expr, typ)
         if typ == FLOAT:
@@ -540,7 +548,7 @@ class _Parser:
             (a, ta), (b, tb) = as_number(a, ta), as_number(b, tb)
         if ta == BOOL:
             return sympy.Or(sympy.And(cond, a), sympy.And(sympy.Not(cond), b)), BOOL
-        return sympy.Piecewise((a, cond), (b, True)), (INT if ta == tb == INT else FLOAT)
+        return sympy.Piecewise((a, _condition(cond)), (b, True)), (INT if ta == tb == INT else FLOAT)
 
     def _options(self, node, positional, defaults):
         """Bind a built-in's arguments: the first ``positional`` are expressions, the rest constants."""
@@ -636,8 +644,28 @@ def _divide(a, b):
 def as_number(expr, typ) -> Tuple[sympy.Basic, str]:
     """``(expr, typ)`` with a boolean as the integer 0 or 1 (contract v1)."""
     if typ == BOOL:
-        return sympy.Piecewise((sympy.Integer(1), expr), (sympy.Integer(0), True)), INT
+        return sympy.Piecewise((sympy.Integer(1), _condition(expr)), (sympy.Integer(0), True)), INT
     return expr, typ
+
+
+def _condition(cond):
+    """``cond``, to be the condition of a Piecewise (a ``where``, a boolean counted as 0 or 1): sympy
+    writes a condition that compares Piecewise numbers (``where(c, x, y) < 3``, ``(i < j) * 2 > (j <
+    4)``, ``sum(i >= t[b, u] ...) == sum(j >= t[b, u] ...)`` as a number) out case by case, one case
+    per combination of their branches, each with the branches' conditions, and puts the result in
+    conjunctive normal form: 2**10 cases, or ten such comparisons nested, took minutes (2**32, a
+    FlexAttention document count over 16 starts in a where(), never ended). Refused (a ValueError,
+    which the parser reports at the node) where the cases times the condition's size pass
+    MAX_CONDITION_WORK."""
+    if isinstance(cond, sympy.Basic) and cond.has(sympy.Piecewise):
+        cases = 1
+        for pw in cond.atoms(sympy.Piecewise):
+            cases = min(cases * len(pw.args), MAX_CONDITION_WORK + 1)
+        if cases * _written_size(cond, {}) > MAX_CONDITION_WORK:
+            raise ValueError("a condition comparing numbers made of conditions (a where(), or a boolean counted "
+                             "as 0 or 1) is written out case by case, here too many cases; compare fewer of them "
+                             "(a condition on positions alone can go in [mask].where)")
+    return cond
 
 
 def _applied(f, *args):
@@ -801,6 +829,23 @@ def _constant_parts(expr, seen: set):
             yield e
         else:
             stack.extend(a for a in e.args if isinstance(a, sympy.Basic))
+
+
+def _written_size(e, memo: dict) -> int:
+    """How many operations ``e`` is as a tree, as the printers write it: each shared sub-expression
+    counted at every use, an input read's indices three times (the kernels' load names each index
+    in its address and in its bounds mask). sympy keeps shared parts once, so a few characters of
+    nested conditions (``where(where(where(...), ...), ...)``: each level holds its condition twice)
+    or reads (``x[x[x[...]]]``) make a tree that doubles or triples per level, which sympy, the
+    analysis and the printers walk whole: minutes and gigabytes at 20 levels. Memoized by object
+    (``memo`` keeps each object, so that its id stays its own): linear in the distinct parts."""
+    found = memo.get(id(e))
+    if found is not None:
+        return found[0]
+    weight = 3 if isinstance(e, AppliedUndef) else 1
+    n = 1 + weight * sum(_written_size(a, memo) for a in e.args if isinstance(a, sympy.Basic))
+    memo[id(e)] = (n, e)
+    return n
 
 
 def _expanded_terms(e, memo: dict) -> int:
