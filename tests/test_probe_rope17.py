@@ -50,7 +50,9 @@ def _cfg(bm, bn, warps, stages):
 # two minutes in Triton's compiler (accumulators of 1024 registers a thread) or in a retry per
 # pipeline stage of a config that needs 1 MB of shared memory.
 HOSTILE = [(128, torch.bfloat16, _cfg(256, 256, 1, 8)), (256, torch.float32, _cfg(256, 256, 8, 1)),
-           (128, torch.bfloat16, _cfg(16, 256, 2, 8)), (256, torch.float32, _cfg(128, 128, 4, 3))]
+           (128, torch.bfloat16, _cfg(16, 256, 2, 8)), (256, torch.float32, _cfg(128, 128, 4, 3)),
+           # a flag no tuner candidate has (an experiment of ATTNCC_CONFIG's), on the built-in forward config
+           (128, torch.bfloat16, {**_cfg(128, 128, 8, 3), "warp_specialize": True})]
 
 
 @pytest.mark.parametrize("D, dtype, cfg", HOSTILE)

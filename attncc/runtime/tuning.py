@@ -278,6 +278,8 @@ def config_problem(call: Call, kernel: str, cfg) -> Optional[str]:
     allows tiles up to 256 x 256 on 1 warp: at head dim 128 their fp32 accumulators take 1024
     registers per thread, and on an H100 Triton compiled such kernels for minutes (a call that
     seemed to hang), or retried a pipeline too deep for shared memory once per stage."""
+    if cfg.warp_specialize:  # an experiment's flag (ATTNCC_CONFIG), never a candidate: not run from a cache
+        return "asks for warp_specialize, which no tuner candidate has"
     d = padded_dim(max(call.D, call.Dv))
     resident = cfg.BLOCK_N if kernel == "dkdv" else cfg.BLOCK_M
     acc = (2 if kernel == "dkdv" else 1) * resident * d // (32 * cfg.num_warps)
