@@ -103,8 +103,8 @@ def _check_inputs(pattern: Pattern, inputs: Mapping[str, Any], batch: int, heads
             raise ValueError(f"input '{decl.name}' has dims {list(decl.dims)}: expected shape [{want}] (an 'n' dim covers "
                              f"every position of the call), got {tuple(t.shape)}")
         want = getattr(torch, decl.dtype)
-        given_float, want_float = t.dtype.is_floating_point, want.is_floating_point
-        if t.is_complex() or given_float != want_float or (t.dtype == torch.bool and want != torch.bool):
+        want_float = want.is_floating_point
+        if not semantics.input_dtype_accepted(t.dtype, want):
             also = "another float type" if want_float else "an integer type, read as != 0" if want == torch.bool \
                 else "another integer type"
             raise TypeError(f"input '{decl.name}' must be {decl.dtype} (or {also}), got {str(t.dtype).replace('torch.', '')}")

@@ -29,7 +29,7 @@ import sympy
 
 from attncc.analysis.bands import FIRST, LAST, X, Cover
 from attncc.analysis.builtin import gluon_fit
-from attncc.analysis.graph import plan_grid, walk_path
+from attncc.analysis.graph import breaks_precondition, plan_grid, walk_path
 from attncc.analysis.intexpr import Unsupported, compile_int
 from attncc.analysis.plan import Plan
 from attncc.analysis.score import score_report
@@ -423,18 +423,6 @@ def _check_divisors(pattern, params: Mapping[str, object], *, n_q: int, n_k: int
             raise ValueError(f"division by zero: the divisor of {whole} is 0" + (f" with {named}" if named else ""))
 
 
-def _forward_takes_lists(plan: Plan, *, n_q: int, n_k: int, params: Mapping[str, object]) -> bool:
-    """Whether the forward walk of a call of these sizes (positions from 0) reads block lists: it has
-    none but lists, or it is a closed form whose precondition the call breaks (the exact lists then;
-    explain counted 0 bytes of lists there)."""
-    w = plan.forward
-    if w.kind is Iteration.BLOCK_LIST:
-        return True
-    if w.kind is not Iteration.BANDS or w.precondition is sympy.true:
-        return False
-    return not precondition_holds(w, {**params, "n_q": n_q, "n_k": n_k, FIRST: 0, LAST: n_q - 1})
-
-
 def explain_data(plan: Plan, *, n_q: int, n_k: int, block_m: int = 128, block_n: int = 64, head_dim: int = 128,
                  value_dim: Optional[int] = None, dtype: str = "bf16", batch: int = 1, heads: int = 1,
                  params: Optional[Mapping[str, object]] = None,
@@ -506,7 +494,10 @@ def explain_data(plan: Plan, *, n_q: int, n_k: int, block_m: int = 128, block_n:
     qkvo = element * batch * (heads * n_q * head_dim + heads_kv * n_k * (head_dim + value_dim)
                               + heads * n_q * value_dim)
     list_bytes = 0
-    if _forward_takes_lists(plan, n_q=n_q, n_k=n_k, params=params):  # two counts and two padded index rows per query block
+    # the forward reads block lists (two counts and two padded index rows per query block): it has no
+    # closed form, or this call breaks its precondition
+    if plan.forward.kind is Iteration.BLOCK_LIST or (plan.forward.kind is Iteration.BANDS and breaks_precondition(
+            plan, "forward", q_rows=n_q, k_rows=n_k, params=params)):
         list_bytes = INDEX_BYTES * numbers["grids"] * nqb * (2 + 2 * nkb)
     flops_per_pair = 2.0 * (head_dim + value_dim)  # q·k and p·v
 

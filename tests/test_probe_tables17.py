@@ -215,3 +215,16 @@ def test_shared_table_sweep(dt, seed):
     want = torch.autograd.grad((ro * do.double()).sum() + 0.1 * rl.sum(), leaves)
     for a, b in zip((o, lse, *got), (ro, rl, *want)):
         torch.testing.assert_close(a.double(), b, rtol=0, atol=1e-4)
+
+
+def test_a_complex_table_is_refused_with_the_declared_dtype():
+    """The modules and the reference share one dtype rule (attncc.core.semantics.input_dtype_accepted):
+    a complex tensor for an int input was a TypeError from torch.iinfo in the modules."""
+    m, p = compile_both('name = "p17_complex"\n[inputs]\ndoc = { dims = ["b", "n"], dtype = "int32" }\n'
+                        '[mask]\nwhere = "doc[b, i] == doc[b, j]"\n')
+    q, k, v = qkv()
+    doc = torch.zeros(q.shape[0], 64, dtype=torch.complex64)
+    with pytest.raises(TypeError, match="input doc must be int32, got complex64"):
+        m.attention(q, k, v, doc=doc)
+    with pytest.raises(TypeError, match="input 'doc' must be int32"):
+        attncc.reference(p, q.double(), k.double(), v.double(), doc=doc)

@@ -62,16 +62,27 @@ def walk_path(plan: Plan, walk: str, *, q_rows: int, k_rows: int, q_offset: int 
         return "block lists classified per call from the inputs (interval classifier)"
     if w.kind is Iteration.BLOCK_LIST:
         return f"exact block lists, built once per shape (no closed form: {w.reason})"
-    if w.precondition is not sympy.true:
-        n_q = q_offset + q_rows if n_q is None else n_q
-        n_k = k_offset + k_rows if n_k is None else n_k
-        first, rows = (k_offset, k_rows) if walk == "dkdv" else (q_offset, q_rows)
-        env = dict({**plan.pattern.param_values, **(params or {})}, n_q=n_k if walk == "dkdv" else n_q,
-                   n_k=n_q if walk == "dkdv" else n_k)
-        env.update({FIRST: first, LAST: first + rows - 1})
-        if not precondition_holds(w, env):
-            return f"exact block lists, built once per shape (this call breaks the closed form's {w.precondition})"
+    if breaks_precondition(plan, walk, q_rows=q_rows, k_rows=k_rows, q_offset=q_offset, k_offset=k_offset,
+                           n_q=n_q, n_k=n_k, params=params):
+        return f"exact block lists, built once per shape (this call breaks the closed form's {w.precondition})"
     return f"closed form, {'one segment' if w.segments == 1 else 'two segments'} per block"
+
+
+def breaks_precondition(plan: Plan, walk: str, *, q_rows: int, k_rows: int, q_offset: int = 0, k_offset: int = 0,
+                        n_q: Optional[int] = None, n_k: Optional[int] = None,
+                        params: Optional[Mapping[str, object]] = None) -> bool:
+    """Whether a call of these sizes breaks the precondition of ``walk``'s closed form (it then takes
+    the exact block lists); False for walks without one."""
+    w = plan.transposed if walk == "dkdv" else plan.forward
+    if w.precondition is sympy.true:
+        return False
+    n_q = q_offset + q_rows if n_q is None else n_q
+    n_k = k_offset + k_rows if n_k is None else n_k
+    first, rows = (k_offset, k_rows) if walk == "dkdv" else (q_offset, q_rows)
+    env = dict({**plan.pattern.param_values, **(params or {})}, n_q=n_k if walk == "dkdv" else n_q,
+               n_k=n_q if walk == "dkdv" else n_k)
+    env.update({FIRST: first, LAST: first + rows - 1})
+    return not precondition_holds(w, env)
 
 
 def grid_to_graph(grid2d: torch.Tensor) -> nx.DiGraph:

@@ -94,6 +94,18 @@ def float32_holds(value) -> bool:
     return abs(value) <= FLOAT32_MAX and (value == 0 or abs(value) >= FLOAT32_TINY)
 
 
+def input_dtype_accepted(given, declared) -> bool:
+    """Whether a tensor of dtype ``given`` may be passed for an [inputs] entry declared ``declared``
+    (torch dtypes; compared by their attributes, so this module needs no torch): a float tensor for a
+    float input, an integer one for an integer or bool input (read as ``!= 0``), a bool one for a
+    bool input; never a complex one. The generated modules and attncc.reference refuse the rest."""
+    if given == declared:
+        return True
+    if given.is_complex or given.is_floating_point != declared.is_floating_point:
+        return False
+    return str(given) != "torch.bool"
+
+
 def int_argument(what: str, value, minimum: int = 0, maximum: int = INT_LIMIT - 1) -> int:
     """``value`` as an int in ``[minimum, maximum]``, as a call takes its integer arguments (offsets,
     lengths, seeds, int params), or a TypeError / ValueError that names it (``what``: "causal.attention:

@@ -781,7 +781,7 @@ def input_interval(stat: BlockStat, tensor: torch.Tensor, *, q_offset: int, k_of
         c = stat.index[d]
         if isinstance(c, int):
             if not 0 <= c < x.shape[d]:  # reads 0, as in the kernels
-                x = torch.zeros_like(x.select(d, 0) if x.shape[d] else _zero_extend(x, d, 1).select(d, 0))
+                x = x.new_zeros(x.shape[:d] + x.shape[d + 1:])
             else:
                 x = x.select(d, c)
     named = [v for v in stat.index if not isinstance(v, int)]

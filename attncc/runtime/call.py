@@ -15,7 +15,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from attncc.core.semantics import FLOAT32_MAX, FLOAT32_TINY, INT_LIMIT, MAX_HEAD_DIM, int_argument, param_value, plain_number
+from attncc.core.semantics import (FLOAT32_MAX, FLOAT32_TINY, INT_LIMIT, MAX_HEAD_DIM, input_dtype_accepted, int_argument,
+                                   param_value, plain_number)
 from attncc.runtime.intervals import INT32_MAX, POSITION_PAD, CallNumbers, cached_reach
 from attncc.runtime.spec_info import SpecInfo
 
@@ -410,17 +411,10 @@ def _bind_checked(spec: SpecInfo, q, k, v, *, return_lse=False, q_offset=0, k_of
     if not (q.device.type == "cuda" or (q.device.type == "cpu" and interpreting())):
         raise ValueError(f"{name}.attention: tensors are on {q.device}; the kernels run on a CUDA GPU, or on the CPU under TRITON_INTERPRET=1")
     k, v = broadcast_kv_batch(q, k, v)
+    check_kv_shapes(spec, f"{name}.attention", q, k, v)
     B, Hq, Nq, D = q.shape
-    Bk, Hkv, Nk, Dk = k.shape
-    Bv, Hv, Nv, Dv = v.shape
-    if not (B == Bk == Bv):
-        raise ValueError(f"{name}.attention: batch sizes differ: q {B}, k {Bk}, v {Bv} (k and v take q's batch "
-                         f"size, or 1: broadcast over q's batch)")
-    if Hkv != Hv:
-        raise ValueError(f"{name}.attention: k has {Hkv} heads but v has {Hv}")
-    if Nk != Nv:
-        raise ValueError(f"{name}.attention: k has {Nk} positions but v has {Nv}")
-    check_heads_and_dims(spec, f"{name}.attention", Hq=Hq, Hkv=Hkv, D=D, Dk=Dk, Dv=Dv)
+    _, Hkv, Nk, _ = k.shape
+    Dv = v.shape[3]
     if not isinstance(return_lse, bool):
         raise TypeError(f"{name}.attention: return_lse must be a bool, got {return_lse!r}")
 
@@ -439,9 +433,7 @@ def _bind_checked(spec: SpecInfo, q, k, v, *, return_lse=False, q_offset=0, k_of
         if n < offset + rows:
             raise ValueError(f"{name}.attention: {arg} = {n} is shorter than the call's {which} rows, which are "
                              f"positions {offset}..{offset + rows - 1} ({arg} must be >= {offset + rows})")
-    if max(q_offset + Nq, k_offset + Nk) >= INT_LIMIT:
-        raise ValueError(f"{name}.attention: positions must stay below 2**62, got q_offset + Nq = {q_offset + Nq}, "
-                         f"k_offset + Nk = {k_offset + Nk}")
+    check_position_limit(f"{name}.attention", q_offset, Nq, k_offset, Nk)
     scale, kwargs = scale_keyword(spec, scale, kwargs)
     scale = softmax_scale(f"{name}.attention", spec, scale, D)
 
@@ -529,19 +521,32 @@ def dropout_mask_shape(spec: SpecInfo, q, k, v, *, q_offset, k_offset, seed):
     k_offset = _int_arg("k_offset", k_offset, who=who)
     # the shapes attention takes (bind's checks): a mask of a call that attention refuses (k and v
     # of different lengths or batches) came back without a word
-    B, Bk, Bv = q.shape[0], k.shape[0], v.shape[0]
-    if not (B == Bk == Bv or Bk == Bv == 1):
-        raise ValueError(f"{who}: batch sizes differ: q {B}, k {Bk}, v {Bv} (k and v take q's batch size, or 1: "
-                         f"broadcast over q's batch)")
-    if k.shape[1] != v.shape[1]:
-        raise ValueError(f"{who}: k has {k.shape[1]} heads but v has {v.shape[1]}")
-    if k.shape[2] != v.shape[2]:
-        raise ValueError(f"{who}: k has {k.shape[2]} positions but v has {v.shape[2]}")
-    check_heads_and_dims(spec, who, Hq=q.shape[1], Hkv=k.shape[1], D=q.shape[3], Dk=k.shape[3], Dv=v.shape[3])
-    if max(q_offset + q.shape[2], k_offset + k.shape[2]) >= INT_LIMIT:
-        raise ValueError(f"{who}: positions must stay below 2**62, got q_offset + Nq = {q_offset + q.shape[2]}, "
-                         f"k_offset + Nk = {k_offset + k.shape[2]}")
+    check_kv_shapes(spec, who, q, *broadcast_kv_batch(q, k, v))
+    check_position_limit(who, q_offset, q.shape[2], k_offset, k.shape[2])
     return q.shape[0], q.shape[1], q.shape[2], k.shape[2], q_offset, k_offset
+
+
+def check_kv_shapes(spec: SpecInfo, who: str, q, k, v):
+    """q [B, Hq, Nq, D], k and v [B, Hkv, Nk, ...] (after :func:`broadcast_kv_batch`), then the heads
+    and head dims (:func:`check_heads_and_dims`)."""
+    B, Hq, _, D = q.shape
+    Bk, Hkv, Nk, Dk = k.shape
+    Bv, Hv, Nv, Dv = v.shape
+    if not (B == Bk == Bv):
+        raise ValueError(f"{who}: batch sizes differ: q {B}, k {Bk}, v {Bv} (k and v take q's batch "
+                         f"size, or 1: broadcast over q's batch)")
+    if Hkv != Hv:
+        raise ValueError(f"{who}: k has {Hkv} heads but v has {Hv}")
+    if Nk != Nv:
+        raise ValueError(f"{who}: k has {Nk} positions but v has {Nv}")
+    check_heads_and_dims(spec, who, Hq=Hq, Hkv=Hkv, D=D, Dk=Dk, Dv=Dv)
+
+
+def check_position_limit(who: str, q_offset: int, Nq: int, k_offset: int, Nk: int):
+    """Positions (offset + rows) below 2**62, the kernels' and the reference's int64 reach."""
+    if max(q_offset + Nq, k_offset + Nk) >= INT_LIMIT:
+        raise ValueError(f"{who}: positions must stay below 2**62, got q_offset + Nq = {q_offset + Nq}, "
+                         f"k_offset + Nk = {k_offset + Nk}")
 
 
 def check_heads_and_dims(spec: SpecInfo, who: str, *, Hq: int, Hkv: int, D: int, Dk: int, Dv: int,
@@ -605,7 +610,7 @@ def bind_params_and_inputs(spec: SpecInfo, who: str, kwargs: dict, *, B: int, Hq
                 raise ValueError(f"{who}: input {d.name} dim {axis} ({dim!r}) must be {want}, got {size}")
         want_dtype = _DTYPES[d.dtype]
         if t.dtype != want_dtype:
-            if t.dtype.is_floating_point != want_dtype.is_floating_point or t.dtype == torch.bool:
+            if not input_dtype_accepted(t.dtype, want_dtype):
                 raise TypeError(f"{who}: input {d.name} must be {d.dtype}, got {dtype_name(t.dtype)}")
             if t.dtype.is_floating_point or want_dtype == torch.bool:
                 t = t.to(want_dtype)  # floats to the declared type; ints to bool: != 0
