@@ -199,3 +199,29 @@ def test_atoms_past_the_budget_take_the_exact_lists():
     assert "budget" in _explain_path(big)
     problem = Problem(70, 130, 3, 0, block_m=16, block_n=32)
     assert not _mismatches(big, plan, problem)
+
+
+@pytest.mark.parametrize("where, params", [
+    ("j < (i // d + 1) * d", {"d": 7}),  # block-causal: a query sees its whole chunk and those before
+    ("j < (i // 16 + 1) * 16", {}),
+    ("j > i // d * d - w", {"d": 5, "w": 3}),
+    ("j < (i // d + 1) * d and j > i - w * d", {"d": 3, "w": 4}),
+])
+def test_strict_comparisons_of_floors_have_closed_forms(where, params):
+    """``a < b`` of integer terms is ``a - b + 1 <= 0``; sympy leaves ``floor(i / d)`` of an int param
+    undecided (d = 0), but calls check their divisors nonzero, so such atoms get the closed forms their
+    ``<=`` twins get (they took exact block lists) and walk exactly the allowed tiles, also with the
+    call's divisor negative (the closed form's precondition)."""
+    pattern = parse_spec(mask_spec("strict", where, params))
+    plan = analyze(pattern)
+    assert plan.forward.kind.value == plan.transposed.kind.value == "bands", plan.forward.reason
+    rng = random.Random(18)
+    failures = []
+    for _ in range(40):
+        problem, over = random_problem(rng), random_overrides(rng, params)
+        if "d" in over and rng.random() < 0.2:
+            over["d"] = -over["d"] or -1
+        bad = _mismatches(pattern, plan, problem, over)
+        if bad:
+            failures.append((f"{problem} {over}", bad))
+    assert not failures, _report(failures, 40)

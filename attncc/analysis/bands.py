@@ -223,9 +223,27 @@ def _atom_expr(atom) -> sympy.Expr:
         raise NoBand(f"{atom} compares float arithmetic")
     if isinstance(rel, sympy.LessThan):
         return rel.lhs - rel.rhs
-    if isinstance(rel, sympy.StrictLessThan) and (rel.lhs - rel.rhs).is_integer:
+    if isinstance(rel, sympy.StrictLessThan) and _integral(rel.lhs - rel.rhs):
         return rel.lhs - rel.rhs + 1
     raise NoBand(f"{atom} is not a comparison of integers")
+
+
+def _integral(e) -> bool:
+    """Whether ``e`` is an integer wherever the call runs: sympy leaves ``floor(i / d)`` undecided
+    (d = 0 would make it zoo), but every divisor of a call is checked nonzero first
+    (codegen/bounds.py check_divisors, the call's divisor check), so floors and remainders of
+    integers are integers, and so are sums, products and non-negative integer powers of them."""
+    if e.is_integer:
+        return True
+    if isinstance(e, (sympy.floor, sympy.ceiling)):
+        return True
+    if isinstance(e, sympy.Mod):
+        return all(_integral(a) for a in e.args)
+    if isinstance(e, (sympy.Add, sympy.Mul)):
+        return all(_integral(a) for a in e.args)
+    if isinstance(e, sympy.Pow):
+        return e.exp.is_integer and e.exp.is_nonnegative and _integral(e.base)
+    return False
 
 
 def _no_mod(e):
