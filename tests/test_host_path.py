@@ -396,3 +396,89 @@ def test_fit_records_are_per_spec_not_per_name():
         assert configs.did_not_fit(call, cfg, "dq") and not configs.did_not_fit(other, cfg, "dq")
     finally:
         configs.TOO_BIG.discard((configs.fit_key(call, "dq"), cfg))
+
+
+class _Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, *args):
+        self.calls.append(args)
+
+
+def _cuda_launcher(scratch_size: int):
+    """A Triton CudaLauncher (no GPU: made without its compiled C module) whose C ``launch`` records."""
+    from triton.backends.nvidia.driver import CudaLauncher
+
+    launcher = object.__new__(CudaLauncher)
+    launcher.launch = _Recorder()
+    launcher.num_ctas = 1
+    launcher.global_scratch_size, launcher.global_scratch_align = scratch_size, 128
+    launcher.profile_scratch_size, launcher.profile_scratch_align = 0, 1
+    launcher.launch_cooperative_grid, launcher.launch_pdl = False, True
+    return launcher
+
+
+class _FakeCompiled:
+    def __init__(self, launcher):
+        self.run, self.function, self.packed_metadata = launcher, 1234, (4, 1, 5000)
+        self.plain = []
+
+    def __getitem__(self, grid):
+        return lambda *args: self.plain.append((grid, args))
+
+
+@pytest.mark.parametrize("scratch_size", [0, 96])
+def test_direct_launch_calls_tritons_c_launcher_as_triton_does(monkeypatch, scratch_size):
+    """ATTNCC_DIRECT_LAUNCH: FastKernel's compiled kernels go to Triton's C launcher with the
+    arguments Triton's own path gives it (CompiledKernel's runner -> CudaLauncher.__call__, no launch
+    hook set), the tensors as their addresses, the global scratch from attncc's allocator; with a
+    launch hook set, Triton's own path (which calls it)."""
+    import triton
+    from triton import knobs
+
+    sizes = []
+
+    def alloc(size, align, stream):
+        sizes.append((size, align, stream))
+        return torch.empty(size, dtype=torch.int8)
+    monkeypatch.setattr(launch, "_alloc", alloc)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 77 + device, raising=False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    x = torch.zeros(16)
+    args = (x, 10, None, 3, 32, False)
+
+    ours = _cuda_launcher(scratch_size)
+    launch.direct_launch(_FakeCompiled(ours))(4, 2, 1, 1, [x.data_ptr(), *args[1:]])
+    theirs = _cuda_launcher(scratch_size)
+    triton.set_allocator(alloc)
+    try:
+        theirs(4, 2, 1, 78, 1234, (4, 1, 5000), None, None, None, *args)  # as CompiledKernel's runner
+    finally:
+        triton.set_allocator(launch._alloc)
+    (got,), (want,) = ours.launch.calls, theirs.launch.calls
+    assert len(got) == len(want) and got[:7] == want[:7] and got[9:] == (*want[9:13], x.data_ptr(), *want[14:])
+    assert (got[7] is None) == (want[7] is None) == (scratch_size == 0) and got[8] is want[8] is None
+    assert want[13] is x and sizes[:1] == sizes[1:] == ([(8 * scratch_size, 128, 78)] if scratch_size else [])
+
+    # through FastKernel: the first launch of a key compiles (Triton's path), the next go direct
+    monkeypatch.setattr(launch, "DIRECT_LAUNCH", True)
+    fake = _FakeJit()
+    launcher = _cuda_launcher(scratch_size)
+    compiled = _FakeCompiled(launcher)
+    kernel = launch.FastKernel(fake)
+    fake_run = lambda *a, **k: (fake.compiles.append(a), compiled)[1]  # noqa: E731
+    bound = launch.BoundLaunch(lambda t: kernel[(4, 2)](t, 10, None, seed=3, BLOCK=32))
+    with monkeypatch.context() as m:
+        m.setattr(_FakeJit, "__getitem__", lambda self, grid: fake_run)
+        bound(x)
+        bound(x)
+        hooks = knobs.runtime.launch_enter_hook
+        hooks.add(print)
+        try:
+            bound(x)
+        finally:
+            hooks.remove(print)
+    assert len(fake.compiles) == 1 and len(launcher.launch.calls) == 1 and len(compiled.plain) == 1
+    assert launcher.launch.calls[0][13:] == (x.data_ptr(), 10, None, 3, 32, False)
+    assert compiled.plain == [((4, 2, 1), (x, 10, None, 3, 32, False))]

@@ -434,17 +434,80 @@ class FastKernel:
         keywords = tuple(kwargs.items())
         if self._runtime_keywords.intersection(kwargs):
             keywords = tuple((k, _specialization(v)) if k in self._runtime_keywords else (k, v) for k, v in keywords)
+        ptrs = [args[i].data_ptr() for i in launches.tensors]
         key = (len(args), torch.cuda.current_device(), keywords, launches.scalars(args),
-               tuple((args[i].data_ptr() % 16 == 0, args[i].dtype) for i in launches.tensors))
+               tuple((p % 16 == 0, args[i].dtype) for p, i in zip(ptrs, launches.tensors)))
         entry = launches.compiled.get(key)
         if entry is None:
             compiled = self.fn[grid](*args, **kwargs)
-            launches.compiled[key] = (compiled, tuple((p.name, p.default) for p in self.fn.params[len(args):]))
+            launches.compiled[key] = (compiled, tuple((p.name, p.default) for p in self.fn.params[len(args):]),
+                                      direct_launch(compiled) if DIRECT_LAUNCH else None, key[1])
             return compiled
-        compiled, tail = entry
-        full = args + tuple(kwargs.get(name, default) for name, default in tail)
-        compiled[(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)](*full)
+        compiled, tail, direct, device = entry
+        gx, gy, gz = grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1
+        if direct is None or _HOOKS.launch_enter_hook.calls or _HOOKS.launch_exit_hook.calls:
+            compiled[(gx, gy, gz)](*args, *(kwargs.get(name, default) for name, default in tail))
+            return compiled
+        # the tensors as their addresses: the C launcher takes an int as it is, where for a tensor it
+        # calls data_ptr() and asks the driver about the address (cuPointerGetAttribute) on every
+        # launch; the call's tensors were checked to be on its GPU when it was bound
+        full = list(args)
+        for p, i in zip(ptrs, launches.tensors):
+            full[i] = p
+        full.extend(kwargs.get(name, default) for name, default in tail)
+        direct(gx, gy, gz, device, full)
         return compiled
+
+
+# Launches of a FastKernel's compiled kernels through Triton's C launcher itself (:func:`direct_launch`)
+DIRECT_LAUNCH = env("ATTNCC_DIRECT_LAUNCH", "0") != "0"
+
+
+@functools.lru_cache(maxsize=1)
+def _knobs():
+    from triton import knobs
+
+    return knobs.runtime
+
+
+class _Hooks:
+    """Triton's launch hooks (knobs.runtime), read when first needed (the interpreter never does)."""
+
+    @property
+    def launch_enter_hook(self):
+        return _knobs().launch_enter_hook
+
+    @property
+    def launch_exit_hook(self):
+        return _knobs().launch_exit_hook
+
+
+_HOOKS = _Hooks()
+
+
+def direct_launch(compiled):
+    """``run(gx, gy, gz, device, args)``: ``compiled[(gx, gy, gz)](*args)`` without what Triton 3.6
+    does in Python around its C launcher on every launch (a closure per grid, the driver's device
+    and stream through its proxy, launch metadata for hooks nobody set, two scratch closures),
+    for CUDA launchers of single-CTA kernels without profile scratch; None for any other (they
+    keep the plain path). Its global scratch comes from :func:`_alloc`, the allocator attncc's
+    launches set (:func:`ensure_allocator`). Used only while no launch hook is set."""
+    launcher = compiled.run
+    needed = ("launch", "launch_cooperative_grid", "launch_pdl", "global_scratch_size", "global_scratch_align",
+              "profile_scratch_size")
+    if not all(hasattr(launcher, name) for name in needed) or getattr(launcher, "num_ctas", 1) != 1 \
+            or launcher.profile_scratch_size:
+        return None
+    launch, function, packed = launcher.launch, compiled.function, compiled.packed_metadata
+    coop, pdl = launcher.launch_cooperative_grid, launcher.launch_pdl
+    size, align = launcher.global_scratch_size, launcher.global_scratch_align
+    raw_stream = torch._C._cuda_getCurrentRawStream
+
+    def run(gx, gy, gz, device, args):
+        stream = raw_stream(device)
+        buffer = _alloc(gx * gy * gz * size, align, stream) if size else None
+        launch(gx, gy, gz, stream, function, coop, pdl, buffer, None, packed, None, None, None, *args)
+    return run
 
 
 _INT_RANGES = ((-2**31, 2**31, "i32"), (-2**63, 2**63, "i64"))
