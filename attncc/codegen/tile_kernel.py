@@ -72,7 +72,8 @@ class Unsupported(Exception):
 
 # The helpers of the kernel (templates/helpers.j2, tile_helper), in the order they are pasted.
 TILE_HELPERS = ("_tk_and", "_tk_or", "_tk_not", "_tk_min", "_tk_max", "_tk_pymin", "_tk_pymax", "_tk_nan_to",
-                "_tk_bmin", "_tk_bmax", "_tk_point", "_tk_mul_c", "_tk_mul_iv", "_tk_recip", "_tk_div_c",
+                "_tk_bmin", "_tk_bmax", "_tk_point", "_tk_down", "_tk_up", "_tk_mag", "_tk_out", "_tk_add", "_tk_sub",
+                "_tk_mul_c", "_tk_mul_iv", "_tk_recip", "_tk_div_c",
                 "_tk_floordiv_c", "_tk_floordiv_iv", "_tk_mod_c", "_tk_mod_iv", "_tk_widen", "_tk_abs", "_tk_eq",
                 "_tk_select", "_tk_append")
 
@@ -206,7 +207,8 @@ class _Gen:
             if v.kind == "tri":
                 parts = (("t", f"float({v.py}[0])"), ("f", f"float({v.py}[1])"))
             else:
-                parts = (("lo", f"float(_rt.tiles.as_interval({v.py})[0])"), ("hi", f"float(_rt.tiles.as_interval({v.py})[1])"))
+                # float64 bounds (rounded outward past 2**53, as the torch path compares them)
+                parts = (("lo", f"_rt.tiles.float_bounds({v.py})[0]"), ("hi", f"_rt.tiles.float_bounds({v.py})[1]"))
             names = []
             for suffix, expr in parts:
                 param = f"a_{name}_{suffix}"
@@ -378,12 +380,10 @@ def _emit(g: _Gen, op: str, args: List[_Val], raw: tuple) -> _Val:
         if x.kind != expect:
             raise Unsupported(f"{op}: argument {k} is a {x.kind}")
     kv = g.kv
-    if op == "add":
-        (a, b), (c, d) = kv(args[0]), kv(args[1])
-        return g.grid_expr(f"{a} + {c}, {b} + {d}", args)
+    if op == "add":  # tiles.add / sub: moved outward past 2**53 (_tk_out)
+        return g.grid_call("_tk_add", args)
     if op == "sub":
-        (a, b), (c, d) = kv(args[0]), kv(args[1])
-        return g.grid_expr(f"{a} - {d}, {b} - {c}", args)
+        return g.grid_call("_tk_sub", args)
     if op == "neg":
         a, b = kv(args[0])
         return g.grid_expr(f"-{b}, -{a}", args)
@@ -601,11 +601,11 @@ _COLS = _Body("_tk_cols", "The transposed lists (the dK/dV kernel's): per key bl
 # offset below 2**31 plus the rows of a call may pass it.
 _OWN = {
     "qb": ["q_start = qb * BLOCK_M",
-           "i_lo = (q_offset + q_start.to(tl.int64)).to(tl.float64)",
-           "i_hi = (q_offset + tl.minimum(q_start + BLOCK_M, Nq).to(tl.int64) - 1).to(tl.float64)"],
+           "i_lo = _tk_down(q_offset + q_start.to(tl.int64))",
+           "i_hi = _tk_up(q_offset + tl.minimum(q_start + BLOCK_M, Nq).to(tl.int64) - 1)"],
     "kb": ["k_start = kb * BLOCK_N",
-           "j_lo = (k_offset + k_start.to(tl.int64)).to(tl.float64)",
-           "j_hi = (k_offset + tl.minimum(k_start + BLOCK_N, Nk).to(tl.int64) - 1).to(tl.float64)"],
+           "j_lo = _tk_down(k_offset + k_start.to(tl.int64))",
+           "j_hi = _tk_up(k_offset + tl.minimum(k_start + BLOCK_N, Nk).to(tl.int64) - 1)"],
 }
 _OWN_ROWS = {
     "qb": "pos_q = q_offset + tl.minimum(q_start + tl.minimum(tl.arange(0, BM_P), BLOCK_M - 1), Nq - 1"

@@ -19,7 +19,9 @@ Every function is sound: the true set of values over a tile lies inside the inte
 returns. float64 holds positions exactly (up to 2**53), so the comparisons that decide
 EMPTY and FULL are exact for the index arithmetic of masks (integer ``//`` and ``%`` of
 integers below 2**53 included: the floor of a correctly rounded quotient of two such
-integers is their exact floor quotient). Float arithmetic is rounded differently here than
+integers is their exact floor quotient). Past 2**53 (offsets reach 2**62, input values int64) the
+position intervals are rounded outward and every arithmetic step moves its ends outward
+(:func:`_rounded_out`), so tiles stay sound there, no longer exact. Float arithmetic is rounded differently here than
 in the kernels and the reference: the analysis passes every float-valued sub-expression
 through :func:`widen`, so a tile is only EMPTY or FULL when no rounding can change it.
 
@@ -233,6 +235,63 @@ def _floor_quotient(p, q):
 # Interval arithmetic
 # ---------------------------------------------------------------------------
 
+# float64 holds every integer below 2**53; past it, an operation rounds its result (and torch rounds a
+# Python int operand) to a neighbour, possibly on the wrong side of a bound. Each arithmetic step
+# moves its ends outward there (_rounded_out), so the intervals stay sound at any position
+# (offsets up to 2**62 reach the tiles) and for any input value; below 2**53 nothing moves.
+_EXACT = 2.0**53
+_OUT = 2.0**-51  # 4 units of the last place of the largest magnitude: more than the rounding of one step
+
+
+def _magnitude_of(v, ref):
+    """|v| where finite, else 0 (a tensor like ``ref``)."""
+    t = _tensor(v, ref) if not isinstance(v, bool) else _tensor(float(v), ref)
+    t = t.to(torch.float64)
+    return torch.where(torch.isfinite(t), t.abs(), torch.zeros((), dtype=torch.float64, device=t.device))
+
+
+def _rounded_out(out, *operands):
+    """``out``, an interval computed in float64 from the intervals ``operands``, widened where the
+    integers involved pass 2**53: each end moves out by ``2**-51`` of the largest finite magnitude
+    among the operands' ends and its own (one float64 step of the result, plus the rounding of a
+    Python int operand taken to float64: within two units of that magnitude's last place; for a
+    floor quotient, more than the one unit by which a floor of a rounded quotient can be off). Python
+    numbers alone are exact (ints) or widened by the analysis (floats): unchanged."""
+    ends = [e for x in operands for e in as_interval(x)] + list(out)
+    ref = _ref(*ends)
+    if ref is None:
+        return out
+    scale = None
+    for e in ends:
+        m = _magnitude_of(e, ref)
+        scale = m if scale is None else torch.maximum(scale, m)
+    step = torch.where(scale >= _EXACT, scale * _OUT, torch.zeros((), dtype=torch.float64, device=ref.device))
+    lo, hi = out
+    return (_tensor(lo, ref) - step, _tensor(hi, ref) + step)
+
+
+def float_bounds(x):
+    """The interval ``x`` as float64 numbers, a Python int end past 2**53 rounded outward (a float
+    end as it is). What the tile kernel takes a host value as, and the comparisons below a Python
+    int compared with a tensor (torch would take it to the nearest float64, possibly past a
+    position it bounds)."""
+    a, b = as_interval(x)
+    if type(a) is int:
+        f = float(a)
+        a = f if int(f) <= a else math.nextafter(f, -INF)
+    if type(b) is int:
+        f = float(b)
+        b = f if int(f) >= b else math.nextafter(f, INF)
+    return (float(a), float(b))
+
+
+def _float_ends(x, other):
+    """``x``, to be compared with ``other``: :func:`float_bounds` where ``other`` holds tensors, else
+    as it is (Python compares numbers exactly)."""
+    return float_bounds(x) if _ref(*as_interval(other)) is not None and _ref(*as_interval(x)) is None else as_interval(x)
+
+
+
 def const(value):
     """The point interval of a literal number."""
     return (value, value)
@@ -250,12 +309,12 @@ def unbounded():
 
 def add(x, y):
     (a, b), (c, d) = as_interval(x), as_interval(y)
-    return _int64((a + c, b + d))
+    return _rounded_out(_int64((a + c, b + d)), x, y)
 
 
 def sub(x, y):
     (a, b), (c, d) = as_interval(x), as_interval(y)
-    return _int64((a - d, b - c))
+    return _rounded_out(_int64((a - d, b - c)), x, y)
 
 
 def neg(x):
@@ -271,10 +330,10 @@ def mul(x, y):
     if c is not None:  # scaling by a constant: no 0 * inf, one product per end
         if c == 0:
             return (0, 0)
-        return _int64((a * c, b * c) if c > 0 else (b * c, a * c))
+        return _rounded_out(_int64((a * c, b * c) if c > 0 else (b * c, a * c)), x, y)
     c, d = as_interval(y)
     # 0 * inf is nan; in interval arithmetic the product with an exact 0 is 0
-    return _int64(_hull([_nan_to(p, 0.0) for p in (a * c, a * d, b * c, b * d)]))
+    return _rounded_out(_int64(_hull([_nan_to(p, 0.0) for p in (a * c, a * d, b * c, b * d)])), x, y)
 
 
 def reciprocal(x):
@@ -308,14 +367,14 @@ def floordiv(x, y):
         if c == 0:
             return unbounded()
         lo, hi = _floor_quotient(a, c), _floor_quotient(b, c)
-        return _int64((lo, hi) if c > 0 else (hi, lo))  # INT64_MIN // -1 wraps
+        return _rounded_out(_int64((lo, hi) if c > 0 else (hi, lo)), x, y)  # INT64_MIN // -1 wraps
     c, d = as_interval(y)
     # floor(x / y) is monotone in x and in y on either side of 0: the corners bound it
     corners = [_floor_quotient(p, q) for p, q in ((a, c), (a, d), (b, c), (b, d))]
     lo = _hull([_nan_to(p, -INF) for p in corners])[0]
     hi = _hull([_nan_to(p, INF) for p in corners])[1]
     no_zero = (c > 0) | (d < 0)
-    return _int64((_where(no_zero, lo, -INF), _where(no_zero, hi, INF)))
+    return _rounded_out(_int64((_where(no_zero, lo, -INF), _where(no_zero, hi, INF))), x, y)
 
 
 def mod(x, y, integer):
@@ -334,7 +393,8 @@ def mod(x, y, integer):
         same = qa == qb
         if isinstance(same, bool):
             return (a - c * qa, b - c * qb) if same and not math.isinf(qa) else whole
-        same = same & torch.isfinite(qa)
+        # past 2**53, a - c * qa is rounded: the whole range of residues there
+        same = same & torch.isfinite(qa) & (_magnitude_of(a, _ref(a, b)) < _EXACT) & (_magnitude_of(b, _ref(a, b)) < _EXACT)
         r_lo, r_hi = _nan_to(a - c * qa, 0.0), _nan_to(b - c * qb, 0.0)
         return (_where(same, r_lo, whole[0]), _where(same, r_hi, whole[1]))
     c, d = as_interval(y)
@@ -347,7 +407,7 @@ def mod(x, y, integer):
         return (lo, hi)
     # x and y each one number (per tile): x mod y is that one number, not a hull (fmod is exact)
     x0, y0 = (torch.as_tensor(v, dtype=torch.float64, device=ref.device) for v in (a, c))
-    point = (a == b) & (c == d) & (y0 != 0) & torch.isfinite(x0) & torch.isfinite(y0)
+    point = (a == b) & (c == d) & (y0 != 0) & (x0.abs() < _EXACT) & (y0.abs() < _EXACT)  # exact below 2**53
     value = torch.remainder(x0, torch.where(point, y0, torch.ones_like(y0)))
     return (_where(point, value, lo), _where(point, value, hi))
 
@@ -408,9 +468,9 @@ def pow_int(x, n):
         return reciprocal(pow_int(x, -n))
     a, b = as_interval(x)
     if n % 2:  # odd powers are increasing
-        return _int64((a**n, b**n))
+        return _rounded_out(_int64((a**n, b**n)), x)
     m_lo, m_hi = abs_(x)
-    return _int64((m_lo**n, m_hi**n))
+    return _rounded_out(_int64((m_lo**n, m_hi**n)), x)
 
 
 def _monotone(x, fn_t, fn_py, domain_lo=None):
@@ -622,17 +682,17 @@ def tri(may_be_true, may_be_false):
 
 
 def le(x, y):
-    (a, b), (c, d) = as_interval(x), as_interval(y)
+    (a, b), (c, d) = _float_ends(x, y), _float_ends(y, x)
     return (_not(a > d), _not(b <= c))
 
 
 def lt(x, y):
-    (a, b), (c, d) = as_interval(x), as_interval(y)
+    (a, b), (c, d) = _float_ends(x, y), _float_ends(y, x)
     return (_not(a >= d), _not(b < c))
 
 
 def eq(x, y):
-    (a, b), (c, d) = as_interval(x), as_interval(y)
+    (a, b), (c, d) = _float_ends(x, y), _float_ends(y, x)
     disjoint = (a > d) | (c > b)
     same_point = (a == b) & (c == d) & (a == c)
     return (_not(disjoint), _not(same_point))
@@ -738,9 +798,9 @@ def _cdiv(a: int, b: int) -> int:
 def _row_intervals(offset: int, rows: int, block: int, device):
     """Exact position intervals of the blocks of ``rows`` rows starting at ``offset``
     (the last block may be short). Cached: calls of one shape reuse them."""
-    start = torch.arange(_cdiv(rows, block), dtype=torch.float64) * block
+    start = torch.arange(_cdiv(rows, block), dtype=torch.int64) * block
     lo, hi = offset + start, offset + torch.clamp(start + block, max=rows) - 1
-    return lo.to(device), hi.to(device)
+    return _as_f64(lo, -1.0).to(device), _as_f64(hi, 1.0).to(device)  # past 2**53: rounded outward
 
 
 _GRID_AXIS = {"b": 0, "h": 1, "i": 2, "j": 3}
@@ -807,9 +867,6 @@ def input_interval(stat: BlockStat, tensor: torch.Tensor, *, q_offset: int, k_of
     else:  # a point per grid cell
         lo = hi = x
     return _as_f64(lo, -1.0), _as_f64(hi, 1.0)
-
-
-_EXACT = 2.0**53  # integers up to here are exact in float64
 
 
 def _as_f64(x: torch.Tensor, direction: float) -> torch.Tensor:
