@@ -674,30 +674,43 @@ def _varlen(name, q, k, cu_q, cu_k, max_q, max_k):
     if (max_q is None or max_k is None) and _capturing(q.device):
         raise ValueError(f"{name}.attention: pass max_seqlen_q and max_seqlen_k under CUDA graph capture: reading "
                          f"them from cu_seqlens takes a host sync, which a capture cannot hold")
-    # (CPU tensors are checked always, but not while torch.compile traces: a read of their values
-    # there is a data-dependent guard it refuses under fullgraph; CUDA ones with max_seqlen_* never)
+    # (CPU tensors are checked always: here, or while torch.compile traces, where a read of their values
+    # is a data-dependent guard it refuses under fullgraph, by the custom op as it runs; CUDA ones
+    # with max_seqlen_* never)
     if max_q is None or max_k is None or (q.device.type == "cpu" and not torch.compiler.is_compiling()):
-        cu = torch.stack([cu_q, cu_k])
-        lens = cu[:, 1:] - cu[:, :-1]
-        # one host sync: [first, last, shortest, longest] of q and of k
-        (q0, q_end, q_min, q_max), (k0, k_end, k_min, k_max) = torch.stack(
-            [cu[:, 0], cu[:, -1], lens.min(1).values, lens.max(1).values], 1).tolist()
-        for arg, first, end, shortest, total in (("cu_seqlens_q", q0, q_end, q_min, q.shape[2]),
-                                                 ("cu_seqlens_k", k0, k_end, k_min, k.shape[2])):
-            if first != 0:
-                raise ValueError(f"{name}.attention: {arg} must start at 0, got {first}")
-            if shortest < 0:
-                raise ValueError(f"{name}.attention: {arg} must be non-decreasing (cumulative lengths)")
-            if end > total:
-                raise ValueError(f"{name}.attention: {arg} ends at {end}, past the {total} packed rows")
-        for arg, given, longest in (("max_seqlen_q", max_q, q_max), ("max_seqlen_k", max_k, k_max)):
-            if given is not None and given < longest:
-                raise ValueError(f"{name}.attention: {arg} = {given} is less than the longest sequence ({longest})")
+        q_max, k_max = check_cu_seqlens(f"{name}.attention", cu_q, cu_k, q.shape[2], k.shape[2], max_q, max_k)
         max_q = q_max if max_q is None else max_q
         max_k = k_max if max_k is None else max_k
     # No sequence is longer than the packed rows: a larger bound (max_seqlen_q=2**31 as "no limit")
     # would only launch programs without rows, billions of them, and switch to int64 positions.
     return cu_q, cu_k, S, min(max_q, q.shape[2]), min(max_k, k.shape[2])
+
+
+def check_cu_seqlens(who: str, cu_q, cu_k, total_q: int, total_k: int, max_q: Optional[int] = None,
+                     max_k: Optional[int] = None) -> Tuple[int, int]:
+    """The contents of a packed call's cu_seqlens (one host sync): from 0, non-decreasing, within
+    the ``total_q`` / ``total_k`` packed rows, no sequence longer than ``max_q`` / ``max_k`` where
+    given; returns the longest lengths. The kernels trust them: a sequence past the packed rows
+    reads and writes past q, k, v and o, one longer than max_seqlen_q keeps its rows past it at
+    o = 0, lse = -inf, one longer than max_seqlen_k its keys' gradients past it at 0 (the grids
+    cover max_seqlen rows)."""
+    cu = torch.stack([cu_q, cu_k])
+    lens = cu[:, 1:] - cu[:, :-1]
+    # [first, last, shortest, longest] of q and of k
+    (q0, q_end, q_min, q_max), (k0, k_end, k_min, k_max) = torch.stack(
+        [cu[:, 0], cu[:, -1], lens.min(1).values, lens.max(1).values], 1).tolist()
+    for arg, first, end, shortest, total in (("cu_seqlens_q", q0, q_end, q_min, total_q),
+                                             ("cu_seqlens_k", k0, k_end, k_min, total_k)):
+        if first != 0:
+            raise ValueError(f"{who}: {arg} must start at 0, got {first}")
+        if shortest < 0:
+            raise ValueError(f"{who}: {arg} must be non-decreasing (cumulative lengths)")
+        if end > total:
+            raise ValueError(f"{who}: {arg} ends at {end}, past the {total} packed rows")
+    for arg, given, longest in (("max_seqlen_q", max_q, q_max), ("max_seqlen_k", max_k, k_max)):
+        if given is not None and given < longest:
+            raise ValueError(f"{who}: {arg} = {given} is less than the longest sequence ({longest})")
+    return q_max, k_max
 
 
 def _capturing(device=None) -> bool:

@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from attncc.runtime.autograd import no_double_backward, no_pairs, no_pairs_backward
-from attncc.runtime.call import MAX_SIGNATURES, Call, tensor_key
+from attncc.runtime.call import MAX_SIGNATURES, Call, check_cu_seqlens, tensor_key
 from attncc.runtime.spec_info import SpecInfo
 
 # spec key -> (SpecInfo, forward launcher, backward launcher)
@@ -133,6 +133,11 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs:
                       k_offset: int, n_q: int, n_k: int, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
     call, forward, _ = _call(q, k, v, inputs, cu_seqlens_q, cu_seqlens_k, key, options, ints, floats, B, Nq, Nk,
                              q_offset, k_offset, n_q, n_k, seed)
+    if cu_seqlens_q is not None and cu_seqlens_q.device.type == "cpu":
+        # the check bind makes of CPU cu_seqlens in eager calls, which a trace cannot (their values
+        # are data): the kernels would read and write past the packed rows, or leave the rows of a
+        # sequence longer than max_seqlen at 0
+        check_cu_seqlens(f"{call.spec.name}.attention", cu_seqlens_q, cu_seqlens_k, q.shape[2], k.shape[2], Nq, Nk)
     o, lse = forward(call)
     return _dense(o), _dense(lse)
 
