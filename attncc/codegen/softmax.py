@@ -1,6 +1,7 @@
 """Plan -> the template variables of a softmax forward kernel (templates/softmax.py.j2)."""
 from __future__ import annotations
 
+import re
 from typing import Dict, List, Tuple
 
 import sympy
@@ -145,6 +146,8 @@ def softmax_context(pattern: Pattern, plan, split: bool = False) -> dict:
         r, block, _ = rb.options
         for t in range(r):
             mask_defs.append((f"{name}_{t}", f"tl.load({name}_table + tl.minimum(offs_i // {block}, {name}_rows - 1) * {r} + {t})"))
+    # (a hoisted part of a mask that simplified away after hoisting, `(w >= h) | (j != 0.5)`: True)
+    mask_defs = live_definitions(mask_defs, [mask_code or ""] + [code for _, code in mask_temps])
     scalar_defs = definitions(row, hoist.scalars, scalar=True)
     row_defs = definitions(row, hoist.rows, scalar=False) + mask_defs
     lse_row_defs, lse_row_bias = row.statement(lse_row) if lse_row is not None else ([], None)
@@ -217,6 +220,18 @@ def definitions(printer: TritonPrinter, table: Dict[sympy.Basic, sympy.Symbol], 
         temps, code = printer.definition(e, scalar)
         out += temps + [(sym.name, code)]
     return out
+
+
+def live_definitions(defs: List[Tuple[str, str]], code: List[str]) -> List[Tuple[str, str]]:
+    """The ``(name, code)`` definitions of ``defs`` (in order: each may read those before it) that
+    ``code`` reads, directly or through another kept one."""
+    words = set(re.findall(r"[A-Za-z_]\w*", " ".join(code)))
+    kept = []
+    for name, value in reversed(defs):
+        if name in words:
+            kept.append((name, value))
+            words.update(re.findall(r"[A-Za-z_]\w*", value))
+    return kept[::-1]
 
 
 def printed(lines: List[str], printer: TritonPrinter, e) -> str:
