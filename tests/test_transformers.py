@@ -236,3 +236,20 @@ def test_cross_attention_sees_every_encoder_key():
         args = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, num_beams=1)
         assert torch.equal(ours.generate(src, **args), ref.generate(src, **args))
     assert calls["decode"] > before.get("decode", 0)  # the decoder's self-attention steps
+
+
+@pytest.mark.parametrize("nq, nk", [(6, 10), (10, 10), (10, 6)])
+def test_no_mask_is_sdpas_is_causal(nq, nk):
+    """A model that builds no mask (attention_mask=None, causal module): the queries are the keys'
+    last Nq positions; with more queries than keys top-left, as sdpa's is_causal (it refused a
+    negative q_offset)."""
+    fn = attncc_hf.registered()
+    module = type("Attention", (), {"is_causal": True})()
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 4, nq, 16, generator=gen)
+    k, v = (torch.randn(2, 4, nk, 16, generator=gen) for _ in range(2))
+    o, _ = fn.forward(module, q, k, v, None)
+    shift = max(nk - nq, 0)
+    allowed = torch.arange(nk)[None, :] <= torch.arange(nq)[:, None] + shift
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    close(o, want.transpose(1, 2), "o")

@@ -223,7 +223,9 @@ class _Implementation:
             causal = kwargs.get("is_causal")
             causal = getattr(module, "is_causal", True) if causal is None else bool(causal)
             window = int(sliding_window) if causal and sliding_window else None
-            mask = KeyMask(MaskKind(causal, window), Nk - Nq if causal else 0, 0, Nq, Nk, None)
+            # the queries are the last Nq positions of the keys (a cache); with more queries than keys,
+            # top-left as sdpa's is_causal (q_offset = Nk - Nq < 0 was refused as a negative offset)
+            mask = KeyMask(MaskKind(causal, window), max(Nk - Nq, 0) if causal else 0, 0, Nq, Nk, None)
         elif not isinstance(mask, KeyMask):
             raise TypeError(f"{who}: attention_mask must come from attncc's mask function (no dense masks), got "
                             f"{type(mask).__name__}{tuple(mask.shape) if hasattr(mask, 'shape') else ''}; pass the "
