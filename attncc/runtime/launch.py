@@ -445,7 +445,7 @@ class FastKernel:
             return compiled
         compiled, tail, direct, device = entry
         gx, gy, gz = grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1
-        if direct is None or _HOOKS.launch_enter_hook.calls or _HOOKS.launch_exit_hook.calls:
+        if direct is None or _hooks_set():
             compiled[(gx, gy, gz)](*args, *(kwargs.get(name, default) for name, default in tail))
             return compiled
         # the tensors as their addresses: the C launcher takes an int as it is, where for a tensor it
@@ -470,19 +470,11 @@ def _knobs():
     return knobs.runtime
 
 
-class _Hooks:
-    """Triton's launch hooks (knobs.runtime), read when first needed (the interpreter never does)."""
-
-    @property
-    def launch_enter_hook(self):
-        return _knobs().launch_enter_hook
-
-    @property
-    def launch_exit_hook(self):
-        return _knobs().launch_exit_hook
-
-
-_HOOKS = _Hooks()
+def _hooks_set() -> bool:
+    """Whether Triton has a launch hook to call (knobs.runtime: HookChains, which a user may also
+    have replaced by a function or None)."""
+    knobs = _knobs()
+    return any(getattr(hook, "calls", hook) for hook in (knobs.launch_enter_hook, knobs.launch_exit_hook))
 
 
 def direct_launch(compiled):
