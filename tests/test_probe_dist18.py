@@ -46,3 +46,25 @@ def test_chunk_classes_read_inputs_at_their_declared_dtype(built, name, given, s
     ref = attncc.reference(p, q.double(), k.double(), v.double(), x=x)
     assert float((o.double() - ref).abs().max()) < 1e-5
     assert torch.allclose(o, m.attention(q, k, v, x=x), atol=1e-5)
+
+
+def test_a_misspelt_comm_is_refused_on_one_process_too():
+    """comm was checked only where world > 1: comm="rnig" ran on one process (tests, a laptop) and
+    raised only on the cluster."""
+    from cases import module
+
+    q, k, v = _qkv(8, heads=2)
+    for lay in (cp.Layout((0, 8), (0,), 1), cp.Layout((0, 4, 8), (0, 0), 1)):
+        with pytest.raises(ValueError, match="comm must be one of allgather, ring, ulysses, auto; got 'rnig'"):
+            cp.attention(q, k, v, module=module("causal"), layout=lay, comm="rnig")
+
+
+def test_an_input_with_the_wrong_dims_names_the_distributed_call():
+    """The chunk classes read the inputs before any kernel checks them: a 1-D doc gave
+    "input 'doc': expected 2 dims, got shape (8,)" from the tile statistics, naming no caller."""
+    from cases import module
+
+    q, k, v = _qkv(8, heads=2)
+    with pytest.raises(ValueError, match=r"attncc.distributed: input doc must have 2 dims \(b, n\), got shape \(8,\)"):
+        cp.attention(q, k, v, module=module("document"), layout=cp.Layout((0, 4, 8), (0, 0), 1),
+                     doc=torch.zeros(8, dtype=torch.int32))
