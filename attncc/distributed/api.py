@@ -80,11 +80,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, module, grou
     _check_position_inputs(spec, inputs, layout.n if isinstance(layout, Layout) else n_local * world)
     lay = resolve_layout(layout, n_local=n_local, world=world, rank=rank, target=target, params=params,
                          inputs=inputs)
+    # checked at every world size: a misspelt comm passed on one process and failed on several
+    mode = resolve_comm(comm, target=target, heads_q=Hq, heads_kv=k.shape[1], world=world)
     if lay.num_chunks == 1:  # one rank, one chunk: the plain kernel
         return target.module.attention(q, k, v, return_lse=return_lse, scale=scale, **inputs_and_params)
     # one rank with several chunks: the chunk pairs and their merge without communication (what
     # ``python -m bench cp`` times against the plain kernel)
-    mode = "ring" if world == 1 else resolve_comm(comm, target=target, heads_q=Hq, heads_kv=k.shape[1], world=world)
+    mode = "ring" if world == 1 else mode
     if mode == "ulysses":
         hs = _comm.HeadShards(lay, group, rank, world)
         qh, kh, vh = (_comm.SeqToHeads.apply(t, hs) for t in (q, k, v))
@@ -289,6 +291,9 @@ def _check_position_inputs(spec, inputs, n: int) -> None:
         t = inputs.get(d.name)
         if not isinstance(t, torch.Tensor):
             continue  # the kernel's checks name what is missing
+        if t.dim() != len(d.dims):  # (the chunk classes read it before any kernel checks it)
+            raise ValueError(f"attncc.distributed: input {d.name} must have {len(d.dims)} dims "
+                             f"({', '.join(map(str, d.dims))}), got shape {tuple(t.shape)}")
         for axis, dim in enumerate(d.dims):
             if dim == "n" and t.dim() > axis and t.shape[axis] < n:
                 raise ValueError(f"attncc.distributed: input {d.name} dim {axis} ('n') has {t.shape[axis]} entries; "

@@ -145,7 +145,7 @@ def chunk_classes(pattern, bounds: Sequence[int], *, params: Optional[Mapping[st
     pattern = _pattern_of(pattern)
     bounds = tuple(int(b) for b in bounds)
     params = dict(params or {})
-    inputs = dict(inputs or {})
+    inputs = _as_read(pattern, inputs)
     if exact:
         grid = _exact_classes(pattern, bounds, params, inputs, batch, heads)
     else:
@@ -159,6 +159,18 @@ def chunk_classes(pattern, bounds: Sequence[int], *, params: Optional[Mapping[st
     sizes = torch.tensor([b - a for a, b in zip(bounds, bounds[1:])])
     empty = (sizes[:, None] == 0) | (sizes[None, :] == 0)
     return torch.where(empty, EMPTY, grid).to(torch.int8)
+
+
+def _as_read(pattern, inputs) -> dict:
+    """``inputs`` at the values the kernels read (attncc.runtime.call.input_as_read): the classes
+    must see what the kernels compare. Read as given, a float64 input declared float32 told
+    ``x[b, i] >= x[b, j]`` false for 1 and 1 + 1e-12, which the kernels (and the reference) round
+    to one float32 value: the chunk pair was EMPTY, never computed, its keys missing from o."""
+    from attncc.runtime.call import input_as_read
+
+    declared = {d.name: d.dtype for d in pattern.inputs}
+    return {name: input_as_read("attncc.distributed", name, declared[name], t)
+            if name in declared and isinstance(t, torch.Tensor) else t for name, t in dict(inputs or {}).items()}
 
 
 def _pattern_of(x):
@@ -270,7 +282,7 @@ def row_work(pattern, n: int, *, tile: int = 64, params: Optional[Mapping[str, o
     tiles its query block visits, summed over the batch rows (head 0 stands for every head)."""
     pattern = _pattern_of(pattern)
     params = dict(params or {})
-    inputs = dict(inputs or {})
+    inputs = _as_read(pattern, inputs)
     if not inputs:
         return _static_row_work(pattern, n, tile, tuple(sorted(params.items())), batch)
     return _row_work(pattern, n, tile, params, inputs, batch)

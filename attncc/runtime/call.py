@@ -608,20 +608,31 @@ def bind_params_and_inputs(spec: SpecInfo, who: str, kwargs: dict, *, B: int, Hq
                     raise ValueError(f"{who}: input {d.name} dim {axis} ('n') must cover {what_positions} 0..{positions - 1}, got size {size}")
             elif size != want:
                 raise ValueError(f"{who}: input {d.name} dim {axis} ({dim!r}) must be {want}, got {size}")
-        want_dtype = _DTYPES[d.dtype]
-        if t.dtype != want_dtype:
-            if not input_dtype_accepted(t.dtype, want_dtype):
-                raise TypeError(f"{who}: input {d.name} must be {d.dtype}, got {dtype_name(t.dtype)}")
-            if t.dtype.is_floating_point or want_dtype == torch.bool:
-                t = t.to(want_dtype)  # floats to the declared type; ints to bool: != 0
-            elif not _holds(t.dtype, want_dtype):
-                t = t.to(_holding(who, d.name, t.dtype, want_dtype))
-        inputs[d.name] = t
+        inputs[d.name] = input_as_read(who, d.name, d.dtype, t)
     if kwargs:
         known = [p.name for p in spec.params if not p.hidden] + [d.name for d in spec.inputs]
         raise TypeError(f"{who}: unexpected keyword(s) {', '.join(sorted(kwargs))}; "
                         f"known inputs and params: {', '.join(known) or 'none'}")
     return params, inputs
+
+
+def input_as_read(who: str, name: str, declared: str, t: torch.Tensor) -> torch.Tensor:
+    """The values of input ``name`` (declared ``declared``, a dtype name) as the kernels read them:
+    a float tensor converted to the declared float type, an integer one for a bool input as
+    ``!= 0``, an integer one narrower than declared widened (a wider one kept: no value narrowed);
+    a TypeError for a dtype the input does not accept. Whatever else classifies tiles or chunks
+    from an input's values (attncc.distributed's chunk classes) reads them through this, so that
+    it sees what the kernels compute with (float64 ids 1 and 1 + 1e-12 are one float32 value)."""
+    want_dtype = _DTYPES[declared]
+    if t.dtype == want_dtype:
+        return t
+    if not input_dtype_accepted(t.dtype, want_dtype):
+        raise TypeError(f"{who}: input {name} must be {declared}, got {dtype_name(t.dtype)}")
+    if t.dtype.is_floating_point or want_dtype == torch.bool:
+        return t.to(want_dtype)  # floats to the declared type; ints to bool: != 0
+    if not _holds(t.dtype, want_dtype):
+        return t.to(_holding(who, name, t.dtype, want_dtype))
+    return t
 
 
 def _holds(have: torch.dtype, want: torch.dtype) -> bool:
