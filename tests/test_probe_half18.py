@@ -45,3 +45,23 @@ def test_an_infinite_entry_of_an_input_given_at_another_float_type(declared, giv
     do = torch.randn_like(ref)
     for g in torch.autograd.grad(ref, leaves, do):
         assert torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("score", ["softcap = 1e6", 'mod = "1e5 * tanh(s * 1e-5)"', "softcap = 1e4"])
+def test_tanh_of_a_small_argument_keeps_its_relative_precision(score, dtype):
+    """The kernels' tanh (off the GPU's tanh.approx: float32 inputs, the interpreter) was
+    1 - 2 / (e^(2x) + 1), whose error near 0 is absolute (~2^-24): a softcap of 1e6 (written as
+    "effectively no cap") moved every score by ~0.06, o 3.5e-2 and the LSE 4e-3 off in float16
+    (a plain float32 softmax: 2e-4 and 4e-8). Found by a probe (huge caps)."""
+    text = f'[mask]\nwhere = "j <= i"\n[score]\n{score}\n'
+    mod, p = _compiled(text)
+    q, k, v = (t.requires_grad_() for t in _qkv(48, dtype, 2))
+    o, lse = mod.attention(q, k, v, return_lse=True)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref, ref_lse = attncc.reference(p, *leaves, return_lse=True)
+    tol = 1e-3 if dtype == torch.float16 else 1e-6
+    assert rel_err(o, ref) < tol and rel_err(lse, ref_lse) < 1e-6, (rel_err(o, ref), rel_err(lse, ref_lse))
+    do = torch.randn_like(ref)
+    for g, want in zip(torch.autograd.grad(o, (q, k, v), do.to(dtype)), torch.autograd.grad(ref, leaves, do)):
+        assert rel_err(g, want) < 2 * tol
