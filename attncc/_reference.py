@@ -115,7 +115,9 @@ def _check_inputs(pattern: Pattern, inputs: Mapping[str, Any], batch: int, heads
             wide = torch.promote_types(t.dtype, want)
             rounded = t.to(want).to(wide)
             t = t.to(wide)
-            t = t + (rounded - t).detach()
+            # (an entry the rounding keeps is taken as it is: -inf + (-inf - -inf) would be NaN, where
+            # a -inf bias entry removes its pair)
+            t = torch.where(rounded == t, t, t + (rounded - t).detach())
         elif t.dtype != want and want == torch.bool:
             t = t.to(want)  # integers to bool: != 0
         out[decl.name] = t

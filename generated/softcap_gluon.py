@@ -54,8 +54,13 @@ def _tanh(x, FAST_MATH: gl.constexpr):
         return gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=gl.float32,
                                          is_pure=True, pack=1)
     else:
-        # tanh(x) = 1 - 2 / (2^(2x log2 e) + 1): saturates to +-1 without overflow
-        return 1.0 - 2.0 / (gl.exp2(x * 2.8853900817779268) + 1.0)
+        # tanh(x) = 1 - 2 / (2^(2x log2 e) + 1) saturates to +-1 without overflow, but near 0 it
+        # keeps only an absolute error of ~2^-24 (1 - 2 / (2 + 2x) cancels): softcap * tanh(s / softcap)
+        # was off by softcap * 2^-24, 0.06 in every score at a cap of 1e6. Below |x| = 1/8 the odd
+        # Taylor polynomial to x^7 (truncation below 2e-9 relative) keeps float32's relative precision.
+        x2 = x * x
+        near_zero = x * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * -0.05396825396825397)))
+        return gl.where(gl.abs(x) < 0.125, near_zero, 1.0 - 2.0 / (gl.exp2(x * 2.8853900817779268) + 1.0))
 
 
 @gluon.jit
