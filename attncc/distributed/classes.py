@@ -169,7 +169,7 @@ def _as_read(pattern, inputs) -> dict:
     from attncc.runtime.call import input_as_read
 
     declared = {d.name: d.dtype for d in pattern.inputs}
-    return {name: input_as_read("attncc.distributed", name, declared[name], t)
+    return {name: input_as_read("attncc.distributed (chunk classes)", name, declared[name], t)
             if name in declared and isinstance(t, torch.Tensor) else t for name, t in dict(inputs or {}).items()}
 
 
