@@ -17,7 +17,6 @@ tile shapes (seeds and layouts rotating), bfloat16, decode and varlen for all (a
 tests/gpu/test_gpu_catalogue.py runs the catalogue on the GPU.
 
 What does not port (gaps, each an error rather than a wrong answer):
-- KV batch broadcast (FlexAttention's ``Bq = 3, Bkv = 1``): q, k, v must share B.
 - A local name in an expression: attention-gym's 16-bit Morton de-interleave writes each of its
   five steps' operand twice and exceeds the 2000-character limit; the port cuts it to the three
   steps that codes below 2**8 need.

@@ -5,6 +5,7 @@ input element (the gradients of learned ``[inputs]``), in nodes the printers ren
 from __future__ import annotations
 
 import sympy
+from sympy.logic.boolalg import BooleanFunction
 
 from attncc.spec import symbols as S
 
@@ -55,6 +56,27 @@ def _select(e):
     return sympy.Piecewise(*[(_select(value * rest), cond) for value, cond in pw.args])
 
 
+class Tie(BooleanFunction):
+    """``a == b`` of two values as the kernel computes them: an argument of a min / max against
+    its result, equal exactly where it is the one the min / max returned. Kept whole: a Piecewise
+    makes a relation canonical (``Eq(s - 1, m)`` becomes ``Eq(s, m + 1)``), and ``(m + 1) == s``
+    in float32 is false at most scores where ``s - 1`` is the max (``s - 1 + 1`` rounds): its
+    pair lost its gradient. The printers print it as ``a == b``."""
+
+    nargs = 2
+
+    @classmethod
+    def eval(cls, a, b):
+        if a == b:
+            return sympy.true
+        if a.is_number and b.is_number:  # infinities of masked branches: -oo == -oo
+            return sympy.Eq(a, b)
+        return None
+
+    def _sympystr(self, printer):
+        return f"Tie({printer.doprint(self.args[0])}, {printer.doprint(self.args[1])})"
+
+
 class _Extreme(sympy.Function):
     """min / max of 3+ arguments with torch.amax's gradient at ties: the k arguments equal to the
     result share it, 1/k each (sympy's own derivative gives each tied argument 1/2: 3/2 in all)."""
@@ -62,10 +84,16 @@ class _Extreme(sympy.Function):
     is_real = True
     pick = None
 
+    @classmethod
+    def eval(cls, *args):
+        if all(a.is_number for a in args):  # a branch of masked (infinite) values: a number
+            return cls.pick(*args)
+        return None
+
     def fdiff(self, argindex=1):
         top = self.pick(*self.args)
-        tied = sympy.Add(*[sympy.Piecewise((1, sympy.Eq(a, top)), (0, True)) for a in self.args])
-        return sympy.Piecewise((1 / tied, sympy.Eq(self.args[argindex - 1], top)), (0, True))
+        tied = sympy.Add(*[sympy.Piecewise((1, Tie(a, top)), (0, True)) for a in self.args])
+        return sympy.Piecewise((1 / tied, Tie(self.args[argindex - 1], top)), (0, True))
 
 
 class _MaxN(_Extreme):
@@ -93,8 +121,12 @@ def derivative(e, x, *, what: str, wrt: str) -> sympy.Expr:
         stand_in = sympy.Dummy("x", real=True)
         return derivative(e.xreplace({x: stand_in}), stand_in, what=what, wrt=wrt).xreplace({stand_in: x})
     # min / max of 3+ arguments: ties share the gradient evenly (torch.amax's rule, as the reference);
-    # after the stand-in, which must find an input access as written (its index may hold a min)
-    e = e.replace(lambda a: isinstance(a, (sympy.Min, sympy.Max)) and len(a.args) > 2, _extreme)
+    # after the stand-in, which must find an input access as written (its index may hold a min).
+    # Two arguments that can both be infinite (max(where(c1, s, -inf), where(c2, 2 * s, -inf)), the
+    # union of two masked scores) take the same route: sympy's kink, Heaviside(a - b), folds
+    # -inf - (-inf) into a NaN comparison, where the tie test a == max(a, b) stays a comparison
+    e = e.replace(lambda a: isinstance(a, (sympy.Min, sympy.Max))
+                  and (len(a.args) > 2 or sum(x.has(sympy.oo, -sympy.oo) for x in a.args) > 1), _extreme)
     # |u| of the language is that of a real u: sympy, unable to prove u real (an input's value
     # u[b, j], log(1 + 0.1 * (i - j))), would differentiate it as a complex modulus (re, im, arg)
     d = sympy.diff(e.replace(sympy.Abs, _RealAbs), x)  # Sigmoid knows its derivative (builtins.Sigmoid.fdiff)

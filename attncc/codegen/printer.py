@@ -36,6 +36,7 @@ from sympy.core.function import AppliedUndef
 from sympy.logic.boolalg import Boolean, BooleanAtom
 
 from attncc.analysis.exact import ExactCondition, exact_parts
+from attncc.analysis.derivative import Tie
 from attncc.analysis.hoist import resolve
 from attncc.analysis.integer import integer_fraction, integer_ops, integer_sums
 from attncc.analysis.separable import separated
@@ -618,6 +619,9 @@ class TritonPrinter:
     def _Equality(self, e):
         return self._rel(e, "==")
 
+    def _Tie(self, e):  # an argument of a min / max against its result, as computed (derivative.Tie)
+        return self._rel(sympy.Eq(*e.args, evaluate=False), "==")
+
     def _Unequality(self, e):
         return self._rel(e, "!=")
 
@@ -630,6 +634,8 @@ class TritonPrinter:
         code = self.p(a)
         if isinstance(a, ExactCondition):  # a score's comparison computed in float64: the same
             a = a.args[0]
+        if isinstance(a, Tie):
+            a = sympy.Eq(*a.args, evaluate=False)
         if (isinstance(a, sympy.Rel) and not (a.lhs.is_Boolean or isinstance(a.lhs, sympy.Rel))
                 and not (a.lhs.is_integer and a.rhs.is_integer) and not a.has(S.i, S.j)):
             return self._true_condition(code)
