@@ -13,7 +13,7 @@ Public: :func:`reference`, :func:`pair_mask`, :func:`evaluate`, :func:`index_env
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -78,8 +78,9 @@ def _param_values(pattern: Pattern, overrides: Optional[Mapping[str, Any]]) -> D
 
 
 def _check_inputs(pattern: Pattern, inputs: Mapping[str, Any], batch: int, heads: int,
-                  positions: Optional[int] = None) -> Dict[str, torch.Tensor]:
-    """Check the inputs as the generated modules do (shape, an ``"n"`` dim covering ``positions``,
+                  positions: Optional[int] = None, ends: Optional[Tuple[int, int]] = None) -> Dict[str, torch.Tensor]:
+    """Check the inputs as the generated modules do (shape, an ``"n"`` dim covering ``positions``, or
+    only the query (key) positions' ``ends`` where the pattern reads it at those alone,
     dtype) and return them with the values the kernels read: a float tensor's values rounded to the
     declared float type (a float64 tensor in a float32 input is rounded to float32's values, kept in float64,
     a float32 one in a bfloat16 input to bfloat16), an integer one given to a bool input as ``!= 0``,
@@ -94,12 +95,14 @@ def _check_inputs(pattern: Pattern, inputs: Mapping[str, Any], batch: int, heads
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"input '{decl.name}' must be a torch.Tensor, got {type(t).__name__}")
         expected = {"b": batch, "h": heads}
+        axes = pattern.position_axes(decl.name) if ends is not None else ("",) * len(decl.dims)
+        need = [ends[0] if a == "i" else ends[1] if a == "j" else positions for a in axes]
         ok = t.dim() == len(decl.dims) and all(
-            (d == "n" and (positions is None or t.shape[k] >= positions)) or t.shape[k] == expected.get(d, d)
+            (d == "n" and (need[k] is None or t.shape[k] >= need[k])) or t.shape[k] == expected.get(d, d)
             for k, d in enumerate(decl.dims))
         if not ok:
-            want = ", ".join((f"n>={positions}" if positions is not None else "n>=positions") if d == "n"
-                             else str(expected.get(d, d)) for d in decl.dims)
+            want = ", ".join((f"n>={need[k]}" if need[k] is not None else "n>=positions") if d == "n"
+                             else str(expected.get(d, d)) for k, d in enumerate(decl.dims))
             raise ValueError(f"input '{decl.name}' has dims {list(decl.dims)}: expected shape [{want}] (an 'n' dim covers "
                              f"every position of the call), got {tuple(t.shape)}")
         want = getattr(torch, decl.dtype)
@@ -137,7 +140,8 @@ def index_env(pattern: Pattern, *, batch: int, heads: int, q_rows: int, k_rows: 
     (= k_offset + row), the scalars ``n_q``, ``n_k``, ``n_heads`` (= heads), the params
     (defaults overridden by ``params``) and the input tensors."""
     inputs = _check_inputs(pattern, dict(inputs or {}), batch, heads,
-                           positions=max(q_offset + q_rows, k_offset + k_rows))
+                           positions=max(q_offset + q_rows, k_offset + k_rows),
+                           ends=(q_offset + q_rows, k_offset + k_rows))
     if device is None:
         device = next((t.device for t in inputs.values()), torch.device("cpu"))
     ar = lambda n, start=0: torch.arange(start, start + n, dtype=_INT, device=device)  # noqa: E731

@@ -84,6 +84,8 @@ def _common(pattern: Pattern) -> dict:
                 name=pattern.name, pattern_lines=pattern_lines(pattern), head_dims=tuple(pattern.head_dims),
                 value_dim=pattern.value_dim, dtypes=tuple(pattern.dtypes), heads_q=pattern.heads_q,
                 heads_kv=pattern.heads_kv, params=pattern.params, inputs=pattern.inputs,
+                input_positions={d.name: axes if any(axes) else () for d in pattern.inputs
+                                 for axes in [pattern.position_axes(d.name)]},
                 scale=pattern.scale, dropout=pattern.dropout)
 
 

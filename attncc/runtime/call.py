@@ -439,7 +439,7 @@ def _bind_checked(spec: SpecInfo, q, k, v, *, return_lse=False, q_offset=0, k_of
 
     n_max = max(q_offset + Nq, k_offset + Nk)
     params, inputs = bind_params_and_inputs(spec, f"{name}.attention", kwargs, B=B, Hq=Hq,
-                                            positions=n_max, device=q.device)
+                                            positions=n_max, device=q.device, ends=(q_offset + Nq, k_offset + Nk))
     check_divisors(spec, f"{name}.attention", positions=max(n_max, n_q, n_k), batch=B, heads=Hq, n_q=n_q, n_k=n_k,
                    params=params)
     return Call(spec, q, k, v, B, Hq, Hkv, Nq, Nk, D, Dv, q_offset, k_offset, n_q, n_k, float(scale),
@@ -576,10 +576,11 @@ def check_heads_and_dims(spec: SpecInfo, who: str, *, Hq: int, Hkv: int, D: int,
 
 
 def bind_params_and_inputs(spec: SpecInfo, who: str, kwargs: dict, *, B: int, Hq: int, positions: int,
-                           device, what_positions: str = "positions"):
+                           device, what_positions: str = "positions", ends: Optional[Tuple[int, int]] = None):
     """Resolve the spec's [params] (defaults, per-call overrides, types) and check its [inputs]
     (tensor, device, dims: "b" = B, "h" = Hq, "n" covering ``positions``, dtype). Consumes
-    ``kwargs``; anything left over is an error.
+    ``kwargs``; anything left over is an error. ``ends``: (the query positions' end, the keys'):
+    an "n" dim read at the query (key) positions only need cover those (InputInfo.positions).
 
     Dtypes: an integer input narrower than declared is widened to the declared type; a wider
     one is kept as it is (the kernels read it at its own width, so no value is ever narrowed:
@@ -604,8 +605,11 @@ def bind_params_and_inputs(spec: SpecInfo, who: str, kwargs: dict, *, B: int, Hq
         for axis, (dim, size) in enumerate(zip(d.dims, t.shape)):
             want = {"b": B, "h": Hq}.get(dim, dim)
             if dim == "n":
-                if size < positions:
-                    raise ValueError(f"{who}: input {d.name} dim {axis} ('n') must cover {what_positions} 0..{positions - 1}, got size {size}")
+                read_at = d.positions[axis] if ends is not None and d.positions else ""
+                need = ends[0] if read_at == "i" else ends[1] if read_at == "j" else positions
+                if size < need:
+                    what = {"i": "the query positions", "j": "the key positions"}.get(read_at, what_positions)
+                    raise ValueError(f"{who}: input {d.name} dim {axis} ('n') must cover {what} 0..{need - 1}, got size {size}")
             elif size != want:
                 raise ValueError(f"{who}: input {d.name} dim {axis} ({dim!r}) must be {want}, got {size}")
         inputs[d.name] = input_as_read(who, d.name, d.dtype, t)

@@ -18,12 +18,16 @@ class ParamInfo:
 
 @dataclass(frozen=True)
 class InputInfo:
-    """``dims``: "b" (batch), "h" (query head), "n" (position, size >= the last position read) or a size."""
+    """``dims``: "b" (batch), "h" (query head), "n" (position, size >= the last position read) or a size.
+    ``positions``: per dim, "i" for an "n" dim read at the query positions only, "j" at the key
+    positions only, else "" (attncc.spec.Pattern.position_axes; empty in modules built before it:
+    every "n" dim covers both)."""
 
     name: str
     dims: Tuple[Union[str, int], ...]
     dtype: str
     grad: bool = False
+    positions: Tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
 import sympy
+from sympy.core.function import AppliedUndef
 
 from attncc.core.shapes import Shapes
+from attncc.spec import symbols as S
 
 Dim = Union[str, int]  # "b" (batch), "h" (query head), "n" (position), or a fixed size
 INTEGER_DTYPES = ("int8", "int16", "int32", "int64", "uint8")
@@ -26,7 +28,9 @@ class InputDecl:
     """A runtime tensor the expressions may index.
 
     ``dims``: one entry per tensor dimension: ``"b"`` (size B), ``"h"`` (size Hq),
-    ``"n"`` (size >= max(n_q, n_k): indexed by global positions) or a fixed int.
+    ``"n"`` (indexed by global positions: size >= the last query and key position, or only the
+    query's (key's) where every read indexes it with ``i`` (``j``) itself, :meth:`Pattern.position_axes`)
+    or a fixed int.
     ``dtype``: a torch dtype name (``"int32"``, ``"float32"``, ...).
     ``grad``: gradients flow into this tensor (backward pass).
     """
@@ -131,6 +135,21 @@ class Pattern(Shapes):
             if d.name == name:
                 return d
         raise KeyError(name)
+
+    def position_axes(self, name: str) -> Tuple[str, ...]:
+        """Per dim of input ``name``: for an ``"n"`` dim that every read indexes with the query
+        position itself, ``"i"``; with the key position itself, ``"j"``; else (other indices, or
+        no read) ``""``, as for every other dim. An ``"i"`` axis need only cover the call's query
+        positions, a ``"j"`` one its key positions (a Flex bias ``[q_idx, kv_idx]`` of Nq x Nk);
+        any other must cover both."""
+        decl = self.input(name)
+        reads = [a.args for e in (self.mask, self.bias, self.mod, self.mod_mask) if e is not None
+                 for a in e.atoms(AppliedUndef) if a.func.__name__ == name and len(a.args) == len(decl.dims)]
+        out = []
+        for axis, dim in enumerate(decl.dims):
+            used = {args[axis] for args in reads}
+            out.append("i" if dim == "n" and used == {S.i} else "j" if dim == "n" and used == {S.j} else "")
+        return tuple(out)
 
     @property
     def param_values(self) -> dict:
