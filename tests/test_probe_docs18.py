@@ -74,3 +74,31 @@ def test_module_refuses_a_boolean_dropout_p_with_a_type_error():
         mod.dropout_keep_mask(q, q, q, dropout_p="0.1", seed=1)
     with pytest.raises(ValueError, match="dropout_p must be a number"):
         mod.attention(q, q, q, dropout_p=1.0, seed=1)
+
+
+def test_header_hash_is_of_the_text_as_read(tmp_path):
+    """docs §6: the header's hash is the sha256 of the spec's text with line endings as \\n."""
+    import hashlib
+    import subprocess
+    import sys
+
+    from cases import ROOT
+
+    spec = tmp_path / "crlf_probe.toml"
+    spec.write_bytes(b'name = "crlf_probe"\r\n[mask]\r\nwhere = "causal"\r\n')
+    subprocess.run([sys.executable, "-m", "attncc", "build", str(spec), "--out", str(tmp_path / "out")], check=True,
+                   cwd=ROOT, capture_output=True)
+    header = (tmp_path / "out" / "crlf_probe.py").read_text().splitlines()[0]
+    lf = spec.read_bytes().replace(b"\r\n", b"\n")
+    assert f"spec sha256 {hashlib.sha256(lf).hexdigest()[:16]}" in header
+
+
+@pytest.mark.parametrize("outer,ok", [(31, True), (32, False)])
+def test_nested_reductions_count_each_level_s_own_term(outer, ok):
+    """docs §3.3: K terms around reductions of n terms in all count K * (1 + n), at most 1024."""
+    text = f"[mask]\nwhere = 'sum(sum(j < t + u for u in range(32)) for t in range({outer})) > 0'\n"
+    if ok:
+        parse_spec(text)
+    else:
+        with pytest.raises(SpecError, match="1024"):
+            parse_spec(text)
