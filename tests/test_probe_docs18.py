@@ -102,3 +102,14 @@ def test_nested_reductions_count_each_level_s_own_term(outer, ok):
     else:
         with pytest.raises(SpecError, match="1024"):
             parse_spec(text)
+
+
+def test_a_divisor_that_may_be_0_is_named_in_spec_syntax():
+    """docs §3.3: `j % d[b]` is refused at build naming the expression; the message wrote sympy's
+    `d(b)`, and suggested `max(d(b), 1)`, a call the language refuses."""
+    from attncc.codegen.bounds import check_divisors
+
+    p = parse_spec("[inputs]\nd = { dims = ['b'], dtype = 'int32' }\n[mask]\nwhere = 'j % d[b] == 0'\n")
+    with pytest.raises(SpecError, match=r"the divisor of j % d\[b\] may be 0 .* max\(d\[b\], 1\)") as e:
+        check_divisors(p)
+    assert e.value.key == "[mask].where"
