@@ -301,6 +301,9 @@ def reference(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
             raise TypeError(f"reference() got an unexpected keyword '{name}' for pattern '{pattern.name}' "
                             f"(inputs: {', '.join(known_inputs) or 'none'}; params: {', '.join(known_params) or 'none'}; "
                             f"also: {', '.join(extras)}; known: {', '.join(known)})")
+    # checked whether or not a keep mask applies it, as the generated modules check theirs
+    dropout_p = (semantics.dropout_probability("reference(): dropout_p", opts["dropout_p"]) if "dropout_p" in opts
+                 else pattern.dropout)
 
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
@@ -382,9 +385,6 @@ def reference(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     p = torch.softmax(torch.where(empty[..., None], torch.zeros_like(s), s), dim=-1)
     p = torch.where(allowed & ~empty[..., None], p, torch.zeros_like(p))
     if keep_mask is not None:
-        dropout_p = float(opts.get("dropout_p", pattern.dropout))
-        if not 0.0 <= dropout_p < 1.0:
-            raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
         p = p * keep_mask.to(device=device, dtype=_FLOAT) / (1.0 - dropout_p)
     if exact:
         pair = allowed[..., None]

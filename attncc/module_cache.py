@@ -286,13 +286,16 @@ def _import(path: Path, module_name: str) -> ModuleType:
 
 # -- dict -> TOML ---------------------------------------------------------------------------
 
+INT_TEXT_BITS = 4096  # an int of more bits is no spec value (str() refuses past 4300 digits)
+
+
 def toml_text(data: dict) -> str:
     """A dict of spec keys as TOML text that parses back to the same dict: tables become inline
     tables, so the parser sees exactly the keys and values given (and reports the same errors
     as for a file). Values must be str, int, float, bool, list/tuple or dict."""
     if not isinstance(data, dict):
         raise TypeError(f"attncc.compile: expected a dict, got {type(data).__name__}")
-    return "".join(f"{_toml_key(k, '')} = {_toml_value(v, _key_path('', k))}\n" for k, v in data.items())
+    return "".join(f"{_toml_key(k, '')} = {_toml_value(v, _key_path('', k), 1)}\n" for k, v in data.items())
 
 
 def _key_path(parent: str, key) -> str:
@@ -308,10 +311,16 @@ def _toml_key(key, where: str) -> str:
     return _toml_string(key)
 
 
-def _toml_value(value, where: str) -> str:
+def _toml_value(value, where: str, depth: int) -> str:
+    from attncc.core.semantics import MAX_TOML_NESTING
+
+    if depth > MAX_TOML_NESTING:  # what the parser refuses in a file; here before Python's recursion limit
+        _fail(where, f"lists and tables nested more than {MAX_TOML_NESTING} levels deep")
     if isinstance(value, bool):
         return "true" if value else "false"
     if type(value) is int:
+        if value.bit_length() > INT_TEXT_BITS:
+            _fail(where, f"expected a number that TOML can hold, got an integer of {value.bit_length()} bits")
         return str(value)
     if type(value) is float:
         if math.isnan(value):
@@ -322,9 +331,9 @@ def _toml_value(value, where: str) -> str:
     if isinstance(value, str):
         return _toml_string(value)
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v, where) for v in value) + "]"
+        return "[" + ", ".join(_toml_value(v, where, depth + 1) for v in value) + "]"
     if isinstance(value, dict):
-        items = (f"{_toml_key(k, where)} = {_toml_value(v, _key_path(where, k))}" for k, v in value.items())
+        items = (f"{_toml_key(k, where)} = {_toml_value(v, _key_path(where, k), depth + 1)}" for k, v in value.items())
         return "{ " + ", ".join(items) + " }" if value else "{}"
     _fail(where, f"expected a string, integer, float, boolean, list or table, got {type(value).__name__} {value!r}")
 

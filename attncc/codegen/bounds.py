@@ -178,13 +178,24 @@ def _nonzero(e) -> bool:
     return bool(e.is_nonzero or e.is_positive or e.is_negative)
 
 
+class _SpecText(sympy.printing.str.StrPrinter):
+    """An expression as a spec writes it: an input read ``d[b]``, not sympy's ``d(b)`` (which
+    would suggest a call, which the language refuses)."""
+
+    def _print_Function(self, e):
+        if isinstance(e, AppliedUndef):
+            return f"{e.func.__name__}[{', '.join(self._print(a) for a in e.args)}]"
+        return super()._print_Function(e)
+
+
 def check_divisors(pattern: Pattern) -> None:
     """Refuse (SpecError) a ``//`` or ``%`` whose divisor varies per pair and may be 0."""
+    text = _SpecText().doprint
     for key, d, whole in divisors(pattern):
         if _per_pair(d) and not _nonzero(d):
             raise SpecError(pattern.source, key,
-                            f"the divisor of {whole} may be 0 (Python would raise there; a kernel cannot): "
-                            f"write one that cannot be, e.g. max({d}, 1)")
+                            f"the divisor of {text(whole)} may be 0 (Python would raise there; a kernel cannot): "
+                            f"write one that cannot be, e.g. max({text(d)}, 1)")
 
 
 def _host_checks(pattern: Pattern, printer: _BoundPrinter) -> List[str]:

@@ -19,6 +19,7 @@ from typing import Optional, Tuple, Union
 # The largest head dim (D, and Dv) the kernels take: specs' head_dim / value_dim and calls share it.
 MAX_HEAD_DIM = 256
 MAX_SPEC_BYTES = 2**20  # a spec file: read at most this much (/dev/zero, a huge file: a SpecError, not all memory)
+MAX_TOML_NESTING = 16  # tables and arrays nested in a spec (it needs 3: a table of inline tables of lists)
 
 # Positions and int params stay below this, so that the kernels' int64 arithmetic on them (sums,
 # small multiples) is exact; int params start at -2**31 (a call's check, and explain's --param).
@@ -119,6 +120,18 @@ def int_argument(what: str, value, minimum: int = 0, maximum: int = INT_LIMIT - 
     if value > maximum:
         raise ValueError(f"{what} must be <= {maximum}, got {value}")
     return value
+
+
+def dropout_probability(what: str, value) -> float:
+    """A call's ``dropout_p`` as a float in ``[0, 1)``, or a TypeError (not a number: a boolean of
+    any kind, a string) / ValueError (outside ``[0, 1)``, NaN) naming ``what``. The one check of it:
+    the generated modules' calls and ``attncc.reference`` both take it."""
+    value = plain_number(value, what)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be a number in [0, 1), got {type(value).__name__} {value!r}")
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{what} must be a number in [0, 1), got {value!r}")
+    return float(value)
 
 
 def param_value(name: str, kind: str, value, *, count: Optional[int] = None, who: str = "") -> Union[int, float]:

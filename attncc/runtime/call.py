@@ -15,7 +15,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from attncc.core.semantics import (FLOAT32_MAX, FLOAT32_TINY, INT_LIMIT, MAX_HEAD_DIM, input_dtype_accepted, int_argument,
+from attncc.core.semantics import (FLOAT32_MAX, FLOAT32_TINY, INT_LIMIT, MAX_HEAD_DIM, dropout_probability,
+                                   input_dtype_accepted, int_argument,
                                    param_value, plain_number)
 from attncc.runtime.intervals import INT32_MAX, POSITION_PAD, CallNumbers, cached_reach
 from attncc.runtime.spec_info import SpecInfo
@@ -491,9 +492,7 @@ def dropout_settings(spec: SpecInfo, who: str, *, dropout_p=None, seed=None, tra
     if dropout_p is None:
         dropout_p = spec.dropout
     else:
-        dropout_p = plain_number(dropout_p, f"{who}: dropout_p")
-        if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-            raise ValueError(f"{who}: dropout_p must be a number in [0, 1), got {dropout_p!r}")
+        dropout_p = dropout_probability(f"{who}: dropout_p", dropout_p)
     dropout_p = float(dropout_p) if training else 0.0
     if seed is None and dropout_p > 0 and _capturing():
         raise ValueError(f"{who}: pass seed= under CUDA graph capture: a seed drawn now would be frozen into the "

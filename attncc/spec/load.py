@@ -11,7 +11,7 @@ from typing import Any, Dict
 import sympy
 
 from attncc.core.semantics import (FLOAT32_MAX, FLOAT32_TINY, INT_LIMIT, INT_PARAM_MIN, MAX_HEAD_DIM, MAX_SPEC_BYTES,
-                                    float32_holds)
+                                    MAX_TOML_NESTING, float32_holds)
 from attncc.spec import names as N
 from attncc.spec import symbols as S
 from attncc.spec.builtins import RandomBlocks
@@ -126,7 +126,6 @@ def _kind(value) -> str:
             dict: "a table"}.get(type(value), type(value).__name__)
 
 
-MAX_TOML_NESTING = 16  # a spec needs 3 (a table of inline tables of lists)
 
 
 def _nesting(value) -> int:
@@ -148,6 +147,10 @@ def parse_spec(text: str, path: str = "<string>") -> Pattern:
     if text.startswith("\ufeff"):  # tomllib's error would be "Invalid statement (at line 1, column 1)"
         raise SpecError(path, "", "not valid TOML: the text starts with a byte order mark (U+FEFF), which TOML does "
                                   "not allow (save the file as UTF-8 without BOM)")
+    surrogate = _first_surrogate(text)
+    if surrogate is not None:  # a str given to attncc.compile; a file's bytes decode to none (decode_spec)
+        raise SpecError(path, "", f"not UTF-8 text: a lone surrogate U+{ord(text[surrogate]):04X} at offset {surrogate} "
+                                  f"(TOML text is Unicode that UTF-8 can encode)")
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -347,6 +350,15 @@ def parse_spec(text: str, path: str = "<string>") -> Pattern:
     return Pattern(name=name, kind=kind, head_dims=head_dims, value_dim=value_dim, dtypes=tuple(dts),
                    heads_q=hq, heads_kv=hkv, params=tuple(params), inputs=tuple(inputs), source=path,
                    source_hash=hashlib.sha256(text.encode()).hexdigest()[:16], **fields)
+
+
+def _first_surrogate(text: str):
+    """The offset of the first lone surrogate (U+D800..U+DFFF) in ``text``, or None."""
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as e:
+        return e.start
 
 
 def _seed(c: _Checker, value, key) -> int:
