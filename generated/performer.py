@@ -570,10 +570,10 @@ def _bind(q, k, v, q_offset, k_offset, n_q, n_k, initial_state, return_state, se
     F, width, block_f = feature_layout(call.D)
     lc = _lin.LinearCall(call, F, width, block_f, return_state=return_state)
     seed = SEED if seed is None else seed
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise TypeError(f"{SPEC.name}.{fn}: seed must be an int >= 0 (it draws the random projection), got {seed!r}")
-    if seed >= 2**63:  # torch.Generator keeps 63 bits: seed 2**63 + s would draw seed s's projection
-        raise ValueError(f"{SPEC.name}.{fn}: seed must be below 2**63 (as [feature_map].seed), got {seed}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"{SPEC.name}.{fn}: seed must be an int (it draws the random projection), got {seed!r}")
+    if not 0 <= seed < 2**63:  # torch.Generator keeps 63 bits: seed 2**63 + s would draw seed s's projection
+        raise ValueError(f"{SPEC.name}.{fn}: seed must be in 0 .. 2**63 - 1 (as [feature_map].seed), got {seed}")
     lc.proj = _lin.projection(F, call.D, seed, call.q.device)
     if initial_state is not None:
         lc.s0, lc.z0 = _lin.check_state(f"{SPEC.name}.{fn}", initial_state, call.B, call.Hkv, F, call.Dv, call.q.device,

@@ -343,8 +343,9 @@ def test_errors():
         mod.attention(q, k, v, seed=1)
     with pytest.raises(ValueError, match="one token"):
         mod.step(q[:, :, :2], k[:, :, :2], v[:, :, :2])
-    with pytest.raises(TypeError, match="seed"):
-        module("performer").attention(q, k, v, seed=-1)
+    for seed, error in ((-1, ValueError), (2**63, ValueError), (1.5, TypeError), (True, TypeError)):
+        with pytest.raises(error, match="seed must be"):  # a wrong type a TypeError, a wrong value a ValueError
+            module("performer").attention(q, k, v, seed=seed)
 
 
 def test_eps_is_documented_in_the_generated_module():
