@@ -5,9 +5,10 @@ functions of ``attncc.runtime.gluon.common`` that the kernels inline are run her
 functions they are written as, with ``gl`` bound to torch (:data:`GL`) and the helpers to their
 definitions on the host (:data:`HELPERS`): the text that is compiled for the GPU is the text that
 runs. What differs from the GPU: int64 instead of int32 arithmetic (the Gluon path refuses calls
-past int32), Python's floor ``//`` where Triton truncates (the printers write ``//`` and ``%``
-only on operands proven non-negative, where the two agree), and float64 here where the kernels
-use float32 and 16-bit P (:func:`emulate_forward` checks the fragments' logic, not rounding).
+past int32) and float64 here where the kernels use float32 and 16-bit P (:func:`emulate_forward`
+checks the fragments' logic, not rounding). Integer ``//`` and ``%`` of the fragments' text are
+Triton's (truncating, :func:`as_python`), not Python's: a ``//`` or ``%`` printed on an operand that
+can be negative gives here what it gives on the GPU.
 
 :func:`emulate_forward` runs a whole forward tile by tile as the warp-specialized kernel's
 consumer does (fwd_ws.consumer_partition): the walk's first block as the prologue, then per segment
@@ -16,9 +17,12 @@ position's, ``key_block``) through ``block_scores`` and ``softmax_update``, ``fi
 """
 from __future__ import annotations
 
+import ast
 import importlib.util
+import inspect
 import math
 import sys
+import textwrap
 import types
 from pathlib import Path
 
@@ -106,9 +110,9 @@ def _bucket(name):
     return bucket
 
 
+# Helpers run as host functions rather than their text (the others, _floordiv and _floormod among
+# them, run as written, with Triton's integer // and %: as_python)
 HELPERS = {
-    "_floordiv": lambda a, b: torch.div(_t(a), _t(b), rounding_mode="floor"),
-    "_floormod": lambda a, b: torch.remainder(_t(a), _t(b)),
     "_ipow": lambda x, K: _t(x) ** K,
     "_shift": lambda x, n: torch.where(_t(n) >= 0, _t(x) << torch.clamp(_t(n), 0, 63),
                                        _t(x) >> torch.clamp(-_t(n), 0, 63)),
@@ -117,16 +121,91 @@ HELPERS = {
 }
 
 
-def as_python(jit_fn, **extra):
-    """The Python function a ``@gluon.jit`` function wraps, its ``gl`` bound to torch, the helpers
-    it calls (and ``extra`` names) to host versions."""
+def _trunc_div(a, b):
+    """``a // b`` as the kernels compute it: Triton's integer ``//`` truncates toward zero (C's), where
+    Python's floors; Python ints (constexprs, folded at compile time) and floats keep Python's."""
+    if _int_tensor(a, b):
+        return torch.div(_t(a), _t(b), rounding_mode="trunc")
+    return a // b
+
+
+def _trunc_mod(a, b):
+    """``a % b`` as the kernels compute it: Triton's integer ``%`` takes the dividend's sign (C's fmod),
+    where Python's takes the divisor's."""
+    if _int_tensor(a, b):
+        return torch.fmod(_t(a), _t(b))
+    return a % b
+
+
+def _int_tensor(a, b) -> bool:
+    """Whether ``a op b`` is an integer operation of the kernel: a tensor (a runtime value) among
+    integer operands."""
+    operands = (a, b)
+    return any(isinstance(x, torch.Tensor) for x in operands) and not any(
+        isinstance(x, float) or (isinstance(x, torch.Tensor) and x.is_floating_point()) for x in operands)
+
+
+class _TritonInts(ast.NodeTransformer):
+    """``a // b`` and ``a % b`` (operators and augmented assignments) as calls of :func:`_trunc_div` and
+    :func:`_trunc_mod`: the fragments' text with Triton's integer semantics on the host."""
+
+    CALLS = {ast.FloorDiv: "_trunc_div", ast.Mod: "_trunc_mod"}
+
+    def visit_BinOp(self, node):
+        self.generic_visit(node)
+        name = self.CALLS.get(type(node.op))
+        if name is None:
+            return node
+        return ast.copy_location(ast.Call(ast.Name(name, ast.Load()), [node.left, node.right], []), node)
+
+    def visit_AugAssign(self, node):
+        self.generic_visit(node)
+        name = self.CALLS.get(type(node.op))
+        if name is None or not isinstance(node.target, ast.Name):
+            return node
+        load = ast.Name(node.target.id, ast.Load())
+        call = ast.Call(ast.Name(name, ast.Load()), [load, node.value], [])
+        return ast.copy_location(ast.Assign([node.target], call), node)
+
+
+def _host_code(fn):
+    """The code of ``fn`` (a @gluon.jit function's Python function) with Triton's integer ``//`` and
+    ``%`` (:class:`_TritonInts`), compiled from its source at its own file and lines."""
+    lines, first = inspect.getsourcelines(fn)
+    tree = ast.parse(textwrap.dedent("".join(lines)))
+    tree.body[0].decorator_list = []
+    tree = ast.fix_missing_locations(_TritonInts().visit(tree))
+    ast.increment_lineno(tree, first - 1)
+    scope = {}
+    exec(compile(tree, inspect.getsourcefile(fn) or "<fragments>", "exec"), {**fn.__globals__, "gl": GL}, scope)
+    return scope[fn.__name__].__code__
+
+
+def as_python(jit_fn, _done=None, **extra):
+    """The Python function a ``@gluon.jit`` function wraps, its ``gl`` bound to torch, Triton's integer
+    ``//`` and ``%`` (truncating) in place of Python's, the helpers it calls (and ``extra`` names) to
+    host versions: :data:`HELPERS`, or the other @gluon.jit functions it calls, as their own text."""
+    from triton.runtime.jit import JITFunction
+
     if jit_fn is None:
         return None
     fn = jit_fn.fn if hasattr(jit_fn, "fn") else jit_fn
-    names = dict(HELPERS)
-    names.update({n: _bucket(n) for n in fn.__code__.co_names if n.startswith("_bucket_")})
-    return types.FunctionType(fn.__code__, {**fn.__globals__, "gl": GL, "FAST_MATH": True, **names, **extra},
-                              fn.__name__, fn.__defaults__, fn.__closure__)
+    done = {} if _done is None else _done
+    if fn in done:
+        return done[fn]
+    names = {"gl": GL, "FAST_MATH": True, "_trunc_div": _trunc_div, "_trunc_mod": _trunc_mod}
+    out = types.FunctionType(_host_code(fn), {**fn.__globals__, **names}, fn.__name__, fn.__defaults__,
+                             fn.__closure__)
+    done[fn] = out
+    for n in fn.__code__.co_names:
+        if n in HELPERS:
+            out.__globals__[n] = HELPERS[n]
+        elif n.startswith("_bucket_"):
+            out.__globals__[n] = _bucket(n)
+        elif isinstance(fn.__globals__.get(n), JITFunction):
+            out.__globals__[n] = as_python(fn.__globals__[n], done)
+    out.__globals__.update(extra)
+    return out
 
 
 def load_fragments(text: str, folder: Path, name: str):

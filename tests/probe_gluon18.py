@@ -1,0 +1,246 @@
+"""Probe 18: the Gluon sm90 path through the CPU emulation, against ``attncc.reference``.
+
+Seeded random specs of the fuzz generator (tests/fuzz_specs.py: masks with //, %, min/max/abs,
+params, inputs, global rows and columns, biases, softcap, ALiBi, RoPE, mods), built as modules and
+called with ``ATTNCC_BACKEND=gluon`` on the CPU: the Gluon kernels replaced by the emulation
+(tests/gluon_host.py for the forward, tests/gluon_emulation.py for the backward, split or fused),
+bf16 / fp16 at head dims 64 / 128 / 256, odd sizes, offsets, n_q / n_k, GQA, random tiles. The
+float64 emulation is compared with the reference tightly (it is float64 but for the score's float32),
+the module's outputs and gradients with the fuzz tolerances.
+
+    python tests/probe_gluon18.py --cases 200 --start 0
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import math
+import os
+import random
+import sys
+import time
+import traceback
+import types
+from collections import Counter
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+_HERE = Path(__file__).resolve().parent
+for _p in (str(_HERE), str(_HERE.parent)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import torch  # noqa: E402
+
+import attncc  # noqa: E402
+import fuzz_specs as fz  # noqa: E402
+from attncc.runtime import backend, call as call_mod, gluon as gluon_pkg  # noqa: E402
+from attncc.runtime.gluon import bwd, bwd_fused, fwd_pipelined, fwd_ws, launch  # noqa: E402
+from gluon_emulation import EmulatedKernel as EmulatedBackward  # noqa: E402
+from gluon_host import as_python, emulate_forward  # noqa: E402
+
+LOG2E = 1.4426950408889634
+
+
+class EmulatedForward:
+    """A forward kernel's ``run``: emulates the launch from its own arguments (float64)."""
+
+    def __init__(self, kernel, kind):
+        self.kernel, self.kind = kernel, kind
+        self.results = []
+
+    def __call__(self, *args, grid, warmup, **kwargs):
+        a = inspect.signature(self.kernel.fn).bind(*args, **{k: v for k, v in kwargs.items()
+                                                             if k in self.kernel.arg_names}).arguments
+        q, k, v, o = (a[n].base for n in ("q_desc", "k_desc", "v_desc", "o_desc"))
+        frag = types.SimpleNamespace(walk=as_python(a["WALK"]), mask=as_python(a["MASK"]),
+                                     score=as_python(a["SCORE"]), block=as_python(a.get("BLOCK")),
+                                     segments=a["SEGMENTS"], module=None)
+        rows = a["q_desc"].block_shape[2] * (2 if self.kind == "ws" else 1)
+        walked = set()
+        out, lse = emulate_forward(frag, q.double(), k.double(), v.double(), scale=a["qk_scale"] / LOG2E,
+                                   q_offset=a["q_offset"], k_offset=a["k_offset"], n_q=a["n_q"], n_k=a["n_k"],
+                                   pattern_args=a["pattern_args"], block_m=rows,
+                                   block_n=a["k_desc"].block_shape[2], walked=walked, kernel=self.kind)
+        self.results.append(dict(out=out, lse=lse, walked=walked, block_m=rows, block_n=a["k_desc"].block_shape[2],
+                                 q=q, k=k, args=a))
+        o.copy_(out.to(o.dtype))
+        if a["RETURN_LSE"]:
+            a["lse_ptr"].view(lse.shape).copy_(lse.float())
+
+
+STUBS = {}
+STATE = types.SimpleNamespace(config=None, bwd_config=None)
+
+
+def install():
+    os.environ["ATTNCC_BACKEND"] = "gluon"
+    backend.device_problem = lambda device: None
+    backend.interpreting = lambda: False
+    launch.check_devices = lambda q, k, v: None
+    launch.check_config = lambda config, head_dim: None
+    torch.cuda.get_device_properties = lambda device: types.SimpleNamespace(multi_processor_count=132,
+                                                                            name="stub H100")
+    STUBS["ws"] = EmulatedForward(fwd_ws.attn_fwd_ws, "ws")
+    STUBS["pipelined"] = EmulatedForward(fwd_pipelined.attn_fwd_pipelined, "pipelined")
+    fwd_ws.attn_fwd_ws.run = STUBS["ws"]
+    fwd_pipelined.attn_fwd_pipelined.run = STUBS["pipelined"]
+    for kernel in (bwd.attn_bwd_dkdv, bwd.attn_bwd_dq, bwd_fused.attn_bwd_fused):
+        STUBS[kernel.fn.__name__] = EmulatedBackward(kernel)
+        kernel.run = STUBS[kernel.fn.__name__]
+    backend.gluon_config = lambda D: STATE.config
+    backend.gluon_bwd_config = lambda D: STATE.bwd_config
+
+
+def random_config(rng, D):
+    r = rng.random()
+    if r < 0.3:  # what the module runs on a GPU
+        return dataclasses.replace(launch.default_config(D, "ws"), pingpong=False)
+    if r < 0.65:
+        return dataclasses.replace(launch.default_config(D, "ws"), block_n=rng.choice((16, 32, 64)), pingpong=False)
+    return launch.GluonConfig("pipelined", block_m=rng.choice((16, 32, 64)), block_n=rng.choice((16, 32, 64)),
+                              stages=2)
+
+
+def random_bwd_config(rng, D, method):
+    if rng.random() < 0.25 and D in (64, 128):
+        cfg = launch.default_bwd_config(D)
+    else:
+        cfg = launch.GluonBwdConfig(kv_block_n=rng.choice((64, 128)), kv_block_m=rng.choice((16, 32, 64)),
+                                    kv_stages=2, q_block_m=rng.choice((64, 128)), q_block_n=rng.choice((16, 32, 64)),
+                                    q_stages=2)
+    if method == "fused":
+        cfg = dataclasses.replace(cfg, kv_block_m=64)
+    return cfg
+
+
+@dataclasses.dataclass
+class Outcome:
+    seed: int
+    status: str  # "ok", "tl" (spec stays tl), "refused" (call refused), "finding"
+    detail: str = ""
+    gluon: str = ""
+    backward: str = ""
+
+
+def draw(seed):
+    rng = random.Random(seed)
+    _, draft = fz.random_spec(rng)
+    D = rng.choice((64, 64, 128, 128, 256))
+    dtype = rng.choice(("bfloat16", "float16"))
+    vd = draft.value_dim
+    draft = dataclasses.replace(draft, head_dims=(D,), dtypes=(dtype,), value_dim=None if rng.random() < 0.9 else vd)
+    if draft.rope is not None and draft.rope[2] is not None:
+        draft = dataclasses.replace(draft, rope=(draft.rope[0], draft.rope[1], rng.choice((None, 32))))
+    plan = fz.random_call(rng, draft)
+    big = rng.random() < 0.4
+    length = (lambda: rng.randint(1, 300)) if big else (lambda: rng.randint(1, 70))
+    Nq = length()
+    Nk = Nq if rng.random() < 0.2 else length()
+    q_offset, k_offset = plan.q_offset, plan.k_offset
+    r = rng.random()
+    if r < 0.08:  # right below the int32 reach
+        base = call_mod.INT32_REACH - max(Nq, Nk) - rng.randint(0, 300)
+        q_offset, k_offset = base + rng.randint(0, 40), base + rng.randint(0, 40)
+    elif r < 0.25:
+        q_offset, k_offset = rng.randint(0, 400), rng.randint(0, 400)
+    plan = dataclasses.replace(plan, D=D, Dv=draft.value_dim or D, dtype=dtype, decode=None, nan=None, varlen=None,
+                               tiles=None, Nq=Nq, Nk=Nk, q_offset=q_offset, k_offset=k_offset,
+                               backward=rng.random() < 0.45)
+    config = random_config(rng, D)
+    method = rng.choice(("split", "fused"))
+    bwd_config = random_bwd_config(rng, D, method)
+    return draft, plan, config, method, bwd_config
+
+
+def run_seed(seed, verbose=False) -> Outcome:
+    draft, plan, config, method, bwd_config = draw(seed)
+    built = fz.build_spec(draft.text)
+    if isinstance(built, Exception):
+        if "allows no pair" in str(built):
+            return Outcome(seed, "tl", "no pair")
+        return Outcome(seed, "finding", f"build: {type(built).__name__}: {built}")
+    pattern, mod = built
+    if mod.SPEC.gluon is None:
+        return Outcome(seed, "tl", mod.SPEC.gluon_reason or "")
+    STATE.config, STATE.bwd_config = config, bwd_config
+    os.environ["ATTNCC_GLUON_BWD"] = method
+    for s in STUBS.values():
+        getattr(s, "results", getattr(s, "launches", [])).clear()
+    call_mod._BOUND.clear()
+    fail = lambda kind, what, err, detail: fz.Failure(kind, what, err, detail, draft, plan)  # noqa: E731
+    with fz._tile_config(None):
+        failure = fz._run_built(pattern, mod, draft, plan, fz.attncc.reference, fail)
+    runs = STUBS["ws"].results + STUBS["pipelined"].results
+    bwd_kind = ("gluon-" + method) if (STUBS["attn_bwd_dkdv"].launches or STUBS["attn_bwd_fused"].launches) else (
+        "tl" if plan.backward else "")
+    if failure is not None and failure.kind == "raise" and "ATTNCC_BACKEND=gluon" in failure.detail:
+        return Outcome(seed, "refused", failure.detail.split("cannot run this call: ")[-1][:150], mod.SPEC.gluon)
+    tight = None
+    if runs:  # the float64 emulation against the reference on what the kernel read, tightly
+        res = runs[0]
+        a = fz.call_arguments(draft, plan)
+        pat, q, k = pattern, a.q.detach(), a.k.detach()
+        if pattern.rope is not None:  # the module's pre-pass rotated q and k (in their dtype)
+            pat, q, k = dataclasses.replace(pattern, rope=None), res["q"], res["k"]
+        ref, ref_lse = attncc.reference(pat, q.double(), k.double(), a.v.detach().double(),
+                                        return_lse=True, **a.positions, **a.params, **a.inputs,
+                                        **({} if plan.scale is None else {"scale": plan.scale}))
+        seen = torch.isfinite(ref_lse)
+        if not torch.equal(torch.isfinite(res["lse"]), seen):
+            tight = f"rows with keys differ: {int((torch.isfinite(res['lse']) != seen).sum())}"
+        else:
+            err = float((res["out"] - ref).abs().max()) / max(1.0, float(ref.abs().max()))
+            lerr = float((res["lse"][seen] - ref_lse[seen]).abs().max()) if seen.any() else 0.0
+            if err > 1e-3 or lerr > 1e-3:
+                tight = f"float64 emulation: o err {err:.3g}, lse err {lerr:.3g}"
+        if (failure is not None and tight is None and pattern.rope is not None and failure.what in ("o", "lse")
+                and not plan.backward):
+            failure = None  # the rotated copies' rounding (the tl kernels read the same copies on a GPU)
+    if failure is not None or tight is not None or not runs:
+        os.environ["ATTNCC_BACKEND"] = "triton"
+        try:
+            with fz._tile_config(None):
+                tl = fz._run_built(pattern, mod, draft, plan, fz.attncc.reference, fail)
+        finally:
+            os.environ["ATTNCC_BACKEND"] = "gluon"
+        also = "tl fails too: " + f"{tl.kind} {tl.what} {tl.error:.3g}" if tl is not None else "tl passes"
+        what = str(failure) if failure is not None else (tight or "the Gluon forward did not run") + \
+            f"\n  {plan.describe()}\n" + draft.text
+        return Outcome(seed, "finding", f"{what}\n  tight: {tight}\n  config {config}\n  bwd {method} {bwd_config}"
+                       f"\n  {also}", mod.SPEC.gluon, bwd_kind)
+    return Outcome(seed, "ok", "", mod.SPEC.gluon, bwd_kind)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cases", type=int, default=50)
+    ap.add_argument("--start", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=None)
+    args = ap.parse_args(argv)
+    install()
+    seeds = [args.seed] if args.seed is not None else range(args.start, args.start + args.cases)
+    counts, reasons = Counter(), Counter()
+    t0 = time.time()
+    for seed in seeds:
+        try:
+            out = run_seed(seed)
+        except Exception as e:  # noqa: BLE001
+            out = Outcome(seed, "finding", f"crash: {type(e).__name__}: {e}\n{traceback.format_exc()[-1500:]}")
+        counts[out.status] += 1
+        if out.status == "ok":
+            counts[f"ok-{out.gluon}"] += 1
+            if out.backward:
+                counts[f"bwd-{out.backward}"] += 1
+        if out.status in ("tl", "refused"):
+            reasons[(out.status, out.detail[:90])] += 1
+        if out.status == "finding":
+            print(f"=== seed {seed}: {out.detail}", flush=True)
+    print(f"{time.time() - t0:.0f}s", dict(counts))
+    for (s, r), n in reasons.most_common(25):
+        print(f"  {n:4d} {s}: {r}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Probe 18 of the Gluon sm90 path (tests/probe_gluon18.py: seeded random specs through the generated
+modules with ATTNCC_BACKEND=gluon, the kernels emulated on the CPU, against attncc.reference): what
+it found, each as a small seeded regression.
+
+- A spec with RoPE whose Gluon walk reads block lists (a mask with no closed form, or one reading
+  [inputs]) handed the Gluon kernel the lists but not the rotated q and k: its forward attended
+  with unrotated q and k (templates/softmax.py.j2, ``_forward``'s Gluon branch).
+- The emulation (tests/gluon_host.py) ran the fragments' @gluon.jit helpers only where it had a host
+  version of them: a score with ``(i - j) % 5`` (``_mod_sum``, ``_mod_wraps``) raised instead of
+  running; it now runs every helper as written, with Triton's integer ``//`` and ``%`` (truncating:
+  a ``%`` printed on an operand that may be negative gives what the GPU gives).
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import types
+
+import pytest
+import torch
+
+pytest.importorskip("triton.experimental.gluon")
+
+import attncc  # noqa: E402
+from triton.experimental import gluon  # noqa: E402
+from attncc.codegen import render_gluon  # noqa: E402
+from attncc.runtime import backend, call as call_mod  # noqa: E402
+from attncc.runtime.gluon import fwd_pipelined, fwd_ws, launch  # noqa: E402
+from attncc.spec import parse_spec  # noqa: E402
+from gluon_host import Fragments, as_python, emulate_forward, load_fragments  # noqa: E402
+
+LOG2E = 1.4426950408889634
+
+
+class Emulated:
+    """A Gluon forward kernel's ``run``: the launch emulated from its own arguments (float64); keeps
+    what the kernel read."""
+
+    def __init__(self, kernel, kind):
+        self.kernel, self.kind = kernel, kind
+        self.results = []
+
+    def __call__(self, *args, grid, warmup, **kwargs):
+        a = inspect.signature(self.kernel.fn).bind(*args, **{k: v for k, v in kwargs.items()
+                                                             if k in self.kernel.arg_names}).arguments
+        q, k, v, o = (a[n].base for n in ("q_desc", "k_desc", "v_desc", "o_desc"))
+        frag = types.SimpleNamespace(walk=as_python(a["WALK"]), mask=as_python(a["MASK"]),
+                                     score=as_python(a["SCORE"]), block=as_python(a.get("BLOCK")),
+                                     segments=a["SEGMENTS"], module=None)
+        rows = a["q_desc"].block_shape[2] * (2 if self.kind == "ws" else 1)
+        out, lse = emulate_forward(frag, q.double(), k.double(), v.double(), scale=a["qk_scale"] / LOG2E,
+                                   q_offset=a["q_offset"], k_offset=a["k_offset"], n_q=a["n_q"], n_k=a["n_k"],
+                                   pattern_args=a["pattern_args"], block_m=rows, block_n=a["k_desc"].block_shape[2],
+                                   kernel=self.kind)
+        self.results.append((out, lse, q, k))
+        o.copy_(out.to(o.dtype))
+        if a["RETURN_LSE"]:
+            a["lse_ptr"].view(lse.shape).copy_(lse.float())
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+    """ATTNCC_BACKEND=gluon on the CPU, the forward kernels emulated at small tiles."""
+    monkeypatch.setenv("ATTNCC_BACKEND", "gluon")
+    monkeypatch.setattr(call_mod, "_BOUND", {})
+    monkeypatch.setattr(backend, "device_problem", lambda device: None)
+    monkeypatch.setattr(backend, "interpreting", lambda: False)
+    monkeypatch.setattr(launch, "check_devices", lambda q, k, v: None)
+    monkeypatch.setattr(launch, "check_config", lambda config, head_dim: None)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(
+        multi_processor_count=132, name="stub H100"))
+    stubs = {"ws": Emulated(fwd_ws.attn_fwd_ws, "ws"), "pipelined": Emulated(fwd_pipelined.attn_fwd_pipelined,
+                                                                             "pipelined")}
+    monkeypatch.setattr(fwd_ws.attn_fwd_ws, "run", stubs["ws"])
+    monkeypatch.setattr(fwd_pipelined.attn_fwd_pipelined, "run", stubs["pipelined"])
+    monkeypatch.setattr(backend, "gluon_config", lambda D: launch.GluonConfig("pipelined", block_m=32, block_n=16,
+                                                                               stages=2))
+    return stubs
+
+
+ROPE_LISTS = {  # RoPE beside a walk over block lists: exact ones (a stride), data-dependent ones ([inputs])
+    "strided": '[mask]\nwhere = "j <= i and ((i - j) < 5 or j % 7 == 6)"\n',
+    "document": '[inputs]\ndoc = { dims = ["b", "n"], dtype = "int32" }\n[mask]\nwhere = "doc[b, i] == doc[b, j]"\n',
+}
+
+
+@pytest.mark.parametrize("name", sorted(ROPE_LISTS))
+def test_rope_with_a_block_list_walk_reads_the_rotated_q_and_k(emulated, tmp_path, monkeypatch, name):
+    """Probe 18 seed 17 (fp16, D = 64, a document-like mask over an int64 input, RoPE): the Gluon
+    kernel read the call's q and k, not their rotated copies; o was 47% off."""
+    monkeypatch.setenv("ATTNCC_CACHE_DIR", str(tmp_path))
+    text = f'name = "rope_{name}"\nhead_dim = 64\ndtypes = ["float16"]\n[rope]\ntheta = 500.0\n' + ROPE_LISTS[name]
+    pat, mod = parse_spec(text), attncc.compile(text)
+    assert mod.SPEC.gluon == "rendered" and mod.SPEC.gluon_fragments.load().LISTS
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(2, 2, 45, 64, generator=gen).to(torch.float16)
+    k, v = (torch.randn(2, 1, 43, 64, generator=gen).to(torch.float16) for _ in range(2))
+    inputs = {"doc": (torch.arange(80).view(1, -1) // 9 + torch.tensor([[0], [1]])).to(torch.int32)} \
+        if name == "document" else {}
+    o, lse = mod.attention(q, k, v, q_offset=29, k_offset=31, return_lse=True, **inputs)
+    (out, out_lse, q_seen, k_seen), = emulated["pipelined"].results
+    call = attncc.runtime.bind(mod.SPEC, q, k, v, q_offset=29, k_offset=31, kwargs=dict(inputs))
+    q_rot, k_rot = mod._rotated(call, q.contiguous(), k.contiguous())
+    assert torch.equal(q_seen, q_rot) and torch.equal(k_seen, k_rot)
+    # exactly the unrotated pattern's on the rotated copies, and the rotated pattern's within fp16
+    plain = dataclasses.replace(pat, rope=None)
+    ref, ref_lse = attncc.reference(plain, q_rot.double(), k_rot.double(), v.double(), return_lse=True, q_offset=29,
+                                    k_offset=31, **inputs)
+    assert float((out - ref).abs().max()) < 1e-9
+    ref, ref_lse = attncc.reference(pat, q.double(), k.double(), v.double(), return_lse=True, q_offset=29,
+                                    k_offset=31, **inputs)
+    assert float((o.double() - ref).abs().max()) < 2e-2
+    seen = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), seen) and float((lse[seen] - ref_lse[seen]).abs().max()) < 2e-2
+
+
+@gluon.jit
+def _int_ops(a, b):
+    return a // b, a % b
+
+
+def test_the_emulation_has_tritons_integer_division():
+    """Runtime integers (tensors) divide as Triton's do, truncating; constexprs (Python ints) and
+    floats as Python's."""
+    ops = as_python(_int_ops)
+    assert [int(x) for x in ops(torch.tensor(-7), torch.tensor(3))] == [-2, -1]
+    assert [int(x) for x in ops(torch.tensor(7), -3)] == [-2, 1]
+    assert ops(-7, 3) == (-3, 2)
+    assert [float(x) for x in ops(torch.tensor(-7.0), 2.0)] == [-4.0, 1.0]
+
+
+@pytest.mark.parametrize("bias", ["0.25 * ((i - j) % 5)", "0.5 * ((j - i) // 3 % 4)", "0.1 * (max(i, j) % 7)"])
+def test_helpers_the_emulation_has_no_host_version_of_run_as_written(tmp_path, bias):
+    """Probe 18 seed 20 (a bias reading ``doc_i[h, (i - j) % 5]``): the score's ``_mod_sum`` and
+    ``_mod_wraps`` were left as @gluon.jit functions and raised on the host."""
+    pat = parse_spec(f'name = "helpers"\n[score]\nbias = "{bias}"\n[mask]\nwhere = "j <= i + 3"\n')
+    frag = Fragments(load_fragments(render_gluon(pat), tmp_path, "helpers"))
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 2, 37, 16, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(1, 1, 53, 16, generator=gen, dtype=torch.float64) for _ in range(2))
+    for q_offset, k_offset in ((0, 0), (5, 19), (30, 0)):
+        o, lse = emulate_forward(frag, q, k, v, scale=0.3, q_offset=q_offset, k_offset=k_offset, block_m=16, block_n=16)
+        ref, ref_lse = attncc.reference(pat, q, k, v, return_lse=True, scale=0.3, q_offset=q_offset, k_offset=k_offset)
+        assert float((o - ref).abs().max()) < 1e-5
+        seen = torch.isfinite(ref_lse)
+        assert torch.equal(torch.isfinite(lse), seen)
