@@ -124,9 +124,27 @@ class Outcome:
     backward: str = ""
 
 
+def probe_draft(seed):
+    """probe_specs' random expressions (masks with //, %, min/max/abs, params; biases, mods) as a
+    fuzz Draft (no inputs)."""
+    import probe_specs
+
+    case = probe_specs.draw_case(seed)
+    params = tuple(fz.ParamPlan(n, v, "coef" if isinstance(v, float) else "glob") for n, v in case.params)
+    return fz.Draft(params=params, mask=None if case.mask is None else fz.Atom(case.mask.spec),
+                    bias=() if case.bias is None else (fz.Atom(case.bias.spec),),
+                    mod=None if case.mod is None else fz.Atom(case.mod))
+
+
 def draw(seed):
     rng = random.Random(seed)
     _, draft = fz.random_spec(rng)
+    r = rng.random()
+    if r < 0.3:  # the Gluon backward takes none with inputs or RoPE
+        while draft.used_inputs or draft.rope is not None:
+            _, draft = fz.random_spec(rng)
+    elif r < 0.5:
+        draft = probe_draft(seed)
     D = rng.choice((64, 64, 128, 128, 256))
     dtype = rng.choice(("bfloat16", "float16"))
     vd = draft.value_dim
@@ -218,9 +236,12 @@ def main(argv=None):
     ap.add_argument("--cases", type=int, default=50)
     ap.add_argument("--start", type=int, default=0)
     ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--fragments", action="store_true", help="the fragments alone (walks, masks, emulations)")
     args = ap.parse_args(argv)
     install()
     seeds = [args.seed] if args.seed is not None else range(args.start, args.start + args.cases)
+    if args.fragments:
+        return main_fragments(seeds)
     counts, reasons = Counter(), Counter()
     t0 = time.time()
     for seed in seeds:
@@ -237,6 +258,194 @@ def main(argv=None):
             reasons[(out.status, out.detail[:90])] += 1
         if out.status == "finding":
             print(f"=== seed {seed}: {out.detail}", flush=True)
+    print(f"{time.time() - t0:.0f}s", dict(counts))
+    for (s, r), n in reasons.most_common(25):
+        print(f"  {n:4d} {s}: {r}")
+
+
+# ------------------------------------------------------------------------------------------------
+# fragments alone: the rendered walks (both orientations) and masks against the tile oracle, the
+# forward emulated, the backward (split and fused) emulated, for nastier random masks
+
+
+def fragment_sources(seed):
+    """(source, spec text) of seed: probe_specs' expression masks (//, %, min/max/abs, params, biases,
+    mods), the tile oracle's band masks, or the fuzz generator's specs without inputs."""
+    import probe_specs
+    import tile_oracle
+
+    rng = random.Random(seed * 31 + 5)
+    r = rng.random()
+    if r < 0.45:
+        return "probe", probe_specs.draw_case(seed).text
+    if r < 0.7:
+        mask, params = (tile_oracle.random_cover_mask if rng.random() < 0.6 else tile_oracle.random_mask)(rng)
+        return "oracle", tile_oracle.mask_spec(f"o{seed}", mask, params).split("\n", 1)[1]
+    while True:
+        _, draft = fz.random_spec(rng)
+        if not draft.used_inputs:
+            break
+    draft = dataclasses.replace(draft, rope=None, value_dim=None, head_dims=(64,), dtypes=("float16",))
+    return "fuzz", draft.text
+
+
+def run_fragments(seed, folder):
+    import test_gluon_rendered as tr
+    from tile_oracle import Problem, random_overrides
+
+    from attncc.analysis import analyze
+    from attncc.analysis.builtin import gluon_fit
+    from attncc.analysis.score import canonical_score
+    from attncc.codegen import render_gluon
+    from attncc.spec import SpecError, parse_spec
+    from gluon_host import Fragments, load_fragments
+
+    source, text = fragment_sources(seed)
+    try:
+        pat = parse_spec(f'name = "g{seed}"\n' + text)
+    except SpecError as e:
+        return Outcome(seed, "tl", f"spec: {str(e)[:60]}")
+    except Exception as e:  # noqa: BLE001
+        return Outcome(seed, "finding", f"parse crash {type(e).__name__}: {e}\n{text}")
+    if pat.kind != "softmax" or any(w in text for w in ("[inputs]",)):
+        return Outcome(seed, "tl", "not softmax / inputs")
+    fit = gluon_fit(analyze(canonical_score(pat)))
+    if fit.kind in ("dense", "causal"):  # the built-in walk and mask, a plain score: exactly the reference's
+        return run_builtin(seed, pat, fit.kind, text)
+    if fit.kind != "rendered":
+        return Outcome(seed, "tl", f"{fit.kind}: {(fit.reason or '')[:80]}", fit.kind or "")
+    src = render_gluon(pat)
+    if src is None:
+        return Outcome(seed, "tl", "no fragments text")
+    frag = Fragments(load_fragments(src, folder, f"g{seed}"))
+    if getattr(frag.module, "LISTS", False):
+        return Outcome(seed, "tl", "lists (module path)", "lists")
+    rng = random.Random(seed)
+    checked = bwd_runs = 0
+    for _ in range(3):
+        Nq, Nk = rng.randint(1, 150), rng.randint(1, 150)
+        q_offset = rng.choice((0, 0, rng.randint(1, 60), rng.randint(100, 5000)))
+        k_offset = rng.choice((0, 0, rng.randint(1, 60), q_offset + rng.randint(-30, 30)))
+        k_offset = max(0, k_offset)
+        n_q = q_offset + Nq + rng.choice((0, 0, rng.randint(1, 40)))
+        n_k = k_offset + Nk + rng.choice((0, 0, rng.randint(1, 40)))
+        params = {**pat.param_values, **random_overrides(rng, {k: v for k, v in pat.param_values.items()
+                                                               if type(v) is int})}
+        shape = rng.choice([(16, 16), (32, 16), (16, 32), (64, 16), (64, 32), (128, 64), (128, 128), (64, 128)])
+        problem = Problem(Nq, Nk, q_offset, k_offset, n_q, n_k, block_m=shape[0], block_n=shape[1])
+        b, h = rng.randint(0, 1), rng.randint(0, 2)
+        where = f"{source} seed {seed}: {problem} params {params} b {b} h {h}\n{text}"
+        try:
+            ok = tr.check_walk(frag, pat, problem, params, b=b, h=h)
+        except AssertionError as e:
+            return Outcome(seed, "finding", f"walk/mask: {str(e)[:300]}\n{where}", "rendered")
+        except Exception as e:  # noqa: BLE001
+            return Outcome(seed, "finding", f"walk crash {type(e).__name__}: {e}\n{traceback.format_exc()[-800:]}"
+                           f"\n{where}", "rendered")
+        if not ok:
+            continue
+        checked += 1
+        Hq = pat.heads_q or rng.choice((1, 2, 3, 4))
+        Hkv = pat.heads_kv or rng.choice([d for d in (1, 2) if Hq % d == 0])
+        if Hq % Hkv:
+            continue
+        try:
+            tr.check_emulation(frag, pat, params, Nq=Nq, Nk=Nk, q_offset=q_offset, k_offset=k_offset, n_q=n_q,
+                               n_k=n_k, block_m=rng.choice((16, 32, 64)), block_n=rng.choice((16, 32)), B=b + 1,
+                               Hq=Hq, Hkv=Hkv, scale=rng.choice((0.25, 0.5, 1.0)), seed=seed)
+        except AssertionError as e:
+            return Outcome(seed, "finding", f"forward emulation: {str(e)[:300]}\n{where}", "rendered")
+        if frag.qwalk is not None:
+            out = run_fragment_backward(frag, pat, params, rng, B=b + 1, Hq=Hq, Hkv=Hkv, Nq=Nq, Nk=Nk,
+                                        q_offset=q_offset, k_offset=k_offset, n_q=n_q, n_k=n_k)
+            if out is not None and out.startswith("!"):
+                return Outcome(seed, "finding", f"backward: {out}\n{where}", "rendered")
+            bwd_runs += out is not None
+    return Outcome(seed, "ok" if checked else "refused", "" if checked else "precondition", "rendered",
+                   f"gluon x{bwd_runs}" if bwd_runs else "")
+
+
+def run_builtin(seed, pat, kind, text):
+    import test_gluon_rendered as tr
+
+    from attncc.runtime.gluon import walks
+
+    walk, mask = walks.PATTERNS[kind]
+    frag = types.SimpleNamespace(walk=as_python(walk), mask=as_python(mask), score=None, block=None, segments=1,
+                                 module=types.SimpleNamespace(PARAMS=()))
+    rng = random.Random(seed)
+    for _ in range(3):
+        Nq, Nk = rng.randint(1, 150), rng.randint(1, 150)
+        q_offset, k_offset = rng.choice((0, rng.randint(0, 100))), rng.choice((0, rng.randint(0, 100)))
+        kw = dict(Nq=Nq, Nk=Nk, q_offset=q_offset, k_offset=k_offset, n_q=q_offset + Nq + rng.choice((0, 7)),
+                  n_k=k_offset + Nk + rng.choice((0, 5)), block_m=rng.choice((16, 32, 64)), block_n=rng.choice((16, 32)),
+                  B=2, Hq=2, Hkv=1, scale=rng.choice((0.25, 1.0)), seed=seed)
+        try:
+            tr.check_emulation(frag, pat, dict(pat.param_values), **kw)
+        except AssertionError as e:
+            return Outcome(seed, "finding", f"built-in {kind}: {str(e)[:200]}\n{kw}\n{text}", kind)
+    return Outcome(seed, "ok", "", kind)
+
+
+def run_fragment_backward(frag, pat, params, rng, *, B, Hq, Hkv, Nq, Nk, q_offset, k_offset, n_q, n_k):
+    """The Gluon backward of the fragments (kernels emulated) against the reference's gradients; None
+    when the call breaks the backward's precondition, "!..." on a mismatch."""
+    call = types.SimpleNamespace(params=params, q_offset=q_offset, k_offset=k_offset, Nq=Nq, Nk=Nk, n_q=n_q, n_k=n_k)
+    if not (frag.module.exact(call) and frag.module.backward_exact(call)):
+        return None
+    method = rng.choice(("split", "fused"))
+    D = rng.choice((64, 128))
+    cfg = random_bwd_config(rng, D, method)
+    dtype = rng.choice((torch.float16, torch.bfloat16))
+    gen = torch.Generator().manual_seed(rng.randrange(2**31))
+    q = torch.randn(B, Hq, Nq, D, generator=gen).to(dtype)
+    k, v = (torch.randn(B, Hkv, Nk, D, generator=gen).to(dtype) for _ in range(2))
+    do = torch.randn(B, Hq, Nq, D, generator=gen).to(dtype)
+    dlse = torch.randn(B, Hq, Nq, generator=gen) if rng.random() < 0.5 else None
+    scale = rng.choice((None, 0.05, 0.3))
+    pos = dict(q_offset=q_offset, k_offset=k_offset, n_q=n_q, n_k=n_k, scale=scale)
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    o, lse = attncc.reference(pat, *leaves, return_lse=True, **pos, **params)
+    outs, cots = [o], [do.double()]
+    if dlse is not None:
+        outs.append(torch.where(lse.isinf(), 0.0, lse))
+        cots.append(dlse.double())
+    if not o.requires_grad:
+        return None
+    want = torch.autograd.grad(outs, leaves, cots, allow_unused=True, materialize_grads=True)
+    got = launch.attention_backward(
+        q, k, v, o.detach().to(dtype), lse.detach().float(), do, dlse, **pos, config=cfg,
+        walk=frag.module.walk, qwalk=frag.module.qwalk, mask=frag.module.mask, qmask=frag.module.qmask,
+        score=frag.module.score, score_grad=frag.module.score_grad, segments=frag.module.SEGMENTS,
+        qsegments=frag.module.QSEGMENTS, pattern_args=frag.module.pattern_args(call), method=method)
+    tol = {torch.float16: 4e-3, torch.bfloat16: 2e-2}[dtype]
+    for label, g, w in zip(("dq", "dk", "dv"), got, want):
+        if torch.isnan(g).any():
+            return f"!{label} NaN ({method}, {cfg}, D {D}, {dtype})"
+        floor = 1e-2 * math.sqrt(w.numel())
+        err = float((g.double() - w).norm() / max(float(w.norm()), floor))
+        if err > tol:
+            return f"!{label} rel {err:.3g} > {tol} ({method}, {cfg}, D {D}, {dtype}, scale {scale}, dlse {dlse is not None})"
+    return method
+
+
+def main_fragments(seeds):
+    import tempfile
+    counts, reasons = Counter(), Counter()
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as folder:
+        for seed in seeds:
+            try:
+                out = run_fragments(seed, Path(folder))
+            except Exception as e:  # noqa: BLE001
+                out = Outcome(seed, "finding", f"crash: {type(e).__name__}: {e}\n{traceback.format_exc()[-1500:]}")
+            counts[out.status] += 1
+            if out.backward:
+                counts["bwd"] += 1
+            if out.status in ("tl", "refused"):
+                reasons[(out.status, out.detail[:80])] += 1
+            if out.status == "finding":
+                print(f"=== {out.detail}", flush=True)
     print(f"{time.time() - t0:.0f}s", dict(counts))
     for (s, r), n in reasons.most_common(25):
         print(f"  {n:4d} {s}: {r}")

@@ -319,9 +319,12 @@ def check_walk(frag: Fragments, pat, problem: Problem, params, b=0, h=0) -> bool
     truth = pair_mask(pat, **problem.positions, batch=b + 1, heads=h + 1, params=params)[b, h]
     for fn, on in ((frag.mask, True), (frag.qmask, backward)):
         if fn is not None and on:  # the dK/dV kernel's orientation: i [1, M], j [N, 1]
-            allowed = fn(i.T, j.T, torch.tensor(n_q), torch.tensor(n_k), ctx).expand(problem.k_rows, problem.q_rows)
+            # (a mask that is a constant, a never-true one's False, is a Python bool)
+            allowed = torch.as_tensor(fn(i.T, j.T, torch.tensor(n_q), torch.tensor(n_k), ctx)).expand(
+                problem.k_rows, problem.q_rows)
             assert torch.equal(allowed.T, truth), problem
-            assert torch.equal(fn(i, j, torch.tensor(n_q), torch.tensor(n_k), ctx).expand_as(truth), truth), problem
+            assert torch.equal(torch.as_tensor(fn(i, j, torch.tensor(n_q), torch.tensor(n_k), ctx)).expand_as(truth),
+                               truth), problem
     return True
 
 

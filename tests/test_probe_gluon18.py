@@ -144,3 +144,72 @@ def test_helpers_the_emulation_has_no_host_version_of_run_as_written(tmp_path, b
         assert float((o - ref).abs().max()) < 1e-5
         seen = torch.isfinite(ref_lse)
         assert torch.equal(torch.isfinite(lse), seen)
+
+
+@pytest.fixture
+def emulated_backward(monkeypatch):
+    """The Gluon backward's kernels emulated (tests/gluon_emulation.py), CPU tensors let through."""
+    from gluon_emulation import EmulatedKernel
+
+    from attncc.runtime.gluon import bwd, bwd_fused
+
+    monkeypatch.setattr(launch, "check_devices", lambda q, k, v: None)
+    for kernel in (bwd.attn_bwd_dkdv, bwd.attn_bwd_dq, bwd_fused.attn_bwd_fused):
+        monkeypatch.setattr(kernel, "run", EmulatedKernel(kernel))
+
+
+def _backward_against_reference(pat, q, k, v, do, method, config, frag=None, **pos):
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    o, lse = attncc.reference(pat, *leaves, return_lse=True, **pos)
+    want = torch.autograd.grad([o], leaves, [do.double()])
+    if frag is None:
+        fragments = dict(pattern="dense")
+    else:
+        call = types.SimpleNamespace(params={}, Nq=q.shape[2], Nk=k.shape[2], **pos)
+        fragments = dict(walk=frag.walk, qwalk=frag.qwalk, mask=frag.mask, qmask=frag.qmask, score=frag.score,
+                         score_grad=frag.score_grad, segments=frag.SEGMENTS, qsegments=frag.QSEGMENTS,
+                         pattern_args=frag.pattern_args(call))
+    got = launch.attention_backward(q, k, v, o.detach().to(q.dtype), lse.detach().float(), do, None, **pos,
+                                    config=config, method=method, **fragments)
+    for g, w in zip(got, want):
+        assert not torch.isnan(g).any()
+        if w.norm() < 1e-9:  # (max(s, j**2): the scores do not depend on q, k at all)
+            assert float(g.abs().max()) < 1e-4
+        else:
+            assert float((g.double() - w).norm() / w.norm()) < 5e-3
+
+
+BWD_SMALL = launch.GluonBwdConfig(kv_block_n=128, kv_block_m=64, kv_stages=2, q_block_m=128, q_block_n=64, q_stages=2)
+
+
+@pytest.mark.parametrize("method", ["split", "fused"])
+@pytest.mark.parametrize("score", ['bias = "0.5 * j"', 'mod = "max(s, j ** 2)"'])
+def test_fused_dq_ignores_the_keys_past_nk(emulated_backward, tmp_path, method, score):
+    """Probe 18 (fragments seed 471: ``mod = "max(s, (j) ** 2)"``, fp16, fused): the fused kernel's
+    dQ = dS K read dS^T's rows past Nk, where P^T of a zero K row's score overflows when the score
+    grows with the key (here by 50 and 10**4 over 128 keys): inf * 0, NaN in dQ. Split never read them."""
+    pat = parse_spec(f'name = "keys_past"\n[score]\n{score}\n')
+    frag = load_fragments(render_gluon(pat), tmp_path, "keys_past")
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 2, 18, 64, generator=gen).to(torch.float16)
+    k, v = (torch.randn(2, 1, 77, 64, generator=gen).to(torch.float16) for _ in range(2))
+    do = torch.randn(q.shape, generator=gen).to(torch.float16)
+    _backward_against_reference(pat, q, k, v, do, method, BWD_SMALL, frag, q_offset=47, k_offset=23, n_q=65, n_k=100)
+
+
+@pytest.mark.parametrize("method", ["split", "fused"])
+def test_fused_dq_of_rows_far_below_zero(emulated_backward, method):
+    """The built-in dense walk, a query row whose every score is about -30 (its LSE too): P^T of the
+    zero K rows past Nk is e^30, dS^T past fp16's range; the fused dQ was NaN."""
+    pat = parse_spec('name = "dense"\n')
+    gen = torch.Generator().manual_seed(3)
+    k = 0.1 * torch.randn(1, 1, 77, 64, generator=gen)
+    k[..., 0] += 4.0  # every key along one direction, every query against it: q . k = -240 +- 6
+    q = torch.zeros(1, 1, 20, 64)
+    q[..., 0] = -60.0
+    q, k = (q + 0.01 * torch.randn(q.shape, generator=gen)).to(torch.float16), k.to(torch.float16)
+    v = torch.randn(1, 1, 77, 64, generator=gen).to(torch.float16)
+    do = torch.randn(q.shape, generator=gen).to(torch.float16)
+    lse = attncc.reference(pat, q.double(), k.double(), v.double(), return_lse=True)[1]
+    assert float(lse.max()) < -20
+    _backward_against_reference(pat, q, k, v, do, method, BWD_SMALL)

@@ -62,9 +62,9 @@ def attn_bwd_dkdv(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, lse_desc, d
                                                                H, GROUP, Nq, Nk, q_offset, k_offset, n_q, n_k,
                                                                pattern_args, QWALK, QSEGMENTS, STAGES)
     for t in range(0, total):
-        dv_tok, pt_a, dst, q, h, qb = transposed_step(t, prog, descs, smem, segs, n_blocks, total, H, GROUP, Nq,
+        dv_tok, pt_a, dst, q, h, qb = transposed_step(t, prog, descs, smem, segs, n_blocks, total, H, GROUP, Nq, Nk,
                                                       q_offset, k_offset, n_q, n_k, qk_scale, pattern_args, dv, MASK,
-                                                      SCORE, SCORE_GRAD, QSEGMENTS, num_warps)
+                                                      SCORE, SCORE_GRAD, QSEGMENTS, False, num_warps)
         dst_a = gl.convert_layout(dst, a_layout)
         dk_tok = warpgroup_mma(dst_a, q, dk, is_async=True)
         # Both must complete before the slot is refilled (next step) and before dV, dK are reused.

@@ -31,7 +31,10 @@ qwalk contract makes every key block holding an allowed pair with it, so the fus
 forward walk (the split dQ kernel's).
 
 Rows past Nq: the TMA reduce clips at the accumulator's shape (rows past Nq are never added), and
-their dS is zero anyway (P^T is masked by the row bound on partial blocks).
+their dS is zero anyway (P^T is masked by the row bound on partial blocks). Keys past Nk: K's rows
+there are zeros, but dS^T's are not (P^T of a zero K row's score, which a score hook growing with
+the key, a linear bias of j say, or a row whose LSE is far below 0 overflows in fp16 or fp32:
+inf * 0 = NaN in dQ), so the step zeroes them (`transposed_step`'s KEY_BOUND).
 """
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -79,9 +82,10 @@ def attn_bwd_fused(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_acc_des
     dq_tile = dq_smem.reshape([BLOCK_M, HEAD_DIM])
 
     for t in range(0, total):
-        dv_tok, pt_a, dst, q, h, qb = transposed_step(t, prog, descs, smem, segs, n_blocks, total, H, GROUP, Nq,
+        # (KEY_BOUND: dS^T 0 on the key rows past Nk, which dQ = dS K reads)
+        dv_tok, pt_a, dst, q, h, qb = transposed_step(t, prog, descs, smem, segs, n_blocks, total, H, GROUP, Nq, Nk,
                                                       q_offset, k_offset, n_q, n_k, qk_scale, pattern_args, dv, MASK,
-                                                      SCORE, SCORE_GRAD, QSEGMENTS, num_warps)
+                                                      SCORE, SCORE_GRAD, QSEGMENTS, True, num_warps)
         # dS^T goes to shared memory (while dV runs), where both of its GEMMs read it: dK += dS^T Q and,
         # through the transposed view, dQ_partial = dS K. No register copy of it as an A operand stays
         # live next to dK, dV and the dQ partial (registers: docs/gluon.md). The previous step's dQ

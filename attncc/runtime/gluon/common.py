@@ -370,9 +370,9 @@ def next_query_step(t, descs, smem, bars, b, hk, GROUP, segs, n_blocks, total, S
 
 
 @gluon.jit
-def transposed_step(t, prog, descs, smem, segs, n_blocks, total, H, GROUP, Nq, q_offset, k_offset, n_q, n_k, qk_scale,
-                    pattern_args, dv, MASK: gl.constexpr, SCORE: gl.constexpr, SCORE_GRAD: gl.constexpr,
-                    QSEGMENTS: gl.constexpr, num_warps: gl.constexpr):
+def transposed_step(t, prog, descs, smem, segs, n_blocks, total, H, GROUP, Nq, Nk, q_offset, k_offset, n_q, n_k,
+                    qk_scale, pattern_args, dv, MASK: gl.constexpr, SCORE: gl.constexpr, SCORE_GRAD: gl.constexpr,
+                    QSEGMENTS: gl.constexpr, KEY_BOUND: gl.constexpr, num_warps: gl.constexpr):
     """Step t of a key-block program, up to dS^T (the caller issues dK += dS^T Q and waits).
 
     Refills the slot of step t - 1 (after a CTA barrier: every warp is done with it) with step
@@ -380,7 +380,10 @@ def transposed_step(t, prog, descs, smem, segs, n_blocks, total, H, GROUP, Nq, q
     fragments take the positions transposed, walks.py, and the step's query head in their ctx):
     S^T = K Q^T and dP^T = V dO^T from shared memory, issued together; the scores through SCORE,
     masked on a partial block (row bound, MASK); P^T = exp2(S^T - lse2); dV += P^T dO issued with
-    P^T from registers; dS^T = P^T SCORE_GRAD (dP^T - delta).
+    P^T from registers; dS^T = P^T SCORE_GRAD (dP^T - delta), with KEY_BOUND 0 on the key rows past
+    Nk (their dK and dV are clipped by the TMA store, but the fused kernel's dQ = dS K reads them:
+    there P^T is exp2 of a score of a zero K row, which a score hook growing with the key, or a row
+    whose LSE is far below 0, overflows; times K's zero rows that is NaN).
 
     Returns (dv, pt_a, dst, q, h, qb): dV in flight and its register operand (for
     `warpgroup_mma_wait`'s deps), dS^T in q's dtype in the S^T layout, the step's Q tile (shared
@@ -424,8 +427,10 @@ def transposed_step(t, prog, descs, smem, segs, n_blocks, total, H, GROUP, Nq, q
     dv_tok = warpgroup_mma(pt_a, do, dv, is_async=True)
     delta = delta_smem.index(slot).reshape([BLOCK_M]).load(col_layout)
     dpt = warpgroup_mma_wait(1, deps=(dpt_tok, ))
-    dst = (pt * (dpt - gl.expand_dims(delta, 0))).to(dtype)
-    return dv_tok, pt_a, dst, q, h, qb
+    dst = pt * (dpt - gl.expand_dims(delta, 0))
+    if KEY_BOUND:
+        dst = gl.where(j_pos < k_offset + Nk, dst, 0.0)
+    return dv_tok, pt_a, dst.to(dtype), q, h, qb
 
 
 @gluon.jit
