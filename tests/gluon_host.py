@@ -194,8 +194,9 @@ def as_python(jit_fn, _done=None, **extra):
     if fn in done:
         return done[fn]
     names = {"gl": GL, "FAST_MATH": True, "_trunc_div": _trunc_div, "_trunc_mod": _trunc_mod}
-    out = types.FunctionType(_host_code(fn), {**fn.__globals__, **names}, fn.__name__, fn.__defaults__,
-                             fn.__closure__)
+    # (a plain Python function a test passes, a closure among them, runs as it is)
+    code = _host_code(fn) if hasattr(jit_fn, "fn") and fn.__closure__ is None else fn.__code__
+    out = types.FunctionType(code, {**fn.__globals__, **names}, fn.__name__, fn.__defaults__, fn.__closure__)
     done[fn] = out
     for n in fn.__code__.co_names:
         if n in HELPERS:
