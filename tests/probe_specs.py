@@ -563,8 +563,11 @@ def check_kernels(case: Case) -> Optional[str]:
     if err > 1e-4 or torch.isnan(o).any():
         return f"o: relative error {err:.3g}"
     fin = torch.isfinite(ref_lse)
-    lse_err = float((lse.detach()[fin].double() - ref_lse.detach()[fin]).abs().max()) if fin.any() else 0.0
-    if not torch.equal(fin, torch.isfinite(lse)) or lse_err > 1e-3:
+    # relative past 100: a score of magnitude 1e5 (sigmoid(s) * a huge param) is only that precise in
+    # float32, and so is its LSE (seeds 100246, 100643)
+    diff = (lse.detach()[fin].double() - ref_lse.detach()[fin]).abs() / ref_lse.detach()[fin].abs().clamp_min(100.0)
+    lse_err = float(diff.max()) if fin.any() else 0.0
+    if not torch.equal(fin, torch.isfinite(lse)) or lse_err > 1e-5:
         return f"lse differs (finite pattern, or error {lse_err:.3g})"
     if case.backward:
         g = torch.randn(o.shape, generator=gen, dtype=torch.float64)
@@ -575,7 +578,8 @@ def check_kernels(case: Case) -> Optional[str]:
             return f"backward raised {type(e).__name__}: {str(e)[:300]}"
         ref.backward(g)
         for name, x, xd in (("dq", q, qd), ("dk", k, kd), ("dv", v, vd)):
-            err = _rel(x.grad, xd.grad)
+            # a reference that never reads q or k (mod = "s * 0") leaves their .grad None: zero
+            err = _rel(x.grad, torch.zeros_like(xd) if xd.grad is None else xd.grad)
             if err > 1e-3:
                 return f"{name}: relative error {err:.3g}"
     return None
