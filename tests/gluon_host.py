@@ -352,3 +352,59 @@ def fuzz_rendered(rng, prefix: str, tries: int = 400):
             fit = gluon_fit(analyze(canonical_score(pat)))
             if fit.kind == "rendered":
                 yield n, text, pat, fit
+
+
+class EmulatedForward:
+    """Stands in for a Gluon forward kernel's ``run`` (``kind``: "ws" or "pipelined"): emulates the
+    launch from its own arguments in float64 (:func:`emulate_forward`), writes o (and the LSE) as the
+    kernel would, and keeps per launch a namespace of out, lse, walked (the blocks it walked), block_m,
+    block_n, q, k (what the kernel read) and args (the bound arguments)."""
+
+    def __init__(self, kernel, kind):
+        self.kernel, self.kind = kernel, kind
+        self.results = []
+
+    def __call__(self, *args, grid, warmup, **kwargs):
+        a = inspect.signature(self.kernel.fn).bind(*args, **{k: v for k, v in kwargs.items()
+                                                             if k in self.kernel.arg_names}).arguments
+        q, k, v, o = (a[n].base for n in ("q_desc", "k_desc", "v_desc", "o_desc"))
+        frag = types.SimpleNamespace(walk=as_python(a["WALK"]), mask=as_python(a["MASK"]),
+                                     score=as_python(a["SCORE"]), block=as_python(a.get("BLOCK")),
+                                     segments=a["SEGMENTS"], module=None)
+        rows = a["q_desc"].block_shape[2] * (2 if self.kind == "ws" else 1)
+        block_n = a["k_desc"].block_shape[2]
+        walked = set()
+        out, lse = emulate_forward(frag, q.double(), k.double(), v.double(), scale=a["qk_scale"] / _LOG2E,
+                                   q_offset=a["q_offset"], k_offset=a["k_offset"], n_q=a["n_q"], n_k=a["n_k"],
+                                   pattern_args=a["pattern_args"], block_m=rows, block_n=block_n, walked=walked,
+                                   kernel=self.kind)
+        self.results.append(types.SimpleNamespace(out=out, lse=lse, walked=walked, block_m=rows, block_n=block_n,
+                                                  q=q, k=k, args=a))
+        o.copy_(out.to(o.dtype))
+        if a["RETURN_LSE"]:
+            a["lse_ptr"].view(lse.shape).copy_(lse.float())
+
+
+_LOG2E = 1.4426950408889634
+
+
+def emulated_forwards(monkeypatch) -> dict:
+    """ATTNCC_BACKEND=gluon on the CPU: the device checks a CPU fails stubbed (an sm90 with 132 SMs),
+    the bind cache fresh, and the forward kernels' runs emulated; {"ws": ..., "pipelined": ...} of
+    their :class:`EmulatedForward` stand-ins."""
+    from attncc.runtime import backend, call as call_mod
+    from attncc.runtime.gluon import fwd_pipelined, fwd_ws, launch
+
+    monkeypatch.setenv("ATTNCC_BACKEND", "gluon")
+    monkeypatch.setattr(call_mod, "_BOUND", {})
+    monkeypatch.setattr(backend, "device_problem", lambda device: None)
+    monkeypatch.setattr(backend, "interpreting", lambda: False)
+    monkeypatch.setattr(launch, "check_devices", lambda q, k, v: None)
+    monkeypatch.setattr(launch, "check_config", lambda config, head_dim: None)  # small tiles on the CPU
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(
+        multi_processor_count=132, name="stub H100"))
+    stubs = {"ws": EmulatedForward(fwd_ws.attn_fwd_ws, "ws"),
+             "pipelined": EmulatedForward(fwd_pipelined.attn_fwd_pipelined, "pipelined")}
+    monkeypatch.setattr(fwd_ws.attn_fwd_ws, "run", stubs["ws"])
+    monkeypatch.setattr(fwd_pipelined.attn_fwd_pipelined, "run", stubs["pipelined"])
+    return stubs

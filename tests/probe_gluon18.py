@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import math
 import os
 import random
@@ -35,39 +34,11 @@ import torch  # noqa: E402
 
 import attncc  # noqa: E402
 import fuzz_specs as fz  # noqa: E402
-from attncc.runtime import backend, call as call_mod, gluon as gluon_pkg  # noqa: E402
+from attncc.runtime import backend, call as call_mod  # noqa: E402
 from attncc.runtime.gluon import bwd, bwd_fused, fwd_pipelined, fwd_ws, launch  # noqa: E402
 from gluon_emulation import EmulatedKernel as EmulatedBackward  # noqa: E402
-from gluon_host import as_python, emulate_forward  # noqa: E402
+from gluon_host import EmulatedForward, as_python  # noqa: E402
 
-LOG2E = 1.4426950408889634
-
-
-class EmulatedForward:
-    """A forward kernel's ``run``: emulates the launch from its own arguments (float64)."""
-
-    def __init__(self, kernel, kind):
-        self.kernel, self.kind = kernel, kind
-        self.results = []
-
-    def __call__(self, *args, grid, warmup, **kwargs):
-        a = inspect.signature(self.kernel.fn).bind(*args, **{k: v for k, v in kwargs.items()
-                                                             if k in self.kernel.arg_names}).arguments
-        q, k, v, o = (a[n].base for n in ("q_desc", "k_desc", "v_desc", "o_desc"))
-        frag = types.SimpleNamespace(walk=as_python(a["WALK"]), mask=as_python(a["MASK"]),
-                                     score=as_python(a["SCORE"]), block=as_python(a.get("BLOCK")),
-                                     segments=a["SEGMENTS"], module=None)
-        rows = a["q_desc"].block_shape[2] * (2 if self.kind == "ws" else 1)
-        walked = set()
-        out, lse = emulate_forward(frag, q.double(), k.double(), v.double(), scale=a["qk_scale"] / LOG2E,
-                                   q_offset=a["q_offset"], k_offset=a["k_offset"], n_q=a["n_q"], n_k=a["n_k"],
-                                   pattern_args=a["pattern_args"], block_m=rows,
-                                   block_n=a["k_desc"].block_shape[2], walked=walked, kernel=self.kind)
-        self.results.append(dict(out=out, lse=lse, walked=walked, block_m=rows, block_n=a["k_desc"].block_shape[2],
-                                 q=q, k=k, args=a))
-        o.copy_(out.to(o.dtype))
-        if a["RETURN_LSE"]:
-            a["lse_ptr"].view(lse.shape).copy_(lse.float())
 
 
 STUBS = {}
@@ -201,16 +172,16 @@ def run_seed(seed, verbose=False) -> Outcome:
         a = fz.call_arguments(draft, plan)
         pat, q, k = pattern, a.q.detach(), a.k.detach()
         if pattern.rope is not None:  # the module's pre-pass rotated q and k (in their dtype)
-            pat, q, k = dataclasses.replace(pattern, rope=None), res["q"], res["k"]
+            pat, q, k = dataclasses.replace(pattern, rope=None), res.q, res.k
         ref, ref_lse = attncc.reference(pat, q.double(), k.double(), a.v.detach().double(),
                                         return_lse=True, **a.positions, **a.params, **a.inputs,
                                         **({} if plan.scale is None else {"scale": plan.scale}))
         seen = torch.isfinite(ref_lse)
-        if not torch.equal(torch.isfinite(res["lse"]), seen):
-            tight = f"rows with keys differ: {int((torch.isfinite(res['lse']) != seen).sum())}"
+        if not torch.equal(torch.isfinite(res.lse), seen):
+            tight = f"rows with keys differ: {int((torch.isfinite(res.lse) != seen).sum())}"
         else:
-            err = float((res["out"] - ref).abs().max()) / max(1.0, float(ref.abs().max()))
-            lerr = float((res["lse"][seen] - ref_lse[seen]).abs().max()) if seen.any() else 0.0
+            err = float((res.out - ref).abs().max()) / max(1.0, float(ref.abs().max()))
+            lerr = float((res.lse[seen] - ref_lse[seen]).abs().max()) if seen.any() else 0.0
             if err > 1e-3 or lerr > 1e-3:
                 tight = f"float64 emulation: o err {err:.3g}, lse err {lerr:.3g}"
         if (failure is not None and tight is None and pattern.rope is not None and failure.what in ("o", "lse")

@@ -17,8 +17,6 @@ fragments"), checked without a GPU:
 from __future__ import annotations
 
 import dataclasses
-import inspect
-import types
 
 import pytest
 import torch
@@ -28,10 +26,10 @@ pytest.importorskip("triton.experimental.gluon")
 import attncc  # noqa: E402
 from attncc._reference import pair_mask  # noqa: E402
 from attncc.core import tiles  # noqa: E402
-from attncc.runtime import backend, call as call_mod  # noqa: E402
-from attncc.runtime.gluon import fwd_pipelined, fwd_ws, launch  # noqa: E402
+from attncc.runtime import backend  # noqa: E402
+from attncc.runtime.gluon import launch  # noqa: E402
 from cases import SMALL_PARAMS, inputs_for, module, pattern  # noqa: E402
-from gluon_host import as_python, emulate_forward  # noqa: E402
+from gluon_host import as_python, emulate_forward, emulated_forwards  # noqa: E402
 from tile_oracle import tile_classes, truth_classes  # noqa: E402
 
 import test_gluon_rendered as rendered  # noqa: E402
@@ -95,48 +93,10 @@ def test_each_spec_keeps_the_tl_backward_and_says_why(name):
 # the host path, the kernel emulated
 
 
-class Emulated:
-    """Stands in for a Gluon kernel's ``run``: emulates the launch from its own arguments and keeps
-    the float64 result and the blocks walked."""
-
-    def __init__(self, kernel, kind):
-        self.kernel, self.kind = kernel, kind
-        self.results = []
-
-    def __call__(self, *args, grid, warmup, **kwargs):
-        a = inspect.signature(self.kernel.fn).bind(*args, **{k: v for k, v in kwargs.items()
-                                                             if k in self.kernel.arg_names}).arguments
-        q, k, v, o = (a[n].base for n in ("q_desc", "k_desc", "v_desc", "o_desc"))
-        frag = types.SimpleNamespace(walk=as_python(a["WALK"]), mask=as_python(a["MASK"]),
-                                     score=as_python(a["SCORE"]), block=as_python(a.get("BLOCK")),
-                                     segments=a["SEGMENTS"], module=None)
-        rows = a["q_desc"].block_shape[2] * (2 if self.kind == "ws" else 1)
-        walked = set()
-        out, lse = emulate_forward(frag, q.double(), k.double(), v.double(), scale=a["qk_scale"] / rendered.LOG2E,
-                                   q_offset=a["q_offset"], k_offset=a["k_offset"], n_q=a["n_q"], n_k=a["n_k"],
-                                   pattern_args=a["pattern_args"], block_m=rows,
-                                   block_n=a["k_desc"].block_shape[2], walked=walked, kernel=self.kind)
-        self.results.append((out, lse, walked, rows, a["k_desc"].block_shape[2], q, k))
-        o.copy_(out.to(o.dtype))
-        if a["RETURN_LSE"]:
-            a["lse_ptr"].view(lse.shape).copy_(lse.float())
-
-
 @pytest.fixture
 def emulated(monkeypatch):
     """ATTNCC_BACKEND=gluon on the CPU, the kernels emulated; ``emulated(config)`` sets the tiles."""
-    monkeypatch.setenv("ATTNCC_BACKEND", "gluon")
-    monkeypatch.setattr(call_mod, "_BOUND", {})
-    monkeypatch.setattr(backend, "device_problem", lambda device: None)
-    monkeypatch.setattr(backend, "interpreting", lambda: False)
-    monkeypatch.setattr(launch, "check_devices", lambda q, k, v: None)
-    monkeypatch.setattr(launch, "check_config", lambda config, head_dim: None)  # small tiles on the CPU
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(
-        multi_processor_count=132, name="stub H100"))
-    stubs = {"ws": Emulated(fwd_ws.attn_fwd_ws, "ws"), "pipelined": Emulated(fwd_pipelined.attn_fwd_pipelined,
-                                                                             "pipelined")}
-    monkeypatch.setattr(fwd_ws.attn_fwd_ws, "run", stubs["ws"])
-    monkeypatch.setattr(fwd_pipelined.attn_fwd_pipelined, "run", stubs["pipelined"])
+    stubs = emulated_forwards(monkeypatch)
 
     def use(config):
         monkeypatch.setattr(backend, "gluon_config", lambda D: config)
@@ -183,7 +143,8 @@ def run_case(emulated_config, name, case, seed, config):
     stub = emulated_config(config)
     stub.results.clear()
     o, lse = mod.attention(q, k, v, q_offset=q_offset, k_offset=k_offset, return_lse=True, **n, **inputs, **params)
-    (out, out_lse, walked, block_m, block_n, q_seen, k_seen), = stub.results
+    (r,) = stub.results
+    out, out_lse, walked, block_m, block_n, q_seen, k_seen = r.out, r.lse, r.walked, r.block_m, r.block_n, r.q, r.k
     ref, ref_lse = attncc.reference(pat, q.double(), k.double(), v.double(), return_lse=True, q_offset=q_offset,
                                     k_offset=k_offset, **n, **inputs, **params)
     if pat.rope is not None:  # the kernel read the module's rotated q, k (bf16): the reference's within bf16,

@@ -13,7 +13,6 @@ it found, each as a small seeded regression.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import types
 
 import pytest
@@ -24,55 +23,17 @@ pytest.importorskip("triton.experimental.gluon")
 import attncc  # noqa: E402
 from triton.experimental import gluon  # noqa: E402
 from attncc.codegen import render_gluon  # noqa: E402
-from attncc.runtime import backend, call as call_mod  # noqa: E402
-from attncc.runtime.gluon import fwd_pipelined, fwd_ws, launch  # noqa: E402
+from attncc.runtime import backend  # noqa: E402
+from attncc.runtime.gluon import launch  # noqa: E402
 from attncc.spec import parse_spec  # noqa: E402
-from gluon_host import Fragments, as_python, emulate_forward, load_fragments  # noqa: E402
+from gluon_host import Fragments, as_python, emulate_forward, emulated_forwards, load_fragments  # noqa: E402
 
-LOG2E = 1.4426950408889634
-
-
-class Emulated:
-    """A Gluon forward kernel's ``run``: the launch emulated from its own arguments (float64); keeps
-    what the kernel read."""
-
-    def __init__(self, kernel, kind):
-        self.kernel, self.kind = kernel, kind
-        self.results = []
-
-    def __call__(self, *args, grid, warmup, **kwargs):
-        a = inspect.signature(self.kernel.fn).bind(*args, **{k: v for k, v in kwargs.items()
-                                                             if k in self.kernel.arg_names}).arguments
-        q, k, v, o = (a[n].base for n in ("q_desc", "k_desc", "v_desc", "o_desc"))
-        frag = types.SimpleNamespace(walk=as_python(a["WALK"]), mask=as_python(a["MASK"]),
-                                     score=as_python(a["SCORE"]), block=as_python(a.get("BLOCK")),
-                                     segments=a["SEGMENTS"], module=None)
-        rows = a["q_desc"].block_shape[2] * (2 if self.kind == "ws" else 1)
-        out, lse = emulate_forward(frag, q.double(), k.double(), v.double(), scale=a["qk_scale"] / LOG2E,
-                                   q_offset=a["q_offset"], k_offset=a["k_offset"], n_q=a["n_q"], n_k=a["n_k"],
-                                   pattern_args=a["pattern_args"], block_m=rows, block_n=a["k_desc"].block_shape[2],
-                                   kernel=self.kind)
-        self.results.append((out, lse, q, k))
-        o.copy_(out.to(o.dtype))
-        if a["RETURN_LSE"]:
-            a["lse_ptr"].view(lse.shape).copy_(lse.float())
 
 
 @pytest.fixture
 def emulated(monkeypatch):
     """ATTNCC_BACKEND=gluon on the CPU, the forward kernels emulated at small tiles."""
-    monkeypatch.setenv("ATTNCC_BACKEND", "gluon")
-    monkeypatch.setattr(call_mod, "_BOUND", {})
-    monkeypatch.setattr(backend, "device_problem", lambda device: None)
-    monkeypatch.setattr(backend, "interpreting", lambda: False)
-    monkeypatch.setattr(launch, "check_devices", lambda q, k, v: None)
-    monkeypatch.setattr(launch, "check_config", lambda config, head_dim: None)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(
-        multi_processor_count=132, name="stub H100"))
-    stubs = {"ws": Emulated(fwd_ws.attn_fwd_ws, "ws"), "pipelined": Emulated(fwd_pipelined.attn_fwd_pipelined,
-                                                                             "pipelined")}
-    monkeypatch.setattr(fwd_ws.attn_fwd_ws, "run", stubs["ws"])
-    monkeypatch.setattr(fwd_pipelined.attn_fwd_pipelined, "run", stubs["pipelined"])
+    stubs = emulated_forwards(monkeypatch)
     monkeypatch.setattr(backend, "gluon_config", lambda D: launch.GluonConfig("pipelined", block_m=32, block_n=16,
                                                                                stages=2))
     return stubs
@@ -98,7 +59,8 @@ def test_rope_with_a_block_list_walk_reads_the_rotated_q_and_k(emulated, tmp_pat
     inputs = {"doc": (torch.arange(80).view(1, -1) // 9 + torch.tensor([[0], [1]])).to(torch.int32)} \
         if name == "document" else {}
     o, lse = mod.attention(q, k, v, q_offset=29, k_offset=31, return_lse=True, **inputs)
-    (out, out_lse, q_seen, k_seen), = emulated["pipelined"].results
+    (r,) = emulated["pipelined"].results
+    out, out_lse, q_seen, k_seen = r.out, r.lse, r.q, r.k
     call = attncc.runtime.bind(mod.SPEC, q, k, v, q_offset=29, k_offset=31, kwargs=dict(inputs))
     q_rot, k_rot = mod._rotated(call, q.contiguous(), k.contiguous())
     assert torch.equal(q_seen, q_rot) and torch.equal(k_seen, k_rot)
