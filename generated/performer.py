@@ -572,8 +572,10 @@ def _bind(q, k, v, q_offset, k_offset, n_q, n_k, initial_state, return_state, se
     seed = SEED if seed is None else seed
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"{SPEC.name}.{fn}: seed must be an int (it draws the random projection), got {seed!r}")
-    if not 0 <= seed < 2**63:  # torch.Generator keeps 63 bits: seed 2**63 + s would draw seed s's projection
-        raise ValueError(f"{SPEC.name}.{fn}: seed must be in 0 .. 2**63 - 1 (as [feature_map].seed), got {seed}")
+    if seed < 0:
+        raise ValueError(f"{SPEC.name}.{fn}: seed must be >= 0 (it draws the random projection), got {seed}")
+    if seed >= 2**63:  # torch.Generator keeps 63 bits: seed 2**63 + s would draw seed s's projection
+        raise ValueError(f"{SPEC.name}.{fn}: seed must be below 2**63 (as [feature_map].seed), got {seed}")
     lc.proj = _lin.projection(F, call.D, seed, call.q.device)
     if initial_state is not None:
         lc.s0, lc.z0 = _lin.check_state(f"{SPEC.name}.{fn}", initial_state, call.B, call.Hkv, F, call.Dv, call.q.device,
