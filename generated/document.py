@@ -273,17 +273,14 @@ def _tk_bmax(x, AXIS: tl.constexpr):
 
 
 @triton.jit
-def _tk_down(x):
-    # an int64 position as a float64 lower bound: past 2**53 it rounds, moved down (tiles._as_f64)
+def _tk_point(x):
+    # a point (an input's value, a tile's first or last position) as float64 bounds; past 2**53 an
+    # int64 rounds: move outward (as tiles.input_interval, tiles._as_f64)
     m = x.to(tl.float64)
-    return m - tl.where(tl.abs(m) >= 9007199254740992.0, tl.abs(m) * 2.220446049250313e-16, 0.0)
-
-
-@triton.jit
-def _tk_up(x):
-    # an int64 position as a float64 upper bound (tiles._as_f64)
-    m = x.to(tl.float64)
-    return m + tl.where(tl.abs(m) >= 9007199254740992.0, tl.abs(m) * 2.220446049250313e-16, 0.0)
+    if x.dtype == tl.int64:
+        step = tl.where(tl.abs(m) >= 9007199254740992.0, tl.abs(m) * 2.220446049250313e-16, 0.0)
+        return m - step, m + step
+    return m, m
 
 
 @triton.jit
@@ -317,8 +314,8 @@ def _tk_rows(out_ptr, pid, bh, n_bh, nqb, nkb, Nq, Nk, q_offset, k_offset, Hl, p
     full_row = out_ptr + 2 * R_pad + row.to(tl.int64) * nkb
     part_row = full_row + (R.to(tl.int64) * nkb + 3) // 4 * 4
     q_start = qb * BLOCK_M
-    i_lo = _tk_down(q_offset + q_start.to(tl.int64))
-    i_hi = _tk_up(q_offset + tl.minimum(q_start + BLOCK_M, Nq).to(tl.int64) - 1)
+    i_lo = _tk_point(q_offset + q_start.to(tl.int64))[0]
+    i_hi = _tk_point(q_offset + tl.minimum(q_start + BLOCK_M, Nq).to(tl.int64) - 1)[1]
     pos_q = q_offset + tl.minimum(q_start + tl.minimum(tl.arange(0, BM_P), BLOCK_M - 1), Nq - 1).to(tl.int64)  # the query block's rows, the last one repeated
     x1 = tl.load(ptr_doc + b64 * stride0_doc + pos_q * stride1_doc)
     x1_lo, x1_hi = _tk_bmin(x1, 0), _tk_bmax(x1, 0)
@@ -329,8 +326,8 @@ def _tk_rows(out_ptr, pid, bh, n_bh, nqb, nkb, Nq, Nk, q_offset, k_offset, Hl, p
         kb = c0 + lanes
         valid = kb < nkb
         k_start = kb * BLOCK_N
-        j_lo = _tk_down(k_offset + k_start.to(tl.int64))
-        j_hi = _tk_up(k_offset + tl.minimum(k_start + BLOCK_N, Nk).to(tl.int64) - 1)
+        j_lo = _tk_point(k_offset + k_start.to(tl.int64))[0]
+        j_hi = _tk_point(k_offset + tl.minimum(k_start + BLOCK_N, Nk).to(tl.int64) - 1)[1]
         pos_k = k_offset + tl.minimum(k_start[:, None] + tl.minimum(tl.arange(0, BN_P), BLOCK_N - 1)[None, :], Nk - 1).to(tl.int64)  # [CHUNK, BN_P] key rows, clamped
         x2 = tl.load(ptr_doc + b64 * stride0_doc + pos_k * stride1_doc)
         x2_lo, x2_hi = _tk_bmin(x2, 1), _tk_bmax(x2, 1)
@@ -360,8 +357,8 @@ def _tk_cols(out_ptr, pid, bh, n_bh, nqb, nkb, Nq, Nk, q_offset, k_offset, Hl, p
     full_row = out_ptr + 2 * R_pad + row.to(tl.int64) * nqb
     part_row = full_row + (R.to(tl.int64) * nqb + 3) // 4 * 4
     k_start = kb * BLOCK_N
-    j_lo = _tk_down(k_offset + k_start.to(tl.int64))
-    j_hi = _tk_up(k_offset + tl.minimum(k_start + BLOCK_N, Nk).to(tl.int64) - 1)
+    j_lo = _tk_point(k_offset + k_start.to(tl.int64))[0]
+    j_hi = _tk_point(k_offset + tl.minimum(k_start + BLOCK_N, Nk).to(tl.int64) - 1)[1]
     pos_k = k_offset + tl.minimum(k_start + tl.minimum(tl.arange(0, BN_P), BLOCK_N - 1), Nk - 1).to(tl.int64)  # the key block's rows, the last one repeated
     x2 = tl.load(ptr_doc + b64 * stride0_doc + pos_k * stride1_doc)
     x2_lo, x2_hi = _tk_bmin(x2, 0), _tk_bmax(x2, 0)
@@ -372,8 +369,8 @@ def _tk_cols(out_ptr, pid, bh, n_bh, nqb, nkb, Nq, Nk, q_offset, k_offset, Hl, p
         qb = c0 + lanes
         valid = qb < nqb
         q_start = qb * BLOCK_M
-        i_lo = _tk_down(q_offset + q_start.to(tl.int64))
-        i_hi = _tk_up(q_offset + tl.minimum(q_start + BLOCK_M, Nq).to(tl.int64) - 1)
+        i_lo = _tk_point(q_offset + q_start.to(tl.int64))[0]
+        i_hi = _tk_point(q_offset + tl.minimum(q_start + BLOCK_M, Nq).to(tl.int64) - 1)[1]
         pos_q = q_offset + tl.minimum(q_start[:, None] + tl.minimum(tl.arange(0, BM_P), BLOCK_M - 1)[None, :], Nq - 1).to(tl.int64)  # [CHUNK, BM_P] query rows, clamped
         x1 = tl.load(ptr_doc + b64 * stride0_doc + pos_q * stride1_doc)
         x1_lo, x1_hi = _tk_bmin(x1, 1), _tk_bmax(x1, 1)

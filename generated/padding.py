@@ -234,26 +234,13 @@ def _tk_not(x):
 
 @triton.jit
 def _tk_point(x):
-    # a point read as float64 bounds; past 2**53 an int64 rounds: move outward (as tiles.input_interval)
+    # a point (an input's value, a tile's first or last position) as float64 bounds; past 2**53 an
+    # int64 rounds: move outward (as tiles.input_interval, tiles._as_f64)
     m = x.to(tl.float64)
     if x.dtype == tl.int64:
         step = tl.where(tl.abs(m) >= 9007199254740992.0, tl.abs(m) * 2.220446049250313e-16, 0.0)
         return m - step, m + step
     return m, m
-
-
-@triton.jit
-def _tk_down(x):
-    # an int64 position as a float64 lower bound: past 2**53 it rounds, moved down (tiles._as_f64)
-    m = x.to(tl.float64)
-    return m - tl.where(tl.abs(m) >= 9007199254740992.0, tl.abs(m) * 2.220446049250313e-16, 0.0)
-
-
-@triton.jit
-def _tk_up(x):
-    # an int64 position as a float64 upper bound (tiles._as_f64)
-    m = x.to(tl.float64)
-    return m + tl.where(tl.abs(m) >= 9007199254740992.0, tl.abs(m) * 2.220446049250313e-16, 0.0)
 
 
 @triton.jit
@@ -287,8 +274,8 @@ def _tk_rows(out_ptr, pid, bh, n_bh, nqb, nkb, Nk, k_offset, Hl, ptr_kv_len, str
         kb = c0 + lanes
         valid = kb < nkb
         k_start = kb * BLOCK_N
-        j_lo = _tk_down(k_offset + k_start.to(tl.int64))
-        j_hi = _tk_up(k_offset + tl.minimum(k_start + BLOCK_N, Nk).to(tl.int64) - 1)
+        j_lo = _tk_point(k_offset + k_start.to(tl.int64))[0]
+        j_hi = _tk_point(k_offset + tl.minimum(k_start + BLOCK_N, Nk).to(tl.int64) - 1)[1]
         v2_t, v2_f = _tk_not(j_lo >= x1_hi), _tk_not(j_hi < x1_lo)
         cls = tl.where(v2_t, tl.where(v2_f, 1, 2), 0) + tl.zeros([CHUNK], tl.int32)
         # a short last key block is never FULL (the attention kernels mask its tail)
@@ -313,8 +300,8 @@ def _tk_cols(out_ptr, pid, bh, n_bh, nqb, nkb, Nk, k_offset, Hl, ptr_kv_len, str
     full_row = out_ptr + 2 * R_pad + row.to(tl.int64) * nqb
     part_row = full_row + (R.to(tl.int64) * nqb + 3) // 4 * 4
     k_start = kb * BLOCK_N
-    j_lo = _tk_down(k_offset + k_start.to(tl.int64))
-    j_hi = _tk_up(k_offset + tl.minimum(k_start + BLOCK_N, Nk).to(tl.int64) - 1)
+    j_lo = _tk_point(k_offset + k_start.to(tl.int64))[0]
+    j_hi = _tk_point(k_offset + tl.minimum(k_start + BLOCK_N, Nk).to(tl.int64) - 1)[1]
     x1_lo, x1_hi = _tk_point(tl.load(ptr_kv_len + b64 * stride0_kv_len))
     v2_t, v2_f = _tk_not(j_lo >= x1_hi), _tk_not(j_hi < x1_lo)
     n_full = tl.full([], 0, tl.int32)

@@ -72,7 +72,7 @@ class Unsupported(Exception):
 
 # The helpers of the kernel (templates/helpers.j2, tile_helper), in the order they are pasted.
 TILE_HELPERS = ("_tk_and", "_tk_or", "_tk_not", "_tk_min", "_tk_max", "_tk_pymin", "_tk_pymax", "_tk_nan_to",
-                "_tk_bmin", "_tk_bmax", "_tk_point", "_tk_down", "_tk_up", "_tk_mag", "_tk_out", "_tk_add", "_tk_sub",
+                "_tk_bmin", "_tk_bmax", "_tk_point", "_tk_mag", "_tk_out", "_tk_add", "_tk_sub",
                 "_tk_mul_c", "_tk_mul_iv", "_tk_recip", "_tk_div_c",
                 "_tk_floordiv_c", "_tk_floordiv_iv", "_tk_mod_c", "_tk_mod_iv", "_tk_widen", "_tk_abs", "_tk_eq",
                 "_tk_select", "_tk_append")
@@ -601,11 +601,11 @@ _COLS = _Body("_tk_cols", "The transposed lists (the dK/dV kernel's): per key bl
 # offset below 2**31 plus the rows of a call may pass it.
 _OWN = {
     "qb": ["q_start = qb * BLOCK_M",
-           "i_lo = _tk_down(q_offset + q_start.to(tl.int64))",
-           "i_hi = _tk_up(q_offset + tl.minimum(q_start + BLOCK_M, Nq).to(tl.int64) - 1)"],
+           "i_lo = _tk_point(q_offset + q_start.to(tl.int64))[0]",
+           "i_hi = _tk_point(q_offset + tl.minimum(q_start + BLOCK_M, Nq).to(tl.int64) - 1)[1]"],
     "kb": ["k_start = kb * BLOCK_N",
-           "j_lo = _tk_down(k_offset + k_start.to(tl.int64))",
-           "j_hi = _tk_up(k_offset + tl.minimum(k_start + BLOCK_N, Nk).to(tl.int64) - 1)"],
+           "j_lo = _tk_point(k_offset + k_start.to(tl.int64))[0]",
+           "j_hi = _tk_point(k_offset + tl.minimum(k_start + BLOCK_N, Nk).to(tl.int64) - 1)[1]"],
 }
 _OWN_ROWS = {
     "qb": "pos_q = q_offset + tl.minimum(q_start + tl.minimum(tl.arange(0, BM_P), BLOCK_M - 1), Nq - 1"
