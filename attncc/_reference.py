@@ -95,8 +95,7 @@ def _check_inputs(pattern: Pattern, inputs: Mapping[str, Any], batch: int, heads
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"input '{decl.name}' must be a torch.Tensor, got {type(t).__name__}")
         expected = {"b": batch, "h": heads}
-        axes = pattern.position_axes(decl.name) if ends is not None else ("",) * len(decl.dims)
-        need = [ends[0] if a == "i" else ends[1] if a == "j" else positions for a in axes]
+        need = [semantics.positions_to_cover(a, ends, positions) for a in pattern.position_axes(decl.name)]
         ok = t.dim() == len(decl.dims) and all(
             (d == "n" and (need[k] is None or t.shape[k] >= need[k])) or t.shape[k] == expected.get(d, d)
             for k, d in enumerate(decl.dims))

@@ -95,6 +95,17 @@ def float32_holds(value) -> bool:
     return abs(value) <= FLOAT32_MAX and (value == 0 or abs(value) >= FLOAT32_TINY)
 
 
+def positions_to_cover(read_at: str, ends: Optional[Tuple[int, int]], both):
+    """How many positions an input's ``"n"`` dim must hold: the query positions' end where every read
+    indexes it with ``i`` itself (``read_at`` "i", attncc.spec.Pattern.position_axes), the keys'
+    where with ``j`` ("j"), else ``both`` (the end of either; also when ``ends`` is None)."""
+    if ends is not None and read_at == "i":
+        return ends[0]
+    if ends is not None and read_at == "j":
+        return ends[1]
+    return both
+
+
 def input_dtype_accepted(given, declared) -> bool:
     """Whether a tensor of dtype ``given`` may be passed for an [inputs] entry declared ``declared``
     (torch dtypes; compared by their attributes, so this module needs no torch): a float tensor for a

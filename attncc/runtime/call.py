@@ -16,8 +16,8 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from attncc.core.semantics import (FLOAT32_MAX, FLOAT32_TINY, INT_LIMIT, MAX_HEAD_DIM, dropout_probability,
-                                   input_dtype_accepted, int_argument,
-                                   param_value, plain_number)
+                                   input_dtype_accepted, int_argument, param_value, plain_number,
+                                   positions_to_cover)
 from attncc.runtime.intervals import INT32_MAX, POSITION_PAD, CallNumbers, cached_reach
 from attncc.runtime.spec_info import SpecInfo
 
@@ -605,7 +605,7 @@ def bind_params_and_inputs(spec: SpecInfo, who: str, kwargs: dict, *, B: int, Hq
             want = {"b": B, "h": Hq}.get(dim, dim)
             if dim == "n":
                 read_at = d.positions[axis] if ends is not None and d.positions else ""
-                need = ends[0] if read_at == "i" else ends[1] if read_at == "j" else positions
+                need = positions_to_cover(read_at, ends, positions)
                 if size < need:
                     what = {"i": "the query positions", "j": "the key positions"}.get(read_at, what_positions)
                     raise ValueError(f"{who}: input {d.name} dim {axis} ('n') must cover {what} 0..{need - 1}, got size {size}")

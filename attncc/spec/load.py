@@ -126,8 +126,6 @@ def _kind(value) -> str:
             dict: "a table"}.get(type(value), type(value).__name__)
 
 
-
-
 def _nesting(value) -> int:
     """How deeply tables and arrays nest in parsed TOML (iterative: any depth is safe)."""
     deepest, todo = 0, [(value, 0)]
