@@ -182,9 +182,12 @@ def test_what_cannot_be_mapped_is_an_error():
     dense = torch.ones(2, 1, 8, 8, dtype=torch.bool).tril()
     with pytest.raises(TypeError, match="no dense masks"):
         ours(ids, attention_mask=dense)
-    packed = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]] * 2)  # two sequences in each row
+    from transformers import masking_utils
+
+    chunked = masking_utils.and_masks(masking_utils.causal_mask_function,  # Llama 4's chunked attention
+                                      masking_utils.chunked_overlay(4, torch.zeros(2, dtype=torch.long)))
     with pytest.raises(NotImplementedError, match="not one of the masks"):
-        ours(ids, position_ids=packed, use_cache=False)  # (with a cache transformers sees one sequence)
+        attncc_hf.registered().mask(2, 8, 8, mask_function=chunked)
 
     attncc_hf.register("attncc_causal_only", spec='head_dim = 16\n[mask]\nwhere = "j <= i"\n')
     _, custom = models("llama", impl="attncc_causal_only")

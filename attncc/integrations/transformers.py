@@ -24,6 +24,10 @@ and compiles each one once (``attncc.compile``; cached on disk):
 * the score: ``scaling`` (e.g. Gemma 2's ``query_pre_attn_scalar``), Gemma-2-style logit
   ``softcap``, and ``dropout`` while training;
 * GQA: k/v with fewer heads than q run as they are (nothing is repeated per query head);
+* packed sequences: FlashAttention's ``cu_seq_lens_q`` / ``cu_seq_lens_k`` (``max_length_q`` /
+  ``max_length_k``) where the model passes them, else the sequences transformers finds from
+  ``position_ids`` (no cache, no padding mask), run as the kernels' ``cu_seqlens`` over the rows taken one
+  after another;
 * the head dim and dtype of the call (the spec's ``head_dim`` and ``dtypes``).
 
 A call without gradients whose queries (at most 16) are the last positions held by the KV cache
@@ -44,10 +48,10 @@ without one a padded batch is an error. Decoding uses ``decode`` only when the c
 every position from 0.
 
 Not supported (errors, never a silent difference): dense masks passed by the caller (4-D
-``attention_mask``), masks transformers builds from other functions (packed sequences found
-from ``position_ids``, chunked or block-wise overlays, ``or_mask_function``/
-``and_mask_function``) with the built-in implementation, ``position_bias``, attention sinks
-(``s_aux``); ``output_attentions`` returns no weights (as sdpa). The mask function reads the
+``attention_mask``), masks transformers builds from other functions (chunked or block-wise
+overlays, ``or_mask_function``/``and_mask_function``) with the built-in implementation, packed
+sequences with a user's spec, ``position_bias``, attention sinks (``s_aux``, ``sinks``), sparse
+indexers' ``indices`` / ``block_indices``; ``output_attentions`` returns no weights (as sdpa). The mask function reads the
 padding mask once per forward (one host synchronization), so a model under ``torch.compile``
 breaks its graph there; ``torch.compile(model, fullgraph=True)`` is not supported (the mask
 function recognizes transformers' mask functions by their closures, on the host, and compiles a
@@ -76,6 +80,12 @@ import attncc
 
 _REGISTERED: Dict[str, "_Implementation"] = {}  # name -> what register() made of it
 MAX_DECODE_QUERIES = 16  # attncc.runtime.decode.MAX_QUERIES, without importing Triton here
+# keyword arguments of models' attention calls that change what attention computes and that the kernels do not
+# take: refused when given (the other keyword arguments are either honoured or do not change the result)
+_UNSUPPORTED = {"position_bias": "an additive bias on the scores",
+                "s_aux": "attention sinks", "sinks": "attention sinks",
+                "indices": "the keys a sparse indexer selected for each query",
+                "block_indices": "the key blocks a sparse indexer selected for each query"}
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
@@ -100,7 +110,8 @@ class MaskKind:
 class KeyMask:
     """What the mask function hands to the attention function in place of a dense mask.
 
-    kind: None when the mask function was not recognized (allowed with a user spec only).
+    kind: None when the mask function was not recognized (allowed with a user spec only); with
+    cu_seqlens, the mask within each packed sequence.
     q_offset / kv_offset: the positions of the first query and the first key (cache) row.
     key_ok: bool [B, >= kv_offset + kv_length], True where the key at that position is a real
     token; None when none is padding."""
@@ -112,6 +123,9 @@ class KeyMask:
     kv_length: int
     key_ok: Optional[torch.Tensor]
     mask_function: str = ""  # its name, for messages
+    # packed sequences (transformers found them from position_ids): int32 [S + 1], cumulative over the
+    # batch's rows taken one after another (FlashAttention's varlen layout of the flattened [B * N] tokens)
+    cu_seqlens: Optional[torch.Tensor] = None
     # generate() with a compileable (static) cache builds the masks once and hands them to the model
     # as its attention_mask, whose mask code asks for .ndim before it asks the mask function again:
     # a KeyMask stands where transformers keeps a 4-D mask (never one of 2 dims, the padding mask)
@@ -128,6 +142,8 @@ _AND_CODE = _code(_mu.and_masks, _mu.causal_mask_function)
 _SLIDING_CODE = _code(getattr(_mu, "sliding_window_overlay", None), 1)
 _SLIDING_BIDIRECTIONAL_CODE = _code(getattr(_mu, "sliding_window_bidirectional_overlay", None), 1)
 _BIDIRECTIONAL = getattr(_mu, "bidirectional_mask_function", None)
+_REMAP_CODE = _code(getattr(_mu, "remap_positions_for_packed_sequence", None), _mu.causal_mask_function, None)
+_PACKED_CODE = _code(getattr(_mu, "packed_sequence_mask_function", None), None)
 
 
 def _closure(fn) -> dict:
@@ -159,6 +175,38 @@ def recognize(mask_function) -> Optional[MaskKind]:
     return None
 
 
+def recognize_packed(mask_function) -> Optional[Tuple[MaskKind, torch.Tensor]]:
+    """(the mask within each sequence, the packed-sequence ids [B, N]) of the mask transformers builds
+    for sequences packed in a row (found from ``position_ids``: ``and_masks(remap_positions_for_packed_
+    sequence(base, position_ids), packed_sequence_mask_function(ids))``), or None for any other function.
+    Within a sequence the position ids go up by one from token to token (where they do not, transformers
+    starts a new sequence), so the base mask over them is the base mask over the tokens' indices."""
+    if _REMAP_CODE is None or getattr(mask_function, "__code__", None) is not _AND_CODE:
+        return None
+    parts = list(_closure(mask_function).get("mask_functions", ()))
+    if len(parts) != 2 or not all(hasattr(p, "__code__") for p in parts):
+        return None
+    remap, packed = parts
+    if remap.__code__ is not _REMAP_CODE or packed.__code__ is not _PACKED_CODE:
+        return None
+    kind = recognize(_closure(remap).get("mask_function"))
+    ids = _closure(packed).get("packed_sequence_mask")
+    if kind is None or not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        return None
+    return kind, ids
+
+
+def packed_cu_seqlens(sequence_ids: torch.Tensor) -> torch.Tensor:
+    """int32 [S + 1]: the sequences of packed-sequence ids [B, N] (equal ids: one sequence), the rows taken
+    one after another (a sequence never spans two rows)."""
+    B, N = sequence_ids.shape
+    starts = torch.ones(B, N, dtype=torch.bool, device=sequence_ids.device)
+    starts[:, 1:] = sequence_ids[:, 1:] != sequence_ids[:, :-1]
+    first = starts.reshape(-1).nonzero().reshape(-1)  # one host sync
+    end = torch.tensor([B * N], dtype=first.dtype, device=first.device)
+    return torch.cat([first, end]).to(torch.int32)
+
+
 def _name(fn) -> str:
     return getattr(fn, "__qualname__", None) or type(fn).__name__
 
@@ -183,13 +231,16 @@ class _Implementation:
     def mask(self, batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
              mask_function: Callable = _mu.causal_mask_function, attention_mask: Optional[torch.Tensor] = None,
              **kwargs) -> KeyMask:
-        kind = recognize(mask_function)
+        kind, cu_seqlens = recognize(mask_function), None
+        packed = recognize_packed(mask_function) if kind is None else None
+        if packed is not None:
+            kind, cu_seqlens = packed[0], packed_cu_seqlens(packed[1])
         if kind is None and self.module is None:
             raise NotImplementedError(
                 f"attncc ({self.name}): the model asks for a mask transformers builds from {_name(mask_function)}, "
                 f"which is not one of the masks this integration maps to generated kernels (causal, bidirectional, "
-                f"sliding windows, with padding); packed sequences found from position_ids and custom mask overlays "
-                f"are among them. Write the pattern as a spec and register it: register(name, spec=...)")
+                f"sliding windows, with padding, and those of sequences packed in a row); custom mask overlays "
+                f"(or_mask_function / and_mask_function, chunked or block-wise attention) are among them. Write the pattern as a spec and register it: register(name, spec=...)")
         q_offset, kv_offset = int(q_offset), int(kv_offset)
         key_ok = None
         if isinstance(attention_mask, KeyMask):  # made earlier for this forward (generate, static cache)
@@ -205,15 +256,20 @@ class _Implementation:
             ok = ok[:, :positions].contiguous()
             if not bool(ok.all()):  # one host sync per forward; none of the kernels needs one
                 key_ok = ok
-        return KeyMask(kind, q_offset, kv_offset, q_length, kv_length, key_ok, _name(mask_function))
+        if cu_seqlens is not None and self.module is not None:
+            raise NotImplementedError(
+                f"attncc ({self.name}): the batch packs sequences in a row (transformers found them from "
+                f"position_ids); a registered spec replaces the model's mask and would attend across them. Pass "
+                f"one sequence a row with a 2D attention_mask, or write the documents into the spec")
+        return KeyMask(kind, q_offset, kv_offset, q_length, kv_length, key_ok, _name(mask_function), cu_seqlens)
 
     # The attention function (AttentionInterface).
     def forward(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
                 softcap=None, **kwargs):
         who = f"attncc ({self.name})"
-        for unsupported in ("position_bias", "s_aux"):
+        for unsupported, what in _UNSUPPORTED.items():
             if kwargs.get(unsupported) is not None:
-                raise NotImplementedError(f"{who}: {unsupported} is not supported")
+                raise NotImplementedError(f"{who}: {unsupported} ({what}) is not supported")
         if kwargs.get("output_attentions"):
             warnings.warn(f"{who}: output_attentions=True returns no attention weights (as sdpa)", stacklevel=2)
         B, _, Nq, _ = query.shape
@@ -233,6 +289,7 @@ class _Implementation:
         if (mask.q_length, mask.kv_length) != (Nq, Nk):
             raise ValueError(f"{who}: the mask was made for {mask.q_length} queries and {mask.kv_length} keys, "
                              f"the call has {Nq} and {Nk}")
+        packed = _packed(who, mask, kwargs, B, Nq, Nk)
         dropout = float(dropout or 0.0)
         if self.module is not None:
             run, kw, translation_invariant = self._user_call(who, mask, B, Nk, dropout, softcap, kwargs, query.device)
@@ -245,8 +302,24 @@ class _Implementation:
                 kw["dropout_p"] = dropout
         if scaling is not None:
             kw["scale"] = float(scaling)
-        o = self._run(run, mask, query, key, value, kw, dropout, translation_invariant)
+        if packed is not None:
+            o = self._run_packed(run, packed, query, key, value, kw)
+        else:
+            o = self._run(run, mask, query, key, value, kw, dropout, translation_invariant)
         return o.transpose(1, 2).contiguous(), None
+
+    def _run_packed(self, run: ModuleType, packed: "Packed", q, k, v, kw: dict):
+        """The rows of the batch one after another: [1, H, B * N, D], FlashAttention's varlen layout."""
+        B, Nq = q.shape[0], q.shape[2]
+        flat = [x.transpose(0, 1).reshape(1, x.shape[1], B * x.shape[2], x.shape[3]) for x in (q, k, v)]
+        if "key_ok" in kw:
+            raise ValueError(f"attncc ({self.name}): a spec with an input key_ok cannot run packed sequences (its "
+                             f"kernels refuse cu_seqlens with [inputs]); pass one sequence a row with a 2D "
+                             f"attention_mask")
+        self.calls["attention"] += 1
+        o = run.attention(*flat, cu_seqlens_q=packed.cu_q, cu_seqlens_k=packed.cu_k, max_seqlen_q=packed.max_q,
+                          max_seqlen_k=packed.max_k, **kw)
+        return o.reshape(o.shape[1], B, Nq, o.shape[3]).transpose(0, 1)
 
     def _run(self, run: ModuleType, mask: KeyMask, q, k, v, kw: dict, dropout: float, translation_invariant: bool):
         Nq, Nk = q.shape[2], k.shape[2]
@@ -300,6 +373,40 @@ class _Implementation:
         elif spec.dropout:
             kw["dropout_p"] = 0.0
         return self.module, kw, False
+
+
+@dataclass(frozen=True, eq=False)
+class Packed:
+    """Sequences packed in the batch's rows: cumulative lengths over the rows taken one after another."""
+
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    max_q: Optional[int]
+    max_k: Optional[int]
+
+
+def _packed(who: str, mask: KeyMask, kwargs: dict, B: int, Nq: int, Nk: int) -> Optional[Packed]:
+    """The packed sequences of a call: FlashAttention's ``cu_seq_lens_q`` / ``cu_seq_lens_k`` (and
+    ``max_length_q`` / ``max_length_k``) where the model passes them (``DataCollatorWithFlattening``),
+    else those transformers found from ``position_ids`` (the mask's), else None."""
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is None and cu_k is None:
+        if mask.cu_seqlens is None:
+            return None
+        return Packed(mask.cu_seqlens, mask.cu_seqlens, None, None)
+    if cu_q is None or cu_k is None:
+        raise ValueError(f"{who}: packed sequences need both cu_seq_lens_q and cu_seq_lens_k, got only "
+                         f"{'cu_seq_lens_q' if cu_q is not None else 'cu_seq_lens_k'}")
+    if mask.key_ok is not None:
+        raise ValueError(f"{who}: cu_seq_lens_q / cu_seq_lens_k (packed sequences) with a padding mask; pass "
+                         f"either the packed sequences without attention_mask or a padded batch")
+    if mask.q_offset != 0 or mask.kv_offset != 0 or Nq != Nk:
+        raise ValueError(f"{who}: cu_seq_lens_q / cu_seq_lens_k (packed sequences) on a call at cache positions "
+                         f"{mask.q_offset} (queries) and {mask.kv_offset} (keys), {Nq} queries and {Nk} keys: packed "
+                         f"sequences run without a filled cache, queries and keys the same tokens")
+    lengths = [kwargs.get("max_length_q"), kwargs.get("max_length_k")]
+    max_q, max_k = (None if m is None else int(m) for m in lengths)
+    return Packed(cu_q, cu_k, max_q, max_k)
 
 
 def builtin_spec(kind: MaskKind, *, padded: bool, softcap: Optional[float], dropout: float, head_dim: int,
