@@ -9,7 +9,7 @@ query_pre_attn_scalar, alternating sliding and global layers), Cohere2 and Olmo3
 layers), DeepSeek-V3 (MLA: value head dim 8, query/key head dim 20), BERT (bidirectional, right
 padding); left, right and no padding; dynamic and static caches; a chat continuing on a sliding-window
 cache that dropped keys (prompts of 7 and 3 tokens at cache offsets); output_attentions (a warning and
-no weights, as sdpa); Llama 4's chunked attention and GPT-OSS's sinks (s_aux) are refused clearly.
+no weights, as sdpa); Llama 4's chunked attention is refused clearly.
 
 Found and fixed:
 
@@ -24,6 +24,9 @@ Found and fixed:
 * ``sinks`` (Inkling 2's per-token sinks), ``indices`` (DeepSeek-V3.2 / GLM DSA sparse indexers) and
   ``block_indices`` (MiniMax-M3's block-sparse indexer, which builds its mask only for eager / sdpa) were
   silently ignored (dense attention where the model asks for sparse or sinks); they are now refused.
+
+Added: GPT-OSS's attention sinks (``s_aux``, refused before) as the output scaled by sigmoid(lse - s_aux)
+from the kernels' log-sum-exp: logits, gradients (the sinks' included) and generations of eager's.
 """
 from __future__ import annotations
 
@@ -139,7 +142,7 @@ def test_what_packing_cannot_run_with_is_an_error():
         custom(IDS, position_ids=POSITIONS, use_cache=False)
 
 
-@pytest.mark.parametrize("name", ["sinks", "indices", "block_indices", "s_aux", "position_bias"])
+@pytest.mark.parametrize("name", ["sinks", "indices", "block_indices", "position_bias"])
 def test_keywords_that_change_the_result_are_refused(name):
     """Inkling 2 passes sinks=, the sparse-indexer models indices= / block_indices= to any implementation
     but eager and sdpa (MiniMax-M3 builds its block mask only for those two): all were ignored."""
@@ -205,3 +208,27 @@ def test_bert_bidirectional_with_right_padding():
         outs.append(h.detach())
     assert rel(outs[1], outs[0]) < 1e-5
     assert grads_rel(ref, ours) < 1e-4
+
+
+def test_gpt_oss_attention_sinks():
+    """s_aux: one logit per head with a value of zero, in the softmax; sliding and full layers."""
+    ref, ours = models(transformers.GptOssConfig, "eager", num_local_experts=2, num_experts_per_tok=1,
+                       sliding_window=5, layer_types=["sliding_attention", "full_attention"])
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name.endswith("sinks"):
+                p.normal_(0, 2, generator=torch.Generator().manual_seed(5))
+    ours.load_state_dict(ref.state_dict())
+    ids, mask = padded("left")
+    real = mask.bool()
+    labels = torch.where(real & torch.roll(real, 1, 1), ids, -100)
+    logits = []
+    for model in (ref, ours):
+        out = model(ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        logits.append(out.logits.detach()[real])
+    assert rel(logits[1], logits[0]) < 2e-5
+    assert grads_rel(ref, ours) < 1e-4
+    ids, mask = padded("left", seq=10, seed=2)
+    args = dict(attention_mask=mask, max_new_tokens=3, do_sample=False)
+    assert torch.equal(ours.generate(ids, **args), ref.generate(ids, **args))

@@ -24,6 +24,8 @@ and compiles each one once (``attncc.compile``; cached on disk):
 * the score: ``scaling`` (e.g. Gemma 2's ``query_pre_attn_scalar``), Gemma-2-style logit
   ``softcap``, and ``dropout`` while training;
 * GQA: k/v with fewer heads than q run as they are (nothing is repeated per query head);
+* GPT-OSS's attention sinks (``s_aux``, a logit per head with a value of zero): the output scaled by
+  ``sigmoid(lse - s_aux)`` from the kernels' log-sum-exp (whose gradient they take);
 * packed sequences: FlashAttention's ``cu_seq_lens_q`` / ``cu_seq_lens_k`` (``max_length_q`` /
   ``max_length_k``) where the model passes them, else the sequences transformers finds from
   ``position_ids`` (no cache, no padding mask), run as the kernels' ``cu_seqlens`` over the rows taken one
@@ -50,7 +52,7 @@ every position from 0.
 Not supported (errors, never a silent difference): dense masks passed by the caller (4-D
 ``attention_mask``), masks transformers builds from other functions (chunked or block-wise
 overlays, ``or_mask_function``/``and_mask_function``) with the built-in implementation, packed
-sequences with a user's spec, ``position_bias``, attention sinks (``s_aux``, ``sinks``), sparse
+sequences with a user's spec, ``position_bias``, per-token attention sinks (``sinks``), sparse
 indexers' ``indices`` / ``block_indices``; ``output_attentions`` returns no weights (as sdpa). The mask function reads the
 padding mask once per forward (one host synchronization), so a model under ``torch.compile``
 breaks its graph there; ``torch.compile(model, fullgraph=True)`` is not supported (the mask
@@ -83,7 +85,7 @@ MAX_DECODE_QUERIES = 16  # attncc.runtime.decode.MAX_QUERIES, without importing 
 # keyword arguments of models' attention calls that change what attention computes and that the kernels do not
 # take: refused when given (the other keyword arguments are either honoured or do not change the result)
 _UNSUPPORTED = {"position_bias": "an additive bias on the scores",
-                "s_aux": "attention sinks", "sinks": "attention sinks",
+                "sinks": "per-token attention sinks",
                 "indices": "the keys a sparse indexer selected for each query",
                 "block_indices": "the key blocks a sparse indexer selected for each query"}
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -302,10 +304,20 @@ class _Implementation:
                 kw["dropout_p"] = dropout
         if scaling is not None:
             kw["scale"] = float(scaling)
+        sink = kwargs.get("s_aux")  # GPT-OSS: one logit per query head, with a value of zero
+        if sink is not None:
+            if sink.shape != (query.shape[1],):
+                raise ValueError(f"{who}: s_aux (attention sinks) must have one logit per query head, shape "
+                                 f"[{query.shape[1]}], got {tuple(sink.shape)}")
+            kw["return_lse"] = True
         if packed is not None:
             o = self._run_packed(run, packed, query, key, value, kw)
         else:
             o = self._run(run, mask, query, key, value, kw, dropout, translation_invariant)
+        if sink is not None:
+            # softmax over the scores and the sink = the scores' softmax times exp(lse) / (exp(lse) + exp(sink))
+            o, lse = o
+            o = o * torch.sigmoid(lse - sink.float()[None, :, None]).unsqueeze(-1).to(o.dtype)
         return o.transpose(1, 2).contiguous(), None
 
     def _run_packed(self, run: ModuleType, packed: "Packed", q, k, v, kw: dict):
@@ -317,9 +329,11 @@ class _Implementation:
                              f"kernels refuse cu_seqlens with [inputs]); pass one sequence a row with a 2D "
                              f"attention_mask")
         self.calls["attention"] += 1
-        o = run.attention(*flat, cu_seqlens_q=packed.cu_q, cu_seqlens_k=packed.cu_k, max_seqlen_q=packed.max_q,
-                          max_seqlen_k=packed.max_k, **kw)
-        return o.reshape(o.shape[1], B, Nq, o.shape[3]).transpose(0, 1)
+        out = run.attention(*flat, cu_seqlens_q=packed.cu_q, cu_seqlens_k=packed.cu_k, max_seqlen_q=packed.max_q,
+                            max_seqlen_k=packed.max_k, **kw)
+        o, lse = out if kw.get("return_lse") else (out, None)
+        o = o.reshape(o.shape[1], B, Nq, o.shape[3]).transpose(0, 1)
+        return o if lse is None else (o, lse.reshape(lse.shape[1], B, Nq).transpose(0, 1))
 
     def _run(self, run: ModuleType, mask: KeyMask, q, k, v, kw: dict, dropout: float, translation_invariant: bool):
         Nq, Nk = q.shape[2], k.shape[2]
