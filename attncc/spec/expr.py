@@ -59,6 +59,49 @@ _UNARY_MATH = {
 }
 REDUCTIONS = ("sum", "any", "all")
 FUNCTIONS = ("abs", "min", "max", "where", *_UNARY_MATH, "bucket", "random_blocks", *REDUCTIONS, "dot", "range")
+# How a FlexAttention score_mod / mask_mod spells what the language has: torch.X(...) (also
+# torch.special.X, torch.nn.functional.X, F.X, math.X) and tensor methods x.X(...), each with the
+# spelling to write instead (a name of FUNCTIONS is written as is, without its module).
+_TORCH_SPELLINGS = {
+    "minimum": "min(a, b)", "maximum": "max(a, b)", "clamp": "min(max(x, lo), hi)", "clip": "min(max(x, lo), hi)",
+    "clamp_min": "max(x, lo)", "clamp_max": "min(x, hi)", "relu": "max(x, 0)", "silu": "x * sigmoid(x)",
+    "logical_and": "a and b", "logical_or": "a or b", "logical_not": "not a", "logical_xor": "a != b",
+    "bitwise_and": "a & b", "bitwise_or": "a | b", "bitwise_xor": "a ^ b", "bitwise_not": "~a",
+    "floor_divide": "a // b", "remainder": "a % b", "pow": "a ** b", "square": "x ** 2", "neg": "-x",
+    "add": "a + b", "sub": "a - b", "mul": "a * b", "div": "a / b (a // b for rounding_mode='floor')",
+    "eq": "a == b", "ne": "a != b", "lt": "a < b", "le": "a <= b", "gt": "a > b", "ge": "a >= b",
+    "to": "x (no cast: inputs take their [inputs] dtype, and scores are float32)",
+    "float": "x (no cast: scores are float32)", "int": "x (no cast)", "long": "x (no cast)", "bool": "x != 0",
+    "new_zeros": "0", "zeros_like": "0", "ones_like": "1", "full_like": "the value",
+}
+
+
+def _call_hint(func: ast.expr) -> str:
+    """What to write for a call of an attribute (torch.where(...), x.abs(), x.clamp(lo, hi)): the
+    language calls its functions by their bare names."""
+    if not isinstance(func, ast.Attribute):
+        return ""
+    name, callee = func.attr, ast.unparse(func)
+    if name in _TORCH_SPELLINGS:
+        return f": write {_TORCH_SPELLINGS[name]} for {callee}(...)"
+    if name in ("amax", "amin"):
+        return f": write {name[1:]}(a, b, ...) for {callee}(...)"
+    if name in FUNCTIONS and name not in ("range", "bucket", "random_blocks"):
+        return f": write {name}(...) for {callee}(...)"
+    return ""
+    name = func.attr
+    owner = func.value
+    method = not (isinstance(owner, ast.Name) and owner.id in ("torch", "F", "math", "np", "numpy")) and not (
+        isinstance(owner, ast.Attribute) and owner.attr in ("functional", "special"))
+    if name in _TORCH_SPELLINGS:
+        return f": write {_TORCH_SPELLINGS[name]} for .{name}(...)"
+    if name in FUNCTIONS and name not in ("range", "bucket", "random_blocks"):
+        if name == "where" and not method:
+            return ": write where(c, a, b) for torch.where(c, a, b)"
+        return f": write {name}(x) for x.{name}()" if method else f": write {name}(...) for its torch spelling"
+    if name in ("amax", "amin"):
+        return f": write {name[1:]}(a, b, ...)"
+    return ""
 
 
 @dataclass(frozen=True)
@@ -504,7 +547,7 @@ class _Parser:
 
     def visit_Call(self, node):
         if not isinstance(node.func, ast.Name):
-            self.fail(node, "only the language's functions can be called")
+            self.fail(node, "only the language's functions can be called, by their bare names" + _call_hint(node.func))
         name = node.func.id
         if name not in FUNCTIONS:
             hint = " (the language's infinities and NaN are the names inf and nan: -inf for float('-inf'))" \
