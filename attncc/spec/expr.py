@@ -89,19 +89,6 @@ def _call_hint(func: ast.expr) -> str:
     if name in FUNCTIONS and name not in ("range", "bucket", "random_blocks"):
         return f": write {name}(...) for {callee}(...)"
     return ""
-    name = func.attr
-    owner = func.value
-    method = not (isinstance(owner, ast.Name) and owner.id in ("torch", "F", "math", "np", "numpy")) and not (
-        isinstance(owner, ast.Attribute) and owner.attr in ("functional", "special"))
-    if name in _TORCH_SPELLINGS:
-        return f": write {_TORCH_SPELLINGS[name]} for .{name}(...)"
-    if name in FUNCTIONS and name not in ("range", "bucket", "random_blocks"):
-        if name == "where" and not method:
-            return ": write where(c, a, b) for torch.where(c, a, b)"
-        return f": write {name}(x) for x.{name}()" if method else f": write {name}(...) for its torch spelling"
-    if name in ("amax", "amin"):
-        return f": write {name[1:]}(a, b, ...)"
-    return ""
 
 
 @dataclass(frozen=True)
