@@ -489,18 +489,18 @@ def test_unreadable_cache_files_are_ignored(content, monkeypatch, caplog):
 def test_show_and_clear_report_what_they_cannot_use(cache, capsys):
     call = make_call(N=50)
     _write_cache(call, {"bad": {"config": {"BLOCK_M": "x"}}, tuning.key_for(call).entry: {"config": GOOD_CONFIG, "ms": 1.0}})
-    (cache / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
-    (cache / "folder.json").mkdir()
+    (cache / "deep__triton-0.json").write_text("[" * 100_000 + "]" * 100_000)
+    (cache / "folder__triton-0.json").mkdir()
     assert main(["tune", "--show"]) == 0
     out = capsys.readouterr().out
     assert "(1 entry in 3 file(s))" in out
     assert "ignored malformed entry 'bad': config.BLOCK_M is not an integer" in out
-    assert "deep.json: ignored, unreadable (RecursionError)" in out and "folder.json: ignored" in out
+    assert "deep__triton-0.json: ignored, unreadable (RecursionError)" in out and "folder__triton-0.json: ignored" in out
     assert main(["tune", "--clear"]) == 1  # the folder stays, and says so
     captured = capsys.readouterr()
     assert "removed 2 cache file(s)" in captured.out
-    assert "could not remove folder.json" in captured.err and "Traceback" not in captured.err
-    assert [p.name for p in tuning.cache_files()] == ["folder.json"]
+    assert "could not remove folder__triton-0.json" in captured.err and "Traceback" not in captured.err
+    assert [p.name for p in tuning.cache_files()] == ["folder__triton-0.json"]
 
 
 def test_store_refuses_a_malformed_record():

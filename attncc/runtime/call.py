@@ -775,10 +775,29 @@ def env(name: str, default: Optional[str] = None) -> Optional[str]:
     return text
 
 
+# The spellings an on/off variable (ATTNCC_TUNE, ATTNCC_FAST_LAUNCH, ...) takes; "" is unset.
+_FLAG_SPELLINGS = {"0": False, "1": True, "false": False, "true": True, "False": False, "True": True,
+                   "no": False, "yes": True, "off": False, "on": True}
+
+
+def env_flag(name: str, default: bool) -> bool:
+    """The on/off environment variable ``name``: 1 / true / yes / on, 0 / false / no / off, unset or
+    empty ``default``; a ValueError naming it for anything else (``ATTNCC_TUNE=false`` turned tuning
+    on, ``ATTNCC_FAST_LAUNCH=false`` left the fast launch on)."""
+    text = env(name)
+    if not text:
+        return default
+    value = _FLAG_SPELLINGS.get(text)
+    if value is None:
+        raise ValueError(f"{name} must be 1 (or true, yes, on) or 0 (or false, no, off); unset: "
+                         f"{int(default)}; got {text!r}")
+    return value
+
+
 if _ENV_DATA is not None:  # the variables the runtime reads, keyed before any call is traced
     _ENV_KEYS.update((name, os.environ.encodekey(name)) for name in (
         "TRITON_INTERPRET", "ATTNCC_BACKEND", "ATTNCC_GLUON_BWD", "ATTNCC_FAST_LAUNCH", "ATTNCC_TUNE",
-        "ATTNCC_CACHE_DIR", "ATTNCC_RESIDUE_MIN_ROWS", "ATTNCC_COLUMN_MIN_ROWS"))
+        "ATTNCC_CACHE_DIR", "ATTNCC_RESIDUE_MIN_ROWS", "ATTNCC_COLUMN_MIN_ROWS", "ATTNCC_CHECK_DECODE"))
 
 
 def raw_env_key(name: str):

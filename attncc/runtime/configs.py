@@ -48,20 +48,66 @@ def env_config(kernel: str = "") -> Optional[KernelConfig]:
     """``ATTNCC_CONFIG="BLOCK_M=64,BLOCK_N=32,num_warps=4,num_stages=2"`` forces the forward's
     config, ``ATTNCC_CONFIG_DKDV`` / ``ATTNCC_CONFIG_DQ`` the backward kernels' (tests and
     benchmarks use them)."""
-    text = env(_ENV_NAMES[kernel])
-    return _parse_config(text) if text else None
+    name = _ENV_NAMES[kernel]
+    text = env(name)
+    return _parse_config(name, text) if text else None
 
 
 _ENV_NAMES = {"": "ATTNCC_CONFIG", "dkdv": "ATTNCC_CONFIG_DKDV", "dq": "ATTNCC_CONFIG_DQ"}
 
 
-@functools.lru_cache(maxsize=64)
-def _parse_config(text: str) -> KernelConfig:
+# What a forced config may hold (the tuner's candidates and its cache's records obey the same
+# limits: attncc/runtime/tuning.py): tiles that tl.dot and tl.arange take, warp counts Triton runs.
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+WARP_COUNTS = (1, 2, 4, 8, 16, 32)
+_FLAG_VALUES = {"0": False, "false": False, "False": False, "1": True, "true": True, "True": True}
+
+
+def parse_fields(name: str, text: str, allowed) -> dict:
+    """The ``key=value,...`` fields of environment variable ``name`` (``text``), each checked:
+    a key among ``allowed`` (KernelConfig's field names) and given once, block sizes among
+    :data:`BLOCK_SIZES`, ``num_warps`` among :data:`WARP_COUNTS`, ``num_stages`` >= 1,
+    ``warp_specialize`` 0 or 1. A ValueError naming the variable otherwise: a negative block size
+    ran (o wrong by 1e33 in the interpreter), a misspelt key was ignored, others raised from
+    deep inside Triton."""
     fields = {}
-    for part in text.split(","):
-        key, _, value = part.partition("=")
-        key = key.strip()
-        fields[key] = value.strip() in ("1", "true", "True") if key in FLAGS else int(value)
+    for part in filter(None, (p.strip() for p in text.split(","))):  # a trailing comma is no field
+        key, eq, value = (x.strip() for x in part.partition("="))
+        if key not in allowed:
+            raise ValueError(f"{name}: unknown field {key!r} in {text!r} (fields: {', '.join(allowed)})")
+        if not eq:
+            raise ValueError(f"{name}: expected {key}=VALUE in {text!r}")
+        if key in fields:
+            raise ValueError(f"{name}: {key} given twice in {text!r}")
+        if key in FLAGS:
+            if value not in _FLAG_VALUES:
+                raise ValueError(f"{name}: {key} must be 0 or 1, got {value!r}")
+            fields[key] = _FLAG_VALUES[value]
+            continue
+        try:
+            n = int(value)
+        except ValueError:
+            raise ValueError(f"{name}: {key} must be an integer, got {value!r}") from None
+        if key.startswith("BLOCK_") and n not in BLOCK_SIZES:
+            raise ValueError(f"{name}: {key} must be one of {', '.join(map(str, BLOCK_SIZES))}, got {n}")
+        if key == "num_warps" and n not in WARP_COUNTS:
+            raise ValueError(f"{name}: num_warps must be one of {', '.join(map(str, WARP_COUNTS))}, got {n}")
+        if key == "num_stages" and n < 1:
+            raise ValueError(f"{name}: num_stages must be >= 1, got {n}")
+        fields[key] = n
+    return fields
+
+
+_CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(KernelConfig))
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_config(name: str, text: str) -> KernelConfig:
+    fields = parse_fields(name, text, _CONFIG_FIELDS)
+    missing = [f for f in ("BLOCK_M", "BLOCK_N") if f not in fields]
+    if missing:
+        raise ValueError(f"{name}: {' and '.join(missing)} missing in {text!r} (e.g. "
+                         f"{name}=BLOCK_M=64,BLOCK_N=32,num_warps=4,num_stages=2)")
     return KernelConfig(**fields)
 
 
@@ -125,7 +171,7 @@ def preset_and_forced(kernel: str):
         raise ValueError(f"attncc: kernel must be one of {KERNELS}, got {kernel!r}")
     text = env(name)
     if text:
-        return _parse_config(text), True
+        return _parse_config(name, text), True
     return (INTERPRETER_CONFIG if interpreting() else None), False
 
 

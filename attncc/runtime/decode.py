@@ -27,9 +27,9 @@ import triton.language as tl
 
 from attncc.core.semantics import plain_number
 from attncc.runtime.call import (bind_params_and_inputs, check_divisors, check_heads_and_dims, dense_tensor, dtype_name,
-                                 int_reach, interpreting, refuse_gradients, refuse_transforms, scale_keyword,
+                                 env_flag, int_reach, interpreting, refuse_gradients, refuse_transforms, scale_keyword,
                                  softmax_scale, wide_positions)
-from attncc.runtime.configs import KernelConfig, max_shared_memory, padded_dim, shared_bytes
+from attncc.runtime.configs import KernelConfig, max_shared_memory, padded_dim, parse_fields, shared_bytes
 from attncc.runtime.spec_info import SpecInfo
 
 MAX_QUERIES = 16  # decode serves 1 (next token) to 16 (speculative) query rows per batch row
@@ -76,7 +76,7 @@ MAX_EXACT_DIVISOR_ROWS = 64  # up to this many batch rows, divisors of n_q, n_k 
 
 def _check_values(t: torch.Tensor) -> bool:
     """Read a tensor's values on the host? Free for CPU tensors; a sync on the GPU (opt-in)."""
-    return t.device.type == "cpu" or os.environ.get("ATTNCC_CHECK_DECODE", "0") not in ("", "0")
+    return env_flag("ATTNCC_CHECK_DECODE", False) or t.device.type == "cpu"  # (the value checked everywhere)
 
 
 def bind_decode(spec: SpecInfo, q, k_cache, v_cache, *, kv_len, block_table=None, return_lse=False,
@@ -251,7 +251,7 @@ def decode_config(call: DecodeCall) -> KernelConfig:
         cfg = KernelConfig(block_m, block_n, 4, _stages(call, in_flight))
     text = os.environ.get("ATTNCC_DECODE_CONFIG")
     if text:
-        fields = {k.strip(): int(v) for k, v in (part.split("=") for part in text.split(","))}
+        fields = parse_fields("ATTNCC_DECODE_CONFIG", text, ("BLOCK_N", "num_warps", "num_stages"))  # BLOCK_M: Nq x heads
         cfg = KernelConfig(block_m, fields.get("BLOCK_N", cfg.BLOCK_N), fields.get("num_warps", cfg.num_warps),
                            fields.get("num_stages", cfg.num_stages))
     return cfg
@@ -299,7 +299,13 @@ def num_splits(call: DecodeCall, cfg: KernelConfig, programs: int) -> int:
     (1 under the interpreter). ``ATTNCC_DECODE_SPLITS=n`` forces n."""
     forced = os.environ.get("ATTNCC_DECODE_SPLITS")
     if forced:
-        return max(1, min(MAX_SPLITS, int(forced)))
+        try:
+            n = int(forced)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise ValueError(f"ATTNCC_DECODE_SPLITS must be an int >= 1 (at most {MAX_SPLITS} are used), got {forced!r}")
+        return min(MAX_SPLITS, n)
     blocks = triton.cdiv(max(call.capacity, 1), cfg.BLOCK_N)
     most = max(1, min(MAX_SPLITS, blocks // (1 if interpreting() else 4)))
     return _fill(max(programs, 1), most, _device_slots(str(call.q.device), shared_memory(call, cfg)))

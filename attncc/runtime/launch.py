@@ -12,7 +12,7 @@ import torch
 
 from attncc.runtime import backend, compiled, tuning
 from attncc.runtime.autograd import AttentionFunction, no_pairs, no_pairs_backward
-from attncc.runtime.call import Call, env, interpreting, on_call_device
+from attncc.runtime.call import Call, env, env_flag, interpreting, on_call_device
 from attncc.runtime.configs import (TOO_BIG, KernelConfig, config_settings, default_config, fit_key,
                                      preset_and_forced, preset_config, trial_active)
 
@@ -113,7 +113,7 @@ def fast_launch() -> bool:
     default since its outputs and gradients were bitwise the plain launch's on an H100 (2026-12-05,
     session 11: causal and document, N = 1024 and 4096, tl and Gluon forwards) and it cut the host time
     of a causal forward+backward at N = 1024 from 453 to 331 us (`python -m bench host`)."""
-    return not interpreting() and env("ATTNCC_FAST_LAUNCH", "1") != "0"
+    return env_flag("ATTNCC_FAST_LAUNCH", True) and not interpreting()  # (the value checked everywhere)
 
 
 # .slot: the compiled kernels of the BoundLaunch running on this thread; .own: inside launch()
@@ -460,7 +460,7 @@ class FastKernel:
 
 
 # Launches of a FastKernel's compiled kernels through Triton's C launcher itself (:func:`direct_launch`)
-DIRECT_LAUNCH = env("ATTNCC_DIRECT_LAUNCH", "0") != "0"
+DIRECT_LAUNCH = env_flag("ATTNCC_DIRECT_LAUNCH", False)
 
 
 @functools.lru_cache(maxsize=1)

@@ -32,9 +32,9 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from attncc.runtime.call import Call, env, interpreting
-from attncc.runtime.configs import (KernelConfig, config_shared_bytes, default_config, did_not_fit, env_config,
-                                    max_shared_memory, padded_dim, preset_config, trying)
+from attncc.runtime.call import Call, env, env_flag, interpreting
+from attncc.runtime.configs import (BLOCK_SIZES, WARP_COUNTS, KernelConfig, config_shared_bytes, default_config,
+                                    did_not_fit, env_config, max_shared_memory, padded_dim, preset_config, trying)
 
 log = logging.getLogger("attncc")
 
@@ -82,6 +82,12 @@ def length_bucket(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+# A cache file's name: <GPU>__triton-<version>.json. ``--show`` and ``--clear`` take the files of
+# the folder named so, and no other: ATTNCC_CACHE_DIR may be a folder that holds other JSON files
+# (a project's package.json), which `attncc tune --clear` deleted (and left a .lock file beside).
+CACHE_FILE_GLOB = "*__triton-*.json"
+
+
 @functools.lru_cache(maxsize=None)
 def cache_file_name(gpu: str, triton_version: str) -> str:
     safe = "".join(c if c.isalnum() or c in "-._" else "-" for c in gpu).strip("-") or "gpu"
@@ -96,7 +102,7 @@ def cache_dir() -> Path:
 
 def tuning_enabled() -> bool:
     """``ATTNCC_TUNE=1`` tunes on the first call of each key (off by default; never under the interpreter)."""
-    return env("ATTNCC_TUNE", "0") not in ("", "0") and not interpreting()
+    return env_flag("ATTNCC_TUNE", False) and not interpreting()
 
 
 @functools.lru_cache(maxsize=None)
@@ -142,8 +148,6 @@ def generation():
 # What a record must hold to be used; anything else in a cache file (a hand edit, another tool, a
 # truncated or hostile file) is ignored with a warning rather than raised from every call.
 CONFIG_FIELDS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
-BLOCK_SIZES = (16, 32, 64, 128, 256)
-WARP_COUNTS = (1, 2, 4, 8, 16, 32)
 MAX_STAGES = 8
 KEY_FIELDS = {"spec": str, "spec_hash": str, "kernel": str, "dtype": str, "head_dim": int, "value_dim": int,
               "n_q": int, "n_k": int}
@@ -342,7 +346,7 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 def cache_files() -> List[Path]:
     directory = cache_dir()
-    return sorted(directory.glob("*.json")) if directory.is_dir() else []
+    return sorted(directory.glob(CACHE_FILE_GLOB)) if directory.is_dir() else []
 
 
 def clear() -> Tuple[int, List[str]]:

@@ -1,0 +1,175 @@
+"""Probe 19 (what a user touches around the kernels: the command line, attncc.compile, the caches on
+disk, the ATTNCC_* environment variables), as an attacker would.
+
+Found and fixed (each test below failed before its fix):
+
+- ``ATTNCC_CONFIG`` / ``_DKDV`` / ``_DQ`` were parsed with ``int()`` and ``KernelConfig(**fields)``:
+  ``BLOCK_M=-16,BLOCK_N=16`` ran and returned o off by 1e33 (a silent wrong answer); ``BLOCK_M=48``
+  raised "arange's range must be a power of 2" from inside Triton, ``BLOCK_M=0`` a ZeroDivisionError,
+  ``abc`` "invalid literal for int()", a missing BLOCK_N or a misspelt key a TypeError of
+  KernelConfig, none naming the variable; ``num_warps=3`` and ``warp_specialize=yes`` (read as
+  False) were taken silently.
+- ``ATTNCC_DECODE_CONFIG``: ``BLOCK_N=-16`` gave o off by 0.5 (silent), unknown keys
+  (``block_n=32``, ``BLOCK_M=64``) were ignored without a word, ``BLOCK_N`` without ``=`` was "not
+  enough values to unpack".
+- ``ATTNCC_DECODE_SPLITS``: ``0`` and ``-3`` ran as 1 split silently, ``abc`` / ``1.5`` were bare
+  int() errors.
+- The on/off variables ``ATTNCC_TUNE``, ``ATTNCC_FAST_LAUNCH``, ``ATTNCC_DIRECT_LAUNCH`` and
+  ``ATTNCC_CHECK_DECODE`` took any text: ``ATTNCC_TUNE=false`` turned tuning on,
+  ``ATTNCC_FAST_LAUNCH=false`` left the fast launch on. They take 1/true/yes/on and 0/false/no/off
+  now (runtime.call.env_flag) and name themselves otherwise.
+- ``attncc tune --clear`` deleted every ``*.json`` of ``ATTNCC_CACHE_DIR`` (a project's
+  package.json, when the variable names a folder of other things), and left a ``.lock`` file beside
+  each; ``--show`` listed them as broken caches. Both take the tune cache's own file names now
+  (``<gpu>__triton-<version>.json``).
+
+Probed clean (see the seeded tests at the end): params and inputs named like the generated
+code's locals and helpers (o, lse, tl, triton, torch, B, H, Nq, stride_qb, acc, m_i, qk_scale,
+_fwd_kernel, SPEC, prm_w, ptr_d, tmp0, __class__, ...), compiled and run forward and backward
+against attncc.reference.
+"""
+from __future__ import annotations
+
+import ast
+import fnmatch
+import random
+
+import pytest
+import torch
+
+import attncc
+from attncc.cli import main as cli_main
+from attncc.runtime import tuning
+from attncc.runtime.call import env_flag
+from attncc.runtime.configs import env_config
+from attncc.spec import SpecError, parse_spec
+
+CAUSAL = 'head_dim = 16\ndtypes = ["float32"]\n[mask]\nwhere = "j <= i"\n'
+
+
+@pytest.fixture(scope="module")
+def causal():
+    return attncc.compile(CAUSAL)
+
+
+def _qkv(n=37, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, 2, n, 16, generator=gen) for _ in range(3)]
+
+
+# -- ATTNCC_CONFIG* ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value, match", [
+    ("BLOCK_M=-16,BLOCK_N=16", "BLOCK_M must be one of 16, 32"),   # ran: o off by 1e33
+    ("BLOCK_M=48,BLOCK_N=32", "BLOCK_M must be one of"),
+    ("BLOCK_M=0,BLOCK_N=32", "BLOCK_M must be one of"),
+    ("BLOCK_M=abc,BLOCK_N=32", "BLOCK_M must be an integer"),
+    ("BLOCK_M=64", "BLOCK_N missing"),
+    ("BLOCK_M=64,BLOCK_N=32,foo=1", "unknown field 'foo'"),
+    ("BLOCK_M=16,BLOCK_N=16,num_warps=3", "num_warps must be one of"),
+    ("BLOCK_M=16,BLOCK_N=16,num_stages=0", "num_stages must be >= 1"),
+    ("BLOCK_M=16,BLOCK_N=16,warp_specialize=yes", "warp_specialize must be 0 or 1"),
+    ("BLOCK_M=16,BLOCK_N=16,BLOCK_M=32", "BLOCK_M given twice"),
+    ("BLOCK_M", "expected BLOCK_M=VALUE"),
+])
+@pytest.mark.parametrize("variable", ["ATTNCC_CONFIG", "ATTNCC_CONFIG_DKDV", "ATTNCC_CONFIG_DQ"])
+def test_a_forced_config_is_checked_and_names_its_variable(causal, monkeypatch, variable, value, match):
+    monkeypatch.setenv(variable, value)
+    q, k, v = _qkv()
+    q.requires_grad_(True)
+    with pytest.raises(ValueError, match=f"^{variable}: {match}"):
+        causal.attention(q, k, v).sum().backward()
+
+
+def test_good_forced_configs_still_run(causal, monkeypatch):
+    q, k, v = _qkv()
+    ref = attncc.reference(parse_spec(CAUSAL), q, k, v)
+    for value in ("BLOCK_M=16,BLOCK_N=32,num_warps=4,num_stages=1", " BLOCK_M = 32 , BLOCK_N = 16 , warp_specialize=0,"):
+        monkeypatch.setenv("ATTNCC_CONFIG", value)
+        assert torch.allclose(causal.attention(q, k, v).double(), ref, atol=1e-5)
+    assert env_config().BLOCK_M == 32 and env_config().warp_specialize is False
+
+
+# -- ATTNCC_DECODE_CONFIG, ATTNCC_DECODE_SPLITS --------------------------------------------------------
+
+def _decode(module):
+    gen = torch.Generator().manual_seed(1)
+    kc, vc = (torch.randn(2, 2, 40, 16, generator=gen) for _ in range(2))
+    qn = torch.randn(2, 2, 1, 16, generator=gen)
+    kv_len = torch.tensor([33, 40])
+    o = module.decode(qn, kc, vc, kv_len=kv_len)
+    p = parse_spec(CAUSAL)
+    ref = torch.cat([attncc.reference(p, qn[r:r + 1], kc[r:r + 1, :, :n], vc[r:r + 1, :, :n], q_offset=n - 1)
+                     for r, n in enumerate(kv_len.tolist())])
+    return (o.double() - ref).abs().max().item()
+
+
+@pytest.mark.parametrize("variable, value, match", [
+    ("ATTNCC_DECODE_CONFIG", "BLOCK_N=-16", "ATTNCC_DECODE_CONFIG: BLOCK_N must be one of"),  # o off by 0.5
+    ("ATTNCC_DECODE_CONFIG", "block_n=32", "ATTNCC_DECODE_CONFIG: unknown field 'block_n'"),   # ignored
+    ("ATTNCC_DECODE_CONFIG", "BLOCK_M=64", "ATTNCC_DECODE_CONFIG: unknown field 'BLOCK_M'"),   # ignored
+    ("ATTNCC_DECODE_CONFIG", "BLOCK_N", "ATTNCC_DECODE_CONFIG: expected BLOCK_N=VALUE"),
+    ("ATTNCC_DECODE_CONFIG", "BLOCK_N=abc", "ATTNCC_DECODE_CONFIG: BLOCK_N must be an integer"),
+    ("ATTNCC_DECODE_SPLITS", "0", "ATTNCC_DECODE_SPLITS must be an int >= 1"),  # ran as 1
+    ("ATTNCC_DECODE_SPLITS", "-3", "ATTNCC_DECODE_SPLITS must be an int >= 1"),
+    ("ATTNCC_DECODE_SPLITS", "1.5", "ATTNCC_DECODE_SPLITS must be an int >= 1"),
+])
+def test_decode_settings_are_checked_and_name_their_variable(causal, monkeypatch, variable, value, match):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValueError, match=match):
+        _decode(causal)
+
+
+def test_good_decode_settings_still_run(causal, monkeypatch):
+    monkeypatch.setenv("ATTNCC_DECODE_CONFIG", "BLOCK_N=32,num_warps=4,num_stages=13")  # bench's paged sweep
+    monkeypatch.setenv("ATTNCC_DECODE_SPLITS", "3")
+    assert _decode(causal) < 1e-5
+
+
+# -- on/off variables --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variable", ["ATTNCC_TUNE", "ATTNCC_FAST_LAUNCH", "ATTNCC_DIRECT_LAUNCH", "ATTNCC_CHECK_DECODE"])
+def test_on_off_variables_take_on_and_off_and_name_themselves(monkeypatch, variable):
+    for text, value in (("1", True), ("true", True), ("on", True), ("0", False), ("false", False), ("no", False)):
+        monkeypatch.setenv(variable, text)
+        assert env_flag(variable, not value) is value
+    monkeypatch.setenv(variable, "")
+    assert env_flag(variable, True) is True
+    for text in ("2", "maybe", "-1", " 1"):
+        monkeypatch.setenv(variable, text)
+        with pytest.raises(ValueError, match=f"^{variable} must be 1 .* or 0 .*got {text!r}"):
+            env_flag(variable, False)
+
+
+def test_tune_false_is_off_and_a_bad_value_is_refused_by_the_calls(causal, monkeypatch):
+    monkeypatch.setattr(tuning, "interpreting", lambda: False)
+    monkeypatch.setenv("ATTNCC_TUNE", "false")  # was on
+    assert tuning.tuning_enabled() is False
+    monkeypatch.setenv("ATTNCC_FAST_LAUNCH", "sometimes")
+    with pytest.raises(ValueError, match="ATTNCC_FAST_LAUNCH must be"):
+        causal.attention(*_qkv())
+    monkeypatch.delenv("ATTNCC_FAST_LAUNCH")
+    monkeypatch.setenv("ATTNCC_CHECK_DECODE", "sometimes")
+    with pytest.raises(ValueError, match="ATTNCC_CHECK_DECODE must be"):
+        _decode(causal)
+
+
+# -- attncc tune --show / --clear in a folder of other things -------------------------------------------
+
+def test_tune_clear_deletes_only_tune_cache_files(tune_cache, capsys):
+    tune_cache.mkdir(parents=True)
+    (tune_cache / "package.json").write_text('{"name": "mine"}')
+    (tune_cache / "settings.json").write_text("{}")
+    broken = tune_cache / "NVIDIA-H100__triton-3.6.0.json"
+    broken.write_text("not json")
+    assert cli_main(["tune", "--show"]) == 0
+    out = capsys.readouterr().out
+    assert "(0 entries in 1 file(s))" in out and "package.json" not in out
+    assert cli_main(["tune", "--clear"]) == 0
+    assert "removed 1 cache file(s)" in capsys.readouterr().out
+    assert sorted(p.name for p in tune_cache.iterdir()) == ["NVIDIA-H100__triton-3.6.0.lock", "package.json",
+                                                            "settings.json"]
+    assert (tune_cache / "package.json").read_text() == '{"name": "mine"}'
+    # every name the cache writes is one --show and --clear take
+    for gpu in ("NVIDIA H100 80GB HBM3", "cpu", "\u00e9/..", ""):
+        assert fnmatch.fnmatch(tuning.cache_file_name(gpu, "3.6.0+git1"), tuning.CACHE_FILE_GLOB)
