@@ -37,6 +37,15 @@ def _ints(text: str) -> List[int]:
     return values
 
 
+def _positive(text: str) -> int:
+    """--batch, --heads: an int >= 1 (a batch of 0 timed kernels that run nothing and stored the
+    winner as this shape's config)."""
+    values = _ints(text)
+    if len(values) != 1:
+        raise argparse.ArgumentTypeError(f"expected one positive integer, got {text!r}")
+    return values[0]
+
+
 def _dtypes(text: str) -> List[str]:
     names = [v.strip() for v in text.split(",") if v.strip()]
     bad = [v for v in names if v not in DTYPES]
@@ -52,8 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--nk", type=_ints, default=None, help="key lengths, one per --n (default: --n)")
     p.add_argument("--dtype", type=_dtypes, default=None, help="bf16, fp16, fp32, comma-separated (default: the spec's dtypes)")
     p.add_argument("--head-dim", type=_ints, default=None, help="head dims, comma-separated (default: the spec's head_dims)")
-    p.add_argument("--batch", type=int, default=2, help="batch size (default 2)")
-    p.add_argument("--heads", type=int, default=16, help="query heads where the spec fixes none (default 16)")
+    p.add_argument("--batch", type=_positive, default=2, help="batch size (default 2)")
+    p.add_argument("--heads", type=_positive, default=16, help="query heads where the spec fixes none (default 16)")
     p.add_argument("--forward-only", action="store_true", help="tune the forward kernel only")
     p.add_argument("--force", action="store_true", help="tune again what the cache already holds")
     p.add_argument("--exhaustive", action="store_true",
@@ -195,6 +204,12 @@ def main_tune(argv: Optional[List[str]] = None) -> int:
     from attncc.runtime import tuning
     from attncc.runtime.call import interpreting
 
+    if args.show or args.clear:  # `--show --clear` cleared without showing, `SPEC --clear` without tuning
+        extra = ["--show"] * (args.show and args.clear) + [repr(s) for s in args.specs]
+        if extra:
+            print(f"attncc tune: {'--clear' if args.clear else '--show'} takes no other work, got {' '.join(extra)} "
+                  f"(run them one after the other)", file=sys.stderr)
+            return 2
     if args.clear:
         removed, failed = tuning.clear()
         print(f"attncc tune --clear: removed {removed} cache file(s) from {tuning.cache_dir()}")

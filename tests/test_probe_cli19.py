@@ -22,6 +22,9 @@ Found and fixed (each test below failed before its fix):
   package.json, when the variable names a folder of other things), and left a ``.lock`` file beside
   each; ``--show`` listed them as broken caches. Both take the tune cache's own file names now
   (``<gpu>__triton-<version>.json``).
+- ``attncc tune --show --clear`` and ``attncc tune SPEC --clear`` cleared the cache and exited 0
+  (nothing shown, nothing tuned); ``--batch 0`` / ``--heads 0`` were taken (kernels timed on an empty
+  problem, on a GPU), and never mentioned on a machine without one.
 
 Probed clean (see the seeded tests at the end): params and inputs named like the generated
 code's locals and helpers (o, lse, tl, triton, torch, B, H, Nq, stride_qb, acc, m_i, qk_scale,
@@ -173,3 +176,27 @@ def test_tune_clear_deletes_only_tune_cache_files(tune_cache, capsys):
     # every name the cache writes is one --show and --clear take
     for gpu in ("NVIDIA H100 80GB HBM3", "cpu", "\u00e9/..", ""):
         assert fnmatch.fnmatch(tuning.cache_file_name(gpu, "3.6.0+git1"), tuning.CACHE_FILE_GLOB)
+
+
+def test_tune_clear_with_other_work_is_refused(tune_cache, capsys):
+    """`attncc tune --show --clear` deleted the cache without showing it, `attncc tune SPEC --clear`
+    deleted it without tuning (both exit 0)."""
+    tune_cache.mkdir(parents=True)
+    kept = tune_cache / "NVIDIA-H100__triton-3.6.0.json"
+    kept.write_text("{}")
+    for argv in (["--show", "--clear"], ["spec.toml", "--clear"], ["spec.toml", "--show"]):
+        assert cli_main(["tune", *argv]) == 2
+        assert "takes no other work" in capsys.readouterr().err
+    assert kept.exists()
+
+
+@pytest.mark.parametrize("argv, match", [(["--batch", "0"], "--batch: expected positive"),
+                                         (["--batch", "-1"], "--batch: expected positive"),
+                                         (["--heads", "0"], "--heads: expected positive"),
+                                         (["--batch", "2,3"], "--batch: expected one positive")])
+def test_tune_refuses_empty_problems(argv, match, capsys):
+    """--batch 0 (or --heads 0) went on to time kernels that run nothing and store the winner as the
+    shape's config; on a machine without a GPU the bad value was never mentioned."""
+    with pytest.raises(SystemExit) as e:
+        cli_main(["tune", "spec.toml", *argv])
+    assert e.value.code == 2 and match in capsys.readouterr().err
