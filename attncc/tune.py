@@ -253,9 +253,15 @@ def main_tune(argv: Optional[List[str]] = None) -> int:
             for dtype in args.dtype or list(module.SPEC.dtypes):
                 for head_dim in args.head_dim or list(module.SPEC.head_dims):
                     for n_q, n_k in zip(args.n, args.nk or args.n):
-                        for line in tune_spec(module, pattern, n_q=n_q, n_k=n_k, dtype=dtype, head_dim=head_dim,
+                        try:
+                            lines = tune_spec(module, pattern, n_q=n_q, n_k=n_k, dtype=dtype, head_dim=head_dim,
                                               batch=args.batch, heads=args.heads, forward_only=args.forward_only,
-                                              force=args.force, exhaustive=args.exhaustive):
+                                              force=args.force, exhaustive=args.exhaustive)
+                        except OSError as e:  # the cache folder (ATTNCC_CACHE_DIR) cannot be written
+                            print(f"attncc tune: cannot write the tune cache {e.filename or tuning.cache_dir()}: "
+                                  f"{e.strerror or e} (set ATTNCC_CACHE_DIR to a writable folder)", file=sys.stderr)
+                            return 2
+                        for line in lines:
                             print(line, flush=True)
     print(f"cache: {tuning.cache_dir()}")
     return 0

@@ -25,6 +25,10 @@ Found and fixed (each test below failed before its fix):
 - ``attncc tune --show --clear`` and ``attncc tune SPEC --clear`` cleared the cache and exited 0
   (nothing shown, nothing tuned); ``--batch 0`` / ``--heads 0`` were taken (kernels timed on an empty
   problem, on a GPU), and never mentioned on a machine without one.
+- ``ATTNCC_TUNE=1`` with an ``ATTNCC_CACHE_DIR`` that cannot be written (a file, a read-only
+  folder): the store after tuning raised out of the user's attention call, every call tuned again and
+  raised again. On the fly the winner is now kept in the process with a warning (as the module cache
+  falls back); ``attncc tune`` says it cannot write the cache (exit 2, no traceback).
 
 Probed clean (see the seeded tests at the end): params and inputs named like the generated
 code's locals and helpers (o, lse, tl, triton, torch, B, H, Nq, stride_qb, acc, m_i, qk_scale,
@@ -200,3 +204,45 @@ def test_tune_refuses_empty_problems(argv, match, capsys):
     with pytest.raises(SystemExit) as e:
         cli_main(["tune", "spec.toml", *argv])
     assert e.value.code == 2 and match in capsys.readouterr().err
+
+
+# -- ATTNCC_TUNE=1 with a cache folder that cannot be written ---------------------------------------------
+
+def _tune_call():
+    from attncc.runtime import bind
+
+    from cases import module
+    gen = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, 2, 50, 32, generator=gen) for _ in range(2))
+    return bind(module("causal").SPEC, q, k, k.clone())
+
+
+def test_tuning_on_the_fly_with_an_unwritable_cache_keeps_the_config_in_process(tmp_path, monkeypatch, caplog):
+    """ATTNCC_CACHE_DIR naming a file (or a read-only folder) with ATTNCC_TUNE=1: the store after
+    tuning raised FileExistsError out of the user's attention call, and the next call tuned again
+    (nothing was kept) and raised again. The module cache falls back with a warning; so does this."""
+    from attncc.runtime.launch import pick_config
+
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("")
+    monkeypatch.setenv("ATTNCC_CACHE_DIR", str(blocker))
+    tuning._LOADED.clear()
+    call = _tune_call()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the GPU path, with fake runs and timers
+    timed = []
+
+    def timer(fn):
+        fn()
+        timed.append(1)
+        return 1.0
+
+    with caplog.at_level("WARNING", logger="attncc"):
+        best = tuning.tune(call, "", lambda c: None, timer=timer, quick_timer=timer, keep=True)
+    assert "this process only: cannot write" in caplog.text and "ATTNCC_CACHE_DIR" in caplog.text
+    assert tuning.cached_config(call) == best and pick_config(call) == best
+    n = len(timed)
+    assert tuning.tune(call, "", lambda c: None, timer=timer, quick_timer=timer, keep=True) == best
+    assert len(timed) == n  # kept: not tuned again
+    with pytest.raises(OSError):  # `attncc tune` (keep=False) says so
+        tuning.tune(call, "dq", lambda c: None, timer=timer, quick_timer=timer)
+    tuning._LOADED.clear()

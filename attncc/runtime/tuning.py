@@ -326,10 +326,23 @@ def store(key: TuneKey, record: dict) -> Path:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-    with _LOCK:
-        _LOADED[(str(directory), key.file_name)] = entries
-        _STORES[0] += 1
+    _remember(directory, key.file_name, entries)
     return path
+
+
+def keep_in_process(key: TuneKey, record: dict) -> None:
+    """Add one record to this process's view of the cache only (the cache folder cannot be written)."""
+    new = {**record, "key": {f: getattr(key, f) for f in KEY_FIELDS}}
+    problem = record_problem(new)
+    if problem is not None:
+        raise ValueError(f"attncc: not a tune cache record ({problem}): {short_repr(record, 200)}")
+    _remember(cache_dir(), key.file_name, {**_entries(key.file_name), key.entry: new})
+
+
+def _remember(directory: Path, file_name: str, entries: Dict[str, dict]) -> None:
+    with _LOCK:
+        _LOADED[(str(directory), file_name)] = entries
+        _STORES[0] += 1
 
 
 @contextlib.contextmanager
@@ -499,7 +512,8 @@ def sm_count(device) -> Optional[int]:
 
 
 def tune(call: Call, kernel: str, run: Callable[[Call], object], *, timer=None, quick_timer=None,
-         progress: Optional[Callable[[int, int], None]] = None, force: bool = False, exhaustive: bool = False):
+         progress: Optional[Callable[[int, int], None]] = None, force: bool = False, exhaustive: bool = False,
+         keep: bool = False):
     """Time the candidate configs of one kernel of ``call`` and cache the fastest; returns it.
 
     ``run(call)`` runs the call's forward (``kernel`` ""), or its backward, whose dK/dV or dQ
@@ -510,7 +524,9 @@ def tune(call: Call, kernel: str, run: Callable[[Call], object], *, timer=None, 
     with ``timer`` (default :data:`TIMER`); the cache records the winner's and the default's time.
     ``progress(done, total)`` is called after each first-round candidate. A cached key is returned
     as it is unless ``force``. Under the interpreter nothing is timed and the interpreter's small
-    config comes back."""
+    config comes back. Where the cache folder cannot be written, ``keep`` (tuning on the fly) keeps
+    the winner in this process with a warning; otherwise the OSError is raised (``attncc tune``).
+    (On the fly, an unwritable ATTNCC_CACHE_DIR raised from every call, each after tuning again.)"""
     if interpreting():
         return preset_config(kernel)
     key = key_for(call, kernel)
@@ -552,7 +568,14 @@ def tune(call: Call, kernel: str, run: Callable[[Call], object], *, timer=None, 
     best = min(timings, key=timings.get)
     record = {"config": dataclasses.asdict(best), "ms": timings[best], "default_ms": timings.get(default),
               "spec": call.spec.name, "candidates": len(configs), "tuned_at": round(time.time())}
-    path = store(key, record)
+    try:
+        path = store(key, record)
+    except OSError as e:
+        if not keep:
+            raise
+        keep_in_process(key, record)
+        path = (f"this process only: cannot write {e.filename or cache_dir()} ({e.strerror or e}); "
+                f"set ATTNCC_CACHE_DIR to a writable folder")
     log.warning("attncc: tuning %s %s (%s, d%d, N %dx%d) took %.1f s: %s, %.3f ms (default %s); cached in %s",
                 call.spec.name, KERNEL_NAMES[kernel], key.dtype, key.head_dim, call.Nq, call.Nk,
                 time.perf_counter() - start, describe(best), timings[best],
@@ -596,4 +619,4 @@ def _tune_missing(call: Call, kernels, run):
         return
     for kernel in kernels:
         if env_config(kernel) is None and cached_config(call, kernel) is None:  # missing, or unusable
-            tune(call, kernel, run)
+            tune(call, kernel, run, keep=True)
