@@ -30,10 +30,21 @@ Found and fixed (each test below failed before its fix):
   raised again. On the fly the winner is now kept in the process with a warning (as the module cache
   falls back); ``attncc tune`` says it cannot write the cache (exit 2, no traceback).
 
-Probed clean (see the seeded tests at the end): params and inputs named like the generated
-code's locals and helpers (o, lse, tl, triton, torch, B, H, Nq, stride_qb, acc, m_i, qk_scale,
-_fwd_kernel, SPEC, prm_w, ptr_d, tmp0, __class__, ...), compiled and run forward and backward
-against attncc.reference.
+Probed clean (a few seeds kept as tests at the end):
+- 80 random specs whose params and inputs are named like the generated code's locals, arguments
+  and helpers (o, lse, tl, triton, torch, B, H, Nq, stride_qb, acc, m_i, qk_scale, _fwd_kernel,
+  SPEC, prm_w, ptr_d, tmp0, __class__, __builtins__, ...): all compiled, parsed, and ran forward and
+  backward as attncc.reference;
+- 400 random static specs through ``attncc explain --json`` (lengths 1-90, tiles 16-128, --param,
+  --batch, --heads) against tiles counted by brute force on ``pair_mask``: empty / full / partial,
+  allowed pairs, forward walk covering every non-empty tile;
+- 60 random ``description`` strings (triple quotes, backslashes, jinja ``{{ }}`` ``{% %}``, NUL,
+  U+2028, coding cookies, Python payloads) through attncc.compile: generated source parses, no code
+  ran, lone surrogates refused as SpecError; odd TOML param values (0x10, 1_000, +3, -0.0, 0o7)
+  right, bool / date / string / array / table / inf / nan / 2**63-1 refused by name;
+- the command line: no command, unknown ones, spec files that are missing, folders, FIFOs, with
+  leading dashes (after --), spaces, unicode, keywords, module names (torch, generated), 71-char
+  names, dunder names: each a one-line error or a module that imports; explain's size options.
 """
 from __future__ import annotations
 
@@ -246,3 +257,96 @@ def test_tuning_on_the_fly_with_an_unwritable_cache_keeps_the_config_in_process(
     with pytest.raises(OSError):  # `attncc tune` (keep=False) says so
         tuning.tune(call, "dq", lambda c: None, timer=timer, quick_timer=timer)
     tuning._LOADED.clear()
+
+
+# -- seeded clean cases: spec names like the generated code's own, explain's counts ---------------------
+
+# Not reserved by the spec language, but the names of the generated code's locals, arguments and helpers.
+RISKY_NAMES = """o lse tl triton torch math B H Nq Nk GROUP Q K V O LSE stride_qb stride_kn qk_scale acc m_i l_i
+m_new qb bh hk offs_i offs_m offs_j keep qk p alpha kb start_n row t n_partial SPEC attention decode call cfg _rt
+_forward _backward _fwd_kernel _fwd_tile _load_rows self x tmp0 bucket0 k0 s0 h0 x0 CU_Q TOTAL_Q HEAD_DIM WIDE
+VARLEN LISTS DOT_PRECISION prm_w ptr_d stride0_d size0_d gptr_d t_d __class__ __name__ __builtins__ __import__
+float int print len exec eval dict type object inputs_and_params kwargs full_count list_width dq dk dv Delta
+delta D Dv N M ds dp sm_scale pid Hl _tk_and _int_reach q_start k_start""".split()
+
+
+def _named_spec(rng):
+    p1, p2, inp, fp = rng.sample(RISKY_NAMES, 4)
+    spec = {"head_dim": 16, "dtypes": ["float32"],
+            "params": {p1: rng.randint(2, 9), p2: rng.randint(2, 7), fp: rng.choice([0.25, -0.5, 1.5])}}
+    kind = rng.randrange(3)
+    if kind == 0:
+        spec["mask"] = {"where": f"j <= i and i - j < {p1}"}
+        spec["score"] = {"bias": f"{fp} * ((i - j) % {p2})"}
+    elif kind == 1:
+        spec["inputs"] = {inp: {"dims": ["b", "n"], "dtype": "int32"}}
+        spec["mask"] = {"where": f"{inp}[b, i] == {inp}[b, j] or j < {p1}"}
+        spec["score"] = {"bias": f"{fp} * abs(i - j) / {p2}"}
+    else:
+        spec["inputs"] = {inp: {"dims": ["h"], "dtype": "float32", "grad": True}}
+        spec["mask"] = {"where": f"i // {p2} == j // {p2} or j <= i - {p1}"}
+        spec["score"] = {"bias": f"{inp}[h] * (j - i) + {fp}"}
+    return spec, kind, (p1, p2, inp, fp)
+
+
+@pytest.mark.parametrize("seed", [3, 11, 29])
+def test_params_and_inputs_named_like_generated_code_run_right(seed, tmp_path, monkeypatch):
+    """Probed clean over 80 seeds (python: the same loop): every name compiled, parsed, and ran
+    forward and backward as attncc.reference."""
+    monkeypatch.setenv("ATTNCC_CACHE_DIR", str(tmp_path))
+    from attncc.module_cache import toml_text
+
+    rng = random.Random(seed)
+    spec, kind, (p1, _, inp, _) = _named_spec(rng)
+    mod = attncc.compile(spec)
+    ast.parse(open(mod.__file__, encoding="utf-8").read())
+    gen = torch.Generator().manual_seed(seed)
+    B, H, N = 2, 2, 33
+    q, k, v = (torch.randn(B, H, N, 16, generator=gen, requires_grad=True) for _ in range(3))
+    kw = {p1: 5}
+    if kind == 1:
+        kw[inp] = torch.randint(0, 3, (B, N), generator=gen, dtype=torch.int32).sort(-1).values
+    if kind == 2:
+        kw[inp] = torch.randn(H, generator=gen).requires_grad_(True)
+    leaves = [q, k, v] + ([kw[inp]] if kind == 2 else [])
+    o = mod.attention(q, k, v, **kw)
+    ref = attncc.reference(parse_spec(toml_text(spec)), q, k, v, **kw)
+    assert (o.double() - ref).abs().max() < 1e-4
+    go = torch.randn(o.shape, generator=gen)
+    for a, b in zip(torch.autograd.grad(o, leaves, go), torch.autograd.grad(ref, leaves, go.double())):
+        assert (a.double() - b).abs().max() < 1e-3
+
+
+EXPLAIN_MASKS = ["j <= i and i - j < a", "abs(i - j) <= a or j < c0", "i // a == j // a",
+                 "j <= i and (i - j) % a == 0", "j < c0 or i < c0 or abs(i - j) < a", "2 * j <= i + a",
+                 "j >= i - a and j <= i + c0", "i % a == j % a", "j <= i // a + c0", "(i + j) % a < c0",
+                 "max(i, j) - min(i, j) < a", "j <= n_k - n_q + i"]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_explain_json_counts_equal_brute_force(seed, tmp_path, capsys):
+    """`attncc explain --json` against tiles counted on attncc._reference.pair_mask (probed clean
+    over 400 seeds: random masks, lengths, tile shapes, --param, --batch, --heads)."""
+    import json
+
+    from attncc._reference import pair_mask
+
+    rng = random.Random(seed)
+    text = (f'[params]\na = {rng.randint(1, 9)}\nc0 = {rng.randint(0, 7)}\n[mask]\n'
+            f'where = "{EXPLAIN_MASKS[seed % len(EXPLAIN_MASKS)]}"\n')
+    path = tmp_path / "s.toml"
+    path.write_text(text)
+    nq, nk = rng.randint(1, 90), rng.randint(1, 90)
+    bm, bn = rng.choice([16, 32, 64, 128]), rng.choice([16, 32, 64, 128])
+    a, batch, heads = rng.randint(1, 12), rng.randint(1, 3), rng.randint(1, 3)
+    assert cli_main(["explain", str(path), "--n", str(nq), "--nk", str(nk), "--block", f"{bm}x{bn}", "--json",
+                     "--param", f"a={a}", "--batch", str(batch), "--heads", str(heads)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    m = pair_mask(parse_spec(text), q_rows=nq, k_rows=nk, params={"a": a})[0, 0]
+    tiles = [m[x:x + bm, y:y + bn] for x in range(0, nq, bm) for y in range(0, nk, bn)]
+    n = batch * heads
+    assert out["tiles"]["empty"] == n * sum(not t.any() for t in tiles)
+    # a ragged last key block is never FULL (the kernels mask the keys past the end there)
+    assert out["tiles"]["full"] == n * sum(bool(t.all()) and t.shape[1] == bn for t in tiles)
+    assert out["allowed_pairs"] == n * int(m.sum())
+    assert out["walks"]["forward"]["visited"] >= n * sum(bool(t.any()) for t in tiles)
