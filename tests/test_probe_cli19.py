@@ -42,9 +42,10 @@ Probed clean (a few seeds kept as tests at the end):
   U+2028, coding cookies, Python payloads) through attncc.compile: generated source parses, no code
   ran, lone surrogates refused as SpecError; odd TOML param values (0x10, 1_000, +3, -0.0, 0o7)
   right, bool / date / string / array / table / inf / nan / 2**63-1 refused by name;
-- the command line: no command, unknown ones, spec files that are missing, folders, FIFOs, with
+- the command line: no command, unknown ones, spec files that are missing or folders, with
   leading dashes (after --), spaces, unicode, keywords, module names (torch, generated), 71-char
-  names, dunder names: each a one-line error or a module that imports; explain's size options.
+  names, dunder names: each a one-line error or a module that imports; explain's size options;
+  a named pipe waits for its writer, as `cat` does (`attncc build <(...)` with a name key works).
 """
 from __future__ import annotations
 
