@@ -87,7 +87,7 @@ def _qkv(n=37, seed=0):
     ("BLOCK_M=64,BLOCK_N=32,foo=1", "unknown field 'foo'"),
     ("BLOCK_M=16,BLOCK_N=16,num_warps=3", "num_warps must be one of"),
     ("BLOCK_M=16,BLOCK_N=16,num_stages=0", "num_stages must be >= 1"),
-    ("BLOCK_M=16,BLOCK_N=16,warp_specialize=yes", "warp_specialize must be 0 or 1"),
+    ("BLOCK_M=16,BLOCK_N=16,warp_specialize=maybe", "warp_specialize must be 1 \\(or true, yes, on\\) or 0"),
     ("BLOCK_M=16,BLOCK_N=16,BLOCK_M=32", "BLOCK_M given twice"),
     ("BLOCK_M", "expected BLOCK_M=VALUE"),
 ])

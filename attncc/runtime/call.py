@@ -776,7 +776,7 @@ def env(name: str, default: Optional[str] = None) -> Optional[str]:
 
 
 # The spellings an on/off variable (ATTNCC_TUNE, ATTNCC_FAST_LAUNCH, ...) takes; "" is unset.
-_FLAG_SPELLINGS = {"0": False, "1": True, "false": False, "true": True, "False": False, "True": True,
+FLAG_SPELLINGS = {"0": False, "1": True, "false": False, "true": True, "False": False, "True": True,
                    "no": False, "yes": True, "off": False, "on": True}
 
 
@@ -787,7 +787,7 @@ def env_flag(name: str, default: bool) -> bool:
     text = env(name)
     if not text:
         return default
-    value = _FLAG_SPELLINGS.get(text)
+    value = FLAG_SPELLINGS.get(text)
     if value is None:
         raise ValueError(f"{name} must be 1 (or true, yes, on) or 0 (or false, no, off); unset: "
                          f"{int(default)}; got {text!r}")

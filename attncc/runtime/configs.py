@@ -19,7 +19,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from attncc.runtime.call import Call, env, interpreting, raw_env_get, raw_env_key
+from attncc.runtime.call import FLAG_SPELLINGS, Call, env, interpreting, raw_env_get, raw_env_key
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,6 @@ _ENV_NAMES = {"": "ATTNCC_CONFIG", "dkdv": "ATTNCC_CONFIG_DKDV", "dq": "ATTNCC_C
 # limits: attncc/runtime/tuning.py): tiles that tl.dot and tl.arange take, warp counts Triton runs.
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 WARP_COUNTS = (1, 2, 4, 8, 16, 32)
-_FLAG_VALUES = {"0": False, "false": False, "False": False, "1": True, "true": True, "True": True}
 
 
 def parse_fields(name: str, text: str, allowed) -> dict:
@@ -80,9 +79,9 @@ def parse_fields(name: str, text: str, allowed) -> dict:
         if key in fields:
             raise ValueError(f"{name}: {key} given twice in {text!r}")
         if key in FLAGS:
-            if value not in _FLAG_VALUES:
-                raise ValueError(f"{name}: {key} must be 0 or 1, got {value!r}")
-            fields[key] = _FLAG_VALUES[value]
+            if value not in FLAG_SPELLINGS:
+                raise ValueError(f"{name}: {key} must be 1 (or true, yes, on) or 0 (or false, no, off), got {value!r}")
+            fields[key] = FLAG_SPELLINGS[value]
             continue
         try:
             n = int(value)
