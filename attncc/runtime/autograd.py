@@ -73,9 +73,12 @@ class AttentionFunction(torch.autograd.Function):
         if ctx.watched is not None:
             check_watched(ctx.watched, lambda: (f"{call.spec.name}.attention", (
                 ("cu_seqlens_q", call.cu_seqlens_q), ("cu_seqlens_k", call.cu_seqlens_k), *call.inputs.items())))
-        if saved:  # the inputs declared grad = true: the call's own, unless saved-tensor hooks gave others
-            if any(s is not call.inputs[n] for s, n in zip(saved, names)):
-                call = _with_saved(call, inputs={**call.inputs, **dict(zip(names, saved))})
+        if saved:  # the inputs declared grad = true (as passed: Call.grad_sources): the call's own, unless
+            # saved-tensor hooks gave others, which the kernels read converted to the declared type as bind does
+            if any(s is not t for s, t in zip(saved, call.grad_sources())):
+                given = {n: s for n, s in zip(names, saved) if n in call.given_inputs}
+                read = {n: s.to(call.inputs[n].dtype) if n in given else s for n, s in zip(names, saved)}
+                call = _with_saved(call, inputs={**call.inputs, **read}, given_inputs={**call.given_inputs, **given})
         if not (q is call.q and k is call.k and v is call.v):
             call = _with_saved(call, q=q, k=k, v=v)
         if call.input_grads and torch.are_deterministic_algorithms_enabled():
@@ -103,7 +106,7 @@ def _with_saved(call: Call, **tensors) -> Call:
     call's signature fixed (``call.memo``: operand layouts, bound launches and their strides) holds
     only where each has the layout of the tensor it replaces; else it is worked out anew."""
     pairs = [(t, call.inputs[n]) for n, t in tensors["inputs"].items()] if "inputs" in tensors else []
-    pairs += [(t, getattr(call, name)) for name, t in tensors.items() if name != "inputs"]
+    pairs += [(t, getattr(call, name)) for name, t in tensors.items() if name not in ("inputs", "given_inputs")]
     if all(_layout(new) == _layout(old) for new, old in pairs):
         return call.replace(**tensors)
     return call.replace(memo=None, **tensors)
@@ -223,5 +226,5 @@ def no_pairs(call: Call):
 
 
 def no_pairs_backward(call: Call, o, lse, do, dlse=None):
-    input_grads = {name: torch.zeros_like(call.inputs[name]) for name in call.grad_input_names}
+    input_grads = {name: torch.zeros_like(t) for name, t in zip(call.grad_input_names, call.grad_sources())}
     return torch.zeros_like(call.q), torch.zeros_like(call.k), torch.zeros_like(call.v), input_grads

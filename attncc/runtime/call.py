@@ -50,6 +50,10 @@ class Call:
     return_lse: bool
     params: Dict[str, object] = field(default_factory=dict)
     inputs: Dict[str, torch.Tensor] = field(default_factory=dict)
+    # The float inputs that bind converted to their declared type, as the caller passed them: the
+    # kernels read ``inputs``, autograd differentiates these (see :meth:`grad_sources`), so that a
+    # float32 table declared bfloat16 gets the kernels' float32 gradient, not one rounded to bfloat16.
+    given_inputs: Dict[str, torch.Tensor] = field(default_factory=dict)
     # A dict when a backward pass will follow (the autograd path sets it): the forward keeps
     # there what the backward of the same call reuses (the transposed block lists). None otherwise.
     for_backward: Optional[dict] = field(default=None, repr=False, compare=False)
@@ -97,6 +101,12 @@ class Call:
     def grad_input_names(self) -> Tuple[str, ...]:
         """The [inputs] declared ``grad = true``, in spec order."""
         return self.cached("grad_input_names", lambda: tuple(d.name for d in self.spec.inputs if d.grad))
+
+    def grad_sources(self) -> list:
+        """The tensors that get the gradients of the inputs declared ``grad = true``, in spec order:
+        each as the caller passed it (not its conversion to the declared type, whose backward would
+        round the kernels' float32 gradient to that type)."""
+        return [self.given_inputs.get(name, self.inputs[name]) for name in self.grad_input_names]
 
     def check_no_dropped_grads(self, what: str) -> None:
         """A ``ValueError`` for an input that requires grad but is declared without ``grad = true``:
@@ -246,7 +256,8 @@ def bind(spec: SpecInfo, q, k, v, *, return_lse=False, q_offset=0, k_offset=0, n
         # k, v of batch 1 that bind broadcast over q's batch: the next calls of the signature too
         call.memo = {"converts": converts, "signature": key, "kv_broadcast": call.k is not k}
         # kept without tensors: the cache must not hold a call's memory
-        slot[1][key] = call.replace(q=None, k=None, v=None, inputs={}, cu_seqlens_q=None, cu_seqlens_k=None)
+        slot[1][key] = call.replace(q=None, k=None, v=None, inputs={}, given_inputs={}, cu_seqlens_q=None,
+                                    cu_seqlens_k=None)
     return call
 
 
@@ -337,6 +348,8 @@ def _rebind(bound: Call, q, k, v, kwargs, cu_q, cu_k) -> Call:
     if converts:
         fields["inputs"] = {name: (kwargs[name] if dtype is None else kwargs[name].to(dtype))
                             for name, dtype in converts}
+        fields["given_inputs"] = {name: kwargs[name] for name, dtype in converts
+                                  if dtype is not None and dtype.is_floating_point}
     if cu_q is not None:  # the kernels read cu_seqlens at unit stride (see _varlen)
         fields["cu_seqlens_q"], fields["cu_seqlens_k"] = cu_q.contiguous(), cu_k.contiguous()
     call.__dict__ = fields
@@ -439,12 +452,14 @@ def _bind_checked(spec: SpecInfo, q, k, v, *, return_lse=False, q_offset=0, k_of
     scale = softmax_scale(f"{name}.attention", spec, scale, D)
 
     n_max = max(q_offset + Nq, k_offset + Nk)
+    passed = dict(kwargs)
     params, inputs = bind_params_and_inputs(spec, f"{name}.attention", kwargs, B=B, Hq=Hq,
                                             positions=n_max, device=q.device, ends=(q_offset + Nq, k_offset + Nk))
     check_divisors(spec, f"{name}.attention", positions=max(n_max, n_q, n_k), batch=B, heads=Hq, n_q=n_q, n_k=n_k,
                    params=params)
+    given = {name: passed[name] for name, t in inputs.items() if t is not passed[name] and t.is_floating_point()}
     return Call(spec, q, k, v, B, Hq, Hkv, Nq, Nk, D, Dv, q_offset, k_offset, n_q, n_k, float(scale),
-                return_lse, params, inputs, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+                return_lse, params, inputs, given_inputs=given, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
 
 
 # The kernels take the scale, and the scale times log2(e), as float32 numbers.

@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from attncc.runtime.autograd import no_double_backward, no_pairs, no_pairs_backward
-from attncc.runtime.call import MAX_SIGNATURES, Call, check_cu_seqlens, tensor_key
+from attncc.runtime.call import MAX_SIGNATURES, Call, check_cu_seqlens, input_as_read, tensor_key
 from attncc.runtime.spec_info import SpecInfo
 
 # spec key -> (SpecInfo, forward launcher, backward launcher)
@@ -89,7 +89,8 @@ def attention(call: Call):
     ints = [value for value in call.params.values() if type(value) is int]
     floats = [call.scale, call.dropout_p] + [value for value in call.params.values() if type(value) is not int]
     options = repr(tuple((name, type(value) is int) for name, value in call.params.items()))
-    inputs = [call.inputs[d.name] for d in call.spec.inputs]
+    # the float inputs as the caller passed them (Call.grad_sources): the op converts them as bind did
+    inputs = [call.given_inputs.get(d.name, call.inputs[d.name]) for d in call.spec.inputs]
     return attention_forward(call.q, call.k, call.v, inputs, call.cu_seqlens_q, call.cu_seqlens_k, _key(call.spec),
                              options, ints, floats, call.B, call.Nq, call.Nk, call.q_offset, call.k_offset, call.n_q,
                              call.n_k, call.seed)
@@ -110,8 +111,12 @@ def _call(q, k, v, inputs, cu_q, cu_k, key, options, ints, floats, B, Nq, Nk, q_
         if len(_MEMOS) >= MAX_SIGNATURES:
             _MEMOS.clear()
         memo = _MEMOS[signature] = {}
+    # a float input of another type than declared comes as passed (attention() above): read at the
+    # declared type, as bind reads it, its gradient in the passed type (Call.given_inputs)
+    read = {d.name: input_as_read(spec.name, d.name, d.dtype, t) for d, t in zip(spec.inputs, inputs)}
+    given = {d.name: t for d, t in zip(spec.inputs, inputs) if read[d.name] is not t and t.is_floating_point()}
     call = Call(spec, q, k, v, B, q.shape[1], k.shape[1], Nq, Nk, q.shape[3], v.shape[3], q_offset, k_offset, n_q,
-                n_k, scale, True, params, {d.name: t for d, t in zip(spec.inputs, inputs)},
+                n_k, scale, True, params, read, given_inputs=given,
                 cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, input_grads=input_grads, dropout_p=dropout_p, seed=seed,
                 memo=memo)
     if Nq == 0 or Nk == 0:
@@ -161,8 +166,8 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs
                               q_offset, k_offset, n_q, n_k, seed, input_grads)
     dq, dk, dv, grads = backward(call, o, lse, do, dlse)
     return [_dense(dq), _dense(dk), _dense(dv)] + [
-        _dense(grads[name]) if name in grads else call.inputs[name].new_zeros(call.inputs[name].shape)
-        for name in call.grad_input_names]
+        _dense(grads[name]) if name in grads else t.new_zeros(t.shape)
+        for name, t in zip(call.grad_input_names, call.grad_sources())]
 
 
 @attention_backward.register_fake

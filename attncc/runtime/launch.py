@@ -287,7 +287,9 @@ def grads_as_inputs(call: Call, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Te
     """(dq, dk, dv, {input name: gradient}): the kernels' gradients (padded head dims, operand
     dtype, fp32 buffers of the inputs) with the shapes and dtypes of q, k, v and the inputs.
     Inputs without a gradient (not wanted, or not differentiable) are left out."""
-    grads = {name: g.to(call.inputs[name].dtype) for name, g in (input_grads or {}).items()} if call.input_grads else {}
+    # in the dtypes of the tensors autograd differentiates (Call.grad_sources): the caller's
+    grads = {name: g.to(call.given_inputs.get(name, call.inputs[name]).dtype)
+             for name, g in (input_grads or {}).items()} if call.input_grads else {}
     dtype = call.q.dtype  # q, k, v have one (bind checks)
     return _as(dq, call.D, dtype), _as(dk, call.D, dtype), _as(dv, call.Dv, dtype), grads
 
@@ -327,7 +329,7 @@ def _run(call: Call, forward, backward):
     names = call.grad_input_names
     if names:
         call.check_no_dropped_grads("attention")
-        grad_inputs = [call.inputs[name] for name in names]
+        grad_inputs = call.grad_sources()
         input_grads = any(t.requires_grad for t in grad_inputs)
         if not (input_grads or call.q.requires_grad or call.k.requires_grad or call.v.requires_grad):
             return forward(call)
