@@ -312,8 +312,8 @@ def _forward(call):
         q, k, v, o, lse, call.cu_seqlens_q, call.cu_seqlens_k, call.seed, call.dropout_p, call.return_lse,
         call.dropout_p > 0,
     ))
-    if v.shape[-1] != call.Dv:
-        o = o[..., :call.Dv]
+    if v.shape[-1] != call.Dv:  # v's head dim padded (tma_ready): o as SDPA returns it, contiguous (a view of
+        o = o[..., :call.Dv].contiguous()  # the padded rows refused o.view(B * Hq, Nq, Dv), which SDPA's takes)
     return o, lse
 
 

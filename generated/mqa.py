@@ -294,8 +294,8 @@ def _forward(call):
     _rt.launch(call, cfg, lambda cfg: _rt.bound_launch(call, _fwd_launch, cfg, q, k, v, o, lse)(
         q, k, v, o, lse, call.cu_seqlens_q, call.cu_seqlens_k, call.return_lse,
     ))
-    if v.shape[-1] != call.Dv:
-        o = o[..., :call.Dv]
+    if v.shape[-1] != call.Dv:  # v's head dim padded (tma_ready): o as SDPA returns it, contiguous (a view of
+        o = o[..., :call.Dv].contiguous()  # the padded rows refused o.view(B * Hq, Nq, Dv), which SDPA's takes)
     return o, lse
 
 

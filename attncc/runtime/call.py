@@ -222,6 +222,7 @@ def bind(spec: SpecInfo, q, k, v, *, return_lse=False, q_offset=0, k_offset=0, n
     passed as ``q_offset``, are checked every time). Nothing here reads a tensor's values,
     except the cu_seqlens of a packed batch on the CPU or without ``max_seqlen_*`` (one host sync)."""
     refuse_transforms(f"{spec.name}.attention")
+    q, k, v = autocast_operands(q, k, v)
     checked = dict(return_lse=return_lse, q_offset=q_offset, k_offset=k_offset, n_q=n_q, n_k=n_k, scale=scale,
                    kwargs=kwargs, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
                    max_seqlen_k=max_seqlen_k)
@@ -259,6 +260,28 @@ def bind(spec: SpecInfo, q, k, v, *, return_lse=False, q_offset=0, k_offset=0, n
         slot[1][key] = call.replace(q=None, k=None, v=None, inputs={}, given_inputs={}, cu_seqlens_q=None,
                                     cu_seqlens_k=None)
     return call
+
+
+def autocast_operands(q, k, v):
+    """``tensors`` (q, k, v) as ``torch.autocast`` runs attention: SDPA's policy (lower_precision_fp),
+    where autocast is on for q's device type, float16 / bfloat16 / float32 tensors of that device
+    in the autocast dtype (as differentiable casts: their gradients come back in the dtypes given),
+    float64 and everything else as it came (bind's checks name what is wrong with it). Without it
+    a float32 q beside a bfloat16 v (a Hugging Face model under autocast: RoPE's float32 cos and sin
+    promote q and k, v comes from an autocast linear) was refused where SDPA runs, and float32
+    inputs ran in float32 where SDPA runs in the autocast dtype. (Autocast off: one C call.)"""
+    if not _any_autocast() or not isinstance(q, torch.Tensor):
+        return q, k, v
+    device_type = q.device.type
+    if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
+        return q, k, v
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _AUTOCAST_CAST and t.dtype != dtype
+                 and t.device.type == device_type else t for t in (q, k, v))
+
+
+_AUTOCAST_CAST = (torch.float16, torch.bfloat16, torch.float32)
+_any_autocast = torch._C._is_any_autocast_enabled
 
 
 def broadcast_kv_batch(q, k, v):

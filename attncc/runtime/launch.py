@@ -295,9 +295,10 @@ def grads_as_inputs(call: Call, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Te
 
 
 def _as(g: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
-    """``g[..., :dim]`` in ``dtype``: ``g`` itself when it is that already (no view made per call)."""
+    """``g[..., :dim]`` in ``dtype``, contiguous (as o, and as SDPA's gradients: a view of the padded
+    rows refused ``.view``): ``g`` itself when it is that already (no view made per call)."""
     if g.shape[-1] != dim:
-        g = g[..., :dim]
+        g = g[..., :dim].contiguous() if g.dtype == dtype else g[..., :dim]
     return g if g.dtype == dtype else g.to(dtype)
 
 
