@@ -20,7 +20,7 @@ its own units, as the kernels compute it.
 from __future__ import annotations
 
 import sympy
-from sympy.logic.boolalg import Boolean, BooleanAtom, BooleanFunction
+from sympy.logic.boolalg import BooleanAtom, BooleanFunction
 
 from attncc.spec import symbols as S
 
@@ -63,13 +63,23 @@ class ExactValue(sympy.Function):
 EXACT = (ExactCondition, ExactValue)
 
 
+def compares_numbers(e) -> bool:
+    """Whether the comparison ``e`` compares numbers, not two booleans (``==`` of two booleans has
+    no arithmetic of its own). Tested with ``is_Boolean``: a sympy ``Symbol`` (``j``, a param) is a
+    ``Boolean`` subclass, but a number in this language, so ``isinstance(x, Boolean)`` would take
+    ``where(j < f, ...)`` for a comparison of booleans (and leave it to float32)."""
+    return not any(x.is_Boolean or isinstance(x, sympy.Rel) for x in e.args)
+
+
+def float_comparison(e) -> bool:
+    """Whether ``e`` is a comparison of numbers that are not both integers: float arithmetic's step."""
+    return isinstance(e, sympy.Rel) and compares_numbers(e) and not (e.lhs.is_integer and e.rhs.is_integer)
+
+
 def _step(e) -> bool:
     """Whether ``e`` is a step of float arithmetic that float32 may place elsewhere."""
     if isinstance(e, sympy.Rel):
-        lhs, rhs = e.args
-        if any(isinstance(x, Boolean) or isinstance(x, sympy.Rel) for x in (lhs, rhs)):
-            return False  # == of two booleans: no arithmetic of its own
-        return not (lhs.is_integer and rhs.is_integer)
+        return float_comparison(e)
     if isinstance(e, (sympy.floor, sympy.ceiling)):
         return not e.args[0].is_integer
     if isinstance(e, sympy.Mod):

@@ -35,7 +35,7 @@ import sympy
 from sympy.core.function import AppliedUndef
 from sympy.logic.boolalg import Boolean, BooleanAtom
 
-from attncc.analysis.exact import ExactCondition, exact_parts
+from attncc.analysis.exact import ExactCondition, exact_parts, float_comparison
 from attncc.analysis.derivative import Tie
 from attncc.analysis.hoist import resolve
 from attncc.analysis.integer import integer_fraction, integer_ops, integer_sums
@@ -599,8 +599,7 @@ class TritonPrinter:
 
     # -- logic --------------------------------------------------------------
     def _rel(self, e, op):
-        numbers = not (e.lhs.is_Boolean or isinstance(e.lhs, sympy.Rel))  # == of two booleans: as they are
-        if self.float64 and numbers and not (e.lhs.is_integer and e.rhs.is_integer):  # compared in float64
+        if self.float64 and float_comparison(e):  # compared in float64 (== of two booleans: as they are)
             return f"({self._f64(e.lhs)} {op} {self._f64(e.rhs)})"
         return f"({self.p(e.lhs)} {op} {self.p(e.rhs)})"
 
@@ -636,8 +635,7 @@ class TritonPrinter:
             a = a.args[0]
         if isinstance(a, Tie):
             a = sympy.Eq(*a.args, evaluate=False)
-        if (isinstance(a, sympy.Rel) and not (a.lhs.is_Boolean or isinstance(a.lhs, sympy.Rel))
-                and not (a.lhs.is_integer and a.rhs.is_integer) and not a.has(S.i, S.j)):
+        if float_comparison(a) and not a.has(S.i, S.j):
             return self._true_condition(code)
         return code
 
