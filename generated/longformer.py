@@ -494,7 +494,9 @@ def _fwd_kernel(Q, K, V, O, LSE,
     # Longest programs first: the blocks of the rows that see every key (positions <= g - 1),
     # for every (b, h), then the others, the last first (causal-like patterns' longest)
     n_blocks = tl.num_programs(0)
-    n_heavy = tl.minimum((tl.maximum((tl.cast(prm_g, tl.int64) - 1) + 1 - q_offset, 0) + BLOCK_M - 1) // BLOCK_M, n_blocks)
+    # (in int64 before the kernel's WIDE switch: a heavy row near or past 2**31 - 1, a literal such as
+    # 2999999999 of `i < 3000000000`, overflowed the int32 sum, or did not compile)
+    n_heavy = tl.minimum((tl.maximum((tl.cast(prm_g, tl.int64) - 1) + 1 - tl.cast(q_offset, tl.int64), 0) + BLOCK_M - 1) // BLOCK_M, n_blocks)
     pid = tl.program_id(1).to(tl.int64) * n_blocks + tl.program_id(0)
     n_first = n_heavy * tl.num_programs(1)
     rest = tl.maximum(pid - n_first, 0)
@@ -849,7 +851,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
     # Longest programs first: the blocks of the rows that see every key (positions <= g - 1),
     # for every (b, h), then the others
     n_blocks = tl.num_programs(0)
-    n_heavy = tl.minimum((tl.maximum((tl.cast(prm_g, tl.int64) - 1) + 1 - k_offset, 0) + BLOCK_N - 1) // BLOCK_N, n_blocks)
+    # (in int64 before the kernel's WIDE switch: a heavy row near or past 2**31 - 1, a literal such as
+    # 2999999999 of `i < 3000000000`, overflowed the int32 sum, or did not compile)
+    n_heavy = tl.minimum((tl.maximum((tl.cast(prm_g, tl.int64) - 1) + 1 - tl.cast(k_offset, tl.int64), 0) + BLOCK_N - 1) // BLOCK_N, n_blocks)
     pid = tl.program_id(1).to(tl.int64) * n_blocks + tl.program_id(0)
     n_first = n_heavy * tl.num_programs(1)
     rest = tl.maximum(pid - n_first, 0)
@@ -1061,7 +1065,9 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, O, LSE, DLSE, LSE2, DELTA,
     # Longest programs first: the blocks of the rows that see every key (positions <= g - 1),
     # for every (b, h), then the others, the last first (causal-like patterns' longest)
     n_blocks = tl.num_programs(0)
-    n_heavy = tl.minimum((tl.maximum((tl.cast(prm_g, tl.int64) - 1) + 1 - q_offset, 0) + BLOCK_M - 1) // BLOCK_M, n_blocks)
+    # (in int64 before the kernel's WIDE switch: a heavy row near or past 2**31 - 1, a literal such as
+    # 2999999999 of `i < 3000000000`, overflowed the int32 sum, or did not compile)
+    n_heavy = tl.minimum((tl.maximum((tl.cast(prm_g, tl.int64) - 1) + 1 - tl.cast(q_offset, tl.int64), 0) + BLOCK_M - 1) // BLOCK_M, n_blocks)
     pid = tl.program_id(1).to(tl.int64) * n_blocks + tl.program_id(0)
     n_first = n_heavy * tl.num_programs(1)
     rest = tl.maximum(pid - n_first, 0)
