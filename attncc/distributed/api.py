@@ -20,7 +20,7 @@ from attncc.distributed import comm as _comm
 from attncc.distributed.classes import chunk_classes, resolve, row_work
 from attncc.distributed.layout import KINDS, Layout, balanced, contiguous, headtail, unshard
 from attncc.distributed.pairs import PairCall
-from attncc.runtime.call import broadcast_kv_batch, scale_keyword
+from attncc.runtime.call import autocast_operands, broadcast_kv_batch, scale_keyword
 
 COMMS = ("allgather", "ring", "ulysses")
 
@@ -52,6 +52,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, module, grou
     spec = target.spec
     rank, world = _rank_world(group)
     _check_qkv(spec.name, q, k, v)
+    # under torch.autocast, as the module's attention, before any path is chosen: cast per chunk pair
+    # (by bind) o came back in the autocast dtype from one chunk, in q's from several, and the pairs'
+    # backward (outside autocast) recomputed P from float32 q, k against the forward's bfloat16 LSE
+    q, k, v = autocast_operands(q, k, v)
     k, v = broadcast_kv_batch(q, k, v)  # k, v of batch 1 (as the module's attention)
     if spec.dropout:
         raise NotImplementedError(f"attncc.distributed: {spec.name} has attention dropout; context parallelism "

@@ -773,11 +773,30 @@ def _capturing(device=None) -> bool:
 
 
 def interpreting() -> bool:
-    """Whether kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
+    """Whether kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``), as Triton itself reads
+    the variable (:data:`TRITON_ON`): ``TRITON_INTERPRET=false`` (or off, no, 2) took the interpreter's
+    ways here (CPU tensors accepted, its small configs, no tuning) while Triton compiled for the GPU,
+    which failed with "0 active drivers" on the CPU, and ran the interpreter's configs on a GPU."""
     if _ENV_DATA is None:  # pragma: no cover - not CPython's os.environ
-        return env("TRITON_INTERPRET", "0") not in ("", "0")
-    # read on every call, several times per call: the raw value, compared as bytes
-    return _ENV_DATA.get(_INTERPRET_KEY, b"0") not in _OFF
+        return (env("TRITON_INTERPRET") or "").lower() in TRITON_ON
+    # read on every call, several times per call: the raw value, looked up as bytes
+    raw = _ENV_DATA.get(_INTERPRET_KEY)
+    if raw is None:
+        return False
+    on = _INTERPRET_VALUES.get(raw)
+    if on is None:
+        on = os.environ.decodevalue(raw).lower() in TRITON_ON
+        if not torch.compiler.is_compiling():  # (as env(): no cache filled while traced)
+            if len(_INTERPRET_VALUES) >= 16:
+                _INTERPRET_VALUES.clear()
+            _INTERPRET_VALUES[raw] = on
+    return on
+
+
+# The values of a boolean variable that Triton takes for on (triton.knobs' getenv_bool: lower-cased,
+# not stripped; anything else, "false" or "2" included, is off)
+TRITON_ON = frozenset(("1", "true", "yes", "on", "y"))
+_INTERPRET_VALUES: Dict[object, bool] = {}  # raw TRITON_INTERPRET value -> interpreting
 
 
 # os.environ.get costs about 1.4 us (it encodes the key and decodes the value); the runtime reads
@@ -851,4 +870,3 @@ def raw_env_get(key):
 
 if _ENV_DATA is not None:
     _INTERPRET_KEY = os.environ.encodekey("TRITON_INTERPRET")
-    _OFF = (os.environ.encodevalue(""), os.environ.encodevalue("0"))
