@@ -30,6 +30,12 @@ Found and fixed:
   came back in the autocast dtype from a one-chunk layout and in q's (float32) from several, and the
   pairs' backward, outside autocast, recomputed P from float32 q, k against the bfloat16 forward's
   LSE. It now casts q, k, v once on entry as the module's attention does (autocast_operands).
+- The torch-spelling hints of spec errors (new this session): ``x.long()`` / ``x.int()`` /
+  ``x.to(torch.int64)`` were answered "write x (no cast)", which silently drops torch's truncation of
+  a float x toward 0 (``s + (s * 3).long()`` ported so is another score); the hint now gives the
+  truncation, ``where(x >= 0, x // 1, -(-x // 1))`` (checked against torch here). ``x.where(cond, y)``
+  was answered "write where(...)", whose arguments are (cond, x, y): the hint says so. floor / ceil /
+  trunc / log1p / expit had none.
 """
 from __future__ import annotations
 
@@ -136,3 +142,39 @@ def test_table_of_another_dtype_through_autocast_compile_checkpoint_hooks(autoca
     for got, want in ((o.detach(), None), (leaf.grad, rq.grad), (tab.grad, rt.grad)):
         if want is not None:
             assert rel_err(got, want) < tol
+
+
+# -- the torch-spelling hints of spec errors say what computes torch's value -------------------------------
+
+@pytest.mark.parametrize("written, hint", [
+    ("s + (s * 3).long()", "torch truncates a float x toward 0: where(x >= 0, x // 1, -(-x // 1))"),
+    ("s + (s * 3).int()", "torch truncates a float x toward 0"),
+    ("s + (s * 3).to(torch.int64)", "torch truncates a float x toward 0"),
+    ("s.where(i >= j, -inf)", "write where(cond, x, y) for x.where(cond, y)"),
+    ("torch.where(i >= j, s, -inf)", "write where(...) for torch.where(...)"),
+    ("s + torch.trunc(s * 3)", "write where(x >= 0, x // 1, -(-x // 1)) for torch.trunc(...)"),
+    ("s + torch.floor(s * 3)", "write x // 1 for torch.floor(...)"),
+    ("s + (s * 3).ceil()", "write -(-x // 1) for (s * 3).ceil(...)"),
+])
+def test_torch_spelling_hints(written, hint):
+    """``x.long()`` / ``x.int()`` / ``x.to(torch.int64)`` were answered "write x (no cast)", which drops
+    torch's truncation of a float x; ``x.where(cond, y)`` "write where(...)", whose arguments are
+    (cond, x, y). floor / ceil / trunc had no hint."""
+    with pytest.raises(Exception, match=__import__("re").escape(hint)):
+        attncc.parse_spec(f'[score]\nmod = "{written}"\n')
+
+
+@pytest.mark.parametrize("written, torch_fn", [
+    ("s + where(s * 3 >= 0, (s * 3) // 1, -(-(s * 3) // 1))", lambda s: s + (s * 3).trunc()),
+    ("s + (s * 3) // 1", lambda s: s + (s * 3).floor()),
+    ("s + -(-(s * 3) // 1)", lambda s: s + (s * 3).ceil()),
+])
+def test_the_hinted_spellings_compute_what_torch_does(written, torch_fn):
+    text = f'[score]\nmod = "{written}"\n'
+    m, p = attncc.compile(text), attncc.parse_spec(text)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 7, 16, generator=g) for _ in range(3))
+    s = (q.double() @ k.double().transpose(-1, -2)) / 4
+    want = torch.softmax(torch_fn(s), -1) @ v.double()
+    assert (attncc.reference(p, q.double(), k.double(), v.double()) - want).abs().max() < 1e-12
+    assert (m.attention(q, k, v).double() - want).abs().max() < 1e-5

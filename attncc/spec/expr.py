@@ -59,6 +59,10 @@ _UNARY_MATH = {
 }
 REDUCTIONS = ("sum", "any", "all")
 FUNCTIONS = ("abs", "min", "max", "where", *_UNARY_MATH, "bucket", "random_blocks", *REDUCTIONS, "dot", "range")
+# What an integer cast of a float is in torch (toward 0), which writing x alone would drop
+_TRUNC = "where(x >= 0, x // 1, -(-x // 1))"
+_TRUNCATES = f"to an integer type torch truncates a float x toward 0: {_TRUNC}"
+_TO_INT = f"x for an integer x (no cast); {_TRUNCATES}"
 # How a FlexAttention score_mod / mask_mod spells what the language has: torch.X(...) (also
 # torch.special.X, torch.nn.functional.X, F.X, math.X) and tensor methods x.X(...), each with the
 # spelling to write instead (a name of FUNCTIONS is written as is, without its module).
@@ -70,10 +74,14 @@ _TORCH_SPELLINGS = {
     "floor_divide": "a // b", "remainder": "a % b", "pow": "a ** b", "square": "x ** 2", "neg": "-x",
     "add": "a + b", "sub": "a - b", "mul": "a * b", "div": "a / b (a // b for rounding_mode='floor')",
     "eq": "a == b", "ne": "a != b", "lt": "a < b", "le": "a <= b", "gt": "a > b", "ge": "a >= b",
-    "to": "x (no cast: inputs take their [inputs] dtype, and scores are float32)",
-    "float": "x (no cast: scores are float32)", "int": "x (no cast)", "long": "x (no cast)", "bool": "x != 0",
+    "to": "x (no cast: inputs take their [inputs] dtype, and scores are float32; " + _TRUNCATES + ")",
+    "float": "x (no cast: scores are float32)", "int": _TO_INT, "long": _TO_INT, "bool": "x != 0",
     "new_zeros": "0", "zeros_like": "0", "ones_like": "1", "full_like": "the value",
+    "floor": "x // 1", "ceil": "-(-x // 1)", "trunc": _TRUNC, "log1p": "log(1 + x)", "expit": "sigmoid(x)",
 }
+
+
+_MODULES = ("torch", "torch.special", "torch.nn.functional", "F", "math")
 
 
 def _call_hint(func: ast.expr) -> str:
@@ -82,6 +90,8 @@ def _call_hint(func: ast.expr) -> str:
     if not isinstance(func, ast.Attribute):
         return ""
     name, callee = func.attr, ast.unparse(func)
+    if name == "where" and ast.unparse(func.value) not in _MODULES:  # the method: x.where(cond, y)
+        return f": write where(cond, x, y) for x.where(cond, y) ({callee}(...))"
     if name in _TORCH_SPELLINGS:
         return f": write {_TORCH_SPELLINGS[name]} for {callee}(...)"
     if name in ("amax", "amin"):
