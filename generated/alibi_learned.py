@@ -448,7 +448,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
 
 @triton.jit
 def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
-             h, c0, gptr_slopes, gstride0_slopes, qk_scale,
+             h, c0, gptr_slopes, gstride0_slopes, row_live, rows_exact, qk_scale,
              BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr, INPUT_GRADS: tl.constexpr):
     """One key tile of a query block: dQ += dS K (dS not yet scaled); with INPUT_GRADS,
     dS into the gradients of slopes."""
@@ -466,6 +466,9 @@ def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
     ds = p * (dp - delta[:, None])
     if INPUT_GRADS:
         dg0 = ds * (offs_j[None, :] - offs_i[:, None])  # dLoss / dslopes(h), per pair
+        if MASKED or not rows_exact:  # a pair without weight adds nothing, even 0 * NaN (a NaN row's dS)
+            weighted = (s != float("-inf")) & row_live[:, None]
+            dg0 = tl.where(weighted, dg0, 0.0)
         tl.atomic_add(gptr_slopes + h * gstride0_slopes, tl.sum(tl.sum(dg0, 1), 0))
     dq = dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
     return dq
@@ -544,6 +547,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, O, LSE, DLSE, LSE2, DELTA,
     delta, lse2 = _row_stats(o, do, lse, dlse, HAS_DLSE)
     tl.store(DELTA + lse_row + offs_m, delta, mask=rows)
     tl.store(LSE2 + lse_row + offs_m, lse2, mask=rows)
+    row_live = rows  # the pairs that give the learned inputs gradient: see _dq_tile
+    rows_exact = tl.min((rows & (lse2 > float("-inf")) & (tl.abs(delta) < float("inf"))).to(tl.int32), 0) == 1
     c0 = tl.load(ptr_slopes + h * stride0_slopes)
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     # Key blocks: the forward's walk
@@ -559,13 +564,16 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, O, LSE, DLSE, LSE2, DELTA,
     kv_full_hi = tl.maximum(kv_full_lo, tl.where(kv_f_on, tl.minimum(kv_hi, (tl.maximum(0, (1 + kv_f_y - k_offset)) // BLOCK_N)), kv_full_lo))
     for kb in tl.range(kv_lo, kv_full_lo):
         dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset, h, c0, gptr_slopes,
-                      gstride0_slopes, qk_scale, BLOCK_N, DOT_PRECISION, MASKED=True, INPUT_GRADS=INPUT_GRADS)
+                      gstride0_slopes, row_live, rows_exact, qk_scale, BLOCK_N, DOT_PRECISION, MASKED=True,
+                      INPUT_GRADS=INPUT_GRADS)
     for kb in tl.range(kv_full_lo, kv_full_hi):
         dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset, h, c0, gptr_slopes,
-                      gstride0_slopes, qk_scale, BLOCK_N, DOT_PRECISION, MASKED=False, INPUT_GRADS=INPUT_GRADS)
+                      gstride0_slopes, row_live, rows_exact, qk_scale, BLOCK_N, DOT_PRECISION, MASKED=False,
+                      INPUT_GRADS=INPUT_GRADS)
     for kb in tl.range(kv_full_hi, kv_hi):
         dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset, h, c0, gptr_slopes,
-                      gstride0_slopes, qk_scale, BLOCK_N, DOT_PRECISION, MASKED=True, INPUT_GRADS=INPUT_GRADS)
+                      gstride0_slopes, row_live, rows_exact, qk_scale, BLOCK_N, DOT_PRECISION, MASKED=True,
+                      INPUT_GRADS=INPUT_GRADS)
     dq = dq * sm_scale
     _store_rows(DQ_base, offs_m, qb * BLOCK_M, Nq, stride_dqm, dq.to(DQ.dtype.element_ty), HEAD_DIM, HEAD_DIM_PAD)
 

@@ -409,7 +409,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
 @triton.jit
 def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
              h, ptr_rel_bias, stride0_rel_bias, stride1_rel_bias, size1_rel_bias, gptr_rel_bias, gstride0_rel_bias,
-             gstride1_rel_bias, qk_scale,
+             gstride1_rel_bias, row_live, rows_exact, qk_scale,
              BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr, INPUT_GRADS: tl.constexpr):
     """One key tile of a query block: dQ += dS K (dS not yet scaled); with INPUT_GRADS,
     dS into the gradients of rel_bias."""
@@ -428,6 +428,9 @@ def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
     ds = p * (dp - delta[:, None])
     if INPUT_GRADS:
         dg0 = ds  # dLoss / drel_bias(h, Bucket(-i + j, 32, 128, 1)), per pair
+        if MASKED or not rows_exact:  # a pair without weight adds nothing, even 0 * NaN (a NaN row's dS)
+            weighted = (s != float("-inf")) & row_live[:, None]
+            dg0 = tl.where(weighted, dg0, 0.0)
         entry0 = _bucket_32_128_1((offs_j[None, :] - offs_i[:, None]))
         slots0 = tl.arange(0, 32)
         total0 = tl.zeros([32], dtype=tl.float32)
@@ -509,17 +512,21 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, O, LSE, DLSE, LSE2, DELTA,
     delta, lse2 = _row_stats(o, do, lse, dlse, HAS_DLSE)
     tl.store(DELTA + lse_row + offs_m, delta, mask=rows)
     tl.store(LSE2 + lse_row + offs_m, lse2, mask=rows)
+    row_live = rows  # the pairs that give the learned inputs gradient: see _dq_tile
+    rows_exact = tl.min((rows & (lse2 > float("-inf")) & (tl.abs(delta) < float("inf"))).to(tl.int32), 0) == 1
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     # Key blocks: the forward's walk
     n_full = Nk // BLOCK_N
     for kb in tl.range(0, n_full):
         dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset, h, ptr_rel_bias,
                       stride0_rel_bias, stride1_rel_bias, size1_rel_bias, gptr_rel_bias, gstride0_rel_bias,
-                      gstride1_rel_bias, qk_scale, BLOCK_N, DOT_PRECISION, MASKED=False, INPUT_GRADS=INPUT_GRADS)
+                      gstride1_rel_bias, row_live, rows_exact, qk_scale, BLOCK_N, DOT_PRECISION, MASKED=False,
+                      INPUT_GRADS=INPUT_GRADS)
     for kb in tl.range(n_full, tl.cdiv(Nk, BLOCK_N)):
         dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset, h, ptr_rel_bias,
                       stride0_rel_bias, stride1_rel_bias, size1_rel_bias, gptr_rel_bias, gstride0_rel_bias,
-                      gstride1_rel_bias, qk_scale, BLOCK_N, DOT_PRECISION, MASKED=True, INPUT_GRADS=INPUT_GRADS)
+                      gstride1_rel_bias, row_live, rows_exact, qk_scale, BLOCK_N, DOT_PRECISION, MASKED=True,
+                      INPUT_GRADS=INPUT_GRADS)
     dq = dq * sm_scale
     _store_rows(DQ_base, offs_m, qb * BLOCK_M, Nq, stride_dqm, dq.to(DQ.dtype.element_ty), HEAD_DIM, HEAD_DIM_PAD)
 

@@ -31,9 +31,9 @@ Found and fixed:
   Now autograd differentiates the tensor as passed (``Call.given_inputs``, ``Call.grad_sources``),
   eager and under torch.compile, with saved-tensor hooks too.
 
-Found, documented, not changed: with a ``+inf`` / NaN score, the kernels' NaN also reaches the
-gradients of table entries that no pair reads (``t[i, j]`` at ``j >= Nk``, lanes past the last key
-of the NaN row's tile), within the doc's tile allowance.
+Found here, fixed in tests/test_probe_nan19.py: with a ``+inf`` / NaN score, the kernels' NaN also
+reached the gradients of table entries that no weighted pair reads (``t[i, j]`` at ``j >= Nk``,
+lanes past the last key of the NaN row's tile, masked pairs, pairs of score -inf).
 """
 from __future__ import annotations
 

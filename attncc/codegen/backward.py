@@ -217,21 +217,31 @@ def _input_grad_lines(pattern: Pattern, k: _Kernel, terms: List[InputGradTerm], 
     """The dQ tile's lines that add each term's dS into the fp32 gradient buffer ``<X>_grad``
     (strides ``<X>_grad_stride<d>``) with atomics, reduced first over what the index ignores:
     the whole tile (``slopes[h]``), its keys (``X[b, i]``), its queries (``X[b, j]``), or per entry
-    of a small axis (``rel_bias[h, bucket(j - i)]``); any other access adds pair by pair."""
+    of a small axis (``rel_bias[h, bucket(j - i)]``); any other access adds pair by pair.
+
+    A pair without weight adds nothing (:data:`WEIGHTLESS`): a lane past the last key or query,
+    a pair the mask removes, a score of ``-inf``. Its dS is 0 where the row's statistics are
+    finite, but ``0 * NaN`` in a row of ``+inf`` / NaN scores (lse2 NaN), so every term is masked
+    with the lanes' weight in MASKED tiles, and in full tiles of blocks whose rows are not all
+    exact (``rows_exact``: a uniform branch, computed once per query block; see the dQ kernel)."""
     hoisted = [(t, k.hoist(t.d_bias) if t.d_bias is not None else None,
                 k.hoist(t.d_mod) if t.d_mod is not None else None, [k.hoist(a) for a in t.access.args]) for t in terms]
     tile, tile_s = k.tile_printer(), k.tile_printer("s_in")
     body: List[str] = []  # under "if INPUT_GRADS:"
     for n, (t, d_bias, d_mod, args) in enumerate(hoisted):
-        decl = pattern.input(t.name)
         parts = [(f"ds * {printed(body, tile, d_bias)}" if d_bias != 1 else "ds") if d_bias is not None else None,
                  (f"{ds_t} * {printed(body, tile_s, d_mod)}" if d_mod != 1 else ds_t) if d_mod is not None else None]
-        g = f"dg{n}"
         total = " + ".join(x for x in parts if x)
         if any(_may_be_unbounded(d) for d in (t.d_bias, t.d_mod) if d is not None):  # as dS: none from a pair without weight
-            body.append(f"{g} = tl.where(p == 0.0, 0.0, {total})  # dLoss / d{t.access}, per pair with weight")
+            body.append(f"dg{n} = tl.where(p == 0.0, 0.0, {total})  # dLoss / d{t.access}, per pair with weight")
         else:
-            body.append(f"{g} = {total}  # dLoss / d{t.access}, per pair")
+            body.append(f"dg{n} = {total}  # dLoss / d{t.access}, per pair")
+    body += [f"if MASKED or not rows_exact:  # {WEIGHTLESS_WHY}",
+             f"    weighted = {WEIGHTLESS}"]
+    body += [f"    dg{n} = tl.where(weighted, dg{n}, 0.0)" for n in range(len(hoisted))]
+    for n, (t, d_bias, d_mod, args) in enumerate(hoisted):
+        decl = pattern.input(t.name)
+        g = f"dg{n}"
         idx = [tile(a) for a in args]
         deps = [{S.i, S.j} & a.free_symbols for a in t.access.args]
         ptr = grad_ptr(t.name)
@@ -265,6 +275,21 @@ def _input_grad_lines(pattern: Pattern, k: _Kernel, terms: List[InputGradTerm], 
         body += _once(k, f"tl.atomic_add({ptr}{offset}, {value}{mask})")
     k.helpers |= tile.helpers | tile_s.helpers
     return ["if INPUT_GRADS:"] + [f"    {line}" for line in body]
+
+
+# The pairs of a dQ tile that carry weight, hence gradient, to the learned inputs: those whose score
+# (after the mask's -inf, in MASKED tiles, and the transform) is not -inf, in rows of the call.
+WEIGHTLESS = '(s != float("-inf")) & row_live[:, None]'
+WEIGHTLESS_WHY = "a pair without weight adds nothing, even 0 * NaN (a NaN row's dS)"
+# The dQ kernel's per-block values of that mask (rendered once per query block, before the key
+# loop): ``row_live`` the rows of the call, ``rows_exact`` whether every row exists and has finite
+# statistics (lse2 not NaN or -inf, finite delta), where every pair without weight has dS = 0 exactly:
+# a pair in a full tile is allowed, so the forward gave its value weight 0 in the row's o, and a
+# non-finite dO . v there made the row's o, hence its delta, non-finite.
+ROW_WEIGHT_LINES = [
+    "row_live = rows  # the pairs that give the learned inputs gradient: see _dq_tile",
+    'rows_exact = tl.min((rows & (lse2 > float("-inf")) & (tl.abs(delta) < float("inf"))).to(tl.int32), 0) == 1',
+]
 
 
 def _may_be_unbounded(d) -> bool:
@@ -325,7 +350,7 @@ def _context(pattern: Pattern, plan: Plan, fwd: dict) -> dict:
         defs = k.defs(pattern)
         ctx_args = call_ctx + [n for n, _, _ in defs]
         if grads_here:
-            ctx_args += [a for n in grad_names for a in _grad_args(pattern, n)]
+            ctx_args += [a for n in grad_names for a in _grad_args(pattern, n)] + ["row_live", "rows_exact"]
         if name == "dq":
             for rb, rbn in rb_names.items():
                 r, block, _ = rb.options
@@ -357,7 +382,7 @@ def _context(pattern: Pattern, plan: Plan, fwd: dict) -> dict:
 
     extra_helpers = helper_list(helpers, have=fwd["helpers"]) + ([helper_args("_random_hit")] if rb_names else [])
     return dict(dq=kernels["dq"], dkdv=kernels["dkdv"], pre_ctx=call_ctx,
-                input_grads=grad_names, grad_args=[a for n in grad_names for a in _grad_args(pattern, n)],
+                input_grads=grad_names, row_weight=ROW_WEIGHT_LINES if grad_names else [], grad_args=[a for n in grad_names for a in _grad_args(pattern, n)],
                 grad_launch=[a for n in grad_names for a in _grad_launch(pattern, n)],
                 pre_defs=pre_defs, pre_bias=pre_bias,
                 dkdv_walk=dkdv_walk, dkdv_loop=dkdv_loop, helpers=extra_helpers)
