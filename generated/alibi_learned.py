@@ -180,16 +180,17 @@ def _fwd_kernel(Q, K, V, O, LSE,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                 VALUE_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 RETURN_LSE: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, VARLEN: tl.constexpr, WIDE: tl.constexpr):
+    if WIDE:  # positions may pass 2**31 - 1 (the host decides from the call's numbers): int64 from here
+        # + 0: new int64 values, not the arguments (the interpreter's data of an int in [2**31, 2**32): kernel.j2)
+        q_offset = tl.cast(q_offset, tl.int64) + 0
+        k_offset = tl.cast(k_offset, tl.int64) + 0
+        H = tl.cast(H, tl.int64)
     # Heaviest blocks first: with causal-like patterns the last rows see the most keys.
     qb = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)  # int64 b, h: their products with strides pass 2**31 in big tensors
     b = bh // H
     h = bh % H
     hk = h // GROUP
-    if WIDE:  # positions may pass 2**31 - 1 (the host decides from the call's numbers): int64 from here
-        q_offset = tl.cast(q_offset, tl.int64)
-        k_offset = tl.cast(k_offset, tl.int64)
-        H = tl.cast(H, tl.int64)
     if VARLEN:
         # Packed sequences ([1, H, total, D]): b is the sequence, its rows start at CU_Q[b] / CU_K[b];
         # positions restart at 0 (q_offset = k_offset = 0) and n_q, n_k are its own lengths.
@@ -370,16 +371,17 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
                      HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                      VALUE_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr, WIDE: tl.constexpr):
+    if WIDE:  # positions past 2**31 - 1: see _fwd_kernel
+        # + 0: new int64 values, not the arguments (the interpreter's data of an int in [2**31, 2**32): kernel.j2)
+        q_offset = tl.cast(q_offset, tl.int64) + 0
+        k_offset = tl.cast(k_offset, tl.int64) + 0
+        H = tl.cast(H, tl.int64)
     # One key block of one kv head: its GROUP query heads add into the same dK, dV registers.
     kb = tl.program_id(0)
     bhk = tl.program_id(1).to(tl.int64)  # int64 b, h: their products with strides pass 2**31 in big tensors
     H_KV = H // GROUP
     b = bhk // H_KV
     hk = bhk % H_KV
-    if WIDE:  # positions past 2**31 - 1: see _fwd_kernel
-        q_offset = tl.cast(q_offset, tl.int64)
-        k_offset = tl.cast(k_offset, tl.int64)
-        H = tl.cast(H, tl.int64)
     if VARLEN:  # b is the sequence of a packed batch (see _fwd_kernel)
         q_start = tl.load(CU_Q + b).to(tl.int64)
         k_start = tl.load(CU_K + b).to(tl.int64)
@@ -492,16 +494,17 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, O, LSE, DLSE, LSE2, DELTA,
                    O_DIM: tl.constexpr, HAS_DLSE: tl.constexpr):
     """dQ of one query block (and the gradients of the learned inputs it reads), after the block's
     delta and lse2, which it writes for _bwd_dkdv_kernel (launched after it)."""
+    if WIDE:  # positions past 2**31 - 1: see _fwd_kernel
+        # + 0: new int64 values, not the arguments (the interpreter's data of an int in [2**31, 2**32): kernel.j2)
+        q_offset = tl.cast(q_offset, tl.int64) + 0
+        k_offset = tl.cast(k_offset, tl.int64) + 0
+        H = tl.cast(H, tl.int64)
     # Heaviest blocks first: with causal-like patterns the last rows see the most keys.
     qb = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)  # int64 b, h: their products with strides pass 2**31 in big tensors
     b = bh // H
     h = bh % H
     hk = h // GROUP
-    if WIDE:  # positions past 2**31 - 1: see _fwd_kernel
-        q_offset = tl.cast(q_offset, tl.int64)
-        k_offset = tl.cast(k_offset, tl.int64)
-        H = tl.cast(H, tl.int64)
     if VARLEN:  # b is the sequence of a packed batch (see _fwd_kernel)
         q_start = tl.load(CU_Q + b).to(tl.int64)
         k_start = tl.load(CU_K + b).to(tl.int64)

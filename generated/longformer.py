@@ -491,10 +491,17 @@ def _fwd_kernel(Q, K, V, O, LSE,
                 VALUE_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 RETURN_LSE: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, VARLEN: tl.constexpr, WIDE: tl.constexpr,
                 LISTS: tl.constexpr):
+    if WIDE:  # positions may pass 2**31 - 1 (the host decides from the call's numbers): int64 from here
+        # + 0: new int64 values, not the arguments (the interpreter's data of an int in [2**31, 2**32): kernel.j2)
+        q_offset = tl.cast(q_offset, tl.int64) + 0
+        k_offset = tl.cast(k_offset, tl.int64) + 0
+        prm_g = tl.cast(prm_g, tl.int64) + 0  # an int param, as the positions
+        prm_w = tl.cast(prm_w, tl.int64) + 0  # an int param, as the positions
+        H = tl.cast(H, tl.int64)
     # Longest programs first: the blocks of the rows that see every key (positions <= g - 1),
     # for every (b, h), then the others, the last first (causal-like patterns' longest)
     n_blocks = tl.num_programs(0)
-    # (in int64 before the kernel's WIDE switch: a heavy row near or past 2**31 - 1, a literal such as
+    # (in int64 whatever the kernel's WIDE switch: a heavy row near or past 2**31 - 1, a literal such as
     # 2999999999 of `i < 3000000000`, overflowed the int32 sum, or did not compile)
     n_heavy = tl.minimum((tl.maximum((tl.cast(prm_g, tl.int64) - 1) + 1 - tl.cast(q_offset, tl.int64), 0) + BLOCK_M - 1) // BLOCK_M, n_blocks)
     pid = tl.program_id(1).to(tl.int64) * n_blocks + tl.program_id(0)
@@ -507,12 +514,6 @@ def _fwd_kernel(Q, K, V, O, LSE,
     b = bh // H
     h = bh % H
     hk = h // GROUP
-    if WIDE:  # positions may pass 2**31 - 1 (the host decides from the call's numbers): int64 from here
-        q_offset = tl.cast(q_offset, tl.int64)
-        k_offset = tl.cast(k_offset, tl.int64)
-        prm_g = tl.cast(prm_g, tl.int64)  # an int param, as the positions
-        prm_w = tl.cast(prm_w, tl.int64)  # an int param, as the positions
-        H = tl.cast(H, tl.int64)
     if VARLEN:
         # Packed sequences ([1, H, total, D]): b is the sequence, its rows start at CU_Q[b] / CU_K[b];
         # positions restart at 0 (q_offset = k_offset = 0) and n_q, n_k are its own lengths.
@@ -674,10 +675,11 @@ def _exact_tiles_kernel(CODES, N_KB, Nq, Nk, H, q_offset, k_offset, CU_Q, CU_K,
     bh = tl.program_id(2).to(tl.int64)  # int64: the row of CODES times N_KB passes 2**31 in big grids
     b = bh // H
     if WIDE:  # positions past 2**31 - 1: see _fwd_kernel
-        q_offset = tl.cast(q_offset, tl.int64)
-        k_offset = tl.cast(k_offset, tl.int64)
-        prm_g = tl.cast(prm_g, tl.int64)  # an int param, as the positions
-        prm_w = tl.cast(prm_w, tl.int64)  # an int param, as the positions
+        # + 0: new int64 values, not the arguments (the interpreter's data of an int in [2**31, 2**32): kernel.j2)
+        q_offset = tl.cast(q_offset, tl.int64) + 0
+        k_offset = tl.cast(k_offset, tl.int64) + 0
+        prm_g = tl.cast(prm_g, tl.int64) + 0  # an int param, as the positions
+        prm_w = tl.cast(prm_w, tl.int64) + 0  # an int param, as the positions
         H = tl.cast(H, tl.int64)
     if VARLEN:  # b is the sequence of a packed batch: its own lengths, positions from 0
         q_start = tl.load(CU_Q + b)
@@ -847,11 +849,18 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
                      HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                      VALUE_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr, WIDE: tl.constexpr, LISTS: tl.constexpr):
+    if WIDE:  # positions past 2**31 - 1: see _fwd_kernel
+        # + 0: new int64 values, not the arguments (the interpreter's data of an int in [2**31, 2**32): kernel.j2)
+        q_offset = tl.cast(q_offset, tl.int64) + 0
+        k_offset = tl.cast(k_offset, tl.int64) + 0
+        prm_g = tl.cast(prm_g, tl.int64) + 0  # an int param, as the positions
+        prm_w = tl.cast(prm_w, tl.int64) + 0  # an int param, as the positions
+        H = tl.cast(H, tl.int64)
     # One key block of one kv head: its GROUP query heads add into the same dK, dV registers.
     # Longest programs first: the blocks of the rows that see every key (positions <= g - 1),
     # for every (b, h), then the others
     n_blocks = tl.num_programs(0)
-    # (in int64 before the kernel's WIDE switch: a heavy row near or past 2**31 - 1, a literal such as
+    # (in int64 whatever the kernel's WIDE switch: a heavy row near or past 2**31 - 1, a literal such as
     # 2999999999 of `i < 3000000000`, overflowed the int32 sum, or did not compile)
     n_heavy = tl.minimum((tl.maximum((tl.cast(prm_g, tl.int64) - 1) + 1 - tl.cast(k_offset, tl.int64), 0) + BLOCK_N - 1) // BLOCK_N, n_blocks)
     pid = tl.program_id(1).to(tl.int64) * n_blocks + tl.program_id(0)
@@ -864,12 +873,6 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
     H_KV = H // GROUP
     b = bhk // H_KV
     hk = bhk % H_KV
-    if WIDE:  # positions past 2**31 - 1: see _fwd_kernel
-        q_offset = tl.cast(q_offset, tl.int64)
-        k_offset = tl.cast(k_offset, tl.int64)
-        prm_g = tl.cast(prm_g, tl.int64)  # an int param, as the positions
-        prm_w = tl.cast(prm_w, tl.int64)  # an int param, as the positions
-        H = tl.cast(H, tl.int64)
     if VARLEN:  # b is the sequence of a packed batch (see _fwd_kernel)
         q_start = tl.load(CU_Q + b).to(tl.int64)
         k_start = tl.load(CU_K + b).to(tl.int64)
@@ -1062,10 +1065,17 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, O, LSE, DLSE, LSE2, DELTA,
                    O_DIM: tl.constexpr, HAS_DLSE: tl.constexpr):
     """dQ of one query block (and the gradients of the learned inputs it reads), after the block's
     delta and lse2, which it writes for _bwd_dkdv_kernel (launched after it)."""
+    if WIDE:  # positions past 2**31 - 1: see _fwd_kernel
+        # + 0: new int64 values, not the arguments (the interpreter's data of an int in [2**31, 2**32): kernel.j2)
+        q_offset = tl.cast(q_offset, tl.int64) + 0
+        k_offset = tl.cast(k_offset, tl.int64) + 0
+        prm_g = tl.cast(prm_g, tl.int64) + 0  # an int param, as the positions
+        prm_w = tl.cast(prm_w, tl.int64) + 0  # an int param, as the positions
+        H = tl.cast(H, tl.int64)
     # Longest programs first: the blocks of the rows that see every key (positions <= g - 1),
     # for every (b, h), then the others, the last first (causal-like patterns' longest)
     n_blocks = tl.num_programs(0)
-    # (in int64 before the kernel's WIDE switch: a heavy row near or past 2**31 - 1, a literal such as
+    # (in int64 whatever the kernel's WIDE switch: a heavy row near or past 2**31 - 1, a literal such as
     # 2999999999 of `i < 3000000000`, overflowed the int32 sum, or did not compile)
     n_heavy = tl.minimum((tl.maximum((tl.cast(prm_g, tl.int64) - 1) + 1 - tl.cast(q_offset, tl.int64), 0) + BLOCK_M - 1) // BLOCK_M, n_blocks)
     pid = tl.program_id(1).to(tl.int64) * n_blocks + tl.program_id(0)
@@ -1078,12 +1088,6 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, O, LSE, DLSE, LSE2, DELTA,
     b = bh // H
     h = bh % H
     hk = h // GROUP
-    if WIDE:  # positions past 2**31 - 1: see _fwd_kernel
-        q_offset = tl.cast(q_offset, tl.int64)
-        k_offset = tl.cast(k_offset, tl.int64)
-        prm_g = tl.cast(prm_g, tl.int64)  # an int param, as the positions
-        prm_w = tl.cast(prm_w, tl.int64)  # an int param, as the positions
-        H = tl.cast(H, tl.int64)
     if VARLEN:  # b is the sequence of a packed batch (see _fwd_kernel)
         q_start = tl.load(CU_Q + b).to(tl.int64)
         k_start = tl.load(CU_K + b).to(tl.int64)
@@ -1472,8 +1476,8 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
     Nk = tl.minimum(tl.maximum(tl.load(KV_LEN + b * stride_kvl), 0), CAPACITY)
     if WIDE:
         Nk = Nk.to(tl.int64)
-        prm_g = tl.cast(prm_g, tl.int64)  # an int param, as the positions
-        prm_w = tl.cast(prm_w, tl.int64)  # an int param, as the positions
+        prm_g = tl.cast(prm_g, tl.int64) + 0  # an int param, as the positions (+ 0: see _fwd_kernel)
+        prm_w = tl.cast(prm_w, tl.int64) + 0  # an int param, as the positions (+ 0: see _fwd_kernel)
         H = tl.cast(H, tl.int64)
     else:
         Nk = Nk.to(tl.int32)

@@ -22,14 +22,13 @@ Found and fixed (each test below failed before its fix):
   of range for type int32"), and one just below 2**31 (``i < 2147483647 or j < 5``,
   ``i // 715827882 <= 2``) overflowed: o NaN or all 0 (relative error 1.0). Now int64.
 
-Found, not fixed (a strict xfail below): under the Triton interpreter (the documented CPU path), an
-int param in [2**31, 2**32) that the kernels shift (``p0 >> 28``, or ``p0 // 268435456``, printed as
-a shift) reads as ``p0 - 2**32`` after the first shift: Triton mangles such an int as ``u32`` and the
-interpreter's ``create_ashr`` replaces its operand's data by the signed numpy type (int32) in place,
-so the kernel argument itself wraps for later uses and later programs (``j < p0 // 268435456`` with
-p0 = 2**31 + 1: o relative error 1.0). On a GPU the WIDE cast to int64 zero-extends the u32
-argument first. A fix is to pass such params so that Triton types them i64, or to copy them once
-in the kernel before any shift.
+Found here, fixed in tests/test_probe_nan19.py (was a strict xfail below): under the Triton
+interpreter (the documented CPU path), an int param in [2**31, 2**32) that the kernels shift
+(``p0 >> 28``, or ``p0 // 268435456``, printed as a shift) read as ``p0 - 2**32`` after the first
+shift: Triton types such an int i64 but the interpreter stores it as uint32 numpy data, and its
+``create_ashr`` replaces that data by int32 in place, so the kernel argument itself wrapped for
+later uses and later programs (``j < p0 // 268435456`` with p0 = 2**31 + 1: o relative error 1.0);
+the sum or difference of two such params wrapped at 2**32 too. The GPU types it i64 (no u32).
 
 Probed clean (counts in the report): 900 seeded cases through the reference's twin, the walks and
 explain (integer masks: explain's tile counts equal the walks'), 600 through the kernels too.
@@ -40,7 +39,6 @@ classifier runs them masked (a report of fewer masked tiles than run; results ar
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import pytest
@@ -117,9 +115,9 @@ def test_heavy_rows_near_and_past_int32(where):
     _against_reference(f'[mask]\nwhere = "{where}"\n', nq=37, nk=21)
 
 
-@pytest.mark.xfail(os.environ.get("TRITON_INTERPRET") == "1", strict=True,
-                   reason="Triton interpreter: create_ashr rewrites a u32 kernel argument as int32 in place")
 def test_int_param_between_2_31_and_2_32_shifted_in_the_interpreter():
+    """Was a strict xfail: fixed by the kernels' int64 copies (templates/kernel.j2 wide_casts), more
+    cases in tests/test_probe_nan19.py."""
     _against_reference('[params]\np0 = 2147483649\n[mask]\nwhere = "j < p0 // 268435456"\n', nq=16, nk=20,
                        backward=False)
 
