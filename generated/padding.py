@@ -152,7 +152,8 @@ def _fwd_kernel(Q, K, V, O, LSE,
         H = tl.cast(H, tl.int64)
     # Heaviest blocks first: with causal-like patterns the last rows see the most keys.
     qb = tl.num_programs(0) - 1 - tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)  # int64 b, h: their products with strides pass 2**31 in big tensors
+    # int64 b, h: their products with strides pass 2**31 in big tensors
+    bh = tl.program_id(2).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
     b = bh // H
     h = bh % H
     hk = h // GROUP
@@ -397,7 +398,7 @@ def _block_lists(call, block_m, block_n):
 def _fwd_launch(call, cfg, q, k, v, o, lse):
     """_fwd_kernel's launch at ``cfg`` for calls of this signature and operand layout: every argument
     that does not change from call to call computed once (_rt.bound_launch keeps it with the signature)."""
-    grid = (_rt.cdiv(call.Nq, cfg.BLOCK_M), call.B * call.Hq)
+    grid = (_rt.cdiv(call.Nq, cfg.BLOCK_M), call.Hq, call.B)  # B x H on two axes: each at most 65535 (walks.dispatch)
     stride_qb, stride_qh, stride_qm = q.stride()[:3]
     stride_kb, stride_kh, stride_kn = k.stride()[:3]
     stride_vb, stride_vh, stride_vn = v.stride()[:3]
@@ -523,7 +524,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
         H = tl.cast(H, tl.int64)
     # One key block of one kv head: its GROUP query heads add into the same dK, dV registers.
     kb = tl.program_id(0)
-    bhk = tl.program_id(1).to(tl.int64)  # int64 b, h: their products with strides pass 2**31 in big tensors
+    # int64 b, h: their products with strides pass 2**31 in big tensors
+    bhk = tl.program_id(2).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
     H_KV = H // GROUP
     b = bhk // H_KV
     hk = bhk % H_KV
@@ -628,7 +630,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, O, LSE, DLSE, LSE2, DELTA,
         H = tl.cast(H, tl.int64)
     # Heaviest blocks first: with causal-like patterns the last rows see the most keys.
     qb = tl.num_programs(0) - 1 - tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)  # int64 b, h: their products with strides pass 2**31 in big tensors
+    # int64 b, h: their products with strides pass 2**31 in big tensors
+    bh = tl.program_id(2).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
     b = bh // H
     h = bh % H
     hk = h // GROUP
@@ -700,7 +703,7 @@ def _backward_block_lists(call, block_m, block_n):
 def _dkdv_launch(call, cfg, q, k, v, dk, dv, lse, do):
     """_bwd_dkdv_kernel's launch at ``cfg`` for calls of this signature, operand layout and dO layout:
     every argument that does not change from call to call computed once (see _fwd_launch)."""
-    grid = (_rt.cdiv(call.Nk, cfg.BLOCK_N), call.B * call.Hkv)
+    grid = (_rt.cdiv(call.Nk, cfg.BLOCK_N), call.Hkv, call.B)  # walks.dispatch
     stride_qb, stride_qh, stride_qm = q.stride()[:3]
     stride_kb, stride_kh, stride_kn = k.stride()[:3]
     stride_vb, stride_vh, stride_vn = v.stride()[:3]
@@ -738,7 +741,7 @@ def _dkdv_launch(call, cfg, q, k, v, dk, dv, lse, do):
 
 def _dq_launch(call, cfg, q, k, v, dq, lse, do, o):
     """_bwd_dq_kernel's launch at ``cfg`` (see _dkdv_launch)."""
-    grid = (_rt.cdiv(call.Nq, cfg.BLOCK_M), call.B * call.Hq)
+    grid = (_rt.cdiv(call.Nq, cfg.BLOCK_M), call.Hq, call.B)  # walks.dispatch
     stride_qb, stride_qh, stride_qm = q.stride()[:3]
     stride_kb, stride_kh, stride_kn = k.stride()[:3]
     stride_vb, stride_vh, stride_vn = v.stride()[:3]
@@ -920,7 +923,9 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
     # program (split, (b, kv head, chunk of its query heads)); the cache of a paged call is
     # [num_pages, page_size, Hkv, D] and then stride_kb / stride_vb are the page strides
     split_id = tl.program_id(0).to(tl.int64)  # its key blocks (split_id * per_split) come from positions: int64 too
-    pid = tl.program_id(1).to(tl.int64)  # b, hk in int64: their products with strides pass 2**31 in big caches
+    # b, hk in int64: their products with strides pass 2**31 in big caches. Grid (splits, Hkv x chunks, B):
+    # CUDA caps axes 1 and 2 at 65535 (B x Hkv passes it in big batches)
+    pid = tl.program_id(2).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
     CHUNKS = tl.cdiv(GROUP, HEADS_PER_PROGRAM)
     H_KV = H // GROUP
     head_chunk = pid % CHUNKS
@@ -1019,7 +1024,7 @@ def _decode(call):
     else:
         table = call.kv_len[:, None]  # unused
         k_strides, v_strides = k.stride()[:3], v.stride()[:3]
-    _rt.launch(call, cfg, lambda cfg: _dec_kernel[(splits, programs)](
+    _rt.launch(call, cfg, lambda cfg: _dec_kernel[(splits, programs // call.B, call.B)](
         q, k, v, out, out_lse, call.kv_len, table,
         *q.stride()[:3],
         *k_strides,

@@ -116,7 +116,9 @@ def _scan(X, Y, DEN, CHAT, W, S_INIT, Z_INIT, STATES, ZS, S_FINAL, Z_FINAL,
     STORE_CHUNKS: STATES[c] (and ZS[c]) get the sum over the chunks before c in that order."""
     fb = tl.program_id(0) // NUM_DVB
     dvb = tl.program_id(0) % NUM_DVB
-    bhk = tl.program_id(1).to(tl.int64)  # int64: (b, h) times a stride passes 2**31 in big tensors
+    # int64: (b, h) times a stride passes 2**31 in big tensors. Grid (.., H, B): CUDA caps
+    # axes 1 and 2 at 65535, which B x H passes in big batches
+    bhk = tl.program_id(2).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
     b = bhk // H_STATE
     hk = bhk % H_STATE
     rows = tl.arange(0, CHUNK)
@@ -146,7 +148,7 @@ def _scan(X, Y, DEN, CHAT, W, S_INIT, Z_INIT, STATES, ZS, S_FINAL, Z_FINAL,
             at = (bhk * n_chunks + c).to(tl.int64)
             tl.store(STATES + at * (FEATURES * VALUE_DIM) + s_idx, s.to(STATES.dtype.element_ty), mask=s_ok & (g == 0))
             tl.store(ZS + at * FEATURES + f, z, mask=f_ok & (dvb == 0) & (g == 0))
-        r = c * CHUNK + rows
+        r = c.to(tl.int64) * CHUNK + rows  # int64: r * stride passes 2**31 in long sequences ([B, N, H, D] views)
         r_ok = r < N
         h = hk * GROUP + g
         x = tl.load(X + b * stride_xb + h * stride_xh + r[:, None] * stride_xn + d[None, :],
@@ -181,9 +183,10 @@ def _output(Q, K, V, O, DEN, W, STATES, ZS,
             CHUNK: tl.constexpr, SAVE_DEN: tl.constexpr, PRECISION: tl.constexpr):
     """o for one chunk of query rows, one block of Dv columns, one (b, h): phi(q) against the state
     before the chunk, plus the quadratic form inside the chunk."""
-    c = tl.program_id(0)
-    dvb = tl.program_id(1)
-    bh = tl.program_id(2).to(tl.int64)  # int64: (b, h) times a stride passes 2**31 in big tensors
+    n_chunks = tl.cdiv(N, CHUNK)
+    c = tl.program_id(0) % n_chunks  # grid (chunks x Dv blocks, H, B): CUDA caps axes 1 and 2 at 65535
+    dvb = tl.program_id(0) // n_chunks
+    bh = tl.program_id(2).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)  # int64: (b, h) times a stride passes 2**31
     b = bh // H
     h = bh % H
     hk = h // GROUP
@@ -235,8 +238,10 @@ def _output(Q, K, V, O, DEN, W, STATES, ZS,
 def _output_dot_grad(O, DO, CHAT, N, VALUE_DIM: tl.constexpr, VALUE_DIM_PAD: tl.constexpr, CHUNK: tl.constexpr):
     """c_i = -dO_i . o_i (float32): the denominator's share of the gradient, times den_i."""
     c = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)  # int64: (b, h) times a stride passes 2**31 in big tensors
-    r = c * CHUNK + tl.arange(0, CHUNK)
+    # int64: (b, h) times a stride passes 2**31 in big tensors. Grid (.., H, B): CUDA caps
+    # axes 1 and 2 at 65535, which B x H passes in big batches
+    bh = tl.program_id(2).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
+    r = c.to(tl.int64) * CHUNK + tl.arange(0, CHUNK)  # int64: r * VALUE_DIM passes 2**31 in long sequences
     e = tl.arange(0, VALUE_DIM_PAD)
     ok = (r[:, None] < N) & (e[None, :] < VALUE_DIM)
     at = bh.to(tl.int64) * N * VALUE_DIM + r[:, None] * VALUE_DIM + e[None, :]
@@ -255,7 +260,9 @@ def _dq(Q, K, V, DO, DQ, DEN, CHAT, W, STATES, ZS,
         CHUNK: tl.constexpr, PRECISION: tl.constexpr):
     """dq for one chunk of query rows of one (b, h): dphi(q_i) = (S_i dO_i + c_i z_i) / den_i."""
     c = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)  # int64: (b, h) times a stride passes 2**31 in big tensors
+    # int64: (b, h) times a stride passes 2**31 in big tensors. Grid (.., H, B): CUDA caps
+    # axes 1 and 2 at 65535, which B x H passes in big batches
+    bh = tl.program_id(2).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
     b = bh // H
     h = bh % H
     hk = h // GROUP
@@ -323,7 +330,9 @@ def _dkdv(Q, K, V, DO, DK, DV, DEN, CHAT, W, DSTATES, DZS,
     dphi(k_j) = dS v_j + dz + sum_{i >= j in the chunk} phi(q_i) / den_i (v_j . dO_i + c_i).
     dv first, then dk: fewer tiles alive at once; the second pass reads q, dO, dS again from L2."""
     c = tl.program_id(0)
-    bhk = tl.program_id(1).to(tl.int64)  # int64: (b, h) times a stride passes 2**31 in big tensors
+    # int64: (b, h) times a stride passes 2**31 in big tensors. Grid (.., H, B): CUDA caps
+    # axes 1 and 2 at 65535, which B x H passes in big batches
+    bhk = tl.program_id(2).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
     b = bhk // H_KV
     hk = bhk % H_KV
     rows = tl.arange(0, CHUNK)
@@ -392,7 +401,9 @@ def _step(Q, K, V, O, W, S_IN, Z_IN, S_OUT, Z_OUT,
     """One token: S += phi(k) v^T, z += phi(k), o = phi(q) S / (phi(q) z + eps), per (Dv block, b, h).
     The query heads of a group each update their kv head's state; the first one stores it."""
     dvb = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)  # int64: (b, h) times a stride passes 2**31 in big tensors
+    # int64: (b, h) times a stride passes 2**31 in big tensors. Grid (.., H, B): CUDA caps
+    # axes 1 and 2 at 65535, which B x H passes in big batches
+    bh = tl.program_id(2).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
     b = bh // H
     h = bh % H
     hk = h // GROUP
@@ -450,7 +461,7 @@ def _scan_launch(lc, x, y, n, pos0, chunk, *, group, states, zs, s_final, z_fina
     block_dv = min(cfg.scan_dv, _rt.padded_dim(c.Dv))
     num_dvb = triton.cdiv(c.Dv, block_dv)
     dummy = s_final if s_final is not None else states
-    _scan[(lc.num_fb * num_dvb, c.B * c.Hkv)](
+    _scan[(lc.num_fb * num_dvb, c.Hkv, c.B)](
         x, y, den if den is not None else dummy, c_hat if c_hat is not None else dummy, lc.proj,
         s_init if s_init is not None else dummy, z_init if z_init is not None else dummy,
         states if states is not None else dummy, zs if zs is not None else dummy,
@@ -488,7 +499,7 @@ def _forward(lc, save_den=False):
     states, zs, n_stored, s_final, z_final = _states(lc, q, k, v, cfg.chunk, final=lc.return_state)
     if c.Nq > 0:
         block_dv = min(cfg.out_dv, _rt.padded_dim(c.Dv))
-        grid = (triton.cdiv(c.Nq, cfg.chunk), triton.cdiv(c.Dv, block_dv), c.B * c.Hq)
+        grid = (triton.cdiv(c.Nq, cfg.chunk) * triton.cdiv(c.Dv, block_dv), c.Hq, c.B)
         _output[grid](
             q, k, v, o, den if den is not None else o, lc.proj, states, zs,
             *q.stride()[:3], *k.stride()[:3],
@@ -514,7 +525,7 @@ def _backward(lc, o, den, do, ds_final, dz_final):
     dev, F = q.device, lc.features
     c_hat = torch.empty(c.B, c.Hq, c.Nq, dtype=torch.float32, device=dev)
     if c.Nq > 0:
-        _output_dot_grad[(triton.cdiv(c.Nq, chunk), c.B * c.Hq)](o, do, c_hat, c.Nq, VALUE_DIM=c.Dv,
+        _output_dot_grad[(triton.cdiv(c.Nq, chunk), c.Hq, c.B)](o, do, c_hat, c.Nq, VALUE_DIM=c.Dv,
                                                                   VALUE_DIM_PAD=_rt.padded_dim(c.Dv), CHUNK=chunk,
                                                                   num_warps=8)
     # the state gradients: a reverse scan of phi(q)/den and dO, started from the final state's gradient
@@ -534,7 +545,7 @@ def _backward(lc, o, den, do, ds_final, dz_final):
     dk = torch.empty(c.B, c.Hkv, c.Nk, c.D, dtype=q.dtype, device=dev)
     dv = torch.empty(c.B, c.Hkv, c.Nk, c.Dv, dtype=q.dtype, device=dev)
     if c.Nq > 0:
-        _dq[(triton.cdiv(c.Nq, chunk), c.B * c.Hq)](
+        _dq[(triton.cdiv(c.Nq, chunk), c.Hq, c.B)](
             q, k, v, do, dq, den, c_hat, lc.proj, states, zs,
             *q.stride()[:3], *k.stride()[:3],
             *v.stride()[:3], *do.stride()[:3],
@@ -545,7 +556,7 @@ def _backward(lc, o, den, do, ds_final, dz_final):
             num_warps=cfg.bwd_warps, num_stages=cfg.num_stages,
         )
     if c.Nk > 0:
-        _dkdv[(triton.cdiv(c.Nk, chunk), c.B * c.Hkv)](
+        _dkdv[(triton.cdiv(c.Nk, chunk), c.Hkv, c.B)](
             q, k, v, do, dk, dv, den, c_hat, lc.proj, dstates, dzs,
             *q.stride()[:3], *k.stride()[:3],
             *v.stride()[:3], *do.stride()[:3],
@@ -631,7 +642,7 @@ def step(q, k, v, state=None, *, position=0, n=None, seed=None):
     s_new, z_new = torch.empty_like(lc.s0), torch.empty_like(lc.z0)
     block_dv = min(64 if lc.block_f <= 128 else 32, _rt.padded_dim(c.Dv))
     with torch.no_grad():
-        _step[(triton.cdiv(c.Dv, block_dv), c.B * c.Hq)](
+        _step[(triton.cdiv(c.Dv, block_dv), c.Hq, c.B)](
             qo, ko, vo, o, lc.proj, lc.s0, lc.z0, s_new, z_new,
             qo.stride(0), qo.stride(1), ko.stride(0), ko.stride(1), vo.stride(0), vo.stride(1), o.stride(0),
             o.stride(1),

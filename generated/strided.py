@@ -172,7 +172,8 @@ def _fwd_kernel(Q, K, V, O, LSE,
         H = tl.cast(H, tl.int64)
     # Heaviest blocks first: with causal-like patterns the last rows see the most keys.
     qb = tl.num_programs(0) - 1 - tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)  # int64 b, h: their products with strides pass 2**31 in big tensors
+    # int64 b, h: their products with strides pass 2**31 in big tensors
+    bh = tl.program_id(2).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
     b = bh // H
     h = bh % H
     hk = h // GROUP
@@ -239,9 +240,13 @@ def _exact_tiles_kernel(CODES, N_KB, Nq, Nk, H, q_offset, k_offset, CU_Q, CU_K,
     """The mask on every pair of KEY_BLOCKS tiles of one query block (of N_KB in a row of CODES):
     per tile, bit 0 is set when some pair is allowed, bit 1 when every pair (existing rows and
     keys) is."""
-    qb = tl.program_id(0)
+    # grid (query blocks x grids, groups of KEY_BLOCKS key blocks): B x H on axis 0, as CUDA caps axes 1
+    # and 2 at 65535; int64: the row of CODES times N_KB passes 2**31 in big grids
+    n_qb = tl.cdiv(Nq, BLOCK_M)
+    pid = tl.program_id(0).to(tl.int64)
+    qb = (pid % n_qb).to(tl.int32)
     kb0 = tl.program_id(1) * KEY_BLOCKS
-    bh = tl.program_id(2).to(tl.int64)  # int64: the row of CODES times N_KB passes 2**31 in big grids
+    bh = pid // n_qb
     b = bh // H
     if WIDE:  # positions past 2**31 - 1: see _fwd_kernel
         # + 0: new int64 values, not the arguments (the interpreter's data of an int in [2**31, 2**32): kernel.j2)
@@ -272,7 +277,7 @@ def _exact_tiles_kernel(CODES, N_KB, Nq, Nk, H, q_offset, k_offset, CU_Q, CU_K,
         allowed = inside & ((tmp1 <= offs_i[:, None]) & ((mc0 & (tmp0 < prm_stride)) | (mc2 & (_floormod(tmp1, prm_stride) == mc3) & (tmp0 >= prm_stride))))
         some = tl.max(tl.max(allowed.to(tl.int32), 1), 0)
         missing = tl.max(tl.max((inside & ~allowed).to(tl.int32), 1), 0)
-        tl.store(CODES + (bh * tl.num_programs(0) + qb) * N_KB + kb, (some + 2 - 2 * missing).to(tl.int8))
+        tl.store(CODES + pid * N_KB + kb, (some + 2 - 2 * missing).to(tl.int8))  # pid = bh * n_qb + qb
 
 
 def _exact_tile_codes(call, block_m, block_n):
@@ -282,7 +287,7 @@ def _exact_tile_codes(call, block_m, block_n):
     nqb, nkb = triton.cdiv(call.Nq, block_m), triton.cdiv(call.Nk, block_n)
     codes = torch.empty(nb, nh, nqb, nkb, dtype=torch.int8, device=call.q.device)
     key_blocks = 16
-    _exact_tiles_kernel[(nqb, triton.cdiv(nkb, key_blocks), nb * nh)](
+    _exact_tiles_kernel[(nqb * nb * nh, triton.cdiv(nkb, key_blocks))](
         codes, nkb, call.Nq, call.Nk, nh, call.q_offset, call.k_offset, call.cu_seqlens_q, call.cu_seqlens_k,
         call.params['stride'], call.params['_cs_sk'], call.params['_cs_ck'], call.params['_cs_part'],
         BLOCK_M=block_m, BLOCK_N=block_n, KEY_BLOCKS=key_blocks, VARLEN=call.varlen, WIDE=call.wide,
@@ -300,7 +305,7 @@ def _exact_lists(call, block_m, block_n):
 def _fwd_launch(call, cfg, q, k, v, o, lse):
     """_fwd_kernel's launch at ``cfg`` for calls of this signature and operand layout: every argument
     that does not change from call to call computed once (_rt.bound_launch keeps it with the signature)."""
-    grid = (_rt.cdiv(call.Nq, cfg.BLOCK_M), call.B * call.Hq)
+    grid = (_rt.cdiv(call.Nq, cfg.BLOCK_M), call.Hq, call.B)  # B x H on two axes: each at most 65535 (walks.dispatch)
     stride_qb, stride_qh, stride_qm = q.stride()[:3]
     stride_kb, stride_kh, stride_kn = k.stride()[:3]
     stride_vb, stride_vh, stride_vn = v.stride()[:3]
@@ -434,7 +439,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
         H = tl.cast(H, tl.int64)
     # One key block of one kv head: its GROUP query heads add into the same dK, dV registers.
     kb = tl.program_id(0)
-    bhk = tl.program_id(1).to(tl.int64)  # int64 b, h: their products with strides pass 2**31 in big tensors
+    # int64 b, h: their products with strides pass 2**31 in big tensors
+    bhk = tl.program_id(2).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
     H_KV = H // GROUP
     b = bhk // H_KV
     hk = bhk % H_KV
@@ -552,7 +558,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, O, LSE, DLSE, LSE2, DELTA,
         H = tl.cast(H, tl.int64)
     # Heaviest blocks first: with causal-like patterns the last rows see the most keys.
     qb = tl.num_programs(0) - 1 - tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)  # int64 b, h: their products with strides pass 2**31 in big tensors
+    # int64 b, h: their products with strides pass 2**31 in big tensors
+    bh = tl.program_id(2).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
     b = bh // H
     h = bh % H
     hk = h // GROUP
@@ -623,7 +630,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, O, LSE, DLSE, LSE2, DELTA,
 def _dkdv_launch(call, cfg, q, k, v, dk, dv, lse, do):
     """_bwd_dkdv_kernel's launch at ``cfg`` for calls of this signature, operand layout and dO layout:
     every argument that does not change from call to call computed once (see _fwd_launch)."""
-    grid = (_rt.cdiv(call.Nk, cfg.BLOCK_N), call.B * call.Hkv)
+    grid = (_rt.cdiv(call.Nk, cfg.BLOCK_N), call.Hkv, call.B)  # walks.dispatch
     stride_qb, stride_qh, stride_qm = q.stride()[:3]
     stride_kb, stride_kh, stride_kn = k.stride()[:3]
     stride_vb, stride_vh, stride_vn = v.stride()[:3]
@@ -662,7 +669,7 @@ def _dkdv_launch(call, cfg, q, k, v, dk, dv, lse, do):
 
 def _dq_launch(call, cfg, q, k, v, dq, lse, do, o):
     """_bwd_dq_kernel's launch at ``cfg`` (see _dkdv_launch)."""
-    grid = (_rt.cdiv(call.Nq, cfg.BLOCK_M), call.B * call.Hq)
+    grid = (_rt.cdiv(call.Nq, cfg.BLOCK_M), call.Hq, call.B)  # walks.dispatch
     stride_qb, stride_qh, stride_qm = q.stride()[:3]
     stride_kb, stride_kh, stride_kn = k.stride()[:3]
     stride_vb, stride_vh, stride_vn = v.stride()[:3]
@@ -844,7 +851,9 @@ def _dec_kernel(Q, K, V, O, LSE, KV_LEN, BT,
     # program (split, (b, kv head, chunk of its query heads)); the cache of a paged call is
     # [num_pages, page_size, Hkv, D] and then stride_kb / stride_vb are the page strides
     split_id = tl.program_id(0).to(tl.int64)  # its key blocks (split_id * per_split) come from positions: int64 too
-    pid = tl.program_id(1).to(tl.int64)  # b, hk in int64: their products with strides pass 2**31 in big caches
+    # b, hk in int64: their products with strides pass 2**31 in big caches. Grid (splits, Hkv x chunks, B):
+    # CUDA caps axes 1 and 2 at 65535 (B x Hkv passes it in big batches)
+    pid = tl.program_id(2).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
     CHUNKS = tl.cdiv(GROUP, HEADS_PER_PROGRAM)
     H_KV = H // GROUP
     head_chunk = pid % CHUNKS
@@ -954,7 +963,7 @@ def _decode(call):
     else:
         table = call.kv_len[:, None]  # unused
         k_strides, v_strides = k.stride()[:3], v.stride()[:3]
-    _rt.launch(call, cfg, lambda cfg: _dec_kernel[(splits, programs)](
+    _rt.launch(call, cfg, lambda cfg: _dec_kernel[(splits, programs // call.B, call.B)](
         q, k, v, out, out_lse, call.kv_len, table,
         *q.stride()[:3],
         *k_strides,

@@ -256,7 +256,15 @@ def gluon_backward_problems(call: Call) -> Tuple[str, ...]:
                                               lambda: _backward_signature_problems(call, method))
 
 
+# CUDA's cap on grid axes 1 and 2; the Gluon backward's grids put B x H on axis 1 (the tl kernels,
+# attncc/runtime/gluon/fwd_ws.py's persistent forward and the generated ones, split it over two axes).
+MAX_GRID_AXIS = 65535
+
+
 def _backward_signature_problems(call: Call, method: str = GLUON_BWD_METHODS[0]) -> Tuple[str, ...]:
+    if call.B * call.Hq > MAX_GRID_AXIS:
+        return (f"B x Hq = {call.B} x {call.Hq} programs on one grid axis, past CUDA's {MAX_GRID_AXIS}: "
+                f"the tl backward runs it",)
     if call.D not in HEAD_DIMS:  # the forward's reasons say it
         return ()
     if call.spec.gluon == "rendered":

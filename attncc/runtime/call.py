@@ -463,6 +463,7 @@ def _bind_checked(spec: SpecInfo, q, k, v, *, return_lse=False, q_offset=0, k_of
             raise ValueError(f"{name}.attention: q_offset, k_offset, n_q, n_k cannot be combined with cu_seqlens: "
                              f"every packed sequence starts at position 0 and has its own n_q, n_k")
         cu_q, cu_k, B, Nq, Nk = _varlen(name, q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    check_grid_extent(f"{name}.attention", B, Hq, "sequences" if cu_q is not None else "batch rows")
     n_q = q_offset + Nq if n_q is None else _int_arg("n_q", n_q, who=f"{name}.attention")
     n_k = k_offset + Nk if n_k is None else _int_arg("n_k", n_k, who=f"{name}.attention")
     # n_q, n_k are the lengths of the sequences that the call's rows are part of
@@ -577,6 +578,20 @@ def check_kv_shapes(spec: SpecInfo, who: str, q, k, v):
     if Nk != Nv:
         raise ValueError(f"{who}: k has {Nk} positions but v has {Nv}")
     check_heads_and_dims(spec, who, Hq=Hq, Hkv=Hkv, D=D, Dk=Dk, Dv=Dv)
+
+
+# CUDA caps grid axes 1 and 2 at 65535 blocks: the kernels' grids put the heads on axis 1 and the batch
+# rows (a packed batch's sequences) on axis 2 (templates/walks.j2, dispatch), so B x H may pass it.
+MAX_GRID_AXIS = 65535
+
+
+def check_grid_extent(who: str, B: int, H: int, rows: str = "batch rows"):
+    """B and H each within CUDA's grid axis limit (:data:`MAX_GRID_AXIS`): past it the launch failed with
+    "Triton Error [CUDA]: invalid argument"."""
+    for count, what in ((B, rows), (H, "heads")):
+        if count > MAX_GRID_AXIS:
+            raise ValueError(f"{who}: {count} {what}; the kernels take at most {MAX_GRID_AXIS} (CUDA's grid limit): "
+                             f"split the call")
 
 
 def check_position_limit(who: str, q_offset: int, Nq: int, k_offset: int, Nk: int):

@@ -26,9 +26,9 @@ import triton
 import triton.language as tl
 
 from attncc.core.semantics import plain_number
-from attncc.runtime.call import (autocast_operands, bind_params_and_inputs, check_divisors, check_heads_and_dims,
-                                 dense_tensor, dtype_name, env_flag, int_reach, interpreting, refuse_gradients,
-                                 refuse_transforms, scale_keyword, softmax_scale, wide_positions)
+from attncc.runtime.call import (autocast_operands, bind_params_and_inputs, check_divisors, check_grid_extent,
+                                 check_heads_and_dims, dense_tensor, dtype_name, env_flag, int_reach, interpreting,
+                                 refuse_gradients, refuse_transforms, scale_keyword, softmax_scale, wide_positions)
 from attncc.runtime.configs import KernelConfig, max_shared_memory, padded_dim, parse_fields, shared_bytes
 from attncc.runtime.spec_info import SpecInfo
 
@@ -143,6 +143,7 @@ def bind_decode(spec: SpecInfo, q, k_cache, v_cache, *, kv_len, block_table=None
         capacity = block_table.shape[1] * page_size
     check_heads_and_dims(spec, name, Hq=Hq, Hkv=Hkv, D=D, Dk=Dk, Dv=Dv, k="k_cache", v="v_cache",
                          kv="the cache has")
+    check_grid_extent(name, B, Hq)
 
     kv_len = _bind_kv_len(name, kv_len, B, capacity, q.device)
     if block_table is not None and _check_values(block_table) and _check_values(kv_len):
