@@ -86,7 +86,7 @@ def mask(i, j, n_q, n_k, ctx):
 def score(qk, i, j, n_q, n_k, qk_scale, ctx):
     """The scores of a block in log2 units, from qk = Q K^T (fp32) and qk_scale = scale * log2(e)."""
     b, h, H, q_last = ctx
-    return qk * qk_scale + (_alibi_slope(h, H) * (j - i)) * 1.4426950408889634  # bias * log2(e)
+    return qk * qk_scale + (_alibi_slope(h, H) * gl.cast((j - i), gl.float32)) * 1.4426950408889634  # bias * log2(e)
 
 
 @gluon.jit

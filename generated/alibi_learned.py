@@ -469,7 +469,7 @@ def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
     dp = tl.dot(do, v.T, input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
     if INPUT_GRADS:
-        dg0 = ds * (offs_j[None, :] - offs_i[:, None])  # dLoss / dslopes(h), per pair
+        dg0 = ds * tl.cast((offs_j[None, :] - offs_i[:, None]), tl.float32)  # dLoss / dslopes(h), per pair
         if MASKED or not rows_exact:  # a pair without weight adds nothing, even 0 * NaN (a NaN row's dS)
             weighted = (s != float("-inf")) & row_live[:, None]
             dg0 = tl.where(weighted, dg0, 0.0)

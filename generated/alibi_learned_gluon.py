@@ -76,7 +76,7 @@ def mask(i, j, n_q, n_k, ctx):
 def score(qk, i, j, n_q, n_k, qk_scale, ctx):
     """The scores of a block in log2 units, from qk = Q K^T (fp32) and qk_scale = scale * log2(e)."""
     b, h, H, q_last, ptr_slopes, stride0_slopes, size0_slopes = ctx
-    return qk * qk_scale + (gl.load(ptr_slopes + h * stride0_slopes) * (j - i)) * 1.4426950408889634  # bias * log2(e)
+    return qk * qk_scale + (gl.cast((j - i), gl.float32) * gl.load(ptr_slopes + h * stride0_slopes)) * 1.4426950408889634  # bias * log2(e)
 
 
 qwalk = None  # the Gluon backward does not take these fragments (BACKWARD_REASON)

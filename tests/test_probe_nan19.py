@@ -31,10 +31,10 @@ Found and fixed:
   no-op on the GPU) and come first in each kernel, before the dispatch. 11 of the tests below
   failed before.
 
-Found, not fixed (strict xfail at the end): a float coefficient times an integer difference times
-a position, ``(p0 - 1000000000) * 0.01 * j`` with p0 = 1000000003, is compiled as
+Found here, fixed later (tests/test_probe_group19.py): a float coefficient times an integer
+difference times a position, ``(p0 - 1000000000) * 0.01 * j`` with p0 = 1000000003, was compiled as
 ``0.01 * p0 * j - 10000000.0 * j`` in float32 (the spec keeps the grouping; codegen's score
-printing distributes it): o 2.6x off. Any int params, not only past 2**31.
+printing distributed it): o 2.6x off. Any int params, not only past 2**31.
 """
 from __future__ import annotations
 
@@ -279,10 +279,10 @@ def test_decode_int_params_between_2_31_and_2_32(text, kw):
         torch.testing.assert_close(o[b:b + 1].double(), ref, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="codegen expands c * (int sum) * j into float32 terms that cancel (see the report)")
 @pytest.mark.parametrize("bias", ["(p0 - 1000000000) * 0.01 * j", "(p0 - 1000000000) * (j - i) * 0.1"])
 def test_float_times_int_difference_times_position_keeps_its_grouping(bias):
-    """Found, not fixed: the spec keeps ``j*(0.01*(p0 - 1000000000))`` (p0 = 1000000003, int32 range)
-    but the kernels compute ``0.01 * p0 * j - 10000000.0 * j`` in float32: o 2.6x off (1.34x for the
-    distance form), where docs §3 says the integer terms meet a float only once added up."""
+    """The spec keeps ``j*(0.01*(p0 - 1000000000))`` (p0 = 1000000003, int32 range) but the kernels
+    computed ``0.01 * p0 * j - 10000000.0 * j`` in float32: o 2.6x off (1.34x for the distance form),
+    where docs §3 says the integer terms meet a float only once added up. Fixed by probe19-group
+    (analysis.integer.integer_operands; tests/test_probe_group19.py)."""
     _against_reference(f'[params]\np0 = 1000000003\n[score]\nbias = "{bias}"\n', backward=False)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import sympy
 from sympy.logic.boolalg import BooleanFunction
 
+from attncc.analysis.integer import integer_operands
 from attncc.spec import symbols as S
 
 
@@ -129,6 +130,9 @@ def derivative(e, x, *, what: str, wrt: str) -> sympy.Expr:
                   and (len(a.args) > 2 or sum(x.has(sympy.oo, -sympy.oo) for x in a.args) > 1), _extreme)
     # |u| of the language is that of a real u: sympy, unable to prove u real (an input's value
     # u[b, j], log(1 + 0.1 * (i - j))), would differentiate it as a complex modulus (re, im, arg)
+    # integer sums among float factors stay whole (the product rule multiplies them by numbers,
+    # which sympy distributes: 0.01 * (p0 - 1000000000) * j by t[h] gave 0.01*p0*j - 10000000.0*j)
+    e = integer_operands(e)
     d = sympy.diff(e.replace(sympy.Abs, _RealAbs), x)  # Sigmoid knows its derivative (builtins.Sigmoid.fdiff)
     d = d.replace(_RealAbs, sympy.Abs).replace(_MaxN, sympy.Max).replace(_MinN, sympy.Min)
     d = d.replace(lambda e: isinstance(e, sympy.Derivative) and len(e.variables) == 1, _step_derivative)

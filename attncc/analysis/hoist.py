@@ -22,7 +22,7 @@ from sympy.core.function import AppliedUndef
 from sympy.functions.elementary.piecewise import ExprCondPair
 
 from attncc.analysis.exact import EXACT, exact_parts
-from attncc.analysis.integer import integer_ops, integer_sums, recentered, ungrouped
+from attncc.analysis.integer import expanded, integer_ops, integer_sums, recentered, ungrouped
 from attncc.analysis.separable import separated
 from attncc.spec import symbols as S
 from attncc.spec.builtins import RandomBlocks
@@ -128,13 +128,8 @@ def split_along_j(bias: sympy.Expr) -> Tuple[sympy.Expr, sympy.Expr]:
     the loop and ``0.1 * i`` in the row terms).
     """
     along, const = [], []
-    # power_exp=False: exp(a + b) and x ** (a + b) stay whole (exp((j - i) / 10) split into
-    # exp(-i/10) * exp(j/10), 0.9 ** (i - j) into 0.9**i / 0.9**j, overflow to inf / underflow to 0 in
-    # float32 a few hundred positions in: NaN scores). multinomial=False: powers of sums stay whole
-    # ((i - j + 0.5) ** 7 written out is 0.0078125 + 0.109375 * (a polynomial of i, j) + (i**7 - j**7),
-    # whose terms cancel in float32 to 0 where the power is 0.0078: an inf bias, NaN rows)
-    for t in sympy.Add.make_args(integer_sums(sympy.expand(integer_ops(ungrouped(bias)), power_exp=False,
-                                                           multinomial=False))):
+    # the score's float64 steps and integer operands stay whole (integer.expanded)
+    for t in sympy.Add.make_args(integer_sums(expanded(ungrouped(exact_parts(integer_ops(bias)))))):
         if not depends_on(t, S.j):
             const.append(t)
             continue

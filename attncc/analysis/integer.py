@@ -161,15 +161,46 @@ def _group_sum(e: sympy.Add):
     return sympy.Add(*out)
 
 
+def _whole(x) -> bool:
+    """Whether ``x``, an operand of float arithmetic, is integer arithmetic that must be computed
+    whole before it meets the float: an integer sum (``p0 - 1000000000``), or a product or power
+    with one inside (``(j - i) * (p0 - 1000000000)``)."""
+    return isinstance(x, (sympy.Add, sympy.Mul, sympy.Pow)) and x.is_integer is True and x.has(sympy.Add)
+
+
+def integer_operands(e):
+    """``e`` with every integer sum that is a factor of float arithmetic as one value,
+    ``ToFloat(sum)``: computed in integers, converted once (the reference's order, docs §3).
+    sympy distributes a number over a sum as soon as the two meet (``0.01 * (p0 - 1000000000)``
+    is ``0.01*p0 - 10000000.0``, and so is ``c * a`` of any pass that multiplies them), and
+    ``sympy.expand`` distributes any factor: in float32 the two products cancel (p0 = 1000000003:
+    10000000 - 10000000 = 0, not 0.03), where the integer sum is exactly 3. Idempotent."""
+    return _operands(e, ungroup=False)
+
+
 def ungrouped(e):
     """``e`` without the parser's grouping of float arithmetic (:class:`Grouped`): score code is
     float32, where the grouping as written gains nothing, and :func:`integer_sums` groups the
-    integer sums its own way. The score's steps computed in float64 keep it (:mod:`.exact`)."""
-    if not isinstance(e, sympy.Basic) or not e.has(Grouped) or isinstance(e, EXACT):
+    integer sums its own way. The score's steps computed in float64 keep it (:mod:`.exact`).
+    Integer arithmetic with a sum in it stays one value where it meets a float
+    (:func:`integer_operands`): ``Grouped(p0 - 1000000000)`` is ``ToFloat(p0 - 1000000000)``,
+    and so is an integer sum that is a factor of a float product."""
+    return _operands(e, ungroup=True)
+
+
+def _operands(e, ungroup: bool):
+    if not isinstance(e, sympy.Basic) or e.is_Atom or isinstance(e, EXACT):
         return e
-    if isinstance(e, Grouped):
-        return ungrouped(e.args[0])
-    return e.func(*[ungrouped(a) for a in e.args])
+    if ungroup and isinstance(e, Grouped):
+        inner = _operands(e.args[0], ungroup)
+        return ToFloat(inner) if _whole(inner) else inner
+    args = [_operands(a, ungroup) for a in e.args]
+    if isinstance(e, sympy.Mul) and e.is_integer is not True:
+        # wrapped before the product is made: sympy distributes a number over a sum at once
+        args = [ToFloat(a) if _whole(a) else a for a in args]
+    if all(a is b for a, b in zip(args, e.args)):
+        return e
+    return e.func(*args)
 
 
 def integer_sums(e):
@@ -214,7 +245,23 @@ def recentered(term):
     r = sympy.expand(n - a * S.j)
     if a == 0 or ({S.i, S.j} & a.free_symbols) or S.j in r.free_symbols or not a.is_integer:
         return None
-    row = sympy.expand(r + a * S.i)
-    if row == 0:
+    if sympy.expand(r + a * S.i) == 0:
         return None  # a * (j - i) already
+    row = r + a * S.i  # a * i of a sum a (p0 - 1000000000) as a product: no int64 needed for its terms
+    a = ToFloat(a) if isinstance(a, sympy.Add) else a  # p0 - 1000000000: one value (integer_operands)
     return c * a * ToFloat(S.j - S.i), c * (ToFloat(row) if not row.is_Atom else row)
+
+
+def expanded(e):
+    """``sympy.expand(e)`` (products of sums written out, powers of sums and exponentials of sums
+    kept whole) that leaves the values it must not take apart as they are: an integer operand
+    (``ToFloat``: ``0.01 * ToFloat(p0 - 1000000000)`` stays, its sum is not expanded into
+    products that the call must then compute in int64) and a score's float64 step (:mod:`.exact`)."""
+    opaque = {x: sympy.Dummy(real=True) for x in e.atoms(ToFloat, *EXACT)} if isinstance(e, sympy.Basic) else {}
+    # power_exp=False: exp(a + b) and x ** (a + b) stay whole (exp((j - i) / 10) split into
+    # exp(-i/10) * exp(j/10), 0.9 ** (i - j) into 0.9**i / 0.9**j, overflow to inf / underflow to 0 in
+    # float32 a few hundred positions in: NaN scores). multinomial=False: powers of sums stay whole
+    # ((i - j + 0.5) ** 7 written out is 0.0078125 + 0.109375 * (a polynomial of i, j) + (i**7 - j**7),
+    # whose terms cancel in float32 to 0 where the power is 0.0078: an inf bias, NaN rows)
+    out = sympy.expand(e.xreplace(opaque), power_exp=False, multinomial=False)
+    return out.xreplace({d: x for x, d in opaque.items()})

@@ -20,8 +20,9 @@ import sympy
 from sympy.printing.str import StrPrinter
 
 from attncc.analysis.derivative import score_derivative
+from attncc.analysis.exact import exact_parts
 from attncc.analysis.hoist import Hoister, split_along_j
-from attncc.analysis.integer import integer_sums, recentered, ungrouped
+from attncc.analysis.integer import integer_ops, integer_sums, recentered, ungrouped
 from attncc.spec import symbols as S
 from attncc.spec.builtins import FloatDiv
 from attncc.spec.ir import Pattern
@@ -64,7 +65,7 @@ def split_mod_along_j(mod) -> Tuple[sympy.Expr, Optional[sympy.Expr]]:
     holding an infinity or NaN stays in the loop: ``-inf`` removes pairs there, which no shift of
     the LSE does (a transform that is ``-inf`` everywhere leaves each row without keys)."""
     loop, const = [], []
-    for t in sympy.Add.make_args(integer_sums(mod)):
+    for t in sympy.Add.make_args(integer_sums(exact_parts(integer_ops(mod)))):  # float64 steps keep their grouping
         moved = None if S.s in t.free_symbols or _non_finite(t) else recentered(t)
         if moved is not None:  # c * j: c * (j - i) in the loop, c * i constant along j
             loop.append(moved[0])

@@ -38,7 +38,7 @@ from attncc.codegen.printer import Temporaries, TritonPrinter, joined
 from attncc.codegen.softmax import Inputs, mod_text, printed  # as the forward's
 from attncc.codegen.walks import render_walk
 from attncc.spec import symbols as S
-from attncc.spec.builtins import RandomBlocks
+from attncc.spec.builtins import RandomBlocks, ToFloat
 from attncc.spec.ir import Pattern
 
 LOG2E = "1.4426950408889634"
@@ -295,7 +295,9 @@ ROW_WEIGHT_LINES = [
 def _may_be_unbounded(d) -> bool:
     """Whether a derivative by an input may be inf or NaN at a pair whose P is 0 (a lane past the
     end, where s is 0; a masked pair; a score of -inf from an input's -inf), where it multiplies a
-    dS of 0: anything but a polynomial of positions, heads and params (``j - i``, 1)."""
+    dS of 0: anything but a polynomial of positions, heads and params (``j - i``, 1; an integer
+    operand converted once, ``ToFloat(p0 - 1000000000)``, is its polynomial)."""
+    d = d.replace(lambda x: isinstance(x, ToFloat), lambda x: x.args[0])
     return S.s in d.free_symbols or bool(d.atoms(AppliedUndef)) or not d.is_polynomial()
 
 
