@@ -273,3 +273,55 @@ def test_gluon_score_fragment(tmp_path):
         p = attncc.parse_spec(_spec({"p0": 1000000003}, bias=bias, mask="j <= i"))
         frag = Fragments(load_fragments(render_gluon(p), tmp_path, f"group19_{n}"))
         check_emulation(frag, p, p.param_values, Nq=40, Nk=40)
+
+
+# --- masks: a separated floor division, and the residue / column splits' positions --------------
+
+@pytest.mark.parametrize("where", [
+    "((j - i) // 3) / 7 >= 0.0 or j == i",  # pair (13, 14) lost before: 4/7 - 5/7 + 1/7 < 0 in float64
+    "((p0 - 1000000000 + (j - i)) // 3) / 7 * j >= 0.0 or j == i",
+    "((i - j) // 5) * 0.1 >= -0.30000000000000004",
+])
+def test_separated_floor_division_in_float_mask_arithmetic(where):
+    """Mask code writes ``(j - i) // 3`` with residues, ``j // 3 + (-i) // 3 + carry``
+    (analysis.separable): an integer sum, which the product ``/ 7`` around it distributed over
+    (three float64 divisions: -5.55e-17 where the reference has 0.0). The sum is now one integer
+    operand (ToFloat) of the float arithmetic."""
+    n = 20
+    params = {"p0": 1000000003}
+    text = _spec(params, mask=where)
+    want = torch.tensor([[bool(_python(where, params, a, b)) for b in range(n)] for a in range(n)])
+    assert torch.equal(pair_mask(attncc.parse_spec(text), q_rows=n, k_rows=n)[0, 0], want)
+    o = attncc.compile(text).attention(torch.zeros(1, 1, n, 8), torch.zeros(1, 1, n, 8), torch.eye(n).view(1, 1, n, n))
+    assert torch.equal(o[0, 0] > 0, want), ((o[0, 0] > 0) ^ want).nonzero().tolist()
+
+
+SPLIT_CASES = [  # (mask, q_offset): each lost pairs before (residue split, column split)
+    ("(i - j) % 3 == 0 and j * 0.1 <= 0.9", 0),  # key 9: 0.1*3*3 + 0.1*0 = 0.9000000000000001
+    ("(i - j) % 2 == 0 and j * 0.7 <= 7.699999999999999", 0),
+    ("(i - j) % 4 == 0 and j * 0.1 + i * 0.1 <= 6.6", 5),
+    ("j * 0.3 >= 2.1 and j <= i and (i - j < 4 or j % 4 == 3)", 5),
+    ("j * 0.7 + i * 0.1 > 20.199999999999996 and j <= i and (i - j < 5 or j % 5 == 4)", 0),
+]
+
+
+@pytest.mark.parametrize("where, q_offset", SPLIT_CASES)
+def test_residue_and_column_splits_compute_float_masks_at_the_true_positions(where, q_offset, monkeypatch):
+    """A call split by residue class (``(i - j) % m == 0``) or into summary columns runs kernels of
+    the pattern with ``j -> m*j + c`` (analysis.residue): the substitution distributed ``0.1 * j``
+    into ``0.1*m*j + 0.1*c`` in float64, which misrounds (``j * 0.1 <= 0.9`` dropped key 9 from
+    every row; 5 of 80 random such masks lost pairs). It now keeps ``0.1 * ToFloat(m*j + c)``
+    (analysis.integer.substituted). The splits run from 128 rows per class (1024 for the columns):
+    lowered here so that tiny calls split."""
+    from attncc.analysis.residue import split_of
+
+    monkeypatch.setenv("ATTNCC_RESIDUE_MIN_ROWS", "4")
+    monkeypatch.setenv("ATTNCC_COLUMN_MIN_ROWS", "4")
+    n = 48
+    text = f'[mask]\nwhere = "{where}"\n'
+    assert split_of(attncc.parse_spec(text)) is not None
+    o = attncc.compile(text).attention(torch.zeros(1, 1, n, 8), torch.zeros(1, 1, n, 8),
+                                       torch.eye(n).view(1, 1, n, n), q_offset=q_offset)
+    py = where.replace(" and ", ") and (")
+    want = torch.tensor([[bool(eval(f"({py})", {"i": a + q_offset, "j": b})) for b in range(n)] for a in range(n)])
+    assert torch.equal(o[0, 0] > 0, want), ((o[0, 0] > 0) ^ want).nonzero().tolist()[:6]

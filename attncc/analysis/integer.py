@@ -188,16 +188,35 @@ def ungrouped(e):
     return _operands(e, ungroup=True)
 
 
+def integer_factors(e, args):
+    """``args``, the new arguments of ``e``, with those that are integer arithmetic holding a sum
+    wrapped (``ToFloat``) where ``e`` is a product of float arithmetic: to rebuild ``e`` without
+    sympy distributing a number over them."""
+    if isinstance(e, sympy.Mul) and e.is_integer is not True:
+        return [ToFloat(a) if _whole(a) else a for a in args]
+    return args
+
+
+def substituted(e, subs):
+    """``e.xreplace(subs)`` where ``subs`` gives integer symbols integer sums (``j -> m*j + c``),
+    each keeping its sum whole where it lands in a product of float arithmetic (:func:`integer_factors`):
+    ``0.1 * j`` is ``0.1 * ToFloat(m*j + c)``, as the reference computes ``0.1 * j`` at that position,
+    not ``0.1*m*j + 0.1*c`` (0.9000000000000001 at j = 9, m = 3: ``j * 0.1 <= 0.9`` lost key 9)."""
+    if e in subs:
+        return subs[e]
+    if not isinstance(e, sympy.Basic) or e.is_Atom or not (e.free_symbols & set(subs)):
+        return e
+    return e.func(*integer_factors(e, [substituted(a, subs) for a in e.args]))
+
+
 def _operands(e, ungroup: bool):
     if not isinstance(e, sympy.Basic) or e.is_Atom or isinstance(e, EXACT):
         return e
     if ungroup and isinstance(e, Grouped):
         inner = _operands(e.args[0], ungroup)
         return ToFloat(inner) if _whole(inner) else inner
-    args = [_operands(a, ungroup) for a in e.args]
-    if isinstance(e, sympy.Mul) and e.is_integer is not True:
-        # wrapped before the product is made: sympy distributes a number over a sum at once
-        args = [ToFloat(a) if _whole(a) else a for a in args]
+    # wrapped before the product is made: sympy distributes a number over a sum at once
+    args = integer_factors(e, [_operands(a, ungroup) for a in e.args])
     if all(a is b for a, b in zip(args, e.args)):
         return e
     return e.func(*args)

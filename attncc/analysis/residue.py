@@ -25,6 +25,7 @@ from typing import Optional
 
 import sympy
 
+from attncc.analysis.integer import substituted
 from attncc.analysis.score import along_j, canonical_score
 from attncc.core.splits import COLUMN_PARAMS, RESIDUE_PARAMS
 from attncc.spec import symbols as S
@@ -84,7 +85,7 @@ def _rewritten(pattern: Pattern, mask, positions: dict, hidden) -> Pattern:
     """``pattern`` with ``mask``, its bias and mod read at ``positions`` ({i: ..., j: ...}) and the
     hidden int params ``hidden`` ((name, default), ...) after its own."""
     def at(e):
-        return None if e is None else e.xreplace(positions)
+        return None if e is None else substituted(e, positions)  # float arithmetic: at the true positions
 
     return pattern.replace(mask=at(mask), bias=at(pattern.bias), mod=at(pattern.mod),
                            params=tuple(pattern.params) + tuple(Param(n, v, "int", hidden=True) for n, v in hidden))

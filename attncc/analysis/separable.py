@@ -28,7 +28,7 @@ from typing import Optional, Tuple
 import sympy
 from sympy.printing.precedence import PRECEDENCE
 
-from attncc.analysis.integer import FloorDiv, FloorMod
+from attncc.analysis.integer import FloorDiv, FloorMod, integer_factors
 from attncc.spec import symbols as S
 
 
@@ -155,7 +155,10 @@ def separated(e, inner=S.j, outer=S.i):
             return test
     args = [separated(a, inner, outer) for a in e.args]
     if any(a is not b for a, b in zip(args, e.args)):
-        e = e.func(*args)
+        # a separated // is a sum (A // m + B // m + carry): a factor of float arithmetic keeps it
+        # whole, as the reference computes it (sympy distributes a number over a sum at once:
+        # ((j - i) // 3) / 7 was j // 3 / 7 + ... in float64, -5.6e-17 at j - i = 1, a pair lost)
+        e = e.func(*integer_factors(e, args))
     if isinstance(e, (FloorMod, FloorDiv)):
         return _separated_node(e, inner, outer)
     return e
