@@ -778,7 +778,9 @@ def _dec_tile(acc, l_i, m_i, q, K_head, V_head, BT_row, kb, live, Nk, NUM_PAGES,
               VALUE_DIM_PAD: tl.constexpr, PAGE_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr):
     """One key tile of the online softmax for every row of the group; MASKED tiles evaluate
     the mask (and the end of the cache), full ones do not."""
-    offs_j = kb * BLOCK_N + tl.arange(0, BLOCK_N)  # key positions are cache rows
+    # key positions are cache rows, int64 as kb is on the GPU (split_id is int64); the interpreter's
+    # loop gives kb as a Python int, which left them int32: 2147483657 + offs_j of a WIDE call raised
+    offs_j = (kb * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     in_cache = offs_j < Nk
     if PAGE_SIZE > 0:
         # page of each key row from the row's block table (clamped: a bad entry never reads outside)
