@@ -24,9 +24,32 @@ integer terms of a float sum are added up as integers before they meet a float")
   split of bias and mod along j takes its float64 steps (analysis.exact) before the grouping is
   taken off, so those keep the grouping as written.
 
-Probed clean after the fix (counts in the tests below): seeded random biases / mods / masks on
-Python's exact values and on the reference, forward, backward, learned-table gradients, decode,
-and the Gluon forward's score hook (emulated on the CPU).
+- Mask code (float64) of ``((j - i) // 3) / 7 >= 0.0``: analysis.separable writes ``(j - i) // 3``
+  with residues, ``j // 3 + (-i) // 3 + carry``, an integer sum that the ``/ 7`` around it was
+  distributed over (three float64 divisions, -5.6e-17 at j - i = 1): pair (13, 14) lost, in every
+  kernel. separated() now rebuilds products with integer_factors (the sum stays one ToFloat).
+- Calls split by residue class (``(i - j) % 3 == 0 and j * 0.1 <= 0.9``) or into summary columns
+  run the pattern at ``j -> m*j + c`` (analysis.residue): xreplace distributed ``0.1 * j`` into
+  ``0.1*m*j + 0.1*c`` in float64 (0.9000000000000001 at j = 9): key 9 dropped from every row;
+  5 of 80 random float masks of split patterns lost pairs (at >= 128 rows per class by default).
+  Fix: analysis.integer.substituted.
+- Decode of ``abs(p0 - 2147483657 - j)`` (a WIDE call) crashed under the interpreter ("Scalar
+  2147483657 is out of range for type int32"): the decode tile's key positions came from the
+  loop index, a Python int there, int32 beside the literal (int64 on the GPU). templates/decode.py.j2.
+
+Measured before -> after: random scores (forward, backward, table gradients; check_case) 13 of 60
+failed before, 0 of 200 after; random decode 11 of 40 before (3 of them the crash), 0 of 60 after;
+Gluon score hooks of random biases (emulated) 8 of 34 before, 0 of 34 after.
+
+Probed clean (before and after): the reference against Python's exact arithmetic on 200 random
+biases (test_reference_biases_are_pythons); 80 random boundary masks and score conditions
+(``c * S * j op thr`` with thr Python's value at a pair, as [mask], as where(..., s, -inf) and as
+where(..., s, s - 3)) but the separable one above; 30 data-dependent masks and biases over int64
+inputs near 1e9, 2**31, 2**40, 2**53 (``(d[b, j] - C) * 0.01 * j``, the per-call classifier).
+
+Found, not fixed: ``(p0 - 4611686018427387895 + (j - i)) * 3`` with p0 = 2**62 - 9 is refused
+("is an integer constant beyond int64"): the parser checks the constants of the expanded form
+(3 * -4611686018427387895), not of the expression as written, whose values are small.
 """
 from __future__ import annotations
 
