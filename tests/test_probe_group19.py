@@ -215,8 +215,8 @@ def check_case(params, parts, *, nq=23, nk=19, backward=True, seed=0, q_offset=0
 
 @pytest.mark.parametrize("seed", range(12))
 def test_seeded_random_scores_against_the_reference(seed):
-    """Forward, dQ / dK / dV and the learned table's gradient (12 seeds here; 0 of 60 failed after
-    the fix, 41 of 60 before)."""
+    """Forward, dQ / dK / dV and the learned table's gradient (12 seeds here, 4 of them wrong before;
+    13 of 60 seeds failed before the fix, 0 of 200 after)."""
     params, parts = random_case(seed)
     check_case(params, parts, seed=seed, q_offset=seed % 3 * 5, k_offset=seed % 2 * 3)
 
