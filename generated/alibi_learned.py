@@ -469,10 +469,11 @@ def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
     dp = tl.dot(do, v.T, input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
     if INPUT_GRADS:
-        dg0 = ds * tl.cast((offs_j[None, :] - offs_i[:, None]), tl.float32)  # dLoss / dslopes(h), per pair
+        ds_w = ds
         if MASKED or not rows_exact:  # a pair without weight adds nothing, even 0 * NaN (a NaN row's dS)
             weighted = (s != float("-inf")) & row_live[:, None]
-            dg0 = tl.where(weighted, dg0, 0.0)
+            ds_w = tl.where(weighted, ds, 0.0)
+        dg0 = ds_w * tl.cast((offs_j[None, :] - offs_i[:, None]), tl.float32)  # dLoss / dslopes(h), per pair
         tl.atomic_add(gptr_slopes + h * gstride0_slopes, tl.sum(tl.sum(dg0, 1), 0))
     dq = dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
     return dq

@@ -431,10 +431,11 @@ def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, kb, offs_i, Nk, k_offset,
     dp = tl.dot(do, v.T, input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
     if INPUT_GRADS:
-        dg0 = ds  # dLoss / drel_bias(h, Bucket(-i + j, 32, 128, 1)), per pair
+        ds_w = ds
         if MASKED or not rows_exact:  # a pair without weight adds nothing, even 0 * NaN (a NaN row's dS)
             weighted = (s != float("-inf")) & row_live[:, None]
-            dg0 = tl.where(weighted, dg0, 0.0)
+            ds_w = tl.where(weighted, ds, 0.0)
+        dg0 = ds_w  # dLoss / drel_bias(h, Bucket(-i + j, 32, 128, 1)), per pair
         entry0 = _bucket_32_128_1((offs_j[None, :] - offs_i[:, None]))
         slots0 = tl.arange(0, 32)
         total0 = tl.zeros([32], dtype=tl.float32)

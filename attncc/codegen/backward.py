@@ -227,19 +227,24 @@ def _input_grad_lines(pattern: Pattern, k: _Kernel, terms: List[InputGradTerm], 
     hoisted = [(t, k.hoist(t.d_bias) if t.d_bias is not None else None,
                 k.hoist(t.d_mod) if t.d_mod is not None else None, [k.hoist(a) for a in t.access.args]) for t in terms]
     tile, tile_s = k.tile_printer(), k.tile_printer("s_in")
-    body: List[str] = []  # under "if INPUT_GRADS:"
+    unbounded = [any(_may_be_unbounded(d) for d in (t.d_bias, t.d_mod) if d is not None) for t in terms]
+    # dS (and the transform's dS, and P where a derivative may be unbounded) with the pairs without
+    # weight zeroed, once per tile: each term then adds its gradient as soon as it is made, so that
+    # one tile's worth of gradient is live at a time (a 64-wide dot's 128 terms made together
+    # took ptxas minutes and spilled)
+    names = [("ds", "ds_w")] + ([(ds_t, "ds_t_w")] if any(t.d_mod is not None for t in terms) else [])
+    names += [("p", "p_w")] if any(unbounded) else []
+    body: List[str] = [f"{w} = {x}" for x, w in names]  # under "if INPUT_GRADS:"
+    body += [f"if MASKED or not rows_exact:  # {WEIGHTLESS_WHY}", f"    weighted = {WEIGHTLESS}"]
+    body += [f"    {w} = tl.where(weighted, {x}, 0.0)" for x, w in names]
     for n, (t, d_bias, d_mod, args) in enumerate(hoisted):
-        parts = [(f"ds * {printed(body, tile, d_bias)}" if d_bias != 1 else "ds") if d_bias is not None else None,
-                 (f"{ds_t} * {printed(body, tile_s, d_mod)}" if d_mod != 1 else ds_t) if d_mod is not None else None]
+        parts = [(f"ds_w * {printed(body, tile, d_bias)}" if d_bias != 1 else "ds_w") if d_bias is not None else None,
+                 (f"ds_t_w * {printed(body, tile_s, d_mod)}" if d_mod != 1 else "ds_t_w") if d_mod is not None else None]
         total = " + ".join(x for x in parts if x)
-        if any(_may_be_unbounded(d) for d in (t.d_bias, t.d_mod) if d is not None):  # as dS: none from a pair without weight
-            body.append(f"dg{n} = tl.where(p == 0.0, 0.0, {total})  # dLoss / d{t.access}, per pair with weight")
+        if unbounded[n]:  # as dS: none from a pair without weight (P is NaN there in a NaN row: p_w is 0)
+            body.append(f"dg{n} = tl.where(p_w == 0.0, 0.0, {total})  # dLoss / d{t.access}, per pair with weight")
         else:
             body.append(f"dg{n} = {total}  # dLoss / d{t.access}, per pair")
-    body += [f"if MASKED or not rows_exact:  # {WEIGHTLESS_WHY}",
-             f"    weighted = {WEIGHTLESS}"]
-    body += [f"    dg{n} = tl.where(weighted, dg{n}, 0.0)" for n in range(len(hoisted))]
-    for n, (t, d_bias, d_mod, args) in enumerate(hoisted):
         decl = pattern.input(t.name)
         g = f"dg{n}"
         idx = [tile(a) for a in args]
