@@ -73,6 +73,22 @@ def inputs_for(p, B, Hq, n, gen):
     return out
 
 
+def one_grid_at_a_time(monkeypatch):
+    """Threads that call kernels at once under Triton's interpreter: it runs one grid at a time (its
+    program ids are global); the runtime's host code still runs concurrently."""
+    import threading
+
+    import triton.runtime.interpreter as interpreter
+
+    lock, grid_call = threading.Lock(), interpreter.GridExecutor.__call__
+
+    def serialized(self, *args, **kwargs):
+        with lock:
+            return grid_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(interpreter.GridExecutor, "__call__", serialized)
+
+
 def rel_err(o, ref):
     o, ref = o.double(), ref.double()
     return float((o - ref).norm() / ref.norm().clamp_min(1e-30))

@@ -30,7 +30,7 @@ import pytest
 import torch
 
 import attncc
-from cases import module, pattern, rel_err
+from cases import module, one_grid_at_a_time, pattern, rel_err
 
 
 def _qkv(shapes, dtype=torch.float32, seed=0, grad=False):
@@ -275,15 +275,7 @@ def test_random_calls_from_threads(monkeypatch):
     import random
     import threading
 
-    import triton.runtime.interpreter as interpreter
-
-    lock, grid_call = threading.Lock(), interpreter.GridExecutor.__call__
-
-    def one_grid_at_a_time(self, *args, **kwargs):
-        with lock:
-            return grid_call(self, *args, **kwargs)
-
-    monkeypatch.setattr(interpreter.GridExecutor, "__call__", one_grid_at_a_time)
+    one_grid_at_a_time(monkeypatch)
     failures = []
 
     def worker(seed):

@@ -12,7 +12,7 @@ import torch
 
 import attncc
 from attncc.runtime import blocks
-from cases import SMALL_PARAMS, heads_for, inputs_for, module, pattern, rel_err
+from cases import SMALL_PARAMS, heads_for, inputs_for, module, one_grid_at_a_time, pattern, rel_err
 
 
 def _codes(call, block_m, block_n):
@@ -51,15 +51,7 @@ def test_threads_calling_generated_modules_get_the_reference(monkeypatch):
     scales and inputs of their own, each get the reference's answer: no call takes another's signature
     memo, config, bound launch or block lists. (Triton's interpreter runs one grid at a time: its
     program ids are global; the runtime's host code runs concurrently.)"""
-    import triton.runtime.interpreter as interpreter
-
-    lock, grid_call = threading.Lock(), interpreter.GridExecutor.__call__
-
-    def one_grid_at_a_time(self, *args, **kwargs):
-        with lock:
-            return grid_call(self, *args, **kwargs)
-
-    monkeypatch.setattr(interpreter.GridExecutor, "__call__", one_grid_at_a_time)
+    one_grid_at_a_time(monkeypatch)
     failures = []
 
     def worker(seed):
