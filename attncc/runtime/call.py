@@ -106,7 +106,11 @@ class Call:
         """The tensors that get the gradients of the inputs declared ``grad = true``, in spec order:
         each as the caller passed it (not its conversion to the declared type, whose backward would
         round the kernels' float32 gradient to that type)."""
-        return [self.given_inputs.get(name, self.inputs[name]) for name in self.grad_input_names]
+        return [self.passed_input(name) for name in self.grad_input_names]
+
+    def passed_input(self, name: str) -> torch.Tensor:
+        """Input ``name`` as the caller passed it (``inputs`` holds what the kernels read)."""
+        return self.given_inputs.get(name, self.inputs[name])
 
     def check_no_dropped_grads(self, what: str) -> None:
         """A ``ValueError`` for an input that requires grad but is declared without ``grad = true``:

@@ -90,7 +90,7 @@ def attention(call: Call):
     floats = [call.scale, call.dropout_p] + [value for value in call.params.values() if type(value) is not int]
     options = repr(tuple((name, type(value) is int) for name, value in call.params.items()))
     # the float inputs as the caller passed them (Call.grad_sources): the op converts them as bind did
-    inputs = [call.given_inputs.get(d.name, call.inputs[d.name]) for d in call.spec.inputs]
+    inputs = [call.passed_input(d.name) for d in call.spec.inputs]
     return attention_forward(call.q, call.k, call.v, inputs, call.cu_seqlens_q, call.cu_seqlens_k, _key(call.spec),
                              options, ints, floats, call.B, call.Nq, call.Nk, call.q_offset, call.k_offset, call.n_q,
                              call.n_k, call.seed)

@@ -288,7 +288,7 @@ def grads_as_inputs(call: Call, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Te
     dtype, fp32 buffers of the inputs) with the shapes and dtypes of q, k, v and the inputs.
     Inputs without a gradient (not wanted, or not differentiable) are left out."""
     # in the dtypes of the tensors autograd differentiates (Call.grad_sources): the caller's
-    grads = {name: g.to(call.given_inputs.get(name, call.inputs[name]).dtype)
+    grads = {name: g.to(call.passed_input(name).dtype)
              for name, g in (input_grads or {}).items()} if call.input_grads else {}
     dtype = call.q.dtype  # q, k, v have one (bind checks)
     return _as(dq, call.D, dtype), _as(dk, call.D, dtype), _as(dv, call.Dv, dtype), grads
