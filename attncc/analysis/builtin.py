@@ -40,6 +40,7 @@ import sympy
 from attncc.analysis.bands import X, Cover
 from attncc.analysis.integer import integer_ops
 from attncc.analysis.plan import Plan
+from attncc.analysis.score import along_j
 from attncc.analysis.walks import Iteration
 from attncc.spec import symbols as S
 
@@ -148,6 +149,12 @@ def rendered_auto_reason(plan: Plan) -> str:
                 f"the tl forward's time (sink + window)")
     if plan.pattern.inputs:
         return "its key loop reads [inputs], which the Gluon forward has not been timed with"
+    if along_j(plan.pattern)[2] is not None:
+        return ("its score has terms constant along the key (a bias or mod term of i, h, b or params alone, or "
+                "the c * i of a c * j): the tl kernels keep them out of the key loop and add them to the LSE, "
+                "the Gluon score adds them to every pair in float32, where at large positions or values they "
+                "round the pair's own score away (bias = \"0.1 * i\" at i = 2**29: a float32 ulp of 8 in "
+                "log2 units)")
     return ""
 
 
