@@ -19,6 +19,11 @@ default path's forward: silently wrong O and LSE, and the ``tl`` backward on tha
 get an ``auto_reason`` (attncc/analysis/builtin.py ``rendered_auto_reason``): auto keeps them on ``tl``.
 Not fixed: ``ATTNCC_BACKEND=gluon`` still runs them on the rendered score (an xfail on the GPU).
 
+Found (fixed here): an empty batch (B = 0, which bind takes and the ``tl`` path answers with empty
+outputs) went on under ATTNCC_BACKEND=gluon to ``launch.attention``, whose TMA descriptor of a 0-sized
+dim fails Triton's bare ``assert shape_dim > 0``: ``gluon_forward`` / ``gluon_backward`` now return no
+pairs for it as for Nq = 0 or Nk = 0, and ``launch.check_operands`` names the sizes it needs.
+
 Probed clean by reading (GPU cases in the GPU file): ``_tma_ready`` keeps exactly the views TMA can
 read and copies the rest (checked here on CPU tensors against its own rule and Triton's
 ``TensorDescriptor`` asserts), the built-in walks' full ranges stay inside Nk / Nq.
@@ -165,3 +170,30 @@ def test_tma_ready_keeps_exactly_readable_views(dtype):
         assert (out is t) == tma_readable(t), (kind, t.stride(), t.data_ptr() % 16)
     assert {k for k, same in seen if same} >= {"plain", "bnhd", "heads"}
     assert {k for k, same in seen if not same} >= {"batch0", "head0", "len1"}
+
+
+# ------------------------------------------------------------------------------------------------
+# empty batches: the Gluon host path returns no pairs (as the tl path does) before any descriptor
+
+
+@pytest.mark.parametrize("name, walk", [("causal", "causal"), ("dense", "dense"), ("sliding_window", "rendered")])
+def test_gluon_forward_and_backward_of_an_empty_batch(name, walk):
+    """B = 0 (bind takes it; the tl path returns empty o, lse and gradients): gluon_forward went on to
+    launch.attention, whose TMA descriptor of a 0-sized dim fails Triton's ``assert shape_dim > 0``
+    (ATTNCC_BACKEND=gluon on a GPU; here, without one, the device check raised first)."""
+    from attncc.runtime import backend, call as call_mod
+
+    mod = module(name)
+    q = torch.randn(0, 2, 5, 64)
+    k = v = torch.randn(0, 2, 7, 64)
+    call = call_mod.bind(mod.SPEC, q, k, v, return_lse=True)
+    o, lse = backend.gluon_forward(call, walk)
+    assert o.shape == (0, 2, 5, 64) and lse.shape == (0, 2, 5)
+    dq, dk, dv, extra = backend.gluon_backward(call, walk, o, lse, torch.zeros_like(o), None)
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape and extra == {}
+
+
+def test_launch_refuses_empty_dims_by_name():
+    with pytest.raises(ValueError, match="B, Hq, Hkv, Nq and Nk must be >= 1"):
+        launch.check_operands(torch.randn(0, 2, 5, 64, dtype=torch.bfloat16),
+                              *(torch.randn(0, 2, 7, 64, dtype=torch.bfloat16),) * 2)

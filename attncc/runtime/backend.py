@@ -218,8 +218,8 @@ def gluon_forward(call: Call, walk: str, lists=None, rotated=None):
     then reads instead of the call's."""
     from attncc.runtime.gluon import launch
 
-    if call.Nq == 0 or call.Nk == 0:  # no pair: what the tl path gives such calls
-        return no_pairs(call)
+    if call.B == 0 or call.Nq == 0 or call.Nk == 0:  # no pair: what the tl path gives such calls (an empty
+        return no_pairs(call)  # batch too: a TMA descriptor of a 0-sized dim fails Triton's assert "shape must be positive")
     kw = dict(scale=call.scale, q_offset=call.q_offset, k_offset=call.k_offset, n_q=call.n_q, n_k=call.n_k,
               return_lse=True, config=gluon_config(call.D))
     if walk == "rendered":
@@ -305,7 +305,7 @@ def gluon_backward(call: Call, walk: str, o, lse, do, dlse=None):
     (default, deterministic) or the fused kernels, for either kind of walk."""
     from attncc.runtime.gluon import launch
 
-    if call.Nq == 0 or call.Nk == 0:  # no pair: what the tl path gives such calls
+    if call.B == 0 or call.Nq == 0 or call.Nk == 0:  # no pair (an empty batch too): what the tl path gives
         return no_pairs_backward(call, o, lse, do, dlse)
     method = gluon_bwd_method()
     if method == "fused" and torch.are_deterministic_algorithms_enabled():

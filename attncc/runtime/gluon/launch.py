@@ -493,11 +493,11 @@ def check_operands(q, k, v):
         raise ValueError(f"attncc.runtime.gluon: v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
     if Bk != B or Dk != D:
         raise ValueError(f"attncc.runtime.gluon: k must be [B={B}, Hkv, Nk, D={D}], got {tuple(k.shape)}")
+    if min(B, Hq, Hkv, Nq, Nk) < 1:  # (a TMA descriptor takes no 0-sized dim; callers return no pairs first)
+        raise ValueError(f"attncc.runtime.gluon: B, Hq, Hkv, Nq and Nk must be >= 1, got {B}, {Hq}, {Hkv}, {Nq}, {Nk}")
     if Hq % Hkv:
         raise ValueError(f"attncc.runtime.gluon: q heads ({Hq}) must be a multiple of k/v heads ({Hkv})")
     _check_choice("head dim", D, HEAD_DIMS)
-    if min(Nq, Nk) < 1:
-        raise ValueError(f"attncc.runtime.gluon: Nq and Nk must be >= 1, got {Nq}, {Nk}")
     return B, Hq, Nq, D, Hkv, Nk
 
 
