@@ -42,7 +42,9 @@ long prompts) runs ``attention`` with ``q_offset``/``k_offset`` at the cache's p
 
 Your own pattern: ``register(name, spec=...)`` with TOML text, a dict, a path or a compiled
 module. The spec replaces the model's mask (write causality into it); a model that passes
-``softcap`` or ``dropout`` needs the spec's ``[score]`` to say the same. The spec's params and
+``softcap`` or ``dropout`` needs the spec's ``[score]`` to say the same. The model's ``scaling`` is the
+call's softmax scale, unless the spec writes ``[score].scale`` or has a param or input named ``scale``
+(which takes the call's ``scale=``): then it must equal the spec's softmax scale (else an error). The spec's params and
 inputs are taken from the keyword arguments the model forwards to attention (``model(ids,
 doc=doc_ids)`` reaches an input ``doc``) or from their defaults; an input named ``key_ok``
 (dims ``["b", "n"]``, dtype ``"bool"``) receives the padding mask (all true without padding), and
@@ -61,6 +63,7 @@ module the first time a mask needs it; both break the graph).
 """
 from __future__ import annotations
 
+import math
 import threading
 import warnings
 from collections import Counter
@@ -295,6 +298,7 @@ class _Implementation:
         dropout = float(dropout or 0.0)
         if self.module is not None:
             run, kw, translation_invariant = self._user_call(who, mask, B, Nk, dropout, softcap, kwargs, query.device)
+            _user_scale(who, self.module.SPEC, scaling, query.shape[-1], kw)
         else:
             run = self._builtin_module(mask.kind, mask.key_ok is not None, softcap, dropout, query, value)
             kw, translation_invariant = {}, True
@@ -302,8 +306,8 @@ class _Implementation:
                 kw["window"] = mask.kind.window
             if dropout:
                 kw["dropout_p"] = dropout
-        if scaling is not None:
-            kw["scale"] = float(scaling)
+            if scaling is not None:
+                kw["scale"] = float(scaling)
         sink = kwargs.get("s_aux")  # GPT-OSS: one logit per query head, with a value of zero
         if sink is not None:
             if sink.shape != (query.shape[1],):
@@ -387,6 +391,31 @@ class _Implementation:
         elif spec.dropout:
             kw["dropout_p"] = 0.0
         return self.module, kw, False
+
+
+def _user_scale(who: str, spec, scaling, head_dim: int, kw: dict) -> None:
+    """The model's ``scaling`` as the softmax scale of a user's spec, into the call's keywords ``kw``.
+
+    A spec whose ``[score].scale`` is written runs at that scale, and a spec with a param or input named
+    ``scale`` takes the call's ``scale=`` as that param (its softmax scale stays the spec's): either way
+    the model's scaling cannot be passed, so it must be the spec's (else an error, as for ``softcap``)."""
+    if scaling is None:
+        return
+    scaling = float(scaling)
+    named = any(x.name == "scale" for x in (*spec.params, *spec.inputs))
+    if spec.scale is None and not named:
+        kw["scale"] = scaling
+        return
+    own = spec.scale if spec.scale is not None else 1.0 / math.sqrt(head_dim)
+    if not math.isclose(scaling, own, rel_tol=1e-6):
+        where = (f"[score].scale = {spec.scale!r}" if spec.scale is not None else
+                 f"no [score].scale (1/sqrt({head_dim}) = {own!r})")
+        raise ValueError(
+            f"{who}: the model asks for scaling = {scaling!r}, the spec {spec.name} has {where}"
+            + (f"; its param scale takes the call's scale= keyword, so the softmax scale stays {own!r}: rename "
+               f"the param or write [score].scale" if named else "; write the model's scaling as [score].scale"))
+    if not named:
+        kw["scale"] = scaling  # the spec's, to float rounding
 
 
 @dataclass(frozen=True, eq=False)
