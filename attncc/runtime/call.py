@@ -466,7 +466,8 @@ def _bind_checked(spec: SpecInfo, q, k, v, *, return_lse=False, q_offset=0, k_of
         if q_offset or k_offset or n_q is not None or n_k is not None:
             raise ValueError(f"{name}.attention: q_offset, k_offset, n_q, n_k cannot be combined with cu_seqlens: "
                              f"every packed sequence starts at position 0 and has its own n_q, n_k")
-        cu_q, cu_k, B, Nq, Nk = _varlen(name, q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+        cu_q, cu_k, B, Nq, Nk, lengths_read = _varlen(name, q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                      max_seqlen_k)
     check_grid_extent(f"{name}.attention", B, Hq, "sequences" if cu_q is not None else "batch rows")
     n_q = q_offset + Nq if n_q is None else _int_arg("n_q", n_q, who=f"{name}.attention")
     n_k = k_offset + Nk if n_k is None else _int_arg("n_k", n_k, who=f"{name}.attention")
@@ -483,8 +484,12 @@ def _bind_checked(spec: SpecInfo, q, k, v, *, return_lse=False, q_offset=0, k_of
     passed = dict(kwargs)
     params, inputs = bind_params_and_inputs(spec, f"{name}.attention", kwargs, B=B, Hq=Hq,
                                             positions=n_max, device=q.device, ends=(q_offset + Nq, k_offset + Nk))
-    check_divisors(spec, f"{name}.attention", positions=max(n_max, n_q, n_k), batch=B, heads=Hq, n_q=n_q, n_k=n_k,
-                   params=params)
+    if cu_q is None:
+        check_divisors(spec, f"{name}.attention", positions=max(n_max, n_q, n_k), batch=B, heads=Hq, n_q=n_q,
+                       n_k=n_k, params=params)
+    else:
+        check_packed_divisors(spec, f"{name}.attention", cu_q, cu_k, positions=n_max, batch=B, heads=Hq, max_q=Nq,
+                              max_k=Nk, params=params, lengths_read=lengths_read)
     given = {name: passed[name] for name, t in inputs.items() if t is not passed[name] and t.is_floating_point()}
     return Call(spec, q, k, v, B, Hq, Hkv, Nq, Nk, D, Dv, q_offset, k_offset, n_q, n_k, float(scale),
                 return_lse, params, inputs, given_inputs=given, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
@@ -714,7 +719,8 @@ def _holding(who: str, name: str, given: torch.dtype, declared: torch.dtype) -> 
 
 
 def _varlen(name, q, k, cu_q, cu_k, max_q, max_k):
-    """Check packed-sequence arguments; return (cu_q, cu_k, S, max_seqlen_q, max_seqlen_k).
+    """Check packed-sequence arguments; return (cu_q, cu_k, S, max_seqlen_q, max_seqlen_k, read), ``read``:
+    whether the host read the cu_seqlens' values (and may read them again at no extra sync).
 
     The contents of the cu_seqlens (from 0, non-decreasing, within the packed length, lengths at
     most max_seqlen) are checked when they are on the CPU, or when max_seqlen_* is omitted
@@ -748,13 +754,38 @@ def _varlen(name, q, k, cu_q, cu_k, max_q, max_k):
     # (CPU tensors are checked always: here, or while torch.compile traces, where a read of their values
     # is a data-dependent guard it refuses under fullgraph, by the custom op as it runs; CUDA ones
     # with max_seqlen_* never)
-    if max_q is None or max_k is None or (q.device.type == "cpu" and not torch.compiler.is_compiling()):
+    read = max_q is None or max_k is None or (q.device.type == "cpu" and not torch.compiler.is_compiling())
+    if read:
         q_max, k_max = check_cu_seqlens(f"{name}.attention", cu_q, cu_k, q.shape[2], k.shape[2], max_q, max_k)
         max_q = q_max if max_q is None else max_q
         max_k = k_max if max_k is None else max_k
     # No sequence is longer than the packed rows: a larger bound (max_seqlen_q=2**31 as "no limit")
     # would only launch programs without rows, billions of them, and switch to int64 positions.
-    return cu_q, cu_k, S, min(max_q, q.shape[2]), min(max_k, k.shape[2])
+    return cu_q, cu_k, S, min(max_q, q.shape[2]), min(max_k, k.shape[2]), read
+
+
+def check_packed_divisors(spec: SpecInfo, who: str, cu_q, cu_k, *, positions: int, batch: int, heads: int,
+                          max_q: int, max_k: int, params: dict, lengths_read: bool) -> None:
+    """The divisor check of a packed call: every sequence has its own n_q, n_k (its lengths), so a
+    divisor made of them (``j % (n_k - 3)``) is checked at every length from 1 to max_seqlen, and
+    where it may be 0 there, at each sequence's own lengths when ``lengths_read`` (the host read the
+    cu_seqlens: CPU tensors, or max_seqlen omitted; else the range's error stands, as decode's for
+    kv_len on the GPU). A sequence without query rows or without keys computes no pair and is not
+    checked. (Checked at max_seqlen alone, a sequence of length 3 ran with a zero divisor.)"""
+    try:
+        check_divisors(spec, who, positions=positions, batch=batch, heads=heads, n_q=(1, max(max_q, 1)),
+                       n_k=(1, max(max_k, 1)), params=params)
+        return
+    except ValueError:
+        if not lengths_read:
+            raise
+    lens = torch.stack([cu_q[1:] - cu_q[:-1], cu_k[1:] - cu_k[:-1]], 1).tolist()
+    seen = set()
+    for s, (nq, nk) in enumerate(lens):
+        if nq and nk and (nq, nk) not in seen:
+            seen.add((nq, nk))
+            check_divisors(spec, f"{who} (packed sequence {s}: n_q = {nq}, n_k = {nk})", positions=positions,
+                           batch=batch, heads=heads, n_q=nq, n_k=nk, params=params)
 
 
 def check_cu_seqlens(who: str, cu_q, cu_k, total_q: int, total_k: int, max_q: Optional[int] = None,
