@@ -417,3 +417,22 @@ def test_packed_dropout_draws_the_padded_batchs_mask():
         assert _max_err(o[:, :, sq], r) < 1e-5
         for x, ref in zip((gq[:, :, sq], gk[:, :, sk], gv[:, :, sk]), rg):
             assert _max_err(x, ref) < 1e-5, s
+
+
+def test_packed_divisors_unread_lengths_are_refused_with_the_way_out(monkeypatch, tmp_path):
+    """Where the host does not read the cu_seqlens (CUDA, both max_seqlen given) a divisor that may
+    be 0 at some length up to max_seqlen is refused, saying how to have each sequence checked; one
+    that is never 0 there passes."""
+    from attncc.runtime.call import check_packed_divisors
+
+    _, mod = _compiled("probe20_mod_nk", DIVISOR_SPECS["probe20_mod_nk"], monkeypatch, tmp_path)
+    cu = _cu([10, 5])
+    kw = dict(positions=10, batch=2, heads=2, max_q=10, max_k=10, params={}, lengths_read=False)
+    with pytest.raises(ValueError, match=r"may be 0 with n_k = 1\.\.10.*omit max_seqlen_\*"):
+        check_packed_divisors(mod.SPEC, "probe20_mod_nk.attention", cu, cu, **kw)
+    check_packed_divisors(mod.SPEC, "probe20_mod_nk.attention", cu, cu, **dict(kw, max_q=2, max_k=2))
+    with pytest.raises(ValueError, match=r"division by zero: .* is 0 with") as caught:  # a param of 0: nothing to omit
+        pv = _compiled("probe20_param_div", '[params]\nw = 2\n[mask]\nwhere = "j <= i and j % (n_k * w) == 1"\n',
+                       monkeypatch, tmp_path)[1]
+        check_packed_divisors(pv.SPEC, "probe20_param_div.attention", cu, cu, **dict(kw, params={"w": 0}))
+    assert "omit" not in str(caught.value)

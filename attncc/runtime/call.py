@@ -776,9 +776,14 @@ def check_packed_divisors(spec: SpecInfo, who: str, cu_q, cu_k, *, positions: in
         check_divisors(spec, who, positions=positions, batch=batch, heads=heads, n_q=(1, max(max_q, 1)),
                        n_k=(1, max(max_k, 1)), params=params)
         return
-    except ValueError:
+    except ValueError as e:
         if not lengths_read:
-            raise
+            # 0 at the longest lengths too (a param of 0, say): that error; else the range's, with the way out
+            check_divisors(spec, who, positions=positions, batch=batch, heads=heads, n_q=max(max_q, 1),
+                           n_k=max(max_k, 1), params=params)
+            raise ValueError(f"{e}; a packed call's sequences have their own n_q, n_k, whose values are not read on "
+                             f"the host (cu_seqlens on {cu_q.device} with max_seqlen_q and max_seqlen_k given): omit "
+                             f"max_seqlen_* to have each sequence's lengths checked (one host sync)") from None
     lens = torch.stack([cu_q[1:] - cu_q[:-1], cu_k[1:] - cu_k[:-1]], 1).tolist()
     seen = set()
     for s, (nq, nk) in enumerate(lens):
