@@ -22,6 +22,10 @@ Probed:
   1, 2, 3, 7; the cache past kv_len (and spare pages) filled with NaN, +inf, -inf or 1e30;
   windows and sinks; return_lse; each row against the oracle and against attention() on the same
   keys with q_offset = kv_len - Nq.
+Counts: 290 random packed calls and 267 random decode calls of the shipped specs, 100 packed calls
+with a poisoned sequence, 80 packed calls (with gradients) and 80 decode calls of random specs
+(tests/test_probe_more.py's check_varlen / check_decode, seeds 7000-7079), RoPE gptj with a partial
+rotary_dim under packing, int params past 2**31 under packing: all clean but for the defect below.
 
 Found and fixed:
 - A divisor made of n_q, n_k (``j % (n_k - 3)``, ``i // (n_q - 3)``) was checked in a packed call
@@ -31,7 +35,10 @@ Found and fixed:
   Packed calls now check the divisors over the lengths 1..max_seqlen, and where one may be 0
   there, at each sequence's own (n_q, n_k) when the cu_seqlens are read on the host (CPU, or
   max_seqlen omitted; CUDA cu_seqlens with both max_seqlen are refused with the range's error,
-  as decode does for kv_len on the GPU).
+  as decode does for kv_len on the GPU, the error saying to omit max_seqlen_*).
+- (test harness) tests/test_probe_more.py's check_varlen caught only ValueError for the documented
+  refusal of masks that read [inputs], which is a NotImplementedError: its command-line runs
+  (``python tests/test_probe_more.py varlen_bw START COUNT``) stopped at the first such spec.
 """
 from __future__ import annotations
 
