@@ -387,7 +387,7 @@ class ContextParallelFunction(torch.autograd.Function):
         with torch.no_grad():
             dq, dk, dv = ctx.strategy.backward(ctx.sched, q, k, v, o, lse, do, dlse)
         if torch.is_grad_enabled():
-            dq, dk, dv = no_double_backward(ctx.sched.pairs.target.spec.name, [dq, dk, dv], (q, k, v, do))
+            dq, dk, dv = no_double_backward(ctx.sched.pairs.target.spec.name, [dq, dk, dv], (q, k, v, do, dlse))
         return None, None, dq, dk, dv
 
 

@@ -93,7 +93,7 @@ class AttentionFunction(torch.autograd.Function):
             dq, dk, dv, input_grads = ctx.backward_fn(call, o, lse, do, dlse)
         grads = [dq, dk, dv] + [input_grads.get(name) for name in names] if names else [dq, dk, dv]
         if differentiable:  # the gradients must not be differentiated
-            grads = no_double_backward(call.spec.name, grads, (q, k, v, do))
+            grads = no_double_backward(call.spec.name, grads, (q, k, v, *saved, do, dlse))
         need = ctx.needs_input_grad
         if all(need[1:]):
             return (None, *grads)
@@ -195,8 +195,15 @@ def check_watched(watched, describe) -> None:
 
 
 def no_double_backward(name: str, grads, anchors):
-    """``grads`` (None entries kept) passed through :class:`_NoDoubleBackward`."""
+    """``grads`` (None entries kept) passed through :class:`_NoDoubleBackward`. ``anchors``: every tensor
+    the gradients are a function of (None entries skipped), which is every differentiable input of the
+    function (q, k, v, the learned [inputs], an initial state) and every gradient its backward got (dO,
+    dLSE, a state's): a second-order path through any of them must meet the error. Anchored on q, k, v
+    and dO only, a gradient penalty on a learned table's gradient (q, k, v frozen, ``o.sum()`` a loss
+    whose dO needs no gradient) or a second derivative in the LSE's weights (``(lse * w).sum()``) came
+    back as a constant: its second-order term was left out without a word."""
     present = [g for g in grads if g is not None]
+    anchors = [a for a in anchors if a is not None]
     out = iter(_NoDoubleBackward.apply(name, len(present), *present, *anchors))
     return [None if g is None else next(out) for g in grads]
 

@@ -206,7 +206,7 @@ def _backward(ctx, do, dlse):
         do = torch.zeros_like(o)
     grads = attention_backward(q, k, v, ins, cu_q, cu_k, o, lse, do, dlse, key, options, *scalars, bool(need[3]))
     if torch.is_grad_enabled():  # create_graph=True: the gradients must not be differentiated
-        grads = no_double_backward(spec.name, grads, (q, k, v, do))
+        grads = no_double_backward(spec.name, grads, (q, k, v, *ins, do, dlse))
     dq, dk, dv, *learned = grads
     learned = iter(learned)
     d_inputs = [next(learned) if d.grad else None for d in spec.inputs]

@@ -208,7 +208,7 @@ class LinearAttentionFunction(torch.autograd.Function):
         grads = [dq if need[3] else None, dk if need[4] else None, dv if need[5] else None,
                  ds0 if ctx.has_init and need[6] else None, dz0 if ctx.has_init and need[7] else None]
         if differentiable:  # the gradients must not be differentiated: a second backward raises, as softmax's
-            grads = no_double_backward(call.spec.name, grads, (q, k, v, *init, do))
+            grads = no_double_backward(call.spec.name, grads, (q, k, v, *init, do, ds, dz))
         return (None, None, None, *grads)
 
 

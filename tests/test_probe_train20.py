@@ -1,0 +1,82 @@
+"""Probe 20 (training-loop semantics of the autograd wiring): the generated modules' ``attention``
+(softmax and linear) and ``attncc.compile``'s, called as a PyTorch training loop calls SDPA or
+FlexAttention, against attncc.reference (float64) and against what torch's own ops do.
+
+Probed clean (seeded random calls at tiny odd sizes, interpreter):
+- tensors changed in place after the forward and before the backward (q, k, v, a learned table,
+  o itself, a view of o, the LSE, the storage under a q that needs no gradient) raise autograd's
+  "modified by an inplace operation" on causal, rope_causal, t5_bias, alibi_learned, softcap, mqa
+  (41 cases);
+- dO and dLSE contiguous, BNHD-transposed, stride-0 (expanded from [1, 1, 1, D] and from a scalar,
+  what ``o.sum()`` gives), at a storage offset, stride 2 in the last dim, flipped; on o only, the LSE
+  only, or both; float32 and bfloat16 operands, over causal, t5_bias, alibi_learned, softcap,
+  rope_causal, mqa: 252 cases within 1e-4 (bfloat16: 3e-2); dO in float64 / bfloat16 for float32 o and
+  in float32 for bfloat16 / float16 o (autograd casts it; gradients in the operands' dtype);
+- backward twice with retain_graph=True (exactly twice the gradients), accumulation into an
+  existing .grad, torch.autograd.grad of each leaf alone, every subset of q, k, v requiring grad,
+  none (no graph), torch.no_grad, torch.inference_mode, torch.utils.checkpoint reentrant and not:
+  gradients bitwise equal to the plain call's (5 modules);
+- torch.func transforms and float64 (so gradcheck) stay refused with their clear errors (pinned in
+  tests/test_probe_grads.py and tests/test_probe_api19.py).
+
+Found and fixed:
+- create_graph=True: the gradients were passed through _NoDoubleBackward anchored on q, k, v and dO
+  only, so a second-order path through anything else never met its error: a gradient penalty on a
+  learned table's gradient with q, k, v frozen (``dt = grad(o.sum(), t, create_graph=True)``, then
+  ``(o.sum() + dt.pow(2).sum()).backward()``) left the penalty out without a word (t.grad's norm 5.91,
+  the true one 10.10), and a second derivative through the LSE's or a linear attention state's
+  cotangent (``(lse * w).sum()``, ``(S * w).sum()``) came back None with allow_unused=True. The
+  anchors are now every differentiable input and every cotangent (runtime.autograd.no_double_backward,
+  its callers in autograd, compiled, linear and distributed).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attncc
+from cases import module, pattern, rel_err
+
+
+def _qkv(shapes, dtype=torch.float32, seed=0, grad=False):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen).to(dtype).requires_grad_(grad) for s in shapes]
+
+
+# ---------------------------------------------------------------------------------------------
+# create_graph=True: every second-order path meets the error
+# ---------------------------------------------------------------------------------------------
+
+
+def test_gradient_penalty_on_a_learned_table_raises():
+    """q, k, v frozen, a learned table trained with a penalty on its own gradient: ``o.sum()``'s dO needs no
+    gradient, so the table's gradient was anchored on nothing and came back as a constant; the
+    penalty's gradient (the second-order term) was dropped silently."""
+    q, k, v = _qkv([(1, 2, 13, 16)] * 3)
+    (t,) = _qkv([(2, 32)], seed=1)
+    t = (0.3 * t).requires_grad_()
+    o = module("t5_bias").attention(q, k, v, rel_bias=t)
+    (dt,) = torch.autograd.grad(o.sum(), t, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        (o.sum() + dt.pow(2).sum()).backward()
+
+
+def test_second_derivative_through_the_lse_cotangent_raises():
+    """dq is linear in the LSE's cotangent w: d(dq)/dw is not zero, and was given as None (allow_unused)."""
+    q, k, v = _qkv([(1, 2, 13, 16)] * 3)
+    q.requires_grad_()
+    w = torch.randn(1, 2, 13, requires_grad=True)
+    o, lse = module("causal").attention(q, k, v, return_lse=True)
+    (dq,) = torch.autograd.grad((lse * w).sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(dq.pow(2).sum(), w, allow_unused=True)
+
+
+def test_second_derivative_through_a_linear_state_cotangent_raises():
+    q, k, v = _qkv([(1, 2, 13, 16)] * 3)
+    q.requires_grad_()
+    w = torch.randn(1, 2, 16, 16, requires_grad=True)
+    o, (s, z) = module("linear_elu").attention(q, k, v, return_state=True)
+    (dq,) = torch.autograd.grad((s * w).sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(dq.pow(2).sum(), w, allow_unused=True)
