@@ -28,6 +28,12 @@ Found and fixed:
   cotangent (``(lse * w).sum()``, ``(S * w).sum()``) came back None with allow_unused=True. The
   anchors are now every differentiable input and every cotangent (runtime.autograd.no_double_backward,
   its callers in autograd, compiled, linear and distributed).
+- Forward-mode AD: a tangent (torch.autograd.forward_ad.make_dual) on q, k, v, a learned table, a decode
+  q or a linear attention's q / initial state needs no gradient, so the call ran its kernels on the
+  primal values and returned o without a tangent (``unpack_dual(o).tangent`` None, read as zero;
+  the reference's tangent has norm 7.2), silently: torch's ops without a forward derivative raise.
+  bind / bind_decode / linear.check_state refuse a tangent now (runtime.call.refuse_tangents), at the
+  cost of one global read per call outside a dual level.
 """
 from __future__ import annotations
 
@@ -80,3 +86,50 @@ def test_second_derivative_through_a_linear_state_cotangent_raises():
     (dq,) = torch.autograd.grad((s * w).sum(), q, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(dq.pow(2).sum(), w, allow_unused=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# forward-mode AD (torch.autograd.forward_ad): refused, never a dropped tangent
+# ---------------------------------------------------------------------------------------------
+
+
+def _dual_calls():
+    q, k, v = _qkv([(1, 2, 9, 16)] * 3)
+    (t,) = _qkv([(2, 32)], seed=1)
+    tangent = torch.ones(1, 2, 9, 16)
+    dual = lambda x, d=None: fwAD.make_dual(x, torch.ones_like(x) if d is None else d)  # noqa: E731
+    state = (torch.zeros(1, 2, 16, 16), torch.zeros(1, 2, 16))
+    return {
+        "q": lambda: module("causal").attention(dual(q, tangent), k, v),
+        "k": lambda: module("causal").attention(q, dual(k), v),
+        "v (return_lse)": lambda: module("causal").attention(q, k, dual(v), return_lse=True),
+        "learned table": lambda: module("t5_bias").attention(q, k, v, rel_bias=dual(t)),
+        "decode q": lambda: module("causal").decode(dual(q[:, :, :1]), k, v, kv_len=[9]),
+        "linear q": lambda: module("linear_elu").attention(dual(q), k, v),
+        "linear initial_state": lambda: module("linear_elu").attention(q, k, v, initial_state=(dual(state[0]), state[1])),
+        "linear step": lambda: module("linear_elu").step(dual(q[:, :, 0]), k[:, :, 0], v[:, :, 0]),
+    }
+
+
+import torch.autograd.forward_ad as fwAD  # noqa: E402
+
+
+@pytest.mark.parametrize("case", list(_dual_calls()))
+def test_forward_mode_ad_tangents_are_refused(case):
+    """A dual tensor (torch.autograd.forward_ad.make_dual) needs no gradient, so the call ran its kernels
+    on the primal values outside autograd and returned o without a tangent: unpack_dual(o).tangent was
+    None (read as zero; the reference's JVP of o for q's tangent of ones has norm 7.2), silently. The
+    kernels have no JVP: the call is refused, naming the function."""
+    with fwAD.dual_level():
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            _dual_calls()[case]()
+
+
+def test_plain_calls_inside_a_dual_level_still_run():
+    """Only tensors that carry a tangent are refused: a call of plain tensors inside a dual level (a forward-AD
+    computation elsewhere in the program) runs as outside it."""
+    q, k, v = _qkv([(1, 2, 9, 16)] * 3)
+    want = module("causal").attention(q, k, v)
+    with fwAD.dual_level():
+        fwAD.make_dual(torch.zeros(3), torch.ones(3))
+        assert torch.equal(module("causal").attention(q, k, v), want)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from attncc.core.semantics import (FLOAT32_MAX, FLOAT32_TINY, INT_LIMIT, MAX_HEAD_DIM, dropout_probability,
                                    input_dtype_accepted, int_argument, param_value, plain_number,
@@ -225,7 +226,7 @@ def bind(spec: SpecInfo, q, k, v, *, return_lse=False, q_offset=0, k_offset=0, n
     (:func:`_signature` says what a signature holds; calls it cannot key, such as a tensor
     passed as ``q_offset``, are checked every time). Nothing here reads a tensor's values,
     except the cu_seqlens of a packed batch on the CPU or without ``max_seqlen_*`` (one host sync)."""
-    refuse_transforms(f"{spec.name}.attention")
+    refuse_transforms(f"{spec.name}.attention", q, k, v, kwargs=kwargs)
     q, k, v = autocast_operands(q, k, v)
     checked = dict(return_lse=return_lse, q_offset=q_offset, k_offset=k_offset, n_q=n_q, n_k=n_k, scale=scale,
                    kwargs=kwargs, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
@@ -337,14 +338,30 @@ def on_q_device(fn):
 _functorch_level = torch._C._functorch.maybe_current_level
 
 
-def refuse_transforms(name: str) -> None:
+def refuse_transforms(name: str, *tensors, kwargs: Optional[dict] = None) -> None:
     """A call inside a torch.func transform (vmap, grad, jvp, jacrev, ...) gets a clear error: its
     tensors are wrappers without storage, which the kernels cannot read (torch's own message,
-    "Cannot access data pointer", named neither the call nor the cause). ~0.1 us."""
+    "Cannot access data pointer", named neither the call nor the cause). So does a call with a
+    forward-mode AD tangent on one of ``tensors`` or of ``kwargs``' values (:func:`refuse_tangents`). ~0.1 us."""
     if _functorch_level() is not None:
         raise NotImplementedError(f"{name}: torch.func transforms (vmap, grad, jvp, jacrev, ...) are not supported: the "
                                   f"kernels read plain tensors. Call it on the whole batch (q, k, v carry batch and "
                                   f"head dims) and take gradients with torch.autograd (loss.backward(), torch.autograd.grad)")
+    if _forward_ad._current_level >= 0:  # inside torch.autograd.forward_ad.dual_level()
+        refuse_tangents(name, (*tensors, *(kwargs or {}).values()))
+
+
+def refuse_tangents(name: str, tensors) -> None:
+    """Forward-mode AD (``torch.autograd.forward_ad.make_dual``): the kernels have no JVP. A dual tensor
+    needs no gradient, so without this check the call ran on its primal values and returned outputs
+    without a tangent (``unpack_dual(o).tangent`` None, read as zero) without a word; torch's own ops
+    without a forward derivative raise. ``tensors``: the call's tensor arguments (others skipped)."""
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and _forward_ad.unpack_dual(t).tangent is not None:
+            raise NotImplementedError(f"{name}: forward-mode AD (a tangent from torch.autograd.forward_ad.make_dual) "
+                                      f"is not supported: the kernels have no JVP. Take gradients with reverse mode "
+                                      f"(loss.backward(), torch.autograd.grad), or compute the JVP with "
+                                      f"attncc.reference")
 
 
 def refuse_gradients(name: str, tensors, detach: str) -> None:

@@ -83,7 +83,7 @@ def bind_decode(spec: SpecInfo, q, k_cache, v_cache, *, kv_len, block_table=None
                 scale=None, kwargs: Optional[dict] = None) -> DecodeCall:
     """Check the arguments of ``decode(q, k_cache, v_cache, ...)`` against the spec."""
     name = f"{spec.name}.decode"
-    refuse_transforms(name)
+    refuse_transforms(name, q, k_cache, v_cache, kwargs=kwargs)
     q, k_cache, v_cache = autocast_operands(q, k_cache, v_cache)  # under torch.autocast, as attention
     for arg, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(t, torch.Tensor):

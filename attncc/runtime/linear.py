@@ -157,6 +157,7 @@ def check_state(name: str, state, B: int, Hkv: int, F: int, Dv: int, device, wha
         raise TypeError(f"{name}: {what} must be a pair (S, z) of tensors, S [B, Hkv, F, Dv] = [{B}, {Hkv}, {F}, {Dv}] "
                         f"and z [B, Hkv, F] = [{B}, {Hkv}, {F}] (as returned with return_state=True), got {type(state).__name__}")
     s, z = state
+    _call.refuse_transforms(name, *state)  # a tangent on the state (forward-mode AD)
     for label, t, shape in (("S", s, (B, Hkv, F, Dv)), ("z", z, (B, Hkv, F))):
         if tuple(t.shape) != shape:
             raise ValueError(f"{name}: {what} {label} must have shape {list(shape)} ([B, Hkv, F{', Dv' if label == 'S' else ''}] "
