@@ -34,6 +34,12 @@ Found and fixed:
   the reference's tangent has norm 7.2), silently: torch's ops without a forward derivative raise.
   bind / bind_decode / linear.check_state refuse a tangent now (runtime.call.refuse_tangents), at the
   cost of one global read per call outside a dual level.
+- ``torch.autograd.grad(o, q, cotangents, is_grads_batched=True)`` (the backward vmapped over a batch of
+  cotangents, legacy BatchedTensors without storage) failed inside the kernels' launch with torch's
+  "Cannot access data pointer of Tensor that doesn't have storage" (linear attention: "Cannot access
+  storage of BatchedTensorImpl"), naming neither attncc nor the cause: now a NotImplementedError naming
+  the function's backward and what to do (runtime.call.refuse_transformed_backward; also context
+  parallelism's backward).
 """
 from __future__ import annotations
 
@@ -133,3 +139,18 @@ def test_plain_calls_inside_a_dual_level_still_run():
     with fwAD.dual_level():
         fwAD.make_dual(torch.zeros(3), torch.ones(3))
         assert torch.equal(module("causal").attention(q, k, v), want)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.autograd.grad(..., is_grads_batched=True): the backward under vmap
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["causal", "linear_elu"])
+def test_batched_cotangents_are_refused_clearly(name):
+    """is_grads_batched=True runs the backward under vmap: the kernels got BatchedTensors and torch raised
+    "Cannot access data pointer of Tensor that doesn't have storage", naming neither attncc nor the cause."""
+    q, k, v = _qkv([(1, 2, 11, 16)] * 3, grad=True)
+    o = module(name).attention(q, k, v)
+    with pytest.raises(NotImplementedError, match=rf"{name}\.attention's backward: .*is_grads_batched"):
+        torch.autograd.grad(o, q, torch.randn(3, *o.shape), is_grads_batched=True)

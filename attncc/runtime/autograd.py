@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from attncc.runtime.call import Call
+from attncc.runtime.call import Call, refuse_transformed_backward
 
 
 class AttentionFunction(torch.autograd.Function):
@@ -59,8 +59,9 @@ class AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dlse):
-        q, k, v, o, lse, *saved = ctx.saved_tensors
         call = ctx.call
+        refuse_transformed_backward(f"{call.spec.name}.attention's backward", do, dlse)
+        q, k, v, o, lse, *saved = ctx.saved_tensors
         if ctx.has_raw:  # the raw LSE of this very LSE (see forward)
             raw = saved.pop()
             call.for_backward["raw_lse"] = _sealed(lse, raw)

@@ -351,6 +351,20 @@ def refuse_transforms(name: str, *tensors, kwargs: Optional[dict] = None) -> Non
         refuse_tangents(name, (*tensors, *(kwargs or {}).values()))
 
 
+_legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda t: False)
+
+
+def refuse_transformed_backward(name: str, *cotangents) -> None:
+    """A backward run under vmap: ``torch.autograd.grad(..., is_grads_batched=True)`` runs it over the batch
+    of cotangents with torch's legacy vmap, whose batched ``cotangents`` (None skipped) have no storage:
+    the kernels failed with torch's "Cannot access data pointer of Tensor that doesn't have storage",
+    which named neither the call nor the cause. So does one under a torch.func transform."""
+    if _functorch_level() is not None or any(t is not None and _legacy_batched(t) for t in cotangents):
+        raise NotImplementedError(f"{name}: a backward under a torch.func transform (torch.autograd.grad(..., "
+                                  f"is_grads_batched=True) runs it under vmap) is not supported: the kernels read plain "
+                                  f"tensors. Call torch.autograd.grad once per cotangent (retain_graph=True)")
+
+
 def refuse_tangents(name: str, tensors) -> None:
     """Forward-mode AD (``torch.autograd.forward_ad.make_dual``): the kernels have no JVP. A dual tensor
     needs no gradient, so without this check the call ran on its primal values and returned outputs

@@ -197,6 +197,7 @@ class LinearAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, ds=None, dz=None):
+        _call.refuse_transformed_backward(f"{ctx.lc.call.spec.name}.attention's backward", do, ds, dz)
         q, k, v, o, den, *init = ctx.saved_tensors
         call = dataclasses.replace(ctx.lc.call, q=q, k=k, v=v)
         lc = dataclasses.replace(ctx.lc, call=call, s0=init[0] if init else None, z0=init[1] if init else None)
