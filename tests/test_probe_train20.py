@@ -40,6 +40,13 @@ Found and fixed:
   storage of BatchedTensorImpl"), naming neither attncc nor the cause: now a NotImplementedError naming
   the function's backward and what to do (runtime.call.refuse_transformed_backward; also context
   parallelism's backward).
+- Memory under activation checkpointing and offloading: AttentionFunction (ctx.call) and
+  LinearAttentionFunction (ctx.lc) kept the validated call with its q, k, v (and the linear initial
+  state) beside save_for_backward, where saved-tensor hooks never see them: under non-reentrant
+  torch.utils.checkpoint and under offloading hooks a block's q, k, v stayed alive from the forward to
+  the backward (freed around SDPA), so checkpointing an attention block saved none of their memory.
+  ctx keeps the call without them now (and their layouts, so that the signature memo still serves the
+  saved ones); gradients unchanged (tests/test_saved_hooks.py, the checkpoint tests).
 """
 from __future__ import annotations
 
@@ -154,3 +161,50 @@ def test_batched_cotangents_are_refused_clearly(name):
     o = module(name).attention(q, k, v)
     with pytest.raises(NotImplementedError, match=rf"{name}\.attention's backward: .*is_grads_batched"):
         torch.autograd.grad(o, q, torch.randn(3, *o.shape), is_grads_batched=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# activation checkpointing and offloading free q, k, v as they do around SDPA
+# ---------------------------------------------------------------------------------------------
+
+
+def _alive_after_forward(attn, how):
+    """Which of q, k, v (intermediates of a block: projections of x) are still alive once the forward has
+    returned, under non-reentrant torch.utils.checkpoint or saved-tensor hooks that offload (copy)."""
+    import gc
+    import weakref
+
+    x = torch.randn(1, 2, 16, 16, requires_grad=True)
+    refs = {}
+
+    def block(x):
+        q, k, v = x * 1.5, x + 1, x - 1
+        refs.update(q=weakref.ref(q), k=weakref.ref(k), v=weakref.ref(v))
+        return attn(q, k, v)
+
+    if how == "checkpoint":
+        o = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+    else:
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+            o = block(x)
+    gc.collect()
+    alive = sorted(n for n, r in refs.items() if r() is not None)
+    o.sum().backward()  # and the backward still runs
+    assert x.grad is not None and x.grad.isfinite().all()
+    return alive
+
+
+@pytest.mark.parametrize("how", ["checkpoint", "offload"])
+@pytest.mark.parametrize("name", ["t5_bias", "linear_elu", "sdpa"])
+def test_checkpointing_and_offloading_free_q_k_v(name, how):
+    """The autograd Functions kept the validated call (ctx.call, ctx.lc) with its q, k, v: saved-tensor
+    hooks never saw those references, so under non-reentrant checkpointing (which exists to drop a block's
+    activations until the backward recomputes them) and CPU offloading the block's q, k and v stayed
+    alive from the forward to the backward, as they do not around SDPA."""
+    if name == "sdpa":
+        attn = lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+    elif name == "t5_bias":
+        attn = lambda q, k, v: module(name).attention(q, k, v, rel_bias=torch.full((2, 32), 0.1))  # noqa: E731
+    else:
+        attn = module(name).attention
+    assert _alive_after_forward(attn, how) == []

@@ -43,7 +43,12 @@ class AttentionFunction(torch.autograd.Function):
         # cu_seqlens have their version counters kept (a few attribute reads per call; issue 18).
         # Inference tensors (torch.inference_mode) have no version counter and cannot change
         # outside inference mode: nothing to keep.
-        ctx.call = call
+        # ctx keeps the call without q, k, v: they reach the backward through save_for_backward only, so
+        # that saved-tensor hooks manage them (non-reentrant checkpointing drops them until it recomputes
+        # them, offloading moves them); a reference here kept them alive from the forward to the backward.
+        # Their layouts stay, for the backward to know whether the call's signature memo serves the saved ones.
+        ctx.call = call.replace(q=None, k=None, v=None)
+        ctx.layouts = (_layout(call.q), _layout(call.k), _layout(call.v))
         ctx.watched = (watch((call.cu_seqlens_q, call.cu_seqlens_k, *call.inputs.values()))
                        if call.inputs or call.varlen else None)
         # The LSE less the score's row terms, where the forward kept it (keep_raw_lse):
@@ -80,8 +85,11 @@ class AttentionFunction(torch.autograd.Function):
                 given = {n: s for n, s in zip(names, saved) if n in call.given_inputs}
                 read = {n: s.to(call.inputs[n].dtype) if n in given else s for n, s in zip(names, saved)}
                 call = _with_saved(call, inputs={**call.inputs, **read}, given_inputs={**call.given_inputs, **given})
-        if not (q is call.q and k is call.k and v is call.v):
-            call = _with_saved(call, q=q, k=k, v=v)
+        # q, k, v: the saved ones (see forward), with the signature memo where they have the forward's layouts
+        if (_layout(q), _layout(k), _layout(v)) == ctx.layouts:
+            call = call.replace(q=q, k=k, v=v)
+        else:
+            call = call.replace(memo=None, q=q, k=k, v=v)
         if call.input_grads and torch.are_deterministic_algorithms_enabled():
             alert_not_deterministic(f"{call.spec.name}.attention's backward",
                                     f"the gradients of its [inputs] ({', '.join(names)}) are summed over the "
@@ -102,12 +110,12 @@ class AttentionFunction(torch.autograd.Function):
 
 
 def _with_saved(call: Call, **tensors) -> Call:
-    """``call`` with the tensors that saved-tensor hooks gave back instead of its own: the same
-    values, maybe in another layout (a hook that offloads and restores transposed, say). What the
-    call's signature fixed (``call.memo``: operand layouts, bound launches and their strides) holds
-    only where each has the layout of the tensor it replaces; else it is worked out anew."""
-    pairs = [(t, call.inputs[n]) for n, t in tensors["inputs"].items()] if "inputs" in tensors else []
-    pairs += [(t, getattr(call, name)) for name, t in tensors.items() if name not in ("inputs", "given_inputs")]
+    """``call`` with the inputs that saved-tensor hooks gave back instead of its own (``inputs=``,
+    ``given_inputs=``): the same values, maybe in another layout (a hook that offloads and restores
+    transposed, say). What the call's signature fixed (``call.memo``: operand layouts, bound launches
+    and their strides) holds only where each has the layout of the tensor it replaces; else it is
+    worked out anew."""
+    pairs = [(t, call.inputs[n]) for n, t in tensors["inputs"].items()]
     if all(_layout(new) == _layout(old) for new, old in pairs):
         return call.replace(**tensors)
     return call.replace(memo=None, **tensors)

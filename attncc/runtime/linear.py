@@ -188,7 +188,10 @@ class LinearAttentionFunction(torch.autograd.Function):
     def forward(ctx, forward, backward, lc: LinearCall, q, k, v, s0, z0):
         lc = dataclasses.replace(lc, s0=s0, z0=z0)
         o, den, s, z = forward(lc, save_den=True)
-        ctx.lc, ctx.backward_fn = lc, backward
+        # without q, k, v and the state: they reach the backward through save_for_backward only, so that
+        # saved-tensor hooks manage them (checkpointing, offloading; see AttentionFunction.forward)
+        ctx.lc = dataclasses.replace(lc, call=lc.call.replace(q=None, k=None, v=None), s0=None, z0=None)
+        ctx.backward_fn = backward
         ctx.has_init = s0 is not None
         ctx.save_for_backward(q, k, v, o, den, *((s0, z0) if s0 is not None else ()))
         if s is None:
