@@ -208,3 +208,182 @@ def test_checkpointing_and_offloading_free_q_k_v(name, how):
     else:
         attn = module(name).attention
     assert _alive_after_forward(attn, how) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# clean, kept as regressions
+# ---------------------------------------------------------------------------------------------
+
+
+def _ref_grads(name, tensors, kw, cotangents, keep=None, dropout_p=None, q_offset=0):
+    """attncc.reference's float64 gradients of ``sum(out * cotangent)`` over (o, lse), wrt ``tensors``
+    (q, k, v, then the float inputs that require grad; leaves or a shared base) and nothing else."""
+    extra = {} if keep is None else dict(keep_mask=keep, dropout_p=dropout_p)
+    o, lse = attncc.reference(pattern(name), *tensors[:3], return_lse=True, q_offset=q_offset, **kw, **extra)
+    loss = sum((t * c.double()).sum() for t, c in zip((o, torch.where(lse.isfinite(), lse, 0)), cotangents)
+               if c is not None)
+    return loss
+
+
+def _doubles(tensors):
+    return [t.detach().double().requires_grad_(t.requires_grad) for t in tensors]
+
+
+@pytest.mark.parametrize("which", ["q", "k", "v", "o", "o_view", "lse", "table", "base_of_a_frozen_q"])
+def test_changed_in_place_after_the_forward_raises(which):
+    q, k, v = _qkv([(1, 2, 19, 16)] * 3, grad=True)
+    base = q.detach().clone()
+    if which == "base_of_a_frozen_q":
+        q = base[:]
+    t = torch.full((2, 32), 0.1, requires_grad=True)
+    o, lse = module("t5_bias").attention(q, k, v, rel_bias=t, return_lse=True)
+    with torch.no_grad():
+        {"q": q, "k": k, "v": v, "o": o, "o_view": o[0, 0, 3], "lse": lse, "table": t,
+         "base_of_a_frozen_q": base}[which].mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (o.sum() + lse.sum()).backward()
+
+
+def _cotangent(kind, shape, gen):
+    full = torch.randn(*shape, generator=gen)
+    if kind == "transposed":  # BNHD / [B, N, H] memory order
+        return full.transpose(1, 2).contiguous().transpose(1, 2)
+    if kind == "expanded":  # o.sum()'s: stride 0 everywhere
+        return torch.ones(()).expand(shape)
+    if kind == "offset":
+        return torch.randn(full.numel() + 3, generator=gen)[3:].view(shape)
+    if kind == "strided":
+        return torch.randn(*shape[:-1], 2 * shape[-1], generator=gen)[..., ::2]
+    return full.flip(2)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_cotangents_of_any_layout_on_o_the_lse_or_both(seed):
+    gen = torch.Generator().manual_seed(100 + seed)
+    name = ["causal", "t5_bias", "alibi_learned", "softcap", "rope_causal", "mqa"][seed]
+    kind = ["transposed", "expanded", "offset", "strided", "flipped", "expanded"][seed]
+    through = ["o", "lse", "both"][seed % 3]
+    p = pattern(name)
+    Hq, Hkv = (p.heads_q or 2), (p.heads_kv or (1 if name == "mqa" else 2))
+    N = int(torch.randint(5, 40, (1,), generator=gen))
+    q = torch.randn(2, Hq, N, 16, generator=gen, requires_grad=True)
+    k, v = (torch.randn(2, Hkv, N, 16, generator=gen, requires_grad=True) for _ in range(2))
+    kw = {d.name: (0.3 * torch.randn(*[{"b": 2, "h": Hq, "n": N}.get(x, x) for x in d.dims], generator=gen))
+          .requires_grad_() for d in p.inputs}
+    o, lse = module(name).attention(q, k, v, return_lse=True, **kw)
+    do = _cotangent(kind, o.shape, gen) if through != "lse" else None
+    dlse = _cotangent(kind, lse.shape, gen) if through != "o" else None
+    leaves = [q, k, v, *kw.values()]
+    got = torch.autograd.grad([t for t, c in ((o, do), (lse, dlse)) if c is not None], leaves,
+                              [c for c in (do, dlse) if c is not None])
+    ref = _doubles(leaves)
+    want = torch.autograd.grad(_ref_grads(name, ref, dict(zip(kw, ref[3:])), (do, dlse)), ref, allow_unused=True)
+    for g, w in zip(got, want):
+        assert rel_err(g, torch.zeros_like(g) if w is None else w) < 1e-4
+
+
+@pytest.mark.parametrize("name", ["t5_bias", "rope_causal"])
+def test_retain_graph_accumulation_subsets_and_checkpoint_equal_the_plain_call(name):
+    q, k, v = _qkv([(2, 2, 23, 16)] * 3, grad=True)
+    tables = [torch.full((2, 32), 0.1).requires_grad_()] if name == "t5_bias" else []
+    leaves = [q, k, v, *tables]
+
+    def attn(q, k, v, *tables):
+        return module(name).attention(q, k, v, return_lse=True, **dict(zip(["rel_bias"], tables)))
+
+    def loss(run=attn):
+        o, lse = run(q, k, v, *tables)
+        return (o * o).sum() + lse.sum()
+
+    base = torch.autograd.grad(loss(), leaves)
+    graph = loss()
+    graph.backward(retain_graph=True)
+    graph.backward()
+    assert all(torch.equal(t.grad, 2 * b) for t, b in zip(leaves, base))
+    for t in leaves:
+        t.grad = torch.ones_like(t)
+    loss().backward()
+    assert all(torch.equal(t.grad, b + 1) for t, b in zip(leaves, base))
+    for i, t in enumerate(leaves):
+        assert torch.equal(torch.autograd.grad(loss(), t)[0], base[i])
+    for reentrant in (True, False):
+        for t in leaves:
+            t.grad = None
+        loss(lambda *a: torch.utils.checkpoint.checkpoint(attn, *a, use_reentrant=reentrant)).backward()
+        assert all(torch.equal(t.grad, b) for t, b in zip(leaves, base))
+
+
+@pytest.mark.parametrize("alias", ["q_is_k", "k_is_v", "q_k_v_one", "packed_qkv", "overlapping_rows"])
+def test_aliased_operands_sum_their_gradients(alias):
+    gen = torch.Generator().manual_seed(7)
+    B, H, N, D = 2, 2, 17, 16
+
+    def build(b):
+        if alias == "packed_qkv":  # [B, N, 3, H, D], as a fused projection gives
+            x = b[:B * N * 3 * H * D].view(B, N, 3, H, D)
+            return x[:, :, 0].transpose(1, 2), x[:, :, 1].transpose(1, 2), x[:, :, 2].transpose(1, 2)
+        if alias == "overlapping_rows":  # rows 4 elements apart: each element read by up to 4 rows
+            return (b.as_strided((B, H, N, D), (H * N * 4, N * 4, 4, 1), o) for o in (1, 3, 2))
+        x = b[:B * H * N * D].view(B, H, N, D)
+        y = b[B * H * N * D:2 * B * H * N * D].view(B, H, N, D)
+        return {"q_is_k": (x, x, y), "k_is_v": (y, x, x), "q_k_v_one": (x, x, x)}[alias]
+
+    base = torch.randn(3 * B * H * N * D + 64, generator=gen, requires_grad=True)
+    o, lse = module("causal").attention(*build(base), return_lse=True)
+    do, dlse = torch.randn(o.shape, generator=gen), torch.randn(lse.shape, generator=gen)
+    (got,) = torch.autograd.grad([o, lse], base, [do, dlse])
+    ref = base.detach().double().requires_grad_()
+    (want,) = torch.autograd.grad(_ref_grads("causal", list(build(ref)), {}, (do, dlse)), ref)
+    assert rel_err(got, want) < 1e-4
+
+
+def test_dropout_backward_draws_the_forwards_mask_under_checkpoint_and_retain_graph():
+    """A seed drawn from torch's generator (no seed=): checkpointing restores the generator, so the
+    recomputed forward draws the same seed; the gradients equal the reference's with the mask that
+    dropout_keep_mask gives for that seed, and a second backward of the graph equals the first."""
+    m = module("causal_dropout")
+    q, k, v = _qkv([(1, 2, 20, 16)] * 3, grad=True)
+    do = torch.randn(1, 2, 20, 16, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(11)
+    seed = int(torch.randint(0, 2**62, (1,)).item())  # what the call draws
+    keep = m.dropout_keep_mask(q, k, v, seed=seed, dropout_p=0.4)
+    ref = _doubles([q, k, v])
+    want = torch.autograd.grad(_ref_grads("causal_dropout", ref, {}, (do, None), keep=keep, dropout_p=0.4), ref)
+    for reentrant in (True, False):
+        torch.manual_seed(11)
+        o = torch.utils.checkpoint.checkpoint(lambda *a: m.attention(*a, dropout_p=0.4), q, k, v,
+                                              use_reentrant=reentrant)
+        torch.randn(100)  # the generator moves on before the backward
+        for t in (q, k, v):
+            t.grad = None
+        o.backward(do, retain_graph=not reentrant)
+        assert all(rel_err(t.grad, w) < 1e-4 for t, w in zip((q, k, v), want))
+        if not reentrant:
+            again = torch.autograd.grad(o, (q, k, v), do)
+            assert all(torch.equal(a, t.grad) for a, t in zip(again, (q, k, v)))
+    torch.manual_seed(11)
+    first = m.attention(q, k, v)
+    assert not torch.equal(first, m.attention(q, k, v))  # a new seed per call, as documented
+
+
+def test_compiled_in_process_module_trains_like_the_shipped_ones():
+    """attncc.compile's module (the same runtime): an in-place change of its learned table raises, a
+    gradient penalty on the table's gradient raises, the table's gradient matches the reference."""
+    spec = ('[inputs]\nslope = { dims = ["h"], dtype = "float32", grad = true }\n'
+            '[mask]\nwhere = "j <= i"\n[score]\nbias = "-slope[h] * (i - j)"\n')
+    m = attncc.compile(spec)
+    q, k, v = _qkv([(1, 2, 15, 16)] * 3)
+    slope = torch.tensor([0.1, 0.3], requires_grad=True)
+    o = m.attention(q, k, v, slope=slope)
+    (got,) = torch.autograd.grad(o.sum(), slope, retain_graph=True)
+    ref = slope.detach().double().requires_grad_()
+    (want,) = torch.autograd.grad(attncc.reference(attncc.parse_spec(spec), *_doubles([q, k, v]), slope=ref).sum(), ref)
+    assert rel_err(got, want) < 1e-4
+    (d,) = torch.autograd.grad(o.sum(), slope, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        (o.sum() + d.pow(2).sum()).backward()
+    o = m.attention(q, k, v, slope=slope)
+    with torch.no_grad():
+        slope.add_(0.1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        o.sum().backward()
