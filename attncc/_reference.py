@@ -398,10 +398,19 @@ def _linear(pattern: Pattern, q, k, v, q_pos, k_pos, period):
     phi_q, phi_k = feature_map(q, fmap, q_pos, period), feature_map(k, fmap, k_pos, period)
     # phi(q_i).S_i = sum_j (phi(q_i).phi(k_j)) v_j and phi(q_i).z_i = sum_j phi(q_i).phi(k_j):
     # the quadratic form of the same sums, masked to j <= i when causal.
-    a = phi_q @ phi_k.transpose(-1, -2)  # [B, H, Nq, Nk]
-    if fmap.causal:
-        a = a * (k_pos[None, :] <= q_pos[:, None]).to(a.dtype)
-    o = a @ v
+    if fmap.causal and not all(bool(torch.isfinite(t).all()) for t in (phi_q, phi_k, v)):
+        # A non-finite feature or value reaches only the rows that sum over it (j <= i), in the
+        # forward and in autograd's backward: each pair's factors are masked before they meet (a
+        # masked product NaN * 0 is NaN), as the softmax path does. Row i then depends on keys
+        # j <= i only, as the kernels and two calls carrying the state compute it.
+        pair = (k_pos[None, :] <= q_pos[:, None])[..., None]
+        a = (torch.where(pair, phi_q[:, :, :, None, :], 0.0) * torch.where(pair, phi_k[:, :, None, :, :], 0.0)).sum(-1)
+        o = (torch.where(pair, a[..., None], 0.0) * torch.where(pair, v[:, :, None, :, :], 0.0)).sum(-2)
+    else:
+        a = phi_q @ phi_k.transpose(-1, -2)  # [B, H, Nq, Nk]
+        if fmap.causal:
+            a = a * (k_pos[None, :] <= q_pos[:, None]).to(a.dtype)
+        o = a @ v
     if fmap.normalize:
         o = o / (a.sum(-1, keepdim=True) + LINEAR_DENOMINATOR_EPS)
     return o
