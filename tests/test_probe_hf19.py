@@ -40,6 +40,8 @@ transformers = pytest.importorskip("transformers")
 from transformers import AutoModel, AutoModelForCausalLM  # noqa: E402
 
 from attncc.integrations import transformers as attncc_hf  # noqa: E402
+from hf_cases import encoder_step, grads_rel, rel, training_step  # noqa: E402
+from hf_cases import padded as _padded  # noqa: E402
 
 COMMON = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, head_dim=16, vocab_size=100, max_position_embeddings=64, pad_token_id=0,
@@ -65,28 +67,8 @@ def models(config_class, reference="sdpa", impl="attncc_p19", **overrides):
     return ref, ours
 
 
-def rel(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
-def grads_rel(ref, ours):
-    """The largest difference of a parameter's gradient, relative to its largest entry (at least 1e-4 of
-    the model's largest: a key projection's bias has gradient 0, up to rounding)."""
-    pairs = [(p.grad, q.grad) for p, q in zip(ref.parameters(), ours.parameters()) if p.grad is not None]
-    floor = 1e-4 * max(g.abs().max().item() for g, _ in pairs)
-    return max(((g - h).abs().max() / max(g.abs().max().item(), floor)).item() for g, h in pairs)
-
-
 def padded(padding, seq=12, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(2, 99, (2, seq), generator=gen)
-    mask = torch.ones(2, seq, dtype=torch.long)
-    if padding == "left":
-        mask[1, :4] = 0
-    elif padding == "right":
-        mask[1, -3:] = 0
-    ids[mask == 0] = 0
-    return ids, mask
+    return _padded(padding, seq, seed, right_pads=3)
 
 
 # -- packed sequences ------------------------------------------------------------------------------
@@ -179,16 +161,8 @@ def test_families_logits_gradients_and_generation(family, padding):
 
 def same_training_step_and_generation(ref, ours, padding="left", cache_implementation=None):
     """Logits and gradients of a padded batch's loss, then greedy generations, equal the reference's."""
-    ids, mask = padded(padding)
-    real = mask.bool()
-    labels = torch.where(real & torch.roll(real, 1, 1), ids, -100)
-    logits = []
-    for model in (ref, ours):
-        out = model(ids, attention_mask=mask, labels=labels)
-        out.loss.backward()
-        logits.append(out.logits.detach()[real])
-    assert rel(logits[1], logits[0]) < 2e-5
-    assert grads_rel(ref, ours) < 1e-4
+    logits_rel, grad_rel = training_step(ref, ours, *padded(padding))
+    assert logits_rel < 2e-5 and grad_rel < 1e-4
     ids, mask = padded("left", seq=10, seed=2)
     args = dict(attention_mask=mask, max_new_tokens=3, do_sample=False)
     if cache_implementation is not None:
@@ -204,16 +178,8 @@ def test_bert_bidirectional_with_right_padding():
     ref = AutoModel.from_config(copy.deepcopy(config), attn_implementation="eager")
     ours = AutoModel.from_config(copy.deepcopy(config), attn_implementation="attncc_p19")
     ours.load_state_dict(ref.state_dict())
-    ids, mask = padded("right")
-    real = mask.bool()
-    outs = []
-    weights = torch.randn(int(real.sum()), 64, generator=torch.Generator().manual_seed(4))
-    for model in (ref, ours):  # (a sum of squares after a LayerNorm is constant: no gradient to compare)
-        h = model(ids, attention_mask=mask).last_hidden_state[real]
-        (h * weights).sum().backward()
-        outs.append(h.detach())
-    assert rel(outs[1], outs[0]) < 1e-5
-    assert grads_rel(ref, ours) < 1e-4
+    states_rel, grad_rel = encoder_step(ref, ours, *padded("right"))
+    assert states_rel < 1e-5 and grad_rel < 1e-4
 
 
 def test_gpt_oss_attention_sinks():

@@ -53,6 +53,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM 
 from transformers import masking_utils as mu  # noqa: E402
 
 from attncc.integrations import transformers as attncc_hf  # noqa: E402
+from hf_cases import encoder_step, grads_rel, padded, rel, training_step  # noqa: E402
 
 COMMON = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, head_dim=16, vocab_size=100, max_position_embeddings=64, pad_token_id=0,
@@ -78,30 +79,6 @@ def models(config_class, reference="sdpa", impl=IMPL, auto=AutoModelForCausalLM,
     ours = auto.from_config(copy.deepcopy(config), attn_implementation=impl)
     ours.load_state_dict(ref.state_dict())
     return ref.eval(), ours.eval()
-
-
-def rel(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
-def grads_rel(ref, ours):
-    """The largest difference of a parameter's gradient relative to its largest entry (a floor of 1e-4 of
-    the model's largest: a key projection's bias has gradient 0 up to rounding)."""
-    pairs = [(p.grad, q.grad) for p, q in zip(ref.parameters(), ours.parameters()) if p.grad is not None]
-    floor = 1e-4 * max(g.abs().max().item() for g, _ in pairs)
-    return max(((g - h).abs().max() / max(g.abs().max().item(), floor)).item() for g, h in pairs)
-
-
-def padded(padding, seq=12, seed=1, batch=2, pads=4):
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(2, 99, (batch, seq), generator=gen)
-    mask = torch.ones(batch, seq, dtype=torch.long)
-    if padding == "left":
-        mask[1, :pads] = 0
-    elif padding == "right":
-        mask[1, -pads:] = 0
-    ids[mask == 0] = 0
-    return ids, mask
 
 
 def same_generation(ref, ours, ids, **args):
@@ -204,14 +181,8 @@ def test_gqa_five_to_one_head_dim_20():
     ref, ours = models(transformers.LlamaConfig, hidden_size=60, num_attention_heads=5, num_key_value_heads=1,
                        head_dim=20)
     ids, mask = padded("left", seq=20, pads=6)
-    real = mask.bool()
-    labels = torch.where(real & torch.roll(real, 1, 1), ids, -100)
-    logits = []
-    for model in (ref, ours):
-        out = model(ids, attention_mask=mask, labels=labels)
-        out.loss.backward()
-        logits.append(out.logits.detach()[real])
-    assert rel(logits[1], logits[0]) < 2e-6 and grads_rel(ref, ours) < 1e-5
+    logits_rel, grad_rel = training_step(ref, ours, ids, mask)
+    assert logits_rel < 2e-6 and grad_rel < 1e-5
     same_generation(ref, ours, ids, attention_mask=mask, max_new_tokens=3, cache_implementation="static")
 
 
@@ -223,15 +194,8 @@ def test_modernbert_bidirectional_sliding_window_with_padding():
                                            global_attn_every_n_layers=2, pad_token_id=0, bos_token_id=1,
                                            eos_token_id=2, cls_token_id=1, sep_token_id=2, initializer_range=0.2)
     ref, ours = models(lambda **_: config, auto=AutoModel)
-    ids, mask = padded("left", seq=20)
-    real = mask.bool()
-    weights = torch.randn(int(real.sum()), 64, generator=torch.Generator().manual_seed(4))
-    outs = []
-    for model in (ref, ours):
-        h = model(ids, attention_mask=mask).last_hidden_state[real]
-        (h * weights).sum().backward()
-        outs.append(h.detach())
-    assert rel(outs[1], outs[0]) < 2e-6 and grads_rel(ref, ours) < 1e-5
+    states_rel, grad_rel = encoder_step(ref, ours, *padded("left", seq=20))
+    assert states_rel < 2e-6 and grad_rel < 1e-5
 
 
 def test_bart_cross_attention_with_encoder_padding_and_beams():
