@@ -140,6 +140,27 @@ def test_a_specs_explicit_scale_other_than_the_models_is_refused():
         assert rel(ours(ids).logits, ref(ids).logits) < 2e-6
 
 
+WINDOW_SPEC = """name = "windowed"
+head_dim = 16
+[params]
+sliding_window = 1000000
+[mask]
+where = "j <= i and i - j < sliding_window"
+"""
+
+
+def test_a_specs_param_named_sliding_window_takes_the_models_window():
+    """transformers passes the layer's window as the attention function's named argument sliding_window,
+    not among its keyword arguments: a spec's param of that name kept its default (1000000, plain causal)
+    under Mistral's window of 4, logits off silently. Now it takes the layer's window, as a param named
+    like a model keyword does."""
+    attncc_hf.register("p20_window", spec=WINDOW_SPEC)
+    ref, ours = models(transformers.MistralConfig, impl="p20_window", sliding_window=4)
+    ids, _ = padded(None, seq=12)
+    with torch.no_grad():
+        assert rel(ours(ids).logits, ref(ids).logits) < 2e-6
+
+
 # -- generation with every cache kind: clean regressions ---------------------------------------------------
 
 @pytest.mark.parametrize("cache", ["static", None])

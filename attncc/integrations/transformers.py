@@ -297,7 +297,10 @@ class _Implementation:
         packed = _packed(who, mask, kwargs, B, Nq, Nk)
         dropout = float(dropout or 0.0)
         if self.module is not None:
-            run, kw, translation_invariant = self._user_call(who, mask, B, Nk, dropout, softcap, kwargs, query.device)
+            # the layer's window and softcap come as named arguments: a spec's params of those names take them
+            layer = {n: x for n, x in (("sliding_window", sliding_window), ("softcap", softcap)) if x is not None}
+            run, kw, translation_invariant = self._user_call(who, mask, B, Nk, dropout, softcap, {**layer, **kwargs},
+                                                             query.device)
             _user_scale(who, self.module.SPEC, scaling, query.shape[-1], kw)
         else:
             run = self._builtin_module(mask.kind, mask.key_ok is not None, softcap, dropout, query, value)
