@@ -165,7 +165,7 @@ def _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, kb, offs_i, Nk, k_offset,
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE,
+def _fwd_kernel(Q, K, V, O, LSE, LSE_RAW,
                 stride_qb, stride_qh, stride_qm,
                 stride_kb, stride_kh, stride_kn,
                 stride_vb, stride_vh, stride_vn,
@@ -174,7 +174,8 @@ def _fwd_kernel(Q, K, V, O, LSE,
                 CU_Q, CU_K, TOTAL_Q,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                 VALUE_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                RETURN_LSE: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, VARLEN: tl.constexpr, WIDE: tl.constexpr):
+                RETURN_LSE: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, VARLEN: tl.constexpr, WIDE: tl.constexpr,
+                STORE_RAW: tl.constexpr):
     if WIDE:  # positions may pass 2**31 - 1 (the host decides from the call's numbers): int64 from here
         # + 0: new int64 values, not the arguments (the interpreter's data of an int in [2**31, 2**32): kernel.j2)
         q_offset = tl.cast(q_offset, tl.int64) + 0
@@ -243,8 +244,12 @@ def _fwd_kernel(Q, K, V, O, LSE,
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     _store_rows(O_base, offs_m, qb * BLOCK_M, Nq, stride_om, o.to(O.dtype.element_ty), VALUE_DIM, VALUE_DIM_PAD)
     if RETURN_LSE:
-        # log2 -> natural log; -inf where l_i = 0 (no log2(0) evaluated: the CPU interpreter warns on it)
-        lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i))) * 0.6931471805599453)
+        # in log2 units; -inf where l_i = 0 (no log2(0) evaluated: the CPU interpreter warns on it)
+        lse2 = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
+        lse = lse2 * 0.6931471805599453  # log2 -> natural log
+        if STORE_RAW:  # the backward's LSE, in log2 units as the key loop has it (the natural LSE taken back
+            # to log2 units rounds twice more: an ulp off in 14 % of rows, 8 to 32 at scores of 1e8)
+            tl.store(LSE_RAW + lse_row + offs_m, lse2, mask=offs_m < Nq)
         tl.store(LSE + lse_row + offs_m, lse, mask=offs_m < Nq)
 
 
@@ -266,16 +271,16 @@ def _fwd_launch(call, cfg, q, k, v, o, lse):
                    DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", WARP_SPECIALIZE=cfg.warp_specialize,
                    VARLEN=call.varlen, WIDE=call.wide, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
-    def launch(Q, K, V, O, LSE, CU_Q, CU_K, RETURN_LSE):
+    def launch(Q, K, V, O, LSE, LSE_RAW, CU_Q, CU_K, RETURN_LSE, STORE_RAW):
         _fwd_kernel[grid](
-            Q, K, V, O, LSE,
+            Q, K, V, O, LSE, LSE_RAW,
             stride_qb, stride_qh, stride_qm,
             stride_kb, stride_kh, stride_kn,
             stride_vb, stride_vh, stride_vn,
             stride_ob, stride_oh, stride_om,
             Nq, Nk, H, GROUP, q_offset, k_offset, qk_scale,
             CU_Q, CU_K, TOTAL_Q,
-            RETURN_LSE=RETURN_LSE,
+            RETURN_LSE=RETURN_LSE, STORE_RAW=STORE_RAW,
             **options,
         )
     return launch
@@ -293,9 +298,12 @@ def _forward(call):
     else:
         o = torch.empty(call.B, call.Hq, call.Nq, v.shape[-1], dtype=call.q.dtype, device=q.device)
         lse = torch.empty(call.B, call.Hq, call.Nq, dtype=torch.float32, device=q.device)
+    lse_raw = _rt.keep_raw_lse(call, lse)  # the backward's LSE: log2 units (None: no backward)
     _rt.launch(call, cfg, lambda cfg: _rt.bound_launch(call, _fwd_launch, cfg, q, k, v, o, lse)(
-        q, k, v, o, lse, call.cu_seqlens_q, call.cu_seqlens_k, call.return_lse,
+        q, k, v, o, lse, lse if lse_raw is None else lse_raw, call.cu_seqlens_q, call.cu_seqlens_k, call.return_lse,
+        lse_raw is not None,
     ))
+    _rt.seal_raw_lse(call)
     if v.shape[-1] != call.Dv:  # v's head dim padded (tma_ready): o as SDPA returns it, contiguous (a view of
         o = o[..., :call.Dv].contiguous()  # the padded rows refused o.view(B * Hq, Nq, Dv), which SDPA's takes)
     return o, lse
@@ -310,16 +318,19 @@ def _forward(call):
 
 @triton.jit
 def _row_stats(o, do, lse, dlse,
-               HAS_DLSE: tl.constexpr):
+               HAS_DLSE: tl.constexpr, RAW_LSE: tl.constexpr):
     """The backward's row values of a query block: delta = rowsum(dO * O) - dLSE (fp32; HAS_DLSE: the
     LSE has a gradient) and lse2, the forward's LSE in log2 units (+inf on rows without an allowed
-    key)."""
+    key): RAW_LSE, the one the forward kept for this backward, in log2 units, taken as it is; else the natural LSE given."""
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     if HAS_DLSE:
         # dLSE_i / ds_ij = p_ij adds dLSE_i * p_ij to dS_ij = p_ij * (dP_ij - delta_i): one term of delta.
         # A row without an allowed key has no score to pass it to (its gradients stay 0).
         delta = delta - tl.where(lse == float("-inf"), 0.0, dlse)
-    lse2 = lse * 1.4426950408889634
+    if RAW_LSE:
+        lse2 = lse
+    else:  # an LSE its forward did not keep (merged, traced, the Gluon forward's): natural units
+        lse2 = lse * 1.4426950408889634
     return delta, tl.where(lse == float("-inf"), float("inf"), lse2)
 
 
@@ -474,7 +485,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, O, LSE, DLSE, LSE2, DELTA,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VALUE_DIM: tl.constexpr,
                    VALUE_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr, WIDE: tl.constexpr, O_DIM: tl.constexpr,
-                   HAS_DLSE: tl.constexpr):
+                   HAS_DLSE: tl.constexpr, RAW_LSE: tl.constexpr):
     """dQ of one query block (and the gradients of the learned inputs it reads), after the block's
     delta and lse2, which it writes for _bwd_dkdv_kernel (launched after it)."""
     if WIDE:  # positions past 2**31 - 1: see _fwd_kernel
@@ -531,7 +542,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, O, LSE, DLSE, LSE2, DELTA,
         dlse = tl.load(DLSE + lse_row + offs_m, mask=rows, other=0.0)
     else:
         dlse = 0.0
-    delta, lse2 = _row_stats(o, do, lse, dlse, HAS_DLSE)
+    delta, lse2 = _row_stats(o, do, lse, dlse, HAS_DLSE, RAW_LSE)
     tl.store(DELTA + lse_row + offs_m, delta, mask=rows)
     tl.store(LSE2 + lse_row + offs_m, lse2, mask=rows)
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
@@ -610,7 +621,7 @@ def _dq_launch(call, cfg, q, k, v, dq, lse, do, o):
                    DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", VARLEN=call.varlen, WIDE=call.wide,
                    O_DIM=call.Dv, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
-    def launch(Q, K, V, DO, DQ, O, LSE, DLSE, LSE2, DELTA, CU_Q, CU_K, HAS_DLSE):
+    def launch(Q, K, V, DO, DQ, O, LSE, DLSE, LSE2, DELTA, CU_Q, CU_K, HAS_DLSE, RAW_LSE):
         _bwd_dq_kernel[grid](
             Q, K, V, DO, DQ, O, LSE, DLSE, LSE2, DELTA,
             stride_qb, stride_qh, stride_qm,
@@ -621,7 +632,7 @@ def _dq_launch(call, cfg, q, k, v, dq, lse, do, o):
             stride_ob, stride_oh, stride_om, stride_od,
             Nq, Nk, H, GROUP, q_offset, k_offset, qk_scale, sm_scale,
             CU_Q, CU_K, TOTAL_Q,
-            HAS_DLSE=HAS_DLSE,
+            HAS_DLSE=HAS_DLSE, RAW_LSE=RAW_LSE,
             **options,
         )
     return launch
@@ -642,6 +653,10 @@ def _backward(call, o, lse, do, dlse=None):
     lse2 = torch.empty_like(delta)
     if dlse is not None:  # read at the LSE's offsets
         dlse = dlse.to(torch.float32).contiguous()
+    # the forward's LSE in log2 units, where it kept it for this backward
+    raw = _rt.raw_lse(call, lse)
+    if raw is not None:
+        raw = raw.contiguous()
     lse = lse.contiguous()  # read dense, like dlse (saved-tensor hooks may give it back in another layout)
     do = _rt.grad_operand(do, v)
     dq = alloc(*q.shape, dtype=q.dtype, device=q.device)
@@ -649,8 +664,8 @@ def _backward(call, o, lse, do, dlse=None):
     dv = alloc(*v.shape, dtype=v.dtype, device=q.device)
     # dQ first: it writes the delta and lse2 that dK/dV reads
     _rt.launch(call, cfg_q, lambda cfg: _rt.bound_launch(call, _dq_launch, cfg, q, k, v, dq, lse, layout=(do, o))(
-        q, k, v, do, dq, o, lse, lse if dlse is None else dlse, lse2, delta, call.cu_seqlens_q, call.cu_seqlens_k,
-        dlse is not None,
+        q, k, v, do, dq, o, lse if raw is None else raw, lse if dlse is None else dlse, lse2, delta, call.cu_seqlens_q,
+        call.cu_seqlens_k, dlse is not None, raw is not None,
     ), kernel="dq")
     _rt.launch(call, cfg_kv, lambda cfg: _rt.bound_launch(call, _dkdv_launch, cfg, q, k, v, dk, dv, lse, layout=(do,))(
         q, k, v, do, dk, dv, lse2, delta, call.cu_seqlens_q, call.cu_seqlens_k,
