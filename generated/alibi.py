@@ -102,8 +102,8 @@ SPEC = _rt.SpecInfo(
 def _alibi_slope(h, n_heads):
     """ALiBi's slope of head h: 2^(-8(h+1)/P) for the first P (the largest power of two
     <= n_heads) heads, then the odd steps of the 2P-head sequence."""
-    p = tl.exp2(tl.floor(tl.log2(n_heads.to(tl.float32))))
-    hf = h.to(tl.float32)
+    p = tl.exp2(tl.floor(tl.log2(tl.cast(n_heads, tl.float32))))  # cast: n_heads = 1 comes as a constexpr
+    hf = tl.cast(h, tl.float32)
     return tl.where(hf < p, tl.exp2(-8.0 * (hf + 1.0) / p), tl.exp2(-4.0 * (2.0 * (hf - p) + 1.0) / p))
 
 

@@ -51,8 +51,8 @@ def backward_exact(call):
 def _alibi_slope(h, n_heads):
     """ALiBi's slope of head h: 2^(-8(h+1)/P) for the first P (the largest power of two
     <= n_heads) heads, then the odd steps of the 2P-head sequence."""
-    p = gl.exp2(gl.floor(gl.log2(n_heads.to(gl.float32))))
-    hf = h.to(gl.float32)
+    p = gl.exp2(gl.floor(gl.log2(gl.cast(n_heads, gl.float32))))  # cast: n_heads = 1 comes as a constexpr
+    hf = gl.cast(h, gl.float32)
     return gl.where(hf < p, gl.exp2(-8.0 * (hf + 1.0) / p), gl.exp2(-4.0 * (2.0 * (hf - p) + 1.0) / p))
 
 
