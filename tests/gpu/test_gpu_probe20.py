@@ -180,8 +180,9 @@ def run_and_check(mod, p, q, k, v, *, B, return_lse=True, grad=True, dlse=True, 
     for label, x, w, t in zip("qkv", got, want, (q, k, v)):
         assert x.dtype == t.dtype and x.shape == t.shape, label
         assert not torch.isnan(x).any(), f"d{label} has NaN"
-        if float(w.norm()) == 0:
-            assert torch.all(x == 0), f"d{label} of a call without pairs"
+        if float(w.norm()) == 0:  # no pairs, or a gradient 0 in exact arithmetic only (dq of a row with one
+            # key: dS = P (dP - delta) = 0 up to rounding, 1e-7 on an H100 at fp16): zero to rounding
+            assert float(x.float().abs().max()) < 1e-4, (f"d{label} should be 0", float(x.float().abs().max()))
         else:
             assert rel(x, w) < GRAD_TOL, (f"d{label}", rel(x, w))
     assert torch.all(got[0][~seen] == 0), "dq of rows without keys"
