@@ -109,7 +109,8 @@ def _check_inputs(pattern: Pattern, inputs: Mapping[str, Any], batch: int, heads
         if not semantics.input_dtype_accepted(t.dtype, want):
             also = "another float type" if want_float else "an integer type, read as != 0" if want == torch.bool \
                 else "another integer type"
-            raise TypeError(f"input '{decl.name}' must be {decl.dtype} (or {also}), got {str(t.dtype).replace('torch.', '')}")
+            raise TypeError(f"input '{decl.name}' must be {decl.dtype} (or {also}), got {str(t.dtype).replace('torch.', '')}"
+                            f"{semantics.input_dtype_hint(t.dtype)}")
         if t.dtype != want and want_float:
             # the values the kernels read (rounded to the declared type), in a dtype that holds the
             # given and the declared values exactly, with the gradient of the given tensor: a float64

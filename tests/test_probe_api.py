@@ -247,7 +247,7 @@ def test_int_inputs_of_the_other_signedness_keep_their_values(signed, declared, 
 def test_int_inputs_no_signed_type_holds_are_refused(signed):
     x = torch.zeros(1, 8, dtype=torch.uint64)
     q, k, v = (torch.randn(1, 1, 8, 16) for _ in range(3))
-    with pytest.raises(TypeError, match="input x is uint64, whose values no signed integer type holds"):
+    with pytest.raises(TypeError, match="input x must be int32, got uint64, whose values no signed integer type holds"):
         signed["signed_int32"][1].attention(q, k, v, x=x)
 
 

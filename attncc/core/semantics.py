@@ -115,7 +115,16 @@ def input_dtype_accepted(given, declared) -> bool:
         return True
     if given.is_complex or given.is_floating_point != declared.is_floating_point:
         return False
-    return str(given) != "torch.bool"
+    # uint64: values past 2**63, which no signed type holds, and the kernels' and the reference's
+    # arithmetic on an input's values is int64 (:func:`input_dtype_hint` says so)
+    return str(given) not in ("torch.bool", "torch.uint64")
+
+
+def input_dtype_hint(given) -> str:
+    """What to add to the refusal of an input of dtype ``given`` (:func:`input_dtype_accepted`)."""
+    if str(given) == "torch.uint64":
+        return ", whose values no signed integer type holds (the values of integer inputs are computed on in int64): pass it as int64"
+    return ""
 
 
 def int_argument(what: str, value, minimum: int = 0, maximum: int = INT_LIMIT - 1) -> int:

@@ -17,7 +17,7 @@ import torch
 import torch.autograd.forward_ad as _forward_ad
 
 from attncc.core.semantics import (FLOAT32_MAX, FLOAT32_TINY, INT_LIMIT, MAX_HEAD_DIM, dropout_probability,
-                                   input_dtype_accepted, int_argument, param_value, plain_number,
+                                   input_dtype_accepted, input_dtype_hint, int_argument, param_value, plain_number,
                                    positions_to_cover)
 from attncc.runtime.intervals import INT32_MAX, POSITION_PAD, CallNumbers, cached_reach
 from attncc.runtime.spec_info import SpecInfo
@@ -723,12 +723,18 @@ def input_as_read(who: str, name: str, declared: str, t: torch.Tensor) -> torch.
     if t.dtype == want_dtype:
         return t
     if not input_dtype_accepted(t.dtype, want_dtype):
-        raise TypeError(f"{who}: input {name} must be {declared}, got {dtype_name(t.dtype)}")
+        raise TypeError(f"{who}: input {name} must be {declared}, got {dtype_name(t.dtype)}{input_dtype_hint(t.dtype)}")
     if t.dtype.is_floating_point or want_dtype == torch.bool:
         return t.to(want_dtype)  # floats to the declared type; ints to bool: != 0
-    if not _holds(t.dtype, want_dtype):
+    if not _holds(t.dtype, want_dtype) or t.dtype in _FEW_OPS:
         return t.to(_holding(who, name, t.dtype, want_dtype))
     return t
+
+
+# torch's unsigned types past uint8 have few operations (no aminmax, which classifies tiles from an
+# input's values: a uint16 table in a uint8 input raised NotImplementedError): read at a signed type
+# that holds them (uint64 is refused by input_dtype_accepted)
+_FEW_OPS = tuple(getattr(torch, n) for n in ("uint16", "uint32") if hasattr(torch, n))
 
 
 def _holds(have: torch.dtype, want: torch.dtype) -> bool:
