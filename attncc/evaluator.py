@@ -494,14 +494,16 @@ class Evaluator:
         for k, x in enumerate(idx):
             ok = (x >= 0) & (x < t.shape[k])
             inside = ok if inside is None else inside & ok
+        # (the entries read are cast, not the whole tensor: an expanded table of 2**40 entries is
+        # read in place by the kernels, and its float64 copy would not fit in memory)
         if inside is None or bool(inside.all()):
-            return self.gradient_here(ar.cast(t, kind)[tuple(idx)])
+            return self.gradient_here(ar.cast(t[tuple(idx)], kind))
         shape = tuple(inside.shape)
         if not bool(inside.any()):
             return ar.zeros(shape, kind)
         zero = ar.const(0, INT)
         idx = [ar.where(inside, x, zero) for x in idx]  # 0 is in range in every dim (some pair reads inside)
-        value = self.gradient_here(ar.cast(t, kind)[tuple(idx)])
+        value = self.gradient_here(ar.cast(t[tuple(idx)], kind))
         return ar.where(inside, value, ar.zeros(shape, kind))
 
     def gradient_here(self, x):

@@ -81,3 +81,39 @@ def test_uint64_input_refused_by_kernels_and_reference(declared):
         m.attention(q, k, v, **kw)
     with pytest.raises(TypeError, match="uint64.*int64"):
         attncc.reference(p, q.double(), k.double(), v.double(), **kw)
+
+
+# --------------------------------------------------------------------------------------------
+# expanded tables the kernels read in place: attncc.reference read them whole
+# --------------------------------------------------------------------------------------------
+
+HUGE = """
+name = "probe_in20_huge"
+[inputs]
+x = { dims = ["b", "n"], dtype = "float32", grad = true }
+w = { dims = ["n"], dtype = "int16" }
+[mask]
+where = "w[j] != 3 or j == i"
+[score]
+bias = "x[b, i] * (j - i) * 0.1 + x[b, j]"
+"""
+
+
+def test_reference_reads_an_expanded_table_in_place():
+    """A per-position table expanded (stride 0) to 2**40 positions: the kernels read it in place,
+    attncc.reference cast the whole tensor to float64 / int64 before indexing it (8 TiB: a
+    RuntimeError from the allocator). It casts the entries it reads now."""
+    m, p = attncc.compile(HUGE), attncc.parse_spec(HUGE)
+    g = torch.Generator().manual_seed(0)
+    B, H, N, D = 2, 2, 11, 8
+    q, k, v = (torch.randn(B, H, N, D, generator=g) for _ in range(3))
+    xs = torch.randn(B, 1, generator=g)
+    ws = torch.tensor([3], dtype=torch.int16)
+    huge = dict(x=xs.expand(B, 2**40), w=ws.expand(2**40))
+    small = dict(x=xs.double().expand(B, N), w=ws.expand(N))
+    want = attncc.reference(p, q.double(), k.double(), v.double(), **small)
+    got = attncc.reference(p, q.double(), k.double(), v.double(), **huge)
+    assert torch.allclose(got, want, atol=1e-6)
+    o = m.attention(q, k, v, **huge)
+    assert float((o.double() - want).norm() / want.norm()) < 1e-5
+    # (a backward needs the gradient of every entry of the view, as for any torch op: not at 2**40)
