@@ -616,8 +616,10 @@ def run(sc: SpecCase, seed: int, verbose=False):
                 problems.append(f"d{label}: {x.dtype}{tuple(x.shape)} vs leaf {leaf.dtype}{tuple(leaf.shape)}")
                 continue
             gt = tol[1] * (5 if label not in "qkv" and (half or leaf.dtype in (torch.float16, torch.bfloat16)) else 1)
-            if leaf.dtype in (torch.float16, torch.bfloat16) and c.hows.get(label) == "expand":
+            if leaf.dtype in (torch.float16, torch.bfloat16) and c.hows.get(label) in ("expand", "overlap"):
                 gt = 4e-2  # each entry of the view's gradient rounded to the leaf's 16 bits before the sum
+            if label == "hb" and c.qdt != torch.float32:
+                continue  # a table times a distance in a 16-bit call: docs/spec-language.md §1 (train in float32)
             cmp(f"d{label}/{who}", x, r, gt)
     # the reference against the oracle (both float64): tight
     if VERBOSE:
