@@ -1,0 +1,315 @@
+"""Probe port 20: docs/spec-language.md §7 (Examples, "A few more") and §8 (Porting from
+FlexAttention), read as a FlexAttention user porting their code.
+
+DOCSTRING_PLACEHOLDER
+"""
+from __future__ import annotations
+
+import math
+import random
+import re
+import tomllib
+
+import pytest
+import torch
+
+import attncc
+from cases import ROOT
+
+NEG = float("-inf")
+DOC = (ROOT / "docs" / "spec-language.md").read_text()
+SEC7 = DOC[DOC.index("## 7. Examples"):DOC.index("### A few more, written from scratch")]
+MORE = DOC[DOC.index("### A few more, written from scratch"):DOC.index("## 8. Porting from FlexAttention")]
+SEC8 = DOC[DOC.index("## 8. Porting from FlexAttention"):]
+EXAMPLES = dict(re.findall(r"\*\*(\w+)\.toml\*\*.*?```toml\n(.*?)```", SEC7, re.S))
+MORE_BLOCKS = re.findall(r"```toml\n(.*?)```", MORE, re.S)
+SEC8_BLOCKS = re.findall(r"```toml\n(.*?)```", SEC8, re.S)
+
+
+def spec_text(snippet: str, D: int) -> str:
+    """A doc snippet with this test's head_dim and dtypes in front (its own dropped)."""
+    body = "\n".join(ln for ln in snippet.splitlines() if not re.match(r"\s*(head_dim|dtypes|name)\s*=", ln))
+    return f'head_dim = {D}\ndtypes = ["float32"]\n' + body + "\n"
+
+
+# --- the oracle: FlexAttention's semantics, dense, float64 -----------------------------------
+
+def flex_attention64(q, k, v, score_mod=None, mask_mod=None, *, scale=None, enable_gqa=False, q_offset=0,
+                     k_offset=0):
+    """(o, lse) of ``flex_attention(q, k, v, score_mod, block_mask=create_block_mask(mask_mod),
+    scale, enable_gqa, return_lse=True)`` evaluated densely in float64: s = q k^T * scale,
+    score_mod(s, b, h, q_idx, kv_idx), mask_mod False -> -inf, softmax; a row without an allowed
+    key gives o = 0 and lse = -inf. q_idx / kv_idx start at the offsets (the rows of a longer
+    Flex call). k, v of batch 1 broadcast over q's batch."""
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    if Hq != Hkv:
+        assert enable_gqa and Hq % Hkv == 0, "Flex needs enable_gqa=True for Hq != Hkv"
+    g = Hq // Hkv
+    kd = k.double().repeat_interleave(g, 1).expand(B, Hq, Nk, -1)
+    vd = v.double().repeat_interleave(g, 1).expand(B, Hq, Nk, -1)
+    scale = 1 / math.sqrt(D) if scale is None else scale
+    b = torch.arange(B).view(B, 1, 1, 1)
+    h = torch.arange(Hq).view(1, Hq, 1, 1)
+    qi = (q_offset + torch.arange(Nq)).view(1, 1, Nq, 1)
+    kj = (k_offset + torch.arange(Nk)).view(1, 1, 1, Nk)
+    s = (q.double() @ kd.transpose(-1, -2)) * scale
+    if score_mod is not None:
+        s = score_mod(s, b, h, qi, kj).double()
+    s = s.expand(B, Hq, Nq, Nk)
+    if mask_mod is not None:
+        s = torch.where(torch.as_tensor(mask_mod(b, h, qi, kj)).expand(B, Hq, Nq, Nk), s, torch.full_like(s, NEG))
+    empty = (s == NEG).all(-1)
+    s0 = torch.where(empty[..., None], torch.zeros_like(s), s)
+    p = torch.where(empty[..., None] | (s == NEG), 0.0, torch.softmax(s0, -1))
+    lse = torch.where(empty, NEG, torch.logsumexp(s0, -1))
+    return p @ vd, lse
+
+
+def _rel(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def check(text, score_mod=None, mask_mod=None, *, T=None, learned=(), call=None, B=2, Bkv=None, Hq=4, Hkv=2,
+          Nq=29, Nk=37, D=8, Dv=None, q_offset=0, k_offset=0, scale=None, seed=0, tol=1e-4, grad_tol=5e-4,
+          extra=None, kernel_only=None):
+    """The spec ``text`` compiled in-process, attncc.reference and the Flex oracle agree on o, lse
+    and the gradients of <o, go> + <lse, gl> (finite rows) in q, k, v and the ``learned`` tensors.
+    ``T`` holds the tensors the Flex functions close over (refilled with the leaves of each run),
+    ``call`` the params and ``extra`` keywords passed to attncc only (``kernel_only`` to the
+    kernels only)."""
+    T = {} if T is None else T
+    gen = torch.Generator().manual_seed(seed)
+    Dv = Dv or D
+    q = torch.randn(B, Hq, Nq, D, generator=gen)
+    k = torch.randn(Bkv or B, Hkv, Nk, D, generator=gen)
+    v = torch.randn(Bkv or B, Hkv, Nk, Dv, generator=gen)
+    go = torch.randn(B, Hq, Nq, Dv, generator=gen)
+    gl = torch.randn(B, Hq, Nq, generator=gen)
+    base = {n: t.clone() for n, t in T.items()}
+    call = dict(call or {})
+    m = attncc.compile(text)
+    pattern = attncc.parse_spec(text)
+    pos = dict(q_offset=q_offset, k_offset=k_offset)
+    kw = dict(pos, **call, **(extra or {}))
+    if scale is not None:
+        kw["scale"] = scale
+
+    def leaves(dt):
+        qkv = [t.clone().to(dt).requires_grad_() for t in (q, k, v)]
+        ins = {}
+        for n, t in base.items():
+            if t.is_floating_point():
+                t = t.clone().to(dt).requires_grad_(n in learned)
+            ins[n] = t
+        return qkv, ins
+
+    def grads(o, lse, qkv, ins):
+        fin = torch.isfinite(lse)
+        loss = (o * go.to(o.dtype)).sum() + (torch.where(fin, lse, torch.zeros_like(lse)) * gl.to(lse.dtype)).sum()
+        return torch.autograd.grad(loss, qkv + [ins[n] for n in learned], allow_unused=True, materialize_grads=True)
+
+    qkv, ins = leaves(torch.float32)
+    o, lse = m.attention(*qkv, return_lse=True, **kw, **(kernel_only or {}), **ins)
+    got = grads(o, lse, qkv, ins)
+    qkv, ins = leaves(torch.float64)
+    T.clear()
+    T.update(ins)
+    ro, rl = flex_attention64(*qkv, score_mod, mask_mod, scale=scale, enable_gqa=Hq != Hkv, **pos)
+    want = grads(ro, rl, qkv, ins)
+    qkv, ins = leaves(torch.float64)
+    ao, al = attncc.reference(pattern, *qkv, return_lse=True, **kw, **ins)
+    ref = grads(ao, al, qkv, ins)
+    names = ["dq", "dk", "dv"] + ["d" + n for n in learned]
+    fin = torch.isfinite(rl)
+    assert torch.equal(torch.isneginf(rl), ~fin), "the oracle has a NaN/+inf row"
+    assert torch.equal(torch.isfinite(lse), fin), "rows without keys: the kernel differs from Flex"
+    assert torch.equal(torch.isfinite(al), fin), "rows without keys: attncc.reference differs from Flex"
+    assert (o[~fin] == 0).all() and torch.isneginf(lse[~fin]).all()
+    err = {}
+    if fin.any():
+        err = {"o": _rel(o[fin], ro[fin]), "lse": _rel(lse[fin], rl[fin]),
+               "ref_o": _rel(ao[fin], ro[fin]), "ref_lse": _rel(al[fin], rl[fin])}
+    for n, a, r, w in zip(names, got, ref, want):
+        assert torch.isfinite(a).all(), n
+        err[n] = _rel(a, w)
+        err["ref_" + n] = _rel(r, w)
+    bad = {n: e for n, e in err.items() if e > (1e-9 if n.startswith("ref_") else tol if n in ("o", "lse") else grad_tol)}
+    assert not bad, f"{bad} (all: {err})"
+    return float(fin.float().mean())
+
+
+# --- §7: every example of specs/, as its Flex port --------------------------------------------
+
+def causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+def hf_t5_bucket(relative_position, bidirectional=True, num_buckets=32, max_distance=128):
+    """transformers' T5Attention._relative_position_bucket, verbatim (float32 logarithms)."""
+    relative_buckets = 0
+    if bidirectional:
+        num_buckets //= 2
+        relative_buckets += (relative_position > 0).to(torch.long) * num_buckets
+        relative_position = torch.abs(relative_position)
+    else:
+        relative_position = -torch.min(relative_position, torch.zeros_like(relative_position))
+    max_exact = num_buckets // 2
+    is_small = relative_position < max_exact
+    large = max_exact + (torch.log(relative_position.float() / max_exact) / math.log(max_distance / max_exact)
+                         * (num_buckets - max_exact)).to(torch.long)
+    large = torch.min(large, torch.full_like(large, num_buckets - 1))
+    return relative_buckets + torch.where(is_small, relative_position, large)
+
+
+def alibi_paper_slopes(n):
+    """ALiBi's reference get_slopes (Press et al., github.com/ofirpress/attention_with_linear_biases)."""
+    def power_of_2(n):
+        start = 2 ** (-2 ** -(math.log2(n) - 3))
+        return [start * start ** i for i in range(n)]
+    if math.log2(n).is_integer():
+        return power_of_2(n)
+    cp = 2 ** math.floor(math.log2(n))
+    return power_of_2(cp) + alibi_paper_slopes(2 * cp)[0::2][:n - cp]
+
+
+def bigbird_blocks(n_k, r=3, block=64, seed=0):
+    K = -(-n_k // block)
+    return [set(random.Random(f"attncc.random_blocks:{seed}:{qb}:{K}").sample(range(K), min(r, K)))
+            for qb in range(64)]
+
+
+def _ex(name):
+    return EXAMPLES[name]
+
+
+def section7_cases():
+    """(id, snippet, score_mod, mask_mod, T, learned, check kwargs) for every §7 example."""
+    G = torch.Generator().manual_seed(7)
+    out = []
+    add = lambda *c: out.append(c)  # noqa: E731
+    add("dense", _ex("dense"), None, None, {}, (), dict(Nq=23, Nk=41))
+    add("dense_scale", _ex("dense"), None, None, {}, (), dict(Nq=23, Nk=41, scale=0.37))
+    for Nq, Nk, qo in ((29, 37, 0), (37, 19, 0), (17, 40, 9)):
+        add(f"causal_{Nq}x{Nk}@{qo}", _ex("causal"), None, causal, {}, (), dict(Nq=Nq, Nk=Nk, q_offset=qo))
+    for W in (1, 5, 13, 0, -2, 4096):
+        add(f"sliding_window_{W}", _ex("sliding_window"), None,
+            lambda b, h, q, kv, W=W: (q >= kv) & (q - kv < W), {}, (), dict(call={"window": W}, Nq=31, Nk=40))
+    for w in (0, 3, 11, -1):
+        add(f"local_bidirectional_{w}", _ex("local_bidirectional"), None,
+            lambda b, h, q, kv, w=w: torch.abs(q - kv) <= w, {}, (), dict(call={"w": w}, Nq=33, Nk=27, k_offset=4))
+    for W, dil in ((30, 3), (17, 1), (40, 5), (25, -3), (60, 7)):
+        add(f"dilated_{W}_{dil}", _ex("dilated"), None,
+            lambda b, h, q, kv, W=W, d=dil: (q >= kv) & (q - kv < W) & ((q - kv) % d == 0), {}, (),
+            dict(call={"window": W, "dilation": dil}, Nq=35, Nk=41, q_offset=6))
+    for g, w in ((5, 7), (0, 0), (3, 2)):
+        add(f"longformer_{g}_{w}", _ex("longformer"), None,
+            lambda b, h, q, kv, g=g, w=w: (q < g) | (kv < g) | (torch.abs(q - kv) <= w), {}, (),
+            dict(call={"g": g, "w": w}, Nq=31, Nk=38, q_offset=3))
+    for S in (1, 4, 6, 9):
+        add(f"strided_{S}", _ex("strided"), None,
+            lambda b, h, q, kv, S=S: (q >= kv) & ((q - kv < S) | (kv % S == S - 1)), {}, (),
+            dict(call={"stride": S}, Nq=37, Nk=37))
+    for P in (0, 11, 100):
+        add(f"prefix_lm_{P}", _ex("prefix_lm"), None, lambda b, h, q, kv, P=P: (kv < P) | (q >= kv), {}, (),
+            dict(call={"prefix": P}, Nq=30, Nk=35))
+    for Nq, Nk in ((37, 23), (19, 41), (30, 30)):
+        add(f"cross_causal_{Nq}x{Nk}", _ex("cross_causal"), None,
+            lambda b, h, q, kv, Nq=Nq, Nk=Nk: kv - Nk <= q - Nq, {}, (), dict(Nq=Nq, Nk=Nk))
+    for qo, ko, Nq, Nk in ((0, 0, 40, 50), (250, 180, 20, 90), (130, 60, 30, 97)):
+        sets = bigbird_blocks(ko + Nk)
+        add(f"bigbird_{qo}_{ko}", _ex("bigbird"), None,
+            lambda b, h, q, kv, sets=sets: ((torch.abs(q // 64 - kv // 64) <= 1) | (q < 64) | (kv < 64)
+                                            | torch.tensor([[(int(j) // 64) in sets[int(i) // 64] for j in kv.flatten()]
+                                                            for i in q.flatten()]).view(1, 1, q.numel(), kv.numel())),
+            {}, (), dict(Nq=Nq, Nk=Nk, q_offset=qo, k_offset=ko))
+    ids = torch.tensor([[0] * 5 + [1] * 1 + [2] * 12 + [3] * 9 + [4] * 14, [0] * 13 + [1] * 20 + [2] * 8])
+    T = {"doc": ids.to(torch.int32)}
+    add("document", _ex("document"), None,
+        lambda b, h, q, kv, T=T: (T["doc"][b, q] == T["doc"][b, kv]) & (q >= kv), T, (), dict(Nq=41, Nk=41))
+    T = {"doc": ids.to(torch.int32)}
+    add("document_chunk", _ex("document"), None,
+        lambda b, h, q, kv, T=T: (T["doc"][b, q] == T["doc"][b, kv]) & (q >= kv), T, (), dict(Nq=15, Nk=36, q_offset=26))
+    for lens in ((0, 23), (37, 5), (50, 1)):
+        T = {"kv_len": torch.tensor(lens, dtype=torch.int32)}
+        add(f"padding_{lens}", _ex("padding"), None, lambda b, h, q, kv, T=T: kv < T["kv_len"][b], T, (),
+            dict(Nq=21, Nk=37))
+    add("gqa", _ex("gqa"), None, causal, {}, (), dict(B=1, Hq=32, Hkv=8, Nq=9, Nk=13))
+    add("mqa", _ex("mqa"), None, causal, {}, (), dict(Hq=6, Hkv=1, Nq=21, Nk=25))
+    for H in (4, 6, 12):
+        slopes = alibi_paper_slopes(H)
+        add(f"alibi_{H}", _ex("alibi"), lambda s, b, h, q, kv, sl=slopes: s + torch.tensor(sl, dtype=torch.float64)[h] * (kv - q),
+            causal, {}, (), dict(B=1, Hq=H, Hkv=H // 2, Nq=23, Nk=31, q_offset=5))
+    T = {"rel_bias": torch.randn(4, 32, generator=G)}
+    add("t5_bias", _ex("t5_bias"), lambda s, b, h, q, kv, T=T: s + T["rel_bias"][h, hf_t5_bucket(kv - q)],
+        None, T, ("rel_bias",), dict(Nq=40, Nk=60, q_offset=30))
+    T = {"slopes": torch.randn(4, generator=G)}
+    add("alibi_learned", _ex("alibi_learned"), lambda s, b, h, q, kv, T=T: s + T["slopes"][h] * (kv - q),
+        causal, T, ("slopes",), dict(Nq=27, Nk=33, q_offset=6))
+    add("causal_dropout_eval", _ex("causal_dropout"), None, causal, {}, (), dict(kernel_only={"training": False}))
+    add("causal_dropout_p0", _ex("causal_dropout"), None, causal, {}, (), dict(extra={"dropout_p": 0.0}))
+    add("softcap", _ex("softcap"), lambda s, b, h, q, kv: 30.0 * torch.tanh(s / 30.0), causal, {}, (),
+        dict(scale=9.0))
+    for S, W in ((3, 9), (0, 5), (4, 0), (40, 1)):
+        add(f"sink_window_{S}_{W}", _ex("sink_window"), None,
+            lambda b, h, q, kv, S=S, W=W: (kv < S) | ((q >= kv) & (q - kv < W)), {}, (),
+            dict(call={"sinks": S, "window": W}, Nq=30, Nk=36))
+    for C, qo in ((13, 0), (7, 20), (1, 3), (5, 0)):
+        add(f"chunked_local_{C}@{qo}", _ex("chunked_local"), None,
+            lambda b, h, q, kv, C=C: (q >= kv) & (q // C == kv // C), {}, (), dict(call={"chunk": C}, Nq=27, Nk=41,
+                                                                                    q_offset=qo))
+        add(f"block_diagonal_{C}@{qo}", _ex("block_diagonal"), None,
+            lambda b, h, q, kv, C=C: q // C == kv // C, {}, (), dict(call={"chunk": C}, Nq=27, Nk=41, q_offset=qo))
+    for Wd, R in ((7, 1), (5, 0), (9, 2), (4, 3)):
+        add(f"neighborhood_2d_{Wd}_{R}", _ex("neighborhood_2d"), None,
+            lambda b, h, q, kv, Wd=Wd, R=R: (torch.abs(q // Wd - kv // Wd) <= R) & (torch.abs(q % Wd - kv % Wd) <= R),
+            {}, (), dict(call={"width": Wd, "radius": R}, Nq=35, Nk=44, k_offset=2))
+    return out
+
+
+def rope_neox(x, pos, theta=10000.0):
+    d = x.shape[-1]
+    inv = theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    ang = pos.double()[:, None] * inv[None]
+    cos, sin = torch.cos(ang).repeat(1, 2), torch.sin(ang).repeat(1, 2)
+    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+@pytest.mark.parametrize("case", section7_cases(), ids=lambda c: c[0])
+def test_section7_example(case):
+    name, snippet, score_mod, mask_mod, T, learned, kw = case
+    check(spec_text(snippet, kw.pop("D", 8)), score_mod, mask_mod, T=T, learned=learned, **kw)
+
+
+def test_rope_causal_and_its_decode_claim():
+    """rope_causal.toml: Flex has no RoPE; the port is SDPA/Flex on q, k rotated (neox, theta 1e4)
+    at their positions, causal. The decode claim: ``attention(q_t, k_cache, v_cache, q_offset=t)``
+    rotates q_t by position t and each cached key by its own position."""
+    text = spec_text(_ex("rope_causal"), 8)
+    m, p = attncc.compile(text), attncc.parse_spec(text)
+    gen = torch.Generator().manual_seed(3)
+    for Nq, Nk, qo in ((21, 33, 0), (1, 30, 29), (5, 40, 35), (13, 13, 50)):
+        q = torch.randn(2, 4, Nq, 8, generator=gen)
+        k = torch.randn(2, 2, Nk, 8, generator=gen)
+        v = torch.randn(2, 2, Nk, 8, generator=gen)
+        qr = rope_neox(q.double(), qo + torch.arange(Nq))
+        kr = rope_neox(k.double(), torch.arange(Nk))
+        ro, rl = flex_attention64(qr, kr, v.double(), None, causal, scale=1 / math.sqrt(8), enable_gqa=True,
+                                  q_offset=qo)
+        o, lse = m.attention(q, k, v, q_offset=qo, return_lse=True)
+        ao, al = attncc.reference(p, q.double(), k.double(), v.double(), q_offset=qo, return_lse=True)
+        assert _rel(o, ro) < 1e-4 and _rel(lse, rl) < 1e-4 and _rel(ao, ro) < 1e-9 and _rel(al, rl) < 1e-9
+
+
+def test_section7_snippets_are_the_shipped_specs():
+    """§7 shows one example per spec of specs/ ("One per spec in `specs/`"), with the spec's keys
+    (head_dim, dtypes, name, description and comments aside)."""
+    shipped = {f.stem for f in (ROOT / "specs").glob("*.toml")}
+    assert set(EXAMPLES) == shipped, (sorted(shipped - set(EXAMPLES)), sorted(set(EXAMPLES) - shipped))
+    drop = ("head_dim", "dtypes", "name", "description")
+    for name, snippet in EXAMPLES.items():
+        doc = {k: v for k, v in tomllib.loads(snippet).items() if k not in drop}
+        spec = {k: v for k, v in tomllib.loads((ROOT / "specs" / f"{name}.toml").read_text()).items() if k not in drop}
+        assert doc == spec, name
