@@ -312,4 +312,199 @@ def test_section7_snippets_are_the_shipped_specs():
     for name, snippet in EXAMPLES.items():
         doc = {k: v for k, v in tomllib.loads(snippet).items() if k not in drop}
         spec = {k: v for k, v in tomllib.loads((ROOT / "specs" / f"{name}.toml").read_text()).items() if k not in drop}
+        for d in (doc, spec):  # [feature_map]'s defaults, spelled out in some files
+            if "feature_map" in d:
+                d["feature_map"] = {"causal": True, "normalize": True, **d["feature_map"]}
         assert doc == spec, name
+
+
+# --- §7 "A few more" and §8: the doc's own spec blocks, each against its Flex original ----------
+
+def block(section_blocks, needle):
+    (b,) = [b for b in section_blocks if needle in b]
+    return b
+
+
+def morton_x(n):
+    return (n & 1) | ((n >> 1) & 2) | ((n >> 2) & 4) | ((n >> 3) & 8)
+
+
+def morton_y(n):
+    return ((n >> 1) & 1) | ((n >> 2) & 2) | ((n >> 3) & 4) | ((n >> 4) & 8)
+
+
+def more_cases():
+    G = torch.Generator().manual_seed(77)
+    out = []
+    add = lambda *c: out.append(c)  # noqa: E731
+    for vals in ((1.3, -0.7, 0.0, 2.0), (0.5, 0.5, 0.5, 0.5)):
+        T = {"head_scale": torch.tensor(vals)}
+        add(f"head_scale_{vals[0]}", block(MORE_BLOCKS, "head_scale"),
+            lambda s, b, h, q, kv, T=T: torch.where(q >= kv, s * T["head_scale"][h], NEG), None, T, ("head_scale",),
+            dict(Nq=27, Nk=33, q_offset=4))
+    for qo, Nq, Nk, lens in ((300, 20, 90, (90, 47)), (0, 40, 35, (0, 35)), (150, 30, 99, (60, 99))):
+        T = {"kv_len": torch.tensor(lens, dtype=torch.int32), "rel_bias": torch.randn(4, 64, generator=G)}
+        add(f"t5_64_256@{qo}", block(MORE_BLOCKS, "num_buckets=64"),
+            lambda s, b, h, q, kv, T=T: s + T["rel_bias"][h, hf_t5_bucket(kv - q, True, 64, 256)],
+            lambda b, h, q, kv, T=T: kv < T["kv_len"][b], T, ("rel_bias",), dict(Nq=Nq, Nk=Nk, q_offset=qo))
+    for C, qo in ((13, 0), (5, 17), (1, 0), (64, 40)):
+        add(f"chunk_{C}@{qo}", block(MORE_BLOCKS, "chunk = 512"), None,
+            lambda b, h, q, kv, C=C: (q // C == kv // C) & (q >= kv), {}, (), dict(call={"chunk": C}, Nq=31, Nk=47,
+                                                                                 q_offset=qo))
+    for qo, ko, Nq, Nk in ((0, 0, 40, 64), (100, 60, 37, 90), (200, 150, 56, 100)):
+        add(f"morton@{qo},{ko}", block(MORE_BLOCKS, "Morton") if False else block(MORE_BLOCKS, "(i >> 3) & 8"), None,
+            lambda b, h, q, kv: (torch.abs(morton_x(q) - morton_x(kv)) <= 1) & (torch.abs(morton_y(q) - morton_y(kv)) <= 1),
+            {}, (), dict(Nq=Nq, Nk=Nk, q_offset=qo, k_offset=ko))
+    for t in (1.3, -0.7):
+        T = {"temp": torch.tensor(t)}
+        add(f"gelu_temp_{t}", block(MORE_BLOCKS, "erf"),
+            lambda s, b, h, q, kv, T=T: 0.5 * s * T["temp"] * (1 + torch.erf(s * T["temp"] / math.sqrt(2))), causal, T,
+            ("temp",), dict(Nq=25, Nk=31, scale=1.7))
+    bf = lambda *shape: torch.randn(*shape, generator=G).bfloat16().float()  # noqa: E731
+    T = {"q_rope": bf(2, 4, 40, 64), "k_rope": bf(2, 40, 64)}
+    add("mla_rope", block(MORE_BLOCKS, "q_rope"),
+        lambda s, b, h, q, kv, T=T: s + 0.125 * (T["q_rope"][b, h, q] * T["k_rope"][b, kv]).sum(-1), causal, T,
+        ("q_rope", "k_rope"), dict(Nq=23, Nk=37, q_offset=3))
+    return out
+
+
+@pytest.mark.parametrize("case", more_cases(), ids=lambda c: c[0])
+def test_a_few_more(case):
+    name, snippet, score_mod, mask_mod, T, learned, kw = case
+    check(spec_text(snippet, kw.pop("D", 8)), score_mod, mask_mod, T=T, learned=learned, **kw)
+
+
+def _spec(**tables):
+    """A spec's TOML text from its tables (for the one-line translations §8 writes inline)."""
+    lines = []
+    for table, keys in tables.items():
+        lines.append(f"[{table}]")
+        for k, v in keys.items():
+            lines.append(f"{k} = {v}" if isinstance(v, str) and v.startswith("{") else f"{k} = {v!r}"
+                         if not isinstance(v, str) else f"{k} = '{v}'")
+    return "\n".join(lines) + "\n"
+
+
+def section8_cases():
+    G = torch.Generator().manual_seed(88)
+    out = []
+    add = lambda *c: out.append(c)  # noqa: E731
+    ids = torch.tensor([[0] * 5 + [1] * 1 + [2] * 12 + [3] * 9 + [4] * 14, [0] * 13 + [1] * 20 + [2] * 8])
+    T = {"doc": ids.to(torch.int32)}
+    add("captured_doc", block(SEC8_BLOCKS, "doc[b, i] == doc[b, j]\""), None,
+        lambda b, h, q, kv, T=T: T["doc"][b, q] == T["doc"][b, kv], T, (), dict(Nq=41, Nk=41))
+    # chained indexing, as written in the text
+    T = {"table": torch.randn(2, 90, generator=G), "offsets": torch.tensor([7, 30], dtype=torch.int32)}
+    add("chained_offsets_i", _spec(inputs={"table": '{ dims = ["b", 90], grad = true }', "offsets": '{ dims = ["b"], dtype = "int32" }'},
+                                   score={"mod": "score + table[b, offsets[b] + i]"}),
+        lambda s, b, h, q, kv, T=T: s + T["table"][b, T["offsets"][b] + q], None, T, ("table",),
+        dict(Nq=29, Nk=33, q_offset=2))
+    T = {"table": torch.randn(2, 90, generator=G), "offsets": torch.tensor([7, 30], dtype=torch.int32)}
+    add("chained_offsets_j", _spec(inputs={"table": '{ dims = ["b", 90], grad = true }', "offsets": '{ dims = ["b"], dtype = "int32" }'},
+                                   score={"mod": "score + table[b, offsets[b] + kv_idx]"}),
+        lambda s, b, h, q, kv, T=T: s + T["table"][b, T["offsets"][b] + kv], None, T, ("table",), dict(Nq=29, Nk=33))
+    T = {"rel_bias": torch.randn(4, 32, generator=G), "pos_bucket": torch.randint(0, 32, (1024,), generator=G).to(torch.int32)}
+    add("chained_pos_bucket", _spec(inputs={"rel_bias": '{ dims = ["h", 32], grad = true }', "pos_bucket": '{ dims = [1024], dtype = "int32" }'},
+                                    score={"bias": "rel_bias[h, pos_bucket[i - j + 512]]"}),
+        lambda s, b, h, q, kv, T=T: s + T["rel_bias"][h, T["pos_bucket"][q - kv + 512]], None, T, ("rel_bias",),
+        dict(Nq=31, Nk=40, q_offset=20))
+    T = {"bias": torch.randn(2, 4, 40, 40, generator=G)}
+    add("chained_subscripts", _spec(inputs={"bias": '{ dims = ["b", "h", "n", "n"], grad = true }'},
+                                    score={"mod": "score + bias[b][h][q_idx][kv_idx]"}),
+        lambda s, b, h, q, kv, T=T: s + T["bias"][b][h][q][kv] if False else s + T["bias"][b, h, q, kv], None, T,
+        ("bias",), dict(Nq=31, Nk=40))
+    for W in (256, 5, 1):
+        add(f"and_masks_{W}", block(SEC8_BLOCKS, "and_masks(causal_mask"), None,
+            lambda b, h, q, kv, W=W: (q >= kv) & (q - kv < W), {}, (), dict(call={"window": W}, Nq=30, Nk=30))
+    add("or_masks_prefix_causal", _spec(params={"prefix": 7}, mask={"where": "j < prefix or j <= i"}), None,
+        lambda b, h, q, kv: (kv < 7) | (q >= kv), {}, (), dict(Nq=30, Nk=35))
+    add("never_true", _spec(mask={"where": "j <= i and j > i"}), None, lambda b, h, q, kv: (q >= kv) & (kv > q), {}, (),
+        dict(Nq=13, Nk=17))
+    add("noop_mask", "", None, lambda b, h, q, kv: torch.ones((), dtype=torch.bool), {}, (), dict(Nq=13, Nk=17))
+    add("identity_mod", _spec(score={"mod": "score"}), lambda s, b, h, q, kv: s, None, {}, (), dict(Nq=13, Nk=17))
+    T = {"is_image": torch.rand(40, generator=G) < 0.4}
+    add("bool_input_arith", _spec(inputs={"is_image": '{ dims = ["n"], dtype = "bool" }'},
+                                  score={"mod": "score + is_image[kv_idx]"}),
+        lambda s, b, h, q, kv, T=T: s + T["is_image"][kv], None, T, (), dict(Nq=31, Nk=40))
+    add("bool_times_2", _spec(score={"mod": "score + (q_idx > kv_idx) * 2"}),
+        lambda s, b, h, q, kv: s + (q > kv) * 2, None, {}, (), dict(Nq=31, Nk=40))
+    for n in (10, 0, 50):
+        add(f"bool_eq_bool_{n}", _spec(params={"n": n}, mask={"where": "(q_idx < n) == (kv_idx < n)"}), None,
+            lambda b, h, q, kv, n=n: (q < n) == (kv < n), {}, (), dict(Nq=31, Nk=40))
+    for qo, ko in ((0, 0), (50, 30), (100, 70)):
+        add(f"xor_shift@{qo},{ko}", _spec(mask={"where": "(q_idx ^ kv_idx) >> 6 == 0"}), None,
+            lambda b, h, q, kv: (q ^ kv) >> 6 == 0, {}, (), dict(Nq=37, Nk=60, q_offset=qo, k_offset=ko))
+    for B_ids in (ids, torch.tensor([[0] * 41, [0] + [1] * 39 + [2]])):
+        starts = torch.stack([torch.nn.functional.pad(torch.nonzero(torch.diff(r, prepend=torch.tensor([-1]))).flatten(),
+                                                      (0, 16), value=1 << 20)[:16] for r in B_ids]).to(torch.int32)
+        T = {"starts": starts}
+        docid = torch.stack([torch.searchsorted(s_[1:].long(), torch.arange(41), right=True) for s_ in starts])
+        add(f"doc_from_offsets_{len(T)}_{int(B_ids.max())}", block(SEC8_BLOCKS, "starts"), None,
+            lambda b, h, q, kv, d=docid: (d[b, q] == d[b, kv]) & (q >= kv), T, (), dict(Nq=41, Nk=41))
+    for lens in ((5, 17), (0, 100)):
+        T = {"prefix_len": torch.tensor(lens, dtype=torch.int32)}
+        add(f"prefix_per_row_{lens}", block(SEC8_BLOCKS, "prefix_len"), None,
+            lambda b, h, q, kv, T=T: (kv < T["prefix_len"][b]) | (q >= kv), T, (), dict(Nq=30, Nk=35))
+    for cap in (30.0, 0.7):
+        add(f"softcap_mod_{cap}", _spec(params={"softcap": cap}, score={"mod": "softcap * tanh(score / softcap)"}),
+            lambda s, b, h, q, kv, c=cap: c * torch.tanh(s / c), None, {}, (), dict(Nq=21, Nk=27, scale=3.0))
+    add("rel_pos", _spec(score={"bias": "i - j"}), lambda s, b, h, q, kv: s + (q - kv), None, {}, (),
+        dict(Nq=21, Nk=27, q_offset=5))
+    T = {"rel_bias": torch.randn(4, 2047, generator=G)}
+    add("rel_pos_table", _spec(inputs={"rel_bias": '{ dims = ["h", 2047], grad = true }'},
+                               score={"bias": "rel_bias[h, i - j + 1023]"}),
+        lambda s, b, h, q, kv, T=T: s + T["rel_bias"][h, q - kv + 1023], None, T, ("rel_bias",),
+        dict(Nq=21, Nk=27, q_offset=5))
+    add("head_bidir", _spec(mask={"where": "h < 4 or j <= i"}), None, lambda b, h, q, kv: (h < 4) | (q >= kv), {}, (),
+        dict(Hq=6, Hkv=3, Nq=21, Nk=27))
+    add("head_window", _spec(mask={"where": "i - j < 64 * (h + 1) and j <= i"}), None,
+        lambda b, h, q, kv: (q - kv < 64 * (h + 1)) & (q >= kv), {}, (),
+        dict(Hq=4, Hkv=1, Nq=30, Nk=100, q_offset=200, k_offset=120))
+    for th in (0.0, -0.5, 50.0):
+        add(f"score_cond_{th}", _spec(params={"threshold": th}, score={"mod": "where(s > threshold, s, -inf)"}),
+            lambda s, b, h, q, kv, th=th: torch.where(s > th, s, NEG), None, {}, (), dict(Nq=21, Nk=27))
+        add(f"score_cond_causal_{th}", _spec(params={"threshold": th}, score={"mod": "where(j <= i and s > threshold, s, -inf)"}),
+            lambda s, b, h, q, kv, th=th: torch.where((q >= kv) & (s > th), s, NEG), None, {}, (), dict(Nq=21, Nk=27))
+    sel = torch.randint(0, 6, (2, 4, 400, 8), generator=G).to(torch.int32)
+    for K in (4, 2, 0):
+        T = {"selected": sel}
+        add(f"topk_blocks_K{K}", block(SEC8_BLOCKS, "selected"), None,
+            lambda b, h, q, kv, T=T, K=K: (kv // 64 == q // 64) | torch.stack(
+                [kv // 64 == T["selected"][b, h, q // 64, t] for t in range(K)] + [torch.zeros((), dtype=torch.bool)
+                                                                                 .expand(2, 4, 40, 100)]).any(0),
+            T, (), dict(call={"K": K}, Nq=40, Nk=100, q_offset=300, k_offset=100))
+    return out
+
+
+@pytest.mark.parametrize("case", section8_cases(), ids=lambda c: c[0])
+def test_section8_port(case):
+    name, snippet, score_mod, mask_mod, T, learned, kw = case
+    check(spec_text(snippet, kw.pop("D", 8)), score_mod, mask_mod, T=T, learned=learned, **kw)
+
+
+def _wrap_case(index, table, N):
+    T = {"rel_bias": table}
+    return check(_spec(params={"N": N}, inputs={"rel_bias": f'{{ dims = ["h", {2 * N - 1}], grad = true }}'},
+                       score={"bias": f"rel_bias[h, {index}]"}),
+                 lambda s, b, h, q, kv: s + T["rel_bias"][h, q - kv], None, T=T, learned=("rel_bias",),
+                 Nq=N, Nk=N, q_offset=0)
+
+
+def test_wraparound_port_reads_the_same_table():
+    """§8, Chained indexing: Flex's ``rel_bias[h, q_idx - kv_idx]`` on a ``[H, 2N - 1]`` table wraps
+    a negative index around (torch indexing; inductor's indirect loads wrap too). The doc's port
+    was ``rel_bias[h, i - j + N - 1]`` on the same table: a silent wrong answer (entry ``d + N - 1``
+    instead of ``d mod (2N - 1)``: o 0.96 off, relative, at N = 23). ``(i - j) % (2 * N - 1)`` reads Flex's entries;
+    ``i - j + N - 1`` reads them from the table rolled by ``N - 1``."""
+    N = 23
+    table = torch.randn(4, 2 * N - 1, generator=torch.Generator().manual_seed(5))
+    text = SEC8[SEC8.index("**Chained indexing.**"):SEC8.index("**`and_masks`")]
+    assert "rel_bias[h, (i - j) % (2 * N - 1)]" in text and "torch.roll(rel_bias, N - 1, -1)" in text
+    _wrap_case("(i - j) % (2 * N - 1)", table, N)
+    _wrap_case("(i - j) % 45", table, N)
+    with pytest.raises(AssertionError, match="'o'"):  # the old port, same table
+        _wrap_case("i - j + N - 1", table, N)
+    T = {"rel_bias": torch.roll(table, N - 1, -1)}
+    check(_spec(params={"N": N}, inputs={"rel_bias": f'{{ dims = ["h", {2 * N - 1}] }}'},
+                score={"bias": "rel_bias[h, i - j + N - 1]"}),
+          lambda s, b, h, q, kv: s + table.double()[h, q - kv], None, T=T, Nq=N, Nk=N)
