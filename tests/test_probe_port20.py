@@ -54,11 +54,16 @@ def flex_attention64(q, k, v, score_mod=None, mask_mod=None, *, scale=None, enab
     qi = (q_offset + torch.arange(Nq)).view(1, 1, Nq, 1)
     kj = (k_offset + torch.arange(Nk)).view(1, 1, 1, Nk)
     s = (q.double() @ kd.transpose(-1, -2)) * scale
-    if score_mod is not None:
-        s = score_mod(s, b, h, qi, kj).double()
-    s = s.expand(B, Hq, Nq, Nk)
-    if mask_mod is not None:
-        s = torch.where(torch.as_tensor(mask_mod(b, h, qi, kj)).expand(B, Hq, Nq, Nk), s, torch.full_like(s, NEG))
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # int index arithmetic with Python floats: float64 here
+    try:
+        if score_mod is not None:
+            s = score_mod(s, b, h, qi, kj).double()
+        s = s.expand(B, Hq, Nq, Nk)
+        if mask_mod is not None:
+            s = torch.where(torch.as_tensor(mask_mod(b, h, qi, kj)).expand(B, Hq, Nq, Nk), s, torch.full_like(s, NEG))
+    finally:
+        torch.set_default_dtype(old)
     empty = (s == NEG).all(-1)
     s0 = torch.where(empty[..., None], torch.zeros_like(s), s)
     p = torch.where(empty[..., None] | (s == NEG), 0.0, torch.softmax(s0, -1))
@@ -508,3 +513,132 @@ def test_wraparound_port_reads_the_same_table():
     check(_spec(params={"N": N}, inputs={"rel_bias": f'{{ dims = ["h", {2 * N - 1}] }}'},
                 score={"bias": "rel_bias[h, i - j + N - 1]"}),
           lambda s, b, h, q, kv: s + table.double()[h, q - kv], None, T=T, Nq=N, Nk=N)
+
+
+# --- "port as written": one string, evaluated by torch as Flex would and compiled by attncc -------
+
+def _tensor_ops():
+    t = torch.as_tensor
+    return {"abs": lambda a: torch.abs(t(a)), "min": lambda a, b: torch.minimum(t(a), t(b)),
+            "max": lambda a, b: torch.maximum(t(a), t(b)), "where": lambda c, a, b: torch.where(c, t(a), t(b))}
+
+
+def random_port(seed):
+    """A random mask_mod and score_mod body written in the operators §8 says translate one for one
+    (+ - * // % & | ^ ~ << >> abs min max where, comparisons, & | ~ of booleans), on signed
+    integers (differences of positions, negative constants and divisors)."""
+    rng = random.Random(seed)
+
+    def E(d):
+        r = rng.random()
+        if d <= 0 or r < 0.25:
+            return rng.choice(["q_idx", "kv_idx", "q_idx", "kv_idx", "h", "b", "w", str(rng.randint(-9, 12)),
+                               "(q_idx - kv_idx)", "(kv_idx - q_idx)"])
+        op = rng.choice(["+", "-", "c*", "//", "%", "&", "|", "^", ">>", "<<", "abs", "min", "max", "~", "neg",
+                         "where"])
+        a = E(d - 1)
+        if op in ("+", "-", "&", "|", "^"):
+            return f"({a} {op} {E(d - 1)})"
+        if op == "c*":
+            return f"({rng.choice([-3, -2, 2, 3, 5])} * {a})"
+        if op in ("//", "%"):
+            div = rng.choice([str(rng.choice([-7, -5, -3, -2, 2, 3, 4, 6, 9])), f"(abs({E(d - 2)}) + 1)",
+                              f"(-(abs({E(d - 2)}) + 2))", "w"])
+            return f"({a} {op} {div})"
+        if op in (">>", "<<"):
+            return f"({a} {op} {rng.randint(0, 4)})"
+        if op == "abs":
+            return f"abs({a})"
+        if op in ("min", "max"):
+            return f"{op}({a}, {E(d - 1)})"
+        if op == "~":
+            return f"(~{a})"
+        if op == "neg":
+            return f"(-{a})"
+        return f"where({C(1)}, {a}, {E(d - 1)})"
+
+    def C(d):
+        if d <= 0 or rng.random() < 0.45:
+            return f"({E(2)} {rng.choice(['<', '<=', '>', '>=', '==', '!='])} {E(2)})"
+        op = rng.choice(["&", "|", "~", "^", "=="])
+        if op == "~":
+            return f"(~{C(d - 1)})"
+        return f"({C(d - 1)} {op} {C(d - 1)})"
+
+    mask = f"({C(2)}) | (q_idx == kv_idx + {rng.randint(-3, 3)})"
+    score = rng.choice([f"score + 0.01 * {E(3)}", f"where({C(1)}, score, score * 0.5 - 1)",
+                        f"score + {C(1)} * 2", f"score - 0.02 * abs({E(3)})", f"score * (1 + ({E(2)}) % 3)"])
+    w = rng.choice([-4, -1, 3, 5, 7])
+    return mask, score, w
+
+
+def run_random_port(seed):
+    mask, score, w = random_port(seed)
+    ops = _tensor_ops()
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return eval(mask, {"__builtins__": {}}, dict(ops, b=b, h=h, q_idx=q_idx, kv_idx=kv_idx, w=w))
+
+    def score_mod(score_, b, h, q_idx, kv_idx):
+        return eval(score, {"__builtins__": {}}, dict(ops, score=score_, b=b, h=h, q_idx=q_idx, kv_idx=kv_idx, w=w))
+
+    rng = random.Random(seed)
+    Hq, Hkv = rng.choice([(4, 2), (3, 1), (2, 2)])
+    Nq, Nk = rng.randint(5, 40), rng.randint(5, 40)
+    text = _spec(params={"w": 1}, mask={"where": mask}, score={"mod": score})
+    return check(text.replace("'", '"') if "'" not in mask + score else text, score_mod, mask_mod,
+                 call={"w": w}, B=2, Hq=Hq, Hkv=Hkv, Nq=Nq, Nk=Nk, q_offset=rng.choice([0, 0, 7, 40]),
+                 k_offset=rng.choice([0, 3, 30]), seed=seed)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4, 5])
+def test_random_port_as_written(seed):
+    run_random_port(seed)
+
+
+def test_flex_call_arguments():
+    """§8, The call: scale= is Flex's scale (default 1/sqrt(D) of the call's D, applied before the
+    score_mod), GQA needs no flag, and Flex / SDPA keywords get a TypeError saying what to write
+    (they were "unexpected keyword(s) enable_gqa; known inputs and params: none" and nothing else)."""
+    spec = _spec(mask={"where": "causal"}, score={"mod": "score * score"})
+    for scale in (None, 0.41):
+        check(spec_text(spec, 16), lambda s, b, h, q, kv: s * s, causal, D=16, Hq=6, Hkv=2, Nq=19, Nk=23, scale=scale)
+    check(spec_text(spec, 64), lambda s, b, h, q, kv: s * s, causal, D=8, Hq=4, Hkv=1, Nq=9, Nk=23, Bkv=1)
+    m = attncc.compile(spec_text(spec, 8))
+    p = attncc.parse_spec(spec_text(spec, 8))
+    q, k = torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8)
+    for kw, says in ((dict(enable_gqa=True), "no flag needed"), (dict(block_mask=None), r"\[mask\].where"),
+                     (dict(score_mod=None), r"\[score\].mod"), (dict(kernel_options={}), "attncc tune"),
+                     (dict(is_causal=True), "causal"), (dict(attn_mask=None), r"\[inputs\]"),
+                     (dict(dropout_p=0.1), r"\[score\].dropout")):
+        with pytest.raises(TypeError, match=f"unexpected keyword.*{next(iter(kw))}.*{says}"):
+            m.attention(q, k, k, **kw)
+        if "dropout_p" not in kw:
+            with pytest.raises(TypeError, match=f"unexpected keyword.*{next(iter(kw))}.*{says}"):
+                attncc.reference(p, q, k, k, **kw)
+    with pytest.raises(TypeError, match="unexpected keyword.*wndow; known inputs and params: none$"):
+        m.attention(q, k, k, wndow=3)
+
+
+@pytest.mark.parametrize("mod,flex", [
+    ("where(2 * j - i <= i - j, s, -inf)", lambda s, b, h, q, kv: torch.where(2 * kv - q <= q - kv, s, NEG)),
+    ("score + (2 * q_idx - kv_idx < kv_idx - q_idx) * 2", lambda s, b, h, q, kv: s + (2 * q - kv < kv - q) * 2),
+    ("where(i - 2 * j >= j - i, s, s * 0.5)", lambda s, b, h, q, kv: torch.where(q - 2 * kv >= kv - q, s, s * 0.5)),
+    ("where(2 * i - j == j - i + 3, s + 1, s)", lambda s, b, h, q, kv: torch.where(2 * q - kv == kv - q + 3, s + 1, s)),
+])
+def test_condition_sympy_does_not_settle(mod, flex):
+    """A score_mod comparing two linear forms of the positions (``torch.where(2 * kv_idx - q_idx <=
+    q_idx - kv_idx, score, -inf)``) was refused: "the expression is nested too deeply (at most 100
+    levels)", at 2 levels. sympy's canonical form of ``2*j - i <= i - j`` alternates between two
+    spellings, and the Piecewise of a where() on it rebuilt itself until the recursion limit. The
+    condition is now written ``lhs - rhs <= 0`` (a form sympy keeps) where that happens."""
+    check(spec_text(_spec(score={"mod": mod}), 8), flex, None, Nq=29, Nk=37, q_offset=3)
+
+
+@pytest.mark.xfail(strict=True, reason="sympy's unsettled canonical form also arises after the parser: when the "
+                   "Grouped wrappers of float arithmetic are taken off (check_number, analysis.integer.ungrouped) and "
+                   "when sympy folds a where() inside a comparison into cases; the fix at where()'s condition does "
+                   "not see those (report: write every comparison as lhs - rhs against 0 in the parser)")
+@pytest.mark.parametrize("mod", ["where(2 * s - i <= i - s, s, 0)", "where(where(h > j, 2 * j - i, i) <= i - j, s, 0)"])
+def test_condition_sympy_does_not_settle_elsewhere(mod):
+    attncc.parse_spec(spec_text(_spec(score={"mod": mod}), 8))

@@ -32,6 +32,30 @@ FLOAT32_MAX = 3.4028234663852886e38
 FLOAT32_TINY = 1.1754943508222875e-38
 
 
+# Keywords of FlexAttention's flex_attention, torch's scaled_dot_product_attention and
+# FlashAttention that a port passes out of habit, each with what says the same here: a call that
+# gets one (and has no param or input of that name) says it beside "unexpected keyword".
+FOREIGN_KEYWORDS = {
+    "enable_gqa": "no flag needed: k, v with fewer heads than q (Hq a multiple of Hkv) are GQA",
+    "block_mask": "the mask is the spec's [mask].where; there is no block mask to create",
+    "mask_mod": "the mask is the spec's [mask].where",
+    "score_mod": "the score transform is the spec's [score].mod (or [score].bias)",
+    "kernel_options": "tile configs come from `attncc tune`, not from the call",
+    "return_aux": "pass return_lse=True for the log-sum-exp",
+    "attn_mask": "the mask is the spec's [mask].where (a mask tensor becomes an [inputs] entry read there)",
+    "is_causal": "causal attention is the spec's [mask] where = \"causal\"",
+    "causal": "causal attention is the spec's [mask] where = \"causal\"",
+    "softmax_scale": "the softmax scale is scale=",
+    "window_size": "a window is the spec's [mask].where (\"j <= i and i - j < window\" with a param window)",
+    "dropout_p": "dropout is the spec's [score].dropout",
+}
+
+
+def foreign_keyword_hints(names) -> str:
+    """What says the same as each of ``names`` that is another library's keyword, or ''."""
+    return "; ".join(f"{n}: {FOREIGN_KEYWORDS[n]}" for n in sorted(names) if n in FOREIGN_KEYWORDS)
+
+
 def plain_number(value, what: str = "a number"):
     """``value`` as a Python number when it is one in another dress, as a call's scalar arguments
     (params, ``scale=``, offsets) may come from configs and tensors: a numpy scalar, or a

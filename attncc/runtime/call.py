@@ -17,8 +17,8 @@ import torch
 import torch.autograd.forward_ad as _forward_ad
 
 from attncc.core.semantics import (FLOAT32_MAX, FLOAT32_TINY, INT_LIMIT, MAX_HEAD_DIM, dropout_probability,
-                                   input_dtype_accepted, input_dtype_hint, int_argument, param_value, plain_number,
-                                   positions_to_cover)
+                                   foreign_keyword_hints, input_dtype_accepted, input_dtype_hint, int_argument,
+                                   param_value, plain_number, positions_to_cover)
 from attncc.runtime.intervals import INT32_MAX, POSITION_PAD, CallNumbers, cached_reach
 from attncc.runtime.spec_info import SpecInfo
 
@@ -707,8 +707,9 @@ def bind_params_and_inputs(spec: SpecInfo, who: str, kwargs: dict, *, B: int, Hq
         inputs[d.name] = input_as_read(who, d.name, d.dtype, t)
     if kwargs:
         known = [p.name for p in spec.params if not p.hidden] + [d.name for d in spec.inputs]
+        hints = foreign_keyword_hints(kwargs)
         raise TypeError(f"{who}: unexpected keyword(s) {', '.join(sorted(kwargs))}; "
-                        f"known inputs and params: {', '.join(known) or 'none'}")
+                        f"known inputs and params: {', '.join(known) or 'none'}" + (f" ({hints})" if hints else ""))
     return params, inputs
 
 

@@ -696,7 +696,18 @@ def _condition(cond):
     conjunctive normal form: 2**10 cases, or ten such comparisons nested, took minutes (2**32, a
     FlexAttention document count over 16 starts in a where(), never ended). Refused (a ValueError,
     which the parser reports at the node) where the cases times the condition's size pass
-    MAX_CONDITION_WORK."""
+    MAX_CONDITION_WORK.
+
+    A comparison that sympy's canonical form does not settle is written as one side minus the
+    other against 0 first: sympy turns ``2 * j - i <= i - j`` into ``i - 2*j >= -i + j``, that
+    into ``i - j >= -i + 2*j`` and back, and a Piecewise on it rebuilds itself until Python's
+    recursion limit (``where(2 * j - i <= i - j, s, 0)`` was refused as "nested too deeply").
+    Only such comparisons are rewritten; ``lhs - rhs`` is what sympy would compare anyway."""
+    if isinstance(cond, sympy.Basic):
+        unsettled = {r: r.func(r.lhs - r.rhs, 0) for r in cond.atoms(sympy.core.relational.Relational)
+                     if r.canonical != r.canonical.canonical}
+        if unsettled:
+            cond = cond.xreplace(unsettled)
     if isinstance(cond, sympy.Basic) and cond.has(sympy.Piecewise):
         cases = 1
         for pw in cond.atoms(sympy.Piecewise):
