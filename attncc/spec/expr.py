@@ -78,6 +78,8 @@ _TORCH_SPELLINGS = {
     "float": "x (no cast: scores are float32)", "int": _TO_INT, "long": _TO_INT, "bool": "x != 0",
     "new_zeros": "0", "zeros_like": "0", "ones_like": "1", "full_like": "the value",
     "floor": "x // 1", "ceil": "-(-x // 1)", "trunc": _TRUNC, "log1p": "log(1 + x)", "expit": "sigmoid(x)",
+    **dict.fromkeys(("rand", "randn", "rand_like", "randn_like", "randint", "bernoulli", "dropout"),
+                    "[score].dropout = p in the spec (an expression draws no random numbers)"),
 }
 
 
