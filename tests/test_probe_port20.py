@@ -719,6 +719,18 @@ def test_condition_sympy_does_not_settle_elsewhere(mod):
     attncc.parse_spec(spec_text(_spec(score={"mod": mod}), 8))
 
 
+@pytest.mark.parametrize("mod, rewritten", [
+    ("where(2 * s - i <= i - s, s, 0)", "where(2 * s - i - (i - s) <= 0, s, 0)"),
+    ("where(where(h > j, 2 * j - i, i) <= i - j, s, 0)", "where(where(h > j, 2 * j - i, i) - (i - j) <= 0, s, 0)")])
+def test_an_unsettled_comparison_says_how_to_write_it(mod, rewritten):
+    """Until the xfails above pass: their error said "nested too deeply (at most 100 levels)" of a
+    2-level expression; it now names the comparison sympy does not settle and the way around it,
+    which parses."""
+    with pytest.raises(SpecError, match=r"could not settle a comparison.*one side minus the other against 0"):
+        attncc.parse_spec(spec_text(_spec(score={"mod": mod}), 8))
+    attncc.parse_spec(spec_text(_spec(score={"mod": rewritten}), 8))
+
+
 def test_bool_plus_bool_and_float_positions_are_documented():
     """Two places where "port as written" had Flex's (torch's) meaning differ silently:
     - ``(q_idx < 8) + (kv_idx < 8)``: torch adds bool tensors as a logical or (1 where both hold),

@@ -955,5 +955,7 @@ def parse_expression(text: str, scope: Scope, file: str = "<string>", key: str =
         if counts is not None:
             counts |= parser.counts
         return result
-    except RecursionError:
-        raise SpecError(file, key, f"the expression is nested too deeply (at most {MAX_DEPTH} levels)") from None
+    except RecursionError:  # its depth was checked above: sympy rewrote something without end
+        raise SpecError(file, key, "sympy could not settle a comparison of this expression (its canonical form "
+                                   "alternates between two spellings); write the comparison as one side minus the "
+                                   "other against 0, e.g. where(a - b <= 0, ...) for where(a <= b, ...)") from None
