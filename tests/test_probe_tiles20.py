@@ -21,6 +21,9 @@ Probed (all clean; the counts are what the probe ran, this file keeps a sample o
   16x128, 64x32, 32x64, 256x16, 16x256, with call-time param overrides, offsets past a tile,
   B = 2, GQA, LSE in the loss; with and without the residue / column splits forced on
   (``ATTNCC_RESIDUE_MIN_ROWS=2``, ``ATTNCC_COLUMN_MIN_ROWS=4``): 152 cases;
+- packed varlen calls (``cu_seqlens_q`` / ``cu_seqlens_k``, 1-3 sequences of 0-40 rows each side) of the
+  static shipped specs at the same forced tiles, o and dq, dk, dv per sequence: 60 cases (not kept
+  here: tests/test_varlen.py covers the path);
 - ``attncc explain --json --block MxN`` on the static shipped specs at 64x16, 16x64, 128x16,
   16x128, 256x16 and shapes no kernel runs (48x16, 24x40, 1x1, 3x7, 7x3, 5x96, 100x9), lengths
   block multiples +- 1 and random up to 300, Nq != Nk: visited / unmasked tiles of both walks and
