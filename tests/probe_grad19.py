@@ -351,7 +351,14 @@ def run_case(seed: int, verbose=False, case: Optional[Case] = None):
                    for nm in kw_views if kw_views[nm].is_floating_point())
     problems = []
 
-    def cmp(label, x, r, t):
+    # The kernels' delta (rowsum(dO * o), as FlashAttention's) comes from the o they return, rounded
+    # to a half qdt: a table gradient that is zero in exact arithmetic (a per-row or per-head bias,
+    # t[b, h, i] without the LSE in the loss: softmax is shift invariant) is then sum_i dO_i . (ro_i - o_i)
+    # times the table's coefficient, ~1e-3 in float16 (seeds 753048, 753201; fuzz_specs seed 200061's
+    # rule). That rounding's total, twice over (coefficients up to 2), is allowed on table gradients.
+    o_round = 2.0 * float((go.double() * (ro.detach() - o.detach().double())).sum(-1).nan_to_num().abs().sum())
+
+    def cmp(label, x, r, t, allow=0.0):
         x, r = x.detach().double(), r.detach().double()
         if x.shape != r.shape:
             problems.append(f"{label}: shape {tuple(x.shape)} vs {tuple(r.shape)}")
@@ -365,7 +372,7 @@ def run_case(seed: int, verbose=False, case: Optional[Case] = None):
         if not torch.equal(x[~fin_r].nan_to_num(), r[~fin_r].nan_to_num()):
             problems.append(f"{label}: non-finite values differ: kernel {x[~fin_r][:4].tolist()} ref {r[~fin_r][:4].tolist()}")
         den = rf.norm().clamp_min(1e-2 if label.startswith("d") else 1e-3)
-        err = float((xf - rf).norm() / den)
+        err = float(((xf - rf).norm() - allow).clamp_min(0.0) / den)
         if err > t:
             problems.append(f"{label}: rel err {err:.3g} (|ref| {float(rf.norm()):.3g})")
 
@@ -386,7 +393,7 @@ def run_case(seed: int, verbose=False, case: Optional[Case] = None):
         if x is not None and x.dtype != leaf.dtype:
             problems.append(f"d{label}: dtype {x.dtype} vs leaf {leaf.dtype}")
         gt = tol[1] * (5 if label in grad_names and (half_tab or leaf.dtype in (torch.float16, torch.bfloat16)) else 1)
-        cmp(f"d{label}", x, r, gt)
+        cmp(f"d{label}", x, r, gt, o_round if label in grad_names else 0.0)
     if verbose or problems:
         return problems, desc
     return problems, desc
