@@ -3,8 +3,9 @@ triaged (counts in the report of branch fuzz20):
 
 - tests/fuzz_specs.py, seeds 731000..731852 (853 cases: forward, backward, packed calls): clean.
 - tests/probe_sem19.py, seeds 742000..742717 (718 cases, kernels included): two failures of its
-  Python twin (below), one known refusal.
-- tests/probe_grad19.py, seeds 753000..753242 (243 cases): two failures, a tolerance (below).
+  Python twin (below), one known refusal; after the twin's fix 742718..743320 (603): clean.
+- tests/probe_grad19.py, seeds 753000..753242 (243 cases): two failures, a tolerance (below);
+  after its fix 753243..753477 (235): clean.
 - tests/probe_inputs20.py, seeds 764000..764021 of each of its 6 specs (132 calls): clean.
 - tests/probe_specs.py, seeds 775000..775393 (394 cases, kernels included): clean.
 
