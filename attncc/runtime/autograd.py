@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import warnings
 from typing import Optional
+from weakref import ref as _weakref
 
 import torch
 
@@ -46,9 +47,11 @@ class AttentionFunction(torch.autograd.Function):
         # ctx keeps the call without q, k, v: they reach the backward through save_for_backward only, so
         # that saved-tensor hooks manage them (non-reentrant checkpointing drops them until it recomputes
         # them, offloading moves them); a reference here kept them alive from the forward to the backward.
-        # Their layouts stay, for the backward to know whether the call's signature memo serves the saved ones.
+        # Weak references stay: where the backward gets the very tensors back (no saved-tensor hooks) the
+        # call's signature memo serves them; hooks that give others back have it worked out anew (their
+        # layouts read here on every call were ~50 attribute reads per forward + backward, issue 18).
         ctx.call = call.replace(q=None, k=None, v=None)
-        ctx.layouts = (_layout(call.q), _layout(call.k), _layout(call.v))
+        ctx.operands = (_weakref(call.q), _weakref(call.k), _weakref(call.v))
         ctx.watched = (watch((call.cu_seqlens_q, call.cu_seqlens_k, *call.inputs.values()))
                        if call.inputs or call.varlen else None)
         # The LSE in log2 units less the score's row terms, where the forward kept it (keep_raw_lse):
@@ -85,8 +88,9 @@ class AttentionFunction(torch.autograd.Function):
                 given = {n: s for n, s in zip(names, saved) if n in call.given_inputs}
                 read = {n: s.to(call.inputs[n].dtype) if n in given else s for n, s in zip(names, saved)}
                 call = _with_saved(call, inputs={**call.inputs, **read}, given_inputs={**call.given_inputs, **given})
-        # q, k, v: the saved ones (see forward), with the signature memo where they have the forward's layouts
-        if (_layout(q), _layout(k), _layout(v)) == ctx.layouts:
+        # q, k, v: the saved ones (see forward), with the signature memo where they are the forward's own
+        rq, rk, rv = ctx.operands
+        if q is rq() and k is rk() and v is rv():
             call = call.replace(q=q, k=k, v=v)
         else:
             call = call.replace(memo=None, q=q, k=k, v=v)
