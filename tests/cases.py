@@ -154,3 +154,13 @@ def vjp_case(name, *, B=1, Nq=37, Nk=None, D=16, dtype=torch.float32, q_offset=0
         assert torch.isfinite(x).all(), f"d{label} has NaN/inf"
         assert rel_err(x, r) < tol, (label, rel_err(x, r))
     return lse, got
+
+
+def flex_softmax(s, vd):
+    """FlexAttention's output for float64 scores ``s`` [B, H, Nq, Nk] whose masked pairs are -inf, and
+    values ``vd`` [B, H, Nk, Dv]: (softmax(s) @ v, logsumexp(s)), a row without an allowed key giving
+    o = 0 and lse = -inf (the Flex oracles of the gym / Flex / porting probes)."""
+    empty = (s == float("-inf")).all(-1)
+    s0 = torch.where(empty[..., None], torch.zeros_like(s), s)
+    p = torch.where(empty[..., None] | (s == float("-inf")), 0.0, torch.softmax(s0, -1))
+    return p @ vd, torch.where(empty, float("-inf"), torch.logsumexp(s0, -1))

@@ -63,6 +63,7 @@ import torch
 
 import attncc
 from attncc.module_cache import toml_text
+from cases import flex_softmax
 
 NEG = float("-inf")
 
@@ -103,11 +104,7 @@ def flex_oracle(q, k, v, *, scale, score=None, mask=None, env=None, q_offset=0, 
             s = torch.where(mask(E).expand(B, Hq, Nq, Nk), s, torch.full_like(s, NEG))
     finally:
         torch.set_default_dtype(old)
-    empty = (s == NEG).all(-1)
-    s0 = torch.where(empty[..., None], torch.zeros_like(s), s)
-    p = torch.where(empty[..., None] | (s == NEG), 0.0, torch.softmax(s0, -1))
-    lse = torch.where(empty, NEG, torch.logsumexp(s0, -1))
-    return p @ vd, lse
+    return flex_softmax(s, vd)
 
 
 def _w(c, s):

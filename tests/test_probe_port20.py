@@ -62,7 +62,7 @@ import torch
 
 import attncc
 from attncc.spec import SpecError
-from cases import ROOT
+from cases import ROOT, flex_softmax
 
 NEG = float("-inf")
 DOC = (ROOT / "docs" / "spec-language.md").read_text()
@@ -112,11 +112,7 @@ def flex_attention64(q, k, v, score_mod=None, mask_mod=None, *, scale=None, enab
             s = torch.where(torch.as_tensor(mask_mod(b, h, qi, kj)).expand(B, Hq, Nq, Nk), s, torch.full_like(s, NEG))
     finally:
         torch.set_default_dtype(old)
-    empty = (s == NEG).all(-1)
-    s0 = torch.where(empty[..., None], torch.zeros_like(s), s)
-    p = torch.where(empty[..., None] | (s == NEG), 0.0, torch.softmax(s0, -1))
-    lse = torch.where(empty, NEG, torch.logsumexp(s0, -1))
-    return p @ vd, lse
+    return flex_softmax(s, vd)
 
 
 def _rel(a, b):
