@@ -164,3 +164,27 @@ def flex_softmax(s, vd):
     s0 = torch.where(empty[..., None], torch.zeros_like(s), s)
     p = torch.where(empty[..., None] | (s == float("-inf")), 0.0, torch.softmax(s0, -1))
     return p @ vd, torch.where(empty, float("-inf"), torch.logsumexp(s0, -1))
+
+
+def run_seeds(cases, run, verbose=False, describe=lambda case: "") -> int:
+    """The command line of a seeded probe (tests/probe_*.py): ``run(case)`` -> (problems, description) for
+    each of ``cases`` (a seed, or a (spec, seed) pair), an exception counted as a problem; prints each
+    failing case (``describe(case)`` adds its text) and the count. Returns the number of failures."""
+    import traceback
+
+    fails = total = 0
+    for case in cases:
+        total += 1
+        try:
+            problems, desc = run(case)
+        except Exception as e:  # noqa: BLE001
+            problems, desc = [f"raised {type(e).__name__}: {str(e)[:400]}"], {}
+            if verbose:
+                traceback.print_exc()
+        if problems:
+            fails += 1
+            print(f"--- {case}: {problems}\n{describe(case)}    {desc}", flush=True)
+        elif verbose:
+            print(f"{case} ok")
+    print(f"{fails} failures of {total}")
+    return fails

@@ -11,7 +11,6 @@ import math
 import os
 import random
 import sys
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -25,6 +24,7 @@ for _p in (str(_HERE), str(_HERE.parent)):
 import torch  # noqa: E402
 
 import attncc  # noqa: E402
+from cases import run_seeds  # noqa: E402
 
 F64 = torch.float64
 DT = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64,
@@ -407,20 +407,7 @@ def main():
     ap.add_argument("--verbose", action="store_true")
     a = ap.parse_args()
     seeds = [a.seed] if a.seed is not None else range(a.start, a.start + a.cases)
-    fails = 0
-    for s in seeds:
-        try:
-            problems, desc = run_case(s, a.verbose)
-        except Exception as e:  # noqa: BLE001
-            problems, desc = [f"raised {type(e).__name__}: {str(e)[:300]}"], {}
-            if a.verbose:
-                traceback.print_exc()
-        if problems:
-            fails += 1
-            print(f"--- seed {s}: {problems}\n{random_case(s).text}{desc}", flush=True)
-        elif a.verbose:
-            print(f"seed {s} ok")
-    print(f"{fails} failures of {len(list(seeds))}")
+    run_seeds(seeds, lambda seed: run_case(seed, a.verbose), a.verbose, lambda seed: random_case(seed).text)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ import math
 import os
 import random
 import sys
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
@@ -35,6 +34,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import attncc  # noqa: E402
+from cases import run_seeds  # noqa: E402
 
 F64 = torch.float64
 DT = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64,
@@ -644,26 +644,10 @@ def main():
     VERBOSE = a.verbose
     specs = [SPECS[s] for s in a.spec] if a.spec else list(SPECS.values())
     seeds = [a.seed] if a.seed is not None else range(a.start, a.start + a.cases)
-    fails = total = 0
-    for sc in specs:
-        for s in seeds:
-            total += 1
-            try:
-                problems, desc = run(sc, s, a.verbose)
-            except Exception as ex:  # noqa: BLE001
-                problems, desc = [f"raised {type(ex).__name__}: {str(ex)[:400]}"], {}
-                if a.verbose:
-                    traceback.print_exc()
-            if problems:
-                fails += 1
-                print(f"--- {sc.name} seed {s}: {problems}\n    {desc}", flush=True)
-            elif a.verbose:
-                print(f"{sc.name} seed {s} ok")
-    print(f"{fails} failures of {total}")
+    run_seeds([(sc.name, seed) for sc in specs for seed in seeds], lambda case: run(SPECS[case[0]], case[1], a.verbose),
+              a.verbose)
 
 
-if __name__ == "__main__":
-    main()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -834,3 +818,7 @@ def run_decode(sc: SpecCase, seed: int, verbose=False):
                 (fin.any() and float(((lse[b:b + 1].double()[fin] - rlse[fin]).abs() / rlse[fin].abs().clamp_min(1)).max()) > 1e-5):
             problems.append(f"row {b}: o rel err {err:.3g}, lse {lse[b].tolist()} vs {rlse[0].tolist()}")
     return problems, desc
+
+
+if __name__ == "__main__":
+    main()
