@@ -298,11 +298,10 @@ def reference(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
             opts[name] = value
         else:
             known = known_inputs + known_params + extras
-            hints = semantics.foreign_keyword_hints([name])
             raise TypeError(f"reference() got an unexpected keyword '{name}' for pattern '{pattern.name}' "
                             f"(inputs: {', '.join(known_inputs) or 'none'}; params: {', '.join(known_params) or 'none'}; "
                             f"also: {', '.join(extras)}; known: {', '.join(known)})"
-                            + (f" ({hints})" if hints else ""))
+                            + semantics.foreign_keyword_hints([name]))
     # checked whether or not a keep mask applies it, as the generated modules check theirs
     dropout_p = (semantics.dropout_probability("reference(): dropout_p", opts["dropout_p"]) if "dropout_p" in opts
                  else pattern.dropout)

@@ -52,8 +52,10 @@ FOREIGN_KEYWORDS = {
 
 
 def foreign_keyword_hints(names) -> str:
-    """What says the same as each of ``names`` that is another library's keyword, or ''."""
-    return "; ".join(f"{n}: {FOREIGN_KEYWORDS[n]}" for n in sorted(names) if n in FOREIGN_KEYWORDS)
+    """What says the same as each of ``names`` that is another library's keyword, as the tail of an
+    "unexpected keyword" error (`` (name: what to write; ...)``), or ''."""
+    hints = "; ".join(f"{n}: {FOREIGN_KEYWORDS[n]}" for n in sorted(names) if n in FOREIGN_KEYWORDS)
+    return f" ({hints})" if hints else ""
 
 
 def plain_number(value, what: str = "a number"):

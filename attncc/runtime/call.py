@@ -707,9 +707,8 @@ def bind_params_and_inputs(spec: SpecInfo, who: str, kwargs: dict, *, B: int, Hq
         inputs[d.name] = input_as_read(who, d.name, d.dtype, t)
     if kwargs:
         known = [p.name for p in spec.params if not p.hidden] + [d.name for d in spec.inputs]
-        hints = foreign_keyword_hints(kwargs)
         raise TypeError(f"{who}: unexpected keyword(s) {', '.join(sorted(kwargs))}; "
-                        f"known inputs and params: {', '.join(known) or 'none'}" + (f" ({hints})" if hints else ""))
+                        f"known inputs and params: {', '.join(known) or 'none'}" + foreign_keyword_hints(kwargs))
     return params, inputs
 
 
