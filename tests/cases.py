@@ -188,3 +188,15 @@ def run_seeds(cases, run, verbose=False, describe=lambda case: "") -> int:
             print(f"{case} ok")
     print(f"{fails} failures of {total}")
     return fails
+
+
+def flex_operands(seed, B, Bkv, Hq, Hkv, Nq, Nk, D, Dv):
+    """Seeded float32 q [B, Hq, Nq, D], k, v [Bkv, Hkv, Nk, D / Dv] and the cotangents of o and the
+    LSE (go, gl) of the Flex-oracle checks (tests/test_probe_flex19.py, test_probe_port20.py)."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, Nq, D, generator=gen)
+    k = torch.randn(Bkv, Hkv, Nk, D, generator=gen)
+    v = torch.randn(Bkv, Hkv, Nk, Dv, generator=gen)
+    go = torch.randn(B, Hq, Nq, Dv, generator=gen)
+    gl = torch.randn(B, Hq, Nq, generator=gen)
+    return q, k, v, go, gl

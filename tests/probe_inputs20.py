@@ -445,6 +445,12 @@ def draw_call(sc: SpecCase, p, rng: random.Random) -> Call:
     return Call(B, H, Hkv, Nq, Nk, D, q_off, k_off, n_q, n_k, qdt, hows, {}, grads, alias, kv_b1)
 
 
+def rounded(t, dtype, unless=None):
+    """The float64 ``t`` with the values of its ``dtype`` rounding and ``t``'s gradient (``t`` itself where
+    ``dtype`` is ``unless``): what a caller's tensor of that dtype holds, differentiable as ``t``."""
+    return t if dtype == unless else t.detach().to(dtype).to(F64) + (t - t.detach())
+
+
 def run(sc: SpecCase, seed: int, verbose=False):
     m, p = compiled(sc)
     rng = random.Random(seed * 7919 + sum(map(ord, sc.name)))
@@ -557,29 +563,25 @@ def run(sc: SpecCase, seed: int, verbose=False):
     grads = torch.autograd.grad(loss_of(o, lse), wrt, allow_unused=True, materialize_grads=True)
     # attncc.reference
     rq, rk, rv, rkw, rwrt, _ = build(c.qdt, True)
-    rq2 = rq.detach().to(c.qdt).to(F64) + (rq - rq.detach()) if c.qdt != torch.float32 else rq
-    rk2 = rk.detach().to(c.qdt).to(F64) + (rk - rk.detach()) if c.qdt != torch.float32 else rk
-    rv2 = rv.detach().to(c.qdt).to(F64) + (rv - rv.detach()) if c.qdt != torch.float32 else rv
+    rq2, rk2, rv2 = (rounded(t, c.qdt, torch.float32) for t in (rq, rk, rv))
     # attncc.reference reads float inputs at their declared type: pass the kernel call's dtypes
     rkw_ref = {}
     for d in sc.decls:
         t = rkw[d.name]
         if t.is_floating_point():
-            rkw_ref[d.name] = t.detach().to(c.dtypes[d.name]).to(F64) + (t - t.detach()) if c.dtypes[d.name] != F64 else t
+            rkw_ref[d.name] = rounded(t, c.dtypes[d.name], F64)
         else:
             rkw_ref[d.name] = t
     ro, rlse = attncc.reference(p, rq2, rk2, rv2, return_lse=True, **pos, **rkw_ref)
     rgrads = torch.autograd.grad(loss_of(ro, rlse), rwrt, allow_unused=True, materialize_grads=True)
     # the oracle
     oq, ok_, ov, okw, owrt, _ = build(c.qdt, True)
-    oq2 = oq.detach().to(c.qdt).to(F64) + (oq - oq.detach()) if c.qdt != torch.float32 else oq
-    ok2 = ok_.detach().to(c.qdt).to(F64) + (ok_ - ok_.detach()) if c.qdt != torch.float32 else ok_
-    ov2 = ov.detach().to(c.qdt).to(F64) + (ov - ov.detach()) if c.qdt != torch.float32 else ov
+    oq2, ok2, ov2 = (rounded(t, c.qdt, torch.float32) for t in (oq, ok_, ov))
     vals = {}
     for d in sc.decls:
         t = okw[d.name]
         if t.is_floating_point():
-            t = t.detach().to(c.dtypes[d.name]).to(F64) + (t - t.detach())  # what the caller's tensor holds
+            t = rounded(t, c.dtypes[d.name])  # what the caller's tensor holds
         vals[d.name] = values_as_read(d, t)
     xo, xlse = oracle(sc, oq2, ok2, ov2, vals, B, H, Hkv, Nq, Nk, c.q_off, c.k_off, n_q, n_k, sc.decls)
     xgrads = torch.autograd.grad(loss_of(xo, xlse), owrt, allow_unused=True, materialize_grads=True)

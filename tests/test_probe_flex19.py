@@ -63,7 +63,7 @@ import torch
 
 import attncc
 from attncc.module_cache import toml_text
-from cases import flex_softmax
+from cases import flex_operands, flex_softmax
 
 NEG = float("-inf")
 
@@ -126,13 +126,8 @@ def check(spec, score=None, mask=None, *, inputs=None, learned=(), params=None, 
           tol=1e-4, grad_tol=5e-4, dtype=torch.float32):
     """Kernel vs the Flex oracle vs attncc.reference: o, lse, and the gradients of the loss
     <o, go> + <lse, gl> (finite rows) in q, k, v and the ``learned`` inputs. Returns the errors."""
-    gen = torch.Generator().manual_seed(seed)
     Dv = Dv or D
-    q = torch.randn(B, Hq, Nq, D, generator=gen)
-    k = torch.randn(Bkv or B, Hkv, Nk, D, generator=gen)
-    v = torch.randn(Bkv or B, Hkv, Nk, Dv, generator=gen)
-    go = torch.randn(B, Hq, Nq, Dv, generator=gen)
-    gl = torch.randn(B, Hq, Nq, generator=gen)
+    q, k, v, go, gl = flex_operands(seed, B, Bkv or B, Hq, Hkv, Nq, Nk, D, Dv)
     q, k, v = (t.to(dtype).float() for t in (q, k, v))  # the oracle sees the rounded inputs
     inputs = inputs or {}
     params = params or {}

@@ -62,7 +62,7 @@ import torch
 
 import attncc
 from attncc.spec import SpecError
-from cases import ROOT, flex_softmax
+from cases import ROOT, flex_operands, flex_softmax
 
 NEG = float("-inf")
 DOC = (ROOT / "docs" / "spec-language.md").read_text()
@@ -129,13 +129,8 @@ def check(text, score_mod=None, mask_mod=None, *, T=None, learned=(), call=None,
     ``call`` the params and ``extra`` keywords passed to attncc only (``kernel_only`` to the
     kernels only)."""
     T = {} if T is None else T
-    gen = torch.Generator().manual_seed(seed)
     Dv = Dv or D
-    q = torch.randn(B, Hq, Nq, D, generator=gen)
-    k = torch.randn(Bkv or B, Hkv, Nk, D, generator=gen)
-    v = torch.randn(Bkv or B, Hkv, Nk, Dv, generator=gen)
-    go = torch.randn(B, Hq, Nq, Dv, generator=gen)
-    gl = torch.randn(B, Hq, Nq, generator=gen)
+    q, k, v, go, gl = flex_operands(seed, B, Bkv or B, Hq, Hkv, Nq, Nk, D, Dv)
     base = {n: t.clone() for n, t in T.items()}
     call = dict(call or {})
     m = attncc.compile(text)
@@ -441,11 +436,16 @@ def more_cases():
     return out
 
 
-@pytest.mark.parametrize("case", sweep(more_cases()))
-def test_a_few_more(case, request):
+def check_case(case, request):
+    """One case of a sweep (more_cases, section8_cases): its snippet compiled against its Flex functions."""
     skip_slow(request)
     name, snippet, score_mod, mask_mod, T, learned, kw = case
     check(spec_text(snippet, kw.pop("D", 8)), score_mod, mask_mod, T=T, learned=learned, **kw)
+
+
+@pytest.mark.parametrize("case", sweep(more_cases()))
+def test_a_few_more(case, request):
+    check_case(case, request)
 
 
 def _spec(**tables):
@@ -552,9 +552,7 @@ def section8_cases():
 
 @pytest.mark.parametrize("case", sweep(section8_cases()))
 def test_section8_port(case, request):
-    skip_slow(request)
-    name, snippet, score_mod, mask_mod, T, learned, kw = case
-    check(spec_text(snippet, kw.pop("D", 8)), score_mod, mask_mod, T=T, learned=learned, **kw)
+    check_case(case, request)
 
 
 def _wrap_case(index, table, N):
