@@ -370,7 +370,7 @@ def _forward(call):
     if _rt.gluon_selected(call):  # the Gluon sm90 forward, where ATTNCC_BACKEND selects it
         # on q and k rotated once, by the pre-pass the tl kernels take them from
         return _rt.gluon_forward(call, "rendered", rotated=lambda: _rotated(call, call.q.contiguous(),
-                                                                                  call.k.contiguous()))
+                                                                                  call.k.contiguous()), raw=True)
     q, k, v = _rt.kernel_operands(call)
     q, k = _rotated(call, q, k)
     cfg = _rt.pick_config(call)

@@ -385,7 +385,7 @@ def _fwd_launch(call, cfg, q, k, v, o, lse):
 
 def _forward(call):
     if _rt.gluon_selected(call):  # the Gluon sm90 forward, where ATTNCC_BACKEND selects it
-        return _rt.gluon_forward(call, "rendered")
+        return _rt.gluon_forward(call, "rendered", raw=True)
     q, k, v = _rt.kernel_operands(call)
     cfg = _rt.pick_config(call)
     _rt.ensure_allocator()
@@ -786,7 +786,7 @@ def _backward(call, o, lse, do, dlse=None):
     """dq, dk, dv of one call (``o``, ``lse`` from its forward; ``do`` = dLoss/do, ``dlse`` = dLoss/dlse
     or None when the loss does not use the LSE)."""
     if _rt.gluon_backward_selected(call):  # the Gluon sm90 backward, where ATTNCC_BACKEND selects it
-        return _rt.gluon_backward(call, "rendered", o, lse, do, dlse)
+        return _rt.gluon_backward(call, "rendered", o, lse, do, dlse, raw=True)
     q, k, v = _rt.kernel_operands(call)
     cfg, cfg_kv, cfg_q = _rt.backward_configs(call, shared=False)
     _rt.ensure_allocator()

@@ -346,7 +346,7 @@ def _fwd_launch(call, cfg, q, k, v, o, lse):
 def _forward(call):
     if _rt.gluon_selected(call):  # the Gluon sm90 forward, where ATTNCC_BACKEND selects it
         # its walk reads the block lists of the Gluon kernel's tiles
-        return _rt.gluon_forward(call, "rendered", lists=lambda block_m, block_n: _exact_lists(call, block_m, block_n)[0])
+        return _rt.gluon_forward(call, "rendered", lists=lambda block_m, block_n: _exact_lists(call, block_m, block_n)[0], raw=True)
     q, k, v = _rt.kernel_operands(call)
     cfg = _rt.pick_config(call)
     _rt.ensure_allocator()

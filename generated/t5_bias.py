@@ -269,7 +269,7 @@ def _fwd_launch(call, cfg, q, k, v, o, lse):
 
 def _forward(call):
     if _rt.gluon_selected(call):  # the Gluon sm90 forward, where ATTNCC_BACKEND selects it
-        return _rt.gluon_forward(call, "rendered")
+        return _rt.gluon_forward(call, "rendered", raw=True)
     q, k, v = _rt.kernel_operands(call)
     cfg = _rt.pick_config(call)
     _rt.ensure_allocator()

@@ -325,7 +325,7 @@ def emulate_forward(frag: Fragments, q, k, v, *, scale, q_offset=0, k_offset=0, 
                             m_i, l_i, acc = step(kb, False, m_i, l_i, acc)
                         for kb in range(int(past_full), int(segs[4 * seg + 3])):
                             m_i, l_i, acc = step(kb, True, m_i, l_i, acc)
-                out, row_lse = C.finish_rows(acc, m_i, l_i, None)
+                out, row_lse, _ = C.finish_rows(acc, m_i, l_i, None)
                 rows = slice(qb * block_m, min(Nq, (qb + 1) * block_m))
                 o[b, h, rows] = out[:rows.stop - rows.start]
                 lse[b, h, rows] = row_lse[:rows.stop - rows.start]
@@ -381,11 +381,19 @@ class EmulatedForward:
         self.results.append(types.SimpleNamespace(out=out, lse=lse, walked=walked, block_m=rows, block_n=block_n,
                                                   q=q, k=k, args=a))
         o.copy_(out.to(o.dtype))
-        if a["RETURN_LSE"]:
-            a["lse_ptr"].view(lse.shape).copy_(lse.float())
+        write_lse(a, lse)
 
 
 _LOG2E = 1.4426950408889634
+
+
+def write_lse(a: dict, lse: torch.Tensor) -> None:
+    """What a forward kernel launched with the bound arguments ``a`` writes of the natural-log ``lse``
+    [B, H, Nq]: itself with RETURN_LSE, and in log2 units with STORE_RAW too (the backward's)."""
+    if a["RETURN_LSE"]:
+        a["lse_ptr"].view(lse.shape).copy_(lse.float())
+        if a["STORE_RAW"]:
+            a["lse_raw_ptr"].view(lse.shape).copy_((lse * _LOG2E).float())
 
 
 def emulated_forwards(monkeypatch) -> dict:

@@ -282,9 +282,11 @@ def test_the_emulation_catches_a_wrong_walk(emulated, broken, method):
     check_case(case, seed=5, method=method)
 
 
-def test_preprocess_writes_padded_rows():
-    """delta = rowsum(dO * O) - dLSE and lse2 = LSE log2(e) (+inf where LSE = -inf, dLSE ignored
-    there) at rows of a 16-byte multiple of floats; strided O / dO read as they are."""
+@pytest.mark.parametrize("raw", [False, True], ids=["natural", "raw"])
+def test_preprocess_writes_padded_rows(raw):
+    """delta = rowsum(dO * O) - dLSE and lse2 = LSE log2(e) (raw: the forward's log2 LSE as it is;
+    +inf where LSE = -inf, dLSE ignored there) at rows of a 16-byte multiple of floats; strided O / dO
+    read as they are."""
     from attncc.runtime.gluon.preprocess import bwd_preprocess
 
     gen = torch.Generator().manual_seed(0)
@@ -297,12 +299,15 @@ def test_preprocess_writes_padded_rows():
     row_stride = 72
     buf = torch.full((2, B, H, row_stride), 123.0)
     delta, lse2 = buf[0, ..., :Nq], buf[1, ..., :Nq]
-    bwd_preprocess[(2, B * H)](o, do, lse, dlse, delta, lse2, *o.stride(), *do.stride(), H, Nq, row_stride,
-                               HEAD_DIM=D, BLOCK_M=64, HAS_DLSE=True)
+    # the raw LSE: log2 units, off the natural one by more than rounding (so that reading either shows)
+    lse_raw = torch.where(lse.isinf(), lse, lse * 1.4426950408889634 + 0.25)
+    bwd_preprocess[(2, B * H)](o, do, lse, dlse, lse_raw, delta, lse2, *o.stride(), *do.stride(), H, Nq,
+                               row_stride, HEAD_DIM=D, BLOCK_M=64, HAS_DLSE=True, RAW_LSE=raw)
     want = (o.float() * do.float()).sum(-1) - torch.where(lse.isinf(), 0.0, dlse)
     assert torch.allclose(delta, want, atol=1e-4)
     assert torch.equal(lse2.isinf(), lse.isinf()) and torch.all(lse2[lse.isinf()] > 0)
-    assert torch.allclose(lse2[~lse.isinf()], lse[~lse.isinf()] * 1.4426950408889634)
+    want = lse_raw if raw else lse * 1.4426950408889634
+    assert torch.allclose(lse2[~lse.isinf()], want[~lse.isinf()])
     assert torch.all(buf[..., Nq:] == 123.0)  # the padding is not written
 
 

@@ -50,7 +50,7 @@ from attncc.runtime.gluon import fwd_pipelined, fwd_ws, launch  # noqa: E402
 from attncc.spec import SpecError, load_spec, parse_spec  # noqa: E402
 from cases import SMALL_PARAMS, SPEC_NAMES, inputs_for, module, pattern  # noqa: E402
 from early_child import EarlyChild  # noqa: E402
-from gluon_host import C, Fragments, ctx_of, emulate_forward, load_fragments  # noqa: E402
+from gluon_host import C, Fragments, ctx_of, emulate_forward, load_fragments, write_lse  # noqa: E402
 from kernel_compile import without_interpreter  # noqa: E402
 from tile_oracle import (Problem, mask_spec, random_cover_mask, random_mask, random_overrides,  # noqa: E402
                          random_problem, truth_classes)
@@ -516,8 +516,7 @@ class EmulatedKernel:
                                    q_offset=a["q_offset"], k_offset=a["k_offset"], n_q=a["n_q"], n_k=a["n_k"],
                                    pattern_args=a["pattern_args"], block_m=128, block_n=k_block(a))
         o.copy_(out.to(o.dtype))
-        if a["RETURN_LSE"]:
-            a["lse_ptr"].view(lse.shape).copy_(lse.float())
+        write_lse(a, lse)
 
 
 def _host(fn):
@@ -576,13 +575,35 @@ def test_module_hands_rendered_fragments_to_the_kernel(monkeypatch, emulated, na
     assert float((o.detach().double() - ref).abs().max()) < 2e-2 and torch.equal(lse.isinf(), ref_lse.isinf())
     fin = torch.isfinite(lse)
     assert float((lse.detach()[fin].double() - ref_lse[fin]).abs().max()) < 1e-4
+    # the forward wrote its LSE in log2 units too, which the Gluon backward reads instead of the
+    # natural one taken back (one float32 rounding each way: 2**ulp off weights at large scores)
+    assert kwargs["STORE_RAW"] is True and o.grad_fn.has_raw
+    raw = args[list(fwd_ws.attn_fwd_ws.arg_names).index("lse_raw_ptr")]
+    assert raw.data_ptr() != lse.data_ptr() and raw is o.grad_fn.saved_tensors[-1]
+    assert torch.allclose(raw[fin], lse.detach()[fin] * LOG2E) and torch.equal(raw.isinf(), lse.isinf())
+    read = []
+    given = launch.attention_backward
+    monkeypatch.setattr(launch, "attention_backward", lambda *a, **kw: read.append(kw["lse_raw"]) or given(*a, **kw))
     do = torch.randn(o.shape, generator=gen).to(o.dtype)
     o.backward(do)  # the Gluon backward on the Gluon forward's output
+    assert len(read) == 1 and read[0] is raw
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     want = torch.autograd.grad(attncc.reference(pattern(name), *leaves, q_offset=40, **params), leaves, do.double())
     for t, w in zip((q, k, v), want):
         assert float((t.grad.double() - w).norm() / w.norm()) < 2e-2
     assert len(emulated["attn_bwd_dkdv"].launches) == len(emulated["attn_bwd_dq"].launches) == 1
+
+
+def test_row_terms_keep_the_natural_lse_on_the_gluon_paths():
+    """A score with terms constant along j: the tl backward's LSE in log2 units leaves them out, the
+    Gluon kernels' scores hold them, so neither Gluon kernel hands its log2 LSE to the other's backward
+    (the natural LSE, which holds them, goes between them); without row terms both do."""
+    row = attncc.compile('name = "gluon_row_term"\n[mask]\nwhere = "causal"\n[score]\nbias = "0.1 * i + 0.01 * j"\n')
+    plain = attncc.compile('name = "gluon_no_row_term"\n[mask]\nwhere = "causal"\n[score]\nbias = "0.01 * (j - i)"\n')
+    for mod, raw in ((row, False), (plain, True)):
+        text = Path(mod.__file__).read_text()
+        assert mod.SPEC.gluon == "rendered" and "_rt.gluon_forward(" in text and "_rt.gluon_backward(" in text
+        assert text.count("raw=True") == (2 if raw else 0), mod.SPEC.name
 
 
 # ------------------------------------------------------------------------------------------------
@@ -667,14 +688,14 @@ def rendered_compiler():
     import attncc.runtime as rt
     real_forward = rt.gluon_forward  # (loads the runtime: its exports are attributes from then on)
 
-    def forward(call, walk, lists=None, rotated=None):
+    def forward(call, walk, lists=None, rotated=None, raw=False):
         if rotated is not None:  # nor the RoPE pre-pass: q and k as they are (the same signature)
             rotated = (lambda: (call.q, call.k))
         if lists is not None:  # the modules' list kernels cannot run here: zeros of the lists' shapes
             lists = (lambda m, n: rt.blocks.BlockLists(
                 *[torch.zeros(call.B, 1, -(-call.Nq // m), *w, dtype=torch.int32) for w in ((), (-(-call.Nk // n),))] * 2,
                 stride_b=-(-call.Nq // m) if call.B > 1 else 0, stride_h=0, stride_row=1, width=-(-call.Nk // n)))
-        return real_forward(call, walk, lists, rotated)
+        return real_forward(call, walk, lists, rotated, raw)
     rt.gluon_forward = backend.gluon_forward = forward
     recorded = []
     for kernel in (fwd_ws.attn_fwd_ws, fwd_pipelined.attn_fwd_pipelined, bwd.attn_bwd_dkdv, bwd.attn_bwd_dq,

@@ -50,6 +50,7 @@ from attncc.spec import SpecError, load_spec, parse_spec  # noqa: E402
 from cases import SPEC_NAMES, module  # noqa: E402
 from early_child import EarlyChild  # noqa: E402
 from gluon_emulation import EmulatedKernel  # noqa: E402
+from gluon_host import write_lse  # noqa: E402
 from kernel_compile import without_interpreter  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,7 +136,9 @@ def _backward_branch(tree):
     if not (isinstance(first, ast.If) and "gluon_backward_selected" in ast.unparse(first.test)):
         return None
     (ret,) = first.body
-    assert ast.unparse(ret.value) == f"_rt.gluon_backward(call, {ret.value.args[1].value!r}, o, lse, do, dlse)"
+    # raw=True: the score has no row terms (test_gluon_rendered.test_row_terms_keep_the_natural_lse_...)
+    assert ast.unparse(ret.value) in (f"_rt.gluon_backward(call, {ret.value.args[1].value!r}, o, lse, do, dlse{raw})"
+                                      for raw in ("", ", raw=True"))
     return ret.value.args[1].value
 
 
@@ -495,8 +498,7 @@ class StubKernel:
         lse = torch.logsumexp(s, -1)
         p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
         o.copy_((p @ v.double().repeat_interleave(group, 1)).to(o.dtype))
-        if a["RETURN_LSE"]:
-            a["lse_ptr"].view(lse.shape).copy_(lse)
+        write_lse(a, lse)
 
 
 @pytest.fixture
@@ -561,7 +563,10 @@ def test_wired_forward_launches_the_ws_kernel_and_the_tl_backward_takes_its_outp
         lse_stride=20, qk_scale=64 ** -0.5 * LOG2E, WALK=walks.causal_walk, MASK=walks.causal_mask, SCORE=None,
         SEGMENTS=1, pattern_args=(), RETURN_LSE=True,
         STAGES=cfg.stages, PINGPONG=False, O_IN_Q=cfg.o_in_q, CONSUMER_REGS=cfg.consumer_regs,
-        LOADER_REGS=cfg.loader_regs))
+        LOADER_REGS=cfg.loader_regs, STORE_RAW=True))
+    # its LSE in log2 units, a buffer of its own, is what the tl backward reads
+    assert o.grad_fn.has_raw and bound["lse_raw_ptr"] is o.grad_fn.saved_tensors[-1]
+    assert bound["lse_raw_ptr"].data_ptr() != lse.data_ptr()
     assert kwargs["num_warps"] == 4 and kwargs["maxnreg"] == cfg.maxnreg
     assert grid == (min(132, 4),)  # one query block per (batch, head): 4 tiles
     assert 1 <= bound["HEAD_GROUP"] <= 4

@@ -44,7 +44,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from attncc.runtime.autograd import alert_not_deterministic, no_pairs, no_pairs_backward
+from attncc.runtime.autograd import (alert_not_deterministic, keep_raw_lse, no_pairs, no_pairs_backward, raw_lse,
+                                     seal_raw_lse)
 from attncc.runtime.call import Call, dtype_name, env, interpreting
 from attncc.runtime import gluon
 from attncc.runtime.gluon import BWD_HEAD_DIMS, CAPABILITY, DTYPES, HEAD_DIMS
@@ -206,7 +207,7 @@ def narrowed(config, head_dim: int, block_n: Optional[int]):
     return dataclasses.replace(config, block_n=block_n)
 
 
-def gluon_forward(call: Call, walk: str, lists=None, rotated=None):
+def gluon_forward(call: Call, walk: str, lists=None, rotated=None, raw: bool = False):
     """``(o, lse)`` of ``call`` from the Gluon sm90 forward with the built-in ``walk`` ("dense",
     "causal"), or with the module's rendered fragments (``walk`` "rendered"), as the generated ``tl``
     forward returns them: o [B, Hq, Nq, D] in q's dtype, the natural-log LSE [B, Hq, Nq] in float32
@@ -215,13 +216,25 @@ def gluon_forward(call: Call, walk: str, lists=None, rotated=None):
     the call's forward block lists (attncc.runtime.blocks.BlockLists) for tiles of that shape, which
     fragments with a block-list walk read (``LISTS``): the module's own, as its ``tl`` kernels get them.
     ``rotated()``: q and k rotated at their positions (RoPE: the module's pre-pass), which the kernel
-    then reads instead of the call's."""
-    from attncc.runtime.gluon import launch
-
+    then reads instead of the call's. ``raw``: the spec's score has no terms constant along j (its
+    scores are those the ``tl`` backward recomputes), so the forward also writes, where a backward
+    follows, the LSE in log2 units that backward reads (attncc.runtime.autograd.keep_raw_lse)."""
     if call.B == 0 or call.Nq == 0 or call.Nk == 0:  # no pair: what the tl path gives such calls (an empty
         return no_pairs(call)  # batch too: a TMA descriptor of a 0-sized dim fails Triton's assert "shape must be positive")
     kw = dict(scale=call.scale, q_offset=call.q_offset, k_offset=call.k_offset, n_q=call.n_q, n_k=call.n_k,
               return_lse=True, config=gluon_config(call.D))
+    if raw and call.for_backward is not None:
+        lse = torch.empty(call.B, call.Hq, call.Nq, dtype=torch.float32, device=call.q.device)
+        kw.update(lse_out=lse, lse_raw_out=keep_raw_lse(call, lse))
+        out = _gluon_forward(call, walk, lists, rotated, kw)
+        seal_raw_lse(call)
+        return out
+    return _gluon_forward(call, walk, lists, rotated, kw)
+
+
+def _gluon_forward(call: Call, walk: str, lists, rotated, kw: dict):
+    from attncc.runtime.gluon import launch
+
     if walk == "rendered":
         f = call.spec.gluon_fragments.load()
         kw["config"] = narrowed(kw["config"], call.D, getattr(f, "BLOCK_N", None))
@@ -297,12 +310,14 @@ def gluon_bwd_config(head_dim: int):
     return launch.default_bwd_config(head_dim)
 
 
-def gluon_backward(call: Call, walk: str, o, lse, do, dlse=None):
+def gluon_backward(call: Call, walk: str, o, lse, do, dlse=None, raw: bool = False):
     """``(dq, dk, dv, {})`` of ``call`` from the Gluon sm90 backward with the built-in ``walk`` ("dense",
     "causal") or the module's rendered fragments (``walk`` "rendered"), as the generated ``tl`` backward
     returns them; ``o``, ``lse`` are the forward's (either forward's), ``do``, ``dlse`` the gradients of
     the loss (``dlse`` None when the loss does not use the LSE). ``ATTNCC_GLUON_BWD`` picks the split
-    (default, deterministic) or the fused kernels, for either kind of walk."""
+    (default, deterministic) or the fused kernels, for either kind of walk. ``raw``: the spec's score
+    has no terms constant along j, so the LSE in log2 units the forward kept for this ``lse`` (either
+    forward's, :func:`gluon_forward`) is the one these kernels recompute their weights from."""
     from attncc.runtime.gluon import launch
 
     if call.B == 0 or call.Nq == 0 or call.Nk == 0:  # no pair (an empty batch too): what the tl path gives
@@ -320,6 +335,7 @@ def gluon_backward(call: Call, walk: str, o, lse, do, dlse=None):
                   segments=f.SEGMENTS, qsegments=f.QSEGMENTS, pattern_args=f.pattern_args(call))
     else:
         kw.update(pattern=walk)
-    dq, dk, dv = launch.attention_backward(call.q, call.k, call.v, o, lse, do.to(call.q.dtype), dlse, **kw)
+    dq, dk, dv = launch.attention_backward(call.q, call.k, call.v, o, lse, do.to(call.q.dtype), dlse,
+                                           lse_raw=raw_lse(call, lse) if raw else None, **kw)
     # already q's (= k's = v's) dtype and shapes (Dv = D); a Gluon spec has no [inputs]
     return dq, dk, dv, {}

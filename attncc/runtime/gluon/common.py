@@ -134,11 +134,13 @@ def rescale(acc, alpha, o_layout: gl.constexpr):
 
 @gluon.jit
 def finish_rows(acc, m_i, l_i, o_layout: gl.constexpr):
-    """O = acc / l and the natural-log LSE; rows that saw no allowed key give O = 0, LSE = -inf."""
+    """O = acc / l, the natural-log LSE and the LSE in log2 units as the key loop has it (m + log2(l):
+    the backward's, exact where the natural LSE taken back to log2 units rounds twice more); rows that
+    saw no allowed key give O = 0, both LSEs -inf."""
     l_safe = gl.where(l_i == 0.0, 1.0, l_i)
     o = acc / gl.expand_dims(gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout)), 1)
-    lse = gl.where(l_i == 0.0, float("-inf"), (m_i + gl.log2(l_safe)) * LN2)
-    return o, lse
+    lse2 = gl.where(l_i == 0.0, float("-inf"), m_i + gl.log2(l_safe))
+    return o, lse2 * LN2, lse2
 
 
 @gluon.jit

@@ -17,11 +17,11 @@ from attncc.runtime.gluon.common import (block_scores, exp2_scale, finish_rows, 
 
 
 @gluon.jit
-def attn_fwd_pipelined(q_desc, k_desc, v_desc, o_desc, lse_ptr, lse_stride: gl.int64,
+def attn_fwd_pipelined(q_desc, k_desc, v_desc, o_desc, lse_ptr, lse_raw_ptr, lse_stride: gl.int64,
                        H, GROUP, Nq, Nk, q_offset, k_offset, n_q, n_k, qk_scale, pattern_args,
                        WALK: gl.constexpr, MASK: gl.constexpr, SCORE: gl.constexpr, SEGMENTS: gl.constexpr,
                        RETURN_LSE: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
-                       BLOCK: gl.constexpr = None):
+                       BLOCK: gl.constexpr = None, STORE_RAW: gl.constexpr = False):
     """One program per (query block, batch x head); descriptors are 4-d over [B, H, N, D] tensors, so
     batch and head offsets are TMA coordinates (no int32 address arithmetic) and rows past N read as
     zeros and are never written. LSE row (b, h) starts at lse_ptr + (b * H + h) * lse_stride (an
@@ -93,10 +93,12 @@ def attn_fwd_pipelined(q_desc, k_desc, v_desc, o_desc, lse_ptr, lse_stride: gl.i
         m_i, l_i, p, alpha = softmax_update(s, m_i, l_i, exp2_scale(qk_scale, SCORE), p_layout, dtype)
         acc = warpgroup_mma(p, v, rescale(acc, alpha, o_layout))
 
-    o, lse = finish_rows(acc, m_i, l_i, o_layout)
+    o, lse, lse2 = finish_rows(acc, m_i, l_i, o_layout)
     if RETURN_LSE:
         rows = qb * BLOCK_M + gl.arange(0, BLOCK_M, gl.SliceLayout(1, s_layout))
         gl.store(lse_ptr + bh * lse_stride + rows, lse, mask=rows < Nq)
+        if STORE_RAW:  # the backward's LSE (log2 units), at the same offsets
+            gl.store(lse_raw_ptr + bh * lse_stride + rows, lse2, mask=rows < Nq)
     # Q's buffer is free (every wgmma on it has completed): stage O there for the TMA store.
     gl.thread_barrier()
     q.store(o.to(dtype))

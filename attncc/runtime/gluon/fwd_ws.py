@@ -155,11 +155,11 @@ def consumer_step(kb, q, acc, m_i, l_i, p, alpha, it, prev_slot, prev_phase, tur
 
 
 @gluon.jit
-def consumer_partition(descs, smem, bars, lse_ptr, lse_stride, B, H, Nq, Nk, q_offset, k_offset, n_q, n_k, qk_scale,
+def consumer_partition(descs, smem, bars, lse_ptr, lse_raw_ptr, lse_stride, B, H, Nq, Nk, q_offset, k_offset, n_q, n_k, qk_scale,
                        HEAD_GROUP, pattern_args,
                        WALK: gl.constexpr, MASK: gl.constexpr, SCORE: gl.constexpr, SEGMENTS: gl.constexpr,
                        RETURN_LSE: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, O_IN_Q: gl.constexpr,
-                       WG: gl.constexpr, BLOCK: gl.constexpr, SNAKE: gl.constexpr):
+                       WG: gl.constexpr, BLOCK: gl.constexpr, SNAKE: gl.constexpr, STORE_RAW: gl.constexpr):
     q_desc, k_desc, v_desc, o_desc = descs
     q_smem, o_smem, k_smem, v_smem = smem
     q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn_bars = bars
@@ -244,10 +244,12 @@ def consumer_partition(descs, smem, bars, lse_ptr, lse_stride, B, H, Nq, Nk, q_o
         if not O_IN_Q:
             # Every S of this tile has completed: the producer may load the next tile's Q half.
             mbarrier.arrive(q_empty.index(WG))
-        o, lse = finish_rows(acc, m_i, l_i, o_layout)
+        o, lse, lse2 = finish_rows(acc, m_i, l_i, o_layout)
         if RETURN_LSE:
             rows = row0 + gl.arange(0, M_WG, row_layout)
             gl.store(lse_ptr + bh * lse_stride + rows, lse, mask=rows < Nq)
+            if STORE_RAW:  # the backward's LSE (log2 units), at the same offsets
+                gl.store(lse_raw_ptr + bh * lse_stride + rows, lse2, mask=rows < Nq)
         # The previous tile's O store must have read the staging buffer before it is overwritten.
         tma.store_wait(0)
         out.reshape([M_WG, HEAD_DIM]).store(o.to(dtype))
@@ -261,12 +263,12 @@ def consumer_partition(descs, smem, bars, lse_ptr, lse_stride, B, H, Nq, Nk, q_o
 
 
 @gluon.jit
-def attn_fwd_ws(q_desc, k_desc, v_desc, o_desc, lse_ptr, lse_stride: gl.int64,
+def attn_fwd_ws(q_desc, k_desc, v_desc, o_desc, lse_ptr, lse_raw_ptr, lse_stride: gl.int64,
                 B, H, GROUP, Nq, Nk, q_offset, k_offset, n_q, n_k, qk_scale, HEAD_GROUP, pattern_args,
                 WALK: gl.constexpr, MASK: gl.constexpr, SCORE: gl.constexpr, SEGMENTS: gl.constexpr,
                 RETURN_LSE: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, O_IN_Q: gl.constexpr,
                 CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, BLOCK: gl.constexpr = None,
-                SNAKE: gl.constexpr = False):
+                SNAKE: gl.constexpr = False, STORE_RAW: gl.constexpr = False):
     """Launch with num_warps=4 (the default partition is consumer warpgroup 0) and a grid of at most
     one CTA per SM; descriptors as in `attn_fwd_pipelined` with Q/O blocks of M_WG rows. WALK, MASK,
     SCORE, SEGMENTS, BLOCK (a block-list walk's key block of a walk position; None: closed-form
@@ -307,12 +309,12 @@ def attn_fwd_ws(q_desc, k_desc, v_desc, o_desc, lse_ptr, lse_stride: gl.int64,
     bars = (q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn_bars)
     # The tuples stay literals: an assignment would try to turn the rendered functions into tensors.
     gl.warp_specialize([
-        (consumer_partition, (descs, smem, bars, lse_ptr, lse_stride, B, H, Nq, Nk, q_offset, k_offset, n_q, n_k,
-                              qk_scale, HEAD_GROUP, pattern_args, WALK, MASK, SCORE, SEGMENTS, RETURN_LSE, STAGES,
-                              PINGPONG, O_IN_Q, 0, BLOCK, SNAKE)),
-        (consumer_partition, (descs, smem, bars, lse_ptr, lse_stride, B, H, Nq, Nk, q_offset, k_offset, n_q, n_k,
-                              qk_scale, HEAD_GROUP, pattern_args, WALK, MASK, SCORE, SEGMENTS, RETURN_LSE, STAGES,
-                              PINGPONG, O_IN_Q, 1, BLOCK, SNAKE)),
+        (consumer_partition, (descs, smem, bars, lse_ptr, lse_raw_ptr, lse_stride, B, H, Nq, Nk, q_offset, k_offset,
+                              n_q, n_k, qk_scale, HEAD_GROUP, pattern_args, WALK, MASK, SCORE, SEGMENTS, RETURN_LSE,
+                              STAGES, PINGPONG, O_IN_Q, 0, BLOCK, SNAKE, STORE_RAW)),
+        (consumer_partition, (descs, smem, bars, lse_ptr, lse_raw_ptr, lse_stride, B, H, Nq, Nk, q_offset, k_offset,
+                              n_q, n_k, qk_scale, HEAD_GROUP, pattern_args, WALK, MASK, SCORE, SEGMENTS, RETURN_LSE,
+                              STAGES, PINGPONG, O_IN_Q, 1, BLOCK, SNAKE, STORE_RAW)),
         (load_partition, (descs, smem, bars, B, H, GROUP, Nq, Nk, q_offset, k_offset, n_q, n_k, HEAD_GROUP,
                           pattern_args, WALK, STAGES, SEGMENTS, BLOCK, SNAKE)),
     ], [CONSUMER_WARPS, 1], [CONSUMER_REGS, LOADER_REGS])

@@ -236,7 +236,7 @@ def backward_fragments(pattern: str):
 def attention(q, k, v, *, pattern: str = "dense", scale: Optional[float] = None, q_offset: int = 0,
               k_offset: int = 0, n_q: Optional[int] = None, n_k: Optional[int] = None, return_lse: bool = False,
               config: Optional[GluonConfig] = None, walk=None, mask=None, out=None, lse_out=None, score=None,
-              segments: int = 1, pattern_args: tuple = (), block=None):
+              segments: int = 1, pattern_args: tuple = (), block=None, lse_raw_out=None):
     """Softmax attention through the Gluon sm90 kernels (forward only).
 
     q [B, Hq, Nq, D], k / v [B, Hkv, Nk, D] (Hq a multiple of Hkv: GQA), bf16 or fp16 on an sm90
@@ -248,7 +248,9 @@ def attention(q, k, v, *, pattern: str = "dense", scale: Optional[float] = None,
     strides and sizes: tensors on q's device and ints) come with rendered ones (walks.py gives their
     contract). Returns o [B, Hq, Nq, D] (and the natural-log LSE
     [B, Hq, Nq] in float32 with return_lse), written into `out` / `lse_out` when given (contiguous,
-    of those shapes and dtypes: checks poison them)."""
+    of those shapes and dtypes: checks poison them). `lse_raw_out` (with return_lse; contiguous float32
+    [B, Hq, Nq]): also the LSE in log2 units as the key loop has it (m + log2(l)), which a backward
+    reads instead of the natural LSE taken back (one rounding less on each side: exact at any score)."""
     import torch
     import triton
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -272,6 +274,9 @@ def attention(q, k, v, *, pattern: str = "dense", scale: Optional[float] = None,
     q, k, v = (_tma_ready(t) for t in (q, k, v))
     o = _output(out, "out", (B, Hq, Nq, D), q.dtype, q.device)
     lse = _output(lse_out, "lse_out", (B, Hq, Nq) if return_lse else (1, ), torch.float32, q.device)
+    if lse_raw_out is not None and not return_lse:
+        raise ValueError("attncc.runtime.gluon: lse_raw_out comes with return_lse=True")
+    raw = lse if lse_raw_out is None else _output(lse_raw_out, "lse_raw_out", (B, Hq, Nq), torch.float32, q.device)
     gl_dtype = _gl_dtype(q.dtype)
     rows = config.rows_per_q_block
 
@@ -286,10 +291,10 @@ def attention(q, k, v, *, pattern: str = "dense", scale: Optional[float] = None,
     if config.kernel == "pipelined":
         from attncc.runtime.gluon.fwd_pipelined import attn_fwd_pipelined
         grid = (triton.cdiv(Nq, config.block_m), B * Hq)
-        attn_fwd_pipelined[grid](q_desc, k_desc, v_desc, o_desc, lse, Nq, Hq, group, Nq, Nk, q_offset, k_offset, n_q,
-                                 n_k, qk_scale, pattern_args, WALK=walk, MASK=mask, SCORE=score, SEGMENTS=segments,
-                                 RETURN_LSE=return_lse, STAGES=config.stages, num_warps=config.num_warps,
-                                 BLOCK=block)
+        attn_fwd_pipelined[grid](q_desc, k_desc, v_desc, o_desc, lse, raw, Nq, Hq, group, Nq, Nk, q_offset, k_offset,
+                                 n_q, n_k, qk_scale, pattern_args, WALK=walk, MASK=mask, SCORE=score,
+                                 SEGMENTS=segments, RETURN_LSE=return_lse, STAGES=config.stages,
+                                 num_warps=config.num_warps, BLOCK=block, STORE_RAW=lse_raw_out is not None)
     else:
         from attncc.runtime.gluon.fwd_ws import attn_fwd_ws
         n_tiles = triton.cdiv(Nq, config.block_m) * B * Hq
@@ -297,13 +302,14 @@ def attention(q, k, v, *, pattern: str = "dense", scale: Optional[float] = None,
         snake = snake_schedule(pattern, walk)
         heads_per_group = B * Hq if snake else head_group(B * Hq, triton.cdiv(Nq, config.block_m), Nk, D,
                                                            q.element_size(), group, sms)
-        attn_fwd_ws[(min(sms, n_tiles), )](q_desc, k_desc, v_desc, o_desc, lse, Nq, B, Hq, group, Nq, Nk, q_offset,
-                                            k_offset, n_q, n_k, qk_scale, heads_per_group, pattern_args, WALK=walk,
+        attn_fwd_ws[(min(sms, n_tiles), )](q_desc, k_desc, v_desc, o_desc, lse, raw, Nq, B, Hq, group, Nq, Nk,
+                                            q_offset, k_offset, n_q, n_k, qk_scale, heads_per_group, pattern_args, WALK=walk,
                                             MASK=mask, SCORE=score, SEGMENTS=segments, RETURN_LSE=return_lse,
                                             STAGES=config.stages, PINGPONG=config.pingpong,
                                             O_IN_Q=config.o_in_q, CONSUMER_REGS=config.consumer_regs,
                                             LOADER_REGS=config.loader_regs, num_warps=config.num_warps,
-                                            maxnreg=config.maxnreg, BLOCK=block, SNAKE=snake)
+                                            maxnreg=config.maxnreg, BLOCK=block, SNAKE=snake,
+                                            STORE_RAW=lse_raw_out is not None)
     return (o, lse) if return_lse else o
 
 
@@ -311,7 +317,7 @@ def attention_backward(q, k, v, o, lse, do, dlse=None, *, pattern: str = "dense"
                        q_offset: int = 0, k_offset: int = 0, n_q: Optional[int] = None, n_k: Optional[int] = None,
                        config: Optional[GluonBwdConfig] = None, walk=None, qwalk=None, mask=None, qmask=None,
                        score=None, score_grad=None, segments: int = 1, qsegments: int = 1, pattern_args: tuple = (),
-                       method: str = "split"):
+                       method: str = "split", lse_raw=None):
     """dq, dk, dv of `attention(q, k, v, ...)` through the Gluon sm90 backward: `method` "split"
     (bwd.py: a dK/dV and a dQ kernel, deterministic) or "fused" (bwd_fused.py: dQ added into an fp32
     accumulator from the dK/dV program by TMA reduce-adds, then scaled and converted; fewer GEMMs,
@@ -319,8 +325,9 @@ def attention_backward(q, k, v, o, lse, do, dlse=None, *, pattern: str = "dense"
 
     q, k, v and the call's options as for `attention`; o [B, Hq, Nq, D] and the natural-log LSE
     [B, Hq, Nq] (float32; -inf on rows without an allowed key) are the forward's outputs, do = dLoss/do
-    (q's dtype and shape), dlse = dLoss/dlse ([B, Hq, Nq], or None when the loss does not use the LSE).
-    `walk`, `qwalk`, `mask` override the pattern's fragments (walks.py), `qmask` the dK/dV kernel's
+    (q's dtype and shape), dlse = dLoss/dlse ([B, Hq, Nq], or None when the loss does not use the LSE);
+    `lse_raw`, where the forward wrote it (`attention`'s `lse_raw_out`), the same LSE in log2 units,
+    read instead of the natural one taken back (exact at any score). `walk`, `qwalk`, `mask` override the pattern's fragments (walks.py), `qmask` the dK/dV kernel's
     mask (default: `mask`; rendered fragments solve it for the query); `score`, `score_grad`,
     `segments` (the walk's segments per query block), `qsegments` (the qwalk's per key block) and
     `pattern_args` come with rendered ones (a generated module's `_gluon.py`). Head dims 64 and 128.
@@ -336,7 +343,7 @@ def attention_backward(q, k, v, o, lse, do, dlse=None, *, pattern: str = "dense"
     from attncc.runtime.gluon.preprocess import bwd_postprocess, bwd_preprocess
 
     B, Hq, Nq, D, Hkv, Nk = check_operands(q, k, v)
-    check_backward_operands(q, o, lse, do, dlse)
+    check_backward_operands(q, o, lse, do, dlse, lse_raw)
     check_devices(q, k, v)
     config = default_bwd_config(D) if config is None else config
     check_bwd_config(config, D, method)
@@ -361,11 +368,13 @@ def attention_backward(q, k, v, o, lse, do, dlse=None, *, pattern: str = "dense"
     rows_buffer = torch.empty(2, B, Hq, row_stride, dtype=torch.float32, device=q.device)
     delta, lse2 = rows_buffer[0, ..., :Nq], rows_buffer[1, ..., :Nq]
     lse = lse.contiguous()
+    lse_raw = None if lse_raw is None else lse_raw.contiguous()
     dlse_in = None if dlse is None else dlse.to(torch.float32).contiguous()
     prep_rows = 64
     bwd_preprocess[(triton.cdiv(Nq, prep_rows), B * Hq)](
-        o, do, lse, lse if dlse_in is None else dlse_in, delta, lse2, *o.stride(), *do.stride(), Hq, Nq, row_stride,
-        HEAD_DIM=D, BLOCK_M=prep_rows, HAS_DLSE=dlse_in is not None, num_warps=4)
+        o, do, lse, lse if dlse_in is None else dlse_in, lse if lse_raw is None else lse_raw, delta, lse2,
+        *o.stride(), *do.stride(), Hq, Nq, row_stride,
+        HEAD_DIM=D, BLOCK_M=prep_rows, HAS_DLSE=dlse_in is not None, RAW_LSE=lse_raw is not None, num_warps=4)
 
     q, k, v, do = (_tma_ready(t) for t in (q, k, v, do))
     dq = torch.empty(B, Hq, Nq, D, dtype=q.dtype, device=q.device)
@@ -424,13 +433,15 @@ def check_fragment_args(segments, pattern_args, q):
             raise ValueError(f"attncc.runtime.gluon: a tensor of pattern_args is on {a.device}, q is on {q.device}")
 
 
-def check_backward_operands(q, o, lse, do, dlse):
-    """o and do of q's shape and dtype, lse (and dlse) float32 [B, Hq, Nq], all on q's device."""
+def check_backward_operands(q, o, lse, do, dlse, lse_raw=None):
+    """o and do of q's shape and dtype, lse (and lse_raw) float32 [B, Hq, Nq], dlse [B, Hq, Nq], all on
+    q's device (dlse and lse_raw may be None)."""
     import torch
     rows = tuple(q.shape[:3])
     for name, t, shape, dtype in (("o", o, tuple(q.shape), q.dtype), ("do", do, tuple(q.shape), q.dtype),
-                                  ("lse", lse, rows, torch.float32), ("dlse", dlse, rows, None)):
-        if t is None and name == "dlse":
+                                  ("lse", lse, rows, torch.float32), ("dlse", dlse, rows, None),
+                                  ("lse_raw", lse_raw, rows, torch.float32)):
+        if t is None and name in ("dlse", "lse_raw"):
             continue
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"attncc.runtime.gluon: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -620,9 +631,9 @@ def compile_for_sm90(variant: Union[Variant, BwdVariant], disassemble: bool = Tr
         return _desc_type([1, 1, rows, variant.head_dim], variant.dtype)
 
     signature = {"q_desc": desc(c.rows_per_q_block), "k_desc": desc(c.block_n), "v_desc": desc(c.block_n),
-                 "o_desc": desc(c.rows_per_q_block), "lse_ptr": "*fp32", "lse_stride": "i64"}
+                 "o_desc": desc(c.rows_per_q_block), "lse_ptr": "*fp32", "lse_raw_ptr": "*fp32", "lse_stride": "i64"}
     constexprs = {"WALK": walk, "MASK": mask, "SCORE": None, "SEGMENTS": 1, "RETURN_LSE": variant.return_lse,
-                  "STAGES": c.stages, "BLOCK": None}
+                  "STAGES": c.stages, "BLOCK": None, "STORE_RAW": variant.return_lse}
     options = {"num_warps": c.num_warps}
     if c.kernel == "pipelined":
         from attncc.runtime.gluon.fwd_pipelined import attn_fwd_pipelined as kernel

@@ -10,15 +10,16 @@ import triton.language as tl
 
 
 @triton.jit
-def bwd_preprocess(O, DO, LSE, DLSE, DELTA, LSE2,
+def bwd_preprocess(O, DO, LSE, DLSE, LSE_RAW, DELTA, LSE2,
                    stride_ob, stride_oh, stride_om, stride_od,
                    stride_dob, stride_doh, stride_dom, stride_dod,
                    H, Nq, row_stride,
-                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr):
-    """delta = rowsum(dO * O) - dLSE (fp32; HAS_DLSE: the LSE has a gradient) and lse2 = LSE * log2(e),
-    +inf on rows without an allowed key (LSE = -inf), so that exp2(s - lse2) = 0 there, never NaN.
+                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr, RAW_LSE: tl.constexpr):
+    """delta = rowsum(dO * O) - dLSE (fp32; HAS_DLSE: the LSE has a gradient) and lse2 = LSE * log2(e)
+    (RAW_LSE: LSE_RAW, the forward's own LSE in log2 units, taken as it is), +inf on rows without an
+    allowed key (LSE = -inf), so that exp2(s - lse2) = 0 there, never NaN.
 
-    O, DO [B, H, Nq, HEAD_DIM] (any strides); LSE, DLSE contiguous [B, H, Nq]; one program per
+    O, DO [B, H, Nq, HEAD_DIM] (any strides); LSE, DLSE, LSE_RAW contiguous [B, H, Nq]; one program per
     (query block, batch x head). Offsets are int64: B * H * Nq * HEAD_DIM may pass 2**31."""
     qb = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -40,7 +41,11 @@ def bwd_preprocess(O, DO, LSE, DLSE, DELTA, LSE2,
         # A row without an allowed key has no score to pass it to (its gradients stay 0).
         dlse = tl.load(DLSE + bh * Nq + rows64, mask=in_rows, other=0.0)
         delta = delta - tl.where(lse == float("-inf"), 0.0, dlse)
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    if RAW_LSE:
+        lse2 = tl.load(LSE_RAW + bh * Nq + rows64, mask=in_rows, other=float("-inf"))
+    else:
+        lse2 = lse * 1.4426950408889634
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse2)
     tl.store(DELTA + bh * row_stride + rows64, delta, mask=in_rows)
     tl.store(LSE2 + bh * row_stride + rows64, lse2, mask=in_rows)
 
