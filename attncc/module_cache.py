@@ -31,6 +31,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Dict, Optional, Tuple, Union
 
+from attncc.core.files import read_regular_text
 from attncc.core.resources import templates_dir
 from attncc.core.version import VERSION
 
@@ -154,7 +155,7 @@ def _intact(path: Path, key: str) -> Optional[str]:
     """None when ``path`` is the whole cached module of ``key`` (and its fragments file, if it
     names one, is whole), else what is wrong with it."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_regular_text(path)  # (a named pipe there hung compile())
     except (OSError, UnicodeDecodeError) as e:
         return f"unreadable ({e})"
     body, _, last = text[:-1].rpartition("\n")
@@ -167,7 +168,7 @@ def _intact(path: Path, key: str) -> Optional[str]:
     if gluon != "none":
         fragments = path.with_name(path.stem + _GLUON)
         try:
-            ok = _digest(key, fragments.read_text(encoding="utf-8")) == gluon
+            ok = _digest(key, read_regular_text(fragments)) == gluon
         except (OSError, UnicodeDecodeError):
             ok = False
         if not ok:

@@ -46,6 +46,17 @@ def _positive(text: str) -> int:
     return values[0]
 
 
+def _head_dims(text: str) -> List[int]:
+    """--head-dim: head dims the kernels take, 1 to MAX_HEAD_DIM (``--head-dim 512`` went on to
+    bind's ValueError, a traceback, on a GPU only)."""
+    from attncc.core.semantics import MAX_HEAD_DIM
+
+    values = _ints(text)
+    if max(values) > MAX_HEAD_DIM:
+        raise argparse.ArgumentTypeError(f"expected head dims from 1 to {MAX_HEAD_DIM} (the kernels' limit), got {text!r}")
+    return values
+
+
 def _dtypes(text: str) -> List[str]:
     names = [v.strip() for v in text.split(",") if v.strip()]
     bad = [v for v in names if v not in DTYPES]
@@ -60,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=_ints, default=[4096], help="query lengths, comma-separated (default 4096)")
     p.add_argument("--nk", type=_ints, default=None, help="key lengths, one per --n (default: --n)")
     p.add_argument("--dtype", type=_dtypes, default=None, help="bf16, fp16, fp32, comma-separated (default: the spec's dtypes)")
-    p.add_argument("--head-dim", type=_ints, default=None, help="head dims, comma-separated (default: the spec's head_dims)")
+    p.add_argument("--head-dim", type=_head_dims, default=None, help="head dims, comma-separated (default: the spec's head_dims)")
     p.add_argument("--batch", type=_positive, default=2, help="batch size (default 2)")
     p.add_argument("--heads", type=_positive, default=16, help="query heads where the spec fixes none (default 16)")
     p.add_argument("--forward-only", action="store_true", help="tune the forward kernel only")
@@ -76,6 +87,7 @@ def _parser() -> argparse.ArgumentParser:
 def show() -> str:
     """The cache as text: one block per (GPU, Triton version), one line per tuned kernel, and
     what was ignored (unreadable files, malformed entries)."""
+    from attncc.core.text import printable
     from attncc.runtime import tuning
 
     files = tuning.cache_files()
@@ -84,9 +96,9 @@ def show() -> str:
     for path in files:
         data = tuning.read_file(path)
         if data.error is not None:
-            lines.append(f"{path.name}: ignored, {data.error}")
+            lines.append(f"{printable(path.name)}: ignored, {data.error}")
             continue
-        lines.append(f"{data.gpu}, Triton {data.triton} ({path.name}):")
+        lines.append(f"{printable(data.gpu)}, Triton {printable(data.triton)} ({printable(path.name)}):")
         for entry, record in sorted(data.entries.items(), key=_order):
             key, cfg = record["key"], record["config"]
             lines.append(
@@ -98,7 +110,7 @@ def show() -> str:
             count += 1
         for entry, problem in sorted(data.ignored.items()):
             lines.append(f"  ignored malformed entry {tuning.short_repr(entry, 60)}: {problem}")
-    head = f"attncc tune cache: {tuning.cache_dir()} ({count} entr{'y' if count == 1 else 'ies'} in {len(files)} file(s))"
+    head = f"attncc tune cache: {printable(tuning.cache_dir())} ({count} entr{'y' if count == 1 else 'ies'} in {len(files)} file(s))"
     return "\n".join([head] + lines)
 
 
@@ -111,7 +123,9 @@ def timing(record: dict) -> str:
         return f"  {ms:.3f} ms"
     from attncc.runtime import tuning
 
-    return f"  {ms:.3f} ms (default {default:.3f} ms, {tuning.gain(record):+.1%} over the built-in config)"
+    faster = tuning.gain(record)  # None at 0 ms (a record may hold it: a time >= 0), which no ratio has
+    return f"  {ms:.3f} ms (default {default:.3f} ms" + (")" if faster is None else
+                                                         f", {faster:+.1%} over the built-in config)")
 
 
 def _order(item):

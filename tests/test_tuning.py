@@ -446,7 +446,8 @@ def _write_cache(call, records, kernel="", **top):
 def test_malformed_records_are_ignored_by_pick_config(record, monkeypatch, caplog):
     call, other = make_call(N=50), make_call(N=200)
     good_key = tuning.key_for(other, "")
-    _write_cache(call, {tuning.key_for(call).entry: record, good_key.entry: {"config": GOOD_CONFIG, "ms": 1.0}})
+    good = {"config": GOOD_CONFIG, "ms": 1.0, "key": {f: getattr(good_key, f) for f in KEY_FIELDS}}
+    _write_cache(call, {tuning.key_for(call).entry: record, good_key.entry: good})
     on_gpu_path(monkeypatch)
     assert pick_config(call) == default_config(call)  # never a TypeError on every call
     assert pick_config(other) == KernelConfig(64, 32, 8, 3)  # the good entry of the file still counts

@@ -8,22 +8,16 @@ literal); the templates call them as the filters ``escaped`` and ``py_str``. A p
 """
 from __future__ import annotations
 
+from attncc.core.text import printable
+
 
 def escaped(text) -> str:
     """``text`` with every character that could end a comment or a double-quoted (or triple-
     double-quoted) Python string written as a Python escape: backslash, double quote and the
-    characters that are not printable (newlines, U+2028, U+0085, controls, format characters,
-    lone surrogates). Ordinary paths and expressions come out unchanged; ``"" + escaped(t) + ""``
-    read back as Python is ``t``."""
-    out = []
-    for c in str(text):
-        if c == "\\" or c == '"':
-            out.append("\\" + c)
-        elif c.isprintable():
-            out.append(c)
-        else:
-            out.append(repr(c)[1:-1])  # \n, \x85, \u2028, \udcff: never a quote, always ASCII
-    return "".join(out)
+    characters that are not printable (:func:`attncc.core.text.printable`: newlines, U+2028,
+    U+0085, controls, format characters, lone surrogates). Ordinary paths and expressions come out
+    unchanged; ``"" + escaped(t) + ""`` read back as Python is ``t``."""
+    return printable(str(text).replace("\\", "\\\\").replace('"', '\\"'))
 
 
 def py_str(text) -> str:

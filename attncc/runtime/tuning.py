@@ -32,6 +32,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
+from attncc.core.files import read_regular_text
+from attncc.core.semantics import MAX_HEAD_DIM
 from attncc.runtime.call import Call, env, env_flag, interpreting
 from attncc.runtime.configs import (BLOCK_SIZES, WARP_COUNTS, KernelConfig, config_shared_bytes, default_config,
                                     did_not_fit, env_config, max_shared_memory, padded_dim, preset_config, trying)
@@ -151,6 +153,7 @@ CONFIG_FIELDS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 MAX_STAGES = 8
 KEY_FIELDS = {"spec": str, "spec_hash": str, "kernel": str, "dtype": str, "head_dim": int, "value_dim": int,
               "n_q": int, "n_k": int}
+KEY_DTYPES = ("bfloat16", "float16", "float32")  # what a call runs in
 
 
 def record_problem(record) -> Optional[str]:
@@ -184,6 +187,35 @@ def record_problem(record) -> Optional[str]:
             return f"key.{name} is not a{'n integer' if typ is int else ' string'}: {short_repr(key.get(name))}"
     if key["kernel"] not in KERNEL_NAMES:
         return f"key.kernel is not one of {sorted(KERNEL_NAMES)}: {short_repr(key['kernel'])}"
+    return key_problem(key)
+
+
+def key_problem(key: dict) -> Optional[str]:
+    """Why a record's key (its fields typed: :func:`record_problem`) names no call's kernel: a spec
+    name that is no identifier, a hash that is not alphanumeric, a dtype no call runs in, head dims
+    outside 1 to :data:`MAX_HEAD_DIM`, lengths that are no bucket (:func:`length_bucket`)."""
+    if not (key["spec"].isascii() and key["spec"].isidentifier()):
+        return f"key.spec is not a spec name (an identifier): {short_repr(key['spec'])}"
+    if not (key["spec_hash"].isascii() and key["spec_hash"].isalnum()):
+        return f"key.spec_hash is not a spec hash (letters and digits): {short_repr(key['spec_hash'])}"
+    if key["dtype"] not in KEY_DTYPES:
+        return f"key.dtype is not one of {', '.join(KEY_DTYPES)}: {short_repr(key['dtype'])}"
+    for name in ("head_dim", "value_dim"):
+        if not 1 <= key[name] <= MAX_HEAD_DIM:
+            return f"key.{name} is not a head dim from 1 to {MAX_HEAD_DIM}: {key[name]}"
+    for name in ("n_q", "n_k"):
+        if key[name] < 1 or length_bucket(key[name]) != key[name]:
+            return f"key.{name} is not a length bucket (a power of two): {key[name]}"
+    return None
+
+
+def filing_problem(entry: str, record: dict) -> Optional[str]:
+    """Why a record that :func:`record_problem` passed cannot be filed under ``entry``: the entry
+    is the name of its own key (:attr:`TuneKey.entry`), else a lookup found a config tuned for
+    another spec, kernel, dtype, head dim or length (a hand edit, or an entry copied over)."""
+    own = TuneKey("", "", **{name: record["key"][name] for name in KEY_FIELDS}).entry
+    if entry != own:
+        return f"filed under another key than its own ({short_repr(own, 120)})"
     return None
 
 
@@ -210,11 +242,14 @@ class CacheFile:
     error: Optional[str] = None
 
 
-def read_file(path: Path) -> CacheFile:
-    """Read and check one cache file; never raises for what the file holds."""
+def read_file(path: Path, owner: Optional[Tuple[str, str]] = None) -> CacheFile:
+    """Read and check one cache file; never raises for what the file holds. ``owner``: the (GPU,
+    Triton version) that its entries must have been tuned on (the file's ``gpu`` and ``triton``),
+    else the file is unusable (copied from another machine, or a GPU whose name the file name
+    spells alike: :func:`cache_file_name`); None: any (``attncc tune --show``)."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_regular_text(path))  # a named pipe there hung every process's first call
     except FileNotFoundError:
         return CacheFile(path)
     except (OSError, ValueError, RecursionError, MemoryError) as e:  # RecursionError: deeply nested JSON
@@ -222,21 +257,24 @@ def read_file(path: Path) -> CacheFile:
         return CacheFile(path, error=f"unreadable ({reason})")
     if not isinstance(data, dict) or data.get("version") != CACHE_VERSION or not isinstance(data.get("entries"), dict):
         return CacheFile(path, error=f"not a version {CACHE_VERSION} attncc tune cache")
+    gpu, triton = data.get("gpu"), data.get("triton")
+    if owner is not None and (gpu, triton) != tuple(owner):
+        return CacheFile(path, error=f"tuned on {short_repr(gpu, 60)} with Triton {short_repr(triton)}, not on "
+                                     f"{owner[0]!r} with Triton {owner[1]!r}")
     entries, ignored = {}, {}
     for entry, record in data["entries"].items():
-        problem = record_problem(record)
+        problem = record_problem(record) or filing_problem(entry, record)
         if problem is None:
             entries[entry] = record
         else:
             ignored[entry] = problem
-    gpu, triton = data.get("gpu"), data.get("triton")
     return CacheFile(path, gpu if isinstance(gpu, str) else "?", triton if isinstance(triton, str) else "?",
                      entries, ignored)
 
 
-def _read(path: Path) -> Dict[str, dict]:
-    """The usable entries of a cache file, with a warning for what is not."""
-    found = read_file(path)
+def _read(path: Path, key: TuneKey) -> Dict[str, dict]:
+    """The usable entries of a cache file of ``key``'s GPU and Triton, with a warning for what is not."""
+    found = read_file(path, (key.gpu, key.triton))
     if found.error is not None:
         log.warning("attncc: ignoring tune cache %s: %s", path, found.error)
     for entry, problem in list(found.ignored.items())[:3]:
@@ -246,15 +284,15 @@ def _read(path: Path) -> Dict[str, dict]:
     return found.entries
 
 
-def _entries(file_name: str) -> Dict[str, dict]:
-    """The entries of one cache file, read once per process (per cache directory)."""
-    slot = (str(cache_dir()), file_name)
+def _entries(key: TuneKey) -> Dict[str, dict]:
+    """The entries of the cache file of ``key``, read once per process (per cache directory)."""
+    slot = (str(cache_dir()), key.file_name)
     entries = _LOADED.get(slot)
     if entries is None:
         with _LOCK:
             entries = _LOADED.get(slot)
             if entries is None:
-                entries = _LOADED[slot] = _read(Path(slot[0]) / file_name)
+                entries = _LOADED[slot] = _read(Path(slot[0]) / key.file_name, key)
     return entries
 
 
@@ -298,7 +336,7 @@ def config_problem(call: Call, kernel: str, cfg) -> Optional[str]:
 
 def lookup(key: TuneKey) -> Optional[dict]:
     """The cache record of ``key`` (see above), or None."""
-    return _entries(key.file_name).get(key.entry)
+    return _entries(key).get(key.entry)
 
 
 def store(key: TuneKey, record: dict) -> Path:
@@ -308,7 +346,7 @@ def store(key: TuneKey, record: dict) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / key.file_name
     with _file_lock(path):
-        entries = _read(path)  # what another process stored meanwhile; malformed entries are dropped
+        entries = _read(path, key)  # what another process stored meanwhile; malformed entries are dropped
         new = {**record, "key": {f: getattr(key, f) for f in KEY_FIELDS}}
         problem = record_problem(new)
         if problem is not None:
@@ -336,7 +374,7 @@ def keep_in_process(key: TuneKey, record: dict) -> None:
     problem = record_problem(new)
     if problem is not None:
         raise ValueError(f"attncc: not a tune cache record ({problem}): {short_repr(record, 200)}")
-    _remember(cache_dir(), key.file_name, {**_entries(key.file_name), key.entry: new})
+    _remember(cache_dir(), key.file_name, {**_entries(key), key.entry: new})
 
 
 def _remember(directory: Path, file_name: str, entries: Dict[str, dict]) -> None:
