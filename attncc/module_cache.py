@@ -24,14 +24,13 @@ import hashlib
 import importlib.util
 import math
 import os
-import secrets
 import sys
 import threading
 from pathlib import Path
 from types import ModuleType
 from typing import Dict, Optional, Tuple, Union
 
-from attncc.core.files import read_regular_text
+from attncc.core.files import read_regular_text, write_atomic
 from attncc.core.resources import templates_dir
 from attncc.core.version import VERSION
 
@@ -251,24 +250,6 @@ def _printable(label: str) -> str:
     """The label as the generated header and docstring show it: characters that could end a
     comment or a docstring (newlines, quotes, backslashes) become '?'."""
     return "".join(c if c.isprintable() and c not in "\"'\\" else "?" for c in label)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that a reader sees the old file or the whole new one, never
-    a part of it (a unique temporary file in the same folder, then ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _import(path: Path, module_name: str) -> ModuleType:

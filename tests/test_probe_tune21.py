@@ -34,6 +34,10 @@ Defects found (each fixed, with a test below that fails on the old code):
 5. Spec errors printed the key and the file name as given: a key or file name holding a newline
    or a terminal escape sequence made a multi-line message or drove the terminal.
 6. ``attncc tune --head-dim 512`` was accepted (on a GPU: bind's ValueError, a traceback).
+7. Tune cache files were written 0600 (mkstemp) whatever the umask: a cache folder shared by a
+   team (``ATTNCC_CACHE_DIR``) was unreadable to all but the one who tuned, whose configs then
+   served no one else (a warning per process). ``attncc build`` and the module cache wrote 0666
+   less the umask; the three atomic writers are now one (attncc.core.files.write_atomic).
 """
 from __future__ import annotations
 
@@ -254,3 +258,17 @@ def test_tune_refuses_head_dims_no_kernel_takes(dims, capsys):
     with pytest.raises(SystemExit) as e:
         cli_main(["tune", "spec.toml", "--head-dim", dims])
     assert e.value.code == 2 and "--head-dim" in capsys.readouterr().err
+
+
+# -- 7. the tune cache file's mode ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_tune_cache_files_take_the_umask_as_other_files(umask):
+    key = tuning.key_for(make_call())
+    old = os.umask(umask)
+    try:
+        path = tuning.store(key, {"config": GOOD_CONFIG, "ms": 1.0})
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted([path.name, path.with_suffix(".lock").name])

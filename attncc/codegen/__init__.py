@@ -3,9 +3,7 @@ fragments, for the patterns that take rendered ones: attncc.codegen.gluon). Publ
 ``render``, ``render_files``, ``build``, ``stale``, ``extra``."""
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Dict, Iterable, List
 
@@ -14,6 +12,7 @@ import jinja2
 from attncc.codegen.names import param_var
 from attncc.codegen.params import Signatures, kernel_reads, undefined_names
 from attncc.codegen.templating import TEMPLATES, environment  # noqa: F401  (TEMPLATES: public)
+from attncc.core.files import write_atomic
 from attncc.core.version import VERSION
 from attncc.spec import Pattern, SpecError, load_spec
 
@@ -198,7 +197,7 @@ def build(specs: Iterable, out_dir="generated") -> List[Path]:
     takes rendered Gluon fragments has them beside it: :func:`gluon_file`).
 
     Every spec is rendered before anything is written (a spec that fails leaves ``out_dir`` as it
-    was), and each file is replaced whole (:func:`_replace`): never truncated, never written through
+    was), and each file is replaced whole (:func:`attncc.core.files.write_atomic`): never truncated, never written through
     a symlink."""
     rendered = [(path, render_files(pattern)) for pattern, path in _targets(specs, out_dir)]
     for path, _ in rendered:
@@ -206,13 +205,13 @@ def build(specs: Iterable, out_dir="generated") -> List[Path]:
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     init = Path(out_dir) / "__init__.py"
     if init.is_symlink() or not init.exists():
-        _replace(init, INIT_TEXT)
+        write_atomic(init, INIT_TEXT)
     for path, files in rendered:
         paths = _paths(path)
         # the fragments first: a module that names them never meets a folder without them
         for suffix in (GLUON, MODULE):
             if suffix in files:
-                _replace(paths[suffix], files[suffix])
+                write_atomic(paths[suffix], files[suffix])
             elif paths[suffix].is_symlink() or paths[suffix].is_file():
                 paths[suffix].unlink()  # an earlier build's fragments of a spec that has none now
     return [path for path, _ in rendered]
@@ -246,32 +245,6 @@ def _check_not_another_specs(path: Path) -> None:
 def gluon_file(module: Path) -> Path:
     """Where a generated module's Gluon fragments are (when its pattern has rendered ones)."""
     return _paths(Path(module))[GLUON]
-
-
-def _replace(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file next to ``path``, then rename it over ``path``: a reader
-    sees the old file or the new one, a killed build leaves at most a stray ``.*.tmp`` file, and a
-    symlink at ``path`` is replaced by the file rather than followed."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a generated module is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    """The process umask, read without changing it where Linux allows (os.umask sets it)."""
-    with contextlib.suppress(OSError, ValueError, StopIteration):
-        status = Path("/proc/self/status").read_text()
-        return int(next(line for line in status.splitlines() if line.startswith("Umask:")).split()[1], 8)
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def stale(specs: Iterable, out_dir="generated") -> List[Path]:

@@ -1,10 +1,13 @@
-"""Reading the files of attncc's caches (tuned configs, compiled modules), which anyone who can
-write the cache folder may have replaced by something else than a file."""
+"""Reading and writing the files attncc keeps: its caches (tuned configs, compiled modules), which
+anyone who can write the cache folder may have replaced by something else than a file, and the
+modules ``attncc build`` writes."""
 from __future__ import annotations
 
 import errno
 import os
+import secrets
 import stat
+from pathlib import Path
 
 
 def read_regular_text(path) -> str:
@@ -24,3 +27,25 @@ def read_regular_text(path) -> str:
         if fd is not None:
             os.close(fd)
     return data.decode("utf-8")
+
+
+def write_atomic(path, text: str) -> None:
+    """Write ``text`` (UTF-8, newlines as given) to ``path`` so that a reader sees the old file or
+    the whole new one, never a part of it: a unique temporary file in the same folder (made if
+    missing), flushed to disk, then ``os.replace`` (a symlink at ``path`` is replaced, not written
+    through; a failed write leaves the old file and no temporary one). The file is an ordinary one,
+    ``0o666`` less the umask, as ``open`` makes it (``attncc tune``'s cache files were mkstemp's
+    0600: a cache folder shared by a team was unreadable to all but the one who tuned)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

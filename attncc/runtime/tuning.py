@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from attncc.core.files import read_regular_text
+from attncc.core.files import read_regular_text, write_atomic
 from attncc.core.semantics import MAX_HEAD_DIM
 from attncc.runtime.call import Call, env, env_flag, interpreting
 from attncc.runtime.configs import (BLOCK_SIZES, WARP_COUNTS, KernelConfig, config_shared_bytes, default_config,
@@ -353,17 +352,7 @@ def store(key: TuneKey, record: dict) -> Path:
             raise ValueError(f"attncc: not a tune cache record ({problem}): {short_repr(record, 200)}")
         entries[key.entry] = new
         data = {"version": CACHE_VERSION, "gpu": key.gpu, "triton": key.triton, "entries": entries}
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f, indent=1, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        write_atomic(path, json.dumps(data, indent=1, sort_keys=True))
     _remember(directory, key.file_name, entries)
     return path
 
