@@ -38,9 +38,13 @@ Defects found (each fixed, with a test below that fails on the old code):
    team (``ATTNCC_CACHE_DIR``) was unreadable to all but the one who tuned, whose configs then
    served no one else (a warning per process). ``attncc build`` and the module cache wrote 0666
    less the umask; the three atomic writers are now one (attncc.core.files.write_atomic).
+8. For data-dependent masks (document), whose backward kernels run at the forward's tile shape and
+   warps (only the tuned pipeline depth is used), the tuner timed its dK/dV and dQ candidates at
+   their own tile shapes: it recorded times and gains of configs that no call ran.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -272,3 +276,26 @@ def test_tune_cache_files_take_the_umask_as_other_files(umask):
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
     assert sorted(p.name for p in path.parent.iterdir()) == sorted([path.name, path.with_suffix(".lock").name])
+
+
+# -- 8. the tuner times the backward of a data-dependent mask as it runs ----------------------------------------
+
+@pytest.mark.parametrize("kernel", ["dkdv", "dq"])
+def test_a_trial_of_a_shared_tile_backward_runs_what_its_cache_entry_would(kernel, monkeypatch):
+    """Each candidate the tuner may time for a kernel of document's backward (shared tiles), timed
+    (inside ``trying``) at the config its cache entry then gives calls."""
+    from attncc.runtime.launch import backward_configs
+
+    from cases import inputs_for, pattern
+    gen = torch.Generator().manual_seed(21)
+    q, k, v = (torch.randn(1, 2, 50, 32, generator=gen) for _ in range(3))
+    call = bind(module("document").SPEC, q, k, v, kwargs=inputs_for(pattern("document"), 1, 2, 50, gen))
+    on_gpu_path(monkeypatch)
+    index = {"dkdv": 1, "dq": 2}[kernel]
+    for cfg in tuning.candidates(call, kernel, exhaustive=True):
+        with tuning.trying(kernel, cfg):
+            timed = backward_configs(call, shared=True)[index]
+        tuning.keep_in_process(tuning.key_for(call, kernel), {"config": dataclasses.asdict(cfg), "ms": 1.0})
+        assert backward_configs(call, shared=True)[index] == timed, cfg
+    monkeypatch.setenv("ATTNCC_CONFIG_DQ", "BLOCK_M=16,BLOCK_N=16,num_warps=2,num_stages=1")
+    assert backward_configs(call, shared=True)[2] == KernelConfig(16, 16, 2, 1)  # the environment's: as it is

@@ -14,7 +14,7 @@ from attncc.runtime import backend, compiled, tuning
 from attncc.runtime.autograd import AttentionFunction, no_pairs, no_pairs_backward
 from attncc.runtime.call import Call, env, env_flag, interpreting, on_call_device
 from attncc.runtime.configs import (TOO_BIG, KernelConfig, config_settings, default_config, fit_key,
-                                     preset_and_forced, preset_config, trial_active)
+                                     preset_and_forced, preset_config, trial_active, trial_config)
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -35,11 +35,14 @@ def pick_config(call: Call, kernel: str = "") -> KernelConfig:
 def shared_tile_config(call: Call, kernel: str, forward: KernelConfig) -> KernelConfig:
     """A backward kernel's config with the forward's tile shape (and warps), so that the block
     lists the forward classified per call (data-dependent masks) serve the backward too; a
-    config forced by the environment or a tuning trial is kept as it is."""
+    config forced by the environment is kept as it is. A tuning trial's gets the forward's tiles
+    as the cache entry it may become does (the tuner timed dK/dV and dQ candidates at tile shapes
+    that no call of such a spec ran, and recorded their times and gains for configs of which only
+    the pipeline depth was used)."""
     preset, forced = preset_and_forced(kernel)
-    if forced:
+    if forced and trial_config(kernel) is None:  # the environment's
         return preset
-    if preset is not None:  # the interpreter's
+    if preset is not None:  # a tuning trial's, or the interpreter's
         return _with_tiles(preset, forward.BLOCK_M, forward.BLOCK_N, forward.num_warps)
     return call.cached(("shared config", kernel, forward, tuning.generation()),
                        lambda: _with_tiles(pick_config(call, kernel), forward.BLOCK_M, forward.BLOCK_N,
