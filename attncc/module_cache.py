@@ -30,7 +30,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Dict, Optional, Tuple, Union
 
-from attncc.core.files import read_regular_text, write_atomic
+from attncc.core.files import cache_folder, read_regular_text, write_atomic
 from attncc.core.resources import templates_dir
 from attncc.core.version import VERSION
 
@@ -45,16 +45,10 @@ _FINGERPRINT: Optional[str] = None
 renders = 0  # sources rendered by this process (a cache hit renders none)
 
 
-def cache_root() -> Path:
-    """``$ATTNCC_CACHE_DIR``, else ``~/.cache/attncc`` (the tuning cache uses the same root:
-    attncc.runtime.tuning.cache_dir)."""
-    env = os.environ.get("ATTNCC_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "attncc"
-
-
 def modules_dir() -> Path:
-    """Where compiled modules are cached."""
-    return cache_root() / "modules"
+    """Where compiled modules are cached: ``$ATTNCC_CACHE_DIR/modules``, else ``~/.cache/attncc/modules``
+    (:func:`attncc.core.files.cache_folder`; the tuning cache: attncc.runtime.tuning.cache_dir)."""
+    return cache_folder("modules", "modules")
 
 
 def compile(spec: SpecLike) -> ModuleType:

@@ -218,6 +218,12 @@ def main_tune(argv: Optional[List[str]] = None) -> int:
     from attncc.runtime import tuning
     from attncc.runtime.call import interpreting
 
+    try:
+        tuning.cache_dir()
+    except ValueError as e:  # ATTNCC_CACHE_DIR="~nosuchuser/x", or no home folder
+        print(f"attncc tune: {e}", file=sys.stderr)
+        return 2
+
     if args.show or args.clear:  # `--show --clear` cleared without showing, `SPEC --clear` without tuning
         extra = ["--show"] * (args.show and args.clear) + [repr(s) for s in args.specs]
         if extra:

@@ -41,6 +41,9 @@ Defects found (each fixed, with a test below that fails on the old code):
 8. For data-dependent masks (document), whose backward kernels run at the forward's tile shape and
    warps (only the tuned pipeline depth is used), the tuner timed its dK/dV and dQ candidates at
    their own tile shapes: it recorded times and gains of configs that no call ran.
+9. ``ATTNCC_CACHE_DIR="~nosuchuser/x"``, or no home folder (HOME unset, a user id without an
+   account, as containers run), raised Python's RuntimeError "Could not determine home directory"
+   from ``attncc.compile``, ``attncc tune`` (a traceback) and, on a GPU, every call.
 """
 from __future__ import annotations
 
@@ -299,3 +302,36 @@ def test_a_trial_of_a_shared_tile_backward_runs_what_its_cache_entry_would(kerne
         assert backward_configs(call, shared=True)[index] == timed, cfg
     monkeypatch.setenv("ATTNCC_CONFIG_DQ", "BLOCK_M=16,BLOCK_N=16,num_warps=2,num_stages=1")
     assert backward_configs(call, shared=True)[2] == KernelConfig(16, 16, 2, 1)  # the environment's: as it is
+
+
+# -- 9. a cache folder that cannot be known ----------------------------------------------------------------------
+
+def _no_home(monkeypatch):
+    import pathlib
+
+    def home(cls):
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.delenv("ATTNCC_CACHE_DIR")
+    monkeypatch.setattr(pathlib.Path, "home", classmethod(home))
+
+
+@pytest.mark.parametrize("where", ["no such user", "no home"])
+def test_a_cache_folder_that_cannot_be_known_is_a_clear_error(where, monkeypatch, capsys):
+    if where == "no home":
+        _no_home(monkeypatch)
+        match = "set ATTNCC_CACHE_DIR"
+    else:
+        monkeypatch.setenv("ATTNCC_CACHE_DIR", "~nosuchuser21xyz/cache")
+        match = "ATTNCC_CACHE_DIR='~nosuchuser21xyz/cache': cannot expand"
+    call = make_call()
+    with pytest.raises(ValueError, match=match):
+        attncc.compile('name = "nohome21"\nhead_dim = 16\n[mask]\nwhere = "j <= i"\n')
+    fresh()
+    on_gpu_path(monkeypatch)
+    with pytest.raises(ValueError, match=match):
+        pick_config(call)
+    for argv in (["--show"], ["--clear"], ["spec.toml"]):
+        assert cli_main(["tune", *argv]) == 2
+        err = capsys.readouterr().err
+        assert "attncc tune: " in err and "Traceback" not in err and ("ATTNCC_CACHE_DIR" in err)

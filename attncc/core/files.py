@@ -49,3 +49,25 @@ def write_atomic(path, text: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+CACHE_VARIABLE = "ATTNCC_CACHE_DIR"
+
+
+def cache_folder(inside_variable: str, default: str) -> Path:
+    """Where one of attncc's caches is: ``$ATTNCC_CACHE_DIR/<inside_variable>`` (``""``: the folder
+    itself), else ``~/.cache/attncc/<default>``. A ValueError naming what to set when the folder
+    cannot be known: a ``~user`` of no user in the variable, or no home folder (``HOME`` unset and a
+    user id without an account, as containers run); Python's RuntimeError "Could not determine home
+    directory" came out of ``attncc.compile``, ``attncc tune`` and, on a GPU, every call."""
+    text = os.environ.get(CACHE_VARIABLE)
+    try:
+        if text:
+            return Path(text).expanduser() / inside_variable
+        return Path.home() / ".cache" / "attncc" / default
+    except RuntimeError:
+        if text:
+            raise ValueError(f"{CACHE_VARIABLE}={text!r}: cannot expand its ~ (no such user, or no home folder): "
+                             f"give the folder's path") from None
+        raise ValueError(f"attncc: no home folder for its cache ~/.cache/attncc (HOME is unset and this user id has "
+                         f"no account): set {CACHE_VARIABLE} (or HOME) to a writable folder") from None

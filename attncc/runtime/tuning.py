@@ -22,7 +22,6 @@ import functools
 import json
 import logging
 import math
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from attncc.core.files import read_regular_text, write_atomic
+from attncc.core.files import cache_folder, read_regular_text, write_atomic
 from attncc.core.semantics import MAX_HEAD_DIM
 from attncc.runtime.call import Call, env, env_flag, interpreting
 from attncc.runtime.configs import (BLOCK_SIZES, WARP_COUNTS, KernelConfig, config_shared_bytes, default_config,
@@ -96,9 +95,9 @@ def cache_file_name(gpu: str, triton_version: str) -> str:
 
 
 def cache_dir() -> Path:
-    """Where tuned configs live: ``ATTNCC_CACHE_DIR``, else ``~/.cache/attncc/tune``."""
-    env = os.environ.get("ATTNCC_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "attncc" / "tune"
+    """Where tuned configs live: ``ATTNCC_CACHE_DIR``, else ``~/.cache/attncc/tune``
+    (:func:`attncc.core.files.cache_folder`)."""
+    return cache_folder("", "tune")
 
 
 def tuning_enabled() -> bool:
