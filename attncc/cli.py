@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import argparse
 import glob
+import shlex
 import sys
 
 from attncc.console import exit_quietly_on_broken_pipe
+from attncc.core.text import printable
 from attncc.core.version import VERSION
+
+OUT_DEFAULT = "generated"
 
 
 def _default_specs():
@@ -27,8 +31,10 @@ def cmd_build(args) -> int:
     try:
         if args.check:
             old = stale(specs, args.out)
-            for path in old:
-                print(f"stale: {path} (run `attncc build {' '.join(args.specs) if args.specs else ''}`)".rstrip(), file=sys.stderr)
+            rebuild = " ".join(["attncc build", *map(shlex.quote, args.specs)]
+                               + ([] if args.out == OUT_DEFAULT else ["--out", shlex.quote(args.out)]))
+            for path in old:  # (the command named no --out: it rebuilt generated/, not the folder checked)
+                print(f"stale: {path} (run `{printable(rebuild)}`)", file=sys.stderr)
             # the whole spec set (no spec arguments): the folder's generated files of specs gone since
             gone = [] if args.specs else extra(specs, args.out)
             for path in gone:
@@ -71,7 +77,7 @@ def _main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="generate DIR/<name>.py for each spec")
     b.add_argument("specs", nargs="*", help="spec files (default: specs/*.toml)")
-    b.add_argument("--out", default="generated", help="output folder (default: generated)")
+    b.add_argument("--out", default=OUT_DEFAULT, help=f"output folder (default: {OUT_DEFAULT})")
     b.add_argument("--check", action="store_true", help="fail when the generated files are stale")
     sub.add_parser("explain", help="what the analysis found for a spec (attncc explain SPEC --n N ...)")
     sub.add_parser("tune", help="tune tile configs for this GPU (attncc tune SPEC... --n N,... | --show | --clear)")

@@ -44,6 +44,8 @@ Defects found (each fixed, with a test below that fails on the old code):
 9. ``ATTNCC_CACHE_DIR="~nosuchuser/x"``, or no home folder (HOME unset, a user id without an
    account, as containers run), raised Python's RuntimeError "Could not determine home directory"
    from ``attncc.compile``, ``attncc tune`` (a traceback) and, on a GPU, every call.
+10. ``attncc build SPEC --out DIR --check`` said ``stale: DIR/x.py (run `attncc build SPEC`)``: the
+    command it named rebuilt generated/, not DIR, and the check failed again.
 """
 from __future__ import annotations
 
@@ -335,3 +337,18 @@ def test_a_cache_folder_that_cannot_be_known_is_a_clear_error(where, monkeypatch
         assert cli_main(["tune", *argv]) == 2
         err = capsys.readouterr().err
         assert "attncc tune: " in err and "Traceback" not in err and ("ATTNCC_CACHE_DIR" in err)
+
+
+# -- 10. build --check names the command that makes the folder it checked ----------------------------------------
+
+@pytest.mark.parametrize("out", ["gen", "my gen", "generated"])
+def test_check_names_the_build_that_fixes_what_it_found(out, tmp_path, monkeypatch, capsys):
+    import shlex
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.toml").write_text('head_dim = 16\n[mask]\nwhere = "j <= i"\n')
+    assert cli_main(["build", "a.toml", "--out", out, "--check"]) == 1
+    err = capsys.readouterr().err
+    command = err.split("(run `")[1].split("`)")[0]
+    assert cli_main(shlex.split(command)[1:]) == 0  # what it says to run
+    assert cli_main(["build", "a.toml", "--out", out, "--check"]) == 0
