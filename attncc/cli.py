@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import os
 import shlex
 import sys
 
@@ -23,6 +24,10 @@ def cmd_build(args) -> int:
 
     if not args.out:  # `--out "$OUT"` with OUT unset: not the current folder without a word
         print("attncc build: --out is empty (give a folder; --out . for the current one)", file=sys.stderr)
+        return 2
+    if os.path.lexists(args.out) and not os.path.isdir(args.out):  # was "cannot write OUT: File exists"
+        print(f"attncc build: cannot write {printable(args.out)}: --out is not a folder (a file, or a link to none): "
+              f"give a folder, which build makes if it is missing", file=sys.stderr)
         return 2
     specs = args.specs or _default_specs()
     if not specs:

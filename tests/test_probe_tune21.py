@@ -45,7 +45,8 @@ Defects found (each fixed, with a test below that fails on the old code):
    account, as containers run), raised Python's RuntimeError "Could not determine home directory"
    from ``attncc.compile``, ``attncc tune`` (a traceback) and, on a GPU, every call.
 10. ``attncc build SPEC --out DIR --check`` said ``stale: DIR/x.py (run `attncc build SPEC`)``: the
-    command it named rebuilt generated/, not DIR, and the check failed again.
+    command it named rebuilt generated/, not DIR, and the check failed again; ``--out FILE`` said
+    ``cannot write FILE: File exists``.
 """
 from __future__ import annotations
 
@@ -352,3 +353,16 @@ def test_check_names_the_build_that_fixes_what_it_found(out, tmp_path, monkeypat
     command = err.split("(run `")[1].split("`)")[0]
     assert cli_main(shlex.split(command)[1:]) == 0  # what it says to run
     assert cli_main(["build", "a.toml", "--out", out, "--check"]) == 0
+
+
+def test_an_out_that_is_a_file_is_named_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.toml").write_text('head_dim = 16\n[mask]\nwhere = "j <= i"\n')
+    (tmp_path / "out").write_text("mine\n")
+    os.symlink(tmp_path / "out", tmp_path / "link")
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
+    for out in ("out", "link", "dangling"):
+        for check in ([], ["--check"]):
+            assert cli_main(["build", "a.toml", "--out", out, *check]) == 2
+            assert f"cannot write {out}: --out is not a folder" in capsys.readouterr().err
+    assert (tmp_path / "out").read_text() == "mine\n" and not (tmp_path / "nowhere").exists()
