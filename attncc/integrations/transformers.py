@@ -14,7 +14,12 @@ instead: which mask the model asked for (recognized from transformers' own mask 
 causal, bidirectional, sliding windows), the positions of the call in the sequence (the KV
 cache's offsets) and, only when some key is padding, the 2D padding mask [B, positions]. No
 dense mask is ever made; the padding reaches the kernels as an input ``key_ok[b, j]`` of the
-spec, so they skip padded key blocks from block statistics like any data-dependent mask.
+spec, so they skip padded key blocks from block statistics like any data-dependent mask. A static
+cache's slots that hold no token yet, past the 2D padding mask (transformers pads it with False
+there) or past the last query under the model's causal mask, are cut off the keys the kernels see:
+a user's pattern never attends them, and its ``n_k`` counts the tokens. (A model whose own mask is
+bidirectional, on a static cache and without a padding mask, attends them as eager does: such a call
+cannot be told from cross-attention's, whose keys past the queries are the encoder's.)
 
 The attention function then picks the generated module per call, from what the model passes,
 and compiles each one once (``attncc.compile``; cached on disk):
@@ -118,8 +123,11 @@ class KeyMask:
     kind: None when the mask function was not recognized (allowed with a user spec only); with
     cu_seqlens, the mask within each packed sequence.
     q_offset / kv_offset: the positions of the first query and the first key (cache) row.
-    key_ok: bool [B, >= kv_offset + kv_length], True where the key at that position is a real
-    token; None when none is padding."""
+    keys_end: the position past the last key that holds a token, where the call's key rows go further
+    (a static cache's empty slots: past the 2D padding mask, or past the last query under a model's causal
+    mask); None when every key row holds one. The attention function never hands the kernels those rows.
+    key_ok: bool [B, >= kv_offset + (the rows that hold tokens)], True where the key at that position is
+    a real token; None when none is padding."""
 
     kind: Optional[MaskKind]
     q_offset: int
@@ -135,6 +143,11 @@ class KeyMask:
     # as its attention_mask, whose mask code asks for .ndim before it asks the mask function again:
     # a KeyMask stands where transformers keeps a 4-D mask (never one of 2 dims, the padding mask)
     ndim: ClassVar[int] = 4
+    keys_end: Optional[int] = None
+
+    def held(self, rows: int) -> int:
+        """How many of the call's ``rows`` key rows hold tokens (the first ones)."""
+        return rows if self.keys_end is None else max(0, min(rows, self.keys_end - self.kv_offset))
 
 
 # -- recognizing transformers' mask functions ---------------------------------------------------
@@ -247,26 +260,36 @@ class _Implementation:
                 f"sliding windows, with padding, and those of sequences packed in a row); custom mask overlays "
                 f"(or_mask_function / and_mask_function, chunked or block-wise attention) are among them. Write the pattern as a spec and register it: register(name, spec=...)")
         q_offset, kv_offset = int(q_offset), int(kv_offset)
-        key_ok = None
-        if isinstance(attention_mask, KeyMask):  # made earlier for this forward (generate, static cache)
-            attention_mask = attention_mask.key_ok
-        if attention_mask is not None:
-            if attention_mask.dim() != 2:
-                raise ValueError(f"attncc ({self.name}): expected a 2D padding mask [B, positions], got shape "
-                                 f"{tuple(attention_mask.shape)}")
-            positions = kv_offset + kv_length
-            ok = attention_mask.to(torch.bool)
-            if ok.shape[1] < positions:  # a static cache: its slots past the mask hold no token
-                ok = torch.nn.functional.pad(ok, (0, positions - ok.shape[1]), value=False)
-            ok = ok[:, :positions].contiguous()
-            if not bool(ok.all()):  # one host sync per forward; none of the kernels needs one
-                key_ok = ok
+        keys_end, key_ok = self._key_rows(kind, attention_mask, q_offset + q_length, kv_offset + kv_length)
         if cu_seqlens is not None and self.module is not None:
             raise NotImplementedError(
                 f"attncc ({self.name}): the batch packs sequences in a row (transformers found them from "
                 f"position_ids); a registered spec replaces the model's mask and would attend across them. Pass "
                 f"one sequence a row with a 2D attention_mask, or write the documents into the spec")
-        return KeyMask(kind, q_offset, kv_offset, q_length, kv_length, key_ok, _name(mask_function), cu_seqlens)
+        return KeyMask(kind, q_offset, kv_offset, q_length, kv_length, key_ok, _name(mask_function), cu_seqlens,
+                       keys_end)
+
+    def _key_rows(self, kind: Optional[MaskKind], attention_mask, queries_end: int,
+                  positions: int) -> Tuple[Optional[int], Optional[torch.Tensor]]:
+        """(keys_end, key_ok) of a KeyMask over key positions [0, positions): a static cache's rows past
+        the 2D padding mask (transformers pads it with False there) hold no token, nor, under a model's
+        causal mask (the call's own sequence), those past the last query ``queries_end``; a user's spec
+        replaces that mask and would attend them (zeros), so the call ends its keys there instead."""
+        ends = [queries_end] if kind is not None and kind.causal else []
+        if isinstance(attention_mask, KeyMask):  # made earlier for this forward (generate, static cache)
+            ends += [] if attention_mask.keys_end is None else [attention_mask.keys_end]
+            attention_mask = attention_mask.key_ok
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError(f"attncc ({self.name}): expected a 2D padding mask [B, positions], got shape "
+                             f"{tuple(attention_mask.shape)}")
+        if attention_mask is not None:
+            ends.append(attention_mask.shape[1])
+        end = min([positions] + ends)
+        if attention_mask is None:
+            return (end if end < positions else None), None
+        ok = attention_mask[:, :end].to(torch.bool).contiguous()
+        # one host sync per forward; none of the kernels needs one
+        return (end if end < positions else None), (None if bool(ok.all()) else ok)
 
     # The attention function (AttentionInterface).
     def forward(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
@@ -295,6 +318,9 @@ class _Implementation:
             raise ValueError(f"{who}: the mask was made for {mask.q_length} queries and {mask.kv_length} keys, "
                              f"the call has {Nq} and {Nk}")
         packed = _packed(who, mask, kwargs, B, Nq, Nk)
+        if mask.held(Nk) < Nk:  # a static cache's empty slots: the kernels see the keys before them only
+            Nk = mask.held(Nk)
+            key, value = key[:, :, :Nk], value[:, :, :Nk]
         dropout = float(dropout or 0.0)
         if self.module is not None:
             # the layer's window and softcap come as named arguments: a spec's params of those names take them
@@ -346,11 +372,10 @@ class _Implementation:
         Nq, Nk = q.shape[2], k.shape[2]
         queries_end = mask.q_offset - mask.kv_offset + Nq  # the rows of the cache that the queries fill
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-        # decode sees the keys [0, queries_end): where keys follow the queries (cross-attention's encoder
-        # states, a bidirectional or user's mask over a static cache), only a causal mask leaves them out
-        keys_after_masked = queries_end == Nk or (self.module is None and mask.kind is not None and mask.kind.causal)
+        # decode sees the keys [0, queries_end): not where keys follow the queries (cross-attention's encoder
+        # states; a static cache's empty slots past the queries were cut off already)
         if (self.use_decode and not needs_grad and not dropout and Nq <= MAX_DECODE_QUERIES
-                and Nq <= queries_end <= Nk and keys_after_masked and (translation_invariant or mask.kv_offset == 0)):
+                and Nq <= queries_end == Nk and (translation_invariant or mask.kv_offset == 0)):
             # positions from the cache's first row: i - j and the padding are what they are globally
             if mask.key_ok is not None and "key_ok" not in kw:
                 kw["key_ok"] = mask.key_ok[:, mask.kv_offset:mask.kv_offset + Nk]
