@@ -24,6 +24,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from transformers import AutoModelForCausalLM, StaticCache  # noqa: E402
+from transformers import masking_utils as mu  # noqa: E402
 
 from attncc.integrations import transformers as attncc_hf  # noqa: E402
 from hf_cases import rel  # noqa: E402
@@ -75,20 +76,26 @@ PATTERNS = {  # spec's [mask].where (absent: every key), the same pattern over p
     "bidirectional": (None, lambda i, j: torch.ones_like(i * j, dtype=torch.bool)),
     "prefix_lm": ("j <= i or j < 6", lambda i, j: (j <= i) | (j < 6)),
     "look_ahead": ("j <= i + 2", lambda i, j: j <= i + 2),
+    # bottom-right causal: n_k was the cache's 24 slots, the queries saw 24 - n_q keys ahead
+    "bottom_right": ("j - n_k <= i - n_q", lambda i, j: j <= i),
 }
 
 
-def pattern_spec(name):
+def pattern_impl(name, decode=True):
+    """The registered name of the spec of pattern ``name``."""
     where, _ = PATTERNS[name]
-    return f'name = "p21_{name}"\nhead_dim = 16\n' + ("" if where is None else f'[mask]\nwhere = "{where}"\n')
+    spec = f'name = "p21_{name}"\nhead_dim = 16\n' + ("" if where is None else f'[mask]\nwhere = "{where}"\n')
+    return attncc_hf.register(f"p21_{name}_{decode}", spec=spec, decode=decode)
 
 
-@pytest.mark.parametrize("pattern, seed, ones_mask", [("bidirectional", 0, False), ("prefix_lm", 1, True),
-                                                      ("look_ahead", 2, False), ("look_ahead", 3, True)])
-def test_a_spec_seeing_later_keys_never_attends_a_static_caches_empty_slots(pattern, seed, ones_mask):
+@pytest.mark.parametrize("pattern, seed, ones_mask, decode", [
+    ("bidirectional", 0, False, True), ("prefix_lm", 1, True, True), ("look_ahead", 2, False, False),
+    ("look_ahead", 3, True, True), ("bottom_right", 4, False, True)])
+def test_a_spec_seeing_later_keys_never_attends_a_static_caches_empty_slots(pattern, seed, ones_mask, decode):
     """A 14-token prompt in three seeded chunks appended to a StaticCache of 24 slots, with no padding mask
-    or an all-ones one: each chunk's logits are eager's with the pattern over the tokens written so far."""
-    impl = attncc_hf.register(f"p21_{pattern}", spec=pattern_spec(pattern))
+    or an all-ones one, through decode or attention: each chunk's logits are eager's with the pattern over
+    the tokens written so far."""
+    impl = pattern_impl(pattern, decode)
     ref, ours = models(impl=impl)
     ids = torch.randint(2, 99, (2, 14), generator=torch.Generator().manual_seed(seed))
     caches = [StaticCache(config=m.config, max_cache_len=24) for m in (ref, ours)]
@@ -101,3 +108,22 @@ def test_a_spec_seeing_later_keys_never_attends_a_static_caches_empty_slots(patt
             got = ours(part, attention_mask=mask, cache=caches[1]).logits
         assert rel(got, want) < 2e-6, (start, n)
         start += n
+
+
+def test_a_mask_built_on_causal_with_an_overlay_ends_the_keys_at_the_last_query():
+    """A mask function transformers builds from causal_mask_function with an overlay it does not map
+    (or_masks: PaliGemma's prefix, Gemma 3's image blocks), a user's spec, no padding mask: the keys past the
+    last query (a static cache's zero slots) were attended. Queries at positions 5..7 of a 16-slot cache."""
+    impl = attncc_hf.registered(pattern_impl("look_ahead"))
+    overlay = mu.or_masks(mu.causal_mask_function, lambda b, h, i, j: j < 2)
+    gen = torch.Generator().manual_seed(6)
+    q = torch.randn(2, 4, 3, 16, generator=gen)
+    k, v = (torch.randn(2, 2, 16, 16, generator=gen).index_fill(2, torch.arange(8, 16), 0.0) for _ in range(2))
+    key_mask = impl.mask(2, 3, 16, q_offset=5, mask_function=overlay)
+    module = type("Attention", (), {"is_causal": True})()
+    with torch.no_grad():
+        got, _ = impl.forward(module, q, k, v, key_mask, scaling=0.25)
+    i, j = torch.arange(5, 8)[:, None], torch.arange(16)[None, :]
+    scores = (q @ k.repeat_interleave(2, 1).transpose(-1, -2) * 0.25).masked_fill(~((j <= i + 2) & (j < 8)), -torch.inf)
+    want = (torch.softmax(scores, -1) @ v.repeat_interleave(2, 1)).transpose(1, 2)
+    assert rel(got, want) < 2e-6

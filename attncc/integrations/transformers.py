@@ -16,7 +16,7 @@ cache's offsets) and, only when some key is padding, the 2D padding mask [B, pos
 dense mask is ever made; the padding reaches the kernels as an input ``key_ok[b, j]`` of the
 spec, so they skip padded key blocks from block statistics like any data-dependent mask. A static
 cache's slots that hold no token yet, past the 2D padding mask (transformers pads it with False
-there) or past the last query under the model's causal mask, are cut off the keys the kernels see:
+there) or past the last query under a mask built on a causal one, are cut off the keys the kernels see:
 a user's pattern never attends them, and its ``n_k`` counts the tokens. (A model whose own mask is
 bidirectional, on a static cache and without a padding mask, attends them as eager does: such a call
 cannot be told from cross-attention's, whose keys past the queries are the encoder's.)
@@ -214,6 +214,20 @@ def recognize_packed(mask_function) -> Optional[Tuple[MaskKind, torch.Tensor]]:
     return kind, ids
 
 
+def built_on_causal(mask_function, depth: int = 0) -> bool:
+    """Whether transformers built the mask function from ``causal_mask_function`` (create_causal_mask,
+    its sliding / chunked kinds, with overlays: ``and_masks`` / ``or_masks`` / position remaps around it):
+    a decoder's self-attention on its own sequence, whose cache holds no token past the last query.
+    Cross-attention's masks are bidirectional."""
+    if mask_function is _mu.causal_mask_function:
+        return True
+    if depth > 16 or not hasattr(mask_function, "__code__"):
+        return False
+    cells = _closure(mask_function)
+    parts = [*cells.get("mask_functions", ()), cells.get("mask_function")]
+    return any(built_on_causal(p, depth + 1) for p in parts if callable(p))
+
+
 def packed_cu_seqlens(sequence_ids: torch.Tensor) -> torch.Tensor:
     """int32 [S + 1]: the sequences of packed-sequence ids [B, N] (equal ids: one sequence), the rows taken
     one after another (a sequence never spans two rows)."""
@@ -260,7 +274,8 @@ class _Implementation:
                 f"sliding windows, with padding, and those of sequences packed in a row); custom mask overlays "
                 f"(or_mask_function / and_mask_function, chunked or block-wise attention) are among them. Write the pattern as a spec and register it: register(name, spec=...)")
         q_offset, kv_offset = int(q_offset), int(kv_offset)
-        keys_end, key_ok = self._key_rows(kind, attention_mask, q_offset + q_length, kv_offset + kv_length)
+        keys_end, key_ok = self._key_rows(built_on_causal(mask_function), attention_mask, q_offset + q_length,
+                                          kv_offset + kv_length)
         if cu_seqlens is not None and self.module is not None:
             raise NotImplementedError(
                 f"attncc ({self.name}): the batch packs sequences in a row (transformers found them from "
@@ -269,13 +284,14 @@ class _Implementation:
         return KeyMask(kind, q_offset, kv_offset, q_length, kv_length, key_ok, _name(mask_function), cu_seqlens,
                        keys_end)
 
-    def _key_rows(self, kind: Optional[MaskKind], attention_mask, queries_end: int,
+    def _key_rows(self, causal: bool, attention_mask, queries_end: int,
                   positions: int) -> Tuple[Optional[int], Optional[torch.Tensor]]:
         """(keys_end, key_ok) of a KeyMask over key positions [0, positions): a static cache's rows past
-        the 2D padding mask (transformers pads it with False there) hold no token, nor, under a model's
-        causal mask (the call's own sequence), those past the last query ``queries_end``; a user's spec
-        replaces that mask and would attend them (zeros), so the call ends its keys there instead."""
-        ends = [queries_end] if kind is not None and kind.causal else []
+        the 2D padding mask (transformers pads it with False there) hold no token, nor, under a mask
+        built on a causal one (``causal``: the call's own sequence), those past the last query
+        ``queries_end``; a user's spec replaces that mask and would attend them (zeros), so the call ends
+        its keys there instead."""
+        ends = [queries_end] if causal else []
         if isinstance(attention_mask, KeyMask):  # made earlier for this forward (generate, static cache)
             ends += [] if attention_mask.keys_end is None else [attention_mask.keys_end]
             attention_mask = attention_mask.key_ok
