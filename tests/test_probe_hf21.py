@@ -47,6 +47,10 @@ Found and fixed:
 * The same under a mask transformers builds from its causal one with an overlay the integration does not
   map (``or_masks``: PaliGemma's prefix, Gemma 3's image blocks), which a user's spec may replace: the keys
   now end at the last query there too (``built_on_causal``).
+* A backward through chunks appended to a StaticCache (two forward calls, one loss) raised PyTorch's
+  "modified by an inplace operation": the kernels saved the cache's own tensors, which the next chunk
+  writes into. Where the call's keys are cut before empty slots and need gradients, the kernels get a
+  copy of the tokens' keys (eager and sdpa work with GQA, where repeat_kv copies them).
 """
 from __future__ import annotations
 
@@ -61,7 +65,7 @@ from transformers import AutoModelForCausalLM, StaticCache  # noqa: E402
 from transformers import masking_utils as mu  # noqa: E402
 
 from attncc.integrations import transformers as attncc_hf  # noqa: E402
-from hf_cases import padded, rel  # noqa: E402
+from hf_cases import grads_rel, padded, rel  # noqa: E402
 
 COMMON = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, head_dim=16, vocab_size=100, max_position_embeddings=64, pad_token_id=0,
@@ -162,6 +166,24 @@ def test_a_mask_built_on_causal_with_an_overlay_ends_the_keys_at_the_last_query(
     scores = (q @ k.repeat_interleave(2, 1).transpose(-1, -2) * 0.25).masked_fill(~((j <= i + 2) & (j < 8)), -torch.inf)
     want = (torch.softmax(scores, -1) @ v.repeat_interleave(2, 1)).transpose(1, 2)
     assert rel(got, want) < 2e-6
+
+
+def test_gradients_through_chunks_on_a_static_cache():
+    """Two chunks (5 and 7 tokens, left padding) on a StaticCache, one backward: the kernels had saved the
+    cache itself for it, which the second chunk writes in place (RuntimeError "modified by an inplace
+    operation"; eager's repeat_kv copies the keys with GQA). Logits and gradients of eager's."""
+    ref, ours = models()
+    ids, mask = padded("left", seq=12, pads=3)
+    real = mask.bool()
+    weights = torch.randn(2, 12, COMMON["vocab_size"], generator=torch.Generator().manual_seed(1))[real]
+    logits = []
+    for model in (ref, ours):
+        cache = StaticCache(config=model.config, max_cache_len=16)
+        first = model(ids[:, :5], attention_mask=mask[:, :5], cache=cache).logits
+        out = torch.cat([first, model(ids[:, 5:], attention_mask=mask, cache=cache).logits], 1)[real]
+        (out * weights).sum().backward()
+        logits.append(out.detach())
+    assert rel(logits[1], logits[0]) < 2e-6 and grads_rel(ref, ours) < 1e-5
 
 
 # -- clean regressions ----------------------------------------------------------------------------------

@@ -337,6 +337,10 @@ class _Implementation:
         if mask.held(Nk) < Nk:  # a static cache's empty slots: the kernels see the keys before them only
             Nk = mask.held(Nk)
             key, value = key[:, :, :Nk], value[:, :, :Nk]
+            if torch.is_grad_enabled() and (key.requires_grad or value.requires_grad):
+                # the cache's next call writes into it in place: the backward keeps its own copy (as eager's
+                # repeat_kv does with GQA)
+                key, value = key.clone(), value.clone()
         dropout = float(dropout or 0.0)
         if self.module is not None:
             # the layer's window and softcap come as named arguments: a spec's params of those names take them
