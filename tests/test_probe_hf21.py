@@ -4,8 +4,8 @@ configs (CPU, no downloads), compared with transformers' eager attention on the 
 reference gets a user's pattern as a dense 4-D mask over the same cache).
 
 Probed clean (float32 logits within 2e-6 relative of eager's, generations token for token with every
-step's logits within 2e-6; about 75 cases, the user's window spec on a static sliding cache kept as a
-test):
+step's logits within 2e-6; about 80 cases, the user's window spec on a static sliding cache kept as a
+test marked slow):
 
 * prefill in chunks (3 to 1 + 1 + 12 tokens per call, 11 splits) appended to static and dynamic caches,
   left / right / mixed padding (a batch of 4: left, right, none, a hole), for Llama, Mistral (window 3 and
@@ -49,8 +49,9 @@ Found and fixed:
   now end at the last query there too (``built_on_causal``).
 * A backward through chunks appended to a StaticCache (two forward calls, one loss) raised PyTorch's
   "modified by an inplace operation": the kernels saved the cache's own tensors, which the next chunk
-  writes into. Where the call's keys are cut before empty slots and need gradients, the kernels get a
-  copy of the tokens' keys (eager and sdpa work with GQA, where repeat_kv copies them).
+  writes into (a static sliding layer just full too). Keys that need gradients and are a static cache's
+  storage (cut before empty slots, or marked by transformers with torch._dynamo.mark_static_address) reach
+  the kernels as a copy (eager and sdpa work with GQA, where repeat_kv copies them).
 """
 from __future__ import annotations
 
@@ -168,19 +169,22 @@ def test_a_mask_built_on_causal_with_an_overlay_ends_the_keys_at_the_last_query(
     assert rel(got, want) < 2e-6
 
 
-def test_gradients_through_chunks_on_a_static_cache():
-    """Two chunks (5 and 7 tokens, left padding) on a StaticCache, one backward: the kernels had saved the
-    cache itself for it, which the second chunk writes in place (RuntimeError "modified by an inplace
-    operation"; eager's repeat_kv copies the keys with GQA). Logits and gradients of eager's."""
-    ref, ours = models()
+@pytest.mark.parametrize("config_class, first, window", [(transformers.LlamaConfig, 5, None),
+                                                         (transformers.MistralConfig, 4, 4)])
+def test_gradients_through_chunks_on_a_static_cache(config_class, first, window):
+    """Two chunks (left padding) on a StaticCache, one backward: the kernels had saved the cache itself for
+    it, which the second chunk writes in place (RuntimeError "modified by an inplace operation"; eager's
+    repeat_kv copies the keys with GQA): Llama's cache with empty slots after 5 tokens, Mistral's sliding
+    layers (window 4) just full after 4. Logits and gradients of eager's."""
+    ref, ours = models(config_class, sliding_window=window)
     ids, mask = padded("left", seq=12, pads=3)
     real = mask.bool()
     weights = torch.randn(2, 12, COMMON["vocab_size"], generator=torch.Generator().manual_seed(1))[real]
     logits = []
     for model in (ref, ours):
         cache = StaticCache(config=model.config, max_cache_len=16)
-        first = model(ids[:, :5], attention_mask=mask[:, :5], cache=cache).logits
-        out = torch.cat([first, model(ids[:, 5:], attention_mask=mask, cache=cache).logits], 1)[real]
+        head = model(ids[:, :first], attention_mask=mask[:, :first], cache=cache).logits
+        out = torch.cat([head, model(ids[:, first:], attention_mask=mask, cache=cache).logits], 1)[real]
         (out * weights).sum().backward()
         logits.append(out.detach())
     assert rel(logits[1], logits[0]) < 2e-6 and grads_rel(ref, ours) < 1e-5
@@ -199,6 +203,7 @@ where = "j <= i and i - j < sliding_window and key_ok[b, j]"
 """
 
 
+@pytest.mark.slow
 def test_chunked_prefill_of_a_users_window_on_a_static_sliding_cache():
     """A left-padded 14-token batch in chunks of 3, 6 and 5 appended to a StaticCache whose sliding layers
     (window 4) hold 4 slots: filling, becoming full (keys at an offset), full; Mistral's layer window as the

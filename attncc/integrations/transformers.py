@@ -334,13 +334,14 @@ class _Implementation:
             raise ValueError(f"{who}: the mask was made for {mask.q_length} queries and {mask.kv_length} keys, "
                              f"the call has {Nq} and {Nk}")
         packed = _packed(who, mask, kwargs, B, Nq, Nk)
+        in_place = mask.held(Nk) < Nk or _static_storage(key, value)
         if mask.held(Nk) < Nk:  # a static cache's empty slots: the kernels see the keys before them only
             Nk = mask.held(Nk)
             key, value = key[:, :, :Nk], value[:, :, :Nk]
-            if torch.is_grad_enabled() and (key.requires_grad or value.requires_grad):
-                # the cache's next call writes into it in place: the backward keeps its own copy (as eager's
-                # repeat_kv does with GQA)
-                key, value = key.clone(), value.clone()
+        if in_place and torch.is_grad_enabled() and (key.requires_grad or value.requires_grad):
+            # the cache's next call writes into it in place: the backward keeps its own copy (as eager's
+            # repeat_kv does with GQA)
+            key, value = key.clone(), value.clone()
         dropout = float(dropout or 0.0)
         if self.module is not None:
             # the layer's window and softcap come as named arguments: a spec's params of those names take them
@@ -439,6 +440,12 @@ class _Implementation:
         elif spec.dropout:
             kw["dropout_p"] = 0.0
         return self.module, kw, False
+
+
+def _static_storage(*tensors: torch.Tensor) -> bool:
+    """Whether one of ``tensors`` is a static cache's own storage, which the cache's later calls write into
+    in place (transformers' static layers mark it with ``torch._dynamo.mark_static_address``)."""
+    return any(getattr(t, "_dynamo_static_input_type", None) is not None for t in tensors)
 
 
 def _user_scale(who: str, spec, scaling, head_dim: int, kw: dict) -> None:
