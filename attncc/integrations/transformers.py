@@ -124,8 +124,8 @@ class KeyMask:
     cu_seqlens, the mask within each packed sequence.
     q_offset / kv_offset: the positions of the first query and the first key (cache) row.
     keys_end: the position past the last key that holds a token, where the call's key rows go further
-    (a static cache's empty slots: past the 2D padding mask, or past the last query under a model's causal
-    mask); None when every key row holds one. The attention function never hands the kernels those rows.
+    (a static cache's empty slots: past the 2D padding mask, or past the last query under a mask built on
+    transformers' causal one); None when every key row holds one. The attention function never hands the kernels those rows.
     key_ok: bool [B, >= kv_offset + (the rows that hold tokens)], True where the key at that position is
     a real token; None when none is padding."""
 
@@ -291,21 +291,22 @@ class _Implementation:
         built on a causal one (``causal``: the call's own sequence), those past the last query
         ``queries_end``; a user's spec replaces that mask and would attend them (zeros), so the call ends
         its keys there instead."""
-        ends = [queries_end] if causal else []
+        ends = [positions, queries_end] if causal else [positions]
         if isinstance(attention_mask, KeyMask):  # made earlier for this forward (generate, static cache)
-            ends += [] if attention_mask.keys_end is None else [attention_mask.keys_end]
+            if attention_mask.keys_end is not None:
+                ends.append(attention_mask.keys_end)
             attention_mask = attention_mask.key_ok
-        if attention_mask is not None and attention_mask.dim() != 2:
-            raise ValueError(f"attncc ({self.name}): expected a 2D padding mask [B, positions], got shape "
-                             f"{tuple(attention_mask.shape)}")
         if attention_mask is not None:
+            if attention_mask.dim() != 2:
+                raise ValueError(f"attncc ({self.name}): expected a 2D padding mask [B, positions], got shape "
+                                 f"{tuple(attention_mask.shape)}")
             ends.append(attention_mask.shape[1])
-        end = min([positions] + ends)
+        end = min(ends)
+        keys_end = end if end < positions else None
         if attention_mask is None:
-            return (end if end < positions else None), None
+            return keys_end, None
         ok = attention_mask[:, :end].to(torch.bool).contiguous()
-        # one host sync per forward; none of the kernels needs one
-        return (end if end < positions else None), (None if bool(ok.all()) else ok)
+        return keys_end, (None if bool(ok.all()) else ok)  # one host sync per forward; no kernel needs one
 
     # The attention function (AttentionInterface).
     def forward(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
@@ -334,10 +335,10 @@ class _Implementation:
             raise ValueError(f"{who}: the mask was made for {mask.q_length} queries and {mask.kv_length} keys, "
                              f"the call has {Nq} and {Nk}")
         packed = _packed(who, mask, kwargs, B, Nq, Nk)
-        in_place = mask.held(Nk) < Nk or _static_storage(key, value)
-        if mask.held(Nk) < Nk:  # a static cache's empty slots: the kernels see the keys before them only
-            Nk = mask.held(Nk)
-            key, value = key[:, :, :Nk], value[:, :, :Nk]
+        held = mask.held(Nk)
+        in_place = held < Nk or _static_storage(key, value)
+        if held < Nk:  # a static cache's empty slots: the kernels see the keys before them only
+            key, value, Nk = key[:, :, :held], value[:, :, :held], held
         if in_place and torch.is_grad_enabled() and (key.requires_grad or value.requires_grad):
             # the cache's next call writes into it in place: the backward keeps its own copy (as eager's
             # repeat_kv does with GQA)
