@@ -125,7 +125,8 @@ class KeyMask:
     q_offset / kv_offset: the positions of the first query and the first key (cache) row.
     keys_end: the position past the last key that holds a token, where the call's key rows go further
     (a static cache's empty slots: past the 2D padding mask, or past the last query under a mask built on
-    transformers' causal one); None when every key row holds one. The attention function never hands the kernels those rows.
+    transformers' causal one); None when every key row holds one. The attention function never hands the
+    kernels those rows.
     key_ok: bool [B, >= kv_offset + (the rows that hold tokens)], True where the key at that position is
     a real token; None when none is padding."""
 
