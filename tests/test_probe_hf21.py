@@ -4,12 +4,14 @@ configs (CPU, no downloads), compared with transformers' eager attention on the 
 reference gets a user's pattern as a dense 4-D mask over the same cache).
 
 Probed clean (float32 logits within 2e-6 relative of eager's, generations token for token with every
-step's logits within 2e-6; about 80 cases, the user's window spec on a static sliding cache kept as a
+step's logits within 2e-6; about 90 cases, the user's window spec on a static sliding cache kept as a
 test marked slow):
 
 * prefill in chunks (3 to 1 + 1 + 12 tokens per call, 11 splits) appended to static and dynamic caches,
   left / right / mixed padding (a batch of 4: left, right, none, a hole), for Llama, Mistral (window 3 and
-  4: the static sliding layers filling, becoming full at an offset, full) and Gemma 2 (hybrid, softcap);
+  4: the static sliding layers filling, becoming full at an offset, full; windows 1, 2 and 40 with static
+  generate()), Gemma 2 (hybrid, softcap), Gemma 3 and Qwen2 (sliding layers from max_window_layers);
+  gradients through two chunks on a DynamicCache, built-in and a user's causal spec;
   a user's window spec (the layer's window as its param, key_ok) the same way, and its generate() with
   left padding on static and dynamic caches; a user's causal spec with key_ok: greedy and 2-beam
   generate() with left padding on static and dynamic caches, prompt-lookup decoding on a StaticCache of
