@@ -482,6 +482,7 @@ def _bind_checked(spec: SpecInfo, q, k, v, *, return_lse=False, q_offset=0, k_of
         raise TypeError(f"{name}.attention: q, k, v must be bfloat16, float16 or float32, got {dtype_name(q.dtype)}")
     if not (q.device.type == "cuda" or (q.device.type == "cpu" and interpreting())):
         raise ValueError(f"{name}.attention: tensors are on {q.device}; the kernels run on a CUDA GPU, or on the CPU under TRITON_INTERPRET=1")
+    given_k = k  # a packed call's error names the batch the caller passed, not the broadcast one
     k, v = broadcast_kv_batch(q, k, v)
     check_kv_shapes(spec, f"{name}.attention", q, k, v)
     B, Hq, Nq, D = q.shape
@@ -497,7 +498,7 @@ def _bind_checked(spec: SpecInfo, q, k, v, *, return_lse=False, q_offset=0, k_of
         if q_offset or k_offset or n_q is not None or n_k is not None:
             raise ValueError(f"{name}.attention: q_offset, k_offset, n_q, n_k cannot be combined with cu_seqlens: "
                              f"every packed sequence starts at position 0 and has its own n_q, n_k")
-        cu_q, cu_k, B, Nq, Nk, lengths_read = _varlen(name, q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+        cu_q, cu_k, B, Nq, Nk, lengths_read = _varlen(name, q, given_k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                       max_seqlen_k)
     check_grid_extent(f"{name}.attention", B, Hq, "sequences" if cu_q is not None else "batch rows")
     n_q = q_offset + Nq if n_q is None else _int_arg("n_q", n_q, who=f"{name}.attention")

@@ -1,0 +1,66 @@
+"""Probe combo21: seeded random *combinations* of features that earlier probes drew mostly one at a
+time (tests/probe_combo21.py is the generator; ``python tests/probe_combo21.py --cases N --start S``
+runs more seeds), each case against attncc.reference (float64), forward and backward.
+
+Probed: specs mixing RoPE (neox / gptj, rotary_dim partial or whole, theta 10000 / 500 / 10, odd
+head dims 17 with a partial rotary_dim), ALiBi, learned slopes ``sl[h] * (j - i)``, T5 buckets,
+learned row / column / ``[n, n]`` pair tables, ``0.3 * dot(qr[b, h, i, :], kr[b, j, :])`` of two
+learned inputs, an ``abs(i - j)`` param term, a score transform (a 0-d learned temperature, a
+learned per-head scale, tanh, a column table, a position mask written as ``where(..., -inf)``),
+softcap, a spec ``scale``, value_dim != head_dim (8, 13, 24), fixed ``[heads]``, and masks of 1-3
+clauses (causal, bottom-right causal ``j - n_k <= i - n_q``, windows, ``abs(i - j) <= w``,
+chunks, head-dependent clauses, a ``b`` clause, document ids and key lengths from int inputs) under
+an optional prefix or global-token ``or``; calls of ``attention`` (B 1-2, GQA / MQA groups 1-3,
+Nq != Nk from 8 to 61, q_offset / k_offset up to 40, n_q / n_k passed, param overrides, ``scale=``),
+packed calls (1-4 sequences of 0-30 rows, Nq != Nk per sequence, rows past cu_seqlens[-1],
+max_seqlen given or not; specs whose mask reads an input must refuse them, and did, with an error
+naming cu_seqlens), and ``decode`` (B 1-3, Nq 1-16, contiguous caches (also [B, N, H, D] views)
+and paged ones of 16 / 32 rows in a random page order with NaN in unused slots, kv_len 0 .. the
+capacity and below Nq, forced split counts), with return_lse; q, k, v contiguous, transposed
+(bnhd), every other element of the head dim, every other row, batch / heads / rows expanded
+(stride 0), odd strides from storage offset 1; inputs contiguous, transposed, strided, expanded
+(learned ones too, their gradient summed by autograd) and passed as float64 / bfloat16 / float32
+whatever their declared type; float32 / float16 / bfloat16 forward and backward (dq, dk, dv and
+every learned input, from a loss on o and, in half the cases, on the LSE); forced tile shapes
+16 / 32. 590 seeded cases (seeds 0-589): clean but for tolerance flags of the generator (a gradient
+0 in exact arithmetic when every v row is equal, the bfloat16 rounding of a bfloat16 leaf's own
+gradient), now allowed for. By hand: empty calls (B = 0, Nq = 0, Nk = 0) forward, backward and in
+decode; refusals (float64 or mixed dtypes, decode with grad, decode q_offset, decode Nq 17, pages
+of 8 rows, packed with offsets, packed batch 2, odd head dim with whole-head RoPE, a wrong input
+shape or dtype) all clear; ``mod = where(s > thr[h], s, -inf)`` and a bias reading int inputs under
+packing (run, exact) against ``where(doc[b, i] == doc[b, j], s, -inf)`` (refused, as documented);
+a residue-class split (``(i - j) % m == 0``, 257-270 rows) with softcap, tanh mod, GQA, odd strides,
+expanded k / v, float16 / bfloat16 backward: clean.
+
+Found and fixed:
+- A packed call with k, v of batch 1 beside q of batch 2 (a FlexAttention broadcast, which packing
+  does not take) was refused with the wrong numbers: "got batch 2 (q) and 2 (k)" (the k the check
+  saw was already broadcast to q's batch). It now names the batch passed: "2 (q) and 1 (k)".
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attncc
+from probe_combo21 import run_case
+
+SPEC = '[mask]\nwhere = "j <= i"\n[rope]\nstyle = "gptj"\n'
+
+
+def test_packed_batch_error_names_the_batches_passed():
+    m = attncc.compile(SPEC)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(b, 2, 9, 16, generator=g) for b in (2, 1, 1))
+    cu = torch.tensor([0, 9], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"got batch 2 \(q\) and 1 \(k\)"):
+        m.attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu)
+    with pytest.raises(ValueError, match=r"got batch 2 \(q\) and 2 \(k\)"):  # both packed wrongly
+        m.attention(q, q[:, :1], q[:, :1], cu_seqlens_q=cu, cu_seqlens_k=cu)
+
+
+# clean seeds kept as regressions: attention, packed and decode calls of each kind of combination
+@pytest.mark.parametrize("seed", [249, 438])
+def test_random_combinations(seed):
+    problems, desc = run_case(seed)
+    assert not problems, (problems, desc)
