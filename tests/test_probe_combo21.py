@@ -23,10 +23,12 @@ dim, every other row, batch / heads / rows expanded (stride 0), odd strides from
 1; inputs contiguous, transposed, strided, expanded (learned ones too, their gradient summed by
 autograd), passed as float64 / bfloat16 / float32 whatever their declared type; float32 / float16 /
 bfloat16 forward and backward (dq, dk, dv and every learned input, from a loss on o and, in half
-the cases, on the LSE); forced tile shapes 16 / 32. 1050 seeded cases (seeds 0-349, 400-549,
-600-1149, the generator growing along the way): clean. The generator's own flags, fixed there: a
-gradient 0 in exact arithmetic (every v row equal) and a bfloat16 leaf's rounded gradient
-(tolerances), and decode's reference with RoPE, which must start from the keys the cache holds
+the cases, on the LSE); forced tile shapes 16 / 32. 1450 seeded cases (seeds 0-349, 400-549,
+600-1549, the generator growing along the way): clean. The generator's own flags, fixed there: a
+gradient 0 in exact arithmetic (every v or k row equal, a row with one key) in bfloat16, which is
+the rounding of delta against the rounded o that docs/spec-language.md §1 describes, and a
+bfloat16 leaf's rounded gradient (tolerances), and decode's reference with RoPE, which must start
+from the keys the cache holds
 (rotated, then rounded to float16: a score condition ``s > 0.2`` flips pairs at the threshold
 otherwise; decode was exact against that, with every split count).
 
