@@ -809,15 +809,22 @@ _GRID_AXIS = {"b": 0, "h": 1, "i": 2, "j": 3}
 def _block_reduce(x, dim, offset, rows, block):
     """Min and max of ``x`` along ``dim`` over blocks of ``block`` rows of the positions
     ``[offset, offset + rows)``."""
-    x = _zero_extend(x, dim, offset + rows)  # positions past the table read 0, as in the kernels
+    t = _window(x, dim, offset, rows)
     nb = _cdiv(rows, block)
-    t = x.narrow(dim, offset, rows)
     pad = nb * block - rows
     if pad:  # repeat the last row: leaves the min and max unchanged
         last = t.narrow(dim, rows - 1, 1)
         t = torch.cat([t, last.expand(*[pad if d == dim else -1 for d in range(t.dim())])], dim)
     shape = list(t.shape)
     return torch.aminmax(t.reshape(shape[:dim] + [nb, block] + shape[dim + 1:]), dim=dim + 1)
+
+
+def _window(x: torch.Tensor, dim: int, offset: int, rows: int) -> torch.Tensor:
+    """The entries of ``x`` at positions ``[offset, offset + rows)`` along ``dim``, 0 past its
+    extent (as the kernels read them), made at the window's size: a table of fixed extent read at
+    ``i`` or ``j`` far into a sequence (``q_offset = 2**40``) is not extended up to the offset."""
+    start = min(offset, x.shape[dim])
+    return _zero_extend(x.narrow(dim, start, min(offset + rows, x.shape[dim]) - start), dim, rows)
 
 
 def _zero_extend(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:

@@ -1,0 +1,65 @@
+"""Probe 21: integer arithmetic of the spec language at the extremes (tests/probe_ints21.py draws the
+cases: integer inputs of every width holding their extreme values (int8 -128, uint8 255, int32 -2**31,
+int64 2**53 + 1) passed as views (a step, a storage offset, transposed) and used in ``-``, ``abs``,
+``~``, ``* 64``, shifts, ``//``, ``%``, ``**``; ``//`` / ``%`` by negative literals and params; shifts
+by constants up to 62 and by int params from -2**31 to 2**40; ``| & ^ ~`` of negative values; ``**``
+by an int param (a float power); booleans in arithmetic; int params at -2**31, 2**31 +- 1, 2**40 + 3;
+positions near 2**24, 2**31 and 2**40, Nq != Nk) in masks, biases and ``mod`` conditions, each
+checked three ways: the reference's mask and bias against plain Python (int64 twin), the kernels
+(interpreter: o, LSE, some dq / dk / dv) against the reference, and ``decode`` at offset 0.
+
+Found and fixed (each test below failed before its fix):
+
+- The tile classifier (attncc.core.tiles) zero-extended an input table read at ``i`` or ``j``
+  up to ``q_offset + Nq`` entries to take its min and max per tile: a table of fixed extent
+  (``dims = ["b", 40]``) read at ``x[b, i]`` in a call at ``q_offset = 2**40`` asked for 4 TB
+  (a RuntimeError from the allocator), at ``2**31`` for 8 GB per batch row (22 GB resident, the
+  process killed), where the kernels read 0 there in constant memory. It now builds the window of
+  the call's positions only.
+
+Probed clean (hand-written, before the generator): int8 / uint8 / bool / int16 / int32 inputs at
+their extremes in ``~``, ``abs``, ``-``, ``<< 24``, ``** 3``, ``//`` / ``%`` by negative numbers, in
+masks, biases and decode; shifts by params 31, 32, 62, 63, 64, 100, -64, -2**31, 2**40; products of
+positions past int32 (``i * j`` at 70000 and 2**31 - 20, ``i << 20``, ``i * 2654435761``); sums
+past 2**31 at offsets near 2**30; ``**`` by an int param of -1, 0, 3, 5; ``/`` by 0 in masks (IEEE);
+``where`` / ``min`` / ``max`` of an int and a float; float params of 3.4e38, -0.0, int params of
+2**62 - 1 beside floats.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attncc
+from cases import build_inline, rel_err
+from fuzz_specs import _tile_config
+
+
+@pytest.fixture(scope="module")
+def table_at_i(tmp_path_factory):
+    text = ('head_dim = 8\n[inputs]\nx = { dims = ["b", 40], dtype = "int8" }\n'
+            '[mask]\nwhere = "x[b, i] == x[b, j] or j <= i"\n')
+    return build_inline({"p21_table": text}, tmp_path_factory.mktemp("p21"))["p21_table"]
+
+
+@pytest.mark.parametrize("offset", [2**40, 2**62 - 100])
+def test_fixed_extent_table_at_far_positions(table_at_i, offset):
+    """A table of 40 entries read at ``x[b, i]`` and ``x[b, j]`` in a call far into a sequence: the
+    tile classifier zero-extended it to ``offset + Nq`` entries (RuntimeError: can't allocate 4 TB
+    at 2**40; at 2**31 it took 22 GB); every read there is 0, so the mask is true everywhere. Forward
+    and backward against the reference, and the same at offset 0 where the table is read."""
+    p, mod = table_at_i
+    gen = torch.Generator().manual_seed(offset % 997)
+    x = torch.randint(-128, 128, (2, 40), generator=gen, dtype=torch.int64).to(torch.int8)
+    for qo, ko in ((offset, offset - 7), (0, 3)):
+        q, k, v = (torch.randn(2, 1, n, 8, generator=gen).requires_grad_() for n in (21, 19, 19))
+        with _tile_config(((16, 16),) * 3):
+            o, lse = mod.attention(q, k, v, x=x, q_offset=qo, k_offset=ko, return_lse=True)
+            g = torch.randn(o.shape, generator=gen)
+            grads = torch.autograd.grad((o * g).sum(), (q, k, v))
+        qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+        ref, ref_lse = attncc.reference(p, qd, kd, vd, x=x, q_offset=qo, k_offset=ko, return_lse=True)
+        assert rel_err(o.detach(), ref.detach()) < 1e-4
+        assert torch.allclose(lse.double(), ref_lse.detach(), atol=1e-4)
+        for a, b in zip(grads, torch.autograd.grad((ref * g.double()).sum(), (qd, kd, vd))):
+            assert rel_err(a, b) < 1e-4
