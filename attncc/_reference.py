@@ -57,22 +57,9 @@ def _param_values(pattern: Pattern, overrides: Optional[Mapping[str, Any]]) -> D
     for name, v in (overrides or {}).items():
         if name not in values:
             raise TypeError(f"pattern '{pattern.name}' has no param '{name}' (params: {', '.join(values) or 'none'})")
-        kind = pattern.param(name).kind
-        v = semantics.plain_number(v, f"param '{name}' of pattern '{pattern.name}'")  # numpy's numbers and one-element tensors, as the generated modules
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind == "int" and not isinstance(v, int)):
-            raise TypeError(f"param '{name}' of pattern '{pattern.name}' expects {'an integer' if kind == 'int' else 'a number'}, "
-                            f"got {type(v).__name__} {v!r}")
-        p = pattern.param(name)
-        if p.count and v > p.value:  # as the kernels: a reduction's count up to its spec value
-            raise ValueError(f"param '{name}' of pattern '{pattern.name}' counts the terms of a reduction "
-                             f"(range({name})): at most its value in the spec, {p.value}, got {v}")
-        if kind == "int" and not semantics.INT_PARAM_MIN <= v < semantics.INT_LIMIT:  # as the kernels
-            raise ValueError(f"param '{name}' of pattern '{pattern.name}' must be an integer from -2**31 to "
-                             f"2**62 - 1 (as the kernels take it), got {v}")
-        if kind == "float" and not semantics.float32_holds(v):
-            raise ValueError(f"param '{name}' of pattern '{pattern.name}' must be a finite number in float32's range "
-                             f"(as the kernels take it), got {v!r}")
-        values[name] = v
+        p = pattern.param(name)  # the one check of a param's value, the generated modules' calls' own
+        values[name] = semantics.param_value(name, p.kind, v, count=p.value if p.count else None,
+                                             who=f"pattern '{pattern.name}'")
     # float params as the generated modules take them (-0.0 is 0.0: semantics.param_float)
     return {name: semantics.param_float(v) if pattern.param(name).kind == "float" else v for name, v in values.items()}
 

@@ -63,3 +63,21 @@ def test_fixed_extent_table_at_far_positions(table_at_i, offset):
         assert torch.allclose(lse.double(), ref_lse.detach(), atol=1e-4)
         for a, b in zip(grads, torch.autograd.grad((ref * g.double()).sum(), (qd, kd, vd))):
             assert rel_err(a, b) < 1e-4
+
+
+@pytest.mark.parametrize("value", [1e-38, 1e-44, -5e-39])
+def test_reference_refuses_a_subnormal_float_param_in_the_modules_words(value):
+    """A float param that float32 holds only as a subnormal (1e-38) is refused by the generated
+    modules with the range they take (``1.17549e-38 to 3.40282e+38 in magnitude, or 0``); the
+    reference refused it with a check of its own that said only "in float32's range", which 1e-38
+    is by the usual reading (and the doc said only that). The reference now takes the modules'
+    check (attncc.core.semantics.param_value), and the doc names the bounds."""
+    spec = {"params": {"f": 1.0}, "score": {"bias": "f * (i - j)"}}
+    mod = attncc.compile(spec)
+    pattern = attncc.parse_spec('[params]\nf = 1.0\n[score]\nbias = "f * (i - j)"\n')
+    q = torch.zeros(1, 1, 4, 8)
+    words = r"param f must be a finite number in float32's range \(1.17549e-38 to 3.40282e\+38 in magnitude, or 0\)"
+    for call in (lambda: mod.attention(q, q, q, f=value), lambda: attncc.reference(pattern, q.double(), q.double(),
+                                                                                    q.double(), f=value)):
+        with pytest.raises(ValueError, match=words):
+            call()
