@@ -16,6 +16,19 @@ Found and fixed (each test below failed before its fix):
   (a RuntimeError from the allocator), at ``2**31`` for 8 GB per batch row (22 GB resident, the
   process killed), where the kernels read 0 there in constant memory. It now builds the window of
   the call's positions only.
+- Integer selects ran in int32 whatever the call: ``tl.where(c, 1, 0)`` (a boolean as a number,
+  ``where(c, 1, 0)``, a bool input in arithmetic) has its literals' type, while the host switches a
+  call WIDE (int64 positions and params) from the reach of the arithmetic free of inputs only,
+  counting on the gathers' int64 for the rest. ``(j < 3) * 2**30 + (i < 5) * 2**30 > 2**30``
+  wrapped (o relative error 1.0), ``(j < 3) + 2**32 > 2**32 + (i > 5)`` and ``x[b, j] + 2**32``
+  of a bool input did not compile ("Scalar 4294967296 is out of range for type int32"), and
+  ``(x[b, j] > 3) * w * 4 > j`` at ``w = 2**30`` wrapped. Such selects are int64 now
+  (attncc.codegen.printer, ``_Piecewise``); no shipped spec's code changes.
+- The terms of an integer sum or product holding an input were printed in sympy's order, the
+  input last: ``x[b, j] * w * 4`` (int8 ``x``) ran as ``4 * w * x`` with ``4 * w`` in int32 (0 at
+  ``w = 2**30``), ``w + j + x[b, j]`` as ``(w + j) + x`` (wrapped at ``w = 2**31 - 1``), the host
+  bounding only arithmetic free of inputs. The input's term is printed first now, so the
+  arithmetic is int64 from the first operation.
 
 Probed clean (hand-written, before the generator): int8 / uint8 / bool / int16 / int32 inputs at
 their extremes in ``~``, ``abs``, ``-``, ``<< 24``, ``** 3``, ``//`` / ``%`` by negative numbers, in
@@ -32,7 +45,9 @@ import torch
 
 import attncc
 from cases import build_inline, rel_err
-from fuzz_specs import _tile_config
+from fuzz_specs import _tile_config, build_spec
+from probe_ints21 import PY, Table
+from probe_specs import I64
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +96,46 @@ def test_reference_refuses_a_subnormal_float_param_in_the_modules_words(value):
                                                                                     q.double(), f=value)):
         with pytest.raises(ValueError, match=words):
             call()
+
+
+# (mask, dtype of x, params): each wrapped or did not compile before
+SELECTS = [
+    ("(j < 3) * 2**30 + (i < 5) * 2**30 > 2**30", "int8", {}),
+    ("(j < 3) + 2**32 > 2**32 + (i > 5)", "int8", {}),
+    ("x[b, j] + 2**32 > 2**32", "bool", {}),
+    ("x[b, j] * w * 4 > j", "bool", {"w": 2**30}),
+    ("(x[b, j] > 3) * w * 4 > j", "int8", {"w": 2**30}),
+    ("where(x[b, j] > 3, j, 1) * w > j", "int8", {"w": 2**30}),
+    ("x[b, j] * w * 4 > j", "int8", {"w": 2**30}),
+    ("w + j + x[b, j] > 0", "int8", {"w": 2**31 - 1}),
+    ("w * j * x[b, j] > 0", "int16", {"w": 2**30}),
+]
+
+
+@pytest.mark.parametrize("mask, dtype, params", SELECTS)
+def test_integer_selects_and_input_terms_in_int64(mask, dtype, params):
+    """Each mask on every pair: the reference against Python's integers, the kernels' o and LSE
+    against the reference, and decode's."""
+    head = f'head_dim = 8\n[inputs]\nx = {{ dims = ["b", 40], dtype = "{dtype}" }}\n'
+    head += "[params]\nw = 3\n" if params else ""
+    p, mod = build_spec(f'{head}[mask]\nwhere = "{mask}"\n')
+    gen = torch.Generator().manual_seed(len(mask))
+    vals = torch.tensor([3, -1, 100, -128, 0, 1, 4, 127] if dtype != "bool" else [1, 0, 1, 1, 0])
+    x = vals[torch.randint(0, len(vals), (2, 40), generator=gen)].to(getattr(torch, dtype))
+    B, Nq, Nk = 2, 8, 17
+    code = compile(mask, "<mask>", "eval")  # Python's meaning (a bool entry is 0 or 1 in arithmetic)
+    env = dict(PY, x=Table(x), n_q=I64(Nq), n_k=I64(Nk), **{n: I64(v) for n, v in params.items()})
+    want = torch.tensor([[[bool(eval(code, dict(env, b=I64(b), i=I64(r), j=I64(c))))  # noqa: S307
+                           for c in range(Nk)] for r in range(Nq)] for b in range(B)])
+    got = attncc._reference.pair_mask(p, q_rows=Nq, k_rows=Nk, batch=B, inputs={"x": x}, params=params)
+    assert torch.equal(got[:, 0], want)
+    q, k, v = (torch.randn(B, 1, n, 8, generator=gen) for n in (Nq, Nk, Nk))
+    o, lse = mod.attention(q, k, v, x=x, return_lse=True, **params)
+    ref, ref_lse = attncc.reference(p, q.double(), k.double(), v.double(), x=x, return_lse=True, **params)
+    assert rel_err(o, ref) < 1e-4
+    assert torch.equal(torch.isfinite(lse), torch.isfinite(ref_lse))
+    o, lse = mod.decode(q[:, :, -2:], k, v, kv_len=[Nk, Nk - 4], x=x, return_lse=True, **params)
+    for b, n in enumerate((Nk, Nk - 4)):
+        ref = attncc.reference(p, q[b:b + 1, :, -2:].double(), k[b:b + 1, :, :n].double(), v[b:b + 1, :, :n].double(),
+                               x=x[b:b + 1], q_offset=n - 2, **params)
+        assert rel_err(o[b:b + 1], ref) < 1e-4

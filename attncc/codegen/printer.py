@@ -127,6 +127,18 @@ class Temporaries:
             defs.insert(first_use if first_use < len(defs) else len(defs), [name, value])
 
 
+def _inputs_first(e, args):
+    """The terms (factors) of an integer sum (product) ``e`` in the order to print them: those
+    holding an input's values first, a stable sort. Triton computes ``a + b + c`` left to right
+    in the type of the operands so far, and the gathers make input values int64 while positions
+    and params are int32 unless the call runs WIDE, which the host decides from the arithmetic
+    free of inputs alone (codegen/bounds.py): ``4 * w * x[b, j]`` computed ``4 * w`` in int32
+    first (wrapped at ``w = 2**30``), ``x[b, j] * 4 * w`` is int64 from the first product."""
+    if not e.is_integer or not e.atoms(AppliedUndef):
+        return list(args)
+    return sorted(args, key=lambda a: not a.atoms(AppliedUndef))
+
+
 def joined(op: str, terms: List[str]) -> str:
     """``(t0 op t1 op ...)`` for an associative ``op`` (``|``, ``&``, ``^``), as groups of at most
     JOIN_GROUP terms when there are more: Python parses a chain of n terms n levels deep, and an
@@ -368,7 +380,7 @@ class TritonPrinter:
     def _Add(self, e):
         if self._float_mode(e):
             return self._Add64(e)
-        terms = sorted(e.args, key=lambda t: t.could_extract_minus_sign())
+        terms = _inputs_first(e, sorted(e.args, key=lambda t: t.could_extract_minus_sign()))
         out = self.p(terms[0])
         for t in terms[1:]:
             if t.could_extract_minus_sign():
@@ -389,6 +401,7 @@ class TritonPrinter:
         args = e.args
         if not e.is_integer:  # a float first: each integer factor then multiplies a float (no int product to overflow)
             args = sorted(args, key=lambda a: a.is_integer is True)
+        args = _inputs_first(e, args)
         factors = [self._atom(a) for a in args]
         return "(" + " * ".join(factors) + ")"
 
@@ -595,7 +608,20 @@ class TritonPrinter:
         if cond is sympy.true:
             return self._operand(val, e)
         other = self._operand(sympy.Piecewise(*rest), e) if rest else 'float("nan")'
-        return f"{self.lang}.where({self.p(cond)}, {self._operand(val, e)}, {other})"
+        code = f"{self.lang}.where({self.p(cond)}, {self._operand(val, e)}, {other})"
+        if e.is_integer and (all(v.is_number for v, _ in e.args) or e.atoms(AppliedUndef)):
+            return self._int64(code)
+        return code
+
+    def _int64(self, code: str) -> str:
+        """An integer select of literals (a boolean as a number, ``where(c, 1, 0)``) or of an input's
+        values, as int64. Triton gives ``tl.where(c, 1, 0)`` its literals' int32 whatever the call,
+        while the host switches WIDE (int64 positions and params) from the reach of the arithmetic
+        free of inputs and counts on the gathers' int64 for the rest (codegen/bounds.py). In int32,
+        ``(j < 3) + 2**32`` and ``(x[b, j] > 3) + 2**32`` did not compile, and
+        ``(j < 3) * 2**30 + (i < 5) * 2**30`` and ``(x[b, j] > 3) * w * 4`` at ``w = 2**30`` wrapped.
+        (A select with a position or param in a branch takes its type: int64 in WIDE calls.)"""
+        return f"{code}.to({self.lang}.int64)"
 
     # -- logic --------------------------------------------------------------
     def _rel(self, e, op):
@@ -739,6 +765,9 @@ class PythonPrinter(TritonPrinter):
     """Host-side (plain Python ints/floats) printing: for values computed at launch."""
 
     records = False
+
+    def _int64(self, code: str) -> str:
+        return code  # a Python int
 
     def _ToFloat(self, e):
         return f"float({self.p(e.args[0])})"
