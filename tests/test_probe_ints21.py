@@ -29,6 +29,11 @@ Found and fixed (each test below failed before its fix):
   ``w = 2**30``), ``w + j + x[b, j]`` as ``(w + j) + x`` (wrapped at ``w = 2**31 - 1``), the host
   bounding only arithmetic free of inputs. The input's term is printed first now, so the
   arithmetic is int64 from the first operation.
+- ``j / w >= z[b, i]`` (a position divided by an int param, compared with an input) did not build:
+  the tile-list kernel (attncc.codegen.tile_kernel) takes a divisor that is a point as its lower
+  bound alone, kept the line of the upper bound, and that line read a host parameter the kernel,
+  read back (attncc.codegen.params), no longer took ("attncc (internal): softmax.py.j2 left names
+  undefined ... _tk_rows: a_k4_hi"). Constants nothing reads are left out now.
 
 Probed clean (hand-written, before the generator): int8 / uint8 / bool / int16 / int32 inputs at
 their extremes in ``~``, ``abs``, ``-``, ``<< 24``, ``** 3``, ``//`` / ``%`` by negative numbers, in
@@ -44,10 +49,12 @@ import pytest
 import torch
 
 import attncc
+from attncc.analysis import analyze
 from cases import build_inline, rel_err
 from fuzz_specs import _tile_config, build_spec
 from probe_ints21 import PY, Table
 from probe_specs import I64
+from test_tile_kernel import build, check, make_call, spec_info  # noqa: F401  (build: the tile-list kernels' fixture)
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +146,25 @@ def test_integer_selects_and_input_terms_in_int64(mask, dtype, params):
         ref = attncc.reference(p, q[b:b + 1, :, -2:].double(), k[b:b + 1, :, :n].double(), v[b:b + 1, :, :n].double(),
                                x=x[b:b + 1], q_offset=n - 2, **params)
         assert rel_err(o[b:b + 1], ref) < 1e-4
+
+
+@pytest.mark.parametrize("w", [3, -2, 0])
+def test_division_by_a_param_beside_an_input_builds(build, w):
+    """``j / w >= z[b, i]``: the tile-list kernel (attncc.codegen.tile_kernel) takes a divisor that
+    is a point as its lower bound alone, but kept the line of its upper bound, which read a host
+    parameter that the kernel, read back, no longer took: the build failed ("attncc (internal):
+    softmax.py.j2 left names undefined ... _tk_rows: a_k4_hi"), for any integer or float input
+    compared with a position divided by a param. Unread constants are left out now. The module
+    against the reference, and the tile-list kernel (interpreter) against the torch path."""
+    text = '[inputs]\nz = { dims = ["b", "n"], dtype = "float32" }\n[params]\nw = 3\n[mask]\nwhere = "j / w >= z[b, i]"\n'
+    p, mod = build_spec("head_dim = 8\n" + text)
+    gen = torch.Generator().manual_seed(w + 5)
+    z = torch.randn(2, 70, generator=gen) * 4
+    q, k, v = (torch.randn(2, 1, n, 8, generator=gen) for n in (33, 41, 41))
+    o, lse = mod.attention(q, k, v, z=z, w=w, q_offset=20, k_offset=3, return_lse=True)
+    ref, ref_lse = attncc.reference(p, q.double(), k.double(), v.double(), z=z, w=w, q_offset=20, k_offset=3,
+                                    return_lse=True)
+    assert rel_err(o, ref) < 1e-4
+    assert torch.equal(torch.isfinite(lse), torch.isfinite(ref_lse))
+    call = make_call(spec_info(p), Nq=45, Nk=60, q_offset=7, z=z, w=w)
+    check(build, analyze(p).classifier, call, [(16, 16), (32, 16)], p)

@@ -649,14 +649,17 @@ def _render_body(g: _Gen, body: _Body, params: List[str], sig: Signatures) -> st
             "cls = tl.where(cls == 2, tl.where(kb == nkb - 1, tl.where(Nk % BLOCK_N != 0, 1, 2), 2), cls)",
             f"n_full = _tk_append(full_row, cls == 2, {inner}, valid, n_full, {n_inner})",
             f"n_part = _tk_append(part_row, cls == 1, {inner}, valid, n_part, {n_inner})"]
-    # only the coordinates the mask uses (b, h, positions)
-    parts = [head, g.consts, pre, loop_head, loop, tail]
-    for name in _COORDINATES:
-        for part in (head, loop_head):
-            own = next((line for line in part if line.startswith(f"{name} = ")), None)
-            if own is not None and not re.search(rf"\b{name}\b",
-                                                 "\n".join(x for p in parts for x in p if x is not own)):
-                part.remove(own)
+    # only the coordinates the mask uses (b, h, positions), and the constants it reads: a divisor
+    # taken as a point (``j / w``) reads its lower bound alone, and the line of its upper bound,
+    # left in, read a host parameter that the kernel, read back, no longer takes (codegen.params)
+    consts = list(g.consts)
+    parts = [head, consts, pre, loop_head, loop, tail]
+    owned = [(name, part) for name in _COORDINATES for part in (head, loop_head)]
+    owned += [(line.split(" = ")[0], consts) for line in g.consts]
+    for name, part in owned:
+        own = next((line for line in part if line.startswith(f"{name} = ")), None)
+        if own is not None and not re.search(rf"\b{name}\b", "\n".join(x for p in parts for x in p if x is not own)):
+            part.remove(own)
     return (
         "@triton.jit\n"
         + sig.define(f"def {body.name}(out_ptr, pid, bh, n_bh, {', '.join(params)},\n"
@@ -664,7 +667,7 @@ def _render_body(g: _Gen, body: _Body, params: List[str], sig: Signatures) -> st
                      "CHUNK: tl.constexpr):\n")
         + f'    """{body.what}"""\n'
         + _indent(head, 4)
-        + _indent(g.consts, 4)
+        + _indent(consts, 4)
         + _indent(pre, 4)
         + "    n_full = tl.full([], 0, tl.int32)\n"
         "    n_part = tl.full([], 0, tl.int32)\n"
