@@ -34,6 +34,8 @@ Found and fixed (each test below failed before its fix):
   bound alone, kept the line of the upper bound, and that line read a host parameter the kernel,
   read back (attncc.codegen.params), no longer took ("attncc (internal): softmax.py.j2 left names
   undefined ... _tk_rows: a_k4_hi"). Constants nothing reads are left out now.
+- An unclear refusal: ``(i - 7) << 62`` was "an integer constant beyond int64"; the constant is
+  that of its expanded form (``-7 * 2**62``), which the message now shows.
 
 Probed clean (hand-written, before the generator): int8 / uint8 / bool / int16 / int32 inputs at
 their extremes in ``~``, ``abs``, ``-``, ``<< 24``, ``** 3``, ``//`` / ``%`` by negative numbers, in
@@ -168,3 +170,19 @@ def test_division_by_a_param_beside_an_input_builds(build, w):
     assert torch.equal(torch.isfinite(lse), torch.isfinite(ref_lse))
     call = make_call(spec_info(p), Nq=45, Nk=60, q_offset=7, z=z, w=w)
     check(build, analyze(p).classifier, call, [(16, 16), (32, 16)], p)
+
+
+@pytest.mark.parametrize("mask, words", [
+    ("(i - 7) << 62 < 0", r"\(i - 7\) << 62 expands to 4611686018427387904\*i - 32281802128991715328, whose constant "
+                          r"-32281802128991715328 is beyond int64"),
+    ("(i - 2**40) * 2**30 < j", r"expands to 1073741824\*i - 1180591620717411303424, whose constant"),
+    ("j <= i + 2**62 * 4", r"2\*\*62 \* 4 is 18446744073709551616, an integer constant beyond int64"),
+    ("j <= i + 99999999999999999999", r"99999999999999999999 is an integer constant beyond int64"),
+])
+def test_a_constant_past_int64_is_named(mask, words):
+    """``(i - 7) << 62`` was refused as "(i - 7) << 62 is an integer constant beyond int64": it is
+    no constant; its expanded form ``2**62 * i - 7 * 2**62``, which the kernels compute, holds one
+    (refused whatever values it takes; known since probe 19). The message now shows that form and
+    names the constant."""
+    with pytest.raises(attncc.spec.SpecError, match=words):
+        attncc.parse_spec(f'[mask]\nwhere = "{mask}"\n')

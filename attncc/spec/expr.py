@@ -190,13 +190,25 @@ class _Parser:
             if value is not None and not math.isfinite(value):
                 self.fail(node, f"{self.source(node)} is not a finite number in float64{self.value_note(node, part)}")
             if part.is_Integer and abs(int(part)) >= INT_CONSTANT_LIMIT:
-                self.fail(node, f"{self.source(node)} is an integer constant beyond int64 (|n| < 2**63)")
+                self.fail(node, self.wide_constant(node, expr, part))
         if expr.has(Grouped):  # score code takes the grouping off (analysis.integer.ungrouped) and may expand
             expr = expr.replace(lambda x: isinstance(x, Grouped), lambda x: x.args[0])
         terms = _expanded_terms(expr, self._terms)
         if terms > MAX_EXPANDED_TERMS:
             self.fail(node, f"{self.source(node)} expands to about {terms if terms < 10**12 else 'more than 10**12'} "
                             f"terms (at most {MAX_EXPANDED_TERMS}); write the power or product of sums differently")
+
+    def wide_constant(self, node, expr, part) -> str:
+        """The refusal of an integer constant past int64: the node itself, or a constant that the
+        expression's expanded form holds (``(i - 7) << 62`` is ``2**62 * i - 7 * 2**62``, refused
+        whatever values it takes at the call's positions)."""
+        if _text(part).replace(" ", "") == self.source(node).replace(" ", ""):
+            return f"{self.source(node)} is an integer constant beyond int64 (|n| < 2**63)"
+        if part == expr:
+            return f"{self.source(node)} is {_text(part)}, an integer constant beyond int64 (|n| < 2**63)"
+        return (f"{self.source(node)} expands to {_text(expr)}, whose constant {_text(part)} is beyond int64 "
+                f"(|n| < 2**63; the kernels compute the expanded form): keep every constant it multiplies out to "
+                f"within int64")
 
     def power(self, node, a, exponent):
         """``a ** exponent``, refused before sympy computes a huge exact constant or the analysis expands
