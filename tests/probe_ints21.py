@@ -69,7 +69,10 @@ def _py_pow(x, n):
     x = float(x)
     if x == 0 and n < 0:
         return math.inf
-    return x ** n
+    try:
+        return x ** n
+    except OverflowError:  # past float64: inf of the power's sign
+        return -math.inf if x < 0 and n % 2 else math.inf
 
 
 class Table:
