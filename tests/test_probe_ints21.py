@@ -34,6 +34,9 @@ Found and fixed (each test below failed before its fix):
   bound alone, kept the line of the upper bound, and that line read a host parameter the kernel,
   read back (attncc.codegen.params), no longer took ("attncc (internal): softmax.py.j2 left names
   undefined ... _tk_rows: a_k4_hi"). Constants nothing reads are left out now.
+- ``(h + (n_q > 5)) % 3 == 1`` (a boolean of the call's sizes added to ``b`` or ``h`` under ``%``)
+  did not build: the walks' case split left sympy's boolean if-then-else (``ITE``) in the kernel
+  code ("attncc cannot render ITE", a NotImplementedError). The printer writes it as a select.
 - An unclear refusal: ``(i - 7) << 62`` was "an integer constant beyond int64"; the constant is
   that of its expanded form (``-7 * 2**62``), which the message now shows.
 
@@ -210,3 +213,31 @@ def test_integer_score_terms_in_int64(mod, dtype, params):
     assert rel_err(o.detach(), ref.detach()) < 1e-4
     for a, b in zip(grads, torch.autograd.grad((ref * g.double()).sum(), (qd, kd, vd))):
         assert rel_err(a, b) < 1e-3
+
+
+@pytest.mark.parametrize("mask", ["(h + (n_q > 5)) % 3 == 1", "(b + (n_q % 2 == 1)) % 2 == 1 or j <= i",
+                                  "(b + (n_k < 3)) % 2 == 0"])
+def test_a_walk_split_on_the_call_sizes_builds(mask):
+    """A boolean of the call's sizes added to ``b`` or ``h`` under ``%``: the walks' case split left
+    sympy's boolean if-then-else (``ITE(n_q > 5, ...)``) in the kernel code, and the build failed
+    ("attncc cannot render ITE", a NotImplementedError). It is a select now. Each side of the split
+    (n_q = 5 / 6 and 9, n_k = 2 and 13) against Python and the reference, forward and backward."""
+    p, mod = build_spec(f'head_dim = 8\n[mask]\nwhere = "{mask}"\n')
+    gen = torch.Generator().manual_seed(7)
+    code = compile(mask, "<mask>", "eval")
+    for Nq, Nk, n_q in ((5, 13, None), (3, 2, 6), (9, 2, None)):
+        n = n_q or Nq
+        want = torch.tensor([[[[bool(eval(code, dict(PY, b=b, h=h, i=r + n - Nq, j=c, n_q=n, n_k=Nk)))  # noqa: S307
+                                for c in range(Nk)] for r in range(Nq)] for h in range(3)] for b in range(2)])
+        kw = dict(q_offset=n - Nq, n_q=n)
+        got = attncc._reference.pair_mask(p, q_rows=Nq, k_rows=Nk, batch=2, heads=3, **kw)
+        assert torch.equal(got.expand(want.shape), want)
+        q, k, v = (torch.randn(2, 3, m, 8, generator=gen).requires_grad_() for m in (Nq, Nk, Nk))
+        o = mod.attention(q, k, v, **kw)
+        g = torch.randn(o.shape, generator=gen)
+        grads = torch.autograd.grad((o * g).sum(), (q, k, v))
+        qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+        ref = attncc.reference(p, qd, kd, vd, **kw)
+        assert rel_err(o.detach(), ref.detach()) < 1e-4
+        for a, b in zip(grads, torch.autograd.grad((ref * g.double()).sum(), (qd, kd, vd))):
+            assert rel_err(a, b) < 1e-3

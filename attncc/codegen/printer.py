@@ -680,6 +680,11 @@ class TritonPrinter:
     def _Xor(self, e):
         return "(" + " ^ ".join(self._logic(a) for a in _ordered(e.args)) + ")"
 
+    def _ITE(self, e):
+        """sympy's boolean if-then-else (a walk's case split on a condition of the call's sizes:
+        ``(h + (n_q > 5)) % 3 == 1``), a select of conditions: "cannot render ITE" at build."""
+        return f"{self.lang}.where({', '.join(self._logic(a) for a in e.args)})"
+
     # -- built-ins ----------------------------------------------------------
     def _Bucket(self, e):
         nb, md, bd = e.options
