@@ -24,6 +24,7 @@ for cases at offset 0 ``decode`` against the reference.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import os
 import random
@@ -44,7 +45,7 @@ import attncc  # noqa: E402
 from attncc._reference import evaluate, index_env, pair_mask  # noqa: E402
 from cases import run_seeds  # noqa: E402
 from fuzz_specs import _rel, _tile_config, _toml_str, build_spec  # noqa: E402
-from probe_specs import I64, PY_NAMESPACE, Ex  # noqa: E402
+from probe_specs import PY_NAMESPACE, Ex  # noqa: E402
 
 BOOL, INT, FLOAT = "bool", "int", "float"
 DTYPES = {"int8": torch.int8, "int16": torch.int16, "int32": torch.int32, "int64": torch.int64,
@@ -60,8 +61,9 @@ OFFSETS = (0, 0, 0, 3, 2**24 - 3, 2**31 - 5, 2**31 + 7, 2**40)
 
 def _py_shift(x: int, n: int) -> int:
     """The language's shift by a variable amount: ``floor(x * 2**n)``, ``n`` taken in [-63, 63]."""
-    n = max(-63, min(63, n))
-    return x << n if n >= 0 else x >> -n
+    n = max(-63, min(63, int(n)))
+    x = int(x)
+    return C64.of(x << n if n >= 0 else x >> -n)  # (C64 is defined below; called at evaluation)
 
 
 def _py_pow(x, n):
@@ -75,18 +77,47 @@ def _py_pow(x, n):
         return -math.inf if x < 0 and n % 2 else math.inf
 
 
-class Table:
-    """An input as the language reads it: an index outside the extent reads 0 (False); ints are int64."""
+class C64(int):
+    """An int of the language that raises OverflowError where a result leaves int64: a value past
+    int64 is the spec's to avoid (docs/spec-language.md §3.3), so the pairs where one arises are
+    not compared (the reference, the kernels and Python's integers each give their own)."""
 
-    def __init__(self, t: torch.Tensor):
-        self.t = t
+    __slots__ = ()
+
+    @staticmethod
+    def of(v):
+        if isinstance(v, int) and not isinstance(v, bool):
+            if not -2**63 <= v < 2**63:
+                raise OverflowError(v)
+            return C64(v)
+        return v
+
+
+def _checked(name):
+    op = getattr(int, name)
+    return lambda self, *other: C64.of(op(self, *other))
+
+
+for _name in ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__floordiv__", "__rfloordiv__",
+              "__mod__", "__rmod__", "__pow__", "__rpow__", "__lshift__", "__rlshift__", "__rshift__", "__rrshift__",
+              "__and__", "__rand__", "__or__", "__ror__", "__xor__", "__rxor__", "__neg__", "__pos__", "__abs__",
+              "__invert__"):
+    setattr(C64, _name, _checked(_name))
+
+
+class Table:
+    """An input as the language reads it: an index outside the extent reads 0 (False); ints are
+    ``box``'s: checked int64 (C64) or wrapping (I64)."""
+
+    def __init__(self, t: torch.Tensor, box=C64):
+        self.t, self.box = t, box
 
     def __getitem__(self, idx):
         idx = idx if isinstance(idx, tuple) else (idx,)
         if any(not 0 <= int(x) < n for x, n in zip(idx, self.t.shape)):
-            return False if self.t.dtype == torch.bool else I64(0)
+            return False if self.t.dtype == torch.bool else self.box(0)
         v = self.t[tuple(int(x) for x in idx)].item()
-        return v if isinstance(v, bool) else I64(v)
+        return v if isinstance(v, bool) else self.box(v)
 
 
 @dataclass
@@ -329,24 +360,22 @@ def draw_case(seed: int) -> Case:
 PY = dict(PY_NAMESPACE, _shift=_py_shift, _pow=_py_pow, int=int, bool=bool, float=float, math=math)
 
 
-def python_grid(case: Case, e: Ex, x: torch.Tensor) -> torch.Tensor:
-    """``e`` on every pair of every batch row and head, by Python (float64; NaN where Python raises)."""
+def python_grid(case: Case, e: Ex, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``e`` on every pair of every batch row and head, by Python (float64), and where it is defined:
+    Python raises nowhere, no integer leaves int64 (C64)."""
     code = compile(e.py, "<twin>", "eval")
     n_q, n_k = case.q_offset + case.Nq, case.k_offset + case.Nk
-    env = dict(PY, n_q=I64(n_q), n_k=I64(n_k), x=Table(x), **{n: I64(c) for n, c in case.call_params.items()})
-    out = torch.empty(case.B, case.Hq, case.Nq, case.Nk, dtype=torch.float64)
-    for b in range(case.B):
-        for h in range(case.Hq):
-            env["b"], env["h"] = I64(b), I64(h)
-            for r in range(case.Nq):
-                env["i"] = I64(case.q_offset + r)
-                for c in range(case.Nk):
-                    env["j"] = I64(case.k_offset + c)
-                    try:
-                        out[b, h, r, c] = float(eval(code, env))  # noqa: S307 - our own generated text
-                    except (ZeroDivisionError, OverflowError):
-                        out[b, h, r, c] = math.nan
-    return out
+    env = dict(PY, n_q=C64(n_q), n_k=C64(n_k), x=Table(x), **{n: C64(c) for n, c in case.call_params.items()})
+    out = torch.full((case.B, case.Hq, case.Nq, case.Nk), math.nan, dtype=torch.float64)
+    defined = torch.zeros(out.shape, dtype=torch.bool)
+    for b, h, r, c in itertools.product(range(case.B), range(case.Hq), range(case.Nq), range(case.Nk)):
+        env.update(b=C64(b), h=C64(h), i=C64(case.q_offset + r), j=C64(case.k_offset + c))
+        try:
+            out[b, h, r, c] = float(eval(code, env))  # noqa: S307 - our own generated text
+            defined[b, h, r, c] = True
+        except (ZeroDivisionError, OverflowError):
+            pass
+    return out, defined
 
 
 def _positions(case: Case) -> dict:
@@ -360,21 +389,25 @@ def check_twin(case: Case, pattern, x) -> List[str]:
     if conds:
         got = pair_mask(pattern, q_rows=case.Nq, k_rows=case.Nk, batch=case.B, heads=case.Hq, **_positions(case),
                         params=case.call_params, inputs={"x": x}).expand(case.B, case.Hq, case.Nq, case.Nk)
-        want = torch.ones_like(got)
+        want, defined = torch.ones_like(got), torch.ones_like(got)
         for e in conds:
-            want &= python_grid(case, e, x) != 0
-        if not torch.equal(got, want):
-            bad = tuple((got != want).nonzero()[0].tolist())
-            out.append(f"mask differs from Python at {int((got != want).sum())} pairs, first {bad}: reference "
+            values, ok = python_grid(case, e, x)
+            want &= values != 0
+            defined &= ok
+        wrong = (got != want) & defined
+        if wrong.any():
+            bad = tuple(wrong.nonzero()[0].tolist())
+            out.append(f"mask differs from Python at {int(wrong.sum())} pairs, first {bad}: reference "
                        f"{bool(got[bad])}, Python {bool(want[bad])}")
     if case.bias is not None:
         env = index_env(pattern, batch=case.B, heads=case.Hq, q_rows=case.Nq, k_rows=case.Nk, **_positions(case),
                         params=case.call_params, inputs={"x": x})
         got = evaluate(pattern.bias, env).double().expand(case.B, case.Hq, case.Nq, case.Nk)
-        want = python_grid(case, case.bias, x)
-        if not torch.equal(got, want):
-            bad = tuple((got != want).nonzero()[0].tolist())
-            out.append(f"bias differs from Python at {int((got != want).sum())} pairs, first {bad}: reference "
+        want, defined = python_grid(case, case.bias, x)
+        wrong = (got != want) & defined
+        if wrong.any():
+            bad = tuple(wrong.nonzero()[0].tolist())
+            out.append(f"bias differs from Python at {int(wrong.sum())} pairs, first {bad}: reference "
                        f"{float(got[bad])!r}, Python {float(want[bad])!r}")
     return out
 
