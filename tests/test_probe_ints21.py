@@ -37,6 +37,9 @@ Found and fixed (each test below failed before its fix):
 - ``(h + (n_q > 5)) % 3 == 1`` (a boolean of the call's sizes added to ``b`` or ``h`` under ``%``)
   did not build: the walks' case split left sympy's boolean if-then-else (``ITE``) in the kernel
   code ("attncc cannot render ITE", a NotImplementedError). The printer writes it as a select.
+- ``(h == j) or (-1) ** p0 >= 3``: sympy calls ``(-1) ** p0`` an integer, the kernels compute a
+  float power, so the comparison of two float scalars was not made an int1 before ``|`` with a
+  tile: the dK/dV kernel raised "ufunc 'bitwise_or' not supported" (interpreter). It is now.
 - An unclear refusal: ``(i - 7) << 62`` was "an integer constant beyond int64"; the constant is
   that of its expanded form (``-7 * 2**62``), which the message now shows.
 
@@ -56,8 +59,8 @@ import torch
 import attncc
 from attncc.analysis import analyze
 from cases import build_inline, rel_err
-from fuzz_specs import _tile_config, build_spec
-from probe_ints21 import PY, Table
+from fuzz_specs import _rel, _tile_config, build_spec
+from probe_ints21 import PY, Table, check_seed
 from probe_specs import I64
 from test_tile_kernel import build, check, make_call, spec_info  # noqa: F401  (build: the tile-list kernels' fixture)
 
@@ -241,3 +244,37 @@ def test_a_walk_split_on_the_call_sizes_builds(mask):
         assert rel_err(o.detach(), ref.detach()) < 1e-4
         for a, b in zip(grads, torch.autograd.grad((ref * g.double()).sum(), (qd, kd, vd))):
             assert rel_err(a, b) < 1e-3
+
+
+# seeds of tests/probe_ints21.py: 12, 18, 19 asked the classifier for GBs to TBs (offsets 2**31, 2**40),
+# 68 did not compile (a bool input >> 32), 103 did not build (j / p >= x[b, i]), 242 did not build (ITE)
+FOUND = [12, 18, 68, 103, 242]
+
+
+@pytest.mark.parametrize("seed", FOUND + [pytest.param(s, marks=pytest.mark.slow) for s in [19, 156, 205] + list(range(8))])
+def test_seeded_cases(seed):
+    """The probe's cases: the reference against Python's integers, the kernels against the
+    reference (o, LSE, some gradients, decode at offset 0)."""
+    problems, _ = check_seed(seed)
+    assert not problems, problems
+
+
+@pytest.mark.parametrize("mask", ["(h == j) or (-1) ** p0 >= 3", "((-1) ** p0 >= 3 or h == j) ^ (i < j)"])
+def test_a_power_by_a_param_compared_beside_a_tensor(mask):
+    """``(h == j) or (-1) ** p0 >= 3``: sympy calls ``(-1) ** p0`` an integer (p0 is one), so the
+    comparison was not made an int1, but the kernels compute the power as a float (torch.pow's): the
+    dK/dV kernel's hoisted column condition ``(h == offs_j) | (_pow(-1.0, p0) >= 3)`` raised
+    "ufunc 'bitwise_or' not supported" in the interpreter (seed 272). Forward and backward against
+    the reference."""
+    p, mod = build_spec(f'head_dim = 8\n[params]\np0 = 1\n[mask]\nwhere = "{mask}"\n')
+    gen = torch.Generator().manual_seed(len(mask))
+    p0 = 2
+    q, k, v = (torch.randn(1, 2, n, 8, generator=gen).requires_grad_() for n in (9, 11, 11))
+    o = mod.attention(q, k, v, p0=p0)
+    g = torch.randn(o.shape, generator=gen)
+    grads = torch.autograd.grad((o * g).sum(), (q, k, v))
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = attncc.reference(p, qd, kd, vd, p0=p0)
+    assert rel_err(o.detach(), ref.detach()) < 1e-4
+    for a, b in zip(grads, torch.autograd.grad((ref * g.double()).sum(), (qd, kd, vd))):
+        assert _rel(a, b) < 1e-3  # (a relative error with a floor: some dk are 0, one key in the row)

@@ -127,6 +127,15 @@ class Temporaries:
             defs.insert(first_use if first_use < len(defs) else len(defs), [name, value])
 
 
+def _float_power_compared(e) -> bool:
+    """Whether ``e`` compares a power by a symbol (``(-1) ** p``), which sympy calls an integer for an
+    integer ``p`` but the kernels compute as a float power (torch.pow's): a comparison of float
+    scalars, which :meth:`TritonPrinter._logic` makes an int1 (``(h == j) | ((-1) ** p >= 3)``
+    raised a TypeError in the interpreter's ``|``)."""
+    return isinstance(e, sympy.Rel) and any(isinstance(x, sympy.Pow) and not x.exp.is_Integer
+                                            for x in sympy.preorder_traversal(e))
+
+
 def _inputs_first(e, args):
     """The terms (factors) of an integer sum (product) ``e`` in the order to print them: those
     holding an input's values first, a stable sort. Triton computes ``a + b + c`` left to right
@@ -661,7 +670,7 @@ class TritonPrinter:
             a = a.args[0]
         if isinstance(a, Tie):
             a = sympy.Eq(*a.args, evaluate=False)
-        if float_comparison(a) and not a.has(S.i, S.j):
+        if (float_comparison(a) or _float_power_compared(a)) and not a.has(S.i, S.j):
             return self._true_condition(code)
         return code
 
