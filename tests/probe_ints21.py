@@ -454,8 +454,8 @@ def check_kernels(case: Case, pattern, mod, x) -> List[str]:
 
 def check_decode(case: Case, pattern, mod, x, gen) -> List[str]:
     """``decode`` of the last rows (at most 4) of each batch row against the reference of that row alone."""
-    nq = min(case.Nq, 4)
-    lens = [max(nq, case.Nk - 3 * b) for b in range(case.B)]
+    nq = min(case.Nq, 4, case.Nk)
+    lens = [max(nq, case.Nk - 3 * b) for b in range(case.B)]  # within the cache, at least the new rows
     q = torch.randn(case.B, case.Hq, nq, 8, generator=gen)
     k, v = (torch.randn(case.B, 1, case.Nk, 8, generator=gen) for _ in range(2))
     o, lse = mod.decode(q, k, v, kv_len=torch.tensor(lens, dtype=torch.int32), x=x, return_lse=True,
