@@ -280,7 +280,8 @@ class Case:
 
     @property
     def text(self) -> str:
-        lines = ["head_dim = 8", 'dtypes = ["float32"]', "[inputs]", f'x = {{ dims = ["b", 40], dtype = "{self.dtype}" }}']
+        lines = ["head_dim = 8", 'dtypes = ["float32"]', "[inputs]",
+                 f'x = {{ dims = ["b", 40], dtype = "{self.dtype}" }}']
         if self.params:
             lines.append("[params]")
             lines += [f"{n} = {v}" for n, v, _c in self.params]

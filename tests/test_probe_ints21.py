@@ -52,8 +52,9 @@ Probed (the generator): 440 seeded cases (seeds 0..439), each reference mask / b
 on every pair, kernels forward (a third with gradients), decode at offset 0 for 4 in 10 of those:
 found the defects above in seeds 12, 18, 19 (classifier memory), 68 (a bool input's select), 103
 (the tile-list kernel's unread constant), 242 (ITE), 272 (a float power compared); each passes after
-its fix, and seeds 360..439, run after every fix, all pass. (The probe's own twin leaves out pairs where an integer leaves int64, the spec's to
-avoid, and takes float powers past float64 as inf, torch.pow's.)
+its fix, and seeds 360..439, run after every fix, all pass. (The probe's own twin leaves out pairs
+where an integer leaves int64, the spec's to avoid, and takes float powers past float64 as inf,
+torch.pow's.)
 
 Probed clean (hand-written, before the generator): int8 / uint8 / bool / int16 / int32 inputs at
 their extremes in ``~``, ``abs``, ``-``, ``<< 24``, ``** 3``, ``//`` / ``%`` by negative numbers, in
@@ -176,7 +177,8 @@ def test_division_by_a_param_beside_an_input_builds(build, w):
     softmax.py.j2 left names undefined ... _tk_rows: a_k4_hi"), for any integer or float input
     compared with a position divided by a param. Unread constants are left out now. The module
     against the reference, and the tile-list kernel (interpreter) against the torch path."""
-    text = '[inputs]\nz = { dims = ["b", "n"], dtype = "float32" }\n[params]\nw = 3\n[mask]\nwhere = "j / w >= z[b, i]"\n'
+    text = ('[inputs]\nz = { dims = ["b", "n"], dtype = "float32" }\n[params]\nw = 3\n'
+            '[mask]\nwhere = "j / w >= z[b, i]"\n')
     p, mod = build_spec("head_dim = 8\n" + text)
     gen = torch.Generator().manual_seed(w + 5)
     z = torch.randn(2, 70, generator=gen) * 4
@@ -263,7 +265,10 @@ def test_a_walk_split_on_the_call_sizes_builds(mask):
 FOUND = [12, 18, 68, 103, 242]
 
 
-@pytest.mark.parametrize("seed", FOUND + [pytest.param(s, marks=pytest.mark.slow) for s in [19, 156, 205] + list(range(8))])
+SLOW_SEEDS = [19, 156, 205] + list(range(8))
+
+
+@pytest.mark.parametrize("seed", FOUND + [pytest.param(s, marks=pytest.mark.slow) for s in SLOW_SEEDS])
 def test_seeded_cases(seed):
     """The probe's cases: the reference against Python's integers, the kernels against the
     reference (o, LSE, some gradients, decode at offset 0)."""
