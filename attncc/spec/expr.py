@@ -63,6 +63,9 @@ FUNCTIONS = ("abs", "min", "max", "where", *_UNARY_MATH, "bucket", "random_block
 _TRUNC = "where(x >= 0, x // 1, -(-x // 1))"
 _TRUNCATES = f"to an integer type torch truncates a float x toward 0: {_TRUNC}"
 _TO_INT = f"x for an integer x (no cast); {_TRUNCATES}"
+_SIGN = "where(x > 0, 1, where(x < 0, -1, 0))"
+_REDUCE = "{}({} for t in range(K)){} (K: the axis's declared extent)"
+_DOT = "dot(x[..., :], y[..., :]) (inputs indexed with one ':' over a dim declared with a number)"
 # How a FlexAttention score_mod / mask_mod spells what the language has: torch.X(...) (also
 # torch.special.X, torch.nn.functional.X, F.X, math.X) and tensor methods x.X(...), each with the
 # spelling to write instead (a name of FUNCTIONS is written as is, without its module).
@@ -78,6 +81,18 @@ _TORCH_SPELLINGS = {
     "float": "x (no cast: scores are float32)", "int": _TO_INT, "long": _TO_INT, "bool": "x != 0",
     "new_zeros": "0", "zeros_like": "0", "ones_like": "1", "full_like": "the value",
     "floor": "x // 1", "ceil": "-(-x // 1)", "trunc": _TRUNC, "log1p": "log(1 + x)", "expit": "sigmoid(x)",
+    "expm1": "exp(x) - 1", "log10": "log(x) / log(10)", "rsqrt": "1 / sqrt(x)", "reciprocal": "1 / x",
+    "true_divide": "a / b", "sinh": "(exp(x) - exp(-x)) / 2", "cosh": "(exp(x) + exp(-x)) / 2",
+    "sign": _SIGN, "sgn": _SIGN, "fmod": "where(a >= 0, abs(a) % abs(b), -(abs(a) % abs(b)))",
+    "gelu": "0.5 * x * (1 + erf(x / sqrt(2))) (approximate='tanh': 0.5 * x * (1 + tanh(0.7978845608028654 * "
+            "(x + 0.044715 * x ** 3))))",
+    "softplus": "log(1 + exp(x))", "logsigmoid": "log(sigmoid(x))", "elu": "where(x > 0, x, exp(x) - 1)",
+    "leaky_relu": "where(x >= 0, x, 0.01 * x)", "hardtanh": "min(max(x, -1), 1)",
+    "item": "x (an input's element is a number already)",
+    # torch's reductions over a tensor's axis: the language's take a generator over a fixed axis (§3.3)
+    "sum": _REDUCE.format("sum", "x[..., t]", ""), "any": _REDUCE.format("any", "c[..., t]", ""),
+    "all": _REDUCE.format("all", "c[..., t]", ""), "mean": _REDUCE.format("sum", "x[..., t]", " / K"),
+    "dot": _DOT, "matmul": _DOT, "inner": _DOT,
     **dict.fromkeys(("rand", "randn", "rand_like", "randn_like", "randint", "bernoulli", "dropout"),
                     "[score].dropout = p in the spec (an expression draws no random numbers)"),
 }
@@ -328,7 +343,8 @@ class _Parser:
             return self.bitwise(node)
         sym = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.FloorDiv: "//", ast.Mod: "%", ast.Pow: "**"}.get(op)
         if sym is None:
-            self.fail(node, f"operator {type(node.op).__name__} is not part of the expression language")
+            hint = f": write {_DOT} for a @ b" if op is ast.MatMult else ""
+            self.fail(node, f"operator {type(node.op).__name__} is not part of the expression language{hint}")
         a, ta = self.number(node.left, f"'{sym}'")
         b, tb = self.number(node.right, f"'{sym}'")
         typ = INT if (ta == INT and tb == INT) else FLOAT
