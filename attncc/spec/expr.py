@@ -181,10 +181,11 @@ class _Parser:
             expr = expr.replace(lambda e: isinstance(e, sympy.ITE),
                                 lambda e: sympy.Or(sympy.And(e.args[0], e.args[1]), sympy.And(sympy.Not(e.args[0]), e.args[2])))
         if _written_size(expr, self._written) > MAX_WRITTEN_NODES:
-            self.fail(node, f"{self.source(node)} is more than {MAX_WRITTEN_NODES} operations written out: a condition "
-                            "used inside another condition (where(where(...), ...), a boolean as a number compared "
-                            "again) is copied into each use, and an input read inside an input's index three times "
-                            "(its bounds check); nest fewer of them")
+            self.fail(node, f"{self.source(node)} is more than {MAX_WRITTEN_NODES} operations written out: a reduction "
+                            "is written out term by term (nested ones multiplied), a condition used inside another "
+                            "condition (where(where(...), ...), a boolean as a number compared again) is copied into "
+                            "each use, and an input read inside an input's index three times (its bounds check); nest "
+                            "fewer of them or reduce over fewer terms")
         if typ != BOOL:
             self.check_number(node, expr, typ)
         if typ == FLOAT:
@@ -210,8 +211,12 @@ class _Parser:
             expr = expr.replace(lambda x: isinstance(x, Grouped), lambda x: x.args[0])
         terms = _expanded_terms(expr, self._terms)
         if terms > MAX_EXPANDED_TERMS:
+            bias = " (in [score].mod, an added term without the score can go to [score].bias, counted apart)" \
+                if self.scope.allow_score else ""
             self.fail(node, f"{self.source(node)} expands to about {terms if terms < 10**12 else 'more than 10**12'} "
-                            f"terms (at most {MAX_EXPANDED_TERMS}); write the power or product of sums differently")
+                            f"terms (at most {MAX_EXPANDED_TERMS}, each term of a reduction counted, products and powers of "
+                            f"sums multiplied out); write the power or product of sums differently or reduce over fewer "
+                            f"terms{bias}")
 
     def wide_constant(self, node, expr, part) -> str:
         """The refusal of an integer constant past int64: the node itself, or a constant that the
