@@ -51,7 +51,20 @@ reference here and by the kernels in a slow test, 200 s), and the §4.1 table sa
 expansion limit counts. Nested reductions past the written-out limit (§3.3's 31 x 32 shape) were
 told of conditions and index reads only; the message now names the reductions.
 
-Probed clean: everything else above; test_strided_inputs of test_flex_attention (two q, four
+Found (fixed): a Flex function pasted whole, as test_flex_attention writes them: ``return ...``,
+local names (test_dependent_causal_bidirectional's ``causal_attention = q >= kv``) and ``def f(score,
+b, h, m, n): ...`` were "syntax error: invalid syntax"; a ``lambda`` was "lambda is not part of the
+expression language"; ``-math.inf`` / ``-torch.inf`` / ``torch.finfo(torch.float32).min`` were
+"attribute access is not part of the expression language"; the function's own parameter names
+(``q``, ``kv``, ``m``, ``n``, ``token_q``, ``qk``) were "unknown variable" with a list of known names
+that left out q_idx and kv_idx; ``torch.tensor(2.0)`` had no hint. Each now says what to write (the
+returned value alone; the parameters renamed by place, naming each rename; inf; the finfo value)
+(12 messages; the finfo value checked to build and drop its pairs in the kernels).
+
+Probed clean: everything else above; 70 seeds of a random elementwise score_mod (sin, cos, tanh,
+sigmoid, erf, abs, powers, exp, softplus, sqrt, exp2, min / max kinks, a where on the score)
+around terms in b, h, the positions and two learned tables, GQA and k/v batch 1: o, lse and the
+gradients of q, k, v and both tables; test_strided_inputs of test_flex_attention (two q, four
 k / v and three grad-output layouts, with backward: 24 cases); chained calls
 (test_multiple_score_mod_calls2, with backward); float64 q, k, v refused naming the dtypes (and
 ``attncc.reference`` passing torch.autograd.gradcheck of _trig with the LSE, as
@@ -402,3 +415,48 @@ def test_nested_reductions_past_the_written_out_limit_name_the_reductions():
     with pytest.raises(ValueError, match=re.escape("a reduction is written out term by term")):
         attncc.parse_spec(toml_text({"inputs": _EMB, "score": {
             "mod": "score + sum(sum(y[q_idx, u] * y[kv_idx, t] for u in range(32)) for t in range(31))"}}))
+
+
+# --- a Flex function pasted whole ------------------------------------------------------------------
+
+PASTED = [  # (key, text, what the message must say)
+    ("mod", "return score * 2", "write the returned value alone, without 'return'"),
+    ("mod", "causal = q_idx >= kv_idx\nreturn where(causal, score, -inf)", "each local name (x = ...) replaced by its value"),
+    ("mod", "def _inverse_causal(score, b, h, m, n):\n    return where(m <= n, score, -inf)",
+     "write what it returns, its parameters renamed: m as q_idx, n as kv_idx"),
+    ("where", "def causal_mask(b, h, q, kv):\n    return q >= kv", "renamed: q as q_idx, kv as kv_idx"),
+    ("mod", "lambda qk, b, h, q, kv: qk * 2", "write its body alone, its parameters renamed: qk as score, q as q_idx"),
+    ("mod", "where(m <= n, score, -inf)", "(score, b, h, q_idx, kv_idx) for a score_mod"),
+    ("where", "token_q >= token_kv", "(b, h, q_idx, kv_idx) for a mask_mod"),
+    ("where", "q >= kv", "kv_idx, n_k, n_q, q_idx)"),
+    ("mod", "where(q_idx >= kv_idx, score, -math.inf)", "write inf for math.inf"),
+    ("mod", "where(q_idx >= kv_idx, score, -torch.inf)", "write inf for torch.inf"),
+    ("mod", "where(q_idx >= kv_idx, score, torch.finfo(torch.float32).min)", "write -3.4028234663852886e+38"),
+    ("mod", "score + torch.tensor(2.0)", "write the value for torch.tensor(...)"),
+]
+
+
+@pytest.mark.parametrize("key, text, says", PASTED)
+def test_a_function_pasted_whole_says_what_to_keep(key, text, says):
+    """test_flex_attention's score_mods are written ``def f(score, b, h, m, n): return ...`` (or with
+    ``q, kv``, ``token_q, token_kv``, ``qk``), their masks with ``-float("inf")`` or ``-math.inf``:
+    pasted so, each was refused with "syntax error: invalid syntax", "lambda / attribute access is
+    not part of the expression language" or an unknown name whose list of known names left out
+    q_idx and kv_idx."""
+    spec = {"score": {"mod": text}} if key == "mod" else {"mask": {"where": text}}
+    with pytest.raises(ValueError, match=re.escape(says)):
+        attncc.parse_spec(toml_text(spec))
+
+
+def test_the_finfo_min_spelling_is_a_number_the_language_takes():
+    """The value the finfo hint gives builds, and the pairs it is given to drop out as with -inf (a
+    score of -3.4e38 is -inf in the kernels' log2 units, §1)."""
+    with pytest.raises(ValueError) as err:
+        attncc.parse_spec(toml_text({"score": {"mod": "where(q_idx >= kv_idx, score, torch.finfo(torch.float32).min)"}}))
+    value = re.search(r"write (\S+) ", str(err.value)).group(1)
+    assert float(value) == torch.finfo(torch.float32).min
+    m = attncc.compile({"head_dim": 8, "dtypes": ["float32"], "score": {"mod": f"where(q_idx >= kv_idx, score, {value})"}})
+    q, k, v = (torch.randn(1, 2, n, 8, generator=G) for n in (5, 9, 9))
+    o, lse = m.attention(q, k, v, return_lse=True)
+    want, wl = flex(q, k, v, lambda s, b, h, i, j: torch.where(i >= j, s, NEG))
+    assert _rel(o, want) < 2e-4 and _rel(lse, wl) < 2e-4

@@ -88,7 +88,8 @@ _TORCH_SPELLINGS = {
             "(x + 0.044715 * x ** 3))))",
     "softplus": "log(1 + exp(x))", "logsigmoid": "log(sigmoid(x))", "elu": "where(x > 0, x, exp(x) - 1)",
     "leaky_relu": "where(x >= 0, x, 0.01 * x)", "hardtanh": "min(max(x, -1), 1)",
-    "item": "x (an input's element is a number already)",
+    "item": "x (an input's element is a number already)", "tensor": "the value", "as_tensor": "the value",
+    "scalar_tensor": "the value",
     # torch's reductions over a tensor's axis: the language's take a generator over a fixed axis (§3.3)
     "sum": _REDUCE.format("sum", "x[..., t]", ""), "any": _REDUCE.format("any", "c[..., t]", ""),
     "all": _REDUCE.format("all", "c[..., t]", ""), "mean": _REDUCE.format("sum", "x[..., t]", " / K"),
@@ -127,7 +128,7 @@ class Scope:
     allow_score: bool = False  # `s`/`score` (and `inf`): [score].mod only
 
     def known_names(self):
-        names = list(S.INDEX_VARS) + ["causal", "alibi"] + [p.name for p in self.params]
+        names = list(S.INDEX_VARS) + ["q_idx", "kv_idx", "causal", "alibi"] + [p.name for p in self.params]
         names += [d.name for d in self.inputs]
         if self.allow_score:
             names += ["s", "score", "inf"]
@@ -170,7 +171,7 @@ class _Parser:
     def visit(self, node) -> Tuple[sympy.Basic, str]:
         method = getattr(self, "visit_" + type(node).__name__, None)
         if method is None:
-            self.fail(node, f"{_describe(node)} is not part of the expression language")
+            self.fail(node, f"{_describe(node)} is not part of the expression language{_attribute_hint(node)}")
         try:
             expr, typ = method(node)
         except SpecError:
@@ -304,7 +305,7 @@ class _Parser:
             self.fail(node, f"'{node.id}' is only allowed in [score].mod")
         if name in FUNCTIONS:
             self.fail(node, f"'{name}' is a function: call it, e.g. {name}(...)")
-        self.fail(node, f"unknown variable '{node.id}' (known: {', '.join(self.scope.known_names())})")
+        self.fail(node, f"unknown variable '{node.id}' (known: {', '.join(self.scope.known_names())}){_flex_name_hint(node.id)}")
 
     # -- operators ----------------------------------------------------------
     def visit_UnaryOp(self, node):
@@ -798,6 +799,66 @@ def _flatten_subscripts(node):
     return ast.copy_location(flat, node)
 
 
+# Constants a FlexAttention function reads as attributes (math.inf, torch.pi), with the spelling to write
+_ATTRIBUTE_SPELLINGS = {"inf": "inf", "nan": "nan", "pi": "3.141592653589793", "e": "exp(1)"}
+_FINFO_SPELLING = ("{sign}3.4028234663852886e+38 (float32's; -inf removes a pair, as the mask does, and a score this large "
+                   "becomes infinite in the kernels, §1)")
+
+
+def _renames(args: ast.arguments) -> str:
+    """The language's names for a pasted score_mod's (5) or mask_mod's (4) parameters, where they differ."""
+    names = [a.arg for a in args.args]
+    flex = {5: ("score", "b", "h", "q_idx", "kv_idx"), 4: ("b", "h", "q_idx", "kv_idx")}.get(len(names))
+    if flex is None:
+        return "its parameters named score, b, h, q_idx, kv_idx"
+    moved = [f"{a} as {f}" for a, f in zip(names, flex) if a != f]
+    return "its parameters " + (f"renamed: {', '.join(moved)}" if moved else "as named")
+
+
+# A FlexAttention function's own names for its parameters, as its tests and attention-gym write them
+_FLEX_PARAMETER_NAMES = {"q", "kv", "m", "n", "token_q", "token_kv", "k_idx", "qk", "batch", "head"}
+
+
+def _flex_name_hint(name: str) -> str:
+    if name not in _FLEX_PARAMETER_NAMES:
+        return ""
+    return ("; a FlexAttention function's parameters are named here by their place, whatever the function "
+            "calls them: (score, b, h, q_idx, kv_idx) for a score_mod, (b, h, q_idx, kv_idx) for a mask_mod")
+
+
+def _attribute_hint(node) -> str:
+    """What to write for a constant read as an attribute (``-math.inf``, ``torch.finfo(torch.float32).min``),
+    and for a pasted lambda."""
+    if isinstance(node, ast.Lambda):
+        return f": write its body alone, {_renames(node.args)}"
+    if not isinstance(node, ast.Attribute):
+        return ""
+    if node.attr in _ATTRIBUTE_SPELLINGS and ast.unparse(node.value) in _MODULES + ("np", "numpy"):
+        return f": write {_ATTRIBUTE_SPELLINGS[node.attr]} for {ast.unparse(node)}"
+    if node.attr in ("min", "max") and isinstance(node.value, ast.Call) and ast.unparse(node.value.func).endswith("finfo"):
+        return f": write {_FINFO_SPELLING.format(sign='-' if node.attr == 'min' else '')} for {ast.unparse(node)}"
+    return ""
+
+
+def _statements_hint(text: str) -> str:
+    """For a function body pasted as written (``return ...``, local names, a ``def``): the spec takes
+    one expression, the value returned."""
+    try:
+        body = ast.parse("def _f():\n" + "\n".join("    " + line for line in text.splitlines())).body[0].body
+    except SyntaxError:
+        return ""
+    defs = [n for n in body if isinstance(n, ast.FunctionDef)]
+    if defs:
+        return (f"; a spec takes a function's returned value as one expression: write what it returns, "
+                f"{_renames(defs[0].args)}")
+    if any(isinstance(n, (ast.Assign, ast.AnnAssign, ast.AugAssign)) for n in body):
+        return ("; an expression has no statements: write the returned value alone, each local name (x = ...) "
+                "replaced by its value")
+    if any(isinstance(n, ast.Return) for n in body):
+        return "; write the returned value alone, without 'return'"
+    return ""
+
+
 def _describe(node) -> str:
     return {"Lambda": "lambda", "Attribute": "attribute access", "List": "a list", "Tuple": "a tuple",
             "Dict": "a dict", "Starred": "unpacking", "NamedExpr": "':='",
@@ -977,7 +1038,7 @@ def parse_expression(text: str, scope: Scope, file: str = "<string>", key: str =
             warnings.simplefilter("error", SyntaxWarning)
             tree = ast.parse(text, mode="eval")
     except SyntaxError as e:
-        raise SpecError(file, key, f"syntax error: {e.msg}", e.offset or None) from None  # 0: no position
+        raise SpecError(file, key, f"syntax error: {e.msg}{_statements_hint(text)}", e.offset or None) from None  # 0: no position
     except (RecursionError, MemoryError):
         raise SpecError(file, key, f"the expression is nested too deeply (at most {MAX_DEPTH} levels)") from None
     if _depth(tree.body) > MAX_DEPTH:
