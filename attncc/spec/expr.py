@@ -171,7 +171,7 @@ class _Parser:
     def visit(self, node) -> Tuple[sympy.Basic, str]:
         method = getattr(self, "visit_" + type(node).__name__, None)
         if method is None:
-            self.fail(node, f"{_describe(node)} is not part of the expression language{_attribute_hint(node)}")
+            self.fail(node, f"{_describe(node)} is not part of the expression language{_node_hint(node)}")
         try:
             expr, typ = method(node)
         except SpecError:
@@ -826,9 +826,9 @@ def _flex_name_hint(name: str) -> str:
             "calls them: (score, b, h, q_idx, kv_idx) for a score_mod, (b, h, q_idx, kv_idx) for a mask_mod")
 
 
-def _attribute_hint(node) -> str:
-    """What to write for a constant read as an attribute (``-math.inf``, ``torch.finfo(torch.float32).min``),
-    and for a pasted lambda."""
+def _node_hint(node) -> str:
+    """What to write for a node the language lacks, where a FlexAttention function has it: a constant
+    read as an attribute (``-math.inf``, ``torch.finfo(torch.float32).min``), a pasted lambda."""
     if isinstance(node, ast.Lambda):
         return f": write its body alone, {_renames(node.args)}"
     if not isinstance(node, ast.Attribute):
