@@ -64,7 +64,15 @@ returned value alone; the parameters renamed by place, naming each rename; inf; 
 Probed clean: everything else above; 70 seeds of a random elementwise score_mod (sin, cos, tanh,
 sigmoid, erf, abs, powers, exp, softplus, sqrt, exp2, min / max kinks, a where on the score)
 around terms in b, h, the positions and two learned tables, GQA and k/v batch 1: o, lse and the
-gradients of q, k, v and both tables; test_strided_inputs of test_flex_attention (two q, four
+gradients of q, k, v and both tables; 60 seeds of a random mask_mod over captured id / offset /
+permutation / flag tensors of random integer dtypes (int8 ... int64, uint8, bool) and layouts
+(transposed, expanded, stepped, offset views), chained reads (``doc[b, perm[kv_idx]]``), Nq != Nk,
+one query row, GQA, k/v batch 1; ``decode`` (contiguous and paged) of a document mask with a
+transposed head table, an int16 id tensor expanded over the batch and a 0-stride batch scale;
+test_flex_decoding's builtin score mods in float16 and bfloat16 with backward, GQA 2:1, k/v
+batch 1 (18 cases: o and grads within 1e-3 / 8e-3 of the float64 oracle); empty shapes (Nq = 0,
+Nk = 0, B = 0) and the shape refusals (k/v batch neither 1 nor q's, Hq not a multiple of Hkv,
+k / v lengths, head dims or heads that differ, 3-d q); test_strided_inputs of test_flex_attention (two q, four
 k / v and three grad-output layouts, with backward: 24 cases); chained calls
 (test_multiple_score_mod_calls2, with backward); float64 q, k, v refused naming the dtypes (and
 ``attncc.reference`` passing torch.autograd.gradcheck of _trig with the LSE, as
