@@ -1,8 +1,26 @@
-"""What the Hugging Face probes (tests/test_probe_hf19.py, test_probe_hf20.py) share: a padded batch of
-token ids, relative differences of logits and of a model's gradients, one training step of two models."""
+"""What the Hugging Face tests (tests/test_transformers.py, test_probe_hf19.py, hf20, hf21) share: attncc
+registered for a test module, a padded batch of token ids, relative differences of logits and of a
+model's gradients, one training step of two models."""
 from __future__ import annotations
 
+import pytest
 import torch
+
+
+def registering(*registrations: dict):
+    """A module-scoped autouse fixture: ``attncc.integrations.transformers.register(**r)`` for each of
+    ``registrations``, the modules compiled into a cache folder of the test module's own."""
+    from attncc.integrations import transformers as attncc_hf
+
+    @pytest.fixture(scope="module", autouse=True)
+    def registered(tmp_path_factory):
+        mp = pytest.MonkeyPatch()
+        mp.setenv("ATTNCC_CACHE_DIR", str(tmp_path_factory.mktemp("attncc_cache")))
+        for r in registrations:
+            attncc_hf.register(**r)
+        yield
+        mp.undo()
+    return registered
 
 
 def rel(a, b):

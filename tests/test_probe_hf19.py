@@ -40,7 +40,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import AutoModel, AutoModelForCausalLM  # noqa: E402
 
 from attncc.integrations import transformers as attncc_hf  # noqa: E402
-from hf_cases import encoder_step, grads_rel, rel, training_step  # noqa: E402
+from hf_cases import encoder_step, grads_rel, registering, rel, training_step  # noqa: E402
 from hf_cases import padded as _padded  # noqa: E402
 
 COMMON = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -48,13 +48,7 @@ COMMON = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_att
               bos_token_id=1, eos_token_id=99, initializer_range=0.2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def registered(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("ATTNCC_CACHE_DIR", str(tmp_path_factory.mktemp("attncc_cache")))
-    attncc_hf.register("attncc_p19")
-    yield
-    mp.undo()
+registered = registering({"name": "attncc_p19"})
 
 
 def models(config_class, reference="sdpa", impl="attncc_p19", **overrides):

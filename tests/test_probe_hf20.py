@@ -53,7 +53,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM 
 from transformers import masking_utils as mu  # noqa: E402
 
 from attncc.integrations import transformers as attncc_hf  # noqa: E402
-from hf_cases import encoder_step, grads_rel, padded, rel, training_step  # noqa: E402
+from hf_cases import encoder_step, grads_rel, padded, registering, rel, training_step  # noqa: E402
 
 COMMON = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, head_dim=16, vocab_size=100, max_position_embeddings=64, pad_token_id=0,
@@ -63,13 +63,7 @@ GEMMA2 = dict(sliding_window=5, query_pre_attn_scalar=24, attn_logit_softcapping
 IMPL = "attncc_p20"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def registered(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("ATTNCC_CACHE_DIR", str(tmp_path_factory.mktemp("attncc_cache")))
-    attncc_hf.register(IMPL)
-    yield
-    mp.undo()
+registered = registering({"name": IMPL})
 
 
 def models(config_class, reference="sdpa", impl=IMPL, auto=AutoModelForCausalLM, common=COMMON, **overrides):

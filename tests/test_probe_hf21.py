@@ -68,7 +68,7 @@ from transformers import AutoModelForCausalLM, StaticCache  # noqa: E402
 from transformers import masking_utils as mu  # noqa: E402
 
 from attncc.integrations import transformers as attncc_hf  # noqa: E402
-from hf_cases import grads_rel, padded, rel  # noqa: E402
+from hf_cases import grads_rel, padded, registering, rel  # noqa: E402
 
 COMMON = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, head_dim=16, vocab_size=100, max_position_embeddings=64, pad_token_id=0,
@@ -76,13 +76,7 @@ COMMON = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_att
 IMPL = "attncc_p21"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def registered(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("ATTNCC_CACHE_DIR", str(tmp_path_factory.mktemp("attncc_cache")))
-    attncc_hf.register(IMPL)
-    yield
-    mp.undo()
+registered = registering({"name": IMPL})
 
 
 def models(config_class=transformers.LlamaConfig, reference="eager", impl=IMPL, auto=AutoModelForCausalLM,

@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, MistralConfig  # noqa: E402
 
 from attncc.integrations import transformers as attncc_hf  # noqa: E402
+from hf_cases import registering  # noqa: E402
 
 SEQ = 24
 COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -34,14 +35,7 @@ def configs():
     }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def registered(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("ATTNCC_CACHE_DIR", str(tmp_path_factory.mktemp("attncc_cache")))
-    attncc_hf.register()
-    attncc_hf.register("attncc_no_decode", decode=False)
-    yield
-    mp.undo()
+registered = registering({}, {"name": "attncc_no_decode", "decode": False})
 
 
 def models(kind, impl="attncc", **overrides):
