@@ -128,8 +128,11 @@ def test_large_scores_get_the_gradients_of_a_float32_softmax(name):
     gen = torch.Generator().manual_seed(5)
     B, Nq, Nk, D = 2, 23, 19, 8
     Hq, Hkv = heads_for(p)
-    q = (torch.randn(B, Hq, Nq, D, generator=gen, dtype=torch.float64) * 1e3).float().double()
-    k = (torch.randn(B, Hkv, Nk, D, generator=gen, dtype=torch.float64) * 1e3).float().double()
+    # integers: q . k (|.| < 2**24) is exact in float32 in any order of the sums, so the backward's
+    # recomputed scores are the forward's whatever order its dot takes (K Q^T in dK/dV: numpy's BLAS
+    # sums it in another order than Q K^T on some CPUs, which moved dk 5 % at q, k of 1e3)
+    q = (torch.randn(B, Hq, Nq, D, generator=gen, dtype=torch.float64) * 300).round()
+    k = (torch.randn(B, Hkv, Nk, D, generator=gen, dtype=torch.float64) * 300).round()
     v = torch.randn(B, Hkv, Nk, D, generator=gen, dtype=torch.float64).float().double()
     kw = dict(SMALL_PARAMS.get(name, {}), **inputs_for(p, B, Hq, 40, gen))
     got, ref, f32 = three_ways(name, q, k, v, kw=kw, q_offset=7, k_offset=3)
@@ -226,13 +229,24 @@ def test_seeded_extremes_against_reference_and_float32_softmax(seed):
     the dtype (float16 subnormals); non-finite exactly where the reference's is."""
     name, dtype, q, k, v, kw, pos = extreme_case(seed)
     got, ref, f32 = three_ways(name, q, k, v, dtype=dtype, seed=seed, kw=kw, **pos)
+    # The backward recomputes the scores, dK/dV as K Q^T: float32 sums in another order than the
+    # forward's Q K^T (numpy's BLAS under the interpreter on some CPUs, another MMA shape on a GPU; Flex's
+    # backward alike), up to ~2 D eps sum_d |q_d k_d| apart, a relative error of the recomputed weights
+    # the dense float32 softmax (whose backward keeps its P) does not have. At q, k of 1e3 (scores of
+    # 1e7 .. 1e8, an ulp of 1 .. 8) float32 does not place the weights at all, and what is left to check
+    # is that the gradients stay within 50 % (the natural LSE's round trip made them 2e4x); measured
+    # 0.5 .. 12 % (dk) on one CPU's numpy, 1e-5 on another's. (test_large_scores_... checks the log2 LSE
+    # exactly, on integer scores.)
+    pairs = q.float().abs() @ k.float().abs().repeat_interleave(q.shape[1] // k.shape[1], 1).transpose(-1, -2)
+    recompute = 2 * q.shape[-1] * 2.0**-24 * float(pairs.max()) / math.sqrt(q.shape[-1])
     for what, a, r, f in zip(["o", "lse", "dq", "dk", "dv", "dtable"], got, ref, f32):
         assert torch.equal(torch.isfinite(a), torch.isfinite(r)), what
         fin = torch.isfinite(r)
         a, r, f = (torch.where(fin, t, 0.0) for t in (a, r, f))
         rounding = rel_err(r.to(dtype) if what != "lse" else r.float(), r)
         tol = TOL[dtype] if what in ("o", "lse") else (1e-3 if dtype == torch.float32 else 10 * TOL[dtype])
-        assert rel_err(a, r) <= max(tol, 10 * rel_err(f, r), 2 * rounding), (what, rel_err(a, r))
+        floor = min(10 * recompute, 0.5) if what not in ("o", "lse") else 0.0
+        assert rel_err(a, r) <= max(tol, 10 * rel_err(f, r), 2 * rounding, floor), (what, rel_err(a, r))
 
 
 # ---------------------------------------------------------------------------------------

@@ -555,6 +555,6 @@ def test_int_params_past_what_the_kernels_take_are_refused():
     q = torch.randn(1, 1, 4, 8, dtype=torch.float64)
     for g in (2**62 - 1, -2**31):
         reference(p, q, q, q, g=g)
-    for g in (2**62, -2**31 - 1):
-        with pytest.raises(ValueError, match="2\\*\\*62 - 1"):
+    for g, bound in ((2**62, "<= 2\\*\\*62 - 1"), (-2**31 - 1, ">= -2\\*\\*31")):
+        with pytest.raises(ValueError, match=f"param g must be {bound}"):
             reference(p, q, q, q, g=g)

@@ -162,10 +162,20 @@ def int_argument(what: str, value, minimum: int = 0, maximum: int = INT_LIMIT - 
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{what} must be an int, got {type(value).__name__} {value!r}")
     if value < minimum:
-        raise ValueError(f"{what} must be >= {minimum}, got {value}")
+        raise ValueError(f"{what} must be >= {_bound(minimum)}, got {value}")
     if value > maximum:
-        raise ValueError(f"{what} must be <= {maximum}, got {value}")
+        raise ValueError(f"{what} must be <= {_bound(maximum)}, got {value}")
     return value
+
+
+def _bound(n: int) -> str:
+    """A bound of :func:`int_argument` as a reader knows it: ``2**62 - 1 (4611686018427387903)``,
+    ``-2**31 (-2147483648)``; small ones as they are."""
+    if n + 1 > 2**16 and (n + 1) & n == 0:
+        return f"2**{(n + 1).bit_length() - 1} - 1 ({n})"
+    if n < -2**16 and -n & (-n - 1) == 0:
+        return f"-2**{(-n).bit_length() - 1} ({n})"
+    return str(n)
 
 
 def dropout_probability(what: str, value) -> float:
