@@ -23,6 +23,19 @@ def registering(*registrations: dict):
     return registered
 
 
+def model_pair(config_class, reference: str, impl: str, auto, common: dict, **overrides):
+    """(reference, ours) in eval mode: one random model of ``config_class(**common, **overrides)`` (None
+    values left out) under transformers' ``reference`` attention and, with the same weights, under ``impl``."""
+    import copy
+
+    config = config_class(**{k: v for k, v in dict(common, **overrides).items() if v is not None})
+    torch.manual_seed(0)
+    ref = auto.from_config(copy.deepcopy(config), attn_implementation=reference)
+    ours = auto.from_config(copy.deepcopy(config), attn_implementation=impl)
+    ours.load_state_dict(ref.state_dict())
+    return ref.eval(), ours.eval()
+
+
 def rel(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 

@@ -41,7 +41,6 @@ Found and fixed:
 """
 from __future__ import annotations
 
-import copy
 import warnings
 
 import pytest
@@ -53,7 +52,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM 
 from transformers import masking_utils as mu  # noqa: E402
 
 from attncc.integrations import transformers as attncc_hf  # noqa: E402
-from hf_cases import encoder_step, grads_rel, padded, registering, rel, training_step  # noqa: E402
+from hf_cases import encoder_step, grads_rel, model_pair, padded, registering, rel, training_step  # noqa: E402
 
 COMMON = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, head_dim=16, vocab_size=100, max_position_embeddings=64, pad_token_id=0,
@@ -67,12 +66,7 @@ registered = registering({"name": IMPL})
 
 
 def models(config_class, reference="sdpa", impl=IMPL, auto=AutoModelForCausalLM, common=COMMON, **overrides):
-    config = config_class(**{k: v for k, v in dict(common, **overrides).items() if v is not None})
-    torch.manual_seed(0)
-    ref = auto.from_config(copy.deepcopy(config), attn_implementation=reference)
-    ours = auto.from_config(copy.deepcopy(config), attn_implementation=impl)
-    ours.load_state_dict(ref.state_dict())
-    return ref.eval(), ours.eval()
+    return model_pair(config_class, reference, impl, auto, common, **overrides)
 
 
 def same_generation(ref, ours, ids, **args):

@@ -57,7 +57,6 @@ Found and fixed:
 """
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -68,7 +67,7 @@ from transformers import AutoModelForCausalLM, StaticCache  # noqa: E402
 from transformers import masking_utils as mu  # noqa: E402
 
 from attncc.integrations import transformers as attncc_hf  # noqa: E402
-from hf_cases import grads_rel, padded, registering, rel  # noqa: E402
+from hf_cases import grads_rel, model_pair, padded, registering, rel  # noqa: E402
 
 COMMON = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, head_dim=16, vocab_size=100, max_position_embeddings=64, pad_token_id=0,
@@ -81,12 +80,7 @@ registered = registering({"name": IMPL})
 
 def models(config_class=transformers.LlamaConfig, reference="eager", impl=IMPL, auto=AutoModelForCausalLM,
            common=COMMON, **overrides):
-    config = config_class(**{k: v for k, v in dict(common, **overrides).items() if v is not None})
-    torch.manual_seed(0)
-    ref = auto.from_config(copy.deepcopy(config), attn_implementation=reference)
-    ours = auto.from_config(copy.deepcopy(config), attn_implementation=impl)
-    ours.load_state_dict(ref.state_dict())
-    return ref.eval(), ours.eval()
+    return model_pair(config_class, reference, impl, auto, common, **overrides)
 
 
 def chunks(total, seed, pieces=3):
