@@ -805,12 +805,16 @@ _FINFO_SPELLING = ("{sign}3.4028234663852886e+38 (float32's; -inf removes a pair
                    "becomes infinite in the kernels, §1)")
 
 
+# The language's names for a FlexAttention score_mod's parameters, by place (a mask_mod's: all but score)
+_SCORE_MOD_PARAMETERS = ("score", "b", "h", "q_idx", "kv_idx")
+
+
 def _renames(args: ast.arguments) -> str:
     """The language's names for a pasted score_mod's (5) or mask_mod's (4) parameters, where they differ."""
     names = [a.arg for a in args.args]
-    flex = {5: ("score", "b", "h", "q_idx", "kv_idx"), 4: ("b", "h", "q_idx", "kv_idx")}.get(len(names))
+    flex = {5: _SCORE_MOD_PARAMETERS, 4: _SCORE_MOD_PARAMETERS[1:]}.get(len(names))
     if flex is None:
-        return "its parameters named score, b, h, q_idx, kv_idx"
+        return f"its parameters named {', '.join(_SCORE_MOD_PARAMETERS)}"
     moved = [f"{a} as {f}" for a, f in zip(names, flex) if a != f]
     return "its parameters " + (f"renamed: {', '.join(moved)}" if moved else "as named")
 
@@ -823,7 +827,8 @@ def _flex_name_hint(name: str) -> str:
     if name not in _FLEX_PARAMETER_NAMES:
         return ""
     return ("; a FlexAttention function's parameters are named here by their place, whatever the function "
-            "calls them: (score, b, h, q_idx, kv_idx) for a score_mod, (b, h, q_idx, kv_idx) for a mask_mod")
+            f"calls them: ({', '.join(_SCORE_MOD_PARAMETERS)}) for a score_mod, ({', '.join(_SCORE_MOD_PARAMETERS[1:])}) "
+            "for a mask_mod")
 
 
 def _node_hint(node) -> str:

@@ -250,7 +250,7 @@ def attention(q, k, v, *, pattern: str = "dense", scale: Optional[float] = None,
     [B, Hq, Nq] in float32 with return_lse), written into `out` / `lse_out` when given (contiguous,
     of those shapes and dtypes: checks poison them). `lse_raw_out` (with return_lse; contiguous float32
     [B, Hq, Nq]): also the LSE in log2 units as the key loop has it (m + log2(l)), which a backward
-    reads instead of the natural LSE taken back (one rounding less on each side: exact at any score)."""
+    reads instead of the natural LSE taken back (two float32 roundings fewer)."""
     import torch
     import triton
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -327,9 +327,9 @@ def attention_backward(q, k, v, o, lse, do, dlse=None, *, pattern: str = "dense"
     [B, Hq, Nq] (float32; -inf on rows without an allowed key) are the forward's outputs, do = dLoss/do
     (q's dtype and shape), dlse = dLoss/dlse ([B, Hq, Nq], or None when the loss does not use the LSE);
     `lse_raw`, where the forward wrote it (`attention`'s `lse_raw_out`), the same LSE in log2 units,
-    read instead of the natural one taken back (exact at any score). `walk`, `qwalk`, `mask` override the pattern's fragments (walks.py), `qmask` the dK/dV kernel's
-    mask (default: `mask`; rendered fragments solve it for the query); `score`, `score_grad`,
-    `segments` (the walk's segments per query block), `qsegments` (the qwalk's per key block) and
+    read instead of the natural one taken back. `walk`, `qwalk`, `mask` override the pattern's
+    fragments (walks.py), `qmask` the dK/dV kernel's mask (default: `mask`; rendered fragments solve
+    it for the query); `score`, `score_grad`, `segments` (the walk's segments per query block), `qsegments` (the qwalk's per key block) and
     `pattern_args` come with rendered ones (a generated module's `_gluon.py`). Head dims 64 and 128.
     Returns dq [B, Hq, Nq, D], dk, dv [B, Hkv, Nk, D] in q's dtype, contiguous; dK and dV are summed
     over the query heads of each GQA group inside one program (no atomics: deterministic)."""
