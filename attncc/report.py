@@ -384,12 +384,14 @@ def backend_text(plan: Plan, *, head_dim: int, value_dim: int, dtype: str) -> st
         if auto_fwd:
             return f"{fwd} on sm90{AUTO_SIZE}, tl elsewhere and with ATTNCC_BACKEND=triton{bwd}"
         return f"tl; {fwd} with ATTNCC_BACKEND=gluon{why_tl}{bwd}"
+    # (attncc.runtime.backend.auto_picks_gluon_backward)
+    auto_bwd = gluon.AUTO_SELECTS_GLUON_BACKWARD or (fit.backward_auto and head_dim in gluon.AUTO_BWD_HEAD_DIMS)
     auto = [part for part, on in (("forward", auto_fwd),
-                                  ("backward", gluon.AUTO_SELECTS_GLUON_BACKWARD)) if on]
+                                  ("backward", auto_bwd)) if on]
     if len(auto) == 2:
-        return f"Gluon sm90 forward and backward ({walk}) on sm90, tl elsewhere and with ATTNCC_BACKEND=triton"
+        return f"Gluon sm90 forward and backward ({walk}) on sm90{AUTO_SIZE}, tl elsewhere and with ATTNCC_BACKEND=triton"
     if auto:
-        size = AUTO_SIZE if auto_fwd else ""
+        size = AUTO_SIZE
         return (f"Gluon sm90 {auto[0]} ({walk}) on sm90{size}, tl elsewhere and with ATTNCC_BACKEND=triton; "
                 f"both Gluon with ATTNCC_BACKEND=gluon")
     return f"tl; Gluon sm90 forward and backward ({walk}) with ATTNCC_BACKEND=gluon{why_tl}"

@@ -442,6 +442,22 @@ def test_backward_is_selected_on_its_own(monkeypatch, fake_sm90):
     assert backend.gluon_backward_selected(make().replace(dropout_p=0.1)) is False
 
 
+def test_auto_backward_follows_the_plan(monkeypatch, fake_sm90):
+    """auto takes the Gluon backward where the spec's Plan picks it (GluonFit.backward_auto: the
+    chunk-aligned walks of block diagonal and chunked local), at head dim 128 and calls of at least
+    AUTO_MIN_PAIRS pairs, and the tl one elsewhere; triton never takes it."""
+    monkeypatch.setenv("ATTNCC_BACKEND", "auto")
+    monkeypatch.setattr(backend.gluon, "AUTO_MIN_PAIRS", 2 * 64 * 64)
+    names = ("chunked_local", "block_diagonal", "sliding_window", "causal", "prefix_lm", "softcap", "sink_window")
+    picks = {name: backend.gluon_backward_selected(bind(name, Nq=64, Nk=64, D=128)[-1]()) for name in names}
+    assert picks == {name: name in ("chunked_local", "block_diagonal") for name in names}
+    assert picks == {name: module(name).SPEC.gluon_backward_auto for name in names}
+    assert backend.gluon_backward_selected(bind("chunked_local", Nq=64, Nk=64, D=64)[-1]()) is False
+    assert backend.gluon_backward_selected(bind("chunked_local", Nq=32, Nk=64, D=128)[-1]()) is False  # pairs
+    monkeypatch.setenv("ATTNCC_BACKEND", "triton")
+    assert backend.gluon_backward_selected(bind("chunked_local", Nq=64, Nk=64, D=128)[-1]()) is False
+
+
 def test_backward_on_the_cpu_and_the_interpreter_is_tl(monkeypatch, fresh_bind):
     monkeypatch.setenv("ATTNCC_BACKEND", "gluon")
     call = bind()[-1]()
@@ -465,8 +481,13 @@ def test_explain_names_forward_and_backward(monkeypatch):
     monkeypatch.setattr(backend.gluon, "AUTO_SELECTS_GLUON", True)
     assert text().startswith("Gluon sm90 forward (built-in causal walk) on sm90") and "both Gluon with" in text()
     monkeypatch.setattr(backend.gluon, "AUTO_SELECTS_GLUON_BACKWARD", True)
-    assert text() == ("Gluon sm90 forward and backward (built-in causal walk) on sm90, tl elsewhere and with "
-                      "ATTNCC_BACKEND=triton")
+    assert text() == ("Gluon sm90 forward and backward (built-in causal walk) on sm90 for calls of at least 2**28 "
+                      "(batch x heads x queries x keys) pairs, tl elsewhere and with ATTNCC_BACKEND=triton")
+    monkeypatch.setattr(backend.gluon, "AUTO_SELECTS_GLUON_BACKWARD", False)
+    chunks = analyze(canonical_score(mod_pattern("chunked_local")))
+    assert backend_text(chunks, head_dim=128, value_dim=128, dtype="bf16").startswith(
+        "Gluon sm90 forward and backward (its rendered walks, mask and score) on sm90 for calls of at least")
+    assert backend_text(chunks, head_dim=64, value_dim=64, dtype="bf16").startswith("tl; Gluon sm90 forward and backward")
     assert text(32).startswith("tl only for this call: head dim 32")
 
 

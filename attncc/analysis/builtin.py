@@ -99,6 +99,9 @@ class GluonFit:
     # it ("" when auto takes the Gluon forward on sm90): where the Gluon forward was measured slower
     # than the tl one (docs/gluon.md "Which forward auto picks").
     auto_reason: str = ""
+    # Why ATTNCC_BACKEND=auto keeps the tl backward for this Plan although the Gluon backward computes
+    # it ("" when auto takes the Gluon backward on sm90: rendered_backward_auto_reason).
+    backward_auto_reason: str = "auto keeps the tl backward: the Gluon backward was measured no faster"
 
     @property
     def auto(self) -> bool:
@@ -111,6 +114,11 @@ class GluonFit:
         fragments' (the transposed walk in closed form, the same for every query head:
         ``backward_reason`` says why not)."""
         return self.kind is not None and not self.backward_reason
+
+    @property
+    def backward_auto(self) -> bool:
+        """Whether ATTNCC_BACKEND=auto takes the Gluon backward for the Plan (on sm90, for calls it can run)."""
+        return self.backward and not self.backward_auto_reason
 
 
 def gluon_fit(plan: Plan) -> GluonFit:
@@ -131,7 +139,8 @@ def gluon_fit(plan: Plan) -> GluonFit:
     if p.mask is not None and not integer_mask(p.mask):
         return GluonFit(reason=f"the mask {p.mask} computes in float (float64 in the tl kernels, as the "
                                f"reference); the Gluon fragments compute masks in integers only")
-    return GluonFit("rendered", backward_reason=rendered_backward_reason(plan), auto_reason=rendered_auto_reason(plan))
+    return GluonFit("rendered", backward_reason=rendered_backward_reason(plan), auto_reason=rendered_auto_reason(plan),
+                    backward_auto_reason=rendered_backward_auto_reason(plan))
 
 
 def rendered_auto_reason(plan: Plan) -> str:
@@ -156,6 +165,35 @@ def rendered_auto_reason(plan: Plan) -> str:
                 "round the pair's own score away (bias = \"0.1 * i\" at i = 2**29: a float32 ulp of 8 in "
                 "log2 units)")
     return ""
+
+
+def rendered_backward_auto_reason(plan: Plan) -> str:
+    """Why ATTNCC_BACKEND=auto keeps the tl backward for a rendered Plan ("" when it takes the Gluon
+    split backward). Measured on an H100 (bf16, head dim 128, N = 16K, f+b, docs/performance.md
+    session 21): on chunk-aligned walks (one segment per block both ways, bounds at multiples of a
+    chunk: block diagonal, chunked local) the Gluon split backward took 0.94-0.97x the tl backward's
+    time; on other single-segment walks 1.02-1.04x (causal, sliding window, prefix-LM) and on two
+    segments 1.34x (sink + window)."""
+    walks = (plan.forward, plan.transposed)
+    if not all(w.kind is Iteration.BANDS and w.segments == 1 for w in walks):
+        return "auto keeps the tl backward: the Gluon backward was measured faster on chunk-aligned walks alone"
+    if not all(_chunk_aligned(w.cover) for w in walks):
+        return ("auto keeps the tl backward: its blocks are not chunk-aligned (the Gluon backward was measured "
+                "faster on chunk-aligned walks alone: block diagonal, chunked local)")
+    p = plan.pattern
+    if (p.bias is not None and p.bias != 0) or p.mod is not None or p.softcap is not None:
+        return "auto keeps the tl backward: the Gluon backward was timed on chunk-aligned masks alone, no score terms"
+    return ""
+
+
+def _chunk_aligned(cover: Optional[Cover]) -> bool:
+    """One band, no rows or columns, whose first and last keys both step with a floor of the row
+    (``chunk * floor(x / chunk) <= j <= min(chunk * floor(x / chunk) + chunk - 1, x)``)."""
+    if cover is None or cover.rows or cover.columns or cover.band is None:
+        return False
+    band = cover.band
+    return all(any(piece.has(sympy.floor) for group in groups for piece in group)
+               for groups in (band.lower, band.upper))
 
 
 def rendered_backward_reason(plan: Plan) -> str:

@@ -192,6 +192,7 @@ def softmax_context(pattern: Pattern, plan, split: bool = False) -> dict:
            for rb, name in rb_names.items()],
         helpers=helpers, rope=pattern.rope, tile_hint=_tile_hint(plan, split), gluon=gluon_fit(plan).kind,
         gluon_reason=gluon_fit(plan).reason, gluon_backward=gluon_fit(plan).backward, gluon_auto=gluon_fit(plan).auto,
+        gluon_backward_auto=gluon_fit(plan).backward_auto,
         loop_gathers=loop_gathers(pattern),
         rotary_dim_arg=("0" if pattern.rope is None else
                         str(pattern.rope.rotary_dim) if pattern.rope.rotary_dim else "call.D"), param_doc=param_doc, input_doc=input_doc, call_example=call_example,

@@ -23,8 +23,9 @@ chosen on its own: those modules' ``_backward`` opens with
 ``if _rt.gluon_backward_selected(call): return _rt.gluon_backward(call, "causal", o, lse, do, dlse)``
 (``"rendered"``: the fragments' query-block walk, ``qmask`` and ``score_grad`` too, where the Plan's
 transposed walk has a closed form; a call that breaks its precondition runs the ``tl`` backward).
-``triton``: the ``tl`` backward; ``auto``: the ``tl`` backward for now
-(``attncc.runtime.gluon.AUTO_SELECTS_GLUON_BACKWARD``: measured no faster); ``gluon``: the Gluon
+``triton``: the ``tl`` backward; ``auto``: the ``tl`` backward (``attncc.runtime.gluon.AUTO_SELECTS_GLUON_BACKWARD``:
+measured no faster) except where the spec's Plan picks the Gluon one (``SpecInfo.gluon_backward_auto``:
+chunk-aligned walks, measured faster; :func:`auto_picks_gluon_backward`); ``gluon``: the Gluon
 backward where it can run the call, else the ``tl`` one (it never refuses: the forward already
 refused what Gluon cannot run at all, and what is left is the Gluon backward's own limit, head dim
 256, where the ``tl`` backward on the Gluon forward's output is what ran before it existed;
@@ -255,9 +256,20 @@ def gluon_backward_selected(call: Call) -> bool:
     """Whether the Gluon sm90 backward runs ``call``'s backward (module docstring); never raises for
     a call it cannot run (the ``tl`` backward runs it)."""
     setting = backend_setting()
-    if setting == "triton" or (setting == "auto" and not gluon.AUTO_SELECTS_GLUON_BACKWARD):
+    if setting == "triton" or (setting == "auto" and not auto_picks_gluon_backward(call)):
         return False
     return not gluon_backward_problems(call)
+
+
+def auto_picks_gluon_backward(call: Call) -> bool:
+    """Whether ATTNCC_BACKEND=auto takes the Gluon backward for ``call`` where it can run it: everywhere
+    with the switch ``gluon.AUTO_SELECTS_GLUON_BACKWARD`` (off), else where the spec's Plan has it
+    picked (``SpecInfo.gluon_backward_auto``: chunk-aligned walks, measured faster) with the split
+    method, at ``gluon.AUTO_BWD_HEAD_DIMS`` and calls of at least ``gluon.AUTO_MIN_PAIRS`` pairs."""
+    if gluon.AUTO_SELECTS_GLUON_BACKWARD:
+        return True
+    return (call.spec.gluon_backward_auto and call.D in gluon.AUTO_BWD_HEAD_DIMS
+            and call.B * call.Hq * call.Nq * call.Nk >= gluon.AUTO_MIN_PAIRS)
 
 
 def gluon_backward_problems(call: Call) -> Tuple[str, ...]:

@@ -58,6 +58,8 @@ class SpecInfo(Shapes):
     # Whether ATTNCC_BACKEND=auto takes that Gluon forward on sm90 (attncc.analysis.builtin.GluonFit.auto;
     # False in modules built before it existed: auto keeps their tl forward).
     gluon_auto: bool = False
+    # Whether ATTNCC_BACKEND=auto takes the Gluon split backward on sm90 (GluonFit.backward_auto).
+    gluon_backward_auto: bool = False
     gluon_fragments: Optional[object] = field(default=None, compare=False, repr=False)
     # The module's _int_reach(x) and _int_divisors(x) (attncc.runtime.intervals): the largest magnitude
     # of its kernels' integer arithmetic at a call's numbers (None: positions and params stand in), and

@@ -39,3 +39,7 @@ AUTO_MIN_PAIRS = 2 ** 28
 # it passed its GPU tests on an H100 (2026-12-05), but took 0.98-1.09x the tl backward's time (split)
 # and 1.03-1.09x (fused) at head dims 64 and 128 (`python -m bench gluon-bwd --bwd`): no gain yet.
 AUTO_SELECTS_GLUON_BACKWARD = False
+# ... except for Plans measured faster with it (SpecInfo.gluon_backward_auto,
+# attncc.analysis.builtin.GluonFit.backward_auto: chunk-aligned walks, split backward) at these head
+# dims, for calls of at least AUTO_MIN_PAIRS pairs.
+AUTO_BWD_HEAD_DIMS = (128,)
