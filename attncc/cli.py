@@ -8,6 +8,7 @@ import shlex
 import sys
 
 from attncc.console import exit_quietly_on_broken_pipe
+from attncc.core.files import spec_file
 from attncc.core.text import printable
 from attncc.core.version import VERSION
 
@@ -29,7 +30,7 @@ def cmd_build(args) -> int:
         print(f"attncc build: cannot write {printable(args.out)}: --out is not a folder (a file, or a link to none): "
               f"give a folder, which build makes if it is missing", file=sys.stderr)
         return 2
-    specs = args.specs or _default_specs()
+    specs = [str(spec_file(s)) for s in args.specs] or _default_specs()
     if not specs:
         print("attncc build: no spec given and no specs/*.toml here", file=sys.stderr)
         return 2
@@ -81,7 +82,7 @@ def _main(argv=None) -> int:
     parser.add_argument("--version", action="version", version=f"attncc {VERSION}")
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="generate DIR/<name>.py for each spec")
-    b.add_argument("specs", nargs="*", help="spec files (default: specs/*.toml)")
+    b.add_argument("specs", nargs="*", help="spec files, or names of specs/<name>.toml (default: specs/*.toml)")
     b.add_argument("--out", default=OUT_DEFAULT, help=f"output folder (default: {OUT_DEFAULT})")
     b.add_argument("--check", action="store_true", help="fail when the generated files are stale")
     sub.add_parser("explain", help="what the analysis found for a spec (attncc explain SPEC --n N ...)")

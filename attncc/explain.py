@@ -24,6 +24,8 @@ import json
 import sys
 from typing import List, Optional
 
+from attncc.core.files import spec_file
+
 PAIR_PLOT_LIMIT = 512
 
 
@@ -77,7 +79,7 @@ def checked_params(pattern, params: dict) -> dict:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="attncc explain", description="What the analysis found for a spec.")
-    p.add_argument("spec", help="the spec file (TOML)")
+    p.add_argument("spec", help="the spec file (TOML), or the name of specs/<name>.toml")
     p.add_argument("--n", type=int, default=8192, help="query rows (default 8192)")
     p.add_argument("--nk", type=int, default=None, help="key rows (default: --n)")
     p.add_argument("--block", type=_block, default=(128, 64), help="tile BLOCK_MxBLOCK_N (default 128x64)")
@@ -245,7 +247,7 @@ def main_explain(argv: Optional[List[str]] = None) -> int:
     from attncc.spec import SpecError, load_spec
 
     try:
-        pattern = load_spec(args.spec)
+        pattern = load_spec(spec_file(args.spec))
     except SpecError as e:
         print(f"attncc explain: {e}", file=sys.stderr)
         return 2  # as attncc build and tune: a user's error

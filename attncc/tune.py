@@ -23,6 +23,8 @@ import tempfile
 from pathlib import Path
 from typing import List, Optional
 
+from attncc.core.files import spec_file
+
 DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16", "half": "float16",
           "fp32": "float32", "float32": "float32"}
 
@@ -155,13 +157,6 @@ class Progress:
         self.stream.flush()
 
 
-def _spec_path(text: str) -> Path:
-    path = Path(text)
-    if not path.exists() and path.suffix != ".toml" and Path("specs", f"{text}.toml").exists():
-        path = Path("specs", f"{text}.toml")
-    return path
-
-
 def _module(pattern, folder: Path):
     """The generated module of ``pattern``, rendered into ``folder`` and imported from there."""
     from attncc.codegen import render
@@ -262,7 +257,7 @@ def main_tune(argv: Optional[List[str]] = None) -> int:
     with tempfile.TemporaryDirectory(prefix="attncc-tune-") as folder:
         for text in args.specs:
             try:
-                pattern = load_spec(_spec_path(text))
+                pattern = load_spec(spec_file(text))
             except (SpecError, OSError) as e:
                 print(f"attncc tune: {e}", file=sys.stderr)
                 return 2

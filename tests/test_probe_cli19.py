@@ -351,3 +351,26 @@ def test_explain_json_counts_equal_brute_force(seed, tmp_path, capsys):
     assert out["tiles"]["full"] == n * sum(bool(t.all()) and t.shape[1] == bn for t in tiles)
     assert out["allowed_pairs"] == n * int(m.sum())
     assert out["walks"]["forward"]["visited"] >= n * sum(bool(t.any()) for t in tiles)
+
+
+def test_build_and_explain_take_bare_spec_names_as_tune_does(tmp_path, monkeypatch, capsys):
+    """``attncc build causal`` / ``explain causal`` read specs/causal.toml where no file ``causal``
+    exists (they said "cannot read the spec: No such file or directory"); a file of that name wins."""
+    from pathlib import Path
+
+    from attncc.explain import main_explain
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    out = tmp_path / "out"
+    assert cli_main(["build", "causal", "--out", str(out)]) == 0
+    assert (out / "causal.py").read_text() == (root / "generated" / "causal.py").read_text()
+    assert main_explain(["causal", "--n", "256"]) == 0
+    assert "causal  (specs/causal.toml)" in capsys.readouterr().out
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "causal").write_text('[mask]\nwhere = "j == i"\n')
+    assert main_explain(["causal", "--n", "256"]) == 0
+    here = capsys.readouterr().out
+    assert "causal  (causal)" in here and "8: 4 empty, 0 full, 4 partial" in here
+    assert cli_main(["build", "nosuch"]) == 2
+    assert "nosuch" in capsys.readouterr().err

@@ -71,3 +71,12 @@ def cache_folder(inside_variable: str, default: str) -> Path:
                              f"give the folder's path") from None
         raise ValueError(f"attncc: no home folder for its cache ~/.cache/attncc (HOME is unset and this user id has "
                          f"no account): set {CACHE_VARIABLE} (or HOME) to a writable folder") from None
+
+
+def spec_file(text: str) -> Path:
+    """A spec argument of the command line: the path itself, or ``specs/<text>.toml`` where no file
+    ``text`` exists and that one does (``attncc build causal``, ``explain causal``, ``tune causal``)."""
+    path = Path(text)
+    if not path.exists() and path.suffix != ".toml" and Path("specs", f"{text}.toml").exists():
+        return Path("specs", f"{text}.toml")
+    return path
