@@ -374,3 +374,27 @@ def test_build_and_explain_take_bare_spec_names_as_tune_does(tmp_path, monkeypat
     assert "causal  (causal)" in here and "8: 4 empty, 0 full, 4 partial" in here
     assert cli_main(["build", "nosuch"]) == 2
     assert "nosuch" in capsys.readouterr().err
+
+
+def test_a_spec_with_crlf_line_ends_is_the_same_spec(tmp_path, monkeypatch):
+    """A spec file checked out with CRLF line ends (git's autocrlf) hashes as its LF copy: the shipped
+    modules are not stale (`build --check`) and the pattern is the module's (attncc.distributed checks
+    the hash); they hashed the raw text."""
+    from pathlib import Path
+
+    from attncc.spec import load_spec
+
+    root = Path(__file__).resolve().parents[1]
+    for spec in sorted((root / "specs").glob("*.toml")):
+        crlf = tmp_path / spec.name
+        crlf.write_bytes(spec.read_bytes().replace(b"\n", b"\r\n"))
+        assert load_spec(str(crlf)).source_hash == load_spec(str(spec)).source_hash, spec.name
+    assert parse_spec('[mask]\r\nwhere = "j <= i"\r\n').source_hash == parse_spec('[mask]\nwhere = "j <= i"\n').source_hash
+    assert parse_spec('[mask]\nwhere = "j <= i"\n').source_hash != parse_spec('[mask]\nwhere = "j < i"\n').source_hash
+    monkeypatch.chdir(tmp_path)
+    for folder in ("generated", "specs"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "generated" / "causal.py").write_text((root / "generated" / "causal.py").read_text())
+    (tmp_path / "specs" / "causal.toml").write_bytes((tmp_path / "causal.toml").read_bytes())
+    assert b"\r\n" in (tmp_path / "specs" / "causal.toml").read_bytes()
+    assert cli_main(["build", "--check", "specs/causal.toml"]) == 0

@@ -347,7 +347,16 @@ def parse_spec(text: str, path: str = "<string>") -> Pattern:
     params = [Param(p.name, p.value, p.kind, count=True) if p.name in counts else p for p in params]
     return Pattern(name=name, kind=kind, head_dims=head_dims, value_dim=value_dim, dtypes=tuple(dts),
                    heads_q=hq, heads_kv=hkv, params=tuple(params), inputs=tuple(inputs), source=path,
-                   source_hash=hashlib.sha256(text.encode()).hexdigest()[:16], **fields)
+                   source_hash=spec_hash(text), **fields)
+
+
+def spec_hash(text: str) -> str:
+    """The spec's hash (the generated module's header, its ``SPEC.spec_hash``, the module cache and
+    attncc.distributed's check that a pattern is the module's): sha256 of the text with its line
+    ends as \n, hex, first 16 digits. TOML reads \r\n as \n, so a file checked out with CRLF
+    line ends (git's autocrlf) is the same spec as its LF copy and must not make the shipped
+    modules stale or the distributed check fail."""
+    return hashlib.sha256(text.replace("\r\n", "\n").encode()).hexdigest()[:16]
 
 
 def _first_surrogate(text: str):
