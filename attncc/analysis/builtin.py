@@ -134,6 +134,8 @@ def gluon_fit(plan: Plan) -> GluonFit:
         ("dropout", p.dropout > 0), (f"value_dim = {p.value_dim}", p.value_dim is not None)) if present]
     if extras:  # (RoPE: the module rotates q and k once before the kernels read them, as for its tl kernels)
         return GluonFit(reason=f"it has {', '.join(extras)}, which the Gluon kernels do not compute")
+    if plan.dots:
+        return GluonFit(reason=dots_reason(plan))
     # DENSE and BANDS walks are closed-form segments; BLOCK_LIST ones (no closed form, or [inputs])
     # walk the block lists of the Gluon kernel's tiles (attncc.codegen.gluon)
     if p.mask is not None and not integer_mask(p.mask):
@@ -141,6 +143,13 @@ def gluon_fit(plan: Plan) -> GluonFit:
                                f"reference); the Gluon fragments compute masks in integers only")
     return GluonFit("rendered", backward_reason=rendered_backward_reason(plan), auto_reason=rendered_auto_reason(plan),
                     backward_auto_reason=rendered_backward_auto_reason(plan))
+
+
+def dots_reason(plan: Plan) -> str:
+    """Why the Gluon kernels do not take a Plan whose bias has dots lowered to tile products."""
+    written = " and ".join(d.written for d in plan.dots)
+    return (f"its bias has {written}: the tl kernels compute it as a tile product "
+            f"(tl.dot), the Gluon fragments have none (written out term by term, Triton compiles them for minutes)")
 
 
 def rendered_auto_reason(plan: Plan) -> str:

@@ -127,6 +127,7 @@ def render_files(pattern: Pattern) -> Dict[str, str]:
                       pattern_lines=common["pattern_lines"] + [
                           f"summary columns j % {columns.modulus} == {columns.residue} apart: _cs_part 0 the rest, "
                           f"1 the columns at j -> _cs_sk*j + _cs_ck, 2 the whole mask"])
+    pattern = plan.kernel_pattern  # the bias's lowered dots as tile products (attncc.analysis.tile_dot)
     with printed_integers() as printed:  # the integer arithmetic of every kernel, for the host's guard
         ctx = softmax_context(pattern, plan, split=split is not None or columns is not None)
         backward = backward_context(pattern, plan, ctx)

@@ -36,6 +36,7 @@ from attncc.codegen.helpers import helper_args, helper_list
 from attncc.codegen.names import grad_args, grad_ptr, grad_stride, input_size, param_value, param_var
 from attncc.codegen.printer import Temporaries, TritonPrinter, joined
 from attncc.codegen.softmax import Inputs, mod_text, printed  # as the forward's
+from attncc.codegen.tile_dots import DotCode
 from attncc.codegen.walks import render_walk
 from attncc.spec import symbols as S
 from attncc.spec.builtins import RandomBlocks, ToFloat
@@ -213,11 +214,12 @@ def input_grad_terms(pattern: Pattern) -> List[InputGradTerm]:
 ONE_HOT_MAX = 64
 
 
-def _input_grad_lines(pattern: Pattern, k: _Kernel, terms: List[InputGradTerm], ds_t: str) -> List[str]:
+def _input_grad_lines(pattern: Pattern, k: _Kernel, terms: List[InputGradTerm], dots: DotCode, ds_t: str) -> List[str]:
     """The dQ tile's lines that add each term's dS into the fp32 gradient buffer ``<X>_grad``
     (strides ``<X>_grad_stride<d>``) with atomics, reduced first over what the index ignores:
     the whole tile (``slopes[h]``), its keys (``X[b, i]``), its queries (``X[b, j]``), or per entry
-    of a small axis (``rel_bias[h, bucket(j - i)]``); any other access adds pair by pair.
+    of a small axis (``rel_bias[h, bucket(j - i)]``); any other access adds pair by pair. The
+    learned operands of the lowered dots (``dots``) add theirs as tile products (attncc.codegen.tile_dots).
 
     A pair without weight adds nothing (:data:`WEIGHTLESS`): a lane past the last key or query,
     a pair the mask removes, a score of ``-inf``. Its dS is 0 where the row's statistics are
@@ -250,8 +252,6 @@ def _input_grad_lines(pattern: Pattern, k: _Kernel, terms: List[InputGradTerm], 
         idx = [tile(a) for a in args]
         deps = [{S.i, S.j} & a.free_symbols for a in t.access.args]
         ptr = grad_ptr(t.name)
-        guards = [f"({x} >= 0) & ({x} < {input_size(t.name, d)})" for d, x in enumerate(idx)
-                  if decl.dims[d] not in ("b", "h")]
         varying = [d for d, dep in enumerate(deps) if dep]
         both = set().union(*deps) == {S.i, S.j}
         if both and len(varying) == 1 and isinstance(decl.dims[varying[0]], int) and decl.dims[varying[0]] <= ONE_HOT_MAX:
@@ -267,7 +267,7 @@ def _input_grad_lines(pattern: Pattern, k: _Kernel, terms: List[InputGradTerm], 
                      f"    total{n} += tl.where(slots{n} == e, tl.sum(tl.sum(tl.where(entry{n} == e, {g}, 0.0), 1), 0), 0.0)"]
             body += _once(k, f"tl.atomic_add({ptr} + {offset}, total{n}, mask=slots{n} < {size})")
             continue
-        offset = "".join(f" + {x} * {grad_stride(t.name, d)}" for d, x in enumerate(idx))  # none: a 0-d input
+        address, guards = dots.inputs.address(t.name, idx, grad=True)
         if both:
             value, guards = g, [f"({g} != 0.0)"] + guards
         elif any(S.i in dep for dep in deps):
@@ -277,7 +277,8 @@ def _input_grad_lines(pattern: Pattern, k: _Kernel, terms: List[InputGradTerm], 
         else:
             value = f"tl.sum(tl.sum({g}, 1), 0)"
         mask = f", mask={' & '.join(guards)}" if guards else ""
-        body += _once(k, f"tl.atomic_add({ptr}{offset}, {value}{mask})")
+        body += _once(k, f"tl.atomic_add({address}, {value}{mask})")
+    body += dots.gradients("ds_w")
     k.helpers |= tile.helpers | tile_s.helpers
     return ["if INPUT_GRADS:"] + [f"    {line}" for line in body]
 
@@ -345,16 +346,20 @@ def _context(pattern: Pattern, plan: Plan, fwd: dict) -> dict:
     dkdv = _Kernel(pattern, inner=S.i, outer=S.j, vec_prefix="col", vec_suffix="[:, None]", rb_render=rb_tile,
                    transposed=True)
     kernels = {}
-    grad_names = sorted({t.name for t in grad_terms})
+    learned_dots = [o.name for dot in plan.dots for o in dot.operands() if pattern.input(o.name).grad]
+    grad_names = sorted({t.name for t in grad_terms} | set(learned_dots))
     # what every per-tile function (and the row values' bias terms: pre_ctx) may read of its kernel
     call_ctx = ["b", "h", "H", "n_q", "n_k"] + [param_var(p.name) for p in pattern.params] + fwd["input_args"]
     for name, k in (("dq", dq), ("dkdv", dkdv)):
-        grads_here = name == "dq" and bool(grad_terms)  # the dQ kernel adds the inputs' gradients
+        grads_here = name == "dq" and bool(grad_names)  # the dQ kernel adds the inputs' gradients
+        dots = DotCode(pattern, plan.dots, _index_names(pattern, "offs_i", "offs_j", {}), Inputs(pattern), outer=k.outer)
         lines, (mask_temps, mask_code), chain = _score(pattern, k, bias_j=bias_j, simple_bias=simple_bias,
                                                        dmod=dmod, keep_ds_t=grads_here)
+        lines = dots.products() + lines
         if grads_here:
-            chain += _input_grad_lines(pattern, k, grad_terms, "ds_t" if dmod is not None else "ds")
-        defs = k.defs(pattern)
+            chain += _input_grad_lines(pattern, k, grad_terms, dots, "ds_t" if dmod is not None else "ds")
+        defs = k.defs(pattern) + dots.resident()
+        k.helpers |= dots.helpers
         ctx_args = call_ctx + [n for n, _, _ in defs]
         if grads_here:
             ctx_args += [a for n in grad_names for a in _grad_args(pattern, n)] + ["row_live", "rows_exact"]

@@ -18,16 +18,17 @@ the sequence length, which differs per batch row.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import List
 
-from sympy.core.function import AppliedUndef
 
 from attncc.analysis.hoist import Hoister
 from attncc.analysis.score import mask_hoister, score_terms
 from attncc.codegen.helpers import helper_list
 from attncc.codegen.names import param_arg, param_value, param_var
 from attncc.codegen.printer import Temporaries, TritonPrinter
-from attncc.codegen.softmax import Inputs, definitions, input_launch, param_launch, render_score
+from attncc.codegen.softmax import Inputs, definitions, input_launch, param_launch, render_score, score_inputs
+from attncc.codegen.tile_dots import DotCode
 from attncc.codegen.walks import monotone_code, render_walk
 from attncc.spec import symbols as S
 from attncc.spec.builtins import RandomBlocks
@@ -39,6 +40,10 @@ def decode_context(pattern: Pattern, plan, ctx: dict) -> dict:
     helpers the module already defines)."""
     if pattern.mask is not None and pattern.mask.atoms(RandomBlocks):
         return dict(supported=False, reason="random_blocks() depend on the sequence length, which differs per row")
+    if any(S.h in dot.key.access.free_symbols for dot in plan.dots):
+        # the rows of a decode tile are query heads too: a key operand of the head is no tile product's,
+        # so those dots are read term by term, as written
+        pattern, plan = plan.pattern, dataclasses.replace(plan, dots=())
     inputs = Inputs(pattern)  # gathers as the forward renders them
     hoist, mhoist = Hoister(), mask_hoister()
     mask, bias_j, mod, lse_row, simple_bias = score_terms(pattern, hoist, mhoist)
@@ -69,29 +74,30 @@ def decode_context(pattern: Pattern, plan, ctx: dict) -> dict:
     mask_tile, mask_row = (printer("offs_i[:, None]", "h_row[:, None]", "[:, None]", True),
                            printer("offs_i", "h_row", "", True))
 
-    score_lines = render_score(pattern, tile, bias_j, mod, simple_bias)
+    dots = DotCode(pattern, plan.dots, {**tile.names, S.h: "h_row[:, None]"}, inputs)
+    score_lines = dots.products() + render_score(pattern, tile, bias_j, mod, simple_bias)
     mask_temps, mask_code = mask_tile.statement(mask) if mask is not None else ([], None)
     scalar_defs = (definitions(row, {e: sym for sym, e in scalars}, scalar=True)
                    + definitions(mask_row, {e: sym for sym, e in mscalars}, scalar=True))
+    dot_defs = [(name, code) for name, code, _ in dots.resident()]
     row_defs = (definitions(row, {e: sym for sym, e in rows}, scalar=False)
-                + definitions(mask_row, {e: sym for sym, e in mrows}, scalar=False))
+                + definitions(mask_row, {e: sym for sym, e in mrows}, scalar=False) + dot_defs)
     scalars, rows = scalars + mscalars, rows + mrows
     lse_row_defs, lse_row_bias = row.statement(lse_row) if lse_row is not None else ([], None)
     if lse_row_bias is not None:
         row.helpers.add("_row_term_o")
 
-    used_inputs = sorted({type(a).__name__ for e in (pattern.mask, pattern.bias, pattern.mod) if e is not None
-                          for a in e.atoms(AppliedUndef)})
+    used_inputs = score_inputs(pattern, plan.dots)
     input_args = [a for name in used_inputs for a in inputs.args(name)]
     ctx_args = ["b", "h_row", "H", "n_q", "n_k"] + [param_var(p.name) for p in pattern.params] + input_args
-    ctx_args += [sym.name for sym, _ in scalars] + [sym.name for sym, _ in rows]
+    ctx_args += [sym.name for sym, _ in scalars] + [sym.name for sym, _ in rows] + [name for name, _ in dot_defs]
 
     iteration, walk, note = _iteration(plan)
     closed_check = monotone_code(plan) if iteration == "segments" else "True"
     closed_check = None if closed_check == "True" else closed_check
     tile.helpers |= walk.get("helpers", set())
 
-    helpers = helper_list(tile.helpers | row.helpers | mask_tile.helpers | mask_row.helpers, pattern.rope,
+    helpers = helper_list(tile.helpers | row.helpers | mask_tile.helpers | mask_row.helpers | dots.helpers, pattern.rope,
                           have=ctx.get("helpers", ()))
     return dict(
         supported=True, reason="", helpers=helpers,

@@ -71,6 +71,17 @@ def grad_args(name: str, rank: int) -> list:
 
 
 
+def dot_value(index: int) -> str:
+    """The kernel variable holding lowered dot ``index``'s values on a tile (attncc.codegen.tile_dots)."""
+    return f"dot{index}"
+
+
+def dot_operand(index: int, query: bool) -> str:
+    """The kernel variable holding the tile of lowered dot ``index``'s query operand (``query``) or
+    key operand."""
+    return f"dot{index}_{'q' if query else 'k'}"
+
+
 def param_arg(param) -> str:
     """A param in a kernel's signature. Float params are float64 (Triton would make a Python
     float a float32 argument): masks compute with the value the reference uses."""

@@ -40,7 +40,7 @@ from attncc.analysis.derivative import Tie
 from attncc.analysis.hoist import resolve
 from attncc.analysis.integer import integer_fraction, integer_ops, integer_sums
 from attncc.analysis.separable import separated
-from attncc.codegen.names import float64_text
+from attncc.codegen.names import dot_value, float64_text
 from attncc.spec import symbols as S
 from attncc.spec.builtins import RandomBlocks, quotient
 
@@ -300,6 +300,11 @@ class TritonPrinter:
         if log is not None and self.records and e.is_integer:
             log.append(resolve(e, self.definitions))
         return method(e)
+
+    def _DotTile(self, e):
+        """A lowered dot's value at the tile's pairs: the variable its tile product defines
+        (attncc.codegen.tile_dots)."""
+        return dot_value(int(e.args[0]))
 
     # -- the score's steps free of s, in float64 (analysis.exact) ----------------
     def _exact(self) -> "TritonPrinter":

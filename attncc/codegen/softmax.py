@@ -13,8 +13,10 @@ from attncc.analysis.hoist import Hoister
 from attncc.analysis.score import mask_hoister, score_terms
 from attncc.analysis.walks import Iteration
 from attncc.codegen.helpers import helper_list
-from attncc.codegen.names import input_args, input_ptr, input_size, input_stride, param_arg, param_value, param_var
+from attncc.codegen.names import (grad_ptr, grad_stride, input_args, input_ptr, input_size, input_stride, param_arg,
+                                  param_value, param_var)
 from attncc.codegen.printer import Temporaries, TritonPrinter, joined
+from attncc.codegen.tile_dots import DotCode
 from attncc.codegen.tile_kernel import render_tile_kernel
 from attncc.codegen.walks import precondition_code, render_walk, walk_note
 from attncc.spec import symbols as S
@@ -38,8 +40,9 @@ class Inputs:
     def args(self, name: str) -> List[str]:
         return input_args(name, len(self.pattern.input(name).dims))
 
-    def gather(self, printer: TritonPrinter, e: AppliedUndef) -> str:
-        """The load of one element per pair (or row), converted to the type arithmetic on it runs in:
+    def gather(self, printer: TritonPrinter, e: AppliedUndef, widen: bool = True) -> str:
+        """The load of one element per pair (or row), converted to the type arithmetic on it runs in
+        (``widen``; else as stored: a 16-bit tile product's operand, attncc.codegen.tile_dots):
 
         - 16-bit floats to float32, so that no arithmetic on them runs in bfloat16 / float16
           (Triton keeps a tensor's dtype in ``x * 1.44`` and ``x - y``); float64 ones to float32
@@ -50,29 +53,40 @@ class Inputs:
           (the host bounds only arithmetic of positions, params and sizes: codegen/bounds.py)."""
         name = type(e).__name__
         decl = self.pattern.input(name)
-        idx = [printer.p(a) for a in e.args]
-        offset = "".join(f" + {x} * {input_stride(name, d)}" for d, x in enumerate(idx))  # none: a 0-d input
-        guards = [f"({x} >= 0) & ({x} < {input_size(name, d)})" for d, x in enumerate(idx)
-                  if decl.dims[d] not in ("b", "h")]
+        address, guards = self.address(name, [printer.p(a) for a in e.args])
         lang = printer.lang  # tl, or gl for the Gluon fragments (attncc.codegen.gluon): the same reads
-        if decl.dtype in ("bfloat16", "float16") or (decl.dtype == "float64" and not printer.float64):
+        if not widen:
+            widen = ""
+        elif decl.dtype in ("bfloat16", "float16") or (decl.dtype == "float64" and not printer.float64):
             widen = f".to({lang}.float32)"
         elif decl.dtype in INTEGER_DTYPES:
             widen = f".to({lang}.int64)"
         else:
             widen = ""
         if not guards:
-            return f"{lang}.load({input_ptr(name)}{offset}){widen}"
-        return f"{lang}.load({input_ptr(name)}{offset}, mask={' & '.join(guards)}, other=0){widen}"
+            return f"{lang}.load({address}){widen}"
+        return f"{lang}.load({address}, mask={' & '.join(guards)}, other=0){widen}"
+
+    def address(self, name: str, idx: List[str], grad: bool = False) -> Tuple[str, List[str]]:
+        """(the address of input ``name``'s element at the printed indices ``idx``, or of its gradient
+        buffer's with ``grad``; the bounds checks of the indices along dims other than b and h)."""
+        ptr, stride = (grad_ptr, grad_stride) if grad else (input_ptr, input_stride)
+        offset = "".join(f" + {x} * {stride(name, d)}" for d, x in enumerate(idx))  # none: a 0-d input
+        dims = self.pattern.input(name).dims
+        guards = [f"({x} >= 0) & ({x} < {input_size(name, d)})" for d, x in enumerate(idx) if dims[d] not in ("b", "h")]
+        return ptr(name) + offset, guards
 
 
-def loop_gathers(pattern: Pattern) -> Tuple[int, int]:
+def loop_gathers(pattern: Pattern, dots=()) -> Tuple[int, int]:
     """(bytes per pair, bytes per position) that the kernels' loops over one side (keys; queries in
     dK/dV) gather from inputs: an access of the mask, bias or mod that reads both positions
     (``rel_bias[h, bucket(j - i)]``) is loaded per pair of each tile, one that reads one position
-    (``doc[b, j]``) at most per position of the tile, the others once per program. Triton pipelines
-    those loads through shared memory, a buffer per stage but one (attncc.runtime.configs.shared_bytes)."""
-    pair = position = 0
+    (``doc[b, j]``) at most per position of the tile, the others once per program; a lowered dot
+    (``dots``: the Plan's) loads a row of its streamed operand per position, ``width`` entries as the
+    tile product takes them (attncc.codegen.tile_dots). Triton pipelines those loads through shared
+    memory, a buffer per stage but one (attncc.runtime.configs.shared_bytes)."""
+    pair = 0
+    position = sum(dot.width * max(DTYPE_BYTES[pattern.input(o.name).dtype] for o in dot.operands()) for dot in dots)
     accesses = set().union(*[e.atoms(AppliedUndef) for e in (pattern.mask, pattern.bias, pattern.mod) if e is not None])
     for e in accesses:
         reads = e.free_symbols & {S.i, S.j}
@@ -136,7 +150,8 @@ def softmax_context(pattern: Pattern, plan, split: bool = False) -> dict:
                         random_blocks=render_rb)
     mask_row = printer("offs_i", "offs_j", mhoist, "", float64=True)
 
-    score_lines = render_score(pattern, tile, bias_j, mod, simple_bias)
+    dots = DotCode(pattern, plan.dots, _names(pattern, "offs_i", "offs_j", {}), inputs)
+    score_lines = dots.products() + render_score(pattern, tile, bias_j, mod, simple_bias)
     mask_temps, mask_code = mask_tile.statement(mask) if mask is not None else ([], None)
 
     # the values the mask code reads (its hoister's and the random blocks' rows): all that the
@@ -149,18 +164,19 @@ def softmax_context(pattern: Pattern, plan, split: bool = False) -> dict:
     # (a hoisted part of a mask that simplified away after hoisting, `(w >= h) | (j != 0.5)`: True)
     mask_defs = live_definitions(mask_defs, [mask_code or ""] + [code for _, code in mask_temps])
     scalar_defs = definitions(row, hoist.scalars, scalar=True)
-    row_defs = definitions(row, hoist.rows, scalar=False) + mask_defs
+    dot_defs = [(name, code) for name, code, _ in dots.resident()]
+    row_defs = definitions(row, hoist.rows, scalar=False) + mask_defs + dot_defs
     lse_row_defs, lse_row_bias = row.statement(lse_row) if lse_row is not None else ([], None)
     if lse_row_bias is not None:
         row.helpers.add("_row_term_o")
 
-    used_inputs = sorted({type(a).__name__ for e in (pattern.mask, pattern.bias, pattern.mod) if e is not None
-                          for a in e.atoms(AppliedUndef)})
+    used_inputs = score_inputs(pattern, plan.dots)
     input_args = [a for name in used_inputs for a in inputs.args(name)]
     rb_args = [a for name in rb_names.values() for a in (f"{name}_table", f"{name}_rows")]
     ctx_args = ["b", "h", "H", "n_q", "n_k"] + [param_var(p.name) for p in pattern.params] + input_args + rb_args
     ctx_args += [sym.name for h in (hoist, mhoist) for sym in h.scalars.values()]
     ctx_args += [sym.name for h in (hoist, mhoist) for sym in h.rows.values()]
+    ctx_args += [name for name, _ in dot_defs]
     ctx_args += [f"{name}_{t}" for rb, name in rb_names.items() for t in range(rb.options[0])]
 
     # -- the walks (the Plan's, rendered) ------------------------------------------
@@ -172,7 +188,7 @@ def softmax_context(pattern: Pattern, plan, split: bool = False) -> dict:
     checks = (precondition_code(plan, transposed=False), precondition_code(plan, transposed=True))
     mask_free = pattern.mask.free_symbols if pattern.mask is not None else set()
 
-    helpers = helper_list(set().union(*[pr.helpers for pr in printers]), pattern.rope)
+    helpers = helper_list(set().union(dots.helpers, *[pr.helpers for pr in printers]), pattern.rope)
 
     given = [f"{p.name}={p.value!r}" for p in pattern.params if not p.hidden]  # (a call cannot pass hidden ones)
     param_doc = ", ".join(given)
@@ -193,10 +209,18 @@ def softmax_context(pattern: Pattern, plan, split: bool = False) -> dict:
         helpers=helpers, rope=pattern.rope, tile_hint=_tile_hint(plan, split), gluon=gluon_fit(plan).kind,
         gluon_reason=gluon_fit(plan).reason, gluon_backward=gluon_fit(plan).backward, gluon_auto=gluon_fit(plan).auto,
         gluon_backward_auto=gluon_fit(plan).backward_auto,
-        loop_gathers=loop_gathers(pattern),
+        loop_gathers=loop_gathers(pattern, plan.dots),
         rotary_dim_arg=("0" if pattern.rope is None else
                         str(pattern.rope.rotary_dim) if pattern.rope.rotary_dim else "call.D"), param_doc=param_doc, input_doc=input_doc, call_example=call_example,
     )
+
+
+def score_inputs(pattern: Pattern, dots=()) -> List[str]:
+    """The inputs the kernels read (sorted): those of the mask, bias and mod, and the operands of the
+    lowered dots (``dots``: the Plan's; ``pattern``: its kernel pattern, whose bias has them as tile
+    products)."""
+    return sorted({type(a).__name__ for e in (pattern.mask, pattern.bias, pattern.mod) if e is not None
+                   for a in e.atoms(AppliedUndef)} | {o.name for dot in dots for o in dot.operands()})
 
 
 def param_launch(pattern: Pattern) -> List[Tuple[str, str]]:
