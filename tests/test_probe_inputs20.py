@@ -45,7 +45,7 @@ Found and fixed:
 - The kernels converted an input of another dtype than declared with .to(), which writes a dense
   copy of an expanded view: a bfloat16 table expanded to 2**40 positions in a float32 input (or an
   int8 one in an int16 input) failed the same way, and an HF-style mask expanded over heads was
-  copied whole. call._converted converts the distinct entries and keeps the expansion.
+  copied whole. call.converted converts the distinct entries and keeps the expansion.
 
 Not fixed (by design, as torch): the backward of a grad = true input allocates a float32 gradient
 of the passed view's full shape (autograd then sums an expansion), so a learned table expanded to

@@ -106,7 +106,7 @@ def decode_context(pattern: Pattern, plan, ctx: dict) -> dict:
         steps=walk.get("steps", []), segments=walk.get("segments", 0), full_kb=walk.get("full_kb", ""),
         masked_kb=walk.get("masked_kb", ""), closed_check=closed_check, fallback=_fallback(walk),
         param_args=[param_arg(p) for p in pattern.params], input_args=input_args,
-        param_launch=param_launch(pattern), input_launch=[a for n in used_inputs for a in input_launch(pattern, n)],
+        param_launch=param_launch(pattern), input_launch=[a for n in used_inputs for a in input_launch(pattern, n, plan.dots)],
         kv_len_input=any(d.name == "kv_len" for d in pattern.inputs),
     )
 

@@ -203,7 +203,7 @@ def softmax_context(pattern: Pattern, plan, split: bool = False) -> dict:
         lse_row_defs=lse_row_defs, lse_row_bias=lse_row_bias, ctx_args=ctx_args,
         param_args=[param_arg(p) for p in pattern.params], input_args=input_args + rb_args,
         param_launch=param_launch(pattern), input_ptrs=[input_ptr(d.name) for d in pattern.inputs],
-        input_launch=[a for n in used_inputs for a in input_launch(pattern, n)]
+        input_launch=[a for n in used_inputs for a in input_launch(pattern, n, plan.dots)]
         + [(f"{name}_table {name}_rows", f"*_random_table(call, {rb.options[0]}, {rb.options[1]}, {rb.options[2]})")
            for rb, name in rb_names.items()],
         helpers=helpers, rope=pattern.rope, tile_hint=_tile_hint(plan, split), gluon=gluon_fit(plan).kind,
@@ -228,13 +228,18 @@ def param_launch(pattern: Pattern) -> List[Tuple[str, str]]:
     return [(param_var(p.name), f"call.params[{p.name!r}]") for p in pattern.params]
 
 
-def input_launch(pattern: Pattern, name: str) -> List[Tuple[str, str]]:
-    """(kernel parameters, host value) of an input's pointer, strides and sizes, for ``sig.launch``."""
-    rank, tensor = len(pattern.input(name).dims), f"call.inputs[{name!r}]"
-    out = [(input_ptr(name), tensor)]
+def input_launch(pattern: Pattern, name: str, dots=()) -> List[Tuple[str, str]]:
+    """(kernel parameters, host value) of an input's pointer, strides and sizes, for ``sig.launch``;
+    a bfloat16 operand of a lowered dot (``dots``: the Plan's) as ``_rt.dot_operand`` hands it over."""
+    decl = pattern.input(name)
+    rank, given = len(decl.dims), f"call.inputs[{name!r}]"
+    read = given
+    if decl.dtype == "bfloat16" and any(o.name == name for dot in dots for o in dot.operands()):
+        read = f"_rt.dot_operand({given})"
+    out = [(input_ptr(name), read)]
     if rank:
-        out.append((" ".join(input_stride(name, d) for d in range(rank)), f"*{tensor}.stride()"))
-    return out + [(input_size(name, d), f"{tensor}.shape[{d}]") for d in range(rank)]
+        out.append((" ".join(input_stride(name, d) for d in range(rank)), f"*{read}.stride()"))
+    return out + [(input_size(name, d), f"{given}.shape[{d}]") for d in range(rank)]
 
 
 def definitions(printer: TritonPrinter, table: Dict[sympy.Basic, sympy.Symbol], *, scalar: bool) -> List[Tuple[str, str]]:

@@ -37,7 +37,7 @@ _EXPORTS = {
     "KernelConfig": ("attncc.runtime.configs", "KernelConfig"),
     "padded_dim": ("attncc.runtime.configs", "padded_dim"),
     **{name: ("attncc.runtime.launch", name) for name in (
-        "LN2", "LOG2E", "backward_configs", "bound_launch", "cdiv", "ensure_allocator", "fast_kernel", "fast_math",
+        "LN2", "LOG2E", "backward_configs", "bound_launch", "cdiv", "dot_operand", "ensure_allocator", "fast_kernel", "fast_math",
         "grad_operand", "grads_as_inputs", "kernel_operands", "launch", "next_power_of_2", "pick_config",
         "run_attention", "shared_tile_config", "tma_ready")},
     **{name: ("attncc.runtime.autograd", name) for name in ("keep_raw_lse", "raw_lse", "seal_raw_lse")},

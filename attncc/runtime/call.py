@@ -726,13 +726,13 @@ def input_as_read(who: str, name: str, declared: str, t: torch.Tensor) -> torch.
     if not input_dtype_accepted(t.dtype, want_dtype):
         raise TypeError(f"{who}: input {name} must be {declared}, got {dtype_name(t.dtype)}{input_dtype_hint(t.dtype)}")
     if t.dtype.is_floating_point or want_dtype == torch.bool:
-        return _converted(t, want_dtype)  # floats to the declared type; ints to bool: != 0
+        return converted(t, want_dtype)  # floats to the declared type; ints to bool: != 0
     if not _holds(t.dtype, want_dtype) or t.dtype in _FEW_OPS:
-        return _converted(t, _holding(who, name, t.dtype, want_dtype))
+        return converted(t, _holding(who, name, t.dtype, want_dtype))
     return t
 
 
-def _converted(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def converted(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t.to(dtype)`` with its expanded (stride-0) dims kept expanded: the kernels read those in place,
     and ``.to`` writes every entry of the view (a bfloat16 mask expanded over heads and positions, in a
     float32 input, became a dense float32 copy of the whole view)."""

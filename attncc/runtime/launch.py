@@ -12,7 +12,7 @@ import torch
 
 from attncc.runtime import backend, compiled, tuning
 from attncc.runtime.autograd import AttentionFunction, no_pairs, no_pairs_backward
-from attncc.runtime.call import Call, env, env_flag, interpreting, on_call_device
+from attncc.runtime.call import Call, converted, env, env_flag, interpreting, on_call_device
 from attncc.runtime.configs import (TOO_BIG, KernelConfig, config_settings, default_config, fit_key,
                                      preset_and_forced, preset_config, trial_active, trial_config)
 
@@ -222,6 +222,14 @@ def kernel_operands(call: Call):
 
 
 _ALL_SUIT = (True, True, True)
+
+
+def dot_operand(t: torch.Tensor) -> torch.Tensor:
+    """A bfloat16 input that a lowered dot's tile product reads (attncc.codegen.tile_dots) as the
+    kernels take it: as it is, but float32 under Triton's CPU interpreter, which computes bfloat16
+    dot products wrongly (tests only, as :func:`kernel_operands`); its expanded dims stay expanded,
+    so that its strides are the ones a launch bound for the signature."""
+    return converted(t, torch.float32) if interpreting() else t
 
 
 _ALLOCATOR_SET = threading.local()
