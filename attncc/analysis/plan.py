@@ -11,7 +11,7 @@ from attncc.analysis import symbols as A
 from attncc.analysis.bands import NoBand, cover
 from attncc.analysis.classifier import compile_mask
 from attncc.analysis.normal_form import TooComplex, to_dnf
-from attncc.analysis.tile_dot import TileDot, tile_dots
+from attncc.analysis.tile_dot import Lowering, TileDot, tile_dots
 from attncc.analysis.walks import Iteration, Walk, bands_walk
 from attncc.core.lazy import lazy_module
 from attncc.core.tiles import BlockStat, IntervalProgram
@@ -36,9 +36,9 @@ class Plan:
     ``dynamic``: the tiles depend on ``[inputs]`` (both walks are block lists made per call).
     ``block_stats``: the input reads the classifier makes (per-block min/max of an input
         along positions, or a point gathered by b / h).
-    ``dots``: the dots of the bias the kernels compute as tile products (:mod:`attncc.analysis.tile_dot`),
-        and ``dot_bias`` the bias with each of them as its ``DotTile`` value (None without them):
-        the score code renders :attr:`kernel_pattern`.
+    ``lowering``: the dots of the bias (and the mod's terms free of the score) that the kernels
+        compute as tile products (:mod:`attncc.analysis.tile_dot`; :attr:`dots`), and the bias and
+        mod with each of them as its ``DotTile`` value: the score code renders :attr:`kernel_pattern`.
 
     For a static pattern both walks are exact (``attncc.analysis.walks``): the blocks they visit
     are exactly those with an allowed pair, the ones they run unmasked exactly the FULL ones.
@@ -51,14 +51,19 @@ class Plan:
     classifier: Optional[IntervalProgram]
     dynamic: bool
     block_stats: Tuple[BlockStat, ...]
-    dots: Tuple[TileDot, ...] = ()
-    dot_bias: Optional[sympy.Expr] = None
+    lowering: Lowering = Lowering()
+
+    @property
+    def dots(self) -> Tuple[TileDot, ...]:
+        return self.lowering.dots
 
     @property
     def kernel_pattern(self) -> Pattern:
-        """The pattern whose score the kernels compute: ``pattern`` with its bias's lowered dots as
-        their tile products' values (``dot_bias``)."""
-        return self.pattern.replace(bias=self.dot_bias) if self.dots else self.pattern
+        """The pattern whose score the kernels compute: ``pattern`` with its lowered dots as their
+        tile products' values (``lowering``)."""
+        if not self.dots:
+            return self.pattern
+        return self.pattern.replace(bias=self.lowering.bias, mod=self.lowering.mod)
 
     @property
     def walks(self) -> Tuple[Walk, Walk]:
@@ -111,17 +116,17 @@ def analyze(pattern: Pattern) -> Plan:
     if clash:
         raise ValueError(f"{pattern.source}: [params] may not be named {', '.join(sorted(clash))} "
                          f"(the names of the loop-bound symbols)")
-    dot_bias, dots = tile_dots(pattern)
+    lowering = tile_dots(pattern)
     mask = pattern.mask
     if mask is None:
         dense = Walk(Iteration.DENSE)
-        return Plan(pattern, Iteration.DENSE, dense, dense, None, False, (), dots, dot_bias)
+        return Plan(pattern, Iteration.DENSE, dense, dense, None, False, (), lowering)
     program = compile_mask(pattern)
     stats = program.block_stats
     if _mentions_input(mask, pattern):
         lists = Walk(Iteration.BLOCK_LIST, reason="the mask reads [inputs]: tiles classified on every call")
-        return Plan(pattern, Iteration.BLOCK_LIST, lists, lists, program, True, stats, dots, dot_bias)
+        return Plan(pattern, Iteration.BLOCK_LIST, lists, lists, program, True, stats, lowering)
     int_params = frozenset(p.symbol for p in pattern.params if p.kind == "int")
     forward = static_walk(mask, int_params)
     transposed = static_walk(transposed_mask(pattern), int_params)
-    return Plan(pattern, forward.kind, forward, transposed, program, False, stats, dots, dot_bias)
+    return Plan(pattern, forward.kind, forward, transposed, program, False, stats, lowering)

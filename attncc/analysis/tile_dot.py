@@ -24,6 +24,7 @@ operands both read ``i`` (or neither), a partial sum of an axis, integer inputs.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -79,16 +80,19 @@ class DotOperand:
 @dataclass(frozen=True)
 class TileDot:
     """``coefficient * sum_t query[..., t] * key[..., t]`` over an axis of ``extent`` entries, computed
-    as a tile product; ``value``: the :class:`DotTile` standing for the sum in the kernels' bias.
+    as a tile product; ``value``: the :class:`DotTile` standing for the sum in the kernels' bias, or
+    in their mod (``in_mod``: a term of the mod's top-level sum, free of the score: its gradient is by
+    the mod's output). ``coefficient``: numbers, params, b and h.
 
     ``width``: the tiles' inner dimension, ``extent`` padded to a power of two >= :data:`MIN_WIDTH`
     (the loads mask the padding to 0, which adds 0 to every product)."""
 
     value: DotTile
-    coefficient: sympy.Number
+    coefficient: sympy.Expr
     query: DotOperand
     key: DotOperand
     extent: int
+    in_mod: bool = False
 
     @property
     def index(self) -> int:
@@ -110,72 +114,109 @@ class TileDot:
 class _Product:
     """A term ``coefficient * a * b`` of two float input reads."""
 
-    coefficient: sympy.Number
+    coefficient: sympy.Expr
     a: AppliedUndef
     b: AppliedUndef
     term: sympy.Expr
 
 
-def tile_dots(pattern: Pattern) -> Tuple[Optional[sympy.Expr], Tuple[TileDot, ...]]:
-    """(the bias with each lowered dot as its DotTile value, the lowered dots); ``(None, ())`` when
-    none is lowered (module docstring)."""
-    if pattern.kind != "softmax" or pattern.bias is None:
-        return None, ()
+@dataclass(frozen=True)
+class Lowering:
+    """What :func:`tile_dots` found: ``dots``, and ``bias`` / ``mod``, the pattern's with each of its
+    dots as ``coefficient * value`` (``dots`` empty: the pattern's own)."""
+
+    bias: Optional[sympy.Expr] = None
+    mod: Optional[sympy.Expr] = None
+    dots: Tuple[TileDot, ...] = ()
+
+
+def tile_dots(pattern: Pattern) -> Lowering:
+    """The dots of ``pattern``'s bias, and of its mod's terms free of the score, that the kernels
+    compute as tile products (module docstring)."""
+    if pattern.kind != "softmax":
+        return Lowering(pattern.bias, pattern.mod)
     floats = {d.name: d for d in pattern.inputs if d.dtype in FLOAT_DTYPES}
-    dots: List[TileDot] = []
+    bias, dots = _lowered(pattern.bias, floats, (), in_mod=False)
+    mod, dots = _lowered(pattern.mod, floats, dots, in_mod=True)
+    return Lowering(bias, mod, dots)
+
+
+def _lowered(e, floats, dots: Tuple[TileDot, ...], in_mod: bool):
+    """(``e`` with the dots of its top-level sum as their values, ``dots`` and those)."""
+    if e is None:
+        return e, dots
+    found: List[TileDot] = []
     kept, loose = [], []
-    for term in sympy.Add.make_args(pattern.bias):
+    for term in sympy.Add.make_args(e):
         c, inner = _unwrapped(term)
-        if isinstance(inner, sympy.Add):  # c * (a sum as written): lowered when it is one dot whole
+        if c is None:  # a term of the score (the mod's s)
+            kept.append(term)
+        elif isinstance(inner, sympy.Add):  # c * (a sum as written): lowered when it is one dot whole
             products = [_product(u, floats) for u in inner.args]
-            found = _families([p for p in products if p is not None], floats, len(dots))
-            if None not in products and len(found) == 1 and len(found[0][1]) == len(products):
-                dots.append(_scaled(found[0][0], c))
+            families = _families([p for p in products if p is not None], floats, len(dots) + len(found), in_mod)
+            if None not in products and len(families) == 1 and len(families[0][1]) == len(products):
+                found.append(_scaled(families[0][0], c))
             else:
                 kept.append(term)
-            continue
-        product = _product(inner, floats)
-        if product is None:
-            kept.append(term)
-        else:  # a dot's terms merged into the bias's own sum (dot(...) alone, dot(...) / 8)
-            loose.append(_Product(c * product.coefficient, product.a, product.b, term))
+        else:
+            product = _product(inner, floats)
+            if product is None:
+                kept.append(term)
+            else:  # a dot's terms merged into the expression's own sum (dot(...) alone, dot(...) / 8)
+                loose.append(_Product(c * product.coefficient, product.a, product.b, term))
     taken = set()
-    for dot, terms in _families(loose, floats, len(dots)):
-        dots.append(dot)
+    for dot, terms in _families(loose, floats, len(dots) + len(found), in_mod):
+        found.append(dot)
         taken |= terms
+    if not found:
+        return e, dots
     kept += [p.term for p in loose if p.term not in taken]
-    if not dots:
-        return None, ()
-    return sympy.Add(*kept, *[d.coefficient * d.value for d in dots]), tuple(dots)
-
-
-def _unwrapped(term) -> Tuple[sympy.Number, sympy.Expr]:
-    """``(c, e)`` with ``term = c * e`` for a number ``c``, through the parser's grouping of float
-    arithmetic (``Grouped(2 * Grouped(a + b))``: the same value)."""
-    c = sympy.Integer(1)
-    while True:
-        k, term = term.as_coeff_Mul()
-        c *= k
-        if not isinstance(term, Grouped):
-            return c, term
-        term = term.args[0]
+    return sympy.Add(*kept, *[d.coefficient * d.value for d in found]), dots + tuple(found)
 
 
 def _scaled(dot: TileDot, c) -> TileDot:
-    return TileDot(dot.value, c * dot.coefficient, dot.query, dot.key, dot.extent)
+    return dataclasses.replace(dot, coefficient=c * dot.coefficient)
+
+
+def _constant(x) -> bool:
+    """A factor the same for every pair of a program: numbers, params, b and h (what a dot's
+    coefficient may be)."""
+    return not (x.free_symbols & {S.i, S.j, S.s, AXIS} or x.atoms(AppliedUndef) or x.has(sympy.Piecewise)
+                or x.has(sympy.oo, -sympy.oo, sympy.zoo, sympy.nan))
+
+
+def _unwrapped(term) -> Tuple[Optional[sympy.Expr], sympy.Expr]:
+    """``(c, e)`` with ``term = c * e`` and ``c`` the factors :func:`_constant` takes, through the
+    parser's grouping of float arithmetic (``Grouped(2 * Grouped(a + b))``: the same value), until
+    one factor is left; ``(None, term)`` for a term that reads the score."""
+    if S.s in term.free_symbols:
+        return None, term
+    c = sympy.Integer(1)
+    while True:
+        if isinstance(term, Grouped):
+            term = term.args[0]
+            continue
+        factors = sympy.Mul.make_args(term)
+        rest = [f for f in factors if not _constant(f)]
+        if len(rest) != 1 or len(factors) == 1:
+            return c, term
+        c *= sympy.Mul(*[f for f in factors if _constant(f)])
+        term = rest[0]
 
 
 def _product(term, floats) -> Optional[_Product]:
-    """``term`` as ``c * a * b`` of two different float input reads, else None."""
-    c, factors = term.as_coeff_mul()
-    if len(factors) != 2 or not all(isinstance(f, AppliedUndef) and type(f).__name__ in floats for f in factors):
+    """``term`` as ``c * a * b`` of two different float input reads (``c``: :func:`_constant`), else None."""
+    factors = sympy.Mul.make_args(term)
+    reads = [f for f in factors if isinstance(f, AppliedUndef)]
+    if len(reads) != 2 or not all(type(f).__name__ in floats for f in reads):
         return None
-    if not (c.is_Number and c.is_finite and c != 0):
+    c = sympy.Mul(*[f for f in factors if not isinstance(f, AppliedUndef)])
+    if not _constant(c) or c == 0:
         return None
-    return _Product(c, factors[0], factors[1], term)
+    return _Product(c, reads[0], reads[1], term)
 
 
-def _families(products: List[_Product], floats, first: int) -> List[Tuple[TileDot, set]]:
+def _families(products: List[_Product], floats, first: int, in_mod: bool) -> List[Tuple[TileDot, set]]:
     """The complete dots among ``products``: for an axis position in each read (a number ``t``,
     the same in both, over a dim declared with ``R`` in both), the products alike but for ``t``,
     with every ``t`` of ``range(R)`` once, one read on the query side and one on the key side.
@@ -200,7 +241,7 @@ def _families(products: List[_Product], floats, first: int) -> List[Tuple[TileDo
         if sides is None:
             continue
         value = DotTile(first + len(out), S.i, S.j)
-        out.append((TileDot(value, c, *sides, extent), {p.term for p in by_t.values()}))
+        out.append((TileDot(value, c, *sides, extent, in_mod), {p.term for p in by_t.values()}))
         used |= {p.term for p in by_t.values()}
     return out
 

@@ -234,7 +234,8 @@ def _input_grad_lines(pattern: Pattern, k: _Kernel, terms: List[InputGradTerm], 
     # weight zeroed, once per tile: each term then adds its gradient as soon as it is made, so that
     # one tile's worth of gradient is live at a time (a 64-wide dot's 128 terms made together
     # took ptxas minutes and spilled)
-    names = [("ds", "ds_w")] + ([(ds_t, "ds_t_w")] if any(t.d_mod is not None for t in terms) else [])
+    by_mod = any(t.d_mod is not None for t in terms) or any(dot.in_mod and dots.learned(dot) for dot in dots.dots)
+    names = [("ds", "ds_w")] + ([(ds_t, "ds_t_w")] if by_mod else [])
     names += [("p", "p_w")] if any(unbounded) else []
     body: List[str] = [f"{w} = {x}" for x, w in names]  # under "if INPUT_GRADS:"
     body += [f"if MASKED or not rows_exact:  # {WEIGHTLESS_WHY}", f"    weighted = {WEIGHTLESS}"]
@@ -278,7 +279,7 @@ def _input_grad_lines(pattern: Pattern, k: _Kernel, terms: List[InputGradTerm], 
             value = f"tl.sum(tl.sum({g}, 1), 0)"
         mask = f", mask={' & '.join(guards)}" if guards else ""
         body += _once(k, f"tl.atomic_add({address}, {value}{mask})")
-    body += dots.gradients("ds_w")
+    body += dots.gradients("ds_w", "ds_t_w")
     k.helpers |= tile.helpers | tile_s.helpers
     return ["if INPUT_GRADS:"] + [f"    {line}" for line in body]
 

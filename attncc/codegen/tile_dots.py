@@ -7,8 +7,8 @@ the other one per tile of its loop, and computes the dot's value on the tile as 
 two, in the tile's layout (``[outer, inner]``: ``tl.dot(resident, tl.trans(streamed))``); the score
 code names it (``dot<k>``: attncc.codegen.names.dot_value). Two 16-bit operands of one dtype enter the
 product as they are (their products are exact in float32, the sums float32, as the written-out
-terms); any other pair as float32 with ``input_precision="ieee"`` (not tf32). The padding of the axis
-to :attr:`TileDot.width` is loaded as 0 on both sides.
+terms); any other pair, and the gradients' products of float32 dS, as float32 at :data:`PRECISION`.
+The padding of the axis to :attr:`TileDot.width` is loaded as 0 on both sides.
 """
 from __future__ import annotations
 
@@ -24,6 +24,11 @@ from attncc.spec import symbols as S
 from attncc.spec.ir import Pattern
 
 SIXTEEN_BIT = ("bfloat16", "float16")
+# Float32 tile products: three tf32 products (the operands split into high and low parts), about
+# float32's precision on tensor cores. "ieee" is float32 exactly but lowers to scalar FMAs: the dQ
+# kernel's two gradient products of MLA's 64-wide dot (a 128 x 32 tile) took Triton's LLVM stages a
+# minute on 2 cores, and would run off the tensor cores.
+PRECISION = "tf32x3"
 
 
 @dataclass
@@ -86,25 +91,30 @@ class DotCode:
         for dot in self.dots:
             streamed, resident = self._side(dot, resident=False), self._side(dot, resident=True)
             name = dot_operand(dot.index, streamed.side is S.i)
-            precision = "" if self._native(dot) else ', input_precision="ieee"'
+            precision = "" if self._native(dot) else f', input_precision="{PRECISION}"'
             lines += [f"{name} = {self.tile(dot, streamed)}",
                       f"{dot_value(dot.index)} = tl.dot({dot_operand(dot.index, resident.side is S.i)}, tl.trans({name}){precision})"
                       f"  # {dot.written}"]
         return lines
 
-    def gradients(self, ds: str) -> List[str]:
+    def learned(self, dot: TileDot) -> List[DotOperand]:
+        """The operands of ``dot`` declared ``grad = true``."""
+        return [o for o in dot.operands() if self.pattern.input(o.name).grad]
+
+    def gradients(self, ds: str, ds_t: str) -> List[str]:
         """The dQ tile's lines that add ``c * dS @ Y`` and ``c * dS^T @ X`` into the fp32 gradient
-        buffers of the learned operands (``ds``: the tile's dS by the score after scale and bias, the
-        pairs without weight zeroed), with atomics as every learned input's (attncc.codegen.backward).
-        Products in float32, ``input_precision="ieee"``: dS is not rounded to a 16-bit type."""
+        buffers of the learned operands, with atomics as every learned input's
+        (attncc.codegen.backward). ``ds``: the tile's dS by the score after scale and bias (a dot of
+        the bias), ``ds_t``: by the mod's output (a dot of the mod), the pairs without weight zeroed.
+        Products of float32 operands (:data:`PRECISION`): dS is not rounded to a 16-bit type."""
         lines = []
         for dot in self.dots:
-            learned = [o for o in dot.operands() if self.pattern.input(o.name).grad]
+            learned = self.learned(dot)
             if not learned:
                 continue
             g = f"g{dot_value(dot.index)}"
             pr = self._printer(dot)
-            lines.append(f"{g} = {ds}" + ("" if dot.coefficient == 1 else f" * {pr(dot.coefficient)}")
+            lines.append(f"{g} = {ds_t if dot.in_mod else ds}" + ("" if dot.coefficient == 1 else f" * {pr(dot.coefficient)}")
                          + f"  # dLoss / d({dot_value(dot.index)}), per pair")
             for operand in learned:
                 other = dot.key if operand is dot.query else dot.query
@@ -113,6 +123,6 @@ class DotCode:
                 if self._native(dot):
                     tile += ".to(tl.float32)"
                 address, guards = self.inputs.address(operand.name, self._indices(dot, operand, pr), grad=True)
-                lines.append(f"tl.atomic_add({address}, tl.dot({weights}, {tile}, input_precision=\"ieee\"), "
+                lines.append(f"tl.atomic_add({address}, tl.dot({weights}, {tile}, input_precision=\"{PRECISION}\"), "
                              f"mask={' & '.join(guards)})  # dLoss / d{operand.written}")
         return lines
