@@ -18,7 +18,6 @@ the sequence length, which differs per batch row.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import List
 
 
@@ -40,10 +39,11 @@ def decode_context(pattern: Pattern, plan, ctx: dict) -> dict:
     helpers the module already defines)."""
     if pattern.mask is not None and pattern.mask.atoms(RandomBlocks):
         return dict(supported=False, reason="random_blocks() depend on the sequence length, which differs per row")
-    if any(S.h in dot.key.access.free_symbols for dot in plan.dots):
-        # the rows of a decode tile are query heads too: a key operand of the head is no tile product's,
-        # so those dots are read term by term, as written
-        pattern, plan = plan.pattern, dataclasses.replace(plan, dots=())
+    dots = plan.dots
+    if any(S.h in dot.key.access.free_symbols for dot in dots):
+        # the rows of a decode tile are query heads too: a key operand read by the head is no tile
+        # product's, so there the dots are computed term by term, as written
+        pattern, dots = plan.pattern, ()
     inputs = Inputs(pattern)  # gathers as the forward renders them
     hoist, mhoist = Hoister(), mask_hoister()
     mask, bias_j, mod, lse_row, simple_bias = score_terms(pattern, hoist, mhoist)
@@ -74,12 +74,12 @@ def decode_context(pattern: Pattern, plan, ctx: dict) -> dict:
     mask_tile, mask_row = (printer("offs_i[:, None]", "h_row[:, None]", "[:, None]", True),
                            printer("offs_i", "h_row", "", True))
 
-    dots = DotCode(pattern, plan.dots, {**tile.names, S.h: "h_row[:, None]"}, inputs)
-    score_lines = dots.products() + render_score(pattern, tile, bias_j, mod, simple_bias)
+    dot_code = DotCode(pattern, dots, {**tile.names, S.h: "h_row[:, None]"}, inputs)
+    score_lines = dot_code.products() + render_score(pattern, tile, bias_j, mod, simple_bias)
     mask_temps, mask_code = mask_tile.statement(mask) if mask is not None else ([], None)
     scalar_defs = (definitions(row, {e: sym for sym, e in scalars}, scalar=True)
                    + definitions(mask_row, {e: sym for sym, e in mscalars}, scalar=True))
-    dot_defs = [(name, code) for name, code, _ in dots.resident()]
+    dot_defs = [(name, code) for name, code, _ in dot_code.resident()]
     row_defs = (definitions(row, {e: sym for sym, e in rows}, scalar=False)
                 + definitions(mask_row, {e: sym for sym, e in mrows}, scalar=False) + dot_defs)
     scalars, rows = scalars + mscalars, rows + mrows
@@ -87,7 +87,7 @@ def decode_context(pattern: Pattern, plan, ctx: dict) -> dict:
     if lse_row_bias is not None:
         row.helpers.add("_row_term_o")
 
-    used_inputs = score_inputs(pattern, plan.dots)
+    used_inputs = score_inputs(pattern, dots)
     input_args = [a for name in used_inputs for a in inputs.args(name)]
     ctx_args = ["b", "h_row", "H", "n_q", "n_k"] + [param_var(p.name) for p in pattern.params] + input_args
     ctx_args += [sym.name for sym, _ in scalars] + [sym.name for sym, _ in rows] + [name for name, _ in dot_defs]
@@ -97,7 +97,7 @@ def decode_context(pattern: Pattern, plan, ctx: dict) -> dict:
     closed_check = None if closed_check == "True" else closed_check
     tile.helpers |= walk.get("helpers", set())
 
-    helpers = helper_list(tile.helpers | row.helpers | mask_tile.helpers | mask_row.helpers | dots.helpers, pattern.rope,
+    helpers = helper_list(tile.helpers | row.helpers | mask_tile.helpers | mask_row.helpers | dot_code.helpers, pattern.rope,
                           have=ctx.get("helpers", ()))
     return dict(
         supported=True, reason="", helpers=helpers,
@@ -106,7 +106,7 @@ def decode_context(pattern: Pattern, plan, ctx: dict) -> dict:
         steps=walk.get("steps", []), segments=walk.get("segments", 0), full_kb=walk.get("full_kb", ""),
         masked_kb=walk.get("masked_kb", ""), closed_check=closed_check, fallback=_fallback(walk),
         param_args=[param_arg(p) for p in pattern.params], input_args=input_args,
-        param_launch=param_launch(pattern), input_launch=[a for n in used_inputs for a in input_launch(pattern, n, plan.dots)],
+        param_launch=param_launch(pattern), input_launch=[a for n in used_inputs for a in input_launch(pattern, n, dots)],
         kv_len_input=any(d.name == "kv_len" for d in pattern.inputs),
     )
 
