@@ -538,6 +538,6 @@ def explain_data(plan: Plan, *, n_q: int, n_k: int, block_m: int = 128, block_n:
         "synthetic_inputs": describe_synthetic(plan, synthesized, positions=max(n_q, n_k)),
         "walks": walks,
         "classifier": list(plan.classifier.lines()) + [f"result: {plan.classifier.result}"] if plan.classifier else [],
-        "score": score_report(pattern, head_dim=head_dim),
+        "score": score_report(pattern, head_dim=head_dim, plan=plan),
         "backend": backend_text(plan, head_dim=head_dim, value_dim=value_dim, dtype=dtype),
     }

@@ -141,7 +141,7 @@ def _text(e) -> str:
     return _SpecPrinter().doprint(e)
 
 
-def score_report(pattern, head_dim: Optional[int] = None) -> dict:
+def score_report(pattern, head_dim: Optional[int] = None, plan=None) -> dict:
     """The ``score`` section of ``attncc explain``: what the kernels do to a score, from the
     split the code generator renders (:func:`score_terms`, on the pattern it renders:
     :func:`canonical_score`).
@@ -154,11 +154,15 @@ def score_report(pattern, head_dim: Optional[int] = None) -> dict:
     ``hoisted_per_program`` / ``hoisted_per_row`` (sub-expressions computed once per program, of
     b and h, or once per query row, of b, h and i), ``loop_bias`` / ``loop_mod`` (what the key
     loop computes per pair, with the hoisted names), ``key_loop`` (its lines, in order),
-    ``derivative`` (d mod / d s, which the backward uses) and ``dropout``."""
+    ``derivative`` (d mod / d s, which the backward uses), ``dropout`` and ``tile_dots`` (the dots
+    ``plan``, the pattern's Plan, has the kernels compute as tile products: the key loop names their
+    values ``dot<k>``)."""
     out = {"scale": None, "scale_default": pattern.scale is None, "bias": None, "mod": None, "mask_from_mod": None,
            "softcap": None, "softcap_from_mod": None, "conditions": [], "dropped": [], "hoisted_per_program": [],
            "hoisted_per_row": [], "loop_bias": None, "loop_mod": None, "key_loop": [], "derivative": None,
-           "dropout": getattr(pattern, "dropout", 0.0) or None}
+           "dropout": getattr(pattern, "dropout", 0.0) or None,
+           "tile_dots": [f"dot{d.index} = {d.written}, over {d.extent} entries (padded to {d.width})"
+                         for d in (plan.dots if plan is not None else ())]}
     if pattern.kind != "softmax":
         return out
     if pattern.scale is not None:
@@ -170,7 +174,7 @@ def score_report(pattern, head_dim: Optional[int] = None) -> dict:
         out["mask_from_mod"] = _text(mod_mask)
     out["bias"] = None if pattern.bias is None else _text(pattern.bias)
     out["mod"] = None if pattern.mod is None else _text(pattern.mod)
-    canon = canonical_score(pattern)
+    canon = canonical_score(plan.kernel_pattern if plan is not None else pattern)
     out["softcap"] = canon.softcap
     if pattern.softcap is None and canon.softcap is not None:
         out["softcap_from_mod"] = canon.softcap
@@ -225,6 +229,8 @@ def report_lines(score: dict) -> List[str]:
         lines.append(f"    per pair  {c['where']}  (a condition the key loop evaluates per pair{on})")
     for t in score["dropped"]:
         lines.append(f"    dropped   {t}  (constant along j: cancels in the softmax, added to the LSE only)")
+    for t in score.get("tile_dots", ()):
+        lines.append(f"    tile dot  {t}  (one tl.dot per tile; its gradients two more)")
     for t in score["hoisted_per_program"]:
         lines.append(f"    hoisted   {t}  (once per program)")
     for t in score["hoisted_per_row"]:
