@@ -127,6 +127,17 @@ def test_bfloat16_operands_exactly(kernels, R, variant):
     assert rel_err(o, ro) < 1e-2  # (o is rounded to bfloat16)
 
 
+def test_forced_gluon_names_the_dot(kernels, monkeypatch):
+    """ATTNCC_BACKEND=gluon on a spec with a tile dot is refused, naming the dot (auto keeps tl)."""
+    p, mod = kernels["dot_mla_1_float32"]
+    assert mod.SPEC.gluon is None and "dot(q_rope[b, h, i, :], k_rope[b, j, :])" in mod.SPEC.gluon_reason
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, 8, 16, generator=gen) for h in (4, 2, 2))
+    monkeypatch.setenv("ATTNCC_BACKEND", "gluon")
+    with pytest.raises(ValueError, match=r"tile product \(tl\.dot\)"):
+        mod.attention(q, k, v, **_tables(p, 1, 8, gen))
+
+
 NOT_LOWERED = {
     "both_on_i": "dot(x[b, i, :], y[b, i, :]) * 0.1",
     "one_on_neither": "dot(z[b, h, :], y[b, j, :])",

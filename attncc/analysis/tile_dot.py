@@ -72,10 +72,6 @@ class DotOperand:
         """As the spec writes it: ``q_rope[b, h, i, :]``."""
         return f"{self.name}[{', '.join(':' if n == self.axis else str(x) for n, x in enumerate(self.access.args))}]"
 
-    def element(self, t) -> AppliedUndef:
-        """The access of entry ``t`` of the axis."""
-        return self.access.xreplace({AXIS: t})
-
 
 @dataclass(frozen=True)
 class TileDot:

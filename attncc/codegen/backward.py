@@ -33,7 +33,7 @@ from attncc.analysis.derivative import BackwardUnsupported, derivative, score_de
 from attncc.analysis.hoist import Hoister
 from attncc.analysis.score import along_j, mask_hoister
 from attncc.codegen.helpers import helper_args, helper_list
-from attncc.codegen.names import grad_args, grad_ptr, grad_stride, input_size, param_value, param_var
+from attncc.codegen.names import grad_args, grad_ptr, grad_stride, param_value, param_var
 from attncc.codegen.printer import Temporaries, TritonPrinter, joined
 from attncc.codegen.softmax import Inputs, mod_text, printed  # as the forward's
 from attncc.codegen.tile_dots import DotCode

@@ -40,9 +40,9 @@ class Inputs:
     def args(self, name: str) -> List[str]:
         return input_args(name, len(self.pattern.input(name).dims))
 
-    def gather(self, printer: TritonPrinter, e: AppliedUndef, widen: bool = True) -> str:
+    def gather(self, printer: TritonPrinter, e: AppliedUndef, convert: bool = True) -> str:
         """The load of one element per pair (or row), converted to the type arithmetic on it runs in
-        (``widen``; else as stored: a 16-bit tile product's operand, attncc.codegen.tile_dots):
+        (``convert``; else as stored: a 16-bit tile product's operand, attncc.codegen.tile_dots):
 
         - 16-bit floats to float32, so that no arithmetic on them runs in bfloat16 / float16
           (Triton keeps a tensor's dtype in ``x * 1.44`` and ``x - y``); float64 ones to float32
@@ -55,7 +55,7 @@ class Inputs:
         decl = self.pattern.input(name)
         address, guards = self.address(name, [printer.p(a) for a in e.args])
         lang = printer.lang  # tl, or gl for the Gluon fragments (attncc.codegen.gluon): the same reads
-        if not widen:
+        if not convert:
             widen = ""
         elif decl.dtype in ("bfloat16", "float16") or (decl.dtype == "float64" and not printer.float64):
             widen = f".to({lang}.float32)"

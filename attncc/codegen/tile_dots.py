@@ -69,7 +69,7 @@ class DotCode:
         """The load of ``operand``'s ``[rows, width]`` tile (rows: its side's positions), 0 past the
         axis and outside the input; float32 unless the product takes it as stored."""
         pr = self._printer(dot)
-        pr.gather = lambda e: self.inputs.gather(pr, e, widen=not self._native(dot))
+        pr.gather = lambda e: self.inputs.gather(pr, e, convert=not self._native(dot))
         return pr(operand.access)
 
     def _side(self, dot: TileDot, resident: bool) -> DotOperand:
