@@ -1,4 +1,4 @@
-"""Dots of the bias that the kernels compute as tile products (``tl.dot``), not term by term.
+"""Dots of the score that the kernels compute as tile products (``tl.dot``), not term by term.
 
 The parser writes ``dot(x[..., :], y[..., :])`` out as its ``R`` products (attncc.spec.expr), the
 form the reference and every pass understand. In the kernels that form is ``R`` gathers and
@@ -10,17 +10,19 @@ a per-query vector and a per-key vector is a matrix product of two tiles:
 
 with ``X [BLOCK_M, R]`` the query block's rows of ``x`` and ``Y [BLOCK_N, R]`` the key block's rows of
 ``y``; its gradients are ``dX = c * dS @ Y`` and ``dY = c * dS^T @ X`` (``dS`` the gradient by the
-score after scale and bias). :func:`tile_dots` finds such terms (:class:`TileDot`) and the bias with
-each of them as one :class:`DotTile` value, which the key loop's code prints as a name the tile
-product defines (attncc.codegen.tile_dots).
+score after scale and bias; by the mod's output for a term of the mod). :func:`tile_dots` finds such
+terms (:class:`TileDot`) and the bias and mod with each of them as one :class:`DotTile` value, which
+the key loop's code prints as a name the tile product defines (attncc.codegen.tile_dots).
 
-What is lowered: a term of the bias's top-level sum that is a number ``c`` times the sum, over every
-``t`` of an axis declared with the number ``R`` on both inputs, of ``x[..., t, ...] * y[..., t, ...]``
-(float inputs), where ``x``'s other indices read the query position ``i`` and not ``j``, and ``y``'s
-read ``j`` and not ``i`` (or the other way round), both free of the score: ``dot(...)``,
-``c * dot(...)``, ``dot(...) / c`` and ``sum(x[b, i, t] * y[b, j, t] for t in range(R))`` alike.
-Everything else keeps the written-out form: a dot inside the mod, a function or a product, one whose
-operands both read ``i`` (or neither), a partial sum of an axis, integer inputs.
+What is lowered: a term of the bias's top-level sum, or of the mod's (free of the score:
+``score + rs * dot(...)``, as FlexAttention ports write it), that is a coefficient ``c`` (numbers,
+params, ``b``, ``h``) times the sum, over every ``t`` of an axis declared with the number ``R`` on
+both inputs, of ``x[..., t, ...] * y[..., t, ...]`` (float inputs), where ``x``'s other indices read
+the query position ``i`` and not ``j``, and ``y``'s read ``j`` and not ``i`` (or the other way
+round): ``dot(...)``, ``c * dot(...)``, ``dot(...) / c`` and ``sum(x[b, i, t] * y[b, j, t] for t in
+range(R))`` alike. Everything else keeps the written-out form: a dot inside a function, a product
+or another sum, one whose operands both read ``i`` (or neither), a partial sum of an axis, integer
+inputs.
 """
 from __future__ import annotations
 
