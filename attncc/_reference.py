@@ -24,7 +24,10 @@ from attncc.evaluator import Evaluator, TorchArrays
 from attncc.spec.ir import Pattern
 
 _INT, _FLOAT, _BOOL = torch.int64, torch.float64, torch.bool
-_EXTRA_KEYWORDS = ("scale", "dropout_p")
+# The reference's keywords besides attention()'s, each taken only where no param or input of the
+# spec has its name (the spec's name wins, as a param `scale` takes attention()'s scale=; a spec
+# with dropout may name none of them: attncc.spec.names.REFERENCE_DROPOUT_KEYWORDS).
+_EXTRA_KEYWORDS = ("scale", "dropout_p", "keep_mask")
 
 # --------------------------------------------------------------------------------------
 # sympy -> torch
@@ -248,9 +251,9 @@ def _check_qkv(pattern: Pattern, q, k, v):
         raise ValueError(f"pattern '{pattern.name}' fixes {pattern.heads_kv} key/value heads, k has {hk}")
 
 
-def reference(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, return_lse: bool = False,
+def reference(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, /, *, return_lse: bool = False,
               q_offset: int = 0, k_offset: int = 0, n_q: Optional[int] = None, n_k: Optional[int] = None,
-              keep_mask: Optional[torch.Tensor] = None, **inputs_and_params):
+              **inputs_and_params):
     """The semantics of ``pattern`` on ``q [B,Hq,Nq,D]``, ``k [B,Hkv,Nk,D]``, ``v [B,Hkv,Nk,Dv]``.
 
     Computes densely in float64 on q's device and returns ``o [B,Hq,Nq,Dv]`` (float64), or
@@ -258,7 +261,8 @@ def reference(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     head ``h`` reads kv head ``h // (Hq // Hkv)``; positions are ``i = q_offset + row``,
     ``j = k_offset + row``. Inputs and param overrides come by keyword; two more keywords
     are accepted unless a param or input has that name: ``scale`` (overrides the
-    pattern's scale) and ``dropout_p`` (default ``pattern.dropout``).
+    pattern's scale), ``dropout_p`` (default ``pattern.dropout``) and ``keep_mask`` (below).
+    ``pattern``, ``q``, ``k``, ``v`` are positional only: a param or input may be named ``pattern``.
 
     Softmax: rows with no allowed key give ``o = 0`` and ``lse = -inf``. Dropout applies
     only when ``keep_mask`` (bool, broadcastable to ``[B,Hq,Nq,Nk]``) is given: ``p`` is
@@ -372,6 +376,7 @@ def reference(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     # weights exp(s - lse) summed to n, not 1 (o was n times the average of v)
     p = torch.softmax(torch.where(empty[..., None], torch.zeros_like(s), s), dim=-1)
     p = torch.where(allowed & ~empty[..., None], p, torch.zeros_like(p))
+    keep_mask = opts.get("keep_mask")
     if keep_mask is not None:
         p = p * keep_mask.to(device=device, dtype=_FLOAT) / (1.0 - dropout_p)
     if exact:

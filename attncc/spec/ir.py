@@ -13,12 +13,14 @@ from typing import Optional, Tuple, Union
 
 import sympy
 from sympy.core.function import AppliedUndef
+from sympy.printing.precedence import PRECEDENCE
 
 from attncc.core.shapes import Shapes
 from attncc.spec import symbols as S
 
 Dim = Union[str, int]  # "b" (batch), "h" (query head), "n" (position), or a fixed size
 INTEGER_DTYPES = ("int8", "int16", "int32", "int64", "uint8")
+_CALL_PRECEDENCE = PRECEDENCE["Func"]  # an input read's, in sympy's printers (InputDecl.symbol)
 DTYPE_BYTES = {"bool": 1, "int8": 1, "uint8": 1, "int16": 2, "float16": 2, "bfloat16": 2, "int32": 4, "float32": 4,
                "int64": 8, "float64": 8}  # bytes of one element of an input of each dtype
 
@@ -43,12 +45,16 @@ class InputDecl:
     @property
     def symbol(self) -> sympy.FunctionClass:
         # integer dtypes make integer accesses: sympy then knows doc[b, i] // 4 is a floor
-        # division of integers (exact in the kernels, attncc.analysis.integer)
-        if self.dtype in INTEGER_DTYPES:
-            return sympy.Function(self.name, integer=True)
-        # real: sympy would otherwise take a float input's value for a complex number (abs(exp(x[h]))
-        # became exp(re(x[h])), which no printer renders)
-        return sympy.Function(self.name, real=True)
+        # division of integers (exact in the kernels, attncc.analysis.integer); real: sympy would
+        # otherwise take a float input's value for a complex number (abs(exp(x[h])) became
+        # exp(re(x[h])), which no printer renders)
+        kind = {"integer": True} if self.dtype in INTEGER_DTYPES else {"real": True}
+        # The function class is named after the input, and sympy's printers look up an
+        # expression's precedence by the names of its classes: an input named Integer, Float,
+        # Rational, FracElement or PolyElement had a number's precedence computed from its read
+        # (AttributeError: 'Integer' object has no attribute 'p', in every header and message
+        # that prints it), one named Add or Or another operator's. A read binds as a call does.
+        return sympy.Function(self.name, **kind, __dict__={"precedence": _CALL_PRECEDENCE})
 
 
 @dataclass(frozen=True)

@@ -303,10 +303,15 @@ def parse_spec(text: str, path: str = "<string>") -> Pattern:
             if not 0.0 <= p < 1.0:
                 c.fail("[score].dropout", f"expected a probability in [0, 1), got {p}")
             fields["dropout"] = p
-            clash = sorted(({x.name for x in params} | {d.name for d in inputs}) & DROPOUT_KEYWORDS)
+            names = {x.name for x in params} | {d.name for d in inputs}
+            clash = sorted(names & DROPOUT_KEYWORDS)
             if p > 0 and clash:
                 c.fail("[score].dropout", f"{', '.join(clash)} would shadow the keyword(s) of the same name that a "
                                           f"module with dropout takes ({', '.join(sorted(DROPOUT_KEYWORDS))}); rename")
+            clash = sorted(names & set(N.REFERENCE_DROPOUT_KEYWORDS))
+            if p > 0 and clash:
+                c.fail("[score].dropout", f"{', '.join(clash)} would shadow attncc.reference's keyword of the same "
+                                          f"name, its dropout keep mask; rename")
         if "bias" in score:
             bias, typ = parse_expression(score["bias"], scope, path, "[score].bias", counts)
             if typ == BOOL:

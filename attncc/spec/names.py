@@ -14,6 +14,9 @@ MAX_NAME_LENGTH = 64  # module, param and input names
 ATTENTION_KEYWORDS = ("q", "k", "v", "return_lse", "q_offset", "k_offset", "n_q", "n_k", "scale",
                       "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")
 DROPOUT_KEYWORDS = ("dropout_p", "seed", "training")  # attention() of a spec with dropout takes these too
+# attncc.reference takes its keep mask as keep_mask= (and its probability as dropout_p=): a spec with
+# dropout cannot name a param or input so, or its keep mask could not be given
+REFERENCE_DROPOUT_KEYWORDS = ("keep_mask",)
 DECODE_KEYWORDS = ("q", "k_cache", "v_cache", "kv_len", "block_table", "return_lse", "scale")
 # A param or input named `scale` takes the scale= keyword (attncc.runtime.call.scale_keyword), as in
 # attncc.reference; an input `kv_len` with dims ["b"] is decode()'s kv_len (the cache lengths).

@@ -1,0 +1,95 @@
+"""Probe 22: the spec language and the build attacked as an adversary would (names, TOML, numbers,
+mixed-type expressions, keys in odd but legal combinations), each candidate built in-process
+(``attncc.compile``), run under the interpreter at tiny sizes and compared with ``attncc.reference``
+(o, LSE, dq, dk, dv, learned tables' gradients) and, where noted, a float64 oracle written here.
+
+Found and fixed (each test below failed before its fix):
+
+- An input named like a sympy number class (``Integer``, ``Float``, ``Rational``, ``FracElement``,
+  ``PolyElement``) did not build: an input read is an application of an undefined sympy function
+  named after the input, and sympy's printers look an expression's precedence up by the names of
+  its classes, so the header line printing ``Integer(b, i) % 3`` called sympy's rule for an
+  integer on it ("AttributeError: 'Integer' object has no attribute 'p'"; ``Float``: a TypeError
+  whose message itself failed to print). An input read now carries a call's precedence
+  (attncc.spec.ir.InputDecl.symbol).
+- ``attncc.reference`` could not take every spec: a param or input named ``pattern`` was
+  "reference() got multiple values for argument 'pattern'", one named ``keep_mask`` was taken for
+  the dropout keep mask (an int param: "'int' object has no attribute 'to'"; an input: "needs input
+  'keep_mask' ... it was not given"). ``pattern, q, k, v`` are positional only now and
+  ``keep_mask`` gives way to a spec name as ``scale`` and ``dropout_p`` do; a spec with dropout
+  may not name a param or input ``keep_mask`` (as ``dropout_p``, ``seed``, ``training``).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attncc
+from attncc.spec import SpecError, parse_spec
+from cases import rel_err
+
+HEAD = 'head_dim = 16\ndtypes = ["float32"]\n'
+
+
+def _compare(text, *, inputs=None, params=None, B=2, H=2, N=23, seed=0):
+    """o, lse and the gradients (q, k, v, learned inputs) of the compiled ``text`` against the
+    reference; returns the largest relative error."""
+    p = parse_spec(text)
+    mod = attncc.compile(text)
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, N, 16, generator=gen).requires_grad_() for _ in range(3))
+    inputs, params = dict(inputs or {}), dict(params or {})
+    tables = {n: t for n, t in inputs.items() if t.requires_grad}
+    o, lse = mod.attention(q, k, v, return_lse=True, **inputs, **params)
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v, *tables.values())]
+    ref_inputs = {**inputs, **dict(zip(tables, ref_in[3:]))}
+    ref, ref_lse = attncc.reference(p, *ref_in[:3], return_lse=True, **ref_inputs, **params)
+    errors = [rel_err(o.detach(), ref.detach()), rel_err(lse.detach(), ref_lse.detach())]
+    g = torch.randn(o.shape, generator=gen)
+    grads = torch.autograd.grad((o * g).sum(), (q, k, v, *tables.values()))
+    ref_grads = torch.autograd.grad((ref * g.double()).sum(), ref_in)
+    errors += [rel_err(a, b) for a, b in zip(grads, ref_grads)]
+    return max(errors)
+
+
+# --- input names that sympy's printers read as classes ---------------------------------------
+
+@pytest.mark.parametrize("name", ["Integer", "Float", "Rational", "FracElement", "PolyElement"])
+def test_inputs_named_like_sympy_classes_build_and_compute(name):
+    text = HEAD + f"""[inputs]
+{name} = {{ dims = ["b", "n"], dtype = "int32" }}
+w{name} = {{ dims = ["h"], dtype = "float32", grad = true }}
+[mask]
+where = "{name}[b, i] % 3 == {name}[b, j] % 3 and j <= i + 2"
+[score]
+bias = "w{name}[h] * ({name}[b, i] - {name}[b, j]) * 0.1 + ({name}[b, j] // 2) * 0.2"
+"""
+    gen = torch.Generator().manual_seed(len(name))
+    x = torch.randint(-4, 5, (2, 23), generator=gen, dtype=torch.int32)
+    w = torch.randn(2, generator=gen).requires_grad_()
+    assert _compare(text, inputs={name: x, f"w{name}": w}) < 1e-4
+
+
+def test_input_reads_print_as_calls():
+    """The header's text of a read of an input named like a sympy class: a call, parenthesized as one."""
+    p = parse_spec(HEAD + '[inputs]\nInteger = { dims = ["b", "n"], dtype = "int32" }\n'
+                   '[mask]\nwhere = "Integer[b, i] % 3 == Integer[b, j]"\n')
+    assert str(p.mask) == "Eq(Mod(Integer(b, i), 3), Integer(b, j))"
+
+
+# --- attncc.reference takes every spec's names -----------------------------------------------
+
+@pytest.mark.parametrize("name", ["pattern", "keep_mask"])
+def test_reference_takes_params_and_inputs_named_like_its_own_arguments(name):
+    param = HEAD + f'[params]\n{name} = 2\n[mask]\nwhere = "j <= i + {name}"\n'
+    assert _compare(param, params={name: 5}) < 1e-4
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 3, (2, 23), generator=gen, dtype=torch.int32)
+    table = HEAD + f'[inputs]\n{name} = {{ dims = ["b", "n"], dtype = "int32" }}\n[mask]\nwhere = "{name}[b, i] == {name}[b, j]"\n'
+    assert _compare(table, inputs={name: ids}) < 1e-4
+
+
+def test_a_spec_with_dropout_may_not_name_keep_mask():
+    with pytest.raises(SpecError, match=r"\[score\]\.dropout: keep_mask would shadow attncc.reference's keyword"):
+        parse_spec(HEAD + "[params]\nkeep_mask = 2\n[score]\ndropout = 0.1\n")
+    parse_spec(HEAD + "[params]\nkeep_mask = 2\n")  # without dropout it is a name like another
