@@ -18,8 +18,16 @@ Found and fixed (each test below failed before its fix):
   'keep_mask' ... it was not given"). ``pattern, q, k, v`` are positional only now and
   ``keep_mask`` gives way to a spec name as ``scale`` and ``dropout_p`` do; a spec with dropout
   may not name a param or input ``keep_mask`` (as ``dropout_p``, ``seed``, ``training``).
+- A spec named ``tqdm`` built into ``generated/`` broke ``import torch`` in a script run from there
+  (torch.hub imports tqdm: "module 'torch.fx' has no attribute 'proxy'"), and one named
+  ``sitecustomize`` (or ``usercustomize``) made every Python process with ``generated/`` on
+  PYTHONPATH import torch, triton and attncc at startup (17 s here). The refused module names were a
+  list by hand; the three are refused now, and a test compares the list with what a process that
+  compiles and runs a spec imports.
 """
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -93,3 +101,40 @@ def test_a_spec_with_dropout_may_not_name_keep_mask():
     with pytest.raises(SpecError, match=r"\[score\]\.dropout: keep_mask would shadow attncc.reference's keyword"):
         parse_spec(HEAD + "[params]\nkeep_mask = 2\n[score]\ndropout = 0.1\n")
     parse_spec(HEAD + "[params]\nkeep_mask = 2\n")  # without dropout it is a name like another
+
+
+# --- module names that generated/<name>.py would shadow --------------------------------------
+
+_IMPORTS = r'''
+import os, sys
+startup = {n.split(".")[0] for n in sys.modules}  # the interpreter's and site's (.pth files) own
+import torch, triton, attncc
+mod = attncc.compile('head_dim = 16\ndtypes = ["float32"]\n[mask]\nwhere = "j <= i"\n[score]\nbias = "0.1 * (i - j)"\n')
+q = torch.randn(1, 1, 5, 16, requires_grad=True)
+mod.attention(q, q, q).sum().backward()
+print(" ".join(sorted({n.split(".")[0] for n in sys.modules} - startup)))
+'''
+
+
+def test_every_package_a_compiling_process_imports_is_a_refused_module_name(tmp_path):
+    """A spec named tqdm built into generated/ broke `import torch` in a script run from there
+    (torch.hub imports tqdm; "module 'torch.fx' has no attribute 'proxy'"): the refused names were a
+    list written by hand. Every top-level package that importing torch, triton and attncc, compiling
+    a spec and running it forward and backward loads is refused now; this test keeps the list whole."""
+    import subprocess
+    import sys
+
+    from attncc.spec.names import SHADOWED_MODULES
+
+    env = {**os.environ, "TRITON_INTERPRET": "1", "ATTNCC_CACHE_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", _IMPORTS], env=env, capture_output=True, text=True, check=True)
+    loaded = {n for n in out.stdout.split() if not n.startswith("_") and not n.startswith("attncc_generated_")}
+    assert loaded - SHADOWED_MODULES == set()
+
+
+@pytest.mark.parametrize("name", ["tqdm", "sitecustomize", "usercustomize"])
+def test_module_names_python_or_torch_import_are_refused(name):
+    """sitecustomize / usercustomize: Python imports them at startup from sys.path, so with generated/
+    on PYTHONPATH every process ran the module (and imported torch, triton and attncc)."""
+    with pytest.raises(SpecError, match="would shadow it"):
+        parse_spec(f'name = "{name}"\n')

@@ -30,10 +30,14 @@ LOOP_BOUND_NAMES = ("q_lo", "q_hi", "BLOCK_M", "BLOCK_N", "k_offset", "N_K")
 # generated/<name>.py must not shadow a module that it, attncc or the user's program imports
 # (a script run from generated/, or generated/ on sys.path, would import it instead).
 # The packages `import torch, triton, attncc` and the compiler load count too (sympy imports mpmath, jinja2
-# markupsafe, torch typing_extensions, torchgen, filelock and fsspec): shadowing one breaks those imports.
+# markupsafe, torch typing_extensions, torchgen, filelock, fsspec and tqdm): shadowing one breaks those imports
+# (tests/test_probe_spec22.py lists them from a process that compiles and runs a spec). So do the modules the
+# interpreter itself imports at startup from sys.path (site's sitecustomize and usercustomize): with
+# generated/ on PYTHONPATH every Python process would run the module, importing torch.
 SHADOWED_MODULES = frozenset(sys.stdlib_module_names) | {
     "torch", "triton", "attncc", "generated", "numpy", "sympy", "jinja2", "networkx", "pytest",
-    "mpmath", "markupsafe", "typing_extensions", "torchgen", "filelock", "fsspec"}
+    "mpmath", "markupsafe", "typing_extensions", "torchgen", "filelock", "fsspec", "tqdm",
+    "sitecustomize", "usercustomize"}
 
 
 def call_keyword(name: str) -> str | None:
