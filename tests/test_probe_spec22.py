@@ -24,6 +24,12 @@ Found and fixed (each test below failed before its fix):
   PYTHONPATH import torch, triton and attncc at startup (17 s here). The refused module names were a
   list by hand; the three are refused now, and a test compares the list with what a process that
   compiles and runs a spec imports.
+- An error in an expression written over several lines (a TOML multi-line string, which parses in
+  parentheses) named "column 7" of a line it did not name, and every column was counted after the
+  white space the parser strips (``"   j <= foo"``: column 6 for the 9th character); a multi-line
+  expression without parentheses was "syntax error: unexpected indent" alone. Errors now give the
+  line (for a text of several lines) and the column as written, attncc.spec.SpecError has a
+  ``line``, and the syntax error says to add the parentheses.
 """
 from __future__ import annotations
 
@@ -138,3 +144,40 @@ def test_module_names_python_or_torch_import_are_refused(name):
     on PYTHONPATH every process ran the module (and imported torch, triton and attncc)."""
     with pytest.raises(SpecError, match="would shadow it"):
         parse_spec(f'name = "{name}"\n')
+
+
+# --- where an expression's error is ---------------------------------------------------------
+
+POSITIONS = [
+    # (the TOML string as written, line, column of the error, a word of the reason)
+    ('"""(\n  j <= i\n  and foo < 4\n)"""', 3, 7, "unknown variable 'foo'"),
+    ('"""(\n  j <= i\n  and i - j < 4.5 & 3\n)"""', 3, 15, "'&' needs integers"),
+    ('"""\n\n  j <= i and (foo\n)"""', 2, 15, "unknown variable 'foo'"),
+    ('"""(j <= i\n and \uff49)"""', 2, 6, "expressions are ASCII"),
+    ('"   j <= foo"', None, 9, "unknown variable 'foo'"),
+    ('"  j <= \uff49"', None, 8, "expressions are ASCII"),
+    ('"j <= i and q < 3"', None, 12, "unknown variable 'q'"),
+    ('"  j <= i and ("', None, 14, "was never closed"),
+]
+
+
+@pytest.mark.parametrize("written, line, column, reason", POSITIONS)
+def test_errors_name_the_line_and_column_as_written(written, line, column, reason):
+    """An error in a multi-line expression (a TOML multi-line string, which Python reads when it is
+    parenthesized) named a column of some line without saying which ('column 7' of line 3 read as
+    line 1's), and columns counted from after the white space the parser strips ('   j <= foo':
+    column 6, foo is at 9)."""
+    with pytest.raises(SpecError) as info:
+        parse_spec(f"[mask]\nwhere = {written}\n")
+    e = info.value
+    assert (e.line, e.column) == (line, column) and reason in e.reason, str(e)
+    where = (f", line {line}" if line else "") + f", column {column}:"
+    assert f"[mask].where{where}" in str(e)
+
+
+def test_an_expression_over_lines_without_parentheses_says_to_add_them():
+    with pytest.raises(SpecError, match=r"line 2, column \d+: syntax error: unexpected indent; an expression over "
+                                        r"several lines needs parentheses around it"):
+        parse_spec('[mask]\nwhere = """\n  j <= i\n  and i - j < 4\n"""\n')
+    p = parse_spec('[mask]\nwhere = """(\n  j <= i\n  and i - j < 4\n)"""\n')  # as the hint says: it builds
+    assert str(p.mask) == "(j <= i) & (i - j < 4)"

@@ -143,6 +143,7 @@ class _Parser:
     _params: Dict[str, Param] = field(default_factory=dict)
     _inputs: Dict[str, InputDecl] = field(default_factory=dict)
     text: str = ""  # the expression, for quoting parts of it in messages
+    written: "_Written" = None  # where the positions of ``text`` are in the expression as written
     _checked: set = field(default_factory=set)  # sub-expressions check_number has seen
     _terms: dict = field(default_factory=dict)  # memo of _expanded_terms
     _written: dict = field(default_factory=dict)  # memo of _written_size
@@ -156,7 +157,8 @@ class _Parser:
 
     def fail(self, node, message):
         col = getattr(node, "col_offset", None)
-        raise SpecError(self.file, self.key, message, None if col is None else col + 1)
+        raise SpecError(self.file, self.key, message,
+                        **({} if col is None else self.written.place(node.lineno, col)))
 
     def value_note(self, node, value) -> str:
         """`` (= value)`` where sympy's form of ``node`` says more than its text."""
@@ -864,6 +866,18 @@ def _statements_hint(text: str) -> str:
     return ""
 
 
+def _lines_hint(text: str) -> str:
+    """For an expression over several lines that parses in parentheses (Python joins lines only
+    inside brackets): say so."""
+    if "\n" not in text:
+        return ""
+    try:
+        ast.parse(f"(\n{text}\n)", mode="eval")
+    except SyntaxError:
+        return ""
+    return "; an expression over several lines needs parentheses around it, as in Python: (...)"
+
+
 def _describe(node) -> str:
     return {"Lambda": "lambda", "Attribute": "attribute access", "List": "a list", "Tuple": "a tuple",
             "Dict": "a dict", "Starred": "unpacking", "NamedExpr": "':='",
@@ -1025,31 +1039,57 @@ def _expanded_terms(e, memo: dict) -> int:
     return n
 
 
+@dataclass(frozen=True)
+class _Written:
+    """An expression as written (``text``) and the white space stripped before the part that is
+    parsed (``lead``): where a position of the parsed part is in the text as written. A message names
+    the line too where the text has several (a TOML multi-line string), else the column alone."""
+
+    text: str
+    lead: str
+
+    def place(self, lineno: int, col: int) -> dict:
+        """SpecError's ``column`` and ``line`` (1-based, as written) of the 0-based column ``col`` of
+        line ``lineno`` (1-based) of the parsed part."""
+        if lineno == 1:  # the parsed part's first line starts after the lead's last one
+            col += len(self.lead) - (self.lead.rfind("\n") + 1)
+        if "\n" not in self.text:
+            return {"column": col + 1}
+        return {"column": col + 1, "line": lineno + self.lead.count("\n")}
+
+    def offset(self, index: int, parsed: str) -> dict:
+        """:meth:`place` of character ``index`` of the parsed part ``parsed``."""
+        before = parsed[:index]
+        return self.place(before.count("\n") + 1, index - (before.rfind("\n") + 1))
+
+
 def parse_expression(text: str, scope: Scope, file: str = "<string>", key: str = "",
                      counts: Optional[set] = None) -> Tuple[sympy.Basic, str]:
     """Parse ``text`` into (sympy expression, type) where type is "bool", "int" or "float".
     ``counts``: a set that receives the names of the int params used as a reduction's count."""
     if not isinstance(text, str):
         raise SpecError(file, key, f"expected an expression as a string, got {type(text).__name__} {_text(repr(text))}")
+    written = _Written(text, text[:len(text) - len(text.lstrip())])
     text = text.strip()
     if len(text) > MAX_EXPRESSION_LENGTH:
         raise SpecError(file, key, f"expressions are at most {MAX_EXPRESSION_LENGTH} characters, got {len(text)}")
     if not text.isascii():  # Python folds look-alikes (NFKC): a fullwidth j, a Roman numeral i would read as j, i
         column, ch = next((n, c) for n, c in enumerate(text) if not c.isascii())
         raise SpecError(file, key, f"expressions are ASCII, got {ch!r} (U+{ord(ch):04X})",
-                        column + 1)
+                        **written.offset(column, text))
     try:
         with warnings.catch_warnings():  # "1and j": Python warns; the language refuses
             warnings.simplefilter("error", SyntaxWarning)
             tree = ast.parse(text, mode="eval")
     except SyntaxError as e:
-        raise SpecError(file, key, f"syntax error: {e.msg}{_statements_hint(text)}", e.offset or None) from None  # 0: no position
+        at = written.place(e.lineno, e.offset - 1) if e.lineno and e.offset else {}  # 0: no position
+        raise SpecError(file, key, f"syntax error: {e.msg}{_statements_hint(text) or _lines_hint(text)}", **at) from None
     except (RecursionError, MemoryError):
         raise SpecError(file, key, f"the expression is nested too deeply (at most {MAX_DEPTH} levels)") from None
     if _depth(tree.body) > MAX_DEPTH:
         raise SpecError(file, key, f"the expression is nested too deeply (at most {MAX_DEPTH} levels)")
     try:
-        parser = _Parser(scope, file, key, text=text)
+        parser = _Parser(scope, file, key, text=text, written=written)
         result = parser.visit(tree.body)
         if counts is not None:
             counts |= parser.counts
