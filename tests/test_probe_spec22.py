@@ -30,6 +30,10 @@ Found and fixed (each test below failed before its fix):
   expression without parentheses was "syntax error: unexpected indent" alone. Errors now give the
   line (for a text of several lines) and the column as written, attncc.spec.SpecError has a
   ``line``, and the syntax error says to add the parentheses.
+- attncc.distributed: a layout name (``layout="balanced"``, the default "auto") stands for
+  ``make_layout(name, N, W, module=..., **params_and_inputs)``, so a spec whose param is named
+  ``n``, ``kind`` or ``world`` failed every sharded call ("make_layout() got multiple values for
+  argument 'n'"), and make_layout could not take it either. Those three are positional only now.
 """
 from __future__ import annotations
 
@@ -181,3 +185,21 @@ def test_an_expression_over_lines_without_parentheses_says_to_add_them():
         parse_spec('[mask]\nwhere = """\n  j <= i\n  and i - j < 4\n"""\n')
     p = parse_spec('[mask]\nwhere = """(\n  j <= i\n  and i - j < 4\n)"""\n')  # as the hint says: it builds
     assert str(p.mask) == "(j <= i) & (i - j < 4)"
+
+
+# --- attncc.distributed's layouts take every spec's names ------------------------------------
+
+@pytest.mark.parametrize("name", ["n", "kind", "world"])
+def test_balanced_layouts_take_params_named_like_make_layouts_arguments(name):
+    """A layout name in attncc.distributed.attention stands for make_layout(name, N, W, module=...,
+    **params_and_inputs): a spec whose param is named n, kind or world got "make_layout() got
+    multiple values for argument 'n'" (and make_layout itself could not take that param)."""
+    import attncc.distributed as cp
+    from attncc.distributed import api
+
+    text = HEAD + f'[params]\n{name} = 8\n[mask]\nwhere = "j <= i and i - j < {name}"\n'
+    mod = attncc.compile(text)
+    target = api.resolve(mod, text)
+    lay = api.resolve_layout("balanced", n_local=64, world=2, rank=0, target=target, params={name: 3}, inputs={})
+    assert lay.bounds == cp.make_layout("balanced", 128, 2, module=mod, pattern=text, **{name: 3}).bounds
+    assert [lay.local_len(r) for r in range(2)] == [64, 64]

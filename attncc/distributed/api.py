@@ -110,7 +110,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, module, grou
     return (o, lse) if return_lse else o
 
 
-def make_layout(kind: str, n: int, world: int, *, module=None, pattern=None, tile: Optional[int] = None,
+def make_layout(kind: str, n: int, world: int, /, *, module=None, pattern=None, tile: Optional[int] = None,
                 chunks_per_rank: Optional[int] = None, batch: Optional[int] = None, **inputs_and_params) -> Layout:
     """The layout ``kind`` of a sequence of ``n`` positions over ``world`` ranks.
 
@@ -123,7 +123,9 @@ def make_layout(kind: str, n: int, world: int, *, module=None, pattern=None, til
     (classes.row_work; ``tile=None``: 64, or n / 1024 rounded up to a power of two for longer
     sequences, so that the host classifies at most 1024 x 1024 tiles: ~6 ms at n = 512K for a
     document mask, 0.2 s with tile 128); ``chunks_per_rank`` as in
-    :func:`attncc.distributed.layout.balanced`."""
+    :func:`attncc.distributed.layout.balanced`. ``kind``, ``n`` and ``world`` are positional only:
+    a spec's param or input of one of those names is passed by keyword like any other (attention's
+    layout names call this with the call's params and inputs)."""
     if kind == "contiguous" or (world == 1 and kind in KINDS + ("auto",)):
         return contiguous(n, world)  # one rank: one chunk, the plain kernel
     if kind == "headtail":
