@@ -1083,7 +1083,8 @@ def parse_expression(text: str, scope: Scope, file: str = "<string>", key: str =
             tree = ast.parse(text, mode="eval")
     except SyntaxError as e:
         at = written.place(e.lineno, e.offset - 1) if e.lineno and e.offset else {}  # 0: no position
-        raise SpecError(file, key, f"syntax error: {e.msg}{_statements_hint(text) or _lines_hint(text)}", **at) from None
+        hint = _statements_hint(text) or _lines_hint(text)
+        raise SpecError(file, key, f"syntax error: {e.msg}{hint}", **at) from None
     except (RecursionError, MemoryError):
         raise SpecError(file, key, f"the expression is nested too deeply (at most {MAX_DEPTH} levels)") from None
     if _depth(tree.body) > MAX_DEPTH:
