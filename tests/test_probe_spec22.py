@@ -102,9 +102,9 @@ def _compare(text, *, inputs=None, params=None, B=2, H=2, N=23, seed=0):
 
 # --- input names that sympy's printers read as classes ---------------------------------------
 
-@pytest.mark.parametrize("name", ["Integer", "Float", "Rational", "FracElement", "PolyElement"])
-def test_inputs_named_like_sympy_classes_build_and_compute(name):
-    text = HEAD + f"""[inputs]
+def _named_spec(name):
+    """A spec reading an int input ``name`` (in the mask and the bias) and a learned table ``w<name>``."""
+    return HEAD + f"""[inputs]
 {name} = {{ dims = ["b", "n"], dtype = "int32" }}
 w{name} = {{ dims = ["h"], dtype = "float32", grad = true }}
 [mask]
@@ -112,6 +112,11 @@ where = "{name}[b, i] % 3 == {name}[b, j] % 3 and j <= i + 2"
 [score]
 bias = "w{name}[h] * ({name}[b, i] - {name}[b, j]) * 0.1 + ({name}[b, j] // 2) * 0.2"
 """
+
+
+@pytest.mark.parametrize("name", ["Integer", "Float", "Rational", "FracElement", "PolyElement"])
+def test_inputs_named_like_sympy_classes_build_and_compute(name):
+    text = _named_spec(name)
     gen = torch.Generator().manual_seed(len(name))
     x = torch.randint(-4, 5, (2, 23), generator=gen, dtype=torch.int32)
     w = torch.randn(2, generator=gen).requires_grad_()
@@ -119,7 +124,7 @@ bias = "w{name}[h] * ({name}[b, i] - {name}[b, j]) * 0.1 + ({name}[b, j] // 2) *
 
 
 def _oracle(q, k, v, x, w):
-    """The float64 attention of the spec above, written from the documented semantics (Python's
+    """The float64 attention of :func:`_named_spec`, written from the documented semantics (Python's
     floor // and % of negative ids; a row without an allowed key gives 0)."""
     B, H, N, D = q.shape
     i, j = torch.arange(N)[:, None], torch.arange(N)[None, :]
@@ -135,14 +140,7 @@ def _oracle(q, k, v, x, w):
 
 def test_the_reference_of_a_sympy_named_input_is_the_oracle():
     name = "Integer"
-    text = HEAD + f"""[inputs]
-{name} = {{ dims = ["b", "n"], dtype = "int32" }}
-w{name} = {{ dims = ["h"], dtype = "float32", grad = true }}
-[mask]
-where = "{name}[b, i] % 3 == {name}[b, j] % 3 and j <= i + 2"
-[score]
-bias = "w{name}[h] * ({name}[b, i] - {name}[b, j]) * 0.1 + ({name}[b, j] // 2) * 0.2"
-"""
+    text = _named_spec(name)
     gen = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(2, 2, 23, 16, generator=gen, dtype=torch.float64) for _ in range(3))
     x = torch.randint(-4, 5, (2, 23), generator=gen, dtype=torch.int32)
