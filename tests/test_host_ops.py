@@ -20,12 +20,14 @@ from bench.host_overhead import KINDS, op_counts
 # session 20: a forward with a backward allocates the LSE in log2 units for it, one more kernel argument
 # (empty_like, 2 version counters, ~8 attribute reads), the backward reads it and checks that it does not
 # run under vmap (is_grads_batched: maybe_current_level, is_legacy_batchedtensor); the layouts of q, k, v
-# kept for the backward, ~30 reads, were replaced by weak references)
+# kept for the backward, ~30 reads, were replaced by weak references; probe 22: run_attention asks
+# dynamo whether a compiled function runs (get_eval_frame_callback), one call more: a call bound
+# eagerly may be traced there)
 BOUNDS = {
-    "causal": {"fwd": (2, 25, 16), "fwd grad": (3, 35, 20), "bwd": (8, 50, 24)},
+    "causal": {"fwd": (2, 25, 17), "fwd grad": (3, 35, 21), "bwd": (8, 50, 24)},
     # the block lists: one buffer from the tile-list kernel, 4 views per orientation, the
     # document ids' version counter kept for the backward
-    "document": {"fwd": (7, 36, 22), "fwd grad": (12, 52, 30), "bwd": (8, 51, 24)},
+    "document": {"fwd": (7, 36, 23), "fwd grad": (12, 52, 31), "bwd": (8, 51, 24)},
 }
 
 

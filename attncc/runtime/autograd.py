@@ -94,10 +94,7 @@ class AttentionFunction(torch.autograd.Function):
             call = call.replace(q=q, k=k, v=v)
         else:
             call = call.replace(memo=None, q=q, k=k, v=v)
-        if call.input_grads and torch.are_deterministic_algorithms_enabled():
-            alert_not_deterministic(f"{call.spec.name}.attention's backward",
-                                    f"the gradients of its [inputs] ({', '.join(names)}) are summed over the "
-                                    f"kernel's programs with float32 atomic adds, whose order varies from run to run")
+        alert_input_grads(call)
         differentiable = torch.is_grad_enabled()  # create_graph=True
         if differentiable:
             with torch.no_grad():
@@ -183,6 +180,20 @@ def alert_not_deterministic(what: str, why: str) -> None:
         warnings.warn(message, UserWarning, stacklevel=3)
     else:
         raise RuntimeError(message + ". Turn it off for this call, or pass warn_only=True to accept it")
+
+
+def alert_input_grads(call: Call) -> None:
+    """:func:`alert_not_deterministic` for a backward that computes the gradients of the call's [inputs]
+    declared grad = true (``call.input_grads``), where deterministic algorithms are on: the dQ kernel
+    sums them over its programs with atomic adds. Eager calls (:class:`AttentionFunction`) and the custom
+    op torch.compile traces (attncc.runtime.compiled) both ask; the op did not, so a compiled training
+    step with a learned table ran nondeterministically under ``torch.use_deterministic_algorithms(True)``
+    without a word."""
+    if call.input_grads and call.grad_input_names and torch.are_deterministic_algorithms_enabled():
+        alert_not_deterministic(f"{call.spec.name}.attention's backward",
+                                f"the gradients of its [inputs] ({', '.join(call.grad_input_names)}) are summed "
+                                f"over the kernel's programs with float32 atomic adds, whose order varies from run "
+                                f"to run")
 
 
 def watch(tensors):

@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from attncc.runtime.autograd import no_double_backward, no_pairs, no_pairs_backward
+from attncc.runtime.autograd import alert_input_grads, no_double_backward, no_pairs, no_pairs_backward
 from attncc.runtime.call import MAX_SIGNATURES, Call, check_cu_seqlens, input_as_read, tensor_key
 from attncc.runtime.spec_info import SpecInfo
 
@@ -164,6 +164,7 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs
     ``dlse``: the LSE's gradient, None when the loss does not use the LSE."""
     call, _, backward = _call(q, k, v, inputs, cu_seqlens_q, cu_seqlens_k, key, options, ints, floats, B, Nq, Nk,
                               q_offset, k_offset, n_q, n_k, seed, input_grads)
+    alert_input_grads(call)  # (at run time: the op's body runs when the compiled backward does)
     dq, dk, dv, grads = backward(call, o, lse, do, dlse)
     return [_dense(dq), _dense(dk), _dense(dv)] + [
         _dense(grads[name]) if name in grads else t.new_zeros(t.shape)

@@ -324,13 +324,36 @@ def run_attention(call: Call, forward: Callable[[Call], Tuple[torch.Tensor, torc
     (a graph break), gradients included."""
     backend.refuse_forced(call)  # ATTNCC_BACKEND=gluon on a spec without the Gluon forward (attncc.runtime.backend)
     forward, backward = tuning.on_the_fly(forward, backward)  # ATTNCC_TUNE=1: tune what the cache lacks
-    # (bind keeps no signature memo while torch.compile traces: a call with one is not compiling)
-    if call.memo is None and torch.compiler.is_compiling():
-        if compiled.compilable(call):
-            return compiled.attention(call)
-        return _run_eagerly()(call, forward, backward)
+    run = _run
+    # bind keeps no signature memo while torch.compile traces, so a call with one is not traced, unless
+    # it runs inside a torch.compile'd function: once a call raised there (a refused argument, caught),
+    # dynamo runs the frames it raised in eagerly and traces the others as their own frames, so that
+    # this frame may be traced with a call bound eagerly, or run eagerly and _run's frames traced: both
+    # traced the kernels' launch (an InterpreterError, Triton's errors on the GPU) on every later call.
+    if call.memo is None or _in_compiled_function():
+        if torch.compiler.is_compiling():
+            if compiled.compilable(call):
+                if call.spec.inputs and torch.is_grad_enabled():  # as _run: the op's backward would drop it
+                    call.check_no_dropped_grads("attention")
+                return compiled.attention(call)
+            return _run_eagerly()(call, forward, backward)
+        if _in_compiled_function():  # run eagerly in a compiled function: none of _run traced
+            run = _run_eagerly()
     with on_call_device(call):
-        return _run(call, forward, backward)
+        return run(call, forward, backward)
+
+
+# dynamo's frame callback: set while a torch.compile'd function runs, in the frames it runs eagerly too
+_frame_callback = getattr(getattr(torch._C, "_dynamo", None), "eval_frame", None)
+_frame_callback = getattr(_frame_callback, "get_eval_frame_callback", None)
+
+
+def _in_compiled_function() -> bool:
+    """Whether a torch.compile'd function is running (traced or not): dynamo may trace the frames this
+    one calls. (torch without the callback's getter: is_compiling(), which misses the eager frames.)"""
+    if _frame_callback is None:  # pragma: no cover - other torch versions
+        return torch.compiler.is_compiling()
+    return _frame_callback() is not None
 
 
 def _run(call: Call, forward, backward):
