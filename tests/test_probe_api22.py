@@ -17,6 +17,13 @@ Found and fixed (each test below failed before its fix):
   kernels' launch traced on fake tensors, every later call failed (InterpreterError here, Triton's
   errors on the GPU). run_attention now asks dynamo whether a compiled function runs (one C call) and
   runs _run hidden from dynamo there.
+- A float [inputs] table with torch's negative bit (``z.conj().imag``, a lazily negated view, as
+  complex RoPE or spectral code makes): the kernels read its memory, the values before the negation:
+  attention() and decode() computed with the opposite table (o 2.9 off at scale 3) and its gradient
+  (reaching z through the view) was wrong, silently; attncc.reference, torch's ops and a
+  ``.resolve_neg()`` copy agree. input_as_read resolves it, and bind's signature cache does not take
+  such a call (the check is one Tensor.is_neg per input per call); q, k, v were never affected (such
+  views have even strides, which the kernels copy).
 """
 from __future__ import annotations
 
@@ -24,7 +31,7 @@ import pytest
 import torch
 
 import attncc
-from cases import module
+from cases import module, pattern as _pattern
 
 SCALED = '[inputs]\nw = { dims = ["h"], dtype = "float32" }\n[score]\nmod = "s * w[h]"\n'
 
@@ -99,3 +106,34 @@ def test_compiled_function_keeps_working_after_a_refused_call():
     assert torch.allclose(o, o_eager, atol=1e-6)
     for a, b in zip(grads, eager):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# tensors with torch's negative bit
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_lazily_negated_table_is_read_with_its_sign(seed):
+    t5 = module("t5_bias")
+    q, k, v = _qkv([(1, 2, 12, 16)] * 3, seed=seed)
+    gen = torch.Generator().manual_seed(100 + seed)
+    z = (3 * torch.randn(2, 32, dtype=torch.complex64, generator=gen)).requires_grad_()
+    table = z.conj().imag
+    assert table.is_neg()
+    plain = table.detach().resolve_neg()
+    for _ in range(2):  # the second call of the signature too (bind's cache)
+        with torch.no_grad():  # (decode has no backward)
+            for make in (lambda t: t5.attention(q, k, v, rel_bias=t),
+                         lambda t: t5.decode(q[:, :, -3:], k, v, kv_len=[12], rel_bias=t)):
+                assert torch.allclose(make(table), make(plain), atol=1e-6)
+    # a plain call of the same layout first, then the negated one: not served from the cache
+    t5.attention(q, k, v, rel_bias=plain.clone())
+    o = t5.attention(q, k, v, rel_bias=table)
+    assert torch.allclose(o, t5.attention(q, k, v, rel_bias=plain), atol=1e-6)
+    w = torch.randn(o.shape, generator=gen)
+    (o * w).sum().backward()
+    zr = z.detach().clone().requires_grad_()
+    ref = attncc.reference(_pattern("t5_bias"), q.double(), k.double(), v.double(), rel_bias=zr.conj().imag.double())
+    (ref * w.double()).sum().backward()
+    assert torch.allclose(z.grad, zr.grad.to(z.grad.dtype), atol=1e-4)

@@ -86,7 +86,7 @@ class AttentionFunction(torch.autograd.Function):
             # saved-tensor hooks gave others, which the kernels read converted to the declared type as bind does
             if any(s is not t for s, t in zip(saved, call.grad_sources())):
                 given = {n: s for n, s in zip(names, saved) if n in call.given_inputs}
-                read = {n: s.to(call.inputs[n].dtype) if n in given else s for n, s in zip(names, saved)}
+                read = {n: s.resolve_neg().to(call.inputs[n].dtype) if n in given else s for n, s in zip(names, saved)}
                 call = _with_saved(call, inputs={**call.inputs, **read}, given_inputs={**call.given_inputs, **given})
         # q, k, v: the saved ones (see forward), with the signature memo where they are the forward's own
         rq, rk, rv = ctx.operands

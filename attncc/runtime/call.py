@@ -451,7 +451,7 @@ def _signature(q, k, v, scalars, kwargs, cu_q, cu_k, input_names=frozenset()):
         extra = []
         for name, value in kwargs.items():
             if isinstance(value, _Tensor):
-                if name not in input_names:
+                if name not in input_names or value.is_neg():  # (input_as_read resolves a negative bit)
                     return None
                 extra.append((name, value.shape, value.stride(), value.dtype, value.device))
             elif type(value) in _SCALAR_TYPES:
@@ -719,7 +719,13 @@ def input_as_read(who: str, name: str, declared: str, t: torch.Tensor) -> torch.
     ``!= 0``, an integer one narrower than declared widened (a wider one kept: no value narrowed);
     a TypeError for a dtype the input does not accept. Whatever else classifies tiles or chunks
     from an input's values (attncc.distributed's chunk classes) reads them through this, so that
-    it sees what the kernels compute with (float64 ids 1 and 1 + 1e-12 are one float32 value)."""
+    it sees what the kernels compute with (float64 ids 1 and 1 + 1e-12 are one float32 value).
+
+    A tensor with torch's negative bit (a lazily negated view: ``.imag`` of a conjugated complex tensor)
+    is resolved first: the kernels read its memory, which holds the values before the negation (a
+    table passed so gave another score, and its gradients the opposite sign, without a word)."""
+    if t.is_neg():
+        t = t.resolve_neg()
     want_dtype = _DTYPES[declared]
     if t.dtype == want_dtype:
         return t
