@@ -17,6 +17,13 @@ Found and fixed (each test below failed before its fix):
   kernels' launch traced on fake tensors, every later call failed (InterpreterError here, Triton's
   errors on the GPU). run_attention now asks dynamo whether a compiled function runs (one C call) and
   runs _run hidden from dynamo there.
+- torch.compile(fullgraph=True), a packed call without max_seqlen_q / max_seqlen_k: dynamo's "Could not
+  guard on data-dependent expression" (from the cu_seqlens check's ``if first != 0``), naming neither
+  attncc nor the way out; now a graph break whose message says to pass them (without fullgraph the
+  call breaks the graph, as it did). docs/spec-language.md "torch.compile" says so, and no longer says
+  that a dropout call without ``seed=`` breaks the graph or fails under fullgraph (it draws its seed in
+  the graph, as eager, a new one every call: probed, o and the gradients equal eager's after the same
+  ``torch.manual_seed``).
 - A float [inputs] table with torch's negative bit (``z.conj().imag``, a lazily negated view, as
   complex RoPE or spectral code makes): the kernels read its memory, the values before the negation:
   attention() and decode() computed with the opposite table (o 2.9 off at scale 3) and its gradient
@@ -108,6 +115,23 @@ def test_compiled_function_keeps_working_after_a_refused_call():
         assert torch.allclose(a, b, atol=1e-5)
 
 
+
+def test_compiled_packed_call_without_max_seqlen_says_what_to_pass():
+    causal = module("causal")
+    q, k, v = _qkv([(1, 2, 20, 16)] * 3, seed=6)
+    cu = torch.tensor([0, 5, 12, 20], dtype=torch.int32)
+    fn = _compiled(lambda q, k, v, cu: causal.attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu))
+    with pytest.raises(Exception, match="pass max_seqlen_q and max_seqlen_k"):
+        fn(q, k, v, cu)
+    eager = causal.attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu)
+    loose = _compiled(lambda q, k, v, cu: causal.attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu),
+                      fullgraph=False)
+    assert torch.allclose(loose(q, k, v, cu), eager, atol=1e-6)
+    given = _compiled(lambda q, k, v, cu: causal.attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                                                           max_seqlen_q=8, max_seqlen_k=8))
+    assert torch.allclose(given(q, k, v, cu), eager, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------
 # tensors with torch's negative bit
 # ---------------------------------------------------------------------------------------------
@@ -137,3 +161,25 @@ def test_a_lazily_negated_table_is_read_with_its_sign(seed):
     ref = attncc.reference(_pattern("t5_bias"), q.double(), k.double(), v.double(), rel_bias=zr.conj().imag.double())
     (ref * w.double()).sum().backward()
     assert torch.allclose(z.grad, zr.grad.to(z.grad.dtype), atol=1e-4)
+
+
+def test_a_lazily_negated_table_under_torch_compile_and_export():
+    """Traced, the check is left to the custom op's body (Tensor.is_neg is no op dynamo traces: it broke
+    fullgraph tracing and strict torch.export of every spec with [inputs] while it was asked there)."""
+    t5 = module("t5_bias")
+    q, k, v = _qkv([(1, 2, 12, 16)] * 3, seed=7)
+    table = (3 * torch.randn(2, 32, dtype=torch.complex64, generator=torch.Generator().manual_seed(8))).conj().imag
+    want = t5.attention(q, k, v, rel_bias=table.resolve_neg())
+    fn = _compiled(lambda q, k, v, t: t5.attention(q, k, v, rel_bias=t))
+    assert torch.allclose(fn(q, k, v, table), want, atol=1e-6)
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rel_bias = torch.nn.Parameter(table.resolve_neg())
+
+        def forward(self, q, k, v):
+            return t5.attention(q, k, v, rel_bias=self.rel_bias)
+
+    exported = torch.export.export(Block(), (q, k, v), strict=True)
+    assert torch.allclose(exported.module()(q, k, v), want, atol=1e-6)

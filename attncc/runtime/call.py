@@ -724,7 +724,7 @@ def input_as_read(who: str, name: str, declared: str, t: torch.Tensor) -> torch.
     A tensor with torch's negative bit (a lazily negated view: ``.imag`` of a conjugated complex tensor)
     is resolved first: the kernels read its memory, which holds the values before the negation (a
     table passed so gave another score, and its gradients the opposite sign, without a word)."""
-    if t.is_neg():
+    if not torch.compiler.is_compiling() and t.is_neg():  # (traced: the custom op's body reads it, eagerly)
         t = t.resolve_neg()
     want_dtype = _DTYPES[declared]
     if t.dtype == want_dtype:
@@ -809,6 +809,13 @@ def _varlen(name, q, k, cu_q, cu_k, max_q, max_k):
     # is a data-dependent guard it refuses under fullgraph, by the custom op as it runs; CUDA ones
     # with max_seqlen_* never)
     read = max_q is None or max_k is None or (q.device.type == "cpu" and not torch.compiler.is_compiling())
+    if (max_q is None or max_k is None) and torch.compiler.is_compiling():
+        # reading the max lengths from the values is a data-dependent guard: fullgraph=True failed with
+        # dynamo's "Could not guard on data-dependent expression", which named neither the call nor
+        # the way out; without fullgraph the call breaks the graph here, as it did at the read
+        torch._dynamo.graph_break(msg=f"{name}.attention: pass max_seqlen_q and max_seqlen_k (ints) under "
+                                      f"torch.compile: computing them from the cu_seqlens reads their values, "
+                                      f"which a traced call does not have")
     if read:
         q_max, k_max = check_cu_seqlens(f"{name}.attention", cu_q, cu_k, q.shape[2], k.shape[2], max_q, max_k)
         max_q = q_max if max_q is None else max_q
