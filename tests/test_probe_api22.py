@@ -2,6 +2,30 @@
 packed calls, attncc.compile and the torch.compile / autograd wiring, against attncc.reference
 (float64) and against what SDPA / FlexAttention do with the same call.
 
+Probed clean (interpreter, seeded, tiny sizes): torch.compile(fullgraph=True, dynamic=True) with
+changing lengths and int params (o, dq, dk against the reference, 5 calls), float params and scale=
+as symbolic floats (specialize_float=False, 7 calls), int params and q_offset as 0-d tensors (4),
+packed calls with changing cu_seqlens and S (12) and past-the-end cu_seqlens refused; dropout
+without seed= under fullgraph (eager, aot_eager: o and gradients equal eager's after the same
+torch.manual_seed); torch.utils.checkpoint (reentrant and not) of dropout without seed= (bitwise
+equal), non-reentrant checkpoint inside torch.compile with a learned table; torch.export (strict,
+non-strict, a dynamic length, an nn.Parameter table); tensors changed in place between forward
+and backward under torch.compile (o, q, document ids: autograd's error); allow_mutation_on_saved_tensors
+(q changed: the original's gradients); q is k and q is k is v, and one tensor passed as two learned
+inputs (gradients summed, against the reference); jacobian (loop) against the reference, and
+jacobian(vectorize=True), hessian, the double-backward jvp, torch.func.jacrev / vjp refused
+clearly; float16 / bfloat16 losses scaled by 2**10..2**20 (as SDPA's math backward, float16 dO
+itself overflowing at 2**16); 33 odd scalars for params, offsets, n_q, return_lse and scale (numpy,
+tensors, bools, floats, 2**64, strings, lists); q, k, v with the negative bit (D 1, 2, 16: copied)
+in attention, decode and linear attention, and a negated linear initial state; decode and linear
+attention under torch.compile(fullgraph=False) after a refused call; nn.Parameter q; inference
+tensors saved for backward (torch's error, as SDPA); the meta device (a clear error).
+
+Left as they are: under allow_mutation_on_saved_tensors, an [inputs] tensor or cu_seqlens changed in
+place is refused with attncc's clear error where torch's ops would clone it (the runtime keeps their
+version counters instead of saving them: host cost); a torch.Tensor subclass q comes back as a plain
+tensor (SDPA returns the subclass through __torch_function__); values equal.
+
 Found and fixed (each test below failed before its fix):
 - torch.compile, ``torch.use_deterministic_algorithms(True)``: the eager backward of a spec with a
   learned table (``grad = true``) raises torch's "does not have a deterministic implementation"
