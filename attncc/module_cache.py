@@ -45,6 +45,17 @@ _FINGERPRINT: Optional[str] = None
 renders = 0  # sources rendered by this process (a cache hit renders none)
 
 
+def _refuse_trace() -> None:
+    """A call that torch.compile traces breaks the graph here with a message saying what to do: the spec's
+    hash and the files are nothing dynamo traces (fullgraph=True failed with "Dynamo does not know how
+    to trace the builtin _hashlib.openssl_sha256", naming neither attncc.compile nor the way out)."""
+    torch = sys.modules.get("torch")  # (no torch imported: nothing traces)
+    if torch is not None and torch.compiler.is_compiling():
+        torch._dynamo.graph_break(msg="attncc.compile hashes the spec and reads its cached module: call it outside "
+                                      "the function torch.compile traces (m = attncc.compile(spec) once) and call "
+                                      "m.attention(...) inside")
+
+
 def modules_dir() -> Path:
     """Where compiled modules are cached: ``$ATTNCC_CACHE_DIR/modules``, else ``~/.cache/attncc/modules``
     (:func:`attncc.core.files.cache_folder`; the tuning cache: attncc.runtime.tuning.cache_dir)."""
@@ -63,6 +74,7 @@ def compile(spec: SpecLike) -> ModuleType:
     Raises the same :class:`attncc.spec.SpecError` as ``attncc build`` for a bad spec (named by
     its path, or ``<string>`` for text and dicts).
     """
+    _refuse_trace()
     text, label = spec_source(spec)
     key = cache_key(text, label)
     with _LOCK:

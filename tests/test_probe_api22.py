@@ -48,6 +48,10 @@ Found and fixed (each test below failed before its fix):
   that a dropout call without ``seed=`` breaks the graph or fails under fullgraph (it draws its seed in
   the graph, as eager, a new one every call: probed, o and the gradients equal eager's after the same
   ``torch.manual_seed``).
+- ``attncc.compile(spec)`` called inside a torch.compile(fullgraph=True) function: dynamo's "does not
+  know how to trace the builtin _hashlib.openssl_sha256"; now a graph break whose message says to
+  compile the module outside and call its attention inside (without fullgraph: a graph break, as
+  before).
 - A float [inputs] table with torch's negative bit (``z.conj().imag``, a lazily negated view, as
   complex RoPE or spectral code makes): the kernels read its memory, the values before the negation:
   attention() and decode() computed with the opposite table (o 2.9 off at scale 3) and its gradient
@@ -154,6 +158,17 @@ def test_compiled_packed_call_without_max_seqlen_says_what_to_pass():
     given = _compiled(lambda q, k, v, cu: causal.attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu,
                                                            max_seqlen_q=8, max_seqlen_k=8))
     assert torch.allclose(given(q, k, v, cu), eager, atol=1e-6)
+
+
+
+def test_attncc_compile_inside_a_compiled_function_says_where_to_call_it():
+    src = '[params]\nw = 3\n[mask]\nwhere = "j <= i and i - j < w"\n'
+    q, k, v = _qkv([(1, 2, 12, 16)] * 3, seed=9)
+    want = attncc.compile(src).attention(q, k, v)
+    with pytest.raises(Exception, match="call it outside the function torch.compile traces"):
+        _compiled(lambda q, k, v: attncc.compile(src).attention(q, k, v))(q, k, v)
+    loose = _compiled(lambda q, k, v: attncc.compile(src).attention(q, k, v), fullgraph=False)
+    assert torch.allclose(loose(q, k, v), want, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
