@@ -29,6 +29,7 @@ import numpy as np
 import sympy
 from sympy.core.function import AppliedUndef
 
+from attncc.analysis.exact import integer_comparison
 from attncc.core import semantics
 from attncc.core.lazy import lazy_module
 from attncc.spec import symbols as S
@@ -396,6 +397,9 @@ class Evaluator:
                     out = ar.where(cond, *self.common(v, out))
             return out
         if isinstance(e, sympy.core.relational.Relational):
+            e = integer_comparison(e)
+            if not isinstance(e, sympy.core.relational.Relational):  # settled once in integers
+                return self(e)
             a, c = self.common(self(e.lhs), self(e.rhs))
             return _RELATIONS[e.rel_op](a, c)
         if isinstance(e, sympy.And):

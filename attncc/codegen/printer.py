@@ -35,7 +35,7 @@ import sympy
 from sympy.core.function import AppliedUndef
 from sympy.logic.boolalg import Boolean, BooleanAtom
 
-from attncc.analysis.exact import ExactCondition, exact_parts, float_comparison
+from attncc.analysis.exact import ExactCondition, exact_parts, float_comparison, integer_comparison
 from attncc.analysis.derivative import Tie
 from attncc.analysis.hoist import resolve
 from attncc.analysis.integer import integer_fraction, integer_ops, integer_sums
@@ -639,6 +639,9 @@ class TritonPrinter:
 
     # -- logic --------------------------------------------------------------
     def _rel(self, e, op):
+        e = integer_comparison(e)
+        if not isinstance(e, sympy.Rel):  # settled once in integers
+            return self.p(e)
         if self.float64 and float_comparison(e):  # compared in float64 (== of two booleans: as they are)
             return f"({self._f64(e.lhs)} {op} {self._f64(e.rhs)})"
         return f"({self.p(e.lhs)} {op} {self.p(e.rhs)})"
