@@ -29,10 +29,10 @@ import numpy as np
 import sympy
 from sympy.core.function import AppliedUndef
 
-from attncc.analysis.exact import integer_comparison
 from attncc.core import semantics
 from attncc.core.lazy import lazy_module
 from attncc.spec import symbols as S
+from attncc.spec.expr import integer_comparison
 from attncc.spec.builtins import (SHIFT_LIMIT, AlibiSlope, BitAnd, BitOr, BitXor, Bucket, FloatDiv, RandomBlocks, Shift,
                                   Sigmoid, ToFloat, quotient)
 

@@ -23,6 +23,7 @@ import sympy
 from sympy.logic.boolalg import BooleanAtom, BooleanFunction
 
 from attncc.spec import symbols as S
+from attncc.spec.expr import compares_numbers, integer_comparison
 
 
 class ExactCondition(BooleanFunction):
@@ -61,38 +62,6 @@ class ExactValue(sympy.Function):
 
 
 EXACT = (ExactCondition, ExactValue)
-
-
-def compares_numbers(e) -> bool:
-    """Whether the comparison ``e`` compares numbers, not two booleans (``==`` of two booleans has
-    no arithmetic of its own). Tested with ``is_Boolean``: a sympy ``Symbol`` (``j``, a param) is a
-    ``Boolean`` subclass, but a number in this language, so ``isinstance(x, Boolean)`` would take
-    ``where(j < f, ...)`` for a comparison of booleans (and leave it to float32)."""
-    return not any(x.is_Boolean or isinstance(x, sympy.Rel) for x in e.args)
-
-
-def integer_comparison(e):
-    """``e`` compared in integers where it is a comparison of integers that sympy wrote with rational
-    coefficients: both sides multiplied by the least common multiple of their denominators.
-
-    A Piecewise (a ``where``, a boolean counted as 0 or 1) makes each comparison in its conditions
-    canonical by dividing it by its leading coefficient, and does so again whenever it is rebuilt
-    (a derivative, a substitution): ``where(i - j < 3 * (h + 1), s, -inf)`` holds ``h > i/3 - j/3 -
-    1``, whose right side float64 rounds (``8/3 - 5/3 - 1`` is ``-2.2e-16``, so ``h = 0`` took the
-    pair ``(8, 5)``). Multiplied back, ``3*h > i - j - 3`` is the written comparison, exact in the
-    kernels' and the reference's integers. Only sums of terms that are a rational times an integer
-    qualify; a float (``0.5 * i``) or an operand of float arithmetic kept as written (``(i - j) /
-    7``, a :class:`~attncc.spec.builtins.Grouped`: not an integer) leaves ``e`` as it is."""
-    if not isinstance(e, sympy.Rel) or not compares_numbers(e):
-        return e
-    denominators = []
-    for term in sympy.Add.make_args(e.lhs) + sympy.Add.make_args(e.rhs):
-        c, rest = term.as_coeff_Mul()
-        if not (c.is_Rational and rest.is_integer):
-            return e
-        denominators.append(c.q)
-    m = sympy.ilcm(1, *denominators)
-    return e if m == 1 else e.func(m * e.lhs, m * e.rhs)
 
 
 def float_comparison(e) -> bool:

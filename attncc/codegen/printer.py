@@ -35,7 +35,7 @@ import sympy
 from sympy.core.function import AppliedUndef
 from sympy.logic.boolalg import Boolean, BooleanAtom
 
-from attncc.analysis.exact import ExactCondition, exact_parts, float_comparison, integer_comparison
+from attncc.analysis.exact import ExactCondition, exact_parts, float_comparison
 from attncc.analysis.derivative import Tie
 from attncc.analysis.hoist import resolve
 from attncc.analysis.integer import integer_fraction, integer_ops, integer_sums
@@ -43,6 +43,7 @@ from attncc.analysis.separable import separated
 from attncc.codegen.names import dot_value, float64_text
 from attncc.spec import symbols as S
 from attncc.spec.builtins import RandomBlocks, quotient
+from attncc.spec.expr import integer_comparison
 
 # The integer expressions the printers write while :func:`printed_integers` is active, and the
 # kernel variables defined on the way (:class:`Defined`).
