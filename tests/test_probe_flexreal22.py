@@ -9,7 +9,9 @@ unfused implementation (scores materialized, ``mask_mod`` / ``score_mod`` vmappe
 float64 q, k, v; its dense backward (captured tensors' gradients included) runs once the CPU
 entry's "does not support backward on CPU" check is lifted (``probe_flexreal22.real_flex``).
 ``torch.compile(flex_attention)`` on CPU is inference only and refuses ``return_lse``; it gave the
-eager o on the programs tried (4, ~20 s of compilation each: not kept here). On CPU, eager and
+eager o (and attncc's) on the 9 programs tried (score mods, causal, a cross-document mask over
+captured ids with empty rows, Nq 37 / Nk 45, float32 / bfloat16 / float16; ~20 s of compilation
+each: not kept here). On CPU, eager and
 compiled, ``b, h, q_idx, kv_idx`` are int64 (products past 2**31 exact); its CUDA lowering takes
 them as int32 (docs §8 now says so). Real Flex is fast enough for these tests (eager, float64).
 
@@ -26,11 +28,16 @@ head_dim absent (default scale from the call's D), float32 / bfloat16 / float16.
 text in both (§8's one-for-one translation) and is compared on o, the LSE (natural log, units and
 dtypes) and the gradients of q, k, v and of every learned captured tensor.
 
-Probed: 152 generated programs (~1,000 kernel calls with the backward) and ~30 hand-written
+Probed: 177 generated programs (each one kernel call with its backward against the real Flex's
+forward and backward in float64, and Flex's own forward at the call's dtype for the output dtypes
+and accuracy): 173 clean, one the defect below, one the documented NaN gradient, two a Flex
+limitation (its backward refuses a 0-d captured tensor that requires a gradient, "can not return a
+BatchedTensor"; the generator learns a [1] one instead). Also ~30 hand-written
 cases (fully masked rows with the LSE in the loss, ``-inf`` from a score_mod, softcap of ``-inf``,
 a table read out of range at masked pairs, a mask and a score_mod reading the same table, the
 default scale, int products past 2**31 as literals, params and call overrides, negative divisors,
-a score_mod ignoring the score, ``score * 0``, never-true masks).
+a score_mod ignoring the score (forward only: Flex's backward fails on it, "must only return
+Tensors"), ``score * 0``, never-true masks).
 
 Found (fixed): a comparison of integers inside a ``where`` of a score_mod (``where(q_idx - kv_idx <
 3 * (h + 1), score, -inf)``, a per-head window; also ``where(c, score, 2 * score)`` and a boolean
@@ -39,7 +46,8 @@ coefficients (``h > i/3 - j/3 - 1``) and evaluated in float64, which rounds: the
 0 was allowed (``8/3 - 5/3 - 1`` is ``-2.2e-16``). Kernels and ``attncc.reference`` agreed with each
 other, so only Flex itself showed it (o 9 % off); a third of random integer comparisons take such a
 form. The comparison is now multiplied back to integers before it is computed
-(``attncc.analysis.exact.integer_comparison``).
+(``attncc.spec.expr.integer_comparison``, used by the kernels' printer and the reference's
+evaluator).
 
 Documented (docs §8), where attncc deliberately differs from Flex, kept as tests: ``[score].softcap``
 keeps a ``-inf`` removed where Flex's ``tanh`` gives ``-softcap`` (the same expression in ``mod``
