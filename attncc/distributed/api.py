@@ -11,11 +11,13 @@ See docs/context-parallel.md.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
+from attncc.core.semantics import plain_number
 from attncc.distributed import comm as _comm
 from attncc.distributed.classes import chunk_classes, resolve, row_work
 from attncc.distributed.layout import KINDS, Layout, balanced, contiguous, headtail, unshard
@@ -35,8 +37,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, module, grou
     a name stands for ``make_layout(name, N, W, module=..., **params_and_inputs)`` with its defaults,
     N = W * local rows: tensors sharded with other settings (``tile``, ``chunks_per_rank``, another
     length) need that Layout passed). Every rank must make the same call: one all-gather of a digest
-    of it (layout, shapes, dtypes, comm, scale, params, inputs' shapes, gradients) per call checks that
-    and raises on every rank, naming what differs (mismatched calls would exchange mismatched messages). Returns this rank's rows of ``o [B, Hq, local rows, Dv]``
+    of it (module, layout, shapes, dtypes, comm, scale, params, inputs' shapes and values, gradients)
+    per call checks that and raises on every rank, naming what differs or the rank whose own checks
+    failed (mismatched calls would exchange mismatched messages). Returns this rank's rows of ``o [B, Hq, local rows, Dv]``
     (and the natural-log LSE ``[B, Hq, local rows]``, float32, with ``return_lse=True``), equal to
     the module's single-device ``attention`` of the unsharded tensors. Differentiable in q, k, v:
     every rank must run the backward (it communicates).
@@ -48,9 +51,66 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, module, grou
     inputs indexed by positions (``doc[b, n]``) are passed whole, the same on every rank.
     One rank (or no process group) with a one-chunk layout calls the module directly.
     """
+    rank, world = _rank_world(group)
+    rows = q.shape[2] if isinstance(layout, str) and isinstance(q, torch.Tensor) and q.dim() == 4 else None
+    try:
+        call = _prepare(q, k, v, module=module, pattern=pattern, layout=layout, comm=comm, return_lse=return_lse,
+                        scale=scale, inputs_and_params=inputs_and_params, rank=rank, world=world)
+    except Exception as e:
+        if world == 1:
+            raise
+        # the other ranks would go on to wait for this one's messages: every rank hears of it
+        _check_same_call(group, _group_device(group, q), rows, None, e)
+        raise
+    if world > 1:
+        _check_same_call(group, call.q.device, rows, call, None)
+    target, lay, mode, (q, k, v) = call.target, call.layout, call.mode, (call.q, call.k, call.v)
+    if lay.num_chunks == 1:  # one rank, one chunk: the plain kernel
+        return target.module.attention(q, k, v, return_lse=return_lse, scale=scale, **inputs_and_params)
+    if mode == "ulysses":
+        hs = _comm.HeadShards(lay, group, rank, world)
+        qh, kh, vh = (_comm.SeqToHeads.apply(t, hs) for t in (q, k, v))
+        o, lse = target.module.attention(qh, kh, vh, return_lse=True, scale=scale, **inputs_and_params)
+        o = _comm.HeadsToSeq.apply(o, hs)
+        if not return_lse:
+            return o
+        return o, _comm.HeadsToSeq.apply(lse.unsqueeze(-1), hs).squeeze(-1)
+    sched = _comm.Schedule(call.pairs, lay, call.classes, group, rank, world)
+    strategy = _comm.RING if mode == "ring" else _comm.ALLGATHER
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        o, lse = _comm.ContextParallelFunction.apply(sched, strategy, q, k, v)
+    else:
+        with torch.no_grad():
+            o, lse = strategy.forward(sched, q, k, v)
+    return (o, lse) if return_lse else o
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """One rank's call, checked and resolved without communication (see :func:`_prepare`)."""
+
+    target: object  # classes.Target
+    q: torch.Tensor  # q, k, v as the kernels take them (autocast, k and v of batch 1 broadcast)
+    k: torch.Tensor
+    v: torch.Tensor
+    layout: Layout
+    mode: str  # "allgather", "ring" (also one rank with several chunks) or "ulysses"
+    softmax_scale: object
+    kwargs: dict  # params and inputs by keyword (scale_keyword's)
+    params: dict
+    inputs: dict
+    pairs: PairCall
+    classes: Optional[torch.Tensor]  # the chunk-pair classes (allgather, ring)
+    fields: dict  # what every rank must agree on (_check_same_call), by name
+
+
+def _prepare(q, k, v, *, module, pattern, layout, comm, return_lse, scale, inputs_and_params, rank, world) -> _Prepared:
+    """Everything about one rank's call that can fail, before any rank communicates: the module, the
+    arguments, the layout, the comm mode, the chunk classes and one validation of the kernels' arguments
+    (the pairs' calls). An error raised later, on some ranks only (the ranks without rows make no
+    kernel call), left the others waiting for their messages."""
     target = resolve(module, pattern)
     spec = target.spec
-    rank, world = _rank_world(group)
     _check_qkv(spec.name, q, k, v)
     # under torch.autocast, as the module's attention, before any path is chosen: cast per chunk pair
     # (by bind) o came back in the autocast dtype from one chunk, in q's from several, and the pairs'
@@ -70,44 +130,32 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, module, grou
             raise NotImplementedError(f"attncc.distributed: input {d.name} wants a gradient; gradients of "
                                       f"learned inputs are not implemented under context parallelism")
     B, Hq, n_local = q.shape[:3]
-    if world > 1:
-        _check_same_call(group, q.device, n_local if isinstance(layout, str) else None, {
-            "layout": layout if isinstance(layout, str) else (layout.bounds, layout.owner, layout.world)
-            if isinstance(layout, Layout) else type(layout).__name__,
-            "shapes (B, Hq, Hkv, D, Dv)": (B, Hq, k.shape[1], q.shape[-1], v.shape[-1]),
-            "dtypes": (str(q.dtype), str(k.dtype), str(v.dtype)),
-            "comm": comm, "scale": softmax_scale, "params": sorted(params.items()),
-            "inputs": sorted((n, tuple(t.shape), str(t.dtype)) if isinstance(t, torch.Tensor) else (n, repr(t))
-                             for n, t in inputs.items()),
-            "gradients": torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)),
-            "return_lse": return_lse})
     _check_position_inputs(spec, inputs, layout.n if isinstance(layout, Layout) else n_local * world)
     lay = resolve_layout(layout, n_local=n_local, world=world, rank=rank, target=target, params=params,
                          inputs=inputs)
     # checked at every world size: a misspelt comm passed on one process and failed on several
     mode = resolve_comm(comm, target=target, heads_q=Hq, heads_kv=k.shape[1], world=world)
-    if lay.num_chunks == 1:  # one rank, one chunk: the plain kernel
-        return target.module.attention(q, k, v, return_lse=return_lse, scale=scale, **inputs_and_params)
     # one rank with several chunks: the chunk pairs and their merge without communication (what
     # ``python -m bench cp`` times against the plain kernel)
     mode = "ring" if world == 1 else mode
-    if mode == "ulysses":
-        hs = _comm.HeadShards(lay, group, rank, world)
-        qh, kh, vh = (_comm.SeqToHeads.apply(t, hs) for t in (q, k, v))
-        o, lse = target.module.attention(qh, kh, vh, return_lse=True, scale=scale, **inputs_and_params)
-        o = _comm.HeadsToSeq.apply(o, hs)
-        if not return_lse:
-            return o
-        return o, _comm.HeadsToSeq.apply(lse.unsqueeze(-1), hs).squeeze(-1)
-    classes = chunk_classes(target.pattern, lay.bounds, params=params, inputs=inputs, batch=B, heads=Hq)
-    sched = _comm.Schedule(PairCall(target, lay.n, softmax_scale, kwargs), lay, classes, group, rank, world)
-    strategy = _comm.RING if mode == "ring" else _comm.ALLGATHER
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        o, lse = _comm.ContextParallelFunction.apply(sched, strategy, q, k, v)
-    else:
-        with torch.no_grad():
-            o, lse = strategy.forward(sched, q, k, v)
-    return (o, lse) if return_lse else o
+    pairs = PairCall(target, lay.n, softmax_scale, kwargs)
+    classes = None
+    if lay.num_chunks > 1 and mode != "ulysses":
+        pairs.bind(q, k, v, 0, 0)  # the checks of every pair's call (cached by signature), made once here
+        classes = chunk_classes(target.pattern, lay.bounds, params=params, inputs=inputs, batch=B, heads=Hq)
+    fields = {
+        "module": (spec.name, spec.spec_hash),
+        "layout": (lay.bounds, lay.owner, lay.world),
+        "shapes (B, Hq, Hkv, D, Dv)": (B, Hq, k.shape[1], q.shape[-1], v.shape[-1]),
+        "dtypes": (str(q.dtype), str(k.dtype), str(v.dtype)),
+        # numbers as the kernels read them: a one-element tensor's repr names its device (cuda:0 on
+        # rank 0, cuda:1 on rank 1), so equal calls looked different
+        "comm": comm, "scale": plain_number(softmax_scale), "params": sorted((n, plain_number(x)) for n, x in params.items()),
+        "inputs": sorted((n, tuple(t.shape), str(t.dtype)) if isinstance(t, torch.Tensor) else (n, repr(t))
+                         for n, t in inputs.items()),
+        "gradients": torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)),
+        "return_lse": return_lse}
+    return _Prepared(target, q, k, v, lay, mode, softmax_scale, kwargs, params, inputs, pairs, classes, fields)
 
 
 def make_layout(kind: str, n: int, world: int, /, *, module=None, pattern=None, tile: Optional[int] = None,
@@ -227,27 +275,64 @@ def gather(x: torch.Tensor, layout: Layout, group=None, dim: int = 2) -> torch.T
     return unshard([p.narrow(dim, 0, layout.local_len(r)) for r, p in enumerate(parts)], layout, dim)
 
 
-def _check_same_call(group, device, rows: Optional[int], fields: dict) -> None:
-    """Every rank must make the same call: the same layout, shapes, dtypes, comm, scale, params,
-    inputs' shapes and whether gradients follow; else the ranks exchange mismatched messages (a
-    hang, or silently wrong rows: a rank receiving fewer rows than it expects gets no error from
-    gloo). One all-gather of a few int64 per call compares them, and every rank raises on a
-    difference, naming it. ``rows``: this rank's row count where a layout name is given, which
-    means N / W rows on every rank (a rank cannot see that alone: 22 rows on one rank and 21 on
-    the other would each look like a valid split); None for a Layout object."""
-    mine = torch.tensor([-1 if rows is None else rows] + [_digest(v) for v in fields.values()],
-                        dtype=torch.int64, device=device)
+def _check_same_call(group, device, rows: Optional[int], call: Optional[_Prepared], error: Optional[BaseException]) -> None:
+    """Every rank must make the same call: the same module, layout, shapes, dtypes, comm, scale,
+    params, inputs (shapes, dtypes and values) and whether gradients follow; else the ranks exchange
+    mismatched messages (a hang, or silently wrong rows: a rank receiving fewer rows than it expects
+    gets no error from gloo; document ids that differ gave each rank its own mask). One all-gather of
+    a few int64 per call compares them, and every rank raises on a difference, naming it. A rank whose
+    own checks failed (``error``, ``call`` None) takes part too: it raises its error and the others say
+    which rank it was (before, they went on to wait for its messages for ever). ``rows``: this rank's
+    row count where a layout name is given, which means N / W rows on every rank (a rank cannot see
+    that alone: 22 rows on one rank and 21 on the other would each look like a valid split); None
+    for a Layout object."""
+    fields = {} if call is None else call.fields
+    mine = torch.tensor([int(error is not None), -1 if rows is None else rows]
+                        + [_digest(fields[n]) if n in fields else 0 for n in SAME_CALL[:-1]] + [0], dtype=torch.int64)
+    mine = mine.to(device)
+    if call is not None and call.inputs:
+        mine[-1] = _values_digest(call.inputs.values(), device)
     every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(every, mine, group=group)
     every = [t.tolist() for t in every]
-    counts = [r[0] for r in every]
+    counts = [r[1] for r in every]
     if rows is not None and len(set(counts)) > 1:
         raise ValueError(f"attncc.distributed: a layout name needs the same rows on every rank, got {counts}; pass the "
                          f"Layout the tensors were sharded with (make_layout(name, n, world, ...))")
-    differ = [name for i, name in enumerate(fields, 1) if len({r[i] for r in every}) > 1]
+    _comm.raise_for_failed([r[0] for r in every], error, "this call")
+    differ = [name for i, name in enumerate(SAME_CALL, 2) if len({r[i] for r in every}) > 1]
     if differ:
+        shown = ", ".join(f"{n}={fields[n]!r}" for n in differ if n in fields)
         raise ValueError(f"attncc.distributed: every rank must make the same call, but the ranks' {', '.join(differ)} "
-                         f"differ (rank {dist.get_rank(group)} has {', '.join(f'{n}={fields[n]!r}' for n in differ)})")
+                         f"differ" + (f" (rank {dist.get_rank(group)} has {shown})" if shown else "")
+                         + ("; inputs are passed whole and the same on every rank" if "input values" in differ else ""))
+
+
+# What _check_same_call compares (_Prepared.fields, and the inputs' values last)
+SAME_CALL = ("module", "layout", "shapes (B, Hq, Hkv, D, Dv)", "dtypes", "comm", "scale", "params", "inputs",
+             "gradients", "return_lse", "input values")
+
+
+def _values_digest(tensors, device) -> torch.Tensor:
+    """An int64 digest (0-d, on ``device``) of the values of ``tensors``, computed where they live
+    (no copy to the host): each tensor's bits as integers times odd weights that depend on the
+    position, summed with wraparound, so exact and the same in any order of the sums."""
+    total = torch.zeros((), dtype=torch.int64, device=device)
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            continue
+        x = t.detach()
+        if x.dtype == torch.bool:
+            x = x.to(torch.uint8)
+        elif x.is_floating_point():
+            x = x.contiguous().view({8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}[x.element_size()])
+        x = x.reshape(-1).to(device=device, dtype=torch.int64)
+        weights = torch.arange(x.numel(), dtype=torch.int64, device=device) * _MIX + (2 * i + 1)
+        total = total * _MIX + (x * (weights * 2 + 1)).sum()
+    return total
+
+
+_MIX = 0x2545F4914F6CDD1D  # an odd 63-bit multiplier (spreads the positions' weights over the bits)
 
 
 def _digest(value) -> int:
@@ -261,6 +346,13 @@ def _rank_world(group):
             raise ValueError("attncc.distributed: a group was given but torch.distributed is not initialized")
         return 0, 1
     return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _group_device(group, q):
+    """Where the group's collectives take tensors: q's device, or for NCCL without a q the current GPU."""
+    if isinstance(q, torch.Tensor):
+        return q.device
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
 
 
 def _check_qkv(name: str, q, k, v) -> None:

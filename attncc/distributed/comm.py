@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -357,6 +357,30 @@ RING = Strategy("ring", ring_forward, ring_backward)
 ALLGATHER = Strategy("allgather", allgather_forward, allgather_backward)
 
 
+def agree(group, world: int, device, error: Optional[BaseException], what: str) -> None:
+    """Raise on every rank of the group when the part of a call that each rank checks alone failed on
+    some: one all-gather of a flag per rank. A rank that raised alone left the others waiting for its
+    messages for ever (an input changed in place on one rank before the backward)."""
+    if world > 1:
+        mine = torch.tensor([int(error is not None)], dtype=torch.int64, device=device)
+        every = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(every, mine, group=group)
+        raise_for_failed([int(t) for t in every], error, what)
+    elif error is not None:
+        raise error
+
+
+def raise_for_failed(failed: Sequence[int], error: Optional[BaseException], what: str) -> None:
+    """After every rank said whether its own checks failed (``failed``: a flag per group rank): this
+    rank's ``error`` raised again, or a ValueError naming the ranks that failed."""
+    if error is not None:
+        raise error
+    bad = [str(r) for r, f in enumerate(failed) if f]
+    if bad:
+        raise ValueError(f"attncc.distributed: rank{'s' if len(bad) > 1 else ''} {', '.join(bad)} of the group could "
+                         f"not make {what} (the error there says why); every rank must make the same call")
+
+
 class ContextParallelFunction(torch.autograd.Function):
     """``o, lse`` of the local query rows over the whole sequence, with dQ local and dK/dV
     summed at their owners in the backward (every rank must run the backward: it communicates)."""
@@ -384,8 +408,13 @@ class ContextParallelFunction(torch.autograd.Function):
         q, k, v, o, lse = ctx.saved_tensors
         if do is None:  # only the LSE reaches the loss
             do = torch.zeros_like(o)
-        check_watched(ctx.watched, lambda: (f"{ctx.sched.pairs.target.spec.name} (context parallel)",
-                                            tuple(ctx.sched.pairs.kwargs.items())))
+        error = None
+        try:
+            check_watched(ctx.watched, lambda: (f"{ctx.sched.pairs.target.spec.name} (context parallel)",
+                                                tuple(ctx.sched.pairs.kwargs.items())))
+        except RuntimeError as e:
+            error = e
+        agree(ctx.sched.group, ctx.sched.world, q.device, error, "its backward")
         with torch.no_grad():
             dq, dk, dv = ctx.strategy.backward(ctx.sched, q, k, v, o, lse, do, dlse)
         if torch.is_grad_enabled():
