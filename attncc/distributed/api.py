@@ -60,10 +60,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, module, grou
         if world == 1:
             raise
         # the other ranks would go on to wait for this one's messages: every rank hears of it
-        _check_same_call(group, _group_device(group, q), rows, None, e)
+        _check_same_call(group, _comm.group_device(group, q), rows, None, e)
         raise
     if world > 1:
-        _check_same_call(group, call.q.device, rows, call, None)
+        _check_same_call(group, _comm.group_device(group, call.q), rows, call, None)
     target, lay, mode, (q, k, v) = call.target, call.layout, call.mode, (call.q, call.k, call.v)
     if lay.num_chunks == 1:  # one rank, one chunk: the plain kernel
         return target.module.attention(q, k, v, return_lse=return_lse, scale=scale, **inputs_and_params)
@@ -314,9 +314,9 @@ SAME_CALL = ("module", "layout", "shapes (B, Hq, Hkv, D, Dv)", "dtypes", "comm",
 
 
 def _values_digest(tensors, device) -> torch.Tensor:
-    """An int64 digest (0-d, on ``device``) of the values of ``tensors``, computed where they live
-    (no copy to the host): each tensor's bits as integers times odd weights that depend on the
-    position, summed with wraparound, so exact and the same in any order of the sums."""
+    """An int64 digest (0-d, on ``device``) of the values of ``tensors``, computed where each lives
+    (no copy of the values to the host): each tensor's bits as integers times odd weights that depend
+    on the position, summed with wraparound, so exact and the same in any order of the sums."""
     total = torch.zeros((), dtype=torch.int64, device=device)
     for i, t in enumerate(tensors):
         if not isinstance(t, torch.Tensor):
@@ -326,9 +326,9 @@ def _values_digest(tensors, device) -> torch.Tensor:
             x = x.to(torch.uint8)
         elif x.is_floating_point():
             x = x.contiguous().view({8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}[x.element_size()])
-        x = x.reshape(-1).to(device=device, dtype=torch.int64)
-        weights = torch.arange(x.numel(), dtype=torch.int64, device=device) * _MIX + (2 * i + 1)
-        total = total * _MIX + (x * (weights * 2 + 1)).sum()
+        x = x.reshape(-1).to(torch.int64)
+        weights = torch.arange(x.numel(), dtype=torch.int64, device=x.device) * _MIX + (2 * i + 1)
+        total = total * _MIX + (x * (weights * 2 + 1)).sum().to(device)
     return total
 
 
@@ -346,13 +346,6 @@ def _rank_world(group):
             raise ValueError("attncc.distributed: a group was given but torch.distributed is not initialized")
         return 0, 1
     return dist.get_rank(group), dist.get_world_size(group)
-
-
-def _group_device(group, q):
-    """Where the group's collectives take tensors: q's device, or for NCCL without a q the current GPU."""
-    if isinstance(q, torch.Tensor):
-        return q.device
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
 
 
 def _check_qkv(name: str, q, k, v) -> None:

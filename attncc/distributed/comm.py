@@ -357,12 +357,22 @@ RING = Strategy("ring", ring_forward, ring_backward)
 ALLGATHER = Strategy("allgather", allgather_forward, allgather_backward)
 
 
-def agree(group, world: int, device, error: Optional[BaseException], what: str) -> None:
+def group_device(group, like) -> torch.device:
+    """Where the collectives of the group's checks take their tensors, the same on every rank whatever
+    its call: the CPU for gloo, for NCCL the GPU of ``like`` (q), or the current one."""
+    if dist.get_backend(group) != "nccl":
+        return torch.device("cpu")
+    if isinstance(like, torch.Tensor) and like.is_cuda:
+        return like.device
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def agree(group, world: int, error: Optional[BaseException], what: str, like=None) -> None:
     """Raise on every rank of the group when the part of a call that each rank checks alone failed on
     some: one all-gather of a flag per rank. A rank that raised alone left the others waiting for its
     messages for ever (an input changed in place on one rank before the backward)."""
     if world > 1:
-        mine = torch.tensor([int(error is not None)], dtype=torch.int64, device=device)
+        mine = torch.tensor([int(error is not None)], dtype=torch.int64, device=group_device(group, like))
         every = [torch.empty_like(mine) for _ in range(world)]
         dist.all_gather(every, mine, group=group)
         raise_for_failed([int(t) for t in every], error, what)
@@ -414,7 +424,7 @@ class ContextParallelFunction(torch.autograd.Function):
                                                 tuple(ctx.sched.pairs.kwargs.items())))
         except RuntimeError as e:
             error = e
-        agree(ctx.sched.group, ctx.sched.world, q.device, error, "its backward")
+        agree(ctx.sched.group, ctx.sched.world, error, "its backward", like=q)
         with torch.no_grad():
             dq, dk, dv = ctx.strategy.backward(ctx.sched, q, k, v, o, lse, do, dlse)
         if torch.is_grad_enabled():
