@@ -30,6 +30,8 @@ Defects found and fixed (each test below fails on the old code):
 4. A param or ``scale`` given as a one-element tensor entered the call check by its repr, which
    names its device (cuda:0, cuda:1): equal calls on GPUs refused as different (here: a tensor on
    one rank, the number on the other).
+5. ``make_layout("balanced")`` of a mask that reads an input not given: the tile classifier's
+   "the mask reads input 'doc', which was not given", naming no function.
 """
 from __future__ import annotations
 
@@ -238,3 +240,13 @@ def test_a_param_as_a_tensor_on_one_rank_is_the_same_call(results, seed):
     for rank, res in enumerate(_per_rank(results, "tensor_param_on_one_rank", seed)):
         assert res["raised"] is None, (rank, res)
         assert res["error"] < 1e-5, (rank, res)
+
+
+def test_a_balanced_layout_without_the_mask_inputs_names_the_distributed_layout():
+    """make_layout("balanced") of a document mask without doc: "the mask reads input 'doc', which was
+    not given", naming no function (the tile classifier's words)."""
+    import attncc.distributed as cp
+
+    with pytest.raises(ValueError, match=r"^attncc.distributed \(the work of each row, for the balanced layout\): "
+                                         r"the mask reads input 'doc', which was not given"):
+        cp.make_layout("balanced", 16, 2, module=module("document"))

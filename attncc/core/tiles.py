@@ -919,7 +919,7 @@ def leaf_values(program: IntervalProgram, *, i, j, n_q, n_k, params: Mapping[str
 
 def classify_grid(program: Optional[IntervalProgram], *, q_offset: int, k_offset: int, q_rows: int, k_rows: int,
                   block_m: int, block_n: int, n_q: int, n_k: int, params: Mapping[str, object],
-                  inputs: Mapping[str, torch.Tensor], batch: int, heads: int, device) -> torch.Tensor:
+                  inputs: Mapping[str, torch.Tensor], batch: int, heads: int, device, who: str = "") -> torch.Tensor:
     """Classify every tile: int8 tensor ``[B|1, H|1, n_query_blocks, n_key_blocks]`` of
     EMPTY / PARTIAL / FULL (a size-1 leading dim when the mask does not depend on b / h).
 
@@ -928,6 +928,7 @@ def classify_grid(program: Optional[IntervalProgram], *, q_offset: int, k_offset
     block, when short, is never FULL (the kernel masks the key tail there).
     ``program=None`` (no mask) classifies every tile FULL.
     ``params``: values overriding the program's defaults; ``inputs``: the input tensors.
+    ``who``: what the errors name first (the caller).
     """
     device = torch.device(device)
     nqb, nkb = _cdiv(q_rows, block_m), _cdiv(k_rows, block_n)
@@ -938,7 +939,7 @@ def classify_grid(program: Optional[IntervalProgram], *, q_offset: int, k_offset
         j = _row_intervals(k_offset, k_rows, block_n, device)
         env = leaf_values(program, i=(i[0].view(1, 1, -1, 1), i[1].view(1, 1, -1, 1)),
                           j=(j[0].view(1, 1, 1, -1), j[1].view(1, 1, 1, -1)), n_q=n_q, n_k=n_k,
-                          params=params, inputs=inputs, batch=batch, heads=heads, device=device,
+                          params=params, inputs=inputs, batch=batch, heads=heads, device=device, who=who,
                           input_interval=lambda stat, t: input_interval(
                               stat, t, q_offset=q_offset, k_offset=k_offset, q_rows=q_rows, k_rows=k_rows,
                               block_m=block_m, block_n=block_n, batch=batch, heads=heads))

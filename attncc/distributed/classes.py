@@ -235,7 +235,8 @@ def _pairwise_classes(program, bounds, params, inputs, batch, heads, device):
             if q_rows and k_rows:
                 grid = tiles.classify_grid(program, q_offset=bounds[qc], k_offset=bounds[kc], q_rows=q_rows,
                                            k_rows=k_rows, block_m=q_rows, block_n=k_rows, n_q=n, n_k=n,
-                                           params=params, inputs=inputs, batch=batch, heads=heads, device=device)
+                                           params=params, inputs=inputs, batch=batch, heads=heads, device=device,
+                                           who="attncc.distributed: ")
                 out[qc, kc] = _reduce_grid(grid).item()
     return out
 
@@ -301,7 +302,8 @@ def _row_work(pattern, n, tile, params, inputs, batch):
     device = next((t.device for t in inputs.values()), torch.device("cpu"))
     grid = tiles.classify_grid(analyze(pattern).classifier, q_offset=0, k_offset=0, q_rows=n, k_rows=n,
                                block_m=tile, block_n=tile, n_q=n, n_k=n, params=params, inputs=inputs,
-                               batch=batch, heads=1, device=device)
+                               batch=batch, heads=1, device=device,
+                               who="attncc.distributed (the work of each row, for the balanced layout): ")
     visited = (grid != EMPTY).sum(-1).reshape(-1, grid.shape[-2]).sum(0).to(torch.float64).cpu()
     if grid.shape[0] == 1:  # the mask does not depend on b: every batch row visits the same tiles
         visited = visited * batch
