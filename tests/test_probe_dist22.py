@@ -32,6 +32,8 @@ Defects found and fixed (each test below fails on the old code):
    one rank, the number on the other).
 5. ``make_layout("balanced")`` of a mask that reads an input not given: the tile classifier's
    "the mask reads input 'doc', which was not given", naming no function.
+6. q or k without heads: a ZeroDivisionError from ``comm="auto"`` (Hq // Hkv) before any check
+   (the kernels' arguments are now checked before the comm mode is chosen).
 """
 from __future__ import annotations
 
@@ -250,3 +252,16 @@ def test_a_balanced_layout_without_the_mask_inputs_names_the_distributed_layout(
     with pytest.raises(ValueError, match=r"^attncc.distributed \(the work of each row, for the balanced layout\): "
                                          r"the mask reads input 'doc', which was not given"):
         cp.make_layout("balanced", 16, 2, module=module("document"))
+
+
+@pytest.mark.parametrize("heads", [(0, 0), (2, 0)])
+@pytest.mark.parametrize("chunks", [1, 2])
+def test_tensors_without_heads_are_refused_with_the_modules_words(heads, chunks):
+    """q or k without heads: ZeroDivisionError from comm="auto"'s Hq // Hkv, whatever the layout,
+    where the module says what it needs."""
+    import attncc.distributed as cp
+
+    q, k = torch.randn(1, heads[0], 16, D), torch.randn(1, heads[1], 16, D)
+    lay = cp.Layout((0, 16) if chunks == 1 else (0, 7, 16), (0,) * chunks, 1)
+    with pytest.raises(ValueError, match="each needs at least one head"):
+        cp.attention(q, k, k, module=module("causal"), layout=lay)

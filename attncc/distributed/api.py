@@ -133,15 +133,17 @@ def _prepare(q, k, v, *, module, pattern, layout, comm, return_lse, scale, input
     _check_position_inputs(spec, inputs, layout.n if isinstance(layout, Layout) else n_local * world)
     lay = resolve_layout(layout, n_local=n_local, world=world, rank=rank, target=target, params=params,
                          inputs=inputs)
+    pairs = PairCall(target, lay.n, softmax_scale, kwargs)
+    # the checks of every kernel call (cached by signature), made once here: a rank without rows makes
+    # none, and q without heads divided by zero in resolve_comm
+    pairs.bind(q, k, v, 0, 0)
     # checked at every world size: a misspelt comm passed on one process and failed on several
     mode = resolve_comm(comm, target=target, heads_q=Hq, heads_kv=k.shape[1], world=world)
     # one rank with several chunks: the chunk pairs and their merge without communication (what
     # ``python -m bench cp`` times against the plain kernel)
     mode = "ring" if world == 1 else mode
-    pairs = PairCall(target, lay.n, softmax_scale, kwargs)
     classes = None
     if lay.num_chunks > 1 and mode != "ulysses":
-        pairs.bind(q, k, v, 0, 0)  # the checks of every pair's call (cached by signature), made once here
         classes = chunk_classes(target.pattern, lay.bounds, params=params, inputs=inputs, batch=B, heads=Hq)
     fields = {
         "module": (spec.name, spec.spec_hash),
