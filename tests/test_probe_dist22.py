@@ -28,7 +28,8 @@ Defects found and fixed (each test below fails on the old code):
 1. A rank whose own checks failed raised alone; the others went on into the ring (or the
    all-gather of the call check) and waited for its messages for ever: a hang. Now every rank
    takes part in the call check, the failing rank raises its error and the others a ValueError
-   naming it. The same in the backward (an input changed in place on one rank only).
+   naming it. The same in the backward (an input changed in place on one rank only), Ulysses'
+   too (its check ran in the module's backward, between two all-to-alls).
 2. Inputs with the same shapes and other values on the ranks (document ids) were not compared:
    the ring hung (the ranks derived different schedules), the all-gather gave each rank the
    output of its own mask without a word. Their values are now in the check (a digest computed
@@ -112,15 +113,16 @@ def docs_differ(rank, world, seed):
 
 
 def changed_in_place_on_one_rank(rank, world, seed):
-    """Document ids changed in place between the forward and the backward on one rank only."""
+    """Document ids changed in place between the forward and the backward on one rank only; seed 0
+    through the ring, seed 1 through Ulysses (3 heads over 3 ranks)."""
     import attncc.distributed as cp
 
     n = 15
-    q, k, v = _qkv(n, seed)
+    q, k, v = _qkv(n, seed, heads=(2, 3)[seed % 2])
     doc = _docs(n, seed)
     lay = cp.make_layout("headtail", n, world)
     ql, kl, vl = (cp.shard(t, lay, rank).requires_grad_() for t in (q, k, v))
-    o = cp.attention(ql, kl, vl, module=module("document"), layout=lay, comm="ring", doc=doc)
+    o = cp.attention(ql, kl, vl, module=module("document"), layout=lay, comm=("ring", "ulysses")[seed % 2], doc=doc)
     if rank == 1:
         doc.add_(1)
     return {"raised": _raised(lambda: o.sum().backward())}

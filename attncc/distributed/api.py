@@ -10,6 +10,7 @@ See docs/context-parallel.md.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from typing import Optional
@@ -22,6 +23,7 @@ from attncc.distributed import comm as _comm
 from attncc.distributed.classes import chunk_classes, resolve, row_work
 from attncc.distributed.layout import KINDS, Layout, balanced, contiguous, headtail, unshard
 from attncc.distributed.pairs import PairCall
+from attncc.runtime.autograd import watch
 from attncc.runtime.call import autocast_operands, broadcast_kv_batch, scale_keyword
 
 COMMS = ("allgather", "ring", "ulysses")
@@ -71,10 +73,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, module, grou
         hs = _comm.HeadShards(lay, group, rank, world)
         qh, kh, vh = (_comm.SeqToHeads.apply(t, hs) for t in (q, k, v))
         o, lse = target.module.attention(qh, kh, vh, return_lse=True, scale=scale, **inputs_and_params)
-        o = _comm.HeadsToSeq.apply(o, hs)
+        # the module's backward checks its params and inputs against changes in place, on this rank
+        # alone: every rank checks them first, before the all-to-all of the gradients
+        watched = watch(call.kwargs.values())
+        checked = functools.partial(_comm.agree_unchanged, watched, target.spec.name, call.kwargs, group, world)
+        o = _comm.HeadsToSeq.apply(o, hs, checked)
         if not return_lse:
             return o
-        return o, _comm.HeadsToSeq.apply(lse.unsqueeze(-1), hs).squeeze(-1)
+        return o, _comm.HeadsToSeq.apply(lse.unsqueeze(-1), hs, checked).squeeze(-1)
     sched = _comm.Schedule(call.pairs, lay, call.classes, group, rank, world)
     strategy = _comm.RING if mode == "ring" else _comm.ALLGATHER
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):

@@ -380,6 +380,20 @@ def agree(group, world: int, error: Optional[BaseException], what: str, like=Non
         raise error
 
 
+def agree_unchanged(watched, name: str, kwargs: dict, group, world: int, like=None) -> None:
+    """Before a backward communicates: the params and [inputs] it reads again (``watched``, from
+    ``runtime.autograd.watch`` at the forward) checked against changes in place on every rank, and
+    :func:`agree` on the outcome (``name``: the spec; ``kwargs``: the call's, which name them)."""
+    from attncc.runtime.autograd import check_watched
+
+    error = None
+    try:
+        check_watched(watched, lambda: (f"{name} (context parallel)", tuple(kwargs.items())))
+    except RuntimeError as e:
+        error = e
+    agree(group, world, error, "its backward", like=like)
+
+
 def raise_for_failed(failed: Sequence[int], error: Optional[BaseException], what: str) -> None:
     """After every rank said whether its own checks failed (``failed``: a flag per group rank): this
     rank's ``error`` raised again, or a ValueError naming the ranks that failed."""
@@ -411,20 +425,15 @@ class ContextParallelFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dlse):
-        from attncc.runtime.autograd import check_watched, no_double_backward
+        from attncc.runtime.autograd import no_double_backward
         from attncc.runtime.call import refuse_transformed_backward
 
         refuse_transformed_backward(f"{ctx.sched.pairs.target.spec.name} (context parallel) attention's backward", do, dlse)
         q, k, v, o, lse = ctx.saved_tensors
         if do is None:  # only the LSE reaches the loss
             do = torch.zeros_like(o)
-        error = None
-        try:
-            check_watched(ctx.watched, lambda: (f"{ctx.sched.pairs.target.spec.name} (context parallel)",
-                                                tuple(ctx.sched.pairs.kwargs.items())))
-        except RuntimeError as e:
-            error = e
-        agree(ctx.sched.group, ctx.sched.world, error, "its backward", like=q)
+        s = ctx.sched
+        agree_unchanged(ctx.watched, s.pairs.target.spec.name, s.pairs.kwargs, s.group, s.world, like=q)
         with torch.no_grad():
             dq, dk, dv = ctx.strategy.backward(ctx.sched, q, k, v, o, lse, do, dlse)
         if torch.is_grad_enabled():
@@ -486,11 +495,17 @@ class SeqToHeads(torch.autograd.Function):
 
 
 class HeadsToSeq(torch.autograd.Function):
+    """Head shards back to sequence shards. ``before_backward(like)``: called first in the backward,
+    before the all-to-all (the module's backward comes after it: a check that raised there on one
+    rank left the others in the next all-to-all)."""
+
     @staticmethod
-    def forward(ctx, y, hs: HeadShards):
-        ctx.hs = hs
+    def forward(ctx, y, hs: HeadShards, before_backward=None):
+        ctx.hs, ctx.before_backward = hs, before_backward
         return heads_to_seq(y, hs)
 
     @staticmethod
     def backward(ctx, g):
-        return seq_to_heads(g.contiguous(), ctx.hs), None
+        if ctx.before_backward is not None:
+            ctx.before_backward(g)
+        return seq_to_heads(g.contiguous(), ctx.hs), None, None
