@@ -219,33 +219,33 @@ def _per_rank(results, name, seed):
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_a_rank_whose_checks_fail_makes_every_rank_raise(results, seed):
-    per_rank = _per_rank(results, "rows_wrong", seed)
-    bad = per_rank[0]["bad"]
-    for rank, res in enumerate(per_rank):
-        if rank == bad:
-            assert res["raised"] and f"rank {bad} holds" in res["raised"], res
-        else:
-            assert res["raised"] and f"ValueError: attncc.distributed: rank {bad} of the group could not make this " \
-                                     f"call" in res["raised"], (rank, res)
+    bad = _per_rank(results, "rows_wrong", seed)[0]["bad"]
+    _raised_on_every_rank(results, "rows_wrong", seed, lambda rank: (
+        f"rank {bad} holds" if rank == bad else f"ValueError: attncc.distributed: rank {bad} of the group could not "
+                                                f"make this call"))
+
+
+def _raised_on_every_rank(results, name, seed, want):
+    """Every rank's ``name`` raised, with ``want(rank)`` in its message."""
+    for rank, res in enumerate(_per_rank(results, name, seed)):
+        assert res["raised"] and want(rank) in res["raised"], (rank, res)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_inputs_of_other_values_on_one_rank_raise_on_every_rank(results, seed):
-    for rank, res in enumerate(_per_rank(results, "docs_differ", seed)):
-        assert res["raised"] and "the ranks' input values differ" in res["raised"], (rank, res)
+    _raised_on_every_rank(results, "docs_differ", seed, lambda rank: "the ranks' input values differ")
 
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_an_input_changed_in_place_on_one_rank_raises_on_every_rank(results, seed):
-    for rank, res in enumerate(_per_rank(results, "changed_in_place_on_one_rank", seed)):
-        want = "modified by an inplace operation" if rank == 1 else "rank 1 of the group could not make its backward"
-        assert res["raised"] and want in res["raised"], (rank, res)
+    _raised_on_every_rank(results, "changed_in_place_on_one_rank", seed, lambda rank: (
+        "modified by an inplace operation" if rank == 1 else "rank 1 of the group could not make its backward"))
 
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_arguments_the_kernels_refuse_raise_on_a_rank_without_rows_too(results, seed):
-    for rank, res in enumerate(_per_rank(results, "refused_by_the_kernels", seed)):
-        assert res["raised"] and "param window must be an int, got float 5.0" in res["raised"], (rank, res)
+    _raised_on_every_rank(results, "refused_by_the_kernels", seed,
+                          lambda rank: "param window must be an int, got float 5.0")
 
 
 @pytest.mark.parametrize("seed", SEEDS)
