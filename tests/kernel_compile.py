@@ -55,7 +55,7 @@ class Launch:
         ``names`` (constexprs, options) the launch has."""
         values = dict(self.options)
         values.update((n, self.constexpr(n)) for n in names if self.constexpr(n, self) is not self)
-        dtype = [kind[1:] for _, kind in self.signature if kind.startswith("*")][:1]
+        dtype = [kind[1:] for _, kind in self.signature if isinstance(kind, str) and kind.startswith("*")][:1]
         return f"{self.name} ({', '.join(dtype + [self.module] + [f'{n}={values[n]}' for n in names if n in values])})"
 
     @property
