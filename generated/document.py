@@ -637,7 +637,11 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
     mcol0 = tl.load(ptr_doc + b * stride0_doc + offs_j * stride1_doc, mask=(offs_j >= 0) & (offs_j < size1_doc), other=0).to(tl.int64)
     dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, VALUE_DIM_PAD], dtype=tl.float32)
-    for h_in_group in tl.range(0, GROUP):
+    # never software-pipelined (num_stages=1): its query-block loops are the ones to pipeline, and where
+    # Triton folds them away (an Nq of 1 is a constexpr on a GPU, whose loops then run 0 and 1 times) the
+    # pipeliner took this loop instead and failed on its tensor descriptors ("pipeliner doesn't know how to
+    # predicate" tensormap_create: dense's dK/dV at Nq = 1 under GQA, tests/test_probe_sm90c22.py)
+    for h_in_group in tl.range(0, GROUP, num_stages=1):
         h = hk * GROUP + h_in_group
         bh = b * H + h
         if VARLEN:

@@ -999,7 +999,11 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
     qb_m_jump5 = (qb_m5_start - qb_m4_count - qb_m4_start)
     qb_m_at6 = (qb_m1_count + qb_m2_count + qb_m3_count + qb_m4_count + qb_m5_count)
     qb_m_jump6 = (qb_m6_start - qb_m5_count - qb_m5_start)
-    for h_in_group in tl.range(0, GROUP):
+    # never software-pipelined (num_stages=1): its query-block loops are the ones to pipeline, and where
+    # Triton folds them away (an Nq of 1 is a constexpr on a GPU, whose loops then run 0 and 1 times) the
+    # pipeliner took this loop instead and failed on its tensor descriptors ("pipeliner doesn't know how to
+    # predicate" tensormap_create: dense's dK/dV at Nq = 1 under GQA, tests/test_probe_sm90c22.py)
+    for h_in_group in tl.range(0, GROUP, num_stages=1):
         h = hk * GROUP + h_in_group
         bh = b * H + h
         if VARLEN:

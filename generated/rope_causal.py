@@ -514,7 +514,11 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA,
     qb_f_on = (qb_f_x <= qb_f_y)
     qb_full_lo = tl.where(qb_f_on, tl.minimum(qb_hi, tl.maximum(qb_lo, ((BLOCK_M + tl.maximum(0, (qb_f_x - q_offset)) - 1) // BLOCK_M))), qb_lo)
     qb_full_hi = tl.maximum(qb_full_lo, tl.where(qb_f_on, tl.minimum(qb_hi, (tl.maximum(0, (1 + qb_f_y - q_offset)) // BLOCK_M)), qb_full_lo))
-    for h_in_group in tl.range(0, GROUP):
+    # never software-pipelined (num_stages=1): its query-block loops are the ones to pipeline, and where
+    # Triton folds them away (an Nq of 1 is a constexpr on a GPU, whose loops then run 0 and 1 times) the
+    # pipeliner took this loop instead and failed on its tensor descriptors ("pipeliner doesn't know how to
+    # predicate" tensormap_create: dense's dK/dV at Nq = 1 under GQA, tests/test_probe_sm90c22.py)
+    for h_in_group in tl.range(0, GROUP, num_stages=1):
         h = hk * GROUP + h_in_group
         bh = b * H + h
         if VARLEN:

@@ -39,6 +39,8 @@ RECORD = "--record" in sys.argv
 SPECIAL = "--special" in sys.argv  # the cases are special_case(i), not random ones
 # probe_combo21 sets TRITON_INTERPRET=1 unless it is set: "0" keeps it off (Triton's and attncc's reading)
 os.environ.setdefault("TRITON_INTERPRET", "0" if RECORD else "1")
+if RECORD:  # the plain launch, which the recording replaces (the fast one calls a compiled kernel on a CUDA device)
+    os.environ["ATTNCC_FAST_LAUNCH"] = "0"
 _HERE = Path(__file__).resolve().parent
 ROOT = _HERE.parent
 for _p in (str(_HERE), str(ROOT)):
