@@ -22,8 +22,13 @@ Two modes, each its own process:
 - ``--interp``: the same calls under the interpreter against attncc.reference (forward, LSE, backward;
   tests/probe_combo21.py's comparisons).
 
-    python tests/probe_sm90c22.py --record --cases 40 --start 0
+``--special``: the cases are special_case(i) instead, the shipped specs each with SPECIAL_CALLS (one query
+row at offset 16 under GQA, packed rows of one, decode of one row from one page); ``--stage`` ttir / ttgir
+stops every compile there; ``--cache FILE`` keeps the compiled launches' keys across runs.
+
+    python tests/probe_sm90c22.py --record --cases 40 --start 0 --cache /tmp/sm90.json
     python tests/probe_sm90c22.py --interp --cases 40 --start 0
+    python tests/probe_sm90c22.py --record --special --cases 72 --stage ttgir
 """
 from __future__ import annotations
 
