@@ -17,7 +17,7 @@ GPU's built-in tiles (64 x 64 forward and dK/dV, 128 x 32 dQ).
 
 Probed (session 22, on 2 loaded cores; counts of distinct launches are by Launch.key, kernel source +
 Triton's specialization):
-- random specs and calls recorded and compiled for sm90 (seeds 0-157): 470 distinct launches (forward,
+- random specs and calls recorded and compiled for sm90 (seeds 0-334): 1051 distinct launches (forward,
   dK/dV, dQ, preprocess, RoPE rows, tile lists, decode and merge, dropout mask, linear scan / output /
   dq / dkdv / step, the Gluon ws forward, dK/dV, dQ, fused and pre / postprocess), every one to TTGIR,
   one per kernel source, tile config and 16-bit dtype on to PTX (cubin with inline assembly): clean;
