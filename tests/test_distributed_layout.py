@@ -314,3 +314,19 @@ def test_position_keywords_are_refused_whatever_the_layout(keyword, value, bound
     lay = cp.Layout(bounds, (0,) * (len(bounds) - 1), 1)
     with pytest.raises(TypeError, match=rf"attncc.distributed.attention \(causal\): {keyword} not supported"):
         cp.attention(q, q, q, module=module("causal"), layout=lay, **{keyword: value})
+
+
+@pytest.mark.parametrize("name, says", [("zigzag", '"headtail" is the zigzag layout'), ("Zig-Zag", '"headtail"'),
+                                        ("striped", "Layout(tuple(range(n + 1))"), ("load_balanced", '"balanced"')])
+def test_other_libraries_layout_names_say_what_they_are_here(name, says):
+    """Ring-attention users' layout names (zigzag, striped) are refused with what they are here; the
+    striped Layout the message spells is one (rank r holds rows r, r + W, ...)."""
+    from attncc.distributed.api import make_layout
+    from attncc.distributed.layout import Layout
+
+    with pytest.raises(ValueError, match="layout must be a Layout or one of") as e:
+        make_layout(name, 12, 3)
+    assert says in str(e.value)
+    n, world = 12, 3
+    striped = Layout(tuple(range(n + 1)), tuple(c % world for c in range(n)), world)
+    assert [striped.owner[r] for r in range(n)] == [r % world for r in range(n)]

@@ -166,6 +166,16 @@ def _prepare(q, k, v, *, module, pattern, layout, comm, return_lse, scale, input
     return _Prepared(target, q, k, v, lay, mode, softmax_scale, kwargs, params, inputs, pairs, classes, fields)
 
 
+# Other ring-attention libraries' layout names, and what they are here (the refusal says it).
+_STRIPED = ": a striped layout (rank r holding rows r, r + W, ...) is a Layout of one-row chunks, Layout(tuple(range(n + 1)), tuple(c % world for c in range(n)), world)"
+LAYOUT_ALIASES = {
+    "zigzag": ': "headtail" is the zigzag layout (each rank a head chunk and its mirror tail chunk)',
+    "zig-zag": ': "headtail" is the zigzag layout (each rank a head chunk and its mirror tail chunk)',
+    "load_balanced": ': "balanced" balances the pattern\'s work (or "headtail", the zigzag layout)',
+    "striped": _STRIPED, "stripe": _STRIPED,
+}
+
+
 def make_layout(kind: str, n: int, world: int, /, *, module=None, pattern=None, tile: Optional[int] = None,
                 chunks_per_rank: Optional[int] = None, batch: Optional[int] = None, **inputs_and_params) -> Layout:
     """The layout ``kind`` of a sequence of ``n`` positions over ``world`` ranks.
@@ -187,8 +197,9 @@ def make_layout(kind: str, n: int, world: int, /, *, module=None, pattern=None, 
     if kind == "headtail":
         return headtail(n, world)
     if kind not in ("balanced", "auto"):
+        hint = LAYOUT_ALIASES.get(str(kind).lower(), "")
         raise ValueError(f"attncc.distributed: layout must be a Layout or one of {', '.join(KINDS)}, auto; "
-                         f"got {kind!r}")
+                         f"got {kind!r}{hint}")
     if module is None and pattern is None:
         raise ValueError(f"attncc.distributed: the {kind} layout needs module= (or pattern=): it balances the "
                          f"pattern's work")
