@@ -265,3 +265,12 @@ def test_balanced_layouts_take_params_named_like_make_layouts_arguments(name):
     lay = api.resolve_layout("balanced", n_local=64, world=2, rank=0, target=target, params={name: 3}, inputs={})
     assert lay.bounds == cp.make_layout("balanced", 128, 2, module=mod, pattern=text, **{name: 3}).bounds
     assert [lay.local_len(r) for r in range(2)] == [64, 64]
+
+
+@pytest.mark.parametrize("name", ["con", "NUL", "Aux", "com1", "lpt9", "prn"])
+def test_windows_device_names_are_refused_as_module_names(name):
+    """generated/con.py is the console on Windows (any case, any extension): such spec names are
+    refused (they built)."""
+    with pytest.raises(SpecError, match="device name on Windows"):
+        parse_spec(f'name = "{name}"\n[mask]\nwhere = "j <= i"\n')
+    assert parse_spec('name = "console"\n[mask]\nwhere = "j <= i"\n').name == "console"

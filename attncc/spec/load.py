@@ -100,6 +100,9 @@ class _Checker:
         if value in N.SHADOWED_MODULES:
             self.fail(key, f"{value!r} is the name of a Python or attncc module; generated/{value}.py would shadow "
                            f"it (choose another name)")
+        if value.lower() in N.WINDOWS_DEVICE_NAMES:
+            self.fail(key, f"{value!r} is a device name on Windows, where generated/{value}.py cannot be a file "
+                           f"(choose another name)")
         return value
 
     def variable(self, value, key, what):

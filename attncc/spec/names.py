@@ -39,6 +39,10 @@ SHADOWED_MODULES = frozenset(sys.stdlib_module_names) | {
     "mpmath", "markupsafe", "typing_extensions", "torchgen", "filelock", "fsspec", "tqdm",
     "sitecustomize", "usercustomize"}
 
+# Windows opens these device names whatever their case and extension (con.py is the console): a
+# generated/<name>.py of one cannot be written or imported there.
+WINDOWS_DEVICE_NAMES = frozenset({"con", "prn", "aux", "nul"} | {f"{d}{k}" for d in ("com", "lpt") for k in range(1, 10)})
+
 
 def call_keyword(name: str) -> str | None:
     """The generated function whose keyword ``name`` is (never one of the exceptions), or None."""
