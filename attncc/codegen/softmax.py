@@ -194,6 +194,7 @@ def softmax_context(pattern: Pattern, plan, split: bool = False) -> dict:
     param_doc = ", ".join(given)
     input_doc = ", ".join(f"{d.name} ({', '.join(map(str, d.dims))}; {d.dtype})" for d in pattern.inputs)
     call_example = ", ".join([f"{d.name}=..." for d in pattern.inputs] + given)
+    fit = gluon_fit(plan)  # (not cached: each call redoes its analysis of the Plan)
     return dict(
         walk=walk, iteration_note=note, random_blocks=bool(rb_names),
         dynamic=plan.dynamic, **_program_context(plan), exact_lists=plan.needs_exact_lists,
@@ -206,9 +207,8 @@ def softmax_context(pattern: Pattern, plan, split: bool = False) -> dict:
         input_launch=[a for n in used_inputs for a in input_launch(pattern, n, plan.dots)]
         + [(f"{name}_table {name}_rows", f"*_random_table(call, {rb.options[0]}, {rb.options[1]}, {rb.options[2]})")
            for rb, name in rb_names.items()],
-        helpers=helpers, rope=pattern.rope, tile_hint=_tile_hint(plan, split), gluon=gluon_fit(plan).kind,
-        gluon_reason=gluon_fit(plan).reason, gluon_backward=gluon_fit(plan).backward, gluon_auto=gluon_fit(plan).auto,
-        gluon_backward_auto=gluon_fit(plan).backward_auto,
+        helpers=helpers, rope=pattern.rope, tile_hint=_tile_hint(plan, split), gluon=fit.kind,
+        gluon_reason=fit.reason, gluon_backward=fit.backward, gluon_auto=fit.auto, gluon_backward_auto=fit.backward_auto,
         loop_gathers=loop_gathers(pattern, plan.dots),
         rotary_dim_arg=("0" if pattern.rope is None else
                         str(pattern.rope.rotary_dim) if pattern.rope.rotary_dim else "call.D"), param_doc=param_doc, input_doc=input_doc, call_example=call_example,
