@@ -22,9 +22,19 @@ def _starts_early(config) -> bool:
     return not config.option.collectonly and "PYTEST_XDIST_WORKER" not in os.environ
 
 
+def _runs_slow(config) -> bool:
+    return "slow" in (config.option.markexpr or "")
+
+
 def pytest_collection_modifyitems(session, config, items):
-    """The modules whose tests wait for an early child run last: the child has had every test
-    before them to run beside."""
+    """Tests marked slow are skipped unless ``-m`` names slow (``-m slow``, ``-m "slow or not
+    slow"``): the marker alone selects nothing, and CI runs plain ``pytest -q``. The modules whose
+    tests wait for an early child run last: the child has had every test before them to run beside."""
+    if not _runs_slow(config):
+        skip = pytest.mark.skip(reason="slow: runs with -m slow")
+        for item in items:
+            if item.get_closest_marker("slow"):
+                item.add_marker(skip)
     if _starts_early(config):
         late = {item.module for item in items if _early_children(item)}
         items[:] = [x for x in items if getattr(x, "module", None) not in late] + \

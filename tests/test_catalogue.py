@@ -61,11 +61,6 @@ def _force_tiles(monkeypatch, shapes):
         monkeypatch.setenv(f"ATTNCC_CONFIG{kernel}", f"BLOCK_M={bm},BLOCK_N={bn},num_warps=4,num_stages=1")
 
 
-def _full_sweep(request):
-    if "slow" not in (request.config.option.markexpr or ""):
-        pytest.skip("the full catalogue sweep runs with -m slow")
-
-
 @pytest.mark.parametrize("c", FAST, ids=lambda c: c.name)
 def test_pattern(c, monkeypatch):
     """One call per pattern, forward and backward, against the oracle."""
@@ -154,8 +149,7 @@ def test_explain_counts(c, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("c", C.CASES, ids=lambda c: c.name)
-def test_full_sweep(c, request, monkeypatch):
-    _full_sweep(request)
+def test_full_sweep(c, monkeypatch):
     for t, shapes in enumerate(TILES[:3]):
         for kernel in ("", "_DKDV", "_DQ"):
             monkeypatch.delenv(f"ATTNCC_CONFIG{kernel}", raising=False)

@@ -404,11 +404,9 @@ def test_the_bias_port_of_a_256_term_dot_is_flexs():
 
 
 @pytest.mark.slow
-def test_the_bias_port_of_a_256_term_dot_in_the_kernels(request):
+def test_the_bias_port_of_a_256_term_dot_in_the_kernels():
     """The same in the kernels (about 200 s under the interpreter: 256 unrolled terms; runs with
     ``-m slow``)."""
-    if "slow" not in (request.config.option.markexpr or ""):
-        pytest.skip("slow: runs with -m slow")
     def run(q, k, v, x):
         check({"inputs": _EMB, "score": {"bias": "dot(x[q_idx, :], x[kv_idx, :])"}},
               lambda c: lambda s, b, h, i, j: s + (c["x"] @ c["x"].t())[:9][None, None],

@@ -202,11 +202,6 @@ def sweep(cases):
     return [pytest.param(c, id=c[0], marks=() if c[0] in FAST else pytest.mark.slow) for c in cases]
 
 
-def skip_slow(request):
-    if request.node.get_closest_marker("slow") and "slow" not in (request.config.option.markexpr or ""):
-        pytest.skip("a slow case of the sweep: runs with -m slow")
-
-
 # --- §7: every example of specs/, as its Flex port --------------------------------------------
 
 def causal(b, h, q_idx, kv_idx):
@@ -345,8 +340,7 @@ def rope_neox(x, pos, theta=10000.0):
 
 
 @pytest.mark.parametrize("case", sweep(section7_cases()))
-def test_section7_example(case, request):
-    skip_slow(request)
+def test_section7_example(case):
     name, snippet, score_mod, mask_mod, T, learned, kw = case
     check(spec_text(snippet, kw.pop("D", 8)), score_mod, mask_mod, T=T, learned=learned, **kw)
 
@@ -436,16 +430,15 @@ def more_cases():
     return out
 
 
-def check_case(case, request):
+def check_case(case):
     """One case of a sweep (more_cases, section8_cases): its snippet compiled against its Flex functions."""
-    skip_slow(request)
     name, snippet, score_mod, mask_mod, T, learned, kw = case
     check(spec_text(snippet, kw.pop("D", 8)), score_mod, mask_mod, T=T, learned=learned, **kw)
 
 
 @pytest.mark.parametrize("case", sweep(more_cases()))
-def test_a_few_more(case, request):
-    check_case(case, request)
+def test_a_few_more(case):
+    check_case(case)
 
 
 def _spec(**tables):
@@ -551,8 +544,8 @@ def section8_cases():
 
 
 @pytest.mark.parametrize("case", sweep(section8_cases()))
-def test_section8_port(case, request):
-    check_case(case, request)
+def test_section8_port(case):
+    check_case(case)
 
 
 def _wrap_case(index, table, N):
@@ -660,8 +653,7 @@ def run_random_port(seed):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2] + [pytest.param(k, marks=pytest.mark.slow) for k in range(3, 40)])
-def test_random_port_as_written(seed, request):
-    skip_slow(request)
+def test_random_port_as_written(seed):
     run_random_port(seed)
 
 
