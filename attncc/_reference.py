@@ -124,11 +124,12 @@ def _check_inputs(pattern: Pattern, inputs: Mapping[str, Any], batch: int, heads
 def index_env(pattern: Pattern, *, batch: int, heads: int, q_rows: int, k_rows: int, q_offset: int = 0,
               k_offset: int = 0, n_q: Optional[int] = None, n_k: Optional[int] = None,
               inputs: Optional[Mapping[str, torch.Tensor]] = None, params: Optional[Mapping[str, Any]] = None,
-              device=None) -> Dict[str, Any]:
+              device=None, sequence: Optional[int] = None) -> Dict[str, Any]:
     """The environment :func:`evaluate` needs for ``pattern``: broadcast int64 grids
     ``b [B,1,1,1]``, ``h [1,H,1,1]``, ``i [1,1,Nq,1]`` (= q_offset + row), ``j [1,1,1,Nk]``
     (= k_offset + row), the scalars ``n_q``, ``n_k``, ``n_heads`` (= heads), the params
-    (defaults overridden by ``params``) and the input tensors."""
+    (defaults overridden by ``params``) and the input tensors. ``sequence``: sequence ``s`` of a
+    packed call, whose ``b`` grid is that one row, ``b = s`` (the inputs hold ``batch`` rows)."""
     inputs = _check_inputs(pattern, dict(inputs or {}), batch, heads,
                            positions=max(q_offset + q_rows, k_offset + k_rows),
                            ends=(q_offset + q_rows, k_offset + k_rows))
@@ -136,7 +137,7 @@ def index_env(pattern: Pattern, *, batch: int, heads: int, q_rows: int, k_rows: 
         device = next((t.device for t in inputs.values()), torch.device("cpu"))
     ar = lambda n, start=0: torch.arange(start, start + n, dtype=_INT, device=device)  # noqa: E731
     env: Dict[str, Any] = {
-        "b": ar(batch).view(-1, 1, 1, 1),
+        "b": (ar(batch) if sequence is None else ar(1, sequence)).view(-1, 1, 1, 1),
         "h": ar(heads).view(1, -1, 1, 1),
         "i": ar(q_rows, q_offset).view(1, 1, -1, 1),
         "j": ar(k_rows, k_offset).view(1, 1, 1, -1),
@@ -253,7 +254,8 @@ def _check_qkv(pattern: Pattern, q, k, v):
 
 def reference(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, /, *, return_lse: bool = False,
               q_offset: int = 0, k_offset: int = 0, n_q: Optional[int] = None, n_k: Optional[int] = None,
-              **inputs_and_params):
+              cu_seqlens_q: Optional[torch.Tensor] = None, cu_seqlens_k: Optional[torch.Tensor] = None,
+              max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None, **inputs_and_params):
     """The semantics of ``pattern`` on ``q [B,Hq,Nq,D]``, ``k [B,Hkv,Nk,D]``, ``v [B,Hkv,Nk,Dv]``.
 
     Computes densely in float64 on q's device and returns ``o [B,Hq,Nq,Dv]`` (float64), or
@@ -268,14 +270,16 @@ def reference(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     only when ``keep_mask`` (bool, broadcastable to ``[B,Hq,Nq,Nk]``) is given: ``p`` is
     multiplied by ``keep_mask / (1 - dropout_p)`` after the softmax (lse is unaffected).
 
+    Packed sequences (softmax), as the generated ``attention`` takes them (docs §5): with
+    ``cu_seqlens_q`` / ``cu_seqlens_k`` (int32 / int64 ``[S + 1]``) q, k, v are ``[1, H, total, D]``
+    and sequence ``s`` is computed on its own rows (:func:`_packed`).
+
     Linear: ``o_i = phi(q_i).S_i / (phi(q_i).z_i + 1e-6)`` (the ``1e-6``,
     ``attncc.runtime.feature_maps.LINEAR_DENOMINATOR_EPS``, keeps an all-zero denominator
     from giving NaN), causal over global positions ``j <= i`` when the feature map is.
     cosFormer's M is ``max(n_q, n_k)``.
     """
     _check_qkv(pattern, q, k, v)
-    if k.shape[0] != q.shape[0]:  # k, v of batch 1: broadcast over q's batch (as FlexAttention)
-        k, v = k.expand(q.shape[0], *k.shape[1:]), v.expand(q.shape[0], *v.shape[1:])
     known_inputs = [d.name for d in pattern.inputs]
     known_params = [p.name for p in pattern.params]
     extras = [x for x in _EXTRA_KEYWORDS if x not in known_inputs and x not in known_params]
@@ -296,7 +300,23 @@ def reference(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     # checked whether or not a keep mask applies it, as the generated modules check theirs
     dropout_p = (semantics.dropout_probability("reference(): dropout_p", opts["dropout_p"]) if "dropout_p" in opts
                  else pattern.dropout)
+    packing = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    if any(x is not None for x in packing):
+        if q_offset or k_offset or n_q is not None or n_k is not None:
+            raise ValueError("q_offset, k_offset, n_q, n_k cannot be combined with cu_seqlens: every packed sequence "
+                             "starts at position 0 and has its own n_q, n_k")
+        o, lse = _packed(pattern, q, k, v, *packing, inputs=inputs, params=params, opts=opts, dropout_p=dropout_p)
+        return (o, lse) if return_lse else o
+    if k.shape[0] != q.shape[0]:  # k, v of batch 1: broadcast over q's batch (as FlexAttention)
+        k, v = k.expand(q.shape[0], *k.shape[1:]), v.expand(q.shape[0], *v.shape[1:])
+    return _attention(pattern, q, k, v, return_lse=return_lse, q_offset=q_offset, k_offset=k_offset, n_q=n_q, n_k=n_k,
+                      inputs=inputs, params=params, opts=opts, dropout_p=dropout_p)
 
+
+def _attention(pattern: Pattern, q, k, v, *, return_lse: bool, q_offset: int, k_offset: int, n_q, n_k, inputs: dict,
+               params: dict, opts: dict, dropout_p: float, sequence: Optional[int] = None, batch: Optional[int] = None):
+    """:func:`reference` of checked arguments (k, v of q's batch). ``sequence``, ``batch``: sequence
+    ``s`` of a packed call of ``batch`` sequences, whose rows q, k, v are (see :func:`_packed`)."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     device = q.device
@@ -314,8 +334,8 @@ def reference(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         period = max(q_offset + Nq if n_q is None else n_q, k_offset + Nk if n_k is None else n_k, 1)
         return _linear(pattern, qf, kf, vf, q_pos, k_pos, period)
 
-    env = index_env(pattern, batch=B, heads=Hq, q_rows=Nq, k_rows=Nk, q_offset=q_offset, k_offset=k_offset,
-                    n_q=n_q, n_k=n_k, inputs=inputs, params=params, device=device)
+    env = index_env(pattern, batch=B if batch is None else batch, heads=Hq, q_rows=Nq, k_rows=Nk, q_offset=q_offset,
+                    k_offset=k_offset, n_q=n_q, n_k=n_k, inputs=inputs, params=params, device=device, sequence=sequence)
     if pattern.rope is not None:
         rd = pattern.rope.rotary_dim or D
         if rd % 2 or rd > D:
@@ -385,6 +405,72 @@ def reference(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     else:
         o = p @ vf
     return (o, lse) if return_lse else o
+
+
+def _packed(pattern: Pattern, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, inputs: dict,
+            params: dict, opts: dict, dropout_p: float):
+    """(o, lse) of a packed call, as the generated ``attention`` defines it (docs §5): sequence ``s`` is
+    rows ``cu_q[s]:cu_q[s+1]`` of q and ``cu_k[s]:cu_k[s+1]`` of k, v, at positions from 0 with its own
+    ``n_q``, ``n_k`` (its lengths) and ``b = s`` (inputs with a ``"b"`` dim hold S rows, an ``"n"`` dim
+    covers ``max_seqlen``); rows past ``cu_q[-1]`` give ``o = 0``, ``lse = -inf``. A ``keep_mask`` is the
+    padded batch's, broadcastable to ``[S, Hq, max_seqlen_q, max_seqlen_k]`` (sequence ``s`` reads row
+    ``s``, as the kernels draw it). The cu_seqlens are checked as the generated modules check CPU ones."""
+    if pattern.kind == "linear":
+        raise TypeError(f"cu_seqlens apply to softmax patterns; '{pattern.name}' is kind = 'linear' (its attention "
+                        f"takes no packed sequences)")
+    if cu_seqlens_q is None or cu_seqlens_k is None:
+        given = "cu_seqlens_q" if cu_seqlens_q is not None else "cu_seqlens_k" if cu_seqlens_k is not None \
+            else "max_seqlen only"
+        raise ValueError(f"packed sequences need both cu_seqlens_q and cu_seqlens_k, got {given}")
+    if q.shape[0] != 1 or k.shape[0] != 1:
+        raise ValueError(f"with cu_seqlens q, k, v are packed as [1, H, total, D]; got batch {q.shape[0]} (q) and "
+                         f"{k.shape[0]} (k)")
+    ends, longest = [], []
+    for arg, cu, total, given in (("cu_seqlens_q", cu_seqlens_q, q.shape[2], max_seqlen_q),
+                                  ("cu_seqlens_k", cu_seqlens_k, k.shape[2], max_seqlen_k)):
+        if not isinstance(cu, torch.Tensor) or cu.dtype not in (torch.int32, torch.int64):
+            got = str(cu.dtype).replace("torch.", "") if isinstance(cu, torch.Tensor) else type(cu).__name__
+            raise TypeError(f"{arg} must be an int32 or int64 tensor, got {got}")
+        if cu.dim() != 1 or cu.numel() < 2:
+            raise ValueError(f"{arg} must have shape [S + 1] with S >= 1 sequences, got shape {tuple(cu.shape)}")
+        at = cu.tolist()
+        if at[0] != 0:
+            raise ValueError(f"{arg} must start at 0, got {at[0]}")
+        if any(b < a for a, b in zip(at, at[1:])):
+            raise ValueError(f"{arg} must be non-decreasing (cumulative lengths)")
+        if at[-1] > total:
+            raise ValueError(f"{arg} ends at {at[-1]}, past the {total} packed rows")
+        most = max(b - a for a, b in zip(at, at[1:]))
+        if given is not None:
+            name = arg.replace("cu_seqlens", "max_seqlen")
+            given = semantics.int_argument(f"reference(): {name}", given)
+            if given < most:
+                raise ValueError(f"{name} = {given} is less than the longest sequence ({most})")
+        ends.append(at)
+        longest.append(min(most if given is None else given, total))  # (no sequence is longer than the rows)
+    if len(ends[0]) != len(ends[1]):
+        raise ValueError(f"cu_seqlens_q has {len(ends[0]) - 1} sequences, cu_seqlens_k {len(ends[1]) - 1}")
+    S, Hq = len(ends[0]) - 1, q.shape[1]
+    # the inputs as a packed call checks them: S batch rows, "n" covering max_seqlen
+    _check_inputs(pattern, inputs, S, Hq, positions=max(longest), ends=tuple(longest))
+    keep = opts.get("keep_mask")
+    if keep is not None:
+        keep = torch.as_tensor(keep, device=q.device).broadcast_to(S, Hq, *longest)
+    o = [torch.zeros(1, Hq, 0, v.shape[3], dtype=_FLOAT, device=q.device)]
+    lse = [torch.zeros(1, Hq, 0, dtype=_FLOAT, device=q.device)]
+    for s, (a, b, c, d) in enumerate(zip(ends[0], ends[0][1:], ends[1], ends[1][1:])):
+        if b == a:
+            continue
+        o_s, lse_s = _attention(pattern, q[:, :, a:b], k[:, :, c:d], v[:, :, c:d], return_lse=True, q_offset=0,
+                                k_offset=0, n_q=None, n_k=None, inputs=inputs, params=params,
+                                opts=opts if keep is None else {**opts, "keep_mask": keep[s:s + 1, :, :b - a, :d - c]},
+                                dropout_p=dropout_p, sequence=s, batch=S)
+        o.append(o_s)
+        lse.append(lse_s)
+    rest = q.shape[2] - ends[0][-1]  # rows past every sequence
+    o.append(torch.zeros(1, Hq, rest, v.shape[3], dtype=_FLOAT, device=q.device))
+    lse.append(torch.full((1, Hq, rest), -math.inf, dtype=_FLOAT, device=q.device))
+    return torch.cat(o, 2), torch.cat(lse, 2)
 
 
 def _linear(pattern: Pattern, q, k, v, q_pos, k_pos, period):

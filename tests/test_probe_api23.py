@@ -1,0 +1,153 @@
+"""Probe 23 of the call API as an adversarial PyTorch / FlashAttention / FlexAttention user:
+attention(), decode(), packed calls and attncc.reference, against the float64 reference and
+against what SDPA does with the same call.
+
+Probed clean (interpreter, seeded, tiny sizes):
+- packed (cu_seqlens) calls in FlashAttention's own layouts, 100 seeded cases: q, k, v as
+  ``[total, H, D].transpose(0, 1)[None]`` views, as slices of one fused ``[total, 3, H, D]`` qkv
+  tensor, at a storage offset; cu_seqlens int32 / int64 and strided; sequences of length 0 and 1,
+  padding rows past the last sequence, cu_seqlens_q != cu_seqlens_k, max_seqlen exact or larger,
+  GQA 1-3, Dv != D, float16; 11 specs (causal, windows, ALiBi, softcap, bottom-right causal,
+  RoPE, T5 and learned-ALiBi tables with gradients, prefix LM, chunks): o, LSE and every gradient
+  from o and the LSE;
+- packed calls of masks that read n_q / n_k outside a closed form (``j % 5 == n_k % 5``,
+  ``(i + j + n_q) % 4 == 0``, ...: exact block lists at placeholder lengths), 20 cases;
+- decode, 40 seeded cases: contiguous and paged caches (page sizes 16, 17, 24) stored BNHD-
+  transposed, at a storage offset or with a stride-2 head dim, block tables int32 / int64 and
+  transposed, kv_len as a tensor or a list, rows of length 0, GQA groups 1-3, float16;
+- lowered tile dots (``dot(qr[b, h, i, :], kr[b, j, :])``), 80 seeded cases: each operand
+  permuted, stride-2, at an offset or expanded (stride 0) along b or h, declared float32 and
+  passed float16 / bfloat16 / float64, with q_offset, GQA, gradients of both operands; also
+  packed and in decode;
+- autograd: retain_graph=True and a second backward (gradients doubled, learned tables, document
+  and block-list specs, residue / column splits); o or the LSE changed in place before the
+  backward (autograd's error);
+- -inf in bias / mod tables (whole rows, whole columns, a row term, a column term): o, LSE and
+  gradients equal the reference's, no NaN;
+- sizes of one that are a huge stride (2**40 on a batch dim of 1, q and tables; 2**35 on decode's
+  query row); numbers as tensors of other dtypes for scale= (float16, int, [1] and [1, 1] shapes);
+  FlashAttention / SDPA / FlexAttention keywords passed to attention().
+
+Seen, not changed: ``scale=1e38`` (allowed: ``scale * log2(e)`` is within float32) makes scores of
+q.k past 2.4 overflow float32 in the kernels (o NaN) where the float64 reference is finite; SDPA's
+float32 math gives NaN there too. An input table holding +inf makes its rows NaN (o in both), the
+kernels' LSE NaN where the reference's is +inf.
+
+Found and fixed:
+- ``attncc.reference`` refused ``cu_seqlens_q`` / ``cu_seqlens_k`` / ``max_seqlen_*`` ("unexpected
+  keyword"), where docs/spec-language.md §6 says it takes the same keywords as ``attention``: a packed
+  call had no oracle but a loop written by hand, which gets ``b`` wrong for a spec that reads ``b``
+  (``0.3 * b``, a sequence's own row of a ``[b, n]`` table: sliced per sequence, ``b`` is 0). It takes
+  them now (attncc._reference._packed), with attention's checks of the cu_seqlens.
+"""
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+import attncc
+from cases import module, pattern, rel_err
+
+
+def _packed_case(seed):
+    """A seeded packed batch: cu_seqlens (some sequences empty, rows past the last), q, k, v."""
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    S = rng.randint(1, 4)
+    lq = [rng.choice([0, 1, rng.randint(1, 12)]) for _ in range(S)]
+    lk = [rng.choice([0, 1, rng.randint(1, 12)]) for _ in range(S)]
+    cu_q, cu_k = ([0] + torch.tensor(lens).cumsum(0).tolist() for lens in (lq, lk))
+    Tq, Tk = cu_q[-1] + rng.choice([0, 2]), cu_k[-1] + rng.choice([0, 1])
+    Hkv = rng.choice([1, 2])
+    Hq = Hkv * rng.choice([1, 2])
+    q = torch.randn(1, Hq, Tq, 8, generator=gen)
+    k, v = (torch.randn(1, Hkv, Tk, 8, generator=gen) for _ in range(2))
+    dtype = rng.choice([torch.int32, torch.int64])
+    return S, torch.tensor(cu_q, dtype=dtype), torch.tensor(cu_k, dtype=dtype), q, k, v, gen
+
+
+# A spec that reads b itself and a [b, n] table: in a packed call b is the sequence's index
+READS_B = ('[inputs]\nrb = { dims = ["b", "n"], dtype = "float32", grad = true }\n[mask]\nwhere = "j - n_k <= i - n_q"\n'
+           '[score]\nbias = "0.3 * b + rb[b, j] + 0.1 * h"\n')
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_reference_takes_packed_calls(seed):
+    """attncc.reference(..., cu_seqlens_q=, cu_seqlens_k=) equals the module's packed call, o, the LSE
+    and the gradients of q, k, v and a learned [b, n] table (it raised TypeError "unexpected keyword")."""
+    m, p = attncc.compile(READS_B), attncc.parse_spec(READS_B)
+    S, cu_q, cu_k, q, k, v, gen = _packed_case(seed)
+    rb = torch.randn(S, max(q.shape[2], k.shape[2], 1), generator=gen)  # "n" covers max_seqlen
+    leaves = [t.requires_grad_() for t in (q, k, v, rb)]
+    packing = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    if seed % 2:
+        packing.update(max_seqlen_q=int((cu_q[1:] - cu_q[:-1]).max()) + 1, max_seqlen_k=rb.shape[1])
+    o, lse = m.attention(q, k, v, rb=rb, return_lse=True, **packing)
+    r, r_lse = attncc.reference(p, q, k, v, rb=rb, return_lse=True, **packing)
+    assert r.shape == o.shape and r_lse.shape == lse.shape == (1, q.shape[1], q.shape[2])
+    assert rel_err(o.detach(), r.detach()) < 1e-5
+    assert torch.equal(torch.isinf(lse), torch.isinf(r_lse))
+    finite = torch.isfinite(r_lse)
+    assert torch.allclose(lse.double()[finite], r_lse[finite], rtol=0, atol=1e-5)
+    go = torch.randn(o.shape, generator=gen)
+
+    def loss(o, lse):
+        return (o.double() * go.double()).sum() + torch.where(torch.isfinite(lse), lse.double(), 0).sum()
+
+    if not r.requires_grad:  # every sequence empty
+        return
+    got = torch.autograd.grad(loss(o, lse), leaves, allow_unused=True, materialize_grads=True)
+    want = torch.autograd.grad(loss(r, r_lse), leaves, allow_unused=True, materialize_grads=True)
+    for label, a, b in zip(("q", "k", "v", "rb"), got, want):
+        assert rel_err(a, b) < 1e-4, label
+
+
+def test_reference_packed_equals_its_sequences_and_dropout():
+    """Packed reference = the reference of each sequence alone (a spec that reads no b), rows past the
+    last sequence 0; a packed dropout call's keep mask is the padded batch's (row s for sequence s),
+    as the kernels draw it."""
+    mod, p = module("causal_dropout"), pattern("causal_dropout")
+    gen = torch.Generator().manual_seed(11)
+    cu = torch.tensor([0, 4, 4, 13, 14])
+    q, k, v = (torch.randn(1, 2, 16, 8, generator=gen) for _ in range(3))
+    packed = attncc.reference(p, q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu)
+    for a, b in zip(cu.tolist(), cu[1:].tolist()):
+        alone = attncc.reference(p, q[:, :, a:b], k[:, :, a:b], v[:, :, a:b])
+        assert torch.equal(packed[:, :, a:b], alone)
+    assert not packed[:, :, 14:].any()
+    shape = (4, 2, 9, 8)  # the padded batch: 4 sequences of at most 9 rows
+    keep = mod.dropout_keep_mask(torch.zeros(shape), torch.zeros(shape), torch.zeros(shape), seed=3, dropout_p=0.4)
+    o = mod.attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, seed=3, dropout_p=0.4)
+    r = attncc.reference(p, q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, keep_mask=keep, dropout_p=0.4)
+    assert rel_err(o, r) < 1e-5 and rel_err(r, packed) > 0.1
+
+
+BAD_PACKING = [
+    (dict(cu_seqlens_q=torch.tensor([0, 5, 9])), ValueError),                                  # one of two
+    (dict(cu_seqlens_q=torch.tensor([0, 5, 9]), cu_seqlens_k=torch.tensor([0, 5, 9]), max_seqlen_q=3), ValueError),
+    (dict(cu_seqlens_q=torch.tensor([0, 5, 3]), cu_seqlens_k=torch.tensor([0, 5, 3])), ValueError),  # decreasing
+    (dict(cu_seqlens_q=torch.tensor([1, 5]), cu_seqlens_k=torch.tensor([1, 5])), ValueError),        # not from 0
+    (dict(cu_seqlens_q=torch.tensor([0, 50]), cu_seqlens_k=torch.tensor([0, 5])), ValueError),       # past the rows
+    (dict(cu_seqlens_q=torch.tensor([0, 5, 9]), cu_seqlens_k=torch.tensor([0, 9])), ValueError),     # S differs
+    (dict(cu_seqlens_q=torch.tensor([0.0, 5.0]), cu_seqlens_k=torch.tensor([0, 5])), TypeError),
+    (dict(cu_seqlens_q=torch.tensor([0, 5]), cu_seqlens_k=torch.tensor([0, 5]), q_offset=2), ValueError),
+]
+
+
+@pytest.mark.parametrize("kw, error", BAD_PACKING)
+def test_reference_refuses_the_packed_calls_attention_refuses(kw, error):
+    m, p = module("causal"), pattern("causal")
+    q = torch.randn(1, 2, 9, 8)
+    with pytest.raises(error):
+        m.attention(q, q, q, **kw)
+    with pytest.raises(error):
+        attncc.reference(p, q, q, q, **kw)
+    with pytest.raises(TypeError, match="softmax"):  # linear attention takes no packed sequences
+        attncc.reference(pattern("linear_elu"), q, q, q, cu_seqlens_q=torch.tensor([0, 9]),
+                         cu_seqlens_k=torch.tensor([0, 9]))
+    with pytest.raises(ValueError):  # q of batch 2
+        attncc.reference(p, q.expand(2, -1, -1, -1), q, q, cu_seqlens_q=torch.tensor([0, 9]),
+                         cu_seqlens_k=torch.tensor([0, 9]))
