@@ -12,6 +12,7 @@ Public: :func:`reference`, :func:`pair_mask`, :func:`evaluate`, :func:`index_env
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Dict, Mapping, Optional, Tuple
 
@@ -28,6 +29,8 @@ _INT, _FLOAT, _BOOL = torch.int64, torch.float64, torch.bool
 # spec has its name (the spec's name wins, as a param `scale` takes attention()'s scale=; a spec
 # with dropout may name none of them: attncc.spec.names.REFERENCE_DROPOUT_KEYWORDS).
 _EXTRA_KEYWORDS = ("scale", "dropout_p", "keep_mask")
+# A linear pattern's (it has no params or inputs): its attention()'s own keywords, as they mean there
+_LINEAR_KEYWORDS = ("initial_state", "return_state", "seed")
 
 # --------------------------------------------------------------------------------------
 # sympy -> torch
@@ -277,12 +280,14 @@ def reference(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     Linear: ``o_i = phi(q_i).S_i / (phi(q_i).z_i + 1e-6)`` (the ``1e-6``,
     ``attncc.runtime.feature_maps.LINEAR_DENOMINATOR_EPS``, keeps an all-zero denominator
     from giving NaN), causal over global positions ``j <= i`` when the feature map is.
-    cosFormer's M is ``max(n_q, n_k)``.
+    cosFormer's M is ``max(n_q, n_k)``. Its keywords are the generated ``attention``'s:
+    ``initial_state``, ``return_state`` and the performer's ``seed`` (:func:`_linear`).
     """
     _check_qkv(pattern, q, k, v)
     known_inputs = [d.name for d in pattern.inputs]
     known_params = [p.name for p in pattern.params]
-    extras = [x for x in _EXTRA_KEYWORDS if x not in known_inputs and x not in known_params]
+    extras = [x for x in (_LINEAR_KEYWORDS if pattern.kind == "linear" else _EXTRA_KEYWORDS)
+              if x not in known_inputs and x not in known_params]
     inputs, params, opts = {}, {}, {}
     for name, value in inputs_and_params.items():
         if name in known_inputs:
@@ -332,7 +337,7 @@ def _attention(pattern: Pattern, q, k, v, *, return_lse: bool, q_offset: int, k_
         _check_inputs(pattern, inputs, B, Hq)
         _param_values(pattern, params)
         period = max(q_offset + Nq if n_q is None else n_q, k_offset + Nk if n_k is None else n_k, 1)
-        return _linear(pattern, qf, kf, vf, q_pos, k_pos, period)
+        return _linear(pattern, qf, kf, vf, q_pos, k_pos, period, group=group, **opts)
 
     env = index_env(pattern, batch=B if batch is None else batch, heads=Hq, q_rows=Nq, k_rows=Nk, q_offset=q_offset,
                     k_offset=k_offset, n_q=n_q, n_k=n_k, inputs=inputs, params=params, device=device, sequence=sequence)
@@ -473,9 +478,24 @@ def _packed(pattern: Pattern, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
     return torch.cat(o, 2), torch.cat(lse, 2)
 
 
-def _linear(pattern: Pattern, q, k, v, q_pos, k_pos, period):
+def _linear(pattern: Pattern, q, k, v, q_pos, k_pos, period, *, group: int = 1, initial_state=None,
+            return_state=False, seed=None):
+    """Linear attention on q and the k, v of every query head (kv heads repeated ``group`` times), with
+    the generated ``attention``'s keywords: ``initial_state = (S [B, Hkv, F, Dv], z [B, Hkv, F])``, the
+    state of keys before these, added to each row's sums; ``return_state``: also the state after
+    every key, ``(o, (S, z))``; ``seed``: the performer's projection (default the spec's)."""
     fmap = pattern.feature_map
+    if not isinstance(return_state, bool):
+        raise TypeError(f"return_state must be a bool, got {return_state!r}")
+    if seed is not None:
+        if fmap.name != "performer":
+            raise TypeError(f"seed= applies to the performer feature map; this one is {fmap.name!r}")
+        fmap = dataclasses.replace(fmap, seed=semantics.int_argument("reference(): seed", seed, 0, 2**63 - 1))
     phi_q, phi_k = feature_map(q, fmap, q_pos, period), feature_map(k, fmap, k_pos, period)
+    # the state is per kv head: row h * group of the repeated keys is kv head h
+    keys, values = phi_k[:, ::group], v[:, ::group]
+    state = None if initial_state is None else _state(initial_state, (*keys.shape[:2], keys.shape[-1], v.shape[-1]),
+                                                     q.device)
     # phi(q_i).S_i = sum_j (phi(q_i).phi(k_j)) v_j and phi(q_i).z_i = sum_j phi(q_i).phi(k_j):
     # the quadratic form of the same sums, masked to j <= i when causal.
     if fmap.causal and not all(bool(torch.isfinite(t).all()) for t in (phi_q, phi_k, v)):
@@ -491,6 +511,27 @@ def _linear(pattern: Pattern, q, k, v, q_pos, k_pos, period):
         if fmap.causal:
             a = a * (k_pos[None, :] <= q_pos[:, None]).to(a.dtype)
         o = a @ v
+    den = a.sum(-1, keepdim=True)
+    if state is not None:
+        s0, z0 = (t.repeat_interleave(group, dim=1) for t in state)
+        o, den = o + phi_q @ s0, den + phi_q @ z0[..., None]
     if fmap.normalize:
-        o = o / (a.sum(-1, keepdim=True) + LINEAR_DENOMINATOR_EPS)
-    return o
+        o = o / (den + LINEAR_DENOMINATOR_EPS)
+    if not return_state:
+        return o
+    s, z = keys.transpose(-1, -2) @ values, keys.sum(-2)
+    return o, ((s, z) if state is None else (state[0] + s, state[1] + z))
+
+
+def _state(state, shape, device):
+    """A linear call's ``initial_state`` ``(S, z)``, checked against ``shape`` ``[B, Hkv, F, Dv]`` as the
+    generated modules check it, in float64."""
+    if not (isinstance(state, (tuple, list)) and len(state) == 2 and all(isinstance(t, torch.Tensor) for t in state)):
+        raise TypeError(f"initial_state must be a pair (S, z) of tensors, S {list(shape)} and z {list(shape[:3])}, "
+                        f"got {type(state).__name__}")
+    for label, t, want in (("S", state[0], shape), ("z", state[1], shape[:3])):
+        if tuple(t.shape) != tuple(want):
+            raise ValueError(f"initial_state {label} must have shape {list(want)}, got {list(t.shape)}")
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"initial_state {label} must be floating, got {t.dtype}")
+    return tuple(t.to(device=device, dtype=_FLOAT) for t in state)

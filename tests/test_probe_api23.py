@@ -39,6 +39,10 @@ Found and fixed:
   call had no oracle but a loop written by hand, which gets ``b`` wrong for a spec that reads ``b``
   (``0.3 * b``, a sequence's own row of a ``[b, n]`` table: sliced per sequence, ``b`` is 0). It takes
   them now (attncc._reference._packed), with attention's checks of the cu_seqlens.
+- Likewise for a linear pattern: ``initial_state``, ``return_state`` and the performer's ``seed`` were
+  "unexpected keyword" (chunked linear attention had no oracle), while ``scale=``, ``dropout_p=`` and
+  ``keep_mask=``, which linear attention refuses, were taken and ignored without a word. The
+  reference takes linear attention's keywords now (attncc._reference._linear) and refuses the others.
 """
 from __future__ import annotations
 
@@ -151,3 +155,51 @@ def test_reference_refuses_the_packed_calls_attention_refuses(kw, error):
     with pytest.raises(ValueError):  # q of batch 2
         attncc.reference(p, q.expand(2, -1, -1, -1), q, q, cu_seqlens_q=torch.tensor([0, 9]),
                          cu_seqlens_k=torch.tensor([0, 9]))
+
+
+LINEAR_NONCAUSAL = 'kind = "linear"\n[feature_map]\nname = "relu"\ncausal = false\n'
+
+
+@pytest.mark.parametrize("name", ["linear_elu", "performer", "noncausal"])
+def test_reference_takes_linear_attentions_keywords(name):
+    """attncc.reference of a linear pattern takes its attention()'s initial_state, return_state and the
+    performer's seed (it raised "unexpected keyword"), and equals the module's o, states and the
+    gradients of the initial state; two chunks carrying the state equal one call."""
+    if name == "noncausal":
+        m, p = attncc.compile(LINEAR_NONCAUSAL), attncc.parse_spec(LINEAR_NONCAUSAL)
+    else:
+        m, p = module(name), pattern(name)
+    gen = torch.Generator().manual_seed(len(name))
+    q = torch.randn(2, 4, 11, 16, generator=gen)
+    k, v = torch.randn(2, 2, 11, 16, generator=gen), torch.randn(2, 2, 11, 8, generator=gen)
+    kw = {"seed": 7} if name == "performer" else {}
+    o1, state = m.attention(q[:, :, :5], k[:, :, :5], v[:, :, :5], return_state=True, **kw)
+    r1, r_state = attncc.reference(p, q[:, :, :5], k[:, :, :5], v[:, :, :5], return_state=True, **kw)
+    s0 = [t.clone().requires_grad_() for t in state]
+    r0 = [t.detach().double().requires_grad_() for t in state]
+    later = dict(q_offset=5, k_offset=5, return_state=True, **kw)
+    o2, state2 = m.attention(q[:, :, 5:], k[:, :, 5:], v[:, :, 5:], initial_state=s0, **later)
+    r2, r_state2 = attncc.reference(p, q[:, :, 5:], k[:, :, 5:], v[:, :, 5:], initial_state=r0, **later)
+    for got, want in zip((o1, *state, o2, *state2), (r1, *r_state, r2, *r_state2)):
+        assert rel_err(got.detach(), want.detach()) < 1e-5
+    if p.feature_map.causal:  # the reference's chunks, carrying its own state, equal its one call
+        r2_own = attncc.reference(p, q[:, :, 5:], k[:, :, 5:], v[:, :, 5:], initial_state=r_state, **later)[0]
+        assert rel_err(torch.cat([r1, r2_own], 2), attncc.reference(p, q, k, v, **kw)) < 1e-12
+    grads = torch.autograd.grad((o2 * o2).sum() + state2[0].sum() + state2[1].pow(2).sum(), s0)
+    want = torch.autograd.grad((r2 * r2).sum() + r_state2[0].sum() + r_state2[1].pow(2).sum(), r0)
+    assert all(rel_err(a, b) < 1e-5 for a, b in zip(grads, want))
+
+
+@pytest.mark.parametrize("kw, error", [(dict(seed=3), TypeError), (dict(return_state=1), TypeError),
+                                       (dict(initial_state=(torch.zeros(1, 1, 8, 8),)), TypeError),
+                                       (dict(initial_state=(torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 7))), ValueError),
+                                       (dict(scale=0.5), TypeError), (dict(dropout_p=0.1), TypeError)])
+def test_reference_refuses_what_linear_attention_refuses(kw, error):
+    """As linear attention's call: seed= of a map without a projection, a return_state that is not a
+    bool, a malformed state; and scale= / dropout_p=, which the reference took and ignored."""
+    m, p = module("linear_elu"), pattern("linear_elu")
+    q = torch.randn(1, 1, 5, 8)
+    with pytest.raises(error):
+        m.attention(q, q, q, **kw)
+    with pytest.raises(error):
+        attncc.reference(p, q, q, q, **kw)
