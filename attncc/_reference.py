@@ -305,17 +305,42 @@ def reference(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     # checked whether or not a keep mask applies it, as the generated modules check theirs
     dropout_p = (semantics.dropout_probability("reference(): dropout_p", opts["dropout_p"]) if "dropout_p" in opts
                  else pattern.dropout)
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
     packing = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     if any(x is not None for x in packing):
-        if q_offset or k_offset or n_q is not None or n_k is not None:
+        if (q_offset is not False and q_offset != 0) or (k_offset is not False and k_offset != 0) \
+                or n_q is not None or n_k is not None:
             raise ValueError("q_offset, k_offset, n_q, n_k cannot be combined with cu_seqlens: every packed sequence "
                              "starts at position 0 and has its own n_q, n_k")
         o, lse = _packed(pattern, q, k, v, *packing, inputs=inputs, params=params, opts=opts, dropout_p=dropout_p)
         return (o, lse) if return_lse else o
+    q_offset, k_offset, n_q, n_k = _positions(q_offset, k_offset, n_q, n_k, q.shape[2], k.shape[2])
     if k.shape[0] != q.shape[0]:  # k, v of batch 1: broadcast over q's batch (as FlexAttention)
         k, v = k.expand(q.shape[0], *k.shape[1:]), v.expand(q.shape[0], *v.shape[1:])
     return _attention(pattern, q, k, v, return_lse=return_lse, q_offset=q_offset, k_offset=k_offset, n_q=n_q, n_k=n_k,
                       inputs=inputs, params=params, opts=opts, dropout_p=dropout_p)
+
+
+def _positions(q_offset, k_offset, n_q, n_k, Nq: int, Nk: int):
+    """The call's offsets and lengths checked as the generated modules check them (ints, numpy's ints or
+    one-element tensors, no booleans; offsets from 0, ``n_q >= q_offset + Nq``, ``n_k >= k_offset + Nk``,
+    positions below 2**62): the reference computed with ``q_offset=2.5``, ``True`` or an ``n_q`` shorter
+    than the rows, which a call refuses. ``n_q``, ``n_k`` stay None when not given."""
+    q_offset = semantics.int_argument("reference(): q_offset", q_offset)
+    k_offset = semantics.int_argument("reference(): k_offset", k_offset)
+    if max(q_offset + Nq, k_offset + Nk) >= semantics.INT_LIMIT:
+        raise ValueError(f"positions must stay below 2**62, got q_offset + Nq = {q_offset + Nq}, "
+                         f"k_offset + Nk = {k_offset + Nk}")
+    lengths = []
+    for arg, n, offset, rows, which in (("n_q", n_q, q_offset, Nq, "query"), ("n_k", n_k, k_offset, Nk, "key")):
+        if n is not None:
+            n = semantics.int_argument(f"reference(): {arg}", n)
+            if n < offset + rows:
+                raise ValueError(f"{arg} = {n} is shorter than the call's {which} rows, which are positions "
+                                 f"{offset}..{offset + rows - 1} ({arg} must be >= {offset + rows})")
+        lengths.append(n)
+    return (q_offset, k_offset, *lengths)
 
 
 def _attention(pattern: Pattern, q, k, v, *, return_lse: bool, q_offset: int, k_offset: int, n_q, n_k, inputs: dict,

@@ -43,12 +43,16 @@ Found and fixed:
   "unexpected keyword" (chunked linear attention had no oracle), while ``scale=``, ``dropout_p=`` and
   ``keep_mask=``, which linear attention refuses, were taken and ignored without a word. The
   reference takes linear attention's keywords now (attncc._reference._linear) and refuses the others.
+- The reference took ``q_offset=2.5``, ``q_offset=True``, ``return_lse=1``, negative offsets, an ``n_q`` /
+  ``n_k`` shorter than the rows and positions past 2**62, all of which attention refuses (docs §6 says
+  the reference takes numbers as a call does and refuses booleans): with ``j - n_k <= i - n_q`` a short
+  ``n_q`` moved the mask, silently. It checks them as a call does now (attncc._reference._positions).
 """
 from __future__ import annotations
 
-import math
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -74,8 +78,8 @@ def _packed_case(seed):
 
 
 # A spec that reads b itself and a [b, n] table: in a packed call b is the sequence's index
-READS_B = ('[inputs]\nrb = { dims = ["b", "n"], dtype = "float32", grad = true }\n[mask]\nwhere = "j - n_k <= i - n_q"\n'
-           '[score]\nbias = "0.3 * b + rb[b, j] + 0.1 * h"\n')
+READS_B = ('[inputs]\nrb = { dims = ["b", "n"], dtype = "float32", grad = true }\n'
+           '[mask]\nwhere = "j - n_k <= i - n_q"\n[score]\nbias = "0.3 * b + rb[b, j] + 0.1 * h"\n')
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -190,9 +194,12 @@ def test_reference_takes_linear_attentions_keywords(name):
     assert all(rel_err(a, b) < 1e-5 for a, b in zip(grads, want))
 
 
+BAD_STATE = (torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 7))  # z of 7 features, not 8
+
+
 @pytest.mark.parametrize("kw, error", [(dict(seed=3), TypeError), (dict(return_state=1), TypeError),
                                        (dict(initial_state=(torch.zeros(1, 1, 8, 8),)), TypeError),
-                                       (dict(initial_state=(torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 7))), ValueError),
+                                       (dict(initial_state=BAD_STATE), ValueError),
                                        (dict(scale=0.5), TypeError), (dict(dropout_p=0.1), TypeError)])
 def test_reference_refuses_what_linear_attention_refuses(kw, error):
     """As linear attention's call: seed= of a map without a projection, a return_state that is not a
@@ -203,3 +210,21 @@ def test_reference_refuses_what_linear_attention_refuses(kw, error):
         m.attention(q, q, q, **kw)
     with pytest.raises(error):
         attncc.reference(p, q, q, q, **kw)
+
+
+@pytest.mark.parametrize("kw, error", [(dict(q_offset=2.5), TypeError), (dict(q_offset=True), TypeError),
+                                       (dict(k_offset=torch.tensor(False)), TypeError), (dict(q_offset=-1), ValueError),
+                                       (dict(n_q=2.0), TypeError), (dict(n_q=4), ValueError), (dict(n_k=6), ValueError),
+                                       (dict(k_offset=2**62 - 3), ValueError), (dict(return_lse=1), TypeError)])
+def test_reference_checks_offsets_and_lengths_as_attention(kw, error):
+    """The reference computed with offsets and lengths that attention refuses (docs §6: numbers as a
+    call takes them, "in attncc.reference too; a boolean of any kind is refused"): q_offset=2.5 or
+    True, an n_q shorter than the rows (a bottom-right causal mask then moves), positions past 2**62."""
+    m, p = module("cross_causal"), pattern("cross_causal")
+    q, k = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 7, 8)
+    with pytest.raises(error):
+        m.attention(q, k, k, **kw)
+    with pytest.raises(error):
+        attncc.reference(p, q, k, k, **kw)
+    good = dict(q_offset=torch.tensor(3), k_offset=np.int64(1), n_q=np.int32(9), n_k=torch.tensor([8]))
+    assert rel_err(m.attention(q, k, k, **good), attncc.reference(p, q, k, k, **good)) < 1e-5
