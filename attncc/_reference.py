@@ -240,14 +240,18 @@ def _check_qkv(pattern: Pattern, q, k, v):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             got = f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"{n} must be a 4-D tensor [B, H, N, D], got {got}")
-    (bq, hq, _, d), (bk, hk, nk, dk), (bv, hv, nv, _) = q.shape, k.shape, v.shape
+    (bq, hq, _, d), (bk, hk, nk, dk), (bv, hv, nv, dv) = q.shape, k.shape, v.shape
+    if not (d and dv):  # (the default scale 1/sqrt(D) raised ZeroDivisionError)
+        raise ValueError(f"head dims D and Dv must be at least 1 (as a call's), got D = {d}, Dv = {dv}")
     if not (bq == bk == bv or bk == bv == 1):
         raise ValueError(f"q, k, v batch sizes differ: {bq}, {bk}, {bv} (k and v take q's batch size, or 1)")
     if dk != d:
         raise ValueError(f"q and k head dims differ: {d} and {dk}")
     if hk != hv or nk != nv:
         raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must agree on heads and length")
-    if hk == 0 or hq % hk:
+    if hq == 0 or hk == 0:
+        raise ValueError(f"q has {hq} heads, k/v have {hk}: each needs at least one head (as a call's)")
+    if hq % hk:
         raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hk})")
     if pattern.heads_q is not None and hq != pattern.heads_q:
         raise ValueError(f"pattern '{pattern.name}' fixes {pattern.heads_q} query heads, q has {hq}")

@@ -47,6 +47,8 @@ Found and fixed:
   ``n_k`` shorter than the rows and positions past 2**62, all of which attention refuses (docs §6 says
   the reference takes numbers as a call does and refuses booleans): with ``j - n_k <= i - n_q`` a short
   ``n_q`` moved the mask, silently. It checks them as a call does now (attncc._reference._positions).
+- The reference raised ZeroDivisionError for a head dim of 0 (its default scale 1/sqrt(D)) and
+  computed empty outputs for Dv = 0 or 0 query heads; a ValueError now, as attention's.
 """
 from __future__ import annotations
 
@@ -228,3 +230,16 @@ def test_reference_checks_offsets_and_lengths_as_attention(kw, error):
         attncc.reference(p, q, k, k, **kw)
     good = dict(q_offset=torch.tensor(3), k_offset=np.int64(1), n_q=np.int32(9), n_k=torch.tensor([8]))
     assert rel_err(m.attention(q, k, k, **good), attncc.reference(p, q, k, k, **good)) < 1e-5
+
+
+@pytest.mark.parametrize("shapes", [((1, 2, 5, 0), (1, 2, 5, 0), (1, 2, 5, 8)),
+                                    ((1, 2, 5, 8), (1, 2, 5, 8), (1, 2, 5, 0)),
+                                    ((1, 0, 5, 8), (1, 1, 5, 8), (1, 1, 5, 8))])
+def test_reference_refuses_empty_heads_as_attention(shapes):
+    """Head dim 0 raised ZeroDivisionError from the reference's default scale 1/sqrt(D); Dv = 0 and 0
+    query heads computed an empty o. attention() refuses all three with a ValueError; so does the
+    reference now."""
+    q, k, v = (torch.randn(s) for s in shapes)
+    for call in (lambda: module("causal").attention(q, k, v), lambda: attncc.reference(pattern("causal"), q, k, v)):
+        with pytest.raises(ValueError, match="head"):
+            call()
