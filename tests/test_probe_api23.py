@@ -49,6 +49,10 @@ Found and fixed:
   ``n_q`` moved the mask, silently. It checks them as a call does now (attncc._reference._positions).
 - The reference raised ZeroDivisionError for a head dim of 0 (its default scale 1/sqrt(D)) and
   computed empty outputs for Dv = 0 or 0 query heads; a ValueError now, as attention's.
+- FlashAttention's keywords (``cu_seqlens``, ``max_seqlen``, ``block_table``, ``cache_seqlens``,
+  ``seqused_k``, ``softcap``, ``alibi_slopes``, ``sm_scale``, ``return_attn_probs``) got "unexpected
+  keyword(s) ...; known inputs and params: none" with no way out, where FlexAttention's and SDPA's say
+  what to write (attncc.core.semantics.FOREIGN_KEYWORDS): they do too now.
 """
 from __future__ import annotations
 
@@ -242,4 +246,20 @@ def test_reference_refuses_empty_heads_as_attention(shapes):
     q, k, v = (torch.randn(s) for s in shapes)
     for call in (lambda: module("causal").attention(q, k, v), lambda: attncc.reference(pattern("causal"), q, k, v)):
         with pytest.raises(ValueError, match="head"):
+            call()
+
+
+@pytest.mark.parametrize("kw, says", [(dict(cu_seqlens=None), "cu_seqlens_q= and cu_seqlens_k="),
+                                      (dict(max_seqlen=9), "max_seqlen_q="), (dict(block_table=None), "decode"),
+                                      (dict(cache_seqlens=None), "kv_len="), (dict(seqused_k=None), "kv_len="),
+                                      (dict(softcap=30.0), r"\[score\].softcap"), (dict(alibi_slopes=None), "alibi"),
+                                      (dict(sm_scale=0.1), "scale="), (dict(return_attn_probs=True), "return_lse")])
+def test_flash_attention_keywords_say_what_to_write(kw, says):
+    """FlashAttention's keywords (varlen, KV cache, softcap, ALiBi, its softmax scale's other spelling)
+    got "unexpected keyword(s) ...; known inputs and params: none" and nothing else; they say what
+    to write here, as FlexAttention's and SDPA's already did."""
+    q = torch.randn(1, 2, 5, 8)
+    for call in (lambda: module("causal").attention(q, q, q, **kw),
+                 lambda: attncc.reference(pattern("causal"), q, q, q, **kw)):
+        with pytest.raises(TypeError, match=f"unexpected keyword.*{next(iter(kw))}.*{says}"):
             call()

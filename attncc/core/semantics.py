@@ -48,6 +48,16 @@ FOREIGN_KEYWORDS = {
     "softmax_scale": "the softmax scale is scale=",
     "window_size": "a window is the spec's [mask].where (\"j <= i and i - j < window\" with a param window)",
     "dropout_p": "dropout is the spec's [score].dropout",
+    # FlashAttention's flash_attn_varlen_func / flash_attn_with_kvcache and its other options
+    "cu_seqlens": "packed sequences take cu_seqlens_q= and cu_seqlens_k= (both)",
+    "max_seqlen": "packed sequences take max_seqlen_q= and max_seqlen_k=, beside cu_seqlens_q= and cu_seqlens_k=",
+    "block_table": "a paged KV cache is read by decode(q, k_pages, v_pages, kv_len=..., block_table=...)",
+    "cache_seqlens": "a KV cache is read by decode(q, k_cache, v_cache, kv_len=...), its lengths are kv_len=",
+    "seqused_k": "a KV cache is read by decode(q, k_cache, v_cache, kv_len=...), its lengths are kv_len=",
+    "softcap": "a logit softcap is the spec's [score].softcap",
+    "alibi_slopes": "ALiBi is the spec's [score].bias = \"alibi\" (learned slopes: an [inputs] table read in the bias)",
+    "sm_scale": "the softmax scale is scale=",
+    "return_attn_probs": "pass return_lse=True for the log-sum-exp (the probabilities are never formed)",
 }
 
 
