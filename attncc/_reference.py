@@ -166,9 +166,18 @@ def pair_mask(pattern: Pattern, *, q_rows: int, k_rows: int, q_offset: int = 0, 
     pattern's causality lives in its feature map, not here. ``device`` defaults to the
     inputs' device, else the CPU.
     """
+    _check_pattern("pair_mask", pattern)
     env = index_env(pattern, batch=batch, heads=heads, q_rows=q_rows, k_rows=k_rows, q_offset=q_offset,
                     k_offset=k_offset, n_q=n_q, n_k=n_k, inputs=inputs, params=params, device=device)
     return _mask_from_env(pattern, env, (batch, heads, q_rows, k_rows))
+
+
+def _check_pattern(who: str, pattern) -> None:
+    """A TypeError that says how to get a Pattern, for anything else (a spec path, TOML text, a dict or a
+    generated module raised AttributeError "... has no attribute 'heads_q'")."""
+    if not isinstance(pattern, Pattern):
+        raise TypeError(f"{who}(): pattern must be an attncc Pattern, from attncc.load_spec(path) or "
+                        f"attncc.parse_spec(toml_text), got {type(pattern).__name__}")
 
 
 def _mask_from_env(pattern: Pattern, env, shape) -> torch.Tensor:
@@ -287,6 +296,7 @@ def reference(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     cosFormer's M is ``max(n_q, n_k)``. Its keywords are the generated ``attention``'s:
     ``initial_state``, ``return_state`` and the performer's ``seed`` (:func:`_linear`).
     """
+    _check_pattern("reference", pattern)
     _check_qkv(pattern, q, k, v)
     known_inputs = [d.name for d in pattern.inputs]
     known_params = [p.name for p in pattern.params]

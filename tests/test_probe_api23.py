@@ -53,6 +53,9 @@ Found and fixed:
   ``seqused_k``, ``softcap``, ``alibi_slopes``, ``sm_scale``, ``return_attn_probs``) got "unexpected
   keyword(s) ...; known inputs and params: none" with no way out, where FlexAttention's and SDPA's say
   what to write (attncc.core.semantics.FOREIGN_KEYWORDS): they do too now.
+- ``attncc.reference("specs/causal.toml", q, k, v)`` (or TOML text, a dict, a generated module or its
+  SPEC) raised AttributeError "'str' object has no attribute 'heads_q'"; a TypeError now that names
+  attncc.load_spec / attncc.parse_spec (reference() and pair_mask()).
 """
 from __future__ import annotations
 
@@ -263,3 +266,19 @@ def test_flash_attention_keywords_say_what_to_write(kw, says):
                  lambda: attncc.reference(pattern("causal"), q, q, q, **kw)):
         with pytest.raises(TypeError, match=f"unexpected keyword.*{next(iter(kw))}.*{says}"):
             call()
+
+
+@pytest.mark.parametrize("given", ["specs/causal.toml", '[mask]\nwhere = "causal"\n', {"mask": {"where": "causal"}},
+                                   "module", "SPEC"])
+def test_reference_of_something_else_than_a_pattern_says_how_to_get_one(given):
+    """A spec path, TOML text, a dict, a generated module or its SPEC passed as the pattern raised
+    AttributeError "... has no attribute 'heads_q'" (or 'param_values'); a TypeError naming
+    attncc.load_spec / attncc.parse_spec now, from reference() and pair_mask() alike."""
+    given = {"module": module("causal"), "SPEC": module("causal").SPEC}.get(given, given) if isinstance(given, str) \
+        else given
+    q = torch.randn(1, 2, 5, 8)
+    with pytest.raises(TypeError, match=r"pattern must be an attncc Pattern, from attncc.load_spec"):
+        attncc.reference(given, q, q, q)
+    from attncc._reference import pair_mask
+    with pytest.raises(TypeError, match=r"pattern must be an attncc Pattern"):
+        pair_mask(given, q_rows=3, k_rows=3)
