@@ -183,8 +183,8 @@ def test_reference_takes_linear_attentions_keywords(name):
     else:
         m, p = module(name), pattern(name)
     gen = torch.Generator().manual_seed(len(name))
-    q = torch.randn(2, 4, 11, 16, generator=gen)
-    k, v = torch.randn(2, 2, 11, 16, generator=gen), torch.randn(2, 2, 11, 8, generator=gen)
+    q = torch.randn(1, 2, 9, 8, generator=gen)
+    k, v = torch.randn(1, 1, 9, 8, generator=gen), torch.randn(1, 1, 9, 4, generator=gen)
     kw = {"seed": 7} if name == "performer" else {}
     o1, state = m.attention(q[:, :, :5], k[:, :, :5], v[:, :, :5], return_state=True, **kw)
     r1, r_state = attncc.reference(p, q[:, :, :5], k[:, :, :5], v[:, :, :5], return_state=True, **kw)
