@@ -10,6 +10,11 @@ Probed clean (interpreter, seeded, tiny sizes):
   GQA 1-3, Dv != D, float16; 11 specs (causal, windows, ALiBi, softcap, bottom-right causal,
   RoPE, T5 and learned-ALiBi tables with gradients, prefix LM, chunks): o, LSE and every gradient
   from o and the LSE;
+- packed calls (against the reference's packed calls, below) of masks and biases that read ``b``
+  and ``h`` themselves, ``[b, h]``, ``[b, n]`` float16 learned and ``[h, b]`` tables, bottom-right
+  causal and softcaps, GQA 1-3, float16, 112 seeded cases (o, LSE, every gradient); int8 / int16 /
+  int32 / int64 / uint8 ``[b, n]`` and bool / uint8 / int32 ``[h, b]`` tables transposed, strided, at an
+  offset or expanded, 12; all-empty sequences, sequences without keys or without queries (4);
 - packed calls of masks that read n_q / n_k outside a closed form (``j % 5 == n_k % 5``,
   ``(i + j + n_q) % 4 == 0``, ...: exact block lists at placeholder lengths), 20 cases;
 - decode, 40 seeded cases: contiguous and paged caches (page sizes 16, 17, 24) stored BNHD-
@@ -24,6 +29,9 @@ Probed clean (interpreter, seeded, tiny sizes):
   backward (autograd's error);
 - -inf in bias / mod tables (whole rows, whole columns, a row term, a column term): o, LSE and
   gradients equal the reference's, no NaN;
+- dropout_keep_mask beside attention (GQA, k, v of batch 1, offsets, float16 / bfloat16) and the
+  reference given that mask, o and gradients (3); channels_last q, k, v and a [b, h, n, n] learned
+  bias table (float32, float16);
 - sizes of one that are a huge stride (2**40 on a batch dim of 1, q and tables; 2**35 on decode's
   query row); numbers as tensors of other dtypes for scale= (float16, int, [1] and [1, 1] shapes);
   FlashAttention / SDPA / FlexAttention keywords passed to attention().
@@ -31,7 +39,7 @@ Probed clean (interpreter, seeded, tiny sizes):
 Seen, not changed: ``scale=1e38`` (allowed: ``scale * log2(e)`` is within float32) makes scores of
 q.k past 2.4 overflow float32 in the kernels (o NaN) where the float64 reference is finite; SDPA's
 float32 math gives NaN there too. An input table holding +inf makes its rows NaN (o in both), the
-kernels' LSE NaN where the reference's is +inf.
+kernels' LSE NaN where the reference's is +inf (documented, docs §1 "Non-finite values").
 
 Found and fixed:
 - ``attncc.reference`` refused ``cu_seqlens_q`` / ``cu_seqlens_k`` / ``max_seqlen_*`` ("unexpected
