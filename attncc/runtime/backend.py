@@ -24,11 +24,11 @@ chosen on its own: those modules' ``_backward`` opens with
 (``"rendered"``: the fragments' query-block walk, ``qmask`` and ``score_grad`` too, where the Plan's
 transposed walk has a closed form; a call that breaks its precondition runs the ``tl`` backward).
 ``triton``: the ``tl`` backward; ``auto``: the ``tl`` backward (``attncc.runtime.gluon.AUTO_SELECTS_GLUON_BACKWARD``:
-measured no faster) except where the spec's Plan picks the Gluon one (``SpecInfo.gluon_backward_auto``:
-chunk-aligned walks, measured faster; :func:`auto_picks_gluon_backward`); ``gluon``: the Gluon
-backward where it can run the call, else the ``tl`` one (it never refuses: the forward already
-refused what Gluon cannot run at all, and what is left is the Gluon backward's own limit, head dim
-256, where the ``tl`` backward on the Gluon forward's output is what ran before it existed;
+measured no faster) except where the spec's Plan picks the Gluon split one (``SpecInfo.gluon_backward_auto``:
+chunk-aligned walks, measured faster; not with ``ATTNCC_GLUON_BWD=fused``: :func:`auto_picks_gluon_backward`);
+``gluon``: the Gluon backward where it can run the call, else the ``tl`` one (it never refuses: the
+forward already refused what Gluon cannot run at all, and what is left is the Gluon backward's own
+limit, head dim 256, where the ``tl`` backward on the Gluon forward's output is what ran before it existed;
 ``attncc explain`` says which). ``decode()`` and linear attention are ``tl`` kernels whatever the setting.
 
 ``ATTNCC_GLUON_BWD`` (read on every call) says which Gluon backward runs when one does: ``split``
@@ -264,12 +264,15 @@ def gluon_backward_selected(call: Call) -> bool:
 def auto_picks_gluon_backward(call: Call) -> bool:
     """Whether ATTNCC_BACKEND=auto takes the Gluon backward for ``call`` where it can run it: everywhere
     with the switch ``gluon.AUTO_SELECTS_GLUON_BACKWARD`` (off), else where the spec's Plan has it
-    picked (``SpecInfo.gluon_backward_auto``: chunk-aligned walks, measured faster) with the split
-    method, at ``gluon.AUTO_BWD_HEAD_DIMS`` and calls of at least ``gluon.AUTO_MIN_PAIRS`` pairs."""
+    picked (``SpecInfo.gluon_backward_auto``: chunk-aligned walks, measured faster) when the method is
+    split (``ATTNCC_GLUON_BWD`` unset or ``split``: the one measured there; the fused one was slower than
+    ``tl`` on chunked local, and not deterministic, which under ``torch.use_deterministic_algorithms``
+    raised where auto's ``tl`` backward runs), at ``gluon.AUTO_BWD_HEAD_DIMS`` and calls of at least
+    ``gluon.AUTO_MIN_PAIRS`` pairs."""
     if gluon.AUTO_SELECTS_GLUON_BACKWARD:
         return True
-    return (call.spec.gluon_backward_auto and call.D in gluon.AUTO_BWD_HEAD_DIMS
-            and call.B * call.Hq * call.Nq * call.Nk >= gluon.AUTO_MIN_PAIRS)
+    return (call.spec.gluon_backward_auto and gluon_bwd_method() == GLUON_BWD_METHODS[0]
+            and call.D in gluon.AUTO_BWD_HEAD_DIMS and call.B * call.Hq * call.Nq * call.Nk >= gluon.AUTO_MIN_PAIRS)
 
 
 def gluon_backward_problems(call: Call) -> Tuple[str, ...]:

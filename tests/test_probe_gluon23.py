@@ -1,0 +1,112 @@
+"""Probe 23 of the Gluon sm90 backward that ATTNCC_BACKEND=auto (the default) now picks for chunk-aligned
+Plans (GluonFit.backward_auto: block diagonal, chunked local and user specs alike), on the CPU: what it
+found, each as a small seeded regression.
+
+- auto took the Gluon backward for those Plans whatever ``ATTNCC_GLUON_BWD`` said: with ``fused`` it
+  ran the fused kernel (measured slower than ``tl`` on chunked local, docs/performance.md session 22;
+  auto's pick was measured with the split one), which is not deterministic, so under
+  ``torch.use_deterministic_algorithms(True)`` a default-backend chunked_local / block_diagonal
+  backward raised a RuntimeError on sm90 where auto runs the deterministic ``tl`` backward everywhere
+  else. auto's pick is now the split backward's alone (attncc.runtime.backend.auto_picks_gluon_backward).
+"""
+from __future__ import annotations
+
+import random
+import types
+
+import pytest
+import torch
+
+pytest.importorskip("triton.experimental.gluon")
+
+import attncc  # noqa: E402
+from attncc.runtime import backend, call as call_mod  # noqa: E402
+from attncc.runtime.gluon import bwd, bwd_fused, launch  # noqa: E402
+from cases import module, pattern  # noqa: E402
+from gluon_emulation import EmulatedKernel  # noqa: E402
+
+CHUNKED = ("block_diagonal", "chunked_local")
+
+
+@pytest.fixture
+def auto_sm90(monkeypatch):
+    """ATTNCC_BACKEND=auto with CPU tensors standing in for an sm90 GPU's, every call past
+    AUTO_MIN_PAIRS, the Gluon backward's kernels emulated (tests/gluon_emulation.py); the forward
+    the tl one (auto's Gluon forward off), so that only the backward's choice is under test."""
+    monkeypatch.setenv("ATTNCC_BACKEND", "auto")
+    monkeypatch.setattr(call_mod, "_BOUND", {})
+    monkeypatch.setattr(backend, "device_problem", lambda device: None)
+    monkeypatch.setattr(backend, "interpreting", lambda: False)
+    monkeypatch.setattr(backend.gluon, "AUTO_MIN_PAIRS", 0)
+    monkeypatch.setattr(backend.gluon, "AUTO_SELECTS_GLUON", False)
+    monkeypatch.setattr(launch, "check_devices", lambda q, k, v: None)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(
+        multi_processor_count=132, name="stub H100"))
+    stubs = {}
+    for kernel in (bwd.attn_bwd_dkdv, bwd.attn_bwd_dq, bwd_fused.attn_bwd_fused):
+        stubs[kernel.fn.__name__] = EmulatedKernel(kernel)
+        monkeypatch.setattr(kernel, "run", stubs[kernel.fn.__name__])
+    return stubs
+
+
+def random_call(rng):
+    name = rng.choice(CHUNKED)
+    Hkv = rng.choice((1, 2))
+    shape = dict(B=rng.choice((1, 2)), Hq=Hkv * rng.choice((1, 2)), Hkv=Hkv, Nq=rng.choice((1, 16, 37, 64)),
+                 Nk=rng.choice((1, 16, 37, 64)))
+    kw = dict(chunk=rng.choice((1, 16, 37, 64, 1024)), q_offset=rng.choice((0, 16, 37)),
+              k_offset=rng.choice((0, 16, 37)))
+    return name, shape, kw
+
+
+def tensors(shape, seed, D=128):
+    gen = torch.Generator().manual_seed(seed)
+    B, Hq, Hkv, Nq, Nk = (shape[n] for n in ("B", "Hq", "Hkv", "Nq", "Nk"))
+    return [torch.randn(*s, generator=gen).to(torch.bfloat16)
+            for s in ((B, Hq, Nq, D), (B, Hkv, Nk, D), (B, Hkv, Nk, D), (B, Hq, Nq, D))]
+
+
+def bound(name, shape, kw, seed):
+    q, k, v, _ = tensors(shape, seed)
+    positions = {n: kw[n] for n in ("q_offset", "k_offset")}
+    return attncc.runtime.bind(module(name).SPEC, q, k, v, kwargs={"chunk": kw["chunk"]}, **positions)
+
+
+def test_auto_picks_the_split_gluon_backward_alone(monkeypatch, auto_sm90):
+    """auto's Gluon backward of a chunk-aligned Plan is the split one's pick: with ATTNCC_GLUON_BWD=fused
+    auto keeps tl (the fused kernel was not what auto's pick was measured with, and is not
+    deterministic); ATTNCC_BACKEND=gluon still runs the fused one. Seeded random calls."""
+    rng = random.Random(23)
+    for seed in range(12):
+        name, shape, kw = random_call(rng)
+        for method, want in (("split", True), ("", True), ("fused", False)):
+            monkeypatch.setenv("ATTNCC_GLUON_BWD", method)
+            call_mod._BOUND.clear()
+            assert backend.gluon_backward_selected(bound(name, shape, kw, seed)) is want, (name, shape, kw, method)
+        monkeypatch.setenv("ATTNCC_BACKEND", "gluon")
+        assert backend.gluon_backward_selected(bound(name, shape, kw, seed)) is True
+        monkeypatch.setenv("ATTNCC_BACKEND", "auto")
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_deterministic_default_backward_of_chunked_plans_runs(monkeypatch, auto_sm90, seed):
+    """Under torch.use_deterministic_algorithms(True) with ATTNCC_GLUON_BWD=fused, the default backend's
+    backward of block diagonal / chunked local runs (tl, deterministic) and matches the reference;
+    it raised a RuntimeError from the fused Gluon backward auto had picked."""
+    rng = random.Random(100 + seed)
+    name = CHUNKED[seed]
+    shape = dict(B=1, Hq=2, Hkv=rng.choice((1, 2)), Nq=rng.choice((17, 24)), Nk=rng.choice((17, 24)))
+    chunk = rng.choice((5, 8, 11))
+    monkeypatch.setenv("ATTNCC_GLUON_BWD", "fused")
+    q, k, v, do = tensors(shape, seed)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    torch.use_deterministic_algorithms(True)
+    try:
+        module(name).attention(*leaves, chunk=chunk, q_offset=3).backward(do)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert not any(s.launches for s in auto_sm90.values())
+    ref = [t.double().requires_grad_() for t in (q, k, v)]
+    want = torch.autograd.grad(attncc.reference(pattern(name), *ref, chunk=chunk, q_offset=3), ref, do.double())
+    for t, w in zip(leaves, want):
+        assert float((t.grad.double() - w).norm() / w.norm()) < 2e-2
