@@ -8,6 +8,11 @@ found, each as a small seeded regression.
   ``torch.use_deterministic_algorithms(True)`` a default-backend chunked_local / block_diagonal
   backward raised a RuntimeError on sm90 where auto runs the deterministic ``tl`` backward everywhere
   else. auto's pick is now the split backward's alone (attncc.runtime.backend.auto_picks_gluon_backward).
+- The Plan's pick (attncc.analysis.builtin._chunk_aligned) took any band with a floor somewhere in both
+  its bounds, so a window inside the chunks (``j > i - w and i // chunk == j // chunk``, ``i - j <= 3``
+  and the chunks), a sliding window where the Gluon backward was measured slower (1.02-1.04x the
+  ``tl`` one), went to the Gluon backward under auto; its docstring's shape, floor steps cut at most
+  by the diagonal and by bounds the same on every row, is now the rule.
 """
 from __future__ import annotations
 
@@ -20,6 +25,10 @@ import torch
 pytest.importorskip("triton.experimental.gluon")
 
 import attncc  # noqa: E402
+from attncc.analysis import analyze  # noqa: E402
+from attncc.analysis.builtin import gluon_fit  # noqa: E402
+from attncc.analysis.score import canonical_score  # noqa: E402
+from attncc.spec import parse_spec  # noqa: E402
 from attncc.runtime import backend, call as call_mod  # noqa: E402
 from attncc.runtime.gluon import bwd, bwd_fused, launch  # noqa: E402
 from cases import module, pattern  # noqa: E402
@@ -95,7 +104,7 @@ def test_deterministic_default_backward_of_chunked_plans_runs(monkeypatch, auto_
     it raised a RuntimeError from the fused Gluon backward auto had picked."""
     rng = random.Random(100 + seed)
     name = CHUNKED[seed]
-    shape = dict(B=1, Hq=2, Hkv=rng.choice((1, 2)), Nq=rng.choice((17, 24)), Nk=rng.choice((17, 24)))
+    shape = dict(B=1, Hq=2, Hkv=rng.choice((1, 2)), Nq=rng.choice((9, 17)), Nk=rng.choice((9, 17)))
     chunk = rng.choice((5, 8, 11))
     monkeypatch.setenv("ATTNCC_GLUON_BWD", "fused")
     q, k, v, do = tensors(shape, seed)
@@ -110,3 +119,29 @@ def test_deterministic_default_backward_of_chunked_plans_runs(monkeypatch, auto_
     want = torch.autograd.grad(attncc.reference(pattern(name), *ref, chunk=chunk, q_offset=3), ref, do.double())
     for t, w in zip(leaves, want):
         assert float((t.grad.double() - w).norm() / w.norm()) < 2e-2
+
+
+def chunk_spec(where: str):
+    return parse_spec(f'name = "probe23"\n[params]\nchunk = 64\nw = 20\np = 5\nc2 = 48\n[mask]\nwhere = "{where}"\n')
+
+
+@pytest.mark.parametrize("where, picked", [
+    ("i // chunk == j // chunk", True),
+    ("j <= i and i // chunk == j // chunk", True),
+    ("j >= i and i // chunk == j // chunk", True),  # the transpose of chunked local
+    ("i // chunk == j // chunk and i // c2 == j // c2", True),
+    ("i // chunk == j // chunk and j >= p", True),  # a bound the same on every row
+    ("i // chunk == j // chunk and j < n_k - 3", True),
+    ("abs(i // chunk - j // chunk) <= 1", True),
+    ("j <= i and j > i - w and i // chunk == j // chunk", False),  # a sliding window inside the chunks
+    ("i // chunk == j // chunk and i - j <= 3", False),
+    ("i // chunk == j // chunk and j - i <= w", False),
+    ("j <= i and j > i - w", False),
+])
+def test_auto_backward_plans_are_chunks_not_windows(where, picked):
+    """GluonFit.backward_auto: bands stepping with a floor of the row, cut at most by the diagonal and by
+    bounds the same on every row; a bound sliding with the row (a window) keeps the tl backward."""
+    fit = gluon_fit(analyze(canonical_score(chunk_spec(where))))
+    assert fit.backward and fit.backward_auto is picked, (where, fit.backward_auto_reason)
+    if not picked:
+        assert "not chunk-aligned" in fit.backward_auto_reason
