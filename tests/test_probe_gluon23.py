@@ -16,8 +16,12 @@ found, each as a small seeded regression.
 """
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,8 +37,12 @@ from attncc.runtime import backend, call as call_mod  # noqa: E402
 from attncc.runtime.gluon import bwd, bwd_fused, launch  # noqa: E402
 from cases import module, pattern  # noqa: E402
 from gluon_emulation import EmulatedKernel  # noqa: E402
+from kernel_compile import without_interpreter  # noqa: E402
 
 CHUNKED = ("block_diagonal", "chunked_local")
+ROOT = Path(__file__).resolve().parent.parent
+# the slow sweeps' sizes (the probe's seeds 0-349 and compiles 0-14 ran clean, docstring)
+SWEEP = int(os.environ.get("ATTNCC_PROBE23_CASES", "20"))
 
 
 @pytest.fixture
@@ -145,3 +153,23 @@ def test_auto_backward_plans_are_chunks_not_windows(where, picked):
     assert fit.backward and fit.backward_auto is picked, (where, fit.backward_auto_reason)
     if not picked:
         assert "not chunk-aligned" in fit.backward_auto_reason
+
+
+def _script(name, args, env):
+    run = subprocess.run([sys.executable, str(ROOT / "tests" / name), *args], env=env, cwd=ROOT, capture_output=True,
+                         text=True, timeout=3600)
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_auto_gluon_backward_sweep_matches_the_reference():
+    """tests/probe_gluon23.py's seeded sweep (ATTNCC_PROBE23_CASES cases, ~6 s each): auto's choice of
+    backward and the gradients through the emulated Gluon kernels against the float64 reference."""
+    _script("probe_gluon23.py", ["--cases", str(SWEEP), "--start", "0"], {**os.environ, "TRITON_INTERPRET": "1"})
+
+
+@pytest.mark.slow
+def test_auto_gluon_backward_launches_compile_for_sm90():
+    """tests/compile_gluon23.py: the Gluon backward launches auto makes for chunk-aligned specs at values
+    Triton specializes (a chunk of 1 or 16, Nq = 1, offsets 1 / 16), compiled for sm90 (~15 s a case)."""
+    _script("compile_gluon23.py", ["--cases", str(max(SWEEP // 5, 1)), "--start", "0"], without_interpreter())
