@@ -1,6 +1,22 @@
 """Probe 23 of the Gluon sm90 backward that ATTNCC_BACKEND=auto (the default) now picks for chunk-aligned
 Plans (GluonFit.backward_auto: block diagonal, chunked local and user specs alike), on the CPU: what it
-found, each as a small seeded regression.
+found, each as a small seeded regression, and the probe's sweeps (marked slow).
+
+Probed clean (tests/probe_gluon23.py, seeds 0-449): 450 seeded calls of block diagonal, chunked local
+and 11 user specs (anti-causal chunks, shifted chunks, two chunkings, chunks of different query / key
+sizes, n_k bounds, fixed heads, a spec scale; and look-alikes with a bias, softcap or mod that auto
+must keep on tl) through the generated modules under ATTNCC_BACKEND=auto, the device stubbed as an
+sm90 and the Gluon kernels emulated at the GPU's tiles: 187 ran the Gluon backward (of seeds
+350-449's 37: chunks off the 128 tile in 26, not dividing N in 34, offsets off the tile in 11,
+Nq != Nk in 25, GQA 24 / MQA 15, B > 1 17, k / v of batch 1 4, n_q / n_k 20, a loss on the LSE 14,
+after the tl forward 7), 263 the
+tl one (head dim 64, packed sequences, calls below AUTO_MIN_PAIRS, score terms, chunks <= 0, positions
+past int32); auto's choice matched its rule on every call and o, lse, dq, dk, dv the float64
+reference. tests/compile_gluon23.py: 15 such launches (30 kernels: chunk 1 / 16, Nq or Nk 1, offsets
+1 / 16, one head) compiled for sm90 to cubins, clean. Not probed here: the fused method's emulation
+(tests/test_gluon_bwd.py has it), the kernels on a GPU.
+
+Found:
 
 - auto took the Gluon backward for those Plans whatever ``ATTNCC_GLUON_BWD`` said: with ``fused`` it
   ran the fused kernel (measured slower than ``tl`` on chunked local, docs/performance.md session 22;
