@@ -6,6 +6,10 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # pytest -n: the workers share the cores, not each all of them
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # `import generated.<name>` as a user would from the repo root
@@ -28,7 +32,7 @@ def _runs_slow(config) -> bool:
 
 def pytest_collection_modifyitems(session, config, items):
     """Tests marked slow are skipped unless ``-m`` names slow (``-m slow``, ``-m "slow or not
-    slow"``): the marker alone selects nothing, and CI runs plain ``pytest -q``. The modules whose
+    slow"``): the marker alone selects nothing, and CI runs ``pytest -q -n auto``. The modules whose
     tests wait for an early child run last: the child has had every test before them to run beside."""
     if not _runs_slow(config):
         skip = pytest.mark.skip(reason="slow: runs with -m slow")
