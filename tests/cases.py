@@ -6,6 +6,7 @@ import glob
 import importlib
 from pathlib import Path
 
+import pytest
 import torch
 
 import attncc
@@ -17,6 +18,15 @@ SPEC_NAMES = [Path(f).stem for f in SPEC_FILES]
 # Specs with dropout are random by default: tests/test_dropout.py checks them against the reference.
 SOFTMAX = [n for n in SPEC_NAMES if load_spec(ROOT / "specs" / f"{n}.toml").kind == "softmax"
            and not load_spec(ROOT / "specs" / f"{n}.toml").dropout]
+
+
+
+def share(values, part: int, of: int):
+    """``values`` as pytest params, those but every ``of``-th from ``part`` marked slow: sweeps of one
+    file over the same values (the specs) with different ``part`` run one value each by default,
+    so that every value still runs once without ``-m slow`` (CI's time), and all of them with it."""
+    return [pytest.param(v, marks=() if k % of == part else pytest.mark.slow) for k, v in enumerate(values)]
+
 
 SMALL_PARAMS = {
     "sliding_window": {"window": 13},

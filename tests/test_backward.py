@@ -11,7 +11,7 @@ import attncc
 from attncc.analysis import analyze
 from attncc.codegen import build
 from attncc.runtime import bind, blocks, tiles
-from cases import SMALL_PARAMS, SOFTMAX, heads_for, inputs_for, module, pattern, rel_err, build_inline
+from cases import SMALL_PARAMS, SOFTMAX, share, heads_for, inputs_for, module, pattern, rel_err, build_inline
 
 GRAD_TOL = {torch.float32: 1e-3, torch.float16: 2e-2}
 
@@ -50,12 +50,12 @@ def grad_case(name, *, B=2, Nq=45, Nk=None, D=32, Dv=None, dtype=torch.float32, 
 # every spec
 # ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", SOFTMAX)
+@pytest.mark.parametrize("name", share(SOFTMAX, 0, 2))
 def test_spec_gradients_odd_length(name):
     grad_case(name, Nq=45 if name != "bigbird" else 150, B=1 if name in ("bigbird", "gqa") else 2)  # gqa: 32 heads
 
 
-@pytest.mark.parametrize("name", SOFTMAX)
+@pytest.mark.parametrize("name", share(SOFTMAX, 1, 2))
 def test_spec_gradients_cross_attention(name):
     grad_case(name, B=1, Nq=37, Nk=70, D=16, seed=1)
 
