@@ -467,7 +467,10 @@ def _value(expr, env):  # noqa: C901 - one flat dispatch, as the reference's eva
         base, k = tensors[0], expr.exp
         if k == sympy.Rational(1, 2):
             return torch.sqrt(base.double())
-        return base ** int(k) if k.is_Integer and k >= 0 and not base.is_floating_point() else base.double() ** float(k)
+        if k.is_Integer and k >= 0 and not base.is_floating_point():
+            return base ** int(k)
+        # a float power; an exponent of params (2 ** w, an int param: a float power) takes its value
+        return base.double() ** (float(k) if k.is_number else tensors[1].double())
     if isinstance(expr, sympy.Abs):
         return torch.abs(tensors[0])
     if isinstance(expr, sympy.Mod):  # Python's %: the sign of the divisor, ints and floats alike
