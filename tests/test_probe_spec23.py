@@ -57,24 +57,25 @@ Found and fixed:
   ``j = 2**52``). Documented now (§3.3, "Float arithmetic");
   :func:`test_rational_comparison_is_exact_past_2_53` pins it (the block classifier stays sound
   there, and conservative).
+- ``c ** w`` of ints where w is no literal (an int param: a float power, torch.pow's value in the
+  reference and Python) was ``exp2(w * log2(c))`` in the kernels' float64 mask code,
+  9.000000000000002 for ``3 ** 2`` (exact only for bases 2 and 4 among 2..12 at exponents 1..14).
+  The docs allowed "other powers" a last bit "which only matters for a pair exactly on the
+  boundary", but positions hit an integer power exactly, and ``%`` / ``//`` carry the difference
+  to every pair: ``i % 3 ** w == j % 3 ** w`` at ``w = 2`` put every multiple of 9 in the wrong
+  class, o off by 3.3, silently. A helper ``_ipow64`` (templates/helpers.j2) rounds a whole power
+  below 2**40 to its integer now (:func:`test_kernel_power_of_a_param_is_torch_pow`); docs §3.3
+  list such powers among the exact operations.
 
-Found, not fixed (strict xfail tests below; a fix touches the printer's powers and the closed-form
-bounds of every kernel, and the generated modules):
+Found, not fixed (a strict xfail test below; a fix touches the closed-form bounds of the kernels):
 
 - A row or column bound with an int to an int param's power (``i <= 4 ** w``, ``j <= 2 ** w``,
   ``j <= i and i - j <= 5 ** w``) does not run: the closed-form bounds print ``floor(b ** w)`` as
   ``tl.floor(tl.exp2(w * tl.log2(b)))`` in float32 where the loop needs an int (interpreter:
-  "InterpreterError: TypeError('unexpected type fp32')"); in float32 that floor is also off by
-  one for most bases (3 ** 5 is 242.99997, 10 ** 3 is 999.99988). ``i <= 2.0 ** w`` and
-  ``i < 2 ** w or j <= i`` run.
-- ``b ** w`` (an int param w: a float power) is ``exp2(w * log2(b))`` in the kernels' float64 mask
-  code, not torch.pow's value: 9.000000000000002 for ``3 ** 2`` (exact only for bases 2 and 4
-  among 2..12 at exponents 1..14). The docs allow "other powers" a last bit "which only matters for
-  a pair exactly on the boundary", but positions hit an integer power exactly, and ``%`` / ``//``
-  carry the difference to every pair: ``i % 3 ** w == j % 3 ** w`` at ``w = 2`` puts every
-  multiple of 9 in the wrong class, o off by 3.3, silently. (A fix: round the exp2 result to the
-  nearest integer where the base is an integer, the exponent a whole number >= 0 and the result
-  below 2**53, in ``_pow`` and the float64 printer, and print bounds through it as int64.)
+  "InterpreterError: TypeError('unexpected type fp32')"); in float32 that floor would also be off
+  by one for most bases (3 ** 5 is 242.99997, 10 ** 3 is 999.99988), so a cast alone would turn
+  the crash into wrong bounds: the bounds need the power in int64 (or float64 through
+  ``_ipow64``). ``i <= 2.0 ** w`` and ``i < 2 ** w or j <= i`` run.
 
 Seen, not changed: ``where(j > 0, i % j, 1)`` and ``j > 0 and i % j == 0`` are refused (the divisor
 of ``i % j`` may be 0), as the docs say, though Python's ``and`` would never divide by 0 there; a
@@ -202,14 +203,26 @@ def test_kernel_row_bound_of_a_power_of_a_param():
     assert _kernel_vs_reference("i <= 4 ** w", {"w": 2}) < 1e-5
 
 
-@pytest.mark.xfail(strict=True, reason="not fixed: the kernels compute b ** w (an int param w, a float power) as "
-                                       "exp2(w * log2(b)), 9.000000000000002 for 3 ** 2, where torch.pow (the "
-                                       "reference, Python) gives 9.0")
 def test_kernel_power_of_a_param_is_torch_pow():
-    """``i % 3 ** w == j % 3 ** w`` with ``w = 2``: every multiple of 9 takes the wrong class in the
-    kernels (``9 % 9.000000000000002`` is 9, not 0), o off by 3.3, silently. docs §3.3 allows "other
-    powers" a last-bit difference "which only matters for a pair exactly on the boundary", but an
-    integer's power is hit exactly by positions, and ``%`` / ``//`` carry the difference to every
-    pair. (Exact only for bases 2 and 4 among 2..12 at exponents 1..14, in float64; 44 of 50 wrong
-    in float32 from base 3 to 10.)"""
-    assert _kernel_vs_reference("i % 3 ** w == j % 3 ** w", {"w": 2}) < 1e-5
+    """``c ** w`` of ints where w is no literal (a float power, torch.pow's value in the reference and
+    Python's) was ``exp2(w * log2(c))`` in the kernels' float64 mask code: 9.000000000000002 for
+    ``3 ** 2`` (exact only for bases 2 and 4 among 2..12 at exponents 1..14), so ``i % 3 ** w ==
+    j % 3 ** w`` at ``w = 2`` put every multiple of 9 in the wrong class (o off by 3.3, silently;
+    the docs' "last bit on the boundary" for other powers, but positions hit an integer power
+    exactly and ``%`` carries it to every pair). ``_ipow64`` rounds a whole power below 2**40 to its
+    integer now. Seeded: bases and exponents as params, overridden per call."""
+    import random
+
+    text = ('head_dim = 16\ndtypes = ["float32"]\n[params]\nc = 3\nw = 2\n'
+            '[mask]\nwhere = "i % c ** w == j % c ** w or (i - j) // c ** w == 1"\n')
+    pattern, module = build_spec(text)
+    rng = random.Random(23)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 40, 16, generator=gen) for _ in range(3))
+    for c, w in [(3, 2), (5, 2), (6, 2), (3, 3)] + [rng.choice([(7, 1), (10, 1), (-3, 3), (-6, 2), (11, 1)])]:
+        o = module.attention(q, k, v, c=c, w=w)
+        ref = attncc.reference(pattern, q.double(), k.double(), v.double(), c=c, w=w)
+        code = P.oracle_code("i % c ** w == j % c ** w or (i - j) // c ** w == 1")
+        python = P.oracle_grid(code, {"c": P.C64(c), "w": P.C64(w)}, list(range(40)), list(range(40)), False)
+        assert torch.equal(pair_mask(pattern, q_rows=40, k_rows=40, params={"c": c, "w": w})[0, 0], python)
+        assert float((o.double() - ref).abs().max()) < 1e-5, (c, w)

@@ -11,7 +11,7 @@ from attncc.core import semantics
 
 # the helpers of templates/helpers.j2 that take no parameters
 FIXED = ("_floordiv", "_floormod", "_mod_wraps", "_mod_sum", "_sum_carry", "_ipow", "_pow", "_shift", "_row_term_o",
-         "_tanh", "_alibi_slope", "_sin", "_cos", "_sqrt64", "_floormod64", "_floordiv64", "_tanh64", "_alibi_slope64",
+         "_tanh", "_alibi_slope", "_sin", "_cos", "_sqrt64", "_ipow64", "_floormod64", "_floordiv64", "_tanh64", "_alibi_slope64",
          "_random_hit")
 # those the Gluon fragments may call (helpers.j2 writes them as @gluon.jit functions too), and the
 # T5 buckets (``_bucket_*``); the float64 ones belong to mask code Gluon does not print

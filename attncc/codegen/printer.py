@@ -378,6 +378,9 @@ class TritonPrinter:
             return f"{self.lang}.exp({self._f64(exp)})"
         if base == 2:
             return f"{self.lang}.exp2({self._f64(exp)})"
+        if base.is_integer and exp.is_integer:  # 3 ** w: torch.pow's integer, not exp2's neighbour
+            self.helpers |= {"_pow", "_ipow64"}
+            return f"_ipow64({x}, {self._f64(exp)})"
         return self._general_pow(base, exp, x, self._f64(exp))
 
     def _general_pow(self, base, exp, x: str, y: str) -> str:
