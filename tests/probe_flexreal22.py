@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import math
+import operator
 import os
 import random
 import re
@@ -55,7 +57,20 @@ TOL = {torch.float32: 2e-4, torch.float16: 1.5e-2, torch.bfloat16: 6e-2}
 GRAD_TOL = {torch.float32: 1e-3, torch.float16: 4e-2, torch.bfloat16: 1.5e-1}
 
 _TORCH_NAMES = {"where": "torch.where", "abs": "torch.abs", "tanh": "torch.tanh", "exp": "torch.exp",
-                "sigmoid": "torch.sigmoid", "min": "torch.minimum", "max": "torch.maximum"}
+                "sigmoid": "torch.sigmoid", "min": "_minimum", "max": "_maximum", "log": "torch.log",
+                "sqrt": "torch.sqrt", "exp2": "torch.exp2", "log2": "torch.log2", "sin": "torch.sin",
+                "cos": "torch.cos", "tan": "torch.tan", "erf": "torch.erf"}
+
+
+def _pairwise(op):
+    """torch.minimum / torch.maximum of any number of arguments, Python numbers among them."""
+    return lambda *xs: functools.reduce(lambda a, b: op(torch.as_tensor(a), torch.as_tensor(b)), xs)
+
+
+# the language's reductions over range(K) (§3.3), as a Flex function spells them out: | / & / + of the terms
+_REDUCTIONS = {"any": lambda terms: functools.reduce(operator.or_, terms),
+               "all": lambda terms: functools.reduce(operator.and_, terms),
+               "sum": lambda terms: functools.reduce(operator.add, terms)}
 
 
 def flex_text(text: str) -> str:
@@ -300,7 +315,8 @@ def draw(seed: int) -> Program:
 
 
 def _closure(p: Program, values) -> dict:
-    env = {"torch": torch, **p.params, **p.call}
+    env = {"torch": torch, "_minimum": _pairwise(torch.minimum), "_maximum": _pairwise(torch.maximum),
+           **_REDUCTIONS, **p.params, **p.call}
     env.update(values)
     return env
 

@@ -22,7 +22,7 @@ from sympy.printing.precedence import PRECEDENCE
 
 from attncc.analysis.exact import EXACT
 from attncc.spec import symbols as S
-from attncc.spec.builtins import Grouped, ToFloat
+from attncc.spec.builtins import FloatDiv, Grouped, ToFloat, quotient
 
 
 class FloorDiv(sympy.Function):
@@ -79,7 +79,9 @@ class FloorMod(sympy.Function):
 
 def integer_fraction(x):
     """``(num, den)`` when ``x`` is a quotient of two integer expressions (``den != 1``), else None."""
-    num, den = sympy.fraction(sympy.together(x))
+    if isinstance(x, FloatDiv):
+        return None
+    num, den = quotient(x)
     if den != 1 and num.is_integer and den.is_integer:
         return num, den
     return None

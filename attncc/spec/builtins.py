@@ -260,7 +260,20 @@ class FloatDiv(sympy.Function):
 
 def quotient(e):
     """``(numerator, denominator)`` of a quotient the way the language divides: a FloatDiv's two
-    operands, else sympy's fraction (``ToFloat(i - j) / 7`` is ``(ToFloat(i - j), 7)``)."""
+    operands, else sympy's fraction (``ToFloat(i - j) / 7`` is ``(ToFloat(i - j), 7)``), a
+    divisor ``where`` included: sympy writes ``j / where(c, d, -7)`` as ``j * Piecewise((1/d, c),
+    (-1/7, True))``, which is ``(j, Piecewise((d, c), (-7, True)))``."""
     if isinstance(e, FloatDiv):
         return e.args
-    return sympy.fraction(sympy.together(e))
+    num, den = sympy.fraction(sympy.together(e))
+    wheres = [f for f in sympy.Mul.make_args(num) if _reciprocal_where(f)]
+    if not wheres:
+        return num, den
+    rest = [f for f in sympy.Mul.make_args(num) if f not in wheres]
+    dens = [sympy.Piecewise(*[(1 / v, c) for v, c in f.args]) for f in wheres]
+    return sympy.Mul(*rest), sympy.Mul(den, *dens)
+
+
+def _reciprocal_where(f) -> bool:
+    """``f`` is a Piecewise of reciprocals ``±1/d`` (``1``, ``1/7``, ``-1/2`` too): sympy's ``1 / where(...)``."""
+    return isinstance(f, sympy.Piecewise) and all(abs(sympy.fraction(v)[0]) == 1 for v, _ in f.args)
