@@ -34,7 +34,7 @@ from attncc.core.lazy import lazy_module
 from attncc.spec import symbols as S
 from attncc.spec.expr import integer_comparison
 from attncc.spec.builtins import (SHIFT_LIMIT, AlibiSlope, BitAnd, BitOr, BitXor, Bucket, FloatDiv, RandomBlocks, Shift,
-                                  Sigmoid, ToFloat, quotient)
+                                  Sigmoid, ToFloat, divides, quotient)
 
 torch = lazy_module("torch")  # on first use: explain's pair counts never import it
 
@@ -260,6 +260,9 @@ class Evaluator:
         # whatever the derivative there: torch's own where() and maximum() select so, and so do the
         # kernels (attncc.analysis.derivative, and dS of a pair with P = 0).
         self.live = live
+        # Where the integer divisions being computed count (a bool array, None: everywhere): a
+        # conjunct that divides is computed where the other conjuncts hold (:meth:`conjunction`).
+        self.guard = None
 
     # --- kinds ---
 
@@ -370,14 +373,12 @@ class Evaluator:
         if isinstance(e, (sympy.floor, sympy.ceiling)):
             num, den = quotient(e.args[0])
             n, d = self.numbers(self(num), self(den))
-            if self.is_int(d) and bool((d == 0).any()):
-                zero_divisor(den, e)
+            d = self.divisor(d, den, e)
             # Python's // of ints, and of floats (the floor of the exact quotient: 1 // 0.1 is 9.0)
             return -ar.floor_divide(-n, d) if isinstance(e, sympy.ceiling) else ar.floor_divide(n, d)
         if isinstance(e, sympy.Mod):
             a, m = self.numbers(self(e.args[0]), self(e.args[1]))
-            if self.is_int(m) and bool((m == 0).any()):
-                zero_divisor(e.args[1], e)
+            m = self.divisor(m, e.args[1], e)
             return ar.remainder(a, m)
         if isinstance(e, sympy.Abs):
             return abs(self.numbers(self(e.args[0]))[0])
@@ -403,7 +404,7 @@ class Evaluator:
             a, c = self.common(self(e.lhs), self(e.rhs))
             return _RELATIONS[e.rel_op](a, c)
         if isinstance(e, sympy.And):
-            return self.fold(operator.and_, e.args)
+            return self.conjunction(e.args)
         if isinstance(e, sympy.Or):
             return self.fold(operator.or_, e.args)
         if isinstance(e, sympy.Xor):
@@ -437,6 +438,33 @@ class Evaluator:
             return self(e)
         finally:
             self.live = outer
+
+    def divisor(self, d, divisor, e):
+        """The values ``d`` of ``divisor`` in ``e``: an integer 0 where :attr:`guard` holds raises
+        (:func:`zero_divisor`); outside it, where the result does not count, 1 stands for it."""
+        if not self.is_int(d):
+            return d
+        zero = d == 0
+        if bool((zero if self.guard is None else zero & self.guard).any()):
+            zero_divisor(divisor, e)
+        return d if self.guard is None else self.arrays.where(zero, self.arrays.const(1, INT), d)
+
+    def conjunction(self, args):
+        """``and`` of ``args``, those that divide (``//``, ``%``) computed where the others hold:
+        sympy writes a condition on a ``where`` divisor out case by case (``(j - i) % where(d == 0, 3,
+        d) == 0`` in a score's where is ``(d == 0 and (j - i) % 3 == 0) or (d != 0 and (j - i) % d ==
+        0)``), whose second case divides by ``d`` where the first is taken; Python never did.
+        ``attncc.codegen.bounds.check_divisors`` proves the divisors under the same guards."""
+        dividing = [a for a in args if divides(a)]
+        plain = [a for a in args if not divides(a)]
+        if not (dividing and plain):
+            return self.fold(operator.and_, args)
+        held = self.fold(operator.and_, plain)
+        outer, self.guard = self.guard, held if self.guard is None else held & self.guard
+        try:
+            return held & self.fold(operator.and_, dividing)
+        finally:
+            self.guard = outer
 
     def fold(self, op, args):
         out = self.bool_(args[0])

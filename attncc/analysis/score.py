@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import List, Optional, Tuple
 
 import sympy
-from sympy.printing.str import StrPrinter
 
 from attncc.analysis.derivative import score_derivative
 from attncc.analysis.exact import exact_parts
@@ -25,6 +24,7 @@ from attncc.analysis.hoist import Hoister, split_along_j
 from attncc.analysis.integer import integer_ops, integer_sums, recentered, ungrouped
 from attncc.spec import symbols as S
 from attncc.spec.builtins import FloatDiv
+from attncc.spec.expr import spec_text
 from attncc.spec.ir import Pattern
 
 
@@ -121,26 +121,6 @@ def score_terms(pattern: Pattern, hoist: Hoister, mask_hoist: Hoister):
     return mask, bias_j, mod, lse_row, simple_bias
 
 
-class _SpecPrinter(StrPrinter):
-    """Expressions as the spec language writes them: ``where(c, a, b)``, ``-inf``."""
-
-    def _print_Piecewise(self, e):
-        out = self._print(e.args[-1].expr)
-        for value, cond in reversed(e.args[:-1]):
-            out = f"where({self._print(cond)}, {self._print(value)}, {out})"
-        return out
-
-    def _print_NegativeInfinity(self, e):
-        return "-inf"
-
-    def _print_Infinity(self, e):
-        return "inf"
-
-
-def _text(e) -> str:
-    return _SpecPrinter().doprint(e)
-
-
 def score_report(pattern, head_dim: Optional[int] = None, plan=None) -> dict:
     """The ``score`` section of ``attncc explain``: what the kernels do to a score, from the
     split the code generator renders (:func:`score_terms`, on the pattern it renders:
@@ -171,9 +151,9 @@ def score_report(pattern, head_dim: Optional[int] = None, plan=None) -> dict:
         out["scale"] = 1.0 / float(head_dim) ** 0.5
     mod_mask = getattr(pattern, "mod_mask", None)
     if mod_mask is not None:
-        out["mask_from_mod"] = _text(mod_mask)
-    out["bias"] = None if pattern.bias is None else _text(pattern.bias)
-    out["mod"] = None if pattern.mod is None else _text(pattern.mod)
+        out["mask_from_mod"] = spec_text(mod_mask)
+    out["bias"] = None if pattern.bias is None else spec_text(pattern.bias)
+    out["mod"] = None if pattern.mod is None else spec_text(pattern.mod)
     canon = canonical_score(plan.kernel_pattern if plan is not None else pattern)
     out["softcap"] = canon.softcap
     if pattern.softcap is None and canon.softcap is not None:
@@ -187,22 +167,22 @@ def score_report(pattern, head_dim: Optional[int] = None, plan=None) -> dict:
     # the hoisted values by their kernel names (Dummies print as _c0)
     named = {sym: sympy.Symbol(sym.name) for table in (hoist.scalars, hoist.rows) for sym in table.values()}
     bias_j, mod = (None if e is None else e.xreplace(named) for e in (bias_j, mod))
-    out["dropped"] = [_text(t) for t in sympy.Add.make_args(lse_row)] if lse_row is not None else []
-    out["hoisted_per_program"] = [f"{sym.name} = {_text(e)}" for e, sym in hoist.scalars.items()]
-    out["hoisted_per_row"] = [f"{sym.name} = {_text(e)}" for e, sym in hoist.rows.items()]
-    out["loop_bias"] = None if bias_j is None else _text(bias_j)
-    out["loop_mod"] = None if mod is None else _text(mod)
-    out["key_loop"] = [f"s = {qk}" + ("" if bias_j is None else f" + {_text(bias_j)}")]
+    out["dropped"] = [spec_text(t) for t in sympy.Add.make_args(lse_row)] if lse_row is not None else []
+    out["hoisted_per_program"] = [f"{sym.name} = {spec_text(e)}" for e, sym in hoist.scalars.items()]
+    out["hoisted_per_row"] = [f"{sym.name} = {spec_text(e)}" for e, sym in hoist.rows.items()]
+    out["loop_bias"] = None if bias_j is None else spec_text(bias_j)
+    out["loop_mod"] = None if mod is None else spec_text(mod)
+    out["key_loop"] = [f"s = {qk}" + ("" if bias_j is None else f" + {spec_text(bias_j)}")]
     if mod is not None:
-        out["key_loop"].append(f"s = {_text(mod)}")
-        out["conditions"] = [{"where": _text(c), "on_score": c.has(S.s)}
+        out["key_loop"].append(f"s = {spec_text(mod)}")
+        out["conditions"] = [{"where": spec_text(c), "on_score": c.has(S.s)}
                              for pw in sorted(mod.atoms(sympy.Piecewise), key=sympy.default_sort_key)
                              for _, c in pw.args if c is not sympy.true]
     if canon.softcap is not None:
         out["key_loop"].append(f"s = {canon.softcap!r}*tanh(s/{canon.softcap!r})  (a removed pair stays -inf)")
     if canon.mod is not None:
         try:
-            out["derivative"] = _text(sympy.simplify(score_derivative(canon.mod)))
+            out["derivative"] = spec_text(sympy.simplify(score_derivative(canon.mod)))
         except Exception as e:  # noqa: BLE001 - the report says why there is none
             out["derivative"] = f"none: {e}"
     return out

@@ -27,8 +27,9 @@ from attncc.analysis.separable import ModSum, SumCarry
 from attncc.codegen.printer import Defined
 from attncc.codegen.text import escaped, py_str
 from attncc.spec import symbols as S
-from attncc.spec.builtins import Bucket
+from attncc.spec.builtins import Bucket, divides
 from attncc.spec.errors import SpecError
+from attncc.spec.expr import spec_text
 from attncc.spec.ir import Pattern
 
 # The kernels' bound symbols (analysis steps) by name: positions and offsets, or tile sides.
@@ -225,24 +226,34 @@ _RELATION_SIGN = {
 }
 
 
-class _SpecText(sympy.printing.str.StrPrinter):
-    """An expression as a spec writes it: an input read ``d[b]``, not sympy's ``d(b)`` (which
-    would suggest a call, which the language refuses)."""
-
-    def _print_Function(self, e):
-        if isinstance(e, AppliedUndef):
-            return f"{e.func.__name__}[{', '.join(self._print(a) for a in e.args)}]"
-        return super()._print_Function(e)
+def _guarded_divisors(e, signs: dict):
+    """``(divisor, whole)`` of every integer ``//`` and ``%`` in ``e``, each divisor with the signs
+    (:func:`_signs`) that guard it substituted: a conjunct that divides is computed where the
+    conjuncts that do not divide hold, as the reference computes it (``attncc.evaluator``'s
+    ``conjunction``: sympy writes a condition on a ``where`` divisor out case by case)."""
+    if isinstance(e, (sympy.floor, sympy.ceiling, sympy.Mod)):
+        for node in sympy.preorder_traversal(integer_ops(e)):
+            if isinstance(node, (FloorDiv, FloorMod)):
+                yield node.args[1].xreplace(signs), node
+        return
+    held = {}
+    if isinstance(e, sympy.And) and any(divides(a) for a in e.args):
+        for a in e.args:
+            if not divides(a):
+                held.update(_signs(a, True))
+    for a in e.args:
+        yield from _guarded_divisors(a, {**signs, **held} if divides(a) else signs)
 
 
 def check_divisors(pattern: Pattern) -> None:
     """Refuse (SpecError) a ``//`` or ``%`` whose divisor varies per pair and may be 0."""
-    text = _SpecText().doprint
-    for key, d, whole in divisors(pattern):
-        if _per_pair(d) and not _nonzero(d):
-            raise SpecError(pattern.source, key,
-                            f"the divisor of {text(whole)} may be 0 (Python would raise there; a kernel cannot): "
-                            f"write one that cannot be, e.g. max({text(d)}, 1)")
+    for key, e in (("[mask].where", pattern.mask), ("[score].bias", pattern.bias), ("[score].mod", pattern.mod)):
+        for d, whole in _guarded_divisors(e, {}) if e is not None else ():
+            if _per_pair(d) and not _nonzero(d):
+                raise SpecError(pattern.source, key,
+                                f"the divisor of {spec_text(whole)} may be 0 (Python would raise there; a kernel "
+                                f"cannot): write one that cannot be, e.g. max({spec_text(whole.args[1])}, 1), or a "
+                                f"where whose every value is nonzero where it is taken (where(d == 0, 1, d))")
 
 
 def _host_checks(pattern: Pattern, printer: _BoundPrinter) -> List[str]:

@@ -274,6 +274,11 @@ def quotient(e):
     return sympy.Mul(*rest), sympy.Mul(den, *dens)
 
 
+def divides(e) -> bool:
+    """``e`` holds a ``//`` or ``%`` (sympy's floor, ceiling, Mod)."""
+    return isinstance(e, sympy.Basic) and e.has(sympy.floor, sympy.ceiling, sympy.Mod)
+
+
 def _reciprocal_where(f) -> bool:
     """``f`` is a Piecewise of reciprocals ``±1/d`` (``1``, ``1/7``, ``-1/2`` too): sympy's ``1 / where(...)``."""
     return isinstance(f, sympy.Piecewise) and all(abs(sympy.fraction(v)[0]) == 1 for v, _ in f.args)

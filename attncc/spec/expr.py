@@ -918,6 +918,38 @@ def _describe(node) -> str:
                                                                              f"'{type(node).__name__}'")
 
 
+class _SpecText(sympy.printing.str.StrPrinter):
+    """Expressions as the spec language writes them: ``where(c, a, b)``, ``-inf``, an input read
+    ``d[b]`` (not sympy's ``d(b)``, which would suggest a call), ``a == b`` and ``a != b``."""
+
+    def _print_Piecewise(self, e):
+        out = self._print(e.args[-1].expr)
+        for value, cond in reversed(e.args[:-1]):
+            out = f"where({self._print(cond)}, {self._print(value)}, {out})"
+        return out
+
+    def _print_NegativeInfinity(self, e):
+        return "-inf"
+
+    def _print_Infinity(self, e):
+        return "inf"
+
+    def _print_Function(self, e):
+        if isinstance(e, AppliedUndef):
+            return f"{e.func.__name__}[{', '.join(self._print(a) for a in e.args)}]"
+        return super()._print_Function(e)
+
+    def _print_Relational(self, e):
+        if e.rel_op in ("==", "!="):
+            return f"{self._print(e.lhs)} {e.rel_op} {self._print(e.rhs)}"
+        return super()._print_Relational(e)
+
+
+def spec_text(e) -> str:
+    """``e`` (a sympy expression of a Pattern) in the spec language's spelling, for messages and reports."""
+    return _SpecText().doprint(e)
+
+
 def _text(value, limit: int = 60) -> str:
     """A number or expression for a message, shortened (10 ** 5000 has 5001 digits)."""
     if isinstance(value, (int, sympy.Integer)) and int(value).bit_length() > 4 * limit:
