@@ -121,3 +121,15 @@ def test_where_divisors_are_proven_nonzero_or_refused(divisor, accepted):
         else:
             with pytest.raises(SpecError, match="may be 0|undefined"):
                 check_divisors(attncc.parse_spec(toml_text(spec)))
+
+
+@pytest.mark.parametrize("mod", ["where(cos(where(s > 0, s, -inf)) > 0.5, s, 0.0)",
+                                 "where(sin(cos(where(s > -1.0, s, -inf))) + tan(b) > 0.1, s, s * 0.5)"])
+def test_periodic_function_of_an_infinite_branch_compared_is_refused(mod):
+    """``cos`` of a ``where`` with a ``-inf`` branch, compared in another ``where`` (a generated trig
+    score_mod after a score condition): sympy writes the comparison out case by case and makes
+    ``cos(-oo)`` an AccumBounds, which Python's and torch's NaN is not; the build failed in the code
+    generator (NotImplementedError "attncc cannot render AccumulationBounds"). A SpecError now names
+    the expression and what to write (the function inside the where's finite branch)."""
+    with pytest.raises(SpecError, match="sin, cos, tan of inf are NaN"):
+        attncc.parse_spec(toml_text({"score": {"mod": mod}}))

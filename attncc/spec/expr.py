@@ -989,6 +989,9 @@ def _real_value(e) -> Optional[float]:
     evaluate (then nothing is checked)."""
     if e is sympy.nan or e is sympy.zoo:
         raise _NotReal("is undefined")
+    if isinstance(e, sympy.AccumBounds):  # sympy's cos(-oo): NaN in Python, torch and the kernels
+        raise _NotReal("is undefined where a where's branch is infinite (sin, cos, tan of inf are NaN; apply the "
+                       "function to the finite branch, inside the where)")
     if e is sympy.I:
         raise _NotReal("is not a real number")
     if isinstance(e, ToFloat):  # Grouped too: the value of its argument, as a float
