@@ -280,5 +280,7 @@ def divides(e) -> bool:
 
 
 def _reciprocal_where(f) -> bool:
-    """``f`` is a Piecewise of reciprocals ``±1/d`` (``1``, ``1/7``, ``-1/2`` too): sympy's ``1 / where(...)``."""
-    return isinstance(f, sympy.Piecewise) and all(abs(sympy.fraction(v)[0]) == 1 for v, _ in f.args)
+    """``f`` is a Piecewise of reciprocals ``±1/d`` (``1``, ``1/7``, ``-1/2`` too, and such Piecewise
+    nested): sympy's ``1 / where(...)``."""
+    return isinstance(f, sympy.Piecewise) and all(abs(sympy.fraction(v)[0]) == 1 or _reciprocal_where(v)
+                                                  for v, _ in f.args)
