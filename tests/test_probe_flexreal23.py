@@ -136,3 +136,14 @@ def test_periodic_function_of_an_infinite_branch_compared_is_refused(mod):
     the expression and what to write (the function inside the where's finite branch)."""
     with pytest.raises(SpecError, match="sin, cos, tan of inf are NaN"):
         attncc.parse_spec(toml_text({"score": {"mod": mod}}))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [44, 65, 142])
+def test_generated_programs_against_real_flex(seed):
+    """A few of the generator's programs (``%`` by a where divisor in masks and a score's where, with
+    windows, NJT offsets, bit tests), kernels with backward against the real FlexAttention."""
+    import probe_flexreal23 as Q
+
+    problems, desc = Q.check_seed(seed)
+    assert problems == [], desc
