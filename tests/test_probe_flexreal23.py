@@ -126,6 +126,23 @@ def test_where_divisors_are_proven_nonzero_or_refused(divisor, accepted):
                 check_divisors(attncc.parse_spec(toml_text(spec)))
 
 
+@pytest.mark.parametrize("mask, accepted", [
+    ("d[b] > 0 and j % d[b] == 0", True), ("d[b] != 0 and i // d[b] == j // d[b]", True),
+    ("not (d[b] == 0) and j % d[b] == h", True),
+    ("d[b] >= 0 and j % d[b] == 0", False), ("d[b] > 0 and j % (d[b] - 1) == 0", False),
+    ("d[b] > 0 or j % d[b] == 0", False),
+])
+def test_divisors_guarded_by_a_conjunct(mask, accepted):
+    """A conjunct that keeps a divisor nonzero (Python's ``and`` never divides where it is false)
+    is accepted (refused before); one that allows 0 there, or an ``or``, is refused."""
+    spec = {"inputs": {"d": {"dims": ["b"], "dtype": "int32"}}, "mask": {"where": mask}}
+    if accepted:
+        check_divisors(attncc.parse_spec(toml_text(spec)))
+    else:
+        with pytest.raises(SpecError, match="may be 0"):
+            check_divisors(attncc.parse_spec(toml_text(spec)))
+
+
 @pytest.mark.parametrize("mod", ["where(cos(where(s > 0, s, -inf)) > 0.5, s, 0.0)",
                                  "where(sin(cos(where(s > -1.0, s, -inf))) + tan(b) > 0.1, s, s * 0.5)"])
 def test_periodic_function_of_an_infinite_branch_compared_is_refused(mod):

@@ -203,7 +203,7 @@ def _signs(cond, holds: bool) -> dict:
         for c in cond.args:
             out.update(_signs(c, holds))
         return out
-    if not isinstance(cond, sympy.core.relational.Relational) or isinstance(cond, (sympy.And, sympy.Or)):
+    if not isinstance(cond, sympy.core.relational.Relational):
         return {}
     rel = cond if holds else cond.negated
     if rel.lhs.is_number:
@@ -227,14 +227,14 @@ _RELATION_SIGN = {
 
 
 def _guarded_divisors(e, signs: dict):
-    """``(divisor, whole)`` of every integer ``//`` and ``%`` in ``e``, each divisor with the signs
-    (:func:`_signs`) that guard it substituted: a conjunct that divides is computed where the
+    """``(divisor, signs, whole)`` of every integer ``//`` and ``%`` in ``e``, with the signs
+    (:func:`_signs`) that guard the divisor: a conjunct that divides is computed where the
     conjuncts that do not divide hold, as the reference computes it (``attncc.evaluator``'s
     ``conjunction``: sympy writes a condition on a ``where`` divisor out case by case)."""
     if isinstance(e, (sympy.floor, sympy.ceiling, sympy.Mod)):
         for node in sympy.preorder_traversal(integer_ops(e)):
             if isinstance(node, (FloorDiv, FloorMod)):
-                yield node.args[1].xreplace(signs), node
+                yield node.args[1], signs, node
         return
     held = {}
     if isinstance(e, sympy.And) and any(divides(a) for a in e.args):
@@ -248,11 +248,11 @@ def _guarded_divisors(e, signs: dict):
 def check_divisors(pattern: Pattern) -> None:
     """Refuse (SpecError) a ``//`` or ``%`` whose divisor varies per pair and may be 0."""
     for key, e in (("[mask].where", pattern.mask), ("[score].bias", pattern.bias), ("[score].mod", pattern.mod)):
-        for d, whole in _guarded_divisors(e, {}) if e is not None else ():
-            if _per_pair(d) and not _nonzero(d):
+        for d, signs, whole in _guarded_divisors(e, {}) if e is not None else ():
+            if _per_pair(d) and not _nonzero(d.xreplace(signs)):
                 raise SpecError(pattern.source, key,
                                 f"the divisor of {spec_text(whole)} may be 0 (Python would raise there; a kernel "
-                                f"cannot): write one that cannot be, e.g. max({spec_text(whole.args[1])}, 1), or a "
+                                f"cannot): write one that cannot be, e.g. max({spec_text(d)}, 1), or a "
                                 f"where whose every value is nonzero where it is taken (where(d == 0, 1, d))")
 
 
