@@ -13,8 +13,16 @@ captured ids, learned [Nq, Nk] and 2S relative tables, row and key terms, min / 
 learned divisor, float params overridden per call; GQA, k/v batch 1, Nq != Nk, Nq = 1, Dv != D,
 float32 / bfloat16 / float16, o, the LSE and the gradients of q, k, v and learned captured tensors.
 
-Probed: see the report of flexreal23 (the counts are in the docstring of each test below and in
-the lead's notes).
+Probed: 412 generated programs through the kernels (forward, LSE, backward against the real Flex's
+forward and backward in float64, and Flex's own forward at the call's dtype): 371 clean; 23 the
+where-divisor refusal and 1 the AccumBounds crash below (fixed); 16 a Flex limitation (its backward
+fails on a learned tensor read by chained subscripts, ``bcs[b][q_idx]``: "idx shape ... must match
+value shape"; the generator no longer learns those, and three of them rerun clean); 1 a NaN in both
+(GELU of a ``-inf`` branch, ``-inf * 0``; no longer drawn). Also ~280 single-atom programs (each
+atom of the generator alone, 4-6 seeds each) through ``attncc.reference`` against Flex in float64,
+clean but the divisor refusal; 41 hand-written forms of integer arithmetic on positions, heads and
+wheres (``//`` / ``%`` of wheres, min / max, negative divisors, shifts by a where, ``**``, ``~``,
+Python-rounded ``//`` of products, score conditions against ``//``), and the guarded divisors below.
 
 Found (fixed):
 
@@ -29,6 +37,20 @@ Found (fixed):
   ``where(d[b] < 0, d[b], -1)``), which §3.3 offers, was refused ("may be 0"): the build's check
   asked sympy's assumptions about the Piecewise, which do not use its conditions. It now proves
   each value nonzero under the conditions that select it (``attncc.codegen.bounds._proven_nonzero``).
+* In a score's ``where`` (``where((kv_idx - q_idx) % where(cm[h] == 0, 3, cm[h]) == 0, score,
+  -inf)``, a port of Flex's own ``torch.where``) sympy writes the condition out case by case,
+  ``(cm[h] == 0 and ... % 3 == 0) or (cm[h] != 0 and ... % cm[h] == 0)``: the build refused it
+  naming ``(-i + j) % cm[h]``, which the spec does not hold, and ``attncc.reference`` raised
+  ZeroDivisionError. A conjunct that divides now counts where the conjuncts that do not divide
+  hold, in the reference (``Evaluator.conjunction``) and in the build's check alike (so
+  ``d[b] > 0 and j % d[b] == 0`` builds too, as Python's ``and`` never divides there).
+* ``sin`` / ``cos`` / ``tan`` of a ``where`` with a ``-inf`` branch, compared in another ``where``
+  (a trig score_mod after a score condition): sympy made ``cos(-oo)`` an AccumBounds and the code
+  generator failed ("attncc cannot render AccumulationBounds"); a SpecError now says what to write
+  (Flex compares the NaN; documented in §8).
+* Messages print expressions in the language's spelling (``where(...)``, ``d[b]``, ``==``), not
+  sympy's ``Piecewise((3, Eq(cm[h], 0)), ...)``: one printer (``attncc.spec.expr.spec_text``) for
+  ``attncc explain`` and the divisor check.
 """
 from __future__ import annotations
 
