@@ -14,8 +14,8 @@ learned divisor, float params overridden per call; GQA, k/v batch 1, Nq != Nk, N
 float32 / bfloat16 / float16, o, the LSE and the gradients of q, k, v and learned captured tensors.
 
 Probed: 412 generated programs through the kernels (forward, LSE, backward against the real Flex's
-forward and backward in float64, and Flex's own forward at the call's dtype): 371 clean; 23 the
-where-divisor refusal and 1 the AccumBounds crash below (fixed); 16 a Flex limitation (its backward
+forward and backward in float64, and Flex's own forward at the call's dtype): 373 clean; 20 the
+where-divisor refusal and 1 the AccumBounds crash below (fixed); 17 a Flex limitation (its backward
 fails on a learned tensor read by chained subscripts, ``bcs[b][q_idx]``: "idx shape ... must match
 value shape"; the generator no longer learns those, and three of them rerun clean); 1 a NaN in both
 (GELU of a ``-inf`` branch, ``-inf * 0``; no longer drawn). Also ~280 single-atom programs (each
