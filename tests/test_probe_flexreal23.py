@@ -13,16 +13,18 @@ captured ids, learned [Nq, Nk] and 2S relative tables, row and key terms, min / 
 learned divisor, float params overridden per call; GQA, k/v batch 1, Nq != Nk, Nq = 1, Dv != D,
 float32 / bfloat16 / float16, o, the LSE and the gradients of q, k, v and learned captured tensors.
 
-Probed: 412 generated programs through the kernels (forward, LSE, backward against the real Flex's
-forward and backward in float64, and Flex's own forward at the call's dtype): 373 clean; 20 the
-where-divisor refusal and 1 the AccumBounds crash below (fixed); 17 a Flex limitation (its backward
-fails on a learned tensor read by chained subscripts, ``bcs[b][q_idx]``: "idx shape ... must match
-value shape"; the generator no longer learns those, and three of them rerun clean); 1 a NaN in both
-(GELU of a ``-inf`` branch, ``-inf * 0``; no longer drawn). Also ~280 single-atom programs (each
-atom of the generator alone, 4-6 seeds each) through ``attncc.reference`` against Flex in float64,
-clean but the divisor refusal; 41 hand-written forms of integer arithmetic on positions, heads and
-wheres (``//`` / ``%`` of wheres, min / max, negative divisors, shifts by a where, ``**``, ``~``,
-Python-rounded ``//`` of products, score conditions against ``//``), and the guarded divisors below.
+Probed: 472 generated programs through the kernels (forward, LSE, backward against the real Flex's
+forward and backward in float64, and Flex's own forward at the call's dtype): 433 clean (the last
+60, drawn by the final generator, all clean); 20 the where-divisor refusal and 1 the AccumBounds
+crash below (fixed); 17 a Flex limitation (its backward fails on a learned tensor read by chained
+subscripts, ``bcs[b][q_idx]``: "idx shape ... must match value shape"; the generator no longer
+learns those, and three of them rerun clean); 1 a NaN in both (GELU of a ``-inf`` branch, ``-inf *
+0``; no longer drawn). Also 690 single-atom programs (each of the generator's 69 atoms alone, 4 and
+6 seeds) through ``attncc.reference`` against Flex in float64: the first 276 clean but the divisor
+refusal, the 414 after the fixes all clean; 41 hand-written forms of integer arithmetic on
+positions, heads and wheres (``//`` / ``%`` of wheres, min / max, negative divisors, shifts by a
+where, ``**``, ``~``, ``//`` of products, score conditions against ``//``): clean but the nested
+where divisor below; and the guarded divisors below.
 
 Found (fixed):
 
@@ -32,7 +34,8 @@ Found (fixed):
   reference's) took for a quotient, so both computed ``floor(j * (1/49))``, which is 0 at ``j = 49``
   (``49 * (1/49)`` is ``0.9999999999999999``): o 14 % off FlexAttention's, kernels and reference
   agreeing. The divisor check did not see that ``//`` either. ``quotient`` now reads such a factor
-  as the ``where`` divisor it is (``attncc.spec.builtins.quotient``), and ``integer_fraction`` uses it.
+  as the ``where`` divisor it is, nested wheres too (``attncc.spec.builtins.quotient``), and
+  ``integer_fraction`` uses it.
 * A ``where`` around a divisor (``j % where(d[b] == 0, 3, d[b])``, ``where(d[b] > 0, d[b], 1)``,
   ``where(d[b] < 0, d[b], -1)``), which §3.3 offers, was refused ("may be 0"): the build's check
   asked sympy's assumptions about the Piecewise, which do not use its conditions. It now proves
