@@ -182,25 +182,33 @@ def test_walk_grid_of_a_power_of_a_param(mask, w):
         assert torch.equal(got, want[idx]), (mask, walk)
 
 
-def _kernel_vs_reference(mask, params):
+def _kernel_vs_reference(mask, params, calls=({},)):
     text = 'head_dim = 16\ndtypes = ["float32"]\n[params]\n' + "".join(f"{k} = {v}\n" for k, v in params.items()) \
         + f'[mask]\nwhere = "{mask}"\n'
     pattern, module = build_spec(text)
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 1, 24, 16, generator=gen) for _ in range(3))
-    o = module.attention(q, k, v)
-    ref = attncc.reference(pattern, q.double(), k.double(), v.double())
-    return float((o.double() - ref).abs().max())
+    errors = []
+    for call in calls:
+        o = module.attention(q, k, v, **call)
+        ref = attncc.reference(pattern, q.double(), k.double(), v.double(), **call)
+        errors.append(float((o.double() - ref).abs().max()))
+    return max(errors)
 
 
-@pytest.mark.xfail(strict=True, reason="not fixed: closed-form bounds take floor(b ** w) of an int param w as a float "
-                                       "(tl.floor of an fp32 exp2(w * log2(b))) where loop bounds need an int")
-def test_kernel_row_bound_of_a_power_of_a_param():
-    """``i <= 4 ** w`` (any int param w, its spec value too): the forward kernel does not run
-    (interpreter: "InterpreterError: TypeError('unexpected type fp32')"); also ``j <= 2 ** w``,
-    ``j <= i and i - j <= 5 ** w``, ``i >= 2 ** w and j <= i``. ``i <= 2.0 ** w`` and
-    ``i < 2 ** w or j <= i`` run."""
-    assert _kernel_vs_reference("i <= 4 ** w", {"w": 2}) < 1e-5
+@pytest.mark.parametrize("mask", ["i <= 4 ** w", "j <= 3 ** w", "j <= i and i - j <= 5 ** w", "i >= 2 ** w and j <= i",
+                                  "j >= i - 3 ** w and j <= i", "i > 24 - 3 ** w"])
+def test_kernel_row_bound_of_a_power_of_a_param(mask):
+    """A closed form's bound with an int's power by an int param (``i <= 4 ** w``) did not run: the
+    loop bounds printed ``floor(4 ** w)`` as a float32 ``tl.floor(exp2(w * log2(4)))`` (interpreter:
+    "InterpreterError: TypeError('unexpected type fp32')"; a cast alone would be off by one at
+    ``3 ** 5``, 242.99997 in float32). The bound is the integer ``_ipow64`` gives, as an int64.
+    The param's spec value, then seeded values per call (0, negative: a power below 1)."""
+    import random
+
+    rng = random.Random(mask)
+    calls = ({},) + tuple({"w": rng.choice([-2, -1, 0, 1, 2, 3])} for _ in range(3))
+    assert _kernel_vs_reference(mask, {"w": 2}, calls) < 1e-5
 
 
 def test_kernel_power_of_a_param_is_torch_pow():

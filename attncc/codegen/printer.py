@@ -588,10 +588,30 @@ class TritonPrinter:
         x, y, m = e.args
         return f"{self.p(x)}, {self.p(y)}, {self.p(m)}, M_POSITIVE={m.is_positive is True}"
 
+    def _int_power(self, e, rounding: str) -> Optional[str]:
+        """``floor`` / ``ceil`` (``rounding``) of ``e``, an integer's power by an integer that is no
+        literal (``4 ** w``, ``-(3 ** w)``: a closed form's bound on positions), as an int64 for
+        integer code: the power through ``_ipow64`` (torch.pow's integer for ``w >= 0``), not a
+        float32 ``exp2(w * log2(4))``, which loop bounds cannot take and which misses integers
+        (``3 ** 5`` is 242.99997 there)."""
+        sign, power = (-1, -e) if e.could_extract_minus_sign() else (1, e)
+        if self.float64 or self.lang != "tl" or not (power.is_Pow and power.base.is_integer and power.exp.is_integer
+                                                     and not power.exp.is_Integer):
+            return None
+        self.helpers |= {"_pow", "_ipow64"}
+        value = f"_ipow64({self._f64(power.base)}, {self._f64(power.exp)})"
+        if sign < 0:  # floor(-x) is -ceil(x), ceil(-x) is -floor(x)
+            rounding = {"floor": "ceil", "ceil": "floor"}[rounding]
+        code = f"{self.lang}.cast({self.lang}.{rounding}({value}), {self.lang}.int64)"
+        return f"(-{code})" if sign < 0 else code
+
     def _floor(self, e):
         arg = e.args[0]
         if (integer_fraction(arg) is not None or arg.is_integer) and not arg.has(sympy.floor, sympy.ceiling):  # not rewritten yet
             return self.p(integer_ops(e))
+        power = self._int_power(arg, "floor")
+        if power is not None:
+            return power
         if self.float64:  # Python's float // (the reference's): the floor of the exact quotient
             num, den = quotient(arg)
             if den == 1:
@@ -604,6 +624,9 @@ class TritonPrinter:
         arg = e.args[0]
         if integer_fraction(arg) is not None or arg.is_integer:
             return self.p(integer_ops(e))
+        power = self._int_power(arg, "ceil")
+        if power is not None:
+            return power
         if self.float64:
             num, den = quotient(arg)
             if den == 1:
@@ -830,6 +853,12 @@ class PythonPrinter(TritonPrinter):
 
     def _Mod(self, e):
         return f"({self.p(e.args[0])} % {self.p(e.args[1])})"
+
+    def _Pow(self, e):
+        base, exp = e.args
+        if base.is_integer and exp.is_integer:  # 3 ** w: Python's exact integer (a float below w = 0)
+            return f"({self.p(base)} ** {self.p(exp)})"
+        return super()._Pow(e)
 
     def _Abs(self, e):
         return f"abs({self.p(e.args[0])})"
