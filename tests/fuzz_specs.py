@@ -37,11 +37,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Dict, FrozenSet, Optional, Tuple, Union
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (CPU tensors)
-_HERE = Path(__file__).resolve().parent
-for _p in (str(_HERE), str(_HERE.parent)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+import script_env  # noqa: E402,F401  (the interpreter, this checkout on the path: before the imports below)
 
 import torch  # noqa: E402
 

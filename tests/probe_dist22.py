@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import math
-import os
 import pickle
 import random
 import sys
@@ -34,11 +33,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-_HERE = Path(__file__).resolve().parent
-for _p in (str(_HERE), str(_HERE.parent)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+import script_env  # noqa: E402,F401  (the interpreter, this checkout on the path: before the imports below)
 
 import torch  # noqa: E402
 

@@ -31,20 +31,14 @@ import contextlib
 import functools
 import math
 import operator
-import os
 import random
 import re
 import sys
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Dict, Optional, Tuple
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-_HERE = Path(__file__).resolve().parent
-for _p in (str(_HERE), str(_HERE.parent)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+import script_env  # noqa: E402,F401  (the interpreter, this checkout on the path: before the imports below)
 
 import torch  # noqa: E402
 import torch.nn.attention.flex_attention as _flex  # noqa: E402

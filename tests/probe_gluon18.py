@@ -17,18 +17,13 @@ import dataclasses
 import math
 import os
 import random
-import sys
 import time
 import traceback
 import types
 from collections import Counter
 from pathlib import Path
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-_HERE = Path(__file__).resolve().parent
-for _p in (str(_HERE), str(_HERE.parent)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+import script_env  # noqa: E402,F401  (the interpreter, this checkout on the path: before the imports below)
 
 import torch  # noqa: E402
 
