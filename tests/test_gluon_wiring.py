@@ -179,8 +179,9 @@ def test_near_misses(mask, score, extra):
 
 # Calls of the brute force: (q_offset, k_offset, Nq, Nk, n_q, n_k), dense and causal differing in each
 # but the first few; offsets on both sides, n_q / n_k other than the defaults.
+# (q_offset, k_offset, Nq, Nk, n_q, n_k); n_q, n_k at or past the rows' ends (shorter ones are refused)
 BRUTE_CALLS = ((0, 0, 7, 7, None, None), (5, 0, 6, 13, None, None), (0, 4, 9, 5, None, None),
-               (3, 2, 6, 6, 23, 11), (0, 0, 5, 8, 2, 31), (9, 12, 4, 6, 40, 12))
+               (3, 2, 6, 6, 23, 11), (0, 0, 5, 8, 7, 31), (9, 12, 4, 6, 40, 20))
 
 
 def brute_walk(pattern, seed=0):
