@@ -265,8 +265,8 @@ def test_explain_lists_mask_dropped_and_hoisted(built, tmp_path, capsys):
     assert main_explain([str(path), "--n", "64", "--json"]) == 0
     score = json.loads(capsys.readouterr().out)["score"]
     assert score["mask_from_mod"] == "i >= j"
-    assert sorted(score["dropped"]) == sorted(["tan(b)", "hs(h)*log(i + 1)"])
-    assert "hs(h)" in [e.split(" = ")[1] for e in score["hoisted_per_program"]]
+    assert sorted(score["dropped"]) == sorted(["tan(b)", "hs[h]*log(i + 1)"])
+    assert "hs[h]" in [e.split(" = ")[1] for e in score["hoisted_per_program"]]
     assert "2**(-h)" in [e.split(" = ")[1] for e in score["hoisted_per_program"]]
     assert "tan" not in score["loop_mod"] and "log" not in score["loop_mod"]
     assert score["derivative"] and "cos(cos(s))" in score["derivative"]
