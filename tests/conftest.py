@@ -32,7 +32,7 @@ def _runs_slow(config) -> bool:
 
 def pytest_collection_modifyitems(session, config, items):
     """Tests marked slow are skipped unless ``-m`` names slow (``-m slow``, ``-m "slow or not
-    slow"``): the marker alone selects nothing, and CI runs ``pytest -q -n auto``. The modules whose
+    slow"``): the marker alone selects nothing, and CI runs ``pytest -q -n 2``. The modules whose
     tests wait for an early child run last: the child has had every test before them to run beside."""
     if not _runs_slow(config):
         skip = pytest.mark.skip(reason="slow: runs with -m slow")
