@@ -226,3 +226,26 @@ class EmulatedKernel:
                     self.steps.append(program_dkdv(a, pid0, pid1, fused=name == "attn_bwd_fused"))
                 else:
                     self.steps.append(program_dq(a, pid0, pid1, grid[0]))
+
+
+def emulate_sm90(stubs: dict) -> None:
+    """Make this CPU an sm90 GPU for the Gluon path: its device checks pass, the device is a stub
+    H100 (132 SMs), and each Gluon kernel's ``run`` is its emulation (the forwards
+    :class:`gluon_host.EmulatedForward`, the backwards :class:`EmulatedKernel`), put in ``stubs``
+    by name ("ws", "pipelined", "attn_bwd_dkdv", "attn_bwd_dq", "attn_bwd_fused") to read their
+    launches. ``ATTNCC_BACKEND`` is the caller's."""
+    import types
+
+    from attncc.runtime import backend
+    from attncc.runtime.gluon import bwd, bwd_fused, fwd_pipelined, fwd_ws, launch
+    from gluon_host import EmulatedForward
+
+    backend.device_problem = lambda device: None
+    backend.interpreting = lambda: False
+    launch.check_devices = lambda q, k, v: None
+    torch.cuda.get_device_properties = lambda device: types.SimpleNamespace(multi_processor_count=132,
+                                                                            name="stub H100")
+    for name, kernel in (("ws", fwd_ws.attn_fwd_ws), ("pipelined", fwd_pipelined.attn_fwd_pipelined)):
+        stubs[name] = kernel.run = EmulatedForward(kernel, name)
+    for kernel in (bwd.attn_bwd_dkdv, bwd.attn_bwd_dq, bwd_fused.attn_bwd_fused):
+        stubs[kernel.fn.__name__] = kernel.run = EmulatedKernel(kernel)

@@ -403,7 +403,9 @@ def check_seed(seed: int, grad: bool = True):
     return compare(p, seed, grad), p.describe()
 
 
-def main(argv=None):
+def main(argv=None, check=None):
+    """The command line (--cases, --start, --seed, --verbose) over seeds of ``check`` (default
+    this probe's :func:`check_seed`; probe_flexreal23 passes its own)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", type=int, default=20)
     ap.add_argument("--start", type=int, default=0)
@@ -411,7 +413,7 @@ def main(argv=None):
     ap.add_argument("--verbose", action="store_true")
     a = ap.parse_args(argv)
     seeds = [a.seed] if a.seed is not None else range(a.start, a.start + a.cases)
-    return run_seeds(seeds, check_seed, a.verbose)
+    return run_seeds(seeds, check or check_seed, a.verbose)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ tensor used twice, float params overridden per call, ``where`` of ints.
 """
 from __future__ import annotations
 
-import argparse
 import random
 import sys
 
@@ -33,7 +32,6 @@ import script_env  # noqa: E402,F401  (the interpreter, this checkout on the pat
 import torch  # noqa: E402
 
 import probe_flexreal22 as P  # noqa: E402
-from cases import run_seeds  # noqa: E402
 
 
 class Gen(P._Gen):
@@ -311,14 +309,7 @@ def check_seed(seed: int, grad: bool = True):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--cases", type=int, default=20)
-    ap.add_argument("--start", type=int, default=0)
-    ap.add_argument("--seed", type=int)
-    ap.add_argument("--verbose", action="store_true")
-    a = ap.parse_args(argv)
-    seeds = [a.seed] if a.seed is not None else range(a.start, a.start + a.cases)
-    return run_seeds(seeds, check_seed, a.verbose)
+    return P.main(argv, check_seed)
 
 
 if __name__ == "__main__":

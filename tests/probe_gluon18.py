@@ -30,9 +30,9 @@ import torch  # noqa: E402
 import attncc  # noqa: E402
 import fuzz_specs as fz  # noqa: E402
 from attncc.runtime import backend, call as call_mod  # noqa: E402
-from attncc.runtime.gluon import bwd, bwd_fused, fwd_pipelined, fwd_ws, launch  # noqa: E402
-from gluon_emulation import EmulatedKernel as EmulatedBackward  # noqa: E402
-from gluon_host import EmulatedForward, as_python  # noqa: E402
+from attncc.runtime.gluon import launch  # noqa: E402
+from gluon_emulation import emulate_sm90  # noqa: E402
+from gluon_host import as_python  # noqa: E402
 
 
 
@@ -42,19 +42,8 @@ STATE = types.SimpleNamespace(config=None, bwd_config=None)
 
 def install():
     os.environ["ATTNCC_BACKEND"] = "gluon"
-    backend.device_problem = lambda device: None
-    backend.interpreting = lambda: False
-    launch.check_devices = lambda q, k, v: None
+    emulate_sm90(STUBS)
     launch.check_config = lambda config, head_dim: None
-    torch.cuda.get_device_properties = lambda device: types.SimpleNamespace(multi_processor_count=132,
-                                                                            name="stub H100")
-    STUBS["ws"] = EmulatedForward(fwd_ws.attn_fwd_ws, "ws")
-    STUBS["pipelined"] = EmulatedForward(fwd_pipelined.attn_fwd_pipelined, "pipelined")
-    fwd_ws.attn_fwd_ws.run = STUBS["ws"]
-    fwd_pipelined.attn_fwd_pipelined.run = STUBS["pipelined"]
-    for kernel in (bwd.attn_bwd_dkdv, bwd.attn_bwd_dq, bwd_fused.attn_bwd_fused):
-        STUBS[kernel.fn.__name__] = EmulatedBackward(kernel)
-        kernel.run = STUBS[kernel.fn.__name__]
     backend.gluon_config = lambda D: STATE.config
     backend.gluon_bwd_config = lambda D: STATE.bwd_config
 

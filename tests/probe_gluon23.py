@@ -33,10 +33,8 @@ import torch  # noqa: E402
 
 import attncc  # noqa: E402
 from attncc.runtime import backend, call as call_mod  # noqa: E402
-from attncc.runtime.gluon import bwd, bwd_fused, fwd_pipelined, fwd_ws, launch  # noqa: E402
 from cases import build_inline, module, pattern  # noqa: E402
-from gluon_emulation import EmulatedKernel as EmulatedBackward  # noqa: E402
-from gluon_host import EmulatedForward  # noqa: E402
+from gluon_emulation import emulate_sm90  # noqa: E402
 
 # user specs whose Plan picks the Gluon backward under auto too (chunk-aligned bands, no score terms),
 # and look-alikes that must not
@@ -64,18 +62,7 @@ STUBS = {}
 
 def install():
     os.environ["ATTNCC_BACKEND"] = "auto"
-    backend.device_problem = lambda device: None
-    backend.interpreting = lambda: False
-    launch.check_devices = lambda q, k, v: None
-    torch.cuda.get_device_properties = lambda device: types.SimpleNamespace(multi_processor_count=132,
-                                                                            name="stub H100")
-    STUBS["ws"] = EmulatedForward(fwd_ws.attn_fwd_ws, "ws")
-    STUBS["pipelined"] = EmulatedForward(fwd_pipelined.attn_fwd_pipelined, "pipelined")
-    fwd_ws.attn_fwd_ws.run = STUBS["ws"]
-    fwd_pipelined.attn_fwd_pipelined.run = STUBS["pipelined"]
-    for kernel in (bwd.attn_bwd_dkdv, bwd.attn_bwd_dq, bwd_fused.attn_bwd_fused):
-        STUBS[kernel.fn.__name__] = EmulatedBackward(kernel)
-        kernel.run = STUBS[kernel.fn.__name__]
+    emulate_sm90(STUBS)
 
 
 _BUILT = {}

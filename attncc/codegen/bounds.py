@@ -157,14 +157,7 @@ def _kept(printed: Iterable[sympy.Basic], printer: "_BoundPrinter") -> List[Tupl
 
 def divisors(pattern: Pattern) -> List[Tuple[str, sympy.Basic, sympy.Basic]]:
     """``(key, divisor, whole)`` of every integer ``//`` and ``%`` in the pattern's expressions."""
-    out = []
-    for key, e in (("[mask].where", pattern.mask), ("[score].bias", pattern.bias), ("[score].mod", pattern.mod)):
-        if e is None:
-            continue
-        for node in sympy.preorder_traversal(integer_ops(e)):
-            if isinstance(node, (FloorDiv, FloorMod)):
-                out.append((key, node.args[1], node))
-    return out
+    return [(key, d, whole) for key, d, _, whole in _guarded_divisors_of(pattern)]
 
 
 def _per_pair(e) -> bool:
@@ -245,15 +238,21 @@ def _guarded_divisors(e, signs: dict):
         yield from _guarded_divisors(a, {**signs, **held} if divides(a) else signs)
 
 
-def check_divisors(pattern: Pattern) -> None:
-    """Refuse (SpecError) a ``//`` or ``%`` whose divisor varies per pair and may be 0."""
+def _guarded_divisors_of(pattern: Pattern):
+    """``(key, divisor, signs, whole)`` of :func:`_guarded_divisors` in each of the pattern's expressions."""
     for key, e in (("[mask].where", pattern.mask), ("[score].bias", pattern.bias), ("[score].mod", pattern.mod)):
         for d, signs, whole in _guarded_divisors(e, {}) if e is not None else ():
-            if _per_pair(d) and not _nonzero(d.xreplace(signs)):
-                raise SpecError(pattern.source, key,
-                                f"the divisor of {spec_text(whole)} may be 0 (Python would raise there; a kernel "
-                                f"cannot): write one that cannot be, e.g. max({spec_text(d)}, 1), or a "
-                                f"where whose every value is nonzero where it is taken (where(d == 0, 1, d))")
+            yield key, d, signs, whole
+
+
+def check_divisors(pattern: Pattern) -> None:
+    """Refuse (SpecError) a ``//`` or ``%`` whose divisor varies per pair and may be 0."""
+    for key, d, signs, whole in _guarded_divisors_of(pattern):
+        if _per_pair(d) and not _nonzero(d.xreplace(signs)):
+            raise SpecError(pattern.source, key,
+                            f"the divisor of {spec_text(whole)} may be 0 (Python would raise there; a kernel "
+                            f"cannot): write one that cannot be, e.g. max({spec_text(d)}, 1), or a "
+                            f"where whose every value is nonzero where it is taken (where(d == 0, 1, d))")
 
 
 def _host_checks(pattern: Pattern, printer: _BoundPrinter) -> List[str]:

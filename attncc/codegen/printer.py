@@ -379,9 +379,14 @@ class TritonPrinter:
         if base == 2:
             return f"{self.lang}.exp2({self._f64(exp)})"
         if base.is_integer and exp.is_integer:  # 3 ** w: torch.pow's integer, not exp2's neighbour
-            self.helpers |= {"_pow", "_ipow64"}
-            return f"_ipow64({x}, {self._f64(exp)})"
+            return self._ipow64_code(base, exp)
         return self._general_pow(base, exp, x, self._f64(exp))
+
+    def _ipow64_code(self, base, exp) -> str:
+        """``base ** exp`` of an integer and an integer that is no literal, in float64 (the helper
+        ``_ipow64``: torch.pow's integer for ``exp >= 0``)."""
+        self.helpers |= {"_pow", "_ipow64"}
+        return f"_ipow64({self._f64(base)}, {self._f64(exp)})"
 
     def _general_pow(self, base, exp, x: str, y: str) -> str:
         """``x ** y`` (the printed base and exponent) where no product or root does: exp2 of a log,
@@ -598,8 +603,7 @@ class TritonPrinter:
         if self.float64 or self.lang != "tl" or not (power.is_Pow and power.base.is_integer and power.exp.is_integer
                                                      and not power.exp.is_Integer):
             return None
-        self.helpers |= {"_pow", "_ipow64"}
-        value = f"_ipow64({self._f64(power.base)}, {self._f64(power.exp)})"
+        value = self._ipow64_code(power.base, power.exp)
         if sign < 0:  # floor(-x) is -ceil(x), ceil(-x) is -floor(x)
             rounding = {"floor": "ceil", "ceil": "floor"}[rounding]
         code = f"{self.lang}.cast({self.lang}.{rounding}({value}), {self.lang}.int64)"
