@@ -42,7 +42,7 @@ from attncc.analysis.integer import integer_fraction, integer_ops, integer_sums
 from attncc.analysis.separable import separated
 from attncc.codegen.names import dot_value, float64_text
 from attncc.spec import symbols as S
-from attncc.spec.builtins import RandomBlocks, quotient
+from attncc.spec.builtins import RandomBlocks, ToFloat, quotient
 from attncc.spec.expr import integer_comparison
 
 # The integer expressions the printers write while :func:`printed_integers` is active, and the
@@ -378,7 +378,7 @@ class TritonPrinter:
             return f"{self.lang}.exp({self._f64(exp)})"
         if base == 2:
             return f"{self.lang}.exp2({self._f64(exp)})"
-        if base.is_integer and exp.is_integer:  # 3 ** w: torch.pow's integer, not exp2's neighbour
+        if _whole(base) and _whole(exp):  # 3 ** w, 3 ** (w - 4): torch.pow's integer, not exp2's neighbour
             return self._ipow64_code(base, exp)
         return self._general_pow(base, exp, x, self._f64(exp))
 
@@ -600,7 +600,7 @@ class TritonPrinter:
         float32 ``exp2(w * log2(4))``, which loop bounds cannot take and which misses integers
         (``3 ** 5`` is 242.99997 there)."""
         sign, power = (-1, -e) if e.could_extract_minus_sign() else (1, e)
-        if self.float64 or self.lang != "tl" or not (power.is_Pow and power.base.is_integer and power.exp.is_integer
+        if self.float64 or self.lang != "tl" or not (power.is_Pow and _whole(power.base) and _whole(power.exp)
                                                      and not power.exp.is_Integer):
             return None
         value = self._ipow64_code(power.base, power.exp)
@@ -752,6 +752,13 @@ class TritonPrinter:
         if self.random_blocks is None:
             raise ValueError("random_blocks() cannot appear here")
         return self.random_blocks(e)
+
+
+def _whole(x) -> bool:
+    """Whether ``x`` is a whole number: an integer expression, or one inside a ToFloat (the parser keeps
+    float arithmetic's operands opaque: the exponent of ``3 ** (w - 4)`` is ``ToFloat(w - 4)``, an int
+    all the same; session 24 found ``i % 3 ** (w - 7)`` through exp2 of a log, o off by 4.5)."""
+    return bool(x.is_integer) or (isinstance(x, ToFloat) and bool(x.args[0].is_integer))
 
 
 def _number(e) -> Optional[float]:

@@ -317,12 +317,21 @@ def _backward_signature_problems(call: Call, method: str = GLUON_BWD_METHODS[0])
     return ()
 
 
-@functools.lru_cache(maxsize=None)
 def gluon_bwd_config(head_dim: int):
-    """The backward's tiles: ``launch.default_bwd_config`` (not timed yet: docs/gluon.md)."""
+    """The backward's tiles: ``launch.default_bwd_config``, with the fields that
+    ``ATTNCC_GLUON_BWD_TILES="kv_block_n=64,kv_stages=2"`` forces (benchmarks: ``python -m bench CASE
+    --sweep gluon-bwd-tiles``; read on every call, checked by ``launch.check_bwd_config`` where used)."""
+    return _gluon_bwd_config(head_dim, env("ATTNCC_GLUON_BWD_TILES", ""))
+
+
+@functools.lru_cache(maxsize=None)
+def _gluon_bwd_config(head_dim: int, tiles: str):
+    from attncc.runtime.configs import parse_fields
     from attncc.runtime.gluon import launch
 
-    return launch.default_bwd_config(head_dim)
+    names = tuple(f.name for f in dataclasses.fields(launch.GluonBwdConfig))
+    return dataclasses.replace(launch.default_bwd_config(head_dim),
+                               **parse_fields("ATTNCC_GLUON_BWD_TILES", tiles, names))
 
 
 def gluon_backward(call: Call, walk: str, o, lse, do, dlse=None, raw: bool = False):

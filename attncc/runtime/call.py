@@ -969,8 +969,8 @@ def env_flag(name: str, default: bool) -> bool:
 
 if _ENV_DATA is not None:  # the variables the runtime reads, keyed before any call is traced
     _ENV_KEYS.update((name, os.environ.encodekey(name)) for name in (
-        "TRITON_INTERPRET", "ATTNCC_BACKEND", "ATTNCC_GLUON_BWD", "ATTNCC_FAST_LAUNCH", "ATTNCC_TUNE",
-        "ATTNCC_CACHE_DIR", "ATTNCC_RESIDUE_MIN_ROWS", "ATTNCC_COLUMN_MIN_ROWS", "ATTNCC_CHECK_DECODE"))
+        "TRITON_INTERPRET", "ATTNCC_BACKEND", "ATTNCC_GLUON_BWD", "ATTNCC_GLUON_BWD_TILES", "ATTNCC_FAST_LAUNCH",
+        "ATTNCC_TUNE", "ATTNCC_CACHE_DIR", "ATTNCC_RESIDUE_MIN_ROWS", "ATTNCC_COLUMN_MIN_ROWS", "ATTNCC_CHECK_DECODE"))
 
 
 def raw_env_key(name: str):
