@@ -342,9 +342,11 @@ def test_backward_configs_fit_and_oversized_ones_are_refused():
         launch.check_bwd_config(launch.GluonBwdConfig(kv_block_n=256), 64)
     with pytest.raises(ValueError, match="q_stages must be >= 2"):
         launch.check_bwd_config(launch.GluonBwdConfig(q_stages=1), 64)
-    assert launch.bwd_shared_bytes(launch.default_bwd_config(128), 128) == {
-        "dkdv": 2 * 32768 + 3 * (2 * 16384 + 512), "dq": 2 * 32768 + 3 * 2 * 16384,
-        "fused": 2 * 32768 + 3 * (2 * 16384 + 512) + 128 * 64 * 2 + 64 * 128 * 4}
+    assert launch.bwd_shared_bytes(launch.default_bwd_config(128), 128) == {  # one warpgroup: two programs per SM
+        "dkdv": 2 * 16384 + 2 * (2 * 16384 + 512), "dq": 2 * 16384 + 2 * 2 * 16384,
+        "fused": 2 * 16384 + 2 * (2 * 16384 + 512) + 64 * 64 * 2 + 64 * 128 * 4}
+    split = launch.bwd_shared_bytes(launch.default_bwd_config(128), 128)
+    assert all(2 * (split[part] + 1024) <= 228 * 1024 for part in ("dkdv", "dq"))  # an H100 SM: 228 KB
     for d in launch.BWD_HEAD_DIMS:
         launch.check_bwd_config(launch.default_bwd_config(d), d, "fused")
     # 4 stages fit the dK/dV kernel at D = 128, not the fused one (dS^T and the fp32 dQ tile: 48 KB more)

@@ -808,8 +808,9 @@ def test_rendered_forward_compiles_for_sm90(compiled, case):
         assert c["stack"] == 0 and c["registers"] <= 255
 
 
-# wgmma per kernel, as the built-in walks' (docs/gluon.md): one loop, whatever the segments
-BWD_WGMMA = {("dkdv", 128): 24, ("dkdv", 64): 16, ("dq", 128): 20, ("dq", 64): 16, ("fused", 128): 40,
+# wgmma per kernel at the default tiles, as the built-in walks' (docs/gluon.md): one loop, whatever the segments
+# (the fused one at D = 128: 32 with one warpgroup of 64 keys, session 24; 40 with two)
+BWD_WGMMA = {("dkdv", 128): 24, ("dkdv", 64): 16, ("dq", 128): 20, ("dq", 64): 16, ("fused", 128): 32,
              ("fused", 64): 24}
 
 

@@ -158,9 +158,14 @@ class GluonBwdConfig:
 def default_bwd_config(head_dim: int) -> GluonBwdConfig:
     """The backward's tiles by head dim (compiled register counts in docs/gluon.md; no spills).
 
-    D = 128: dK/dV 128 keys x 64-row query steps (252 registers; 128-row steps would not fit next
-    to dK and dV), 3 stages (165 KB; 2: 132 KB, 4: 199 KB); dQ 128 rows x 64-key steps (169
-    registers; 128-key steps reach 246), 3 stages (164 KB).
+    D = 128: programs of one warpgroup whose shared memory lets two run on an SM, so that one's
+    pipeline fill and epilogue overlap the other's GEMMs (one program per SM before): dK/dV 64 keys
+    x 64-row query steps (254 registers; 128-row steps would not fit next to dK and dV), 2 stages
+    (99 KB); dQ 64 rows x 64-key steps (165 registers), 2 stages (98 KB). Measured on an H100
+    (session 24, docs/performance.md, f+b, bf16, against the two-warpgroup programs of 128 keys /
+    128 rows with 3 stages, gradients bitwise equal): block diagonal 1024 at 16K 2.594 -> 2.293 ms,
+    chunked local 2048 2.859 -> 2.569, causal 8K 4.696 -> 4.347, dense 4K 4.555 -> 4.245, GQA 32/8
+    causal 8K 9.381 -> 8.542.
     D = 64: dK/dV 128 x 64 (191 registers), 4 stages (100 KB); dQ 128 x 128 (217 registers),
     3 stages (131 KB).
     Fused (bwd_fused.py): the dK/dV tiles; at D = 128 its dQ partial in two column halves
@@ -170,7 +175,7 @@ def default_bwd_config(head_dim: int) -> GluonBwdConfig:
     check_bwd_head_dim(head_dim)
     if head_dim == 64:
         return GluonBwdConfig(kv_block_n=128, kv_block_m=64, kv_stages=4, q_block_m=128, q_block_n=128, q_stages=3)
-    return GluonBwdConfig(kv_block_n=128, kv_block_m=64, kv_stages=3, q_block_m=128, q_block_n=64, q_stages=3,
+    return GluonBwdConfig(kv_block_n=64, kv_block_m=64, kv_stages=2, q_block_m=64, q_block_n=64, q_stages=2,
                           dq_pieces=2)
 
 
