@@ -53,6 +53,7 @@ SPEC = _rt.SpecInfo(
     tile_hint="default",
     gluon="dense",
     gluon_auto=True,
+    gluon_backward_auto=True,
     int_reach=_int_reach,
     int_divisors=_int_divisors,
 )

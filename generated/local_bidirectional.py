@@ -101,6 +101,7 @@ SPEC = _rt.SpecInfo(
     tile_hint="narrow",
     gluon="rendered",
     gluon_auto=True,
+    gluon_backward_auto=True,
     gluon_fragments=_rt.gluon_fragments(__name__, __file__),
     int_reach=_int_reach,
     int_divisors=_int_divisors,

@@ -101,7 +101,7 @@ class GluonFit:
     auto_reason: str = ""
     # Why ATTNCC_BACKEND=auto keeps the tl backward for this Plan although the Gluon backward computes
     # it ("" when auto takes the Gluon backward on sm90: rendered_backward_auto_reason).
-    backward_auto_reason: str = "auto keeps the tl backward: the Gluon backward was measured no faster"
+    backward_auto_reason: str = "auto keeps the tl backward: the Gluon backward was measured no faster"  # (no walk)
 
     @property
     def auto(self) -> bool:
@@ -125,8 +125,8 @@ def gluon_fit(plan: Plan) -> GluonFit:
     """The built-in walk that computes ``plan`` exactly, else rendered fragments where the Plan has
     what they need (module docstring), else why not."""
     builtin = builtin_fit(plan)
-    if builtin.walk is not None:
-        return GluonFit(builtin.walk)
+    if builtin.walk is not None:  # auto takes its backward too (measured faster: rendered_backward_auto_reason)
+        return GluonFit(builtin.walk, backward_auto_reason="")
     p = plan.pattern
     if p.kind != "softmax":
         return GluonFit(reason=builtin.reason)
@@ -178,41 +178,16 @@ def rendered_auto_reason(plan: Plan) -> str:
 
 def rendered_backward_auto_reason(plan: Plan) -> str:
     """Why ATTNCC_BACKEND=auto keeps the tl backward for a rendered Plan ("" when it takes the Gluon
-    split backward). Measured on an H100 (bf16, head dim 128, N = 16K, f+b, docs/performance.md
-    session 21): on chunk-aligned walks (one segment per block both ways, bounds at multiples of a
-    chunk: block diagonal, chunked local) the Gluon split backward took 0.94-0.97x the tl backward's
-    time; on other single-segment walks 1.02-1.04x (causal, sliding window, prefix-LM) and on two
-    segments 1.34x (sink + window)."""
+    split backward): where the walks have several segments per block. Measured on an H100 (bf16, f+b,
+    session 24, docs/performance.md) with the one-warpgroup backward tiles (two programs per SM), the
+    Gluon forward and split backward against auto's earlier tl backward: block diagonal 0.85x, chunked
+    local 0.87x, sliding window 0.95x, prefix-LM 0.96x, ALiBi 0.98x, softcap 0.87x, causal 0.94x,
+    dense 4K 0.98x, GQA 0.96x; over two segments (sink + window) 1.04x."""
     walks = (plan.forward, plan.transposed)
     if not all(w.kind is Iteration.BANDS and w.segments == 1 for w in walks):
-        return "auto keeps the tl backward: the Gluon backward was measured faster on chunk-aligned walks alone"
-    if not all(_chunk_aligned(w.cover) for w in walks):
-        return ("auto keeps the tl backward: its blocks are not chunk-aligned (the Gluon backward was measured "
-                "faster on chunk-aligned walks alone: block diagonal, chunked local)")
-    p = plan.pattern
-    if (p.bias is not None and p.bias != 0) or p.mod is not None or p.softcap is not None:
-        return "auto keeps the tl backward: the Gluon backward was timed on chunk-aligned masks alone, no score terms"
+        return ("auto keeps the tl backward: its walks have several segments per block, where the Gluon backward "
+                "was measured slower (sink + window: 1.04x)")
     return ""
-
-
-def _chunk_aligned(cover: Optional[Cover]) -> bool:
-    """One band, no rows or columns, whose first and last keys both step with a floor of the row
-    (``chunk * floor(x / chunk) <= j <= min(chunk * floor(x / chunk) + chunk - 1, x)``), cut at most
-    by the diagonal and by bounds the same on every row: a bound that slides with the row (the
-    window of ``j > i - w`` inside the chunks) makes it a sliding window, where the Gluon backward was
-    measured slower."""
-    if cover is None or cover.rows or cover.columns or cover.band is None:
-        return False
-    band = cover.band
-    return all(any(piece.has(sympy.floor) for group in groups for piece in group)
-               and all(_chunk_piece(piece) for group in groups for piece in group)
-               for groups in (band.lower, band.upper))
-
-
-def _chunk_piece(piece: sympy.Expr) -> bool:
-    """A piece of a chunk-aligned band: a step of a floor of the row, the diagonal, or one the same on
-    every row."""
-    return piece.has(sympy.floor) or piece == X or not piece.has(X)
 
 
 def rendered_backward_reason(plan: Plan) -> str:

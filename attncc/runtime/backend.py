@@ -25,7 +25,8 @@ chosen on its own: those modules' ``_backward`` opens with
 transposed walk has a closed form; a call that breaks its precondition runs the ``tl`` backward).
 ``triton``: the ``tl`` backward; ``auto``: the ``tl`` backward (``attncc.runtime.gluon.AUTO_SELECTS_GLUON_BACKWARD``:
 measured no faster) except where the spec's Plan picks the Gluon split one (``SpecInfo.gluon_backward_auto``:
-chunk-aligned walks, measured faster; not with ``ATTNCC_GLUON_BWD=fused``: :func:`auto_picks_gluon_backward`);
+the built-in walks and single-segment rendered ones, measured faster; not with ``ATTNCC_GLUON_BWD=fused``:
+:func:`auto_picks_gluon_backward`);
 ``gluon``: the Gluon backward where it can run the call, else the ``tl`` one (it never refuses: the
 forward already refused what Gluon cannot run at all, and what is left is the Gluon backward's own
 limit, head dim 256, where the ``tl`` backward on the Gluon forward's output is what ran before it existed;
@@ -264,10 +265,10 @@ def gluon_backward_selected(call: Call) -> bool:
 def auto_picks_gluon_backward(call: Call) -> bool:
     """Whether ATTNCC_BACKEND=auto takes the Gluon backward for ``call`` where it can run it: everywhere
     with the switch ``gluon.AUTO_SELECTS_GLUON_BACKWARD`` (off), else where the spec's Plan has it
-    picked (``SpecInfo.gluon_backward_auto``: chunk-aligned walks, measured faster) when the method is
-    split (``ATTNCC_GLUON_BWD`` unset or ``split``: the one measured there; the fused one was slower than
-    ``tl`` on chunked local, and not deterministic, which under ``torch.use_deterministic_algorithms``
-    raised where auto's ``tl`` backward runs), at ``gluon.AUTO_BWD_HEAD_DIMS`` and calls of at least
+    picked (``SpecInfo.gluon_backward_auto``: the built-in walks and single-segment rendered ones,
+    measured faster) when the method is split (``ATTNCC_GLUON_BWD`` unset or ``split``: the one measured
+    there; the fused one was slower than ``tl`` on chunked local, and not deterministic, which under
+    ``torch.use_deterministic_algorithms`` raised where auto's ``tl`` backward runs), at ``gluon.AUTO_BWD_HEAD_DIMS`` and calls of at least
     ``gluon.AUTO_MIN_PAIRS`` pairs."""
     if gluon.AUTO_SELECTS_GLUON_BACKWARD:
         return True

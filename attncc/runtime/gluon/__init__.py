@@ -35,11 +35,12 @@ AUTO_HEAD_DIMS = (128, 256)
 # GPU time gains little (~20 us of kernel at N = 1024). 2**28: causal B=2 H=16 from N = 4096.
 AUTO_MIN_PAIRS = 2 ** 28
 
-# The same for the Gluon backward (attncc.runtime.backend: a generated module's `_backward`). False:
-# it passed its GPU tests on an H100 (2026-12-05), but took 0.98-1.09x the tl backward's time (split)
-# and 1.03-1.09x (fused) at head dims 64 and 128 (`python -m bench gluon-bwd --bwd`): no gain yet.
+# The same for the Gluon backward (attncc.runtime.backend: a generated module's `_backward`), for every
+# Plan whatever it is. False: with two-warpgroup programs it took 0.98-1.09x the tl backward's time
+# (split) and 1.03-1.09x (fused) on an H100 (2026-12-05).
 AUTO_SELECTS_GLUON_BACKWARD = False
-# ... except for Plans measured faster with it (SpecInfo.gluon_backward_auto,
-# attncc.analysis.builtin.GluonFit.backward_auto: chunk-aligned walks, split backward) at these head
-# dims, for calls of at least AUTO_MIN_PAIRS pairs.
-AUTO_BWD_HEAD_DIMS = (128,)
+# ... but auto takes the split one where the Plan picks it (SpecInfo.gluon_backward_auto,
+# attncc.analysis.builtin.GluonFit.backward_auto: the built-in walks and single-segment rendered ones,
+# measured 0.85-0.98x the tl backward's f+b time with the one-warpgroup tiles of session 24) at these
+# head dims, for calls of at least AUTO_MIN_PAIRS pairs (D = 64: causal 8K 5.331 ms against tl's 5.519).
+AUTO_BWD_HEAD_DIMS = (64, 128)
