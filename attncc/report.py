@@ -391,9 +391,9 @@ def backend_text(plan: Plan, *, head_dim: int, value_dim: int, dtype: str) -> st
     if len(auto) == 2:
         return f"Gluon sm90 forward and backward ({walk}) on sm90{AUTO_SIZE}, tl elsewhere and with ATTNCC_BACKEND=triton"
     if auto:
-        size = AUTO_SIZE
-        return (f"Gluon sm90 {auto[0]} ({walk}) on sm90{size}, tl elsewhere and with ATTNCC_BACKEND=triton; "
-                f"both Gluon with ATTNCC_BACKEND=gluon")
+        forward_tl = f"; the forward tl{why_tl}" if auto == ["backward"] and why_tl else ""
+        return (f"Gluon sm90 {auto[0]} ({walk}) on sm90{AUTO_SIZE}, tl elsewhere and with ATTNCC_BACKEND=triton"
+                f"{forward_tl}; both Gluon with ATTNCC_BACKEND=gluon")
     return f"tl; Gluon sm90 forward and backward ({walk}) with ATTNCC_BACKEND=gluon{why_tl}"
 
 

@@ -27,12 +27,14 @@ def _starts_early(config) -> bool:
 
 
 def _runs_slow(config) -> bool:
-    return "slow" in (config.option.markexpr or "")
+    return any(word in (config.option.markexpr or "") for word in ("slow", "gpu"))
 
 
 def pytest_collection_modifyitems(session, config, items):
     """Tests marked slow are skipped unless ``-m`` names slow (``-m slow``, ``-m "slow or not
-    slow"``): the marker alone selects nothing, and CI runs ``pytest -q -n 2``. The modules whose
+    slow"``) or gpu (the GPU session's ``-m gpu`` runs tests/gpu/test_gpu_big.py's sizes past 2**31,
+    which session 23's first version of this rule skipped there): the marker alone selects nothing,
+    and CI runs ``pytest -q -n 2``. The modules whose
     tests wait for an early child run last: the child has had every test before them to run beside."""
     if not _runs_slow(config):
         skip = pytest.mark.skip(reason="slow: runs with -m slow")

@@ -60,7 +60,7 @@ def random_config(rng, D):
 
 def random_bwd_config(rng, D, method):
     if rng.random() < 0.25 and D in (64, 128):
-        cfg = launch.default_bwd_config(D)
+        cfg = launch.default_bwd_config(D, method)
     else:
         cfg = launch.GluonBwdConfig(kv_block_n=rng.choice((64, 128)), kv_block_m=rng.choice((16, 32, 64)),
                                     kv_stages=2, q_block_m=rng.choice((64, 128)), q_block_n=rng.choice((16, 32, 64)),

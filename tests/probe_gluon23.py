@@ -148,10 +148,10 @@ def reference(p, c, q, k, v):
 
 
 def expected_gluon_bwd(mod, c, call) -> bool:
-    """auto's rule, worked out here: the Plan's pick, head dim 128, the pairs, and a call the Gluon
-    backward can run."""
+    """auto's rule, worked out here: the Plan's pick, head dims 64 and 128 (128 alone before session 24),
+    the pairs, and a call the Gluon backward can run."""
     spec = mod.SPEC
-    if not (spec.gluon_backward_auto and c.D == 128 and c.B * c.Hq * c.Nq * c.Nk >= c.min_pairs):
+    if not (spec.gluon_backward_auto and c.D in (64, 128) and c.B * c.Hq * c.Nq * c.Nk >= c.min_pairs):
         return False
     if c.varlen or call.wide:
         return False

@@ -205,7 +205,7 @@ def test_fused_launch_and_its_accumulator(emulated, monkeypatch):
 
     monkeypatch.setattr(bwd_fused.attn_bwd_fused, "run", spy)
     (dq, _, _), want = run_case(case, seed=1, method="fused")
-    cfg = launch.default_bwd_config(128)
+    cfg = launch.default_bwd_config(128, "fused")
     (args, kwargs, grid), = fused.launches
     assert grid == (-(-300 // cfg.kv_block_n), 2 * 2)
     assert kwargs["STAGES"] == cfg.kv_stages and kwargs["num_warps"] == cfg.kv_block_n // 16
@@ -342,13 +342,16 @@ def test_backward_configs_fit_and_oversized_ones_are_refused():
         launch.check_bwd_config(launch.GluonBwdConfig(kv_block_n=256), 64)
     with pytest.raises(ValueError, match="q_stages must be >= 2"):
         launch.check_bwd_config(launch.GluonBwdConfig(q_stages=1), 64)
-    assert launch.bwd_shared_bytes(launch.default_bwd_config(128), 128) == {  # one warpgroup: two programs per SM
-        "dkdv": 2 * 16384 + 2 * (2 * 16384 + 512), "dq": 2 * 16384 + 2 * 2 * 16384,
-        "fused": 2 * 16384 + 2 * (2 * 16384 + 512) + 64 * 64 * 2 + 64 * 128 * 4}
-    split = launch.bwd_shared_bytes(launch.default_bwd_config(128), 128)
-    assert all(2 * (split[part] + 1024) <= 228 * 1024 for part in ("dkdv", "dq"))  # an H100 SM: 228 KB
+    split = launch.bwd_shared_bytes(launch.default_bwd_config(128), 128)  # one warpgroup: two programs per SM
+    assert (split["dkdv"], split["dq"]) == (2 * 16384 + 2 * (2 * 16384 + 512), 2 * 16384 + 2 * 2 * 16384)
     for d in launch.BWD_HEAD_DIMS:
-        launch.check_bwd_config(launch.default_bwd_config(d), d, "fused")
+        split = launch.bwd_shared_bytes(launch.default_bwd_config(d), d)
+        assert all(2 * (split[part] + 1024) <= 228 * 1024 for part in ("dkdv", "dq"))  # an H100 SM: 228 KB
+    assert launch.bwd_shared_bytes(launch.default_bwd_config(128, "fused"), 128)["fused"] == (
+        2 * 32768 + 3 * (2 * 16384 + 512) + 128 * 64 * 2 + 64 * 128 * 4)  # the fused kernel's two warpgroups
+    for d in launch.BWD_HEAD_DIMS:
+        launch.check_bwd_config(launch.default_bwd_config(d, "fused"), d, "fused")
+        launch.check_bwd_config(launch.default_bwd_config(d), d, "split")
     # 4 stages fit the dK/dV kernel at D = 128, not the fused one (dS^T and the fp32 dQ tile: 48 KB more)
     deep = launch.GluonBwdConfig(kv_stages=4)
     launch.check_bwd_config(deep, 128, "split")

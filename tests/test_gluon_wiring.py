@@ -445,15 +445,16 @@ def test_backward_is_selected_on_its_own(monkeypatch, fake_sm90):
 
 def test_auto_backward_follows_the_plan(monkeypatch, fake_sm90):
     """auto takes the Gluon backward where the spec's Plan picks it (GluonFit.backward_auto: the
-    chunk-aligned walks of block diagonal and chunked local), at head dim 128 and calls of at least
-    AUTO_MIN_PAIRS pairs, and the tl one elsewhere; triton never takes it."""
+    built-in walks and single-segment rendered ones, not sink + window's two segments), at head dims 64
+    and 128 and calls of at least AUTO_MIN_PAIRS pairs, and the tl one elsewhere; triton never takes it."""
     monkeypatch.setenv("ATTNCC_BACKEND", "auto")
     monkeypatch.setattr(backend.gluon, "AUTO_MIN_PAIRS", 2 * 64 * 64)
     names = ("chunked_local", "block_diagonal", "sliding_window", "causal", "prefix_lm", "softcap", "sink_window")
     picks = {name: backend.gluon_backward_selected(bind(name, Nq=64, Nk=64, D=128)[-1]()) for name in names}
-    assert picks == {name: name in ("chunked_local", "block_diagonal") for name in names}
+    assert picks == {name: name != "sink_window" for name in names}
     assert picks == {name: module(name).SPEC.gluon_backward_auto for name in names}
-    assert backend.gluon_backward_selected(bind("chunked_local", Nq=64, Nk=64, D=64)[-1]()) is False
+    assert backend.gluon_backward_selected(bind("chunked_local", Nq=64, Nk=64, D=64)[-1]()) is True
+    assert backend.gluon_backward_selected(bind("causal", Nq=64, Nk=64, D=256)[-1]()) is False  # no D = 256 backward
     assert backend.gluon_backward_selected(bind("chunked_local", Nq=32, Nk=64, D=128)[-1]()) is False  # pairs
     monkeypatch.setenv("ATTNCC_BACKEND", "triton")
     assert backend.gluon_backward_selected(bind("chunked_local", Nq=64, Nk=64, D=128)[-1]()) is False
@@ -471,24 +472,31 @@ def test_explain_names_forward_and_backward(monkeypatch):
 
     plan = analyze(canonical_score(mod_pattern("causal")))
     text = lambda d=128: backend_text(plan, head_dim=d, value_dim=d, dtype="bf16")  # noqa: E731
-    assert text(64) == ("tl; Gluon sm90 forward and backward (built-in causal walk) with ATTNCC_BACKEND=gluon "
-                        "(auto keeps tl at head dim 64: it picks Gluon at 128, 256)")
+    assert text(64) == ("Gluon sm90 backward (built-in causal walk) on sm90 for calls of at least 2**28 (batch x "
+                        "heads x queries x keys) pairs, tl elsewhere and with ATTNCC_BACKEND=triton; the forward tl "
+                        "(auto keeps tl at head dim 64: it picks Gluon at 128, 256); both Gluon with ATTNCC_BACKEND=gluon")
     sink = backend_text(analyze(canonical_score(mod_pattern("sink_window"))), head_dim=128, value_dim=128, dtype="bf16")
     assert sink.startswith("tl; Gluon sm90 forward and backward") and "(auto keeps tl: 2 key segments" in sink
     monkeypatch.setattr(backend.gluon, "AUTO_SELECTS_GLUON", False)
-    assert text() == "tl; Gluon sm90 forward and backward (built-in causal walk) with ATTNCC_BACKEND=gluon"
+    assert text().startswith("Gluon sm90 backward (built-in causal walk) on sm90") and text().endswith(
+        "; both Gluon with ATTNCC_BACKEND=gluon")  # (no why: the switch is off)
     assert text(256) == ("tl; Gluon sm90 forward (built-in causal walk) with ATTNCC_BACKEND=gluon; the backward tl "
                          "(the Gluon backward takes head dims 64, 128)")
     monkeypatch.setattr(backend.gluon, "AUTO_SELECTS_GLUON", True)
+    assert text() == ("Gluon sm90 forward and backward (built-in causal walk) on sm90 for calls of at least 2**28 "
+                      "(batch x heads x queries x keys) pairs, tl elsewhere and with ATTNCC_BACKEND=triton")
+    sliding = analyze(canonical_score(mod_pattern("sliding_window")))
+    monkeypatch.setattr(backend.gluon, "AUTO_BWD_HEAD_DIMS", ())  # the Plan's pick alone, at no head dim
     assert text().startswith("Gluon sm90 forward (built-in causal walk) on sm90") and "both Gluon with" in text()
     monkeypatch.setattr(backend.gluon, "AUTO_SELECTS_GLUON_BACKWARD", True)
     assert text() == ("Gluon sm90 forward and backward (built-in causal walk) on sm90 for calls of at least 2**28 "
                       "(batch x heads x queries x keys) pairs, tl elsewhere and with ATTNCC_BACKEND=triton")
-    monkeypatch.setattr(backend.gluon, "AUTO_SELECTS_GLUON_BACKWARD", False)
+    monkeypatch.undo()
     chunks = analyze(canonical_score(mod_pattern("chunked_local")))
     assert backend_text(chunks, head_dim=128, value_dim=128, dtype="bf16").startswith(
         "Gluon sm90 forward and backward (its rendered walks, mask and score) on sm90 for calls of at least")
-    assert backend_text(chunks, head_dim=64, value_dim=64, dtype="bf16").startswith("tl; Gluon sm90 forward and backward")
+    assert backend_text(chunks, head_dim=64, value_dim=64, dtype="bf16").startswith("Gluon sm90 backward (its rendered")
+    assert backend_text(sliding, head_dim=128, value_dim=128, dtype="bf16").startswith("Gluon sm90 forward and backward")
     assert text(32).startswith("tl only for this call: head dim 32")
 
 

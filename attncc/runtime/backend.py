@@ -319,19 +319,20 @@ def _backward_signature_problems(call: Call, method: str = GLUON_BWD_METHODS[0])
 
 
 def gluon_bwd_config(head_dim: int):
-    """The backward's tiles: ``launch.default_bwd_config``, with the fields that
-    ``ATTNCC_GLUON_BWD_TILES="kv_block_n=64,kv_stages=2"`` forces (benchmarks: ``python -m bench CASE
-    --sweep gluon-bwd-tiles``; read on every call, checked by ``launch.check_bwd_config`` where used)."""
-    return _gluon_bwd_config(head_dim, env("ATTNCC_GLUON_BWD_TILES", ""))
+    """The tiles of the ``ATTNCC_GLUON_BWD`` method's kernels: ``launch.default_bwd_config``, with the
+    fields that ``ATTNCC_GLUON_BWD_TILES="kv_block_n=64,kv_stages=2"`` forces (benchmarks: ``python -m
+    bench CASE --sweep gluon-bwd-tiles``; read on every call, checked by ``launch.check_bwd_config``
+    where used)."""
+    return _gluon_bwd_config(head_dim, gluon_bwd_method(), env("ATTNCC_GLUON_BWD_TILES", ""))
 
 
 @functools.lru_cache(maxsize=None)
-def _gluon_bwd_config(head_dim: int, tiles: str):
+def _gluon_bwd_config(head_dim: int, method: str, tiles: str):
     from attncc.runtime.configs import parse_fields
     from attncc.runtime.gluon import launch
 
     names = tuple(f.name for f in dataclasses.fields(launch.GluonBwdConfig))
-    return dataclasses.replace(launch.default_bwd_config(head_dim),
+    return dataclasses.replace(launch.default_bwd_config(head_dim, method),
                                **parse_fields("ATTNCC_GLUON_BWD_TILES", tiles, names))
 
 

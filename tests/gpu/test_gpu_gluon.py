@@ -281,7 +281,7 @@ def test_fused_dq_pieces_agree(dog):
     order of the fp32 reduce-adds, both against float32 autograd."""
     case = Case("pieces", "causal", 1, 4, 2, 700, 900, 128, q_offset=200)
     q, k, v, o, lse, do, dlse = backward_run(case, seed=4)
-    base = gluon.default_bwd_config(128)
+    base = gluon.default_bwd_config(128, "fused")
     got = {}
     for pieces in (1, 2):
         cfg = dataclasses.replace(base, dq_pieces=pieces)

@@ -155,7 +155,7 @@ class GluonBwdConfig:
         return self.q_stages if part == "dq" else self.kv_stages
 
 
-def default_bwd_config(head_dim: int) -> GluonBwdConfig:
+def default_bwd_config(head_dim: int, method: str = "split") -> GluonBwdConfig:
     """The backward's tiles by head dim (compiled register counts in docs/gluon.md; no spills).
 
     D = 128: programs of one warpgroup whose shared memory lets two run on an SM, so that one's
@@ -169,11 +169,18 @@ def default_bwd_config(head_dim: int) -> GluonBwdConfig:
     D = 64: one warpgroup too: dK/dV 64 x 64 (194 registers), 4 stages (82 KB); dQ 64 x 128 (217
     registers), 2 stages (80 KB); causal 8K (B4 H16) f+b 6.001 -> 5.331 ms against 128 x 64 / 128 x
     128 (3 stages), two per SM.
-    Fused (bwd_fused.py): the dK/dV tiles; at D = 128 its dQ partial in two column halves
-    (`dq_pieces`: fewer spills), at 64 in one piece (no spills either way).
+    Fused (bwd_fused.py, `method` "fused"): its own tiles, the two-warpgroup ones (128 keys x 64 rows,
+    3 stages at D = 128, 4 at 64): with one warpgroup of 64 keys twice as many programs reduce-add
+    into each dQ row, and its f+b took 1.20-1.36x longer (H100, session 24: causal 8K 5.052 -> 6.065
+    ms, dense 4K 4.750 -> 5.890); at D = 128 its dQ partial in two column halves (`dq_pieces`: fewer
+    spills), at 64 in one piece (no spills either way).
     D = 256 has none: dK and dV of even one warpgroup's 64 keys are 2 x 128 fp32 registers per
     thread, the whole register file (`check_bwd_head_dim` says so)."""
     check_bwd_head_dim(head_dim)
+    _check_choice("method", method, tuple(BWD_METHODS))
+    if method == "fused":
+        return GluonBwdConfig(kv_block_n=128, kv_block_m=64, kv_stages=4 if head_dim == 64 else 3,
+                              dq_pieces=1 if head_dim == 64 else 2)
     if head_dim == 64:
         return GluonBwdConfig(kv_block_n=64, kv_block_m=64, kv_stages=4, q_block_m=64, q_block_n=128, q_stages=2)
     return GluonBwdConfig(kv_block_n=64, kv_block_m=64, kv_stages=2, q_block_m=64, q_block_n=64, q_stages=2,
@@ -351,7 +358,7 @@ def attention_backward(q, k, v, o, lse, do, dlse=None, *, pattern: str = "dense"
     B, Hq, Nq, D, Hkv, Nk = check_operands(q, k, v)
     check_backward_operands(q, o, lse, do, dlse, lse_raw)
     check_devices(q, k, v)
-    config = default_bwd_config(D) if config is None else config
+    config = default_bwd_config(D, method) if config is None else config
     check_bwd_config(config, D, method)
     default_walk, default_qwalk, default_mask = backward_fragments(pattern)
     walk = default_walk if walk is None else walk
@@ -671,7 +678,7 @@ def _desc_type(block, dtype: str) -> str:
 def _bwd_source(variant: BwdVariant):
     """(kernel, signature, constexprs, options) of a backward variant, as `attention_backward` launches it."""
     c, d, dt = variant.config, variant.head_dim, variant.dtype
-    check_bwd_config(c, d, "fused" if variant.part == "fused" else "split")
+    check_bwd_config(c, d, _method(variant.part))
     walk, qwalk, mask = backward_fragments(variant.pattern)
     if variant.part in ("dkdv", "fused"):  # the key-block programs: the same tiles and fragments
         rows, keys = [1, 1, c.kv_block_m, d], [1, 1, c.kv_block_n, d]
@@ -764,12 +771,17 @@ def variants(kernels=KERNELS, patterns=tuple(walks.PATTERNS), dtypes=DTYPES, hea
     return out
 
 
+def _method(part: str) -> str:
+    """The backward method (BWD_METHODS) whose kernels include `part`."""
+    return "fused" if part == "fused" else "split"
+
+
 def bwd_ci_variants():
     """The backward variants CI compiles: every kernel (dK/dV, dQ, fused), pattern, dtype and head dim
     at the default tiles (24, ~1.5-3 s each), and the fused kernel's dQ in one piece at D = 128 (its
     other branch); `bwd_variants` adds the other ring depths."""
-    one_piece = dataclasses.replace(default_bwd_config(128), dq_pieces=1)
-    return [v for v in bwd_variants() if v.config == default_bwd_config(v.head_dim)] + [
+    one_piece = dataclasses.replace(default_bwd_config(128, "fused"), dq_pieces=1)
+    return [v for v in bwd_variants() if v.config == default_bwd_config(v.head_dim, _method(v.part))] + [
         BwdVariant("fused", "causal", "bfloat16", 128, one_piece)]
 
 
@@ -778,8 +790,8 @@ def bwd_variants(patterns=tuple(walks.PATTERNS), dtypes=DTYPES, head_dims=BWD_HE
     kernel's other ring depths (2-4) that fit and the fused kernel's other dQ split (`dq_pieces`)."""
     out = []
     for head_dim in head_dims:
-        base = default_bwd_config(head_dim)
         for part in BWD_PARTS:
+            base = default_bwd_config(head_dim, _method(part))
             configs = [base]
             for depth in (2, 3, 4):
                 field = "q_stages" if part == "dq" else "kv_stages"
