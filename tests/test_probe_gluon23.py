@@ -175,6 +175,20 @@ def test_auto_backward_plans_are_single_segment_walks(where, picked):
         assert "several segments" in fit.backward_auto_reason
 
 
+@pytest.mark.parametrize("bias, picked", [("(j - i) * 0.5", True), ("0.1 * i", False), ("0.1 * j", False),
+                                         ("where(h == 0, 0.25 * (j - i), 0.0)", True)])
+def test_auto_backward_keeps_tl_for_row_terms(bias, picked):
+    """A score with terms constant along the key (``0.1 * i``; ``0.1 * j`` is ``0.1 * (j - i)`` plus
+    one): the Gluon kernels add them to every pair in float32, where at large positions they round the
+    pair's own score away (probe 20, the forward's reason); auto keeps the tl backward as it keeps the
+    tl forward. Relative terms (ALiBi's ``j - i``) are no row term."""
+    spec = parse_spec(f'name = "rows24"\n[mask]\nwhere = "j <= i"\n[score]\nbias = "{bias}"\n')
+    fit = gluon_fit(analyze(canonical_score(spec)))
+    assert fit.backward and fit.backward_auto is picked and fit.auto is picked, (bias, fit.backward_auto_reason)
+    if not picked:
+        assert "constant along the key" in fit.backward_auto_reason
+
+
 def _script(name, args, env):
     run = subprocess.run([sys.executable, str(ROOT / "tests" / name), *args], env=env, cwd=ROOT, capture_output=True,
                          text=True, timeout=3600)

@@ -187,6 +187,9 @@ def rendered_backward_auto_reason(plan: Plan) -> str:
     if not all(w.kind is Iteration.BANDS and w.segments == 1 for w in walks):
         return ("auto keeps the tl backward: its walks have several segments per block, where the Gluon backward "
                 "was measured slower (sink + window: 1.04x)")
+    if along_j(plan.pattern)[2] is not None:  # as rendered_auto_reason: the Gluon score rounds them in every pair
+        return ("auto keeps the tl backward: its score has terms constant along the key, which the Gluon kernels "
+                "add to every pair in float32 (the tl ones keep them out of the key loop)")
     return ""
 
 
