@@ -25,6 +25,7 @@ Gluon has no interpreter: tests/gpu/test_gpu_gluon_specs.py runs the wired path 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import inspect
 import math
 import os
@@ -458,6 +459,24 @@ def test_auto_backward_follows_the_plan(monkeypatch, fake_sm90):
     assert backend.gluon_backward_selected(bind("chunked_local", Nq=32, Nk=64, D=128)[-1]()) is False  # pairs
     monkeypatch.setenv("ATTNCC_BACKEND", "triton")
     assert backend.gluon_backward_selected(bind("chunked_local", Nq=64, Nk=64, D=128)[-1]()) is False
+
+
+def test_backward_tiles_setting_is_checked(monkeypatch, fake_sm90):
+    """ATTNCC_GLUON_BWD_TILES (the benchmarks' knob) forces the split kernels' tiles; a misspelt field
+    raises naming the variable (it ran the tl backward under the knob's label before), tiles the
+    kernels cannot take leave the Gluon backward out, saying why."""
+    monkeypatch.setenv("ATTNCC_BACKEND", "auto")
+    monkeypatch.setattr(backend.gluon, "AUTO_MIN_PAIRS", 2 * 64 * 64)
+    monkeypatch.setenv("ATTNCC_GLUON_BWD_TILES", "kv_block_n=128,q_stages=3")
+    assert backend.gluon_bwd_config(128) == dataclasses.replace(
+        launch.default_bwd_config(128), kv_block_n=128, q_stages=3)
+    assert backend.gluon_backward_selected(bind("causal", Nq=64, Nk=64, D=128)[-1]()) is True
+    monkeypatch.setenv("ATTNCC_GLUON_BWD_TILES", "kv_blok_n=64")
+    with pytest.raises(ValueError, match="ATTNCC_GLUON_BWD_TILES: unknown field 'kv_blok_n'"):
+        backend.gluon_backward_selected(bind("causal", Nq=64, Nk=64, D=128)[-1]())
+    monkeypatch.setenv("ATTNCC_GLUON_BWD_TILES", "q_block_n=256")
+    assert any("shared memory" in p for p in backend.gluon_backward_problems(bind("causal", Nq=64, Nk=64,
+                                                                                   D=128)[-1]()))
 
 
 def test_backward_on_the_cpu_and_the_interpreter_is_tl(monkeypatch, fresh_bind):

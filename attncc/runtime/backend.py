@@ -278,10 +278,10 @@ def auto_picks_gluon_backward(call: Call) -> bool:
 
 def gluon_backward_problems(call: Call) -> Tuple[str, ...]:
     """Why the Gluon sm90 backward (the ``ATTNCC_GLUON_BWD`` method) cannot run ``call`` (empty: it
-    can): the forward's reasons, and its own head dims and tiles (worked out once per call signature
-    and method)."""
-    method = gluon_bwd_method()
-    return gluon_problems(call) + call.cached(("gluon_backward_problems", method),
+    can): the forward's reasons, and its own head dims and tiles (worked out once per call signature,
+    method and ``ATTNCC_GLUON_BWD_TILES``)."""
+    method, tiles = gluon_bwd_method(), env("ATTNCC_GLUON_BWD_TILES", "")
+    return gluon_problems(call) + call.cached(("gluon_backward_problems", method, tiles),
                                               lambda: _backward_signature_problems(call, method))
 
 
@@ -312,8 +312,12 @@ def _backward_signature_problems(call: Call, method: str = GLUON_BWD_METHODS[0])
         return (f"head dim D = {call.D}; the Gluon backward takes {', '.join(map(str, BWD_HEAD_DIMS))}",)
     try:
         from attncc.runtime.gluon import launch
-        launch.check_bwd_config(gluon_bwd_config(call.D), call.D, method)
-    except (ImportError, ValueError) as e:
+    except ImportError as e:
+        return (str(e),)
+    config = gluon_bwd_config(call.D)  # a misspelt ATTNCC_GLUON_BWD_TILES raises, naming the variable
+    try:
+        launch.check_bwd_config(config, call.D, method)
+    except ValueError as e:
         return (str(e),)
     return ()
 
