@@ -325,11 +325,12 @@ SWEEPS: Dict[str, Tuple[Setting, ...]] = {
     "decode-splits": tuple((("ATTNCC_DECODE_SPLITS", str(n)),) for n in (2, 4, 8, 16, 32, 64)),
     "backends": BACKENDS,
     "gluon-bwd": GLUON_BWD,
-    # the Gluon split backward's tiles (ATTNCC_GLUON_BWD_TILES: launch.GluonBwdConfig fields): the default, then
-    # 64-key dK/dV programs and 64-row dQ programs of one warpgroup whose shared memory lets two run per SM
+    # the Gluon split backward's tiles (ATTNCC_GLUON_BWD_TILES: launch.GluonBwdConfig fields): the default (one
+    # warpgroup per program, two programs per SM: session 24), the two-warpgroup tiles before it, and neighbours
+    # that still fit two per SM (32-row dK/dV steps, 32-key dQ steps, 3 stages) or one (3 stages at 64)
     "gluon-bwd-tiles": tuple((("ATTNCC_BACKEND", "gluon"), ("ATTNCC_GLUON_BWD_TILES", t)) for t in (
-        "", "kv_block_n=64,kv_stages=2", "q_block_m=64,q_stages=2", "kv_block_n=64,kv_stages=2,q_block_m=64,q_stages=2",
-        "kv_block_n=64,kv_block_m=32,q_block_m=64,q_stages=2")),
+        "", "kv_block_n=128,kv_stages=3,q_block_m=128,q_stages=3", "kv_block_m=32,kv_stages=3",
+        "q_block_n=32,q_stages=3", "kv_stages=3,q_stages=3")),
 }
 
 
