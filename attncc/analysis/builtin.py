@@ -101,7 +101,8 @@ class GluonFit:
     auto_reason: str = ""
     # Why ATTNCC_BACKEND=auto keeps the tl backward for this Plan although the Gluon backward computes
     # it ("" when auto takes the Gluon backward on sm90: rendered_backward_auto_reason).
-    backward_auto_reason: str = "auto keeps the tl backward: the Gluon backward was measured no faster"  # (no walk)
+    # (the default: a Plan without a Gluon walk; gluon_fit sets it for the others)
+    backward_auto_reason: str = "auto keeps the tl backward: the Gluon backward was measured no faster"
 
     @property
     def auto(self) -> bool:

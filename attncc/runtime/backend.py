@@ -268,8 +268,8 @@ def auto_picks_gluon_backward(call: Call) -> bool:
     picked (``SpecInfo.gluon_backward_auto``: the built-in walks and single-segment rendered ones,
     measured faster) when the method is split (``ATTNCC_GLUON_BWD`` unset or ``split``: the one measured
     there; the fused one was slower than ``tl`` on chunked local, and not deterministic, which under
-    ``torch.use_deterministic_algorithms`` raised where auto's ``tl`` backward runs), at ``gluon.AUTO_BWD_HEAD_DIMS`` and calls of at least
-    ``gluon.AUTO_MIN_PAIRS`` pairs."""
+    ``torch.use_deterministic_algorithms`` raised where auto's ``tl`` backward runs), at
+    ``gluon.AUTO_BWD_HEAD_DIMS`` and calls of at least ``gluon.AUTO_MIN_PAIRS`` pairs."""
     if gluon.AUTO_SELECTS_GLUON_BACKWARD:
         return True
     return (call.spec.gluon_backward_auto and gluon_bwd_method() == GLUON_BWD_METHODS[0]
