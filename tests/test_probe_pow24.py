@@ -85,3 +85,25 @@ def test_the_cases_found(mask, call):
     o = module.attention(q, k, v, **call)
     ref = attncc.reference(pattern, q.double(), k.double(), v.double(), **call)
     assert float((o.double() - ref).abs().max()) < 1e-5
+
+
+def test_host_printer_takes_the_same_powers():
+    """The host's printer (preconditions, monotone checks: Python) had the kernels' twin of the check:
+    ``3 ** ToFloat(w - 4)`` printed as ``tl.exp2(...)``, Triton code in host Python. It prints
+    Python's power now, which for a whole result is torch.pow's value."""
+    import math
+
+    import sympy
+
+    from attncc.codegen.printer import PythonPrinter
+    from attncc.spec.builtins import ToFloat
+
+    w = sympy.Symbol("w", integer=True)
+    for base, offset in ((3, 4), (4, 4), (7, 9), (10, 1)):
+        e = sympy.floor(sympy.Pow(base, ToFloat(w - offset), evaluate=False))
+        code = PythonPrinter({w: "w"})(e)
+        assert "tl." not in code, code
+        for value in range(offset - 2, offset + 6):
+            got = eval(code, {"math": math, "w": value})  # noqa: S307 - our own printer's text
+            assert got == math.floor(torch.pow(torch.tensor(float(base), dtype=torch.float64),
+                                               float(value - offset)).item()), (code, value)

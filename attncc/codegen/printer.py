@@ -867,7 +867,7 @@ class PythonPrinter(TritonPrinter):
 
     def _Pow(self, e):
         base, exp = e.args
-        if base.is_integer and exp.is_integer:  # 3 ** w: Python's exact integer (a float below w = 0)
+        if _whole(base) and _whole(exp):  # 3 ** w: Python's exact integer (a float below w = 0); 3 ** float(w - 4)
             return f"({self.p(base)} ** {self.p(exp)})"
         return super()._Pow(e)
 
