@@ -1,5 +1,6 @@
 """Kernels run on the CPU under Triton's interpreter; set it before Triton is imported."""
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -27,7 +28,18 @@ def _starts_early(config) -> bool:
 
 
 def _runs_slow(config) -> bool:
-    return any(word in (config.option.markexpr or "") for word in ("slow", "gpu"))
+    """Whether ``-m`` asks for slow tests: it names the word slow, or it selects by a marker at
+    all (``-m gpu``: false for a test without markers), unlike ``-m "not gpu"``."""
+    expr = config.option.markexpr or ""
+    if not expr.strip():
+        return False
+    if "slow" in re.findall(r"[\w.]+", expr):
+        return True
+    try:
+        from _pytest.mark.expression import Expression
+        return not Expression.compile(expr).evaluate(lambda name, **kwargs: False)
+    except Exception:  # noqa: BLE001  pytest's private parser moved: the words alone
+        return re.search(r"(?<!not )\bgpu\b", expr) is not None
 
 
 def pytest_collection_modifyitems(session, config, items):
