@@ -1,9 +1,9 @@
 """The analysis' integer programs on plain Python ints: one call's or one row's values.
 
 A walk's steps and precondition (:mod:`attncc.analysis.walks`) and a band's key bounds
-(:mod:`attncc.analysis.bands`) are sympy expressions over integers: ``+``, ``*``, ``floor`` /
-``ceiling`` of a quotient, ``Max``, ``Min``, ``Piecewise``, comparisons, ``And`` / ``Or`` /
-``Not``. :func:`compile_int` turns one into a Python closure with the semantics of
+(:mod:`attncc.analysis.bands`) are sympy expressions over integers: ``+``, ``*``, ``**`` by a
+non-negative integer, ``floor`` / ``ceiling`` of a quotient, ``Max``, ``Min``, ``Piecewise``,
+comparisons, ``And`` / ``Or`` / ``Not``. :func:`compile_int` turns one into a Python closure with the semantics of
 :func:`attncc.analysis.walks._value` (floor division of integers, the first true piece of a
 ``Piecewise``, the last piece as the default), for scalar values: there, building tensors
 costs more than the arithmetic, and importing torch takes seconds (``attncc explain`` of a
@@ -65,6 +65,11 @@ def compile_int(expr: sympy.Basic) -> IntFn:
         if isinstance(expr, sympy.ceiling):
             return lambda env: -(-num(env) // den(env))
         return lambda env: num(env) // den(env)
+    if isinstance(expr, sympy.Pow) and expr.exp.is_Integer and expr.exp >= 0:
+        # a closed form's precondition multiplied through by a positive length (n_q**2 of
+        # ``j >= (i * n_k) // n_q - w``, taken times n_q)
+        base, exp = compile_int(expr.base), int(expr.exp)
+        return lambda env: base(env) ** exp
     args = [compile_int(a) for a in expr.args]
     if isinstance(expr, sympy.Add):
         return lambda env: sum(a(env) for a in args)
