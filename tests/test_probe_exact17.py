@@ -262,13 +262,13 @@ def _code(text: str):
     return compile(ast.fix_missing_locations(_Triton().visit(ast.parse(text, mode="eval"))), "<walk>", "eval")
 
 
-def printed_walk_grid(plan, walk: str, problem: Problem, params: dict):
-    """The tile classes the kernel's printed walk gives (its steps per outer block, then the
-    template's loops: one segment's masked head, unmasked middle and masked tail, or two segments'
-    virtual-index loops), run in Python with Triton's integer semantics; None when the host's
-    precondition check (``_closed_form``) sends the call to the exact lists. Checks on the way:
-    the host's check agrees with the analysis', the heavy rows are an int, no block twice or
-    outside the grid."""
+def printed_walk_grid(plan, walk: str, problem: Problem, params: dict, b: int = 0, h: int = 0):
+    """The tile classes the kernel's printed walk gives at batch row ``b``, head ``h`` (its steps
+    per outer block, then the template's loops: one segment's masked head, unmasked middle and
+    masked tail, or two segments' virtual-index loops), run in Python with Triton's integer
+    semantics; None when the host's precondition check (``_closed_form``) sends the call to the
+    exact lists. Checks on the way: the host's check agrees with the analysis', the heavy rows are
+    an int, no block twice or outside the grid."""
     p = problem
     n_q = p.q_offset + p.q_rows if p.n_q is None else p.n_q
     n_k = p.k_offset + p.k_rows if p.n_k is None else p.n_k
@@ -291,7 +291,7 @@ def printed_walk_grid(plan, walk: str, problem: Problem, params: dict):
         assert type(heavy) is int, w["heavy"]
     if not host:
         return None
-    ns = {**_NAMESPACE, **prm, "b": 0, "h": 0, "n_q": n_q, "n_k": n_k, "q_offset": p.q_offset,
+    ns = {**_NAMESPACE, **prm, "b": b, "h": h, "n_q": n_q, "n_k": n_k, "q_offset": p.q_offset,
           "k_offset": p.k_offset, "Nq": p.q_rows, "Nk": p.k_rows, "BLOCK_M": p.block_m, "BLOCK_N": p.block_n}
     steps = [(name, _code(text)) for name, text in w["steps"]]
     block, n_inner = (p.block_n, -(-p.q_rows // p.block_m)) if transposed else (p.block_m, -(-p.k_rows // p.block_n))
