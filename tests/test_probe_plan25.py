@@ -37,7 +37,10 @@ keep samples of each; ``ATTNCC_PROBE25_CASES`` / ``ATTNCC_PROBE25_KERNELS`` run 
   sequences of 0-45 rows, cu_seqlens_q != cu_seqlens_k) of closed forms whose precondition reads
   n_q / n_k, 120 decode calls (kv_len 0, 1, Nq, the cache; forced BLOCK_N and splits), 144 calls of
   global rows / columns at params -5..2**40 (the heavy-rows dispatch), 60 calls of
-  ``(i * n_k) // n_q`` slopes at n_q, n_k up to 2**33 (the products pass 2**31): all clean.
+  ``(i * n_k) // n_q`` slopes at n_q, n_k up to 2**33 (the products pass 2**31): all clean;
+- after the second fix: 200 masks of bounds holding bit operations, powers, abs, min / max and
+  quotients of params (1163 printed walks, host check against the analysis' included) and 40 kernel
+  calls of them, clean.
 
 Seen, not changed: a packed sequence with no query rows (n_q = 0) makes the tile-list kernel and
 the walks divide by n_q for rows that do not exist (numpy warns under the interpreter; the results
@@ -52,7 +55,14 @@ Found and fixed:
   which attncc.analysis.intexpr.compile_int refused ("not integer arithmetic: Pow in n_q**2"):
   ``attncc explain`` of such a spec failed with that message and ``walk_grid`` raised, while the
   kernels (whose host check prints the power as Python) ran. compile_int takes powers by a
-  non-negative integer now. The first two tests below failed before it.
+  non-negative integer now. The first and third tests below failed before it.
+- Likewise a precondition holding a param term past integer arithmetic (``(i - j) <= abs(w - d) and
+  j <= i + (w & 3)``: ``w - d - (3 & w) <= 0``; ``j <= i + 2 ** w`` beside another bound;
+  ``j <= (i + w) // (d + 1) and j >= (i * w) // 3``: ``(...)/(3*d + 3) <= 0``): "not integer
+  arithmetic: BitAnd in (3 & w)" (Pow in 2**w, Pow in 1/(3*d + 3)) from ``attncc explain`` and
+  ``walk_grid``. attncc.analysis.walks.precondition_holds evaluates such a precondition as a row
+  guard (``_value``: every node of the language, float64 as the host's Python check). The second
+  test below failed before it.
 """
 from __future__ import annotations
 
@@ -99,6 +109,24 @@ def _explain_counts(path, n_q: int, n_k: int, block: str, params) -> dict:
     return json.loads(out.getvalue())
 
 
+def _explain_mismatch(plan, *, n_q: int, n_k: int, block_m: int, block_n: int, params, batch: int = 1,
+                      heads: int = 1):
+    """(got, want) of ``explain_data``'s visited / unmasked tiles per walk and allowed pairs, summed
+    over every batch row and head, against brute force; None when they agree."""
+    truth = pair_mask(plan.pattern, q_rows=n_q, k_rows=n_k, batch=batch, heads=heads, params=params)
+    d = explain_data(plan, n_q=n_q, n_k=n_k, block_m=block_m, block_n=block_n, batch=batch, heads=heads,
+                     params=params)
+    want = {"forward": [0, 0], "dkdv": [0, 0], "allowed": int(truth.sum())}
+    for b in range(batch):
+        for h in range(heads):
+            for walk, classes in zip(("forward", "dkdv"), tile_classes(truth[b, h], block_m, block_n)):
+                want[walk][0] += int((classes != 0).sum())
+                want[walk][1] += int((classes == 2).sum())
+    got = {walk: [d["walks"][walk]["visited"], d["walks"][walk]["unmasked"]] for walk in ("forward", "dkdv")}
+    got["allowed"] = d["allowed_pairs"]
+    return None if got == want else (got, want)
+
+
 # ---------------------------------------------------------------------------------------------
 # preconditions with a power of a length
 # ---------------------------------------------------------------------------------------------
@@ -140,6 +168,46 @@ def test_preconditions_with_powers_of_lengths_walk_and_explain(tmp_path):
             got = d["walks"][walk]
             assert (got["visited"], got["unmasked"]) == (int((want != 0).sum()), int((want == 2).sum())), (mask, walk)
     assert powers >= 10, powers
+
+
+# ---------------------------------------------------------------------------------------------
+# preconditions past integer arithmetic
+# ---------------------------------------------------------------------------------------------
+
+# int param terms whose closed forms keep them in the precondition: bit operations, powers of a
+# param, and a quotient by d + 1 (a band of slope 1 / (d + 1) beside another)
+PARAM_TERMS = ["(w & 3)", "(w | 1)", "(w >> 1)", "2 ** w", "w ** 2", "3 ** (w - 2)", "abs(w - d)", "(w // d)"]
+PARAM_BOUNDS = ["j <= i + {t}", "i - j <= {t}", "j <= (i + {t}) // (d + 1)", "j >= (i * d) // 3 - {t}",
+                "j < {t} + i // d", "j - n_k <= i - n_q + {t}", "j >= {t}"]
+
+
+def test_preconditions_past_integer_arithmetic_walk_and_explain():
+    """Seeded masks of bounds holding param terms that are no integer arithmetic of compile_int
+    (``w & 3``, ``2 ** w``, ``(i + w) // (d + 1)`` beside another band: ``... / (3*d + 3) <= 0``),
+    at call params from -5 to 12: the three walks and ``explain_data``'s counts equal brute force.
+    Before the fix, ``walk_grid`` and ``attncc explain`` raised "not integer arithmetic: BitAnd in
+    (3 & w)" (Pow in 2**w, Pow in 1/(d + 1)) where the kernels' host check ran."""
+    from attncc.analysis.intexpr import Unsupported, compile_int
+
+    rng = random.Random(2505)
+    past = 0
+    for n in range(14):
+        atoms = [rng.choice(PARAM_BOUNDS).format(t=rng.choice(PARAM_TERMS)) for _ in range(rng.choice([2, 2, 3]))]
+        params = {"w": rng.choice([-3, 0, 1, 3, 5, 9]), "d": rng.choice([1, 2, 3, 5])}
+        mask = " and ".join(f"({a})" for a in atoms)
+        plan = analyze(parse_spec(mask_spec(f"terms{n}", mask, params)))
+        for w in plan.walks:
+            try:
+                compile_int(w.precondition)
+            except Unsupported:
+                past += 1
+        for _ in range(2):
+            problem = random_problem(rng)
+            over = {"w": rng.choice([-5, -1, 0, 2, 4, 7, 12]), "d": rng.choice([1, 2, 4, 7])}
+            assert not _walk_failures(plan.pattern, plan, problem, over, heads=1), (mask, over, problem)
+        n_q, n_k = rng.randint(1, 150), rng.randint(1, 150)
+        assert not _explain_mismatch(plan, n_q=n_q, n_k=n_k, block_m=16, block_n=32, params=params), mask
+    assert past >= 5, past
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,20 +311,12 @@ def test_explain_counts_over_batch_rows_and_heads():
         batch, heads = rng.choice([1, 2, 3]), rng.choice([1, 2, 4])
         over = random_overrides(rng, params)
         try:
-            truth = pair_mask(pattern, q_rows=n_q, k_rows=n_k, batch=batch, heads=heads, params=over)
-        except ValueError:
+            bad = _explain_mismatch(analyze(pattern), n_q=n_q, n_k=n_k, block_m=bm, block_n=bn, params=over,
+                                    batch=batch, heads=heads)
+        except ValueError:  # a divisor 0 at these params (the reference's error, as a call's)
             continue
-        d = explain_data(analyze(pattern), n_q=n_q, n_k=n_k, block_m=bm, block_n=bn, batch=batch, heads=heads,
-                         params=over)
-        want = {"forward": [0, 0], "dkdv": [0, 0]}
-        for b in range(batch):
-            for h in range(heads):
-                for walk, classes in zip(want, tile_classes(truth[b, h], bm, bn)):
-                    want[walk][0] += int((classes != 0).sum())
-                    want[walk][1] += int((classes == 2).sum())
-        got = {walk: [d["walks"][walk]["visited"], d["walks"][walk]["unmasked"]] for walk in want}
-        if got != want or d["allowed_pairs"] != int(truth.sum()):
-            failures.append((mask, params, over, n_q, n_k, bm, bn, batch, heads, got, want))
+        if bad:
+            failures.append((mask, params, over, n_q, n_k, bm, bn, batch, heads, bad))
     assert not failures, failures[:3]
 
 

@@ -35,7 +35,7 @@ import sympy
 from sympy.core.function import AppliedUndef
 
 from attncc.analysis.bands import FIRST, LAST, Band, Cover
-from attncc.analysis.intexpr import int_value
+from attncc.analysis.intexpr import Unsupported, int_value
 from attncc.analysis.symbols import BLOCK_N, BOUND_SYMBOLS, N_K, k_offset, q_hi, q_lo
 from attncc.core.lazy import lazy_module
 from attncc.spec import symbols as S
@@ -521,7 +521,10 @@ def precondition_holds(walk: Walk, env: Mapping[str, object]) -> bool:
     """The walk's precondition for one call (``env``: params, n_q, n_k, ``first_row``, ``last_row``)."""
     if walk.precondition is sympy.true:
         return True
-    return bool(int_value(walk.precondition, env))  # scalars: no tensors (explain imports no torch)
+    try:
+        return bool(int_value(walk.precondition, env))  # scalars: no tensors (explain imports no torch)
+    except Unsupported:  # a node past integer arithmetic (w & 3, 2 ** w, a quotient by d + 1): as a row guard's
+        return bool(_value(walk.precondition, env))
 
 
 def bands_grid(walk: Walk, env: Mapping[str, object], n_outer: int, n_inner: int) -> torch.Tensor:
