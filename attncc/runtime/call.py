@@ -404,7 +404,8 @@ def _rebind(bound: Call, q, k, v, kwargs, cu_q, cu_k) -> Call:
         fields["k"], fields["v"] = broadcast_kv_batch(q, k, v)
     converts = memo["converts"]
     if converts:
-        fields["inputs"] = {name: (kwargs[name] if dtype is None else kwargs[name].to(dtype))
+        # as bind converted them (converted: an expanded table stays expanded, where .to copied the whole view)
+        fields["inputs"] = {name: (kwargs[name] if dtype is None else converted(kwargs[name], dtype))
                             for name, dtype in converts}
         fields["given_inputs"] = {name: kwargs[name] for name, dtype in converts
                                   if dtype is not None and dtype.is_floating_point}

@@ -1,0 +1,99 @@
+"""Probe 25 of the call API as an adversarial PyTorch / FlexAttention / FlashAttention / Hugging Face
+user: attention(), decode(), linear attention's attention() and step(), dropout_keep_mask and the
+signature cache behind repeated calls, against attncc.reference (float64) and what torch does in
+the same situation.
+
+Probed clean (interpreter, seeded, tiny sizes):
+- autograd: q, k, v changed in place after the forward for each subset requiring grad (6 subsets x
+  3 tensors, 18: autograd's version-counter error); document ids, kv_len, cu_seqlens (one tensor as
+  both, and cu_seqlens_k alone), a T5 table that needs no gradient and learned ALiBi slopes changed
+  in place (attncc's or autograd's error naming the tensor, 6); a second backward without
+  retain_graph (torch's error), softmax and linear; the LSE's gradient beside o's through dropout
+  (o, LSE, dq, dk, dv against the reference given dropout_keep_mask, within 1e-6; the LSE bitwise
+  that of the spec without dropout); torch.autograd.detect_anomaly over rows without keys
+  (kv_len = 0) and over linear attention (no NaN reported);
+- linear attention: gradients of q, k, v and the initial state (S0, z0) from o, S, z or all three,
+  for 11 subsets of q, k, v and the state requiring grad (41 cases within 2e-6 of the reference;
+  attncc returns zeros where the reference's autograd returns None for an unused leaf, as torch's
+  fused ops do); the initial state or k changed in place after the forward (autograd's error);
+  step() and decode() with any argument requiring grad (a NotImplementedError saying to detach);
+- dropout: dropout_p 0, 1, 1.5, -0.1, nan, inf, True, a 0-d tensor, numpy float32, a tensor that
+  requires grad; seeds -1, 2**63, 2**63 - 1, 1.5, True, "1", a 0-d int / float tensor, numpy int64;
+  training=0; seeds 0 / 2**32 and 2**31 / 2**31 + 2**32 draw different masks; dropout keywords on a
+  spec without dropout, and on decode (refused with the hint);
+- decode: kv_len past the capacity, negative, float, of the wrong length or 2-D, a Python int, a list;
+  Nq = 17; block tables with too few pages, page numbers out of range or negative (refused), negative
+  numbers in pages kv_len does not reach (taken), float, 1-D, of the wrong batch; page size 8; a paged
+  cache without block_table and a contiguous cache with one;
+- packed calls: max_seqlen_q / max_seqlen_k below the longest sequence or 0 (refused), one of them
+  given (the other computed), max_seqlen without cu_seqlens, cu_seqlens_q alone;
+- keyword vs positional: q=, k=, v= by keyword (runs), SDPA's query= / key= / value= (Python's missing-
+  argument error), return_lse as a 4th positional (refused); params named like the entry points'
+  keywords (seed, training, dropout_p on specs with and without dropout, kv_len, block_table,
+  return_lse, cu_seqlens_q, max_seqlen_q, q_offset, q, k, v, k_cache: a SpecError where they would
+  shadow one; scale, keep_mask, pattern, names of the generated module's own globals: o against the
+  reference, decode runs), 52 specs;
+- torch.set_default_dtype(torch.float64) and torch.use_deterministic_algorithms(True) (whose
+  torch.empty fills memory with NaN): causal at D / Dv 16/16, 5/5, 16/13, 8/20 in float32 and
+  float16, sliding window, dilated (residue classes), documents, padding with an empty row, o, LSE and
+  every gradient from both against the reference (as without them), decode bitwise as without;
+- outputs never alias: o, LSE, gradients, linear states and step()'s state across two calls and
+  against the inputs (a padded Dv, empty Nq / Nk, decode with kv_len = 0, residue / column splits),
+  16 cases;
+- an [inputs] tensor that requires grad under torch.no_grad / inference_mode (runs); scale= as a tensor
+  that requires grad under no_grad (runs) and in decode (refused).
+
+Found and fixed:
+- The signature cache's fast path (runtime.call._rebind: a call with the shapes, strides and dtypes of
+  an earlier one) converted an [inputs] tensor of another dtype than declared with ``.to(dtype)``, where
+  the first call's checks use ``converted()``, which keeps an expanded (stride-0) table expanded: the
+  second identical call of a bfloat16 table expanded to 2**36 positions in a float32 input (or an int8
+  one in an int32 input) failed allocating 512 GiB where the first ran, every repeated call of an
+  expanded mask copied the whole view, and the two calls' o differed in their last bits.
+"""
+from __future__ import annotations
+
+import torch
+
+import attncc
+from attncc.runtime import call as rt_call
+
+BIAS_TABLE = '[inputs]\nm = { dims = ["b", "n"], dtype = "float32" }\n[score]\nbias = "m[b, j]"\n'
+DOC_TABLE = '[inputs]\nd = { dims = ["b", "n"], dtype = "int32" }\n[mask]\nwhere = "d[b, i] == d[b, j]"\n'
+
+
+def _qk(seed, B=2, H=2, N=20, D=8):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, H, N, D, generator=g), torch.randn(B, H, N, D, generator=g)
+
+
+def test_repeated_call_keeps_an_expanded_input_expanded():
+    """The second call of a signature (the cache's fast path) converts an [inputs] tensor as the first
+    did: a stride-0 table stays stride 0 (``.to`` wrote a dense copy of the whole view), and both
+    calls give the same o, bitwise."""
+    m = attncc.compile(BIAS_TABLE)
+    spec = m.SPEC
+    q, k = _qk(25)
+    table = torch.randn(2, 1, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16).expand(2, 4096)
+    outs, strides = [], []
+    for _ in range(2):
+        hits = rt_call.BIND_STATS["hit"]
+        call = rt_call.bind(spec, q, k, k, kwargs={"m": table})
+        strides.append(call.inputs["m"].stride())
+        outs.append(m.attention(q, k, k, m=table))
+    assert rt_call.BIND_STATS["hit"] > hits  # the second bind took the fast path
+    assert strides[0] == strides[1] == (strides[0][0], 0), strides
+    assert torch.equal(outs[0], outs[1])
+    ref = attncc.reference(attncc.parse_spec(BIAS_TABLE), q.double(), k.double(), k.double(), m=table[:, :20])
+    assert (outs[1].double() - ref).abs().max() < 1e-5
+
+
+def test_repeated_call_keeps_an_expanded_int_input_expanded():
+    """Likewise an int8 table in an int32 input (widened), expanded to 2**36 positions: the second call
+    allocated 2**38 bytes and failed."""
+    m = attncc.compile(DOC_TABLE)
+    q, k = _qk(26)
+    ids = torch.tensor([[0], [1]], dtype=torch.int8).expand(2, 2**36)
+    first = m.attention(q, k, k, d=ids)
+    second = m.attention(q, k, k, d=ids)
+    assert torch.equal(first, second)
