@@ -330,6 +330,8 @@ def reference(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         o, lse = _packed(pattern, q, k, v, *packing, inputs=inputs, params=params, opts=opts, dropout_p=dropout_p)
         return (o, lse) if return_lse else o
     q_offset, k_offset, n_q, n_k = _positions(q_offset, k_offset, n_q, n_k, q.shape[2], k.shape[2])
+    if opts.get("keep_mask") is not None:
+        opts["keep_mask"] = _keep_mask(opts["keep_mask"], (*q.shape[:3], k.shape[2]), "[B, Hq, Nq, Nk]")
     if k.shape[0] != q.shape[0]:  # k, v of batch 1: broadcast over q's batch (as FlexAttention)
         k, v = k.expand(q.shape[0], *k.shape[1:]), v.expand(q.shape[0], *v.shape[1:])
     return _attention(pattern, q, k, v, return_lse=return_lse, q_offset=q_offset, k_offset=k_offset, n_q=n_q, n_k=n_k,
@@ -355,6 +357,23 @@ def _positions(q_offset, k_offset, n_q, n_k, Nq: int, Nk: int):
                                  f"{offset}..{offset + rows - 1} ({arg} must be >= {offset + rows})")
         lengths.append(n)
     return (q_offset, k_offset, *lengths)
+
+
+def _keep_mask(keep, shape: Tuple[int, ...], dims: str) -> torch.Tensor:
+    """``keep_mask`` as a bool tensor broadcast to ``shape`` (named ``dims``): True (or 1) where a pair is
+    kept. Any other value is refused (an int mask holding 2 doubled the pair's weight), and so is a mask
+    that does not broadcast to the call's pairs (a 5-D one made o 5-D; a wrong length raised torch's
+    broadcasting error, which named neither keep_mask nor the shape it takes)."""
+    keep = torch.as_tensor(keep)
+    if keep.dtype != torch.bool:
+        if keep.is_complex() or not bool(((keep == 0) | (keep == 1)).all()):
+            raise ValueError(f"reference(): keep_mask must be bool (or hold only 0 and 1: dropout_keep_mask's "
+                             f"pairs kept), got {str(keep.dtype).replace('torch.', '')} values other than 0 and 1")
+        keep = keep != 0
+    if keep.dim() > len(shape) or not all(n in (1, m) for n, m in zip(keep.shape[::-1], shape[::-1])):
+        raise ValueError(f"reference(): keep_mask must broadcast to the call's pairs {dims} = {list(shape)}, got "
+                         f"shape {list(keep.shape)}")
+    return keep.broadcast_to(shape)
 
 
 def _attention(pattern: Pattern, q, k, v, *, return_lse: bool, q_offset: int, k_offset: int, n_q, n_k, inputs: dict,
@@ -499,7 +518,7 @@ def _packed(pattern: Pattern, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
     _check_inputs(pattern, inputs, S, Hq, positions=max(longest), ends=tuple(longest))
     keep = opts.get("keep_mask")
     if keep is not None:
-        keep = torch.as_tensor(keep, device=q.device).broadcast_to(S, Hq, *longest)
+        keep = _keep_mask(keep, (S, Hq, *longest), "[S, Hq, max_seqlen_q, max_seqlen_k]")
     o = [torch.zeros(1, Hq, 0, v.shape[3], dtype=_FLOAT, device=q.device)]
     lse = [torch.zeros(1, Hq, 0, dtype=_FLOAT, device=q.device)]
     for s, (a, b, c, d) in enumerate(zip(ends[0], ends[0][1:], ends[1], ends[1][1:])):

@@ -50,9 +50,15 @@ Found and fixed:
   second identical call of a bfloat16 table expanded to 2**36 positions in a float32 input (or an int8
   one in an int32 input) failed allocating 512 GiB where the first ran, every repeated call of an
   expanded mask copied the whole view, and the two calls' o differed in their last bits.
+- attncc.reference's ``keep_mask`` (docs §6: bool, broadcastable to [B, Hq, Nq, Nk]) was multiplied in
+  as it came: an int mask holding 2 doubled its pairs' weights (o 2.9 off, silently), a 5-D mask
+  broadcast o to 5-D, a mask of the wrong length raised torch's "The size of tensor a (12) must match
+  the size of tensor b (5)" and a list AttributeError. It is checked now (bool, or 0 / 1 only; the
+  call's pairs), packed calls too, and a list is taken as the packed path took it.
 """
 from __future__ import annotations
 
+import pytest
 import torch
 
 import attncc
@@ -97,3 +103,51 @@ def test_repeated_call_keeps_an_expanded_int_input_expanded():
     first = m.attention(q, k, k, d=ids)
     second = m.attention(q, k, k, d=ids)
     assert torch.equal(first, second)
+
+
+def _dropout_case(seed, B=2, H=2, N=12, D=8):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, N, D, generator=g) for _ in range(3))
+    m = attncc.compile(DROPOUT)
+    keep = m.dropout_keep_mask(q, k, v, seed=seed, dropout_p=0.3)
+    return m, attncc.parse_spec(DROPOUT), q, k, v, keep
+
+
+DROPOUT = '[mask]\nwhere = "j <= i"\n[score]\ndropout = 0.3\n'
+
+
+@pytest.mark.parametrize("form", ["bool", "int", "float", "list", "rows"])
+def test_reference_takes_keep_masks_of_zeros_and_ones(form):
+    m, p, q, k, v, keep = _dropout_case(31)
+    if form == "rows":  # batch row 0's mask broadcast over the batch
+        keep = keep[:1].expand_as(keep).contiguous()
+    given = {"bool": keep, "int": keep.int(), "float": keep.float(), "list": keep.tolist(), "rows": keep[:1]}[form]
+    ref = attncc.reference(p, q.double(), k.double(), v.double(), keep_mask=given, dropout_p=0.3)
+    want = attncc.reference(p, q.double(), k.double(), v.double(), keep_mask=keep, dropout_p=0.3)
+    assert torch.equal(ref, want)
+    o = m.attention(q, k, v, seed=31, dropout_p=0.3)
+    assert form == "rows" or (o.double() - ref).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("bad, says", [
+    (lambda keep: keep.int() * 2, "0 and 1"),                 # doubled the kept pairs' weights
+    (lambda keep: keep.float() * 0.5, "0 and 1"),
+    (lambda keep: keep[None], "[B, Hq, Nq, Nk] = [2, 2, 12, 12], got shape [1, 2, 2, 12, 12]"),  # o came 5-D
+    (lambda keep: keep[:, :, :5], "got shape [2, 2, 5, 12]"),  # torch's broadcasting error
+    (lambda keep: keep[..., :1].expand(2, 2, 12, 3), "got shape [2, 2, 12, 3]"),
+])
+def test_reference_refuses_keep_masks_that_are_not_the_calls_pairs(bad, says):
+    _, p, q, k, v, keep = _dropout_case(32)
+    with pytest.raises(ValueError, match="keep_mask") as err:
+        attncc.reference(p, q, k, v, keep_mask=bad(keep), dropout_p=0.3)
+    assert says in str(err.value)
+
+
+def test_reference_refuses_a_packed_keep_mask_of_other_values():
+    _, p, q, k, v, keep = _dropout_case(33, B=1)
+    cu = torch.tensor([0, 5, 12])
+    with pytest.raises(ValueError, match="0 and 1"):
+        attncc.reference(p, q, k, v, keep_mask=keep[:, :, :7, :7].int() * 3, dropout_p=0.3, cu_seqlens_q=cu,
+                         cu_seqlens_k=cu)
+    with pytest.raises(ValueError, match=r"\[S, Hq, max_seqlen_q, max_seqlen_k\] = \[2, 2, 7, 7\]"):
+        attncc.reference(p, q, k, v, keep_mask=keep[:, :, :3], dropout_p=0.3, cu_seqlens_q=cu, cu_seqlens_k=cu)
