@@ -55,6 +55,9 @@ Found and fixed:
   broadcast o to 5-D, a mask of the wrong length raised torch's "The size of tensor a (12) must match
   the size of tensor b (5)" and a list AttributeError. It is checked now (bool, or 0 / 1 only; the
   call's pairs), packed calls too, and a list is taken as the packed path took it.
+- decode() of a spec with dropout, given ``dropout_p=`` (0.0, say, by code that passes it to attention
+  too), was refused with the hint for specs without dropout ("dropout is the spec's [score].dropout"),
+  and the docs did not say that decode runs without the spec's dropout; the hint and docs §6 say so.
 """
 from __future__ import annotations
 
@@ -151,3 +154,16 @@ def test_reference_refuses_a_packed_keep_mask_of_other_values():
                          cu_seqlens_k=cu)
     with pytest.raises(ValueError, match=r"\[S, Hq, max_seqlen_q, max_seqlen_k\] = \[2, 2, 7, 7\]"):
         attncc.reference(p, q, k, v, keep_mask=keep[:, :, :3], dropout_p=0.3, cu_seqlens_q=cu, cu_seqlens_k=cu)
+
+
+def test_decode_of_a_dropout_spec_says_it_runs_without_dropout():
+    """decode() of a spec with dropout was told "dropout is the spec's [score].dropout" for dropout_p=, the
+    hint for a spec without dropout; it runs without dropout (inference), which the hint says now."""
+    m = attncc.compile(DROPOUT)
+    q, k = _qk(34)
+    with pytest.raises(TypeError, match="decode\\(\\) runs without it"):
+        m.decode(q[:, :, :1], k, k, kv_len=[3, 20], dropout_p=0.0)
+    o = m.decode(q[:, :, :1], k, k, kv_len=[3, 20])
+    want = attncc.reference(attncc.parse_spec(DROPOUT), q[:1, :, :1].double(), k[:1, :, :3].double(),
+                            k[:1, :, :3].double(), q_offset=2)
+    assert (o[:1].double() - want).abs().max() < 1e-5

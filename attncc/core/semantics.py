@@ -47,7 +47,7 @@ FOREIGN_KEYWORDS = {
     "causal": "causal attention is the spec's [mask] where = \"causal\"",
     "softmax_scale": "the softmax scale is scale=",
     "window_size": "a window is the spec's [mask].where (\"j <= i and i - j < window\" with a param window)",
-    "dropout_p": "dropout is the spec's [score].dropout",
+    "dropout_p": "dropout is the spec's [score].dropout, which attention() applies; decode() runs without it",
     # FlashAttention's flash_attn_varlen_func / flash_attn_with_kvcache and its other options
     "cu_seqlens": "packed sequences take cu_seqlens_q= and cu_seqlens_k= (both)",
     "max_seqlen": "packed sequences take max_seqlen_q= and max_seqlen_k=, beside cu_seqlens_q= and cu_seqlens_k=",
