@@ -577,7 +577,7 @@ def _bind(q, k, v, q_offset, k_offset, n_q, n_k, initial_state, return_state, se
     F, width, block_f = feature_layout(call.D)
     lc = _lin.LinearCall(call, F, width, block_f, return_state=return_state)
     if seed is not None:
-        raise TypeError(f"{SPEC.name}.attention: seed= applies to the performer feature map; this one is {FEATURE_MAP!r}")
+        raise TypeError(f"{SPEC.name}.{fn}: seed= applies to the performer feature map; this one is {FEATURE_MAP!r}")
     if initial_state is not None:
         lc.s0, lc.z0 = _lin.check_state(f"{SPEC.name}.{fn}", initial_state, call.B, call.Hkv, F, call.Dv, call.q.device,
                                         what="initial_state" if fn == "attention" else "state")

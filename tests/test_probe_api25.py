@@ -58,6 +58,8 @@ Found and fixed:
 - decode() of a spec with dropout, given ``dropout_p=`` (0.0, say, by code that passes it to attention
   too), was refused with the hint for specs without dropout ("dropout is the spec's [score].dropout"),
   and the docs did not say that decode runs without the spec's dropout; the hint and docs §6 say so.
+- Linear attention's step(..., seed=) of a feature map without randomness was refused naming
+  ``attention`` (templates/linear.py.j2); it names step now.
 """
 from __future__ import annotations
 
@@ -167,3 +169,15 @@ def test_decode_of_a_dropout_spec_says_it_runs_without_dropout():
     want = attncc.reference(attncc.parse_spec(DROPOUT), q[:1, :, :1].double(), k[:1, :, :3].double(),
                             k[:1, :, :3].double(), q_offset=2)
     assert (o[:1].double() - want).abs().max() < 1e-5
+
+
+def test_step_names_itself_when_refusing_seed():
+    """step(..., seed=) of a feature map without randomness was refused as "linear_elu.attention: seed= ..."."""
+    from cases import module
+
+    m = module("linear_elu")
+    q = torch.randn(1, 2, 8)
+    with pytest.raises(TypeError, match=r"linear_elu\.step: seed= applies to the performer"):
+        m.step(q, q, q, seed=3)
+    with pytest.raises(TypeError, match=r"linear_elu\.attention: seed= applies to the performer"):
+        m.attention(q[:, :, None], q[:, :, None], q[:, :, None], seed=3)
