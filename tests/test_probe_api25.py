@@ -46,10 +46,12 @@ Probed clean (interpreter, seeded, tiny sizes):
 Found and fixed:
 - The signature cache's fast path (runtime.call._rebind: a call with the shapes, strides and dtypes of
   an earlier one) converted an [inputs] tensor of another dtype than declared with ``.to(dtype)``, where
-  the first call's checks use ``converted()``, which keeps an expanded (stride-0) table expanded: the
-  second identical call of a bfloat16 table expanded to 2**36 positions in a float32 input (or an int8
-  one in an int32 input) failed allocating 512 GiB where the first ran, every repeated call of an
-  expanded mask copied the whole view, and the two calls' o differed in their last bits.
+  the first call's checks use ``converted()``, which keeps an expanded (stride-0) table expanded, and
+  the launch kept with the signature had bound the first call's strides: from the second call on, a
+  bfloat16 ``[b, h, n]`` bias expanded over heads in a float32 input was read at the expanded strides
+  from its dense copy (batch row 1 read row 0's bias: o 3.2 off, silently); a table expanded to 2**36
+  positions (bfloat16 in a float32 input, int8 in an int32 one) failed allocating 512 GiB where the
+  first call ran; every repeated call of an expanded mask copied the whole view.
 - attncc.reference's ``keep_mask`` (docs §6: bool, broadcastable to [B, Hq, Nq, Nk]) was multiplied in
   as it came: an int mask holding 2 doubled its pairs' weights (o 2.9 off, silently), a 5-D mask
   broadcast o to 5-D, a mask of the wrong length raised torch's "The size of tensor a (12) must match
@@ -97,6 +99,22 @@ def test_repeated_call_keeps_an_expanded_input_expanded():
     assert torch.equal(outs[0], outs[1])
     ref = attncc.reference(attncc.parse_spec(BIAS_TABLE), q.double(), k.double(), k.double(), m=table[:, :20])
     assert (outs[1].double() - ref).abs().max() < 1e-5
+
+
+HEAD_BIAS = '[inputs]\nm = { dims = ["b", "h", "n"], dtype = "float32" }\n[score]\nbias = "m[b, h, j]"\n'
+
+
+def test_repeated_calls_read_an_expanded_input_of_another_dtype_right():
+    """A bfloat16 bias expanded over heads, in a float32 input, three calls of one signature: each o is
+    the reference's (the second and third read the first call's strides from a dense copy: 3.2 off)."""
+    m, p = attncc.compile(HEAD_BIAS), attncc.parse_spec(HEAD_BIAS)
+    g = torch.Generator().manual_seed(35)
+    q, k, v = (torch.randn(2, 2, 16, 8, generator=g) for _ in range(3))
+    for _ in range(3):
+        bias = (3 * torch.randn(2, 1, 16, generator=g)).to(torch.bfloat16).expand(2, 2, 16)
+        o = m.attention(q, k, v, m=bias)
+        ref = attncc.reference(p, q.double(), k.double(), v.double(), m=bias)
+        assert (o.double() - ref).abs().max() < 1e-5
 
 
 def test_repeated_call_keeps_an_expanded_int_input_expanded():
