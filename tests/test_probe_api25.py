@@ -41,7 +41,38 @@ Probed clean (interpreter, seeded, tiny sizes):
   against the inputs (a padded Dv, empty Nq / Nk, decode with kv_len = 0, residue / column splits),
   16 cases;
 - an [inputs] tensor that requires grad under torch.no_grad / inference_mode (runs); scale= as a tensor
-  that requires grad under no_grad (runs) and in decode (refused).
+  that requires grad under no_grad (runs) and in decode (refused);
+- q, k or v changed in place when only a learned table (T5 bias, ALiBi slopes) requires grad, losses on
+  o and on the LSE (8: autograd's error);
+- the LSE in the loss over rows without keys (padding kv_len = 0, k_offset past the queries) through
+  where(isfinite), nan_to_num, clamp, exp, softplus and beside o (12: gradients within 1e-5 of the
+  reference, finite);
+- residue-class (dilated, 300 rows) and column (strided, 1100 rows) splits with q, k, v, or k and v
+  alone requiring grad, losses on o, the LSE or both (18, within 2e-6);
+- o, the LSE and dq, dk, dv contiguous for q, k, v contiguous, BNHD-transposed, batch-expanded,
+  stride-2 and at a storage offset, Dv 8 and 5 (50), decode's o and LSE (10);
+- the signature cache, randomized: 80 seeds x 3 calls of one signature (the third sometimes of another
+  layout) of 7 specs with [b, n], [h], [h, n] and 0-d inputs (float / int / bool; learned or not) passed in
+  each accepted dtype, plain, expanded, stride-2 or transposed, float32 / float16 q, k, v: o and the
+  gradients of q and the learned input against the reference, clean after the fix below; under
+  torch.compile (backends eager and aot_eager) a table with the negative bit alternating with a plain
+  one of the same strides (10, clean);
+- numbers in other dresses: scale= as Fraction (taken), Decimal, 0-d / 1-element numpy arrays, lists,
+  tuples, complex (refused, naming scale); q_offset= and int params as numpy int8 / uint64 and [1]
+  tensors (taken), floats, float tensors, Fraction(3, 1), 0-d arrays (refused); attncc.compile dicts with
+  numpy / torch numbers, None, non-string keys, bad names (SpecError naming the key), 13;
+- the Hugging Face integration: Llama and Mistral (window 4) with 2D attention masks of dtype int64,
+  bool, int32, float32, float16, uint8, none, all ones, and a row of all zeros, left / right padding and
+  a hole: logits of the rows with keys within 2.2e-7 of eager's (18).
+
+Left as they are: ``attncc.reference`` given a keep_mask with ``dropout_p=0`` drops its False pairs without
+rescaling (the mask contradicts p = 0; the kernels keep every pair there, and dropout_keep_mask(dropout_p=0)
+is all True); a 0-d meta tensor as ``scale=`` / ``q_offset=`` raises torch's "Tensor.item() cannot be called
+on meta tensors", which does not name the argument; ``q_offset=Fraction(3, 1)`` is refused as "float
+3.0"; a contiguous cache passed to decode with block_table= is refused as a paged one ("page size (k_cache
+dim 1) must be >= 16, got 2"); the backward's saved-tensor-hook path (runtime.autograd.backward) still
+reads a hook's copy of a learned table of another dtype with ``.to()`` (an expanded table densified; its
+memo is dropped then, so the values are right).
 
 Found and fixed:
 - The signature cache's fast path (runtime.call._rebind: a call with the shapes, strides and dtypes of
