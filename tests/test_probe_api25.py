@@ -91,6 +91,13 @@ Found and fixed:
 - decode() of a spec with dropout, given ``dropout_p=`` (0.0, say, by code that passes it to attention
   too), was refused with the hint for specs without dropout ("dropout is the spec's [score].dropout"),
   and the docs did not say that decode runs without the spec's dropout; the hint and docs §6 say so.
+- Linear attention's backward (runtime.linear.LinearAttentionFunction) read the saved denominators and
+  the initial state (S0, z0) at contiguous strides: saved-tensor hooks that give them back in another
+  layout (docs §6: offloading, compression "may give the saved tensors back in another layout: the
+  gradients are the same") made dq, dk, dv and the state's gradients 0.3 .. 4.2 (elu+1) and 27
+  (performer) off, silently. They are made contiguous there now. Softmax attention's backward, given
+  q, o, the LSE and a learned table each in another layout (24 cases over causal, t5_bias, alibi,
+  losses on o and on the LSE), was right.
 - Linear attention's step(..., seed=) of a feature map without randomness was refused naming
   ``attention`` (templates/linear.py.j2); it names step now.
 """
@@ -230,3 +237,35 @@ def test_step_names_itself_when_refusing_seed():
         m.step(q, q, q, seed=3)
     with pytest.raises(TypeError, match=r"linear_elu\.attention: seed= applies to the performer"):
         m.attention(q[:, :, None], q[:, :, None], q[:, :, None], seed=3)
+
+
+def _relaid(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s values in another layout: dims 1 and 2 swapped in memory (a saved-tensor hook's copy)."""
+    if t.dim() < 3:
+        return t
+    out = torch.empty(t.shape[0], t.shape[2], t.shape[1], *t.shape[3:], dtype=t.dtype).transpose(1, 2)
+    return out.copy_(t)
+
+
+@pytest.mark.parametrize("name", ["linear_elu", pytest.param("performer", marks=pytest.mark.slow)])  # 12 s
+def test_linear_backward_reads_saved_tensors_in_another_layout(name):
+    """Linear attention's backward read the saved denominators and initial state at contiguous strides:
+    saved-tensor hooks that give them back in another layout (offloading) gave gradients 0.3 (elu+1 with
+    a state) to 27 (performer) off, silently; softmax attention's backward was right (its layouts are read)."""
+    from cases import module
+
+    m = module(name)
+    g = torch.Generator().manual_seed(36)
+    q, k, v = (torch.randn(2, 2, 20, 8, generator=g).requires_grad_() for _ in range(3))
+    state = (torch.randn(2, 2, 8, 8, generator=g).requires_grad_(),
+             torch.rand(2, 2, 8, generator=g).add(1).requires_grad_()) if name == "linear_elu" else None
+    w = torch.randn(2, 2, 20, 8, generator=g)
+    leaves = (q, k, v, *(state or ()))
+
+    def grads(hooked):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, _relaid if hooked else (lambda t: t)):
+            o = m.attention(q, k, v, initial_state=state) if state else m.attention(q, k, v)
+        return torch.autograd.grad((o * w).sum(), leaves)
+
+    for plain, hooked in zip(grads(False), grads(True)):
+        assert (plain - hooked).abs().max() < 1e-6

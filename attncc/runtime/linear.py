@@ -202,6 +202,10 @@ class LinearAttentionFunction(torch.autograd.Function):
     def backward(ctx, do, ds=None, dz=None):
         _call.refuse_transformed_backward(f"{ctx.lc.call.spec.name}.attention's backward", do, ds, dz)
         q, k, v, o, den, *init = ctx.saved_tensors
+        # the kernels read the denominators and the initial state at contiguous strides (q, k, v, o at
+        # their own): saved-tensor hooks may give them back in another layout (an offloading hook's copy)
+        den = None if den is None else den.contiguous()
+        init = [t.contiguous() for t in init]
         call = dataclasses.replace(ctx.lc.call, q=q, k=k, v=v)
         lc = dataclasses.replace(ctx.lc, call=call, s0=init[0] if init else None, z0=init[1] if init else None)
         if do is None:
