@@ -97,7 +97,8 @@ Found and fixed:
   gradients are the same") made dq, dk, dv and the state's gradients 0.3 .. 4.2 (elu+1) and 27
   (performer) off, silently. They are made contiguous there now. Softmax attention's backward, given
   q, o, the LSE and a learned table each in another layout (24 cases over causal, t5_bias, alibi,
-  losses on o and on the LSE), was right.
+  losses on o and on the LSE; document masks, dilated residue classes and RoPE, 6; attncc.distributed
+  over 4 chunks of one rank, 2), was right.
 - Linear attention's step(..., seed=) of a feature map without randomness was refused naming
   ``attention`` (templates/linear.py.j2); it names step now.
 """
