@@ -249,6 +249,8 @@ def _check_qkv(pattern: Pattern, q, k, v):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             got = f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"{n} must be a 4-D tensor [B, H, N, D], got {got}")
+        if t.is_complex():  # (cast to float64, its imaginary part was dropped with a warning)
+            raise TypeError(f"{n} must be a real tensor (computed in float64), got {str(t.dtype).replace('torch.', '')}")
     (bq, hq, _, d), (bk, hk, nk, dk), (bv, hv, nv, dv) = q.shape, k.shape, v.shape
     if not (d and dv):  # (the default scale 1/sqrt(D) raised ZeroDivisionError)
         raise ValueError(f"head dims D and Dv must be at least 1 (as a call's), got D = {d}, Dv = {dv}")

@@ -99,6 +99,8 @@ Found and fixed:
   q, o, the LSE and a learned table each in another layout (24 cases over causal, t5_bias, alibi,
   losses on o and on the LSE; document masks, dilated residue classes and RoPE, 6; attncc.distributed
   over 4 chunks of one rank, 2), was right.
+- attncc.reference took a complex q, k or v, dropped its imaginary part (a UserWarning) and returned o; a
+  TypeError now, as attention()'s. (Shape errors of q, k, v: the same type and meaning as attention()'s, 14.)
 - Linear attention's step(..., seed=) of a feature map without randomness was refused naming
   ``attention`` (templates/linear.py.j2); it names step now.
 """
@@ -270,3 +272,14 @@ def test_linear_backward_reads_saved_tensors_in_another_layout(name):
 
     for plain, hooked in zip(grads(False), grads(True)):
         assert (plain - hooked).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+def test_reference_refuses_complex_operands(which):
+    """attncc.reference cast a complex q, k or v to float64, dropping its imaginary part (a UserWarning),
+    and returned an output; attention() refuses them (TypeError), and so does the reference now."""
+    p = attncc.parse_spec('[mask]\nwhere = "j <= i"\n')
+    ops = {n: torch.randn(1, 2, 5, 4, dtype=torch.float64) for n in "qkv"}
+    ops[which] = torch.randn(1, 2, 5, 4, dtype=torch.complex128)
+    with pytest.raises(TypeError, match=f"{which} must be a real tensor"):
+        attncc.reference(p, ops["q"], ops["k"], ops["v"])
