@@ -101,6 +101,9 @@ Found and fixed:
   over 4 chunks of one rank, 2), was right.
 - attncc.reference took a complex q, k or v, dropped its imaginary part (a UserWarning) and returned o; a
   TypeError now, as attention()'s. (Shape errors of q, k, v: the same type and meaning as attention()'s, 14.)
+- The transformers integration's register(name, spec=module) took a generated linear attention module (a
+  spec text or file of one was refused), and the model's forward failed with "attention() got an
+  unexpected keyword argument 'scale'"; refused at register now, with the spec file's error.
 - Linear attention's step(..., seed=) of a feature map without randomness was refused naming
   ``attention`` (templates/linear.py.j2); it names step now.
 """
@@ -283,3 +286,14 @@ def test_reference_refuses_complex_operands(which):
     ops[which] = torch.randn(1, 2, 5, 4, dtype=torch.complex128)
     with pytest.raises(TypeError, match=f"{which} must be a real tensor"):
         attncc.reference(p, ops["q"], ops["k"], ops["v"])
+
+
+def test_hf_register_refuses_a_linear_module():
+    """register(name, spec=<a generated linear module>) was taken (a spec file of it was refused), and the
+    model's first forward failed with "attention() got an unexpected keyword argument 'scale'"."""
+    pytest.importorskip("transformers")
+    from cases import module
+    from attncc.integrations import transformers as attncc_hf
+
+    with pytest.raises(ValueError, match="linear_elu is a linear attention spec; models call softmax"):
+        attncc_hf.register("attncc_probe25_linear", spec=module("linear_elu"))

@@ -538,16 +538,23 @@ def _user_module(spec) -> Tuple[ModuleType, Optional[float], bool]:
     if isinstance(spec, ModuleType):
         if not hasattr(spec, "attention") or not hasattr(spec, "SPEC"):
             raise TypeError(f"attncc: spec must be a generated module (with attention and SPEC), got {spec.__name__}")
-        return spec, None, False
+        return _softmax(spec), None, False
     from attncc.module_cache import spec_source
     from attncc.spec import parse_spec
 
-    module = attncc.compile(spec)
+    module = _softmax(attncc.compile(spec))
+    pattern = parse_spec(*spec_source(spec))
+    return module, pattern.softcap, True
+
+
+def _softmax(module: ModuleType) -> ModuleType:
+    """``module``, a softmax attention module: models call softmax attention (a linear module, passed as a
+    module, was taken and failed in the model's forward with "attention() got an unexpected keyword
+    argument 'scale'")."""
     if module.SPEC.kind != "softmax":
         raise ValueError(f"attncc: {module.SPEC.name} is a {module.SPEC.kind} attention spec; models call softmax "
                          f"attention")
-    pattern = parse_spec(*spec_source(spec))
-    return module, pattern.softcap, True
+    return module
 
 
 def register(name: str = "attncc", spec=None, *, decode: bool = True) -> str:
