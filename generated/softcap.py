@@ -87,6 +87,7 @@ SPEC = _rt.SpecInfo(
     inputs=(),
     scale=None,
     dropout=0.0,
+    softcap=30.0,
     rope=False,
     tile_hint="default",
     gluon="rendered",

@@ -104,6 +104,11 @@ Found and fixed:
 - The transformers integration's register(name, spec=module) took a generated linear attention module (a
   spec text or file of one was refused), and the model's forward failed with "attention() got an
   unexpected keyword argument 'scale'"; refused at register now, with the spec file's error.
+- The same integration took a module's softcap as unknown and never checked it: a Gemma 2 model
+  (attn_logit_softcapping 0.02) on the module of a causal spec ran without its softcap (logits 0.3 % off
+  eager's, silently) where the spec as text or a path was refused ("the model asks for softcap = ..., the
+  spec has none"). Generated modules now carry ``SPEC.softcap`` (runtime.spec_info.SpecInfo; the
+  softmax template writes it where the spec has one), which the integration checks for every user spec.
 - Linear attention's step(..., seed=) of a feature map without randomness was refused naming
   ``attention`` (templates/linear.py.j2); it names step now.
 """
@@ -297,3 +302,31 @@ def test_hf_register_refuses_a_linear_module():
 
     with pytest.raises(ValueError, match="linear_elu is a linear attention spec; models call softmax"):
         attncc_hf.register("attncc_probe25_linear", spec=module("linear_elu"))
+
+
+@pytest.mark.parametrize("name, cap", [("causal", 0.02), ("softcap", 30.0), ("softcap", 0.02)])
+def test_hf_user_module_is_checked_against_the_models_softcap(name, cap):
+    """A user's pattern registered as a generated module had its softcap taken as unknown: a Gemma 2 model
+    (attn_logit_softcapping 0.02) on the module of a spec without softcap ran without the model's softcap
+    (logits 0.3 % off eager's, silently), where the same spec as text or a path was refused. A module's
+    SPEC.softcap says it now: refused the same way; a module whose softcap is the model's runs."""
+    pytest.importorskip("transformers")
+    from transformers import AutoModelForCausalLM, Gemma2Config
+
+    from attncc.integrations import transformers as attncc_hf
+    from cases import module
+    from hf_cases import model_pair, rel
+
+    impl = attncc_hf.register(f"attncc_probe25_{name}", spec=module(name))
+    common = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, max_position_embeddings=64, attn_logit_softcapping=cap,
+                  final_logit_softcapping=None, sliding_window=64, query_pre_attn_scalar=8)
+    ref, ours = model_pair(Gemma2Config, "eager", impl, AutoModelForCausalLM, common)
+    ids = torch.randint(2, 99, (2, 9), generator=torch.Generator().manual_seed(37))
+    with torch.no_grad():
+        if name == "softcap" and cap == 30.0:
+            assert rel(ours(ids).logits, ref(ids).logits) < 1e-5
+        else:
+            has = "30.0" if name == "softcap" else "none"
+            with pytest.raises(ValueError, match=f"the model asks for softcap = 0.02, the spec has {has}"):
+                ours(ids)

@@ -85,7 +85,7 @@ def _common(pattern: Pattern) -> dict:
                 heads_kv=pattern.heads_kv, params=pattern.params, inputs=pattern.inputs,
                 input_positions={d.name: axes if any(axes) else () for d in pattern.inputs
                                  for axes in [pattern.position_axes(d.name)]},
-                scale=pattern.scale, dropout=pattern.dropout)
+                scale=pattern.scale, dropout=pattern.dropout, softcap=pattern.softcap)
 
 
 def render_files(pattern: Pattern) -> Dict[str, str]:

@@ -252,10 +252,10 @@ class _Implementation:
     def __init__(self, name: str, spec, decode: bool):
         self.name, self.use_decode = name, decode
         self.module: Optional[ModuleType] = None
-        self.softcap: Optional[float] = None  # the user spec's, when known
-        self.softcap_known = False
+        self.softcap: Optional[float] = None  # the user spec's ([score].softcap)
         if spec is not None:
-            self.module, self.softcap, self.softcap_known = _user_module(spec)
+            self.module = _user_module(spec)
+            self.softcap = self.module.SPEC.softcap
         self._modules: Dict[tuple, ModuleType] = {}
         self._lock = threading.Lock()
         self.calls: Counter = Counter()  # "attention" / "decode": which entry point ran (tests, curiosity)
@@ -422,7 +422,7 @@ class _Implementation:
 
     def _user_call(self, who, mask: KeyMask, B: int, Nk: int, dropout: float, softcap, kwargs: dict, device):
         spec = self.module.SPEC
-        if self.softcap_known and (softcap or None) != self.softcap:
+        if (softcap or None) != self.softcap:
             raise ValueError(f"{who}: the model asks for softcap = {softcap}, the spec has "
                              f"{self.softcap if self.softcap is not None else 'none'} ([score].softcap)")
         names = {p.name for p in spec.params} | {d.name for d in spec.inputs}
@@ -533,18 +533,15 @@ def builtin_spec(kind: MaskKind, *, padded: bool, softcap: Optional[float], drop
     return "\n".join(lines) + "\n"
 
 
-def _user_module(spec) -> Tuple[ModuleType, Optional[float], bool]:
-    """(module, its softcap, whether the softcap is known): a module is taken as is."""
+def _user_module(spec) -> ModuleType:
+    """The module of a user's spec: a generated module as it is, else ``attncc.compile(spec)``. Its
+    ``SPEC.softcap`` is checked against the model's (a module's softcap was taken as unknown, so a Gemma 2
+    model's softcap was dropped without a word where the same spec as text or a path was refused)."""
     if isinstance(spec, ModuleType):
         if not hasattr(spec, "attention") or not hasattr(spec, "SPEC"):
             raise TypeError(f"attncc: spec must be a generated module (with attention and SPEC), got {spec.__name__}")
-        return _softmax(spec), None, False
-    from attncc.module_cache import spec_source
-    from attncc.spec import parse_spec
-
-    module = _softmax(attncc.compile(spec))
-    pattern = parse_spec(*spec_source(spec))
-    return module, pattern.softcap, True
+        return _softmax(spec)
+    return _softmax(attncc.compile(spec))
 
 
 def _softmax(module: ModuleType) -> ModuleType:

@@ -42,6 +42,7 @@ class SpecInfo(Shapes):
     inputs: Tuple[InputInfo, ...] = ()
     scale: Optional[float] = None
     dropout: float = 0.0
+    softcap: Optional[float] = None  # [score].softcap as written (the transformers integration checks a model's)
     rope: bool = False
     rotary_dim: Optional[int] = None  # [rope].rotary_dim when the spec fixes it (None: the call's head dim)
     tile_hint: str = "default"  # "narrow": windows, documents; "thin": sparse exact block lists: smaller tiles pay
