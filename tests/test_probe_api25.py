@@ -109,6 +109,11 @@ Found and fixed:
   eager's, silently) where the spec as text or a path was refused ("the model asks for softcap = ..., the
   spec has none"). Generated modules now carry ``SPEC.softcap`` (runtime.spec_info.SpecInfo; the
   softmax template writes it where the spec has one), which the integration checks for every user spec.
+- The integration ran a user's spec with [rope] through decode for generation's steps and short prompts;
+  decode rotates q only and takes the cache's keys as rotated already, but the model's cache holds them as
+  the model wrote them (attention rotates them in the kernels): the steps' logits were 2.3e-3 (Llama) and
+  6.6e-4 (GPT-2) relative off the same model's full forward, silently. Such calls run attention now (docs
+  §6 says so).
 - Linear attention's step(..., seed=) of a feature map without randomness was refused naming
   ``attention`` (templates/linear.py.j2); it names step now.
 """
@@ -330,3 +335,28 @@ def test_hf_user_module_is_checked_against_the_models_softcap(name, cap):
             has = "30.0" if name == "softcap" else "none"
             with pytest.raises(ValueError, match=f"the model asks for softcap = 0.02, the spec has {has}"):
                 ours(ids)
+
+
+def test_hf_rope_spec_generates_as_its_full_forward():
+    """A user's spec with [rope] ran generation's steps (and short prompts) through decode, which rotates q
+    only and takes the cache's keys as rotated already; the model's cache holds them as the model wrote
+    them, which attention rotates in the kernels: the steps' logits were 2.3e-3 (relative) off the same
+    model's full forward, silently. Those calls run attention now."""
+    pytest.importorskip("transformers")
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from attncc.integrations import transformers as attncc_hf
+
+    spec = '[mask]\nwhere = "j <= i"\n[rope]\ntheta = 10000.0\n'
+    impl = attncc_hf.register("attncc_probe25_rope", spec=spec)
+    config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=impl).eval()
+    ids = torch.randint(2, 99, (1, 15), generator=torch.Generator().manual_seed(38))
+    with torch.no_grad():  # a prompt of 15 and 3 steps (decode's, before), the whole 18 tokens: attention
+        out = model.generate(ids, max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                             pad_token_id=0)
+        full = model(out.sequences, use_cache=False).logits[:, ids.shape[1] - 1:-1]
+    steps = torch.stack(out.logits, 1)
+    assert ((steps - full).abs().max() / full.abs().max()).item() < 1e-5

@@ -396,8 +396,10 @@ class _Implementation:
         queries_end = mask.q_offset - mask.kv_offset + Nq  # the rows of the cache that the queries fill
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         # decode sees the keys [0, queries_end): not where keys follow the queries (cross-attention's encoder
-        # states; a static cache's empty slots past the queries were cut off already)
-        if (self.use_decode and not needs_grad and not dropout and Nq <= MAX_DECODE_QUERIES
+        # states; a static cache's empty slots past the queries were cut off already). A spec with [rope]
+        # rotates q only in decode, its cache holding keys attention rotated: the model's cache holds them as
+        # the model wrote them, which attention rotates in the kernels (decode's logits were off, silently)
+        if (self.use_decode and not needs_grad and not dropout and Nq <= MAX_DECODE_QUERIES and not run.SPEC.rope
                 and Nq <= queries_end == Nk and (translation_invariant or mask.kv_offset == 0)):
             # positions from the cache's first row: i - j and the padding are what they are globally
             if mask.key_ok is not None and "key_ok" not in kw:
