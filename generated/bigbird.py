@@ -52,6 +52,7 @@ SPEC = _rt.SpecInfo(
     inputs=(),
     scale=None,
     dropout=0.0,
+    decode=False,
     rope=False,
     tile_hint="default",
     gluon="rendered",

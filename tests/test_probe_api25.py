@@ -114,6 +114,9 @@ Found and fixed:
   the model wrote them (attention rotates them in the kernels): the steps' logits were 2.3e-3 (Llama) and
   6.6e-4 (GPT-2) relative off the same model's full forward, silently. Such calls run attention now (docs
   §6 says so).
+- A user's spec with random_blocks() (whose decode raises NotImplementedError) failed every call of 16
+  tokens or fewer through the integration, a plain forward included; generated modules now carry
+  ``SPEC.decode`` (False there) and such calls run attention.
 - Linear attention's step(..., seed=) of a feature map without randomness was refused naming
   ``attention`` (templates/linear.py.j2); it names step now.
 """
@@ -360,3 +363,25 @@ def test_hf_rope_spec_generates_as_its_full_forward():
         full = model(out.sequences, use_cache=False).logits[:, ids.shape[1] - 1:-1]
     steps = torch.stack(out.logits, 1)
     assert ((steps - full).abs().max() / full.abs().max()).item() < 1e-5
+
+
+def test_hf_random_blocks_spec_runs_without_decode():
+    """A user's spec with random_blocks() (no decode: it raises NotImplementedError) failed every call of 16
+    tokens or fewer, a plain forward of 6 included, where attention runs it; such calls run attention now
+    (SPEC.decode says whether a module has one)."""
+    pytest.importorskip("transformers")
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from attncc.integrations import transformers as attncc_hf
+    from cases import module
+
+    impl = attncc_hf.register("attncc_probe25_random_blocks", spec=module("bigbird"))
+    config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=impl).eval()
+    ids = torch.randint(2, 99, (1, 6), generator=torch.Generator().manual_seed(39))
+    with torch.no_grad():
+        steps = model(ids).logits
+        whole = model(ids, use_cache=False).logits
+    assert torch.equal(steps, whole) and attncc_hf.registered(impl).calls["decode"] == 0

@@ -398,9 +398,10 @@ class _Implementation:
         # decode sees the keys [0, queries_end): not where keys follow the queries (cross-attention's encoder
         # states; a static cache's empty slots past the queries were cut off already). A spec with [rope]
         # rotates q only in decode, its cache holding keys attention rotated: the model's cache holds them as
-        # the model wrote them, which attention rotates in the kernels (decode's logits were off, silently)
-        if (self.use_decode and not needs_grad and not dropout and Nq <= MAX_DECODE_QUERIES and not run.SPEC.rope
-                and Nq <= queries_end == Nk and (translation_invariant or mask.kv_offset == 0)):
+        # the model wrote them, which attention rotates in the kernels (decode's logits were off, silently).
+        # A spec with random_blocks() has no decode (every call of 16 tokens or fewer raised).
+        if (self.use_decode and not needs_grad and not dropout and Nq <= MAX_DECODE_QUERIES and run.SPEC.decode
+                and not run.SPEC.rope and Nq <= queries_end == Nk and (translation_invariant or mask.kv_offset == 0)):
             # positions from the cache's first row: i - j and the padding are what they are globally
             if mask.key_ok is not None and "key_ok" not in kw:
                 kw["key_ok"] = mask.key_ok[:, mask.kv_offset:mask.kv_offset + Nk]

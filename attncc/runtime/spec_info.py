@@ -43,6 +43,7 @@ class SpecInfo(Shapes):
     scale: Optional[float] = None
     dropout: float = 0.0
     softcap: Optional[float] = None  # [score].softcap as written (the transformers integration checks a model's)
+    decode: bool = True  # whether the module's decode() runs (random_blocks(): it raises NotImplementedError)
     rope: bool = False
     rotary_dim: Optional[int] = None  # [rope].rotary_dim when the spec fixes it (None: the call's head dim)
     tile_hint: str = "default"  # "narrow": windows, documents; "thin": sparse exact block lists: smaller tiles pay
