@@ -146,9 +146,29 @@ class KeyMask:
     ndim: ClassVar[int] = 4
     keys_end: Optional[int] = None
 
+    def __getattr__(self, name: str):
+        # only for attributes a KeyMask lacks: a model that computes attention itself reads the mask as a tensor
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise AttributeError(_used_as_tensor(f"its attribute {name!r}"))
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        raise NotImplementedError(_used_as_tensor(f"torch's {_name(func)}"))
+
     def held(self, rows: int) -> int:
         """How many of the call's ``rows`` key rows hold tokens (the first ones)."""
         return rows if self.keys_end is None else max(0, min(rows, self.keys_end - self.kv_offset))
+
+
+def _used_as_tensor(what: str) -> str:
+    """The error of a model that uses attncc's :class:`KeyMask` as a dense mask (Bloom, MPT, Falcon with
+    ``alibi=True`` add ALiBi to the mask in their own attention code: "'KeyMask' object has no attribute
+    'dtype'", or "unsupported operand type(s) for +")."""
+    return (f"attncc: the model asks the mask for {what}, as a dense mask tensor: its attention layers compute "
+            f"attention themselves (ALiBi models such as Bloom, MPT, Falcon with alibi=True do) instead of calling "
+            f"transformers' attention interface, which attncc plugs into; use attn_implementation=\"eager\" or "
+            f"\"sdpa\" for this model")
 
 
 # -- recognizing transformers' mask functions ---------------------------------------------------

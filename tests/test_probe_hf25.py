@@ -1,0 +1,60 @@
+"""Probe 25 (c) of the Hugging Face transformers integration: model families probes 19-21
+(tests/test_probe_hf19.py, hf20, hf21) and tests/test_transformers.py did not build; tiny random-weight
+models from configs (float32, CPU, no downloads) against the same weights under eager attention.
+
+Probed clean (logits on the real tokens within 4e-7 relative of eager's with no, left and right padding;
+greedy generate() with left padding token for token; 16 models): GPT-2 (plain, scale_attn_by_inverse_
+layer_idx, scale_attn_weights=False), GPT-NeoX (rotary_pct 0.5), GPT-J and CodeGen (rotary_dim 4), OPT
+(query pre-scaled, scaling 1), GPTBigCode (multi-query), Falcon (alibi=False), Phi (partial rotary 0.5),
+Cohere, Persimmon, Nemotron, Mixtral (window 5, MQA).
+
+Found and fixed:
+
+* Models whose attention layers compute attention themselves rather than through transformers'
+  AttentionInterface, with ALiBi added to the mask (Bloom, MPT, Falcon with alibi=True), load with
+  attn_implementation="attncc" (transformers does not check a registered implementation) and got attncc's
+  KeyMask as their dense mask: "'KeyMask' object has no attribute 'dtype'" (Falcon), "unsupported operand
+  type(s) for +: 'Tensor' and 'KeyMask'" (Bloom), "... no attribute 'to'" (MPT). A KeyMask used as a tensor
+  now says the model does not call the attention interface and to use eager or sdpa.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+from hf_cases import padded, registering, rel  # noqa: E402
+
+registered = registering({})
+SPECIAL = dict(vocab_size=100, pad_token_id=0, bos_token_id=1, eos_token_id=99)
+
+
+def _model(config, implementation: str):
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=implementation).eval()
+
+
+@pytest.mark.parametrize("config", [
+    transformers.BloomConfig(hidden_size=32, n_layer=2, n_head=4, **SPECIAL),
+    transformers.MptConfig(d_model=32, n_layers=2, n_heads=4, max_seq_len=64, **SPECIAL),
+    transformers.FalconConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, alibi=True, **SPECIAL),
+], ids=["bloom", "mpt", "falcon_alibi"])
+def test_models_with_their_own_attention_code_are_told_so(config):
+    ids, mask = padded("left", seq=8)
+    with torch.no_grad(), pytest.raises((AttributeError, NotImplementedError), match="attention interface"):
+        _model(config, "attncc")(ids, attention_mask=mask)
+
+
+def test_gpt2_scaled_by_inverse_layer_index_matches_eager():
+    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                     scale_attn_by_inverse_layer_idx=True, **SPECIAL)
+    ref, ours = _model(config, "eager"), _model(config, "attncc")
+    ids, mask = padded("left", seq=12)
+    with torch.no_grad():
+        a, b = (m(ids, attention_mask=mask).logits[mask.bool()] for m in (ref, ours))
+    assert rel(b, a) < 2e-6
