@@ -60,7 +60,9 @@ Not supported (errors, never a silent difference): dense masks passed by the cal
 ``attention_mask``), masks transformers builds from other functions (chunked or block-wise
 overlays, ``or_mask_function``/``and_mask_function``) with the built-in implementation, packed
 sequences with a user's spec, ``position_bias``, per-token attention sinks (``sinks``), sparse
-indexers' ``indices`` / ``block_indices``; ``output_attentions`` returns no weights (as sdpa). The mask function reads the
+indexers' ``indices`` / ``block_indices``, models whose attention layers compute attention in their own code
+instead of calling transformers' attention interface (Bloom, MPT, Falcon with ``alibi=True``: the mask they
+read as a tensor says so); ``output_attentions`` returns no weights (as sdpa). The mask function reads the
 padding mask once per forward (one host synchronization), so a model under ``torch.compile``
 breaks its graph there; ``torch.compile(model, fullgraph=True)`` is not supported (the mask
 function recognizes transformers' mask functions by their closures, on the host, and compiles a
