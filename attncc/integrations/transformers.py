@@ -61,7 +61,7 @@ Not supported (errors, never a silent difference): dense masks passed by the cal
 overlays, ``or_mask_function``/``and_mask_function``) with the built-in implementation, packed
 sequences with a user's spec, ``position_bias``, per-token attention sinks (``sinks``), sparse
 indexers' ``indices`` / ``block_indices``, models whose attention layers compute attention in their own code
-instead of calling transformers' attention interface (Bloom, MPT, Falcon with ``alibi=True``: the mask they
+instead of calling transformers' attention interface (Bloom, MPT, Falcon with ``alibi=True``, MPNet, RoFormer: the mask they
 read as a tensor says so); ``output_attentions`` returns no weights (as sdpa). The mask function reads the
 padding mask once per forward (one host synchronization), so a model under ``torch.compile``
 breaks its graph there; ``torch.compile(model, fullgraph=True)`` is not supported (the mask
@@ -165,10 +165,11 @@ class KeyMask:
 
 def _used_as_tensor(what: str) -> str:
     """The error of a model that uses attncc's :class:`KeyMask` as a dense mask (Bloom, MPT, Falcon with
-    ``alibi=True`` add ALiBi to the mask in their own attention code: "'KeyMask' object has no attribute
-    'dtype'", or "unsupported operand type(s) for +")."""
+    ``alibi=True`` add ALiBi to the mask in their own attention code, MPNet and RoFormer their relative
+    positions: "'KeyMask' object has no attribute 'dtype'", or "unsupported operand type(s) for +")."""
     return (f"attncc: the model asks the mask for {what}, as a dense mask tensor: its attention layers compute "
-            f"attention themselves (ALiBi models such as Bloom, MPT, Falcon with alibi=True do) instead of calling "
+            f"attention themselves (ALiBi models such as Bloom, MPT, Falcon with alibi=True, and MPNet, RoFormer do) "
+            f"instead of calling "
             f"transformers' attention interface, which attncc plugs into; use attn_implementation=\"eager\" or "
             f"\"sdpa\" for this model")
 
