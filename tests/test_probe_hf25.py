@@ -21,8 +21,7 @@ Found and fixed:
   RoFormer (relative positions added to the mask in their own attention code), and got attncc's
   KeyMask as their dense mask: "'KeyMask' object has no attribute 'dtype'" (Falcon), "unsupported operand
   type(s) for +: 'Tensor' and 'KeyMask'" (Bloom, MPNet, RoFormer), "... no attribute 'to'" (MPT).
-  A KeyMask used as a tensor
-  now says the model does not call the attention interface and to use eager or sdpa.
+  A KeyMask used as a tensor now says the model does not call the attention interface and to use eager or sdpa.
 """
 from __future__ import annotations
 
