@@ -22,6 +22,10 @@ Found and fixed:
   KeyMask as their dense mask: "'KeyMask' object has no attribute 'dtype'" (Falcon), "unsupported operand
   type(s) for +: 'Tensor' and 'KeyMask'" (Bloom, MPNet, RoFormer), "... no attribute 'to'" (MPT).
   A KeyMask used as a tensor now says the model does not call the attention interface and to use eager or sdpa.
+* Qwen2-MoE with its default config (use_sliding_window=False, sliding_window=0, every layer full attention)
+  raised NotImplementedError ("a mask transformers builds from and_masks.<locals>.and_mask") on every
+  forward: the model makes its sliding-window mask (window 0, which the integration does not map) beside
+  the causal one though no layer uses it. The error is now raised by the call that uses such a mask.
 """
 from __future__ import annotations
 
@@ -66,6 +70,19 @@ def test_gpt2_scaled_by_inverse_layer_index_matches_eager():
                                      scale_attn_by_inverse_layer_idx=True, **SPECIAL)
     ref, ours = _model(config, "eager"), _model(config, "attncc")
     ids, mask = padded("left", seq=12)
+    with torch.no_grad():
+        a, b = (m(ids, attention_mask=mask).logits[mask.bool()] for m in (ref, ours))
+    assert rel(b, a) < 2e-6
+
+
+def test_qwen2_moe_makes_a_mask_no_layer_uses():
+    config = transformers.Qwen2MoeConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, intermediate_size=64, moe_intermediate_size=16,
+                                         shared_expert_intermediate_size=16, num_experts=2, num_experts_per_tok=1,
+                                         max_position_embeddings=64, **SPECIAL)
+    assert config.sliding_window == 0 and set(config.layer_types) == {"full_attention"}
+    ref, ours = _model(config, "eager"), _model(config, "attncc")
+    ids, mask = padded("right", seq=12)
     with torch.no_grad():
         a, b = (m(ids, attention_mask=mask).logits[mask.bool()] for m in (ref, ours))
     assert rel(b, a) < 2e-6

@@ -180,8 +180,10 @@ def test_what_cannot_be_mapped_is_an_error():
 
     chunked = masking_utils.and_masks(masking_utils.causal_mask_function,  # Llama 4's chunked attention
                                       masking_utils.chunked_overlay(4, torch.zeros(2, dtype=torch.long)))
+    unmapped = attncc_hf.registered().mask(2, 8, 8, mask_function=chunked)  # refused where a layer uses it
+    q = torch.randn(2, 4, 8, 16)
     with pytest.raises(NotImplementedError, match="not one of the masks"):
-        attncc_hf.registered().mask(2, 8, 8, mask_function=chunked)
+        attncc_hf.registered().forward(None, q, q, q, unmapped)
 
     attncc_hf.register("attncc_causal_only", spec='head_dim = 16\n[mask]\nwhere = "j <= i"\n')
     _, custom = models("llama", impl="attncc_causal_only")

@@ -122,7 +122,7 @@ class MaskKind:
 class KeyMask:
     """What the mask function hands to the attention function in place of a dense mask.
 
-    kind: None when the mask function was not recognized (allowed with a user spec only); with
+    kind: None when the mask function was not recognized (an error where a built-in call uses it); with
     cu_seqlens, the mask within each packed sequence.
     q_offset / kv_offset: the positions of the first query and the first key (cache) row.
     keys_end: the position past the last key that holds a token, where the call's key rows go further
@@ -291,12 +291,10 @@ class _Implementation:
         packed = recognize_packed(mask_function) if kind is None else None
         if packed is not None:
             kind, cu_seqlens = packed[0], packed_cu_seqlens(packed[1])
-        if kind is None and self.module is None:
-            raise NotImplementedError(
-                f"attncc ({self.name}): the model asks for a mask transformers builds from {_name(mask_function)}, "
-                f"which is not one of the masks this integration maps to generated kernels (causal, bidirectional, "
-                f"sliding windows, with padding, and those of sequences packed in a row); custom mask overlays "
-                f"(or_mask_function / and_mask_function, chunked or block-wise attention) are among them. Write the pattern as a spec and register it: register(name, spec=...)")
+        if isinstance(attention_mask, KeyMask) and attention_mask.kind is None and self.module is None:
+            # a mask the model made earlier and hands on as its attention_mask (PaliGemma's prefix to its
+            # language model), which would otherwise become the plain mask_function's here, silently
+            self._unmapped(attention_mask.mask_function)
         q_offset, kv_offset = int(q_offset), int(kv_offset)
         keys_end, key_ok = self._key_rows(built_on_causal(mask_function), attention_mask, q_offset + q_length,
                                           kv_offset + kv_length)
@@ -355,6 +353,10 @@ class _Implementation:
             raise TypeError(f"{who}: attention_mask must come from attncc's mask function (no dense masks), got "
                             f"{type(mask).__name__}{tuple(mask.shape) if hasattr(mask, 'shape') else ''}; pass the "
                             f"2D padding mask to the model and let it build the mask")
+        if mask.kind is None and self.module is None:
+            # raised where a call uses the mask, not where it was made: a model makes the masks of every kind of
+            # layer it has (Qwen2-MoE's unused sliding one, of window 0, on full-attention layers only)
+            self._unmapped(mask.mask_function)
         if (mask.q_length, mask.kv_length) != (Nq, Nk):
             raise ValueError(f"{who}: the mask was made for {mask.q_length} queries and {mask.kv_length} keys, "
                              f"the call has {Nq} and {Nk}")
@@ -398,6 +400,14 @@ class _Implementation:
             o, lse = o
             o = o * torch.sigmoid(lse - sink.float()[None, :, None]).unsqueeze(-1).to(o.dtype)
         return o.transpose(1, 2).contiguous(), None
+
+    def _unmapped(self, mask_function: str):
+        raise NotImplementedError(
+            f"attncc ({self.name}): the model asks for a mask transformers builds from {mask_function}, which is "
+            f"not one of the masks this integration maps to generated kernels (causal, bidirectional, sliding "
+            f"windows of at least 1, with padding, and those of sequences packed in a row); custom mask overlays "
+            f"(or_mask_function / and_mask_function, chunked or block-wise attention) are among them. Write the "
+            f"pattern as a spec and register it: register(name, spec=...)")
 
     def _run_packed(self, run: ModuleType, packed: "Packed", q, k, v, kw: dict):
         """The rows of the batch one after another: [1, H, B * N, D], FlashAttention's varlen layout."""
