@@ -58,7 +58,8 @@ every position from 0.
 
 Not supported (errors, never a silent difference): dense masks passed by the caller (4-D
 ``attention_mask``), masks transformers builds from other functions (chunked or block-wise
-overlays, ``or_mask_function``/``and_mask_function``) with the built-in implementation, packed
+overlays, ``or_mask_function``/``and_mask_function``) with the built-in implementation (where a layer
+uses one: a model may make masks for layer types it does not have), packed
 sequences with a user's spec, ``position_bias``, per-token attention sinks (``sinks``), sparse
 indexers' ``indices`` / ``block_indices``, models whose attention layers compute attention in their own code
 instead of calling transformers' attention interface (Bloom, MPT, Falcon with ``alibi=True``, MPNet, RoFormer: the mask they
