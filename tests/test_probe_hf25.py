@@ -11,7 +11,10 @@ static-cache and 2-beam generate() (left padding) and sequences packed by positi
 (logits and gradients within 1e-6 of eager's); GPT-2 cross-attention (add_cross_attention) with and
 without encoder padding; encoders (hidden states on the real tokens, left and right padding, within 3e-7):
 DistilBERT, ALBERT, RoBERTa, XLM-R, CamemBERT, Data2VecText, ELECTRA, ESM. DeBERTa-v2 ignores the
-attention implementation (its own code with its own mask: its output is eager's, attncc never runs).
+attention implementation (its own code with its own mask: its output is eager's, attncc never runs). A fully padded
+encoder row in BART-style cross-attention (EncoderDecoderModel BERT + GPT-2): attncc's output is sdpa's (eager
+averages every key there); that model's generate() greedy, 2-beam and static with left / right padding equal
+eager's; Llama under torch.compile (backend eager, graph breaks) with left padding within 3e-7.
 
 Found and fixed:
 
