@@ -1,6 +1,5 @@
 """Kernels run on the CPU under Triton's interpreter; set it before Triton is imported."""
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -28,18 +27,9 @@ def _starts_early(config) -> bool:
 
 
 def _runs_slow(config) -> bool:
-    """Whether ``-m`` asks for slow tests: it names the word slow, or it selects by a marker at
-    all (``-m gpu``: false for a test without markers), unlike ``-m "not gpu"``."""
-    expr = config.option.markexpr or ""
-    if not expr.strip():
-        return False
-    if "slow" in re.findall(r"[\w.]+", expr):
-        return True
-    try:
-        from _pytest.mark.expression import Expression
-        return not Expression.compile(expr).evaluate(lambda name, **kwargs: False)
-    except Exception:  # noqa: BLE001  pytest's private parser moved: the words alone
-        return re.search(r"(?<!not )\bgpu\b", expr) is not None
+    from slow_rule import runs_slow  # (tests/slow_rule.py: tests/test_slow_rule.py imports it by that name)
+
+    return runs_slow(config.option.markexpr)
 
 
 def pytest_collection_modifyitems(session, config, items):

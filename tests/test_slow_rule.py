@@ -1,11 +1,9 @@
-"""tests/conftest.py's rule for slow-marked tests: they run when ``-m`` names slow or selects by a
+"""tests/conftest.py's rule (tests/slow_rule.py) for slow-marked tests: they run when ``-m`` names slow or selects by a
 marker (the GPU session's ``-m gpu`` runs the sizes past 2**31), never by default nor under a
 ``-m`` that only excludes (``-m "not gpu"`` ran every slow test on the CPU before)."""
-from types import SimpleNamespace
-
 import pytest
 
-from conftest import _runs_slow
+from slow_rule import runs_slow
 
 
 @pytest.mark.parametrize("expr, runs", [
@@ -14,5 +12,4 @@ from conftest import _runs_slow
     ("not (not gpu)", True), ("slowish", True), ("gpu_extra", True),
 ])
 def test_slow_tests_run_only_when_asked(expr, runs):
-    config = SimpleNamespace(option=SimpleNamespace(markexpr=expr))
-    assert _runs_slow(config) is runs
+    assert runs_slow(expr) is runs
