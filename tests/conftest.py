@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from slow_rule import runs_slow  # (its own module: tests/test_slow_rule.py imports it)
+
 os.environ.setdefault("TRITON_INTERPRET", "1")
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # pytest -n: the workers share the cores, not each all of them
     import torch
@@ -26,19 +28,13 @@ def _starts_early(config) -> bool:
     return not config.option.collectonly and "PYTEST_XDIST_WORKER" not in os.environ
 
 
-def _runs_slow(config) -> bool:
-    from slow_rule import runs_slow  # (tests/slow_rule.py: tests/test_slow_rule.py imports it by that name)
-
-    return runs_slow(config.option.markexpr)
-
-
 def pytest_collection_modifyitems(session, config, items):
     """Tests marked slow are skipped unless ``-m`` names slow (``-m slow``, ``-m "slow or not
     slow"``) or gpu (the GPU session's ``-m gpu`` runs tests/gpu/test_gpu_big.py's sizes past 2**31,
     which session 23's first version of this rule skipped there): the marker alone selects nothing,
     and CI runs ``pytest -q -n 2``. The modules whose
     tests wait for an early child run last: the child has had every test before them to run beside."""
-    if not _runs_slow(config):
+    if not runs_slow(config.option.markexpr):
         skip = pytest.mark.skip(reason="slow: runs with -m slow")
         for item in items:
             if item.get_closest_marker("slow"):

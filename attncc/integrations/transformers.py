@@ -275,11 +275,7 @@ class _Implementation:
 
     def __init__(self, name: str, spec, decode: bool):
         self.name, self.use_decode = name, decode
-        self.module: Optional[ModuleType] = None
-        self.softcap: Optional[float] = None  # the user spec's ([score].softcap)
-        if spec is not None:
-            self.module = _user_module(spec)
-            self.softcap = self.module.SPEC.softcap
+        self.module: Optional[ModuleType] = None if spec is None else _user_module(spec)
         self._modules: Dict[tuple, ModuleType] = {}
         self._lock = threading.Lock()
         self.calls: Counter = Counter()  # "attention" / "decode": which entry point ran (tests, curiosity)
@@ -292,10 +288,10 @@ class _Implementation:
         packed = recognize_packed(mask_function) if kind is None else None
         if packed is not None:
             kind, cu_seqlens = packed[0], packed_cu_seqlens(packed[1])
-        if isinstance(attention_mask, KeyMask) and attention_mask.kind is None and self.module is None:
+        if isinstance(attention_mask, KeyMask):
             # a mask the model made earlier and hands on as its attention_mask (PaliGemma's prefix to its
             # language model), which would otherwise become the plain mask_function's here, silently
-            self._unmapped(attention_mask.mask_function)
+            self._refuse_unmapped(attention_mask)
         q_offset, kv_offset = int(q_offset), int(kv_offset)
         keys_end, key_ok = self._key_rows(built_on_causal(mask_function), attention_mask, q_offset + q_length,
                                           kv_offset + kv_length)
@@ -354,10 +350,9 @@ class _Implementation:
             raise TypeError(f"{who}: attention_mask must come from attncc's mask function (no dense masks), got "
                             f"{type(mask).__name__}{tuple(mask.shape) if hasattr(mask, 'shape') else ''}; pass the "
                             f"2D padding mask to the model and let it build the mask")
-        if mask.kind is None and self.module is None:
-            # raised where a call uses the mask, not where it was made: a model makes the masks of every kind of
-            # layer it has (Qwen2-MoE's unused sliding one, of window 0, on full-attention layers only)
-            self._unmapped(mask.mask_function)
+        # raised where a call uses the mask, not where it was made: a model makes the masks of every kind of
+        # layer it has (Qwen2-MoE's unused sliding one, of window 0, on full-attention layers only)
+        self._refuse_unmapped(mask)
         if (mask.q_length, mask.kv_length) != (Nq, Nk):
             raise ValueError(f"{who}: the mask was made for {mask.q_length} queries and {mask.kv_length} keys, "
                              f"the call has {Nq} and {Nk}")
@@ -402,9 +397,12 @@ class _Implementation:
             o = o * torch.sigmoid(lse - sink.float()[None, :, None]).unsqueeze(-1).to(o.dtype)
         return o.transpose(1, 2).contiguous(), None
 
-    def _unmapped(self, mask_function: str):
+    def _refuse_unmapped(self, mask: KeyMask):
+        """A mask this integration does not map (``kind`` None) runs only with a user's spec."""
+        if mask.kind is not None or self.module is not None:
+            return
         raise NotImplementedError(
-            f"attncc ({self.name}): the model asks for a mask transformers builds from {mask_function}, which is "
+            f"attncc ({self.name}): the model asks for a mask transformers builds from {mask.mask_function}, which is "
             f"not one of the masks this integration maps to generated kernels (causal, bidirectional, sliding "
             f"windows of at least 1, with padding, and those of sequences packed in a row); custom mask overlays "
             f"(or_mask_function / and_mask_function, chunked or block-wise attention) are among them. Write the "
@@ -459,9 +457,9 @@ class _Implementation:
 
     def _user_call(self, who, mask: KeyMask, B: int, Nk: int, dropout: float, softcap, kwargs: dict, device):
         spec = self.module.SPEC
-        if (softcap or None) != self.softcap:
+        if (softcap or None) != spec.softcap:
             raise ValueError(f"{who}: the model asks for softcap = {softcap}, the spec has "
-                             f"{self.softcap if self.softcap is not None else 'none'} ([score].softcap)")
+                             f"{spec.softcap if spec.softcap is not None else 'none'} ([score].softcap)")
         names = {p.name for p in spec.params} | {d.name for d in spec.inputs}
         kw = {n: kwargs[n] for n in names if n in kwargs}
         if "key_ok" in {d.name for d in spec.inputs}:
