@@ -108,3 +108,31 @@ def test_negated_constant_condition_stays_boolean(tmp_path):
         warnings.filterwarnings("error", message="tl.where with a non-boolean condition")
         err, _ = _forward(tmp_path, "not_rb0", text, Nq=20, Nk=20)
     assert err < 1e-4, err
+
+
+@pytest.mark.parametrize("mod", ["s + row0[b, j]", "0.25 * j + s - row0[b, j]", "s + row0[b, j] * 0.5 + 0.1 * i"])
+def test_additive_mod_beside_a_bias_far_into_a_sequence(tmp_path, mod):
+    """fuzz seed 26245: a bias linear in j beside a mod ``s + g``: the bias was computed inside the
+    score the mod takes, from the absolute key position in float32 (o 5.2e-4 off at k_offset 2**20).
+    Such a mod is one bias with it (analysis.score.mod_shift): forward, LSE and every gradient,
+    the learned table's included, against the float64 reference."""
+    text = ('[inputs]\nrow0 = { dims = ["b", "n"], dtype = "float32", grad = true }\n'
+            f'[score]\nbias = "0.05 * j"\nmod = "{mod}"\n')
+    p, m = build_inline({"shifted": text}, tmp_path)["shifted"]
+    gen = torch.Generator().manual_seed(3)
+    base = 2**20 + 13
+    q, k, v = (torch.randn(2, 2, n, 16, generator=gen) for n in (5, 9, 9))
+    row0 = torch.randn(2, base + 40, generator=gen)
+    pos = dict(q_offset=base + 7, k_offset=base)
+    go = torch.randn(2, 2, 5, 16, generator=gen)
+
+    def run(fn, cast):
+        leaves = [cast(t).requires_grad_() for t in (q, k, v, row0)]
+        o, lse = fn(*leaves[:3], return_lse=True, row0=leaves[3], **pos)
+        grads = torch.autograd.grad((o * cast(go)).sum() + lse.sum(), leaves)
+        return [o.detach(), lse.detach(), *grads]
+
+    got = run(m.attention, lambda t: t.clone())
+    want = run(lambda *a, **kw: attncc.reference(p, *a, **kw), lambda t: t.double())
+    for name, x, r in zip(["o", "lse", "dq", "dk", "dv", "drow0"], got, want):
+        assert rel_err(x, r) < 1e-4, (name, rel_err(x, r))

@@ -47,11 +47,30 @@ def softcap_of_mod(mod) -> Optional[float]:
 
 
 def canonical_score(pattern):
-    """The pattern the kernels are rendered from: a mod that is a softcap becomes one."""
+    """The pattern the kernels are rendered from: a mod that is a softcap becomes one, and a mod
+    ``s + g`` beside a bias adds ``g`` to the bias (:func:`mod_shift`)."""
     if pattern.kind != "softmax" or pattern.softcap is not None:
         return pattern
     cap = softcap_of_mod(pattern.mod)
-    return pattern if cap is None else pattern.replace(mod=None, softcap=cap)
+    if cap is not None:
+        return pattern.replace(mod=None, softcap=cap)
+    shift = mod_shift(pattern.mod) if pattern.bias is not None else None
+    return pattern if shift is None else pattern.replace(mod=None, bias=pattern.bias + shift)
+
+
+def mod_shift(mod) -> Optional[sympy.Expr]:
+    """``g`` when ``mod`` is ``s + g`` with ``g`` free of the score and finite (FlexAttention's
+    ``score + bias`` mods), else None. Such a mod beside a ``[score].bias`` is one bias: as the bias
+    its terms constant along j leave the key loop and its terms linear in j are computed from the
+    distance (:func:`along_j`); as a mod on a score that already held the bias, ``0.05 * j`` was
+    computed from the absolute key position in float32 (o 5e-4 off at positions near 2**20)."""
+    if mod is None:
+        return None
+    terms = sympy.Add.make_args(integer_sums(exact_parts(integer_ops(mod))))  # as split_mod_along_j's terms
+    rest = [t for t in terms if t != S.s]
+    if len(rest) != len(terms) - 1 or any(S.s in t.free_symbols or _non_finite(t) for t in rest):
+        return None
+    return sympy.Add(*rest)
 
 
 def split_mod_along_j(mod) -> Tuple[sympy.Expr, Optional[sympy.Expr]]:
