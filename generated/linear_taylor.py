@@ -563,7 +563,7 @@ def _backward(lc, o, den, do, ds_final, dz_final):
 
 
 def _bind(q, k, v, q_offset, k_offset, n_q, n_k, initial_state, return_state, seed, fn="attention"):
-    call = _rt.bind(SPEC, q, k, v, q_offset=q_offset, k_offset=k_offset, n_q=n_q, n_k=n_k)
+    call = _rt.bind(SPEC, q, k, v, q_offset=q_offset, k_offset=k_offset, n_q=n_q, n_k=n_k, fn=fn)
     if call.Nq != call.Nk or call.q_offset != call.k_offset:
         raise NotImplementedError(
             f"{SPEC.name}: causal linear attention needs q and k rows at the same positions (Nq == Nk and "
@@ -618,8 +618,12 @@ def step(q, k, v, state=None, *, position=0, n=None, seed=None):
     position = _rt.semantics.int_argument(f"{SPEC.name}.step: position", position)
     if n is not None:
         n = _rt.semantics.int_argument(f"{SPEC.name}.step: n", n, minimum=position + 1)
-    if isinstance(q, torch.Tensor) and (q.dim() != 4 or q.shape[2] != 1):
-        raise ValueError(f"{SPEC.name}.step: q must be [B, Hq, D] or [B, Hq, 1, D] (one token), got {tuple(q.shape)}")
+    # one token each: a k, v of several rows went on to attention's checks, which asked for
+    # Nq == Nk and pointed at step()
+    for arg, t, heads, dim in (("q", q, "Hq", "D"), ("k", k, "Hkv", "D"), ("v", v, "Hkv", "Dv")):
+        if isinstance(t, torch.Tensor) and (t.dim() != 4 or t.shape[2] != 1):
+            raise ValueError(f"{SPEC.name}.step: {arg} must be [B, {heads}, {dim}] or [B, {heads}, 1, {dim}] (one token), "
+                             f"got {tuple(t.shape)}")
     lc = _bind(q, k, v, position, position, n, n, state, False, seed, fn="step")
     _lin.refuse_gradients(f"{SPEC.name}.step", lc)
     c = lc.call

@@ -216,19 +216,20 @@ MAX_SIGNATURES = 1024  # per spec; past it the cache starts over (shapes that ne
 
 def bind(spec: SpecInfo, q, k, v, *, return_lse=False, q_offset=0, k_offset=0, n_q=None, n_k=None,
          scale=None, kwargs: Optional[dict] = None, cu_seqlens_q=None, cu_seqlens_k=None,
-         max_seqlen_q=None, max_seqlen_k=None) -> Call:
+         max_seqlen_q=None, max_seqlen_k=None, fn: str = "attention") -> Call:
     """Check the arguments of ``attention(q, k, v, ...)`` against the spec; return the Call.
 
     With ``cu_seqlens_q`` / ``cu_seqlens_k`` q, k, v are packed sequences (see :class:`Call`).
+    ``fn``: the function called, which the errors name (a linear module's ``step`` binds here too).
 
     The checks depend on the call's signature only (types, shapes, dtypes, devices and the
     scalars), so a signature seen before skips them: the cached Call gets this call's tensors
     (:func:`_signature` says what a signature holds; calls it cannot key, such as a tensor
     passed as ``q_offset``, are checked every time). Nothing here reads a tensor's values,
     except the cu_seqlens of a packed batch on the CPU or without ``max_seqlen_*`` (one host sync)."""
-    refuse_transforms(f"{spec.name}.attention", q, k, v, kwargs=kwargs)
+    refuse_transforms(f"{spec.name}.{fn}", q, k, v, kwargs=kwargs)
     q, k, v = autocast_operands(q, k, v)
-    checked = dict(return_lse=return_lse, q_offset=q_offset, k_offset=k_offset, n_q=n_q, n_k=n_k, scale=scale,
+    checked = dict(fn=fn, return_lse=return_lse, q_offset=q_offset, k_offset=k_offset, n_q=n_q, n_k=n_k, scale=scale,
                    kwargs=kwargs, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
                    max_seqlen_k=max_seqlen_k)
     if torch.compiler.is_compiling():
@@ -465,63 +466,63 @@ def _signature(q, k, v, scalars, kwargs, cu_q, cu_k, input_names=frozenset()):
 
 def _bind_checked(spec: SpecInfo, q, k, v, *, return_lse=False, q_offset=0, k_offset=0, n_q=None, n_k=None,
                   scale=None, kwargs: Optional[dict] = None, cu_seqlens_q=None, cu_seqlens_k=None,
-                  max_seqlen_q=None, max_seqlen_k=None) -> Call:
+                  max_seqlen_q=None, max_seqlen_k=None, fn: str = "attention") -> Call:
     """:func:`bind` without its signature cache: every check, every time."""
-    name = spec.name
+    name, who = spec.name, f"{spec.name}.{fn}"
     for arg, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}.attention: {arg} must be a torch.Tensor, got {type(t).__name__}")
-        dense_tensor(f"{name}.attention", arg, t)
+            raise TypeError(f"{who}: {arg} must be a torch.Tensor, got {type(t).__name__}")
+        dense_tensor(who, arg, t)
         if t.dim() != 4:
-            raise ValueError(f"{name}.attention: {arg} must have 4 dims [B, H, N, D] (SDPA layout), got shape {tuple(t.shape)}")
+            raise ValueError(f"{who}: {arg} must have 4 dims [B, H, N, D] (SDPA layout), got shape {tuple(t.shape)}")
     if not (q.device == k.device == v.device):
-        raise ValueError(f"{name}.attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+        raise ValueError(f"{who}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"{name}.attention: q, k, v must have one dtype, got {dtype_name(q.dtype)}, {dtype_name(k.dtype)}, {dtype_name(v.dtype)}")
+        raise TypeError(f"{who}: q, k, v must have one dtype, got {dtype_name(q.dtype)}, {dtype_name(k.dtype)}, {dtype_name(v.dtype)}")
     # `dtypes` in the spec says what to tune ahead of time; the kernels take all three.
     if q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise TypeError(f"{name}.attention: q, k, v must be bfloat16, float16 or float32, got {dtype_name(q.dtype)}")
+        raise TypeError(f"{who}: q, k, v must be bfloat16, float16 or float32, got {dtype_name(q.dtype)}")
     if not (q.device.type == "cuda" or (q.device.type == "cpu" and interpreting())):
-        raise ValueError(f"{name}.attention: tensors are on {q.device}; the kernels run on a CUDA GPU, or on the CPU under TRITON_INTERPRET=1")
+        raise ValueError(f"{who}: tensors are on {q.device}; the kernels run on a CUDA GPU, or on the CPU under TRITON_INTERPRET=1")
     given_k = k  # a packed call's error names the batch the caller passed, not the broadcast one
     k, v = broadcast_kv_batch(q, k, v)
-    check_kv_shapes(spec, f"{name}.attention", q, k, v)
+    check_kv_shapes(spec, who, q, k, v)
     B, Hq, Nq, D = q.shape
     _, Hkv, Nk, _ = k.shape
     Dv = v.shape[3]
     if not isinstance(return_lse, bool):
-        raise TypeError(f"{name}.attention: return_lse must be a bool, got {return_lse!r}")
+        raise TypeError(f"{who}: return_lse must be a bool, got {return_lse!r}")
 
-    q_offset = _int_arg("q_offset", q_offset, who=f"{name}.attention")
-    k_offset = _int_arg("k_offset", k_offset, who=f"{name}.attention")
+    q_offset = _int_arg("q_offset", q_offset, who=who)
+    k_offset = _int_arg("k_offset", k_offset, who=who)
     cu_q = cu_k = None
     if cu_seqlens_q is not None or cu_seqlens_k is not None or max_seqlen_q is not None or max_seqlen_k is not None:
         if q_offset or k_offset or n_q is not None or n_k is not None:
-            raise ValueError(f"{name}.attention: q_offset, k_offset, n_q, n_k cannot be combined with cu_seqlens: "
+            raise ValueError(f"{who}: q_offset, k_offset, n_q, n_k cannot be combined with cu_seqlens: "
                              f"every packed sequence starts at position 0 and has its own n_q, n_k")
         cu_q, cu_k, B, Nq, Nk, lengths_read = _varlen(name, q, given_k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                       max_seqlen_k)
-    check_grid_extent(f"{name}.attention", B, Hq, "sequences" if cu_q is not None else "batch rows")
-    n_q = q_offset + Nq if n_q is None else _int_arg("n_q", n_q, who=f"{name}.attention")
-    n_k = k_offset + Nk if n_k is None else _int_arg("n_k", n_k, who=f"{name}.attention")
+    check_grid_extent(who, B, Hq, "sequences" if cu_q is not None else "batch rows")
+    n_q = q_offset + Nq if n_q is None else _int_arg("n_q", n_q, who=who)
+    n_k = k_offset + Nk if n_k is None else _int_arg("n_k", n_k, who=who)
     # n_q, n_k are the lengths of the sequences that the call's rows are part of
     for arg, n, offset, rows, which in (("n_q", n_q, q_offset, Nq, "query"), ("n_k", n_k, k_offset, Nk, "key")):
         if n < offset + rows:
-            raise ValueError(f"{name}.attention: {arg} = {n} is shorter than the call's {which} rows, which are "
+            raise ValueError(f"{who}: {arg} = {n} is shorter than the call's {which} rows, which are "
                              f"positions {offset}..{offset + rows - 1} ({arg} must be >= {offset + rows})")
-    check_position_limit(f"{name}.attention", q_offset, Nq, k_offset, Nk)
+    check_position_limit(who, q_offset, Nq, k_offset, Nk)
     scale, kwargs = scale_keyword(spec, scale, kwargs)
-    scale = softmax_scale(f"{name}.attention", spec, scale, D)
+    scale = softmax_scale(who, spec, scale, D)
 
     n_max = max(q_offset + Nq, k_offset + Nk)
     passed = dict(kwargs)
-    params, inputs = bind_params_and_inputs(spec, f"{name}.attention", kwargs, B=B, Hq=Hq,
+    params, inputs = bind_params_and_inputs(spec, who, kwargs, B=B, Hq=Hq,
                                             positions=n_max, device=q.device, ends=(q_offset + Nq, k_offset + Nk))
     if cu_q is None:
-        check_divisors(spec, f"{name}.attention", positions=max(n_max, n_q, n_k), batch=B, heads=Hq, n_q=n_q,
+        check_divisors(spec, who, positions=max(n_max, n_q, n_k), batch=B, heads=Hq, n_q=n_q,
                        n_k=n_k, params=params)
     else:
-        check_packed_divisors(spec, f"{name}.attention", cu_q, cu_k, positions=n_max, batch=B, heads=Hq, max_q=Nq,
+        check_packed_divisors(spec, who, cu_q, cu_k, positions=n_max, batch=B, heads=Hq, max_q=Nq,
                               max_k=Nk, params=params, lengths_read=lengths_read)
     given = {name: passed[name] for name, t in inputs.items() if t is not passed[name] and t.is_floating_point()}
     return Call(spec, q, k, v, B, Hq, Hkv, Nq, Nk, D, Dv, q_offset, k_offset, n_q, n_k, float(scale),
