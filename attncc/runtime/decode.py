@@ -137,7 +137,9 @@ def bind_decode(spec: SpecInfo, q, k_cache, v_cache, *, kv_len, block_table=None
             raise ValueError(f"{name}: paged k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must "
                              f"agree on [num_pages, page_size, Hkv]")
         if page_size < MIN_PAGE_SIZE:
-            raise ValueError(f"{name}: page size (k_cache dim 1) must be >= {MIN_PAGE_SIZE}, got {page_size}")
+            raise ValueError(f"{name}: page size (k_cache dim 1) must be >= {MIN_PAGE_SIZE}, got {page_size}: with "
+                             f"block_table= the caches are paged [num_pages, page_size, Hkv, D] (a contiguous cache "
+                             f"[B, Hkv, Nmax, D] takes no block_table)")
         if num_pages == 0:
             raise ValueError(f"{name}: the paged cache has no pages")
         capacity = block_table.shape[1] * page_size
