@@ -76,13 +76,15 @@ def compare_rows(o, lse, kv_len, Nq, reference, dtype):
         ref, ref_lse = reference(b, first, n)
         got, got_lse = o[b:b + 1, :, first:], lse[b:b + 1, :, first:]
         err = rel_err(got, ref)
-        if not err < REL_TOL[dtype] * (1 if dtype == torch.float32 else 3):
+        if not err < REL_TOL[dtype]:
             problems.append(f"row {b} (kv_len {n}): o off by {err:.3g}")
         finite = torch.isfinite(ref_lse)
         if not torch.equal(torch.isfinite(got_lse), finite) or (got[~finite] != 0).any():
             problems.append(f"row {b}: rows without keys differ")
-        elif finite.any() and not torch.allclose(got_lse[finite].double(), ref_lse[finite], atol=LSE_TOL[dtype]):
-            problems.append(f"row {b}: lse off by {float((got_lse[finite].double() - ref_lse[finite]).abs().max()):.3g}")
+        elif finite.any():
+            diff = (got_lse[finite].double() - ref_lse[finite]).abs()
+            if (diff > LSE_TOL[dtype] + 1e-5 * ref_lse[finite].abs()).any():
+                problems.append(f"row {b}: lse off by {float(diff.max()):.3g}")
     return problems
 
 
@@ -236,9 +238,6 @@ def fuzz_case(seed):
     return compare_rows(o, lse, plan.decode.kv_lens, plan.Nq, reference, F._DT[plan.dtype]), desc
 
 
-STEP_TOL = {torch.float32: 3e-4, torch.float16: 1.5e-2, torch.bfloat16: 1e-1}
-
-
 def step_case(seed):
     """Linear attention: a chunked prefix, then step() token by token, against the reference; the
     final state against one whole call's."""
@@ -265,7 +264,7 @@ def step_case(seed):
     ref = attncc.reference(p, q.double(), k.double(), v.double())
     _, (S, z) = mod.attention(q, k, v, return_state=True)
     problems = [f"{what} off by {err:.3g}" for what, err, tol in (
-        ("o", rel_err(torch.cat(outs, 2), ref), STEP_TOL[dtype]),
+        ("o", rel_err(torch.cat(outs, 2), ref), REL_TOL[dtype]),
         ("S", rel_err(state[0], S), 1e-4 if dtype == torch.float32 else 3e-3),
         ("z", rel_err(state[1], z), 1e-4 if dtype == torch.float32 else 3e-3)) if not err < tol]
     return problems, desc

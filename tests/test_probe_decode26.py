@@ -1,18 +1,24 @@
 """Probe 26: the decoding / serving path, probed as an attacker (tests/probe_decode26.py is the
 seeded generator; every output against attncc.reference in float64 on the equivalent full attention).
 
-Probed clean: 290 ``serve`` calls of the 22 shipped softmax specs with decode (contiguous caches,
-also flash_attn's [B, Nmax, Hkv, D] layout viewed; paged caches with page sizes 16, 17, 24, 31, 32,
-48, shuffled pages, a prefix page shared by every row, spare pages, unused table columns of -1 or
-10**6, int32 / int64 tables, transposed and strided tables, k and v as views of one [P, S, 2, Hkv, D]
-tensor, tables and kv_len expanded with stride 0; kv_len 0, 1, page boundaries, the capacity,
-int32 / int64, strided; Nq 1 to 16 with rows before position 0; head dims 4 to 40, Dv != D; float32,
-float16, bfloat16, autocast; scale=; GQA groups up to 17 with Nq 16, cut over several programs);
-about 700 ``fuzz`` cases (fuzz_specs' random specs with kv_len 0 and below Nq, odd page sizes,
-forced split counts 1, 2, 3, 7); 52 ``step`` runs of the three linear specs (chunked prefix, then
-token by token, both token forms, GQA, half precision; the final state against one whole call's);
-refusals (kv_len past the capacity or negative, bad tables and their dtypes, devices and shapes,
-empty batches and tables, every bad scale, unknown keywords, float64, Nq 0 or 17, head dims 0).
+Probed clean (seeded; counts are calls, each checked row by row): about 420 ``serve`` calls of the
+22 shipped softmax specs with decode (45 of them under forced ATTNCC_DECODE_CONFIG / SPLITS):
+contiguous caches, also flash_attn's [B, Nmax, Hkv, D] layout viewed as [B, Hkv, Nmax, D]; paged
+caches of page sizes 16, 17, 24, 31, 32, 48, pages shuffled, a prefix page shared by every row, spare
+pages, unused table columns of -1 or 10**6, int32 / int64 tables, transposed and strided tables;
+kv_len 0, 1, page boundaries, the capacity, int32 / int64, strided; Nq 1 to 16 with rows before
+position 0; head dims 4 to 40 and Dv != D; float32, float16, bfloat16; scale=. By hand: k and v as
+views of one [P, S, 2, Hkv, D] tensor or of a head slice of a bigger cache with pages not leading in
+memory, tables, kv_len and caches expanded with stride 0, GQA groups of 5 to 17 heads with Nq up to 16
+(cut over programs) for ALiBi, T5 and learned slopes, autocast, inference_mode, torch.compile
+(eager backend), dropout specs. About 800 ``fuzz`` cases (fuzz_specs' random specs with kv_len 0 and
+below Nq, odd page sizes, forced split counts 1, 2, 3, 7). About 50 ``step`` runs of the three
+linear specs (chunked prefix, then token by token, both token forms, GQA, half precision, the final
+state against one whole call's), 15 of compiled cosformer (n=), relu, identity (normalize = false) and
+16-feature performer specs, 150-token runs in float16 / bfloat16. Refusals: kv_len past the capacity
+or negative (also past 2**40), bad tables (dtypes, shapes, devices, page numbers), empty batches,
+tables and caches, every bad scale, unknown keywords, spec params / inputs named as decode's
+keywords, float64, Nq 0 or 17, head dims 0, step's state (shapes, dtypes, None parts).
 
 Defects found (fixed):
 - ``step`` with a k or v of several tokens raised attention's NotImplementedError ("causal linear
