@@ -28,6 +28,17 @@ def share(values, part: int, of: int):
     return [pytest.param(v, marks=() if k % of == part else pytest.mark.slow) for k, v in enumerate(values)]
 
 
+def stream_parts(count: int, default: int):
+    """A seeded stream of ``count`` cases drawn one after another from one generator, as pytest params
+    ``range(start, stop)``: the first ``default`` cases run by default, the rest only with ``-m
+    slow``. A test draws every case before ``stop`` (the stream stays the one ``count`` cases draw)
+    and checks those from ``start`` on."""
+    parts = [pytest.param(range(0, min(default, count)), id=f"0-{min(default, count)}")]
+    if default < count:
+        parts.append(pytest.param(range(default, count), id=f"{default}-{count}", marks=pytest.mark.slow))
+    return parts
+
+
 SMALL_PARAMS = {
     "sliding_window": {"window": 13},
     "local_bidirectional": {"w": 9},

@@ -18,11 +18,12 @@ from attncc.analysis import analyze
 from attncc.analysis.graph import walk_grid
 from attncc.core import tiles
 from attncc.spec import load_spec, parse_spec
-from cases import SMALL_PARAMS, SPEC_FILES
+from cases import SMALL_PARAMS, SPEC_FILES, stream_parts
 from tile_oracle import Problem, mask_spec, random_cover_mask, random_mask, random_overrides, random_problem, truth_classes
 
 N_RANDOM_MASKS = 500  # any mix of the families (most have no closed form: exact block lists)
 N_COVER_MASKS = 250  # shapes with closed forms: a band with columns and global rows around it
+N_RANDOM_DEFAULT, N_COVER_DEFAULT = 200, 100  # the first of each run by default (CI's time), the rest with -m slow
 PROBLEMS_PER_MASK = 2
 STATIC_SPECS = [Path(f).stem for f in SPEC_FILES
                 if load_spec(f).kind == "softmax" and not load_spec(f).inputs]
@@ -74,29 +75,37 @@ def test_static_specs_are_exact(name):
     assert not failures, _report(failures, total)
 
 
-@pytest.mark.parametrize("generator, count, seed", [(random_mask, N_RANDOM_MASKS, 16),
-                                                   (random_cover_mask, N_COVER_MASKS, 17)],
-                         ids=["any", "covers"])
-def test_random_static_masks_are_exact(generator, count, seed):
+@pytest.mark.parametrize("generator, seed, checked", [
+    pytest.param(generator, seed, part.values[0], marks=part.marks, id=f"{name}-{part.id}")
+    for generator, count, default, seed, name in ((random_mask, N_RANDOM_MASKS, N_RANDOM_DEFAULT, 16, "any"),
+                                                  (random_cover_mask, N_COVER_MASKS, N_COVER_DEFAULT, 17, "covers"))
+    for part in stream_parts(count, default)])
+def test_random_static_masks_are_exact(generator, seed, checked):
     """Seeded masks (unions of bands, chunks, strides, dilations, 2D neighborhoods, global rows /
     columns, sinks; constants and int params) on random lengths, offsets, tile shapes and
-    call-time params."""
+    call-time params: the masks ``checked`` of the seed's stream (cases.stream_parts: the first
+    ones by default, the rest with ``-m slow``)."""
     rng = random.Random(seed)
     failures, total, closed = [], 0, 0
-    for n in range(count):
+    for n in range(checked.stop):
         mask, params = generator(rng)
+        cases = []
+        for _ in range(PROBLEMS_PER_MASK):
+            problem = random_problem(rng)
+            cases.append((problem, random_overrides(rng, params)))
+        if n not in checked:
+            continue
         pattern = parse_spec(mask_spec(f"random{n}", mask, params))
         plan = analyze(pattern)
         closed += plan.forward.kind.value == "bands"
-        for _ in range(PROBLEMS_PER_MASK):
-            problem = random_problem(rng)
-            over = random_overrides(rng, params)
+        for problem, over in cases:
             bad = _mismatches(pattern, plan, problem, over)
             total += 1
             if bad:
                 failures.append((f"{mask!r} params={params} call params={over} {problem}", bad))
     assert not failures, _report(failures, total)
-    assert closed >= count // (5 if generator is random_mask else 2), f"only {closed} of {count} masks have closed forms"
+    assert closed >= len(checked) // (5 if generator is random_mask else 2), \
+        f"only {closed} of {len(checked)} masks have closed forms"
 
 
 def test_oracle_classes_by_hand():
