@@ -17,8 +17,9 @@
 - CI compiles the rendered forward of every such spec for sm90 (a child process without
   TRITON_INTERPRET, started when collection ends: tests/early_child.py): the launch a generated
   module makes, through Triton's own specialization, to a cubin with wgmma, TMA, the overlap of S
-  with P V, and no spills in the key loop; and their backward, split (dK/dV and dQ kernels) and
-  fused (ATTNCC_GLUON_BWD=fused), with its resources bounded. ATTNCC_GLUON_ALL=1 also compiles
+  with P V, and no spills in the key loop; and their backward, split (dK/dV and dQ kernels: one head
+  dim and dtype per spec, the four in turn, by default, the other with ``-m slow``) and fused
+  (ATTNCC_GLUON_BWD=fused), with its resources bounded. ATTNCC_GLUON_ALL=1 also compiles
   every kernel at every head dim and dtype.
 """
 from __future__ import annotations
@@ -622,9 +623,11 @@ if ALL:
     COMPILES = [(name, kernel, d, dt) for name in RENDERED for kernel in launch.KERNELS for d in (64, 128, 256)
                 for dt in ("bfloat16", "float16")]
 # the backward (dK/dV and dQ kernels, ~1.5 s each): every rendered spec at both head dims and both
-# dtypes, the pairs alternating (ATTNCC_GLUON_ALL=1: all four per spec)
-BWD_COMPILES = [(name, "bwd", d, dt) for n, name in enumerate(RENDERED)
-                for d, dt in (((128, "bfloat16"), (64, "float16")) if n % 2 == 0 else ((128, "float16"), (64, "bfloat16")))]
+# dtypes, the pairs alternating (ATTNCC_GLUON_ALL=1: all four per spec); by default one of each spec's
+# pair, the four (head dim, dtype) in turn over the specs, the other with -m slow (BWD_SLOW: its own child)
+BWD_PAIRS = (((128, "bfloat16"), (64, "float16")), ((128, "float16"), (64, "bfloat16")))
+BWD_COMPILES = [(name, "bwd", *BWD_PAIRS[n % 2][n // 2 % 2]) for n, name in enumerate(RENDERED)]
+BWD_SLOW = [(name, "bwd", *BWD_PAIRS[n % 2][1 - n // 2 % 2]) for n, name in enumerate(RENDERED)]
 # the fused backward (ATTNCC_GLUON_BWD=fused, one kernel, ~3 s): every rendered spec at D = 128 (where
 # it spills), the dtype alternating, and at D = 64 a two-segment walk and a score hook
 BWD_COMPILES += [(name, "bwd-fused", 128, ("bfloat16", "float16")[n % 2]) for n, name in enumerate(RENDERED)]
@@ -632,6 +635,7 @@ BWD_COMPILES += [(name, "bwd-fused", 64, "bfloat16") for name in ("longformer", 
 if ALL:
     BWD_COMPILES = [(name, kernel, d, dt) for name in RENDERED for kernel in ("bwd", "bwd-fused") for d in (64, 128)
                     for dt in ("bfloat16", "float16")]
+    BWD_SLOW = []
 
 CHILD = r"""
 import pickle, sys
@@ -778,12 +782,18 @@ def key_loop_ldl(sass: str, step_mma: int) -> int:
 
 # The child compiling COMPILES and BWD_COMPILES starts when collection ends (conftest.py,
 # tests/early_child.py): it compiles on the core the tests before this module leave idle.
-EARLY_CHILDREN = {"compiled": compile_child("test_gluon_rendered", "m.COMPILES + m.BWD_COMPILES")}
+EARLY_CHILDREN = {"compiled": compile_child("test_gluon_rendered", "m.COMPILES + m.BWD_COMPILES"),
+                  "compiled_slow": compile_child("test_gluon_rendered", "m.BWD_SLOW")}
 
 
 @pytest.fixture(scope="module")
 def compiled():
     return compiled_cases(EARLY_CHILDREN["compiled"])
+
+
+@pytest.fixture(scope="module")
+def compiled_slow():
+    return compiled_cases(EARLY_CHILDREN["compiled_slow"])
 
 
 @pytest.mark.parametrize("case", COMPILES, ids=lambda c: "-".join(map(str, c)))
@@ -837,3 +847,10 @@ def test_rendered_backward_compiles_for_sm90(compiled, case):
         assert c["registers"] <= 255 and c["stack"] <= spills[0] and c["ldl"] <= spills[1], (
             part, c["registers"], c["stack"], c["ldl"])
         assert len(c["signature"]["pattern_args"]) == len(frag.PARAMS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", BWD_SLOW, ids=lambda c: "-".join(map(str, c)))
+def test_rendered_backward_compiles_for_sm90_at_the_other_head_dim(compiled_slow, case):
+    """The other (head dim, dtype) of each spec's pair (BWD_SLOW), checked as above."""
+    test_rendered_backward_compiles_for_sm90(compiled_slow, case)
