@@ -27,7 +27,9 @@ def _masks():
         rng = random.Random(seed)
         for n in range(N_KERNEL_MASKS):
             mask, params = gen(rng)
-            out.append(pytest.param(f"k{seed}_{n}", mask, params, id=f"{gen.__name__}{n}"))
+            # every other mask of each generator by default (CI's time), all with -m slow
+            out.append(pytest.param(f"k{seed}_{n}", mask, params, id=f"{gen.__name__}{n}",
+                                    marks=pytest.mark.slow if n % 2 else ()))
     return out
 
 
