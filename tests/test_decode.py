@@ -141,9 +141,15 @@ def run_decode(name, *, Nq=1, paged=False, heads=None, B=3, Nmax=70, D=32, dtype
 SPECS = ["causal", "sliding_window", "alibi", "softcap", "gqa", "mqa", "rope_causal", "dense"]
 
 
-@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
-@pytest.mark.parametrize("Nq", [1, 4])
-@pytest.mark.parametrize("name", SPECS)
+# (Nq, paged) of every spec: two of the four by default, in turn over the specs (each on four specs),
+# all four with -m slow
+DECODE_CALLS = [(1, False), (4, False), (1, True), (4, True)]
+DECODE_CASES = [pytest.param(name, Nq, paged, id=f"{name}-{Nq}-{'paged' if paged else 'contiguous'}",
+                             marks=() if (c - n) % 4 in (0, 1) else pytest.mark.slow)
+                for n, name in enumerate(SPECS) for c, (Nq, paged) in enumerate(DECODE_CALLS)]
+
+
+@pytest.mark.parametrize("name, Nq, paged", DECODE_CASES)
 def test_decode_matches_reference(name, Nq, paged):
     run_decode(name, Nq=Nq, paged=paged, seed=Nq + 2 * paged)
 
