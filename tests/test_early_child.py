@@ -147,7 +147,7 @@ def test_a_child_kills_itself_when_pytest_is_gone(tmp_path):
 def test_conftest_starts_the_child_at_collection_only_for_selected_tests_and_runs_its_module_last(tmp_path):
     """A copy of this folder's conftest.py, early_child.py and slow_rule.py with two modules: the child (which
     records when it started) starts before the first test runs, and not when its fixture's tests
-    are deselected; its module runs last."""
+    are deselected or skipped (slow); its module runs last."""
     for name in ("conftest.py", "early_child.py", "slow_rule.py"):
         shutil.copy(HERE / name, tmp_path / name)
     started = tmp_path / "started"
@@ -192,3 +192,14 @@ def test_conftest_starts_the_child_at_collection_only_for_selected_tests_and_run
     started.unlink()
     assert pytest_("-k", "not waits", "test_a_early.py") == ["test_a_early.py::test_no_child"]
     assert not started.exists()
+    # a test that waits for the child, skipped (slow, without -m slow): no child, and its module keeps its place
+    early = tmp_path / "test_a_early.py"
+    early.write_text(early.read_text().replace("def test_waits", "@pytest.mark.slow\ndef test_waits"))
+    (tmp_path / "test_b.py").write_text(textwrap.dedent(f"""
+        import os, time
+        def test_none():
+            time.sleep(3)  # (a child started at collection would have written its file by now)
+            assert not os.path.exists({str(started)!r})
+    """))
+    assert pytest_() == ["test_a_early.py::test_no_child", "test_b.py::test_none"]
+
