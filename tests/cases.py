@@ -187,6 +187,25 @@ def flex_softmax(s, vd):
     return p @ vd, torch.where(empty, float("-inf"), torch.logsumexp(s0, -1))
 
 
+def seed_parser(cases: int = 20, description=None):
+    """The command line of a seeded probe (tests/probe_*.py): ``--cases`` seeds from ``--start``, or
+    ``--seed`` alone, and ``--verbose``; :func:`seeds_of` reads the seeds back. Probes add their own
+    arguments to the parser."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--cases", type=int, default=cases)
+    ap.add_argument("--start", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--verbose", action="store_true")
+    return ap
+
+
+def seeds_of(args) -> list:
+    """The seeds :func:`seed_parser`'s arguments ask for."""
+    return [args.seed] if args.seed is not None else list(range(args.start, args.start + args.cases))
+
+
 def run_seeds(cases, run, verbose=False, describe=lambda case: "") -> int:
     """The command line of a seeded probe (tests/probe_*.py): ``run(case)`` -> (problems, description) for
     each of ``cases`` (a seed, or a (spec, seed) pair), an exception counted as a problem; prints each

@@ -20,7 +20,6 @@ all three; forced tile shapes.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import random
@@ -33,7 +32,7 @@ import torch  # noqa: E402
 
 import attncc  # noqa: E402
 from attncc._reference import rotary  # noqa: E402
-from cases import REL_TOL, run_seeds  # noqa: E402
+from cases import REL_TOL, run_seeds, seed_parser, seeds_of  # noqa: E402
 from fuzz_specs import VarlenPlan, _rel, _tile_config, packed_reference  # noqa: E402
 
 DT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -565,13 +564,9 @@ def _run_decode(p, m, case, call, leaves, views, in_leaves, in_views, extra, des
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--cases", type=int, default=20)
-    ap.add_argument("--start", type=int, default=0)
-    ap.add_argument("--seed", type=int)
-    ap.add_argument("--verbose", action="store_true")
+    ap = seed_parser(20)
     a = ap.parse_args()
-    seeds = [a.seed] if a.seed is not None else range(a.start, a.start + a.cases)
+    seeds = seeds_of(a)
     run_seeds(seeds, run_case, a.verbose, lambda seed: random_case(seed).text)
 
 

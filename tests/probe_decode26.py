@@ -21,7 +21,6 @@ full attention (unpaged, unpadded: row b is the first kv_len[b] positions, q at 
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib
 import math
@@ -36,7 +35,7 @@ import torch  # noqa: E402
 import attncc  # noqa: E402
 import fuzz_specs as F  # noqa: E402
 from attncc._reference import rotary  # noqa: E402
-from cases import REL_TOL, SMALL_PARAMS, heads_for, inputs_for, pattern, rel_err, run_seeds  # noqa: E402
+from cases import REL_TOL, SMALL_PARAMS, heads_for, inputs_for, pattern, rel_err, run_seeds, seed_parser, seeds_of  # noqa: E402
 from test_decode import decode_module  # noqa: E402
 
 SERVE_SPECS = ("causal", "sliding_window", "alibi", "alibi_learned", "softcap", "gqa", "mqa", "rope_causal", "dense",
@@ -274,14 +273,10 @@ PROBES = {"serve": serve_case, "fuzz": fuzz_case, "step": step_case}
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = seed_parser(50, description=__doc__.split("\n\n")[0])
     ap.add_argument("probe", choices=sorted(PROBES))
-    ap.add_argument("--cases", type=int, default=50)
-    ap.add_argument("--start", type=int, default=0)
-    ap.add_argument("--seed", type=int, default=None)
-    ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
-    seeds = [args.seed] if args.seed is not None else range(args.start, args.start + args.cases)
+    seeds = seeds_of(args)
     return run_seeds(seeds, PROBES[args.probe], verbose=args.verbose)
 
 

@@ -20,7 +20,6 @@ o and (half the time) the LSE. Gradients of learned inputs are refused under con
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import math
 import pickle
@@ -38,7 +37,7 @@ import script_env  # noqa: E402,F401  (the interpreter, this checkout on the pat
 import torch  # noqa: E402
 
 import attncc  # noqa: E402
-from cases import REL_TOL  # noqa: E402
+from cases import REL_TOL, seed_parser, seeds_of  # noqa: E402
 import fuzz_specs as fz  # noqa: E402
 
 LOCAL_VIEWS = ("contiguous", "bnhd", "rows_step", "padded_d")
@@ -299,14 +298,10 @@ def build(case: DistCase, folder: Path):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--cases", type=int, default=20)
-    ap.add_argument("--start", type=int, default=0)
-    ap.add_argument("--seed", type=int)
-    ap.add_argument("--verbose", action="store_true")
+    ap = seed_parser(20)
     ap.add_argument("--timeout", type=float, default=1200)
     args = ap.parse_args(argv)
-    seeds = [args.seed] if args.seed is not None else list(range(args.start, args.start + args.cases))
+    seeds = seeds_of(args)
     folder = Path(tempfile.mkdtemp(prefix="d22build_"))
     cases, by_world = {}, {}
     for s in seeds:

@@ -26,7 +26,6 @@ functions close over (the call sometimes passes another value), inputs are captu
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import math
@@ -44,7 +43,7 @@ import torch  # noqa: E402
 import torch.nn.attention.flex_attention as _flex  # noqa: E402
 
 import attncc  # noqa: E402
-from cases import run_seeds  # noqa: E402
+from cases import run_seeds, seed_parser, seeds_of  # noqa: E402
 
 DT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TOL = {torch.float32: 2e-4, torch.float16: 1.5e-2, torch.bfloat16: 6e-2}
@@ -406,13 +405,9 @@ def check_seed(seed: int, grad: bool = True):
 def main(argv=None, check=None):
     """The command line (--cases, --start, --seed, --verbose) over seeds of ``check`` (default
     this probe's :func:`check_seed`; probe_flexreal23 passes its own)."""
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--cases", type=int, default=20)
-    ap.add_argument("--start", type=int, default=0)
-    ap.add_argument("--seed", type=int)
-    ap.add_argument("--verbose", action="store_true")
+    ap = seed_parser(20)
     a = ap.parse_args(argv)
-    seeds = [a.seed] if a.seed is not None else range(a.start, a.start + a.cases)
+    seeds = seeds_of(a)
     return run_seeds(seeds, check or check_seed, a.verbose)
 
 

@@ -12,7 +12,6 @@ the module's outputs and gradients with the fuzz tolerances.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import os
@@ -31,6 +30,7 @@ import attncc  # noqa: E402
 import fuzz_specs as fz  # noqa: E402
 from attncc.runtime import backend, call as call_mod  # noqa: E402
 from attncc.runtime.gluon import launch  # noqa: E402
+from cases import seed_parser, seeds_of  # noqa: E402
 from gluon_emulation import emulate_sm90  # noqa: E402
 from gluon_host import as_python  # noqa: E402
 
@@ -187,14 +187,11 @@ def run_seed(seed, verbose=False) -> Outcome:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--cases", type=int, default=50)
-    ap.add_argument("--start", type=int, default=0)
-    ap.add_argument("--seed", type=int, default=None)
+    ap = seed_parser(50)
     ap.add_argument("--fragments", action="store_true", help="the fragments alone (walks, masks, emulations)")
     args = ap.parse_args(argv)
     install()
-    seeds = [args.seed] if args.seed is not None else range(args.start, args.start + args.cases)
+    seeds = seeds_of(args)
     if args.fragments:
         return main_fragments(seeds)
     counts, reasons = Counter(), Counter()

@@ -6,7 +6,6 @@ transforms, forward and every gradient, against attncc.reference's float64 autog
 """
 from __future__ import annotations
 
-import argparse
 import math
 import random
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ import script_env  # noqa: E402,F401  (the interpreter, this checkout on the pat
 import torch  # noqa: E402
 
 import attncc  # noqa: E402
-from cases import run_seeds  # noqa: E402
+from cases import run_seeds, seed_parser, seeds_of  # noqa: E402
 
 F64 = torch.float64
 DT = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64,
@@ -393,13 +392,9 @@ def run_case(seed: int, verbose=False, case: Optional[Case] = None):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--cases", type=int, default=20)
-    ap.add_argument("--start", type=int, default=0)
-    ap.add_argument("--seed", type=int)
-    ap.add_argument("--verbose", action="store_true")
+    ap = seed_parser(20)
     a = ap.parse_args()
-    seeds = [a.seed] if a.seed is not None else range(a.start, a.start + a.cases)
+    seeds = seeds_of(a)
     run_seeds(seeds, lambda seed: run_case(seed, a.verbose), a.verbose, lambda seed: random_case(seed).text)
 
 

@@ -23,7 +23,6 @@ for cases at offset 0 ``decode`` against the reference.
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import math
 import random
@@ -37,7 +36,7 @@ import torch  # noqa: E402
 
 import attncc  # noqa: E402
 from attncc._reference import evaluate, index_env, pair_mask  # noqa: E402
-from cases import run_seeds  # noqa: E402
+from cases import run_seeds, seed_parser, seeds_of  # noqa: E402
 from fuzz_specs import _rel, _tile_config, _toml_str, build_spec  # noqa: E402
 from probe_specs import PY_NAMESPACE, Ex  # noqa: E402
 
@@ -487,13 +486,9 @@ def check_seed(seed: int, verbose: bool = False) -> Tuple[List[str], dict]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--cases", type=int, default=50)
-    ap.add_argument("--start", type=int, default=0)
-    ap.add_argument("--seed", type=int, default=None)
-    ap.add_argument("--verbose", action="store_true")
+    ap = seed_parser(50, description=__doc__.split("\n\n")[0])
     a = ap.parse_args(argv)
-    seeds = [a.seed] if a.seed is not None else range(a.start, a.start + a.cases)
+    seeds = seeds_of(a)
     return run_seeds(seeds, lambda s: check_seed(s, a.verbose), a.verbose, lambda s: draw_case(s).describe())
 
 
