@@ -94,6 +94,7 @@ class AttentionFunction(torch.autograd.Function):
             call = call.replace(q=q, k=k, v=v)
         else:
             call = call.replace(memo=None, q=q, k=k, v=v)
+        call.check_device(f"{call.spec.name}.attention's backward")
         alert_input_grads(call)
         differentiable = torch.is_grad_enabled()  # create_graph=True
         if differentiable:

@@ -143,6 +143,22 @@ class Call:
         return max(self.q_offset + self.Nq, self.k_offset + self.Nk, self.n_q, self.n_k)
 
     @property
+    def cuda_index(self) -> int:
+        """q's GPU index, -1 off CUDA, once per call signature (no tensor attribute read on a repeated
+        signature: tests/test_host_ops.py pins those)."""
+        return self.cached("cuda_index", self._cuda_index)
+
+    def _cuda_index(self) -> int:
+        return self.q.get_device() if self.q.is_cuda else -1
+
+    def check_device(self, who: str) -> None:
+        """:func:`refuse_device` of the call's device once more, for a backward: bind checked it for the
+        forward, and TRITON_INTERPRET may have been turned off since. A CPU forward's backward then ran
+        anyway, without the interpreter's bfloat16 conversions (its gradients 1e10 off, without a word)."""
+        if not interpreting() and self.cuda_index < 0:
+            refuse_device(who, self.q.device)
+
+    @property
     def wide(self) -> bool:
         """The kernels' WIDE switch: int64 position arithmetic (see :func:`wide_positions`), once
         per call signature."""
@@ -315,9 +331,15 @@ def on_device(t):
 
 
 def on_call_device(call: "Call"):
-    """:func:`on_device` of the call's q, its GPU index kept with the call's signature (no tensor
-    attribute read on a repeated signature: tests/test_host_ops.py pins those)."""
-    return _on_gpu(call.cached("cuda_index", lambda: call.q.get_device() if call.q.is_cuda else -1))
+    """:func:`on_device` of the call's q, its GPU index kept with the call's signature (Call.cuda_index)."""
+    return _on_gpu(call.cuda_index)
+
+
+def refuse_device(who: str, device) -> None:
+    """A ValueError unless the kernels run on ``device``: a CUDA GPU, or the CPU under TRITON_INTERPRET=1."""
+    if not (device.type == "cuda" or (device.type == "cpu" and interpreting())):
+        raise ValueError(f"{who}: tensors are on {device}; the kernels run on a CUDA GPU, or on the CPU under "
+                         f"TRITON_INTERPRET=1")
 
 
 def _on_gpu(index: int):
@@ -482,8 +504,7 @@ def _bind_checked(spec: SpecInfo, q, k, v, *, return_lse=False, q_offset=0, k_of
     # `dtypes` in the spec says what to tune ahead of time; the kernels take all three.
     if q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise TypeError(f"{who}: q, k, v must be bfloat16, float16 or float32, got {dtype_name(q.dtype)}")
-    if not (q.device.type == "cuda" or (q.device.type == "cpu" and interpreting())):
-        raise ValueError(f"{who}: tensors are on {q.device}; the kernels run on a CUDA GPU, or on the CPU under TRITON_INTERPRET=1")
+    refuse_device(who, q.device)
     given_k = k  # a packed call's error names the batch the caller passed, not the broadcast one
     k, v = broadcast_kv_batch(q, k, v)
     check_kv_shapes(spec, who, q, k, v)

@@ -164,6 +164,7 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs
     ``dlse``: the LSE's gradient, None when the loss does not use the LSE."""
     call, _, backward = _call(q, k, v, inputs, cu_seqlens_q, cu_seqlens_k, key, options, ints, floats, B, Nq, Nk,
                               q_offset, k_offset, n_q, n_k, seed, input_grads)
+    call.check_device(f"{call.spec.name}.attention's backward")  # (at run time, as alert_input_grads)
     alert_input_grads(call)  # (at run time: the op's body runs when the compiled backward does)
     dq, dk, dv, grads = backward(call, o, lse, do, dlse)
     return [_dense(dq), _dense(dk), _dense(dv)] + [

@@ -28,7 +28,8 @@ import triton.language as tl
 from attncc.core.semantics import plain_number
 from attncc.runtime.call import (autocast_operands, bind_params_and_inputs, check_divisors, check_grid_extent,
                                  check_heads_and_dims, dense_tensor, dtype_name, env_flag, int_reach, interpreting,
-                                 refuse_gradients, refuse_transforms, scale_keyword, softmax_scale, wide_positions)
+                                 refuse_device, refuse_gradients, refuse_transforms, scale_keyword, softmax_scale,
+                                 wide_positions)
 from attncc.runtime.configs import KernelConfig, max_shared_memory, padded_dim, parse_fields, shared_bytes
 from attncc.runtime.spec_info import SpecInfo
 
@@ -101,9 +102,7 @@ def bind_decode(spec: SpecInfo, q, k_cache, v_cache, *, kv_len, block_table=None
                         f"{dtype_name(k_cache.dtype)}, {dtype_name(v_cache.dtype)}")
     if q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise TypeError(f"{name}: q and the caches must be bfloat16, float16 or float32, got {dtype_name(q.dtype)}")
-    if q.device.type != "cuda" and not interpreting():
-        raise ValueError(f"{name}: tensors are on {q.device}; the kernels run on a CUDA GPU, or on the CPU "
-                         f"under TRITON_INTERPRET=1")
+    refuse_device(name, q.device)
     if not isinstance(return_lse, bool):
         raise TypeError(f"{name}: return_lse must be a bool, got {return_lse!r}")
     B, Hq, Nq, D = q.shape

@@ -207,6 +207,7 @@ class LinearAttentionFunction(torch.autograd.Function):
         den = None if den is None else den.contiguous()
         init = [t.contiguous() for t in init]
         call = dataclasses.replace(ctx.lc.call, q=q, k=k, v=v)
+        call.check_device(f"{call.spec.name}.attention's backward")
         lc = dataclasses.replace(ctx.lc, call=call, s0=init[0] if init else None, z0=init[1] if init else None)
         if do is None:
             do = torch.zeros_like(o)
