@@ -17,9 +17,12 @@ exact block lists).
     TRITON_INTERPRET=1 PYTHONPATH=. python3 tests/probe_cache26.py [first_seed] [count] [-v]
     PROBE_NAMES=document,padding ...   (only those specs)
 
-Run in session 26 (probe26a): seeds 0-319, 1000-1011, 2000-2249, 6000-6199 with no failure
-(two false alarms on the way: gradients that are 0 in exact arithmetic, a table term constant
-along each row, fixed in the draws).
+Run in session 26 (probe26a): seeds 0-319, 1000-1011, 2000-2249 (the specs with [inputs] only),
+6000-6199, 8000-8149 and 9000-9119, with no failure that the cache caused (false alarms fixed in
+the draws: gradients that are 0 in exact arithmetic, a table term constant along each row, tables
+rounded to the operands' dtype before the module saw them, a learned table's bfloat16 gradient, a
+sum that cancels, ~20 % off with the caches emptied too). The defect the sequences around it found
+(TRITON_INTERPRET turned off between a forward and its backward) is tests/test_probe_cache26.py's.
 """
 from __future__ import annotations
 
@@ -351,9 +354,12 @@ def run_call(case):
         problems.append(f"lse err {rel(lse[fin], lse_r[fin]):.3g}")
     if grad:
         for label, a, b in zip(["q", "k", "v"] + learned, got, want):
+            # a learned table's gradient is a sum over pairs that cancels along each row: in bfloat16
+            # it is ~20 % off, cache or not (as probe mladot22's temperature)
+            bound = tol * 3 if label in "qkv" or dtype != torch.bfloat16 else 0.5
             if not torch.isfinite(a).all():
                 problems.append(f"d{label} not finite")
-            elif rel(a, b) > tol * 3 and (b.norm() > 1e-6 or a.norm() > 1e-4):
+            elif rel(a, b) > bound and (b.norm() > 1e-6 or a.norm() > 1e-4):
                 problems.append(f"d{label} err {rel(a, b):.3g}")
     return problems
 

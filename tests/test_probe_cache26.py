@@ -20,6 +20,12 @@ such a forward ("the kernels run on a CUDA GPU, or on the CPU under TRITON_INTER
 backward ran anyway, without the interpreter's bfloat16 conversions: bfloat16 gradients 1e10 off,
 without a word (float32 ran the GPU's configs in the interpreter). Each backward now checks again
 (``Call.check_device``: the softmax and linear autograd functions and the compiled op).
+
+Left as it is: q, k, v (and dO, dLSE) with torch's negative bit are read as their memory holds them
+(``causal.attention(q, k, torch._neg_view(v))``: o 5.4 off), where [inputs] are resolved first; only
+a private view or ``as_strided`` of ``x.conj().imag`` makes one the kernels read in place (every
+other such view is strided or 4 bytes off 16, so the kernels read a resolved copy), and checking
+costs each call three tensor method calls (tests/test_host_ops.py's bounds).
 """
 from __future__ import annotations
 
