@@ -21,11 +21,12 @@ backward ran anyway, without the interpreter's bfloat16 conversions: bfloat16 gr
 without a word (float32 ran the GPU's configs in the interpreter). Each backward now checks again
 (``Call.check_device``: the softmax and linear autograd functions and the compiled op).
 
-Left as it is: q, k, v (and dO, dLSE) with torch's negative bit are read as their memory holds them
-(``causal.attention(q, k, torch._neg_view(v))``: o 5.4 off), where [inputs] are resolved first; only
-a private view or ``as_strided`` of ``x.conj().imag`` makes one the kernels read in place (every
-other such view is strided or 4 bytes off 16, so the kernels read a resolved copy), and checking
-costs each call three tensor method calls (tests/test_host_ops.py's bounds).
+Defect found (fixed in session 26 after the probe): q, k, v (and dO, dLSE, a decode's caches) with
+torch's negative bit were read as their memory holds them (``causal.attention(q, k,
+torch._neg_view(v))``: o 5.4 off), where [inputs] were resolved first: only a private view or
+``as_strided`` of ``x.conj().imag`` makes one the kernels read in place (every other such view is
+strided or 4 bytes off 16, so the kernels read a resolved copy); ``runtime.call.resolved`` now
+applies the negation in bind, bind_decode and the backwards (three tensor method calls per call).
 """
 from __future__ import annotations
 
@@ -48,3 +49,34 @@ def test_backward_refused_once_the_interpreter_is_off(name, dtype, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # back on: the same graph's backward runs
     o.float().sum().backward()
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def _negated(t):
+    """``t``'s values behind torch's negative bit: memory holding -t, read lazily negated."""
+    return torch._neg_view(-t)
+
+
+@pytest.mark.parametrize("name", ["causal", "sliding_window", "linear_elu"])
+def test_negative_bit_operands_and_cotangents(name):
+    """q, k, v and dO carrying torch's negative bit give what their values give (were read as memory,
+    o 5.4 off); gradients flow through the lazy negation. A decode's q and caches likewise."""
+    m = module(name)
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, 2, 24, 16, generator=gen) for _ in range(3))
+    go = torch.randn(1, 2, 24, 16, generator=gen)
+    base = [t.clone().requires_grad_() for t in (q, k, v)]
+    want = m.attention(*base)
+    want.backward(go)
+    for which in range(4):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        args = [_negated(t) if i == which else t for i, t in enumerate(leaves)]
+        o = m.attention(*args)
+        assert torch.allclose(o, want, atol=1e-6, rtol=0), (name, which)
+        o.backward(_negated(go) if which == 3 else go)
+        for got, ref in zip(leaves, base):
+            assert torch.allclose(got.grad, ref.grad, atol=1e-5, rtol=0), (name, which)
+    if hasattr(m, "decode"):
+        kv_len = torch.tensor([24])
+        ref = m.decode(q[:, :, -1:], k, v, kv_len=kv_len)
+        for args in ((_negated(q[:, :, -1:]), k, v), (q[:, :, -1:], _negated(k), _negated(v))):
+            assert torch.allclose(m.decode(*args, kv_len=kv_len), ref, atol=1e-6, rtol=0)

@@ -426,9 +426,10 @@ class ContextParallelFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dlse):
         from attncc.runtime.autograd import no_double_backward
-        from attncc.runtime.call import refuse_transformed_backward
+        from attncc.runtime.call import refuse_transformed_backward, resolved
 
         refuse_transformed_backward(f"{ctx.sched.pairs.target.spec.name} (context parallel) attention's backward", do, dlse)
+        do, dlse = resolved(do, dlse)
         q, k, v, o, lse = ctx.saved_tensors
         if do is None:  # only the LSE reaches the loss
             do = torch.zeros_like(o)

@@ -254,6 +254,7 @@ def bind(spec: SpecInfo, q, k, v, *, return_lse=False, q_offset=0, k_offset=0, n
         # looked up here became a guard that failed on the next call, so every call recompiled until
         # the recompile limit, where fullgraph=True raised (9th call of a training loop).
         return _bind_checked(spec, q, k, v, **checked)
+    q, k, v = resolved_eager(q, k, v)
     slot = _BOUND.get(id(spec))
     if slot is None or slot[0] is not spec:
         slot = _BOUND[id(spec)] = (spec, {}, frozenset(d.name for d in spec.inputs))
@@ -282,6 +283,23 @@ def bind(spec: SpecInfo, q, k, v, *, return_lse=False, q_offset=0, k_offset=0, n
         slot[1][key] = call.replace(q=None, k=None, v=None, inputs={}, given_inputs={}, cu_seqlens_q=None,
                                     cu_seqlens_k=None)
     return call
+
+
+def resolved(*tensors):
+    """``tensors`` with torch's lazy negation applied where one carries it (the negative bit of
+    ``x.conj().imag`` or ``torch._neg_view``: the memory holds the values before the negation, which
+    the kernels would read: o 5.4 off); ``resolve_neg`` is differentiable. None and non-tensors as they
+    came (the checks name what is wrong with them). q, k, v and the caches go through it on every
+    call (bind, bind_decode), the cotangents in the backwards. Traced by torch.compile (which cannot
+    trace ``is_neg``) nothing here: the custom ops' bodies resolve their tensors when they run."""
+    return tensors if torch.compiler.is_compiling() else resolved_eager(*tensors)
+
+
+def resolved_eager(*tensors):
+    """:func:`resolved` where nothing traces (bind after its check for a trace)."""
+    if any(isinstance(t, _Tensor) and t.is_neg() for t in tensors):
+        return tuple(t.resolve_neg() if isinstance(t, _Tensor) else t for t in tensors)
+    return tensors
 
 
 def autocast_operands(q, k, v):

@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from attncc.runtime.autograd import alert_input_grads, no_double_backward, no_pairs, no_pairs_backward
-from attncc.runtime.call import MAX_SIGNATURES, Call, check_cu_seqlens, input_as_read, tensor_key
+from attncc.runtime.call import MAX_SIGNATURES, Call, check_cu_seqlens, input_as_read, resolved, tensor_key
 from attncc.runtime.spec_info import SpecInfo
 
 # spec key -> (SpecInfo, forward launcher, backward launcher)
@@ -136,6 +136,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs:
                       cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor], key: str,
                       options: str, ints: List[int], floats: List[float], B: int, Nq: int, Nk: int, q_offset: int,
                       k_offset: int, n_q: int, n_k: int, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    q, k, v = resolved(q, k, v)  # (bind's, which the trace skipped)
     call, forward, _ = _call(q, k, v, inputs, cu_seqlens_q, cu_seqlens_k, key, options, ints, floats, B, Nq, Nk,
                              q_offset, k_offset, n_q, n_k, seed)
     if cu_seqlens_q is not None and cu_seqlens_q.device.type == "cpu":
@@ -162,6 +163,7 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs
                        input_grads: bool) -> List[torch.Tensor]:
     """[dq, dk, dv, then the gradient of each input declared grad = true (zeros unless input_grads)];
     ``dlse``: the LSE's gradient, None when the loss does not use the LSE."""
+    q, k, v, do, dlse = resolved(q, k, v, do, dlse)
     call, _, backward = _call(q, k, v, inputs, cu_seqlens_q, cu_seqlens_k, key, options, ints, floats, B, Nq, Nk,
                               q_offset, k_offset, n_q, n_k, seed, input_grads)
     call.check_device(f"{call.spec.name}.attention's backward")  # (at run time, as alert_input_grads)

@@ -28,8 +28,8 @@ import triton.language as tl
 from attncc.core.semantics import plain_number
 from attncc.runtime.call import (autocast_operands, bind_params_and_inputs, check_divisors, check_grid_extent,
                                  check_heads_and_dims, dense_tensor, dtype_name, env_flag, int_reach, interpreting,
-                                 refuse_device, refuse_gradients, refuse_transforms, scale_keyword, softmax_scale,
-                                 wide_positions)
+                                 refuse_device, refuse_gradients, refuse_transforms, resolved, scale_keyword,
+                                 softmax_scale, wide_positions)
 from attncc.runtime.configs import KernelConfig, max_shared_memory, padded_dim, parse_fields, shared_bytes
 from attncc.runtime.spec_info import SpecInfo
 
@@ -85,7 +85,7 @@ def bind_decode(spec: SpecInfo, q, k_cache, v_cache, *, kv_len, block_table=None
     """Check the arguments of ``decode(q, k_cache, v_cache, ...)`` against the spec."""
     name = f"{spec.name}.decode"
     refuse_transforms(name, q, k_cache, v_cache, kwargs=kwargs)
-    q, k_cache, v_cache = autocast_operands(q, k_cache, v_cache)  # under torch.autocast, as attention
+    q, k_cache, v_cache = resolved(*autocast_operands(q, k_cache, v_cache))  # under torch.autocast, as attention
     for arg, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: {arg} must be a torch.Tensor, got {type(t).__name__}")
