@@ -2,7 +2,8 @@
 Triton interpreter: every layout x causal, GQA, sliding window, document mask and prefix-LM,
 forward and backward, against the single-process float64 ``attncc.reference`` of the unsharded
 tensors; the comm modes spread over the two world sizes (world 4: ring for every layout and
-pattern, GQA with head-tail only). One process group per world size
+pattern, GQA with head-tail only; by default some of those pairs only, SLOW says which). One
+process group per world size
 serves every case (process start-up dominates otherwise); the counters of the causal ring
 cases check that the sends of empty pairs are skipped.
 
@@ -22,6 +23,7 @@ import pytest
 import torch
 
 from cases import REL_TOL, SMALL_PARAMS, inputs_for, module, pattern
+from slow_rule import runs_slow
 
 LENGTH = {2: 42, 4: 54}
 D = 16
@@ -69,6 +71,21 @@ MISMATCHED = (Case("causal", "causal", "layouts differ", "ring", (2, 2)),
 BY_NAME_DEFAULTS = Case("document", "document", "balanced by name", "ring", (2, 2), batch=2)
 # document ids changed in place between the forward and the backward: every rank must raise
 IN_PLACE = Case("document", "document", "changed in place", "ring", (2, 2))
+
+
+# Cut from CI's run (-m slow runs them): the world-2 all-gather of some (pattern, layout) pairs (every
+# layout still all-gathers there: causal's three, and one of each other pattern's in turn; the ring
+# runs every pair at world 2), and the world-4 ring of some pairs (every pattern and every layout
+# still runs there once at least: causal contiguous and head-tail, GQA, sliding window contiguous,
+# document balanced, prefix-LM head-tail).
+SLOW = {(2, f"{label}-{lay}-allgather") for label, lay in (
+            ("gqa", "contiguous"), ("gqa", "headtail"), ("sliding_window", "contiguous"),
+            ("sliding_window", "balanced"), ("document", "headtail"), ("document", "balanced"),
+            ("prefix_lm", "contiguous"), ("prefix_lm", "balanced"))} | \
+       {(4, f"{label}-{lay}-ring") for label, lay in (
+            ("causal", "balanced"), ("sliding_window", "headtail"), ("sliding_window", "balanced"),
+            ("document", "contiguous"), ("document", "headtail"), ("prefix_lm", "contiguous"),
+            ("prefix_lm", "balanced"))}
 
 
 def _cases():
@@ -219,14 +236,16 @@ def _worker(rank: int, world: int, store: str, out_dir: str, cases) -> None:
 _RESULTS = {}
 
 
-def _results(world: int, tmp_path_factory) -> list:
-    """Every case of ``world``, run once in one process group: per rank, {case id: result}."""
+def _results(world: int, tmp_path_factory, slow: bool) -> list:
+    """Every case of ``world`` (those in SLOW only if ``slow``), run once in one process group: per
+    rank, {case id: result}."""
     if world not in _RESULTS:
         import torch.multiprocessing as mp
 
         os.environ.setdefault("TRITON_INTERPRET", "1")  # inherited by the workers
         tmp = tmp_path_factory.mktemp(f"cp{world}")
-        ctx = mp.spawn(_worker, args=(world, str(tmp / "store"), str(tmp), CASES[world]), nprocs=world, join=False)
+        cases = [c for c in CASES[world] if slow or (world, c.id) not in SLOW]
+        ctx = mp.spawn(_worker, args=(world, str(tmp / "store"), str(tmp), cases), nprocs=world, join=False)
         deadline = time.monotonic() + 900
         while not ctx.join(timeout=5):
             if time.monotonic() > deadline:
@@ -241,12 +260,19 @@ def _results(world: int, tmp_path_factory) -> list:
 # The checks
 # ---------------------------------------------------------------------------
 
-CHECKED = [(w, c) for w in (2, 4) for c in CASES[w] if c not in (UNEQUAL, IN_PLACE, *MISMATCHED)]
+@pytest.fixture
+def world_results(tmp_path_factory, pytestconfig):
+    """``world_results(world)``: :func:`_results` of the world, its SLOW cases too where slow tests run."""
+    return lambda world: _results(world, tmp_path_factory, runs_slow(pytestconfig.option.markexpr))
 
 
-@pytest.mark.parametrize("world,case", CHECKED, ids=[f"w{w}-{c.id}" for w, c in CHECKED])
-def test_matches_single_device_reference(world, case, tmp_path_factory):
-    per_rank = _results(world, tmp_path_factory)
+CHECKED = [pytest.param(w, c, id=f"w{w}-{c.id}", marks=pytest.mark.slow if (w, c.id) in SLOW else ())
+           for w in (2, 4) for c in CASES[w] if c not in (UNEQUAL, IN_PLACE, *MISMATCHED)]
+
+
+@pytest.mark.parametrize("world,case", CHECKED)
+def test_matches_single_device_reference(world, case, world_results):
+    per_rank = world_results(world)
     tol = REL_TOL[getattr(torch, case.dtype)]
     for rank, results in enumerate(per_rank):
         got = results[case.id]
@@ -256,12 +282,12 @@ def test_matches_single_device_reference(world, case, tmp_path_factory):
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_ring_skips_the_sends_of_empty_pairs_causal(world, tmp_path_factory):
+def test_ring_skips_the_sends_of_empty_pairs_causal(world, world_results):
     """Contiguous causal: rank r's keys serve only the ranks after it, so of its W - 1 forward
     sends the r that would wrap around to earlier ranks are skipped (W (W - 1) / 2 of W (W - 1)
     in all); in the backward, K/V go out as in the forward and the dK/dV of a block return only
     from ranks that used it (rank r returns to its r predecessors)."""
-    per_rank = _results(world, tmp_path_factory)
+    per_rank = world_results(world)
     case = Case("causal", "causal", "contiguous", "ring", PATTERNS["causal"][1]).id
     skipped = 0
     for rank, results in enumerate(per_rank):
@@ -273,10 +299,10 @@ def test_ring_skips_the_sends_of_empty_pairs_causal(world, tmp_path_factory):
     assert skipped == world * (world - 1) // 2
 
 
-def test_headtail_ring_sends_only_needed_chunks(tmp_path_factory):
+def test_headtail_ring_sends_only_needed_chunks(world_results):
     """Head-tail causal at W = 4: every rank needs some chunk of every other rank, but a rank's
     tail chunk only serves ranks with a later head: chunk-level skipping still drops sends."""
-    per_rank = _results(4, tmp_path_factory)
+    per_rank = world_results(4)
     case = Case("causal", "causal", "headtail", "ring", PATTERNS["causal"][1]).id
     for rank, results in enumerate(per_rank):
         fwd = results[case]["forward"]
@@ -286,29 +312,29 @@ def test_headtail_ring_sends_only_needed_chunks(tmp_path_factory):
         assert fwd["chunks_skipped"] == 3 - rank
 
 
-def test_a_layout_name_with_unequal_rows_is_refused_on_every_rank(tmp_path_factory):
-    for rank, results in enumerate(_results(2, tmp_path_factory)):
+def test_a_layout_name_with_unequal_rows_is_refused_on_every_rank(world_results):
+    for rank, results in enumerate(world_results(2)):
         got = results[UNEQUAL.id]
         assert "failure" not in got, got.get("failure")
         assert got["raised"] and "same rows on every rank, got [22, 21]" in got["raised"], (rank, got)
 
 
-def test_inputs_changed_in_place_before_the_backward_raise_on_every_rank(tmp_path_factory):
+def test_inputs_changed_in_place_before_the_backward_raise_on_every_rank(world_results):
     """The pairs' backward read the [inputs] again: document ids changed in place after the forward
     gave gradients of a mask the forward never used, without a word."""
-    for rank, results in enumerate(_results(2, tmp_path_factory)):
+    for rank, results in enumerate(world_results(2)):
         got = results[IN_PLACE.id]
         assert "failure" not in got, got.get("failure")
         assert got["raised"] and "modified by an inplace operation" in got["raised"], (rank, got)
 
 
 @pytest.mark.parametrize("case", MISMATCHED, ids=[c.id for c in MISMATCHED])
-def test_ranks_making_different_calls_raise_on_every_rank(case, tmp_path_factory):
+def test_ranks_making_different_calls_raise_on_every_rank(case, world_results):
     """Rank 0 head-tail and rank 1 contiguous (20 rows each), or another window, or another dtype:
     before, the all-gather gave wrong rows without a word, the ring a rank reading uninitialised
     rows and its peer waiting forever, other mismatches an abort inside gloo."""
     what = case.layout.split()[0]
-    for rank, results in enumerate(_results(2, tmp_path_factory)):
+    for rank, results in enumerate(world_results(2)):
         got = results[case.id]
         assert "failure" not in got, got.get("failure")
         assert got["raised"] and "every rank must make the same call" in got["raised"], (rank, got)
