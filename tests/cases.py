@@ -28,6 +28,14 @@ def share(values, part: int, of: int):
     return [pytest.param(v, marks=() if k % of == part else pytest.mark.slow) for k, v in enumerate(values)]
 
 
+def turns(names, variants: dict):
+    """(name, variant) pytest params for every name and every variant (``{label: value}``): by default
+    each name with one variant, the variants in turn over the names (each on some of them), the other
+    pairs marked slow."""
+    return [pytest.param(name, value, id=f"{name}-{label}", marks=() if (k + v) % len(variants) == 0 else pytest.mark.slow)
+            for k, name in enumerate(names) for v, (label, value) in enumerate(variants.items())]
+
+
 def stream_parts(count: int, default: int):
     """A seeded stream of ``count`` cases drawn one after another from one generator, as pytest params
     ``range(start, stop)``: the first ``default`` cases run by default, the rest only with ``-m

@@ -11,7 +11,7 @@ import attncc
 from attncc.analysis import analyze
 from attncc.codegen import build
 from attncc.runtime import bind, blocks, tiles
-from cases import SMALL_PARAMS, SOFTMAX, share, heads_for, inputs_for, module, pattern, rel_err, build_inline
+from cases import SMALL_PARAMS, SOFTMAX, share, turns, heads_for, inputs_for, module, pattern, rel_err, build_inline
 
 GRAD_TOL = {torch.float32: 1e-3, torch.float16: 2e-2}
 
@@ -60,18 +60,20 @@ def test_spec_gradients_cross_attention(name):
     grad_case(name, B=1, Nq=37, Nk=70, D=16, seed=1)
 
 
-@pytest.mark.parametrize("heads", [(4, 2), (4, 1)])
-@pytest.mark.parametrize("name", ["sliding_window", "document", "rope_causal", "longformer", "t5_bias"])
+@pytest.mark.parametrize("name, heads", turns(["sliding_window", "document", "rope_causal", "longformer", "t5_bias"],
+                                              {"gqa": (4, 2), "mqa": (4, 1)}))
 def test_gqa_mqa_gradients(name, heads):
     grad_case(name, B=1, Nq=40, D=16, heads=heads, seed=2)
 
 
-@pytest.mark.parametrize("name", ["causal", "sliding_window", "document", "prefix_lm", "alibi", "rope_causal",
-                                  "local_bidirectional"])
-def test_chunk_of_a_sequence(name):
+CHUNKS = {"queries": dict(Nq=21, Nk=61, q_offset=40, seed=3), "keys": dict(Nq=50, Nk=33, k_offset=9, seed=4)}
+
+
+@pytest.mark.parametrize("name, chunk", turns(["causal", "sliding_window", "document", "prefix_lm", "alibi",
+                                               "rope_causal", "local_bidirectional"], CHUNKS))
+def test_chunk_of_a_sequence(name, chunk):
     """q_offset / k_offset: a chunk of queries (or keys) at its global positions."""
-    grad_case(name, B=1, Nq=21, Nk=61, D=16, q_offset=40, seed=3)
-    grad_case(name, B=1, Nq=50, Nk=33, D=16, k_offset=9, seed=4)
+    grad_case(name, B=1, D=16, **chunk)
 
 
 # ---------------------------------------------------------------------------
