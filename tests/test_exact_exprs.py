@@ -33,13 +33,20 @@ def _floordiv(a, d):
     return torch.div(a, d, rounding_mode="floor")
 
 
-@pytest.mark.parametrize("float64", [False, True], ids=["score_code", "mask_code"])
-def test_floor_division_and_modulo_by_params_sweep(float64):
+# score code: every divisor up to 256 (the float32 defect's range) and the large ones by default,
+# 257..300 with -m slow; mask code: every fourth divisor and the large ones (the same integer code)
+SWEEPS = {"score_code": (False, [d for d in DIVISORS if not 256 < d <= 300]),
+          "score_code_257_300": (False, [d for d in DIVISORS if 256 < d <= 300]),
+          "mask_code": (True, DIVISORS[::4] + DIVISORS[-8:])}
+
+
+@pytest.mark.parametrize("float64, divisors", [pytest.param(*v, id=k, marks=pytest.mark.slow if "257" in k else ())
+                                               for k, v in SWEEPS.items()])
+def test_floor_division_and_modulo_by_params_sweep(float64, divisors):
     """``i // w``, ``(i - j) // w`` (negative numerators), ``(i - j) % w`` (and in mask code
     also ``i % w``, ``-(j // -w)``) with w a runtime param, for every divisor 1..300 and large
     ones, through the hoister and the printer, equal Python's. (Was ``floor(x * (1.0 / w))``
     in float32: wrong quotients for 38 divisors below 256.)"""
-    divisors = DIVISORS if not float64 else DIVISORS[::4] + DIVISORS[-8:]  # the same integer code
     params = [Param(f"w{k}", d, "int") for k, d in enumerate(divisors)]
     forms = {"i // w": lambda w: sympy.floor(S.i / w), "(i - j) // w": lambda w: sympy.floor((S.i - S.j) / w),
              "(i - j) % w": lambda w: sympy.Mod(S.i - S.j, w)}
@@ -235,12 +242,18 @@ bias = "t[(i - j) // w % 8] + t[(j - i) // w % 8]"
 """
 
 
-@pytest.mark.parametrize("w", [41, 47, 55])
-def test_floor_division_by_param_in_kernels_forward_backward_decode(tmp_path, w):
+@pytest.fixture(scope="module")
+def floordiv_param(tmp_path_factory):
+    """FLOORDIV_SPEC's (pattern, module), built once for every w."""
+    return build_inline({"floordiv_param": FLOORDIV_SPEC}, tmp_path_factory.mktemp("floordiv"))["floordiv_param"]
+
+
+@pytest.mark.parametrize("w", [41, pytest.param(47, marks=pytest.mark.slow), 55])
+def test_floor_division_by_param_in_kernels_forward_backward_decode(floordiv_param, w):
     """``//`` and ``%`` by a param in the mask and inside an input index (the backward crashed
     there: a float pointer offset), forward, backward (with the table's gradient) and decode,
-    at positions past 65536."""
-    p, mod = build_inline({"floordiv_param": FLOORDIV_SPEC}, tmp_path)["floordiv_param"]
+    at positions past 65536 (w = 47, a third divisor, with -m slow)."""
+    p, mod = floordiv_param
     q, k, v, gen = _qkv(1, 2, 1, 45, 45, 16, w)
     t = torch.randn(8, generator=gen).requires_grad_()
     offset = 65536 + 17 * w
