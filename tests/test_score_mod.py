@@ -18,7 +18,7 @@ from attncc.codegen import build
 from attncc.codegen.softmax import softmax_context
 from attncc.spec import load_spec, parse_spec
 from attncc.spec import symbols as S
-from cases import ROOT, rel_err
+from cases import ROOT, rel_err, turns
 
 FWD_TOL, GRAD_TOL = 1e-4, 1e-3
 
@@ -107,11 +107,11 @@ def check(p, m, *, B, Hq, Hkv, Nq, Nk, D=16, seed=0):
 SHAPES = {"gqa": dict(Hq=4, Hkv=2, Nq=37, Nk=37), "mqa_cross": dict(Hq=4, Hkv=1, Nq=19, Nk=31)}
 
 
-@pytest.mark.parametrize("shape", sorted(SHAPES))
-@pytest.mark.parametrize("name", sorted(TRANSFORMS))
+# by default each transform at one shape, the two in turn over the transforms; the other with -m slow
+@pytest.mark.parametrize("name, shape", turns(sorted(TRANSFORMS), SHAPES))
 def test_transform_forward_and_backward(built, name, shape):
     p, m, _ = built[name]
-    check(p, m, B=2 if TRANSFORMS[name][1] else 1, **SHAPES[shape])
+    check(p, m, B=2 if TRANSFORMS[name][1] else 1, **shape)
 
 
 def test_softcap_mod_equals_builtin_softcap(built):
