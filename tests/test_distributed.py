@@ -236,22 +236,38 @@ def _worker(rank: int, world: int, store: str, out_dir: str, cases) -> None:
 _RESULTS = {}
 
 
+def _session_dir(tmp_path_factory, name: str) -> Path:
+    """A folder that every pytest-xdist worker of this session sees (the session's temp root), or
+    this process's own without xdist."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return tmp_path_factory.mktemp(name)
+    path = tmp_path_factory.getbasetemp().parent / name
+    path.mkdir(exist_ok=True)
+    return path
+
+
 def _results(world: int, tmp_path_factory, slow: bool) -> list:
-    """Every case of ``world`` (those in SLOW only if ``slow``), run once in one process group: per
-    rank, {case id: result}."""
+    """Every case of ``world`` (those in SLOW only if ``slow``), run once in one process group per
+    session: per rank, {case id: result}. Under ``pytest -n`` the first worker to ask runs it and the
+    others read its files (each worker ran its own group before: the tests of one world split over
+    two workers ran the world twice)."""
     if world not in _RESULTS:
         import torch.multiprocessing as mp
+        from filelock import FileLock
 
         os.environ.setdefault("TRITON_INTERPRET", "1")  # inherited by the workers
-        tmp = tmp_path_factory.mktemp(f"cp{world}")
-        cases = [c for c in CASES[world] if slow or (world, c.id) not in SLOW]
-        ctx = mp.spawn(_worker, args=(world, str(tmp / "store"), str(tmp), cases), nprocs=world, join=False)
-        deadline = time.monotonic() + 900
-        while not ctx.join(timeout=5):
-            if time.monotonic() > deadline:
-                for proc in ctx.processes:
-                    proc.kill()
-                raise TimeoutError(f"the world-{world} workers did not finish in 900 s")
+        tmp = _session_dir(tmp_path_factory, f"cp{world}")
+        with FileLock(str(tmp) + ".lock"):
+            if not (tmp / "done").exists():
+                cases = [c for c in CASES[world] if slow or (world, c.id) not in SLOW]
+                ctx = mp.spawn(_worker, args=(world, str(tmp / "store"), str(tmp), cases), nprocs=world, join=False)
+                deadline = time.monotonic() + 900
+                while not ctx.join(timeout=5):
+                    if time.monotonic() > deadline:
+                        for proc in ctx.processes:
+                            proc.kill()
+                        raise TimeoutError(f"the world-{world} workers did not finish in 900 s")
+                (tmp / "done").write_text("")
         _RESULTS[world] = [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(world)]
     return _RESULTS[world]
 
