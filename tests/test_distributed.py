@@ -259,6 +259,7 @@ def _results(world: int, tmp_path_factory, slow: bool) -> list:
         tmp = _session_dir(tmp_path_factory, f"cp{world}")
         with FileLock(str(tmp) + ".lock"):
             if not (tmp / "done").exists():
+                (tmp / "store").unlink(missing_ok=True)  # (a run that failed here before left its store)
                 cases = [c for c in CASES[world] if slow or (world, c.id) not in SLOW]
                 ctx = mp.spawn(_worker, args=(world, str(tmp / "store"), str(tmp), cases), nprocs=world, join=False)
                 deadline = time.monotonic() + 900
