@@ -413,6 +413,8 @@ def main():
         torch.utils.deterministic.fill_uninitialized_memory = True
         attncc.runtime.call._bind_checked = _interpreting(attncc.runtime.call._bind_checked)
         attncc.runtime.decode.bind_decode = _interpreting(attncc.runtime.decode.bind_decode)
+        # (and a backward's second look at the device: Call.check_device)
+        attncc.runtime.call.Call.check_device = _interpreting(attncc.runtime.call.Call.check_device)
         _gluon_stand_ins()
         compiler = Compiler(a.cache and Path(a.cache), a.stage)
         fails = combo.run_seeds(seeds, lambda s: record_case(s, compiler, gluon=True), a.verbose, describe)

@@ -25,7 +25,6 @@ the sm90 PTX compile of the v1_mla_dot kernels at R = 64 (slow: a child process)
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -207,16 +206,11 @@ def _child(out_path, R):
     keys = dict(_spec(R, "bfloat16", bias=MLA, mod="s * temp", mask="causal", temp=True), name="v1_mla_dot",
                 head_dim=[128])
     mod = attncc.compile(keys)
-    bind = attncc.runtime.call._bind_checked
+    from test_sm90_compile import _interpreting
 
-    def checked(*args, **kwargs):  # the argument checks take CPU tensors under the interpreter only
-        os.environ["TRITON_INTERPRET"] = "1"
-        try:
-            return bind(*args, **kwargs)
-        finally:
-            del os.environ["TRITON_INTERPRET"]
-
-    attncc.runtime.call._bind_checked = checked
+    # the argument checks (and a backward's second look at the device) take CPU tensors under the interpreter only
+    attncc.runtime.call._bind_checked = _interpreting(attncc.runtime.call._bind_checked)
+    attncc.runtime.call.Call.check_device = _interpreting(attncc.runtime.call.Call.check_device)
     gen = torch.Generator().manual_seed(0)
     q, k, v = ((torch.randn(1, h, 200, 128, generator=gen) / 4).bfloat16().requires_grad_() for h in (4, 2, 2))
     kw = {"q_rope": torch.randn(1, 4, 200, R, generator=gen).bfloat16().requires_grad_(),

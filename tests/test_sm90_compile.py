@@ -236,6 +236,8 @@ def _child(out_path, full, broken):
         # as on a GPU, except the argument checks' device test, which takes CPU tensors under the interpreter
         attncc.runtime.call._bind_checked = _interpreting(attncc.runtime.call._bind_checked)
         attncc.runtime.decode.bind_decode = _interpreting(attncc.runtime.decode.bind_decode)
+        # (and a backward's second look at the device: Call.check_device)
+        attncc.runtime.call.Call.check_device = _interpreting(attncc.runtime.call.Call.check_device)
         with recorded_launches() as launches:
             _RECORDING[:] = [launches]
             for name, mod in mods.items():
