@@ -426,10 +426,10 @@ class ContextParallelFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dlse):
         from attncc.runtime.autograd import no_double_backward
-        from attncc.runtime.call import refuse_transformed_backward, resolved
+        from attncc.runtime.call import backward_cotangents
 
-        refuse_transformed_backward(f"{ctx.sched.pairs.target.spec.name} (context parallel) attention's backward", do, dlse)
-        do, dlse = resolved(do, dlse)
+        do, dlse = backward_cotangents(f"{ctx.sched.pairs.target.spec.name} (context parallel) attention's backward",
+                                       do, dlse)
         q, k, v, o, lse = ctx.saved_tensors
         if do is None:  # only the LSE reaches the loss
             do = torch.zeros_like(o)

@@ -18,7 +18,7 @@ from weakref import ref as _weakref
 
 import torch
 
-from attncc.runtime.call import Call, refuse_transformed_backward, resolved
+from attncc.runtime.call import Call, backward_cotangents
 
 
 class AttentionFunction(torch.autograd.Function):
@@ -68,8 +68,7 @@ class AttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dlse):
         call = ctx.call
-        refuse_transformed_backward(f"{call.spec.name}.attention's backward", do, dlse)
-        do, dlse = resolved(do, dlse)
+        do, dlse = backward_cotangents(f"{call.spec.name}.attention's backward", do, dlse)
         q, k, v, o, lse, *saved = ctx.saved_tensors
         if ctx.has_raw:  # the raw LSE of this very LSE (see forward)
             raw = saved.pop()

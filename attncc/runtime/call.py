@@ -406,6 +406,13 @@ def refuse_transformed_backward(name: str, *cotangents) -> None:
                                   f"tensors. Call torch.autograd.grad once per cotangent (retain_graph=True)")
 
 
+def backward_cotangents(name: str, *cotangents):
+    """The cotangents a backward's kernels read: :func:`refuse_transformed_backward`, then
+    :func:`resolved` (a cotangent with torch's negative bit read as its values, not its memory)."""
+    refuse_transformed_backward(name, *cotangents)
+    return resolved(*cotangents)
+
+
 def refuse_tangents(name: str, tensors) -> None:
     """Forward-mode AD (``torch.autograd.forward_ad.make_dual``): the kernels have no JVP. A dual tensor
     needs no gradient, so without this check the call ran on its primal values and returned outputs

@@ -200,8 +200,7 @@ class LinearAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, ds=None, dz=None):
-        _call.refuse_transformed_backward(f"{ctx.lc.call.spec.name}.attention's backward", do, ds, dz)
-        do, ds, dz = _call.resolved(do, ds, dz)
+        do, ds, dz = _call.backward_cotangents(f"{ctx.lc.call.spec.name}.attention's backward", do, ds, dz)
         q, k, v, o, den, *init = ctx.saved_tensors
         # the kernels read the denominators and the initial state at contiguous strides (q, k, v, o at
         # their own): saved-tensor hooks may give them back in another layout (an offloading hook's copy)
