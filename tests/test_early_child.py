@@ -53,12 +53,26 @@ def _python(code):
     return lambda folder: [sys.executable, "-c", textwrap.dedent(code)]
 
 
-def test_children_take_their_turns_one_at_a_time_at_a_lower_priority():
+def test_children_take_their_turns_one_at_a_time_at_a_lower_priority(tmp_path):
     """Turns: the first child starts at once, each of the others after the one before it ended
     (advance, as conftest calls it after every test), in order; a child a test waits for starts
-    then. Each runs NICE above this process's niceness."""
-    code = "import os, time; start = time.time(); time.sleep(0.3); print(start, time.time(), os.nice(0))"
-    children = [EarlyChild(f"turn{n}", _python(code), lambda _: dict(os.environ)) for n in range(4)]
+    then. Each runs NICE above this process's niceness. The fourth child's early start is shown by a
+    handshake, not by timing: the third child ends only once the fourth has touched a file (or after
+    60 s, saying so), so it cannot pass by a slow start and cannot hang."""
+    sign = tmp_path / "fourth started"
+    code = """
+        import os, sys, time
+        from pathlib import Path
+        start, sign = time.time(), Path(sys.argv[2])
+        if sys.argv[1] == "3":
+            sign.touch()
+        deadline = time.monotonic() + (60 if sys.argv[1] == "2" else 0.3)
+        while time.monotonic() < deadline and not (sys.argv[1] == "2" and sign.exists()):
+            time.sleep(0.02)
+        print(start, time.time(), os.nice(0), sign.exists())
+    """
+    children = [EarlyChild(f"turn{n}", lambda _, n=n: _python(code)(None) + [str(n), str(sign)],
+                           lambda _: dict(os.environ)) for n in range(4)]
     turns = early_child.Turns()
     try:
         turns.add(children[:3])
@@ -71,12 +85,13 @@ def test_children_take_their_turns_one_at_a_time_at_a_lower_priority():
         turns.add(children[3:])  # a test waits for it while the one before still runs
         assert children[3].folder is None and children[2].running
         outcomes = [children[3].result()] + [c.result() for c in children[:3]]
-        spans = [[float(x) for x in o.stdout.split()] for o in outcomes[1:] + outcomes[:1]]
+        spans = [o.stdout.split() for o in outcomes[1:] + outcomes[:1]]
         assert [c.folder is not None for c in children] == [True] * 4
-        assert all(a[1] <= b[0] for a, b in zip(spans[:3], spans[1:3])), spans
-        assert spans[3][0] < spans[2][1], spans  # (started before its turn)
+        assert [s[3] for s in spans] == ["False", "False", "True", "True"], spans  # (started before its turn)
+        times = [[float(x) for x in s[:2]] for s in spans]
+        assert all(a[1] <= b[0] for a, b in zip(times[:3], times[1:3])), spans
         nice = min(19, os.getpriority(os.PRIO_PROCESS, 0) + early_child.NICE)
-        assert all(s[2] == nice for s in spans), spans
+        assert all(int(s[2]) == nice for s in spans), spans
     finally:
         for c in children:
             c.stop()
