@@ -123,7 +123,7 @@ def test_refused_at_once_with_file_and_key(text, key, fragment):
     start = time.perf_counter()
     with time_limit(20, text[:80]), pytest.raises(SpecError) as info:
         parse_spec(text, "bad.toml")
-    assert time.perf_counter() - start < 2.0
+    assert time.perf_counter() - start < 8.0  # (exponential work takes minutes; a busy 2-core CI machine seconds)
     message = str(info.value)
     assert fragment in message, message
     assert message.startswith(f"bad.toml: {key}") and info.value.key == key and info.value.file == "bad.toml"
@@ -291,7 +291,7 @@ def _parse_only_pattern_or_spec_error(text):
         pass
     except Exception as e:  # noqa: BLE001: anything else is the bug this test is for
         raise AssertionError(f"{type(e).__name__}: {e}\nfor the spec:\n{text}") from e
-    assert time.perf_counter() - start < 3.0, text
+    assert time.perf_counter() - start < 8.0, text  # (as above: room for a busy CI machine)
 
 
 def test_random_expressions_give_a_pattern_or_a_spec_error():
