@@ -214,6 +214,41 @@ def seeds_of(args) -> list:
     return [args.seed] if args.seed is not None else list(range(args.start, args.start + args.cases))
 
 
+def drawn_spec_main(argv, draw_case, check_seed, description=None, stats=None, refusal=None) -> int:
+    """The command line of a probe that draws a spec per seed (tests/probe_specs.py, probe_sem19.py,
+    probe_spec23.py): :func:`seed_parser`'s seeds (one by default) and ``--no-kernels`` (the reference
+    only); ``--verbose`` prints each drawn case (``draw_case(seed)``: ``describe()`` and ``text``).
+    ``check_seed(seed, kernels=...)`` returns a failure's text or None. ``stats``: counts printed at the
+    end; ``refusal(seed)``: with ``--refusals``, print the seed's refusal instead of checking it."""
+    import time
+
+    ap = seed_parser(1, description)
+    ap.add_argument("--no-kernels", action="store_true")
+    if refusal is not None:
+        ap.add_argument("--refusals", action="store_true", help="print every refusal")
+    args = ap.parse_args(argv)
+    seeds = seeds_of(args)
+    start, failures = time.time(), 0
+    for seed in seeds:
+        if args.verbose:
+            case = draw_case(seed)
+            print(case.describe())
+            print(case.text)
+        if refusal is not None and args.refusals:
+            refusal(seed)
+            continue
+        failure = check_seed(seed, kernels=not args.no_kernels)
+        if failure:
+            failures += 1
+            print(failure, flush=True)
+        elif args.verbose:
+            print(f"seed {seed}: ok")
+    for what, n in sorted((stats or {}).items()):
+        print(f"  {n:5d} {what}")
+    print(f"{failures} of {len(seeds)} cases failed ({time.time() - start:.0f} s)")
+    return 1 if failures else 0
+
+
 def run_seeds(cases, run, verbose=False, describe=lambda case: "") -> int:
     """The command line of a seeded probe (tests/probe_*.py): ``run(case)`` -> (problems, description) for
     each of ``cases`` (a seed, or a (spec, seed) pair), an exception counted as a problem; prints each

@@ -18,11 +18,9 @@ and some backward) against the reference.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import random
 import sys
-import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -34,6 +32,7 @@ import torch  # noqa: E402
 import attncc  # noqa: E402
 from attncc._reference import evaluate, index_env, pair_mask  # noqa: E402
 from attncc.spec import SpecError, parse_spec  # noqa: E402
+from cases import drawn_spec_main  # noqa: E402
 from fuzz_specs import _rel, _tile_config, _toml_str, build_spec  # noqa: E402
 from probe_specs import I64, PY_NAMESPACE, Ex  # noqa: E402
 
@@ -504,29 +503,7 @@ def check_seed(seed: int, kernels: bool = True) -> Optional[str]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--cases", type=int, default=1)
-    ap.add_argument("--start", type=int, default=0)
-    ap.add_argument("--seed", type=int)
-    ap.add_argument("--no-kernels", action="store_true")
-    ap.add_argument("--verbose", action="store_true")
-    args = ap.parse_args(argv)
-    seeds = [args.seed] if args.seed is not None else range(args.start, args.start + args.cases)
-    t0, failures = time.time(), 0
-    for seed in seeds:
-        if args.verbose:
-            c = draw_case(seed)
-            print(c.describe())
-            print(c.text)
-        f = check_seed(seed, kernels=not args.no_kernels)
-        if f:
-            failures += 1
-            print(f, flush=True)
-    for what, n in sorted(STATS.items()):
-        print(f"  {n:5d} {what}")
-    print(f"{failures} of {len(seeds)} failed ({time.time() - t0:.0f} s)")
-    return 1 if failures else 0
-
+    return drawn_spec_main(argv, draw_case, check_seed, stats=STATS)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -25,12 +25,10 @@ For one seed, :func:`check_seed` compares
 """
 from __future__ import annotations
 
-import argparse
 import ast
 import math
 import random
 import sys
-import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
@@ -42,6 +40,7 @@ import torch  # noqa: E402
 import attncc  # noqa: E402
 from attncc._reference import evaluate, index_env, pair_mask  # noqa: E402
 from attncc.spec import SpecError, parse_spec  # noqa: E402
+from cases import drawn_spec_main  # noqa: E402
 from fuzz_specs import _tile_config, _toml_str, build_spec  # noqa: E402
 
 BOOL, INT, FLOAT = "bool", "int", "float"
@@ -880,38 +879,16 @@ def _expected_refusal(msg: str) -> bool:
     return any(r in msg for r in REFUSALS)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--cases", type=int, default=1)
-    ap.add_argument("--start", type=int, default=0)
-    ap.add_argument("--seed", type=int)
-    ap.add_argument("--no-kernels", action="store_true")
-    ap.add_argument("--verbose", action="store_true")
-    ap.add_argument("--refusals", action="store_true", help="print every refusal")
-    args = ap.parse_args(argv)
-    seeds = [args.seed] if args.seed is not None else range(args.start, args.start + args.cases)
-    start, failures = time.time(), 0
-    for seed in seeds:
-        if args.verbose or args.refusals:
-            case = draw_case(seed)
-            if args.verbose:
-                print(case.describe())
-                print(case.text)
-            if args.refusals:
-                try:
-                    parse_spec(case.text, "r.toml")
-                except SpecError as e:
-                    print(f"seed {seed}: {e}")
-                continue
-        f = check_seed(seed, kernels=not args.no_kernels)
-        if f is not None:
-            failures += 1
-            print(f, flush=True)
-        elif args.verbose:
-            print(f"seed {seed}: ok")
-    print(f"{failures} of {len(seeds)} cases failed ({time.time() - start:.0f} s); {dict(STATS)}")
-    return 1 if failures else 0
+def _print_refusal(seed: int) -> None:
+    try:
+        parse_spec(draw_case(seed).text, "r.toml")
+    except SpecError as e:
+        print(f"seed {seed}: {e}")
 
+
+def main(argv=None) -> int:
+    return drawn_spec_main(argv, draw_case, check_seed, __doc__.split("\n\n")[0], stats=STATS,
+                           refusal=_print_refusal)
 
 if __name__ == "__main__":
     sys.exit(main())

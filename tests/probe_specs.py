@@ -25,11 +25,9 @@ with floats, positions made negative by arithmetic, masks that empty whole rows.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import random
 import sys
-import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -41,6 +39,7 @@ import attncc  # noqa: E402
 from attncc._reference import evaluate, index_env, pair_mask  # noqa: E402
 from attncc.spec import SpecError, parse_spec  # noqa: E402
 # the fuzzer's helpers: TOML quoting, builds cached per spec text, tile shapes forced, relative errors
+from cases import drawn_spec_main  # noqa: E402
 from fuzz_specs import _rel, _tile_config, _toml_str, build_spec  # noqa: E402
 
 BOOL, INT, FLOAT = "bool", "int", "float"
@@ -601,29 +600,7 @@ def check_seed(seed: int, kernels: bool = True, backward: Optional[bool] = None,
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--cases", type=int, default=1)
-    ap.add_argument("--start", type=int, default=0)
-    ap.add_argument("--seed", type=int)
-    ap.add_argument("--no-kernels", action="store_true")
-    ap.add_argument("--verbose", action="store_true")
-    args = ap.parse_args(argv)
-    seeds = [args.seed] if args.seed is not None else range(args.start, args.start + args.cases)
-    start, failures = time.time(), 0
-    for seed in seeds:
-        if args.verbose:
-            case = draw_case(seed)
-            print(case.describe())
-            print(case.text)
-        f = check_seed(seed, kernels=not args.no_kernels)
-        if f is not None:
-            failures += 1
-            print(f, flush=True)
-        elif args.verbose:
-            print(f"seed {seed}: ok")
-    print(f"{failures} of {len(seeds)} cases failed ({time.time() - start:.0f} s)")
-    return 1 if failures else 0
-
+    return drawn_spec_main(argv, draw_case, check_seed, __doc__.split("\n\n")[0])
 
 if __name__ == "__main__":
     sys.exit(main())
