@@ -378,34 +378,52 @@ def transposed_step(t, prog, descs, smem, segs, n_blocks, total, H, GROUP, Nq, N
     """Step t of a key-block program, up to dS^T (the caller issues dK += dS^T Q and waits).
 
     Refills the slot of step t - 1 (after a CTA barrier: every warp is done with it) with step
-    t + STAGES - 1, waits for step t's slot, then, with the tiles transposed (keys on the rows; the
-    fragments take the positions transposed, walks.py, and the step's query head in their ctx):
-    S^T = K Q^T and dP^T = V dO^T from shared memory, issued together; the scores through SCORE,
-    masked on a partial block (row bound, MASK); P^T = exp2(S^T - lse2); dV += P^T dO issued with
-    P^T from registers; dS^T = P^T SCORE_GRAD (dP^T - delta), with KEY_BOUND 0 on the key rows past
-    Nk (their dK and dV are clipped by the TMA store, but the fused kernel's dQ = dS K reads them:
-    there P^T is exp2 of a score of a zero K row, which a score hook growing with the key, or a row
-    whose LSE is far below 0, overflows; times K's zero rows that is NaN).
+    t + STAGES - 1, waits for step t's slot, then computes its tile (`transposed_tile`).
 
     Returns (dv, pt_a, dst, q, h, qb): dV in flight and its register operand (for
     `warpgroup_mma_wait`'s deps), dS^T in q's dtype in the S^T layout, the step's Q tile (shared
     memory) and its query head and block."""
     kb, b, hk, k_smem, v_smem, kv_bar, bars = prog
-    q_desc = descs[0]
-    q_smem, do_smem, lse_smem, delta_smem = smem
-    dtype: gl.constexpr = q_desc.dtype
-    BLOCK_M: gl.constexpr = q_desc.block_type.shape[2]
-    HEAD_DIM: gl.constexpr = q_desc.block_type.shape[3]
     BLOCK_N: gl.constexpr = k_smem.shape[2]
+    HEAD_DIM: gl.constexpr = k_smem.shape[3]
+    slot, h, qb = next_query_step(t, descs, smem, bars, b, hk, GROUP, segs, n_blocks, total, QSEGMENTS)
+    dv_tok, pt_a, dst, q = transposed_tile(slot, h, qb, kb, b, k_smem.reshape([BLOCK_N, HEAD_DIM]),
+                                           v_smem.reshape([BLOCK_N, HEAD_DIM]), smem, segs, H, Nq, Nk, q_offset,
+                                           k_offset, n_q, n_k, qk_scale, pattern_args, dv, MASK, SCORE, SCORE_GRAD,
+                                           QSEGMENTS, KEY_BOUND, num_warps)
+    return dv_tok, pt_a, dst, q, h, qb
+
+
+@gluon.jit
+def transposed_tile(slot, h, qb, kb, b, k, v, smem, segs, H, Nq, Nk, q_offset, k_offset, n_q, n_k, qk_scale,
+                    pattern_args, dv, MASK: gl.constexpr, SCORE: gl.constexpr, SCORE_GRAD: gl.constexpr,
+                    QSEGMENTS: gl.constexpr, KEY_BOUND: gl.constexpr, num_warps: gl.constexpr):
+    """The tile of one step of a key-block program whose ring slot `slot` (query head h, query block
+    qb) has landed, up to dS^T: keys k, v ([BLOCK_N, D] shared memory, the keys of block kb of
+    BLOCK_N keys: key positions k_offset + kb * BLOCK_N + r) against the slot's Q, dO, lse2, delta.
+
+    With the tiles transposed (keys on the rows; the fragments take the positions transposed,
+    walks.py, and the step's query head in their ctx): S^T = K Q^T and dP^T = V dO^T from shared
+    memory, issued together; the scores through SCORE, masked on a partial block (row bound, MASK);
+    P^T = exp2(S^T - lse2); dV += P^T dO issued with P^T from registers; dS^T = P^T SCORE_GRAD
+    (dP^T - delta), with KEY_BOUND 0 on the key rows past Nk (their dK and dV are clipped by the TMA
+    store, but the fused kernels' dQ = dS K reads them: there P^T is exp2 of a score of a zero K
+    row, which a score hook growing with the key, or a row whose LSE is far below 0, overflows;
+    times K's zero rows that is NaN). num_warps: the warps computing the tile (16 key rows each).
+
+    Returns (dv, pt_a, dst, q): dV in flight and its register operand, dS^T in q's dtype in the S^T
+    layout, the step's Q tile (shared memory)."""
+    q_smem, do_smem, lse_smem, delta_smem = smem
+    dtype: gl.constexpr = q_smem.dtype
+    BLOCK_M: gl.constexpr = q_smem.shape[3]
+    HEAD_DIM: gl.constexpr = q_smem.shape[4]
+    BLOCK_N: gl.constexpr = k.shape[0]
     st_layout: gl.constexpr = mma_layout(num_warps, BLOCK_M)  # S^T, P^T, dP^T, dS^T: [BLOCK_N, BLOCK_M]
     acc_layout: gl.constexpr = mma_layout(num_warps, HEAD_DIM)  # dK, dV: [BLOCK_N, HEAD_DIM]
     a_layout: gl.constexpr = lhs_layout(acc_layout)  # P^T as the A operand of dV += P^T dO
     col_layout: gl.constexpr = gl.SliceLayout(0, st_layout)  # one value per query row (a column of S^T)
 
-    slot, h, qb = next_query_step(t, descs, smem, bars, b, hk, GROUP, segs, n_blocks, total, QSEGMENTS)
     ctx = pattern_context(b, h, H, q_offset + Nq - 1, pattern_args)
-    k = k_smem.reshape([BLOCK_N, HEAD_DIM])
-    v = v_smem.reshape([BLOCK_N, HEAD_DIM])
     q = q_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
     do = do_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
     # S^T and dP^T are independent: both on the tensor cores at once, P^T computed while dP^T runs.
@@ -432,7 +450,7 @@ def transposed_step(t, prog, descs, smem, segs, n_blocks, total, H, GROUP, Nq, N
     dst = pt * (dpt - gl.expand_dims(delta, 0))
     if KEY_BOUND:
         dst = gl.where(j_pos < k_offset + Nk, dst, 0.0)
-    return dv_tok, pt_a, dst.to(dtype), q, h, qb
+    return dv_tok, pt_a, dst.to(dtype), q
 
 
 @gluon.jit
