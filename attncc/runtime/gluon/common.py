@@ -390,14 +390,14 @@ def transposed_step(t, prog, descs, smem, segs, n_blocks, total, H, GROUP, Nq, N
     dv_tok, pt_a, dst, q = transposed_tile(slot, h, qb, kb, b, k_smem.reshape([BLOCK_N, HEAD_DIM]),
                                            v_smem.reshape([BLOCK_N, HEAD_DIM]), smem, segs, H, Nq, Nk, q_offset,
                                            k_offset, n_q, n_k, qk_scale, pattern_args, dv, MASK, SCORE, SCORE_GRAD,
-                                           QSEGMENTS, KEY_BOUND, num_warps)
+                                           QSEGMENTS, KEY_BOUND, False, num_warps)
     return dv_tok, pt_a, dst, q, h, qb
 
 
 @gluon.jit
 def transposed_tile(slot, h, qb, kb, b, k, v, smem, segs, H, Nq, Nk, q_offset, k_offset, n_q, n_k, qk_scale,
                     pattern_args, dv, MASK: gl.constexpr, SCORE: gl.constexpr, SCORE_GRAD: gl.constexpr,
-                    QSEGMENTS: gl.constexpr, KEY_BOUND: gl.constexpr, num_warps: gl.constexpr):
+                    QSEGMENTS: gl.constexpr, KEY_BOUND: gl.constexpr, DV_LAST: gl.constexpr, num_warps: gl.constexpr):
     """The tile of one step of a key-block program whose ring slot `slot` (query head h, query block
     qb) has landed, up to dS^T: keys k, v ([BLOCK_N, D] shared memory, the keys of block kb of
     BLOCK_N keys: key positions k_offset + kb * BLOCK_N + r) against the slot's Q, dO, lse2, delta.
@@ -409,7 +409,9 @@ def transposed_tile(slot, h, qb, kb, b, k, v, smem, segs, H, Nq, Nk, q_offset, k
     (dP^T - delta), with KEY_BOUND 0 on the key rows past Nk (their dK and dV are clipped by the TMA
     store, but the fused kernels' dQ = dS K reads them: there P^T is exp2 of a score of a zero K
     row, which a score hook growing with the key, or a row whose LSE is far below 0, overflows;
-    times K's zero rows that is NaN). num_warps: the warps computing the tile (16 key rows each).
+    times K's zero rows that is NaN). DV_LAST: dV issued after dS^T is computed (P^T's 16-bit copy not
+    live beside P^T, dP^T and delta: 16 registers fewer at the peak; bwd_ws.py) instead of while
+    dP^T completes. num_warps: the warps computing the tile (16 key rows each).
 
     Returns (dv, pt_a, dst, q): dV in flight and its register operand, dS^T in q's dtype in the S^T
     layout, the step's Q tile (shared memory)."""
@@ -442,12 +444,20 @@ def transposed_tile(slot, h, qb, kb, b, k, v, smem, segs, H, Nq, Nk, q_offset, k
     # lse2 = +inf on rows without an allowed key and 0 past Nq (masked there): p = 0, never NaN.
     pt = gl.exp2(st * exp2_scale(qk_scale, SCORE) - gl.expand_dims(lse2, 0))
     # dV takes P^T; dS^T takes it through the score's derivative (a softcap's; 1 without)
-    pt_a = gl.convert_layout(pt.to(dtype), a_layout)
-    pt = score_chain(pt, st, qkt, i_pos, j_pos, n_q, n_k, qk_scale, ctx, SCORE_GRAD)
-    dv_tok = warpgroup_mma(pt_a, do, dv, is_async=True)
-    delta = delta_smem.index(slot).reshape([BLOCK_M]).load(col_layout)
-    dpt = warpgroup_mma_wait(1, deps=(dpt_tok, ))
-    dst = pt * (dpt - gl.expand_dims(delta, 0))
+    if DV_LAST:
+        dst = score_chain(pt, st, qkt, i_pos, j_pos, n_q, n_k, qk_scale, ctx, SCORE_GRAD)
+        delta = delta_smem.index(slot).reshape([BLOCK_M]).load(col_layout)
+        dpt = warpgroup_mma_wait(0, deps=(dpt_tok, ))
+        dst = dst * (dpt - gl.expand_dims(delta, 0))
+        pt_a = gl.convert_layout(pt.to(dtype), a_layout)
+        dv_tok = warpgroup_mma(pt_a, do, dv, is_async=True)
+    else:
+        pt_a = gl.convert_layout(pt.to(dtype), a_layout)
+        pt = score_chain(pt, st, qkt, i_pos, j_pos, n_q, n_k, qk_scale, ctx, SCORE_GRAD)
+        dv_tok = warpgroup_mma(pt_a, do, dv, is_async=True)
+        delta = delta_smem.index(slot).reshape([BLOCK_M]).load(col_layout)
+        dpt = warpgroup_mma_wait(1, deps=(dpt_tok, ))
+        dst = pt * (dpt - gl.expand_dims(delta, 0))
     if KEY_BOUND:
         dst = gl.where(j_pos < k_offset + Nk, dst, 0.0)
     return dv_tok, pt_a, dst.to(dtype), q

@@ -117,11 +117,15 @@ def pattern_fragments(pattern: str):
     return walks.PATTERNS[pattern]
 
 
-BWD_PARTS = ("dkdv", "dq", "fused")
+BWD_PARTS = ("dkdv", "dq", "fused", "ws")
 # How the backward computes dQ: "split", a kernel of its own (bwd.py: 7 GEMMs per tile pair,
 # deterministic), or "fused" into the dK/dV program (bwd_fused.py: 5 GEMMs, dQ accumulated in fp32
-# by TMA reduce-adds in an order that depends on scheduling), and the kernels each one launches.
-BWD_METHODS = {"split": ("dkdv", "dq"), "fused": ("fused",)}
+# by TMA reduce-adds in an order that depends on scheduling), or the same warp-specialized ("ws",
+# bwd_ws.py: a producer warp, a dQ writer warp, two consumer warpgroups), and the kernels each one
+# launches.
+BWD_METHODS = {"split": ("dkdv", "dq"), "fused": ("fused",), "ws": ("ws",)}
+# the key-block programs (one per key block, the query blocks of its walk streaming through a ring)
+KEY_BLOCK_PARTS = ("dkdv", "fused", "ws")
 
 
 @dataclass(frozen=True)
@@ -130,6 +134,9 @@ class GluonBwdConfig:
 
     kv_block_n: keys per dK/dV program (num_warps = kv_block_n // 16: 128 keys are two warpgroups
         of 64). Its registers hold dK and dV (2 x 64 fp32 per thread at D = 128) besides S^T, dP^T.
+        The ws kernel (bwd_ws.py) takes 128: two consumer warpgroups of 64 keys, launched with the
+        4 warps of its default partition (the other warpgroup and the two 1-warp workers are its
+        warp_specialize partitions).
     kv_block_m: query rows per step of the dK/dV program: the N of S^T = K Q^T and dP^T = V dO^T,
         the K of dV += P^T dO and dK += dS^T Q.
     kv_stages: depth of its ring of (Q, dO, lse2, delta) blocks (refilled kv_stages - 1 steps ahead).
@@ -139,6 +146,7 @@ class GluonBwdConfig:
     dq_pieces: the fused kernel's (bwd_fused.py): 1, its dQ partial = dS K is one wgmma in flight with
         dV's and dK's; 2, two column halves after them (fewer registers: at D = 128, 64-88 bytes of
         spills instead of 152-168; each half re-reads dS from shared memory). Neither is timed.
+        The ws kernel ignores it (each consumer warpgroup computes its half of the head dim).
     """
     kv_block_n: int = 128
     kv_block_m: int = 64
@@ -149,6 +157,8 @@ class GluonBwdConfig:
     dq_pieces: int = 1
 
     def num_warps(self, part: str) -> int:
+        if part == "ws":
+            return 4  # the launch's: the default partition (consumer warpgroup 0)
         return (self.q_block_m if part == "dq" else self.kv_block_n) // 16
 
     def stages(self, part: str) -> int:
@@ -174,6 +184,8 @@ def default_bwd_config(head_dim: int, method: str = "split") -> GluonBwdConfig:
     into each dQ row, and its f+b took 1.20-1.36x longer (H100, session 24: causal 8K 5.052 -> 6.065
     ms, dense 4K 4.750 -> 5.890); at D = 128 its dQ partial in two column halves (`dq_pieces`: fewer
     spills), at 64 in one piece (no spills either way).
+    ws (bwd_ws.py, `method` "ws"): the fused kernel's tiles (128 keys in two consumer warpgroups x
+    64-row steps, 3 stages at D = 128, 4 at 64), dQ split between the warpgroups by columns. Not timed.
     D = 256 has none: dK and dV of even one warpgroup's 64 keys are 2 x 128 fp32 registers per
     thread, the whole register file (`check_bwd_head_dim` says so)."""
     check_bwd_head_dim(head_dim)
@@ -181,6 +193,8 @@ def default_bwd_config(head_dim: int, method: str = "split") -> GluonBwdConfig:
     if method == "fused":
         return GluonBwdConfig(kv_block_n=128, kv_block_m=64, kv_stages=4 if head_dim == 64 else 3,
                               dq_pieces=1 if head_dim == 64 else 2)
+    if method == "ws":
+        return GluonBwdConfig(kv_block_n=128, kv_block_m=64, kv_stages=4 if head_dim == 64 else 3)
     if head_dim == 64:
         return GluonBwdConfig(kv_block_n=64, kv_block_m=64, kv_stages=4, q_block_m=64, q_block_n=128, q_stages=2)
     return GluonBwdConfig(kv_block_n=64, kv_block_m=64, kv_stages=2, q_block_m=64, q_block_n=64, q_stages=2,
@@ -191,12 +205,14 @@ def bwd_shared_bytes(config: GluonBwdConfig, head_dim: int, elem_bytes: int = 2)
     """Each backward kernel's shared-memory tiles (barriers aside). dK/dV: K and V of the program,
     and per stage Q, dO and the fp32 lse2 / delta rows; dQ: Q and dO, and per stage K and V (dK, dV,
     dQ are staged in K's, V's and Q's buffers); fused: dK/dV's, plus dS^T of a step and the fp32
-    staging tile of its dQ partial."""
+    staging tile of its dQ partial; ws: the fused kernel's with dS^T double-buffered (a warpgroup
+    writes step t + 1's while the other's dQ of step t may still read step t's)."""
     kv = 2 * config.kv_block_n * head_dim * elem_bytes
     kv += config.kv_stages * (2 * config.kv_block_m * head_dim * elem_bytes + 2 * config.kv_block_m * 4)
     q = 2 * config.q_block_m * head_dim * elem_bytes + config.q_stages * 2 * config.q_block_n * head_dim * elem_bytes
     fused = kv + config.kv_block_n * config.kv_block_m * elem_bytes + config.kv_block_m * head_dim * 4
-    return {"dkdv": kv, "dq": q, "fused": fused}
+    ds = config.kv_block_n * config.kv_block_m * elem_bytes
+    return {"dkdv": kv, "dq": q, "fused": fused, "ws": fused + ds}
 
 
 def check_bwd_head_dim(head_dim: int) -> None:
@@ -210,9 +226,12 @@ def check_bwd_config(config: GluonBwdConfig, head_dim: int, method: str = "split
     """Refuse tiles that the kernels of backward `method` (BWD_METHODS) cannot take."""
     _check_choice("method", method, tuple(BWD_METHODS))
     check_bwd_head_dim(head_dim)
-    if method == "fused" and config.kv_block_m != 64:
-        raise ValueError(f"attncc.runtime.gluon: the fused backward takes kv_block_m = 64 (its dQ partial is one "
+    if method in ("fused", "ws") and config.kv_block_m != 64:
+        raise ValueError(f"attncc.runtime.gluon: the {method} backward takes kv_block_m = 64 (its dQ partial is one "
                          f"64-row wgmma, the columns split between the warpgroups), got {config.kv_block_m}")
+    if method == "ws" and config.kv_block_n != 128:
+        raise ValueError(f"attncc.runtime.gluon: the ws backward takes kv_block_n = 128 (two consumer warpgroups of "
+                         f"64 keys), got {config.kv_block_n}")
     warpgroups = config.kv_block_n // 64
     if (config.dq_pieces < 1 or head_dim % (config.dq_pieces * warpgroups) or
             head_dim // (config.dq_pieces * warpgroups) % 8):
@@ -332,9 +351,10 @@ def attention_backward(q, k, v, o, lse, do, dlse=None, *, pattern: str = "dense"
                        score=None, score_grad=None, segments: int = 1, qsegments: int = 1, pattern_args: tuple = (),
                        method: str = "split", lse_raw=None):
     """dq, dk, dv of `attention(q, k, v, ...)` through the Gluon sm90 backward: `method` "split"
-    (bwd.py: a dK/dV and a dQ kernel, deterministic) or "fused" (bwd_fused.py: dQ added into an fp32
+    (bwd.py: a dK/dV and a dQ kernel, deterministic), "fused" (bwd_fused.py: dQ added into an fp32
     accumulator from the dK/dV program by TMA reduce-adds, then scaled and converted; fewer GEMMs,
-    dQ's last bits depend on the order of the additions).
+    dQ's last bits depend on the order of the additions) or "ws" (bwd_ws.py: the same warp-specialized,
+    a producer warp and a dQ writer warp beside two consumer warpgroups).
 
     q, k, v and the call's options as for `attention`; o [B, Hq, Nq, D] and the natural-log LSE
     [B, Hq, Nq] (float32; -inf on rows without an allowed key) are the forward's outputs, do = dLoss/do
@@ -353,6 +373,7 @@ def attention_backward(q, k, v, o, lse, do, dlse=None, *, pattern: str = "dense"
 
     from attncc.runtime.gluon.bwd import attn_bwd_dkdv, attn_bwd_dq
     from attncc.runtime.gluon.bwd_fused import attn_bwd_fused
+    from attncc.runtime.gluon.bwd_ws import CONSUMER_REGS, MAXNREG, WORKER_REGS, attn_bwd_ws
     from attncc.runtime.gluon.preprocess import bwd_postprocess, bwd_preprocess
 
     B, Hq, Nq, D, Hkv, Nk = check_operands(q, k, v)
@@ -407,17 +428,24 @@ def attention_backward(q, k, v, o, lse, do, dlse=None, *, pattern: str = "dense"
     group = Hq // Hkv
     c = config
     scalars = (Hq, group, Nq, Nk, q_offset, k_offset, n_q, n_k, qk_scale, scale, pattern_args)
-    # the key-block programs (dK/dV, fused): their tiles, the transposed walk and the query-side mask
+    # the key-block programs (dK/dV, fused, ws): their tiles, the transposed walk and the query-side mask
     key_grid = (triton.cdiv(Nk, c.kv_block_n), B * Hkv)
-    key_descs = (desc(q, c.kv_block_m), desc(k, c.kv_block_n), desc(v, c.kv_block_n), desc(do, c.kv_block_m),
-                 desc(dk, c.kv_block_n), desc(dv, c.kv_block_n))
+    key_rows = key_box_rows(c, method)
+    key_descs = (desc(q, c.kv_block_m), desc(k, key_rows), desc(v, key_rows), desc(do, c.kv_block_m),
+                 desc(dk, key_rows), desc(dv, key_rows))
     row_descs = (rows_desc(lse2, c.kv_block_m), rows_desc(delta, c.kv_block_m))
     key_fragments = dict(QWALK=qwalk, MASK=qmask, SCORE=score, SCORE_GRAD=score_grad, QSEGMENTS=qsegments,
                          STAGES=c.kv_stages)
-    if method == "fused":
+    if method in ("fused", "ws"):
         dq_acc = torch.zeros(B, Hq, Nq, D, dtype=torch.float32, device=q.device)
-        attn_bwd_fused[key_grid](*key_descs, desc(dq_acc, c.kv_block_m, _gl_dtype("float32")), *row_descs, *scalars,
-                                 **key_fragments, DQ_PIECES=c.dq_pieces, num_warps=c.num_warps("fused"))
+        acc_desc = desc(dq_acc, c.kv_block_m, _gl_dtype("float32"))
+        if method == "fused":
+            attn_bwd_fused[key_grid](*key_descs, acc_desc, *row_descs, *scalars, **key_fragments,
+                                     DQ_PIECES=c.dq_pieces, num_warps=c.num_warps("fused"))
+        else:
+            attn_bwd_ws[key_grid](*key_descs, acc_desc, *row_descs, *scalars, **key_fragments,
+                                  CONSUMER_REGS=CONSUMER_REGS, WORKER_REGS=WORKER_REGS, num_warps=c.num_warps("ws"),
+                                  maxnreg=MAXNREG)
         post_block = 1024
         bwd_postprocess[(triton.cdiv(dq.numel(), post_block), )](dq_acc, dq, scale, dq.numel(), BLOCK=post_block,
                                                                  num_warps=4)
@@ -429,6 +457,12 @@ def attention_backward(q, k, v, o, lse, do, dlse=None, *, pattern: str = "dense"
         *scalars, WALK=walk, MASK=mask, SCORE=score, SCORE_GRAD=score_grad, SEGMENTS=segments, STAGES=c.q_stages,
         num_warps=c.num_warps("dq"))
     return dq, dk, dv
+
+
+def key_box_rows(config: GluonBwdConfig, method: str) -> int:
+    """Rows of the K, V, dK, dV TMA boxes of a key-block program: its kv_block_n keys, or for the ws
+    kernel one consumer warpgroup's half of them (each loads and stores its own)."""
+    return config.kv_block_n // 2 if method == "ws" else config.kv_block_n
 
 
 def check_fragment_args(segments, pattern_args, q):
@@ -584,8 +618,8 @@ class Variant:
 
 @dataclass(frozen=True)
 class BwdVariant:
-    """One backward kernel specialization: `part` "dkdv" (attn_bwd_dkdv), "dq" (attn_bwd_dq) or "fused"
-    (attn_bwd_fused, which takes the dK/dV tiles)."""
+    """One backward kernel specialization: `part` "dkdv" (attn_bwd_dkdv), "dq" (attn_bwd_dq), "fused"
+    (attn_bwd_fused, which takes the dK/dV tiles) or "ws" (attn_bwd_ws, the same tiles)."""
     part: str
     pattern: str
     dtype: str
@@ -680,8 +714,9 @@ def _bwd_source(variant: BwdVariant):
     c, d, dt = variant.config, variant.head_dim, variant.dtype
     check_bwd_config(c, d, _method(variant.part))
     walk, qwalk, mask = backward_fragments(variant.pattern)
-    if variant.part in ("dkdv", "fused"):  # the key-block programs: the same tiles and fragments
-        rows, keys = [1, 1, c.kv_block_m, d], [1, 1, c.kv_block_n, d]
+    options = {"num_warps": c.num_warps(variant.part)}
+    if variant.part in KEY_BLOCK_PARTS:  # the key-block programs: the same tiles and fragments
+        rows, keys = [1, 1, c.kv_block_m, d], [1, 1, key_box_rows(c, _method(variant.part)), d]
         signature = {"q_desc": _desc_type(rows, dt), "k_desc": _desc_type(keys, dt), "v_desc": _desc_type(keys, dt),
                      "do_desc": _desc_type(rows, dt), "dk_desc": _desc_type(keys, dt), "dv_desc": _desc_type(keys, dt)}
         constexprs = {"QWALK": qwalk, "MASK": mask, "SCORE": None, "SCORE_GRAD": None, "QSEGMENTS": 1}
@@ -689,6 +724,12 @@ def _bwd_source(variant: BwdVariant):
             from attncc.runtime.gluon.bwd_fused import attn_bwd_fused as kernel
             signature["dq_acc_desc"] = _desc_type(rows, "float32")
             constexprs["DQ_PIECES"] = c.dq_pieces
+        elif variant.part == "ws":
+            from attncc.runtime.gluon import bwd_ws
+            kernel = bwd_ws.attn_bwd_ws
+            signature["dq_acc_desc"] = _desc_type(rows, "float32")
+            constexprs.update(CONSUMER_REGS=bwd_ws.CONSUMER_REGS, WORKER_REGS=bwd_ws.WORKER_REGS)
+            options["maxnreg"] = bwd_ws.MAXNREG
         else:
             from attncc.runtime.gluon.bwd import attn_bwd_dkdv as kernel
         signature.update(lse_desc=_desc_type([1, 1, c.kv_block_m], "float32"),
@@ -703,9 +744,11 @@ def _bwd_source(variant: BwdVariant):
         constexprs = {"WALK": walk, "MASK": mask, "SCORE": None, "SCORE_GRAD": None, "SEGMENTS": 1}
     signature.update({name: "i32" for name in "H GROUP Nq Nk q_offset k_offset n_q n_k".split()})
     signature.update(qk_scale="fp32", sm_scale="fp32", pattern_args=())  # the built-in walks have no params
-    constexprs.update(STAGES=c.stages(variant.part), num_warps=c.num_warps(variant.part))
+    constexprs.update(STAGES=c.stages(variant.part))
+    if variant.part != "ws":  # (the ws kernel's partitions take their warps from warp_specialize)
+        constexprs["num_warps"] = c.num_warps(variant.part)
     signature.update({name: "constexpr" for name in constexprs})
-    return kernel, signature, constexprs, {"num_warps": c.num_warps(variant.part)}
+    return kernel, signature, constexprs, options
 
 
 def _compiled(variant, compiled, disassemble: bool) -> CompiledVariant:
@@ -773,15 +816,21 @@ def variants(kernels=KERNELS, patterns=tuple(walks.PATTERNS), dtypes=DTYPES, hea
 
 def _method(part: str) -> str:
     """The backward method (BWD_METHODS) whose kernels include `part`."""
-    return "fused" if part == "fused" else "split"
+    return part if part in ("fused", "ws") else "split"
+
+
+# the ws backward's one CI variant (~15 s to compile on 2 cores: four partitions); the others: --all
+WS_CI_VARIANT = ("causal", "bfloat16", 128)
 
 
 def bwd_ci_variants():
-    """The backward variants CI compiles: every kernel (dK/dV, dQ, fused), pattern, dtype and head dim
-    at the default tiles (24, ~1.5-3 s each), and the fused kernel's dQ in one piece at D = 128 (its
-    other branch); `bwd_variants` adds the other ring depths."""
+    """The backward variants CI compiles: every split and fused kernel (dK/dV, dQ, fused), pattern, dtype
+    and head dim at the default tiles (24, ~1.5-3 s each), the fused kernel's dQ in one piece at D = 128
+    (its other branch), and the ws kernel at D = 128, causal, bf16 (WS_CI_VARIANT); `bwd_variants` adds
+    the other ring depths and the ws kernel's other variants."""
     one_piece = dataclasses.replace(default_bwd_config(128, "fused"), dq_pieces=1)
-    return [v for v in bwd_variants() if v.config == default_bwd_config(v.head_dim, _method(v.part))] + [
+    return [v for v in bwd_variants() if v.config == default_bwd_config(v.head_dim, _method(v.part)) and
+            (v.part != "ws" or (v.pattern, v.dtype, v.head_dim) == WS_CI_VARIANT)] + [
         BwdVariant("fused", "causal", "bfloat16", 128, one_piece)]
 
 
