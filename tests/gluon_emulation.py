@@ -1,9 +1,9 @@
-"""A torch emulation of the Gluon sm90 backward kernels' tile loops (attncc/runtime/gluon/bwd.py and
-bwd_fused.py), for the CPU: Gluon has no interpreter, so this is what checks their numerics before a
+"""A torch emulation of the Gluon sm90 backward kernels' tile loops (attncc/runtime/gluon/bwd.py,
+bwd_fused.py and bwd_ws.py), for the CPU: Gluon has no interpreter, so this is what checks their numerics before a
 GPU does.
 
 :class:`EmulatedKernel` stands in for ``attn_bwd_dkdv.run`` / ``attn_bwd_dq.run`` /
-``attn_bwd_fused.run``: it receives
+``attn_bwd_fused.run`` / ``attn_bwd_ws.run``: it receives
 exactly what ``launch.attention_backward`` launches (TMA descriptors over the host's tensors, the
 scalars, the constexpr fragments, the grid) and runs every program of the grid the way the kernel
 does, step for step:
@@ -23,7 +23,10 @@ does, step for step:
 - the fused kernel is the dK/dV program plus, per step, dQ_partial = dS K (dS^T as rounded for dK)
   added in float32 into its dq_acc descriptor's box by the TMA reduce (the part inside the shape),
   across the key-block programs of the grid, one after another (on a GPU their order varies: the
-  sums are the same up to fp32 rounding); the host's ``tl`` postprocess then scales and converts.
+  sums are the same up to fp32 rounding); the host's ``tl`` postprocess then scales and converts;
+- the ws kernel is the fused one's algorithm on the same 128-key block, its K, V, dK, dV boxes one
+  consumer warpgroup's 64 keys each (two per block); its partitions, barriers and the split of the dQ
+  partial by columns between the warpgroups are not emulated (the same sums, in another fp32 order).
 
 It is a transcription, so it proves nothing about the Gluon code itself (the compiler checks its
 structure, tests/test_gluon_compile.py; the GPU tests its results): it catches algorithm bugs
@@ -93,13 +96,15 @@ def rounded(x, dtype):
     return x.to(dtype).float()
 
 
-def program_dkdv(a, kb, bhk, fused=False):
-    """One program of attn_bwd_dkdv, or with `fused` of attn_bwd_fused (`a`: its bound arguments)."""
+def program_dkdv(a, kb, bhk, fused=False, boxes=1):
+    """One program of attn_bwd_dkdv, or with `fused` of attn_bwd_fused, or with `fused` and 2 `boxes` of
+    K, V, dK, dV per key block of attn_bwd_ws (`a`: its bound arguments)."""
     q_desc, k_desc = a["q_desc"], a["k_desc"]
     dtype = q_desc.base.dtype
     BLOCK_M, HEAD_DIM = q_desc.block_shape[2], q_desc.block_shape[3]
-    BLOCK_N = k_desc.block_shape[2]
-    assert BLOCK_N == 16 * a["num_warps"]
+    box = k_desc.block_shape[2]
+    assert box == 16 * a["num_warps"]  # (ws: one consumer warpgroup's keys, its default partition's warps)
+    BLOCK_N = box * boxes
     H, GROUP, Nq, Nk = a["H"], a["GROUP"], a["Nq"], a["Nk"]
     q_offset, k_offset, n_q, n_k = a["q_offset"], a["k_offset"], a["n_q"], a["n_k"]
     qwalk, mask, score, score_grad = (host(a[n]) for n in ("QWALK", "MASK", "SCORE", "SCORE_GRAD"))
@@ -112,8 +117,8 @@ def program_dkdv(a, kb, bhk, fused=False):
                            ctx_of(b, hk * GROUP, H, q_last, args), qwalk, SEGMENTS, BLOCK_M, BLOCK_N)
     n_blocks = int(C.walk_blocks(segs, SEGMENTS))
     total = GROUP * n_blocks
-    k = tma_load(k_desc, [b, hk, kb * BLOCK_N, 0]).reshape(BLOCK_N, HEAD_DIM)
-    v = tma_load(a["v_desc"], [b, hk, kb * BLOCK_N, 0]).reshape(BLOCK_N, HEAD_DIM)
+    k, v = (torch.cat([tma_load(desc, [b, hk, kb * BLOCK_N + i * box, 0]).reshape(box, HEAD_DIM)
+                       for i in range(boxes)]) for desc in (k_desc, a["v_desc"]))
     dk = torch.zeros(BLOCK_N, HEAD_DIM)
     dv = torch.zeros(BLOCK_N, HEAD_DIM)
     j_pos = (k_offset + kb * BLOCK_N + torch.arange(BLOCK_N))[:, None]
@@ -143,8 +148,10 @@ def program_dkdv(a, kb, bhk, fused=False):
         dk = dk + mm(dst, q)
         if fused:  # dQ_partial = dS K, both GEMMs reading the one rounded dS^T
             tma_store(a["dq_acc_desc"], [b, h, row, 0], mm(dst.T, k), add=True)
-    tma_store(a["dk_desc"], [b, hk, kb * BLOCK_N, 0], rounded(dk * a["sm_scale"], dtype))
-    tma_store(a["dv_desc"], [b, hk, kb * BLOCK_N, 0], rounded(dv, dtype))
+    for i in range(boxes):
+        rows = slice(i * box, (i + 1) * box)
+        tma_store(a["dk_desc"], [b, hk, kb * BLOCK_N + i * box, 0], rounded(dk[rows] * a["sm_scale"], dtype))
+        tma_store(a["dv_desc"], [b, hk, kb * BLOCK_N + i * box, 0], rounded(dv[rows], dtype))
     return total
 
 
@@ -205,7 +212,7 @@ def _read_rows(ptr, row0, rows, inside):
 
 class EmulatedKernel:
     """Stands in for a Gluon backward kernel's ``run``: records each launch and runs the grid's
-    programs with :func:`program_dkdv` (the fused kernel's too) / :func:`program_dq`."""
+    programs with :func:`program_dkdv` (the fused and ws kernels' too) / :func:`program_dq`."""
 
     def __init__(self, kernel):
         self.kernel = kernel
@@ -222,8 +229,9 @@ class EmulatedKernel:
         name = self.kernel.fn.__name__
         for pid0 in range(grid[0]):
             for pid1 in range(grid[1]):
-                if name in ("attn_bwd_dkdv", "attn_bwd_fused"):
-                    self.steps.append(program_dkdv(a, pid0, pid1, fused=name == "attn_bwd_fused"))
+                if name in ("attn_bwd_dkdv", "attn_bwd_fused", "attn_bwd_ws"):
+                    self.steps.append(program_dkdv(a, pid0, pid1, fused=name != "attn_bwd_dkdv",
+                                                   boxes=2 if name == "attn_bwd_ws" else 1))
                 else:
                     self.steps.append(program_dq(a, pid0, pid1, grid[0]))
 
@@ -232,12 +240,12 @@ def emulate_sm90(stubs: dict) -> None:
     """Make this CPU an sm90 GPU for the Gluon path: its device checks pass, the device is a stub
     H100 (132 SMs), and each Gluon kernel's ``run`` is its emulation (the forwards
     :class:`gluon_host.EmulatedForward`, the backwards :class:`EmulatedKernel`), put in ``stubs``
-    by name ("ws", "pipelined", "attn_bwd_dkdv", "attn_bwd_dq", "attn_bwd_fused") to read their
+    by name ("ws", "pipelined", "attn_bwd_dkdv", "attn_bwd_dq", "attn_bwd_fused", "attn_bwd_ws") to read their
     launches. ``ATTNCC_BACKEND`` is the caller's."""
     import types
 
     from attncc.runtime import backend
-    from attncc.runtime.gluon import bwd, bwd_fused, fwd_pipelined, fwd_ws, launch
+    from attncc.runtime.gluon import bwd, bwd_fused, bwd_ws, fwd_pipelined, fwd_ws, launch
     from gluon_host import EmulatedForward
 
     backend.device_problem = lambda device: None
@@ -247,5 +255,5 @@ def emulate_sm90(stubs: dict) -> None:
                                                                             name="stub H100")
     for name, kernel in (("ws", fwd_ws.attn_fwd_ws), ("pipelined", fwd_pipelined.attn_fwd_pipelined)):
         stubs[name] = kernel.run = EmulatedForward(kernel, name)
-    for kernel in (bwd.attn_bwd_dkdv, bwd.attn_bwd_dq, bwd_fused.attn_bwd_fused):
+    for kernel in (bwd.attn_bwd_dkdv, bwd.attn_bwd_dq, bwd_fused.attn_bwd_fused, bwd_ws.attn_bwd_ws):
         stubs[kernel.fn.__name__] = kernel.run = EmulatedKernel(kernel)

@@ -1,7 +1,7 @@
-"""The Gluon sm90 backward (attncc/runtime/gluon/bwd.py, and bwd_fused.py's fused kernel) checked on
-the CPU, where Gluon cannot run:
+"""The Gluon sm90 backward (attncc/runtime/gluon/bwd.py, bwd_fused.py's fused kernel and bwd_ws.py's
+warp-specialized one) checked on the CPU, where Gluon cannot run:
 
-- ``launch.attention_backward`` end to end, ``method="split"`` and ``"fused"``, with the Gluon
+- ``launch.attention_backward`` end to end, ``method="split"``, ``"fused"`` and ``"ws"``, with the Gluon
   kernels replaced by a torch
   emulation of their tile loops (tests/gluon_emulation.py: same walks, masks, block sizes, TMA
   zero fill, exp2 / lse2 scaling, GQA stepping, operand rounding), and the real ``tl`` preprocess
@@ -10,6 +10,9 @@ the CPU, where Gluon cannot run:
   (dense and causal, bf16 and fp16, D 64 and 128, GQA, offsets and n_q / n_k, Nq != Nk, rows
   without keys, lengths off the block sizes, with and without dLSE);
 - the emulation is not blind: a walk that skips a block or calls a partial block full fails it;
+- ``ws``: its launch (K, V, dK, dV boxes of one consumer warpgroup's 64 keys, 4 warps, maxnreg) and
+  its gradients equal to the fused kernel's (the same algorithm on the same 128-key blocks) on one
+  call by default; the edge cases, random calls, rendered specs and broken walks with ``-m slow``;
 - the preprocess's padded rows (delta, lse2) against torch;
 - the host's refusals (head dim 256, operands) and the configs' shared memory.
 
@@ -31,7 +34,7 @@ pytest.importorskip("triton.experimental.gluon")
 import attncc  # noqa: E402
 from triton.experimental import gluon  # noqa: E402
 from triton.experimental.gluon import language as gl  # noqa: E402
-from attncc.runtime.gluon import bwd, bwd_fused, launch, walks  # noqa: E402
+from attncc.runtime.gluon import bwd, bwd_fused, bwd_ws, launch, walks  # noqa: E402
 from attncc.spec import parse_spec  # noqa: E402
 from gluon_emulation import EmulatedKernel  # noqa: E402
 
@@ -44,7 +47,7 @@ def emulated(monkeypatch):
     """CPU tensors pass the device check; the two Gluon kernels run as their emulation."""
     monkeypatch.setattr(launch, "check_devices", lambda q, k, v: None)
     kernels = {}
-    for kernel in (bwd.attn_bwd_dkdv, bwd.attn_bwd_dq, bwd_fused.attn_bwd_fused):
+    for kernel in (bwd.attn_bwd_dkdv, bwd.attn_bwd_dq, bwd_fused.attn_bwd_fused, bwd_ws.attn_bwd_ws):
         kernels[kernel.fn.__name__] = EmulatedKernel(kernel)
         monkeypatch.setattr(kernel, "run", kernels[kernel.fn.__name__])
     return kernels
@@ -148,7 +151,11 @@ EDGES = [
 ]
 
 
-@pytest.mark.parametrize("method", ["split", "fused"])
+# the ws kernel: the fused kernel's algorithm (tests/gluon_emulation.py), so its sweeps run with -m slow
+WS = pytest.param("ws", marks=pytest.mark.slow)
+
+
+@pytest.mark.parametrize("method", ["split", "fused", WS])
 @pytest.mark.parametrize("case", EDGES, ids=lambda c: f"{c.pattern}-{str(c.dtype)[6:]}-d{c.D}-{c.Hq}/{c.Hkv}-"
                                                        f"{c.Nq}x{c.Nk}-at{c.q_offset},{c.k_offset}")
 def test_edges_against_the_reference(emulated, case, method):
@@ -168,15 +175,18 @@ def test_random_calls_against_the_reference(emulated):
     assert not emulated["attn_bwd_fused"].launches
 
 
-def test_fused_random_calls_against_the_reference(emulated):
+@pytest.mark.parametrize("method", ["fused", WS])
+def test_fused_random_calls_against_the_reference(emulated, method):
     """The fused kernel (dQ partials of every key-block program added into one fp32 accumulator, then
-    the tl postprocess) on the same seeded calls: odd lengths, offsets, n_q / n_k, GQA, dLSE."""
+    the tl postprocess) on the same seeded calls: odd lengths, offsets, n_q / n_k, GQA, dLSE; the ws
+    kernel likewise."""
     rng = random.Random(20)
     for n in range(14):
-        check_case(random_case(rng), seed=n, method="fused")
-    fused = emulated["attn_bwd_fused"]
+        check_case(random_case(rng), seed=n, method=method)
+    fused = emulated[f"attn_bwd_{method}"]
     assert len(fused.launches) == 14 and sum(fused.steps) > 0
-    assert not emulated["attn_bwd_dkdv"].launches and not emulated["attn_bwd_dq"].launches
+    others = {"attn_bwd_dkdv", "attn_bwd_dq", "attn_bwd_fused", "attn_bwd_ws"} - {f"attn_bwd_{method}"}
+    assert not any(emulated[name].launches for name in others)
 
 
 def test_fused_matches_split_up_to_rounding(emulated):
@@ -218,6 +228,32 @@ def test_fused_launch_and_its_accumulator(emulated, monkeypatch):
     assert rel(dq, want[0]) < TOL[case.dtype]
 
 
+def test_ws_launch_and_its_gradients(emulated):
+    """One ws launch over the key blocks of 128 keys: K, V, dK, dV boxes of one consumer warpgroup's 64
+    keys, the fp32 dQ accumulator with 64-row boxes, the launch's 4 warps (the default partition) and
+    maxnreg, the setmaxnreg budgets; its gradients are the fused kernel's (the same steps on the same
+    blocks: bitwise in the emulation) and the reference's."""
+    case = Case("causal", torch.bfloat16, 64, 1, 2, 1, 70, 140, q_offset=30, dlse=True)
+    got, want = run_case(case, seed=4, method="ws")
+    fused, _ = run_case(case, seed=4, method="fused")
+    for name, g, f, w in zip(("dq", "dk", "dv"), got, fused, want):
+        assert torch.equal(g, f), name
+        assert g.dtype == case.dtype and rel(g, w) < TOL[case.dtype], (name, rel(g, w))
+    cfg = launch.default_bwd_config(64, "ws")
+    (args, kwargs, grid), = emulated["attn_bwd_ws"].launches
+    assert grid == (2, 1) and cfg.kv_block_n == 128
+    assert kwargs["num_warps"] == 4 and kwargs["maxnreg"] == bwd_ws.MAXNREG
+    assert (kwargs["CONSUMER_REGS"], kwargs["WORKER_REGS"]) == (bwd_ws.CONSUMER_REGS, bwd_ws.WORKER_REGS)
+    assert kwargs["STAGES"] == cfg.kv_stages and kwargs["QWALK"] is walks.causal_qwalk
+    for i in (1, 2, 4, 5):  # k, v, dk, dv
+        assert list(args[i].block_shape) == [1, 1, 64, 64]
+    assert list(args[0].block_shape) == [1, 1, cfg.kv_block_m, 64]  # q_desc
+    acc = args[6]  # dq_acc_desc
+    assert acc.base.dtype == torch.float32 and list(acc.block_shape) == [1, 1, 64, 64]
+    assert 2 * bwd_ws.CONSUMER_REGS * 128 + bwd_ws.WORKER_REGS * 128 <= 65536
+    assert 3 * 128 * bwd_ws.MAXNREG <= 65536
+
+
 def test_launch_tiles_are_the_default_config(emulated):
     """The launches use default_bwd_config's tiles and the grids cover every key / query block."""
     case = Case("causal", torch.bfloat16, 128, 2, 4, 2, 200, 300, q_offset=100)
@@ -251,7 +287,8 @@ def test_broadcast_gradient_gets_real_strides(emulated):
 
 @pytest.mark.parametrize("broken, method", [("skip_first", "split"), ("full_diagonal", "split"),
                                             ("dq_skips_last", "split"), ("skip_first", "fused"),
-                                            ("full_diagonal", "fused")])
+                                            ("full_diagonal", "fused"),
+                                            pytest.param("full_diagonal", "ws", marks=pytest.mark.slow)])
 def test_the_emulation_catches_a_wrong_walk(emulated, broken, method):
     """Walks with one block too few, or a partial block called full, give wrong gradients: the check
     above can fail."""
@@ -276,7 +313,7 @@ def test_the_emulation_catches_a_wrong_walk(emulated, broken, method):
     (dq, dk, dv), (wq, wk, wv) = run_case(case, seed=5, walk=walk, qwalk=qwalk, method=method)
     worst = max(rel(dq, wq), rel(dk, wk), rel(dv, wv))
     assert worst > 10 * TOL[case.dtype], worst
-    if method == "fused":  # the fused kernel's dQ comes from the key-block walk: it is wrong too
+    if method != "split":  # the fused kernels' dQ comes from the key-block walk: it is wrong too
         assert rel(dq, wq) > 10 * TOL[case.dtype]
     # and the shipped walks pass the same call
     check_case(case, seed=5, method=method)
@@ -361,6 +398,17 @@ def test_backward_configs_fit_and_oversized_ones_are_refused():
         launch.check_bwd_config(launch.GluonBwdConfig(kv_block_m=32), 64, "fused")
     with pytest.raises(ValueError, match="method must be one of"):
         launch.check_bwd_config(launch.default_bwd_config(64), 64, "atomic")
+    # ws: the fused kernel's tiles and a second dS^T tile; 128 keys (two warpgroups), 64-row steps
+    for d in launch.BWD_HEAD_DIMS:
+        launch.check_bwd_config(launch.default_bwd_config(d, "ws"), d, "ws")
+    assert launch.bwd_shared_bytes(launch.default_bwd_config(128, "ws"), 128)["ws"] == (
+        2 * 32768 + 3 * (2 * 16384 + 512) + 2 * 128 * 64 * 2 + 64 * 128 * 4)
+    with pytest.raises(ValueError, match="ws backward takes kv_block_n = 128"):
+        launch.check_bwd_config(dataclasses.replace(launch.default_bwd_config(64, "ws"), kv_block_n=64), 64, "ws")
+    with pytest.raises(ValueError, match="ws backward takes kv_block_m = 64"):
+        launch.check_bwd_config(launch.GluonBwdConfig(kv_block_m=32), 64, "ws")
+    with pytest.raises(ValueError, match="ws kernel .* shared memory"):
+        launch.check_bwd_config(launch.GluonBwdConfig(kv_stages=4), 128, "ws")
 
 
 def test_postprocess_scales_and_converts():
@@ -384,7 +432,9 @@ RENDERED = ("alibi", "block_diagonal", "chunked_local", "cross_causal", "local_b
 SMALL_BWD = launch.GluonBwdConfig(kv_block_n=64, kv_block_m=16, kv_stages=2, q_block_m=64, q_block_n=16, q_stages=2)
 # the fused kernel's: 64-row steps (its dQ partial is one 64-row wgmma), 64 keys per program
 SMALL_FUSED = dataclasses.replace(SMALL_BWD, kv_block_m=64)
-SMALL = {"split": SMALL_BWD, "fused": SMALL_FUSED}
+# the ws kernel's: 128 keys per program (two consumer warpgroups of 64)
+SMALL_WS = dataclasses.replace(SMALL_FUSED, kv_block_n=128)
+SMALL = {"split": SMALL_BWD, "fused": SMALL_FUSED, "ws": SMALL_WS}
 
 
 # Nq != Nk, lengths off every tile, offsets both ways, n_q / n_k past the call, GQA, dLSE, a scale
@@ -434,7 +484,7 @@ def run_rendered(name, case: Case, params, seed, monkeypatch, method="split"):
     return (dq, dk, dv), want
 
 
-@pytest.mark.parametrize("method", ["split", "fused"])
+@pytest.mark.parametrize("method", ["split", "fused", WS])
 @pytest.mark.parametrize("name", RENDERED)
 def test_rendered_backward_against_the_reference(emulated, monkeypatch, name, method):
     """Every rendered spec's backward (its query-block walk, qmask on the transposed tiles, the forward's
@@ -459,12 +509,12 @@ def test_rendered_backward_against_the_reference(emulated, monkeypatch, name, me
     assert checked >= 2
     from cases import module
     frag = module(name).SPEC.gluon_fragments.load()
-    keys = emulated["attn_bwd_fused" if method == "fused" else "attn_bwd_dkdv"]
+    keys = emulated["attn_bwd_dkdv" if method == "split" else f"attn_bwd_{method}"]
     assert keys.launches and sum(keys.steps) > 0
     _, kwargs, _ = keys.launches[-1]
     assert kwargs["QWALK"] is frag.qwalk and kwargs["MASK"] is frag.qmask and kwargs["SCORE_GRAD"] is frag.score_grad
     assert kwargs["QSEGMENTS"] == frag.QSEGMENTS and kwargs["SCORE"] is frag.score
-    if method == "fused":
+    if method != "split":
         assert not emulated["attn_bwd_dkdv"].launches and not emulated["attn_bwd_dq"].launches
         return
     dq = emulated["attn_bwd_dq"]
@@ -473,7 +523,7 @@ def test_rendered_backward_against_the_reference(emulated, monkeypatch, name, me
     assert kwargs["WALK"] is frag.walk and kwargs["MASK"] is frag.mask and kwargs["SEGMENTS"] == frag.SEGMENTS
 
 
-@pytest.mark.parametrize("method", ["split", "fused"])
+@pytest.mark.parametrize("method", ["split", "fused", WS])
 @pytest.mark.parametrize("broken", ["qwalk_short", "qmask_wide", "no_score_grad"])
 def test_the_emulation_catches_a_wrong_rendered_fragment(emulated, monkeypatch, tmp_path, broken, method):
     """A query-block walk one block short, a qmask that lets one more query in, or a softcap's
@@ -499,7 +549,7 @@ def test_the_emulation_catches_a_wrong_rendered_fragment(emulated, monkeypatch, 
     (dq, dk, dv), (wq, wk, wv) = run_rendered(name, case, params, seed=1, monkeypatch=monkeypatch, method=method)
     worst = max(rel(dq, wq), rel(dk, wk), rel(dv, wv))
     assert worst > 5 * TOL[case.dtype], worst
-    if method == "fused":
+    if method != "split":
         assert rel(dq, wq) > 5 * TOL[case.dtype], rel(dq, wq)
 
 

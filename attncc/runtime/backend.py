@@ -36,7 +36,9 @@ limit, head dim 256, where the ``tl`` backward on the Gluon forward's output is 
 (unset or empty: the default) is bwd.py's two kernels, deterministic (every gradient element written
 once by one program); ``fused`` is bwd_fused.py's one kernel with dQ added into an fp32 accumulator by
 TMA reduce-adds (FlashAttention-3's 5 GEMMs per tile pair instead of 7), whose dQ may differ in its
-last bits from run to run (both passed their GPU tests on an H100, docs/gluon.md); anything else is a ``ValueError``.
+last bits from run to run (both passed their GPU tests on an H100, docs/gluon.md); ``ws`` is bwd_ws.py,
+the fused kernel warp-specialized (a producer warp, a dQ writer warp and two consumer warpgroups:
+compiled, not yet run on a GPU), not deterministic either; anything else is a ``ValueError``.
 """
 from __future__ import annotations
 
@@ -56,7 +58,7 @@ from attncc.runtime.gluon import BWD_HEAD_DIMS, CAPABILITY, DTYPES, HEAD_DIMS
 BUILTIN_BACKWARD_WALKS = ("dense", "causal")
 BACKENDS = ("auto", "triton", "gluon")
 # ATTNCC_GLUON_BWD: which Gluon backward (attncc.runtime.gluon.launch.BWD_METHODS), the default first.
-GLUON_BWD_METHODS = ("split", "fused")
+GLUON_BWD_METHODS = ("split", "fused", "ws")
 
 
 def backend_setting() -> str:
@@ -68,7 +70,7 @@ def backend_setting() -> str:
 
 
 def gluon_bwd_method() -> str:
-    """``ATTNCC_GLUON_BWD``: "split" (unset or empty) or "fused" (module docstring)."""
+    """``ATTNCC_GLUON_BWD``: "split" (unset or empty), "fused" or "ws" (module docstring)."""
     value = env("ATTNCC_GLUON_BWD", "") or GLUON_BWD_METHODS[0]
     if value not in GLUON_BWD_METHODS:
         raise ValueError(f"ATTNCC_GLUON_BWD must be one of {', '.join(GLUON_BWD_METHODS)} (unset: "
@@ -345,7 +347,7 @@ def gluon_backward(call: Call, walk: str, o, lse, do, dlse=None, raw: bool = Fal
     "causal") or the module's rendered fragments (``walk`` "rendered"), as the generated ``tl`` backward
     returns them; ``o``, ``lse`` are the forward's (either forward's), ``do``, ``dlse`` the gradients of
     the loss (``dlse`` None when the loss does not use the LSE). ``ATTNCC_GLUON_BWD`` picks the split
-    (default, deterministic) or the fused kernels, for either kind of walk. ``raw``: the spec's score
+    (default, deterministic), the fused or the ws kernels, for either kind of walk. ``raw``: the spec's score
     has no terms constant along j, so the LSE in log2 units the forward kept for this ``lse`` (either
     forward's, :func:`gluon_forward`) is the one these kernels recompute their weights from."""
     from attncc.runtime.gluon import launch
@@ -353,8 +355,8 @@ def gluon_backward(call: Call, walk: str, o, lse, do, dlse=None, raw: bool = Fal
     if call.B == 0 or call.Nq == 0 or call.Nk == 0:  # no pair (an empty batch too): what the tl path gives
         return no_pairs_backward(call, o, lse, do, dlse)
     method = gluon_bwd_method()
-    if method == "fused" and torch.are_deterministic_algorithms_enabled():
-        alert_not_deterministic(f"{call.spec.name}.attention's Gluon backward with ATTNCC_GLUON_BWD=fused",
+    if method != GLUON_BWD_METHODS[0] and torch.are_deterministic_algorithms_enabled():
+        alert_not_deterministic(f"{call.spec.name}.attention's Gluon backward with ATTNCC_GLUON_BWD={method}",
                                 "dQ's partials are added in float32 by TMA reduce-adds in no fixed order; "
                                 "ATTNCC_GLUON_BWD=split is deterministic")
     kw = dict(scale=call.scale, q_offset=call.q_offset, k_offset=call.k_offset, n_q=call.n_q, n_k=call.n_k,
