@@ -181,9 +181,11 @@ def _shapes() -> List[Case]:
 # the tl kernels and the Gluon ones beside attncc's default (auto: the Gluon forward on sm90 where the
 # Plan picks it, attncc.runtime.gluon.AUTO_SELECTS_GLUON)
 BACKENDS = ((("ATTNCC_BACKEND", "triton"),), (("ATTNCC_BACKEND", "gluon"),))
-# the Gluon backward's two methods (ATTNCC_GLUON_BWD, attncc.runtime.backend), both on the Gluon forward:
-# split (bwd.py, 7 GEMMs per tile pair, deterministic) and fused (bwd_fused.py, 5 GEMMs, dQ by TMA reduce-add)
-GLUON_BWD = ((("ATTNCC_BACKEND", "triton"),),) + tuple((("ATTNCC_BACKEND", "gluon"), ("ATTNCC_GLUON_BWD", method)) for method in ("split", "fused"))
+# the Gluon backward's three methods (ATTNCC_GLUON_BWD, attncc.runtime.backend), all on the Gluon forward:
+# split (bwd.py, 7 GEMMs per tile pair, deterministic), fused (bwd_fused.py, 5 GEMMs, dQ by TMA reduce-add)
+# and ws (bwd_ws.py, the fused kernel warp-specialized: producer and dQ writer warps, two consumer warpgroups)
+GLUON_BWD = ((("ATTNCC_BACKEND", "triton"),),) + tuple((("ATTNCC_BACKEND", "gluon"), ("ATTNCC_GLUON_BWD", method))
+                                                      for method in ("split", "fused", "ws"))
 
 
 def _comparisons() -> List[Case]:
@@ -239,15 +241,15 @@ def _comparisons() -> List[Case]:
             Case("wired-fb-causal-8k", "causal 8K, f+b vs Flex (Gluon wired)", "causal", 2, 8192, **fb),
             Case("wired-fb-gqa-8k", "GQA 32/8 causal 8K, f+b vs Flex (Gluon wired)", "gqa", 2, 8192, Hq=32, Hkv=8,
                  smoke=P(Hq=32, Hkv=8, N=64), **fb)]
-    # the Gluon backward, split against fused (docs/gluon.md "bwd_fused.py"): the generated modules' f+b at
+    # the Gluon backward, split against fused and ws (docs/gluon.md "bwd_fused.py", "bwd_ws.py"): the generated modules' f+b at
     # their defaults (tl), then under each method, beside FlexAttention and cuDNN (`python -m bench gluon-bwd
     # --bwd`; issue 20's f+b target is >= 1.35x Flex, D = 128)
     gbwd = dict(baselines=("flex", "sdpa_cudnn"), groups=("gluon-bwd",), settings=GLUON_BWD)
-    out += [Case("gbwd-dense-4k", "dense 4K, Gluon backward split vs fused", "dense", 4, 4096, **gbwd),
-            Case("gbwd-causal-8k", "causal 8K, Gluon backward split vs fused", "causal", 2, 8192, **gbwd),
-            Case("gbwd-gqa-8k", "GQA 32/8 causal 8K, Gluon backward split vs fused", "gqa", 2, 8192, Hq=32, Hkv=8,
+    out += [Case("gbwd-dense-4k", "dense 4K, Gluon backward split / fused / ws", "dense", 4, 4096, **gbwd),
+            Case("gbwd-causal-8k", "causal 8K, Gluon backward split / fused / ws", "causal", 2, 8192, **gbwd),
+            Case("gbwd-gqa-8k", "GQA 32/8 causal 8K, Gluon backward split / fused / ws", "gqa", 2, 8192, Hq=32, Hkv=8,
                  smoke=P(Hq=32, Hkv=8, N=64), **gbwd),
-            Case("gbwd-causal-8k-d64", "causal 8K, D=64, Gluon backward split vs fused", "causal", 4, 8192, D=64,
+            Case("gbwd-causal-8k-d64", "causal 8K, D=64, Gluon backward split / fused / ws", "causal", 4, 8192, D=64,
                  **gbwd)]
     # the families of issue 16 with their forward on the Gluon kernels through fragments rendered
     # from the Plan (generated/<spec>_gluon.py), beside FlexAttention (issue 16's 1.2x forward target):

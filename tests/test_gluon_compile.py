@@ -8,13 +8,16 @@ S, dP) and with the A operand from registers (P^T, dS^T, dS), one wgmma group le
 the next is waited for, TMA for every tile and for the lse2 / delta rows, no spills. The fused kernel
 (bwd_fused.py): 5 GEMMs per step (dK += dS^T Q and dQ = dS K from shared memory, the latter with A
 transposed), one TMA reduce-add of the dQ partial; its D = 128 variants spill a little (bounded below).
+The ws kernel (bwd_ws.py): the fused kernel's GEMMs in both consumer warpgroups, the register
+reallocation (240 for the consumers, 24 for the producer and dQ writer warps), the reduce in the
+writer, dK / dV stored per warpgroup; its stack bounded (24 bytes at D = 128, Triton 3.6).
 
 Gluon has no interpreter mode: nothing here runs a kernel (tests/gpu/test_gpu_gluon.py does, on a GPU).
 CI compiles `launch.ci_variants()` (one per kernel and head dim, both patterns and dtypes, 7 in
 all, ~30 s on 2 cores) and `launch.bwd_ci_variants()` (every backward variant at its default
-tiles: 3 kernels x 2 patterns x 2 dtypes x head dims 64, 128 = 24, and the fused kernel's other dQ
-split at D = 128: 25, ~50 s); ATTNCC_GLUON_ALL=1 compiles all of `launch.variants()` and
-`launch.bwd_variants()` (60 + 76, ~6 minutes).
+tiles: 3 kernels x 2 patterns x 2 dtypes x head dims 64, 128 = 24, the fused kernel's other dQ
+split at D = 128 and the ws kernel at D = 128, causal, bf16: 26, ~65 s); ATTNCC_GLUON_ALL=1 compiles
+all of `launch.variants()` and `launch.bwd_variants()` (60 + 96, ~11 minutes).
 """
 from __future__ import annotations
 
@@ -114,24 +117,28 @@ def test_backward_compiles_to_wgmma_and_tma(variant, compiled):
     assert c.cubin[:4] == b"\x7fELF"
     # One copy of the step, wgmma k-steps of 16: dK/dV: S^T = K Q^T and dP^T = V dO^T (D each),
     # dV += P^T dO and dK += dS^T Q (kv_block_m each); dQ: S, dP (D each), dQ += dS K (q_block_n).
-    # fused: dK/dV's, plus dQ = dS K (kv_block_n).
+    # fused: dK/dV's, plus dQ = dS K (kv_block_n); ws: the fused kernel's in each consumer warpgroup
+    # (its 64 keys in S^T, dP^T, dV, dK; dQ over the block's kv_block_n keys, its half of the columns).
     if variant.part == "dkdv":
         assert c.wgmma == 2 * d // 16 + 2 * cfg.kv_block_m // 16
     elif variant.part == "fused":  # dQ in dq_pieces column slices, each a wgmma over the block's keys
         assert c.wgmma == 2 * d // 16 + 2 * cfg.kv_block_m // 16 + cfg.dq_pieces * cfg.kv_block_n // 16
+    elif variant.part == "ws":
+        assert c.wgmma == 2 * (2 * d // 16 + 2 * cfg.kv_block_m // 16 + cfg.kv_block_n // 16)
     else:
         assert c.wgmma == 2 * d // 16 + cfg.q_block_n // 16
     assert c.hgmma == c.wgmma, "ptxas dropped or split wgmma instructions"
     assert re.search(r"cp\.async\.bulk\.tensor\.4d\.shared::cluster\.global", c.ptx), "no TMA load of the tiles"
     assert re.search(r"cp\.async\.bulk\.tensor\.4d\.global\.shared::cta", c.ptx), "no TMA store of the gradients"
-    if variant.part in ("dkdv", "fused"):
+    if variant.part in launch.KEY_BLOCK_PARTS:
         assert re.search(r"cp\.async\.bulk\.tensor\.3d\.shared::cluster\.global", c.ptx), "lse2 / delta not by TMA"
-        assert len(re.findall(r"cp\.async\.bulk\.tensor\.4d\.global\.shared::cta", c.ptx)) == 2  # dK, dV
+        stores = 4 if variant.part == "ws" else 2  # dK, dV (ws: each consumer warpgroup its 64 keys')
+        assert len(re.findall(r"cp\.async\.bulk\.tensor\.4d\.global\.shared::cta", c.ptx)) == stores
     # dQ: a TMA reduce-add of the fp32 partial in the fused kernel, none elsewhere (no atomics at all).
     reduces = re.findall(r"cp\.reduce\.async\.bulk\.tensor\.4d\.global\.shared::cta\.add", c.ptx)
-    assert len(reduces) == (variant.part == "fused")
+    assert len(reduces) == (variant.part in ("fused", "ws"))
     assert not re.search(r"^\s*(@\S+\s+)?(atom|red)\.", c.ptx, re.M), "an atomic instruction"
-    if variant.part == "fused":
+    if variant.part in ("fused", "ws"):
         # dK += dS^T Q and dQ = dS K read dS from shared memory, the latter through the transposed view
         assert re.search(r"HGMMA\.\S+ R\d+, gdesc\[UR\d+\]\.tnspA", c.sass), "dQ = dS K not from dS^T in smem"
     # P^T / dS^T / dS from registers; S^T, dP^T / S, dP with both operands in shared memory.
@@ -148,6 +155,14 @@ def test_backward_resources_fit_sm90(variant, compiled):
     that nothing spills (dK/dV at D = 128 runs at 252)."""
     c = compiled(variant)
     assert bwd_shared_bytes(variant.config, variant.head_dim)[variant.part] <= c.shared <= SM90_SHARED_BYTES
+    if variant.part == "ws":
+        # the launch's cap; 240 per consumer warpgroup and 24 per worker warp after setmaxnreg. Stack
+        # measured (Triton 3.6): 24 bytes at D = 128 (loop-invariant scalars, one LDL per step), 0 at 64.
+        from attncc.runtime.gluon import bwd_ws
+        assert c.registers <= bwd_ws.MAXNREG
+        assert {bwd_ws.CONSUMER_REGS, bwd_ws.WORKER_REGS} <= set(c.setmaxnreg)
+        assert c.stack <= (32 if variant.head_dim == 128 else 0), f"{c.stack} bytes of local stack"
+        return
     if variant.part == "fused" and variant.head_dim == 128:
         # measured (Triton 3.6): 64-88 bytes with the dQ partial in two halves (the default), 152-168
         # in one piece: loop-invariant scalars parked around the step's peak; docs/gluon.md. More is
@@ -167,7 +182,8 @@ def test_backward_variant_list_covers_the_matrix():
     assert all(bwd_shared_bytes(v.config, v.head_dim)[v.part] <= SM90_SHARED_BYTES - 1024 for v in vs)
     ci = bwd_ci_variants()
     assert {(v.part, v.pattern, v.dtype, v.head_dim) for v in ci} == {
-        (v.part, v.pattern, v.dtype, v.head_dim) for v in vs} and len(ci) == 25
+        (v.part, v.pattern, v.dtype, v.head_dim) for v in vs
+        if v.part != "ws" or (v.pattern, v.dtype, v.head_dim) == launch.WS_CI_VARIANT} and len(ci) == 26
     assert {v.config.dq_pieces for v in ci if v.part == "fused" and v.head_dim == 128} == {1, 2}
 
 

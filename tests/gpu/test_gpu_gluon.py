@@ -248,15 +248,15 @@ def backward_run(case, seed=0):
     return q, k, v, o, lse, do, dlse
 
 
-BWD_METHODS = ("split", "fused")
+BWD_METHODS = ("split", "fused", "ws")
 
 
 @pytest.mark.parametrize("method", BWD_METHODS)
 @pytest.mark.parametrize("pattern", ["dense", "causal"])
 def test_backward_smoke(dog, pattern, method):
     """One tiny backward first (a hang or a launch error shows here), twice: the split kernels have
-    no atomics, so their gradients must be bitwise equal; the fused kernel's dQ is summed by TMA
-    reduce-adds in a scheduling-dependent order (equal up to fp32 rounding), its dK, dV bitwise."""
+    no atomics, so their gradients must be bitwise equal; the fused and ws kernels' dQ is summed by TMA
+    reduce-adds in a scheduling-dependent order (equal up to fp32 rounding), their dK, dV bitwise."""
     case = Case("smoke", pattern, 1, 2, 1, 300, 300, 128)
     q, k, v, o, lse, do, dlse = backward_run(case)
     args = (q, k, v, o, lse, do, dlse)
@@ -268,7 +268,7 @@ def test_backward_smoke(dog, pattern, method):
     again = dog.run(f"backward smoke {pattern} {method} again", run, 240)
     want = reference_grads(q, k, v, do, None, pattern == "causal", 128 ** -0.5)
     for label, got, twice, ref in zip("qkv", first, again, want):
-        if method == "fused" and label == "q":
+        if method != "split" and label == "q":
             assert float((got.float() - twice.float()).norm() / ref.norm()) < 1e-2, "dq differs between two runs"
         else:
             assert torch.equal(got, twice), f"d{label} differs between two runs"
@@ -292,6 +292,23 @@ def test_fused_dq_pieces_agree(dog):
     for pieces in (1, 2):
         for label, g, ref in zip("qkv", got[pieces], want):
             assert float((g.float() - ref).norm() / ref.norm()) < 2e-2, (pieces, label)
+
+
+def test_ws_matches_fused(dog):
+    """The ws kernel (bwd_ws.py) runs the fused kernel's steps on the same 128-key blocks (the dS^T
+    arithmetic in another order of the same operations, dQ split by columns between its warpgroups):
+    dK, dV expected bitwise equal to the fused kernel's, dQ up to the order of the fp32 reduce-adds;
+    both against float32 autograd. GQA, a query chunk, ragged lengths."""
+    case = Case("ws vs fused", "causal", 1, 8, 2, 700, 900, 128, q_offset=200)
+    q, k, v, o, lse, do, dlse = backward_run(case, seed=6)
+    got = {method: dog.run(f"{method} backward", lambda: gluon.attention_backward(
+        q, k, v, o, lse, do, pattern="causal", q_offset=200, method=method), 240) for method in ("fused", "ws")}
+    want = reference_grads(q, k, v, do, None, True, 128 ** -0.5, 200)
+    for label, f, w, ref in zip("qkv", got["fused"], got["ws"], want):
+        assert float((w.float() - ref).norm() / ref.norm()) < 2e-2, label
+        assert float((w.float() - f.float()).norm() / ref.norm()) < (1e-2 if label == "q" else 1e-3), label
+    print("ws dK, dV bitwise equal to fused:", torch.equal(got["ws"][1], got["fused"][1]),
+          torch.equal(got["ws"][2], got["fused"][2]))
 
 
 BWD_CASES = (

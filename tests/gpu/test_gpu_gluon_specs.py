@@ -8,7 +8,8 @@ same module's tl forward, with offsets, odd lengths and rows that see no key, an
 against the reference's gradients (the LSE's included) and the module's tl kernels
 (ATTNCC_BACKEND=triton): the Gluon backward at head dims 64 and 128 (built-in walks, and the rendered
 fragments of the closed-form specs: query-block walks, the mask solved for the query, the score's
-derivative; split and, with ATTNCC_GLUON_BWD=fused, the fused kernel), the tl backward on the Gluon
+derivative; split and, with ATTNCC_GLUON_BWD=fused / ws, the fused and the warp-specialized fused
+kernels), the tl backward on the Gluon
 forward's output at 256 and for the rendered specs without a query-block walk; the rendered walks over
 block lists (strided, dilated, 2D neighborhood, BigBird, document ids, padding lengths), the scores and
 masks that read [inputs] (learned ALiBi slopes, T5 tables), their inputs strided and broadcast, and
@@ -197,18 +198,20 @@ def test_forward_backward(gluon_bwd, gluon, name, dtype, N, D):
     assert gluon_bwd == ([walk] if D in (64, 128) else []), gluon_bwd
 
 
+@pytest.mark.parametrize("method", ["fused", "ws"])
 @pytest.mark.parametrize("name, dtype, N, D", [c for c in BACKWARD if c[3] in (64, 128)],
                          ids=[f"{n}-{str(t)[6:]}-N{s}-D{d}" for n, t, s, d in BACKWARD if d in (64, 128)])
-def test_forward_backward_fused(monkeypatch, gluon_bwd, gluon, name, dtype, N, D):
-    """The same with ATTNCC_GLUON_BWD=fused: the fused backward (bwd_fused.py, dQ by TMA reduce-add)."""
-    monkeypatch.setenv("ATTNCC_GLUON_BWD", "fused")
+def test_forward_backward_fused(monkeypatch, gluon_bwd, gluon, name, dtype, N, D, method):
+    """The same with ATTNCC_GLUON_BWD=fused: the fused backward (bwd_fused.py, dQ by TMA reduce-add),
+    and =ws (bwd_ws.py, the same warp-specialized)."""
+    monkeypatch.setenv("ATTNCC_GLUON_BWD", method)
     Hq, Hkv = heads(name, Hq=8, Hkv=4)
     q, k, v = qkv(1, Hq, Hkv, N, N, D, dtype, seed=5, grad=True)
     check_backward(name, q, k, v, gluon_bwd)
     assert gluon_bwd == [pattern_walk(name)], gluon_bwd
 
 
-@pytest.mark.parametrize("method", ["split", "fused"])
+@pytest.mark.parametrize("method", ["split", "fused", "ws"])
 @pytest.mark.parametrize("name, Nq, Nk, q_offset, k_offset, dtype, D", [
     ("gqa", 1000, 4000, 3000, 0, torch.bfloat16, 128),   # a query chunk of a longer sequence, GQA 32/8
     ("causal", 300, 512, 0, 1000, torch.float16, 128),   # keys all after the queries: zero gradients
@@ -299,7 +302,7 @@ def test_rendered_precondition_falls_back_to_tl(monkeypatch, gluon):
     assert gluon == []
 
 
-@pytest.mark.parametrize("method", ["split", "fused"])
+@pytest.mark.parametrize("method", ["split", "fused", "ws"])
 @pytest.mark.parametrize("name", sorted(RENDERED))
 def test_rendered_backward_tiny(monkeypatch, gluon_bwd, gluon, name, method):
     """One small Gluon backward per rendered spec first (a hang or a fault shows here, with its name),
@@ -325,18 +328,20 @@ def test_rendered_forward_backward(gluon_bwd, gluon, name, dtype, D):
     assert gluon == ["rendered"] and gluon_bwd == ["rendered"], (gluon, gluon_bwd)
 
 
+@pytest.mark.parametrize("method", ["fused", "ws"])
 @pytest.mark.parametrize("name", sorted(RENDERED))
-def test_rendered_forward_backward_fused(monkeypatch, gluon_bwd, gluon, name):
+def test_rendered_forward_backward_fused(monkeypatch, gluon_bwd, gluon, name, method):
     """The same with ATTNCC_GLUON_BWD=fused (bwd_fused.py: the rendered qwalk, qmask and score
-    derivative in the one key-block kernel, dQ by TMA reduce-add), bf16 at D = 128 (where it spills)."""
-    monkeypatch.setenv("ATTNCC_GLUON_BWD", "fused")
+    derivative in the one key-block kernel, dQ by TMA reduce-add), bf16 at D = 128 (where it spills),
+    and =ws (bwd_ws.py)."""
+    monkeypatch.setenv("ATTNCC_GLUON_BWD", method)
     Hq, Hkv = heads(name, Hq=8, Hkv=4)
     q, k, v = qkv(1, Hq, Hkv, 1500, 1500, 128, torch.bfloat16, seed=13, grad=True)
     check_backward(name, q, k, v, gluon_bwd, **{key: min(x, 400) for key, x in RENDERED[name].items()})
     assert gluon == ["rendered"] and gluon_bwd == ["rendered"], (gluon, gluon_bwd)
 
 
-@pytest.mark.parametrize("method", ["split", "fused"])
+@pytest.mark.parametrize("method", ["split", "fused", "ws"])
 @pytest.mark.parametrize("name, Nq, Nk, q_offset, k_offset, D", [
     ("sink_window", 1111, 2999, 1888, 0, 128),      # a query chunk at the end: sinks and window apart
     ("sliding_window", 777, 1500, 900, 100, 64),    # both offsets, ragged
