@@ -46,7 +46,7 @@ from attncc.analysis import analyze  # noqa: E402
 from attncc.analysis.builtin import BUILTIN_WALKS, builtin_fit, gluon_fit  # noqa: E402
 from attncc.analysis.score import canonical_score  # noqa: E402
 from attncc.runtime import backend, call as call_mod, compiled  # noqa: E402
-from attncc.runtime.gluon import bwd, bwd_fused, fwd_pipelined, fwd_ws, launch, walks  # noqa: E402
+from attncc.runtime.gluon import bwd, bwd_fused, bwd_ws, fwd_pipelined, fwd_ws, launch, walks  # noqa: E402
 from attncc.spec import SpecError, load_spec, parse_spec  # noqa: E402
 from cases import SPEC_NAMES, module  # noqa: E402
 from early_child import EarlyChild  # noqa: E402
@@ -646,9 +646,9 @@ def mod_pattern(name):
 
 @pytest.fixture
 def emulated_bwd(monkeypatch, stubbed):
-    """stubbed, and the Gluon backward's kernels (split and fused) run as their torch emulation."""
+    """stubbed, and the Gluon backward's kernels (split, fused and ws) run as their torch emulation."""
     kernels = {}
-    for kernel in (bwd.attn_bwd_dkdv, bwd.attn_bwd_dq, bwd_fused.attn_bwd_fused):
+    for kernel in (bwd.attn_bwd_dkdv, bwd.attn_bwd_dq, bwd_fused.attn_bwd_fused, bwd_ws.attn_bwd_ws):
         kernels[kernel.fn.__name__] = EmulatedKernel(kernel)
         monkeypatch.setattr(kernel, "run", kernels[kernel.fn.__name__])
     return kernels
@@ -729,8 +729,47 @@ def test_gluon_bwd_switch_runs_the_fused_kernel(monkeypatch, emulated_bwd):
     assert len(emulated_bwd["attn_bwd_dkdv"].launches) == len(emulated_bwd["attn_bwd_dq"].launches) == 2
     assert len(emulated_bwd["attn_bwd_fused"].launches) == 1
     monkeypatch.setenv("ATTNCC_GLUON_BWD", "atomic")
-    with pytest.raises(ValueError, match=r"ATTNCC_GLUON_BWD must be one of split, fused .*'atomic'"):
+    with pytest.raises(ValueError, match=r"ATTNCC_GLUON_BWD must be one of split, fused, ws .*'atomic'"):
         attention(q, k, v, q_offset=q_offset, k_offset=k_offset).backward(do)
+
+
+def test_gluon_bwd_switch_runs_the_ws_kernel(monkeypatch, emulated_bwd):
+    """ATTNCC_GLUON_BWD=ws through the generated module: the ws kernel alone, its launch bound to its
+    signature with the call's values (boxes of 64 keys, 4 warps, maxnreg, the setmaxnreg budgets), and
+    gradients against the float64 reference; refused like fused under deterministic algorithms."""
+    monkeypatch.setenv("ATTNCC_BACKEND", "gluon")
+    monkeypatch.setenv("ATTNCC_GLUON_BWD", "ws")
+    Hq, Hkv, Nq, Nk, D, q_offset, k_offset = 2, 1, 40, 70, 64, 20, 0
+    mod, q, k, v, attention, _ = bind("causal", B=1, Hq=Hq, Hkv=Hkv, Nq=Nq, Nk=Nk, D=D, dtype=torch.float16,
+                                      grad=True)
+    for kernel in ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"):
+        monkeypatch.setattr(mod, kernel, None)  # the tl kernels must not run
+    o = attention(q, k, v, q_offset=q_offset, k_offset=k_offset)
+    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(5)).to(o.dtype)
+    o.backward(do)
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    attncc.reference(mod_pattern("causal"), qd, kd, vd, q_offset=q_offset, k_offset=k_offset).backward(do.double())
+    for got, want in ((q.grad, qd.grad), (k.grad, kd.grad), (v.grad, vd.grad)):
+        assert float((got.double() - want).norm() / want.norm()) < 1e-2
+    assert not any(emulated_bwd[n].launches for n in ("attn_bwd_dkdv", "attn_bwd_dq", "attn_bwd_fused"))
+    cfg = backend.gluon_bwd_config(D)
+    assert cfg == launch.default_bwd_config(D, "ws")
+    (args, kwargs, grid), = emulated_bwd["attn_bwd_ws"].launches
+    bound = check_arguments(bwd_ws.attn_bwd_ws, args, kwargs, call_values=dict(
+        H=Hq, GROUP=Hq // Hkv, Nq=Nq, Nk=Nk, q_offset=q_offset, k_offset=k_offset, QWALK=walks.causal_qwalk,
+        MASK=walks.causal_mask, STAGES=cfg.kv_stages, CONSUMER_REGS=bwd_ws.CONSUMER_REGS,
+        WORKER_REGS=bwd_ws.WORKER_REGS))
+    assert grid == (-(-Nk // cfg.kv_block_n), Hkv)
+    assert kwargs["num_warps"] == 4 and kwargs["maxnreg"] == bwd_ws.MAXNREG
+    assert [list(bound[n].block_shape) for n in ("q_desc", "k_desc", "dk_desc", "dq_acc_desc")] == [
+        [1, 1, 64, D], [1, 1, 64, D], [1, 1, 64, D], [1, 1, 64, D]]
+    assert bound["dq_acc_desc"].base.dtype == torch.float32
+    torch.use_deterministic_algorithms(True)
+    try:
+        with pytest.raises(RuntimeError, match="ATTNCC_GLUON_BWD=ws does not have a deterministic implementation"):
+            attention(q, k, v, q_offset=q_offset, k_offset=k_offset).backward(do)
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 @pytest.mark.parametrize("kernel", ["ws", "pipelined"])
