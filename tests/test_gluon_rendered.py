@@ -632,9 +632,11 @@ BWD_SLOW = [(name, "bwd", *BWD_PAIRS[n % 2][1 - n // 2 % 2]) for n, name in enum
 # it spills), the dtype alternating, and at D = 64 a two-segment walk and a score hook
 BWD_COMPILES += [(name, "bwd-fused", 128, ("bfloat16", "float16")[n % 2]) for n, name in enumerate(RENDERED)]
 BWD_COMPILES += [(name, "bwd-fused", 64, "bfloat16") for name in ("longformer", "softcap")]
+# the ws backward (ATTNCC_GLUON_BWD=ws, ~15 s each): every rendered spec at D = 128, bf16, with -m slow
+BWD_SLOW += [(name, "bwd-ws", 128, "bfloat16") for name in RENDERED]
 if ALL:
-    BWD_COMPILES = [(name, kernel, d, dt) for name in RENDERED for kernel in ("bwd", "bwd-fused") for d in (64, 128)
-                    for dt in ("bfloat16", "float16")]
+    BWD_COMPILES = [(name, kernel, d, dt) for name in RENDERED for kernel in ("bwd", "bwd-fused", "bwd-ws")
+                    for d in (64, 128) for dt in ("bfloat16", "float16")]
     BWD_SLOW = []
 
 CHILD = r"""
@@ -677,10 +679,11 @@ def rendered_compiler():
     through its generated module (ATTNCC_BACKEND=gluon, the device stubbed, a call with offsets
     and GQA), for sm90 as Triton specializes the recorded arguments (tests/kernel_compile.py). A
     "bwd" case is the module's Gluon backward of that call: its dK/dV and dQ launches, two results
-    ("dkdv", "dq"); "bwd-fused" the same with ATTNCC_GLUON_BWD=fused: one launch, "fused"."""
+    ("dkdv", "dq"); "bwd-fused" the same with ATTNCC_GLUON_BWD=fused: one launch, "fused"; "bwd-ws" with
+    ATTNCC_GLUON_BWD=ws: one launch, "ws"."""
     from kernel_compile import compile_launch, launch_of
 
-    from attncc.runtime.gluon import bwd, bwd_fused, preprocess
+    from attncc.runtime.gluon import bwd, bwd_fused, bwd_ws, preprocess
 
     os.environ["ATTNCC_BACKEND"] = "gluon"
     call_mod.interpreting = lambda: True  # CPU tensors pass the call's checks, as under the interpreter
@@ -704,7 +707,7 @@ def rendered_compiler():
     rt.gluon_forward = backend.gluon_forward = forward
     recorded = []
     for kernel in (fwd_ws.attn_fwd_ws, fwd_pipelined.attn_fwd_pipelined, bwd.attn_bwd_dkdv, bwd.attn_bwd_dq,
-                   bwd_fused.attn_bwd_fused):
+                   bwd_fused.attn_bwd_fused, bwd_ws.attn_bwd_ws):
         kernel.run = (lambda kernel: lambda *a, grid, warmup, **kw: recorded.append(launch_of(kernel, a, kw)))(kernel)
 
     def compile_case(case):
@@ -717,12 +720,12 @@ def rendered_compiler():
         recorded.clear()
         inputs = inputs_for(pattern(name), 1, 4, 400, torch.Generator().manual_seed(0))  # [inputs], if any
         if kernel.startswith("bwd"):
-            os.environ["ATTNCC_GLUON_BWD"] = "fused" if kernel == "bwd-fused" else "split"
+            os.environ["ATTNCC_GLUON_BWD"] = {"bwd-fused": "fused", "bwd-ws": "ws"}.get(kernel, "split")
             call = attncc.runtime.bind(module(name).SPEC, q, k, v, q_offset=100, kwargs=inputs)
             assert backend.gluon_backward_selected(call), backend.gluon_backward_problems(call)
             o, lse = torch.zeros_like(q), torch.zeros(1, 4, 300)
             backend.gluon_backward(call, "rendered", o, lse, torch.zeros_like(q))
-            parts = ("fused", ) if kernel == "bwd-fused" else ("dkdv", "dq")
+            parts = {"bwd-fused": ("fused", ), "bwd-ws": ("ws", )}.get(kernel, ("dkdv", "dq"))
         else:
             module(name).attention(q, k, v, q_offset=100, **inputs)
             parts = (kernel,)
@@ -821,7 +824,11 @@ def test_rendered_forward_compiles_for_sm90(compiled, case):
 
 # wgmma per kernel at the default tiles, as the built-in walks' (docs/gluon.md): one loop, whatever the segments
 BWD_WGMMA = {("dkdv", 128): 24, ("dkdv", 64): 16, ("dq", 128): 20, ("dq", 64): 16, ("fused", 128): 40,
-             ("fused", 64): 24}
+             ("fused", 64): 24, ("ws", 128): 64, ("ws", 64): 48}
+
+
+# the ws kernel's stack (bytes) and LDL in the whole kernel, rendered specs at D = 128 (measured, Triton 3.6)
+WS_SPILLS = (64, 32)
 
 
 @pytest.mark.parametrize("case", BWD_COMPILES, ids=lambda c: "-".join(map(str, c)))
@@ -832,18 +839,20 @@ def test_rendered_backward_compiles_for_sm90(compiled, case):
     (two-segment walks, softcap at D = 128: 8 bytes, reloaded once per step, outside the tile math).
     The fused kernel ("bwd-fused"): its dQ partial by one TMA reduce-add, and at D = 128 the spills
     the built-in walks' fused kernel has (64-80 bytes) plus a word or so of the rendered walk's
-    (80-112 bytes measured, docs/gluon.md); none at D = 64."""
+    (80-112 bytes measured, docs/gluon.md); none at D = 64. The ws kernel ("bwd-ws"): the fused kernel's
+    GEMMs in both consumer warpgroups, its registers the launch's cap (setmaxnreg moves them), its
+    spills bounded as measured (docs/gluon.md, "bwd_ws.py")."""
     name, kernel, d, dtype = case
     shared = {part: launch.bwd_shared_bytes(launch.default_bwd_config(d, method), d)[part]
               for method, parts in launch.BWD_METHODS.items() for part in parts}
     frag = module(name).SPEC.gluon_fragments.load()
-    for part in (("fused", ) if kernel == "bwd-fused" else ("dkdv", "dq")):
+    for part in {"bwd-fused": ("fused", ), "bwd-ws": ("ws", )}.get(kernel, ("dkdv", "dq")):
         c = compiled[(name, part, d, dtype)]
         assert c["wgmma"] == BWD_WGMMA[(part, d)] and c["hgmma"] == c["wgmma"], (part, c["wgmma"])
         assert c["tma_load"] and c["tma_store"] and c["p_from_registers"] and c["wait1"], part
-        assert c["tma_reduce"] == (part == "fused"), part
+        assert c["tma_reduce"] == {"fused": 1, "ws": d // 32}.get(part, 0), part
         assert shared[part] <= c["shared"] <= shared[part] + 1024 <= launch.SM90_SHARED_BYTES, (part, c["shared"])
-        spills = (128, 32) if part == "fused" and d == 128 else (8, 2)
+        spills = WS_SPILLS if part == "ws" else (128, 32) if part == "fused" and d == 128 else (8, 2)
         assert c["registers"] <= 255 and c["stack"] <= spills[0] and c["ldl"] <= spills[1], (
             part, c["registers"], c["stack"], c["ldl"])
         assert len(c["signature"]["pattern_args"]) == len(frag.PARAMS)

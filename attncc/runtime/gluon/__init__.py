@@ -2,7 +2,8 @@
 
 `fwd_pipelined` is the plain one-instruction-stream forward, `fwd_ws` the FlashAttention-3
 structure, `bwd` the backward (dK/dV and dQ kernels; `preprocess` writes their delta and lse2),
-`bwd_fused` the backward with dQ fused into the dK/dV program (ATTNCC_GLUON_BWD=fused);
+`bwd_fused` the backward with dQ fused into the dK/dV program (ATTNCC_GLUON_BWD=fused), `bwd_ws`
+the same warp-specialized (producer and dQ writer warps, two consumer warpgroups; ATTNCC_GLUON_BWD=ws);
 `walks` gives the contract of the pattern fragments the kernels inline and holds the built-in dense
 and causal walks; codegen renders the others from a Plan, the backward's query-block walk, mask and
 score derivative too (generated/<name>_gluon.py, loaded by `fragments`); `launch` builds descriptors and grids, launches,
