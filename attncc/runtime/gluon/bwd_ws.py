@@ -11,9 +11,10 @@ One program per (key block of 128 keys, batch x kv head), as bwd_fused.py's, in 
   waits until the TMA unit has read the tile and frees it (`dq_free`);
 - two consumer warpgroups (the default partition and one worker, 4 warps and CONSUMER_REGS each)
   own 64 keys of the block each and run bwd_fused's step on them (`common.transposed_tile`: S^T,
-  dP^T, P^T, dV += P^T dO, dS^T), write their half of dS^T to shared memory, issue dK += dS^T Q on
-  it, and, once the other warpgroup's half is there too (`ds_ready`), dQ_partial = dS K over the
-  block's 128 keys for their half of the head dim.
+  dP^T, P^T, dS^T, then dV += P^T dO), write their half of dS^T to shared memory (two buffers,
+  by step parity), issue dK += dS^T Q on it, and, once the other warpgroup's half is there too
+  (`ds_ready`), dQ_partial = dS K over the block's 128 keys for their half of the head dim, which
+  they stage (fp32) for the writer.
 
 So the ring refills, the TMA issue and the reduce's waits leave the consumers' instruction streams
 (bwd_fused.py has them all in one stream, with CTA-wide barriers), and the registers the two 1-warp
@@ -28,13 +29,24 @@ Barriers (one arrive per partition: Gluon syncs a partition's threads before its
 | `full[s]` | 1 (+ TMA bytes) | TMA | both consumers, phase = (t // STAGES) & 1 |
 | `empty[s]` | 2 | each consumer once dV and dK of the step (the slot's last readers) completed | producer, phase ^ 1 |
 | `ds_ready` | 2 | each consumer after storing its half of dS^T | both consumers before dQ = dS K, phase = t & 1 |
-| `ds_free` | 2 | each consumer once its dQ wgmma (the last reader of dS^T and K) completed | both consumers before storing dS^T of the next step (and before dK goes out through K's buffer) |
+| `ds_free[t % 2]` | 2 | each consumer once its dQ wgmma of step t (the last reader of dS^T buffer t % 2, and of K) completed | both consumers before storing dS^T of step t + 2, phase = ((t // 2) & 1) ^ 1 (and, the last step's, before dK goes out through K's buffer) |
 | `dq_staged` | 2 | each consumer after storing its half of the dQ partial | the dQ writer, phase = t & 1 |
 | `dq_free` | 1 | the dQ writer after `tma.store_wait(0)` (the reduce has read the tile) | both consumers before storing the next partial, phase ^ 1 |
 
-Each consumer waits for the other's dS^T half before its dQ and for the other's dQ before
-overwriting its half, so neither runs a phase ahead of the other on `ds_ready` / `ds_free`; the
-writer and the producer are bounded by `dq_staged` / `dq_free` and the ring.
+Each consumer waits for the other's dS^T half before its dQ and for the other's dQ of the step
+before the last before overwriting its half, so `ds_ready` never runs two phases ahead of a waiter;
+the writer and the producer are bounded by `dq_staged` / `dq_free` and the ring.
+
+Registers (Triton 3.6, docs/gluon.md "bwd_ws.py"): a consumer holds dK and dV (64 keys x D fp32: 128
+registers at D = 128) across the loop, S^T / P^T and dP^T (32 each) and lse2, delta (16 each) at the
+step's peak, within 240. The shared-memory descriptors of wgmma operands that do not change from step
+to step (K, V, K's columns for dQ: 24 of 64 bits at D = 128) were hoisted out of the loop by LLVM and
+spilled (176-296 bytes of stack); the consumers take K and V through `opaque_zero`, an index the
+compiler cannot see is 0, so that they are rebuilt in the loop from the buffer's address (a few
+integer adds per step): 24 bytes of stack remain (loop-invariant scalars, one LDL per step). dS^T's
+two buffers (t % 2) keep its descriptors in the loop the same way, and let a warpgroup store step
+t + 1's half while the other's dQ of step t still reads; `DV_LAST` issues dV after dS^T is
+computed (P^T's 16-bit copy not live beside P^T, dP^T and delta).
 
 Every partition walks the same steps (the key block's query-block walk, `common.key_tile_walk`,
 for each query head of the group), so the ring positions agree without communication.
@@ -57,7 +69,7 @@ CONSUMER_WARPS = gl.constexpr(4)
 CONSUMER_REGS = 240
 WORKER_REGS = 24
 MAXNREG = 168
-DV_LAST = gl.constexpr(True)
+DV_LAST = gl.constexpr(True)  # common.transposed_tile's: 24 bytes of stack at D = 128, 32 with False
 
 
 @gluon.jit
@@ -79,7 +91,9 @@ def program_walk(H, GROUP, Nq, Nk, q_offset, k_offset, n_q, n_k, pattern_args, Q
 
 @gluon.jit
 def opaque_zero(t):
-    """0, computed in the loop where the compiler cannot see it (keeps descriptors in the loop)."""
+    """0, as an inline-asm result the compiler cannot fold nor hoist out of the loop (not pure), t its
+    loop-variant operand: indexing K's and V's one-entry buffers with it keeps their wgmma descriptors
+    in the loop instead of 24 hoisted 64-bit values (module docstring)."""
     return gl.inline_asm_elementwise("mov.b32 $0, 0;", "=r,r", [t], dtype=gl.int32, is_pure=False, pack=1)
 
 
