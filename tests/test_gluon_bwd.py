@@ -10,7 +10,9 @@ warp-specialized one) checked on the CPU, where Gluon cannot run:
   (dense and causal, bf16 and fp16, D 64 and 128, GQA, offsets and n_q / n_k, Nq != Nk, rows
   without keys, lengths off the block sizes, with and without dLSE);
 - the emulation is not blind: a walk that skips a block or calls a partial block full fails it;
-- ``ws``: its launch (K, V, dK, dV boxes of one consumer warpgroup's 64 keys, 4 warps, maxnreg) and
+- ``ws``: its barrier protocol modelled (``ws_protocol``: the partitions' waits and arrives under
+  random interleavings, with the mbarrier's parity semantics); its launch (K, V, dK, dV boxes of one
+  consumer warpgroup's 64 keys, 4 warps, maxnreg) and
   its gradients equal to the fused kernel's (the same algorithm on the same 128-key blocks) on one
   call by default; the edge cases, random calls, rendered specs and broken walks with ``-m slow``;
 - the preprocess's padded rows (delta, lse2) against torch;
@@ -613,3 +615,114 @@ def test_rendered_backward_of_random_specs_with_score_hooks(emulated, tmp_path):
         seen["score_grad"] += frag.score_grad is not None
         seen["mod"] += pat.mod is not None
     assert seen["score_grad"] >= 8 and seen["mod"] >= 3 and seen["fused"] >= 4, seen
+
+
+# ------------------------------------------------------------------------------------------------
+# the ws kernel's barrier protocol (bwd_ws.py), modelled: its four partitions' waits and arrives in the
+# kernel's order, run under random interleavings with the mbarrier's parity semantics
+
+
+class Barrier:
+    """An mbarrier: `count` arrivals complete a phase; wait(parity) passes once the phase of that
+    parity has completed, i.e. while the current phase's parity differs (a fresh barrier passes 1)."""
+
+    def __init__(self, count):
+        self.count, self.pending, self.done = count, 0, 0
+
+    def arrive(self):
+        self.pending += 1
+        assert self.pending <= self.count
+        if self.pending == self.count:
+            self.pending, self.done = 0, self.done + 1
+
+    def passes(self, parity, phase):
+        """Whether wait(parity) passes; `phase`: the phase the kernel means it to wait for (-1: the
+        one before the first), which must be the last completed one when it passes (a barrier two
+        phases ahead of its waiter aliases the parity: a hang or a pass too early on the GPU)."""
+        ok = self.done % 2 != parity
+        if ok:
+            assert self.done == phase + 1, (self.done, phase)
+        return ok
+
+
+def ws_protocol(total, stages, rng):
+    """Runs bwd_ws.py's partitions (producer, dQ writer, consumer warpgroups 0 and 1) as generators that
+    yield their waits; checks every shared buffer's writes against its readers (ring slots, dS^T's two
+    buffers, the fp32 staging tile, K's halves) and that the program ends (no deadlock)."""
+    kv, full = Barrier(1), [Barrier(1) for _ in range(stages)]
+    empty = [Barrier(2) for _ in range(stages)]
+    ds_ready, ds_free = Barrier(2), [Barrier(2) for _ in range(2)]
+    dq_staged, dq_free = Barrier(2), Barrier(1)
+    slot_step = [None] * stages  # the step whose Q, dO, lse2, delta a ring slot holds
+    ds = [[None, None] for _ in range(2)]  # the step of each warpgroup's half of dS^T buffer 0 / 1
+    staged = [None, None]  # the step of each half of the fp32 staging tile
+    k_written = [False, False]
+    reads_k = [set(), set()]  # consumers whose dQ wgmma (reading all of K) is in flight
+
+    def wait(bar, parity, phase):
+        while not bar.passes(parity, phase):
+            yield "blocked"
+
+    def producer():
+        kv.arrive()  # (TMA of K, V)
+        for t in range(total):
+            yield from wait(empty[t % stages], ((t // stages) & 1) ^ 1, t // stages - 1)
+            slot_step[t % stages] = t
+            full[t % stages].arrive()  # (the TMA's bytes)
+
+    def writer():
+        for t in range(total):
+            yield from wait(dq_staged, t & 1, t)
+            assert staged == [t, t]  # the reduce reads both halves of step t
+            yield  # (the reduce in flight: store_wait)
+            assert staged == [t, t]
+            dq_free.arrive()
+
+    def consumer(wg):
+        yield from wait(kv, 0, 0)
+        for t in range(total):
+            yield from wait(full[t % stages], (t // stages) & 1, t // stages)
+            assert slot_step[t % stages] == t
+            yield  # (S^T, dP^T, dV: the slot's Q, dO, lse2, delta)
+            yield from wait(ds_free[t % 2], ((t // 2) & 1) ^ 1, t // 2 - 1)
+            ds[t % 2][wg] = t
+            ds_ready.arrive()
+            yield from wait(ds_ready, t & 1, t)
+            assert ds[t % 2] == [t, t]  # dQ = dS K reads both halves of step t
+            reads_k[wg].add(t)
+            yield  # (dK and dQ in flight)
+            assert ds[t % 2] == [t, t] and slot_step[t % stages] == t and not any(k_written)
+            empty[t % stages].arrive()
+            reads_k[wg].discard(t)
+            ds_free[t % 2].arrive()
+            yield from wait(dq_free, (t & 1) ^ 1, t - 1)
+            staged[wg] = t
+            dq_staged.arrive()
+        if total > 0:
+            yield from wait(ds_free[(total - 1) % 2], ((total - 1) // 2) & 1, (total - 1) // 2)
+        assert not reads_k[1 - wg], "dK written over K while the other warpgroup's dQ reads it"
+        k_written[wg] = True
+
+    running = [producer(), writer(), consumer(0), consumer(1)]
+    stalls = 0
+    while running:
+        part = rng.choice(running)
+        try:
+            stalls = stalls + 1 if next(part) == "blocked" else 0
+        except StopIteration:
+            running.remove(part)
+            stalls = 0
+        assert stalls < 1000, "deadlock: every partition waits"
+    assert k_written == [True, True] and dq_free.done == total and all(b.pending == 0 for b in empty + full)
+
+
+def test_ws_barrier_protocol():
+    """bwd_ws.py's barriers, modelled (ws_protocol): every program length (0 steps: a key block no query
+    block sees), ring depths 2 to 4, random interleavings of the four partitions: no deadlock, no
+    parity aliasing, no buffer overwritten while read or read before it is written. A wrong phase
+    (ds_free waited without the ^ 1, the writer one step early) fails it."""
+    rng = random.Random(27)
+    for total in (0, 1, 2, 3, 5, 8):
+        for stages in (2, 3, 4):
+            for _ in range(20):
+                ws_protocol(total, stages, rng)

@@ -50,6 +50,9 @@ computed (P^T's 16-bit copy not live beside P^T, dP^T and delta).
 
 Every partition walks the same steps (the key block's query-block walk, `common.key_tile_walk`,
 for each query head of the group), so the ring positions agree without communication.
+tests/test_gluon_bwd.py's `ws_protocol` models these waits and arrives (keep it in step with the
+kernel) and runs them under random interleavings: no deadlock, no parity aliasing, no buffer
+overwritten while read.
 
 Not deterministic in dQ (as bwd_fused.py): partials of every key block that sees a query block are
 added into the same fp32 rows in an order the scheduler decides. Rows past Nq are clipped by the
