@@ -17,10 +17,11 @@
 - CI compiles the rendered forward of every such spec for sm90 (a child process without
   TRITON_INTERPRET, started when collection ends: tests/early_child.py): the launch a generated
   module makes, through Triton's own specialization, to a cubin with wgmma, TMA, the overlap of S
-  with P V, and no spills in the key loop; and their backward, split (dK/dV and dQ kernels: one head
-  dim and dtype per spec, the four in turn, by default, the other with ``-m slow``) and fused
-  (ATTNCC_GLUON_BWD=fused), with its resources bounded. ATTNCC_GLUON_ALL=1 also compiles
-  every kernel at every head dim and dtype.
+  with P V, and no spills in the key loop (at D = 128; at D = 64 and 256 on two specs with ``-m slow``);
+  and their backward, split (dK/dV and dQ kernels: one head dim and dtype per spec, the four in turn,
+  by default, the other with ``-m slow``) and fused (ATTNCC_GLUON_BWD=fused; D = 128, and D = 64 on two
+  specs with ``-m slow``), with its resources bounded. ATTNCC_GLUON_ALL=1 also compiles every kernel at
+  every head dim and dtype.
 """
 from __future__ import annotations
 
@@ -614,11 +615,13 @@ def test_row_terms_keep_the_natural_lse_on_the_gluon_paths():
 
 ALL = os.environ.get("ATTNCC_GLUON_ALL") == "1"
 # (spec, kernel, head dim, dtype): the wired config (ws without ping-pong, bf16, D = 128) for every
-# rendered spec; both kernels, the other head dims and fp16 on a few (the two-segment walk, a score
-# hook, the D = 256 tiles with O staged in Q).
+# rendered spec; the pipelined kernel and fp16 on one; the other head dims (the two-segment walk, a
+# score hook, the D = 256 tiles with O staged in Q) with -m slow (COMPILES_SLOW, the slow child: ~8 s
+# of CPU each, as much as a spec's D = 128 forward; tests/test_gluon_compile.py compiles the ws kernel
+# at D = 64 and 256 by default, on the built-in walks)
 COMPILES = [(name, "ws", 128, "bfloat16") for name in RENDERED]
-COMPILES += [("sink_window", "pipelined", 128, "float16"), ("softcap", "ws", 256, "float16"),
-             ("longformer", "ws", 64, "bfloat16")]
+COMPILES += [("sink_window", "pipelined", 128, "float16")]
+COMPILES_SLOW = [("softcap", "ws", 256, "float16"), ("longformer", "ws", 64, "bfloat16")]
 if ALL:
     COMPILES = [(name, kernel, d, dt) for name in RENDERED for kernel in launch.KERNELS for d in (64, 128, 256)
                 for dt in ("bfloat16", "float16")]
@@ -629,15 +632,15 @@ BWD_PAIRS = (((128, "bfloat16"), (64, "float16")), ((128, "float16"), (64, "bflo
 BWD_COMPILES = [(name, "bwd", *BWD_PAIRS[n % 2][n // 2 % 2]) for n, name in enumerate(RENDERED)]
 BWD_SLOW = [(name, "bwd", *BWD_PAIRS[n % 2][1 - n // 2 % 2]) for n, name in enumerate(RENDERED)]
 # the fused backward (ATTNCC_GLUON_BWD=fused, one kernel, ~3 s): every rendered spec at D = 128 (where
-# it spills), the dtype alternating, and at D = 64 a two-segment walk and a score hook
+# it spills), the dtype alternating; at D = 64 a two-segment walk and a score hook with -m slow
 BWD_COMPILES += [(name, "bwd-fused", 128, ("bfloat16", "float16")[n % 2]) for n, name in enumerate(RENDERED)]
-BWD_COMPILES += [(name, "bwd-fused", 64, "bfloat16") for name in ("longformer", "softcap")]
+BWD_SLOW += [(name, "bwd-fused", 64, "bfloat16") for name in ("longformer", "softcap")]
 # the ws backward (ATTNCC_GLUON_BWD=ws, ~15 s each): every rendered spec at D = 128, bf16, with -m slow
 BWD_SLOW += [(name, "bwd-ws", 128, "bfloat16") for name in RENDERED]
 if ALL:
     BWD_COMPILES = [(name, kernel, d, dt) for name in RENDERED for kernel in ("bwd", "bwd-fused", "bwd-ws")
                     for d in (64, 128) for dt in ("bfloat16", "float16")]
-    BWD_SLOW = []
+    COMPILES_SLOW = BWD_SLOW = []
 
 CHILD = r"""
 import pickle, sys
@@ -786,7 +789,7 @@ def key_loop_ldl(sass: str, step_mma: int) -> int:
 # The child compiling COMPILES and BWD_COMPILES starts when collection ends (conftest.py,
 # tests/early_child.py): it compiles on the core the tests before this module leave idle.
 EARLY_CHILDREN = {"compiled": compile_child("test_gluon_rendered", "m.COMPILES + m.BWD_COMPILES"),
-                  "compiled_slow": compile_child("test_gluon_rendered", "m.BWD_SLOW")}
+                  "compiled_slow": compile_child("test_gluon_rendered", "m.COMPILES_SLOW + m.BWD_SLOW")}
 
 
 @pytest.fixture(scope="module")
@@ -820,6 +823,13 @@ def test_rendered_forward_compiles_for_sm90(compiled, case):
         assert c["stack"] <= 64 and c["ldl"] <= 32 * segments, (c["stack"], c["ldl"])
     else:
         assert c["stack"] == 0 and c["registers"] <= 255
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", COMPILES_SLOW, ids=lambda c: "-".join(map(str, c)))
+def test_rendered_forward_compiles_for_sm90_at_the_other_head_dims(compiled_slow, case):
+    """The forwards of COMPILES_SLOW, checked as above."""
+    test_rendered_forward_compiles_for_sm90(compiled_slow, case)
 
 
 # wgmma per kernel at the default tiles, as the built-in walks' (docs/gluon.md): one loop, whatever the segments
@@ -861,5 +871,6 @@ def test_rendered_backward_compiles_for_sm90(compiled, case):
 @pytest.mark.slow
 @pytest.mark.parametrize("case", BWD_SLOW, ids=lambda c: "-".join(map(str, c)))
 def test_rendered_backward_compiles_for_sm90_at_the_other_head_dim(compiled_slow, case):
-    """The other (head dim, dtype) of each spec's pair (BWD_SLOW), checked as above."""
+    """The other (head dim, dtype) of each spec's pair and the fused kernel at D = 64 (BWD_SLOW),
+    checked as above."""
     test_rendered_backward_compiles_for_sm90(compiled_slow, case)
