@@ -17,6 +17,15 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # `import generated.<name>` as a user would from the repo root
 
 
+def pytest_configure(config):
+    """Under pytest-xdist, the tests of a module that waits for a child process on one worker
+    (tests/xdist_together.py: each worker's fixture would start the child)."""
+    if config.pluginmanager.hasplugin("xdist"):
+        from xdist_together import Together
+
+        config.pluginmanager.register(Together(), "attncc_xdist_together")
+
+
 def _early_children(item):
     """The tests/early_child.py children the test's fixtures wait for (none for a skipped test: a
     slow one without -m slow)."""
