@@ -160,10 +160,10 @@ def test_a_child_kills_itself_when_pytest_is_gone(tmp_path):
 
 
 def test_conftest_starts_the_child_at_collection_only_for_selected_tests_and_runs_its_module_last(tmp_path):
-    """A copy of this folder's conftest.py, early_child.py and slow_rule.py with two modules: the child (which
-    records when it started) starts before the first test runs, and not when its fixture's tests
-    are deselected or skipped (slow); its module runs last."""
-    for name in ("conftest.py", "early_child.py", "slow_rule.py"):
+    """A copy of this folder's conftest.py, early_child.py, slow_rule.py and xdist_together.py with
+    two modules: the child (which records when it started) starts before the first test runs, and
+    not when its fixture's tests are deselected or skipped (slow); its module runs last."""
+    for name in ("conftest.py", "early_child.py", "slow_rule.py", "xdist_together.py"):
         shutil.copy(HERE / name, tmp_path / name)
     started = tmp_path / "started"
     (tmp_path / "test_a_early.py").write_text(textwrap.dedent(f"""
