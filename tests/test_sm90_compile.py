@@ -18,14 +18,20 @@ tests/early_child.py; this module's tests then run last): it compiles in one pro
 tests before them, on the core a serial run leaves idle, and in two once the fixture waits.
 
 How far each compiles (:func:`_plan`): every launch through Triton's front end, TTIR and TTGIR;
-one launch per kernel source, operand dtype and tile config on to LLVM IR and PTX (the launches
-that differ only in boolean flags lower the same layouts; not those made for their shared memory
-alone: _ttgir_only), and on to the cubin (ptxas) only where the kernel holds attncc's own inline
-assembly, which nothing but ptxas reads. Measured on 2 cores: 581 launches, 233 of them lowered,
-112 s; every launch to PTX took 193 s, and every launch to the cubin, which ATTNCC_SM90_CUBIN=1 asks
-for, 11 minutes on a loaded machine (45% of it ptxas). With the float32 and shared-memory launches
-(614, the same 233 lowered) the child's compile time summed over both processes was 1021 s against
-1246 s before them, on a machine loaded 3x (9.8 minutes of wall time for the test).
+one launch per kernel source and operand dtype on to LLVM IR and PTX, at one of the tile configs
+that source is launched with, the configs rotating over the specs so that every config of every
+kernel is lowered too (the launches that differ only in boolean flags lower the same layouts; not
+those made for their shared memory alone: _ttgir_only); ATTNCC_SM90_LOWER=all (the slow test)
+lowers each source at each of its configs. On to the cubin (ptxas) only where the kernel holds
+attncc's own inline assembly, which nothing but ptxas reads. Measured (session 27, 2 cores loaded
+5-7x, 737 launches): every config of each source lowered (222 launches), LLVM IR and PTX took 58%
+of the stages' time and the child 587 s of CPU; one config per source (128), 38% less time in
+LLVM IR and PTX, 24% less in all stages, 518 s of CPU. Earlier, on 2 cores: 581 launches, 233 of
+them lowered, 112 s; every launch to PTX took 193 s, and every launch to the cubin, which
+ATTNCC_SM90_CUBIN=1 asks for, 11 minutes on a loaded machine (45% of it ptxas). With the float32
+and shared-memory launches (614, the same 233 lowered) the child's compile time summed over both
+processes was 1021 s against 1246 s before them, on a machine loaded 3x (9.8 minutes of wall time
+for the test).
 
 Shared memory: every launch's, as Triton allocates it (``metadata["shared"]``; for the launches
 that stop at TTGIR, the nvidia backend's allocation pass run on the TTGIR:
@@ -36,6 +42,7 @@ candidates) are chosen by, must never be below Triton's number for the attention
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
@@ -74,8 +81,8 @@ def _env(folder):
     return dict(without_interpreter(), ATTNCC_CACHE_DIR=str(folder / "tune"), ATTNCC_FAST_LAUNCH="0")
 
 
-def _run_child(tmp_path, *args):
-    run = subprocess.run(_argv(tmp_path, *args), env=_env(tmp_path), cwd=ROOT, capture_output=True, text=True,
+def _run_child(tmp_path, *args, **env):
+    run = subprocess.run(_argv(tmp_path, *args), env=dict(_env(tmp_path), **env), cwd=ROOT, capture_output=True, text=True,
                          timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
     return json.loads((tmp_path / "report.json").read_text())
@@ -137,6 +144,15 @@ def test_shared_memory_at_ttgir_is_the_backends(report):
     assert all(x["shared_ttgir"] == x["shared"] for x in lowered), \
         [(x["label"], x["shared_ttgir"], x["shared"]) for x in lowered if x["shared_ttgir"] != x["shared"]][:5]
     assert all(x["shared"] > 0 for x in report["launches"] if x["model"] is not None)
+
+
+@pytest.mark.slow
+def test_every_config_of_every_kernel_source_lowers_for_sm90(tmp_path):
+    """Every kernel source lowered to PTX at each of its tile configs (ATTNCC_SM90_LOWER=all: 222
+    lowerings), not at one per source and the configs rotating over the specs (_plan: 128)."""
+    launches = _run_child(tmp_path, ATTNCC_SM90_LOWER="all")["launches"]
+    assert not _failures(launches), _failures(launches)
+    assert sum(x["shared_ttgir"] is not None for x in launches) > 200
 
 
 def test_the_shared_memory_model_is_never_below_tritons(report):
@@ -243,7 +259,7 @@ def _child(out_path, full, broken):
             for name, mod in mods.items():
                 _drive(name, mod)
         expected = {name: _expected(name, mod) for name, mod in mods.items()}
-    _PLAN[:] = _plan(launches, full)
+    _PLAN[:] = _plan(launches, full, every_config=os.environ.get("ATTNCC_SM90_LOWER") == "all")
     _MODULES.update(launches.modules)
     print(f"{len(launches)} launches recorded in {time.perf_counter() - start:.1f} s, "
           f"{sum(last != 'ttgir' for _, last in _PLAN)} lowered to PTX", file=sys.stderr)
@@ -272,28 +288,49 @@ def _ttgir_only():
         _TTGIR_ONLY.update(x.key for x in _RECORDING[0][before:])
 
 
-def _plan(launches, full):
+def _plan(launches, full, every_config=False):
     """(launch, last stage) of each launch, the largest tiles first (the two processes end together).
 
     Every launch goes through Triton's front end, TTIR and TTGIR (types, constants, layouts,
-    pipelining). The lowering to LLVM IR and PTX (and ptxas where attncc wrote inline assembly)
-    is done once per kernel source, operand dtype and tile config (options, and the constexpr
-    parameters that are numbers or strings): the launches that differ only in boolean flags
-    (VARLEN, WIDE, LISTS, RETURN_LSE, ...), in which arguments are None and in Triton's
-    specializations (divisibility, ints equal to 1) lower the same layouts. ``full``: every
-    launch to the cubin."""
-    lowered, plan = set(), []
+    pipelining, shared memory). The lowering to LLVM IR and PTX (and ptxas where attncc wrote
+    inline assembly), 58% of the child's compile time when it took every config, is done once per
+    kernel source and operand dtype, at one of the tile configs (options, and the constexpr
+    parameters that are numbers or strings) that source is launched with: the one at which its
+    kernel (``_fwd_kernel``, ...) has been lowered least often so far, so that the configs rotate
+    over the specs; then once more for each (kernel, dtype, config) no source was lowered at. Every
+    kernel source is lowered, and every config of every kernel. Launches that differ only in
+    boolean flags (VARLEN, WIDE, LISTS, RETURN_LSE, ...), in which arguments are None and in
+    Triton's specializations (divisibility, ints equal to 1) lower the same layouts.
+    ``every_config`` (ATTNCC_SM90_LOWER=all; the slow test): each source at each of its configs.
+    ``full``: every launch to the cubin."""
+    plan, shapes = [], {}  # shapes: (source, dtype) -> {config: its first launch}
     for x in launches:
         if x.key in _TTGIR_ONLY and not full:
-            plan.append((x, "ttgir"))
+            plan.append([x, "ttgir"])
             continue
-        constexprs = {p.name for p in x.fn.params if p.is_constexpr}
+        plan.append([x, "cubin" if full else "ttgir"])
         pointers = [kind for _, kind in x.signature if kind.startswith("*")]
-        shape = (x.source_hash, x.options, tuple(pointers[:1]), tuple(
-            (name, x.constexpr(name)) for name in sorted(constexprs) if type(x.constexpr(name)) in (int, str)))
-        plan.append((x, "cubin" if full else "ptx" if shape not in lowered else "ttgir"))
-        lowered.add(shape)
-    return sorted(plan, key=lambda p: (p[1] != "ttgir", _cost(p[0])), reverse=True)
+        shapes.setdefault((x.source_hash, tuple(pointers[:1])), {}).setdefault(_config(x), len(plan) - 1)
+    if not full:
+        lowered = collections.Counter()  # (kernel, dtype, config) -> lowerings
+        for (_, dtype), configs in shapes.items():
+            name = plan[next(iter(configs.values()))][0].name
+            chosen = list(configs) if every_config else [min(configs, key=lambda c: lowered[name, dtype, c])]
+            for config in chosen:
+                lowered[name, dtype, config] += 1
+                plan[configs[config]][1] = "ptx"
+        for (_, dtype), configs in shapes.items():  # the configs no source was lowered at
+            for config, index in configs.items():
+                if not lowered[plan[index][0].name, dtype, config]:
+                    lowered[plan[index][0].name, dtype, config] += 1
+                    plan[index][1] = "ptx"
+    return sorted(map(tuple, plan), key=lambda p: (p[1] != "ttgir", _cost(p[0])), reverse=True)
+
+
+def _config(launch):
+    """A launch's tile config: its options and the constexpr parameters that are numbers or strings."""
+    constexprs = sorted(p.name for p in launch.fn.params if p.is_constexpr)
+    return launch.options, tuple((n, launch.constexpr(n)) for n in constexprs if type(launch.constexpr(n)) in (int, str))
 
 
 def _cost(launch):
