@@ -6,8 +6,8 @@ module whose fixture waits for a long child process (tests/test_sm90_compile.py:
 compiled for sm90) names it in ``EARLY_CHILDREN = {fixture name: EarlyChild(...)}``; conftest.py
 starts it once the selected tests are known (only when one of them uses that fixture; not under
 ``--collect-only`` nor in pytest-xdist's workers, where it starts when the fixture asks, as
-before) and moves that module's tests to the end, and the fixture takes the child's output with
-:meth:`EarlyChild.result`.
+before, and the module's tests all go to one worker: tests/xdist_together.py) and moves that
+module's tests to the end, and the fixture takes the child's output with :meth:`EarlyChild.result`.
 
 Until a test waits for it, the child's work runs in one process (:func:`pool_map`), on the core
 the serial tests leave idle; once one waits (``hurry``, a file the parent makes), in two. The
