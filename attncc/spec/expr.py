@@ -765,6 +765,36 @@ def compares_numbers(e) -> bool:
     return not any(x.is_Boolean or isinstance(x, sympy.Rel) for x in e.args)
 
 
+def score_algebra(e):
+    """A score expression (``[score].bias``, ``[score].mod``) as the kernels compute it where that
+    differs from the grouping as written: score code is float32 and takes the parser's grouping
+    of float arithmetic off (``attncc.analysis.integer.ungrouped``), after which sympy cancels and
+    cancels terms (``(s + x[b, j]) - x[b, j]`` is ``s``, ``(s + F) - F`` too). Where a
+    variable, param or input read is gone that way, that algebra is the expression (§1: terms that
+    cancel are gone, in the kernels and in ``attncc.reference`` alike, whatever values they would
+    have had: ``x[b, j]`` of inf, ``F`` of 1e20); elsewhere ``e`` keeps its grouping (the
+    reference's float64 as written, §3.3). The conditions of its ``where`` s keep theirs."""
+    flat = _without_grouping(e)
+    return flat if _reads(flat) != _reads(e) else e
+
+
+def _without_grouping(e):
+    if isinstance(e, Grouped):
+        inner = _without_grouping(e.args[0])
+        return ToFloat(inner) if inner.is_integer else inner
+    if isinstance(e, sympy.Piecewise):
+        return sympy.Piecewise(*[(_without_grouping(x), c) for x, c in e.args])
+    if not isinstance(e, sympy.Expr) or e.is_Atom or not e.args:
+        return e
+    args = [_without_grouping(a) for a in e.args]
+    return e if all(a is b for a, b in zip(args, e.args)) else e.func(*args)
+
+
+def _reads(e) -> set:
+    """The variables, params and input reads of ``e``."""
+    return e.atoms(sympy.Symbol, AppliedUndef)
+
+
 def integer_comparison(e):
     """``e`` compared in integers where it is a comparison of integers that sympy wrote with rational
     coefficients: both sides multiplied by the least common multiple of their denominators.

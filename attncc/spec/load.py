@@ -16,7 +16,7 @@ from attncc.spec import names as N
 from attncc.spec import symbols as S
 from attncc.spec.builtins import RandomBlocks
 from attncc.spec.errors import SpecError
-from attncc.spec.expr import BOOL, FUNCTIONS, Scope, parse_expression
+from attncc.spec.expr import BOOL, FUNCTIONS, Scope, parse_expression, score_algebra
 from attncc.spec.ir import TAYLOR_MAX_HEAD_DIM, FeatureMap, InputDecl, Param, Pattern, Rope
 
 TOP_KEYS = ("name", "kind", "head_dim", "value_dim", "dtypes", "heads", "params", "inputs",
@@ -319,13 +319,13 @@ def parse_spec(text: str, path: str = "<string>") -> Pattern:
             bias, typ = parse_expression(score["bias"], scope, path, "[score].bias", counts)
             if typ == BOOL:
                 c.fail("[score].bias", "the bias must be a number, got a boolean expression (masks go in [mask].where)")
-            fields["bias"] = bias
+            fields["bias"] = score_algebra(bias)
         if "mod" in score:
             mod, typ = parse_expression(score["mod"], Scope(scope.params, scope.inputs, allow_score=True), path,
                                         "[score].mod", counts)
             if typ == BOOL:
                 c.fail("[score].mod", "the score transform must be a number, got a boolean expression")
-            mod, extra_mask = split_mod_mask(mod)
+            mod, extra_mask = split_mod_mask(score_algebra(mod))
             if extra_mask is not None:
                 mask = extra_mask if mask is None else sympy.And(mask, extra_mask)
                 fields["mod_mask"] = extra_mask
