@@ -382,24 +382,10 @@ class _Parser:
         each other on a finite score that the expression as written does not have. A branch that
         can be infinite must survive ``+ - * /`` (Python's ``inf + x`` is never finite), so a
         result that lost one is refused."""
-        infinite = (sympy.oo, -sympy.oo, sympy.zoo)
-
-        def exposed(x):  # the wheres whose infinite branch reaches x's value through + - * / **
-            if isinstance(x, sympy.Piecewise):
-                if any(e in infinite for e, _ in x.args):
-                    yield x
-                for e, _ in x.args:
-                    yield from exposed(e)
-            elif x.is_Add or x.is_Mul or x.is_Pow:
-                for a in x.args:
-                    yield from exposed(a)
-
         for x in operands:
-            for p in exposed(x):
+            for p in _infinite_branches(x):
                 if not out.has(p):
-                    self.fail(node, f"'{sym}' cancels a branch that can be infinite ({_text(p)}): "
-                                    "Python computes 0 * inf and inf - inf as NaN there; write the mask as "
-                                    "where(c, e, -inf) around the finite arithmetic instead")
+                    self.fail(node, f"'{sym}' {CANCELLED_INFINITY.format(_text(p))}")
 
     def visit_BoolOp(self, node):
         name = "and" if isinstance(node.op, ast.And) else "or"
@@ -765,6 +751,22 @@ def compares_numbers(e) -> bool:
     return not any(x.is_Boolean or isinstance(x, sympy.Rel) for x in e.args)
 
 
+CANCELLED_INFINITY = ("cancels a branch that can be infinite ({}): Python computes 0 * inf and inf - inf as NaN "
+                      "there; write the mask as where(c, e, -inf) around the finite arithmetic instead")
+
+
+def _infinite_branches(x):
+    """The wheres whose infinite branch reaches ``x``'s value through ``+ - * / **``."""
+    if isinstance(x, sympy.Piecewise):
+        if any(e in (sympy.oo, -sympy.oo, sympy.zoo) for e, _ in x.args):
+            yield x
+        for e, _ in x.args:
+            yield from _infinite_branches(e)
+    elif x.is_Add or x.is_Mul or x.is_Pow or isinstance(x, Grouped):
+        for a in x.args:
+            yield from _infinite_branches(a)
+
+
 def score_algebra(e):
     """A score expression (``[score].bias``, ``[score].mod``) as the kernels compute it where that
     differs from the grouping as written: score code is float32 and takes the parser's grouping
@@ -773,9 +775,15 @@ def score_algebra(e):
     variable, param or input read is gone that way, that algebra is the expression (§1: terms that
     cancel are gone, in the kernels and in ``attncc.reference`` alike, whatever values they would
     have had: ``x[b, j]`` of inf, ``F`` of 1e20); elsewhere ``e`` keeps its grouping (the
-    reference's float64 as written, §3.3). The conditions of its ``where`` s keep theirs."""
+    reference's float64 as written, §3.3). The conditions of its ``where`` s keep theirs. A
+    ``where`` with an infinite branch that cancels is a ValueError, as in the parser."""
     flat = _without_grouping(e)
-    return flat if _reads(flat) != _reads(e) else e
+    if _reads(flat) == _reads(e):
+        return e
+    for p in _infinite_branches(e):
+        if not flat.has(_without_grouping(p)):  # as the parser refuses w - w (Parser.no_cancelled_infinity)
+            raise ValueError(f"the score {CANCELLED_INFINITY.format(_text(p))}")
+    return flat
 
 
 def _without_grouping(e):

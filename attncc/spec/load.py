@@ -319,13 +319,13 @@ def parse_spec(text: str, path: str = "<string>") -> Pattern:
             bias, typ = parse_expression(score["bias"], scope, path, "[score].bias", counts)
             if typ == BOOL:
                 c.fail("[score].bias", "the bias must be a number, got a boolean expression (masks go in [mask].where)")
-            fields["bias"] = score_algebra(bias)
+            fields["bias"] = _score_algebra(c, "[score].bias", bias)
         if "mod" in score:
             mod, typ = parse_expression(score["mod"], Scope(scope.params, scope.inputs, allow_score=True), path,
                                         "[score].mod", counts)
             if typ == BOOL:
                 c.fail("[score].mod", "the score transform must be a number, got a boolean expression")
-            mod, extra_mask = split_mod_mask(score_algebra(mod))
+            mod, extra_mask = split_mod_mask(_score_algebra(c, "[score].mod", mod))
             if extra_mask is not None:
                 mask = extra_mask if mask is None else sympy.And(mask, extra_mask)
                 fields["mod_mask"] = extra_mask
@@ -381,6 +381,14 @@ def _seed(c: _Checker, value, key) -> int:
     if value > SEED_MAX:
         c.fail(key, f"expected a seed below 2**63, got {value}")
     return value
+
+
+def _score_algebra(c, key, e):
+    """:func:`attncc.spec.expr.score_algebra` of ``e``, its refusal a SpecError at ``key``."""
+    try:
+        return score_algebra(e)
+    except ValueError as err:
+        c.fail(key, str(err))
 
 
 def split_mod_mask(mod):
