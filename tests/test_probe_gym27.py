@@ -27,7 +27,8 @@ Found (fixed): a score expression whose terms cancel once the grouping of float 
 taken off (``score + x[b, j] - x[b, j]``, ``(score + x[b, j]) * 2 - 2 * x[b, j]``, ``score + F -
 F``) was computed two ways: the kernels (score code takes the grouping off, sympy then cancels)
 gave ``s``, ``attncc.reference`` (float arithmetic as written) ``(s + x) - x``: NaN
-where ``x`` is inf, the scores of a row rounded away at ``F = 1e20`` (o 1.2 off). docs §1 says
+where ``x`` is inf, the scores of a row rounded away at ``F = 1e20`` (o 1.2 off); the same in a
+condition on the score (``where((score + x[b, j]) - x[b, j] > 0, score, 0.0)``: o 0.65 off). docs §1 says
 terms that cancel are gone in both; the parser now writes such a score as that algebra
 (``attncc.spec.expr.score_algebra``), which the reference and the kernels compute alike. A
 ``where`` with a ``-inf`` branch that cancels that way (``(where(c, s, -inf) + F) - where(c, s,
@@ -57,6 +58,8 @@ CANCELLING = [
     ("score + F - F", "s", True),
     ("(score + x[b, i]) - x[b, i] + 0.5 * (i - j)", "s + 0.5 * (i - j)", False),
     ("where(j <= i, score + x[b, j] - x[b, j], -inf)", "where(j <= i, s, -inf)", True),
+    ("where((score + x[b, j]) - x[b, j] > 0, score, 0.0)", "where(s > 0, s, 0.0)", True),
+    ("where(score > (x[b, j] + 0.5) - x[b, j], score, -inf)", "where(s > 0.5, s, -inf)", False),
 ]
 
 

@@ -775,7 +775,8 @@ def score_algebra(e):
     variable, param or input read is gone that way, that algebra is the expression (§1: terms that
     cancel are gone, in the kernels and in ``attncc.reference`` alike, whatever values they would
     have had: ``x[b, j]`` of inf, ``F`` of 1e20); elsewhere ``e`` keeps its grouping (the
-    reference's float64 as written, §3.3). The conditions of its ``where`` s keep theirs. A
+    reference's float64 as written, §3.3). Its conditions on the score are score code too; the
+    others are mask code and keep their grouping. A
     ``where`` with an infinite branch that cancels is a ValueError, as in the parser."""
     flat = _without_grouping(e)
     if _reads(flat) == _reads(e):
@@ -791,8 +792,10 @@ def _without_grouping(e):
         inner = _without_grouping(e.args[0])
         return ToFloat(inner) if inner.is_integer else inner
     if isinstance(e, sympy.Piecewise):
-        return sympy.Piecewise(*[(_without_grouping(x), c) for x, c in e.args])
-    if not isinstance(e, sympy.Expr) or e.is_Atom or not e.args:
+        return sympy.Piecewise(*[(_without_grouping(x), _without_grouping(c)) for x, c in e.args])
+    if isinstance(e, sympy.core.relational.Relational) and S.s not in e.free_symbols:
+        return e  # a condition on positions and inputs: mask code, as written (§3.3)
+    if not isinstance(e, sympy.Basic) or e.is_Atom or not e.args:
         return e
     args = [_without_grouping(a) for a in e.args]
     return e if all(a is b for a, b in zip(args, e.args)) else e.func(*args)
