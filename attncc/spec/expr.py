@@ -772,9 +772,10 @@ def score_algebra(e):
     differs from the grouping as written: score code is float32 and takes the parser's grouping
     of float arithmetic off (``attncc.analysis.integer.ungrouped``), after which sympy cancels and
     cancels terms (``(s + x[b, j]) - x[b, j]`` is ``s``, ``(s + F) - F`` too). Where a
-    variable, param or input read is gone that way, that algebra is the expression (§1: terms that
-    cancel are gone, in the kernels and in ``attncc.reference`` alike, whatever values they would
-    have had: ``x[b, j]`` of inf, ``F`` of 1e20); elsewhere ``e`` keeps its grouping (the
+    variable, param or input read is gone that way (or merged: ``(s * x + x) - x`` is ``s * x``),
+    that algebra is the expression (§1: terms that cancel are gone, in the kernels and in
+    ``attncc.reference`` alike, whatever values they would have had: ``x[b, j]`` of inf, ``F`` of
+    1e20); elsewhere ``e`` keeps its grouping (the
     reference's float64 as written, §3.3). Its conditions on the score are score code too; the
     others are mask code and keep their grouping. A
     ``where`` with an infinite branch that cancels is a ValueError, as in the parser."""
@@ -801,9 +802,13 @@ def _without_grouping(e):
     return e if all(a is b for a, b in zip(args, e.args)) else e.func(*args)
 
 
-def _reads(e) -> set:
-    """The variables, params and input reads of ``e``."""
-    return e.atoms(sympy.Symbol, AppliedUndef)
+def _reads(e) -> Dict[sympy.Basic, int]:
+    """How often each variable, param and input read occurs in ``e``."""
+    counts: Dict[sympy.Basic, int] = {}
+    for x in sympy.preorder_traversal(e):
+        if isinstance(x, (sympy.Symbol, AppliedUndef)):
+            counts[x] = counts.get(x, 0) + 1
+    return counts
 
 
 def integer_comparison(e):
