@@ -11,14 +11,16 @@ GQA, relative tables read at a clamped ``i - j``, per-head dense bool masks, tan
 to 3e6 (in the mod, and ``[score].softcap`` beside it), ``/``, ``//``, ``%`` by params, float
 params of 1e20 to 1e35, int params at ``2**31 - 3 .. 2**31 + 7`` and ``-2**31``.
 
-Probed: 180 programs through the kernels (o, the LSE and the gradients of q, k, v and of the
-learned captured tensors, against Flex's forward and backward in float64 and Flex's own forward at
-the call's dtype; about 40 of them decode): clean, but one float32 gradient of a nested tanh
-(softcap 1.0 inside softcap 5.0) 1.8e-3 off where Flex's own float32 is 5.8e-4 off (the probe now
-holds such a gradient to 4x Flex's own error). 600 programs through ``attncc.reference`` against
-Flex in float64 (forward, LSE): clean. 180 static masks of the generator (3D NATTEN, dilated,
-global + window, int params near 2**31) at 1..400 rows, offsets up to 2**31, GPU tile shapes: the
-Plan's walks exact against brute force. By hand: ``BlockMask.from_kv_blocks`` as
+Probed: 200 programs through the kernels (seeds 0-185 and 400-413: o, the LSE and the gradients of
+q, k, v and of the learned captured tensors, against Flex's forward and backward in float64 and
+Flex's own forward at the call's dtype; decode and forced tiles joined the generator at seed 300:
+10 decode calls, 7 with forced tiles): clean, but one float32 gradient of a nested tanh (softcap
+1.0 inside softcap 5.0) 1.8e-3 off where Flex's own float32 is 5.8e-4 off (the probe now holds
+such a gradient to 4x Flex's own error). 159 programs through ``attncc.reference`` against Flex
+in float64 (seeds 0-199 of the final generator but its decode calls; forward, LSE): clean (within 1.2e-8: Flex
+computes an int tensor over a float in float32). 180 static masks of the generator (3D NATTEN,
+dilated, global + window, int params near 2**31) at 1..400 rows, offsets up to 2**31, GPU tile
+shapes: the Plan's walks exact against brute force. By hand: ``BlockMask.from_kv_blocks`` as
 ``any((j // 16 == idx[b, h, i // 16, t]) & (t < num[b, h, i // 16]) for t in range(3))``, float
 params of 1e37 / 1e-37 in masks and scores, int and float params passed as numpy / 0-d tensors /
 the wrong type, divisors of 0, the errors of a [B, 1, N, N] mask for dims (b, h, n, n).
@@ -26,9 +28,9 @@ the wrong type, divisors of 0, the errors of a [B, 1, N, N] mask for dims (b, h,
 Found (fixed): a score expression whose terms cancel once the grouping of float arithmetic is
 taken off (``score + x[b, j] - x[b, j]``, ``(score + x[b, j]) * 2 - 2 * x[b, j]``, ``score + F -
 F``) was computed two ways: the kernels (score code takes the grouping off, sympy then cancels)
-gave ``s``, ``attncc.reference`` (float arithmetic as written) ``(s + x) - x``: NaN
-where ``x`` is inf, the scores of a row rounded away at ``F = 1e20`` (o 1.2 off); the same in a
-condition on the score (``where((score + x[b, j]) - x[b, j] > 0, score, 0.0)``: o 0.65 off). docs §1 says
+gave ``s``, ``attncc.reference`` (float arithmetic as written) ``(s + x) - x``: NaN where ``x``
+is inf, the scores of a row rounded away at ``F = 1e20`` (o 1.2 off); the same in a condition on
+the score (``where((score + x[b, j]) - x[b, j] > 0, score, 0.0)``: o 0.65 off). docs §1 says
 terms that cancel are gone in both; the parser now writes such a score as that algebra
 (``attncc.spec.expr.score_algebra``), which the reference and the kernels compute alike. A
 ``where`` with a ``-inf`` branch that cancels that way (``(where(c, s, -inf) + F) - where(c, s,
