@@ -11,10 +11,10 @@ GQA, relative tables read at a clamped ``i - j``, per-head dense bool masks, tan
 to 3e6 (in the mod, and ``[score].softcap`` beside it), ``/``, ``//``, ``%`` by params, float
 params of 1e20 to 1e35, int params at ``2**31 - 3 .. 2**31 + 7`` and ``-2**31``.
 
-Probed: 200 programs through the kernels (seeds 0-185 and 400-413: o, the LSE and the gradients of
+Probed: 216 programs through the kernels (seeds 0-185 and 400-429: o, the LSE and the gradients of
 q, k, v and of the learned captured tensors, against Flex's forward and backward in float64 and
 Flex's own forward at the call's dtype; decode and forced tiles joined the generator at seed 300:
-10 decode calls, 7 with forced tiles): clean, but one float32 gradient of a nested tanh (softcap
+13 decode calls, 15 with forced tiles): clean, but one float32 gradient of a nested tanh (softcap
 1.0 inside softcap 5.0) 1.8e-3 off where Flex's own float32 is 5.8e-4 off (the probe now holds
 such a gradient to 4x Flex's own error). 159 programs through ``attncc.reference`` against Flex
 in float64 (seeds 0-199 of the final generator but its decode calls; forward, LSE): clean (within 1.2e-8: Flex
