@@ -27,7 +27,7 @@ from attncc.analysis.separable import ModSum, SumCarry
 from attncc.codegen.printer import Defined
 from attncc.codegen.text import escaped, py_str
 from attncc.spec import symbols as S
-from attncc.spec.builtins import Bucket, divides
+from attncc.spec.builtins import BitAnd, BitOr, BitXor, Bucket, Shift, divides
 from attncc.spec.errors import SpecError
 from attncc.spec.expr import spec_text
 from attncc.spec.ir import Pattern
@@ -35,6 +35,7 @@ from attncc.spec.ir import Pattern
 # The kernels' bound symbols (analysis steps) by name: positions and offsets, or tile sides.
 _POSITION_NAMES = frozenset({"q_lo", "q_hi", "k_lo", "k_hi", "q_offset", "k_offset", "N_K", "N_Q"})
 _BLOCK_NAMES = frozenset({"BLOCK_M", "BLOCK_N"})
+_BITWISE = {BitAnd: "and", BitOr: "or", BitXor: "xor"}  # runtime.intervals.CallNumbers.bitwise's names
 # Values that do not vary per pair (the host knows them at the call)
 _CALL_SIZES = (S.n_q, S.n_k, S.n_heads)
 
@@ -86,6 +87,10 @@ class _BoundPrinter:
             return self._call("select", [value for value, _ in e.args])
         if isinstance(e, Bucket):
             return f"x.bucket({self(e.args[0])}, {e.options[0]})"
+        if isinstance(e, Shift):
+            return self._call("shift", e.args)
+        if type(e) in _BITWISE:
+            return f"x.bitwise({py_str(_BITWISE[type(e)])}, {', '.join(self(a) for a in e.args)})"
         if isinstance(e, (sympy.floor, sympy.ceiling, sympy.Mod)) or not e.is_integer:
             raise _Float(e)  # floor of a float, a float's remainder: float arithmetic
         return "x.unbounded()"  # nothing here bounds it: WIDE, to be safe

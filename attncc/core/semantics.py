@@ -297,3 +297,13 @@ def random_block_set(query_block: int, n_key_blocks: int, r: int, seed: int) -> 
         return ()
     rng = random.Random(f"attncc.random_blocks:{seed}:{query_block}:{n_key_blocks}")
     return tuple(sorted(rng.sample(range(n_key_blocks), min(r, n_key_blocks))))
+
+
+SHIFT_LIMIT = 63  # |n| of a shift by an amount that is not a constant is taken up to this
+
+
+def shift(x: int, n: int) -> int:
+    """``floor(x * 2**n)``: Python's ``x << n`` for n >= 0 and ``x >> -n`` for n < 0, with ``n``
+    clamped to [-SHIFT_LIMIT, SHIFT_LIMIT] (past it an int64 is 0, -1, or overflows anyway)."""
+    n = max(-SHIFT_LIMIT, min(SHIFT_LIMIT, n))
+    return x << n if n >= 0 else x >> -n

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from typing import Callable, Dict, Optional
 
+from attncc.core.semantics import shift
+
 INT32_MAX = 2**31 - 1
 # Rows a kernel computes past the last position (ragged last tiles: a few blocks of <= 256 rows)
 POSITION_PAD = 4096
@@ -184,6 +186,25 @@ class CallNumbers:
         """One of ``xs`` (a ``where``)."""
         xs = [_as_interval(x) for x in xs]
         return _iv(min(x.lo for x in xs), max(x.hi for x in xs), *xs)
+
+    def shift(self, x, n) -> Interval:
+        """``Shift(x, n) = floor(x * 2**n)``, ``n`` clamped to [-63, 63] (attncc.core.semantics.shift):
+        monotone in ``x``, and in ``n`` for either sign of ``x``, so the corners bound it."""
+        x, n = _as_interval(x), _as_interval(n)
+        corners = [shift(v, m) for v in (x.lo, x.hi) for m in (n.lo, n.hi)]
+        return _iv(min(corners), max(corners), x, n)
+
+    def bitwise(self, op: str, *xs) -> Interval:
+        """``&``, ``|``, ``^`` (``op``) of ints: exact of points; else every int of at most the operands'
+        bits in two's complement (non-negative where every operand is)."""
+        xs = [_as_interval(x) for x in xs]
+        if all(x.lo == x.hi for x in xs):
+            value = xs[0].lo
+            for x in xs[1:]:
+                value = {"and": value & x.lo, "or": value | x.lo, "xor": value ^ x.lo}[op]
+            return _iv(value, value, *xs)
+        top = 1 << max(max(abs(x.lo), abs(x.hi)).bit_length() for x in xs)
+        return _iv(0 if all(x.lo >= 0 for x in xs) else -top, top - 1, *xs)
 
     def bucket(self, d, num_buckets: int) -> Interval:
         """T5's bucket of the distance ``d``: in ``[0, num_buckets)``; its helper negates ``d``."""

@@ -118,14 +118,7 @@ class BitXor(_Bitwise):
         return True if all(a.is_nonnegative for a in self.args) else None
 
 
-SHIFT_LIMIT = 63  # |n| of a shift by an amount that is not a constant is taken up to this
-
-
-def shift(x: int, n: int) -> int:
-    """``floor(x * 2**n)``: Python's ``x << n`` for n >= 0 and ``x >> -n`` for n < 0, with ``n``
-    clamped to [-SHIFT_LIMIT, SHIFT_LIMIT] (past it an int64 is 0, -1, or overflows anyway)."""
-    n = max(-SHIFT_LIMIT, min(SHIFT_LIMIT, n))
-    return x << n if n >= 0 else x >> -n
+SHIFT_LIMIT, shift = semantics.SHIFT_LIMIT, semantics.shift  # (defined where the runtime's bounds take them too)
 
 
 class Shift(sympy.Function):

@@ -1,0 +1,66 @@
+"""Probe meta27 (session 27): metamorphic testing of the spec language. One attention pattern written
+in several equivalent ways (comparisons rewritten, De Morgan, chained comparisons, ``//`` / ``%`` /
+shifts / ``&`` with negative operands and params near 2**31, float spellings of integer
+conditions, masks written in ``[mask]`` or through the mod's arithmetic, biases as ``[score].bias``
+or ``s + g``, softcap as its tanh mod, ALiBi as its slopes, [inputs] against the closed forms they
+were built from, offsets against shifted params) must give the same o, LSE and gradients, each
+equal to ``attncc.reference``, which must equal a float64 computation written in the probe
+(``tests/probe_meta27.py``, seeded; its docstring says what it draws).
+
+Defect found (fixed): a ``//`` or ``%`` whose divisor is a shift or a bitwise operation of params
+(``i // (1 << p) == j // (1 << p)``, ``i % (p | 1)``) was refused on every call, whatever the
+params: "division by zero: the divisor of i // Shift(1, p) ... may be 0 with p = 5" (1 << 5 is 32).
+The host bounds (attncc.codegen.bounds, runtime.intervals) had no rule for shifts and bitwise
+operations, so such a divisor was unbounded, "maybe 0"; ``i // 2 ** p`` and ``i >> p`` (the same
+mask) ran. Shifts and ``& | ^`` now have interval rules (exact for params), so only a divisor
+that is 0 (``1 << -1``) is refused, and such arithmetic no longer makes every call WIDE.
+
+Probed clean (CPU interpreter; the counts of the report): see the report of session 27 (meta27).
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import attncc
+from attncc.module_cache import toml_text
+from cases import stream_parts
+from probe_meta27 import run
+
+SHIFT_DIVISORS = ["i // (1 << p) == j // (1 << p)", "(i - j) % (p | 1) == 0 and j <= i",
+                  "i // ((1 << p) ^ 1) == j // ((1 << p) ^ 1)", "(j + 3) % (1 << (p & 7)) == 0 or j <= i"]
+
+
+@pytest.mark.parametrize("where", SHIFT_DIVISORS)
+def test_a_divisor_of_shifted_params_runs(where):
+    """Was refused at every call ("the divisor ... may be 0 with p = 5"); now the kernels give the
+    reference's o and LSE, at random params and offsets near 2**31, and a divisor of 0 is refused
+    with its value."""
+    spec = {"name": "m27_shiftdiv", "params": {"p": 2}, "mask": {"where": where}}
+    module, pattern = attncc.compile(spec), attncc.parse_spec(toml_text(spec))
+    rng = random.Random(where)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 21, 8, generator=gen) for _ in range(3))
+    for _ in range(3):
+        p = rng.choice([1, 2, 3, 5, 9])
+        off = rng.choice([0, 7, 2 ** 31 - 12])
+        kw = dict(p=p, q_offset=off, k_offset=off + rng.choice([0, -3, 4]))
+        o, lse = module.attention(q, k, v, return_lse=True, **kw)
+        o_ref, lse_ref = attncc.reference(pattern, q, k, v, return_lse=True, **kw)
+        assert torch.allclose(o.double(), o_ref, atol=1e-5), (where, kw)
+        assert torch.equal(torch.isfinite(lse), torch.isfinite(lse_ref))
+    if "1 << p)" in where and "^" not in where:
+        with pytest.raises(ValueError, match=r"division by zero: the divisor of .* is 0 with p = -1"):
+            module.attention(q, k, v, p=-1)
+
+
+@pytest.mark.parametrize("seeds", stream_parts(60, 2))
+def test_equivalent_spellings_agree(seeds):
+    """Seeded equivalence classes of tests/probe_meta27.py: each spelling's reference against the
+    probe's float64 oracle, its kernels against its reference, and the spellings' kernels against
+    each other (o, LSE, gradients)."""
+    for seed in seeds:
+        problems, _ = run(seed)
+        assert not problems, (seed, problems)
