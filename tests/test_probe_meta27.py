@@ -15,6 +15,12 @@ operations, so such a divisor was unbounded, "maybe 0"; ``i // 2 ** p`` and ``i 
 mask) ran. Shifts and ``& | ^`` now have interval rules (exact for params), so only a divisor
 that is 0 (``1 << -1``) is refused, and such arithmetic no longer makes every call WIDE.
 
+Defect found (fixed): likewise a ``where`` divisor of params, which §3.3 recommends for keeping a
+divisor nonzero (``i % where(w > 0, w, 1)``), was refused at every call whose ``w`` is 0 or
+negative ("may be 0 with w = -5"), though the branch taken is 1: the bound of a ``where`` was the
+hull of its branches. A ``where`` whose conditions read params and sizes only now takes the branch
+those give (runtime.intervals.CallNumbers.cases); the reach still covers every branch.
+
 Probed clean (CPU interpreter; the counts of the report): see the report of session 27 (meta27).
 """
 from __future__ import annotations
@@ -54,6 +60,33 @@ def test_a_divisor_of_shifted_params_runs(where):
     if "1 << p)" in where and "^" not in where:
         with pytest.raises(ValueError, match=r"division by zero: the divisor of .* is 0 with p = -1"):
             module.attention(q, k, v, p=-1)
+
+
+# a where() divisor of params, the language's way to keep one nonzero (§3.3): (text, param values,
+# the values where the divisor is 0)
+WHERE_DIVISORS = [("i % where(w > 0, w, 1) == j % where(w > 0, w, 1)", [-5, 0, 3], []),
+                  ("i // where(w == 0, 3, w) == j // where(w == 0, 3, w) or j <= i", [0, -2, 5], []),
+                  ("(i - j) % where(w > 2 and w < 9, w, 2 * w + 1) == 0", [0, 4, 12, -3], []),
+                  ("i % where(w >= 0, w, 1) == 0 or j == i", [-1, 3], [0])]
+
+
+@pytest.mark.parametrize("where,values,zero", WHERE_DIVISORS)
+def test_a_where_divisor_of_params_runs(where, values, zero):
+    """Was refused where the branch taken is nonzero ("the divisor of i % Piecewise((w, w > 0), (1,
+    True)) may be 0 with w = -5": the bound took every branch); now the call's params pick the
+    branch, the kernels give the reference's o at random offsets, and a divisor of 0 is refused."""
+    spec = {"name": "m27_wherediv", "params": {"w": 2}, "mask": {"where": where}}
+    module, pattern = attncc.compile(spec), attncc.parse_spec(toml_text(spec))
+    rng = random.Random(where)
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 1, 19, 8, generator=gen) for _ in range(3))
+    for w in values:
+        kw = dict(w=w, q_offset=rng.choice([0, 5, 2 ** 31 - 7]))
+        o = module.attention(q, k, v, **kw)
+        assert torch.allclose(o.double(), attncc.reference(pattern, q, k, v, **kw), atol=1e-5), (where, kw)
+    for w in zero:
+        with pytest.raises(ValueError, match=rf"division by zero: the divisor of .* is 0 with w = {w}"):
+            module.attention(q, k, v, w=w)
 
 
 @pytest.mark.parametrize("seeds", stream_parts(60, 2))

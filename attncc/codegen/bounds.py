@@ -35,6 +35,7 @@ from attncc.spec.ir import Pattern
 # The kernels' bound symbols (analysis steps) by name: positions and offsets, or tile sides.
 _POSITION_NAMES = frozenset({"q_lo", "q_hi", "k_lo", "k_hi", "q_offset", "k_offset", "N_K", "N_Q"})
 _BLOCK_NAMES = frozenset({"BLOCK_M", "BLOCK_N"})
+_RELATIONS = ("<", "<=", ">", ">=", "==", "!=")  # runtime.intervals.CallNumbers.compare's
 _BITWISE = {BitAnd: "and", BitOr: "or", BitXor: "xor"}  # runtime.intervals.CallNumbers.bitwise's names
 # Values that do not vary per pair (the host knows them at the call)
 _CALL_SIZES = (S.n_q, S.n_k, S.n_heads)
@@ -84,7 +85,11 @@ class _BoundPrinter:
         if isinstance(e, sympy.Max):
             return self._call("max", e.args)
         if isinstance(e, sympy.Piecewise):
-            return self._call("select", [value for value, _ in e.args])
+            conds = [self.condition(cond) for _, cond in e.args]
+            if all(c in ("None", "True") for c in conds):  # per pair: any branch
+                return self._call("select", [value for value, _ in e.args])
+            # conditions of the call's numbers (a divisor where(w > 0, w, 1)): the branches they take
+            return f"x.cases({', '.join(f'({self(value)}, {c})' for (value, _), c in zip(e.args, conds))})"
         if isinstance(e, Bucket):
             return f"x.bucket({self(e.args[0])}, {e.options[0]})"
         if isinstance(e, Shift):
@@ -94,6 +99,25 @@ class _BoundPrinter:
         if isinstance(e, (sympy.floor, sympy.ceiling, sympy.Mod)) or not e.is_integer:
             raise _Float(e)  # floor of a float, a float's remainder: float arithmetic
         return "x.unbounded()"  # nothing here bounds it: WIDE, to be safe
+
+    def condition(self, c) -> str:
+        """A condition's truth at the call's numbers: ``True``, ``False`` or ``None`` (unknown: it
+        reads more than params and sizes, or is no integer comparison these bounds decide)."""
+        if c in (sympy.true, sympy.false):
+            return str(bool(c))
+        if c.atoms(AppliedUndef) or not c.free_symbols <= set(self.params) | set(_CALL_SIZES):
+            return "None"
+        if isinstance(c, sympy.Not):
+            return f"x.negated({self.condition(c.args[0])})"
+        if isinstance(c, (sympy.And, sympy.Or)):
+            op = "all_of" if isinstance(c, sympy.And) else "any_of"
+            return f"x.{op}({', '.join(self.condition(a) for a in c.args)})"
+        if isinstance(c, sympy.core.relational.Relational) and c.rel_op in _RELATIONS:
+            try:
+                return f"x.compare({py_str(c.rel_op)}, {self(c.lhs)}, {self(c.rhs)})"
+            except _Float:
+                return "None"
+        return "None"
 
     def _call(self, op: str, args) -> str:
         return f"x.{op}({', '.join(self(a) for a in args)})"

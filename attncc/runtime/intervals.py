@@ -187,6 +187,49 @@ class CallNumbers:
         xs = [_as_interval(x) for x in xs]
         return _iv(min(x.lo for x in xs), max(x.hi for x in xs), *xs)
 
+    def cases(self, *branches) -> Interval:
+        """A ``where`` written as ``(value, condition)`` branches, the first whose condition holds
+        taken: the values of the branches that may be taken (a condition ``True``, ``False`` or
+        ``None``, unknown: :meth:`compare`), so that ``where(w > 0, w, 1)`` at ``w = -5`` is 1, not
+        ``[-5, 1]``. The reach covers every branch (the kernels compute each)."""
+        taken = []
+        for value, cond in branches:
+            if cond is False:
+                continue
+            taken.append(_as_interval(value))
+            if cond is True:
+                break
+        every = [_as_interval(value) for value, _ in branches]
+        out = self.select(*(taken or every))
+        return Interval(out.lo, out.hi, max(out.reach, self.reach(*every)))
+
+    @staticmethod
+    def compare(op: str, a, b) -> Optional[bool]:
+        """``a <op> b`` where the intervals decide it, else None."""
+        a, b = _as_interval(a), _as_interval(b)
+        if op in (">", ">="):
+            op, a, b = {">": "<", ">=": "<="}[op], b, a
+        if op == "<":
+            return True if a.hi < b.lo else False if a.lo >= b.hi else None
+        if op == "<=":
+            return True if a.hi <= b.lo else False if a.lo > b.hi else None
+        point_equal = a.lo == a.hi == b.lo == b.hi
+        apart = a.hi < b.lo or b.hi < a.lo
+        equal = True if point_equal else False if apart else None
+        return equal if op == "==" else (None if equal is None else not equal)
+
+    @staticmethod
+    def negated(c: Optional[bool]) -> Optional[bool]:
+        return None if c is None else not c
+
+    @staticmethod
+    def all_of(*cs: Optional[bool]) -> Optional[bool]:
+        return False if any(c is False for c in cs) else True if all(c is True for c in cs) else None
+
+    @staticmethod
+    def any_of(*cs: Optional[bool]) -> Optional[bool]:
+        return True if any(c is True for c in cs) else False if all(c is False for c in cs) else None
+
     def shift(self, x, n) -> Interval:
         """``Shift(x, n) = floor(x * 2**n)``, ``n`` clamped to [-63, 63] (attncc.core.semantics.shift):
         monotone in ``x``, and in ``n`` for either sign of ``x``, so the corners bound it."""
