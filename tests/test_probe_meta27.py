@@ -21,6 +21,12 @@ negative ("may be 0 with w = -5"), though the branch taken is 1: the bound of a 
 hull of its branches. A ``where`` whose conditions read params and sizes only now takes the branch
 those give (runtime.intervals.CallNumbers.cases); the reach still covers every branch.
 
+Defect found (fixed): a divisor that varies per pair but is never 0 as written with a shift or
+``|`` (``i // (1 << h)``, per-head block sizes; ``(i - j) % (h | 1)``) was refused at build ("the
+divisor of i // Shift(1, h) may be 0"): sympy knew no sign of a shift nor the parity of ``x | 1``.
+Shift now knows ``x << n`` is positive for x > 0, n >= 0 and BitOr that ``x | odd`` is odd, and
+errors print a shift as the spec writes it (``1 << h``, not ``Shift(1, h)``).
+
 Probed clean (CPU interpreter; the counts of the report): see the report of session 27 (meta27).
 """
 from __future__ import annotations
@@ -32,6 +38,7 @@ import torch
 
 import attncc
 from attncc.module_cache import toml_text
+from attncc.spec.errors import SpecError
 from cases import stream_parts
 from probe_meta27 import run
 
@@ -87,6 +94,31 @@ def test_a_where_divisor_of_params_runs(where, values, zero):
     for w in zero:
         with pytest.raises(ValueError, match=rf"division by zero: the divisor of .* is 0 with w = {w}"):
             module.attention(q, k, v, w=w)
+
+
+@pytest.mark.parametrize("where", ["i // (1 << h) == j // (1 << h)", "(i - j) % (h | 1) == 0 or j <= i",
+                                   "j % (1 << (h + 1)) == 0 and j <= i"])
+def test_a_per_head_shift_divisor_builds(where):
+    """Was refused at build ("the divisor of i // Shift(1, h) may be 0"): ``1 << h`` (h >= 0) and
+    ``h | 1`` are never 0. Now they build and give the reference's o, LSE and dq, dk, dv, at a
+    random offset; ``1 << (h - 1)`` (0 at h = 0) stays refused, written as the spec writes it."""
+    spec = {"name": "m27_headdiv", "mask": {"where": where}}
+    module, pattern = attncc.compile(spec), attncc.parse_spec(toml_text(spec))
+    gen = torch.Generator().manual_seed(len(where))
+    q = torch.randn(1, 4, 18, 8, generator=gen)
+    k, v = (torch.randn(1, 2, 22, 8, generator=gen) for _ in range(2))
+    kw = dict(q_offset=random.Random(where).choice([0, 6, 2 ** 31 - 9]))
+    got, want = ([x.clone().requires_grad_() for x in (q, k, v)] for _ in range(2))
+    o, lse = module.attention(*got, return_lse=True, **kw)
+    o_ref, lse_ref = attncc.reference(pattern, *want, return_lse=True, **kw)
+    assert torch.allclose(o.double(), o_ref, atol=1e-5)
+    assert torch.equal(torch.isfinite(lse), torch.isfinite(lse_ref))
+    o.sum().backward()
+    o_ref.sum().backward()
+    for a, b in zip(got, want):
+        assert torch.allclose(a.grad, b.grad, atol=1e-4)
+    with pytest.raises(SpecError, match=r"the divisor of i // \(1 << h - 1\) may be 0"):
+        attncc.compile({"name": "m27_headdiv0", "mask": {"where": "i // (1 << (h - 1)) == j"}})
 
 
 @pytest.mark.parametrize("seeds", stream_parts(60, 2))

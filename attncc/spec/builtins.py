@@ -107,6 +107,9 @@ class BitOr(_Bitwise):
     def _eval_is_nonnegative(self):
         return True if all(a.is_nonnegative for a in self.args) else None
 
+    def _eval_is_odd(self):  # x | 1 is odd (so never 0) for every int x
+        return True if any(a.is_odd for a in self.args) else None
+
 
 class BitXor(_Bitwise):
     """``a ^ b`` of integers."""
@@ -138,8 +141,18 @@ class Shift(sympy.Function):
     def _eval_is_nonnegative(self):
         return True if self.args[0].is_nonnegative else None
 
+    def _eval_is_positive(self):  # 1 << h: floor(x * 2**n) >= x >= 1 for n >= 0
+        x, n = self.args
+        return True if x.is_positive and n.is_nonnegative else None
+
     def fdiff(self, argindex=1):
         return sympy.Integer(0)
+
+    def _sympystr(self, printer):  # as written: x << n, or x >> m for n = -m
+        x, n = self.args
+        if n.could_extract_minus_sign():
+            return f"({printer._print(x)} >> {printer._print(-n)})"
+        return f"({printer._print(x)} << {printer._print(n)})"
 
 
 class RandomBlocks(BooleanFunction):
