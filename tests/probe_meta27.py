@@ -681,13 +681,34 @@ def fam_fthresh(rng, c):
     return vs, lambda G: ((G["i"] - G["j"] <= d) & (G["j"] <= G["i"]), ident), {}, ()
 
 
+def fam_wherediv(rng, c):
+    """A divisor kept nonzero by max / where of a param of any sign, and per-head block sizes
+    1 << h through //, >>, a float power, ^ (found: the first two refused, tests/test_probe_meta27.py)."""
+    if rng.random() < 0.5:
+        w = rng.choice([-5, 0, 1, 3, 7])
+        forms = ["i // where(w > 0, w, 1) == j // where(w > 0, w, 1)", "i // max(w, 1) == j // max(w, 1)",
+                 "i // where(w <= 0, 1, w) == j // where(not (w <= 0), w, 1)", "(i - j) // max(w, 1) == 0 and j <= i or "
+                 "i // max(w, 1) == j // max(w, 1)"]
+        forms = forms[:3]
+        vs = spellings_of_mask(rng, rng.sample(forms, 3), {"w": 2})
+        for v in vs:
+            v.params = {"w": w}
+        wv = max(w, 1)
+        return vs, lambda G: (fdiv(G["i"], wv) == fdiv(G["j"], wv), ident), {}, ()
+    forms = ["i // (1 << h) == j // (1 << h)", "i >> h == j >> h", "i // 2 ** h == j // 2 ** h", "(i ^ j) >> h == 0",
+             "i - i % (1 << h) == j - j % (1 << h)"]
+    vs = spellings_of_mask(rng, rng.sample(forms, 3), {})
+    return vs, lambda G: ((G["i"] >> G["h"]) == (G["j"] >> G["h"]), ident), {}, ()
+
+
 FAMILIES = {"shift": fam_shift, "window": fam_window, "band": fam_band, "floordiv": fam_floordiv, "mod": fam_mod,
             "bits": fam_bits, "floatcmp": fam_floatcmp, "bias": fam_bias, "softcap": fam_softcap, "alibi": fam_alibi,
             "inputs": fam_inputs, "table": fam_table, "offsets": fam_offsets, "scorecond": fam_scorecond,
             "reduce": fam_reduce, "corner": fam_corner, "bigparam": fam_bigparam,
             "mixedcond": fam_mixedcond, "scale": fam_scale, "boolarith": fam_boolarith,
             "maskmod": fam_maskmod, "strided": fam_strided,
-            "pshift": fam_pshift, "bigdiv": fam_bigdiv, "fthresh": fam_fthresh}
+            "pshift": fam_pshift, "bigdiv": fam_bigdiv, "fthresh": fam_fthresh,
+            "wherediv": fam_wherediv}
 if os.environ.get("PROBE_FAMILIES"):
     FAMILIES = {k: FAMILIES[k] for k in os.environ["PROBE_FAMILIES"].split(",")}
 
