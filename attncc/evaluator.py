@@ -32,7 +32,7 @@ from sympy.core.function import AppliedUndef
 from attncc.core import semantics
 from attncc.core.lazy import lazy_module
 from attncc.spec import symbols as S
-from attncc.spec.expr import integer_comparison
+from attncc.spec.expr import integer_comparison, spec_text
 from attncc.spec.builtins import (SHIFT_LIMIT, AlibiSlope, BitAnd, BitOr, BitXor, Bucket, FloatDiv, RandomBlocks, Shift,
                                   Sigmoid, ToFloat, divides, quotient)
 
@@ -242,8 +242,8 @@ def zero_divisor(divisor, e) -> None:
     pair (which ``attncc build`` refuses unless it cannot be 0) raises ZeroDivisionError, as Python."""
     per_pair = divisor.free_symbols & {S.b, S.h, S.i, S.j}
     if per_pair or divisor.atoms(AppliedUndef):
-        raise ZeroDivisionError(f"integer division by zero in {e}")
-    raise ValueError(f"division by zero: the divisor of {e} is 0 with these params and sizes")
+        raise ZeroDivisionError(f"integer division by zero in {spec_text(e)}")
+    raise ValueError(f"division by zero: the divisor of {spec_text(e)} is 0 with these params and sizes")
 
 
 class Evaluator:

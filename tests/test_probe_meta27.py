@@ -21,6 +21,19 @@ negative ("may be 0 with w = -5"), though the branch taken is 1: the bound of a 
 hull of its branches. A ``where`` whose conditions read params and sizes only now takes the branch
 those give (runtime.intervals.CallNumbers.cases); the reach still covers every branch.
 
+Defects found (fixed), by the probe's where-divisor class at w = 0: (a) the [mask] spelling
+``i // where(w <= 0, 1, w) == j`` raised ZeroDivisionError on the host (the closed-form check,
+codegen's PythonPrinter, computed both branches of the where: ``0 ** -1``); its select is lazy now.
+(b) The mod spelling ``where(i // where(w <= 0, 1, w) == j, s, -inf)``, which sympy writes out as
+``w > 0 and j == i // w``, was refused ("the divisor of i // w is 0 with w = 0") where the [mask]
+spelling runs: a divisor of params guarded by a conjunct beside it now counts as a per-pair one
+does (§3.3), so ``w != 0 and i % w == 1`` runs at w = 0 too (session 23 had seen this refusal).
+
+Unclear errors (fixed): the division-by-zero messages of the modules and of ``attncc.reference``
+named the divisor in sympy's words (``Mod(i, Piecewise((w, w >= 0), (1, True)))``,
+``floor(i/Shift(1, p))``); they spell it as the spec does now (``i % where(w >= 0, w, 1)``,
+``i // (1 << p)``: attncc.spec.expr.spec_text prints ``%``, ``//`` and shifts).
+
 Defect found (fixed): a divisor that varies per pair but is never 0 as written with a shift or
 ``|`` (``i // (1 << h)``, per-head block sizes; ``(i - j) % (h | 1)``) was refused at build ("the
 divisor of i // Shift(1, h) may be 0"): sympy knew no sign of a shift nor the parity of ``x | 1``.
@@ -39,14 +52,14 @@ import torch
 import attncc
 from attncc.module_cache import toml_text
 from attncc.spec.errors import SpecError
-from cases import stream_parts
+from cases import share, stream_parts
 from probe_meta27 import run
 
 SHIFT_DIVISORS = ["i // (1 << p) == j // (1 << p)", "(i - j) % (p | 1) == 0 and j <= i",
                   "i // ((1 << p) ^ 1) == j // ((1 << p) ^ 1)", "(j + 3) % (1 << (p & 7)) == 0 or j <= i"]
 
 
-@pytest.mark.parametrize("where", SHIFT_DIVISORS)
+@pytest.mark.parametrize("where", share(SHIFT_DIVISORS, 0, 2))
 def test_a_divisor_of_shifted_params_runs(where):
     """Was refused at every call ("the divisor ... may be 0 with p = 5"); now the kernels give the
     reference's o and LSE, at random params and offsets near 2**31, and a divisor of 0 is refused
@@ -77,11 +90,12 @@ WHERE_DIVISORS = [("i % where(w > 0, w, 1) == j % where(w > 0, w, 1)", [-5, 0, 3
                   ("i % where(w >= 0, w, 1) == 0 or j == i", [-1, 3], [0])]
 
 
-@pytest.mark.parametrize("where,values,zero", WHERE_DIVISORS)
-def test_a_where_divisor_of_params_runs(where, values, zero):
+@pytest.mark.parametrize("case", share(WHERE_DIVISORS, 3, 4))
+def test_a_where_divisor_of_params_runs(case):
     """Was refused where the branch taken is nonzero ("the divisor of i % Piecewise((w, w > 0), (1,
     True)) may be 0 with w = -5": the bound took every branch); now the call's params pick the
     branch, the kernels give the reference's o at random offsets, and a divisor of 0 is refused."""
+    where, values, zero = case
     spec = {"name": "m27_wherediv", "params": {"w": 2}, "mask": {"where": where}}
     module, pattern = attncc.compile(spec), attncc.parse_spec(toml_text(spec))
     rng = random.Random(where)
@@ -91,13 +105,15 @@ def test_a_where_divisor_of_params_runs(where, values, zero):
         kw = dict(w=w, q_offset=rng.choice([0, 5, 2 ** 31 - 7]))
         o = module.attention(q, k, v, **kw)
         assert torch.allclose(o.double(), attncc.reference(pattern, q, k, v, **kw), atol=1e-5), (where, kw)
-    for w in zero:
-        with pytest.raises(ValueError, match=rf"division by zero: the divisor of .* is 0 with w = {w}"):
+    for w in zero:  # refused, the divisor written as the spec writes it (was Mod(i, Piecewise((w, w >= 0), (1, True))))
+        with pytest.raises(ValueError, match=rf"the divisor of i % where\(w >= 0, w, 1\) is 0 with w = {w}"):
             module.attention(q, k, v, w=w)
+        with pytest.raises(ValueError, match=r"the divisor of i % where\(w >= 0, w, 1\) is 0 with these params"):
+            attncc.reference(pattern, q, k, v, w=w)
 
 
-@pytest.mark.parametrize("where", ["i // (1 << h) == j // (1 << h)", "(i - j) % (h | 1) == 0 or j <= i",
-                                   "j % (1 << (h + 1)) == 0 and j <= i"])
+@pytest.mark.parametrize("where", share(["i // (1 << h) == j // (1 << h)", "(i - j) % (h | 1) == 0 or j <= i",
+                                         "j % (1 << (h + 1)) == 0 and j <= i"], 0, 3))
 def test_a_per_head_shift_divisor_builds(where):
     """Was refused at build ("the divisor of i // Shift(1, h) may be 0"): ``1 << h`` (h >= 0) and
     ``h | 1`` are never 0. Now they build and give the reference's o, LSE and dq, dk, dv, at a
@@ -121,7 +137,31 @@ def test_a_per_head_shift_divisor_builds(where):
         attncc.compile({"name": "m27_headdiv0", "mask": {"where": "i // (1 << (h - 1)) == j"}})
 
 
-@pytest.mark.parametrize("seeds", stream_parts(60, 2))
+@pytest.mark.parametrize("spec", share([{"score": {"mod": "where(i // where(w <= 0, 1, w) == j, s, -inf)"}},
+                                        {"mask": {"where": "i // where(w <= 0, 1, w) == j // where(not (w <= 0), w, 1)"}},
+                                        {"mask": {"where": "w != 0 and i % w == 1 or j == i"}}], 0, 2))
+def test_a_guarded_param_divisor_runs_at_zero(spec):
+    """The spellings of a mask whose divisor of params is never taken at 0 (found by the probe's
+    where-divisor class at w = 0): the mod's where(i // where(w <= 0, 1, w) == j, s, -inf), which
+    sympy writes out as ``w > 0 and j == i // w``, was refused ("the divisor of i // w is 0 with
+    w = 0") where its [mask] spelling ran; the [mask] spelling raised ZeroDivisionError on the host
+    (the closed-form check computed both branches of the where: ``0 ** -1``). Now the guard counts
+    for a divisor of params as for a per-pair one (§3.3), and the host's where is lazy: o, LSE as
+    the reference's at random w of either sign and offsets."""
+    spec = dict(spec, name="m27_guarded", params={"w": 2})
+    module, pattern = attncc.compile(spec), attncc.parse_spec(toml_text(spec))
+    rng = random.Random(str(spec))
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 15, 8, generator=gen) for _ in range(3))
+    for w in [0] + rng.sample([-4, -1, 2, 3, 5], 2):
+        kw = dict(w=w, q_offset=rng.choice([0, 9, 2 ** 31 - 6]))
+        o, lse = module.attention(q, k, v, return_lse=True, **kw)
+        o_ref, lse_ref = attncc.reference(pattern, q, k, v, return_lse=True, **kw)
+        assert torch.allclose(o.double(), o_ref, atol=1e-5), (spec, kw)
+        assert torch.equal(torch.isfinite(lse), torch.isfinite(lse_ref)), (spec, kw)
+
+
+@pytest.mark.parametrize("seeds", stream_parts(60, 1))
 def test_equivalent_spellings_agree(seeds):
     """Seeded equivalence classes of tests/probe_meta27.py: each spelling's reference against the
     probe's float64 oracle, its kernels against its reference, and the spellings' kernels against

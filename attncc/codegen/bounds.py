@@ -287,9 +287,11 @@ def check_divisors(pattern: Pattern) -> None:
 def _host_checks(pattern: Pattern, printer: _BoundPrinter) -> List[str]:
     """``x.nonzero(...)`` lines for the divisors of params and sizes only."""
     wholes = {}  # divisor -> the expressions dividing by it (sorted by text: builds are deterministic)
-    for _, d, whole in divisors(pattern):
-        if not (d.is_number or _per_pair(d)):
-            wholes.setdefault(d, set()).add(str(whole))
+    for _, d, signs, whole in _guarded_divisors_of(pattern):
+        # (one guarded by a conjunct beside it is never taken at 0, as for the per-pair ones: the
+        # mod's where(i // where(w <= 0, 1, w) == j, s, -inf), written out as w > 0 and j == i // w)
+        if not (d.is_number or _per_pair(d) or (signs and _nonzero(d.xreplace(signs)))):
+            wholes.setdefault(d, set()).add(spec_text(whole))
     lines = []
     for d in sorted(wholes, key=str):
         names = ", ".join(s.name for s in sorted(d.free_symbols, key=lambda s: s.name))

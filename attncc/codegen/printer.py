@@ -883,6 +883,15 @@ class PythonPrinter(TritonPrinter):
     def _Not(self, e):
         return f"(not {self.p(e.args[0])})"
 
+    def _Piecewise(self, e):
+        # a lazy conditional: the branch not taken is never computed (where(w <= 0, 1, w) at w = 0
+        # takes 1; an eager select computed 0 ** -1 too and raised ZeroDivisionError on the host)
+        (val, cond), rest = e.args[0], e.args[1:]
+        if cond is sympy.true:
+            return self.p(val)
+        other = self.p(sympy.Piecewise(*rest)) if rest else 'float("nan")'
+        return f"({self.p(val)} if {self.p(cond)} else {other})"
+
 
     def _AlibiSlope(self, e):
         h, n_heads = e.args

@@ -16,10 +16,11 @@ from typing import Dict, Optional, Tuple
 
 import sympy
 from sympy.core.function import AppliedUndef
+from sympy.printing.precedence import PRECEDENCE
 
 from attncc.spec import symbols as S
 from attncc.spec.builtins import (AlibiSlope, BitAnd, BitOr, BitXor, Bucket, FloatDiv, Grouped, RandomBlocks, Shift,
-                                  Sigmoid, ToFloat)
+                                  Sigmoid, ToFloat, quotient)
 from attncc.spec.errors import SpecError
 from attncc.spec.ir import InputDecl, Param
 
@@ -984,6 +985,17 @@ class _SpecText(sympy.printing.str.StrPrinter):
         if isinstance(e, AppliedUndef):
             return f"{e.func.__name__}[{', '.join(self._print(a) for a in e.args)}]"
         return super()._print_Function(e)
+
+    def _print_Mod(self, e):  # an integer % (Python's, as sympy's Mod)
+        a, m = (self.parenthesize(x, PRECEDENCE["Mul"], strict=True) for x in e.args)
+        return f"{a} % {m}"
+
+    def _print_floor(self, e):  # floor(a / b) of integers is a // b
+        num, den = quotient(e.args[0])
+        if not (num.is_integer and den.is_integer and den != 1):
+            return super()._print_Function(e)
+        a, b = (self.parenthesize(x, PRECEDENCE["Mul"], strict=True) for x in (num, den))
+        return f"{a} // {b}"
 
     def _print_Relational(self, e):
         if e.rel_op in ("==", "!="):
