@@ -936,7 +936,8 @@ def split_checks(case: Case, var: Variant, module, inputs, o, lse, seed: int) ->
             bad = compare([torch.cat([a[0], b[0]], 2), torch.cat([a[1], b[1]], 2)], [o, lse], TOL[case.dtype])
             if bad:
                 problems.append(f"{var.label}: split queries at {m}: {bad}")
-        if case.Nk > 1:
+        # (a row term far into a sequence, 0.1 * i at 2**40, rounds the parts' float32 LSEs apart: §3.3)
+        if case.Nk > 1 and not (case.family in FLOAT_SCORES and max(qo, ko) >= 2 ** 20):
             m = rng.randrange(1, case.Nk)
             a = module.attention(q, k[:, :, :m], v[:, :, :m], return_lse=True, q_offset=qo, k_offset=ko, **kw)
             b = module.attention(q, k[:, :, m:], v[:, :, m:], return_lse=True, q_offset=qo, k_offset=ko + m, **kw)
