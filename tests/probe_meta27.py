@@ -10,8 +10,22 @@ oracle written here (float64, 1e-9), the kernels against the reference (o, LSE, 
 learned tables' gradients; dtype tolerances); across spellings, the kernels' results against each
 other.
 
+Each case also runs its first spelling split in two along the queries (q_offset) and along the
+keys (k_offset, merged by the LSEs), n_q and n_k passed as the whole call's: the whole call's o
+and LSE. A third of the cases force the residue-class and column splits
+(ATTNCC_RESIDUE_MIN_ROWS=1, ATTNCC_COLUMN_MIN_ROWS=1).
+
     TRITON_INTERPRET=1 PYTHONPATH=. python3 tests/probe_meta27.py --cases 40 [--start 0] [--verbose]
     PROBE_FAMILIES=window,floordiv ...   (only those families)
+
+Run in session 27 (meta27): seeds 0-356 and about 200 from 400 on (all families), 1000-1029,
+2000-2029, 3000-3029, 4000-4011 (a few families each), 25 families, 3-5 spellings a case. Found
+the four defects of tests/test_probe_meta27.py (seeds 3003.. and the where-divisor class at
+w = 0); everything else flagged was the probe's own (fixed in the draws: operands rounded to the
+dtype before the reference, the oracle's float32 products, offsets of the shifted spelling, a
+float32 row term far into a sequence) or documented: a 16-bit table gradient times a distance
+(§1), a float32 score of a distance near 2**31, a mod's condition on a sum of conditions
+(written-out size), params below -2**31, a square past int64.
 """
 from __future__ import annotations
 
