@@ -12,6 +12,19 @@ compares o and lse (and dq, dk, dv and the gradients of ``grad = true`` tables f
 half of them with the LSE in the loss too)
 with the reference. A failing case shrinks (:func:`minimize`) to a small spec and call.
 
+Extensions (:func:`extend_draft`, :func:`extend_call`, from a Random of their own, ``extend_rng``)
+add what those draws never make: integer bitwise operators and shifts (by params, negative ones),
+``^``/``==`` of booleans, booleans as numbers, true division and float ``//``/``%`` in masks,
+divisors of either sign, divisors made of params (zero: a refusal both sides must agree on), of
+``n_q``/``n_k``/``h`` and of input values kept nonzero by ``max``/``where``/a conjunct, nested
+``where`` masks, ``sum``/``any``/``all`` (counts by params), ``dot``, 3-argument ``min``/``max``,
+int params near and past 2**31 and negative ones, chained comparisons, ``True``/``False``, 0-d
+inputs (learned scalars with grad), ``[n, n]`` tables, exp/exp2/log2/erf/tan terms, ``score``,
+GELU, ``-inf`` inside a transform; and in the call: params as numpy scalars and 0-d/one-element
+tensors, inputs passed in another dtype, grad tables as expanded views, head dims the spec does
+not list, a zero-length side, one query row, larger q and k. ``draw_case(extend=False)`` (the
+default there, and ``--extend no``) draws the cases seeds drew before them.
+
 Both halves are plain data (:class:`Draft`, :class:`CallPlan`, frozen), so a failure can be
 shrunk by replacing fields and re-run. Every case carries *tags*: the features it exercises that
 are tied to a known bug of attncc (:data:`KNOWN_BUG_TAGS`); ``avoid=`` keeps the generator away
@@ -754,6 +767,10 @@ class CallPlan:
     decode: Optional[DecodePlan] = None  # a call of decode() (Nq rows; Nk: the cache's capacity)
     # a packed call (B = 1, Nq and Nk the packed rows, offsets 0, no n_q/n_k; "b" is the sequence)
     varlen: Optional[VarlenPlan] = None
+    # drawn by :func:`extend_call` only (the blind spots of the draws above; defaults: as before)
+    param_forms: Tuple[Tuple[str, str], ...] = ()  # (param, "numpy" / "tensor0" / "tensor1"): how it is passed
+    input_casts: Tuple[Tuple[str, str], ...] = ()  # (input, dtype): passed as a tensor of another dtype
+    magnitude: float = 1.0  # q and k drawn this many times larger (float16 scores near overflow)
 
     @property
     def tags(self) -> FrozenSet[str]:
@@ -796,6 +813,12 @@ class CallPlan:
                         f"capacity={dp.capacity} D={self.D} Dv={self.Dv}")
             parts[2] = (f"paged, page_size={dp.page_size}" if dp.page_size else "contiguous cache") + \
                 f", kv_len {dp.kv_len_layout}, block_table {dp.table_layout}"
+        if self.param_forms:
+            parts.append("params passed as " + ", ".join(f"{k}:{v}" for k, v in self.param_forms))
+        if self.input_casts:
+            parts.append("inputs passed as " + ", ".join(f"{k}:{v}" for k, v in self.input_casts))
+        if self.magnitude != 1.0:
+            parts.append(f"q, k x{self.magnitude}")
         if self.varlen is not None:
             parts[0] = f"packed Hq={self.Hq} Hkv={self.Hkv} total_q={self.Nq} total_k={self.Nk} D={self.D} Dv={self.Dv}"
             parts[2] = self.varlen.describe()
@@ -932,16 +955,281 @@ def with_varlen(plan: CallPlan, vp: VarlenPlan) -> CallPlan:
                    n_k_extra=None, nan=None, decode=None)
 
 
+# ---------------------------------------------------------------------------------------------
+# extensions: what the draws above never make (a Random of its own, as varlen's)
+# ---------------------------------------------------------------------------------------------
+
+# How often a case is extended (draw_case(extend=None), the command line's default). Everything
+# below comes from extend_rng(seed), after the draws above, so those stay what they were.
+EXTEND_RATE = 0.6
+EXTEND_ROLES = {  # int param roles of the extensions -> their values
+    "sdiv": (-7, -3, -2, 2, 3, 5, 41),  # divisors of either sign (// rounds down, % takes the divisor's sign)
+    "div1": (0, 2, 3, 4, 9, 1),  # p - 1 as a divisor: 1 makes it 0 (a ValueError, from the reference too)
+    "shift": (-2, -1, 0, 1, 2, 3, 5),  # shift amounts (negative: the other way)
+    "huge": (2**31 - 1, 2**31, 2**40 + 7, -(2**31)),  # int params near and past 2**31
+    "neg": (-(2**31), -100, -5, -1),
+    "red": (0, 1, 2, 3, 4),  # the count of a reduction's range (the spec's value 4 is the most)
+    "pow": (0, 1, 2, 3),  # an integer's power
+}
+
+
+def extend_rng(seed: int) -> random.Random:
+    return random.Random(seed * 104729 + 2)
+
+
+def _ext_param(pool: _Pool, role: str, default=None) -> str:
+    """A fresh int param of an :data:`EXTEND_ROLES` role (a literal where no name is left)."""
+    value = pool.rng.choice(EXTEND_ROLES[role]) if default is None else default
+    name = pool._fresh(PARAM_NAMES)
+    if name is None:
+        return str(value) if value >= 0 else f"({value})"
+    pool.params[name] = ParamPlan(name, value, role)
+    return name
+
+
+def _ext_mask_leaf(pool: _Pool) -> Atom:
+    """A mask clause of a construct :func:`_mask_leaf` never draws."""
+    rng = pool.rng
+    kind = rng.choice(("bitwise", "shift_param", "bool_ops", "bool_number", "true_div", "signed_div", "div_expr",
+                       "div_input", "nested_where", "reduction", "minmax3", "huge", "negative", "chain", "literal",
+                       "scalar_input", "pair_table", "sel_table"))
+    g = rng.randint(0, 12)
+    w = rng.randint(0, 24)
+    if kind == "bitwise":
+        m = rng.choice((1, 3, 7))
+        return Atom(rng.choice((f"(i ^ j) & {m} == 0", f"(i >> 2) == (j >> 2)", f"(i & {m}) >= (j & {m})",
+                                f"((i - 20) & 7) < 4", f"(~j & 3) != 0", f"(j << 1) <= i + {w}",
+                                f"(i | j) % 5 != 1", f"((i - j) >> 3) == 0")))
+    if kind == "shift_param":
+        k = _ext_param(pool, "shift")
+        return Atom(rng.choice((f"(i >> {k}) == (j >> {k})", f"(j << {k}) <= i + {w}", f"(i - j) >> {k} <= 1")))
+    if kind == "bool_ops":
+        return Atom(rng.choice((f"(i < {g}) ^ (j < {g})", f"(i < {g}) == (j < {g})", f"(i < {g}) != (j >= {g})",
+                                f"~(j > i)", f"(j <= i) ^ (i - j > {w})")))
+    if kind == "bool_number":
+        return Atom(rng.choice((f"(j <= i) + (j < {g}) >= 1", f"(i < j) * 2 <= 1", f"min(j <= i, 3) == 1",
+                                f"(i < j) < (j < {g})", f"sum(j < i - u for u in range(3)) >= 1")))
+    if kind == "true_div":
+        return Atom(rng.choice(("i / 2 == j", "i / 3 < j", "i * 0.37 < j", "(i + 1) / (j + 1) < 1.5",
+                                "i ** 0.5 > j - 3", "sqrt(i + 1) >= j / 4", f"(i - j) * 0.7 // 1.3 <= {w}",
+                                "(i * 0.5) % 2.5 < 1.25")))
+    if kind == "signed_div":
+        c = _ext_param(pool, "sdiv") if rng.random() < 0.6 else str(rng.choice((-7, -3, -2)))
+        c = f"({c})" if c.startswith("-") else c
+        return Atom(rng.choice((f"i // {c} == j // {c}", f"(i - j) % {c} == 0", f"(j - i) // {c} <= 1",
+                                f"j % {c} != i % {c}")))
+    if kind == "div_expr":  # divisors made of params, n_q, n_k, heads: checked per call or nonzero by form
+        if rng.random() < 0.5:
+            c = _ext_param(pool, "div1")
+            return Atom(rng.choice((f"j % ({c} - 1) == 0", f"i // ({c} - 1) == j // ({c} - 1)")))
+        return Atom(rng.choice(("j % n_k <= i % n_k", "(i + j) % n_q != 1", "i // (h + 1) >= j // (h + 1)",
+                                "j % (abs(i - j) + 1) == 0", f"(i - j) // (abs(i - j) + {w} + 1) == 0")))
+    if kind == "div_input":  # a divisor read from an input, kept nonzero by its form
+        d = pool.int_input(("b",), "tiny")
+        return Atom(rng.choice((f"i // max({d}[b], 1) == j // max({d}[b], 1)", f"j % where({d}[b] == 0, 3, {d}[b]) == 0",
+                                f"{d}[b] > 0 and j % {d}[b] == 0", f"(j - i) % where({d}[b] > 0, {d}[b], -1) == 0")))
+    if kind == "nested_where":
+        return Atom(rng.choice((f"where(j < {g}, True, where(j <= i, i - j < {w}, False))",
+                                f"where(i < {g}, j <= i, where(j > i, False, i - j <= {w}))",
+                                f"where(h % 2 == 0, j <= i, j >= i)")))
+    if kind == "reduction":
+        K = _ext_param(pool, "red", default=4) if rng.random() < 0.5 else str(rng.randint(1, 5))
+        return Atom(rng.choice((f"any(j == i - 3 * u for u in range({K}))", f"all(j != i + u for u in range({K}))",
+                                f"sum(j <= i - u for u in range({K})) >= 2", f"j <= i and any(i - j == u * u for u in range({K}))")))
+    if kind == "minmax3":
+        return Atom(rng.choice((f"j >= max(i - {w}, 0, n_k - 40)", f"min(i, j, {g} + 5) == min(i, j)",
+                                f"max(i, j, {g}) - min(i, j) <= {w}")))
+    if kind == "huge":
+        c = _ext_param(pool, "huge")
+        return Atom(rng.choice((f"(i + {c}) % 13 == (j + {c}) % 13", f"j - {c} <= i - {c}", f"(j + {c}) // 8 <= (i + {c}) // 8",
+                                f"i - j < {c} // 2**26")))
+    if kind == "negative":
+        c = _ext_param(pool, "neg")
+        return Atom(rng.choice((f"i - j < {c} + {w + 20}", f"j > {c}", f"abs(i - j) <= max({c}, {w})")))
+    if kind == "chain":
+        return Atom(rng.choice((f"j <= i < j + {w}", f"0 <= i - j <= {w} < 30", f"{g} <= j < i + 1 <= n_q")))
+    if kind == "literal":
+        return Atom(rng.choice(("True", "j <= i or False", "not False and j <= i")))
+    if kind == "scalar_input":  # a 0-d int input, by its name alone
+        t = pool.input((), "small", rng.choice(("int32", "int64", "int16")))
+        return Atom(rng.choice((f"i - j < {t}", f"abs(i - j) <= {t}", f"j < {t} or j <= i")))
+    if kind == "pair_table":  # a FlexAttention bias ported as [n, n]
+        x = pool.input(("n", "n"), "flag", "bool")
+        return Atom(rng.choice((f"{x}[i, j]", f"{x}[i, j] or j == i")))
+    x = pool.input(("b", 2), "sel", rng.choice(("int32", "int64")))  # sel_table: selected key blocks
+    return Atom(f"any(j // 8 == {x}[b, u] for u in range(2)) or j // 8 == i // 8")
+
+
+def _ext_bias_term(pool: _Pool) -> Atom:
+    """A bias term of a construct :func:`_bias_term` never draws."""
+    rng = pool.rng
+    kind = rng.choice(("functions", "functions", "nested_where", "bool_number", "scalar_grad", "sum_table", "dot",
+                       "int_power", "bitwise_table", "pair_table", "int_value", "float_floor", "signed_div"))
+    w = rng.randint(1, 24)
+    if kind == "functions":
+        return Atom(rng.choice(("0.3 * exp(-abs(i - j) / 8)", "0.2 * erf(0.1 * (j - i))", "0.1 * log2(1 + abs(i - j))",
+                                "0.5 * exp2(-abs(i - j) / 4)", "0.1 * tan(0.01 * (i - j))", "sigmoid(0.1 * (i - j))",
+                                "0.3 * (i - j) / (abs(i - j) + 1)", "0.01 * (i - j) ** 2 / (1 + (i - j) ** 2)")))
+    if kind == "nested_where":
+        return Atom(rng.choice((f"where(j < i, where(i - j < {w}, 0.5, -0.5), 0.0)",
+                                f"where(j <= i, 0.1 * (i - j), where(j - i < {w}, 0.3, -1.0))")))
+    if kind == "bool_number":
+        f = pool.input(("b", "n"), "flag", "bool")
+        return Atom(rng.choice(("0.3 * (j <= i)", f"0.5 * {f}[b, j]", f"(j < {w}) - 0.5 * {f}[b, i]")))
+    if kind == "scalar_grad":  # a 0-d learned scalar
+        t = pool.input((), "temp", rng.choice(("float32", "float32", "float64", "bfloat16")), grad=rng.random() < 0.7)
+        return Atom(rng.choice((f"-0.05 * {t} * abs(i - j)", f"{t} * where(j <= i, 0.2, -0.2)", f"0.1 * {t} ** 2 * (j < {w})")))
+    if kind == "sum_table":  # an unrolled reduction reading a table
+        x = pool.float_table(("h", 4))
+        return Atom(rng.choice((f"sum({x}[h, u] * (i - j == u) for u in range(4))", f"sum({x}[h, u] * (j % 4 == u) for u in range(4))")))
+    if kind == "dot":  # a per-query vector against a per-key vector (one tile product)
+        a = pool.float_table(("b", "n", 8))
+        c = pool.float_table(("b", "n", 8))
+        return Atom(rng.choice((f"0.5 * dot({a}[b, i, :], {c}[b, j, :])", f"dot({a}[b, i, :], {a}[b, j, :]) / 4",
+                                f"0.3 * dot({a}[b, i, :], {c}[b, i, :])")))
+    if kind == "int_power":
+        k = _ext_param(pool, "pow")
+        return Atom(rng.choice((f"0.0001 * (i - j) ** {k}", f"0.1 * (-1) ** j", f"0.01 * 2 ** {k} * (j < i)")))
+    if kind == "bitwise_table":
+        t = pool.float_table(("h", 8))
+        return Atom(rng.choice((f"{t}[h, (j - i) & 7]", f"{t}[h, (i ^ j) % 8]", f"{t}[h, (j >> 2) & 7]")))
+    if kind == "pair_table":
+        x = pool.float_table(("n", "n"))
+        return Atom(f"{x}[i, j]")
+    if kind == "int_value":  # an integer input's value as a number
+        d = pool.int_input(("b", "n"), "value")  # (never past 2**31: a float32 score of 4e8 is not exact)
+        return Atom(rng.choice((f"0.1 * {d}[b, j]", f"0.05 * ({d}[b, i] - {d}[b, j])", f"0.2 * ({d}[b, j] % 3)")))
+    if kind == "float_floor":
+        return Atom(rng.choice(("0.1 * ((i - j) * 0.7 // 1.3)", "0.2 * ((j * 0.3) % 1.1)")))
+    c = _ext_param(pool, "sdiv")  # signed_div
+    c = f"({c})" if c.startswith("-") else c
+    return Atom(rng.choice((f"0.1 * ((i - j) // {c})", f"0.2 * (j % {c})")))
+
+
+def _ext_mod(pool: _Pool) -> Atom:
+    """A score transform of a construct :func:`_score_mod` never draws."""
+    rng = pool.rng
+    kind = rng.choice(("alias", "scalar", "table_where", "gelu", "inner_inf", "min3", "leaky", "softplus",
+                       "bool_number", "float_branch", "param_div", "square", "int_param"))
+    if kind == "alias":
+        return Atom(rng.choice(("score * 0.5", "where(score > 0, score, 0.5 * score)")))
+    if kind == "scalar":
+        t = pool.input((), "temp", rng.choice(("float32", "float64", "float16")), grad=rng.random() < 0.7)
+        return Atom(rng.choice((f"s * {t}", f"s / {t}", f"{t} * tanh(s / {t})")))
+    if kind == "table_where":
+        x = pool.float_table(("h",))
+        return Atom(rng.choice((f"where(s > {x}[h], s, {x}[h])", f"max(s, {x}[h])")))
+    if kind == "gelu":
+        return Atom("0.5 * s * (1 + erf(s / sqrt(2)))")
+    if kind == "inner_inf":  # a -inf that is not the whole transform's branch
+        return Atom(rng.choice(("s + where(j > i, -inf, 0.0)", "where(j <= i, s, -inf) * 0.5", "max(where(j <= i, s, -inf), -2.0)")))
+    if kind == "min3":
+        return Atom(rng.choice(("min(s, 2.0, 0.5 * s + 1.0)", "max(s, -1.0, -0.5 * s)")))
+    if kind == "leaky":
+        return Atom("where(s > 0, s, 0.1 * s)")
+    if kind == "softplus":
+        return Atom("log(1 + exp(s))")
+    if kind == "bool_number":
+        return Atom(rng.choice(("s * (1 + (j <= i))", "s - 2.0 * (j > i)")))
+    if kind == "float_branch":
+        w = rng.randint(1, 24)
+        return Atom(rng.choice((f"where(i - j < {w}, s, s - 5.0)", f"where(i * 0.1 > j * 0.3, s, s - 5.0)")))
+    if kind == "param_div":
+        c = pool.float_param("thresh")
+        return Atom(f"s / {c}")
+    if kind == "square":
+        return Atom(rng.choice(("0.1 * s ** 2 + s", "s ** 3 * 0.05")))
+    c = _ext_param(pool, "pow")  # int_param: an int param in float arithmetic
+    return Atom(f"s * (1 + {c}) / 2")
+
+
+def extend_draft(rng: random.Random, draft: Draft, avoid=frozenset()) -> Draft:
+    """``draft`` with one to three constructs the spec draws never make: a mask clause joined to
+    its mask, a bias term, a transform where it has none."""
+    pool = _Pool(rng, frozenset(avoid), {p.name: p for p in draft.params}, {d.name: d for d in draft.inputs})
+    mask, bias, mod = draft.mask, draft.bias, draft.mod
+    for _ in range(rng.choice((1, 1, 2, 3))):
+        r = rng.random()
+        if r < 0.5:
+            leaf = _draw(pool, _ext_mask_leaf)
+            if mask is None:
+                mask = leaf
+            else:
+                op = rng.choice(("and", "and", "or"))
+                mask = Node(op, (mask, leaf), op)
+        elif r < 0.8 or mod is not None:
+            bias = bias + (_draw(pool, _ext_bias_term),)
+        else:
+            mod = _draw(pool, _ext_mod)
+    return replace(draft, params=tuple(pool.params.values()), inputs=tuple(pool.inputs.values()),
+                   mask=mask, bias=bias, mod=mod)
+
+
+EXTEND_DIMS = (1, 3, 4, 8, 12, 24, 40, 64)
+
+
+def extend_call(rng: random.Random, old: Draft, draft: Draft, plan: CallPlan) -> CallPlan:
+    """``plan`` for the extended ``draft``: overrides of the new params (values near 2**31,
+    negative, zero divisors), params passed as numpy scalars and tensors, inputs passed in another
+    dtype, grad tables as expanded views, head dims the spec does not list, a zero-length side,
+    one query row, larger q and k."""
+    old_params = {p.name for p in old.used_params}
+    overrides = list(plan.overrides)
+    for p in draft.used_params:
+        if p.name not in old_params and rng.random() < 0.4:
+            if p.role == "red":  # up to the spec's value (above it: a ValueError)
+                overrides.append((p.name, rng.randint(-1, p.default)))
+            elif p.role in EXTEND_ROLES:
+                overrides.append((p.name, rng.choice(EXTEND_ROLES[p.role])))
+            else:  # a float param (thresh)
+                overrides.append((p.name, round(p.default * rng.uniform(0.5, 2.0), 3)))
+    forms = tuple((p.name, rng.choice(("numpy", "tensor0", "tensor1"))) for p in draft.used_params if rng.random() < 0.3)
+    casts = []
+    for d in draft.used_inputs:
+        if rng.random() < 0.25 and not plan.int64_values:
+            if d.dtype.startswith(("float", "bfloat")):
+                casts.append((d.name, rng.choice([t for t in ("float64", "float32", "float16", "bfloat16") if t != d.dtype])))
+            elif d.dtype != "bool" and d.role in ("doc", "small", "tiny", "sel", "value"):  # values below 100 fit every int
+                casts.append((d.name, rng.choice([t for t in ("int8", "int16", "int32", "int64", "uint8") if t != d.dtype])))
+    layouts = dict(plan.input_layouts)
+    for d in draft.used_inputs:
+        if d.grad and rng.random() < 0.3:
+            choices = [lay for lay in INPUT_LAYOUTS if _input_layout_fits(d, lay, grad_views=True)]
+            layouts[d.name] = rng.choice(choices)
+    out = replace(plan, overrides=tuple(overrides), param_forms=forms, input_casts=tuple(casts),
+                  input_layouts=tuple((k, v) for k, v in layouts.items() if any(d.name == k for d in draft.used_inputs)))
+    n_dims = max((d.dims.count("n") for d in draft.used_inputs), default=0)
+    far = 2**21 if n_dims == 1 else 256 if n_dims else None  # an "n" input covers the positions
+    if far is not None and max(out.q_offset, out.k_offset) >= far:
+        out = replace(out, q_offset=out.q_offset % 64, k_offset=out.k_offset % 64)
+    if rng.random() < 0.25:  # a head dim the spec does not list (the kernels take any from 1 to 256)
+        rd = draft.rope[2] if draft.rope is not None else None
+        dims = [x for x in EXTEND_DIMS if draft.rope is None or (x % 2 == 0 and x >= (rd or 2))]
+        D = rng.choice(dims)
+        out = replace(out, D=D, Dv=draft.value_dim or (D if plan.Dv == plan.D else plan.Dv))
+    if out.decode is None and out.varlen is None:
+        r = rng.random()
+        if r < 0.08:
+            out = replace(out, **{rng.choice(("Nq", "Nk")): 0})
+        elif r < 0.2:
+            out = replace(out, Nq=1)
+    if rng.random() < 0.1 and not out.backward and draft.mod is None:  # (exp(s) of large s overflows float32)
+        out = replace(out, magnitude=rng.choice((4.0, 8.0)))
+    return out
+
+
 def _is_int(d: InputPlan) -> bool:
     return not d.dtype.startswith(("float", "bfloat"))
 
 
-def _input_layout_fits(d: InputPlan, layout: str) -> bool:
+def _input_layout_fits(d: InputPlan, layout: str, grad_views: bool = False) -> bool:
+    """Whether ``layout`` applies to ``d`` (``grad_views``: a ``grad = true`` table may be an
+    expanded view too, whose gradient autograd sums; drawn by :func:`extend_call` only)."""
     if layout == "transposed":
         return len(d.dims) == 2
     if layout == "broadcast":  # stride 0 along the first dim: one value per batch row / head
-        return d.dims[0] in ("b", "h") and not d.grad
-    return True
+        return bool(d.dims) and d.dims[0] in ("b", "h") and (grad_views or not d.grad)
+    return layout == "contiguous" or bool(d.dims)  # a 0-d input has one layout
 
 
 def call_tags(draft: Draft, plan: CallPlan) -> FrozenSet[str]:
@@ -968,25 +1256,29 @@ _DT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfl
        "bool": torch.bool}
 
 
-def _qkv(gen, shape, dtype, layout, grad):
+def _qkv(gen, shape, dtype, layout, grad, magnitude=1.0):
     """A [B, H, N, D] tensor in ``layout`` (a view of a leaf that may require grad): (view, leaf)."""
     B, H, N, D = shape
+
+    def _randn(*size, generator):
+        return torch.randn(*size, generator=generator) * magnitude  # (x 1.0: the values as before)
+
     if layout == "bnhd":  # as a fused projection lays it out
-        leaf = torch.randn(B, N, H, D, generator=gen).to(dtype).requires_grad_(grad)
+        leaf = _randn(B, N, H, D, generator=gen).to(dtype).requires_grad_(grad)
         return leaf.transpose(1, 2), leaf
     if layout == "rows_step":
-        leaf = torch.randn(B, H, 2 * N + 1, D, generator=gen).to(dtype).requires_grad_(grad)
+        leaf = _randn(B, H, 2 * N + 1, D, generator=gen).to(dtype).requires_grad_(grad)
         return leaf[:, :, 1::2], leaf
     if layout == "padded_d":
-        leaf = torch.randn(B, H, N, D + 8, generator=gen).to(dtype).requires_grad_(grad)
+        leaf = _randn(B, H, N, D + 8, generator=gen).to(dtype).requires_grad_(grad)
         return leaf[..., :D], leaf
     if layout == "heads_step":
-        leaf = torch.randn(B, 2 * H, N, D, generator=gen).to(dtype).requires_grad_(grad)
+        leaf = _randn(B, 2 * H, N, D, generator=gen).to(dtype).requires_grad_(grad)
         return leaf[:, ::2], leaf
     if layout == "batch_broadcast":
-        leaf = torch.randn(1, H, N, D, generator=gen).to(dtype).requires_grad_(grad)
+        leaf = _randn(1, H, N, D, generator=gen).to(dtype).requires_grad_(grad)
         return leaf.expand(B, H, N, D), leaf
-    leaf = torch.randn(B, H, N, D, generator=gen).to(dtype).requires_grad_(grad)
+    leaf = _randn(B, H, N, D, generator=gen).to(dtype).requires_grad_(grad)
     return leaf, leaf
 
 
@@ -1011,14 +1303,20 @@ def _input_values(d: InputPlan, shape, gen, plan: CallPlan) -> torch.Tensor:
     if d.role == "len":
         lo, hi = max(0, plan.k_offset - 3), plan.k_offset + plan.Nk + 3
         return torch.randint(lo, hi + 1, shape, generator=gen)
+    if d.role == "temp":  # a learned temperature or gate: positive, near 1
+        return torch.rand(tuple(shape), generator=gen, dtype=torch.float64) * 0.5 + 0.75
+    if d.role == "tiny":  # divisors that may be 0 (guarded: max(d, 1), where(d == 0, 3, d))
+        return torch.randint(0, 5, shape, generator=gen)
+    if d.role == "sel":  # selected key blocks of 8 positions
+        return torch.randint(0, max(1, (plan.k_offset + plan.Nk) // 8 + 1), shape, generator=gen)
     return torch.randint(0, 21, shape, generator=gen)  # small: per-head windows
 
 
 def _input_tensor(d: InputPlan, shape, gen, plan: CallPlan, layout: str, grad: bool) -> torch.Tensor:
     """The tensor a call passes for ``d``: in ``layout``, a view of a leaf that may require grad."""
     values = _input_values(d, shape, gen, plan)
-    dtype = _DT[d.dtype]
-    if _is_int(d) and d.role != "flag" and plan.int64_values:
+    dtype = _DT[dict(plan.input_casts).get(d.name, d.dtype)]
+    if _is_int(d) and d.role not in ("flag", "value") and plan.int64_values:
         # values past int32: ids that agree modulo 2**32 are different documents, lengths are large
         values = values + (values % 2) * 2**32 if d.role == "doc" else values + 2**32
         dtype = torch.int64
@@ -1051,7 +1349,8 @@ def call_arguments(draft: Draft, plan: CallPlan) -> Arguments:
     gen = torch.Generator().manual_seed(plan.seed)
     dt = _DT[plan.dtype]
     shapes = ((plan.B, plan.Hq, plan.Nq, plan.D), (plan.B, plan.Hkv, plan.Nk, plan.D), (plan.B, plan.Hkv, plan.Nk, plan.Dv))
-    (q, ql), (k, kl), (v, _) = (_qkv(gen, s, dt, lay, plan.backward) for s, lay in zip(shapes, plan.layouts))
+    (q, ql), (k, kl), (v, _) = (_qkv(gen, s, dt, lay, plan.backward, m) for s, lay, m
+                                in zip(shapes, plan.layouts, (plan.magnitude, plan.magnitude, 1.0)))
     if plan.nan:
         with torch.no_grad():
             target = ql if plan.nan == "q" else kl
@@ -1073,12 +1372,24 @@ def call_arguments(draft: Draft, plan: CallPlan) -> Arguments:
             grad_tables.append(d.name)
     used = {p.name for p in draft.used_params}
     params = {k: v for k, v in plan.overrides if k in used}
+    for name, form in plan.param_forms:
+        if name in used:
+            params[name] = _param_form(params.get(name, next(p.default for p in draft.params if p.name == name)), form)
     positions = dict(q_offset=plan.q_offset, k_offset=plan.k_offset,
                      n_q=None if plan.n_q_extra is None else plan.q_offset + plan.Nq + plan.n_q_extra,
                      n_k=None if plan.n_k_extra is None else plan.k_offset + plan.Nk + plan.n_k_extra)
     g = torch.randn(plan.B, plan.Hq, plan.Nq, plan.Dv, generator=gen, dtype=torch.float64)
     packed = {} if plan.varlen is None else _packed_keywords(plan.varlen)
     return Arguments(q, k, v, positions, params, inputs, tuple(grad_tables), g, packed)
+
+
+def _param_form(value, form: str):
+    """A param's value as a numpy scalar or a 0-d / one-element tensor (read on the host)."""
+    import numpy as np
+
+    if form == "numpy":
+        return np.int64(value) if isinstance(value, int) else np.float64(value)
+    return torch.tensor(value) if form == "tensor0" else torch.tensor([value])
 
 
 def _cumulative(lens) -> list:
@@ -1227,7 +1538,7 @@ def _run_built(pattern, mod, draft: Draft, plan: CallPlan, reference: Reference,
         else:
             o, lse = mod.attention(a.q, a.k, a.v, return_lse=True, **kw)
     except (ValueError, TypeError) as e:
-        if _refuses_wide_ints(draft, plan, e):
+        if _refuses_wide_ints(draft, plan, e) or _refused_alike(pattern, a, plan, reference, e):
             return None
         return fail("raise", "attention()", math.inf, f"{type(e).__name__}: {e}")
     except Exception as e:  # noqa: BLE001 - every crash is a finding
@@ -1249,6 +1560,21 @@ def _run_built(pattern, mod, draft: Draft, plan: CallPlan, reference: Reference,
     if failure is None and plan.backward:
         return _check_backward(plan, a, o, ref, ref_in, ref_inputs, fail, lse, ref_lse)
     return failure
+
+
+def _refused_alike(pattern, a: Arguments, plan: CallPlan, reference: Reference, error: Exception) -> bool:
+    """Whether the reference refuses the call too, for the same reason: a divisor of params and
+    sizes that is 0 at this call (a ValueError saying "division by zero" from both; their words
+    differ: the module's names the expression as written and the values)."""
+    extra = {} if plan.scale is None else {"scale": plan.scale}
+    reason = "division by zero: the divisor of"
+    if not (isinstance(error, ValueError) and reason in str(error)):
+        return False
+    try:
+        reference(pattern, *(t.detach().double() for t in (a.q, a.k, a.v)), **a.positions, **a.params, **a.inputs, **extra)
+    except ValueError as e:
+        return reason in str(e)
+    return False
 
 
 def refuses_varlen(pattern) -> bool:
@@ -1538,9 +1864,11 @@ def _check_nan(pattern, plan, a: Arguments, o, ref, ref_lse, fail) -> Optional[F
 # ---------------------------------------------------------------------------------------------
 
 def draw_case(seed: int, backward: Optional[bool] = None, avoid=frozenset(),
-              varlen: Optional[bool] = None) -> Tuple[Draft, CallPlan]:
+              varlen: Optional[bool] = None, extend: Optional[bool] = False) -> Tuple[Draft, CallPlan]:
     """The spec and call of ``seed``; ``varlen``: None packs the call now and then (VARLEN_RATE
-    of the attention() calls), True always, False never (the cases seeds drew before varlen calls)."""
+    of the attention() calls), True always, False never (the cases seeds drew before varlen calls);
+    ``extend``: the same for the constructs of :func:`extend_draft` and :func:`extend_call`
+    (EXTEND_RATE; False, the default here: the cases seeds drew before them)."""
     rng = random.Random(seed)
     _, draft = random_spec(rng, avoid)
     plan = random_call(rng, draft, backward=backward, avoid=avoid)
@@ -1550,13 +1878,19 @@ def draw_case(seed: int, backward: Optional[bool] = None, avoid=frozenset(),
         # now and then (draws of such specs are mostly packed calls of specs that take them)
         if varlen or vrng.random() < (VARLEN_RATE if varlen_allowed(draft) else VARLEN_REFUSAL_RATE):
             plan = random_varlen(vrng, plan)
+    if extend is not False:
+        erng = extend_rng(seed)  # its own stream again: every draw above stays as it was
+        if extend or erng.random() < EXTEND_RATE:
+            old, draft = draft, extend_draft(erng, draft, avoid)
+            plan = extend_call(erng, old, draft, plan)
     return draft, plan
 
 
 def check_case(seed: int, backward: Optional[bool] = None, *, avoid=frozenset(),
-               reference: Optional[Reference] = None, varlen: Optional[bool] = None) -> Optional[Failure]:
+               reference: Optional[Reference] = None, varlen: Optional[bool] = None,
+               extend: Optional[bool] = False) -> Optional[Failure]:
     """Draw the case of ``seed`` and run it: None, or the :class:`Failure` (``str()`` describes it)."""
-    draft, plan = draw_case(seed, backward, avoid, varlen)
+    draft, plan = draw_case(seed, backward, avoid, varlen, extend)
     failure = run_case(draft, plan, reference)
     return None if failure is None else replace(failure, seed=seed)
 
@@ -1622,6 +1956,9 @@ def _plan_reductions(p: CallPlan):
         yield replace(p, overrides=p.overrides[:n] + p.overrides[n + 1:])
     if p.tiles is not None:
         yield replace(p, tiles=None)
+    for fld, plain in (("param_forms", ()), ("input_casts", ()), ("magnitude", 1.0)):
+        if getattr(p, fld) != plain:
+            yield replace(p, **{fld: plain})
     if p.decode is not None:
         dp = p.decode
         if dp.kv_len_layout != "contiguous" or dp.table_layout != "contiguous":
@@ -1691,7 +2028,7 @@ def _consistent(d: Draft, p: CallPlan) -> bool:
     packed = vp is None or (
         (p.Nq, p.Nk) == vp.totals  # a max_seqlen that shrinking made too small would be refused
         and all(m is None or m >= max(lens) for m, lens in ((vp.max_q, vp.lens_q), (vp.max_k, vp.lens_k))))
-    return (p.D in d.head_dims and p.Hq % p.Hkv == 0 and d.heads_q in (None, p.Hq) and d.heads_kv in (None, p.Hkv)
+    return (1 <= p.D <= 256 and p.Hq % p.Hkv == 0 and d.heads_q in (None, p.Hq) and d.heads_kv in (None, p.Hkv)
             and d.value_dim in (None, p.Dv) and (d.rope is None or (d.rope[2] or p.D) <= p.D) and packed)
 
 
@@ -1735,6 +2072,9 @@ def main(argv=None) -> int:
     ap.add_argument("--backward", choices=("auto", "yes", "no"), default="auto")
     ap.add_argument("--varlen", choices=("auto", "yes", "no"), default="auto",
                     help="packed (cu_seqlens) calls: now and then, always (attention() calls), never")
+    ap.add_argument("--extend", choices=("auto", "yes", "no"), default="auto",
+                    help="the constructs of extend_draft/extend_call: now and then, always, never "
+                         "(no: the cases seeds drew before them)")
     ap.add_argument("--avoid", default="", help="comma-separated tags the generator must not produce")
     ap.add_argument("--no-minimize", action="store_true")
     ap.add_argument("--verbose", action="store_true")
@@ -1742,14 +2082,15 @@ def main(argv=None) -> int:
     avoid = frozenset(t for t in args.avoid.split(",") if t)
     backward = {"auto": None, "yes": True, "no": False}[args.backward]
     varlen = {"auto": None, "yes": True, "no": False}[args.varlen]
+    extend = {"auto": None, "yes": True, "no": False}[args.extend]
     seeds = [args.seed] if args.seed is not None else range(args.start, args.start + args.cases)
     failures = 0
     t0 = time.monotonic()
     for seed in seeds:
         if args.verbose or args.seed is not None:
-            draft, plan = draw_case(seed, backward, avoid, varlen)
+            draft, plan = draw_case(seed, backward, avoid, varlen, extend)
             print(f"seed {seed}: {plan.describe()}\n{draft.text}")
-        f = check_case(seed, backward, avoid=avoid, varlen=varlen)
+        f = check_case(seed, backward, avoid=avoid, varlen=varlen, extend=extend)
         if f is None:
             if args.verbose or args.seed is not None:
                 print(f"seed {seed}: ok")

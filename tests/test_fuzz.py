@@ -295,3 +295,47 @@ def test_refusals_are_checked_both_ways(monkeypatch):
     monkeypatch.setattr(F, "refuses_varlen", lambda pattern: True)
     failure = F.check_case(taking[0], backward=False, varlen=True)
     assert failure is not None and failure.kind == "accept", failure
+
+
+# ---------------------------------------------------------------------------------------------
+# extensions: the constructs the draws above never make (extend_draft, extend_call)
+# ---------------------------------------------------------------------------------------------
+
+def _contains(mask, part) -> bool:
+    return mask == part or (isinstance(mask, F.Node) and any(_contains(k, part) for k in mask.kids))
+
+
+def test_extensions_leave_the_old_draws_alone():
+    """extend=False (draw_case's default) draws what the seeds drew before extensions existed; an
+    extended case keeps every earlier draw and adds to it (a Random of its own, extend_rng)."""
+    for seed in range(40):
+        d0, p0 = F.draw_case(seed, varlen=False)
+        d1, p1 = F.draw_case(seed, varlen=False, extend=True)
+        assert d1.bias[:len(d0.bias)] == d0.bias and d0.mask is None or _contains(d1.mask, d0.mask), seed
+        assert d0.mod is None or d1.mod == d0.mod, seed
+        assert (d1.head_dims, d1.dtypes, d1.rope, d1.softcap, d1.scale) == (d0.head_dims, d0.dtypes, d0.rope, d0.softcap, d0.scale)
+        assert (p1.seed, p1.B, p1.Hq, p1.Hkv, p1.dtype, p1.layouts, p1.backward, p1.q_offset, p1.tiles) == \
+            (p0.seed, p0.B, p0.Hq, p0.Hkv, p0.dtype, p0.layouts, p0.backward, p0.q_offset, p0.tiles), seed
+        assert p1.overrides[:len(p0.overrides)] == p0.overrides, seed
+
+
+def test_extensions_cover_the_blind_spots():
+    """Over 200 seeds the extensions draw every construct they are there for."""
+    drawn = [F.draw_case(seed, extend=True) for seed in range(200)]
+    corpus = "\n".join(d.text for d, _ in drawn)
+    for needle in (" ^ ", " >> ", " << ", "~", " & 7", "any(", "all(", "sum(", "dot(", "erf(", "exp2(", "log2(",
+                   "tan(", "score", "dims = []", '"n", "n"', "where(j <", "% where(", "max(", "/ 2 ==", "** 0.5",
+                   "True", " - 1) ", "(-1) **", "-inf, 0.0)", "sqrt(2)", "<= n_q"):
+        assert needle in corpus, needle
+    plans = [p for _, p in drawn]
+    forms = {f for p in plans for _, f in p.param_forms}
+    assert forms == {"numpy", "tensor0", "tensor1"}, forms
+    casts = {c for p in plans for _, c in p.input_casts}
+    assert {"float64", "float16", "int8", "uint8", "int16"} <= casts, casts
+    assert any(p.Nq == 0 for p in plans) and any(p.Nk == 0 for p in plans) and any(p.Nq == 1 for p in plans)
+    assert {p.D for p in plans} - {16, 32} and any(p.magnitude > 1 for p in plans)
+    values = [v for d, p in drawn for v in [x.default for x in d.used_params] + [v for _, v in p.overrides]]
+    assert any(isinstance(v, int) and v >= 2**31 for v in values) and any(isinstance(v, int) and v <= -2**31 for v in values)
+    grad_views = [(d, p) for d, p in drawn for name, lay in p.input_layouts
+                  if lay == "broadcast" and any(x.name == name and x.grad for x in d.used_inputs)]
+    assert grad_views
