@@ -236,14 +236,28 @@ NUMPY = NumpyArrays()
 # the evaluator
 # ---------------------------------------------------------------------------------------------
 
-def zero_divisor(divisor, e) -> None:
+def zero_divisor(divisor, e, env: Mapping[str, Any] = None) -> None:
     """An integer ``//`` or ``%`` by 0 (docs/spec-language.md, "Division"): a divisor of params and
-    sizes only is a ValueError, as the generated modules raise before a launch; one that varies per
-    pair (which ``attncc build`` refuses unless it cannot be 0) raises ZeroDivisionError, as Python."""
+    sizes only is a ValueError naming the expression as written and the values, as the generated
+    modules raise before a launch; one that varies per pair (which ``attncc build`` refuses unless
+    it cannot be 0) raises ZeroDivisionError, as Python."""
     per_pair = divisor.free_symbols & {S.b, S.h, S.i, S.j}
     if per_pair or divisor.atoms(AppliedUndef):
         raise ZeroDivisionError(f"integer division by zero in {spec_text(e)}")
-    raise ValueError(f"division by zero: the divisor of {spec_text(e)} is 0 with these params and sizes")
+    values = {s.name: _one_value((env or {}).get(s.name)) for s in divisor.free_symbols}
+    named = ", ".join(f"{n} = {v}" for n, v in sorted(values.items()) if v is not None)
+    raise ValueError(f"division by zero: the divisor of {spec_text(e)} is 0"
+                     + (f" with {named}" if named else " with these params and sizes"))
+
+
+def _one_value(x):
+    """A param's or size's value for a message: a number, or None for what is not one value (the
+    per-sequence lengths of a packed call)."""
+    if isinstance(x, (int, float)):
+        return x
+    if hasattr(x, "numel") and x.numel() == 1 or isinstance(x, (np.ndarray, np.generic)) and x.size == 1:
+        return x.reshape(-1)[0].item()
+    return None
 
 
 class Evaluator:
@@ -446,7 +460,7 @@ class Evaluator:
             return d
         zero = d == 0
         if bool((zero if self.guard is None else zero & self.guard).any()):
-            zero_divisor(divisor, e)
+            zero_divisor(divisor, e, self.env)
         return d if self.guard is None else self.arrays.where(zero, self.arrays.const(1, INT), d)
 
     def conjunction(self, args):

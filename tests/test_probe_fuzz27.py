@@ -1,0 +1,54 @@
+"""Probe fuzz27: the blind spots of tests/fuzz_specs.py, drawn by its extensions (extend_draft,
+extend_call: bitwise operators and shifts, boolean xor, booleans as numbers, true division in
+masks, signed divisors, divisors of params, sizes and guarded input values, nested where, sum /
+any / all / dot, int params past 2**31 and negative ones, 0-d inputs, [n, n] tables, params as
+numpy scalars and tensors, inputs in other dtypes, grad tables as expanded views, unlisted head
+dims, zero-length sides, one query row, large q and k) and run on seeds 27300.. (see the fuzz27
+report for the ranges), forward and backward, plain, packed and decode calls.
+
+Defects found:
+
+- ``attncc.reference`` refused a divisor of params and sizes that is 0 with "the divisor of
+  Mod(j, pid - 1) is 0 with these params and sizes": sympy's spelling and no values, where the
+  contract (docs/spec-language.md, "Division by zero") says it raises what the generated module
+  raises, ``the divisor of j % (pid - 1) is 0 with pid = 1``.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import attncc
+from attncc.spec import load_spec
+
+
+def _pattern(tmp_path, text):
+    path = tmp_path / "probe.toml"
+    path.write_text(text)
+    return load_spec(path)
+
+
+DIVISORS = [  # (divisor as written in the mask, its params, the sizes passed) -> that divisor is 0
+    ("j % (w - 1) == 0", {"w": 1}, {}),
+    ("(i + j) // w == 0", {"w": 0}, {}),
+    ("j % (n_k - 10) == 0 or j <= i", {}, {"n_k": 10}),
+    ("i // (-n_q + w + 1) >= 0", {"w": 7}, {}),  # (the order sympy and the module print it in)
+]
+
+
+@pytest.mark.parametrize("mask, params, sizes", DIVISORS)
+def test_the_references_zero_divisor_names_the_expression_and_the_values(tmp_path, mask, params, sizes):
+    declared = "".join(f"{k} = 3\n" for k in ("w",) if k in mask)
+    p = _pattern(tmp_path, (f"[params]\n{declared}" if declared else "") + f"[mask]\nwhere = '{mask}'\n")
+    gen = torch.Generator().manual_seed(random.Random(mask).randrange(2**31))
+    q = torch.randn(1, 1, 8, 16, generator=gen, dtype=torch.float64)
+    with pytest.raises(ValueError) as e:
+        attncc.reference(p, q, q, q, **params, **sizes)
+    message = str(e.value)
+    written = mask.split(" ==")[0].split(" >=")[0]
+    assert f"division by zero: the divisor of {written} is 0 with " in message, message
+    values = {**params, **sizes, **({"n_q": 8} if "n_q" in mask else {})}
+    assert all(f"{k} = {v}" in message for k, v in values.items()), message
+    assert "Mod(" not in message and "floor(" not in message and "these params" not in message, message
