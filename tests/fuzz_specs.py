@@ -1106,11 +1106,28 @@ def _ext_bias_term(pool: _Pool) -> Atom:
     return Atom(rng.choice((f"0.1 * ((i - j) // {c})", f"0.2 * (j % {c})")))
 
 
+def _named_scale(pool: _Pool) -> Optional[str]:
+    """A float param or 0-d input named ``scale`` (it takes the call's ``scale=``), or None where
+    the name is taken."""
+    if "scale" in pool.params or "scale" in pool.inputs:
+        return None
+    if pool.rng.random() < 0.5:
+        pool.params["scale"] = ParamPlan("scale", pool.rng.choice((0.5, 1.5)), "coef")
+    else:
+        pool.inputs["scale"] = InputPlan("scale", (), "float32", "temp", grad=pool.rng.random() < 0.5)
+    return "scale"
+
+
 def _ext_mod(pool: _Pool) -> Atom:
     """A score transform of a construct :func:`_score_mod` never draws."""
     rng = pool.rng
     kind = rng.choice(("alias", "scalar", "table_where", "gelu", "inner_inf", "min3", "leaky", "softplus",
-                       "bool_number", "float_branch", "param_div", "square", "int_param"))
+                       "bool_number", "float_branch", "param_div", "square", "int_param", "named_scale"))
+    if kind == "named_scale":
+        c = _named_scale(pool)
+        if c is not None:
+            return Atom(rng.choice((f"s * {c}", f"where(j <= i, s * {c}, -inf)")))
+        kind = "alias"
     if kind == "alias":
         return Atom(rng.choice(("score * 0.5", "where(score > 0, score, 0.5 * score)")))
     if kind == "scalar":
@@ -1198,6 +1215,8 @@ def extend_call(rng: random.Random, old: Draft, draft: Draft, plan: CallPlan) ->
             layouts[d.name] = rng.choice(choices)
     out = replace(plan, overrides=tuple(overrides), param_forms=forms, input_casts=tuple(casts),
                   input_layouts=tuple((k, v) for k, v in layouts.items() if any(d.name == k for d in draft.used_inputs)))
+    if any(x.name == "scale" for x in (*draft.used_params, *draft.used_inputs)):
+        out = replace(out, scale=None)  # scale= is that param's or input's now (an override or the tensor)
     n_dims = max((d.dims.count("n") for d in draft.used_inputs), default=0)
     far = 2**21 if n_dims == 1 else 256 if n_dims else None  # an "n" input covers the positions
     if far is not None and max(out.q_offset, out.k_offset) >= far:
@@ -1213,6 +1232,9 @@ def extend_call(rng: random.Random, old: Draft, draft: Draft, plan: CallPlan) ->
             out = replace(out, **{rng.choice(("Nq", "Nk")): 0})
         elif r < 0.2:
             out = replace(out, Nq=1)
+    if draft.heads_q is None and draft.heads_kv is None and rng.random() < 0.1:  # more heads than 4
+        hq = rng.choice((5, 6, 8))
+        out = replace(out, Hq=hq, Hkv=rng.choice([x for x in (1, 2, 3, 4, hq) if hq % x == 0]))
     if rng.random() < 0.1 and not out.backward and draft.mod is None:  # (exp(s) of large s overflows float32)
         out = replace(out, magnitude=rng.choice((4.0, 8.0)))
     return out
