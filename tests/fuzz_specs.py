@@ -992,8 +992,15 @@ def _ext_mask_leaf(pool: _Pool) -> Atom:
     rng = pool.rng
     kind = rng.choice(("bitwise", "shift_param", "bool_ops", "bool_number", "true_div", "signed_div", "div_expr",
                        "div_input", "nested_where", "reduction", "minmax3", "huge", "negative", "chain", "literal",
-                       "scalar_input", "pair_table", "sel_table"))
+                       "scalar_input", "pair_table", "sel_table", "input_bits"))
     g = rng.randint(0, 12)
+    if kind == "input_bits":  # bitwise operators on input values of every sign and width
+        r = rng.random()
+        dtype = "int32" if r < 0.4 else "int64" if r < 0.55 else rng.choice(("int16", "int8", "uint8"))
+        d = pool.input(("b", "n"), "signed", dtype)
+        return Atom(rng.choice((f"~{d}[b, j] < ~{d}[b, i]", f"({d}[b, i] | 1) % 4 == 1", f"({d}[b, i] ^ {d}[b, j]) % 3 == 0",
+                                f"({d}[b, j] >> 1) <= ({d}[b, i] & 7) * 20", f"({d}[b, j] << 4) > {d}[b, i] * 3",
+                                f"(~{d}[b, j] & 3) != 0 or j == i")))
     w = rng.randint(0, 24)
     if kind == "bitwise":
         m = rng.choice((1, 3, 7))
@@ -1327,6 +1334,9 @@ def _input_values(d: InputPlan, shape, gen, plan: CallPlan) -> torch.Tensor:
         return torch.randint(lo, hi + 1, shape, generator=gen)
     if d.role == "temp":  # a learned temperature or gate: positive, near 1
         return torch.rand(tuple(shape), generator=gen, dtype=torch.float64) * 0.5 + 0.75
+    if d.role == "signed":  # any value of the declared width (the extensions' bitwise operators)
+        info = torch.iinfo(_DT[d.dtype])
+        return torch.randint(max(info.min, -2**40), min(info.max, 2**40) + 1, shape, generator=gen)
     if d.role == "tiny":  # divisors that may be 0 (guarded: max(d, 1), where(d == 0, 3, d))
         return torch.randint(0, 5, shape, generator=gen)
     if d.role == "sel":  # selected key blocks of 8 positions
