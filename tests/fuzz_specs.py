@@ -1233,6 +1233,10 @@ def extend_call(rng: random.Random, old: Draft, draft: Draft, plan: CallPlan) ->
         dims = [x for x in EXTEND_DIMS if draft.rope is None or (x % 2 == 0 and x >= (rd or 2))]
         D = rng.choice(dims)
         out = replace(out, D=D, Dv=draft.value_dim or (D if plan.Dv == plan.D else plan.Dv))
+    if out.decode is not None and rng.random() < 0.2:  # a row without keys, or with fewer than Nq
+        lens = list(out.decode.kv_lens)
+        lens[rng.randrange(len(lens))] = rng.choice((0, rng.randint(0, max(0, out.Nq - 1))))
+        out = replace(out, decode=replace(out.decode, kv_lens=tuple(lens)))
     if out.decode is None and out.varlen is None:
         r = rng.random()
         if r < 0.08:
@@ -1779,8 +1783,14 @@ def _run_decode(pattern, mod, draft: Draft, plan: CallPlan, reference: Reference
     refs, ref_lses = [], []
     try:
         for b, n in enumerate(plan.decode.kv_lens):
-            r, r_lse = reference(pattern, a.q.double(), a.k[:, :, :n].double(), a.v[:, :, :n].double(),
-                                 return_lse=True, q_offset=n - plan.Nq, **a.params, **a.inputs, **extra)
+            # query rows at negative positions (kv_len < Nq; extend_call) see no key: o = 0, lse = -inf
+            neg = min(plan.Nq, max(0, plan.Nq - n))
+            r = a.q.new_zeros(plan.B, plan.Hq, neg, plan.Dv, dtype=torch.float64)
+            r_lse = a.q.new_full((plan.B, plan.Hq, neg), -math.inf, dtype=torch.float64)
+            if neg < plan.Nq:
+                rest, rest_lse = reference(pattern, a.q[:, :, neg:].double(), a.k[:, :, :n].double(), a.v[:, :, :n].double(),
+                                           return_lse=True, q_offset=n - plan.Nq + neg, **a.params, **a.inputs, **extra)
+                r, r_lse = torch.cat([r, rest], 2), torch.cat([r_lse, rest_lse], 2)
             refs.append(r[b])
             ref_lses.append(r_lse[b])
     except Exception as e:  # noqa: BLE001
