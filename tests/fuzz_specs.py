@@ -1190,6 +1190,7 @@ def extend_draft(rng: random.Random, draft: Draft, avoid=frozenset()) -> Draft:
 
 
 EXTEND_DIMS = (1, 3, 4, 8, 12, 24, 40, 64)
+EXTEND_QKV_LAYOUTS = ("d_strided", "rows_expand", "n_first")
 
 
 def extend_call(rng: random.Random, old: Draft, draft: Draft, plan: CallPlan) -> CallPlan:
@@ -1243,6 +1244,9 @@ def extend_call(rng: random.Random, old: Draft, draft: Draft, plan: CallPlan) ->
             out = replace(out, **{rng.choice(("Nq", "Nk")): 0})
         elif r < 0.2:
             out = replace(out, Nq=1)
+    if rng.random() < 0.2 and out.nan is None:  # q, k or v in a layout the draws above never make
+        n = rng.randrange(3)
+        out = replace(out, layouts=out.layouts[:n] + (rng.choice(EXTEND_QKV_LAYOUTS),) + out.layouts[n + 1:])
     if draft.heads_q is None and draft.heads_kv is None and rng.random() < 0.1:  # more heads than 4
         hq = rng.choice((5, 6, 8))
         out = replace(out, Hq=hq, Hkv=rng.choice([x for x in (1, 2, 3, 4, hq) if hq % x == 0]))
@@ -1311,6 +1315,15 @@ def _qkv(gen, shape, dtype, layout, grad, magnitude=1.0):
     if layout == "batch_broadcast":
         leaf = _randn(1, H, N, D, generator=gen).to(dtype).requires_grad_(grad)
         return leaf.expand(B, H, N, D), leaf
+    if layout == "d_strided":  # the head dim not unit-stride (extend_call's layouts from here on)
+        leaf = _randn(B, H, D, N, generator=gen).to(dtype).requires_grad_(grad)
+        return leaf.transpose(-1, -2), leaf
+    if layout == "rows_expand":  # every row the same (stride 0 along the positions)
+        leaf = _randn(B, H, 1, D, generator=gen).to(dtype).requires_grad_(grad)
+        return leaf.expand(B, H, N, D), leaf
+    if layout == "n_first":  # [N, B, H, D] storage (a sequence-first model)
+        leaf = _randn(N, B, H, D, generator=gen).to(dtype).requires_grad_(grad)
+        return leaf.permute(1, 2, 0, 3), leaf
     leaf = _randn(B, H, N, D, generator=gen).to(dtype).requires_grad_(grad)
     return leaf, leaf
 

@@ -314,9 +314,9 @@ def test_extensions_leave_the_old_draws_alone():
         assert d1.bias[:len(d0.bias)] == d0.bias and (d0.mask is None or _contains(d1.mask, d0.mask)), seed
         assert d0.mod is None or d1.mod == d0.mod, seed
         assert (d1.head_dims, d1.dtypes, d1.rope, d1.softcap, d1.scale) == (d0.head_dims, d0.dtypes, d0.rope, d0.softcap, d0.scale)
-        # (head counts, lengths, head dims and offsets are the extensions' to change)
-        assert (p1.seed, p1.B, p1.dtype, p1.layouts, p1.backward, p1.tiles, p1.nan) == \
-            (p0.seed, p0.B, p0.dtype, p0.layouts, p0.backward, p0.tiles, p0.nan), seed
+        # (head counts, lengths, head dims, offsets and layouts are the extensions' to change)
+        assert (p1.seed, p1.B, p1.dtype, p1.backward, p1.tiles, p1.nan) == \
+            (p0.seed, p0.B, p0.dtype, p0.backward, p0.tiles, p0.nan), seed
         assert p1.overrides[:len(p0.overrides)] == p0.overrides, seed
 
 
@@ -334,7 +334,10 @@ def test_extensions_cover_the_blind_spots():
     casts = {c for p in plans for _, c in p.input_casts}
     assert {"float64", "float16", "int8", "uint8", "int16"} <= casts, casts
     assert any(p.Nq == 0 for p in plans) and any(p.Nk == 0 for p in plans) and any(p.Nq == 1 for p in plans)
-    assert {p.D for p in plans} - {16, 32} and any(p.magnitude > 1 for p in plans)
+    assert {p.D for p in plans} - {16, 32} and any(p.magnitude > 1 for p in plans) and any(p.Hq > 4 for p in plans)
+    assert set(F.EXTEND_QKV_LAYOUTS) <= {lay for p in plans for lay in p.layouts}
+    assert any(p.decode is not None and min(p.decode.kv_lens) < p.Nq for p in plans)
+    assert any(x.name == "scale" for d, _ in drawn for x in (*d.used_params, *d.used_inputs))
     values = [v for d, p in drawn for v in [x.default for x in d.used_params] + [v for _, v in p.overrides]]
     assert any(isinstance(v, int) and v >= 2**31 for v in values) and any(isinstance(v, int) and v <= -2**31 for v in values)
     grad_views = [(d, p) for d, p in drawn for name, lay in p.input_layouts
