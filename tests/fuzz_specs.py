@@ -22,8 +22,11 @@ int params near and past 2**31 and negative ones, chained comparisons, ``True``/
 inputs (learned scalars with grad), ``[n, n]`` tables, exp/exp2/log2/erf/tan terms, ``score``,
 GELU, ``-inf`` inside a transform; and in the call: params as numpy scalars and 0-d/one-element
 tensors, inputs passed in another dtype, grad tables as expanded views, head dims the spec does
-not list, a zero-length side, one query row, larger q and k. ``draw_case(extend=False)`` (the
-default there, and ``--extend no``) draws the cases seeds drew before them.
+not list, a zero-length side, one query row, larger q and k, 5 to 8 query heads, a param or input
+named ``scale``, bitwise operators on input values of every width, q/k/v whose head dim is not
+unit-stride, rows of stride 0, sequence-first storage, decode rows with ``kv_len`` 0 or below Nq.
+``draw_case(extend=False)`` (the default there, and ``--extend no``) draws the cases seeds drew
+before them.
 
 Both halves are plain data (:class:`Draft`, :class:`CallPlan`, frozen), so a failure can be
 shrunk by replacing fields and re-run. Every case carries *tags*: the features it exercises that
