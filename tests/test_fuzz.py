@@ -301,6 +301,18 @@ def test_refusals_are_checked_both_ways(monkeypatch):
 # extensions: the constructs the draws above never make (extend_draft, extend_call)
 # ---------------------------------------------------------------------------------------------
 
+# Seeds drawn with every extension on (extend=True), forward and backward as they draw it: the two
+# quickest by default (~2 s each on 2 cores), all with -m slow (longer runs: python
+# tests/fuzz_specs.py --start 27300 --extend yes).
+EXTEND_SEEDS, EXTEND_CI = range(27300, 27316), (27310, 27313)
+
+
+@pytest.mark.parametrize("seed", [pytest.param(s, marks=() if s in EXTEND_CI else pytest.mark.slow) for s in EXTEND_SEEDS])
+def test_extended(seed):
+    failure = F.check_case(seed, extend=True)
+    assert failure is None, f"\n{failure}"
+
+
 def _contains(mask, part) -> bool:
     return mask == part or (isinstance(mask, F.Node) and any(_contains(k, part) for k in mask.kids))
 
