@@ -3,8 +3,23 @@ extend_call: bitwise operators and shifts, boolean xor, booleans as numbers, tru
 masks, signed divisors, divisors of params, sizes and guarded input values, nested where, sum /
 any / all / dot, int params past 2**31 and negative ones, 0-d inputs, [n, n] tables, params as
 numpy scalars and tensors, inputs in other dtypes, grad tables as expanded views, unlisted head
-dims, zero-length sides, one query row, large q and k) and run on seeds 27300.. (see the fuzz27
-report for the ranges), forward and backward, plain, packed and decode calls.
+dims, zero-length sides, one query row, large q and k, 5-8 heads, a param or input named scale,
+bitwise operators on int8..int64/uint8 input values, q/k/v with a strided head dim, stride-0 rows
+or sequence-first storage, decode rows with kv_len 0 or below Nq), forward and backward, plain,
+packed and decode calls:
+
+- seeds 27300..28599 of ``python tests/fuzz_specs.py`` (extensions drawn at EXTEND_RATE), ~1300
+  cases: one failure, a zero divisor both sides refused in different words (below; the fuzzer now
+  counts a refusal for that reason by both as agreement);
+- ~310 cases drawn with extend=True and filtered per construct (zero-length sides, grad tables as
+  views / 0-d / cast, params near and past 2**31, negative, shift amounts and signed divisors in
+  decode / packed / numpy-and-tensor forms, decode with unlisted dims and casts, packed backward,
+  new bias and mod terms with grad tables backward, new mask clauses at offsets >= 2**20, named
+  scale and 5-8 heads, bitwise ops on input values, short decode rows, unlisted head dims with
+  forced tiles, backward with q, k x8 in float16/float32, dot terms, the new q/k/v layouts): clean;
+- by hand, 64 calls: divisors -2**31, -2**31 + 1, 2**31 - 1, -1 (//, %, at positions past 2**31),
+  shift amounts 31, 40, 63, 64, 100 and their negatives, ``~ << >> & | ^`` of uint8, int8, int16
+  and int32 input values over their whole range: clean.
 
 Defects found:
 
