@@ -33,6 +33,7 @@ from attncc.core import semantics
 from attncc.core.lazy import lazy_module
 from attncc.spec import symbols as S
 from attncc.spec.expr import integer_comparison, spec_text
+from attncc.spec.signs import nonzero, signs_of
 from attncc.spec.builtins import (SHIFT_LIMIT, AlibiSlope, BitAnd, BitOr, BitXor, Bucket, FloatDiv, RandomBlocks, Shift,
                                   Sigmoid, ToFloat, divides, quotient)
 
@@ -241,13 +242,18 @@ def zero_divisor(divisor, e, env: Mapping[str, Any] = None) -> None:
     sizes only is a ValueError naming the expression as written and the values, as the generated
     modules raise before a launch; one that varies per pair (which ``attncc build`` refuses unless
     it cannot be 0) raises ZeroDivisionError, as Python."""
-    per_pair = divisor.free_symbols & {S.b, S.h, S.i, S.j}
-    if per_pair or divisor.atoms(AppliedUndef):
+    if per_pair(divisor):
         raise ZeroDivisionError(f"integer division by zero in {spec_text(e)}")
     values = {s.name: _one_value((env or {}).get(s.name)) for s in divisor.free_symbols}
     named = ", ".join(f"{n} = {v}" for n, v in sorted(values.items()) if v is not None)
     raise ValueError(f"division by zero: the divisor of {spec_text(e)} is 0"
                      + (f" with {named}" if named else " with these params and sizes"))
+
+
+def per_pair(divisor) -> bool:
+    """Whether ``divisor`` varies per pair (positions, batch row, head, input values), rather than
+    being made of params and sizes only."""
+    return bool(divisor.free_symbols & {S.b, S.h, S.i, S.j} or divisor.atoms(AppliedUndef))
 
 
 def _one_value(x):
@@ -277,6 +283,8 @@ class Evaluator:
         # Where the integer divisions being computed count (a bool array, None: everywhere): a
         # conjunct that divides is computed where the other conjuncts hold (:meth:`conjunction`).
         self.guard = None
+        # what the guard's conjuncts say of the signs of params (attncc.spec.signs.signs_of)
+        self.guard_signs = {}
 
     # --- kinds ---
 
@@ -455,13 +463,22 @@ class Evaluator:
 
     def divisor(self, d, divisor, e):
         """The values ``d`` of ``divisor`` in ``e``: an integer 0 where :attr:`guard` holds raises
-        (:func:`zero_divisor`); outside it, where the result does not count, 1 stands for it."""
+        (:func:`zero_divisor`); outside it, where the result does not count, 1 stands for it. A
+        divisor of params and sizes only raises wherever it is 0, guard or not, as the generated
+        modules check it before a launch (a conjunct such as ``j < w2`` beside ``i // (w - 1)``
+        that no pair of this call meets does not excuse ``w = 1``), unless the guard's conjuncts
+        keep it nonzero (``w != 0 and i % w == 1``), which the modules do not check either: the
+        rule of ``attncc.codegen.bounds``, :func:`attncc.spec.signs.nonzero`."""
         if not self.is_int(d):
             return d
         zero = d == 0
-        if bool((zero if self.guard is None else zero & self.guard).any()):
+        guarded = self.guard is not None and (per_pair(divisor) or self._kept_nonzero(divisor))
+        if bool((zero & self.guard if guarded else zero).any()):
             zero_divisor(divisor, e, self.env)
         return d if self.guard is None else self.arrays.where(zero, self.arrays.const(1, INT), d)
+
+    def _kept_nonzero(self, divisor) -> bool:
+        return bool(self.guard_signs) and nonzero(divisor.xreplace(self.guard_signs))
 
     def conjunction(self, args):
         """``and`` of ``args``, those that divide (``//``, ``%``) computed where the others hold:
@@ -475,10 +492,12 @@ class Evaluator:
             return self.fold(operator.and_, args)
         held = self.fold(operator.and_, plain)
         outer, self.guard = self.guard, held if self.guard is None else held & self.guard
+        outer_signs = self.guard_signs
+        self.guard_signs = {**outer_signs, **{k: v for a in plain for k, v in signs_of(a, True).items()}}
         try:
             return held & self.fold(operator.and_, dividing)
         finally:
-            self.guard = outer
+            self.guard, self.guard_signs = outer, outer_signs
 
     def fold(self, op, args):
         out = self.bool_(args[0])

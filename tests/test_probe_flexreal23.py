@@ -39,7 +39,7 @@ Found (fixed):
 * A ``where`` around a divisor (``j % where(d[b] == 0, 3, d[b])``, ``where(d[b] > 0, d[b], 1)``,
   ``where(d[b] < 0, d[b], -1)``), which §3.3 offers, was refused ("may be 0"): the build's check
   asked sympy's assumptions about the Piecewise, which do not use its conditions. It now proves
-  each value nonzero under the conditions that select it (``attncc.codegen.bounds._proven_nonzero``).
+  each value nonzero under the conditions that select it (``attncc.spec.signs._proven_nonzero``).
 * In a score's ``where`` (``where((kv_idx - q_idx) % where(cm[h] == 0, 3, cm[h]) == 0, score,
   -inf)``, a port of Flex's own ``torch.where``) sympy writes the condition out case by case,
   ``(cm[h] == 0 and ... % 3 == 0) or (cm[h] != 0 and ... % cm[h] == 0)``: the build refused it

@@ -27,6 +27,9 @@ Defects found:
   Mod(j, pid - 1) is 0 with these params and sizes": sympy's spelling and no values, where the
   contract (docs/spec-language.md, "Division by zero") says it raises what the generated module
   raises, ``the divisor of j % (pid - 1) is 0 with pid = 1``.
+- ``attncc.reference`` computed a divisor of params only (``i // (w - 1)``) where the other
+  conjuncts held, so ``(j < start_n) and i // (w - 1) == ...`` at ``w = 1`` with no key before
+  ``start_n`` returned o = 0 where the module (and the contract) refuse the call (fuzz seed 28394).
 """
 from __future__ import annotations
 
@@ -67,3 +70,18 @@ def test_the_references_zero_divisor_names_the_expression_and_the_values(tmp_pat
     values = {**params, **sizes, **({"n_q": 8} if "n_q" in mask else {})}
     assert all(f"{k} = {v}" in message for k, v in values.items()), message
     assert "Mod(" not in message and "floor(" not in message and "these params" not in message, message
+
+
+def test_the_reference_refuses_a_zero_param_divisor_beside_a_conjunct_no_pair_meets(tmp_path):
+    """Fuzz seed 28394: ``(j < start_n) and (i // (w - 1) == j // (w - 1))`` at ``w = 1`` with every
+    key at or past ``start_n``. The module refuses the call (a divisor of params only is checked
+    before a launch); the reference computed the divisor only where the other conjunct held, saw
+    no 0 and returned o = 0: an answer where the contract says both raise."""
+    p = _pattern(tmp_path, "[params]\nstart_n = 30\nw = 3\n[mask]\nwhere = '(j < start_n) and (i // (w - 1) == j // (w - 1))'\n")
+    gen = torch.Generator().manual_seed(28394)
+    q, k = (torch.randn(1, 1, n, 16, generator=gen, dtype=torch.float64) for n in (3, 5))
+    for start_n in (17, 0, 40):  # no key before it, and every key before it
+        with pytest.raises(ValueError, match=r"the divisor of i // \(w - 1\) is 0 with w = 1"):
+            attncc.reference(p, q, k, k, k_offset=29, start_n=start_n, w=1)
+    o = attncc.reference(p, q, k, k, k_offset=29, start_n=17, w=2)  # a nonzero divisor: computed
+    assert (o == 0).all()

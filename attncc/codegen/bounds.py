@@ -28,6 +28,7 @@ from attncc.codegen.printer import Defined
 from attncc.codegen.text import escaped, py_str
 from attncc.spec import symbols as S
 from attncc.spec.builtins import BitAnd, BitOr, BitXor, Bucket, Shift, divides
+from attncc.spec.signs import nonzero, signs_of
 from attncc.spec.errors import SpecError
 from attncc.spec.expr import spec_text
 from attncc.spec.ir import Pattern
@@ -194,63 +195,9 @@ def _per_pair(e) -> bool:
     return bool(e.free_symbols & {S.i, S.j, S.b, S.h} or e.atoms(AppliedUndef))
 
 
-def _nonzero(e) -> bool:
-    """sympy proves ``e != 0``, with ``n_q``, ``n_k`` only nonnegative (a call may pass 0)."""
-    weaker = {n: sympy.Dummy(n.name, integer=True, nonnegative=True) for n in (S.n_q, S.n_k)}
-    return _proven_nonzero(e.xreplace(weaker))
-
-
-def _proven_nonzero(e) -> bool:
-    """``e != 0`` by sympy's assumptions; a ``where`` (Piecewise) when each value is, given the
-    conditions under which it is taken (``where(d[b] == 0, 3, d[b])``, ``where(d[b] > 0, d[b], 1)``)."""
-    if e.is_nonzero or e.is_positive or e.is_negative:
-        return True
-    if not isinstance(e, sympy.Piecewise):
-        return False
-    before = {}  # what the earlier conditions, all false here, say
-    for value, cond in e.args:
-        if cond is not sympy.false and not _proven_nonzero(value.xreplace({**before, **_signs(cond, True)})):
-            return False
-        before.update(_signs(cond, False))
-    return True
-
-
-def _signs(cond, holds: bool) -> dict:
-    """``{x: a Dummy with x's sign}`` for the reads and names ``x`` whose sign ``cond`` gives
-    where it is ``holds`` (``d[b] > 0``: positive; ``Eq(d[b], 0)`` false: nonzero)."""
-    if isinstance(cond, sympy.Not):
-        return _signs(cond.args[0], not holds)
-    if isinstance(cond, sympy.And if holds else sympy.Or):
-        out = {}
-        for c in cond.args:
-            out.update(_signs(c, holds))
-        return out
-    if not isinstance(cond, sympy.core.relational.Relational):
-        return {}
-    rel = cond if holds else cond.negated
-    if rel.lhs.is_number:
-        rel = rel.reversed
-    x, c = rel.lhs, rel.rhs
-    if not (c.is_number and c.is_real and (x.is_Symbol or isinstance(x, AppliedUndef))):
-        return {}
-    sign = _RELATION_SIGN.get(rel.rel_op, lambda c: None)(c)
-    return {x: sympy.Dummy(str(x), **{sign: True})} if sign else {}
-
-
-# the sign of x where ``x <op> c`` holds (a number c), None where it allows 0
-_RELATION_SIGN = {
-    ">": lambda c: "positive" if c >= 0 else None,
-    ">=": lambda c: "positive" if c > 0 else None,
-    "<": lambda c: "negative" if c <= 0 else None,
-    "<=": lambda c: "negative" if c < 0 else None,
-    "==": lambda c: "positive" if c > 0 else "negative" if c < 0 else None,
-    "!=": lambda c: "nonzero" if c == 0 else None,
-}
-
-
 def _guarded_divisors(e, signs: dict):
     """``(divisor, signs, whole)`` of every integer ``//`` and ``%`` in ``e``, with the signs
-    (:func:`_signs`) that guard the divisor: a conjunct that divides is computed where the
+    (:func:`attncc.spec.signs.signs_of`) that guard the divisor: a conjunct that divides is computed where the
     conjuncts that do not divide hold, as the reference computes it (``attncc.evaluator``'s
     ``conjunction``: sympy writes a condition on a ``where`` divisor out case by case)."""
     if isinstance(e, (sympy.floor, sympy.ceiling, sympy.Mod)):
@@ -262,7 +209,7 @@ def _guarded_divisors(e, signs: dict):
     if isinstance(e, sympy.And) and any(divides(a) for a in e.args):
         for a in e.args:
             if not divides(a):
-                held.update(_signs(a, True))
+                held.update(signs_of(a, True))
     for a in e.args:
         yield from _guarded_divisors(a, {**signs, **held} if divides(a) else signs)
 
@@ -277,7 +224,7 @@ def _guarded_divisors_of(pattern: Pattern):
 def check_divisors(pattern: Pattern) -> None:
     """Refuse (SpecError) a ``//`` or ``%`` whose divisor varies per pair and may be 0."""
     for key, d, signs, whole in _guarded_divisors_of(pattern):
-        if _per_pair(d) and not _nonzero(d.xreplace(signs)):
+        if _per_pair(d) and not nonzero(d.xreplace(signs)):
             raise SpecError(pattern.source, key,
                             f"the divisor of {spec_text(whole)} may be 0 (Python would raise there; a kernel "
                             f"cannot): write one that cannot be, e.g. max({spec_text(d)}, 1), or a "
@@ -290,7 +237,7 @@ def _host_checks(pattern: Pattern, printer: _BoundPrinter) -> List[str]:
     for _, d, signs, whole in _guarded_divisors_of(pattern):
         # (one guarded by a conjunct beside it is never taken at 0, as for the per-pair ones: the
         # mod's where(i // where(w <= 0, 1, w) == j, s, -inf), written out as w > 0 and j == i // w)
-        if not (d.is_number or _per_pair(d) or (signs and _nonzero(d.xreplace(signs)))):
+        if not (d.is_number or _per_pair(d) or (signs and nonzero(d.xreplace(signs)))):
             wholes.setdefault(d, set()).add(spec_text(whole))
     lines = []
     for d in sorted(wholes, key=str):
