@@ -1243,7 +1243,7 @@ def extend_call(rng: random.Random, old: Draft, draft: Draft, plan: CallPlan) ->
         out = replace(out, decode=replace(out.decode, kv_lens=tuple(lens)))
     if out.decode is None and out.varlen is None:
         r = rng.random()
-        if r < 0.08:
+        if r < 0.08 and out.nan is None:  # (a NaN is planted in q or k: neither may be empty)
             out = replace(out, **{rng.choice(("Nq", "Nk")): 0})
         elif r < 0.2:
             out = replace(out, Nq=1)
