@@ -1226,6 +1226,8 @@ def extend_call(rng: random.Random, old: Draft, draft: Draft, plan: CallPlan) ->
             layouts[d.name] = rng.choice(choices)
     out = replace(plan, overrides=tuple(overrides), param_forms=forms, input_casts=tuple(casts),
                   input_layouts=tuple((k, v) for k, v in layouts.items() if any(d.name == k for d in draft.used_inputs)))
+    if draft.mod is not None:  # as random_call: a transform decides what a NaN score becomes (where(s > x, s, x))
+        out = replace(out, nan=None)
     if any(x.name == "scale" for x in (*draft.used_params, *draft.used_inputs)):
         out = replace(out, scale=None)  # scale= is that param's or input's now (an override or the tensor)
     n_dims = max((d.dims.count("n") for d in draft.used_inputs), default=0)
