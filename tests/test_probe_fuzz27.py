@@ -8,8 +8,10 @@ bitwise operators on int8..int64/uint8 input values, q/k/v with a strided head d
 or sequence-first storage, decode rows with kv_len 0 or below Nq), forward and backward, plain,
 packed and decode calls:
 
-- seeds 27300..28599 of ``python tests/fuzz_specs.py`` (extensions drawn at EXTEND_RATE), ~1300
-  cases: one failure, a zero divisor both sides refused in different words (below; the fuzzer now
+- seeds 27300..28799 of ``python tests/fuzz_specs.py`` (extensions drawn at EXTEND_RATE), 1500
+  cases: the two defects below, a float32 precision limit (f32_abs_score) and three fuzzer faults
+  fixed in the fuzzer (a NaN planted in an empty q, a NaN check under an added transform, a zero
+  divisor both refuse counted as a failure; the fuzzer now
   counts a refusal for that reason by both as agreement);
 - ~310 cases drawn with extend=True and filtered per construct (zero-length sides, grad tables as
   views / 0-d / cast, params near and past 2**31, negative, shift amounts and signed divisors in
