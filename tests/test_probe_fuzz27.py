@@ -41,6 +41,7 @@ import pytest
 import torch
 
 import attncc
+from attncc.module_cache import toml_text
 from attncc.spec import load_spec
 
 
@@ -87,3 +88,30 @@ def test_the_reference_refuses_a_zero_param_divisor_beside_a_conjunct_no_pair_me
             attncc.reference(p, q, k, k, k_offset=29, start_n=start_n, w=1)
     o = attncc.reference(p, q, k, k, k_offset=29, start_n=17, w=2)  # a nonzero divisor: computed
     assert (o == 0).all()
+
+
+@pytest.mark.parametrize("where, params, refused", [
+    ("(j < start_n) and (i // (w - 1) == j // (w - 1))", dict(start_n=17, w=1), True),  # seed 28394
+    ("w != 0 and i % w == 1", dict(start_n=17, w=0), False),  # kept nonzero by its conjunct (probe meta27)
+    ("w > 0 and (i - j) % w == 0 or j == i", dict(start_n=0, w=0), False),
+    ("w > 5 and (i - j) % (w - 1) == 0 or j == i", dict(start_n=0, w=1), True),  # signs only: w - 1 may be 0
+    ("w < 5 and i % w == 0 or j == i", dict(start_n=0, w=0), True),  # w < 5 allows w = 0
+])
+def test_module_and_reference_refuse_the_same_zero_param_divisors(tmp_path, where, params, refused):
+    """One rule for a divisor of params beside a conjunct (attncc.spec.signs, session 27 merge of
+    probes fuzz27 and meta27): refused by the module before a launch exactly where the reference
+    raises, else both compute the same o."""
+    spec = {"params": {"start_n": 30, "w": 3}, "mask": {"where": where}}
+    p = _pattern(tmp_path, toml_text(spec))
+    module = attncc.compile(spec)
+    gen = torch.Generator().manual_seed(27)
+    q, k = (torch.randn(1, 1, n, 16, generator=gen) for n in (9, 11))
+    kw = dict(k_offset=29, **params)
+    if refused:
+        with pytest.raises(ValueError, match="division by zero: the divisor of"):
+            attncc.reference(p, q, k, k, **kw)
+        with pytest.raises(ValueError, match="division by zero: the divisor of"):
+            module.attention(q, k, k, **kw)
+    else:
+        o = module.attention(q, k, k, **kw)
+        assert torch.allclose(o.double(), attncc.reference(p, q.double(), k.double(), k.double(), **kw), atol=1e-5)

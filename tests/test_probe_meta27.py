@@ -124,7 +124,7 @@ def test_a_where_divisor_of_params_runs(case):
     for w in zero:  # refused, the divisor written as the spec writes it (was Mod(i, Piecewise((w, w >= 0), (1, True))))
         with pytest.raises(ValueError, match=rf"the divisor of i % where\(w >= 0, w, 1\) is 0 with w = {w}"):
             module.attention(q, k, v, w=w)
-        with pytest.raises(ValueError, match=r"the divisor of i % where\(w >= 0, w, 1\) is 0 with these params"):
+        with pytest.raises(ValueError, match=rf"the divisor of i % where\(w >= 0, w, 1\) is 0 with w = {w}"):
             attncc.reference(pattern, q, k, v, w=w)
 
 
