@@ -696,24 +696,31 @@ def test_wired_backward_runs_the_gluon_kernels(monkeypatch, emulated_bwd, name, 
     assert kwargs["num_warps"] == cfg.q_block_m // 16 and grid == (-(-Nq // cfg.q_block_m), 2 * Hq)
 
 
-def test_gluon_bwd_switch_runs_the_fused_kernel(monkeypatch, emulated_bwd):
-    """ATTNCC_GLUON_BWD=fused through the generated module: the fused kernel alone (not the split
-    ones), with the call's values, and gradients against the float64 reference; split (and unset)
-    run the two kernels; another value is refused, naming the variable and the choices."""
+def _gluon_backward_through_module(monkeypatch, method, B, Hq, Hkv, Nq, Nk, D, dtype, q_offset, k_offset, seed):
+    """A causal forward + backward through the generated module with ATTNCC_GLUON_BWD=``method`` and the
+    tl kernels taken away, its gradients against the float64 reference: (attention, q, k, v, do)."""
     monkeypatch.setenv("ATTNCC_BACKEND", "gluon")
-    monkeypatch.setenv("ATTNCC_GLUON_BWD", "fused")
-    Hq, Hkv, Nq, Nk, D, q_offset, k_offset = 4, 2, 70, 150, 64, 30, 0
-    mod, q, k, v, attention, _ = bind("causal", B=2, Hq=Hq, Hkv=Hkv, Nq=Nq, Nk=Nk, D=D, dtype=torch.bfloat16,
-                                      grad=True)
+    monkeypatch.setenv("ATTNCC_GLUON_BWD", method)
+    mod, q, k, v, attention, _ = bind("causal", B=B, Hq=Hq, Hkv=Hkv, Nq=Nq, Nk=Nk, D=D, dtype=dtype, grad=True)
     for kernel in ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"):
         monkeypatch.setattr(mod, kernel, None)  # the tl kernels must not run
     o = attention(q, k, v, q_offset=q_offset, k_offset=k_offset)
-    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(4)).to(o.dtype)
+    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(seed)).to(o.dtype)
     o.backward(do)
     qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
     attncc.reference(mod_pattern("causal"), qd, kd, vd, q_offset=q_offset, k_offset=k_offset).backward(do.double())
     for got, want in ((q.grad, qd.grad), (k.grad, kd.grad), (v.grad, vd.grad)):
         assert float((got.double() - want).norm() / want.norm()) < 1e-2
+    return attention, q, k, v, do
+
+
+def test_gluon_bwd_switch_runs_the_fused_kernel(monkeypatch, emulated_bwd):
+    """ATTNCC_GLUON_BWD=fused through the generated module: the fused kernel alone (not the split
+    ones), with the call's values, and gradients against the float64 reference; split (and unset)
+    run the two kernels; another value is refused, naming the variable and the choices."""
+    Hq, Hkv, Nq, Nk, D, q_offset, k_offset = 4, 2, 70, 150, 64, 30, 0
+    attention, q, k, v, do = _gluon_backward_through_module(monkeypatch, "fused", 2, Hq, Hkv, Nq, Nk, D, torch.bfloat16,
+                                                            q_offset, k_offset, seed=4)
     assert not emulated_bwd["attn_bwd_dkdv"].launches and not emulated_bwd["attn_bwd_dq"].launches
     cfg = backend.gluon_bwd_config(D)
     (args, kwargs, grid), = emulated_bwd["attn_bwd_fused"].launches
@@ -737,20 +744,9 @@ def test_gluon_bwd_switch_runs_the_ws_kernel(monkeypatch, emulated_bwd):
     """ATTNCC_GLUON_BWD=ws through the generated module: the ws kernel alone, its launch bound to its
     signature with the call's values (boxes of 64 keys, 4 warps, maxnreg, the setmaxnreg budgets), and
     gradients against the float64 reference; refused like fused under deterministic algorithms."""
-    monkeypatch.setenv("ATTNCC_BACKEND", "gluon")
-    monkeypatch.setenv("ATTNCC_GLUON_BWD", "ws")
     Hq, Hkv, Nq, Nk, D, q_offset, k_offset = 2, 1, 40, 70, 64, 20, 0
-    mod, q, k, v, attention, _ = bind("causal", B=1, Hq=Hq, Hkv=Hkv, Nq=Nq, Nk=Nk, D=D, dtype=torch.float16,
-                                      grad=True)
-    for kernel in ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"):
-        monkeypatch.setattr(mod, kernel, None)  # the tl kernels must not run
-    o = attention(q, k, v, q_offset=q_offset, k_offset=k_offset)
-    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(5)).to(o.dtype)
-    o.backward(do)
-    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
-    attncc.reference(mod_pattern("causal"), qd, kd, vd, q_offset=q_offset, k_offset=k_offset).backward(do.double())
-    for got, want in ((q.grad, qd.grad), (k.grad, kd.grad), (v.grad, vd.grad)):
-        assert float((got.double() - want).norm() / want.norm()) < 1e-2
+    attention, q, k, v, do = _gluon_backward_through_module(monkeypatch, "ws", 1, Hq, Hkv, Nq, Nk, D, torch.float16,
+                                                            q_offset, k_offset, seed=5)
     assert not any(emulated_bwd[n].launches for n in ("attn_bwd_dkdv", "attn_bwd_dq", "attn_bwd_fused"))
     cfg = backend.gluon_bwd_config(D)
     assert cfg == launch.default_bwd_config(D, "ws")
