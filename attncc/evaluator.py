@@ -33,7 +33,7 @@ from attncc.core import semantics
 from attncc.core.lazy import lazy_module
 from attncc.spec import symbols as S
 from attncc.spec.expr import integer_comparison, spec_text
-from attncc.spec.signs import nonzero, signs_of
+from attncc.spec.signs import nonzero, per_pair, signs_of
 from attncc.spec.builtins import (SHIFT_LIMIT, AlibiSlope, BitAnd, BitOr, BitXor, Bucket, FloatDiv, RandomBlocks, Shift,
                                   Sigmoid, ToFloat, divides, quotient)
 
@@ -248,12 +248,6 @@ def zero_divisor(divisor, e, env: Mapping[str, Any] = None) -> None:
     named = ", ".join(f"{n} = {v}" for n, v in sorted(values.items()) if v is not None)
     raise ValueError(f"division by zero: the divisor of {spec_text(e)} is 0"
                      + (f" with {named}" if named else " with these params and sizes"))
-
-
-def per_pair(divisor) -> bool:
-    """Whether ``divisor`` varies per pair (positions, batch row, head, input values), rather than
-    being made of params and sizes only."""
-    return bool(divisor.free_symbols & {S.b, S.h, S.i, S.j} or divisor.atoms(AppliedUndef))
 
 
 def _one_value(x):

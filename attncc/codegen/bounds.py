@@ -28,7 +28,7 @@ from attncc.codegen.printer import Defined
 from attncc.codegen.text import escaped, py_str
 from attncc.spec import symbols as S
 from attncc.spec.builtins import BitAnd, BitOr, BitXor, Bucket, Shift, divides
-from attncc.spec.signs import nonzero, signs_of
+from attncc.spec.signs import nonzero, per_pair, signs_of
 from attncc.spec.errors import SpecError
 from attncc.spec.expr import spec_text
 from attncc.spec.ir import Pattern
@@ -190,11 +190,6 @@ def divisors(pattern: Pattern) -> List[Tuple[str, sympy.Basic, sympy.Basic]]:
     return [(key, d, whole) for key, d, _, whole in _guarded_divisors_of(pattern)]
 
 
-def _per_pair(e) -> bool:
-    """Does ``e`` vary per pair (positions, b, h, input values), rather than per call?"""
-    return bool(e.free_symbols & {S.i, S.j, S.b, S.h} or e.atoms(AppliedUndef))
-
-
 def _guarded_divisors(e, signs: dict):
     """``(divisor, signs, whole)`` of every integer ``//`` and ``%`` in ``e``, with the signs
     (:func:`attncc.spec.signs.signs_of`) that guard the divisor: a conjunct that divides is computed where the
@@ -224,7 +219,7 @@ def _guarded_divisors_of(pattern: Pattern):
 def check_divisors(pattern: Pattern) -> None:
     """Refuse (SpecError) a ``//`` or ``%`` whose divisor varies per pair and may be 0."""
     for key, d, signs, whole in _guarded_divisors_of(pattern):
-        if _per_pair(d) and not nonzero(d.xreplace(signs)):
+        if per_pair(d) and not nonzero(d.xreplace(signs)):
             raise SpecError(pattern.source, key,
                             f"the divisor of {spec_text(whole)} may be 0 (Python would raise there; a kernel "
                             f"cannot): write one that cannot be, e.g. max({spec_text(d)}, 1), or a "
@@ -237,7 +232,7 @@ def _host_checks(pattern: Pattern, printer: _BoundPrinter) -> List[str]:
     for _, d, signs, whole in _guarded_divisors_of(pattern):
         # (one guarded by a conjunct beside it is never taken at 0, as for the per-pair ones: the
         # mod's where(i // where(w <= 0, 1, w) == j, s, -inf), written out as w > 0 and j == i // w)
-        if not (d.is_number or _per_pair(d) or (signs and nonzero(d.xreplace(signs)))):
+        if not (d.is_number or per_pair(d) or (signs and nonzero(d.xreplace(signs)))):
             wholes.setdefault(d, set()).add(spec_text(whole))
     lines = []
     for d in sorted(wholes, key=str):

@@ -11,6 +11,12 @@ from sympy.core.function import AppliedUndef
 from attncc.spec import symbols as S
 
 
+def per_pair(e) -> bool:
+    """Whether ``e`` varies per pair (positions, batch row, head, input values), rather than per
+    call (params and sizes only)."""
+    return bool(e.free_symbols & {S.i, S.j, S.b, S.h} or e.atoms(AppliedUndef))
+
+
 def nonzero(e) -> bool:
     """sympy proves ``e != 0``, with ``n_q``, ``n_k`` only nonnegative (a call may pass 0)."""
     weaker = {n: sympy.Dummy(n.name, integer=True, nonnegative=True) for n in (S.n_q, S.n_k)}
