@@ -19,9 +19,7 @@ flexreal22 / flexreal23 did not draw:
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
 import random
 import re
 import sys
@@ -32,6 +30,7 @@ import torch  # noqa: E402
 
 import attncc  # noqa: E402
 import probe_flexreal22 as P  # noqa: E402
+from fuzz_specs import _tile_config  # noqa: E402
 import probe_flexreal23 as P23  # noqa: E402
 
 BIG_INT = 2**31
@@ -238,22 +237,10 @@ def shifted(text, c: Call):
     return re.sub(r"\b(q_idx|kv_idx)\b", lambda m: f"({m.group(1)} + {getattr(c, _SHIFT[m.group(1)])})", text)
 
 
-@contextlib.contextmanager
 def forced_tiles(shapes):
-    """ATTNCC_CONFIG / _DKDV / _DQ forced to ``shapes`` (None: the default) for the block."""
-    names = ("ATTNCC_CONFIG", "ATTNCC_CONFIG_DKDV", "ATTNCC_CONFIG_DQ")
-    saved = {n: os.environ.get(n) for n in names}
-    try:
-        for n, shape in zip(names, shapes.split(";") if shapes else ()):
-            bm, bn = shape.split("x")
-            os.environ[n] = f"BLOCK_M={bm},BLOCK_N={bn},num_warps=4,num_stages=1"
-        yield
-    finally:
-        for n, v in saved.items():
-            if v is None:
-                os.environ.pop(n, None)
-            else:
-                os.environ[n] = v
+    """ATTNCC_CONFIG / _DKDV / _DQ forced to ``shapes`` ("64x32;32x16;...", None: the default) for the
+    block (fuzz_specs' _tile_config)."""
+    return _tile_config([tuple(shape.split("x")) for shape in shapes.split(";")] if shapes else None)
 
 
 def flex_program(p: P.Program, c: Call) -> P.Program:
