@@ -466,6 +466,7 @@ def test_backward_tiles_setting_is_checked(monkeypatch, fake_sm90):
     raises naming the variable (it ran the tl backward under the knob's label before), tiles the
     kernels cannot take leave the Gluon backward out, saying why."""
     monkeypatch.setenv("ATTNCC_BACKEND", "auto")
+    monkeypatch.setenv("ATTNCC_GLUON_BWD", "split")
     monkeypatch.setattr(backend.gluon, "AUTO_MIN_PAIRS", 2 * 64 * 64)
     monkeypatch.setenv("ATTNCC_GLUON_BWD_TILES", "kv_block_n=128,q_stages=3")
     assert backend.gluon_bwd_config(128) == dataclasses.replace(
@@ -662,9 +663,11 @@ def emulated_bwd(monkeypatch, stubbed):
 def test_wired_backward_runs_the_gluon_kernels(monkeypatch, emulated_bwd, name, Hq, Hkv, Nq, Nk, D, dtype, q_offset,
                                                k_offset):
     """ATTNCC_BACKEND=gluon through the generated module, forward (stub) and backward (the Gluon
-    host path with its kernels emulated): the module's tl backward kernels never run, the launches
-    carry the call's values, and the gradients (with a dLSE) match the float64 reference."""
+    host path with its kernels emulated, ATTNCC_GLUON_BWD=split): the module's tl backward kernels
+    never run, the launches carry the call's values, and the gradients (with a dLSE) match the float64
+    reference."""
     monkeypatch.setenv("ATTNCC_BACKEND", "gluon")
+    monkeypatch.setenv("ATTNCC_GLUON_BWD", "split")
     mod, q, k, v, attention, _ = bind(name, B=2, Hq=Hq, Hkv=Hkv, Nq=Nq, Nk=Nk, D=D, dtype=dtype, grad=True)
     for kernel in ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"):
         monkeypatch.setattr(mod, kernel, None)  # the tl kernels must not run
@@ -717,7 +720,8 @@ def _gluon_backward_through_module(monkeypatch, method, B, Hq, Hkv, Nq, Nk, D, d
 def test_gluon_bwd_switch_runs_the_fused_kernel(monkeypatch, emulated_bwd):
     """ATTNCC_GLUON_BWD=fused through the generated module: the fused kernel alone (not the split
     ones), with the call's values, and gradients against the float64 reference; split (and unset)
-    run the two kernels; another value is refused, naming the variable and the choices."""
+    runs the two kernels, and so does unset under deterministic algorithms, where unset otherwise runs the
+    ws kernel (the default); another value is refused, naming the variable and the choices."""
     Hq, Hkv, Nq, Nk, D, q_offset, k_offset = 4, 2, 70, 150, 64, 30, 0
     attention, q, k, v, do = _gluon_backward_through_module(monkeypatch, "fused", 2, Hq, Hkv, Nq, Nk, D, torch.bfloat16,
                                                             q_offset, k_offset, seed=4)
@@ -729,12 +733,16 @@ def test_gluon_bwd_switch_runs_the_fused_kernel(monkeypatch, emulated_bwd):
         MASK=walks.causal_mask, STAGES=cfg.kv_stages))
     assert grid == (-(-Nk // cfg.kv_block_n), 2 * Hkv)
     assert bound["dq_acc_desc"].base.dtype == torch.float32
-    for value in ("split", ""):
+    for value, deterministic in (("split", False), ("", False), ("", True)):
         monkeypatch.setenv("ATTNCC_GLUON_BWD", value)
-        o = attention(q, k, v, q_offset=q_offset, k_offset=k_offset)
-        o.backward(do)
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            o = attention(q, k, v, q_offset=q_offset, k_offset=k_offset)
+            o.backward(do)
+        finally:
+            torch.use_deterministic_algorithms(False)
     assert len(emulated_bwd["attn_bwd_dkdv"].launches) == len(emulated_bwd["attn_bwd_dq"].launches) == 2
-    assert len(emulated_bwd["attn_bwd_fused"].launches) == 1
+    assert len(emulated_bwd["attn_bwd_fused"].launches) == 1 and len(emulated_bwd["attn_bwd_ws"].launches) == 1
     monkeypatch.setenv("ATTNCC_GLUON_BWD", "atomic")
     with pytest.raises(ValueError, match=r"ATTNCC_GLUON_BWD must be one of split, fused, ws .*'atomic'"):
         attention(q, k, v, q_offset=q_offset, k_offset=k_offset).backward(do)
@@ -853,7 +861,7 @@ def compile_recorded_launch(out_path: str) -> str:
 def compile_recorded_backward(out_path: str) -> str:
     """Run in a process without TRITON_INTERPRET: record the launches of the generated causal module's
     ``_backward`` on the Gluon path (stubbed device, bf16, D = 128, GQA, offsets, a dLSE): the
-    preprocess (tl) and the dK/dV and dQ kernels (Gluon), then with ATTNCC_GLUON_BWD=fused the fused
+    preprocess (tl) and the dK/dV and dQ kernels (Gluon, ATTNCC_GLUON_BWD=split), then with ATTNCC_GLUON_BWD=fused the fused
     kernel (Gluon) and its postprocess (tl), and compile each for sm90 with the signature Triton
     specializes the recorded values to."""
     from kernel_compile import compile_launch, recorded_launches
@@ -873,6 +881,7 @@ def compile_recorded_backward(out_path: str) -> str:
         o, do = torch.empty_like(q), torch.randn_like(q)
         lse, dlse = torch.zeros(2, 4, 300), torch.zeros(2, 4, 300)
         with recorded_launches() as recorded:
+            os.environ["ATTNCC_GLUON_BWD"] = "split"
             mod._backward(call, o, lse, do, dlse)
             os.environ["ATTNCC_GLUON_BWD"] = "fused"
             mod._backward(call, o, lse, do, dlse)
@@ -894,8 +903,9 @@ def test_recorded_backward_launches_compile_for_sm90(recorded_compiles):
     assert set(result) == {"bwd_preprocess", "attn_bwd_dkdv", "attn_bwd_dq", "attn_bwd_fused", "bwd_postprocess"}
     assert result["attn_bwd_dkdv"]["wgmma"] and result["attn_bwd_dq"]["wgmma"] and result["attn_bwd_fused"]["wgmma"]
     assert result["attn_bwd_fused"]["signature"]["dq_acc_desc"].startswith("tensordesc<fp32[1, 1, 64, 128]")
-    cfg = backend.gluon_bwd_config(128)
-    for name, part in (("attn_bwd_dkdv", "dkdv"), ("attn_bwd_dq", "dq"), ("attn_bwd_fused", "fused")):
+    for name, part, method in (("attn_bwd_dkdv", "dkdv", "split"), ("attn_bwd_dq", "dq", "split"),
+                               ("attn_bwd_fused", "fused", "fused")):
+        cfg = launch.default_bwd_config(128, method)
         assert launch.bwd_shared_bytes(cfg, 128)[part] <= result[name]["shared"] <= launch.SM90_SHARED_BYTES
     assert result["attn_bwd_dq"]["signature"]["lse_stride"] == "i64"
     assert result["attn_bwd_dkdv"]["signature"]["lse_desc"].startswith("tensordesc<fp32[1, 1, 64]")

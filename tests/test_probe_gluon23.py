@@ -108,31 +108,41 @@ def bound(name, shape, kw, seed):
 
 
 def test_auto_picks_the_split_gluon_backward_alone(monkeypatch, auto_sm90):
-    """auto's Gluon backward of a chunk-aligned Plan is the split one's pick: with ATTNCC_GLUON_BWD=fused
-    auto keeps tl (the fused kernel was not what auto's pick was measured with, and is not
-    deterministic); ATTNCC_BACKEND=gluon still runs the fused one. Seeded random calls."""
+    """auto's Gluon backward of a chunk-aligned Plan is the split or the ws one's pick: with
+    ATTNCC_GLUON_BWD=fused auto keeps tl (the fused kernel was not what auto's pick was measured with),
+    and so it does with ws under deterministic algorithms (ws is not deterministic; unset is split
+    there); ATTNCC_BACKEND=gluon still runs the fused one. Seeded random calls."""
     rng = random.Random(23)
     for seed in range(12):
         name, shape, kw = random_call(rng)
-        for method, want in (("split", True), ("", True), ("fused", False)):
+        for method, deterministic, want in (("split", False, True), ("", False, True), ("ws", False, True),
+                                            ("fused", False, False), ("", True, True), ("split", True, True),
+                                            ("ws", True, False)):
             monkeypatch.setenv("ATTNCC_GLUON_BWD", method)
             call_mod._BOUND.clear()
-            assert backend.gluon_backward_selected(bound(name, shape, kw, seed)) is want, (name, shape, kw, method)
+            torch.use_deterministic_algorithms(deterministic)
+            try:
+                got = backend.gluon_backward_selected(bound(name, shape, kw, seed))
+                assert backend.gluon_bwd_method() == (method or ("split" if deterministic else "ws"))
+            finally:
+                torch.use_deterministic_algorithms(False)
+            assert got is want, (name, shape, kw, method, deterministic)
         monkeypatch.setenv("ATTNCC_BACKEND", "gluon")
         assert backend.gluon_backward_selected(bound(name, shape, kw, seed)) is True
         monkeypatch.setenv("ATTNCC_BACKEND", "auto")
 
 
+@pytest.mark.parametrize("method", ["fused", "ws"])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_deterministic_default_backward_of_chunked_plans_runs(monkeypatch, auto_sm90, seed):
-    """Under torch.use_deterministic_algorithms(True) with ATTNCC_GLUON_BWD=fused, the default backend's
-    backward of block diagonal / chunked local runs (tl, deterministic) and matches the reference;
-    it raised a RuntimeError from the fused Gluon backward auto had picked."""
+def test_deterministic_default_backward_of_chunked_plans_runs(monkeypatch, auto_sm90, seed, method):
+    """Under torch.use_deterministic_algorithms(True) with ATTNCC_GLUON_BWD=fused (or ws), the default
+    backend's backward of block diagonal / chunked local runs (tl, deterministic) and matches the
+    reference; it raised a RuntimeError from the fused Gluon backward auto had picked."""
     rng = random.Random(100 + seed)
     name = CHUNKED[seed]
     shape = dict(B=1, Hq=2, Hkv=rng.choice((1, 2)), Nq=rng.choice((9, 17)), Nk=rng.choice((9, 17)))
     chunk = rng.choice((5, 8, 11))
-    monkeypatch.setenv("ATTNCC_GLUON_BWD", "fused")
+    monkeypatch.setenv("ATTNCC_GLUON_BWD", method)
     q, k, v, do = tensors(shape, seed)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     torch.use_deterministic_algorithms(True)

@@ -24,21 +24,25 @@ chosen on its own: those modules' ``_backward`` opens with
 (``"rendered"``: the fragments' query-block walk, ``qmask`` and ``score_grad`` too, where the Plan's
 transposed walk has a closed form; a call that breaks its precondition runs the ``tl`` backward).
 ``triton``: the ``tl`` backward; ``auto``: the ``tl`` backward (``attncc.runtime.gluon.AUTO_SELECTS_GLUON_BACKWARD``:
-measured no faster) except where the spec's Plan picks the Gluon split one (``SpecInfo.gluon_backward_auto``:
-the built-in walks and single-segment rendered ones, measured faster; not with ``ATTNCC_GLUON_BWD=fused``:
-:func:`auto_picks_gluon_backward`);
+measured no faster) except where the spec's Plan picks the Gluon one (``SpecInfo.gluon_backward_auto``:
+the built-in walks and single-segment rendered ones, measured faster; ws, or split under deterministic
+algorithms; not with ``ATTNCC_GLUON_BWD=fused``: :func:`auto_picks_gluon_backward`);
 ``gluon``: the Gluon backward where it can run the call, else the ``tl`` one (it never refuses: the
 forward already refused what Gluon cannot run at all, and what is left is the Gluon backward's own
 limit, head dim 256, where the ``tl`` backward on the Gluon forward's output is what ran before it existed;
 ``attncc explain`` says which). ``decode()`` and linear attention are ``tl`` kernels whatever the setting.
 
-``ATTNCC_GLUON_BWD`` (read on every call) says which Gluon backward runs when one does: ``split``
-(unset or empty: the default) is bwd.py's two kernels, deterministic (every gradient element written
-once by one program); ``fused`` is bwd_fused.py's one kernel with dQ added into an fp32 accumulator by
-TMA reduce-adds (FlashAttention-3's 5 GEMMs per tile pair instead of 7), whose dQ may differ in its
-last bits from run to run (both passed their GPU tests on an H100, docs/gluon.md); ``ws`` is bwd_ws.py,
-the fused kernel warp-specialized (a producer warp, a dQ writer warp and two consumer warpgroups:
-compiled, not yet run on a GPU), not deterministic either; anything else is a ``ValueError``.
+``ATTNCC_GLUON_BWD`` (read on every call) says which Gluon backward runs when one does: ``split`` is
+bwd.py's two kernels, deterministic (every gradient element written once by one program); ``fused`` is
+bwd_fused.py's one kernel with dQ added into an fp32 accumulator by TMA reduce-adds (FlashAttention-3's
+5 GEMMs per tile pair instead of 7), whose dQ may differ in its last bits from run to run; ``ws`` is
+bwd_ws.py, the fused kernel warp-specialized (a producer warp, a dQ writer warp and two consumer
+warpgroups), not deterministic either, as FlashAttention's backward by default. Unset or empty: ``ws``,
+the fastest (H100, session 28: f+b 0.86-0.92x split's time on dense, causal, GQA, ALiBi, softcap and
+D = 64 causal, within 3% of it either way on the short walks), except under
+``torch.use_deterministic_algorithms(True)``, where it is ``split`` (read on every call, so the setting
+can change between calls); all three passed their GPU tests on an H100 (docs/gluon.md). Anything else
+is a ``ValueError``.
 """
 from __future__ import annotations
 
@@ -57,8 +61,10 @@ from attncc.runtime.gluon import BWD_HEAD_DIMS, CAPABILITY, DTYPES, HEAD_DIMS
 # The walks the Gluon backward has (attncc.runtime.gluon.walks: dense_qwalk, causal_qwalk).
 BUILTIN_BACKWARD_WALKS = ("dense", "causal")
 BACKENDS = ("auto", "triton", "gluon")
-# ATTNCC_GLUON_BWD: which Gluon backward (attncc.runtime.gluon.launch.BWD_METHODS), the default first.
+# ATTNCC_GLUON_BWD: which Gluon backward (attncc.runtime.gluon.launch.BWD_METHODS); the deterministic one
+# first. Unset: DEFAULT_GLUON_BWD, or the first under torch.use_deterministic_algorithms (module docstring).
 GLUON_BWD_METHODS = ("split", "fused", "ws")
+DEFAULT_GLUON_BWD = "ws"
 
 
 def backend_setting() -> str:
@@ -70,11 +76,15 @@ def backend_setting() -> str:
 
 
 def gluon_bwd_method() -> str:
-    """``ATTNCC_GLUON_BWD``: "split" (unset or empty), "fused" or "ws" (module docstring)."""
-    value = env("ATTNCC_GLUON_BWD", "") or GLUON_BWD_METHODS[0]
+    """``ATTNCC_GLUON_BWD``: "split", "fused" or "ws"; unset or empty: "ws", or "split" under
+    ``torch.use_deterministic_algorithms(True)`` (module docstring)."""
+    value = env("ATTNCC_GLUON_BWD", "")
+    if not value:
+        return GLUON_BWD_METHODS[0] if torch.are_deterministic_algorithms_enabled() else DEFAULT_GLUON_BWD
     if value not in GLUON_BWD_METHODS:
         raise ValueError(f"ATTNCC_GLUON_BWD must be one of {', '.join(GLUON_BWD_METHODS)} (unset: "
-                         f"{GLUON_BWD_METHODS[0]}), got {value!r}")
+                         f"{DEFAULT_GLUON_BWD}, or {GLUON_BWD_METHODS[0]} under torch.use_deterministic_algorithms), "
+                         f"got {value!r}")
     return value
 
 
@@ -268,14 +278,19 @@ def auto_picks_gluon_backward(call: Call) -> bool:
     """Whether ATTNCC_BACKEND=auto takes the Gluon backward for ``call`` where it can run it: everywhere
     with the switch ``gluon.AUTO_SELECTS_GLUON_BACKWARD`` (off), else where the spec's Plan has it
     picked (``SpecInfo.gluon_backward_auto``: the built-in walks and single-segment rendered ones,
-    measured faster) when the method is split (``ATTNCC_GLUON_BWD`` unset or ``split``: the one measured
-    there; the fused one was slower than ``tl`` on chunked local, and not deterministic, which under
-    ``torch.use_deterministic_algorithms`` raised where auto's ``tl`` backward runs), at
-    ``gluon.AUTO_BWD_HEAD_DIMS`` and calls of at least ``gluon.AUTO_MIN_PAIRS`` pairs."""
+    measured faster) when the method is split or ws (``ATTNCC_GLUON_BWD`` unset, ``split`` or ``ws``:
+    the ones measured there; the fused one was slower than ``tl`` on chunked local), ws only where
+    deterministic algorithms are off (under ``torch.use_deterministic_algorithms`` the non-deterministic
+    kernels raise where auto's ``tl`` backward runs), at ``gluon.AUTO_BWD_HEAD_DIMS`` and calls of at
+    least ``gluon.AUTO_MIN_PAIRS`` pairs."""
     if gluon.AUTO_SELECTS_GLUON_BACKWARD:
         return True
-    return (call.spec.gluon_backward_auto and gluon_bwd_method() == GLUON_BWD_METHODS[0]
-            and call.D in gluon.AUTO_BWD_HEAD_DIMS and call.B * call.Hq * call.Nq * call.Nk >= gluon.AUTO_MIN_PAIRS)
+    if not (call.spec.gluon_backward_auto and call.D in gluon.AUTO_BWD_HEAD_DIMS
+            and call.B * call.Hq * call.Nq * call.Nk >= gluon.AUTO_MIN_PAIRS):
+        return False
+    method = gluon_bwd_method()
+    return method == GLUON_BWD_METHODS[0] or (method == DEFAULT_GLUON_BWD
+                                              and not torch.are_deterministic_algorithms_enabled())
 
 
 def gluon_backward_problems(call: Call) -> Tuple[str, ...]:
@@ -347,7 +362,7 @@ def gluon_backward(call: Call, walk: str, o, lse, do, dlse=None, raw: bool = Fal
     "causal") or the module's rendered fragments (``walk`` "rendered"), as the generated ``tl`` backward
     returns them; ``o``, ``lse`` are the forward's (either forward's), ``do``, ``dlse`` the gradients of
     the loss (``dlse`` None when the loss does not use the LSE). ``ATTNCC_GLUON_BWD`` picks the split
-    (default, deterministic), the fused or the ws kernels, for either kind of walk. ``raw``: the spec's score
+    (deterministic), the fused or the ws kernels (the default: :func:`gluon_bwd_method`), for either kind of walk. ``raw``: the spec's score
     has no terms constant along j, so the LSE in log2 units the forward kept for this ``lse`` (either
     forward's, :func:`gluon_forward`) is the one these kernels recompute their weights from."""
     from attncc.runtime.gluon import launch
