@@ -109,6 +109,8 @@ FOUND_BUG_TAGS = {
                  "such as i < 0) is dropped as a term constant along j: plain attention instead of o = 0",
     "big_linear_pos": "float terms linear in the positions (alibi, c * (i - j): sympy expands it to c*i - c*j) "
                       "are evaluated from absolute positions in float32: imprecise past ~2**16",
+    "bh_index": "an input's \"b\" or \"h\" dim read at another index than b or h (t[h + 2, j % 5]) had no bounds "
+                "check: memory past the tensor was read (and a grad table's gradient added there)",
 }
 BUG_TAGS = {**KNOWN_BUG_TAGS, **FOUND_BUG_TAGS}
 
@@ -206,6 +208,11 @@ class Draft:
             tags.add("leaf_collision")
         if any("n" in d.dims for d in self.used_inputs):
             tags.add("n_input")
+        dims = {d.name: d.dims for d in self.used_inputs}
+        for name, index in _ACCESS.findall(" ".join(self.expressions().values())):
+            parts = [x.strip() for x in index.split(",")]
+            if name in dims and any(x in ("b", "h") and p != x for x, p in zip(dims[name], parts)):
+                tags.add("bh_index")
         # tables of other float dtypes in the score (bias, mod); query-only ones (no j in the index)
         dtypes = {d.name: d.dtype for d in self.used_inputs}
         ex = self.expressions()
@@ -1446,6 +1453,10 @@ def extend2_call(rng: random.Random, old: Draft, draft: Draft, plan: CallPlan) -
             overrides.append((p.name, rng.choice(INT_ROLES[p.role])))
     out = replace(plan, overrides=tuple(overrides))
     plain = out.decode is None and out.varlen is None
+    n_dims = max((d.dims.count("n") for d in draft.used_inputs), default=0)
+    far = 2**21 if n_dims == 1 else 256 if n_dims else None  # (as extend_call: an "n" input covers the positions)
+    if far is not None and max(out.q_offset, out.k_offset) >= far:
+        out = replace(out, q_offset=out.q_offset % 64, k_offset=out.k_offset % 64)
     if draft.rope is not None:  # an even head dim that holds the rotary dim
         rd = draft.rope[2] or 2
         if out.D % 2 or out.D < rd:
