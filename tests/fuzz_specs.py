@@ -2514,6 +2514,23 @@ def minimize(failure: Failure, reference: Optional[Reference] = None, budget_s: 
     return best
 
 
+def poison_empty() -> None:
+    """Make torch.empty and torch.empty_like fill what they allocate (floats NaN, integers 113) for
+    the rest of the process, so that a kernel reading memory it did not write fails every time
+    (fuzz seed 40003's read past a table failed now and then, with the allocator's leftovers)."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def fill(t):
+        if t.is_floating_point():
+            t.fill_(math.nan)
+        elif t.dtype != torch.bool and not t.is_complex():
+            t.fill_(113)
+        return t
+
+    torch.empty = lambda *a, **k: fill(empty(*a, **k))
+    torch.empty_like = lambda *a, **k: fill(empty_like(*a, **k))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", type=int, default=100)
@@ -2528,9 +2545,14 @@ def main(argv=None) -> int:
     ap.add_argument("--extend2", choices=("auto", "yes", "no"), default="auto",
                     help="the second layer (extend2_draft/extend2_call): now and then, always, never")
     ap.add_argument("--avoid", default="", help="comma-separated tags the generator must not produce")
+    ap.add_argument("--poison", action="store_true",
+                    help="torch.empty / empty_like fill their memory (NaN, 113): a read of memory nothing wrote "
+                         "(or of memory past a tensor) fails every run, not now and then")
     ap.add_argument("--no-minimize", action="store_true")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
+    if args.poison:
+        poison_empty()
     avoid = frozenset(t for t in args.avoid.split(",") if t)
     backward = {"auto": None, "yes": True, "no": False}[args.backward]
     varlen = {"auto": None, "yes": True, "no": False}[args.varlen]
