@@ -28,6 +28,20 @@ unit-stride, rows of stride 0, sequence-first storage, decode rows with ``kv_len
 ``draw_case(extend=False)`` (the default there, and ``--extend no``) draws the cases seeds drew
 before them.
 
+A second layer (:func:`extend2_draft`, :func:`extend2_call`, ``extend2_rng``, ``--extend2``; off in
+``draw_case`` unless asked) adds what neither makes: dropout (the kernels' keep mask handed to the
+reference; packed, backward, ``dropout_p``/``training`` overrides), input reads outside the input's
+extent (negative indices, past the end, ``t[h + 2, j % 5]`` past the last head), inputs of dims
+``["n", "b"]``, ``["h", "n", "n"]``, ``["b", "h", "n"]`` in masks, ``["h", "b"]``, tables shorter than
+the heads, the residue-class and column-split clauses with the splits forced on
+(``ATTNCC_*_MIN_ROWS=1``), ``n_q``/``n_k``/``alibi``/aliases in biases and transforms, conditions on the
+score beside tables and positions with a softcap, int params in float scores, RoPE of rotary dims
+2-16 and thetas 1.5-1e6 (far into a sequence too: 2**20 to 2**32), and in the call: offsets,
+``n_q``, ``n_k`` and ``scale=`` as numpy scalars and tensors, k and v of batch 1 beside q's batch,
+a forward without the LSE, Nq far from Nk, decode pages of 17, 24 or 48 rows, ``kv_len`` as a list
+or int64, int64 block tables with garbage past each row's pages. ``--poison`` fills what
+``torch.empty`` allocates, so a read of memory nothing wrote fails every run.
+
 Both halves are plain data (:class:`Draft`, :class:`CallPlan`, frozen), so a failure can be
 shrunk by replacing fields and re-run. Every case carries *tags*: the features it exercises that
 are tied to a known bug of attncc (:data:`KNOWN_BUG_TAGS`); ``avoid=`` keeps the generator away
@@ -2260,7 +2274,7 @@ def _distance_rms(plan) -> float:
     """The root mean square of ``j - i`` over the call's pairs, at least 1 and at most ``Nq + Nk``
     (a chunk far from its keys does not loosen a table gradient's tolerance past its lengths')."""
     mean = (plan.k_offset - plan.q_offset) + (plan.Nk - plan.Nq) / 2
-    var = (plan.Nk ** 2 - 1) / 12 + (plan.Nq ** 2 - 1) / 12
+    var = max(plan.Nk ** 2 - 1, 0) / 12 + max(plan.Nq ** 2 - 1, 0) / 12  # (a side of 0 rows: extend_call)
     return max(1.0, min(math.sqrt(mean * mean + var), plan.Nq + plan.Nk))
 
 

@@ -1,6 +1,23 @@
 """Probe 28: the second extension layer of tests/fuzz_specs.py (extend2_draft, extend2_call) and
 what it found.
 
+Blind spots of the earlier draws (random_spec/random_call, extend_draft/extend_call) that the layer
+draws now, each named by :func:`fuzz_specs.extend2_features` (checked below): dropout (keep mask from
+``dropout_keep_mask`` handed to the reference; packed calls, backward, ``dropout_p``/``training``
+overrides), input reads outside the input's extent (negative indices, past the end, past the last
+head or batch row, tables shorter than the heads), inputs of dims ``["n", "b"]``, ``["h", "n", "n"]``,
+``["b", "h", "n"]`` (masks, with GQA), ``["h", "b"]``; the residue-class and column-split clauses
+with the splits forced on; ``n_q``, ``n_k``, ``alibi`` and the aliases inside biases and
+transforms; conditions on the score beside tables, positions and a softcap; int params in float
+score arithmetic; RoPE of rotary dims 2-16 and thetas 1.5-1e6, and far into a sequence (2**20 to
+2**32 + 5); offsets, ``n_q``, ``n_k`` and ``scale=`` as numpy scalars and (int32) tensors; k and v of
+batch 1 beside q's batch; forwards without the LSE; Nq far from Nk; decode pages of 17, 24 or 48
+rows, ``kv_len`` as a list or int64, int64 block tables with garbage past each row's pages.
+
+Probed (``python tests/fuzz_specs.py --extend2 yes``, the first layer now and then): seeds
+40000-41449 (1300 of them with ``--poison``: torch.empty fills NaN, so a read of memory nothing
+wrote fails every run) and 41450-41849 with ``--backward yes --poison``: clean but for seed 40003.
+
 Found and fixed:
 
 - An input's "b" or "h" dim read at an index other than ``b`` or ``h`` itself (``t[h + 2, j % 5]``,
