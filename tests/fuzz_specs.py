@@ -2044,6 +2044,13 @@ def _run_packed(pattern, mod, draft: Draft, plan: CallPlan, reference: Reference
             return None  # the contract's refusal, with words that say why
         if _refuses_wide_ints(draft, plan, e):
             return None
+        if isinstance(e, ValueError) and "division by zero: the divisor of" in str(e):
+            try:  # a divisor of params and a sequence's n_q / n_k that is 0: the reference must refuse too
+                packed_reference(pattern, plan.varlen, *(t.detach().double() for t in (a.q, a.k, a.v)),
+                                 reference=reference, **a.params, **a.inputs, **extra)
+            except ValueError as r:
+                if "division by zero: the divisor of" in str(r):
+                    return None
         return fail("raise", "attention()", math.inf, f"{type(e).__name__}: {e}")
     except Exception as e:  # noqa: BLE001 - every crash is a finding
         return fail("raise", "attention()", math.inf, f"{type(e).__name__}: {str(e)[:300]}")
