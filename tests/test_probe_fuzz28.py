@@ -16,7 +16,9 @@ rows, ``kv_len`` as a list or int64, int64 block tables with garbage past each r
 
 Probed (``python tests/fuzz_specs.py --extend2 yes``, the first layer now and then): seeds
 40000-41449 (1300 of them with ``--poison``: torch.empty fills NaN, so a read of memory nothing
-wrote fails every run) and 41450-41849 with ``--backward yes --poison``: clean but for seed 40003.
+wrote fails every run) and 41450-41849 with ``--backward yes --poison``: clean but for seed 40003
+(below) and 41604, a gap of the harness (a packed call refused for ``j % (blk - 1)`` at ``blk = 1``,
+as the reference refuses it: _run_packed now checks that, as _run_built did).
 
 Found and fixed:
 
