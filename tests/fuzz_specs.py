@@ -28,6 +28,20 @@ unit-stride, rows of stride 0, sequence-first storage, decode rows with ``kv_len
 ``draw_case(extend=False)`` (the default there, and ``--extend no``) draws the cases seeds drew
 before them.
 
+A second layer (:func:`extend2_draft`, :func:`extend2_call`, ``extend2_rng``, ``--extend2``; off in
+``draw_case`` unless asked) adds what neither makes: dropout (the kernels' keep mask handed to the
+reference; packed, backward, ``dropout_p``/``training`` overrides), input reads outside the input's
+extent (negative indices, past the end, ``t[h + 2, j % 5]`` past the last head), inputs of dims
+``["n", "b"]``, ``["h", "n", "n"]``, ``["b", "h", "n"]`` in masks, ``["h", "b"]``, tables shorter than
+the heads, the residue-class and column-split clauses with the splits forced on
+(``ATTNCC_*_MIN_ROWS=1``), ``n_q``/``n_k``/``alibi``/aliases in biases and transforms, conditions on the
+score beside tables and positions with a softcap, int params in float scores, RoPE of rotary dims
+2-16 and thetas 1.5-1e6 (far into a sequence too: 2**20 to 2**32), and in the call: offsets,
+``n_q``, ``n_k`` and ``scale=`` as numpy scalars and tensors, k and v of batch 1 beside q's batch,
+a forward without the LSE, Nq far from Nk, decode pages of 17, 24 or 48 rows, ``kv_len`` as a list
+or int64, int64 block tables with garbage past each row's pages. ``--poison`` fills what
+``torch.empty`` allocates, so a read of memory nothing wrote fails every run.
+
 Both halves are plain data (:class:`Draft`, :class:`CallPlan`, frozen), so a failure can be
 shrunk by replacing fields and re-run. Every case carries *tags*: the features it exercises that
 are tied to a known bug of attncc (:data:`KNOWN_BUG_TAGS`); ``avoid=`` keeps the generator away
@@ -109,6 +123,8 @@ FOUND_BUG_TAGS = {
                  "such as i < 0) is dropped as a term constant along j: plain attention instead of o = 0",
     "big_linear_pos": "float terms linear in the positions (alibi, c * (i - j): sympy expands it to c*i - c*j) "
                       "are evaluated from absolute positions in float32: imprecise past ~2**16",
+    "bh_index": "an input's \"b\" or \"h\" dim read at another index than b or h (t[h + 2, j % 5]) had no bounds "
+                "check: memory past the tensor was read (and a grad table's gradient added there)",
 }
 BUG_TAGS = {**KNOWN_BUG_TAGS, **FOUND_BUG_TAGS}
 
@@ -172,6 +188,7 @@ class Draft:
     softcap: Optional[float] = None
     scale: Optional[float] = None
     rope: Optional[Tuple[float, str, Optional[int]]] = None  # theta, style, rotary_dim
+    dropout: Optional[float] = None  # [score].dropout (extend2_draft only)
 
     # -- what the text uses ---------------------------------------------------------------
     def expressions(self) -> Dict[str, str]:
@@ -205,6 +222,11 @@ class Draft:
             tags.add("leaf_collision")
         if any("n" in d.dims for d in self.used_inputs):
             tags.add("n_input")
+        dims = {d.name: d.dims for d in self.used_inputs}
+        for name, index in _ACCESS.findall(" ".join(self.expressions().values())):
+            parts = [x.strip() for x in index.split(",")]
+            if name in dims and any(x in ("b", "h") and p != x for x, p in zip(dims[name], parts)):
+                tags.add("bh_index")
         # tables of other float dtypes in the score (bias, mod); query-only ones (no j in the index)
         dtypes = {d.name: d.dtype for d in self.used_inputs}
         ex = self.expressions()
@@ -247,6 +269,8 @@ class Draft:
             score.append(f"mod = {_toml_str(ex['mod'])}")
         if self.softcap is not None:
             score.append(f"softcap = {self.softcap!r}")
+        if self.dropout is not None:
+            score.append(f"dropout = {self.dropout!r}")
         if score:
             lines += ["[score]"] + score
         if self.rope is not None:
@@ -698,6 +722,8 @@ class DecodePlan:
     page_size: int = 0  # 0: contiguous cache
     kv_len_layout: str = "contiguous"  # or "strided"
     table_layout: str = "contiguous"  # or "strided"
+    kv_len_form: str = "tensor"  # (extend2_call) "list": a list of ints, "int64": an int64 tensor
+    table_form: str = "int32"  # (extend2_call) "int64_wide": int64 with two spare columns past the pages
 
 
 @dataclass(frozen=True)
@@ -774,6 +800,12 @@ class CallPlan:
     param_forms: Tuple[Tuple[str, str], ...] = ()  # (param, "numpy" / "tensor0" / "tensor1"): how it is passed
     input_casts: Tuple[Tuple[str, str], ...] = ()  # (input, dtype): passed as a tensor of another dtype
     magnitude: float = 1.0  # q and k drawn this many times larger (float16 scores near overflow)
+    # drawn by :func:`extend2_call` only (defaults: as before)
+    number_forms: Tuple[Tuple[str, str], ...] = ()  # (q_offset/k_offset/n_q/n_k/scale, NUMBER_FORMS/SCALE_FORMS)
+    kv_batch1: bool = False  # k and v of batch 1 (not an expanded view) beside q's batch B
+    splits: bool = False  # the residue-class and column splits forced on (ATTNCC_*_MIN_ROWS=1)
+    no_lse: bool = False  # a forward without return_lse
+    dropout: Optional[Tuple[int, Optional[float], bool]] = None  # (seed, dropout_p or None: the spec's, training)
 
     @property
     def tags(self) -> FrozenSet[str]:
@@ -822,6 +854,18 @@ class CallPlan:
             parts.append("inputs passed as " + ", ".join(f"{k}:{v}" for k, v in self.input_casts))
         if self.magnitude != 1.0:
             parts.append(f"q, k x{self.magnitude}")
+        if self.number_forms:
+            parts.append("numbers passed as " + ", ".join(f"{k}:{v}" for k, v in self.number_forms))
+        if self.kv_batch1:
+            parts.append("k, v of batch 1")
+        if self.splits:
+            parts.append("residue/column splits forced")
+        if self.no_lse:
+            parts.append("no return_lse")
+        if self.dropout is not None:
+            parts.append(f"dropout seed={self.dropout[0]} dropout_p={self.dropout[1]} training={self.dropout[2]}")
+        if self.decode is not None and (self.decode.kv_len_form != "tensor" or self.decode.table_form != "int32"):
+            parts.append(f"kv_len as {self.decode.kv_len_form}, block_table {self.decode.table_form}")
         if self.varlen is not None:
             parts[0] = f"packed Hq={self.Hq} Hkv={self.Hkv} total_q={self.Nq} total_k={self.Nk} D={self.D} Dv={self.Dv}"
             parts[2] = self.varlen.describe()
@@ -1260,6 +1304,279 @@ def extend_call(rng: random.Random, old: Draft, draft: Draft, plan: CallPlan) ->
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# extensions, second layer (session 28): what neither the draws above nor extend_draft/extend_call
+# make (a Random of its own, extend2_rng, drawn after both: every earlier draw stays as it was)
+# ---------------------------------------------------------------------------------------------
+
+EXTEND2_RATE = 0.6
+FAR_BASES = (2**20, 2**24 + 3, 2**31 - 37, 2**32 + 5)  # far positions for RoPE (angles reduced in float64)
+
+
+def extend2_rng(seed: int) -> random.Random:
+    return random.Random(seed * 15485863 + 3)
+
+
+def _x2_mask_leaf(pool: _Pool) -> Atom:
+    """A mask clause of a construct neither :func:`_mask_leaf` nor :func:`_ext_mask_leaf` draws:
+    input reads outside the input's extent (negative, past the end, heads past a short table),
+    inputs whose dims are not in the order (b, h, n), per-head pair tables, clauses the residue-class
+    and column splits take, sizes beside the aliases."""
+    rng = pool.rng
+    kind = rng.choice(("oob_doc", "oob_flag", "short_head", "n_first", "head_pair", "bhn_flag", "hb", "sizes"))
+    w = rng.randint(0, 12)
+    if kind == "oob_doc":
+        d = pool.int_input(("b", "n"), "doc")
+        return Atom(rng.choice((f"{d}[b, j - 3] == {d}[b, i - 3]", f"j >= 2 and {d}[b, j - 2] == {d}[b, i]",
+                                f"{d}[b, i + 5] == {d}[b, j + 5]", f"{d}[b, i - j] == 0")))
+    if kind == "oob_flag":
+        f = pool.input(("n",), "flag", "bool")
+        return Atom(rng.choice((f"{f}[j - 4] or j == i", f"not {f}[i + 2] or j <= i", f"{f}[i - j] or j >= i")))
+    if kind == "short_head":  # a per-head table shorter than the heads: heads past it read 0
+        t = pool.input((rng.choice((1, 2, 3)),), "small", rng.choice(("int32", "int64")))
+        return Atom(rng.choice((f"i - j < {t}[h] + 2", f"abs(i - j) <= {t}[h]", f"j <= i + {t}[h + 1]")))
+    if kind == "n_first":
+        if rng.random() < 0.5:
+            f = pool.input(("n", "b"), "flag", "bool")
+            return Atom(rng.choice((f"{f}[j, b]", f"{f}[i, b] or j <= i")))
+        d = pool.int_input(("n", "b"), "doc")
+        return Atom(f"{d}[i, b] == {d}[j, b]")
+    if kind == "head_pair":
+        f = pool.input(("h", "n", "n"), "flag", "bool")
+        return Atom(rng.choice((f"{f}[h, i, j] or j == i", f"{f}[h, j, i]")))
+    if kind == "bhn_flag":  # a per-query-head key flag (GQA: several query heads on one key head)
+        f = pool.input(("b", "h", "n"), "flag", "bool")
+        return Atom(rng.choice((f"{f}[b, h, j] or j == i", f"{f}[b, h, i] and j <= i")))
+    if kind == "hb":
+        t = pool.input(("h", "b"), "small", "int32")
+        return Atom(rng.choice((f"i - j <= {t}[h, b]", f"abs(i - j) <= {t}[h, b] + 1")))
+    return Atom(rng.choice((f"j - n_k <= i - n_q + {w}", f"i < n_q - {w} or j < {w}", f"kv_idx <= q_idx + {w}",
+                            f"n_k - j > n_q - i - {w}")))
+
+
+def _x2_split_leaf(pool: _Pool) -> Atom:
+    """A clause of the masks ``attncc`` runs split: a residue class ``(i - j) % m == 0`` (rows and keys
+    of one class as strided views) or summary columns ``j % m == m - 1`` beside a band (two parts
+    merged by their LSE); a call with ``splits`` forces both on at any size."""
+    rng = pool.rng
+    c, is_param = pool.int_operand("div")
+    last = f"{c} - 1" if is_param else str(int(c) - 1)
+    w, _ = pool.int_operand("win")
+    return Atom(rng.choice((f"(i - j) % {c} == 0", f"(j - i) % {c} == 0 and j <= i",
+                            f"j <= i and (i - j < {w} or j % {c} == {last})",
+                            f"i - j < {w} or j % {c} == {last}")))
+
+
+def _x2_bias_term(pool: _Pool) -> Atom:
+    """A bias term of a construct neither :func:`_bias_term` nor :func:`_ext_bias_term` draws."""
+    rng = pool.rng
+    kind = rng.choice(("oob_row", "oob_head", "oob_mod", "n_first", "head_pair", "sizes", "int_param"))
+    if kind == "oob_row":
+        x = pool.float_table(("b", "n"))
+        return Atom(rng.choice((f"{x}[b, j - 2]", f"0.5 * {x}[b, i + 3]", f"{x}[b, i - j]")))
+    if kind == "oob_head":
+        x = pool.float_table((rng.choice((1, 2, 3)),))
+        return Atom(rng.choice((f"{x}[h]", f"{x}[h + 1]", f"{x}[h - 1] * where(j <= i, 1.0, -1.0)")))
+    if kind == "oob_mod":
+        x = pool.float_table(("h", 5))
+        return Atom(rng.choice((f"{x}[h, (i - j) % 7]", f"{x}[h, j - i + 2]", f"{x}[h + 2, j % 5]")))
+    if kind == "n_first":
+        x = pool.float_table(("n", "b"))
+        return Atom(rng.choice((f"{x}[j, b]", f"{x}[i, b] - {x}[j, b]")))
+    if kind == "head_pair":
+        x = pool.float_table(("h", "n", "n"))
+        return Atom(f"{x}[h, i, j]")
+    if kind == "sizes":
+        return Atom(rng.choice(("0.01 * (n_k - n_q)", "0.02 * (n_q - q_idx)", "0.5 * alibi", "alibi * 2.0 + 0.1",
+                                "0.1 * (kv_idx - q_idx) / n_k")), LINEAR_POS)
+    w, _ = pool.int_operand("win")  # int_param: an int param in float arithmetic
+    return Atom(rng.choice((f"0.05 * {w} * (j <= i)", f"where(i - j < {w}, 0.0, -0.05 * {w})", f"0.5 / (1 + {w})")))
+
+
+def _x2_mod(pool: _Pool) -> Atom:
+    """A transform of a construct neither :func:`_score_mod` nor :func:`_ext_mod` draws: conditions
+    on the score beside tables, positions and sizes; sizes, ``alibi`` and the aliases in a transform;
+    an int param in its float arithmetic."""
+    rng = pool.rng
+    kind = rng.choice(("cond_table", "cond_pos", "cond_keep", "sizes", "int_param"))
+    if kind == "cond_table":
+        x = pool.float_table(("h",))
+        return Atom(rng.choice((f"where(s > {x}[h], tanh(s) * 2.0, -inf)", f"where(s + {x}[h] > 0, s, -inf)",
+                                f"where(score > -0.5, score * {x}[h], -inf)")), frozenset({"score_cond", "score_cond_inf"}))
+    if kind == "cond_pos":
+        w = rng.randint(0, 12)
+        return Atom(rng.choice((f"where(s > 0.2 and j <= i + {w}, s * 2.0, -inf)",
+                                f"where(s > -1.0 or j == i, s + 0.1 * (j - i), -inf)",
+                                f"where(j <= i, where(s < 1.5, s, -inf), s - 2.0)")), frozenset({"score_cond", "score_cond_inf"}))
+    if kind == "cond_keep":  # a condition on s that keeps the pair either way
+        return Atom(rng.choice(("where(abs(s) < 1.5, s, s - 3.0)", "where(s > 0.0, sigmoid(s) * 3.0, s)",
+                                "max(where(s > 1.0, 1.0 + 0.5 * s, s), -3.0)")), frozenset({"score_cond"}))
+    if kind == "sizes":
+        return Atom(rng.choice(("s + 0.5 * alibi", "where(kv_idx - n_k <= q_idx - n_q, score, -inf)",
+                                "s * n_k / (n_k + 1.0)", "s - 0.01 * (n_q - i)")), LINEAR_POS)
+    w, _ = pool.int_operand("win")
+    return Atom(rng.choice((f"where(j <= i, s * (1 + {w}) / 8, s)", f"s / (1 + {w})", f"s + 0.01 * {w} * h")))
+
+
+def extend2_draft(rng: random.Random, draft: Draft, avoid=frozenset()) -> Draft:
+    """``draft`` with one or two constructs of the second layer (a mask clause, a split clause, a
+    bias term, a transform), and now and then dropout, RoPE of another rotary dim or theta, a softcap
+    beside a transform."""
+    pool = _Pool(rng, frozenset(avoid), {p.name: p for p in draft.params}, {d.name: d for d in draft.inputs})
+    mask, bias, mod = draft.mask, draft.bias, draft.mod
+    for _ in range(rng.choice((1, 1, 2))):
+        r = rng.random()
+        if r < 0.3:
+            leaf = _draw(pool, _x2_mask_leaf)
+            op = rng.choice(("and", "and", "or"))
+            mask = leaf if mask is None else Node(op, (mask, leaf), op)
+        elif r < 0.45:
+            leaf = _draw(pool, _x2_split_leaf)  # (and: a residue class must hold for the whole mask)
+            mask = leaf if mask is None else Node("and", (mask, leaf), "and")
+        elif r < 0.75 or mod is not None:
+            bias = bias + (_draw(pool, _x2_bias_term),)
+        else:
+            mod = _draw(pool, _x2_mod)
+    softcap, rope, dropout = draft.softcap, draft.rope, None
+    if mod is not None and softcap is None and rng.random() < 0.3:
+        softcap = rng.choice((1.0, 3.0, 30.0))
+    if rng.random() < 0.25:  # RoPE of other thetas and rotary dims (the draws above: 10000 / 500, 8 or all)
+        rd = rng.choice((None, 2, 4, 6, 16))
+        theta = rng.choice((1.5, 100.0, 10000.0, 1e6)) if rope is None or rng.random() < 0.5 else rope[0]
+        rope = (theta, rng.choice(("neox", "gptj")) if rope is None else rope[1], rd)
+    if rng.random() < 0.15:
+        dropout = rng.choice((0.1, 0.25, 0.5))
+    return replace(draft, params=tuple(pool.params.values()), inputs=tuple(pool.inputs.values()),
+                   mask=mask, bias=bias, mod=mod, softcap=softcap, rope=rope, dropout=dropout)
+
+
+NUMBER_FORMS = ("np_int32", "np_int64", "tensor0", "tensor1", "tensor_int32")
+SCALE_FORMS = ("np_float32", "np_float64", "tensor0", "tensor1")
+
+
+def extend2_call(rng: random.Random, old: Draft, draft: Draft, plan: CallPlan) -> CallPlan:
+    """``plan`` for the ``draft`` of :func:`extend2_draft`: overrides of its new params; offsets,
+    ``n_q``, ``n_k`` and ``scale=`` as numpy scalars and tensors; k and v of batch 1 beside q's
+    batch; the residue-class and column splits forced on; a forward without the LSE; dropout
+    (seed, ``dropout_p``, ``training``); RoPE far into a sequence; Nq far from Nk; decode caches of
+    pages of 17, 24 or 48 rows, kv_len as a list or int64, int64 block tables with spare columns."""
+    old_params = {p.name for p in old.used_params}
+    overrides = list(plan.overrides)
+    for p in draft.used_params:
+        if p.name not in old_params and rng.random() < 0.4 and p.role in INT_ROLES:
+            overrides.append((p.name, rng.choice(INT_ROLES[p.role])))
+    out = replace(plan, overrides=tuple(overrides))
+    plain = out.decode is None and out.varlen is None
+    n_dims = max((d.dims.count("n") for d in draft.used_inputs), default=0)
+    far = 2**21 if n_dims == 1 else 256 if n_dims else None  # (as extend_call: an "n" input covers the positions)
+    if far is not None and max(out.q_offset, out.k_offset) >= far:
+        out = replace(out, q_offset=out.q_offset % 64, k_offset=out.k_offset % 64)
+    if draft.rope is not None:  # an even head dim that holds the rotary dim
+        rd = draft.rope[2] or 2
+        if out.D % 2 or out.D < rd:
+            D = rng.choice([x for x in EXTEND_DIMS if x % 2 == 0 and x >= rd])
+            out = replace(out, D=D, Dv=draft.value_dim or (D if plan.Dv == plan.D else plan.Dv))
+    if draft.dropout is not None:
+        out = replace(out, nan=None, dropout=(rng.randrange(2**62), rng.choice((None, None, 0.0, 0.3, 0.75)),
+                                              rng.random() < 0.85))
+    if plain and rng.random() < 0.15:  # one side much longer than the other
+        long_, short = rng.randint(40, 90), rng.randint(1, 6)
+        out = replace(out, **(dict(Nq=long_, Nk=short) if rng.random() < 0.5 else dict(Nq=short, Nk=long_)))
+        if rng.random() < 0.5:
+            out = replace(out, k_offset=out.q_offset + rng.randint(0, 40))
+    atoms = list(draft.bias) + ([draft.mod] if draft.mod else []) + list(_mask_atoms(draft.mask))
+    far_ok = (draft.rope is not None and not any(a.tags & {"abspos", "linear_pos"} for a in atoms)
+              and not any("n" in d.dims for d in draft.used_inputs))
+    if plain and far_ok and rng.random() < 0.4:  # RoPE far into a sequence (exact angles, the docs say)
+        base = rng.choice(FAR_BASES)
+        out = replace(out, q_offset=base + rng.randint(0, 40), k_offset=base + rng.randint(0, 40))
+    if plain and out.B == 2 and rng.random() < 0.25:
+        out = replace(out, kv_batch1=True)
+    if plain and rng.random() < 0.3:
+        n_q = None if out.n_q_extra is None else out.q_offset + out.Nq + out.n_q_extra
+        n_k = None if out.n_k_extra is None else out.k_offset + out.Nk + out.n_k_extra
+        forms = []
+        for key, value in (("q_offset", out.q_offset), ("k_offset", out.k_offset), ("n_q", n_q), ("n_k", n_k)):
+            if value is not None and rng.random() < 0.6:
+                choices = [f for f in NUMBER_FORMS if value < 2**31 or "int32" not in f]
+                forms.append((key, rng.choice(choices)))
+        if out.scale is not None and rng.random() < 0.6:
+            forms.append(("scale", rng.choice(SCALE_FORMS)))
+        out = replace(out, number_forms=tuple(forms))
+    if out.varlen is None and out.decode is None and rng.random() < 0.25:
+        out = replace(out, splits=True)
+    if not out.backward and out.decode is None and rng.random() < 0.2:
+        out = replace(out, no_lse=True)
+    if out.decode is not None and rng.random() < 0.5:
+        dp = out.decode
+        if rng.random() < 0.4:  # pages not aligned to any tile
+            ps = rng.choice((17, 24, 48))
+            cap = -(-dp.capacity // ps) * ps
+            dp = replace(dp, page_size=ps, capacity=cap)
+            out = replace(out, Nk=cap)
+        dp = replace(dp, kv_len_form=rng.choice(("tensor", "list", "int64")),
+                     table_form=rng.choice(("int32", "int64_wide")) if dp.page_size else "int32")
+        out = replace(out, decode=dp)
+    return out
+
+
+def extend2_features(draft: Draft, plan: CallPlan) -> FrozenSet[str]:
+    """The second layer's features a case has (what :func:`extend2_draft` and :func:`extend2_call`
+    are there to draw): tests/test_fuzz.py checks that seeds draw each of them."""
+    out = set()
+    ex = " ".join(draft.expressions().values())
+    dims = {d.name: d.dims for d in draft.used_inputs}
+    for name, index in _ACCESS.findall(ex):
+        parts = [p.strip() for p in index.split(",")]
+        if name in dims:
+            d = dims[name]
+            if any(re.search(r"[ij] [-+] \d|i - j|j - i", p) for p in parts):
+                out.add("oob_index")
+            if any(isinstance(x, int) for x in d) and "h" in parts and "h" not in d:
+                out.add("short_head_table")
+            if d[:1] == ("n",) and len(d) > 1:
+                out.add("n_first_input")
+            if d == ("h", "n", "n"):
+                out.add("head_pair_table")
+            if d == ("b", "h", "n") and "mask" in draft.expressions() and name in draft.expressions()["mask"]:
+                out.add("per_head_mask_input")
+            if d == ("h", "b"):
+                out.add("head_batch_input")
+    for needle, feature in (("% ", "modulo"), ("alibi", "alibi_expr"), ("n_k", "sizes"), ("kv_idx", "aliases")):
+        if needle in ex:
+            out.add(feature)
+    if draft.mod is not None and re.search(r"\b(s|score)\b[^,]*[<>]", draft.mod.text):
+        out.add("score_cond")
+        if draft.softcap is not None:
+            out.add("score_cond_softcap")
+    if draft.mod is not None and re.search(r"\b(alibi|n_q|n_k)\b", draft.mod.text):
+        out.add("sizes_in_mod")
+    if draft.rope is not None and (draft.rope[2] not in (None, 8) or draft.rope[0] not in (10000.0, 500.0)):
+        out.add("rope_variant")
+    if draft.dropout is not None:
+        out.add("dropout")
+        if plan.dropout is not None and plan.varlen is not None:
+            out.add("dropout_varlen")
+        if plan.dropout is not None and plan.backward:
+            out.add("dropout_backward")
+    if draft.rope is not None and min(plan.q_offset, plan.k_offset) >= 2**20:
+        out.add("rope_far")
+    for fld in ("kv_batch1", "splits", "no_lse"):
+        if getattr(plan, fld):
+            out.add(fld)
+    out |= {f"form_{f}" for _, f in plan.number_forms}
+    if plan.decode is not None:
+        if plan.decode.page_size % 16:
+            out.add("odd_pages")
+        if plan.decode.kv_len_form != "tensor":
+            out.add(f"kv_len_{plan.decode.kv_len_form}")
+        if plan.decode.table_form != "int32":
+            out.add("table_int64_wide")
+    if plan.varlen is None and plan.decode is None and max(plan.Nq, plan.Nk) >= 40 and min(plan.Nq, plan.Nk) <= 6:
+        out.add("skewed")
+    return frozenset(out)
+
+
 def _is_int(d: InputPlan) -> bool:
     return not d.dtype.startswith(("float", "bfloat"))
 
@@ -1413,7 +1730,8 @@ def call_arguments(draft: Draft, plan: CallPlan) -> Arguments:
     """The tensors and keywords of ``plan``: deterministic in ``plan.seed``."""
     gen = torch.Generator().manual_seed(plan.seed)
     dt = _DT[plan.dtype]
-    shapes = ((plan.B, plan.Hq, plan.Nq, plan.D), (plan.B, plan.Hkv, plan.Nk, plan.D), (plan.B, plan.Hkv, plan.Nk, plan.Dv))
+    Bk = 1 if plan.kv_batch1 else plan.B
+    shapes = ((plan.B, plan.Hq, plan.Nq, plan.D), (Bk, plan.Hkv, plan.Nk, plan.D), (Bk, plan.Hkv, plan.Nk, plan.Dv))
     (q, ql), (k, kl), (v, _) = (_qkv(gen, s, dt, lay, plan.backward, m) for s, lay, m
                                 in zip(shapes, plan.layouts, (plan.magnitude, plan.magnitude, 1.0)))
     if plan.nan:
@@ -1568,8 +1886,52 @@ def run_case(draft: Draft, plan: CallPlan, reference: Optional[Reference] = None
             return None  # contract v0 refuses a mask that is never true; nothing to compare
         return fail("build", "spec", math.inf, f"{type(built).__name__}: {str(built)[:300]}")
     pattern, mod = built
-    with _tile_config(plan.tiles):
+    with _tile_config(plan.tiles), _split_config(plan.splits):
         return _run_built(pattern, mod, draft, plan, reference, fail)
+
+
+@contextlib.contextmanager
+def _split_config(on: bool):
+    """The residue-class and column splits (attncc.runtime.residue) forced on at any size."""
+    names = ("ATTNCC_RESIDUE_MIN_ROWS", "ATTNCC_COLUMN_MIN_ROWS")
+    saved = {n: os.environ.get(n) for n in names}
+    try:
+        if on:
+            for n in names:
+                os.environ[n] = "1"
+        yield
+    finally:
+        for n, value in saved.items():
+            if value is None:
+                os.environ.pop(n, None)
+            else:
+                os.environ[n] = value
+
+
+def _number_form(value, form: str):
+    """An offset, n_q, n_k or scale= as a numpy scalar or a tensor (extend2_call's number_forms)."""
+    import numpy as np
+
+    return {"np_int32": lambda: np.int32(value), "np_int64": lambda: np.int64(value),
+            "tensor0": lambda: torch.tensor(value), "tensor1": lambda: torch.tensor([value]),
+            "tensor_int32": lambda: torch.tensor(value, dtype=torch.int32),
+            "np_float32": lambda: np.float32(value), "np_float64": lambda: np.float64(value)}[form]()
+
+
+def _dropout_call(mod, plan: CallPlan, q, k, v, q_offset=0, k_offset=0):
+    """(the call's dropout keywords, the reference's: keep_mask and dropout_p, or none when no pair
+    is dropped) of a plan with dropout; ({}, {}) without."""
+    if plan.dropout is None:
+        return {}, {}
+    seed, p, training = plan.dropout
+    kw = {"seed": seed, "training": training}
+    if p is not None:
+        kw["dropout_p"] = p
+    effective = (p if p is not None else mod.SPEC.dropout) if training else 0.0
+    if not effective:
+        return kw, {}
+    keep = mod.dropout_keep_mask(q, k, v, seed=seed, dropout_p=effective, q_offset=q_offset, k_offset=k_offset)
+    return kw, {"keep_mask": keep, "dropout_p": effective}
 
 
 @contextlib.contextmanager
@@ -1599,8 +1961,13 @@ def _run_built(pattern, mod, draft: Draft, plan: CallPlan, reference: Reference,
     kw = dict(**a.positions, **a.params, **a.inputs)
     if plan.scale is not None:
         kw["scale"] = plan.scale
+    for key, form in plan.number_forms:
+        if kw.get(key) is not None:
+            kw[key] = _number_form(kw[key], form)
     try:
-        if plan.backward and not lse_in_loss(plan):
+        drop_kw, drop_ref = _dropout_call(mod, plan, a.q, a.k, a.v, plan.q_offset, plan.k_offset)
+        kw.update(drop_kw)
+        if (plan.backward and not lse_in_loss(plan)) or plan.no_lse:
             o, lse = mod.attention(a.q, a.k, a.v, **kw), None
         else:
             o, lse = mod.attention(a.q, a.k, a.v, return_lse=True, **kw)
@@ -1615,7 +1982,8 @@ def _run_built(pattern, mod, draft: Draft, plan: CallPlan, reference: Reference,
     ref_inputs = {n: (t.detach().double().requires_grad_() if n in a.grad_tables else t) for n, t in a.inputs.items()}
     try:
         extra = {} if plan.scale is None else {"scale": plan.scale}
-        ref, ref_lse = reference(pattern, *ref_in, return_lse=True, **a.positions, **a.params, **ref_inputs, **extra)
+        ref, ref_lse = reference(pattern, *ref_in, return_lse=True, **a.positions, **a.params, **ref_inputs, **extra,
+                                 **drop_ref)
     except Exception as e:  # noqa: BLE001 - the generator only draws what the contract allows
         return fail("reference", "reference()", math.inf, f"{type(e).__name__}: {str(e)[:300]}")
     dt = _DT[plan.dtype]
@@ -1662,7 +2030,12 @@ def _run_packed(pattern, mod, draft: Draft, plan: CallPlan, reference: Reference
     extra = {} if plan.scale is None else {"scale": plan.scale}
     refuse = refuses_varlen(pattern)
     try:
-        if plan.backward and not lse_in_loss(plan):
+        vp = plan.varlen  # dropout: the padded batch's keep mask, sequence s reading row s (docs: Dropout)
+        pad = lambda t, rows: t.new_zeros(len(vp.lens_q), t.shape[1], max(rows), t.shape[3])  # noqa: E731
+        drop_kw, drop_ref = _dropout_call(mod, plan, pad(a.q, vp.lens_q + (1,)), pad(a.k, vp.lens_k + (1,)),
+                                          pad(a.v, vp.lens_k + (1,)))
+        kw.update(drop_kw)
+        if (plan.backward and not lse_in_loss(plan)) or plan.no_lse:
             o, lse = mod.attention(a.q, a.k, a.v, **kw, **extra), None
         else:
             o, lse = mod.attention(a.q, a.k, a.v, return_lse=True, **kw, **extra)
@@ -1671,6 +2044,13 @@ def _run_packed(pattern, mod, draft: Draft, plan: CallPlan, reference: Reference
             return None  # the contract's refusal, with words that say why
         if _refuses_wide_ints(draft, plan, e):
             return None
+        if isinstance(e, ValueError) and "division by zero: the divisor of" in str(e):
+            try:  # a divisor of params and a sequence's n_q / n_k that is 0: the reference must refuse too
+                packed_reference(pattern, plan.varlen, *(t.detach().double() for t in (a.q, a.k, a.v)),
+                                 reference=reference, **a.params, **a.inputs, **extra)
+            except ValueError as r:
+                if "division by zero: the divisor of" in str(r):
+                    return None
         return fail("raise", "attention()", math.inf, f"{type(e).__name__}: {e}")
     except Exception as e:  # noqa: BLE001 - every crash is a finding
         return fail("raise", "attention()", math.inf, f"{type(e).__name__}: {str(e)[:300]}")
@@ -1681,7 +2061,7 @@ def _run_packed(pattern, mod, draft: Draft, plan: CallPlan, reference: Reference
     ref_inputs = {n: (t.detach().double().requires_grad_() if n in a.grad_tables else t) for n, t in a.inputs.items()}
     try:
         ref, ref_lse = packed_reference(pattern, plan.varlen, *ref_in, reference=reference,
-                                        **a.params, **ref_inputs, **extra)
+                                        **a.params, **ref_inputs, **extra, **drop_ref)
     except Exception as e:  # noqa: BLE001
         return fail("reference", "reference()", math.inf, f"{type(e).__name__}: {str(e)[:300]}")
     dt = _DT[plan.dtype]
@@ -1710,7 +2090,8 @@ def packed_reference(pattern, vp: VarlenPlan, q, k, v, *, reference: Reference, 
             lses.append(q.new_full((1, Hq, nq), -math.inf))
             continue
         qs, ks, vs = (t[:, :, c[s]:c[s + 1]].expand(S, -1, -1, -1) for t, c in ((q, cq), (k, ck), (v, ck)))
-        o, lse = reference(pattern, qs, ks, vs, return_lse=True, **kw)
+        keep = {} if kw.get("keep_mask") is None else {"keep_mask": kw["keep_mask"][:, :, :nq, :nk]}
+        o, lse = reference(pattern, qs, ks, vs, return_lse=True, **{**kw, **keep})
         outs.append(o[s:s + 1])
         lses.append(lse[s:s + 1])
     pad_q = q.shape[2] - cq[-1]
@@ -1765,10 +2146,12 @@ def _decode_cache(plan: CallPlan, k: torch.Tensor, v: torch.Tensor):
     (strided: every other element of a wider tensor whose other elements are wrong values)."""
     dp = plan.decode
     gen = torch.Generator().manual_seed(plan.seed + 1)
-    lens = torch.tensor(dp.kv_lens, dtype=torch.int32)
+    lens = torch.tensor(dp.kv_lens, dtype=torch.int64 if dp.kv_len_form == "int64" else torch.int32)
     if dp.kv_len_layout == "strided":
-        wide = torch.stack([lens, torch.randint(0, dp.capacity + 1, (plan.B,), generator=gen, dtype=torch.int32)], 1)
+        wide = torch.stack([lens, torch.randint(0, dp.capacity + 1, (plan.B,), generator=gen, dtype=lens.dtype)], 1)
         lens = wide[:, 0]
+    if dp.kv_len_form == "list":
+        lens = [int(x) for x in lens]
     if not dp.page_size:
         return k, v, lens, None
     pages = -(-dp.capacity // dp.page_size)
@@ -1786,6 +2169,10 @@ def _decode_cache(plan: CallPlan, k: torch.Tensor, v: torch.Tensor):
     if dp.table_layout == "strided":
         wide = torch.stack([table, torch.randint(0, num_pages, table.shape, generator=gen, dtype=torch.int32)], 2)
         table = wide.view(plan.B, 2 * pages)[:, ::2]
+    if dp.table_form == "int64_wide":  # columns past a row's pages are not read (the docs): wrong values there
+        table = table.to(torch.int64).clone()
+        for row, n in enumerate(dp.kv_lens):
+            table[row, -(-max(n, 0) // dp.page_size):] = 10**6
     return caches[0], caches[1], lens, table
 
 
@@ -1876,6 +2263,8 @@ def _check_backward(plan, a: Arguments, o, ref, ref_in, ref_inputs, fail, lse=No
         # or over up to every (b, h, i, j) pair (a table): a gradient that is zero in exact arithmetic
         # (one key per row: dS = p (dP - delta) = 0) is a sum of that many roundings (fuzz seed 120540)
         per_entry = {"dq": plan.Nk, "dk": plan.Hq // plan.Hkv * plan.Nq, "dv": plan.Hq // plan.Hkv * plan.Nq}
+        if plan.kv_batch1:  # (and over q's batch rows)
+            per_entry = {k: n * (plan.B if k != "dq" else 1) for k, n in per_entry.items()}
         # (a table: also each dP is a sum over the head dim, and delta comes from the rounded o: a
         # query-only term's gradient, zero in exact arithmetic, is that rounding; fuzz seed 200061)
         # (and a table multiplied by a distance, x[h] * (j - i), scales each rounding by |j - i|: with one
@@ -1892,7 +2281,7 @@ def _distance_rms(plan) -> float:
     """The root mean square of ``j - i`` over the call's pairs, at least 1 and at most ``Nq + Nk``
     (a chunk far from its keys does not loosen a table gradient's tolerance past its lengths')."""
     mean = (plan.k_offset - plan.q_offset) + (plan.Nk - plan.Nq) / 2
-    var = (plan.Nk ** 2 - 1) / 12 + (plan.Nq ** 2 - 1) / 12
+    var = max(plan.Nk ** 2 - 1, 0) / 12 + max(plan.Nq ** 2 - 1, 0) / 12  # (a side of 0 rows: extend_call)
     return max(1.0, min(math.sqrt(mean * mean + var), plan.Nq + plan.Nk))
 
 
@@ -1937,7 +2326,8 @@ def _check_nan(pattern, plan, a: Arguments, o, ref, ref_lse, fail) -> Optional[F
 # ---------------------------------------------------------------------------------------------
 
 def draw_case(seed: int, backward: Optional[bool] = None, avoid=frozenset(),
-              varlen: Optional[bool] = None, extend: Optional[bool] = False) -> Tuple[Draft, CallPlan]:
+              varlen: Optional[bool] = None, extend: Optional[bool] = False,
+              extend2: Optional[bool] = False) -> Tuple[Draft, CallPlan]:
     """The spec and call of ``seed``; ``varlen``: None packs the call now and then (VARLEN_RATE
     of the attention() calls), True always, False never (the cases seeds drew before varlen calls);
     ``extend``: the same for the constructs of :func:`extend_draft` and :func:`extend_call`
@@ -1956,14 +2346,19 @@ def draw_case(seed: int, backward: Optional[bool] = None, avoid=frozenset(),
         if extend or erng.random() < EXTEND_RATE:
             old, draft = draft, extend_draft(erng, draft, avoid)
             plan = extend_call(erng, old, draft, plan)
+    if extend2 is not False:  # (extend2: the same for extend2_draft and extend2_call, EXTEND2_RATE)
+        x2rng = extend2_rng(seed)  # and again: every draw above stays as it was
+        if extend2 or x2rng.random() < EXTEND2_RATE:
+            old, draft = draft, extend2_draft(x2rng, draft, avoid)
+            plan = extend2_call(x2rng, old, draft, plan)
     return draft, plan
 
 
 def check_case(seed: int, backward: Optional[bool] = None, *, avoid=frozenset(),
                reference: Optional[Reference] = None, varlen: Optional[bool] = None,
-               extend: Optional[bool] = False) -> Optional[Failure]:
+               extend: Optional[bool] = False, extend2: Optional[bool] = False) -> Optional[Failure]:
     """Draw the case of ``seed`` and run it: None, or the :class:`Failure` (``str()`` describes it)."""
-    draft, plan = draw_case(seed, backward, avoid, varlen, extend)
+    draft, plan = draw_case(seed, backward, avoid, varlen, extend, extend2)
     failure = run_case(draft, plan, reference)
     return None if failure is None else replace(failure, seed=seed)
 
@@ -1986,7 +2381,7 @@ def _draft_reductions(d: Draft):
         yield replace(d, bias=d.bias[:n] + d.bias[n + 1:])
     if d.mod is not None:
         yield replace(d, mod=None)
-    for fld in ("softcap", "scale", "rope", "heads_q", "heads_kv", "value_dim"):
+    for fld in ("softcap", "scale", "rope", "heads_q", "heads_kv", "value_dim", "dropout"):
         if getattr(d, fld) is not None:
             yield replace(d, **{fld: None})
     if len(d.head_dims) > 1:
@@ -2029,15 +2424,18 @@ def _plan_reductions(p: CallPlan):
         yield replace(p, overrides=p.overrides[:n] + p.overrides[n + 1:])
     if p.tiles is not None:
         yield replace(p, tiles=None)
-    for fld, plain in (("param_forms", ()), ("input_casts", ()), ("magnitude", 1.0)):
+    for fld, plain in (("param_forms", ()), ("input_casts", ()), ("magnitude", 1.0), ("number_forms", ()),
+                       ("kv_batch1", False), ("splits", False), ("no_lse", False), ("dropout", None)):
         if getattr(p, fld) != plain:
             yield replace(p, **{fld: plain})
     if p.decode is not None:
         dp = p.decode
         if dp.kv_len_layout != "contiguous" or dp.table_layout != "contiguous":
             yield replace(p, decode=replace(dp, kv_len_layout="contiguous", table_layout="contiguous"))
+        if dp.kv_len_form != "tensor" or dp.table_form != "int32":
+            yield replace(p, decode=replace(dp, kv_len_form="tensor", table_form="int32"))
         if dp.page_size:
-            yield replace(p, decode=replace(dp, page_size=0, table_layout="contiguous"))
+            yield replace(p, decode=replace(dp, page_size=0, table_layout="contiguous", table_form="int32"))
         if p.B > 1:
             yield replace(p, B=1, decode=replace(dp, kv_lens=dp.kv_lens[:1]))
     if p.scale is not None:
@@ -2137,6 +2535,23 @@ def minimize(failure: Failure, reference: Optional[Reference] = None, budget_s: 
     return best
 
 
+def poison_empty() -> None:
+    """Make torch.empty and torch.empty_like fill what they allocate (floats NaN, integers 113) for
+    the rest of the process, so that a kernel reading memory it did not write fails every time
+    (fuzz seed 40003's read past a table failed now and then, with the allocator's leftovers)."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def fill(t):
+        if t.is_floating_point():
+            t.fill_(math.nan)
+        elif t.dtype != torch.bool and not t.is_complex():
+            t.fill_(113)
+        return t
+
+    torch.empty = lambda *a, **k: fill(empty(*a, **k))
+    torch.empty_like = lambda *a, **k: fill(empty_like(*a, **k))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", type=int, default=100)
@@ -2148,22 +2563,30 @@ def main(argv=None) -> int:
     ap.add_argument("--extend", choices=("auto", "yes", "no"), default="auto",
                     help="the constructs of extend_draft/extend_call: now and then, always, never "
                          "(no: the cases seeds drew before them)")
+    ap.add_argument("--extend2", choices=("auto", "yes", "no"), default="auto",
+                    help="the second layer (extend2_draft/extend2_call): now and then, always, never")
     ap.add_argument("--avoid", default="", help="comma-separated tags the generator must not produce")
+    ap.add_argument("--poison", action="store_true",
+                    help="torch.empty / empty_like fill their memory (NaN, 113): a read of memory nothing wrote "
+                         "(or of memory past a tensor) fails every run, not now and then")
     ap.add_argument("--no-minimize", action="store_true")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
+    if args.poison:
+        poison_empty()
     avoid = frozenset(t for t in args.avoid.split(",") if t)
     backward = {"auto": None, "yes": True, "no": False}[args.backward]
     varlen = {"auto": None, "yes": True, "no": False}[args.varlen]
     extend = {"auto": None, "yes": True, "no": False}[args.extend]
+    extend2 = {"auto": None, "yes": True, "no": False}[args.extend2]
     seeds = [args.seed] if args.seed is not None else range(args.start, args.start + args.cases)
     failures = 0
     t0 = time.monotonic()
     for seed in seeds:
         if args.verbose or args.seed is not None:
-            draft, plan = draw_case(seed, backward, avoid, varlen, extend)
+            draft, plan = draw_case(seed, backward, avoid, varlen, extend, extend2)
             print(f"seed {seed}: {plan.describe()}\n{draft.text}")
-        f = check_case(seed, backward, avoid=avoid, varlen=varlen, extend=extend)
+        f = check_case(seed, backward, avoid=avoid, varlen=varlen, extend=extend, extend2=extend2)
         if f is None:
             if args.verbose or args.seed is not None:
                 print(f"seed {seed}: ok")

@@ -355,3 +355,18 @@ def test_extensions_cover_the_blind_spots():
     grad_views = [(d, p) for d, p in drawn for name, lay in p.input_layouts
                   if lay == "broadcast" and any(x.name == name and x.grad for x in d.used_inputs)]
     assert grad_views
+
+
+# ---------------------------------------------------------------------------------------------
+# the second extension layer (extend2_draft, extend2_call; tests/test_probe_fuzz28.py checks what it draws)
+# ---------------------------------------------------------------------------------------------
+
+# Seeds drawn with both layers on now and then and the second always (python tests/fuzz_specs.py
+# --start 40000 --extend2 yes): one by default, all with -m slow. 40003 found the bh_index bug.
+EXTEND2_SEEDS, EXTEND2_CI = range(40000, 40016), (40003,)
+
+
+@pytest.mark.parametrize("seed", [pytest.param(s, marks=() if s in EXTEND2_CI else pytest.mark.slow) for s in EXTEND2_SEEDS])
+def test_extended2(seed):
+    failure = F.check_case(seed, extend=None, extend2=True)
+    assert failure is None, f"\n{failure}"

@@ -136,3 +136,17 @@ def test_additive_mod_beside_a_bias_far_into_a_sequence(tmp_path, mod):
     want = run(lambda *a, **kw: attncc.reference(p, *a, **kw), lambda t: t.double())
     for name, x, r in zip(["o", "lse", "dq", "dk", "dv", "drow0"], got, want):
         assert rel_err(x, r) < 1e-4, (name, rel_err(x, r))
+
+
+def test_a_head_index_past_the_heads_reads_zero(tmp_path):
+    """fuzz seed 40003 (``--extend2 yes``), shrunk: ``t_ptr[h + 2, j % 5]`` with t_ptr ``["h", 5]``
+    had no bounds check along its "h" dim (only dims other than b and h were checked), so every
+    head read memory past the table: o 0.3 off, and different from run to run. Here the table is a
+    view in a buffer of 1e4s, which a read past it sees (tests/test_probe_fuzz28.py: more forms,
+    decode and the gradient's atomic adds)."""
+    text = '[inputs]\nt_ptr = { dims = ["h", 5], dtype = "float32" }\n[score]\nbias = "t_ptr[h + 2, j % 5]"\n'
+    buffer = torch.full((64,), 1e4)
+    t_ptr = buffer[8:18].view(2, 5)
+    t_ptr.copy_(torch.randn(2, 5, generator=torch.Generator().manual_seed(2)))
+    err, lse_err = _forward(tmp_path, "past_heads", text, B=2, Hq=2, Hkv=2, Nq=33, Nk=27, t_ptr=t_ptr)
+    assert err < 1e-4 and lse_err < 1e-3, (err, lse_err)

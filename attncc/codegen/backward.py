@@ -261,14 +261,17 @@ def _input_grad_lines(pattern: Pattern, k: _Kernel, terms: List[InputGradTerm], 
             width = 1 << (size - 1).bit_length()
             offset = " + ".join([f"{x} * {grad_stride(t.name, e)}" for e, x in enumerate(idx) if e != d]
                                 + [f"slots{n} * {grad_stride(t.name, d)}"])
+            # the other dims' indices (b, h, params: one per program) checked as every read's
+            _, others = dots.inputs.address(t.name, idx, args=t.access.args, grad=True, skip=(d,))
             body += [f"entry{n} = {idx[d]}",
                      f"slots{n} = tl.arange(0, {width})",
                      f"total{n} = tl.zeros([{width}], dtype=tl.float32)",
                      f"for e in tl.static_range({size}):  # dS summed per table entry",
                      f"    total{n} += tl.where(slots{n} == e, tl.sum(tl.sum(tl.where(entry{n} == e, {g}, 0.0), 1), 0), 0.0)"]
-            body += _once(k, f"tl.atomic_add({ptr} + {offset}, total{n}, mask=slots{n} < {size})")
+            within = f"slots{n} < {size}" if not others else " & ".join([f"(slots{n} < {size})"] + others)
+            body += _once(k, f"tl.atomic_add({ptr} + {offset}, total{n}, mask={within})")
             continue
-        address, guards = dots.inputs.address(t.name, idx, grad=True)
+        address, guards = dots.inputs.address(t.name, idx, args=t.access.args, grad=True)
         if both:
             value, guards = g, [f"({g} != 0.0)"] + guards
         elif any(S.i in dep for dep in deps):

@@ -53,7 +53,7 @@ class Inputs:
           (the host bounds only arithmetic of positions, params and sizes: codegen/bounds.py)."""
         name = type(e).__name__
         decl = self.pattern.input(name)
-        address, guards = self.address(name, [printer.p(a) for a in e.args])
+        address, guards = self.address(name, [printer.p(a) for a in e.args], args=e.args)
         lang = printer.lang  # tl, or gl for the Gluon fragments (attncc.codegen.gluon): the same reads
         if not convert:
             widen = ""
@@ -67,13 +67,18 @@ class Inputs:
             return f"{lang}.load({address}){widen}"
         return f"{lang}.load({address}, mask={' & '.join(guards)}, other=0){widen}"
 
-    def address(self, name: str, idx: List[str], grad: bool = False) -> Tuple[str, List[str]]:
+    def address(self, name: str, idx: List[str], *, args, grad: bool = False, skip=()) -> Tuple[str, List[str]]:
         """(the address of input ``name``'s element at the printed indices ``idx``, or of its gradient
-        buffer's with ``grad``; the bounds checks of the indices along dims other than b and h)."""
+        buffer's with ``grad``; the bounds checks of the indices). ``args``: the indices as written
+        (before hoisting): a "b" or "h" dim read at ``b`` or ``h`` itself needs no check (the host
+        checks those dims' sizes), one read at anything else does (``t[h + 1, j]``: 0 past the last
+        head, as every read outside an input's extent); ``skip``: dims the caller checks itself."""
         ptr, stride = (grad_ptr, grad_stride) if grad else (input_ptr, input_stride)
         offset = "".join(f" + {x} * {stride(name, d)}" for d, x in enumerate(idx))  # none: a 0-d input
         dims = self.pattern.input(name).dims
-        guards = [f"({x} >= 0) & ({x} < {input_size(name, d)})" for d, x in enumerate(idx) if dims[d] not in ("b", "h")]
+        own = {"b": S.b, "h": S.h}
+        guards = [f"({x} >= 0) & ({x} < {input_size(name, d)})" for d, x in enumerate(idx)
+                  if d not in skip and not (dims[d] in own and args[d] == own[dims[d]])]
         return ptr(name) + offset, guards
 
 

@@ -122,7 +122,8 @@ class DotCode:
                 tile = dot_operand(dot.index, other.side is S.i)
                 if self._native(dot):
                     tile += ".to(tl.float32)"
-                address, guards = self.inputs.address(operand.name, self._indices(dot, operand, pr), grad=True)
+                address, guards = self.inputs.address(operand.name, self._indices(dot, operand, pr),
+                                                      args=operand.access.args, grad=True)
                 lines.append(f"tl.atomic_add({address}, tl.dot({weights}, {tile}, input_precision=\"{PRECISION}\"), "
                              f"mask={' & '.join(guards)})  # dLoss / d{operand.written}")
         return lines
