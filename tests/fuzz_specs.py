@@ -1891,14 +1891,11 @@ def run_case(draft: Draft, plan: CallPlan, reference: Optional[Reference] = None
 
 
 @contextlib.contextmanager
-def _split_config(on: bool):
-    """The residue-class and column splits (attncc.runtime.residue) forced on at any size."""
-    names = ("ATTNCC_RESIDUE_MIN_ROWS", "ATTNCC_COLUMN_MIN_ROWS")
-    saved = {n: os.environ.get(n) for n in names}
+def _environment(values: dict):
+    """These environment variables set for the block, each restored (or removed) after it."""
+    saved = {n: os.environ.get(n) for n in values}
     try:
-        if on:
-            for n in names:
-                os.environ[n] = "1"
+        os.environ.update(values)
         yield
     finally:
         for n, value in saved.items():
@@ -1906,6 +1903,11 @@ def _split_config(on: bool):
                 os.environ.pop(n, None)
             else:
                 os.environ[n] = value
+
+
+def _split_config(on: bool):
+    """The residue-class and column splits (attncc.runtime.residue) forced on at any size."""
+    return _environment({n: "1" for n in ("ATTNCC_RESIDUE_MIN_ROWS", "ATTNCC_COLUMN_MIN_ROWS")} if on else {})
 
 
 def _number_form(value, form: str):
@@ -1934,22 +1936,11 @@ def _dropout_call(mod, plan: CallPlan, q, k, v, q_offset=0, k_offset=0):
     return kw, {"keep_mask": keep, "dropout_p": effective}
 
 
-@contextlib.contextmanager
 def _tile_config(tiles):
     """Force the kernels' tile shapes through ATTNCC_CONFIG* (attncc.runtime.configs) for one case."""
     names = ("ATTNCC_CONFIG", "ATTNCC_CONFIG_DKDV", "ATTNCC_CONFIG_DQ")
-    saved = {n: os.environ.get(n) for n in names}
-    try:
-        if tiles is not None:
-            for n, (bm, bn) in zip(names, tiles):
-                os.environ[n] = f"BLOCK_M={bm},BLOCK_N={bn},num_warps=4,num_stages=1"
-        yield
-    finally:
-        for n, value in saved.items():
-            if value is None:
-                os.environ.pop(n, None)
-            else:
-                os.environ[n] = value
+    return _environment({} if tiles is None else {
+        n: f"BLOCK_M={bm},BLOCK_N={bn},num_warps=4,num_stages=1" for n, (bm, bn) in zip(names, tiles)})
 
 
 def _run_built(pattern, mod, draft: Draft, plan: CallPlan, reference: Reference, fail) -> Optional[Failure]:

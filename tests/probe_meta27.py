@@ -43,6 +43,7 @@ import torch  # noqa: E402
 
 import attncc  # noqa: E402
 from cases import run_seeds, seed_parser, seeds_of  # noqa: E402
+from fuzz_specs import _environment  # noqa: E402
 
 NEG_INF = float("-inf")
 TOL = {torch.float32: 2e-3, torch.float16: 2e-2, torch.bfloat16: 6e-2}
@@ -876,16 +877,8 @@ def compare(a, b, tol) -> Optional[str]:
 
 def run(seed: int, verbose: bool = False):
     case = draw_case(seed)
-    old = {k: os.environ.get(k) for k in case.env}
-    os.environ.update(case.env)
-    try:
+    with _environment(dict(case.env)):
         return check(case, seed), {}
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def check(case: Case, seed: int) -> List[str]:

@@ -62,20 +62,27 @@ def _step(mod, q, k, v, g, kw, backward):
     return [o.detach(), *torch.autograd.grad(o, (q, k, v), g)]
 
 
-@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_graph_replay_matches_eager(name, backward):
-    mod = module(name)
-    q, k, v, g, kw = _tensors(name, 0)
+def _captured(mod, q, k, v, g, kw, backward):
+    """(graph, its outputs) of one step captured after two warm-up steps on a side stream (they compile,
+    bind and make static lists)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up: compiles, binds, makes static lists
+    with torch.cuda.stream(side):
         for _ in range(2):
             _step(mod, q, k, v, g, kw, backward)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = _step(mod, q, k, v, g, kw, backward)
+    return graph, captured
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_graph_replay_matches_eager(name, backward):
+    mod = module(name)
+    q, k, v, g, kw = _tensors(name, 0)
+    graph, captured = _captured(mod, q, k, v, g, kw, backward)
     previous = None
     for seed in (1, 2, 3):
         fresh_q, fresh_k, fresh_v, fresh_g, fresh_kw = _tensors(name, seed)
@@ -103,15 +110,7 @@ def test_gluon_graph_replay_matches_eager(monkeypatch, name, method):
     monkeypatch.setenv("ATTNCC_GLUON_BWD", method)
     mod = module(name)
     q, k, v, g, kw = _tensors(name, 0)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            _step(mod, q, k, v, g, kw, True)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = _step(mod, q, k, v, g, kw, True)
+    graph, captured = _captured(mod, q, k, v, g, kw, True)
     for seed in (1, 2):
         fresh = _tensors(name, seed)[:4]
         with torch.no_grad():
