@@ -25,6 +25,9 @@ overridden per call, learned tables (``grad = true``).
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import os
 import math
 import random
 import sys
@@ -39,6 +42,7 @@ import torch.nn.attention.flex_attention as _flex  # noqa: E402
 
 import attncc  # noqa: E402
 from cases import run_seeds, seed_parser, seeds_of  # noqa: E402
+from fuzz_specs import _tile_config  # noqa: E402
 from probe_flexreal22 import real_flex  # noqa: E402
 
 TOL = {torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 8e-2}
@@ -79,6 +83,10 @@ class Program:
     call: Dict[str, object] = field(default_factory=dict)
     inputs: Dict[str, Input] = field(default_factory=dict)
     decode: bool = False
+    decode_rows: bool = False         # paged decode, kv_len per row
+    again: bool = False               # a second call after the inputs changed in place
+    tiles: Optional[tuple] = None     # forced (BLOCK_M, BLOCK_N) of forward, dK/dV, dQ
+    split_rows: Optional[int] = None  # ATTNCC_RESIDUE_MIN_ROWS / ATTNCC_COLUMN_MIN_ROWS lowered
     minmask: bool = False             # finfo.min scores: the kernels remove them (§1), as -inf
 
     # -- the spec ---------------------------------------------------------------------------------
@@ -119,7 +127,7 @@ class Program:
 
     # -- the closures -----------------------------------------------------------------------------
     def env(self, values) -> dict:
-        e = {**self.params, **self.call}
+        e = {**self.params, **self.call, "_nq": self.qo + self.Nq, "_nk": self.ko + self.Nk}
         e.update(values)
         return e
 
@@ -166,7 +174,8 @@ class Program:
     def describe(self) -> str:
         return (f"B={self.B} Bkv={self.Bkv} Hq={self.Hq} Hkv={self.Hkv} Nq={self.Nq} Nk={self.Nk} D={self.D} "
                 f"Dv={self.Dv} {self.dtype} qo={self.qo} ko={self.ko} layout={self.layout} scale={self.scale} "
-                f"decode={self.decode}\n    spec: {self.spec()}\n    call {self.call} inputs "
+                f"decode={self.decode}/{self.decode_rows} again={self.again} tiles={self.tiles} "
+                f"split_rows={self.split_rows}\n    spec: {self.spec()}\n    call {self.call} inputs "
                 f"{ {n: tuple(c.value.shape) for n, c in self.inputs.items()} }")
 
 
@@ -204,7 +213,7 @@ class Gen:
         r, p, N, g = self.r, self.p, self.N, self.gen
         kind = r.choice(("causal", "causal", "window", "biwin", "prefix", "docs", "docstarts", "chunk",
                          "dilated", "natten", "nattenc", "global", "headwin", "headpar", "kvlen", "keyok",
-                         "dense", "bottomright", "hfmask"))
+                         "dense", "bottomright", "hfmask", "strided"))
         val = self.value
         if kind == "causal":
             return "j <= i", lambda b, h, Q, K, e: K <= Q
@@ -236,10 +245,15 @@ class Gen:
                 self.inp("starts", {"dims": ["b", T], "dtype": "int32"}, starts)
                 text = (f"sum(i >= starts[b, t] for t in range({T})) == "
                         f"sum(j >= starts[b, t] for t in range({T}))")
-            ids_t = ids.long()
+            if kind == "docs":
+                same = lambda b, h, Q, K, e: e["doc"].long()[b, Q] == e["doc"].long()[b, K]  # noqa: E731
+            else:  # the document of a position: how many starts it is at or past
+                def same(b, h, Q, K, e):
+                    st = e["starts"].long()[b]
+                    return (Q.unsqueeze(-1) >= st).sum(-1) == (K.unsqueeze(-1) >= st).sum(-1)
             if causal:
-                return text + " and j <= i", lambda b, h, Q, K, e: (ids_t[b, Q] == ids_t[b, K]) & (K <= Q)
-            return text, lambda b, h, Q, K, e: ids_t[b, Q] == ids_t[b, K]
+                return text + " and j <= i", lambda b, h, Q, K, e: same(b, h, Q, K, e) & (K <= Q)
+            return text, same
         if kind == "chunk":
             c = self.param("C", r.randint(2, 24))
             return f"i // {c} == j // {c}", lambda b, h, Q, K, e: Q // val(c, e) == K // val(c, e)
@@ -294,9 +308,13 @@ class Gen:
             self.inp("am", {"dims": ["b", "h", "n", "n"]}, add.expand(p.B, p.Hq, N, N))
             p.minmask = True
             return "am[b, h, i, j] == 0", lambda b, h, Q, K, e: e["am"][b, h, Q, K] == 0
+        if kind == "strided":  # sparse transformer: a local band and the summary columns
+            st = self.param("ST", r.randint(2, 9))
+            return (f"j <= i and (i - j < {st} or j % {st} == {st} - 1)",
+                    lambda b, h, Q, K, e: (K <= Q) & ((Q - K < val(st, e)) | (K % val(st, e) == val(st, e) - 1)))
         if kind == "bottomright":  # causal aligned to the end (FlashAttention's Nq != Nk convention)
             return ("j - n_k <= i - n_q",
-                    lambda b, h, Q, K, e: K - (p.ko + p.Nk) <= Q - (p.qo + p.Nq))
+                    lambda b, h, Q, K, e: K - e["_nk"] <= Q - e["_nq"])
         raise AssertionError(kind)
 
     def term_atom(self):
@@ -391,6 +409,12 @@ def draw(seed: int) -> Program:
         p.softcap_in_mod = r.random() < 0.4
     p.scale = r.choice((None, None, 0.3, 1.0, 0.125))
     p.decode = (p.qo == p.Nk - p.Nq and p.ko == 0 and p.Nq <= 16 and p.Bkv == p.B and r.random() < 0.5)
+    if r.random() < 0.3:
+        p.tiles = tuple(r.choice(((16, 16), (32, 16), (16, 32), (64, 16))) for _ in range(3))
+    if r.random() < 0.3:  # the residue-class and summary-column splits at these small sizes
+        p.split_rows = r.choice((4, 8, 16))
+    p.decode_rows = p.Nq <= 16 and r.random() < 0.3
+    p.again = r.random() < 0.4
     return p
 
 
@@ -570,7 +594,109 @@ def compare(p: Program, seed: int = 0, flex: bool = True) -> List[str]:
                 problems.append(f"o {e:.3g} (vs SDPA)")
     if p.decode:
         problems += check_decode(p, m, bases, shapes, kw, want[0])
+    if p.decode_rows:
+        problems += check_decode_rows(p, m, bases, shapes, kw)
+    if p.again:
+        problems += check_again(p, m, bases, shapes, kw, seed)
     return problems
+
+
+def mutate(p: Program, seed: int) -> None:
+    """A training loop's next step: the integer and bool inputs rewritten in place (the same
+    buffers: a cache keyed by the tensor would be stale) and other param values."""
+    g = torch.Generator().manual_seed(seed + 1)
+    r = random.Random(seed + 1)
+    for n, c in p.inputs.items():
+        t = c.value
+        if c.learned or n == "starts" or t.stride().count(0):
+            continue
+        if t.dtype == torch.bool:
+            t.copy_(torch.rand(t.shape, generator=g) < 0.6)
+        elif not t.is_floating_point():
+            lo, hi = int(t.min()), int(t.max())
+            new = torch.randint(lo, hi + 2, t.shape, generator=g)
+            t.copy_(new.sort(-1).values if n == "doc" else new)
+        elif bool((t.abs() < 1e30).all()):  # (not the 0 / -inf, finfo.min padding masks)
+            t.mul_(-1.5)
+    for n, v in p.params.items():
+        if r.random() < 0.6:
+            p.call[n] = v + r.choice((1, 3, 7)) if isinstance(v, int) else v * -0.5
+
+
+def check_again(p: Program, m, bases, shapes, kw, seed) -> List[str]:
+    """The same module called again after :func:`mutate`: forward and LSE against the dense oracle."""
+    mutate(p, seed)
+    q, k, v = (make_view(bases[n], p.layout, shapes[n], n) for n in "qkv")
+    vals = {n: c.value for n, c in p.inputs.items()}
+    try:
+        o, lse = m.attention(q, k, v, return_lse=True, **kw, **vals, **p.call)
+    except ValueError as ex:  # a param pushed out of its range, or a divisor made 0: refused, fine
+        return [] if "must" in str(ex) or "divis" in str(ex) else [f"second call raised {ex}"]
+    with torch.no_grad():
+        wo, wl = dense(p, *(t.double() for t in (q, k, v)),
+                       {n: t.double() if t.is_floating_point() else t for n, t in vals.items()})
+    out = []
+    for name, a, w in (("o", o, wo), ("lse", lse, wl)):
+        e = rel(a, w)
+        if not e < TOL[p.dtype]:
+            out.append(f"second call {name} {e:.3g}")
+    return out
+
+
+def check_decode_rows(p: Program, m, bases, shapes, kw) -> List[str]:
+    """``decode`` of a paged cache (pages of 16 in a shuffled order), kv_len per row, the new
+    queries the last Nq positions of each row: row b against the dense oracle of that row alone."""
+    q, k, v = (make_view(bases[n], p.layout, shapes[n], n) for n in "qkv")
+    k, v = k.expand(p.B, -1, -1, -1), v.expand(p.B, -1, -1, -1)
+    page = 16
+    pages = -(-p.Nk // page)
+    r = random.Random(p.Nk * 31 + p.Nq)
+    lens = [r.randint(0, p.Nk) for _ in range(p.B)]
+    order = list(range(p.B * pages))
+    r.shuffle(order)
+    table = torch.tensor(order, dtype=torch.int32).view(p.B, pages)
+    def paged(x):
+        xx = torch.zeros(p.B, x.shape[1], pages * page, x.shape[-1], dtype=x.dtype)
+        xx[:, :, :p.Nk] = x
+        out = torch.full((p.B * pages, page, x.shape[1], x.shape[-1]), 7.0, dtype=x.dtype)
+        for bb in range(p.B):
+            for t in range(pages):
+                out[table[bb, t]] = xx[bb, :, t * page:(t + 1) * page].transpose(0, 1)
+        return out
+    vals = {}
+    for n, c in p.inputs.items():
+        t = c.value
+        for ax, dim in enumerate(c.decl["dims"]):
+            if dim == "n" and t.shape[ax] < pages * page:
+                pad = list(t.shape)
+                pad[ax] = pages * page - t.shape[ax]
+                t = torch.cat([t, torch.zeros(pad, dtype=t.dtype)], ax)
+        vals[n] = t
+    dkw = {x: y for x, y in kw.items() if x == "scale"}
+    try:
+        o = m.decode(q, paged(k), paged(v), kv_len=torch.tensor(lens, dtype=torch.int64), block_table=table,
+                     **dkw, **vals, **p.call)
+    except Exception as ex:  # noqa: BLE001
+        return [f"paged decode raised {type(ex).__name__}: {str(ex)[:300]}"]
+    out = []
+    for bb, L in enumerate(lens):
+        row = dataclasses.replace(p, B=1, Bkv=1, qo=L - p.Nq, ko=0, Nk=L)
+        if L - p.Nq < 0:  # query rows at negative positions see no key (§6 decode)
+            continue
+        rv = {}
+        for n, t in vals.items():
+            t = t[bb:bb + 1] if c_dims(p, n)[:1] == ["b"] else t
+            rv[n] = t.double() if t.is_floating_point() else t
+        with torch.no_grad():
+            wo, _ = dense(row, q[bb:bb + 1].double(), k[bb:bb + 1, :, :L].double(), v[bb:bb + 1, :, :L].double(), rv)
+        e = rel(o[bb:bb + 1], wo)
+        if not e < TOL[p.dtype]:
+            out.append(f"paged decode row {bb} (kv_len {L}) o {e:.3g}")
+    return out
+
+
+def c_dims(p: Program, name: str) -> list:
+    return list(p.inputs[name].decl["dims"])
 
 
 def check_decode(p: Program, m, bases, shapes, kw, want_o) -> List[str]:
@@ -597,9 +723,29 @@ def check_decode(p: Program, m, bases, shapes, kw, want_o) -> List[str]:
     return [] if e < TOL[p.dtype] else [f"decode o {e:.3g}"]
 
 
+@contextlib.contextmanager
+def settings(p: Program):
+    """The program's forced tiles and split thresholds, for its calls only."""
+    names = ("ATTNCC_RESIDUE_MIN_ROWS", "ATTNCC_COLUMN_MIN_ROWS")
+    saved = {n: os.environ.get(n) for n in names}
+    try:
+        if p.split_rows is not None:
+            for n in names:
+                os.environ[n] = str(p.split_rows)
+        with _tile_config(p.tiles):
+            yield
+    finally:
+        for n, value in saved.items():
+            if value is None:
+                os.environ.pop(n, None)
+            else:
+                os.environ[n] = value
+
+
 def check_seed(seed: int, flex: bool = True):
     p = draw(seed)
-    return compare(p, seed, flex), p.describe()
+    with settings(p):
+        return compare(p, seed, flex), p.describe()
 
 
 def main(argv=None):
