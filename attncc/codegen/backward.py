@@ -273,7 +273,9 @@ def _input_grad_lines(pattern: Pattern, k: _Kernel, terms: List[InputGradTerm], 
             continue
         address, guards = dots.inputs.address(t.name, idx, args=t.access.args, grad=True)
         if both:
-            value, guards = g, [f"({g} != 0.0)"] + guards
+            # (the checks of the indices first: under the Triton interpreter, a float comparison's
+            # tensor "&" a per-program one gives float data, which the next "&" refuses)
+            value, guards = g, guards + [f"({g} != 0.0)"]
         elif any(S.i in dep for dep in deps):
             value = f"tl.sum({g}, 1, keep_dims=True)"
         elif any(S.j in dep for dep in deps):
