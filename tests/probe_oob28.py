@@ -90,7 +90,7 @@ kv_len = { dims = ["b"], dtype = "int32" }
 where = "(seg[b, (i * 7) % (n_q + 3)] != seg[b, j] or j == i) and j < kv_len[b + 1] + 6 + kv_len[b - 1]"
 """), {"seg": (("B", "N"), "int64", False), "kv_len": (("B",), "int32", False)},
     mask=lambda e: ((rd(e.seg, e.b, (e.i * 7) % (e.n_q + 3)) != rd(e.seg, e.b, e.j)) | (e.j == e.i))
-    & (e.j < rd(e.kv_len, e.b + 1) + 6 + rd(e.kv_len, e.b - 1)), decode=False))
+    & (e.j < rd(e.kv_len, e.b + 1) + 6 + rd(e.kv_len, e.b - 1))))
 
 # S3: per-head flags read at other heads (h + 1, h - 1) and at i // 2
 _add(Spec("oob28_s3", _spec("oob28_s3", """
@@ -468,9 +468,9 @@ def _decode(s: Spec, mod, pat, c: Case, seed: int) -> list:
                 extra[ax] = cap - t.shape[ax]
                 t = torch.cat([t, t.new_ones(extra)], ax)
         ins[decl.name] = t
-    kw = dict(ins)
-    if "kv_len" in kw:
-        del kw["kv_len"]
+    if "kv_len" in ins:  # the pattern's own kv_len: decode() passes it the cache lengths
+        ins["kv_len"] = torch.tensor(lens, dtype=ins["kv_len"].dtype)
+    kw = {n: t for n, t in ins.items() if n != "kv_len"}
     try:
         o, lse = mod.decode(q, k, v, kv_len=torch.tensor(lens, dtype=torch.int32), return_lse=True, **kw)
     except Exception as ex:  # noqa: BLE001
