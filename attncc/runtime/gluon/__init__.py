@@ -43,6 +43,6 @@ AUTO_SELECTS_GLUON_BACKWARD = False
 # ... but auto takes it where the Plan picks it (SpecInfo.gluon_backward_auto,
 # attncc.analysis.builtin.GluonFit.backward_auto: the built-in walks and single-segment rendered ones,
 # measured 0.85-0.98x the tl backward's f+b time with split's one-warpgroup tiles of session 24; the ws
-# kernel, the default method since session 28, 0.83-0.92x on the long walks) at these head dims, for calls
+# kernel, the default method since session 28, 0.79-0.92x on every walk measured) at these head dims, for calls
 # of at least AUTO_MIN_PAIRS pairs (D = 64: causal 8K split 5.331 ms against tl's 5.519; ws 4.940 / 5.356).
 AUTO_BWD_HEAD_DIMS = (64, 128)
