@@ -34,7 +34,7 @@ from attncc.analysis.hoist import Hoister
 from attncc.analysis.score import along_j, mask_hoister
 from attncc.codegen.helpers import helper_args, helper_list
 from attncc.codegen.names import grad_args, grad_ptr, grad_stride, param_value, param_var
-from attncc.codegen.printer import Temporaries, TritonPrinter, joined
+from attncc.codegen.printer import Temporaries, TritonPrinter, conjunction, joined
 from attncc.codegen.softmax import Inputs, mod_text, printed  # as the forward's
 from attncc.codegen.tile_dots import DotCode
 from attncc.codegen.walks import render_walk
@@ -268,21 +268,20 @@ def _input_grad_lines(pattern: Pattern, k: _Kernel, terms: List[InputGradTerm], 
                      f"total{n} = tl.zeros([{width}], dtype=tl.float32)",
                      f"for e in tl.static_range({size}):  # dS summed per table entry",
                      f"    total{n} += tl.where(slots{n} == e, tl.sum(tl.sum(tl.where(entry{n} == e, {g}, 0.0), 1), 0), 0.0)"]
-            within = f"slots{n} < {size}" if not others else " & ".join([f"(slots{n} < {size})"] + others)
+            within = f"slots{n} < {size}" if not others else conjunction([f"(slots{n} < {size})"] + others)
             body += _once(k, f"tl.atomic_add({ptr} + {offset}, total{n}, mask={within})")
             continue
         address, guards = dots.inputs.address(t.name, idx, args=t.access.args, grad=True)
+        tests = []
         if both:
-            # (the checks of the indices first: under the Triton interpreter, a float comparison's
-            # tensor "&" a per-program one gives float data, which the next "&" refuses)
-            value, guards = g, guards + [f"({g} != 0.0)"]
+            value, tests = g, [f"({g} != 0.0)"]  # after the indices' checks: printer.conjunction
         elif any(S.i in dep for dep in deps):
             value = f"tl.sum({g}, 1, keep_dims=True)"
         elif any(S.j in dep for dep in deps):
             value = f"tl.sum({g}, 0, keep_dims=True)"
         else:
             value = f"tl.sum(tl.sum({g}, 1), 0)"
-        mask = f", mask={' & '.join(guards)}" if guards else ""
+        mask = f", mask={conjunction(guards, tests)}" if guards or tests else ""
         body += _once(k, f"tl.atomic_add({address}, {value}{mask})")
     body += dots.gradients("ds_w", "ds_t_w")
     k.helpers |= tile.helpers | tile_s.helpers

@@ -149,6 +149,17 @@ def _inputs_first(e, args):
     return sorted(args, key=lambda a: not a.atoms(AppliedUndef))
 
 
+def conjunction(checks: List[str], tests: List[str] = ()) -> str:
+    """``checks & tests``, one text: the integer conditions (bounds checks of indices, which may
+    compare a per-program int64 scalar, ``(b + 1 < size0_t)``) first, then the tests of float
+    values (``(dg0 != 0.0)``). Triton's interpreter gives ``a & b`` the numpy data of
+    ``a``'s type: a float comparison's tile ``&`` a per-program int64 comparison (spread as int64
+    data) became a float32 array, which the next ``&`` refused (TypeError: ufunc 'bitwise_and'
+    not supported); begun with an integer condition, a chain stays integer data. The same
+    conjunction on the GPU (:meth:`TritonPrinter._narrow_last` does it for printed logic)."""
+    return " & ".join(list(checks) + list(tests))
+
+
 def joined(op: str, terms: List[str]) -> str:
     """``(t0 op t1 op ...)`` for an associative ``op`` (``|``, ``&``, ``^``), as groups of at most
     JOIN_GROUP terms when there are more: Python parses a chain of n terms n levels deep, and an
@@ -713,11 +724,37 @@ class TritonPrinter:
             return self._true_condition(code)
         return code
 
+    def _narrow(self, a) -> bool:
+        """Whether ``a``, an operand of ``&``, ``|`` or ``^``, prints as a comparison of float32
+        tiles left as it is (``s >= 0.01 * offs_i[:, None]``: one with i or j; one without is an
+        int1, :meth:`_logic`), or as logic of such operands alone. Triton's interpreter keeps the
+        result of a comparison in its operands' type, and of ``x & y`` in ``x``'s: begun with such
+        an operand, a chain meeting int64 data (a row's condition of b, ``row0 = (b < 1) & (offs_i
+        < 5)``) cast that to float32, which the next ``&`` or ``|`` refused (TypeError: ufunc
+        'bitwise_or' not supported). Float64 ones (mask code, a score's steps free of s) hold
+        any integer data, as every integer operand does: only these go last (:meth:`_narrow_last`)."""
+        if self.float64 or isinstance(a, ExactCondition):
+            return False
+        if isinstance(a, (sympy.And, sympy.Or, sympy.Xor)):
+            return all(self._narrow(x) for x in a.args)
+        if isinstance(a, sympy.Not):
+            return self._narrow(a.args[0])
+        if isinstance(a, Tie):
+            a = sympy.Eq(*a.args, evaluate=False)
+        return (float_comparison(a) or _float_power_compared(a)) and a.has(S.i, S.j)
+
+    def _narrow_last(self, args) -> list:
+        """The operands of an ``&``, ``|`` or ``^`` in the order to print them: :func:`_ordered`'s,
+        those :meth:`_narrow` last (a stable sort), so that a chain begins with an integer or int1
+        operand wherever it has one, and one of float32 tiles alone holds bool data only. The same
+        value on the GPU, where the operands are int1 and computed all (no short circuit)."""
+        return sorted(_ordered(args), key=self._narrow)
+
     def _And(self, e):
-        return joined("&", [self._logic(a) for a in _ordered(e.args)])
+        return joined("&", [self._logic(a) for a in self._narrow_last(e.args)])
 
     def _Or(self, e):
-        return joined("|", [self._logic(a) for a in _ordered(e.args)])
+        return joined("|", [self._logic(a) for a in self._narrow_last(e.args)])
 
     def _Not(self, e):
         inner = self._logic(e.args[0])
@@ -726,7 +763,7 @@ class TritonPrinter:
         return f"(~{inner})"
 
     def _Xor(self, e):
-        return "(" + " ^ ".join(self._logic(a) for a in _ordered(e.args)) + ")"
+        return "(" + " ^ ".join(self._logic(a) for a in self._narrow_last(e.args)) + ")"
 
     def _ITE(self, e):
         """sympy's boolean if-then-else (a walk's case split on a condition of the call's sizes:

@@ -15,7 +15,7 @@ from attncc.analysis.walks import Iteration
 from attncc.codegen.helpers import helper_list
 from attncc.codegen.names import (grad_ptr, grad_stride, input_args, input_ptr, input_size, input_stride, param_arg,
                                   param_value, param_var)
-from attncc.codegen.printer import Temporaries, TritonPrinter, joined
+from attncc.codegen.printer import Temporaries, TritonPrinter, conjunction, joined
 from attncc.codegen.tile_dots import DotCode
 from attncc.codegen.tile_kernel import render_tile_kernel
 from attncc.codegen.walks import precondition_code, render_walk, walk_note
@@ -65,7 +65,7 @@ class Inputs:
             widen = ""
         if not guards:
             return f"{lang}.load({address}){widen}"
-        return f"{lang}.load({address}, mask={' & '.join(guards)}, other=0){widen}"
+        return f"{lang}.load({address}, mask={conjunction(guards)}, other=0){widen}"
 
     def address(self, name: str, idx: List[str], *, args, grad: bool = False, skip=()) -> Tuple[str, List[str]]:
         """(the address of input ``name``'s element at the printed indices ``idx``, or of its gradient

@@ -19,7 +19,7 @@ import sympy
 
 from attncc.analysis.tile_dot import AXIS, DotOperand, TileDot
 from attncc.codegen.names import dot_operand, dot_value
-from attncc.codegen.printer import TritonPrinter
+from attncc.codegen.printer import TritonPrinter, conjunction
 from attncc.spec import symbols as S
 from attncc.spec.ir import Pattern
 
@@ -125,5 +125,5 @@ class DotCode:
                 address, guards = self.inputs.address(operand.name, self._indices(dot, operand, pr),
                                                       args=operand.access.args, grad=True)
                 lines.append(f"tl.atomic_add({address}, tl.dot({weights}, {tile}, input_precision=\"{PRECISION}\"), "
-                             f"mask={' & '.join(guards)})  # dLoss / d{operand.written}")
+                             f"mask={conjunction(guards)})  # dLoss / d{operand.written}")
         return lines
