@@ -22,7 +22,7 @@ comparisons after the other operands of each ``&``, ``|``, ``^`` (TritonPrinter.
 same value on the GPU), and the string-level masks join through printer.conjunction (checks first).
 
 Each case below: a seeded draw of that shape (score comparisons with i / j, row / column conditions
-of b, h and inputs, a scalar one, a plain one) on a random call, o and lse against attncc.reference
+of b, h and inputs, under ``and`` / ``or``, ``!=`` (``^``) or ``not`` (``~``)) on a random call, o and lse against attncc.reference
 in float64, dq / dk / dv for some.
 """
 from __future__ import annotations
@@ -49,7 +49,9 @@ def draw(seed: int):
     k = rng.randint(2, 9)
     row, col = rng.choice(ROWS).format(k=k), rng.choice(COLS).format(k=k)
     inner = f"({row}) or ({col})" if rng.random() < 0.5 else f"({col}) or ({row})"
-    cond = f"({rng.choice(SCORE)} and ({inner})) or {rng.choice(OTHER)}"
+    score, other = rng.choice(SCORE), rng.choice(OTHER)
+    cond = rng.choice([f"({score} and ({inner})) or {other}", f"({score}) != ({inner}) or {other}",
+                       f"not ({score} and ({inner})) and j <= i + {k}"])
     text = (f'name = "quirk28_{seed}"\n[inputs]\nz = {{ dims = ["b", "n"], dtype = "float32" }}\n'
             f'[score]\nmod = "where({cond}, s, -inf)"\n')
     gen = torch.Generator().manual_seed(seed)
