@@ -22,8 +22,8 @@ comparisons after the other operands of each ``&``, ``|``, ``^`` (TritonPrinter.
 same value on the GPU), and the string-level masks join through printer.conjunction (checks first).
 
 Each case below: a seeded draw of that shape (score comparisons with i / j, row / column conditions
-of b, h and inputs, under ``and`` / ``or``, ``!=`` (``^``) or ``not`` (``~``)) on a random call, o and lse against attncc.reference
-in float64, dq / dk / dv for some.
+of b, h and inputs, under ``and`` / ``or``, ``!=`` (``^``) or ``not`` (``~``)) on a random call, o and
+lse against attncc.reference in float64, dq / dk / dv for some.
 """
 from __future__ import annotations
 
@@ -96,7 +96,8 @@ def test_the_reported_spec_runs():
             'mod = "where((s >= 0.01 * i and ((j < 7 and h < 1) or (i < 5 and b < 1))) or s > 3, s, -inf)"\n')
     mod, pat = attncc.compile(text), parse_spec(text)
     gen = torch.Generator().manual_seed(0)
-    q, k, v = torch.randn(2, 2, 13, 8, generator=gen), torch.randn(2, 2, 11, 8, generator=gen), torch.randn(2, 2, 11, 8, generator=gen)
+    q = torch.randn(2, 2, 13, 8, generator=gen)
+    k, v = torch.randn(2, 2, 11, 8, generator=gen), torch.randn(2, 2, 11, 8, generator=gen)
     o, lse = mod.attention(q, k, v, return_lse=True)
     ro, rlse = attncc.reference(pat, q.double(), k.double(), v.double(), return_lse=True)
     assert _rel(o, ro) < 1e-4 and _rel(lse, rlse) < 1e-4
