@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import math
 import random
 import sys
@@ -42,19 +41,12 @@ import torch.nn.attention.flex_attention as _flex  # noqa: E402
 
 import attncc  # noqa: E402
 from cases import run_seeds, seed_parser, seeds_of  # noqa: E402
-from fuzz_specs import _tile_config  # noqa: E402
-from probe_flexreal22 import real_flex  # noqa: E402
+from fuzz_specs import _environment, _tile_config  # noqa: E402
+from probe_flexreal22 import Captured as Input, real_flex  # noqa: E402
 
 TOL = {torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 8e-2}
 VERBOSE = False
 GRAD_TOL = {torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 2e-1}
-
-
-@dataclass
-class Input:
-    decl: dict
-    value: torch.Tensor
-    learned: bool = False
 
 
 @dataclass
@@ -727,19 +719,8 @@ def check_decode(p: Program, m, bases, shapes, kw, want_o) -> List[str]:
 def settings(p: Program):
     """The program's forced tiles and split thresholds, for its calls only."""
     names = ("ATTNCC_RESIDUE_MIN_ROWS", "ATTNCC_COLUMN_MIN_ROWS")
-    saved = {n: os.environ.get(n) for n in names}
-    try:
-        if p.split_rows is not None:
-            for n in names:
-                os.environ[n] = str(p.split_rows)
-        with _tile_config(p.tiles):
-            yield
-    finally:
-        for n, value in saved.items():
-            if value is None:
-                os.environ.pop(n, None)
-            else:
-                os.environ[n] = value
+    with _environment({} if p.split_rows is None else {n: str(p.split_rows) for n in names}), _tile_config(p.tiles):
+        yield
 
 
 def check_seed(seed: int, flex: bool = True):
