@@ -38,7 +38,7 @@ bwd_fused.py's one kernel with dQ added into an fp32 accumulator by TMA reduce-a
 5 GEMMs per tile pair instead of 7), whose dQ may differ in its last bits from run to run; ``ws`` is
 bwd_ws.py, the fused kernel warp-specialized (a producer warp, a dQ writer warp and two consumer
 warpgroups), not deterministic either, as FlashAttention's backward by default. Unset or empty: ``ws``,
-the fastest (H100, session 28: f+b 0.86-0.92x split's time on dense, causal, GQA, ALiBi, softcap and
+the fastest (H100, session 28: f+b 0.82-0.95x split's time on dense, causal, GQA, ALiBi, softcap and
 D = 64 causal, within 3% of it either way on the short walks), except under
 ``torch.use_deterministic_algorithms(True)``, where it is ``split`` (read on every call, so the setting
 can change between calls); all three passed their GPU tests on an H100 (docs/gluon.md). Anything else
