@@ -151,7 +151,7 @@ def _inputs_first(e, args):
 
 def conjunction(checks: List[str], tests: List[str] = ()) -> str:
     """``checks & tests``, one text: the integer conditions (bounds checks of indices, which may
-    compare a per-program int64 scalar, ``(b + 1 < size0_t)``) first, then the tests of float
+    compare a per-program int64 scalar, ``(b + 1 < size<d>_<table>)``) first, then the tests of float
     values (``(dg0 != 0.0)``). Triton's interpreter gives ``a & b`` the numpy data of
     ``a``'s type: a float comparison's tile ``&`` a per-program int64 comparison (spread as int64
     data) became a float32 array, which the next ``&`` refused (TypeError: ufunc 'bitwise_and'
