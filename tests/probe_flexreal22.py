@@ -138,6 +138,22 @@ class _Gen:
     def __init__(self, rng: random.Random, p: Program):
         self.rng, self.p = rng, p
 
+    def mask_and_mod(self, mask_p: float, mod_p: float, fold_p: float) -> None:
+        """The program's mask (with probability ``mask_p``) and score mod (``mod_p``: 1 to 3 transforms of
+        ``score``), then, with ``fold_p``, the mask written into the mod as ``where(mask, mod, -inf)``
+        (§3.5), as Flex users do."""
+        p, r = self.p, self.rng
+        if r.random() < mask_p:
+            p.mask = self.mask_expr()
+        if r.random() < mod_p:
+            x = "score"
+            for _ in range(r.choice((1, 1, 2, 3))):
+                x = self.transform(x)
+            p.mod = x
+        if p.mask and r.random() < fold_p:
+            p.mod = f"where({p.mask}, {p.mod or 'score'}, -inf)"
+            p.mask = None
+
     def param(self, name, value):
         """A closure constant: a [params] entry (the call may pass another value) or a literal."""
         if self.rng.random() < 0.4:
@@ -291,17 +307,7 @@ def draw(seed: int) -> Program:
     p = Program(B=B, Bkv=r.choice((B, 1)), Hq=Hq, Hkv=Hkv, Nq=r.choice((1, r.randint(2, 70))),
                 Nk=r.randint(1, 70), D=D, Dv=r.choice((D, D, 8, 24)),
                 dtype=r.choice((torch.float32,) * 6 + (torch.bfloat16, torch.float16)))
-    g = _Gen(r, p)
-    if r.random() < 0.75:
-        p.mask = g.mask_expr()
-    if r.random() < 0.7:
-        x = "score"
-        for _ in range(r.choice((1, 1, 2, 3))):
-            x = g.transform(x)
-        p.mod = x
-    if p.mask and r.random() < 0.2:  # the mask written as a score mod (§3.5), as Flex users do
-        p.mod = f"where({p.mask}, {p.mod or 'score'}, -inf)"
-        p.mask = None
+    _Gen(r, p).mask_and_mod(0.75, 0.7, 0.2)
     p.scale = r.choice((None, None, 0.3, 1.0))
     p.head_dim = r.choice((None, D, D))
     return p

@@ -287,17 +287,7 @@ def draw(seed: int) -> P.Program:
     p = P.Program(B=B, Bkv=r.choice((B, 1)), Hq=Hq, Hkv=Hkv, Nq=r.choice((1, r.randint(2, 70))),
                   Nk=r.randint(1, 70), D=D, Dv=r.choice((D, D, 8, 16)),
                   dtype=r.choice((torch.float32,) * 6 + (torch.bfloat16, torch.float16)))
-    g = Gen(r, p)
-    if r.random() < 0.8:
-        p.mask = g.mask_expr()
-    if r.random() < 0.75:
-        x = "score"
-        for _ in range(r.choice((1, 1, 2, 3))):
-            x = g.transform(x)
-        p.mod = x
-    if p.mask and r.random() < 0.2:
-        p.mod = f"where({p.mask}, {p.mod or 'score'}, -inf)"
-        p.mask = None
+    Gen(r, p).mask_and_mod(0.8, 0.75, 0.2)
     p.scale = r.choice((None, None, 0.3, 1.0))
     p.head_dim = r.choice((None, D, D))
     return p

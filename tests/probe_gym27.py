@@ -206,17 +206,7 @@ def draw(seed: int):
         c.qo = r.randint(0, p.Nq - 1)
         c.ko = r.choice((0, c.qo, r.randint(0, p.Nk - 1)))
         c.ko = min(c.ko, p.Nk - 1)
-    g = Gen(r, p)
-    if r.random() < 0.85:
-        p.mask = g.mask_expr()
-    if r.random() < 0.8:
-        x = "score"
-        for _ in range(r.choice((1, 1, 2, 3))):
-            x = g.transform(x)
-        p.mod = x
-    if p.mask and r.random() < 0.15:
-        p.mod = f"where({p.mask}, {p.mod or 'score'}, -inf)"
-        p.mask = None
+    Gen(r, p).mask_and_mod(0.85, 0.8, 0.15)
     if r.random() < 0.15 and "-inf" not in (p.mod or ""):
         c.softcap = r.choice((0.2, 1.0, 5.0))
     p.scale = r.choice((None, None, 0.3, 1.0))
