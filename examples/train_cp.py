@@ -218,6 +218,11 @@ def main(argv=None) -> int:
         local = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local)
         cfg = replace(cfg, device=f"cuda:{local}")
+    # torch 2.13: torch._dynamo imported after init_process_group (the first optimizer imports it)
+    # keeps the group alive past destroy_process_group, and gloo's threads then race the
+    # interpreter's exit (an occasional SIGABRT, "terminate called without an active exception");
+    # imported before, it does not
+    import torch._dynamo  # noqa: F401
     dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     if cfg.device.startswith("cuda"):
