@@ -8,6 +8,15 @@
    (o 0.38 off, silently). Such a comparison is now computed in float64 as written, on the score
    (attncc.analysis.exact.merges_numbers), which agrees with the reference whatever the size of
    the numbers (``(s + 1e7) - 1e7 >= 0`` too, which float32 as written would round).
+2. Per-pair divisors that cannot be 0, which ``parse_spec`` and ``attncc.reference`` took and
+   ``attncc build`` refused ("the divisor ... may be 0"): the probe's seed 538,
+   ``i // where(max(n_k, x[b, j]) > 0, max(n_k, x[b, j]), -3)``, which the parser (n_k positive)
+   makes ``i // max(n_k, x[b, j])`` and the build's check (n_k only nonnegative) refused;
+   ``i // (n_k + j)``; and a ``where`` whose condition is its value compared strictly with 0,
+   ``where(j - 3 > 0, j - 3, -3)`` (docs §3.3: a where whose every value is nonzero where it is
+   taken, as its conditions say). A per-pair divisor is computed at pairs, where n_q, n_k >= 1
+   (attncc.spec.signs.nonzero(at_pairs=True)), and a strict comparison or ``!=`` of the value
+   itself says it is nonzero (signs._says_nonzero).
 """
 from __future__ import annotations
 
@@ -73,3 +82,33 @@ def test_which_comparisons_are_computed_as_written():
 def test_probe_seeds(seed):
     assert probe_spec29.check_seed(seed) is None
 
+
+@pytest.mark.parametrize("mask", [
+    "i // where(max(n_k, x[b, j]) > 0, max(n_k, x[b, j]), -3) == j // 9",   # probe seed 538
+    "i // max(n_k, x[b, j]) == 0 or (i % max(n_k, x[b, j])) < j",
+    "(i * 7) % (n_k + j) < 5",
+    "i // where(j - 3 > 0, j - 3, -3) == 1 or j == 0",
+    "i % where(x[b, j] + 1 > 0, x[b, j] + 1, -3) >= 1",
+    "i % where(x[b, j] != 2, x[b, j] - 2, 5) == 0 or j == i",
+])
+def test_a_divisor_that_cannot_be_zero_builds(mask):
+    text = f"[inputs]\nx = {{ dims = ['b', 'n'], dtype = 'int8' }}\n[mask]\nwhere = '{mask}'\n"
+    mod, pat = attncc.compile(text), parse_spec(text)
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 2, n, 8, generator=gen) for n in (21, 19, 19))
+    x = torch.randint(-3, 40, (2, 21), generator=gen).to(torch.int8)
+    o, lse = mod.attention(q, k, v, return_lse=True, x=x, k_offset=2)
+    ro, rlse = attncc.reference(pat, q.double(), k.double(), v.double(), return_lse=True, x=x, k_offset=2)
+    assert _rel(o, ro) < 1e-4 and _rel(lse, rlse) < 1e-4
+
+
+@pytest.mark.parametrize("mask", [
+    "i // (n_q + x[b, j]) == 0",                 # x may be -n_q
+    "i // where(j - 3 >= 0, j - 3, -3) == 0",    # 0 at j = 3
+    "i // where(j > 2, j - 3, -3) == 0",         # 0 at j = 3
+])
+def test_a_divisor_that_may_be_zero_is_still_refused(mask):
+    from attncc.spec import SpecError
+    text = f"[inputs]\nx = {{ dims = ['b', 'n'], dtype = 'int8' }}\n[mask]\nwhere = '{mask}'\n"
+    with pytest.raises(SpecError, match="may be 0"):
+        attncc.compile(text)
