@@ -15,7 +15,10 @@ wrapped step as an opaque value of its free symbols: hoisted whole when free of 
 position, never taken apart. The printers print its content in float64 as mask code
 (:meth:`attncc.codegen.printer.TritonPrinter._ExactCondition`), a value cast to float32 after.
 Steps on the score itself (``where(s > 0.5, ...)``) stay float32: they are decided on the score in
-its own units, as the kernels compute it.
+its own units, as the kernels compute it. One exception: a comparison of the score whose numbers
+sympy would add up across the grouping as written (``(s + 1e30) - 1e30 >= 0``, which score code,
+taking the grouping off, saw as ``s >= 0``) is computed in float64 as written, on the score
+(:func:`merges_numbers`).
 """
 from __future__ import annotations
 
@@ -23,11 +26,13 @@ import sympy
 from sympy.logic.boolalg import BooleanAtom, BooleanFunction
 
 from attncc.spec import symbols as S
+from attncc.spec.builtins import Grouped
 from attncc.spec.expr import compares_numbers, integer_comparison
 
 
 class ExactCondition(BooleanFunction):
-    """A condition of a score, free of ``s``, computed in float64 (see the module docstring)."""
+    """A condition of a score, free of ``s`` (but see :func:`merges_numbers`), computed in float64
+    (see the module docstring)."""
 
     nargs = 1
 
@@ -82,12 +87,33 @@ def _step(e) -> bool:
     return False
 
 
+def merges_numbers(e) -> bool:
+    """Whether a sum in ``e`` holds numbers in more than one of its groups as the parser wrote
+    them (:class:`~attncc.spec.builtins.Grouped`): sympy adds them up once score code takes the
+    grouping off, which changes the value where a large one absorbs the rest. ``(s + 1e30) -
+    1e30`` is 0 as written (float32 or float64), ``s`` with the numbers added up: a condition
+    ``where((s + 1e30) - 1e30 >= 0, s, -inf)`` tested ``s >= 0``, and removed the pairs of negative
+    score that the reference keeps."""
+    def numbers(x) -> int:
+        if isinstance(x, Grouped):
+            return numbers(x.args[0])
+        if not isinstance(x, sympy.Add):
+            return 1 if x.is_Number and x != 0 else 0
+        return sum(numbers(a) for a in x.args if a.is_Number or isinstance(a, (Grouped, sympy.Add)))
+    return any(isinstance(a, sympy.Add) and any(isinstance(t, Grouped) for t in a.args) and numbers(a) > 1
+               for a in sympy.preorder_traversal(e))
+
+
 def exact_parts(e):
-    """``e`` with each step free of ``s`` wrapped whole (see the module docstring); idempotent."""
+    """``e`` with each step free of ``s`` wrapped whole, and each comparison of ``s`` whose numbers
+    would be added up across its grouping (:func:`merges_numbers`; see the module docstring);
+    idempotent."""
     if not isinstance(e, sympy.Basic) or e.is_Atom or isinstance(e, EXACT):
         return e
     if not e.has(S.s) and _step(e):
         return ExactCondition(e) if isinstance(e, sympy.Rel) else ExactValue(e)
+    if isinstance(e, sympy.Rel) and merges_numbers(e):
+        return ExactCondition(e)
     args = [exact_parts(a) for a in e.args]
     if all(a is b for a, b in zip(args, e.args)):
         return e

@@ -219,7 +219,7 @@ def _guarded_divisors_of(pattern: Pattern):
 def check_divisors(pattern: Pattern) -> None:
     """Refuse (SpecError) a ``//`` or ``%`` whose divisor varies per pair and may be 0."""
     for key, d, signs, whole in _guarded_divisors_of(pattern):
-        if per_pair(d) and not nonzero(d.xreplace(signs)):
+        if per_pair(d) and not nonzero(d.xreplace(signs), at_pairs=True):
             raise SpecError(pattern.source, key,
                             f"the divisor of {spec_text(whole)} may be 0 (Python would raise there; a kernel "
                             f"cannot): write one that cannot be, e.g. max({spec_text(d)}, 1), or a "

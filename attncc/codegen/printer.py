@@ -325,6 +325,8 @@ class TritonPrinter:
         twin = self.__dict__.get("_float64_twin")
         if twin is None:
             names = {sym: float64_text(text) for sym, text in self.names.items() if sym is not S.s}
+            if S.s in self.names:  # a comparison of the score computed as written (analysis.exact.merges_numbers)
+                names[S.s] = f"{self.lang}.cast({self.names[S.s]}, {self.lang}.float64)"
             twin = TritonPrinter(names, gather=self.gather, random_blocks=self.random_blocks, helpers=self.helpers,
                                  float64=True, definitions=self.definitions)
             self.__dict__["_float64_twin"] = twin

@@ -17,8 +17,14 @@ def per_pair(e) -> bool:
     return bool(e.free_symbols & {S.i, S.j, S.b, S.h} or e.atoms(AppliedUndef))
 
 
-def nonzero(e) -> bool:
-    """sympy proves ``e != 0``, with ``n_q``, ``n_k`` only nonnegative (a call may pass 0)."""
+def nonzero(e, at_pairs: bool = False) -> bool:
+    """sympy proves ``e != 0``, with ``n_q``, ``n_k`` only nonnegative (a call may pass 0), or, for
+    a value computed at pairs (``at_pairs``: a per-pair divisor), positive: a call with a pair has
+    ``n_q > i >= 0`` and ``n_k > j >= 0``, and the parser's algebra takes them so already
+    (``where(max(n_k, d[b]) > 0, max(n_k, d[b]), -3)`` is ``max(n_k, d[b])`` when parsed, which
+    build then refused as a divisor that may be 0)."""
+    if at_pairs:
+        return _proven_nonzero(e)
     weaker = {n: sympy.Dummy(n.name, integer=True, nonnegative=True) for n in (S.n_q, S.n_k)}
     return _proven_nonzero(e.xreplace(weaker))
 
@@ -32,10 +38,23 @@ def _proven_nonzero(e) -> bool:
         return False
     before = {}  # what the earlier conditions, all false here, say
     for value, cond in e.args:
-        if cond is not sympy.false and not _proven_nonzero(value.xreplace({**before, **signs_of(cond, True)})):
+        if cond is not sympy.false and not (_says_nonzero(cond, value)
+                                            or _proven_nonzero(value.xreplace({**before, **signs_of(cond, True)}))):
             return False
         before.update(signs_of(cond, False))
     return True
+
+
+def _says_nonzero(cond, value) -> bool:
+    """Whether ``cond`` (or one of its conjuncts) is ``value`` compared strictly with 0, or unequal
+    to it: ``where(j - 3 > 0, j - 3, -3)`` (parsed ``j > 3``), ``where(x[b, j] + 1 != 0, ...)``,
+    whose value :func:`signs_of` cannot give a sign (a sum, not a name)."""
+    for c in (cond.args if isinstance(cond, sympy.And) else (cond,)):
+        if isinstance(c, (sympy.StrictGreaterThan, sympy.StrictLessThan, sympy.Unequality)):
+            d = c.lhs - c.rhs
+            if sympy.expand(value - d) == 0 or sympy.expand(value + d) == 0:
+                return True
+    return False
 
 
 def signs_of(cond, holds: bool) -> dict:
