@@ -230,7 +230,8 @@ class EmulatedKernel:
         for pid0 in range(grid[0]):
             for pid1 in range(grid[1]):
                 if name in ("attn_bwd_dkdv", "attn_bwd_fused", "attn_bwd_ws"):
-                    self.steps.append(program_dkdv(a, pid0, pid1, fused=name != "attn_bwd_dkdv",
+                    kb, bhk = (pid1, pid0) if a.get("HEADS_FIRST") else (pid0, pid1)  # bwd_ws.program_walk
+                    self.steps.append(program_dkdv(a, kb, bhk, fused=name != "attn_bwd_dkdv",
                                                    boxes=2 if name == "attn_bwd_ws" else 1))
                 else:
                     self.steps.append(program_dq(a, pid0, pid1, grid[0]))

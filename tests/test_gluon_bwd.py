@@ -256,6 +256,66 @@ def test_ws_launch_and_its_gradients(emulated):
     assert 3 * 128 * bwd_ws.MAXNREG <= 65536
 
 
+@pytest.mark.parametrize("setting", ["", "grid", "heads-first"])
+def test_ws_heads_first_schedule(emulated, monkeypatch, setting):
+    """ATTNCC_GLUON_BWD_SCHEDULE=heads-first launches the ws kernel over [B x kv heads, key blocks]
+    (HEADS_FIRST: key block 0 of every head first); unset or grid over [key blocks, B x kv heads]. The
+    programs and their gradients are the same either way (bitwise in the emulation, which reads the
+    grid as bwd_ws.program_walk does); a misspelt setting raises, naming the variable."""
+    monkeypatch.setenv("ATTNCC_GLUON_BWD_SCHEDULE", setting)
+    case = Case("causal", torch.bfloat16, 64, 2, 3, 1, 70, 300, q_offset=250)
+    got, want = run_case(case, seed=5, method="ws")
+    (args, kwargs, grid), = emulated["attn_bwd_ws"].launches
+    heads_first = setting == "heads-first"
+    assert kwargs["HEADS_FIRST"] is heads_first
+    assert tuple(grid) == ((2, 3) if heads_first else (3, 2))  # 3 key blocks of 128, B x Hkv = 2
+    emulated["attn_bwd_ws"].launches.clear()
+    monkeypatch.setenv("ATTNCC_GLUON_BWD_SCHEDULE", "grid" if heads_first else "heads-first")
+    other, _ = run_case(case, seed=5, method="ws")
+    for name, g, o, w in zip(("dq", "dk", "dv"), got, other, want):
+        assert torch.equal(g, o), name
+        assert rel(g, w) < TOL[case.dtype], (name, rel(g, w))
+    monkeypatch.setenv("ATTNCC_GLUON_BWD_SCHEDULE", "longest")
+    with pytest.raises(ValueError, match="ATTNCC_GLUON_BWD_SCHEDULE"):
+        run_case(case, seed=5, method="ws")
+    monkeypatch.setenv("ATTNCC_GLUON_BWD_SCHEDULE", "heads-first")  # more key blocks than a grid's y extent
+    assert not launch.bwd_heads_first(launch.GRID_Y_MAX + 1) and launch.bwd_heads_first(launch.GRID_Y_MAX)
+
+
+HEADS_FIRST_COMPILE = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon._runtime import GluonASTSource
+from attncc.runtime.gluon import launch
+variant = launch.BwdVariant("ws", "causal", "bfloat16", 128, launch.default_bwd_config(128, "ws"))
+kernel, signature, constexprs, options = launch._bwd_source(variant)
+constexprs["HEADS_FIRST"] = True
+signature["HEADS_FIRST"] = "constexpr"
+ptx = triton.compile(GluonASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
+                     options=options).asm["ptx"]
+print("wgmma", ptx.count("wgmma.mma_async"))
+"""
+
+
+def test_ws_heads_first_compiles_for_sm90():
+    """The ws kernel with HEADS_FIRST (ATTNCC_GLUON_BWD_SCHEDULE=heads-first) compiles for sm90 as the
+    launch makes it (causal, bf16, D = 128; ~4 s, in a process without the interpreter), with the
+    default kernel's GEMMs."""
+    import subprocess
+    import sys
+
+    from kernel_compile import without_interpreter
+    run = subprocess.run([sys.executable, "-c", HEADS_FIRST_COMPILE], env=without_interpreter(), capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    counts = dict(zip(*[iter(run.stdout.split())] * 2))
+    assert int(counts["wgmma"]) == BWD_WGMMA_WS_128, run.stdout
+
+
+# the ws kernel's wgmma at D = 128 (tests/test_gluon_rendered.py's BWD_WGMMA)
+BWD_WGMMA_WS_128 = 64
+
+
 def test_launch_tiles_are_the_default_config(emulated):
     """The launches use default_bwd_config's tiles and the grids cover every key / query block."""
     case = Case("causal", torch.bfloat16, 128, 2, 4, 2, 200, 300, q_offset=100)

@@ -77,12 +77,18 @@ DV_LAST = gl.constexpr(True)  # common.transposed_tile's: 24 bytes of stack at D
 
 @gluon.jit
 def program_walk(H, GROUP, Nq, Nk, q_offset, k_offset, n_q, n_k, pattern_args, QWALK: gl.constexpr,
-                 QSEGMENTS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
-    """The program's key block, batch and kv head (from the grid), and its walk: the clamped query-block
+                 QSEGMENTS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEADS_FIRST: gl.constexpr):
+    """The program's key block, batch and kv head (from the grid: [key blocks, B x kv heads], or with
+    HEADS_FIRST [B x kv heads, key blocks], so that the SMs take key block 0 of every head first, the
+    longest programs of a causal walk: launch.bwd_heads_first), and its walk: the clamped query-block
     segments of the key block (the first head's context: walks.py), their number of blocks and the
     program's steps (GROUP x blocks). Every partition computes the same."""
-    kb = gl.program_id(0)
-    bhk = gl.program_id(1)
+    if HEADS_FIRST:
+        kb = gl.program_id(1)
+        bhk = gl.program_id(0)
+    else:
+        kb = gl.program_id(0)
+        bhk = gl.program_id(1)
     H_KV = H // GROUP
     b = bhk // H_KV
     hk = bhk % H_KV
@@ -108,7 +114,8 @@ def step_of(t, hk, GROUP, segs, n_blocks, SEGMENTS: gl.constexpr):
 
 @gluon.jit
 def producer_partition(descs, k_desc, v_desc, smem, k_smem, v_smem, bars, H, GROUP, Nq, Nk, q_offset, k_offset,
-                       n_q, n_k, pattern_args, QWALK: gl.constexpr, QSEGMENTS: gl.constexpr):
+                       n_q, n_k, pattern_args, QWALK: gl.constexpr, QSEGMENTS: gl.constexpr,
+                       HEADS_FIRST: gl.constexpr):
     """K and V of the block (two 64-key boxes each, one per consumer), then every step's Q, dO, lse2,
     delta into the ring, a slot refilled once both consumers have freed it."""
     kv_bar, full, empty, ds_ready, ds_free, dq_staged, dq_free = bars
@@ -116,7 +123,7 @@ def producer_partition(descs, k_desc, v_desc, smem, k_smem, v_smem, bars, H, GRO
     KEYS: gl.constexpr = k_desc.block_type.shape[2]  # one consumer's keys
     STAGES: gl.constexpr = smem[0].shape[0]
     kb, b, hk, segs, n_blocks, total = program_walk(H, GROUP, Nq, Nk, q_offset, k_offset, n_q, n_k, pattern_args,
-                                                    QWALK, QSEGMENTS, BLOCK_M, 2 * KEYS)
+                                                    QWALK, QSEGMENTS, BLOCK_M, 2 * KEYS, HEADS_FIRST)
     mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes + 2 * v_desc.block_type.nbytes)
     for wg in gl.static_range(2):
         tma.async_copy_global_to_shared(k_desc, [b, hk, (2 * kb + wg) * KEYS, 0], kv_bar,
@@ -131,13 +138,14 @@ def producer_partition(descs, k_desc, v_desc, smem, k_smem, v_smem, bars, H, GRO
 
 @gluon.jit
 def dq_writer_partition(dq_acc_desc, dq_smem, bars, H, GROUP, Nq, Nk, q_offset, k_offset, n_q, n_k, pattern_args,
-                        QWALK: gl.constexpr, QSEGMENTS: gl.constexpr, BLOCK_N: gl.constexpr):
+                        QWALK: gl.constexpr, QSEGMENTS: gl.constexpr, BLOCK_N: gl.constexpr,
+                        HEADS_FIRST: gl.constexpr):
     """Each step's dQ partial, staged by both consumers, added into dq_acc[b, h, rows] by one TMA
     reduce-add; the tile is freed once the TMA unit has read it."""
     kv_bar, full, empty, ds_ready, ds_free, dq_staged, dq_free = bars
     BLOCK_M: gl.constexpr = dq_acc_desc.block_type.shape[2]
     kb, b, hk, segs, n_blocks, total = program_walk(H, GROUP, Nq, Nk, q_offset, k_offset, n_q, n_k, pattern_args,
-                                                    QWALK, QSEGMENTS, BLOCK_M, BLOCK_N)
+                                                    QWALK, QSEGMENTS, BLOCK_M, BLOCK_N, HEADS_FIRST)
     for t in range(0, total):
         h, qb = step_of(t, hk, GROUP, segs, n_blocks, QSEGMENTS)
         mbarrier.wait(dq_staged, t & 1)
@@ -150,7 +158,7 @@ def dq_writer_partition(dq_acc_desc, dq_smem, bars, H, GROUP, Nq, Nk, q_offset, 
 def consumer_partition(descs, smem, k_smem, v_smem, ds_smem, dq_smem, bars, dk_desc, dv_desc, H, GROUP, Nq, Nk,
                        q_offset, k_offset, n_q, n_k, qk_scale, sm_scale, pattern_args, QWALK: gl.constexpr,
                        MASK: gl.constexpr, SCORE: gl.constexpr, SCORE_GRAD: gl.constexpr, QSEGMENTS: gl.constexpr,
-                       WG: gl.constexpr):
+                       WG: gl.constexpr, HEADS_FIRST: gl.constexpr):
     """Consumer warpgroup WG: dK, dV of keys [64 WG, 64 WG + 64) of the block, and its half of the
     head dim of every step's dQ partial."""
     kv_bar, full, empty, ds_ready, ds_free, dq_staged, dq_free = bars
@@ -165,7 +173,7 @@ def consumer_partition(descs, smem, k_smem, v_smem, ds_smem, dq_smem, bars, dk_d
     dq_layout: gl.constexpr = mma_layout(CONSUMER_WARPS, HALF)  # its half of the dQ partial: [BLOCK_M, HALF]
 
     kb, b, hk, segs, n_blocks, total = program_walk(H, GROUP, Nq, Nk, q_offset, k_offset, n_q, n_k, pattern_args,
-                                                    QWALK, QSEGMENTS, BLOCK_M, 2 * KEYS)
+                                                    QWALK, QSEGMENTS, BLOCK_M, 2 * KEYS, HEADS_FIRST)
     dq_half = dq_smem.reshape([BLOCK_M, HEAD_DIM]).slice(WG * HALF, HALF, dim=1)
     dk = gl.zeros([KEYS, HEAD_DIM], gl.float32, acc_layout)
     dv = gl.zeros([KEYS, HEAD_DIM], gl.float32, acc_layout)
@@ -225,7 +233,7 @@ def attn_bwd_ws(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_acc_desc, 
                 H, GROUP, Nq, Nk, q_offset, k_offset, n_q, n_k, qk_scale, sm_scale, pattern_args,
                 QWALK: gl.constexpr, MASK: gl.constexpr, SCORE: gl.constexpr, SCORE_GRAD: gl.constexpr,
                 QSEGMENTS: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                WORKER_REGS: gl.constexpr):
+                WORKER_REGS: gl.constexpr, HEADS_FIRST: gl.constexpr = False):
     """dK, dV of one key block of 2 x 64 keys of one (batch, kv head), summed over the GROUP query
     heads that share it, and its dQ partials added into dq_acc (fp32 [B, Hq, Nq, D], zeroed by the
     host). Launch with num_warps=4 (the default partition is consumer warpgroup 0) and maxnreg
@@ -233,7 +241,8 @@ def attn_bwd_ws(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_acc_desc, 
 
     Descriptors as bwd_fused.attn_bwd_fused's, except K, V, dK and dV: boxes of one consumer's 64
     keys ([1, 1, 64, D]; the block's keys are two of them). The fragments (QWALK, QSEGMENTS, MASK,
-    SCORE, SCORE_GRAD, pattern_args) are the dK/dV kernel's."""
+    SCORE, SCORE_GRAD, pattern_args) are the dK/dV kernel's. HEADS_FIRST: the grid is [B x kv heads,
+    key blocks] (program_walk)."""
     dtype: gl.constexpr = q_desc.dtype
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[2]
     KEYS: gl.constexpr = k_desc.block_type.shape[2]
@@ -278,12 +287,12 @@ def attn_bwd_ws(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_acc_desc, 
     gl.warp_specialize([
         (consumer_partition, (descs, smem, k_smem, v_smem, ds_smem, dq_smem, bars, dk_desc, dv_desc, H, GROUP, Nq,
                               Nk, q_offset, k_offset, n_q, n_k, qk_scale, sm_scale, pattern_args, QWALK, MASK, SCORE,
-                              SCORE_GRAD, QSEGMENTS, 0)),
+                              SCORE_GRAD, QSEGMENTS, 0, HEADS_FIRST)),
         (consumer_partition, (descs, smem, k_smem, v_smem, ds_smem, dq_smem, bars, dk_desc, dv_desc, H, GROUP, Nq,
                               Nk, q_offset, k_offset, n_q, n_k, qk_scale, sm_scale, pattern_args, QWALK, MASK, SCORE,
-                              SCORE_GRAD, QSEGMENTS, 1)),
+                              SCORE_GRAD, QSEGMENTS, 1, HEADS_FIRST)),
         (producer_partition, (descs, k_desc, v_desc, smem, k_smem, v_smem, bars, H, GROUP, Nq, Nk, q_offset,
-                              k_offset, n_q, n_k, pattern_args, QWALK, QSEGMENTS)),
+                              k_offset, n_q, n_k, pattern_args, QWALK, QSEGMENTS, HEADS_FIRST)),
         (dq_writer_partition, (dq_acc_desc, dq_smem, bars, H, GROUP, Nq, Nk, q_offset, k_offset, n_q, n_k,
-                               pattern_args, QWALK, QSEGMENTS, 2 * KEYS)),
+                               pattern_args, QWALK, QSEGMENTS, 2 * KEYS, HEADS_FIRST)),
     ], [CONSUMER_WARPS, 1, 1], [CONSUMER_REGS, WORKER_REGS, WORKER_REGS])
