@@ -47,6 +47,7 @@ import attncc  # noqa: E402
 from attncc._reference import pair_mask  # noqa: E402
 from attncc.spec import SpecError, parse_spec  # noqa: E402
 from fuzz_specs import build_spec  # noqa: E402
+from probe_sem19 import _plain  # noqa: E402
 from probe_spec23 import C64, NAMESPACE, Skip, oracle_code  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
@@ -544,14 +545,6 @@ def python_mask(case: Case, inputs, params) -> Optional[torch.Tensor]:
 INTERNAL = (KeyError, AttributeError, IndexError, AssertionError, NameError, RecursionError, ZeroDivisionError,
             UnboundLocalError, NotImplementedError)
 STATS: Counter = Counter()
-
-
-def _plain(v):
-    if isinstance(v, torch.Tensor):
-        return v.item()
-    if isinstance(v, np.generic):
-        return v.item()
-    return v
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor, floor: float = 1e-3) -> float:
