@@ -2930,10 +2930,13 @@ def run_linear_case(p: LinearPlan) -> Optional[LinearFailure]:
         return fail("raise", "backward", math.inf, f"{type(e).__name__}: {str(e)[:300]}")
     ref_grads = _linear_grads(ref_tensors, ref_outs, cots)
     gtol = GRAD_TOL[dt] * (3 if p.dtype == "float32" else 1)
+    # one feature, normalized: o = phi(q) S / (phi(q) z) does not depend on q (but for the 1e-6), so dq
+    # is 0 in exact arithmetic and the kernels' is the rounding of the 16-bit features: nothing to compare
+    one_feature = (p.fmap == "performer" and p.features == 1) or (p.fmap in ("elu+1", "relu", "identity") and p.D == 1)
     for name, x, r in zip(("dq", "dk", "dv", "dS0", "dz0"), grads, ref_grads):
         if x is None:
             x = torch.zeros_like(r)
-        if r is None:
+        if r is None or (name == "dq" and one_feature and p.normalize):
             continue
         e = _rel(x, r)
         if not e <= gtol:
