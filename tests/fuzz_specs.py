@@ -42,6 +42,16 @@ a forward without the LSE, Nq far from Nk, decode pages of 17, 24 or 48 rows, ``
 or int64, int64 block tables with garbage past each row's pages. ``--poison`` fills what
 ``torch.empty`` allocates, so a read of memory nothing wrote fails every run.
 
+A third layer (``--extend3``, ``extend3_rng``; off unless asked) draws for half the seeds a
+linear-attention case (:func:`random_linear`, :class:`LinearPlan`, which no draw above makes:
+every feature map, causal or not, normalized or not, performer features and seeds in the spec and
+the call, fixed heads, Dv != D, GQA/MQA, Nq != Nk and offsets, n_q/n_k, strided and stride-0 q/k/v,
+k and v of batch 1, half precision, the state returned, given (with gradient), carried across two
+calls and through ``step``, backward) and for the others extends the softmax case
+(:func:`extend3_draft`, :func:`extend3_call`): value dims other than the head dim, GQA groups of 5-8
+fixed in [heads], float params overridden by ints, decode of up to 16 rows against caches of up
+to 300 rows with the key splits and tile forced.
+
 Both halves are plain data (:class:`Draft`, :class:`CallPlan`, frozen), so a failure can be
 shrunk by replacing fields and re-run. Every case carries *tags*: the features it exercises that
 are tied to a known bug of attncc (:data:`KNOWN_BUG_TAGS`); ``avoid=`` keeps the generator away
@@ -806,6 +816,8 @@ class CallPlan:
     splits: bool = False  # the residue-class and column splits forced on (ATTNCC_*_MIN_ROWS=1)
     no_lse: bool = False  # a forward without return_lse
     dropout: Optional[Tuple[int, Optional[float], bool]] = None  # (seed, dropout_p or None: the spec's, training)
+    # drawn by :func:`extend3_call` only (defaults: as before)
+    environment: Tuple[Tuple[str, str], ...] = ()  # environment variables set for the case (decode's splits, tile)
 
     @property
     def tags(self) -> FrozenSet[str]:
@@ -866,6 +878,8 @@ class CallPlan:
             parts.append(f"dropout seed={self.dropout[0]} dropout_p={self.dropout[1]} training={self.dropout[2]}")
         if self.decode is not None and (self.decode.kv_len_form != "tensor" or self.decode.table_form != "int32"):
             parts.append(f"kv_len as {self.decode.kv_len_form}, block_table {self.decode.table_form}")
+        if self.environment:
+            parts.append("environment " + " ".join(f"{k}={v}" for k, v in self.environment))
         if self.varlen is not None:
             parts[0] = f"packed Hq={self.Hq} Hkv={self.Hkv} total_q={self.Nq} total_k={self.Nk} D={self.D} Dv={self.Dv}"
             parts[2] = self.varlen.describe()
@@ -1886,7 +1900,7 @@ def run_case(draft: Draft, plan: CallPlan, reference: Optional[Reference] = None
             return None  # contract v0 refuses a mask that is never true; nothing to compare
         return fail("build", "spec", math.inf, f"{type(built).__name__}: {str(built)[:300]}")
     pattern, mod = built
-    with _tile_config(plan.tiles), _split_config(plan.splits):
+    with _tile_config(plan.tiles), _split_config(plan.splits), _environment(dict(plan.environment)):
         return _run_built(pattern, mod, draft, plan, reference, fail)
 
 
@@ -2318,7 +2332,7 @@ def _check_nan(pattern, plan, a: Arguments, o, ref, ref_lse, fail) -> Optional[F
 
 def draw_case(seed: int, backward: Optional[bool] = None, avoid=frozenset(),
               varlen: Optional[bool] = None, extend: Optional[bool] = False,
-              extend2: Optional[bool] = False) -> Tuple[Draft, CallPlan]:
+              extend2: Optional[bool] = False, extend3: bool = False) -> Tuple[Draft, CallPlan]:
     """The spec and call of ``seed``; ``varlen``: None packs the call now and then (VARLEN_RATE
     of the attention() calls), True always, False never (the cases seeds drew before varlen calls);
     ``extend``: the same for the constructs of :func:`extend_draft` and :func:`extend_call`
@@ -2342,14 +2356,27 @@ def draw_case(seed: int, backward: Optional[bool] = None, avoid=frozenset(),
         if extend2 or x2rng.random() < EXTEND2_RATE:
             old, draft = draft, extend2_draft(x2rng, draft, avoid)
             plan = extend2_call(x2rng, old, draft, plan)
+    if extend3:  # (extend3: extend3_draft and extend3_call always; draw_linear takes the other seeds)
+        x3rng = extend3_rng(seed)
+        x3rng.random()  # (draw_linear's coin)
+        old, draft = draft, extend3_draft(x3rng, draft)
+        plan = extend3_call(x3rng, old, draft, plan)
     return draft, plan
 
 
 def check_case(seed: int, backward: Optional[bool] = None, *, avoid=frozenset(),
                reference: Optional[Reference] = None, varlen: Optional[bool] = None,
-               extend: Optional[bool] = False, extend2: Optional[bool] = False) -> Optional[Failure]:
-    """Draw the case of ``seed`` and run it: None, or the :class:`Failure` (``str()`` describes it)."""
-    draft, plan = draw_case(seed, backward, avoid, varlen, extend, extend2)
+               extend: Optional[bool] = False, extend2: Optional[bool] = False,
+               extend3: bool = False) -> Optional[Union[Failure, "LinearFailure"]]:
+    """Draw the case of ``seed`` and run it: None, or the :class:`Failure` (``str()`` describes it).
+    ``extend3``: a linear-attention case (:func:`draw_linear`) for half the seeds, the others'
+    softmax cases extended by :func:`extend3_draft` and :func:`extend3_call`."""
+    if extend3:
+        lp = draw_linear(seed)
+        if lp is not None:
+            lf = run_linear_case(lp)
+            return None if lf is None else replace(lf, seed=seed)
+    draft, plan = draw_case(seed, backward, avoid, varlen, extend, extend2, extend3)
     failure = run_case(draft, plan, reference)
     return None if failure is None else replace(failure, seed=seed)
 
@@ -2543,6 +2570,388 @@ def poison_empty() -> None:
     torch.empty_like = lambda *a, **k: fill(empty_like(*a, **k))
 
 
+# ---------------------------------------------------------------------------------------------
+# the third layer's softmax half (--extend3, extend3_rng): what neither layer above draws
+# ---------------------------------------------------------------------------------------------
+
+X3_VALUE_DIMS = (1, 3, 5, 24, 40, 64, 100)
+
+
+def extend3_draft(rng: random.Random, draft: Draft) -> Draft:
+    """``draft`` with a value dim other than the head dims (odd, wider, narrower) and more query
+    heads fixed per key/value head (groups of 5 to 8: decode's programs cut a group in two)."""
+    out = draft
+    if out.value_dim is None and rng.random() < 0.3:
+        out = replace(out, value_dim=rng.choice(X3_VALUE_DIMS))
+    if out.heads_q is None and out.heads_kv is None and rng.random() < 0.25:
+        hkv = rng.choice((1, 1, 2))
+        out = replace(out, heads_q=hkv * rng.choice((5, 6, 7, 8)), heads_kv=hkv)
+    return out
+
+
+def extend3_call(rng: random.Random, old: Draft, draft: Draft, plan: CallPlan) -> CallPlan:
+    """``plan`` for :func:`extend3_draft`'s ``draft``: its value dim and head counts (Dv drawn
+    apart from D now and then without a spec value dim too), float params overridden by ints
+    (Python, numpy and tensor ints), and calls of ``decode`` that the draws above never make:
+    speculative rows (Nq up to 16) of large GQA groups against long caches (up to 300 rows), the
+    splits of the key blocks (``ATTNCC_DECODE_SPLITS``) and the key tile (``ATTNCC_DECODE_CONFIG``)
+    forced, pages of 16-48 rows, rows of kv_len 0, Nq - 1, Nq and the capacity."""
+    out = plan
+    if draft.heads_q is not None and old.heads_q is None:
+        out = replace(out, Hq=draft.heads_q, Hkv=draft.heads_kv)
+    if draft.value_dim is not None:
+        out = replace(out, Dv=draft.value_dim)
+    elif rng.random() < 0.25:
+        out = replace(out, Dv=rng.choice(X3_VALUE_DIMS))
+    overrides = dict(out.overrides)
+    forms = dict(out.param_forms)
+    for p in draft.used_params:
+        if isinstance(p.default, float) and rng.random() < 0.4:
+            value = rng.choice((0, 1, 2, -1, 3))
+            overrides[p.name] = value
+            if rng.random() < 0.5:
+                forms[p.name] = rng.choice(("numpy", "tensor0", "tensor1"))
+    out = replace(out, overrides=tuple(overrides.items()), param_forms=tuple(forms.items()))
+    decode_ok = (not out.backward and out.nan is None and out.varlen is None and out.dropout is None
+                 and "random_blocks" not in draft.tags and "random_blocks" not in " ".join(draft.expressions().values()))
+    if decode_ok and rng.random() < 0.4:
+        Nq = rng.choice((1, 4, 8, 9, 15, 16))
+        page_size = rng.choice((0, 0, 16, 17, 32, 48))
+        capacity = rng.randint(Nq, 300)
+        if page_size:
+            capacity = -(-capacity // page_size) * page_size
+        B = rng.choice((1, 2, 3))
+        lens = tuple(rng.choice((0, max(Nq - 1, 0), Nq, capacity, rng.randint(Nq, capacity))) for _ in range(B))
+        dp = DecodePlan(kv_lens=lens, capacity=capacity, page_size=page_size,
+                        kv_len_form=rng.choice(("tensor", "list", "int64")))
+        env = []
+        if rng.random() < 0.5:
+            env.append(("ATTNCC_DECODE_SPLITS", str(rng.choice((1, 2, 3, 7, 200)))))
+        if rng.random() < 0.5:
+            env.append(("ATTNCC_DECODE_CONFIG", f"BLOCK_N={rng.choice((16, 32, 64))}"))
+        out = replace(out, decode=dp, Nq=Nq, Nk=capacity, B=B, q_offset=0, k_offset=0, n_q_extra=None,
+                      n_k_extra=None, kv_batch1=False, splits=False, no_lse=False, number_forms=(),
+                      tiles=None, environment=tuple(env))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# a third layer (--extend3): linear attention, which no draw above makes (kind = "linear")
+# ---------------------------------------------------------------------------------------------
+
+# How often an --extend3 case is a linear-attention one (extend3_rng; the softmax draws otherwise).
+LINEAR_RATE = 0.5
+FEATURE_MAPS = ("elu+1", "relu", "identity", "performer", "cosformer", "taylor")
+LINEAR_LAYOUTS = ("contiguous", "bnhd", "rows_step", "padded_d", "heads_step", "batch_broadcast", "d_strided",
+                  "rows_expand", "n_first")
+LINEAR_TOL = {torch.float32: 2e-3, torch.float16: 2e-2, torch.bfloat16: 6e-2}
+
+
+def extend3_rng(seed: int) -> random.Random:
+    return random.Random(seed * 104729 + 29)
+
+
+@dataclass(frozen=True)
+class LinearPlan:
+    """A linear-attention spec and one way of calling it, as data.
+
+    ``mode``: "whole" (one call), "state" (``return_state=True``, the state compared too), "init"
+    (an ``initial_state`` drawn at random, with gradient), "chunks" (a first call's returned state
+    into a second one at its offset: the keys split at ``cut``; causal specs split the queries there
+    too), "step" (causal: ``step`` token by token from the state of the first ``cut`` rows)."""
+
+    seed: int
+    fmap: str = "elu+1"
+    causal: bool = True
+    normalize: bool = True
+    features: Optional[int] = None  # performer
+    spec_seed: Optional[int] = None  # performer [feature_map].seed
+    call_seed: Optional[int] = None  # performer attention(seed=)
+    head_dims: Tuple[int, ...] = (16,)
+    value_dim: Optional[int] = None
+    heads_q: Optional[int] = None
+    heads_kv: Optional[int] = None
+    B: int = 1
+    Hq: int = 1
+    Hkv: int = 1
+    Nq: int = 16
+    Nk: int = 16
+    D: int = 16
+    Dv: int = 16
+    dtype: str = "float32"
+    q_offset: int = 0
+    k_offset: int = 0
+    n_q_extra: Optional[int] = None
+    n_k_extra: Optional[int] = None
+    layouts: Tuple[str, str, str] = ("contiguous",) * 3
+    kv_batch1: bool = False
+    positive: bool = False  # q, k drawn positive (a normalizer of relu/identity features far from 0)
+    magnitude: float = 1.0
+    backward: bool = False
+    mode: str = "whole"
+    cut: int = 0
+
+    @property
+    def text(self) -> str:
+        lines = ['kind = "linear"', f"head_dim = {_toml_list(self.head_dims)}"]
+        if self.value_dim is not None:
+            lines.append(f"value_dim = {self.value_dim}")
+        if self.heads_q is not None or self.heads_kv is not None:
+            lines.append("[heads]")
+            lines += [f"{k} = {v}" for k, v in (("q", self.heads_q), ("kv", self.heads_kv)) if v is not None]
+        lines += ["[feature_map]", f'name = "{self.fmap}"', f"causal = {str(self.causal).lower()}",
+                  f"normalize = {str(self.normalize).lower()}"]
+        if self.features is not None:
+            lines.append(f"features = {self.features}")
+        if self.spec_seed is not None:
+            lines.append(f"seed = {self.spec_seed}")
+        return "\n".join(lines) + "\n"
+
+    def describe(self) -> str:
+        parts = [f"linear B={self.B} Hq={self.Hq} Hkv={self.Hkv} Nq={self.Nq} Nk={self.Nk} D={self.D} Dv={self.Dv}",
+                 self.dtype, f"q_offset={self.q_offset} k_offset={self.k_offset}", f"mode={self.mode} cut={self.cut}"]
+        if self.n_q_extra is not None:
+            parts.append(f"n_q={self.q_offset + self.Nq + self.n_q_extra}")
+        if self.n_k_extra is not None:
+            parts.append(f"n_k={self.k_offset + self.Nk + self.n_k_extra}")
+        if self.layouts != ("contiguous",) * 3:
+            parts.append("q/k/v layouts " + "/".join(self.layouts))
+        if self.kv_batch1:
+            parts.append("k, v of batch 1")
+        if self.positive:
+            parts.append("q, k positive")
+        if self.magnitude != 1.0:
+            parts.append(f"q, k x{self.magnitude}")
+        if self.call_seed is not None:
+            parts.append(f"seed={self.call_seed}")
+        parts.append(f"tensor seed {self.seed}" + (", backward" if self.backward else ""))
+        return "; ".join(parts)
+
+
+def random_linear(rng: random.Random) -> LinearPlan:
+    """A random linear spec and call: every feature map, causal or not, normalized or not, fixed head
+    counts, Dv != D, GQA/MQA, odd lengths, Nq != Nk and offsets (non-causal), n_q/n_k (cosFormer's
+    period), non-contiguous and stride-0 q/k/v, k and v of batch 1, half precision, the state in and
+    out (chunks carrying it, ``step``), the performer's seed in the spec and in the call, backward."""
+    fmap = rng.choice(FEATURE_MAPS)
+    causal = rng.random() < 0.6
+    normalize = rng.random() < 0.7
+    dims = (1, 2, 3, 5, 8, 16, 17, 24, 32, 40, 64)
+    if fmap == "taylor":
+        dims = tuple(d for d in dims if d <= 32)
+    head_dims = tuple(sorted(set(rng.choice(dims) for _ in range(rng.choice((1, 1, 2))))))
+    D = rng.choice(head_dims)
+    value_dim = rng.choice((1, 3, 8, 16, 33)) if rng.random() < 0.3 else None
+    Dv = value_dim or (rng.choice((1, 5, 16, 24)) if rng.random() < 0.15 else D)
+    hq = rng.choice((1, 2, 3, 4, 6))
+    hkv = rng.choice([d for d in (1, 2, 3, 4, 6) if hq % d == 0])
+    heads_q = heads_kv = None
+    if rng.random() < 0.3:
+        heads_q, heads_kv = rng.choice(((hq, hkv), (hq, None), (None, hkv)))
+    backward = rng.random() < 0.4
+    if fmap in ("performer", "taylor"):
+        dtype = "float32" if rng.random() < 0.8 else "bfloat16"
+    else:
+        dtype = "float32" if rng.random() < 0.75 else rng.choice(("bfloat16", "float16"))
+    length = lambda: rng.choice((1, 2, 3, 7, 15, 16, 17, 33)) if rng.random() < 0.3 else rng.randint(1, 70)  # noqa: E731
+    Nq = length()
+    Nk = Nq if causal or rng.random() < 0.3 else length()
+    off = lambda: 0 if rng.random() < 0.5 else rng.choice((rng.randint(1, 40), rng.randint(100, 5000)))  # noqa: E731
+    q_offset = off()
+    k_offset = q_offset if causal or rng.random() < 0.3 else off()
+    n_q_extra = rng.randint(0, 30) if rng.random() < 0.3 else None
+    n_k_extra = rng.randint(0, 30) if rng.random() < 0.3 else None
+    layouts = tuple(rng.choice(LINEAR_LAYOUTS) if rng.random() < 0.35 else "contiguous" for _ in range(3))
+    modes = ["whole", "whole", "state", "init", "chunks"] + (["step"] if causal else [])
+    mode = rng.choice(modes)
+    if mode == "step":
+        backward = False
+        Nq = Nk = max(Nq, 2)
+    if mode == "chunks" and Nk < 2:
+        Nk = 2 if not causal else Nk
+        if causal:
+            Nq = Nk = 2
+    cut = rng.randint(1, Nk - 1) if mode in ("chunks", "step") else 0
+    positive = normalize and fmap in ("relu", "identity", "cosformer") or (fmap == "identity" and rng.random() < 0.5)
+    magnitude = rng.choice((0.5, 1.0)) if fmap in ("performer", "taylor") else rng.choice((1.0, 1.0, 3.0))
+    return LinearPlan(
+        seed=rng.randrange(2**31), fmap=fmap, causal=causal, normalize=normalize,
+        features=rng.choice((1, 7, 16, 64)) if fmap == "performer" and rng.random() < 0.7 else None,
+        spec_seed=rng.randrange(1000) if fmap == "performer" and rng.random() < 0.5 else None,
+        call_seed=rng.choice((0, 5, 2**40)) if fmap == "performer" and rng.random() < 0.3 else None,
+        head_dims=head_dims, value_dim=value_dim, heads_q=heads_q, heads_kv=heads_kv,
+        B=rng.choice((1, 2, 3)), Hq=hq, Hkv=hkv, Nq=Nq, Nk=Nk, D=D, Dv=Dv, dtype=dtype,
+        q_offset=q_offset, k_offset=k_offset, n_q_extra=n_q_extra, n_k_extra=n_k_extra, layouts=layouts,
+        kv_batch1=rng.random() < 0.1, positive=positive, magnitude=magnitude, backward=backward, mode=mode, cut=cut)
+
+
+@dataclass(frozen=True)
+class LinearFailure:
+    kind: str
+    what: str
+    error: float
+    detail: str
+    plan: LinearPlan
+    seed: Optional[int] = None
+
+    @property
+    def signature(self):
+        message = re.sub(r"fz_[0-9a-f]+|\d+", "", self.detail)[:50] if self.kind == "raise" else ""
+        return self.kind, self.what.split(" ")[0], message
+
+    def __str__(self) -> str:
+        head = f"seed {self.seed}: " if self.seed is not None else ""
+        return (f"{head}{self.kind} in {self.what}: error {self.error:.3g} ({self.detail})\n"
+                f"  call: {self.plan.describe()}\n" + "".join(f"  | {line}\n" for line in self.plan.text.splitlines()))
+
+
+def _linear_tensors(p: LinearPlan):
+    gen = torch.Generator().manual_seed(p.seed)
+    dt = _DT[p.dtype]
+    Bk = 1 if p.kv_batch1 else p.B
+    shapes = ((p.B, p.Hq, p.Nq, p.D), (Bk, p.Hkv, p.Nk, p.D), (Bk, p.Hkv, p.Nk, p.Dv))
+    out = []
+    for i, (shape, lay) in enumerate(zip(shapes, p.layouts)):
+        view, leaf = _qkv(gen, shape, dt, lay, p.backward, p.magnitude if i < 2 else 1.0)
+        if p.positive and i < 2:
+            with torch.no_grad():
+                leaf.abs_().add_(0.1)
+        out.append(view)
+    return out, gen
+
+
+def _linear_grads(tensors, outputs, cotangents):
+    live = [(o, g) for o, g in zip(outputs, cotangents) if o is not None]
+    loss = sum((o.double() * g).sum() for o, g in live)
+    want = [t for t in tensors if t.requires_grad]
+    return torch.autograd.grad(loss, want, allow_unused=True)
+
+
+def run_linear_case(p: LinearPlan) -> Optional[LinearFailure]:
+    """Build, call and compare one linear case against ``attncc.reference``."""
+    fail = lambda kind, what, err, detail: LinearFailure(kind, what, err, detail, p)  # noqa: E731
+    built = build_spec(p.text)
+    if isinstance(built, Exception):
+        return fail("build", "spec", math.inf, f"{type(built).__name__}: {str(built)[:300]}")
+    pattern, mod = built
+    (q, k, v), gen = _linear_tensors(p)
+    dt = _DT[p.dtype]
+    tol = LINEAR_TOL[dt]
+    pos = dict(q_offset=p.q_offset, k_offset=p.k_offset,
+               n_q=None if p.n_q_extra is None else p.q_offset + p.Nq + p.n_q_extra,
+               n_k=None if p.n_k_extra is None else p.k_offset + p.Nk + p.n_k_extra)
+    extra = {} if p.call_seed is None else {"seed": p.call_seed}
+    Fdim = None
+    init = None
+    if p.mode in ("init",):
+        # F: the state's feature count, from a call that returns it
+        with torch.no_grad():
+            _, (S1, _) = mod.attention(q.detach()[:, :, :1], k.detach()[:, :, :1], v.detach()[:, :, :1],
+                                       return_state=True, **extra)
+        Fdim = S1.shape[2]
+        s0 = torch.randn(p.B, p.Hkv, Fdim, p.Dv, generator=gen, dtype=torch.float32) * 0.3
+        z0 = torch.rand(p.B, p.Hkv, Fdim, generator=gen, dtype=torch.float32) + 0.5
+        if p.fmap in ("relu", "identity", "cosformer", "performer"):
+            s0, z0 = s0.abs(), z0.abs()
+        init = (s0.requires_grad_(p.backward), z0.requires_grad_(p.backward))
+    ref_in = [t.detach().double().requires_grad_(p.backward) for t in (q, k, v)]
+    ref_init = None if init is None else tuple(t.detach().double().requires_grad_(p.backward) for t in init)
+    want_state = p.mode in ("state", "init", "chunks")
+    try:
+        kw = dict(pos, **extra)
+        if init is not None:
+            kw["initial_state"] = ref_init
+        ref = attncc.reference(pattern, *ref_in, return_state=want_state, **kw)
+    except Exception as e:  # noqa: BLE001
+        return fail("reference", "reference", math.inf, f"{type(e).__name__}: {str(e)[:300]}")
+    ref_o, ref_state = (ref if want_state else (ref, None))
+    try:
+        if p.mode in ("chunks", "step"):  # each part takes the whole call's n_q, n_k (cosFormer's M)
+            kw = dict(kw, n_q=p.q_offset + p.Nq if kw["n_q"] is None else kw["n_q"],
+                      n_k=p.k_offset + p.Nk if kw["n_k"] is None else kw["n_k"])
+        if p.mode == "chunks":
+            c = p.cut
+            if p.causal:
+                o1, st = mod.attention(q[:, :, :c], k[:, :, :c], v[:, :, :c], return_state=True, **kw)
+                kw2 = dict(kw, q_offset=p.q_offset + c, k_offset=p.k_offset + c)
+                o2, st2 = mod.attention(q[:, :, c:], k[:, :, c:], v[:, :, c:], initial_state=st, return_state=True, **kw2)
+                o = torch.cat([o1, o2], dim=2)
+            else:
+                kw1 = dict(kw)
+                _, st = mod.attention(q, k[:, :, :c], v[:, :, :c], return_state=True, **kw1)
+                kw2 = dict(kw, k_offset=p.k_offset + c)
+                o, st2 = mod.attention(q, k[:, :, c:], v[:, :, c:], initial_state=st, return_state=True, **kw2)
+            state = st2
+        elif p.mode == "step":
+            c = p.cut
+            with torch.no_grad():
+                o1, st = mod.attention(q[:, :, :c], k[:, :, :c], v[:, :, :c], return_state=True, **kw)
+                rows = [o1]
+                n = max(p.q_offset + p.Nq + (p.n_q_extra or 0), p.k_offset + p.Nk + (p.n_k_extra or 0))
+                skw = dict(extra, n=n) if pattern.feature_map.name == "cosformer" else dict(extra)
+                for t in range(c, p.Nq):
+                    ot, st = mod.step(q[:, :, t], k[:, :, t], v[:, :, t], st, position=p.q_offset + t, **skw)
+                    rows.append(ot[:, :, None])
+                o = torch.cat(rows, dim=2)
+            state = None
+        else:
+            kw1 = dict(kw)
+            if init is not None:
+                kw1["initial_state"] = init
+            out = mod.attention(q, k, v, return_state=want_state, **kw1)
+            o, state = out if want_state else (out, None)
+    except Exception as e:  # noqa: BLE001
+        return fail("raise", "call", math.inf, f"{type(e).__name__}: {str(e)[:300]}")
+    if o.shape != ref_o.shape or o.dtype != dt:
+        return fail("mismatch", "o", math.inf, f"shape/dtype {tuple(o.shape)} {o.dtype}, want {tuple(ref_o.shape)} {dt}")
+    err = _rel(o, ref_o)
+    if not err <= tol:
+        return fail("mismatch", "o", err, f"tolerance {tol}")
+    if ref_state is not None and state is not None:
+        for name, x, r in zip(("S", "z"), state, ref_state):
+            if tuple(x.shape) != tuple(r.shape) or x.dtype != torch.float32:
+                return fail("mismatch", f"state {name}", math.inf, f"{tuple(x.shape)} {x.dtype}, want {tuple(r.shape)} float32")
+            e = _rel(x, r)
+            if not e <= tol:
+                return fail("mismatch", f"state {name}", e, f"tolerance {tol}")
+    if not p.backward or p.mode == "step":
+        return None
+    g = torch.randn(ref_o.shape, generator=gen, dtype=torch.float64)
+    cots = [g]
+    if ref_state is not None and state is not None:
+        cots += [torch.randn(r.shape, generator=gen, dtype=torch.float64) for r in ref_state]
+    outs = [o] + (list(state) if ref_state is not None and state is not None else [])
+    ref_outs = [ref_o] + (list(ref_state) if ref_state is not None and state is not None else [])
+    tensors = [q, k, v] + (list(init) if init is not None else [])
+    ref_tensors = ref_in + (list(ref_init) if ref_init is not None else [])
+    try:
+        grads = _linear_grads(tensors, outs, cots)
+    except Exception as e:  # noqa: BLE001
+        return fail("raise", "backward", math.inf, f"{type(e).__name__}: {str(e)[:300]}")
+    ref_grads = _linear_grads(ref_tensors, ref_outs, cots)
+    gtol = GRAD_TOL[dt] * (3 if p.dtype == "float32" else 1)
+    # one feature, normalized: o = phi(q) S / (phi(q) z) does not depend on q (but for the 1e-6), so dq
+    # is 0 in exact arithmetic and the kernels' is the rounding of the 16-bit features: nothing to compare
+    one_feature = (p.fmap == "performer" and p.features == 1) or (p.fmap in ("elu+1", "relu", "identity") and p.D == 1)
+    for name, x, r in zip(("dq", "dk", "dv", "dS0", "dz0"), grads, ref_grads):
+        if x is None:
+            x = torch.zeros_like(r)
+        if r is None or (name == "dq" and one_feature and p.normalize):
+            continue
+        e = _rel(x, r)
+        if not e <= gtol:
+            return fail("mismatch", name, e, f"tolerance {gtol}")
+    return None
+
+
+def draw_linear(seed: int) -> Optional[LinearPlan]:
+    """The linear case of ``seed`` under --extend3 (None: the seed draws a softmax case)."""
+    rng = extend3_rng(seed)
+    if rng.random() >= LINEAR_RATE:
+        return None
+    return random_linear(rng)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", type=int, default=100)
@@ -2556,6 +2965,9 @@ def main(argv=None) -> int:
                          "(no: the cases seeds drew before them)")
     ap.add_argument("--extend2", choices=("auto", "yes", "no"), default="auto",
                     help="the second layer (extend2_draft/extend2_call): now and then, always, never")
+    ap.add_argument("--extend3", action="store_true",
+                    help="the third layer: half the seeds draw linear-attention cases (random_linear), "
+                         "the others softmax cases of extend3_draft/extend3_call")
     ap.add_argument("--avoid", default="", help="comma-separated tags the generator must not produce")
     ap.add_argument("--poison", action="store_true",
                     help="torch.empty / empty_like fill their memory (NaN, 113): a read of memory nothing wrote "
@@ -2575,15 +2987,19 @@ def main(argv=None) -> int:
     t0 = time.monotonic()
     for seed in seeds:
         if args.verbose or args.seed is not None:
-            draft, plan = draw_case(seed, backward, avoid, varlen, extend, extend2)
-            print(f"seed {seed}: {plan.describe()}\n{draft.text}")
-        f = check_case(seed, backward, avoid=avoid, varlen=varlen, extend=extend, extend2=extend2)
+            lp = draw_linear(seed) if args.extend3 else None
+            if lp is not None:
+                print(f"seed {seed}: {lp.describe()}\n{lp.text}")
+            else:
+                draft, plan = draw_case(seed, backward, avoid, varlen, extend, extend2, args.extend3)
+                print(f"seed {seed}: {plan.describe()}\n{draft.text}")
+        f = check_case(seed, backward, avoid=avoid, varlen=varlen, extend=extend, extend2=extend2, extend3=args.extend3)
         if f is None:
             if args.verbose or args.seed is not None:
                 print(f"seed {seed}: ok")
             continue
         failures += 1
-        if not args.no_minimize:
+        if not args.no_minimize and isinstance(f, Failure):
             f = minimize(f)
         print(f"FAIL {f}", flush=True)
     n = len(seeds)
